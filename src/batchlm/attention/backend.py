@@ -1,0 +1,64 @@
+"""The attention-backend interface and the per-step metadata every backend reads.
+
+KV-cache layout (one tensor per layer): [2, num_blocks, block_size, num_kv_heads, head_dim];
+index 0 holds keys, 1 values. Token `i` of a request lives in block `block_table[i // block_size]`
+at offset `i % block_size`, i.e. at flat slot `block_id * block_size + offset`.
+
+Batch layout ("varlen"): the new tokens of all scheduled requests are concatenated, decodes first;
+request b owns query rows query_start_loc[b] : query_start_loc[b + 1]. A query at position p attends
+to the request's cached and new keys at positions <= p.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Built once per step by the runner; shared by every layer."""
+
+    # [T] int64: flat KV slot where each new token's key/value is written.
+    slot_mapping: torch.Tensor
+    # [B + 1] int32: cumulative query lengths.
+    query_start_loc: torch.Tensor
+    # [B] int32: context length per request after this step (cached + new tokens).
+    seq_lens: torch.Tensor
+    # [B, max_blocks_per_seq] int32: block tables, padded with 0.
+    block_tables: torch.Tensor
+    # Host copies (no device sync needed to read them).
+    query_start_loc_cpu: list[int]
+    seq_lens_cpu: list[int]
+    max_query_len: int
+    max_seq_len: int
+    # The first num_decodes requests have exactly one query token each.
+    num_decodes: int
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.query_start_loc_cpu[-1]
+
+
+class AttentionBackend(ABC):
+    """Writes the new keys/values into the paged cache, then attends over each request's context."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def forward(
+        self,
+        query: torch.Tensor,  # [T, num_heads, head_dim]
+        key: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        value: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [T, num_heads, head_dim]
+        """Causal attention of each new token over its request's whole context."""

@@ -1,0 +1,53 @@
+"""The `batchlm` command: `serve`, `generate` and `bench` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+# Each subcommand module exposes add_arguments(parser) and run(args) -> int; imported lazily so
+# `batchlm bench` never imports torch.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("batchlm.server.cli", "Start the OpenAI-compatible server."),
+    "generate": ("batchlm.engine.cli", "Generate completions offline for prompts given on the command line."),
+    "bench": ("batchlm.bench.cli", "Benchmark any OpenAI-compatible server over HTTP."),
+}
+
+
+def _load(module_name: str) -> tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]:
+    import importlib
+
+    module = importlib.import_module(module_name)
+    return module.add_arguments, module.run
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="batchlm",
+        description="batchlm: continuous-batching LLM inference with an OpenAI-compatible API.",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="{serve,generate,bench}")
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            add_arguments, _ = _load(module_name)
+            add_arguments(sub_parser)
+    args = parser.parse_args(argv)
+    if args.version:
+        from batchlm import __version__
+
+        print(__version__)
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return 2
+    _, run = _load(SUBCOMMANDS[args.command][0])
+    return int(run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Engine configuration: one frozen dataclass, resolved once at start-up and passed down explicitly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+DEMO_MODEL = "demo"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs to start. CLI flags are generated from these fields.
+
+    Fields left as None are resolved from the model and the machine by `resolve()`.
+    """
+
+    # Model path, hub repo id, or "demo" (the built-in random-weight Llama).
+    model: str = DEMO_MODEL
+    # Optional PEFT LoRA adapter directory, merged into the weights at load time.
+    adapter_path: str | None = None
+    # Tokenizer path (defaults to the model directory).
+    tokenizer: str | None = None
+    # "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16" or "float16".
+    dtype: str = "auto"
+    # "auto" (cuda when available, else cpu), "cpu" or "cuda[:N]".
+    device: str = "auto"
+    # Max tokens (prompt + output) of one request; None = the model's own limit.
+    max_model_len: int | None = None
+    # Max running requests (the seed's --batch-size).
+    max_num_seqs: int = 32
+    # Per-step token budget shared by decodes and prefill chunks; None = chosen from the device.
+    max_num_batched_tokens: int | None = None
+    # Tokens per KV-cache block.
+    block_size: int = 16
+    # Fraction of total GPU memory the engine may use (weights + activations + KV cache).
+    gpu_memory_utilization: float = 0.90
+    # KV-cache size on CPU, in GiB.
+    cpu_kv_cache_gib: float = 2.0
+    # Force a number of KV blocks (tests); overrides the memory budget.
+    num_gpu_blocks_override: int | None = None
+    # Share full prompt blocks between requests (keyed by a chained hash of their tokens).
+    enable_prefix_caching: bool = True
+    # Disable CUDA graphs (debugging).
+    enforce_eager: bool = False
+    # Seed for weight init of random models and for unseeded sampling.
+    seed: int = 0
+    # Jinja chat template (file path or literal) overriding the tokenizer's.
+    chat_template: str | None = None
+    # Allow custom code from the model repo (tokenizers only; we never run remote model code).
+    trust_remote_code: bool = False
+    # Number of GPUs (or CPU processes) the model is split across.
+    tensor_parallel_size: int = 1
+    # Name under which the model is served; None = derived from `model`.
+    served_model_name: str | None = None
+    # Model revision on the hub.
+    revision: str | None = None
+    # Extra keyword arguments for the model config (tests, random models).
+    hf_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def with_updates(self, **changes: Any) -> EngineConfig:
+        return replace(self, **changes)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]

@@ -1,0 +1,71 @@
+"""The typed hand-off between the scheduler and the model runner for one engine step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from batchlm.outputs import TokenLogprobs
+from batchlm.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class NewRequestData:
+    """Sent the first step a request is scheduled, and again after it was preempted (the runner
+    must then forget what it held for it and start over from this data)."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    # Tokens generated before a preemption (empty for a fresh request); they are recomputed.
+    output_token_ids: tuple[int, ...]
+    sampling_params: SamplingParams
+    # Seed for this sequence's private generator; None = the engine's shared generator.
+    seed: int | None
+    # Tokens that end generation (the sampler masks them until min_tokens are generated).
+    eos_token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """The tokens of one request computed this step (a decode is a chunk of one token)."""
+
+    request_id: str
+    # Token ids to feed the model: all_token_ids[start_position : start_position + len(token_ids)].
+    token_ids: tuple[int, ...]
+    # Position of token_ids[0]; equals the number of tokens already in the KV cache.
+    start_position: int
+    # The request's whole block table (KV-cache block ids, in order).
+    block_ids: tuple[int, ...]
+    # True when this chunk reaches the end of the known tokens, so a token is sampled after it.
+    sample: bool
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """One step's work. Chunks are ordered decodes first, then prefill chunks."""
+
+    chunks: tuple[ScheduledChunk, ...]
+    # Requests the runner sees for the first time (or again after preemption).
+    new_requests: tuple[NewRequestData, ...]
+    # Requests finished, aborted or preempted since the last step: the runner drops their state.
+    finished_request_ids: frozenset[str]
+    # Blocks whose contents the runner must copy before this step: (src, dst) pairs. Empty unless a
+    # scheduler policy needs copy-on-write.
+    block_copies: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+@dataclass(frozen=True)
+class ModelRunnerOutput:
+    """Tokens sampled this step, one per chunk with `sample=True`, in chunk order."""
+
+    request_ids: tuple[str, ...]
+    sampled_token_ids: tuple[int, ...]
+    # Parallel to request_ids; None for requests that did not ask for logprobs.
+    logprobs: tuple[TokenLogprobs | None, ...]

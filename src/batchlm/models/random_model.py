@@ -1,0 +1,75 @@
+"""Write random-weight Hugging Face checkpoints of a given architecture (tests, demo, benchmarks)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+# Small shapes that keep CPU tests fast while exercising GQA (4 query heads over 2 KV heads).
+TINY_CONFIG: dict[str, Any] = {
+    "vocab_size": 320,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+
+def write_random_model(
+    path: str | Path,
+    model_type: str = "llama",
+    overrides: dict[str, Any] | None = None,
+    seed: int = 0,
+    max_shard_size: str | None = None,
+) -> Path:
+    """Write config.json + safetensors for a random-weight model and return the directory.
+
+    Weights come from transformers' own initialisation (seeded), so the checkpoint is exactly what
+    transformers would load. Tokenizer files are not written (see batchlm.tokenizer.builder).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"unknown model_type {model_type!r}; choose from {sorted(ARCHITECTURES)}")
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    params = {**TINY_CONFIG, **(overrides or {})}
+    config = AutoConfig.for_model(model_type, **params)
+    config.architectures = [ARCHITECTURES[model_type]]
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model = model.float()
+    # Random init leaves some weights tiny; scale so greedy decoding is not a constant argmax.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+            elif param.dim() == 1:
+                param.normal_(0.0, 0.1)
+    kwargs: dict[str, Any] = {"safe_serialization": True}
+    if max_shard_size:
+        kwargs["max_shard_size"] = max_shard_size
+    model.save_pretrained(out, **kwargs)
+    # Keep generation_config honest: eos from the config.
+    gen_path = out / "generation_config.json"
+    if gen_path.exists():
+        gen = json.loads(gen_path.read_text())
+        gen.setdefault("eos_token_id", config.eos_token_id)
+        gen_path.write_text(json.dumps(gen, indent=2))
+    return out

@@ -1,0 +1,116 @@
+"""Per-request sampling parameters (the vLLM-shaped contract), validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+
+class SamplingParamsError(ValueError):
+    """An out-of-range or inconsistent sampling parameter; `param` names the offending field."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one request's completion(s). Raises SamplingParamsError on bad values."""
+
+    # Number of completions for the prompt; they share the prompt's KV blocks.
+    n: int = 1
+    # 0 means greedy.
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # 0 or -1 disables top-k.
+    top_k: int = 0
+    min_p: float = 0.0
+    # HF-style multiplicative penalty over prompt and output tokens; 1.0 disables.
+    repetition_penalty: float = 1.0
+    # OpenAI-style additive penalties over output tokens; 0 disables.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # Per-request seed: the same seed gives the same tokens whatever the batch-mates.
+    seed: int | None = None
+    # Max new tokens; None = up to the model's context limit.
+    max_tokens: int | None = 16
+    # EOS and stop tokens are masked until this many tokens are generated.
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    # Strings that end the completion; excluded from the text.
+    stop: list[str] = field(default_factory=list)
+    # Token ids that end the completion (in addition to EOS).
+    stop_token_ids: list[int] = field(default_factory=list)
+    # Number of top log-probabilities per output token (None = no logprobs; 0 = only the sampled one).
+    logprobs: int | None = None
+    # Token id -> additive bias on the logits, applied before sampling.
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    # Detokenize the output (False gives token ids only).
+    detokenize: bool = True
+    skip_special_tokens: bool = True
+    # Keep the matched stop string in the text.
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
+        self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+        if self.top_k == -1:
+            self.top_k = 0
+        self.validate()
+
+    def validate(self) -> None:
+        def fail(message: str, param: str) -> None:
+            raise SamplingParamsError(message, param)
+
+        if not isinstance(self.n, int) or self.n < 1 or self.n > 128:
+            fail(f"n must be between 1 and 128, got {self.n}", "n")
+        if self.temperature < 0 or self.temperature > 100:
+            fail(f"temperature must be in [0, 100], got {self.temperature}", "temperature")
+        if not 0 < self.top_p <= 1:
+            fail(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
+        if self.top_k < 0:
+            fail(f"top_k must be -1 (disabled), 0 (disabled) or positive, got {self.top_k}", "top_k")
+        if not 0 <= self.min_p <= 1:
+            fail(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
+        if not 0 < self.repetition_penalty <= 10:
+            fail(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}", "repetition_penalty")
+        if not -2 <= self.presence_penalty <= 2:
+            fail(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}", "presence_penalty")
+        if not -2 <= self.frequency_penalty <= 2:
+            fail(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}", "frequency_penalty")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            fail(f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens")
+        if self.min_tokens < 0:
+            fail(f"min_tokens must be non-negative, got {self.min_tokens}", "min_tokens")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            fail(
+                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
+                "min_tokens",
+            )
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            fail(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}", "logprobs")
+        if any(not s for s in self.stop):
+            fail("stop strings must be non-empty", "stop")
+        if len(self.stop) > 16:
+            fail(f"at most 16 stop strings are supported, got {len(self.stop)}", "stop")
+        if any(t < 0 for t in self.stop_token_ids):
+            fail("stop_token_ids must be non-negative", "stop_token_ids")
+        for token_id, bias in self.logit_bias.items():
+            if token_id < 0:
+                fail(f"logit_bias token id {token_id} is negative", "logit_bias")
+            if not -100 <= bias <= 100:
+                fail(f"logit_bias values must be in [-100, 100], got {bias}", "logit_bias")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def clone(self, **changes: Any) -> SamplingParams:
+        return replace(self, **changes)

@@ -1,0 +1,1 @@
+"""batchlm.server"""
