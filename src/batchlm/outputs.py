@@ -44,6 +44,8 @@ class EngineCoreOutput:
     num_cached_tokens: int = 0
     # Error text when finish_reason is ERROR.
     error: str | None = None
+    # time.time() when the request was first scheduled (set on its first output only; queue-time metric).
+    scheduled_time: float | None = None
 
     @property
     def finished(self) -> bool:

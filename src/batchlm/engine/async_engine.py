@@ -1,0 +1,271 @@
+"""The async engine the server uses: the engine core runs in its own process; outputs stream back
+over a pipe, are detokenized here, and are routed to each request's async iterator."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import threading
+import time
+from collections.abc import AsyncIterator
+from multiprocessing.connection import Connection
+from typing import Any
+
+from batchlm.config import EngineConfig
+from batchlm.core.scheduler import SchedulerStats
+from batchlm.engine.client import (
+    EngineClient,
+    EngineDeadError,
+    EngineStats,
+    ModelInfo,
+    QueueFullError,
+    RequestRejectedError,
+)
+from batchlm.engine.core_builder import CoreInfo, prepare_model_dir, served_model_name
+from batchlm.engine.core_process import engine_core_main
+from batchlm.engine.output_processor import OutputProcessor
+from batchlm.engine.requests import make_core_requests, validate_request
+from batchlm.outputs import EngineCoreOutput, RequestOutput
+from batchlm.sampling_params import SamplingParams
+from batchlm.tokenizer.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+
+class AsyncLLMEngine(EngineClient):
+    """Front end of the engine. All state here is touched only on the event loop's thread; a reader
+    thread blocks on the pipe and hands each message to the loop."""
+
+    def __init__(self, config: EngineConfig, *, multiprocess: bool = True, max_queue: int | None = None) -> None:
+        self.config = config
+        self.multiprocess = multiprocess
+        self.max_queue = max_queue
+        self._conn: Connection | None = None
+        self._worker: multiprocessing.process.BaseProcess | threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._processor: OutputProcessor | None = None
+        self._queues: dict[str, asyncio.Queue[Any]] = {}
+        self._core_stats = SchedulerStats()
+        self._prompt_tokens_total = 0
+        self._generation_tokens_total = 0
+        self._ready = False
+        self._dead_reason: str | None = None
+        self.info: CoreInfo | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the tokenizer here and the model in the engine core; returns once both are ready."""
+        self._loop = asyncio.get_running_loop()
+        model_dir = await self._loop.run_in_executor(None, prepare_model_dir, self.config)
+        self.tokenizer = await self._loop.run_in_executor(
+            None,
+            lambda: Tokenizer.from_pretrained(
+                self.config.tokenizer or model_dir,
+                chat_template=self.config.chat_template,
+                trust_remote_code=self.config.trust_remote_code,
+            ),
+        )
+        self._processor = OutputProcessor(self.tokenizer)
+        self._conn = self._spawn_core(model_dir)
+        kind, payload = await self._loop.run_in_executor(None, self._recv_or_eof)
+        if kind != "ready":
+            self._dead_reason = str(payload)
+            raise EngineDeadError(f"the engine failed to start: {payload}")
+        self.info = payload
+        name = served_model_name(self.config)
+        self.model_info = ModelInfo(
+            served_model_name=name,
+            max_model_len=payload.max_model_len,
+            vocab_size=payload.vocab_size,
+            aliases=tuple({self.config.model, str(model_dir)} - {name}),
+        )
+        threading.Thread(target=self._read_loop, name="batchlm-engine-reader", daemon=True).start()
+        self._ready = True
+
+    def _spawn_core(self, model_dir: Any) -> Connection:
+        log_level = logging.getLogger("batchlm").getEffectiveLevel()
+        if self.multiprocess:
+            context = multiprocessing.get_context("spawn")
+            parent, child = context.Pipe()
+            process = context.Process(
+                target=engine_core_main,
+                args=(self.config, model_dir, child, log_level),
+                name="batchlm-engine-core",
+                daemon=True,
+            )
+            process.start()
+            child.close()
+            self._worker = process
+            return parent
+        parent, child = multiprocessing.Pipe()
+        thread = threading.Thread(
+            target=engine_core_main, args=(self.config, model_dir, child), name="batchlm-engine-core", daemon=True
+        )
+        thread.start()
+        self._worker = thread
+        return parent
+
+    def _recv_or_eof(self) -> tuple[str, Any]:
+        assert self._conn is not None
+        try:
+            message: tuple[str, Any] = self._conn.recv()
+            return message
+        except (EOFError, OSError):
+            return ("failed", "the engine core process exited")
+
+    async def shutdown(self) -> None:
+        self._ready = False
+        if self._conn is not None:
+            try:
+                self._conn.send(("shutdown", None))
+            except (OSError, BrokenPipeError):
+                pass
+        worker = self._worker
+        if isinstance(worker, multiprocessing.process.BaseProcess):
+            await asyncio.get_running_loop().run_in_executor(None, worker.join, 10.0)
+            if worker.is_alive():
+                worker.terminate()
+        elif isinstance(worker, threading.Thread):
+            await asyncio.get_running_loop().run_in_executor(None, worker.join, 10.0)
+        self._mark_dead("the engine was shut down")
+
+    # -- EngineClient ------------------------------------------------------------------------------
+
+    @property
+    def is_ready(self) -> bool:
+        return self._ready and self._dead_reason is None
+
+    @property
+    def is_dead(self) -> bool:
+        return self._dead_reason is not None
+
+    def stats(self) -> EngineStats:
+        core = self._core_stats
+        return EngineStats(
+            num_running=core.num_running,
+            num_waiting=core.num_waiting,
+            kv_cache_usage=core.kv_cache_usage,
+            prefix_cache_queries=core.prefix_cache_queries,
+            prefix_cache_hits=core.prefix_cache_hits,
+            num_preemptions=core.num_preemptions,
+            prompt_tokens_total=self._prompt_tokens_total,
+            generation_tokens_total=self._generation_tokens_total,
+        )
+
+    async def generate(
+        self,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        request_id: str,
+        prompt: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        queue = self._submit(prompt_token_ids, sampling_params, request_id, prompt)
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                self._abort_now(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self._abort_now(request_id)
+        queue = self._queues.pop(request_id, None)
+        if queue is not None:
+            queue.put_nowait(asyncio.CancelledError())
+
+    # -- internals -----------------------------------------------------------------------------------
+
+    def _submit(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, prompt: str | None
+    ) -> asyncio.Queue[Any]:
+        if self._dead_reason is not None:
+            raise EngineDeadError(self._dead_reason)
+        if not self._ready or self.info is None or self._processor is None or self._conn is None:
+            raise EngineDeadError("the engine is still loading")
+        params = validate_request(prompt_token_ids, params, self.info.max_model_len, self.info.vocab_size)
+        if request_id in self._queues or self._processor.has_request(request_id):
+            raise RequestRejectedError(f"request id {request_id!r} is already in use", "request_id")
+        if self.max_queue is not None:
+            waiting = len(self._queues) - self.config.max_num_seqs
+            if waiting >= self.max_queue:
+                raise QueueFullError(
+                    f"the server is overloaded: {waiting} requests are already waiting (--max-queue "
+                    f"{self.max_queue}); retry later"
+                )
+        now = time.time()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._queues[request_id] = queue
+        self._processor.add_request(request_id, prompt, prompt_token_ids, params, now)
+        core_requests = make_core_requests(request_id, prompt_token_ids, params, self.tokenizer.eos_token_ids, now)
+        self._prompt_tokens_total += len(prompt_token_ids)
+        self._conn.send(("add", core_requests))
+        return queue
+
+    def _abort_now(self, request_id: str) -> None:
+        if self._processor is None:
+            return
+        core_ids = self._processor.core_ids_of(request_id)
+        self._processor.abort_request(request_id)
+        if core_ids and self._conn is not None and self._dead_reason is None:
+            try:
+                self._conn.send(("abort", core_ids))
+            except (OSError, BrokenPipeError):
+                pass
+
+    def _read_loop(self) -> None:
+        """Reader thread: forward every message to the event loop until the pipe closes."""
+        assert self._loop is not None
+        while True:
+            kind, payload = self._recv_or_eof()
+            try:
+                self._loop.call_soon_threadsafe(self._on_message, kind, payload)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                return
+            if kind == "failed":
+                return
+
+    def _on_message(self, kind: str, payload: Any) -> None:
+        if kind == "outputs":
+            outputs, self._core_stats = payload
+            self._on_outputs(outputs)
+        elif kind == "rejected":
+            core_id, message = payload
+            self._on_rejected(core_id, message)
+        elif kind == "failed":
+            self._mark_dead(str(payload))
+
+    def _on_outputs(self, outputs: list[EngineCoreOutput]) -> None:
+        assert self._processor is not None and self._conn is not None
+        self._generation_tokens_total += sum(len(o.new_token_ids) for o in outputs)
+        results, to_abort = self._processor.process(outputs, delta=True)
+        if to_abort:
+            self._conn.send(("abort", to_abort))
+        for result in results:
+            queue = self._queues.get(result.request_id)
+            if queue is not None:
+                queue.put_nowait(result)
+
+    def _on_rejected(self, core_id: str, message: str) -> None:
+        for request_id in list(self._queues):
+            if core_id in (self._processor.core_ids_of(request_id) if self._processor else []):
+                self._abort_now(request_id)
+                self._queues.pop(request_id).put_nowait(RequestRejectedError(message))
+
+    def _mark_dead(self, reason: str) -> None:
+        if self._dead_reason is None:
+            logger.error("engine stopped: %s", reason)
+            self._dead_reason = reason
+        for queue in self._queues.values():
+            queue.put_nowait(EngineDeadError(f"the engine stopped: {reason}"))
+        self._queues.clear()

@@ -1,0 +1,74 @@
+"""Assemble an engine core (model runner + scheduler) from a config, and find the model on disk."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from batchlm.config import DEMO_MODEL, EngineConfig
+from batchlm.core.engine_core import EngineCore
+from batchlm.core.scheduler import Scheduler, SchedulerConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CoreInfo:
+    """Facts about a started engine core that the front end needs."""
+
+    max_model_len: int
+    vocab_size: int
+    num_blocks: int
+    block_size: int
+    max_num_batched_tokens: int
+    device: str
+    dtype: str
+
+
+def prepare_model_dir(config: EngineConfig) -> Path:
+    """The local directory of the model: the built-in demo, a local path, or a hub download."""
+    if config.model == DEMO_MODEL:
+        from batchlm.models.demo import ensure_demo_model
+
+        return ensure_demo_model()
+    from batchlm.models.hub import resolve_model_dir
+
+    return resolve_model_dir(config.model, config.revision)
+
+
+def served_model_name(config: EngineConfig) -> str:
+    if config.served_model_name:
+        return config.served_model_name
+    if config.model == DEMO_MODEL:
+        from batchlm.models.demo import DEMO_MODEL_NAME
+
+        return DEMO_MODEL_NAME
+    return config.model.rstrip("/")
+
+
+def build_engine_core(config: EngineConfig, model_dir: Path) -> tuple[EngineCore, CoreInfo]:
+    """Load the model, size the KV cache, and wire the scheduler to the runner (or TP workers)."""
+    if config.tensor_parallel_size > 1:
+        from batchlm.parallel.executor import build_tensor_parallel_executor
+
+        executor, runner_info = build_tensor_parallel_executor(config, model_dir)
+    else:
+        from batchlm.runner.model_runner import ModelRunner
+
+        runner = ModelRunner(config, model_dir)
+        runner_info = runner.initialize_kv_cache()
+        executor = runner
+    info = CoreInfo(**runner_info.__dict__)
+    scheduler = Scheduler(
+        SchedulerConfig(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=info.max_num_batched_tokens,
+            max_model_len=info.max_model_len,
+            block_size=info.block_size,
+            num_blocks=info.num_blocks,
+            enable_prefix_caching=config.enable_prefix_caching,
+            prefix_cache_salt=f"{model_dir}|{config.adapter_path or ''}",
+        )
+    )
+    return EngineCore(scheduler, executor), info

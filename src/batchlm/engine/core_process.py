@@ -1,0 +1,112 @@
+"""Run an engine core behind a message pipe: in its own process (default) or in a thread.
+
+Messages to the core: ("add", [EngineCoreRequest]), ("abort", [request ids]), ("shutdown", None).
+Messages from the core: ("ready", CoreInfo), ("failed", text), ("outputs", ([EngineCoreOutput],
+SchedulerStats)), ("rejected", (request id, message)).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from batchlm.config import EngineConfig
+from batchlm.core.engine_core import EngineCore
+from batchlm.request import EngineCoreRequest
+
+logger = logging.getLogger(__name__)
+
+# How long an idle core waits for a message before checking again (seconds).
+IDLE_POLL_S = 0.5
+
+
+def engine_core_main(config: EngineConfig, model_dir: Path, conn: Connection, log_level: int | None = None) -> None:
+    """Entry point of the engine-core process (or thread)."""
+    if log_level is not None:
+        logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_child_threads()
+    try:
+        from batchlm.engine.core_builder import build_engine_core
+
+        core, info = build_engine_core(config, model_dir)
+    except Exception as exc:  # report every start-up failure to the front end, then exit
+        logger.debug("engine core failed to start", exc_info=True)
+        _send(conn, ("failed", f"{type(exc).__name__}: {exc}"))
+        return
+    _send(conn, ("ready", info))
+    try:
+        CoreLoop(core, conn).run()
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        logger.info("front end went away; engine core exiting")
+    except Exception:
+        logger.error("engine core crashed:\n%s", traceback.format_exc())
+        _send(conn, ("failed", traceback.format_exc(limit=5)))
+        raise
+
+
+def _send(conn: Connection, message: tuple[str, Any]) -> None:
+    try:
+        conn.send(message)
+    except (BrokenPipeError, EOFError, OSError):
+        pass
+
+
+class CoreLoop:
+    """Busy: drain messages without waiting, then step. Idle: block on the pipe."""
+
+    def __init__(self, core: EngineCore, conn: Connection) -> None:
+        self.core = core
+        self.conn = conn
+        self.running = True
+
+    def run(self) -> None:
+        while self.running:
+            self._drain_messages(wait=not self.core.has_work())
+            if not self.running:
+                break
+            if self.core.has_work():
+                outputs = self.core.step()
+                self.conn.send(("outputs", (outputs, self.core.stats())))
+
+    def _drain_messages(self, wait: bool) -> None:
+        timeout = IDLE_POLL_S if wait else 0.0
+        while self.conn.poll(timeout):
+            kind, payload = self.conn.recv()
+            self._handle(kind, payload)
+            timeout = 0.0
+            if not self.running:
+                return
+        if wait and not self.core.has_work():
+            # Keep the stats fresh for /metrics while idle.
+            self.conn.send(("outputs", ([], self.core.stats())))
+
+    def _handle(self, kind: str, payload: Any) -> None:
+        if kind == "add":
+            for request in payload:
+                self._add(request)
+        elif kind == "abort":
+            outputs = self.core.abort_requests(payload)
+            if outputs:
+                self.conn.send(("outputs", (outputs, self.core.stats())))
+        elif kind == "shutdown":
+            self.running = False
+        else:
+            logger.error("unknown message %r", kind)
+
+    def _add(self, request: EngineCoreRequest) -> None:
+        try:
+            self.core.add_request(request)
+        except ValueError as exc:
+            self.conn.send(("rejected", (request.request_id, str(exc))))
+
+
+def configure_child_threads() -> None:
+    """Leave one core for the front end's HTTP work on small CPUs."""
+    if os.environ.get("BATCHLM_CORE_THREADS"):
+        import torch
+
+        torch.set_num_threads(int(os.environ["BATCHLM_CORE_THREADS"]))

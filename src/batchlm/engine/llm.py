@@ -1,0 +1,113 @@
+"""Offline batched generation: `LLM(model=...).generate(prompts, SamplingParams(...))`."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from batchlm.config import EngineConfig
+from batchlm.engine.core_builder import build_engine_core, prepare_model_dir
+from batchlm.engine.output_processor import OutputProcessor
+from batchlm.engine.requests import make_core_requests, validate_request
+from batchlm.outputs import RequestOutput
+from batchlm.sampling_params import SamplingParams
+from batchlm.tokenizer.tokenizer import Tokenizer
+
+PromptInput = str | Sequence[int]
+
+
+class LLM:
+    """An engine in this process, stepped until every submitted request is done.
+
+    Keyword arguments are EngineConfig fields (max_model_len, dtype, device, tensor_parallel_size, ...).
+    """
+
+    def __init__(self, model: str = "demo", **kwargs: Any) -> None:
+        unknown = set(kwargs) - set(EngineConfig.field_names())
+        if unknown:
+            raise TypeError(f"unknown LLM arguments: {', '.join(sorted(unknown))}")
+        self.config = EngineConfig(model=model, **kwargs)
+        model_dir = prepare_model_dir(self.config)
+        self.tokenizer = Tokenizer.from_pretrained(
+            self.config.tokenizer or model_dir,
+            chat_template=self.config.chat_template,
+            trust_remote_code=self.config.trust_remote_code,
+        )
+        self.engine_core, self.info = build_engine_core(self.config, model_dir)
+        self._counter = itertools.count()
+
+    def get_tokenizer(self) -> Tokenizer:
+        return self.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptInput | Sequence[PromptInput],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids); results come back in prompt order."""
+        prompt_list = _as_prompt_list(prompts)
+        params_list = _as_params_list(sampling_params, len(prompt_list))
+        processor = OutputProcessor(self.tokenizer)
+        order: list[str] = []
+        for prompt, params in zip(prompt_list, params_list):
+            order.append(self._submit(processor, prompt, params))
+        results = self._run(processor)
+        return [results[request_id] for request_id in order]
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | Sequence[list[dict[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[RequestOutput]:
+        """Apply the chat template to one conversation or a list of them, then generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [
+            self.tokenizer.apply_chat_template(list(conv), chat_template_kwargs=chat_template_kwargs)  # type: ignore[arg-type]
+            for conv in conversations
+        ]
+        return self.generate(prompts, sampling_params)
+
+    def _submit(self, processor: OutputProcessor, prompt: PromptInput, params: SamplingParams) -> str:
+        text = prompt if isinstance(prompt, str) else None
+        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        params = validate_request(token_ids, params, self.info.max_model_len, self.info.vocab_size)
+        request_id = str(next(self._counter))
+        now = time.time()
+        processor.add_request(request_id, text, token_ids, params, now)
+        for core_request in make_core_requests(request_id, token_ids, params, self.tokenizer.eos_token_ids, now):
+            self.engine_core.add_request(core_request)
+        return request_id
+
+    def _run(self, processor: OutputProcessor) -> dict[str, RequestOutput]:
+        results: dict[str, RequestOutput] = {}
+        while self.engine_core.has_work():
+            outputs, to_abort = processor.process(self.engine_core.step(), delta=False)
+            if to_abort:
+                self.engine_core.abort_requests(to_abort)
+            for output in outputs:
+                if output.finished:
+                    results[output.request_id] = output
+        return results
+
+
+def _as_prompt_list(prompts: PromptInput | Sequence[PromptInput]) -> list[PromptInput]:
+    if isinstance(prompts, str):
+        return [prompts]
+    items = list(prompts)
+    if items and all(isinstance(t, int) for t in items):
+        return [items]  # type: ignore[list-item]
+    return items  # type: ignore[return-value]
+
+
+def _as_params_list(params: SamplingParams | Sequence[SamplingParams] | None, count: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams() for _ in range(count)]
+    if isinstance(params, SamplingParams):
+        return [params] * count
+    params_list = list(params)
+    if len(params_list) != count:
+        raise ValueError(f"got {len(params_list)} SamplingParams for {count} prompts")
+    return params_list

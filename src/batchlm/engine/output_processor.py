@@ -1,0 +1,227 @@
+"""Front-end output processing: detokenize, apply stop strings, fan n completions into one request."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from batchlm.outputs import (
+    CompletionOutput,
+    EngineCoreOutput,
+    RequestMetrics,
+    RequestOutput,
+    TokenLogprobs,
+)
+from batchlm.sampling_params import SamplingParams
+from batchlm.tokenizer.detokenizer import IncrementalDetokenizer
+from batchlm.tokenizer.tokenizer import Tokenizer
+
+
+def child_request_ids(request_id: str, n: int) -> list[str]:
+    """Engine-core ids of a request's n sequences."""
+    return [request_id] if n == 1 else [f"{request_id}:{i}" for i in range(n)]
+
+
+@dataclass
+class _Completion:
+    """One sequence's accumulated state, plus what is new since it was last reported."""
+
+    index: int
+    detokenizer: IncrementalDetokenizer | None
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[TokenLogprobs] | None = None
+    cumulative_logprob: float | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    # Deltas not yet reported.
+    new_text: str = ""
+    new_token_ids: list[int] = field(default_factory=list)
+    new_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    changed: bool = False
+
+
+@dataclass
+class _RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    completions: list[_Completion]
+    metrics: RequestMetrics
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.completions)
+
+
+class OutputProcessor:
+    """Turns EngineCoreOutputs into RequestOutputs. Not thread-safe: one owner calls it."""
+
+    def __init__(self, tokenizer: Tokenizer | None) -> None:
+        self.tokenizer = tokenizer
+        self._requests: dict[str, _RequestState] = {}
+        # Engine-core sequence id -> (request id, completion index).
+        self._sequences: dict[str, tuple[str, int]] = {}
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float,
+    ) -> list[str]:
+        """Register a request; returns the engine-core ids of its sequences."""
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        completions = []
+        for index in range(params.n):
+            detokenizer = None
+            if params.detokenize and self.tokenizer is not None:
+                detokenizer = IncrementalDetokenizer(
+                    self.tokenizer,
+                    prompt_token_ids,
+                    skip_special_tokens=params.skip_special_tokens,
+                    stop=params.stop,
+                    include_stop_str_in_output=params.include_stop_str_in_output,
+                )
+            completions.append(
+                _Completion(index, detokenizer, logprobs=[] if params.logprobs is not None else None)
+            )
+        self._requests[request_id] = _RequestState(
+            request_id, prompt, list(prompt_token_ids), params, completions, RequestMetrics(arrival_time)
+        )
+        ids = child_request_ids(request_id, params.n)
+        for index, core_id in enumerate(ids):
+            self._sequences[core_id] = (request_id, index)
+        return ids
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self._requests
+
+    def core_ids_of(self, request_id: str) -> list[str]:
+        state = self._requests.get(request_id)
+        if state is None:
+            return []
+        return child_request_ids(request_id, len(state.completions))
+
+    def process(self, outputs: Iterable[EngineCoreOutput], delta: bool) -> tuple[list[RequestOutput], list[str]]:
+        """Returns the RequestOutputs of requests that changed, and engine-core ids to abort (their
+        sequences hit a stop string, which only the front end can see)."""
+        changed: dict[str, _RequestState] = {}
+        to_abort: list[str] = []
+        now = time.time()
+        for output in outputs:
+            located = self._sequences.get(output.request_id)
+            if located is None:
+                continue
+            state = self._requests[located[0]]
+            completion = state.completions[located[1]]
+            if completion.finish_reason is not None:
+                continue
+            if self._apply(state, completion, output, now):
+                to_abort.append(output.request_id)
+            changed[state.request_id] = state
+        results = [self._make_output(state, delta) for state in changed.values()]
+        for state in changed.values():
+            if state.finished:
+                self._forget(state)
+        return results, to_abort
+
+    def abort_request(self, request_id: str, reason: str = "abort", error: str | None = None) -> RequestOutput | None:
+        """Finish every running sequence of a request locally (the caller aborts them in the core)."""
+        state = self._requests.get(request_id)
+        if state is None:
+            return None
+        state.error = error
+        for completion in state.completions:
+            if completion.finish_reason is None:
+                completion.finish_reason = reason
+                completion.changed = True
+        output = self._make_output(state, delta=True)
+        self._forget(state)
+        return output
+
+    def request_ids(self) -> list[str]:
+        return list(self._requests)
+
+    def _apply(self, state: _RequestState, completion: _Completion, output: EngineCoreOutput, now: float) -> bool:
+        """Fold one engine-core output into a completion; True if a stop string ended it early."""
+        metrics = state.metrics
+        if output.scheduled_time is not None and metrics.first_scheduled_time is None:
+            metrics.first_scheduled_time = output.scheduled_time
+        if output.new_token_ids:
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now
+            metrics.last_token_time = now
+        state.num_cached_tokens = max(state.num_cached_tokens, output.num_cached_tokens)
+        completion.changed = True
+        completion.token_ids.extend(output.new_token_ids)
+        completion.new_token_ids.extend(output.new_token_ids)
+        if completion.logprobs is not None and output.new_logprobs:
+            completion.logprobs.extend(output.new_logprobs)
+            completion.new_logprobs.extend(output.new_logprobs)
+            total = sum(lp.logprob for lp in output.new_logprobs)
+            completion.cumulative_logprob = (completion.cumulative_logprob or 0.0) + total
+        stopped_by_string = False
+        if completion.detokenizer is not None:
+            completion.new_text += completion.detokenizer.update(output.new_token_ids)
+            if completion.detokenizer.stop_reason is not None:
+                completion.finish_reason = "stop"
+                completion.stop_reason = completion.detokenizer.stop_reason
+                stopped_by_string = not output.finished
+        if output.finished and completion.finish_reason is None:
+            if completion.detokenizer is not None:
+                completion.new_text += completion.detokenizer.finish()
+            completion.finish_reason = output.finish_reason.value if output.finish_reason else "stop"
+            completion.stop_reason = output.stop_token_id
+            if output.error:
+                state.error = output.error
+        completion.text += completion.new_text
+        if completion.finish_reason is not None and metrics.finished_time is None and state.finished:
+            metrics.finished_time = now
+        return stopped_by_string
+
+    def _make_output(self, state: _RequestState, delta: bool) -> RequestOutput:
+        completions = []
+        for completion in state.completions:
+            if delta and not completion.changed:
+                continue
+            completions.append(
+                CompletionOutput(
+                    index=completion.index,
+                    text=completion.new_text if delta else completion.text,
+                    token_ids=list(completion.new_token_ids if delta else completion.token_ids),
+                    cumulative_logprob=completion.cumulative_logprob,
+                    logprobs=(
+                        None
+                        if completion.logprobs is None
+                        else list(completion.new_logprobs if delta else completion.logprobs)
+                    ),
+                    finish_reason=completion.finish_reason,
+                    stop_reason=completion.stop_reason,
+                )
+            )
+            completion.new_text = ""
+            completion.new_token_ids = []
+            completion.new_logprobs = []
+            completion.changed = False
+        return RequestOutput(
+            request_id=state.request_id,
+            prompt=state.prompt,
+            prompt_token_ids=state.prompt_token_ids,
+            outputs=completions,
+            finished=state.finished,
+            num_cached_tokens=state.num_cached_tokens,
+            metrics=state.metrics,
+            error=state.error,
+        )
+
+    def _forget(self, state: _RequestState) -> None:
+        self._requests.pop(state.request_id, None)
+        for core_id in child_request_ids(state.request_id, len(state.completions)):
+            self._sequences.pop(core_id, None)

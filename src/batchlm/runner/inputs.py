@@ -1,0 +1,87 @@
+"""Turn a SchedulerOutput into the flat device tensors one model forward needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from batchlm.attention.backend import AttentionMetadata
+from batchlm.core.step_io import SchedulerOutput
+
+
+@dataclass
+class StepInputs:
+    """Device inputs of one forward pass, plus which rows are sampled."""
+
+    # [T] int64 token ids, all chunks concatenated (decodes first).
+    input_ids: torch.Tensor
+    # [T] int64 absolute positions.
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    # [S] int64: row of the last token of each chunk that samples.
+    sample_indices: torch.Tensor
+    # Request ids of the sampled rows, in order.
+    sample_request_ids: list[str]
+
+
+def _pinned(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        # Pinned host memory lets the copy overlap with the previous step's GPU work.
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
+
+
+def build_step_inputs(scheduled: SchedulerOutput, block_size: int, device: torch.device) -> StepInputs:
+    """Vectorised with numpy: Python work is O(number of chunks), not O(tokens)."""
+    chunks = scheduled.chunks
+    query_lens = np.fromiter((len(c.token_ids) for c in chunks), dtype=np.int64, count=len(chunks))
+    starts = np.fromiter((c.start_position for c in chunks), dtype=np.int64, count=len(chunks))
+    query_start_loc = np.zeros(len(chunks) + 1, dtype=np.int64)
+    np.cumsum(query_lens, out=query_start_loc[1:])
+    num_tokens = int(query_start_loc[-1])
+    seq_lens = starts + query_lens
+
+    input_ids = np.fromiter((t for c in chunks for t in c.token_ids), dtype=np.int64, count=num_tokens)
+    # Token row -> its request index, and its absolute position.
+    request_of_token = np.repeat(np.arange(len(chunks)), query_lens)
+    positions = np.arange(num_tokens, dtype=np.int64) - query_start_loc[request_of_token] + starts[request_of_token]
+
+    max_blocks = max((len(c.block_ids) for c in chunks), default=1)
+    block_tables = np.zeros((len(chunks), max_blocks), dtype=np.int32)
+    for row, chunk in enumerate(chunks):
+        block_tables[row, : len(chunk.block_ids)] = chunk.block_ids
+    slot_mapping = (
+        block_tables[request_of_token, positions // block_size].astype(np.int64) * block_size
+        + positions % block_size
+    )
+
+    num_decodes = 0
+    for length in query_lens:
+        if length != 1:
+            break
+        num_decodes += 1
+
+    sample_rows = [row for row, c in enumerate(chunks) if c.sample]
+    sample_indices = query_start_loc[1:][sample_rows] - 1
+
+    meta = AttentionMetadata(
+        slot_mapping=_pinned(slot_mapping, device),
+        query_start_loc=_pinned(query_start_loc.astype(np.int32), device),
+        seq_lens=_pinned(seq_lens.astype(np.int32), device),
+        block_tables=_pinned(block_tables, device),
+        query_start_loc_cpu=query_start_loc.tolist(),
+        seq_lens_cpu=seq_lens.tolist(),
+        max_query_len=int(query_lens.max(initial=0)),
+        max_seq_len=int(seq_lens.max(initial=0)),
+        num_decodes=num_decodes,
+    )
+    return StepInputs(
+        input_ids=_pinned(input_ids, device),
+        positions=_pinned(positions, device),
+        meta=meta,
+        sample_indices=_pinned(np.asarray(sample_indices, dtype=np.int64), device),
+        sample_request_ids=[chunks[row].request_id for row in sample_rows],
+    )

@@ -1,0 +1,177 @@
+"""The model runner: owns the model, the KV cache and the sampler; executes one scheduled step."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from batchlm.attention.backend import AttentionBackend
+from batchlm.config import EngineConfig
+from batchlm.core.step_io import ModelRunnerOutput, SchedulerOutput
+from batchlm.models.loader import LoadedModel, ModelShape, load_model
+from batchlm.runner.device import dtype_name, resolve_device, resolve_dtype
+from batchlm.runner.inputs import StepInputs, build_step_inputs
+from batchlm.runner.kv_cache import allocate_kv_caches, num_blocks_for
+from batchlm.sampling.sampler import Sampler
+from batchlm.sampling.state import SamplingState
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunnerInfo:
+    """What the engine core needs to know once the runner is up."""
+
+    max_model_len: int
+    vocab_size: int
+    num_blocks: int
+    block_size: int
+    max_num_batched_tokens: int
+    device: str
+    dtype: str
+
+
+def default_max_num_batched_tokens(device: torch.device) -> int:
+    # CPU: a chunk of ~512 tokens keeps one step near a second on a laptop, so decodes are not starved.
+    return 8192 if device.type == "cuda" else 512
+
+
+def choose_attention_backend(device: torch.device) -> AttentionBackend:
+    """Chosen once at start-up: our Triton kernels on CUDA when Triton is importable, torch otherwise."""
+    if device.type == "cuda":
+        try:
+            from batchlm.attention.triton_backend import TritonAttentionBackend
+
+            return TritonAttentionBackend()
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            logger.warning("Triton attention unavailable (%s); using the torch attention backend", exc)
+    from batchlm.attention.torch_backend import TorchAttentionBackend
+
+    return TorchAttentionBackend()
+
+
+class ModelRunner:
+    """Loads the model and runs SchedulerOutputs. The only engine piece that touches device tensors."""
+
+    def __init__(self, config: EngineConfig, model_dir: Path, random_weights: bool = False) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        started = time.perf_counter()
+        self.loaded: LoadedModel = load_model(
+            model_dir,
+            dtype=self.dtype,
+            device=self.device,
+            adapter_path=config.adapter_path,
+            hf_overrides=config.hf_overrides or None,
+            random_weights=random_weights,
+            seed=config.seed,
+        )
+        logger.info(
+            "Loaded %s (%s, %s) in %.1f s",
+            model_dir,
+            dtype_name(self.dtype),
+            self.device,
+            time.perf_counter() - started,
+        )
+        self.model = self.loaded.model
+        self.shape: ModelShape = self.loaded.shape
+        self.max_model_len = self._resolve_max_model_len()
+        self.max_num_batched_tokens = config.max_num_batched_tokens or default_max_num_batched_tokens(self.device)
+        self.attn = choose_attention_backend(self.device)
+        self.sampler = Sampler(self.shape.vocab_size, self.device, seed=config.seed)
+        self.states: dict[str, SamplingState] = {}
+        self.kv_caches: list[torch.Tensor] = []
+        self.num_blocks = 0
+
+    def _resolve_max_model_len(self) -> int:
+        model_limit = self.shape.max_model_len
+        asked = self.config.max_model_len
+        if asked is None:
+            return model_limit
+        if asked > model_limit:
+            raise ValueError(
+                f"--max-model-len {asked} exceeds the model's context length {model_limit} (from its config)"
+            )
+        return asked
+
+    def initialize_kv_cache(self) -> RunnerInfo:
+        """Profile peak activation memory (GPU), then size and allocate the KV cache from what is left."""
+        if self.device.type == "cuda":
+            self._profile_run()
+        self.num_blocks = num_blocks_for(self.config, self.shape, self.dtype, self.device)
+        self.kv_caches = allocate_kv_caches(
+            self.shape, self.num_blocks, self.config.block_size, self.dtype, self.device
+        )
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%d tokens)",
+            self.num_blocks,
+            self.config.block_size,
+            self.num_blocks * self.config.block_size,
+        )
+        return RunnerInfo(
+            max_model_len=self.max_model_len,
+            vocab_size=self.shape.vocab_size,
+            num_blocks=self.num_blocks,
+            block_size=self.config.block_size,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            device=str(self.device),
+            dtype=dtype_name(self.dtype),
+        )
+
+    @torch.inference_mode()
+    def _profile_run(self) -> None:
+        """A forward over a full token budget with a throwaway one-block cache, to measure peak memory."""
+        from batchlm.core.step_io import ScheduledChunk
+
+        tokens = min(self.max_num_batched_tokens, self.max_model_len)
+        blocks = -(-tokens // self.config.block_size)
+        chunk = ScheduledChunk("profile", tuple([0] * tokens), 0, tuple(range(blocks)), True)
+        scratch = allocate_kv_caches(self.shape, blocks, self.config.block_size, self.dtype, self.device)
+        inputs = build_step_inputs(SchedulerOutput((chunk,), (), frozenset()), self.config.block_size, self.device)
+        hidden = self.model(inputs.input_ids, inputs.positions, scratch, inputs.meta, self.attn)
+        self.model.compute_logits(hidden[inputs.sample_indices])
+        torch.cuda.synchronize(self.device)
+        del scratch, hidden
+
+    @torch.inference_mode()
+    def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
+        self._update_states(scheduled)
+        if scheduled.is_empty:
+            return ModelRunnerOutput((), (), ())
+        inputs = build_step_inputs(scheduled, self.config.block_size, self.device)
+        logits = self._forward(inputs)
+        if not inputs.sample_request_ids:
+            return ModelRunnerOutput((), (), ())
+        states = [self.states[rid] for rid in inputs.sample_request_ids]
+        sampled = self.sampler(logits, states)
+        for state, token in zip(states, sampled.token_ids_cpu):
+            state.output_token_ids.append(token)
+        return ModelRunnerOutput(
+            request_ids=tuple(inputs.sample_request_ids),
+            sampled_token_ids=tuple(sampled.token_ids_cpu),
+            logprobs=tuple(sampled.logprobs),
+        )
+
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.attn)
+        return self.model.compute_logits(hidden[inputs.sample_indices])
+
+    def _update_states(self, scheduled: SchedulerOutput) -> None:
+        for request_id in scheduled.finished_request_ids:
+            self.states.pop(request_id, None)
+        for new in scheduled.new_requests:
+            self.states[new.request_id] = SamplingState.create(
+                new.sampling_params,
+                new.seed,
+                list(new.prompt_token_ids),
+                list(new.output_token_ids),
+                new.eos_token_ids,
+                self.device,
+            )
