@@ -6,6 +6,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from batchlm.engine.requests import child_request_ids
 from batchlm.outputs import (
     CompletionOutput,
     EngineCoreOutput,
@@ -16,11 +17,6 @@ from batchlm.outputs import (
 from batchlm.sampling_params import SamplingParams
 from batchlm.tokenizer.detokenizer import IncrementalDetokenizer
 from batchlm.tokenizer.tokenizer import Tokenizer
-
-
-def child_request_ids(request_id: str, n: int) -> list[str]:
-    """Engine-core ids of a request's n sequences."""
-    return [request_id] if n == 1 else [f"{request_id}:{i}" for i in range(n)]
 
 
 @dataclass

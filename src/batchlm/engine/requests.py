@@ -5,9 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from batchlm.engine.client import RequestRejectedError
-from batchlm.engine.output_processor import child_request_ids
 from batchlm.request import EngineCoreRequest
 from batchlm.sampling_params import SamplingParams
+
+
+def child_request_ids(request_id: str, n: int) -> list[str]:
+    """Engine-core ids of a request's n sequences."""
+    return [request_id] if n == 1 else [f"{request_id}:{i}" for i in range(n)]
 
 
 def validate_request(
