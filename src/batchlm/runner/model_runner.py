@@ -13,6 +13,7 @@ from batchlm.attention.backend import AttentionBackend
 from batchlm.config import EngineConfig
 from batchlm.core.step_io import ModelRunnerOutput, SchedulerOutput
 from batchlm.models.loader import LoadedModel, ModelShape, load_model
+from batchlm.runner.cuda_graph import DecodeGraphs
 from batchlm.runner.device import dtype_name, resolve_device, resolve_dtype
 from batchlm.runner.inputs import StepInputs, build_step_inputs
 from batchlm.runner.kv_cache import allocate_kv_caches, num_blocks_for
@@ -89,6 +90,7 @@ class ModelRunner:
         self.states: dict[str, SamplingState] = {}
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
+        self.decode_graphs: DecodeGraphs | None = None
 
     def _resolve_max_model_len(self) -> int:
         model_limit = self.shape.max_model_len
@@ -115,6 +117,16 @@ class ModelRunner:
             self.config.block_size,
             self.num_blocks * self.config.block_size,
         )
+        if self.device.type == "cuda" and not self.config.enforce_eager:
+            self.decode_graphs = DecodeGraphs(
+                self.model,
+                self.kv_caches,
+                self.attn,
+                max_batch=self.config.max_num_seqs,
+                max_blocks_per_seq=-(-self.max_model_len // self.config.block_size),
+                device=self.device,
+            )
+            self.decode_graphs.capture()
         return RunnerInfo(
             max_model_len=self.max_model_len,
             vocab_size=self.shape.vocab_size,
@@ -160,6 +172,9 @@ class ModelRunner:
         )
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        if self.decode_graphs is not None and self.decode_graphs.can_run(inputs.meta):
+            # Pure decode: every row samples, so the graph's logits are already the sampled rows.
+            return self.decode_graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.attn)
         return self.model.compute_logits(hidden[inputs.sample_indices])
 
