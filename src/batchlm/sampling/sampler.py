@@ -1,0 +1,144 @@
+"""The batched sampler: per-request logit processing, temperature, truncation, seeded sampling and
+logprobs for a whole batch, with exactly one device->host copy per call."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from batchlm.outputs import TokenLogprobs
+from batchlm.sampling.filters import apply_min_p, apply_top_k_top_p
+from batchlm.sampling.logprobs import MAX_PACKED_VOCAB, pack_logprobs, unpack_logprobs
+from batchlm.sampling.penalties import apply_logit_bias, apply_min_tokens_ban, apply_penalties
+from batchlm.sampling.plan import SamplingPlan, plan_batch, to_device
+from batchlm.sampling.state import SamplingState
+
+
+@dataclass
+class SamplerOutput:
+    """The tokens chosen for one batch, row i for states[i]."""
+
+    # [B] int64 on the logits' device (feeds the next step without a round trip).
+    token_ids: torch.Tensor
+    # The same ids on the host.
+    token_ids_cpu: list[int]
+    # Per row; None where the request did not ask for logprobs.
+    logprobs: list[TokenLogprobs | None]
+
+
+class Sampler:
+    """Chooses one token per row of a logits batch, each row under its own SamplingParams.
+
+    Order: logprobs from the raw logits; logit_bias; min_tokens ban; repetition penalty; presence
+    and frequency penalties; then greedy rows take the argmax and the others go through
+    temperature, top-k, top-p, min-p and an exponential race. Logits columns past `vocab_size`
+    (vocabulary padding) are never sampled. The caller's logits are never modified.
+    """
+
+    def __init__(self, vocab_size: int, device: torch.device | str, seed: int = 0) -> None:
+        if not 0 < vocab_size <= MAX_PACKED_VOCAB:
+            raise ValueError(f"vocab_size must be in [1, {MAX_PACKED_VOCAB}], got {vocab_size}")
+        self.vocab_size = vocab_size
+        # Resolve "cuda" to "cuda:N" so device checks compare like with like.
+        self.device = torch.empty(0, device=device).device
+        # Noise for unseeded requests.
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> SamplerOutput:
+        """Sample one token per row. logits: [B, >= vocab_size], row i belonging to states[i]."""
+        token_ids, packed = self.sample_on_device(logits, states)
+        # The call's single device->host copy: token ids, with the logprob data when asked for.
+        if packed is None:
+            token_ids_cpu = token_ids.tolist()
+            return SamplerOutput(token_ids, token_ids_cpu, [None] * len(token_ids_cpu))
+        token_ids_cpu, logprobs = unpack_logprobs(packed.tolist(), states)
+        return SamplerOutput(token_ids, token_ids_cpu, logprobs)
+
+    def sample_on_device(
+        self, logits: torch.Tensor, states: Sequence[SamplingState]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Everything but the host copy: token ids [B] int64 and, when any row wants logprobs, the
+        packed logprob tensor (see logprobs.pack_logprobs). Never waits on the device."""
+        logits = self._checked_view(logits, states)
+        plan = plan_batch(states, self.vocab_size)
+        if plan.is_plain_greedy:
+            return logits.argmax(dim=-1), None
+        raw_logprobs = None if plan.max_logprobs is None else logits.log_softmax(dim=-1)
+        processed = self._process(logits, states, plan)
+        token_ids = self._choose_tokens(processed, states, plan)
+        if raw_logprobs is None or plan.max_logprobs is None:
+            return token_ids, None
+        return token_ids, pack_logprobs(raw_logprobs, token_ids, plan.max_logprobs)
+
+    def process_logits(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
+        """The logits after logit_bias, the min_tokens ban and the penalties: a new [B, vocab_size]
+        tensor, the distribution that temperature and the filters then act on."""
+        logits = self._checked_view(logits, states)
+        return self._process(logits, states, plan_batch(states, self.vocab_size))
+
+    def _checked_view(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
+        if logits.dim() != 2 or logits.shape[0] != len(states) or logits.shape[1] < self.vocab_size:
+            raise ValueError(
+                f"logits must have shape [num_states={len(states)}, >= vocab_size={self.vocab_size}], "
+                f"got {tuple(logits.shape)}"
+            )
+        if logits.device != self.device:
+            raise ValueError(f"logits are on {logits.device} but the sampler was built for {self.device}")
+        # Columns past the tokenizer's vocabulary are padding: cut them off so they are never chosen.
+        return logits[:, : self.vocab_size].float()  # [B, V]
+
+    def _process(
+        self, logits: torch.Tensor, states: Sequence[SamplingState], plan: SamplingPlan
+    ) -> torch.Tensor:
+        processed = logits.clone(memory_format=torch.contiguous_format)  # [B, V]
+        apply_logit_bias(processed, plan)
+        apply_min_tokens_ban(processed, plan)
+        apply_penalties(processed, states, plan)
+        return processed
+
+    def _choose_tokens(
+        self, processed: torch.Tensor, states: Sequence[SamplingState], plan: SamplingPlan
+    ) -> torch.Tensor:
+        """Token ids [B]: argmax for greedy rows, a random draw for the others."""
+        if plan.all_greedy:
+            return processed.argmax(dim=-1)
+        num_rows = processed.shape[0]
+        greedy = None if len(plan.random_rows) == num_rows else processed.argmax(dim=-1)  # [B]
+        knobs = to_device([_row_knobs(state) for state in states], torch.float32, self.device)  # [B, 5]
+        temperature, top_k, top_p, min_p, is_random = knobs.unbind(1)  # [B] each
+        processed.div_(temperature.unsqueeze(1))
+        apply_top_k_top_p(processed, top_k.long(), plan.max_top_k, top_p if plan.any_top_p else None)
+        if plan.any_min_p:
+            apply_min_p(processed, min_p)
+        sampled = self._exponential_race(processed, states, plan)  # [B]
+        return sampled if greedy is None else torch.where(is_random.bool(), sampled, greedy)
+
+    def _exponential_race(
+        self, logits: torch.Tensor, states: Sequence[SamplingState], plan: SamplingPlan
+    ) -> torch.Tensor:
+        """argmax(probs / E) with E ~ Exponential(1) per token draws exactly from probs. It is taken
+        in log space as argmax(logits - log E): the softmax normaliser is a per-row constant, so no
+        softmax is needed and every step but the final argmax is elementwise (batch-invariant)."""
+        noise = torch.empty_like(logits).exponential_(generator=self.generator)  # [B, V]
+        for row in plan.random_rows:
+            generator = states[row].generator_for_next_token()
+            if generator is None:
+                continue
+            if generator.device != self.device:
+                raise ValueError(f"row {row}'s generator is on {generator.device}, logits on {self.device}")
+            # A seeded row's noise comes only from its own generator.
+            noise[row].exponential_(generator=generator)
+        # Exponential draws of exactly 0 would give log 0 = -inf and an undefined race.
+        noise.clamp_min_(torch.finfo(noise.dtype).tiny).log_()
+        return logits.sub_(noise).argmax(dim=-1)
+
+
+def _row_knobs(state: SamplingState) -> list[float]:
+    """(temperature, top_k, top_p, min_p, is_random) for one row; greedy rows get neutral values."""
+    params = state.params
+    if params.greedy:
+        return [1.0, 0.0, 1.0, 0.0, 0.0]
+    return [params.temperature, float(params.top_k), params.top_p, params.min_p, 1.0]
