@@ -55,6 +55,9 @@ class EngineConfig:
     served_model_name: str | None = None
     # Model revision on the hub.
     revision: str | None = None
+    # "auto": weights from safetensors; "dummy": random weights made on the device (benchmarks of real
+    # shapes without downloads; only config.json is read).
+    load_format: str = "auto"
     # Extra keyword arguments for the model config (tests, random models).
     hf_overrides: dict[str, Any] = field(default_factory=dict)
 

@@ -58,7 +58,7 @@ def choose_attention_backend(device: torch.device) -> AttentionBackend:
 class ModelRunner:
     """Loads the model and runs SchedulerOutputs. The only engine piece that touches device tensors."""
 
-    def __init__(self, config: EngineConfig, model_dir: Path, random_weights: bool = False) -> None:
+    def __init__(self, config: EngineConfig, model_dir: Path) -> None:
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
@@ -71,7 +71,7 @@ class ModelRunner:
             device=self.device,
             adapter_path=config.adapter_path,
             hf_overrides=config.hf_overrides or None,
-            random_weights=random_weights,
+            random_weights=config.load_format == "dummy",
             seed=config.seed,
         )
         logger.info(
