@@ -1,0 +1,88 @@
+"""The engine core's mutable per-request state: tokens so far, progress through them, and status."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from batchlm.core.block_pool import BlockHash
+from batchlm.outputs import FinishReason
+from batchlm.request import EngineCoreRequest
+from batchlm.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # queued (new, or preempted and waiting to be recomputed)
+    RUNNING = "running"  # holds KV blocks and is scheduled every step the budget allows
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class RequestState:
+    """One sequence inside the core. `num_computed_tokens` chases `num_tokens`: the scheduler runs
+    the difference through the model, and a token is sampled when the two meet."""
+
+    request: EngineCoreRequest
+    # Prompt followed by the generated tokens.
+    all_token_ids: list[int] = field(init=False)
+    # Tokens whose keys/values are in this request's KV blocks.
+    num_computed_tokens: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: FinishReason | None = None
+    # Chained hashes of the full blocks of all_token_ids, extended lazily; each is computed once.
+    block_hashes: list[BlockHash] = field(default_factory=list)
+    # Prompt tokens served from the prefix cache on first admission (None until admitted).
+    num_cached_tokens: int | None = None
+    # True until the first token has been reported (num_cached_tokens rides on that output).
+    first_output_pending: bool = True
+    # True when the runner must be sent NewRequestData (first schedule, and again after preemption).
+    needs_runner_setup: bool = True
+    # True while the runner holds state for this request (sent, and not since dropped).
+    known_to_runner: bool = False
+    num_preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        self.all_token_ids = list(self.request.prompt_token_ids)
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def sampling_params(self) -> SamplingParams:
+        return self.request.sampling_params
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.all_token_ids) - len(self.request.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.all_token_ids[len(self.request.prompt_token_ids) :]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.all_token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.all_token_ids.append(token_id)
+
+    def reset_for_recompute(self) -> None:
+        """Preemption: the KV blocks are gone; generated tokens stay and are recomputed as context."""
+        self.num_computed_tokens = 0
+        self.status = RequestStatus.WAITING
+        self.needs_runner_setup = True
+        self.known_to_runner = False
+        self.num_preemptions += 1
