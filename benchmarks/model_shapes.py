@@ -1,0 +1,111 @@
+"""Configs of real model shapes for benchmarks with random weights (no downloads)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "vocab_size": 1024,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": True,
+    },
+    "smollm2-135m": {
+        "model_type": "llama",
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "head_dim": 64,
+        "vocab_size": 49152,
+        "max_position_embeddings": 8192,
+        "rope_theta": 100000.0,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+    },
+    "llama-3.2-1b": {
+        "model_type": "llama",
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "vocab_size": 128256,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        "rope_theta": 500000.0,
+    },
+    "llama-3.1-8b": {
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 128256,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        "rope_theta": 500000.0,
+    },
+}
+
+
+def hf_config_dict(shape: str) -> dict[str, Any]:
+    params = dict(SHAPES[shape])
+    params.setdefault("bos_token_id", 1)
+    params.setdefault("eos_token_id", 2)
+    params["architectures"] = ["LlamaForCausalLM"]
+    params["torch_dtype"] = "bfloat16"
+    return params
+
+
+def write_config_only(shape: str, directory: Path) -> Path:
+    """config.json + tokenizer files: enough for load_format='dummy' (weights made on the device)."""
+    from batchlm.tokenizer.builder import build_tokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(hf_config_dict(shape), indent=2))
+    if not (directory / "tokenizer.json").exists():
+        build_tokenizer(directory)
+    return directory
+
+
+def write_random_weights(shape: str, directory: Path, seed: int = 0) -> Path:
+    """A full random-weight safetensors checkpoint (CPU benchmarks, where transformers loads it too)."""
+    from batchlm.models.random_model import write_random_model
+    from batchlm.tokenizer.builder import build_tokenizer
+
+    if (directory / "config.json").exists() and any(directory.glob("*.safetensors")):
+        return directory
+    params = {k: v for k, v in SHAPES[shape].items() if k != "model_type"}
+    write_random_model(directory, SHAPES[shape]["model_type"], params, seed=seed)
+    build_tokenizer(directory)
+    return directory

@@ -1,0 +1,182 @@
+"""Offline throughput: N requests of fixed input/output length through batchlm.LLM, against
+transformers on the same model and workload in the same run.
+
+CPU (issue 2):  python benchmarks/offline_throughput.py --shape smollm2-135m --num-requests 32 \
+                    --input-len 128 --output-len 64 --compare-hf
+GPU (issue 5):  python benchmarks/offline_throughput.py --shape llama-3.2-1b --num-requests 256 \
+                    --input-len 512 --output-len 256 --runs 3
+Prints one JSON line per run and a summary with medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from model_shapes import SHAPES, write_config_only, write_random_weights  # noqa: E402
+
+
+def make_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    # Skip the first ids (special tokens in our tokenizers) so prompts hold ordinary tokens.
+    return [[rng.randrange(16, vocab) for _ in range(length)] for _ in range(num)]
+
+
+def run_batchlm(args: argparse.Namespace, model_dir: Path, prompts: list[list[int]]) -> list[dict[str, Any]]:
+    from batchlm import LLM, SamplingParams
+
+    started = time.perf_counter()
+    llm = LLM(
+        model=str(model_dir),
+        device=args.device,
+        dtype=args.dtype,
+        load_format="dummy" if args.dummy else "auto",
+        max_model_len=args.input_len + args.output_len + 16,
+        max_num_seqs=args.max_num_seqs or len(prompts),
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enforce_eager=args.enforce_eager,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enable_prefix_caching=False,
+    )
+    load_s = time.perf_counter() - started
+    params = SamplingParams(
+        max_tokens=args.output_len, ignore_eos=True, temperature=args.temperature, detokenize=False
+    )
+    llm.generate(prompts[: min(4, len(prompts))], params)  # warm-up (lazy init, autotuning)
+    results = []
+    for run in range(args.runs):
+        _sync()
+        started = time.perf_counter()
+        outputs = llm.generate(prompts, params)
+        _sync()
+        elapsed = time.perf_counter() - started
+        generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+        assert generated == args.output_len * len(prompts), "every request must produce exactly output_len tokens"
+        results.append(
+            {
+                "engine": "batchlm",
+                "run": run,
+                "load_s": round(load_s, 2),
+                "elapsed_s": round(elapsed, 3),
+                "output_tokens": generated,
+                "output_tok_s": round(generated / elapsed, 1),
+                "total_tok_s": round((generated + sum(map(len, prompts))) / elapsed, 1),
+            }
+        )
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def run_transformers(args: argparse.Namespace, model_dir: Path, prompts: list[list[int]]) -> list[dict[str, Any]]:
+    """transformers' own batched generate (one static batch; all prompts have the same length)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    if args.dummy:
+        config = AutoConfig.from_pretrained(model_dir)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    model.eval()
+    batch = torch.tensor(prompts, device=device)
+    kwargs = {
+        "max_new_tokens": args.output_len,
+        "min_new_tokens": args.output_len,
+        "do_sample": args.temperature > 0,
+        "pad_token_id": 0,
+    }
+    if args.temperature > 0:
+        kwargs.update(temperature=args.temperature, top_k=0, top_p=1.0)
+    results = []
+    for run in range(args.runs):
+        _sync()
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(batch, attention_mask=torch.ones_like(batch), **kwargs)
+        _sync()
+        elapsed = time.perf_counter() - started
+        generated = int((out.shape[1] - batch.shape[1]) * out.shape[0])
+        results.append(
+            {
+                "engine": "transformers.generate",
+                "run": run,
+                "elapsed_s": round(elapsed, 3),
+                "output_tokens": generated,
+                "output_tok_s": round(generated / elapsed, 1),
+            }
+        )
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m")
+    parser.add_argument("--num-requests", type=int, default=32)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--max-num-seqs", type=int, default=None, help="default: all requests at once")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.90)
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--dummy", action="store_true", help="random weights made on the device (GPU shapes)")
+    parser.add_argument("--compare-hf", action="store_true", help="also time transformers' generate")
+    parser.add_argument("--model-dir", type=Path, default=None, help="where to write/reuse the random model")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json-out", type=Path, default=None)
+    args = parser.parse_args()
+
+    model_dir = args.model_dir or Path(tempfile.gettempdir()) / f"batchlm-bench-{args.shape}"
+    if args.dummy:
+        write_config_only(args.shape, model_dir)
+    else:
+        write_random_weights(args.shape, model_dir, seed=args.seed)
+    prompts = make_prompts(args.num_requests, args.input_len, SHAPES[args.shape]["vocab_size"], args.seed)
+    results = run_batchlm(args, model_dir, prompts)
+    if args.compare_hf:
+        results += run_transformers(args, model_dir, prompts)
+    summary: dict[str, Any] = {
+        "shape": args.shape,
+        "workload": f"{args.num_requests} x {args.input_len} in / {args.output_len} out",
+        "machine": platform.processor() or platform.machine(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    for engine in sorted({r["engine"] for r in results}):
+        rates = [r["output_tok_s"] for r in results if r["engine"] == engine]
+        summary[f"{engine} median output tok/s"] = statistics.median(rates)
+    if args.compare_hf:
+        summary["ratio"] = round(
+            summary["batchlm median output tok/s"] / summary["transformers.generate median output tok/s"], 2
+        )
+    print(json.dumps(summary), flush=True)
+    if args.json_out:
+        args.json_out.write_text(json.dumps({"summary": summary, "runs": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
