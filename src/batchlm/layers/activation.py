@@ -1,0 +1,26 @@
+"""The gated SiLU activation of Llama-style MLPs, on a fused [gate | up] projection."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SiluAndMul(nn.Module):
+    """silu(gate) * up, where the input is the concatenation [gate | up] along the last dim."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, 2 * intermediate] -> [T, intermediate]
+        half = x.shape[-1] // 2
+        return F.silu(x[..., :half]) * x[..., half:]
+
+
+ACTIVATIONS = {"silu": SiluAndMul}
+
+
+def get_gated_activation(name: str) -> nn.Module:
+    """The gated activation called `name` in an HF config (`hidden_act`)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported hidden_act {name!r}; supported: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()

@@ -1,0 +1,69 @@
+"""Token embedding and LM head with the vocabulary split across tensor-parallel ranks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from batchlm.layers.linear import check_shape
+from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Each rank holds a contiguous block of ceil(vocab / size) rows (the last block zero-padded);
+    a rank embeds the ids it owns, zeros the others, and an all-reduce assembles the result."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallelGroup = SINGLE_RANK) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.tp = tp
+        self.rows_per_rank = -(-vocab_size // tp.size)
+        self.vocab_start = tp.rank * self.rows_per_rank
+        # Rows this rank owns that are real vocabulary (the rest is padding).
+        self.num_real_rows = max(0, min(vocab_size - self.vocab_start, self.rows_per_rank))
+        self.weight = nn.Parameter(torch.empty(self.rows_per_rank, hidden_size), requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # input_ids: [T] -> [T, hidden]
+        if self.tp.is_single:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.vocab_start
+        owned = (local >= 0) & (local < self.num_real_rows)
+        embedded = F.embedding(torch.where(owned, local, 0), self.weight)
+        embedded = embedded * owned.unsqueeze(-1).to(embedded.dtype)
+        return self.tp.all_reduce(embedded)
+
+    def load_weight(self, name: str, param_name: str, loaded: torch.Tensor, shard: str | int | None = None) -> None:
+        """Copy this rank's rows of the HF [vocab, hidden] tensor; padding rows become zero."""
+        if param_name != "weight" or shard is not None:
+            raise ValueError(f"unexpected checkpoint tensor {name!r} for an embedding")
+        check_shape(name, (self.vocab_size, self.hidden_size), loaded.shape)
+        with torch.no_grad():
+            self.weight.zero_()
+            rows = loaded.narrow(0, self.vocab_start, self.num_real_rows)
+            self.weight.narrow(0, 0, self.num_real_rows).copy_(rows)
+
+    def extra_repr(self) -> str:
+        return f"vocab={self.vocab_size}, hidden={self.hidden_size}, tp={self.tp.size}"
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """The output projection hidden -> vocab logits, vocabulary split like the embedding so the two
+    can share one weight when the checkpoint ties them."""
+
+    def tie_to(self, embedding: VocabParallelEmbedding) -> None:
+        """Share the embedding's weight (tie_word_embeddings)."""
+        if embedding.weight.shape != self.weight.shape:
+            raise ValueError("cannot tie the LM head to an embedding of a different shape")
+        self.weight = embedding.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("ParallelLMHead is applied with compute_logits, not called")
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden: [N, hidden] -> logits [N, vocab] float32 (padding columns of the last rank dropped)
+        logits = F.linear(hidden, self.weight)
+        logits = self.tp.all_gather(logits, dim=-1)
+        return logits[..., : self.vocab_size].float()

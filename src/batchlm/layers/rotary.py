@@ -1,0 +1,61 @@
+"""Rotary position embedding (NeoX/HF "rotate half" layout) from a cos/sin cache indexed by position."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from batchlm.layers.rope_scaling import dynamic_ntk_inv_freq, inv_freq_and_scaling, read_rope_parameters
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotates queries and keys by their positions. One instance is shared by all layers."""
+
+    def __init__(self, head_dim: int, cos_sin_cache: torch.Tensor) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        # [max_position, head_dim]: cos in the first half of each row, sin in the second.
+        self.register_buffer("cos_sin_cache", cos_sin_cache, persistent=False)
+        self.cos_sin_cache: torch.Tensor
+
+    @property
+    def max_position(self) -> int:
+        return self.cos_sin_cache.shape[0]
+
+    def forward(
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: [T]; query: [T, H, D]; key: [T, H_kv, D] -> same shapes, rotated
+        cos, sin = self.cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)  # each [T, 1, D/2]
+        return _rotate(query, cos, sin), _rotate(key, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [T, H, D]; the pair (x1[i], x2[i]) of the two halves is rotated by angle i.
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def build_cos_sin_cache(params: dict[str, Any], head_dim: int, max_position: int, config_max_position: int) -> torch.Tensor:
+    """[max_position, head_dim] float32 cache for the RoPE parameters `params`."""
+    positions = torch.arange(max_position, dtype=torch.float32)
+    if params["rope_type"] == "dynamic":
+        inv_freq = dynamic_ntk_inv_freq(params, head_dim, config_max_position, positions)  # [P, D/2]
+        angles = positions.unsqueeze(-1) * inv_freq
+        scaling = 1.0
+    else:
+        inv_freq, scaling = inv_freq_and_scaling(params, head_dim)  # [D/2]
+        angles = torch.outer(positions, inv_freq)
+    return torch.cat((angles.cos() * scaling, angles.sin() * scaling), dim=-1)
+
+
+def get_rope(config: Any, head_dim: int, max_position: int) -> RotaryEmbedding:
+    """The rotary embedding an HF config asks for, with a cache covering positions < max_position."""
+    params = read_rope_parameters(config)
+    # The cache is computed on the CPU (deterministic, float32), then moved to the default device.
+    with torch.device("cpu"):
+        cache = build_cos_sin_cache(params, head_dim, max_position, config.max_position_embeddings)
+    return RotaryEmbedding(head_dim, cache.to(torch.get_default_device()))

@@ -1,0 +1,50 @@
+"""The interface every model family implements for the runner and the loader."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from batchlm.attention.backend import AttentionBackend, AttentionMetadata
+
+# (fused module, HF module it absorbs, shard id): HF checkpoints store q/k/v and gate/up separately;
+# our layers fuse them into one matmul each.
+StackedParam = tuple[str, str, str | int]
+
+
+class CausalLM(nn.Module):
+    """A decoder-only language model over a paged KV cache.
+
+    Parameter names follow the HF checkpoint, except the fused modules listed in `stacked_params`.
+    """
+
+    stacked_params: ClassVar[tuple[StackedParam, ...]] = ()
+    # Checkpoint tensors that are expected but carry nothing we need (e.g. cached RoPE buffers).
+    ignored_suffixes: ClassVar[tuple[str, ...]] = ("rotary_emb.inv_freq",)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T] int64
+        positions: torch.Tensor,  # [T] int64
+        kv_caches: list[torch.Tensor],  # one [2, num_blocks, block_size, H_kv, D] per layer
+        meta: AttentionMetadata,
+        attn: AttentionBackend,
+    ) -> torch.Tensor:  # [T, hidden]
+        raise NotImplementedError
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> [N, vocab] float32."""
+        raise NotImplementedError
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        return False
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load HF-named tensors; raises ValueError naming missing, unexpected or misshapen tensors."""
+        from batchlm.models.weights import load_named_weights
+
+        load_named_weights(self, weights)

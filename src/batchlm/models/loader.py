@@ -1,0 +1,126 @@
+"""Build a model from an HF checkpoint directory: config, weights (or random init), LoRA merge."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from batchlm.layers.norm import RMSNorm
+from batchlm.models.base import CausalLM
+from batchlm.models.checkpoint import find_safetensors, iter_safetensors, load_hf_config
+from batchlm.models.hf_config import context_length, head_dim_of, num_kv_heads_of
+from batchlm.models.lora import load_lora_adapter, merge_lora
+from batchlm.models.registry import architecture_of, get_model_class
+from batchlm.models.weights import expected_names
+from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes the runner needs to allocate the KV cache and check requests."""
+
+    num_layers: int
+    # Attention heads on this rank.
+    num_heads: int
+    # KV heads on this rank (1 when KV heads are replicated because there are fewer than ranks).
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    # Full vocabulary (logits are gathered across ranks).
+    vocab_size: int
+    # Context limit from the config (RoPE scaling applied), capped by an enabled sliding window.
+    max_model_len: int
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, with what it was built from."""
+
+    model: CausalLM
+    hf_config: Any  # transformers PretrainedConfig
+    model_dir: Path
+    shape: ModelShape
+    dtype: torch.dtype
+    device: torch.device
+
+
+def model_shape(config: Any, tp: TensorParallelGroup = SINGLE_RANK) -> ModelShape:
+    heads, kv_heads = config.num_attention_heads, num_kv_heads_of(config)
+    return ModelShape(
+        num_layers=config.num_hidden_layers,
+        num_heads=heads // tp.size,
+        num_kv_heads=max(1, kv_heads // tp.size),
+        head_dim=head_dim_of(config),
+        hidden_size=config.hidden_size,
+        vocab_size=config.vocab_size,
+        max_model_len=context_length(config),
+    )
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    # Parameters are created directly in the target dtype and on the target device: no float32 copy.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def load_model(
+    model_dir: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    adapter_path: str | None = None,
+    hf_overrides: dict | None = None,
+    tp: TensorParallelGroup | None = None,
+    random_weights: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+) -> LoadedModel:
+    """Load a Llama/Mistral/Qwen2/Qwen3 checkpoint (or random weights of its shape) onto `device`.
+
+    Raises ValueError naming the problem: missing config.json, unsupported architecture, missing,
+    unexpected or misshapen tensors, missing safetensors, or an adapter that does not fit.
+    """
+    tp = tp or SINGLE_RANK
+    model_dir, device = Path(model_dir), torch.device(device)
+    config = load_hf_config(model_dir, hf_overrides)
+    model_class = get_model_class(architecture_of(config))
+    if random_weights and adapter_path:
+        raise ValueError("a LoRA adapter cannot be merged into random weights; drop adapter_path or random_weights")
+    files = [] if random_weights else find_safetensors(model_dir)
+    adapter = load_lora_adapter(adapter_path) if adapter_path else None
+    with _default_dtype(dtype), torch.device(device):
+        model = model_class(config, tp)
+    if random_weights:
+        init_random_weights(model, std=float(getattr(config, "initializer_range", 0.02)), seed=seed)
+    else:
+        weights = iter_safetensors(files, progress)
+        if adapter is not None:
+            adapter.check_targets(expected_names(model), model.tie_word_embeddings)
+            weights = merge_lora(weights, adapter)
+        model.load_weights(weights)
+    model.eval()
+    return LoadedModel(model, config, model_dir, model_shape(config, tp), dtype, device)
+
+
+@torch.no_grad()
+def init_random_weights(model: CausalLM, std: float, seed: int) -> None:
+    """Normal(0, std) matrices, zero biases, unit norm weights, generated on the model's device."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    norm_params = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
+    for name, param in model.named_parameters():
+        if id(param) in norm_params:
+            param.fill_(1.0)
+        elif name.endswith(".bias"):
+            param.zero_()
+        else:
+            param.normal_(0.0, std, generator=generator)

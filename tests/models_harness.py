@@ -1,0 +1,113 @@
+"""A tiny driver for our models in tests: paged KV cache, varlen steps, greedy decoding (no engine)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from batchlm.attention.backend import AttentionMetadata
+from batchlm.attention.torch_backend import TorchAttentionBackend
+from batchlm.models.base import CausalLM
+from batchlm.models.loader import LoadedModel
+
+BLOCK_SIZE = 4
+
+
+@dataclass
+class Chunk:
+    """New tokens of one request this step: tokens[i] sits at position start + i."""
+
+    tokens: list[int]
+    start: int
+    blocks: list[int]
+
+
+def make_kv_caches(loaded: LoadedModel, num_blocks: int, block_size: int = BLOCK_SIZE) -> list[torch.Tensor]:
+    s = loaded.shape
+    return [
+        torch.zeros(2, num_blocks, block_size, s.num_kv_heads, s.head_dim, dtype=loaded.dtype)
+        for _ in range(s.num_layers)
+    ]
+
+
+def build_step(chunks: Sequence[Chunk], block_size: int = BLOCK_SIZE) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """input_ids [T], positions [T] and metadata for chunks ordered decodes (one token) first."""
+    num_decodes = 0
+    while num_decodes < len(chunks) and len(chunks[num_decodes].tokens) == 1 and chunks[num_decodes].start > 0:
+        num_decodes += 1
+    ids, positions, slots, starts, seq_lens = [], [], [], [0], []
+    for chunk in chunks:
+        for i, token in enumerate(chunk.tokens):
+            pos = chunk.start + i
+            ids.append(token)
+            positions.append(pos)
+            slots.append(chunk.blocks[pos // block_size] * block_size + pos % block_size)
+        starts.append(starts[-1] + len(chunk.tokens))
+        seq_lens.append(chunk.start + len(chunk.tokens))
+    width = max(len(c.blocks) for c in chunks)
+    tables = torch.zeros(len(chunks), width, dtype=torch.int32)
+    for row, chunk in enumerate(chunks):
+        tables[row, : len(chunk.blocks)] = torch.tensor(chunk.blocks, dtype=torch.int32)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        block_tables=tables,
+        query_start_loc_cpu=starts,
+        seq_lens_cpu=seq_lens,
+        max_query_len=max(len(c.tokens) for c in chunks),
+        max_seq_len=max(seq_lens),
+        num_decodes=num_decodes,
+    )
+    return torch.tensor(ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64), meta
+
+
+@torch.no_grad()
+def run_step(model: CausalLM, kv_caches: list[torch.Tensor], chunks: Sequence[Chunk]) -> torch.Tensor:
+    """Logits [B, vocab] of each chunk's last token."""
+    input_ids, positions, meta = build_step(chunks, kv_caches[0].shape[2])
+    hidden = model(input_ids, positions, kv_caches, meta, TorchAttentionBackend())
+    last_rows = torch.tensor(meta.query_start_loc_cpu[1:]) - 1
+    return model.compute_logits(hidden[last_rows])
+
+
+def greedy_generate(
+    loaded: LoadedModel, prompt: list[int], max_new_tokens: int, blocks: list[int] | None = None
+) -> tuple[list[int], torch.Tensor]:
+    """Prefill then token-by-token decode; returns the tokens and their log-softmax rows [N, vocab]."""
+    total = len(prompt) + max_new_tokens
+    needed = -(-total // BLOCK_SIZE)
+    blocks = blocks if blocks is not None else list(range(needed))
+    kv_caches = make_kv_caches(loaded, max(blocks) + 1)
+    logits = run_step(loaded.model, kv_caches, [Chunk(list(prompt), 0, blocks)])
+    tokens, logprobs = [], []
+    for step in range(max_new_tokens):
+        logprobs.append(torch.log_softmax(logits[0], dim=-1))
+        tokens.append(int(logits[0].argmax()))
+        if step + 1 < max_new_tokens:
+            logits = run_step(loaded.model, kv_caches, [Chunk([tokens[-1]], len(prompt) + step, blocks)])
+    return tokens, torch.stack(logprobs)
+
+
+@torch.no_grad()
+def hf_teacher_forced_logprobs(hf_model: torch.nn.Module, prompt: list[int], generated: list[int]) -> torch.Tensor:
+    """transformers' log-softmax rows [N, vocab] predicting each generated token (one full forward)."""
+    ids = torch.tensor([prompt + generated[:-1]])
+    logits = hf_model(ids).logits[0, len(prompt) - 1 :].float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+@torch.no_grad()
+def hf_greedy(hf_model: torch.nn.Module, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' generate(do_sample=False) with EOS disabled, so it always runs max_new_tokens."""
+    hf_model.generation_config.eos_token_id = None
+    out = hf_model.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    return out[0, len(prompt) :].tolist()
