@@ -1,0 +1,77 @@
+"""Triton kernel that scatters new keys/values into the paged KV cache (padding slots -1 skipped)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from batchlm.kernels.shapes import check_kv_cache, next_power_of_2
+
+
+@triton.jit
+def _write_kv_kernel(
+    key_ptr,  # [T, KV_HEADS, HEAD_DIM]
+    value_ptr,  # [T, KV_HEADS, HEAD_DIM]
+    cache_ptr,  # [2, num_blocks, block_size, KV_HEADS, HEAD_DIM]
+    slot_ptr,  # [T] int64
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_c_kv,
+    stride_c_block,
+    stride_c_tok,
+    stride_c_head,
+    block_size,
+    KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    token = tl.program_id(0)
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    # Padding rows (CUDA-graph batches) carry slot -1: they own no cache slot.
+    if slot >= 0:
+        block = slot // block_size
+        offset = slot % block_size
+        heads = tl.arange(0, BLOCK_H)
+        dims = tl.arange(0, HEAD_DIM)
+        mask = (heads < KV_HEADS)[:, None]
+        src_k = key_ptr + token.to(tl.int64) * stride_kt + heads[:, None] * stride_kh + dims[None, :]
+        src_v = value_ptr + token.to(tl.int64) * stride_vt + heads[:, None] * stride_vh + dims[None, :]
+        dst = cache_ptr + block * stride_c_block + offset * stride_c_tok
+        dst = dst + heads[:, None] * stride_c_head + dims[None, :]
+        tl.store(dst, tl.load(src_k, mask=mask), mask=mask)
+        tl.store(dst + stride_c_kv, tl.load(src_v, mask=mask), mask=mask)
+
+
+def write_kv_cache(
+    key: torch.Tensor,  # [T, num_kv_heads, head_dim]
+    value: torch.Tensor,  # [T, num_kv_heads, head_dim]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [T] int64; -1 = padding row, nothing written
+) -> None:
+    """Write token t's key/value at flat slot slot_mapping[t] = block_id * block_size + offset."""
+    check_kv_cache(kv_cache)
+    num_tokens = slot_mapping.shape[0]
+    _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+    expected = (num_kv_heads, head_dim)
+    for name, tensor in (("key", key), ("value", value)):
+        if tensor.dim() != 3 or tuple(tensor.shape[1:]) != expected or tensor.shape[0] < num_tokens:
+            raise ValueError(
+                f"{name} must be [>= {num_tokens}, {num_kv_heads}, {head_dim}], got {tuple(tensor.shape)}"
+            )
+        if tensor.stride(-1) != 1 or tensor.dtype != kv_cache.dtype:
+            raise ValueError(f"{name} must be {kv_cache.dtype} and contiguous in head_dim")
+    if num_tokens == 0:
+        return
+    _write_kv_kernel[(num_tokens,)](
+        key, value, kv_cache, slot_mapping,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        block_size,
+        KV_HEADS=num_kv_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_H=next_power_of_2(num_kv_heads),
+        num_warps=1 if num_kv_heads * head_dim <= 512 else 4,
+    )  # fmt: skip

@@ -1,0 +1,203 @@
+"""Triton paged decode attention: one query token per request, GQA-grouped, split-KV with an LSE reduce.
+
+Grid (batch, kv_heads, splits): a program holds all query heads of one KV group, so each K/V row is
+read once per group; with splits > 1 each program covers a slice of the context and a second kernel
+merges the slices by log-sum-exp (flash-decoding). The grid depends only on the (padded) batch size
+and static configuration; context lengths come from the device `seq_lens`, so the launch can be
+captured in a CUDA graph and replayed with new lengths and block tables.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from batchlm.kernels.paged_tile import MASK_RANGE, attend_range
+from batchlm.kernels.shapes import check_paged_inputs, dot_precision, next_power_of_2
+
+LOG2_E = 1.4426950408889634
+# Upper bound on splits per request: keeps the reduce a single tile and the workspace small.
+MAX_SPLITS = 64
+# A split shorter than this spends more on its own overhead than it saves in parallelism.
+MIN_TOKENS_PER_SPLIT = 256
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch parameters of the decode kernel (tuned by benchmarks/attention_kernels.py)."""
+
+    block_n: int = 64  # context tokens per inner-loop tile
+    num_warps: int = 4
+    num_stages: int = 3
+    # Aim for this many programs per SM when choosing the number of splits.
+    programs_per_sm: int = 4
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # Triton's CPU interpreter (tests without a GPU): any small number will do
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def choose_num_splits(
+    batch_size: int, num_kv_heads: int, max_context: int, sm_count: int, programs_per_sm: int = 4
+) -> int:
+    """Splits per request from static quantities only (so CUDA-graph replays keep the same grid)."""
+    programs = batch_size * num_kv_heads
+    wanted = triton.cdiv(sm_count * programs_per_sm, max(programs, 1))
+    useful = triton.cdiv(max_context, MIN_TOKENS_PER_SPLIT)
+    return max(1, min(wanted, useful, MAX_SPLITS))
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr,  # [B, H, HEAD_DIM]
+    cache_ptr,  # [2, num_blocks, block_size, KV_HEADS, HEAD_DIM]
+    block_table_ptr,  # [B, max_blocks] int32
+    seq_lens_ptr,  # [B] int32
+    out_ptr,  # [B, H, HEAD_DIM]: written when NUM_SPLITS == 1
+    part_out_ptr,  # [B, H, NUM_SPLITS, HEAD_DIM] fp32: written when NUM_SPLITS > 1
+    part_lse_ptr,  # [B, H, NUM_SPLITS] fp32, log2 domain
+    qk_scale,  # softmax scale * log2(e)
+    stride_qb, stride_qh, stride_ob, stride_oh,
+    stride_c_kv, stride_c_block, stride_c_tok, stride_c_head,
+    stride_bt,
+    block_size,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    num_heads = tl.num_programs(1) * GROUP
+    seq_len = tl.load(seq_lens_ptr + seq)
+    # Splits cover BLOCK_N-aligned slices; the reduce recomputes the same slicing from seq_len.
+    tokens_per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, seq_len)
+
+    groups = tl.arange(0, BLOCK_G)
+    dims = tl.arange(0, HEAD_DIM)
+    heads = kv_head * GROUP + groups  # query heads of this KV group (HF repeat_kv order)
+    head_mask = groups < GROUP
+    q = tl.load(
+        q_ptr + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + dims[None, :],
+        mask=head_mask[:, None],
+        other=0.0,
+    )  # [BLOCK_G, HEAD_DIM]
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+    row_max = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_G], dtype=tl.float32)
+    kv_base = cache_ptr + kv_head * stride_c_head
+    block_row = block_table_ptr + seq.to(tl.int64) * stride_bt
+    # The decode token sits at seq_len - 1 and sees the whole context: no causal mask needed.
+    if NUM_SPLITS == 1:
+        acc, row_max, row_sum = attend_range(
+            q, acc, row_max, row_sum, seq_len, kv_base, block_row, start, end, end, qk_scale,
+            stride_c_kv, stride_c_block, stride_c_tok, block_size,
+            HEAD_DIM, BLOCK_N, MASK_RANGE, DOT_PRECISION,
+        )  # fmt: skip
+        # Padding rows (seq_len 0) saw nothing: row_sum 0, output zeros.
+        result = acc / tl.where(row_sum > 0.0, row_sum, 1.0)[:, None]
+        out = out_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + dims[None, :]
+        tl.store(out, result.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
+    else:
+        if start < end:
+            acc, row_max, row_sum = attend_range(
+                q, acc, row_max, row_sum, seq_len, kv_base, block_row, start, end, end, qk_scale,
+                stride_c_kv, stride_c_block, stride_c_tok, block_size,
+                HEAD_DIM, BLOCK_N, MASK_RANGE, DOT_PRECISION,
+            )  # fmt: skip
+            # Each slice stores its normalised result and its log2-sum-exp weight.
+            row = (seq.to(tl.int64) * num_heads + heads) * NUM_SPLITS + split  # [BLOCK_G]
+            part = part_out_ptr + row[:, None] * HEAD_DIM + dims[None, :]
+            tl.store(part, acc / row_sum[:, None], mask=head_mask[:, None])
+            tl.store(part_lse_ptr + row, row_max + tl.log2(row_sum), mask=head_mask)
+
+
+@triton.jit
+def _reduce_kernel(
+    part_out_ptr,  # [B, H, NUM_SPLITS, HEAD_DIM] fp32
+    part_lse_ptr,  # [B, H, NUM_SPLITS] fp32
+    seq_lens_ptr,  # [B] int32
+    out_ptr,  # [B, H, HEAD_DIM]
+    stride_ob,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    tokens_per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    splits = tl.arange(0, BLOCK_S)
+    # Only splits that started inside the context wrote anything.
+    valid = (splits < NUM_SPLITS) & (splits * tokens_per_split < seq_len)
+    row = (seq.to(tl.int64) * tl.num_programs(1) + head) * NUM_SPLITS + splits  # [BLOCK_S]
+    lse = tl.load(part_lse_ptr + row, mask=valid, other=float("-inf"))
+    top = tl.max(lse, 0)
+    top = tl.where(top == float("-inf"), 0.0, top)  # seq_len 0: every weight 0, output 0
+    weights = tl.exp2(lse - top)  # [BLOCK_S]
+    total = tl.sum(weights, 0)
+    dims = tl.arange(0, HEAD_DIM)
+    parts = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], mask=valid[:, None], other=0.0)
+    result = tl.sum(parts * weights[:, None], 0) / tl.where(total > 0.0, total, 1.0)  # [HEAD_DIM]
+    out = out_ptr + seq.to(tl.int64) * stride_ob + head * stride_oh + dims
+    tl.store(out, result.to(out_ptr.dtype.element_ty))
+
+
+def paged_decode_attention(
+    query: torch.Tensor,  # [B, num_heads, head_dim]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    seq_lens: torch.Tensor,  # [B] int32; 0 = padding row (output zeros)
+    block_tables: torch.Tensor,  # [B, max_blocks_per_seq] int32
+    scale: float,
+    out: torch.Tensor | None = None,  # [B, num_heads, head_dim]; allocated when None
+    num_splits: int | None = None,  # None = chosen from batch size and max_blocks_per_seq
+    config: DecodeConfig | None = None,
+) -> torch.Tensor:
+    """Attention of each request's single query token over its whole paged context."""
+    shape = check_paged_inputs(query, kv_cache)
+    cfg = config or DecodeConfig()
+    batch = query.shape[0]
+    if seq_lens.shape[0] < batch or block_tables.shape[0] < batch:
+        raise ValueError(f"seq_lens / block_tables cover fewer than the {batch} decode rows")
+    if block_tables.stride(-1) != 1:
+        raise ValueError("block_tables must be contiguous along the block axis")
+    if out is None:
+        out = torch.empty_like(query)
+    if batch == 0:
+        return out
+    if num_splits is None:
+        max_context = block_tables.shape[1] * shape.block_size
+        num_splits = choose_num_splits(
+            batch, shape.num_kv_heads, max_context, _sm_count(query.device), cfg.programs_per_sm
+        )
+    num_splits = max(1, min(num_splits, MAX_SPLITS))
+    part_out = part_lse = out  # placeholders: the single-split kernel never touches them
+    if num_splits > 1:
+        part_out = query.new_empty((batch, shape.num_heads, num_splits, shape.head_dim), dtype=torch.float32)
+        part_lse = query.new_empty((batch, shape.num_heads, num_splits), dtype=torch.float32)
+    _decode_kernel[(batch, shape.num_kv_heads, num_splits)](
+        query, kv_cache, block_tables, seq_lens, out, part_out, part_lse, scale * LOG2_E,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        block_tables.stride(0), shape.block_size,
+        GROUP=shape.group_size, BLOCK_G=max(16, next_power_of_2(shape.group_size)),
+        HEAD_DIM=shape.head_dim, BLOCK_N=cfg.block_n, NUM_SPLITS=num_splits,
+        DOT_PRECISION=dot_precision(query.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if num_splits > 1:
+        _reduce_kernel[(batch, shape.num_heads)](
+            part_out, part_lse, seq_lens, out, out.stride(0), out.stride(1),
+            HEAD_DIM=shape.head_dim, BLOCK_N=cfg.block_n, NUM_SPLITS=num_splits,
+            BLOCK_S=next_power_of_2(num_splits), num_warps=4,
+        )  # fmt: skip
+    return out

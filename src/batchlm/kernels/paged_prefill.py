@@ -1,0 +1,143 @@
+"""Triton paged prefill/extend attention: new query tokens over their request's paged context, causally.
+
+Grid (requests, query tiles, kv_heads). A program's query rows pack TOKENS_PER_TILE tokens times the
+GROUP query heads of one KV head (row r = token r // GROUP, head r % GROUP), so every K/V tile it
+gathers serves the whole group. Keys come from the cache only: prefix-cached blocks, earlier chunks
+and this step's tokens (written there first by the KV write). Flash-attention style: tiles of keys
+below the tile's first query position need no mask; only the diagonal stretch is masked causally.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from batchlm.kernels.paged_tile import MASK_CAUSAL, MASK_NONE, attend_range
+from batchlm.kernels.shapes import PagedShape, check_paged_inputs, dot_precision, next_power_of_2
+
+LOG2_E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    """Launch parameters of the prefill kernel."""
+
+    block_m: int  # query rows (tokens x group heads) per program
+    block_n: int  # context tokens per inner-loop tile
+    num_warps: int
+    num_stages: int
+
+
+def default_prefill_config(shape: PagedShape, dtype: torch.dtype) -> PrefillConfig:
+    """Tiles that fit Hopper's shared memory for the head size and element width."""
+    wide = dtype == torch.float32 or shape.head_dim > 128
+    block_m = 64 if wide else 128
+    # A tile must hold at least one token's whole head group.
+    block_m = max(block_m, next_power_of_2(shape.group_size))
+    return PrefillConfig(
+        block_m=block_m, block_n=32 if wide else 64, num_warps=4 if wide else 8, num_stages=2
+    )
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr,  # [T, H, HEAD_DIM]
+    cache_ptr,  # [2, num_blocks, block_size, KV_HEADS, HEAD_DIM]
+    block_table_ptr,  # [R, max_blocks] int32
+    seq_lens_ptr,  # [R] int32: context length after this step
+    query_start_ptr,  # [R + 1] int32: absolute query rows of each request
+    out_ptr,  # [T, H, HEAD_DIM]
+    qk_scale,  # softmax scale * log2(e)
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_c_kv, stride_c_block, stride_c_tok, stride_c_head,
+    stride_bt,
+    block_size,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    req = tl.program_id(0)
+    tile = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    q_start = tl.load(query_start_ptr + req)
+    q_len = tl.load(query_start_ptr + req + 1) - q_start
+    first_token = tile * TOKENS_PER_TILE
+    if first_token < q_len:
+        ctx_len = tl.load(seq_lens_ptr + req) - q_len  # tokens cached before this step's chunk
+        rows = tl.arange(0, BLOCK_M)
+        dims = tl.arange(0, HEAD_DIM)
+        tokens = first_token + rows // GROUP  # [BLOCK_M] token index within the chunk
+        heads = kv_head * GROUP + rows % GROUP
+        row_ok = (rows < TOKENS_PER_TILE * GROUP) & (tokens < q_len)
+        q_rows = (q_start + tokens).to(tl.int64)
+        q = tl.load(
+            q_ptr + q_rows[:, None] * stride_qt + heads[:, None] * stride_qh + dims[None, :],
+            mask=row_ok[:, None],
+            other=0.0,
+        )  # [BLOCK_M, HEAD_DIM]
+        q_pos = ctx_len + tokens  # absolute positions
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        row_max = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        kv_base = cache_ptr + kv_head * stride_c_head
+        block_row = block_table_ptr + req.to(tl.int64) * stride_bt
+        # Keys at or below the first token's position are visible to every row: no mask there.
+        unmasked_stop = ((ctx_len + first_token + 1) // BLOCK_N) * BLOCK_N
+        kv_end = ctx_len + tl.minimum(first_token + TOKENS_PER_TILE, q_len)
+        acc, row_max, row_sum = attend_range(
+            q, acc, row_max, row_sum, q_pos, kv_base, block_row, 0, unmasked_stop, kv_end, qk_scale,
+            stride_c_kv, stride_c_block, stride_c_tok, block_size,
+            HEAD_DIM, BLOCK_N, MASK_NONE, DOT_PRECISION,
+        )  # fmt: skip
+        acc, row_max, row_sum = attend_range(
+            q, acc, row_max, row_sum, q_pos, kv_base, block_row, unmasked_stop, kv_end, kv_end, qk_scale,
+            stride_c_kv, stride_c_block, stride_c_tok, block_size,
+            HEAD_DIM, BLOCK_N, MASK_CAUSAL, DOT_PRECISION,
+        )  # fmt: skip
+        result = acc / tl.where(row_sum > 0.0, row_sum, 1.0)[:, None]
+        out = out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :]
+        tl.store(out, result.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+def paged_prefill_attention(
+    query: torch.Tensor,  # [T, num_heads, head_dim]; rows addressed through query_start_loc
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    query_start_loc: torch.Tensor,  # [R + 1] int32, absolute row offsets into query
+    seq_lens: torch.Tensor,  # [R] int32: cached + new tokens per request
+    block_tables: torch.Tensor,  # [R, max_blocks_per_seq] int32
+    scale: float,
+    max_query_len: int,  # upper bound on any request's new tokens (sizes the grid)
+    out: torch.Tensor | None = None,  # [T, num_heads, head_dim]; only the requests' rows are written
+    config: PrefillConfig | None = None,
+) -> torch.Tensor:
+    """Causal attention of each request's new tokens over its cached context plus themselves."""
+    shape = check_paged_inputs(query, kv_cache)
+    num_requests = seq_lens.shape[0]
+    if query_start_loc.shape[0] != num_requests + 1 or block_tables.shape[0] < num_requests:
+        raise ValueError(
+            f"query_start_loc must have {num_requests + 1} entries and block_tables >= {num_requests} "
+            f"rows, got {query_start_loc.shape[0]} and {block_tables.shape[0]}"
+        )
+    if block_tables.stride(-1) != 1:
+        raise ValueError("block_tables must be contiguous along the block axis")
+    if out is None:
+        out = torch.empty_like(query)
+    if num_requests == 0 or max_query_len <= 0:
+        return out
+    cfg = config or default_prefill_config(shape, query.dtype)
+    tokens_per_tile = cfg.block_m // shape.group_size
+    if tokens_per_tile < 1:
+        raise ValueError(f"block_m {cfg.block_m} is smaller than the head group {shape.group_size}")
+    grid = (num_requests, triton.cdiv(max_query_len, tokens_per_tile), shape.num_kv_heads)
+    _prefill_kernel[grid](
+        query, kv_cache, block_tables, seq_lens, query_start_loc, out, scale * LOG2_E,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        block_tables.stride(0), shape.block_size,
+        GROUP=shape.group_size, BLOCK_M=cfg.block_m, TOKENS_PER_TILE=tokens_per_tile,
+        HEAD_DIM=shape.head_dim, BLOCK_N=cfg.block_n, DOT_PRECISION=dot_precision(query.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out

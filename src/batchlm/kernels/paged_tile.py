@@ -1,0 +1,81 @@
+"""The inner step shared by the decode and prefill kernels: one online-softmax update over a paged KV tile.
+
+Query rows are [BLOCK_M, HEAD_DIM] (query heads of one KV group, possibly of several tokens); the
+tile is BLOCK_N consecutive context tokens gathered through the block table. Scores live in the log2
+domain (qk_scale already holds log2(e)), so exp2 replaces exp.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Mask modes: what a tile must hide (constexpr objects, so jit code may read them as globals).
+MASK_NONE = tl.constexpr(0)  # every token of the tile is in the context and visible to every row
+MASK_RANGE = tl.constexpr(1)  # hide tokens at or past kv_end
+MASK_CAUSAL = tl.constexpr(2)  # MASK_RANGE, and hide tokens after each row's own position
+
+
+@triton.jit
+def attend_tile(
+    q,  # [BLOCK_M, HEAD_DIM] query rows
+    acc,  # [BLOCK_M, HEAD_DIM] fp32 running numerator
+    row_max,  # [BLOCK_M] fp32 running max score (log2 domain)
+    row_sum,  # [BLOCK_M] fp32 running denominator
+    q_pos,  # [BLOCK_M] int32 absolute positions (read only with MASK_CAUSAL)
+    kv_base,  # pointer: cache + kv_head * stride_c_head (keys; values at + stride_c_kv)
+    block_row,  # pointer: this request's block-table row
+    tile_start,
+    kv_end,
+    qk_scale,
+    stride_c_kv, stride_c_block, stride_c_tok, block_size,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    tokens = tile_start + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, HEAD_DIM)
+    if MASK_MODE == 0:
+        blocks = tl.load(block_row + tokens // block_size)
+    else:
+        in_range = tokens < kv_end
+        blocks = tl.load(block_row + tokens // block_size, mask=in_range, other=0)
+    rows = blocks.to(tl.int64) * stride_c_block + (tokens % block_size) * stride_c_tok  # [BLOCK_N]
+    k_ptrs = kv_base + rows[:, None] + dims[None, :]  # [BLOCK_N, HEAD_DIM]
+    if MASK_MODE == 0:
+        k = tl.load(k_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=in_range[:, None], other=0.0)
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+    if MASK_MODE == 1:
+        scores = tl.where(in_range[None, :], scores, float("-inf"))
+    if MASK_MODE == 2:
+        visible = in_range[None, :] & (tokens[None, :] <= q_pos[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+    # row_max starts finite (-1e30), so a row with nothing visible yet never computes inf - inf.
+    new_max = tl.maximum(row_max, tl.max(scores, 1))
+    rescale = tl.exp2(row_max - new_max)
+    probs = tl.exp2(scores - new_max[:, None])  # [BLOCK_M, BLOCK_N]
+    row_sum = row_sum * rescale + tl.sum(probs, 1)
+    if MASK_MODE == 0:
+        v = tl.load(k_ptrs + stride_c_kv)
+    else:
+        v = tl.load(k_ptrs + stride_c_kv, mask=in_range[:, None], other=0.0)
+    acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, new_max, row_sum
+
+
+@triton.jit
+def attend_range(
+    q, acc, row_max, row_sum, q_pos, kv_base, block_row,
+    kv_start,  # first context token of the range (BLOCK_N-aligned where MASK_MODE is 0)
+    kv_stop,  # loop bound: tiles start below it
+    kv_end,  # tokens at or past it are hidden (MASK_RANGE / MASK_CAUSAL)
+    qk_scale, stride_c_kv, stride_c_block, stride_c_tok, block_size,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    for tile_start in range(kv_start, kv_stop, BLOCK_N):
+        acc, row_max, row_sum = attend_tile(
+            q, acc, row_max, row_sum, q_pos, kv_base, block_row, tile_start, kv_end, qk_scale,
+            stride_c_kv, stride_c_block, stride_c_tok, block_size,
+            HEAD_DIM, BLOCK_N, MASK_MODE, DOT_PRECISION,
+        )  # fmt: skip
+    return acc, row_max, row_sum

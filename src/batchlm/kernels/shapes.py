@@ -1,0 +1,68 @@
+"""Shape and dtype checks shared by the paged-attention kernel launchers (plain torch, no triton)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+@dataclass(frozen=True)
+class PagedShape:
+    """The static geometry a paged-attention launch is specialised on."""
+
+    num_heads: int  # query heads
+    num_kv_heads: int
+    head_dim: int
+    block_size: int  # tokens per KV-cache block
+
+    @property
+    def group_size(self) -> int:
+        """Query heads that share one KV head (1 = MHA, num_heads = MQA)."""
+        return self.num_heads // self.num_kv_heads
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def check_kv_cache(kv_cache: torch.Tensor) -> None:
+    """Raise ValueError unless kv_cache is [2, num_blocks, block_size, num_kv_heads, head_dim]."""
+    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
+        raise ValueError(
+            "kv_cache must be [2, num_blocks, block_size, num_kv_heads, head_dim], "
+            f"got shape {tuple(kv_cache.shape)}"
+        )
+    if kv_cache.stride(-1) != 1:
+        raise ValueError("kv_cache must be contiguous in head_dim (stride 1 on the last axis)")
+    head_dim = kv_cache.shape[-1]
+    if head_dim > MAX_HEAD_DIM or head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two in [16, {MAX_HEAD_DIM}], got {head_dim}")
+
+
+def check_paged_inputs(query: torch.Tensor, kv_cache: torch.Tensor) -> PagedShape:
+    """Validate query [T, num_heads, head_dim] against the cache and return the launch geometry."""
+    check_kv_cache(kv_cache)
+    if query.dim() != 3:
+        raise ValueError(f"query must be [tokens, num_heads, head_dim], got shape {tuple(query.shape)}")
+    _, block_size, num_kv_heads, head_dim = kv_cache.shape[1:]
+    num_heads = query.shape[1]
+    if query.shape[2] != head_dim:
+        raise ValueError(f"query head_dim {query.shape[2]} does not match the KV cache's {head_dim}")
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    if query.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"unsupported dtype {query.dtype}; supported: {SUPPORTED_DTYPES}")
+    if kv_cache.dtype != query.dtype:
+        raise ValueError(f"query dtype {query.dtype} differs from KV-cache dtype {kv_cache.dtype}")
+    if query.stride(-1) != 1:
+        raise ValueError("query must be contiguous in head_dim (stride 1 on the last axis)")
+    return PagedShape(num_heads, num_kv_heads, head_dim, block_size)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """Triton dot precision: exact fp32 products for fp32 inputs (tf32 would cost ~3 digits)."""
+    return "ieee" if dtype == torch.float32 else "tf32"

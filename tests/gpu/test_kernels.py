@@ -1,0 +1,269 @@
+"""Triton paged-attention kernels against the plain-torch reference (batchlm.kernels.reference).
+
+GPU only (marked `gpu`; skipped without CUDA and triton). Without a GPU, TRITON_INTERPRET=1 runs the
+fp16/fp32 cases through Triton's CPU interpreter (its bf16 dot is broken, so bf16 cases skip there).
+Tolerances, max abs error against a float32 reference on N(0, 1) inputs: bf16 2e-2, fp16 4e-3, fp32 1e-4.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+pytest.importorskip("triton")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not torch.cuda.is_available() and not INTERPRET:
+    pytest.skip("needs a CUDA GPU (or TRITON_INTERPRET=1)", allow_module_level=True)
+
+from batchlm.kernels.kv_write import write_kv_cache  # noqa: E402
+from batchlm.kernels.paged_decode import paged_decode_attention  # noqa: E402
+from batchlm.kernels.paged_prefill import PrefillConfig, paged_prefill_attention  # noqa: E402
+from batchlm.kernels.reference import (  # noqa: E402
+    paged_attention_reference,
+    write_kv_cache_reference,
+)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ATOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}
+HALF_DTYPES = [torch.bfloat16, torch.float16]
+NUM_KV_HEADS = 2
+
+
+def skip_if_interpreted(dtype: torch.dtype) -> None:
+    if INTERPRET and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter mis-computes bf16 dots")
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert not out.isnan().any(), "NaN in kernel output"
+    torch.testing.assert_close(out.float(), ref, atol=ATOL[dtype], rtol=0.0)
+
+
+def random_cache(num_blocks: int, block_size: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(2, num_blocks, block_size, NUM_KV_HEADS, head_dim, device=DEVICE).to(dtype)
+
+
+def random_block_tables(
+    seq_lens: list[int], block_size: int, num_blocks: int, extra: int = 3
+) -> torch.Tensor:
+    """Distinct, shuffled blocks per request (so paging is exercised), padded with 0 past the end."""
+    needed = [math.ceil(s / block_size) for s in seq_lens]
+    assert sum(needed) <= num_blocks
+    perm = torch.randperm(num_blocks).tolist()
+    table = torch.zeros(len(seq_lens), max(needed, default=0) + extra, dtype=torch.int32)
+    used = 0
+    for row, count in enumerate(needed):
+        table[row, :count] = torch.tensor(perm[used : used + count], dtype=torch.int32)
+        used += count
+    return table.to(DEVICE)
+
+
+def blocks_for(seq_lens: list[int], block_size: int) -> int:
+    return sum(math.ceil(s / block_size) for s in seq_lens) + 4
+
+
+def int32(values: list[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32, device=DEVICE)
+
+
+def cumulative(lengths: list[int]) -> list[int]:
+    starts = [0]
+    for length in lengths:
+        starts.append(starts[-1] + length)
+    return starts
+
+
+# ---------------------------------------------------------------- KV write
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_write_kv_scatters_to_slots_and_skips_padding(dtype: torch.dtype, block_size: int) -> None:
+    torch.manual_seed(0)
+    cache = random_cache(12, block_size, 64, dtype)
+    expected = cache.clone()
+    num_tokens = 40
+    # Keys/values as views into a fused projection output: non-contiguous token stride.
+    fused = torch.randn(num_tokens, 3, NUM_KV_HEADS, 64, device=DEVICE).to(dtype)
+    key, value = fused[:, 1], fused[:, 2]
+    slots = torch.randperm(12 * block_size, device=DEVICE)[:num_tokens]
+    slots[::7] = -1
+    write_kv_cache(key, value, cache, slots)
+    write_kv_cache_reference(key, value, expected, slots)
+    assert torch.equal(cache, expected)
+    flat = cache.view(2, -1, NUM_KV_HEADS, 64)
+    assert torch.equal(flat[0, slots[1]], key[1]) and torch.equal(flat[1, slots[1]], value[1])
+
+
+def test_write_kv_rejects_mismatched_shapes() -> None:
+    cache = random_cache(4, 16, 64, torch.float16)
+    key = torch.randn(3, NUM_KV_HEADS, 32, device=DEVICE).half()
+    with pytest.raises(ValueError, match="key must be"):
+        write_kv_cache(key, key, cache, torch.zeros(3, dtype=torch.int64, device=DEVICE))
+
+
+# ---------------------------------------------------------------- decode
+
+
+def run_decode_case(
+    seq_lens: list[int],
+    block_size: int,
+    head_dim: int,
+    group: int,
+    dtype: torch.dtype,
+    num_splits: int | None,
+) -> None:
+    cache = random_cache(blocks_for(seq_lens, block_size), block_size, head_dim, dtype)
+    tables = random_block_tables(seq_lens, block_size, cache.shape[1])
+    query = torch.randn(len(seq_lens), NUM_KV_HEADS * group, head_dim, device=DEVICE).to(dtype)
+    scale = head_dim**-0.5
+    out = torch.full_like(query, float("nan"))  # poisoned: every element must be written
+    paged_decode_attention(query, cache, int32(seq_lens), tables, scale, out=out, num_splits=num_splits)
+    ref = paged_attention_reference(query, cache, list(range(len(seq_lens) + 1)), seq_lens, tables, scale)
+    assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_decode_matches_reference(dtype: torch.dtype, group: int, head_dim: int, block_size: int) -> None:
+    skip_if_interpreted(dtype)
+    torch.manual_seed(1)
+    seq_lens = [1, 2, 15, 16, 17, 64, 65, 333, 1000, *torch.randint(1, 2000, (7,)).tolist()]
+    run_decode_case(seq_lens, block_size, head_dim, group, dtype, num_splits=None)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 7, 64])
+def test_decode_split_counts_agree(num_splits: int) -> None:
+    torch.manual_seed(2)
+    seq_lens = [1, 63, 64, 65, 130, 1000, 4097]
+    run_decode_case(seq_lens, 16, 64, 4, torch.float16, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("head_dim", [16, 32, 256])
+def test_decode_other_power_of_two_head_dims(head_dim: int) -> None:
+    torch.manual_seed(3)
+    run_decode_case([1, 40, 300, 900], 16, head_dim, 2, torch.float16, num_splits=None)
+
+
+def test_decode_float32() -> None:
+    torch.manual_seed(4)
+    run_decode_case([3, 77, 512], 32, 64, 4, torch.float32, num_splits=3)
+
+
+@pytest.mark.skipif(INTERPRET, reason="long contexts are too slow in the interpreter")
+@pytest.mark.parametrize("num_splits", [None, 1])
+def test_decode_long_contexts(num_splits: int | None) -> None:
+    torch.manual_seed(5)
+    run_decode_case([32768, 17001, 5], 16, 128, 4, torch.bfloat16, num_splits=num_splits)
+    run_decode_case([32000], 32, 64, 8, torch.bfloat16, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_padding_rows_give_zeros(num_splits: int) -> None:
+    torch.manual_seed(6)
+    seq_lens = [0, 50, 0, 700, 0]
+    run_decode_case(seq_lens, 16, 64, 4, torch.float16, num_splits=num_splits)
+    cache = random_cache(64, 16, 64, torch.float16)
+    query = torch.randn(2, 8, 64, device=DEVICE).half()
+    tables = torch.zeros(2, 8, dtype=torch.int32, device=DEVICE)
+    out = paged_decode_attention(query, cache, int32([0, 0]), tables, 0.125, num_splits=num_splits)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_decode_replays_in_cuda_graph_with_new_lengths() -> None:
+    torch.manual_seed(7)
+    block_size, head_dim, batch, max_blocks = 16, 64, 8, 64
+    cache = random_cache(batch * max_blocks, block_size, head_dim, torch.bfloat16)
+    query = torch.randn(batch, 8, head_dim, device=DEVICE).bfloat16()
+    seq_lens = torch.ones(batch, dtype=torch.int32, device=DEVICE)
+    tables = torch.zeros(batch, max_blocks, dtype=torch.int32, device=DEVICE)
+    out = torch.empty_like(query)
+    paged_decode_attention(query, cache, seq_lens, tables, 0.125, out=out)  # compile outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        paged_decode_attention(query, cache, seq_lens, tables, 0.125, out=out)
+    for lengths in ([1, 5, 0, 1024, 17, 300, 999, 2], [1000] * batch):
+        new_tables = random_block_tables(lengths, block_size, cache.shape[1], extra=0)
+        tables.zero_()
+        tables[:, : new_tables.shape[1]] = new_tables
+        seq_lens.copy_(int32(lengths))
+        query.copy_(torch.randn_like(query))
+        graph.replay()
+        ref = paged_attention_reference(query, cache, list(range(batch + 1)), lengths, tables, 0.125)
+        assert_close(out, ref, torch.bfloat16)
+
+
+# ---------------------------------------------------------------- prefill
+
+
+def run_prefill_case(
+    contexts: list[int],
+    chunks: list[int],
+    block_size: int,
+    head_dim: int,
+    group: int,
+    dtype: torch.dtype,
+    config: PrefillConfig | None = None,
+) -> None:
+    """Requests with `contexts[i]` cached tokens extended by `chunks[i]` new ones."""
+    seq_lens = [c + n for c, n in zip(contexts, chunks, strict=True)]
+    cache = random_cache(blocks_for(seq_lens, block_size), block_size, head_dim, dtype)
+    tables = random_block_tables(seq_lens, block_size, cache.shape[1])
+    starts = cumulative(chunks)
+    query = torch.randn(starts[-1], NUM_KV_HEADS * group, head_dim, device=DEVICE).to(dtype)
+    scale = head_dim**-0.5
+    out = torch.full_like(query, float("nan"))
+    paged_prefill_attention(
+        query, cache, int32(starts), int32(seq_lens), tables, scale, max(chunks), out=out, config=config
+    )
+    ref = paged_attention_reference(query, cache, starts, seq_lens, tables, scale)
+    assert_close(out, ref, dtype)
+
+
+PREFILL_CONTEXTS = [0, 0, 45, 96, 16, 300, 7]
+PREFILL_CHUNKS = [1, 37, 1, 64, 16, 129, 250]
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_prefill_matches_reference(dtype: torch.dtype, group: int, head_dim: int, block_size: int) -> None:
+    skip_if_interpreted(dtype)
+    torch.manual_seed(10)
+    run_prefill_case(PREFILL_CONTEXTS, PREFILL_CHUNKS, block_size, head_dim, group, dtype)
+
+
+@pytest.mark.parametrize(
+    "config", [PrefillConfig(16, 16, 4, 1), PrefillConfig(32, 32, 4, 2), PrefillConfig(64, 128, 4, 2)]
+)
+@pytest.mark.parametrize("group", [1, 3, 8])
+def test_prefill_tile_shapes(config: PrefillConfig, group: int) -> None:
+    torch.manual_seed(11)
+    run_prefill_case([0, 31, 200], [70, 5, 33], 16, 64, group, torch.float16, config)
+
+
+@pytest.mark.parametrize("head_dim", [32, 256])
+def test_prefill_other_head_dims(head_dim: int) -> None:
+    torch.manual_seed(12)
+    run_prefill_case([0, 50], [90, 20], 16, head_dim, 2, torch.float16)
+
+
+def test_prefill_float32() -> None:
+    torch.manual_seed(13)
+    run_prefill_case([0, 70], [100, 9], 32, 64, 4, torch.float32)
+
+
+@pytest.mark.skipif(INTERPRET, reason="long contexts are too slow in the interpreter")
+def test_prefill_long_prefix_and_long_prompt() -> None:
+    torch.manual_seed(14)
+    run_prefill_case([30000, 0], [2048, 8192], 16, 128, 4, torch.bfloat16)
+    run_prefill_case([31000], [1000], 32, 64, 8, torch.bfloat16)
