@@ -1,0 +1,262 @@
+"""A tiny, fast OpenAI-compatible stub server that exists only to test and stress the benchmark client.
+
+It generates no text: every request streams exactly max_tokens fake tokens as fast as allowed (or paced
+by --ttft-ms / --itl-ms), with realistic vLLM-shaped chunks. Prompts may carry fault markers such as
+"FAULT:http_500" so tests can check how the client counts failures. Raw asyncio, no web framework, so
+the stub costs little CPU next to the client it measures.
+
+    python benchmarks/openai_stub_server.py --port 8001 [--tokens-per-chunk 1] [--itl-ms 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+FAULTS = ("http_500", "inband_error", "truncate", "disconnect", "empty", "keepalive", "bad_json", "event_error")
+# Tokens the stub pretends the chat template adds to a prompt (visible in usage.prompt_tokens).
+CHAT_TEMPLATE_TOKENS = 5
+_HIGH_WATER = 256 * 1024
+
+
+@dataclass(frozen=True)
+class StubOptions:
+    """How the stub answers."""
+
+    # Fake tokens per content chunk (the usage still counts every token).
+    tokens_per_chunk: int = 1
+    # Delay before the first content chunk, and between chunks, in seconds.
+    ttft_s: float = 0.0
+    itl_s: float = 0.0
+    # Serve POST /tokenize (batchlm's and vLLM's token-count endpoint).
+    tokenize: bool = True
+    # Put cumulative usage in every content chunk (like vLLM's continuous_usage_stats).
+    usage_per_chunk: bool = False
+
+
+class _Connection(asyncio.Protocol):
+    """One HTTP/1.1 keep-alive connection: parses requests, writes responses."""
+
+    def __init__(self, options: StubOptions) -> None:
+        self.options = options
+        self.buffer = b""
+        self.transport: asyncio.Transport | None = None
+        self.busy = False
+        self.can_write = asyncio.Event()
+        self.can_write.set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.can_write.set()
+
+    def pause_writing(self) -> None:
+        self.can_write.clear()
+
+    def resume_writing(self) -> None:
+        self.can_write.set()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if not self.busy:
+            self._next_request()
+
+    def _next_request(self) -> None:
+        head_end = self.buffer.find(b"\r\n\r\n")
+        if head_end < 0:
+            return
+        head = self.buffer[:head_end].decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:])}
+        length = int(headers.get("content-length", "0"))
+        if len(self.buffer) < head_end + 4 + length:
+            return
+        body = self.buffer[head_end + 4 : head_end + 4 + length]
+        self.buffer = self.buffer[head_end + 4 + length :]
+        method, path, _ = head[0].split(" ", 2)
+        self.busy = True
+        asyncio.get_running_loop().create_task(self._serve(method, path, body))
+
+    async def _serve(self, method: str, path: str, body: bytes) -> None:
+        try:
+            await route(self, method, path, body)
+        finally:
+            self.busy = False
+            if self.transport is not None and self.buffer:
+                self._next_request()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def write_json(self, status: int, payload: Any) -> None:
+        body = json.dumps(payload).encode()
+        reason = {200: "OK", 404: "Not Found", 500: "Internal Server Error"}.get(status, "Error")
+        self.write(
+            f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+        )
+
+    async def write_chunk(self, data: bytes) -> None:
+        """One HTTP chunk (chunked transfer encoding), waiting while the client is not reading."""
+        self.write(b"%x\r\n%s\r\n" % (len(data), data))
+        if not self.can_write.is_set():
+            await self.can_write.wait()
+
+
+async def route(conn: _Connection, method: str, path: str, body: bytes) -> None:
+    if method == "GET" and path in ("/v1/models", "/health"):
+        conn.write_json(200, {"object": "list", "data": [{"id": "stub-model", "object": "model"}]})
+    elif method == "POST" and path == "/tokenize" and conn.options.tokenize:
+        prompt = json.loads(body).get("prompt", "")
+        count = len(prompt.split())
+        conn.write_json(200, {"count": count, "tokens": list(range(count)), "max_model_len": 1 << 20})
+    elif method == "POST" and path in ("/v1/chat/completions", "/v1/completions"):
+        await _completion(conn, json.loads(body), chat=path.endswith("chat/completions"))
+    else:
+        conn.write_json(404, {"error": {"message": f"no route {method} {path}", "code": 404}})
+
+
+def _fault(prompt: str) -> str | None:
+    marker = prompt.find("FAULT:")
+    if marker < 0:
+        return None
+    name = prompt[marker + len("FAULT:") :].split()[0]
+    if name not in FAULTS:
+        raise ValueError(f"unknown stub fault {name!r}; known: {', '.join(FAULTS)}")
+    return name
+
+
+async def _completion(conn: _Connection, request: dict[str, Any], chat: bool) -> None:
+    prompt = request["messages"][-1]["content"] if chat else request["prompt"]
+    fault = _fault(prompt)
+    if fault == "http_500":
+        conn.write_json(500, {"error": {"message": "stub fault: internal error", "code": 500}})
+        return
+    prompt_tokens = len(prompt.split()) + (CHAT_TEMPLATE_TOKENS if chat else 0)
+    max_tokens = int(request.get("max_tokens") or 16)
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": max_tokens, "total_tokens": prompt_tokens + max_tokens}
+    if not request.get("stream"):
+        text = " tok" * max_tokens
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}} if chat else {"index": 0, "text": text}
+        conn.write_json(200, {"id": "stub", "object": "chat.completion" if chat else "text_completion",
+                              "model": request.get("model"), "choices": [{**choice, "finish_reason": "length"}],
+                              "usage": usage})
+        return
+    include_usage = bool((request.get("stream_options") or {}).get("include_usage"))
+    await _stream(conn, request, chat, fault, max_tokens, usage if include_usage else None)
+
+
+async def _stream(
+    conn: _Connection, request: dict[str, Any], chat: bool, fault: str | None, max_tokens: int,
+    usage: dict[str, int] | None,
+) -> None:
+    options = conn.options
+    conn.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    head = json.dumps({"id": "chatcmpl-stub", "object": kind, "created": int(time.time()), "model": request.get("model")})
+    head = head[:-1] + ', "choices": [{"index": 0, '
+    if chat:
+        await conn.write_chunk(f'data: {head}"delta": {{"role": "assistant", "content": ""}}, "finish_reason": null}}]}}\n\n'.encode())
+    if options.ttft_s:
+        await asyncio.sleep(options.ttft_s)
+    sent = 0
+    chunks = 0 if fault == "empty" else -(-max_tokens // options.tokens_per_chunk)
+    for index in range(chunks):
+        if fault == "truncate" and index == chunks // 2:
+            await conn.write_chunk(b"")  # a clean end of the body, without data: [DONE]
+            return
+        if fault == "disconnect" and index == chunks // 2:
+            if conn.transport is not None:
+                conn.transport.close()
+            return
+        if fault in ("inband_error", "event_error") and index == 1:
+            prefix = "event: error\n" if fault == "event_error" else ""
+            await conn.write_chunk(f'{prefix}data: {{"error": {{"message": "stub fault: engine died", "code": 500}}}}\n\n'.encode())
+            await conn.write_chunk(b"")
+            return
+        if fault == "bad_json" and index == 1:
+            await conn.write_chunk(b"data: {not json\n\n")
+        if fault == "keepalive":
+            await conn.write_chunk(b": keep-alive\n\n")
+        count = min(options.tokens_per_chunk, max_tokens - sent)
+        sent += count
+        text = " tok" * count
+        delta = f'"delta": {{"content": "{text}"}}' if chat else f'"text": "{text}"'
+        tail = f', "usage": {{"prompt_tokens": 0, "completion_tokens": {sent}}}' if options.usage_per_chunk else ""
+        await conn.write_chunk(f'data: {head}{delta}, "logprobs": null, "finish_reason": null}}]{tail}}}\n\n'.encode())
+        await asyncio.sleep(options.itl_s)  # sleep(0) still lets other streams interleave
+    finish = '"delta": {}' if chat else '"text": ""'
+    await conn.write_chunk(f'data: {head}{finish}, "finish_reason": "length"}}]}}\n\n'.encode())
+    if usage is not None:
+        envelope = head[: head.index(', "choices"')]
+        await conn.write_chunk(f'data: {envelope}, "choices": [], "usage": {json.dumps(usage)}}}\n\n'.encode())
+    await conn.write_chunk(b"data: [DONE]\n\n")
+    await conn.write_chunk(b"")
+
+
+async def serve(host: str, port: int, options: StubOptions) -> asyncio.Server:
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: _Connection(options), host, port, reuse_address=True)
+
+
+class StubServerThread:
+    """Runs the stub on its own event loop in a background thread (for tests)."""
+
+    def __init__(self, options: StubOptions | None = None, host: str = "127.0.0.1") -> None:
+        self.options = options or StubOptions()
+        self.host = host
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._server: asyncio.Server | None = None
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def __enter__(self) -> StubServerThread:
+        self._thread.start()
+        future = asyncio.run_coroutine_threadsafe(serve(self.host, 0, self.options), self._loop)
+        self._server = future.result(timeout=10)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._server is not None:
+            self._loop.call_soon_threadsafe(self._server.close)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--tokens-per-chunk", type=int, default=1)
+    parser.add_argument("--ttft-ms", type=float, default=0.0)
+    parser.add_argument("--itl-ms", type=float, default=0.0)
+    parser.add_argument("--no-tokenize", action="store_true", help="answer 404 to POST /tokenize")
+    parser.add_argument("--usage-per-chunk", action="store_true", help="cumulative usage in every content chunk")
+    args = parser.parse_args()
+    options = StubOptions(args.tokens_per_chunk, args.ttft_ms / 1000, args.itl_ms / 1000, not args.no_tokenize,
+                          args.usage_per_chunk)
+
+    async def forever() -> None:
+        server = await serve(args.host, args.port, options)
+        print(f"stub server on http://{args.host}:{args.port}/v1", flush=True)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(forever())
+
+
+if __name__ == "__main__":
+    main()

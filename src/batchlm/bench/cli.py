@@ -1,0 +1,113 @@
+"""`batchlm bench`: the command-line flags, and the entry point that runs a benchmark and reports it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from batchlm.bench import config as cfg
+from batchlm.bench.datasets import DATASET_ALIASES, DATASET_NAMES
+
+EPILOG = """\
+Without flags this behaves like the seed client: 4 simulated users, 20 requests in all, each user
+thinking 0.1-2.0 s before every request and asking for a random max_tokens in 10-512.
+Metric definitions (all per successful request; failures are reported apart):
+  TTFT   first generated text received - request sent (streaming only)
+  TPOT   (latency - TTFT) / (output tokens - 1)
+  ITL    per token: each gap between chunks divided by the tokens in the later chunk;
+         chunk ITL (vLLM's "ITL"): the gaps between chunks themselves
+  E2EL   response complete - request sent (the seed's "latency")
+  Throughput (TPS) = output tokens of successful requests / total duration
+See BENCHMARKS.md, section "Benchmark client", for the full definitions."""
+
+
+def add_seed_arguments(parser: argparse.ArgumentParser) -> None:
+    """The seed benchmark_client.py's flags, with its names and defaults."""
+    parser.add_argument("--base-url", default="http://localhost:8080/v1", help="API base URL (default: %(default)s)")
+    parser.add_argument("--api-key", default="EMPTY", help="API key sent as a Bearer token (default: %(default)s)")
+    parser.add_argument("--model", default="default_model",
+                        help="model name; 'auto' asks the server's /v1/models (default: %(default)s)")
+    parser.add_argument("--concurrency", default=None, metavar="N[,N...]",
+                        help=f"closed-loop simulated users; a list (1,4,16) sweeps (default: {cfg.SEED_CONCURRENCY})")
+    parser.add_argument("--requests", "--num-prompts", dest="requests", type=int, default=None,
+                        help=f"requests to send (default: {cfg.SEED_REQUESTS}; with --duration: size of the "
+                        f"prompt pool, default {cfg.DURATION_POOL_SIZE})")
+    parser.add_argument("--stream", action="store_true", help="stream responses (needed for TTFT and ITL)")
+    parser.add_argument("--min-delay", type=float, default=None,
+                        help=f"min think time before each request, s (default: {cfg.SEED_MIN_DELAY})")
+    parser.add_argument("--max-delay", type=float, default=None,
+                        help=f"max think time before each request, s (default: {cfg.SEED_MAX_DELAY})")
+    parser.add_argument("--min-tokens", type=int, default=None,
+                        help=f"min of the random max_tokens (default: {cfg.SEED_MIN_TOKENS})")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help=f"max of the random max_tokens (default: {cfg.SEED_MAX_TOKENS})")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """All `batchlm bench` flags: the seed's, then vLLM `bench serve` names for the rest."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
+    add_seed_arguments(parser)
+    load = parser.add_argument_group("load")
+    load.add_argument("--request-rate", default=None, metavar="RATE[,RATE...]",
+                      help="open loop: mean requests/s (Poisson, or gamma with --burstiness); 'inf' = all at once")
+    load.add_argument("--burstiness", type=float, default=None,
+                      help="gamma shape of inter-arrival times: 1 Poisson (default), <1 bursty, >1 regular")
+    load.add_argument("--max-concurrency", default=None, metavar="N[,N...]",
+                      help="open loop: most requests in flight (alone it means --request-rate inf)")
+    load.add_argument("--duration", type=float, default=None, help="run for this many seconds instead of --requests")
+    load.add_argument("--num-warmups", type=int, default=0, help="requests sent and discarded before measuring")
+    load.add_argument("--seed", type=int, default=0, help="seeds prompts, max_tokens, think and arrival times")
+    load.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request fails")
+    data = parser.add_argument_group("prompts and lengths")
+    data.add_argument("--dataset-name", default=None, choices=[*DATASET_NAMES, *DATASET_ALIASES],
+                      help="builtin (default), random (default with --input-len), jsonl (alias custom), sharegpt")
+    data.add_argument("--dataset-path", default=None, help="file for the jsonl and sharegpt datasets")
+    data.add_argument("--input-len", "--random-input-len", dest="input_len", type=int, default=None,
+                      help="random prompts of exactly this many tokens (counted by the server's /tokenize)")
+    data.add_argument("--output-len", "--random-output-len", dest="output_len", type=int, default=None,
+                      help="fixed max_tokens for every request, sent with ignore_eos so runs compare")
+    data.add_argument("--ignore-eos", action="store_true", help="send ignore_eos=true (implied by --output-len)")
+    data.add_argument("--prompt-repeat", type=int, default=100,
+                      help="times each built-in prompt is repeated, as the seed did (default: %(default)s)")
+    api = parser.add_argument_group("API")
+    api.add_argument("--backend", default="openai-chat", choices=["openai-chat", "openai"],
+                     help="openai-chat: /chat/completions (default); openai: /completions")
+    api.add_argument("--endpoint", default=None, help="path after --base-url (default: from --backend)")
+    api.add_argument("--no-include-usage", action="store_true",
+                     help="do not ask for stream_options.include_usage; count one token per chunk instead")
+    api.add_argument("--header", nargs="*", metavar="KEY=VALUE", help="extra HTTP headers")
+    api.add_argument("--extra-body", default=None, help="JSON object merged into every request body")
+    api.add_argument("--temperature", type=float, default=None, help="sampling temperature (server default if unset)")
+    api.add_argument("--top-p", type=float, default=None, help="top-p (server default if unset)")
+    api.add_argument("--top-k", type=int, default=None, help="top-k (server default if unset)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--metric-percentiles", default="50,90,99", help="percentiles to report (default: %(default)s)")
+    out.add_argument("--save-result", default=None, metavar="FILE.json", help="write results as JSON (vLLM keys)")
+    out.add_argument("--save-detailed", action="store_true", help="also save per-request lists (ttfts, itls, ...)")
+    out.add_argument("--metadata", nargs="*", metavar="KEY=VALUE", help="extra key=value pairs for the JSON")
+    out.add_argument("--plot", default=None, metavar="FILE.png", help="latency distributions and throughput chart")
+    out.add_argument("--disable-tqdm", action="store_true", help="no progress line")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the benchmark; returns 0 when at least one request succeeded, 1 when none did, 2 on bad flags."""
+    try:
+        config = cfg.from_args(args)
+    except ValueError as exc:
+        print(f"batchlm bench: error: {exc}", file=sys.stderr)
+        return 2
+    from batchlm.bench.runner import main_async
+
+    return asyncio.run(main_async(config))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="batchlm bench", description="Benchmark any OpenAI-compatible server.")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

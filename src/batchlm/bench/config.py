@@ -1,0 +1,233 @@
+"""The resolved settings of one `batchlm bench` invocation, validated from the parsed command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from batchlm.bench.datasets import DATASET_ALIASES, DATASET_NAMES
+from batchlm.bench.loadgen import LoadConfig
+from batchlm.bench.workload import WorkloadConfig
+
+# The seed client's defaults for flags whose CLI default is None (None lets us see what was typed).
+SEED_CONCURRENCY = 4
+SEED_REQUESTS = 20
+SEED_MIN_DELAY = 0.1
+SEED_MAX_DELAY = 2.0
+SEED_MIN_TOKENS = 10
+SEED_MAX_TOKENS = 512
+# With --duration the workload is a pool that users cycle through; its size unless --requests says.
+DURATION_POOL_SIZE = 1000
+# Every flag that may take a comma-separated list to sweep, and the LoadConfig field it sets.
+SWEEP_FLAGS = {"concurrency": "concurrency", "request_rate": "request_rate", "max_concurrency": "max_concurrency"}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything a run needs, resolved once from the command line."""
+
+    # API base URL including /v1, without a trailing slash.
+    base_url: str
+    # Full URL requests are POSTed to.
+    request_url: str
+    # URL of the server's /tokenize (the base URL without /v1).
+    tokenize_url: str
+    # True for /chat/completions, False for /completions.
+    chat: bool
+    # Model name sent; "auto" = the first model the server lists.
+    model: str
+    stream: bool
+    include_usage: bool
+    ignore_eos: bool
+    headers: dict[str, str]
+    extra_body: dict[str, Any]
+    workload: WorkloadConfig
+    # One LoadConfig per sweep level (a single one without a sweep).
+    levels: list[LoadConfig]
+    # The flag being swept ("concurrency", ...), None without a sweep.
+    sweep_name: str | None
+    num_warmups: int
+    percentiles: list[float]
+    request_timeout_s: float
+    save_result: str | None
+    save_detailed: bool
+    plot: str | None
+    show_progress: bool
+    # Passed through to the result JSON.
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def parse_list(text: str, kind: type, flag: str) -> list[Any]:
+    """Parses a comma-separated flag value ("1,4,16"); raises ValueError naming the flag."""
+    try:
+        values = [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--{flag}: expected comma-separated {kind.__name__} values, got {text!r}") from None
+    if not values:
+        raise ValueError(f"--{flag}: no value given")
+    return values
+
+
+def from_args(args: argparse.Namespace) -> BenchConfig:
+    """Validates the parsed flags and resolves their defaults; raises ValueError with the flag at fault."""
+    sweeps = {name: parse_list(getattr(args, name), float if name == "request_rate" else int, name.replace("_", "-"))
+              for name in SWEEP_FLAGS if getattr(args, name) is not None}
+    swept = [name for name, values in sweeps.items() if len(values) > 1]
+    if len(swept) > 1:
+        raise ValueError(f"sweep one flag at a time; got lists for {', '.join('--' + s.replace('_', '-') for s in swept)}")
+    base_url = _normalize_base_url(args.base_url)
+    chat = args.backend == "openai-chat"
+    endpoint_path = args.endpoint or ("/chat/completions" if chat else "/completions")
+    root = base_url[: -len("/v1")] if base_url.endswith("/v1") else base_url
+    return BenchConfig(
+        base_url=base_url,
+        request_url=base_url + endpoint_path,
+        tokenize_url=root + "/tokenize",
+        chat=chat,
+        model=args.model,
+        stream=args.stream,
+        include_usage=not args.no_include_usage,
+        ignore_eos=args.ignore_eos or args.output_len is not None,
+        headers=_headers(args),
+        extra_body=_extra_body(args),
+        workload=_workload(args, open_loop=_is_open_loop(sweeps)),
+        levels=_levels(args, sweeps),
+        sweep_name=swept[0] if swept else None,
+        num_warmups=_at_least(args.num_warmups, 0, "num-warmups"),
+        percentiles=_percentiles(args.metric_percentiles),
+        request_timeout_s=_positive(args.request_timeout, "request-timeout"),
+        save_result=args.save_result,
+        save_detailed=args.save_detailed,
+        plot=args.plot,
+        show_progress=not args.disable_tqdm,
+        metadata=dict(_key_values(args.metadata or [], "metadata")),
+    )
+
+
+def _normalize_base_url(url: str) -> str:
+    url = url.rstrip("/")
+    for suffix in ("/chat/completions", "/completions"):
+        if url.endswith(suffix):  # the seed tolerated a full endpoint URL here
+            url = url[: -len(suffix)]
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"--base-url must start with http:// or https://, got {url!r}")
+    return url
+
+
+def _is_open_loop(sweeps: dict[str, list[Any]]) -> bool:
+    return "request_rate" in sweeps or "max_concurrency" in sweeps
+
+
+def _levels(args: argparse.Namespace, sweeps: dict[str, list[Any]]) -> list[LoadConfig]:
+    duration = _positive(args.duration, "duration") if args.duration is not None else None
+    if args.burstiness is not None and not _is_open_loop(sweeps):
+        raise ValueError("--burstiness shapes open-loop arrivals: it needs --request-rate")
+    if not _is_open_loop(sweeps):
+        users = sweeps.get("concurrency", [SEED_CONCURRENCY])
+        return [LoadConfig(concurrency=_at_least(n, 1, "concurrency"), duration_s=duration, seed=args.seed) for n in users]
+    if "concurrency" in sweeps:
+        raise ValueError("--concurrency sets closed-loop users; with --request-rate use --max-concurrency to cap in-flight requests")
+    burstiness = _positive(args.burstiness if args.burstiness is not None else 1.0, "burstiness")
+    rates = sweeps.get("request_rate", [math.inf])
+    caps: list[int | None] = list(sweeps.get("max_concurrency", [None]))
+    return [
+        LoadConfig(request_rate=_positive(rate, "request-rate"), burstiness=burstiness,
+                   max_concurrency=None if cap is None else _at_least(cap, 1, "max-concurrency"),
+                   duration_s=duration, seed=args.seed)
+        for rate in rates for cap in caps
+    ]
+
+
+def _workload(args: argparse.Namespace, open_loop: bool) -> WorkloadConfig:
+    dataset = DATASET_ALIASES.get(args.dataset_name or "", args.dataset_name)
+    if dataset is None:
+        dataset = "random" if args.input_len is not None else "builtin"
+    if dataset not in DATASET_NAMES:
+        raise ValueError(f"--dataset-name must be one of {', '.join(DATASET_NAMES)}, got {args.dataset_name!r}")
+    if args.input_len is not None and dataset != "random":
+        raise ValueError(f"--input-len sets the length of random prompts; it does not apply to the {dataset} dataset")
+    if dataset == "random" and args.input_len is None:
+        raise ValueError("the random dataset needs --input-len")
+    if dataset in ("jsonl", "sharegpt") and not args.dataset_path:
+        raise ValueError(f"the {dataset} dataset needs --dataset-path")
+    if args.output_len is not None and (args.min_tokens is not None or args.max_tokens is not None):
+        raise ValueError("--output-len fixes max_tokens; do not combine it with --min-tokens/--max-tokens")
+    if open_loop and (args.min_delay is not None or args.max_delay is not None):
+        raise ValueError("--min-delay/--max-delay are closed-loop think times; open loop (--request-rate) paces by arrivals")
+    min_tokens = _at_least(args.min_tokens if args.min_tokens is not None else SEED_MIN_TOKENS, 1, "min-tokens")
+    max_tokens = _at_least(args.max_tokens if args.max_tokens is not None else SEED_MAX_TOKENS, min_tokens, "max-tokens")
+    min_delay = 0.0 if open_loop else _at_least(_or(args.min_delay, SEED_MIN_DELAY), 0.0, "min-delay")
+    max_delay = 0.0 if open_loop else _at_least(_or(args.max_delay, SEED_MAX_DELAY), min_delay, "max-delay")
+    default_requests = DURATION_POOL_SIZE if args.duration is not None else SEED_REQUESTS
+    return WorkloadConfig(
+        dataset_name=dataset,
+        dataset_path=args.dataset_path,
+        num_requests=_at_least(_or(args.requests, default_requests), 1, "requests"),
+        input_len=None if args.input_len is None else _at_least(args.input_len, 1, "input-len"),
+        output_len=None if args.output_len is None else _at_least(args.output_len, 1, "output-len"),
+        min_tokens=min_tokens,
+        max_tokens=max_tokens,
+        min_delay=min_delay,
+        max_delay=max_delay,
+        seed=args.seed,
+        prompt_repeat=_at_least(args.prompt_repeat, 1, "prompt-repeat"),
+    )
+
+
+def _headers(args: argparse.Namespace) -> dict[str, str]:
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {args.api_key}"}
+    headers.update(_key_values(args.header or [], "header"))
+    return headers
+
+
+def _extra_body(args: argparse.Namespace) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    for name in ("temperature", "top_p", "top_k"):
+        if getattr(args, name) is not None:
+            body[name] = getattr(args, name)
+    if args.extra_body:
+        try:
+            extra = json.loads(args.extra_body)
+        except ValueError as exc:
+            raise ValueError(f"--extra-body must be a JSON object: {exc}") from None
+        if not isinstance(extra, dict):
+            raise ValueError("--extra-body must be a JSON object")
+        body.update(extra)
+    return body
+
+
+def _key_values(items: list[str], flag: str) -> list[tuple[str, str]]:
+    pairs = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--{flag} expects KEY=VALUE, got {item!r}")
+        pairs.append((key.strip(), value.strip()))
+    return pairs
+
+
+def _percentiles(text: str) -> list[float]:
+    values = parse_list(text, float, "metric-percentiles")
+    for value in values:
+        if not 0 <= value <= 100:
+            raise ValueError(f"--metric-percentiles: {value} is not within 0..100")
+    return values
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _at_least(value: Any, minimum: float, flag: str) -> Any:
+    if value < minimum:
+        raise ValueError(f"--{flag} must be >= {minimum}, got {value}")
+    return value
+
+
+def _positive(value: float, flag: str) -> float:
+    if not value > 0:
+        raise ValueError(f"--{flag} must be > 0, got {value}")
+    return value

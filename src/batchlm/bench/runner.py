@@ -1,0 +1,180 @@
+"""Runs a configured benchmark end to end: session, workload, warm-up, each load level, outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from batchlm.bench.config import BenchConfig
+from batchlm.bench.datasets import DatasetError
+from batchlm.bench.loadgen import LoadConfig, LoadGenerator
+from batchlm.bench.metrics import compute_metrics
+from batchlm.bench.openai_format import EndpointConfig
+from batchlm.bench.progress import Progress, shown
+from batchlm.bench.records import RequestSpec
+from batchlm.bench.report import LevelReport, RunInfo, describe_load, format_table, result_json
+from batchlm.bench.selfcheck import LoopMonitor
+from batchlm.bench.sweep import format_sweep_table, level_label
+from batchlm.bench.tokencount import TokenCountError, make_counter
+from batchlm.bench.workload import Workload, build_workload
+
+
+class SetupError(RuntimeError):
+    """The run cannot start (model lookup, prompt building); the message says why."""
+
+
+@dataclasses.dataclass
+class BenchRun:
+    """Everything one invocation measured."""
+
+    info: RunInfo
+    levels: list[LevelReport]
+
+
+async def main_async(config: BenchConfig) -> int:
+    """The `batchlm bench` run; prints reports and writes requested files. Returns the exit status."""
+    try:
+        bench_run = await run_benchmark(config)
+    except SetupError as exc:
+        print(f"batchlm bench: error: {exc}", file=sys.stderr)
+        return 2
+    write_outputs(config, bench_run)
+    return 0 if any(level.metrics.completed for level in bench_run.levels) else 1
+
+
+async def run_benchmark(config: BenchConfig, echo: bool = True) -> BenchRun:
+    """Sends the workload at every load level over one pooled session and returns the measurements."""
+    limits = [load.in_flight_limit for load in config.levels]
+    pool_size = 0 if any(limit is None for limit in limits) else max(int(limit or 0) for limit in limits)
+    connector = aiohttp.TCPConnector(limit=pool_size, limit_per_host=0, keepalive_timeout=60)
+    timeout = aiohttp.ClientTimeout(total=config.request_timeout_s)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        endpoint = await _endpoint(session, config)
+        workload = await _workload(session, config, endpoint)
+        info = RunInfo(
+            backend="openai-chat" if config.chat else "openai",
+            model_id=endpoint.model,
+            base_url=config.base_url,
+            stream=config.stream,
+            dataset_name=config.workload.dataset_name,
+            prompt_length_method=workload.prompt_length_method,
+            num_prompts=len(workload.specs),
+        )
+        _say(echo, f"Benchmarking {config.request_url} (model {endpoint.model}, stream={config.stream}), "
+                   f"{len(workload.specs)} {config.workload.dataset_name} prompts")
+        await _warm_up(session, endpoint, workload.specs, config, echo)
+        levels = []
+        for load in config.levels:
+            level = await _run_level(session, endpoint, workload, load, config, echo)
+            levels.append(level)
+            _say(echo, format_table(level, info))
+    if config.sweep_name is not None:
+        _say(echo, format_sweep_table(levels))
+    return BenchRun(info, levels)
+
+
+async def _endpoint(session: aiohttp.ClientSession, config: BenchConfig) -> EndpointConfig:
+    model = config.model
+    if model == "auto":
+        model = await _first_served_model(session, config)
+    return EndpointConfig(
+        url=config.request_url,
+        chat=config.chat,
+        model=model,
+        stream=config.stream,
+        include_usage=config.include_usage,
+        ignore_eos=config.ignore_eos,
+        headers=config.headers,
+        extra_body=config.extra_body,
+        keep_text=config.save_detailed,
+    )
+
+
+async def _first_served_model(session: aiohttp.ClientSession, config: BenchConfig) -> str:
+    url = config.base_url + "/models"
+    try:
+        async with session.get(url, headers=config.headers) as response:
+            payload: Any = await response.json(content_type=None)
+    except (aiohttp.ClientError, OSError, ValueError) as exc:
+        raise SetupError(f"--model auto: GET {url} failed: {exc}") from None
+    models = payload.get("data") if isinstance(payload, dict) else None
+    if not models or not isinstance(models[0], dict) or "id" not in models[0]:
+        raise SetupError(f"--model auto: GET {url} listed no models: {str(payload)[:200]}")
+    return str(models[0]["id"])
+
+
+async def _workload(session: aiohttp.ClientSession, config: BenchConfig, endpoint: EndpointConfig) -> Workload:
+    try:
+        return await build_workload(config.workload, lambda: make_counter(session, config.tokenize_url, endpoint))
+    except (DatasetError, TokenCountError, ValueError) as exc:
+        raise SetupError(str(exc)) from None
+
+
+async def _warm_up(
+    session: aiohttp.ClientSession, endpoint: EndpointConfig, specs: list[RequestSpec], config: BenchConfig, echo: bool
+) -> None:
+    """Sends --num-warmups requests (no think time) whose results are discarded."""
+    if config.num_warmups == 0:
+        return
+    warm_specs = [dataclasses.replace(specs[i % len(specs)], think_time=0.0) for i in range(config.num_warmups)]
+    parallel = min(config.num_warmups, config.levels[0].in_flight_limit or config.num_warmups)
+    outcome = await LoadGenerator(session, endpoint, warm_specs).run(LoadConfig(concurrency=parallel))
+    failed = [r.error for r in outcome.results if r.error is not None]
+    note = f"; first failure: {failed[0]}" if failed else ""
+    _say(echo, f"Warm-up: {len(warm_specs) - len(failed)}/{len(warm_specs)} requests succeeded{note}")
+
+
+async def _run_level(
+    session: aiohttp.ClientSession,
+    endpoint: EndpointConfig,
+    workload: Workload,
+    load: LoadConfig,
+    config: BenchConfig,
+    echo: bool,
+) -> LevelReport:
+    label = level_label(load, config.sweep_name)
+    _say(echo, f"Running {label}: {describe_load(load)}")
+    total = None if load.duration_s is not None else len(workload.specs)
+    progress = Progress(total, load.duration_s) if config.show_progress and echo else None
+    generator = LoadGenerator(session, endpoint, workload.specs, progress)
+    gc.collect()
+    gc.freeze()  # keep the collector from walking the workload during the run (fewer pauses)
+    monitor = LoopMonitor()
+    monitor.start()
+    try:
+        async with shown(progress):
+            outcome = await generator.run(load)
+    finally:
+        check = await monitor.stop()
+        gc.unfreeze()
+    check = dataclasses.replace(check, max_dispatch_delay_s=outcome.max_dispatch_delay_s)
+    metrics = compute_metrics(outcome.results, outcome.run_start, outcome.duration_s, config.percentiles)
+    return LevelReport(label, load, outcome, metrics, check)
+
+
+def write_outputs(config: BenchConfig, bench_run: BenchRun) -> None:
+    """Writes --save-result (one object, or a list for a sweep) and --plot."""
+    if config.save_result:
+        records = [result_json(level, bench_run.info, config.save_detailed, config.metadata) for level in bench_run.levels]
+        payload = records[0] if len(records) == 1 else records
+        Path(config.save_result).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        print(f"Saved results to {config.save_result}")
+    if config.plot:
+        from batchlm.bench.plot import plot_run, plot_sweep
+
+        if len(bench_run.levels) == 1:
+            plot_run(bench_run.levels[0], config.plot)
+        else:
+            plot_sweep(bench_run.levels, config.sweep_name or "level", config.plot)
+        print(f"Saved plot to {config.plot}")
+
+
+def _say(echo: bool, text: str) -> None:
+    if echo:
+        print(text, flush=True)

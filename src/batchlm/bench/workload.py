@@ -1,0 +1,108 @@
+"""Builds the list of requests a run sends: prompts, max_tokens and think times, reproducible from a seed."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from batchlm.bench.datasets import (
+    PromptSample,
+    builtin_samples,
+    load_jsonl,
+    load_sharegpt,
+    random_samples,
+)
+from batchlm.bench.records import RequestSpec
+from batchlm.bench.tokencount import TokenCounter
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    """What to send; every field comes from a CLI flag of the same name."""
+
+    # "builtin", "random", "jsonl" or "sharegpt".
+    dataset_name: str
+    # File for "jsonl" and "sharegpt".
+    dataset_path: str | None
+    # Requests to build.
+    num_requests: int
+    # Prompt tokens of "random" prompts.
+    input_len: int | None
+    # Fixed max_tokens for every request (overrides dataset lengths and the min/max range).
+    output_len: int | None
+    # Range max_tokens is drawn from, uniformly, when neither --output-len nor the dataset sets it.
+    min_tokens: int
+    max_tokens: int
+    # Range of the closed-loop users' think time before each request, seconds.
+    min_delay: float
+    max_delay: float
+    # Seeds prompt choice, max_tokens, think times (and, elsewhere, arrival times).
+    seed: int
+    # How many times each built-in prompt is repeated.
+    prompt_repeat: int
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The requests of a run, and how their prompt lengths are known."""
+
+    specs: list[RequestSpec]
+    # e.g. "tokenize endpoint", "usage calibration", "not measured (server usage only)".
+    prompt_length_method: str
+
+
+async def build_workload(
+    config: WorkloadConfig, get_counter: Callable[[], Awaitable[TokenCounter]]
+) -> Workload:
+    """Builds `num_requests` specs; `get_counter` is awaited only when prompt lengths must be counted."""
+    method = "not measured here (from the server's usage)"
+    prompt_rng = random.Random(f"{config.seed}:prompts")
+    if config.dataset_name == "random":
+        if config.input_len is None:
+            raise ValueError("the random dataset needs --input-len")
+        counter = await get_counter()
+        samples = await random_samples(config.num_requests, config.input_len, counter, prompt_rng)
+        method = counter.method
+        chosen = samples
+    else:
+        pool = _load_pool(config)
+        chosen = _choose(pool, config.num_requests, prompt_rng, with_replacement=config.dataset_name == "builtin")
+    return Workload(_assign_lengths_and_delays(chosen, config), method)
+
+
+def _load_pool(config: WorkloadConfig) -> list[PromptSample]:
+    if config.dataset_name == "builtin":
+        return builtin_samples(config.prompt_repeat)
+    if config.dataset_path is None:
+        raise ValueError(f"the {config.dataset_name} dataset needs --dataset-path")
+    if config.dataset_name == "jsonl":
+        return load_jsonl(config.dataset_path)
+    if config.dataset_name == "sharegpt":
+        return load_sharegpt(config.dataset_path)
+    raise ValueError(f"unknown dataset {config.dataset_name!r}")
+
+
+def _choose(pool: list[PromptSample], count: int, rng: random.Random, with_replacement: bool) -> list[PromptSample]:
+    """Built-in prompts are drawn independently (as the seed's users did); file prompts are shuffled and
+    taken in order, wrapping around (with a fresh shuffle) when the file is shorter than the run."""
+    if with_replacement:
+        return [rng.choice(pool) for _ in range(count)]
+    chosen: list[PromptSample] = []
+    while len(chosen) < count:
+        order = list(pool)
+        rng.shuffle(order)
+        chosen.extend(order[: count - len(chosen)])
+    return chosen
+
+
+def _assign_lengths_and_delays(samples: list[PromptSample], config: WorkloadConfig) -> list[RequestSpec]:
+    length_rng = random.Random(f"{config.seed}:max_tokens")
+    delay_rng = random.Random(f"{config.seed}:think")
+    specs = []
+    for sample in samples:
+        drawn = length_rng.randint(config.min_tokens, config.max_tokens)
+        max_tokens = config.output_len or sample.output_len or drawn
+        think = delay_rng.uniform(config.min_delay, config.max_delay)
+        specs.append(RequestSpec(sample.prompt, max_tokens, prompt_len=sample.prompt_len, think_time=think))
+    return specs
