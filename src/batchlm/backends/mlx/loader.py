@@ -1,0 +1,156 @@
+"""Load a model for the MLX backend through mlx-lm: local dirs, hub ids, quantized checkpoints, adapters."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from batchlm.config import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+# Used when neither the config nor the model states a context limit.
+FALLBACK_MAX_MODEL_LEN = 4096
+# EngineConfig.dtype values the MLX backend can cast to (mlx dtype attribute names).
+MLX_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready for mlx-lm's BatchGenerator, and the facts the front end needs about it."""
+
+    # The mlx-lm model (an mlx.nn.Module).
+    model: Any
+    # Local directory holding config.json, the weights and (usually) the tokenizer files.
+    model_dir: Path
+    max_model_len: int
+    vocab_size: int
+    # True when the checkpoint holds quantized weights (e.g. mlx-community 4-bit models).
+    quantized: bool
+
+
+def check_config(config: EngineConfig) -> None:
+    """Reject settings the MLX backend cannot honour, naming the setting (before any loading)."""
+    if config.tensor_parallel_size != 1:
+        raise ValueError(
+            f"the mlx backend runs on one device: tensor_parallel_size must be 1, got {config.tensor_parallel_size}"
+        )
+    if config.device not in ("auto", "cpu", "gpu"):
+        raise ValueError(
+            f"the mlx backend supports device 'auto', 'cpu' or 'gpu' (Metal), got {config.device!r}"
+        )
+    if config.dtype != "auto" and config.dtype not in MLX_DTYPES:
+        raise ValueError(
+            f"the mlx backend supports dtype 'auto' or one of {sorted(MLX_DTYPES)}, got {config.dtype!r}"
+        )
+    if config.load_format != "auto":
+        raise ValueError(
+            f"the mlx backend loads safetensors checkpoints only: load_format must be 'auto', got {config.load_format!r}"
+        )
+
+
+def resolve_model_dir(config: EngineConfig) -> Path:
+    """The model's local directory: the built-in demo, a local path, or a hub download."""
+    from batchlm.engine.core_builder import prepare_model_dir
+
+    return prepare_model_dir(config)
+
+
+def load_model(config: EngineConfig, model_dir: Path) -> LoadedModel:
+    """Load weights (quantized or not) with mlx-lm, apply the adapter and dtype; call on the thread
+    that will run the model (mlx streams belong to a thread)."""
+    import mlx.core as mx
+    from mlx_lm.utils import load_model as mlx_load_model
+
+    check_config(config)
+    if config.device == "cpu":
+        mx.set_default_device(mx.cpu)
+    overrides = dict(config.hf_overrides) or None
+    model, model_config = mlx_load_model(
+        model_dir, model_config=overrides, trust_remote_code=config.trust_remote_code
+    )
+    if config.adapter_path is not None:
+        model = apply_adapter(model, config.adapter_path)
+    if config.dtype != "auto":
+        cast_floating_weights(model, config.dtype)
+    mx.eval(model.parameters())
+    return LoadedModel(
+        model=model,
+        model_dir=model_dir,
+        max_model_len=resolve_max_model_len(config, model_config),
+        vocab_size=model_vocab_size(model_config),
+        quantized="quantization" in model_config,
+    )
+
+
+def apply_adapter(model: Any, adapter_path: str) -> Any:
+    """Attach an mlx-lm adapter (adapters.safetensors + adapter_config.json, as `mlx_lm.lora` writes)."""
+    from mlx_lm.utils import load_adapters
+
+    path = Path(adapter_path).expanduser()
+    config_file = path / "adapter_config.json"
+    if not config_file.is_file():
+        raise ValueError(f"adapter path {adapter_path!r} has no adapter_config.json")
+    adapter_config = json.loads(config_file.read_text())
+    if "peft_type" in adapter_config or not (path / "adapters.safetensors").is_file():
+        raise ValueError(
+            f"adapter {adapter_path!r} is not in mlx-lm's format (adapters.safetensors + adapter_config.json "
+            "with lora_parameters); the mlx backend cannot load PEFT adapters: use the torch backend, or "
+            "convert the adapter with mlx_lm"
+        )
+    model = load_adapters(model, str(path))
+    model.eval()
+    return model
+
+
+def cast_floating_weights(model: Any, dtype_name: str) -> None:
+    """Cast floating-point parameters to `dtype_name`; quantized (integer) weights stay packed."""
+    import mlx.core as mx
+    from mlx.utils import tree_map_with_path
+
+    dtype = getattr(mx, MLX_DTYPES[dtype_name])
+    keep = getattr(model, "cast_predicate", lambda _path: True)
+
+    def cast(path: str, value: Any) -> Any:
+        if keep(path) and mx.issubdtype(value.dtype, mx.floating):
+            return value.astype(dtype)
+        return value
+
+    model.update(tree_map_with_path(cast, model.parameters()))
+
+
+def _text_config(model_config: dict[str, Any]) -> dict[str, Any]:
+    # Multimodal checkpoints nest the language model's settings.
+    nested = model_config.get("text_config")
+    return nested if isinstance(nested, dict) else model_config
+
+
+def resolve_max_model_len(config: EngineConfig, model_config: dict[str, Any]) -> int:
+    """The configured limit, else the model's max_position_embeddings, else a stated fallback."""
+    model_limit = _text_config(model_config).get("max_position_embeddings") or model_config.get(
+        "max_position_embeddings"
+    )
+    if config.max_model_len is not None:
+        if model_limit is not None and config.max_model_len > model_limit:
+            logger.warning(
+                "max_model_len %d exceeds the model's max_position_embeddings %d",
+                config.max_model_len,
+                model_limit,
+            )
+        return config.max_model_len
+    if model_limit is None:
+        logger.warning(
+            "the model states no max_position_embeddings: using max_model_len %d", FALLBACK_MAX_MODEL_LEN
+        )
+        return FALLBACK_MAX_MODEL_LEN
+    return int(model_limit)
+
+
+def model_vocab_size(model_config: dict[str, Any]) -> int:
+    vocab_size = _text_config(model_config).get("vocab_size") or model_config.get("vocab_size")
+    if not vocab_size:
+        raise ValueError("the model's config.json has no vocab_size")
+    return int(vocab_size)

@@ -1,0 +1,264 @@
+"""The synchronous MLX generation loop: admits requests into mlx-lm's BatchGenerator and turns its
+responses into EngineCoreOutputs. Only the generation thread calls it (mlx streams are per thread)."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from mlx_lm.generate import BatchGenerator, StopSequences
+
+from batchlm.backends.mlx.logprobs import LogprobsQuery, token_logprobs
+from batchlm.backends.mlx.prompt_cache import PromptCache
+from batchlm.backends.mlx.sampling import (
+    RawLogprobsRecorder,
+    SamplerFactory,
+    logits_processors,
+    stop_sequences,
+)
+from batchlm.outputs import EngineCoreOutput, FinishReason, TokenLogprobs
+from batchlm.request import EngineCoreRequest
+
+# How often the KV byte count (a walk over every layer's cache) is refreshed for stats().
+KV_USAGE_REFRESH_S = 0.25
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """How the loop drives the BatchGenerator."""
+
+    # Max sequences in the generator at once (the seed's --batch-size).
+    max_num_seqs: int
+    # Prompt tokens per prefill chunk (per sequence).
+    prefill_step_size: int
+    # Prompts prefilled side by side.
+    prefill_batch_size: int
+    # Bytes the running batch's KV and the prompt cache may use together.
+    kv_budget_bytes: int
+    # Reuse the KV of finished sequences for new prompts that share a prefix.
+    enable_prefix_caching: bool = True
+
+
+@dataclass(frozen=True)
+class LoopStats:
+    """A snapshot for EngineStats."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+
+
+@dataclass
+class _Running:
+    """A sequence inside the BatchGenerator."""
+
+    request: EngineCoreRequest
+    uid: int
+    num_cached_tokens: int
+    scheduled_time: float
+    recorder: RawLogprobsRecorder | None = None
+    reported: bool = False
+
+
+class GenerationLoop:
+    """FCFS admission up to max_num_seqs; every step runs one decode for the whole batch plus one
+    prefill chunk for the prompts being processed, so requests join and leave at every step."""
+
+    def __init__(
+        self, model: Any, vocab_size: int, settings: LoopSettings, model_key: Any, stream: Any = None
+    ) -> None:
+        self.model = model
+        self.settings = settings
+        self._stream = stream
+        self._samplers = SamplerFactory(vocab_size)
+        self._stop_automata: dict[Any, StopSequences] = {}
+        self.prompt_cache = PromptCache(model_key, settings.kv_budget_bytes, settings.enable_prefix_caching)
+        self._waiting: OrderedDict[str, EngineCoreRequest] = OrderedDict()
+        self._running: dict[int, _Running] = {}
+        self._uid_of: dict[str, int] = {}
+        self._kv_usage = 0.0
+        self._kv_usage_time = 0.0
+        self._generator = self._new_generator()
+
+    def _new_generator(self) -> BatchGenerator:
+        settings = self.settings
+        return BatchGenerator(
+            self.model,
+            completion_batch_size=settings.max_num_seqs,
+            prefill_batch_size=min(settings.prefill_batch_size, settings.max_num_seqs),
+            prefill_step_size=settings.prefill_step_size,
+            stream=self._stream,
+        )
+
+    # -- requests ------------------------------------------------------------------------------------
+
+    def add_request(self, request: EngineCoreRequest) -> None:
+        if request.request_id in self._waiting or request.request_id in self._uid_of:
+            raise ValueError(f"request id {request.request_id!r} is already running")
+        self._waiting[request.request_id] = request
+
+    def abort_requests(self, request_ids: Iterable[str]) -> list[EngineCoreOutput]:
+        """Drop the requests (waiting or running); each known one gets a final ABORT output."""
+        outputs, uids = [], []
+        for request_id in request_ids:
+            if self._waiting.pop(request_id, None) is not None:
+                outputs.append(EngineCoreOutput(request_id, (), finish_reason=FinishReason.ABORT))
+            elif (uid := self._uid_of.pop(request_id, None)) is not None:
+                self._running.pop(uid)
+                uids.append(uid)
+                outputs.append(EngineCoreOutput(request_id, (), finish_reason=FinishReason.ABORT))
+        if uids:
+            self._generator.remove(uids)
+        return outputs
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    def fail_running(self, message: str) -> list[EngineCoreOutput]:
+        """After the generator raised: end every admitted sequence with ERROR and start a fresh generator
+        (waiting requests are untouched and run next)."""
+        outputs = [
+            EngineCoreOutput(r.request.request_id, (), finish_reason=FinishReason.ERROR, error=message)
+            for r in self._running.values()
+        ]
+        self._running.clear()
+        self._uid_of.clear()
+        self._generator.close()
+        self._generator = self._new_generator()
+        return outputs
+
+    def close(self) -> None:
+        self._generator.close()
+
+    # -- stepping ------------------------------------------------------------------------------------
+
+    def step(self) -> list[EngineCoreOutput]:
+        """Admit what fits, run one generator step, and report the tokens it produced."""
+        self._admit()
+        if not self._running:
+            return []
+        _, generated = self._generator.next()
+        return self._to_outputs(generated)
+
+    def _admit(self) -> None:
+        room = self.settings.max_num_seqs - len(self._running)
+        admitted = []
+        while room > 0 and self._waiting:
+            _, request = self._waiting.popitem(last=False)
+            admitted.append(request)
+            room -= 1
+        if admitted:
+            self._insert(admitted)
+
+    def _insert(self, requests: list[EngineCoreRequest]) -> None:
+        lookups = [self.prompt_cache.lookup(r.prompt_token_ids) for r in requests]
+        # None asks the generator for a fresh cache.
+        caches: list[Any] = [lookup.cache for lookup in lookups]
+        recorders: list[RawLogprobsRecorder | None] = []
+        processor_lists = []
+        for request in requests:
+            params = request.sampling_params
+            processors = logits_processors(params, len(request.prompt_token_ids), request.eos_token_ids)
+            recorder = RawLogprobsRecorder() if processors and params.logprobs is not None else None
+            recorders.append(recorder)
+            processor_lists.append(([recorder] if recorder else []) + processors)
+        uids = self._generator.insert_segments(
+            segments=[
+                [list(r.prompt_token_ids[lk.num_cached :])] for r, lk in zip(requests, lookups, strict=True)
+            ],
+            max_tokens=[self._max_tokens(r) for r in requests],
+            caches=caches,
+            all_tokens=[
+                list(r.prompt_token_ids[: lk.num_cached]) for r, lk in zip(requests, lookups, strict=True)
+            ],
+            samplers=[self._samplers.sampler_for(r.sampling_params, r.seed) for r in requests],
+            logits_processors=processor_lists,
+            stop_sequences=[
+                stop_sequences(r.sampling_params, r.eos_token_ids, self._stop_automata) for r in requests
+            ],
+        )
+        now = time.time()
+        for request, lookup, recorder, uid in zip(requests, lookups, recorders, uids, strict=True):
+            self._running[uid] = _Running(request, uid, lookup.num_cached, now, recorder)
+            self._uid_of[request.request_id] = uid
+
+    @staticmethod
+    def _max_tokens(request: EngineCoreRequest) -> int:
+        max_tokens = request.sampling_params.max_tokens
+        if max_tokens is None:
+            raise ValueError(
+                f"request {request.request_id!r} reached the engine without a resolved max_tokens"
+            )
+        return max_tokens
+
+    def _to_outputs(self, generated: list[Any]) -> list[EngineCoreOutput]:
+        logprobs = self._logprobs(generated)
+        outputs = []
+        for response in generated:
+            running = self._running[response.uid]
+            outputs.append(self._output(running, response, logprobs.get(response.uid)))
+            if response.finish_reason is not None:
+                self._finish(running, response)
+        return outputs
+
+    def _logprobs(self, generated: list[Any]) -> dict[int, TokenLogprobs]:
+        """Logprobs for the sequences that asked, in one evaluation."""
+        queries, uids = [], []
+        for response in generated:
+            running = self._running[response.uid]
+            num_top = running.request.sampling_params.logprobs
+            if num_top is None:
+                continue
+            vector = running.recorder.pop() if running.recorder else response.logprobs
+            queries.append(LogprobsQuery(vector, response.token, num_top))
+            uids.append(response.uid)
+        return dict(zip(uids, token_logprobs(queries), strict=True))
+
+    def _output(self, running: _Running, response: Any, logprobs: TokenLogprobs | None) -> EngineCoreOutput:
+        finish = None if response.finish_reason is None else FinishReason(response.finish_reason)
+        params = running.request.sampling_params
+        stop_token_id = (
+            response.token
+            if finish is FinishReason.STOP and response.token in params.stop_token_ids
+            else None
+        )
+        first = not running.reported
+        running.reported = True
+        return EngineCoreOutput(
+            request_id=running.request.request_id,
+            new_token_ids=(response.token,),
+            new_logprobs=() if logprobs is None else (logprobs,),
+            finish_reason=finish,
+            stop_token_id=stop_token_id,
+            num_cached_tokens=running.num_cached_tokens,
+            scheduled_time=running.scheduled_time if first else None,
+        )
+
+    def _finish(self, running: _Running, response: Any) -> None:
+        self._running.pop(running.uid)
+        self._uid_of.pop(running.request.request_id, None)
+        if response.prompt_cache is not None and response.all_tokens is not None:
+            self.prompt_cache.store(
+                response.all_tokens, response.prompt_cache, self._generator.prompt_cache_nbytes
+            )
+
+    # -- stats ---------------------------------------------------------------------------------------
+
+    def stats(self) -> LoopStats:
+        now = time.monotonic()
+        if now - self._kv_usage_time >= KV_USAGE_REFRESH_S:
+            used = self._generator.prompt_cache_nbytes + self.prompt_cache.nbytes
+            self._kv_usage = min(1.0, used / max(1, self.settings.kv_budget_bytes))
+            self._kv_usage_time = now
+        return LoopStats(
+            num_running=len(self._running),
+            num_waiting=len(self._waiting),
+            kv_cache_usage=self._kv_usage,
+            prefix_cache_queries=self.prompt_cache.queries,
+            prefix_cache_hits=self.prompt_cache.hits,
+        )

@@ -1,0 +1,141 @@
+"""The MLX generation thread: loads the model, then steps the GenerationLoop while there is work and
+posts every step's outputs through a callback (mlx-lm's BatchGenerator is synchronous)."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from batchlm.config import EngineConfig
+from batchlm.outputs import EngineCoreOutput, FinishReason
+from batchlm.request import EngineCoreRequest
+
+logger = logging.getLogger(__name__)
+
+# Prompt tokens per prefill chunk when EngineConfig.max_num_batched_tokens is not set (mlx-lm's default).
+DEFAULT_PREFILL_STEP = 2048
+# Prompts prefilled side by side (mlx_lm.server's default prompt concurrency).
+PREFILL_BATCH_SIZE = 8
+
+# post(kind, payload) with kind "ready" (WorkerInfo), "outputs" ((outputs, LoopStats)) or "failed" (str).
+Post = Callable[[str, Any], None]
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What the front end learns once the model is loaded."""
+
+    max_model_len: int
+    vocab_size: int
+    model_dir: Path
+    quantized: bool
+
+
+class GenerationWorker:
+    """Owns the model and the loop on one thread; add/abort/stop are thread-safe."""
+
+    def __init__(self, config: EngineConfig, model_dir: Path, post: Post) -> None:
+        self.config = config
+        self.model_dir = model_dir
+        self._post = post
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._main, name="batchlm-mlx-generation", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def add(self, requests: list[EngineCoreRequest]) -> None:
+        self._inbox.put(("add", requests))
+
+    def abort(self, request_ids: Iterable[str]) -> None:
+        self._inbox.put(("abort", list(request_ids)))
+
+    def stop(self, timeout: float) -> None:
+        """Ask the thread to finish and wait for it (blocking: call from an executor)."""
+        self._inbox.put(("shutdown", None))
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # -- the thread --------------------------------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            loop = self._build_loop()
+        except Exception as exc:
+            logger.exception("the mlx backend failed to load %s", self.model_dir)
+            self._post("failed", f"{type(exc).__name__}: {exc}")
+            return
+        try:
+            self._serve(loop)
+        except Exception as exc:  # a bug outside a model step: nothing can be trusted any more
+            logger.exception("the mlx generation thread failed")
+            self._post("failed", f"{type(exc).__name__}: {exc}")
+        finally:
+            loop.close()
+
+    def _build_loop(self) -> Any:
+        import mlx.core as mx
+
+        from batchlm.backends.mlx.loader import load_model
+        from batchlm.backends.mlx.loop import GenerationLoop, LoopSettings
+
+        loaded = load_model(self.config, self.model_dir)
+        settings = LoopSettings(
+            max_num_seqs=self.config.max_num_seqs,
+            prefill_step_size=self.config.max_num_batched_tokens or DEFAULT_PREFILL_STEP,
+            prefill_batch_size=PREFILL_BATCH_SIZE,
+            kv_budget_bytes=int(self.config.cpu_kv_cache_gib * (1 << 30)),
+            enable_prefix_caching=self.config.enable_prefix_caching,
+        )
+        # The generator's stream must belong to this thread.
+        stream = mx.new_stream(mx.default_device())
+        model_key = (str(self.model_dir), self.config.adapter_path, self.config.dtype)
+        loop = GenerationLoop(loaded.model, loaded.vocab_size, settings, model_key, stream)
+        self._post(
+            "ready", WorkerInfo(loaded.max_model_len, loaded.vocab_size, self.model_dir, loaded.quantized)
+        )
+        return loop
+
+    def _serve(self, loop: Any) -> None:
+        while True:
+            commands = self._drain(block=not loop.has_work())
+            outputs: list[EngineCoreOutput] = []
+            for kind, payload in commands:
+                if kind == "shutdown":
+                    return
+                outputs += self._apply(loop, kind, payload)
+            try:
+                outputs += loop.step()
+            except Exception as exc:
+                logger.exception("an mlx generation step failed; failing the running requests")
+                outputs += loop.fail_running(f"the generation step failed: {type(exc).__name__}: {exc}")
+            if outputs or commands:
+                self._post("outputs", (outputs, loop.stats()))
+
+    def _drain(self, block: bool) -> list[tuple[str, Any]]:
+        commands = [self._inbox.get()] if block else []
+        while True:
+            try:
+                commands.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return commands
+
+    @staticmethod
+    def _apply(loop: Any, kind: str, payload: Any) -> list[EngineCoreOutput]:
+        if kind == "abort":
+            outputs: list[EngineCoreOutput] = loop.abort_requests(payload)
+            return outputs
+        failed = []
+        for request in payload:
+            try:
+                loop.add_request(request)
+            except ValueError as exc:
+                failed.append(
+                    EngineCoreOutput(request.request_id, (), finish_reason=FinishReason.ERROR, error=str(exc))
+                )
+        return failed
