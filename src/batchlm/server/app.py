@@ -1,0 +1,54 @@
+"""Builds the FastAPI app for one engine: routes, OpenAI-shaped errors, middleware, metrics, stats logging."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from batchlm import __version__
+from batchlm.engine.client import EngineClient
+from batchlm.server.errors import install_error_handlers
+from batchlm.server.metrics import ServerMetrics
+from batchlm.server.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
+from batchlm.server.routes import router
+from batchlm.server.state import ServerSettings, ServerState
+from batchlm.server.stats_logger import StatsLogger
+
+
+def build_app(engine: EngineClient, settings: ServerSettings | None = None) -> FastAPI:
+    """An app serving `engine`. It does not start the engine: /health answers 503 until the engine is
+    ready (see batchlm.server.launcher, which starts both)."""
+    settings = settings or ServerSettings()
+    metrics = ServerMetrics(engine)
+    state = ServerState(engine=engine, settings=settings, metrics=metrics)
+    metrics.in_flight.set_function(lambda: len(state.in_flight))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        stats_task = asyncio.ensure_future(StatsLogger(engine, settings.stats_log_interval_s).run())
+        try:
+            yield
+        finally:
+            stats_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stats_task
+
+    app = FastAPI(
+        title="batchlm",
+        version=__version__,
+        description="OpenAI-compatible LLM inference with continuous batching.",
+        lifespan=lifespan,
+    )
+    app.state.batchlm = state
+    app.include_router(router)
+    install_error_handlers(app, metrics.count_error)
+    # Added last = outermost: the key is checked before a large body is read.
+    app.add_middleware(
+        BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes, observe=metrics.count_error
+    )
+    if settings.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key, observe=metrics.count_error)
+    return app

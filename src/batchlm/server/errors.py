@@ -1,0 +1,117 @@
+"""OpenAI-shaped API errors: one exception type, its JSON body, and the FastAPI handlers that render it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+# OpenAI's error `type` for each status we send.
+ERROR_TYPES: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_exceeded",
+    500: "server_error",
+    503: "service_unavailable",
+}
+
+
+class APIError(Exception):
+    """An error the client should see: HTTP status plus OpenAI's {message, type, param, code}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.status, self.message, self.param, self.code)
+
+
+def error_body(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """The JSON OpenAI sends for an error (also the payload of a streaming error event)."""
+    error_type = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+class ClientDisconnected(Exception):
+    """The client went away before the response was complete (nothing more can be sent)."""
+
+
+# Called with the status of every error response, for the /metrics outcome counter.
+ErrorObserver = Callable[[int], None]
+
+
+def install_error_handlers(app: FastAPI, observe: ErrorObserver) -> None:
+    """Route every failure to an OpenAI-shaped response; tracebacks go to the log, never to the client."""
+
+    def respond(error: APIError) -> JSONResponse:
+        observe(error.status)
+        return error_response(error)
+
+    async def on_api_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, APIError)
+        return respond(exc)
+
+    async def on_validation_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return respond(validation_error_to_api_error(exc.errors()))
+
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        return respond(http_error_to_api_error(request, exc))
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error serving %s %s", request.method, request.url.path)
+        return respond(APIError(500, "The server had an internal error while processing your request."))
+
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)
+
+
+def validation_error_to_api_error(errors: Sequence[Any]) -> APIError:
+    """Turn pydantic's 422 list into one 400 that names the first offending field."""
+    if not errors:
+        return APIError(400, "Invalid request body.")
+    first = errors[0]
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(loc) or None
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        detail = first.get("ctx", {}).get("error", "malformed JSON")
+        return APIError(400, f"The request body is not valid JSON: {detail}.")
+    if kind == "extra_forbidden":
+        return APIError(400, f"Unrecognized request argument supplied: {param}", param)
+    if kind == "missing":
+        return APIError(400, f"Missing required parameter: '{param}'.", param)
+    if param is None:
+        return APIError(400, "The request body must be a JSON object (send Content-Type: application/json).")
+    return APIError(400, f"Invalid value for '{param}': {first.get('msg', 'invalid')}.", param)
+
+
+def http_error_to_api_error(request: Request, exc: StarletteHTTPException) -> APIError:
+    if exc.status_code == 404:
+        return APIError(404, f"Unknown route: {request.method} {request.url.path}", code="unknown_url")
+    if exc.status_code == 405:
+        return APIError(405, f"Method {request.method} is not allowed for {request.url.path}.")
+    return APIError(exc.status_code, str(exc.detail))

@@ -1,0 +1,111 @@
+"""Command-line flags generated from config dataclasses (EngineConfig, ServerSettings): one flag per field,
+its help text taken from the comment above the field, so a new field gets its flag without edits here."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import re
+import types
+import typing
+from dataclasses import MISSING, fields
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_FIELD_LINE = re.compile(r"(\w+)\s*:")
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """Field name -> the `#` comment lines directly above it in the class body, joined."""
+    comments: dict[str, str] = {}
+    pending: list[str] = []
+    for line in inspect.getsource(cls).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            pending.append(stripped.lstrip("#").strip())
+            continue
+        match = _FIELD_LINE.match(stripped)
+        if match and pending:
+            comments[match.group(1)] = " ".join(pending)
+        pending = []
+    return comments
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object, e.g. '{\"key\": 1}'")
+    return value
+
+
+def _scalar_type(annotation: Any) -> Any:
+    """str | None -> str; dict[...] -> a JSON-object parser; int/float/str as they are."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        annotation = members[0]
+    if typing.get_origin(annotation) is dict or annotation is dict:
+        return _json_object
+    return annotation
+
+
+def add_dataclass_arguments(
+    parser: argparse._ActionsContainer,
+    cls: type,
+    *,
+    flag_names: dict[str, list[str]] | None = None,
+    choices: dict[str, list[str]] | None = None,
+    help_notes: dict[str, str] | None = None,
+    defaults: dict[str, Any] | None = None,
+) -> None:
+    """One flag per field of the dataclass `cls` (dest = the field name). `flag_names` overrides a
+    field's flag spellings; a bool that defaults to True becomes `--no-<name>` (minus any `enable_`)."""
+    hints = typing.get_type_hints(cls)
+    comments = field_comments(cls)
+    for spec in fields(cls):
+        name = spec.name
+        default = (defaults or {}).get(name, _default_of(spec))
+        doc = comments.get(name, name.replace("_", " "))
+        note = (help_notes or {}).get(name, "")
+        kind = hints[name]
+        if kind is bool:
+            bare = name.removeprefix("enable_").replace("_", "-")
+            flags = (flag_names or {}).get(name) or [f"--no-{bare}" if default else f"--{bare}"]
+            action = "store_false" if default else "store_true"
+            text = f"Turn off: {doc[:1].lower()}{doc[1:]}" if default else doc
+            parser.add_argument(
+                *flags, dest=name, action=action, default=default, help=_escape(f"{text}{note}")
+            )
+            continue
+        flags = (flag_names or {}).get(name) or [f"--{name.replace('_', '-')}"]
+        shown = json.dumps(default) if isinstance(default, dict) else default
+        parser.add_argument(
+            *flags,
+            dest=name,
+            type=_scalar_type(kind),
+            default=default,
+            choices=(choices or {}).get(name),
+            metavar=None if (choices or {}).get(name) else name.upper(),
+            help=_escape(f"{doc}{note} (default: {shown})"),
+        )
+
+
+def _escape(help_text: str) -> str:
+    return help_text.replace("%", "%%")  # argparse formats help with %-interpolation
+
+
+def _default_of(spec: Any) -> Any:
+    if spec.default is not MISSING:
+        return spec.default
+    if spec.default_factory is not MISSING:
+        return spec.default_factory()
+    return None
+
+
+def dataclass_from_args(cls: type[T], args: argparse.Namespace) -> T:
+    values = {spec.name: getattr(args, spec.name) for spec in fields(cls)}  # type: ignore[arg-type]
+    return cls(**values)

@@ -1,0 +1,181 @@
+"""One engine request as the server drives it: engine errors become APIErrors, a server-side abort is told
+apart from cancellation, and closing an unfinished request always aborts it in the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import anyio
+
+from batchlm.engine.client import EngineClient, EngineDeadError, QueueFullError, RequestRejectedError
+from batchlm.outputs import FinishReason, RequestOutput
+from batchlm.sampling_params import SamplingParams
+from batchlm.server.errors import APIError
+from batchlm.server.metrics import RequestRecorder
+
+logger = logging.getLogger(__name__)
+
+
+def engine_error_to_api_error(error: Exception) -> APIError | None:
+    """The HTTP meaning of the engine's documented errors; None for anything else (a bug: 500)."""
+    if isinstance(error, RequestRejectedError):
+        return APIError(400, str(error), param=error.param)
+    if isinstance(error, QueueFullError):
+        return APIError(429, f"The server is overloaded, please retry later: {error}", code="queue_full")
+    if isinstance(error, EngineDeadError):
+        return APIError(503, f"The engine is not available: {error}", code="engine_unavailable")
+    return None
+
+
+def _this_task_is_cancelled() -> bool:
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python >= 3.11
+    return bool(cancelling and cancelling())
+
+
+class InFlight:
+    """Generations being served, so that a shutdown can abort the ones that outlive the drain period."""
+
+    def __init__(self) -> None:
+        self._generations: dict[str, Generation] = {}
+
+    def add(self, generation: Generation) -> None:
+        self._generations[generation.request_id] = generation
+
+    def discard(self, generation: Generation) -> None:
+        self._generations.pop(generation.request_id, None)
+
+    def __len__(self) -> int:
+        return len(self._generations)
+
+    async def abort_all(self) -> int:
+        generations = list(self._generations.values())
+        for generation in generations:
+            await generation.abort_by_server()
+        return len(generations)
+
+
+class Generation:
+    """Deltas of one engine request. Use `next()` until it returns None, then always `close()`."""
+
+    def __init__(
+        self,
+        engine: EngineClient,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        recorder: RequestRecorder,
+        in_flight: InFlight,
+        prompt: str | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.recorder = recorder
+        self.finished = False
+        self._engine = engine
+        self._in_flight = in_flight
+        self._buffered: RequestOutput | None = None
+        self._started = False
+        self._failed = False
+        self._closed = False
+        self._server_aborted = False
+        self._finish_reasons: dict[int, str] = {}
+        try:
+            self._stream: AsyncIterator[RequestOutput] = engine.generate(
+                prompt_token_ids, params, request_id, prompt=prompt
+            )
+        except Exception as error:
+            raise self._translate(error) from error
+        in_flight.add(self)
+
+    async def prime(self) -> None:
+        """Wait for the first output, so that a refused request still gets its HTTP status (429, 400, 503)."""
+        self._buffered = await self.next()
+
+    async def next(self) -> RequestOutput | None:
+        """The next delta, or None after the last. Raises APIError when the engine refuses or fails."""
+        if self._buffered is not None:
+            output, self._buffered = self._buffered, None
+            return output
+        if self.finished:
+            return None
+        self._started = True
+        try:
+            output = await self._stream.__anext__()
+        except StopAsyncIteration:
+            raise self._fail(APIError(500, "The engine ended the request without finishing it.")) from None
+        except asyncio.CancelledError:
+            # An engine may end an aborted request's stream by raising CancelledError in it.
+            if self._server_aborted and not _this_task_is_cancelled():
+                raise self._fail(self._aborted_error()) from None
+            raise
+        except Exception as error:
+            raise self._translate(error) from error
+        return self._accept(output)
+
+    def _accept(self, output: RequestOutput) -> RequestOutput:
+        self.recorder.observe(output)
+        if output.error is not None:
+            raise self._fail(APIError(500, f"The engine failed while generating: {output.error}"))
+        for completion in output.outputs:
+            if completion.finish_reason == FinishReason.ABORT.value:
+                raise self._fail(self._aborted_error())
+            if completion.finish_reason == FinishReason.ERROR.value:
+                raise self._fail(APIError(500, "The engine failed while generating this completion."))
+            if completion.finish_reason is not None:
+                self._finish_reasons[completion.index] = completion.finish_reason
+        self.finished = output.finished
+        return output
+
+    def _aborted_error(self) -> APIError:
+        return APIError(503, "The request was aborted by the server (shutting down).", code="aborted")
+
+    def _translate(self, error: Exception) -> Exception:
+        api_error = engine_error_to_api_error(error)
+        return error if api_error is None else self._fail(api_error)
+
+    def _fail(self, error: APIError) -> APIError:
+        self._failed = True
+        return error
+
+    async def abort_by_server(self) -> None:
+        self._server_aborted = True
+        await self._engine.abort(self.request_id)
+
+    async def close(self) -> None:
+        """Idempotent. An unfinished request is aborted in the engine (the client is gone or gave up)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._in_flight.discard(self)
+        # Shielded: this runs while the handling task is being cancelled (client disconnect).
+        with anyio.CancelScope(shield=True):
+            if not self.finished:
+                await self._close_stream()
+                await self._abort_quietly()
+        if self.finished:
+            reasons = self._finish_reasons.values()
+            self.recorder.finish(
+                FinishReason.LENGTH.value if "length" in reasons else FinishReason.STOP.value
+            )
+        elif self._started and not self._failed:
+            self.recorder.finish("client_disconnect")
+        # A failed request was counted where its error was rendered; an unstarted one never happened.
+
+    async def _abort_quietly(self) -> None:
+        try:
+            await self._engine.abort(self.request_id)
+        except Exception:  # e.g. the engine died meanwhile: nothing is left to abort
+            logger.warning("aborting %s failed", self.request_id, exc_info=True)
+
+    async def _close_stream(self) -> None:
+        aclose = getattr(self._stream, "aclose", None)
+        if aclose is None:
+            return
+        try:
+            await aclose()
+        except Exception:  # the stream is being discarded; its failure changes nothing for the client
+            logger.debug("closing the engine stream of %s failed", self.request_id, exc_info=True)

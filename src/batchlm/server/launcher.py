@@ -1,0 +1,131 @@
+"""Runs the app under uvicorn next to the engine: binds first (so /health answers 503 while the model
+loads), starts the engine, and on SIGINT/SIGTERM drains in-flight requests, shuts the engine down, exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import threading
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from typing import Any, TypeVar
+
+import uvicorn
+from fastapi import FastAPI
+
+from batchlm.engine.client import EngineClient
+from batchlm.server.state import ServerState
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Past the drain period uvicorn itself cancels what is left; this margin lets our aborts land first.
+BACKSTOP_MARGIN_S = 5.0
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn.Server that, once asked to stop, gives in-flight requests the drain period to finish,
+    then aborts them in the engine (their streams end with an error event instead of being cut)."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.state: ServerState = app.state.batchlm
+        settings = self.state.settings
+        config = uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            access_log=settings.log_level.upper() == "DEBUG",
+            timeout_graceful_shutdown=int(settings.shutdown_timeout_s + BACKSTOP_MARGIN_S),
+        )
+        super().__init__(config)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn re-raises the captured signal after shutting down, which would make a clean drain
+        # exit with 130/143; here a handled signal means a normal exit.
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.state.shutting_down = True
+        watchdog = asyncio.ensure_future(self._abort_after_drain_period())
+        try:
+            await super().shutdown(sockets)
+        finally:
+            watchdog.cancel()
+
+    async def _abort_after_drain_period(self) -> None:
+        timeout = self.state.settings.shutdown_timeout_s
+        await asyncio.sleep(timeout)
+        aborted = await self.state.in_flight.abort_all()
+        if aborted:
+            logger.warning(
+                "aborted %d request(s) still running %.0f s after shutdown began", aborted, timeout
+            )
+
+
+async def serve(
+    server: GracefulServer,
+    engine: EngineClient,
+    *,
+    start_engine: Callable[[], Awaitable[None]] | None = None,
+    sockets: list[socket.socket] | None = None,
+) -> int:
+    """Serve until stopped; 0 on a clean stop, 1 if the engine failed to start. Shuts the engine down."""
+    failed = False
+
+    async def start() -> None:
+        nonlocal failed
+        assert start_engine is not None
+        try:
+            await start_engine()
+        except Exception as error:
+            logger.error("the engine failed to start: %s", error, exc_info=logger.isEnabledFor(logging.DEBUG))
+            failed = True
+            server.should_exit = True
+            return
+        logger.info("engine ready, serving model %r", engine.model_info.served_model_name)
+
+    starting = asyncio.ensure_future(start()) if start_engine is not None else None
+    try:
+        await server.serve(sockets=sockets)
+    finally:
+        if starting is not None:
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+        await _shutdown_engine(engine)
+    return 1 if failed else 0
+
+
+async def _shutdown_engine(engine: EngineClient) -> None:
+    try:
+        await engine.shutdown()
+    except Exception:  # exiting anyway: report, do not mask the exit status
+        logger.exception("the engine did not shut down cleanly")
+
+
+def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run, on uvloop when it is installed (faster sockets and timers)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+def run_server(
+    app: FastAPI, engine: EngineClient, *, start_engine: Callable[[], Awaitable[None]] | None = None
+) -> int:
+    """Blocking entry point of `batchlm serve` (signals are handled here, in the main thread)."""
+    return run_event_loop(serve(GracefulServer(app), engine, start_engine=start_engine))

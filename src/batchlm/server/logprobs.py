@@ -1,0 +1,74 @@
+"""Log-probabilities in OpenAI's two formats: chat (`content: [{token, logprob, bytes, top_logprobs}]`)
+and legacy completions (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from batchlm.outputs import TokenLogprobs
+from batchlm.server.responses import ChatChoiceLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
+
+# OpenAI reports impossible tokens with this floor instead of -inf (JSON has no infinities).
+LOGPROB_FLOOR = -9999.0
+
+
+def _finite(logprob: float) -> float:
+    return LOGPROB_FLOOR if math.isnan(logprob) or logprob < LOGPROB_FLOOR else logprob
+
+
+def _utf8(text: str) -> list[int]:
+    return list(text.encode("utf-8", errors="replace"))
+
+
+def chat_logprobs(
+    tokenizer: Any, token_ids: Sequence[int], logprobs: Sequence[TokenLogprobs], top_n: int
+) -> ChatChoiceLogprobs:
+    """One entry per generated token, each with its `top_n` most likely alternatives."""
+    content = []
+    for token_id, entry in zip(token_ids, logprobs, strict=True):
+        text = tokenizer.token_to_text(token_id)
+        top = [
+            TopLogprob(token=(alt := tokenizer.token_to_text(alt_id)), logprob=_finite(lp), bytes=_utf8(alt))
+            for alt_id, lp in entry.top[:top_n]
+        ]
+        content.append(
+            ChatTokenLogprob(token=text, logprob=_finite(entry.logprob), bytes=_utf8(text), top_logprobs=top)
+        )
+    return ChatChoiceLogprobs(content=content)
+
+
+class CompletionLogprobsBuilder:
+    """Builds completions-format logprobs for one choice, delta by delta; `text_offset` keeps counting
+    across deltas (and starts after an echoed prompt)."""
+
+    def __init__(self, tokenizer: Any, top_n: int, start_offset: int = 0) -> None:
+        self._tokenizer = tokenizer
+        self._top_n = top_n
+        self._offset = start_offset
+
+    def add(self, token_ids: Sequence[int], logprobs: Sequence[TokenLogprobs]) -> CompletionLogprobs:
+        """The logprobs of these new tokens alone (a streaming chunk's worth)."""
+        result = CompletionLogprobs()
+        for token_id, entry in zip(token_ids, logprobs, strict=True):
+            text = self._tokenizer.token_to_text(token_id)
+            result.tokens.append(text)
+            result.token_logprobs.append(_finite(entry.logprob))
+            result.top_logprobs.append(
+                {self._tokenizer.token_to_text(alt): _finite(lp) for alt, lp in entry.top[: self._top_n]}
+            )
+            result.text_offset.append(self._offset)
+            self._offset += len(text)
+        return result
+
+
+def merge_completion_logprobs(parts: Sequence[CompletionLogprobs]) -> CompletionLogprobs:
+    """Concatenate per-delta logprobs into one (for a non-streaming response)."""
+    merged = CompletionLogprobs()
+    for part in parts:
+        merged.tokens.extend(part.tokens)
+        merged.token_logprobs.extend(part.token_logprobs)
+        merged.top_logprobs.extend(part.top_logprobs)
+        merged.text_offset.extend(part.text_offset)
+    return merged

@@ -1,0 +1,186 @@
+"""Prometheus metrics for /metrics, kept in a per-app registry: request outcomes and latency histograms
+recorded here, engine gauges and token counters read from EngineClient.stats() at scrape time."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from batchlm.engine.client import EngineClient, EngineStats
+from batchlm.outputs import RequestOutput
+
+logger = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
+
+
+def prefix_cache_hit_rate(stats: EngineStats) -> float:
+    """Prefix-cache hits over lookups since start, in tokens (0 before any lookup)."""
+    return stats.prefix_cache_hits / stats.prefix_cache_queries if stats.prefix_cache_queries else 0.0
+
+
+class EngineStatsCollector:
+    """Reads the engine's snapshot on every scrape, so gauges are never stale and counters never drift."""
+
+    def __init__(self, engine: EngineClient) -> None:
+        self._engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("batchlm_engine_ready", "1 when the engine serves requests.", self._ready())
+        try:
+            stats = self._engine.stats()
+        except Exception:  # a loading or dead engine has no stats; the other metrics still matter
+            logger.debug("engine stats unavailable", exc_info=True)
+            return
+        hit_rate = prefix_cache_hit_rate(stats)
+        gauges = {
+            "batchlm_num_requests_running": ("Requests in the running batch.", stats.num_running),
+            "batchlm_num_requests_waiting": ("Requests waiting to be scheduled.", stats.num_waiting),
+            "batchlm_kv_cache_usage_ratio": (
+                "Fraction of KV-cache blocks in use (0..1).",
+                stats.kv_cache_usage,
+            ),
+            "batchlm_prefix_cache_hit_rate": ("Prefix-cache hits over lookups, in tokens (0..1).", hit_rate),
+        }
+        counters = {
+            "batchlm_prompt_tokens": ("Prompt tokens processed.", stats.prompt_tokens_total),
+            "batchlm_generation_tokens": ("Tokens generated.", stats.generation_tokens_total),
+            "batchlm_prefix_cache_queries": (
+                "Prompt tokens looked up in the prefix cache.",
+                stats.prefix_cache_queries,
+            ),
+            "batchlm_prefix_cache_hits": (
+                "Prompt tokens found in the prefix cache.",
+                stats.prefix_cache_hits,
+            ),
+            "batchlm_num_preemptions": ("Requests preempted for lack of KV blocks.", stats.num_preemptions),
+        }
+        for name, (doc, value) in gauges.items():
+            yield GaugeMetricFamily(name, doc, value=value)
+        for name, (doc, value) in counters.items():
+            yield CounterMetricFamily(name, doc, value=value)
+
+    def _ready(self) -> float:
+        return 1.0 if self._engine.is_ready and not self._engine.is_dead else 0.0
+
+
+class ServerMetrics:
+    """All metrics of one app. Outcomes: a finish reason ("stop", "length"), "client_disconnect",
+    "aborted" (by the server), or "error_<status>" for error responses and streaming error events."""
+
+    def __init__(self, engine: EngineClient) -> None:
+        self.registry = CollectorRegistry()
+        reg = self.registry
+        self.requests = Counter("batchlm_requests", "Requests by outcome.", ["outcome"], registry=reg)
+        self.in_flight = Gauge(
+            "batchlm_requests_in_flight", "Generation requests being served.", registry=reg
+        )
+        self.ttft = Histogram(
+            "batchlm_time_to_first_token_seconds",
+            "Arrival to first token.",
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.itl = Histogram(
+            "batchlm_inter_token_latency_seconds",
+            "Time between a request's outputs.",
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.e2e = Histogram(
+            "batchlm_e2e_request_latency_seconds", "Arrival to finish.", buckets=E2E_BUCKETS, registry=reg
+        )
+        self.queue_time = Histogram(
+            "batchlm_request_queue_time_seconds",
+            "Arrival to first scheduled.",
+            buckets=E2E_BUCKETS,
+            registry=reg,
+        )
+        reg.register(EngineStatsCollector(engine))
+
+    def count_outcome(self, outcome: str) -> None:
+        self.requests.labels(outcome=outcome).inc()
+
+    def count_error(self, status: int) -> None:
+        self.count_outcome(f"error_{status}")
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestRecorder:
+    """Timing of one engine request, fed every RequestOutput. Uses the engine's timestamps
+    (RequestOutput.metrics) and falls back on the server's clock where the engine gives none."""
+
+    def __init__(self, metrics: ServerMetrics, request_id: str, prompt_tokens: int) -> None:
+        self._metrics = metrics
+        self.request_id = request_id
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+        self.cached_tokens = 0
+        self._arrival = time.time()
+        self._first_token: float | None = None
+        self._last_token: float | None = None
+        self._first_scheduled: float | None = None
+        self._finished_at: float | None = None
+
+    def observe(self, output: RequestOutput) -> None:
+        new_tokens = sum(len(c.token_ids) for c in output.outputs)
+        self.cached_tokens = max(self.cached_tokens, output.num_cached_tokens)
+        timing = output.metrics
+        if timing is not None:
+            self._arrival = timing.arrival_time
+            self._first_scheduled = timing.first_scheduled_time or self._first_scheduled
+            self._finished_at = timing.finished_time or self._finished_at
+        if new_tokens == 0:
+            return
+        now = (timing.last_token_time if timing else None) or time.time()
+        if self._last_token is None:
+            self._first_token = (timing.first_token_time if timing else None) or now
+            self._metrics.ttft.observe(max(0.0, self._first_token - self._arrival))
+        else:
+            self._metrics.itl.observe(max(0.0, now - self._last_token))
+        self._last_token = now
+        self.completion_tokens += new_tokens
+
+    def finish(self, outcome: str) -> None:
+        """Count the outcome, observe end-to-end and queue time, and log the request at DEBUG."""
+        finished = self._finished_at or time.time()
+        latency = max(0.0, finished - self._arrival)
+        self._metrics.count_outcome(outcome)
+        self._metrics.e2e.observe(latency)
+        if self._first_scheduled is not None:
+            self._metrics.queue_time.observe(max(0.0, self._first_scheduled - self._arrival))
+        ttft = None if self._first_token is None else self._first_token - self._arrival
+        logger.debug(
+            "request %s: %s, prompt_tokens=%d completion_tokens=%d cached_tokens=%d latency=%.3fs ttft=%s",
+            self.request_id,
+            outcome,
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.cached_tokens,
+            latency,
+            "-" if ttft is None else f"{ttft:.3f}s",
+        )

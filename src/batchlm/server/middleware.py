@@ -1,0 +1,91 @@
+"""Pure-ASGI middleware (no per-request task, streaming-safe): API-key check and request-body size limit."""
+
+from __future__ import annotations
+
+import hmac
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from batchlm.server.errors import APIError, ErrorObserver, error_response
+
+# Routes that need the API key when one is set; /health, /metrics, /version and the docs stay open.
+PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+
+
+class APIKeyMiddleware:
+    """401 in OpenAI's shape unless `Authorization: Bearer <key>` matches (compared in constant time)."""
+
+    def __init__(self, app: ASGIApp, api_key: str, observe: ErrorObserver) -> None:
+        self.app = app
+        self._expected = f"Bearer {api_key}".encode()
+        self._observe = observe
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] == "OPTIONS" or not _is_protected(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"authorization")
+        if given is not None and hmac.compare_digest(given, self._expected):
+            await self.app(scope, receive, send)
+            return
+        if given is None:
+            message = (
+                "You didn't provide an API key. You need to provide your API key in an Authorization header "
+                "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+            )
+        else:
+            message = "Incorrect API key provided."
+        self._observe(401)
+        await error_response(APIError(401, message, code="invalid_api_key"))(scope, receive, send)
+
+
+def _is_protected(path: str) -> bool:
+    return path.startswith(PROTECTED_PREFIXES)
+
+
+class BodySizeLimitMiddleware:
+    """413 for bodies over `max_bytes`: announced by Content-Length, or counted while reading a chunked
+    body. The body is read here in full (the handlers need all of it anyway) and replayed to the app."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, observe: ErrorObserver) -> None:
+        self.app = app
+        self._max_bytes = max_bytes
+        self._observe = observe
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self._max_bytes:
+            await self._reject(scope, receive, send)
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client left before sending its body: nobody to answer
+            body.extend(message.get("body", b""))
+            if len(body) > self._max_bytes:
+                await self._reject(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        await self.app(scope, _replay(bytes(body), receive), send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._observe(413)
+        error = APIError(413, f"The request body is larger than the limit of {self._max_bytes} bytes.")
+        await error_response(error)(scope, receive, send)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive() that hands out the buffered body once, then defers to the real one (disconnects)."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replayed() -> Message:
+        if pending:
+            return pending.pop()
+        return await receive()
+
+    return replayed

@@ -1,0 +1,123 @@
+"""Request bodies of the OpenAI-compatible API (pydantic): OpenAI's fields plus batchlm's extra sampling fields."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class StrictModel(BaseModel):
+    """Unknown fields are an error (OpenAI answers 'Unrecognized request argument'), never ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChatMessage(StrictModel):
+    """One message of a conversation. Content is a string or a list of parts; only text parts are served."""
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    # Accepted so that a previous response can be sent back; rejected unless empty (no tool use here).
+    tool_calls: list[Any] | None = None
+    tool_call_id: str | None = None
+    function_call: Any = None
+    refusal: str | None = None
+    audio: Any = None
+
+
+class StreamOptions(StrictModel):
+    # Send a last chunk with the token usage (and empty choices) before [DONE].
+    include_usage: bool | None = None
+
+
+class SamplingFields(StrictModel):
+    """Sampling fields shared by chat and completions (OpenAI names, then batchlm's extras)."""
+
+    model: str | None = Field(None, description="Served model name or alias; omitted = the served model.")
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    max_tokens: int | None = Field(None, description="Omitted = up to the context limit.")
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    # OpenAI sends token ids as JSON object keys, hence strings.
+    logit_bias: dict[str, float] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, description="Accepted and ignored.")
+    # batchlm (vLLM-style) extras.
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+
+class ChatCompletionRequest(SamplingFields):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    # Known OpenAI fields batchlm does not serve: a 400 names them unless they hold a neutral value.
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    audio: Any = None
+    modalities: list[str] | None = None
+    prediction: Any = None
+    store: bool | None = None
+    metadata: dict[str, Any] | None = None
+    service_tier: str | None = None
+    reasoning_effort: str | None = None
+    web_search_options: Any = None
+    # Chat-template controls.
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+
+# A prompt: text, a batch of texts, token ids, or a batch of token-id lists.
+PromptInput = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(SamplingFields):
+    """POST /v1/completions."""
+
+    prompt: PromptInput
+    # The completion's top-k log-probabilities per token (OpenAI: up to 5; batchlm: up to 20).
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+    add_special_tokens: bool = Field(True, description="Add the tokenizer's BOS etc. to text prompts.")
+
+
+class TokenizeRequest(StrictModel):
+    """POST /tokenize: either `prompt` (text) or `messages` (rendered with the chat template)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class DetokenizeRequest(StrictModel):
+    """POST /detokenize."""
+
+    model: str | None = None
+    tokens: list[int]

@@ -1,0 +1,183 @@
+"""Edge validation of API requests: the model name, unsupported OpenAI fields, the context limit, and the
+mapping of OpenAI sampling fields onto batchlm's SamplingParams."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from batchlm.engine.client import ModelInfo
+from batchlm.sampling_params import SamplingParams, SamplingParamsError
+from batchlm.server.errors import APIError
+from batchlm.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+# The seed README's examples send these; they name the one served model.
+PLACEHOLDER_MODEL_NAMES = ("default", "default_model")
+
+# (field, accepted value test, why it is refused): known OpenAI fields that batchlm does not serve.
+UnsupportedRule = tuple[str, Callable[[Any], bool], str]
+
+CHAT_UNSUPPORTED: tuple[UnsupportedRule, ...] = (
+    ("tools", lambda v: not v, "tool calling is not supported"),
+    ("tool_choice", lambda v: v in (None, "none"), "tool calling is not supported"),
+    ("functions", lambda v: not v, "function calling is not supported"),
+    ("function_call", lambda v: v in (None, "none"), "function calling is not supported"),
+    ("parallel_tool_calls", lambda v: v is None, "tool calling is not supported"),
+    ("response_format", lambda v: v in (None, {"type": "text"}), "only {'type': 'text'} is supported"),
+    ("audio", lambda v: v is None, "audio output is not supported"),
+    ("modalities", lambda v: v in (None, ["text"]), "only the 'text' modality is supported"),
+    ("prediction", lambda v: v is None, "predicted outputs are not supported"),
+    ("store", lambda v: v in (None, False), "stored completions are not supported"),
+    ("metadata", lambda v: not v, "metadata is only used with stored completions, which are not supported"),
+    ("service_tier", lambda v: v in (None, "auto", "default"), "there is one service tier"),
+    ("reasoning_effort", lambda v: v is None, "reasoning effort is not supported"),
+    ("web_search_options", lambda v: v is None, "web search is not supported"),
+)
+
+
+def check_model(requested: str | None, info: ModelInfo) -> None:
+    """404 unless `requested` names the served model (or one of its aliases); omitted means the served one."""
+    if requested is None or requested == info.served_model_name:
+        return
+    if requested in info.aliases or requested in PLACEHOLDER_MODEL_NAMES:
+        return
+    raise APIError(
+        404,
+        f"The model '{requested}' does not exist. This server serves '{info.served_model_name}'.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def reject_unsupported(request: Any, rules: Iterable[UnsupportedRule]) -> None:
+    for name, accepted, why in rules:
+        if not accepted(getattr(request, name)):
+            raise APIError(400, f"'{name}' is not supported by this server: {why}.", param=name)
+
+
+def check_chat_request(request: ChatCompletionRequest) -> None:
+    """Reject chat requests batchlm cannot honour, before any work is done."""
+    reject_unsupported(request, CHAT_UNSUPPORTED)
+    _check_stream_options(request)
+    if request.top_logprobs is not None and not request.logprobs:
+        raise APIError(400, "'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
+
+
+def check_completion_request(request: CompletionRequest) -> None:
+    _check_stream_options(request)
+    if request.suffix:
+        raise APIError(
+            400, "'suffix' is not supported by this server (no fill-in-the-middle).", param="suffix"
+        )
+    if request.best_of is not None and request.best_of != request.n:
+        raise APIError(
+            400,
+            f"'best_of' must equal 'n' ({request.n}): server-side best-of is not supported.",
+            param="best_of",
+        )
+    if request.echo and request.logprobs is not None:
+        raise APIError(
+            400,
+            "'echo' with 'logprobs' is not supported: prompt log-probabilities are not computed.",
+            param="echo",
+        )
+
+
+def _check_stream_options(request: SamplingFields) -> None:
+    if request.stream_options is not None and not request.stream:
+        raise APIError(
+            400,
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+            param="stream_options",
+        )
+
+
+def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int, prompt_param: str) -> int:
+    """The completion budget: `requested`, or all the room the context leaves. 400 if it does not fit."""
+    room = max_model_len - prompt_len
+    if room <= 0:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens. However, your {prompt_param} "
+            f"resulted in {prompt_len} tokens, leaving no room for a completion. Please reduce the length "
+            f"of the {prompt_param}.",
+            param=prompt_param,
+            code="context_length_exceeded",
+        )
+    if requested is None:
+        return room
+    if requested > room:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{prompt_len + requested} tokens ({prompt_len} in the {prompt_param}, {requested} in the "
+            f"completion). Please reduce the length of the {prompt_param} or completion.",
+            param=prompt_param,
+            code="context_length_exceeded",
+        )
+    return requested
+
+
+def build_sampling_params(
+    request: SamplingFields,
+    *,
+    max_tokens: int,
+    logprobs: int | None,
+    vocab_size: int,
+    param_names: dict[str, str],
+) -> SamplingParams:
+    """Map OpenAI (and extra) sampling fields onto SamplingParams; invalid values become a 400 naming the
+    field as the client spelled it (`param_names` renames SamplingParams fields, e.g. logprobs)."""
+    stop_token_ids = request.stop_token_ids or []
+    _check_token_ids(stop_token_ids, vocab_size, "stop_token_ids")
+    logit_bias = _parse_logit_bias(request.logit_bias, vocab_size)
+    try:
+        return SamplingParams(
+            n=request.n,
+            temperature=1.0 if request.temperature is None else request.temperature,
+            top_p=1.0 if request.top_p is None else request.top_p,
+            top_k=0 if request.top_k is None else request.top_k,
+            min_p=0.0 if request.min_p is None else request.min_p,
+            repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
+            presence_penalty=request.presence_penalty or 0.0,
+            frequency_penalty=request.frequency_penalty or 0.0,
+            seed=request.seed,
+            max_tokens=max_tokens,
+            min_tokens=request.min_tokens,
+            ignore_eos=request.ignore_eos,
+            stop=[request.stop] if isinstance(request.stop, str) else list(request.stop or []),
+            stop_token_ids=stop_token_ids,
+            logprobs=logprobs,
+            logit_bias=logit_bias,
+            skip_special_tokens=request.skip_special_tokens,
+            include_stop_str_in_output=request.include_stop_str_in_output,
+        )
+    except SamplingParamsError as error:
+        raise APIError(400, str(error), param=param_names.get(error.param, error.param)) from error
+
+
+def _parse_logit_bias(raw: dict[str, float] | None, vocab_size: int) -> dict[int, float]:
+    bias: dict[int, float] = {}
+    for key, value in (raw or {}).items():
+        try:
+            bias[int(key)] = value
+        except ValueError:
+            raise APIError(
+                400,
+                f"logit_bias keys must be token ids (integers as strings), got {key!r}.",
+                param="logit_bias",
+            ) from None
+    _check_token_ids(bias, vocab_size, "logit_bias")
+    return bias
+
+
+def _check_token_ids(token_ids: Iterable[int], vocab_size: int, param: str) -> None:
+    bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise APIError(400, f"Token id {bad} in '{param}' is out of range [0, {vocab_size}).", param=param)
+
+
+def check_prompt_token_ids(token_ids: list[int], vocab_size: int, param: str) -> None:
+    if not token_ids:
+        raise APIError(400, f"The {param} is empty: at least one token is needed.", param=param)
+    _check_token_ids(token_ids, vocab_size, param)

@@ -1,0 +1,115 @@
+"""The HTTP routes. Each is thin: it resolves the app's state and hands the work to a serving module."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from batchlm import __version__
+from batchlm.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from batchlm.server.request_params import check_model
+from batchlm.server.responses import (
+    ChatCompletionResponse,
+    CompletionResponse,
+    DetokenizeResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    TokenizeResponse,
+)
+from batchlm.server.serving_chat import create_chat_completion
+from batchlm.server.serving_completions import create_completion
+from batchlm.server.serving_tokens import detokenize, tokenize
+from batchlm.server.state import ServerState, get_state
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503)
+}
+router = APIRouter()
+
+
+@router.get(
+    "/health", summary="200 when the engine serves requests; 503 while loading, dead or shutting down"
+)
+async def health(request: Request) -> JSONResponse:
+    state = get_state(request)
+    engine = state.engine
+    if engine.is_dead:
+        status = "dead"
+    elif state.shutting_down:
+        status = "shutting_down"
+    elif not engine.is_ready:
+        status = "loading"
+    else:
+        return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": status}, status_code=503)
+
+
+@router.get("/version")
+async def version() -> dict[str, str]:
+    return {"version": __version__}
+
+
+@router.get("/metrics", summary="Prometheus metrics (text exposition format)")
+async def metrics(request: Request) -> Response:
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    return Response(get_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _model_card(state: ServerState) -> ModelCard:
+    info = state.ready_model()
+    return ModelCard(id=info.served_model_name, created=state.started_at, max_model_len=info.max_model_len)
+
+
+@router.get("/v1/models", response_model=ModelList, responses=ERRORS)
+async def list_models(request: Request) -> ModelList:
+    return ModelList(data=[_model_card(get_state(request))])
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERRORS)
+async def retrieve_model(request: Request, model_id: str) -> ModelCard:
+    state = get_state(request)
+    card = _model_card(state)
+    check_model(model_id, state.engine.model_info)
+    return card
+
+
+@router.post(
+    "/v1/chat/completions",
+    responses={
+        200: {"model": ChatCompletionResponse, "description": "JSON, or SSE chunks with stream"},
+        **ERRORS,
+    },
+)
+async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
+    return await create_chat_completion(request, body)
+
+
+@router.post(
+    "/v1/completions",
+    responses={
+        200: {"model": CompletionResponse, "description": "JSON, or SSE chunks with stream"},
+        **ERRORS,
+    },
+)
+async def completions(request: Request, body: CompletionRequest) -> Response:
+    return await create_completion(request, body)
+
+
+@router.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)
+async def tokenize_route(request: Request, body: TokenizeRequest) -> TokenizeResponse:
+    return await tokenize(get_state(request), body)
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
+async def detokenize_route(request: Request, body: DetokenizeRequest) -> DetokenizeResponse:
+    return detokenize(get_state(request), body)

@@ -1,0 +1,165 @@
+"""POST /v1/chat/completions: messages -> chat template -> engine -> chat.completion (or its chunks)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from batchlm.outputs import CompletionOutput, RequestOutput
+from batchlm.server.generation import Generation
+from batchlm.server.logprobs import chat_logprobs
+from batchlm.server.metrics import RequestRecorder
+from batchlm.server.prompts import render_chat
+from batchlm.server.protocol import ChatCompletionRequest
+from batchlm.server.request_params import (
+    build_sampling_params,
+    check_chat_request,
+    check_model,
+    resolve_max_tokens,
+)
+from batchlm.server.responding import answer_or_disconnect, collect_choices, start_stream, usage_of
+from batchlm.server.responses import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatResponseMessage,
+    UsageInfo,
+)
+from batchlm.server.state import get_state
+from batchlm.server.streams import sse_event
+
+
+@dataclass(frozen=True)
+class ChatContext:
+    """What every chunk or response of one chat request repeats."""
+
+    request_id: str
+    created: int
+    model: str
+    tokenizer: Any
+    n: int
+    # Top log-probabilities per token, or None when logprobs were not asked for.
+    top_logprobs: int | None
+    include_usage: bool
+
+
+async def create_chat_completion(request: Request, body: ChatCompletionRequest) -> Response:
+    state = get_state(request)
+    info = state.ready_model()
+    check_model(body.model, info)
+    check_chat_request(body)
+    tokenizer = state.engine.tokenizer
+    prompt_ids = await render_chat(
+        tokenizer,
+        body.messages,
+        add_generation_prompt=body.add_generation_prompt,
+        continue_final_message=body.continue_final_message,
+        chat_template_kwargs=body.chat_template_kwargs,
+    )
+    budget_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    max_tokens = resolve_max_tokens(requested, len(prompt_ids), info.max_model_len, "messages")
+    top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    params = build_sampling_params(
+        body,
+        max_tokens=max_tokens,
+        logprobs=top_logprobs,
+        vocab_size=info.vocab_size,
+        param_names={"logprobs": "top_logprobs", "max_tokens": budget_field},
+    )
+    context = ChatContext(
+        request_id=f"chatcmpl-{uuid.uuid4().hex}",
+        created=int(time.time()),
+        model=info.served_model_name,
+        tokenizer=tokenizer,
+        n=body.n,
+        top_logprobs=top_logprobs,
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+    )
+    recorder = RequestRecorder(state.metrics, context.request_id, len(prompt_ids))
+    generation = Generation(state.engine, context.request_id, prompt_ids, params, recorder, state.in_flight)
+    if body.stream:
+        return await start_stream(request, [generation], ChatStreamFormatter(context), state.metrics)
+
+    async def respond() -> Response:
+        response = await _full_response(context, generation)
+        return Response(response.model_dump_json(), media_type="application/json")
+
+    return await answer_or_disconnect(request, [generation], respond)
+
+
+async def _full_response(context: ChatContext, generation: Generation) -> ChatCompletionResponse:
+    results = await collect_choices([generation])
+    choices = []
+    for (_, index), result in sorted(results.items()):
+        logprobs = None
+        if context.top_logprobs is not None:
+            logprobs = chat_logprobs(
+                context.tokenizer, result.token_ids, result.logprobs, context.top_logprobs
+            )
+        choices.append(
+            ChatChoice(
+                index=index,
+                message=ChatResponseMessage(content=result.text),
+                logprobs=logprobs,
+                finish_reason=result.finish_reason,
+            )
+        )
+    return ChatCompletionResponse(
+        id=context.request_id,
+        created=context.created,
+        model=context.model,
+        choices=choices,
+        usage=usage_of([generation]),
+    )
+
+
+class ChatStreamFormatter:
+    """chat.completion.chunk events: a role chunk per choice, content deltas, a finish chunk per choice,
+    and with include_usage a last chunk with the usage and no choices."""
+
+    def __init__(self, context: ChatContext) -> None:
+        self._context = context
+        # Without include_usage OpenAI's chunks carry no "usage" key at all.
+        self._exclude = None if context.include_usage else {"usage"}
+
+    def _chunk(self, choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> bytes:
+        chunk = ChatCompletionChunk(
+            id=self._context.request_id,
+            created=self._context.created,
+            model=self._context.model,
+            choices=choices,
+            usage=usage,
+        )
+        return sse_event(chunk.model_dump_json(exclude=self._exclude))
+
+    def opening(self) -> Iterable[bytes]:
+        role = {"role": "assistant", "content": ""}
+        return [self._chunk([ChatChunkChoice(index=i, delta=dict(role))]) for i in range(self._context.n)]
+
+    def delta(self, position: int, output: RequestOutput) -> Iterator[bytes]:
+        for completion in output.outputs:
+            if completion.text or completion.logprobs:
+                yield self._chunk([self._content_choice(completion)])
+            if completion.finish_reason is not None:
+                finish = ChatChunkChoice(
+                    index=completion.index, delta={}, finish_reason=completion.finish_reason
+                )
+                yield self._chunk([finish])
+
+    def _content_choice(self, completion: CompletionOutput) -> ChatChunkChoice:
+        logprobs = None
+        top = self._context.top_logprobs
+        if top is not None and completion.logprobs:
+            logprobs = chat_logprobs(self._context.tokenizer, completion.token_ids, completion.logprobs, top)
+        return ChatChunkChoice(index=completion.index, delta={"content": completion.text}, logprobs=logprobs)
+
+    def closing(self, usage: UsageInfo) -> Iterable[bytes]:
+        return [self._chunk([], usage)] if self._context.include_usage else []

@@ -1,0 +1,63 @@
+"""What one app instance holds: its settings, the engine, metrics and in-flight requests (no globals)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from starlette.requests import Request
+
+from batchlm.engine.client import EngineClient, ModelInfo
+from batchlm.server.errors import APIError
+from batchlm.server.generation import InFlight
+from batchlm.server.metrics import ServerMetrics
+
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """HTTP-side settings of `batchlm serve` (the engine's live in EngineConfig)."""
+
+    # Address to bind ("0.0.0.0" for all interfaces).
+    host: str = "127.0.0.1"
+    # TCP port to listen on.
+    port: int = 8080
+    # Bearer key required on /v1/*, /tokenize and /detokenize; None leaves them open.
+    api_key: str | None = None
+    # Waiting requests beyond which new ones are refused with 429; None = no limit.
+    max_queue: int | None = 1024
+    # Largest accepted request body, in bytes (413 beyond).
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # Seconds in-flight requests get to finish after SIGINT/SIGTERM before they are aborted.
+    shutdown_timeout_s: float = 30.0
+    # Seconds between the periodic stats log lines (written only while there is activity).
+    stats_log_interval_s: float = 10.0
+    # Log level: DEBUG adds one line per request and the access log.
+    log_level: str = "INFO"
+
+
+@dataclass
+class ServerState:
+    engine: EngineClient
+    settings: ServerSettings
+    metrics: ServerMetrics
+    in_flight: InFlight = field(default_factory=InFlight)
+    # Set when a graceful shutdown starts: /health turns 503 so balancers stop sending work.
+    shutting_down: bool = False
+    started_at: int = field(default_factory=lambda: int(time.time()))
+
+    def ready_model(self) -> ModelInfo:
+        """The served model's info, or 503 while the engine is loading or after it died."""
+        if self.engine.is_dead:
+            raise APIError(
+                503, "The engine has stopped and cannot serve requests.", code="engine_unavailable"
+            )
+        if not self.engine.is_ready:
+            raise APIError(503, "The model is still loading; retry shortly.", code="model_loading")
+        return self.engine.model_info
+
+
+def get_state(request: Request) -> ServerState:
+    state: ServerState = request.app.state.batchlm
+    return state

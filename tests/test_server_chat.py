@@ -1,0 +1,231 @@
+"""POST /v1/chat/completions through the official openai client against a live server on a fake engine."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from fake_engine import FakeEngine, FakeTokenizer, openai_client
+
+from batchlm.server.background import BackgroundServer
+
+REPLY = "Hello from the fake engine."
+USER = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def engine() -> FakeEngine:
+    return FakeEngine(reply=REPLY, max_model_len=256, cached_tokens=3)
+
+
+@pytest.fixture(scope="module")
+def server(engine: FakeEngine) -> Iterator[BackgroundServer]:
+    with BackgroundServer(engine) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server: BackgroundServer) -> Any:
+    return openai_client(server.base_url)
+
+
+def prompt_len(messages: list[dict[str, str]]) -> int:
+    return len(FakeTokenizer().apply_chat_template(messages))
+
+
+def test_non_streaming_response_has_openai_shape_and_usage(client: Any, engine: FakeEngine) -> None:
+    response = client.chat.completions.create(model="fake-model", messages=USER, max_tokens=5)
+    assert response.id.startswith("chatcmpl-")
+    assert response.object == "chat.completion"
+    assert response.model == "fake-model"
+    [choice] = response.choices
+    assert choice.index == 0
+    assert choice.message.role == "assistant"
+    assert choice.message.content == REPLY[:5]
+    assert choice.finish_reason == "length"
+    assert choice.logprobs is None
+    assert response.usage.prompt_tokens == prompt_len(USER)
+    assert response.usage.completion_tokens == 5
+    assert response.usage.total_tokens == prompt_len(USER) + 5
+    assert response.usage.prompt_tokens_details.cached_tokens == 3
+    assert engine.calls[-1].prompt_token_ids == FakeTokenizer().apply_chat_template(USER)
+
+
+def test_eos_finishes_with_stop_and_default_budget_is_the_context_room(client: Any, engine: FakeEngine) -> None:
+    response = client.chat.completions.create(model="fake-model", messages=USER)
+    assert response.choices[0].message.content == REPLY
+    assert response.choices[0].finish_reason == "stop"
+    assert engine.calls[-1].params.max_tokens == 256 - prompt_len(USER)
+
+
+def test_streaming_sends_role_then_content_then_finish(client: Any) -> None:
+    chunks = list(client.chat.completions.create(model="fake-model", messages=USER, max_tokens=6, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[0].choices[0].delta.content == ""
+    assert all(chunk.usage is None for chunk in chunks)
+    content = [c.choices[0].delta.content for c in chunks[1:-1]]
+    assert "".join(content) == REPLY[:6]
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+    last = chunks[-1].choices[0]
+    assert last.finish_reason == "length"
+    assert last.delta.content is None and last.delta.role is None
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_stream_include_usage_adds_a_usage_chunk_with_no_choices(server: BackgroundServer) -> None:
+    body = {"messages": USER, "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", json=body, timeout=30) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    import json
+
+    events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert all("usage" in event for event in events)
+    assert all(event["usage"] is None for event in events[:-1])
+    assert events[-1]["choices"] == []
+    usage = events[-1]["usage"]
+    assert usage["completion_tokens"] == 3
+    assert usage["total_tokens"] == usage["prompt_tokens"] + 3
+
+
+def test_stream_without_include_usage_has_no_usage_key(server: BackgroundServer) -> None:
+    body = {"messages": USER, "max_tokens": 2, "stream": True}
+    with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", json=body, timeout=30) as response:
+        lines = [line for line in response.iter_lines() if line.startswith("data: {")]
+    assert lines and all('"usage"' not in line for line in lines)
+
+
+def test_n_choices_are_ordered_by_index(client: Any) -> None:
+    response = client.chat.completions.create(model="fake-model", messages=USER, n=3, max_tokens=40)
+    assert [c.index for c in response.choices] == [0, 1, 2]
+    assert [c.message.content for c in response.choices] == [REPLY, f"1:{REPLY}", f"2:{REPLY}"]
+    assert response.usage.completion_tokens == sum(len(c.message.content) for c in response.choices)
+
+
+def test_n_choices_stream_by_index(client: Any) -> None:
+    texts: dict[int, str] = {}
+    finishes: dict[int, str] = {}
+    roles = []
+    for chunk in client.chat.completions.create(model="fake-model", messages=USER, n=2, stream=True):
+        for choice in chunk.choices:
+            if choice.delta.role:
+                roles.append(choice.index)
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+    assert roles == [0, 1]
+    assert texts == {0: REPLY, 1: f"1:{REPLY}"}
+    assert finishes == {0: "stop", 1: "stop"}
+
+
+def test_stop_strings_reach_the_engine_and_cut_the_text(client: Any, engine: FakeEngine) -> None:
+    response = client.chat.completions.create(model="fake-model", messages=USER, stop=["fake"])
+    assert engine.calls[-1].params.stop == ["fake"]
+    assert response.choices[0].message.content == "Hello from the "
+    assert response.choices[0].finish_reason == "stop"
+    streamed = client.chat.completions.create(model="fake-model", messages=USER, stop="from", stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == "Hello "
+
+
+def test_sampling_fields_map_onto_sampling_params(client: Any, engine: FakeEngine) -> None:
+    client.chat.completions.create(
+        model="fake-model",
+        messages=USER,
+        temperature=0.5,
+        top_p=0.9,
+        seed=7,
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        logit_bias={"65": 2.5},
+        max_completion_tokens=4,
+        max_tokens=9,
+        user="someone",
+        extra_body={
+            "top_k": 5,
+            "min_p": 0.1,
+            "repetition_penalty": 1.2,
+            "min_tokens": 2,
+            "ignore_eos": True,
+            "stop_token_ids": [7],
+            "skip_special_tokens": False,
+            "include_stop_str_in_output": True,
+        },
+    )
+    params = engine.calls[-1].params
+    assert (params.temperature, params.top_p, params.seed) == (0.5, 0.9, 7)
+    assert (params.presence_penalty, params.frequency_penalty) == (0.5, -0.5)
+    assert params.logit_bias == {65: 2.5}
+    assert params.max_tokens == 4  # max_completion_tokens wins over the deprecated max_tokens
+    assert (params.top_k, params.min_p, params.repetition_penalty, params.min_tokens) == (5, 0.1, 1.2, 2)
+    assert params.ignore_eos and params.include_stop_str_in_output and not params.skip_special_tokens
+    assert params.stop_token_ids == [7]
+    assert params.logprobs is None
+
+
+def test_logprobs_in_chat_format(client: Any) -> None:
+    response = client.chat.completions.create(
+        model="fake-model", messages=USER, max_tokens=3, logprobs=True, top_logprobs=2
+    )
+    content = response.choices[0].logprobs.content
+    assert [entry.token for entry in content] == list(REPLY[:3])
+    assert [entry.bytes for entry in content] == [[ord(ch)] for ch in REPLY[:3]]
+    assert content[0].logprob == pytest.approx(-0.25)
+    assert [alt.token for alt in content[0].top_logprobs] == ["H", "I"]
+    assert [alt.logprob for alt in content[0].top_logprobs] == [pytest.approx(-0.25), pytest.approx(-1.25)]
+
+
+def test_logprobs_without_top_logprobs_gives_empty_alternatives(client: Any, engine: FakeEngine) -> None:
+    response = client.chat.completions.create(model="fake-model", messages=USER, max_tokens=2, logprobs=True)
+    assert engine.calls[-1].params.logprobs == 0
+    assert [entry.top_logprobs for entry in response.choices[0].logprobs.content] == [[], []]
+
+
+def test_streamed_logprobs_follow_each_content_delta(client: Any) -> None:
+    stream = client.chat.completions.create(
+        model="fake-model", messages=USER, max_tokens=3, logprobs=True, top_logprobs=1, stream=True
+    )
+    entries = [c.choices[0].logprobs.content for c in stream if c.choices and c.choices[0].delta.content]
+    assert [[e.token for e in entry] for entry in entries] == [["H"], ["e"], ["l"]]
+
+
+def test_text_parts_system_and_developer_roles_reach_the_template(client: Any, engine: FakeEngine) -> None:
+    messages = [
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]},
+        {"role": "assistant", "content": "ok", "name": "bot"},
+        {"role": "user", "content": "again"},
+    ]
+    client.chat.completions.create(model="fake-model", messages=messages, max_tokens=1)
+    rendered = engine.tokenizer.last_chat["messages"]
+    assert rendered == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "one\ntwo"},
+        {"role": "assistant", "content": "ok", "name": "bot"},
+        {"role": "user", "content": "again"},
+    ]
+
+
+def test_template_controls_are_passed_through(client: Any, engine: FakeEngine) -> None:
+    messages = [*USER, {"role": "assistant", "content": "Sure, "}]
+    client.chat.completions.create(
+        model="fake-model",
+        messages=messages,
+        max_tokens=1,
+        extra_body={
+            "continue_final_message": True,
+            "add_generation_prompt": False,
+            "chat_template_kwargs": {"enable_thinking": False},
+        },
+    )
+    assert engine.tokenizer.last_chat["kwargs"] == {"enable_thinking": False}
+    expected = FakeTokenizer().apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True)
+    assert engine.calls[-1].prompt_token_ids == expected
+
+
+@pytest.mark.parametrize("name", ["default", "default_model", "/models/fake"])
+def test_placeholder_names_and_aliases_are_accepted(client: Any, name: str) -> None:
+    response = client.chat.completions.create(model=name, messages=USER, max_tokens=1)
+    assert response.model == "fake-model"
