@@ -22,15 +22,20 @@ Metric definitions (all per successful request; failures are reported apart):
 See BENCHMARKS.md, section "Benchmark client", for the full definitions."""
 
 
-def add_seed_arguments(parser: argparse.ArgumentParser) -> None:
-    """The seed benchmark_client.py's flags, with its names and defaults."""
+def add_seed_arguments(parser: argparse.ArgumentParser, seed_only: bool = False) -> None:
+    """The seed benchmark_client.py's flags, with its names and defaults. `seed_only` leaves out what
+    `batchlm bench` adds to them (the --num-prompts alias and comma lists for sweeps)."""
     parser.add_argument("--base-url", default="http://localhost:8080/v1", help="API base URL (default: %(default)s)")
     parser.add_argument("--api-key", default="EMPTY", help="API key sent as a Bearer token (default: %(default)s)")
     parser.add_argument("--model", default="default_model",
                         help="model name; 'auto' asks the server's /v1/models (default: %(default)s)")
-    parser.add_argument("--concurrency", default=None, metavar="N[,N...]",
-                        help=f"closed-loop simulated users; a list (1,4,16) sweeps (default: {cfg.SEED_CONCURRENCY})")
-    parser.add_argument("--requests", "--num-prompts", dest="requests", type=int, default=None,
+    if seed_only:
+        parser.add_argument("--concurrency", type=int, default=None,
+                            help=f"simulated users (default: {cfg.SEED_CONCURRENCY})")
+    else:
+        parser.add_argument("--concurrency", default=None, metavar="N[,N...]",
+                            help=f"closed-loop simulated users; a list (1,4,16) sweeps (default: {cfg.SEED_CONCURRENCY})")
+    parser.add_argument("--requests", *([] if seed_only else ["--num-prompts"]), dest="requests", type=int, default=None,
                         help=f"requests to send (default: {cfg.SEED_REQUESTS}; with --duration: size of the "
                         f"prompt pool, default {cfg.DURATION_POOL_SIZE})")
     parser.add_argument("--stream", action="store_true", help="stream responses (needed for TTFT and ITL)")

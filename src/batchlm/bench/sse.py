@@ -35,6 +35,8 @@ class SSEParser:
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         """Adds bytes from the network and returns the events they complete, in order."""
+        if not chunk:
+            return []
         if self._skip_leading_lf and chunk.startswith(b"\n"):
             chunk = chunk[1:]
         self._skip_leading_lf = False

@@ -1,0 +1,143 @@
+"""The command line: the seed client's interface and defaults, vLLM flag names, and flag validation."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from batchlm.bench import cli
+from batchlm.bench.config import BenchConfig, from_args
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse(*argv: str) -> BenchConfig:
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    return from_args(parser.parse_args(list(argv)))
+
+
+def test_no_flags_means_the_seed_clients_simulated_users() -> None:
+    config = parse()
+    assert config.base_url == "http://localhost:8080/v1"
+    assert config.request_url == "http://localhost:8080/v1/chat/completions"
+    assert config.tokenize_url == "http://localhost:8080/tokenize"
+    assert config.headers["Authorization"] == "Bearer EMPTY"
+    assert (config.model, config.stream, config.chat) == ("default_model", False, True)
+    [load] = config.levels
+    assert (load.concurrency, load.request_rate, load.duration_s) == (4, None, None)
+    w = config.workload
+    assert (w.dataset_name, w.num_requests) == ("builtin", 20)
+    assert (w.min_delay, w.max_delay, w.min_tokens, w.max_tokens) == (0.1, 2.0, 10, 512)
+    assert (w.output_len, config.ignore_eos, config.include_usage) == (None, False, True)
+    assert config.percentiles == [50.0, 90.0, 99.0]
+
+
+def test_the_seed_readme_example_parses() -> None:
+    config = parse("--concurrency", "8", "--requests", "50", "--stream", "--model", "mlx-community/Llama")
+    assert (config.levels[0].concurrency, config.workload.num_requests, config.stream) == (8, 50, True)
+    assert config.model == "mlx-community/Llama"
+
+
+def test_full_endpoint_url_is_accepted_as_base_url_like_the_seed() -> None:
+    assert parse("--base-url", "http://h:1/v1/chat/completions/").base_url == "http://h:1/v1"
+    assert parse("--backend", "openai").request_url == "http://localhost:8080/v1/completions"
+
+
+def test_benchmark_client_script_takes_exactly_the_seed_flags() -> None:
+    script = REPO / "benchmark_client.py"
+    seed_help = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, check=True)
+    for flag in ("--base-url", "--api-key", "--model", "--concurrency", "--requests", "--stream",
+                 "--min-delay", "--max-delay", "--min-tokens", "--max-tokens"):
+        assert flag in seed_help.stdout
+    for extra in (["--request-rate", "2"], ["--num-prompts", "3"], ["--concurrency", "1,4"]):
+        rejected = subprocess.run([sys.executable, str(script), *extra], capture_output=True, text=True)
+        assert rejected.returncode == 2, extra
+        assert "error" in rejected.stderr
+
+
+def test_open_loop_flags_use_vllm_semantics() -> None:
+    [load] = parse("--request-rate", "2.5", "--burstiness", "0.5", "--max-concurrency", "8").levels
+    assert (load.concurrency, load.request_rate, load.burstiness, load.max_concurrency) == (None, 2.5, 0.5, 8)
+    [capped] = parse("--max-concurrency", "16").levels  # alone: all arrivals at once, 16 in flight
+    assert capped.request_rate == math.inf and capped.max_concurrency == 16
+    config = parse("--request-rate", "2")
+    assert (config.workload.min_delay, config.workload.max_delay) == (0.0, 0.0)
+
+
+def test_sweeps_give_one_level_per_value() -> None:
+    config = parse("--concurrency", "1,4,16,64")
+    assert [level.concurrency for level in config.levels] == [1, 4, 16, 64]
+    assert config.sweep_name == "concurrency"
+    rates = parse("--request-rate", "1,inf", "--max-concurrency", "4")
+    assert [level.request_rate for level in rates.levels] == [1.0, math.inf]
+    assert rates.sweep_name == "request_rate"
+    assert parse("--concurrency", "4").sweep_name is None
+
+
+def test_fixed_length_mode_sends_ignore_eos_and_picks_random_prompts() -> None:
+    config = parse("--input-len", "128", "--output-len", "64")
+    assert (config.workload.dataset_name, config.workload.input_len, config.workload.output_len) == ("random", 128, 64)
+    assert config.ignore_eos
+    assert parse("--dataset-name", "custom", "--dataset-path", "x.jsonl").workload.dataset_name == "jsonl"
+
+
+def test_duration_mode_uses_a_larger_prompt_pool() -> None:
+    config = parse("--duration", "30")
+    assert (config.levels[0].duration_s, config.workload.num_requests) == (30.0, 1000)
+    assert parse("--duration", "30", "--requests", "7").workload.num_requests == 7
+
+
+def test_extra_body_headers_and_sampling_flags_reach_the_request() -> None:
+    config = parse("--temperature", "0", "--extra-body", '{"top_k": 5, "seed": 1}', "--header", "X-A=1")
+    assert config.extra_body == {"temperature": 0.0, "top_k": 5, "seed": 1}
+    assert config.headers["X-A"] == "1"
+    assert not parse("--no-include-usage").include_usage
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--burstiness", "2"], "--burstiness shapes open-loop arrivals"),
+        (["--request-rate", "2", "--concurrency", "4"], "use --max-concurrency"),
+        (["--concurrency", "1,2", "--max-concurrency", "1,2"], "sweep one flag at a time"),
+        (["--output-len", "8", "--max-tokens", "9"], "--output-len fixes max_tokens"),
+        (["--input-len", "8", "--dataset-name", "builtin"], "does not apply to the builtin dataset"),
+        (["--dataset-name", "random"], "needs --input-len"),
+        (["--dataset-name", "sharegpt"], "needs --dataset-path"),
+        (["--min-delay", "3"], "--max-delay must be >= 3"),
+        (["--min-tokens", "0"], "--min-tokens must be >= 1"),
+        (["--request-rate", "0"], "--request-rate must be > 0"),
+        (["--request-rate", "2", "--min-delay", "1"], "closed-loop think times"),
+        (["--concurrency", "four"], "--concurrency: expected comma-separated int"),
+        (["--extra-body", "[1]"], "--extra-body must be a JSON object"),
+        (["--header", "novalue"], "--header expects KEY=VALUE"),
+        (["--metric-percentiles", "50,150"], "not within 0..100"),
+        (["--base-url", "localhost:8080/v1"], "must start with http://"),
+    ],
+)
+def test_bad_flag_combinations_are_rejected_with_the_flag_named(argv: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        parse(*argv)
+
+
+def test_run_reports_bad_flags_on_stderr_with_status_2(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    assert cli.run(parser.parse_args(["--burstiness", "2"])) == 2
+    assert "batchlm bench: error: --burstiness" in capsys.readouterr().err
+
+
+def test_batchlm_cli_dispatches_bench(capsys: pytest.CaptureFixture[str]) -> None:
+    from batchlm.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--request-rate" in out and "Metric definitions" in out
