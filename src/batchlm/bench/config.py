@@ -155,7 +155,7 @@ def _workload(args: argparse.Namespace, open_loop: bool) -> WorkloadConfig:
         raise ValueError(f"the {dataset} dataset needs --dataset-path")
     if args.output_len is not None and (args.min_tokens is not None or args.max_tokens is not None):
         raise ValueError("--output-len fixes max_tokens; do not combine it with --min-tokens/--max-tokens")
-    if open_loop and (args.min_delay is not None or args.max_delay is not None):
+    if open_loop and ((args.min_delay or 0) > 0 or (args.max_delay or 0) > 0):
         raise ValueError("--min-delay/--max-delay are closed-loop think times; open loop (--request-rate) paces by arrivals")
     min_tokens = _at_least(args.min_tokens if args.min_tokens is not None else SEED_MIN_TOKENS, 1, "min-tokens")
     max_tokens = _at_least(args.max_tokens if args.max_tokens is not None else SEED_MAX_TOKENS, min_tokens, "max-tokens")
