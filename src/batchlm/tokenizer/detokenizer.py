@@ -1,0 +1,118 @@
+"""Incremental detokenization of a token stream into UTF-8-safe text deltas, with stop strings.
+
+Invariant: let `ids` be every id passed to `update`. Then
+    "".join(all update() deltas) + finish() == tokenizer.decode(ids, skip_special_tokens)
+truncated at the first completed stop string (see StopStringMatcher), which is excluded unless
+include_stop_str_in_output; nothing after it is ever emitted. A delta never ends inside a multi-byte
+character (the tail that decodes to U+FFFD is held until it completes, or until finish()), and text that
+could be the start of a stop string is held back until decided.
+
+For context-dependent tokenizers (SentencePiece drops the leading space of a sequence) the text is
+decoded as a continuation of the prompt, as the model produced it: a first token '▁Paris' after the
+prompt 'The capital of France is' yields ' Paris', where decode(ids) alone would give 'Paris'. For
+byte-level BPE tokenizers (GPT-2, Llama 3, Qwen, the demo model) the two are identical.
+
+Each update costs O(new tokens): only a small window of ids is decoded, from `prefix_offset` (the
+tokens that give the new ones their context) up to the end, and the text of the window up to
+`read_offset` is what was already emitted. (While the text keeps ending in U+FFFD, e.g. a model
+emitting invalid bytes, the window grows until it stops doing so; finish() flushes it.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from batchlm.tokenizer.stop_strings import StopStringMatcher
+
+if TYPE_CHECKING:
+    from batchlm.tokenizer.tokenizer import Tokenizer
+
+REPLACEMENT_CHAR = "\ufffd"
+# Prompt tokens decoded ahead of the output so its first token gets its left context.
+PROMPT_CONTEXT_TOKENS = 5
+
+
+class IncrementalDetokenizer:
+    """Turns one sequence's generated token ids into text deltas.
+
+    The engine front end should not feed the EOS / stop token that ended generation unless its text is
+    wanted (with skip_special_tokens=True special tokens decode to nothing anyway).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prompt_token_ids: Sequence[int],
+        skip_special_tokens: bool = True,
+        stop: Sequence[str] = (),
+        include_stop_str_in_output: bool = False,
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
+        self._stop_matcher = StopStringMatcher(stop, include_stop_str_in_output)
+        context = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])
+        context_text = self._decode(context)
+        if context_text.endswith(REPLACEMENT_CHAR):
+            # The prompt ends inside a character: decode the output on its own rather than emit text
+            # that would complete (and so rewrite) the prompt's last character.
+            context, context_text = [], ""
+        # Context tokens followed by every output token.
+        self._ids: list[int] = context
+        # Start of the decoded window, and the first token whose text is not fully emitted.
+        self.prefix_offset = 0
+        self.read_offset = len(context)
+        # Characters of the current window's text already emitted (or belonging to the context).
+        self._window_emitted = len(context_text)
+        # Emitted deltas, joined lazily (re-joining on every update would cost O(output) per token).
+        self._pieces: list[str] = []
+        self._finished = False
+        # The stop string that ended the text, once one is matched.
+        self.stop_reason: str | None = None
+
+    @property
+    def output_text(self) -> str:
+        """Everything emitted so far."""
+        if len(self._pieces) > 1:
+            self._pieces = ["".join(self._pieces)]
+        return self._pieces[0] if self._pieces else ""
+
+    def update(self, new_token_ids: Sequence[int]) -> str:
+        """Add generated ids; return the new text that is now safe to show (often "")."""
+        if self._finished:
+            raise RuntimeError("IncrementalDetokenizer.update() called after finish()")
+        if not new_token_ids or self.stop_reason is not None:
+            return ""
+        self._ids.extend(new_token_ids)
+        window = self._decode(self._ids[self.prefix_offset :])
+        if window.endswith(REPLACEMENT_CHAR):
+            # The last character may be incomplete: show only what precedes the replacement chars.
+            stable_end = len(window.rstrip(REPLACEMENT_CHAR))
+            new_text = window[self._window_emitted : stable_end]
+            self._window_emitted = max(self._window_emitted, stable_end)
+            return self._release(new_text)
+        new_text = window[self._window_emitted :]
+        # Everything up to here is emitted: the tokens just read become the next window's context.
+        self.prefix_offset, self.read_offset = self.read_offset, len(self._ids)
+        self._window_emitted = len(self._decode(self._ids[self.prefix_offset :]))
+        return self._release(new_text)
+
+    def finish(self) -> str:
+        """Release all held-back text (never past a stop string). Further calls return ""."""
+        if self._finished:
+            return ""
+        self._finished = True
+        if self.stop_reason is not None:
+            return ""
+        window = self._decode(self._ids[self.prefix_offset :])
+        return self._release(window[self._window_emitted :], final=True)
+
+    def _decode(self, token_ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(token_ids, skip_special_tokens=self._skip_special_tokens)
+
+    def _release(self, text: str, final: bool = False) -> str:
+        released = self._stop_matcher.feed(text, final=final)
+        self.stop_reason = self._stop_matcher.stop_reason
+        if released:
+            self._pieces.append(released)
+        return released

@@ -1,0 +1,228 @@
+"""The engine's tokenizer: a Hugging Face tokenizer plus EOS ids, chat-template rendering and token text."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from batchlm.tokenizer.chat_template import resolve_chat_template
+from batchlm.tokenizer.token_bytes import TokenBytes
+
+if TYPE_CHECKING:
+    import tokenizers
+    from transformers import PreTrainedTokenizerBase
+
+# apply_chat_template's own parameters: passing them through chat_template_kwargs would change how
+# transformers renders or tokenizes instead of reaching the template, so they are refused.
+_RESERVED_TEMPLATE_KWARGS = frozenset(
+    {
+        "conversation", "messages", "chat_template", "add_generation_prompt", "continue_final_message",
+        "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+        "return_assistant_tokens_mask", "tokenizer_kwargs", "sanitize_control_tokens",
+    }
+)  # fmt: skip
+
+
+class Tokenizer:
+    """Wraps a transformers tokenizer with what the server and engine need.
+
+    `decode` uses the Rust backend directly when that gives the same text as transformers' decode
+    (it is called twice per generated token by the incremental detokenizer).
+    """
+
+    def __init__(
+        self,
+        hf: PreTrainedTokenizerBase,
+        eos_token_ids: Sequence[int] = (),
+        chat_template: str | None = None,
+        name_or_path: str = "",
+    ) -> None:
+        self.hf = hf
+        self.name_or_path = name_or_path or str(getattr(hf, "name_or_path", ""))
+        # Every id the tokenizer can produce or decode, added tokens included.
+        self.vocab_size: int = len(hf)
+        self.bos_token_id: int | None = hf.bos_token_id
+        self.eos_token_ids: tuple[int, ...] = _unique_ids([*eos_token_ids, hf.eos_token_id])
+        # The Jinja template apply_chat_template renders (the override, else the tokenizer's own).
+        self.chat_template: str | None = chat_template or _own_chat_template(hf)
+        self._backend = _exact_backend(hf)
+        self._adds_bos = self._tokenizer_adds_bos()
+        self._token_bytes = TokenBytes(hf)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, chat_template: str | None = None, trust_remote_code: bool = False
+    ) -> Tokenizer:
+        """Load from a local model directory. `chat_template` overrides the model's template and is a
+        file path or a literal Jinja string. EOS ids are the union of generation_config.json's
+        eos_token_id (int or list; config.json's when there is no generation config) and the tokenizer's."""
+        from transformers import AutoTokenizer
+
+        directory = Path(path).expanduser()
+        if not directory.is_dir():
+            raise FileNotFoundError(
+                f"tokenizer directory {directory} does not exist (a local directory is expected)"
+            )
+        try:
+            hf = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+        except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for a bad directory
+            raise ValueError(f"could not load a tokenizer from {directory}: {exc}") from exc
+        template = resolve_chat_template(chat_template) if chat_template is not None else None
+        tokenizer = cls(hf, _configured_eos_ids(directory), template, str(directory))
+        tokenizer._check_template_syntax()
+        return tokenizer
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of `token_ids`; ids outside the vocabulary decode to nothing."""
+        if self._backend is not None:
+            return self._backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+        return str(self.hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens))
+
+    def render_chat_template(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict | None = None,
+        continue_final_message: bool = False,
+    ) -> str:
+        """The prompt text for `messages`, rendered by transformers' sandboxed Jinja environment.
+
+        Raises ValueError when there is no template, the arguments conflict, or rendering fails
+        (including a template's own raise_exception).
+        """
+        import jinja2
+
+        if self.chat_template is None:
+            raise ValueError(
+                f"the model {self.name_or_path or '(unnamed)'} has no chat template; supply one with "
+                "--chat-template (a file path or a literal Jinja string)"
+            )
+        if not messages:
+            raise ValueError("messages must contain at least one message")
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+        kwargs = _checked_template_kwargs(chat_template_kwargs)
+        try:
+            rendered = self.hf.apply_chat_template(
+                messages,
+                chat_template=self.chat_template,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                tokenize=False,
+                **kwargs,
+            )
+        except jinja2.TemplateError as exc:
+            raise ValueError(f"the chat template failed to render these messages: {exc}") from exc
+        assert isinstance(rendered, str), type(rendered)
+        return rendered
+
+    def apply_chat_template(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict | None = None,
+        continue_final_message: bool = False,
+    ) -> list[int]:
+        """Token ids of the rendered chat. The special tokens the template writes are encoded as such;
+        BOS appears exactly once when this tokenizer adds one by default, whether or not the template
+        writes it (transformers alone would leave it out when the template does not)."""
+        text = self.render_chat_template(
+            messages, add_generation_prompt, chat_template_kwargs, continue_final_message
+        )
+        ids = self.encode(text, add_special_tokens=False)
+        if self._adds_bos and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
+            ids.insert(0, self.bos_token_id)
+        return ids
+
+    def convert_ids_to_tokens(self, token_ids: Sequence[int]) -> list[str]:
+        """Raw vocabulary strings (e.g. 'Ġhello' for byte-level BPE); '' for ids outside the vocabulary."""
+        tokens = self.hf.convert_ids_to_tokens(list(token_ids))
+        return [token if isinstance(token, str) else "" for token in tokens]
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes a token contributes to the text (OpenAI logprobs' `bytes`)."""
+        return self._token_bytes(token_id)
+
+    def token_to_text(self, token_id: int) -> str:
+        """A token's text for logprobs' `token` field. A token holding part of a multi-byte character
+        shows its bytes as \\xNN escapes instead of U+FFFD, so it stays distinguishable."""
+        return self._token_bytes(token_id).decode("utf-8", errors="backslashreplace")
+
+    def _tokenizer_adds_bos(self) -> bool:
+        if self.bos_token_id is None:
+            return False
+        return self.encode("a", add_special_tokens=True)[:1] == [self.bos_token_id]
+
+    def _check_template_syntax(self) -> None:
+        """Fail at start-up, not on the first request, when the template is not valid Jinja."""
+        import jinja2
+
+        if self.chat_template is None:
+            return
+        try:
+            self.hf.apply_chat_template(
+                [{"role": "user", "content": "hi"}], chat_template=self.chat_template, tokenize=False
+            )
+        except jinja2.TemplateSyntaxError as exc:
+            raise ValueError(f"the chat template is not valid Jinja: {exc}") from exc
+        except Exception:  # a template may legitimately reject this probe conversation
+            pass
+
+
+def _unique_ids(ids: Sequence[int | None]) -> tuple[int, ...]:
+    seen: dict[int, None] = {}
+    for token_id in ids:
+        if token_id is not None:
+            seen[int(token_id)] = None
+    return tuple(seen)
+
+
+def _configured_eos_ids(directory: Path) -> list[int]:
+    """eos_token_id of generation_config.json (else config.json), as a list; [] when neither sets it."""
+    for name in ("generation_config.json", "config.json"):
+        file = directory / name
+        if not file.is_file():
+            continue
+        try:
+            value = json.loads(file.read_text(encoding="utf-8")).get("eos_token_id")
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{file} is not valid JSON: {exc}") from exc
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"eos_token_id in {file} must be an int or a list of ints, got {value!r}")
+        return values
+    return []
+
+
+def _own_chat_template(hf: PreTrainedTokenizerBase) -> str | None:
+    template = getattr(hf, "chat_template", None)
+    if isinstance(template, Mapping):  # several named templates: the "default" one serves chat requests
+        template = template.get("default")
+    return template if isinstance(template, str) and template else None
+
+
+def _checked_template_kwargs(kwargs: dict | None) -> dict[str, Any]:
+    kwargs = dict(kwargs or {})
+    clashes = sorted(_RESERVED_TEMPLATE_KWARGS.intersection(kwargs))
+    if clashes:
+        raise ValueError(f"chat_template_kwargs may not set {', '.join(clashes)}")
+    return kwargs
+
+
+def _exact_backend(hf: PreTrainedTokenizerBase) -> tokenizers.Tokenizer | None:
+    """The Rust tokenizer when decoding through it equals hf.decode: a stock fast tokenizer whose
+    decode does no clean-up of spaces."""
+    from transformers import PreTrainedTokenizerFast
+
+    if not isinstance(hf, PreTrainedTokenizerFast) or type(hf)._decode is not PreTrainedTokenizerFast._decode:
+        return None
+    if getattr(hf, "clean_up_tokenization_spaces", False):
+        return None
+    return hf.backend_tokenizer

@@ -1,0 +1,81 @@
+"""Tests for StopStringMatcher: first-completed stop string, hold-back, inclusion."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from batchlm.tokenizer.stop_strings import StopStringMatcher
+
+
+def expected_output(text: str, stops: list[str], include: bool) -> tuple[str, str | None]:
+    """Reference: scan the whole text for the stop string that is completed first."""
+    best: tuple[int, int, str] | None = None
+    for stop in stops:
+        start = text.find(stop)
+        if start >= 0:
+            candidate = (start + len(stop), -len(stop), stop)
+            best = candidate if best is None or candidate < best else best
+    if best is None:
+        return text, None
+    end, _, stop = best
+    return text[: end if include else end - len(stop)], stop
+
+
+def feed_in_pieces(matcher: StopStringMatcher, text: str, cuts: list[int]) -> list[str]:
+    bounds = sorted({0, len(text), *(c % (len(text) + 1) for c in cuts)})
+    released = [matcher.feed(text[a:b]) for a, b in itertools.pairwise(bounds)]
+    return [*released, matcher.feed("", final=True)]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    text=st.text(alphabet="abc.", max_size=30),
+    stops=st.lists(st.text(alphabet="abc.", min_size=1, max_size=4), max_size=3),
+    cuts=st.lists(st.integers(0, 40), max_size=8),
+    include=st.booleans(),
+)
+def test_matches_the_whole_text_reference(
+    text: str, stops: list[str], cuts: list[int], include: bool
+) -> None:
+    matcher = StopStringMatcher(stops, include)
+    released = feed_in_pieces(matcher, text, cuts)
+    assert ("".join(released), matcher.stop_reason) == expected_output(text, stops, include)
+
+
+def test_holds_back_a_possible_stop_until_decided() -> None:
+    matcher = StopStringMatcher(["STOP"])
+    assert matcher.feed("hello ST") == "hello "
+    assert matcher.feed("A") == "STA"  # "STA" cannot start "STOP": released
+    assert matcher.feed("y ST") == "y "
+    assert matcher.feed("OP and more") == ""
+    assert matcher.stop_reason == "STOP"
+    assert matcher.feed("ignored", final=True) == ""
+
+
+def test_first_completed_stop_wins_over_earlier_start() -> None:
+    matcher = StopStringMatcher(["abcd", "bc"])
+    assert matcher.feed("xabcd") == "xa"
+    assert matcher.stop_reason == "bc"
+
+
+def test_inclusion_releases_without_holding_back() -> None:
+    matcher = StopStringMatcher(["</s>"], include_stop_str_in_output=True)
+    assert matcher.feed("text </") == "text </"
+    assert matcher.feed("s> tail") == "s>"
+    assert matcher.stop_reason == "</s>"
+
+
+def test_no_stops_passes_text_through() -> None:
+    matcher = StopStringMatcher()
+    assert matcher.feed("abc") == "abc"
+    assert matcher.stop_reason is None
+
+
+@pytest.mark.parametrize(("stop", "error"), [("abc", TypeError), ([""], ValueError)])
+def test_bad_stop_arguments(stop: object, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        StopStringMatcher(stop)  # type: ignore[arg-type]
