@@ -23,7 +23,7 @@ def _write_kv_kernel(
     stride_c_block,
     stride_c_tok,
     stride_c_head,
-    block_size,
+    BLOCK_SIZE: tl.constexpr,
     KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -32,8 +32,8 @@ def _write_kv_kernel(
     slot = tl.load(slot_ptr + token).to(tl.int64)
     # Padding rows (CUDA-graph batches) carry slot -1: they own no cache slot.
     if slot >= 0:
-        block = slot // block_size
-        offset = slot % block_size
+        block = slot // BLOCK_SIZE
+        offset = slot % BLOCK_SIZE
         heads = tl.arange(0, BLOCK_H)
         dims = tl.arange(0, HEAD_DIM)
         mask = (heads < KV_HEADS)[:, None]
@@ -69,7 +69,7 @@ def write_kv_cache(
         key, value, kv_cache, slot_mapping,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-        block_size,
+        BLOCK_SIZE=block_size,
         KV_HEADS=num_kv_heads,
         HEAD_DIM=head_dim,
         BLOCK_H=next_power_of_2(num_kv_heads),

@@ -67,7 +67,7 @@ def _decode_kernel(
     stride_qb, stride_qh, stride_ob, stride_oh,
     stride_c_kv, stride_c_block, stride_c_tok, stride_c_head,
     stride_bt,
-    block_size,
+    BLOCK_SIZE: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -99,7 +99,7 @@ def _decode_kernel(
     if NUM_SPLITS == 1:
         acc, row_max, row_sum = attend_range(
             q, acc, row_max, row_sum, seq_len, kv_base, block_row, start, end, end, qk_scale,
-            stride_c_kv, stride_c_block, stride_c_tok, block_size,
+            stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
             HEAD_DIM, BLOCK_N, MASK_RANGE, DOT_PRECISION,
         )  # fmt: skip
         # Padding rows (seq_len 0) saw nothing: row_sum 0, output zeros.
@@ -110,7 +110,7 @@ def _decode_kernel(
         if start < end:
             acc, row_max, row_sum = attend_range(
                 q, acc, row_max, row_sum, seq_len, kv_base, block_row, start, end, end, qk_scale,
-                stride_c_kv, stride_c_block, stride_c_tok, block_size,
+                stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
                 HEAD_DIM, BLOCK_N, MASK_RANGE, DOT_PRECISION,
             )  # fmt: skip
             # Each slice stores its normalised result and its log2-sum-exp weight.
@@ -189,7 +189,7 @@ def paged_decode_attention(
         query, kv_cache, block_tables, seq_lens, out, part_out, part_lse, scale * LOG2_E,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-        block_tables.stride(0), shape.block_size,
+        block_tables.stride(0), BLOCK_SIZE=shape.block_size,
         GROUP=shape.group_size, BLOCK_G=max(16, next_power_of_2(shape.group_size)),
         HEAD_DIM=shape.head_dim, BLOCK_N=cfg.block_n, NUM_SPLITS=num_splits,
         DOT_PRECISION=dot_precision(query.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,

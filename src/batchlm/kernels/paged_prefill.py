@@ -54,7 +54,7 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_c_kv, stride_c_block, stride_c_tok, stride_c_head,
     stride_bt,
-    block_size,
+    BLOCK_SIZE: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -88,12 +88,12 @@ def _prefill_kernel(
         kv_end = ctx_len + tl.minimum(first_token + TOKENS_PER_TILE, q_len)
         acc, row_max, row_sum = attend_range(
             q, acc, row_max, row_sum, q_pos, kv_base, block_row, 0, unmasked_stop, kv_end, qk_scale,
-            stride_c_kv, stride_c_block, stride_c_tok, block_size,
+            stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
             HEAD_DIM, BLOCK_N, MASK_NONE, DOT_PRECISION,
         )  # fmt: skip
         acc, row_max, row_sum = attend_range(
             q, acc, row_max, row_sum, q_pos, kv_base, block_row, unmasked_stop, kv_end, kv_end, qk_scale,
-            stride_c_kv, stride_c_block, stride_c_tok, block_size,
+            stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
             HEAD_DIM, BLOCK_N, MASK_CAUSAL, DOT_PRECISION,
         )  # fmt: skip
         result = acc / tl.where(row_sum > 0.0, row_sum, 1.0)[:, None]
@@ -135,7 +135,7 @@ def paged_prefill_attention(
         query, kv_cache, block_tables, seq_lens, query_start_loc, out, scale * LOG2_E,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-        block_tables.stride(0), shape.block_size,
+        block_tables.stride(0), BLOCK_SIZE=shape.block_size,
         GROUP=shape.group_size, BLOCK_M=cfg.block_m, TOKENS_PER_TILE=tokens_per_tile,
         HEAD_DIM=shape.head_dim, BLOCK_N=cfg.block_n, DOT_PRECISION=dot_precision(query.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

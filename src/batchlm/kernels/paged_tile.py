@@ -28,17 +28,17 @@ def attend_tile(
     tile_start,
     kv_end,
     qk_scale,
-    stride_c_kv, stride_c_block, stride_c_tok, block_size,
+    stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     tokens = tile_start + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
     if MASK_MODE == 0:
-        blocks = tl.load(block_row + tokens // block_size)
+        blocks = tl.load(block_row + tokens // BLOCK_SIZE)
     else:
         in_range = tokens < kv_end
-        blocks = tl.load(block_row + tokens // block_size, mask=in_range, other=0)
-    rows = blocks.to(tl.int64) * stride_c_block + (tokens % block_size) * stride_c_tok  # [BLOCK_N]
+        blocks = tl.load(block_row + tokens // BLOCK_SIZE, mask=in_range, other=0)
+    rows = blocks.to(tl.int64) * stride_c_block + (tokens % BLOCK_SIZE) * stride_c_tok  # [BLOCK_N]
     k_ptrs = kv_base + rows[:, None] + dims[None, :]  # [BLOCK_N, HEAD_DIM]
     if MASK_MODE == 0:
         k = tl.load(k_ptrs)
@@ -69,13 +69,13 @@ def attend_range(
     kv_start,  # first context token of the range (BLOCK_N-aligned where MASK_MODE is 0)
     kv_stop,  # loop bound: tiles start below it
     kv_end,  # tokens at or past it are hidden (MASK_RANGE / MASK_CAUSAL)
-    qk_scale, stride_c_kv, stride_c_block, stride_c_tok, block_size,
+    qk_scale, stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     for tile_start in range(kv_start, kv_stop, BLOCK_N):
         acc, row_max, row_sum = attend_tile(
             q, acc, row_max, row_sum, q_pos, kv_base, block_row, tile_start, kv_end, qk_scale,
-            stride_c_kv, stride_c_block, stride_c_tok, block_size,
+            stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
             HEAD_DIM, BLOCK_N, MASK_MODE, DOT_PRECISION,
         )  # fmt: skip
     return acc, row_max, row_sum

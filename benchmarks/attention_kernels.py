@@ -1,0 +1,181 @@
+"""Micro-benchmark of the Triton paged-attention kernels against the GPU's own copy bandwidth.
+
+Decode is memory-bound: its floor is the KV bytes it must read over the device-to-device copy rate
+measured in the same run (read + write bytes counted). Prefill is reported in TFLOP/s next to torch's
+scaled_dot_product_attention on the same (contiguous, unpaged) tensors.
+
+    PYTHONPATH=src python benchmarks/attention_kernels.py [--json out.json] [--sweep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+from batchlm.kernels.kv_write import write_kv_cache
+from batchlm.kernels.paged_decode import DecodeConfig, _sm_count, choose_num_splits, paged_decode_attention
+from batchlm.kernels.paged_prefill import PrefillConfig, paged_prefill_attention
+
+DTYPE = torch.bfloat16
+ELEM = 2  # bytes per bf16 element
+
+
+@dataclass
+class Row:
+    name: str
+    ms: float
+    metric: float  # GB/s for memory-bound rows, TFLOP/s for prefill rows
+    unit: str
+    of_peak: float  # metric over the measured ceiling
+
+
+def median_ms(fn: Callable[[], object]) -> float:
+    """Median of event-timed runs, L2 flushed before each (triton's do_bench)."""
+    return float(do_bench(fn, warmup=50, rep=300, return_mode="median"))
+
+
+def copy_bandwidth_gbs() -> float:
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() / ms / 1e6  # bytes read + written
+
+
+def paged_setup(batch: int, context: int, kv_heads: int, head_dim: int, block_size: int):
+    """A cache holding `batch` contexts on shuffled blocks, with their tables and lengths."""
+    per_seq = math.ceil(context / block_size)
+    num_blocks = batch * per_seq
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, device="cuda", dtype=DTYPE)
+    tables = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(batch, per_seq)
+    seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    return cache, tables.contiguous(), seq_lens
+
+
+def bench_decode(
+    batch: int, context: int, peak: float, sweep: bool, heads: int = 32, kv_heads: int = 8, head_dim: int = 64
+) -> list[Row]:
+    cache, tables, seq_lens = paged_setup(batch, context, kv_heads, head_dim, 16)
+    query = torch.randn(batch, heads, head_dim, device="cuda", dtype=DTYPE)
+    out = torch.empty_like(query)
+    kv_bytes = 2 * batch * context * kv_heads * head_dim * ELEM
+    auto = choose_num_splits(batch, kv_heads, tables.shape[1] * 16, _sm_count(query.device))
+    variants: list[tuple[str, DecodeConfig, int | None]] = [("auto", DecodeConfig(), None)]
+    if sweep:
+        splits = sorted({1, 2, 4, 8, 16, 32, 64, auto})
+        variants += [(f"splits={s}", DecodeConfig(), s) for s in splits]
+        for block_n in (32, 64, 128):
+            for warps in (2, 4, 8):
+                for stages in (2, 3, 4):
+                    variants.append(
+                        (f"n{block_n}w{warps}s{stages}", DecodeConfig(block_n, warps, stages), None)
+                    )
+    rows = []
+    for label, cfg, splits_override in variants:
+        fn = lambda c=cfg, s=splits_override: paged_decode_attention(  # noqa: E731
+            query, cache, seq_lens, tables, 0.125, out=out, num_splits=s, config=c
+        )
+        ms = median_ms(fn)
+        gbs = kv_bytes / ms / 1e6
+        rows.append(
+            Row(f"decode B={batch} ctx={context} {label} (auto splits={auto})", ms, gbs, "GB/s", gbs / peak)
+        )
+    rows.append(graph_replay_row(batch, context, kv_bytes, peak, query, cache, seq_lens, tables, out))
+    return rows
+
+
+def graph_replay_row(batch, context, kv_bytes, peak, query, cache, seq_lens, tables, out) -> Row:
+    """Per-call time of the decode captured in a CUDA graph, 20 calls per replay (L2 stays warm)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(20):
+            paged_decode_attention(query, cache, seq_lens, tables, 0.125, out=out)
+    ms = median_ms(graph.replay) / 20
+    gbs = kv_bytes / ms / 1e6
+    return Row(f"decode B={batch} ctx={context} cuda-graph x20 (warm L2)", ms, gbs, "GB/s", gbs / peak)
+
+
+def bench_kv_write(tokens: int, peak: float, kv_heads: int = 8, head_dim: int = 64) -> list[Row]:
+    """Our kernel (skips slot -1 on the device) next to torch's index_copy_ (cannot skip)."""
+    cache, _, _ = paged_setup(64, 2048, kv_heads, head_dim, 16)
+    key = torch.randn(tokens, kv_heads, head_dim, device="cuda", dtype=DTYPE)
+    value = torch.randn_like(key)
+    slots = torch.randperm(cache.shape[1] * 16, device="cuda")[:tokens]
+    flat = cache.view(2, -1, kv_heads, head_dim)
+    moved = 2 * 2 * key.numel() * ELEM  # read k, v; write both
+
+    def torch_write() -> None:
+        flat[0].index_copy_(0, slots, key)
+        flat[1].index_copy_(0, slots, value)
+
+    rows = []
+    for label, fn in (
+        ("triton", lambda: write_kv_cache(key, value, cache, slots)),
+        ("torch index_copy_", torch_write),
+    ):
+        ms = median_ms(fn)
+        rows.append(
+            Row(f"kv write T={tokens} {label}", ms, moved / ms / 1e6, "GB/s", moved / ms / 1e6 / peak)
+        )
+    return rows
+
+
+def bench_prefill(
+    batch: int, length: int, heads: int = 32, kv_heads: int = 8, head_dim: int = 64
+) -> list[Row]:
+    cache, tables, seq_lens = paged_setup(batch, length, kv_heads, head_dim, 16)
+    query = torch.randn(batch * length, heads, head_dim, device="cuda", dtype=DTYPE)
+    starts = torch.arange(0, batch + 1, dtype=torch.int32, device="cuda") * length
+    flops = batch * 4 * heads * head_dim * length * length / 2  # causal: half the score matrix
+    rows = []
+    configs: list[tuple[str, PrefillConfig | None]] = [("default", None)]
+    configs += [
+        (f"m{m}n{n}w{w}", PrefillConfig(m, n, w, 2)) for m, n, w in ((64, 64, 4), (128, 32, 8), (128, 64, 4))
+    ]
+    for label, cfg in configs:
+        fn = lambda c=cfg: paged_prefill_attention(  # noqa: E731
+            query, cache, starts, seq_lens, tables, 0.125, length, config=c
+        )
+        ms = median_ms(fn)
+        rows.append(Row(f"prefill {batch}x{length} paged {label}", ms, flops / ms / 1e9, "TFLOP/s", 0.0))
+    # Peer: torch SDPA on contiguous [B, H, L, D] tensors (flash kernel), same math.
+    q = query.view(batch, length, heads, head_dim).transpose(1, 2)
+    k = torch.randn(batch, kv_heads, length, head_dim, device="cuda", dtype=DTYPE)
+    ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, k, is_causal=True, enable_gqa=True))
+    rows.append(
+        Row(f"prefill {batch}x{length} torch sdpa (contiguous)", ms, flops / ms / 1e9, "TFLOP/s", 0.0)
+    )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--json", help="write all rows here as JSON")
+    parser.add_argument("--sweep", action="store_true", help="also time decode tile/split variants")
+    args = parser.parse_args()
+    peak = copy_bandwidth_gbs()
+    print(f"{torch.cuda.get_device_name()}: device-to-device copy {peak:.0f} GB/s (read + write)")
+    rows = [Row("d2d copy 1 GiB", 0.0, peak, "GB/s", 1.0)]
+    rows += bench_decode(256, 768, peak, args.sweep)
+    rows += bench_decode(1, 32768, peak, args.sweep)
+    rows += bench_kv_write(256, peak) + bench_kv_write(8192, peak)
+    rows += bench_prefill(4, 2048)
+    print(f"{'case':<62} {'ms':>9} {'rate':>10} {'unit':<8} {'of peak':>7}")
+    for row in rows:
+        share = f"{row.of_peak:7.1%}" if row.of_peak else ""
+        print(f"{row.name:<62} {row.ms:9.4f} {row.metric:10.1f} {row.unit:<8} {share}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(
+                {"device": torch.cuda.get_device_name(), "rows": [asdict(r) for r in rows]}, handle, indent=1
+            )
+
+
+if __name__ == "__main__":
+    main()
