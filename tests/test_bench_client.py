@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from bench_stub import StubOptions, StubServerThread, endpoint_for, send_one
 
 from batchlm.bench.accounting import account_tokens
 from batchlm.bench.records import ChunkCountMethod, TokenSource
+from bench_stub import StubOptions, StubServerThread, endpoint_for, send_one
 
 
 @pytest.fixture(scope="module")
@@ -93,14 +93,6 @@ def test_failures_are_recorded_with_reasons(stub: StubServerThread, fault: str, 
     assert not result.ok
     assert result.error is not None and result.error.startswith(reason_start), result.error
     assert result.end >= result.start
-
-
-def test_http_error_reason_uses_a_plain_body_when_not_json() -> None:
-    from batchlm.bench.openai_format import http_error_reason
-
-    assert http_error_reason(503, b"overloaded\n") == "HTTP 503: overloaded"
-    assert http_error_reason(404, b"") == "HTTP 404"
-    assert http_error_reason(422, b'{"detail": [{"msg": "bad"}]}') == 'HTTP 422: [{"msg": "bad"}]'
 
 
 def test_unreachable_server_is_a_transport_failure() -> None:

@@ -148,7 +148,7 @@ def test_summary_std_is_population_std_and_percentile_bounds_checked() -> None:
     summary = summarize([1.0, 2.0, 3.0, 4.0], [99])
     assert summary.std == pytest.approx(float(np.std([1, 2, 3, 4])), **EXACT)
     assert summary.percentiles[99] == pytest.approx(3.97, **EXACT)
-    with pytest.raises(ValueError, match="within 0..100"):
+    with pytest.raises(ValueError, match=r"within 0\.\.100"):
         percentile([1.0], 101)
     with pytest.raises(ValueError, match="empty"):
         percentile([], 50)

@@ -11,12 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from bench_stub import StubOptions, StubServerThread
 
 from batchlm.bench import cli
 from batchlm.bench.config import BenchConfig, from_args
 from batchlm.bench.loadgen import arrival_gaps
 from batchlm.bench.runner import BenchRun, main_async, run_benchmark, write_outputs
+from bench_stub import StubOptions, StubServerThread
 
 FAST = ["--stream", "--min-delay", "0", "--max-delay", "0", "--prompt-repeat", "1", "--disable-tqdm"]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -43,7 +45,7 @@ def test_whole_stream_parses_into_events_with_comments_dropped() -> None:
 @given(st.lists(st.integers(min_value=0, max_value=len(STREAM)), max_size=12))
 def test_any_split_of_the_bytes_gives_the_same_events(cuts: list[int]) -> None:
     bounds = [0, *sorted(cuts), len(STREAM)]
-    parts = [STREAM[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    parts = [STREAM[a:b] for a, b in itertools.pairwise(bounds)]
     events, parser = feed_all(parts)
     assert events == EXPECTED
     assert parser.pending_bytes == 0
