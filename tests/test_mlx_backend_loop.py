@@ -1,0 +1,226 @@
+"""Tests for batchlm.backends.mlx.loop: the GenerationLoop over mlx-lm's BatchGenerator on a tiny
+random-weight model (greedy equals transformers, batching cap, stops, aborts, prefix reuse, logprobs)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("mlx_lm")
+
+from batchlm.backends.mlx.loader import LoadedModel, load_model
+from batchlm.backends.mlx.loop import GenerationLoop, LoopSettings, LoopStats
+from batchlm.config import EngineConfig
+from batchlm.outputs import EngineCoreOutput, FinishReason
+from batchlm.request import EngineCoreRequest
+from batchlm.sampling_params import SamplingParams
+
+EOS = (1, 3)
+PROMPTS = [
+    [0, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16],
+    [0, 20, 21],
+    [0, 40],
+    [0, 50, 51, 52, 53, 54],
+    [0, 60, 61, 62, 63, 64, 65, 66, 67, 68, 69],
+]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir: Callable[..., Path]) -> LoadedModel:
+    directory = tiny_model_dir("llama")
+    return load_model(EngineConfig(model=str(directory)), directory)
+
+
+def make_loop(loaded: LoadedModel, **changes: Any) -> GenerationLoop:
+    settings: dict[str, Any] = {
+        "max_num_seqs": 8,
+        "prefill_step_size": 64,
+        "prefill_batch_size": 4,
+        "kv_budget_bytes": 1 << 28,
+        "enable_prefix_caching": True,
+    }
+    settings.update(changes)
+    return GenerationLoop(loaded.model, loaded.vocab_size, LoopSettings(**settings), "tiny")
+
+
+def request(request_id: str, prompt: list[int], seed: int | None = None, **params: Any) -> EngineCoreRequest:
+    params.setdefault("temperature", 0.0)
+    params.setdefault("max_tokens", 8)
+    return EngineCoreRequest(request_id, tuple(prompt), SamplingParams(**params), EOS, time.time(), seed=seed)
+
+
+def run(
+    loop: GenerationLoop,
+    requests: list[EngineCoreRequest],
+    each_step: Callable[[LoopStats], None] | None = None,
+) -> dict[str, list[EngineCoreOutput]]:
+    for item in requests:
+        loop.add_request(item)
+    outputs: dict[str, list[EngineCoreOutput]] = {}
+    for _ in range(500):
+        if not loop.has_work():
+            return outputs
+        for output in loop.step():
+            outputs.setdefault(output.request_id, []).append(output)
+        if each_step is not None:
+            each_step(loop.stats())
+    raise AssertionError("the loop did not finish its requests in 500 steps")
+
+
+def tokens(outputs: list[EngineCoreOutput]) -> list[int]:
+    return [token for output in outputs for token in output.new_token_ids]
+
+
+@pytest.fixture(scope="module")
+def transformers_greedy(tiny_model_dir: Callable[..., Path]) -> list[list[int]]:
+    """8 argmax tokens per prompt from transformers, recomputing the whole sequence each step."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), dtype=torch.float32)
+    results = []
+    with torch.no_grad():
+        for prompt in PROMPTS:
+            sequence = list(prompt)
+            for _ in range(8):
+                sequence.append(int(model(torch.tensor([sequence])).logits[0, -1].argmax()))
+            results.append(sequence[len(prompt) :])
+    return results
+
+
+@pytest.mark.parametrize("prefill_step_size", [64, 4])
+def test_batched_greedy_matches_transformers(
+    loaded: LoadedModel, transformers_greedy: list[list[int]], prefill_step_size: int
+) -> None:
+    loop = make_loop(loaded, prefill_step_size=prefill_step_size, prefill_batch_size=2)
+    outputs = run(loop, [request(f"r{i}", p, ignore_eos=True) for i, p in enumerate(PROMPTS)])
+    for index, expected in enumerate(transformers_greedy):
+        got = outputs[f"r{index}"]
+        assert tokens(got) == expected
+        assert [o.finish_reason for o in got] == [None] * 7 + [FinishReason.LENGTH]
+        assert got[0].scheduled_time is not None and all(o.scheduled_time is None for o in got[1:])
+
+
+def test_running_set_is_capped_and_requests_join_as_others_leave(loaded: LoadedModel) -> None:
+    loop = make_loop(loaded, max_num_seqs=2)
+    seen: list[LoopStats] = []
+    requests = [request(f"r{i}", p, max_tokens=3 + i, ignore_eos=True) for i, p in enumerate(PROMPTS)]
+    outputs = run(loop, requests, seen.append)
+    assert max(s.num_running for s in seen) == 2
+    assert seen[0].num_waiting == 3
+    assert all(s.num_running + s.num_waiting <= 5 for s in seen)
+    assert {rid: len(tokens(out)) for rid, out in outputs.items()} == {f"r{i}": 3 + i for i in range(5)}
+    assert seen[-1].num_running == 0 and seen[-1].num_waiting == 0
+
+
+def test_eos_is_masked_until_min_tokens_then_stops(loaded: LoadedModel) -> None:
+    outputs = run(make_loop(loaded), [request("r", PROMPTS[0], min_tokens=3, logit_bias={1: 100.0})])["r"]
+    assert tokens(outputs)[3] == 1 and len(tokens(outputs)) == 4
+    assert 1 not in tokens(outputs)[:3]
+    assert outputs[-1].finish_reason is FinishReason.STOP and outputs[-1].stop_token_id is None
+
+
+def test_stop_token_ids_end_the_sequence_and_are_reported(loaded: LoadedModel) -> None:
+    outputs = run(make_loop(loaded), [request("r", PROMPTS[1], stop_token_ids=[77], logit_bias={77: 100.0})])[
+        "r"
+    ]
+    assert tokens(outputs) == [77]
+    assert outputs[-1].finish_reason is FinishReason.STOP and outputs[-1].stop_token_id == 77
+
+
+def test_ignore_eos_runs_to_max_tokens(loaded: LoadedModel) -> None:
+    outputs = run(make_loop(loaded), [request("r", PROMPTS[1], ignore_eos=True, logit_bias={1: 100.0})])["r"]
+    assert tokens(outputs) == [1] * 8
+    assert outputs[-1].finish_reason is FinishReason.LENGTH
+
+
+def test_abort_ends_running_and_waiting_requests(loaded: LoadedModel) -> None:
+    loop = make_loop(loaded, max_num_seqs=1)
+    for item in (request("running", PROMPTS[0], max_tokens=50), request("waiting", PROMPTS[1])):
+        loop.add_request(item)
+    loop.step()
+    loop.step()
+    aborted = loop.abort_requests(["running", "waiting", "unknown"])
+    assert [(o.request_id, o.finish_reason) for o in aborted] == [
+        ("running", FinishReason.ABORT),
+        ("waiting", FinishReason.ABORT),
+    ]
+    assert not loop.has_work()
+    assert loop.step() == []
+    assert tokens(run(loop, [request("after", PROMPTS[2])])["after"])
+
+
+def test_duplicate_request_ids_are_refused(loaded: LoadedModel) -> None:
+    loop = make_loop(loaded)
+    loop.add_request(request("same", PROMPTS[0]))
+    with pytest.raises(ValueError, match="same"):
+        loop.add_request(request("same", PROMPTS[1]))
+
+
+def test_prefix_reuse_reports_cached_tokens_and_keeps_outputs(loaded: LoadedModel) -> None:
+    follow_up = PROMPTS[0] + [30, 31, 32]
+    warm = make_loop(loaded)
+    run(warm, [request("first", PROMPTS[0])])
+    reused = run(warm, [request("second", follow_up)])["second"]
+    cold = run(make_loop(loaded, enable_prefix_caching=False), [request("second", follow_up)])["second"]
+    first_total = len(PROMPTS[0]) + 8
+    assert reused[0].num_cached_tokens >= len(PROMPTS[0])
+    assert reused[0].num_cached_tokens <= min(first_total, len(follow_up) - 1)
+    assert cold[0].num_cached_tokens == 0
+    assert tokens(reused) == tokens(cold)
+    stats = warm.stats()
+    assert stats.prefix_cache_queries == len(PROMPTS[0]) + len(follow_up)
+    assert stats.prefix_cache_hits == reused[0].num_cached_tokens
+
+
+def test_identical_prompt_reuses_all_but_the_last_token(loaded: LoadedModel) -> None:
+    loop = make_loop(loaded)
+    first = run(loop, [request("a", PROMPTS[3])])["a"]
+    again = run(loop, [request("b", PROMPTS[3])])["b"]
+    assert again[0].num_cached_tokens == len(PROMPTS[3]) - 1
+    assert tokens(again) == tokens(first)
+
+
+def test_logprobs_are_ranked_and_come_from_the_raw_distribution(loaded: LoadedModel) -> None:
+    plain = run(make_loop(loaded), [request("r", PROMPTS[0], logprobs=3, max_tokens=3)])["r"]
+    for output in plain:
+        (entry,) = output.new_logprobs
+        assert entry.rank == 1 and entry.top[0] == (output.new_token_ids[0], entry.logprob)
+        assert len(entry.top) == 3 and entry.top[0][1] >= entry.top[1][1] >= entry.top[2][1]
+    biased = run(
+        make_loop(loaded), [request("r", PROMPTS[0], logprobs=0, max_tokens=1, logit_bias={77: 100.0})]
+    )
+    (entry,) = biased["r"][0].new_logprobs
+    assert biased["r"][0].new_token_ids == (77,)
+    assert entry.rank > 1 and entry.logprob < plain[0].new_logprobs[0].logprob and entry.top == ()
+
+
+def test_seeded_sampling_ignores_batch_mates(loaded: LoadedModel) -> None:
+    seeded = request("s", PROMPTS[1], seed=42, temperature=1.0, max_tokens=12)
+    alone = tokens(run(make_loop(loaded), [seeded])["s"])
+    mates = [request("a", PROMPTS[0], temperature=0.7, max_tokens=12), request("b", PROMPTS[4], max_tokens=5)]
+    crowded = tokens(run(make_loop(loaded), [mates[0], seeded, mates[1]])["s"])
+    other_seed = tokens(
+        run(make_loop(loaded), [request("s", PROMPTS[1], seed=43, temperature=1.0, max_tokens=12)])["s"]
+    )
+    assert alone == crowded
+    assert alone != other_seed
+
+
+def test_a_failed_step_fails_the_running_requests_and_the_loop_recovers(
+    loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop = make_loop(loaded)
+    loop.add_request(request("doomed", PROMPTS[0]))
+    loop.step()
+    monkeypatch.setattr(loop._generator, "next", lambda: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError):
+        loop.step()
+    (failed,) = loop.fail_running("the step failed: boom")
+    assert failed.finish_reason is FinishReason.ERROR and failed.error == "the step failed: boom"
+    assert not loop.has_work()
+    assert len(tokens(run(loop, [request("next", PROMPTS[1])])["next"])) == 8
