@@ -1,0 +1,140 @@
+"""Tests for batchlm.backends.mlx.loader: mlx-community style 4-bit checkpoints, mlx-lm adapters, dtype,
+context limits, and clear refusals of what the MLX backend cannot do."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+
+import mlx.nn as nn  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+from mlx_lm.tuner.utils import linear_to_lora_layers  # noqa: E402
+from mlx_lm.utils import load_model as mlx_load_model  # noqa: E402
+
+from batchlm.backends.mlx.loader import (  # noqa: E402
+    FALLBACK_MAX_MODEL_LEN,
+    check_config,
+    load_model,
+    resolve_max_model_len,
+)
+from batchlm.config import EngineConfig  # noqa: E402
+
+PROMPT = [[0, 11, 12, 13, 14, 15]]
+LORA = {"rank": 4, "scale": 10.0, "dropout": 0.0}
+
+
+def logits_of(model: nn.Module) -> mx.array:
+    return model(mx.array(PROMPT))[0, -1]  # [V]
+
+
+@pytest.fixture(scope="module")
+def quantized_dir(tiny_model_dir: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-bit copy of the tiny model written by mlx-lm's convert, as mlx-community checkpoints are."""
+    from mlx_lm import convert
+
+    target = tmp_path_factory.mktemp("quantized") / "tiny-4bit"
+    convert(str(tiny_model_dir("llama")), str(target), quantize=True, q_group_size=32, q_bits=4)
+    return target
+
+
+@pytest.fixture(scope="module")
+def adapter(
+    tiny_model_dir: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, mx.array]:
+    """An mlx-lm LoRA adapter directory with non-zero B matrices, and the logits the adapted model gives."""
+    model, _ = mlx_load_model(tiny_model_dir("llama"))
+    linear_to_lora_layers(model, 2, LORA)
+    mx.random.seed(0)
+    lora = {
+        name: (mx.random.normal(value.shape) * 0.05 if name.endswith("lora_b") else value)
+        for name, value in tree_flatten(model.parameters())
+        if name.endswith(("lora_a", "lora_b"))
+    }
+    model.load_weights(list(lora.items()), strict=False)
+    directory = tmp_path_factory.mktemp("adapter")
+    mx.save_safetensors(str(directory / "adapters.safetensors"), lora)
+    config = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": LORA}
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    return directory, logits_of(model)
+
+
+def test_four_bit_checkpoint_loads_quantized_and_stays_close(
+    quantized_dir: Path, tiny_model_dir: Callable[..., Path]
+) -> None:
+    loaded = load_model(EngineConfig(model=str(quantized_dir)), quantized_dir)
+    assert loaded.quantized
+    assert any(isinstance(m, nn.QuantizedLinear) for _, m in loaded.model.named_modules())
+    full = load_model(EngineConfig(), tiny_model_dir("llama"))
+    assert not full.quantized
+    error = mx.abs(logits_of(loaded.model) - logits_of(full.model)).max().item()
+    assert 0 < error < 0.5
+
+
+def test_adapter_is_applied(adapter: tuple[Path, mx.array], tiny_model_dir: Callable[..., Path]) -> None:
+    directory, expected = adapter
+    base = load_model(EngineConfig(), tiny_model_dir("llama"))
+    adapted = load_model(EngineConfig(adapter_path=str(directory)), tiny_model_dir("llama"))
+    assert mx.allclose(logits_of(adapted.model), expected, atol=1e-5).item()
+    assert not mx.allclose(logits_of(base.model), expected, atol=1e-3).item()
+
+
+def test_adapter_on_a_quantized_model(adapter: tuple[Path, mx.array], quantized_dir: Path) -> None:
+    directory, _ = adapter
+    base = load_model(EngineConfig(), quantized_dir)
+    adapted = load_model(EngineConfig(adapter_path=str(directory)), quantized_dir)
+    assert not mx.allclose(logits_of(adapted.model), logits_of(base.model), atol=1e-3).item()
+
+
+def test_peft_adapters_are_refused_by_name(tmp_path: Path, tiny_model_dir: Callable[..., Path]) -> None:
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="PEFT"):
+        load_model(EngineConfig(adapter_path=str(tmp_path)), tiny_model_dir("llama"))
+
+
+def test_missing_adapter_config_is_named(tmp_path: Path, tiny_model_dir: Callable[..., Path]) -> None:
+    with pytest.raises(ValueError, match=r"adapter_config\.json"):
+        load_model(EngineConfig(adapter_path=str(tmp_path)), tiny_model_dir("llama"))
+
+
+def test_dtype_casts_floating_weights(tiny_model_dir: Callable[..., Path]) -> None:
+    loaded = load_model(EngineConfig(dtype="float16"), tiny_model_dir("llama"))
+    dtypes = {value.dtype for _, value in tree_flatten(loaded.model.parameters())}
+    assert dtypes == {mx.float16}
+
+
+def test_quantized_weights_stay_packed_under_a_dtype_cast(quantized_dir: Path) -> None:
+    loaded = load_model(EngineConfig(dtype="bfloat16"), quantized_dir)
+    params = dict(tree_flatten(loaded.model.parameters()))
+    assert params["model.layers.0.self_attn.q_proj.weight"].dtype == mx.uint32
+    assert params["model.layers.0.self_attn.q_proj.scales"].dtype == mx.bfloat16
+
+
+def test_model_facts_come_from_the_config(tiny_model_dir: Callable[..., Path]) -> None:
+    loaded = load_model(EngineConfig(), tiny_model_dir("llama"))
+    assert (loaded.max_model_len, loaded.vocab_size) == (512, 2048)
+    assert load_model(EngineConfig(max_model_len=128), tiny_model_dir("llama")).max_model_len == 128
+
+
+def test_max_model_len_falls_back_when_the_model_states_none() -> None:
+    assert resolve_max_model_len(EngineConfig(), {"vocab_size": 10}) == FALLBACK_MAX_MODEL_LEN
+    assert resolve_max_model_len(EngineConfig(), {"text_config": {"max_position_embeddings": 99}}) == 99
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"tensor_parallel_size": 2}, "tensor_parallel_size"),
+        ({"device": "cuda"}, "device"),
+        ({"dtype": "float64"}, "dtype"),
+        ({"load_format": "dummy"}, "load_format"),
+    ],
+)
+def test_unsupported_settings_are_refused_by_name(change: dict[str, object], named: str) -> None:
+    with pytest.raises(ValueError, match=named):
+        check_config(EngineConfig(**change))  # type: ignore[arg-type]
