@@ -99,8 +99,9 @@ def collect_token_stats(
     counts = torch.stack(count_rows)  # [P, V] int32
     prompt_mask = torch.stack(mask_rows)  # [P, V] bool
     scatter.apply(counts, prompt_mask)
-    for row, state in enumerate(states):
-        state.token_stats = TokenStats(counts[row], prompt_mask[row], state.num_generated)
+    # unbind makes all row views in one call (indexing row by row costs microseconds each).
+    for state, state_counts, state_mask in zip(states, counts.unbind(0), prompt_mask.unbind(0), strict=True):
+        state.token_stats = TokenStats(state_counts, state_mask, state.num_generated)
     return counts, prompt_mask
 
 

@@ -13,7 +13,7 @@ from batchlm.sampling.filters import apply_min_p, apply_top_k_top_p
 from batchlm.sampling.logprobs import MAX_PACKED_VOCAB, pack_logprobs, unpack_logprobs
 from batchlm.sampling.penalties import apply_logit_bias, apply_min_tokens_ban, apply_penalties
 from batchlm.sampling.plan import SamplingPlan, plan_batch, to_device
-from batchlm.sampling.state import SamplingState
+from batchlm.sampling.state import SamplingState, resolve_device
 
 
 @dataclass
@@ -41,8 +41,7 @@ class Sampler:
         if not 0 < vocab_size <= MAX_PACKED_VOCAB:
             raise ValueError(f"vocab_size must be in [1, {MAX_PACKED_VOCAB}], got {vocab_size}")
         self.vocab_size = vocab_size
-        # Resolve "cuda" to "cuda:N" so device checks compare like with like.
-        self.device = torch.empty(0, device=device).device
+        self.device = resolve_device(device)
         # Noise for unseeded requests.
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
@@ -127,7 +126,7 @@ class Sampler:
             generator = states[row].generator_for_next_token()
             if generator is None:
                 continue
-            if generator.device != self.device:
+            if generator.device != self.device and resolve_device(generator.device) != self.device:
                 raise ValueError(f"row {row}'s generator is on {generator.device}, logits on {self.device}")
             # A seeded row's noise comes only from its own generator.
             noise[row].exponential_(generator=generator)

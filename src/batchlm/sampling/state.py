@@ -65,7 +65,7 @@ class SamplingState:
         A list passed as output_token_ids is kept as is (not copied), so a runner may share it."""
         generator = None
         if seed is not None:
-            generator = torch.Generator(device=torch.device(device))
+            generator = torch.Generator(device=resolve_device(device))
             generator.manual_seed(seed_for_step(seed, 0))
         outputs = output_token_ids if isinstance(output_token_ids, list) else list(output_token_ids)
         return cls(
@@ -89,6 +89,14 @@ class SamplingState:
         if self.generator is not None and self.seed is not None:
             self.generator.manual_seed(seed_for_step(self.seed, self.num_generated))
         return self.generator
+
+
+def resolve_device(device: torch.device | str) -> torch.device:
+    """The device with its index filled in ("cuda" -> "cuda:N"), so devices compare like with like."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def seed_for_step(seed: int, step: int) -> int:
