@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -126,7 +127,14 @@ class FakeEngine(EngineClient):
         self.abort_raises_cancelled = abort_raises_cancelled
         self.calls: list[FakeCall] = []
         self.aborted: list[str] = []
+        # Raised from the next step of every request (simulates an engine bug).
         self.unexpected_error: Exception | None = None
+        # start() waits for this event when set (tests hold the engine in "loading"), then raises
+        # start_error if that is set.
+        self.load_gate: threading.Event | None = None
+        self.start_error: Exception | None = None
+        # When set, every request is refused with RequestRejectedError(reject_message, "prompt").
+        self.reject_message: str | None = None
         self.shut_down = False
         self._ready = ready
         self._dead = False
@@ -143,7 +151,16 @@ class FakeEngine(EngineClient):
 
     async def start(self) -> None:
         await asyncio.sleep(self.load_delay_s)
+        while self.load_gate is not None and not self.load_gate.is_set():
+            await asyncio.sleep(0.01)
+        if self.start_error is not None:
+            raise self.start_error
         self._ready = True
+
+    @property
+    def running(self) -> int:
+        """Requests whose generate() stream is open."""
+        return len(self._active)
 
     # -- EngineClient ------------------------------------------------------------------------------
 
@@ -213,6 +230,8 @@ class FakeEngine(EngineClient):
         bad = [t for t in call.prompt_token_ids if not 0 <= t < FakeTokenizer.vocab_size]
         if bad:
             raise RequestRejectedError(f"prompt token id {bad[0]} is out of range", "prompt")
+        if self.reject_message is not None:
+            raise RequestRejectedError(self.reject_message, "prompt")
         self._prompt_tokens += len(call.prompt_token_ids)
 
     def _step(self, call: FakeCall, choices: list[_Choice], timing: RequestMetrics, step: int) -> RequestOutput:

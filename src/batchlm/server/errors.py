@@ -94,8 +94,7 @@ def validation_error_to_api_error(errors: Sequence[Any]) -> APIError:
     if not errors:
         return APIError(400, "Invalid request body.")
     first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(loc) or None
+    param = param_from_loc(first.get("loc", ()))
     kind = first.get("type", "")
     if kind == "json_invalid":
         detail = first.get("ctx", {}).get("error", "malformed JSON")
@@ -107,6 +106,21 @@ def validation_error_to_api_error(errors: Sequence[Any]) -> APIError:
     if param is None:
         return APIError(400, "The request body must be a JSON object (send Content-Type: application/json).")
     return APIError(400, f"Invalid value for '{param}': {first.get('msg', 'invalid')}.", param)
+
+
+# Pydantic names the union member that failed inside `loc` (e.g. "str", "list[int]"); clients never see them.
+_UNION_TAGS = {"str", "int", "float", "bool", "none", "list", "dict"}
+
+
+def param_from_loc(loc: Sequence[Any]) -> str | None:
+    """("body", "messages", 0, "content", "str") -> "messages[0].content"."""
+    param = ""
+    for part in loc:
+        if isinstance(part, int):
+            param += f"[{part}]"
+        elif part != "body" and part not in _UNION_TAGS and "[" not in str(part):
+            param += f".{part}" if param else str(part)
+    return param or None
 
 
 def http_error_to_api_error(request: Request, exc: StarletteHTTPException) -> APIError:

@@ -79,6 +79,8 @@ class Generation:
         self._in_flight = in_flight
         self._buffered: RequestOutput | None = None
         self._started = False
+        # The engine's stream is over (finished, or it raised): nothing is left to abort.
+        self._ended = False
         self._failed = False
         self._closed = False
         self._server_aborted = False
@@ -106,18 +108,23 @@ class Generation:
         try:
             output = await self._stream.__anext__()
         except StopAsyncIteration:
+            self._ended = True
             raise self._fail(APIError(500, "The engine ended the request without finishing it.")) from None
         except asyncio.CancelledError:
             # An engine may end an aborted request's stream by raising CancelledError in it.
             if self._server_aborted and not _this_task_is_cancelled():
+                self._ended = True
                 raise self._fail(self._aborted_error()) from None
             raise
         except Exception as error:
+            self._ended = True
             raise self._translate(error) from error
         return self._accept(output)
 
     def _accept(self, output: RequestOutput) -> RequestOutput:
         self.recorder.observe(output)
+        # Set first: a finished request needs no abort, even one that finished in error.
+        self.finished = self._ended = output.finished
         if output.error is not None:
             raise self._fail(APIError(500, f"The engine failed while generating: {output.error}"))
         for completion in output.outputs:
@@ -127,7 +134,6 @@ class Generation:
                 raise self._fail(APIError(500, "The engine failed while generating this completion."))
             if completion.finish_reason is not None:
                 self._finish_reasons[completion.index] = completion.finish_reason
-        self.finished = output.finished
         return output
 
     def _aborted_error(self) -> APIError:
@@ -153,7 +159,7 @@ class Generation:
         self._in_flight.discard(self)
         # Shielded: this runs while the handling task is being cancelled (client disconnect).
         with anyio.CancelScope(shield=True):
-            if not self.finished:
+            if not self._ended:
                 await self._close_stream()
                 await self._abort_quietly()
         if self.finished:

@@ -71,7 +71,7 @@ class GracefulServer(uvicorn.Server):
         aborted = await self.state.in_flight.abort_all()
         if aborted:
             logger.warning(
-                "aborted %d request(s) still running %.0f s after shutdown began", aborted, timeout
+                "aborted %d request(s) still running %.1f s after shutdown began", aborted, timeout
             )
 
 

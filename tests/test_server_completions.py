@@ -1,0 +1,129 @@
+"""POST /v1/completions: prompt forms, batches, echo, logprobs format and streaming, against a fake engine."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from fake_engine import FakeEngine, FakeTokenizer, openai_client
+
+from batchlm.server.background import BackgroundServer
+
+REPLY = "Hello from the fake engine."
+TOKENIZER = FakeTokenizer()
+
+
+@pytest.fixture(scope="module")
+def engine() -> FakeEngine:
+    return FakeEngine(reply=REPLY, max_model_len=128)
+
+
+@pytest.fixture(scope="module")
+def server(engine: FakeEngine) -> Iterator[BackgroundServer]:
+    with BackgroundServer(engine) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server: BackgroundServer) -> Any:
+    return openai_client(server.base_url)
+
+
+def test_text_prompt(client: Any, engine: FakeEngine) -> None:
+    response = client.completions.create(model="fake-model", prompt="Say", max_tokens=5)
+    assert response.id.startswith("cmpl-")
+    assert response.object == "text_completion"
+    [choice] = response.choices
+    assert (choice.index, choice.text, choice.finish_reason) == (0, REPLY[:5], "length")
+    assert engine.calls[-1].prompt_token_ids == TOKENIZER.encode("Say")
+    assert engine.calls[-1].prompt == "Say"
+    assert response.usage.prompt_tokens == len(TOKENIZER.encode("Say"))
+    assert response.usage.completion_tokens == 5
+
+
+def test_default_max_tokens_fills_the_context(client: Any, engine: FakeEngine) -> None:
+    response = client.completions.create(model="fake-model", prompt="Say")
+    assert engine.calls[-1].params.max_tokens == 128 - len(TOKENIZER.encode("Say"))
+    assert response.choices[0].text == REPLY
+    assert response.choices[0].finish_reason == "stop"
+
+
+def test_add_special_tokens_false_leaves_out_bos(client: Any, engine: FakeEngine) -> None:
+    client.completions.create(model="fake-model", prompt="Say", max_tokens=1, extra_body={"add_special_tokens": False})
+    assert engine.calls[-1].prompt_token_ids == TOKENIZER.encode("Say", add_special_tokens=False)
+
+
+def test_token_id_prompt_is_one_prompt(client: Any, engine: FakeEngine) -> None:
+    response = client.completions.create(model="fake-model", prompt=[70, 71, 72], max_tokens=2)
+    assert len(response.choices) == 1
+    assert engine.calls[-1].prompt_token_ids == [70, 71, 72]
+    assert engine.calls[-1].prompt is None
+
+
+def test_batch_of_prompts_orders_choices_prompt_by_prompt(client: Any, engine: FakeEngine) -> None:
+    response = client.completions.create(model="fake-model", prompt=["a", "bb", "ccc"], n=2, max_tokens=4)
+    assert [c.index for c in response.choices] == list(range(6))
+    assert [c.text for c in response.choices] == [REPLY[:4], f"1:{REPLY}"[:4]] * 3
+    prompts = [call.prompt for call in engine.calls[-3:]]
+    assert sorted(prompts) == ["a", "bb", "ccc"]  # type: ignore[type-var]
+    assert response.usage.prompt_tokens == sum(len(TOKENIZER.encode(p)) for p in ["a", "bb", "ccc"])
+    assert response.usage.completion_tokens == 6 * 4
+
+
+def test_batch_of_token_lists(client: Any, engine: FakeEngine) -> None:
+    response = client.completions.create(model="fake-model", prompt=[[70, 71], [72]], max_tokens=1)
+    assert [c.index for c in response.choices] == [0, 1]
+    assert sorted(call.prompt_token_ids for call in engine.calls[-2:]) == [[70, 71], [72]]
+
+
+def test_echo_prepends_the_prompt(client: Any) -> None:
+    response = client.completions.create(model="fake-model", prompt="Say: ", max_tokens=5, echo=True)
+    assert response.choices[0].text == "Say: " + REPLY[:5]
+    by_ids = client.completions.create(model="fake-model", prompt=[1, 86, 100], max_tokens=1, echo=True)
+    assert by_ids.choices[0].text == "<s>Sa" + REPLY[:1]
+
+
+def test_logprobs_in_completions_format(client: Any) -> None:
+    response = client.completions.create(model="fake-model", prompt="Say", max_tokens=4, logprobs=2)
+    logprobs = response.choices[0].logprobs
+    assert logprobs.tokens == list(REPLY[:4])
+    assert logprobs.token_logprobs == pytest.approx([-0.25, -0.26, -0.27, -0.28])
+    assert logprobs.top_logprobs[0] == pytest.approx({"H": -0.25, "I": -1.25})
+    assert logprobs.text_offset == [0, 1, 2, 3]
+
+
+def test_streaming_text_chunks_end_with_finish_reason(client: Any) -> None:
+    chunks = list(client.completions.create(model="fake-model", prompt="Say", max_tokens=5, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == REPLY[:5]
+    assert [c.choices[0].finish_reason for c in chunks] == [None] * 4 + ["length"]
+    assert all(c.object == "text_completion" for c in chunks)
+
+
+def test_streaming_logprobs_keep_counting_offsets(client: Any) -> None:
+    stream = client.completions.create(model="fake-model", prompt="Say", max_tokens=3, logprobs=0, stream=True)
+    offsets = [c.choices[0].logprobs.text_offset for c in stream]
+    assert offsets == [[0], [1], [2]]
+
+
+def test_streaming_batch_with_echo_and_usage(server: BackgroundServer) -> None:
+    body = {
+        "prompt": ["x", "y"],
+        "max_tokens": 2,
+        "echo": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    with httpx.stream("POST", f"{server.base_url}/v1/completions", json=body, timeout=30) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    texts: dict[int, str] = {}
+    for event in events[:-1]:
+        for choice in event["choices"]:
+            texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+    assert texts == {0: "x" + REPLY[:2], 1: "y" + REPLY[:2]}
+    assert events[-1]["choices"] == []
+    assert events[-1]["usage"]["completion_tokens"] == 4

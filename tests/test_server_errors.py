@@ -1,0 +1,266 @@
+"""Every error status the server sends, in OpenAI's shape {"error": {message, type, param, code}}."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from fake_engine import FakeEngine, metric_value, openai_client
+
+from batchlm.server.background import BackgroundServer
+from batchlm.server.state import ServerSettings
+
+USER = [{"role": "user", "content": "hi"}]
+CHAT = {"messages": USER, "max_tokens": 2}
+MAX_BODY = 4096
+
+
+@pytest.fixture(scope="module")
+def engine() -> FakeEngine:
+    return FakeEngine(max_model_len=64)
+
+
+@pytest.fixture(scope="module")
+def server(engine: FakeEngine) -> Iterator[BackgroundServer]:
+    with BackgroundServer(engine, ServerSettings(max_body_bytes=MAX_BODY)) as running:
+        yield running
+
+
+def post(server: BackgroundServer, path: str, body: Any) -> httpx.Response:
+    return httpx.post(f"{server.base_url}{path}", json=body, timeout=30)
+
+
+def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    error: dict[str, Any] = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert "Traceback" not in error["message"]
+    return error
+
+
+def test_malformed_json_is_400(server: BackgroundServer) -> None:
+    response = httpx.post(
+        f"{server.base_url}/v1/chat/completions",
+        content=b'{"messages": [',
+        headers={"content-type": "application/json"},
+    )
+    error = error_of(response, 400)
+    assert "not valid JSON" in error["message"]
+    assert error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("content", [b"[1, 2]", b'"text"'])
+def test_body_that_is_not_an_object_is_400(server: BackgroundServer, content: bytes) -> None:
+    response = httpx.post(
+        f"{server.base_url}/v1/completions", content=content, headers={"content-type": "application/json"}
+    )
+    assert "JSON object" in error_of(response, 400)["message"]
+
+
+def test_unknown_field_is_named(server: BackgroundServer) -> None:
+    error = error_of(post(server, "/v1/chat/completions", {**CHAT, "temprature": 0.5}), 400)
+    assert error["param"] == "temprature"
+    assert error["message"] == "Unrecognized request argument supplied: temprature"
+
+
+def test_missing_required_field_is_named(server: BackgroundServer) -> None:
+    error = error_of(post(server, "/v1/chat/completions", {"max_tokens": 2}), 400)
+    assert error["param"] == "messages"
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"temperature": "hot"}, "temperature"),
+        ({"temperature": 150}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"n": 0}, "n"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_completion_tokens": 0}, "max_completion_tokens"),
+        ({"presence_penalty": 3}, "presence_penalty"),
+        ({"logprobs": True, "top_logprobs": 30}, "top_logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"logit_bias": {"99999": 1}}, "logit_bias"),
+        ({"logit_bias": {"5": 500}}, "logit_bias"),
+        ({"stop_token_ids": [99999]}, "stop_token_ids"),
+        ({"min_tokens": 5}, "min_tokens"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"messages": []}, "messages"),
+    ],
+)
+def test_invalid_chat_values_are_400_naming_the_field(server: BackgroundServer, extra: Any, param: str) -> None:
+    assert error_of(post(server, "/v1/chat/completions", {**CHAT, **extra}), 400)["param"] == param
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tool_choice": "auto"}, "tool_choice"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+        ({"parallel_tool_calls": False}, "parallel_tool_calls"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+        ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
+        ({"store": True}, "store"),
+        ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages[0].role"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user"}]}, "messages[0].content"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "messages[0].content[0].type",
+        ),
+        ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content[0]"),
+        ({"continue_final_message": True}, "continue_final_message"),
+    ],
+)
+def test_unsupported_chat_features_are_400_naming_the_field(server: BackgroundServer, extra: Any, param: str) -> None:
+    error = error_of(post(server, "/v1/chat/completions", {**CHAT, **extra}), 400)
+    assert error["param"] == param
+    assert param.split("[")[0].split(".")[0] in error["message"]
+
+
+def test_neutral_values_of_unsupported_fields_are_accepted(server: BackgroundServer) -> None:
+    extra = {"tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "modalities": ["text"]}
+    assert post(server, "/v1/chat/completions", {**CHAT, **extra}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"suffix": "tail"}, "suffix"),
+        ({"best_of": 3}, "best_of"),
+        ({"echo": True, "logprobs": 1}, "echo"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": [[]]}, "prompt"),
+        ({"prompt": [5, 99999]}, "prompt"),
+        ({"prompt": [1.5]}, "prompt"),
+        ({"logprobs": 21}, "logprobs"),
+    ],
+)
+def test_invalid_completion_requests(server: BackgroundServer, extra: Any, param: str) -> None:
+    body = {"prompt": "hi", "max_tokens": 2, **extra}
+    assert error_of(post(server, "/v1/completions", body), 400)["param"] == param
+
+
+def test_prompt_plus_max_tokens_over_the_context_is_400(server: BackgroundServer) -> None:
+    error = error_of(post(server, "/v1/completions", {"prompt": "x" * 20, "max_tokens": 60}), 400)
+    assert error["message"].startswith("This model's maximum context length is 64 tokens.")
+    assert "21 in the prompt, 60 in the completion" in error["message"]
+    assert error["code"] == "context_length_exceeded"
+    error = error_of(post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 70}]}), 400)
+    assert error["message"].startswith("This model's maximum context length is 64 tokens.")
+    assert error["param"] == "messages"
+
+
+def test_engine_rejection_is_400(server: BackgroundServer, engine: FakeEngine) -> None:
+    engine.reject_message = "the engine refuses this"
+    try:
+        error = error_of(post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 2}), 400)
+        stream = error_of(post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 2, "stream": True}), 400)
+    finally:
+        engine.reject_message = None
+    assert error == stream == {
+        "message": "the engine refuses this", "type": "invalid_request_error", "param": "prompt", "code": None
+    }
+
+
+def test_unknown_model_is_404(server: BackgroundServer) -> None:
+    client = openai_client(server.base_url)
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model="gpt-4o", messages=USER)  # type: ignore[arg-type]
+    assert caught.value.body["code"] == "model_not_found"  # type: ignore[index]
+    assert caught.value.body["param"] == "model"  # type: ignore[index]
+    assert error_of(httpx.get(f"{server.base_url}/v1/models/gpt-4o"), 404)["code"] == "model_not_found"
+
+
+def test_unknown_route_is_404_and_wrong_method_is_405(server: BackgroundServer) -> None:
+    assert "/v1/nothing" in error_of(httpx.get(f"{server.base_url}/v1/nothing"), 404)["message"]
+    assert "GET" in error_of(httpx.get(f"{server.base_url}/v1/chat/completions"), 405)["message"]
+
+
+def test_body_over_the_limit_is_413(server: BackgroundServer) -> None:
+    big = {"prompt": "x" * MAX_BODY, "max_tokens": 1}
+    assert str(MAX_BODY) in error_of(post(server, "/v1/completions", big), 413)["message"]
+
+    def chunked() -> Iterator[bytes]:
+        yield b'{"prompt": "'
+        for _ in range(8):
+            yield b"x" * 1024
+        yield b'"}'
+
+    response = httpx.post(
+        f"{server.base_url}/v1/completions", content=chunked(), headers={"content-type": "application/json"}
+    )
+    error_of(response, 413)
+    assert post(server, "/v1/completions", {"prompt": "fine", "max_tokens": 1}).status_code == 200
+
+
+def test_internal_errors_are_500_without_details_and_the_server_keeps_serving(
+    server: BackgroundServer, engine: FakeEngine
+) -> None:
+    engine.unexpected_error = RuntimeError("secret internals")
+    try:
+        error = error_of(post(server, "/v1/chat/completions", CHAT), 500)
+    finally:
+        engine.unexpected_error = None
+    assert "secret" not in error["message"]
+    assert error["type"] == "server_error"
+    assert post(server, "/v1/chat/completions", CHAT).status_code == 200
+
+
+def test_errors_are_counted_by_status(server: BackgroundServer) -> None:
+    post(server, "/v1/chat/completions", {**CHAT, "n": 0})
+    text = httpx.get(f"{server.base_url}/metrics").text
+    assert (metric_value(text, "batchlm_requests_total", 'outcome="error_400"') or 0) >= 1
+
+
+def test_no_chat_template_is_400() -> None:
+    engine = FakeEngine()
+    engine.tokenizer.has_chat_template = False
+    with BackgroundServer(engine) as server:
+        error = error_of(post(server, "/v1/chat/completions", CHAT), 400)
+    assert "no chat template" in error["message"]
+
+
+def test_api_key_is_required_on_the_api_but_not_on_health_or_metrics() -> None:
+    with BackgroundServer(FakeEngine(), ServerSettings(api_key="sk-right")) as server:
+        missing = error_of(post(server, "/v1/chat/completions", CHAT), 401)
+        assert "didn't provide an API key" in missing["message"]
+        assert error_of(httpx.get(f"{server.base_url}/v1/models"), 401)["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            openai_client(server.base_url, api_key="sk-wrong").models.list()
+        assert httpx.post(f"{server.base_url}/tokenize", json={"prompt": "a"}).status_code == 401
+        assert httpx.get(f"{server.base_url}/health").status_code == 200
+        assert httpx.get(f"{server.base_url}/metrics").status_code == 200
+        assert httpx.get(f"{server.base_url}/version").status_code == 200
+        good = openai_client(server.base_url, api_key="sk-right")
+        assert good.chat.completions.create(model="fake-model", messages=USER, max_tokens=1).choices
+
+
+def test_queue_full_is_429() -> None:
+    with BackgroundServer(FakeEngine(max_in_flight=0)) as server:
+        client = openai_client(server.base_url)
+        with pytest.raises(openai.RateLimitError) as caught:
+            client.chat.completions.create(model="fake-model", messages=USER)
+        assert caught.value.status_code == 429
+        streaming = error_of(post(server, "/v1/chat/completions", {**CHAT, "stream": True}), 429)
+        assert streaming["type"] == "rate_limit_exceeded"
+
+
+def test_loading_and_dead_engines_are_503() -> None:
+    engine = FakeEngine(ready=False)
+    with BackgroundServer(engine) as server:
+        assert error_of(post(server, "/v1/chat/completions", CHAT), 503)["code"] == "model_loading"
+        assert error_of(httpx.get(f"{server.base_url}/v1/models"), 503)["code"] == "model_loading"
+        engine._ready = True
+        assert post(server, "/v1/chat/completions", CHAT).status_code == 200
+        engine.kill()
+        assert error_of(post(server, "/v1/chat/completions", CHAT), 503)["type"] == "service_unavailable"
