@@ -117,7 +117,9 @@ class FakeEngine(EngineClient):
         abort_raises_cancelled: bool = False,
     ) -> None:
         self.tokenizer = FakeTokenizer()
-        self.model_info = ModelInfo(served_model_name, max_model_len, FakeTokenizer.vocab_size, ("/models/fake",))
+        self.model_info = ModelInfo(
+            served_model_name, max_model_len, FakeTokenizer.vocab_size, ("/models/fake",)
+        )
         self.reply = reply
         self.token_delay_s = token_delay_s
         self.first_token_delay_s = first_token_delay_s
@@ -191,7 +193,11 @@ class FakeEngine(EngineClient):
         self._dead = True
 
     def generate(
-        self, prompt_token_ids: list[int], sampling_params: SamplingParams, request_id: str, prompt: str | None = None
+        self,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        request_id: str,
+        prompt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         return self._generate(FakeCall(request_id, list(prompt_token_ids), sampling_params, prompt))
 
@@ -234,11 +240,15 @@ class FakeEngine(EngineClient):
             raise RequestRejectedError(self.reject_message, "prompt")
         self._prompt_tokens += len(call.prompt_token_ids)
 
-    def _step(self, call: FakeCall, choices: list[_Choice], timing: RequestMetrics, step: int) -> RequestOutput:
+    def _step(
+        self, call: FakeCall, choices: list[_Choice], timing: RequestMetrics, step: int
+    ) -> RequestOutput:
         now = time.time()
         timing.first_token_time = timing.first_token_time or now
         timing.last_token_time = now
-        deltas = [self._advance(choice, call.params, step) for choice in choices if choice.finish_reason is None]
+        deltas = [
+            self._advance(choice, call.params, step) for choice in choices if choice.finish_reason is None
+        ]
         finished = all(c.finish_reason is not None for c in choices)
         if finished:
             timing.finished_time = now
@@ -281,9 +291,15 @@ class FakeEngine(EngineClient):
         # Hold back a tail that could still become a stop string.
         return text, max(0, len(text) - (max(len(s) for s in params.stop) - 1))
 
-    def _aborted_output(self, call: FakeCall, choices: list[_Choice], timing: RequestMetrics) -> RequestOutput:
+    def _aborted_output(
+        self, call: FakeCall, choices: list[_Choice], timing: RequestMetrics
+    ) -> RequestOutput:
         timing.finished_time = time.time()
-        deltas = [CompletionOutput(c.index, "", [], finish_reason="abort") for c in choices if c.finish_reason is None]
+        deltas = [
+            CompletionOutput(c.index, "", [], finish_reason="abort")
+            for c in choices
+            if c.finish_reason is None
+        ]
         return RequestOutput(call.request_id, call.prompt, call.prompt_token_ids, deltas, True, 0, timing)
 
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import httpx
 import pytest
-from fake_engine import FakeEngine, FakeTokenizer, openai_client
 
 from batchlm.server.background import BackgroundServer
+from fake_engine import FakeEngine, FakeTokenizer, openai_client
 
 REPLY = "Hello from the fake engine."
 USER = [{"role": "user", "content": "hi"}]
@@ -53,7 +53,9 @@ def test_non_streaming_response_has_openai_shape_and_usage(client: Any, engine: 
     assert engine.calls[-1].prompt_token_ids == FakeTokenizer().apply_chat_template(USER)
 
 
-def test_eos_finishes_with_stop_and_default_budget_is_the_context_room(client: Any, engine: FakeEngine) -> None:
+def test_eos_finishes_with_stop_and_default_budget_is_the_context_room(
+    client: Any, engine: FakeEngine
+) -> None:
     response = client.chat.completions.create(model="fake-model", messages=USER)
     assert response.choices[0].message.content == REPLY
     assert response.choices[0].finish_reason == "stop"
@@ -61,7 +63,9 @@ def test_eos_finishes_with_stop_and_default_budget_is_the_context_room(client: A
 
 
 def test_streaming_sends_role_then_content_then_finish(client: Any) -> None:
-    chunks = list(client.chat.completions.create(model="fake-model", messages=USER, max_tokens=6, stream=True))
+    chunks = list(
+        client.chat.completions.create(model="fake-model", messages=USER, max_tokens=6, stream=True)
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[0].choices[0].delta.content == ""
     assert all(chunk.usage is None for chunk in chunks)
@@ -221,7 +225,9 @@ def test_template_controls_are_passed_through(client: Any, engine: FakeEngine) -
         },
     )
     assert engine.tokenizer.last_chat["kwargs"] == {"enable_thinking": False}
-    expected = FakeTokenizer().apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True)
+    expected = FakeTokenizer().apply_chat_template(
+        messages, add_generation_prompt=False, continue_final_message=True
+    )
     assert engine.calls[-1].prompt_token_ids == expected
 
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import httpx
 import pytest
-from fake_engine import FakeEngine, FakeTokenizer, openai_client
 
 from batchlm.server.background import BackgroundServer
+from fake_engine import FakeEngine, FakeTokenizer, openai_client
 
 REPLY = "Hello from the fake engine."
 TOKENIZER = FakeTokenizer()
@@ -52,7 +52,9 @@ def test_default_max_tokens_fills_the_context(client: Any, engine: FakeEngine) -
 
 
 def test_add_special_tokens_false_leaves_out_bos(client: Any, engine: FakeEngine) -> None:
-    client.completions.create(model="fake-model", prompt="Say", max_tokens=1, extra_body={"add_special_tokens": False})
+    client.completions.create(
+        model="fake-model", prompt="Say", max_tokens=1, extra_body={"add_special_tokens": False}
+    )
     assert engine.calls[-1].prompt_token_ids == TOKENIZER.encode("Say", add_special_tokens=False)
 
 
@@ -103,7 +105,9 @@ def test_streaming_text_chunks_end_with_finish_reason(client: Any) -> None:
 
 
 def test_streaming_logprobs_keep_counting_offsets(client: Any) -> None:
-    stream = client.completions.create(model="fake-model", prompt="Say", max_tokens=3, logprobs=0, stream=True)
+    stream = client.completions.create(
+        model="fake-model", prompt="Say", max_tokens=3, logprobs=0, stream=True
+    )
     offsets = [c.choices[0].logprobs.text_offset for c in stream]
     assert offsets == [[0], [1], [2]]
 

@@ -8,10 +8,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from fake_engine import FakeEngine, metric_value, openai_client
 
 from batchlm.server.background import BackgroundServer
 from batchlm.server.state import ServerSettings
+from fake_engine import FakeEngine, metric_value, openai_client
 
 USER = [{"role": "user", "content": "hi"}]
 CHAT = {"messages": USER, "max_tokens": 2}
@@ -94,7 +94,9 @@ def test_missing_required_field_is_named(server: BackgroundServer) -> None:
         ({"messages": []}, "messages"),
     ],
 )
-def test_invalid_chat_values_are_400_naming_the_field(server: BackgroundServer, extra: Any, param: str) -> None:
+def test_invalid_chat_values_are_400_naming_the_field(
+    server: BackgroundServer, extra: Any, param: str
+) -> None:
     assert error_of(post(server, "/v1/chat/completions", {**CHAT, **extra}), 400)["param"] == param
 
 
@@ -121,7 +123,9 @@ def test_invalid_chat_values_are_400_naming_the_field(server: BackgroundServer, 
         ({"continue_final_message": True}, "continue_final_message"),
     ],
 )
-def test_unsupported_chat_features_are_400_naming_the_field(server: BackgroundServer, extra: Any, param: str) -> None:
+def test_unsupported_chat_features_are_400_naming_the_field(
+    server: BackgroundServer, extra: Any, param: str
+) -> None:
     error = error_of(post(server, "/v1/chat/completions", {**CHAT, **extra}), 400)
     assert error["param"] == param
     assert param.split("[")[0].split(".")[0] in error["message"]
@@ -155,7 +159,9 @@ def test_prompt_plus_max_tokens_over_the_context_is_400(server: BackgroundServer
     assert error["message"].startswith("This model's maximum context length is 64 tokens.")
     assert "21 in the prompt, 60 in the completion" in error["message"]
     assert error["code"] == "context_length_exceeded"
-    error = error_of(post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 70}]}), 400)
+    error = error_of(
+        post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 70}]}), 400
+    )
     assert error["message"].startswith("This model's maximum context length is 64 tokens.")
     assert error["param"] == "messages"
 
@@ -164,12 +170,21 @@ def test_engine_rejection_is_400(server: BackgroundServer, engine: FakeEngine) -
     engine.reject_message = "the engine refuses this"
     try:
         error = error_of(post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 2}), 400)
-        stream = error_of(post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 2, "stream": True}), 400)
+        stream = error_of(
+            post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 2, "stream": True}), 400
+        )
     finally:
         engine.reject_message = None
-    assert error == stream == {
-        "message": "the engine refuses this", "type": "invalid_request_error", "param": "prompt", "code": None
-    }
+    assert (
+        error
+        == stream
+        == {
+            "message": "the engine refuses this",
+            "type": "invalid_request_error",
+            "param": "prompt",
+            "code": None,
+        }
+    )
 
 
 def test_unknown_model_is_404(server: BackgroundServer) -> None:

@@ -9,16 +9,16 @@ import socket
 import subprocess
 import sys
 import threading
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from fake_engine import FakeEngine, metric_value, wait_until
 
 from batchlm.server.background import BackgroundServer
 from batchlm.server.state import ServerSettings
+from fake_engine import FakeEngine, metric_value, wait_until
 
 USER = [{"role": "user", "content": "hi"}]
 # Generates until stopped (with a FakeEngine from long_engine()).
@@ -92,7 +92,9 @@ def test_engine_death_fails_a_non_streaming_request_with_503() -> None:
         result: dict[str, Any] = {}
 
         def call() -> None:
-            result["response"] = httpx.post(f"{server.base_url}/v1/chat/completions", json=ENDLESS, timeout=30)
+            result["response"] = httpx.post(
+                f"{server.base_url}/v1/chat/completions", json=ENDLESS, timeout=30
+            )
 
         worker = threading.Thread(target=call)
         worker.start()
@@ -120,7 +122,7 @@ def raw_request(port: int, body: dict[str, Any]) -> socket.socket:
     """Send a request on a raw socket (closing it is a true disconnect, with no client-side draining)."""
     payload = json.dumps(body).encode()
     sock = socket.create_connection(("127.0.0.1", port))
-    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
     sock.sendall(f"{head}Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
     return sock
 
