@@ -1,1 +1,1 @@
-"""batchlm.tokenizer"""
+"""Tokenization: the tokenizer wrapper, chat templates, incremental detokenizer and offline BPE builder."""
