@@ -1,0 +1,139 @@
+"""`batchlm serve` flags: generated from EngineConfig / ServerSettings, seed spellings and defaults, wiring."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+from dataclasses import dataclass, fields
+from typing import Any
+
+import pytest
+
+from batchlm.cli import main
+from batchlm.config import EngineConfig
+from batchlm.server import cli as serve_cli
+from batchlm.server.flags import field_comments
+from batchlm.server.state import ServerSettings
+from fake_engine import FakeEngine
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    serve_cli.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_defaults_build_the_default_configs() -> None:
+    args = parse()
+    assert serve_cli.dataclass_from_args(EngineConfig, args) == EngineConfig()
+    assert serve_cli.settings_from_args(args) == ServerSettings()
+
+
+def test_seed_flags_and_defaults() -> None:
+    args = parse()
+    assert (args.model, args.adapter_path, args.host, args.port) == ("demo", None, "127.0.0.1", 8080)
+    assert (args.max_num_seqs, args.log_level) == (32, "INFO")
+    args = parse(
+        "--model", "m", "--adapter-path", "a", "--host", "0.0.0.0", "--port", "9000", "--batch-size", "4"
+    )
+    assert (args.model, args.adapter_path, args.host, args.port, args.max_num_seqs) == (
+        "m",
+        "a",
+        "0.0.0.0",
+        9000,
+        4,
+    )
+    assert parse("--log-level", "DEBUG").log_level == "DEBUG"
+    with pytest.raises(SystemExit):
+        parse("--log-level", "LOUD")
+
+
+def test_engine_flags_map_onto_engine_config() -> None:
+    args = parse(
+        "--max-num-seqs", "8", "--no-prefix-caching", "--enforce-eager", "--trust-remote-code",
+        "--max-model-len", "2048", "--max-num-batched-tokens", "512", "--gpu-memory-utilization", "0.5",
+        "--cpu-kv-cache-gib", "1.5", "--dtype", "bfloat16", "--device", "cpu", "--block-size", "32",
+        "--seed", "3", "--tensor-parallel-size", "2", "--served-model-name", "tiny", "--chat-template", "t.jinja",
+        "--hf-overrides", '{"num_hidden_layers": 1}',
+    )  # fmt: skip
+    config = serve_cli.dataclass_from_args(EngineConfig, args)
+    assert config == EngineConfig(
+        max_num_seqs=8, enable_prefix_caching=False, enforce_eager=True, trust_remote_code=True,
+        max_model_len=2048, max_num_batched_tokens=512, gpu_memory_utilization=0.5, cpu_kv_cache_gib=1.5,
+        dtype="bfloat16", device="cpu", block_size=32, seed=3, tensor_parallel_size=2, served_model_name="tiny",
+        chat_template="t.jinja", hf_overrides={"num_hidden_layers": 1},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "argv", [["--hf-overrides", "{nope"], ["--hf-overrides", "[1]"], ["--dtype", "int3"]]
+)
+def test_bad_values_are_rejected_by_argparse(argv: list[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse(*argv)
+
+
+def test_every_config_field_has_a_flag_with_its_comment_as_help() -> None:
+    parser = argparse.ArgumentParser()
+    serve_cli.add_arguments(parser)
+    help_text = " ".join(parser.format_help().split())
+    dests = {action.dest for action in parser._actions}
+    for cls in (EngineConfig, ServerSettings):
+        comments = field_comments(cls)
+        for spec in fields(cls):
+            assert spec.name in dests
+            assert spec.name in comments, f"{cls.__name__}.{spec.name} has no comment to use as help"
+            first_words = " ".join(comments[spec.name].split()[1:4])
+            assert first_words in help_text
+
+
+def test_field_comments_reads_the_lines_above_each_field() -> None:
+    @dataclass
+    class Example:
+        # First line,
+        # second line.
+        alpha: int = 1
+        beta: str = "x"  # trailing comments are not help
+        # Gamma.
+        gamma: float = 0.5
+
+    assert field_comments(Example) == {"alpha": "First line, second line.", "gamma": "Gamma."}
+
+
+def test_api_key_comes_from_the_flag_or_the_environment(monkeypatch: Any) -> None:
+    monkeypatch.setenv("BATCHLM_API_KEY", "from-env")
+    assert serve_cli.settings_from_args(parse()).api_key == "from-env"
+    assert serve_cli.settings_from_args(parse("--api-key", "from-flag")).api_key == "from-flag"
+    monkeypatch.delenv("BATCHLM_API_KEY")
+    assert serve_cli.settings_from_args(parse()).api_key is None
+
+
+def test_serve_builds_the_engine_and_runs_the_server(monkeypatch: Any) -> None:
+    created: dict[str, Any] = {}
+
+    class StubEngine(FakeEngine):
+        def __init__(self, config: EngineConfig, *, max_queue: int | None = None) -> None:
+            super().__init__(ready=False)
+            created.update(config=config, max_queue=max_queue)
+
+    def fake_run_server(app: Any, engine: Any, *, start_engine: Any = None) -> int:
+        created.update(app=app, engine=engine, start_engine=start_engine)
+        return 0
+
+    stub_module = types.ModuleType("batchlm.engine.async_engine")
+    stub_module.AsyncLLMEngine = StubEngine  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "batchlm.engine.async_engine", stub_module)
+    monkeypatch.setattr("batchlm.server.launcher.run_server", fake_run_server)
+    # Logging set-up is global state: record the level instead of reconfiguring the test session.
+    monkeypatch.setattr(serve_cli, "configure_logging", lambda level: created.update(log_level=level))
+    assert (
+        main(["serve", "--batch-size", "4", "--max-queue", "7", "--api-key", "k", "--log-level", "WARNING"])
+        == 0
+    )
+    assert created["log_level"] == "WARNING"
+    assert created["config"].max_num_seqs == 4
+    assert created["max_queue"] == 7
+    assert created["start_engine"] == created["engine"].start
+    state = created["app"].state.batchlm
+    assert (state.engine, state.settings.api_key, state.settings.max_queue) == (created["engine"], "k", 7)

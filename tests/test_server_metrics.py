@@ -1,0 +1,138 @@
+"""/metrics (per-app Prometheus registry), request timing from engine timestamps, and the log lines."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from batchlm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from batchlm.server.background import BackgroundServer
+from batchlm.server.metrics import RequestRecorder, ServerMetrics
+from batchlm.server.stats_logger import StatsLogger
+from fake_engine import FakeEngine, FakeTokenizer, metric_value, openai_client, wait_until
+
+USER = [{"role": "user", "content": "hi"}]
+PROMPT_LEN = len(FakeTokenizer().apply_chat_template(USER))
+
+
+@pytest.fixture()
+def engine() -> FakeEngine:
+    return FakeEngine(cached_tokens=4)
+
+
+@pytest.fixture()
+def server(engine: FakeEngine) -> Iterator[BackgroundServer]:
+    with BackgroundServer(engine) as running:
+        yield running
+
+
+def scrape(server: BackgroundServer) -> str:
+    response = httpx.get(f"{server.base_url}/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return response.text
+
+
+def test_a_request_is_counted_timed_and_its_tokens_reported(server: BackgroundServer) -> None:
+    openai_client(server.base_url).chat.completions.create(model="fake-model", messages=USER, max_tokens=5)
+    text = scrape(server)
+
+    def value(name: str, labels: str = "") -> float | None:
+        return metric_value(text, name, labels)
+
+    assert value("batchlm_requests_total", 'outcome="length"') == 1
+    assert value("batchlm_time_to_first_token_seconds_count") == 1
+    assert value("batchlm_inter_token_latency_seconds_count") == 4  # one token per step: 5 tokens, 4 gaps
+    assert value("batchlm_e2e_request_latency_seconds_count") == 1
+    assert value("batchlm_request_queue_time_seconds_count") == 1
+    assert value("batchlm_prompt_tokens_total") == PROMPT_LEN
+    assert value("batchlm_generation_tokens_total") == 5
+    assert value("batchlm_prefix_cache_hit_rate") == pytest.approx(4 / PROMPT_LEN)
+    assert value("batchlm_num_requests_running") == 0
+    assert value("batchlm_num_requests_waiting") == 0
+    assert value("batchlm_kv_cache_usage_ratio") == 0
+    assert value("batchlm_engine_ready") == 1
+    assert value("batchlm_requests_in_flight") == 0
+
+
+def test_running_requests_show_in_the_gauges() -> None:
+    engine = FakeEngine(max_model_len=20_000, token_delay_s=0.01)
+    with BackgroundServer(engine) as server:
+        body = {"messages": USER, "max_tokens": 10_000, "ignore_eos": True, "stream": True}
+        with httpx.stream(
+            "POST", f"{server.base_url}/v1/chat/completions", json=body, timeout=30
+        ) as response:
+            lines = response.iter_lines()  # kept referenced: dropping it would close the stream
+            next(lines)
+            text = scrape(server)
+        assert metric_value(text, "batchlm_num_requests_running") == 1
+        assert metric_value(text, "batchlm_kv_cache_usage_ratio") == 0.125
+        assert metric_value(text, "batchlm_requests_in_flight") == 1
+
+
+def test_each_app_has_its_own_registry() -> None:
+    with BackgroundServer(FakeEngine()) as first, BackgroundServer(FakeEngine()) as second:
+        openai_client(first.base_url).completions.create(model="fake-model", prompt="x", max_tokens=2)
+        assert metric_value(scrape(first), "batchlm_requests_total", 'outcome="length"') == 1
+        assert metric_value(scrape(second), "batchlm_requests_total", 'outcome="length"') is None
+
+
+def test_histograms_use_the_engine_timestamps() -> None:
+    metrics = ServerMetrics(FakeEngine())
+    recorder = RequestRecorder(metrics, "r1", prompt_tokens=3)
+    timing = RequestMetrics(arrival_time=100.0, first_scheduled_time=100.25, first_token_time=100.5)
+
+    def output(text: str, last_token_time: float, finished: bool) -> RequestOutput:
+        timing.last_token_time = last_token_time
+        timing.finished_time = last_token_time if finished else None
+        completion = CompletionOutput(0, text, [5], finish_reason="stop" if finished else None)
+        return RequestOutput("r1", None, [1, 2, 3], [completion], finished, metrics=timing)
+
+    recorder.observe(output("a", 100.5, False))
+    recorder.observe(output("b", 100.75, False))
+    recorder.observe(output("c", 101.5, True))
+    recorder.finish("stop")
+
+    def sample(name: str) -> float | None:
+        return metrics.registry.get_sample_value(name)
+
+    assert sample("batchlm_time_to_first_token_seconds_sum") == pytest.approx(0.5)
+    assert sample("batchlm_inter_token_latency_seconds_sum") == pytest.approx(0.25 + 0.75)
+    assert sample("batchlm_inter_token_latency_seconds_count") == 2
+    assert sample("batchlm_request_queue_time_seconds_sum") == pytest.approx(0.25)
+    assert sample("batchlm_e2e_request_latency_seconds_sum") == pytest.approx(1.5)
+    assert recorder.completion_tokens == 3
+
+
+def test_stats_line_reports_throughput_and_stays_silent_when_idle(caplog: Any) -> None:
+    engine = FakeEngine(cached_tokens=1)
+    stats_logger = StatsLogger(engine, interval_s=5.0)
+    assert stats_logger.log_once() is None  # nothing happened yet
+    engine._prompt_tokens, engine._generated_tokens = 40, 80
+    engine.calls.append(object())  # type: ignore[arg-type]
+    engine._active.add("busy")
+    with caplog.at_level(logging.INFO, logger="batchlm.server.stats"):
+        line = stats_logger.log_once()
+    assert line is not None and line in caplog.text
+    for part in ("prompt throughput", "generation throughput", "running: 1 reqs", "waiting: 0 reqs"):
+        assert part in line
+    assert "KV cache usage: 12.5%" in line and "prefix cache hit rate: 2.5%" in line
+    engine._active.clear()
+    assert stats_logger.log_once() is None  # no new tokens, nothing running
+
+
+def test_one_debug_line_per_request(server: BackgroundServer, caplog: Any) -> None:
+    with caplog.at_level(logging.DEBUG, logger="batchlm.server.metrics"):
+        response = openai_client(server.base_url).chat.completions.create(
+            model="fake-model", messages=USER, max_tokens=3
+        )
+        wait_until(lambda: response.id in caplog.text, what="the request log line")
+    [line] = [r.getMessage() for r in caplog.records if response.id in r.getMessage()]
+    assert "length" in line
+    assert (
+        f"prompt_tokens={PROMPT_LEN}" in line and "completion_tokens=3" in line and "cached_tokens=4" in line
+    )
