@@ -54,6 +54,14 @@ class _RequestState:
         return all(c.finish_reason is not None for c in self.completions)
 
 
+def _tokens_to_show(output: EngineCoreOutput, params: SamplingParams) -> tuple[int, ...]:
+    """The tokens whose text is shown: a stop token (EOS or stop_token_ids) ends the text without
+    appearing in it unless include_stop_str_in_output (it stays in token_ids)."""
+    if output.stop_token_id is not None and not params.include_stop_str_in_output:
+        return output.new_token_ids[:-1]
+    return output.new_token_ids
+
+
 class OutputProcessor:
     """Turns EngineCoreOutputs into RequestOutputs. Not thread-safe: one owner calls it."""
 
@@ -165,7 +173,7 @@ class OutputProcessor:
             completion.cumulative_logprob = (completion.cumulative_logprob or 0.0) + total
         stopped_by_string = False
         if completion.detokenizer is not None:
-            completion.new_text += completion.detokenizer.update(output.new_token_ids)
+            completion.new_text += completion.detokenizer.update(_tokens_to_show(output, state.params))
             if completion.detokenizer.stop_reason is not None:
                 completion.finish_reason = "stop"
                 completion.stop_reason = completion.detokenizer.stop_reason
