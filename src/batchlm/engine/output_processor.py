@@ -10,6 +10,7 @@ from batchlm.engine.requests import child_request_ids
 from batchlm.outputs import (
     CompletionOutput,
     EngineCoreOutput,
+    FinishReason,
     RequestMetrics,
     RequestOutput,
     TokenLogprobs,
@@ -57,7 +58,8 @@ class _RequestState:
 def _tokens_to_show(output: EngineCoreOutput, params: SamplingParams) -> tuple[int, ...]:
     """The tokens whose text is shown: a stop token (EOS or stop_token_ids) ends the text without
     appearing in it unless include_stop_str_in_output (it stays in token_ids)."""
-    if output.stop_token_id is not None and not params.include_stop_str_in_output:
+    # The core only finishes with STOP on a token (EOS or a stop token id); stop strings are ours.
+    if output.finish_reason is FinishReason.STOP and not params.include_stop_str_in_output:
         return output.new_token_ids[:-1]
     return output.new_token_ids
 
