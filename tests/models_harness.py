@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -11,6 +14,7 @@ from batchlm.attention.backend import AttentionMetadata
 from batchlm.attention.torch_backend import TorchAttentionBackend
 from batchlm.models.base import CausalLM
 from batchlm.models.loader import LoadedModel
+from batchlm.parallel.group import TensorParallelGroup
 
 BLOCK_SIZE = 4
 
@@ -32,10 +36,14 @@ def make_kv_caches(loaded: LoadedModel, num_blocks: int, block_size: int = BLOCK
     ]
 
 
-def build_step(chunks: Sequence[Chunk], block_size: int = BLOCK_SIZE) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+def build_step(
+    chunks: Sequence[Chunk], block_size: int = BLOCK_SIZE
+) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
     """input_ids [T], positions [T] and metadata for chunks ordered decodes (one token) first."""
     num_decodes = 0
-    while num_decodes < len(chunks) and len(chunks[num_decodes].tokens) == 1 and chunks[num_decodes].start > 0:
+    while (
+        num_decodes < len(chunks) and len(chunks[num_decodes].tokens) == 1 and chunks[num_decodes].start > 0
+    ):
         num_decodes += 1
     ids, positions, slots, starts, seq_lens = [], [], [], [0], []
     for chunk in chunks:
@@ -92,16 +100,11 @@ def greedy_generate(
 
 
 @torch.no_grad()
-def hf_teacher_forced_logprobs(hf_model: torch.nn.Module, prompt: list[int], generated: list[int]) -> torch.Tensor:
-    """transformers' log-softmax rows [N, vocab] predicting each generated token (one full forward)."""
-    ids = torch.tensor([prompt + generated[:-1]])
-    logits = hf_model(ids).logits[0, len(prompt) - 1 :].float()
-    return torch.log_softmax(logits, dim=-1)
-
-
-@torch.no_grad()
-def hf_greedy(hf_model: torch.nn.Module, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """transformers' generate(do_sample=False) with EOS disabled, so it always runs max_new_tokens."""
+def hf_greedy(
+    hf_model: torch.nn.Module, prompt: list[int], max_new_tokens: int
+) -> tuple[list[int], torch.Tensor]:
+    """transformers' generate(do_sample=False) with EOS disabled (so it always runs max_new_tokens):
+    the tokens and the log-softmax rows [N, vocab] of its step-by-step logits."""
     hf_model.generation_config.eos_token_id = None
     out = hf_model.generate(
         torch.tensor([prompt]),
@@ -109,5 +112,49 @@ def hf_greedy(hf_model: torch.nn.Module, prompt: list[int], max_new_tokens: int)
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
     )
-    return out[0, len(prompt) :].tolist()
+    logprobs = torch.log_softmax(torch.cat(out.logits).float(), dim=-1)
+    return out.sequences[0, len(prompt) :].tolist(), logprobs
+
+
+class Rendezvous:
+    """Lets N threads, one per fake rank, swap tensors for a collective."""
+
+    def __init__(self, size: int) -> None:
+        self.barrier = threading.Barrier(size, timeout=60)
+        self.slots: list[torch.Tensor | None] = [None] * size
+
+    def exchange(self, rank: int, tensor: torch.Tensor) -> list[torch.Tensor]:
+        self.slots[rank] = tensor
+        self.barrier.wait()
+        parts = [t for t in self.slots if t is not None]
+        self.barrier.wait()  # nobody overwrites a slot before everyone has read them all
+        return parts
+
+
+@dataclass(frozen=True)
+class ThreadGroup(TensorParallelGroup):
+    """A tensor-parallel group whose ranks are threads of this process (tests only)."""
+
+    hub: Rendezvous | None = None
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        assert self.hub is not None
+        return torch.stack(self.hub.exchange(self.rank, tensor)).sum(dim=0)
+
+    def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        assert self.hub is not None
+        return torch.cat(self.hub.exchange(self.rank, tensor), dim=dim)
+
+
+def thread_groups(size: int) -> list[ThreadGroup]:
+    hub = Rendezvous(size)
+    return [ThreadGroup(rank, size, None, hub) for rank in range(size)]
+
+
+def run_ranks(fn: Callable[[int], Any], size: int) -> list[Any]:
+    """fn(rank) for every rank, concurrently (their collectives meet in the middle)."""
+    with ThreadPoolExecutor(max_workers=size) as pool:
+        return list(pool.map(fn, range(size)))

@@ -44,7 +44,9 @@ class TorchAttentionBackend(AttentionBackend):
         return out
 
 
-def write_kv_cache(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
+def write_kv_cache(
+    kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor
+) -> None:
     """Store each token's key/value at its flat slot (block_id * block_size + offset)."""
     # kv_cache[i]: [num_blocks, block_size, H_kv, D] -> flat view [num_blocks * block_size, H_kv, D]
     kv_cache[0].flatten(0, 1).index_copy_(0, slots, key.to(kv_cache.dtype))

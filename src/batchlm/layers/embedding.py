@@ -35,7 +35,9 @@ class VocabParallelEmbedding(nn.Module):
         embedded = embedded * owned.unsqueeze(-1).to(embedded.dtype)
         return self.tp.all_reduce(embedded)
 
-    def load_weight(self, name: str, param_name: str, loaded: torch.Tensor, shard: str | int | None = None) -> None:
+    def load_weight(
+        self, name: str, param_name: str, loaded: torch.Tensor, shard: str | int | None = None
+    ) -> None:
         """Copy this rank's rows of the HF [vocab, hidden] tensor; padding rows become zero."""
         if param_name != "weight" or shard is not None:
             raise ValueError(f"unexpected checkpoint tensor {name!r} for an embedding")

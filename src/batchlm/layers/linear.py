@@ -64,7 +64,9 @@ class ColumnParallelLinear(nn.Module):
         self.gather_output = gather_output
         self.output_size_per_rank = self._rows_per_rank()
         self.weight = nn.Parameter(torch.empty(self.output_size_per_rank, input_size), requires_grad=False)
-        self.bias = nn.Parameter(torch.zeros(self.output_size_per_rank), requires_grad=False) if bias else None
+        self.bias = (
+            nn.Parameter(torch.zeros(self.output_size_per_rank), requires_grad=False) if bias else None
+        )
 
     def _rows_per_rank(self) -> int:
         return _divide(self.output_size, self.tp.size, "output size")
@@ -81,7 +83,9 @@ class ColumnParallelLinear(nn.Module):
         per_rank = self.output_size_per_rank
         return RowSlice(self.output_size, self.tp.rank * per_rank, per_rank, 0)
 
-    def load_weight(self, name: str, param_name: str, loaded: torch.Tensor, shard: str | int | None = None) -> None:
+    def load_weight(
+        self, name: str, param_name: str, loaded: torch.Tensor, shard: str | int | None = None
+    ) -> None:
         """Copy this rank's part of the HF tensor `name` into parameter `param_name` (weight or bias)."""
         where = self.row_slice(shard)
         param = self._param(name, param_name)
@@ -98,7 +102,9 @@ class ColumnParallelLinear(nn.Module):
         return param
 
     def extra_repr(self) -> str:
-        return f"in={self.input_size}, out={self.output_size}, tp={self.tp.size}, bias={self.bias is not None}"
+        return (
+            f"in={self.input_size}, out={self.output_size}, tp={self.tp.size}, bias={self.bias is not None}"
+        )
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -204,7 +210,9 @@ class RowParallelLinear(nn.Module):
         y = self.tp.all_reduce(F.linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
-    def load_weight(self, name: str, param_name: str, loaded: torch.Tensor, shard: str | int | None = None) -> None:
+    def load_weight(
+        self, name: str, param_name: str, loaded: torch.Tensor, shard: str | int | None = None
+    ) -> None:
         """Copy this rank's columns of the HF weight (the whole bias) into `param_name`."""
         if shard is not None:
             raise ValueError(f"RowParallelLinear is not fused; got shard {shard!r} for {name!r}")
@@ -220,4 +228,6 @@ class RowParallelLinear(nn.Module):
                 raise ValueError(f"unexpected checkpoint tensor {name!r}: the layer has no {param_name}")
 
     def extra_repr(self) -> str:
-        return f"in={self.input_size}, out={self.output_size}, tp={self.tp.size}, bias={self.bias is not None}"
+        return (
+            f"in={self.input_size}, out={self.output_size}, tp={self.tp.size}, bias={self.bias is not None}"
+        )

@@ -46,7 +46,9 @@ def scaled_max_position(params: dict[str, Any], max_position_embeddings: int) ->
     if rope_type in ("linear", "dynamic"):
         return int(max_position_embeddings * params["factor"])
     if rope_type == "yarn" and params.get("factor"):
-        return max(max_position_embeddings, int(params["original_max_position_embeddings"] * params["factor"]))
+        return max(
+            max_position_embeddings, int(params["original_max_position_embeddings"] * params["factor"])
+        )
     return max_position_embeddings
 
 

@@ -39,7 +39,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-def build_cos_sin_cache(params: dict[str, Any], head_dim: int, max_position: int, config_max_position: int) -> torch.Tensor:
+def build_cos_sin_cache(
+    params: dict[str, Any], head_dim: int, max_position: int, config_max_position: int
+) -> torch.Tensor:
     """[max_position, head_dim] float32 cache for the RoPE parameters `params`."""
     positions = torch.arange(max_position, dtype=torch.float32)
     if params["rope_type"] == "dynamic":

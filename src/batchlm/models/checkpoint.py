@@ -25,7 +25,9 @@ def load_hf_config(model_dir: Path, overrides: dict[str, Any] | None = None) -> 
 
     path = model_dir / "config.json"
     if not path.is_file():
-        raise ValueError(f"{model_dir} has no config.json; a model directory needs config.json and *.safetensors")
+        raise ValueError(
+            f"{model_dir} has no config.json; a model directory needs config.json and *.safetensors"
+        )
     raw: dict[str, Any] = json.loads(path.read_text())
     raw.update(overrides or {})
     get_model_class(architecture_of(raw))

@@ -50,13 +50,21 @@ def _download(repo_id: str, revision: str | None) -> Path:
             local_files_only=offline,
         )
     except GatedRepoError as err:
-        raise ValueError(f"model {repo_id!r} is gated on the Hugging Face Hub: log in (HF_TOKEN) after accepting its terms") from err
+        raise ValueError(
+            f"model {repo_id!r} is gated on the Hugging Face Hub: log in (HF_TOKEN) after accepting its terms"
+        ) from err
     except RevisionNotFoundError as err:
         raise ValueError(f"model {repo_id!r} has no revision {revision!r} on the Hugging Face Hub") from err
     except RepositoryNotFoundError as err:
-        raise ValueError(f"model {repo_id!r} is not a local directory and no such repo exists on the Hugging Face Hub") from err
+        raise ValueError(
+            f"model {repo_id!r} is not a local directory and no such repo exists on the Hugging Face Hub"
+        ) from err
     except Exception as err:  # connection errors come in many types (httpx, OSError, hub errors)
-        reason = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else "the hub could not be reached"
+        reason = (
+            "HF_HUB_OFFLINE is set and it is not in the local cache"
+            if offline
+            else "the hub could not be reached"
+        )
         raise ValueError(
             f"could not get model {repo_id!r} from the Hugging Face Hub: {reason} ({type(err).__name__}: {err}). "
             "Pass a local directory holding config.json and *.safetensors instead."

@@ -94,7 +94,9 @@ def load_model(
     config = load_hf_config(model_dir, hf_overrides)
     model_class = get_model_class(architecture_of(config))
     if random_weights and adapter_path:
-        raise ValueError("a LoRA adapter cannot be merged into random weights; drop adapter_path or random_weights")
+        raise ValueError(
+            "a LoRA adapter cannot be merged into random weights; drop adapter_path or random_weights"
+        )
     files = [] if random_weights else find_safetensors(model_dir)
     adapter = load_lora_adapter(adapter_path) if adapter_path else None
     with _default_dtype(dtype), torch.device(device):

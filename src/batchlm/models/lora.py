@@ -48,7 +48,9 @@ class LoraAdapter:
     def check_targets(self, model_tensor_names: set[str], tied_embeddings: bool) -> None:
         """Fail before loading if the adapter adapts weights the base model does not have."""
         if tied_embeddings and "lm_head.weight" in self.deltas:
-            raise ValueError(f"LoRA adapter {self.path}: adapting lm_head of a model with tied embeddings is not supported")
+            raise ValueError(
+                f"LoRA adapter {self.path}: adapting lm_head of a model with tied embeddings is not supported"
+            )
         unknown = sorted(name for name in self.deltas if name not in model_tensor_names)
         if unknown:
             modules = ", ".join(n.removesuffix(".weight") for n in unknown[:5])
@@ -68,7 +70,9 @@ def load_lora_adapter(path: str | Path) -> LoraAdapter:
     for module, (a, b) in _pair_tensors(root, tensors).items():
         rank = a.shape[0]
         if b.shape[1] != rank:
-            raise ValueError(f"LoRA adapter {root}: {module} has lora_A rank {rank} but lora_B {list(b.shape)}")
+            raise ValueError(
+                f"LoRA adapter {root}: {module} has lora_A rank {rank} but lora_B {list(b.shape)}"
+            )
         scale = alpha / math.sqrt(rank) if rslora else alpha / rank
         deltas[f"{module}.weight"] = LoraDelta(a, b, scale)
     if not deltas:
@@ -79,7 +83,9 @@ def load_lora_adapter(path: str | Path) -> LoraAdapter:
 def _read_adapter_config(root: Path) -> dict[str, Any]:
     config_path = root / "adapter_config.json"
     if not config_path.is_file():
-        raise ValueError(f"LoRA adapter {root} has no adapter_config.json (expected a PEFT adapter directory)")
+        raise ValueError(
+            f"LoRA adapter {root} has no adapter_config.json (expected a PEFT adapter directory)"
+        )
     config: dict[str, Any] = json.loads(config_path.read_text())
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
@@ -89,7 +95,9 @@ def _read_adapter_config(root: Path) -> dict[str, Any]:
         if value not in (unused, None, False, {}, []):
             raise ValueError(f"LoRA adapter {root} uses {feature}, which batchlm does not support")
     if config.get("bias", "none") != "none":
-        raise ValueError(f"LoRA adapter {root} trains biases (bias={config['bias']!r}); only bias='none' is supported")
+        raise ValueError(
+            f"LoRA adapter {root} trains biases (bias={config['bias']!r}); only bias='none' is supported"
+        )
     return config
 
 
@@ -99,18 +107,24 @@ def _read_adapter_tensors(root: Path) -> dict[str, torch.Tensor]:
     weights = root / "adapter_model.safetensors"
     if not weights.is_file():
         if (root / "adapter_model.bin").is_file():
-            raise ValueError(f"LoRA adapter {root} has only adapter_model.bin; batchlm needs adapter_model.safetensors")
+            raise ValueError(
+                f"LoRA adapter {root} has only adapter_model.bin; batchlm needs adapter_model.safetensors"
+            )
         raise ValueError(f"LoRA adapter {root} has no adapter_model.safetensors")
     return load_file(str(weights))
 
 
-def _pair_tensors(root: Path, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _pair_tensors(
+    root: Path, tensors: dict[str, torch.Tensor]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{HF module name: (A, B)} from PEFT keys like base_model.model.<module>.lora_A.weight."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         module, _, kind = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
         if not key.startswith(PEFT_PREFIX) or kind not in ("A.weight", "B.weight"):
-            raise ValueError(f"LoRA adapter {root}: unsupported tensor {key!r} (only lora_A/lora_B weights of linear layers are supported)")
+            raise ValueError(
+                f"LoRA adapter {root}: unsupported tensor {key!r} (only lora_A/lora_B weights of linear layers are supported)"
+            )
         parts.setdefault(module, {})[kind[0]] = tensor.float()
     incomplete = [module for module, ab in parts.items() if len(ab) != 2]
     if incomplete:
@@ -136,4 +150,6 @@ def merge_lora(
         yield name, tensor
     missed = sorted(set(adapter.deltas) - adapter.merged)
     if missed:
-        raise ValueError(f"LoRA adapter {adapter.path}: the checkpoint has no tensor {missed[0]!r} to merge into")
+        raise ValueError(
+            f"LoRA adapter {adapter.path}: the checkpoint has no tensor {missed[0]!r} to merge into"
+        )

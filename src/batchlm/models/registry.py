@@ -31,7 +31,9 @@ def get_model_class(architecture: str) -> type[CausalLM]:
 
 def architecture_of(config: Any) -> str:
     """The single architecture an HF config (object or config.json dict) declares."""
-    names = config.get("architectures") if isinstance(config, dict) else getattr(config, "architectures", None)
+    names = (
+        config.get("architectures") if isinstance(config, dict) else getattr(config, "architectures", None)
+    )
     if not names:
         raise ValueError("config.json does not name the model architecture (no 'architectures' entry)")
     return str(names[0])

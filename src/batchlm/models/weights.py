@@ -86,7 +86,9 @@ def load_named_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tenso
         load_tensor(target, name, tensor)
         loaded.add(name)
     if unexpected:
-        raise ValueError(f"unexpected tensor(s) in the checkpoint, not part of the model: {_listing(unexpected)}")
+        raise ValueError(
+            f"unexpected tensor(s) in the checkpoint, not part of the model: {_listing(unexpected)}"
+        )
     missing = sorted(expected_names(model) - loaded)
     if missing:
         raise ValueError(f"missing tensor(s): the checkpoint lacks {_listing(missing)}")

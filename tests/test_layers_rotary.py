@@ -1,0 +1,138 @@
+"""RoPE and its scaling variants (linear, dynamic NTK, llama3, yarn) against transformers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+from batchlm.layers.rope_scaling import read_rope_parameters
+from batchlm.layers.rotary import get_rope
+from batchlm.models.loader import load_model
+from batchlm.models.random_model import TINY_CONFIG, write_random_model
+from models_harness import greedy_generate, hf_greedy
+
+HEAD_DIM = TINY_CONFIG["head_dim"]
+# Each scaling with the config fields it needs; small limits so a short generation crosses them.
+SCALINGS: dict[str, dict[str, Any]] = {
+    "default": {"max_position_embeddings": 64},
+    "linear": {"rope_scaling": {"rope_type": "linear", "factor": 2.5}, "max_position_embeddings": 64},
+    "dynamic": {"rope_scaling": {"rope_type": "dynamic", "factor": 3.0}, "max_position_embeddings": 16},
+    "llama3": {
+        # original 64: the 8 frequencies of head_dim 16 fall in all three llama3 bands.
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+        "max_position_embeddings": 512,
+        "rope_theta": 500000.0,
+    },
+    "yarn": {
+        "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+        "max_position_embeddings": 128,
+    },
+}
+
+
+def _hf_config(kind: str) -> Any:
+    return AutoConfig.for_model("llama", **{**TINY_CONFIG, **SCALINGS[kind]})
+
+
+@pytest.mark.parametrize("kind", ["default", "linear", "llama3", "yarn"])
+def test_cos_sin_cache_matches_transformers(kind: str) -> None:
+    config = _hf_config(kind)
+    rope = get_rope(config, HEAD_DIM, 200)
+    positions = torch.arange(200)
+    cos, sin = LlamaRotaryEmbedding(config)(torch.zeros(1, dtype=torch.float32), positions[None])
+    ours_cos, ours_sin = rope.cos_sin_cache.chunk(2, dim=-1)
+    torch.testing.assert_close(ours_cos, cos[0, :, : HEAD_DIM // 2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours_sin, sin[0, :, : HEAD_DIM // 2], atol=1e-5, rtol=0)
+
+
+def test_dynamic_ntk_matches_transformers_decoding_each_position() -> None:
+    # transformers stretches the base for the longest position in a call; decoding calls it with one
+    # position at a time, which is the per-position rule of our cache.
+    config = _hf_config("dynamic")
+    rope = get_rope(config, HEAD_DIM, 48)
+    hf_rope = LlamaRotaryEmbedding(config)
+    for position in (0, 15, 16, 17, 30, 47):
+        cos, sin = hf_rope(torch.zeros(1), torch.tensor([[position]]))
+        ours_cos, ours_sin = rope.cos_sin_cache[position].chunk(2)
+        torch.testing.assert_close(ours_cos, cos[0, 0, : HEAD_DIM // 2], atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours_sin, sin[0, 0, : HEAD_DIM // 2], atol=1e-5, rtol=0)
+    # Past the limit the base really is stretched (the cache is not just the default RoPE).
+    plain = get_rope(_hf_config("default"), HEAD_DIM, 48)
+    assert torch.equal(rope.cos_sin_cache[:16], plain.cos_sin_cache[:16])
+    assert not torch.allclose(rope.cos_sin_cache[40], plain.cos_sin_cache[40], atol=1e-3)
+
+
+def test_rotation_matches_transformers_apply_rotary_pos_emb() -> None:
+    config = _hf_config("yarn")
+    rope = get_rope(config, HEAD_DIM, 64)
+    positions = torch.tensor([0, 5, 63, 17])
+    q, k = torch.randn(4, 4, HEAD_DIM), torch.randn(4, 2, HEAD_DIM)
+    ours_q, ours_k = rope(positions, q, k)
+    cos, sin = LlamaRotaryEmbedding(config)(q, positions[None])
+    # transformers wants [batch, heads, seq, dim].
+    hf_q, hf_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+    torch.testing.assert_close(ours_q, hf_q[0].transpose(0, 1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours_k, hf_k[0].transpose(0, 1), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["linear", "dynamic", "llama3", "yarn"])
+def test_scaled_model_matches_transformers(tmp_path: Path, kind: str) -> None:
+    path = write_random_model(tmp_path, "llama", SCALINGS[kind], seed=11)
+    loaded = load_model(path, torch.float32, torch.device("cpu"), progress=False)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompt = [5, 17, 42, 99, 3, 250, 7, 8, 9, 10]  # 10 + 16 tokens: past the dynamic limit of 16
+    ours, our_logprobs = greedy_generate(loaded, prompt, 16)
+    theirs, their_logprobs = hf_greedy(hf, prompt, 16)
+    assert ours == theirs
+    torch.testing.assert_close(our_logprobs, their_logprobs, atol=1e-4, rtol=0)
+
+
+def test_reads_transformers_4_rope_scaling_and_theta() -> None:
+    config = SimpleNamespace(
+        rope_scaling={"type": "linear", "factor": 2.0}, rope_theta=500000.0, max_position_embeddings=64
+    )
+    params = read_rope_parameters(config)
+    assert params["rope_type"] == "linear" and params["factor"] == 2.0 and params["rope_theta"] == 500000.0
+    assert "type" not in params
+
+
+def test_reads_transformers_5_rope_parameters() -> None:
+    params = read_rope_parameters(_hf_config("llama3"))
+    assert params["rope_type"] == "llama3" and params["rope_theta"] == 500000.0
+    assert params["original_max_position_embeddings"] == 64
+
+
+def test_no_rope_fields_means_default_rope() -> None:
+    params = read_rope_parameters(SimpleNamespace(max_position_embeddings=64))
+    assert params == {"rope_type": "default", "rope_theta": 10000.0}
+
+
+def test_yarn_without_original_length_uses_the_config_limit() -> None:
+    config = SimpleNamespace(rope_scaling={"rope_type": "yarn", "factor": 2.0}, max_position_embeddings=96)
+    assert read_rope_parameters(config)["original_max_position_embeddings"] == 96
+
+
+@pytest.mark.parametrize(
+    ("scaling", "message"),
+    [
+        ({"rope_type": "longrope", "factor": 2.0}, "unsupported RoPE scaling type 'longrope'"),
+        ({"type": "su"}, "unsupported RoPE scaling type 'su'"),
+        ({"rope_type": "default", "partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5"),
+    ],
+)
+def test_unsupported_rope_settings_are_named(scaling: dict[str, Any], message: str) -> None:
+    config = SimpleNamespace(rope_scaling=scaling, max_position_embeddings=64)
+    with pytest.raises(ValueError, match=message):
+        read_rope_parameters(config)

@@ -1,0 +1,130 @@
+"""LlamaForCausalLM (and Mistral, Qwen2) against transformers: greedy tokens, logprobs, batching, TP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from batchlm.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from batchlm.models.loader import LoadedModel, load_model
+from batchlm.models.random_model import write_random_model
+from models_harness import (
+    Chunk,
+    greedy_generate,
+    hf_greedy,
+    make_kv_caches,
+    run_ranks,
+    run_step,
+    thread_groups,
+)
+
+CPU = torch.device("cpu")
+PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11] * 3 + list(range(100, 121))]
+NEW_TOKENS = 20
+# fp32 on the CPU: differences come only from summation order.
+LOGPROB_ATOL = 1e-4
+
+
+def _load(path: Path, **kwargs) -> LoadedModel:
+    return load_model(path, torch.float32, CPU, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize(
+    ("model_type", "model_class"),
+    [("llama", LlamaForCausalLM), ("mistral", MistralForCausalLM), ("qwen2", Qwen2ForCausalLM)],
+)
+def test_greedy_matches_transformers(tmp_path: Path, model_type: str, model_class: type, tied: bool) -> None:
+    path = write_random_model(tmp_path, model_type, {"tie_word_embeddings": tied}, seed=3)
+    loaded = _load(path)
+    assert type(loaded.model) is model_class
+    if tied:
+        assert loaded.model.lm_head.weight is loaded.model.model.embed_tokens.weight
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for prompt in PROMPTS:
+        ours, our_logprobs = greedy_generate(loaded, prompt, NEW_TOKENS)
+        theirs, their_logprobs = hf_greedy(hf, prompt, NEW_TOKENS)
+        assert ours == theirs
+        torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+
+
+def test_qwen2_projections_have_qkv_bias_only(tmp_path: Path) -> None:
+    model = _load(write_random_model(tmp_path, "qwen2")).model
+    attn = model.model.layers[0].self_attn
+    assert attn.qkv_proj.bias is not None and attn.o_proj.bias is None
+    assert model.model.layers[0].mlp.gate_up_proj.bias is None
+
+
+def test_explicit_head_dim_and_attention_bias(tmp_path: Path) -> None:
+    # head_dim * heads != hidden_size, and Llama's optional biases on every attention projection.
+    overrides = {"head_dim": 24, "attention_bias": True, "mlp_bias": True}
+    path = write_random_model(tmp_path, "llama", overrides, seed=4)
+    loaded = _load(path)
+    assert loaded.shape.head_dim == 24
+    assert loaded.model.model.layers[0].self_attn.o_proj.bias is not None
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ours, our_logprobs = greedy_generate(loaded, PROMPTS[0], NEW_TOKENS)
+    theirs, their_logprobs = hf_greedy(hf, PROMPTS[0], NEW_TOKENS)
+    assert ours == theirs
+    torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+
+
+def test_mixed_batch_matches_requests_run_alone(tmp_path: Path) -> None:
+    loaded = _load(write_random_model(tmp_path, "llama", seed=5))
+    gen = torch.Generator().manual_seed(0)
+    prompt_a, prompt_b, prompt_c, prompt_d = (
+        torch.randint(3, 320, (n,), generator=gen).tolist() for n in (9, 4, 7, 11)
+    )
+    # Scattered, non-contiguous blocks per request (block size 4).
+    blocks = {"a": [9, 2, 14], "b": [5, 0], "c": [1, 11], "d": [3, 12, 7]}
+    caches = make_kv_caches(loaded, 16)
+    # Step 1: three prefills (d only its first 5 tokens, as a chunked prefill would).
+    run_step(
+        loaded.model,
+        caches,
+        [
+            Chunk(prompt_a, 0, blocks["a"]),
+            Chunk(prompt_b, 0, blocks["b"]),
+            Chunk(prompt_d[:5], 0, blocks["d"]),
+        ],
+    )
+    # Step 2: decodes of a and b, a fresh prefill of c and the rest of d, in one varlen batch.
+    batched = run_step(
+        loaded.model,
+        caches,
+        [
+            Chunk([77], len(prompt_a), blocks["a"]),
+            Chunk([78], len(prompt_b), blocks["b"]),
+            Chunk(prompt_c, 0, blocks["c"]),
+            Chunk(prompt_d[5:], 5, blocks["d"]),
+        ],
+    )
+    alone = [
+        _alone(loaded, [*prompt_a, 77]),
+        _alone(loaded, [*prompt_b, 78]),
+        _alone(loaded, prompt_c),
+        _alone(loaded, prompt_d),
+    ]
+    torch.testing.assert_close(batched, torch.cat(alone), atol=1e-5, rtol=1e-5)
+
+
+def _alone(loaded: LoadedModel, tokens: list[int]) -> torch.Tensor:
+    caches = make_kv_caches(loaded, 8)
+    return run_step(loaded.model, caches, [Chunk(tokens, 0, list(range(8)))])
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["kv-split", "kv-replicated"])
+def test_tensor_parallel_two_ranks_match_single_rank(tmp_path: Path, kv_heads: int) -> None:
+    # vocab 321 does not divide by 2: the last rank's vocabulary shard carries a padding row.
+    path = write_random_model(tmp_path, "llama", {"num_key_value_heads": kv_heads, "vocab_size": 321}, seed=6)
+    single = _load(path)
+    ranks = [_load(path, tp=group) for group in thread_groups(2)]
+    assert ranks[1].shape.num_heads == 2 and ranks[1].shape.num_kv_heads == 1
+    expected_tokens, expected_logprobs = greedy_generate(single, PROMPTS[0], 8)
+    results = run_ranks(lambda rank: greedy_generate(ranks[rank], PROMPTS[0], 8), 2)
+    for tokens, logprobs in results:
+        assert tokens == expected_tokens
+        torch.testing.assert_close(logprobs, expected_logprobs, atol=1e-5, rtol=0)
