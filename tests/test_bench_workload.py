@@ -6,6 +6,8 @@ import asyncio
 import dataclasses
 from pathlib import Path
 
+import pytest
+
 from batchlm.bench.tokencount import TokenCounter
 from batchlm.bench.words import BUILTIN_PROMPTS
 from batchlm.bench.workload import Workload, WorkloadConfig, build_workload
@@ -83,3 +85,21 @@ def test_file_prompts_cycle_through_a_shuffle_when_the_run_is_longer(tmp_path: P
     prompts = [s.prompt for s in specs]
     assert sorted(prompts[:3]) == ["a", "b", "c"] and sorted(prompts[3:6]) == ["a", "b", "c"]
     assert all(s.max_tokens == 3 for s in specs if s.prompt == "c")
+
+
+class PieceCounter(TokenCounter):
+    """A coarse tokenizer: a BOS token plus one token per 3 characters of every word."""
+
+    method = "pieces"
+    exact = True
+
+    async def count(self, text: str) -> int:
+        return 1 + sum(-(-len(word) // 3) for word in text.split())
+
+
+@pytest.mark.parametrize("target", [2, 16, 97])
+def test_random_prompts_hit_lengths_that_whole_words_cannot(target: int) -> None:
+    config = dataclasses.replace(SEED_LIKE, dataset_name="random", input_len=target, num_requests=6)
+    specs = build(config, PieceCounter()).specs
+    assert all(s.prompt_len == target for s in specs)
+    assert [asyncio.run(PieceCounter().count(s.prompt)) for s in specs] == [target] * 6

@@ -17,8 +17,8 @@ DATASET_NAMES = ("builtin", "random", "jsonl", "sharegpt")
 DATASET_ALIASES = {"custom": "jsonl"}
 # Rough English tokens per whitespace word, used only where the server cannot count for us.
 TOKENS_PER_WORD_GUESS = 1.3
-# Attempts to hit an exact token length by adding or removing words.
-_LENGTH_FIT_ROUNDS = 6
+# Token-count requests allowed per random prompt while searching for the exact length.
+_LENGTH_FIT_ROUNDS = 24
 
 
 class DatasetError(ValueError):
@@ -107,38 +107,44 @@ async def random_samples(
     count: int, input_len: int, counter: TokenCounter, rng: random.Random, parallel: int = 8
 ) -> list[PromptSample]:
     """`count` prompts of random vocabulary words, each `input_len` tokens long as the server counts
-    (exact with a /tokenize endpoint; within a few tokens with a usage-fitted counter)."""
-    tokens_per_word = await counter.count(" ".join(VOCABULARY)) / len(VOCABULARY)
-    word_lists = [rng.choices(VOCABULARY, k=input_len * 2 + 8) for _ in range(count)]
+    (exact with a /tokenize endpoint wherever some prefix of the text has that count; within a few
+    tokens with a usage-fitted counter)."""
+    sample_text = " ".join(VOCABULARY)
+    chars_per_token = len(sample_text) / max(1, await counter.count(sample_text))
+    # Twice as many words as tokens: any tokenizer needs fewer tokens than that, so a prefix fits.
+    texts = [" ".join(rng.choices(VOCABULARY, k=input_len * 2 + 8)) for _ in range(count)]
     limit = asyncio.Semaphore(parallel)
 
-    async def fit(words: list[str]) -> PromptSample:
+    async def fit(text: str) -> PromptSample:
         async with limit:
-            return await _fit_length(words, input_len, tokens_per_word, counter)
+            return await _fit_length(text, input_len, chars_per_token, counter)
 
-    return list(await asyncio.gather(*(fit(words) for words in word_lists)))
+    return list(await asyncio.gather(*(fit(text) for text in texts)))
 
 
-async def _fit_length(
-    words: list[str], target: int, tokens_per_word: float, counter: TokenCounter
-) -> PromptSample:
-    """Chooses how many of `words` make a prompt of `target` tokens, correcting by the measured count."""
-    used = min(len(words), max(1, round(target / tokens_per_word)))
-    best: tuple[int, int] | None = None  # (|error|, words used)
-    best_count = 0
+async def _fit_length(text: str, target: int, chars_per_token: float, counter: TokenCounter) -> PromptSample:
+    """The prefix of `text` whose token count is `target` (or the closest one seen).
+
+    Token counts grow with the prefix length, so this brackets the cut point: each round guesses from
+    the measured error (secant step) and falls back to bisection when the guess leaves the bracket.
+    """
+    low, high = 0, len(text) + 1  # count(text[:low]) < target < count(text[:high]), as far as known
+    cut = min(len(text), max(1, round(target * chars_per_token)))
+    best_cut, best_count = cut, -1
     for _ in range(_LENGTH_FIT_ROUNDS):
-        counted = await counter.count(" ".join(words[:used]))
-        if best is None or abs(counted - target) < best[0]:
-            best, best_count = (abs(counted - target), used), counted
+        counted = await counter.count(text[:cut])
+        if best_count < 0 or abs(counted - target) < abs(best_count - target):
+            best_cut, best_count = cut, counted
         if counted == target:
             break
-        step = round((target - counted) / tokens_per_word) or (1 if counted < target else -1)
-        next_used = min(len(words), max(1, used + step))
-        if next_used == used:
+        low, high = (cut, high) if counted < target else (low, cut)
+        if high - low <= 1:
             break
-        used = next_used
-    assert best is not None
-    return PromptSample(" ".join(words[: best[1]]), prompt_len=best_count)
+        guess = cut + round((target - counted) * chars_per_token)
+        cut = guess if low < guess < high and guess <= len(text) else (low + min(high, len(text))) // 2
+        if cut in (low, high):
+            break
+    return PromptSample(text[:best_cut], prompt_len=best_count)
 
 
 def _read_text(path: str) -> str:
