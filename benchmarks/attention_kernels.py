@@ -58,6 +58,24 @@ def paged_setup(batch: int, context: int, kv_heads: int, head_dim: int, block_si
     return cache, tables.contiguous(), seq_lens
 
 
+DecodeVariant = tuple[str, DecodeConfig, int | None]  # label, config, forced splits (None = auto)
+
+
+def decode_sweep(batch: int, context: int) -> list[DecodeVariant]:
+    """Tile, warp, stage and load-order variants; split counts for the few-request cases."""
+    variants: list[DecodeVariant] = []
+    for n, w, st, early in ((64, 4, 3, False), (64, 4, 2, True), (64, 4, 3, True), (32, 4, 2, False),
+                            (32, 4, 2, True), (128, 4, 2, True), (128, 8, 2, False)):  # fmt: skip
+        variants.append(
+            (f"n{n}w{w}s{st}{'E' if early else ''}", DecodeConfig(n, w, st, load_v_early=early), None)
+        )
+    if batch * 8 < 528:  # fewer programs than 4 per SM: splits matter
+        for splits in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+            variants.append((f"splits={splits}", DecodeConfig(), splits))
+            variants.append((f"splits={splits}E", DecodeConfig(load_v_early=True), splits))
+    return variants
+
+
 def bench_decode(
     batch: int, context: int, peak: float, sweep: bool, heads: int = 32, kv_heads: int = 8, head_dim: int = 64
 ) -> list[Row]:
@@ -66,16 +84,8 @@ def bench_decode(
     out = torch.empty_like(query)
     kv_bytes = 2 * batch * context * kv_heads * head_dim * ELEM
     auto = choose_num_splits(batch, kv_heads, tables.shape[1] * 16, _sm_count(query.device))
-    variants: list[tuple[str, DecodeConfig, int | None]] = [("auto", DecodeConfig(), None)]
-    if sweep:
-        splits = sorted({1, 2, 4, 8, 16, 32, 64, auto})
-        variants += [(f"splits={s}", DecodeConfig(), s) for s in splits]
-        for block_n in (32, 64, 128):
-            for warps in (2, 4, 8):
-                for stages in (2, 3, 4):
-                    variants.append(
-                        (f"n{block_n}w{warps}s{stages}", DecodeConfig(block_n, warps, stages), None)
-                    )
+    variants: list[DecodeVariant] = [(f"default (splits={auto})", DecodeConfig(), None)]
+    variants += decode_sweep(batch, context) if sweep else []
     rows = []
     for label, cfg, splits_override in variants:
         fn = lambda c=cfg, s=splits_override: paged_decode_attention(  # noqa: E731
@@ -83,9 +93,7 @@ def bench_decode(
         )
         ms = median_ms(fn)
         gbs = kv_bytes / ms / 1e6
-        rows.append(
-            Row(f"decode B={batch} ctx={context} {label} (auto splits={auto})", ms, gbs, "GB/s", gbs / peak)
-        )
+        rows.append(Row(f"decode B={batch} ctx={context} {label}", ms, gbs, "GB/s", gbs / peak))
     rows.append(graph_replay_row(batch, context, kv_bytes, peak, query, cache, seq_lens, tables, out))
     return rows
 
@@ -126,31 +134,40 @@ def bench_kv_write(tokens: int, peak: float, kv_heads: int = 8, head_dim: int = 
     return rows
 
 
+PREFILL_SWEEP = {
+    64: ((128, 64, 8, 2, False), (64, 64, 4, 2, False), (64, 64, 4, 3, False), (128, 128, 8, 2, False),
+         (64, 64, 4, 2, True), (128, 64, 8, 2, True)),
+    128: ((128, 64, 8, 2, False), (64, 64, 4, 2, False), (128, 32, 8, 2, False), (64, 64, 4, 3, False),
+          (128, 64, 8, 2, True), (64, 32, 4, 2, False)),
+}  # fmt: skip
+
+
 def bench_prefill(
-    batch: int, length: int, heads: int = 32, kv_heads: int = 8, head_dim: int = 64
+    batch: int, length: int, context: int, sweep: bool, head_dim: int = 64, heads: int = 32, kv_heads: int = 8
 ) -> list[Row]:
-    cache, tables, seq_lens = paged_setup(batch, length, kv_heads, head_dim, 16)
+    """`batch` requests of `length` new tokens after `context` cached ones."""
+    cache, tables, seq_lens = paged_setup(batch, context + length, kv_heads, head_dim, 16)
     query = torch.randn(batch * length, heads, head_dim, device="cuda", dtype=DTYPE)
     starts = torch.arange(0, batch + 1, dtype=torch.int32, device="cuda") * length
-    flops = batch * 4 * heads * head_dim * length * length / 2  # causal: half the score matrix
-    rows = []
+    # Causal: each new token sees the context and, on average, half the chunk.
+    flops = batch * 4 * heads * head_dim * length * (context + length / 2)
     configs: list[tuple[str, PrefillConfig | None]] = [("default", None)]
-    configs += [
-        (f"m{m}n{n}w{w}", PrefillConfig(m, n, w, 2)) for m, n, w in ((64, 64, 4), (128, 32, 8), (128, 64, 4))
-    ]
+    if sweep:
+        configs += [(f"m{m}n{n}w{w}s{st}{'E' if e else ''}", PrefillConfig(m, n, w, st, e))
+                    for m, n, w, st, e in PREFILL_SWEEP[head_dim]]  # fmt: skip
+    name = f"prefill {batch}x{length} ctx={context} D={head_dim}"
+    rows = []
     for label, cfg in configs:
         fn = lambda c=cfg: paged_prefill_attention(  # noqa: E731
             query, cache, starts, seq_lens, tables, 0.125, length, config=c
         )
         ms = median_ms(fn)
-        rows.append(Row(f"prefill {batch}x{length} paged {label}", ms, flops / ms / 1e9, "TFLOP/s", 0.0))
-    # Peer: torch SDPA on contiguous [B, H, L, D] tensors (flash kernel), same math.
-    q = query.view(batch, length, heads, head_dim).transpose(1, 2)
-    k = torch.randn(batch, kv_heads, length, head_dim, device="cuda", dtype=DTYPE)
-    ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, k, is_causal=True, enable_gqa=True))
-    rows.append(
-        Row(f"prefill {batch}x{length} torch sdpa (contiguous)", ms, flops / ms / 1e9, "TFLOP/s", 0.0)
-    )
+        rows.append(Row(f"{name} paged {label}", ms, flops / ms / 1e9, "TFLOP/s", 0.0))
+    if context == 0:  # peer: torch SDPA (flash) on contiguous [B, H, L, D] tensors, same math
+        q = query.view(batch, length, heads, head_dim).transpose(1, 2)
+        k = torch.randn(batch, kv_heads, length, head_dim, device="cuda", dtype=DTYPE)
+        ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, k, is_causal=True, enable_gqa=True))
+        rows.append(Row(f"{name} torch sdpa (contiguous)", ms, flops / ms / 1e9, "TFLOP/s", 0.0))
     return rows
 
 
@@ -164,8 +181,13 @@ def main() -> None:
     rows = [Row("d2d copy 1 GiB", 0.0, peak, "GB/s", 1.0)]
     rows += bench_decode(256, 768, peak, args.sweep)
     rows += bench_decode(1, 32768, peak, args.sweep)
+    if args.sweep:  # calibrate the split heuristic on mid-size batches
+        for batch, context in ((4, 8192), (16, 4096), (32, 2048)):
+            rows += bench_decode(batch, context, peak, sweep=True)
     rows += bench_kv_write(256, peak) + bench_kv_write(8192, peak)
-    rows += bench_prefill(4, 2048)
+    rows += bench_prefill(4, 2048, 0, args.sweep, head_dim=64)
+    rows += bench_prefill(4, 2048, 0, args.sweep, head_dim=128)
+    rows += bench_prefill(1, 512, 16384, sweep=False, head_dim=128)
     print(f"{'case':<62} {'ms':>9} {'rate':>10} {'unit':<8} {'of peak':>7}")
     for row in rows:
         share = f"{row.of_peak:7.1%}" if row.of_peak else ""

@@ -20,7 +20,7 @@ if not torch.cuda.is_available() and not INTERPRET:
     pytest.skip("needs a CUDA GPU (or TRITON_INTERPRET=1)", allow_module_level=True)
 
 from batchlm.kernels.kv_write import write_kv_cache  # noqa: E402
-from batchlm.kernels.paged_decode import paged_decode_attention  # noqa: E402
+from batchlm.kernels.paged_decode import DecodeConfig, paged_decode_attention  # noqa: E402
 from batchlm.kernels.paged_prefill import PrefillConfig, paged_prefill_attention  # noqa: E402
 from batchlm.kernels.reference import (  # noqa: E402
     paged_attention_reference,
@@ -116,13 +116,16 @@ def run_decode_case(
     group: int,
     dtype: torch.dtype,
     num_splits: int | None,
+    config: DecodeConfig | None = None,
 ) -> None:
     cache = random_cache(blocks_for(seq_lens, block_size), block_size, head_dim, dtype)
     tables = random_block_tables(seq_lens, block_size, cache.shape[1])
     query = torch.randn(len(seq_lens), NUM_KV_HEADS * group, head_dim, device=DEVICE).to(dtype)
     scale = head_dim**-0.5
     out = torch.full_like(query, float("nan"))  # poisoned: every element must be written
-    paged_decode_attention(query, cache, int32(seq_lens), tables, scale, out=out, num_splits=num_splits)
+    paged_decode_attention(
+        query, cache, int32(seq_lens), tables, scale, out=out, num_splits=num_splits, config=config
+    )
     ref = paged_attention_reference(query, cache, list(range(len(seq_lens) + 1)), seq_lens, tables, scale)
     assert_close(out, ref, dtype)
 
@@ -138,11 +141,18 @@ def test_decode_matches_reference(dtype: torch.dtype, group: int, head_dim: int,
     run_decode_case(seq_lens, block_size, head_dim, group, dtype, num_splits=None)
 
 
-@pytest.mark.parametrize("num_splits", [1, 2, 7, 64])
+@pytest.mark.parametrize("num_splits", [1, 2, 7, 64, 256])
 def test_decode_split_counts_agree(num_splits: int) -> None:
     torch.manual_seed(2)
     seq_lens = [1, 63, 64, 65, 130, 1000, 4097]
     run_decode_case(seq_lens, 16, 64, 4, torch.float16, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("num_splits", [1, 5])
+@pytest.mark.parametrize("config", [DecodeConfig(32, 4, 2, load_v_early=True), DecodeConfig(128, 8, 3)])
+def test_decode_tile_configs(config: DecodeConfig, num_splits: int) -> None:
+    torch.manual_seed(8)
+    run_decode_case([1, 31, 32, 33, 129, 700, 3000], 16, 128, 4, torch.float16, num_splits, config)
 
 
 @pytest.mark.parametrize("head_dim", [16, 32, 256])
@@ -243,7 +253,13 @@ def test_prefill_matches_reference(dtype: torch.dtype, group: int, head_dim: int
 
 
 @pytest.mark.parametrize(
-    "config", [PrefillConfig(16, 16, 4, 1), PrefillConfig(32, 32, 4, 2), PrefillConfig(64, 128, 4, 2)]
+    "config",
+    [
+        PrefillConfig(16, 16, 4, 1),
+        PrefillConfig(32, 32, 4, 2),
+        PrefillConfig(64, 128, 4, 2),
+        PrefillConfig(64, 64, 4, 3, load_v_early=True),
+    ],
 )
 @pytest.mark.parametrize("group", [1, 3, 8])
 def test_prefill_tile_shapes(config: PrefillConfig, group: int) -> None:

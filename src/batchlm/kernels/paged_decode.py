@@ -20,10 +20,10 @@ from batchlm.kernels.paged_tile import MASK_RANGE, attend_range
 from batchlm.kernels.shapes import check_paged_inputs, dot_precision, next_power_of_2
 
 LOG2_E = 1.4426950408889634
-# Upper bound on splits per request: keeps the reduce a single tile and the workspace small.
-MAX_SPLITS = 64
+# Upper bound on splits per request (bounds the workspace and the reduce's work).
+MAX_SPLITS = 256
 # A split shorter than this spends more on its own overhead than it saves in parallelism.
-MIN_TOKENS_PER_SPLIT = 256
+MIN_TOKENS_PER_SPLIT = 128
 
 
 @dataclass(frozen=True)
@@ -32,9 +32,11 @@ class DecodeConfig:
 
     block_n: int = 64  # context tokens per inner-loop tile
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int = 2
     # Aim for this many programs per SM when choosing the number of splits.
     programs_per_sm: int = 4
+    # Issue a tile's V load next to its K load rather than after the softmax.
+    load_v_early: bool = False
 
 
 @functools.lru_cache(maxsize=8)
@@ -69,7 +71,7 @@ def _decode_kernel(
     stride_bt,
     BLOCK_SIZE: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, LOAD_V_EARLY: tl.constexpr,
 ):  # fmt: skip
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -100,7 +102,7 @@ def _decode_kernel(
         acc, row_max, row_sum = attend_range(
             q, acc, row_max, row_sum, seq_len, kv_base, block_row, start, end, end, qk_scale,
             stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
-            HEAD_DIM, BLOCK_N, MASK_RANGE, DOT_PRECISION,
+            HEAD_DIM, BLOCK_N, MASK_RANGE, DOT_PRECISION, LOAD_V_EARLY,
         )  # fmt: skip
         # Padding rows (seq_len 0) saw nothing: row_sum 0, output zeros.
         result = acc / tl.where(row_sum > 0.0, row_sum, 1.0)[:, None]
@@ -111,7 +113,7 @@ def _decode_kernel(
             acc, row_max, row_sum = attend_range(
                 q, acc, row_max, row_sum, seq_len, kv_base, block_row, start, end, end, qk_scale,
                 stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
-                HEAD_DIM, BLOCK_N, MASK_RANGE, DOT_PRECISION,
+                HEAD_DIM, BLOCK_N, MASK_RANGE, DOT_PRECISION, LOAD_V_EARLY,
             )  # fmt: skip
             # Each slice stores its normalised result and its log2-sum-exp weight.
             row = (seq.to(tl.int64) * num_heads + heads) * NUM_SPLITS + split  # [BLOCK_G]
@@ -131,24 +133,33 @@ def _reduce_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # NUM_SPLITS rounded up to a power of two
+    CHUNK: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
     tokens_per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    splits = tl.arange(0, BLOCK_S)
     # Only splits that started inside the context wrote anything.
-    valid = (splits < NUM_SPLITS) & (splits * tokens_per_split < seq_len)
-    row = (seq.to(tl.int64) * tl.num_programs(1) + head) * NUM_SPLITS + splits  # [BLOCK_S]
-    lse = tl.load(part_lse_ptr + row, mask=valid, other=float("-inf"))
+    used_splits = tl.cdiv(seq_len, tl.maximum(tokens_per_split, 1))
+    base = (seq.to(tl.int64) * tl.num_programs(1) + head) * NUM_SPLITS
+    splits = tl.arange(0, BLOCK_S)
+    lse = tl.load(part_lse_ptr + base + splits, mask=splits < used_splits, other=float("-inf"))
     top = tl.max(lse, 0)
     top = tl.where(top == float("-inf"), 0.0, top)  # seq_len 0: every weight 0, output 0
-    weights = tl.exp2(lse - top)  # [BLOCK_S]
-    total = tl.sum(weights, 0)
+    total = tl.sum(tl.exp2(lse - top), 0)
     dims = tl.arange(0, HEAD_DIM)
-    parts = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], mask=valid[:, None], other=0.0)
-    result = tl.sum(parts * weights[:, None], 0) / tl.where(total > 0.0, total, 1.0)  # [HEAD_DIM]
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    # Chunks of CHUNK splits bound the registers a [splits, HEAD_DIM] tile would take.
+    for first in range(0, NUM_SPLITS, CHUNK):
+        chunk = first + tl.arange(0, CHUNK)
+        valid = chunk < used_splits
+        weights = tl.exp2(tl.load(part_lse_ptr + base + chunk, mask=valid, other=float("-inf")) - top)
+        parts = tl.load(
+            part_out_ptr + (base + chunk)[:, None] * HEAD_DIM + dims[None, :], mask=valid[:, None], other=0.0
+        )
+        acc += tl.sum(parts * weights[:, None], 0)
+    result = acc / tl.where(total > 0.0, total, 1.0)  # [HEAD_DIM]
     out = out_ptr + seq.to(tl.int64) * stride_ob + head * stride_oh + dims
     tl.store(out, result.to(out_ptr.dtype.element_ty))
 
@@ -192,12 +203,13 @@ def paged_decode_attention(
         block_tables.stride(0), BLOCK_SIZE=shape.block_size,
         GROUP=shape.group_size, BLOCK_G=max(16, next_power_of_2(shape.group_size)),
         HEAD_DIM=shape.head_dim, BLOCK_N=cfg.block_n, NUM_SPLITS=num_splits,
-        DOT_PRECISION=dot_precision(query.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_PRECISION=dot_precision(query.dtype), LOAD_V_EARLY=cfg.load_v_early,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if num_splits > 1:
         _reduce_kernel[(batch, shape.num_heads)](
             part_out, part_lse, seq_lens, out, out.stride(0), out.stride(1),
             HEAD_DIM=shape.head_dim, BLOCK_N=cfg.block_n, NUM_SPLITS=num_splits,
-            BLOCK_S=next_power_of_2(num_splits), num_warps=4,
+            BLOCK_S=next_power_of_2(num_splits), CHUNK=min(16, next_power_of_2(num_splits)), num_warps=4,
         )  # fmt: skip
     return out

@@ -29,6 +29,8 @@ class PrefillConfig:
     block_n: int  # context tokens per inner-loop tile
     num_warps: int
     num_stages: int
+    # Issue a tile's V load next to its K load rather than after the softmax.
+    load_v_early: bool = False
 
 
 def default_prefill_config(shape: PagedShape, dtype: torch.dtype) -> PrefillConfig:
@@ -56,7 +58,7 @@ def _prefill_kernel(
     stride_bt,
     BLOCK_SIZE: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, LOAD_V_EARLY: tl.constexpr,
 ):  # fmt: skip
     req = tl.program_id(0)
     tile = tl.program_id(1)
@@ -89,12 +91,12 @@ def _prefill_kernel(
         acc, row_max, row_sum = attend_range(
             q, acc, row_max, row_sum, q_pos, kv_base, block_row, 0, unmasked_stop, kv_end, qk_scale,
             stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
-            HEAD_DIM, BLOCK_N, MASK_NONE, DOT_PRECISION,
+            HEAD_DIM, BLOCK_N, MASK_NONE, DOT_PRECISION, LOAD_V_EARLY,
         )  # fmt: skip
         acc, row_max, row_sum = attend_range(
             q, acc, row_max, row_sum, q_pos, kv_base, block_row, unmasked_stop, kv_end, kv_end, qk_scale,
             stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
-            HEAD_DIM, BLOCK_N, MASK_CAUSAL, DOT_PRECISION,
+            HEAD_DIM, BLOCK_N, MASK_CAUSAL, DOT_PRECISION, LOAD_V_EARLY,
         )  # fmt: skip
         result = acc / tl.where(row_sum > 0.0, row_sum, 1.0)[:, None]
         out = out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :]
@@ -138,6 +140,6 @@ def paged_prefill_attention(
         block_tables.stride(0), BLOCK_SIZE=shape.block_size,
         GROUP=shape.group_size, BLOCK_M=cfg.block_m, TOKENS_PER_TILE=tokens_per_tile,
         HEAD_DIM=shape.head_dim, BLOCK_N=cfg.block_n, DOT_PRECISION=dot_precision(query.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        LOAD_V_EARLY=cfg.load_v_early, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out

@@ -30,6 +30,7 @@ def attend_tile(
     qk_scale,
     stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    LOAD_V_EARLY: tl.constexpr,
 ):  # fmt: skip
     tokens = tile_start + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
@@ -44,6 +45,12 @@ def attend_tile(
         k = tl.load(k_ptrs)
     else:
         k = tl.load(k_ptrs, mask=in_range[:, None], other=0.0)
+    if LOAD_V_EARLY:
+        # Issue both loads before any math: one memory round trip per tile instead of two.
+        if MASK_MODE == 0:
+            v = tl.load(k_ptrs + stride_c_kv)
+        else:
+            v = tl.load(k_ptrs + stride_c_kv, mask=in_range[:, None], other=0.0)
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
     if MASK_MODE == 1:
         scores = tl.where(in_range[None, :], scores, float("-inf"))
@@ -55,10 +62,11 @@ def attend_tile(
     rescale = tl.exp2(row_max - new_max)
     probs = tl.exp2(scores - new_max[:, None])  # [BLOCK_M, BLOCK_N]
     row_sum = row_sum * rescale + tl.sum(probs, 1)
-    if MASK_MODE == 0:
-        v = tl.load(k_ptrs + stride_c_kv)
-    else:
-        v = tl.load(k_ptrs + stride_c_kv, mask=in_range[:, None], other=0.0)
+    if not LOAD_V_EARLY:
+        if MASK_MODE == 0:
+            v = tl.load(k_ptrs + stride_c_kv)
+        else:
+            v = tl.load(k_ptrs + stride_c_kv, mask=in_range[:, None], other=0.0)
     acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, new_max, row_sum
 
@@ -71,11 +79,12 @@ def attend_range(
     kv_end,  # tokens at or past it are hidden (MASK_RANGE / MASK_CAUSAL)
     qk_scale, stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    LOAD_V_EARLY: tl.constexpr,
 ):  # fmt: skip
     for tile_start in range(kv_start, kv_stop, BLOCK_N):
         acc, row_max, row_sum = attend_tile(
             q, acc, row_max, row_sum, q_pos, kv_base, block_row, tile_start, kv_end, qk_scale,
             stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
-            HEAD_DIM, BLOCK_N, MASK_MODE, DOT_PRECISION,
+            HEAD_DIM, BLOCK_N, MASK_MODE, DOT_PRECISION, LOAD_V_EARLY,
         )  # fmt: skip
     return acc, row_max, row_sum
