@@ -91,7 +91,7 @@ class FakeCall:
 @dataclass
 class _Choice:
     index: int
-    reply: str
+    reply_ids: list[int]
     tokens: list[int] = field(default_factory=list)
     emitted: int = 0
     finish_reason: str | None = None
@@ -99,12 +99,14 @@ class _Choice:
 
 
 class FakeEngine(EngineClient):
-    """Each completion spells out `reply` (completion i > 0: f"{i}:" + reply) one byte-token per step, then
-    stops ("stop") unless ignore_eos; max_tokens and stop strings are honoured like the real front end."""
+    """Each completion spells out `reply` (completion i > 0: f"{i}:" + reply), one token of it per step,
+    then stops ("stop") unless ignore_eos; max_tokens and stop strings are honoured like the real front end.
+    Works with any tokenizer: FakeTokenizer (one token per byte) by default, or the real Tokenizer."""
 
     def __init__(
         self,
         *,
+        tokenizer: Any = None,
         reply: str = "Hello from the fake engine.",
         max_model_len: int = 512,
         token_delay_s: float = 0.0,
@@ -116,10 +118,9 @@ class FakeEngine(EngineClient):
         served_model_name: str = "fake-model",
         abort_raises_cancelled: bool = False,
     ) -> None:
-        self.tokenizer = FakeTokenizer()
-        self.model_info = ModelInfo(
-            served_model_name, max_model_len, FakeTokenizer.vocab_size, ("/models/fake",)
-        )
+        self.tokenizer = tokenizer if tokenizer is not None else FakeTokenizer()
+        vocab_size = self.tokenizer.vocab_size
+        self.model_info = ModelInfo(served_model_name, max_model_len, vocab_size, ("/models/fake",))
         self.reply = reply
         self.token_delay_s = token_delay_s
         self.first_token_delay_s = first_token_delay_s
@@ -204,7 +205,10 @@ class FakeEngine(EngineClient):
     async def _generate(self, call: FakeCall) -> AsyncIterator[RequestOutput]:
         self._admit(call)
         params = call.params
-        choices = [_Choice(i, self.reply if i == 0 else f"{i}:{self.reply}") for i in range(params.n)]
+        replies = [self.reply if i == 0 else f"{i}:{self.reply}" for i in range(params.n)]
+        choices = [
+            _Choice(i, self.tokenizer.encode(r, add_special_tokens=False)) for i, r in enumerate(replies)
+        ]
         timing = RequestMetrics(arrival_time=time.time(), first_scheduled_time=time.time())
         self._active.add(call.request_id)
         try:
@@ -233,7 +237,7 @@ class FakeEngine(EngineClient):
             raise EngineDeadError("the fake engine is still loading")
         if self.max_in_flight is not None and len(self._active) >= self.max_in_flight:
             raise QueueFullError(f"{len(self._active)} requests are already running")
-        bad = [t for t in call.prompt_token_ids if not 0 <= t < FakeTokenizer.vocab_size]
+        bad = [t for t in call.prompt_token_ids if not 0 <= t < self.model_info.vocab_size]
         if bad:
             raise RequestRejectedError(f"prompt token id {bad[0]} is out of range", "prompt")
         if self.reject_message is not None:
@@ -258,21 +262,22 @@ class FakeEngine(EngineClient):
 
     def _advance(self, choice: _Choice, params: SamplingParams, step: int) -> CompletionOutput:
         """Generate one token for `choice` and return the delta (text held back while a stop may match)."""
-        reply_bytes = choice.reply.encode()
-        token = reply_bytes[len(choice.tokens) % len(reply_bytes)] + BYTE_OFFSET
+        token = choice.reply_ids[len(choice.tokens) % len(choice.reply_ids)]
         choice.tokens.append(token)
         self._generated_tokens += 1
         text = self.tokenizer.decode(choice.tokens)
-        if len(choice.tokens) >= len(reply_bytes) and not params.ignore_eos:
+        if len(choice.tokens) >= len(choice.reply_ids) and not params.ignore_eos:
             choice.finish_reason = "stop"
         if params.max_tokens is not None and len(choice.tokens) >= params.max_tokens:
             choice.finish_reason = choice.finish_reason or "length"
         text, visible = self._apply_stops(choice, text, params)
+        if choice.finish_reason is None and text.endswith("\ufffd"):
+            visible = min(visible, len(text) - 1)  # an incomplete UTF-8 character: wait for its other bytes
         delta = text[choice.emitted : visible]
         choice.emitted = max(choice.emitted, visible)
         logprobs = None
         if params.logprobs is not None:
-            top = tuple((token + k, -0.25 - k) for k in range(params.logprobs))
+            top = tuple(((token + k) % self.model_info.vocab_size, -0.25 - k) for k in range(params.logprobs))
             logprobs = [TokenLogprobs(logprob=-0.25 - 0.01 * step, rank=1, top=top)]
         return CompletionOutput(
             choice.index, delta, [token], None, logprobs, choice.finish_reason, choice.stop_reason

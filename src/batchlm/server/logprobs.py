@@ -18,8 +18,11 @@ def _finite(logprob: float) -> float:
     return LOGPROB_FLOOR if math.isnan(logprob) or logprob < LOGPROB_FLOOR else logprob
 
 
-def _utf8(text: str) -> list[int]:
-    return list(text.encode("utf-8", errors="replace"))
+def _token_bytes(tokenizer: Any, token_id: int, text: str) -> list[int]:
+    """The exact bytes of a token (a part of a multi-byte character has no text of its own), from the
+    tokenizer's token_bytes() where it has one, else the UTF-8 of its text."""
+    exact = getattr(tokenizer, "token_bytes", None)
+    return list(exact(token_id)) if exact is not None else list(text.encode("utf-8", errors="replace"))
 
 
 def chat_logprobs(
@@ -28,15 +31,15 @@ def chat_logprobs(
     """One entry per generated token, each with its `top_n` most likely alternatives."""
     content = []
     for token_id, entry in zip(token_ids, logprobs, strict=True):
-        text = tokenizer.token_to_text(token_id)
-        top = [
-            TopLogprob(token=(alt := tokenizer.token_to_text(alt_id)), logprob=_finite(lp), bytes=_utf8(alt))
-            for alt_id, lp in entry.top[:top_n]
-        ]
-        content.append(
-            ChatTokenLogprob(token=text, logprob=_finite(entry.logprob), bytes=_utf8(text), top_logprobs=top)
-        )
+        top = [_top_logprob(tokenizer, alt_id, lp) for alt_id, lp in entry.top[:top_n]]
+        sampled = _top_logprob(tokenizer, token_id, entry.logprob)
+        content.append(ChatTokenLogprob(**sampled.model_dump(), top_logprobs=top))
     return ChatChoiceLogprobs(content=content)
+
+
+def _top_logprob(tokenizer: Any, token_id: int, logprob: float) -> TopLogprob:
+    text = tokenizer.token_to_text(token_id)
+    return TopLogprob(token=text, logprob=_finite(logprob), bytes=_token_bytes(tokenizer, token_id, text))
 
 
 class CompletionLogprobsBuilder:

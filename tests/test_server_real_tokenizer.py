@@ -1,0 +1,75 @@
+"""The server with batchlm's real Tokenizer (the shared `tiny_tokenizer` fixture: byte-level BPE, ChatML
+template) behind the fake engine: chat template, token counts, logprob bytes, tokenize round trips."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from batchlm.server.background import BackgroundServer
+from fake_engine import FakeEngine, openai_client
+
+# Multi-byte characters: some BPE tokens hold only part of a character.
+REPLY = "Grüße, wörld ✓ done."
+MESSAGES = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi there"}]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_tokenizer: Any) -> FakeEngine:
+    return FakeEngine(tokenizer=tiny_tokenizer, reply=REPLY, max_model_len=400)
+
+
+@pytest.fixture(scope="module")
+def server(engine: FakeEngine) -> Iterator[BackgroundServer]:
+    with BackgroundServer(engine) as running:
+        yield running
+
+
+def test_chat_uses_the_models_template_and_counts_real_tokens(
+    server: BackgroundServer, engine: FakeEngine, tiny_tokenizer: Any
+) -> None:
+    response = openai_client(server.base_url).chat.completions.create(model="fake-model", messages=MESSAGES)
+    expected_prompt = tiny_tokenizer.apply_chat_template(MESSAGES)
+    assert engine.calls[-1].prompt_token_ids == expected_prompt
+    assert response.choices[0].message.content == REPLY
+    assert response.usage.prompt_tokens == len(expected_prompt)
+    assert response.usage.completion_tokens == len(tiny_tokenizer.encode(REPLY, add_special_tokens=False))
+
+
+def test_streamed_text_reassembles_multibyte_characters(server: BackgroundServer) -> None:
+    stream = openai_client(server.base_url).chat.completions.create(
+        model="fake-model", messages=MESSAGES, stream=True
+    )
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert text == REPLY
+
+
+def test_logprob_bytes_are_the_tokens_exact_bytes(server: BackgroundServer, tiny_tokenizer: Any) -> None:
+    response = openai_client(server.base_url).chat.completions.create(
+        model="fake-model", messages=MESSAGES, logprobs=True, top_logprobs=1
+    )
+    content = response.choices[0].logprobs.content
+    reply_ids = tiny_tokenizer.encode(REPLY, add_special_tokens=False)
+    assert [entry.bytes for entry in content] == [list(tiny_tokenizer.token_bytes(t)) for t in reply_ids]
+    assert bytes(b for entry in content for b in entry.bytes).decode() == REPLY
+    assert [entry.token for entry in content] == [tiny_tokenizer.token_to_text(t) for t in reply_ids]
+
+
+def test_tokenize_and_detokenize_round_trip(server: BackgroundServer, tiny_tokenizer: Any) -> None:
+    tokens = httpx.post(f"{server.base_url}/tokenize", json={"prompt": REPLY}).json()["tokens"]
+    assert tokens == tiny_tokenizer.encode(REPLY)
+    text = httpx.post(f"{server.base_url}/detokenize", json={"tokens": tokens}).json()["prompt"]
+    assert text == tiny_tokenizer.decode(tokens, skip_special_tokens=False)
+    chat = httpx.post(f"{server.base_url}/tokenize", json={"messages": MESSAGES}).json()
+    assert chat["tokens"] == tiny_tokenizer.apply_chat_template(MESSAGES)
+
+
+def test_template_errors_are_400(server: BackgroundServer) -> None:
+    body = {"messages": MESSAGES, "chat_template_kwargs": {"messages": []}}
+    response = httpx.post(f"{server.base_url}/v1/chat/completions", json=body)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "messages"
+    assert "chat_template_kwargs" in response.json()["error"]["message"]
