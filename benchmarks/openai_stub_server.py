@@ -37,6 +37,10 @@ class StubOptions:
     tokenize: bool = True
     # Put cumulative usage in every content chunk (like vLLM's continuous_usage_stats).
     usage_per_chunk: bool = False
+    # Content events per network write (fewer syscalls keep the stub cheap, so that what is measured is
+    # the client); with itl_s, a batch is followed by a pause of itl_s per event. Every token is still
+    # its own SSE event.
+    events_per_write: int = 8
 
 
 class _Connection(asyncio.Protocol):
@@ -169,6 +173,7 @@ async def _stream(
         await asyncio.sleep(options.ttft_s)
     sent = 0
     chunks = 0 if fault == "empty" else -(-max_tokens // options.tokens_per_chunk)
+    batch: list[bytes] = []
     for index in range(chunks):
         if fault == "truncate" and index == chunks // 2:
             await conn.write_chunk(b"")  # a clean end of the body, without data: [DONE]
@@ -191,8 +196,12 @@ async def _stream(
         text = " tok" * count
         delta = f'"delta": {{"content": "{text}"}}' if chat else f'"text": "{text}"'
         tail = f', "usage": {{"prompt_tokens": 0, "completion_tokens": {sent}}}' if options.usage_per_chunk else ""
-        await conn.write_chunk(f'data: {head}{delta}, "logprobs": null, "finish_reason": null}}]{tail}}}\n\n'.encode())
-        await asyncio.sleep(options.itl_s)  # sleep(0) still lets other streams interleave
+        batch.append(f'data: {head}{delta}, "logprobs": null, "finish_reason": null}}]{tail}}}\n\n'.encode())
+        if fault or len(batch) >= options.events_per_write or index == chunks - 1:
+            await conn.write_chunk(b"".join(batch))
+            # Paced: the batch's share of time; unpaced, sleep(0) still lets other streams interleave.
+            await asyncio.sleep(options.itl_s * len(batch))
+            batch.clear()
     finish = '"delta": {}' if chat else '"text": ""'
     await conn.write_chunk(f'data: {head}{finish}, "finish_reason": "length"}}]}}\n\n'.encode())
     if usage is not None:
@@ -245,9 +254,10 @@ def main() -> None:
     parser.add_argument("--itl-ms", type=float, default=0.0)
     parser.add_argument("--no-tokenize", action="store_true", help="answer 404 to POST /tokenize")
     parser.add_argument("--usage-per-chunk", action="store_true", help="cumulative usage in every content chunk")
+    parser.add_argument("--events-per-write", type=int, default=8, help="content events per network write")
     args = parser.parse_args()
     options = StubOptions(args.tokens_per_chunk, args.ttft_ms / 1000, args.itl_ms / 1000, not args.no_tokenize,
-                          args.usage_per_chunk)
+                          args.usage_per_chunk, args.events_per_write)
 
     async def forever() -> None:
         server = await serve(args.host, args.port, options)

@@ -92,7 +92,7 @@ def format_table(level: LevelReport, info: RunInfo) -> str:
     ]
     lines += _latency_sections(m, info)
     lines += _failure_section(m)
-    lines += _client_section(level.check)
+    lines += _client_section(level.check, m.total_output_tokens)
     lines.append("=" * _WIDTH)
     return "\n".join(lines)
 
@@ -129,10 +129,11 @@ def _failure_section(m: BenchMetrics) -> list[str]:
     return lines
 
 
-def _client_section(check: ClientCheck) -> list[str]:
+def _client_section(check: ClientCheck, output_tokens: int) -> list[str]:
     lines = [
         _heading("Client self-check"),
         _row("Client CPU (% of one core):", check.cpu_percent, ".1f"),
+        _row("Client CPU per output token (us):", _cpu_per_token_us(check, output_tokens)),
         _row("Event-loop lag p50 / p99 / max (ms):",
              f"{check.loop_lag_p50_s * 1e3:.2f} / {check.loop_lag_p99_s * 1e3:.2f} / {check.loop_lag_max_s * 1e3:.2f}"),
     ]
@@ -140,6 +141,10 @@ def _client_section(check: ClientCheck) -> list[str]:
         lines.append(_row("Max late dispatch of an arrival (ms):", check.max_dispatch_delay_s * 1e3, ".2f"))
     lines.append(_row("Verdict:", check.verdict()))
     return lines
+
+
+def _cpu_per_token_us(check: ClientCheck, output_tokens: int) -> str:
+    return f"{check.cpu_s / output_tokens * 1e6:.1f}" if output_tokens else "n/a"
 
 
 def _pct(q: float) -> str:
@@ -203,6 +208,7 @@ def _batchlm_keys(level: LevelReport, info: RunInfo) -> dict[str, Any]:
         "tokens_per_second_timeline": m.tokens_per_second,
         "concurrency_timeline": m.concurrency_per_second,
         "client_cpu_percent": check.cpu_percent,
+        "client_cpu_us_per_output_token": check.cpu_s / m.total_output_tokens * 1e6 if m.total_output_tokens else None,
         "client_loop_lag_p50_ms": check.loop_lag_p50_s * 1e3,
         "client_loop_lag_p99_ms": check.loop_lag_p99_s * 1e3,
         "client_loop_lag_max_ms": check.loop_lag_max_s * 1e3,

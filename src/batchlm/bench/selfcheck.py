@@ -20,6 +20,8 @@ class ClientCheck:
 
     # Client process CPU time over wall time, in % of one core (the event loop uses one core).
     cpu_percent: float
+    # Client process CPU seconds used during the run.
+    cpu_s: float
     # Event-loop lag: how late a timer that should fire every `interval` actually fired.
     loop_lag_p50_s: float
     loop_lag_p99_s: float
@@ -75,6 +77,7 @@ class LoopMonitor:
         ordered = sorted(self._lags) or [0.0]
         return ClientCheck(
             cpu_percent=100.0 * cpu / wall if wall > 0 else 0.0,
+            cpu_s=cpu,
             loop_lag_p50_s=percentile(ordered, 50.0),
             loop_lag_p99_s=percentile(ordered, 99.0),
             loop_lag_max_s=ordered[-1],

@@ -28,8 +28,6 @@ class SSEParser:
 
     def __init__(self) -> None:
         self._buffer = b""
-        self._data_lines: list[str] = []
-        self._event_name = ""
         # A CR ending the previous feed may be half of a CRLF split across reads.
         self._skip_leading_lf = False
 
@@ -44,40 +42,40 @@ class SSEParser:
         if b"\r" in buffer:
             self._skip_leading_lf = buffer.endswith(b"\r")
             buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        *lines, self._buffer = buffer.split(b"\n")
+        # After normalizing, "\n\n" always ends an event block: a line end, then a blank line.
+        *blocks, self._buffer = buffer.split(b"\n\n")
         events: list[SSEEvent] = []
-        for raw_line in lines:
-            event = self._process_line(raw_line.decode("utf-8", errors="replace"))
-            if event is not None:
-                events.append(event)
+        for block in blocks:
+            if block.startswith(b"data: ") and b"\n" not in block:
+                # The common case (one data line, as OpenAI-compatible servers send): no line parsing.
+                events.append(SSEEvent(block[6:].decode("utf-8", errors="replace")))
+            else:
+                event = _parse_block(block.decode("utf-8", errors="replace"))
+                if event is not None:
+                    events.append(event)
         return events
 
     @property
     def pending_bytes(self) -> int:
         """Bytes of an event not yet terminated by a blank line (non-zero at EOF = truncated)."""
-        pending_lines = sum(len(line) + 1 for line in self._data_lines)
-        return len(self._buffer) + pending_lines
+        return len(self._buffer)
 
-    def _process_line(self, line: str) -> SSEEvent | None:
-        if not line:
-            return self._dispatch()
-        if line.startswith(":"):
-            return None  # comment: servers send these as keep-alives
+
+def _parse_block(block: str) -> SSEEvent | None:
+    """One event's lines (no blank line inside, though one may lead) into an event, or None."""
+    data_lines: list[str] = []
+    event_name = ""
+    for line in block.split("\n"):
+        if not line or line.startswith(":"):
+            continue  # a leading blank line dispatches nothing; ':' lines are keep-alive comments
         name, _, value = line.partition(":")
         if value.startswith(" "):
             value = value[1:]
         if name == "data":
-            self._data_lines.append(value)
+            data_lines.append(value)
         elif name == "event":
-            self._event_name = value
+            event_name = value
         # "id" and "retry" only matter for reconnecting browsers; unknown fields are ignored per spec.
+    if not data_lines:
         return None
-
-    def _dispatch(self) -> SSEEvent | None:
-        if not self._data_lines:
-            self._event_name = ""
-            return None
-        event = SSEEvent(data="\n".join(self._data_lines), event=self._event_name)
-        self._data_lines = []
-        self._event_name = ""
-        return event
+    return SSEEvent(data="\n".join(data_lines), event=event_name)
