@@ -60,7 +60,6 @@ def add_dataclass_arguments(
     flag_names: dict[str, list[str]] | None = None,
     choices: dict[str, list[str]] | None = None,
     help_notes: dict[str, str] | None = None,
-    defaults: dict[str, Any] | None = None,
 ) -> None:
     """One flag per field of the dataclass `cls` (dest = the field name). `flag_names` overrides a
     field's flag spellings; a bool that defaults to True becomes `--no-<name>` (minus any `enable_`)."""
@@ -68,30 +67,40 @@ def add_dataclass_arguments(
     comments = field_comments(cls)
     for spec in fields(cls):
         name = spec.name
-        default = (defaults or {}).get(name, _default_of(spec))
-        doc = comments.get(name, name.replace("_", " "))
-        note = (help_notes or {}).get(name, "")
-        kind = hints[name]
-        if kind is bool:
-            bare = name.removeprefix("enable_").replace("_", "-")
-            flags = (flag_names or {}).get(name) or [f"--no-{bare}" if default else f"--{bare}"]
-            action = "store_false" if default else "store_true"
-            text = f"Turn off: {doc[:1].lower()}{doc[1:]}" if default else doc
-            parser.add_argument(
-                *flags, dest=name, action=action, default=default, help=_escape(f"{text}{note}")
-            )
+        default = _default_of(spec)
+        doc = comments.get(name, name.replace("_", " ")) + (help_notes or {}).get(name, "")
+        flags = (flag_names or {}).get(name)
+        if hints[name] is bool:
+            _add_bool_flag(parser, name, bool(default), doc, flags)
             continue
-        flags = (flag_names or {}).get(name) or [f"--{name.replace('_', '-')}"]
+        field_choices = (choices or {}).get(name)
         shown = json.dumps(default) if isinstance(default, dict) else default
         parser.add_argument(
-            *flags,
+            *(flags or [f"--{name.replace('_', '-')}"]),
             dest=name,
-            type=_scalar_type(kind),
+            type=_scalar_type(hints[name]),
             default=default,
-            choices=(choices or {}).get(name),
-            metavar=None if (choices or {}).get(name) else name.upper(),
-            help=_escape(f"{doc}{note} (default: {shown})"),
+            choices=field_choices,
+            metavar=None if field_choices else name.upper(),
+            help=_escape(f"{doc} (default: {shown})"),
         )
+
+
+def _add_bool_flag(
+    parser: argparse._ActionsContainer, name: str, default: bool, doc: str, flags: list[str] | None
+) -> None:
+    """A switch that flips the default: `--<name>` for False defaults, `--no-<name>` for True ones."""
+    bare = name.removeprefix("enable_").replace("_", "-")
+    if default:
+        flags = flags or [f"--no-{bare}"]
+        doc = f"Turn off: {doc[:1].lower()}{doc[1:]}"
+    parser.add_argument(
+        *(flags or [f"--{bare}"]),
+        dest=name,
+        action="store_false" if default else "store_true",
+        default=default,
+        help=_escape(doc),
+    )
 
 
 def _escape(help_text: str) -> str:

@@ -28,39 +28,39 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     converted = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
-        if message.role in ("tool", "function"):
-            raise APIError(
-                400,
-                f"{where}: role '{message.role}' needs tool calling, which is not supported.",
-                param=f"{where}.role",
-            )
-        if message.role not in CHAT_ROLES:
-            raise APIError(
-                400,
-                f"{where}: invalid role '{message.role}'; expected one of {list(CHAT_ROLES)}.",
-                param=f"{where}.role",
-            )
-        for name in ("tool_calls", "tool_call_id", "function_call", "audio"):
-            if getattr(message, name):
-                raise APIError(
-                    400,
-                    f"{where}: '{name}' is not supported (no tool calling or audio).",
-                    param=f"{where}.{name}",
-                )
+        _check_message(message, where)
         content = _text_content(message.content, where)
         if content is None and message.role != "assistant":
             raise APIError(
                 400, f"{where}: 'content' is required for role '{message.role}'.", param=f"{where}.content"
             )
         # Chat templates know "system"; OpenAI's "developer" role means the same for these models.
-        entry: dict[str, Any] = {
-            "role": "system" if message.role == "developer" else message.role,
-            "content": content or "",
-        }
+        role = "system" if message.role == "developer" else message.role
+        entry: dict[str, Any] = {"role": role, "content": content or ""}
         if message.name:
             entry["name"] = message.name
         converted.append(entry)
     return converted
+
+
+def _check_message(message: ChatMessage, where: str) -> None:
+    if message.role in ("tool", "function"):
+        raise APIError(
+            400,
+            f"{where}: role '{message.role}' needs tool calling, which is not supported.",
+            f"{where}.role",
+        )
+    if message.role not in CHAT_ROLES:
+        raise APIError(
+            400,
+            f"{where}: invalid role '{message.role}'; expected one of {list(CHAT_ROLES)}.",
+            f"{where}.role",
+        )
+    for name in ("tool_calls", "tool_call_id", "function_call", "audio"):
+        if getattr(message, name):
+            raise APIError(
+                400, f"{where}: '{name}' is not supported (no tool calling or audio).", f"{where}.{name}"
+            )
 
 
 def _text_content(content: str | list[dict[str, Any]] | None, where: str) -> str | None:
@@ -97,20 +97,8 @@ async def render_chat(
     chat_template_kwargs: dict[str, Any] | None,
 ) -> list[int]:
     """Token ids of the conversation rendered by the model's chat template."""
-    if continue_final_message and add_generation_prompt:
-        raise APIError(
-            400,
-            "'continue_final_message' and 'add_generation_prompt' cannot both be true "
-            "(set add_generation_prompt to false to continue the last message).",
-            param="continue_final_message",
-        )
     converted = template_messages(messages)
-    if continue_final_message and converted[-1]["role"] != "assistant":
-        raise APIError(
-            400,
-            "'continue_final_message' needs the last message to be from the assistant.",
-            param="continue_final_message",
-        )
+    _check_continuation(converted, add_generation_prompt, continue_final_message)
 
     def render() -> list[int]:
         ids: list[int] = tokenizer.apply_chat_template(
@@ -121,11 +109,30 @@ async def render_chat(
         )
         return ids
 
-    size = sum(len(m["content"]) for m in converted)
     try:
-        return await _maybe_offload(size, render)
+        return await _maybe_offload(sum(len(m["content"]) for m in converted), render)
     except (ValueError, TemplateError) as error:
         raise APIError(400, f"Could not apply the chat template: {error}", param="messages") from error
+
+
+def _check_continuation(
+    converted: list[dict[str, Any]], add_generation_prompt: bool, continue_final_message: bool
+) -> None:
+    if not continue_final_message:
+        return
+    if add_generation_prompt:
+        raise APIError(
+            400,
+            "'continue_final_message' and 'add_generation_prompt' cannot both be true "
+            "(set add_generation_prompt to false to continue the last message).",
+            param="continue_final_message",
+        )
+    if converted[-1]["role"] != "assistant":
+        raise APIError(
+            400,
+            "'continue_final_message' needs the last message to be from the assistant.",
+            param="continue_final_message",
+        )
 
 
 async def encode_text(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:

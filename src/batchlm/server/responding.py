@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import anyio
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -109,6 +110,18 @@ async def answer_or_disconnect(
     finally:
         if not handed_over:
             await close_all(generations)
+
+
+async def respond_json(
+    request: Request, generations: Sequence[Generation], build: Callable[[], Awaitable[BaseModel]]
+) -> Response:
+    """The non-streaming answer: `build` gathers the generations into the response body."""
+
+    async def respond() -> Response:
+        body = await build()
+        return Response(body.model_dump_json(), media_type="application/json")
+
+    return await answer_or_disconnect(request, generations, respond)
 
 
 async def start_stream(

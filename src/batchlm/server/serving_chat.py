@@ -11,7 +11,9 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from batchlm.engine.client import ModelInfo
 from batchlm.outputs import CompletionOutput, RequestOutput
+from batchlm.sampling_params import SamplingParams
 from batchlm.server.generation import Generation
 from batchlm.server.logprobs import chat_logprobs
 from batchlm.server.metrics import RequestRecorder
@@ -23,7 +25,7 @@ from batchlm.server.request_params import (
     check_model,
     resolve_max_tokens,
 )
-from batchlm.server.responding import answer_or_disconnect, collect_choices, start_stream, usage_of
+from batchlm.server.responding import collect_choices, respond_json, start_stream, usage_of
 from batchlm.server.responses import (
     ChatChoice,
     ChatChunkChoice,
@@ -63,36 +65,34 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest) 
         continue_final_message=body.continue_final_message,
         chat_template_kwargs=body.chat_template_kwargs,
     )
-    budget_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    max_tokens = resolve_max_tokens(requested, len(prompt_ids), info.max_model_len, "messages")
-    top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = build_sampling_params(
-        body,
-        max_tokens=max_tokens,
-        logprobs=top_logprobs,
-        vocab_size=info.vocab_size,
-        param_names={"logprobs": "top_logprobs", "max_tokens": budget_field},
-    )
+    params = _sampling_params(body, len(prompt_ids), info)
     context = ChatContext(
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
         model=info.served_model_name,
         tokenizer=tokenizer,
         n=body.n,
-        top_logprobs=top_logprobs,
+        top_logprobs=params.logprobs,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
     )
     recorder = RequestRecorder(state.metrics, context.request_id, len(prompt_ids))
     generation = Generation(state.engine, context.request_id, prompt_ids, params, recorder, state.in_flight)
     if body.stream:
         return await start_stream(request, [generation], ChatStreamFormatter(context), state.metrics)
+    return await respond_json(request, [generation], lambda: _full_response(context, generation))
 
-    async def respond() -> Response:
-        response = await _full_response(context, generation)
-        return Response(response.model_dump_json(), media_type="application/json")
 
-    return await answer_or_disconnect(request, [generation], respond)
+def _sampling_params(body: ChatCompletionRequest, prompt_len: int, info: ModelInfo) -> SamplingParams:
+    # max_completion_tokens replaced the deprecated max_tokens; errors name whichever the client sent.
+    budget_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    return build_sampling_params(
+        body,
+        max_tokens=resolve_max_tokens(requested, prompt_len, info.max_model_len, "messages"),
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+        vocab_size=info.vocab_size,
+        param_names={"logprobs": "top_logprobs", "max_tokens": budget_field},
+    )
 
 
 async def _full_response(context: ChatContext, generation: Generation) -> ChatCompletionResponse:

@@ -26,7 +26,7 @@ from batchlm.server.request_params import (
     check_prompt_token_ids,
     resolve_max_tokens,
 )
-from batchlm.server.responding import answer_or_disconnect, collect_choices, start_stream, usage_of
+from batchlm.server.responding import collect_choices, respond_json, start_stream, usage_of
 from batchlm.server.responses import CompletionChoice, CompletionResponse, UsageInfo
 from batchlm.server.state import ServerState, get_state
 from batchlm.server.streams import close_all, sse_event
@@ -86,11 +86,7 @@ async def create_completion(request: Request, body: CompletionRequest) -> Respon
     if body.stream:
         return await start_stream(request, generations, CompletionStreamFormatter(context), state.metrics)
 
-    async def respond() -> Response:
-        response = await _full_response(context, generations)
-        return Response(response.model_dump_json(), media_type="application/json")
-
-    return await answer_or_disconnect(request, generations, respond)
+    return await respond_json(request, generations, lambda: _full_response(context, generations))
 
 
 async def _tokenize_prompts(
