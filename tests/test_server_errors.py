@@ -229,6 +229,9 @@ def test_internal_errors_are_500_without_details_and_the_server_keeps_serving(
     assert "secret" not in error["message"]
     assert error["type"] == "server_error"
     assert post(server, "/v1/chat/completions", CHAT).status_code == 200
+    text = httpx.get(f"{server.base_url}/metrics").text
+    assert metric_value(text, "batchlm_requests_total", 'outcome="error_500"') == 1
+    assert metric_value(text, "batchlm_requests_total", 'outcome="client_disconnect"') is None
 
 
 def test_errors_are_counted_by_status(server: BackgroundServer) -> None:

@@ -86,6 +86,24 @@ def test_engine_death_ends_streams_with_an_error_event_and_fails_health() -> Non
         assert outcome(server, "error_503") == 1
 
 
+def test_an_unexpected_failure_mid_stream_ends_it_with_a_generic_500_event() -> None:
+    engine = long_engine(token_delay_s=0.01)
+    with BackgroundServer(engine) as server:
+        url = f"{server.base_url}/v1/chat/completions"
+        with httpx.stream("POST", url, json={**ENDLESS, "stream": True}, timeout=30) as response:
+            lines = response.iter_lines()
+            read_events(lines, until_content=2)
+            engine.unexpected_error = RuntimeError("secret internals")
+            rest = read_events(lines)
+        assert rest[-1] == "[DONE]"
+        error = json.loads(rest[-2])["error"]
+        assert error["type"] == "server_error" and "secret" not in error["message"]
+        assert outcome(server, "error_500") == 1
+        assert outcome(server, "client_disconnect") == 0
+        engine.unexpected_error = None
+        assert httpx.post(url, json={"messages": USER, "max_tokens": 2}).status_code == 200
+
+
 def test_engine_death_fails_a_non_streaming_request_with_503() -> None:
     engine = long_engine(token_delay_s=0.01)
     with BackgroundServer(engine) as server:

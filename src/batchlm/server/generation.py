@@ -72,7 +72,6 @@ class Generation:
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
-        self.params = params
         self.recorder = recorder
         self.finished = False
         self._engine = engine
@@ -140,8 +139,9 @@ class Generation:
         return APIError(503, "The request was aborted by the server (shutting down).", code="aborted")
 
     def _translate(self, error: Exception) -> Exception:
-        api_error = engine_error_to_api_error(error)
-        return error if api_error is None else self._fail(api_error)
+        """The APIError for the engine's documented errors; anything else is re-raised as is (a 500)."""
+        self._failed = True
+        return engine_error_to_api_error(error) or error
 
     def _fail(self, error: APIError) -> APIError:
         self._failed = True
