@@ -22,7 +22,9 @@ except ImportError:  # run from a source checkout without `pip install -e .`
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    seed_parser = argparse.ArgumentParser(description="Benchmark an OpenAI-compatible server (seed interface).")
+    seed_parser = argparse.ArgumentParser(
+        description="Benchmark an OpenAI-compatible server (seed interface)."
+    )
     cli.add_seed_arguments(seed_parser, seed_only=True)
     seed_parser.parse_args(argv)  # rejects any flag the seed client did not have
     full_parser = argparse.ArgumentParser(prog="benchmark_client.py")

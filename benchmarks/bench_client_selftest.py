@@ -36,8 +36,18 @@ def free_port() -> int:
 
 
 def start_stub(port: int, args: argparse.Namespace) -> subprocess.Popen[bytes]:
-    command = [sys.executable, str(STUB), "--port", str(port), "--tokens-per-chunk", str(args.tokens_per_chunk),
-               "--itl-ms", str(args.itl_ms), "--events-per-write", str(args.events_per_write)]
+    command = [
+        sys.executable,
+        str(STUB),
+        "--port",
+        str(port),
+        "--tokens-per-chunk",
+        str(args.tokens_per_chunk),
+        "--itl-ms",
+        str(args.itl_ms),
+        "--events-per-write",
+        str(args.events_per_write),
+    ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -53,9 +63,24 @@ def start_stub(port: int, args: argparse.Namespace) -> subprocess.Popen[bytes]:
 def run_once(base_url: str, args: argparse.Namespace) -> LevelReport:
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
-    argv = ["--base-url", base_url, "--stream", "--concurrency", str(args.concurrency), "--requests",
-            str(args.requests), "--min-delay", "0", "--max-delay", "0", "--output-len", str(args.output_len),
-            "--prompt-repeat", "1", "--disable-tqdm"]
+    argv = [
+        "--base-url",
+        base_url,
+        "--stream",
+        "--concurrency",
+        str(args.concurrency),
+        "--requests",
+        str(args.requests),
+        "--min-delay",
+        "0",
+        "--max-delay",
+        "0",
+        "--output-len",
+        str(args.output_len),
+        "--prompt-repeat",
+        "1",
+        "--disable-tqdm",
+    ]
     config = from_args(parser.parse_args(argv))
     return asyncio.run(run_benchmark(config, echo=False)).levels[0]
 
@@ -71,13 +96,17 @@ def describe(level: LevelReport) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=1000)
     parser.add_argument("--tokens-per-chunk", type=int, default=1)
-    parser.add_argument("--itl-ms", type=float, default=0.0, help="stub pacing per token and stream (0 = flood)")
+    parser.add_argument(
+        "--itl-ms", type=float, default=0.0, help="stub pacing per token and stream (0 = flood)"
+    )
     parser.add_argument("--events-per-write", type=int, default=8)
     args = parser.parse_args()
     port = free_port()

@@ -18,7 +18,16 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-FAULTS = ("http_500", "inband_error", "truncate", "disconnect", "empty", "keepalive", "bad_json", "event_error")
+FAULTS = (
+    "http_500",
+    "inband_error",
+    "truncate",
+    "disconnect",
+    "empty",
+    "keepalive",
+    "bad_json",
+    "event_error",
+)
 # Tokens the stub pretends the chat template adds to a prompt (visible in usage.prompt_tokens).
 CHAT_TEMPLATE_TOKENS = 5
 _HIGH_WATER = 256 * 1024
@@ -105,7 +114,8 @@ class _Connection(asyncio.Protocol):
         reason = {200: "OK", 404: "Not Found", 500: "Internal Server Error"}.get(status, "Error")
         self.write(
             f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
         )
 
     async def write_chunk(self, data: bytes) -> None:
@@ -146,67 +156,108 @@ async def _completion(conn: _Connection, request: dict[str, Any], chat: bool) ->
         return
     prompt_tokens = len(prompt.split()) + (CHAT_TEMPLATE_TOKENS if chat else 0)
     max_tokens = int(request.get("max_tokens") or 16)
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": max_tokens, "total_tokens": prompt_tokens + max_tokens}
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": max_tokens,
+        "total_tokens": prompt_tokens + max_tokens,
+    }
     if not request.get("stream"):
         text = " tok" * max_tokens
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}} if chat else {"index": 0, "text": text}
-        conn.write_json(200, {"id": "stub", "object": "chat.completion" if chat else "text_completion",
-                              "model": request.get("model"), "choices": [{**choice, "finish_reason": "length"}],
-                              "usage": usage})
+        choice = (
+            {"index": 0, "message": {"role": "assistant", "content": text}}
+            if chat
+            else {"index": 0, "text": text}
+        )
+        conn.write_json(
+            200,
+            {
+                "id": "stub",
+                "object": "chat.completion" if chat else "text_completion",
+                "model": request.get("model"),
+                "choices": [{**choice, "finish_reason": "length"}],
+                "usage": usage,
+            },
+        )
         return
     include_usage = bool((request.get("stream_options") or {}).get("include_usage"))
     await _stream(conn, request, chat, fault, max_tokens, usage if include_usage else None)
 
 
 async def _stream(
-    conn: _Connection, request: dict[str, Any], chat: bool, fault: str | None, max_tokens: int,
+    conn: _Connection,
+    request: dict[str, Any],
+    chat: bool,
+    fault: str | None,
+    max_tokens: int,
     usage: dict[str, int] | None,
 ) -> None:
     options = conn.options
     conn.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
     kind = "chat.completion.chunk" if chat else "text_completion"
-    head = json.dumps({"id": "chatcmpl-stub", "object": kind, "created": int(time.time()), "model": request.get("model")})
+    head = json.dumps(
+        {"id": "chatcmpl-stub", "object": kind, "created": int(time.time()), "model": request.get("model")}
+    )
     head = head[:-1] + ', "choices": [{"index": 0, '
     if chat:
-        await conn.write_chunk(f'data: {head}"delta": {{"role": "assistant", "content": ""}}, "finish_reason": null}}]}}\n\n'.encode())
+        await conn.write_chunk(
+            f'data: {head}"delta": {{"role": "assistant", "content": ""}}, "finish_reason": null}}]}}\n\n'.encode()
+        )
     if options.ttft_s:
         await asyncio.sleep(options.ttft_s)
-    sent = 0
     chunks = 0 if fault == "empty" else -(-max_tokens // options.tokens_per_chunk)
     batch: list[bytes] = []
     for index in range(chunks):
-        if fault == "truncate" and index == chunks // 2:
-            await conn.write_chunk(b"")  # a clean end of the body, without data: [DONE]
+        if fault is not None and await _inject_fault(conn, fault, index, chunks):
             return
-        if fault == "disconnect" and index == chunks // 2:
-            if conn.transport is not None:
-                conn.transport.close()
-            return
-        if fault in ("inband_error", "event_error") and index == 1:
-            prefix = "event: error\n" if fault == "event_error" else ""
-            await conn.write_chunk(f'{prefix}data: {{"error": {{"message": "stub fault: engine died", "code": 500}}}}\n\n'.encode())
-            await conn.write_chunk(b"")
-            return
-        if fault == "bad_json" and index == 1:
-            await conn.write_chunk(b"data: {not json\n\n")
-        if fault == "keepalive":
-            await conn.write_chunk(b": keep-alive\n\n")
-        count = min(options.tokens_per_chunk, max_tokens - sent)
-        sent += count
-        text = " tok" * count
+        sent = min(max_tokens, (index + 1) * options.tokens_per_chunk)
+        text = " tok" * (sent - index * options.tokens_per_chunk)
         delta = f'"delta": {{"content": "{text}"}}' if chat else f'"text": "{text}"'
-        tail = f', "usage": {{"prompt_tokens": 0, "completion_tokens": {sent}}}' if options.usage_per_chunk else ""
+        tail = (
+            f', "usage": {{"prompt_tokens": 0, "completion_tokens": {sent}}}'
+            if options.usage_per_chunk
+            else ""
+        )
         batch.append(f'data: {head}{delta}, "logprobs": null, "finish_reason": null}}]{tail}}}\n\n'.encode())
         if fault or len(batch) >= options.events_per_write or index == chunks - 1:
             await conn.write_chunk(b"".join(batch))
             # Paced: the batch's share of time; unpaced, sleep(0) still lets other streams interleave.
             await asyncio.sleep(options.itl_s * len(batch))
             batch.clear()
+    await _finish(conn, head, chat, usage)
+
+
+async def _inject_fault(conn: _Connection, fault: str, index: int, chunks: int) -> bool:
+    """Misbehaves before content chunk `index` as `fault` says; True when the response is over."""
+    if fault == "truncate" and index == chunks // 2:
+        await conn.write_chunk(b"")  # a clean end of the body, without data: [DONE]
+        return True
+    if fault == "disconnect" and index == chunks // 2:
+        if conn.transport is not None:
+            conn.transport.close()
+        return True
+    if fault in ("inband_error", "event_error") and index == 1:
+        prefix = "event: error\n" if fault == "event_error" else ""
+        await conn.write_chunk(
+            f'{prefix}data: {{"error": {{"message": "stub fault: engine died", "code": 500}}}}\n\n'.encode()
+        )
+        await conn.write_chunk(b"")
+        return True
+    if fault == "bad_json" and index == 1:
+        await conn.write_chunk(b"data: {not json\n\n")
+    if fault == "keepalive":
+        await conn.write_chunk(b": keep-alive\n\n")
+    return False
+
+
+async def _finish(conn: _Connection, head: str, chat: bool, usage: dict[str, int] | None) -> None:
+    """The finish chunk, the usage-only chunk when asked for, [DONE], and the end of the body."""
     finish = '"delta": {}' if chat else '"text": ""'
     await conn.write_chunk(f'data: {head}{finish}, "finish_reason": "length"}}]}}\n\n'.encode())
     if usage is not None:
         envelope = head[: head.index(', "choices"')]
-        await conn.write_chunk(f'data: {envelope}, "choices": [], "usage": {json.dumps(usage)}}}\n\n'.encode())
+        await conn.write_chunk(
+            f'data: {envelope}, "choices": [], "usage": {json.dumps(usage)}}}\n\n'.encode()
+        )
     await conn.write_chunk(b"data: [DONE]\n\n")
     await conn.write_chunk(b"")
 
@@ -246,18 +297,28 @@ class StubServerThread:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--tokens-per-chunk", type=int, default=1)
     parser.add_argument("--ttft-ms", type=float, default=0.0)
     parser.add_argument("--itl-ms", type=float, default=0.0)
     parser.add_argument("--no-tokenize", action="store_true", help="answer 404 to POST /tokenize")
-    parser.add_argument("--usage-per-chunk", action="store_true", help="cumulative usage in every content chunk")
+    parser.add_argument(
+        "--usage-per-chunk", action="store_true", help="cumulative usage in every content chunk"
+    )
     parser.add_argument("--events-per-write", type=int, default=8, help="content events per network write")
     args = parser.parse_args()
-    options = StubOptions(args.tokens_per_chunk, args.ttft_ms / 1000, args.itl_ms / 1000, not args.no_tokenize,
-                          args.usage_per_chunk, args.events_per_write)
+    options = StubOptions(
+        args.tokens_per_chunk,
+        args.ttft_ms / 1000,
+        args.itl_ms / 1000,
+        not args.no_tokenize,
+        args.usage_per_chunk,
+        args.events_per_write,
+    )
 
     async def forever() -> None:
         server = await serve(args.host, args.port, options)

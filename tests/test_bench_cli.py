@@ -51,9 +51,21 @@ def test_full_endpoint_url_is_accepted_as_base_url_like_the_seed() -> None:
 
 def test_benchmark_client_script_takes_exactly_the_seed_flags() -> None:
     script = REPO / "benchmark_client.py"
-    seed_help = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, check=True)
-    for flag in ("--base-url", "--api-key", "--model", "--concurrency", "--requests", "--stream",
-                 "--min-delay", "--max-delay", "--min-tokens", "--max-tokens"):
+    seed_help = subprocess.run(
+        [sys.executable, str(script), "--help"], capture_output=True, text=True, check=True
+    )
+    for flag in (
+        "--base-url",
+        "--api-key",
+        "--model",
+        "--concurrency",
+        "--requests",
+        "--stream",
+        "--min-delay",
+        "--max-delay",
+        "--min-tokens",
+        "--max-tokens",
+    ):
         assert flag in seed_help.stdout
     for extra in (["--request-rate", "2"], ["--num-prompts", "3"], ["--concurrency", "1,4"]):
         rejected = subprocess.run([sys.executable, str(script), *extra], capture_output=True, text=True)
@@ -82,7 +94,11 @@ def test_sweeps_give_one_level_per_value() -> None:
 
 def test_fixed_length_mode_sends_ignore_eos_and_picks_random_prompts() -> None:
     config = parse("--input-len", "128", "--output-len", "64")
-    assert (config.workload.dataset_name, config.workload.input_len, config.workload.output_len) == ("random", 128, 64)
+    assert (config.workload.dataset_name, config.workload.input_len, config.workload.output_len) == (
+        "random",
+        128,
+        64,
+    )
     assert config.ignore_eos
     assert parse("--dataset-name", "custom", "--dataset-path", "x.jsonl").workload.dataset_name == "jsonl"
 

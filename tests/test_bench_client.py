@@ -46,7 +46,11 @@ def test_without_include_usage_tokens_are_counted_per_chunk(chunky_stub: StubSer
 def test_multi_token_chunks_spread_the_usage_total(chunky_stub: StubServerThread) -> None:
     result = send_one(endpoint_for(chunky_stub.base_url), max_tokens=7)
     account = account_tokens(result)
-    assert (account.output_tokens, account.source, account.method) == (7, TokenSource.USAGE, ChunkCountMethod.SPREAD)
+    assert (account.output_tokens, account.source, account.method) == (
+        7,
+        TokenSource.USAGE,
+        ChunkCountMethod.SPREAD,
+    )
     assert account.chunk_tokens == [2, 2, 3]
 
 

@@ -47,11 +47,25 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_sharegpt_takes_first_human_turn_and_estimates_reply_length(tmp_path: Path) -> None:
     path = tmp_path / "s.json"
-    path.write_text(json.dumps([
-        {"conversations": [{"from": "user", "value": "hi"}, {"from": "assistant", "value": "a b c d e f g h i j"}]},
-        {"conversations": [{"from": "human", "value": ""}, {"from": "gpt", "value": "empty prompt: skipped"}]},
-        {"id": "no conversations"},
-    ]))
+    path.write_text(
+        json.dumps(
+            [
+                {
+                    "conversations": [
+                        {"from": "user", "value": "hi"},
+                        {"from": "assistant", "value": "a b c d e f g h i j"},
+                    ]
+                },
+                {
+                    "conversations": [
+                        {"from": "human", "value": ""},
+                        {"from": "gpt", "value": "empty prompt: skipped"},
+                    ]
+                },
+                {"id": "no conversations"},
+            ]
+        )
+    )
     [sample] = load_sharegpt(str(path))
     assert (sample.prompt, sample.output_len) == ("hi", 13)
 

@@ -80,14 +80,33 @@ def live_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
 def bench(base_url: str, *argv: str) -> BenchRun:
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
-    config = from_args(parser.parse_args(["--base-url", base_url, "--model", "auto", "--disable-tqdm", *argv]))
+    config = from_args(
+        parser.parse_args(["--base-url", base_url, "--model", "auto", "--disable-tqdm", *argv])
+    )
     return asyncio.run(run_benchmark(config, echo=False))
 
 
 def test_seed_style_streaming_run_succeeds_with_server_usage(live_server: str) -> None:
-    run = bench(live_server, "--stream", "--requests", "6", "--concurrency", "3", "--min-delay", "0",
-                "--max-delay", "0", "--min-tokens", "4", "--max-tokens", "8", "--prompt-repeat", "1",
-                "--num-warmups", "1")
+    run = bench(
+        live_server,
+        "--stream",
+        "--requests",
+        "6",
+        "--concurrency",
+        "3",
+        "--min-delay",
+        "0",
+        "--max-delay",
+        "0",
+        "--min-tokens",
+        "4",
+        "--max-tokens",
+        "8",
+        "--prompt-repeat",
+        "1",
+        "--num-warmups",
+        "1",
+    )
     m = run.levels[0].metrics
     assert (m.completed, m.failed) == (6, 0), m.failure_reasons
     assert m.output_token_sources == {"usage": 6}
@@ -96,8 +115,20 @@ def test_seed_style_streaming_run_succeeds_with_server_usage(live_server: str) -
 
 
 def test_fixed_lengths_use_tokenize_and_ignore_eos(live_server: str) -> None:
-    run = bench(live_server, "--stream", "--input-len", "16", "--output-len", "5", "--requests", "4",
-                "--max-concurrency", "2", "--backend", "openai")
+    run = bench(
+        live_server,
+        "--stream",
+        "--input-len",
+        "16",
+        "--output-len",
+        "5",
+        "--requests",
+        "4",
+        "--max-concurrency",
+        "2",
+        "--backend",
+        "openai",
+    )
     assert run.info.prompt_length_method == "tokenize endpoint"
     m = run.levels[0].metrics
     assert (m.completed, m.failed) == (4, 0), m.failure_reasons
@@ -106,7 +137,18 @@ def test_fixed_lengths_use_tokenize_and_ignore_eos(live_server: str) -> None:
 
 
 def test_non_streaming_run_counts_tokens_from_usage(live_server: str) -> None:
-    run = bench(live_server, "--requests", "3", "--min-delay", "0", "--max-delay", "0", "--output-len", "3",
-                "--prompt-repeat", "1")
+    run = bench(
+        live_server,
+        "--requests",
+        "3",
+        "--min-delay",
+        "0",
+        "--max-delay",
+        "0",
+        "--output-len",
+        "3",
+        "--prompt-repeat",
+        "1",
+    )
     m = run.levels[0].metrics
     assert (m.completed, m.total_output_tokens, m.ttft.empty) == (3, 9, True), m.failure_reasons

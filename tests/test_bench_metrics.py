@@ -118,7 +118,10 @@ def test_token_accounting_methods() -> None:
     assert account_tokens(B).method is ChunkCountMethod.EXACT
     no_usage = account_tokens(D)
     assert (no_usage.output_tokens, no_usage.source, no_usage.method) == (
-        2, TokenSource.CHUNKS, ChunkCountMethod.ONE_PER_CHUNK)
+        2,
+        TokenSource.CHUNKS,
+        ChunkCountMethod.ONE_PER_CHUNK,
+    )
     matching = account_tokens(result(0, 1, [0.1, 0.2, 0.3], usage=3))
     assert (matching.chunk_tokens, matching.method) == ([1, 1, 1], ChunkCountMethod.ONE_PER_CHUNK)
     # A counter that goes backwards is ignored in favour of spreading the final usage.

@@ -11,15 +11,20 @@ SPEC = RequestSpec(prompt="Hi there", max_tokens=7)
 
 
 def body(**changes: object) -> dict[str, object]:
-    endpoint = EndpointConfig(**{"url": "http://x/v1/chat/completions", "chat": True, "model": "m",
-                                 "stream": True, **changes})  # type: ignore[arg-type]
+    endpoint = EndpointConfig(
+        **{"url": "http://x/v1/chat/completions", "chat": True, "model": "m", "stream": True, **changes}
+    )  # type: ignore[arg-type]
     return json.loads(build_body(endpoint, SPEC))
 
 
 def test_chat_body_asks_for_usage_when_streaming() -> None:
-    assert body() == {"model": "m", "max_tokens": 7, "stream": True,
-                      "messages": [{"role": "user", "content": "Hi there"}],
-                      "stream_options": {"include_usage": True}}
+    assert body() == {
+        "model": "m",
+        "max_tokens": 7,
+        "stream": True,
+        "messages": [{"role": "user", "content": "Hi there"}],
+        "stream_options": {"include_usage": True},
+    }
 
 
 def test_usage_switch_non_streaming_and_completions_bodies() -> None:
@@ -37,7 +42,10 @@ def test_ignore_eos_and_extra_body_override_last() -> None:
 def test_read_object_chat_delta_message_reasoning_and_completions_text() -> None:
     assert read_object({"choices": [{"delta": {"content": "a"}}]}, chat=True).text == "a"
     assert read_object({"choices": [{"message": {"content": "whole"}}]}, chat=True).text == "whole"
-    assert read_object({"choices": [{"delta": {"reasoning_content": "r", "content": "c"}}]}, chat=True).text == "cr"
+    assert (
+        read_object({"choices": [{"delta": {"reasoning_content": "r", "content": "c"}}]}, chat=True).text
+        == "cr"
+    )
     assert read_object({"choices": [{"delta": {"role": "assistant", "content": ""}}]}, chat=True).text == ""
     assert read_object({"choices": [{"text": "t"}]}, chat=False).text == "t"
 
@@ -49,7 +57,10 @@ def test_read_object_usage_only_chunk() -> None:
 
 def test_read_object_in_band_errors() -> None:
     assert read_object({"error": {"message": "boom"}}, chat=True).error == "in-band error: boom"
-    assert read_object({"object": "error", "message": "vllm style"}, chat=True).error == "in-band error: vllm style"
+    assert (
+        read_object({"object": "error", "message": "vllm style"}, chat=True).error
+        == "in-band error: vllm style"
+    )
     assert read_object({"error": "plain"}, chat=True).error == "in-band error: plain"
     assert read_object([1, 2], chat=True).error == "malformed response: expected a JSON object, got [1, 2]"
 

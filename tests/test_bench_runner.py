@@ -53,10 +53,17 @@ def test_closed_loop_counts_every_token_and_respects_the_user_count(stub: StubSe
 
 def test_failures_are_counted_apart_from_latencies(stub: StubServerThread, tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.jsonl"
-    lines = [{"prompt": "fine one", "max_tokens": 4}, {"prompt": "FAULT:http_500"}, {"prompt": "FAULT:truncate"},
-             "plain string prompt", {"prompt": "FAULT:inband_error", "output_len": 6}]
+    lines = [
+        {"prompt": "fine one", "max_tokens": 4},
+        {"prompt": "FAULT:http_500"},
+        {"prompt": "FAULT:truncate"},
+        "plain string prompt",
+        {"prompt": "FAULT:inband_error", "output_len": 6},
+    ]
     prompts.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    run = bench(stub.base_url, *FAST, "--dataset-name", "jsonl", "--dataset-path", str(prompts), "--requests", "5")
+    run = bench(
+        stub.base_url, *FAST, "--dataset-name", "jsonl", "--dataset-path", str(prompts), "--requests", "5"
+    )
     m = run.levels[0].metrics
     assert (m.completed, m.failed) == (2, 3)
     assert m.ttft.count == 2 and m.e2el.count == 2
@@ -68,10 +75,24 @@ def test_failures_are_counted_apart_from_latencies(stub: StubServerThread, tmp_p
 
 
 def test_open_loop_follows_the_seeded_arrival_schedule(stub: StubServerThread) -> None:
-    run = bench(stub.base_url, *FAST, "--request-rate", "200", "--burstiness", "0.5", "--requests", "10",
-                "--output-len", "3", "--seed", "7")
+    run = bench(
+        stub.base_url,
+        *FAST,
+        "--request-rate",
+        "200",
+        "--burstiness",
+        "0.5",
+        "--requests",
+        "10",
+        "--output-len",
+        "3",
+        "--seed",
+        "7",
+    )
     outcome = run.levels[0].outcome
-    expected = list(itertools.accumulate(itertools.islice(arrival_gaps(200, 0.5, random.Random("7:arrivals")), 10)))
+    expected = list(
+        itertools.accumulate(itertools.islice(arrival_gaps(200, 0.5, random.Random("7:arrivals")), 10))
+    )
     scheduled = sorted(r.scheduled - outcome.run_start for r in outcome.results)
     assert scheduled == pytest.approx(expected, abs=1e-9)
     assert all(r.start >= r.scheduled for r in outcome.results)
@@ -79,8 +100,18 @@ def test_open_loop_follows_the_seeded_arrival_schedule(stub: StubServerThread) -
 
 
 def test_duration_mode_stops_sending_at_the_deadline(stub: StubServerThread) -> None:
-    run = bench(stub.base_url, *FAST, "--duration", "0.3", "--requests", "5", "--concurrency", "2",
-                "--output-len", "2")
+    run = bench(
+        stub.base_url,
+        *FAST,
+        "--duration",
+        "0.3",
+        "--requests",
+        "5",
+        "--concurrency",
+        "2",
+        "--output-len",
+        "2",
+    )
     outcome = run.levels[0].outcome
     assert len(outcome.results) > 5  # the 5-prompt pool was cycled
     assert all(r.scheduled - outcome.run_start < 0.3 + 1.0 for r in outcome.results)
@@ -104,13 +135,25 @@ def test_random_prompts_fall_back_to_usage_calibration() -> None:
 
 def test_sharegpt_prompts_and_reply_lengths(stub: StubServerThread, tmp_path: Path) -> None:
     data = [
-        {"conversations": [{"from": "human", "value": "first question"}, {"from": "gpt", "value": "one two three"}]},
-        {"conversations": [{"from": "gpt", "value": "starts with the model: skipped"}, {"from": "human", "value": "x"}]},
+        {
+            "conversations": [
+                {"from": "human", "value": "first question"},
+                {"from": "gpt", "value": "one two three"},
+            ]
+        },
+        {
+            "conversations": [
+                {"from": "gpt", "value": "starts with the model: skipped"},
+                {"from": "human", "value": "x"},
+            ]
+        },
         {"conversations": [{"from": "human", "value": "lonely turn: skipped"}]},
     ]
     path = tmp_path / "sharegpt.json"
     path.write_text(json.dumps(data))
-    run = bench(stub.base_url, *FAST, "--dataset-name", "sharegpt", "--dataset-path", str(path), "--requests", "2")
+    run = bench(
+        stub.base_url, *FAST, "--dataset-name", "sharegpt", "--dataset-path", str(path), "--requests", "2"
+    )
     results = run.levels[0].outcome.results
     assert {r.spec.prompt for r in results} == {"first question"}
     assert all(r.spec.max_tokens == 4 for r in results)  # round(3 words * 1.3)
@@ -118,19 +161,68 @@ def test_sharegpt_prompts_and_reply_lengths(stub: StubServerThread, tmp_path: Pa
 
 def test_saved_json_uses_vllm_keys_and_plot_is_written(stub: StubServerThread, tmp_path: Path) -> None:
     out, png = tmp_path / "result.json", tmp_path / "run.png"
-    config = config_for(stub.base_url, *FAST, "--requests", "6", "--concurrency", "2", "--max-tokens", "12",
-                        "--save-result", str(out), "--save-detailed", "--plot", str(png), "--metadata", "gpu=none")
+    config = config_for(
+        stub.base_url,
+        *FAST,
+        "--requests",
+        "6",
+        "--concurrency",
+        "2",
+        "--max-tokens",
+        "12",
+        "--save-result",
+        str(out),
+        "--save-detailed",
+        "--plot",
+        str(png),
+        "--metadata",
+        "gpu=none",
+    )
     run = asyncio.run(run_benchmark(config, echo=False))
     write_outputs(config, run)
     saved = json.loads(out.read_text())
-    for key in ("date", "backend", "model_id", "num_prompts", "request_rate", "burstiness", "max_concurrency",
-                "duration", "completed", "failed", "total_input_tokens", "total_output_tokens", "request_throughput",
-                "output_throughput", "total_token_throughput", "max_output_tokens_per_s", "max_concurrent_requests",
-                "mean_ttft_ms", "median_ttft_ms", "std_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p90_itl_ms",
-                "p50_e2el_ms", "mean_token_itl_ms", "input_lens", "output_lens", "ttfts", "itls", "errors",
-                "output_token_sources", "client_cpu_percent", "client_loop_lag_p99_ms"):
+    for key in (
+        "date",
+        "backend",
+        "model_id",
+        "num_prompts",
+        "request_rate",
+        "burstiness",
+        "max_concurrency",
+        "duration",
+        "completed",
+        "failed",
+        "total_input_tokens",
+        "total_output_tokens",
+        "request_throughput",
+        "output_throughput",
+        "total_token_throughput",
+        "max_output_tokens_per_s",
+        "max_concurrent_requests",
+        "mean_ttft_ms",
+        "median_ttft_ms",
+        "std_ttft_ms",
+        "p99_ttft_ms",
+        "mean_tpot_ms",
+        "p90_itl_ms",
+        "p50_e2el_ms",
+        "mean_token_itl_ms",
+        "input_lens",
+        "output_lens",
+        "ttfts",
+        "itls",
+        "errors",
+        "output_token_sources",
+        "client_cpu_percent",
+        "client_loop_lag_p99_ms",
+    ):
         assert key in saved, key
-    assert (saved["completed"], saved["request_rate"], saved["max_concurrency"], saved["gpu"]) == (6, "inf", 2, "none")
+    assert (saved["completed"], saved["request_rate"], saved["max_concurrency"], saved["gpu"]) == (
+        6,
+        "inf",
+        2,
+        "none",
+    )
     assert saved["total_output_tokens"] == sum(saved["output_lens"])
     assert png.stat().st_size > 10_000
 
@@ -139,8 +231,22 @@ def test_sweep_gives_one_table_one_json_list_and_one_chart(
     stub: StubServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
-    config = config_for(stub.base_url, *FAST, "--requests", "4", "--concurrency", "1,2", "--output-len", "3",
-                        "--save-result", str(out), "--plot", str(png), "--model", "auto")
+    config = config_for(
+        stub.base_url,
+        *FAST,
+        "--requests",
+        "4",
+        "--concurrency",
+        "1,2",
+        "--output-len",
+        "3",
+        "--save-result",
+        str(out),
+        "--plot",
+        str(png),
+        "--model",
+        "auto",
+    )
     assert asyncio.run(main_async(config)) == 0
     printed = capsys.readouterr().out
     assert "Sweep summary" in printed and "concurrency=1" in printed and "concurrency=2" in printed
@@ -156,7 +262,9 @@ def test_exit_status_is_1_when_every_request_fails(capsys: pytest.CaptureFixture
     assert "transport: ClientConnectorError" in capsys.readouterr().out
 
 
-def test_warmups_are_sent_but_not_measured(stub: StubServerThread, capsys: pytest.CaptureFixture[str]) -> None:
+def test_warmups_are_sent_but_not_measured(
+    stub: StubServerThread, capsys: pytest.CaptureFixture[str]
+) -> None:
     config = config_for(stub.base_url, *FAST, "--requests", "3", "--num-warmups", "2", "--output-len", "2")
     run = asyncio.run(run_benchmark(config, echo=True))
     assert "Warm-up: 2/2 requests succeeded" in capsys.readouterr().out

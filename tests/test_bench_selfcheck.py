@@ -29,11 +29,27 @@ def test_monitor_sees_a_blocked_loop_and_busy_cpu() -> None:
 
 
 def test_verdicts_name_the_cause() -> None:
-    calm = ClientCheck(cpu_percent=20, cpu_s=1.0, loop_lag_p50_s=0.0001, loop_lag_p99_s=0.001, loop_lag_max_s=0.002, lag_samples=9)
+    calm = ClientCheck(
+        cpu_percent=20,
+        cpu_s=1.0,
+        loop_lag_p50_s=0.0001,
+        loop_lag_p99_s=0.001,
+        loop_lag_max_s=0.002,
+        lag_samples=9,
+    )
     assert not calm.client_bound and calm.verdict().startswith("ok")
-    busy = ClientCheck(cpu_percent=97, cpu_s=1.0, loop_lag_p50_s=0.0, loop_lag_p99_s=0.0, loop_lag_max_s=0.0, lag_samples=9)
+    busy = ClientCheck(
+        cpu_percent=97, cpu_s=1.0, loop_lag_p50_s=0.0, loop_lag_p99_s=0.0, loop_lag_max_s=0.0, lag_samples=9
+    )
     assert busy.client_bound and "97% of a core" in busy.verdict()
-    starved = ClientCheck(cpu_percent=10, cpu_s=1.0, loop_lag_p50_s=0.02, loop_lag_p99_s=0.05, loop_lag_max_s=0.08, lag_samples=9)
+    starved = ClientCheck(
+        cpu_percent=10,
+        cpu_s=1.0,
+        loop_lag_p50_s=0.02,
+        loop_lag_p99_s=0.05,
+        loop_lag_max_s=0.08,
+        lag_samples=9,
+    )
     assert starved.client_bound and "short of CPU" in starved.verdict()
 
 

@@ -13,8 +13,17 @@ from batchlm.bench.words import BUILTIN_PROMPTS
 from batchlm.bench.workload import Workload, WorkloadConfig, build_workload
 
 SEED_LIKE = WorkloadConfig(
-    dataset_name="builtin", dataset_path=None, num_requests=200, input_len=None, output_len=None,
-    min_tokens=10, max_tokens=512, min_delay=0.1, max_delay=2.0, seed=0, prompt_repeat=100,
+    dataset_name="builtin",
+    dataset_path=None,
+    num_requests=200,
+    input_len=None,
+    output_len=None,
+    min_tokens=10,
+    max_tokens=512,
+    min_delay=0.1,
+    max_delay=2.0,
+    seed=0,
+    prompt_repeat=100,
 )
 
 

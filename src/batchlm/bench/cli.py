@@ -25,28 +25,62 @@ See BENCHMARKS.md, section "Benchmark client", for the full definitions."""
 def add_seed_arguments(parser: argparse.ArgumentParser, seed_only: bool = False) -> None:
     """The seed benchmark_client.py's flags, with its names and defaults. `seed_only` leaves out what
     `batchlm bench` adds to them (the --num-prompts alias and comma lists for sweeps)."""
-    parser.add_argument("--base-url", default="http://localhost:8080/v1", help="API base URL (default: %(default)s)")
-    parser.add_argument("--api-key", default="EMPTY", help="API key sent as a Bearer token (default: %(default)s)")
-    parser.add_argument("--model", default="default_model",
-                        help="model name; 'auto' asks the server's /v1/models (default: %(default)s)")
+    parser.add_argument(
+        "--base-url", default="http://localhost:8080/v1", help="API base URL (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--api-key", default="EMPTY", help="API key sent as a Bearer token (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--model",
+        default="default_model",
+        help="model name; 'auto' asks the server's /v1/models (default: %(default)s)",
+    )
     if seed_only:
-        parser.add_argument("--concurrency", type=int, default=None,
-                            help=f"simulated users (default: {cfg.SEED_CONCURRENCY})")
+        parser.add_argument(
+            "--concurrency", type=int, default=None, help=f"simulated users (default: {cfg.SEED_CONCURRENCY})"
+        )
     else:
-        parser.add_argument("--concurrency", default=None, metavar="N[,N...]",
-                            help=f"closed-loop simulated users; a list (1,4,16) sweeps (default: {cfg.SEED_CONCURRENCY})")
-    parser.add_argument("--requests", *([] if seed_only else ["--num-prompts"]), dest="requests", type=int, default=None,
-                        help=f"requests to send (default: {cfg.SEED_REQUESTS}; with --duration: size of the "
-                        f"prompt pool, default {cfg.DURATION_POOL_SIZE})")
+        parser.add_argument(
+            "--concurrency",
+            default=None,
+            metavar="N[,N...]",
+            help=f"closed-loop simulated users; a list (1,4,16) sweeps (default: {cfg.SEED_CONCURRENCY})",
+        )
+    parser.add_argument(
+        "--requests",
+        *([] if seed_only else ["--num-prompts"]),
+        dest="requests",
+        type=int,
+        default=None,
+        help=f"requests to send (default: {cfg.SEED_REQUESTS}; with --duration: size of the "
+        f"prompt pool, default {cfg.DURATION_POOL_SIZE})",
+    )
     parser.add_argument("--stream", action="store_true", help="stream responses (needed for TTFT and ITL)")
-    parser.add_argument("--min-delay", type=float, default=None,
-                        help=f"min think time before each request, s (default: {cfg.SEED_MIN_DELAY})")
-    parser.add_argument("--max-delay", type=float, default=None,
-                        help=f"max think time before each request, s (default: {cfg.SEED_MAX_DELAY})")
-    parser.add_argument("--min-tokens", type=int, default=None,
-                        help=f"min of the random max_tokens (default: {cfg.SEED_MIN_TOKENS})")
-    parser.add_argument("--max-tokens", type=int, default=None,
-                        help=f"max of the random max_tokens (default: {cfg.SEED_MAX_TOKENS})")
+    parser.add_argument(
+        "--min-delay",
+        type=float,
+        default=None,
+        help=f"min think time before each request, s (default: {cfg.SEED_MIN_DELAY})",
+    )
+    parser.add_argument(
+        "--max-delay",
+        type=float,
+        default=None,
+        help=f"max think time before each request, s (default: {cfg.SEED_MAX_DELAY})",
+    )
+    parser.add_argument(
+        "--min-tokens",
+        type=int,
+        default=None,
+        help=f"min of the random max_tokens (default: {cfg.SEED_MIN_TOKENS})",
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help=f"max of the random max_tokens (default: {cfg.SEED_MAX_TOKENS})",
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,45 +88,114 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
     add_seed_arguments(parser)
-    load = parser.add_argument_group("load")
-    load.add_argument("--request-rate", default=None, metavar="RATE[,RATE...]",
-                      help="open loop: mean requests/s (Poisson, or gamma with --burstiness); 'inf' = all at once")
-    load.add_argument("--burstiness", type=float, default=None,
-                      help="gamma shape of inter-arrival times: 1 Poisson (default), <1 bursty, >1 regular")
-    load.add_argument("--max-concurrency", default=None, metavar="N[,N...]",
-                      help="open loop: most requests in flight (alone it means --request-rate inf)")
-    load.add_argument("--duration", type=float, default=None, help="run for this many seconds instead of --requests")
-    load.add_argument("--num-warmups", type=int, default=0, help="requests sent and discarded before measuring")
-    load.add_argument("--seed", type=int, default=0, help="seeds prompts, max_tokens, think and arrival times")
+    _add_load_arguments(parser.add_argument_group("load"))
+    _add_prompt_arguments(parser.add_argument_group("prompts and lengths"))
+    _add_api_arguments(parser.add_argument_group("API"))
+    _add_output_arguments(parser.add_argument_group("output"))
+
+
+def _add_load_arguments(load: argparse._ArgumentGroup) -> None:
+    load.add_argument(
+        "--request-rate",
+        default=None,
+        metavar="RATE[,RATE...]",
+        help="open loop: mean requests/s (Poisson, or gamma with --burstiness); 'inf' = all at once",
+    )
+    load.add_argument(
+        "--burstiness",
+        type=float,
+        default=None,
+        help="gamma shape of inter-arrival times: 1 Poisson (default), <1 bursty, >1 regular",
+    )
+    load.add_argument(
+        "--max-concurrency",
+        default=None,
+        metavar="N[,N...]",
+        help="open loop: most requests in flight (alone it means --request-rate inf)",
+    )
+    load.add_argument(
+        "--duration", type=float, default=None, help="run for this many seconds instead of --requests"
+    )
+    load.add_argument(
+        "--num-warmups", type=int, default=0, help="requests sent and discarded before measuring"
+    )
+    load.add_argument(
+        "--seed", type=int, default=0, help="seeds prompts, max_tokens, think and arrival times"
+    )
     load.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request fails")
-    data = parser.add_argument_group("prompts and lengths")
-    data.add_argument("--dataset-name", default=None, choices=[*DATASET_NAMES, *DATASET_ALIASES],
-                      help="builtin (default), random (default with --input-len), jsonl (alias custom), sharegpt")
+
+
+def _add_prompt_arguments(data: argparse._ArgumentGroup) -> None:
+    data.add_argument(
+        "--dataset-name",
+        default=None,
+        choices=[*DATASET_NAMES, *DATASET_ALIASES],
+        help="builtin (default), random (default with --input-len), jsonl (alias custom), sharegpt",
+    )
     data.add_argument("--dataset-path", default=None, help="file for the jsonl and sharegpt datasets")
-    data.add_argument("--input-len", "--random-input-len", dest="input_len", type=int, default=None,
-                      help="random prompts of exactly this many tokens (counted by the server's /tokenize)")
-    data.add_argument("--output-len", "--random-output-len", dest="output_len", type=int, default=None,
-                      help="fixed max_tokens for every request, sent with ignore_eos so runs compare")
-    data.add_argument("--ignore-eos", action="store_true", help="send ignore_eos=true (implied by --output-len)")
-    data.add_argument("--prompt-repeat", type=int, default=100,
-                      help="times each built-in prompt is repeated, as the seed did (default: %(default)s)")
-    api = parser.add_argument_group("API")
-    api.add_argument("--backend", default="openai-chat", choices=["openai-chat", "openai"],
-                     help="openai-chat: /chat/completions (default); openai: /completions")
+    data.add_argument(
+        "--input-len",
+        "--random-input-len",
+        dest="input_len",
+        type=int,
+        default=None,
+        help="random prompts of exactly this many tokens (counted by the server's /tokenize)",
+    )
+    data.add_argument(
+        "--output-len",
+        "--random-output-len",
+        dest="output_len",
+        type=int,
+        default=None,
+        help="fixed max_tokens for every request, sent with ignore_eos so runs compare",
+    )
+    data.add_argument(
+        "--ignore-eos", action="store_true", help="send ignore_eos=true (implied by --output-len)"
+    )
+    data.add_argument(
+        "--prompt-repeat",
+        type=int,
+        default=100,
+        help="times each built-in prompt is repeated, as the seed did (default: %(default)s)",
+    )
+
+
+def _add_api_arguments(api: argparse._ArgumentGroup) -> None:
+    api.add_argument(
+        "--backend",
+        default="openai-chat",
+        choices=["openai-chat", "openai"],
+        help="openai-chat: /chat/completions (default); openai: /completions",
+    )
     api.add_argument("--endpoint", default=None, help="path after --base-url (default: from --backend)")
-    api.add_argument("--no-include-usage", action="store_true",
-                     help="do not ask for stream_options.include_usage; count one token per chunk instead")
+    api.add_argument(
+        "--no-include-usage",
+        action="store_true",
+        help="do not ask for stream_options.include_usage; count one token per chunk instead",
+    )
     api.add_argument("--header", nargs="*", metavar="KEY=VALUE", help="extra HTTP headers")
     api.add_argument("--extra-body", default=None, help="JSON object merged into every request body")
-    api.add_argument("--temperature", type=float, default=None, help="sampling temperature (server default if unset)")
+    api.add_argument(
+        "--temperature", type=float, default=None, help="sampling temperature (server default if unset)"
+    )
     api.add_argument("--top-p", type=float, default=None, help="top-p (server default if unset)")
     api.add_argument("--top-k", type=int, default=None, help="top-k (server default if unset)")
-    out = parser.add_argument_group("output")
-    out.add_argument("--metric-percentiles", default="50,90,99", help="percentiles to report (default: %(default)s)")
-    out.add_argument("--save-result", default=None, metavar="FILE.json", help="write results as JSON (vLLM keys)")
-    out.add_argument("--save-detailed", action="store_true", help="also save per-request lists (ttfts, itls, ...)")
+
+
+def _add_output_arguments(out: argparse._ArgumentGroup) -> None:
+    out.add_argument(
+        "--metric-percentiles", default="50,90,99", help="percentiles to report (default: %(default)s)"
+    )
+    out.add_argument(
+        "--save-result", default=None, metavar="FILE.json", help="write results as JSON (vLLM keys)"
+    )
+    out.add_argument(
+        "--save-detailed", action="store_true", help="also save per-request lists (ttfts, itls, ...)"
+    )
     out.add_argument("--metadata", nargs="*", metavar="KEY=VALUE", help="extra key=value pairs for the JSON")
-    out.add_argument("--plot", default=None, metavar="FILE.png", help="latency distributions and throughput chart")
+    out.add_argument(
+        "--plot", default=None, metavar="FILE.png", help="latency distributions and throughput chart"
+    )
     out.add_argument("--disable-tqdm", action="store_true", help="no progress line")
 
 
@@ -109,7 +212,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="batchlm bench", description="Benchmark any OpenAI-compatible server.")
+    parser = argparse.ArgumentParser(
+        prog="batchlm bench", description="Benchmark any OpenAI-compatible server."
+    )
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -12,7 +12,9 @@ from batchlm.bench.records import RequestResult
 from batchlm.bench.sse import DONE_SENTINEL, SSEParser
 
 
-async def send_request(session: aiohttp.ClientSession, endpoint: EndpointConfig, result: RequestResult) -> None:
+async def send_request(
+    session: aiohttp.ClientSession, endpoint: EndpointConfig, result: RequestResult
+) -> None:
     """Runs `result.spec` against the server. Never raises for server or network trouble: a failure
     is recorded as `result.error`, so it stays out of the latency statistics."""
     body = build_body(endpoint, result.spec)

@@ -22,7 +22,11 @@ SEED_MAX_TOKENS = 512
 # With --duration the workload is a pool that users cycle through; its size unless --requests says.
 DURATION_POOL_SIZE = 1000
 # Every flag that may take a comma-separated list to sweep, and the LoadConfig field it sets.
-SWEEP_FLAGS = {"concurrency": "concurrency", "request_rate": "request_rate", "max_concurrency": "max_concurrency"}
+SWEEP_FLAGS = {
+    "concurrency": "concurrency",
+    "request_rate": "request_rate",
+    "max_concurrency": "max_concurrency",
+}
 
 
 @dataclass(frozen=True)
@@ -71,13 +75,26 @@ def parse_list(text: str, kind: type, flag: str) -> list[Any]:
     return values
 
 
-def from_args(args: argparse.Namespace) -> BenchConfig:
-    """Validates the parsed flags and resolves their defaults; raises ValueError with the flag at fault."""
-    sweeps = {name: parse_list(getattr(args, name), float if name == "request_rate" else int, name.replace("_", "-"))
-              for name in SWEEP_FLAGS if getattr(args, name) is not None}
+def _sweeps(args: argparse.Namespace) -> tuple[dict[str, list[Any]], str | None]:
+    """The values of every list-capable flag that was given, and the one swept (None without a sweep)."""
+    sweeps = {
+        name: parse_list(
+            getattr(args, name), float if name == "request_rate" else int, name.replace("_", "-")
+        )
+        for name in SWEEP_FLAGS
+        if getattr(args, name) is not None
+    }
     swept = [name for name, values in sweeps.items() if len(values) > 1]
     if len(swept) > 1:
-        raise ValueError(f"sweep one flag at a time; got lists for {', '.join('--' + s.replace('_', '-') for s in swept)}")
+        raise ValueError(
+            f"sweep one flag at a time; got lists for {', '.join('--' + s.replace('_', '-') for s in swept)}"
+        )
+    return sweeps, swept[0] if swept else None
+
+
+def from_args(args: argparse.Namespace) -> BenchConfig:
+    """Validates the parsed flags and resolves their defaults; raises ValueError with the flag at fault."""
+    sweeps, sweep_name = _sweeps(args)
     base_url = _normalize_base_url(args.base_url)
     chat = args.backend == "openai-chat"
     endpoint_path = args.endpoint or ("/chat/completions" if chat else "/completions")
@@ -95,7 +112,7 @@ def from_args(args: argparse.Namespace) -> BenchConfig:
         extra_body=_extra_body(args),
         workload=_workload(args, open_loop=_is_open_loop(sweeps)),
         levels=_levels(args, sweeps),
-        sweep_name=swept[0] if swept else None,
+        sweep_name=sweep_name,
         num_warmups=_at_least(args.num_warmups, 0, "num-warmups"),
         percentiles=_percentiles(args.metric_percentiles),
         request_timeout_s=_positive(args.request_timeout, "request-timeout"),
@@ -127,38 +144,38 @@ def _levels(args: argparse.Namespace, sweeps: dict[str, list[Any]]) -> list[Load
         raise ValueError("--burstiness shapes open-loop arrivals: it needs --request-rate")
     if not _is_open_loop(sweeps):
         users = sweeps.get("concurrency", [SEED_CONCURRENCY])
-        return [LoadConfig(concurrency=_at_least(n, 1, "concurrency"), duration_s=duration, seed=args.seed) for n in users]
+        return [
+            LoadConfig(concurrency=_at_least(n, 1, "concurrency"), duration_s=duration, seed=args.seed)
+            for n in users
+        ]
     if "concurrency" in sweeps:
-        raise ValueError("--concurrency sets closed-loop users; with --request-rate use --max-concurrency to cap in-flight requests")
+        raise ValueError(
+            "--concurrency sets closed-loop users; with --request-rate use --max-concurrency to cap in-flight requests"
+        )
     burstiness = _positive(args.burstiness if args.burstiness is not None else 1.0, "burstiness")
     rates = sweeps.get("request_rate", [math.inf])
     caps: list[int | None] = list(sweeps.get("max_concurrency", [None]))
     return [
-        LoadConfig(request_rate=_positive(rate, "request-rate"), burstiness=burstiness,
-                   max_concurrency=None if cap is None else _at_least(cap, 1, "max-concurrency"),
-                   duration_s=duration, seed=args.seed)
-        for rate in rates for cap in caps
+        LoadConfig(
+            request_rate=_positive(rate, "request-rate"),
+            burstiness=burstiness,
+            max_concurrency=None if cap is None else _at_least(cap, 1, "max-concurrency"),
+            duration_s=duration,
+            seed=args.seed,
+        )
+        for rate in rates
+        for cap in caps
     ]
 
 
 def _workload(args: argparse.Namespace, open_loop: bool) -> WorkloadConfig:
-    dataset = DATASET_ALIASES.get(args.dataset_name or "", args.dataset_name)
-    if dataset is None:
-        dataset = "random" if args.input_len is not None else "builtin"
-    if dataset not in DATASET_NAMES:
-        raise ValueError(f"--dataset-name must be one of {', '.join(DATASET_NAMES)}, got {args.dataset_name!r}")
-    if args.input_len is not None and dataset != "random":
-        raise ValueError(f"--input-len sets the length of random prompts; it does not apply to the {dataset} dataset")
-    if dataset == "random" and args.input_len is None:
-        raise ValueError("the random dataset needs --input-len")
-    if dataset in ("jsonl", "sharegpt") and not args.dataset_path:
-        raise ValueError(f"the {dataset} dataset needs --dataset-path")
-    if args.output_len is not None and (args.min_tokens is not None or args.max_tokens is not None):
-        raise ValueError("--output-len fixes max_tokens; do not combine it with --min-tokens/--max-tokens")
-    if open_loop and ((args.min_delay or 0) > 0 or (args.max_delay or 0) > 0):
-        raise ValueError("--min-delay/--max-delay are closed-loop think times; open loop (--request-rate) paces by arrivals")
-    min_tokens = _at_least(args.min_tokens if args.min_tokens is not None else SEED_MIN_TOKENS, 1, "min-tokens")
-    max_tokens = _at_least(args.max_tokens if args.max_tokens is not None else SEED_MAX_TOKENS, min_tokens, "max-tokens")
+    dataset = _dataset_name(args, open_loop)
+    min_tokens = _at_least(
+        args.min_tokens if args.min_tokens is not None else SEED_MIN_TOKENS, 1, "min-tokens"
+    )
+    max_tokens = _at_least(
+        args.max_tokens if args.max_tokens is not None else SEED_MAX_TOKENS, min_tokens, "max-tokens"
+    )
     min_delay = 0.0 if open_loop else _at_least(_or(args.min_delay, SEED_MIN_DELAY), 0.0, "min-delay")
     max_delay = 0.0 if open_loop else _at_least(_or(args.max_delay, SEED_MAX_DELAY), min_delay, "max-delay")
     default_requests = DURATION_POOL_SIZE if args.duration is not None else SEED_REQUESTS
@@ -175,6 +192,32 @@ def _workload(args: argparse.Namespace, open_loop: bool) -> WorkloadConfig:
         seed=args.seed,
         prompt_repeat=_at_least(args.prompt_repeat, 1, "prompt-repeat"),
     )
+
+
+def _dataset_name(args: argparse.Namespace, open_loop: bool) -> str:
+    """The dataset to use, after checking the length and delay flags make sense with it."""
+    dataset = DATASET_ALIASES.get(args.dataset_name or "", args.dataset_name)
+    if dataset is None:
+        dataset = "random" if args.input_len is not None else "builtin"
+    if dataset not in DATASET_NAMES:
+        raise ValueError(
+            f"--dataset-name must be one of {', '.join(DATASET_NAMES)}, got {args.dataset_name!r}"
+        )
+    if args.input_len is not None and dataset != "random":
+        raise ValueError(
+            f"--input-len sets the length of random prompts; it does not apply to the {dataset} dataset"
+        )
+    if dataset == "random" and args.input_len is None:
+        raise ValueError("the random dataset needs --input-len")
+    if dataset in ("jsonl", "sharegpt") and not args.dataset_path:
+        raise ValueError(f"the {dataset} dataset needs --dataset-path")
+    if args.output_len is not None and (args.min_tokens is not None or args.max_tokens is not None):
+        raise ValueError("--output-len fixes max_tokens; do not combine it with --min-tokens/--max-tokens")
+    if open_loop and ((args.min_delay or 0) > 0 or (args.max_delay or 0) > 0):
+        raise ValueError(
+            "--min-delay/--max-delay are closed-loop think times; open loop (--request-rate) paces by arrivals"
+        )
+    return str(dataset)
 
 
 def _headers(args: argparse.Namespace) -> dict[str, str]:

@@ -87,8 +87,10 @@ def compute_metrics(
     output_tokens = sum(a.output_tokens for a in accounts)
     windows = math.floor(max(r.end for r in results) - run_start) + 1 if results else 0
     tokens_per_second = _tokens_per_second(successes, accounts, run_start, windows)
-    concurrency = _mean_in_flight(results, run_start, windows)
-    rate = (lambda amount: amount / duration_s) if duration_s > 0 else (lambda amount: 0.0)
+
+    def rate(amount: float) -> float:
+        return amount / duration_s if duration_s > 0 else 0.0
+
     return BenchMetrics(
         completed=len(successes),
         failed=len(results) - len(successes),
@@ -100,17 +102,16 @@ def compute_metrics(
         total_token_throughput=rate(input_tokens + output_tokens),
         max_output_tokens_per_s=max(tokens_per_second, default=0.0),
         max_concurrent_requests=_peak_in_flight(results),
-        ttft=summarize(samples.ttft, percentiles),
-        tpot=summarize(samples.tpot, percentiles),
-        itl=summarize(samples.itl, percentiles),
-        token_itl=summarize(samples.token_itl, percentiles),
-        e2el=summarize(samples.e2el, percentiles),
+        **{
+            name: summarize(getattr(samples, name), percentiles)
+            for name in ("ttft", "tpot", "itl", "token_itl", "e2el")
+        },
         failure_reasons=dict(Counter(r.error for r in results if r.error is not None).most_common()),
         output_token_sources=dict(Counter(a.source.value for a in accounts)),
         chunk_count_methods=dict(Counter(a.method.value for a in accounts)),
         input_token_sources=input_sources,
         tokens_per_second=tokens_per_second,
-        concurrency_per_second=concurrency,
+        concurrency_per_second=_mean_in_flight(results, run_start, windows),
     )
 
 
@@ -176,7 +177,9 @@ def _mean_in_flight(results: Sequence[RequestResult], run_start: float, windows:
     """Time-weighted mean of requests in flight during each 1-second window."""
     busy = [0.0] * windows
     for result in results:
-        for j in range(_window(result.start, run_start, windows), _window(result.end, run_start, windows) + 1):
+        for j in range(
+            _window(result.start, run_start, windows), _window(result.end, run_start, windows) + 1
+        ):
             window_start = run_start + j
             overlap = min(result.end, window_start + 1.0) - max(result.start, window_start)
             busy[j] += max(0.0, overlap)
@@ -185,7 +188,9 @@ def _mean_in_flight(results: Sequence[RequestResult], run_start: float, windows:
 
 def _peak_in_flight(results: Sequence[RequestResult]) -> int:
     """Most requests in flight at one instant; a request ending exactly when another starts does not overlap."""
-    events = sorted([(r.start, 1) for r in results] + [(r.end, -1) for r in results], key=lambda e: (e[0], e[1]))
+    events = sorted(
+        [(r.start, 1) for r in results] + [(r.end, -1) for r in results], key=lambda e: (e[0], e[1])
+    )
     peak = current = 0
     for _, change in events:
         current += change

@@ -66,7 +66,9 @@ def build_body(endpoint: EndpointConfig, spec: RequestSpec) -> bytes:
 def read_object(payload: Any, chat: bool) -> ChunkView:
     """Interprets one decoded JSON object from the server (a stream chunk or a whole response)."""
     if not isinstance(payload, dict):
-        return ChunkView("", None, None, f"malformed response: expected a JSON object, got {_snippet(payload)}")
+        return ChunkView(
+            "", None, None, f"malformed response: expected a JSON object, got {_snippet(payload)}"
+        )
     error = _inband_error(payload)
     if error is not None:
         return ChunkView("", None, None, error)

@@ -22,7 +22,12 @@ def _pyplot() -> Any:
 def _latency_samples_ms(level: LevelReport) -> dict[str, list[float]]:
     """Per-sample latencies of the successful requests, in milliseconds."""
     samples = collect_samples([r for r in level.outcome.results if r.ok])
-    named = {"TTFT": samples.ttft, "TPOT": samples.tpot, "ITL per token": samples.token_itl, "E2E latency": samples.e2el}
+    named = {
+        "TTFT": samples.ttft,
+        "TPOT": samples.tpot,
+        "ITL per token": samples.token_itl,
+        "E2E latency": samples.e2el,
+    }
     return {name: [v * 1e3 for v in values] for name, values in named.items()}
 
 

@@ -134,8 +134,10 @@ def _client_section(check: ClientCheck, output_tokens: int) -> list[str]:
         _heading("Client self-check"),
         _row("Client CPU (% of one core):", check.cpu_percent, ".1f"),
         _row("Client CPU per output token (us):", _cpu_per_token_us(check, output_tokens)),
-        _row("Event-loop lag p50 / p99 / max (ms):",
-             f"{check.loop_lag_p50_s * 1e3:.2f} / {check.loop_lag_p99_s * 1e3:.2f} / {check.loop_lag_max_s * 1e3:.2f}"),
+        _row(
+            "Event-loop lag p50 / p99 / max (ms):",
+            f"{check.loop_lag_p50_s * 1e3:.2f} / {check.loop_lag_p99_s * 1e3:.2f} / {check.loop_lag_max_s * 1e3:.2f}",
+        ),
     ]
     if check.max_dispatch_delay_s > 0:
         lines.append(_row("Max late dispatch of an arrival (ms):", check.max_dispatch_delay_s * 1e3, ".2f"))
@@ -151,7 +153,9 @@ def _pct(q: float) -> str:
     return str(int(q)) if float(q).is_integer() else str(q)
 
 
-def result_json(level: LevelReport, info: RunInfo, detailed: bool, metadata: dict[str, str]) -> dict[str, Any]:
+def result_json(
+    level: LevelReport, info: RunInfo, detailed: bool, metadata: dict[str, str]
+) -> dict[str, Any]:
     """One level's results under vLLM `bench serve` key names, plus batchlm's extra keys."""
     m, load = level.metrics, level.load
     rate = load.request_rate
@@ -208,7 +212,9 @@ def _batchlm_keys(level: LevelReport, info: RunInfo) -> dict[str, Any]:
         "tokens_per_second_timeline": m.tokens_per_second,
         "concurrency_timeline": m.concurrency_per_second,
         "client_cpu_percent": check.cpu_percent,
-        "client_cpu_us_per_output_token": check.cpu_s / m.total_output_tokens * 1e6 if m.total_output_tokens else None,
+        "client_cpu_us_per_output_token": check.cpu_s / m.total_output_tokens * 1e6
+        if m.total_output_tokens
+        else None,
         "client_loop_lag_p50_ms": check.loop_lag_p50_s * 1e3,
         "client_loop_lag_p99_ms": check.loop_lag_p99_s * 1e3,
         "client_loop_lag_max_ms": check.loop_lag_max_s * 1e3,
@@ -220,10 +226,15 @@ def _batchlm_keys(level: LevelReport, info: RunInfo) -> dict[str, Any]:
 def _detailed_keys(level: LevelReport) -> dict[str, Any]:
     results = sorted(level.outcome.results, key=lambda r: r.index)
     return {
-        "input_lens": [r.usage_prompt_tokens if r.usage_prompt_tokens is not None else r.spec.prompt_len for r in results],
+        "input_lens": [
+            r.usage_prompt_tokens if r.usage_prompt_tokens is not None else r.spec.prompt_len for r in results
+        ],
         "output_lens": [account_tokens(r).output_tokens if r.ok else 0 for r in results],
         "ttfts": [r.chunk_times[0] - r.start if r.ok and r.chunk_times else 0.0 for r in results],
-        "itls": [[b - a for a, b in zip(r.chunk_times, r.chunk_times[1:], strict=False)] if r.ok else [] for r in results],
+        "itls": [
+            [b - a for a, b in zip(r.chunk_times, r.chunk_times[1:], strict=False)] if r.ok else []
+            for r in results
+        ],
         "e2els": [r.latency if r.ok else 0.0 for r in results],
         "generated_texts": [r.generated_text or "" for r in results],
         "errors": [r.error or "" for r in results],

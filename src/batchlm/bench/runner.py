@@ -66,8 +66,11 @@ async def run_benchmark(config: BenchConfig, echo: bool = True) -> BenchRun:
             prompt_length_method=workload.prompt_length_method,
             num_prompts=len(workload.specs),
         )
-        _say(echo, f"Benchmarking {config.request_url} (model {endpoint.model}, stream={config.stream}), "
-                   f"{len(workload.specs)} {config.workload.dataset_name} prompts")
+        _say(
+            echo,
+            f"Benchmarking {config.request_url} (model {endpoint.model}, stream={config.stream}), "
+            f"{len(workload.specs)} {config.workload.dataset_name} prompts",
+        )
         await _warm_up(session, endpoint, workload.specs, config, echo)
         levels = []
         for load in config.levels:
@@ -109,20 +112,30 @@ async def _first_served_model(session: aiohttp.ClientSession, config: BenchConfi
     return str(models[0]["id"])
 
 
-async def _workload(session: aiohttp.ClientSession, config: BenchConfig, endpoint: EndpointConfig) -> Workload:
+async def _workload(
+    session: aiohttp.ClientSession, config: BenchConfig, endpoint: EndpointConfig
+) -> Workload:
     try:
-        return await build_workload(config.workload, lambda: make_counter(session, config.tokenize_url, endpoint))
+        return await build_workload(
+            config.workload, lambda: make_counter(session, config.tokenize_url, endpoint)
+        )
     except (DatasetError, TokenCountError, ValueError) as exc:
         raise SetupError(str(exc)) from None
 
 
 async def _warm_up(
-    session: aiohttp.ClientSession, endpoint: EndpointConfig, specs: list[RequestSpec], config: BenchConfig, echo: bool
+    session: aiohttp.ClientSession,
+    endpoint: EndpointConfig,
+    specs: list[RequestSpec],
+    config: BenchConfig,
+    echo: bool,
 ) -> None:
     """Sends --num-warmups requests (no think time) whose results are discarded."""
     if config.num_warmups == 0:
         return
-    warm_specs = [dataclasses.replace(specs[i % len(specs)], think_time=0.0) for i in range(config.num_warmups)]
+    warm_specs = [
+        dataclasses.replace(specs[i % len(specs)], think_time=0.0) for i in range(config.num_warmups)
+    ]
     parallel = min(config.num_warmups, config.levels[0].in_flight_limit or config.num_warmups)
     outcome = await LoadGenerator(session, endpoint, warm_specs).run(LoadConfig(concurrency=parallel))
     failed = [r.error for r in outcome.results if r.error is not None]
@@ -161,7 +174,10 @@ async def _run_level(
 def write_outputs(config: BenchConfig, bench_run: BenchRun) -> None:
     """Writes --save-result (one object, or a list for a sweep) and --plot."""
     if config.save_result:
-        records = [result_json(level, bench_run.info, config.save_detailed, config.metadata) for level in bench_run.levels]
+        records = [
+            result_json(level, bench_run.info, config.save_detailed, config.metadata)
+            for level in bench_run.levels
+        ]
         payload = records[0] if len(records) == 1 else records
         Path(config.save_result).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
         print(f"Saved results to {config.save_result}")

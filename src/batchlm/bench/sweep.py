@@ -9,8 +9,18 @@ from batchlm.bench.report import LevelReport
 
 # Columns of the sweep table: (heading, width).
 _COLUMNS = (
-    ("level", 18), ("ok", 6), ("fail", 5), ("req/s", 8), ("out tok/s", 10), ("peak tok/s", 10),
-    ("TTFT p50", 9), ("TTFT p99", 9), ("TPOT p50", 9), ("ITL p50", 8), ("E2E p99", 9), ("client CPU", 10),
+    ("level", 18),
+    ("ok", 6),
+    ("fail", 5),
+    ("req/s", 8),
+    ("out tok/s", 10),
+    ("peak tok/s", 10),
+    ("TTFT p50", 9),
+    ("TTFT p99", 9),
+    ("TPOT p50", 9),
+    ("ITL p50", 8),
+    ("E2E p99", 9),
+    ("client CPU", 10),
 )
 
 
@@ -31,10 +41,17 @@ def format_sweep_table(levels: list[LevelReport]) -> str:
     for level in levels:
         m = level.metrics
         cells = [
-            level.label, m.completed, m.failed, f"{m.request_throughput:.2f}", f"{m.output_throughput:.1f}",
-            f"{m.max_output_tokens_per_s:.0f}", _ms(m.ttft.median, m.ttft.count),
-            _ms(m.ttft.percentiles.get(99.0), m.ttft.count), _ms(m.tpot.median, m.tpot.count),
-            _ms(m.token_itl.median, m.token_itl.count), _ms(m.e2el.percentiles.get(99.0), m.e2el.count),
+            level.label,
+            m.completed,
+            m.failed,
+            f"{m.request_throughput:.2f}",
+            f"{m.output_throughput:.1f}",
+            f"{m.max_output_tokens_per_s:.0f}",
+            _ms(m.ttft.median, m.ttft.count),
+            _ms(m.ttft.percentiles.get(99.0), m.ttft.count),
+            _ms(m.tpot.median, m.tpot.count),
+            _ms(m.token_itl.median, m.token_itl.count),
+            _ms(m.e2el.percentiles.get(99.0), m.e2el.count),
             f"{level.check.cpu_percent:.0f}%" + ("!" if level.check.client_bound else ""),
         ]
         lines.append(" ".join(f"{cell!s:>{width}}" for cell, (_, width) in zip(cells, _COLUMNS, strict=True)))

@@ -67,7 +67,9 @@ async def build_workload(
         chosen = samples
     else:
         pool = _load_pool(config)
-        chosen = _choose(pool, config.num_requests, prompt_rng, with_replacement=config.dataset_name == "builtin")
+        chosen = _choose(
+            pool, config.num_requests, prompt_rng, with_replacement=config.dataset_name == "builtin"
+        )
     return Workload(_assign_lengths_and_delays(chosen, config), method)
 
 
@@ -83,7 +85,9 @@ def _load_pool(config: WorkloadConfig) -> list[PromptSample]:
     raise ValueError(f"unknown dataset {config.dataset_name!r}")
 
 
-def _choose(pool: list[PromptSample], count: int, rng: random.Random, with_replacement: bool) -> list[PromptSample]:
+def _choose(
+    pool: list[PromptSample], count: int, rng: random.Random, with_replacement: bool
+) -> list[PromptSample]:
     """Built-in prompts are drawn independently (as the seed's users did); file prompts are shuffled and
     taken in order, wrapping around (with a fresh shuffle) when the file is shorter than the run."""
     if with_replacement:
