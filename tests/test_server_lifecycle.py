@@ -56,7 +56,8 @@ def test_health_is_503_while_loading_then_200() -> None:
         loading = httpx.get(f"{server.base_url}/health")
         assert (loading.status_code, loading.json()) == (503, {"status": "loading"})
         engine.load_gate.set()
-        wait_until(lambda: httpx.get(f"{server.base_url}/health").status_code == 200, what="ready")
+        server.wait_until_ready()
+        assert httpx.get(f"{server.base_url}/health").status_code == 200
         assert httpx.get(f"{server.base_url}/metrics").text.count("batchlm_engine_ready 1.0") == 1
 
 
@@ -64,6 +65,8 @@ def test_engine_that_fails_to_start_stops_the_server_with_status_1() -> None:
     engine = FakeEngine(ready=False)
     engine.start_error = RuntimeError("no such model")
     server = BackgroundServer(engine, start_engine=engine.start).start()
+    with pytest.raises(RuntimeError, match="did not start"):
+        server.wait_until_ready()
     assert server.stop() == 1
     assert engine.shut_down
 

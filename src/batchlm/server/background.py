@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from types import TracebackType
@@ -17,7 +18,8 @@ from batchlm.server.state import ServerSettings, ServerState
 
 class BackgroundServer:
     """`with BackgroundServer(engine) as server:` serves on `server.base_url` ("http://127.0.0.1:<port>")
-    until the block ends, which drains in-flight requests and shuts the engine down like SIGTERM does."""
+    until the block ends, which drains in-flight requests and shuts the engine down like SIGTERM does.
+    For an engine that still has to load, pass `start_engine=engine.start` and call wait_until_ready()."""
 
     def __init__(
         self,
@@ -57,6 +59,17 @@ class BackgroundServer:
                 raise TimeoutError(f"the server did not start within {self._startup_timeout_s} s")
             self._thread.join(0.02)
             waited += 0.02
+        return self
+
+    def wait_until_ready(self, timeout_s: float = 300.0) -> BackgroundServer:
+        """Block until the engine serves requests (start_engine finished); raise if it fails to start."""
+        deadline = time.monotonic() + timeout_s
+        while not self.engine.is_ready:
+            if self.engine.is_dead or self._thread is None or not self._thread.is_alive():
+                raise RuntimeError(f"the engine did not start (server exit code {self.exit_code})")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the engine was not ready within {timeout_s} s")
+            time.sleep(0.02)
         return self
 
     def _run(self) -> None:
