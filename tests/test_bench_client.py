@@ -102,3 +102,12 @@ def test_failures_are_recorded_with_reasons(stub: StubServerThread, fault: str, 
 def test_unreachable_server_is_a_transport_failure() -> None:
     result = send_one(endpoint_for("http://127.0.0.1:9/v1"))
     assert result.error is not None and result.error.startswith("transport: ClientConnectorError")
+
+
+def test_error_event_with_plain_text_data_is_an_in_band_error() -> None:
+    from batchlm.bench.client import _record_event
+    from batchlm.bench.records import RequestResult, RequestSpec
+
+    result = RequestResult(index=0, spec=RequestSpec("p", 1))
+    assert not _record_event("error", "engine overloaded", 1.0, True, result, None)
+    assert result.error == "in-band error: engine overloaded"

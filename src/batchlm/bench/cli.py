@@ -200,7 +200,8 @@ def _add_output_arguments(out: argparse._ArgumentGroup) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs the benchmark; returns 0 when at least one request succeeded, 1 when none did, 2 on bad flags."""
+    """Runs the benchmark; returns 0 when at least one request succeeded, 1 when none did, 2 on bad flags
+    or a failed set-up, 130 when interrupted."""
     try:
         config = cfg.from_args(args)
     except ValueError as exc:
@@ -208,7 +209,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from batchlm.bench.runner import main_async
 
-    return asyncio.run(main_async(config))
+    try:
+        return asyncio.run(main_async(config))
+    except KeyboardInterrupt:
+        print("\nbatchlm bench: interrupted; no report for the unfinished run", file=sys.stderr)
+        return 130
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,12 +75,15 @@ def _record_event(
     try:
         payload = json.loads(data)
     except ValueError:
-        result.error = f"malformed stream: data is not JSON: {data[:80]!r}"
+        payload = None
+        if event_name != "error":
+            result.error = f"malformed stream: data is not JSON: {data[:80]!r}"
+            return False
+    view = read_object(payload, chat) if payload is not None else None
+    if event_name == "error" or (view is not None and view.error is not None):
+        result.error = (view.error if view is not None else None) or f"in-band error: {data[:200]}"
         return False
-    view = read_object(payload, chat)
-    if view.error is not None or event_name == "error":
-        result.error = view.error or f"in-band error event: {data[:200]}"
-        return False
+    assert view is not None
     if view.completion_tokens is not None:
         result.usage_completion_tokens = view.completion_tokens
     if view.prompt_tokens is not None:

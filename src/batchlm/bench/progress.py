@@ -33,7 +33,7 @@ class Progress:
         self.duration_s = duration_s
         self.done = 0
         self.failed = 0
-        self.chunks = 0
+        self.tokens = 0
         self._stream = stream or sys.stderr
         self._tty = self._stream.isatty()
         self._interval = interval_s if self._tty else log_interval_s
@@ -43,7 +43,10 @@ class Progress:
         self.done += 1
         if result.error is not None:
             self.failed += 1
-        self.chunks += len(result.chunk_times)
+        elif result.usage_completion_tokens is not None:  # output tokens of successful requests
+            self.tokens += result.usage_completion_tokens
+        else:
+            self.tokens += len(result.chunk_times)
 
     async def run(self) -> None:
         self._start = time.perf_counter()
@@ -66,12 +69,13 @@ class Progress:
             fraction, head = 0.0, f"{self.done} done"
         filled = round(fraction * _BAR_WIDTH)
         bar = "#" * filled + "." * (_BAR_WIDTH - filled)
-        rate = self.chunks / elapsed if elapsed > 0 else 0.0
-        return f"[{bar}] {head}  failed {self.failed}  {elapsed:6.1f}s  {rate:8.1f} chunks/s"
+        rate = self.tokens / elapsed if elapsed > 0 else 0.0
+        return f"[{bar}] {head}  failed {self.failed}  {elapsed:6.1f}s  {rate:8.1f} tok/s (finished requests)"
 
     def _draw(self, final: bool) -> None:
         if self._tty:
-            self._stream.write("\r" + self.line() + ("\n" if final else ""))
+            # "\x1b[K" clears what a longer previous line left behind.
+            self._stream.write("\r" + self.line() + "\x1b[K" + ("\n" if final else ""))
         else:
             self._stream.write(self.line() + "\n")
         self._stream.flush()
