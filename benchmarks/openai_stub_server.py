@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 FAULTS = (
+    "no_stream",
     "http_500",
     "inband_error",
     "truncate",
@@ -161,7 +162,7 @@ async def _completion(conn: _Connection, request: dict[str, Any], chat: bool) ->
         "completion_tokens": max_tokens,
         "total_tokens": prompt_tokens + max_tokens,
     }
-    if not request.get("stream"):
+    if not request.get("stream") or fault == "no_stream":
         text = " tok" * max_tokens
         choice = (
             {"index": 0, "message": {"role": "assistant", "content": text}}

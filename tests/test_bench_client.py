@@ -90,6 +90,7 @@ def test_keep_alive_comments_are_not_chunks(stub: StubServerThread) -> None:
         ("disconnect", "transport: ClientPayloadError"),
         ("empty", "empty stream"),
         ("bad_json", "malformed stream: data is not JSON"),
+        ("no_stream", "not a stream: the server answered stream=true with one JSON response"),
     ],
 )
 def test_failures_are_recorded_with_reasons(stub: StubServerThread, fault: str, reason_start: str) -> None:

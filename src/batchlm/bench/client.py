@@ -39,6 +39,9 @@ async def send_request(
 async def _read_stream(
     response: aiohttp.ClientResponse, endpoint: EndpointConfig, result: RequestResult
 ) -> None:
+    if response.content_type == "application/json":
+        result.error = _json_instead_of_stream(await response.read(), endpoint.chat)
+        return
     parser = SSEParser()
     text_parts: list[str] | None = [] if endpoint.keep_text else None
     done = False
@@ -61,6 +64,15 @@ async def _read_stream(
         )
     elif not result.chunk_times:
         result.error = "empty stream: data: [DONE] arrived without any generated text"
+
+
+def _json_instead_of_stream(raw: bytes, chat: bool) -> str:
+    """A JSON body where a stream was asked for: the server's error if it is one, else a clear reason."""
+    try:
+        view = read_object(json.loads(raw), chat)
+    except ValueError:
+        return f"malformed response: body is not JSON: {raw[:80]!r}"
+    return view.error or "not a stream: the server answered stream=true with one JSON response"
 
 
 def _record_event(
