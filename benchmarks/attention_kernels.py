@@ -61,18 +61,27 @@ def paged_setup(batch: int, context: int, kv_heads: int, head_dim: int, block_si
 DecodeVariant = tuple[str, DecodeConfig, int | None]  # label, config, forced splits (None = auto)
 
 
-def decode_sweep(batch: int, context: int) -> list[DecodeVariant]:
-    """Tile, warp, stage and load-order variants; split counts for the few-request cases."""
+def graph_ms(fn: Callable[[], object]) -> float:
+    """Median time of one call captured in a CUDA graph, L2 flushed before each replay: the GPU time
+    a graph-captured decode step sees, without the Python launch overhead eager timing includes."""
+    fn()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return median_ms(graph.replay)
+
+
+def decode_sweep(batch: int) -> list[DecodeVariant]:
+    """Tile, warp, stage and prefetch variants; split counts where the batch alone cannot fill the GPU."""
     variants: list[DecodeVariant] = []
-    for n, w, st, early in ((64, 4, 3, False), (64, 4, 2, True), (64, 4, 3, True), (32, 4, 2, False),
-                            (32, 4, 2, True), (128, 4, 2, True), (128, 8, 2, False)):  # fmt: skip
-        variants.append(
-            (f"n{n}w{w}s{st}{'E' if early else ''}", DecodeConfig(n, w, st, load_v_early=early), None)
-        )
+    for n, w, st, pre in ((64, 4, 3, False), (32, 4, 2, False), (128, 8, 2, False), (64, 4, 1, True),
+                          (64, 4, 2, True), (32, 4, 1, True), (32, 2, 1, True), (128, 4, 1, True)):  # fmt: skip
+        variants.append((f"n{n}w{w}s{st}{'P' if pre else ''}", DecodeConfig(n, w, st, prefetch=pre), None))
     if batch * 8 < 528:  # fewer programs than 4 per SM: splits matter
         for splits in (1, 2, 4, 8, 16, 32, 64, 128, 256):
             variants.append((f"splits={splits}", DecodeConfig(), splits))
-            variants.append((f"splits={splits}E", DecodeConfig(load_v_early=True), splits))
+            variants.append((f"splits={splits}P", DecodeConfig(64, 4, 1, prefetch=True), splits))
     return variants
 
 
@@ -85,28 +94,19 @@ def bench_decode(
     kv_bytes = 2 * batch * context * kv_heads * head_dim * ELEM
     auto = choose_num_splits(batch, kv_heads, tables.shape[1] * 16, _sm_count(query.device))
     variants: list[DecodeVariant] = [(f"default (splits={auto})", DecodeConfig(), None)]
-    variants += decode_sweep(batch, context) if sweep else []
+    variants += decode_sweep(batch) if sweep else []
     rows = []
     for label, cfg, splits_override in variants:
         fn = lambda c=cfg, s=splits_override: paged_decode_attention(  # noqa: E731
             query, cache, seq_lens, tables, 0.125, out=out, num_splits=s, config=c
         )
-        ms = median_ms(fn)
+        ms = graph_ms(fn)
         gbs = kv_bytes / ms / 1e6
         rows.append(Row(f"decode B={batch} ctx={context} {label}", ms, gbs, "GB/s", gbs / peak))
-    rows.append(graph_replay_row(batch, context, kv_bytes, peak, query, cache, seq_lens, tables, out))
-    return rows
-
-
-def graph_replay_row(batch, context, kv_bytes, peak, query, cache, seq_lens, tables, out) -> Row:
-    """Per-call time of the decode captured in a CUDA graph, 20 calls per replay (L2 stays warm)."""
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(20):
-            paged_decode_attention(query, cache, seq_lens, tables, 0.125, out=out)
-    ms = median_ms(graph.replay) / 20
+    ms = median_ms(lambda: paged_decode_attention(query, cache, seq_lens, tables, 0.125, out=out))
     gbs = kv_bytes / ms / 1e6
-    return Row(f"decode B={batch} ctx={context} cuda-graph x20 (warm L2)", ms, gbs, "GB/s", gbs / peak)
+    rows.append(Row(f"decode B={batch} ctx={context} default, eager launch", ms, gbs, "GB/s", gbs / peak))
+    return rows
 
 
 def bench_kv_write(tokens: int, peak: float, kv_heads: int = 8, head_dim: int = 64) -> list[Row]:
@@ -127,7 +127,7 @@ def bench_kv_write(tokens: int, peak: float, kv_heads: int = 8, head_dim: int = 
         ("triton", lambda: write_kv_cache(key, value, cache, slots)),
         ("torch index_copy_", torch_write),
     ):
-        ms = median_ms(fn)
+        ms = graph_ms(fn)
         rows.append(
             Row(f"kv write T={tokens} {label}", ms, moved / ms / 1e6, "GB/s", moved / ms / 1e6 / peak)
         )
@@ -135,10 +135,8 @@ def bench_kv_write(tokens: int, peak: float, kv_heads: int = 8, head_dim: int = 
 
 
 PREFILL_SWEEP = {
-    64: ((128, 64, 8, 2, False), (64, 64, 4, 2, False), (64, 64, 4, 3, False), (128, 128, 8, 2, False),
-         (64, 64, 4, 2, True), (128, 64, 8, 2, True)),
-    128: ((128, 64, 8, 2, False), (64, 64, 4, 2, False), (128, 32, 8, 2, False), (64, 64, 4, 3, False),
-          (128, 64, 8, 2, True), (64, 32, 4, 2, False)),
+    64: ((128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 4), (128, 32, 8, 3), (64, 128, 4, 2)),
+    128: ((128, 64, 8, 2), (128, 32, 8, 2), (128, 32, 8, 3), (64, 32, 4, 2), (128, 16, 8, 2), (64, 64, 4, 3)),
 }  # fmt: skip
 
 
@@ -153,8 +151,9 @@ def bench_prefill(
     flops = batch * 4 * heads * head_dim * length * (context + length / 2)
     configs: list[tuple[str, PrefillConfig | None]] = [("default", None)]
     if sweep:
-        configs += [(f"m{m}n{n}w{w}s{st}{'E' if e else ''}", PrefillConfig(m, n, w, st, e))
-                    for m, n, w, st, e in PREFILL_SWEEP[head_dim]]  # fmt: skip
+        configs += [
+            (f"m{m}n{n}w{w}s{st}", PrefillConfig(m, n, w, st)) for m, n, w, st in PREFILL_SWEEP[head_dim]
+        ]
     name = f"prefill {batch}x{length} ctx={context} D={head_dim}"
     rows = []
     for label, cfg in configs:
@@ -182,7 +181,7 @@ def main() -> None:
     rows += bench_decode(256, 768, peak, args.sweep)
     rows += bench_decode(1, 32768, peak, args.sweep)
     if args.sweep:  # calibrate the split heuristic on mid-size batches
-        for batch, context in ((4, 8192), (16, 4096), (32, 2048)):
+        for batch, context in ((4, 8192), (16, 4096), (32, 2048), (64, 2048)):
             rows += bench_decode(batch, context, peak, sweep=True)
     rows += bench_kv_write(256, peak) + bench_kv_write(8192, peak)
     rows += bench_prefill(4, 2048, 0, args.sweep, head_dim=64)

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from batchlm.kernels.paged_tile import MASK_RANGE, attend_range
+from batchlm.kernels.paged_tile import MASK_RANGE, attend_range, attend_range_prefetched
 from batchlm.kernels.shapes import check_paged_inputs, dot_precision, next_power_of_2
 
 LOG2_E = 1.4426950408889634
@@ -35,8 +35,8 @@ class DecodeConfig:
     num_stages: int = 2
     # Aim for this many programs per SM when choosing the number of splits.
     programs_per_sm: int = 4
-    # Issue a tile's V load next to its K load rather than after the softmax.
-    load_v_early: bool = False
+    # Software prefetch (ids two tiles ahead, K/V one): for few, long requests (latency-bound).
+    prefetch: bool = False
 
 
 @functools.lru_cache(maxsize=8)
@@ -57,6 +57,27 @@ def choose_num_splits(
 
 
 @triton.jit
+def _attend_slice(
+    q, acc, row_max, row_sum, kv_base, block_row, start, end, qk_scale,
+    stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, PREFETCH: tl.constexpr,
+):  # fmt: skip
+    """Online softmax over context tokens [start, end); the decode token sees all of them."""
+    if PREFETCH:
+        acc, row_max, row_sum = attend_range_prefetched(
+            q, acc, row_max, row_sum, kv_base, block_row, start, end, qk_scale,
+            stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE, HEAD_DIM, BLOCK_N, DOT_PRECISION,
+        )  # fmt: skip
+    else:
+        acc, row_max, row_sum = attend_range(
+            q, acc, row_max, row_sum, end, kv_base, block_row, start, end, end, qk_scale,
+            stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
+            HEAD_DIM, BLOCK_N, MASK_RANGE, DOT_PRECISION,
+        )  # fmt: skip
+    return acc, row_max, row_sum
+
+
+@triton.jit
 def _decode_kernel(
     q_ptr,  # [B, H, HEAD_DIM]
     cache_ptr,  # [2, num_blocks, block_size, KV_HEADS, HEAD_DIM]
@@ -71,7 +92,7 @@ def _decode_kernel(
     stride_bt,
     BLOCK_SIZE: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, LOAD_V_EARLY: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -97,12 +118,10 @@ def _decode_kernel(
     row_sum = tl.zeros([BLOCK_G], dtype=tl.float32)
     kv_base = cache_ptr + kv_head * stride_c_head
     block_row = block_table_ptr + seq.to(tl.int64) * stride_bt
-    # The decode token sits at seq_len - 1 and sees the whole context: no causal mask needed.
     if NUM_SPLITS == 1:
-        acc, row_max, row_sum = attend_range(
-            q, acc, row_max, row_sum, seq_len, kv_base, block_row, start, end, end, qk_scale,
-            stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
-            HEAD_DIM, BLOCK_N, MASK_RANGE, DOT_PRECISION, LOAD_V_EARLY,
+        acc, row_max, row_sum = _attend_slice(
+            q, acc, row_max, row_sum, kv_base, block_row, start, end, qk_scale,
+            stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE, HEAD_DIM, BLOCK_N, DOT_PRECISION, PREFETCH,
         )  # fmt: skip
         # Padding rows (seq_len 0) saw nothing: row_sum 0, output zeros.
         result = acc / tl.where(row_sum > 0.0, row_sum, 1.0)[:, None]
@@ -110,10 +129,9 @@ def _decode_kernel(
         tl.store(out, result.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
     else:
         if start < end:
-            acc, row_max, row_sum = attend_range(
-                q, acc, row_max, row_sum, seq_len, kv_base, block_row, start, end, end, qk_scale,
-                stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
-                HEAD_DIM, BLOCK_N, MASK_RANGE, DOT_PRECISION, LOAD_V_EARLY,
+            acc, row_max, row_sum = _attend_slice(
+                q, acc, row_max, row_sum, kv_base, block_row, start, end, qk_scale,
+                stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE, HEAD_DIM, BLOCK_N, DOT_PRECISION, PREFETCH,
             )  # fmt: skip
             # Each slice stores its normalised result and its log2-sum-exp weight.
             row = (seq.to(tl.int64) * num_heads + heads) * NUM_SPLITS + split  # [BLOCK_G]
@@ -203,7 +221,7 @@ def paged_decode_attention(
         block_tables.stride(0), BLOCK_SIZE=shape.block_size,
         GROUP=shape.group_size, BLOCK_G=max(16, next_power_of_2(shape.group_size)),
         HEAD_DIM=shape.head_dim, BLOCK_N=cfg.block_n, NUM_SPLITS=num_splits,
-        DOT_PRECISION=dot_precision(query.dtype), LOAD_V_EARLY=cfg.load_v_early,
+        DOT_PRECISION=dot_precision(query.dtype), PREFETCH=cfg.prefetch,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if num_splits > 1:

@@ -29,19 +29,19 @@ class PrefillConfig:
     block_n: int  # context tokens per inner-loop tile
     num_warps: int
     num_stages: int
-    # Issue a tile's V load next to its K load rather than after the softmax.
-    load_v_early: bool = False
 
 
 def default_prefill_config(shape: PagedShape, dtype: torch.dtype) -> PrefillConfig:
-    """Tiles that fit Hopper's shared memory for the head size and element width."""
-    wide = dtype == torch.float32 or shape.head_dim > 128
-    block_m = 64 if wide else 128
+    """Tiles that fit Hopper's shared memory; picked from benchmarks/attention_kernels.py on an H100."""
+    if dtype == torch.float32 or shape.head_dim > 128:
+        block_m, block_n, warps = 64, 32, 4
+    elif shape.head_dim > 64:
+        block_m, block_n, warps = 128, 32, 8
+    else:
+        block_m, block_n, warps = 64, 64, 4
     # A tile must hold at least one token's whole head group.
     block_m = max(block_m, next_power_of_2(shape.group_size))
-    return PrefillConfig(
-        block_m=block_m, block_n=32 if wide else 64, num_warps=4 if wide else 8, num_stages=2
-    )
+    return PrefillConfig(block_m=block_m, block_n=block_n, num_warps=warps, num_stages=2)
 
 
 @triton.jit
@@ -58,7 +58,7 @@ def _prefill_kernel(
     stride_bt,
     BLOCK_SIZE: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, LOAD_V_EARLY: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     req = tl.program_id(0)
     tile = tl.program_id(1)
@@ -91,12 +91,12 @@ def _prefill_kernel(
         acc, row_max, row_sum = attend_range(
             q, acc, row_max, row_sum, q_pos, kv_base, block_row, 0, unmasked_stop, kv_end, qk_scale,
             stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
-            HEAD_DIM, BLOCK_N, MASK_NONE, DOT_PRECISION, LOAD_V_EARLY,
+            HEAD_DIM, BLOCK_N, MASK_NONE, DOT_PRECISION,
         )  # fmt: skip
         acc, row_max, row_sum = attend_range(
             q, acc, row_max, row_sum, q_pos, kv_base, block_row, unmasked_stop, kv_end, kv_end, qk_scale,
             stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
-            HEAD_DIM, BLOCK_N, MASK_CAUSAL, DOT_PRECISION, LOAD_V_EARLY,
+            HEAD_DIM, BLOCK_N, MASK_CAUSAL, DOT_PRECISION,
         )  # fmt: skip
         result = acc / tl.where(row_sum > 0.0, row_sum, 1.0)[:, None]
         out = out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :]
@@ -140,6 +140,6 @@ def paged_prefill_attention(
         block_tables.stride(0), BLOCK_SIZE=shape.block_size,
         GROUP=shape.group_size, BLOCK_M=cfg.block_m, TOKENS_PER_TILE=tokens_per_tile,
         HEAD_DIM=shape.head_dim, BLOCK_N=cfg.block_n, DOT_PRECISION=dot_precision(query.dtype),
-        LOAD_V_EARLY=cfg.load_v_early, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out

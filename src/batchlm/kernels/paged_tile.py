@@ -30,7 +30,6 @@ def attend_tile(
     qk_scale,
     stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    LOAD_V_EARLY: tl.constexpr,
 ):  # fmt: skip
     tokens = tile_start + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
@@ -45,12 +44,6 @@ def attend_tile(
         k = tl.load(k_ptrs)
     else:
         k = tl.load(k_ptrs, mask=in_range[:, None], other=0.0)
-    if LOAD_V_EARLY:
-        # Issue both loads before any math: one memory round trip per tile instead of two.
-        if MASK_MODE == 0:
-            v = tl.load(k_ptrs + stride_c_kv)
-        else:
-            v = tl.load(k_ptrs + stride_c_kv, mask=in_range[:, None], other=0.0)
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
     if MASK_MODE == 1:
         scores = tl.where(in_range[None, :], scores, float("-inf"))
@@ -62,11 +55,10 @@ def attend_tile(
     rescale = tl.exp2(row_max - new_max)
     probs = tl.exp2(scores - new_max[:, None])  # [BLOCK_M, BLOCK_N]
     row_sum = row_sum * rescale + tl.sum(probs, 1)
-    if not LOAD_V_EARLY:
-        if MASK_MODE == 0:
-            v = tl.load(k_ptrs + stride_c_kv)
-        else:
-            v = tl.load(k_ptrs + stride_c_kv, mask=in_range[:, None], other=0.0)
+    if MASK_MODE == 0:
+        v = tl.load(k_ptrs + stride_c_kv)
+    else:
+        v = tl.load(k_ptrs + stride_c_kv, mask=in_range[:, None], other=0.0)
     acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, new_max, row_sum
 
@@ -79,12 +71,59 @@ def attend_range(
     kv_end,  # tokens at or past it are hidden (MASK_RANGE / MASK_CAUSAL)
     qk_scale, stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    LOAD_V_EARLY: tl.constexpr,
 ):  # fmt: skip
     for tile_start in range(kv_start, kv_stop, BLOCK_N):
         acc, row_max, row_sum = attend_tile(
             q, acc, row_max, row_sum, q_pos, kv_base, block_row, tile_start, kv_end, qk_scale,
             stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
-            HEAD_DIM, BLOCK_N, MASK_MODE, DOT_PRECISION, LOAD_V_EARLY,
+            HEAD_DIM, BLOCK_N, MASK_MODE, DOT_PRECISION,
         )  # fmt: skip
+    return acc, row_max, row_sum
+
+
+@triton.jit
+def _tile_pointers(
+    kv_base, blocks, tokens, stride_c_block, stride_c_tok, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr
+):
+    rows = blocks.to(tl.int64) * stride_c_block + (tokens % BLOCK_SIZE) * stride_c_tok  # [BLOCK_N]
+    return kv_base + rows[:, None] + tl.arange(0, HEAD_DIM)[None, :]  # [BLOCK_N, HEAD_DIM] key pointers
+
+
+@triton.jit
+def attend_range_prefetched(
+    q, acc, row_max, row_sum, kv_base, block_row, kv_start, kv_end, qk_scale,
+    stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """attend_range(MASK_RANGE) with software prefetch for latency-bound decode: block ids are read
+    two tiles ahead and K/V one tile ahead of the math, so a tile costs one memory round trip."""
+    offsets = tl.arange(0, BLOCK_N)
+    tokens = kv_start + offsets
+    in_range = tokens < kv_end
+    blocks = tl.load(block_row + tokens // BLOCK_SIZE, mask=in_range, other=0)
+    ptrs = _tile_pointers(kv_base, blocks, tokens, stride_c_block, stride_c_tok, BLOCK_SIZE, HEAD_DIM)
+    k = tl.load(ptrs, mask=in_range[:, None], other=0.0)
+    v = tl.load(ptrs + stride_c_kv, mask=in_range[:, None], other=0.0)
+    ahead = tokens + BLOCK_N
+    next_blocks = tl.load(block_row + ahead // BLOCK_SIZE, mask=ahead < kv_end, other=0)
+    for tile_start in range(kv_start, kv_end, BLOCK_N):
+        # Loads for the next tile (fully masked past the end: no traffic), ids for the one after.
+        ahead = tile_start + BLOCK_N + offsets
+        ptrs = _tile_pointers(kv_base, next_blocks, ahead, stride_c_block, stride_c_tok, BLOCK_SIZE, HEAD_DIM)
+        next_k = tl.load(ptrs, mask=(ahead < kv_end)[:, None], other=0.0)
+        next_v = tl.load(ptrs + stride_c_kv, mask=(ahead < kv_end)[:, None], other=0.0)
+        further = ahead + BLOCK_N
+        next_blocks = tl.load(block_row + further // BLOCK_SIZE, mask=further < kv_end, other=0)
+        # Online softmax over the current tile.
+        in_range = (tile_start + offsets) < kv_end
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        scores = tl.where(in_range[None, :], scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        rescale = tl.exp2(row_max - new_max)
+        probs = tl.exp2(scores - new_max[:, None])
+        row_sum = row_sum * rescale + tl.sum(probs, 1)
+        acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
+        row_max = new_max
+        k = next_k
+        v = next_v
     return acc, row_max, row_sum
