@@ -137,3 +137,13 @@ def test_serve_builds_the_engine_and_runs_the_server(monkeypatch: Any) -> None:
     assert created["start_engine"] == created["engine"].start
     state = created["app"].state.batchlm
     assert (state.engine, state.settings.api_key, state.settings.max_queue) == (created["engine"], "k", 7)
+
+
+def test_an_unavailable_backend_is_an_error_not_a_crash(monkeypatch: Any, caplog: Any) -> None:
+    monkeypatch.setattr("batchlm.backends.mlx_available", lambda: False)
+    monkeypatch.setattr(serve_cli, "configure_logging", lambda level: None)
+    assert parse("--backend", "mlx").backend == "mlx"
+    assert main(["serve", "--backend", "mlx"]) == 2
+    assert "mlx" in caplog.text
+    with pytest.raises(SystemExit):
+        parse("--backend", "tpu")

@@ -8,6 +8,7 @@ import logging
 import os
 from dataclasses import replace
 
+from batchlm.backends import BACKEND_CHOICES, create_engine
 from batchlm.config import EngineConfig
 from batchlm.server.flags import add_dataclass_arguments, dataclass_from_args
 from batchlm.server.logging_setup import LOG_LEVELS, configure_logging
@@ -34,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         server,
         ServerSettings,
         flag_names=SERVER_FLAG_NAMES,
-        choices={"log_level": list(LOG_LEVELS)},
+        choices={"log_level": list(LOG_LEVELS), "backend": list(BACKEND_CHOICES)},
         help_notes=SERVER_HELP_NOTES,
     )
     engine = parser.add_argument_group("engine (batchlm.config.EngineConfig)")
@@ -59,14 +60,18 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     configure_logging(settings.log_level)
     config = dataclass_from_args(EngineConfig, args)
-    from batchlm.engine.async_engine import AsyncLLMEngine  # heavy: torch, the model code
     from batchlm.server.app import build_app
     from batchlm.server.launcher import run_server
 
-    engine = AsyncLLMEngine(config, max_queue=settings.max_queue)
+    try:
+        engine = create_engine(settings.backend, config, max_queue=settings.max_queue)
+    except ValueError as error:  # an unknown or uninstalled backend
+        logger.error("%s", error)
+        return 2
     app = build_app(engine, settings)
     where = f"http://{settings.host}:{settings.port}"
     logger.info(
         "batchlm serving %s on %s (API key %s)", config.model, where, "on" if settings.api_key else "off"
     )
-    return run_server(app, engine, start_engine=engine.start)
+    # Every backend's engine loads in start(), which is not part of the EngineClient interface.
+    return run_server(app, engine, start_engine=engine.start)  # type: ignore[attr-defined]

@@ -33,6 +33,8 @@ class ServerSettings:
     shutdown_timeout_s: float = 30.0
     # Seconds between the periodic stats log lines (written only while there is activity).
     stats_log_interval_s: float = 10.0
+    # Engine backend: "auto" (MLX on Apple Silicon when mlx-lm is installed, else PyTorch), "torch" or "mlx".
+    backend: str = "auto"
     # Log level: DEBUG adds one line per request and the access log.
     log_level: str = "INFO"
 
