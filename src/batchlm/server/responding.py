@@ -7,7 +7,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, ClassVar, Protocol
 
 import anyio
 from pydantic import BaseModel
@@ -57,6 +57,41 @@ class StreamFormatter(Protocol):
     def delta(self, position: int, output: RequestOutput) -> Iterable[bytes]: ...
 
     def closing(self, usage: UsageInfo) -> Iterable[bytes]: ...
+
+
+@dataclass
+class ResponseContext:
+    """What every chunk or response of one request repeats."""
+
+    request_id: str
+    created: int
+    # The served model name, as responses report it.
+    model: str
+    tokenizer: Any
+    n: int
+    include_usage: bool
+
+
+class ChunkFormatter:
+    """The part of a StreamFormatter both endpoints share: wrapping choices in the endpoint's chunk
+    object, and the closing usage chunk."""
+
+    chunk_type: ClassVar[type[BaseModel]]
+
+    def __init__(self, context: ResponseContext) -> None:
+        self._response = context
+        # Without include_usage OpenAI's chunks carry no "usage" key at all.
+        self._exclude = None if context.include_usage else {"usage"}
+
+    def _chunk(self, choices: Sequence[BaseModel], usage: UsageInfo | None = None) -> bytes:
+        context = self._response
+        chunk = self.chunk_type(
+            id=context.request_id, created=context.created, model=context.model, choices=choices, usage=usage
+        )
+        return sse_event(chunk.model_dump_json(exclude=self._exclude))
+
+    def closing(self, usage: UsageInfo) -> Iterable[bytes]:
+        return [self._chunk([], usage)] if self._response.include_usage else []
 
 
 @dataclass

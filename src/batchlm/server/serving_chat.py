@@ -6,7 +6,6 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -25,31 +24,28 @@ from batchlm.server.request_params import (
     check_model,
     resolve_max_tokens,
 )
-from batchlm.server.responding import collect_choices, respond_json, start_stream, usage_of
+from batchlm.server.responding import (
+    ChunkFormatter,
+    ResponseContext,
+    collect_choices,
+    respond_json,
+    start_stream,
+    usage_of,
+)
 from batchlm.server.responses import (
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
     ChatCompletionResponse,
     ChatResponseMessage,
-    UsageInfo,
 )
 from batchlm.server.state import get_state
-from batchlm.server.streams import sse_event
 
 
-@dataclass(frozen=True)
-class ChatContext:
-    """What every chunk or response of one chat request repeats."""
-
-    request_id: str
-    created: int
-    model: str
-    tokenizer: Any
-    n: int
+@dataclass
+class ChatContext(ResponseContext):
     # Top log-probabilities per token, or None when logprobs were not asked for.
     top_logprobs: int | None
-    include_usage: bool
 
 
 async def create_chat_completion(request: Request, body: ChatCompletionRequest) -> Response:
@@ -121,24 +117,15 @@ async def _full_response(context: ChatContext, generation: Generation) -> ChatCo
     )
 
 
-class ChatStreamFormatter:
+class ChatStreamFormatter(ChunkFormatter):
     """chat.completion.chunk events: a role chunk per choice, content deltas, a finish chunk per choice,
     and with include_usage a last chunk with the usage and no choices."""
 
-    def __init__(self, context: ChatContext) -> None:
-        self._context = context
-        # Without include_usage OpenAI's chunks carry no "usage" key at all.
-        self._exclude = None if context.include_usage else {"usage"}
+    chunk_type = ChatCompletionChunk
 
-    def _chunk(self, choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> bytes:
-        chunk = ChatCompletionChunk(
-            id=self._context.request_id,
-            created=self._context.created,
-            model=self._context.model,
-            choices=choices,
-            usage=usage,
-        )
-        return sse_event(chunk.model_dump_json(exclude=self._exclude))
+    def __init__(self, context: ChatContext) -> None:
+        super().__init__(context)
+        self._context = context
 
     def opening(self) -> Iterable[bytes]:
         role = {"role": "assistant", "content": ""}
@@ -160,6 +147,3 @@ class ChatStreamFormatter:
         if top is not None and completion.logprobs:
             logprobs = chat_logprobs(self._context.tokenizer, completion.token_ids, completion.logprobs, top)
         return ChatChunkChoice(index=completion.index, delta={"content": completion.text}, logprobs=logprobs)
-
-    def closing(self, usage: UsageInfo) -> Iterable[bytes]:
-        return [self._chunk([], usage)] if self._context.include_usage else []

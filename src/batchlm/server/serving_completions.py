@@ -26,10 +26,17 @@ from batchlm.server.request_params import (
     check_prompt_token_ids,
     resolve_max_tokens,
 )
-from batchlm.server.responding import collect_choices, respond_json, start_stream, usage_of
-from batchlm.server.responses import CompletionChoice, CompletionResponse, UsageInfo
+from batchlm.server.responding import (
+    ChunkFormatter,
+    ResponseContext,
+    collect_choices,
+    respond_json,
+    start_stream,
+    usage_of,
+)
+from batchlm.server.responses import CompletionChoice, CompletionResponse
 from batchlm.server.state import ServerState, get_state
-from batchlm.server.streams import close_all, sse_event
+from batchlm.server.streams import close_all
 
 
 @dataclass(frozen=True)
@@ -39,16 +46,9 @@ class Prompt:
 
 
 @dataclass
-class CompletionContext:
-    """What every chunk or response of one completions request shares."""
-
-    request_id: str
-    created: int
-    model: str
-    tokenizer: Any
-    n: int
+class CompletionContext(ResponseContext):
+    # Top log-probabilities per token (completions' `logprobs`), or None.
     logprobs: int | None
-    include_usage: bool
     # Per prompt, the text echoed before its completions ("" without echo).
     echo_texts: list[str]
     builders: dict[tuple[int, int], CompletionLogprobsBuilder] = field(default_factory=dict)
@@ -168,23 +168,15 @@ async def _full_response(context: CompletionContext, generations: list[Generatio
     )
 
 
-class CompletionStreamFormatter:
+class CompletionStreamFormatter(ChunkFormatter):
     """text_completion chunks: the echoed prompts first, then text deltas (the last one carries the
     finish_reason), and with include_usage a last chunk with the usage and no choices."""
 
-    def __init__(self, context: CompletionContext) -> None:
-        self._context = context
-        self._exclude = None if context.include_usage else {"usage"}
+    chunk_type = CompletionResponse
 
-    def _chunk(self, choices: list[CompletionChoice], usage: UsageInfo | None = None) -> bytes:
-        chunk = CompletionResponse(
-            id=self._context.request_id,
-            created=self._context.created,
-            model=self._context.model,
-            choices=choices,
-            usage=usage,
-        )
-        return sse_event(chunk.model_dump_json(exclude=self._exclude))
+    def __init__(self, context: CompletionContext) -> None:
+        super().__init__(context)
+        self._context = context
 
     def opening(self) -> Iterable[bytes]:
         context = self._context
@@ -211,6 +203,3 @@ class CompletionStreamFormatter:
                     finish_reason=completion.finish_reason,
                 )
                 yield self._chunk([choice])
-
-    def closing(self, usage: UsageInfo) -> Iterable[bytes]:
-        return [self._chunk([], usage)] if self._context.include_usage else []
