@@ -207,6 +207,8 @@ async def _stream(
         await asyncio.sleep(options.ttft_s)
     chunks = 0 if fault == "empty" else -(-max_tokens // options.tokens_per_chunk)
     batch: list[bytes] = []
+    clock = asyncio.get_running_loop().time
+    due = clock()
     for index in range(chunks):
         if fault is not None and await _inject_fault(conn, fault, index, chunks):
             return
@@ -221,8 +223,10 @@ async def _stream(
         batch.append(f'data: {head}{delta}, "logprobs": null, "finish_reason": null}}]{tail}}}\n\n'.encode())
         if fault or len(batch) >= options.events_per_write or index == chunks - 1:
             await conn.write_chunk(b"".join(batch))
-            # Paced: the batch's share of time; unpaced, sleep(0) still lets other streams interleave.
-            await asyncio.sleep(options.itl_s * len(batch))
+            # Paced against absolute due times, so late wake-ups do not add up; unpaced, sleep(0)
+            # still lets the other streams interleave.
+            due += options.itl_s * len(batch)
+            await asyncio.sleep(max(0.0, due - clock()))
             batch.clear()
     await _finish(conn, head, chat, usage)
 
