@@ -51,6 +51,7 @@ class AsyncLLMEngine(EngineClient):
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._ready = False
+        self._shutting_down = False
         self._dead_reason: str | None = None
         self.info: CoreInfo | None = None
 
@@ -118,6 +119,7 @@ class AsyncLLMEngine(EngineClient):
 
     async def shutdown(self) -> None:
         self._ready = False
+        self._shutting_down = True
         if self._conn is not None:
             try:
                 self._conn.send(("shutdown", None))
@@ -264,7 +266,10 @@ class AsyncLLMEngine(EngineClient):
 
     def _mark_dead(self, reason: str) -> None:
         if self._dead_reason is None:
-            logger.error("engine stopped: %s", reason)
+            if self._shutting_down:
+                logger.info("engine stopped")
+            else:
+                logger.error("engine stopped: %s", reason)
             self._dead_reason = reason
         for queue in self._queues.values():
             queue.put_nowait(EngineDeadError(f"the engine stopped: {reason}"))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import traceback
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -26,6 +28,11 @@ IDLE_POLL_S = 0.5
 
 def engine_core_main(config: EngineConfig, model_dir: Path, conn: Connection, log_level: int | None = None) -> None:
     """Entry point of the engine-core process (or thread)."""
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C reaches the whole process group; the front end decides when the core stops
+        # (graceful drain), so the core ignores the signals and exits when told or orphaned.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if log_level is not None:
         logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     configure_child_threads()
