@@ -157,3 +157,22 @@ def test_batchlm_cli_dispatches_bench(capsys: pytest.CaptureFixture[str]) -> Non
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--request-rate" in out and "Metric definitions" in out
+
+
+def test_bench_imports_nothing_else_from_batchlm_and_never_torch() -> None:
+    import ast
+
+    package = REPO / "src" / "batchlm" / "bench"
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                assert not name.startswith("torch"), f"{path.name} imports {name}"
+                if name.startswith("batchlm"):
+                    assert name.startswith("batchlm.bench"), f"{path.name} imports {name}"
+    modules = [f"batchlm.bench.{p.stem}" for p in package.glob("*.py") if p.stem != "__init__"]
+    code = f"import sys, importlib; [importlib.import_module(m) for m in {modules!r}]; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
