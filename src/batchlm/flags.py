@@ -1,5 +1,6 @@
 """Command-line flags generated from config dataclasses (EngineConfig, ServerSettings): one flag per field,
-its help text taken from the comment above the field, so a new field gets its flag without edits here."""
+its help text taken from the comment above the field, so a new field gets its flag without edits here.
+Shared by `batchlm serve` and `batchlm generate`."""
 
 from __future__ import annotations
 
@@ -118,3 +119,16 @@ def _default_of(spec: Any) -> Any:
 def dataclass_from_args(cls: type[T], args: argparse.Namespace) -> T:
     values = {spec.name: getattr(args, spec.name) for spec in fields(cls)}  # type: ignore[arg-type]
     return cls(**values)
+
+
+# The seed README's spellings and a few fixed choices; every other engine flag is the field name.
+ENGINE_FLAG_NAMES = {"max_num_seqs": ["--batch-size", "--max-num-seqs"]}
+ENGINE_CHOICES = {"dtype": ["auto", "float32", "bfloat16", "float16"], "load_format": ["auto", "dummy"]}
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The EngineConfig flags, in their own group."""
+    from batchlm.config import EngineConfig
+
+    group = parser.add_argument_group("engine (batchlm.config.EngineConfig)")
+    add_dataclass_arguments(group, EngineConfig, flag_names=ENGINE_FLAG_NAMES, choices=ENGINE_CHOICES)

@@ -22,13 +22,12 @@ from batchlm.engine.client import (
     QueueFullError,
     RequestRejectedError,
 )
-from batchlm.engine.core_builder import CoreInfo, prepare_model_dir, served_model_name
+from batchlm.engine.core_builder import CoreInfo, load_tokenizer, prepare_model_dir, served_model_name
 from batchlm.engine.core_process import engine_core_main
 from batchlm.engine.output_processor import OutputProcessor
 from batchlm.engine.requests import make_core_requests, validate_request
 from batchlm.outputs import EngineCoreOutput, RequestOutput
 from batchlm.sampling_params import SamplingParams
-from batchlm.tokenizer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +60,7 @@ class AsyncLLMEngine(EngineClient):
         """Load the tokenizer here and the model in the engine core; returns once both are ready."""
         self._loop = asyncio.get_running_loop()
         model_dir = await self._loop.run_in_executor(None, prepare_model_dir, self.config)
-        self.tokenizer = await self._loop.run_in_executor(
-            None,
-            lambda: Tokenizer.from_pretrained(
-                self.config.tokenizer or model_dir,
-                chat_template=self.config.chat_template,
-                trust_remote_code=self.config.trust_remote_code,
-            ),
-        )
+        self.tokenizer = await self._loop.run_in_executor(None, load_tokenizer, self.config, model_dir)
         self._processor = OutputProcessor(self.tokenizer)
         self._conn = self._spawn_core(model_dir)
         kind, payload = await self._loop.run_in_executor(None, self._recv_or_eof)

@@ -9,6 +9,7 @@ from pathlib import Path
 from batchlm.config import DEMO_MODEL, EngineConfig
 from batchlm.core.engine_core import EngineCore
 from batchlm.core.scheduler import Scheduler, SchedulerConfig
+from batchlm.tokenizer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,18 @@ def prepare_model_dir(config: EngineConfig) -> Path:
     from batchlm.models.hub import resolve_model_dir
 
     return resolve_model_dir(config.model, config.revision)
+
+
+def load_tokenizer(config: EngineConfig, model_dir: Path) -> Tokenizer:
+    """The tokenizer from --tokenizer (a path or hub id) or the model directory, with any template override."""
+    source = model_dir
+    if config.tokenizer:
+        from batchlm.models.hub import resolve_model_dir
+
+        source = resolve_model_dir(config.tokenizer, config.revision)
+    return Tokenizer.from_pretrained(
+        source, chat_template=config.chat_template, trust_remote_code=config.trust_remote_code
+    )
 
 
 def served_model_name(config: EngineConfig) -> str:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from batchlm.config import EngineConfig
-from batchlm.engine.core_builder import build_engine_core, prepare_model_dir
+from batchlm.engine.core_builder import build_engine_core, load_tokenizer, prepare_model_dir
 from batchlm.engine.output_processor import OutputProcessor
 from batchlm.engine.requests import make_core_requests, validate_request
 from batchlm.outputs import RequestOutput
@@ -30,11 +30,7 @@ class LLM:
             raise TypeError(f"unknown LLM arguments: {', '.join(sorted(unknown))}")
         self.config = EngineConfig(model=model, **kwargs)
         model_dir = prepare_model_dir(self.config)
-        self.tokenizer = Tokenizer.from_pretrained(
-            self.config.tokenizer or model_dir,
-            chat_template=self.config.chat_template,
-            trust_remote_code=self.config.trust_remote_code,
-        )
+        self.tokenizer = load_tokenizer(self.config, model_dir)
         self.engine_core, self.info = build_engine_core(self.config, model_dir)
         self._counter = itertools.count()
 

@@ -10,7 +10,7 @@ from dataclasses import replace
 
 from batchlm.backends import BACKEND_CHOICES, create_engine
 from batchlm.config import EngineConfig
-from batchlm.server.flags import add_dataclass_arguments, dataclass_from_args
+from batchlm.flags import add_dataclass_arguments, add_engine_arguments, dataclass_from_args
 from batchlm.server.logging_setup import LOG_LEVELS, configure_logging
 from batchlm.server.state import ServerSettings
 
@@ -18,9 +18,6 @@ logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "BATCHLM_API_KEY"
 
-# The seed README's spellings and a few fixed choices; every other flag is the field name.
-ENGINE_FLAG_NAMES = {"max_num_seqs": ["--batch-size", "--max-num-seqs"]}
-ENGINE_CHOICES = {"dtype": ["auto", "float32", "bfloat16", "float16"]}
 SERVER_FLAG_NAMES = {
     "shutdown_timeout_s": ["--shutdown-timeout"],
     "stats_log_interval_s": ["--stats-log-interval"],
@@ -38,13 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices={"log_level": list(LOG_LEVELS), "backend": list(BACKEND_CHOICES)},
         help_notes=SERVER_HELP_NOTES,
     )
-    engine = parser.add_argument_group("engine (batchlm.config.EngineConfig)")
-    add_dataclass_arguments(
-        engine,
-        EngineConfig,
-        flag_names=ENGINE_FLAG_NAMES,
-        choices=ENGINE_CHOICES,
-    )
+    add_engine_arguments(parser)
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:

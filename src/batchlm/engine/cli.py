@@ -1,0 +1,98 @@
+"""`batchlm generate`: offline generation for prompts given on the command line or in a file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from batchlm.flags import add_engine_arguments, dataclass_from_args
+from batchlm.sampling_params import SamplingParams, SamplingParamsError
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    io = parser.add_argument_group("prompts and output")
+    io.add_argument("prompts", nargs="*", help="prompts to complete (one request each)")
+    io.add_argument("--prompts-file", help="a file with one prompt per line ('-' reads standard input)")
+    io.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
+    io.add_argument("--json", action="store_true", help="print one JSON object per request instead of text")
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--max-tokens", type=int, default=64, help="new tokens per completion (default: 64)")
+    sampling.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+    sampling.add_argument("--top-p", type=float, default=1.0)
+    sampling.add_argument("--top-k", type=int, default=0)
+    sampling.add_argument("--n", type=int, default=1, help="completions per prompt")
+    sampling.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    sampling.add_argument("--sampling-seed", type=int, default=None, help="per-request sampling seed")
+    sampling.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
+    parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_engine_arguments(parser)
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompts)
+    if args.prompts_file:
+        handle = sys.stdin if args.prompts_file == "-" else open(args.prompts_file, encoding="utf-8")
+        with handle:
+            prompts += [line.rstrip("\n") for line in handle if line.strip()]
+    return prompts
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    prompts = _read_prompts(args)
+    if not prompts:
+        print("batchlm generate: no prompts given (pass them as arguments or with --prompts-file)", file=sys.stderr)
+        return 2
+    try:
+        params = SamplingParams(
+            n=args.n,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            max_tokens=args.max_tokens,
+            stop=args.stop,
+            seed=args.sampling_seed,
+            ignore_eos=args.ignore_eos,
+        )
+    except SamplingParamsError as error:
+        print(f"batchlm generate: {error}", file=sys.stderr)
+        return 2
+    from batchlm.config import EngineConfig
+    from batchlm.engine.llm import LLM
+
+    config = dataclass_from_args(EngineConfig, args)
+    llm = LLM(**config.__dict__)
+    started = time.perf_counter()
+    if args.chat:
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
+    else:
+        outputs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - started
+    for prompt, output in zip(prompts, outputs):
+        _print_output(prompt, output, as_json=args.json)
+    generated = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    print(f"# {len(outputs)} requests, {generated} tokens in {elapsed:.2f} s", file=sys.stderr)
+    return 0
+
+
+def _print_output(prompt: str, output: object, as_json: bool) -> None:
+    from batchlm.outputs import RequestOutput
+
+    assert isinstance(output, RequestOutput)
+    if as_json:
+        record = {
+            "prompt": prompt,
+            "completions": [
+                {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason} for c in output.outputs
+            ],
+        }
+        print(json.dumps(record, ensure_ascii=False))
+        return
+    for completion in output.outputs:
+        print(f"=== {prompt!r} [{completion.finish_reason}]")
+        print(completion.text)
