@@ -147,6 +147,8 @@ def test_adapter_with_mismatched_shapes(base_dir: Path, tmp_path: Path) -> None:
         ({"fan_in_fan_out": True}, "fan_in_fan_out"),
         ({"alpha_pattern": {"q_proj": 32}}, "alpha_pattern"),
         ({"peft_type": "IA3"}, "IA3 adapter; only LoRA"),
+        ({"layer_replication": [[0, 2], [1, 2]]}, "layer_replication"),
+        ({"alora_invocation_tokens": [5, 6]}, "activated LoRA"),
     ],
 )
 def test_unsupported_adapter_features_are_named(

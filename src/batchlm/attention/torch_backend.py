@@ -7,13 +7,16 @@ import torch.nn.functional as F
 
 from batchlm.attention.backend import AttentionBackend, AttentionMetadata
 
+# enable_gqa (torch >= 2.5) lets SDPA share each KV head across its query group without copies.
+_SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
+
 
 class TorchAttentionBackend(AttentionBackend):
     """Paged-KV attention with torch ops.
 
-    All decode requests (one query each) run together as one padded gather and two batched matmuls,
+    All decode requests (one query each) run together as one padded gather and one masked SDPA call,
     in groups of at most `decode_group_size` requests to bound the padded buffer; prefill chunks run
-    one request at a time through scaled_dot_product_attention. Rows past meta.num_tokens (padding a
+    one request at a time through SDPA (causal, or with an offset mask over cached context). Rows past meta.num_tokens (padding a
     runner may add) are ignored and come back as zeros.
     """
 
@@ -65,21 +68,18 @@ def _decode_attention(
     query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, first: int, last: int, scale: float
 ) -> torch.Tensor:
     """One query per request for decode requests first..last-1, padded to the longest context."""
-    batch, num_heads, head_dim = query.shape
-    num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
-    group = num_heads // num_kv_heads
+    block_size = kv_cache.shape[2]
     max_len = max(meta.seq_lens_cpu[first:last])
     tables = meta.block_tables[first:last, : -(-max_len // block_size)].long()  # [B, nb]
-    # [B, nb, block_size, H_kv, D] -> [B, H_kv, D, L] for keys and [B, H_kv, L, D] for values.
-    keys = kv_cache[0][tables].flatten(1, 2)[:, :max_len].permute(0, 2, 3, 1)
+    # [B, nb, block_size, H_kv, D] -> [B, H_kv, L, D] (a strided view of the one gathered copy)
+    keys = kv_cache[0][tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
     values = kv_cache[1][tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
-    q = query.view(batch, num_kv_heads, group, head_dim)
-    scores = torch.matmul(q, keys).float() * scale  # [B, H_kv, G, L]
     positions = torch.arange(max_len, device=query.device)
-    padding = positions.unsqueeze(0) >= meta.seq_lens[first:last].unsqueeze(1)  # [B, L]
-    scores.masked_fill_(padding[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(values.dtype)
-    return torch.matmul(probs, values).view(batch, num_heads, head_dim)  # [B, H_kv, G, D] -> [B, H, D]
+    valid = positions.unsqueeze(0) < meta.seq_lens[first:last].unsqueeze(1)  # [B, L]
+    out = _sdpa(
+        query.unsqueeze(2), keys.to(query.dtype), values.to(query.dtype), scale, valid[:, None, None, :]
+    )
+    return out.squeeze(2)  # [B, H, 1, D] -> [B, H, D]
 
 
 def _prefill_attention(
@@ -101,16 +101,33 @@ def _prefill_attention(
     else:
         keys = gather_context(kv_cache[0], meta.block_tables[request], context_len)
         values = gather_context(kv_cache[1], meta.block_tables[request], context_len)
-    group = query.shape[1] // keys.shape[1]
-    q = query[start:end].transpose(0, 1)  # [H, q_len, D]
-    k = keys.transpose(0, 1).repeat_interleave(group, dim=0)  # [H, L, D]
-    v = values.transpose(0, 1).repeat_interleave(group, dim=0)
+    # SDPA takes [1, H, L, D]: 3-D inputs miss its fused (flash) kernels on both CPU and GPU.
+    q = query[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
+    k = keys.transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, H_kv, L, D]
+    v = values.transpose(0, 1).unsqueeze(0).to(q.dtype)
     if query_len == context_len:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        out = _sdpa(q, k, v, scale, causal=True)
     else:
         # Query i sits at position context_len - query_len + i and sees keys up to there.
-        offset = context_len - query_len
-        rows = torch.arange(query_len, device=q.device).unsqueeze(1) + offset
+        rows = torch.arange(query_len, device=q.device).unsqueeze(1) + (context_len - query_len)
         allowed = torch.arange(context_len, device=q.device).unsqueeze(0) <= rows  # [q_len, L]
-        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=allowed, scale=scale)
-    return out.transpose(0, 1)  # [q_len, H, D]
+        out = _sdpa(q, k, v, scale, allowed)
+    return out[0].transpose(0, 1)  # [q_len, H, D]
+
+
+def _sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+) -> torch.Tensor:
+    """SDPA of [B, H, Lq, D] queries over [B, H_kv, L, D] keys/values; H_kv divides H (GQA)."""
+    if _SDPA_HAS_GQA:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
+        )
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)

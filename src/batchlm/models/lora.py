@@ -24,6 +24,10 @@ UNSUPPORTED_SETTINGS: dict[str, tuple[Any, str]] = {
     "alpha_pattern": ({}, "per-module alpha_pattern"),
     "lora_bias": (False, "lora_bias (a bias on lora_B)"),
     "use_qalora": (False, "QALoRA"),
+    "layer_replication": (None, "layer_replication"),
+    "trainable_token_indices": (None, "trainable_token_indices (trained embedding rows)"),
+    "target_parameters": (None, "target_parameters (LoRA on raw parameters)"),
+    "alora_invocation_tokens": (None, "activated LoRA (alora_invocation_tokens)"),
 }
 
 
