@@ -1,0 +1,135 @@
+"""End to end: the official openai client against `batchlm serve`'s app with the PyTorch engine core in
+its own process, on the tiny random-weight llama."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from batchlm import LLM, SamplingParams
+from batchlm.config import EngineConfig
+from batchlm.engine.async_engine import AsyncLLMEngine
+from batchlm.server.background import BackgroundServer
+from batchlm.server.state import ServerSettings
+from fake_engine import metric_value, openai_client, wait_until
+
+API_KEY = "test-key"
+PROMPTS = [f"Story number {i}: once upon a time" for i in range(32)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir: Callable[..., Path]) -> Path:
+    return tiny_model_dir("llama")
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: Path) -> Iterator[BackgroundServer]:
+    config = EngineConfig(model=str(model_dir), device="cpu", max_num_seqs=32, served_model_name="tiny")
+    engine = AsyncLLMEngine(config, multiprocess=True)
+    running = BackgroundServer(engine, ServerSettings(api_key=API_KEY), start_engine=engine.start).start()
+    running.wait_until_ready(180)
+    yield running
+    if not engine.is_dead:
+        assert running.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def client(server: BackgroundServer) -> Any:
+    return openai_client(server.base_url, api_key=API_KEY)
+
+
+@pytest.fixture(scope="module")
+def offline_greedy(model_dir: Path) -> list[str]:
+    """What the offline engine produces for PROMPTS, greedy, 8 tokens each."""
+    llm = LLM(model=str(model_dir), device="cpu")
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    return [out.outputs[0].text for out in llm.generate(PROMPTS, params)]
+
+
+def test_api_key_is_enforced(server: BackgroundServer) -> None:
+    bad = openai_client(server.base_url, api_key="wrong")
+    with pytest.raises(openai.AuthenticationError):
+        bad.completions.create(model="tiny", prompt="hi", max_tokens=2)
+    assert httpx.get(f"{server.base_url}/health").status_code == 200
+
+
+def test_32_concurrent_streams_each_correct(server: BackgroundServer, offline_greedy: list[str]) -> None:
+    async def one(client: openai.AsyncOpenAI, prompt: str) -> tuple[str, Any]:
+        stream = await client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=8, temperature=0.0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        )
+        text, usage = "", None
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].text
+            if chunk.usage:
+                usage = chunk.usage
+        return text, usage
+
+    async def all_streams() -> list[tuple[str, Any]]:
+        async with openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0) as client:
+            return await asyncio.gather(*(one(client, p) for p in PROMPTS))
+
+    results = asyncio.run(all_streams())
+    assert [text for text, _ in results] == offline_greedy
+    assert all(usage is not None and usage.completion_tokens == 8 for _, usage in results)
+
+
+def test_exact_max_tokens_n_and_logprobs(client: Any) -> None:
+    response = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=6, n=3, temperature=1.0,
+        seed=5, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True},
+    )
+    assert [c.index for c in response.choices] == [0, 1, 2]
+    assert response.usage.completion_tokens == 18
+    for choice in response.choices:
+        assert choice.finish_reason == "length"
+        entries = choice.logprobs.content
+        assert len(entries) == 6
+        assert all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in entries)
+    again = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=6, n=3, temperature=1.0,
+        seed=5, extra_body={"ignore_eos": True},
+    )
+    assert [c.message.content for c in again.choices] == [c.message.content for c in response.choices]
+
+
+def test_disconnect_mid_stream_frees_the_request(server: BackgroundServer) -> None:
+    url = f"{server.base_url}/v1/completions"
+    body = {"model": "tiny", "prompt": "a long one", "max_tokens": 400, "stream": True, "ignore_eos": True}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.stream("POST", url, json=body, headers=headers, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: ") and '"text"' in line:
+                break  # one token arrived; now hang up
+
+    def idle() -> bool:
+        metrics = httpx.get(f"{server.base_url}/metrics").text
+        return metric_value(metrics, "batchlm_num_requests_running") == 0
+
+    wait_until(idle, 30, "the engine to drop the aborted request")
+    metrics = httpx.get(f"{server.base_url}/metrics").text
+    assert (metric_value(metrics, "batchlm_kv_cache_usage_ratio") or 0.0) == 0.0
+
+
+def test_engine_death_fails_health_and_in_flight(server: BackgroundServer, client: Any) -> None:
+    """Runs last in this module: it kills the engine core process."""
+    engine = server.engine
+    assert isinstance(engine, AsyncLLMEngine)
+    worker = engine._worker
+    assert worker is not None and hasattr(worker, "pid")
+    os.kill(worker.pid, signal.SIGKILL)  # type: ignore[union-attr,arg-type]
+    wait_until(lambda: engine.is_dead, 30, "the engine to be seen dead")
+    assert httpx.get(f"{server.base_url}/health").status_code == 503
+    with pytest.raises(openai.APIStatusError) as info:
+        client.completions.create(model="tiny", prompt="hi", max_tokens=2)
+    assert info.value.status_code == 503
