@@ -134,8 +134,10 @@ def test_missing_token_from_the_runner_is_an_error() -> None:
     scheduler = Scheduler(CONFIG)
     scheduler.add_request(make_request("r", [1, 2, 3]))
     scheduled = scheduler.schedule()
-    with pytest.raises(RuntimeError, match="returned no token for request 'r'"):
+    with pytest.raises(RuntimeError, match="returned 0 tokens for 1 sampling chunks"):
         scheduler.update_from_output(scheduled, ModelRunnerOutput((), (), ()))
+    with pytest.raises(RuntimeError, match="returned no token for request 'r'"):
+        scheduler.update_from_output(scheduled, ModelRunnerOutput(("x",), (5,), (None,)))
 
 
 def test_stats_snapshot() -> None:

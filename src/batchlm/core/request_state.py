@@ -43,10 +43,8 @@ class RequestState:
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.request.prompt_token_ids)
-
-    @property
-    def request_id(self) -> str:
-        return self.request.request_id
+        # A plain attribute, not a property: it is read several times per request per step.
+        self.request_id: str = self.request.request_id
 
     @property
     def sampling_params(self) -> SamplingParams:

@@ -216,7 +216,7 @@ class Scheduler:
     ) -> list[EngineCoreOutput]:
         """Advance the scheduled requests, append sampled tokens, and finish those that must stop.
         Returns one output per request that got a token or finished."""
-        sampled = _sampled_by_request(result)
+        sampled = _sampled_by_request(scheduled, result)
         outputs: list[EngineCoreOutput] = []
         finished_any = False
         for chunk in scheduled.chunks:
@@ -302,9 +302,17 @@ def _new_request_data(state: RequestState) -> NewRequestData:
     )
 
 
-def _sampled_by_request(result: ModelRunnerOutput) -> dict[str, tuple[int, TokenLogprobs | None]]:
+def _sampled_by_request(
+    scheduled: SchedulerOutput, result: ModelRunnerOutput
+) -> dict[str, tuple[int, TokenLogprobs | None]]:
+    """Index the runner's tokens by request, checking there is one per sampling chunk."""
     if not len(result.request_ids) == len(result.sampled_token_ids) == len(result.logprobs):
         raise RuntimeError("ModelRunnerOutput fields have different lengths")
+    num_sampling = sum(1 for chunk in scheduled.chunks if chunk.sample)
+    if len(result.request_ids) != num_sampling:
+        raise RuntimeError(
+            f"the model runner returned {len(result.request_ids)} tokens for {num_sampling} sampling chunks"
+        )
     return {
         request_id: (token_id, logprobs)
         for request_id, token_id, logprobs in zip(
