@@ -224,3 +224,21 @@ def test_a_failed_step_fails_the_running_requests_and_the_loop_recovers(
     assert failed.finish_reason is FinishReason.ERROR and failed.error == "the step failed: boom"
     assert not loop.has_work()
     assert len(tokens(run(loop, [request("next", PROMPTS[1])])["next"])) == 8
+
+
+def test_requests_the_generator_refuses_fail_alone(
+    loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop = make_loop(loaded)
+
+    def refuse(*args: Any, **kwargs: Any) -> list[int]:
+        raise ValueError("no room")
+
+    monkeypatch.setattr(loop._generator, "insert_segments", refuse)
+    loop.add_request(request("refused", PROMPTS[0]))
+    (failed,) = loop.step()
+    assert failed.request_id == "refused" and failed.finish_reason is FinishReason.ERROR
+    assert failed.error is not None and "no room" in failed.error
+    assert not loop.has_work()
+    monkeypatch.undo()
+    assert len(tokens(run(loop, [request("next", PROMPTS[1])])["next"])) == 8

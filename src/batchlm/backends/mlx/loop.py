@@ -138,22 +138,34 @@ class GenerationLoop:
     # -- stepping ------------------------------------------------------------------------------------
 
     def step(self) -> list[EngineCoreOutput]:
-        """Admit what fits, run one generator step, and report the tokens it produced."""
-        self._admit()
+        """Admit what fits, run one generator step, and report the tokens it produced. Raises what the
+        generator raises (the caller then calls fail_running)."""
+        outputs = self._admit()
         if not self._running:
-            return []
+            return outputs
         _, generated = self._generator.next()
-        return self._to_outputs(generated)
+        return outputs + self._to_outputs(generated)
 
-    def _admit(self) -> None:
+    def _admit(self) -> list[EngineCoreOutput]:
+        """Move waiting requests into the generator; ERROR outputs for any it refused to take."""
         room = self.settings.max_num_seqs - len(self._running)
         admitted = []
         while room > 0 and self._waiting:
             _, request = self._waiting.popitem(last=False)
             admitted.append(request)
             room -= 1
-        if admitted:
+        if not admitted:
+            return []
+        try:
             self._insert(admitted)
+        except Exception as exc:  # e.g. a processor mlx cannot build: fail these requests, not the loop
+            message = f"the mlx backend could not start the request: {type(exc).__name__}: {exc}"
+            return [
+                EngineCoreOutput(r.request_id, (), finish_reason=FinishReason.ERROR, error=message)
+                for r in admitted
+                if r.request_id not in self._uid_of
+            ]
+        return []
 
     def _insert(self, requests: list[EngineCoreRequest]) -> None:
         lookups = [self.prompt_cache.lookup(r.prompt_token_ids) for r in requests]
