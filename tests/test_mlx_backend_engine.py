@@ -251,6 +251,16 @@ def test_a_model_that_cannot_load_fails_start_by_name(tmp_path: Path) -> None:
     assert engine.is_dead and time.monotonic() - started < 60
 
 
+@needs_mlx
+def test_a_hub_id_that_cannot_be_fetched_fails_start_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    from batchlm.backends.mlx.engine import MLXEngine
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never reach the network from tests
+    engine = MLXEngine(EngineConfig(model="mlx-community/SmolLM2-135M-Instruct-4bit"))
+    with pytest.raises(EngineDeadError, match="mlx-community/SmolLM2-135M-Instruct-4bit"):
+        asyncio.run(engine.start())
+
+
 def test_auto_picks_mlx_only_on_apple_silicon(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(backends, "mlx_available", lambda: True)
     monkeypatch.setattr(backends, "is_apple_silicon", lambda: False)
