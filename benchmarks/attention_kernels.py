@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from batchlm.kernels.kv_write import write_kv_cache
-from batchlm.kernels.paged_decode import DecodeConfig, _sm_count, choose_num_splits, paged_decode_attention
+from batchlm.kernels.paged_decode import DecodeConfig, choose_num_splits, paged_decode_attention
 from batchlm.kernels.paged_prefill import PrefillConfig, paged_prefill_attention
+from batchlm.kernels.shapes import sm_count
 
 DTYPE = torch.bfloat16
 ELEM = 2  # bytes per bf16 element
@@ -73,15 +74,12 @@ def graph_ms(fn: Callable[[], object]) -> float:
 
 
 def decode_sweep(batch: int) -> list[DecodeVariant]:
-    """Tile, warp, stage and prefetch variants; split counts where the batch alone cannot fill the GPU."""
+    """Tile, warp and stage variants; split counts where the batch alone cannot fill the GPU."""
     variants: list[DecodeVariant] = []
-    for n, w, st, pre in ((64, 4, 3, False), (32, 4, 2, False), (128, 8, 2, False), (64, 4, 1, True),
-                          (64, 4, 2, True), (32, 4, 1, True), (32, 2, 1, True), (128, 4, 1, True)):  # fmt: skip
-        variants.append((f"n{n}w{w}s{st}{'P' if pre else ''}", DecodeConfig(n, w, st, prefetch=pre), None))
+    for n, w, st in ((64, 4, 3), (32, 4, 2), (128, 8, 2), (128, 4, 3)):
+        variants.append((f"n{n}w{w}s{st}", DecodeConfig(n, w, st), None))
     if batch * 8 < 528:  # fewer programs than 4 per SM: splits matter
-        for splits in (1, 2, 4, 8, 16, 32, 64, 128, 256):
-            variants.append((f"splits={splits}", DecodeConfig(), splits))
-            variants.append((f"splits={splits}P", DecodeConfig(64, 4, 1, prefetch=True), splits))
+        variants += [(f"splits={splits}", DecodeConfig(), splits) for splits in (1, 2, 4, 8, 16, 32, 64, 128)]
     return variants
 
 
@@ -92,7 +90,7 @@ def bench_decode(
     query = torch.randn(batch, heads, head_dim, device="cuda", dtype=DTYPE)
     out = torch.empty_like(query)
     kv_bytes = 2 * batch * context * kv_heads * head_dim * ELEM
-    auto = choose_num_splits(batch, kv_heads, tables.shape[1] * 16, _sm_count(query.device))
+    auto = choose_num_splits(batch, kv_heads, tables.shape[1] * 16, sm_count(query.device))
     variants: list[DecodeVariant] = [(f"default (splits={auto})", DecodeConfig(), None)]
     variants += decode_sweep(batch) if sweep else []
     rows = []
@@ -135,6 +133,7 @@ def bench_kv_write(tokens: int, peak: float, kv_heads: int = 8, head_dim: int = 
 
 
 PREFILL_SWEEP = {
+    0: ((128, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2), (32, 64, 4, 2)),  # long-context extend
     64: ((128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 4), (128, 32, 8, 3), (64, 128, 4, 2)),
     128: ((128, 64, 8, 2), (128, 32, 8, 2), (128, 32, 8, 3), (64, 32, 4, 2), (128, 16, 8, 2), (64, 64, 4, 3)),
 }  # fmt: skip
@@ -186,7 +185,8 @@ def main() -> None:
     rows += bench_kv_write(256, peak) + bench_kv_write(8192, peak)
     rows += bench_prefill(4, 2048, 0, args.sweep, head_dim=64)
     rows += bench_prefill(4, 2048, 0, args.sweep, head_dim=128)
-    rows += bench_prefill(1, 512, 16384, sweep=False, head_dim=128)
+    rows += bench_prefill(1, 512, 16384, args.sweep, head_dim=128)
+    rows += bench_prefill(4, 256, 8192, args.sweep, head_dim=128)
     print(f"{'case':<62} {'ms':>9} {'rate':>10} {'unit':<8} {'of peak':>7}")
     for row in rows:
         share = f"{row.of_peak:7.1%}" if row.of_peak else ""

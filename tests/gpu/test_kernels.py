@@ -151,7 +151,7 @@ def test_decode_split_counts_agree(num_splits: int) -> None:
 @pytest.mark.parametrize("num_splits", [1, 5])
 @pytest.mark.parametrize(
     "config",
-    [DecodeConfig(32, 4, 2, prefetch=True), DecodeConfig(64, 4, 1, prefetch=True), DecodeConfig(128, 8, 3)],
+    [DecodeConfig(32, 4, 2), DecodeConfig(64, 4, 1), DecodeConfig(128, 8, 3)],
 )
 def test_decode_tile_configs(config: DecodeConfig, num_splits: int) -> None:
     torch.manual_seed(8)
@@ -170,12 +170,11 @@ def test_decode_float32() -> None:
 
 
 @pytest.mark.skipif(INTERPRET, reason="long contexts are too slow in the interpreter")
-@pytest.mark.parametrize(("num_splits", "prefetch"), [(None, False), (1, False), (None, True)])
-def test_decode_long_contexts(num_splits: int | None, prefetch: bool) -> None:
+@pytest.mark.parametrize("num_splits", [None, 1])
+def test_decode_long_contexts(num_splits: int | None) -> None:
     torch.manual_seed(5)
-    config = DecodeConfig(prefetch=prefetch)
-    run_decode_case([32768, 17001, 5], 16, 128, 4, torch.bfloat16, num_splits, config)
-    run_decode_case([32000], 32, 64, 8, torch.bfloat16, num_splits, config)
+    run_decode_case([32768, 17001, 5], 16, 128, 4, torch.bfloat16, num_splits)
+    run_decode_case([32000], 32, 64, 8, torch.bfloat16, num_splits)
 
 
 @pytest.mark.parametrize("num_splits", [1, 4])
@@ -263,6 +262,7 @@ def test_prefill_matches_reference(dtype: torch.dtype, group: int, head_dim: int
         PrefillConfig(32, 32, 4, 2),
         PrefillConfig(64, 128, 4, 2),
         PrefillConfig(64, 64, 4, 3),
+        PrefillConfig(128, 32, 8, 2),
     ],
 )
 @pytest.mark.parametrize("group", [1, 3, 8])

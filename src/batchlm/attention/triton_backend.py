@@ -53,6 +53,7 @@ class TritonAttentionBackend(AttentionBackend):
                 scale,
                 max_query_len=meta.max_query_len,
                 out=out,
+                num_query_tokens=meta.num_tokens - meta.query_start_loc_cpu[num_decodes],
             )
         if query.shape[0] > meta.num_tokens:
             out[meta.num_tokens :].zero_()  # padding rows past the batch: defined, never garbage

@@ -9,17 +9,15 @@ captured in a CUDA graph and replayed with new lengths and block tables.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from batchlm.kernels.paged_tile import MASK_RANGE, attend_range, attend_range_prefetched
-from batchlm.kernels.shapes import check_paged_inputs, dot_precision, next_power_of_2
+from batchlm.kernels.paged_tile import MASK_RANGE, attend_range
+from batchlm.kernels.shapes import LOG2_E, check_paged_inputs, dot_precision, next_power_of_2, sm_count
 
-LOG2_E = 1.4426950408889634
 # Upper bound on splits per request (bounds the workspace and the reduce's work).
 MAX_SPLITS = 256
 # A split shorter than this spends more on its own overhead than it saves in parallelism.
@@ -35,15 +33,6 @@ class DecodeConfig:
     num_stages: int = 2
     # Aim for this many programs per SM when choosing the number of splits.
     programs_per_sm: int = 4
-    # Software prefetch (ids two tiles ahead, K/V one): for few, long requests (latency-bound).
-    prefetch: bool = False
-
-
-@functools.lru_cache(maxsize=8)
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8  # Triton's CPU interpreter (tests without a GPU): any small number will do
-    return int(torch.cuda.get_device_properties(device).multi_processor_count)
 
 
 def choose_num_splits(
@@ -54,27 +43,6 @@ def choose_num_splits(
     wanted = triton.cdiv(sm_count * programs_per_sm, max(programs, 1))
     useful = triton.cdiv(max_context, MIN_TOKENS_PER_SPLIT)
     return max(1, min(wanted, useful, MAX_SPLITS))
-
-
-@triton.jit
-def _attend_slice(
-    q, acc, row_max, row_sum, kv_base, block_row, start, end, qk_scale,
-    stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, PREFETCH: tl.constexpr,
-):  # fmt: skip
-    """Online softmax over context tokens [start, end); the decode token sees all of them."""
-    if PREFETCH:
-        acc, row_max, row_sum = attend_range_prefetched(
-            q, acc, row_max, row_sum, kv_base, block_row, start, end, qk_scale,
-            stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE, HEAD_DIM, BLOCK_N, DOT_PRECISION,
-        )  # fmt: skip
-    else:
-        acc, row_max, row_sum = attend_range(
-            q, acc, row_max, row_sum, end, kv_base, block_row, start, end, end, qk_scale,
-            stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
-            HEAD_DIM, BLOCK_N, MASK_RANGE, DOT_PRECISION,
-        )  # fmt: skip
-    return acc, row_max, row_sum
 
 
 @triton.jit
@@ -92,7 +60,7 @@ def _decode_kernel(
     stride_bt,
     BLOCK_SIZE: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, PREFETCH: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -119,9 +87,10 @@ def _decode_kernel(
     kv_base = cache_ptr + kv_head * stride_c_head
     block_row = block_table_ptr + seq.to(tl.int64) * stride_bt
     if NUM_SPLITS == 1:
-        acc, row_max, row_sum = _attend_slice(
-            q, acc, row_max, row_sum, kv_base, block_row, start, end, qk_scale,
-            stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE, HEAD_DIM, BLOCK_N, DOT_PRECISION, PREFETCH,
+        acc, row_max, row_sum = attend_range(
+            q, acc, row_max, row_sum, seq_len, kv_base, block_row, start, end, end, qk_scale,
+            stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
+            HEAD_DIM, BLOCK_N, MASK_RANGE, DOT_PRECISION,
         )  # fmt: skip
         # Padding rows (seq_len 0) saw nothing: row_sum 0, output zeros.
         result = acc / tl.where(row_sum > 0.0, row_sum, 1.0)[:, None]
@@ -129,9 +98,10 @@ def _decode_kernel(
         tl.store(out, result.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
     else:
         if start < end:
-            acc, row_max, row_sum = _attend_slice(
-                q, acc, row_max, row_sum, kv_base, block_row, start, end, qk_scale,
-                stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE, HEAD_DIM, BLOCK_N, DOT_PRECISION, PREFETCH,
+            acc, row_max, row_sum = attend_range(
+                q, acc, row_max, row_sum, seq_len, kv_base, block_row, start, end, end, qk_scale,
+                stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
+                HEAD_DIM, BLOCK_N, MASK_RANGE, DOT_PRECISION,
             )  # fmt: skip
             # Each slice stores its normalised result and its log2-sum-exp weight.
             row = (seq.to(tl.int64) * num_heads + heads) * NUM_SPLITS + split  # [BLOCK_G]
@@ -207,7 +177,7 @@ def paged_decode_attention(
     if num_splits is None:
         max_context = block_tables.shape[1] * shape.block_size
         num_splits = choose_num_splits(
-            batch, shape.num_kv_heads, max_context, _sm_count(query.device), cfg.programs_per_sm
+            batch, shape.num_kv_heads, max_context, sm_count(query.device), cfg.programs_per_sm
         )
     num_splits = max(1, min(num_splits, MAX_SPLITS))
     part_out = part_lse = out  # placeholders: the single-split kernel never touches them
@@ -221,7 +191,7 @@ def paged_decode_attention(
         block_tables.stride(0), BLOCK_SIZE=shape.block_size,
         GROUP=shape.group_size, BLOCK_G=max(16, next_power_of_2(shape.group_size)),
         HEAD_DIM=shape.head_dim, BLOCK_N=cfg.block_n, NUM_SPLITS=num_splits,
-        DOT_PRECISION=dot_precision(query.dtype), PREFETCH=cfg.prefetch,
+        DOT_PRECISION=dot_precision(query.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if num_splits > 1:

@@ -9,16 +9,21 @@ below the tile's first query position need no mask; only the diagonal stretch is
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
 from batchlm.kernels.paged_tile import MASK_CAUSAL, MASK_NONE, attend_range
-from batchlm.kernels.shapes import PagedShape, check_paged_inputs, dot_precision, next_power_of_2
-
-LOG2_E = 1.4426950408889634
+from batchlm.kernels.shapes import (
+    LOG2_E,
+    PagedShape,
+    check_paged_inputs,
+    dot_precision,
+    next_power_of_2,
+    sm_count,
+)
 
 
 @dataclass(frozen=True)
@@ -31,17 +36,27 @@ class PrefillConfig:
     num_stages: int
 
 
-def default_prefill_config(shape: PagedShape, dtype: torch.dtype) -> PrefillConfig:
-    """Tiles that fit Hopper's shared memory; picked from benchmarks/attention_kernels.py on an H100."""
+def default_prefill_config(
+    shape: PagedShape, dtype: torch.dtype, num_query_tokens: int, num_sms: int
+) -> PrefillConfig:
+    """Tiles that fit Hopper's shared memory, picked with benchmarks/attention_kernels.py on an H100;
+    query tiles shrink while the grid (num_query_tokens summed over requests) would not fill the GPU."""
     if dtype == torch.float32 or shape.head_dim > 128:
-        block_m, block_n, warps = 64, 32, 4
+        cfg = PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
     elif shape.head_dim > 64:
-        block_m, block_n, warps = 128, 32, 8
+        cfg = PrefillConfig(block_m=128, block_n=32, num_warps=8, num_stages=2)
     else:
-        block_m, block_n, warps = 64, 64, 4
+        cfg = PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
+    smallest = max(32, next_power_of_2(shape.group_size))
+    while cfg.block_m > smallest and _num_programs(shape, cfg, num_query_tokens) < num_sms:
+        cfg = replace(cfg, block_m=cfg.block_m // 2, num_warps=4)
     # A tile must hold at least one token's whole head group.
-    block_m = max(block_m, next_power_of_2(shape.group_size))
-    return PrefillConfig(block_m=block_m, block_n=block_n, num_warps=warps, num_stages=2)
+    return replace(cfg, block_m=max(cfg.block_m, next_power_of_2(shape.group_size)))
+
+
+def _num_programs(shape: PagedShape, cfg: PrefillConfig, num_query_tokens: int) -> int:
+    tokens_per_tile = max(1, cfg.block_m // shape.group_size)
+    return triton.cdiv(num_query_tokens, tokens_per_tile) * shape.num_kv_heads
 
 
 @triton.jit
@@ -112,7 +127,8 @@ def paged_prefill_attention(
     scale: float,
     max_query_len: int,  # upper bound on any request's new tokens (sizes the grid)
     out: torch.Tensor | None = None,  # [T, num_heads, head_dim]; only the requests' rows are written
-    config: PrefillConfig | None = None,
+    config: PrefillConfig | None = None,  # None = default_prefill_config
+    num_query_tokens: int | None = None,  # new tokens of all R requests (tile heuristic); None = R * max
 ) -> torch.Tensor:
     """Causal attention of each request's new tokens over its cached context plus themselves."""
     shape = check_paged_inputs(query, kv_cache)
@@ -128,7 +144,10 @@ def paged_prefill_attention(
         out = torch.empty_like(query)
     if num_requests == 0 or max_query_len <= 0:
         return out
-    cfg = config or default_prefill_config(shape, query.dtype)
+    if config is None:
+        total = num_query_tokens if num_query_tokens is not None else num_requests * max_query_len
+        config = default_prefill_config(shape, query.dtype, total, sm_count(query.device))
+    cfg = config
     tokens_per_tile = cfg.block_m // shape.group_size
     if tokens_per_tile < 1:
         raise ValueError(f"block_m {cfg.block_m} is smaller than the head group {shape.group_size}")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
+LOG2_E = 1.4426950408889634  # kernels score in the log2 domain: exp(x) = exp2(x * LOG2_E)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_HEAD_DIM = 256
 
@@ -66,3 +68,11 @@ def check_paged_inputs(query: torch.Tensor, kv_cache: torch.Tensor) -> PagedShap
 def dot_precision(dtype: torch.dtype) -> str:
     """Triton dot precision: exact fp32 products for fp32 inputs (tf32 would cost ~3 digits)."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.lru_cache(maxsize=8)
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (grid-size heuristics)."""
+    if device.type != "cuda":
+        return 8  # Triton's CPU interpreter (tests without a GPU): any small number will do
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
