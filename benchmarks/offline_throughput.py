@@ -22,7 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from model_shapes import SHAPES, write_config_only, write_random_weights  # noqa: E402
+from model_shapes import SHAPES, write_config_only, write_random_weights
 
 
 def make_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:

@@ -59,7 +59,7 @@ def test_preemption_equals_alone(llama_dir: Path, reference: list[list[int]]) ->
 
 def test_prefix_cache_hits_give_same_tokens(llama_dir: Path) -> None:
     base = _prompts()[4]
-    prompts = [base + [11, 12], base + [13]]
+    prompts = [[*base, 11, 12], [*base, 13]]
     cold = _tokens(_llm(llama_dir, enable_prefix_caching=False), prompts)
     llm = _llm(llama_dir, block_size=4)
     first = llm.generate(prompts[:1], GREEDY)[0]

@@ -12,8 +12,8 @@ import pytest
 
 from batchlm.cli import main
 from batchlm.config import EngineConfig
-from batchlm.server import cli as serve_cli
 from batchlm.flags import field_comments
+from batchlm.server import cli as serve_cli
 from batchlm.server.state import ServerSettings
 from fake_engine import FakeEngine
 

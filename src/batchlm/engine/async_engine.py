@@ -4,6 +4,7 @@ over a pipe, are detokenized here, and are routed to each request's async iterat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import threading
@@ -113,10 +114,8 @@ class AsyncLLMEngine(EngineClient):
         self._ready = False
         self._shutting_down = True
         if self._conn is not None:
-            try:
+            with contextlib.suppress(OSError, BrokenPipeError):
                 self._conn.send(("shutdown", None))
-            except (OSError, BrokenPipeError):
-                pass
         worker = self._worker
         if isinstance(worker, multiprocessing.process.BaseProcess):
             await asyncio.get_running_loop().run_in_executor(None, worker.join, 10.0)
@@ -212,10 +211,8 @@ class AsyncLLMEngine(EngineClient):
         core_ids = self._processor.core_ids_of(request_id)
         self._processor.abort_request(request_id)
         if core_ids and self._conn is not None and self._dead_reason is None:
-            try:
+            with contextlib.suppress(OSError, BrokenPipeError):
                 self._conn.send(("abort", core_ids))
-            except (OSError, BrokenPipeError):
-                pass
 
     def _read_loop(self) -> None:
         """Reader thread: forward every message to the event loop until the pipe closes."""

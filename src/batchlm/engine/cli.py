@@ -35,9 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompts)
-    if args.prompts_file:
-        handle = sys.stdin if args.prompts_file == "-" else open(args.prompts_file, encoding="utf-8")
-        with handle:
+    if args.prompts_file == "-":
+        prompts += [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    elif args.prompts_file:
+        with open(args.prompts_file, encoding="utf-8") as handle:
             prompts += [line.rstrip("\n") for line in handle if line.strip()]
     return prompts
 
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         outputs = llm.generate(prompts, params)
     elapsed = time.perf_counter() - started
-    for prompt, output in zip(prompts, outputs):
+    for prompt, output in zip(prompts, outputs, strict=True):
         _print_output(prompt, output, as_json=args.json)
     generated = sum(len(c.token_ids) for o in outputs for c in o.outputs)
     print(f"# {len(outputs)} requests, {generated} tokens in {elapsed:.2f} s", file=sys.stderr)

@@ -7,6 +7,7 @@ SchedulerStats)), ("rejected", (request id, message)).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -56,10 +57,8 @@ def engine_core_main(config: EngineConfig, model_dir: Path, conn: Connection, lo
 
 
 def _send(conn: Connection, message: tuple[str, Any]) -> None:
-    try:
+    with contextlib.suppress(BrokenPipeError, EOFError, OSError):
         conn.send(message)
-    except (BrokenPipeError, EOFError, OSError):
-        pass
 
 
 class CoreLoop:

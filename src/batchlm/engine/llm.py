@@ -47,7 +47,7 @@ class LLM:
         params_list = _as_params_list(sampling_params, len(prompt_list))
         processor = OutputProcessor(self.tokenizer)
         order: list[str] = []
-        for prompt, params in zip(prompt_list, params_list):
+        for prompt, params in zip(prompt_list, params_list, strict=True):
             order.append(self._submit(processor, prompt, params))
         results = self._run(processor)
         return [results[request_id] for request_id in order]

@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from batchlm.attention.backend import AttentionBackend, AttentionMetadata
+from batchlm.models.base import CausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ class DecodeGraphs:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: CausalLM,
         kv_caches: list[torch.Tensor],
         attn: AttentionBackend,
         max_batch: int,
@@ -67,7 +69,7 @@ class DecodeGraphs:
         )
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
-        self.pool: object | None = None
+        self.pool: Any = None
 
     def _meta(self, size: int) -> AttentionMetadata:
         buf = self.buffers

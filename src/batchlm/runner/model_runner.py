@@ -163,7 +163,7 @@ class ModelRunner:
             return ModelRunnerOutput((), (), ())
         states = [self.states[rid] for rid in inputs.sample_request_ids]
         sampled = self.sampler(logits, states)
-        for state, token in zip(states, sampled.token_ids_cpu):
+        for state, token in zip(states, sampled.token_ids_cpu, strict=True):
             state.output_token_ids.append(token)
         return ModelRunnerOutput(
             request_ids=tuple(inputs.sample_request_ids),
