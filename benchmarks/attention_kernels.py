@@ -133,7 +133,7 @@ def bench_kv_write(tokens: int, peak: float, kv_heads: int = 8, head_dim: int = 
 
 
 PREFILL_SWEEP = {
-    0: ((128, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2), (32, 64, 4, 2)),  # long-context extend
+    0: ((128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2), (32, 64, 4, 3)),  # long-context extend, D=128
     64: ((128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 4), (128, 32, 8, 3), (64, 128, 4, 2)),
     128: ((128, 64, 8, 2), (128, 32, 8, 2), (128, 32, 8, 3), (64, 32, 4, 2), (128, 16, 8, 2), (64, 64, 4, 3)),
 }  # fmt: skip
@@ -150,9 +150,8 @@ def bench_prefill(
     flops = batch * 4 * heads * head_dim * length * (context + length / 2)
     configs: list[tuple[str, PrefillConfig | None]] = [("default", None)]
     if sweep:
-        configs += [
-            (f"m{m}n{n}w{w}s{st}", PrefillConfig(m, n, w, st)) for m, n, w, st in PREFILL_SWEEP[head_dim]
-        ]
+        variants = PREFILL_SWEEP[head_dim if context == 0 else 0]
+        configs += [(f"m{m}n{n}w{w}s{st}", PrefillConfig(m, n, w, st)) for m, n, w, st in variants]
     name = f"prefill {batch}x{length} ctx={context} D={head_dim}"
     rows = []
     for label, cfg in configs:
