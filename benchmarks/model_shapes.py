@@ -15,7 +15,7 @@ SHAPES: dict[str, dict[str, Any]] = {
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "head_dim": 16,
-        "vocab_size": 1024,
+        "vocab_size": 2048,
         "max_position_embeddings": 2048,
         "tie_word_embeddings": True,
     },

@@ -62,6 +62,11 @@ def run_batchlm(args: argparse.Namespace, model_dir: Path, prompts: list[list[in
         _sync()
         elapsed = time.perf_counter() - started
         generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+        itls = [
+            (o.metrics.last_token_time - o.metrics.first_token_time) / (len(o.outputs[0].token_ids) - 1)
+            for o in outputs
+            if o.metrics and o.metrics.first_token_time and o.metrics.last_token_time
+        ]
         assert generated == args.output_len * len(prompts), "every request must produce exactly output_len tokens"
         results.append(
             {
@@ -72,6 +77,8 @@ def run_batchlm(args: argparse.Namespace, model_dir: Path, prompts: list[list[in
                 "output_tokens": generated,
                 "output_tok_s": round(generated / elapsed, 1),
                 "total_tok_s": round((generated + sum(map(len, prompts))) / elapsed, 1),
+                # Mean gap between a request's tokens after its first (its inter-token latency), median over requests.
+                "itl_ms_median": round(1000 * statistics.median(itls), 3) if itls else None,
             }
         )
         print(json.dumps(results[-1]), flush=True)

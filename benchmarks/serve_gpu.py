@@ -1,0 +1,92 @@
+"""Online serving on the GPU: start `batchlm serve` on a random-weight model of a real shape, time the
+command until /health is 200, then run `batchlm bench` in fixed-length mode (all requests at once).
+
+    python benchmarks/serve_gpu.py --shape llama-3.2-1b --requests 256 --input-len 512 --output-len 256
+Prints the startup time and the bench JSON summary (vLLM keys); --out-dir keeps the JSON files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from model_shapes import write_config_only
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_healthy(port: int, process: subprocess.Popen[bytes], timeout_s: float) -> float:
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout_s:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with code {process.returncode} before becoming healthy")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
+                if response.status == 200:
+                    return time.perf_counter() - started
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"the server was not healthy within {timeout_s} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="llama-3.2-1b")
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--input-len", type=int, default=512)
+    parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--out-dir", type=Path, default=Path(tempfile.gettempdir()))
+    parser.add_argument("--serve-arg", action="append", default=[], help="extra `batchlm serve` argument")
+    args = parser.parse_args()
+
+    model_dir = write_config_only(args.shape, Path(tempfile.gettempdir()) / f"batchlm-bench-{args.shape}")
+    port = free_port()
+    command = [
+        sys.executable, "-m", "batchlm.cli", "serve", "--model", str(model_dir), "--load-format", "dummy",
+        "--port", str(port), "--batch-size", str(args.requests), "--max-model-len",
+        str(args.input_len + args.output_len + 64), "--no-prefix-caching", "--served-model-name", "bench",
+        "--max-queue", str(4 * args.requests), "--log-level", "WARNING", *args.serve_arg,
+    ]
+    server = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        ready_s = wait_healthy(port, server, 600)
+        print(json.dumps({"command_to_ready_s": round(ready_s, 2), "shape": args.shape}), flush=True)
+        for run in range(args.runs):
+            result_path = args.out_dir / f"serve_{args.shape}_run{run}.json"
+            subprocess.run(
+                [
+                    sys.executable, "-m", "batchlm.cli", "bench", "--base-url", f"http://127.0.0.1:{port}/v1",
+                    "--model", "bench", "--backend", "openai", "--stream", "--requests", str(args.requests),
+                    "--max-concurrency", str(args.requests), "--input-len", str(args.input_len),
+                    "--output-len", str(args.output_len), "--temperature", "1.0", "--num-warmups", "4",
+                    "--save-result", str(result_path), "--disable-tqdm",
+                ],
+                check=True,
+            )
+            result = json.loads(result_path.read_text())
+            keys = ("completed", "failed", "duration", "output_throughput", "median_ttft_ms", "median_itl_ms",
+                    "median_tpot_ms")
+            print(json.dumps({"run": run, **{k: result.get(k) for k in keys}}), flush=True)
+    finally:
+        server.terminate()
+        server.wait(60)
+
+
+if __name__ == "__main__":
+    main()
