@@ -13,18 +13,18 @@ for step in $steps; do
   echo "=== $step $(date -u +%H:%M:%S)"
   case "$step" in
     tests)
-      timeout 300 python3 -m pytest -m gpu tests/gpu tests/test_sampler.py -q -p no:cacheprovider -o addopts="" 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt" ;;
+      timeout 150 python3 -m pytest -m gpu tests/gpu tests/test_sampler.py -q -p no:cacheprovider -o addopts="" 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt" ;;
     w1)
-      timeout 400 python3 benchmarks/offline_throughput.py --shape llama-3.2-1b --dummy --num-requests 256 \
+      timeout 240 python3 benchmarks/offline_throughput.py --shape llama-3.2-1b --dummy --num-requests 256 \
         --input-len 512 --output-len 256 --runs 3 --json-out "$OUT/w1.json" 2>&1 | grep -v Loading | tail -8 ;;
     single)
-      timeout 200 python3 benchmarks/offline_throughput.py --shape llama-3.2-1b --dummy --num-requests 1 \
+      timeout 100 python3 benchmarks/offline_throughput.py --shape llama-3.2-1b --dummy --num-requests 1 \
         --input-len 512 --output-len 256 --runs 3 --json-out "$OUT/single.json" 2>&1 | grep -v Loading | tail -5 ;;
     w2)
-      timeout 500 python3 benchmarks/offline_throughput.py --shape llama-3.1-8b --dummy --num-requests 512 \
+      timeout 400 python3 benchmarks/offline_throughput.py --shape llama-3.1-8b --dummy --num-requests 512 \
         --input-len 1000 --output-len 1000 --runs 1 --json-out "$OUT/w2.json" 2>&1 | grep -v Loading | tail -5 ;;
     online)
-      timeout 400 python3 benchmarks/serve_gpu.py --shape llama-3.2-1b --requests 256 --input-len 512 \
+      timeout 300 python3 benchmarks/serve_gpu.py --shape llama-3.2-1b --requests 256 --input-len 512 \
         --output-len 256 --runs 3 --out-dir "$OUT" 2>&1 | grep -v Loading | tail -12 ;;
   esac
 done
