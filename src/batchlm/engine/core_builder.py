@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from batchlm.config import DEMO_MODEL, EngineConfig
-from batchlm.core.engine_core import EngineCore
+from batchlm.core.engine_core import EngineCore, Executor
 from batchlm.core.scheduler import Scheduler, SchedulerConfig
 from batchlm.tokenizer.tokenizer import Tokenizer
 
@@ -62,6 +62,7 @@ def served_model_name(config: EngineConfig) -> str:
 
 def build_engine_core(config: EngineConfig, model_dir: Path) -> tuple[EngineCore, CoreInfo]:
     """Load the model, size the KV cache, and wire the scheduler to the runner (or TP workers)."""
+    executor: Executor
     if config.tensor_parallel_size > 1:
         from batchlm.parallel.executor import build_tensor_parallel_executor
 

@@ -87,8 +87,15 @@ class CoreLoop:
             if not self.running:
                 return
         if wait and not self.core.has_work():
+            self._check_executor()
             # Keep the stats fresh for /metrics while idle.
             self.conn.send(("outputs", ([], self.core.stats())))
+
+    def _check_executor(self) -> None:
+        # Executors with worker processes (tensor parallel) raise on a dead worker even while idle.
+        check_health = getattr(self.core.executor, "check_health", None)
+        if check_health is not None:
+            check_health()
 
     def _handle(self, kind: str, payload: Any) -> None:
         if kind == "add":

@@ -13,6 +13,7 @@ from batchlm.attention.backend import AttentionBackend
 from batchlm.config import EngineConfig
 from batchlm.core.step_io import ModelRunnerOutput, SchedulerOutput
 from batchlm.models.loader import LoadedModel, ModelShape, load_model
+from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
 from batchlm.runner.cuda_graph import DecodeGraphs
 from batchlm.runner.device import dtype_name, resolve_device, resolve_dtype
 from batchlm.runner.inputs import StepInputs, build_step_inputs
@@ -56,11 +57,22 @@ def choose_attention_backend(device: torch.device) -> AttentionBackend:
 
 
 class ModelRunner:
-    """Loads the model and runs SchedulerOutputs. The only engine piece that touches device tensors."""
+    """Loads the model and runs SchedulerOutputs. The only engine piece that touches device tensors.
 
-    def __init__(self, config: EngineConfig, model_dir: Path) -> None:
+    Under tensor parallelism each rank builds one with its `tp` group and its own `device` (which
+    overrides config.device, e.g. cuda:r for rank r); every rank then runs the same steps in lockstep.
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_dir: Path,
+        tp: TensorParallelGroup | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
         self.config = config
-        self.device = resolve_device(config.device)
+        self.tp = tp or SINGLE_RANK
+        self.device = resolve_device(str(device) if device is not None else config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -71,8 +83,10 @@ class ModelRunner:
             device=self.device,
             adapter_path=config.adapter_path,
             hf_overrides=config.hf_overrides or None,
+            tp=self.tp,
             random_weights=config.load_format == "dummy",
             seed=config.seed,
+            progress=self.tp.rank == 0,  # one progress bar, not one per rank
         )
         logger.info(
             "Loaded %s (%s, %s) in %.1f s",
@@ -105,9 +119,18 @@ class ModelRunner:
 
     def initialize_kv_cache(self) -> RunnerInfo:
         """Profile peak activation memory (GPU), then size and allocate the KV cache from what is left."""
+        return self.allocate_kv_cache(self.determine_num_blocks())
+
+    def determine_num_blocks(self) -> int:
+        """How many KV blocks fit on this device (profiles a full-budget forward on GPU first).
+        Tensor-parallel ranks all call this together: the profile forward runs collectives."""
         if self.device.type == "cuda":
             self._profile_run()
-        self.num_blocks = num_blocks_for(self.config, self.shape, self.dtype, self.device)
+        return num_blocks_for(self.config, self.shape, self.dtype, self.device)
+
+    def allocate_kv_cache(self, num_blocks: int) -> RunnerInfo:
+        """Allocate `num_blocks` KV blocks (tensor parallel: the minimum over ranks) and capture graphs."""
+        self.num_blocks = num_blocks
         self.kv_caches = allocate_kv_caches(
             self.shape, self.num_blocks, self.config.block_size, self.dtype, self.device
         )
@@ -117,7 +140,7 @@ class ModelRunner:
             self.config.block_size,
             self.num_blocks * self.config.block_size,
         )
-        if self.device.type == "cuda" and not self.config.enforce_eager:
+        if self._use_cuda_graphs():
             self.decode_graphs = DecodeGraphs(
                 self.model,
                 self.kv_caches,
@@ -136,6 +159,16 @@ class ModelRunner:
             device=str(self.device),
             dtype=dtype_name(self.dtype),
         )
+
+    def _use_cuda_graphs(self) -> bool:
+        if self.device.type != "cuda" or self.config.enforce_eager:
+            return False
+        if not self.tp.is_single:
+            # Capturing NCCL all-reduces inside our decode graphs has not been run on a multi-GPU
+            # machine yet; tensor-parallel decode stays eager until it has.
+            logger.info("tensor parallel: CUDA graphs are off (decode runs eagerly)")
+            return False
+        return True
 
     @torch.inference_mode()
     def _profile_run(self) -> None:

@@ -1,0 +1,248 @@
+"""The tensor-parallel executor: one spawned worker per rank, each step broadcast to all of them.
+
+The scheduler runs once, in the engine core; every step's SchedulerOutput is pickled once and written
+to each worker's pipe. All ranks run the same step in lockstep (their collectives pair up) and sample
+the same tokens; rank 0's ModelRunnerOutput is returned. A worker that fails or exits stops them all
+and raises TensorParallelError, which ends the engine core with that message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import pickle
+import weakref
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+
+from batchlm.config import EngineConfig
+from batchlm.core.step_io import ModelRunnerOutput, SchedulerOutput
+from batchlm.parallel.worker import WorkerSpec, worker_main
+from batchlm.runner.model_runner import RunnerInfo
+
+logger = logging.getLogger(__name__)
+
+# Seconds a worker gets to exit after "shutdown" (then SIGTERM, then SIGKILL).
+SHUTDOWN_GRACE_S = 5.0
+
+
+class TensorParallelError(RuntimeError):
+    """A tensor-parallel worker failed or exited; the engine cannot go on."""
+
+
+def worker_devices(device: str, size: int) -> list[str]:
+    """The device of each rank: the CPU for every rank, or `size` consecutive GPUs from cuda:N."""
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return ["cpu"] * size
+    if device == "auto":
+        device = "cuda"
+    parsed = torch.device(device) if device.startswith("cuda") else None
+    if parsed is None:
+        raise ValueError(
+            f"device {device!r} is not supported with tensor parallelism; use auto, cpu or cuda[:N]"
+        )
+    first = parsed.index or 0
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if first + size > available:
+        raise ValueError(
+            f"--tensor-parallel-size {size} from {device} needs GPUs cuda:{first}..cuda:{first + size - 1}, "
+            f"but this machine has {available} GPU(s)"
+        )
+    return [f"cuda:{first + rank}" for rank in range(size)]
+
+
+def build_tensor_parallel_executor(
+    config: EngineConfig, model_dir: Path
+) -> tuple[TensorParallelExecutor, RunnerInfo]:
+    """Start config.tensor_parallel_size workers and size the KV cache to the smallest rank's room."""
+    executor = TensorParallelExecutor(config, Path(model_dir))
+    try:
+        info = executor.initialize_kv_cache()
+    except BaseException:
+        executor.shutdown()
+        raise
+    return executor, info
+
+
+class TensorParallelExecutor:
+    """Drives the worker processes. Implements the engine core's Executor protocol."""
+
+    def __init__(self, config: EngineConfig, model_dir: Path) -> None:
+        size = config.tensor_parallel_size
+        if size < 2:
+            raise ValueError(f"TensorParallelExecutor needs tensor_parallel_size >= 2, got {size}")
+        self.size = size
+        self.devices = worker_devices(config.device, size)
+        self._failure: str | None = None
+        self._store = _start_store(size)
+        self.processes, self.conns = _spawn_workers(config, model_dir, self.devices, self._store.port)
+        # Stop the workers however this object goes: explicit shutdown, garbage collection, exit.
+        self._finalizer = weakref.finalize(self, _stop_workers, list(self.processes), list(self.conns))
+        self._collect()  # every rank has loaded its shard
+
+    @property
+    def worker_pids(self) -> list[int | None]:
+        return [process.pid for process in self.processes]
+
+    def initialize_kv_cache(self) -> RunnerInfo:
+        """Each rank measures its room; all allocate the minimum so block ids mean the same everywhere."""
+        per_rank = self._call_all("determine_num_blocks")
+        num_blocks = min(per_rank)
+        logger.info("tensor parallel: KV blocks per rank %s -> %d", per_rank, num_blocks)
+        infos = self._call_all("allocate_kv_cache", num_blocks)
+        info: RunnerInfo = infos[0]
+        return info
+
+    def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
+        output: ModelRunnerOutput = self._call_all("execute", scheduled)[0]
+        return output
+
+    def check_health(self) -> None:
+        """Raise TensorParallelError if a worker has exited (the engine core calls this while idle)."""
+        self._raise_if_failed()
+        for rank, process in enumerate(self.processes):
+            if not process.is_alive():
+                self._fail(_exit_message(rank, process))
+
+    def shutdown(self) -> None:
+        """Stop every worker (gracefully, then by force). Safe to call more than once."""
+        self._finalizer()
+
+    def _call_all(self, method: str, argument: Any = None) -> list[Any]:
+        self._raise_if_failed()
+        message = pickle.dumps((method, argument), protocol=pickle.HIGHEST_PROTOCOL)
+        for rank, conn in enumerate(self.conns):
+            try:
+                conn.send_bytes(message)
+            except (BrokenPipeError, OSError):
+                self._fail(_exit_message(rank, self.processes[rank]))
+        return self._collect()
+
+    def _collect(self) -> list[Any]:
+        """One reply per rank, in rank order; a worker error or exit fails the whole executor."""
+        replies: dict[int, Any] = {}
+        sentinels = {process.sentinel: rank for rank, process in enumerate(self.processes)}
+        while len(replies) < self.size:
+            pending = [conn for rank, conn in enumerate(self.conns) if rank not in replies]
+            for ready in wait([*pending, *sentinels]):
+                if isinstance(ready, int):
+                    self._on_worker_exit(sentinels[ready])
+                else:
+                    rank = self.conns.index(ready)  # type: ignore[arg-type]
+                    replies[rank] = self._receive(rank)
+        return [replies[rank] for rank in range(self.size)]
+
+    def _receive(self, rank: int) -> Any:
+        try:
+            status, payload = self.conns[rank].recv()
+        except (EOFError, OSError):
+            self._fail(_exit_message(rank, self.processes[rank]))
+        if status != "ok":
+            self._fail(f"tensor-parallel worker {payload}")
+        return payload
+
+    def _on_worker_exit(self, rank: int) -> None:
+        # A worker that failed sends its error before exiting: prefer that message to the exit code.
+        conn = self.conns[rank]
+        with contextlib.suppress(EOFError, OSError):
+            if conn.poll():
+                self._receive(rank)
+        self.processes[rank].join(timeout=1.0)
+        self._fail(_exit_message(rank, self.processes[rank]))
+
+    def _fail(self, reason: str) -> NoReturn:
+        if self._failure is None:
+            self._failure = reason
+            logger.error("tensor parallel: %s; stopping all workers", reason)
+            # The survivors are blocked in collectives and would never read a polite "shutdown".
+            for process in self.processes:
+                if process.is_alive():
+                    process.terminate()
+            self.shutdown()
+        raise TensorParallelError(self._failure)
+
+    def _raise_if_failed(self) -> None:
+        if self._failure is not None:
+            raise TensorParallelError(self._failure)
+        if not self._finalizer.alive:
+            raise TensorParallelError("the tensor-parallel workers were shut down")
+
+
+def _exit_message(rank: int, process: BaseProcess) -> str:
+    code = process.exitcode
+    how = "is still running but its pipe closed" if code is None else f"exited with code {code}"
+    return f"tensor-parallel worker rank {rank} (pid {process.pid}) {how}"
+
+
+def _start_store(world_size: int) -> Any:
+    """A TCP store served here on a free localhost port; the workers rendezvous through it."""
+    import torch.distributed as dist
+
+    return dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
+
+
+def _spawn_workers(
+    config: EngineConfig, model_dir: Path, devices: list[str], store_port: int
+) -> tuple[list[BaseProcess], list[Connection]]:
+    context = multiprocessing.get_context("spawn")
+    threads = max(1, torch.get_num_threads() // len(devices)) if devices[0] == "cpu" else 1
+    log_level = logging.getLogger("batchlm").getEffectiveLevel()
+    processes: list[BaseProcess] = []
+    conns: list[Connection] = []
+    with _may_have_children():
+        for rank, device in enumerate(devices):
+            spec = WorkerSpec(
+                config, model_dir, rank, len(devices), device, store_port, os.getpid(), threads, log_level
+            )
+            parent_end, child_end = context.Pipe()
+            process = context.Process(
+                target=worker_main, args=(spec, child_end), name=f"batchlm-tp-rank{rank}", daemon=True
+            )
+            process.start()
+            child_end.close()
+            processes.append(process)
+            conns.append(parent_end)
+    return processes, conns
+
+
+@contextlib.contextmanager
+def _may_have_children() -> Any:
+    """Let a daemonic process (the engine core runs as one) start the workers.
+
+    multiprocessing refuses children to daemons so that none is orphaned when the daemon is killed;
+    our workers cannot be: each watches its parent and exits when it is gone, and the daemonic
+    workers are terminated when this process exits.
+    """
+    current = multiprocessing.current_process()
+    was_daemon = current.daemon
+    if was_daemon:
+        current.daemon = False
+    try:
+        yield
+    finally:
+        if was_daemon:
+            current.daemon = True
+
+
+def _stop_workers(processes: list[BaseProcess], conns: list[Connection]) -> None:
+    message = pickle.dumps(("shutdown", None), protocol=pickle.HIGHEST_PROTOCOL)
+    for conn in conns:
+        with contextlib.suppress(BrokenPipeError, OSError):
+            conn.send_bytes(message)
+    for process in processes:
+        process.join(timeout=SHUTDOWN_GRACE_S)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+            process.join(timeout=SHUTDOWN_GRACE_S)
+        if process.is_alive():
+            process.kill()
+            process.join()
+    for conn in conns:
+        conn.close()

@@ -1,0 +1,168 @@
+"""A tensor-parallel worker process: one rank's ModelRunner, driven over a pipe by the executor.
+
+Protocol (executor -> worker): pickled (method, argument) pairs sent with send_bytes, so one step is
+pickled once for all ranks. Methods: "determine_num_blocks", "allocate_kv_cache" (num_blocks),
+"execute" (SchedulerOutput), "shutdown". Worker -> executor: ("ok", result) or ("error", text). Only
+rank 0 returns the ModelRunnerOutput of "execute"; the other ranks answer ("ok", None).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import signal
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from batchlm.config import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+# Multi-GPU hosts we run on must not use NVLink multicast (NVLS); set before NCCL initialises.
+NCCL_ENV_DEFAULTS = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
+# How often a worker checks that the process that started it is still alive (seconds).
+ORPHAN_POLL_S = 1.0
+# How long ranks wait for each other at start-up (store rendezvous and the process group).
+RENDEZVOUS_TIMEOUT = timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything one worker needs to start; pickled into the spawned process."""
+
+    config: EngineConfig
+    model_dir: Path
+    rank: int
+    world_size: int
+    # "cpu" or "cuda:N": the device this rank runs on.
+    device: str
+    # Port of the TCP store the executor serves on 127.0.0.1 (rendezvous for torch.distributed).
+    store_port: int
+    # Process id of the executor's process; the worker exits when it is gone.
+    parent_pid: int
+    # torch intra-op threads for this rank (CPU ranks share the machine's cores).
+    num_threads: int
+    # Logging level of the parent (None: leave logging unconfigured).
+    log_level: int | None = None
+
+
+def worker_main(spec: WorkerSpec, conn: Connection) -> None:
+    """Entry point of a worker process: start the rank, then serve the executor until told to stop."""
+    _prepare_process(spec)
+    try:
+        runner = _start_rank(spec)
+    except Exception as exc:
+        logger.debug("tensor-parallel rank %d failed to start", spec.rank, exc_info=True)
+        _send(conn, ("error", f"rank {spec.rank} failed to start: {type(exc).__name__}: {exc}"))
+        return
+    _send(conn, ("ok", None))
+    try:
+        serve(runner, spec.rank, conn)
+    finally:
+        _leave_process_group()
+
+
+def _prepare_process(spec: WorkerSpec) -> None:
+    # Ctrl-C reaches the whole process group; the executor decides when workers stop. SIGTERM gets
+    # its default action back: the engine-core process ignores it and children inherit that.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if spec.log_level is not None:
+        logging.basicConfig(level=spec.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name, value in NCCL_ENV_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    threading.Thread(
+        target=_exit_when_orphaned, args=(spec.parent_pid,), name="batchlm-tp-orphan-watch", daemon=True
+    ).start()
+
+    import torch
+
+    torch.set_num_threads(spec.num_threads)
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    """Exit hard when the parent is gone: a rank blocked in a collective never reads its pipe's EOF."""
+    while os.getppid() == parent_pid:
+        time.sleep(ORPHAN_POLL_S)
+    os._exit(1)
+
+
+def _start_rank(spec: WorkerSpec) -> Any:
+    """Join the process group (NCCL on GPUs, gloo on CPU) and load this rank's shard of the model."""
+    import torch
+    import torch.distributed as dist
+
+    from batchlm.parallel.group import TensorParallelGroup
+    from batchlm.runner.model_runner import ModelRunner
+
+    device = torch.device(spec.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    store = dist.TCPStore(
+        "127.0.0.1", spec.store_port, spec.world_size, is_master=False, timeout=RENDEZVOUS_TIMEOUT
+    )
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        store=store,
+        rank=spec.rank,
+        world_size=spec.world_size,
+        timeout=RENDEZVOUS_TIMEOUT,
+    )
+    return ModelRunner(spec.config, spec.model_dir, tp=TensorParallelGroup.from_distributed(), device=device)
+
+
+def serve(runner: Any, rank: int, conn: Connection) -> None:
+    """Run the executor's calls in order until "shutdown" or the pipe closes. A failed call ends the
+    worker: its peers are blocked in collectives it will never join, so the executor stops them all."""
+    while True:
+        try:
+            method, argument = pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            return
+        if method == "shutdown":
+            return
+        try:
+            result = _call(runner, method, argument)
+        except Exception:
+            _send(conn, ("error", f"rank {rank} failed in {method}:\n{traceback.format_exc(limit=8)}"))
+            return
+        # Every rank samples the same token (same logits, same generator state); rank 0 answers.
+        _send(conn, ("ok", result if rank == 0 or method != "execute" else None))
+
+
+def _call(runner: Any, method: str, argument: Any) -> Any:
+    if method == "execute":
+        return runner.execute(argument)
+    if method == "determine_num_blocks":
+        return runner.determine_num_blocks()
+    if method == "allocate_kv_cache":
+        return runner.allocate_kv_cache(argument)
+    raise ValueError(f"unknown tensor-parallel worker method {method!r}")
+
+
+def _send(conn: Connection, message: tuple[str, Any]) -> None:
+    try:
+        conn.send(message)
+    except (BrokenPipeError, EOFError, OSError):
+        logger.debug("the executor went away; message %r dropped", message[0])
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # peers may be gone already; the process is exiting anyway
+            logger.debug("destroy_process_group failed", exc_info=True)
