@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from batchlm.layers.rope_scaling import read_rope_parameters
-from batchlm.layers.rotary import get_rope
+from batchlm.layers.rotary import _adjacent_heads, get_rope
 from batchlm.models.loader import load_model
 from batchlm.models.random_model import TINY_CONFIG, write_random_model
 from models_harness import greedy_generate, hf_greedy
@@ -136,3 +136,33 @@ def test_unsupported_rope_settings_are_named(scaling: dict[str, Any], message: s
     config = SimpleNamespace(rope_scaling=scaling, max_position_embeddings=64)
     with pytest.raises(ValueError, match=message):
         read_rope_parameters(config)
+
+
+def test_fused_qkv_split_rotates_exactly_like_separate_tensors() -> None:
+    # q and k as views of one fused qkv output take the joint path; copies take the per-tensor one.
+    rope = get_rope(_hf_config("default"), HEAD_DIM, 64)
+    positions = torch.tensor([3, 0, 63, 17, 8])
+    qkv = torch.randn(5, (4 + 2 + 2) * HEAD_DIM)
+    q = qkv[:, : 4 * HEAD_DIM].view(5, 4, HEAD_DIM)
+    k = qkv[:, 4 * HEAD_DIM : 6 * HEAD_DIM].view(5, 2, HEAD_DIM)
+    assert _adjacent_heads(q, k) is not None and _adjacent_heads(q.clone(), k.clone()) is None
+    joint_q, joint_k = rope(positions, q, k)
+    alone_q, alone_k = rope(positions, q.clone(), k.clone())
+    assert torch.equal(joint_q, alone_q) and torch.equal(joint_k, alone_k)
+    assert joint_q.shape == q.shape and joint_k.shape == k.shape
+    # The inputs are left as they were (the rotation writes a new tensor).
+    assert torch.equal(qkv[:, : 4 * HEAD_DIM].view(5, 4, HEAD_DIM), q)
+    # Rotating by position 0 is the identity.
+    assert torch.equal(joint_q[1], q[1]) and torch.equal(joint_k[1], k[1])
+
+
+def test_key_not_following_query_takes_the_separate_path() -> None:
+    rope = get_rope(_hf_config("default"), HEAD_DIM, 64)
+    positions = torch.tensor([1, 2])
+    qkv = torch.randn(2, 8 * HEAD_DIM)
+    q = qkv[:, : 4 * HEAD_DIM].view(2, 4, HEAD_DIM)
+    v_as_key = qkv[:, 6 * HEAD_DIM :].view(2, 2, HEAD_DIM)  # same storage, but not adjacent to q
+    assert _adjacent_heads(q, v_as_key) is None
+    ours_q, ours_k = rope(positions, q, v_as_key)
+    expected_q, expected_k = rope(positions, q.clone(), v_as_key.clone())
+    assert torch.equal(ours_q, expected_q) and torch.equal(ours_k, expected_k)

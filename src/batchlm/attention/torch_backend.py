@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -11,19 +13,41 @@ from batchlm.attention.backend import AttentionBackend, AttentionMetadata
 _SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
+@dataclass(frozen=True)
+class DecodeGroup:
+    """What every layer needs to attend for decode requests first..last-1; built once per step."""
+
+    first: int
+    last: int
+    # [B * nb] int64: the group's block tables, row-major, for one index_select of whole blocks.
+    flat_blocks: torch.Tensor
+    # Blocks per request after padding to the longest context.
+    blocks_per_request: int
+    # Keys per request after padding (the longest context in the group).
+    max_len: int
+    # [B, 1, 1, max_len] bool: True where the key is inside the request's context.
+    valid: torch.Tensor
+
+
 class TorchAttentionBackend(AttentionBackend):
     """Paged-KV attention with torch ops.
 
     All decode requests (one query each) run together as one padded gather and one masked SDPA call,
     in groups of at most `decode_group_size` requests to bound the padded buffer; prefill chunks run
-    one request at a time through SDPA (causal, or with an offset mask over cached context). Rows past meta.num_tokens (padding a
-    runner may add) are ignored and come back as zeros.
+    one request at a time through SDPA (causal, or with an offset mask over cached context). Rows past
+    meta.num_tokens (padding a runner may add) are ignored and come back as zeros.
+
+    Gathers copy whole blocks with index_select (a memcpy per block); advanced indexing of the cache
+    costs several times more on CPU. The decode groups depend only on the step's metadata, so they
+    are built by the first layer and reused by the others.
     """
 
     name = "torch"
 
     def __init__(self, decode_group_size: int = 64) -> None:
         self.decode_group_size = decode_group_size
+        self._groups_meta: AttentionMetadata | None = None
+        self._groups: list[DecodeGroup] = []
 
     def forward(
         self,
@@ -37,14 +61,25 @@ class TorchAttentionBackend(AttentionBackend):
         num_tokens = meta.num_tokens
         write_kv_cache(kv_cache, key[:num_tokens], value[:num_tokens], meta.slot_mapping[:num_tokens])
         out = query.new_zeros(query.shape) if query.shape[0] > num_tokens else torch.empty_like(query)
-        for first in range(0, meta.num_decodes, self.decode_group_size):
-            last = min(first + self.decode_group_size, meta.num_decodes)
-            out[first:last] = _decode_attention(query[first:last], kv_cache, meta, first, last, scale)
+        for group in self._decode_groups(meta, kv_cache.shape[2]):
+            out[group.first : group.last] = _decode_attention(
+                query[group.first : group.last], kv_cache, group, scale
+            )
         for request in range(meta.num_decodes, meta.num_requests):
             start, end = meta.query_start_loc_cpu[request], meta.query_start_loc_cpu[request + 1]
             if end > start:
                 out[start:end] = _prefill_attention(query, key, value, kv_cache, meta, request, scale)
         return out
+
+    def _decode_groups(self, meta: AttentionMetadata, block_size: int) -> list[DecodeGroup]:
+        # Identity, not equality: the runner builds a new metadata object every step.
+        if self._groups_meta is not meta:
+            self._groups = [
+                _decode_group(meta, first, min(first + self.decode_group_size, meta.num_decodes), block_size)
+                for first in range(0, meta.num_decodes, self.decode_group_size)
+            ]
+            self._groups_meta = meta
+        return self._groups
 
 
 def write_kv_cache(
@@ -61,24 +96,36 @@ def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) 
     block_size = cache.shape[1]
     num_blocks = -(-length // block_size)
     blocks = block_table[:num_blocks].long()
-    return cache[blocks].flatten(0, 1)[:length]
+    return cache.index_select(0, blocks).flatten(0, 1)[:length]
+
+
+def _decode_group(meta: AttentionMetadata, first: int, last: int, block_size: int) -> DecodeGroup:
+    max_len = max(meta.seq_lens_cpu[first:last])
+    blocks_per_request = -(-max_len // block_size)
+    tables = meta.block_tables[first:last, :blocks_per_request]  # [B, nb]
+    positions = torch.arange(max_len, device=tables.device)
+    valid = positions.unsqueeze(0) < meta.seq_lens[first:last].unsqueeze(1)  # [B, L]
+    return DecodeGroup(
+        first=first,
+        last=last,
+        flat_blocks=tables.reshape(-1).long(),
+        blocks_per_request=blocks_per_request,
+        max_len=max_len,
+        valid=valid[:, None, None, :],
+    )
 
 
 def _decode_attention(
-    query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, first: int, last: int, scale: float
+    query: torch.Tensor, kv_cache: torch.Tensor, group: DecodeGroup, scale: float
 ) -> torch.Tensor:
-    """One query per request for decode requests first..last-1, padded to the longest context."""
-    block_size = kv_cache.shape[2]
-    max_len = max(meta.seq_lens_cpu[first:last])
-    tables = meta.block_tables[first:last, : -(-max_len // block_size)].long()  # [B, nb]
-    # [B, nb, block_size, H_kv, D] -> [B, H_kv, L, D] (a strided view of the one gathered copy)
-    keys = kv_cache[0][tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
-    values = kv_cache[1][tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
-    positions = torch.arange(max_len, device=query.device)
-    valid = positions.unsqueeze(0) < meta.seq_lens[first:last].unsqueeze(1)  # [B, L]
-    out = _sdpa(
-        query.unsqueeze(2), keys.to(query.dtype), values.to(query.dtype), scale, valid[:, None, None, :]
-    )
+    """One query per request of the group, over its context padded to the group's longest."""
+    batch = group.last - group.first
+    # [B * nb, block_size, H_kv, D] -> [B, nb * block_size, H_kv, D] -> [B, H_kv, L, D] (strided view)
+    keys = kv_cache[0].index_select(0, group.flat_blocks).view(batch, -1, *kv_cache.shape[-2:])
+    values = kv_cache[1].index_select(0, group.flat_blocks).view(batch, -1, *kv_cache.shape[-2:])
+    keys = keys[:, : group.max_len].transpose(1, 2).to(query.dtype)
+    values = values[:, : group.max_len].transpose(1, 2).to(query.dtype)
+    out = _sdpa(query.unsqueeze(2), keys, values, scale, group.valid)
     return out.squeeze(2)  # [B, H, 1, D] -> [B, H, D]
 
 

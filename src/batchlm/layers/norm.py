@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import overload
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -21,7 +22,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., hidden]; statistics in float32 so bf16/fp16 inputs do not lose precision.
+        # x: [..., hidden]
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # One fused kernel instead of five passes; bit-identical to the form below in float32.
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # Statistics in float32 so bf16/fp16 inputs do not lose precision; the weight multiplies
+        # after the cast back, as in HF (which F.rms_norm does not do for half types).
         x32 = x.float()
         variance = x32.pow(2).mean(dim=-1, keepdim=True)
         x32 = x32 * torch.rsqrt(variance + self.eps)

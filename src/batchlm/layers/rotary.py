@@ -28,15 +28,41 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [T]; query: [T, H, D]; key: [T, H_kv, D] -> same shapes, rotated
-        cos, sin = self.cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)  # each [T, 1, D/2]
-        return _rotate(query, cos, sin), _rotate(key, cos, sin)
+        cos, sin = self.cos_sin_cache.index_select(0, positions).unsqueeze(1).chunk(2, dim=-1)  # [T, 1, D/2]
+        both = _adjacent_heads(query, key)
+        if both is None:
+            return _rotate(query, cos, sin), _rotate(key, cos, sin)
+        # q and k are neighbours in the fused qkv output: rotate them with one set of ops.
+        rotated = _rotate(both, cos, sin)  # [T, H + H_kv, D]
+        return rotated[:, : query.shape[1]], rotated[:, query.shape[1] :]
+
+
+def _adjacent_heads(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
+    """[T, H + H_kv, D] view over query and key when key's heads directly follow query's in
+    memory with the same strides (the split of a fused qkv projection); otherwise None."""
+    if query.untyped_storage().data_ptr() != key.untyped_storage().data_ptr():
+        return None
+    if query.dtype != key.dtype or query.stride() != key.stride() or query.stride(2) != 1:
+        return None
+    if query.stride(1) != query.shape[2] or query.shape[0] != key.shape[0]:
+        return None
+    if key.data_ptr() != query.data_ptr() + query.shape[1] * query.stride(1) * query.element_size():
+        return None
+    heads = query.shape[1] + key.shape[1]
+    return query.as_strided((query.shape[0], heads, query.shape[2]), query.stride())
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [T, H, D]; the pair (x1[i], x2[i]) of the two halves is rotated by angle i.
+    # x: [T, H, D]; the pair (x1[i], x2[i]) of the two halves is rotated by angle i. Written into
+    # the two halves of one output (no cat); the same products and sums as HF's rotate_half form,
+    # so results are bit-identical to transformers.
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out1, out2 = out.chunk(2, dim=-1)
+    torch.mul(x1, cos, out=out1).sub_(x2 * sin)
+    torch.mul(x2, cos, out=out2).add_(x1 * sin)
+    return out
 
 
 def build_cos_sin_cache(
