@@ -1,7 +1,7 @@
 """The tensor-parallel executor: one spawned worker per rank, each step broadcast to all of them.
 
-The scheduler runs once, in the engine core; every step's SchedulerOutput is pickled once and written
-to each worker's pipe. All ranks run the same step in lockstep (their collectives pair up) and sample
+The scheduler runs once, in the engine core; every step's SchedulerOutput is encoded once (compactly,
+see wire.py) and written to each worker's pipe. All ranks run the same step in lockstep (their collectives pair up) and sample
 the same tokens; rank 0's ModelRunnerOutput is returned. A worker that fails or exits stops them all
 and raises TensorParallelError, which ends the engine core with that message.
 """
@@ -23,6 +23,7 @@ import torch
 
 from batchlm.config import EngineConfig
 from batchlm.core.step_io import ModelRunnerOutput, SchedulerOutput
+from batchlm.parallel.wire import StepEncoder
 from batchlm.parallel.worker import WorkerSpec, worker_main
 from batchlm.runner.model_runner import RunnerInfo
 
@@ -80,6 +81,7 @@ class TensorParallelExecutor:
         self.size = size
         self.devices = worker_devices(config.device, size)
         self._failure: str | None = None
+        self._encoder = StepEncoder()
         self._store = _start_store(size)
         self.processes, self.conns = _spawn_workers(config, model_dir, self.devices, self._store.port)
         # Stop the workers however this object goes: explicit shutdown, garbage collection, exit.
@@ -100,7 +102,8 @@ class TensorParallelExecutor:
         return info
 
     def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
-        output: ModelRunnerOutput = self._call_all("execute", scheduled)[0]
+        # Encoded once for all ranks; block tables travel as appends (see parallel/wire.py).
+        output: ModelRunnerOutput = self._call_all("execute", self._encoder.encode(scheduled))[0]
         return output
 
     def check_health(self) -> None:

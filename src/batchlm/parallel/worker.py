@@ -2,7 +2,7 @@
 
 Protocol (executor -> worker): pickled (method, argument) pairs sent with send_bytes, so one step is
 pickled once for all ranks. Methods: "determine_num_blocks", "allocate_kv_cache" (num_blocks),
-"execute" (SchedulerOutput), "shutdown". Worker -> executor: ("ok", result) or ("error", text). Only
+"execute" (a SchedulerOutput encoded by wire.StepEncoder), "shutdown". Worker -> executor: ("ok", result) or ("error", text). Only
 rank 0 returns the ModelRunnerOutput of "execute"; the other ranks answer ("ok", None).
 """
 
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from batchlm.config import EngineConfig
+from batchlm.parallel.wire import StepDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +126,7 @@ def _start_rank(spec: WorkerSpec) -> Any:
 def serve(runner: Any, rank: int, conn: Connection) -> None:
     """Run the executor's calls in order until "shutdown" or the pipe closes. A failed call ends the
     worker: its peers are blocked in collectives it will never join, so the executor stops them all."""
+    decoder = StepDecoder()
     while True:
         try:
             method, argument = pickle.loads(conn.recv_bytes())
@@ -133,6 +135,8 @@ def serve(runner: Any, rank: int, conn: Connection) -> None:
         if method == "shutdown":
             return
         try:
+            if method == "execute":
+                argument = decoder.decode(argument)
             result = _call(runner, method, argument)
         except Exception:
             _send(conn, ("error", f"rank {rank} failed in {method}:\n{traceback.format_exc(limit=8)}"))
