@@ -48,6 +48,7 @@ def run_batchlm(args: argparse.Namespace, model_dir: Path, prompts: list[list[in
         enforce_eager=args.enforce_eager,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=False,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     load_s = time.perf_counter() - started
     params = SamplingParams(
@@ -151,6 +152,7 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the model is split across")
     parser.add_argument("--dummy", action="store_true", help="random weights made on the device (GPU shapes)")
     parser.add_argument("--compare-hf", action="store_true", help="also time transformers' generate")
     parser.add_argument("--model-dir", type=Path, default=None, help="where to write/reuse the random model")
@@ -170,6 +172,7 @@ def main() -> None:
     summary: dict[str, Any] = {
         "shape": args.shape,
         "workload": f"{args.num_requests} x {args.input_len} in / {args.output_len} out",
+        "tensor_parallel_size": args.tensor_parallel_size,
         "machine": platform.processor() or platform.machine(),
         "date": time.strftime("%Y-%m-%d"),
     }
