@@ -6,12 +6,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from batchlm.kernels.dispatch import fused_ops_for
+
 
 class SiluAndMul(nn.Module):
     """silu(gate) * up, where the input is the concatenation [gate | up] along the last dim."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, 2 * intermediate] -> [T, intermediate]
+        fused = fused_ops_for(x) if x.dim() == 2 else None
+        if fused is not None:
+            return fused.silu_and_mul(x)
         half = x.shape[-1] // 2
         return F.silu(x[..., :half]) * x[..., half:]
 

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from batchlm.kernels.dispatch import fused_ops_for
+
 
 class RMSNorm(nn.Module):
     """y = weight * x / sqrt(mean(x^2) + eps), computed in float32 like the HF reference.
@@ -42,6 +44,11 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        fused = fused_ops_for(x) if x.dim() == 2 else None
+        if fused is not None:
+            # GPU: residual add and norm in one kernel.
+            normed, new_residual = fused.rms_norm(x, self.weight, self.eps, residual)
+            return normed if new_residual is None else (normed, new_residual)
         if residual is None:
             return self._norm(x)
         x = x + residual

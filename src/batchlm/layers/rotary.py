@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from batchlm.kernels.dispatch import fused_ops_for
 from batchlm.layers.rope_scaling import dynamic_ntk_inv_freq, inv_freq_and_scaling, read_rope_parameters
 
 
@@ -28,6 +29,13 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [T]; query: [T, H, D]; key: [T, H_kv, D] -> same shapes, rotated
+        fused = fused_ops_for(query)
+        if fused is not None and self.head_dim & (self.head_dim - 1) == 0:
+            # GPU: one in-place kernel over q and k (adjacent in the fused qkv output) or one each.
+            both = _adjacent_heads(query, key)
+            for heads in (both,) if both is not None else (query, key):
+                fused.rotary_embedding_(positions, heads, self.cos_sin_cache)
+            return query, key
         cos, sin = self.cos_sin_cache.index_select(0, positions).unsqueeze(1).chunk(2, dim=-1)  # [T, 1, D/2]
         both = _adjacent_heads(query, key)
         if both is None:

@@ -26,12 +26,19 @@ class StepInputs:
     sample_request_ids: list[str]
 
 
-def _pinned(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    tensor = torch.from_numpy(array)
-    if device.type == "cuda":
-        # Pinned host memory lets the copy overlap with the previous step's GPU work.
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor
+def _to_device(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """CPU: zero-copy views. CUDA: one packed pinned int64 upload per step (instead of one per array),
+    split on the device and cast back to each array's dtype; overlaps with the previous step's work."""
+    if device.type != "cuda":
+        return [torch.from_numpy(array) for array in arrays]
+    flat = np.concatenate([array.ravel().astype(np.int64, copy=False) for array in arrays])
+    staged = torch.from_numpy(flat).pin_memory().to(device, non_blocking=True)
+    tensors, offset = [], 0
+    for array in arrays:
+        part = staged[offset : offset + array.size].view(array.shape)
+        offset += array.size
+        tensors.append(part if array.dtype == np.int64 else part.to(torch.int32))
+    return tensors
 
 
 def build_step_inputs(scheduled: SchedulerOutput, block_size: int, device: torch.device) -> StepInputs:
@@ -67,11 +74,23 @@ def build_step_inputs(scheduled: SchedulerOutput, block_size: int, device: torch
     sample_rows = [row for row, c in enumerate(chunks) if c.sample]
     sample_indices = query_start_loc[1:][sample_rows] - 1
 
+    slots, starts_loc, lens, tables, ids, pos, samples = _to_device(
+        [
+            slot_mapping,
+            query_start_loc.astype(np.int32),
+            seq_lens.astype(np.int32),
+            block_tables,
+            input_ids,
+            positions,
+            np.asarray(sample_indices, dtype=np.int64),
+        ],
+        device,
+    )
     meta = AttentionMetadata(
-        slot_mapping=_pinned(slot_mapping, device),
-        query_start_loc=_pinned(query_start_loc.astype(np.int32), device),
-        seq_lens=_pinned(seq_lens.astype(np.int32), device),
-        block_tables=_pinned(block_tables, device),
+        slot_mapping=slots,
+        query_start_loc=starts_loc,
+        seq_lens=lens,
+        block_tables=tables,
         query_start_loc_cpu=query_start_loc.tolist(),
         seq_lens_cpu=seq_lens.tolist(),
         max_query_len=int(query_lens.max(initial=0)),
@@ -79,9 +98,9 @@ def build_step_inputs(scheduled: SchedulerOutput, block_size: int, device: torch
         num_decodes=num_decodes,
     )
     return StepInputs(
-        input_ids=_pinned(input_ids, device),
-        positions=_pinned(positions, device),
+        input_ids=ids,
+        positions=pos,
         meta=meta,
-        sample_indices=_pinned(np.asarray(sample_indices, dtype=np.int64), device),
+        sample_indices=samples,
         sample_request_ids=[chunks[row].request_id for row in sample_rows],
     )
