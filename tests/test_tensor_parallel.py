@@ -157,16 +157,41 @@ def test_killed_worker_raises_and_stops_the_others(llama_engines: tuple[LLM, LLM
         llama_engines[1].generate(_prompts(), GREEDY)
 
 
-@pytest.mark.slow
-def test_tp2_matches_tp1_with_fewer_kv_heads_than_ranks(tiny_model_dir: Callable[..., Path]) -> None:
-    model_dir = str(tiny_model_dir("qwen3", num_key_value_heads=1))  # the KV head is replicated
-    tp1 = LLM(model=model_dir, **ENGINE_ARGS)
+@pytest.fixture(scope="module")
+def qwen3_one_kv_head_engines(tiny_model_dir: Callable[..., Path]) -> Iterator[tuple[LLM, LLM]]:
+    """(TP=1, TP=2) engines of a tiny qwen3 with one KV head: replicated on both ranks."""
+    model_dir = str(tiny_model_dir("qwen3", num_key_value_heads=1))
     tp2 = LLM(model=model_dir, tensor_parallel_size=2, **ENGINE_ARGS)
-    try:
-        _assert_same_greedy(tp2, tp1)
-        assert tp2.info.num_blocks == tp1.info.num_blocks
-    finally:
-        _executor(tp2).shutdown()
+    yield LLM(model=model_dir, **ENGINE_ARGS), tp2
+    _executor(tp2).shutdown()
+
+
+@pytest.mark.slow
+def test_tp2_matches_tp1_with_fewer_kv_heads_than_ranks(qwen3_one_kv_head_engines: tuple[LLM, LLM]) -> None:
+    tp1, tp2 = qwen3_one_kv_head_engines
+    _assert_same_greedy(tp2, tp1)
+    assert tp2.info.num_blocks == tp1.info.num_blocks
+
+
+@pytest.mark.slow
+def test_interrupted_step_retires_the_workers(
+    qwen3_one_kv_head_engines: tuple[LLM, LLM], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs after the test above. A Ctrl-C while replies are outstanding leaves the ranks out of step:
+    the executor must stop them rather than pair the next step with this step's late replies."""
+    executor = _executor(qwen3_one_kv_head_engines[1])
+    pids = executor.worker_pids
+
+    def interrupted() -> list[Any]:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(executor, "_collect", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        qwen3_one_kv_head_engines[1].generate(_prompts(), GREEDY)
+    monkeypatch.undo()
+    with pytest.raises(TensorParallelError, match="'execute' call to the workers was interrupted"):
+        qwen3_one_kv_head_engines[1].generate(_prompts(), GREEDY)
+    assert not any(pid is not None and _pid_alive(pid) for pid in pids)
 
 
 @pytest.mark.slow

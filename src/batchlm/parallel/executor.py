@@ -125,7 +125,15 @@ class TensorParallelExecutor:
                 conn.send_bytes(message)
             except (BrokenPipeError, OSError):
                 self._fail(_exit_message(rank, self.processes[rank]))
-        return self._collect()
+        try:
+            return self._collect()
+        except TensorParallelError:
+            raise
+        except BaseException:
+            # Interrupted (e.g. Ctrl-C in LLM.generate) with replies outstanding: the ranks are out of
+            # step with us and with each other, so they cannot be used again.
+            self._stop_all(f"a {method!r} call to the workers was interrupted")
+            raise
 
     def _collect(self) -> list[Any]:
         """One reply per rank, in rank order; a worker error or exit fails the whole executor."""
@@ -160,15 +168,19 @@ class TensorParallelExecutor:
         self._fail(_exit_message(rank, self.processes[rank]))
 
     def _fail(self, reason: str) -> NoReturn:
-        if self._failure is None:
-            self._failure = reason
-            logger.error("tensor parallel: %s; stopping all workers", reason)
-            # The survivors are blocked in collectives and would never read a polite "shutdown".
-            for process in self.processes:
-                if process.is_alive():
-                    process.terminate()
-            self.shutdown()
+        self._stop_all(reason)
         raise TensorParallelError(self._failure)
+
+    def _stop_all(self, reason: str) -> None:
+        if self._failure is not None:
+            return
+        self._failure = reason
+        logger.error("tensor parallel: %s; stopping all workers", reason)
+        # The survivors are blocked in collectives and would never read a polite "shutdown".
+        for process in self.processes:
+            if process.is_alive():
+                process.terminate()
+        self.shutdown()
 
     def _raise_if_failed(self) -> None:
         if self._failure is not None:
