@@ -80,7 +80,7 @@ class LLM:
     def _run(self, processor: OutputProcessor) -> dict[str, RequestOutput]:
         results: dict[str, RequestOutput] = {}
         while self.engine_core.has_work():
-            outputs, to_abort = processor.process(self.engine_core.step(), delta=False)
+            outputs, to_abort = processor.process(self.engine_core.step(), delta=False, finished_only=True)
             if to_abort:
                 self.engine_core.abort_requests(to_abort)
             for output in outputs:

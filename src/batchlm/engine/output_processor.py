@@ -64,6 +64,14 @@ def _tokens_to_show(output: EngineCoreOutput, params: SamplingParams) -> tuple[i
     return output.new_token_ids
 
 
+def _clear_deltas(state: _RequestState) -> None:
+    for completion in state.completions:
+        completion.new_text = ""
+        completion.new_token_ids = []
+        completion.new_logprobs = []
+        completion.changed = False
+
+
 class OutputProcessor:
     """Turns EngineCoreOutputs into RequestOutputs. Not thread-safe: one owner calls it."""
 
@@ -115,9 +123,12 @@ class OutputProcessor:
             return []
         return child_request_ids(request_id, len(state.completions))
 
-    def process(self, outputs: Iterable[EngineCoreOutput], delta: bool) -> tuple[list[RequestOutput], list[str]]:
-        """Returns the RequestOutputs of requests that changed, and engine-core ids to abort (their
-        sequences hit a stop string, which only the front end can see)."""
+    def process(
+        self, outputs: Iterable[EngineCoreOutput], delta: bool, finished_only: bool = False
+    ) -> tuple[list[RequestOutput], list[str]]:
+        """Returns the RequestOutputs of requests that changed (with finished_only, of those that
+        finished: offline use, where building a cumulative output every step would cost O(n^2)), and
+        engine-core ids to abort (their sequences hit a stop string, which only the front end sees)."""
         changed: dict[str, _RequestState] = {}
         to_abort: list[str] = []
         now = time.time()
@@ -132,7 +143,12 @@ class OutputProcessor:
             if self._apply(state, completion, output, now):
                 to_abort.append(output.request_id)
             changed[state.request_id] = state
-        results = [self._make_output(state, delta) for state in changed.values()]
+        results = []
+        for state in changed.values():
+            if finished_only and not state.finished:
+                _clear_deltas(state)
+            else:
+                results.append(self._make_output(state, delta))
         for state in changed.values():
             if state.finished:
                 self._forget(state)
