@@ -4,7 +4,9 @@
 The model is a random-weight checkpoint of SmolLM2-135M's shape (hidden 576, 30 layers, 9 heads over 3 KV
 heads, intermediate 1536, tied 49152-token vocabulary) with the built-in byte-level tokenizer, whose
 vocabulary is padded with plain ASCII words up to 49152 ids so that every id the model emits decodes to
-text for both servers. Usage:
+text for both servers. Both servers stay up for the whole benchmark (the idle one waits on its queue)
+and every run measures each level on the two back to back, in alternating order, so that a pair sees
+the same machine even when other work comes and goes. Usage:
 
     python benchmarks/mlx_vs_mlx_lm_server.py --concurrency 1,4,16 --runs 3 --save result.json
 """
@@ -15,6 +17,7 @@ import argparse
 import itertools
 import json
 import os
+import random
 import signal
 import socket
 import statistics
@@ -105,14 +108,29 @@ def wait_healthy(port: int, process: subprocess.Popen[bytes], log: Path) -> None
     raise TimeoutError(f"server on port {port} not healthy within {HEALTHY_WITHIN_S:.0f} s")
 
 
+def requests_at(concurrency: int, args: argparse.Namespace) -> int:
+    return max(args.min_requests, args.requests_per_user * concurrency)
+
+
+def write_prompts(path: Path, count: int, words: int, seed: int) -> Path:
+    """`count` distinct prompts of random words, one JSON string a line: no prompt repeats across runs,
+    so neither server's prompt cache (whose sizes differ) can serve a measured prefill."""
+    from batchlm.bench.words import VOCABULARY
+
+    rng = random.Random(seed)
+    lines = [json.dumps(" ".join(rng.choice(VOCABULARY) for _ in range(words))) for _ in range(count)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def bench_level(
-    port: int, model: str, concurrency: int, args: argparse.Namespace, out: Path
+    port: int, model: str, concurrency: int, args: argparse.Namespace, prompts: Path, out: Path
 ) -> dict[str, Any]:
     """One `batchlm bench` run at a fixed concurrency; returns its saved result."""
-    requests = max(args.min_requests, args.requests_per_user * concurrency)
     command = [sys.executable, "-m", "batchlm.cli", "bench", "--base-url", f"http://127.0.0.1:{port}/v1",
-               "--model", model, "--stream", "--concurrency", str(concurrency), "--requests", str(requests),
-               "--output-len", str(args.output_len), "--prompt-repeat", str(args.prompt_repeat),
+               "--model", model, "--stream", "--concurrency", str(concurrency),
+               "--requests", str(requests_at(concurrency, args)), "--output-len", str(args.output_len),
+               "--dataset-name", "jsonl", "--dataset-path", str(prompts), "--temperature", str(args.temperature),
                "--min-delay", "0", "--max-delay", "0", "--seed", "0", "--num-warmups", "1",
                "--disable-tqdm", "--save-result", str(out)]  # fmt: skip
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
@@ -121,28 +139,54 @@ def bench_level(
     return result
 
 
-def run_server(
-    kind: str, model_dir: Path, args: argparse.Namespace, scratch: Path
-) -> dict[int, dict[str, Any]]:
-    """Start one server, measure every concurrency level, stop it (SIGTERM, as an operator would)."""
-    port = free_port()
-    log = scratch / f"{kind}-{port}.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            server_command(kind, model_dir, port, args.batch_size), stdout=sink, stderr=subprocess.STDOUT
-        )
-    try:
-        wait_healthy(port, process, log)
-        return {
-            c: bench_level(port, str(model_dir), c, args, scratch / f"{kind}-{c}.json") for c in args.levels
-        }
-    finally:
-        process.send_signal(signal.SIGTERM)
+class Server:
+    """One server subprocess on a free port; stopped with SIGTERM, as an operator would."""
+
+    def __init__(self, kind: str, model_dir: Path, batch_size: int, scratch: Path) -> None:
+        self.kind = kind
+        self.port = free_port()
+        self.log = scratch / f"{kind}-{self.port}.log"
+        command = server_command(kind, model_dir, self.port, batch_size)
+        with self.log.open("wb") as sink:
+            self.process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+
+    def wait_healthy(self) -> None:
+        wait_healthy(self.port, self.process, self.log)
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
         try:
-            process.wait(timeout=60)
+            return self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            self.process.kill()
+            return self.process.wait()
+
+
+def measure(
+    servers: list[Server], model_dir: Path, args: argparse.Namespace, scratch: Path
+) -> dict[str, list[dict[int, dict[str, Any]]]]:
+    """Every run measures each level on every server back to back (order alternating), so the two
+    servers of a pair see the same machine; the idle server waits on its request queue meanwhile."""
+    runs: dict[str, list[dict[int, dict[str, Any]]]] = {server.kind: [] for server in servers}
+    for run_index in range(args.runs):
+        for server in servers:
+            runs[server.kind].append({})
+        for level_index, level in enumerate(args.levels):
+            order = servers if (run_index + level_index) % 2 == 0 else servers[::-1]
+            # The same fresh prompts for both servers of the pair (+1 for the warm-up request).
+            prompts = write_prompts(
+                scratch / f"prompts-run{run_index}-c{level}.jsonl",
+                requests_at(level, args) + 1,
+                args.prompt_words,
+                seed=1000 * run_index + level,
+            )
+            for server in order:
+                out = scratch / f"{server.kind}-run{run_index}-c{level}.json"
+                result = bench_level(server.port, str(model_dir), level, args, prompts, out)
+                runs[server.kind][-1][level] = result
+                print(f"run {run_index + 1}/{args.runs} c={level} {server.kind}: "
+                      f"{result['output_throughput']:.2f} tok/s", flush=True)  # fmt: skip
+    return runs
 
 
 def summarize(runs: dict[str, list[dict[int, dict[str, Any]]]], levels: list[int]) -> list[dict[str, Any]]:
@@ -179,7 +223,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=3, help="runs per server; the median is reported")
     parser.add_argument("--servers", default=",".join(SERVERS), help="which of batchlm,mlx_lm to run")
     parser.add_argument("--output-len", type=int, default=32, help="max_tokens of every request (ignore_eos)")
-    parser.add_argument("--prompt-repeat", type=int, default=1, help="batchlm bench's built-in prompt repeat")
+    parser.add_argument("--prompt-words", type=int, default=24, help="random words per prompt")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="sent with every request (the servers' defaults differ: 1.0 and 0.0)")  # fmt: skip
     parser.add_argument(
         "--requests-per-user", type=int, default=2, help="requests per level = this x concurrency"
     )
@@ -193,18 +239,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # A SIGTERM to the benchmark still stops both servers (the finally below runs).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     kinds = [kind for kind in args.servers.split(",") if kind]
     args.work_dir.mkdir(parents=True, exist_ok=True)
     model_dir = build_model(args.work_dir / "smollm2-135m-shape-random")
-    runs: dict[str, list[dict[int, dict[str, Any]]]] = {kind: [] for kind in kinds}
-    for run_index in range(args.runs):
-        # Alternate the order so neither server always runs on a warmer (or busier) machine.
-        order = kinds if run_index % 2 == 0 else kinds[::-1]
-        for kind in order:
-            scratch = Path(tempfile.mkdtemp(prefix=f"{kind}-run{run_index}-", dir=args.work_dir))
-            runs[kind].append(run_server(kind, model_dir, args, scratch))
-            print(f"run {run_index + 1}/{args.runs} {kind}: "
-                  + ", ".join(f"c={c} {r['output_throughput']:.2f} tok/s" for c, r in runs[kind][-1].items()), flush=True)  # fmt: skip
+    scratch = Path(tempfile.mkdtemp(prefix="runs-", dir=args.work_dir))
+    servers = [Server(kind, model_dir, args.batch_size, scratch) for kind in kinds]
+    try:
+        for server in servers:
+            server.wait_healthy()
+        runs = measure(servers, model_dir, args, scratch)
+    finally:
+        exit_codes = {server.kind: server.stop() for server in servers}
+    print(f"server exit codes after SIGTERM: {exit_codes}")
     rows = summarize(runs, args.levels)
     print_table(rows)
     if args.save:

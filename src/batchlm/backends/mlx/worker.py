@@ -92,8 +92,8 @@ class GenerationWorker:
             kv_budget_bytes=int(self.config.cpu_kv_cache_gib * (1 << 30)),
             enable_prefix_caching=self.config.enable_prefix_caching,
         )
-        # The generator's stream must belong to this thread.
-        stream = mx.new_stream(mx.default_device())
+        # The generator's stream must belong to this thread (as mlx_lm.server does it).
+        stream = mx.default_stream(mx.default_device())
         model_key = (str(self.model_dir), self.config.adapter_path, self.config.dtype)
         loop = GenerationLoop(loaded.model, loaded.vocab_size, settings, model_key, stream)
         self._post(
