@@ -14,8 +14,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from model_shapes import write_config_only  # noqa: E402
-from offline_throughput import make_prompts  # noqa: E402
+from model_shapes import write_config_only
+from offline_throughput import make_prompts
 
 
 def main() -> None:
