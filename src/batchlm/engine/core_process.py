@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
 import threading
 import traceback
@@ -36,8 +35,8 @@ def engine_core_main(config: EngineConfig, model_dir: Path, conn: Connection, lo
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if log_level is not None:
         logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    configure_child_threads()
     try:
+        configure_child_threads()
         from batchlm.engine.core_builder import build_engine_core
 
         core, info = build_engine_core(config, model_dir)
@@ -118,8 +117,13 @@ class CoreLoop:
 
 
 def configure_child_threads() -> None:
-    """Leave one core for the front end's HTTP work on small CPUs."""
-    if os.environ.get("BATCHLM_CORE_THREADS"):
+    """Apply BATCHLM_CORE_THREADS (torch's thread count in the engine core) when it is set; raises
+    ValueError naming the variable for a value that is not a positive integer. Without it torch keeps
+    its default, one thread per core, capped by the model runner at the CPUs actually available."""
+    from batchlm.runner.cpu_threads import threads_from_env
+
+    threads = threads_from_env()
+    if threads is not None:
         import torch
 
-        torch.set_num_threads(int(os.environ["BATCHLM_CORE_THREADS"]))
+        torch.set_num_threads(threads)
