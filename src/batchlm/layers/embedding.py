@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from batchlm.layers.linear import check_shape
+from batchlm.layers.onednn import onednn_linear, to_onednn_weight
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
 
 
@@ -53,7 +54,14 @@ class VocabParallelEmbedding(nn.Module):
 
 class ParallelLMHead(VocabParallelEmbedding):
     """The output projection hidden -> vocab logits, vocabulary split like the embedding so the two
-    can share one weight when the checkpoint ties them."""
+    can share one weight when the checkpoint ties them.
+
+    On the CPU in float32, `use_onednn()` (called once the weights are final) routes the logits
+    matmul through a oneDNN copy of the weight: faster for decode batches, at the cost of that copy.
+    """
+
+    # oneDNN copy of `weight` (not a parameter: checkpoints and state dicts never see it), or None.
+    onednn_weight: torch.Tensor | None = None
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         """Share the embedding's weight (tie_word_embeddings)."""
@@ -64,8 +72,16 @@ class ParallelLMHead(VocabParallelEmbedding):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("ParallelLMHead is applied with compute_logits, not called")
 
+    def use_onednn(self) -> bool:
+        """Convert the (final) weight for oneDNN; False where that path does not apply."""
+        self.onednn_weight = to_onednn_weight(self.weight)
+        return self.onednn_weight is not None
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [N, hidden] -> logits [N, vocab] float32 (padding columns of the last rank dropped)
-        logits = F.linear(hidden, self.weight)
+        if self.onednn_weight is not None and hidden.dim() == 2 and hidden.shape[0] > 0:
+            logits = onednn_linear(hidden.float(), self.onednn_weight)
+        else:
+            logits = F.linear(hidden, self.weight)
         logits = self.tp.all_gather(logits, dim=-1)
         return logits[..., : self.vocab_size].float()

@@ -14,7 +14,7 @@ from batchlm.config import EngineConfig
 from batchlm.core.step_io import ModelRunnerOutput, SchedulerOutput
 from batchlm.models.loader import LoadedModel, ModelShape, load_model
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
-from batchlm.runner.cpu_threads import cap_cpu_threads
+from batchlm.runner.cpu_threads import cap_cpu_threads, use_onednn_lm_head
 from batchlm.runner.cuda_graph import DecodeGraphs
 from batchlm.runner.device import dtype_name, resolve_device, resolve_dtype
 from batchlm.runner.inputs import StepInputs, build_step_inputs
@@ -99,6 +99,8 @@ class ModelRunner:
             time.perf_counter() - started,
         )
         self.model = self.loaded.model
+        if self.device.type == "cpu":
+            use_onednn_lm_head(self.model)
         self.shape: ModelShape = self.loaded.shape
         self.max_model_len = self._resolve_max_model_len()
         self.max_num_batched_tokens = config.max_num_batched_tokens or default_max_num_batched_tokens(self.device)
