@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -26,6 +27,17 @@ LLAMA_STACKED: tuple[StackedParam, ...] = (
 )
 
 
+@dataclass(frozen=True)
+class BlockOptions:
+    """What differs between the Llama-style families inside a decoder block."""
+
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    # Qwen3: RMSNorm over each query and key head before RoPE.
+    qk_norm: bool = False
+
+
 class LlamaMLP(nn.Module):
     """down(silu(gate(x)) * up(x)), with gate and up fused into one matmul."""
 
@@ -41,16 +53,21 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    """Grouped-query self-attention with RoPE; q/k/v fused into one matmul."""
+    """Grouped-query self-attention with RoPE; q/k/v fused into one matmul (optionally q/k-normed)."""
 
-    def __init__(
-        self, config: Any, rope: RotaryEmbedding, qkv_bias: bool, o_bias: bool, tp: TensorParallelGroup
-    ) -> None:
+    def __init__(self, config: Any, rope: RotaryEmbedding, options: BlockOptions, tp: TensorParallelGroup) -> None:
         super().__init__()
         self.head_dim = head_dim_of(config)
         heads, kv_heads = config.num_attention_heads, num_kv_heads_of(config)
-        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, heads, kv_heads, qkv_bias, tp)
-        self.o_proj = RowParallelLinear(heads * self.head_dim, config.hidden_size, o_bias, tp)
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size, self.head_dim, heads, kv_heads, options.qkv_bias, tp
+        )
+        self.o_proj = RowParallelLinear(heads * self.head_dim, config.hidden_size, options.o_bias, tp)
+        self.q_norm: RMSNorm | None = None
+        self.k_norm: RMSNorm | None = None
+        if options.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.rotary_emb = rope
         self.scale = self.head_dim**-0.5
@@ -68,6 +85,8 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary_emb(positions, q, k)
         out = attn.forward(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
@@ -76,13 +95,10 @@ class LlamaAttention(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm attention and MLP blocks; the residual stream is carried through the fused norms."""
 
-    def __init__(
-        self, config: Any, rope: RotaryEmbedding, biases: tuple[bool, bool, bool], tp: TensorParallelGroup
-    ) -> None:
+    def __init__(self, config: Any, rope: RotaryEmbedding, options: BlockOptions, tp: TensorParallelGroup) -> None:
         super().__init__()
-        qkv_bias, o_bias, mlp_bias = biases
-        self.self_attn = LlamaAttention(config, rope, qkv_bias, o_bias, tp)
-        self.mlp = LlamaMLP(config, mlp_bias, tp)
+        self.self_attn = LlamaAttention(config, rope, options, tp)
+        self.mlp = LlamaMLP(config, options.mlp_bias, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -107,12 +123,12 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embedding, decoder layers and the final norm (HF's `model.` prefix)."""
 
-    def __init__(self, config: Any, biases: tuple[bool, bool, bool], tp: TensorParallelGroup) -> None:
+    def __init__(self, config: Any, options: BlockOptions, tp: TensorParallelGroup) -> None:
         super().__init__()
         rope = get_rope(config, head_dim_of(config), context_length(config))
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, rope, biases, tp) for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, rope, options, tp) for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -141,16 +157,16 @@ class LlamaForCausalLM(CausalLM):
         super().__init__()
         check_common_support(config)
         self.config = config
-        self.model = LlamaModel(config, self.attention_biases(config), tp)
+        self.model = LlamaModel(config, self.block_options(config), tp)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
         if self.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)
 
     @classmethod
-    def attention_biases(cls, config: Any) -> tuple[bool, bool, bool]:
-        """(q/k/v bias, o_proj bias, MLP bias) for this family."""
+    def block_options(cls, config: Any) -> BlockOptions:
+        """Biases (and q/k norms) of this family's decoder blocks."""
         attention_bias = bool(getattr(config, "attention_bias", False))
-        return attention_bias, attention_bias, bool(getattr(config, "mlp_bias", False))
+        return BlockOptions(attention_bias, attention_bias, bool(getattr(config, "mlp_bias", False)))
 
     @property
     def tie_word_embeddings(self) -> bool:
@@ -178,5 +194,5 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
     """Qwen2/2.5: Llama with biases on the q, k and v projections."""
 
     @classmethod
-    def attention_biases(cls, config: Any) -> tuple[bool, bool, bool]:
-        return True, False, False
+    def block_options(cls, config: Any) -> BlockOptions:
+        return BlockOptions(qkv_bias=True)
