@@ -62,17 +62,24 @@ class LocalTokenCounter:
 
 
 def write_prompts(model_dir: Path, args: argparse.Namespace, seed: int, path: Path) -> Path:
-    """`requests` random-word prompts of exactly `input_len` tokens, one JSON object per line."""
+    """`requests` random-word prompts of exactly `input_len` tokens, one JSON object per line.
+    Some texts have no prefix of exactly that many tokens (a word that is one token in the padded
+    vocabulary can move the count by two), so extra texts are drawn and those that miss are dropped."""
     import random
 
     from batchlm.bench.datasets import random_samples
 
     counter = LocalTokenCounter(model_dir)
-    samples = asyncio.run(random_samples(args.requests, args.input_len, counter, random.Random(seed)))  # type: ignore[arg-type]
-    lengths = {sample.prompt_len for sample in samples}
-    if lengths != {args.input_len}:
-        raise RuntimeError(f"could not cut every prompt to {args.input_len} tokens (got lengths {lengths})")
-    path.write_text("".join(json.dumps({"prompt": sample.prompt}) + "\n" for sample in samples))
+    rng = random.Random(seed)
+    prompts: list[str] = []
+    for _ in range(10):
+        samples = asyncio.run(random_samples(args.requests, args.input_len, counter, rng))  # type: ignore[arg-type]
+        prompts += [sample.prompt for sample in samples if sample.prompt_len == args.input_len]
+        if len(prompts) >= args.requests:
+            break
+    else:
+        raise RuntimeError(f"could not cut {args.requests} prompts to exactly {args.input_len} tokens")
+    path.write_text("".join(json.dumps({"prompt": prompt}) + "\n" for prompt in prompts[: args.requests]))
     return path
 
 
