@@ -29,6 +29,7 @@ from batchlm.engine.output_processor import OutputProcessor
 from batchlm.engine.requests import make_core_requests, validate_request
 from batchlm.outputs import EngineCoreOutput, RequestOutput
 from batchlm.sampling_params import SamplingParams
+from batchlm.startup_log import timed_phase
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +62,15 @@ class AsyncLLMEngine(EngineClient):
         """Load the tokenizer here and the model in the engine core; returns once both are ready."""
         self._loop = asyncio.get_running_loop()
         model_dir = await self._loop.run_in_executor(None, prepare_model_dir, self.config)
-        self.tokenizer = await self._loop.run_in_executor(None, load_tokenizer, self.config, model_dir)
-        self._processor = OutputProcessor(self.tokenizer)
+        # The core starts first (torch import, model, CUDA graphs): the tokenizer loads meanwhile.
         self._conn = self._spawn_core(model_dir)
+        try:
+            with timed_phase(logger, "tokenizer load (front end, beside the engine core)"):
+                self.tokenizer = await self._loop.run_in_executor(None, load_tokenizer, self.config, model_dir)
+        except BaseException:
+            self._stop_core_now()
+            raise
+        self._processor = OutputProcessor(self.tokenizer)
         kind, payload = await self._loop.run_in_executor(None, self._recv_or_eof)
         if kind != "ready":
             self._dead_reason = str(payload)
@@ -101,6 +108,15 @@ class AsyncLLMEngine(EngineClient):
         thread.start()
         self._worker = thread
         return parent
+
+    def _stop_core_now(self) -> None:
+        """Start failed on this side: a core process still loading the model is killed (it ignores
+        SIGTERM by design); a core thread cannot be, and stops at its first look at the pipe."""
+        if isinstance(self._worker, multiprocessing.process.BaseProcess):
+            self._worker.kill()
+        elif self._conn is not None:
+            with contextlib.suppress(OSError, BrokenPipeError):
+                self._conn.send(("shutdown", None))
 
     def _recv_or_eof(self) -> tuple[str, Any]:
         assert self._conn is not None

@@ -9,6 +9,7 @@ from pathlib import Path
 from batchlm.config import DEMO_MODEL, EngineConfig
 from batchlm.core.engine_core import EngineCore, Executor
 from batchlm.core.scheduler import Scheduler, SchedulerConfig
+from batchlm.startup_log import log_uptime, timed_phase
 from batchlm.tokenizer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -68,10 +69,17 @@ def build_engine_core(config: EngineConfig, model_dir: Path) -> tuple[EngineCore
 
         executor, runner_info = build_tensor_parallel_executor(config, model_dir)
     else:
-        from batchlm.runner.model_runner import ModelRunner
-
-        runner = ModelRunner(config, model_dir)
-        runner_info = runner.initialize_kv_cache()
+        # Python's start and the imports so far (torch included) happen before this point.
+        log_uptime(logger, "engine core: interpreter up, torch imported")
+        with timed_phase(logger, "runner imports (model code, Triton)"):
+            from batchlm.runner.model_runner import ModelRunner
+        with timed_phase(logger, "model runner (config, CUDA context, model, weights)"):
+            runner = ModelRunner(config, model_dir)
+        # initialize_kv_cache in its two steps, each timed.
+        with timed_phase(logger, "profile run (peak activation memory)"):
+            num_blocks = runner.determine_num_blocks()
+        with timed_phase(logger, "KV cache allocation and CUDA graphs"):
+            runner_info = runner.allocate_kv_cache(num_blocks)
         executor = runner
     info = CoreInfo(**runner_info.__dict__)
     scheduler = Scheduler(
@@ -85,4 +93,5 @@ def build_engine_core(config: EngineConfig, model_dir: Path) -> tuple[EngineCore
             prefix_cache_salt=f"{model_dir}|{config.adapter_path or ''}",
         )
     )
+    log_uptime(logger, "engine core: ready")
     return EngineCore(scheduler, executor), info

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,10 +15,13 @@ from batchlm.layers.norm import RMSNorm
 from batchlm.models.base import CausalLM
 from batchlm.models.checkpoint import find_safetensors, iter_safetensors, load_hf_config
 from batchlm.models.hf_config import context_length, head_dim_of, num_kv_heads_of
-from batchlm.models.lora import load_lora_adapter, merge_lora
+from batchlm.models.lora import LoraAdapter, load_lora_adapter, merge_lora
 from batchlm.models.registry import architecture_of, get_model_class
 from batchlm.models.weights import expected_names
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
+from batchlm.startup_log import timed_phase
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,8 @@ def load_model(
     """
     tp = tp or SINGLE_RANK
     model_dir, device = Path(model_dir), torch.device(device)
-    config = load_hf_config(model_dir, hf_overrides)
+    with timed_phase(logger, "model config"):
+        config = load_hf_config(model_dir, hf_overrides)
     model_class = get_model_class(architecture_of(config))
     if random_weights and adapter_path:
         raise ValueError(
@@ -99,18 +104,28 @@ def load_model(
         )
     files = [] if random_weights else find_safetensors(model_dir)
     adapter = load_lora_adapter(adapter_path) if adapter_path else None
-    with _default_dtype(dtype), torch.device(device):
+    if device.type == "cuda":
+        # CUDA's one-time context set-up, timed apart so the build below is not charged with it.
+        with timed_phase(logger, "CUDA context"):
+            torch.zeros(1, device=device)
+    with timed_phase(logger, "model build"), _default_dtype(dtype), torch.device(device):
         model = model_class(config, tp)
     if random_weights:
-        init_random_weights(model, std=float(getattr(config, "initializer_range", 0.02)), seed=seed)
+        with timed_phase(logger, "random weight init"):
+            init_random_weights(model, std=float(getattr(config, "initializer_range", 0.02)), seed=seed)
     else:
-        weights = iter_safetensors(files, progress)
-        if adapter is not None:
-            adapter.check_targets(expected_names(model), model.tie_word_embeddings)
-            weights = merge_lora(weights, adapter)
-        model.load_weights(weights)
+        with timed_phase(logger, "weight load"):
+            _load_checkpoint(model, files, adapter, progress)
     model.eval()
     return LoadedModel(model, config, model_dir, model_shape(config, tp), dtype, device)
+
+
+def _load_checkpoint(model: CausalLM, files: list[Path], adapter: LoraAdapter | None, progress: bool) -> None:
+    weights = iter_safetensors(files, progress)
+    if adapter is not None:
+        adapter.check_targets(expected_names(model), model.tie_word_embeddings)
+        weights = merge_lora(weights, adapter)
+    model.load_weights(weights)
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ import torch
 
 from batchlm.attention.backend import AttentionBackend, AttentionMetadata
 from batchlm.models.base import CausalLM
+from batchlm.startup_log import log_phase
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,8 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool: Any = None
+        # Wall time of each capture (warm-up run included), for the start-up log and benchmarks.
+        self.capture_seconds: dict[int, float] = {}
 
     def _meta(self, size: int) -> AttentionMetadata:
         buf = self.buffers
@@ -95,22 +98,30 @@ class DecodeGraphs:
         started = time.perf_counter()
         # Largest first, so smaller graphs reuse its memory pool.
         for size in reversed(self.sizes):
-            for _ in range(2):  # warm up: autotuning and lazy allocations happen outside the graph
-                self._forward(size)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                self.outputs[size] = self._forward(size)
-            if self.pool is None:
-                self.pool = graph.pool()
-            self.graphs[size] = graph
+            size_started = time.perf_counter()
+            self._capture_one(size)
+            self.capture_seconds[size] = time.perf_counter() - size_started
+            logger.debug("CUDA graph for decode batch %d captured in %.3f s", size, self.capture_seconds[size])
         torch.cuda.synchronize()
-        logger.info(
-            "Captured %d CUDA graphs for decode batches up to %d in %.1f s",
-            len(self.graphs),
-            self.max_batch,
+        slowest = max(self.capture_seconds, key=self.capture_seconds.__getitem__)
+        log_phase(
+            logger,
+            "CUDA graphs",
             time.perf_counter() - started,
+            f"{len(self.graphs)} decode batch sizes up to {self.max_batch}; slowest: batch {slowest} "
+            f"in {self.capture_seconds[slowest]:.2f} s",
         )
+
+    def _capture_one(self, size: int) -> None:
+        # One eager run first: Triton compiles and lazy allocations must happen outside the graph.
+        self._forward(size)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self.outputs[size] = self._forward(size)
+        if self.pool is None:
+            self.pool = graph.pool()
+        self.graphs[size] = graph
 
     def can_run(self, meta: AttentionMetadata) -> bool:
         return (

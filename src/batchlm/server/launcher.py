@@ -9,6 +9,7 @@ import logging
 import signal
 import socket
 import threading
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
@@ -17,6 +18,7 @@ from fastapi import FastAPI
 
 from batchlm.engine.client import EngineClient
 from batchlm.server.state import ServerState
+from batchlm.startup_log import log_phase, log_uptime
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +90,8 @@ async def serve(
     async def start() -> None:
         nonlocal failed
         assert start_engine is not None
+        log_uptime(logger, "front end: starting the engine")
+        started = time.perf_counter()
         try:
             await start_engine()
         except Exception as error:
@@ -95,6 +99,8 @@ async def serve(
             failed = True
             server.should_exit = True
             return
+        log_phase(logger, "engine start (tokenizer, engine core)", time.perf_counter() - started)
+        log_uptime(logger, "front end: ready")
         logger.info("engine ready, serving model %r", engine.model_info.served_model_name)
 
     starting = asyncio.ensure_future(start()) if start_engine is not None else None
