@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: GPU tests, offline W1/W2, single-stream latency, online W1.
-# Usage: bash benchmarks/gpu_suite.sh [tests] [w1] [single] [w2] [online]   (default: all)
+# One call on the GPU machine: GPU tests, offline W1/W2, single-stream latency, online W1, start-up time.
+# Usage: bash benchmarks/gpu_suite.sh [tests] [w1] [single] [w2] [online] [startup] [startup_profile]
+# (default: all but startup_profile). startup: command-to-ready of `batchlm serve` three times, the first
+# with an empty Triton cache (as on a fresh machine), with the server's `startup:` breakdown;
+# startup_profile: the engine core's start-up in one process (every Triton compile, every graph
+# capture), cold then warm, and what padding decode batches to coarser graph sizes costs.
 # Needs $OUT (results folder); PYTHONPATH=src (the package is not installed there).
 set -u
 export PYTHONPATH="${PYTHONPATH:-}:$(pwd)/src" PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/batchlm-gpu}"
 mkdir -p "$OUT"
-steps="${*:-tests w1 single w2 online}"
+steps="${*:-tests w1 single w2 online startup}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)' | tee -a "$OUT/gpu.txt"
 for step in $steps; do
@@ -26,5 +30,17 @@ for step in $steps; do
     online)
       timeout 300 python3 benchmarks/serve_gpu.py --shape llama-3.2-1b --requests 256 --input-len 512 \
         --output-len 256 --runs 3 --out-dir "$OUT" 2>&1 | grep -v Loading | tail -12 ;;
+    startup)
+      cache="$(mktemp -d)"
+      for run in cold warm1 warm2; do
+        TRITON_CACHE_DIR="$cache" timeout 150 python3 benchmarks/serve_gpu.py --shape llama-3.2-1b \
+          --requests 256 --input-len 512 --output-len 256 --runs 0 --server-log "$OUT/startup_$run.log" \
+          --server-log-level INFO 2>&1 | grep -v Loading | sed "s/^/[$run] /"
+      done ;;
+    startup_profile)
+      cache="$(mktemp -d)"
+      TRITON_CACHE_DIR="$cache" timeout 150 python3 benchmarks/startup_profile.py --json-out "$OUT/startup_cold.json"
+      TRITON_CACHE_DIR="$cache" timeout 200 python3 benchmarks/startup_profile.py --padding \
+        --json-out "$OUT/startup_warm.json" ;;
   esac
 done

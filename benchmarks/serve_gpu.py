@@ -2,7 +2,13 @@
 command until /health is 200, then run `batchlm bench` in fixed-length mode (all requests at once).
 
     python benchmarks/serve_gpu.py --shape llama-3.2-1b --requests 256 --input-len 512 --output-len 256
+    python benchmarks/serve_gpu.py --runs 0 --server-log start.log --server-log-level INFO  # start-up only
 Prints the startup time and the bench JSON summary (vLLM keys); --out-dir keeps the JSON files.
+With --server-log the server's output goes to that file, and its `startup:` lines (INFO) are printed.
+
+The model's tokenizer is the small built-in byte-level BPE padded with plain words up to the model's
+vocabulary, so every id the random model samples decodes to text (unpadded, ~1.6% of streams at
+128k ids sampled only ids past the tokenizer's 2048, streamed no text and counted as failures).
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from model_shapes import write_config_only
+from mlx_vs_mlx_lm_server import pad_tokenizer_vocab
+from model_shapes import SHAPES, write_config_only
 
 
 def free_port() -> int:
@@ -44,6 +51,20 @@ def wait_healthy(port: int, process: subprocess.Popen[bytes], timeout_s: float) 
     raise TimeoutError(f"the server was not healthy within {timeout_s} s")
 
 
+def prepare_model_dir(shape: str) -> Path:
+    """config.json and a tokenizer whose vocabulary covers every id the model can sample."""
+    model_dir = write_config_only(shape, Path(tempfile.gettempdir()) / f"batchlm-bench-{shape}")
+    pad_tokenizer_vocab(model_dir / "tokenizer.json", SHAPES[shape]["vocab_size"])
+    return model_dir
+
+
+def print_startup_lines(log: Path) -> None:
+    """The server's start-up breakdown: its `startup:` log lines, without the timestamp prefix."""
+    for line in log.read_text(errors="replace").splitlines():
+        if "startup:" in line:
+            print("  " + line[line.index("startup:") :], flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="llama-3.2-1b")
@@ -53,20 +74,30 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--out-dir", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--serve-arg", action="append", default=[], help="extra `batchlm serve` argument")
+    parser.add_argument("--server-log", type=Path, help="write the server's output here (default: inherit)")
+    parser.add_argument("--server-log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     args = parser.parse_args()
 
-    model_dir = write_config_only(args.shape, Path(tempfile.gettempdir()) / f"batchlm-bench-{args.shape}")
+    model_dir = prepare_model_dir(args.shape)
     port = free_port()
     command = [
         sys.executable, "-m", "batchlm.cli", "serve", "--model", str(model_dir), "--load-format", "dummy",
         "--port", str(port), "--batch-size", str(args.requests), "--max-model-len",
         str(args.input_len + args.output_len + 64), "--no-prefix-caching", "--served-model-name", "bench",
-        "--max-queue", str(4 * args.requests), "--log-level", "WARNING", *args.serve_arg,
+        "--max-queue", str(4 * args.requests), "--log-level", args.server_log_level, *args.serve_arg,
     ]
-    server = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    log_file = args.server_log.open("wb") if args.server_log else None
+    server = subprocess.Popen(
+        command,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=log_file,
+        stderr=subprocess.STDOUT if log_file else None,
+    )
     try:
         ready_s = wait_healthy(port, server, 600)
         print(json.dumps({"command_to_ready_s": round(ready_s, 2), "shape": args.shape}), flush=True)
+        if args.server_log:
+            print_startup_lines(args.server_log)
         for run in range(args.runs):
             result_path = args.out_dir / f"serve_{args.shape}_run{run}.json"
             subprocess.run(
@@ -86,6 +117,8 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(60)
+        if log_file is not None:
+            log_file.close()
 
 
 if __name__ == "__main__":
