@@ -8,52 +8,34 @@ import contextlib
 import logging
 import multiprocessing
 import threading
-import time
-from collections.abc import AsyncIterator
 from multiprocessing.connection import Connection
 from typing import Any
 
 from batchlm.config import EngineConfig
 from batchlm.core.scheduler import SchedulerStats
-from batchlm.engine.client import (
-    EngineClient,
-    EngineDeadError,
-    EngineStats,
-    ModelInfo,
-    QueueFullError,
-    RequestRejectedError,
-)
+from batchlm.engine.client import EngineDeadError, EngineStats, ModelInfo, RequestRejectedError
 from batchlm.engine.core_builder import CoreInfo, load_tokenizer, prepare_model_dir, served_model_name
 from batchlm.engine.core_process import engine_core_main
+from batchlm.engine.front_end import EngineLimits, StreamingFrontEnd
 from batchlm.engine.output_processor import OutputProcessor
-from batchlm.engine.requests import make_core_requests, validate_request
-from batchlm.outputs import EngineCoreOutput, RequestOutput
-from batchlm.sampling_params import SamplingParams
+from batchlm.request import EngineCoreRequest
 from batchlm.startup_log import timed_phase
 
 logger = logging.getLogger(__name__)
 
 
-
-class AsyncLLMEngine(EngineClient):
+class AsyncLLMEngine(StreamingFrontEnd):
     """Front end of the engine. All state here is touched only on the event loop's thread; a reader
     thread blocks on the pipe and hands each message to the loop."""
 
     def __init__(self, config: EngineConfig, *, multiprocess: bool = True, max_queue: int | None = None) -> None:
-        self.config = config
+        super().__init__(config, max_queue)
         self.multiprocess = multiprocess
-        self.max_queue = max_queue
         self._conn: Connection | None = None
         self._worker: multiprocessing.process.BaseProcess | threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._processor: OutputProcessor | None = None
-        self._queues: dict[str, asyncio.Queue[Any]] = {}
         self._core_stats = SchedulerStats()
-        self._prompt_tokens_total = 0
-        self._generation_tokens_total = 0
-        self._ready = False
         self._shutting_down = False
-        self._dead_reason: str | None = None
         self.info: CoreInfo | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -139,17 +121,9 @@ class AsyncLLMEngine(EngineClient):
                 worker.terminate()
         elif isinstance(worker, threading.Thread):
             await asyncio.get_running_loop().run_in_executor(None, worker.join, 10.0)
-        self._mark_dead("the engine was shut down")
+        self._mark_dead("the engine was shut down", expected=True)
 
     # -- EngineClient ------------------------------------------------------------------------------
-
-    @property
-    def is_ready(self) -> bool:
-        return self._ready and self._dead_reason is None
-
-    @property
-    def is_dead(self) -> bool:
-        return self._dead_reason is not None
 
     def stats(self) -> EngineStats:
         core = self._core_stats
@@ -164,71 +138,24 @@ class AsyncLLMEngine(EngineClient):
             generation_tokens_total=self._generation_tokens_total,
         )
 
-    async def generate(
-        self,
-        prompt_token_ids: list[int],
-        sampling_params: SamplingParams,
-        request_id: str,
-        prompt: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        queue = self._submit(prompt_token_ids, sampling_params, request_id, prompt)
-        finished = False
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            self._queues.pop(request_id, None)
-            if not finished:
-                self._abort_now(request_id)
+    # -- StreamingFrontEnd transport ---------------------------------------------------------------
 
-    async def abort(self, request_id: str) -> None:
-        self._abort_now(request_id)
-        queue = self._queues.pop(request_id, None)
-        if queue is not None:
-            queue.put_nowait(asyncio.CancelledError())
+    @property
+    def _limits(self) -> EngineLimits | None:
+        return self.info
 
-    # -- internals -----------------------------------------------------------------------------------
-
-    def _submit(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, prompt: str | None
-    ) -> asyncio.Queue[Any]:
-        if self._dead_reason is not None:
-            raise EngineDeadError(self._dead_reason)
-        if not self._ready or self.info is None or self._processor is None or self._conn is None:
-            raise EngineDeadError("the engine is still loading")
-        params = validate_request(prompt_token_ids, params, self.info.max_model_len, self.info.vocab_size)
-        if request_id in self._queues or self._processor.has_request(request_id):
-            raise RequestRejectedError(f"request id {request_id!r} is already in use", "request_id")
-        if self.max_queue is not None:
-            waiting = len(self._queues) - self.config.max_num_seqs
-            if waiting >= self.max_queue:
-                raise QueueFullError(
-                    f"the server is overloaded: {waiting} requests are already waiting (--max-queue "
-                    f"{self.max_queue}); retry later"
-                )
-        now = time.time()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._queues[request_id] = queue
-        self._processor.add_request(request_id, prompt, prompt_token_ids, params, now)
-        core_requests = make_core_requests(request_id, prompt_token_ids, params, self.tokenizer.eos_token_ids, now)
-        self._prompt_tokens_total += len(prompt_token_ids)
+    def _send_requests(self, core_requests: list[EngineCoreRequest]) -> bool:
+        if self._conn is None:
+            return False
         self._conn.send(("add", core_requests))
-        return queue
+        return True
 
-    def _abort_now(self, request_id: str) -> None:
-        if self._processor is None:
-            return
-        core_ids = self._processor.core_ids_of(request_id)
-        self._processor.abort_request(request_id)
-        if core_ids and self._conn is not None and self._dead_reason is None:
+    def _send_abort(self, core_ids: list[str]) -> None:
+        if self._conn is not None:
             with contextlib.suppress(OSError, BrokenPipeError):
                 self._conn.send(("abort", core_ids))
+
+    # -- internals -----------------------------------------------------------------------------------
 
     def _read_loop(self) -> None:
         """Reader thread: forward every message to the event loop until the pipe closes."""
@@ -250,32 +177,9 @@ class AsyncLLMEngine(EngineClient):
             core_id, message = payload
             self._on_rejected(core_id, message)
         elif kind == "failed":
-            self._mark_dead(str(payload))
-
-    def _on_outputs(self, outputs: list[EngineCoreOutput]) -> None:
-        assert self._processor is not None and self._conn is not None
-        self._generation_tokens_total += sum(len(o.new_token_ids) for o in outputs)
-        results, to_abort = self._processor.process(outputs, delta=True)
-        if to_abort:
-            self._conn.send(("abort", to_abort))
-        for result in results:
-            queue = self._queues.get(result.request_id)
-            if queue is not None:
-                queue.put_nowait(result)
+            self._mark_dead(str(payload), expected=self._shutting_down)
 
     def _on_rejected(self, core_id: str, message: str) -> None:
         for request_id in list(self._queues):
             if core_id in (self._processor.core_ids_of(request_id) if self._processor else []):
-                self._abort_now(request_id)
-                self._queues.pop(request_id).put_nowait(RequestRejectedError(message))
-
-    def _mark_dead(self, reason: str) -> None:
-        if self._dead_reason is None:
-            if self._shutting_down:
-                logger.info("engine stopped")
-            else:
-                logger.error("engine stopped: %s", reason)
-            self._dead_reason = reason
-        for queue in self._queues.values():
-            queue.put_nowait(EngineDeadError(f"the engine stopped: {reason}"))
-        self._queues.clear()
+                self._fail_request(request_id, RequestRejectedError(message))

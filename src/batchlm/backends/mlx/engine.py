@@ -6,27 +6,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from batchlm.backends import MLX_INSTALL_HINT, mlx_available
 from batchlm.backends.mlx.loader import check_config, resolve_model_dir
 from batchlm.backends.mlx.worker import GenerationWorker, WorkerInfo
 from batchlm.config import EngineConfig
-from batchlm.engine.client import (
-    EngineClient,
-    EngineDeadError,
-    EngineStats,
-    ModelInfo,
-    QueueFullError,
-    RequestRejectedError,
-)
+from batchlm.engine.client import EngineDeadError, EngineStats, ModelInfo
 from batchlm.engine.core_builder import served_model_name
+from batchlm.engine.front_end import EngineLimits, StreamingFrontEnd
 from batchlm.engine.output_processor import OutputProcessor
-from batchlm.engine.requests import make_core_requests, validate_request
-from batchlm.outputs import EngineCoreOutput, RequestOutput
-from batchlm.sampling_params import SamplingParams
+from batchlm.request import EngineCoreRequest
 from batchlm.tokenizer.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -38,7 +28,7 @@ logger = logging.getLogger(__name__)
 SHUTDOWN_TIMEOUT_S = 10.0
 
 
-class MLXEngine(EngineClient):
+class MLXEngine(StreamingFrontEnd):
     """Front end of the MLX backend. Its state is touched only on the event loop's thread; the
     generation thread posts outputs to it with call_soon_threadsafe."""
 
@@ -47,19 +37,12 @@ class MLXEngine(EngineClient):
         if not mlx_available():
             raise ValueError(f"the mlx backend needs the mlx and mlx-lm packages: {MLX_INSTALL_HINT}")
         check_config(config)
-        self.config = config
-        self.max_queue = max_queue
+        super().__init__(config, max_queue)
         self.info: WorkerInfo | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker: GenerationWorker | None = None
-        self._processor: OutputProcessor | None = None
-        self._queues: dict[str, asyncio.Queue[Any]] = {}
         self._started: asyncio.Future[WorkerInfo] | None = None
         self._loop_stats: LoopStats | None = None
-        self._prompt_tokens_total = 0
-        self._generation_tokens_total = 0
-        self._ready = False
-        self._dead_reason: str | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -109,14 +92,6 @@ class MLXEngine(EngineClient):
 
     # -- EngineClient ----------------------------------------------------------------------------------
 
-    @property
-    def is_ready(self) -> bool:
-        return self._ready and self._dead_reason is None
-
-    @property
-    def is_dead(self) -> bool:
-        return self._dead_reason is not None
-
     def stats(self) -> EngineStats:
         totals = {
             "prompt_tokens_total": self._prompt_tokens_total,
@@ -134,72 +109,23 @@ class MLXEngine(EngineClient):
             **totals,
         )
 
-    async def generate(
-        self,
-        prompt_token_ids: list[int],
-        sampling_params: SamplingParams,
-        request_id: str,
-        prompt: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        queue = self._submit(prompt_token_ids, sampling_params, request_id, prompt)
-        finished = False
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            self._queues.pop(request_id, None)
-            if not finished:
-                self._abort_now(request_id)
+    # -- StreamingFrontEnd transport -------------------------------------------------------------------
 
-    async def abort(self, request_id: str) -> None:
-        self._abort_now(request_id)
-        queue = self._queues.pop(request_id, None)
-        if queue is not None:
-            queue.put_nowait(asyncio.CancelledError())
+    @property
+    def _limits(self) -> EngineLimits | None:
+        return self.info if self._worker is not None else None
+
+    def _send_requests(self, core_requests: list[EngineCoreRequest]) -> bool:
+        if self._worker is None:
+            return False
+        self._worker.add(core_requests)
+        return True
+
+    def _send_abort(self, core_ids: list[str]) -> None:
+        if self._worker is not None:
+            self._worker.abort(core_ids)
 
     # -- internals ---------------------------------------------------------------------------------------
-
-    def _submit(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, prompt: str | None
-    ) -> asyncio.Queue[Any]:
-        if self._dead_reason is not None:
-            raise EngineDeadError(self._dead_reason)
-        if not self._ready or self.info is None or self._processor is None or self._worker is None:
-            raise EngineDeadError("the engine is still loading")
-        params = validate_request(prompt_token_ids, params, self.info.max_model_len, self.info.vocab_size)
-        if request_id in self._queues or self._processor.has_request(request_id):
-            raise RequestRejectedError(f"request id {request_id!r} is already in use", "request_id")
-        if self.max_queue is not None:
-            waiting = len(self._queues) - self.config.max_num_seqs
-            if waiting >= self.max_queue:
-                raise QueueFullError(
-                    f"the server is overloaded: {waiting} requests are already waiting (--max-queue "
-                    f"{self.max_queue}); retry later"
-                )
-        now = time.time()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._queues[request_id] = queue
-        self._processor.add_request(request_id, prompt, prompt_token_ids, params, now)
-        core_requests = make_core_requests(
-            request_id, prompt_token_ids, params, self.tokenizer.eos_token_ids, now
-        )
-        self._prompt_tokens_total += len(prompt_token_ids)
-        self._worker.add(core_requests)
-        return queue
-
-    def _abort_now(self, request_id: str) -> None:
-        if self._processor is None:
-            return
-        core_ids = self._processor.core_ids_of(request_id)
-        self._processor.abort_request(request_id)
-        if core_ids and self._worker is not None and self._dead_reason is None:
-            self._worker.abort(core_ids)
 
     def _post_threadsafe(self, kind: str, payload: Any) -> None:
         """Called on the generation thread: hand the message to the event loop."""
@@ -219,22 +145,3 @@ class MLXEngine(EngineClient):
             if self._started is not None and not self._started.done():
                 self._started.set_exception(EngineDeadError(f"the mlx engine failed to start: {payload}"))
             self._mark_dead(str(payload))
-
-    def _on_outputs(self, outputs: list[EngineCoreOutput]) -> None:
-        assert self._processor is not None and self._worker is not None
-        self._generation_tokens_total += sum(len(o.new_token_ids) for o in outputs)
-        results, to_abort = self._processor.process(outputs, delta=True)
-        if to_abort:
-            self._worker.abort(to_abort)
-        for result in results:
-            queue = self._queues.get(result.request_id)
-            if queue is not None:
-                queue.put_nowait(result)
-
-    def _mark_dead(self, reason: str, expected: bool = False) -> None:
-        if self._dead_reason is None:
-            logger.log(logging.INFO if expected else logging.ERROR, "mlx engine stopped: %s", reason)
-            self._dead_reason = reason
-        for queue in self._queues.values():
-            queue.put_nowait(EngineDeadError(f"the engine stopped: {reason}"))
-        self._queues.clear()

@@ -1,0 +1,176 @@
+"""The request-routing half shared by every EngineClient: validation, admission limits, one asyncio queue
+per request fed by the detokenizing OutputProcessor, aborts on disconnect, and failing open streams
+when the engine stops. Subclasses only say how core requests and aborts reach their engine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from abc import abstractmethod
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from batchlm.config import EngineConfig
+from batchlm.engine.client import EngineClient, EngineDeadError, QueueFullError, RequestRejectedError
+from batchlm.engine.output_processor import OutputProcessor
+from batchlm.engine.requests import make_core_requests, validate_request
+from batchlm.outputs import EngineCoreOutput, RequestOutput
+from batchlm.request import EngineCoreRequest
+from batchlm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineLimits(Protocol):
+    """What request validation needs from the started engine."""
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+
+class StreamingFrontEnd(EngineClient):
+    """All state here is touched only on the event loop's thread; engines hand outputs over with
+    call_soon_threadsafe and then call _on_outputs / _mark_dead there."""
+
+    def __init__(self, config: EngineConfig, max_queue: int | None) -> None:
+        self.config = config
+        self.max_queue = max_queue
+        self._processor: OutputProcessor | None = None
+        self._queues: dict[str, asyncio.Queue[Any]] = {}
+        self._prompt_tokens_total = 0
+        self._generation_tokens_total = 0
+        self._ready = False
+        self._dead_reason: str | None = None
+
+    # -- what a subclass provides --------------------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def _limits(self) -> EngineLimits | None:
+        """The started engine's limits; None until it is up."""
+
+    @abstractmethod
+    def _send_requests(self, core_requests: list[EngineCoreRequest]) -> bool:
+        """Hand new core requests to the engine; False when there is no engine to take them."""
+
+    @abstractmethod
+    def _send_abort(self, core_ids: list[str]) -> None:
+        """Ask the engine to drop these core requests (it may already have finished them)."""
+
+    # -- EngineClient ----------------------------------------------------------------------------------
+
+    @property
+    def is_ready(self) -> bool:
+        return self._ready and self._dead_reason is None
+
+    @property
+    def is_dead(self) -> bool:
+        return self._dead_reason is not None
+
+    async def generate(
+        self,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        request_id: str,
+        prompt: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        queue = self._submit(prompt_token_ids, sampling_params, request_id, prompt)
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                self._abort_now(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self._abort_now(request_id)
+        queue = self._queues.pop(request_id, None)
+        if queue is not None:
+            queue.put_nowait(asyncio.CancelledError())
+
+    # -- shared internals ------------------------------------------------------------------------------
+
+    def _submit(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, prompt: str | None
+    ) -> asyncio.Queue[Any]:
+        if self._dead_reason is not None:
+            raise EngineDeadError(self._dead_reason)
+        limits = self._limits
+        if not self._ready or limits is None or self._processor is None:
+            raise EngineDeadError("the engine is still loading")
+        params = validate_request(prompt_token_ids, params, limits.max_model_len, limits.vocab_size)
+        if request_id in self._queues or self._processor.has_request(request_id):
+            raise RequestRejectedError(f"request id {request_id!r} is already in use", "request_id")
+        self._check_queue_room()
+        now = time.time()
+        core_requests = make_core_requests(request_id, prompt_token_ids, params, self.tokenizer.eos_token_ids, now)
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._queues[request_id] = queue
+        self._processor.add_request(request_id, prompt, prompt_token_ids, params, now)
+        self._prompt_tokens_total += len(prompt_token_ids)
+        if not self._send_requests(core_requests):
+            self._queues.pop(request_id, None)
+            self._processor.abort_request(request_id)
+            raise EngineDeadError("the engine is not running")
+        return queue
+
+    def _check_queue_room(self) -> None:
+        if self.max_queue is None:
+            return
+        waiting = len(self._queues) - self.config.max_num_seqs
+        if waiting >= self.max_queue:
+            raise QueueFullError(
+                f"the server is overloaded: {waiting} requests are already waiting (--max-queue "
+                f"{self.max_queue}); retry later"
+            )
+
+    def _abort_now(self, request_id: str) -> None:
+        if self._processor is None:
+            return
+        core_ids = self._processor.core_ids_of(request_id)
+        self._processor.abort_request(request_id)
+        if core_ids and self._dead_reason is None:
+            self._send_abort(core_ids)
+
+    def _on_outputs(self, outputs: list[EngineCoreOutput]) -> None:
+        """Detokenize one step's outputs and route each request's delta to its stream."""
+        assert self._processor is not None
+        self._generation_tokens_total += sum(len(o.new_token_ids) for o in outputs)
+        results, to_abort = self._processor.process(outputs, delta=True)
+        if to_abort:  # stop strings found here: the engine must stop generating for them
+            self._send_abort(to_abort)
+        for result in results:
+            queue = self._queues.get(result.request_id)
+            if queue is not None:
+                queue.put_nowait(result)
+
+    def _fail_request(self, request_id: str, error: BaseException) -> None:
+        """End one open stream with `error` (e.g. the engine rejected it after admission)."""
+        self._abort_now(request_id)
+        queue = self._queues.pop(request_id, None)
+        if queue is not None:
+            queue.put_nowait(error)
+
+    def _mark_dead(self, reason: str, expected: bool = False) -> None:
+        """The engine stopped: every open stream ends with EngineDeadError, and so does every new request."""
+        if self._dead_reason is None:
+            if expected:
+                logger.info("engine stopped")
+            else:
+                logger.error("engine stopped: %s", reason)
+            self._dead_reason = reason
+        for queue in self._queues.values():
+            queue.put_nowait(EngineDeadError(f"the engine stopped: {reason}"))
+        self._queues.clear()
