@@ -1,17 +1,26 @@
-"""Where one engine step's time goes (scheduler, input building, forward, sampling, update, output
-processing), on a workload of real shape with random weights.
+"""Where one engine step's time goes, on a workload of real shape with random weights: host time per phase
+(scheduler, input building, forward launch, sampling, waiting for tokens, update, output processing) and,
+on CUDA, the device's busy span per step and the idle gap between one step's end and the next one's start.
 
     python benchmarks/profile_step.py --shape llama-3.2-1b --num-requests 256 --input-len 512 --output-len 64
+    python benchmarks/profile_step.py ... --async-scheduling off --sync   # exact serial split of each phase
+
+The gap is measured with CUDA events: one recorded just before a step's first upload, one after its last
+kernel and token copy are queued. A gap near zero means the next step was queued before the device
+finished the previous one. --sync synchronizes around each phase (no overlap; only with async off).
+Only decode-only steps enter the per-step figures (prefill steps are few and much longer).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -23,13 +32,13 @@ from offline_throughput import make_prompts
 TIMES: dict[str, float] = collections.defaultdict(float)
 
 
-def timed(name: str, fn, sync: bool = False):  # type: ignore[no-untyped-def]
-    def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
-        if sync and torch.cuda.is_available():
+def timed(name: str, fn: Any, sync: bool = False) -> Any:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if sync:
             torch.cuda.synchronize()
         started = time.perf_counter()
         result = fn(*args, **kwargs)
-        if sync and torch.cuda.is_available():
+        if sync:
             torch.cuda.synchronize()
         TIMES[name] += time.perf_counter() - started
         return result
@@ -37,44 +46,127 @@ def timed(name: str, fn, sync: bool = False):  # type: ignore[no-untyped-def]
     return wrapper
 
 
+class StepEvents:
+    """A (begin, end) CUDA event pair per launched step, and whether the step was decode-only."""
+
+    def __init__(self) -> None:
+        self.begins: list[torch.cuda.Event] = []
+        self.ends: list[torch.cuda.Event] = []
+        self.decode_only: list[bool] = []
+        self._pending_begin: torch.cuda.Event | None = None
+
+    def wrap_upload(self, upload: Any) -> Any:
+        def wrapper(arrays: Any, device: torch.device) -> Any:
+            if device.type == "cuda" and self._pending_begin is None:
+                self._pending_begin = _event()
+            return upload(arrays, device)
+
+        return wrapper
+
+    def wrap_launch(self, launch: Any) -> Any:
+        def wrapper(scheduled: Any) -> Any:
+            pending = launch(scheduled)
+            if self._pending_begin is not None:
+                self.begins.append(self._pending_begin)
+                self.ends.append(_event())
+                self.decode_only.append(all(len(c.token_ids) == 1 for c in scheduled.chunks))
+                self._pending_begin = None
+            return pending
+
+        return wrapper
+
+    def report(self) -> dict[str, float]:
+        """Median device span and idle gap (ms) over decode-only steps, and their sums."""
+        torch.cuda.synchronize()
+        spans, gaps = [], []
+        for index, decode_only in enumerate(self.decode_only):
+            if not decode_only or index == 0:
+                continue
+            spans.append(self.begins[index].elapsed_time(self.ends[index]))
+            gaps.append(self.ends[index - 1].elapsed_time(self.begins[index]))
+        if not spans:
+            return {}
+        return {
+            "decode_steps": len(spans),
+            "span_ms_median": statistics.median(spans),
+            "gap_ms_median": statistics.median(gaps),
+            "gap_ms_mean": statistics.fmean(gaps),
+            "idle_fraction": sum(gaps) / (sum(gaps) + sum(spans)),
+        }
+
+
+def _event() -> torch.cuda.Event:
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def instrument(llm: Any, sync: bool) -> StepEvents | None:
+    import batchlm.runner.inputs as inputs_module
+    import batchlm.runner.model_runner as runner_module
+    from batchlm.engine import llm as llm_module
+    from batchlm.runner.step_output import PendingStepOutput
+
+    core = llm.engine_core
+    runner = core.executor
+    core.scheduler.schedule = timed("schedule", core.scheduler.schedule)
+    core.scheduler.update_from_output = timed("update", core.scheduler.update_from_output)
+    runner_module.build_step_inputs = timed("inputs", runner_module.build_step_inputs, sync)
+    runner._forward = timed("forward", runner._forward, sync)
+    runner.sampler.sample_on_device = timed("sample", runner.sampler.sample_on_device, sync)
+    PendingStepOutput.result = timed("wait tokens", PendingStepOutput.result)  # type: ignore[method-assign]
+    llm_module.OutputProcessor.process = timed("process", llm_module.OutputProcessor.process)  # type: ignore[method-assign]
+    if not torch.cuda.is_available():
+        return None
+    events = StepEvents()
+    inputs_module._to_device = events.wrap_upload(inputs_module._to_device)
+    runner.execute_async = events.wrap_launch(runner.execute_async)
+    return events
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="llama-3.2-1b")
     parser.add_argument("--num-requests", type=int, default=256)
     parser.add_argument("--input-len", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--sync", action="store_true", help="synchronize around each phase (exact GPU split)")
     args = parser.parse_args()
     from batchlm import LLM, SamplingParams
 
     model_dir = write_config_only(args.shape, Path(tempfile.gettempdir()) / f"batchlm-bench-{args.shape}")
-    llm = LLM(model=str(model_dir), load_format="dummy", max_model_len=args.input_len + args.output_len + 16,
-              max_num_seqs=args.num_requests, enable_prefix_caching=False)
+    llm = LLM(
+        model=str(model_dir),
+        load_format="dummy",
+        max_model_len=args.input_len + args.output_len + 16,
+        max_num_seqs=args.num_requests,
+        enable_prefix_caching=False,
+        async_scheduling=args.async_scheduling,
+    )
+    if args.sync and llm.engine_core.async_scheduling:
+        parser.error("--sync serialises every phase: use it with --async-scheduling off")
     prompts = make_prompts(args.num_requests, args.input_len, llm.info.vocab_size, 0)
-    params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=1.0, detokenize=False)
+    params = SamplingParams(
+        max_tokens=args.output_len, ignore_eos=True, temperature=args.temperature, detokenize=False
+    )
     llm.generate(prompts[:4], params)
+    events = instrument(llm, args.sync and torch.cuda.is_available())
     core = llm.engine_core
-    runner = core.executor
-    core.scheduler.schedule = timed("schedule", core.scheduler.schedule)  # type: ignore[method-assign]
-    core.scheduler.update_from_output = timed("update", core.scheduler.update_from_output)  # type: ignore[method-assign]
-    import batchlm.runner.model_runner as mr
-
-    mr.build_step_inputs = timed("inputs", mr.build_step_inputs, args.sync)
-    runner._forward = timed("forward", runner._forward, args.sync)  # type: ignore[attr-defined]
-    sampler = runner.sampler  # type: ignore[attr-defined]
-    runner.sampler = timed("sample", sampler, args.sync)  # type: ignore[attr-defined]
-    from batchlm.engine import llm as llm_module
-
-    original_process = llm_module.OutputProcessor.process
-    llm_module.OutputProcessor.process = timed("process", original_process)  # type: ignore[method-assign]
     started = time.perf_counter()
     steps_before = core.num_steps
     llm.generate(prompts, params)
     elapsed = time.perf_counter() - started
     steps = core.num_steps - steps_before
-    print(f"{steps} steps in {elapsed:.2f} s ({1000 * elapsed / steps:.2f} ms/step), sync={args.sync}")
+    mode = "on" if core.async_scheduling else "off"
+    print(f"{steps} steps in {elapsed:.2f} s ({1000 * elapsed / steps:.2f} ms/step), async={mode}, sync={args.sync}")
+    print("host time per step (all steps):")
     for name, total in sorted(TIMES.items(), key=lambda kv: -kv[1]):
-        print(f"  {name:10s} {1000 * total / steps:7.3f} ms/step  {100 * total / elapsed:5.1f}%")
+        print(f"  {name:12s} {1000 * total / steps:7.3f} ms  {100 * total / elapsed:5.1f}%")
+    if events is not None:
+        figures = events.report()
+        print("device, decode-only steps:", " ".join(f"{k}={v:.3f}" for k, v in figures.items()))
 
 
 if __name__ == "__main__":

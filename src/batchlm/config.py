@@ -60,6 +60,9 @@ class EngineConfig:
     load_format: str = "auto"
     # Extra keyword arguments for the model config (tests, random models).
     hf_overrides: dict[str, Any] = field(default_factory=dict)
+    # Overlap host work with the device: schedule and launch step N+1 while step N runs, filling in its
+    # sampled tokens on the device. "auto": on for one CUDA GPU, off on CPU and with tensor parallelism.
+    async_scheduling: str = "auto"
 
     def with_updates(self, **changes: Any) -> EngineConfig:
         return replace(self, **changes)

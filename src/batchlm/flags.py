@@ -123,7 +123,11 @@ def dataclass_from_args(cls: type[T], args: argparse.Namespace) -> T:
 
 # The seed README's spellings and a few fixed choices; every other engine flag is the field name.
 ENGINE_FLAG_NAMES = {"max_num_seqs": ["--batch-size", "--max-num-seqs"]}
-ENGINE_CHOICES = {"dtype": ["auto", "float32", "bfloat16", "float16"], "load_format": ["auto", "dummy"]}
+ENGINE_CHOICES = {
+    "dtype": ["auto", "float32", "bfloat16", "float16"],
+    "load_format": ["auto", "dummy"],
+    "async_scheduling": ["auto", "on", "off"],
+}
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:

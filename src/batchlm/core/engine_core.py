@@ -1,4 +1,5 @@
-"""The synchronous engine core: schedule -> execute -> update, one step at a time. Never imports torch."""
+"""The engine core: schedule -> execute -> update, either one step at a time or with one step in flight
+(async scheduling). Single-threaded, and never imports torch."""
 
 from __future__ import annotations
 
@@ -22,15 +23,38 @@ class Executor(Protocol):
     def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput: ...
 
 
-class EngineCore:
-    """Owns the scheduler and drives the executor. Single-threaded; transports live at the edge."""
+class PendingOutput(Protocol):
+    """A launched step's output; result() waits for it."""
 
-    def __init__(self, scheduler: Scheduler, executor: Executor) -> None:
+    def result(self) -> ModelRunnerOutput: ...
+
+
+class AsyncExecutor(Executor, Protocol):
+    """An executor that can queue a step and return before it finishes (the single-device runner)."""
+
+    def execute_async(self, scheduled: SchedulerOutput) -> PendingOutput: ...
+
+
+class EngineCore:
+    """Owns the scheduler and drives the executor. Single-threaded; transports live at the edge.
+
+    With async_scheduling, step() schedules and launches step N+1 before it waits for step N's
+    tokens and folds them in, so the device never waits for the host's scheduling and input
+    building. Outputs then arrive one step() call later than they would synchronously.
+    """
+
+    def __init__(self, scheduler: Scheduler, executor: Executor, async_scheduling: bool = False) -> None:
+        if async_scheduling and not callable(getattr(executor, "execute_async", None)):
+            name = type(executor).__name__
+            raise ValueError(f"async scheduling needs an executor with execute_async; {name} has none")
         self.scheduler = scheduler
         self.executor = executor
+        self.async_scheduling = async_scheduling
         self.num_steps = 0
         # Request id -> time it was first scheduled, until reported on its first output.
         self._first_scheduled: dict[str, float] = {}
+        # Async scheduling: the launched step whose output has not been folded in yet.
+        self._in_flight: tuple[SchedulerOutput, PendingOutput] | None = None
 
     def add_request(self, request: EngineCoreRequest) -> None:
         """Raises ValueError when the request can never run (the caller reports it to the client)."""
@@ -43,17 +67,41 @@ class EngineCore:
         return self.scheduler.abort_requests(request_ids)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
 
     def step(self) -> list[EngineCoreOutput]:
+        if self.async_scheduling:
+            return self._step_async()
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty and not scheduled.finished_request_ids:
             return []
+        self._note_first_scheduled(scheduled)
+        result = self.executor.execute(scheduled)
+        self.num_steps += 1
+        return self._update(scheduled, result)
+
+    def _step_async(self) -> list[EngineCoreOutput]:
+        """Launch the next step, then fold in the one launched by the previous call."""
+        scheduled = self.scheduler.schedule()
+        launched = None
+        if not scheduled.is_empty or scheduled.finished_request_ids:
+            self._note_first_scheduled(scheduled)
+            executor: AsyncExecutor = self.executor  # type: ignore[assignment]
+            launched = executor.execute_async(scheduled)
+            self.num_steps += 1
+        previous = self._in_flight
+        # A step with no chunks (only requests to drop) has no output to wait for.
+        self._in_flight = (scheduled, launched) if launched is not None and not scheduled.is_empty else None
+        if previous is None:
+            return []
+        return self._update(previous[0], previous[1].result())
+
+    def _note_first_scheduled(self, scheduled: SchedulerOutput) -> None:
         now = time.time()
         for new in scheduled.new_requests:
             self._first_scheduled.setdefault(new.request_id, now)
-        result = self.executor.execute(scheduled)
-        self.num_steps += 1
+
+    def _update(self, scheduled: SchedulerOutput, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
         outputs = self.scheduler.update_from_output(scheduled, result)
         if self._first_scheduled:
             outputs = [self._with_scheduled_time(o) for o in outputs]

@@ -25,8 +25,13 @@ class RequestState:
     request: EngineCoreRequest
     # Prompt followed by the generated tokens.
     all_token_ids: list[int] = field(init=False)
-    # Tokens whose keys/values are in this request's KV blocks.
+    # Tokens whose keys/values are in this request's KV blocks (steps whose results were folded in).
     num_computed_tokens: int = 0
+    # Tokens scheduled in steps whose results are not folded in yet (more than zero only between
+    # schedule() and update_from_output(), or while async scheduling keeps a step in flight).
+    num_inflight_tokens: int = 0
+    # How many of those steps sample a token for this request: ids the host does not know yet.
+    num_inflight_samples: int = 0
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     # Chained hashes of the full blocks of all_token_ids, extended lazily; each is computed once.
@@ -40,6 +45,8 @@ class RequestState:
     # True while the runner holds state for this request (sent, and not since dropped).
     known_to_runner: bool = False
     num_preemptions: int = 0
+    # The block table as last sent to the runner; the scheduler rebuilds it only when the table grows.
+    block_table: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.request.prompt_token_ids)
@@ -71,6 +78,12 @@ class RequestState:
         return len(self.all_token_ids) - self.num_computed_tokens
 
     @property
+    def num_unscheduled_tokens(self) -> int:
+        """Tokens, known or still being sampled, that no step has been given yet."""
+        num_expected = len(self.all_token_ids) + self.num_inflight_samples
+        return num_expected - self.num_computed_tokens - self.num_inflight_tokens
+
+    @property
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
@@ -80,6 +93,10 @@ class RequestState:
     def reset_for_recompute(self) -> None:
         """Preemption: the KV blocks are gone; generated tokens stay and are recomputed as context."""
         self.num_computed_tokens = 0
+        # Results of steps still in flight are dropped when they arrive (num_preemptions changed).
+        self.num_inflight_tokens = 0
+        self.num_inflight_samples = 0
+        self.block_table = ()
         self.status = RequestStatus.WAITING
         self.needs_runner_setup = True
         self.known_to_runner = False

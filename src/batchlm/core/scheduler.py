@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from batchlm.core.kv_cache_manager import KVCacheManager
 from batchlm.core.request_state import RequestState, RequestStatus
-from batchlm.core.step_io import ModelRunnerOutput, NewRequestData, ScheduledChunk, SchedulerOutput
+from batchlm.core.step_builder import InflightStep, StepBuilder, new_request_data, sampled_by_request
+from batchlm.core.step_io import PLACEHOLDER_TOKEN_ID, ModelRunnerOutput, ScheduledChunk, SchedulerOutput
 from batchlm.core.stop_checker import check_stop
 from batchlm.outputs import EngineCoreOutput, FinishReason, TokenLogprobs
 from batchlm.request import EngineCoreRequest
@@ -57,7 +58,14 @@ class SchedulerStats:
 
 class Scheduler:
     """Decides each step which tokens of which requests to compute, and folds the sampled tokens
-    back in. Call schedule() then update_from_output() with its result, once per step."""
+    back in. Call schedule() then update_from_output() with its result, once per step.
+
+    Async scheduling: schedule() may be called again before the previous step's update (one step in
+    flight). Tokens scheduled but not yet folded in count as in flight: the next step continues after
+    them, and a token still being sampled is sent as PLACEHOLDER_TOKEN_ID (the runner fills it in on
+    the device). A request found finished when its result arrives may already be in the next step;
+    that step's token for it is discarded.
+    """
 
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
@@ -70,6 +78,8 @@ class Scheduler:
         self._running: list[RequestState] = []
         # Requests the runner must forget at the next step (finished, aborted or preempted).
         self._dropped_ids: set[str] = set()
+        # Scheduled steps awaiting update_from_output, oldest first.
+        self._inflight: deque[InflightStep] = deque()
         self._prefix_queries = 0
         self._prefix_hits = 0
         self._num_preemptions = 0
@@ -145,20 +155,32 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Pick this step's chunks: running requests first (in admission order), then admit waiting
         ones first-come-first-served while the token budget, max_num_seqs and blocks allow."""
-        step = _StepBuilder(self.config.max_num_batched_tokens)
+        step = StepBuilder(self.config.max_num_batched_tokens)
         self._schedule_running(step)
         if not step.preempted:
             # No admissions in a step that had to preempt: the freed blocks go to the survivors.
             self._admit_waiting(step)
         dropped, self._dropped_ids = frozenset(self._dropped_ids), set()
-        return step.build(dropped)
+        scheduled, record = step.build(dropped)
+        if not scheduled.is_empty:
+            self._inflight.append(record)
+        return scheduled
 
-    def _schedule_running(self, step: _StepBuilder) -> None:
+    @property
+    def num_inflight_steps(self) -> int:
+        """Steps scheduled whose results have not been folded in yet."""
+        return len(self._inflight)
+
+    def _schedule_running(self, step: StepBuilder) -> None:
         index = 0
         while index < len(self._running) and step.budget > 0:
             state = self._running[index]
-            num_new = min(state.num_uncomputed_tokens, step.budget)
-            while not self.kv.grow(state, num_new):
+            if state.num_inflight_samples and self._reaches_limit(state):
+                index += 1  # its last token is being sampled: it finishes when that result arrives
+                continue
+            num_new = min(state.num_unscheduled_tokens, step.budget)
+            # Blocks for the tokens in flight too: grow() counts from the computed ones.
+            while not self.kv.grow(state, state.num_inflight_tokens + num_new):
                 victim = self._running.pop()
                 self._preempt(victim)
                 step.preempted = True
@@ -167,7 +189,15 @@ class Scheduler:
             self._add_chunk(step, state, num_new)
             index += 1
 
-    def _admit_waiting(self, step: _StepBuilder) -> None:
+    def _reaches_limit(self, state: RequestState) -> bool:
+        """True when the tokens being sampled take the request to max_tokens or the context limit."""
+        expected_tokens = state.num_tokens + state.num_inflight_samples
+        max_tokens = state.sampling_params.max_tokens
+        if max_tokens is not None and expected_tokens - state.num_prompt_tokens >= max_tokens:
+            return True
+        return expected_tokens >= self.config.max_model_len
+
+    def _admit_waiting(self, step: StepBuilder) -> None:
         while self._waiting and step.budget > 0 and len(self._running) < self.config.max_num_seqs:
             state = self._waiting[0]
             cached_blocks = self.kv.find_cached_prefix(state)
@@ -187,20 +217,34 @@ class Scheduler:
                 state.num_cached_tokens = num_cached_tokens
             self._add_chunk(step, state, num_new)
 
-    def _add_chunk(self, step: _StepBuilder, state: RequestState, num_new: int) -> None:
-        start = state.num_computed_tokens
+    def _add_chunk(self, step: StepBuilder, state: RequestState, num_new: int) -> None:
+        start = state.num_computed_tokens + state.num_inflight_tokens
+        end = start + num_new
         if state.needs_runner_setup:
-            step.new_requests.append(_new_request_data(state))
+            step.new_requests.append(new_request_data(state))
             state.needs_runner_setup = False
             state.known_to_runner = True
-        chunk = ScheduledChunk(
-            request_id=state.request_id,
-            token_ids=tuple(state.all_token_ids[start : start + num_new]),
-            start_position=start,
-            block_ids=tuple(self.kv.block_ids(state.request_id)),
-            sample=start + num_new == state.num_tokens,
-        )
-        step.add(chunk)
+        num_known = state.num_tokens
+        if end <= num_known:
+            token_ids = tuple(state.all_token_ids[start:end])
+        else:
+            # Past the known tokens: the one token the step in flight is sampling for this request.
+            assert start == num_known and num_new == 1, "only the token in flight may be unknown"
+            token_ids = _PLACEHOLDER_CHUNK
+        sample = end == num_known + state.num_inflight_samples
+        chunk = ScheduledChunk(state.request_id, token_ids, start, self._block_table(state), sample)
+        state.num_inflight_tokens += num_new
+        if sample:
+            state.num_inflight_samples += 1
+        step.add(chunk, state)
+
+    def _block_table(self, state: RequestState) -> tuple[int, ...]:
+        """The request's table as a tuple, rebuilt only when it grew: tables only ever grow while held
+        (a preemption resets the cached copy), so an unchanged length means unchanged contents."""
+        block_ids = self.kv.block_ids(state.request_id)
+        if len(state.block_table) != len(block_ids):
+            state.block_table = tuple(block_ids)
+        return state.block_table
 
     def _preempt(self, state: RequestState) -> None:
         """Free the request's blocks and queue it first for recomputation (its tokens are kept)."""
@@ -215,26 +259,41 @@ class Scheduler:
         self, scheduled: SchedulerOutput, result: ModelRunnerOutput
     ) -> list[EngineCoreOutput]:
         """Advance the scheduled requests, append sampled tokens, and finish those that must stop.
-        Returns one output per request that got a token or finished."""
-        sampled = _sampled_by_request(scheduled, result)
+        Returns one output per request that got a token or finished. Steps are updated in the order
+        they were scheduled."""
+        if scheduled.is_empty:
+            return []
+        sampled = sampled_by_request(scheduled, result)
+        record = self._pop_inflight(scheduled)
         outputs: list[EngineCoreOutput] = []
         finished_any = False
-        for chunk in scheduled.chunks:
-            state = self._requests.get(chunk.request_id)
-            if state is None or state.status is not RequestStatus.RUNNING:
-                continue  # aborted while the step was in flight: its token is dropped
-            state.num_computed_tokens = chunk.start_position + len(chunk.token_ids)
+        for chunk, state, preemptions in zip(
+            scheduled.chunks, record.states, record.preemption_counts, strict=True
+        ):
+            if state.is_finished or state.num_preemptions != preemptions:
+                # Finished, aborted or preempted while the step was in flight: its work is dropped.
+                continue
+            num_tokens = len(chunk.token_ids)
+            state.num_inflight_tokens -= num_tokens
+            state.num_computed_tokens += num_tokens
             self.kv.commit_computed(state)
             if not chunk.sample:
                 continue
-            if chunk.request_id not in sampled:
-                raise RuntimeError(f"the model runner returned no token for request {chunk.request_id!r}")
+            state.num_inflight_samples -= 1
             token_id, logprobs = sampled[chunk.request_id]
             outputs.append(self._append_token(state, token_id, logprobs))
             finished_any = finished_any or state.is_finished
         if finished_any:
             self._running = [state for state in self._running if not state.is_finished]
         return outputs
+
+    def _pop_inflight(self, scheduled: SchedulerOutput) -> InflightStep:
+        if not self._inflight or self._inflight[0].scheduled is not scheduled:
+            raise RuntimeError(
+                "update_from_output() got a step that is not the oldest one in flight; "
+                "update steps once each, in the order schedule() returned them"
+            )
+        return self._inflight.popleft()
 
     def _append_token(
         self, state: RequestState, token_id: int, logprobs: TokenLogprobs | None
@@ -266,56 +325,4 @@ class Scheduler:
             self._dropped_ids.add(state.request_id)
 
 
-class _StepBuilder:
-    """Collects one step's chunks (decodes ahead of prefill chunks) against the token budget."""
-
-    def __init__(self, budget: int) -> None:
-        self.budget = budget
-        self.preempted = False
-        self.decodes: list[ScheduledChunk] = []
-        self.prefills: list[ScheduledChunk] = []
-        self.new_requests: list[NewRequestData] = []
-
-    def add(self, chunk: ScheduledChunk) -> None:
-        assert 0 < len(chunk.token_ids) <= self.budget, "chunk outside the token budget"
-        self.budget -= len(chunk.token_ids)
-        # One-token chunks go first: the attention metadata treats the leading rows as decodes.
-        (self.decodes if len(chunk.token_ids) == 1 else self.prefills).append(chunk)
-
-    def build(self, dropped_ids: frozenset[str]) -> SchedulerOutput:
-        return SchedulerOutput(
-            chunks=(*self.decodes, *self.prefills),
-            new_requests=tuple(self.new_requests),
-            finished_request_ids=dropped_ids,
-        )
-
-
-def _new_request_data(state: RequestState) -> NewRequestData:
-    request = state.request
-    return NewRequestData(
-        request_id=state.request_id,
-        prompt_token_ids=request.prompt_token_ids,
-        output_token_ids=tuple(state.output_token_ids),
-        sampling_params=request.sampling_params,
-        seed=request.seed,
-        eos_token_ids=request.eos_token_ids,
-    )
-
-
-def _sampled_by_request(
-    scheduled: SchedulerOutput, result: ModelRunnerOutput
-) -> dict[str, tuple[int, TokenLogprobs | None]]:
-    """Index the runner's tokens by request, checking there is one per sampling chunk."""
-    if not len(result.request_ids) == len(result.sampled_token_ids) == len(result.logprobs):
-        raise RuntimeError("ModelRunnerOutput fields have different lengths")
-    num_sampling = sum(1 for chunk in scheduled.chunks if chunk.sample)
-    if len(result.request_ids) != num_sampling:
-        raise RuntimeError(
-            f"the model runner returned {len(result.request_ids)} tokens for {num_sampling} sampling chunks"
-        )
-    return {
-        request_id: (token_id, logprobs)
-        for request_id, token_id, logprobs in zip(
-            result.request_ids, result.sampled_token_ids, result.logprobs, strict=True
-        )
-    }
+_PLACEHOLDER_CHUNK = (PLACEHOLDER_TOKEN_ID,)

@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from batchlm.outputs import TokenLogprobs
 from batchlm.sampling_params import SamplingParams
 
+# Stands in ScheduledChunk.token_ids for a token the step in flight is still sampling (async scheduling):
+# the runner puts the real id in place on the device, from that step's sampled-token tensor.
+PLACEHOLDER_TOKEN_ID = -1
+
 
 @dataclass(frozen=True)
 class NewRequestData:
@@ -30,6 +34,8 @@ class ScheduledChunk:
 
     request_id: str
     # Token ids to feed the model: all_token_ids[start_position : start_position + len(token_ids)].
+    # Under async scheduling the last one may be PLACEHOLDER_TOKEN_ID: the token this request samples in
+    # the step launched just before this one, not yet known on the host.
     token_ids: tuple[int, ...]
     # Position of token_ids[0]; equals the number of tokens already in the KV cache.
     start_position: int

@@ -61,8 +61,34 @@ def served_model_name(config: EngineConfig) -> str:
     return config.model.rstrip("/")
 
 
+ASYNC_SCHEDULING_MODES = ("auto", "on", "off")
+
+
+def check_async_scheduling(config: EngineConfig) -> None:
+    """Refuse an unknown --async-scheduling value, or "on" where it cannot work, before loading anything."""
+    mode = config.async_scheduling
+    if mode not in ASYNC_SCHEDULING_MODES:
+        choices = ", ".join(ASYNC_SCHEDULING_MODES)
+        raise ValueError(f"--async-scheduling must be one of {choices}, got {mode!r}")
+    if mode == "on" and config.tensor_parallel_size > 1:
+        raise ValueError(
+            "--async-scheduling on is not supported with --tensor-parallel-size > 1 (the workers run steps "
+            "in lockstep); use auto or off"
+        )
+
+
+def resolve_async_scheduling(config: EngineConfig, device: str) -> bool:
+    """"auto" turns async scheduling on for a single CUDA device: on CPU the host is the device, so
+    there is nothing to overlap, and tensor-parallel workers run their steps synchronously."""
+    check_async_scheduling(config)
+    if config.async_scheduling == "auto":
+        return config.tensor_parallel_size == 1 and device.startswith("cuda")
+    return config.async_scheduling == "on"
+
+
 def build_engine_core(config: EngineConfig, model_dir: Path) -> tuple[EngineCore, CoreInfo]:
     """Load the model, size the KV cache, and wire the scheduler to the runner (or TP workers)."""
+    check_async_scheduling(config)
     executor: Executor
     if config.tensor_parallel_size > 1:
         from batchlm.parallel.executor import build_tensor_parallel_executor
@@ -94,4 +120,6 @@ def build_engine_core(config: EngineConfig, model_dir: Path) -> tuple[EngineCore
         )
     )
     log_uptime(logger, "engine core: ready")
-    return EngineCore(scheduler, executor), info
+    async_scheduling = resolve_async_scheduling(config, info.device)
+    logger.info("async scheduling: %s", "on" if async_scheduling else "off")
+    return EngineCore(scheduler, executor, async_scheduling=async_scheduling), info

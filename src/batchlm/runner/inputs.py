@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from batchlm.attention.backend import AttentionMetadata
-from batchlm.core.step_io import SchedulerOutput
+from batchlm.core.step_io import PLACEHOLDER_TOKEN_ID, SchedulerOutput
+from batchlm.runner.step_output import PreviousTokens
 
 
 @dataclass
@@ -41,8 +42,11 @@ def _to_device(arrays: list[np.ndarray], device: torch.device) -> list[torch.Ten
     return tensors
 
 
-def build_step_inputs(scheduled: SchedulerOutput, block_size: int, device: torch.device) -> StepInputs:
-    """Vectorised with numpy: Python work is O(number of chunks), not O(tokens)."""
+def build_step_inputs(
+    scheduled: SchedulerOutput, block_size: int, device: torch.device, previous: PreviousTokens | None = None
+) -> StepInputs:
+    """Vectorised with numpy: Python work is O(number of chunks), not O(tokens). Placeholder token ids
+    (async scheduling) are taken on the device from `previous`, the last step's sampled tokens."""
     chunks = scheduled.chunks
     query_lens = np.fromiter((len(c.token_ids) for c in chunks), dtype=np.int64, count=len(chunks))
     starts = np.fromiter((c.start_position for c in chunks), dtype=np.int64, count=len(chunks))
@@ -73,8 +77,9 @@ def build_step_inputs(scheduled: SchedulerOutput, block_size: int, device: torch
 
     sample_rows = [row for row, c in enumerate(chunks) if c.sample]
     sample_indices = query_start_loc[1:][sample_rows] - 1
+    fill_rows, fill_sources = _placeholder_sources(input_ids, request_of_token, chunks, previous)
 
-    slots, starts_loc, lens, tables, ids, pos, samples = _to_device(
+    slots, starts_loc, lens, tables, ids, pos, samples, fill_to, fill_from = _to_device(
         [
             slot_mapping,
             query_start_loc.astype(np.int32),
@@ -83,9 +88,14 @@ def build_step_inputs(scheduled: SchedulerOutput, block_size: int, device: torch
             input_ids,
             positions,
             np.asarray(sample_indices, dtype=np.int64),
+            fill_rows,
+            fill_sources,
         ],
         device,
     )
+    if fill_rows.size:
+        assert previous is not None
+        ids.index_copy_(0, fill_to, previous.token_ids.index_select(0, fill_from))
     meta = AttentionMetadata(
         slot_mapping=slots,
         query_start_loc=starts_loc,
@@ -104,3 +114,23 @@ def build_step_inputs(scheduled: SchedulerOutput, block_size: int, device: torch
         sample_indices=samples,
         sample_request_ids=[chunks[row].request_id for row in sample_rows],
     )
+
+
+def _placeholder_sources(
+    input_ids: np.ndarray, request_of_token: np.ndarray, chunks: tuple, previous: PreviousTokens | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Token rows holding a placeholder (set to 0 on the host) and the row of `previous` each takes."""
+    rows = np.flatnonzero(input_ids == PLACEHOLDER_TOKEN_ID)
+    if not rows.size:
+        return rows, rows
+    input_ids[rows] = 0
+    sources = np.empty(rows.size, dtype=np.int64)
+    for index, chunk_index in enumerate(request_of_token[rows].tolist()):
+        request_id = chunks[chunk_index].request_id
+        source = None if previous is None else previous.rows.get(request_id)
+        if source is None:
+            raise RuntimeError(
+                f"request {request_id!r} has a placeholder token but sampled nothing in the previous step"
+            )
+        sources[index] = source
+    return rows, sources

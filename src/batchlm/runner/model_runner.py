@@ -19,6 +19,8 @@ from batchlm.runner.cuda_graph import DecodeGraphs
 from batchlm.runner.device import dtype_name, resolve_device, resolve_dtype
 from batchlm.runner.inputs import StepInputs, build_step_inputs
 from batchlm.runner.kv_cache import allocate_kv_caches, num_blocks_for
+from batchlm.runner.step_output import PendingStepOutput, PreviousTokens
+from batchlm.sampling.plan import has_penalty
 from batchlm.sampling.sampler import Sampler
 from batchlm.sampling.state import SamplingState
 
@@ -107,6 +109,11 @@ class ModelRunner:
         self.attn = choose_attention_backend(self.device)
         self.sampler = Sampler(self.shape.vocab_size, self.device, seed=config.seed)
         self.states: dict[str, SamplingState] = {}
+        # Requests with a repetition/presence/frequency penalty: their sampling needs real token ids.
+        self._penalized_ids: set[str] = set()
+        # The last step's sampled tokens (fill the next step's placeholders) and outputs not yet read.
+        self._previous: PreviousTokens | None = None
+        self._unresolved: list[PendingStepOutput] = []
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self.decode_graphs: DecodeGraphs | None = None
@@ -190,24 +197,41 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         del scratch, hidden
 
-    @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step and wait for its sampled tokens."""
+        return self.execute_async(scheduled).result()
+
+    @torch.inference_mode()
+    def execute_async(self, scheduled: SchedulerOutput) -> PendingStepOutput:
+        """Queue one step on the device and return without waiting for it (on CUDA).
+
+        Placeholder token ids in the step are filled on the device from the previous step's sampled
+        tokens. Steps must have their outputs read (result()) in launch order or not at all; a step
+        that samples for a penalized request first waits for the previous step's tokens."""
         self._update_states(scheduled)
         if scheduled.is_empty:
-            return ModelRunnerOutput((), (), ())
-        inputs = build_step_inputs(scheduled, self.config.block_size, self.device)
+            return PendingStepOutput.ready()
+        inputs = build_step_inputs(scheduled, self.config.block_size, self.device, self._previous)
         logits = self._forward(inputs)
-        if not inputs.sample_request_ids:
-            return ModelRunnerOutput((), (), ())
-        states = [self.states[rid] for rid in inputs.sample_request_ids]
-        sampled = self.sampler(logits, states)
-        for state, token in zip(states, sampled.token_ids_cpu, strict=True):
-            state.output_token_ids.append(token)
-        return ModelRunnerOutput(
-            request_ids=tuple(inputs.sample_request_ids),
-            sampled_token_ids=tuple(sampled.token_ids_cpu),
-            logprobs=tuple(sampled.logprobs),
-        )
+        request_ids = tuple(inputs.sample_request_ids)
+        if not request_ids:
+            self._previous = None
+            return PendingStepOutput.ready()
+        states = [self.states[request_id] for request_id in request_ids]
+        if self._penalized_ids:
+            self._resolve_outputs()  # penalties count real token ids, not placeholders
+        token_ids, packed = self.sampler.sample_on_device(logits, states)
+        pending = PendingStepOutput(request_ids, states, token_ids, packed)
+        self._previous = PreviousTokens(token_ids, {rid: row for row, rid in enumerate(request_ids)})
+        self._unresolved = [p for p in self._unresolved if not p.is_resolved]
+        self._unresolved.append(pending)
+        return pending
+
+    def _resolve_outputs(self) -> None:
+        """Wait for every launched step's tokens, so that the states hold no placeholders."""
+        for pending in self._unresolved:
+            pending.result()
+        self._unresolved = []
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         if self.decode_graphs is not None and self.decode_graphs.can_run(inputs.meta):
@@ -219,8 +243,9 @@ class ModelRunner:
     def _update_states(self, scheduled: SchedulerOutput) -> None:
         for request_id in scheduled.finished_request_ids:
             self.states.pop(request_id, None)
+            self._penalized_ids.discard(request_id)
         for new in scheduled.new_requests:
-            self.states[new.request_id] = SamplingState.create(
+            state = self.states[new.request_id] = SamplingState.create(
                 new.sampling_params,
                 new.seed,
                 list(new.prompt_token_ids),
@@ -228,3 +253,5 @@ class ModelRunner:
                 new.eos_token_ids,
                 self.device,
             )
+            if has_penalty(state):
+                self._penalized_ids.add(new.request_id)

@@ -1,0 +1,90 @@
+"""One step under construction (chunks against the token budget) and the record of a step in flight."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from batchlm.core.request_state import RequestState
+from batchlm.core.step_io import ModelRunnerOutput, NewRequestData, ScheduledChunk, SchedulerOutput
+from batchlm.outputs import TokenLogprobs
+
+
+@dataclass(frozen=True)
+class InflightStep:
+    """A scheduled step whose result has not been folded in: the states its chunks belong to, and
+    each state's preemption count when it was scheduled (a changed count means the chunk's work was
+    thrown away by a preemption, so its result must be ignored)."""
+
+    scheduled: SchedulerOutput
+    # Parallel to scheduled.chunks.
+    states: tuple[RequestState, ...]
+    preemption_counts: tuple[int, ...]
+
+
+class StepBuilder:
+    """Collects one step's chunks (decodes ahead of prefill chunks) against the token budget."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.preempted = False
+        self.decodes: list[ScheduledChunk] = []
+        self.prefills: list[ScheduledChunk] = []
+        self.decode_states: list[RequestState] = []
+        self.prefill_states: list[RequestState] = []
+        self.new_requests: list[NewRequestData] = []
+
+    def add(self, chunk: ScheduledChunk, state: RequestState) -> None:
+        num_tokens = len(chunk.token_ids)
+        assert 0 < num_tokens <= self.budget, "chunk outside the token budget"
+        self.budget -= num_tokens
+        # One-token chunks go first: the attention metadata treats the leading rows as decodes.
+        if num_tokens == 1:
+            self.decodes.append(chunk)
+            self.decode_states.append(state)
+        else:
+            self.prefills.append(chunk)
+            self.prefill_states.append(state)
+
+    def build(self, dropped_ids: frozenset[str]) -> tuple[SchedulerOutput, InflightStep]:
+        scheduled = SchedulerOutput(
+            chunks=(*self.decodes, *self.prefills),
+            new_requests=tuple(self.new_requests),
+            finished_request_ids=dropped_ids,
+        )
+        states = (*self.decode_states, *self.prefill_states)
+        return scheduled, InflightStep(scheduled, states, tuple(s.num_preemptions for s in states))
+
+
+def new_request_data(state: RequestState) -> NewRequestData:
+    request = state.request
+    return NewRequestData(
+        request_id=state.request_id,
+        prompt_token_ids=request.prompt_token_ids,
+        output_token_ids=tuple(state.output_token_ids),
+        sampling_params=request.sampling_params,
+        seed=request.seed,
+        eos_token_ids=request.eos_token_ids,
+    )
+
+
+def sampled_by_request(
+    scheduled: SchedulerOutput, result: ModelRunnerOutput
+) -> dict[str, tuple[int, TokenLogprobs | None]]:
+    """Index the runner's tokens by request, checking there is exactly one per sampling chunk."""
+    if not len(result.request_ids) == len(result.sampled_token_ids) == len(result.logprobs):
+        raise RuntimeError("ModelRunnerOutput fields have different lengths")
+    num_sampling = sum(1 for chunk in scheduled.chunks if chunk.sample)
+    if len(result.request_ids) != num_sampling:
+        raise RuntimeError(
+            f"the model runner returned {len(result.request_ids)} tokens for {num_sampling} sampling chunks"
+        )
+    sampled = {
+        request_id: (token_id, logprobs)
+        for request_id, token_id, logprobs in zip(
+            result.request_ids, result.sampled_token_ids, result.logprobs, strict=True
+        )
+    }
+    for chunk in scheduled.chunks:
+        if chunk.sample and chunk.request_id not in sampled:
+            raise RuntimeError(f"the model runner returned no token for request {chunk.request_id!r}")
+    return sampled
