@@ -29,7 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_shapes import write_config_only
 from offline_throughput import make_prompts
 
-TIMES: dict[str, float] = collections.defaultdict(float)
+# (phase, kind of the step last scheduled: "decode" when every chunk is one token, else "mixed") -> seconds.
+TIMES: dict[tuple[str, str], float] = collections.defaultdict(float)
+STEPS: dict[str, int] = collections.defaultdict(int)
+CURRENT = {"kind": "mixed"}
 
 
 def timed(name: str, fn: Any, sync: bool = False) -> Any:
@@ -40,8 +43,23 @@ def timed(name: str, fn: Any, sync: bool = False) -> Any:
         result = fn(*args, **kwargs)
         if sync:
             torch.cuda.synchronize()
-        TIMES[name] += time.perf_counter() - started
+        TIMES[name, CURRENT["kind"]] += time.perf_counter() - started
         return result
+
+    return wrapper
+
+
+def timed_schedule(fn: Any) -> Any:
+    """Times schedule() and notes what kind of step it produced (the phases after it are charged to it)."""
+
+    def wrapper() -> Any:
+        started = time.perf_counter()
+        scheduled = fn()
+        if scheduled.chunks:
+            CURRENT["kind"] = "decode" if all(len(c.token_ids) == 1 for c in scheduled.chunks) else "mixed"
+            STEPS[CURRENT["kind"]] += 1
+        TIMES["schedule", CURRENT["kind"]] += time.perf_counter() - started
+        return scheduled
 
     return wrapper
 
@@ -56,10 +74,10 @@ class StepEvents:
         self._pending_begin: torch.cuda.Event | None = None
 
     def wrap_upload(self, upload: Any) -> Any:
-        def wrapper(arrays: Any, device: torch.device) -> Any:
-            if device.type == "cuda" and self._pending_begin is None:
+        def wrapper(arrays: Any) -> Any:
+            if self._pending_begin is None:
                 self._pending_begin = _event()
-            return upload(arrays, device)
+            return upload(arrays)
 
         return wrapper
 
@@ -102,16 +120,14 @@ def _event() -> torch.cuda.Event:
 
 
 def instrument(llm: Any, sync: bool) -> StepEvents | None:
-    import batchlm.runner.inputs as inputs_module
-    import batchlm.runner.model_runner as runner_module
     from batchlm.engine import llm as llm_module
     from batchlm.runner.step_output import PendingStepOutput
 
     core = llm.engine_core
     runner = core.executor
-    core.scheduler.schedule = timed("schedule", core.scheduler.schedule)
+    core.scheduler.schedule = timed_schedule(core.scheduler.schedule)
     core.scheduler.update_from_output = timed("update", core.scheduler.update_from_output)
-    runner_module.build_step_inputs = timed("inputs", runner_module.build_step_inputs, sync)
+    runner.input_builder.build = timed("inputs", runner.input_builder.build, sync)
     runner._forward = timed("forward", runner._forward, sync)
     runner.sampler.sample_on_device = timed("sample", runner.sampler.sample_on_device, sync)
     PendingStepOutput.result = timed("wait tokens", PendingStepOutput.result)  # type: ignore[method-assign]
@@ -119,13 +135,16 @@ def instrument(llm: Any, sync: bool) -> StepEvents | None:
     if not torch.cuda.is_available():
         return None
     events = StepEvents()
-    inputs_module._to_device = events.wrap_upload(inputs_module._to_device)
+    uploader = runner.input_builder.uploader
+    uploader.upload = events.wrap_upload(uploader.upload)
     runner.execute_async = events.wrap_launch(runner.execute_async)
     return events
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--shape", default="llama-3.2-1b")
     parser.add_argument("--num-requests", type=int, default=256)
     parser.add_argument("--input-len", type=int, default=512)
@@ -160,10 +179,16 @@ def main() -> None:
     elapsed = time.perf_counter() - started
     steps = core.num_steps - steps_before
     mode = "on" if core.async_scheduling else "off"
-    print(f"{steps} steps in {elapsed:.2f} s ({1000 * elapsed / steps:.2f} ms/step), async={mode}, sync={args.sync}")
-    print("host time per step (all steps):")
-    for name, total in sorted(TIMES.items(), key=lambda kv: -kv[1]):
-        print(f"  {name:12s} {1000 * total / steps:7.3f} ms  {100 * total / elapsed:5.1f}%")
+    print(
+        f"{steps} steps in {elapsed:.2f} s ({1000 * elapsed / steps:.2f} ms/step), async={mode}, sync={args.sync}"
+    )
+    for kind in ("decode", "mixed"):
+        if not STEPS[kind]:
+            continue
+        phases = {name: total for (name, step_kind), total in TIMES.items() if step_kind == kind}
+        print(f"host time per {kind} step ({STEPS[kind]} steps; mixed = with prefill chunks):")
+        for name, total in sorted(phases.items(), key=lambda kv: -kv[1]):
+            print(f"  {name:12s} {1000 * total / STEPS[kind]:7.3f} ms")
     if events is not None:
         figures = events.report()
         print("device, decode-only steps:", " ".join(f"{k}={v:.3f}" for k, v in figures.items()))

@@ -47,6 +47,9 @@ class RequestState:
     num_preemptions: int = 0
     # The block table as last sent to the runner; the scheduler rebuilds it only when the table grows.
     block_table: tuple[int, ...] = ()
+    # Tokens (prompt + output) after which the request must stop: max_tokens or the context limit,
+    # whichever comes first. Set by the scheduler on arrival.
+    token_limit: int = 0
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.request.prompt_token_ids)

@@ -97,6 +97,10 @@ class Scheduler:
         """Queue a request. Raises ValueError when it could never run."""
         self._validate(request)
         state = RequestState(request)
+        max_tokens = request.sampling_params.max_tokens
+        state.token_limit = self.config.max_model_len
+        if max_tokens is not None:
+            state.token_limit = min(state.token_limit, len(request.prompt_token_ids) + max_tokens)
         self._requests[request.request_id] = state
         self._waiting.append(state)
 
@@ -172,30 +176,28 @@ class Scheduler:
         return len(self._inflight)
 
     def _schedule_running(self, step: StepBuilder) -> None:
-        index = 0
-        while index < len(self._running) and step.budget > 0:
-            state = self._running[index]
-            if state.num_inflight_samples and self._reaches_limit(state):
+        """Runs once per running request per step: kept to plain attribute arithmetic."""
+        block_size, running, index = self.config.block_size, self._running, 0
+        while index < len(running) and step.budget > 0:
+            state = running[index]
+            num_expected = len(state.all_token_ids) + state.num_inflight_samples
+            if state.num_inflight_samples and num_expected >= state.token_limit:
                 index += 1  # its last token is being sampled: it finishes when that result arrives
                 continue
-            num_new = min(state.num_unscheduled_tokens, step.budget)
-            # Blocks for the tokens in flight too: grow() counts from the computed ones.
-            while not self.kv.grow(state, state.num_inflight_tokens + num_new):
-                victim = self._running.pop()
-                self._preempt(victim)
-                step.preempted = True
-                if victim is state:
-                    return
-            self._add_chunk(step, state, num_new)
+            scheduled_end = state.num_computed_tokens + state.num_inflight_tokens
+            num_new = min(num_expected - scheduled_end, step.budget)
+            # The table sent last step still has room for most decodes: no block to allocate.
+            needs_blocks = scheduled_end + num_new > len(state.block_table) * block_size
+            if needs_blocks:
+                # Blocks for the tokens in flight too: grow() counts from the computed ones.
+                while not self.kv.grow(state, state.num_inflight_tokens + num_new):
+                    victim = running.pop()
+                    self._preempt(victim)
+                    step.preempted = True
+                    if victim is state:
+                        return
+            self._add_chunk(step, state, num_new, table_changed=needs_blocks)
             index += 1
-
-    def _reaches_limit(self, state: RequestState) -> bool:
-        """True when the tokens being sampled take the request to max_tokens or the context limit."""
-        expected_tokens = state.num_tokens + state.num_inflight_samples
-        max_tokens = state.sampling_params.max_tokens
-        if max_tokens is not None and expected_tokens - state.num_prompt_tokens >= max_tokens:
-            return True
-        return expected_tokens >= self.config.max_model_len
 
     def _admit_waiting(self, step: StepBuilder) -> None:
         while self._waiting and step.budget > 0 and len(self._running) < self.config.max_num_seqs:
@@ -217,7 +219,9 @@ class Scheduler:
                 state.num_cached_tokens = num_cached_tokens
             self._add_chunk(step, state, num_new)
 
-    def _add_chunk(self, step: StepBuilder, state: RequestState, num_new: int) -> None:
+    def _add_chunk(
+        self, step: StepBuilder, state: RequestState, num_new: int, table_changed: bool = True
+    ) -> None:
         start = state.num_computed_tokens + state.num_inflight_tokens
         end = start + num_new
         if state.needs_runner_setup:
@@ -232,7 +236,8 @@ class Scheduler:
             assert start == num_known and num_new == 1, "only the token in flight may be unknown"
             token_ids = _PLACEHOLDER_CHUNK
         sample = end == num_known + state.num_inflight_samples
-        chunk = ScheduledChunk(state.request_id, token_ids, start, self._block_table(state), sample)
+        block_table = self._block_table(state) if table_changed else state.block_table
+        chunk = ScheduledChunk(state.request_id, token_ids, start, block_table, sample)
         state.num_inflight_tokens += num_new
         if sample:
             state.num_inflight_samples += 1
@@ -267,16 +272,18 @@ class Scheduler:
         record = self._pop_inflight(scheduled)
         outputs: list[EngineCoreOutput] = []
         finished_any = False
+        commit = self.kv.commit_computed if self.config.enable_prefix_caching else None
         for chunk, state, preemptions in zip(
             scheduled.chunks, record.states, record.preemption_counts, strict=True
         ):
-            if state.is_finished or state.num_preemptions != preemptions:
+            if state.status is RequestStatus.FINISHED or state.num_preemptions != preemptions:
                 # Finished, aborted or preempted while the step was in flight: its work is dropped.
                 continue
             num_tokens = len(chunk.token_ids)
             state.num_inflight_tokens -= num_tokens
             state.num_computed_tokens += num_tokens
-            self.kv.commit_computed(state)
+            if commit is not None:
+                commit(state)
             if not chunk.sample:
                 continue
             state.num_inflight_samples -= 1

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from batchlm.attention.backend import AttentionMetadata
-from batchlm.core.step_io import PLACEHOLDER_TOKEN_ID, SchedulerOutput
+from batchlm.core.step_io import PLACEHOLDER_TOKEN_ID, ScheduledChunk, SchedulerOutput
+from batchlm.runner.block_tables import BlockTableRows
 from batchlm.runner.step_output import PreviousTokens
+from batchlm.runner.upload import StepUploader
 
 
 @dataclass
@@ -27,110 +30,106 @@ class StepInputs:
     sample_request_ids: list[str]
 
 
-def _to_device(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
-    """CPU: zero-copy views. CUDA: one packed pinned int64 upload per step (instead of one per array),
-    split on the device and cast back to each array's dtype; overlaps with the previous step's work."""
-    if device.type != "cuda":
-        return [torch.from_numpy(array) for array in arrays]
-    flat = np.concatenate([array.ravel().astype(np.int64, copy=False) for array in arrays])
-    staged = torch.from_numpy(flat).pin_memory().to(device, non_blocking=True)
-    tensors, offset = [], 0
-    for array in arrays:
-        part = staged[offset : offset + array.size].view(array.shape)
-        offset += array.size
-        tensors.append(part if array.dtype == np.int64 else part.to(torch.int32))
-    return tensors
+class StepInputBuilder:
+    """Builds each step's StepInputs, keeping what persists between steps: the requests' block-table
+    rows and the upload buffers. The runner owns one and tells it which requests left (drop)."""
+
+    def __init__(self, block_size: int, device: torch.device) -> None:
+        self.block_size = block_size
+        self.device = device
+        self.block_tables = BlockTableRows()
+        self.uploader = StepUploader(device)
+
+    def drop(self, request_ids: Iterable[str]) -> None:
+        self.block_tables.drop(request_ids)
+
+    def build(self, scheduled: SchedulerOutput, previous: PreviousTokens | None = None) -> StepInputs:
+        """Vectorised with numpy: Python work is O(number of chunks), not O(tokens). Placeholder token
+        ids (async scheduling) are taken on the device from `previous`, the last step's sampled tokens."""
+        chunks, block_size = scheduled.chunks, self.block_size
+        query_lens = np.fromiter((len(c.token_ids) for c in chunks), dtype=np.int64, count=len(chunks))
+        starts = np.fromiter((c.start_position for c in chunks), dtype=np.int64, count=len(chunks))
+        query_start_loc = np.zeros(len(chunks) + 1, dtype=np.int64)
+        np.cumsum(query_lens, out=query_start_loc[1:])
+        num_tokens = int(query_start_loc[-1])
+        seq_lens = starts + query_lens
+
+        input_ids = np.fromiter((t for c in chunks for t in c.token_ids), dtype=np.int64, count=num_tokens)
+        # Token row -> its request index, and its absolute position.
+        request_of_token = np.repeat(np.arange(len(chunks)), query_lens)
+        positions = np.arange(num_tokens, dtype=np.int64) + (starts - query_start_loc[:-1])[request_of_token]
+        block_tables = self.block_tables.gather(chunks)  # [B, max_blocks] int32
+        slot_mapping = (
+            block_tables[request_of_token, positions // block_size].astype(np.int64) * block_size
+            + positions % block_size
+        )
+        # Decodes come first: the leading run of one-token chunks.
+        not_decode = np.flatnonzero(query_lens != 1)
+        num_decodes = int(not_decode[0]) if not_decode.size else len(chunks)
+        sample_rows = [row for row, c in enumerate(chunks) if c.sample]
+        sample_indices = query_start_loc[1:][sample_rows] - 1
+        fill_rows, fill_sources = _placeholder_sources(input_ids, request_of_token, chunks, previous)
+
+        slots, starts_loc, lens, tables, ids, pos, samples, fill_to, fill_from = self.uploader.upload(
+            [
+                slot_mapping,
+                query_start_loc.astype(np.int32),
+                seq_lens.astype(np.int32),
+                block_tables,
+                input_ids,
+                positions,
+                np.asarray(sample_indices, dtype=np.int64),
+                fill_rows,
+                fill_sources,
+            ]
+        )
+        if fill_rows.size:
+            assert previous is not None
+            ids.index_copy_(0, fill_to, previous.token_ids.index_select(0, fill_from))
+        meta = AttentionMetadata(
+            slot_mapping=slots,
+            query_start_loc=starts_loc,
+            seq_lens=lens,
+            block_tables=tables,
+            query_start_loc_cpu=query_start_loc.tolist(),
+            seq_lens_cpu=seq_lens.tolist(),
+            max_query_len=int(query_lens.max(initial=0)),
+            max_seq_len=int(seq_lens.max(initial=0)),
+            num_decodes=num_decodes,
+        )
+        return StepInputs(
+            input_ids=ids,
+            positions=pos,
+            meta=meta,
+            sample_indices=samples,
+            sample_request_ids=[chunks[row].request_id for row in sample_rows],
+        )
 
 
 def build_step_inputs(
     scheduled: SchedulerOutput, block_size: int, device: torch.device, previous: PreviousTokens | None = None
 ) -> StepInputs:
-    """Vectorised with numpy: Python work is O(number of chunks), not O(tokens). Placeholder token ids
-    (async scheduling) are taken on the device from `previous`, the last step's sampled tokens."""
-    chunks = scheduled.chunks
-    query_lens = np.fromiter((len(c.token_ids) for c in chunks), dtype=np.int64, count=len(chunks))
-    starts = np.fromiter((c.start_position for c in chunks), dtype=np.int64, count=len(chunks))
-    query_start_loc = np.zeros(len(chunks) + 1, dtype=np.int64)
-    np.cumsum(query_lens, out=query_start_loc[1:])
-    num_tokens = int(query_start_loc[-1])
-    seq_lens = starts + query_lens
-
-    input_ids = np.fromiter((t for c in chunks for t in c.token_ids), dtype=np.int64, count=num_tokens)
-    # Token row -> its request index, and its absolute position.
-    request_of_token = np.repeat(np.arange(len(chunks)), query_lens)
-    positions = np.arange(num_tokens, dtype=np.int64) - query_start_loc[request_of_token] + starts[request_of_token]
-
-    max_blocks = max((len(c.block_ids) for c in chunks), default=1)
-    block_tables = np.zeros((len(chunks), max_blocks), dtype=np.int32)
-    for row, chunk in enumerate(chunks):
-        block_tables[row, : len(chunk.block_ids)] = chunk.block_ids
-    slot_mapping = (
-        block_tables[request_of_token, positions // block_size].astype(np.int64) * block_size
-        + positions % block_size
-    )
-
-    num_decodes = 0
-    for length in query_lens:
-        if length != 1:
-            break
-        num_decodes += 1
-
-    sample_rows = [row for row, c in enumerate(chunks) if c.sample]
-    sample_indices = query_start_loc[1:][sample_rows] - 1
-    fill_rows, fill_sources = _placeholder_sources(input_ids, request_of_token, chunks, previous)
-
-    slots, starts_loc, lens, tables, ids, pos, samples, fill_to, fill_from = _to_device(
-        [
-            slot_mapping,
-            query_start_loc.astype(np.int32),
-            seq_lens.astype(np.int32),
-            block_tables,
-            input_ids,
-            positions,
-            np.asarray(sample_indices, dtype=np.int64),
-            fill_rows,
-            fill_sources,
-        ],
-        device,
-    )
-    if fill_rows.size:
-        assert previous is not None
-        ids.index_copy_(0, fill_to, previous.token_ids.index_select(0, fill_from))
-    meta = AttentionMetadata(
-        slot_mapping=slots,
-        query_start_loc=starts_loc,
-        seq_lens=lens,
-        block_tables=tables,
-        query_start_loc_cpu=query_start_loc.tolist(),
-        seq_lens_cpu=seq_lens.tolist(),
-        max_query_len=int(query_lens.max(initial=0)),
-        max_seq_len=int(seq_lens.max(initial=0)),
-        num_decodes=num_decodes,
-    )
-    return StepInputs(
-        input_ids=ids,
-        positions=pos,
-        meta=meta,
-        sample_indices=samples,
-        sample_request_ids=[chunks[row].request_id for row in sample_rows],
-    )
+    """One step's inputs from a fresh builder (nothing kept between calls): tests and one-off forwards."""
+    return StepInputBuilder(block_size, device).build(scheduled, previous)
 
 
 def _placeholder_sources(
-    input_ids: np.ndarray, request_of_token: np.ndarray, chunks: tuple, previous: PreviousTokens | None
+    input_ids: np.ndarray,
+    request_of_token: np.ndarray,
+    chunks: Sequence[ScheduledChunk],
+    previous: PreviousTokens | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Token rows holding a placeholder (set to 0 on the host) and the row of `previous` each takes."""
     rows = np.flatnonzero(input_ids == PLACEHOLDER_TOKEN_ID)
     if not rows.size:
         return rows, rows
     input_ids[rows] = 0
-    sources = np.empty(rows.size, dtype=np.int64)
-    for index, chunk_index in enumerate(request_of_token[rows].tolist()):
-        request_id = chunks[chunk_index].request_id
-        source = None if previous is None else previous.rows.get(request_id)
-        if source is None:
-            raise RuntimeError(
-                f"request {request_id!r} has a placeholder token but sampled nothing in the previous step"
-            )
-        sources[index] = source
+    request_ids = [chunks[index].request_id for index in request_of_token[rows].tolist()]
+    previous_rows = previous.rows if previous is not None else {}
+    try:
+        sources = np.fromiter((previous_rows[r] for r in request_ids), dtype=np.int64, count=len(request_ids))
+    except KeyError as missing:
+        raise RuntimeError(
+            f"request {missing.args[0]!r} has a placeholder token but sampled nothing in the previous step"
+        ) from None
     return rows, sources

@@ -17,7 +17,7 @@ from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
 from batchlm.runner.cpu_threads import cap_cpu_threads, use_onednn_lm_head
 from batchlm.runner.cuda_graph import DecodeGraphs
 from batchlm.runner.device import dtype_name, resolve_device, resolve_dtype
-from batchlm.runner.inputs import StepInputs, build_step_inputs
+from batchlm.runner.inputs import StepInputBuilder, StepInputs, build_step_inputs
 from batchlm.runner.kv_cache import allocate_kv_caches, num_blocks_for
 from batchlm.runner.step_output import PendingStepOutput, PreviousTokens
 from batchlm.sampling.plan import has_penalty
@@ -109,6 +109,7 @@ class ModelRunner:
         self.attn = choose_attention_backend(self.device)
         self.sampler = Sampler(self.shape.vocab_size, self.device, seed=config.seed)
         self.states: dict[str, SamplingState] = {}
+        self.input_builder = StepInputBuilder(config.block_size, self.device)
         # Requests with a repetition/presence/frequency penalty: their sampling needs real token ids.
         self._penalized_ids: set[str] = set()
         # The last step's sampled tokens (fill the next step's placeholders) and outputs not yet read.
@@ -211,7 +212,7 @@ class ModelRunner:
         self._update_states(scheduled)
         if scheduled.is_empty:
             return PendingStepOutput.ready()
-        inputs = build_step_inputs(scheduled, self.config.block_size, self.device, self._previous)
+        inputs = self.input_builder.build(scheduled, self._previous)
         logits = self._forward(inputs)
         request_ids = tuple(inputs.sample_request_ids)
         if not request_ids:
@@ -220,7 +221,7 @@ class ModelRunner:
         states = [self.states[request_id] for request_id in request_ids]
         if self._penalized_ids:
             self._resolve_outputs()  # penalties count real token ids, not placeholders
-        token_ids, packed = self.sampler.sample_on_device(logits, states)
+        token_ids, packed = self.sampler.sample_on_device(logits, states, logits_are_scratch=True)
         pending = PendingStepOutput(request_ids, states, token_ids, packed)
         self._previous = PreviousTokens(token_ids, {rid: row for row, rid in enumerate(request_ids)})
         self._unresolved = [p for p in self._unresolved if not p.is_resolved]
@@ -244,6 +245,7 @@ class ModelRunner:
         for request_id in scheduled.finished_request_ids:
             self.states.pop(request_id, None)
             self._penalized_ids.discard(request_id)
+        self.input_builder.drop(scheduled.finished_request_ids)
         for new in scheduled.new_requests:
             state = self.states[new.request_id] = SamplingState.create(
                 new.sampling_params,

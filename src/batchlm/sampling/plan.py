@@ -17,6 +17,8 @@ class SamplingPlan:
 
     # Rows sampled at temperature > 0 (the others take the argmax).
     random_rows: list[int] = field(default_factory=list)
+    # The random rows whose request has its own generator (a seed).
+    seeded_rows: list[int] = field(default_factory=list)
     # Largest `logprobs` asked for in the batch; None when no row asks.
     max_logprobs: int | None = None
     # logit_bias entries flattened over the batch: row, token id, additive bias.
@@ -42,6 +44,12 @@ class SamplingPlan:
         return bool(self.bias_rows or self.banned_rows or self.penalty_rows)
 
     @property
+    def varies_by_step(self) -> bool:
+        """True when the same batch may need a different plan next step (min_tokens bans lapse as
+        tokens are generated); everything else in a plan is fixed by the requests' parameters."""
+        return bool(self.banned_rows)
+
+    @property
     def is_plain_greedy(self) -> bool:
         """True when a bare argmax of the raw logits is the whole answer."""
         return self.all_greedy and not self.changes_logits and self.max_logprobs is None
@@ -50,6 +58,8 @@ class SamplingPlan:
         params = state.params
         if not params.greedy:
             self.random_rows.append(row)
+            if state.generator is not None:
+                self.seeded_rows.append(row)
             if params.top_k > 0:
                 self.max_top_k = max(self.max_top_k, min(params.top_k, vocab_size))
             self.any_top_p = self.any_top_p or params.top_p < 1.0

@@ -3,6 +3,7 @@ logprobs for a whole batch, with exactly one device->host copy per call."""
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -34,7 +35,11 @@ class Sampler:
     Order: logprobs from the raw logits; logit_bias; min_tokens ban; repetition penalty; presence
     and frequency penalties; then greedy rows take the argmax and the others go through
     temperature, top-k, top-p, min-p and an exponential race. Logits columns past `vocab_size`
-    (vocabulary padding) are never sampled. The caller's logits are never modified.
+    (vocabulary padding) are never sampled. The caller's logits are never modified unless it says
+    they are scratch.
+
+    A batch of the same states as the previous call reuses that call's plan and per-row knobs (a
+    decode batch is usually unchanged from step to step), unless a min_tokens ban is still active.
     """
 
     def __init__(self, vocab_size: int, device: torch.device | str, seed: int = 0) -> None:
@@ -45,6 +50,8 @@ class Sampler:
         # Noise for unseeded requests.
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
+        # The last batch's states (held, so their ids stay unique), its plan and knobs [B, 5].
+        self._cached: tuple[tuple[SamplingState, ...], SamplingPlan, torch.Tensor | None] | None = None
 
     def __call__(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> SamplerOutput:
         """Sample one token per row. logits: [B, >= vocab_size], row i belonging to states[i]."""
@@ -57,17 +64,22 @@ class Sampler:
         return SamplerOutput(token_ids, token_ids_cpu, logprobs)
 
     def sample_on_device(
-        self, logits: torch.Tensor, states: Sequence[SamplingState]
+        self, logits: torch.Tensor, states: Sequence[SamplingState], logits_are_scratch: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Everything but the host copy: token ids [B] int64 and, when any row wants logprobs, the
-        packed logprob tensor (see logprobs.pack_logprobs). Never waits on the device."""
+        packed logprob tensor (see logprobs.pack_logprobs). Never waits on the device.
+
+        logits_are_scratch: the caller will not read `logits` again, so they may be overwritten
+        (saves a full copy of the batch's logits)."""
+        # Non-float32 logits are converted into a new tensor, which is ours to overwrite.
+        owned = logits_are_scratch or logits.dtype != torch.float32
         logits = self._checked_view(logits, states)
-        plan = plan_batch(states, self.vocab_size)
+        plan, knobs = self._plan(states)
         if plan.is_plain_greedy:
             return logits.argmax(dim=-1), None
         raw_logprobs = None if plan.max_logprobs is None else logits.log_softmax(dim=-1)
-        processed = self._process(logits, states, plan)
-        token_ids = self._choose_tokens(processed, states, plan)
+        processed = self._process(logits, states, plan, copy=not owned)
+        token_ids = self._choose_tokens(processed, states, plan, knobs)
         if raw_logprobs is None or plan.max_logprobs is None:
             return token_ids, None
         return token_ids, pack_logprobs(raw_logprobs, token_ids, plan.max_logprobs)
@@ -76,7 +88,20 @@ class Sampler:
         """The logits after logit_bias, the min_tokens ban and the penalties: a new [B, vocab_size]
         tensor, the distribution that temperature and the filters then act on."""
         logits = self._checked_view(logits, states)
-        return self._process(logits, states, plan_batch(states, self.vocab_size))
+        return self._process(logits, states, plan_batch(states, self.vocab_size), copy=True)
+
+    def _plan(self, states: Sequence[SamplingState]) -> tuple[SamplingPlan, torch.Tensor | None]:
+        """The batch's plan and its random rows' knobs on the device, reused from the last call when
+        the batch is the same states in the same order and the plan cannot have changed since."""
+        cached = self._cached
+        if cached is not None and len(cached[0]) == len(states) and all(map(operator.is_, cached[0], states)):
+            return cached[1], cached[2]
+        plan = plan_batch(states, self.vocab_size)
+        knobs = None
+        if not plan.all_greedy:
+            knobs = to_device([_row_knobs(state) for state in states], torch.float32, self.device)  # [B, 5]
+        self._cached = None if plan.varies_by_step else (tuple(states), plan, knobs)
+        return plan, knobs
 
     def _checked_view(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
         if logits.dim() != 2 or logits.shape[0] != len(states) or logits.shape[1] < self.vocab_size:
@@ -90,49 +115,65 @@ class Sampler:
         return logits[:, : self.vocab_size].float()  # [B, V]
 
     def _process(
-        self, logits: torch.Tensor, states: Sequence[SamplingState], plan: SamplingPlan
+        self, logits: torch.Tensor, states: Sequence[SamplingState], plan: SamplingPlan, copy: bool
     ) -> torch.Tensor:
-        processed = logits.clone(memory_format=torch.contiguous_format)  # [B, V]
+        processed = logits.clone(memory_format=torch.contiguous_format) if copy else logits  # [B, V]
         apply_logit_bias(processed, plan)
         apply_min_tokens_ban(processed, plan)
         apply_penalties(processed, states, plan)
         return processed
 
     def _choose_tokens(
-        self, processed: torch.Tensor, states: Sequence[SamplingState], plan: SamplingPlan
+        self,
+        processed: torch.Tensor,
+        states: Sequence[SamplingState],
+        plan: SamplingPlan,
+        knobs: torch.Tensor | None,
     ) -> torch.Tensor:
         """Token ids [B]: argmax for greedy rows, a random draw for the others."""
-        if plan.all_greedy:
+        if plan.all_greedy or knobs is None:
             return processed.argmax(dim=-1)
         num_rows = processed.shape[0]
         greedy = None if len(plan.random_rows) == num_rows else processed.argmax(dim=-1)  # [B]
-        knobs = to_device([_row_knobs(state) for state in states], torch.float32, self.device)  # [B, 5]
         temperature, top_k, top_p, min_p, is_random = knobs.unbind(1)  # [B] each
-        processed.div_(temperature.unsqueeze(1))
+        noise_scale = None
+        if plan.any_top_p or plan.any_min_p:
+            # These filters act on the tempered distribution.
+            processed.div_(temperature.unsqueeze(1))
+        else:
+            # Top-k alone keeps the same tokens at any temperature, and the race below gives the same
+            # winner for logits/T - log E as for logits - T * log E: no pass to divide the logits.
+            noise_scale = temperature.unsqueeze(1)  # [B, 1]
         apply_top_k_top_p(processed, top_k.long(), plan.max_top_k, top_p if plan.any_top_p else None)
         if plan.any_min_p:
             apply_min_p(processed, min_p)
-        sampled = self._exponential_race(processed, states, plan)  # [B]
+        sampled = self._exponential_race(processed, states, plan, noise_scale)  # [B]
         return sampled if greedy is None else torch.where(is_random.bool(), sampled, greedy)
 
     def _exponential_race(
-        self, logits: torch.Tensor, states: Sequence[SamplingState], plan: SamplingPlan
+        self,
+        logits: torch.Tensor,
+        states: Sequence[SamplingState],
+        plan: SamplingPlan,
+        noise_scale: torch.Tensor | None,
     ) -> torch.Tensor:
         """argmax(probs / E) with E ~ Exponential(1) per token draws exactly from probs. It is taken
         in log space as argmax(logits - log E): the softmax normaliser is a per-row constant, so no
-        softmax is needed and every step but the final argmax is elementwise (batch-invariant)."""
+        softmax is needed and every step but the final argmax is elementwise (batch-invariant).
+        noise_scale [B, 1] (the temperature, when the logits were not divided by it) scales log E."""
         noise = torch.empty_like(logits).exponential_(generator=self.generator)  # [B, V]
-        for row in plan.random_rows:
+        for row in plan.seeded_rows:
             generator = states[row].generator_for_next_token()
-            if generator is None:
-                continue
+            assert generator is not None
             if generator.device != self.device and resolve_device(generator.device) != self.device:
                 raise ValueError(f"row {row}'s generator is on {generator.device}, logits on {self.device}")
             # A seeded row's noise comes only from its own generator.
             noise[row].exponential_(generator=generator)
         # Exponential draws of exactly 0 would give log 0 = -inf and an undefined race.
         noise.clamp_min_(torch.finfo(noise.dtype).tiny).log_()
-        return logits.sub_(noise).argmax(dim=-1)
+        if noise_scale is None:
+            return logits.sub_(noise).argmax(dim=-1)
+        return logits.addcmul_(noise, noise_scale, value=-1.0).argmax(dim=-1)
 
 
 def _row_knobs(state: SamplingState) -> list[float]:

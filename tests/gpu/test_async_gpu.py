@@ -1,0 +1,96 @@
+"""Async scheduling on CUDA (placeholders filled on the device, CUDA-graph decode, pinned token copies):
+the same tokens as synchronous scheduling, and no KV block held at the end."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from batchlm import LLM, SamplingParams
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():  # pragma: no cover - CPU machines
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+
+def _prompts(count: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(7)
+    return [torch.randint(10, 300, (5 + 7 * i % 40,), generator=generator).tolist() for i in range(count)]
+
+
+def _tokens(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> list[Any]:
+    outputs = llm.generate(prompts, params)
+    scheduler = llm.engine_core.scheduler
+    assert scheduler.num_free_blocks == scheduler.num_total_blocks
+    return [[(c.token_ids, c.finish_reason) for c in output.outputs] for output in outputs]
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model_dir: Callable[..., Path]) -> dict[str, LLM]:
+    model_dir = tiny_model_dir("llama")
+    return {
+        # A fixed KV cache: the second engine would otherwise count the first one's memory as taken.
+        mode: LLM(
+            model=str(model_dir),
+            device="cuda",
+            dtype="float32",
+            async_scheduling=mode,
+            num_gpu_blocks_override=256,
+        )
+        for mode in ("off", "on")
+    }
+
+
+def test_lockstep_batch_same_tokens(engines: dict[str, LLM]) -> None:
+    # Same length outputs, no stops: both modes run identical batches, so the tokens must match exactly.
+    prompts = _prompts(24)
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True),
+        SamplingParams(temperature=1.0, seed=3, max_tokens=24, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, repetition_penalty=1.3, logprobs=2),
+    ] * 8
+    assert engines["on"].engine_core.async_scheduling and not engines["off"].engine_core.async_scheduling
+    assert _tokens(engines["on"], prompts, params) == _tokens(engines["off"], prompts, params)
+
+
+def test_mixed_batch_with_stops_same_tokens(engines: dict[str, LLM]) -> None:
+    prompts = _prompts(12)
+    [probe] = engines["off"].generate(
+        [prompts[0]], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    )
+    stop = probe.outputs[0].token_ids[4]
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=3 + 2 * i, stop_token_ids=[stop], ignore_eos=True)
+        for i in range(12)
+    ]
+    off = _tokens(engines["off"], prompts, params)
+    assert _tokens(engines["on"], prompts, params) == off
+    assert off[0][0][1] == "stop"
+
+
+def test_uploader_round_trips_arrays_through_reused_buffers() -> None:
+    import numpy as np
+
+    from batchlm.runner.upload import StepUploader
+
+    uploader = StepUploader(torch.device("cuda"))
+    rng = np.random.default_rng(0)
+    results = []
+    for size in (3, 50, 7, 40_000, 5):  # growth past the first buffer, then small again
+        arrays = [
+            rng.integers(-(2**40), 2**40, size=size, dtype=np.int64),
+            rng.integers(-(2**30), 2**30, size=(size, 3), dtype=np.int32),
+            np.zeros(0, dtype=np.int64),
+        ]
+        tensors = uploader.upload(arrays)
+        results.append((arrays, [t.clone() for t in tensors]))  # the buffers are reused later
+    for arrays, tensors in results:
+        for array, tensor in zip(arrays, tensors, strict=True):
+            assert tensor.device.type == "cuda" and tensor.shape == array.shape
+            assert tensor.dtype == (torch.int64 if array.dtype == np.int64 else torch.int32)
+            assert np.array_equal(tensor.cpu().numpy(), array)
