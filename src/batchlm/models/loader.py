@@ -14,6 +14,7 @@ import torch
 from batchlm.layers.norm import RMSNorm
 from batchlm.models.base import CausalLM
 from batchlm.models.checkpoint import find_safetensors, iter_safetensors, load_hf_config
+from batchlm.models.config_view import read_config_view
 from batchlm.models.hf_config import context_length, head_dim_of, num_kv_heads_of
 from batchlm.models.lora import LoraAdapter, load_lora_adapter, merge_lora
 from batchlm.models.registry import architecture_of, get_model_class
@@ -46,7 +47,7 @@ class LoadedModel:
     """A model ready to run, with what it was built from."""
 
     model: CausalLM
-    hf_config: Any  # transformers PretrainedConfig
+    hf_config: Any  # transformers PretrainedConfig, or a ConfigView that reads the same
     model_dir: Path
     shape: ModelShape
     dtype: torch.dtype
@@ -96,7 +97,8 @@ def load_model(
     tp = tp or SINGLE_RANK
     model_dir, device = Path(model_dir), torch.device(device)
     with timed_phase(logger, "model config"):
-        config = load_hf_config(model_dir, hf_overrides)
+        # The light view when it reads the same; transformers' config class costs seconds to import.
+        config = read_config_view(model_dir, hf_overrides) or load_hf_config(model_dir, hf_overrides)
     model_class = get_model_class(architecture_of(config))
     if random_weights and adapter_path:
         raise ValueError(
