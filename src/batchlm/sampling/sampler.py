@@ -4,7 +4,8 @@ logprobs for a whole batch, with exactly one device->host copy per call."""
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +15,22 @@ from batchlm.sampling.filters import apply_min_p, apply_top_k_top_p
 from batchlm.sampling.logprobs import MAX_PACKED_VOCAB, pack_logprobs, unpack_logprobs
 from batchlm.sampling.penalties import apply_logit_bias, apply_min_tokens_ban, apply_penalties
 from batchlm.sampling.plan import SamplingPlan, plan_batch, to_device
-from batchlm.sampling.state import SamplingState, resolve_device
+from batchlm.sampling.state import SamplingState, resolve_device, seed_for_step
+
+# Above this many logits per call the race kernel's int32 noise offsets would overflow: torch path.
+MAX_RACE_ELEMENTS = 2**31 - 1
+
+
+def load_race_kernel() -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None:
+    """The Triton race (sampling/race_kernel.py), or None without Triton or with BATCHLM_DISABLE_FUSED_OPS
+    or BATCHLM_DISABLE_FUSED_SAMPLING set (then every row takes the torch race)."""
+    if os.environ.get("BATCHLM_DISABLE_FUSED_OPS") or os.environ.get("BATCHLM_DISABLE_FUSED_SAMPLING"):
+        return None
+    try:
+        from batchlm.sampling.race_kernel import race
+    except ImportError:  # no Triton: the torch race
+        return None
+    return race
 
 
 @dataclass
@@ -50,6 +66,10 @@ class Sampler:
         # Noise for unseeded requests.
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
+        # CUDA: the one-pass race kernel for unfiltered rows, its unseeded rows on Philox(seed, call).
+        self._race = load_race_kernel() if self.device.type == "cuda" else None
+        self._seed = seed
+        self._num_races = 0
         # The last batch's states (held, so their ids stay unique), its plan and knobs [B, 5].
         self._cached: tuple[tuple[SamplingState, ...], SamplingPlan, torch.Tensor | None] | None = None
 
@@ -136,6 +156,9 @@ class Sampler:
         num_rows = processed.shape[0]
         greedy = None if len(plan.random_rows) == num_rows else processed.argmax(dim=-1)  # [B]
         temperature, top_k, top_p, min_p, is_random = knobs.unbind(1)  # [B] each
+        filtered = plan.max_top_k > 0 or plan.any_top_p or plan.any_min_p
+        if self._race is not None and not filtered and processed.numel() <= MAX_RACE_ELEMENTS:
+            return self._fused_race(processed, states, plan, temperature * is_random)
         noise_scale = None
         if plan.any_top_p or plan.any_min_p:
             # These filters act on the tempered distribution.
@@ -150,6 +173,24 @@ class Sampler:
         sampled = self._exponential_race(processed, states, plan, noise_scale)  # [B]
         return sampled if greedy is None else torch.where(is_random.bool(), sampled, greedy)
 
+    def _fused_race(
+        self, processed: torch.Tensor, states: Sequence[SamplingState], plan: SamplingPlan, temperature: torch.Tensor
+    ) -> torch.Tensor:
+        """The race in one kernel pass (greedy rows have temperature 0: a plain argmax); seeded rows
+        are then raced again on their own generators' noise, exactly as the torch path races them."""
+        assert self._race is not None
+        seed = seed_for_step(self._seed, self._num_races) | (1 << 62)  # always a 64-bit kernel argument
+        self._num_races += 1
+        token_ids = self._race(processed, temperature, seed)  # [B]
+        if plan.seeded_rows:
+            rows = to_device(plan.seeded_rows, torch.int64, self.device)  # [S]
+            seeded = processed.index_select(0, rows)  # [S, V]
+            seeded_plan = SamplingPlan(seeded_rows=list(range(len(plan.seeded_rows))))
+            seeded_states = [states[row] for row in plan.seeded_rows]
+            scale = temperature.index_select(0, rows).unsqueeze(1)  # [S, 1]
+            token_ids.index_copy_(0, rows, self._exponential_race(seeded, seeded_states, seeded_plan, scale))
+        return token_ids
+
     def _exponential_race(
         self,
         logits: torch.Tensor,
@@ -161,7 +202,9 @@ class Sampler:
         in log space as argmax(logits - log E): the softmax normaliser is a per-row constant, so no
         softmax is needed and every step but the final argmax is elementwise (batch-invariant).
         noise_scale [B, 1] (the temperature, when the logits were not divided by it) scales log E."""
-        noise = torch.empty_like(logits).exponential_(generator=self.generator)  # [B, V]
+        noise = torch.empty_like(logits)  # [B, V]
+        if len(plan.seeded_rows) < logits.shape[0]:
+            noise.exponential_(generator=self.generator)
         for row in plan.seeded_rows:
             generator = states[row].generator_for_next_token()
             assert generator is not None
