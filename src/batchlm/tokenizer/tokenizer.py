@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchlm.tokenizer.chat_template import resolve_chat_template
+from batchlm.tokenizer.hf_loading import load_hf_tokenizer
 from batchlm.tokenizer.token_bytes import TokenBytes
 
 if TYPE_CHECKING:
@@ -58,15 +59,13 @@ class Tokenizer:
         """Load from a local model directory. `chat_template` overrides the model's template and is a
         file path or a literal Jinja string. EOS ids are the union of generation_config.json's
         eos_token_id (int or list; config.json's when there is no generation config) and the tokenizer's."""
-        from transformers import AutoTokenizer
-
         directory = Path(path).expanduser()
         if not directory.is_dir():
             raise FileNotFoundError(
                 f"tokenizer directory {directory} does not exist (a local directory is expected)"
             )
         try:
-            hf = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+            hf = load_hf_tokenizer(directory, trust_remote_code)
         except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for a bad directory
             raise ValueError(f"could not load a tokenizer from {directory}: {exc}") from exc
         template = resolve_chat_template(chat_template) if chat_template is not None else None
