@@ -5,10 +5,6 @@ read once per group; with splits > 1 each program covers a slice of the context 
 merges the slices by log-sum-exp (flash-decoding). The grid depends only on the (padded) batch size
 and static configuration; context lengths come from the device `seq_lens`, so the launch can be
 captured in a CUDA graph and replayed with new lengths and block tables.
-
-The split count is a runtime argument, not a constexpr: it changes with the batch size, and as a
-constexpr every CUDA-graph batch size with a new count cost a fresh Triton compile at start-up (five
-decode and four reduce compiles for Llama-3.2-1B's 20 graph sizes). Only one split vs many is baked in.
 """
 
 from __future__ import annotations
@@ -26,8 +22,6 @@ from batchlm.kernels.shapes import LOG2_E, check_paged_inputs, dot_precision, ne
 MAX_SPLITS = 256
 # A split shorter than this spends more on its own overhead than it saves in parallelism.
 MIN_TOKENS_PER_SPLIT = 128
-# Splits the reduce kernel reads per loop step.
-REDUCE_CHUNK = 16
 
 
 @dataclass(frozen=True)
@@ -51,23 +45,22 @@ def choose_num_splits(
     return max(1, min(wanted, useful, MAX_SPLITS))
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit
 def _decode_kernel(
     q_ptr,  # [B, H, HEAD_DIM]
     cache_ptr,  # [2, num_blocks, block_size, KV_HEADS, HEAD_DIM]
     block_table_ptr,  # [B, max_blocks] int32
     seq_lens_ptr,  # [B] int32
-    out_ptr,  # [B, H, HEAD_DIM]: written without SPLIT
-    part_out_ptr,  # [B, H, num_splits, HEAD_DIM] fp32: written with SPLIT
-    part_lse_ptr,  # [B, H, num_splits] fp32, log2 domain
+    out_ptr,  # [B, H, HEAD_DIM]: written when NUM_SPLITS == 1
+    part_out_ptr,  # [B, H, NUM_SPLITS, HEAD_DIM] fp32: written when NUM_SPLITS > 1
+    part_lse_ptr,  # [B, H, NUM_SPLITS] fp32, log2 domain
     qk_scale,  # softmax scale * log2(e)
-    num_splits,  # context slices per request (1 when SPLIT is False)
     stride_qb, stride_qh, stride_ob, stride_oh,
     stride_c_kv, stride_c_block, stride_c_tok, stride_c_head,
     stride_bt,
     BLOCK_SIZE: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -75,7 +68,7 @@ def _decode_kernel(
     num_heads = tl.num_programs(1) * GROUP
     seq_len = tl.load(seq_lens_ptr + seq)
     # Splits cover BLOCK_N-aligned slices; the reduce recomputes the same slicing from seq_len.
-    tokens_per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    tokens_per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, seq_len)
 
@@ -93,7 +86,7 @@ def _decode_kernel(
     row_sum = tl.zeros([BLOCK_G], dtype=tl.float32)
     kv_base = cache_ptr + kv_head * stride_c_head
     block_row = block_table_ptr + seq.to(tl.int64) * stride_bt
-    if not SPLIT:
+    if NUM_SPLITS == 1:
         acc, row_max, row_sum = attend_range(
             q, acc, row_max, row_sum, seq_len, kv_base, block_row, start, end, end, qk_scale,
             stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
@@ -111,55 +104,50 @@ def _decode_kernel(
                 HEAD_DIM, BLOCK_N, MASK_RANGE, DOT_PRECISION,
             )  # fmt: skip
             # Each slice stores its normalised result and its log2-sum-exp weight.
-            row = (seq.to(tl.int64) * num_heads + heads) * num_splits + split  # [BLOCK_G]
+            row = (seq.to(tl.int64) * num_heads + heads) * NUM_SPLITS + split  # [BLOCK_G]
             part = part_out_ptr + row[:, None] * HEAD_DIM + dims[None, :]
             tl.store(part, acc / row_sum[:, None], mask=head_mask[:, None])
             tl.store(part_lse_ptr + row, row_max + tl.log2(row_sum), mask=head_mask)
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit
 def _reduce_kernel(
-    part_out_ptr,  # [B, H, num_splits, HEAD_DIM] fp32
-    part_lse_ptr,  # [B, H, num_splits] fp32
+    part_out_ptr,  # [B, H, NUM_SPLITS, HEAD_DIM] fp32
+    part_lse_ptr,  # [B, H, NUM_SPLITS] fp32
     seq_lens_ptr,  # [B] int32
     out_ptr,  # [B, H, HEAD_DIM]
     stride_ob,
     stride_oh,
-    num_splits,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    CHUNK: tl.constexpr,  # splits read per loop step (bounds the registers of a [splits, HEAD_DIM] tile)
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # NUM_SPLITS rounded up to a power of two
+    CHUNK: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
-    tokens_per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    # Only splits that started inside the context wrote anything (none for a seq_len 0 padding row).
+    tokens_per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    # Only splits that started inside the context wrote anything.
     used_splits = tl.cdiv(seq_len, tl.maximum(tokens_per_split, 1))
-    base = (seq.to(tl.int64) * tl.num_programs(1) + head) * num_splits
-    # Pass 1: the largest log2-sum-exp, so that every weight below is at most 1.
-    top_lanes = tl.full([CHUNK], -1.0e30, dtype=tl.float32)
-    for first in range(0, used_splits, CHUNK):
-        chunk = first + tl.arange(0, CHUNK)
-        lse = tl.load(part_lse_ptr + base + chunk, mask=chunk < used_splits, other=-1.0e30)
-        top_lanes = tl.maximum(top_lanes, lse)
-    top = tl.max(top_lanes, 0)
-    # Pass 2: the slices' normalised outputs, weighted by their share of the softmax denominator.
+    base = (seq.to(tl.int64) * tl.num_programs(1) + head) * NUM_SPLITS
+    splits = tl.arange(0, BLOCK_S)
+    lse = tl.load(part_lse_ptr + base + splits, mask=splits < used_splits, other=float("-inf"))
+    top = tl.max(lse, 0)
+    top = tl.where(top == float("-inf"), 0.0, top)  # seq_len 0: every weight 0, output 0
+    total = tl.sum(tl.exp2(lse - top), 0)
     dims = tl.arange(0, HEAD_DIM)
     acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    total_lanes = tl.zeros([CHUNK], dtype=tl.float32)
-    for first in range(0, used_splits, CHUNK):
+    # Chunks of CHUNK splits bound the registers a [splits, HEAD_DIM] tile would take.
+    for first in range(0, NUM_SPLITS, CHUNK):
         chunk = first + tl.arange(0, CHUNK)
         valid = chunk < used_splits
-        # Lanes past the used splits read -1e30: weight exp2(-1e30 - top) = 0.
-        weights = tl.exp2(tl.load(part_lse_ptr + base + chunk, mask=valid, other=-1.0e30) - top)
+        weights = tl.exp2(tl.load(part_lse_ptr + base + chunk, mask=valid, other=float("-inf")) - top)
         parts = tl.load(
             part_out_ptr + (base + chunk)[:, None] * HEAD_DIM + dims[None, :], mask=valid[:, None], other=0.0
         )
         acc += tl.sum(parts * weights[:, None], 0)
-        total_lanes += weights
-    total = tl.sum(total_lanes, 0)
-    result = acc / tl.where(total > 0.0, total, 1.0)  # [HEAD_DIM]; zeros for a padding row
+    result = acc / tl.where(total > 0.0, total, 1.0)  # [HEAD_DIM]
     out = out_ptr + seq.to(tl.int64) * stride_ob + head * stride_oh + dims
     tl.store(out, result.to(out_ptr.dtype.element_ty))
 
@@ -197,18 +185,19 @@ def paged_decode_attention(
         part_out = query.new_empty((batch, shape.num_heads, num_splits, shape.head_dim), dtype=torch.float32)
         part_lse = query.new_empty((batch, shape.num_heads, num_splits), dtype=torch.float32)
     _decode_kernel[(batch, shape.num_kv_heads, num_splits)](
-        query, kv_cache, block_tables, seq_lens, out, part_out, part_lse, scale * LOG2_E, num_splits,
+        query, kv_cache, block_tables, seq_lens, out, part_out, part_lse, scale * LOG2_E,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0), BLOCK_SIZE=shape.block_size,
         GROUP=shape.group_size, BLOCK_G=max(16, next_power_of_2(shape.group_size)),
-        HEAD_DIM=shape.head_dim, BLOCK_N=cfg.block_n, SPLIT=num_splits > 1,
+        HEAD_DIM=shape.head_dim, BLOCK_N=cfg.block_n, NUM_SPLITS=num_splits,
         DOT_PRECISION=dot_precision(query.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if num_splits > 1:
         _reduce_kernel[(batch, shape.num_heads)](
-            part_out, part_lse, seq_lens, out, out.stride(0), out.stride(1), num_splits,
-            HEAD_DIM=shape.head_dim, BLOCK_N=cfg.block_n, CHUNK=REDUCE_CHUNK, num_warps=4,
+            part_out, part_lse, seq_lens, out, out.stride(0), out.stride(1),
+            HEAD_DIM=shape.head_dim, BLOCK_N=cfg.block_n, NUM_SPLITS=num_splits,
+            BLOCK_S=next_power_of_2(num_splits), CHUNK=min(16, next_power_of_2(num_splits)), num_warps=4,
         )  # fmt: skip
     return out
