@@ -82,3 +82,17 @@ def test_sampler_fused_path_matches_torch_path_on_seeded_and_greedy_rows() -> No
         if row % 4 == 0 or row % 2:  # greedy rows and seeded rows do not depend on the path
             assert fused_list[row] == reference_list[row], row
     assert torch.equal(logits, before)  # not scratch: the caller's logits are left alone
+
+
+def test_vocabulary_splits_do_not_change_the_draw() -> None:
+    # Row 0 alone is split over many programs; inside a 300-row batch it is one program. The noise
+    # of (row, column) is the same either way, so the token must be too; ties go to the first column.
+    generator = torch.Generator(CUDA).manual_seed(3)
+    batch = torch.randn(300, 128_256, device=CUDA, generator=generator)
+    batch[:, 100_000] = batch[:, 7] = 50.0  # a tie across splits: greedy takes column 7
+    temperature = torch.ones(300, device=CUDA)
+    for seed in (1, 2, 3):
+        alone = race(batch[:1], temperature[:1], seed=seed)
+        assert alone.item() == race(batch, temperature, seed=seed)[0].item()
+    greedy = torch.zeros(2, device=CUDA)
+    assert race(batch[:2], greedy, seed=9).tolist() == [7, 7]

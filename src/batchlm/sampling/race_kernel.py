@@ -19,16 +19,25 @@ _BELOW_ONE = tl.constexpr(0.99999994)
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _race_kernel(logits_ptr, row_stride, temperature_ptr, out_ptr, seed, vocab, BLOCK: tl.constexpr):
+def _race_kernel(
+    logits_ptr, row_stride, temperature_ptr, score_ptr, col_ptr, seed, vocab, cols_per_split,
+    BLOCK: tl.constexpr,
+):
+    """One (row, vocabulary split) per program: the split's best score and its first column."""
     row = tl.program_id(0)
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    begin = split * cols_per_split
+    end = tl.minimum(begin + cols_per_split, vocab)
     temperature = tl.load(temperature_ptr + row)
     row_start = logits_ptr + row.to(tl.int64) * row_stride
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_col = tl.zeros([BLOCK], tl.int32)
-    for start in range(0, vocab, BLOCK):
+    for start in range(begin, end, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        inside = cols < vocab
+        inside = cols < end
         logit = tl.load(row_start + cols, mask=inside, other=float("-inf"))
+        # The noise of (row, column) does not depend on the split count.
         uniform = tl.minimum(tl.rand(seed, row * vocab + cols), _BELOW_ONE)
         # E = -log(U) ~ Exponential(1); argmax(logit - T * log E) draws from softmax(logit / T).
         # U == 0 gives E = inf: that token never wins, as an infinitely late arrival should.
@@ -38,22 +47,39 @@ def _race_kernel(logits_ptr, row_stride, temperature_ptr, out_ptr, seed, vocab, 
         best = tl.where(better, score, best)
         best_col = tl.where(better, cols, best_col)
     top = tl.max(best, axis=0)
-    winner = tl.min(tl.where(best == top, best_col, vocab), axis=0)  # first maximum overall
-    tl.store(out_ptr + row, winner.to(tl.int64))
+    winner = tl.min(tl.where(best == top, best_col, vocab), axis=0)  # the split's first maximum
+    tl.store(score_ptr + row * num_splits + split, top)
+    tl.store(col_ptr + row * num_splits + split, tl.where(top > float("-inf"), winner, 0))
+
+
+# Enough programs to occupy every SM twice over, so that a small batch still reads at full bandwidth.
+_TARGET_PROGRAMS = 264
+_MAX_SPLITS = 32
+_BLOCK = 2048
 
 
 def race(logits: torch.Tensor, temperature: torch.Tensor, seed: int) -> torch.Tensor:
     """Token ids [B] int64: per row, argmax(logits - T * log E) with E ~ Exponential(1) drawn from
-    Philox(seed); rows with T == 0 take the plain argmax. logits [B, V] float32 (row stride free,
-    columns contiguous); temperature [B] float32 on the same device."""
+    Philox(seed); rows with T == 0 take the plain argmax (first maximum). logits [B, V] float32 (row
+    stride free, columns contiguous); temperature [B] float32 on the same device. Small batches split
+    each row's vocabulary over several programs and pick the best split afterwards."""
     rows, vocab = logits.shape
     if logits.stride(1) != 1:
         raise ValueError("race() needs logits with contiguous columns")
     if rows * vocab > MAX_ELEMENTS:
         raise ValueError(f"race() handles up to {MAX_ELEMENTS} logits per call, got {rows} x {vocab}")
-    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
-    if rows:
-        _race_kernel[(rows,)](
-            logits, logits.stride(0), temperature, out, seed, vocab, BLOCK=2048, num_warps=8
-        )
-    return out
+    if rows == 0:
+        return torch.empty(0, dtype=torch.int64, device=logits.device)
+    splits = max(1, min(_MAX_SPLITS, -(-_TARGET_PROGRAMS // rows), -(-vocab // _BLOCK)))
+    cols_per_split = -(-vocab // (splits * _BLOCK)) * _BLOCK
+    scores = torch.empty((rows, splits), dtype=torch.float32, device=logits.device)
+    cols = torch.empty((rows, splits), dtype=torch.int32, device=logits.device)
+    _race_kernel[(rows, splits)](
+        logits, logits.stride(0), temperature, scores, cols, seed, vocab, cols_per_split,
+        BLOCK=_BLOCK, num_warps=8,
+    )
+    if splits == 1:
+        return cols.squeeze(1).long()
+    # argmax takes the first best split; splits are in column order, so ties keep the first column.
+    best_split = scores.argmax(dim=1, keepdim=True)  # [B, 1]
+    return cols.gather(1, best_split).squeeze(1).long()
