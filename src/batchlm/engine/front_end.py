@@ -15,7 +15,7 @@ from batchlm.config import EngineConfig
 from batchlm.engine.client import EngineClient, EngineDeadError, QueueFullError, RequestRejectedError
 from batchlm.engine.output_processor import OutputProcessor
 from batchlm.engine.requests import make_core_requests, validate_request
-from batchlm.outputs import EngineCoreOutput, RequestOutput
+from batchlm.outputs import CompletionOutput, EngineCoreOutput, RequestOutput
 from batchlm.request import EngineCoreRequest
 from batchlm.sampling_params import SamplingParams
 
@@ -85,8 +85,11 @@ class StreamingFrontEnd(EngineClient):
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                item, error = _coalesce_waiting(item, queue)
                 finished = item.finished
                 yield item
+                if error is not None:
+                    raise error
                 if finished:
                     return
         finally:
@@ -174,3 +177,53 @@ class StreamingFrontEnd(EngineClient):
         for queue in self._queues.values():
             queue.put_nowait(EngineDeadError(f"the engine stopped: {reason}"))
         self._queues.clear()
+
+
+def _coalesce_waiting(
+    output: RequestOutput, queue: asyncio.Queue[Any]
+) -> tuple[RequestOutput, BaseException | None]:
+    """Fold the deltas already queued behind `output` into it. A consumer slower than the engine
+    (hundreds of streams on one event loop) then sends one larger delta instead of one per engine
+    step, so its per-delta cost (SSE framing, JSON, socket writes) stops growing with the backlog.
+    Returns the merged output and an error queued after it (raised once the output is delivered)."""
+    while not output.finished and not queue.empty():
+        following = queue.get_nowait()
+        if isinstance(following, BaseException):
+            return output, following
+        output = merge_deltas(output, following)
+    return output, None
+
+
+def merge_deltas(first: RequestOutput, second: RequestOutput) -> RequestOutput:
+    """One delta RequestOutput equivalent to `first` followed by `second` (per completion index:
+    text, token ids and logprobs concatenated; finish state and counters from `second`)."""
+    completions = {completion.index: completion for completion in first.outputs}
+    for later in second.outputs:
+        earlier = completions.get(later.index)
+        completions[later.index] = later if earlier is None else _join(earlier, later)
+    return RequestOutput(
+        request_id=second.request_id,
+        prompt=second.prompt,
+        prompt_token_ids=second.prompt_token_ids,
+        outputs=[completions[index] for index in sorted(completions)],
+        finished=second.finished,
+        num_cached_tokens=max(first.num_cached_tokens, second.num_cached_tokens),
+        metrics=second.metrics or first.metrics,
+        error=second.error or first.error,
+        extra={**first.extra, **second.extra},
+    )
+
+
+def _join(earlier: CompletionOutput, later: CompletionOutput) -> CompletionOutput:
+    logprobs = None
+    if earlier.logprobs is not None or later.logprobs is not None:
+        logprobs = (earlier.logprobs or []) + (later.logprobs or [])
+    return CompletionOutput(
+        index=later.index,
+        text=earlier.text + later.text,
+        token_ids=earlier.token_ids + later.token_ids,
+        cumulative_logprob=later.cumulative_logprob,
+        logprobs=logprobs,
+        finish_reason=later.finish_reason,
+        stop_reason=later.stop_reason,
+    )

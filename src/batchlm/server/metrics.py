@@ -161,7 +161,10 @@ class RequestRecorder:
             self._first_token = (timing.first_token_time if timing else None) or now
             self._metrics.ttft.observe(max(0.0, self._first_token - self._arrival))
         else:
-            self._metrics.itl.observe(max(0.0, now - self._last_token))
+            # A delta can carry several tokens (a lagging stream's deltas are merged): spread the gap.
+            gap = max(0.0, now - self._last_token) / new_tokens
+            for _ in range(new_tokens):
+                self._metrics.itl.observe(gap)
         self._last_token = now
         self.completion_tokens += new_tokens
 

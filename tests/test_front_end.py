@@ -1,0 +1,93 @@
+"""StreamingFrontEnd's delta coalescing: a lagging stream gets merged deltas that add up to the same result."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from batchlm.engine.client import EngineDeadError
+from batchlm.engine.front_end import _coalesce_waiting, merge_deltas
+from batchlm.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+
+
+def delta(
+    index: int, text: str, ids: list[int], finish: str | None = None, logprob: float | None = None, cached: int = 0
+) -> RequestOutput:
+    logprobs = None if logprob is None else [TokenLogprobs(logprob, 1) for _ in ids]
+    cumulative = None if logprob is None else logprob * len(ids)
+    completion = CompletionOutput(index, text, ids, cumulative, logprobs, finish, None)
+    return RequestOutput("r", "p", [1, 2], [completion], finish is not None, num_cached_tokens=cached)
+
+
+def test_merge_joins_each_completion_and_keeps_the_later_state() -> None:
+    first = delta(0, "Hel", [5, 6], logprob=-1.0, cached=16)
+    second = delta(0, "lo", [7], finish="length", logprob=-0.5)
+    merged = merge_deltas(first, second)
+    (completion,) = merged.outputs
+    assert completion.text == "Hello" and completion.token_ids == [5, 6, 7]
+    assert completion.logprobs is not None and [lp.logprob for lp in completion.logprobs] == [-1.0, -1.0, -0.5]
+    assert completion.finish_reason == "length" and merged.finished
+    # cumulative_logprob is a running total: the later value already includes the earlier tokens.
+    assert completion.cumulative_logprob == -0.5
+    assert merged.num_cached_tokens == 16
+
+
+def test_merge_keeps_completions_that_changed_in_only_one_delta_in_index_order() -> None:
+    first = delta(1, "b", [2])
+    second = delta(0, "a", [1])
+    merged = merge_deltas(first, second)
+    assert [(c.index, c.text) for c in merged.outputs] == [(0, "a"), (1, "b")]
+    # Inputs are not modified (they may still be referenced elsewhere).
+    assert first.outputs[0].token_ids == [2] and second.outputs[0].token_ids == [1]
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_coalesce_drains_everything_queued_up_to_the_final_delta() -> None:
+    async def scenario() -> tuple[RequestOutput, Any, int]:
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        for item in (delta(0, "b", [2]), delta(0, "c", [3], finish="stop"), delta(0, "late", [9])):
+            queue.put_nowait(item)
+        merged, error = _coalesce_waiting(delta(0, "a", [1]), queue)
+        return merged, error, queue.qsize()
+
+    merged, error, left = run(scenario())
+    assert merged.outputs[0].text == "abc" and merged.outputs[0].token_ids == [1, 2, 3]
+    assert merged.finished and error is None
+    assert left == 1  # nothing after the final delta is folded in
+
+
+def test_coalesce_stops_at_an_error_and_hands_it_back_after_the_text() -> None:
+    async def scenario() -> tuple[RequestOutput, Any]:
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        queue.put_nowait(delta(0, "b", [2]))
+        queue.put_nowait(EngineDeadError("gone"))
+        return _coalesce_waiting(delta(0, "a", [1]), queue)
+
+    merged, error = run(scenario())
+    assert merged.outputs[0].text == "ab" and not merged.finished
+    assert isinstance(error, EngineDeadError)
+
+
+def test_a_single_waiting_delta_is_returned_unchanged() -> None:
+    async def scenario() -> tuple[RequestOutput, Any]:
+        return _coalesce_waiting(delta(0, "a", [1]), asyncio.Queue())
+
+    merged, error = run(scenario())
+    assert merged.outputs[0].text == "a" and error is None
+
+
+@pytest.mark.parametrize("finish", [None, "stop"])
+def test_merging_many_deltas_one_at_a_time_equals_the_whole(finish: str | None) -> None:
+    words = ["α", "β", "🙂", " x"]
+    parts = [delta(0, w, [i]) for i, w in enumerate(words)] + [delta(0, "!", [99], finish=finish)]
+    merged = parts[0]
+    for part in parts[1:]:
+        merged = merge_deltas(merged, part)
+    assert merged.outputs[0].text == "".join(words) + "!"
+    assert merged.outputs[0].token_ids == [0, 1, 2, 3, 99]
+    assert merged.finished is (finish is not None)
