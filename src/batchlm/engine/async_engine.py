@@ -4,6 +4,7 @@ over a pipe, are detokenized here, and are routed to each request's async iterat
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import multiprocessing
@@ -18,6 +19,7 @@ from batchlm.engine.core_builder import CoreInfo, load_tokenizer, prepare_model_
 from batchlm.engine.core_process import engine_core_main
 from batchlm.engine.front_end import EngineLimits, StreamingFrontEnd
 from batchlm.engine.output_processor import OutputProcessor
+from batchlm.outputs import EngineCoreOutput
 from batchlm.request import EngineCoreRequest
 from batchlm.startup_log import timed_phase
 
@@ -36,6 +38,10 @@ class AsyncLLMEngine(StreamingFrontEnd):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._core_stats = SchedulerStats()
         self._shutting_down = False
+        # Messages from the reader thread, drained on the event loop (see _drain_inbox).
+        self._inbox: collections.deque[tuple[str, Any]] = collections.deque()
+        self._inbox_lock = threading.Lock()
+        self._inbox_drain_pending = False
         self.info: CoreInfo | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -158,16 +164,42 @@ class AsyncLLMEngine(StreamingFrontEnd):
     # -- internals -----------------------------------------------------------------------------------
 
     def _read_loop(self) -> None:
-        """Reader thread: forward every message to the event loop until the pipe closes."""
+        """Reader thread: queue every message for the event loop until the pipe closes."""
         assert self._loop is not None
         while True:
             kind, payload = self._recv_or_eof()
-            try:
-                self._loop.call_soon_threadsafe(self._on_message, kind, payload)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                return
+            with self._inbox_lock:
+                self._inbox.append((kind, payload))
+                wake = not self._inbox_drain_pending
+                self._inbox_drain_pending = True
+            if wake:
+                try:
+                    self._loop.call_soon_threadsafe(self._drain_inbox)
+                except RuntimeError:  # the loop is closed: nobody is listening any more
+                    return
             if kind == "failed":
                 return
+
+    def _drain_inbox(self) -> None:
+        """Handle, in order, every message that arrived since the last drain. Consecutive step outputs
+        are processed as one batch: when the loop falls behind the engine (hundreds of streams), each
+        request then gets one detokenized delta for all its new tokens instead of one per step."""
+        with self._inbox_lock:
+            messages = list(self._inbox)
+            self._inbox.clear()
+            self._inbox_drain_pending = False
+        batch: list[EngineCoreOutput] = []
+        for kind, payload in messages:
+            if kind == "outputs":
+                outputs, self._core_stats = payload
+                batch.extend(outputs)
+                continue
+            if batch:
+                self._on_outputs(batch)
+                batch = []
+            self._on_message(kind, payload)
+        if batch:
+            self._on_outputs(batch)
 
     def _on_message(self, kind: str, payload: Any) -> None:
         if kind == "outputs":

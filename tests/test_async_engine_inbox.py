@@ -1,0 +1,70 @@
+"""AsyncLLMEngine's inbox: messages from the engine core are handled in order on the event loop, and
+consecutive step outputs that piled up while the loop was busy are processed as one batch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from batchlm.config import EngineConfig
+from batchlm.core.scheduler import SchedulerStats
+from batchlm.engine.async_engine import AsyncLLMEngine
+from batchlm.outputs import EngineCoreOutput, FinishReason
+
+
+class RecordingEngine(AsyncLLMEngine):
+    """The real inbox with the handlers replaced by recorders (no engine core is started)."""
+
+    def __init__(self) -> None:
+        super().__init__(EngineConfig(), multiprocess=False)
+        self.events: list[tuple[str, Any]] = []
+
+    def _on_outputs(self, outputs: list[EngineCoreOutput]) -> None:
+        self.events.append(("outputs", [(o.request_id, o.new_token_ids) for o in outputs]))
+
+    def _on_rejected(self, core_id: str, message: str) -> None:
+        self.events.append(("rejected", core_id))
+
+    def _mark_dead(self, reason: str, expected: bool = False) -> None:
+        self.events.append(("dead", reason))
+
+
+def step(tokens: dict[str, int], waiting: int) -> tuple[str, Any]:
+    outputs = [EngineCoreOutput(rid, (token,)) for rid, token in tokens.items()]
+    return ("outputs", (outputs, SchedulerStats(num_running=len(tokens), num_waiting=waiting)))
+
+
+def test_consecutive_step_outputs_become_one_batch_in_step_order() -> None:
+    engine = RecordingEngine()
+    engine._inbox.extend([step({"a": 1, "b": 2}, 3), step({"a": 3}, 2), step({"b": 4}, 1)])
+    engine._inbox_drain_pending = True
+    engine._drain_inbox()
+    assert engine.events == [("outputs", [("a", (1,)), ("b", (2,)), ("a", (3,)), ("b", (4,))])]
+    # The newest stats win; the inbox is empty and the next message schedules a new drain.
+    assert engine._core_stats.num_waiting == 1
+    assert not engine._inbox and not engine._inbox_drain_pending
+
+
+def test_other_messages_keep_their_place_between_output_batches() -> None:
+    engine = RecordingEngine()
+    engine._inbox.extend(
+        [
+            step({"a": 1}, 0),
+            ("rejected", ("b", "prompt too long")),
+            step({"a": 2}, 0),
+            ("outputs", ([EngineCoreOutput("a", (), finish_reason=FinishReason.ABORT)], SchedulerStats())),
+            ("failed", "core exited"),
+        ]
+    )
+    engine._drain_inbox()
+    assert engine.events == [
+        ("outputs", [("a", (1,))]),
+        ("rejected", "b"),
+        ("outputs", [("a", (2,)), ("a", ())]),
+        ("dead", "core exited"),
+    ]
+
+
+def test_an_empty_inbox_drains_to_nothing() -> None:
+    engine = RecordingEngine()
+    engine._drain_inbox()
+    assert engine.events == []
