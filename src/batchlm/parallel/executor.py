@@ -29,6 +29,9 @@ from batchlm.runner.model_runner import RunnerInfo
 
 logger = logging.getLogger(__name__)
 
+# Seconds to wait for a worker whose pipe closed to finish exiting, before reporting it.
+EXIT_STATUS_WAIT_S = 2.0
+
 # Seconds a worker gets to exit after "shutdown" (then SIGTERM, then SIGKILL).
 SHUTDOWN_GRACE_S = 5.0
 
@@ -190,6 +193,9 @@ class TensorParallelExecutor:
 
 
 def _exit_message(rank: int, process: BaseProcess) -> str:
+    # A worker's pipe closes as the kernel tears the process down, a moment before its exit status
+    # can be collected: wait briefly so the message names how it ended.
+    process.join(timeout=EXIT_STATUS_WAIT_S)
     code = process.exitcode
     how = "is still running but its pipe closed" if code is None else f"exited with code {code}"
     return f"tensor-parallel worker rank {rank} (pid {process.pid}) {how}"
