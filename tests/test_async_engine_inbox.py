@@ -1,5 +1,5 @@
-"""AsyncLLMEngine's inbox: messages from the engine core are handled in order on the event loop, and
-consecutive step outputs that piled up while the loop was busy are processed as one batch."""
+"""The front end's inbox, through AsyncLLMEngine: messages from the engine core are handled in order on
+the event loop, and consecutive step outputs that piled up while the loop was busy form one batch."""
 
 from __future__ import annotations
 

@@ -4,7 +4,6 @@ over a pipe, are detokenized here, and are routed to each request's async iterat
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import multiprocessing
@@ -19,7 +18,6 @@ from batchlm.engine.core_builder import CoreInfo, load_tokenizer, prepare_model_
 from batchlm.engine.core_process import engine_core_main
 from batchlm.engine.front_end import EngineLimits, StreamingFrontEnd
 from batchlm.engine.output_processor import OutputProcessor
-from batchlm.outputs import EngineCoreOutput
 from batchlm.request import EngineCoreRequest
 from batchlm.startup_log import timed_phase
 
@@ -35,13 +33,8 @@ class AsyncLLMEngine(StreamingFrontEnd):
         self.multiprocess = multiprocess
         self._conn: Connection | None = None
         self._worker: multiprocessing.process.BaseProcess | threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._core_stats = SchedulerStats()
         self._shutting_down = False
-        # Messages from the reader thread, drained on the event loop (see _drain_inbox).
-        self._inbox: collections.deque[tuple[str, Any]] = collections.deque()
-        self._inbox_lock = threading.Lock()
-        self._inbox_drain_pending = False
         self.info: CoreInfo | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -165,47 +158,16 @@ class AsyncLLMEngine(StreamingFrontEnd):
 
     def _read_loop(self) -> None:
         """Reader thread: queue every message for the event loop until the pipe closes."""
-        assert self._loop is not None
         while True:
             kind, payload = self._recv_or_eof()
-            with self._inbox_lock:
-                self._inbox.append((kind, payload))
-                wake = not self._inbox_drain_pending
-                self._inbox_drain_pending = True
-            if wake:
-                try:
-                    self._loop.call_soon_threadsafe(self._drain_inbox)
-                except RuntimeError:  # the loop is closed: nobody is listening any more
-                    return
-            if kind == "failed":
+            if not self._post_threadsafe(kind, payload) or kind == "failed":
                 return
 
-    def _drain_inbox(self) -> None:
-        """Handle, in order, every message that arrived since the last drain. Consecutive step outputs
-        are processed as one batch: when the loop falls behind the engine (hundreds of streams), each
-        request then gets one detokenized delta for all its new tokens instead of one per step."""
-        with self._inbox_lock:
-            messages = list(self._inbox)
-            self._inbox.clear()
-            self._inbox_drain_pending = False
-        batch: list[EngineCoreOutput] = []
-        for kind, payload in messages:
-            if kind == "outputs":
-                outputs, self._core_stats = payload
-                batch.extend(outputs)
-                continue
-            if batch:
-                self._on_outputs(batch)
-                batch = []
-            self._on_message(kind, payload)
-        if batch:
-            self._on_outputs(batch)
+    def _record_stats(self, stats: SchedulerStats) -> None:
+        self._core_stats = stats
 
     def _on_message(self, kind: str, payload: Any) -> None:
-        if kind == "outputs":
-            outputs, self._core_stats = payload
-            self._on_outputs(outputs)
-        elif kind == "rejected":
+        if kind == "rejected":
             core_id, message = payload
             self._on_rejected(core_id, message)
         elif kind == "failed":

@@ -1,11 +1,14 @@
 """The request-routing half shared by every EngineClient: validation, admission limits, one asyncio queue
-per request fed by the detokenizing OutputProcessor, aborts on disconnect, and failing open streams
-when the engine stops. Subclasses only say how core requests and aborts reach their engine."""
+per request fed by the detokenizing OutputProcessor, an inbox for what the engine's thread reports,
+aborts on disconnect, and failing open streams when the engine stops. Subclasses only say how core
+requests and aborts reach their engine and what its other messages mean."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import threading
 import time
 from abc import abstractmethod
 from collections.abc import AsyncIterator
@@ -33,8 +36,8 @@ class EngineLimits(Protocol):
 
 
 class StreamingFrontEnd(EngineClient):
-    """All state here is touched only on the event loop's thread; engines hand outputs over with
-    call_soon_threadsafe and then call _on_outputs / _mark_dead there."""
+    """All state here is touched only on the event loop's thread; the engine's thread hands its
+    messages over with _post_threadsafe and they are handled, in order, on the loop."""
 
     def __init__(self, config: EngineConfig, max_queue: int | None) -> None:
         self.config = config
@@ -45,6 +48,11 @@ class StreamingFrontEnd(EngineClient):
         self._generation_tokens_total = 0
         self._ready = False
         self._dead_reason: str | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Messages from the engine's thread, drained on the event loop (see _drain_inbox).
+        self._inbox: collections.deque[tuple[str, Any]] = collections.deque()
+        self._inbox_lock = threading.Lock()
+        self._inbox_drain_pending = False
 
     # -- what a subclass provides --------------------------------------------------------------------
 
@@ -60,6 +68,14 @@ class StreamingFrontEnd(EngineClient):
     @abstractmethod
     def _send_abort(self, core_ids: list[str]) -> None:
         """Ask the engine to drop these core requests (it may already have finished them)."""
+
+    @abstractmethod
+    def _record_stats(self, stats: Any) -> None:
+        """Keep the engine's stats snapshot that came with a step's outputs."""
+
+    @abstractmethod
+    def _on_message(self, kind: str, payload: Any) -> None:
+        """Handle an engine message other than "outputs" (on the event loop)."""
 
     # -- EngineClient ----------------------------------------------------------------------------------
 
@@ -146,6 +162,43 @@ class StreamingFrontEnd(EngineClient):
         self._processor.abort_request(request_id)
         if core_ids and self._dead_reason is None:
             self._send_abort(core_ids)
+
+    def _post_threadsafe(self, kind: str, payload: Any) -> bool:
+        """Called on the engine's thread: queue a message for the event loop. An "outputs" payload
+        is (EngineCoreOutputs, stats). False when the loop is closed (nobody is listening any more)."""
+        assert self._loop is not None
+        with self._inbox_lock:
+            self._inbox.append((kind, payload))
+            wake = not self._inbox_drain_pending
+            self._inbox_drain_pending = True
+        if wake:
+            try:
+                self._loop.call_soon_threadsafe(self._drain_inbox)
+            except RuntimeError:
+                return False
+        return True
+
+    def _drain_inbox(self) -> None:
+        """Handle, in order, every message that arrived since the last drain. Consecutive step outputs
+        are processed as one batch: when the loop falls behind the engine (hundreds of streams), each
+        request then gets one detokenized delta for all its new tokens instead of one per step."""
+        with self._inbox_lock:
+            messages = list(self._inbox)
+            self._inbox.clear()
+            self._inbox_drain_pending = False
+        batch: list[EngineCoreOutput] = []
+        for kind, payload in messages:
+            if kind == "outputs":
+                outputs, stats = payload
+                self._record_stats(stats)
+                batch.extend(outputs)
+                continue
+            if batch:
+                self._on_outputs(batch)
+                batch = []
+            self._on_message(kind, payload)
+        if batch:
+            self._on_outputs(batch)
 
     def _on_outputs(self, outputs: list[EngineCoreOutput]) -> None:
         """Detokenize one step's outputs and route each request's delta to its stream."""

@@ -4,7 +4,6 @@ and sharing the PyTorch engine's front end (request validation, detokenizer, sto
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +38,6 @@ class MLXEngine(StreamingFrontEnd):
         check_config(config)
         super().__init__(config, max_queue)
         self.info: WorkerInfo | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._worker: GenerationWorker | None = None
         self._started: asyncio.Future[WorkerInfo] | None = None
         self._loop_stats: LoopStats | None = None
@@ -127,20 +125,13 @@ class MLXEngine(StreamingFrontEnd):
 
     # -- internals ---------------------------------------------------------------------------------------
 
-    def _post_threadsafe(self, kind: str, payload: Any) -> None:
-        """Called on the generation thread: hand the message to the event loop."""
-        assert self._loop is not None
-        # A closed event loop raises RuntimeError: nobody is listening any more.
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._on_message, kind, payload)
+    def _record_stats(self, stats: LoopStats) -> None:
+        self._loop_stats = stats
 
     def _on_message(self, kind: str, payload: Any) -> None:
         if kind == "ready":
             if self._started is not None and not self._started.done():
                 self._started.set_result(payload)
-        elif kind == "outputs":
-            outputs, self._loop_stats = payload
-            self._on_outputs(outputs)
         elif kind == "failed":
             if self._started is not None and not self._started.done():
                 self._started.set_exception(EngineDeadError(f"the mlx engine failed to start: {payload}"))

@@ -23,7 +23,7 @@ DEFAULT_PREFILL_STEP = 2048
 PREFILL_BATCH_SIZE = 8
 
 # post(kind, payload) with kind "ready" (WorkerInfo), "outputs" ((outputs, LoopStats)) or "failed" (str).
-Post = Callable[[str, Any], None]
+Post = Callable[[str, Any], object]  # its return value (delivered or not) is ignored here
 
 
 @dataclass(frozen=True)
