@@ -6,9 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from batchlm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from batchlm.layers.embedding import ParallelLMHead, VocabParallelEmbedding, use_onednn_lm_head
 from batchlm.layers.onednn import onednn_linear, onednn_matmul_works, to_onednn_weight
-from batchlm.runner.cpu_threads import use_onednn_lm_head
 
 needs_onednn = pytest.mark.skipif(not onednn_matmul_works(), reason="this torch build has no oneDNN linear")
 GEN = torch.Generator().manual_seed(0)

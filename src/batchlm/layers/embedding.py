@@ -85,3 +85,10 @@ class ParallelLMHead(VocabParallelEmbedding):
             logits = F.linear(hidden, self.weight)
         logits = self.tp.all_gather(logits, dim=-1)
         return logits[..., : self.vocab_size].float()
+
+
+def use_onednn_lm_head(model: nn.Module) -> bool:
+    """Give the model's LM head its oneDNN weight (float32 CPU models; see layers/onednn.py).
+    Called once loading (and any LoRA merge) is done; returns whether the head took it."""
+    heads = [module for module in model.modules() if isinstance(module, ParallelLMHead)]
+    return all(head.use_onednn() for head in heads) and bool(heads)

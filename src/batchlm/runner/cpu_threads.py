@@ -1,4 +1,4 @@
-"""CPU execution settings: torch threads capped at the CPUs actually available, oneDNN for the LM head."""
+"""How many CPU threads torch may use: no more than the CPUs this process is actually allowed to run on."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import torch
-from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +67,3 @@ def threads_from_env(environ: dict[str, str] | None = None) -> int | None:
         raise ValueError(f"{THREADS_ENV} must be a positive integer, got {value!r}")
     return int(value)
 
-
-def use_onednn_lm_head(model: nn.Module) -> bool:
-    """Give the model's LM head its oneDNN weight (float32 CPU models; see layers/onednn.py).
-    Called once loading (and any LoRA merge) is done; returns whether the head took it."""
-    from batchlm.layers.embedding import ParallelLMHead
-
-    heads = [module for module in model.modules() if isinstance(module, ParallelLMHead)]
-    return all(head.use_onednn() for head in heads) and bool(heads)

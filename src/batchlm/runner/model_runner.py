@@ -12,9 +12,10 @@ import torch
 from batchlm.attention.backend import AttentionBackend
 from batchlm.config import EngineConfig
 from batchlm.core.step_io import ModelRunnerOutput, SchedulerOutput
+from batchlm.layers.embedding import use_onednn_lm_head
 from batchlm.models.loader import LoadedModel, ModelShape, load_model
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
-from batchlm.runner.cpu_threads import cap_cpu_threads, use_onednn_lm_head
+from batchlm.runner.cpu_threads import cap_cpu_threads
 from batchlm.runner.cuda_graph import DecodeGraphs
 from batchlm.runner.device import dtype_name, resolve_device, resolve_dtype
 from batchlm.runner.inputs import StepInputBuilder, StepInputs, build_step_inputs
