@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,14 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mlx_vs_mlx_lm_server import pad_tokenizer_vocab
+from mlx_vs_mlx_lm_server import free_port, pad_tokenizer_vocab
 from model_shapes import SHAPES, write_config_only
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_healthy(port: int, process: subprocess.Popen[bytes], timeout_s: float) -> float:
