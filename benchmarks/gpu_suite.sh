@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: GPU tests, offline W1/W2, single-stream latency, online W1, start-up time.
-# Usage: bash benchmarks/gpu_suite.sh [tests] [w1] [single] [w2] [online] [startup] [startup_profile]
+# Usage: bash benchmarks/gpu_suite.sh [tests] [w1] [single] [w2] [online] [online_profile] [startup] [startup_profile]
 # (default: all but startup_profile). startup: command-to-ready of `batchlm serve` three times, the first
 # with an empty Triton cache (as on a fresh machine), with the server's `startup:` breakdown;
 # startup_profile: the engine core's start-up in one process (every Triton compile, every graph
@@ -30,6 +30,16 @@ for step in $steps; do
     online)
       timeout 300 python3 benchmarks/serve_gpu.py --shape llama-3.2-1b --requests 256 --input-len 512 \
         --output-len 256 --runs 3 --out-dir "$OUT" 2>&1 | grep -v Loading | tail -12 ;;
+    online_profile)
+      # The online run again, every process sampled by py-spy (carried as a wheel), with the server's
+      # stats line every second; then the front end alone against a simulated engine (this host's CPU).
+      lscpu | grep -E "Model name|^CPU\(s\)|MHz" | tee "$OUT/cpu.txt"
+      pyspy="$(command -v py-spy || echo /tmp/site/bin/py-spy)"
+      timeout 300 "$pyspy" record --subprocesses --nonblocking -r 100 -f raw -o "$OUT/online_profile.txt" -- \
+        python3 benchmarks/serve_gpu.py --shape llama-3.2-1b --requests 256 --input-len 512 --output-len 256 \
+        --runs 3 --out-dir "$OUT" --server-log "$OUT/online_server.log" --server-log-level INFO \
+        --serve-arg=--stats-log-interval --serve-arg=1 2>&1 | grep -v Loading | tail -14
+      timeout 120 python3 benchmarks/frontend_capacity.py --runs 3 2>&1 | tail -5 ;;
     startup)
       cache="$(mktemp -d)"
       for run in cold warm1 warm2; do

@@ -62,3 +62,8 @@ class AttentionBackend(ABC):
         scale: float,
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         """Causal attention of each new token over its request's whole context."""
+
+    def warm_up(self, kv_cache: torch.Tensor, num_heads: int, max_blocks_per_seq: int) -> None:
+        """Compile, at start-up, every kernel variant serving can launch (none for backends without
+        JIT kernels). `kv_cache` is read only."""
+        return None

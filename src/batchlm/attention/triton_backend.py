@@ -6,8 +6,9 @@ import torch
 
 from batchlm.attention.backend import AttentionBackend, AttentionMetadata
 from batchlm.kernels.kv_write import write_kv_cache
-from batchlm.kernels.paged_decode import DecodeConfig, paged_decode_attention
-from batchlm.kernels.paged_prefill import paged_prefill_attention
+from batchlm.kernels.paged_decode import DecodeConfig, choose_num_splits, paged_decode_attention
+from batchlm.kernels.paged_prefill import paged_prefill_attention, prefill_configs
+from batchlm.kernels.shapes import check_paged_inputs, sm_count
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -58,3 +59,30 @@ class TritonAttentionBackend(AttentionBackend):
         if query.shape[0] > meta.num_tokens:
             out[meta.num_tokens :].zero_()  # padding rows past the batch: defined, never garbage
         return out
+
+    @torch.inference_mode()
+    def warm_up(self, kv_cache: torch.Tensor, num_heads: int, max_blocks_per_seq: int) -> None:
+        """Launch each prefill tile configuration and each decode split count once on a one-token
+        problem. Which ones a step picks depends on its token count, batch size and context, so
+        without this the first step to need one would wait for its JIT compile."""
+        device = kv_cache.device
+        query = torch.zeros((1, num_heads, kv_cache.shape[-1]), dtype=kv_cache.dtype, device=device)
+        shape = check_paged_inputs(query, kv_cache)
+        seq_lens = torch.ones(1, dtype=torch.int32, device=device)
+        block_tables = torch.zeros((1, max_blocks_per_seq), dtype=torch.int32, device=device)
+        query_start_loc = torch.tensor([0, 1], dtype=torch.int32, device=device)
+        for config in prefill_configs(shape, query.dtype):
+            paged_prefill_attention(
+                query, kv_cache, query_start_loc, seq_lens, block_tables, 1.0, max_query_len=1, config=config
+            )
+        max_context = max_blocks_per_seq * shape.block_size
+        most_splits = choose_num_splits(
+            1, shape.num_kv_heads, max_context, sm_count(device), self.decode_config.programs_per_sm
+        )
+        splits = 1
+        while splits <= most_splits:
+            paged_decode_attention(
+                query, kv_cache, seq_lens, block_tables, 1.0, num_splits=splits, config=self.decode_config
+            )
+            splits *= 2
+        torch.cuda.synchronize(device)

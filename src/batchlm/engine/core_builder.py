@@ -125,6 +125,9 @@ def build_engine_core(config: EngineConfig, model_dir: Path) -> tuple[EngineCore
     logger.info("async scheduling: %s", "on" if async_scheduling else "off")
     if info.device.startswith("cuda"):
         freeze_startup_objects()
+        from batchlm.kernels.compile_watch import watch_compiles_after_startup
+
+        watch_compiles_after_startup()
     return EngineCore(scheduler, executor, async_scheduling=async_scheduling), info
 
 

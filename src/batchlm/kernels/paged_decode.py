@@ -17,6 +17,7 @@ import triton.language as tl
 
 from batchlm.kernels.paged_tile import MASK_RANGE, attend_range
 from batchlm.kernels.shapes import LOG2_E, check_paged_inputs, dot_precision, next_power_of_2, sm_count
+from batchlm.kernels.specialization import unspecialized
 
 # Upper bound on splits per request (bounds the workspace and the reduce's work).
 MAX_SPLITS = 256
@@ -38,14 +39,20 @@ class DecodeConfig:
 def choose_num_splits(
     batch_size: int, num_kv_heads: int, max_context: int, sm_count: int, programs_per_sm: int = 4
 ) -> int:
-    """Splits per request from static quantities only (so CUDA-graph replays keep the same grid)."""
+    """Splits per request from static quantities only (so CUDA-graph replays keep the same grid).
+
+    Rounded down to a power of two: the split count is a compile-time constant of the kernels, and
+    eager steps (decodes beside prefill chunks) come in every batch size and context length, so
+    exact counts would compile a new kernel pair for many of them while serving. Powers of two are
+    the few variants the start-up graph captures have already compiled."""
     programs = batch_size * num_kv_heads
     wanted = triton.cdiv(sm_count * programs_per_sm, max(programs, 1))
     useful = triton.cdiv(max_context, MIN_TOKENS_PER_SPLIT)
-    return max(1, min(wanted, useful, MAX_SPLITS))
+    splits = max(1, min(wanted, useful, MAX_SPLITS))
+    return 1 << (splits.bit_length() - 1)
 
 
-@triton.jit
+@triton.jit(**unspecialized(ints=["stride_bt"], pointers=["block_table_ptr", "seq_lens_ptr"]))
 def _decode_kernel(
     q_ptr,  # [B, H, HEAD_DIM]
     cache_ptr,  # [2, num_blocks, block_size, KV_HEADS, HEAD_DIM]
@@ -110,7 +117,7 @@ def _decode_kernel(
             tl.store(part_lse_ptr + row, row_max + tl.log2(row_sum), mask=head_mask)
 
 
-@triton.jit
+@triton.jit(**unspecialized(pointers=["seq_lens_ptr"]))
 def _reduce_kernel(
     part_out_ptr,  # [B, H, NUM_SPLITS, HEAD_DIM] fp32
     part_lse_ptr,  # [B, H, NUM_SPLITS] fp32

@@ -24,6 +24,7 @@ from batchlm.kernels.shapes import (
     next_power_of_2,
     sm_count,
 )
+from batchlm.kernels.specialization import unspecialized
 
 
 @dataclass(frozen=True)
@@ -41,14 +42,31 @@ def default_prefill_config(
 ) -> PrefillConfig:
     """Tiles that fit Hopper's shared memory, picked with benchmarks/attention_kernels.py on an H100;
     query tiles shrink while the grid (num_query_tokens summed over requests) would not fill the GPU."""
+    chain = _config_chain(shape, dtype)
+    chosen = chain[-1]
+    for cfg in chain[:-1]:
+        if _num_programs(shape, cfg, num_query_tokens) >= num_sms:
+            chosen = cfg
+            break
+    return _fit_group(shape, chosen)
+
+
+def prefill_configs(shape: PagedShape, dtype: torch.dtype) -> list[PrefillConfig]:
+    """Every configuration default_prefill_config can return for this shape (start-up compiles them all)."""
+    return list(dict.fromkeys(_fit_group(shape, cfg) for cfg in _config_chain(shape, dtype)))
+
+
+def _config_chain(shape: PagedShape, dtype: torch.dtype) -> list[PrefillConfig]:
+    """The largest tile first, then each halving down to the smallest tile worth having."""
     if dtype == torch.float32 or shape.head_dim > 128:
         cfg = PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
     elif shape.head_dim > 64:
         cfg = PrefillConfig(block_m=128, block_n=32, num_warps=8, num_stages=2)
     else:
         cfg = PrefillConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
+    chain = [cfg]
     smallest = max(32, next_power_of_2(shape.group_size))
-    while cfg.block_m > smallest and _num_programs(shape, cfg, num_query_tokens) < num_sms:
+    while cfg.block_m > smallest:
         # Few, long programs (chunked prefill over a long context) gain from a deeper K/V pipeline
         # where shared memory allows: measured at D=128, 1x512 over a 16k context, 244 -> 353 TFLOP/s.
         deep = dtype != torch.float32 and shape.head_dim <= 128
@@ -58,6 +76,11 @@ def default_prefill_config(
             num_warps=4,
             num_stages=3 if deep else cfg.num_stages,
         )
+        chain.append(cfg)
+    return chain
+
+
+def _fit_group(shape: PagedShape, cfg: PrefillConfig) -> PrefillConfig:
     # A tile must hold at least one token's whole head group.
     return replace(cfg, block_m=max(cfg.block_m, next_power_of_2(shape.group_size)))
 
@@ -67,7 +90,9 @@ def _num_programs(shape: PagedShape, cfg: PrefillConfig, num_query_tokens: int) 
     return triton.cdiv(num_query_tokens, tokens_per_tile) * shape.num_kv_heads
 
 
-@triton.jit
+@triton.jit(
+    **unspecialized(ints=["stride_bt"], pointers=["block_table_ptr", "seq_lens_ptr", "query_start_ptr"])
+)
 def _prefill_kernel(
     q_ptr,  # [T, H, HEAD_DIM]
     cache_ptr,  # [2, num_blocks, block_size, KV_HEADS, HEAD_DIM]

@@ -154,13 +154,16 @@ class ModelRunner:
             self.config.block_size,
             self.num_blocks * self.config.block_size,
         )
+        max_blocks_per_seq = -(-self.max_model_len // self.config.block_size)
+        if self.device.type == "cuda":
+            self._warm_up_kernels(max_blocks_per_seq)
         if self._use_cuda_graphs():
             self.decode_graphs = DecodeGraphs(
                 self.model,
                 self.kv_caches,
                 self.attn,
                 max_batch=self.config.max_num_seqs,
-                max_blocks_per_seq=-(-self.max_model_len // self.config.block_size),
+                max_blocks_per_seq=max_blocks_per_seq,
                 device=self.device,
             )
             self.decode_graphs.capture()
@@ -173,6 +176,16 @@ class ModelRunner:
             device=str(self.device),
             dtype=dtype_name(self.dtype),
         )
+
+    @torch.inference_mode()
+    def _warm_up_kernels(self, max_blocks_per_seq: int) -> None:
+        """Compile the Triton kernel variants that the profile run and the graph captures may not
+        reach (attention tiles and splits picked per step, the sampling race), so no step waits
+        for a JIT compile while serving."""
+        self.attn.warm_up(self.kv_caches[0], self.shape.num_heads, max_blocks_per_seq)
+        hidden = torch.zeros((1, self.shape.hidden_size), dtype=self.dtype, device=self.device)
+        self.sampler.warm_up(self.model.compute_logits(hidden).float())
+        torch.cuda.synchronize(self.device)
 
     def _use_cuda_graphs(self) -> bool:
         if self.device.type != "cuda" or self.config.enforce_eager:
@@ -193,7 +206,9 @@ class ModelRunner:
         blocks = -(-tokens // self.config.block_size)
         chunk = ScheduledChunk("profile", tuple([0] * tokens), 0, tuple(range(blocks)), True)
         scratch = allocate_kv_caches(self.shape, blocks, self.config.block_size, self.dtype, self.device)
-        inputs = build_step_inputs(SchedulerOutput((chunk,), (), frozenset()), self.config.block_size, self.device)
+        inputs = build_step_inputs(
+            SchedulerOutput((chunk,), (), frozenset()), self.config.block_size, self.device
+        )
         hidden = self.model(inputs.input_ids, inputs.positions, scratch, inputs.meta, self.attn)
         self.model.compute_logits(hidden[inputs.sample_indices])
         torch.cuda.synchronize(self.device)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-# Each array starts on an 8-byte boundary, so every slice can be viewed as int64 or int32.
-_ALIGN = 8
+# Each array starts on a 16-byte boundary: every slice can be viewed as int64 or int32, and Triton,
+# which compiles a kernel variant per pointer alignment (16 bytes or not), always sees aligned ones.
+_ALIGN = 16
 # Pinned/device buffer pairs used in turn: a buffer is rewritten two steps after its last upload, by
 # which time that upload has long finished (its event is still checked before the rewrite).
 _NUM_BUFFERS = 2

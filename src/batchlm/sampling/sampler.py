@@ -73,6 +73,13 @@ class Sampler:
         # The last batch's states (held, so their ids stay unique), its plan and knobs [B, 5].
         self._cached: tuple[tuple[SamplingState, ...], SamplingPlan, torch.Tensor | None] | None = None
 
+    def warm_up(self, logits: torch.Tensor) -> None:
+        """Compile the race kernel at start-up (else the first sampled step waits for it). logits:
+        [1, >= vocab_size] float32, laid out as the model's logits are."""
+        if self._race is not None:
+            view = logits[:, : self.vocab_size]
+            self._race(view, torch.ones(1, dtype=torch.float32, device=self.device), 1 << 62)
+
     def __call__(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> SamplerOutput:
         """Sample one token per row. logits: [B, >= vocab_size], row i belonging to states[i]."""
         token_ids, packed = self.sample_on_device(logits, states)
