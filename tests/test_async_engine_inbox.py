@@ -68,3 +68,29 @@ def test_an_empty_inbox_drains_to_nothing() -> None:
     engine = RecordingEngine()
     engine._drain_inbox()
     assert engine.events == []
+
+
+def test_with_many_open_streams_drains_are_spaced_and_batch_the_steps_between() -> None:
+    import asyncio
+
+    from batchlm.engine import front_end
+
+    async def scenario() -> tuple[list[tuple[str, Any]], float, float]:
+        engine = RecordingEngine()
+        engine._loop = asyncio.get_running_loop()
+        for index in range(100):  # open streams: a 5 ms interval at 50 us per stream
+            engine._queues[f"r{index}"] = asyncio.Queue()
+        interval = 100 * front_end.DRAIN_INTERVAL_PER_STREAM_S
+        engine._post_threadsafe(*step({"a": 1}, 0))
+        await asyncio.sleep(0.001)  # the first drain runs at once
+        first = list(engine.events)
+        first_drain_at = engine._last_drain
+        engine._post_threadsafe(*step({"a": 2}, 0))
+        engine._post_threadsafe(*step({"a": 3}, 0))
+        while len(engine.events) < 2:
+            await asyncio.sleep(0.0005)
+        return first + engine.events[len(first) :], engine._last_drain - first_drain_at, interval
+
+    events, spacing, interval = asyncio.run(scenario())
+    assert events == [("outputs", [("a", (1,))]), ("outputs", [("a", (2,)), ("a", (3,))])]
+    assert spacing >= interval

@@ -24,6 +24,13 @@ from batchlm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+# Step outputs are handed to the streams at most once per this interval times the number of open
+# streams (up to MAX_DRAIN_INTERVAL_S). One stream sees every step at once; hundreds of streams get a
+# few steps' tokens per delta, which bounds the event loop's per-delta work (detokenizing, SSE
+# framing, socket writes) and leaves it time to take in new requests.
+DRAIN_INTERVAL_PER_STREAM_S = 50e-6
+MAX_DRAIN_INTERVAL_S = 0.02
+
 
 class EngineLimits(Protocol):
     """What request validation needs from the started engine."""
@@ -53,6 +60,7 @@ class StreamingFrontEnd(EngineClient):
         self._inbox: collections.deque[tuple[str, Any]] = collections.deque()
         self._inbox_lock = threading.Lock()
         self._inbox_drain_pending = False
+        self._last_drain = 0.0
 
     # -- what a subclass provides --------------------------------------------------------------------
 
@@ -182,6 +190,15 @@ class StreamingFrontEnd(EngineClient):
         """Handle, in order, every message that arrived since the last drain. Consecutive step outputs
         are processed as one batch: when the loop falls behind the engine (hundreds of streams), each
         request then gets one detokenized delta for all its new tokens instead of one per step."""
+        interval = min(MAX_DRAIN_INTERVAL_S, DRAIN_INTERVAL_PER_STREAM_S * len(self._queues))
+        if interval > 0:
+            assert self._loop is not None
+            now = self._loop.time()
+            if now < self._last_drain + interval:
+                # Still pending: the engine's thread does not schedule another drain meanwhile.
+                self._loop.call_at(self._last_drain + interval, self._drain_inbox)
+                return
+            self._last_drain = now
         with self._inbox_lock:
             messages = list(self._inbox)
             self._inbox.clear()

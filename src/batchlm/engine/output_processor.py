@@ -52,7 +52,11 @@ class _RequestState:
 
     @property
     def finished(self) -> bool:
-        return all(c.finish_reason is not None for c in self.completions)
+        # Read several times per request per step: a plain loop is cheaper than all(<genexpr>).
+        for completion in self.completions:  # noqa: SIM110
+            if completion.finish_reason is None:
+                return False
+        return True
 
 
 def _tokens_to_show(output: EngineCoreOutput, params: SamplingParams) -> tuple[int, ...]:
@@ -132,7 +136,7 @@ class OutputProcessor:
         changed: dict[str, _RequestState] = {}
         to_abort: list[str] = []
         now = time.time()
-        for output in outputs:
+        for output in self._merge_steps(outputs):
             located = self._sequences.get(output.request_id)
             if located is None:
                 continue
@@ -153,6 +157,25 @@ class OutputProcessor:
             if state.finished:
                 self._forget(state)
         return results, to_abort
+
+    def _merge_steps(self, outputs: Iterable[EngineCoreOutput]) -> list[EngineCoreOutput]:
+        """Outputs of several engine steps (a front end that fell behind) folded into one per sequence,
+        so each sequence is detokenized and reported once for all its new tokens. Sequences with stop
+        strings stay step by step: a stop string found in an earlier step must keep the later steps'
+        tokens out of the completion."""
+        by_sequence: dict[str, list[EngineCoreOutput]] = {}
+        step_by_step: list[EngineCoreOutput] = []
+        for output in outputs:
+            if self._has_stop_strings(output.request_id):
+                step_by_step.append(output)
+            else:
+                by_sequence.setdefault(output.request_id, []).append(output)
+        merged = [steps[0] if len(steps) == 1 else merge_core_outputs(steps) for steps in by_sequence.values()]
+        return merged + step_by_step
+
+    def _has_stop_strings(self, core_id: str) -> bool:
+        located = self._sequences.get(core_id)
+        return located is not None and bool(self._requests[located[0]].params.stop)
 
     def abort_request(self, request_id: str, reason: str = "abort", error: str | None = None) -> RequestOutput | None:
         """Finish every running sequence of a request locally (the caller aborts them in the core)."""
@@ -247,3 +270,19 @@ class OutputProcessor:
         self._requests.pop(state.request_id, None)
         for core_id in child_request_ids(state.request_id, len(state.completions)):
             self._sequences.pop(core_id, None)
+
+
+def merge_core_outputs(steps: list[EngineCoreOutput]) -> EngineCoreOutput:
+    """One EngineCoreOutput equal to `steps` (consecutive outputs of one sequence) in order."""
+    last = steps[-1]
+    finished = next((step for step in reversed(steps) if step.finish_reason is not None), None)
+    return EngineCoreOutput(
+        request_id=last.request_id,
+        new_token_ids=tuple(token for step in steps for token in step.new_token_ids),
+        new_logprobs=tuple(logprob for step in steps for logprob in step.new_logprobs),
+        finish_reason=finished.finish_reason if finished else None,
+        stop_token_id=finished.stop_token_id if finished else None,
+        num_cached_tokens=max(step.num_cached_tokens for step in steps),
+        error=next((step.error for step in reversed(steps) if step.error), None),
+        scheduled_time=next((step.scheduled_time for step in steps if step.scheduled_time is not None), None),
+    )

@@ -1,0 +1,57 @@
+"""OutputProcessor folding several engine steps at once (a front end that fell behind): one delta per
+request with all its tokens, the same text as step by step, and stop strings still cut exactly."""
+
+from __future__ import annotations
+
+from batchlm.engine.output_processor import OutputProcessor, merge_core_outputs
+from batchlm.outputs import EngineCoreOutput, FinishReason
+from batchlm.sampling_params import SamplingParams
+from batchlm.tokenizer.tokenizer import Tokenizer
+
+PROMPT = [5, 6, 7]
+
+
+def _steps(tokenizer: Tokenizer, text: str, core_id: str) -> list[EngineCoreOutput]:
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return [EngineCoreOutput(core_id, (token,)) for token in ids]
+
+
+def _processor(tiny_tokenizer: Tokenizer, stop: list[str] | None = None) -> tuple[OutputProcessor, str]:
+    processor = OutputProcessor(tiny_tokenizer)
+    params = SamplingParams(max_tokens=100, stop=stop or [])
+    (core_id,) = processor.add_request("r", None, PROMPT, params, 0.0)
+    return processor, core_id
+
+
+def test_steps_processed_together_give_one_delta_with_every_token(tiny_tokenizer: Tokenizer) -> None:
+    together, core_id = _processor(tiny_tokenizer)
+    steps = _steps(tiny_tokenizer, "hello there, world", core_id)
+    results, to_abort = together.process(steps, delta=True)
+    assert to_abort == [] and len(results) == 1
+    (completion,) = results[0].outputs
+    assert completion.token_ids == [o.new_token_ids[0] for o in steps]
+
+    one_by_one, _ = _processor(tiny_tokenizer)
+    texts = [one_by_one.process([output], delta=True)[0][0].outputs[0].text for output in steps]
+    assert completion.text == "".join(texts) == "hello there, world"
+
+
+def test_a_stop_string_in_an_early_step_keeps_later_tokens_out(tiny_tokenizer: Tokenizer) -> None:
+    processor, core_id = _processor(tiny_tokenizer, stop=["there"])
+    steps = _steps(tiny_tokenizer, "hello there, world", core_id)
+    results, to_abort = processor.process(steps, delta=True)
+    (completion,) = results[0].outputs
+    assert to_abort == [core_id]
+    assert completion.text == "hello " and completion.finish_reason == "stop"
+    # The tokens generated after the stop string (", world") are not part of the completion.
+    stop_ids = tiny_tokenizer.encode("hello there", add_special_tokens=False)
+    assert completion.token_ids == stop_ids
+
+
+def test_merge_core_outputs_keeps_the_finish_of_the_later_step() -> None:
+    first = EngineCoreOutput("s", (1,), num_cached_tokens=4, scheduled_time=1.0)
+    second = EngineCoreOutput("s", (2, 3), finish_reason=FinishReason.STOP, stop_token_id=3)
+    merged = merge_core_outputs([first, second])
+    assert merged == EngineCoreOutput(
+        "s", (1, 2, 3), finish_reason=FinishReason.STOP, stop_token_id=3, num_cached_tokens=4, scheduled_time=1.0
+    )
