@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 from hypothesis import given, settings
@@ -175,9 +175,14 @@ class CountingTokenizer:
         self.inner = inner
         self.lengths: list[int] = []
 
-    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        self.lengths.append(len(token_ids))
-        return self.inner.decode(token_ids, skip_special_tokens)
+    def decoder(self, skip_special_tokens: bool = True) -> Callable[[list[int]], str]:
+        inner = self.inner.decoder(skip_special_tokens)
+
+        def decode(token_ids: list[int]) -> str:
+            self.lengths.append(len(token_ids))
+            return inner(token_ids)
+
+        return decode
 
 
 def test_work_per_update_does_not_grow_with_the_output(tiny_tokenizer: Tokenizer) -> None:

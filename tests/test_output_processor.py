@@ -3,7 +3,7 @@ request with all its tokens, the same text as step by step, and stop strings sti
 
 from __future__ import annotations
 
-from batchlm.engine.output_processor import OutputProcessor, merge_core_outputs
+from batchlm.engine.output_processor import OutputProcessor
 from batchlm.outputs import EngineCoreOutput, FinishReason
 from batchlm.sampling_params import SamplingParams
 from batchlm.tokenizer.tokenizer import Tokenizer
@@ -48,10 +48,21 @@ def test_a_stop_string_in_an_early_step_keeps_later_tokens_out(tiny_tokenizer: T
     assert completion.token_ids == stop_ids
 
 
-def test_merge_core_outputs_keeps_the_finish_of_the_later_step() -> None:
-    first = EngineCoreOutput("s", (1,), num_cached_tokens=4, scheduled_time=1.0)
-    second = EngineCoreOutput("s", (2, 3), finish_reason=FinishReason.STOP, stop_token_id=3)
-    merged = merge_core_outputs([first, second])
-    assert merged == EngineCoreOutput(
-        "s", (1, 2, 3), finish_reason=FinishReason.STOP, stop_token_id=3, num_cached_tokens=4, scheduled_time=1.0
-    )
+
+def test_steps_processed_together_finish_with_the_last_one(tiny_tokenizer: Tokenizer) -> None:
+    processor, core_id = _processor(tiny_tokenizer)
+    eos = tiny_tokenizer.eos_token_ids[0]
+    steps = [
+        EngineCoreOutput(core_id, (11,), num_cached_tokens=2, scheduled_time=1.5),
+        EngineCoreOutput(core_id, (12,)),
+        EngineCoreOutput(core_id, (eos,), finish_reason=FinishReason.STOP, stop_token_id=eos),
+    ]
+    results, _ = processor.process(steps, delta=True)
+    (output,) = results
+    (completion,) = output.outputs
+    assert output.finished and completion.finish_reason == "stop" and completion.stop_reason == eos
+    # The stop token stays in the ids but not in the text.
+    assert completion.token_ids == [11, 12, eos]
+    assert completion.text == tiny_tokenizer.decode([11, 12])
+    assert output.num_cached_tokens == 2 and output.metrics is not None
+    assert output.metrics.first_scheduled_time == 1.5

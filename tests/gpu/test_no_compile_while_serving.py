@@ -25,7 +25,7 @@ def test_staggered_arrivals_compile_nothing_after_startup(tiny_model_dir: Callab
     # A head geometry (group of 3, head_dim 64) no other test uses, so no kernel variant of this
     # module's shapes is in Triton's in-process cache before this engine starts.
     model_dir = tiny_model_dir(
-        "llama", hidden_size=128, num_attention_heads=6, num_key_value_heads=2, head_dim=64,
+        "llama", hidden_size=192, num_attention_heads=6, num_key_value_heads=2, head_dim=64,
         max_position_embeddings=2048,
     )  # fmt: skip
     llm = LLM(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from batchlm.engine.requests import child_request_ids
@@ -57,15 +57,6 @@ class _RequestState:
             if completion.finish_reason is None:
                 return False
         return True
-
-
-def _tokens_to_show(output: EngineCoreOutput, params: SamplingParams) -> tuple[int, ...]:
-    """The tokens whose text is shown: a stop token (EOS or stop_token_ids) ends the text without
-    appearing in it unless include_stop_str_in_output (it stays in token_ids)."""
-    # The core only finishes with STOP on a token (EOS or a stop token id); stop strings are ours.
-    if output.finish_reason is FinishReason.STOP and not params.include_stop_str_in_output:
-        return output.new_token_ids[:-1]
-    return output.new_token_ids
 
 
 def _clear_deltas(state: _RequestState) -> None:
@@ -136,16 +127,16 @@ class OutputProcessor:
         changed: dict[str, _RequestState] = {}
         to_abort: list[str] = []
         now = time.time()
-        for output in self._merge_steps(outputs):
-            located = self._sequences.get(output.request_id)
+        for core_id, steps in self._by_sequence(outputs):
+            located = self._sequences.get(core_id)
             if located is None:
                 continue
             state = self._requests[located[0]]
             completion = state.completions[located[1]]
             if completion.finish_reason is not None:
                 continue
-            if self._apply(state, completion, output, now):
-                to_abort.append(output.request_id)
+            if self._apply(state, completion, steps, now):
+                to_abort.append(core_id)
             changed[state.request_id] = state
         results = []
         for state in changed.values():
@@ -158,20 +149,24 @@ class OutputProcessor:
                 self._forget(state)
         return results, to_abort
 
-    def _merge_steps(self, outputs: Iterable[EngineCoreOutput]) -> list[EngineCoreOutput]:
-        """Outputs of several engine steps (a front end that fell behind) folded into one per sequence,
-        so each sequence is detokenized and reported once for all its new tokens. Sequences with stop
-        strings stay step by step: a stop string found in an earlier step must keep the later steps'
-        tokens out of the completion."""
-        by_sequence: dict[str, list[EngineCoreOutput]] = {}
-        step_by_step: list[EngineCoreOutput] = []
+    def _by_sequence(self, outputs: Iterable[EngineCoreOutput]) -> Iterator[tuple[str, list[EngineCoreOutput]]]:
+        """Each sequence's outputs in this batch, in step order, to be folded in together: when the
+        front end fell behind (several engine steps at once), a sequence is detokenized and reported
+        once for all its new tokens. A sequence with stop strings gets its steps one at a time: a
+        stop string found in an earlier step must keep the later steps' tokens out of it."""
+        grouped: dict[str, list[EngineCoreOutput]] = {}
         for output in outputs:
-            if self._has_stop_strings(output.request_id):
-                step_by_step.append(output)
+            steps = grouped.get(output.request_id)
+            if steps is None:
+                grouped[output.request_id] = [output]
             else:
-                by_sequence.setdefault(output.request_id, []).append(output)
-        merged = [steps[0] if len(steps) == 1 else merge_core_outputs(steps) for steps in by_sequence.values()]
-        return merged + step_by_step
+                steps.append(output)
+        for core_id, steps in grouped.items():
+            if len(steps) > 1 and self._has_stop_strings(core_id):
+                for step in steps:
+                    yield core_id, [step]
+            else:
+                yield core_id, steps
 
     def _has_stop_strings(self, core_id: str) -> bool:
         located = self._sequences.get(core_id)
@@ -194,38 +189,57 @@ class OutputProcessor:
     def request_ids(self) -> list[str]:
         return list(self._requests)
 
-    def _apply(self, state: _RequestState, completion: _Completion, output: EngineCoreOutput, now: float) -> bool:
-        """Fold one engine-core output into a completion; True if a stop string ended it early."""
+    def _apply(
+        self, state: _RequestState, completion: _Completion, steps: list[EngineCoreOutput], now: float
+    ) -> bool:
+        """Fold one sequence's consecutive engine-core outputs into its completion; True if a stop
+        string ended it early. Only the last step can finish it (the core stops a sequence there)."""
         metrics = state.metrics
-        if output.scheduled_time is not None and metrics.first_scheduled_time is None:
-            metrics.first_scheduled_time = output.scheduled_time
-        if output.new_token_ids:
+        last = steps[-1]
+        if len(steps) == 1:
+            new_token_ids: Sequence[int] = last.new_token_ids
+            new_logprobs: Sequence[TokenLogprobs] = last.new_logprobs
+        else:
+            new_token_ids = [token for step in steps for token in step.new_token_ids]
+            new_logprobs = [logprob for step in steps for logprob in step.new_logprobs]
+        if metrics.first_scheduled_time is None:
+            metrics.first_scheduled_time = next(
+                (step.scheduled_time for step in steps if step.scheduled_time is not None), None
+            )
+        if new_token_ids:
             if metrics.first_token_time is None:
                 metrics.first_token_time = now
             metrics.last_token_time = now
-        state.num_cached_tokens = max(state.num_cached_tokens, output.num_cached_tokens)
+        for step in steps:
+            if step.num_cached_tokens > state.num_cached_tokens:
+                state.num_cached_tokens = step.num_cached_tokens
         completion.changed = True
-        completion.token_ids.extend(output.new_token_ids)
-        completion.new_token_ids.extend(output.new_token_ids)
-        if completion.logprobs is not None and output.new_logprobs:
-            completion.logprobs.extend(output.new_logprobs)
-            completion.new_logprobs.extend(output.new_logprobs)
-            total = sum(lp.logprob for lp in output.new_logprobs)
+        completion.token_ids.extend(new_token_ids)
+        completion.new_token_ids.extend(new_token_ids)
+        if completion.logprobs is not None and new_logprobs:
+            completion.logprobs.extend(new_logprobs)
+            completion.new_logprobs.extend(new_logprobs)
+            total = sum(lp.logprob for lp in new_logprobs)
             completion.cumulative_logprob = (completion.cumulative_logprob or 0.0) + total
         stopped_by_string = False
         if completion.detokenizer is not None:
-            completion.new_text += completion.detokenizer.update(_tokens_to_show(output, state.params))
+            # A stop token (EOS or stop_token_ids) ends the text without appearing in it unless
+            # include_stop_str_in_output (it stays in token_ids). Stop strings are ours to find.
+            shown = new_token_ids
+            if last.finish_reason is FinishReason.STOP and not state.params.include_stop_str_in_output:
+                shown = new_token_ids[:-1]
+            completion.new_text += completion.detokenizer.update(shown)
             if completion.detokenizer.stop_reason is not None:
                 completion.finish_reason = "stop"
                 completion.stop_reason = completion.detokenizer.stop_reason
-                stopped_by_string = not output.finished
-        if output.finished and completion.finish_reason is None:
+                stopped_by_string = not last.finished
+        if last.finished and completion.finish_reason is None:
             if completion.detokenizer is not None:
                 completion.new_text += completion.detokenizer.finish()
-            completion.finish_reason = output.finish_reason.value if output.finish_reason else "stop"
-            completion.stop_reason = output.stop_token_id
-            if output.error:
-                state.error = output.error
+            completion.finish_reason = last.finish_reason.value if last.finish_reason else "stop"
+            completion.stop_reason = last.stop_token_id
+            if last.error:
+                state.error = last.error
         completion.text += completion.new_text
         if completion.finish_reason is not None and metrics.finished_time is None and state.finished:
             metrics.finished_time = now
@@ -240,12 +254,13 @@ class OutputProcessor:
                 CompletionOutput(
                     index=completion.index,
                     text=completion.new_text if delta else completion.text,
-                    token_ids=list(completion.new_token_ids if delta else completion.token_ids),
+                    # The delta lists are handed over (fresh ones are made below), not copied.
+                    token_ids=completion.new_token_ids if delta else list(completion.token_ids),
                     cumulative_logprob=completion.cumulative_logprob,
                     logprobs=(
                         None
                         if completion.logprobs is None
-                        else list(completion.new_logprobs if delta else completion.logprobs)
+                        else completion.new_logprobs if delta else list(completion.logprobs)
                     ),
                     finish_reason=completion.finish_reason,
                     stop_reason=completion.stop_reason,
@@ -271,18 +286,3 @@ class OutputProcessor:
         for core_id in child_request_ids(state.request_id, len(state.completions)):
             self._sequences.pop(core_id, None)
 
-
-def merge_core_outputs(steps: list[EngineCoreOutput]) -> EngineCoreOutput:
-    """One EngineCoreOutput equal to `steps` (consecutive outputs of one sequence) in order."""
-    last = steps[-1]
-    finished = next((step for step in reversed(steps) if step.finish_reason is not None), None)
-    return EngineCoreOutput(
-        request_id=last.request_id,
-        new_token_ids=tuple(token for step in steps for token in step.new_token_ids),
-        new_logprobs=tuple(logprob for step in steps for logprob in step.new_logprobs),
-        finish_reason=finished.finish_reason if finished else None,
-        stop_token_id=finished.stop_token_id if finished else None,
-        num_cached_tokens=max(step.num_cached_tokens for step in steps),
-        error=next((step.error for step in reversed(steps) if step.error), None),
-        scheduled_time=next((step.scheduled_time for step in steps if step.scheduled_time is not None), None),
-    )

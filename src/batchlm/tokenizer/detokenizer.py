@@ -48,8 +48,7 @@ class IncrementalDetokenizer:
         stop: Sequence[str] = (),
         include_stop_str_in_output: bool = False,
     ) -> None:
-        self._tokenizer = tokenizer
-        self._skip_special_tokens = skip_special_tokens
+        self._decode = tokenizer.decoder(skip_special_tokens)
         self._stop_matcher = StopStringMatcher(stop, include_stop_str_in_output)
         context = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])
         context_text = self._decode(context)
@@ -106,9 +105,6 @@ class IncrementalDetokenizer:
             return ""
         window = self._decode(self._ids[self.prefix_offset :])
         return self._release(window[self._window_emitted :], final=True)
-
-    def _decode(self, token_ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(token_ids, skip_special_tokens=self._skip_special_tokens)
 
     def _release(self, text: str, final: bool = False) -> str:
         released = self._stop_matcher.feed(text, final=final)

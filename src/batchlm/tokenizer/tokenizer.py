@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -81,6 +81,14 @@ class Tokenizer:
         if self._backend is not None:
             return self._backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
         return str(self.hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens))
+
+    def decoder(self, skip_special_tokens: bool = True) -> Callable[[list[int]], str]:
+        """decode() as a function of the ids alone, for callers that decode on every token: it goes
+        straight to the Rust tokenizer where that gives decode()'s result."""
+        backend = self._backend
+        if backend is None:
+            return lambda token_ids: self.decode(token_ids, skip_special_tokens=skip_special_tokens)
+        return lambda token_ids: str(backend.decode(token_ids, skip_special_tokens=skip_special_tokens))
 
     def render_chat_template(
         self,
