@@ -28,8 +28,8 @@ logger = logging.getLogger(__name__)
 # streams (up to MAX_DRAIN_INTERVAL_S). One stream sees every step at once; hundreds of streams get a
 # few steps' tokens per delta, which bounds the event loop's per-delta work (detokenizing, SSE
 # framing, socket writes) and leaves it time to take in new requests.
-DRAIN_INTERVAL_PER_STREAM_S = 100e-6
-MAX_DRAIN_INTERVAL_S = 0.04
+DRAIN_INTERVAL_PER_STREAM_S = 50e-6
+MAX_DRAIN_INTERVAL_S = 0.02
 
 
 class EngineLimits(Protocol):

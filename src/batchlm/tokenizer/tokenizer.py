@@ -49,6 +49,7 @@ class Tokenizer:
         # The Jinja template apply_chat_template renders (the override, else the tokenizer's own).
         self.chat_template: str | None = chat_template or _own_chat_template(hf)
         self._backend = _exact_backend(hf)
+        self._encode_backend = _exact_encode_backend(hf)
         self._adds_bos = self._tokenizer_adds_bos()
         self._token_bytes = TokenBytes(hf)
 
@@ -75,6 +76,14 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def encode_many(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """encode() of each text, in one call: the Rust tokenizer encodes them on all cores with the
+        GIL released, where that gives encode()'s result."""
+        backend = self._encode_backend
+        if backend is None or not texts:
+            return [self.encode(text, add_special_tokens) for text in texts]
+        return [list(encoding.ids) for encoding in backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `token_ids`; ids outside the vocabulary decode to nothing."""
@@ -141,7 +150,11 @@ class Tokenizer:
         text = self.render_chat_template(
             messages, add_generation_prompt, chat_template_kwargs, continue_final_message
         )
-        ids = self.encode(text, add_special_tokens=False)
+        return self.chat_ids(self.encode(text, add_special_tokens=False))
+
+    def chat_ids(self, ids: list[int]) -> list[int]:
+        """The ids of a rendered chat encoded without special tokens, with BOS put in front when this
+        tokenizer adds one by default and the template did not write it (see apply_chat_template)."""
         if self._adds_bos and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
             ids.insert(0, self.bos_token_id)
         return ids
@@ -233,3 +246,24 @@ def _exact_backend(hf: PreTrainedTokenizerBase) -> tokenizers.Tokenizer | None:
     if getattr(hf, "clean_up_tokenization_spaces", False):
         return None
     return hf.backend_tokenizer
+
+
+def _exact_encode_backend(hf: PreTrainedTokenizerBase) -> tokenizers.Tokenizer | None:
+    """The Rust tokenizer when its encode_batch gives hf.encode's ids: a stock fast tokenizer (its
+    encode is a call of encode_batch) that does not split special tokens. Checked on probe texts too,
+    so an unusual tokenizer falls back to hf.encode rather than tokenize differently."""
+    from transformers import PreTrainedTokenizerFast
+
+    if not isinstance(hf, PreTrainedTokenizerFast) or getattr(hf, "split_special_tokens", False):
+        return None
+    if type(hf)._encode_plus is not PreTrainedTokenizerFast._encode_plus:
+        return None
+    backend = hf.backend_tokenizer
+    special = "".join(str(token) for token in list(getattr(hf, "all_special_tokens", []))[:4])
+    probes = ["Hello world", f" two  spaces\n\tand {special} specials, ünïcode 🦊 "]
+    for add_special_tokens in (True, False):
+        encoded = backend.encode_batch(probes, add_special_tokens=add_special_tokens)
+        expected = [list(hf.encode(text, add_special_tokens=add_special_tokens)) for text in probes]
+        if [list(encoding.ids) for encoding in encoded] != expected:
+            return None
+    return backend
