@@ -25,8 +25,8 @@ for step in $steps; do
       timeout 100 python3 benchmarks/offline_throughput.py --shape llama-3.2-1b --dummy --num-requests 1 \
         --input-len 512 --output-len 256 --runs 3 --json-out "$OUT/single.json" 2>&1 | grep -v Loading | tail -5 ;;
     w2)
-      timeout 400 python3 benchmarks/offline_throughput.py --shape llama-3.1-8b --dummy --num-requests 512 \
-        --input-len 1000 --output-len 1000 --runs 1 --json-out "$OUT/w2.json" 2>&1 | grep -v Loading | tail -5 ;;
+      timeout 560 python3 benchmarks/offline_throughput.py --shape llama-3.1-8b --dummy --num-requests 512 \
+        --input-len 1000 --output-len 1000 --runs 3 --json-out "$OUT/w2.json" 2>&1 | grep -v Loading | tail -5 ;;
     online)
       timeout 300 python3 benchmarks/serve_gpu.py --shape llama-3.2-1b --requests 256 --input-len 512 \
         --output-len 256 --runs 3 --out-dir "$OUT" 2>&1 | grep -v Loading | tail -12 ;;

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 
-from batchlm.engine.core_builder import freeze_startup_objects
+from batchlm.gc_tuning import freeze_startup_objects
 
 
 def test_freeze_moves_existing_objects_to_the_permanent_generation() -> None:

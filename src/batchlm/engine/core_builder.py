@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 from batchlm.config import DEMO_MODEL, EngineConfig
 from batchlm.core.engine_core import EngineCore, Executor
 from batchlm.core.scheduler import Scheduler, SchedulerConfig
+from batchlm.gc_tuning import freeze_startup_objects
 from batchlm.startup_log import log_uptime, timed_phase
 from batchlm.tokenizer.tokenizer import Tokenizer
 
@@ -130,13 +130,3 @@ def build_engine_core(config: EngineConfig, model_dir: Path) -> tuple[EngineCore
         watch_compiles_after_startup()
     return EngineCore(scheduler, executor, async_scheduling=async_scheduling), info
 
-
-def freeze_startup_objects() -> None:
-    """Collect start-up garbage once, then move every surviving object out of the cyclic GC's reach.
-
-    A loaded torch process tracks hundreds of thousands of objects (modules, parameters, imports);
-    without this every full collection during serving walks all of them, a host pause of tens of
-    milliseconds in the middle of the step loop. After the freeze a collection scans only what
-    serving created. Done where the device is a GPU, the case where such pauses leave it idle."""
-    gc.collect()
-    gc.freeze()

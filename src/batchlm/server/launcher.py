@@ -17,6 +17,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from batchlm.engine.client import EngineClient
+from batchlm.gc_tuning import freeze_startup_objects
 from batchlm.server.state import ServerState
 from batchlm.startup_log import log_phase, log_uptime
 
@@ -100,6 +101,7 @@ async def serve(
             server.should_exit = True
             return
         log_phase(logger, "engine start (tokenizer, engine core)", time.perf_counter() - started)
+        freeze_startup_objects()
         log_uptime(logger, "front end: ready")
         logger.info("engine ready, serving model %r", engine.model_info.served_model_name)
 
