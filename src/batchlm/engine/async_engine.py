@@ -15,7 +15,7 @@ from batchlm.config import EngineConfig
 from batchlm.core.scheduler import SchedulerStats
 from batchlm.engine.client import EngineDeadError, EngineStats, ModelInfo, RequestRejectedError
 from batchlm.engine.core_builder import CoreInfo, load_tokenizer, prepare_model_dir, served_model_name
-from batchlm.engine.core_process import engine_core_main
+from batchlm.engine.core_process import engine_core_main, unpack_outputs
 from batchlm.engine.front_end import EngineLimits, StreamingFrontEnd
 from batchlm.engine.output_processor import OutputProcessor
 from batchlm.request import EngineCoreRequest
@@ -160,6 +160,9 @@ class AsyncLLMEngine(StreamingFrontEnd):
         """Reader thread: queue every message for the event loop until the pipe closes."""
         while True:
             kind, payload = self._recv_or_eof()
+            if kind == "outputs":
+                packed, stats = payload
+                payload = (unpack_outputs(packed), stats)
             if not self._post_threadsafe(kind, payload) or kind == "failed":
                 return
 
