@@ -37,10 +37,9 @@ from model_shapes import write_config_only
 
 from batchlm.config import EngineConfig
 from batchlm.core.engine_core import EngineCore
-from batchlm.core.scheduler import Scheduler, SchedulerConfig
 from batchlm.core.step_io import ModelRunnerOutput, SchedulerOutput
 from batchlm.engine.async_engine import AsyncLLMEngine
-from batchlm.engine.core_builder import CoreInfo
+from batchlm.engine.core_builder import CoreInfo, build_scheduler
 from batchlm.engine.core_process import CoreLoop
 from batchlm.request import EngineCoreRequest
 from batchlm.sampling_params import SamplingParams
@@ -108,17 +107,7 @@ def build_simulated_core(
         device="simulated",
         dtype="bfloat16",
     )
-    scheduler = Scheduler(
-        SchedulerConfig(
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=info.max_num_batched_tokens,
-            max_model_len=info.max_model_len,
-            block_size=info.block_size,
-            num_blocks=info.num_blocks,
-            enable_prefix_caching=False,
-        )
-    )
-    return EngineCore(scheduler, SimulatedExecutor(timing, vocab_size), async_scheduling=True), info
+    return EngineCore(build_scheduler(config, info), SimulatedExecutor(timing, vocab_size), async_scheduling=True), info
 
 
 def simulated_core_main(config: EngineConfig, conn: Connection, timing: StepTiming, vocab_size: int) -> None:

@@ -87,6 +87,21 @@ def resolve_async_scheduling(config: EngineConfig, device: str) -> bool:
     return config.async_scheduling == "on"
 
 
+def build_scheduler(config: EngineConfig, info: CoreInfo, prefix_cache_salt: str = "") -> Scheduler:
+    """The scheduler for a started runner: the user's limits plus what the runner sized."""
+    return Scheduler(
+        SchedulerConfig(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=info.max_num_batched_tokens,
+            max_model_len=info.max_model_len,
+            block_size=info.block_size,
+            num_blocks=info.num_blocks,
+            enable_prefix_caching=config.enable_prefix_caching,
+            prefix_cache_salt=prefix_cache_salt,
+        )
+    )
+
+
 def build_engine_core(config: EngineConfig, model_dir: Path) -> tuple[EngineCore, CoreInfo]:
     """Load the model, size the KV cache, and wire the scheduler to the runner (or TP workers)."""
     check_async_scheduling(config)
@@ -109,17 +124,7 @@ def build_engine_core(config: EngineConfig, model_dir: Path) -> tuple[EngineCore
             runner_info = runner.allocate_kv_cache(num_blocks)
         executor = runner
     info = CoreInfo(**runner_info.__dict__)
-    scheduler = Scheduler(
-        SchedulerConfig(
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=info.max_num_batched_tokens,
-            max_model_len=info.max_model_len,
-            block_size=info.block_size,
-            num_blocks=info.num_blocks,
-            enable_prefix_caching=config.enable_prefix_caching,
-            prefix_cache_salt=f"{model_dir}|{config.adapter_path or ''}",
-        )
-    )
+    scheduler = build_scheduler(config, info, prefix_cache_salt=f"{model_dir}|{config.adapter_path or ''}")
     log_uptime(logger, "engine core: ready")
     async_scheduling = resolve_async_scheduling(config, info.device)
     logger.info("async scheduling: %s", "on" if async_scheduling else "off")
