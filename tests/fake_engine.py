@@ -60,6 +60,27 @@ class FakeTokenizer:
             return SPECIAL_TOKENS[token_id]
         return bytes([token_id - BYTE_OFFSET]).decode("utf-8", errors="replace")
 
+    def encode_many(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        return [self.encode(text, add_special_tokens) for text in texts]
+
+    def render_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        continue_final_message: bool = False,
+    ) -> str:
+        if not self.has_chat_template:
+            raise ValueError("this model has no chat template")
+        self.last_chat = {"messages": messages, "kwargs": chat_template_kwargs}
+        text = "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages)
+        if continue_final_message:
+            return text[:-1]
+        return text + "<|assistant|>" if add_generation_prompt else text
+
+    def chat_ids(self, ids: list[int]) -> list[int]:
+        return ids  # the fake's template writes no BOS, and the fake adds none to a chat
+
     def apply_chat_template(
         self,
         messages: list[dict[str, Any]],
@@ -67,15 +88,8 @@ class FakeTokenizer:
         chat_template_kwargs: dict[str, Any] | None = None,
         continue_final_message: bool = False,
     ) -> list[int]:
-        if not self.has_chat_template:
-            raise ValueError("this model has no chat template")
-        self.last_chat = {"messages": messages, "kwargs": chat_template_kwargs}
-        text = "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages)
-        if continue_final_message:
-            text = text[:-1]
-        elif add_generation_prompt:
-            text += "<|assistant|>"
-        return self.encode(text, add_special_tokens=False)
+        text = self.render_chat_template(messages, add_generation_prompt, chat_template_kwargs, continue_final_message)
+        return self.chat_ids(self.encode(text, add_special_tokens=False))
 
 
 @dataclass

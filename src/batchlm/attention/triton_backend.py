@@ -85,4 +85,3 @@ class TritonAttentionBackend(AttentionBackend):
                 query, kv_cache, seq_lens, block_tables, 1.0, num_splits=splits, config=self.decode_config
             )
             splits *= 2
-        torch.cuda.synchronize(device)

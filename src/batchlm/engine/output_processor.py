@@ -285,4 +285,3 @@ class OutputProcessor:
         self._requests.pop(state.request_id, None)
         for core_id in child_request_ids(state.request_id, len(state.completions)):
             self._sequences.pop(core_id, None)
-

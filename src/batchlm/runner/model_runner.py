@@ -206,9 +206,7 @@ class ModelRunner:
         blocks = -(-tokens // self.config.block_size)
         chunk = ScheduledChunk("profile", tuple([0] * tokens), 0, tuple(range(blocks)), True)
         scratch = allocate_kv_caches(self.shape, blocks, self.config.block_size, self.dtype, self.device)
-        inputs = build_step_inputs(
-            SchedulerOutput((chunk,), (), frozenset()), self.config.block_size, self.device
-        )
+        inputs = build_step_inputs(SchedulerOutput((chunk,), (), frozenset()), self.config.block_size, self.device)
         hidden = self.model(inputs.input_ids, inputs.positions, scratch, inputs.meta, self.attn)
         self.model.compute_logits(hidden[inputs.sample_indices])
         torch.cuda.synchronize(self.device)

@@ -33,7 +33,7 @@ async def _maybe_offload(size: int, work: Callable[[], T]) -> T:
 
 class BatchedEncoder:
     """Tokenizes, in a worker thread, every text queued since its previous batch started, in one call
-    of the tokenizer's encode_many (when it has one). Bound to one event loop."""
+    of the tokenizer's encode_many. Bound to one event loop."""
 
     def __init__(self, tokenizer: Any, loop: asyncio.AbstractEventLoop) -> None:
         self.tokenizer = tokenizer
@@ -65,15 +65,12 @@ class BatchedEncoder:
         """In the worker thread: one encode_many call per add_special_tokens value; if a call fails,
         each of its texts is encoded on its own, so one bad text fails only its own request."""
         results: list[list[int] | Exception] = [[] for _ in texts]
-        encode_many = getattr(self.tokenizer, "encode_many", None)
         for flag in (True, False):
             indices = [i for i, (_, add_special_tokens) in enumerate(texts) if add_special_tokens is flag]
             if not indices:
                 continue
             try:
-                if encode_many is None:
-                    raise NotImplementedError
-                encoded = encode_many([texts[i][0] for i in indices], add_special_tokens=flag)
+                encoded = self.tokenizer.encode_many([texts[i][0] for i in indices], add_special_tokens=flag)
                 for i, ids in zip(indices, encoded, strict=True):
                     results[i] = list(ids)
             except Exception:
@@ -180,28 +177,14 @@ async def render_chat(
     converted = template_messages(messages)
     _check_continuation(converted, add_generation_prompt, continue_final_message)
 
-    size = sum(len(m["content"]) for m in converted)
+    def render() -> str:
+        text: str = tokenizer.render_chat_template(
+            converted, add_generation_prompt, chat_template_kwargs, continue_final_message
+        )
+        return text
+
     try:
-        if not hasattr(tokenizer, "chat_ids"):  # a tokenizer without the two halves below
-
-            def render_and_encode() -> list[int]:
-                ids: list[int] = tokenizer.apply_chat_template(
-                    converted,
-                    add_generation_prompt=add_generation_prompt,
-                    chat_template_kwargs=chat_template_kwargs,
-                    continue_final_message=continue_final_message,
-                )
-                return ids
-
-            return await _maybe_offload(size, render_and_encode)
-
-        def render() -> str:
-            text: str = tokenizer.render_chat_template(
-                converted, add_generation_prompt, chat_template_kwargs, continue_final_message
-            )
-            return text
-
-        text = await _maybe_offload(size, render)
+        text = await _maybe_offload(sum(len(m["content"]) for m in converted), render)
     except (ValueError, TemplateError) as error:
         raise APIError(400, f"Could not apply the chat template: {error}", param="messages") from error
     ids: list[int] = tokenizer.chat_ids(await encode_text(tokenizer, text, add_special_tokens=False))
