@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mlx_vs_mlx_lm_server import free_port
-from model_shapes import write_config_only
+from model_shapes import SHAPES, write_config_only
 
 from batchlm.config import EngineConfig
 from batchlm.core.engine_core import EngineCore
@@ -187,7 +187,7 @@ def main() -> None:
 
     timing = StepTiming(args.step_base_ms, args.decode_row_us, args.prefill_token_us)
     model_dir = write_config_only("tiny", Path(tempfile.gettempdir()) / "batchlm-bench-tiny")
-    vocab_size = 2048
+    vocab_size = SHAPES["tiny"]["vocab_size"]
     config = EngineConfig(
         model=str(model_dir),
         max_num_seqs=args.requests,
@@ -200,7 +200,7 @@ def main() -> None:
 
     SimulatedEngine.timing = timing
     SimulatedEngine.vocab_size = vocab_size
-    engine = SimulatedEngine(replace(config), max_queue=4 * args.requests)
+    engine = SimulatedEngine(config, max_queue=4 * args.requests)
     port = free_port()
     serve_in_thread(config, port, engine)
     deadline = time.time() + 60
