@@ -9,6 +9,7 @@ import logging
 import multiprocessing
 import threading
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from batchlm.config import EngineConfig
@@ -19,7 +20,7 @@ from batchlm.engine.core_process import engine_core_main, unpack_outputs
 from batchlm.engine.front_end import EngineLimits, StreamingFrontEnd
 from batchlm.engine.output_processor import OutputProcessor
 from batchlm.request import EngineCoreRequest
-from batchlm.startup_log import timed_phase
+from batchlm.startup_log import log_uptime, timed_phase
 
 logger = logging.getLogger(__name__)
 
@@ -36,15 +37,30 @@ class AsyncLLMEngine(StreamingFrontEnd):
         self._core_stats = SchedulerStats()
         self._shutting_down = False
         self.info: CoreInfo | None = None
+        self._early_model_dir: Path | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
+
+    def begin_loading(self) -> None:
+        """Start the engine core process now, when the model is a local directory (no download to
+        wait for; a download happens in start(), with the server up and /health saying so): the
+        core's start-up (torch import, model, compiles, CUDA graphs) is the long pole of
+        time-to-ready, and this overlaps the server's imports and set-up with it."""
+        if not self.multiprocess or self._conn is not None or not Path(self.config.model).expanduser().is_dir():
+            return
+        self._early_model_dir = prepare_model_dir(self.config)
+        self._conn = self._spawn_core(self._early_model_dir)
+        log_uptime(logger, "front end: engine core started (before the server's set-up)")
 
     async def start(self) -> None:
         """Load the tokenizer here and the model in the engine core; returns once both are ready."""
         self._loop = asyncio.get_running_loop()
-        model_dir = await self._loop.run_in_executor(None, prepare_model_dir, self.config)
-        # The core starts first (torch import, model, CUDA graphs): the tokenizer loads meanwhile.
-        self._conn = self._spawn_core(model_dir)
+        if self._early_model_dir is not None:
+            model_dir = self._early_model_dir
+        else:
+            model_dir = await self._loop.run_in_executor(None, prepare_model_dir, self.config)
+            # The core starts first (torch import, model, CUDA graphs): the tokenizer loads meanwhile.
+            self._conn = self._spawn_core(model_dir)
         try:
             with timed_phase(logger, "tokenizer load (front end, beside the engine core)"):
                 self.tokenizer = await self._loop.run_in_executor(None, load_tokenizer, self.config, model_dir)

@@ -99,3 +99,9 @@ class EngineClient(ABC):
 
     @abstractmethod
     async def shutdown(self) -> None: ...
+
+    def begin_loading(self) -> None:
+        """A head start, called before the server sets itself up: an engine may begin its slow
+        loading here, to overlap the server's own start-up; its start() does the rest. By default
+        nothing happens here."""
+        return None

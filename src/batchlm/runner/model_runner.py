@@ -12,6 +12,7 @@ import torch
 from batchlm.attention.backend import AttentionBackend
 from batchlm.config import EngineConfig
 from batchlm.core.step_io import ModelRunnerOutput, SchedulerOutput
+from batchlm.kernels.parallel_compile import compile_deferred, compile_threads, defer_compiles
 from batchlm.layers.embedding import use_onednn_lm_head
 from batchlm.models.loader import LoadedModel, ModelShape, load_model
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
@@ -24,6 +25,7 @@ from batchlm.runner.step_output import PendingStepOutput, PreviousTokens
 from batchlm.sampling.plan import has_penalty
 from batchlm.sampling.sampler import Sampler
 from batchlm.sampling.state import SamplingState
+from batchlm.startup_log import log_phase
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +141,7 @@ class ModelRunner:
         """How many KV blocks fit on this device (profiles a full-budget forward on GPU first).
         Tensor-parallel ranks all call this together: the profile forward runs collectives."""
         if self.device.type == "cuda":
+            self._compile_kernels_concurrently()
             self._profile_run()
         return num_blocks_for(self.config, self.shape, self.dtype, self.device)
 
@@ -154,9 +157,9 @@ class ModelRunner:
             self.config.block_size,
             self.num_blocks * self.config.block_size,
         )
-        max_blocks_per_seq = -(-self.max_model_len // self.config.block_size)
+        max_blocks_per_seq = self._max_blocks_per_seq()
         if self.device.type == "cuda":
-            self._warm_up_kernels(max_blocks_per_seq)
+            self._warm_up_kernels(self.kv_caches[0], max_blocks_per_seq)
         if self._use_cuda_graphs():
             self.decode_graphs = DecodeGraphs(
                 self.model,
@@ -178,11 +181,14 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def _warm_up_kernels(self, max_blocks_per_seq: int) -> None:
+    def _max_blocks_per_seq(self) -> int:
+        return -(-self.max_model_len // self.config.block_size)
+
+    def _warm_up_kernels(self, kv_cache: torch.Tensor, max_blocks_per_seq: int) -> None:
         """Compile the Triton kernel variants that the profile run and the graph captures may not
         reach (attention tiles and splits picked per step, the sampling race), so no step waits
-        for a JIT compile while serving."""
-        self.attn.warm_up(self.kv_caches[0], self.shape.num_heads, max_blocks_per_seq)
+        for a JIT compile while serving. kv_cache: one layer's cache (only its layout matters)."""
+        self.attn.warm_up(kv_cache, self.shape.num_heads, max_blocks_per_seq)
         hidden = torch.zeros((1, self.shape.hidden_size), dtype=self.dtype, device=self.device)
         self.sampler.warm_up(self.model.compute_logits(hidden).float())
         torch.cuda.synchronize(self.device)
@@ -196,6 +202,29 @@ class ModelRunner:
             logger.info("tensor parallel: CUDA graphs are off (decode runs eagerly)")
             return False
         return True
+
+    @torch.inference_mode()
+    def _compile_kernels_concurrently(self) -> None:
+        """Compile what the profile run and the warm-up will launch, on several threads (a cold
+        start otherwise spends seconds compiling one kernel after another): a dry run of both notes
+        each variant, then they compile together. Only the compile time changes; the real runs
+        that follow launch the same kernels, now compiled."""
+        started = time.perf_counter()
+        with defer_compiles() as deferred:
+            if deferred is None:
+                return
+            self._profile_run()
+            scratch = allocate_kv_caches(self.shape, 1, self.config.block_size, self.dtype, self.device)
+            self._warm_up_kernels(scratch[0], self._max_blocks_per_seq())
+            del scratch
+        threads = compile_threads()
+        compile_deferred(deferred, threads)
+        log_phase(
+            logger,
+            "Triton kernels compiled",
+            time.perf_counter() - started,
+            f"{len(deferred)} variants on {threads} threads; none when Triton's cache already has them",
+        )
 
     @torch.inference_mode()
     def _profile_run(self) -> None:

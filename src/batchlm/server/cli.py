@@ -51,14 +51,16 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     configure_logging(settings.log_level)
     config = dataclass_from_args(EngineConfig, args)
-    from batchlm.server.app import build_app
-    from batchlm.server.launcher import run_server
-
     try:
         engine = create_engine(settings.backend, config, max_queue=settings.max_queue)
     except ValueError as error:  # an unknown or uninstalled backend
         logger.error("%s", error)
         return 2
+    # Before the server's imports, so the engine's loading overlaps them.
+    engine.begin_loading()
+    from batchlm.server.app import build_app
+    from batchlm.server.launcher import run_server
+
     app = build_app(engine, settings)
     where = f"http://{settings.host}:{settings.port}"
     logger.info(
