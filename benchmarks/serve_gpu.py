@@ -47,6 +47,7 @@ def wait_healthy(port: int, process: subprocess.Popen[bytes], timeout_s: float) 
 SERVER_HISTOGRAMS = {
     "server_ttft_ms": "batchlm_time_to_first_token_seconds",
     "server_queue_ms": "batchlm_request_queue_time_seconds",
+    "server_intake_ms": "batchlm_request_intake_seconds",
     "server_e2e_ms": "batchlm_e2e_request_latency_seconds",
 }
 

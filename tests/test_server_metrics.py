@@ -49,6 +49,8 @@ def test_a_request_is_counted_timed_and_its_tokens_reported(server: BackgroundSe
     assert value("batchlm_inter_token_latency_seconds_count") == 4  # one token per step: 5 tokens, 4 gaps
     assert value("batchlm_e2e_request_latency_seconds_count") == 1
     assert value("batchlm_request_queue_time_seconds_count") == 1
+    assert value("batchlm_request_intake_seconds_count") == 1
+    assert 0 <= (value("batchlm_request_intake_seconds_sum") or 0) < 5
     assert value("batchlm_prompt_tokens_total") == PROMPT_LEN
     assert value("batchlm_generation_tokens_total") == 5
     assert value("batchlm_prefix_cache_hit_rate") == pytest.approx(4 / PROMPT_LEN)
@@ -83,7 +85,7 @@ def test_each_app_has_its_own_registry() -> None:
 
 def test_histograms_use_the_engine_timestamps() -> None:
     metrics = ServerMetrics(FakeEngine())
-    recorder = RequestRecorder(metrics, "r1", prompt_tokens=3)
+    recorder = RequestRecorder(metrics, "r1", prompt_tokens=3, received_at=99.875)
     timing = RequestMetrics(arrival_time=100.0, first_scheduled_time=100.25, first_token_time=100.5)
 
     def output(text: str, last_token_time: float, finished: bool) -> RequestOutput:
@@ -105,6 +107,9 @@ def test_histograms_use_the_engine_timestamps() -> None:
     assert sample("batchlm_inter_token_latency_seconds_count") == 2
     assert sample("batchlm_request_queue_time_seconds_sum") == pytest.approx(0.25)
     assert sample("batchlm_e2e_request_latency_seconds_sum") == pytest.approx(1.5)
+    # Intake: HTTP arrival to engine arrival, observed once per request.
+    assert sample("batchlm_request_intake_seconds_sum") == pytest.approx(0.125)
+    assert sample("batchlm_request_intake_seconds_count") == 1
     assert recorder.completion_tokens == 3
 
 

@@ -12,7 +12,7 @@ from batchlm import __version__
 from batchlm.engine.client import EngineClient
 from batchlm.server.errors import install_error_handlers
 from batchlm.server.metrics import ServerMetrics
-from batchlm.server.middleware import APIKeyMiddleware, BodySizeLimitMiddleware
+from batchlm.server.middleware import APIKeyMiddleware, ArrivalStampMiddleware, BodySizeLimitMiddleware
 from batchlm.server.routes import router
 from batchlm.server.state import ServerSettings, ServerState
 from batchlm.server.stats_logger import StatsLogger
@@ -51,4 +51,5 @@ def build_app(engine: EngineClient, settings: ServerSettings | None = None) -> F
     )
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key, observe=metrics.count_error)
+    app.add_middleware(ArrivalStampMiddleware)
     return app

@@ -118,6 +118,12 @@ class ServerMetrics:
             buckets=E2E_BUCKETS,
             registry=reg,
         )
+        self.intake = Histogram(
+            "batchlm_request_intake_seconds",
+            "HTTP arrival to arrival at the engine (body, validation, tokenization, hand-off).",
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
         reg.register(EngineStatsCollector(engine))
 
     def count_outcome(self, outcome: str) -> None:
@@ -134,8 +140,12 @@ class RequestRecorder:
     """Timing of one engine request, fed every RequestOutput. Uses the engine's timestamps
     (RequestOutput.metrics) and falls back on the server's clock where the engine gives none."""
 
-    def __init__(self, metrics: ServerMetrics, request_id: str, prompt_tokens: int) -> None:
+    def __init__(
+        self, metrics: ServerMetrics, request_id: str, prompt_tokens: int, received_at: float | None = None
+    ) -> None:
         self._metrics = metrics
+        # When the HTTP request reached the server (None: unknown); intake is measured from it.
+        self._received_at = received_at
         self.request_id = request_id
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0
@@ -152,6 +162,9 @@ class RequestRecorder:
         timing = output.metrics
         if timing is not None:
             self._arrival = timing.arrival_time
+            if self._received_at is not None:
+                self._metrics.intake.observe(max(0.0, timing.arrival_time - self._received_at))
+                self._received_at = None
             self._first_scheduled = timing.first_scheduled_time or self._first_scheduled
             self._finished_at = timing.finished_time or self._finished_at
         if new_tokens == 0:

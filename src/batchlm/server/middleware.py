@@ -1,9 +1,12 @@
-"""Pure-ASGI middleware (no per-request task, streaming-safe): API-key check and request-body size limit."""
+"""Pure-ASGI middleware (no per-request task, streaming-safe): API-key check, request-body size limit,
+and the arrival stamp of each request."""
 
 from __future__ import annotations
 
 import hmac
+import time
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batchlm.server.errors import APIError, ErrorObserver, error_response
@@ -89,3 +92,25 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         return await receive()
 
     return replayed
+
+
+RECEIVED_AT = "batchlm_received_at"
+
+
+class ArrivalStampMiddleware:
+    """Notes when each HTTP request reached the server (its headers parsed), so that the time spent
+    before the engine admits it (body, validation, tokenization: the intake) can be measured."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope.setdefault("state", {})[RECEIVED_AT] = time.time()
+        await self.app(scope, receive, send)
+
+
+def received_at(request: Request) -> float | None:
+    """The request's arrival (time.time()) as ArrivalStampMiddleware noted it; None without it."""
+    stamp = request.scope.get("state", {}).get(RECEIVED_AT)
+    return float(stamp) if stamp is not None else None

@@ -16,6 +16,7 @@ from batchlm.sampling_params import SamplingParams
 from batchlm.server.generation import Generation
 from batchlm.server.logprobs import chat_logprobs
 from batchlm.server.metrics import RequestRecorder
+from batchlm.server.middleware import received_at
 from batchlm.server.prompts import render_chat
 from batchlm.server.protocol import ChatCompletionRequest
 from batchlm.server.request_params import (
@@ -71,7 +72,7 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest) 
         top_logprobs=params.logprobs,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
     )
-    recorder = RequestRecorder(state.metrics, context.request_id, len(prompt_ids))
+    recorder = RequestRecorder(state.metrics, context.request_id, len(prompt_ids), received_at(request))
     generation = Generation(state.engine, context.request_id, prompt_ids, params, recorder, state.in_flight)
     if body.stream:
         return await start_stream(request, [generation], ChatStreamFormatter(context), state.metrics)

@@ -17,6 +17,7 @@ from batchlm.server.errors import APIError
 from batchlm.server.generation import Generation
 from batchlm.server.logprobs import CompletionLogprobsBuilder
 from batchlm.server.metrics import RequestRecorder
+from batchlm.server.middleware import received_at
 from batchlm.server.prompts import encode_text
 from batchlm.server.protocol import CompletionRequest, PromptInput
 from batchlm.server.request_params import (
@@ -82,7 +83,7 @@ async def create_completion(request: Request, body: CompletionRequest) -> Respon
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         echo_texts=[_echo_text(tokenizer, p) if body.echo else "" for p in prompts],
     )
-    generations = await _start_generations(state, info, body, prompts, context.request_id)
+    generations = await _start_generations(state, info, body, prompts, context.request_id, received_at(request))
     if body.stream:
         return await start_stream(request, generations, CompletionStreamFormatter(context), state.metrics)
 
@@ -118,7 +119,12 @@ def _echo_text(tokenizer: Any, prompt: Prompt) -> str:
 
 
 async def _start_generations(
-    state: ServerState, info: ModelInfo, body: CompletionRequest, prompts: list[Prompt], request_id: str
+    state: ServerState,
+    info: ModelInfo,
+    body: CompletionRequest,
+    prompts: list[Prompt],
+    request_id: str,
+    http_received_at: float | None,
 ) -> list[Generation]:
     # Validate every prompt before starting any, so that a bad one fails the batch with nothing to undo.
     plans = []
@@ -132,7 +138,7 @@ async def _start_generations(
     try:
         for position, (prompt, params) in enumerate(plans):
             engine_id = request_id if len(plans) == 1 else f"{request_id}-{position}"
-            recorder = RequestRecorder(state.metrics, engine_id, len(prompt.token_ids))
+            recorder = RequestRecorder(state.metrics, engine_id, len(prompt.token_ids), http_received_at)
             generations.append(
                 Generation(
                     state.engine, engine_id, prompt.token_ids, params, recorder, state.in_flight, prompt.text
