@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from transformers import PreTrainedTokenizerFast
 
 from batchlm.tokenizer.builder import DEFAULT_VOCAB_SIZE
-from batchlm.tokenizer.detokenizer import IncrementalDetokenizer
+from batchlm.tokenizer.detokenizer import IncrementalDetokenizer, complete_utf8_end
 from batchlm.tokenizer.token_bytes import byte_level_alphabet
 from batchlm.tokenizer.tokenizer import Tokenizer
 
@@ -85,11 +85,54 @@ def test_invariant_holds_for_arbitrary_ids(
     any_id = st.one_of(tricky, st.integers(0, DEFAULT_VOCAB_SIZE - 1))
     prompt = data.draw(st.lists(any_id, max_size=8))
     ids = data.draw(st.lists(any_id, max_size=24))
-    detokenizer = IncrementalDetokenizer(tiny_tokenizer, prompt, skip_special_tokens=skip)
-    deltas, tail = stream(detokenizer, ids, sizes)
-    assert "".join(deltas) + tail == tiny_tokenizer.decode(ids, skip_special_tokens=skip)
-    # Text ending in U+FFFD may still be an incomplete character: update() never emits it.
-    assert all(not delta.endswith(FFFD) for delta in deltas)
+    for tokenizer in (tiny_tokenizer, WindowOnly(tiny_tokenizer)):
+        detokenizer = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=skip)  # type: ignore[arg-type]
+        deltas, tail = stream(detokenizer, ids, sizes)
+        full = tiny_tokenizer.decode(ids, skip_special_tokens=skip)
+        assert "".join(deltas) + tail == full
+        # Emitted text is never rewritten: a character still incomplete (or text ending in U+FFFD
+        # that might be one) is held back, so every prefix of the deltas is a prefix of the text.
+        emitted = ""
+        for delta in deltas:
+            emitted += delta
+            assert full.startswith(emitted)
+
+
+class WindowOnly:
+    """The tokenizer without byte_pieces: the detokenizer takes its window-decoding path."""
+
+    def __init__(self, inner: Tokenizer) -> None:
+        self.inner = inner
+
+    def decoder(self, skip_special_tokens: bool = True) -> Callable[[list[int]], str]:
+        return self.inner.decoder(skip_special_tokens)
+
+    def byte_pieces(self, skip_special_tokens: bool = True) -> None:
+        return None
+
+
+def test_byte_level_tokenizers_take_the_byte_path(
+    tiny_tokenizer: Tokenizer, sentencepiece_tokenizer: Tokenizer
+) -> None:
+    pieces = tiny_tokenizer.byte_pieces(skip_special_tokens=True)
+    assert pieces is not None
+    assert pieces[tiny_tokenizer.encode("é", add_special_tokens=False)[0]] == "é".encode()
+    assert pieces[1] == b""  # a special token, skipped
+    assert tiny_tokenizer.byte_pieces(skip_special_tokens=False)[1] == tiny_tokenizer.token_bytes(1)  # type: ignore[index]
+    assert sentencepiece_tokenizer.byte_pieces() is None
+
+
+@pytest.mark.parametrize(
+    ("data", "end"),
+    [
+        (b"", 0), (b"abc", 3), ("é".encode(), 2), ("é".encode()[:1], 0), (b"a" + "😀".encode()[:3], 1),
+        ("😀".encode(), 4), (b"\x80\x80", 2), (b"a\xe2\x82", 1), (b"\xe2\x82\xac\x80", 4), (b"\xff", 1),
+    ],
+)  # fmt: skip
+def test_complete_utf8_end_holds_only_a_character_that_may_still_complete(data: bytes, end: int) -> None:
+    assert complete_utf8_end(data) == end
+    whole = data.decode("utf-8", "replace")
+    assert data[:end].decode("utf-8", "replace") + data[end:].decode("utf-8", "replace") == whole
 
 
 def test_multibyte_character_is_held_until_complete(tiny_tokenizer: Tokenizer) -> None:
@@ -183,6 +226,9 @@ class CountingTokenizer:
             return inner(token_ids)
 
         return decode
+
+    def byte_pieces(self, skip_special_tokens: bool = True) -> None:
+        return None  # the window path, whose decodes are counted here
 
 
 def test_work_per_update_does_not_grow_with_the_output(tiny_tokenizer: Tokenizer) -> None:

@@ -12,15 +12,18 @@ decoded as a continuation of the prompt, as the model produced it: a first token
 prompt 'The capital of France is' yields ' Paris', where decode(ids) alone would give 'Paris'. For
 byte-level BPE tokenizers (GPT-2, Llama 3, Qwen, the demo model) the two are identical.
 
-Each update costs O(new tokens): only a small window of ids is decoded, from `prefix_offset` (the
-tokens that give the new ones their context) up to the end, and the text of the window up to
-`read_offset` is what was already emitted. (While the text keeps ending in U+FFFD, e.g. a model
-emitting invalid bytes, the window grows until it stops doing so; finish() flushes it.)
+Each update costs O(new tokens). Byte-level tokenizers whose decode is the plain UTF-8 decoding of
+their tokens' bytes (Tokenizer.byte_pieces) append each token's bytes and hold back only the bytes
+of a character not yet complete; a U+FFFD is emitted once its bytes can no longer become a character.
+Other tokenizers decode a small window of ids, from `prefix_offset` (the tokens that give the new
+ones their context) up to the end, and the text of the window up to `read_offset` is what was
+already emitted. (While the window's text keeps ending in U+FFFD, e.g. a model emitting invalid
+bytes, the window grows until it stops doing so; finish() flushes it.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from batchlm.tokenizer.stop_strings import StopStringMatcher
@@ -50,6 +53,10 @@ class IncrementalDetokenizer:
     ) -> None:
         self._decode = tokenizer.decoder(skip_special_tokens)
         self._stop_matcher = StopStringMatcher(stop, include_stop_str_in_output)
+        # Byte-level tokenizers: each id's bytes, appended as they come (no window decodes); the
+        # bytes of a character not yet complete wait in _held_bytes.
+        self._pieces_of: Mapping[int, bytes] | None = tokenizer.byte_pieces(skip_special_tokens)
+        self._held_bytes = b""
         context = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])
         context_text = self._decode(context)
         if context_text.endswith(REPLACEMENT_CHAR):
@@ -82,6 +89,22 @@ class IncrementalDetokenizer:
             raise RuntimeError("IncrementalDetokenizer.update() called after finish()")
         if not new_token_ids or self.stop_reason is not None:
             return ""
+        if self._pieces_of is not None:
+            pieces = self._pieces_of
+            if len(new_token_ids) == 1:  # the usual decode step: one token
+                data = self._held_bytes + pieces.get(new_token_ids[0], b"")
+            else:
+                data = self._held_bytes + b"".join([pieces.get(i, b"") for i in new_token_ids])
+            if data and data[-1] < 0x80:  # ends in ASCII: nothing to hold
+                self._held_bytes = b""
+                text = data.decode("utf-8", "replace")
+            else:
+                end = complete_utf8_end(data)
+                self._held_bytes = data[end:]
+                text = data[:end].decode("utf-8", "replace")
+            if text:
+                return self._release(text)
+            return ""
         self._ids.extend(new_token_ids)
         window = self._decode(self._ids[self.prefix_offset :])
         if window.endswith(REPLACEMENT_CHAR):
@@ -103,6 +126,8 @@ class IncrementalDetokenizer:
         self._finished = True
         if self.stop_reason is not None:
             return ""
+        if self._pieces_of is not None:
+            return self._release(self._held_bytes.decode("utf-8", "replace"), final=True)
         window = self._decode(self._ids[self.prefix_offset :])
         return self._release(window[self._window_emitted :], final=True)
 
@@ -112,3 +137,17 @@ class IncrementalDetokenizer:
         if released:
             self._pieces.append(released)
         return released
+
+
+def complete_utf8_end(data: bytes) -> int:
+    """Where the trailing bytes that may still become a character (a lead byte followed by fewer
+    continuation bytes than it announces) begin; len(data) when there are none. Decoding data[:end]
+    and data[end:] separately (invalid bytes as U+FFFD) gives the same text as decoding it whole."""
+    size = len(data)
+    for back in range(1, min(4, size) + 1):
+        byte = data[size - back]
+        if byte & 0xC0 == 0x80:  # a continuation byte: look further back for its lead
+            continue
+        wanted = 2 if byte & 0xE0 == 0xC0 else 3 if byte & 0xF0 == 0xE0 else 4 if byte & 0xF8 == 0xF0 else 1
+        return size - back if wanted > back else size
+    return size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 from typing import TYPE_CHECKING
 
@@ -88,3 +89,39 @@ def _decoder_kinds(hf: PreTrainedTokenizerBase) -> set[str]:
         kinds.add(str(node.get("type", "")))
         pending.extend(node.get("decoders", []) or [])
     return kinds
+
+
+def byte_level_pieces(hf: PreTrainedTokenizerBase, token_bytes: TokenBytes, skip_special_tokens: bool) -> dict[int, bytes] | None:
+    """id -> the bytes that id adds to decoded text, for a byte-level BPE tokenizer (GPT-2, Llama 3,
+    Qwen) whose Rust decode is exactly the UTF-8 decoding (invalid bytes as U+FFFD) of the
+    concatenation; special tokens map to b"" when skipped. None for any other tokenizer.
+
+    Checked, not assumed: the decoder is a lone ByteLevel, every vocabulary string is made of the
+    byte-level stand-in characters, every added token decodes to its piece, and random id sequences
+    (which split characters and hold invalid bytes) decode to the joined pieces. Ids outside the
+    vocabulary decode to nothing, as they do in decode()."""
+    backend = getattr(hf, "backend_tokenizer", None)
+    if backend is None or _decoder_kinds(hf) != {"ByteLevel"}:
+        return None
+    alphabet = byte_level_alphabet()
+    vocab = backend.get_vocab(with_added_tokens=False)
+    if not set("".join(vocab)) <= alphabet.keys():
+        return None
+    # Stand-in character -> the Latin-1 character of its byte, so that encoding as Latin-1 gives the bytes.
+    to_latin1 = {ord(char): byte for char, byte in alphabet.items()}
+    pieces = {int(i): token.translate(to_latin1).encode("latin-1") for token, i in vocab.items()}
+    added = getattr(hf, "added_tokens_decoder", {})
+    for i, token in added.items():
+        pieces[int(i)] = b"" if (skip_special_tokens and token.special) else token_bytes(int(i))
+        if backend.decode([int(i)], skip_special_tokens=skip_special_tokens) != pieces[int(i)].decode(
+            "utf-8", "replace"
+        ):
+            return None
+    rng = random.Random(0)
+    ids = sorted(pieces)
+    for length in (1, 2, 3, 5, 8, 13, 21) * 8:
+        sample = rng.choices(ids, k=length)
+        joined = b"".join(pieces[i] for i in sample).decode("utf-8", "replace")
+        if backend.decode(sample, skip_special_tokens=skip_special_tokens) != joined:
+            return None
+    return pieces

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from batchlm.tokenizer.chat_template import resolve_chat_template
 from batchlm.tokenizer.hf_loading import load_hf_tokenizer
-from batchlm.tokenizer.token_bytes import TokenBytes
+from batchlm.tokenizer.token_bytes import TokenBytes, byte_level_pieces
 
 if TYPE_CHECKING:
     import tokenizers
@@ -30,7 +30,7 @@ class Tokenizer:
     """Wraps a transformers tokenizer with what the server and engine need.
 
     `decode` uses the Rust backend directly when that gives the same text as transformers' decode
-    (it is called twice per generated token by the incremental detokenizer).
+    (the incremental detokenizer calls it twice per generated token where byte_pieces is None).
     """
 
     def __init__(
@@ -52,6 +52,8 @@ class Tokenizer:
         self._encode_backend = _exact_encode_backend(hf)
         self._adds_bos = self._tokenizer_adds_bos()
         self._token_bytes = TokenBytes(hf)
+        # byte_pieces() per skip_special_tokens value, built on first use.
+        self._byte_pieces: dict[bool, dict[int, bytes] | None] = {}
 
     @classmethod
     def from_pretrained(
@@ -98,6 +100,18 @@ class Tokenizer:
         if backend is None:
             return lambda token_ids: self.decode(token_ids, skip_special_tokens=skip_special_tokens)
         return lambda token_ids: str(backend.decode(token_ids, skip_special_tokens=skip_special_tokens))
+
+    def byte_pieces(self, skip_special_tokens: bool = True) -> Mapping[int, bytes] | None:
+        """id -> the bytes it adds to decode()'s text, where decode() is exactly the UTF-8 decoding
+        (invalid bytes as U+FFFD) of those bytes joined (byte-level BPE tokenizers, checked when
+        built); None otherwise. With it the incremental detokenizer appends bytes per token instead
+        of decoding a window of ids twice."""
+        if skip_special_tokens not in self._byte_pieces:
+            pieces = None
+            if self._backend is not None:
+                pieces = byte_level_pieces(self.hf, self._token_bytes, skip_special_tokens)
+            self._byte_pieces[skip_special_tokens] = pieces
+        return self._byte_pieces[skip_special_tokens]
 
     def render_chat_template(
         self,
