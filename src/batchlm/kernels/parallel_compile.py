@@ -34,11 +34,17 @@ class DeferredCompiles:
         return len(self.variants)
 
 
-def compile_threads() -> int:
-    """Threads for start-up compiles: BATCHLM_COMPILE_THREADS, else min(cores, 8). 1 = serial."""
-    configured = os.environ.get("BATCHLM_COMPILE_THREADS")
+COMPILE_THREADS_ENV = "BATCHLM_COMPILE_THREADS"
+
+
+def compile_threads(environ: dict[str, str] | None = None) -> int:
+    """Threads for start-up compiles: BATCHLM_COMPILE_THREADS (1 = one after another), else
+    min(cores, 8). Raises ValueError naming the variable for a value that is not a positive integer."""
+    configured = (os.environ if environ is None else environ).get(COMPILE_THREADS_ENV, "").strip()
     if configured:
-        return max(1, int(configured))
+        if not configured.isdigit() or int(configured) < 1:
+            raise ValueError(f"{COMPILE_THREADS_ENV} must be a positive integer, got {configured!r}")
+        return int(configured)
     return max(1, min(os.cpu_count() or 1, MAX_COMPILE_THREADS))
 
 
