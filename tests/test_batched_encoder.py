@@ -4,6 +4,7 @@ BatchedEncoder folds concurrent requests into few encode_many calls, failing onl
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -32,11 +33,15 @@ class CountingTokenizer:
 
     BAD = "BAD" * 300
 
-    def __init__(self, inner: Tokenizer) -> None:
+    def __init__(self, inner: Tokenizer, encode_delay_s: float = 0.0) -> None:
         self.inner = inner
         self.batches: list[int] = []
+        self.single_calls = 0
+        self.encode_delay_s = encode_delay_s
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        self.single_calls += 1
+        time.sleep(self.encode_delay_s)
         if text == self.BAD:
             raise ValueError("cannot encode this text")
         return self.inner.encode(text, add_special_tokens)
@@ -53,7 +58,7 @@ def test_concurrent_requests_are_encoded_in_few_batches(tiny_tokenizer: Tokenize
     texts = [f"request {i}: " + "lorem ipsum dolor " * 40 for i in range(64)]
 
     async def scenario() -> list[Any]:
-        encoder = BatchedEncoder(counting, asyncio.get_running_loop())
+        encoder = BatchedEncoder(counting, asyncio.get_running_loop(), inline_budget_s=0.0)
         return await asyncio.gather(*(encoder.encode(text, i % 2 == 0) for i, text in enumerate(texts)))
 
     results = asyncio.run(scenario())
@@ -66,7 +71,7 @@ def test_a_text_that_fails_fails_only_its_own_request(tiny_tokenizer: Tokenizer)
     texts = ["fine text " * 60, CountingTokenizer.BAD, "another fine text " * 40]
 
     async def scenario() -> list[Any]:
-        encoder = BatchedEncoder(counting, asyncio.get_running_loop())
+        encoder = BatchedEncoder(counting, asyncio.get_running_loop(), inline_budget_s=0.0)
         return await asyncio.gather(*(encoder.encode(text, True) for text in texts), return_exceptions=True)
 
     first, bad, last = asyncio.run(scenario())
@@ -74,7 +79,7 @@ def test_a_text_that_fails_fails_only_its_own_request(tiny_tokenizer: Tokenizer)
     assert isinstance(bad, ValueError)
 
 
-def test_encode_text_goes_through_the_batch_only_for_long_texts(tiny_tokenizer: Tokenizer) -> None:
+def test_lone_requests_are_tokenized_on_the_loop_without_a_worker(tiny_tokenizer: Tokenizer) -> None:
     counting = CountingTokenizer(tiny_tokenizer)
 
     async def scenario() -> tuple[list[int], list[int]]:
@@ -82,4 +87,33 @@ def test_encode_text_goes_through_the_batch_only_for_long_texts(tiny_tokenizer: 
 
     short, long = asyncio.run(scenario())
     assert short == tiny_tokenizer.encode("short") and long == tiny_tokenizer.encode("long " * 200)
-    assert counting.batches == [1]
+    assert counting.batches == [] and counting.single_calls == 2
+
+
+def test_a_burst_beyond_the_inline_budget_goes_to_the_worker(tiny_tokenizer: Tokenizer) -> None:
+    # Each inline encode takes 4 ms, so a 10 ms budget takes in the first three texts of the burst.
+    counting = CountingTokenizer(tiny_tokenizer, encode_delay_s=0.004)
+    texts = [f"request {i}: " + "lorem ipsum dolor " * 40 for i in range(24)]
+
+    async def scenario() -> list[Any]:
+        encoder = BatchedEncoder(counting, asyncio.get_running_loop(), inline_budget_s=0.010, inline_window_s=60)
+        return await asyncio.gather(*(encoder.encode(text, True) for text in texts))
+
+    assert asyncio.run(scenario()) == [tiny_tokenizer.encode(text) for text in texts]
+    assert counting.single_calls == 3
+    assert sum(counting.batches) == len(texts) - 3 and len(counting.batches) <= 3
+
+
+def test_the_inline_budget_renews_with_each_window(tiny_tokenizer: Tokenizer) -> None:
+    counting = CountingTokenizer(tiny_tokenizer, encode_delay_s=0.004)
+    text = "lorem ipsum dolor " * 40
+
+    async def scenario() -> None:
+        encoder = BatchedEncoder(counting, asyncio.get_running_loop(), inline_budget_s=0.001, inline_window_s=0.05)
+        await encoder.encode(text, True)  # inline: the budget is spent
+        await encoder.encode(text, True)  # the worker
+        await asyncio.sleep(0.06)
+        await encoder.encode(text, True)  # a new window: inline again
+
+    asyncio.run(scenario())
+    assert counting.single_calls == 2 and counting.batches == [1]

@@ -1,13 +1,16 @@
 """API input to token ids: chat messages through the chat template, text prompts through the tokenizer.
 
-All but short texts are tokenized off the event loop by a BatchedEncoder: the texts of requests that
-arrive together go to the Rust tokenizer in one call from one worker thread, which encodes them on all
-cores with the GIL released. (One thread per request was slower under a burst: every thread needs the
-GIL around its call, and while the event loop is busy each hand-off waits for the switch interval.)"""
+Long texts are tokenized by a BatchedEncoder. It tokenizes on the event loop itself within a small time
+budget (a lone request skips the thread hand-off, and the first requests of a burst reach the engine at
+once), and beyond it sends the texts of requests that arrive together to the Rust tokenizer in one call
+from one worker thread, which encodes them on all cores with the GIL released. (One thread per request
+was slower under a burst: every thread needs the GIL around its call, and while the event loop is busy
+each hand-off waits for the switch interval.)"""
 
 from __future__ import annotations
 
 import asyncio
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -23,6 +26,12 @@ CHAT_ROLES = ("system", "developer", "user", "assistant")
 # Texts longer than this (characters) are tokenized off the event loop. ~1,400 characters take ~1 ms
 # to tokenize; below a few hundred the hand-off would cost more than it frees.
 OFFLOAD_CHARS = 512
+# Tokenizing on the event loop is allowed for up to INLINE_BUDGET_S in every INLINE_WINDOW_S. A worker's
+# ids come back only after the loop has taken in every request of a burst (tens of ms for hundreds of
+# requests), so without this the engine would wait that long for the first ones; the budget keeps the
+# rest of a burst on the worker, where it is tokenized on all cores.
+INLINE_BUDGET_S = 0.005
+INLINE_WINDOW_S = 0.05
 # Chat messages longer than this in all are rendered through the template in a worker thread.
 RENDER_OFFLOAD_CHARS = 16_384
 
@@ -32,16 +41,36 @@ async def _maybe_offload(size: int, work: Callable[[], T]) -> T:
 
 
 class BatchedEncoder:
-    """Tokenizes, in a worker thread, every text queued since its previous batch started, in one call
-    of the tokenizer's encode_many. Bound to one event loop."""
+    """Tokenizes on the event loop within its time budget; beyond it, in a worker thread, every text
+    queued since the worker's previous batch started, in one call of the tokenizer's encode_many.
+    Bound to one event loop."""
 
-    def __init__(self, tokenizer: Any, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        loop: asyncio.AbstractEventLoop,
+        inline_budget_s: float = INLINE_BUDGET_S,
+        inline_window_s: float = INLINE_WINDOW_S,
+    ) -> None:
         self.tokenizer = tokenizer
         self.loop = loop
         self._queued: list[tuple[str, bool, asyncio.Future[list[int]]]] = []
         self._worker: asyncio.Task[None] | None = None
+        self._inline_budget_s = inline_budget_s
+        self._inline_window_s = inline_window_s
+        # The current inline window: when it began, and the seconds of tokenizing spent in it.
+        self._window_start = float("-inf")
+        self._inline_spent = 0.0
 
     async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        started = time.perf_counter()
+        if started - self._window_start >= self._inline_window_s:
+            self._window_start, self._inline_spent = started, 0.0
+        if self._inline_spent < self._inline_budget_s:
+            try:
+                return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+            finally:
+                self._inline_spent += time.perf_counter() - started
         future: asyncio.Future[list[int]] = self.loop.create_future()
         self._queued.append((text, add_special_tokens, future))
         if self._worker is None or self._worker.done():
