@@ -180,10 +180,10 @@ class ModelRunner:
             dtype=dtype_name(self.dtype),
         )
 
-    @torch.inference_mode()
     def _max_blocks_per_seq(self) -> int:
         return -(-self.max_model_len // self.config.block_size)
 
+    @torch.inference_mode()
     def _warm_up_kernels(self, kv_cache: torch.Tensor, max_blocks_per_seq: int) -> None:
         """Compile the Triton kernel variants that the profile run and the graph captures may not
         reach (attention tiles and splits picked per step, the sampling race), so no step waits
@@ -210,6 +210,7 @@ class ModelRunner:
         each variant, then they compile together. Only the compile time changes; the real runs
         that follow launch the same kernels, now compiled."""
         started = time.perf_counter()
+        threads = compile_threads()
         with defer_compiles() as deferred:
             if deferred is None:
                 return
@@ -217,13 +218,12 @@ class ModelRunner:
             scratch = allocate_kv_caches(self.shape, 1, self.config.block_size, self.dtype, self.device)
             self._warm_up_kernels(scratch[0], self._max_blocks_per_seq())
             del scratch
-        threads = compile_threads()
         compile_deferred(deferred, threads)
         log_phase(
             logger,
             "Triton kernels compiled",
             time.perf_counter() - started,
-            f"{len(deferred)} variants on {threads} threads; none when Triton's cache already has them",
+            f"{len(deferred)} kernel variants on {threads} threads, loaded from Triton's disk cache where it has them",
         )
 
     @torch.inference_mode()
