@@ -294,3 +294,19 @@ def test_sentencepiece_byte_fallback_is_utf8_safe(sentencepiece_tokenizer: Token
 def test_sentencepiece_token_bytes(sentencepiece_tokenizer: Tokenizer) -> None:
     ids = sentencepiece_tokenizer.encode(" is é", add_special_tokens=False)
     assert b"".join(sentencepiece_tokenizer.token_bytes(i) for i in ids) == "  is é".encode()
+
+
+def test_a_failing_byte_level_check_falls_back_to_window_decoding(
+    tiny_tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import batchlm.tokenizer.tokenizer as tokenizer_module
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("an unusual tokenizer")
+
+    monkeypatch.setattr(tokenizer_module, "byte_level_pieces", broken)
+    fresh = Tokenizer(tiny_tokenizer.hf)
+    assert fresh.byte_pieces() is None
+    ids = tiny_tokenizer.encode("still decodes 😀", add_special_tokens=False)
+    deltas, tail = stream(IncrementalDetokenizer(fresh, []), ids, [1])
+    assert "".join(deltas) + tail == "still decodes 😀"

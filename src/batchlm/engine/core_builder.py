@@ -47,11 +47,9 @@ def load_tokenizer(config: EngineConfig, model_dir: Path) -> Tokenizer:
         from batchlm.models.hub import resolve_model_dir
 
         source = resolve_model_dir(config.tokenizer, config.revision)
-    tokenizer = Tokenizer.from_pretrained(
+    return Tokenizer.from_pretrained(
         source, chat_template=config.chat_template, trust_remote_code=config.trust_remote_code
     )
-    tokenizer.byte_pieces(skip_special_tokens=True)  # built here, at start-up, not by the first request
-    return tokenizer
 
 
 def served_model_name(config: EngineConfig) -> str:

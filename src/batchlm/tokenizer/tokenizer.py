@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,6 +15,8 @@ from batchlm.tokenizer.token_bytes import TokenBytes, byte_level_pieces
 if TYPE_CHECKING:
     import tokenizers
     from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
 
 # apply_chat_template's own parameters: passing them through chat_template_kwargs would change how
 # transformers renders or tokenizes instead of reaching the template, so they are refused.
@@ -74,6 +77,7 @@ class Tokenizer:
         template = resolve_chat_template(chat_template) if chat_template is not None else None
         tokenizer = cls(hf, _configured_eos_ids(directory), template, str(directory))
         tokenizer._check_template_syntax()
+        tokenizer.byte_pieces(skip_special_tokens=True)  # built at load, not by the first request
         return tokenizer
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -109,7 +113,10 @@ class Tokenizer:
         if skip_special_tokens not in self._byte_pieces:
             pieces = None
             if self._backend is not None:
-                pieces = byte_level_pieces(self.hf, self._token_bytes, skip_special_tokens)
+                try:
+                    pieces = byte_level_pieces(self.hf, self._token_bytes, skip_special_tokens)
+                except Exception as error:  # an unusual tokenizer: the window-decoding path serves it
+                    logger.debug("byte-level detokenization is off for %s: %s", self.name_or_path, error)
             self._byte_pieces[skip_special_tokens] = pieces
         return self._byte_pieces[skip_special_tokens]
 
