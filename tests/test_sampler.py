@@ -290,3 +290,16 @@ def test_cuda_sampling_never_waits_on_the_device_and_is_batch_invariant() -> Non
     alone = Sampler(1000, device)(logits[5:6], [make_state(params, seed=5, prompt=(3, 4, 5), outputs=(6,), device=device)])
     assert alone.token_ids_cpu[0] == token_ids[5].item()
     assert token_ids[1].item() == logits[1, :1000].argmax().item()
+
+
+def test_cpu_exponential_noise_has_exponential_moments_and_follows_its_generator() -> None:
+    from batchlm.sampling.sampler import fill_exponential
+
+    draws = torch.empty(400_000)
+    fill_exponential(draws, torch.Generator().manual_seed(3))
+    assert bool((draws >= 0).all())
+    assert abs(draws.mean().item() - 1.0) < 0.01 and abs(draws.var().item() - 1.0) < 0.02
+    assert abs((draws > 2.0).float().mean().item() - math.exp(-2.0)) < 0.003  # the tail, P(E > 2)
+    rows = torch.empty(2, 1000)
+    fill_exponential(rows[1], torch.Generator().manual_seed(3))  # a row view is filled in place
+    assert torch.equal(rows[1], draws[:1000])

@@ -211,19 +211,30 @@ class Sampler:
         noise_scale [B, 1] (the temperature, when the logits were not divided by it) scales log E."""
         noise = torch.empty_like(logits)  # [B, V]
         if len(plan.seeded_rows) < logits.shape[0]:
-            noise.exponential_(generator=self.generator)
+            fill_exponential(noise, self.generator)
         for row in plan.seeded_rows:
             generator = states[row].generator_for_next_token()
             assert generator is not None
             if generator.device != self.device and resolve_device(generator.device) != self.device:
                 raise ValueError(f"row {row}'s generator is on {generator.device}, logits on {self.device}")
             # A seeded row's noise comes only from its own generator.
-            noise[row].exponential_(generator=generator)
+            fill_exponential(noise[row], generator)
         # Exponential draws of exactly 0 would give log 0 = -inf and an undefined race.
         noise.clamp_min_(torch.finfo(noise.dtype).tiny).log_()
         if noise_scale is None:
             return logits.sub_(noise).argmax(dim=-1)
         return logits.addcmul_(noise, noise_scale, value=-1.0).argmax(dim=-1)
+
+
+def fill_exponential(out: torch.Tensor, generator: torch.Generator | None) -> None:
+    """Fill `out` with Exponential(1) draws. On CPU they are -log(U) of float64 uniforms: torch's CPU
+    exponential_ took 22 ms for a 16-row decode step's [16, 49152] noise on 2 cores, against ~7 ms
+    this way (a tenth of the step). (U = 0, at odds of 2^-53, gives +inf: that token cannot win.)"""
+    if out.device.type != "cpu":
+        out.exponential_(generator=generator)
+        return
+    uniform = torch.empty(out.shape, dtype=torch.float64).uniform_(generator=generator)
+    out.copy_(uniform.log_().neg_())
 
 
 def _row_knobs(state: SamplingState) -> list[float]:
