@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 DEMO_MODEL = "demo"
+
+
+def positive_int_from_env(name: str, environ: Mapping[str, str] | None = None) -> int | None:
+    """The positive integer set in environment variable `name`, or None when it is unset or empty;
+    raises ValueError naming the variable for any other value."""
+    value = (os.environ if environ is None else environ).get(name, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from batchlm.config import positive_int_from_env
+
 logger = logging.getLogger(__name__)
 
 # Compiles are short and partly single-threaded inside LLVM; more threads than this stop paying.
@@ -40,11 +42,9 @@ COMPILE_THREADS_ENV = "BATCHLM_COMPILE_THREADS"
 def compile_threads(environ: dict[str, str] | None = None) -> int:
     """Threads for start-up compiles: BATCHLM_COMPILE_THREADS (1 = one after another), else
     min(cores, 8). Raises ValueError naming the variable for a value that is not a positive integer."""
-    configured = (os.environ if environ is None else environ).get(COMPILE_THREADS_ENV, "").strip()
-    if configured:
-        if not configured.isdigit() or int(configured) < 1:
-            raise ValueError(f"{COMPILE_THREADS_ENV} must be a positive integer, got {configured!r}")
-        return int(configured)
+    configured = positive_int_from_env(COMPILE_THREADS_ENV, environ)
+    if configured is not None:
+        return configured
     return max(1, min(os.cpu_count() or 1, MAX_COMPILE_THREADS))
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from batchlm.config import positive_int_from_env
+
 logger = logging.getLogger(__name__)
 
 # Environment variable that fixes the engine's torch thread count (the engine-core process reads it).
@@ -60,10 +62,5 @@ def cap_cpu_threads() -> int:
 
 def threads_from_env(environ: dict[str, str] | None = None) -> int | None:
     """The thread count set in BATCHLM_CORE_THREADS, or None; raises ValueError naming a bad value."""
-    value = (os.environ if environ is None else environ).get(THREADS_ENV, "").strip()
-    if not value:
-        return None
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{THREADS_ENV} must be a positive integer, got {value!r}")
-    return int(value)
+    return positive_int_from_env(THREADS_ENV, environ)
 
