@@ -1,13 +1,29 @@
-"""The oneDNN float32 matmul path (CPU LM head): agreement with F.linear, and where it stays off."""
+"""The oneDNN float32 matmul path (the CPU LM head where the CPU GEMM kernel is unavailable): agreement
+with F.linear, and where it stays off."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from batchlm.layers.embedding import ParallelLMHead, VocabParallelEmbedding, use_onednn_lm_head
+from batchlm.kernels import cpu_gemm, cpu_native
+from batchlm.layers.embedding import ParallelLMHead, VocabParallelEmbedding, use_cpu_lm_head
 from batchlm.layers.onednn import onednn_linear, onednn_matmul_works, to_onednn_weight
+
+
+@pytest.fixture(autouse=True)
+def without_cpu_gemm_kernel(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The LM head prefers the CPU GEMM kernel; these tests are about the oneDNN path it falls back to."""
+    monkeypatch.setenv(cpu_native.DISABLE_ENV, "0")
+    cpu_native.native_library.cache_clear()
+    cpu_gemm.gemm_library.cache_clear()
+    yield
+    cpu_native.native_library.cache_clear()
+    cpu_gemm.gemm_library.cache_clear()
+
 
 needs_onednn = pytest.mark.skipif(not onednn_matmul_works(), reason="this torch build has no oneDNN linear")
 GEN = torch.Generator().manual_seed(0)
@@ -47,7 +63,7 @@ def test_lm_head_logits_with_onednn_match_the_default_path() -> None:
     head.load_weight("lm_head.weight", "weight", table)
     hidden = torch.randn(5, hidden_size, generator=GEN)
     expected = head.compute_logits(hidden)
-    assert head.use_onednn() and head.onednn_weight is not None
+    assert head.use_cpu_matmul() and head.onednn_weight is not None
     torch.testing.assert_close(head.compute_logits(hidden), expected, atol=1e-5, rtol=1e-5)
     # No rows to sample is a valid step (nothing to compute), not a oneDNN error.
     assert head.compute_logits(hidden[:0]).shape == (0, vocab)
@@ -55,7 +71,7 @@ def test_lm_head_logits_with_onednn_match_the_default_path() -> None:
 
 def test_bfloat16_head_keeps_the_default_path() -> None:
     head = ParallelLMHead(9, 4).bfloat16()
-    assert not head.use_onednn() and head.onednn_weight is None
+    assert not head.use_cpu_matmul() and head.onednn_weight is None
 
 
 @needs_onednn
@@ -65,7 +81,7 @@ def test_runner_helper_converts_a_tied_head_and_leaves_the_embedding() -> None:
     model.head = ParallelLMHead(13, 8)
     model.head.tie_to(model.embed)
     model.embed.load_weight("embed", "weight", torch.randn(13, 8, generator=GEN))
-    assert use_onednn_lm_head(model)
+    assert use_cpu_lm_head(model)
     assert isinstance(model.embed.weight, torch.nn.Parameter) and model.embed.weight.layout == torch.strided
     # The copy is not a parameter or buffer: state dicts are unchanged.
     assert set(model.state_dict()) == {"embed.weight", "head.weight"}

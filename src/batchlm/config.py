@@ -5,9 +5,18 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 DEMO_MODEL = "demo"
+# Where batchlm keeps what it builds once per machine (the demo model, compiled CPU kernels).
+CACHE_ENV_VAR = "BATCHLM_CACHE"
+
+
+def cache_root() -> Path:
+    """$BATCHLM_CACHE, else ~/.cache/batchlm."""
+    configured = os.environ.get(CACHE_ENV_VAR)
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "batchlm"
 
 
 def positive_int_from_env(name: str, environ: Mapping[str, str] | None = None) -> int | None:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from batchlm.attention.backend import AttentionBackend, AttentionMetadata
+from batchlm.kernels import cpu_decode_attention
 
 # enable_gqa (torch >= 2.5) lets SDPA share each KV head across its query group without copies.
 _SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -37,6 +38,9 @@ class TorchAttentionBackend(AttentionBackend):
     one request at a time through SDPA (causal, or with an offset mask over cached context). Rows past
     meta.num_tokens (padding a runner may add) are ignored and come back as zeros.
 
+    On x86-64 CPUs with AVX2 and a float32 cache, decodes instead go through our C kernel, which reads
+    each request's blocks in place (kernels/cpu_decode_attention.py).
+
     Gathers copy whole blocks with index_select (a memcpy per block); advanced indexing of the cache
     costs several times more on CPU. The decode groups depend only on the step's metadata, so they
     are built by the first layer and reused by the others.
@@ -61,10 +65,16 @@ class TorchAttentionBackend(AttentionBackend):
         num_tokens = meta.num_tokens
         write_kv_cache(kv_cache, key[:num_tokens], value[:num_tokens], meta.slot_mapping[:num_tokens])
         out = query.new_zeros(query.shape) if query.shape[0] > num_tokens else torch.empty_like(query)
-        for group in self._decode_groups(meta, kv_cache.shape[2]):
-            out[group.first : group.last] = _decode_attention(
-                query[group.first : group.last], kv_cache, group, scale
+        decodes = meta.num_decodes
+        if decodes and cpu_decode_attention.supports(query, kv_cache):
+            cpu_decode_attention.paged_decode_attention(
+                query[:decodes], kv_cache, meta.block_tables[:decodes], meta.seq_lens[:decodes], scale, out[:decodes]
             )
+        else:
+            for group in self._decode_groups(meta, kv_cache.shape[2]):
+                out[group.first : group.last] = _decode_attention(
+                    query[group.first : group.last], kv_cache, group, scale
+                )
         for request in range(meta.num_decodes, meta.num_requests):
             start, end = meta.query_start_loc_cpu[request], meta.query_start_loc_cpu[request + 1]
             if end > start:

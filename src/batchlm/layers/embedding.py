@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from batchlm.kernels.cpu_gemm import PackedWeight, gemm_library, pack_weight, packed_linear
 from batchlm.layers.linear import check_shape
 from batchlm.layers.onednn import onednn_linear, to_onednn_weight
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
@@ -56,11 +57,13 @@ class ParallelLMHead(VocabParallelEmbedding):
     """The output projection hidden -> vocab logits, vocabulary split like the embedding so the two
     can share one weight when the checkpoint ties them.
 
-    On the CPU in float32, `use_onednn()` (called once the weights are final) routes the logits
-    matmul through a oneDNN copy of the weight: faster for decode batches, at the cost of that copy.
+    On the CPU in float32, `use_cpu_matmul()` (called once the weights are final) routes the logits
+    matmul through the CPU GEMM kernel's packed copy of the weight, or where that kernel is unavailable
+    a oneDNN copy: both faster for decode batches than torch's matmul, at the cost of that copy.
     """
 
-    # oneDNN copy of `weight` (not a parameter: checkpoints and state dicts never see it), or None.
+    # Packed or oneDNN copy of `weight` (not parameters: checkpoints and state dicts never see them).
+    packed: PackedWeight | None = None
     onednn_weight: torch.Tensor | None = None
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
@@ -72,14 +75,20 @@ class ParallelLMHead(VocabParallelEmbedding):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("ParallelLMHead is applied with compute_logits, not called")
 
-    def use_onednn(self) -> bool:
-        """Convert the (final) weight for oneDNN; False where that path does not apply."""
-        self.onednn_weight = to_onednn_weight(self.weight)
+    def use_cpu_matmul(self) -> bool:
+        """Copy the (final) weight for the CPU kernel or oneDNN; False where neither applies."""
+        weight = self.weight
+        if weight.device.type == "cpu" and weight.dtype == torch.float32 and gemm_library() is not None:
+            self.packed = pack_weight(weight)
+            return True
+        self.onednn_weight = to_onednn_weight(weight)
         return self.onednn_weight is not None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [N, hidden] -> logits [N, vocab] float32 (padding columns of the last rank dropped)
-        if self.onednn_weight is not None and hidden.dim() == 2 and hidden.shape[0] > 0:
+        if self.packed is not None:
+            logits = packed_linear(hidden, self.packed)
+        elif self.onednn_weight is not None and hidden.dim() == 2 and hidden.shape[0] > 0:
             logits = onednn_linear(hidden.float(), self.onednn_weight)
         else:
             logits = F.linear(hidden, self.weight)
@@ -87,8 +96,8 @@ class ParallelLMHead(VocabParallelEmbedding):
         return logits[..., : self.vocab_size].float()
 
 
-def use_onednn_lm_head(model: nn.Module) -> bool:
-    """Give the model's LM head its oneDNN weight (float32 CPU models; see layers/onednn.py).
-    Called once loading (and any LoRA merge) is done; returns whether the head took it."""
+def use_cpu_lm_head(model: nn.Module) -> bool:
+    """Give the model's LM head its CPU matmul copy (float32 CPU models; see kernels/cpu_gemm.py and
+    layers/onednn.py). Called once loading (and any LoRA merge) is done; returns whether it took it."""
     heads = [module for module in model.modules() if isinstance(module, ParallelLMHead)]
-    return all(head.use_onednn() for head in heads) and bool(heads)
+    return all(head.use_cpu_matmul() for head in heads) and bool(heads)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from batchlm.kernels.cpu_gemm import PackedWeight, gemm_library, pack_weight, packed_linear
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
 
 
@@ -45,7 +46,37 @@ class RowSlice:
     dst_start: int
 
 
-class ColumnParallelLinear(nn.Module):
+class CpuPackable(nn.Module):
+    """A linear layer that can move its float32 CPU weight to the CPU GEMM kernel's panel layout.
+
+    `pack_for_cpu()` is called once the weights are final (after loading and any LoRA merge). The
+    dense `weight` is then released (left as an empty [0, in] tensor) so the model's memory does not
+    double; every matmul of the layer goes through the kernel from then on.
+    """
+
+    weight: nn.Parameter
+    # The packed weight once pack_for_cpu() took it (not a parameter: state dicts never see it).
+    packed: PackedWeight | None = None
+
+    def pack_for_cpu(self) -> bool:
+        """Pack the weight for the CPU kernel; False (nothing changed) where that path does not apply."""
+        weight = self.weight
+        if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2:
+            return False
+        if gemm_library() is None:
+            return False
+        self.packed = pack_weight(weight)
+        self.weight = nn.Parameter(weight.new_empty(0, weight.shape[1]), requires_grad=False)
+        return True
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x @ W^T (+ bias) through whichever form the weight is in."""
+        if self.packed is not None:
+            return packed_linear(x, self.packed, bias)
+        return F.linear(x, self.weight, bias)
+
+
+class ColumnParallelLinear(CpuPackable):
     """y = x W^T + b with W's output rows split across ranks; each rank returns its slice of y
     (or, with gather_output, the whole y)."""
 
@@ -73,7 +104,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, input_size] -> [T, output_size_per_rank] (or [T, output_size] when gathered)
-        y = F.linear(x, self.weight, self.bias)
+        y = self.matmul(x, self.bias)
         return self.tp.all_gather(y, dim=-1) if self.gather_output else y
 
     def row_slice(self, shard: str | int | None) -> RowSlice:
@@ -103,7 +134,8 @@ class ColumnParallelLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"in={self.input_size}, out={self.output_size}, tp={self.tp.size}, bias={self.bias is not None}"
+            f"in={self.input_size}, out={self.output_size}, tp={self.tp.size}, bias={self.bias is not None}, "
+            f"packed={self.packed is not None}"
         )
 
 
@@ -184,7 +216,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         return q, k, v
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(CpuPackable):
     """y = x W^T + b with W's input columns split across ranks: each rank multiplies its slice of x
     and the partial results are summed with an all-reduce (the bias is added once, after it)."""
 
@@ -206,8 +238,8 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, input_size_per_rank] -> [T, output_size]
         if self.tp.is_single:
-            return F.linear(x, self.weight, self.bias)
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+            return self.matmul(x, self.bias)
+        y = self.tp.all_reduce(self.matmul(x, None))
         return y if self.bias is None else y + self.bias
 
     def load_weight(
@@ -231,3 +263,8 @@ class RowParallelLinear(nn.Module):
         return (
             f"in={self.input_size}, out={self.output_size}, tp={self.tp.size}, bias={self.bias is not None}"
         )
+
+
+def pack_linears_for_cpu(model: nn.Module) -> int:
+    """Pack every packable linear of a float32 CPU model for the CPU GEMM kernel; returns how many took it."""
+    return sum(1 for module in model.modules() if isinstance(module, CpuPackable) and module.pack_for_cpu())

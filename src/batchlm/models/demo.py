@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from batchlm.config import cache_root
 from batchlm.tokenizer.builder import (
     BOS_TOKEN,
     DEFAULT_VOCAB_SIZE,
@@ -27,7 +27,6 @@ DEMO_MODEL_NAME = "batchlm-demo-random-weights"
 # Bump when anything below changes: the cache directory name keeps old builds from being reused.
 DEMO_VERSION = "demo-v1"
 DEMO_SEED = 0
-CACHE_ENV_VAR = "BATCHLM_CACHE"
 
 _IDS = special_token_ids()
 DEMO_CONFIG: dict[str, Any] = {
@@ -55,17 +54,11 @@ _REQUIRED_FILES = (
 )
 
 
-def demo_cache_root() -> Path:
-    """$BATCHLM_CACHE, else ~/.cache/batchlm."""
-    configured = os.environ.get(CACHE_ENV_VAR)
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "batchlm"
-
-
 def ensure_demo_model(cache_dir: Path | None = None) -> Path:
-    """Return the demo model directory (`cache_dir` or demo_cache_root(), then DEMO_VERSION), building
+    """Return the demo model directory (`cache_dir` or cache_root(), then DEMO_VERSION), building
     it on first use. The build goes to a private temporary directory that is renamed into place, so
     processes starting together never see a half-written model."""
-    target = Path(cache_dir or demo_cache_root()).expanduser() / DEMO_VERSION
+    target = Path(cache_dir or cache_root()).expanduser() / DEMO_VERSION
     if not _is_complete(target):
         _discard_incomplete(target)
         _build_atomically(target)

@@ -13,7 +13,8 @@ from batchlm.attention.backend import AttentionBackend
 from batchlm.config import EngineConfig
 from batchlm.core.step_io import ModelRunnerOutput, SchedulerOutput
 from batchlm.kernels.parallel_compile import compile_deferred, compile_threads, defer_compiles
-from batchlm.layers.embedding import use_onednn_lm_head
+from batchlm.layers.embedding import use_cpu_lm_head
+from batchlm.layers.linear import pack_linears_for_cpu
 from batchlm.models.loader import LoadedModel, ModelShape, load_model
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
 from batchlm.runner.cpu_threads import cap_cpu_threads
@@ -105,7 +106,7 @@ class ModelRunner:
         )
         self.model = self.loaded.model
         if self.device.type == "cpu":
-            use_onednn_lm_head(self.model)
+            self._use_cpu_matmuls()
         self.shape: ModelShape = self.loaded.shape
         self.max_model_len = self._resolve_max_model_len()
         self.max_num_batched_tokens = config.max_num_batched_tokens or default_max_num_batched_tokens(self.device)
@@ -121,6 +122,19 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self.decode_graphs: DecodeGraphs | None = None
+
+    def _use_cpu_matmuls(self) -> None:
+        """Move float32 weights to the CPU GEMM kernel's layout (kernels/cpu_gemm.py), once they are final."""
+        started = time.perf_counter()
+        packed = pack_linears_for_cpu(self.model)
+        head = use_cpu_lm_head(self.model)
+        if packed or head:
+            logger.info(
+                "CPU matmuls: %d linear layers packed for the AVX2 kernel, LM head %s (%.1f s)",
+                packed,
+                "packed" if head and packed else ("on oneDNN" if head else "on torch"),
+                time.perf_counter() - started,
+            )
 
     def _resolve_max_model_len(self) -> int:
         model_limit = self.shape.max_model_len

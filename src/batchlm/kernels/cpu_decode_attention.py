@@ -1,0 +1,108 @@
+"""Decode attention on x86-64 CPUs straight from the paged float32 KV cache (cpu_kernels.c, see
+cpu_native.py): one query token per request, no gathered and padded copy of the contexts.
+
+torch's path gathers every decode request's context into a padded [B, L, H_kv, D] copy and runs a
+masked SDPA over it; at a 16-request decode step of a 30-layer model on 2 cores that was ~17 ms of
+the ~73 ms forward (BENCHMARKS.md, "CPU kernels"). The kernel reads each key and value once from its
+block instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from batchlm.kernels.cpu_native import probed
+
+
+def supports(query: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+    """Whether paged_decode_attention can serve this layer's decodes (float32 on the CPU, head_dim a
+    multiple of 8, a contiguous cache, the library present)."""
+    return (
+        query.device.type == "cpu"
+        and query.dtype == torch.float32
+        and kv_cache.dtype == torch.float32
+        and kv_cache.is_contiguous()
+        and query.shape[-1] % 8 == 0
+        and decode_library() is not None
+    )
+
+
+def paged_decode_attention(
+    query: torch.Tensor,  # [B, H, D]: one query per request
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, H_kv, D]
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    seq_lens: torch.Tensor,  # [B] int32: context length per request, this step's token included
+    scale: float,
+    out: torch.Tensor,  # [B, H, D] float32, written in place
+) -> None:
+    """out[b] = softmax(query[b] K_b^T * scale) V_b over request b's first seq_lens[b] cached tokens."""
+    library = decode_library()
+    if library is None:
+        raise RuntimeError("the CPU decode-attention kernel is not available on this machine")
+    batch, heads, head_dim = query.shape
+    if batch == 0:
+        return
+    if query.stride(2) != 1 or query.stride(1) != head_dim:
+        query = query.contiguous()
+    if out.stride(2) != 1 or out.stride(1) != head_dim:
+        raise ValueError("out must have contiguous heads")
+    tables = block_tables.to(torch.int32)
+    if tables.stride(-1) != 1:
+        tables = tables.contiguous()
+    lens = seq_lens.to(torch.int32).contiguous()
+    _, _, block_size, kv_heads, _ = kv_cache.shape
+    status = library.batchlm_paged_decode_f32(
+        query.data_ptr(),
+        query.stride(0),
+        kv_cache[0].data_ptr(),
+        kv_cache[1].data_ptr(),
+        tables.data_ptr(),
+        tables.stride(0),
+        lens.data_ptr(),
+        out.data_ptr(),
+        out.stride(0),
+        batch,
+        heads,
+        kv_heads,
+        head_dim,
+        block_size,
+        scale,
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise MemoryError("the CPU decode-attention kernel could not allocate its scratch memory")
+
+
+@functools.cache
+def decode_library() -> ctypes.CDLL | None:
+    """The kernel library once its decode attention agreed with torch on a probe; None otherwise."""
+    return probed("batchlm_paged_decode_f32", _decode_agrees)
+
+
+def _decode_agrees(library: ctypes.CDLL) -> bool:
+    generator = torch.Generator().manual_seed(0)
+    block_size, kv_heads, heads, head_dim = 4, 2, 6, 16
+    kv_cache = torch.randn(2, 9, block_size, kv_heads, head_dim, generator=generator)
+    tables = torch.tensor([[3, 1, 7, 0], [5, 2, 0, 0]], dtype=torch.int32)
+    lens = [13, 6]
+    lens_tensor = torch.tensor(lens, dtype=torch.int32)  # held: a temporary's data_ptr would dangle
+    query = torch.randn(2, heads, head_dim, generator=generator)
+    out = torch.empty_like(query)
+    status = library.batchlm_paged_decode_f32(
+        query.data_ptr(), heads * head_dim, kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
+        tables.data_ptr(), 4, lens_tensor.data_ptr(), out.data_ptr(),
+        heads * head_dim, 2, heads, kv_heads, head_dim, block_size, ctypes.c_float(0.25), 1,
+    )  # fmt: skip
+    if status != 0:
+        return False
+    for row, length in enumerate(lens):
+        blocks = tables[row, : -(-length // block_size)].long()
+        keys = kv_cache[0, blocks].flatten(0, 1)[:length].repeat_interleave(heads // kv_heads, dim=1)
+        values = kv_cache[1, blocks].flatten(0, 1)[:length].repeat_interleave(heads // kv_heads, dim=1)
+        weights = torch.softmax(torch.einsum("hd,lhd->hl", query[row], keys) * 0.25, dim=-1)
+        if not torch.allclose(out[row], torch.einsum("hl,lhd->hd", weights, values), atol=1e-5, rtol=1e-4):
+            return False
+    return True

@@ -1,0 +1,137 @@
+"""Our float32 CPU kernels (cpu_kernels.c: the packed-weight GEMM and paged decode attention) for
+x86-64 CPUs with AVX2 and FMA, compiled once per machine and loaded through ctypes.
+
+The library is compiled with the machine's C compiler (`$CC`, else cc, gcc or clang) into the batchlm
+cache (`$BATCHLM_CACHE`, else ~/.cache/batchlm) the first time it is needed, about a second. Without a
+compiler, AVX2/FMA or OpenMP, or with BATCHLM_CPU_KERNELS=0, `native_library()` is None (logged once)
+and callers keep torch's ops. Each function is probed against torch before the library is used.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from batchlm.config import cache_root
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+PANEL = 16  # output columns per packed GEMM panel; must match PANEL in cpu_kernels.c
+DISABLE_ENV = "BATCHLM_CPU_KERNELS"
+COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+COMPILE_TIMEOUT_S = 120.0
+
+
+def cpu_supports_kernel() -> bool:
+    """x86-64 with AVX2 (which torch's CPU dispatch reports only alongside FMA)."""
+    capability = str(torch.backends.cpu.get_cpu_capability())
+    return capability.startswith("AVX2") or capability.startswith("AVX512")
+
+
+@functools.cache
+def native_library() -> ctypes.CDLL | None:
+    """The compiled and loaded kernel library, or None where it cannot be used (logged once). Callers
+    probe the function they use (`probed`) before trusting it."""
+    if os.environ.get(DISABLE_ENV, "").strip() == "0":
+        logger.info("CPU kernels disabled by %s=0; using torch's ops", DISABLE_ENV)
+        return None
+    if not cpu_supports_kernel():
+        logger.info(
+            "CPU kernels need AVX2/FMA (this CPU: %s); using torch's ops",
+            torch.backends.cpu.get_cpu_capability(),
+        )
+        return None
+    try:
+        return _load(build_library())
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        logger.warning("CPU kernels unavailable (%s); using torch's slower ops", error)
+        return None
+
+
+def probed(name: str, agrees: Callable[[ctypes.CDLL], bool]) -> ctypes.CDLL | None:
+    """native_library() if `agrees(library)` (a small case checked against torch), else None with a
+    warning: a miscompile or a wrong CPU path must never reach a model."""
+    library = native_library()
+    if library is None:
+        return None
+    if not agrees(library):
+        logger.warning("CPU kernel %s disagrees with torch on a probe; using torch's ops", name)
+        return None
+    return library
+
+
+def build_library(cache_dir: Path | None = None) -> Path:
+    """The kernels' shared library in the cache, compiled there first if missing; raises RuntimeError
+    when no compiler is found or the compile fails."""
+    compiler = _compiler()
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(
+        b"\0".join([source, compiler.encode(), " ".join(COMPILE_FLAGS).encode()])
+    ).hexdigest()
+    directory = (cache_dir or cache_root()) / "kernels"
+    target = directory / f"cpu_kernels-{key[:16]}.so"
+    if target.exists():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    # Compile beside the target and rename: processes starting together never load a half-written file.
+    handle, partial = tempfile.mkstemp(prefix="cpu_kernels-", suffix=".so.partial", dir=directory)
+    os.close(handle)
+    try:
+        command = [compiler, *COMPILE_FLAGS, str(SOURCE), "-o", partial]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed: {result.stderr.strip()[-500:]}")
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    logger.info("Built the CPU kernels: %s", target)
+    return target
+
+
+def _compiler() -> str:
+    for candidate in (os.environ.get("CC", ""), "cc", "gcc", "clang"):
+        path = shutil.which(candidate) if candidate else None
+        if path:
+            return path
+    raise RuntimeError("no C compiler found (set CC, or install gcc)")
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    # torch is imported above, so its libgomp is loaded: the library binds to it by soname and shares
+    # torch's OpenMP threads rather than starting a second pool that would fight them for the cores.
+    library = ctypes.CDLL(str(path))
+    function = library.batchlm_gemm_f32
+    size = ctypes.c_long
+    function.argtypes = [
+        ctypes.c_void_p, size,  # x, its row stride
+        ctypes.c_void_p, size, size,  # packed panels, their k stride, panel stride
+        ctypes.c_void_p,  # bias or NULL
+        ctypes.c_void_p, size,  # out, its row stride
+        size, size, size,  # M, N, K
+        ctypes.c_int,  # threads
+    ]  # fmt: skip
+    function.restype = None
+    function = library.batchlm_paged_decode_f32
+    function.argtypes = [
+        ctypes.c_void_p, size,  # q, its row stride
+        ctypes.c_void_p, ctypes.c_void_p,  # key cache, value cache
+        ctypes.c_void_p, size,  # block tables (int32), their row stride
+        ctypes.c_void_p,  # seq_lens (int32)
+        ctypes.c_void_p, size,  # out, its row stride
+        size, size, size, size, size,  # B, heads, kv_heads, D, block_size
+        ctypes.c_float, ctypes.c_int,  # scale, threads
+    ]  # fmt: skip
+    function.restype = ctypes.c_int
+    return library
