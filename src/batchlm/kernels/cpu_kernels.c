@@ -13,6 +13,7 @@
  * soname), so it shares torch's worker threads instead of competing with a second pool.
  */
 #include <float.h>
+#include <math.h>
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
@@ -131,8 +132,8 @@ void batchlm_gemm_f32(const float *x, long ldx, const float *wt, long ldw, long 
 /* ---------------------------------------------------------------------------------------------------
  * Decode attention: one query token per request over its whole context in the paged cache, without
  * gathering the context into a padded copy first (what torch's path has to do). Work items are
- * (request, KV head) pairs; each attends the query heads of its group (GQA) in three passes over the
- * context: scores (keys read once per query head, from cache after the first), softmax, values.
+ * requests; each reads its keys once (every query head, GQA groups sharing a KV head), takes the
+ * softmax, then reads its values once.
  */
 
 /* e^x for 8 floats: range reduction to 2^n e^r, |r| <= ln2 / 2, and a degree-6 polynomial (about 1 ulp). */
@@ -159,60 +160,81 @@ static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
 }
 
-/* One (request, KV head): scores is scratch for `length` floats. D is a multiple of 8. */
-static void decode_one(const float *q, long q_head_stride, const float *k_cache, const float *v_cache,
-                       const int32_t *table, long length, long block_size, long kv_heads, long kv_head,
-                       long group, long D, float scale, float *out, long out_head_stride, float *scores) {
+#ifndef PREFETCH_TOKENS
+#define PREFETCH_TOKENS 4 /* how many tokens ahead the cache walk prefetches (DRAM latency x bandwidth) */
+#endif
+
+/* Prefetch one token's keys (or values) of every KV head: kv_heads * D floats from p. */
+static inline void prefetch_token(const float *p, long floats) {
+    for (long f = 0; f < floats; f += 16) _mm_prefetch((const char *)(p + f), _MM_HINT_T0);
+}
+
+/* One request, every head. The cache keeps a block's tokens (all KV heads) contiguous, so walking the
+ * request's blocks in order reads memory sequentially; the next token is prefetched while the current
+ * one is used. scores: heads * length floats; acc: heads * D floats (scratch). D is a multiple of 8. */
+static void decode_request(const float *q, const float *k_cache, const float *v_cache, const int32_t *table,
+                           long length, long block_size, long heads, long kv_heads, long D, float scale, float *out,
+                           float *scores, float *acc) {
+    const long group = heads / kv_heads;
     const long token_stride = kv_heads * D;
     const long block_stride = block_size * token_stride;
     if (length <= 0) {
-        for (long h = 0; h < group; h++)
-            for (long d = 0; d < D; d++) out[h * out_head_stride + d] = 0.0f;
+        for (long i = 0; i < heads * D; i++) out[i] = 0.0f;
         return;
     }
-    for (long h = 0; h < group; h++) {
-        const float *qh = q + h * q_head_stride;
-        float best = -FLT_MAX;
-        for (long t = 0; t < length; t++) {
-            const float *k = k_cache + (long)table[t / block_size] * block_stride + (t % block_size) * token_stride +
-                             kv_head * D;
-            __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(qh), _mm256_loadu_ps(k));
-            for (long d = 8; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(k + d), acc);
-            const float s = hsum256(acc) * scale;
-            scores[t] = s;
-            best = s > best ? s : best;
+    for (long t = 0; t < length; t++) {
+        const long blk = t / block_size, o = t - blk * block_size;
+        const float *token = k_cache + (long)table[blk] * block_stride + o * token_stride;
+        if (t + PREFETCH_TOKENS < length) {
+            const long ahead = t + PREFETCH_TOKENS, nb = ahead / block_size, no = ahead - nb * block_size;
+            prefetch_token(k_cache + (long)table[nb] * block_stride + no * token_stride, token_stride);
         }
+        for (long h = 0; h < heads; h++) {
+            const float *k = token + (h / group) * D;
+            const float *qh = q + h * D;
+            __m256 sum = _mm256_mul_ps(_mm256_loadu_ps(qh), _mm256_loadu_ps(k));
+            for (long d = 8; d < D; d += 8) sum = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(k + d), sum);
+            scores[h * length + t] = hsum256(sum) * scale;
+        }
+    }
+    for (long h = 0; h < heads; h++) {
+        float *sh = scores + h * length;
+        float best = -FLT_MAX;
+        for (long t = 0; t < length; t++) best = sh[t] > best ? sh[t] : best;
         __m256 total = _mm256_setzero_ps();
         const __m256 shift = _mm256_set1_ps(best);
         long t = 0;
         for (; t + 8 <= length; t += 8) {
-            const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(scores + t), shift));
-            _mm256_storeu_ps(scores + t, e);
+            const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sh + t), shift));
+            _mm256_storeu_ps(sh + t, e);
             total = _mm256_add_ps(total, e);
         }
         float sum = hsum256(total);
         for (; t < length; t++) {
-            __m256 e = exp256(_mm256_set1_ps(scores[t] - best));
-            scores[t] = _mm256_cvtss_f32(e);
-            sum += scores[t];
+            sh[t] = _mm256_cvtss_f32(exp256(_mm256_set1_ps(sh[t] - best)));
+            sum += sh[t];
         }
-        const float norm = 1.0f / sum;
-        float *oh = out + h * out_head_stride;
-        for (long d0 = 0; d0 < D; d0 += 64) {
-            const long width = D - d0 < 64 ? D - d0 : 64;
-            __m256 acc[8];
-            for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
-            for (long t2 = 0; t2 < length; t2++) {
-                const float *v = v_cache + (long)table[t2 / block_size] * block_stride +
-                                 (t2 % block_size) * token_stride + kv_head * D + d0;
-                const __m256 p = _mm256_set1_ps(scores[t2]);
-                for (int j = 0; j < 8; j++)
-                    if (j * 8 < width) acc[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + j * 8), acc[j]);
-            }
-            for (int j = 0; j < 8; j++)
-                if (j * 8 < width) _mm256_storeu_ps(oh + d0 + j * 8, _mm256_mul_ps(acc[j], _mm256_set1_ps(norm)));
+        /* Normalise the weights now, so the value pass only accumulates. */
+        const __m256 norm = _mm256_set1_ps(1.0f / sum);
+        for (t = 0; t + 8 <= length; t += 8) _mm256_storeu_ps(sh + t, _mm256_mul_ps(_mm256_loadu_ps(sh + t), norm));
+        for (; t < length; t++) sh[t] /= sum;
+    }
+    for (long i = 0; i < heads * D; i++) acc[i] = 0.0f;
+    for (long t = 0; t < length; t++) {
+        const long blk = t / block_size, o = t - blk * block_size;
+        const float *token = v_cache + (long)table[blk] * block_stride + o * token_stride;
+        if (t + PREFETCH_TOKENS < length) {
+            const long ahead = t + PREFETCH_TOKENS, nb = ahead / block_size, no = ahead - nb * block_size;
+            prefetch_token(v_cache + (long)table[nb] * block_stride + no * token_stride, token_stride);
+        }
+        for (long h = 0; h < heads; h++) {
+            const float *v = token + (h / group) * D;
+            const __m256 p = _mm256_set1_ps(scores[h * length + t]);
+            float *ah = acc + h * D;
+            for (long d = 0; d < D; d += 8) _mm256_storeu_ps(ah + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(v + d), _mm256_loadu_ps(ah + d)));
         }
     }
+    for (long i = 0; i < heads * D; i++) out[i] = acc[i];
 }
 
 /* out[b, h, :] = softmax(q[b, h] . K_b^T * scale) V_b for requests b < B, where K_b, V_b are the first
@@ -223,24 +245,118 @@ int batchlm_paged_decode_f32(const float *q, long q_row_stride, const float *k_c
                              const int32_t *block_tables, long table_stride, const int32_t *seq_lens,
                              float *out, long out_row_stride, long B, long heads, long kv_heads, long D,
                              long block_size, float scale, int threads) {
-    const long group = heads / kv_heads;
     long longest = 1;
     for (long b = 0; b < B; b++) longest = seq_lens[b] > longest ? seq_lens[b] : longest;
-    const long items = B * kv_heads;
     if (threads < 1) threads = 1;
-    if (threads > items) threads = (int)(items > 0 ? items : 1);
-    float *scratch = (float *)malloc(sizeof(float) * (size_t)longest * (size_t)threads);
+    if (threads > B) threads = (int)(B > 0 ? B : 1);
+    const size_t per_thread = (size_t)heads * ((size_t)longest + (size_t)D);
+    float *scratch = (float *)malloc(sizeof(float) * per_thread * (size_t)threads);
     if (!scratch) return -1;
 #pragma omp parallel num_threads(threads)
     {
-        float *scores = scratch + (size_t)omp_get_thread_num() * (size_t)longest;
+        float *scores = scratch + (size_t)omp_get_thread_num() * per_thread;
+        float *acc = scores + (size_t)heads * (size_t)longest;
 #pragma omp for schedule(dynamic, 1)
-        for (long item = 0; item < items; item++) {
-            const long b = item / kv_heads, g = item % kv_heads;
-            decode_one(q + b * q_row_stride + g * group * D, D, k_cache, v_cache, block_tables + b * table_stride,
-                       seq_lens[b], block_size, kv_heads, g, group, D, scale, out + b * out_row_stride + g * group * D,
-                       D, scores);
+        for (long b = 0; b < B; b++) {
+            float *o = out + b * out_row_stride;
+            decode_request(q + b * q_row_stride, k_cache, v_cache, block_tables + b * table_stride, seq_lens[b],
+                           block_size, heads, kv_heads, D, scale, o, scores, acc);
         }
+    }
+    free(scratch);
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * Sampling: one draw per row from softmax(logits / temperature) by inverse CDF, given one uniform
+ * u in [0, 1) per row. torch's CPU path races Exponential noise over the whole vocabulary (a float64
+ * uniform and a log per token); this needs one uniform per row and one vectorized exp per token.
+ * Rows with temperature 0 take the argmax. Logits of -inf (filtered tokens) get probability exactly 0.
+ */
+
+#define SAMPLE_BLOCK 256
+
+/* e^x with e^x = 0 below float's range (so -inf gives exactly 0). */
+static inline __m256 exp256_or_zero(__m256 x) {
+    const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_GE_OQ);
+    return _mm256_and_ps(exp256(x), live);
+}
+
+static long row_argmax(const float *row, long V) {
+    long best = 0;
+    for (long v = 1; v < V; v++)
+        if (row[v] > row[best]) best = v;
+    return best;
+}
+
+/* The first token of block j at which the running probability mass passes `remaining` (or, if
+ * rounding keeps it from passing, the block's last token with a non-zero probability). */
+static long walk_block(const float *row, long V, long j, float peak, float inv_t, double remaining) {
+    const long start = j * SAMPLE_BLOCK, end = start + SAMPLE_BLOCK < V ? start + SAMPLE_BLOCK : V;
+    double seen = 0.0;
+    long last_live = start;
+    for (long v = start; v < end; v++) {
+        const float p = _mm256_cvtss_f32(exp256_or_zero(_mm256_set1_ps((row[v] - peak) * inv_t)));
+        if (p <= 0.0f) continue;
+        last_live = v;
+        seen += p;
+        if (seen > remaining) return v;
+    }
+    return last_live;
+}
+
+static long sample_row(const float *row, long V, float temperature, double u, double *block_sums) {
+    float peak = row[0];
+    for (long v = 1; v < V; v++) peak = row[v] > peak ? row[v] : peak;
+    const float inv = 1.0f / temperature;
+    const __m256 inv_t = _mm256_set1_ps(inv);
+    const __m256 shift = _mm256_set1_ps(peak);
+    const long blocks = (V + SAMPLE_BLOCK - 1) / SAMPLE_BLOCK;
+    double total = 0.0;
+    for (long j = 0; j < blocks; j++) {
+        const long start = j * SAMPLE_BLOCK, end = start + SAMPLE_BLOCK < V ? start + SAMPLE_BLOCK : V;
+        __m256 acc = _mm256_setzero_ps();
+        long v = start;
+        for (; v + 8 <= end; v += 8)
+            acc = _mm256_add_ps(acc, exp256_or_zero(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(row + v), shift), inv_t)));
+        float sum = hsum256(acc);
+        for (; v < end; v++)
+            sum += _mm256_cvtss_f32(exp256_or_zero(_mm256_set1_ps((row[v] - peak) * inv)));
+        block_sums[j] = sum;
+        total += sum;
+    }
+    const double target = u * total;
+    double seen = 0.0;
+    long last_live_block = -1;
+    for (long j = 0; j < blocks; j++) {
+        if (block_sums[j] <= 0.0) continue;
+        last_live_block = j;
+        if (seen + block_sums[j] <= target) {
+            seen += block_sums[j];
+            continue;
+        }
+        /* The draw falls in this block: walk it (same per-token values as the block sums). */
+        return walk_block(row, V, j, peak, inv, target - seen);
+    }
+    /* Rounding put the target at the very end: the last token with a non-zero probability. */
+    return last_live_block >= 0 ? walk_block(row, V, last_live_block, peak, inv, INFINITY) : row_argmax(row, V);
+}
+
+/* out[b] = a draw from softmax(logits[b] / temperature[b]) with uniform uniforms[b], or argmax where
+ * temperature[b] <= 0. logits rows are ld apart. Returns 0, or -1 if scratch could not be allocated. */
+int batchlm_sample_f32(const float *logits, long ld, long B, long V, const float *temperature, const double *uniforms,
+                       int64_t *out, int threads) {
+    const long blocks = (V + SAMPLE_BLOCK - 1) / SAMPLE_BLOCK;
+    if (threads < 1) threads = 1;
+    if (threads > B) threads = (int)(B > 0 ? B : 1);
+    double *scratch = (double *)malloc(sizeof(double) * (size_t)blocks * (size_t)threads);
+    if (!scratch) return -1;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (long b = 0; b < B; b++) {
+        const float *row = logits + b * ld;
+        double *block_sums = scratch + (size_t)omp_get_thread_num() * (size_t)blocks;
+        out[b] = temperature[b] > 0.0f ? sample_row(row, V, temperature[b], uniforms[b], block_sums)
+                                       : row_argmax(row, V);
     }
     free(scratch);
     return 0;

@@ -1,4 +1,4 @@
-"""Our float32 CPU kernels (cpu_kernels.c: the packed-weight GEMM and paged decode attention) for
+"""Our float32 CPU kernels (cpu_kernels.c: the packed-weight GEMM, paged decode attention, sampling) for
 x86-64 CPUs with AVX2 and FMA, compiled once per machine and loaded through ctypes.
 
 The library is compiled with the machine's C compiler (`$CC`, else cc, gcc or clang) into the batchlm
@@ -132,6 +132,13 @@ def _load(path: Path) -> ctypes.CDLL:
         ctypes.c_void_p, size,  # out, its row stride
         size, size, size, size, size,  # B, heads, kv_heads, D, block_size
         ctypes.c_float, ctypes.c_int,  # scale, threads
+    ]  # fmt: skip
+    function.restype = ctypes.c_int
+    function = library.batchlm_sample_f32
+    function.argtypes = [
+        ctypes.c_void_p, size, size, size,  # logits, their row stride, B, V
+        ctypes.c_void_p, ctypes.c_void_p,  # temperature (float32), uniforms (float64)
+        ctypes.c_void_p, ctypes.c_int,  # out (int64), threads
     ]  # fmt: skip
     function.restype = ctypes.c_int
     return library

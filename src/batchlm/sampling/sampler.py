@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from batchlm.kernels import cpu_sampling
 from batchlm.outputs import TokenLogprobs
 from batchlm.sampling.filters import apply_min_p, apply_top_k_top_p
 from batchlm.sampling.logprobs import MAX_PACKED_VOCAB, pack_logprobs, unpack_logprobs
@@ -177,8 +178,32 @@ class Sampler:
         apply_top_k_top_p(processed, top_k.long(), plan.max_top_k, top_p if plan.any_top_p else None)
         if plan.any_min_p:
             apply_min_p(processed, min_p)
-        sampled = self._exponential_race(processed, states, plan, noise_scale)  # [B]
+        if cpu_sampling.supports(processed):
+            sampled = self._inverse_cdf(processed, states, plan, noise_scale)
+        else:
+            sampled = self._exponential_race(processed, states, plan, noise_scale)  # [B]
         return sampled if greedy is None else torch.where(is_random.bool(), sampled, greedy)
+
+    def _inverse_cdf(
+        self,
+        logits: torch.Tensor,
+        states: Sequence[SamplingState],
+        plan: SamplingPlan,
+        noise_scale: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The CPU draw (kernels/cpu_sampling.py): softmax(logits / T) by inverse CDF with one uniform
+        per row, T = noise_scale (1 when the logits were already divided). Like the race, unseeded rows
+        share the sampler's generator and a seeded row's draw comes only from its own generator."""
+        rows = logits.shape[0]
+        uniforms = torch.empty(rows, dtype=torch.float64)
+        if len(plan.seeded_rows) < rows:
+            uniforms.uniform_(generator=self.generator)
+        for row in plan.seeded_rows:
+            generator = states[row].generator_for_next_token()
+            assert generator is not None
+            uniforms[row] = torch.rand((), dtype=torch.float64, generator=generator)
+        temperature = noise_scale[:, 0] if noise_scale is not None else torch.ones(rows)
+        return cpu_sampling.sample_rows(logits, temperature, uniforms)
 
     def _fused_race(
         self, processed: torch.Tensor, states: Sequence[SamplingState], plan: SamplingPlan, temperature: torch.Tensor
