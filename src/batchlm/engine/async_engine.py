@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import queue
 import threading
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -27,7 +28,8 @@ logger = logging.getLogger(__name__)
 
 class AsyncLLMEngine(StreamingFrontEnd):
     """Front end of the engine. All state here is touched only on the event loop's thread; a reader
-    thread blocks on the pipe and hands each message to the loop."""
+    thread blocks on the pipe and hands each message to the loop, and a writer thread sends the
+    loop's messages to the core (see _write_loop)."""
 
     def __init__(self, config: EngineConfig, *, multiprocess: bool = True, max_queue: int | None = None) -> None:
         super().__init__(config, max_queue)
@@ -38,6 +40,9 @@ class AsyncLLMEngine(StreamingFrontEnd):
         self._shutting_down = False
         self.info: CoreInfo | None = None
         self._early_model_dir: Path | None = None
+        # Messages for the core, in order; None stops the writer thread.
+        self._outbox: queue.SimpleQueue[tuple[str, Any] | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -81,6 +86,8 @@ class AsyncLLMEngine(StreamingFrontEnd):
             aliases=tuple({self.config.model, str(model_dir)} - {name}),
         )
         threading.Thread(target=self._read_loop, name="batchlm-engine-reader", daemon=True).start()
+        self._writer = threading.Thread(target=self._write_loop, name="batchlm-engine-writer", daemon=True)
+        self._writer.start()
         self._ready = True
 
     def _spawn_core(self, model_dir: Any) -> Connection:
@@ -126,9 +133,8 @@ class AsyncLLMEngine(StreamingFrontEnd):
     async def shutdown(self) -> None:
         self._ready = False
         self._shutting_down = True
-        if self._conn is not None:
-            with contextlib.suppress(OSError, BrokenPipeError):
-                self._conn.send(("shutdown", None))
+        with contextlib.suppress(OSError, BrokenPipeError):
+            self._to_core(("shutdown", None))
         worker = self._worker
         if isinstance(worker, multiprocessing.process.BaseProcess):
             await asyncio.get_running_loop().run_in_executor(None, worker.join, 10.0)
@@ -160,15 +166,21 @@ class AsyncLLMEngine(StreamingFrontEnd):
         return self.info
 
     def _send_requests(self, core_requests: list[EngineCoreRequest]) -> bool:
-        if self._conn is None:
-            return False
-        self._conn.send(("add", core_requests))
-        return True
+        return self._to_core(("add", core_requests))
 
     def _send_abort(self, core_ids: list[str]) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(OSError, BrokenPipeError):
-                self._conn.send(("abort", core_ids))
+        with contextlib.suppress(OSError, BrokenPipeError):
+            self._to_core(("abort", core_ids))
+
+    def _to_core(self, message: tuple[str, Any]) -> bool:
+        """Queue a message for the writer thread (or, before it runs, send it now); False without a core."""
+        if self._conn is None:
+            return False
+        if self._writer is None:
+            self._conn.send(message)
+        else:
+            self._outbox.put(message)
+        return True
 
     # -- internals -----------------------------------------------------------------------------------
 
@@ -181,6 +193,31 @@ class AsyncLLMEngine(StreamingFrontEnd):
                 payload = (unpack_outputs(packed), stats)
             if not self._post_threadsafe(kind, payload) or kind == "failed":
                 return
+
+    def _write_loop(self) -> None:
+        """Writer thread: send queued messages in order, consecutive request batches as one message.
+
+        A send blocks while the pipe's buffer (~200 KB) is full, and the core empties it only between
+        steps. A burst of 256 prompts of 512 tokens is ~600 KB: sent from the event loop, it stalled
+        the loop (every stream, every arrival) for ~60 ms on the GPU machine. Here only this thread
+        waits. After a failed send the core is gone: the reader thread sees the pipe close and fails
+        the requests in flight."""
+        assert self._conn is not None
+        while True:
+            message = self._outbox.get()
+            pending = [message]
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    pending.append(self._outbox.get_nowait())
+            for message in _merge_adds(pending):
+                if message is None:
+                    return
+                try:
+                    self._conn.send(message)
+                except (OSError, BrokenPipeError):
+                    return
+                if message[0] == "shutdown":
+                    return
 
     def _record_stats(self, stats: SchedulerStats) -> None:
         self._core_stats = stats
@@ -196,3 +233,15 @@ class AsyncLLMEngine(StreamingFrontEnd):
         for request_id in list(self._queues):
             if core_id in (self._processor.core_ids_of(request_id) if self._processor else []):
                 self._fail_request(request_id, RequestRejectedError(message))
+
+
+def _merge_adds(messages: list[tuple[str, Any] | None]) -> list[tuple[str, Any] | None]:
+    """The same messages in the same order, with each run of consecutive "add" messages as one."""
+    merged: list[tuple[str, Any] | None] = []
+    for message in messages:
+        previous = merged[-1] if merged else None
+        if message is not None and previous is not None and message[0] == previous[0] == "add":
+            merged[-1] = ("add", [*previous[1], *message[1]])
+        else:
+            merged.append(message)
+    return merged
