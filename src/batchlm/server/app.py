@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from batchlm import __version__
 from batchlm.engine.client import EngineClient
 from batchlm.server.errors import install_error_handlers
+from batchlm.server.fast_routes import FastGenerationRoutes
 from batchlm.server.metrics import ServerMetrics
 from batchlm.server.middleware import APIKeyMiddleware, ArrivalStampMiddleware, BodySizeLimitMiddleware
 from batchlm.server.routes import router
@@ -45,6 +46,8 @@ def build_app(engine: EngineClient, settings: ServerSettings | None = None) -> F
     app.state.batchlm = state
     app.include_router(router)
     install_error_handlers(app, metrics.count_error)
+    # Added first = innermost: after the key and size checks, before FastAPI's routing.
+    app.add_middleware(FastGenerationRoutes, observe=metrics.count_error)
     # Added last = outermost: the key is checked before a large body is read.
     app.add_middleware(
         BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes, observe=metrics.count_error

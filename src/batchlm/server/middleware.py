@@ -74,7 +74,7 @@ class BodySizeLimitMiddleware:
                 return
             if not message.get("more_body", False):
                 break
-        await self.app(scope, _replay(bytes(body), receive), send)
+        await self.app(scope, replay_body(bytes(body), receive), send)
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._observe(413)
@@ -82,7 +82,7 @@ class BodySizeLimitMiddleware:
         await error_response(error)(scope, receive, send)
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
+def replay_body(body: bytes, receive: Receive) -> Receive:
     """A receive() that hands out the buffered body once, then defers to the real one (disconnects)."""
     pending = [{"type": "http.request", "body": body, "more_body": False}]
 

@@ -1,0 +1,90 @@
+"""The two generation endpoints dispatched straight from ASGI to their handlers.
+
+A burst of requests is bounded by the event loop's own work per request. Through FastAPI that is
+routing over every route, dependency solving, a JSON parse, model validation and four more ASGI
+layers on the way in, plus a wrapper around every SSE chunk on the way out (BENCHMARKS.md, "Where
+the online time goes"). For POST /v1/completions and /v1/chat/completions with a JSON body this
+middleware validates the body in one pydantic call and calls the same handler the route would.
+Anything it does not take cleanly, including every malformed or invalid body, continues to FastAPI
+with the body replayed, so error responses stay exactly FastAPI's (and the OpenAPI schema still
+lists both routes).
+"""
+
+from __future__ import annotations
+
+import email.message
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from batchlm.server.errors import APIError, ErrorObserver, error_response
+from batchlm.server.middleware import replay_body
+from batchlm.server.protocol import ChatCompletionRequest, CompletionRequest
+from batchlm.server.serving_chat import create_chat_completion
+from batchlm.server.serving_completions import create_completion
+
+Handler = Callable[[Request, Any], Awaitable[Response]]
+ROUTES: dict[str, tuple[type[BaseModel], Handler]] = {
+    "/v1/completions": (CompletionRequest, create_completion),
+    "/v1/chat/completions": (ChatCompletionRequest, create_chat_completion),
+}
+
+
+class FastGenerationRoutes:
+    """Pure ASGI. Must sit inside the body-size and API-key middleware (it trusts both checks done)."""
+
+    def __init__(self, app: ASGIApp, observe: ErrorObserver) -> None:
+        self.app = app
+        self._observe = observe
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = ROUTES.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if route is None or not _json_content(scope):
+            await self.app(scope, receive, send)
+            return
+        body = await _read_body(receive)
+        if body is None:
+            return  # the client left before its body arrived
+        model, handler = route
+        try:
+            parsed = model.model_validate_json(body) if body else None
+        except ValidationError:
+            parsed = None
+        if parsed is None:  # FastAPI writes the error response
+            await self.app(scope, replay_body(body, receive), send)
+            return
+        request = Request(scope, replay_body(body, receive))
+        try:
+            response = await handler(request, parsed)
+        except APIError as error:
+            self._observe(error.status)
+            response = error_response(error)
+        await response(scope, receive, send)
+
+
+def _json_content(scope: Scope) -> bool:
+    """True when FastAPI would parse the body as JSON: no content type, or application/json or +json."""
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            message = email.message.Message()
+            message["content-type"] = value.decode("latin-1")
+            subtype = message.get_content_subtype()
+            return message.get_content_maintype() == "application" and (
+                subtype == "json" or subtype.endswith("+json")
+            )
+    return True
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
