@@ -109,8 +109,20 @@ def test_build_is_cached_and_keyed_by_source(tmp_path: Path) -> None:
     assert not list(first.parent.glob("*.partial"))  # no temporary left behind
 
 
-def test_disabled_by_environment(fresh_library: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(cpu_native.DISABLE_ENV, "0")
+@needs_kernel
+def test_a_damaged_cached_library_is_rebuilt(
+    fresh_library: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    damaged = build_library(tmp_path)
+    damaged.write_bytes(b"not a shared library")
+    monkeypatch.setenv("BATCHLM_CACHE", str(tmp_path))
+    assert native_library() is not None and gemm_library() is not None
+    assert damaged.read_bytes()[:4] == b"\x7fELF"
+
+
+@pytest.mark.parametrize("value", ["0", "false", "OFF", " no "])
+def test_disabled_by_environment(fresh_library: None, monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv(cpu_native.DISABLE_ENV, value)
     assert gemm_library() is None
     layer = ColumnParallelLinear(4, 8)
     assert not layer.pack_for_cpu() and layer.packed is None and layer.weight.shape == (8, 4)

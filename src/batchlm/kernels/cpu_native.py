@@ -3,8 +3,8 @@ x86-64 CPUs with AVX2 and FMA, compiled once per machine and loaded through ctyp
 
 The library is compiled with the machine's C compiler (`$CC`, else cc, gcc or clang) into the batchlm
 cache (`$BATCHLM_CACHE`, else ~/.cache/batchlm) the first time it is needed, about a second. Without a
-compiler, AVX2/FMA or OpenMP, or with BATCHLM_CPU_KERNELS=0, `native_library()` is None (logged once)
-and callers keep torch's ops. Each function is probed against torch before the library is used.
+compiler, AVX2/FMA or OpenMP, or with BATCHLM_CPU_KERNELS=0 (or false/off/no), `native_library()` is
+None (logged once) and callers keep torch's ops. Each function is probed against torch before use.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ def cpu_supports_kernel() -> bool:
 def native_library() -> ctypes.CDLL | None:
     """The compiled and loaded kernel library, or None where it cannot be used (logged once). Callers
     probe the function they use (`probed`) before trusting it."""
-    if os.environ.get(DISABLE_ENV, "").strip() == "0":
-        logger.info("CPU kernels disabled by %s=0; using torch's ops", DISABLE_ENV)
+    if os.environ.get(DISABLE_ENV, "").strip().lower() in ("0", "false", "off", "no"):
+        logger.info("CPU kernels disabled by %s; using torch's ops", DISABLE_ENV)
         return None
     if not cpu_supports_kernel():
         logger.info(
@@ -53,7 +53,13 @@ def native_library() -> ctypes.CDLL | None:
         )
         return None
     try:
-        return _load(build_library())
+        path = build_library()
+        try:
+            return _load(path)
+        except OSError:
+            # A damaged cache entry (a crash or a full disk while it was written): build it once more.
+            path.unlink(missing_ok=True)
+            return _load(build_library())
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         logger.warning("CPU kernels unavailable (%s); using torch's slower ops", error)
         return None
