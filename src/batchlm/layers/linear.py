@@ -261,7 +261,8 @@ class RowParallelLinear(CpuPackable):
 
     def extra_repr(self) -> str:
         return (
-            f"in={self.input_size}, out={self.output_size}, tp={self.tp.size}, bias={self.bias is not None}"
+            f"in={self.input_size}, out={self.output_size}, tp={self.tp.size}, bias={self.bias is not None}, "
+            f"packed={self.packed is not None}"
         )
 
 
