@@ -164,6 +164,13 @@ static inline float hsum256(__m256 v) {
 #define PREFETCH_TOKENS 4 /* how many tokens ahead the cache walk prefetches (DRAM latency x bandwidth) */
 #endif
 
+/* Token t of a request in one paged cache: its keys (or values) of every KV head, contiguous. */
+static inline const float *cached_token(const float *cache, const int32_t *table, long t, long block_size,
+                                        long block_stride, long token_stride) {
+    const long blk = t / block_size;
+    return cache + (long)table[blk] * block_stride + (t - blk * block_size) * token_stride;
+}
+
 /* Prefetch one token's keys (or values) of every KV head: kv_heads * D floats from p. */
 static inline void prefetch_token(const float *p, long floats) {
     for (long f = 0; f < floats; f += 16) _mm_prefetch((const char *)(p + f), _MM_HINT_T0);
@@ -183,12 +190,10 @@ static void decode_request(const float *q, const float *k_cache, const float *v_
         return;
     }
     for (long t = 0; t < length; t++) {
-        const long blk = t / block_size, o = t - blk * block_size;
-        const float *token = k_cache + (long)table[blk] * block_stride + o * token_stride;
-        if (t + PREFETCH_TOKENS < length) {
-            const long ahead = t + PREFETCH_TOKENS, nb = ahead / block_size, no = ahead - nb * block_size;
-            prefetch_token(k_cache + (long)table[nb] * block_stride + no * token_stride, token_stride);
-        }
+        const float *token = cached_token(k_cache, table, t, block_size, block_stride, token_stride);
+        if (t + PREFETCH_TOKENS < length)
+            prefetch_token(cached_token(k_cache, table, t + PREFETCH_TOKENS, block_size, block_stride, token_stride),
+                           token_stride);
         for (long h = 0; h < heads; h++) {
             const float *k = token + (h / group) * D;
             const float *qh = q + h * D;
@@ -221,12 +226,10 @@ static void decode_request(const float *q, const float *k_cache, const float *v_
     }
     for (long i = 0; i < heads * D; i++) acc[i] = 0.0f;
     for (long t = 0; t < length; t++) {
-        const long blk = t / block_size, o = t - blk * block_size;
-        const float *token = v_cache + (long)table[blk] * block_stride + o * token_stride;
-        if (t + PREFETCH_TOKENS < length) {
-            const long ahead = t + PREFETCH_TOKENS, nb = ahead / block_size, no = ahead - nb * block_size;
-            prefetch_token(v_cache + (long)table[nb] * block_stride + no * token_stride, token_stride);
-        }
+        const float *token = cached_token(v_cache, table, t, block_size, block_stride, token_stride);
+        if (t + PREFETCH_TOKENS < length)
+            prefetch_token(cached_token(v_cache, table, t + PREFETCH_TOKENS, block_size, block_stride, token_stride),
+                           token_stride);
         for (long h = 0; h < heads; h++) {
             const float *v = token + (h / group) * D;
             const __m256 p = _mm256_set1_ps(scores[h * length + t]);
