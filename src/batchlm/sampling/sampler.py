@@ -199,11 +199,17 @@ class Sampler:
         if len(plan.seeded_rows) < rows:
             uniforms.uniform_(generator=self.generator)
         for row in plan.seeded_rows:
-            generator = states[row].generator_for_next_token()
-            assert generator is not None
-            uniforms[row] = torch.rand((), dtype=torch.float64, generator=generator)
+            uniforms[row] = torch.rand((), dtype=torch.float64, generator=self._row_generator(states, row))
         temperature = noise_scale[:, 0] if noise_scale is not None else torch.ones(rows)
         return cpu_sampling.sample_rows(logits, temperature, uniforms)
+
+    def _row_generator(self, states: Sequence[SamplingState], row: int) -> torch.Generator:
+        """A seeded row's own generator, re-seeded for this token; it must live on the logits' device."""
+        generator = states[row].generator_for_next_token()
+        assert generator is not None
+        if generator.device != self.device and resolve_device(generator.device) != self.device:
+            raise ValueError(f"row {row}'s generator is on {generator.device}, logits on {self.device}")
+        return generator
 
     def _fused_race(
         self, processed: torch.Tensor, states: Sequence[SamplingState], plan: SamplingPlan, temperature: torch.Tensor
@@ -238,12 +244,8 @@ class Sampler:
         if len(plan.seeded_rows) < logits.shape[0]:
             fill_exponential(noise, self.generator)
         for row in plan.seeded_rows:
-            generator = states[row].generator_for_next_token()
-            assert generator is not None
-            if generator.device != self.device and resolve_device(generator.device) != self.device:
-                raise ValueError(f"row {row}'s generator is on {generator.device}, logits on {self.device}")
             # A seeded row's noise comes only from its own generator.
-            fill_exponential(noise[row], generator)
+            fill_exponential(noise[row], self._row_generator(states, row))
         # Exponential draws of exactly 0 would give log 0 = -inf and an undefined race.
         noise.clamp_min_(torch.finfo(noise.dtype).tiny).log_()
         if noise_scale is None:
