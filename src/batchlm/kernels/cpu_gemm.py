@@ -31,6 +31,16 @@ class PackedWeight:
     in_features: int
 
 
+def can_pack(weight: torch.Tensor) -> bool:
+    """Whether this weight can move to the kernel: a 2-D float32 CPU tensor, with the kernel present."""
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and weight.dim() == 2
+        and gemm_library() is not None
+    )
+
+
 def pack_weight(weight: torch.Tensor) -> PackedWeight:
     """Panel-major float32 copy of a 2-D [out, in] weight."""
     out_features, in_features = weight.shape

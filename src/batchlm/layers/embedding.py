@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from batchlm.kernels.cpu_gemm import PackedWeight, gemm_library, pack_weight, packed_linear
+from batchlm.kernels.cpu_gemm import PackedWeight, can_pack, pack_weight, packed_linear
 from batchlm.layers.linear import check_shape
 from batchlm.layers.onednn import onednn_linear, to_onednn_weight
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
@@ -78,7 +78,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     def use_cpu_matmul(self) -> bool:
         """Copy the (final) weight for the CPU kernel or oneDNN; False where neither applies."""
         weight = self.weight
-        if weight.device.type == "cpu" and weight.dtype == torch.float32 and gemm_library() is not None:
+        if can_pack(weight):
             self.packed = pack_weight(weight)
             return True
         self.onednn_weight = to_onednn_weight(weight)

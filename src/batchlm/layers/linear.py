@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from batchlm.kernels.cpu_gemm import PackedWeight, gemm_library, pack_weight, packed_linear
+from batchlm.kernels.cpu_gemm import PackedWeight, can_pack, pack_weight, packed_linear
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
 
 
@@ -61,9 +61,7 @@ class CpuPackable(nn.Module):
     def pack_for_cpu(self) -> bool:
         """Pack the weight for the CPU kernel; False (nothing changed) where that path does not apply."""
         weight = self.weight
-        if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2:
-            return False
-        if gemm_library() is None:
+        if not can_pack(weight):
             return False
         self.packed = pack_weight(weight)
         self.weight = nn.Parameter(weight.new_empty(0, weight.shape[1]), requires_grad=False)
