@@ -22,7 +22,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from batchlm.server.errors import APIError, ErrorObserver, error_response
-from batchlm.server.middleware import replay_body
+from batchlm.server.middleware import read_body, replay_body
 from batchlm.server.protocol import ChatCompletionRequest, CompletionRequest
 from batchlm.server.serving_chat import create_chat_completion
 from batchlm.server.serving_completions import create_completion
@@ -46,7 +46,7 @@ class FastGenerationRoutes:
         if route is None or not _json_content(scope):
             await self.app(scope, receive, send)
             return
-        body = await _read_body(receive)
+        body = await read_body(receive)
         if body is None:
             return  # the client left before its body arrived
         model, handler = route
@@ -77,14 +77,3 @@ def _json_content(scope: Scope) -> bool:
                 subtype == "json" or subtype.endswith("+json")
             )
     return True
-
-
-async def _read_body(receive: Receive) -> bytes | None:
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks)

@@ -63,23 +63,37 @@ class BodySizeLimitMiddleware:
         if declared is not None and declared.isdigit() and int(declared) > self._max_bytes:
             await self._reject(scope, receive, send)
             return
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return  # the client left before sending its body: nobody to answer
-            body.extend(message.get("body", b""))
-            if len(body) > self._max_bytes:
-                await self._reject(scope, receive, send)
-                return
-            if not message.get("more_body", False):
-                break
-        await self.app(scope, replay_body(bytes(body), receive), send)
+        try:
+            body = await read_body(receive, self._max_bytes)
+        except BodyTooLarge:
+            await self._reject(scope, receive, send)
+            return
+        if body is None:
+            return  # the client left before sending its body: nobody to answer
+        await self.app(scope, replay_body(body, receive), send)
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._observe(413)
         error = APIError(413, f"The request body is larger than the limit of {self._max_bytes} bytes.")
         await error_response(error)(scope, receive, send)
+
+
+class BodyTooLarge(Exception):
+    """The request body grew past the limit while it was read."""
+
+
+async def read_body(receive: Receive, max_bytes: int | None = None) -> bytes | None:
+    """The whole request body, or None when the client left first; BodyTooLarge past `max_bytes`."""
+    body = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        body.extend(message.get("body", b""))
+        if max_bytes is not None and len(body) > max_bytes:
+            raise BodyTooLarge
+        if not message.get("more_body", False):
+            return bytes(body)
 
 
 def replay_body(body: bytes, receive: Receive) -> Receive:
