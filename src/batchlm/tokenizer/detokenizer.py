@@ -95,13 +95,10 @@ class IncrementalDetokenizer:
                 data = self._held_bytes + pieces.get(new_token_ids[0], b"")
             else:
                 data = self._held_bytes + b"".join([pieces.get(i, b"") for i in new_token_ids])
-            if data and data[-1] < 0x80:  # ends in ASCII: nothing to hold
-                self._held_bytes = b""
-                text = data.decode("utf-8", "replace")
-            else:
-                end = complete_utf8_end(data)
-                self._held_bytes = data[end:]
-                text = data[:end].decode("utf-8", "replace")
+            # Ending in ASCII (the usual case) there is nothing to hold, without a look at the tail.
+            end = len(data) if data and data[-1] < 0x80 else complete_utf8_end(data)
+            self._held_bytes = data[end:]
+            text = data[:end].decode("utf-8", "replace")
             if text:
                 return self._release(text)
             return ""
