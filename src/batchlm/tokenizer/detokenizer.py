@@ -57,8 +57,9 @@ class IncrementalDetokenizer:
         # bytes of a character not yet complete wait in _held_bytes.
         self._pieces_of: Mapping[int, bytes] | None = tokenizer.byte_pieces(skip_special_tokens)
         self._held_bytes = b""
-        context = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])
-        context_text = self._decode(context)
+        # Byte-level text does not depend on the tokens before it: the prompt context is for windows only.
+        context = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:]) if self._pieces_of is None else []
+        context_text = self._decode(context) if context else ""
         if context_text.endswith(REPLACEMENT_CHAR):
             # The prompt ends inside a character: decode the output on its own rather than emit text
             # that would complete (and so rewrite) the prompt's last character.
