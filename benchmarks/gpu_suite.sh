@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: GPU tests, offline W1/W2, single-stream latency, online W1, start-up time.
-# Usage: bash benchmarks/gpu_suite.sh [tests] [w1] [single] [w2] [online] [online_profile] [startup] [startup_profile]
+# Usage: bash benchmarks/gpu_suite.sh [tests] [w1] [single] [w2] [online] [online_servers] [online_profile] [startup]
+#        [startup_profile]
 # (default: all but startup_profile). startup: command-to-ready of `batchlm serve` three times, the first
 # with an empty Triton cache (as on a fresh machine), with the server's `startup:` breakdown;
 # startup_profile: the engine core's start-up in one process (every Triton compile, every graph
@@ -30,6 +31,16 @@ for step in $steps; do
     online)
       timeout 300 python3 benchmarks/serve_gpu.py --shape llama-3.2-1b --requests 256 --input-len 512 \
         --output-len 256 --runs 3 --out-dir "$OUT" 2>&1 | grep -v Loading | tail -12 ;;
+    online_servers)
+      # The online run with 1, 2 and 4 API-server processes (`--api-servers`), interleaved, two rounds
+      # (API_SERVERS="1 2 4" and ROUNDS=2 by default), 3 runs each.
+      for round in $(seq "${ROUNDS:-2}"); do
+        for n in ${API_SERVERS:-1 2 4}; do
+          timeout 200 python3 benchmarks/serve_gpu.py --shape llama-3.2-1b --requests 256 --input-len 512 \
+            --output-len 256 --runs 3 --out-dir "$OUT" --serve-arg=--api-servers --serve-arg="$n" 2>&1 \
+            | grep '^{' | sed "s/^/[round $round, api-servers $n] /"
+        done
+      done ;;
     online_profile)
       # The online run again, every process sampled by py-spy (carried as a wheel), with the server's
       # stats line every second; then the front end alone against a simulated engine (this host's CPU).

@@ -262,3 +262,13 @@ def test_duplicate_request_id_is_rejected() -> None:
 def test_invalid_config_names_the_field() -> None:
     with pytest.raises(ValueError, match="max_num_batched_tokens must be a positive integer"):
         config(max_num_batched_tokens=0)
+
+
+def test_stats_count_prompt_and_generated_tokens_across_requests() -> None:
+    # Totals kept by the engine itself, so front ends sharing it all report the same figures.
+    driver = Driver(config())
+    driver.add(make_request("a", prompt_of(5), max_tokens=3))
+    driver.add(make_request("b", prompt_of(9, seed=1), max_tokens=4))
+    assert (driver.scheduler.stats().prompt_tokens_total, driver.scheduler.stats().generation_tokens_total) == (14, 0)
+    driver.run()
+    assert driver.scheduler.stats().generation_tokens_total == 7

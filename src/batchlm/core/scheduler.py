@@ -54,6 +54,10 @@ class SchedulerStats:
     prefix_cache_hits: int = 0
     # Requests preempted (and later recomputed), cumulative.
     num_preemptions: int = 0
+    # Prompt tokens of the requests added, and tokens sampled, cumulative (a front end's own count would
+    # miss what other front ends sharing the engine sent).
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
 
 
 class Scheduler:
@@ -83,6 +87,8 @@ class Scheduler:
         self._prefix_queries = 0
         self._prefix_hits = 0
         self._num_preemptions = 0
+        self._prompt_tokens_total = 0
+        self._generation_tokens_total = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -103,6 +109,7 @@ class Scheduler:
             state.token_limit = min(state.token_limit, len(request.prompt_token_ids) + max_tokens)
         self._requests[request.request_id] = state
         self._waiting.append(state)
+        self._prompt_tokens_total += len(request.prompt_token_ids)
 
     def _validate(self, request: EngineCoreRequest) -> None:
         config, num_prompt = self.config, len(request.prompt_token_ids)
@@ -154,6 +161,8 @@ class Scheduler:
             prefix_cache_queries=self._prefix_queries,
             prefix_cache_hits=self._prefix_hits,
             num_preemptions=self._num_preemptions,
+            prompt_tokens_total=self._prompt_tokens_total,
+            generation_tokens_total=self._generation_tokens_total,
         )
 
     def schedule(self) -> SchedulerOutput:
@@ -306,6 +315,7 @@ class Scheduler:
         self, state: RequestState, token_id: int, logprobs: TokenLogprobs | None
     ) -> EngineCoreOutput:
         state.append_token(token_id)
+        self._generation_tokens_total += 1
         decision = check_stop(state, self.config.max_model_len)
         num_cached = 0
         if state.first_output_pending:

@@ -9,6 +9,7 @@ import logging
 import multiprocessing
 import queue
 import threading
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,18 @@ from batchlm.startup_log import log_uptime, timed_phase
 logger = logging.getLogger(__name__)
 
 
+# Called with the model directory and the pipes of the extra front ends once the core process starts.
+CoreSharing = Callable[[Path, list[Connection]], None]
+
+
 class AsyncLLMEngine(StreamingFrontEnd):
     """Front end of the engine. All state here is touched only on the event loop's thread; a reader
     thread blocks on the pipe and hands each message to the loop, and a writer thread sends the
-    loop's messages to the core (see _write_loop)."""
+    loop's messages to the core (see _write_loop).
+
+    Several front ends (API-server processes) can share one core: the one that starts the core
+    (share_core) hands the other pipes out; the others are built with attached() and only detach from
+    the core when they shut down."""
 
     def __init__(self, config: EngineConfig, *, multiprocess: bool = True, max_queue: int | None = None) -> None:
         super().__init__(config, max_queue)
@@ -43,6 +52,31 @@ class AsyncLLMEngine(StreamingFrontEnd):
         # Messages for the core, in order; None stops the writer thread.
         self._outbox: queue.SimpleQueue[tuple[str, Any] | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
+        # Set by attached(): the core is another front end's, already started.
+        self._attached_model_dir: Path | None = None
+        self._extra_front_ends = 0
+        self._on_core_started: CoreSharing | None = None
+
+    @classmethod
+    def attached(
+        cls, config: EngineConfig, conn: Connection, model_dir: Path, *, max_queue: int | None = None
+    ) -> AsyncLLMEngine:
+        """A front end on a core that another front end started (`conn` is this one's pipe to it)."""
+        engine = cls(config, max_queue=max_queue)
+        engine._conn = conn
+        engine._attached_model_dir = model_dir
+        return engine
+
+    def share_core(self, extra_front_ends: int, on_core_started: CoreSharing) -> None:
+        """Start the core with pipes for `extra_front_ends` more front ends, and hand them (with the
+        model directory) to `on_core_started` as soon as the core process starts. Call before
+        begin_loading()/start()."""
+        if not self.multiprocess:
+            raise ValueError("sharing the engine core needs the core in its own process")
+        if self._conn is not None:
+            raise RuntimeError("share_core() must come before the engine core starts")
+        self._extra_front_ends = extra_front_ends
+        self._on_core_started = on_core_started
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -60,7 +94,9 @@ class AsyncLLMEngine(StreamingFrontEnd):
     async def start(self) -> None:
         """Load the tokenizer here and the model in the engine core; returns once both are ready."""
         self._loop = asyncio.get_running_loop()
-        if self._early_model_dir is not None:
+        if self._attached_model_dir is not None:
+            model_dir = self._attached_model_dir
+        elif self._early_model_dir is not None:
             model_dir = self._early_model_dir
         else:
             model_dir = await self._loop.run_in_executor(None, prepare_model_dir, self.config)
@@ -94,17 +130,20 @@ class AsyncLLMEngine(StreamingFrontEnd):
         log_level = logging.getLogger("batchlm").getEffectiveLevel()
         if self.multiprocess:
             context = multiprocessing.get_context("spawn")
-            parent, child = context.Pipe()
+            pipes = [context.Pipe() for _ in range(1 + self._extra_front_ends)]
             process = context.Process(
                 target=engine_core_main,
-                args=(self.config, model_dir, child, log_level),
+                args=(self.config, model_dir, [core_end for _, core_end in pipes], log_level),
                 name="batchlm-engine-core",
                 daemon=True,
             )
             process.start()
-            child.close()
+            for _, core_end in pipes:
+                core_end.close()
             self._worker = process
-            return parent
+            if self._on_core_started is not None:
+                self._on_core_started(model_dir, [front_end for front_end, _ in pipes[1:]])
+            return pipes[0][0]
         parent, child = multiprocessing.Pipe()
         thread = threading.Thread(
             target=engine_core_main, args=(self.config, model_dir, child), name="batchlm-engine-core", daemon=True
@@ -131,6 +170,7 @@ class AsyncLLMEngine(StreamingFrontEnd):
             return ("failed", "the engine core process exited")
 
     async def shutdown(self) -> None:
+        """Stop the core (or, attached, detach from it: the core aborts this front end's requests)."""
         self._ready = False
         self._shutting_down = True
         with contextlib.suppress(OSError, BrokenPipeError):
@@ -155,8 +195,9 @@ class AsyncLLMEngine(StreamingFrontEnd):
             prefix_cache_queries=core.prefix_cache_queries,
             prefix_cache_hits=core.prefix_cache_hits,
             num_preemptions=core.num_preemptions,
-            prompt_tokens_total=self._prompt_tokens_total,
-            generation_tokens_total=self._generation_tokens_total,
+            # The core's counts: they include what other front ends sharing the core sent.
+            prompt_tokens_total=core.prompt_tokens_total,
+            generation_tokens_total=core.generation_tokens_total,
         )
 
     # -- StreamingFrontEnd transport ---------------------------------------------------------------

@@ -1,8 +1,13 @@
-"""Run an engine core behind a message pipe: in its own process (default) or in a thread.
+"""Run an engine core behind message pipes: in its own process (default) or in a thread.
 
 Messages to the core: ("add", [EngineCoreRequest]), ("abort", [request ids]), ("shutdown", None).
 Messages from the core: ("ready", CoreInfo), ("failed", text), ("outputs", (PackedOutputs,
 SchedulerStats)), ("rejected", (request id, message)). Step outputs travel packed (see pack_outputs).
+
+The core may serve several front ends (API-server processes), one pipe each. The first is the primary:
+its "shutdown" or its pipe closing stops the core. Any other one leaving ("shutdown" or a closed pipe)
+only detaches it: its requests are aborted and the core carries on. Each front end receives the
+outputs of the requests it added, and every stats snapshot.
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ import logging
 import signal
 import threading
 import traceback
-from multiprocessing.connection import Connection
+from collections.abc import Sequence
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +33,15 @@ logger = logging.getLogger(__name__)
 IDLE_POLL_S = 0.5
 
 
-def engine_core_main(config: EngineConfig, model_dir: Path, conn: Connection, log_level: int | None = None) -> None:
-    """Entry point of the engine-core process (or thread)."""
+def engine_core_main(
+    config: EngineConfig,
+    model_dir: Path,
+    conn: Connection | Sequence[Connection],
+    log_level: int | None = None,
+) -> None:
+    """Entry point of the engine-core process (or thread); `conn` is one pipe, or one per front end
+    (the primary first)."""
+    conns = [conn] if isinstance(conn, Connection) else list(conn)
     if threading.current_thread() is threading.main_thread():
         # Ctrl-C reaches the whole process group; the front end decides when the core stops
         # (graceful drain), so the core ignores the signals and exits when told or orphaned.
@@ -43,16 +56,19 @@ def engine_core_main(config: EngineConfig, model_dir: Path, conn: Connection, lo
         core, info = build_engine_core(config, model_dir)
     except Exception as exc:  # report every start-up failure to the front end, then exit
         logger.debug("engine core failed to start", exc_info=True)
-        _send(conn, ("failed", f"{type(exc).__name__}: {exc}"))
+        for each in conns:
+            _send(each, ("failed", f"{type(exc).__name__}: {exc}"))
         return
-    _send(conn, ("ready", info))
+    for each in conns:
+        _send(each, ("ready", info))
     try:
-        CoreLoop(core, conn).run()
+        CoreLoop(core, conns).run()
     except (EOFError, BrokenPipeError, ConnectionResetError):
         logger.info("front end went away; engine core exiting")
     except Exception:
         logger.error("engine core crashed:\n%s", traceback.format_exc())
-        _send(conn, ("failed", traceback.format_exc(limit=5)))
+        for each in conns:
+            _send(each, ("failed", traceback.format_exc(limit=5)))
         raise
 
 
@@ -84,7 +100,10 @@ def pack_outputs(outputs: list[EngineCoreOutput]) -> PackedOutputs:
 
 def unpack_outputs(packed: PackedOutputs) -> list[EngineCoreOutput]:
     request_ids, token_ids, whole = packed
-    outputs = [EngineCoreOutput(request_id, tokens) for request_id, tokens in zip(request_ids, token_ids, strict=True)]
+    outputs = [
+        EngineCoreOutput(request_id, tokens)
+        for request_id, tokens in zip(request_ids, token_ids, strict=True)
+    ]
     for index, output in whole:
         outputs[index] = output
     return outputs
@@ -96,34 +115,98 @@ def _send(conn: Connection, message: tuple[str, Any]) -> None:
 
 
 class CoreLoop:
-    """Busy: drain messages without waiting, then step. Idle: block on the pipe."""
+    """Busy: drain messages without waiting, then step. Idle: block on the pipes.
 
-    def __init__(self, core: EngineCore, conn: Connection) -> None:
+    With one front end every output goes to it. With several, each request's outputs go to the front
+    end that added it (`_owner`, kept until the request finishes)."""
+
+    def __init__(self, core: EngineCore, conns: Connection | Sequence[Connection]) -> None:
         self.core = core
-        self.conn = conn
+        # Index = front end; None once a secondary front end has left.
+        self._conns: list[Connection | None] = [conns] if isinstance(conns, Connection) else list(conns)
+        self._owner: dict[str, int] = {}
         self.running = True
+
+    @property
+    def conn(self) -> Connection:
+        """The primary front end's pipe."""
+        primary = self._conns[0]
+        assert primary is not None
+        return primary
 
     def run(self) -> None:
         while self.running:
-            self._drain_messages(wait=not self.core.has_work())
+            self._drain_messages(wait_for_one=not self.core.has_work())
             if not self.running:
                 break
             if self.core.has_work():
-                outputs = self.core.step()
-                self.conn.send(("outputs", (pack_outputs(outputs), self.core.stats())))
+                self._send_outputs(self.core.step())
 
-    def _drain_messages(self, wait: bool) -> None:
-        timeout = IDLE_POLL_S if wait else 0.0
-        while self.conn.poll(timeout):
-            kind, payload = self.conn.recv()
-            self._handle(kind, payload)
+    def _live(self) -> list[Connection]:
+        return [conn for conn in self._conns if conn is not None]
+
+    def _drain_messages(self, wait_for_one: bool) -> None:
+        timeout = IDLE_POLL_S if wait_for_one else 0.0
+        while ready := wait(self._live(), timeout):
             timeout = 0.0
-            if not self.running:
-                return
-        if wait and not self.core.has_work():
+            for conn in ready:
+                assert isinstance(conn, Connection)
+                client = self._conns.index(conn)
+                try:
+                    kind, payload = conn.recv()
+                except (EOFError, OSError):
+                    if client == 0:
+                        raise EOFError("the primary front end closed its pipe") from None
+                    self._detach(client)
+                    continue
+                self._handle(client, kind, payload)
+                if not self.running:
+                    return
+        if wait_for_one and not self.core.has_work():
             self._check_executor()
             # Keep the stats fresh for /metrics while idle.
-            self.conn.send(("outputs", (pack_outputs([]), self.core.stats())))
+            self._send_outputs([])
+
+    def _send_outputs(self, outputs: list[EngineCoreOutput]) -> None:
+        stats = self.core.stats()
+        if len(self._conns) == 1:
+            self.conn.send(("outputs", (pack_outputs(outputs), stats)))
+            return
+        routed: list[list[EngineCoreOutput]] = [[] for _ in self._conns]
+        for output in outputs:
+            routed[self._owner.get(output.request_id, 0)].append(output)
+            if output.finish_reason is not None:
+                self._owner.pop(output.request_id, None)
+        for client, conn in enumerate(self._conns):
+            if conn is not None:
+                self._send_to(client, ("outputs", (pack_outputs(routed[client]), stats)))
+
+    def _send_to(self, client: int, message: tuple[str, Any]) -> None:
+        """Send to one front end; a secondary whose pipe broke is detached (the primary's error stops
+        the core)."""
+        conn = self._conns[client]
+        if conn is None:
+            return
+        try:
+            conn.send(message)
+        except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
+            if client == 0:
+                raise
+            self._detach(client)
+
+    def _detach(self, client: int) -> None:
+        """A secondary front end left: abort its requests (their outputs have nowhere to go)."""
+        conn = self._conns[client]
+        self._conns[client] = None
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.close()
+        orphans = [request_id for request_id, owner in self._owner.items() if owner == client]
+        for request_id in orphans:
+            del self._owner[request_id]
+        if orphans:
+            self.core.abort_requests(orphans)
+        logger.info("front end %d left; aborted its %d request(s)", client, len(orphans))
 
     def _check_executor(self) -> None:
         # Executors with worker processes (tensor parallel) raise on a dead worker even while idle.
@@ -131,24 +214,34 @@ class CoreLoop:
         if check_health is not None:
             check_health()
 
-    def _handle(self, kind: str, payload: Any) -> None:
+    def _handle(self, client: int, kind: str, payload: Any) -> None:
         if kind == "add":
             for request in payload:
-                self._add(request)
+                self._add(client, request)
         elif kind == "abort":
             outputs = self.core.abort_requests(payload)
             if outputs:
-                self.conn.send(("outputs", (pack_outputs(outputs), self.core.stats())))
+                self._send_outputs(outputs)
         elif kind == "shutdown":
-            self.running = False
+            if client == 0:
+                self.running = False
+            else:
+                self._detach(client)
         else:
             logger.error("unknown message %r", kind)
 
-    def _add(self, request: EngineCoreRequest) -> None:
+    def _add(self, client: int, request: EngineCoreRequest) -> None:
+        several = len(self._conns) > 1
+        if several and request.request_id in self._owner:
+            self._send_to(client, ("rejected", (request.request_id, "request id already in use")))
+            return
         try:
             self.core.add_request(request)
         except ValueError as exc:
-            self.conn.send(("rejected", (request.request_id, str(exc))))
+            self._send_to(client, ("rejected", (request.request_id, str(exc))))
+            return
+        if several:
+            self._owner[request.request_id] = client
 
 
 def configure_child_threads() -> None:

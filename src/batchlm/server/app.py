@@ -12,6 +12,7 @@ from batchlm import __version__
 from batchlm.engine.client import EngineClient
 from batchlm.server.errors import install_error_handlers
 from batchlm.server.fast_routes import FastGenerationRoutes
+from batchlm.server.generation import InFlight
 from batchlm.server.metrics import ServerMetrics
 from batchlm.server.middleware import APIKeyMiddleware, ArrivalStampMiddleware, BodySizeLimitMiddleware
 from batchlm.server.routes import router
@@ -19,16 +20,19 @@ from batchlm.server.state import ServerSettings, ServerState
 from batchlm.server.stats_logger import StatsLogger
 
 
-def build_app(engine: EngineClient, settings: ServerSettings | None = None) -> FastAPI:
+def build_app(engine: EngineClient, settings: ServerSettings | None = None, *, log_stats: bool = True) -> FastAPI:
     """An app serving `engine`. It does not start the engine: /health answers 503 until the engine is
-    ready (see batchlm.server.launcher, which starts both)."""
+    ready (see batchlm.server.launcher, which starts both). log_stats=False leaves the periodic stats
+    line to another process serving the same engine."""
     settings = settings or ServerSettings()
     metrics = ServerMetrics(engine)
-    state = ServerState(engine=engine, settings=settings, metrics=metrics)
-    metrics.in_flight.set_function(lambda: len(state.in_flight))
+    state = ServerState(engine=engine, settings=settings, metrics=metrics, in_flight=InFlight(metrics.in_flight))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if not log_stats:
+            yield
+            return
         stats_task = asyncio.ensure_future(StatsLogger(engine, settings.stats_log_interval_s).run())
         try:
             yield

@@ -8,7 +8,7 @@ import logging
 import os
 from dataclasses import replace
 
-from batchlm.backends import BACKEND_CHOICES, create_engine
+from batchlm.backends import BACKEND_CHOICES, create_engine, resolve_backend
 from batchlm.config import EngineConfig
 from batchlm.flags import add_dataclass_arguments, add_engine_arguments, dataclass_from_args
 from batchlm.server.logging_setup import LOG_LEVELS, configure_logging
@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 API_KEY_ENV = "BATCHLM_API_KEY"
 
 SERVER_FLAG_NAMES = {
+    "api_servers": ["--api-servers"],
     "shutdown_timeout_s": ["--shutdown-timeout"],
     "stats_log_interval_s": ["--stats-log-interval"],
     "max_body_bytes": ["--max-body-bytes"],
@@ -51,6 +52,11 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     configure_logging(settings.log_level)
     config = dataclass_from_args(EngineConfig, args)
+    if settings.api_servers < 1:
+        logger.error("--api-servers must be at least 1, got %d", settings.api_servers)
+        return 2
+    if settings.api_servers > 1:
+        return _run_several(settings, config)
     try:
         engine = create_engine(settings.backend, config, max_queue=settings.max_queue)
     except ValueError as error:  # an unknown or uninstalled backend
@@ -62,9 +68,70 @@ def run(args: argparse.Namespace) -> int:
     from batchlm.server.launcher import run_server
 
     app = build_app(engine, settings)
-    where = f"http://{settings.host}:{settings.port}"
-    logger.info(
-        "batchlm serving %s on %s (API key %s)", config.model, where, "on" if settings.api_key else "off"
-    )
+    _log_serving(config, settings)
     # Every backend's engine loads in start(), which is not part of the EngineClient interface.
     return run_server(app, engine, start_engine=engine.start)  # type: ignore[attr-defined]
+
+
+def _log_serving(config: EngineConfig, settings: ServerSettings) -> None:
+    where = f"http://{settings.host}:{settings.port}"
+    processes = f", {settings.api_servers} API server processes" if settings.api_servers > 1 else ""
+    logger.info(
+        "batchlm serving %s on %s (API key %s%s)",
+        config.model,
+        where,
+        "on" if settings.api_key else "off",
+        processes,
+    )
+
+
+def _run_several(settings: ServerSettings, config: EngineConfig) -> int:
+    """`--api-servers N` with N > 1: this process is the primary API server; it starts the engine core
+    with a pipe per API server, and N - 1 more API-server processes on the same port."""
+    import shutil
+    import tempfile
+
+    from batchlm.server.api_servers import (
+        ApiServerPool,
+        bind_shared_port,
+        per_process_queue_limit,
+        shared_port_unsupported_reason,
+    )
+
+    try:
+        backend = resolve_backend(settings.backend)
+    except ValueError as error:
+        logger.error("%s", error)
+        return 2
+    unsupported = shared_port_unsupported_reason()
+    if unsupported is None and backend != "torch":
+        unsupported = "several API servers need the torch backend"
+    if unsupported is not None:
+        logger.error("--api-servers %d: %s; use --api-servers 1", settings.api_servers, unsupported)
+        return 2
+    settings = replace(settings, max_queue=per_process_queue_limit(settings.max_queue, settings.api_servers))
+    try:
+        sock = bind_shared_port(settings.host, settings.port)
+    except OSError as error:
+        logger.error("cannot listen on %s:%d: %s", settings.host, settings.port, error)
+        return 1
+    settings = replace(settings, port=sock.getsockname()[1])
+    # Before any metric exists: /metrics then sums the request metrics of every API server.
+    metrics_dir = tempfile.mkdtemp(prefix="batchlm-metrics-")
+    from batchlm.engine.async_engine import AsyncLLMEngine
+    from batchlm.server.metrics import share_metrics_between_processes
+
+    share_metrics_between_processes(metrics_dir)
+    try:
+        engine = AsyncLLMEngine(config, max_queue=settings.max_queue)
+        pool = ApiServerPool(settings, config, settings.api_servers - 1, settings.port)
+        engine.share_core(settings.api_servers - 1, pool.start)
+        engine.begin_loading()
+        from batchlm.server.app import build_app
+        from batchlm.server.launcher import run_server
+
+        app = build_app(engine, settings)
+        _log_serving(config, settings)
+        return run_server(app, engine, start_engine=engine.start, sockets=[sock], api_servers=pool)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -11,7 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import uvicorn
 from fastapi import FastAPI
@@ -20,6 +20,9 @@ from batchlm.engine.client import EngineClient
 from batchlm.gc_tuning import freeze_startup_objects
 from batchlm.server.state import ServerState
 from batchlm.startup_log import log_phase, log_uptime
+
+if TYPE_CHECKING:
+    from batchlm.server.api_servers import ApiServerPool
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +36,10 @@ class GracefulServer(uvicorn.Server):
     """uvicorn.Server that, once asked to stop, gives in-flight requests the drain period to finish,
     then aborts them in the engine (their streams end with an error event instead of being cut)."""
 
-    def __init__(self, app: FastAPI) -> None:
+    def __init__(self, app: FastAPI, on_shutdown: Callable[[], None] | None = None) -> None:
         self.state: ServerState = app.state.batchlm
+        # Called when the shutdown begins (the primary tells the other API servers to drain too).
+        self._on_shutdown = on_shutdown
         settings = self.state.settings
         config = uvicorn.Config(
             app,
@@ -62,6 +67,8 @@ class GracefulServer(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.state.shutting_down = True
+        if self._on_shutdown is not None:
+            self._on_shutdown()
         watchdog = asyncio.ensure_future(self._abort_after_drain_period())
         try:
             await super().shutdown(sockets)
@@ -84,22 +91,29 @@ async def serve(
     *,
     start_engine: Callable[[], Awaitable[None]] | None = None,
     sockets: list[socket.socket] | None = None,
+    api_servers: ApiServerPool | None = None,
 ) -> int:
-    """Serve until stopped; 0 on a clean stop, 1 if the engine failed to start. Shuts the engine down."""
+    """Serve until stopped; 0 on a clean stop, 1 if the engine (or one of `api_servers`) failed to
+    start. Stops `api_servers`, then shuts the engine down."""
     failed = False
+    monitor: asyncio.Future[None] | None = None
 
     async def start() -> None:
-        nonlocal failed
+        nonlocal failed, monitor
         assert start_engine is not None
         log_uptime(logger, "front end: starting the engine")
         started = time.perf_counter()
         try:
             await start_engine()
+            if api_servers is not None:
+                await api_servers.wait_ready()
         except Exception as error:
             logger.error("the engine failed to start: %s", error, exc_info=logger.isEnabledFor(logging.DEBUG))
             failed = True
             server.should_exit = True
             return
+        if api_servers is not None:
+            monitor = asyncio.ensure_future(api_servers.monitor())
         log_phase(logger, "engine start (tokenizer, engine core)", time.perf_counter() - started)
         freeze_startup_objects()
         log_uptime(logger, "front end: ready")
@@ -112,6 +126,11 @@ async def serve(
         if starting is not None:
             starting.cancel()
             await asyncio.gather(starting, return_exceptions=True)
+        if monitor is not None:
+            monitor.cancel()
+        if api_servers is not None:
+            # They may still be draining streams: the engine must outlive them.
+            await api_servers.stop()
         await _shutdown_engine(engine)
     return 1 if failed else 0
 
@@ -133,7 +152,15 @@ def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
 
 
 def run_server(
-    app: FastAPI, engine: EngineClient, *, start_engine: Callable[[], Awaitable[None]] | None = None
+    app: FastAPI,
+    engine: EngineClient,
+    *,
+    start_engine: Callable[[], Awaitable[None]] | None = None,
+    sockets: list[socket.socket] | None = None,
+    api_servers: ApiServerPool | None = None,
 ) -> int:
     """Blocking entry point of `batchlm serve` (signals are handled here, in the main thread)."""
-    return run_event_loop(serve(GracefulServer(app), engine, start_engine=start_engine))
+    server = GracefulServer(app, on_shutdown=api_servers.begin_stop if api_servers is not None else None)
+    return run_event_loop(
+        serve(server, engine, start_engine=start_engine, sockets=sockets, api_servers=api_servers)
+    )

@@ -4,10 +4,19 @@ recorded here, engine gauges and token counters read from EngineClient.stats() a
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+    values,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from batchlm.engine.client import EngineClient, EngineStats
@@ -34,6 +43,19 @@ LATENCY_BUCKETS = (
     60.0,
 )
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
+
+
+# prometheus_client's switch for metrics shared by several processes (files in this directory).
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def share_metrics_between_processes(directory: str) -> None:
+    """Make the metrics created from now on in this process, and in processes it starts later, add
+    up across processes (several API servers behind one port, each scraped at random, must all report
+    the same totals). prometheus_client reads the variable when it is imported, which has happened
+    by now, so its value class is picked again."""
+    os.environ[MULTIPROCESS_DIR_ENV] = directory
+    values.ValueClass = values.get_value_class()
 
 
 def prefix_cache_hit_rate(stats: EngineStats) -> float:
@@ -92,10 +114,17 @@ class ServerMetrics:
 
     def __init__(self, engine: EngineClient) -> None:
         self.registry = CollectorRegistry()
+        # Set when several processes serve (share_metrics_between_processes): a scrape then sums the
+        # request metrics of all of them; the engine's own figures are the same in each.
+        self._shared_dir = os.environ.get(MULTIPROCESS_DIR_ENV)
+        self._engine_stats = EngineStatsCollector(engine)
         reg = self.registry
         self.requests = Counter("batchlm_requests", "Requests by outcome.", ["outcome"], registry=reg)
         self.in_flight = Gauge(
-            "batchlm_requests_in_flight", "Generation requests being served.", registry=reg
+            "batchlm_requests_in_flight",
+            "Generation requests being served.",
+            registry=reg,
+            multiprocess_mode="livesum",
         )
         self.ttft = Histogram(
             "batchlm_time_to_first_token_seconds",
@@ -124,7 +153,7 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=reg,
         )
-        reg.register(EngineStatsCollector(engine))
+        reg.register(self._engine_stats)
 
     def count_outcome(self, outcome: str) -> None:
         self.requests.labels(outcome=outcome).inc()
@@ -133,7 +162,12 @@ class ServerMetrics:
         self.count_outcome(f"error_{status}")
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self._shared_dir is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=self._shared_dir)
+        registry.register(self._engine_stats)
+        return generate_latest(registry)
 
 
 class RequestRecorder:

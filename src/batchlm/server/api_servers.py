@@ -1,0 +1,254 @@
+"""Extra API-server processes for `batchlm serve --api-servers N`.
+
+One event loop takes in every request of a burst (HTTP parsing, validation, tokenization hand-off)
+and frames every streamed chunk: ~0.5 ms of Python per request, so a burst of 256 reaches the engine
+only after ~150 ms while the GPU waits. With N processes each one runs its own loop and HTTP server
+on the same port (SO_REUSEPORT: the kernel spreads connections across the listening sockets) and its
+own pipe to the one engine core, which routes each request's outputs back to the process that added
+it. The process `batchlm serve` started is the primary: it starts the core and the others, forwards
+its shutdown to them, and stops the core only after they have drained.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from batchlm.config import EngineConfig
+from batchlm.server.state import ServerSettings
+
+if TYPE_CHECKING:
+    from batchlm.engine.client import EngineClient
+    from batchlm.server.launcher import GracefulServer
+
+logger = logging.getLogger(__name__)
+
+# Pending connections a listening socket queues (uvicorn's default).
+LISTEN_BACKLOG = 2048
+# How often the primary checks that the other API servers are alive.
+MONITOR_INTERVAL_S = 1.0
+# Past their drain period, API servers that have not exited are killed after this margin.
+STOP_MARGIN_S = 10.0
+
+
+def shared_port_unsupported_reason() -> str | None:
+    """None when several processes can share a port with the kernel balancing connections between
+    them; otherwise why not."""
+    if not sys.platform.startswith("linux") or not hasattr(socket, "SO_REUSEPORT"):
+        return "several API servers need Linux (SO_REUSEPORT spreads connections across them)"
+    return None
+
+
+def bind_shared_port(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port that other processes can bind too (SO_REUSEPORT)."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        sock.listen(LISTEN_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def per_process_queue_limit(max_queue: int | None, api_servers: int) -> int | None:
+    """Each process enforces its share of --max-queue (connections are spread evenly)."""
+    if max_queue is None:
+        return None
+    return max(1, -(-max_queue // api_servers))
+
+
+@dataclass
+class _Member:
+    index: int
+    process: BaseProcess
+    # The child reports ("ready", pid) or ("failed", text) here once.
+    status: Connection
+
+
+class ApiServerPool:
+    """The API servers beside the primary: started when the engine core starts (AsyncLLMEngine
+    share_core's callback), awaited before the primary says it is ready, stopped before the core."""
+
+    def __init__(self, settings: ServerSettings, config: EngineConfig, count: int, port: int) -> None:
+        self.settings = settings
+        self.config = config
+        self.count = count
+        self.port = port
+        self._members: list[_Member] = []
+        self._stopping = False
+        self._reported_exit: set[int] = set()
+
+    def start(self, model_dir: Path, conns: list[Connection]) -> None:
+        context = multiprocessing.get_context("spawn")
+        for index, conn in enumerate(conns, start=1):
+            status_reader, status_writer = context.Pipe(duplex=False)
+            process = context.Process(
+                target=api_server_main,
+                args=(index, self.settings, self.config, model_dir, conn, status_writer, self.port),
+                name=f"batchlm-api-server-{index}",
+                daemon=True,
+            )
+            process.start()
+            # Only the child may hold its pipe to the core: when it exits, the core must see the
+            # pipe close and abort its requests.
+            conn.close()
+            status_writer.close()
+            self._members.append(_Member(index, process, status_reader))
+        logger.info("started %d more API server process(es) on port %d", len(conns), self.port)
+
+    async def wait_ready(self) -> None:
+        """Returns once every API server serves; raises RuntimeError naming one that failed."""
+        loop = asyncio.get_running_loop()
+        for member in self._members:
+            kind, detail = await loop.run_in_executor(None, _await_status, member)
+            if kind != "ready":
+                raise RuntimeError(f"API server {member.index} failed to start: {detail}")
+
+    async def monitor(self) -> None:
+        """Log an API server that exits while the pool is not stopping (the others carry on serving
+        the port: the kernel stops sending connections to a closed socket)."""
+        while True:
+            await asyncio.sleep(MONITOR_INTERVAL_S)
+            for member in self._members:
+                if self._stopping or member.process.is_alive() or member.index in self._reported_exit:
+                    continue
+                self._reported_exit.add(member.index)
+                _forget_metrics_of(member.process)
+                logger.error(
+                    "API server %d exited unexpectedly (exit code %s); the other processes keep serving",
+                    member.index,
+                    member.process.exitcode,
+                )
+
+    def begin_stop(self) -> None:
+        """Ask every API server to drain and exit (SIGTERM: the same graceful stop as the primary's)."""
+        self._stopping = True
+        for member in self._members:
+            if member.process.is_alive():
+                with contextlib.suppress(OSError):
+                    member.process.terminate()
+
+    async def stop(self) -> None:
+        """Stop them all; those still running past their drain period (plus a margin) are killed."""
+        self.begin_stop()
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + self.settings.shutdown_timeout_s + STOP_MARGIN_S
+        for member in self._members:
+            remaining = max(0.1, deadline - time.monotonic())
+            await loop.run_in_executor(None, member.process.join, remaining)
+            if member.process.is_alive():
+                logger.warning("API server %d did not stop in time; killing it", member.index)
+                member.process.kill()
+                await loop.run_in_executor(None, member.process.join, 5.0)
+            _forget_metrics_of(member.process)
+            with contextlib.suppress(OSError):
+                member.status.close()
+
+
+def _await_status(member: _Member) -> tuple[str, object]:
+    while not member.status.poll(0.2):
+        if not member.process.is_alive():
+            return ("failed", f"the process exited with code {member.process.exitcode}")
+    try:
+        kind, detail = member.status.recv()
+    except (EOFError, OSError):
+        return ("failed", f"the process exited with code {member.process.exitcode}")
+    return (str(kind), detail)
+
+
+def _forget_metrics_of(process: BaseProcess) -> None:
+    """Drop the live gauges (requests in flight) of an exited process; its counters still count."""
+    from batchlm.server.metrics import MULTIPROCESS_DIR_ENV
+
+    if process.pid is not None and os.environ.get(MULTIPROCESS_DIR_ENV):
+        from prometheus_client import multiprocess
+
+        with contextlib.suppress(OSError):
+            multiprocess.mark_process_dead(process.pid)
+
+
+# -- inside an API-server process --------------------------------------------------------------------
+
+
+def api_server_main(
+    index: int,
+    settings: ServerSettings,
+    config: EngineConfig,
+    model_dir: Path,
+    conn: Connection,
+    status: Connection,
+    port: int,
+) -> None:
+    """Entry point of an API-server process other than the primary."""
+    from batchlm.server.logging_setup import configure_logging
+
+    # The primary turns Ctrl-C into SIGTERM for this process; while it starts, SIGINT is ignored so
+    # that a Ctrl-C during loading does not print a traceback here.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    configure_logging(settings.log_level, tag=f"api-server-{index}")
+    from batchlm.server.launcher import run_event_loop
+
+    sys.exit(run_event_loop(_serve_attached(index, settings, config, model_dir, conn, status, port)))
+
+
+async def _serve_attached(
+    index: int,
+    settings: ServerSettings,
+    config: EngineConfig,
+    model_dir: Path,
+    conn: Connection,
+    status: Connection,
+    port: int,
+) -> int:
+    from batchlm.engine.async_engine import AsyncLLMEngine
+    from batchlm.server.app import build_app
+    from batchlm.server.launcher import GracefulServer, serve
+
+    engine = AsyncLLMEngine.attached(config, conn, model_dir, max_queue=settings.max_queue)
+    app = build_app(engine, replace(settings, port=port), log_stats=False)
+    try:
+        await engine.start()
+        sock = bind_shared_port(settings.host, port)
+    except Exception as error:
+        _report(status, ("failed", f"{type(error).__name__}: {error}"))
+        await engine.shutdown()
+        return 1
+    server = GracefulServer(app)
+    watchdog = asyncio.ensure_future(_exit_when_engine_stops(engine, server, index))
+    _report(status, ("ready", os.getpid()))
+    try:
+        return await serve(server, engine, sockets=[sock])
+    finally:
+        watchdog.cancel()
+
+
+async def _exit_when_engine_stops(engine: EngineClient, server: GracefulServer, index: int) -> None:
+    """The engine core gone (the primary stopped or crashed): this process has nothing to serve."""
+    while not engine.is_dead:
+        await asyncio.sleep(0.5)
+    if not server.should_exit:
+        logger.warning("API server %d: the engine stopped; exiting", index)
+        server.should_exit = True
+
+
+def _report(status: Connection, message: tuple[str, object]) -> None:
+    with contextlib.suppress(OSError, BrokenPipeError):
+        status.send(message)
