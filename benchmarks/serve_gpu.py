@@ -78,6 +78,36 @@ def server_means(before: dict[str, tuple[float, float]], after: dict[str, tuple[
     return means
 
 
+def server_cpu_seconds(root_pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) used so far by the server and each of its descendant processes
+    (engine core, API servers), by pid; read from /proc (Linux), {} elsewhere."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    parents: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        parents[int(entry)] = int(fields[1])
+        cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / ticks
+    tree = {root_pid}
+    grown = True
+    while grown:
+        children = {pid for pid, parent in parents.items() if parent in tree} - tree
+        grown = bool(children)
+        tree |= children
+    return {pid: cpu[pid] for pid in tree if pid in cpu}
+
+
+def cpu_used(before: dict[int, float], after: dict[int, float]) -> list[float]:
+    """Per-process CPU seconds between two snapshots, largest first (the engine core leads)."""
+    return sorted((round(after[pid] - before.get(pid, 0.0), 2) for pid in after), reverse=True)
+
+
 def prepare_model_dir(shape: str) -> Path:
     """config.json and a tokenizer whose vocabulary covers every id the model can sample."""
     model_dir = write_config_only(shape, Path(tempfile.gettempdir()) / f"batchlm-bench-{shape}")
@@ -128,6 +158,7 @@ def main() -> None:
         for run in range(args.runs):
             result_path = args.out_dir / f"serve_{args.shape}_run{run}.json"
             before = histogram_totals(port)
+            cpu_before = server_cpu_seconds(server.pid)
             subprocess.run(
                 [
                     sys.executable, "-m", "batchlm.cli", "bench", "--base-url", f"http://127.0.0.1:{port}/v1",
@@ -142,9 +173,11 @@ def main() -> None:
             keys = ("completed", "failed", "duration", "output_throughput", "median_ttft_ms", "median_itl_ms",
                     "median_tpot_ms")
             # The bench's warm-up requests fall in this window too (4 of them, short).
+            cpu = cpu_used(cpu_before, server_cpu_seconds(server.pid))
             means = server_means(before, histogram_totals(port))
+            client = {k: result.get(k) for k in ("client_cpu_percent", "client_cpu_us_per_output_token", "client_bound")}
             print(json.dumps({"run": run, **{k: result.get(k) for k in keys}, "mean_ttft_ms": result.get("mean_ttft_ms"),
-                              **means}), flush=True)
+                              **means, **client, "server_cpu_s": cpu}), flush=True)
     finally:
         server.terminate()
         server.wait(60)

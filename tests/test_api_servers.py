@@ -26,7 +26,11 @@ from batchlm.engine.core_process import CoreLoop, unpack_outputs
 from batchlm.outputs import EngineCoreOutput, FinishReason
 from batchlm.request import EngineCoreRequest
 from batchlm.sampling_params import SamplingParams
-from batchlm.server.api_servers import per_process_queue_limit, shared_port_unsupported_reason
+from batchlm.server.api_servers import (
+    automatic_api_servers,
+    per_process_queue_limit,
+    shared_port_unsupported_reason,
+)
 from fake_engine import wait_until
 
 linux_only = pytest.mark.skipif(shared_port_unsupported_reason() is not None, reason="needs SO_REUSEPORT (Linux)")
@@ -209,6 +213,34 @@ def test_the_queue_limit_is_shared_out_between_processes() -> None:
     assert per_process_queue_limit(1024, 4) == 256
     assert per_process_queue_limit(10, 4) == 3
     assert per_process_queue_limit(1, 4) == 1
+
+
+@linux_only
+def test_automatic_count_is_one_per_four_cpus_on_a_gpu_and_one_otherwise() -> None:
+    assert automatic_api_servers("cuda", "torch", cpus=16) == 4
+    assert automatic_api_servers("cuda:1", "torch", cpus=64) == 4
+    assert automatic_api_servers("cuda", "torch", cpus=8) == 2
+    assert automatic_api_servers("cuda", "torch", cpus=2) == 1
+    # The CPU engine needs the cores itself; MLX has no shared core to attach to.
+    assert automatic_api_servers("cpu", "torch", cpus=64) == 1
+    assert automatic_api_servers("cuda", "mlx", cpus=64) == 1
+    gpu_driver = Path("/dev/nvidiactl").exists()
+    assert automatic_api_servers("auto", "torch", cpus=16) == (4 if gpu_driver else 1)
+
+
+def test_delta_cadence_counts_the_streams_of_every_front_end() -> None:
+    # Two API servers with 128 streams each must batch deltas like one server with 256 streams, or
+    # a client reading all 256 would be sent twice as many events.
+    from batchlm.config import EngineConfig
+    from batchlm.engine.async_engine import AsyncLLMEngine
+
+    engine = AsyncLLMEngine(EngineConfig())
+    engine._queues = dict.fromkeys(map(str, range(128)))  # type: ignore[arg-type]
+    assert engine._open_streams() == 128
+    engine._record_stats(SchedulerStats(num_running=256))
+    assert engine._open_streams() == 256
+    engine._record_stats(SchedulerStats(num_running=3))
+    assert engine._open_streams() == 128
 
 
 # -- the whole server: real processes on one port --------------------------------------------------

@@ -85,6 +85,10 @@ class StreamingFrontEnd(EngineClient):
     def _on_message(self, kind: str, payload: Any) -> None:
         """Handle an engine message other than "outputs" (on the event loop)."""
 
+    def _open_streams(self) -> int:
+        """Streams the delta cadence is set for (see DRAIN_INTERVAL_PER_STREAM_S): this front end's."""
+        return len(self._queues)
+
     # -- EngineClient ----------------------------------------------------------------------------------
 
     @property
@@ -190,7 +194,7 @@ class StreamingFrontEnd(EngineClient):
         """Handle, in order, every message that arrived since the last drain. Consecutive step outputs
         are processed as one batch: when the loop falls behind the engine (hundreds of streams), each
         request then gets one detokenized delta for all its new tokens instead of one per step."""
-        interval = min(MAX_DRAIN_INTERVAL_S, DRAIN_INTERVAL_PER_STREAM_S * len(self._queues))
+        interval = min(MAX_DRAIN_INTERVAL_S, DRAIN_INTERVAL_PER_STREAM_S * self._open_streams())
         if interval > 0:
             assert self._loop is not None
             now = self._loop.time()

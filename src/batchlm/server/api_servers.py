@@ -51,6 +51,22 @@ def shared_port_unsupported_reason() -> str | None:
     return None
 
 
+def automatic_api_servers(device: str, backend: str, cpus: int | None = None) -> int:
+    """--api-servers when not given: one per 4 CPUs, at most 4, for the torch engine on an NVIDIA GPU
+    (a 256-stream burst keeps one front end's event loop ~100% busy on the H100 machine while the
+    engine runs at full speed); 1 on a CPU engine, which needs those cores itself. With --device auto
+    the GPU is assumed when the NVIDIA driver's device node exists (the engine core decides later,
+    with torch, which this process does not import)."""
+    if backend != "torch" or shared_port_unsupported_reason() is not None:
+        return 1
+    on_gpu = device.startswith("cuda") or (device == "auto" and Path("/dev/nvidiactl").exists())
+    if not on_gpu:
+        return 1
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0))
+    return max(1, min(4, cpus // 4))
+
+
 def bind_shared_port(host: str, port: int) -> socket.socket:
     """A listening socket on host:port that other processes can bind too (SO_REUSEPORT)."""
     family, kind, proto, _, address = socket.getaddrinfo(

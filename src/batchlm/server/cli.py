@@ -52,11 +52,13 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     configure_logging(settings.log_level)
     config = dataclass_from_args(EngineConfig, args)
-    if settings.api_servers < 1:
+    if settings.api_servers is not None and settings.api_servers < 1:
         logger.error("--api-servers must be at least 1, got %d", settings.api_servers)
         return 2
-    if settings.api_servers > 1:
-        return _run_several(settings, config)
+    if settings.api_servers is None:
+        settings = replace(settings, api_servers=_automatic_api_servers(settings, config))
+    if settings.api_servers is not None and settings.api_servers > 1:
+        return _run_several(settings, config, settings.api_servers)
     try:
         engine = create_engine(settings.backend, config, max_queue=settings.max_queue)
     except ValueError as error:  # an unknown or uninstalled backend
@@ -73,9 +75,20 @@ def run(args: argparse.Namespace) -> int:
     return run_server(app, engine, start_engine=engine.start)  # type: ignore[attr-defined]
 
 
+def _automatic_api_servers(settings: ServerSettings, config: EngineConfig) -> int:
+    from batchlm.server.api_servers import automatic_api_servers
+
+    try:
+        backend = resolve_backend(settings.backend)
+    except ValueError:  # reported by create_engine
+        return 1
+    return automatic_api_servers(config.device, backend)
+
+
 def _log_serving(config: EngineConfig, settings: ServerSettings) -> None:
     where = f"http://{settings.host}:{settings.port}"
-    processes = f", {settings.api_servers} API server processes" if settings.api_servers > 1 else ""
+    count = settings.api_servers or 1
+    processes = f", {count} API server processes" if count > 1 else ""
     logger.info(
         "batchlm serving %s on %s (API key %s%s)",
         config.model,
@@ -85,7 +98,7 @@ def _log_serving(config: EngineConfig, settings: ServerSettings) -> None:
     )
 
 
-def _run_several(settings: ServerSettings, config: EngineConfig) -> int:
+def _run_several(settings: ServerSettings, config: EngineConfig, count: int) -> int:
     """`--api-servers N` with N > 1: this process is the primary API server; it starts the engine core
     with a pipe per API server, and N - 1 more API-server processes on the same port."""
     import shutil
@@ -107,9 +120,9 @@ def _run_several(settings: ServerSettings, config: EngineConfig) -> int:
     if unsupported is None and backend != "torch":
         unsupported = "several API servers need the torch backend"
     if unsupported is not None:
-        logger.error("--api-servers %d: %s; use --api-servers 1", settings.api_servers, unsupported)
+        logger.error("--api-servers %d: %s; use --api-servers 1", count, unsupported)
         return 2
-    settings = replace(settings, max_queue=per_process_queue_limit(settings.max_queue, settings.api_servers))
+    settings = replace(settings, max_queue=per_process_queue_limit(settings.max_queue, count))
     try:
         sock = bind_shared_port(settings.host, settings.port)
     except OSError as error:
@@ -124,8 +137,8 @@ def _run_several(settings: ServerSettings, config: EngineConfig) -> int:
     share_metrics_between_processes(metrics_dir)
     try:
         engine = AsyncLLMEngine(config, max_queue=settings.max_queue)
-        pool = ApiServerPool(settings, config, settings.api_servers - 1, settings.port)
-        engine.share_core(settings.api_servers - 1, pool.start)
+        pool = ApiServerPool(settings, config, count - 1, settings.port)
+        engine.share_core(count - 1, pool.start)
         engine.begin_loading()
         from batchlm.server.app import build_app
         from batchlm.server.launcher import run_server

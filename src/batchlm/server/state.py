@@ -34,9 +34,10 @@ class ServerSettings:
     # Seconds between the periodic stats log lines (written only while there is activity).
     stats_log_interval_s: float = 10.0
     # HTTP server processes sharing the one engine (Linux, torch backend): each takes a share of the
-    # connections on the same port, so bursts of hundreds of streams are not bound by one Python
-    # event loop. 1 = a single process.
-    api_servers: int = 1
+    # connections on the same port, so hundreds of concurrent streams are not bound by one Python
+    # event loop. None = automatic: one per 4 CPUs (at most 4) when the engine runs on an NVIDIA GPU,
+    # else 1.
+    api_servers: int | None = None
     # Engine backend: "auto" (MLX on Apple Silicon when mlx-lm is installed, else PyTorch), "torch" or "mlx".
     backend: str = "auto"
     # Log level: DEBUG adds one line per request and the access log.
