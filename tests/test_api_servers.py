@@ -216,16 +216,15 @@ def test_the_queue_limit_is_shared_out_between_processes() -> None:
 
 
 @linux_only
-def test_automatic_count_is_one_per_four_cpus_on_a_gpu_and_one_otherwise() -> None:
-    assert automatic_api_servers("cuda", "torch", cpus=16) == 4
-    assert automatic_api_servers("cuda:1", "torch", cpus=64) == 4
-    assert automatic_api_servers("cuda", "torch", cpus=8) == 2
-    assert automatic_api_servers("cuda", "torch", cpus=2) == 1
+def test_automatic_count_is_two_on_a_gpu_with_cpus_to_spare_and_one_otherwise() -> None:
+    assert automatic_api_servers("cuda", "torch", cpus=16) == 2
+    assert automatic_api_servers("cuda:1", "torch", cpus=8) == 2
+    assert automatic_api_servers("cuda", "torch", cpus=4) == 1
     # The CPU engine needs the cores itself; MLX has no shared core to attach to.
     assert automatic_api_servers("cpu", "torch", cpus=64) == 1
     assert automatic_api_servers("cuda", "mlx", cpus=64) == 1
     gpu_driver = Path("/dev/nvidiactl").exists()
-    assert automatic_api_servers("auto", "torch", cpus=16) == (4 if gpu_driver else 1)
+    assert automatic_api_servers("auto", "torch", cpus=16) == (2 if gpu_driver else 1)
 
 
 def test_delta_cadence_counts_the_streams_of_every_front_end() -> None:
@@ -241,6 +240,21 @@ def test_delta_cadence_counts_the_streams_of_every_front_end() -> None:
     assert engine._open_streams() == 256
     engine._record_stats(SchedulerStats(num_running=3))
     assert engine._open_streams() == 128
+
+
+def test_health_says_loading_until_every_api_server_serves() -> None:
+    from batchlm.server.background import BackgroundServer
+    from fake_engine import FakeEngine
+
+    with BackgroundServer(FakeEngine()) as server:
+        server.state.starting_api_servers = True
+        health = httpx.get(f"{server.base_url}/health")
+        assert (health.status_code, health.json()) == (503, {"status": "loading"})
+        # Requests are served meanwhile: only the readiness signal waits for the others.
+        body = {"model": "fake-model", "prompt": "hi", "max_tokens": 2}
+        assert httpx.post(f"{server.base_url}/v1/completions", json=body).status_code == 200
+        server.state.starting_api_servers = False
+        assert httpx.get(f"{server.base_url}/health").status_code == 200
 
 
 # -- the whole server: real processes on one port --------------------------------------------------

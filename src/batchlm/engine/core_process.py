@@ -16,6 +16,7 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 import traceback
 from collections.abc import Sequence
 from multiprocessing.connection import Connection, wait
@@ -31,6 +32,9 @@ logger = logging.getLogger(__name__)
 
 # How long an idle core waits for a message before checking again (seconds).
 IDLE_POLL_S = 0.5
+# With several front ends, one with no outputs in a step still gets the stats this often (seconds),
+# instead of a wake-up every step.
+STATS_REFRESH_S = 0.05
 
 
 def engine_core_main(
@@ -125,6 +129,8 @@ class CoreLoop:
         # Index = front end; None once a secondary front end has left.
         self._conns: list[Connection | None] = [conns] if isinstance(conns, Connection) else list(conns)
         self._owner: dict[str, int] = {}
+        # time.monotonic() of the last message to each front end.
+        self._last_sent = [0.0] * len(self._conns)
         self.running = True
 
     @property
@@ -164,7 +170,9 @@ class CoreLoop:
                     return
         if wait_for_one and not self.core.has_work():
             self._check_executor()
-            # Keep the stats fresh for /metrics while idle.
+            # Keep the stats fresh for /metrics while idle (every front end: the last step's may
+            # have skipped some).
+            self._last_sent = [0.0] * len(self._conns)
             self._send_outputs([])
 
     def _send_outputs(self, outputs: list[EngineCoreOutput]) -> None:
@@ -177,9 +185,12 @@ class CoreLoop:
             routed[self._owner.get(output.request_id, 0)].append(output)
             if output.finish_reason is not None:
                 self._owner.pop(output.request_id, None)
+        now = time.monotonic()
         for client, conn in enumerate(self._conns):
-            if conn is not None:
-                self._send_to(client, ("outputs", (pack_outputs(routed[client]), stats)))
+            if conn is None or (not routed[client] and now - self._last_sent[client] < STATS_REFRESH_S):
+                continue
+            self._last_sent[client] = now
+            self._send_to(client, ("outputs", (pack_outputs(routed[client]), stats)))
 
     def _send_to(self, client: int, message: tuple[str, Any]) -> None:
         """Send to one front end; a secondary whose pipe broke is detached (the primary's error stops

@@ -52,9 +52,9 @@ def shared_port_unsupported_reason() -> str | None:
 
 
 def automatic_api_servers(device: str, backend: str, cpus: int | None = None) -> int:
-    """--api-servers when not given: one per 4 CPUs, at most 4, for the torch engine on an NVIDIA GPU
-    (a 256-stream burst keeps one front end's event loop ~100% busy on the H100 machine while the
-    engine runs at full speed); 1 on a CPU engine, which needs those cores itself. With --device auto
+    """--api-servers when not given: 2 for the torch engine on an NVIDIA GPU with at least 8 CPUs (a
+    256-stream burst keeps one front end's event loop ~100% busy on the H100 machine; 4 processes
+    measured no faster than 2 there, for more CPU); 1 on a CPU engine, which needs the cores itself. With --device auto
     the GPU is assumed when the NVIDIA driver's device node exists (the engine core decides later,
     with torch, which this process does not import)."""
     if backend != "torch" or shared_port_unsupported_reason() is not None:
@@ -64,7 +64,7 @@ def automatic_api_servers(device: str, backend: str, cpus: int | None = None) ->
         return 1
     if cpus is None:
         cpus = len(os.sched_getaffinity(0))
-    return max(1, min(4, cpus // 4))
+    return 2 if cpus >= 8 else 1
 
 
 def bind_shared_port(host: str, port: int) -> socket.socket:
@@ -135,7 +135,7 @@ class ApiServerPool:
         loop = asyncio.get_running_loop()
         for member in self._members:
             kind, detail = await loop.run_in_executor(None, _await_status, member)
-            if kind != "ready":
+            if kind != "ready" and not self._stopping:  # stopped while starting: not a failure
                 raise RuntimeError(f"API server {member.index} failed to start: {detail}")
 
     async def monitor(self) -> None:

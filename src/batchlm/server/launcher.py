@@ -97,6 +97,7 @@ async def serve(
     start. Stops `api_servers`, then shuts the engine down."""
     failed = False
     monitor: asyncio.Future[None] | None = None
+    server.state.starting_api_servers = api_servers is not None
 
     async def start() -> None:
         nonlocal failed, monitor
@@ -107,6 +108,7 @@ async def serve(
             await start_engine()
             if api_servers is not None:
                 await api_servers.wait_ready()
+                server.state.starting_api_servers = False
         except Exception as error:
             logger.error("the engine failed to start: %s", error, exc_info=logger.isEnabledFor(logging.DEBUG))
             failed = True

@@ -46,7 +46,7 @@ async def health(request: Request) -> JSONResponse:
         status = "dead"
     elif state.shutting_down:
         status = "shutting_down"
-    elif not engine.is_ready:
+    elif not engine.is_ready or state.starting_api_servers:
         status = "loading"
     else:
         return JSONResponse({"status": "ok"})

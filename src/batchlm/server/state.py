@@ -35,8 +35,8 @@ class ServerSettings:
     stats_log_interval_s: float = 10.0
     # HTTP server processes sharing the one engine (Linux, torch backend): each takes a share of the
     # connections on the same port, so hundreds of concurrent streams are not bound by one Python
-    # event loop. None = automatic: one per 4 CPUs (at most 4) when the engine runs on an NVIDIA GPU,
-    # else 1.
+    # event loop. None = automatic: 2 when the engine runs on an NVIDIA GPU and there are at least 8
+    # CPUs, else 1.
     api_servers: int | None = None
     # Engine backend: "auto" (MLX on Apple Silicon when mlx-lm is installed, else PyTorch), "torch" or "mlx".
     backend: str = "auto"
@@ -53,6 +53,8 @@ class ServerState:
     # Set when a graceful shutdown starts: /health turns 503 so balancers stop sending work.
     shutting_down: bool = False
     started_at: int = field(default_factory=lambda: int(time.time()))
+    # Set while the other API-server processes start: /health says "loading" until all of them serve.
+    starting_api_servers: bool = False
 
     def ready_model(self) -> ModelInfo:
         """The served model's info, or 503 while the engine is loading or after it died."""
