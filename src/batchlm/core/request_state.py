@@ -50,9 +50,15 @@ class RequestState:
     # Tokens (prompt + output) after which the request must stop: max_tokens or the context limit,
     # whichever comes first. Set by the scheduler on arrival.
     token_limit: int = 0
+    # Sampled ids that may end the request (stop_token_ids, and EOS unless ignore_eos): any other
+    # token below token_limit needs no stop check.
+    stop_token_set: frozenset[int] = field(init=False)
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.request.prompt_token_ids)
+        params = self.request.sampling_params
+        eos = () if params.ignore_eos else self.request.eos_token_ids
+        self.stop_token_set = frozenset((*params.stop_token_ids, *eos))
         # A plain attribute, not a property: it is read several times per request per step.
         self.request_id: str = self.request.request_id
 

@@ -237,7 +237,7 @@ class Scheduler:
             step.new_requests.append(new_request_data(state))
             state.needs_runner_setup = False
             state.known_to_runner = True
-        num_known = state.num_tokens
+        num_known = len(state.all_token_ids)
         if end <= num_known:
             token_ids = tuple(state.all_token_ids[start:end])
         else:
@@ -250,7 +250,7 @@ class Scheduler:
         state.num_inflight_tokens += num_new
         if sample:
             state.num_inflight_samples += 1
-        step.add(chunk, state)
+        step.add(chunk, state, num_new)
 
     def _block_table(self, state: RequestState) -> tuple[int, ...]:
         """The request's table as a tuple, rebuilt only when it grew: tables only ever grow while held
@@ -314,9 +314,16 @@ class Scheduler:
     def _append_token(
         self, state: RequestState, token_id: int, logprobs: TokenLogprobs | None
     ) -> EngineCoreOutput:
-        state.append_token(token_id)
+        all_token_ids = state.all_token_ids
+        all_token_ids.append(token_id)
         self._generation_tokens_total += 1
-        decision = check_stop(state, self.config.max_model_len)
+        if len(all_token_ids) < state.token_limit and token_id not in state.stop_token_set:
+            # The common case, decided without check_stop: no limit reached, not a stop token.
+            if logprobs is None and not state.first_output_pending:
+                return EngineCoreOutput(state.request_id, (token_id,))
+            decision = None
+        else:
+            decision = check_stop(state, self.config.max_model_len)
         num_cached = 0
         if state.first_output_pending:
             state.first_output_pending = False

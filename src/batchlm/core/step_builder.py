@@ -33,8 +33,8 @@ class StepBuilder:
         self.prefill_states: list[RequestState] = []
         self.new_requests: list[NewRequestData] = []
 
-    def add(self, chunk: ScheduledChunk, state: RequestState) -> None:
-        num_tokens = len(chunk.token_ids)
+    def add(self, chunk: ScheduledChunk, state: RequestState, num_tokens: int) -> None:
+        """num_tokens: len(chunk.token_ids), which the caller knows."""
         assert 0 < num_tokens <= self.budget, "chunk outside the token budget"
         self.budget -= num_tokens
         # One-token chunks go first: the attention metadata treats the leading rows as decodes.
