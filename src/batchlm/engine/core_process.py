@@ -146,7 +146,9 @@ class CoreLoop:
             if not self.running:
                 break
             if self.core.has_work():
-                self._send_outputs(self.core.step())
+                outputs = self.core.step()
+                # The last step before idling brings every front end its final stats.
+                self._send_outputs(outputs, everyone=not self.core.has_work())
 
     def _live(self) -> list[Connection]:
         return [conn for conn in self._conns if conn is not None]
@@ -170,12 +172,12 @@ class CoreLoop:
                     return
         if wait_for_one and not self.core.has_work():
             self._check_executor()
-            # Keep the stats fresh for /metrics while idle (every front end: the last step's may
-            # have skipped some).
-            self._last_sent = [0.0] * len(self._conns)
-            self._send_outputs([])
+            # Keep the stats fresh for /metrics while idle.
+            self._send_outputs([], everyone=True)
 
-    def _send_outputs(self, outputs: list[EngineCoreOutput]) -> None:
+    def _send_outputs(self, outputs: list[EngineCoreOutput], everyone: bool = False) -> None:
+        """Each front end gets its requests' outputs and the stats; with several front ends, one
+        without outputs gets the stats only every STATS_REFRESH_S, or now when `everyone`."""
         stats = self.core.stats()
         if len(self._conns) == 1:
             self.conn.send(("outputs", (pack_outputs(outputs), stats)))
@@ -187,7 +189,8 @@ class CoreLoop:
                 self._owner.pop(output.request_id, None)
         now = time.monotonic()
         for client, conn in enumerate(self._conns):
-            if conn is None or (not routed[client] and now - self._last_sent[client] < STATS_REFRESH_S):
+            stale = everyone or now - self._last_sent[client] >= STATS_REFRESH_S
+            if conn is None or not (routed[client] or stale):
                 continue
             self._last_sent[client] = now
             self._send_to(client, ("outputs", (pack_outputs(routed[client]), stats)))
