@@ -29,8 +29,9 @@ for step in $steps; do
       timeout 560 python3 benchmarks/offline_throughput.py --shape llama-3.1-8b --dummy --num-requests 512 \
         --input-len 1000 --output-len 1000 --runs 3 --json-out "$OUT/w2.json" 2>&1 | grep -v Loading | tail -5 ;;
     online)
+      # One JSON line per run (the bench's own report goes to online.log).
       timeout 300 python3 benchmarks/serve_gpu.py --shape llama-3.2-1b --requests 256 --input-len 512 \
-        --output-len 256 --runs 3 --out-dir "$OUT" 2>&1 | grep -v Loading | tail -12 ;;
+        --output-len 256 --runs 3 --out-dir "$OUT" 2>&1 | grep -v Loading | tee /tmp/online.log | grep '^{' ;;
     online_servers)
       # The online run with 1, 2 and 4 API-server processes (`--api-servers`), interleaved, two rounds
       # (API_SERVERS="1 2 4" and ROUNDS=2 by default), 3 runs each.

@@ -420,3 +420,24 @@ def test_api_servers_must_be_at_least_one(tiny_model_dir: Callable[..., Path]) -
     )
     assert result.returncode == 2
     assert "--api-servers must be at least 1" in result.stderr
+
+
+def test_a_scrape_skips_the_metrics_file_a_starting_process_is_creating(tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from batchlm.server.metrics import SharedMetricsCollector
+
+    # Another process's counter, written in prometheus_client's multiprocess mode.
+    writer = (
+        "import sys; from batchlm.server.metrics import share_metrics_between_processes;"
+        "share_metrics_between_processes(sys.argv[1]);"
+        "from prometheus_client import CollectorRegistry, Counter;"
+        "Counter('batchlm_requests', 'x', ['outcome'], registry=CollectorRegistry()).labels(outcome='stop').inc(3)"
+    )
+    subprocess.run([sys.executable, "-c", writer, str(tmp_path)], check=True, timeout=60)
+    # A process that has just opened its file and not yet sized it.
+    (tmp_path / "counter_999999.db").touch()
+    registry = CollectorRegistry()
+    registry.register(SharedMetricsCollector(str(tmp_path)))
+    text = generate_latest(registry).decode()
+    assert re.search(r'^batchlm_requests_total\{outcome="stop"\} 3\.0$', text, re.M), text

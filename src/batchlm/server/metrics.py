@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 from prometheus_client import (
     CollectorRegistry,
@@ -108,6 +109,32 @@ class EngineStatsCollector:
         return 1.0 if self._engine.is_ready and not self._engine.is_dead else 0.0
 
 
+class SharedMetricsCollector:
+    """prometheus_client's multiprocess merge over the processes' files, skipping a file another
+    process is creating this instant (still empty: the library's own collector fails the whole scrape
+    on it) and retrying once when a file disappears under it (an exited process's gauges removed)."""
+
+    def __init__(self, directory: str) -> None:
+        self._directory = Path(directory)
+
+    def collect(self) -> Iterable[Metric]:
+        for attempt in range(2):
+            files = [str(path) for path in self._directory.glob("*.db") if _size(path) >= 8]
+            try:
+                return multiprocess.MultiProcessCollector.merge(files, accumulate=True)
+            except FileNotFoundError:
+                if attempt:
+                    raise
+        return []
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
 class ServerMetrics:
     """All metrics of one app. Outcomes: a finish reason ("stop", "length"), "client_disconnect",
     "aborted" (by the server), or "error_<status>" for error responses and streaming error events."""
@@ -165,7 +192,7 @@ class ServerMetrics:
         if self._shared_dir is None:
             return generate_latest(self.registry)
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=self._shared_dir)
+        registry.register(SharedMetricsCollector(self._shared_dir))
         registry.register(self._engine_stats)
         return generate_latest(registry)
 
