@@ -4,6 +4,7 @@ over a pipe, are detokenized here, and are routed to each request's async iterat
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import multiprocessing
@@ -23,6 +24,7 @@ from batchlm.engine.front_end import EngineLimits, StreamingFrontEnd
 from batchlm.engine.output_processor import OutputProcessor
 from batchlm.request import EngineCoreRequest
 from batchlm.startup_log import log_uptime, timed_phase
+from batchlm.tokenizer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -56,15 +58,24 @@ class AsyncLLMEngine(StreamingFrontEnd):
         self._attached_model_dir: Path | None = None
         self._extra_front_ends = 0
         self._on_core_started: CoreSharing | None = None
+        self._tokenizer_loading: concurrent.futures.Future[Tokenizer] | None = None
 
     @classmethod
     def attached(
-        cls, config: EngineConfig, conn: Connection, model_dir: Path, *, max_queue: int | None = None
+        cls,
+        config: EngineConfig,
+        conn: Connection,
+        model_dir: Path,
+        *,
+        max_queue: int | None = None,
+        tokenizer: concurrent.futures.Future[Tokenizer] | None = None,
     ) -> AsyncLLMEngine:
-        """A front end on a core that another front end started (`conn` is this one's pipe to it)."""
+        """A front end on a core that another front end started (`conn` is this one's pipe to it).
+        `tokenizer`: its load, already under way (start() waits for it instead of loading one)."""
         engine = cls(config, max_queue=max_queue)
         engine._conn = conn
         engine._attached_model_dir = model_dir
+        engine._tokenizer_loading = tokenizer
         return engine
 
     def share_core(self, extra_front_ends: int, on_core_started: CoreSharing) -> None:
@@ -104,7 +115,10 @@ class AsyncLLMEngine(StreamingFrontEnd):
             self._conn = self._spawn_core(model_dir)
         try:
             with timed_phase(logger, "tokenizer load (front end, beside the engine core)"):
-                self.tokenizer = await self._loop.run_in_executor(None, load_tokenizer, self.config, model_dir)
+                if self._tokenizer_loading is not None:
+                    self.tokenizer = await asyncio.wrap_future(self._tokenizer_loading)
+                else:
+                    self.tokenizer = await self._loop.run_in_executor(None, load_tokenizer, self.config, model_dir)
         except BaseException:
             self._stop_core_now()
             raise

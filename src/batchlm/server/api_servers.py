@@ -12,6 +12,7 @@ its shutdown to them, and stops the core only after they have drained.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import multiprocessing
@@ -32,6 +33,7 @@ from batchlm.server.state import ServerSettings
 if TYPE_CHECKING:
     from batchlm.engine.client import EngineClient
     from batchlm.server.launcher import GracefulServer
+    from batchlm.tokenizer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -220,9 +222,16 @@ def api_server_main(
     # that a Ctrl-C during loading does not print a traceback here.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging(settings.log_level, tag=f"api-server-{index}")
+    # The tokenizer (transformers' import, then the file) is the longest part of this process's
+    # start: it loads on a thread while the server's own modules import.
+    from batchlm.engine.core_builder import load_tokenizer
+
+    tokenizer = concurrent.futures.ThreadPoolExecutor(1).submit(load_tokenizer, config, model_dir)
     from batchlm.server.launcher import run_event_loop
 
-    sys.exit(run_event_loop(_serve_attached(index, settings, config, model_dir, conn, status, port)))
+    sys.exit(
+        run_event_loop(_serve_attached(index, settings, config, model_dir, conn, status, port, tokenizer))
+    )
 
 
 async def _serve_attached(
@@ -233,12 +242,15 @@ async def _serve_attached(
     conn: Connection,
     status: Connection,
     port: int,
+    tokenizer: concurrent.futures.Future[Tokenizer],
 ) -> int:
     from batchlm.engine.async_engine import AsyncLLMEngine
     from batchlm.server.app import build_app
     from batchlm.server.launcher import GracefulServer, serve
 
-    engine = AsyncLLMEngine.attached(config, conn, model_dir, max_queue=settings.max_queue)
+    engine = AsyncLLMEngine.attached(
+        config, conn, model_dir, max_queue=settings.max_queue, tokenizer=tokenizer
+    )
     app = build_app(engine, replace(settings, port=port), log_stats=False)
     try:
         await engine.start()
