@@ -68,7 +68,9 @@ class InstantExecutor:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--num-requests", type=int, default=256)
     parser.add_argument("--input-len", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=256)
@@ -102,7 +104,9 @@ def main() -> None:
         pack(core.step())
         steps += 1
     elapsed = time.perf_counter() - started
-    print(f"{steps} decode steps of {args.num_requests} requests: {1000 * elapsed / steps:.3f} ms host time per step")
+    print(
+        f"{steps} decode steps of {args.num_requests} requests: {1000 * elapsed / steps:.3f} ms host time per step"
+    )
     for name, total in sorted(TIMES.items(), key=lambda item: -item[1]):
         print(f"  {name:9s} {1000 * total / steps:.3f} ms")
 

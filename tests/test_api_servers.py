@@ -33,7 +33,9 @@ from batchlm.server.api_servers import (
 )
 from fake_engine import wait_until
 
-linux_only = pytest.mark.skipif(shared_port_unsupported_reason() is not None, reason="needs SO_REUSEPORT (Linux)")
+linux_only = pytest.mark.skipif(
+    shared_port_unsupported_reason() is not None, reason="needs SO_REUSEPORT (Linux)"
+)
 
 
 # -- the core's side: one pipe per front end ---------------------------------------------------------
@@ -73,7 +75,9 @@ class CountingCore:
             done = self.remaining[request_id] == 0
             if done:
                 del self.remaining[request_id]
-            outputs.append(EngineCoreOutput(request_id, (1,), finish_reason=FinishReason.LENGTH if done else None))
+            outputs.append(
+                EngineCoreOutput(request_id, (1,), finish_reason=FinishReason.LENGTH if done else None)
+            )
         return outputs
 
     def stats(self) -> SchedulerStats:
@@ -120,7 +124,9 @@ class Wire:
         pending = set(request_ids)
         deadline = time.monotonic() + 10
         while pending:
-            assert self.front[client].poll(max(0.0, deadline - time.monotonic())), f"still waiting for {pending}"
+            assert self.front[client].poll(max(0.0, deadline - time.monotonic())), (
+                f"still waiting for {pending}"
+            )
             kind, payload = self.front[client].recv()
             if kind != "outputs":
                 continue
@@ -288,7 +294,9 @@ def free_port() -> int:
 class ServeProcess:
     def __init__(self, command: list[str]) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "BATCHLM_CORE_THREADS": "1"}
-        self.process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.process = subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -351,11 +359,15 @@ def complete(base: str, index: int) -> dict[str, Any]:
 
 def requests_total(base: str) -> float:
     text = httpx.get(f"{base}/metrics", timeout=10).text
-    return sum(float(m) for m in re.findall(r'^batchlm_requests_total\{outcome="length"\} (\S+)$', text, re.M))
+    return sum(
+        float(m) for m in re.findall(r'^batchlm_requests_total\{outcome="length"\} (\S+)$', text, re.M)
+    )
 
 
 @linux_only
-def test_two_api_servers_share_the_port_the_engine_and_the_metrics(two_servers: tuple[ServeProcess, str]) -> None:
+def test_two_api_servers_share_the_port_the_engine_and_the_metrics(
+    two_servers: tuple[ServeProcess, str],
+) -> None:
     server, base = two_servers
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(lambda i: complete(base, i), range(48)))
@@ -385,15 +397,22 @@ def test_a_signal_to_the_primary_drains_every_process_and_exits_0(
     finished: list[str] = []
 
     def stream() -> None:
-        with httpx.Client(timeout=60) as client, client.stream("POST", f"{base}/v1/completions", json=body) as response:
-            events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+        with (
+            httpx.Client(timeout=60) as client,
+            client.stream("POST", f"{base}/v1/completions", json=body) as response,
+        ):
+            events = [
+                line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")
+            ]
         assert events[-1] == "[DONE]"
         finished.append(json.loads(events[-2])["choices"][0]["finish_reason"])
 
     workers = [threading.Thread(target=stream) for _ in range(8)]
     for worker in workers:
         worker.start()
-    wait_until(lambda: server.log.count("POST /v1/completions") >= 8, timeout_s=30, what="the streams to start")
+    wait_until(
+        lambda: server.log.count("POST /v1/completions") >= 8, timeout_s=30, what="the streams to start"
+    )
     assert server.stop(signum) == 0, server.log
     for worker in workers:
         worker.join(30)
@@ -407,7 +426,9 @@ def test_a_crashed_api_server_leaves_the_others_serving(two_servers: tuple[Serve
     server, base = two_servers
     pid = int(re.findall(r"\[api-server-1\] uvicorn\.error: Started server process \[(\d+)\]", server.log)[0])
     os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: "API server 1 exited unexpectedly" in server.log, timeout_s=10, what="the exit to be noticed")
+    wait_until(
+        lambda: "API server 1 exited unexpectedly" in server.log, timeout_s=10, what="the exit to be noticed"
+    )
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda i: complete(base, i), range(16)))
     assert len(results) == 16
@@ -416,7 +437,10 @@ def test_a_crashed_api_server_leaves_the_others_serving(two_servers: tuple[Serve
 
 def test_api_servers_must_be_at_least_one(tiny_model_dir: Callable[..., Path]) -> None:
     result = subprocess.run(
-        serve_command(tiny_model_dir(), free_port(), "--api-servers", "0"), capture_output=True, text=True, timeout=120
+        serve_command(tiny_model_dir(), free_port(), "--api-servers", "0"),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert "--api-servers must be at least 1" in result.stderr
