@@ -21,7 +21,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -105,11 +105,11 @@ class ApiServerPool:
     """The API servers beside the primary: started when the engine core starts (AsyncLLMEngine
     share_core's callback), awaited before the primary says it is ready, stopped before the core."""
 
-    def __init__(self, settings: ServerSettings, config: EngineConfig, count: int, port: int) -> None:
+    def __init__(self, settings: ServerSettings, config: EngineConfig, count: int) -> None:
+        """`settings` carry the port the primary bound (the others bind the same one)."""
         self.settings = settings
         self.config = config
         self.count = count
-        self.port = port
         self._members: list[_Member] = []
         self._stopping = False
         self._reported_exit: set[int] = set()
@@ -118,9 +118,10 @@ class ApiServerPool:
         context = multiprocessing.get_context("spawn")
         for index, conn in enumerate(conns, start=1):
             status_reader, status_writer = context.Pipe(duplex=False)
+            spec = ApiServerSpec(index, self.settings, self.config, model_dir, conn, status_writer)
             process = context.Process(
                 target=api_server_main,
-                args=(index, self.settings, self.config, model_dir, conn, status_writer, self.port),
+                args=(spec,),
                 name=f"batchlm-api-server-{index}",
                 daemon=True,
             )
@@ -130,7 +131,7 @@ class ApiServerPool:
             conn.close()
             status_writer.close()
             self._members.append(_Member(index, process, status_reader))
-        logger.info("started %d more API server process(es) on port %d", len(conns), self.port)
+        logger.info("started %d more API server process(es) on port %d", len(conns), self.settings.port)
 
     async def wait_ready(self) -> None:
         """Returns once every API server serves; raises RuntimeError naming one that failed."""
@@ -206,62 +207,58 @@ def _forget_metrics_of(process: BaseProcess) -> None:
 # -- inside an API-server process --------------------------------------------------------------------
 
 
-def api_server_main(
-    index: int,
-    settings: ServerSettings,
-    config: EngineConfig,
-    model_dir: Path,
-    conn: Connection,
-    status: Connection,
-    port: int,
-) -> None:
+@dataclass(frozen=True)
+class ApiServerSpec:
+    """What one API-server process other than the primary needs (sent to it at spawn)."""
+
+    index: int
+    # The primary's settings, with the port it bound (never 0 here) and its share of --max-queue.
+    settings: ServerSettings
+    config: EngineConfig
+    model_dir: Path
+    # Its pipe to the engine core, and the pipe on which it reports ("ready", pid) or ("failed", text).
+    core: Connection
+    status: Connection
+
+
+def api_server_main(spec: ApiServerSpec) -> None:
     """Entry point of an API-server process other than the primary."""
     from batchlm.server.logging_setup import configure_logging
 
     # The primary turns Ctrl-C into SIGTERM for this process; while it starts, SIGINT is ignored so
     # that a Ctrl-C during loading does not print a traceback here.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    configure_logging(settings.log_level, tag=f"api-server-{index}")
+    configure_logging(spec.settings.log_level, tag=f"api-server-{spec.index}")
     # The tokenizer (transformers' import, then the file) is the longest part of this process's
     # start: it loads on a thread while the server's own modules import.
     from batchlm.engine.core_builder import load_tokenizer
 
-    tokenizer = concurrent.futures.ThreadPoolExecutor(1).submit(load_tokenizer, config, model_dir)
+    tokenizer = concurrent.futures.ThreadPoolExecutor(1).submit(load_tokenizer, spec.config, spec.model_dir)
     from batchlm.server.launcher import run_event_loop
 
-    sys.exit(
-        run_event_loop(_serve_attached(index, settings, config, model_dir, conn, status, port, tokenizer))
-    )
+    sys.exit(run_event_loop(_serve_attached(spec, tokenizer)))
 
 
-async def _serve_attached(
-    index: int,
-    settings: ServerSettings,
-    config: EngineConfig,
-    model_dir: Path,
-    conn: Connection,
-    status: Connection,
-    port: int,
-    tokenizer: concurrent.futures.Future[Tokenizer],
-) -> int:
+async def _serve_attached(spec: ApiServerSpec, tokenizer: concurrent.futures.Future[Tokenizer]) -> int:
     from batchlm.engine.async_engine import AsyncLLMEngine
     from batchlm.server.app import build_app
     from batchlm.server.launcher import GracefulServer, serve
 
+    settings = spec.settings
     engine = AsyncLLMEngine.attached(
-        config, conn, model_dir, max_queue=settings.max_queue, tokenizer=tokenizer
+        spec.config, spec.core, spec.model_dir, max_queue=settings.max_queue, tokenizer=tokenizer
     )
-    app = build_app(engine, replace(settings, port=port), log_stats=False)
+    app = build_app(engine, settings, log_stats=False)
     try:
         await engine.start()
-        sock = bind_shared_port(settings.host, port)
+        sock = bind_shared_port(settings.host, settings.port)
     except Exception as error:
-        _report(status, ("failed", f"{type(error).__name__}: {error}"))
+        _report(spec.status, ("failed", f"{type(error).__name__}: {error}"))
         await engine.shutdown()
         return 1
     server = GracefulServer(app)
-    watchdog = asyncio.ensure_future(_exit_when_engine_stops(engine, server, index))
-    _report(status, ("ready", os.getpid()))
+    watchdog = asyncio.ensure_future(_exit_when_engine_stops(engine, server, spec.index))
+    _report(spec.status, ("ready", os.getpid()))
     try:
         return await serve(server, engine, sockets=[sock])
     finally:
