@@ -35,20 +35,18 @@ def _engine_with_writer(connection: BlockingConnection) -> AsyncLLMEngine:
 
 
 def test_consecutive_adds_merge_and_everything_else_keeps_its_place() -> None:
-    messages: list[tuple[str, Any] | None] = [
+    messages: list[tuple[str, Any]] = [
         ("add", ["a"]),
         ("add", ["b", "c"]),
         ("abort", ["x"]),
         ("add", ["d"]),
         ("shutdown", None),
-        None,
     ]
     assert _merge_adds(messages) == [
         ("add", ["a", "b", "c"]),
         ("abort", ["x"]),
         ("add", ["d"]),
         ("shutdown", None),
-        None,
     ]
     assert _merge_adds([]) == []
 

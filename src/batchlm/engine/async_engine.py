@@ -51,8 +51,8 @@ class AsyncLLMEngine(StreamingFrontEnd):
         self._shutting_down = False
         self.info: CoreInfo | None = None
         self._early_model_dir: Path | None = None
-        # Messages for the core, in order; None stops the writer thread.
-        self._outbox: queue.SimpleQueue[tuple[str, Any] | None] = queue.SimpleQueue()
+        # Messages for the core, in order; the writer thread stops after sending "shutdown".
+        self._outbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         # Set by attached(): the core is another front end's, already started.
         self._attached_model_dir: Path | None = None
@@ -265,8 +265,6 @@ class AsyncLLMEngine(StreamingFrontEnd):
                 while True:
                     pending.append(self._outbox.get_nowait())
             for message in _merge_adds(pending):
-                if message is None:
-                    return
                 try:
                     self._conn.send(message)
                 except (OSError, BrokenPipeError):
@@ -296,12 +294,12 @@ class AsyncLLMEngine(StreamingFrontEnd):
                 self._fail_request(request_id, RequestRejectedError(message))
 
 
-def _merge_adds(messages: list[tuple[str, Any] | None]) -> list[tuple[str, Any] | None]:
+def _merge_adds(messages: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
     """The same messages in the same order, with each run of consecutive "add" messages as one."""
-    merged: list[tuple[str, Any] | None] = []
+    merged: list[tuple[str, Any]] = []
     for message in messages:
         previous = merged[-1] if merged else None
-        if message is not None and previous is not None and message[0] == previous[0] == "add":
+        if previous is not None and message[0] == previous[0] == "add":
             merged[-1] = ("add", [*previous[1], *message[1]])
         else:
             merged.append(message)
