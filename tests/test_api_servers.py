@@ -465,3 +465,44 @@ def test_a_scrape_skips_the_metrics_file_a_starting_process_is_creating(tmp_path
     registry.register(SharedMetricsCollector(str(tmp_path)))
     text = generate_latest(registry).decode()
     assert re.search(r'^batchlm_requests_total\{outcome="stop"\} 3\.0$', text, re.M), text
+
+
+@linux_only
+def test_disconnects_in_every_process_abort_their_requests_in_the_engine(
+    two_servers: tuple[ServeProcess, str],
+) -> None:
+    server, base = two_servers
+    body = {"prompt": "endless", "max_tokens": 450, "ignore_eos": True, "stream": True}  # 512-token model
+
+    def open_and_drop() -> None:
+        with (
+            httpx.Client(timeout=60) as client,
+            client.stream("POST", f"{base}/v1/completions", json=body) as response,
+        ):
+            lines = response.iter_lines()
+            while not next(lines).startswith("data: "):
+                pass
+        # Leaving both blocks closes the connection mid-stream.
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: open_and_drop(), range(8)))
+
+    def metric(text: str, name: str) -> float:
+        found = re.search(rf"^{name} (\S+)$", text, re.M)
+        return float(found.group(1)) if found else -1.0
+
+    def all_aborted() -> bool:
+        text = httpx.get(f"{base}/metrics", timeout=10).text
+        disconnects = re.search(r'^batchlm_requests_total\{outcome="client_disconnect"\} (\S+)$', text, re.M)
+        return (
+            disconnects is not None
+            and float(disconnects.group(1)) == 8
+            and metric(text, "batchlm_num_requests_running") == 0
+            and metric(text, "batchlm_requests_in_flight") == 0
+        )
+
+    wait_until(all_aborted, timeout_s=30, what="every dropped stream to be aborted in the engine")
+    served = re.findall(r"^.*request cmpl-\w+: client_disconnect", server.log, re.M)
+    assert any("[api-server-1]" in line for line in served), (
+        "some streams should have gone to the second process"
+    )
