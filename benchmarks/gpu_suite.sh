@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: GPU tests, offline W1/W2, single-stream latency, online W1, start-up time.
-# Usage: bash benchmarks/gpu_suite.sh [tests] [w1] [single] [w2] [online] [online_servers] [online_profile] [startup]
-#        [startup_profile]
+# Usage: bash benchmarks/gpu_suite.sh [tests] [w1] [single] [w2] [online] [online_servers] [online_clients]
+#        [online_profile] [startup] [startup_profile]
 # (default: all but startup_profile). startup: command-to-ready of `batchlm serve` three times, the first
 # with an empty Triton cache (as on a fresh machine), with the server's `startup:` breakdown;
 # startup_profile: the engine core's start-up in one process (every Triton compile, every graph
@@ -40,6 +40,16 @@ for step in $steps; do
           timeout 200 python3 benchmarks/serve_gpu.py --shape llama-3.2-1b --requests 256 --input-len 512 \
             --output-len 256 --runs 3 --out-dir "$OUT" --serve-arg=--api-servers --serve-arg="$n" 2>&1 \
             | grep '^{' | sed "s/^/[round $round, api-servers $n] /"
+        done
+      done ;;
+    online_clients)
+      # The online run with the bench client in 1 and 2 processes (`batchlm bench --client-processes`),
+      # each against a fresh server: how much the single-process client holds the figure down.
+      for round in $(seq "${ROUNDS:-1}"); do
+        for n in 1 2; do
+          timeout 200 python3 benchmarks/serve_gpu.py --shape llama-3.2-1b --requests 256 --input-len 512 \
+            --output-len 256 --runs 3 --out-dir "$OUT" --bench-arg=--client-processes --bench-arg="$n" 2>&1 \
+            | grep '^{' | sed "s/^/[round $round, client processes $n] /"
         done
       done ;;
     online_profile)

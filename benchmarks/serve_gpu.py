@@ -131,6 +131,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--out-dir", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--serve-arg", action="append", default=[], help="extra `batchlm serve` argument")
+    parser.add_argument("--bench-arg", action="append", default=[], help="extra `batchlm bench` argument")
     parser.add_argument("--server-log", type=Path, help="write the server's output here (default: inherit)")
     parser.add_argument("--server-log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     args = parser.parse_args()
@@ -165,7 +166,7 @@ def main() -> None:
                     "--model", "bench", "--backend", "openai", "--stream", "--requests", str(args.requests),
                     "--max-concurrency", str(args.requests), "--input-len", str(args.input_len),
                     "--output-len", str(args.output_len), "--temperature", "1.0", "--num-warmups", "4",
-                    "--save-result", str(result_path), "--disable-tqdm",
+                    "--save-result", str(result_path), "--disable-tqdm", *args.bench_arg,
                 ],
                 check=True,
             )

@@ -135,6 +135,7 @@ def test_extra_body_headers_and_sampling_flags_reach_the_request() -> None:
         (["--header", "novalue"], "--header expects KEY=VALUE"),
         (["--metric-percentiles", "50,150"], "not within 0..100"),
         (["--base-url", "localhost:8080/v1"], "must start with http://"),
+        (["--client-processes", "0"], "--client-processes must be >= 1"),
     ],
 )
 def test_bad_flag_combinations_are_rejected_with_the_flag_named(argv: list[str], message: str) -> None:

@@ -152,3 +152,29 @@ def test_non_streaming_run_counts_tokens_from_usage(live_server: str) -> None:
     )
     m = run.levels[0].metrics
     assert (m.completed, m.total_output_tokens, m.ttft.empty) == (3, 9, True), m.failure_reasons
+
+
+def test_two_client_processes_send_the_whole_workload_once(live_server: str) -> None:
+    run = bench(
+        live_server,
+        "--stream",
+        "--input-len",
+        "16",
+        "--output-len",
+        "5",
+        "--requests",
+        "12",
+        "--max-concurrency",
+        "6",
+        "--backend",
+        "openai",
+        "--client-processes",
+        "2",
+    )
+    level = run.levels[0]
+    m = level.metrics
+    assert (m.completed, m.failed) == (12, 0), m.failure_reasons
+    assert m.total_output_tokens == 12 * 5
+    # Re-numbered into the workload's order: every request exactly once.
+    assert sorted(r.index for r in level.outcome.results) == list(range(12))
+    assert level.check.lag_samples > 0 and level.check.cpu_s > 0

@@ -123,6 +123,14 @@ def _add_load_arguments(load: argparse._ArgumentGroup) -> None:
         "--seed", type=int, default=0, help="seeds prompts, max_tokens, think and arrival times"
     )
     load.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request fails")
+    load.add_argument(
+        "--client-processes",
+        type=int,
+        default=1,
+        help="send each load level from this many processes (each every N-th request and 1/N of the "
+        "load), for servers that stream faster than one client event loop reads (see the self-check); "
+        "no progress line then",
+    )
 
 
 def _add_prompt_arguments(data: argparse._ArgumentGroup) -> None:

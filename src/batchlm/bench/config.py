@@ -62,6 +62,8 @@ class BenchConfig:
     show_progress: bool
     # Passed through to the result JSON.
     metadata: dict[str, str] = field(default_factory=dict)
+    # Processes each load level is sent from (bench/workers.py); 1 = this process.
+    client_processes: int = 1
 
 
 def parse_list(text: str, kind: type, flag: str) -> list[Any]:
@@ -121,6 +123,7 @@ def from_args(args: argparse.Namespace) -> BenchConfig:
         plot=args.plot,
         show_progress=not args.disable_tqdm,
         metadata=dict(_key_values(args.metadata or [], "metadata")),
+        client_processes=_at_least(args.client_processes, 1, "client-processes"),
     )
 
 

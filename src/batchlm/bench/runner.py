@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import gc
 import json
@@ -13,13 +14,13 @@ import aiohttp
 
 from batchlm.bench.config import BenchConfig
 from batchlm.bench.datasets import DatasetError
-from batchlm.bench.loadgen import LoadConfig, LoadGenerator
+from batchlm.bench.loadgen import LoadConfig, LoadGenerator, LoadOutcome
 from batchlm.bench.metrics import compute_metrics
 from batchlm.bench.openai_format import EndpointConfig
 from batchlm.bench.progress import Progress, shown
 from batchlm.bench.records import RequestSpec
 from batchlm.bench.report import LevelReport, RunInfo, describe_load, format_table, result_json
-from batchlm.bench.selfcheck import LoopMonitor
+from batchlm.bench.selfcheck import ClientCheck, LoopMonitor
 from batchlm.bench.sweep import format_sweep_table, level_label
 from batchlm.bench.tokencount import TokenCountError, make_counter
 from batchlm.bench.workload import Workload, build_workload
@@ -153,6 +154,10 @@ async def _run_level(
 ) -> LevelReport:
     label = level_label(load, config.sweep_name)
     _say(echo, f"Running {label}: {describe_load(load)}")
+    if config.client_processes > 1:
+        outcome, check = await _run_level_in_processes(endpoint, workload, load, config)
+        metrics = compute_metrics(outcome.results, outcome.run_start, outcome.duration_s, config.percentiles)
+        return LevelReport(label, load, outcome, metrics, check)
     total = None if load.duration_s is not None else len(workload.specs)
     progress = Progress(total, load.duration_s) if config.show_progress and echo else None
     generator = LoadGenerator(session, endpoint, workload.specs, progress)
@@ -169,6 +174,25 @@ async def _run_level(
     check = dataclasses.replace(check, max_dispatch_delay_s=outcome.max_dispatch_delay_s)
     metrics = compute_metrics(outcome.results, outcome.run_start, outcome.duration_s, config.percentiles)
     return LevelReport(label, load, outcome, metrics, check)
+
+
+async def _run_level_in_processes(
+    endpoint: EndpointConfig, workload: Workload, load: LoadConfig, config: BenchConfig
+) -> tuple[LoadOutcome, ClientCheck]:
+    from batchlm.bench.workers import ClientWorkerError, run_in_processes
+
+    try:
+        return await asyncio.get_running_loop().run_in_executor(
+            None,
+            run_in_processes,
+            endpoint,
+            workload.specs,
+            load,
+            config.client_processes,
+            config.request_timeout_s,
+        )
+    except ClientWorkerError as error:
+        raise SetupError(str(error)) from None
 
 
 def write_outputs(config: BenchConfig, bench_run: BenchRun) -> None:
