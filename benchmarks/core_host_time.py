@@ -4,7 +4,8 @@ input builder (CPU tensors) and the pipe packing, with an executor that "samples
     python benchmarks/core_host_time.py --num-requests 256 --input-len 512 --output-len 256
 
 On a GPU this host work runs beside the device's step (async scheduling); when it takes longer than
-the step, the GPU idles. Prints the mean per decode step of each phase.
+the step, the GPU idles. Prints the mean per decode step of each phase. --offline folds the outputs
+in as batchlm.LLM does (the offline benchmarks) instead of packing them for the pipe (the server).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from batchlm.core.engine_core import EngineCore
 from batchlm.core.scheduler import Scheduler, SchedulerConfig
 from batchlm.core.step_io import ModelRunnerOutput, SchedulerOutput
 from batchlm.engine.core_process import pack_outputs
+from batchlm.engine.output_processor import OutputProcessor
 from batchlm.request import EngineCoreRequest
 from batchlm.runner.inputs import StepInputBuilder
 from batchlm.runner.step_output import PreviousTokens
@@ -76,6 +78,9 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=200, help="decode steps measured")
+    parser.add_argument(
+        "--offline", action="store_true", help="also fold the outputs in as batchlm.LLM does (OutputProcessor)"
+    )
     args = parser.parse_args()
     config = SchedulerConfig(
         max_num_seqs=args.num_requests,
@@ -90,18 +95,22 @@ def main() -> None:
     scheduler.schedule = timed("schedule", scheduler.schedule)  # type: ignore[method-assign]
     scheduler.update_from_output = timed("update", scheduler.update_from_output)  # type: ignore[method-assign]
     pack = timed("pack", pack_outputs)
-    params = SamplingParams(max_tokens=args.output_len, ignore_eos=True)
+    params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, detokenize=False)
     prompt = tuple(range(1, args.input_len + 1))
+    processor = OutputProcessor(None)
+    fold_in = timed("process", lambda outputs: processor.process(outputs, delta=False, finished_only=True))
+    hand_off = fold_in if args.offline else pack
     for index in range(args.num_requests):
         core.add_request(EngineCoreRequest(f"r{index}", prompt, params, (0,), time.time()))
+        processor.add_request(f"r{index}", None, list(prompt), params, time.time())
     while scheduler.stats().num_waiting or scheduler.num_inflight_steps == 0:
-        pack(core.step())  # prefill (not measured)
+        hand_off(core.step())  # prefill (not measured)
     for _ in range(3):
-        pack(core.step())
+        hand_off(core.step())
     TIMES.clear()
     started, steps = time.perf_counter(), 0
     while core.has_work() and steps < args.steps:
-        pack(core.step())
+        hand_off(core.step())
         steps += 1
     elapsed = time.perf_counter() - started
     print(
