@@ -121,27 +121,3 @@ def test_stop_string_and_lengths(llama_dir: Path) -> None:
     completion = cut[0].outputs[0]
     assert completion.finish_reason == "stop" and completion.stop_reason == stop
     assert completion.text == full.text[: full.text.index(stop)]
-
-
-def test_folding_steps_together_changes_no_output(llama_dir: Path) -> None:
-    # generate() folds outputs in every OFFLINE_FOLD_STEPS steps; step by step must give the same
-    # tokens, logprobs, finish reasons and token timestamps' order.
-    from batchlm.engine.output_processor import OutputProcessor
-
-    # No prefix cache: the second run's prefill must compute what the first one did, bit for bit.
-    llm = _llm(llama_dir, enable_prefix_caching=False)
-    params = SamplingParams(temperature=1.0, seed=7, max_tokens=20, n=2, logprobs=2, min_tokens=3)
-
-    def run(fold_every: int) -> list[Any]:
-        processor = OutputProcessor(llm.tokenizer)
-        order = [llm._submit(processor, prompt, params) for prompt in _prompts()]
-        results = llm._run(processor, fold_every=fold_every)
-        return [results[request_id] for request_id in order]
-
-    folded, step_by_step = run(8), run(1)
-    for a, b in zip(folded, step_by_step, strict=True):
-        assert [(c.token_ids, c.text, c.finish_reason, c.cumulative_logprob) for c in a.outputs] == [
-            (c.token_ids, c.text, c.finish_reason, c.cumulative_logprob) for c in b.outputs
-        ]
-        assert a.metrics is not None and a.metrics.first_token_time is not None
-        assert a.metrics.first_token_time <= (a.metrics.last_token_time or 0.0)

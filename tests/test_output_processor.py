@@ -48,6 +48,7 @@ def test_a_stop_string_in_an_early_step_keeps_later_tokens_out(tiny_tokenizer: T
     assert completion.token_ids == stop_ids
 
 
+
 def test_steps_processed_together_finish_with_the_last_one(tiny_tokenizer: Tokenizer) -> None:
     processor, core_id = _processor(tiny_tokenizer)
     eos = tiny_tokenizer.eos_token_ids[0]
@@ -65,12 +66,3 @@ def test_steps_processed_together_finish_with_the_last_one(tiny_tokenizer: Token
     assert completion.text == tiny_tokenizer.decode([11, 12])
     assert output.num_cached_tokens == 2 and output.metrics is not None
     assert output.metrics.first_scheduled_time == 1.5
-
-
-def test_reports_now_for_a_first_token_or_a_finish_only(tiny_tokenizer: Tokenizer) -> None:
-    processor, core_id = _processor(tiny_tokenizer)
-    assert processor.reports_now([EngineCoreOutput(core_id, (9,))])  # no token seen yet
-    processor.process([EngineCoreOutput(core_id, (9,))], delta=False, finished_only=True)
-    assert not processor.reports_now([EngineCoreOutput(core_id, (10,))])
-    assert not processor.reports_now([EngineCoreOutput("unknown", (10,))])
-    assert processor.reports_now([EngineCoreOutput(core_id, (11,), finish_reason=FinishReason.LENGTH)])

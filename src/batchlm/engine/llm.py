@@ -11,15 +11,11 @@ from batchlm.config import EngineConfig
 from batchlm.engine.core_builder import build_engine_core, load_tokenizer, prepare_model_dir
 from batchlm.engine.output_processor import OutputProcessor
 from batchlm.engine.requests import make_core_requests, validate_request
-from batchlm.outputs import EngineCoreOutput, RequestOutput
+from batchlm.outputs import RequestOutput
 from batchlm.sampling_params import SamplingParams
 from batchlm.tokenizer.tokenizer import Tokenizer
 
 PromptInput = str | Sequence[int]
-
-# Steps whose outputs generate() folds in together: the per-request Python work of folding in runs on
-# the engine's own thread, between its steps (~0.3 ms a step at 256 requests on a fast CPU).
-OFFLINE_FOLD_STEPS = 8
 
 
 class LLM:
@@ -53,10 +49,7 @@ class LLM:
         order: list[str] = []
         for prompt, params in zip(prompt_list, params_list, strict=True):
             order.append(self._submit(processor, prompt, params))
-        # Stop strings are found here, not in the engine: with any, every step is folded in at once so
-        # that a stopped sequence is aborted after one step, not several.
-        has_stop_strings = any(params.stop for params in params_list)
-        results = self._run(processor, fold_every=1 if has_stop_strings else OFFLINE_FOLD_STEPS)
+        results = self._run(processor)
         return [results[request_id] for request_id in order]
 
     def chat(
@@ -84,24 +77,10 @@ class LLM:
             self.engine_core.add_request(core_request)
         return request_id
 
-    def _run(self, processor: OutputProcessor, fold_every: int = 1) -> dict[str, RequestOutput]:
-        """Step until done. Outputs are folded in every `fold_every` steps (each sequence's tokens of
-        those steps at once), and at once for a step that finishes a sequence or brings a first token."""
+    def _run(self, processor: OutputProcessor) -> dict[str, RequestOutput]:
         results: dict[str, RequestOutput] = {}
-        pending: list[EngineCoreOutput] = []
-        steps_pending = 0
         while self.engine_core.has_work():
-            step_outputs = self.engine_core.step()
-            pending.extend(step_outputs)
-            steps_pending += 1
-            if (
-                steps_pending < fold_every
-                and self.engine_core.has_work()
-                and not processor.reports_now(step_outputs)
-            ):
-                continue
-            outputs, to_abort = processor.process(pending, delta=False, finished_only=True)
-            pending, steps_pending = [], 0
+            outputs, to_abort = processor.process(self.engine_core.step(), delta=False, finished_only=True)
             if to_abort:
                 self.engine_core.abort_requests(to_abort)
             for output in outputs:

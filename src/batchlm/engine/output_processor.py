@@ -149,18 +149,6 @@ class OutputProcessor:
                 self._forget(state)
         return results, to_abort
 
-    def reports_now(self, outputs: Iterable[EngineCoreOutput]) -> bool:
-        """True when these outputs finish a sequence or bring a request its first token. A caller that
-        folds several steps in at once (offline) folds those in at once, so that every request's
-        first- and last-token times stay those of the step that produced them."""
-        for output in outputs:
-            if output.finish_reason is not None:
-                return True
-            located = self._sequences.get(output.request_id)
-            if located is not None and self._requests[located[0]].metrics.first_token_time is None:
-                return True
-        return False
-
     def _by_sequence(self, outputs: Iterable[EngineCoreOutput]) -> Iterator[tuple[str, list[EngineCoreOutput]]]:
         """Each sequence's outputs in this batch, in step order, to be folded in together: when the
         front end fell behind (several engine steps at once), a sequence is detokenized and reported
@@ -231,11 +219,8 @@ class OutputProcessor:
         if completion.logprobs is not None and new_logprobs:
             completion.logprobs.extend(new_logprobs)
             completion.new_logprobs.extend(new_logprobs)
-            # One addition per token, in order: folding steps together gives the same float sum.
-            cumulative = completion.cumulative_logprob or 0.0
-            for logprob in new_logprobs:
-                cumulative += logprob.logprob
-            completion.cumulative_logprob = cumulative
+            total = sum(lp.logprob for lp in new_logprobs)
+            completion.cumulative_logprob = (completion.cumulative_logprob or 0.0) + total
         stopped_by_string = False
         if completion.detokenizer is not None:
             # A stop token (EOS or stop_token_ids) ends the text without appearing in it unless
