@@ -176,6 +176,16 @@ static inline void prefetch_token(const float *p, long floats) {
     for (long f = 0; f < floats; f += 16) _mm_prefetch((const char *)(p + f), _MM_HINT_T0);
 }
 
+/* Token t of a request (length tokens) in the cache, with token t + PREFETCH_TOKENS prefetched. */
+static inline const float *walk_token(const float *cache, const int32_t *table, long t, long length,
+                                      long block_size, long block_stride, long token_stride) {
+    const float *token = cached_token(cache, table, t, block_size, block_stride, token_stride);
+    if (t + PREFETCH_TOKENS < length)
+        prefetch_token(cached_token(cache, table, t + PREFETCH_TOKENS, block_size, block_stride, token_stride),
+                       token_stride);
+    return token;
+}
+
 /* One request, every head. The cache keeps a block's tokens (all KV heads) contiguous, so walking the
  * request's blocks in order reads memory sequentially; the next token is prefetched while the current
  * one is used. scores: heads * length floats; acc: heads * D floats (scratch). D is a multiple of 8. */
@@ -190,10 +200,7 @@ static void decode_request(const float *q, const float *k_cache, const float *v_
         return;
     }
     for (long t = 0; t < length; t++) {
-        const float *token = cached_token(k_cache, table, t, block_size, block_stride, token_stride);
-        if (t + PREFETCH_TOKENS < length)
-            prefetch_token(cached_token(k_cache, table, t + PREFETCH_TOKENS, block_size, block_stride, token_stride),
-                           token_stride);
+        const float *token = walk_token(k_cache, table, t, length, block_size, block_stride, token_stride);
         for (long h = 0; h < heads; h++) {
             const float *k = token + (h / group) * D;
             const float *qh = q + h * D;
@@ -226,10 +233,7 @@ static void decode_request(const float *q, const float *k_cache, const float *v_
     }
     for (long i = 0; i < heads * D; i++) acc[i] = 0.0f;
     for (long t = 0; t < length; t++) {
-        const float *token = cached_token(v_cache, table, t, block_size, block_stride, token_stride);
-        if (t + PREFETCH_TOKENS < length)
-            prefetch_token(cached_token(v_cache, table, t + PREFETCH_TOKENS, block_size, block_stride, token_stride),
-                           token_stride);
+        const float *token = walk_token(v_cache, table, t, length, block_size, block_stride, token_stride);
         for (long h = 0; h < heads; h++) {
             const float *v = token + (h / group) * D;
             const __m256 p = _mm256_set1_ps(scores[h * length + t]);
