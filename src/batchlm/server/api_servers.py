@@ -105,11 +105,11 @@ class ApiServerPool:
     """The API servers beside the primary: started when the engine core starts (AsyncLLMEngine
     share_core's callback), awaited before the primary says it is ready, stopped before the core."""
 
-    def __init__(self, settings: ServerSettings, config: EngineConfig, count: int) -> None:
-        """`settings` carry the port the primary bound (the others bind the same one)."""
+    def __init__(self, settings: ServerSettings, config: EngineConfig) -> None:
+        """`settings` carry the port the primary bound (the others bind the same one); one process
+        starts per pipe start() is given."""
         self.settings = settings
         self.config = config
-        self.count = count
         self._members: list[_Member] = []
         self._stopping = False
         self._reported_exit: set[int] = set()

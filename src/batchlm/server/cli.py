@@ -137,7 +137,7 @@ def _run_several(settings: ServerSettings, config: EngineConfig, count: int) -> 
     share_metrics_between_processes(metrics_dir)
     try:
         engine = AsyncLLMEngine(config, max_queue=settings.max_queue)
-        pool = ApiServerPool(settings, config, count - 1)
+        pool = ApiServerPool(settings, config)
         engine.share_core(count - 1, pool.start)
         engine.begin_loading()
         from batchlm.server.app import build_app
