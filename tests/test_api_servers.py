@@ -1,5 +1,6 @@
-"""Several API-server processes sharing one engine core (`batchlm serve --api-servers N`): the core's
-routing of outputs per front end, detaching a front end, and the whole server on a real port."""
+"""Several API-server processes sharing one engine core (`batchlm serve --api-servers N`): the
+automatic count, the shared queue limit and delta cadence, readiness, and the whole server on a real
+port (the core's side of it: tests/test_core_loop_front_ends.py)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,8 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from multiprocessing import Pipe
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +20,6 @@ import httpx
 import pytest
 
 from batchlm.core.scheduler import SchedulerStats
-from batchlm.engine.core_process import CoreLoop, unpack_outputs
-from batchlm.outputs import EngineCoreOutput, FinishReason
-from batchlm.request import EngineCoreRequest
-from batchlm.sampling_params import SamplingParams
 from batchlm.server.api_servers import (
     automatic_api_servers,
     per_process_queue_limit,
@@ -36,182 +30,6 @@ from fake_engine import wait_until
 linux_only = pytest.mark.skipif(
     shared_port_unsupported_reason() is not None, reason="needs SO_REUSEPORT (Linux)"
 )
-
-
-# -- the core's side: one pipe per front end ---------------------------------------------------------
-
-
-class CountingCore:
-    """Each request emits its id's length in tokens, one per step, then finishes."""
-
-    def __init__(self) -> None:
-        self.remaining: dict[str, int] = {}
-        self.aborted: list[str] = []
-        self.executor = object()
-        self.step_gate = threading.Event()
-        self.step_gate.set()
-
-    def add_request(self, request: EngineCoreRequest) -> None:
-        if request.request_id in self.remaining:
-            raise ValueError("duplicate")
-        self.remaining[request.request_id] = request.sampling_params.max_tokens or 1
-
-    def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
-        outputs = []
-        for request_id in request_ids:
-            if self.remaining.pop(request_id, None) is not None:
-                self.aborted.append(request_id)
-                outputs.append(EngineCoreOutput(request_id, (), finish_reason=FinishReason.ABORT))
-        return outputs
-
-    def has_work(self) -> bool:
-        return bool(self.remaining)
-
-    def step(self) -> list[EngineCoreOutput]:
-        self.step_gate.wait(5)
-        outputs = []
-        for request_id in list(self.remaining):
-            self.remaining[request_id] -= 1
-            done = self.remaining[request_id] == 0
-            if done:
-                del self.remaining[request_id]
-            outputs.append(
-                EngineCoreOutput(request_id, (1,), finish_reason=FinishReason.LENGTH if done else None)
-            )
-        return outputs
-
-    def stats(self) -> SchedulerStats:
-        return SchedulerStats(num_running=len(self.remaining))
-
-
-def core_request(request_id: str, max_tokens: int = 3) -> EngineCoreRequest:
-    return EngineCoreRequest(request_id, (1, 2), SamplingParams(max_tokens=max_tokens), (0,), time.time())
-
-
-class Wire:
-    """A CoreLoop on its own thread with `count` front-end pipes."""
-
-    def __init__(self, count: int) -> None:
-        pipes = [Pipe() for _ in range(count)]
-        self.front = [front for front, _ in pipes]
-        self.core = CountingCore()
-        self.loop = CoreLoop(self.core, [core_end for _, core_end in pipes])  # type: ignore[arg-type]
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.loop.run()
-        except BaseException as error:
-            self.error = error
-
-    def discard_messages_to(self, client: int) -> None:
-        """Read and drop what the core sends this front end (a full pipe would block the core)."""
-
-        def drain() -> None:
-            try:
-                while True:
-                    self.front[client].recv()
-            except (EOFError, OSError, TypeError):  # TypeError: the test closed this end meanwhile
-                return
-
-        threading.Thread(target=drain, daemon=True).start()
-
-    def outputs_until_finished(self, client: int, request_ids: set[str]) -> list[EngineCoreOutput]:
-        """Every output client `client` receives until all of request_ids have finished."""
-        received: list[EngineCoreOutput] = []
-        pending = set(request_ids)
-        deadline = time.monotonic() + 10
-        while pending:
-            assert self.front[client].poll(max(0.0, deadline - time.monotonic())), (
-                f"still waiting for {pending}"
-            )
-            kind, payload = self.front[client].recv()
-            if kind != "outputs":
-                continue
-            packed, stats = payload
-            assert isinstance(stats, SchedulerStats)
-            for output in unpack_outputs(packed):
-                received.append(output)
-                if output.finish_reason is not None:
-                    pending.discard(output.request_id)
-        return received
-
-
-def messages_of(conn: Connection, kind: str, within_s: float = 5.0) -> Iterator[Any]:
-    deadline = time.monotonic() + within_s
-    while conn.poll(max(0.0, deadline - time.monotonic())):
-        message_kind, payload = conn.recv()
-        if message_kind == kind:
-            yield payload
-
-
-def test_each_front_end_gets_only_the_outputs_of_its_own_requests() -> None:
-    wire = Wire(3)
-    wire.core.step_gate.clear()  # all three adds land before the first step
-    wire.front[0].send(("add", [core_request("a0"), core_request("a1", max_tokens=2)]))
-    wire.front[2].send(("add", [core_request("c0", max_tokens=4)]))
-    time.sleep(0.1)
-    wire.core.step_gate.set()
-    first = wire.outputs_until_finished(0, {"a0", "a1"})
-    third = wire.outputs_until_finished(2, {"c0"})
-    assert sorted(o.request_id for o in first) == ["a0"] * 3 + ["a1"] * 2
-    assert [o.request_id for o in third] == ["c0"] * 4
-    # The second front end added nothing: it gets stats with empty outputs, never others' tokens.
-    for packed, _ in messages_of(wire.front[1], "outputs", within_s=0.5):
-        assert unpack_outputs(packed) == []
-    wire.front[0].send(("shutdown", None))
-    wire.thread.join(5)
-    assert not wire.thread.is_alive() and wire.error is None
-
-
-def test_a_secondary_front_end_leaving_aborts_its_requests_and_the_core_carries_on() -> None:
-    wire = Wire(2)
-    wire.core.step_gate.clear()
-    wire.front[1].send(("add", [core_request("left-behind", max_tokens=1000)]))
-    wire.front[0].send(("add", [core_request("kept", max_tokens=1000)]))
-    wire.front[1].close()  # the API-server process exited
-    wire.core.step_gate.set()
-    wait_until(lambda: wire.core.aborted == ["left-behind"], timeout_s=5, what="the orphan to be aborted")
-    wire.front[0].send(("add", [core_request("after", max_tokens=2)]))
-    outputs = wire.outputs_until_finished(0, {"after"})
-    assert {o.request_id for o in outputs} <= {"kept", "after"}
-    assert wire.thread.is_alive()
-    wire.front[0].send(("shutdown", None))
-    wire.thread.join(5)
-    assert wire.error is None
-
-
-def test_shutdown_from_a_secondary_only_detaches_it_and_the_primary_closing_stops_the_core() -> None:
-    wire = Wire(2)
-    wire.discard_messages_to(0)
-    wire.discard_messages_to(1)
-    wire.front[1].send(("add", [core_request("orphan", max_tokens=10_000_000)]))
-    wait_until(lambda: "orphan" in wire.core.remaining, timeout_s=5, what="the request to be added")
-    wire.front[1].send(("shutdown", None))
-    wait_until(lambda: wire.core.aborted == ["orphan"], timeout_s=5, what="the detach")
-    assert wire.thread.is_alive()
-    wire.front[0].send(("add", [core_request("busy", max_tokens=10_000_000)]))
-    wire.front[0].close()
-    wire.thread.join(5)
-    assert not wire.thread.is_alive()
-    # engine_core_main takes either as "the front end went away" and exits.
-    assert isinstance(wire.error, (EOFError, BrokenPipeError))
-
-
-def test_an_id_in_use_by_another_front_end_is_rejected_to_the_sender_only() -> None:
-    wire = Wire(2)
-    wire.core.step_gate.clear()
-    wire.front[0].send(("add", [core_request("same", max_tokens=50)]))
-    time.sleep(0.1)
-    wire.front[1].send(("add", [core_request("same", max_tokens=50)]))
-    rejected = next(messages_of(wire.front[1], "rejected"))
-    assert rejected[0] == "same"
-    wire.core.step_gate.set()
-    assert {o.request_id for o in wire.outputs_until_finished(0, {"same"})} == {"same"}
-    wire.front[0].send(("shutdown", None))
-    wire.thread.join(5)
 
 
 def test_the_queue_limit_is_shared_out_between_processes() -> None:
