@@ -14,6 +14,19 @@ mkdir -p "$OUT"
 steps="${*:-tests w1 single w2 online startup}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)' | tee -a "$OUT/gpu.txt"
+# online_ab ROUNDS FLAG VIA VALUE...: the online run once per VALUE of `--FLAG`, passed to the server
+# (VIA --serve-arg) or the bench client (VIA --bench-arg), interleaved over ROUNDS rounds, 3 runs each.
+online_ab() {
+  local rounds="$1" flag="$2" via="$3"
+  shift 3
+  for round in $(seq "$rounds"); do
+    for value in "$@"; do
+      timeout 200 python3 benchmarks/serve_gpu.py --shape llama-3.2-1b --requests 256 --input-len 512 \
+        --output-len 256 --runs 3 --out-dir "$OUT" "$via=--$flag" "$via=$value" 2>&1 \
+        | grep '^{' | sed "s/^/[round $round, $flag $value] /"
+    done
+  done
+}
 for step in $steps; do
   echo "=== $step $(date -u +%H:%M:%S)"
   case "$step" in
@@ -35,23 +48,11 @@ for step in $steps; do
     online_servers)
       # The online run with 1, 2 and 4 API-server processes (`--api-servers`), interleaved, two rounds
       # (API_SERVERS="1 2 4" and ROUNDS=2 by default), 3 runs each.
-      for round in $(seq "${ROUNDS:-2}"); do
-        for n in ${API_SERVERS:-1 2 4}; do
-          timeout 200 python3 benchmarks/serve_gpu.py --shape llama-3.2-1b --requests 256 --input-len 512 \
-            --output-len 256 --runs 3 --out-dir "$OUT" --serve-arg=--api-servers --serve-arg="$n" 2>&1 \
-            | grep '^{' | sed "s/^/[round $round, api-servers $n] /"
-        done
-      done ;;
+      online_ab "${ROUNDS:-2}" api-servers --serve-arg ${API_SERVERS:-1 2 4} ;;
     online_clients)
       # The online run with the bench client in 1 and 2 processes (`batchlm bench --client-processes`),
       # each against a fresh server: how much the single-process client holds the figure down.
-      for round in $(seq "${ROUNDS:-1}"); do
-        for n in 1 2; do
-          timeout 200 python3 benchmarks/serve_gpu.py --shape llama-3.2-1b --requests 256 --input-len 512 \
-            --output-len 256 --runs 3 --out-dir "$OUT" --bench-arg=--client-processes --bench-arg="$n" 2>&1 \
-            | grep '^{' | sed "s/^/[round $round, client processes $n] /"
-        done
-      done ;;
+      online_ab "${ROUNDS:-1}" client-processes --bench-arg 1 2 ;;
     online_profile)
       # The online run again, every process sampled by py-spy (carried as a wheel), with the server's
       # stats line every second; then the front end alone against a simulated engine (this host's CPU).
