@@ -52,13 +52,15 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     configure_logging(settings.log_level)
     config = dataclass_from_args(EngineConfig, args)
-    if settings.api_servers is not None and settings.api_servers < 1:
-        logger.error("--api-servers must be at least 1, got %d", settings.api_servers)
+    count = (
+        settings.api_servers if settings.api_servers is not None else _automatic_api_servers(settings, config)
+    )
+    if count < 1:
+        logger.error("--api-servers must be at least 1, got %d", count)
         return 2
-    if settings.api_servers is None:
-        settings = replace(settings, api_servers=_automatic_api_servers(settings, config))
-    if settings.api_servers is not None and settings.api_servers > 1:
-        return _run_several(settings, config, settings.api_servers)
+    settings = replace(settings, api_servers=count)
+    if count > 1:
+        return _run_several(settings, config, count)
     try:
         engine = create_engine(settings.backend, config, max_queue=settings.max_queue)
     except ValueError as error:  # an unknown or uninstalled backend
