@@ -50,12 +50,12 @@ class AsyncLLMEngine(StreamingFrontEnd):
         self._core_stats = SchedulerStats()
         self._shutting_down = False
         self.info: CoreInfo | None = None
-        self._early_model_dir: Path | None = None
+        # The model directory once the core runs before start(): begin_loading() started it, or
+        # (attached()) another front end did.
+        self._model_dir: Path | None = None
         # Messages for the core, in order; the writer thread stops after sending "shutdown".
         self._outbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
-        # Set by attached(): the core is another front end's, already started.
-        self._attached_model_dir: Path | None = None
         self._extra_front_ends = 0
         self._on_core_started: CoreSharing | None = None
         self._tokenizer_loading: concurrent.futures.Future[Tokenizer] | None = None
@@ -74,7 +74,7 @@ class AsyncLLMEngine(StreamingFrontEnd):
         `tokenizer`: its load, already under way (start() waits for it instead of loading one)."""
         engine = cls(config, max_queue=max_queue)
         engine._conn = conn
-        engine._attached_model_dir = model_dir
+        engine._model_dir = model_dir
         engine._tokenizer_loading = tokenizer
         return engine
 
@@ -98,18 +98,15 @@ class AsyncLLMEngine(StreamingFrontEnd):
         time-to-ready, and this overlaps the server's imports and set-up with it."""
         if not self.multiprocess or self._conn is not None or not Path(self.config.model).expanduser().is_dir():
             return
-        self._early_model_dir = prepare_model_dir(self.config)
-        self._conn = self._spawn_core(self._early_model_dir)
+        self._model_dir = prepare_model_dir(self.config)
+        self._conn = self._spawn_core(self._model_dir)
         log_uptime(logger, "front end: engine core started (before the server's set-up)")
 
     async def start(self) -> None:
         """Load the tokenizer here and the model in the engine core; returns once both are ready."""
         self._loop = asyncio.get_running_loop()
-        if self._attached_model_dir is not None:
-            model_dir = self._attached_model_dir
-        elif self._early_model_dir is not None:
-            model_dir = self._early_model_dir
-        else:
+        model_dir = self._model_dir
+        if model_dir is None:
             model_dir = await self._loop.run_in_executor(None, prepare_model_dir, self.config)
             # The core starts first (torch import, model, CUDA graphs): the tokenizer loads meanwhile.
             self._conn = self._spawn_core(model_dir)
