@@ -17,6 +17,51 @@ class SamplingParamsError(ValueError):
 MAX_TOP_LOGPROBS = 20
 
 
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """A constraint on a completion's text, enforced token by token; exactly one field is set.
+
+    The API edge builds it from `response_format`, vLLM's `structured_outputs` and a forced tool
+    choice; the engine compiles it with its grammar backend (compiled grammars are cached by `key`).
+    """
+
+    # A JSON schema, serialized as JSON.
+    json: str | None = None
+    # Any JSON object (`response_format: {"type": "json_object"}`).
+    json_object: bool = False
+    # A regular expression the whole output must match.
+    regex: str | None = None
+    # The output is exactly one of these strings.
+    choice: tuple[str, ...] | None = None
+    # A Lark grammar (GBNF is converted to Lark at the edge).
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        kinds = [self.json is not None, self.json_object, self.regex is not None]
+        kinds += [self.choice is not None, self.grammar is not None]
+        if sum(kinds) != 1:
+            raise SamplingParamsError(
+                "structured_outputs must set exactly one of json, json_object, regex, choice, grammar",
+                "structured_outputs",
+            )
+        if self.choice is not None and not self.choice:
+            raise SamplingParamsError("structured_outputs.choice must not be empty", "structured_outputs")
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(kind, text): identifies the compiled grammar in the backend's cache."""
+        if self.json is not None:
+            return ("json", self.json)
+        if self.json_object:
+            return ("json_object", "")
+        if self.regex is not None:
+            return ("regex", self.regex)
+        if self.choice is not None:
+            return ("choice", "\x00".join(self.choice))
+        assert self.grammar is not None
+        return ("grammar", self.grammar)
+
+
 @dataclass
 class SamplingParams:
     """How to sample one request's completion(s). Raises SamplingParamsError on bad values."""
@@ -54,6 +99,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     # Keep the matched stop string in the text.
     include_stop_str_in_output: bool = False
+    # Constrained decoding (JSON schema, regex, choice, grammar); None = unconstrained.
+    structured_outputs: StructuredOutputs | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
