@@ -4,7 +4,6 @@ BatchedEncoder folds concurrent requests into few encode_many calls, failing onl
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import pytest
@@ -28,20 +27,35 @@ def test_encode_many_equals_encode(tiny_tokenizer: Tokenizer, add_special_tokens
     assert tiny_tokenizer.encode_many(TEXTS, add_special_tokens) == expected
 
 
+class FakeClock:
+    """A clock that moves only when told, so time budgets do not depend on the machine's speed."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 class CountingTokenizer:
-    """Wraps a Tokenizer, counting encode_many calls; a text equal to BAD fails to encode."""
+    """Wraps a Tokenizer, counting encode_many calls; a text equal to BAD fails to encode. Each
+    single encode advances the clock by encode_delay_s."""
 
     BAD = "BAD" * 300
 
-    def __init__(self, inner: Tokenizer, encode_delay_s: float = 0.0) -> None:
+    def __init__(self, inner: Tokenizer, encode_delay_s: float = 0.0, clock: FakeClock | None = None) -> None:
         self.inner = inner
         self.batches: list[int] = []
         self.single_calls = 0
         self.encode_delay_s = encode_delay_s
+        self.clock = clock or FakeClock()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         self.single_calls += 1
-        time.sleep(self.encode_delay_s)
+        self.clock.advance(self.encode_delay_s)
         if text == self.BAD:
             raise ValueError("cannot encode this text")
         return self.inner.encode(text, add_special_tokens)
@@ -91,12 +105,18 @@ def test_lone_requests_are_tokenized_on_the_loop_without_a_worker(tiny_tokenizer
 
 
 def test_a_burst_beyond_the_inline_budget_goes_to_the_worker(tiny_tokenizer: Tokenizer) -> None:
-    # Each inline encode takes 4 ms, so a 10 ms budget takes in the first three texts of the burst.
+    # Each inline encode takes 4 ms on the fake clock, so a 10 ms budget takes in the first three texts.
     counting = CountingTokenizer(tiny_tokenizer, encode_delay_s=0.004)
     texts = [f"request {i}: " + "lorem ipsum dolor " * 40 for i in range(24)]
 
     async def scenario() -> list[Any]:
-        encoder = BatchedEncoder(counting, asyncio.get_running_loop(), inline_budget_s=0.010, inline_window_s=60)
+        encoder = BatchedEncoder(
+            counting,
+            asyncio.get_running_loop(),
+            inline_budget_s=0.010,
+            inline_window_s=60,
+            clock=counting.clock,
+        )
         return await asyncio.gather(*(encoder.encode(text, True) for text in texts))
 
     assert asyncio.run(scenario()) == [tiny_tokenizer.encode(text) for text in texts]
@@ -109,10 +129,16 @@ def test_the_inline_budget_renews_with_each_window(tiny_tokenizer: Tokenizer) ->
     text = "lorem ipsum dolor " * 40
 
     async def scenario() -> None:
-        encoder = BatchedEncoder(counting, asyncio.get_running_loop(), inline_budget_s=0.001, inline_window_s=0.05)
+        encoder = BatchedEncoder(
+            counting,
+            asyncio.get_running_loop(),
+            inline_budget_s=0.001,
+            inline_window_s=0.05,
+            clock=counting.clock,
+        )
         await encoder.encode(text, True)  # inline: the budget is spent
         await encoder.encode(text, True)  # the worker
-        await asyncio.sleep(0.06)
+        counting.clock.advance(0.06)
         await encoder.encode(text, True)  # a new window: inline again
 
     asyncio.run(scenario())

@@ -51,8 +51,10 @@ class BatchedEncoder:
         loop: asyncio.AbstractEventLoop,
         inline_budget_s: float = INLINE_BUDGET_S,
         inline_window_s: float = INLINE_WINDOW_S,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.tokenizer = tokenizer
+        self._clock = clock
         self.loop = loop
         self._queued: list[tuple[str, bool, asyncio.Future[list[int]]]] = []
         self._worker: asyncio.Task[None] | None = None
@@ -63,14 +65,14 @@ class BatchedEncoder:
         self._inline_spent = 0.0
 
     async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        started = time.perf_counter()
+        started = self._clock()
         if started - self._window_start >= self._inline_window_s:
             self._window_start, self._inline_spent = started, 0.0
         if self._inline_spent < self._inline_budget_s:
             try:
                 return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
             finally:
-                self._inline_spent += time.perf_counter() - started
+                self._inline_spent += self._clock() - started
         future: asyncio.Future[list[int]] = self.loop.create_future()
         self._queued.append((text, add_special_tokens, future))
         if self._worker is None or self._worker.done():
