@@ -192,9 +192,14 @@ def test_two_api_servers_share_the_port_the_engine_and_the_metrics(
     assert all(r["usage"]["completion_tokens"] == 4 for r in results)
     # Greedy decoding of the same prompt gives the same text whichever process served it.
     assert len({complete(base, 7)["choices"][0]["text"] for _ in range(6)}) == 1
-    served = re.findall(r"^.*request cmpl-\w+: length", server.log, re.M)
-    by_secondary = [line for line in served if "[api-server-1]" in line]
-    assert len(served) == 54
+
+    def served() -> list[str]:
+        return re.findall(r"^.*request cmpl-\w+: length", server.log, re.M)
+
+    # A process may log a request's line just after its response reached the client.
+    wait_until(lambda: len(served()) >= 54, timeout_s=60, what="every request's log line")
+    by_secondary = [line for line in served() if "[api-server-1]" in line]
+    assert len(served()) == 54
     assert 0 < len(by_secondary) < 54, "the kernel should spread 54 connections over both processes"
     # Whichever process answers the scrape (a new connection each time), the totals are the sums.
     assert {requests_total(base) for _ in range(8)} == {54.0}
@@ -208,7 +213,7 @@ def test_two_api_servers_share_the_port_the_engine_and_the_metrics(
             for text in texts
         )
 
-    wait_until(engine_totals_reached_every_process, timeout_s=10, what="the token totals in every process")
+    wait_until(engine_totals_reached_every_process, timeout_s=60, what="the token totals in every process")
     # One stats line writer: only the primary logs the periodic stats.
     assert "[api-server-1] batchlm.server.stats" not in server.log
 
@@ -253,7 +258,7 @@ def test_a_crashed_api_server_leaves_the_others_serving(two_servers: tuple[Serve
     pid = int(re.findall(r"\[api-server-1\] uvicorn\.error: Started server process \[(\d+)\]", server.log)[0])
     os.kill(pid, signal.SIGKILL)
     wait_until(
-        lambda: "API server 1 exited unexpectedly" in server.log, timeout_s=10, what="the exit to be noticed"
+        lambda: "API server 1 exited unexpectedly" in server.log, timeout_s=60, what="the exit to be noticed"
     )
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda i: complete(base, i), range(16)))

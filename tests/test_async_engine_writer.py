@@ -4,7 +4,6 @@ messages reach the core in order, consecutive request batches merged."""
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 from batchlm.config import EngineConfig
@@ -16,11 +15,13 @@ class BlockingConnection:
 
     def __init__(self, fail: bool = False) -> None:
         self.release = threading.Event()
+        self.sending = threading.Event()  # a send has begun
         self.sent: list[tuple[str, Any]] = []
         self.fail = fail
 
     def send(self, message: tuple[str, Any]) -> None:
-        self.release.wait(10)
+        self.sending.set()
+        self.release.wait(60)  # a hang guard
         if self.fail:
             raise BrokenPipeError("the core is gone")
         self.sent.append(message)
@@ -54,18 +55,17 @@ def test_consecutive_adds_merge_and_everything_else_keeps_its_place() -> None:
 def test_sends_return_at_once_while_the_pipe_is_full_and_arrive_in_order() -> None:
     connection = BlockingConnection()
     engine = _engine_with_writer(connection)
-    started = time.perf_counter()
     assert engine._send_requests(["r0"])  # type: ignore[list-item]
-    time.sleep(0.05)  # the writer takes r0 and blocks in send
+    assert connection.sending.wait(30)  # the writer takes r0 and blocks in send
     assert engine._send_requests(["r1"])  # type: ignore[list-item]
     assert engine._send_requests(["r2"])  # type: ignore[list-item]
     engine._send_abort(["r1"])
     assert engine._to_core(("shutdown", None))
-    assert time.perf_counter() - started < 1.0  # nothing above waited for the pipe
+    # Each call above returned with the pipe still full: none of them waited for it.
     assert connection.sent == []
     connection.release.set()
     assert engine._writer is not None
-    engine._writer.join(5)
+    engine._writer.join(30)
     assert not engine._writer.is_alive()  # "shutdown" ends it
     assert connection.sent == [("add", ["r0"]), ("add", ["r1", "r2"]), ("abort", ["r1"]), ("shutdown", None)]
 
@@ -76,7 +76,7 @@ def test_a_dead_core_stops_the_writer_without_raising_on_the_loop() -> None:
     engine = _engine_with_writer(connection)
     assert engine._send_requests(["r0"])  # type: ignore[list-item]
     assert engine._writer is not None
-    engine._writer.join(5)
+    engine._writer.join(30)
     assert not engine._writer.is_alive()
     engine._send_abort(["r0"])  # queued for nobody: no error here; the reader reports the dead core
 

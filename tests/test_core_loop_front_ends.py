@@ -46,7 +46,8 @@ class CountingCore:
         return bool(self.remaining)
 
     def step(self) -> list[EngineCoreOutput]:
-        self.step_gate.wait(5)
+        if not self.step_gate.wait(0.01):
+            return []  # held: no progress, while the loop goes on taking messages between steps
         outputs = []
         for request_id in list(self.remaining):
             self.remaining[request_id] -= 1
@@ -100,7 +101,7 @@ class Wire:
         """Every output client `client` receives until all of request_ids have finished."""
         received: list[EngineCoreOutput] = []
         pending = set(request_ids)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30  # a hang guard
         while pending:
             assert self.front[client].poll(max(0.0, deadline - time.monotonic())), (
                 f"still waiting for {pending}"
@@ -130,7 +131,7 @@ def test_each_front_end_gets_only_the_outputs_of_its_own_requests() -> None:
     wire.core.step_gate.clear()  # all three adds land before the first step
     wire.front[0].send(("add", [core_request("a0"), core_request("a1", max_tokens=2)]))
     wire.front[2].send(("add", [core_request("c0", max_tokens=4)]))
-    time.sleep(0.1)
+    wait_until(lambda: set(wire.core.remaining) == {"a0", "a1", "c0"}, timeout_s=30, what="the three adds")
     wire.core.step_gate.set()
     first = wire.outputs_until_finished(0, {"a0", "a1"})
     third = wire.outputs_until_finished(2, {"c0"})
@@ -140,7 +141,7 @@ def test_each_front_end_gets_only_the_outputs_of_its_own_requests() -> None:
     for packed, _ in messages_of(wire.front[1], "outputs", within_s=0.5):
         assert unpack_outputs(packed) == []
     wire.front[0].send(("shutdown", None))
-    wire.thread.join(5)
+    wire.thread.join(30)
     assert not wire.thread.is_alive() and wire.error is None
 
 
@@ -151,13 +152,13 @@ def test_a_secondary_front_end_leaving_aborts_its_requests_and_the_core_carries_
     wire.front[0].send(("add", [core_request("kept", max_tokens=1000)]))
     wire.front[1].close()  # the API-server process exited
     wire.core.step_gate.set()
-    wait_until(lambda: wire.core.aborted == ["left-behind"], timeout_s=5, what="the orphan to be aborted")
+    wait_until(lambda: wire.core.aborted == ["left-behind"], timeout_s=30, what="the orphan to be aborted")
     wire.front[0].send(("add", [core_request("after", max_tokens=2)]))
     outputs = wire.outputs_until_finished(0, {"after"})
     assert {o.request_id for o in outputs} <= {"kept", "after"}
     assert wire.thread.is_alive()
     wire.front[0].send(("shutdown", None))
-    wire.thread.join(5)
+    wire.thread.join(30)
     assert wire.error is None
 
 
@@ -166,27 +167,28 @@ def test_shutdown_from_a_secondary_only_detaches_it_and_the_primary_closing_stop
     wire.discard_messages_to(0)
     wire.discard_messages_to(1)
     wire.front[1].send(("add", [core_request("orphan", max_tokens=10_000_000)]))
-    wait_until(lambda: "orphan" in wire.core.remaining, timeout_s=5, what="the request to be added")
+    wait_until(lambda: "orphan" in wire.core.remaining, timeout_s=30, what="the request to be added")
     wire.front[1].send(("shutdown", None))
-    wait_until(lambda: wire.core.aborted == ["orphan"], timeout_s=5, what="the detach")
+    wait_until(lambda: wire.core.aborted == ["orphan"], timeout_s=30, what="the detach")
     assert wire.thread.is_alive()
     wire.front[0].send(("add", [core_request("busy", max_tokens=10_000_000)]))
     wire.front[0].close()
-    wire.thread.join(5)
+    wire.thread.join(30)
     assert not wire.thread.is_alive()
-    # engine_core_main takes either as "the front end went away" and exits.
-    assert isinstance(wire.error, (EOFError, BrokenPipeError))
+    # engine_core_main takes any of these as "the front end went away" and exits (a reset when the
+    # closed end still held unread outputs).
+    assert isinstance(wire.error, (EOFError, BrokenPipeError, ConnectionResetError))
 
 
 def test_an_id_in_use_by_another_front_end_is_rejected_to_the_sender_only() -> None:
     wire = Wire(2)
     wire.core.step_gate.clear()
     wire.front[0].send(("add", [core_request("same", max_tokens=50)]))
-    time.sleep(0.1)
+    wait_until(lambda: "same" in wire.core.remaining, timeout_s=30, what="the first add")
     wire.front[1].send(("add", [core_request("same", max_tokens=50)]))
-    rejected = next(messages_of(wire.front[1], "rejected"))
+    rejected = next(messages_of(wire.front[1], "rejected", within_s=30))
     assert rejected[0] == "same"
     wire.core.step_gate.set()
     assert {o.request_id for o in wire.outputs_until_finished(0, {"same"})} == {"same"}
     wire.front[0].send(("shutdown", None))
-    wire.thread.join(5)
+    wire.thread.join(30)
