@@ -112,9 +112,10 @@ class LoadGenerator:
             spec = self._specs[index % len(self._specs)]
             if spec.think_time > 0:
                 await asyncio.sleep(spec.think_time)
-            if deadline is not None and perf_counter() >= deadline:
+            now = perf_counter()
+            if deadline is not None and now >= deadline:
                 return
-            await self._send(index, spec, perf_counter())
+            await self._send(index, spec, now)
 
     async def _open_loop(self, load: LoadConfig, run_start: float, deadline: float | None) -> float:
         assert load.request_rate is not None
