@@ -19,27 +19,29 @@ def _pyplot() -> Any:
     return plt
 
 
-def _latency_samples_ms(level: LevelReport) -> dict[str, list[float]]:
-    """Per-sample latencies of the successful requests, in milliseconds."""
+# Panel title -> the BenchMetrics / LatencySamples attribute it shows.
+LATENCY_PANELS = (("TTFT", "ttft"), ("TPOT", "tpot"), ("ITL per token", "token_itl"), ("E2E latency", "e2el"))
+
+
+def latency_panels_ms(level: LevelReport) -> list[tuple[str, list[float], float]]:
+    """(title, per-sample latencies of the successful requests, the report's median), in milliseconds;
+    the median line is the report's own, so chart and table never disagree."""
     samples = collect_samples([r for r in level.outcome.results if r.ok])
-    named = {
-        "TTFT": samples.ttft,
-        "TPOT": samples.tpot,
-        "ITL per token": samples.token_itl,
-        "E2E latency": samples.e2el,
-    }
-    return {name: [v * 1e3 for v in values] for name, values in named.items()}
+    return [
+        (title, [v * 1e3 for v in getattr(samples, name)], getattr(level.metrics, name).median * 1e3)
+        for title, name in LATENCY_PANELS
+    ]
 
 
 def plot_run(level: LevelReport, path: str) -> None:
     """Histograms of TTFT, TPOT, per-token ITL and E2E latency, plus tokens/s and concurrency over time."""
     plt = _pyplot()
     figure, axes = plt.subplots(2, 3, figsize=(15, 8))
-    for axis, (name, values) in zip(axes.flat[:4], _latency_samples_ms(level).items(), strict=True):
+    for axis, (name, values, median) in zip(axes.flat[:4], latency_panels_ms(level), strict=True):
         axis.set_title(f"{name} (ms)")
         if values:
             axis.hist(values, bins=40, color="tab:blue")
-            axis.axvline(sorted(values)[len(values) // 2], color="tab:orange", label="median")
+            axis.axvline(median, color="tab:orange", label="median")
             axis.legend()
         else:
             axis.text(0.5, 0.5, "no samples", ha="center", va="center", transform=axis.transAxes)
