@@ -51,6 +51,9 @@ class StubOptions:
     # the client); with itl_s, a batch is followed by a pause of itl_s per event. Every token is still
     # its own SSE event.
     events_per_write: int = 8
+    # The context length: listed in /v1/models when set, and a request whose prompt and max_tokens
+    # exceed it gets a 400, as from a real server.
+    max_model_len: int | None = None
 
 
 class _Connection(asyncio.Protocol):
@@ -112,7 +115,9 @@ class _Connection(asyncio.Protocol):
 
     def write_json(self, status: int, payload: Any) -> None:
         body = json.dumps(payload).encode()
-        reason = {200: "OK", 404: "Not Found", 500: "Internal Server Error"}.get(status, "Error")
+        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 500: "Internal Server Error"}.get(
+            status, "Error"
+        )
         self.write(
             f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n".encode()
@@ -128,7 +133,10 @@ class _Connection(asyncio.Protocol):
 
 async def route(conn: _Connection, method: str, path: str, body: bytes) -> None:
     if method == "GET" and path in ("/v1/models", "/health"):
-        conn.write_json(200, {"object": "list", "data": [{"id": "stub-model", "object": "model"}]})
+        card: dict[str, Any] = {"id": "stub-model", "object": "model"}
+        if conn.options.max_model_len is not None:
+            card["max_model_len"] = conn.options.max_model_len
+        conn.write_json(200, {"object": "list", "data": [card]})
     elif method == "POST" and path == "/tokenize" and conn.options.tokenize:
         prompt = json.loads(body).get("prompt", "")
         count = len(prompt.split())
@@ -157,6 +165,13 @@ async def _completion(conn: _Connection, request: dict[str, Any], chat: bool) ->
         return
     prompt_tokens = len(prompt.split()) + (CHAT_TEMPLATE_TOKENS if chat else 0)
     max_tokens = int(request.get("max_tokens") or 16)
+    context = conn.options.max_model_len
+    if context is not None and prompt_tokens + max_tokens > context:
+        message = (
+            f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceed the {context}-token context"
+        )
+        conn.write_json(400, {"error": {"message": message, "code": 400}})
+        return
     usage = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": max_tokens,

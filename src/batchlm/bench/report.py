@@ -129,6 +129,24 @@ def _failure_section(m: BenchMetrics) -> list[str]:
     return lines
 
 
+# Failure reasons a failure alarm quotes (the report lists them all).
+ALARM_REASONS = 3
+
+
+def failure_alarm(level: LevelReport) -> str | None:
+    """A loud summary when more than half of a level's requests failed (the run then exits non-zero):
+    the count and the first failure reasons; None otherwise."""
+    m = level.metrics
+    total = m.completed + m.failed
+    if total and m.failed * 2 <= total:
+        return None
+    lines = [_heading(f"FAILED: {m.failed} of {total} requests at {level.label}", "!")]
+    lines += [f"{count:>6} x {reason}" for reason, count in list(m.failure_reasons.items())[:ALARM_REASONS]]
+    lines.append("Its figures describe only the requests that succeeded; see the failures above.")
+    lines.append("!" * _WIDTH)
+    return "\n".join(lines)
+
+
 def _client_section(check: ClientCheck, output_tokens: int) -> list[str]:
     lines = [
         _heading("Client self-check"),

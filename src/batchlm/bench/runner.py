@@ -19,7 +19,14 @@ from batchlm.bench.metrics import compute_metrics
 from batchlm.bench.openai_format import EndpointConfig
 from batchlm.bench.progress import Progress, shown
 from batchlm.bench.records import RequestSpec
-from batchlm.bench.report import LevelReport, RunInfo, describe_load, format_table, result_json
+from batchlm.bench.report import (
+    LevelReport,
+    RunInfo,
+    describe_load,
+    failure_alarm,
+    format_table,
+    result_json,
+)
 from batchlm.bench.selfcheck import ClientCheck, LoopMonitor
 from batchlm.bench.sweep import format_sweep_table, level_label
 from batchlm.bench.tokencount import TokenCountError, make_counter
@@ -46,7 +53,10 @@ async def main_async(config: BenchConfig) -> int:
         print(f"batchlm bench: error: {exc}", file=sys.stderr)
         return 2
     write_outputs(config, bench_run)
-    return 0 if any(level.metrics.completed for level in bench_run.levels) else 1
+    alarms = [alarm for level in bench_run.levels if (alarm := failure_alarm(level)) is not None]
+    for alarm in alarms:
+        print(alarm, file=sys.stderr)
+    return 1 if alarms else 0
 
 
 async def run_benchmark(config: BenchConfig, echo: bool = True) -> BenchRun:
@@ -56,8 +66,9 @@ async def run_benchmark(config: BenchConfig, echo: bool = True) -> BenchRun:
     connector = aiohttp.TCPConnector(limit=pool_size, limit_per_host=0, keepalive_timeout=60)
     timeout = aiohttp.ClientTimeout(total=config.request_timeout_s)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        endpoint = await _endpoint(session, config)
-        workload = await _workload(session, config, endpoint)
+        served = await _served_models(session, config)
+        endpoint = await _endpoint(config, served)
+        workload = await _workload(session, config, endpoint, _context_length(served, endpoint.model))
         info = RunInfo(
             backend="openai-chat" if config.chat else "openai",
             model_id=endpoint.model,
@@ -72,6 +83,12 @@ async def run_benchmark(config: BenchConfig, echo: bool = True) -> BenchRun:
             f"Benchmarking {config.request_url} (model {endpoint.model}, stream={config.stream}), "
             f"{len(workload.specs)} {config.workload.dataset_name} prompts",
         )
+        if workload.fitted_to_context is not None:
+            _say(
+                echo,
+                f"Built-in prompts cut to fit the served model's {workload.fitted_to_context}-token context "
+                f"with up to {config.workload.output_len or config.workload.max_tokens} output tokens",
+            )
         await _warm_up(session, endpoint, workload.specs, config, echo)
         levels = []
         for load in config.levels:
@@ -83,10 +100,12 @@ async def run_benchmark(config: BenchConfig, echo: bool = True) -> BenchRun:
     return BenchRun(info, levels)
 
 
-async def _endpoint(session: aiohttp.ClientSession, config: BenchConfig) -> EndpointConfig:
+async def _endpoint(config: BenchConfig, served: list[dict[str, Any]] | str) -> EndpointConfig:
     model = config.model
     if model == "auto":
-        model = await _first_served_model(session, config)
+        if isinstance(served, str):
+            raise SetupError(f"--model auto: {served}")
+        model = str(served[0]["id"])
     return EndpointConfig(
         url=config.request_url,
         chat=config.chat,
@@ -100,25 +119,40 @@ async def _endpoint(session: aiohttp.ClientSession, config: BenchConfig) -> Endp
     )
 
 
-async def _first_served_model(session: aiohttp.ClientSession, config: BenchConfig) -> str:
+async def _served_models(session: aiohttp.ClientSession, config: BenchConfig) -> list[dict[str, Any]] | str:
+    """The entries of GET {base}/models, or why there are none."""
     url = config.base_url + "/models"
     try:
         async with session.get(url, headers=config.headers) as response:
             payload: Any = await response.json(content_type=None)
     except (aiohttp.ClientError, OSError, ValueError) as exc:
-        raise SetupError(f"--model auto: GET {url} failed: {exc}") from None
+        return f"GET {url} failed: {exc}"
     models = payload.get("data") if isinstance(payload, dict) else None
-    if not models or not isinstance(models[0], dict) or "id" not in models[0]:
-        raise SetupError(f"--model auto: GET {url} listed no models: {str(payload)[:200]}")
-    return str(models[0]["id"])
+    if (
+        not isinstance(models, list)
+        or not models
+        or not all(isinstance(m, dict) and "id" in m for m in models)
+    ):
+        return f"GET {url} listed no models: {str(payload)[:200]}"
+    return models
+
+
+def _context_length(served: list[dict[str, Any]] | str, model: str) -> int | None:
+    """The model's max_model_len as the server lists it (vLLM and batchlm do): the entry of that name,
+    else the first one (a server that answers to any name); None when the server does not say."""
+    if isinstance(served, str):
+        return None
+    entry = next((m for m in served if m["id"] == model), served[0])
+    value = entry.get("max_model_len")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 async def _workload(
-    session: aiohttp.ClientSession, config: BenchConfig, endpoint: EndpointConfig
+    session: aiohttp.ClientSession, config: BenchConfig, endpoint: EndpointConfig, max_model_len: int | None
 ) -> Workload:
     try:
         return await build_workload(
-            config.workload, lambda: make_counter(session, config.tokenize_url, endpoint)
+            config.workload, lambda: make_counter(session, config.tokenize_url, endpoint), max_model_len
         )
     except (DatasetError, TokenCountError, ValueError) as exc:
         raise SetupError(str(exc)) from None

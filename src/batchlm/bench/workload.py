@@ -13,8 +13,10 @@ from batchlm.bench.datasets import (
     load_sharegpt,
     random_samples,
 )
+from batchlm.bench.fitting import fit_repeated_prompts, prompt_token_budget
 from batchlm.bench.records import RequestSpec
 from batchlm.bench.tokencount import TokenCounter
+from batchlm.bench.words import BUILTIN_PROMPTS
 
 
 @dataclass(frozen=True)
@@ -50,14 +52,20 @@ class Workload:
     specs: list[RequestSpec]
     # e.g. "tokenize endpoint", "usage calibration", "not measured (server usage only)".
     prompt_length_method: str
+    # The served model's context the built-in prompts were cut to fit, when some had to be.
+    fitted_to_context: int | None = None
 
 
 async def build_workload(
-    config: WorkloadConfig, get_counter: Callable[[], Awaitable[TokenCounter]]
+    config: WorkloadConfig,
+    get_counter: Callable[[], Awaitable[TokenCounter]],
+    max_model_len: int | None = None,
 ) -> Workload:
-    """Builds `num_requests` specs; `get_counter` is awaited only when prompt lengths must be counted."""
+    """Builds `num_requests` specs; `get_counter` is awaited only when prompt lengths must be counted.
+    With the served model's `max_model_len`, built-in prompts are cut to fit it with their max_tokens."""
     method = "not measured here (from the server's usage)"
     prompt_rng = random.Random(f"{config.seed}:prompts")
+    fitted_to = None
     if config.dataset_name == "random":
         if config.input_len is None:
             raise ValueError("the random dataset needs --input-len")
@@ -67,10 +75,21 @@ async def build_workload(
         chosen = samples
     else:
         pool = _load_pool(config)
+        if config.dataset_name == "builtin" and max_model_len is not None:
+            fitted = await _fit_builtin(config, max_model_len, get_counter)
+            fitted_to = max_model_len if fitted != pool else None
+            pool = fitted
         chosen = _choose(
             pool, config.num_requests, prompt_rng, with_replacement=config.dataset_name == "builtin"
         )
-    return Workload(_assign_lengths_and_delays(chosen, config), method)
+    return Workload(_assign_lengths_and_delays(chosen, config), method, fitted_to)
+
+
+async def _fit_builtin(
+    config: WorkloadConfig, max_model_len: int, get_counter: Callable[[], Awaitable[TokenCounter]]
+) -> list[PromptSample]:
+    budget = prompt_token_budget(max_model_len, config.output_len or config.max_tokens)
+    return await fit_repeated_prompts(BUILTIN_PROMPTS, config.prompt_repeat, budget, await get_counter())
 
 
 def _load_pool(config: WorkloadConfig) -> list[PromptSample]:
