@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from batchlm import __version__
 from batchlm.engine.client import EngineClient
+from batchlm.server.docs_pages import install_docs_pages
 from batchlm.server.errors import install_error_handlers
 from batchlm.server.fast_routes import FastGenerationRoutes
 from batchlm.server.generation import InFlight
@@ -20,13 +21,17 @@ from batchlm.server.state import ServerSettings, ServerState
 from batchlm.server.stats_logger import StatsLogger
 
 
-def build_app(engine: EngineClient, settings: ServerSettings | None = None, *, log_stats: bool = True) -> FastAPI:
+def build_app(
+    engine: EngineClient, settings: ServerSettings | None = None, *, log_stats: bool = True
+) -> FastAPI:
     """An app serving `engine`. It does not start the engine: /health answers 503 until the engine is
     ready (see batchlm.server.launcher, which starts both). log_stats=False leaves the periodic stats
     line to another process serving the same engine."""
     settings = settings or ServerSettings()
     metrics = ServerMetrics(engine)
-    state = ServerState(engine=engine, settings=settings, metrics=metrics, in_flight=InFlight(metrics.in_flight))
+    state = ServerState(
+        engine=engine, settings=settings, metrics=metrics, in_flight=InFlight(metrics.in_flight)
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -46,9 +51,12 @@ def build_app(engine: EngineClient, settings: ServerSettings | None = None, *, l
         version=__version__,
         description="OpenAI-compatible LLM inference with continuous batching.",
         lifespan=lifespan,
+        docs_url=None,  # served by install_docs_pages, with local assets
+        redoc_url=None,
     )
     app.state.batchlm = state
     app.include_router(router)
+    install_docs_pages(app)
     install_error_handlers(app, metrics.count_error)
     # Added first = innermost: after the key and size checks, before FastAPI's routing.
     app.add_middleware(FastGenerationRoutes, observe=metrics.count_error)
