@@ -57,8 +57,9 @@ class EngineConfig:
     block_size: int = 16
     # Fraction of total GPU memory the engine may use (weights + activations + KV cache).
     gpu_memory_utilization: float = 0.90
-    # KV-cache size on CPU, in GiB.
-    cpu_kv_cache_gib: float = 2.0
+    # KV-cache size on CPU, in GiB; None = what max_num_seqs requests of max_model_len tokens can use,
+    # at most 2 GiB.
+    cpu_kv_cache_gib: float | None = None
     # Force a number of KV blocks (tests); overrides the memory budget.
     num_gpu_blocks_override: int | None = None
     # Share full prompt blocks between requests (keyed by a chained hash of their tokens).

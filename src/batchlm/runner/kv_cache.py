@@ -12,6 +12,9 @@ from batchlm.models.loader import ModelShape
 logger = logging.getLogger(__name__)
 
 GIB = 1 << 30
+# The CPU KV cache when --cpu-kv-cache-gib is not given is at most this (and no more than the running
+# requests can fill).
+DEFAULT_CPU_KV_CACHE_GIB = 2.0
 
 
 def bytes_per_block(shape: ModelShape, block_size: int, dtype: torch.dtype) -> int:
@@ -21,10 +24,11 @@ def bytes_per_block(shape: ModelShape, block_size: int, dtype: torch.dtype) -> i
 
 
 def kv_budget_bytes(config: EngineConfig, device: torch.device) -> int:
-    """CPU: a fixed number of GiB. GPU: the utilisation fraction of total memory, less what this process
+    """CPU: --cpu-kv-cache-gib, else DEFAULT_CPU_KV_CACHE_GIB (num_blocks_for lowers that default to what
+    the running requests can use). GPU: the utilisation fraction of total memory, less what this process
     already holds at its peak (weights + activations of the profile run) and what other processes hold."""
     if device.type != "cuda":
-        return int(config.cpu_kv_cache_gib * GIB)
+        return int((config.cpu_kv_cache_gib or DEFAULT_CPU_KV_CACHE_GIB) * GIB)
     free, total = torch.cuda.mem_get_info(device)
     ours_now = torch.cuda.memory_reserved(device)
     used_by_others = total - free - ours_now
@@ -40,7 +44,14 @@ def kv_budget_bytes(config: EngineConfig, device: torch.device) -> int:
     return budget
 
 
-def num_blocks_for(config: EngineConfig, shape: ModelShape, dtype: torch.dtype, device: torch.device) -> int:
+def blocks_in_use_at_most(config: EngineConfig, max_model_len: int) -> int:
+    """The blocks max_num_seqs running requests of max_model_len tokens hold at most."""
+    return config.max_num_seqs * -(-max_model_len // config.block_size)
+
+
+def num_blocks_for(
+    config: EngineConfig, shape: ModelShape, dtype: torch.dtype, device: torch.device, max_model_len: int
+) -> int:
     if config.num_gpu_blocks_override is not None:
         return config.num_gpu_blocks_override
     per_block = bytes_per_block(shape, config.block_size, dtype)
@@ -50,6 +61,9 @@ def num_blocks_for(config: EngineConfig, shape: ModelShape, dtype: torch.dtype, 
             "no memory is left for the KV cache after loading the model: raise --gpu-memory-utilization "
             "(GPU) or --cpu-kv-cache-gib (CPU), or lower --max-num-batched-tokens"
         )
+    if device.type != "cuda" and config.cpu_kv_cache_gib is None:
+        # CPU memory is the host's too: take no more than the running requests can fill.
+        num_blocks = min(num_blocks, blocks_in_use_at_most(config, max_model_len))
     return int(num_blocks)
 
 
@@ -59,6 +73,8 @@ def allocate_kv_caches(
     """One [2, num_blocks, block_size, num_kv_heads, head_dim] tensor per layer, zeroed so that padding
     slots never hold NaNs that a masked matmul could spread."""
     return [
-        torch.zeros((2, num_blocks, block_size, shape.num_kv_heads, shape.head_dim), dtype=dtype, device=device)
+        torch.zeros(
+            (2, num_blocks, block_size, shape.num_kv_heads, shape.head_dim), dtype=dtype, device=device
+        )
         for _ in range(shape.num_layers)
     ]

@@ -157,7 +157,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             self._compile_kernels_concurrently()
             self._profile_run()
-        return num_blocks_for(self.config, self.shape, self.dtype, self.device)
+        return num_blocks_for(self.config, self.shape, self.dtype, self.device, self.max_model_len)
 
     def allocate_kv_cache(self, num_blocks: int) -> RunnerInfo:
         """Allocate `num_blocks` KV blocks (tensor parallel: the minimum over ranks) and capture graphs."""

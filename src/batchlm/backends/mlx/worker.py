@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_PREFILL_STEP = 2048
 # Prompts prefilled side by side (mlx_lm.server's default prompt concurrency).
 PREFILL_BATCH_SIZE = 8
+# The prompt cache's budget when --cpu-kv-cache-gib is not given.
+MLX_KV_CACHE_GIB = 2.0
 
 # post(kind, payload) with kind "ready" (WorkerInfo), "outputs" ((outputs, LoopStats)) or "failed" (str).
 Post = Callable[[str, Any], object]  # its return value (delivered or not) is ignored here
@@ -89,7 +91,7 @@ class GenerationWorker:
             max_num_seqs=self.config.max_num_seqs,
             prefill_step_size=self.config.max_num_batched_tokens or DEFAULT_PREFILL_STEP,
             prefill_batch_size=PREFILL_BATCH_SIZE,
-            kv_budget_bytes=int(self.config.cpu_kv_cache_gib * (1 << 30)),
+            kv_budget_bytes=int((self.config.cpu_kv_cache_gib or MLX_KV_CACHE_GIB) * (1 << 30)),
             enable_prefix_caching=self.config.enable_prefix_caching,
         )
         # The generator's stream must belong to this thread (as mlx_lm.server does it).
