@@ -1,10 +1,18 @@
-"""core_builder helpers: freezing start-up objects out of the cyclic GC's reach."""
+"""core_builder: freezing start-up objects out of the cyclic GC's reach; a CPU start's phase names."""
 
 from __future__ import annotations
 
 import gc
+import logging
+from collections.abc import Callable
+from pathlib import Path
 
+import pytest
+
+from batchlm.config import EngineConfig
+from batchlm.engine.core_builder import build_engine_core
 from batchlm.gc_tuning import freeze_startup_objects
+from batchlm.startup_log import PREFIX
 
 
 def test_freeze_moves_existing_objects_to_the_permanent_generation() -> None:
@@ -17,3 +25,23 @@ def test_freeze_moves_existing_objects_to_the_permanent_generation() -> None:
     finally:
         gc.unfreeze()
     assert any(obj is marker for obj in gc.get_objects())
+
+
+def test_a_cpu_start_names_its_phases_for_the_cpu(
+    tiny_model_dir: Callable[..., Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    model_dir = tiny_model_dir()
+    with caplog.at_level(logging.INFO):
+        _, info = build_engine_core(EngineConfig(model=str(model_dir), device="cpu"), model_dir)
+    phases = [r.getMessage() for r in caplog.records if r.getMessage().startswith(PREFIX)]
+    assert info.device == "cpu"
+    assert not [line for line in phases if "CUDA" in line or "Triton" in line]
+    for name in (
+        "model runner (config, model, weights, CPU kernels)",
+        "KV cache sizing",
+        "KV cache allocation",
+    ):
+        assert any(line.startswith(f"startup: {name} ") for line in phases), (name, phases)
+    assert "CPU compute threads:" in caplog.text
+    # The default CPU KV cache holds what the running requests can fill, not a fixed 2 GiB.
+    assert info.num_blocks == 32 * -(-info.max_model_len // info.block_size)

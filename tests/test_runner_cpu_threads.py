@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -44,11 +45,26 @@ def restore_threads():
 
 
 @pytest.mark.usefixtures("restore_threads")
-def test_cap_lowers_torch_threads_to_the_available_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cap_lowers_torch_threads_to_the_available_cpus(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     torch.set_num_threads(3)
     monkeypatch.setattr(cpu_threads, "available_cpus", lambda: 2)
-    assert cap_cpu_threads() == 2
+    with caplog.at_level(logging.INFO, logger=cpu_threads.__name__):
+        assert cap_cpu_threads() == 2
     assert torch.get_num_threads() == 2
+    assert "CPU compute threads: 2 (2 CPUs available; torch chose 3)" in caplog.text
+
+
+@pytest.mark.usefixtures("restore_threads")
+def test_the_thread_count_is_logged_when_kept(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    torch.set_num_threads(2)
+    monkeypatch.setattr(cpu_threads, "available_cpus", lambda: 4)
+    with caplog.at_level(logging.INFO, logger=cpu_threads.__name__):
+        assert cap_cpu_threads() == 2
+    assert "CPU compute threads: 2 (4 CPUs available)" in caplog.text
 
 
 @pytest.mark.usefixtures("restore_threads")

@@ -29,6 +29,35 @@ class CoreInfo:
     dtype: str
 
 
+@dataclass(frozen=True)
+class StartupPhases:
+    """The start-up phase names logged for the device in use (a CPU start has no CUDA context, profile
+    run or graphs to speak of)."""
+
+    imports: str
+    runner: str
+    sizing: str
+    allocation: str
+
+    @staticmethod
+    def for_device(device: str) -> StartupPhases:
+        from batchlm.runner.device import resolve_device
+
+        if resolve_device(device).type == "cuda":
+            return StartupPhases(
+                "runner imports (model code, Triton)",
+                "model runner (config, CUDA context, model, weights)",
+                "profile run (peak activation memory)",
+                "KV cache allocation and CUDA graphs",
+            )
+        return StartupPhases(
+            "runner imports (model code)",
+            "model runner (config, model, weights, CPU kernels)",
+            "KV cache sizing",
+            "KV cache allocation",
+        )
+
+
 def prepare_model_dir(config: EngineConfig) -> Path:
     """The local directory of the model: the built-in demo, a local path, or a hub download."""
     if config.model == DEMO_MODEL:
@@ -79,7 +108,7 @@ def check_async_scheduling(config: EngineConfig) -> None:
 
 
 def resolve_async_scheduling(config: EngineConfig, device: str) -> bool:
-    """"auto" turns async scheduling on for a single CUDA device: on CPU the host is the device, so
+    """ "auto" turns async scheduling on for a single CUDA device: on CPU the host is the device, so
     there is nothing to overlap, and tensor-parallel workers run their steps synchronously."""
     check_async_scheduling(config)
     if config.async_scheduling == "auto":
@@ -113,14 +142,15 @@ def build_engine_core(config: EngineConfig, model_dir: Path) -> tuple[EngineCore
     else:
         # Python's start and the imports so far (torch included) happen before this point.
         log_uptime(logger, "engine core: interpreter up, torch imported")
-        with timed_phase(logger, "runner imports (model code, Triton)"):
+        phases = StartupPhases.for_device(config.device)
+        with timed_phase(logger, phases.imports):
             from batchlm.runner.model_runner import ModelRunner
-        with timed_phase(logger, "model runner (config, CUDA context, model, weights)"):
+        with timed_phase(logger, phases.runner):
             runner = ModelRunner(config, model_dir)
         # initialize_kv_cache in its two steps, each timed.
-        with timed_phase(logger, "profile run (peak activation memory)"):
+        with timed_phase(logger, phases.sizing):
             num_blocks = runner.determine_num_blocks()
-        with timed_phase(logger, "KV cache allocation and CUDA graphs"):
+        with timed_phase(logger, phases.allocation):
             runner_info = runner.allocate_kv_cache(num_blocks)
         executor = runner
     info = CoreInfo(**runner_info.__dict__)
@@ -134,4 +164,3 @@ def build_engine_core(config: EngineConfig, model_dir: Path) -> tuple[EngineCore
 
         watch_compiles_after_startup()
     return EngineCore(scheduler, executor, async_scheduling=async_scheduling), info
-

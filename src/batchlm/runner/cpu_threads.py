@@ -54,13 +54,13 @@ def cap_cpu_threads() -> int:
     threads = torch.get_num_threads()
     allowed = available_cpus()
     if threads > allowed:
-        logger.info("Using %d torch threads (%d CPUs available, torch chose %d)", allowed, allowed, threads)
+        logger.info("CPU compute threads: %d (%d CPUs available; torch chose %d)", allowed, allowed, threads)
         torch.set_num_threads(allowed)
         return allowed
+    logger.info("CPU compute threads: %d (%d CPUs available)", threads, allowed)
     return threads
 
 
 def threads_from_env(environ: dict[str, str] | None = None) -> int | None:
     """The thread count set in BATCHLM_CORE_THREADS, or None; raises ValueError naming a bad value."""
     return positive_int_from_env(THREADS_ENV, environ)
-
