@@ -25,6 +25,7 @@ from typing import Any
 
 from batchlm.config import EngineConfig
 from batchlm.core.engine_core import EngineCore
+from batchlm.cpu_wait_policy import prefer_passive_waiting
 from batchlm.outputs import EngineCoreOutput
 from batchlm.request import EngineCoreRequest
 
@@ -54,6 +55,7 @@ def engine_core_main(
     if log_level is not None:
         logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        prefer_passive_waiting(config.device)  # before anything loads torch, and libgomp with it
         configure_child_threads()
         from batchlm.engine.core_builder import build_engine_core
 

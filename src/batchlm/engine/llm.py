@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from batchlm.config import EngineConfig
+from batchlm.cpu_wait_policy import prefer_passive_waiting
 from batchlm.engine.core_builder import build_engine_core, load_tokenizer, prepare_model_dir
 from batchlm.engine.output_processor import OutputProcessor
 from batchlm.engine.requests import make_core_requests, validate_request
@@ -29,6 +30,7 @@ class LLM:
         if unknown:
             raise TypeError(f"unknown LLM arguments: {', '.join(sorted(unknown))}")
         self.config = EngineConfig(model=model, **kwargs)
+        prefer_passive_waiting(self.config.device)  # takes effect if torch is not loaded yet
         model_dir = prepare_model_dir(self.config)
         self.tokenizer = load_tokenizer(self.config, model_dir)
         self.engine_core, self.info = build_engine_core(self.config, model_dir)

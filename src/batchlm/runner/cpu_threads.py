@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from batchlm.config import positive_int_from_env
+from batchlm.cpu_wait_policy import describe_wait_policy
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +54,18 @@ def cap_cpu_threads() -> int:
     """
     threads = torch.get_num_threads()
     allowed = available_cpus()
+    waiting = describe_wait_policy()
     if threads > allowed:
-        logger.info("CPU compute threads: %d (%d CPUs available; torch chose %d)", allowed, allowed, threads)
+        logger.info(
+            "CPU compute threads: %d (%d CPUs available; torch chose %d); %s",
+            allowed,
+            allowed,
+            threads,
+            waiting,
+        )
         torch.set_num_threads(allowed)
         return allowed
-    logger.info("CPU compute threads: %d (%d CPUs available)", threads, allowed)
+    logger.info("CPU compute threads: %d (%d CPUs available); %s", threads, allowed, waiting)
     return threads
 
 
