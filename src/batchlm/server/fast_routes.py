@@ -2,8 +2,8 @@
 
 A burst of requests is bounded by the event loop's own work per request. Through FastAPI that is
 routing over every route, dependency solving, a JSON parse, model validation and four more ASGI
-layers on the way in, plus a wrapper around every SSE chunk on the way out (BENCHMARKS.md, "Where
-the online time goes"). For POST /v1/completions and /v1/chat/completions with a JSON body this
+layers on the way in, plus a wrapper around every SSE chunk on the way out (docs/architecture.md,
+"Front-end budget under a burst"). For POST /v1/completions and /v1/chat/completions with a JSON body this
 middleware validates the body in one pydantic call and calls the same handler the route would.
 Anything it does not take cleanly, including every malformed or invalid body, continues to FastAPI
 with the body replayed, so error responses stay exactly FastAPI's (and the OpenAPI schema still
