@@ -28,7 +28,8 @@ def kv_budget_bytes(config: EngineConfig, device: torch.device) -> int:
     the running requests can use). GPU: the utilisation fraction of total memory, less what this process
     already holds at its peak (weights + activations of the profile run) and what other processes hold."""
     if device.type != "cuda":
-        return int((config.cpu_kv_cache_gib or DEFAULT_CPU_KV_CACHE_GIB) * GIB)
+        gib = DEFAULT_CPU_KV_CACHE_GIB if config.cpu_kv_cache_gib is None else config.cpu_kv_cache_gib
+        return int(gib * GIB)
     free, total = torch.cuda.mem_get_info(device)
     ours_now = torch.cuda.memory_reserved(device)
     used_by_others = total - free - ours_now
@@ -73,8 +74,6 @@ def allocate_kv_caches(
     """One [2, num_blocks, block_size, num_kv_heads, head_dim] tensor per layer, zeroed so that padding
     slots never hold NaNs that a masked matmul could spread."""
     return [
-        torch.zeros(
-            (2, num_blocks, block_size, shape.num_kv_heads, shape.head_dim), dtype=dtype, device=device
-        )
+        torch.zeros((2, num_blocks, block_size, shape.num_kv_heads, shape.head_dim), dtype=dtype, device=device)
         for _ in range(shape.num_layers)
     ]

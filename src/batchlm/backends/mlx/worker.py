@@ -91,7 +91,7 @@ class GenerationWorker:
             max_num_seqs=self.config.max_num_seqs,
             prefill_step_size=self.config.max_num_batched_tokens or DEFAULT_PREFILL_STEP,
             prefill_batch_size=PREFILL_BATCH_SIZE,
-            kv_budget_bytes=int((self.config.cpu_kv_cache_gib or MLX_KV_CACHE_GIB) * (1 << 30)),
+            kv_budget_bytes=int(_cache_gib(self.config) * (1 << 30)),
             enable_prefix_caching=self.config.enable_prefix_caching,
         )
         # The generator's stream must belong to this thread (as mlx_lm.server does it).
@@ -141,3 +141,7 @@ class GenerationWorker:
                     EngineCoreOutput(request.request_id, (), finish_reason=FinishReason.ERROR, error=str(exc))
                 )
         return failed
+
+
+def _cache_gib(config: EngineConfig) -> float:
+    return MLX_KV_CACHE_GIB if config.cpu_kv_cache_gib is None else config.cpu_kv_cache_gib
