@@ -108,7 +108,7 @@ def check_async_scheduling(config: EngineConfig) -> None:
 
 
 def resolve_async_scheduling(config: EngineConfig, device: str) -> bool:
-    """ "auto" turns async scheduling on for a single CUDA device: on CPU the host is the device, so
+    """"auto" turns async scheduling on for a single CUDA device: on CPU the host is the device, so
     there is nothing to overlap, and tensor-parallel workers run their steps synchronously."""
     check_async_scheduling(config)
     if config.async_scheduling == "auto":
@@ -164,3 +164,4 @@ def build_engine_core(config: EngineConfig, model_dir: Path) -> tuple[EngineCore
 
         watch_compiles_after_startup()
     return EngineCore(scheduler, executor, async_scheduling=async_scheduling), info
+
