@@ -15,8 +15,6 @@ import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from jinja2 import TemplateError
-
 from batchlm.server.errors import APIError
 from batchlm.server.protocol import ChatMessage
 
@@ -214,7 +212,7 @@ async def render_chat(
 
     try:
         text = await _maybe_offload(sum(len(m["content"]) for m in converted), render)
-    except (ValueError, TemplateError) as error:
+    except Exception as error:  # the template runs on the client's messages and kwargs: their fault
         raise APIError(400, f"Could not apply the chat template: {error}", param="messages") from error
     ids: list[int] = tokenizer.chat_ids(await encode_text(tokenizer, text, add_special_tokens=False))
     return ids
@@ -238,5 +236,3 @@ def _check_continuation(
             "'continue_final_message' needs the last message to be from the assistant.",
             param="continue_final_message",
         )
-
-
