@@ -34,6 +34,8 @@ class FakeTokenizer:
 
     vocab_size = 256 + BYTE_OFFSET
     eos_token_ids = (EOS_ID,)
+    # One token per UTF-8 byte: a token never stands for more than one character.
+    max_chars_per_token = 1
 
     def __init__(self, has_chat_template: bool = True) -> None:
         self.has_chat_template = has_chat_template

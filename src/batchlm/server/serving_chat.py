@@ -61,6 +61,7 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest) 
         add_generation_prompt=body.add_generation_prompt,
         continue_final_message=body.continue_final_message,
         chat_template_kwargs=body.chat_template_kwargs,
+        max_model_len=info.max_model_len,
     )
     params = _sampling_params(body, len(prompt_ids), info)
     context = ChatContext(

@@ -72,7 +72,7 @@ async def create_completion(request: Request, body: CompletionRequest) -> Respon
     check_model(body.model, info)
     check_completion_request(body)
     tokenizer = state.engine.tokenizer
-    prompts = await _tokenize_prompts(tokenizer, body.prompt, body.add_special_tokens, info.vocab_size)
+    prompts = await _tokenize_prompts(tokenizer, body.prompt, body.add_special_tokens, info)
     context = CompletionContext(
         request_id=f"cmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
@@ -91,7 +91,7 @@ async def create_completion(request: Request, body: CompletionRequest) -> Respon
 
 
 async def _tokenize_prompts(
-    tokenizer: Any, prompt: PromptInput, add_special_tokens: bool, vocab_size: int
+    tokenizer: Any, prompt: PromptInput, add_special_tokens: bool, info: ModelInfo
 ) -> list[Prompt]:
     """One Prompt per batch entry. A flat list of ints is one token-id prompt, not a batch."""
     items: list[Any] = (
@@ -104,10 +104,11 @@ async def _tokenize_prompts(
     prompts = []
     for item in items:
         if isinstance(item, str):
-            prompts.append(Prompt(item, await encode_text(tokenizer, item, add_special_tokens)))
+            ids = await encode_text(tokenizer, item, add_special_tokens, info.max_model_len)
+            prompts.append(Prompt(item, ids))
         else:
             prompts.append(Prompt(None, list(item)))
-        check_prompt_token_ids(prompts[-1].token_ids, vocab_size, "prompt")
+        check_prompt_token_ids(prompts[-1].token_ids, info.vocab_size, "prompt")
     return prompts
 
 

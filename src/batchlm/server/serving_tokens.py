@@ -26,9 +26,10 @@ async def tokenize(state: ServerState, body: TokenizeRequest) -> TokenizeRespons
             add_generation_prompt=body.add_generation_prompt,
             continue_final_message=body.continue_final_message,
             chat_template_kwargs=body.chat_template_kwargs,
+            max_model_len=info.max_model_len,
         )
     else:
-        tokens = await encode_text(tokenizer, body.prompt or "", body.add_special_tokens)
+        tokens = await encode_text(tokenizer, body.prompt or "", body.add_special_tokens, info.max_model_len)
     return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=info.max_model_len)
 
 
