@@ -162,3 +162,13 @@ def test_the_bearer_scheme_is_case_insensitive(scheme: str) -> None:
         assert httpx.get(url, headers={"authorization": f"{scheme} sk-right"}).status_code == 200
         assert httpx.get(url, headers={"authorization": f"{scheme} sk-wrong"}).status_code == 401
         assert httpx.get(url, headers={"authorization": "Basic sk-right"}).status_code == 401
+
+
+def test_n_is_capped_by_max_n() -> None:
+    with BackgroundServer(FakeEngine(), ServerSettings(max_n=4)) as server:
+        url = f"{server.base_url}/v1/completions"
+        assert httpx.post(url, json={"prompt": "hi", "n": 4, "max_tokens": 1}).status_code == 200
+        error = error_of(httpx.post(url, json={"prompt": "hi", "n": 5}), 400)
+        assert error["param"] == "n" and "--max-n" in error["message"]
+        chat = {"messages": [{"role": "user", "content": "hi"}], "n": 5}
+        assert error_of(httpx.post(f"{server.base_url}/v1/chat/completions", json=chat), 400)["param"] == "n"

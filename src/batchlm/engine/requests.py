@@ -64,6 +64,7 @@ def make_core_requests(
             eos_token_ids=eos_token_ids,
             arrival_time=arrival_time,
             seed=None if params.seed is None else params.seed + index,
+            group_id=request_id if params.n > 1 else "",
         )
         for index, core_id in enumerate(child_request_ids(request_id, params.n))
     ]

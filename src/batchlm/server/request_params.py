@@ -51,6 +51,12 @@ def check_model(requested: str | None, info: ModelInfo) -> None:
     )
 
 
+def check_n(n: int, max_n: int) -> None:
+    """400 for an `n` over the server's --max-n (SamplingParams checks the lower bound)."""
+    if n > max_n:
+        raise APIError(400, f"'n' must be at most {max_n} on this server (--max-n), got {n}.", param="n")
+
+
 def check_unicode(body: BaseModel) -> None:
     """400 naming the first string of `body` (keys included) that is not valid Unicode: a lone UTF-16
     surrogate (e.g. "\\ud800") that JSON escapes allow but no tokenizer or UTF-8 encoder accepts. The

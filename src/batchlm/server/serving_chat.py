@@ -23,6 +23,7 @@ from batchlm.server.request_params import (
     build_sampling_params,
     check_chat_request,
     check_model,
+    check_n,
     resolve_max_tokens,
 )
 from batchlm.server.responding import (
@@ -53,6 +54,7 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest) 
     state = get_state(request)
     info = state.ready_model()
     check_model(body.model, info)
+    check_n(body.n, state.settings.max_n)
     check_chat_request(body)
     tokenizer = state.engine.tokenizer
     prompt_ids = await render_chat(

@@ -24,6 +24,7 @@ from batchlm.server.request_params import (
     build_sampling_params,
     check_completion_request,
     check_model,
+    check_n,
     check_prompt_token_ids,
     resolve_max_tokens,
 )
@@ -70,6 +71,7 @@ async def create_completion(request: Request, body: CompletionRequest) -> Respon
     state = get_state(request)
     info = state.ready_model()
     check_model(body.model, info)
+    check_n(body.n, state.settings.max_n)
     check_completion_request(body)
     tokenizer = state.engine.tokenizer
     prompts = await _tokenize_prompts(tokenizer, body.prompt, body.add_special_tokens, info)

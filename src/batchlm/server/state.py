@@ -27,6 +27,9 @@ class ServerSettings:
     api_key: str | None = None
     # Waiting requests beyond which new ones are refused with 429; None = no limit.
     max_queue: int | None = 1024
+    # Largest `n` (completions per prompt) a request may ask for (400 beyond). Each completion takes one
+    # of the --batch-size running slots; kept below it, one request cannot fill the batch alone.
+    max_n: int = 16
     # Largest accepted request body, in bytes (413 beyond).
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     # Seconds in-flight requests get to finish after SIGINT/SIGTERM before they are aborted.
