@@ -60,7 +60,14 @@ class ServerState:
     starting_api_servers: bool = False
 
     def ready_model(self) -> ModelInfo:
-        """The served model's info, or 503 while the engine is loading or after it died."""
+        """The served model's info, or 503 while the engine is loading, after it died, or once a
+        graceful shutdown has begun (new requests are refused while the others drain)."""
+        if self.shutting_down:
+            raise APIError(
+                503,
+                "The server is shutting down and takes no new requests; retry shortly.",
+                code="shutting_down",
+            )
         if self.engine.is_dead:
             raise APIError(
                 503, "The engine has stopped and cannot serve requests.", code="engine_unavailable"
