@@ -28,7 +28,7 @@ from openapi_fuzz import request_bodies
 pytestmark = pytest.mark.slow
 
 FUZZ = settings(
-    max_examples=60,
+    max_examples=50,
     derandomize=True,  # seeded: the same cases on every run
     deadline=None,
     database=None,
@@ -128,7 +128,7 @@ MAX_QUEUE = 2
 @pytest.fixture(scope="module")
 def engine_server(tiny_model_dir: Callable[..., Path]) -> Iterator[BackgroundServer]:
     config = EngineConfig(
-        model=str(tiny_model_dir("llama")), device="cpu", max_num_seqs=MAX_NUM_SEQS, max_model_len=512
+        model=str(tiny_model_dir("llama")), device="cpu", max_num_seqs=MAX_NUM_SEQS, max_model_len=128
     )
     engine = AsyncLLMEngine(config, max_queue=MAX_QUEUE, multiprocess=False)
     settings = ServerSettings(max_queue=MAX_QUEUE, max_n=4)
@@ -138,12 +138,35 @@ def engine_server(tiny_model_dir: Callable[..., Path]) -> Iterator[BackgroundSer
     running.stop()
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_generated_bodies_against_the_real_engine(engine_server: BackgroundServer, path: str) -> None:
+    """Fewer cases than against the fake (each one served runs the model), but through the real
+    sampling parameters, sampler and detokenizer."""
+    openapi = engine_server.app.openapi()
+    valid = {**VALID_BODIES[path], "model": None}
+    statuses: collections.Counter[int] = collections.Counter()
+
+    with httpx.Client(base_url=engine_server.base_url, timeout=120) as client:
+
+        @settings(FUZZ, max_examples=20)
+        @given(body=request_bodies(openapi, path, valid))
+        def check(body: Any) -> None:
+            content = json.dumps(body, allow_nan=True).encode()
+            response = client.post(path, content=content, headers={"content-type": "application/json"})
+            statuses[response.status_code] += 1
+            assert_well_formed(response)
+
+        check()
+    assert statuses[200] > 0, statuses
+    wait_until(lambda: engine_is_idle(engine_server), 60, "the engine to finish the fuzz requests")
+
+
 def engine_is_idle(server: BackgroundServer) -> bool:
     stats = server.engine.stats()
     return stats.num_running == 0 and stats.num_waiting == 0 and stats.kv_cache_usage == 0.0
 
 
-LONG_STREAM = {"prompt": "Once upon a time", "max_tokens": 300, "ignore_eos": True, "stream": True}
+LONG_STREAM = {"prompt": "Once upon a time", "max_tokens": 100, "ignore_eos": True, "stream": True}
 
 
 async def _disconnect_after_first_token(client: httpx.AsyncClient) -> None:
