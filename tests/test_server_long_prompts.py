@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerFast
 
 from batchlm.server.background import BackgroundServer
 from batchlm.server.prompts import INLINE_MAX_CHARS, BatchedEncoder
+from batchlm.server.serving_tokens import DECODE_OFFLOAD_TOKENS
 from batchlm.tokenizer.text_bound import COMPOSITION_FACTOR, max_chars_per_token
 from batchlm.tokenizer.tokenizer import Tokenizer
 from fake_engine import FakeEngine, FakeTokenizer
@@ -32,15 +33,26 @@ class SpyTokenizer(FakeTokenizer):
     def __init__(self, gate: threading.Event | None = None) -> None:
         super().__init__()
         self.encoded_chars = 0
+        self.decoded_ids = 0
         self.gate = gate
         self.blocked = threading.Event()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         self.encoded_chars += len(text)
         if self.gate is not None and len(text) > INLINE_MAX_CHARS:
-            self.blocked.set()
-            assert self.gate.wait(60), "the test never opened the gate"
+            self._wait_for_the_gate()
         return super().encode(text, add_special_tokens)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        self.decoded_ids += len(ids)
+        if self.gate is not None and len(ids) > DECODE_OFFLOAD_TOKENS:
+            self._wait_for_the_gate()
+        return super().decode(ids, skip_special_tokens)
+
+    def _wait_for_the_gate(self) -> None:
+        assert self.gate is not None
+        self.blocked.set()
+        assert self.gate.wait(60), "the test never opened the gate"
 
 
 # -- the bound ----------------------------------------------------------------------------------------
@@ -152,6 +164,36 @@ def test_the_real_tokenizer_bound_rejects_a_10_mb_prompt_unread(
             == 200
         )
     assert lengths and max(lengths) < 100  # the short prompt (and the fake's reply), never the 10 MB
+
+
+def test_a_token_prompt_over_the_context_is_refused_before_its_ids_are_walked() -> None:
+    spy = SpyTokenizer()
+    with BackgroundServer(FakeEngine(tokenizer=spy, max_model_len=64)) as server:
+        body = {"prompt": [70] * 200_000, "echo": True}
+        response = httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=120)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+    assert spy.decoded_ids == 0
+
+
+def test_a_long_detokenize_is_decoded_off_the_event_loop() -> None:
+    gate = threading.Event()
+    spy = SpyTokenizer(gate)
+    tokens = [70] * (4 * DECODE_OFFLOAD_TOKENS)
+    with BackgroundServer(FakeEngine(tokenizer=spy)) as server:
+        client = httpx.Client(base_url=server.base_url, timeout=60)
+        result: list[httpx.Response] = []
+        worker = threading.Thread(
+            target=lambda: result.append(client.post("/detokenize", json={"tokens": tokens}))
+        )
+        worker.start()
+        try:
+            assert spy.blocked.wait(60), "the tokens were never decoded"
+            for _ in range(5):
+                assert client.get("/health").status_code == 200
+        finally:
+            gate.set()
+            worker.join(60)
+    assert result and result[0].json()["prompt"] == "C" * len(tokens)  # id 70 is the byte 67, "C"
 
 
 def test_a_long_prompt_is_tokenized_off_the_event_loop() -> None:

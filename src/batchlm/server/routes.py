@@ -116,4 +116,4 @@ async def tokenize_route(request: Request, body: TokenizeRequest) -> TokenizeRes
 @router.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
 async def detokenize_route(request: Request, body: DetokenizeRequest) -> DetokenizeResponse:
     check_unicode(body)
-    return detokenize(get_state(request), body)
+    return await detokenize(get_state(request), body)

@@ -110,6 +110,9 @@ async def _tokenize_prompts(
             prompts.append(Prompt(item, ids))
         else:
             prompts.append(Prompt(None, list(item)))
+        # The context check first: it is O(1), and a prompt that cannot fit is refused before its ids
+        # are range-checked or decoded for echo (both as long as the prompt, on the event loop).
+        resolve_max_tokens(None, len(prompts[-1].token_ids), info.max_model_len, "prompt")
         check_prompt_token_ids(prompts[-1].token_ids, info.vocab_size, "prompt")
     return prompts
 
