@@ -102,6 +102,7 @@ class FakeCall:
     prompt_token_ids: list[int]
     params: SamplingParams
     prompt: str | None
+    group_id: str = ""
 
 
 @dataclass
@@ -215,8 +216,9 @@ class FakeEngine(EngineClient):
         sampling_params: SamplingParams,
         request_id: str,
         prompt: str | None = None,
+        group_id: str = "",
     ) -> AsyncIterator[RequestOutput]:
-        return self._generate(FakeCall(request_id, list(prompt_token_ids), sampling_params, prompt))
+        return self._generate(FakeCall(request_id, list(prompt_token_ids), sampling_params, prompt, group_id))
 
     async def _generate(self, call: FakeCall) -> AsyncIterator[RequestOutput]:
         self._admit(call)

@@ -1,15 +1,20 @@
-"""Admission is fair across API requests: the n sequences of one large-n request do not keep another
-request out of the batch until all of them have run."""
+"""Admission is fair across API requests: the n sequences of one large-n request (or the prompts of
+one batch) do not keep another request out of the batch until all of them have run."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
+import httpx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batchlm.core.scheduler import SchedulerConfig
+from batchlm.engine.requests import make_core_requests
 from batchlm.request import EngineCoreRequest
+from batchlm.sampling_params import SamplingParams
+from batchlm.server.background import BackgroundServer
+from fake_engine import FakeEngine
 from scheduler_harness import Driver, make_request, reference_generation
 
 
@@ -82,3 +87,23 @@ def test_single_sequence_requests_stay_first_come_first_served() -> None:
             if chunk.request_id not in order:
                 order.append(chunk.request_id)
     assert order == ["r0", "r1", "r2", "r3"]
+
+
+def test_a_requests_sequences_share_one_admission_group() -> None:
+    params = SamplingParams(n=3, max_tokens=4)
+    children = make_core_requests("req", [1, 2], params, (), 0.0)
+    assert {child.group_id for child in children} == {"req"}
+    assert make_core_requests("one", [1, 2], SamplingParams(max_tokens=4), (), 0.0)[0].group_id == ""
+    batch = make_core_requests("batch-1", [1, 2], SamplingParams(max_tokens=4), (), 0.0, group_id="batch")
+    assert batch[0].group_id == "batch"
+
+
+def test_a_batch_of_prompts_is_one_admission_group() -> None:
+    engine = FakeEngine()
+    with BackgroundServer(engine) as server:
+        url = f"{server.base_url}/v1/completions"
+        batch = httpx.post(url, json={"prompt": ["a", "b", "c"], "max_tokens": 1}).json()
+        single = httpx.post(url, json={"prompt": "a", "max_tokens": 1}).json()
+    calls = {call.request_id: call.group_id for call in engine.calls}
+    assert {calls[f"{batch['id']}-{i}"] for i in range(3)} == {batch["id"]}
+    assert calls[single["id"]] == ""

@@ -88,6 +88,7 @@ class Generation:
         recorder: RequestRecorder,
         in_flight: InFlight,
         prompt: str | None = None,
+        group_id: str = "",
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
@@ -105,7 +106,7 @@ class Generation:
         self._finish_reasons: dict[int, str] = {}
         try:
             self._stream: AsyncIterator[RequestOutput] = engine.generate(
-                prompt_token_ids, params, request_id, prompt=prompt
+                prompt_token_ids, params, request_id, prompt=prompt, group_id=group_id
             )
         except Exception as error:
             raise self._translate(error) from error

@@ -141,15 +141,16 @@ async def _start_generations(
         )
         plans.append((prompt, params))
     generations: list[Generation] = []
+    # A batch's prompts take admission turns as one request (like n), not one turn each.
+    group_id = request_id if len(plans) > 1 else ""
     try:
         for position, (prompt, params) in enumerate(plans):
             engine_id = request_id if len(plans) == 1 else f"{request_id}-{position}"
             recorder = RequestRecorder(state.metrics, engine_id, len(prompt.token_ids), http_received_at)
-            generations.append(
-                Generation(
-                    state.engine, engine_id, prompt.token_ids, params, recorder, state.in_flight, prompt.text
-                )
+            generation = Generation(
+                state.engine, engine_id, prompt.token_ids, params, recorder, state.in_flight, prompt.text, group_id
             )
+            generations.append(generation)
     except BaseException:
         await close_all(generations)
         raise
