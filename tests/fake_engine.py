@@ -34,6 +34,8 @@ class FakeTokenizer:
 
     vocab_size = 256 + BYTE_OFFSET
     eos_token_ids = (EOS_ID,)
+    # One token per UTF-8 byte: a token never stands for more than one character.
+    max_chars_per_token = 1
 
     def __init__(self, has_chat_template: bool = True) -> None:
         self.has_chat_template = has_chat_template
@@ -100,6 +102,7 @@ class FakeCall:
     prompt_token_ids: list[int]
     params: SamplingParams
     prompt: str | None
+    group_id: str = ""
 
 
 @dataclass
@@ -213,8 +216,9 @@ class FakeEngine(EngineClient):
         sampling_params: SamplingParams,
         request_id: str,
         prompt: str | None = None,
+        group_id: str = "",
     ) -> AsyncIterator[RequestOutput]:
-        return self._generate(FakeCall(request_id, list(prompt_token_ids), sampling_params, prompt))
+        return self._generate(FakeCall(request_id, list(prompt_token_ids), sampling_params, prompt, group_id))
 
     async def _generate(self, call: FakeCall) -> AsyncIterator[RequestOutput]:
         self._admit(call)

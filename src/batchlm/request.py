@@ -25,3 +25,6 @@ class EngineCoreRequest:
     arrival_time: float
     # Seed actually used for this sequence's sampler (derived per child for n > 1); None = unseeded.
     seed: int | None = None
+    # The API request this sequence belongs to (its n siblings share it); "" = its own request_id.
+    # The scheduler admits sequences fairly across these groups.
+    group_id: str = ""

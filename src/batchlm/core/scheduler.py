@@ -6,6 +6,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from batchlm.core.admission import AdmissionTickets
 from batchlm.core.kv_cache_manager import KVCacheManager
 from batchlm.core.request_state import RequestState, RequestStatus
 from batchlm.core.step_builder import InflightStep, StepBuilder, new_request_data, sampled_by_request
@@ -77,6 +78,7 @@ class Scheduler:
             config.num_blocks, config.block_size, config.enable_prefix_caching, config.prefix_cache_salt
         )
         self._requests: dict[str, RequestState] = {}
+        self._tickets = AdmissionTickets()
         self._waiting: deque[RequestState] = deque()
         # In admission order: the last one is the first to be preempted.
         self._running: list[RequestState] = []
@@ -108,6 +110,7 @@ class Scheduler:
         if max_tokens is not None:
             state.token_limit = min(state.token_limit, len(request.prompt_token_ids) + max_tokens)
         self._requests[request.request_id] = state
+        self._tickets.add(request)
         self._waiting.append(state)
         self._prompt_tokens_total += len(request.prompt_token_ids)
 
@@ -167,7 +170,8 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         """Pick this step's chunks: running requests first (in admission order), then admit waiting
-        ones first-come-first-served while the token budget, max_num_seqs and blocks allow."""
+        ones first-come-first-served (fairly across n > 1 siblings: _next_to_admit) while the token
+        budget, max_num_seqs and blocks allow."""
         step = StepBuilder(self.config.max_num_batched_tokens)
         self._schedule_running(step)
         if not step.preempted:
@@ -210,15 +214,19 @@ class Scheduler:
 
     def _admit_waiting(self, step: StepBuilder) -> None:
         while self._waiting and step.budget > 0 and len(self._running) < self.config.max_num_seqs:
-            state = self._waiting[0]
+            state = self._next_to_admit()
             cached_blocks = self.kv.find_cached_prefix(state)
             if self.kv.waits_on_pending_block(state, len(cached_blocks)):
-                return  # FCFS: nobody overtakes a request waiting for its prefix to be computed
+                return  # nobody overtakes a request waiting for its prefix to be computed
             num_cached_tokens = len(cached_blocks) * self.config.block_size
             num_new = min(state.num_tokens - num_cached_tokens, step.budget)
             if not self.kv.admit(state, cached_blocks, num_new):
                 return
-            self._waiting.popleft()
+            if state is self._waiting[0]:
+                self._waiting.popleft()
+            else:
+                self._waiting.remove(state)
+            self._tickets.admitted(state.request)
             self._running.append(state)
             state.status = RequestStatus.RUNNING
             state.num_computed_tokens = num_cached_tokens
@@ -227,6 +235,16 @@ class Scheduler:
             if state.num_cached_tokens is None:
                 state.num_cached_tokens = num_cached_tokens
             self._add_chunk(step, state, num_new)
+
+    def _next_to_admit(self) -> RequestState:
+        """The waiting sequence whose turn it is: the lowest ticket, first come first served among
+        equals. A request takes its ticket on arrival; n > 1 siblings share their request's, and it
+        moves to the back of the line each time one of them is admitted. So the siblings of a
+        large-n request take turns with the requests that arrived meanwhile instead of keeping them
+        all out of the batch until every sibling has run."""
+        if not self._tickets.num_groups:
+            return self._waiting[0]
+        return min(self._waiting, key=self._tickets.of)
 
     def _add_chunk(
         self, step: StepBuilder, state: RequestState, num_new: int, table_changed: bool = True
@@ -345,6 +363,7 @@ class Scheduler:
         state.status = RequestStatus.FINISHED
         state.finish_reason = reason
         del self._requests[state.request_id]
+        self._tickets.finished(state.request)
         if state.known_to_runner:
             self._dropped_ids.add(state.request_id)
 

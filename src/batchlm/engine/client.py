@@ -77,8 +77,11 @@ class EngineClient(ABC):
         sampling_params: SamplingParams,
         request_id: str,
         prompt: str | None = None,
+        group_id: str = "",
     ) -> AsyncIterator[RequestOutput]:
-        """Raises RequestRejectedError, QueueFullError or EngineDeadError (before the first yield)."""
+        """Raises RequestRejectedError, QueueFullError or EngineDeadError (before the first yield).
+        `group_id` names the API request when it makes several of these (a batch of prompts): the
+        scheduler gives the whole group one turn at a time for admission, like a request's n."""
 
     @abstractmethod
     async def abort(self, request_id: str) -> None:

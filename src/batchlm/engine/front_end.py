@@ -105,8 +105,9 @@ class StreamingFrontEnd(EngineClient):
         sampling_params: SamplingParams,
         request_id: str,
         prompt: str | None = None,
+        group_id: str = "",
     ) -> AsyncIterator[RequestOutput]:
-        queue = self._submit(prompt_token_ids, sampling_params, request_id, prompt)
+        queue = self._submit(prompt_token_ids, sampling_params, request_id, prompt, group_id)
         finished = False
         try:
             while True:
@@ -134,7 +135,12 @@ class StreamingFrontEnd(EngineClient):
     # -- shared internals ------------------------------------------------------------------------------
 
     def _submit(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, prompt: str | None
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        prompt: str | None,
+        group_id: str = "",
     ) -> asyncio.Queue[Any]:
         if self._dead_reason is not None:
             raise EngineDeadError(self._dead_reason)
@@ -146,7 +152,9 @@ class StreamingFrontEnd(EngineClient):
             raise RequestRejectedError(f"request id {request_id!r} is already in use", "request_id")
         self._check_queue_room()
         now = time.time()
-        core_requests = make_core_requests(request_id, prompt_token_ids, params, self.tokenizer.eos_token_ids, now)
+        core_requests = make_core_requests(
+            request_id, prompt_token_ids, params, self.tokenizer.eos_token_ids, now, group_id
+        )
         queue: asyncio.Queue[Any] = asyncio.Queue()
         self._queues[request_id] = queue
         self._processor.add_request(request_id, prompt, prompt_token_ids, params, now)

@@ -53,8 +53,10 @@ def make_core_requests(
     params: SamplingParams,
     eos_token_ids: tuple[int, ...],
     arrival_time: float,
+    group_id: str = "",
 ) -> list[EngineCoreRequest]:
-    """One engine-core request per completion; seeded children get distinct, reproducible seeds."""
+    """One engine-core request per completion; seeded children get distinct, reproducible seeds. The
+    children share an admission group: `group_id` when given, else the request (when n > 1)."""
     prompt = tuple(prompt_token_ids)
     return [
         EngineCoreRequest(
@@ -64,6 +66,7 @@ def make_core_requests(
             eos_token_ids=eos_token_ids,
             arrival_time=arrival_time,
             seed=None if params.seed is None else params.seed + index,
+            group_id=group_id or (request_id if params.n > 1 else ""),
         )
         for index, core_id in enumerate(child_request_ids(request_id, params.n))
     ]

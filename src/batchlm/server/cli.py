@@ -58,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
     if count < 1:
         logger.error("--api-servers must be at least 1, got %d", count)
         return 2
+    if settings.max_n < 1:
+        logger.error("--max-n must be at least 1, got %d", settings.max_n)
+        return 2
     settings = replace(settings, api_servers=count)
     if count > 1:
         return _run_several(settings, config, count)

@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
@@ -29,12 +30,21 @@ ERROR_TYPES: dict[int, str] = {
 class APIError(Exception):
     """An error the client should see: HTTP status plus OpenAI's {message, type, param, code}."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        # Extra response headers (Retry-After on a 429, Allow on a 405).
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return error_body(self.status, self.message, self.param, self.code)
@@ -45,11 +55,22 @@ def error_body(
 ) -> dict[str, Any]:
     """The JSON OpenAI sends for an error (also the payload of a streaming error event)."""
     error_type = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+    param = None if param is None else encodable(param)
+    return {"error": {"message": encodable(message), "type": error_type, "param": param, "code": code}}
+
+
+def encodable(text: str) -> str:
+    """`text` with anything UTF-8 cannot encode (lone surrogates echoed from the client's input)
+    spelled as a backslash escape, so that an error body can always be sent."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers or None)
 
 
 class ClientDisconnected(Exception):
@@ -71,9 +92,9 @@ def install_error_handlers(app: FastAPI, observe: ErrorObserver) -> None:
         assert isinstance(exc, APIError)
         return respond(exc)
 
-    async def on_validation_error(_: Request, exc: Exception) -> JSONResponse:
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        return respond(validation_error_to_api_error(exc.errors()))
+        return respond(validation_error_to_api_error(exc.errors(), required_body_fields(request)))
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
@@ -89,13 +110,21 @@ def install_error_handlers(app: FastAPI, observe: ErrorObserver) -> None:
     app.add_exception_handler(Exception, on_unexpected)
 
 
-def validation_error_to_api_error(errors: Sequence[Any]) -> APIError:
-    """Turn pydantic's 422 list into one 400 that names the first offending field."""
+def validation_error_to_api_error(errors: Sequence[Any], required: Sequence[str] = ()) -> APIError:
+    """Turn pydantic's 422 list into one 400 that names the first offending field. `required` lists the
+    body's required fields, named when the whole body is missing."""
     if not errors:
         return APIError(400, "Invalid request body.")
     first = errors[0]
     param = param_from_loc(first.get("loc", ()))
     kind = first.get("type", "")
+    if kind == "missing" and param is None:
+        names = ", ".join(f"'{name}'" for name in required) or "a JSON object"
+        return APIError(
+            400,
+            f"The request body is empty: missing required parameter {names}.",
+            required[0] if required else None,
+        )
     if kind == "json_invalid":
         detail = first.get("ctx", {}).get("error", "malformed JSON")
         return APIError(400, f"The request body is not valid JSON: {detail}.")
@@ -112,6 +141,15 @@ def validation_error_to_api_error(errors: Sequence[Any]) -> APIError:
 _UNION_TAGS = {"str", "int", "float", "bool", "none", "list", "dict"}
 
 
+def required_body_fields(request: Request) -> list[str]:
+    """The required fields of the JSON body model of the route that `request` matched (none if unknown)."""
+    body_field = getattr(request.scope.get("route"), "body_field", None)
+    model = getattr(getattr(body_field, "field_info", None), "annotation", None)
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return []
+    return [name for name, field in model.model_fields.items() if field.is_required()]
+
+
 def param_from_loc(loc: Sequence[Any]) -> str | None:
     """("body", "messages", 0, "content", "str") -> "messages[0].content"."""
     param = ""
@@ -126,6 +164,9 @@ def param_from_loc(loc: Sequence[Any]) -> str | None:
 def http_error_to_api_error(request: Request, exc: StarletteHTTPException) -> APIError:
     if exc.status_code == 404:
         return APIError(404, f"Unknown route: {request.method} {request.url.path}", code="unknown_url")
+    headers = dict(exc.headers or {})
     if exc.status_code == 405:
-        return APIError(405, f"Method {request.method} is not allowed for {request.url.path}.")
-    return APIError(exc.status_code, str(exc.detail))
+        return APIError(
+            405, f"Method {request.method} is not allowed for {request.url.path}.", headers=headers
+        )
+    return APIError(exc.status_code, str(exc.detail), headers=headers)

@@ -18,16 +18,28 @@ from batchlm.server.metrics import RequestRecorder
 
 logger = logging.getLogger(__name__)
 
+# Seconds a client refused with 429 should wait before retrying: the queue moves within a few steps.
+RETRY_AFTER_S = "1"
+
 
 def engine_error_to_api_error(error: Exception) -> APIError | None:
     """The HTTP meaning of the engine's documented errors; None for anything else (a bug: 500)."""
     if isinstance(error, RequestRejectedError):
         return APIError(400, str(error), param=error.param)
     if isinstance(error, QueueFullError):
-        return APIError(429, f"The server is overloaded, please retry later: {error}", code="queue_full")
+        return APIError(
+            429, _overloaded_message(str(error)), code="queue_full", headers={"Retry-After": RETRY_AFTER_S}
+        )
     if isinstance(error, EngineDeadError):
         return APIError(503, f"The engine is not available: {error}", code="engine_unavailable")
     return None
+
+
+def _overloaded_message(reason: str) -> str:
+    """The engine's reason as one sentence that says "overloaded" once (the front end's already does)."""
+    if "overloaded" not in reason:
+        reason = f"the server is overloaded: {reason}"
+    return reason[:1].upper() + reason[1:].rstrip(".") + "."
 
 
 def _this_task_is_cancelled() -> bool:
@@ -76,6 +88,7 @@ class Generation:
         recorder: RequestRecorder,
         in_flight: InFlight,
         prompt: str | None = None,
+        group_id: str = "",
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
@@ -93,7 +106,7 @@ class Generation:
         self._finish_reasons: dict[int, str] = {}
         try:
             self._stream: AsyncIterator[RequestOutput] = engine.generate(
-                prompt_token_ids, params, request_id, prompt=prompt
+                prompt_token_ids, params, request_id, prompt=prompt, group_id=group_id
             )
         except Exception as error:
             raise self._translate(error) from error

@@ -30,11 +30,15 @@ T = TypeVar("T")
 
 # Past the drain period uvicorn itself cancels what is left; this margin lets our aborts land first.
 BACKSTOP_MARGIN_S = 5.0
+# How often the drain checks whether the in-flight generations have finished.
+DRAIN_POLL_S = 0.02
 
 
 class GracefulServer(uvicorn.Server):
     """uvicorn.Server that, once asked to stop, gives in-flight requests the drain period to finish,
-    then aborts them in the engine (their streams end with an error event instead of being cut)."""
+    then aborts them in the engine (their streams end with an error event instead of being cut).
+    The listener stays open while they drain: a request arriving meanwhile gets a 503 in OpenAI's
+    shape (a client or balancer can retry elsewhere) rather than a refused connection."""
 
     def __init__(self, app: FastAPI, on_shutdown: Callable[[], None] | None = None) -> None:
         self.state: ServerState = app.state.batchlm
@@ -71,9 +75,16 @@ class GracefulServer(uvicorn.Server):
             self._on_shutdown()
         watchdog = asyncio.ensure_future(self._abort_after_drain_period())
         try:
+            await self._wait_for_in_flight()
             await super().shutdown(sockets)
         finally:
             watchdog.cancel()
+
+    async def _wait_for_in_flight(self) -> None:
+        """Until no generation is in flight (the watchdog aborts them after the drain period), or a
+        second signal asks for a forced exit."""
+        while len(self.state.in_flight) and not self.force_exit:
+            await asyncio.sleep(DRAIN_POLL_S)
 
     async def _abort_after_drain_period(self) -> None:
         timeout = self.state.settings.shutdown_timeout_s

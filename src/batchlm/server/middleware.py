@@ -16,11 +16,12 @@ PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
 
 
 class APIKeyMiddleware:
-    """401 in OpenAI's shape unless `Authorization: Bearer <key>` matches (compared in constant time)."""
+    """401 in OpenAI's shape unless `Authorization: Bearer <key>` matches (the key compared in constant
+    time; the scheme, like every HTTP auth scheme, case-insensitively)."""
 
     def __init__(self, app: ASGIApp, api_key: str, observe: ErrorObserver) -> None:
         self.app = app
-        self._expected = f"Bearer {api_key}".encode()
+        self._expected = api_key.encode()
         self._observe = observe
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -28,7 +29,7 @@ class APIKeyMiddleware:
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"authorization")
-        if given is not None and hmac.compare_digest(given, self._expected):
+        if given is not None and hmac.compare_digest(_bearer_token(given), self._expected):
             await self.app(scope, receive, send)
             return
         if given is None:
@@ -40,6 +41,12 @@ class APIKeyMiddleware:
             message = "Incorrect API key provided."
         self._observe(401)
         await error_response(APIError(401, message, code="invalid_api_key"))(scope, receive, send)
+
+
+def _bearer_token(authorization: bytes) -> bytes:
+    """The credentials of a Bearer Authorization header; b"" for any other scheme."""
+    scheme, _, token = authorization.strip().partition(b" ")
+    return token.strip() if scheme.lower() == b"bearer" else b""
 
 
 def _is_protected(path: str) -> bool:

@@ -15,10 +15,9 @@ import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from jinja2 import TemplateError
-
 from batchlm.server.errors import APIError
 from batchlm.server.protocol import ChatMessage
+from batchlm.server.text_limits import reject_text_over_context
 
 T = TypeVar("T")
 
@@ -34,6 +33,9 @@ INLINE_BUDGET_S = 0.005
 INLINE_WINDOW_S = 0.05
 # Chat messages longer than this in all are rendered through the template in a worker thread.
 RENDER_OFFLOAD_CHARS = 16_384
+# Texts longer than this always go to the worker, whatever is left of the inline budget: tokenizing one
+# takes milliseconds, and every other request (and /health) waits while the event loop does it.
+INLINE_MAX_CHARS = 16_384
 
 
 async def _maybe_offload(size: int, work: Callable[[], T]) -> T:
@@ -68,7 +70,7 @@ class BatchedEncoder:
         started = self._clock()
         if started - self._window_start >= self._inline_window_s:
             self._window_start, self._inline_spent = started, 0.0
-        if self._inline_spent < self._inline_budget_s:
+        if self._inline_spent < self._inline_budget_s and len(text) <= INLINE_MAX_CHARS:
             try:
                 return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
             finally:
@@ -125,7 +127,17 @@ def batched_encoder(tokenizer: Any) -> BatchedEncoder:
     return encoder
 
 
-async def encode_text(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+async def encode_text(
+    tokenizer: Any,
+    text: str,
+    add_special_tokens: bool,
+    max_model_len: int | None = None,
+    param: str = "prompt",
+) -> list[int]:
+    """Token ids of `text`. With `max_model_len`, a text too long to fit that context is a 400 before
+    any tokenization (text_limits.py); long texts are tokenized off the event loop."""
+    if max_model_len is not None:
+        reject_text_over_context(tokenizer, len(text), max_model_len, param)
     if len(text) <= OFFLOAD_CHARS:
         return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
     return await batched_encoder(tokenizer).encode(text, add_special_tokens)
@@ -203,8 +215,10 @@ async def render_chat(
     add_generation_prompt: bool,
     continue_final_message: bool,
     chat_template_kwargs: dict[str, Any] | None,
+    max_model_len: int | None = None,
 ) -> list[int]:
-    """Token ids of the conversation rendered by the model's chat template."""
+    """Token ids of the conversation rendered by the model's chat template. With `max_model_len`, a
+    rendering too long to fit that context is a 400 before tokenization."""
     converted = template_messages(messages)
     _check_continuation(converted, add_generation_prompt, continue_final_message)
 
@@ -216,9 +230,11 @@ async def render_chat(
 
     try:
         text = await _maybe_offload(sum(len(m["content"]) for m in converted), render)
-    except (ValueError, TemplateError) as error:
+    except Exception as error:  # the template runs on the client's messages and kwargs: their fault
         raise APIError(400, f"Could not apply the chat template: {error}", param="messages") from error
-    ids: list[int] = tokenizer.chat_ids(await encode_text(tokenizer, text, add_special_tokens=False))
+    ids: list[int] = tokenizer.chat_ids(
+        await encode_text(tokenizer, text, False, max_model_len, param="messages")
+    )
     return ids
 
 
@@ -240,5 +256,3 @@ def _check_continuation(
             "'continue_final_message' needs the last message to be from the assistant.",
             param="continue_final_message",
         )
-
-

@@ -8,9 +8,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class StrictModel(BaseModel):
-    """Unknown fields are an error (OpenAI answers 'Unrecognized request argument'), never ignored."""
+    """Unknown fields are an error (OpenAI answers 'Unrecognized request argument'), never ignored; so
+    are NaN and infinities in numeric fields (JSON parsers accept NaN, and it compares false with any
+    bound, so range checks alone would let it through)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ChatMessage(StrictModel):

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from pydantic import BaseModel
+
 from batchlm.engine.client import ModelInfo
 from batchlm.sampling_params import SamplingParams, SamplingParamsError
 from batchlm.server.errors import APIError
@@ -47,6 +49,54 @@ def check_model(requested: str | None, info: ModelInfo) -> None:
         param="model",
         code="model_not_found",
     )
+
+
+def check_n(n: int, max_n: int) -> None:
+    """400 for an `n` over the server's --max-n (SamplingParams checks the lower bound)."""
+    if n > max_n:
+        raise APIError(400, f"'n' must be at most {max_n} on this server (--max-n), got {n}.", param="n")
+
+
+def check_unicode(body: BaseModel) -> None:
+    """400 naming the first string of `body` (keys included) that is not valid Unicode: a lone UTF-16
+    surrogate (e.g. "\\ud800") that JSON escapes allow but no tokenizer or UTF-8 encoder accepts. The
+    fast path's JSON parser rejects these already; FastAPI's does not."""
+    where = _first_invalid_text(body.__dict__, "")
+    if where is not None:
+        raise APIError(
+            400,
+            f"Invalid value for '{where}': the text contains a lone UTF-16 surrogate (not valid Unicode).",
+            param=where,
+        )
+
+
+def _first_invalid_text(value: Any, path: str) -> str | None:
+    if isinstance(value, str):
+        return None if value.isascii() or _encodes(value) else path
+    if isinstance(value, BaseModel):
+        value = value.__dict__
+    if isinstance(value, dict):
+        for key, item in value.items():
+            inner = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and not _encodes(key):
+                return path or None
+            found = _first_invalid_text(item, inner)
+            if found is not None:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            found = _first_invalid_text(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def reject_unsupported(request: Any, rules: Iterable[UnsupportedRule]) -> None:

@@ -15,7 +15,7 @@ from batchlm.server.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
-from batchlm.server.request_params import check_model
+from batchlm.server.request_params import check_model, check_unicode
 from batchlm.server.responses import (
     ChatCompletionResponse,
     CompletionResponse,
@@ -91,6 +91,7 @@ async def retrieve_model(request: Request, model_id: str) -> ModelCard:
     },
 )
 async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
+    check_unicode(body)
     return await create_chat_completion(request, body)
 
 
@@ -102,14 +103,17 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Res
     },
 )
 async def completions(request: Request, body: CompletionRequest) -> Response:
+    check_unicode(body)
     return await create_completion(request, body)
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)
 async def tokenize_route(request: Request, body: TokenizeRequest) -> TokenizeResponse:
+    check_unicode(body)
     return await tokenize(get_state(request), body)
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
 async def detokenize_route(request: Request, body: DetokenizeRequest) -> DetokenizeResponse:
-    return detokenize(get_state(request), body)
+    check_unicode(body)
+    return await detokenize(get_state(request), body)

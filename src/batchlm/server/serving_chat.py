@@ -23,6 +23,7 @@ from batchlm.server.request_params import (
     build_sampling_params,
     check_chat_request,
     check_model,
+    check_n,
     resolve_max_tokens,
 )
 from batchlm.server.responding import (
@@ -53,6 +54,7 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest) 
     state = get_state(request)
     info = state.ready_model()
     check_model(body.model, info)
+    check_n(body.n, state.settings.max_n)
     check_chat_request(body)
     tokenizer = state.engine.tokenizer
     prompt_ids = await render_chat(
@@ -61,6 +63,7 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest) 
         add_generation_prompt=body.add_generation_prompt,
         continue_final_message=body.continue_final_message,
         chat_template_kwargs=body.chat_template_kwargs,
+        max_model_len=info.max_model_len,
     )
     params = _sampling_params(body, len(prompt_ids), info)
     context = ChatContext(

@@ -24,6 +24,7 @@ from batchlm.server.request_params import (
     build_sampling_params,
     check_completion_request,
     check_model,
+    check_n,
     check_prompt_token_ids,
     resolve_max_tokens,
 )
@@ -70,9 +71,10 @@ async def create_completion(request: Request, body: CompletionRequest) -> Respon
     state = get_state(request)
     info = state.ready_model()
     check_model(body.model, info)
+    check_n(body.n, state.settings.max_n)
     check_completion_request(body)
     tokenizer = state.engine.tokenizer
-    prompts = await _tokenize_prompts(tokenizer, body.prompt, body.add_special_tokens, info.vocab_size)
+    prompts = await _tokenize_prompts(tokenizer, body.prompt, body.add_special_tokens, info)
     context = CompletionContext(
         request_id=f"cmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
@@ -91,7 +93,7 @@ async def create_completion(request: Request, body: CompletionRequest) -> Respon
 
 
 async def _tokenize_prompts(
-    tokenizer: Any, prompt: PromptInput, add_special_tokens: bool, vocab_size: int
+    tokenizer: Any, prompt: PromptInput, add_special_tokens: bool, info: ModelInfo
 ) -> list[Prompt]:
     """One Prompt per batch entry. A flat list of ints is one token-id prompt, not a batch."""
     items: list[Any] = (
@@ -104,10 +106,14 @@ async def _tokenize_prompts(
     prompts = []
     for item in items:
         if isinstance(item, str):
-            prompts.append(Prompt(item, await encode_text(tokenizer, item, add_special_tokens)))
+            ids = await encode_text(tokenizer, item, add_special_tokens, info.max_model_len)
+            prompts.append(Prompt(item, ids))
         else:
             prompts.append(Prompt(None, list(item)))
-        check_prompt_token_ids(prompts[-1].token_ids, vocab_size, "prompt")
+        # The context check first: it is O(1), and a prompt that cannot fit is refused before its ids
+        # are range-checked or decoded for echo (both as long as the prompt, on the event loop).
+        resolve_max_tokens(None, len(prompts[-1].token_ids), info.max_model_len, "prompt")
+        check_prompt_token_ids(prompts[-1].token_ids, info.vocab_size, "prompt")
     return prompts
 
 
@@ -135,15 +141,16 @@ async def _start_generations(
         )
         plans.append((prompt, params))
     generations: list[Generation] = []
+    # A batch's prompts take admission turns as one request (like n), not one turn each.
+    group_id = request_id if len(plans) > 1 else ""
     try:
         for position, (prompt, params) in enumerate(plans):
             engine_id = request_id if len(plans) == 1 else f"{request_id}-{position}"
             recorder = RequestRecorder(state.metrics, engine_id, len(prompt.token_ids), http_received_at)
-            generations.append(
-                Generation(
-                    state.engine, engine_id, prompt.token_ids, params, recorder, state.in_flight, prompt.text
-                )
+            generation = Generation(
+                state.engine, engine_id, prompt.token_ids, params, recorder, state.in_flight, prompt.text, group_id
             )
+            generations.append(generation)
     except BaseException:
         await close_all(generations)
         raise

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from batchlm.server.errors import APIError
 from batchlm.server.prompts import encode_text, render_chat
 from batchlm.server.protocol import DetokenizeRequest, TokenizeRequest
 from batchlm.server.request_params import check_model, check_prompt_token_ids
 from batchlm.server.responses import DetokenizeResponse, TokenizeResponse
 from batchlm.server.state import ServerState
+
+# Token lists longer than this are decoded in a worker thread, so that a long one (the body-size limit
+# allows millions) does not hold up every other request on the event loop.
+DECODE_OFFLOAD_TOKENS = 4096
 
 
 async def tokenize(state: ServerState, body: TokenizeRequest) -> TokenizeResponse:
@@ -26,16 +32,25 @@ async def tokenize(state: ServerState, body: TokenizeRequest) -> TokenizeRespons
             add_generation_prompt=body.add_generation_prompt,
             continue_final_message=body.continue_final_message,
             chat_template_kwargs=body.chat_template_kwargs,
+            max_model_len=info.max_model_len,
         )
     else:
-        tokens = await encode_text(tokenizer, body.prompt or "", body.add_special_tokens)
+        tokens = await encode_text(tokenizer, body.prompt or "", body.add_special_tokens, info.max_model_len)
     return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=info.max_model_len)
 
 
-def detokenize(state: ServerState, body: DetokenizeRequest) -> DetokenizeResponse:
+async def detokenize(state: ServerState, body: DetokenizeRequest) -> DetokenizeResponse:
+    """Text of any number of token ids (the body-size limit bounds them); long lists are decoded off
+    the event loop."""
     info = state.ready_model()
     check_model(body.model, info)
     if body.tokens:
         check_prompt_token_ids(body.tokens, info.vocab_size, "tokens")
-    text: str = state.engine.tokenizer.decode(body.tokens, skip_special_tokens=False)
-    return DetokenizeResponse(prompt=text)
+    tokenizer = state.engine.tokenizer
+
+    def decode() -> str:
+        text: str = tokenizer.decode(body.tokens, skip_special_tokens=False)
+        return text
+
+    long = len(body.tokens) > DECODE_OFFLOAD_TOKENS
+    return DetokenizeResponse(prompt=await asyncio.to_thread(decode) if long else decode())

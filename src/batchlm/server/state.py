@@ -27,6 +27,9 @@ class ServerSettings:
     api_key: str | None = None
     # Waiting requests beyond which new ones are refused with 429; None = no limit.
     max_queue: int | None = 1024
+    # Largest `n` (completions per prompt) a request may ask for (400 beyond). Each completion takes one
+    # of the --batch-size running slots; kept below it, one request cannot fill the batch alone.
+    max_n: int = 16
     # Largest accepted request body, in bytes (413 beyond).
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     # Seconds in-flight requests get to finish after SIGINT/SIGTERM before they are aborted.
@@ -57,7 +60,14 @@ class ServerState:
     starting_api_servers: bool = False
 
     def ready_model(self) -> ModelInfo:
-        """The served model's info, or 503 while the engine is loading or after it died."""
+        """The served model's info, or 503 while the engine is loading, after it died, or once a
+        graceful shutdown has begun (new requests are refused while the others drain)."""
+        if self.shutting_down:
+            raise APIError(
+                503,
+                "The server is shutting down and takes no new requests; retry shortly.",
+                code="shutting_down",
+            )
         if self.engine.is_dead:
             raise APIError(
                 503, "The engine has stopped and cannot serve requests.", code="engine_unavailable"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from batchlm.tokenizer.chat_template import resolve_chat_template
 from batchlm.tokenizer.hf_loading import load_hf_tokenizer
+from batchlm.tokenizer.text_bound import max_chars_per_token
 from batchlm.tokenizer.token_bytes import TokenBytes, byte_level_pieces
 
 if TYPE_CHECKING:
@@ -78,6 +80,7 @@ class Tokenizer:
         tokenizer = cls(hf, _configured_eos_ids(directory), template, str(directory))
         tokenizer._check_template_syntax()
         tokenizer.byte_pieces(skip_special_tokens=True)  # built at load, not by the first request
+        _ = tokenizer.max_chars_per_token
         return tokenizer
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -119,6 +122,12 @@ class Tokenizer:
                     logger.debug("byte-level detokenization is off for %s: %s", self.name_or_path, error)
             self._byte_pieces[skip_special_tokens] = pieces
         return self._byte_pieces[skip_special_tokens]
+
+    @functools.cached_property
+    def max_chars_per_token(self) -> int | None:
+        """The most input characters one token can stand for (None when the pipeline gives no bound):
+        a text longer than max_model_len times this cannot fit the context."""
+        return max_chars_per_token(self.hf)
 
     def render_chat_template(
         self,

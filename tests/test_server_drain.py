@@ -1,0 +1,110 @@
+"""While a graceful shutdown drains in-flight streams, the listener stays open and new requests get a
+503 in OpenAI's shape (not a refused connection); once the streams are done the listener closes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from batchlm.server.background import BackgroundServer
+from fake_engine import FakeEngine, wait_until
+
+USER = [{"role": "user", "content": "hi"}]
+# Long enough to outlast the checks made while it drains (a few requests) on a loaded machine.
+STREAM = {"messages": USER, "max_tokens": 300, "ignore_eos": True, "stream": True}
+
+
+def data_lines(lines: Any, count: int | None = None) -> list[str]:
+    """SSE payloads: `count` of them, or all that are left."""
+    found = []
+    for line in lines:
+        if line.startswith("data: "):
+            found.append(line.removeprefix("data: "))
+            if count is not None and len(found) >= count:
+                break
+    return found
+
+
+def assert_refused_while_draining(base_url: str) -> None:
+    for path, body in (("/v1/chat/completions", {"messages": USER}), ("/v1/completions", {"prompt": "hi"})):
+        response = httpx.post(f"{base_url}{path}", json=body, timeout=30)
+        assert response.status_code == 503, response.text
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert error["code"] == "shutting_down" and error["type"] == "service_unavailable"
+    health = httpx.get(f"{base_url}/health", timeout=30)
+    assert health.status_code == 503 and health.json() == {"status": "shutting_down"}
+
+
+def test_new_requests_get_503_while_streams_drain_then_the_listener_closes() -> None:
+    engine = FakeEngine(max_model_len=20_000, token_delay_s=0.5)  # sped up once the checks are done
+    server = BackgroundServer(engine).start()
+    url = f"{server.base_url}/v1/chat/completions"
+    with httpx.stream("POST", url, json=STREAM, timeout=60) as response:
+        lines = response.iter_lines()
+        data_lines(lines, count=2)
+        stopper = threading.Thread(target=server.stop)
+        stopper.start()
+        wait_until(lambda: server.state.shutting_down, what="the drain to begin")
+        assert_refused_while_draining(server.base_url)
+        engine.token_delay_s = 0.0
+        rest = data_lines(lines)
+    stopper.join(60)
+    assert rest[-1] == "[DONE]"
+    assert json.loads(rest[-2])["choices"][0]["finish_reason"] == "length"
+    assert engine.aborted == [] and server.exit_code == 0
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{server.base_url}/health")
+
+
+def test_sigterm_drain_answers_new_requests_with_503() -> None:
+    port = free_port()
+    script = Path(__file__).with_name("fake_engine.py")
+    process = subprocess.Popen(
+        [sys.executable, str(script), "--port", str(port), "--token-delay", "0.02"],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _healthy(base), timeout_s=60, what="the server process to be ready")
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=STREAM, timeout=60) as response:
+            lines = response.iter_lines()
+            data_lines(lines, count=2)
+            process.send_signal(signal.SIGTERM)
+            wait_until(lambda: not _healthy(base), what="the drain to begin")
+            assert_refused_while_draining(base)
+            rest = data_lines(lines)
+        assert rest[-1] == "[DONE]"
+        output, _ = process.communicate(timeout=60)
+        assert process.returncode == 0, output
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _healthy(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/health", timeout=30).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port

@@ -1,0 +1,174 @@
+"""Hostile or malformed client input gets an OpenAI-shaped 4xx (never a 500), through both the fast
+generation path and FastAPI's: invalid Unicode, non-finite numbers, failing chat templates, a missing
+body, auth-scheme spelling, and the headers that 405 and 429 answers carry."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from batchlm.engine.client import QueueFullError
+from batchlm.server.background import BackgroundServer
+from batchlm.server.errors import error_body
+from batchlm.server.generation import engine_error_to_api_error
+from batchlm.server.state import ServerSettings
+from fake_engine import FakeEngine
+
+LONE_SURROGATES = b'"\\ud800x\\udfff"'  # as JSON escapes: Python's json module decodes them as they are
+JSON = {"content-type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[BackgroundServer]:
+    with BackgroundServer(FakeEngine(max_model_len=64)) as running:
+        yield running
+
+
+def post_raw(
+    server: BackgroundServer, path: str, content: bytes, headers: dict[str, str] = JSON
+) -> httpx.Response:
+    return httpx.post(f"{server.base_url}{path}", content=content, headers=headers, timeout=30)
+
+
+def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    error: dict[str, Any] = body["error"]
+    return error
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", b'{"prompt": %s}', "prompt"),
+        ("/v1/completions", b'{"prompt": ["ok", %s]}', "prompt[1]"),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": %s}]}', "messages[0].content"),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": [{"type": "text", "text": %s}]}]}',
+            "messages[0].content[0].text",
+        ),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "model": %s}', "model"),
+        ("/v1/completions", b'{"prompt": "hi", "stop": [%s]}', "stop[0]"),
+        ("/tokenize", b'{"prompt": %s}', "prompt"),
+    ],
+)
+def test_lone_surrogates_are_400_naming_the_field(
+    server: BackgroundServer, path: str, body: bytes, param: str
+) -> None:
+    error = error_of(post_raw(server, path, body % LONE_SURROGATES), 400)
+    assert error["param"] == param
+    assert "surrogate" in error["message"]
+
+
+def test_an_unknown_model_named_with_surrogates_is_404_with_an_encodable_body(
+    server: BackgroundServer,
+) -> None:
+    error = error_of(httpx.get(f"{server.base_url}/v1/models/%ED%A0%80x"), 404)
+    assert error["code"] == "model_not_found"
+
+
+def test_error_bodies_encode_whatever_text_they_echo() -> None:
+    body = error_body(404, "The model '\ud800x\udfff' does not exist.", "\udfff")
+    assert body["error"]["message"] == "The model '\\ud800x\\udfff' does not exist."
+    assert body["error"]["param"] == "\\udfff"
+
+
+@pytest.mark.parametrize("value", [b"NaN", b'"NaN"', b"Infinity", b"-Infinity", b'"inf"', b"1e999"])
+@pytest.mark.parametrize(
+    ("path", "template", "param"),
+    [
+        ("/v1/completions", b'{"prompt": "hi", "temperature": %s}', "temperature"),
+        ("/v1/completions", b'{"prompt": "hi", "top_p": %s}', "top_p"),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "presence_penalty": %s}',
+         "presence_penalty"),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"7": %s}}',
+         "logit_bias.7"),
+    ],
+)  # fmt: skip
+def test_non_finite_numbers_are_400(
+    server: BackgroundServer, path: str, template: bytes, param: str, value: bytes
+) -> None:
+    error = error_of(post_raw(server, path, template % value), 400)
+    assert error["param"] == param
+    assert "finite" in error["message"]
+
+
+def test_a_chat_template_that_raises_anything_is_400(tiny_model_dir: Any) -> None:
+    from batchlm.tokenizer.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_pretrained(Path(tiny_model_dir("llama")))
+    body = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "chat_template_kwargs": {"documents": {"a": 1}},  # transformers raises TypeError for this
+    }
+    with BackgroundServer(FakeEngine(tokenizer=tokenizer)) as server:
+        for path in ("/v1/chat/completions", "/tokenize"):
+            response = httpx.post(f"{server.base_url}{path}", json=body, timeout=30)
+            error = error_of(response, 400)
+            assert error["message"].startswith("Could not apply the chat template")
+
+
+@pytest.mark.parametrize("content", [b"", None])
+def test_an_empty_detokenize_body_names_the_missing_parameter(
+    server: BackgroundServer, content: bytes | None
+) -> None:
+    headers = JSON if content is not None else {}
+    error = error_of(post_raw(server, "/detokenize", content or b"", headers), 400)
+    assert error["param"] == "tokens"
+    assert "'tokens'" in error["message"]
+
+
+def test_an_empty_chat_body_names_messages(server: BackgroundServer) -> None:
+    error = error_of(post_raw(server, "/v1/chat/completions", b""), 400)
+    assert error["param"] == "messages"
+
+
+def test_405_names_the_allowed_methods(server: BackgroundServer) -> None:
+    response = httpx.get(f"{server.base_url}/v1/chat/completions")
+    error_of(response, 405)
+    assert response.headers["allow"] == "POST"
+
+
+def test_429_carries_retry_after_and_says_overloaded_once() -> None:
+    with BackgroundServer(FakeEngine(max_in_flight=0)) as server:
+        for path, body in (
+            ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}]}'),
+            ("/v1/completions", b'{"prompt": "hi", "stream": true}'),
+        ):
+            response = post_raw(server, path, body)
+            error = error_of(response, 429)
+            assert int(response.headers["retry-after"]) >= 1
+            assert error["message"].lower().count("overloaded") == 1
+
+
+def test_the_front_ends_queue_full_message_says_overloaded_once() -> None:
+    reason = "the server is overloaded: 9 requests are already waiting (--max-queue 8); retry later"
+    error = engine_error_to_api_error(QueueFullError(reason))
+    assert error is not None and error.status == 429
+    assert error.message.lower().count("overloaded") == 1
+    assert error.headers["Retry-After"] == "1"
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER"])
+def test_the_bearer_scheme_is_case_insensitive(scheme: str) -> None:
+    with BackgroundServer(FakeEngine(), ServerSettings(api_key="sk-right")) as server:
+        url = f"{server.base_url}/v1/models"
+        assert httpx.get(url, headers={"authorization": f"{scheme} sk-right"}).status_code == 200
+        assert httpx.get(url, headers={"authorization": f"{scheme} sk-wrong"}).status_code == 401
+        assert httpx.get(url, headers={"authorization": "Basic sk-right"}).status_code == 401
+
+
+def test_n_is_capped_by_max_n() -> None:
+    with BackgroundServer(FakeEngine(), ServerSettings(max_n=4)) as server:
+        url = f"{server.base_url}/v1/completions"
+        assert httpx.post(url, json={"prompt": "hi", "n": 4, "max_tokens": 1}).status_code == 200
+        error = error_of(httpx.post(url, json={"prompt": "hi", "n": 5}), 400)
+        assert error["param"] == "n" and "--max-n" in error["message"]
+        chat = {"messages": [{"role": "user", "content": "hi"}], "n": 5}
+        assert error_of(httpx.post(f"{server.base_url}/v1/chat/completions", json=chat), 400)["param"] == "n"
