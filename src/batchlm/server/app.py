@@ -18,6 +18,7 @@ from batchlm.server.middleware import APIKeyMiddleware, ArrivalStampMiddleware, 
 from batchlm.server.routes import router
 from batchlm.server.state import ServerSettings, ServerState
 from batchlm.server.stats_logger import StatsLogger
+from batchlm.server.ui import install_chat_page
 
 
 def build_app(engine: EngineClient, settings: ServerSettings | None = None, *, log_stats: bool = True) -> FastAPI:
@@ -49,6 +50,8 @@ def build_app(engine: EngineClient, settings: ServerSettings | None = None, *, l
     )
     app.state.batchlm = state
     app.include_router(router)
+    if settings.ui:
+        install_chat_page(app)
     install_error_handlers(app, metrics.count_error)
     # Added first = innermost: after the key and size checks, before FastAPI's routing.
     app.add_middleware(FastGenerationRoutes, observe=metrics.count_error)

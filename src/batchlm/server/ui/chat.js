@@ -1,0 +1,370 @@
+// The chat page's controller: conversations, sending and streaming, settings, server status.
+
+import { ApiError, checkHealth, describeError, listModels, streamChat } from "./api.js";
+import { ConversationStore, loadSettings, newConversation, saveSettings, titleFrom } from "./store.js";
+import {
+  copyText,
+  editInPlace,
+  element,
+  fillContent,
+  messageElement,
+  renderConversationList,
+  renderEmptyState,
+} from "./view.js";
+
+const $ = (id) => document.getElementById(id);
+const HEALTHY_POLL_MS = 15000;
+const UNHEALTHY_POLL_MS = 2000;
+const SERVER_STATES = {
+  ok: ["ready", null],
+  loading: ["loading", "The model is still loading. The page will be ready when the server is."],
+  shutting_down: ["stopping", "The server is shutting down."],
+  dead: ["stopped", "The server's engine has stopped; restart `batchlm serve`."],
+  unreachable: ["offline", "Cannot reach the server. Is `batchlm serve` still running? Retrying…"],
+};
+
+const store = new ConversationStore();
+let settings = loadSettings();
+let conversation = store.current() || newConversation(settings.systemPrompt);
+let models = [];
+let serverState = null;
+let streaming = null; // { controller, message } while a reply streams
+let healthTimer = null;
+
+// -- server status -------------------------------------------------------------------------------
+
+async function pollHealth() {
+  clearTimeout(healthTimer);
+  const state = await checkHealth();
+  showServerState(state);
+  if (state === "ok" && !models.length) await loadModels();
+  healthTimer = setTimeout(pollHealth, state === "ok" ? HEALTHY_POLL_MS : UNHEALTHY_POLL_MS);
+}
+
+function showServerState(state) {
+  const [label, problem] = SERVER_STATES[state] || [state, `The server says: ${state}.`];
+  const pill = $("server-status");
+  pill.textContent = label;
+  pill.dataset.state = state;
+  if (problem) showBanner(problem, "server");
+  else if (serverState !== "ok") clearBanner("server");
+  serverState = state;
+}
+
+async function loadModels() {
+  try {
+    models = await listModels(settings.apiKey);
+    clearBanner("models");
+  } catch (error) {
+    models = [];
+    if (error instanceof ApiError && error.status !== 0) showBanner(describeError(error), "models");
+  }
+  $("model-name").textContent = modelName();
+  if (!conversation.messages.length) renderMessages();
+}
+
+// The model the page talks to: the one chosen in Settings when the server serves it, else its first.
+function modelName() {
+  return models.includes(settings.model) ? settings.model : models[0] || settings.model || "";
+}
+
+function showBanner(text, kind) {
+  const banner = $("banner");
+  banner.textContent = text;
+  banner.dataset.kind = kind;
+  banner.hidden = false;
+}
+
+function clearBanner(kind) {
+  const banner = $("banner");
+  if (!kind || banner.dataset.kind === kind) banner.hidden = true;
+}
+
+// -- rendering -----------------------------------------------------------------------------------
+
+function render() {
+  renderConversationList($("conversation-list"), store.list(), conversation.id);
+  $("chat-title").textContent = conversation.title;
+  renderMessages();
+}
+
+function renderMessages() {
+  const container = $("messages");
+  if (!conversation.messages.length) {
+    renderEmptyState(container, modelName());
+    return;
+  }
+  const last = conversation.messages.length - 1;
+  container.replaceChildren(
+    ...conversation.messages.map((message, index) =>
+      messageElement(message, index, { modelName: modelName(), isLast: index === last && !streaming }),
+    ),
+  );
+  container.scrollTop = container.scrollHeight;
+}
+
+let pendingFrame = 0;
+
+// Re-renders the streaming message at most once per frame.
+function renderStreamingMessage() {
+  if (pendingFrame) return;
+  pendingFrame = requestAnimationFrame(() => {
+    pendingFrame = 0;
+    const container = $("messages");
+    const article = container.lastElementChild;
+    if (!streaming || !article) return;
+    const nearBottom = container.scrollHeight - container.scrollTop - container.clientHeight < 80;
+    fillContent(article.querySelector(".content"), streaming.message);
+    if (nearBottom) container.scrollTop = container.scrollHeight;
+  });
+}
+
+function setStreaming(active) {
+  $("send").hidden = active;
+  $("stop").hidden = !active;
+  document.body.classList.toggle("streaming", active);
+}
+
+// -- sending -------------------------------------------------------------------------------------
+
+async function sendMessage(text) {
+  if (!store.get(conversation.id)) store.add(conversation);
+  if (!conversation.messages.some((m) => m.role === "user")) conversation.title = titleFrom(text);
+  conversation.messages.push({ role: "user", content: text });
+  store.touch(conversation);
+  await generate();
+}
+
+// What the server is sent: the system prompt and every message that has content.
+function requestMessages() {
+  const messages = conversation.systemPrompt.trim()
+    ? [{ role: "system", content: conversation.systemPrompt }]
+    : [];
+  for (const message of conversation.messages) {
+    if (message.content) messages.push({ role: message.role, content: message.content });
+  }
+  return messages;
+}
+
+async function generate() {
+  const messages = requestMessages();
+  const message = { role: "assistant", content: "" };
+  conversation.messages.push(message);
+  streaming = { controller: new AbortController(), message };
+  setStreaming(true);
+  render();
+  const startedAt = performance.now();
+  try {
+    const result = await streamChat({
+      model: modelName(),
+      messages,
+      settings,
+      signal: streaming.controller.signal,
+      onDelta: (text) => {
+        message.content += text;
+        renderStreamingMessage();
+      },
+    });
+    message.stats = statsOf(result, startedAt);
+  } catch (error) {
+    if (error.name === "AbortError") {
+      message.stats = { finishReason: "abort" };
+    } else {
+      message.error = describeError(error);
+      if (error instanceof ApiError && error.status === 0) pollHealth();
+    }
+  } finally {
+    streaming = null;
+    setStreaming(false);
+    store.touch(conversation);
+    render();
+  }
+}
+
+// Token counts from the server's usage. The speed counts the tokens after the first over the time
+// after it arrived, so the prompt's processing does not lower it.
+function statsOf(result, startedAt) {
+  const usage = result.usage || {};
+  const stats = { finishReason: result.finishReason };
+  if (Number.isFinite(usage.prompt_tokens)) stats.promptTokens = usage.prompt_tokens;
+  if (!Number.isFinite(usage.completion_tokens)) return stats;
+  const tokens = usage.completion_tokens;
+  stats.completionTokens = tokens;
+  const decoding = result.firstTokenAt === null ? 0 : (result.endedAt - result.firstTokenAt) / 1000;
+  const total = (result.endedAt - startedAt) / 1000;
+  if (tokens > 1 && decoding > 0) stats.tokensPerSecond = (tokens - 1) / decoding;
+  else if (tokens > 0 && total > 0) stats.tokensPerSecond = tokens / total;
+  return stats;
+}
+
+// -- message actions -----------------------------------------------------------------------------
+
+async function onMessageAction(event) {
+  const code = event.target.closest(".copy-code");
+  if (code) return flash(code, await copyText(code.closest(".code-block").querySelector("code").textContent));
+  const action = event.target.closest("[data-action]");
+  const article = event.target.closest(".message");
+  if (!action || !article || streaming) return;
+  const index = Number(article.dataset.index);
+  const message = conversation.messages[index];
+  if (action.dataset.action === "copy") {
+    flash(action, await copyText(message.content));
+  } else if (action.dataset.action === "regenerate") {
+    conversation.messages.splice(index);
+    await generate();
+  } else if (action.dataset.action === "edit") {
+    const text = await editInPlace(article, message.content);
+    if (text === null) return renderMessages();
+    conversation.messages.splice(index);
+    conversation.messages.push({ role: "user", content: text });
+    await generate();
+  }
+}
+
+function flash(button, copied) {
+  const label = button.textContent;
+  button.textContent = copied ? "Copied" : "Copy failed";
+  setTimeout(() => (button.textContent = label), 1200);
+}
+
+// -- conversations -------------------------------------------------------------------------------
+
+function openConversation(id) {
+  if (streaming) return;
+  conversation = store.get(id) || newConversation(settings.systemPrompt);
+  store.select(conversation.id);
+  render();
+}
+
+async function onConversationAction(event) {
+  const action = event.target.closest("[data-action]");
+  const item = event.target.closest(".conversation");
+  if (!action || !item) return;
+  const id = item.dataset.id;
+  if (action.dataset.action === "open") openConversation(id);
+  if (action.dataset.action === "rename") renameInPlace(item, id);
+  if (action.dataset.action === "delete" && !streaming && confirm("Delete this conversation?")) {
+    store.remove(id);
+    if (conversation.id === id) conversation = store.list()[0] || newConversation(settings.systemPrompt);
+    store.select(conversation.id);
+    render();
+  }
+}
+
+function renameInPlace(item, id) {
+  const input = element("input", "rename-box");
+  input.value = store.get(id).title;
+  item.replaceChildren(input);
+  input.focus();
+  input.select();
+  let done = false;
+  const finish = (keep) => {
+    if (done) return;
+    done = true;
+    if (keep) store.rename(id, input.value);
+    render();
+  };
+  input.addEventListener("keydown", (event) => {
+    if (event.key === "Enter") finish(true);
+    if (event.key === "Escape") finish(false);
+  });
+  input.addEventListener("blur", () => finish(true));
+}
+
+function exportConversations() {
+  const blob = new Blob([store.exportJson()], { type: "application/json" });
+  const link = element("a");
+  link.href = URL.createObjectURL(blob);
+  link.download = `batchlm-chats-${new Date().toISOString().slice(0, 10)}.json`;
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(link.href), 1000);
+}
+
+async function importConversations(file) {
+  try {
+    const count = store.importJson(await file.text());
+    showBanner(`Imported ${count} conversation${count === 1 ? "" : "s"}.`, "import");
+    render();
+  } catch (error) {
+    showBanner(`Could not import ${file.name}: ${error.message}`, "import");
+  }
+}
+
+// -- settings ------------------------------------------------------------------------------------
+
+function openSettings() {
+  $("system-prompt").value = conversation.systemPrompt;
+  const select = $("model");
+  const names = models.length ? models : [modelName()].filter(Boolean);
+  select.replaceChildren(...names.map((name) => new Option(name, name, false, name === modelName())));
+  $("temperature").value = settings.temperature;
+  $("top-p").value = settings.topP;
+  $("max-tokens").value = settings.maxTokens ?? "";
+  $("api-key").value = settings.apiKey;
+  $("settings").showModal();
+}
+
+function numberIn(id, low, high, fallback) {
+  const value = Number($(id).value);
+  return $(id).value !== "" && Number.isFinite(value) ? Math.min(high, Math.max(low, value)) : fallback;
+}
+
+function saveSettingsForm() {
+  const keyChanged = $("api-key").value.trim() !== settings.apiKey;
+  settings = {
+    ...settings,
+    model: $("model").value || settings.model,
+    temperature: numberIn("temperature", 0, 2, settings.temperature),
+    topP: numberIn("top-p", 0.01, 1, settings.topP),
+    maxTokens: $("max-tokens").value === "" ? null : Math.round(numberIn("max-tokens", 1, 1e9, 1)),
+    apiKey: $("api-key").value.trim(),
+    systemPrompt: $("system-prompt").value,
+  };
+  conversation.systemPrompt = settings.systemPrompt;
+  if (store.get(conversation.id)) store.touch(conversation);
+  saveSettings(settings);
+  $("model-name").textContent = modelName();
+  if (keyChanged) loadModels();
+}
+
+// -- wiring --------------------------------------------------------------------------------------
+
+function submitPrompt(event) {
+  event.preventDefault();
+  const prompt = $("prompt");
+  const text = prompt.value;
+  if (!text.trim() || streaming) return;
+  prompt.value = "";
+  prompt.style.height = "";
+  sendMessage(text);
+}
+
+function wire() {
+  $("composer").addEventListener("submit", submitPrompt);
+  $("prompt").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) submitPrompt(event);
+  });
+  $("prompt").addEventListener("input", (event) => {
+    event.target.style.height = "";
+    event.target.style.height = `${Math.min(event.target.scrollHeight, 240)}px`;
+  });
+  $("stop").addEventListener("click", () => streaming && streaming.controller.abort());
+  $("messages").addEventListener("click", onMessageAction);
+  $("conversation-list").addEventListener("click", onConversationAction);
+  $("new-chat").addEventListener("click", () => openConversation(null));
+  $("export").addEventListener("click", exportConversations);
+  $("import").addEventListener("click", () => $("import-file").click());
+  $("import-file").addEventListener("change", (event) => {
+    const [file] = event.target.files;
+    if (file) importConversations(file);
+    event.target.value = "";
+  });
+  $("open-settings").addEventListener("click", openSettings);
+  $("cancel-settings").addEventListener("click", () => $("settings").close());
+  $("settings-form").addEventListener("submit", saveSettingsForm);
+}
+
+wire();
+render();
+pollHealth();
+$("prompt").focus();
