@@ -154,7 +154,8 @@ function startsBlock(line) {
 
 // -- inline (the text is already escaped) --------------------------------------------------------
 
-const SAFE_URL = /^(https?:\/\/|mailto:)[^\s]+$/i;
+// The URL is escaped text too: a quote or angle bracket in it (as an entity) makes it no link.
+const SAFE_URL = /^(https?:\/\/|mailto:)(?!.*&(quot|#39|lt|gt);)\S+$/i;
 
 export function renderInline(text) {
   const stash = [];
