@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from batchlm import __version__
 from batchlm.engine.client import EngineClient
+from batchlm.server.chat_page import install_chat_page
 from batchlm.server.errors import install_error_handlers
 from batchlm.server.fast_routes import FastGenerationRoutes
 from batchlm.server.generation import InFlight
@@ -18,7 +19,6 @@ from batchlm.server.middleware import APIKeyMiddleware, ArrivalStampMiddleware, 
 from batchlm.server.routes import router
 from batchlm.server.state import ServerSettings, ServerState
 from batchlm.server.stats_logger import StatsLogger
-from batchlm.server.ui import install_chat_page
 
 
 def build_app(engine: EngineClient, settings: ServerSettings | None = None, *, log_stats: bool = True) -> FastAPI:
