@@ -249,6 +249,31 @@ def test_stop_keeps_the_partial_reply_and_edit_sends_again(page: Any, keyed_serv
     assert [m["content"] for m in messages] == ["A short answer", HOSTILE_REPLY]
 
 
+def test_export_import_and_delete(page: Any, keyed_server: BackgroundServer, tmp_path: Path) -> None:
+    open_chat(page, keyed_server, API_KEY)
+    send(page, "Keep this one")
+    wait_for_reply(page)
+    with page.expect_download() as download:
+        page.click("#export")
+    exported = tmp_path / "chats.json"
+    download.value.save_as(exported)
+    assert json.loads(exported.read_text())["conversations"] == stored_conversations(page)
+
+    page.on("dialog", lambda dialog: dialog.accept())  # "Delete this conversation?"
+    page.locator(".conversation.active [data-action='delete']").click()
+    page.wait_for_selector(".empty-state")
+    assert stored_conversations(page) == []
+    page.set_input_files("#import-file", str(exported))
+    page.wait_for_selector(".conversation-title:text-is('Keep this one')")
+    assert "Imported 1 conversation" in page.text_content("#banner")
+    page.click(".conversation-title")
+    assert page.locator(".message .content").all_text_contents()[0] == "Keep this one"
+    page.set_input_files(
+        "#import-file", {"name": "bad.json", "mimeType": "application/json", "buffer": b"[1"}
+    )
+    page.wait_for_selector("#banner:has-text('Could not import bad.json')")
+
+
 def test_an_overloaded_server_is_reported(page: Any, keyed_server: BackgroundServer) -> None:
     engine = keyed_server.engine
     assert isinstance(engine, FakeEngine)
