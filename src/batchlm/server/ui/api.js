@@ -124,7 +124,7 @@ export function describeError(error) {
   if (!(error instanceof ApiError)) return `Something went wrong: ${error.message || error}`;
   switch (error.status) {
     case 0:
-      return "Cannot reach the server. Is `batchlm serve` still running? Retrying in the background.";
+      return "Cannot reach the server. Is batchlm serve still running?";
     case 401:
       return "This server needs an API key, or the key given is wrong: enter it under Settings.";
     case 429:

@@ -19,8 +19,8 @@ const SERVER_STATES = {
   ok: ["ready", null],
   loading: ["loading", "The model is still loading. The page will be ready when the server is."],
   shutting_down: ["stopping", "The server is shutting down."],
-  dead: ["stopped", "The server's engine has stopped; restart `batchlm serve`."],
-  unreachable: ["offline", "Cannot reach the server. Is `batchlm serve` still running? Retrying…"],
+  dead: ["stopped", "The server's engine has stopped; restart batchlm serve."],
+  unreachable: ["offline", "Cannot reach the server. Is batchlm serve still running? Retrying…"],
 };
 
 const store = new ConversationStore();
@@ -33,11 +33,20 @@ let healthTimer = null;
 
 // -- server status -------------------------------------------------------------------------------
 
-async function pollHealth() {
+let healthCheck = null;
+
+// One check at a time (the timer and a failed request may both ask), each scheduling the next.
+function pollHealth() {
+  healthCheck = healthCheck || checkServer().finally(() => (healthCheck = null));
+  return healthCheck;
+}
+
+async function checkServer() {
   clearTimeout(healthTimer);
   const state = await checkHealth();
+  const cameBack = state === "ok" && serverState !== "ok";
   showServerState(state);
-  if (state === "ok" && !models.length) await loadModels();
+  if (cameBack || (state === "ok" && !models.length)) await loadModels();
   healthTimer = setTimeout(pollHealth, state === "ok" ? HEALTHY_POLL_MS : UNHEALTHY_POLL_MS);
 }
 
