@@ -223,6 +223,30 @@ def test_a_keyed_server_needs_and_takes_the_key(page: Any, keyed_server: Backgro
     assert engine.tokenizer.decode(engine.calls[-1].prompt_token_ids) == "<|user|>Hi\n<|assistant|>"
 
 
+def test_settings_shape_the_request_and_are_kept(page: Any, keyed_server: BackgroundServer) -> None:
+    open_chat(page, keyed_server, API_KEY)
+    values = {"#temperature": "0.3", "#top-p": "0.9", "#max-tokens": "400", "#system-prompt": "Be kind."}
+    change_settings(page, values)
+    with page.expect_request("**/v1/chat/completions") as sent:
+        send(page, "Hello")
+    wait_for_reply(page)
+    request = sent.value
+    assert request.headers["authorization"] == f"Bearer {API_KEY}"
+    assert request.post_data_json == {
+        "model": "fake-model",
+        "messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hello"}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "temperature": 0.3,
+        "top_p": 0.9,
+        "max_tokens": 400,
+    }
+    page.reload()
+    page.click("#open-settings")
+    assert {selector: page.input_value(selector) for selector in values} == values
+    assert page.input_value("#api-key") == API_KEY
+
+
 def test_stop_keeps_the_partial_reply_and_edit_sends_again(page: Any, keyed_server: BackgroundServer) -> None:
     engine = keyed_server.engine
     assert isinstance(engine, FakeEngine)
