@@ -21,7 +21,7 @@ from batchlm.config import EngineConfig
 from batchlm.engine.async_engine import AsyncLLMEngine
 from batchlm.server.background import BackgroundServer
 from batchlm.server.state import ServerSettings
-from fake_engine import FakeEngine
+from fake_engine import FakeEngine, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -202,6 +202,29 @@ def test_model_markup_is_shown_as_text(page: Any, keyed_server: BackgroundServer
     assert content.locator("strong").text_content() == "Bold"
     assert content.locator("code").text_content() == "code<b>"
     assert page.evaluate("window.__injected") is None
+
+
+def test_copy_buttons_copy_the_code_and_the_whole_reply(page: Any, keyed_server: BackgroundServer) -> None:
+    engine = keyed_server.engine
+    assert isinstance(engine, FakeEngine)
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    open_chat(page, keyed_server, API_KEY)
+    text = "Run this:\n\n```sh\necho '<hi>' && ls\n```\nDone."
+    engine.reply = text
+    try:
+        send(page, "A command please")
+        reply = wait_for_reply(page)
+    finally:
+        engine.reply = HOSTILE_REPLY
+
+    def clipboard_holds(expected: str) -> Callable[[], bool]:
+        return lambda: page.evaluate("navigator.clipboard.readText()") == expected
+
+    reply.locator(".copy-code").click()
+    wait_until(clipboard_holds("echo '<hi>' && ls"), 30, "the code block on the clipboard")
+    reply.hover()
+    reply.locator("[data-action='copy']").click()
+    wait_until(clipboard_holds(text), 30, "the whole reply on the clipboard")
 
 
 def test_a_keyed_server_needs_and_takes_the_key(page: Any, keyed_server: BackgroundServer) -> None:
