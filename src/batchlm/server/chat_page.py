@@ -7,12 +7,13 @@ key the user typed in, and the API-key middleware checks those as it checks any 
 
 from __future__ import annotations
 
+import os
 from importlib import resources
-from typing import Any
 
 from fastapi import FastAPI
 from starlette.responses import HTMLResponse, Response
-from starlette.staticfiles import StaticFiles
+from starlette.staticfiles import PathLike, StaticFiles
+from starlette.types import Scope
 
 UI_PACKAGE = ("batchlm.server", "ui")
 # Only the page's own files may load, and the page may talk only to this server: markup that ever got
@@ -32,8 +33,10 @@ class RevalidatedFiles(StaticFiles):
     """Static files the browser must revalidate (a cheap 304 by ETag), so an upgraded package's
     scripts are never mixed with a cached older page."""
 
-    def file_response(self, *args: Any, **kwargs: Any) -> Response:
-        response = super().file_response(*args, **kwargs)
+    def file_response(
+        self, full_path: PathLike, stat_result: os.stat_result, scope: Scope, status_code: int = 200
+    ) -> Response:
+        response = super().file_response(full_path, stat_result, scope, status_code)
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Content-Type-Options"] = "nosniff"
         return response
@@ -41,7 +44,8 @@ class RevalidatedFiles(StaticFiles):
 
 def install_chat_page(app: FastAPI) -> None:
     """GET / answers the page; /ui/ serves its scripts and style sheet."""
-    page = resources.files(UI_PACKAGE[0]).joinpath(UI_PACKAGE[1], "index.html").read_text(encoding="utf-8")
+    package, folder = UI_PACKAGE
+    page = resources.files(package).joinpath(folder).joinpath("index.html").read_text(encoding="utf-8")
 
     async def chat_page() -> HTMLResponse:
         return HTMLResponse(page, headers=PAGE_HEADERS)

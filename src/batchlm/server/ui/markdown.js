@@ -157,7 +157,7 @@ function startsBlock(line) {
 // The URL is escaped text too: a quote or angle bracket in it (as an entity) makes it no link.
 const SAFE_URL = /^(https?:\/\/|mailto:)(?!.*&(quot|#39|lt|gt);)\S+$/i;
 
-export function renderInline(text) {
+function renderInline(text) {
   const stash = [];
   const keep = (html) => `${STASH}${stash.push(html) - 1}${STASH}`;
   let html = text.replace(/(`+)([^`]|[^`][\s\S]*?[^`])\1(?!`)/g, (_, __, code) => keep(`<code>${code.trim() || code}</code>`));

@@ -73,7 +73,7 @@ export function fillContent(content, message) {
   if (message.error) content.append(element("div", "message-error", message.error));
 }
 
-export function statsText(stats) {
+function statsText(stats) {
   if (!stats) return "";
   const parts = [];
   if (Number.isFinite(stats.completionTokens)) parts.push(`${stats.completionTokens} tokens`);
