@@ -16,7 +16,16 @@ from batchlm.server.background import BackgroundServer
 from batchlm.server.state import ServerSettings
 from fake_engine import FakeEngine
 
-UI_FILES = ("index.html", "chat.js", "chat.css", "markdown.js", "api.js", "store.js", "view.js")
+UI_FILES = (
+    "index.html",
+    "chat.js",
+    "chat.css",
+    "markdown.js",
+    "api.js",
+    "store.js",
+    "view.js",
+    "settings_form.js",
+)
 
 
 @pytest.fixture(scope="module")

@@ -119,6 +119,22 @@ function dataOf(event) {
   return lines.map((line) => line.slice(5).replace(/^ /, "")).join("\n");
 }
 
+// Token counts from the server's usage. The speed counts the tokens after the first over the time
+// after it arrived, so the prompt's processing does not lower it.
+export function replyStats(result, startedAt) {
+  const usage = result.usage || {};
+  const stats = { finishReason: result.finishReason };
+  if (Number.isFinite(usage.prompt_tokens)) stats.promptTokens = usage.prompt_tokens;
+  if (!Number.isFinite(usage.completion_tokens)) return stats;
+  const tokens = usage.completion_tokens;
+  stats.completionTokens = tokens;
+  const decoding = result.firstTokenAt === null ? 0 : (result.endedAt - result.firstTokenAt) / 1000;
+  const total = (result.endedAt - startedAt) / 1000;
+  if (tokens > 1 && decoding > 0) stats.tokensPerSecond = (tokens - 1) / decoding;
+  else if (tokens > 0 && total > 0) stats.tokensPerSecond = tokens / total;
+  return stats;
+}
+
 // What to tell the user about a failed call.
 export function describeError(error) {
   if (!(error instanceof ApiError)) return `Something went wrong: ${error.message || error}`;

@@ -1,14 +1,16 @@
 // The chat page's controller: conversations, sending and streaming, settings, server status.
 
-import { ApiError, checkHealth, describeError, listModels, streamChat } from "./api.js";
+import { ApiError, checkHealth, describeError, listModels, replyStats, streamChat } from "./api.js";
+import { fillSettingsForm, readSettingsForm } from "./settings_form.js";
 import { ConversationStore, loadSettings, newConversation, saveSettings, titleFrom } from "./store.js";
 import {
   copyText,
+  downloadFile,
   editInPlace,
-  element,
   fillContent,
   messageElement,
   renderConversationList,
+  renameInPlace,
   renderEmptyState,
 } from "./view.js";
 
@@ -174,7 +176,7 @@ async function generate() {
         renderStreamingMessage();
       },
     });
-    message.stats = statsOf(result, startedAt);
+    message.stats = replyStats(result, startedAt);
   } catch (error) {
     if (error.name === "AbortError") {
       message.stats = { finishReason: "abort" };
@@ -188,22 +190,6 @@ async function generate() {
     store.touch(conversation);
     render();
   }
-}
-
-// Token counts from the server's usage. The speed counts the tokens after the first over the time
-// after it arrived, so the prompt's processing does not lower it.
-function statsOf(result, startedAt) {
-  const usage = result.usage || {};
-  const stats = { finishReason: result.finishReason };
-  if (Number.isFinite(usage.prompt_tokens)) stats.promptTokens = usage.prompt_tokens;
-  if (!Number.isFinite(usage.completion_tokens)) return stats;
-  const tokens = usage.completion_tokens;
-  stats.completionTokens = tokens;
-  const decoding = result.firstTokenAt === null ? 0 : (result.endedAt - result.firstTokenAt) / 1000;
-  const total = (result.endedAt - startedAt) / 1000;
-  if (tokens > 1 && decoding > 0) stats.tokensPerSecond = (tokens - 1) / decoding;
-  else if (tokens > 0 && total > 0) stats.tokensPerSecond = tokens / total;
-  return stats;
 }
 
 // -- message actions -----------------------------------------------------------------------------
@@ -251,7 +237,11 @@ async function onConversationAction(event) {
   if (!action || !item) return;
   const id = item.dataset.id;
   if (action.dataset.action === "open") openConversation(id);
-  if (action.dataset.action === "rename") renameInPlace(item, id);
+  if (action.dataset.action === "rename") {
+    const title = await renameInPlace(item, store.get(id).title);
+    if (title !== null) store.rename(id, title);
+    render();
+  }
   if (action.dataset.action === "delete" && !streaming && confirm("Delete this conversation?")) {
     store.remove(id);
     if (conversation.id === id) conversation = store.list()[0] || newConversation(settings.systemPrompt);
@@ -260,33 +250,8 @@ async function onConversationAction(event) {
   }
 }
 
-function renameInPlace(item, id) {
-  const input = element("input", "rename-box");
-  input.value = store.get(id).title;
-  item.replaceChildren(input);
-  input.focus();
-  input.select();
-  let done = false;
-  const finish = (keep) => {
-    if (done) return;
-    done = true;
-    if (keep) store.rename(id, input.value);
-    render();
-  };
-  input.addEventListener("keydown", (event) => {
-    if (event.key === "Enter") finish(true);
-    if (event.key === "Escape") finish(false);
-  });
-  input.addEventListener("blur", () => finish(true));
-}
-
 function exportConversations() {
-  const blob = new Blob([store.exportJson()], { type: "application/json" });
-  const link = element("a");
-  link.href = URL.createObjectURL(blob);
-  link.download = `batchlm-chats-${new Date().toISOString().slice(0, 10)}.json`;
-  link.click();
-  setTimeout(() => URL.revokeObjectURL(link.href), 1000);
+  downloadFile(store.exportJson(), `batchlm-chats-${new Date().toISOString().slice(0, 10)}.json`);
 }
 
 async function importConversations(file) {
@@ -302,38 +267,18 @@ async function importConversations(file) {
 // -- settings ------------------------------------------------------------------------------------
 
 function openSettings() {
-  $("system-prompt").value = conversation.systemPrompt;
-  const select = $("model");
-  const names = models.length ? models : [modelName()].filter(Boolean);
-  select.replaceChildren(...names.map((name) => new Option(name, name, false, name === modelName())));
-  $("temperature").value = settings.temperature;
-  $("top-p").value = settings.topP;
-  $("max-tokens").value = settings.maxTokens ?? "";
-  $("api-key").value = settings.apiKey;
+  fillSettingsForm(settings, conversation.systemPrompt, models, modelName());
   $("settings").showModal();
 }
 
-function numberIn(id, low, high, fallback) {
-  const value = Number($(id).value);
-  return $(id).value !== "" && Number.isFinite(value) ? Math.min(high, Math.max(low, value)) : fallback;
-}
-
 function saveSettingsForm() {
-  const keyChanged = $("api-key").value.trim() !== settings.apiKey;
-  settings = {
-    ...settings,
-    model: $("model").value || settings.model,
-    temperature: numberIn("temperature", 0, 2, settings.temperature),
-    topP: numberIn("top-p", 0.01, 1, settings.topP),
-    maxTokens: $("max-tokens").value === "" ? null : Math.round(numberIn("max-tokens", 1, 1e9, 1)),
-    apiKey: $("api-key").value.trim(),
-    systemPrompt: $("system-prompt").value,
-  };
+  const previousKey = settings.apiKey;
+  settings = readSettingsForm(settings);
   conversation.systemPrompt = settings.systemPrompt;
   if (store.get(conversation.id)) store.touch(conversation);
   saveSettings(settings);
   $("model-name").textContent = modelName();
-  if (keyChanged) loadModels();
+  if (settings.apiKey !== previousKey) loadModels();
 }
 
 // -- wiring --------------------------------------------------------------------------------------

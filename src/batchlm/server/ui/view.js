@@ -103,6 +103,31 @@ export function editInPlace(article, text) {
   });
 }
 
+// An input in place of a conversation's title; resolves to the new title (Enter, or leaving the
+// field) or null (Escape).
+export function renameInPlace(item, title) {
+  return new Promise((resolve) => {
+    const input = element("input", "rename-box");
+    input.value = title;
+    item.replaceChildren(input);
+    input.focus();
+    input.select();
+    input.addEventListener("keydown", (event) => {
+      if (event.key === "Enter") resolve(input.value);
+      if (event.key === "Escape") resolve(null);
+    });
+    input.addEventListener("blur", () => resolve(input.value));
+  });
+}
+
+export function downloadFile(text, filename) {
+  const link = element("a");
+  link.href = URL.createObjectURL(new Blob([text], { type: "application/json" }));
+  link.download = filename;
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(link.href), 1000);
+}
+
 export async function copyText(text) {
   try {
     await navigator.clipboard.writeText(text);
