@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from batchlm import __version__
 from batchlm.engine.client import EngineClient
 from batchlm.server.docs_pages import install_docs_pages
+from batchlm.server.chat_page import install_chat_page
 from batchlm.server.errors import install_error_handlers
 from batchlm.server.fast_routes import FastGenerationRoutes
 from batchlm.server.generation import InFlight
@@ -53,6 +54,8 @@ def build_app(engine: EngineClient, settings: ServerSettings | None = None, *, l
     app.state.batchlm = state
     app.include_router(router)
     install_docs_pages(app)
+    if settings.ui:
+        install_chat_page(app)
     install_error_handlers(app, metrics.count_error)
     # Added first = innermost: after the key and size checks, before FastAPI's routing.
     app.add_middleware(FastGenerationRoutes, observe=metrics.count_error)

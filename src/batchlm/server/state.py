@@ -45,6 +45,9 @@ class ServerSettings:
     backend: str = "auto"
     # Log level: DEBUG adds one line per request and the access log.
     log_level: str = "INFO"
+    # The built-in web chat page at / (a static page that talks to /v1/chat/completions); the API
+    # stays as it is without it.
+    ui: bool = True
 
 
 @dataclass
