@@ -12,12 +12,14 @@ from typing import Any
 import torch
 
 from batchlm.layers.norm import RMSNorm
+from batchlm.layers.quantization.registry import DENSE_FORMAT
 from batchlm.models.base import CausalLM
 from batchlm.models.checkpoint import find_safetensors, iter_safetensors, load_hf_config
 from batchlm.models.config_view import read_config_view
 from batchlm.models.hf_config import context_length, head_dim_of, num_kv_heads_of
 from batchlm.models.lora import LoraAdapter, load_lora_adapter, merge_lora
 from batchlm.models.registry import architecture_of, get_model_class
+from batchlm.models.weight_methods import assign_weight_methods
 from batchlm.models.weights import expected_names
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
 from batchlm.startup_log import timed_phase
@@ -112,6 +114,7 @@ def load_model(
             torch.zeros(1, device=device)
     with timed_phase(logger, "model build"), _default_dtype(dtype), torch.device(device):
         model = model_class(config, tp)
+    assign_weight_methods(model, DENSE_FORMAT, {}, device, dtype)
     if random_weights:
         with timed_phase(logger, "random weight init"):
             init_random_weights(model, std=float(getattr(config, "initializer_range", 0.02)), seed=seed)
