@@ -12,12 +12,16 @@ from typing import Any
 import torch
 
 from batchlm.layers.norm import RMSNorm
+from batchlm.layers.quantization.registry import DENSE_FORMAT, GGUF_FORMAT
 from batchlm.models.base import CausalLM
 from batchlm.models.checkpoint import find_safetensors, iter_safetensors, load_hf_config
 from batchlm.models.config_view import read_config_view
+from batchlm.models.gguf_file import iter_gguf_tensors, open_gguf, tensor_types
+from batchlm.models.gguf_model_dir import gguf_source
 from batchlm.models.hf_config import context_length, head_dim_of, num_kv_heads_of
 from batchlm.models.lora import LoraAdapter, load_lora_adapter, merge_lora
 from batchlm.models.registry import architecture_of, get_model_class
+from batchlm.models.weight_methods import assign_weight_methods
 from batchlm.models.weights import expected_names
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
 from batchlm.startup_log import timed_phase
@@ -104,7 +108,10 @@ def load_model(
         raise ValueError(
             "a LoRA adapter cannot be merged into random weights; drop adapter_path or random_weights"
         )
-    files = [] if random_weights else find_safetensors(model_dir)
+    gguf_file = gguf_source(model_dir)
+    if gguf_file is not None and adapter_path:
+        raise ValueError("LoRA adapters cannot be merged into a GGUF model; use its safetensors checkpoint")
+    files = [] if random_weights or gguf_file is not None else find_safetensors(model_dir)
     adapter = load_lora_adapter(adapter_path) if adapter_path else None
     if device.type == "cuda":
         # CUDA's one-time context set-up, timed apart so the build below is not charged with it.
@@ -112,9 +119,18 @@ def load_model(
             torch.zeros(1, device=device)
     with timed_phase(logger, "model build"), _default_dtype(dtype), torch.device(device):
         model = model_class(config, tp)
+    reader = open_gguf(gguf_file) if gguf_file is not None and not random_weights else None
+    if reader is None:
+        assign_weight_methods(model, DENSE_FORMAT, {}, device, dtype)
+    else:
+        methods = assign_weight_methods(model, GGUF_FORMAT, tensor_types(reader), device, dtype)
+        logger.info("GGUF %s: weight methods %s", gguf_file, dict(methods))
     if random_weights:
         with timed_phase(logger, "random weight init"):
             init_random_weights(model, std=float(getattr(config, "initializer_range", 0.02)), seed=seed)
+    elif reader is not None:
+        with timed_phase(logger, "weight load (GGUF)"):
+            model.load_weights(iter_gguf_tensors(reader))
     else:
         with timed_phase(logger, "weight load"):
             _load_checkpoint(model, files, adapter, progress)
