@@ -12,6 +12,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFWriter
 
 from batchlm import LLM, SamplingParams
+from batchlm.layers.quantization import registry
 from batchlm.layers.quantization.base import QuantizedTensor
 from batchlm.models.gguf_file import unpermute_rows
 from batchlm.models.gguf_model_dir import find_gguf_file, gguf_source, prepare_gguf_model_dir
@@ -24,6 +25,13 @@ CPU = torch.device("cpu")
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11] * 3 + list(range(100, 121))]
 NEW_TOKENS = 12
 LOGPROB_ATOL = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def dequantized_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests pin the loader against transformers, so quantized layers take the dequantized path
+    here; the quantized CPU kernels are compared with it in test_cpu_quantized_model.py."""
+    monkeypatch.setattr(registry, "kernels_available", lambda: False)
 
 
 def _load_gguf(gguf_path: Path, cache: Path) -> LoadedModel:

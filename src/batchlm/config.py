@@ -80,6 +80,9 @@ class EngineConfig:
     # "auto": weights from safetensors; "dummy": random weights made on the device (benchmarks of real
     # shapes without downloads; only config.json is read).
     load_format: str = "auto"
+    # None: weights as the checkpoint stores them (GGUF blocks stay quantized on x86-64 CPUs). "int8":
+    # quantize a dense checkpoint's linears, embedding and LM head to Q8_0 blocks at load (CPU only).
+    quantization: str | None = None
     # Extra keyword arguments for the model config (tests, random models).
     hf_overrides: dict[str, Any] = field(default_factory=dict)
     # Overlap host work with the device: schedule and launch step N+1 while step N runs, filling in its

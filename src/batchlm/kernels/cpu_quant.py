@@ -7,8 +7,8 @@ the activation rows to int8 per block of 32 and multiplies with integer dot prod
 where the CPU has it, else AVX2); `quant_rows` reads rows back in float32 (embedding lookups).
 
 Activation quantization makes the result approximate: each block of x is rounded to 1/254 of its
-largest magnitude, so the error relative to the float matmul of the same weights is about
-sqrt(K) * 0.3 * |x|max-per-block / 254 * |w| per output (tests bound it).
+largest magnitude (tests/test_cpu_quant.py states the bounds). Against the same x rounded that way
+(`quantized_activations`) the kernels are exact up to float32 summation order.
 Where the library is unavailable (no compiler or AVX2, BATCHLM_CPU_KERNELS=0), `quant_library()` is
 None and callers dequantize instead.
 """

@@ -92,6 +92,7 @@ def load_model(
     random_weights: bool = False,
     seed: int = 0,
     progress: bool = True,
+    quantization: str | None = None,
 ) -> LoadedModel:
     """Load a Llama/Mistral/Qwen2/Qwen3 checkpoint (or random weights of its shape) onto `device`.
 
@@ -120,10 +121,13 @@ def load_model(
     with timed_phase(logger, "model build"), _default_dtype(dtype), torch.device(device):
         model = model_class(config, tp)
     reader = open_gguf(gguf_file) if gguf_file is not None and not random_weights else None
+    check_quantization(quantization, device, random_weights)
     if reader is None:
-        assign_weight_methods(model, DENSE_FORMAT, {}, device, dtype)
+        methods = assign_weight_methods(model, DENSE_FORMAT, {}, device, dtype, quantization)
+        if quantization:
+            logger.info("--quantization %s: weight methods %s", quantization, dict(methods))
     else:
-        methods = assign_weight_methods(model, GGUF_FORMAT, tensor_types(reader), device, dtype)
+        methods = assign_weight_methods(model, GGUF_FORMAT, tensor_types(reader), device, dtype, quantization)
         logger.info("GGUF %s: weight methods %s", gguf_file, dict(methods))
     if random_weights:
         with timed_phase(logger, "random weight init"):
@@ -144,6 +148,20 @@ def _load_checkpoint(model: CausalLM, files: list[Path], adapter: LoraAdapter | 
         adapter.check_targets(expected_names(model), model.tie_word_embeddings)
         weights = merge_lora(weights, adapter)
     model.load_weights(weights)
+
+
+def check_quantization(quantization: str | None, device: torch.device, random_weights: bool) -> None:
+    """ValueError for a --quantization this load cannot honour."""
+    if quantization is None:
+        return
+    if quantization != "int8":
+        raise ValueError(f"unknown quantization {quantization!r}; batchlm offers 'int8'")
+    if device.type != "cpu":
+        raise ValueError("--quantization int8 runs on CPUs (x86-64); leave it unset on a GPU")
+    if random_weights:
+        raise ValueError(
+            "--quantization int8 quantizes checkpoint weights; it cannot be used with random weights"
+        )
 
 
 @torch.no_grad()

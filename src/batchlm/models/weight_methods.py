@@ -20,6 +20,7 @@ def assign_weight_methods(
     qtypes: Mapping[str, str],
     device: torch.device,
     dtype: torch.dtype,
+    quantization: str | None = None,
 ) -> Counter[str]:
     """Choose each layer's method from its checkpoint tensors' GGML types (`qtypes`: HF tensor name ->
     type name; empty for dense checkpoints). A tied LM head then takes its embedding's method and
@@ -34,7 +35,12 @@ def assign_weight_methods(
             continue
         names = [f"{name}.weight" for name in hf_module_names(model, path)]
         spec = WeightSpec(
-            weight_format, tuple(qtypes[n] for n in names if n in qtypes), module.role, device, dtype
+            weight_format,
+            tuple(qtypes[n] for n in names if n in qtypes),
+            module.role,
+            device,
+            dtype,
+            quantization,
         )
         method = choose_linear_method(spec)
         if method is not module.method:
