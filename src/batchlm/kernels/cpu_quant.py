@@ -116,22 +116,18 @@ def _gemm(
         rows = rows.float()
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    m, threads = rows.shape[0], torch.get_num_threads()
+    m = rows.shape[0]
     out = torch.empty(m, weight.out_features, dtype=torch.float32)
     if m > 0:
-        codes = torch.empty(m, k, dtype=torch.int8)
-        scales = torch.empty(2, m, k // BLOCK, dtype=torch.float32)
-        library.batchlm_quantize_rows_q8(
-            rows.data_ptr(), rows.stride(0), codes.data_ptr(), scales[0].data_ptr(), scales[1].data_ptr(),
-            m, k, threads,
-        )  # fmt: skip
         if bias is not None:
             bias = bias.float().contiguous()
-        library.batchlm_quant_gemm(
-            weight.data.data_ptr(), weight.bits == 4, codes.data_ptr(), scales[0].data_ptr(),
-            scales[1].data_ptr(), bias.data_ptr() if bias is not None else None, out.data_ptr(),
-            weight.out_features, m, weight.out_features, k, threads, use_avx512(),
+        status = library.batchlm_quant_linear(
+            rows.data_ptr(), rows.stride(0), weight.data.data_ptr(), weight.bits == 4,
+            bias.data_ptr() if bias is not None else None, out.data_ptr(), m, weight.out_features, k,
+            torch.get_num_threads(), use_avx512(),
         )  # fmt: skip
+        if status != 0:
+            raise MemoryError("no memory for the quantized activations")
     return out.view(*x.shape[:-1], weight.out_features)
 
 
@@ -199,6 +195,11 @@ def _raw_library() -> ctypes.CDLL | None:
         size, size, size, ctypes.c_int, ctypes.c_int,  # M, N, K, threads, AVX-512 path
     ]  # fmt: skip
     library.batchlm_quant_gemm.restype = None
+    library.batchlm_quant_linear.argtypes = [
+        pointer, size, pointer, ctypes.c_int, pointer, pointer,  # x, its row stride, weight, 4-bit?, bias, out
+        size, size, size, ctypes.c_int, ctypes.c_int,  # M, N, K, threads, AVX-512 path
+    ]  # fmt: skip
+    library.batchlm_quant_linear.restype = ctypes.c_int
     library.batchlm_quant_rows.argtypes = [pointer, ctypes.c_int, pointer, size, pointer, size, size]
     library.batchlm_quant_rows.restype = None
     return library

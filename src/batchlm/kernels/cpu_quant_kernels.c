@@ -22,6 +22,7 @@
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define QPANEL 16
@@ -264,4 +265,29 @@ void batchlm_quant_rows(const uint8_t *w, int bits4, const int64_t *ids, long T,
             }
         }
     }
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * The whole linear in one call (one crossing from Python per layer): quantize x[M, K] (row stride ldx)
+ * into scratch owned by the calling thread, then batchlm_quant_gemm.
+ */
+static __thread void *scratch = 0;
+static __thread size_t scratch_bytes = 0;
+
+int batchlm_quant_linear(const float *x, long ldx, const uint8_t *w, int bits4, const float *bias, float *out,
+                         long M, long N, long K, int threads, int avx512) {
+    const long Kb = K / QBLOCK;
+    const size_t codes = (size_t)M * K, need = codes + 2 * (size_t)M * Kb * sizeof(float) + 64;
+    if (need > scratch_bytes) {
+        free(scratch);
+        scratch = malloc(need);
+        scratch_bytes = scratch ? need : 0;
+        if (!scratch) return -1;
+    }
+    int8_t *xq = (int8_t *)scratch;
+    float *xd = (float *)(((uintptr_t)scratch + codes + 63) & ~(uintptr_t)63);
+    float *xb = xd + M * Kb;
+    batchlm_quantize_rows_q8(x, ldx, xq, xd, xb, M, K, threads);
+    batchlm_quant_gemm(w, bits4, xq, xd, xb, bias, out, N, M, N, K, threads, avx512);
+    return 0;
 }
