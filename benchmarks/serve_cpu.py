@@ -6,6 +6,9 @@ already-running OpenAI-compatible peer (llama-server, `transformers serve`, ...)
     python benchmarks/serve_cpu.py --runs 3 --offline
     python benchmarks/serve_cpu.py --runs 3 --peer llama-server=http://127.0.0.1:8090/v1
     python benchmarks/serve_cpu.py --serve-arg=--max-num-batched-tokens=1024
+    # quantized: the same checkpoint as GGUF (benchmarks/gguf_shapes.py), llama-server on the same file
+    python benchmarks/serve_cpu.py --runs 3 --concurrency 1 --requests 8 \
+        --model-path /tmp/batchlm-serve-cpu/smollm2-135m-q8_0.gguf --peer llama-server=http://127.0.0.1:8090/v1
 
 Every token id decodes to text: the model's byte-level tokenizer is padded with plain words up to
 the model's 49152 ids, so TTFT is the first token and a peer given the same files streams the same
