@@ -63,6 +63,16 @@ def test_greedy_matches_transformers_on_the_same_gguf(
         torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
 
 
+def test_qwen3_with_its_q_k_norms_matches_transformers(tmp_path: Path) -> None:
+    # transformers' GGUF reader takes no head_dim from a qwen3 file (its config default, 128, stays).
+    gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf", "qwen3", "Q8_0", True, overrides={"head_dim": 128})
+    loaded = _load_gguf(gguf_path, tmp_path / "cache")
+    ours, our_logprobs = greedy_generate(loaded, PROMPTS[1], NEW_TOKENS)
+    theirs, their_logprobs = hf_greedy(hf_reference(gguf_path), PROMPTS[1], NEW_TOKENS)
+    assert ours == theirs
+    torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+
+
 def test_batched_step_gives_each_prompt_its_own_logits(tmp_path: Path) -> None:
     loaded = _load_gguf(write_tiny_gguf(tmp_path / "tiny.gguf", "llama", "Q4_K"), tmp_path / "cache")
     caches = make_kv_caches(loaded, 16)
