@@ -1,6 +1,6 @@
 """Write tiny GGUF files the way llama.cpp's converter does, from random-weight HF models (tests only).
 
-`write_tiny_gguf` makes a random Llama or Qwen2 with the built-in tokenizer (demo.write_model_dir),
+`write_tiny_gguf` makes a random Llama, Qwen2 or Qwen3 with the built-in tokenizer (demo.write_model_dir),
 then writes its metadata, tokenizer and tensors with `gguf.GGUFWriter`: llama q/k rows permuted as
 llama.cpp's convert_hf_to_gguf.py does, 1-D tensors in F32, matrices in the asked GGML type. Types
 the gguf package can quantize are quantized from the weights; K-quants (which it only reads) get
@@ -47,6 +47,8 @@ _HF_TO_GGUF = {
     "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
     "input_layernorm": "attn_norm",
     "post_attention_layernorm": "ffn_norm",
     "mlp.gate_proj": "ffn_gate",

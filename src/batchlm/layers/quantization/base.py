@@ -83,9 +83,13 @@ def as_dense(loaded: LoadedWeight, dtype: torch.dtype) -> torch.Tensor:
 
 
 def narrow_cols(loaded: LoadedWeight, start: int, length: int) -> LoadedWeight:
-    if isinstance(loaded, QuantizedTensor):
-        return loaded.narrow_cols(start, length)
-    return loaded.narrow(1, start, length)
+    """Columns [start, start + length): whole blocks of a quantized tensor stay quantized; a split inside
+    blocks (e.g. 256-value K-quant blocks over few columns per rank) comes back dequantized (float32)."""
+    if not isinstance(loaded, QuantizedTensor):
+        return loaded.narrow(1, start, length)
+    if start % loaded.block_size or length % loaded.block_size:
+        return loaded.dequantize().narrow(1, start, length)
+    return loaded.narrow_cols(start, length)
 
 
 def narrow_rows(loaded: LoadedWeight, start: int, length: int) -> LoadedWeight:
