@@ -6,6 +6,9 @@ already-running OpenAI-compatible peer (llama-server, `transformers serve`, ...)
     python benchmarks/serve_cpu.py --runs 3 --offline
     python benchmarks/serve_cpu.py --runs 3 --peer llama-server=http://127.0.0.1:8090/v1
     python benchmarks/serve_cpu.py --serve-arg=--max-num-batched-tokens=1024
+    # quantized: the same checkpoint as GGUF (benchmarks/gguf_shapes.py), llama-server on the same file
+    python benchmarks/serve_cpu.py --runs 3 --concurrency 1 --requests 8 \
+        --model-path /tmp/batchlm-serve-cpu/smollm2-135m-q8_0.gguf --peer llama-server=http://127.0.0.1:8090/v1
 
 Every token id decodes to text: the model's byte-level tokenizer is padded with plain words up to
 the model's 49152 ids, so TTFT is the first token and a peer given the same files streams the same
@@ -36,7 +39,14 @@ from mlx_vs_mlx_lm_server import free_port, pad_tokenizer_vocab, wait_healthy
 from model_shapes import SHAPES, write_random_weights
 
 # What the summary reports from each bench result (vLLM key names).
-REPORTED = ("output_throughput", "median_ttft_ms", "median_tpot_ms", "median_e2el_ms", "duration")
+REPORTED = (
+    "output_throughput",
+    "median_ttft_ms",
+    "median_tpot_ms",
+    "median_e2el_ms",
+    "duration",
+    "server_rss_mib",
+)
 
 
 def build_model(directory: Path, shape: str) -> Path:
@@ -112,15 +122,18 @@ def run_batchlm_server(
     """Start `batchlm serve`, bench it once, stop it with SIGTERM (as an operator would)."""
     port = free_port()
     log = scratch / f"batchlm-{port}.log"
-    command = [sys.executable, "-m", "batchlm.cli", "serve", "--model", str(model_dir), "--device", "cpu",
+    served = args.model_path or model_dir
+    command = [sys.executable, "-m", "batchlm.cli", "serve", "--model", str(served), "--device", "cpu",
                "--port", str(port), "--log-level", "WARNING", *args.serve_arg]  # fmt: skip
     with log.open("wb") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
     try:
         wait_healthy(port, process, log)
-        return run_bench(
-            f"http://127.0.0.1:{port}/v1", str(model_dir), args, scratch / "batchlm.json", prompts
+        result = run_bench(
+            f"http://127.0.0.1:{port}/v1", str(served), args, scratch / "batchlm.json", prompts
         )
+        result["server_rss_mib"] = resident_mib(process.pid)
+        return result
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -128,6 +141,30 @@ def run_batchlm_server(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def resident_mib(pid: int) -> float:
+    """The server's resident memory (VmRSS) after the run, MiB; the engine core is its child process,
+    so both are counted."""
+    total_kib = 0
+    for child in [pid, *_children(pid)]:
+        status = Path(f"/proc/{child}/status")
+        if status.exists():
+            line = next(
+                (ln for ln in status.read_text().splitlines() if ln.startswith("VmRSS:")), "VmRSS: 0 kB"
+            )
+            total_kib += int(line.split()[1])
+    return total_kib / 1024
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        children = task / "children"
+        if children.exists():
+            for child in map(int, children.read_text().split()):
+                found += [child, *_children(child)]
+    return found
 
 
 def run_offline(model_dir: Path, args: argparse.Namespace, prompt_len: int, seed: int) -> dict[str, Any]:
@@ -217,6 +254,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--peer", action="append", default=[], metavar="NAME=BASE_URL",
                         help="an already-running OpenAI-compatible server to bench in the same rounds")  # fmt: skip
     parser.add_argument("--peer-model", default="default", help="model name sent to the peers")
+    parser.add_argument("--model-path", type=Path,
+                        help="what `batchlm serve --model` gets (e.g. a GGUF file of the shape); default: "
+                             "the random safetensors checkpoint, whose tokenizer cuts the prompts either way")  # fmt: skip
     parser.add_argument("--save", type=Path, help="write the summary and every round as JSON")
     args = parser.parse_args(argv)
     try:

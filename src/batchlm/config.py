@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 DEMO_MODEL = "demo"
-# Where batchlm keeps what it builds once per machine (the demo model, compiled CPU kernels).
+# Where batchlm keeps what it builds or fetches once per machine (the default and demo models, GGUF
+# tokenizers, compiled CPU kernels).
 CACHE_ENV_VAR = "BATCHLM_CACHE"
 
 
@@ -37,7 +38,8 @@ class EngineConfig:
     Fields left as None are resolved from the model and the machine by `resolve()`.
     """
 
-    # Model path, hub repo id, or "demo" (the built-in random-weight Llama).
+    # Model directory, GGUF file (or a directory holding one), hub repo id, or "demo": the built-in default,
+    # SmolLM2-135M-Instruct (fetched once from the package index), else the random-weight demo Llama.
     model: str = DEMO_MODEL
     # Optional PEFT LoRA adapter directory, merged into the weights at load time.
     adapter_path: str | None = None
@@ -81,6 +83,9 @@ class EngineConfig:
     # "auto": weights from safetensors; "dummy": random weights made on the device (benchmarks of real
     # shapes without downloads; only config.json is read).
     load_format: str = "auto"
+    # None: weights as the checkpoint stores them (GGUF blocks stay quantized on x86-64 CPUs). "int8":
+    # quantize a dense checkpoint's linears, embedding and LM head to Q8_0 blocks at load (CPU only).
+    quantization: str | None = None
     # Extra keyword arguments for the model config (tests, random models).
     hf_overrides: dict[str, Any] = field(default_factory=dict)
     # Overlap host work with the device: schedule and launch step N+1 while step N runs, filling in its

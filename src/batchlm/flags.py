@@ -126,6 +126,7 @@ ENGINE_FLAG_NAMES = {"max_num_seqs": ["--batch-size", "--max-num-seqs"]}
 ENGINE_CHOICES = {
     "dtype": ["auto", "float32", "bfloat16", "float16"],
     "load_format": ["auto", "dummy"],
+    "quantization": ["int8"],
     "async_scheduling": ["auto", "on", "off"],
 }
 

@@ -125,7 +125,7 @@ class AsyncLLMEngine(StreamingFrontEnd):
             self._dead_reason = str(payload)
             raise EngineDeadError(f"the engine failed to start: {payload}")
         self.info = payload
-        name = served_model_name(self.config)
+        name = served_model_name(self.config, model_dir)
         self.model_info = ModelInfo(
             served_model_name=name,
             max_model_len=payload.max_model_len,

@@ -59,12 +59,18 @@ class StartupPhases:
 
 
 def prepare_model_dir(config: EngineConfig) -> Path:
-    """The local directory of the model: the built-in demo, a local path, or a hub download."""
+    """The local directory of the model: the built-in default, a GGUF file's derived directory, a
+    local path, or a hub download."""
     if config.model == DEMO_MODEL:
-        from batchlm.models.demo import ensure_demo_model
+        from batchlm.models.default_model import ensure_default_model
 
-        return ensure_demo_model()
+        return ensure_default_model()
+    from batchlm.models.gguf_model_dir import find_gguf_file, prepare_gguf_model_dir
     from batchlm.models.hub import resolve_model_dir
+
+    gguf_file = find_gguf_file(Path(config.model).expanduser())
+    if gguf_file is not None:
+        return prepare_gguf_model_dir(gguf_file)
 
     return resolve_model_dir(config.model, config.revision)
 
@@ -81,13 +87,15 @@ def load_tokenizer(config: EngineConfig, model_dir: Path) -> Tokenizer:
     )
 
 
-def served_model_name(config: EngineConfig) -> str:
+def served_model_name(config: EngineConfig, model_dir: Path | None = None) -> str:
+    """--served-model-name, else the built-in model's own name (the real default or, where it fell
+    back, the random demo: `model_dir` tells which), else --model as given."""
     if config.served_model_name:
         return config.served_model_name
     if config.model == DEMO_MODEL:
-        from batchlm.models.demo import DEMO_MODEL_NAME
+        from batchlm.models.default_model import default_model_name
 
-        return DEMO_MODEL_NAME
+        return default_model_name(model_dir)
     return config.model.rstrip("/")
 
 
@@ -108,7 +116,7 @@ def check_async_scheduling(config: EngineConfig) -> None:
 
 
 def resolve_async_scheduling(config: EngineConfig, device: str) -> bool:
-    """"auto" turns async scheduling on for a single CUDA device: on CPU the host is the device, so
+    """ "auto" turns async scheduling on for a single CUDA device: on CPU the host is the device, so
     there is nothing to overlap, and tensor-parallel workers run their steps synchronously."""
     check_async_scheduling(config)
     if config.async_scheduling == "auto":
@@ -164,4 +172,3 @@ def build_engine_core(config: EngineConfig, model_dir: Path) -> tuple[EngineCore
 
         watch_compiles_after_startup()
     return EngineCore(scheduler, executor, async_scheduling=async_scheduling), info
-

@@ -77,24 +77,24 @@ def probed(name: str, agrees: Callable[[ctypes.CDLL], bool]) -> ctypes.CDLL | No
     return library
 
 
-def build_library(cache_dir: Path | None = None) -> Path:
-    """The kernels' shared library in the cache, compiled there first if missing; raises RuntimeError
-    when no compiler is found or the compile fails."""
+def build_library(
+    cache_dir: Path | None = None, source_path: Path = SOURCE, flags: tuple[str, ...] = COMPILE_FLAGS
+) -> Path:
+    """A kernels' shared library (cpu_kernels.c unless told) in the cache, compiled there first if
+    missing; raises RuntimeError when no compiler is found or the compile fails."""
     compiler = _compiler()
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(
-        b"\0".join([source, compiler.encode(), " ".join(COMPILE_FLAGS).encode()])
-    ).hexdigest()
+    source = source_path.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode()])).hexdigest()
     directory = (cache_dir or cache_root()) / "kernels"
-    target = directory / f"cpu_kernels-{key[:16]}.so"
+    target = directory / f"{source_path.stem}-{key[:16]}.so"
     if target.exists():
         return target
     directory.mkdir(parents=True, exist_ok=True)
     # Compile beside the target and rename: processes starting together never load a half-written file.
-    handle, partial = tempfile.mkstemp(prefix="cpu_kernels-", suffix=".so.partial", dir=directory)
+    handle, partial = tempfile.mkstemp(prefix=f"{source_path.stem}-", suffix=".so.partial", dir=directory)
     os.close(handle)
     try:
-        command = [compiler, *COMPILE_FLAGS, str(SOURCE), "-o", partial]
+        command = [compiler, *flags, str(source_path), "-o", partial]
         result = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed: {result.stderr.strip()[-500:]}")

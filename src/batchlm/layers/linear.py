@@ -7,13 +7,11 @@ QKVParallelLinear and MergedColumnParallelLinear fuse several HF projections int
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from batchlm.kernels.cpu_gemm import PackedWeight, can_pack, pack_weight, packed_linear
+from batchlm.layers.quantization.base import LoadedWeight, RowSlice, as_dense, narrow_cols
+from batchlm.layers.quantization.layer import MethodLayer
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
 
 
@@ -35,46 +33,20 @@ def _divide(total: int, parts: int, what: str) -> int:
     return total // parts
 
 
-@dataclass(frozen=True)
-class RowSlice:
-    """Where one HF tensor's rows go: rows [src_start, src_start + rows) of a tensor with
-    `full_rows` rows are copied to rows [dst_start, dst_start + rows) of this rank's parameter."""
-
-    full_rows: int
-    src_start: int
-    rows: int
-    dst_start: int
-
-
-class CpuPackable(nn.Module):
-    """A linear layer that can move its float32 CPU weight to the CPU GEMM kernel's panel layout.
-
-    `pack_for_cpu()` is called once the weights are final (after loading and any LoRA merge). The
-    dense `weight` is then released (left as an empty [0, in] tensor) so the model's memory does not
-    double; every matmul of the layer goes through the kernel from then on.
-    """
-
-    weight: nn.Parameter
-    # The packed weight once pack_for_cpu() took it (not a parameter: state dicts never see it).
-    packed: PackedWeight | None = None
+class LinearLayer(MethodLayer):
+    """A linear layer whose weight belongs to its LinearMethod (layers/quantization/)."""
 
     def pack_for_cpu(self) -> bool:
-        """Pack the weight for the CPU kernel; False (nothing changed) where that path does not apply."""
-        weight = self.weight
-        if not can_pack(weight):
-            return False
-        self.packed = pack_weight(weight)
-        self.weight = nn.Parameter(weight.new_empty(0, weight.shape[1]), requires_grad=False)
-        return True
+        """Post-load processing of the (final) weight: for dense float32 CPU weights, the move to the CPU
+        GEMM kernel's panel layout; False where nothing changed."""
+        return self.process_weights_after_loading()
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x @ W^T (+ bias) through whichever form the weight is in."""
-        if self.packed is not None:
-            return packed_linear(x, self.packed, bias)
-        return F.linear(x, self.weight, bias)
+        """x @ W^T (+ bias) through the layer's method."""
+        return self.method.apply(self, x, bias)
 
 
-class ColumnParallelLinear(CpuPackable):
+class ColumnParallelLinear(LinearLayer):
     """y = x W^T + b with W's output rows split across ranks; each rank returns its slice of y
     (or, with gather_output, the whole y)."""
 
@@ -92,7 +64,7 @@ class ColumnParallelLinear(CpuPackable):
         self.tp = tp
         self.gather_output = gather_output
         self.output_size_per_rank = self._rows_per_rank()
-        self.weight = nn.Parameter(torch.empty(self.output_size_per_rank, input_size), requires_grad=False)
+        self.init_weight(self.output_size_per_rank, input_size)
         self.bias = (
             nn.Parameter(torch.zeros(self.output_size_per_rank), requires_grad=False) if bias else None
         )
@@ -113,19 +85,22 @@ class ColumnParallelLinear(CpuPackable):
         return RowSlice(self.output_size, self.tp.rank * per_rank, per_rank, 0)
 
     def load_weight(
-        self, name: str, param_name: str, loaded: torch.Tensor, shard: str | int | None = None
+        self, name: str, param_name: str, loaded: LoadedWeight, shard: str | int | None = None
     ) -> None:
-        """Copy this rank's part of the HF tensor `name` into parameter `param_name` (weight or bias)."""
+        """Copy this rank's part of the HF tensor `name` into `param_name` (weight: through the method)."""
         where = self.row_slice(shard)
-        param = self._param(name, param_name)
-        expected = (where.full_rows, self.input_size) if param_name == "weight" else (where.full_rows,)
-        check_shape(name, expected, loaded.shape)
-        part = loaded.narrow(0, where.src_start, where.rows)
+        if param_name == "weight":
+            check_shape(name, (where.full_rows, self.input_size), loaded.shape)
+            self.method.load_rows(self, name, loaded, where)
+            return
+        bias = self._bias(name, param_name)
+        check_shape(name, (where.full_rows,), loaded.shape)
+        part = as_dense(loaded, bias.dtype).narrow(0, where.src_start, where.rows)
         with torch.no_grad():
-            param.narrow(0, where.dst_start, where.rows).copy_(part)
+            bias.narrow(0, where.dst_start, where.rows).copy_(part)
 
-    def _param(self, name: str, param_name: str) -> nn.Parameter:
-        param = getattr(self, param_name, None)
+    def _bias(self, name: str, param_name: str) -> nn.Parameter:
+        param = getattr(self, param_name, None) if param_name == "bias" else None
         if not isinstance(param, nn.Parameter):
             raise ValueError(f"unexpected checkpoint tensor {name!r}: the layer has no {param_name}")
         return param
@@ -214,7 +189,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         return q, k, v
 
 
-class RowParallelLinear(CpuPackable):
+class RowParallelLinear(LinearLayer):
     """y = x W^T + b with W's input columns split across ranks: each rank multiplies its slice of x
     and the partial results are summed with an all-reduce (the bias is added once, after it)."""
 
@@ -230,7 +205,7 @@ class RowParallelLinear(CpuPackable):
         self.output_size = output_size
         self.tp = tp
         self.input_size_per_rank = _divide(input_size, tp.size, "input size")
-        self.weight = nn.Parameter(torch.empty(output_size, self.input_size_per_rank), requires_grad=False)
+        self.init_weight(output_size, self.input_size_per_rank)
         self.bias = nn.Parameter(torch.zeros(output_size), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -241,21 +216,22 @@ class RowParallelLinear(CpuPackable):
         return y if self.bias is None else y + self.bias
 
     def load_weight(
-        self, name: str, param_name: str, loaded: torch.Tensor, shard: str | int | None = None
+        self, name: str, param_name: str, loaded: LoadedWeight, shard: str | int | None = None
     ) -> None:
-        """Copy this rank's columns of the HF weight (the whole bias) into `param_name`."""
+        """Copy this rank's columns of the HF weight (through the method; the whole bias) into `param_name`."""
         if shard is not None:
             raise ValueError(f"RowParallelLinear is not fused; got shard {shard!r} for {name!r}")
-        with torch.no_grad():
-            if param_name == "weight":
-                check_shape(name, (self.output_size, self.input_size), loaded.shape)
-                start = self.tp.rank * self.input_size_per_rank
-                self.weight.copy_(loaded.narrow(1, start, self.input_size_per_rank))
-            elif param_name == "bias" and self.bias is not None:
-                check_shape(name, (self.output_size,), loaded.shape)
-                self.bias.copy_(loaded)
-            else:
-                raise ValueError(f"unexpected checkpoint tensor {name!r}: the layer has no {param_name}")
+        if param_name == "weight":
+            check_shape(name, (self.output_size, self.input_size), loaded.shape)
+            start = self.tp.rank * self.input_size_per_rank
+            part = narrow_cols(loaded, start, self.input_size_per_rank)
+            self.method.load_rows(self, name, part, RowSlice(self.output_size, 0, self.output_size, 0))
+        elif param_name == "bias" and self.bias is not None:
+            check_shape(name, (self.output_size,), loaded.shape)
+            with torch.no_grad():
+                self.bias.copy_(as_dense(loaded, self.bias.dtype))
+        else:
+            raise ValueError(f"unexpected checkpoint tensor {name!r}: the layer has no {param_name}")
 
     def extra_repr(self) -> str:
         return (
@@ -265,5 +241,6 @@ class RowParallelLinear(CpuPackable):
 
 
 def pack_linears_for_cpu(model: nn.Module) -> int:
-    """Pack every packable linear of a float32 CPU model for the CPU GEMM kernel; returns how many took it."""
-    return sum(1 for module in model.modules() if isinstance(module, CpuPackable) and module.pack_for_cpu())
+    """Post-load processing of every linear (dense float32 CPU weights: packing for the CPU GEMM
+    kernel); returns how many changed form."""
+    return sum(1 for module in model.modules() if isinstance(module, LinearLayer) and module.pack_for_cpu())

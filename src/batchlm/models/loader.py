@@ -12,12 +12,16 @@ from typing import Any
 import torch
 
 from batchlm.layers.norm import RMSNorm
+from batchlm.layers.quantization.registry import DENSE_FORMAT, GGUF_FORMAT
 from batchlm.models.base import CausalLM
 from batchlm.models.checkpoint import find_safetensors, iter_safetensors, load_hf_config
 from batchlm.models.config_view import read_config_view
+from batchlm.models.gguf_file import iter_gguf_tensors, open_gguf, tensor_types
+from batchlm.models.gguf_model_dir import gguf_source
 from batchlm.models.hf_config import context_length, head_dim_of, num_kv_heads_of
 from batchlm.models.lora import LoraAdapter, load_lora_adapter, merge_lora
 from batchlm.models.registry import architecture_of, get_model_class
+from batchlm.models.weight_methods import assign_weight_methods
 from batchlm.models.weights import expected_names
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
 from batchlm.startup_log import timed_phase
@@ -88,6 +92,7 @@ def load_model(
     random_weights: bool = False,
     seed: int = 0,
     progress: bool = True,
+    quantization: str | None = None,
 ) -> LoadedModel:
     """Load a Llama/Mistral/Qwen2/Qwen3 checkpoint (or random weights of its shape) onto `device`.
 
@@ -104,7 +109,10 @@ def load_model(
         raise ValueError(
             "a LoRA adapter cannot be merged into random weights; drop adapter_path or random_weights"
         )
-    files = [] if random_weights else find_safetensors(model_dir)
+    gguf_file = gguf_source(model_dir)
+    if gguf_file is not None and adapter_path:
+        raise ValueError("LoRA adapters cannot be merged into a GGUF model; use its safetensors checkpoint")
+    files = [] if random_weights or gguf_file is not None else find_safetensors(model_dir)
     adapter = load_lora_adapter(adapter_path) if adapter_path else None
     if device.type == "cuda":
         # CUDA's one-time context set-up, timed apart so the build below is not charged with it.
@@ -112,10 +120,18 @@ def load_model(
             torch.zeros(1, device=device)
     with timed_phase(logger, "model build"), _default_dtype(dtype), torch.device(device):
         model = model_class(config, tp)
+    check_quantization(quantization, device, random_weights)
     if random_weights:
+        assign_weight_methods(model, DENSE_FORMAT, {}, device, dtype)
         with timed_phase(logger, "random weight init"):
             init_random_weights(model, std=float(getattr(config, "initializer_range", 0.02)), seed=seed)
+    elif gguf_file is not None:
+        with timed_phase(logger, "weight load (GGUF)"):
+            _load_gguf(model, gguf_file, device, dtype, quantization)
     else:
+        methods = assign_weight_methods(model, DENSE_FORMAT, {}, device, dtype, quantization)
+        if quantization:
+            logger.info("--quantization %s: layers per weight method %s", quantization, dict(methods))
         with timed_phase(logger, "weight load"):
             _load_checkpoint(model, files, adapter, progress)
     model.eval()
@@ -128,6 +144,29 @@ def _load_checkpoint(model: CausalLM, files: list[Path], adapter: LoraAdapter | 
         adapter.check_targets(expected_names(model), model.tie_word_embeddings)
         weights = merge_lora(weights, adapter)
     model.load_weights(weights)
+
+
+def _load_gguf(
+    model: CausalLM, gguf_file: Path, device: torch.device, dtype: torch.dtype, quantization: str | None
+) -> None:
+    reader = open_gguf(gguf_file)
+    methods = assign_weight_methods(model, GGUF_FORMAT, tensor_types(reader), device, dtype, quantization)
+    logger.info("GGUF %s: layers per weight method %s", gguf_file.name, dict(methods))
+    model.load_weights(iter_gguf_tensors(reader))
+
+
+def check_quantization(quantization: str | None, device: torch.device, random_weights: bool) -> None:
+    """ValueError for a --quantization this load cannot honour."""
+    if quantization is None:
+        return
+    if quantization != "int8":
+        raise ValueError(f"unknown quantization {quantization!r}; batchlm offers 'int8'")
+    if device.type != "cpu":
+        raise ValueError("--quantization int8 runs on CPUs (x86-64); leave it unset on a GPU")
+    if random_weights:
+        raise ValueError(
+            "--quantization int8 quantizes checkpoint weights; it cannot be used with random weights"
+        )
 
 
 @torch.no_grad()

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from batchlm.layers.linear import check_shape
+from batchlm.layers.quantization.base import LoadedWeight, as_dense
+from batchlm.layers.quantization.layer import MethodLayer
 from batchlm.models.base import CausalLM
 
 
@@ -36,7 +38,8 @@ def find_target(model: CausalLM, name: str) -> ParamTarget | None:
         module = model.get_submodule(module_path)
     except AttributeError:
         return None
-    if not isinstance(getattr(module, param_name, None), nn.Parameter):
+    method_weight = isinstance(module, MethodLayer) and param_name == "weight"
+    if not method_weight and not isinstance(getattr(module, param_name, None), nn.Parameter):
         return None
     return ParamTarget(module, param_name, shard)
 
@@ -44,16 +47,29 @@ def find_target(model: CausalLM, name: str) -> ParamTarget | None:
 def expected_names(model: CausalLM) -> set[str]:
     """HF names of every tensor the model needs (fused parameters expanded; tied ones counted once)."""
     names: set[str] = set()
-    for param_path, _ in model.named_parameters():
+    for param_path in _param_paths(model):
         module_path, _, param_name = param_path.rpartition(".")
-        parent, _, leaf = module_path.rpartition(".")
-        parts = [hf for fused, hf, _ in model.stacked_params if fused == leaf]
-        for hf_module in parts or [leaf]:
-            names.add(".".join(p for p in (parent, hf_module, param_name) if p))
+        names.update(f"{name}.{param_name}" for name in hf_module_names(model, module_path))
     return names
 
 
-def load_tensor(target: ParamTarget, name: str, tensor: torch.Tensor) -> None:
+def hf_module_names(model: CausalLM, module_path: str) -> list[str]:
+    """The HF module names a module of ours loads from (several for a fused one)."""
+    parent, _, leaf = module_path.rpartition(".")
+    parts = [hf for fused, hf, _ in model.stacked_params if fused == leaf]
+    return [".".join(p for p in (parent, hf_module) if p) for hf_module in parts or [leaf]]
+
+
+def _param_paths(model: CausalLM) -> set[str]:
+    # Parameters, plus the weights their methods keep in other forms (a tied LM head counted once).
+    paths = {path for path, _ in model.named_parameters()}
+    for path, module in model.named_modules():
+        if isinstance(module, MethodLayer) and getattr(module, "tied_embedding", None) is None:
+            paths.add(f"{path}.weight")
+    return paths
+
+
+def load_tensor(target: ParamTarget, name: str, tensor: LoadedWeight) -> None:
     """Copy `tensor` into the target, through the layer's own loader when it has one."""
     loader = getattr(target.module, "load_weight", None)
     if loader is not None:
@@ -62,7 +78,7 @@ def load_tensor(target: ParamTarget, name: str, tensor: torch.Tensor) -> None:
     param = getattr(target.module, target.param_name)
     check_shape(name, tuple(param.shape), tensor.shape)
     with torch.no_grad():
-        param.copy_(tensor)
+        param.copy_(as_dense(tensor, param.dtype))
 
 
 def is_ignored(model: CausalLM, name: str) -> bool:
@@ -72,7 +88,7 @@ def is_ignored(model: CausalLM, name: str) -> bool:
     return model.tie_word_embeddings and name == "lm_head.weight"
 
 
-def load_named_weights(model: CausalLM, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+def load_named_weights(model: CausalLM, weights: Iterable[tuple[str, LoadedWeight]]) -> None:
     """Load every (HF name, tensor) pair; raise ValueError listing unexpected or missing tensors."""
     loaded: set[str] = set()
     unexpected: list[str] = []

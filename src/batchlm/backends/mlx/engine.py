@@ -64,7 +64,7 @@ class MLXEngine(StreamingFrontEnd):
             await self._loop.run_in_executor(None, self._worker.stop, SHUTDOWN_TIMEOUT_S)
             raise
         self.info = info
-        name = served_model_name(self.config)
+        name = served_model_name(self.config, model_dir)
         self.model_info = ModelInfo(
             served_model_name=name,
             max_model_len=info.max_model_len,

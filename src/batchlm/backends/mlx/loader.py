@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from batchlm.config import EngineConfig
+from batchlm.config import DEMO_MODEL, EngineConfig
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +53,20 @@ def check_config(config: EngineConfig) -> None:
 
 
 def resolve_model_dir(config: EngineConfig) -> Path:
-    """The model's local directory: the built-in demo, a local path, or a hub download."""
+    """The model's local directory: a local path or a hub download; the built-in default is a GGUF
+    file, which mlx-lm does not load, so this backend serves the random demo model in its place."""
     from batchlm.engine.core_builder import prepare_model_dir
+    from batchlm.models.gguf_model_dir import find_gguf_file
 
+    if config.model == DEMO_MODEL:
+        from batchlm.models.demo import ensure_demo_model
+
+        logger.warning(
+            "the mlx backend does not load GGUF files, so not the default model; use --backend torch"
+        )
+        return ensure_demo_model()
+    if find_gguf_file(Path(config.model).expanduser()) is not None:
+        raise ValueError(f"the mlx backend does not load GGUF files ({config.model}); use --backend torch")
     return prepare_model_dir(config)
 
 

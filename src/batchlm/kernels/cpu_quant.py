@@ -1,0 +1,228 @@
+"""Matmuls with quantized weights on x86-64 CPUs (cpu_quant_kernels.c, built like cpu_kernels.c).
+
+A weight in code blocks (quant_blocks.py: 8- or 4-bit codes, float16 scale and bias per 32 inputs)
+is packed once into 16-row panels (`pack`), and stays that size in memory: 36 bytes per 32 weights
+for 8-bit codes (Q8_0: 34), 20 for 4-bit (Q4_1: 20, Q4_0 and Q4_K: 18). `quant_linear` quantizes
+the activation rows to int8 per block of 32 and multiplies with integer dot products (AVX-512 VNNI
+where the CPU has it, else AVX2); `quant_rows` reads rows back in float32 (embedding lookups).
+
+Activation quantization makes the result approximate: each block of x is rounded to 1/254 of its
+largest magnitude (tests/test_cpu_quant.py states the bounds). Against the same x rounded that way
+(`quantized_activations`) the kernels are exact up to float32 summation order.
+Where the library is unavailable (no compiler or AVX2, BATCHLM_CPU_KERNELS=0), `quant_library()` is
+None and callers dequantize instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from batchlm.kernels.cpu_native import COMPILE_FLAGS, build_library, native_library
+from batchlm.kernels.quant_blocks import BLOCK, CodeBlocks, dequantize, from_dense_q8
+
+logger = logging.getLogger(__name__)
+
+QPANEL = 16  # output rows per panel; must match QPANEL in cpu_quant_kernels.c
+SCALE_BYTES = 64  # 16 float16 scales + 16 float16 biases per panel block
+SOURCE_PATH = Path(__file__).with_name("cpu_quant_kernels.c")
+ISA_ENV = "BATCHLM_CPU_QUANT_ISA"  # "avx2" forces the AVX2 path (tests, A/B runs)
+QUANT_FLAGS = (*COMPILE_FLAGS, "-mf16c")
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A [out_features, in_features] weight packed for the kernels: data[p, kb] is panel p's block kb
+    (scales, biases, then the codes of its 16 rows); see cpu_quant_kernels.c for the byte layout."""
+
+    data: torch.Tensor  # uint8 [ceil(out / 16), in / 32, 64 + 512 (8-bit) or 64 + 256 (4-bit)]
+    bits: int
+    out_features: int
+    in_features: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+
+def pack(blocks: CodeBlocks) -> QuantizedWeight:
+    """Panel-major copy of code blocks (rows past out_features are zero: scale and bias 0)."""
+    rows, cols = blocks.codes.shape
+    panels, kb = -(-rows // QPANEL), cols // BLOCK
+    codes = np.zeros((panels * QPANEL, cols), dtype=np.uint8)
+    codes[:rows] = blocks.codes
+    scale_bias = np.zeros((panels * QPANEL, kb, 2), dtype=np.float16)
+    scale_bias[:rows, :, 0] = blocks.scales
+    scale_bias[:rows, :, 1] = blocks.biases
+    # [p, j, kb, s|b] -> [p, kb, s|b, j]: 16 scales then 16 biases per panel block.
+    head = (
+        scale_bias.reshape(panels, QPANEL, kb, 2).transpose(0, 2, 3, 1).reshape(panels, kb, -1).view(np.uint8)
+    )
+    grouped = codes.reshape(panels, QPANEL, kb, BLOCK)
+    if blocks.bits == 4:
+        # [p, j, kb, half, h, t] -> [p, kb, h, j, t]; half 0 in the low nibble, half 1 in the high one.
+        quads = grouped.reshape(panels, QPANEL, kb, 2, 4, 4).transpose(0, 2, 3, 4, 1, 5)
+        body = (quads[:, :, 0] | (quads[:, :, 1] << 4)).reshape(panels, kb, -1)
+    else:
+        body = grouped.reshape(panels, QPANEL, kb, 8, 4).transpose(0, 2, 3, 1, 4).reshape(panels, kb, -1)
+    data = np.concatenate([head, body], axis=2)
+    return QuantizedWeight(torch.from_numpy(np.ascontiguousarray(data)), blocks.bits, rows, cols)
+
+
+def dequantize_packed(weight: QuantizedWeight) -> torch.Tensor:
+    """float32 [out, in] of a packed weight (the fallback path and the kernels' reference)."""
+    data = weight.data.numpy()
+    panels, kb, _ = data.shape
+    head = data[:, :, :SCALE_BYTES].copy().view(np.float16).reshape(panels, kb, 2, QPANEL)
+    body = data[:, :, SCALE_BYTES:]
+    if weight.bits == 4:
+        quads = body.reshape(panels, kb, 4, QPANEL, 4)
+        halves = np.stack([quads & 0x0F, quads >> 4], axis=2)  # [p, kb, half, h, j, t]
+        codes = halves.transpose(0, 4, 1, 2, 3, 5)
+    else:
+        codes = body.reshape(panels, kb, 8, QPANEL, 4).transpose(0, 3, 1, 2, 4)
+    rows = panels * QPANEL
+    blocks = CodeBlocks(
+        codes.reshape(rows, kb * BLOCK),
+        head[:, :, 0].transpose(0, 2, 1).reshape(rows, kb),
+        head[:, :, 1].transpose(0, 2, 1).reshape(rows, kb),
+        weight.bits,
+    )
+    return torch.from_numpy(dequantize(blocks)[: weight.out_features])
+
+
+def quant_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T + bias for float32 CPU x [..., in_features]; needs quant_library() (not None)."""
+    library = quant_library()
+    if library is None:
+        raise RuntimeError("the quantized CPU kernels are not available on this machine")
+    return _gemm(library, x, weight, bias)
+
+
+def _gemm(
+    library: ctypes.CDLL, x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None
+) -> torch.Tensor:
+    k = weight.in_features
+    rows = x.reshape(-1, k)
+    if rows.dtype != torch.float32:
+        rows = rows.float()
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    m = rows.shape[0]
+    out = torch.empty(m, weight.out_features, dtype=torch.float32)
+    if m > 0:
+        if bias is not None:
+            bias = bias.float().contiguous()
+        status = library.batchlm_quant_linear(
+            rows.data_ptr(), rows.stride(0), weight.data.data_ptr(), weight.bits == 4,
+            bias.data_ptr() if bias is not None else None, out.data_ptr(), m, weight.out_features, k,
+            torch.get_num_threads(), use_avx512(),
+        )  # fmt: skip
+        if status != 0:
+            raise MemoryError("no memory for the quantized activations")
+    return out.view(*x.shape[:-1], weight.out_features)
+
+
+def quant_rows(weight: QuantizedWeight, ids: torch.Tensor) -> torch.Tensor:
+    """float32 rows W[ids] ([*ids.shape, in_features]) through the kernels; ids must be in range."""
+    library = quant_library()
+    if library is None:
+        raise RuntimeError("the quantized CPU kernels are not available on this machine")
+    flat = ids.reshape(-1).to(torch.int64).contiguous()
+    out = torch.empty(flat.shape[0], weight.in_features, dtype=torch.float32)
+    library.batchlm_quant_rows(
+        weight.data.data_ptr(), weight.bits == 4, flat.data_ptr(), flat.shape[0], out.data_ptr(),
+        weight.in_features, weight.in_features,
+    )  # fmt: skip
+    return out.view(*ids.shape, weight.in_features)
+
+
+@functools.cache
+def use_avx512() -> bool:
+    """Whether the AVX-512 VNNI path runs (this CPU has it, and BATCHLM_CPU_QUANT_ISA is not avx2)."""
+    library = _raw_library()
+    if library is None or os.environ.get(ISA_ENV, "").strip().lower() == "avx2":
+        return False
+    return bool(library.batchlm_quant_has_avx512_vnni())
+
+
+@functools.cache
+def quant_library() -> ctypes.CDLL | None:
+    """The quantized kernels once they agreed with the dequantized matmul on a probe; else None."""
+    library = _raw_library()
+    if library is None:
+        return None
+    if not _quant_agrees(library):
+        logger.warning("quantized CPU kernels disagree with the dequantized matmul on a probe; not used")
+        return None
+    return library
+
+
+@functools.cache
+def _raw_library() -> ctypes.CDLL | None:
+    if native_library() is None:  # disabled, no AVX2, or no compiler (already logged)
+        return None
+    try:
+        library = ctypes.CDLL(str(build_library(source_path=SOURCE_PATH, flags=QUANT_FLAGS)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        logger.warning("quantized CPU kernels unavailable (%s); dequantizing weights instead", error)
+        return None
+    size, pointer = ctypes.c_long, ctypes.c_void_p
+    library.batchlm_quant_has_avx512_vnni.argtypes = []
+    library.batchlm_quant_has_avx512_vnni.restype = ctypes.c_int
+    library.batchlm_quantize_rows_q8.argtypes = [
+        pointer,
+        size,
+        pointer,
+        pointer,
+        pointer,
+        size,
+        size,
+        ctypes.c_int,
+    ]
+    library.batchlm_quantize_rows_q8.restype = None
+    library.batchlm_quant_gemm.argtypes = [
+        pointer, ctypes.c_int, pointer, pointer, pointer,  # weight, 4-bit?, codes, scales, scale * sums
+        pointer, pointer, size,  # bias or NULL, out, its row stride
+        size, size, size, ctypes.c_int, ctypes.c_int,  # M, N, K, threads, AVX-512 path
+    ]  # fmt: skip
+    library.batchlm_quant_gemm.restype = None
+    library.batchlm_quant_linear.argtypes = [
+        pointer, size, pointer, ctypes.c_int, pointer, pointer,  # x, its row stride, weight, 4-bit?, bias, out
+        size, size, size, ctypes.c_int, ctypes.c_int,  # M, N, K, threads, AVX-512 path
+    ]  # fmt: skip
+    library.batchlm_quant_linear.restype = ctypes.c_int
+    library.batchlm_quant_rows.argtypes = [pointer, ctypes.c_int, pointer, size, pointer, size, size]
+    library.batchlm_quant_rows.restype = None
+    return library
+
+
+def quantized_activations(x: torch.Tensor) -> torch.Tensor:
+    """float32 x [M, K] as the kernels see it: each block of 32 rounded to multiples of max|x| / 127.
+    (x with these activations) @ dequantize_packed(W)^T is what quant_linear computes, up to float
+    rounding: the kernels' exact reference."""
+    blocks = x.float().reshape(x.shape[0], -1, BLOCK)
+    largest = blocks.abs().amax(dim=-1, keepdim=True)
+    inverse = torch.where(largest > 0, 127.0 / largest, torch.zeros_like(largest))
+    return (torch.round(blocks * inverse) * (largest / 127.0)).reshape(x.shape)
+
+
+def _quant_agrees(library: ctypes.CDLL) -> bool:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 64, generator=generator)
+    weight = torch.randn(21, 64, generator=generator)
+    nibbles = torch.randint(0, 16, (21, 64), dtype=torch.uint8, generator=generator).numpy()
+    scales = np.full((21, 2), 0.25, dtype=np.float16)
+    for packed in (pack(from_dense_q8(weight.numpy())), pack(CodeBlocks(nibbles, scales, -2 * scales, 4))):
+        reference = quantized_activations(x) @ dequantize_packed(packed).t()
+        if not torch.allclose(_gemm(library, x, packed, None), reference, atol=1e-3, rtol=1e-4):
+            return False
+    return True

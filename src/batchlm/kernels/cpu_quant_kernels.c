@@ -1,0 +1,293 @@
+/* Quantized-weight matmuls for x86-64 CPUs, built at run time by batchlm/kernels/cpu_quant.py.
+ *
+ * Weights stay quantized: every 32 consecutive inputs of an output row form a block of unsigned codes u
+ * (8-bit "w8" or 4-bit "w4") with a float16 scale s and bias b, w = s * u + b. GGUF's Q8_0, Q4_0, Q4_1,
+ * Q5_0, Q5_1 and Q4_K all map onto these two without loss (see quant_blocks.py).
+ *
+ * Activations are quantized per block of 32 to int8 (x ~ d * q, as llama.cpp's q8 activation blocks),
+ * so a block's contribution to an output is an integer dot product:
+ *     sum_k w_k x_k = d * (s * sum_k u_k q_k + b * sum_k q_k).
+ *
+ * Layout: 16 output rows form a panel, one contiguous stream. Per 32-input block, a panel holds 64
+ * bytes of 16 scales and 16 biases (float16), then the codes arranged so that each 32-bit lane of a
+ * 64-byte vector is 4 consecutive codes of one row: w8 has 8 such vectors (k = 4g .. 4g + 3 in vector
+ * g), w4 packs two into one (vector h: low nibbles k = 4h .., high nibbles k = 16 + 4h ..). A broadcast
+ * of 4 activation codes then meets 16 rows in one u8 x s8 dot-product instruction (VNNI dpbusd), and a
+ * block ends with 16 row sums in one register: no horizontal reductions. Several activation rows reuse
+ * each weight block from registers (prefill); a decode step reads every weight once.
+ *
+ * AVX-512 VNNI where the CPU has it (checked at run time), else AVX2 (maddubs; w8 codes are re-centred
+ * to signed so the 16-bit pair sums cannot saturate).
+ */
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define QPANEL 16
+#define QBLOCK 32
+#define SB_BYTES 64
+#define W8_BYTES 512
+#define W4_BYTES 256
+#define QROWS 4
+/* Activation rows taken over every panel before moving on: their codes stay in this core's cache. */
+#define QROW_BLOCK 64
+
+typedef int32_t __attribute__((may_alias, aligned(1))) unaligned_i32;
+
+static inline long block_bytes(int bits4) { return SB_BYTES + (bits4 ? W4_BYTES : W8_BYTES); }
+
+/* 1 when this CPU (and OS) runs the AVX-512 VNNI path, else 0. */
+int batchlm_quant_has_avx512_vnni(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * Activations: x[M, K] (row stride ldx) -> xq[M, K] int8 (row stride K), xd[M, K/32] the block scales
+ * and xb[M, K/32] = scale * sum of the block's codes. K is a multiple of 32.
+ */
+static inline float hmax256(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+}
+
+static inline int hsum256_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+
+static void quantize_block(const float *x, int8_t *q, float *d_out, float *b_out) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 v[4];
+    __m256 amax = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) {
+        v[i] = _mm256_loadu_ps(x + 8 * i);
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+    }
+    const float m = hmax256(amax);
+    const float inv = m > 0.0f ? 127.0f / m : 0.0f;
+    __m256i c[4];
+    for (int i = 0; i < 4; i++) c[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(inv)));
+    const int sum = hsum256_epi32(_mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3])));
+    /* packs work within 128-bit lanes; the permute puts the 32 codes back in order. */
+    const __m256i w01 = _mm256_packs_epi32(c[0], c[1]);
+    const __m256i w23 = _mm256_packs_epi32(c[2], c[3]);
+    const __m256i b = _mm256_packs_epi16(w01, w23);
+    _mm256_storeu_si256((__m256i *)q, _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    const float d = m / 127.0f;
+    *d_out = d;
+    *b_out = d * (float)sum;
+}
+
+void batchlm_quantize_rows_q8(const float *x, long ldx, int8_t *xq, float *xd, float *xb, long M, long K,
+                              int threads) {
+    const long blocks = K / QBLOCK;
+    const long total = M * blocks;
+    if (threads < 1 || total < 64) threads = 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long i = 0; i < total; i++) {
+        const long m = i / blocks, kb = i % blocks;
+        quantize_block(x + m * ldx + kb * QBLOCK, xq + m * K + kb * QBLOCK, xd + i, xb + i);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * AVX-512 VNNI: R activation rows against one panel (all K/32 blocks).
+ */
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma,avx2")))
+
+AVX512 static inline __attribute__((always_inline)) void panel_rows_512(
+    const int R, const int bits4, const uint8_t *panel, long Kb, const int8_t *xq, long K, const float *xd,
+    const float *xb, const float *bias, float *out, long ldo, long cols) {
+    const long bytes = block_bytes(bits4);
+    const __mmask16 mask = (__mmask16)((1u << cols) - 1u);
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    const __m512 bias_v = bias ? _mm512_maskz_loadu_ps(mask, bias) : _mm512_setzero_ps();
+    __m512 acc[QROWS];
+    for (int r = 0; r < R; r++) acc[r] = bias_v;
+    for (long kb = 0; kb < Kb; kb++) {
+        const uint8_t *blk = panel + kb * bytes;
+        const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
+        const __m512 b = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 32)));
+        __m512i w[8];
+        if (bits4) {
+            for (int h = 0; h < 4; h++) {
+                const __m512i v = _mm512_loadu_si512(blk + SB_BYTES + 64 * h);
+                w[h] = _mm512_and_si512(v, low4);
+                w[h + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+            }
+        } else {
+            for (int g = 0; g < 8; g++) w[g] = _mm512_loadu_si512(blk + SB_BYTES + 64 * g);
+        }
+        for (int r = 0; r < R; r++) {
+            const unaligned_i32 *x4 = (const unaligned_i32 *)(xq + r * K + kb * QBLOCK);
+            __m512i dot = _mm512_setzero_si512();
+            for (int g = 0; g < 8; g++) dot = _mm512_dpbusd_epi32(dot, w[g], _mm512_set1_epi32(x4[g]));
+            const long at = r * Kb + kb;
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s, _mm512_set1_ps(xd[at])), acc[r]);
+            acc[r] = _mm512_fmadd_ps(b, _mm512_set1_ps(xb[at]), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) _mm512_mask_storeu_ps(out + r * ldo, mask, acc[r]);
+}
+
+AVX512 static void panel_all_rows_512(int bits4, const uint8_t *panel, long Kb, const int8_t *xq, long K,
+                                      const float *xd, const float *xb, const float *bias, float *out,
+                                      long ldo, long M, long cols) {
+    for (long m = 0; m < M; m += QROWS) {
+        const long rows = M - m < QROWS ? M - m : QROWS;
+        const int8_t *q = xq + m * K;
+        const float *d = xd + m * Kb, *b = xb + m * Kb;
+        float *o = out + m * ldo;
+        switch (rows) {
+            case 4: panel_rows_512(4, bits4, panel, Kb, q, K, d, b, bias, o, ldo, cols); break;
+            case 3: panel_rows_512(3, bits4, panel, Kb, q, K, d, b, bias, o, ldo, cols); break;
+            case 2: panel_rows_512(2, bits4, panel, Kb, q, K, d, b, bias, o, ldo, cols); break;
+            default: panel_rows_512(1, bits4, panel, Kb, q, K, d, b, bias, o, ldo, cols); break;
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * AVX2: one activation row against one panel, as two halves of 8 output rows. maddubs adds pairs of
+ * u8 x s8 products into int16; w8 codes (up to 255) are re-centred to signed (c - 128) and multiplied
+ * through the sign trick, so each pair stays within 2 * 128 * 127.
+ */
+static inline __m256i dot_quad_avx2(__m256i w, __m256i x, int bits4) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    if (bits4) return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
+    const __m256i centred = _mm256_xor_si256(w, _mm256_set1_epi8((char)0x80));
+    const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(centred), _mm256_sign_epi8(x, centred));
+    return _mm256_madd_epi16(pairs, ones);
+}
+
+static void panel_row_avx2(int bits4, const uint8_t *panel, long Kb, const int8_t *xq, const float *xd,
+                           const float *xb, const float *bias, float *out, long cols) {
+    const long bytes = block_bytes(bits4);
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    float result[QPANEL];
+    for (int half = 0; half < 2; half++) {
+        __m256 acc = _mm256_setzero_ps();
+        for (long kb = 0; kb < Kb; kb++) {
+            const uint8_t *blk = panel + kb * bytes;
+            const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16 * half)));
+            __m256 b = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 32 + 16 * half)));
+            /* w8's signed products miss 128 * sum(q) per block: fold it into the bias. */
+            if (!bits4) b = _mm256_fmadd_ps(s, _mm256_set1_ps(128.0f), b);
+            const unaligned_i32 *x4 = (const unaligned_i32 *)(xq + kb * QBLOCK);
+            __m256i dot = _mm256_setzero_si256();
+            for (int g = 0; g < 8; g++) {
+                __m256i w;
+                if (bits4) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(blk + SB_BYTES + 64 * (g & 3) + 32 * half));
+                    w = g < 4 ? _mm256_and_si256(v, low4) : _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                } else {
+                    w = _mm256_loadu_si256((const __m256i *)(blk + SB_BYTES + 64 * g + 32 * half));
+                }
+                dot = _mm256_add_epi32(dot, dot_quad_avx2(w, _mm256_set1_epi32(x4[g]), bits4));
+            }
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s, _mm256_set1_ps(xd[kb])), acc);
+            acc = _mm256_fmadd_ps(b, _mm256_set1_ps(xb[kb]), acc);
+        }
+        _mm256_storeu_ps(result + 8 * half, acc);
+    }
+    for (long j = 0; j < cols; j++) out[j] = result[j] + (bias ? bias[j] : 0.0f);
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * out[M, N] (row stride ldo) = x @ W^T (+ bias[N] or NULL), x given as batchlm_quantize_rows_q8's
+ * output, W as ceil(N/16) panels of K/32 blocks. `avx512` picks the VNNI path (only where
+ * batchlm_quant_has_avx512_vnni() said so). Threads split the panels.
+ */
+void batchlm_quant_gemm(const uint8_t *w, int bits4, const int8_t *xq, const float *xd, const float *xb,
+                        const float *bias, float *out, long ldo, long M, long N, long K, int threads,
+                        int avx512) {
+    const long Kb = K / QBLOCK;
+    const long panels = (N + QPANEL - 1) / QPANEL;
+    const long panel_bytes = Kb * block_bytes(bits4);
+    if (threads < 1) threads = 1;
+    if (threads > panels) threads = (int)panels;
+#pragma omp parallel num_threads(threads)
+    {
+        const long team = omp_get_num_threads(), me = omp_get_thread_num();
+        const long first = panels * me / team, last = panels * (me + 1) / team;
+        for (long m0 = 0; m0 < M; m0 += QROW_BLOCK) {
+            const long rows = M - m0 < QROW_BLOCK ? M - m0 : QROW_BLOCK;
+            for (long p = first; p < last; p++) {
+                const long n = p * QPANEL;
+                const long cols = N - n < QPANEL ? N - n : QPANEL;
+                const uint8_t *panel = w + p * panel_bytes;
+                const float *bias_p = bias ? bias + n : 0;
+                if (avx512) {
+                    panel_all_rows_512(bits4, panel, Kb, xq + m0 * K, K, xd + m0 * Kb, xb + m0 * Kb, bias_p,
+                                       out + m0 * ldo + n, ldo, rows, cols);
+                    continue;
+                }
+                for (long m = m0; m < m0 + rows; m++)
+                    panel_row_avx2(bits4, panel, Kb, xq + m * K, xd + m * Kb, xb + m * Kb, bias_p,
+                                   out + m * ldo + n, cols);
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * Rows of W in float32 (an embedding lookup on the quantized table): out[t, :] = W[ids[t], :].
+ */
+void batchlm_quant_rows(const uint8_t *w, int bits4, const int64_t *ids, long T, float *out, long ldo, long K) {
+    const long Kb = K / QBLOCK;
+    const long bytes = block_bytes(bits4);
+    for (long t = 0; t < T; t++) {
+        const long n = ids[t], j = n % QPANEL;
+        const uint8_t *panel = w + (n / QPANEL) * Kb * bytes;
+        float *o = out + t * ldo;
+        for (long kb = 0; kb < Kb; kb++) {
+            const uint8_t *blk = panel + kb * bytes;
+            uint16_t half_s, half_b;
+            memcpy(&half_s, blk + 2 * j, 2);
+            memcpy(&half_b, blk + 32 + 2 * j, 2);
+            const float s = _cvtsh_ss(half_s), b = _cvtsh_ss(half_b);
+            const uint8_t *codes = blk + SB_BYTES + 4 * j;
+            for (int k = 0; k < QBLOCK; k++) {
+                int u;
+                if (bits4)
+                    u = k < 16 ? codes[64 * (k / 4) + k % 4] & 15 : codes[64 * ((k - 16) / 4) + k % 4] >> 4;
+                else
+                    u = codes[64 * (k / 4) + k % 4];
+                o[kb * QBLOCK + k] = s * (float)u + b;
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * The whole linear in one call (one crossing from Python per layer): quantize x[M, K] (row stride ldx)
+ * into scratch owned by the calling thread, then batchlm_quant_gemm.
+ */
+static __thread void *scratch = 0;
+static __thread size_t scratch_bytes = 0;
+
+int batchlm_quant_linear(const float *x, long ldx, const uint8_t *w, int bits4, const float *bias, float *out,
+                         long M, long N, long K, int threads, int avx512) {
+    const long Kb = K / QBLOCK;
+    const size_t codes = (size_t)M * K, need = codes + 2 * (size_t)M * Kb * sizeof(float) + 64;
+    if (need > scratch_bytes) {
+        free(scratch);
+        scratch = malloc(need);
+        scratch_bytes = scratch ? need : 0;
+        if (!scratch) return -1;
+    }
+    int8_t *xq = (int8_t *)scratch;
+    float *xd = (float *)(((uintptr_t)scratch + codes + 63) & ~(uintptr_t)63);
+    float *xb = xd + M * Kb;
+    batchlm_quantize_rows_q8(x, ldx, xq, xd, xb, M, K, threads);
+    batchlm_quant_gemm(w, bits4, xq, xd, xb, bias, out, N, M, N, K, threads, avx512);
+    return 0;
+}

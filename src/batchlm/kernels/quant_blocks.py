@@ -1,0 +1,132 @@
+"""GGUF quantized blocks (and dense float weights) as per-32 blocks of unsigned codes with a float16
+scale and bias, w = scale * code + bias: the form the quantized CPU kernels run (cpu_quant.py).
+
+Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 map exactly (their scales are float16 already). Q4_K's per-sub-block
+scale d * sc and offset dmin * m are products of a float16 and a 6-bit integer, rounded here to
+float16 (relative error <= 2^-11, far below the 4-bit step). Pure numpy: no torch, no gguf import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+BLOCK = 32
+# Bytes per block (per super-block of 256 for Q4_K) of each GGUF type read here.
+GGUF_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q4_K": 144}
+GGUF_BLOCK_SIZE = {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q4_K": 256}
+
+
+@dataclass(frozen=True)
+class CodeBlocks:
+    """A [rows, cols] weight as codes [rows, cols] uint8 (< 16 when bits == 4), scales and biases
+    [rows, cols / 32] float16: w[r, c] = scales[r, c // 32] * codes[r, c] + biases[r, c // 32]."""
+
+    codes: np.ndarray
+    scales: np.ndarray
+    biases: np.ndarray
+    bits: int  # 8 or 4
+
+
+def supported(type_name: str) -> bool:
+    return type_name in GGUF_BLOCK_BYTES
+
+
+def from_gguf(type_name: str, raw: np.ndarray, rows: int, cols: int) -> CodeBlocks:
+    """The code blocks of a GGUF tensor of `type_name` whose data is `raw` (uint8, rows * row bytes)."""
+    if cols % GGUF_BLOCK_SIZE[type_name]:
+        raise ValueError(f"{type_name} rows of {cols} values are not whole blocks")
+    per_row = cols // GGUF_BLOCK_SIZE[type_name]
+    blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(rows * per_row, GGUF_BLOCK_BYTES[type_name])
+    decode = _DECODERS[type_name]
+    codes, scales, biases, bits = decode(blocks)
+    return CodeBlocks(codes.reshape(rows, cols), scales.reshape(rows, -1), biases.reshape(rows, -1), bits)
+
+
+def from_dense_q8(weight: np.ndarray) -> CodeBlocks:
+    """Q8_0 quantization of a float [rows, cols] weight (cols a multiple of 32), as llama.cpp does it:
+    per block d = max |w| / 127, codes round(w / d) (halves away from zero) + 128, scale float16(d)."""
+    rows, cols = weight.shape
+    blocks = weight.astype(np.float32).reshape(rows, cols // BLOCK, BLOCK)
+    d = (np.abs(blocks).max(axis=-1, keepdims=True) / 127).astype(np.float32)
+    inverse = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d > 0)
+    scaled = blocks * inverse
+    codes = np.sign(scaled) * np.floor(np.abs(scaled) + 0.5) + 128
+    scales = d[..., 0].astype(np.float16)
+    return CodeBlocks(codes.astype(np.uint8).reshape(rows, cols), scales, _offset(scales, -128.0), 8)
+
+
+def dequantize(blocks: CodeBlocks) -> np.ndarray:
+    """float32 [rows, cols] values of the blocks (the reference for the kernels)."""
+    rows, cols = blocks.codes.shape
+    codes = blocks.codes.reshape(rows, cols // BLOCK, BLOCK).astype(np.float32)
+    scales = blocks.scales.astype(np.float32)[..., None]
+    return (codes * scales + blocks.biases.astype(np.float32)[..., None]).reshape(rows, cols)
+
+
+def _offset(scales: np.ndarray, times: float) -> np.ndarray:
+    # times is a power of two or small integer, so float16 holds scale * times exactly (no overflow
+    # for GGUF scales, which are float16 already).
+    return (scales.astype(np.float32) * times).astype(np.float16)
+
+
+def _halves(blocks: np.ndarray, at: int) -> np.ndarray:
+    return blocks[:, at : at + 2].copy().view(np.float16)[:, 0]
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """[n, 16] bytes -> [n, 32] codes: low nibbles are values 0..15, high nibbles 16..31."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
+
+
+def _high_bits(qh_bytes: np.ndarray) -> np.ndarray:
+    """[n, 4] bytes of a little-endian uint32 -> [n, 32] bits (bit j of value j)."""
+    return np.unpackbits(qh_bytes, axis=1, bitorder="little")
+
+
+def _q8_0(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    scales = _halves(blocks, 0)
+    codes = (blocks[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+    return codes, scales, _offset(scales, -128.0), 8
+
+
+def _q4_0(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    scales = _halves(blocks, 0)
+    return _nibbles(blocks[:, 2:]), scales, _offset(scales, -8.0), 4
+
+
+def _q4_1(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    return _nibbles(blocks[:, 4:]), _halves(blocks, 0), _halves(blocks, 2), 4
+
+
+def _q5_0(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    scales = _halves(blocks, 0)
+    codes = _nibbles(blocks[:, 6:]) | (_high_bits(blocks[:, 2:6]) << 4)
+    return codes, scales, _offset(scales, -16.0), 8
+
+
+def _q5_1(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    codes = _nibbles(blocks[:, 8:]) | (_high_bits(blocks[:, 4:8]) << 4)
+    return codes, _halves(blocks, 0), _halves(blocks, 2), 8
+
+
+def _q4_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Super-blocks of 8 sub-blocks of 32: 6-bit scales sc and mins m, w = d * sc * q - dmin * m."""
+    d = _halves(blocks, 0).astype(np.float32)[:, None]
+    dmin = _halves(blocks, 2).astype(np.float32)[:, None]
+    packed = blocks[:, 4:16].astype(np.uint8)
+    sc = np.empty((len(blocks), 8), dtype=np.uint8)
+    mins = np.empty((len(blocks), 8), dtype=np.uint8)
+    sc[:, :4] = packed[:, 0:4] & 63
+    mins[:, :4] = packed[:, 4:8] & 63
+    sc[:, 4:] = (packed[:, 8:12] & 0x0F) | ((packed[:, 0:4] >> 6) << 4)
+    mins[:, 4:] = (packed[:, 8:12] >> 4) | ((packed[:, 4:8] >> 6) << 4)
+    qs = blocks[:, 16:].reshape(-1, 4, 32)  # 4 chunks of 64 values: low nibbles, then high nibbles
+    codes = np.stack([qs & 0x0F, qs >> 4], axis=2).reshape(-1, 256)
+    scales = (d * sc).astype(np.float16)
+    biases = (-dmin * mins).astype(np.float16)
+    return codes, scales, biases, 4
+
+
+_DECODERS = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q4_K": _q4_k}

@@ -1,0 +1,134 @@
+"""What every weight format implements: the LinearMethod interface and the tensors it is handed.
+
+A layer (linear, token embedding, LM head) owns its sizes and its tensor-parallel split; its method
+owns how the weight is stored and multiplied. The loader hands a method either a dense tensor or a
+QuantizedTensor (a GGUF tensor kept as its raw blocks), always with the rows it goes to.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from batchlm.layers.quantization.layer import MethodLayer
+
+
+@dataclass(frozen=True)
+class RowSlice:
+    """Where one HF tensor's rows go: rows [src_start, src_start + rows) of a tensor with
+    `full_rows` rows are copied to rows [dst_start, dst_start + rows) of this rank's parameter."""
+
+    full_rows: int
+    src_start: int
+    rows: int
+    dst_start: int
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """A block-quantized [rows, cols] matrix as its raw bytes: `data` is uint8 [rows, row_bytes].
+
+    Each row is an independent byte string (blocks never span rows), so row ranges (fused q/k/v and
+    gate/up shards, column-parallel splits) are plain slices; column ranges must fall on block edges.
+    `qtype` is the GGML type name (e.g. "Q4_K").
+    """
+
+    qtype: str
+    data: torch.Tensor
+    cols: int
+    # Elements and bytes per block of `qtype`.
+    block_size: int
+    block_bytes: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.data.shape[0], self.cols))
+
+    def narrow_rows(self, start: int, length: int) -> QuantizedTensor:
+        return QuantizedTensor(
+            self.qtype, self.data.narrow(0, start, length), self.cols, self.block_size, self.block_bytes
+        )
+
+    def narrow_cols(self, start: int, length: int) -> QuantizedTensor:
+        """Columns [start, start + length) of every row; both must be multiples of the block size."""
+        if start % self.block_size or length % self.block_size:
+            raise ValueError(
+                f"a {self.qtype} tensor splits only on {self.block_size}-column blocks; "
+                f"columns {start}..{start + length} do not (choose another tensor-parallel size)"
+            )
+        first, count = start // self.block_size, length // self.block_size
+        data = self.data.narrow(1, first * self.block_bytes, count * self.block_bytes)
+        return QuantizedTensor(self.qtype, data, length, self.block_size, self.block_bytes)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The [rows, cols] values in `dtype` (computed in float32 by the gguf package's reference code)."""
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        values = dequantize(self.data.contiguous().numpy(), GGMLQuantizationType[self.qtype])
+        return torch.from_numpy(values.reshape(self.shape)).to(dtype)
+
+
+# What the loader hands a layer: a dense tensor or a quantized one.
+LoadedWeight = torch.Tensor | QuantizedTensor
+
+
+def as_dense(loaded: LoadedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The tensor's values as a dense tensor (dequantized when quantized)."""
+    return loaded.dequantize(dtype) if isinstance(loaded, QuantizedTensor) else loaded
+
+
+def narrow_cols(loaded: LoadedWeight, start: int, length: int) -> LoadedWeight:
+    """Columns [start, start + length): whole blocks of a quantized tensor stay quantized; a split inside
+    blocks (e.g. 256-value K-quant blocks over few columns per rank) comes back dequantized (float32)."""
+    if not isinstance(loaded, QuantizedTensor):
+        return loaded.narrow(1, start, length)
+    if start % loaded.block_size or length % loaded.block_size:
+        return loaded.dequantize().narrow(1, start, length)
+    return loaded.narrow_cols(start, length)
+
+
+def narrow_rows(loaded: LoadedWeight, start: int, length: int) -> LoadedWeight:
+    if isinstance(loaded, QuantizedTensor):
+        return loaded.narrow_rows(start, length)
+    return loaded.narrow(0, start, length)
+
+
+class LinearMethod(ABC):
+    """How one layer's [rows, cols] weight is stored, loaded and applied.
+
+    Methods are stateless: what they create lives on the layer (as parameters, buffers or plain
+    attributes), so one method object serves every layer that uses it. The layer calls, in order:
+    create_weights once (again when the method is swapped), load_rows once per checkpoint shard,
+    process_after_loading once the weights are final (after any LoRA merge), then apply/embed.
+    """
+
+    @abstractmethod
+    def create_weights(
+        self, layer: MethodLayer, rows: int, cols: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        """Create the layer's (still empty) storage for a [rows, cols] weight."""
+
+    @abstractmethod
+    def load_rows(self, layer: MethodLayer, name: str, loaded: LoadedWeight, where: RowSlice) -> None:
+        """Copy rows `where` of checkpoint tensor `name` (already cut to this rank's columns)."""
+
+    def process_after_loading(self, layer: MethodLayer) -> bool:
+        """Turn the loaded weight into the form apply() wants; True when that changed anything."""
+        return False
+
+    @abstractmethod
+    def apply(self, layer: MethodLayer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x [T, cols] @ W^T (+ bias) -> [T, rows]."""
+
+    @abstractmethod
+    def embed(self, layer: MethodLayer, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of the weight, [T] -> [T, cols] (token embeddings)."""
+
+    def share_weights(self, source: MethodLayer, target: MethodLayer) -> None:
+        """Make `target` use `source`'s weight storage (a tied LM head and its embedding)."""
+        target.weight = source.weight

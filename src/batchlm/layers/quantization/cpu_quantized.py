@@ -1,0 +1,116 @@
+"""Quantized weights that stay quantized on x86-64 CPUs: GGUF blocks (and, with --quantization int8,
+dense checkpoints quantized to Q8_0 at load) run through our integer-dot-product kernels
+(kernels/cpu_quant.py) for linears and the LM head; the token embedding looks rows up in the same
+packed data, so a tied LM head and its embedding hold one copy.
+
+As shards load, each becomes per-32 code blocks (quant_blocks.py): Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and
+Q4_K exactly; other GGML types (Q6_K, Q5_K, Q2_K, Q3_K) and dense tensors are requantized to Q8_0
+from their float values (8-bit blocks add an error about 1/4 of a Q6_K step). A fused layer (q/k/v,
+gate/up) whose shards are all 4-bit keeps 4-bit codes; otherwise its 4-bit shards widen to 8 bits,
+losslessly. Once loading is done the blocks are packed into the kernels' panel layout.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+from batchlm.kernels import quant_blocks
+from batchlm.kernels.cpu_quant import QuantizedWeight, pack, quant_library, quant_linear, quant_rows
+from batchlm.kernels.quant_blocks import BLOCK, CodeBlocks
+from batchlm.layers.quantization.base import LinearMethod, LoadedWeight, QuantizedTensor, RowSlice
+
+if TYPE_CHECKING:
+    from batchlm.layers.quantization.layer import MethodLayer
+
+
+class QuantizedStore:
+    """One weight's code blocks while it loads, then its packed form. Shared by reference between a
+    tied LM head and its embedding (whichever finishes first packs it for both)."""
+
+    def __init__(self, rows: int, cols: int) -> None:
+        if cols % BLOCK:
+            raise ValueError(f"quantized CPU weights need a multiple of {BLOCK} inputs, not {cols}")
+        self.rows, self.cols = rows, cols
+        self.codes = np.zeros((rows, cols), dtype=np.uint8)
+        self.scales = np.zeros((rows, cols // BLOCK), dtype=np.float16)
+        self.biases = np.zeros((rows, cols // BLOCK), dtype=np.float16)
+        self.all_four_bit = True
+        self.packed: QuantizedWeight | None = None
+
+    def put(self, start: int, blocks: CodeBlocks) -> None:
+        end = start + blocks.codes.shape[0]
+        self.codes[start:end] = blocks.codes
+        self.scales[start:end] = blocks.scales
+        self.biases[start:end] = blocks.biases
+        self.all_four_bit &= blocks.bits == 4
+
+    def finish(self) -> QuantizedWeight:
+        """The packed weight (packed on the first call; the load-time arrays are released)."""
+        if self.packed is None:
+            bits = 4 if self.all_four_bit else 8
+            self.packed = pack(CodeBlocks(self.codes, self.scales, self.biases, bits))
+            del self.codes, self.scales, self.biases
+        return self.packed
+
+
+def code_blocks(loaded: LoadedWeight) -> CodeBlocks:
+    """A loaded tensor's rows as code blocks: exact for the GGUF types the kernels read, Q8_0 of the
+    float values otherwise."""
+    if isinstance(loaded, QuantizedTensor):
+        rows = loaded.shape[0]
+        if quant_blocks.supported(loaded.qtype):
+            return quant_blocks.from_gguf(loaded.qtype, loaded.data.contiguous().numpy(), rows, loaded.cols)
+        return quant_blocks.from_dense_q8(loaded.dequantize(torch.float32).numpy())
+    return quant_blocks.from_dense_q8(loaded.detach().float().cpu().numpy())
+
+
+class CpuQuantizedLinearMethod(LinearMethod):
+    """Weights as QuantizedStore (layer.quantized); `weight` is left an empty [0, cols] parameter."""
+
+    def create_weights(
+        self, layer: MethodLayer, rows: int, cols: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        setattr(layer, "quantized", QuantizedStore(rows, cols))  # noqa: B010 (a plain attribute, not a tensor)
+        layer.weight = nn.Parameter(torch.empty(0, cols, dtype=dtype, device=device), requires_grad=False)
+        layer.packed = None
+        layer.onednn_weight = None
+
+    def load_rows(self, layer: MethodLayer, name: str, loaded: LoadedWeight, where: RowSlice) -> None:
+        if isinstance(loaded, QuantizedTensor):
+            part: LoadedWeight = loaded.narrow_rows(where.src_start, where.rows)
+        else:
+            part = loaded.narrow(0, where.src_start, where.rows)
+        store(layer).put(where.dst_start, code_blocks(part))
+
+    def process_after_loading(self, layer: MethodLayer) -> bool:
+        store(layer).finish()
+        return True
+
+    def apply(self, layer: MethodLayer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        out = quant_linear(x, store(layer).finish(), bias)
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+    def embed(self, layer: MethodLayer, ids: torch.Tensor) -> torch.Tensor:
+        rows = quant_rows(store(layer).finish(), ids)
+        return rows if layer.params_dtype == torch.float32 else rows.to(layer.params_dtype)
+
+    def share_weights(self, source: MethodLayer, target: MethodLayer) -> None:
+        setattr(target, "quantized", store(source))  # noqa: B010
+        target.weight = source.weight
+
+
+def store(layer: MethodLayer) -> QuantizedStore:
+    quantized = layer.__dict__.get("quantized")
+    assert isinstance(quantized, QuantizedStore), "the layer's weights were not created by this method"
+    return quantized
+
+
+CPU_QUANTIZED = CpuQuantizedLinearMethod()
+
+
+def kernels_available() -> bool:
+    return quant_library() is not None

@@ -1,0 +1,72 @@
+"""Which LinearMethod a layer gets: one decision from the checkpoint format, the layer's tensor types
+and the device, made by the first registered chooser that claims it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from batchlm.layers.quantization.base import LinearMethod
+from batchlm.layers.quantization.cpu_quantized import CPU_QUANTIZED, kernels_available
+from batchlm.layers.quantization.dense import DENSE, DEQUANTIZE
+
+# Checkpoint formats the loader knows.
+DENSE_FORMAT = "dense"  # safetensors (or random weights): float tensors
+GGUF_FORMAT = "gguf"  # llama.cpp's files: F32/F16/BF16 tensors or GGML quantized blocks
+# GGML types that are plain floats (every other type is block-quantized).
+FLOAT_QTYPES = frozenset({"F32", "F16", "BF16"})
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """What a chooser sees about one layer: its checkpoint's format, the GGML type of each tensor it
+    loads (one per fused shard; empty for dense checkpoints), its role and where it will run."""
+
+    format: str
+    qtypes: tuple[str, ...]
+    # "linear", "embedding" or "lm_head" (a tied LM head shares the embedding's method and storage).
+    role: str
+    device: torch.device
+    dtype: torch.dtype
+    # --quantization: None (weights as the checkpoint has them) or "int8" (dense weights to Q8_0).
+    quantization: str | None = None
+
+
+# A chooser returns the method it implements for the layer, or None to let the next one decide.
+MethodChooser = Callable[[WeightSpec], LinearMethod | None]
+
+
+def _dense(spec: WeightSpec) -> LinearMethod | None:
+    return DENSE if spec.format == DENSE_FORMAT else None
+
+
+def _cpu_quantized(spec: WeightSpec) -> LinearMethod | None:
+    # Our integer kernels for block-quantized GGUF layers, and for every layer under --quantization
+    # int8, on x86-64 CPUs where the kernels built and passed their probe.
+    if spec.device.type != "cpu":
+        return None
+    quantized_gguf = spec.format == GGUF_FORMAT and any(q not in FLOAT_QTYPES for q in spec.qtypes)
+    if not (quantized_gguf or spec.quantization == "int8") or not kernels_available():
+        return None
+    return CPU_QUANTIZED
+
+
+def _dequantize_gguf(spec: WeightSpec) -> LinearMethod | None:
+    # Every GGUF type without a kernel of ours: dequantized to the model dtype as it loads.
+    return DEQUANTIZE if spec.format == GGUF_FORMAT else None
+
+
+# Tried in order; more specific choosers (kernels for some types on some devices) go first.
+METHOD_CHOOSERS: list[MethodChooser] = [_cpu_quantized, _dense, _dequantize_gguf]
+
+
+def choose_linear_method(spec: WeightSpec) -> LinearMethod:
+    for chooser in METHOD_CHOOSERS:
+        method = chooser(spec)
+        if method is not None:
+            return method
+    raise ValueError(
+        f"no weight method for {spec.format!r} weights of types {list(spec.qtypes)} on {spec.device}"
+    )

@@ -1,0 +1,182 @@
+"""Read a llama.cpp GGUF file: its model config (as an HF config.json dict) and its tensors under HF
+names, quantized ones kept as raw blocks. Parsing is the `gguf` package's (llama.cpp's own)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from batchlm.layers.quantization.base import LoadedWeight, QuantizedTensor
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader, ReaderTensor
+
+# general.architecture -> (HF model_type, HF architecture class).
+GGUF_ARCHITECTURES = {
+    "llama": ("llama", "LlamaForCausalLM"),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+}
+# GGML tensor types we load: floats as they are, block types dequantized or kept by a kernel.
+SUPPORTED_TYPES = frozenset(
+    {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
+)
+_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_BLOCK_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+def open_gguf(path: Path) -> GGUFReader:
+    """The file memory-mapped read-only; ValueError naming it when it is not a GGUF file."""
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(str(path), "r")
+    except Exception as err:  # the reader raises ValueError, struct errors, ... on a damaged file
+        raise ValueError(f"{path} is not a readable GGUF file: {err}") from err
+
+
+def metadata(reader: GGUFReader, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def hf_tensor_name(gguf_name: str) -> str:
+    """The HF checkpoint name of a GGUF tensor; ValueError naming a tensor we have no place for."""
+    stem, _, kind = gguf_name.rpartition(".")
+    if stem in _GLOBAL_NAMES and kind in ("weight", "bias"):
+        return f"{_GLOBAL_NAMES[stem]}.{kind}"
+    match = _BLOCK_TENSOR.fullmatch(gguf_name)
+    if match and match.group(2) in _BLOCK_NAMES:
+        layer, part, kind = match.groups()
+        return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"
+    raise ValueError(f"unsupported GGUF tensor {gguf_name!r}: batchlm has no place for it in the model")
+
+
+def check_supported(reader: GGUFReader, path: Path) -> str:
+    """The file's architecture, after checking it and every tensor's type are ones we load."""
+    arch = str(metadata(reader, "general.architecture", ""))
+    if arch not in GGUF_ARCHITECTURES:
+        raise ValueError(
+            f"{path}: unsupported GGUF architecture {arch!r}; batchlm loads {', '.join(sorted(GGUF_ARCHITECTURES))}"
+        )
+    for tensor in reader.tensors:
+        if tensor.tensor_type.name not in SUPPORTED_TYPES:
+            raise ValueError(
+                f"{path}: tensor {tensor.name!r} has GGML type {tensor.tensor_type.name}, which batchlm does not "
+                f"load (supported: {', '.join(sorted(SUPPORTED_TYPES))})"
+            )
+        hf_tensor_name(tensor.name)
+    return arch
+
+
+def _round_float32(value: Any) -> float:
+    # GGUF stores float32: 1e-05 reads back as 9.99999974e-06; keep the value the converter was given.
+    return float(str(np.float32(value)))
+
+
+def hf_config(reader: GGUFReader, path: Path) -> dict[str, Any]:
+    """config.json for the file's model (sizes, RoPE, norm epsilon, tying, special token ids)."""
+    arch = check_supported(reader, path)
+    model_type, architecture = GGUF_ARCHITECTURES[arch]
+    heads = int(metadata(reader, f"{arch}.attention.head_count"))
+    hidden = int(metadata(reader, f"{arch}.embedding_length"))
+    embedding_rows = next(int(t.shape[-1]) for t in reader.tensors if t.name == "token_embd.weight")
+    config: dict[str, Any] = {
+        "model_type": model_type,
+        "architectures": [architecture],
+        "vocab_size": embedding_rows,
+        "hidden_size": hidden,
+        "intermediate_size": int(metadata(reader, f"{arch}.feed_forward_length")),
+        "num_hidden_layers": int(metadata(reader, f"{arch}.block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(metadata(reader, f"{arch}.attention.head_count_kv", heads)),
+        "head_dim": int(metadata(reader, f"{arch}.attention.key_length", hidden // heads)),
+        "max_position_embeddings": int(metadata(reader, f"{arch}.context_length")),
+        "rms_norm_eps": _round_float32(metadata(reader, f"{arch}.attention.layer_norm_rms_epsilon")),
+        "rope_theta": _round_float32(metadata(reader, f"{arch}.rope.freq_base", 10000.0)),
+        "hidden_act": "silu",
+        "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": metadata(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": metadata(reader, "tokenizer.ggml.eos_token_id"),
+    }
+    if model_type in ("qwen2", "qwen3"):
+        config["use_sliding_window"] = False
+    _check_rope_scaling(reader, arch, path)
+    return config
+
+
+def _check_rope_scaling(reader: GGUFReader, arch: str, path: Path) -> None:
+    scaling = str(metadata(reader, f"{arch}.rope.scaling.type", "none"))
+    if scaling != "none" or any(t.name == "rope_freqs.weight" for t in reader.tensors):
+        raise ValueError(f"{path}: GGUF RoPE scaling ({scaling}, rope_freqs) is not supported yet")
+
+
+def tensor_types(reader: GGUFReader) -> dict[str, str]:
+    """HF tensor name -> GGML type name, for choosing each layer's weight method before loading."""
+    return {hf_tensor_name(t.name): t.tensor_type.name for t in reader.tensors}
+
+
+def iter_gguf_tensors(reader: GGUFReader) -> Iterator[tuple[str, LoadedWeight]]:
+    """(HF name, tensor) for every tensor: F32/F16/BF16 as dense CPU tensors, block types as
+    QuantizedTensor. Llama q/k rows are put back in HF order (see unpermute_rows)."""
+    arch = str(metadata(reader, "general.architecture", ""))
+    heads = int(metadata(reader, f"{arch}.attention.head_count", 0))
+    kv_heads = int(metadata(reader, f"{arch}.attention.head_count_kv", heads))
+    for tensor in reader.tensors:
+        name = hf_tensor_name(tensor.name)
+        loaded = _as_loaded(tensor)
+        if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
+            loaded = unpermute_rows(loaded, heads)
+        elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
+            loaded = unpermute_rows(loaded, kv_heads)
+        yield name, loaded
+
+
+def _as_loaded(tensor: ReaderTensor) -> LoadedWeight:
+    from gguf import GGML_QUANT_SIZES
+
+    qtype = tensor.tensor_type
+    data = torch.from_numpy(np.array(tensor.data))  # a copy: the mapping is read-only
+    if qtype.name in ("F32", "F16"):
+        return data
+    if qtype.name == "BF16":
+        return data.view(torch.bfloat16)
+    block_size, block_bytes = GGML_QUANT_SIZES[qtype]
+    return QuantizedTensor(qtype.name, data, int(tensor.shape[0]), block_size, block_bytes)
+
+
+def unpermute_rows(loaded: LoadedWeight, num_heads: int) -> LoadedWeight:
+    """Undo llama.cpp's converter, which reorders each head's q/k rows from HF's rotate-half layout
+    (first halves, then second halves) to interleaved pairs for its RoPE: head h's row 2i + j holds HF
+    row j * d/2 + i. Rows move whole, so quantized rows move as their bytes."""
+    data = loaded.data if isinstance(loaded, QuantizedTensor) else loaded
+    rows = data.shape[0]
+    restored = data.reshape(num_heads, rows // num_heads // 2, 2, *data.shape[1:]).transpose(1, 2)
+    restored = restored.reshape(data.shape)
+    if isinstance(loaded, QuantizedTensor):
+        return QuantizedTensor(loaded.qtype, restored, loaded.cols, loaded.block_size, loaded.block_bytes)
+    return restored

@@ -1,0 +1,103 @@
+"""Serve a GGUF file like a model directory: config.json, generation_config.json and the tokenizer are
+derived from its metadata once into the cache, beside a pointer to the file the weights load from.
+
+The rest of the engine (config view, tokenizer loading in the front end, tensor-parallel workers)
+then reads a model directory as always; only the loader looks at the pointer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from batchlm.config import cache_root
+from batchlm.models.gguf_file import hf_config, metadata, open_gguf
+
+logger = logging.getLogger(__name__)
+
+# The pointer file: {"gguf_file": absolute path}.
+GGUF_SOURCE_FILE = "gguf_source.json"
+# Bump when what is derived changes, so stale cache entries are not reused.
+DERIVED_VERSION = "gguf-v1"
+_DERIVED_FILES = ("config.json", "generation_config.json", "tokenizer.json", GGUF_SOURCE_FILE)
+
+
+def find_gguf_file(path: Path) -> Path | None:
+    """The GGUF file `path` means: the file itself, or the one *.gguf of a directory without
+    safetensors weights; None when it is not a GGUF model. ValueError for several .gguf files."""
+    if path.is_file():
+        return path if path.suffix.lower() == ".gguf" else None
+    if not path.is_dir() or any(path.glob("*.safetensors")):
+        return None
+    found = sorted(path.glob("*.gguf"))
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found)
+        raise ValueError(f"{path} holds several GGUF files ({names}); pass the one to serve")
+    return found[0] if found else None
+
+
+def gguf_source(model_dir: Path) -> Path | None:
+    """The GGUF file a derived model directory loads its weights from, or None for other directories."""
+    pointer = Path(model_dir) / GGUF_SOURCE_FILE
+    if not pointer.is_file():
+        return None
+    return Path(json.loads(pointer.read_text())["gguf_file"])
+
+
+def prepare_gguf_model_dir(gguf_path: Path, cache_dir: Path | None = None) -> Path:
+    """The derived model directory of `gguf_path`, built on first use (atomically: a racing or
+    interrupted build never leaves a half directory under the real name)."""
+    gguf_path = gguf_path.expanduser().resolve()
+    target = Path(cache_dir or cache_root()) / DERIVED_VERSION / f"{gguf_path.stem}-{_file_key(gguf_path)}"
+    if all((target / name).is_file() for name in _DERIVED_FILES):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-building-", dir=target.parent))
+    try:
+        logger.info("reading the model config and tokenizer from %s (once; cached in %s)", gguf_path, target)
+        _write_derived(gguf_path, staging)
+        staging.chmod(0o755)
+        with contextlib.suppress(OSError):  # a concurrent build won the rename: its files are the same
+            staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _file_key(path: Path) -> str:
+    # The path and the file's size and modification time: a replaced file gets a new entry.
+    stat = path.stat()
+    return hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def _write_derived(gguf_path: Path, out: Path) -> None:
+    reader = open_gguf(gguf_path)
+    config = hf_config(reader, gguf_path)
+    _write_json(out / "config.json", config)
+    eos = config["eos_token_id"]
+    _write_json(out / "generation_config.json", {"bos_token_id": config["bos_token_id"], "eos_token_id": eos})
+    if metadata(reader, "tokenizer.ggml.model") is None:
+        raise ValueError(f"{gguf_path} carries no tokenizer (tokenizer.ggml.* metadata)")
+    del reader  # the tokenizer conversion maps the file again
+    _write_tokenizer(gguf_path, out)
+    _write_json(out / GGUF_SOURCE_FILE, {"gguf_file": str(gguf_path)})
+
+
+def _write_tokenizer(gguf_path: Path, out: Path) -> None:
+    # transformers builds a fast tokenizer (and its chat template) from the GGUF metadata.
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    except Exception as err:  # unknown tokenizer models and damaged metadata raise many types
+        raise ValueError(f"could not build a tokenizer from the metadata of {gguf_path}: {err}") from err
+    tokenizer.save_pretrained(str(out))
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")

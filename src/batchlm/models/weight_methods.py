@@ -1,0 +1,52 @@
+"""Give each weight-holding layer of a built model its LinearMethod, before any tensor is loaded."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+
+import torch
+
+from batchlm.layers.embedding import ParallelLMHead
+from batchlm.layers.quantization.layer import MethodLayer
+from batchlm.layers.quantization.registry import WeightSpec, choose_linear_method
+from batchlm.models.base import CausalLM
+from batchlm.models.weights import hf_module_names
+
+
+def assign_weight_methods(
+    model: CausalLM,
+    weight_format: str,
+    qtypes: Mapping[str, str],
+    device: torch.device,
+    dtype: torch.dtype,
+    quantization: str | None = None,
+) -> Counter[str]:
+    """Choose each layer's method from its checkpoint tensors' GGML types (`qtypes`: HF tensor name ->
+    type name; empty for dense checkpoints). A tied LM head then takes its embedding's method and
+    storage again. Returns how many layers got each method (by class name), for the log."""
+    chosen: Counter[str] = Counter()
+    tied_heads: list[ParallelLMHead] = []
+    for path, module in model.named_modules():
+        if not isinstance(module, MethodLayer):
+            continue
+        if isinstance(module, ParallelLMHead) and module.tied_embedding is not None:
+            tied_heads.append(module)
+            continue
+        names = [f"{name}.weight" for name in hf_module_names(model, path)]
+        spec = WeightSpec(
+            weight_format,
+            tuple(qtypes[n] for n in names if n in qtypes),
+            module.role,
+            device,
+            dtype,
+            quantization,
+        )
+        method = choose_linear_method(spec)
+        if method is not module.method:
+            module.set_method(method)
+        chosen[type(method).__name__] += 1
+    for head in tied_heads:
+        assert head.tied_embedding is not None
+        head.tie_to(head.tied_embedding)
+    return chosen

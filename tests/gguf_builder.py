@@ -1,0 +1,185 @@
+"""Write tiny GGUF files the way llama.cpp's converter does, from random-weight HF models (tests only).
+
+`write_tiny_gguf` makes a random Llama, Qwen2 or Qwen3 with the built-in tokenizer (demo.write_model_dir),
+then writes its metadata, tokenizer and tensors with `gguf.GGUFWriter`: llama q/k rows permuted as
+llama.cpp's convert_hf_to_gguf.py does, 1-D tensors in F32, matrices in the asked GGML type. Types
+the gguf package can quantize are quantized from the weights; K-quants (which it only reads) get
+random blocks with small scales, so the model is random either way and the test compares loaders.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
+from gguf.quants import quantize
+from safetensors.torch import load_file
+
+from batchlm.models.demo import write_model_dir
+
+# Every in-dimension is a multiple of 256, the K-quants' block size.
+TINY_GGUF_CONFIG: dict[str, Any] = {
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+}
+# Offsets and values of the float16 scale fields of each K-quant block (d, then dmin where it has one):
+# weights of std ~0.05, dmin chosen so that their mean is near zero (else every row looks alike).
+K_QUANT_SCALES: dict[str, tuple[tuple[int, float], ...]] = {
+    "Q2_K": ((80, 2e-3), (82, 3e-3)),
+    "Q3_K": ((108, 1e-3),),
+    "Q4_K": ((0, 2e-4), (2, 1.5e-3)),
+    "Q5_K": ((0, 1e-4), (2, 1.55e-3)),
+    "Q6_K": ((208, 2e-5),),
+}
+_HF_TO_GGUF = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def write_tiny_gguf(
+    path: Path,
+    model_type: str = "llama",
+    qtype: str = "F32",
+    tied: bool = False,
+    seed: int = 0,
+    overrides: dict[str, Any] | None = None,
+) -> Path:
+    """Write `path` (a .gguf file) and return it; the HF model it came from is in path.parent / "hf"."""
+    hf_dir = write_model_dir(
+        path.parent / "hf",
+        model_type,
+        {**TINY_GGUF_CONFIG, "tie_word_embeddings": tied, **(overrides or {})},
+        seed,
+    )
+    config = json.loads((hf_dir / "config.json").read_text())
+    writer = GGUFWriter(str(path), model_type)
+    _add_model_metadata(writer, model_type, config)
+    _add_tokenizer(writer, hf_dir)
+    rng = np.random.default_rng(seed)
+    for name, tensor in sorted(load_file(str(hf_dir / "model.safetensors")).items()):
+        gguf_name = gguf_tensor_name(name)
+        values = tensor.float().numpy()
+        if model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
+            values = permute_like_llama_cpp(values, heads)
+        _add_tensor(writer, gguf_name, values, qtype if values.ndim == 2 else "F32", rng)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def gguf_tensor_name(hf_name: str) -> str:
+    module, _, kind = hf_name.rpartition(".")
+    if module == "model.embed_tokens":
+        return f"token_embd.{kind}"
+    if module == "model.norm":
+        return f"output_norm.{kind}"
+    if module == "lm_head":
+        return f"output.{kind}"
+    _, _, layer, rest = module.split(".", 3)
+    return f"blk.{layer}.{_HF_TO_GGUF[rest]}.{kind}"
+
+
+def permute_like_llama_cpp(weights: np.ndarray, heads: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's permute: each head's rotate-half rows become interleaved pairs."""
+    rows = weights.shape[0]
+    return (
+        weights.reshape(heads, 2, rows // heads // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
+
+
+def _add_model_metadata(writer: GGUFWriter, arch: str, config: dict[str, Any]) -> None:
+    writer.add_name(f"tiny-{arch}")
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_key_length(config["head_dim"])
+    writer.add_value_length(config["head_dim"])
+    writer.add_rope_dimension_count(config["head_dim"])
+    writer.add_rope_freq_base(config.get("rope_theta", 10000.0))
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_vocab_size(config["vocab_size"])
+
+
+def _add_tokenizer(writer: GGUFWriter, hf_dir: Path) -> None:
+    spec = json.loads((hf_dir / "tokenizer.json").read_text())
+    vocab: dict[str, int] = spec["model"]["vocab"]
+    tokens = sorted(vocab, key=vocab.__getitem__)
+    special = {added["content"] for added in spec["added_tokens"] if added["special"]}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    tokenizer_config = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    generation = json.loads((hf_dir / "generation_config.json").read_text())
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if token in special else 1 for token in tokens])
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(vocab[tokenizer_config["bos_token"]])
+    writer.add_eos_token_id(vocab[tokenizer_config["eos_token"]])
+    writer.add_eot_token_id(generation["eos_token_id"][-1])
+    writer.add_add_bos_token(True)
+    writer.add_chat_template(tokenizer_config["chat_template"])
+
+
+def _add_tensor(
+    writer: GGUFWriter, name: str, values: np.ndarray, qtype: str, rng: np.random.Generator
+) -> None:
+    ggml_type = GGMLQuantizationType[qtype]
+    if qtype == "F32":
+        writer.add_tensor(name, values.astype(np.float32))
+    elif qtype == "F16":
+        writer.add_tensor(name, values.astype(np.float16))
+    elif qtype in K_QUANT_SCALES:
+        writer.add_tensor(name, random_k_quant_blocks(values.shape, qtype, rng), raw_dtype=ggml_type)
+    else:
+        writer.add_tensor(name, quantize(values, ggml_type), raw_dtype=ggml_type)
+
+
+def random_k_quant_blocks(shape: tuple[int, ...], qtype: str, rng: np.random.Generator) -> np.ndarray:
+    """Random bytes for a [rows, cols] K-quant tensor, its float16 scales set small (uint8 [rows, bytes])."""
+    block_size, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
+    rows, cols = shape
+    blocks = rng.integers(0, 256, size=(rows, cols // block_size, block_bytes), dtype=np.uint8)
+    for offset, scale in K_QUANT_SCALES[qtype]:
+        jitter = rng.uniform(0.5, 1.5, size=blocks.shape[:2]).astype(np.float16)
+        blocks[:, :, offset : offset + 2] = (
+            (jitter * np.float16(scale)).astype(np.float16).view(np.uint8).reshape(rows, -1, 2)
+        )
+    return blocks.reshape(rows, -1)
+
+
+def hf_reference(gguf_path: Path) -> torch.nn.Module:
+    """transformers' own GGUF loading of the file (dequantized, float32), for comparisons."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+    ).eval()

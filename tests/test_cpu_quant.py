@@ -1,0 +1,150 @@
+"""The quantized CPU kernels (kernels/cpu_quant_kernels.c via cpu_quant.py) and the GGUF block decoding
+they start from (quant_blocks.py), against gguf's own dequantize and a float32 matmul.
+
+Tolerances: against the dequantized weight times the kernels' block-quantized activations
+(`quantized_activations`) the kernels differ only by float32 rounding (another summation order, and
+scale * dot + bias * sum per block), so by 1e-5 of the sum of the terms' magnitudes; except that
+rarely an activation code lands one step away (x * 127 / max within an ulp of a rounding boundary).
+Against the float activations, each block of x is rounded to 1/254 of its largest magnitude: an
+output's error is a sum of K independent rounding errors, std ~ sqrt(K) * (amax / 254 / sqrt(3)) * |w|,
+well under 1% of the output's spread here; the test allows 2% of the largest output.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from batchlm.kernels import cpu_native, cpu_quant
+from batchlm.kernels.quant_blocks import CodeBlocks, dequantize, from_dense_q8, from_gguf
+
+gguf = pytest.importorskip("gguf")
+needs_kernel = pytest.mark.skipif(cpu_quant.quant_library() is None, reason="no AVX2 CPU or C compiler here")
+RNG = np.random.default_rng(0)
+GGUF_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K"]
+
+
+def random_gguf(type_name: str, rows: int, cols: int) -> np.ndarray:
+    """Random bytes as GGUF blocks of `type_name`, with their float16 scales made small and finite."""
+    qtype = getattr(gguf.GGMLQuantizationType, type_name)
+    block_size, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    blocks = RNG.integers(0, 256, (rows * cols // block_size, block_bytes), dtype=np.uint8)
+    halves = {"Q8_0": 1, "Q4_0": 1, "Q5_0": 1, "Q4_1": 2, "Q5_1": 2, "Q4_K": 2}[type_name]
+    scales = RNG.uniform(-0.02, 0.02, (len(blocks), halves)).astype(np.float16)
+    blocks[:, : 2 * halves] = scales.view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
+def reference(type_name: str, raw: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    qtype = getattr(gguf.GGMLQuantizationType, type_name)
+    return gguf.quants.dequantize(raw, qtype).reshape(rows, cols)
+
+
+@pytest.mark.parametrize("type_name", GGUF_TYPES)
+def test_blocks_decode_like_gguf(type_name: str) -> None:
+    raw = random_gguf(type_name, 5, 512)
+    ours = dequantize(from_gguf(type_name, raw, 5, 512))
+    expected = reference(type_name, raw, 5, 512)
+    # Exact but for Q4_K, whose d * sc products are rounded to float16 (2^-11 relative).
+    tolerance = 2**-11 * np.abs(expected).max() if type_name == "Q4_K" else 0.0
+    assert np.abs(ours - expected).max() <= tolerance
+
+
+def test_dense_q8_matches_gguf_q8_0() -> None:
+    weight = RNG.standard_normal((7, 96)).astype(np.float32)
+    ours = dequantize(from_dense_q8(weight))
+    q8_0 = gguf.quants.quantize(weight, gguf.GGMLQuantizationType.Q8_0)
+    assert np.array_equal(ours, reference("Q8_0", q8_0, 7, 96))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_pack_round_trips(bits: int) -> None:
+    codes = RNG.integers(0, 2**bits, (37, 64), dtype=np.uint8)
+    scales = RNG.uniform(0, 1, (37, 2)).astype(np.float16)
+    blocks = CodeBlocks(codes, scales, -scales, bits)
+    packed = cpu_quant.pack(blocks)
+    assert packed.data.shape == (3, 2, 64 + (512 if bits == 8 else 256))
+    assert torch.equal(cpu_quant.dequantize_packed(packed), torch.from_numpy(dequantize(blocks)))
+
+
+@pytest.fixture(params=["auto", "avx2"])
+def isa(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each kernel test runs on the CPU's best path and on the AVX2 path."""
+    saved = os.environ.get(cpu_quant.ISA_ENV)
+    os.environ[cpu_quant.ISA_ENV] = request.param
+    cpu_quant.use_avx512.cache_clear()
+    yield request.param
+    if saved is None:
+        os.environ.pop(cpu_quant.ISA_ENV)
+    else:
+        os.environ[cpu_quant.ISA_ENV] = saved
+    cpu_quant.use_avx512.cache_clear()
+
+
+@needs_kernel
+@pytest.mark.parametrize("type_name", GGUF_TYPES)
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 70])
+@pytest.mark.parametrize("out_features,in_features", [(16, 256), (37, 512), (5, 1536)])
+def test_matmul_matches_dequantized(
+    isa: str, type_name: str, rows: int, out_features: int, in_features: int
+) -> None:
+    raw = random_gguf(type_name, out_features, in_features)
+    weight = cpu_quant.pack(from_gguf(type_name, raw, out_features, in_features))
+    dense = torch.from_numpy(reference(type_name, raw, out_features, in_features))
+    x = torch.randn(rows, in_features, dtype=torch.float32) * 3
+    bias = torch.randn(out_features)
+    out = cpu_quant.quant_linear(x, weight, bias)
+    assert out.shape == (rows, out_features)
+    activations, dequantized = cpu_quant.quantized_activations(x), cpu_quant.dequantize_packed(weight)
+    exact = activations @ dequantized.t() + bias
+    # float32 rounding of a sum scales with the sum of the magnitudes of its terms
+    tight = 1e-5 * (activations.abs() @ dequantized.abs().t() + bias.abs()) + 1e-6
+    # ... and a product x * (127 / max) one ulp off a rounding boundary moves one code by one step
+    one_step = x.abs().amax() / 127 * dequantized.abs().amax(dim=1)
+    error = (out - exact).abs()
+    assert (error <= tight + one_step).all()
+    float_path = x @ dense.t() + bias
+    assert (out - float_path).abs().max() <= 0.02 * float_path.abs().max()
+
+
+@needs_kernel
+def test_matmul_keeps_leading_dims_and_empty_batches(isa: str) -> None:
+    weight = cpu_quant.pack(from_dense_q8(RNG.standard_normal((19, 64)).astype(np.float32)))
+    assert cpu_quant.quant_linear(torch.randn(2, 3, 64), weight).shape == (2, 3, 19)
+    assert cpu_quant.quant_linear(torch.randn(0, 64), weight).shape == (0, 19)
+
+
+@needs_kernel
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_K", "Q5_1"])
+def test_rows_are_the_dequantized_rows(type_name: str) -> None:
+    raw = random_gguf(type_name, 40, 256)
+    weight = cpu_quant.pack(from_gguf(type_name, raw, 40, 256))
+    ids = torch.tensor([[0, 39], [17, 17]])
+    rows = cpu_quant.quant_rows(weight, ids)
+    assert torch.equal(rows, cpu_quant.dequantize_packed(weight)[ids])
+
+
+def test_disabled_kernels_leave_no_library(monkeypatch: pytest.MonkeyPatch) -> None:
+    caches = (
+        cpu_native.native_library,
+        cpu_quant._raw_library,
+        cpu_quant.quant_library,
+        cpu_quant.use_avx512,
+    )
+    monkeypatch.setenv(cpu_native.DISABLE_ENV, "0")
+    for cached in caches:
+        cached.cache_clear()
+    try:
+        assert cpu_quant.quant_library() is None and not cpu_quant.use_avx512()
+        with pytest.raises(RuntimeError, match="not available"):
+            cpu_quant.quant_linear(
+                torch.randn(1, 32), cpu_quant.pack(from_dense_q8(np.ones((1, 32), np.float32)))
+            )
+    finally:
+        monkeypatch.delenv(cpu_native.DISABLE_ENV)
+        for cached in caches:
+            cached.cache_clear()

@@ -1,0 +1,86 @@
+"""GGUF models and --quantization int8 through the quantized CPU kernels (layers/quantization/
+cpu_quantized.py): which layers take the method, and logits within a stated tolerance of the same
+weights dequantized to float32.
+
+Tolerance: the kernels round each block of 32 activations to 8 bits (1/254 of its largest
+magnitude) before every matmul. On these 2-layer random models that moves the logits by ~1% of the
+largest (Q8_0, Q4_0, Q4_K: 0.8-1.0%; int8: 1.5%; Q6_K, requantized to 8-bit blocks: 2.1%); the tests
+allow 3% and require the same top token wherever the reference's top two are further apart.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from batchlm.kernels.cpu_quant import quant_library
+from batchlm.layers.quantization import registry
+from batchlm.layers.quantization.cpu_quantized import CPU_QUANTIZED
+from batchlm.layers.quantization.layer import MethodLayer
+from batchlm.models.gguf_model_dir import prepare_gguf_model_dir
+from batchlm.models.loader import LoadedModel, load_model
+from batchlm.models.random_model import write_random_model
+from gguf_builder import write_tiny_gguf
+from models_harness import Chunk, make_kv_caches, run_step
+
+pytestmark = pytest.mark.skipif(quant_library() is None, reason="no AVX2 CPU or C compiler here")
+CPU = torch.device("cpu")
+PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11] * 3 + list(range(100, 121))]
+
+
+def _logits(loaded: LoadedModel) -> torch.Tensor:
+    caches = make_kv_caches(loaded, 16)
+    chunks = [Chunk(PROMPTS[0], 0, [0, 1]), Chunk(PROMPTS[1], 0, [2, 3, 4, 5, 6, 7])]
+    return run_step(loaded.model, caches, chunks)
+
+
+def _without_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(registry, "kernels_available", lambda: False)
+
+
+def _methods(loaded: LoadedModel) -> set[str]:
+    return {type(m.method).__name__ for m in loaded.model.modules() if isinstance(m, MethodLayer)}
+
+
+def _assert_close_logits(ours: torch.Tensor, reference: torch.Tensor) -> None:
+    tolerance = 0.03 * reference.abs().max()
+    assert (ours - reference).abs().max() <= tolerance
+    top2 = reference.topk(2, dim=-1).values
+    decided = (top2[:, 0] - top2[:, 1]) > tolerance
+    assert torch.equal(ours.argmax(-1)[decided], reference.argmax(-1)[decided])
+
+
+@pytest.mark.parametrize(
+    ("qtype", "tied"), [("Q8_0", False), ("Q4_0", True), ("Q4_K", True), ("Q6_K", False)]
+)
+def test_gguf_kernels_match_the_dequantized_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, qtype: str, tied: bool
+) -> None:
+    model_dir = prepare_gguf_model_dir(
+        write_tiny_gguf(tmp_path / "tiny.gguf", "llama", qtype, tied), tmp_path / "c"
+    )
+    quantized = load_model(model_dir, torch.float32, CPU, progress=False)
+    assert "CpuQuantizedLinearMethod" in _methods(quantized)
+    _without_kernels(monkeypatch)
+    dequantized = load_model(model_dir, torch.float32, CPU, progress=False)
+    assert "CpuQuantizedLinearMethod" not in _methods(dequantized)
+    _assert_close_logits(_logits(quantized), _logits(dequantized))
+
+
+def test_int8_quantizes_a_dense_checkpoint_at_load(tmp_path: Path) -> None:
+    model_dir = write_random_model(tmp_path, "llama", seed=3)
+    dense = load_model(model_dir, torch.float32, CPU, progress=False)
+    int8 = load_model(model_dir, torch.float32, CPU, progress=False, quantization="int8")
+    layers = [m for m in int8.model.modules() if isinstance(m, MethodLayer)]
+    assert layers and all(m.method is CPU_QUANTIZED for m in layers)
+    _assert_close_logits(_logits(int8), _logits(dense))
+
+
+def test_int8_is_refused_where_it_cannot_apply(tmp_path: Path) -> None:
+    model_dir = write_random_model(tmp_path, "llama", seed=3)
+    with pytest.raises(ValueError, match="random weights"):
+        load_model(model_dir, torch.float32, CPU, random_weights=True, quantization="int8")
+    with pytest.raises(ValueError, match="unknown quantization"):
+        load_model(model_dir, torch.float32, CPU, quantization="fp8")

@@ -1,0 +1,198 @@
+"""GGUF models (models/gguf_file.py, models/gguf_model_dir.py) against transformers loading the same
+file: greedy tokens and logprobs for every tensor type, alone and batched; tokenizer and chat
+template from the metadata; clear errors for what we do not load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFWriter
+
+from batchlm import LLM, SamplingParams
+from batchlm.layers.quantization import registry
+from batchlm.layers.quantization.base import QuantizedTensor
+from batchlm.models.gguf_file import unpermute_rows
+from batchlm.models.gguf_model_dir import find_gguf_file, gguf_source, prepare_gguf_model_dir
+from batchlm.models.loader import LoadedModel, load_model
+from batchlm.tokenizer.tokenizer import Tokenizer
+from gguf_builder import hf_reference, permute_like_llama_cpp, write_tiny_gguf
+from models_harness import (
+    Chunk,
+    greedy_generate,
+    hf_greedy,
+    make_kv_caches,
+    run_ranks,
+    run_step,
+    thread_groups,
+)
+
+CPU = torch.device("cpu")
+PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11] * 3 + list(range(100, 121))]
+NEW_TOKENS = 12
+LOGPROB_ATOL = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def dequantized_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests pin the loader against transformers, so quantized layers take the dequantized path
+    here; the quantized CPU kernels are compared with it in test_cpu_quantized_model.py."""
+    monkeypatch.setattr(registry, "kernels_available", lambda: False)
+
+
+def _load_gguf(gguf_path: Path, cache: Path) -> LoadedModel:
+    return load_model(prepare_gguf_model_dir(gguf_path, cache), torch.float32, CPU, progress=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("model_type", "qtype", "tied"),
+    [
+        ("llama", "F32", False),
+        ("llama", "F16", True),
+        ("llama", "Q8_0", False),
+        ("llama", "Q4_0", True),
+        ("llama", "Q4_1", False),
+        ("llama", "Q5_0", False),
+        ("llama", "Q2_K", False),
+        ("llama", "Q3_K", False),
+        ("llama", "Q4_K", True),
+        ("llama", "Q5_K", False),
+        ("llama", "Q6_K", False),
+        ("qwen2", "Q8_0", False),
+        ("qwen2", "Q4_K", True),
+    ],
+)
+def test_greedy_matches_transformers_on_the_same_gguf(
+    tmp_path: Path, model_type: str, qtype: str, tied: bool
+) -> None:
+    gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf", model_type, qtype, tied, seed=1)
+    loaded = _load_gguf(gguf_path, tmp_path / "cache")
+    assert loaded.model.tie_word_embeddings is tied
+    hf = hf_reference(gguf_path)
+    for prompt in PROMPTS:
+        ours, our_logprobs = greedy_generate(loaded, prompt, NEW_TOKENS)
+        theirs, their_logprobs = hf_greedy(hf, prompt, NEW_TOKENS)
+        assert ours == theirs
+        torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+
+
+def test_qwen3_with_its_q_k_norms_matches_transformers(tmp_path: Path) -> None:
+    # transformers' GGUF reader takes no head_dim from a qwen3 file (its config default, 128, stays).
+    gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf", "qwen3", "Q8_0", True, overrides={"head_dim": 128})
+    loaded = _load_gguf(gguf_path, tmp_path / "cache")
+    ours, our_logprobs = greedy_generate(loaded, PROMPTS[1], NEW_TOKENS)
+    theirs, their_logprobs = hf_greedy(hf_reference(gguf_path), PROMPTS[1], NEW_TOKENS)
+    assert ours == theirs
+    torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+
+
+def test_batched_step_gives_each_prompt_its_own_logits(tmp_path: Path) -> None:
+    loaded = _load_gguf(write_tiny_gguf(tmp_path / "tiny.gguf", "llama", "Q4_K"), tmp_path / "cache")
+    caches = make_kv_caches(loaded, 16)
+    chunks = [Chunk(PROMPTS[0], 0, [0, 1]), Chunk(PROMPTS[1], 0, [2, 3, 4, 5, 6, 7])]
+    batched = run_step(loaded.model, caches, chunks)
+    for chunk, row in zip(chunks, batched, strict=True):
+        alone = run_step(loaded.model, make_kv_caches(loaded, 16), [chunk])[0]
+        torch.testing.assert_close(row, alone, atol=1e-4, rtol=0)
+
+
+def test_tensor_parallel_ranks_equal_one_rank(tmp_path: Path) -> None:
+    # Q4_K's 256-value blocks do not divide o_proj's 128 columns per rank: those split dequantized.
+    model_dir = prepare_gguf_model_dir(
+        write_tiny_gguf(tmp_path / "tiny.gguf", "llama", "Q4_K"), tmp_path / "c"
+    )
+    single = load_model(model_dir, torch.float32, CPU, progress=False)
+    ranks = [
+        load_model(model_dir, torch.float32, CPU, tp=group, progress=False) for group in thread_groups(2)
+    ]
+    expected, expected_logprobs = greedy_generate(single, PROMPTS[0], 8)
+    for tokens, logprobs in run_ranks(lambda rank: greedy_generate(ranks[rank], PROMPTS[0], 8), 2):
+        assert tokens == expected
+        torch.testing.assert_close(logprobs, expected_logprobs, atol=LOGPROB_ATOL, rtol=0)
+
+
+def test_unpermute_undoes_llama_cpp_for_dense_and_quantized_rows() -> None:
+    rows = np.arange(8 * 4 * 3, dtype=np.float32).reshape(8 * 4, 3)  # 4 heads of 8 rows
+    permuted = torch.from_numpy(permute_like_llama_cpp(rows, 4))
+    assert not torch.equal(permuted, torch.from_numpy(rows))
+    assert torch.equal(unpermute_rows(permuted, 4), torch.from_numpy(rows))
+    as_bytes = QuantizedTensor("Q8_0", permuted.view(torch.uint8), 32, 32, 34)
+    restored = unpermute_rows(as_bytes, 4)
+    assert isinstance(restored, QuantizedTensor)
+    assert torch.equal(restored.data.view(torch.float32), torch.from_numpy(rows))
+
+
+def test_tokenizer_and_chat_template_come_from_the_metadata(tmp_path: Path) -> None:
+    gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf", "llama", "Q8_0")
+    ours = Tokenizer.from_pretrained(prepare_gguf_model_dir(gguf_path, tmp_path / "cache"))
+    original = Tokenizer.from_pretrained(tmp_path / "hf")
+    text = "Once upon a time, the model said: héllo wörld 123!"
+    assert ours.encode(text) == original.encode(text)
+    assert ours.decode(original.encode(text)) == original.decode(original.encode(text))
+    messages = [{"role": "user", "content": "Hi there"}]
+    assert ours.apply_chat_template(messages) == original.apply_chat_template(messages)
+    assert ours.bos_token_id == original.bos_token_id and set(ours.eos_token_ids) <= set(
+        original.eos_token_ids
+    )
+
+
+def test_derived_directory_is_cached_and_points_at_the_file(tmp_path: Path) -> None:
+    gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    first = prepare_gguf_model_dir(gguf_path, tmp_path / "cache")
+    assert gguf_source(first) == gguf_path.resolve()
+    stamp = (first / "config.json").stat().st_mtime_ns
+    assert prepare_gguf_model_dir(gguf_path, tmp_path / "cache") == first
+    assert (first / "config.json").stat().st_mtime_ns == stamp
+
+
+def test_a_file_or_a_directory_with_one_gguf_is_a_gguf_model(tmp_path: Path) -> None:
+    gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    assert find_gguf_file(gguf_path) == gguf_path
+    assert find_gguf_file(tmp_path) == gguf_path
+    assert find_gguf_file(tmp_path / "hf") is None  # safetensors: an HF directory
+    (tmp_path / "other.gguf").write_bytes(b"")
+    with pytest.raises(ValueError, match="several GGUF files"):
+        find_gguf_file(tmp_path)
+
+
+def test_offline_engine_serves_a_gguf_path(tmp_path: Path) -> None:
+    gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf", "llama", "Q4_0")
+    llm = LLM(model=str(gguf_path), device="cpu")
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    output = llm.generate([PROMPTS[0]], params)[0].outputs[0]
+    expected, _ = hf_greedy(hf_reference(gguf_path), PROMPTS[0], 6)
+    assert list(output.token_ids) == expected
+
+
+def _write_gguf(path: Path, arch: str, tensor_type: GGMLQuantizationType, data: np.ndarray) -> Path:
+    writer = GGUFWriter(str(path), arch)
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", data, raw_dtype=tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_unsupported_architecture_is_named(tmp_path: Path) -> None:
+    path = _write_gguf(tmp_path / "m.gguf", "falcon", GGMLQuantizationType.F32, np.zeros((4, 8), np.float32))
+    with pytest.raises(ValueError, match="unsupported GGUF architecture 'falcon'"):
+        prepare_gguf_model_dir(path, tmp_path / "cache")
+
+
+def test_unsupported_tensor_type_is_named(tmp_path: Path) -> None:
+    raw = np.zeros((4, 66), np.uint8)  # one IQ2_XXS block of 256 values per row
+    path = _write_gguf(tmp_path / "m.gguf", "llama", GGMLQuantizationType.IQ2_XXS, raw)
+    with pytest.raises(ValueError, match=r"'token_embd\.weight' has GGML type IQ2_XXS"):
+        prepare_gguf_model_dir(path, tmp_path / "cache")
+
+
+def test_a_file_that_is_not_gguf_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(b"not a gguf file at all")
+    with pytest.raises(ValueError, match="not a readable GGUF file"):
+        prepare_gguf_model_dir(path, tmp_path / "cache")
