@@ -50,6 +50,15 @@ SCHEMA: dict[str, Any] = {
 }
 
 
+def long_output_schema() -> dict[str, Any]:
+    """SCHEMA with a last free-text field no output finishes within a few hundred tokens, so that with
+    ignore_eos every token of a fixed-length run is generated under a live grammar."""
+    schema = json.loads(json.dumps(SCHEMA))
+    schema["properties"]["summary"] = {"type": "string", "minLength": 4000}
+    schema["required"].append("summary")
+    return schema
+
+
 def prepare_model(shape: str, tokenizer: Path | None) -> Path:
     """Random weights of `shape`; the tokenizer padded to the model's vocabulary, or --tokenizer's files."""
     directory = (

