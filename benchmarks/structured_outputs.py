@@ -106,8 +106,9 @@ def time_masks(model_dir: Path, vocab_size: int, rows: int, seed: int) -> dict[s
         started = time.perf_counter()
         backend.fill_bitmasks(matchers, batch)
         batch_s.append(time.perf_counter() - started)
+        scratch = logits.clone()
         started = time.perf_counter()
-        apply_grammar_masks(logits.clone(), GrammarMasks(tuple(range(rows)), batch))
+        apply_grammar_masks(scratch, GrammarMasks(tuple(range(rows)), batch))
         apply_s.append(time.perf_counter() - started)
         for index, matcher in enumerate(matchers):
             if not matcher.is_terminated:

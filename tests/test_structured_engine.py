@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import jsonschema
 import pytest
 
 from batchlm import LLM, SamplingParams
+from batchlm.request import EngineCoreRequest
 from batchlm.sampling_params import StructuredOutputs
 
 # Bounded fields, so that random weights finish the object within the token budget.
@@ -180,3 +182,22 @@ def test_bad_schema_is_rejected_before_it_runs(llm: LLM) -> None:
         llm.generate(["Hi"], bad)
     with pytest.raises(ValueError, match="min_tokens"):
         llm.generate(["Hi"], constrained(min_tokens=2))
+
+
+def test_matchers_are_freed_on_finish_and_abort(llm: LLM) -> None:
+    core = llm.engine_core
+    runner = core.executor
+    eos = llm.tokenizer.eos_token_ids
+    for index in range(3):
+        params = constrained(temperature=1.0, seed=index)
+        core.add_request(EngineCoreRequest(f"abort-{index}", (0, 5, 6 + index), params, eos, time.time()))
+    for _ in range(3):
+        core.step()
+    assert len(runner.grammars) == 3
+    core.abort_requests(["abort-0", "abort-2"])
+    core.step()
+    assert "abort-0" not in runner.grammars and "abort-1" in runner.grammars
+    while core.has_work():
+        core.step()
+    core.step()  # the finished request's drop reaches the runner with the next step
+    assert len(runner.grammars) == 0
