@@ -111,9 +111,7 @@ class ModelRunner:
             self._use_cpu_matmuls()
         self.shape: ModelShape = self.loaded.shape
         self.max_model_len = self._resolve_max_model_len()
-        self.max_num_batched_tokens = config.max_num_batched_tokens or default_max_num_batched_tokens(
-            self.device
-        )
+        self.max_num_batched_tokens = config.max_num_batched_tokens or default_max_num_batched_tokens(self.device)
         self.attn = choose_attention_backend(self.device)
         self.sampler = Sampler(self.shape.vocab_size, self.device, seed=config.seed)
         self.states: dict[str, SamplingState] = {}
@@ -255,9 +253,7 @@ class ModelRunner:
         blocks = -(-tokens // self.config.block_size)
         chunk = ScheduledChunk("profile", tuple([0] * tokens), 0, tuple(range(blocks)), True)
         scratch = allocate_kv_caches(self.shape, blocks, self.config.block_size, self.dtype, self.device)
-        inputs = build_step_inputs(
-            SchedulerOutput((chunk,), (), frozenset()), self.config.block_size, self.device
-        )
+        inputs = build_step_inputs(SchedulerOutput((chunk,), (), frozenset()), self.config.block_size, self.device)
         hidden = self.model(inputs.input_ids, inputs.positions, scratch, inputs.meta, self.attn)
         self.model.compute_logits(hidden[inputs.sample_indices])
         torch.cuda.synchronize(self.device)

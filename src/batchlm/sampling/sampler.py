@@ -52,8 +52,8 @@ class Sampler:
     """Chooses one token per row of a logits batch, each row under its own SamplingParams.
 
     Order: grammar masks (constrained rows); logprobs from those logits; logit_bias; min_tokens ban;
-    repetition penalty; presence and frequency penalties; then greedy rows take the argmax and the others go through
-    temperature, top-k, top-p, min-p and an exponential race. Logits columns past `vocab_size`
+    repetition penalty; presence and frequency penalties; then greedy rows take the argmax and the
+    others go through temperature, top-k, top-p, min-p and an exponential race. Logits columns past `vocab_size`
     (vocabulary padding) are never sampled. The caller's logits are never modified unless it says
     they are scratch.
 
@@ -225,11 +225,7 @@ class Sampler:
         return generator
 
     def _fused_race(
-        self,
-        processed: torch.Tensor,
-        states: Sequence[SamplingState],
-        plan: SamplingPlan,
-        temperature: torch.Tensor,
+        self, processed: torch.Tensor, states: Sequence[SamplingState], plan: SamplingPlan, temperature: torch.Tensor
     ) -> torch.Tensor:
         """The race in one kernel pass (greedy rows have temperature 0: a plain argmax); seeded rows
         are then raced again on their own generators' noise, exactly as the torch path races them."""
