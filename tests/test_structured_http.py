@@ -78,7 +78,7 @@ def test_response_format_json_schema(client: Any) -> None:
 
 def test_response_format_json_object(client: Any) -> None:
     response = client.chat.completions.create(
-        model="tiny", messages=USER, max_tokens=300, temperature=0.0, response_format={"type": "json_object"}
+        model="tiny", messages=USER, max_tokens=120, temperature=0.0, response_format={"type": "json_object"}
     )
     choice = response.choices[0]
     if choice.finish_reason == "stop":
