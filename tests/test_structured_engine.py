@@ -201,3 +201,17 @@ def test_matchers_are_freed_on_finish_and_abort(llm: LLM) -> None:
         core.step()
     core.step()  # the finished request's drop reaches the runner with the next step
     assert len(runner.grammars) == 0
+
+
+def test_tensor_parallel_ranks_mask_alike(llama_dir: Path, llm: LLM) -> None:
+    """Every rank keeps its own matchers; they see the same tokens, so TP=2 samples what TP=1 does."""
+    params = [constrained(), constrained(temperature=1.0, seed=11)]
+    expected = [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:2], params)]
+    tp = _llm(llama_dir, tensor_parallel_size=2)
+    try:
+        outputs = tp.generate(PROMPTS[:2], params)
+    finally:
+        tp.engine_core.executor.shutdown()  # type: ignore[attr-defined]
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    for output in outputs:
+        assert_valid(output.outputs[0].text)
