@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jsonschema
 import pytest
 
@@ -132,3 +133,31 @@ def test_a_bad_grammar_fails_only_its_request(loaded: LoadedModel, model_dir: Pa
     assert outputs["bad"][-1].finish_reason is FinishReason.ERROR
     assert "undefined_rule" in (outputs["bad"][-1].error or "")
     assert outputs["good"][-1].finish_reason is FinishReason.LENGTH
+
+
+def test_response_format_through_the_mlx_server(model_dir: Path) -> None:
+    import batchlm.backends as backends
+    from batchlm.server.background import BackgroundServer
+    from fake_engine import openai_client, wait_until
+
+    engine = backends.create_engine("mlx", EngineConfig(model=str(model_dir), served_model_name="tiny"))
+    running = BackgroundServer(engine, start_engine=engine.start).start()
+    try:
+        wait_until(
+            lambda: httpx.get(f"{running.base_url}/health").status_code == 200, 120, "the engine to load"
+        )
+        client = openai_client(running.base_url)
+        response_format = {
+            "type": "json_schema",
+            "json_schema": {"name": "x", "schema": SCHEMA, "strict": True},
+        }
+        reply = client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "JSON"}],
+            max_tokens=100,
+            response_format=response_format,
+        )
+        assert reply.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(reply.choices[0].message.content), SCHEMA)
+    finally:
+        assert running.stop() == 0
