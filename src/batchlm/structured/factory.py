@@ -26,8 +26,9 @@ def tokenizer_dir(config: EngineConfig, model_dir: Path) -> Path:
 
 
 def mask_threads() -> int:
-    """llguidance's threads for one step's masks: a share of the cores (the model needs the rest)."""
-    return max(1, min(8, (os.cpu_count() or 2) // 4))
+    """llguidance's threads for one step's masks: half the cores, at most 8 (a GPU host has them idle;
+    on a small CPU box the model needs the rest)."""
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 def backend_factory(config: EngineConfig, model_dir: Path, vocab_size: int) -> BackendFactory:
