@@ -5,6 +5,9 @@ CPU (issue 2):  python benchmarks/offline_throughput.py --shape smollm2-135m --n
                     --input-len 128 --output-len 64 --compare-hf
 GPU (issue 5):  python benchmarks/offline_throughput.py --shape llama-3.2-1b --num-requests 256 \
                     --input-len 512 --output-len 256 --runs 3
+Structured outputs (issue 17): add --structured to alternate, in the same engine, runs where every
+request is under a ~10-field JSON schema (structured_outputs.long_output_schema) with runs without one;
+the tokenizer is padded to the model's vocabulary so masks cover a real-size vocabulary.
 Prints one JSON line per run and a summary with medians.
 """
 
@@ -54,9 +57,19 @@ def run_batchlm(args: argparse.Namespace, model_dir: Path, prompts: list[list[in
     params = SamplingParams(
         max_tokens=args.output_len, ignore_eos=True, temperature=args.temperature, detokenize=False
     )
-    llm.generate(prompts[: min(4, len(prompts))], params)  # warm-up (lazy init, autotuning)
+    kinds = {"plain": params}
+    if args.structured:
+        from structured_outputs import long_output_schema
+
+        from batchlm.sampling_params import StructuredOutputs
+
+        spec = StructuredOutputs(json=json.dumps(long_output_schema()))
+        kinds["structured"] = params.clone(structured_outputs=spec)
+    for warm_up in kinds.values():
+        llm.generate(prompts[: min(4, len(prompts))], warm_up)  # warm-up (lazy init, autotuning, grammar)
     results = []
-    for run in range(args.runs):
+    for run, kind in ((run, kind) for run in range(args.runs) for kind in kinds):
+        params = kinds[kind]
         _sync()
         started = time.perf_counter()
         outputs = llm.generate(prompts, params)
@@ -71,7 +84,7 @@ def run_batchlm(args: argparse.Namespace, model_dir: Path, prompts: list[list[in
         assert generated == args.output_len * len(prompts), "every request must produce exactly output_len tokens"
         results.append(
             {
-                "engine": "batchlm",
+                "engine": "batchlm" if kind == "plain" else "batchlm-structured",
                 "run": run,
                 "load_s": round(load_s, 2),
                 "elapsed_s": round(elapsed, 3),
@@ -155,6 +168,7 @@ def main() -> None:
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the model is split across")
     parser.add_argument("--dummy", action="store_true", help="random weights made on the device (GPU shapes)")
     parser.add_argument("--compare-hf", action="store_true", help="also time transformers' generate")
+    parser.add_argument("--structured", action="store_true", help="also time runs under a JSON schema")
     parser.add_argument("--model-dir", type=Path, default=None, help="where to write/reuse the random model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json-out", type=Path, default=None)
@@ -165,6 +179,10 @@ def main() -> None:
         write_config_only(args.shape, model_dir)
     else:
         write_random_weights(args.shape, model_dir, seed=args.seed)
+    if args.structured:
+        from mlx_vs_mlx_lm_server import pad_tokenizer_vocab
+
+        pad_tokenizer_vocab(model_dir / "tokenizer.json", SHAPES[args.shape]["vocab_size"])
     prompts = make_prompts(args.num_requests, args.input_len, SHAPES[args.shape]["vocab_size"], args.seed)
     results = run_batchlm(args, model_dir, prompts)
     if args.compare_hf:
@@ -179,6 +197,10 @@ def main() -> None:
     for engine in sorted({r["engine"] for r in results}):
         rates = [r["output_tok_s"] for r in results if r["engine"] == engine]
         summary[f"{engine} median output tok/s"] = statistics.median(rates)
+    if args.structured:
+        summary["structured_over_plain"] = round(
+            summary["batchlm-structured median output tok/s"] / summary["batchlm median output tok/s"], 3
+        )
     if args.compare_hf:
         summary["ratio"] = round(
             summary["batchlm median output tok/s"] / summary["transformers.generate median output tok/s"], 2

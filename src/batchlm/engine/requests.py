@@ -28,6 +28,8 @@ def validate_request(
         bad = next((t for t in ids if not 0 <= t < vocab_size), None)
         if bad is not None:
             raise RequestRejectedError(f"{name} token id {bad} is out of range [0, {vocab_size})", name)
+    if params.structured_outputs is not None:
+        check_structured_outputs(params)
     if prompt_len >= max_model_len:
         raise RequestRejectedError(
             f"This model's maximum context length is {max_model_len} tokens. However, your prompt has "
@@ -45,6 +47,23 @@ def validate_request(
             "max_tokens",
         )
     return params
+
+
+def check_structured_outputs(params: SamplingParams) -> None:
+    """A constraint must compile (its error names the problem), and leave EOS allowed when it is done."""
+    from batchlm.structured.backend import GrammarError
+    from batchlm.structured.llguidance_backend import validated_grammar
+
+    assert params.structured_outputs is not None
+    if params.min_tokens:
+        raise RequestRejectedError(
+            "min_tokens cannot be combined with structured outputs (a complete output must be able to end)",
+            "min_tokens",
+        )
+    try:
+        validated_grammar(params.structured_outputs)
+    except GrammarError as exc:
+        raise RequestRejectedError(str(exc), "structured_outputs") from None
 
 
 def make_core_requests(

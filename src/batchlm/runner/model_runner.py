@@ -20,6 +20,7 @@ from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
 from batchlm.runner.cpu_threads import cap_cpu_threads
 from batchlm.runner.cuda_graph import DecodeGraphs
 from batchlm.runner.device import dtype_name, resolve_device, resolve_dtype
+from batchlm.runner.grammar import constrained_rows, constrained_sequences
 from batchlm.runner.inputs import StepInputBuilder, StepInputs, build_step_inputs
 from batchlm.runner.kv_cache import allocate_kv_caches, num_blocks_for
 from batchlm.runner.step_output import PendingStepOutput, PreviousTokens
@@ -27,6 +28,7 @@ from batchlm.sampling.plan import has_penalty
 from batchlm.sampling.sampler import Sampler
 from batchlm.sampling.state import SamplingState
 from batchlm.startup_log import log_phase
+from batchlm.structured.sequences import GrammarMasks
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +121,8 @@ class ModelRunner:
         self.input_builder = StepInputBuilder(config.block_size, self.device)
         # Requests with a repetition/presence/frequency penalty: their sampling needs real token ids.
         self._penalized_ids: set[str] = set()
+        # Requests under a grammar (structured outputs): their matchers, by request id.
+        self.grammars = constrained_sequences(config, model_dir, self.shape.vocab_size)
         # The last step's sampled tokens (fill the next step's placeholders) and outputs not yet read.
         self._previous: PreviousTokens | None = None
         self._unresolved: list[PendingStepOutput] = []
@@ -270,20 +274,33 @@ class ModelRunner:
 
         Placeholder token ids in the step are filled on the device from the previous step's sampled
         tokens. Steps must have their outputs read (result()) in launch order or not at all; a step
-        that samples for a penalized request first waits for the previous step's tokens."""
+        that samples for a penalized request first waits for the previous step's tokens.
+
+        Constrained rows' masks are computed on a worker thread while the forward pass runs; when
+        their last tokens are still in flight (async scheduling), the forward is queued first and
+        the masks follow those tokens, overlapping this step's forward on the device."""
         self._update_states(scheduled)
         if scheduled.is_empty:
             return PendingStepOutput.ready()
         inputs = self.input_builder.build(scheduled, self._previous)
-        logits = self._forward(inputs)
         request_ids = tuple(inputs.sample_request_ids)
+        grammar_rows = constrained_rows(self.grammars, request_ids)
+        masks = None
+        if grammar_rows and self.grammars.tokens_known([rid for _, rid in grammar_rows]):
+            masks = self.grammars.start_masks(grammar_rows)
+        logits = self._forward(inputs)
         if not request_ids:
             self._previous = None
             return PendingStepOutput.ready()
         states = [self.states[request_id] for request_id in request_ids]
-        if self._penalized_ids:
-            self._resolve_outputs()  # penalties count real token ids, not placeholders
-        token_ids, packed = self.sampler.sample_on_device(logits, states, logits_are_scratch=True)
+        if self._penalized_ids or (grammar_rows and masks is None):
+            self._resolve_outputs()  # penalties and grammars need real token ids, not placeholders
+        grammar: GrammarMasks | None = None
+        if grammar_rows:
+            grammar = (masks or self.grammars.start_masks(grammar_rows)).result()
+        token_ids, packed = self.sampler.sample_on_device(
+            logits, states, logits_are_scratch=True, grammar=grammar
+        )
         pending = PendingStepOutput(request_ids, states, token_ids, packed)
         self._previous = PreviousTokens(token_ids, {rid: row for row, rid in enumerate(request_ids)})
         self._unresolved = [p for p in self._unresolved if not p.is_resolved]
@@ -308,6 +325,8 @@ class ModelRunner:
             self.states.pop(request_id, None)
             self._penalized_ids.discard(request_id)
         self.input_builder.drop(scheduled.finished_request_ids)
+        if len(self.grammars):
+            self.grammars.drop(scheduled.finished_request_ids)
         for new in scheduled.new_requests:
             state = self.states[new.request_id] = SamplingState.create(
                 new.sampling_params,
@@ -319,3 +338,6 @@ class ModelRunner:
             )
             if has_penalty(state):
                 self._penalized_ids.add(new.request_id)
+            spec = new.sampling_params.structured_outputs
+            if spec is not None:
+                self.grammars.add(new.request_id, spec, state.output_token_ids, new.eos_token_ids)

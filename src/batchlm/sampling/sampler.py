@@ -13,10 +13,12 @@ import torch
 from batchlm.kernels import cpu_sampling
 from batchlm.outputs import TokenLogprobs
 from batchlm.sampling.filters import apply_min_p, apply_top_k_top_p
+from batchlm.sampling.grammar_mask import apply_grammar_masks
 from batchlm.sampling.logprobs import MAX_PACKED_VOCAB, pack_logprobs, unpack_logprobs
 from batchlm.sampling.penalties import apply_logit_bias, apply_min_tokens_ban, apply_penalties
 from batchlm.sampling.plan import SamplingPlan, plan_batch, to_device
 from batchlm.sampling.state import SamplingState, resolve_device, seed_for_step
+from batchlm.structured.sequences import GrammarMasks
 
 # Above this many logits per call the race kernel's int32 noise offsets would overflow: torch path.
 MAX_RACE_ELEMENTS = 2**31 - 1
@@ -49,9 +51,9 @@ class SamplerOutput:
 class Sampler:
     """Chooses one token per row of a logits batch, each row under its own SamplingParams.
 
-    Order: logprobs from the raw logits; logit_bias; min_tokens ban; repetition penalty; presence
-    and frequency penalties; then greedy rows take the argmax and the others go through
-    temperature, top-k, top-p, min-p and an exponential race. Logits columns past `vocab_size`
+    Order: grammar masks (constrained rows); logprobs from those logits; logit_bias; min_tokens ban;
+    repetition penalty; presence and frequency penalties; then greedy rows take the argmax and the
+    others go through temperature, top-k, top-p, min-p and an exponential race. Logits columns past `vocab_size`
     (vocabulary padding) are never sampled. The caller's logits are never modified unless it says
     they are scratch.
 
@@ -81,9 +83,11 @@ class Sampler:
             view = logits[:, : self.vocab_size]
             self._race(view, torch.ones(1, dtype=torch.float32, device=self.device), 1 << 62)
 
-    def __call__(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> SamplerOutput:
+    def __call__(
+        self, logits: torch.Tensor, states: Sequence[SamplingState], grammar: GrammarMasks | None = None
+    ) -> SamplerOutput:
         """Sample one token per row. logits: [B, >= vocab_size], row i belonging to states[i]."""
-        token_ids, packed = self.sample_on_device(logits, states)
+        token_ids, packed = self.sample_on_device(logits, states, grammar=grammar)
         # The call's single device->host copy: token ids, with the logprob data when asked for.
         if packed is None:
             token_ids_cpu = token_ids.tolist()
@@ -92,16 +96,25 @@ class Sampler:
         return SamplerOutput(token_ids, token_ids_cpu, logprobs)
 
     def sample_on_device(
-        self, logits: torch.Tensor, states: Sequence[SamplingState], logits_are_scratch: bool = False
+        self,
+        logits: torch.Tensor,
+        states: Sequence[SamplingState],
+        logits_are_scratch: bool = False,
+        grammar: GrammarMasks | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Everything but the host copy: token ids [B] int64 and, when any row wants logprobs, the
         packed logprob tensor (see logprobs.pack_logprobs). Never waits on the device.
 
         logits_are_scratch: the caller will not read `logits` again, so they may be overwritten
-        (saves a full copy of the batch's logits)."""
+        (saves a full copy of the batch's logits). grammar: the constrained rows' masks, applied
+        first, so logprobs and every later processor see the masked distribution."""
         # Non-float32 logits are converted into a new tensor, which is ours to overwrite.
         owned = logits_are_scratch or logits.dtype != torch.float32
         logits = self._checked_view(logits, states)
+        if grammar is not None and grammar.rows:
+            if not owned:
+                logits, owned = logits.clone(), True
+            apply_grammar_masks(logits, grammar)
         plan, knobs = self._plan(states)
         if plan.is_plain_greedy:
             return logits.argmax(dim=-1), None

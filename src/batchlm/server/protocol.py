@@ -34,6 +34,18 @@ class StreamOptions(StrictModel):
     include_usage: bool | None = None
 
 
+class StructuredOutputsField(StrictModel):
+    """vLLM's `structured_outputs`: exactly one constraint on the output."""
+
+    # A JSON schema (an object, or the schema serialized as a string).
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    # Lark, or GBNF (recognised by `::=`).
+    grammar: str | None = None
+
+
 class SamplingFields(StrictModel):
     """Sampling fields shared by chat and completions (OpenAI names, then batchlm's extras)."""
 
@@ -60,6 +72,12 @@ class SamplingFields(StrictModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Constrained decoding (vLLM's field, and its older guided_* fields).
+    structured_outputs: StructuredOutputsField | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -12,6 +12,7 @@ from batchlm.engine.client import ModelInfo
 from batchlm.sampling_params import SamplingParams, SamplingParamsError
 from batchlm.server.errors import APIError
 from batchlm.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from batchlm.server.structured_params import structured_outputs_of
 
 # The seed README's examples send these; they name the one served model.
 PLACEHOLDER_MODEL_NAMES = ("default", "default_model")
@@ -25,7 +26,6 @@ CHAT_UNSUPPORTED: tuple[UnsupportedRule, ...] = (
     ("functions", lambda v: not v, "function calling is not supported"),
     ("function_call", lambda v: v in (None, "none"), "function calling is not supported"),
     ("parallel_tool_calls", lambda v: v is None, "tool calling is not supported"),
-    ("response_format", lambda v: v in (None, {"type": "text"}), "only {'type': 'text'} is supported"),
     ("audio", lambda v: v is None, "audio output is not supported"),
     ("modalities", lambda v: v in (None, ["text"]), "only the 'text' modality is supported"),
     ("prediction", lambda v: v is None, "predicted outputs are not supported"),
@@ -181,6 +181,7 @@ def build_sampling_params(
     stop_token_ids = request.stop_token_ids or []
     _check_token_ids(stop_token_ids, vocab_size, "stop_token_ids")
     logit_bias = _parse_logit_bias(request.logit_bias, vocab_size)
+    structured_outputs = structured_outputs_of(request)
     try:
         return SamplingParams(
             n=request.n,
@@ -201,6 +202,7 @@ def build_sampling_params(
             logit_bias=logit_bias,
             skip_special_tokens=request.skip_special_tokens,
             include_stop_str_in_output=request.include_stop_str_in_output,
+            structured_outputs=structured_outputs,
         )
     except SamplingParamsError as error:
         raise APIError(400, str(error), param=param_names.get(error.param, error.param)) from error

@@ -11,6 +11,7 @@ from typing import Any
 
 from mlx_lm.generate import BatchGenerator, StopSequences
 
+from batchlm.backends.mlx.grammar import MLXGrammars
 from batchlm.backends.mlx.logprobs import LogprobsQuery, token_logprobs
 from batchlm.backends.mlx.prompt_cache import PromptCache
 from batchlm.backends.mlx.sampling import (
@@ -21,6 +22,7 @@ from batchlm.backends.mlx.sampling import (
 )
 from batchlm.outputs import EngineCoreOutput, FinishReason, TokenLogprobs
 from batchlm.request import EngineCoreRequest
+from batchlm.structured.factory import BackendFactory
 
 # How often the KV byte count (a walk over every layer's cache) is refreshed for stats().
 KV_USAGE_REFRESH_S = 0.25
@@ -70,9 +72,17 @@ class GenerationLoop:
     prefill chunk for the prompts being processed, so requests join and leave at every step."""
 
     def __init__(
-        self, model: Any, vocab_size: int, settings: LoopSettings, model_key: Any, stream: Any = None
+        self,
+        model: Any,
+        vocab_size: int,
+        settings: LoopSettings,
+        model_key: Any,
+        stream: Any = None,
+        grammar_backend: BackendFactory | None = None,
     ) -> None:
+        """grammar_backend: builds the grammar backend for structured outputs (None: refused)."""
         self.model = model
+        self._grammars = MLXGrammars(grammar_backend) if grammar_backend is not None else None
         self.settings = settings
         self._stream = stream
         self._samplers = SamplerFactory(vocab_size)
@@ -156,18 +166,38 @@ class GenerationLoop:
             room -= 1
         if not admitted:
             return []
+        grammars, failed = self._grammar_processors(admitted)
+        admitted = [r for r in admitted if r.request_id in grammars]
         try:
-            self._insert(admitted)
+            if admitted:
+                self._insert(admitted, grammars)
         except Exception as exc:  # e.g. a processor mlx cannot build: fail these requests, not the loop
             message = f"the mlx backend could not start the request: {type(exc).__name__}: {exc}"
-            return [
+            return failed + [
                 EngineCoreOutput(r.request_id, (), finish_reason=FinishReason.ERROR, error=message)
                 for r in admitted
                 if r.request_id not in self._uid_of
             ]
-        return []
+        return failed
 
-    def _insert(self, requests: list[EngineCoreRequest]) -> None:
+    def _grammar_processors(
+        self, requests: list[EngineCoreRequest]
+    ) -> tuple[dict[str, list[Any]], list[EngineCoreOutput]]:
+        """Each request's grammar processors (none when unconstrained), and ERROR outputs for the
+        requests whose grammar does not compile (only they fail)."""
+        processors: dict[str, list[Any]] = {}
+        failed = []
+        for request in requests:
+            try:
+                processors[request.request_id] = self._grammar_processors_of(request)
+            except ValueError as exc:
+                message = f"the mlx backend could not start the request: {exc}"
+                failed.append(
+                    EngineCoreOutput(request.request_id, (), finish_reason=FinishReason.ERROR, error=message)
+                )
+        return processors, failed
+
+    def _insert(self, requests: list[EngineCoreRequest], grammars: dict[str, list[Any]]) -> None:
         lookups = [self.prompt_cache.lookup(r.prompt_token_ids) for r in requests]
         # None asks the generator for a fresh cache.
         caches: list[Any] = [lookup.cache for lookup in lookups]
@@ -176,9 +206,11 @@ class GenerationLoop:
         for request in requests:
             params = request.sampling_params
             processors = logits_processors(params, len(request.prompt_token_ids), request.eos_token_ids)
+            grammar = grammars[request.request_id]
+            # After the grammar mask: logprobs come from the distribution the grammar allows.
             recorder = RawLogprobsRecorder() if processors and params.logprobs is not None else None
             recorders.append(recorder)
-            processor_lists.append(([recorder] if recorder else []) + processors)
+            processor_lists.append([*grammar, *([recorder] if recorder else []), *processors])
         uids = self._generator.insert_segments(
             segments=[
                 [list(r.prompt_token_ids[lk.num_cached :])] for r, lk in zip(requests, lookups, strict=True)
@@ -198,6 +230,13 @@ class GenerationLoop:
         for request, lookup, recorder, uid in zip(requests, lookups, recorders, uids, strict=True):
             self._running[uid] = _Running(request, uid, lookup.num_cached, now, recorder)
             self._uid_of[request.request_id] = uid
+
+    def _grammar_processors_of(self, request: EngineCoreRequest) -> list[Any]:
+        if request.sampling_params.structured_outputs is None:
+            return []
+        if self._grammars is None:
+            raise ValueError("structured outputs need a grammar backend, and this loop was built without one")
+        return list(self._grammars.processors_for(request))
 
     @staticmethod
     def _max_tokens(request: EngineCoreRequest) -> int:

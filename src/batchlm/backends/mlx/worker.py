@@ -97,7 +97,10 @@ class GenerationWorker:
         # The generator's stream must belong to this thread (as mlx_lm.server does it).
         stream = mx.default_stream(mx.default_device())
         model_key = (str(self.model_dir), self.config.adapter_path, self.config.dtype)
-        loop = GenerationLoop(loaded.model, loaded.vocab_size, settings, model_key, stream)
+        from batchlm.structured.factory import backend_factory
+
+        grammars = backend_factory(self.config, self.model_dir, loaded.vocab_size)
+        loop = GenerationLoop(loaded.model, loaded.vocab_size, settings, model_key, stream, grammars)
         self._post(
             "ready", WorkerInfo(loaded.max_model_len, loaded.vocab_size, self.model_dir, loaded.quantized)
         )

@@ -1,0 +1,52 @@
+"""Structured outputs on the mlx backend: a logits processor per constrained request that masks the
+tokens its grammar forbids (mlx-lm runs processors one request at a time)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from batchlm.request import EngineCoreRequest
+from batchlm.structured.backend import GrammarBackend, GrammarMatcher
+from batchlm.structured.factory import BackendFactory
+
+
+class GrammarProcessor:
+    """Follows the request's output (the context past the prompt) with its matcher and masks the logits.
+    Goes first among the processors, so logprobs and the other processors see the masked distribution."""
+
+    def __init__(self, matcher: GrammarMatcher, prompt_len: int, bitmask_words: int) -> None:
+        self._matcher = matcher
+        self._prompt_len = prompt_len
+        self._num_accepted = 0
+        self._row = np.empty(bitmask_words, dtype=np.int32)
+
+    def __call__(self, context: mx.array, logits: mx.array) -> mx.array:
+        """context: [T] prompt then output ids; logits: [1, V]."""
+        start = self._prompt_len + self._num_accepted
+        new_tokens: list[int] = np.asarray(context[start:]).tolist()
+        for token_id in new_tokens:
+            self._matcher.accept(token_id)
+        self._num_accepted = max(0, context.size - self._prompt_len)
+        self._matcher.fill_bitmask(self._row)
+        vocab_size = logits.shape[-1]
+        allowed = np.unpackbits(self._row.view(np.uint8), bitorder="little")[:vocab_size]  # [V]
+        return mx.where(mx.array(allowed.astype(np.bool_))[None], logits, -float("inf"))
+
+
+class MLXGrammars:
+    """Makes each constrained request's processor; the backend is built on the first one."""
+
+    def __init__(self, make_backend: BackendFactory) -> None:
+        self._make_backend = make_backend
+        self._backend: GrammarBackend | None = None
+
+    def processors_for(self, request: EngineCoreRequest) -> list[GrammarProcessor]:
+        """[] for an unconstrained request. Raises GrammarError for a grammar that does not compile."""
+        spec = request.sampling_params.structured_outputs
+        if spec is None:
+            return []
+        if self._backend is None:
+            self._backend = self._make_backend(request.eos_token_ids)
+        matcher = self._backend.matcher(spec)
+        return [GrammarProcessor(matcher, len(request.prompt_token_ids), self._backend.bitmask_words)]

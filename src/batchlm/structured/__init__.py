@@ -1,0 +1,1 @@
+"""Structured outputs: grammars that constrain a completion token by token (torch-free)."""

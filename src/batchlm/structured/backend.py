@@ -1,0 +1,97 @@
+"""The grammar-backend interface: compile a StructuredOutputs spec once, then drive one matcher per
+sequence (fill its row of a token bitmask, accept each sampled token)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Generic, Protocol, TypeVar
+
+import numpy as np
+
+from batchlm.sampling_params import StructuredOutputs
+
+
+class GrammarError(ValueError):
+    """A schema, regex or grammar that does not compile; the message names the problem."""
+
+
+class GrammarMatcher(Protocol):
+    """One sequence's position in its grammar."""
+
+    def fill_bitmask(self, row: np.ndarray) -> None:
+        """Write the allowed next tokens into `row` ([words] int32, bit t % 32 of word t // 32)."""
+        ...
+
+    def accept(self, token_id: int) -> bool:
+        """Advance over a sampled token; False if the grammar rejects it (the matcher then allows only EOS)."""
+        ...
+
+    @property
+    def is_terminated(self) -> bool:
+        """True once the grammar is complete and only EOS may follow."""
+        ...
+
+
+class GrammarBackend(Protocol):
+    """Compiles specs for one tokenizer and makes matchers from them."""
+
+    # Width of one bitmask row in int32 words (covers the model's vocabulary).
+    bitmask_words: int
+    # The ids a finished grammar allows.
+    eos_token_ids: tuple[int, ...]
+
+    def matcher(self, spec: StructuredOutputs) -> GrammarMatcher:
+        """A fresh matcher at the start of `spec`'s grammar. Raises GrammarError if it does not compile."""
+        ...
+
+    def fill_bitmasks(self, matchers: list[GrammarMatcher], bitmask: np.ndarray) -> None:
+        """Fill bitmask[i] for matchers[i], all rows at once (a backend may spread them over threads)."""
+        ...
+
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class LRUCache(Generic[K, V]):
+    """A small least-recently-used cache (compiled grammars, keyed by StructuredOutputs.key)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[K, V] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get_or_make(self, key: K, make: Callable[[], V]) -> V:
+        if key in self._items:
+            self.hits += 1
+            self._items.move_to_end(key)
+            return self._items[key]
+        self.misses += 1
+        value = make()  # an exception leaves nothing cached
+        self._items[key] = value
+        if len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def bitmask_words(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
+def allowed_tokens(row: np.ndarray, vocab_size: int) -> np.ndarray:
+    """The token ids a bitmask row allows ([words] int32 -> sorted ids below vocab_size)."""
+    bits = np.unpackbits(np.ascontiguousarray(row).view(np.uint8), bitorder="little")[:vocab_size]
+    return np.flatnonzero(bits)
+
+
+def fill_eos_only(row: np.ndarray, eos_token_ids: tuple[int, ...] | list[int]) -> None:
+    """Allow only the EOS ids in a bitmask row: how a sequence whose grammar failed is ended."""
+    words = row.view(np.uint32)
+    words[:] = 0
+    for token_id in eos_token_ids:
+        words[token_id // 32] |= np.uint32(1 << (token_id % 32))

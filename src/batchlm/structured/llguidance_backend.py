@@ -1,0 +1,162 @@
+"""The grammar backend on llguidance: JSON schemas, regexes, choices and Lark grammars compiled to one
+grammar form, with masks computed by its Rust matcher (the GIL is released while it works)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import llguidance
+import numpy as np
+from llguidance.gbnf_to_lark import any_to_lark
+
+from batchlm.sampling_params import StructuredOutputs
+from batchlm.structured.backend import GrammarError, GrammarMatcher, LRUCache, bitmask_words, fill_eos_only
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+# Compact JSON: flexible whitespace would let a weak model spend its whole budget on blanks.
+JSON_OPTIONS: llguidance._lib.JsonCompileOptions = {"whitespace_flexible": False}
+ANY_JSON_OBJECT = '{"type": "object"}'
+CACHE_SIZE = 256
+
+# Grammar texts validated in this process (API edge and engine alike), by StructuredOutputs.key.
+_validated: LRUCache[tuple[str, str], str] = LRUCache(CACHE_SIZE)
+_validated_lock = threading.Lock()
+
+
+def lark_from_user_grammar(text: str) -> str:
+    """A grammar as a client sent it, as Lark: GBNF (it uses `::=`) is converted. Raises GrammarError."""
+    if "::=" not in text:
+        return text
+    try:
+        return any_to_lark(text)
+    except Exception as exc:  # the converter raises plain exceptions for bad GBNF
+        raise GrammarError(f"the GBNF grammar could not be converted: {exc}") from None
+
+
+def grammar_text(spec: StructuredOutputs) -> str:
+    """llguidance's grammar for a spec (not yet checked). Raises GrammarError for a schema that is not JSON."""
+    try:
+        if spec.json is not None:
+            return llguidance.LLMatcher.grammar_from_json_schema(spec.json, defaults=JSON_OPTIONS)
+        if spec.json_object:
+            return llguidance.LLMatcher.grammar_from_json_schema(ANY_JSON_OBJECT, defaults=JSON_OPTIONS)
+    except ValueError as exc:
+        raise GrammarError(f"the JSON schema is not valid JSON: {exc}") from None
+    if spec.regex is not None:
+        return llguidance.LLMatcher.grammar_from_regex(spec.regex)
+    if spec.choice is not None:
+        return llguidance.LLMatcher.grammar_from_lark(
+            "start: " + " | ".join(json.dumps(c) for c in spec.choice)
+        )
+    assert spec.grammar is not None
+    return llguidance.LLMatcher.grammar_from_lark(spec.grammar)
+
+
+def validated_grammar(spec: StructuredOutputs) -> str:
+    """The spec's grammar, checked (tokenizer-independent checks) and cached by spec.key.
+    Raises GrammarError naming the problem."""
+
+    def make() -> str:
+        text = grammar_text(spec)
+        error = llguidance.LLMatcher.validate_grammar(text)
+        if error:
+            raise GrammarError(f"the {_kind_name(spec)} does not compile: {error.strip()}")
+        return text
+
+    with _validated_lock:
+        return _validated.get_or_make(spec.key, make)
+
+
+def validated_cache() -> LRUCache[tuple[str, str], str]:
+    return _validated
+
+
+def _kind_name(spec: StructuredOutputs) -> str:
+    kind = spec.key[0]
+    return {"json": "JSON schema", "json_object": "JSON grammar", "choice": "choice grammar"}.get(kind, kind)
+
+
+class LLGuidanceMatcher:
+    """One sequence's llguidance matcher."""
+
+    def __init__(self, matcher: llguidance.LLMatcher, eos_token_ids: Sequence[int]) -> None:
+        self.inner = matcher
+        self._eos_token_ids = tuple(eos_token_ids)
+
+    def fill_bitmask(self, row: np.ndarray) -> None:
+        if self.inner.is_error():
+            self.fill_eos_only(row)
+            return
+        self.inner.unsafe_compute_mask_ptr(row.ctypes.data, row.nbytes)
+
+    def fill_eos_only(self, row: np.ndarray) -> None:
+        """A matcher that has gone wrong ends its sequence rather than leaving it unconstrained."""
+        fill_eos_only(row, self._eos_token_ids)
+
+    def accept(self, token_id: int) -> bool:
+        return bool(self.inner.consume_token(token_id))
+
+    @property
+    def is_terminated(self) -> bool:
+        return bool(self.inner.is_stopped())
+
+
+class LLGuidanceBackend:
+    """Compiles specs against one tokenizer; a compiled grammar is kept (by spec.key) as a pristine
+    matcher that each new sequence deep-copies."""
+
+    def __init__(
+        self, tokenizer: llguidance.LLTokenizer, eos_token_ids: Sequence[int], threads: int = 1
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.bitmask_words = bitmask_words(tokenizer.vocab_size)
+        self._compiled: LRUCache[tuple[str, str], llguidance.LLMatcher] = LRUCache(CACHE_SIZE)
+        self._lock = threading.Lock()
+        self._executor = llguidance.LLExecutor(num_threads=threads)
+
+    @classmethod
+    def from_hf(
+        cls, hf: PreTrainedTokenizerBase, vocab_size: int, eos_token_ids: Sequence[int], threads: int = 1
+    ) -> LLGuidanceBackend:
+        """vocab_size: the model's logits width; the masks cover at least that many ids."""
+        import llguidance.hf
+
+        n_vocab = max(vocab_size, len(hf))
+        eos = list(eos_token_ids) or None
+        tokenizer = llguidance.hf.from_tokenizer(hf, n_vocab=n_vocab, eos_token=eos)  # type: ignore[arg-type]
+        return cls(tokenizer, eos_token_ids or tokenizer.eos_tokens, threads)
+
+    @property
+    def compiled_cache(self) -> LRUCache[tuple[str, str], llguidance.LLMatcher]:
+        return self._compiled
+
+    def matcher(self, spec: StructuredOutputs) -> LLGuidanceMatcher:
+        with self._lock:
+            template = self._compiled.get_or_make(spec.key, lambda: self._compile(spec))
+        return LLGuidanceMatcher(template.deep_copy(), self.eos_token_ids)
+
+    def _compile(self, spec: StructuredOutputs) -> llguidance.LLMatcher:
+        matcher = llguidance.LLMatcher(self.tokenizer, validated_grammar(spec), log_level=0)
+        if matcher.is_error():
+            raise GrammarError(f"the {_kind_name(spec)} does not compile: {matcher.get_error().strip()}")
+        return matcher
+
+    def fill_bitmasks(self, matchers: Sequence[GrammarMatcher], bitmask: np.ndarray) -> None:
+        """bitmask: [rows, bitmask_words] int32, C-contiguous; row i for matchers[i]."""
+        assert bitmask.dtype == np.int32 and bitmask.flags["C_CONTIGUOUS"]
+        assert bitmask.shape[1] == self.bitmask_words
+        healthy: list[tuple[llguidance.LLMatcher, int]] = []
+        for index, matcher in enumerate(matchers):
+            if isinstance(matcher, LLGuidanceMatcher) and not matcher.inner.is_error():
+                healthy.append((matcher.inner, index))
+            else:
+                matcher.fill_bitmask(bitmask[index])
+        if healthy:
+            row_bytes = self.bitmask_words * 4
+            self._executor.unsafe_compute_mask_ptr(healthy, bitmask.ctypes.data, row_bytes, bitmask.shape[0])

@@ -1,0 +1,149 @@
+"""The engine's constrained sequences: one matcher per sequence, kept in step with the sequence's
+output tokens, and each step's bitmask computed on a worker thread while the model runs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from batchlm.core.step_io import PLACEHOLDER_TOKEN_ID
+from batchlm.sampling_params import StructuredOutputs
+from batchlm.structured.backend import GrammarBackend, GrammarError, GrammarMatcher, fill_eos_only
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GrammarMasks:
+    """One step's masks for the constrained rows of the sampled batch."""
+
+    # Batch rows (in sampling order) that are constrained, ascending.
+    rows: tuple[int, ...]
+    # [len(rows), words] int32: bit t % 32 of word t // 32 set when token t is allowed.
+    bitmask: np.ndarray
+
+
+class _EndingMatcher:
+    """Stands in for a grammar that failed to compile in the engine: the sequence ends at once."""
+
+    def __init__(self, eos_token_ids: tuple[int, ...]) -> None:
+        self._eos_token_ids = eos_token_ids
+
+    def fill_bitmask(self, row: np.ndarray) -> None:
+        fill_eos_only(row, self._eos_token_ids)
+
+    def accept(self, token_id: int) -> bool:
+        return token_id in self._eos_token_ids
+
+    @property
+    def is_terminated(self) -> bool:
+        return True
+
+
+@dataclass(eq=False)
+class _Sequence:
+    matcher: GrammarMatcher
+    # The sequence's output token ids (the runner's list, appended to as tokens are sampled).
+    output_token_ids: list[int]
+    # How many of them the matcher has accepted.
+    num_accepted: int = 0
+
+
+class ConstrainedSequences:
+    """Matchers of the running constrained sequences, by request id.
+
+    A matcher follows its sequence's output tokens lazily: before each mask it accepts the tokens
+    sampled since the last one. A sequence re-added after preemption starts a fresh matcher that
+    accepts every token generated so far, so recompute never changes what the grammar allows.
+    """
+
+    def __init__(self, make_backend: Callable[[tuple[int, ...]], GrammarBackend]) -> None:
+        self._make_backend = make_backend
+        self._backend: GrammarBackend | None = None
+        self._sequences: dict[str, _Sequence] = {}
+        self._worker: ThreadPoolExecutor | None = None
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._sequences
+
+    def __len__(self) -> int:
+        return len(self._sequences)
+
+    def add(
+        self,
+        request_id: str,
+        spec: StructuredOutputs,
+        output_token_ids: list[int],
+        eos_token_ids: Sequence[int],
+    ) -> None:
+        """Start a sequence's matcher; `output_token_ids` is the list the runner keeps appending to."""
+        backend = self._backend_for(tuple(eos_token_ids))
+        matcher: GrammarMatcher
+        try:
+            matcher = backend.matcher(spec)
+        except GrammarError as exc:
+            # The API edge compiles every spec first; this is a grammar only this tokenizer rejects.
+            logger.error("request %s: its grammar does not compile (%s); it ends now", request_id, exc)
+            matcher = _EndingMatcher(backend.eos_token_ids)
+        self._sequences[request_id] = _Sequence(matcher, output_token_ids)
+
+    def drop(self, request_ids: Sequence[str] | frozenset[str]) -> None:
+        for request_id in request_ids:
+            self._sequences.pop(request_id, None)
+
+    def tokens_known(self, request_ids: Sequence[str]) -> bool:
+        """True when none of these sequences waits for a token still being sampled."""
+        for request_id in request_ids:
+            tokens = self._sequences[request_id].output_token_ids
+            if tokens and tokens[-1] == PLACEHOLDER_TOKEN_ID:
+                return False
+        return True
+
+    def start_masks(self, rows: Sequence[tuple[int, str]]) -> Future[GrammarMasks]:
+        """Compute the masks of (batch row, request id) pairs on the worker thread. The sequences'
+        tokens must be known (tokens_known) and must not change until the result is read."""
+        assert self._backend is not None
+        sequences = [self._sequences[request_id] for _, request_id in rows]
+        # The slices are taken here, on the caller's thread, which owns the token lists.
+        new_tokens = [seq.output_token_ids[seq.num_accepted :] for seq in sequences]
+        for seq, tokens in zip(sequences, new_tokens, strict=True):
+            seq.num_accepted += len(tokens)
+        batch_rows = tuple(row for row, _ in rows)
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-masks")
+        return self._worker.submit(self._compute, self._backend, batch_rows, sequences, new_tokens)
+
+    @staticmethod
+    def _compute(
+        backend: GrammarBackend,
+        rows: tuple[int, ...],
+        sequences: list[_Sequence],
+        new_tokens: list[list[int]],
+    ) -> GrammarMasks:
+        matchers = []
+        for seq, tokens in zip(sequences, new_tokens, strict=True):
+            for token_id in tokens:
+                if not seq.matcher.accept(token_id):
+                    logger.warning("a constrained sequence sampled token %d its grammar rejects", token_id)
+            matchers.append(seq.matcher)
+        bitmask = np.empty((len(rows), backend.bitmask_words), dtype=np.int32)
+        backend.fill_bitmasks(matchers, bitmask)
+        return GrammarMasks(rows, bitmask)
+
+    def compute_masks(self, rows: Sequence[tuple[int, str]]) -> GrammarMasks:
+        """start_masks, waited for."""
+        return self.start_masks(rows).result()
+
+    def _backend_for(self, eos_token_ids: tuple[int, ...]) -> GrammarBackend:
+        if self._backend is None:
+            self._backend = self._make_backend(eos_token_ids)
+        return self._backend
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None

@@ -1,0 +1,174 @@
+"""The llguidance grammar backend: each kind of spec, GBNF conversion, compile errors and the caches."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from batchlm.sampling_params import SamplingParamsError, StructuredOutputs
+from batchlm.structured.backend import GrammarError, LRUCache, allowed_tokens
+from batchlm.structured.llguidance_backend import (
+    LLGuidanceBackend,
+    lark_from_user_grammar,
+    validated_cache,
+    validated_grammar,
+)
+from batchlm.structured.sequences import ConstrainedSequences
+
+EOS = (1, 3)
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_tokenizer) -> LLGuidanceBackend:
+    # 2048-token tokenizer, a model with a padded vocabulary of 2080.
+    return LLGuidanceBackend.from_hf(tiny_tokenizer.hf, 2080, EOS)
+
+
+def greedy_walk(backend: LLGuidanceBackend, spec: StructuredOutputs, tokenizer, prefer: str) -> str:
+    """Drive a matcher to the end, each step taking the allowed token whose text best continues
+    `prefer` (else the lowest allowed id); returns the text produced."""
+    matcher = backend.matcher(spec)
+    row = np.empty(backend.bitmask_words, dtype=np.int32)
+    text = ""
+    for _ in range(200):
+        matcher.fill_bitmask(row)
+        allowed = allowed_tokens(row, 2080)
+        assert len(allowed), "a live grammar always allows something"
+        if matcher.is_terminated:
+            assert set(allowed.tolist()) == set(EOS)
+            return text
+        rest = prefer[len(text) :]
+        pieces = {int(t): tokenizer.decode([int(t)]) for t in allowed if int(t) not in EOS}
+        fitting = [t for t, piece in pieces.items() if piece and rest.startswith(piece)]
+        token = max(fitting, key=lambda t: len(pieces[t])) if fitting else int(allowed[0])
+        if token in EOS:
+            return text
+        assert matcher.accept(token)
+        text += pieces[token]
+    raise AssertionError("the grammar never finished")
+
+
+def test_json_schema_output_follows_the_schema(backend, tiny_tokenizer) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 5}, "n": {"type": "integer"}},
+        "required": ["name", "n"],
+        "additionalProperties": False,
+    }
+    text = greedy_walk(
+        backend, StructuredOutputs(json=json.dumps(schema)), tiny_tokenizer, '{"name":"ab","n":42}'
+    )
+    assert json.loads(text) == {"name": "ab", "n": 42}
+
+
+def test_bitmask_forbids_what_the_grammar_cannot_take(backend, tiny_tokenizer) -> None:
+    matcher = backend.matcher(StructuredOutputs(regex="[0-9]+"))
+    row = np.empty(backend.bitmask_words, dtype=np.int32)
+    matcher.fill_bitmask(row)
+    allowed = allowed_tokens(row, 2080)
+    texts = [tiny_tokenizer.decode([int(t)]) for t in allowed]
+    assert texts and all(t.isdigit() for t in texts)
+    assert all(t < 2048 for t in allowed), "padding ids are never allowed"
+    letter = tiny_tokenizer.encode("a", add_special_tokens=False)[0]
+    assert letter not in allowed.tolist()
+
+
+def test_regex_choice_and_lark(backend, tiny_tokenizer) -> None:
+    assert greedy_walk(backend, StructuredOutputs(regex=r"(cat|dog)s?"), tiny_tokenizer, "dogs") == "dogs"
+    choice = StructuredOutputs(choice=("red", "green", 'say "hi"'))
+    assert greedy_walk(backend, choice, tiny_tokenizer, "green") == "green"
+    assert greedy_walk(backend, choice, tiny_tokenizer, 'say "hi"') == 'say "hi"'
+    lark = 'start: "(" item ("," item)* ")"\nitem: /[a-c]/'
+    assert greedy_walk(backend, StructuredOutputs(grammar=lark), tiny_tokenizer, "(a,b,c)") == "(a,b,c)"
+
+
+def test_json_object_allows_any_object(backend, tiny_tokenizer) -> None:
+    text = greedy_walk(backend, StructuredOutputs(json_object=True), tiny_tokenizer, '{"k":[1,true,null]}')
+    assert json.loads(text) == {"k": [1, True, None]}
+
+
+def test_gbnf_is_converted_to_lark(backend, tiny_tokenizer) -> None:
+    gbnf = 'root ::= answer "!"\nanswer ::= "yes" | "no"'
+    lark = lark_from_user_grammar(gbnf)
+    assert "::=" not in lark
+    assert greedy_walk(backend, StructuredOutputs(grammar=lark), tiny_tokenizer, "no!") == "no!"
+    assert lark_from_user_grammar('start: "x"') == 'start: "x"'
+    with pytest.raises(GrammarError, match="GBNF"):
+        lark_from_user_grammar("root ::= (")
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        (StructuredOutputs(json='{"type": "strin"}'), "strin"),
+        (StructuredOutputs(json="{not json"), "JSON"),
+        (StructuredOutputs(regex="a[bc"), "unclosed character class"),
+        (StructuredOutputs(grammar="start: missing_rule"), "missing_rule"),
+    ],
+)
+def test_bad_specs_raise_an_error_naming_the_problem(spec, fragment) -> None:
+    with pytest.raises(GrammarError, match=fragment):
+        validated_grammar(spec)
+
+
+def test_specs_are_well_formed() -> None:
+    with pytest.raises(SamplingParamsError):
+        StructuredOutputs()
+    with pytest.raises(SamplingParamsError):
+        StructuredOutputs(regex="a", json_object=True)
+    with pytest.raises(SamplingParamsError):
+        StructuredOutputs(choice=())
+
+
+def test_compiled_grammars_are_cached_by_key(backend) -> None:
+    spec = StructuredOutputs(regex="x+y")
+    validated = validated_cache()
+    hits = validated.hits
+    validated_grammar(spec)
+    validated_grammar(StructuredOutputs(regex="x+y"))
+    assert validated.hits == hits + 1
+    compiled = backend.compiled_cache
+    misses, hits = compiled.misses, compiled.hits
+    first, second = backend.matcher(spec), backend.matcher(StructuredOutputs(regex="x+y"))
+    assert (compiled.misses, compiled.hits) == (misses + 1, hits + 1)
+    assert first.inner is not second.inner, "each sequence gets its own matcher state"
+
+
+def test_lru_cache_evicts_the_least_recently_used() -> None:
+    cache: LRUCache[str, int] = LRUCache(2)
+    cache.get_or_make("a", lambda: 1)
+    cache.get_or_make("b", lambda: 2)
+    cache.get_or_make("a", lambda: 0)  # a is now the most recent
+    cache.get_or_make("c", lambda: 3)
+    assert cache.get_or_make("a", lambda: -1) == 1
+    assert cache.get_or_make("b", lambda: -2) == -2, "b was evicted"
+
+
+def test_sequences_follow_output_tokens_and_batch_masks(backend, tiny_tokenizer) -> None:
+    sequences = ConstrainedSequences(lambda eos: backend)
+    digits: list[int] = []
+    letters: list[int] = []
+    sequences.add("digits", StructuredOutputs(regex="[0-9]{2}"), digits, EOS)
+    sequences.add("letters", StructuredOutputs(regex="[a-z]+"), letters, EOS)
+    masks = sequences.compute_masks([(0, "digits"), (2, "letters")])
+    assert masks.rows == (0, 2)
+    assert masks.bitmask.shape == (2, backend.bitmask_words)
+    seven = tiny_tokenizer.encode("7", add_special_tokens=False)[0]
+    assert seven in allowed_tokens(masks.bitmask[0], 2080).tolist()
+    assert seven not in allowed_tokens(masks.bitmask[1], 2080).tolist()
+    digits.extend([seven, seven])  # the runner appends sampled tokens to the same list
+    masks = sequences.compute_masks([(0, "digits")])
+    assert set(allowed_tokens(masks.bitmask[0], 2080).tolist()) == set(EOS)
+    sequences.drop(["digits"])
+    assert "digits" not in sequences and "letters" in sequences
+    sequences.close()
+
+
+def test_a_grammar_the_engine_cannot_compile_ends_the_sequence(backend) -> None:
+    sequences = ConstrainedSequences(lambda eos: backend)
+    sequences.add("bad", StructuredOutputs(grammar="start: nowhere"), [], EOS)
+    masks = sequences.compute_masks([(0, "bad")])
+    assert set(allowed_tokens(masks.bitmask[0], 2080).tolist()) == set(EOS)
+    sequences.close()

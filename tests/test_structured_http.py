@@ -1,0 +1,223 @@
+"""Structured outputs over HTTP against the torch engine on the tiny random-weight llama: response_format
+(json_schema, json_object), structured_outputs and guided_* on chat and completions, streaming, the
+openai client's parse and stream helpers, and 400s that name a bad schema or grammar."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from pydantic import BaseModel, Field
+
+from batchlm.config import EngineConfig
+from batchlm.engine.async_engine import AsyncLLMEngine
+from batchlm.server.background import BackgroundServer
+from fake_engine import openai_client
+
+USER = [{"role": "user", "content": "Describe a person as JSON."}]
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "colour": {"enum": ["red", "green", "blue"]},
+        "member": {"type": "boolean"},
+    },
+    "required": ["name", "age", "colour", "member"],
+    "additionalProperties": False,
+}
+JSON_SCHEMA_FORMAT = {
+    "type": "json_schema",
+    "json_schema": {"name": "person", "schema": SCHEMA, "strict": True},
+}
+
+
+class Person(BaseModel):
+    name: str = Field(max_length=6)
+    age: int = Field(ge=0, le=150)
+    colour: Literal["red", "green", "blue"]
+    member: bool
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Callable[..., Path]) -> Iterator[BackgroundServer]:
+    config = EngineConfig(model=str(tiny_model_dir("llama")), device="cpu", served_model_name="tiny")
+    engine = AsyncLLMEngine(config, multiprocess=False)
+    running = BackgroundServer(engine, start_engine=engine.start).start()
+    running.wait_until_ready(180)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server: BackgroundServer) -> Any:
+    return openai_client(server.base_url)
+
+
+def test_response_format_json_schema(client: Any) -> None:
+    response = client.chat.completions.create(
+        model="tiny",
+        messages=USER,
+        max_tokens=100,
+        temperature=1.0,
+        seed=1,
+        n=3,
+        response_format=JSON_SCHEMA_FORMAT,
+    )
+    for choice in response.choices:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.message.content), SCHEMA)
+
+
+def test_response_format_json_object(client: Any) -> None:
+    response = client.chat.completions.create(
+        model="tiny", messages=USER, max_tokens=120, temperature=0.0, response_format={"type": "json_object"}
+    )
+    choice = response.choices[0]
+    if choice.finish_reason == "stop":
+        assert isinstance(json.loads(choice.message.content), dict)
+    else:
+        assert choice.finish_reason == "length" and choice.message.content.startswith("{")
+
+
+def test_openai_parse_helper(client: Any) -> None:
+    completion = client.chat.completions.parse(
+        model="tiny", messages=USER, max_tokens=100, temperature=0.0, response_format=Person
+    )
+    message = completion.choices[0].message
+    assert isinstance(message.parsed, Person)
+
+
+def test_openai_stream_helper(client: Any) -> None:
+    with client.chat.completions.stream(
+        model="tiny", messages=USER, max_tokens=100, temperature=0.7, seed=4, response_format=Person
+    ) as stream:
+        deltas = [event.delta for event in stream if event.type == "content.delta"]
+        final = stream.get_final_completion()
+    assert isinstance(final.choices[0].message.parsed, Person)
+    assert "".join(deltas) == final.choices[0].message.content
+
+
+def test_structured_outputs_on_completions(client: Any) -> None:
+    choice = client.completions.create(
+        model="tiny",
+        prompt="Pick:",
+        max_tokens=20,
+        extra_body={"structured_outputs": {"choice": ["left", "right"]}},
+    )
+    assert choice.choices[0].text in ("left", "right")
+    regex = client.completions.create(
+        model="tiny",
+        prompt="Code:",
+        max_tokens=20,
+        extra_body={"structured_outputs": {"regex": "[A-Z]{3}[0-9]{2}"}},
+    )
+    assert re.fullmatch("[A-Z]{3}[0-9]{2}", regex.choices[0].text)
+    gbnf = 'root ::= "(" digit ("," digit)* ")"\ndigit ::= [0-9]'
+    grammar = client.completions.create(
+        model="tiny", prompt="List:", max_tokens=30, extra_body={"structured_outputs": {"grammar": gbnf}}
+    )
+    text, reason = grammar.choices[0].text, grammar.choices[0].finish_reason
+    assert re.fullmatch(r"\([0-9](,[0-9])*\)" if reason == "stop" else r"\([0-9](,[0-9])*,?", text)
+    schema = client.completions.create(
+        model="tiny",
+        prompt="{",
+        max_tokens=100,
+        extra_body={"structured_outputs": {"json": json.dumps(SCHEMA)}},
+    )
+    jsonschema.validate(json.loads(schema.choices[0].text), SCHEMA)
+
+
+def test_structured_outputs_and_guided_fields_on_chat(client: Any) -> None:
+    lark = 'start: "yes" | "no"'
+    response = client.chat.completions.create(
+        model="tiny", messages=USER, max_tokens=10, extra_body={"structured_outputs": {"grammar": lark}}
+    )
+    assert response.choices[0].message.content in ("yes", "no")
+    guided = client.chat.completions.create(
+        model="tiny", messages=USER, max_tokens=10, extra_body={"guided_choice": ["one", "two"]}
+    )
+    assert guided.choices[0].message.content in ("one", "two")
+    guided_json = client.chat.completions.create(
+        model="tiny", messages=USER, max_tokens=100, temperature=0.0, extra_body={"guided_json": SCHEMA}
+    )
+    jsonschema.validate(json.loads(guided_json.choices[0].message.content), SCHEMA)
+
+
+def test_streaming_constrained_output(client: Any) -> None:
+    stream = client.chat.completions.create(
+        model="tiny", messages=USER, max_tokens=100, stream=True, response_format=JSON_SCHEMA_FORMAT
+    )
+    text, reasons = "", []
+    for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+            reasons.append(chunk.choices[0].finish_reason)
+    assert reasons[-1] == "stop"
+    jsonschema.validate(json.loads(text), SCHEMA)
+    stream = client.completions.create(
+        model="tiny",
+        prompt="Code:",
+        max_tokens=20,
+        stream=True,
+        extra_body={"structured_outputs": {"regex": "[a-f]{4}"}},
+    )
+    assert re.fullmatch("[a-f]{4}", "".join(chunk.choices[0].text for chunk in stream if chunk.choices))
+
+
+def test_max_tokens_cut_is_length(client: Any) -> None:
+    response = client.chat.completions.create(
+        model="tiny", messages=USER, max_tokens=3, response_format=JSON_SCHEMA_FORMAT
+    )
+    assert response.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "fragment"),
+    [
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "strnig"}},
+                }
+            },
+            "response_format",
+            "strnig",
+        ),
+        ({"response_format": {"type": "xml"}}, "response_format", "xml"),
+        ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema"),
+        ({"structured_outputs": {"regex": "a[b"}}, "structured_outputs", "unclosed character class"),
+        ({"structured_outputs": {"grammar": "start: nothing_here"}}, "structured_outputs", "nothing_here"),
+        ({"structured_outputs": {"json": "{oops"}}, "structured_outputs", "not valid JSON"),
+        ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs", "exactly one"),
+        ({"structured_outputs": {"choice": []}}, "structured_outputs", "empty"),
+        ({"guided_regex": "a", "structured_outputs": {"regex": "b"}}, "guided_regex", "Only one"),
+        ({"structured_outputs": {"regex": "a"}, "min_tokens": 2}, "min_tokens", "min_tokens"),
+    ],
+)
+def test_bad_constraints_are_a_400_naming_the_problem(
+    server: BackgroundServer, body: dict[str, Any], param: str, fragment: str
+) -> None:
+    payload = {"model": "tiny", "messages": USER, "max_tokens": 5, **body}
+    response = httpx.post(f"{server.base_url}/v1/chat/completions", json=payload, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param
+    assert fragment in error["message"]
+
+
+def test_bad_grammar_on_completions_is_a_400(client: Any) -> None:
+    with pytest.raises(openai.BadRequestError, match="unclosed"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=5, extra_body={"guided_regex": "(["})
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(
+            model="tiny", prompt="x", extra_body={"response_format": {"type": "json_object"}}
+        )
