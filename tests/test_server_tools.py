@@ -303,24 +303,19 @@ def test_bad_tool_requests_are_400_naming_the_field(
     assert error["param"] == param and words in error["message"]
 
 
-@pytest.fixture(scope="module")
-def mistral_server(engine: FakeEngine) -> Iterator[BackgroundServer]:
+def test_a_chosen_parser_reads_its_family_and_keeps_special_tokens() -> None:
+    engine = FakeEngine(
+        max_model_len=4096, reply=f'[TOOL_CALLS][{{"name": "get_weather", "arguments": {PARIS}}}]'
+    )
     with BackgroundServer(engine, ServerSettings(tool_call_parser="mistral")) as running:
-        yield running
-
-
-def test_a_chosen_parser_reads_its_family_and_keeps_special_tokens(
-    mistral_server: BackgroundServer, engine: FakeEngine
-) -> None:
-    engine.reply = f'[TOOL_CALLS][{{"name": "get_weather", "arguments": {PARIS}}}]'
-    body = post(mistral_server, {"tools": TOOLS}).json()
+        body = post(running, {"tools": TOOLS}).json()
     [call] = body["choices"][0]["message"]["tool_calls"]
     assert call["function"] == {"name": "get_weather", "arguments": PARIS}
     assert engine.calls[-1].params.skip_special_tokens is False
 
 
-def test_auto_without_a_parser_is_refused(engine: FakeEngine) -> None:
-    with BackgroundServer(engine, ServerSettings(tool_call_parser="none")) as running:
+def test_auto_without_a_parser_is_refused() -> None:
+    with BackgroundServer(FakeEngine(max_model_len=4096), ServerSettings(tool_call_parser="none")) as running:
         response = post(running, {"tools": TOOLS})
         assert (
             response.status_code == 400 and "--tool-call-parser none" in response.json()["error"]["message"]
@@ -360,3 +355,17 @@ def test_one_delta_holding_two_complete_calls_streams_both() -> None:
     ]  # fmt: skip
     assert deltas[0]["tool_calls"][0]["id"] != deltas[2]["tool_calls"][0]["id"]
     assert deltas[-1] == {} and chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_an_agent_loop_sends_the_reply_message_back(client: Any, engine: FakeEngine) -> None:
+    engine.reply = HERMES_REPLY
+    first = client.chat.completions.create(model="fake-model", messages=USER, tools=TOOLS)
+    message = first.choices[0].message
+    call = message.tool_calls[0]
+    engine.reply = "It is 21 degrees."
+    history = [*USER, message, {"role": "tool", "tool_call_id": call.id, "content": "21 degrees"}]
+    second = client.chat.completions.create(model="fake-model", messages=history, tools=TOOLS)
+    assert second.choices[0].message.content == "It is 21 degrees."
+    sent = engine.tokenizer.last_chat["messages"]
+    assert sent[2]["content"].startswith("Let me look.\n<tool_call>")
+    assert sent[3]["content"] == "<tool_response>\n21 degrees\n</tool_response>"
