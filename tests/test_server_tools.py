@@ -152,6 +152,7 @@ def test_required_decodes_under_a_schema_that_forces_a_call(client: Any, engine:
     assert not satisfies([], schema)
     assert not satisfies([{"name": "get_weather", "parameters": {"zone": "UTC"}}], schema)
     assert not satisfies([{"name": "launch", "parameters": {}}], schema)
+    assert all(option["additionalProperties"] is False for option in schema["items"]["anyOf"])
 
 
 def test_required_without_parallel_calls_allows_one(client: Any, engine: FakeEngine) -> None:
@@ -369,3 +370,21 @@ def test_an_agent_loop_sends_the_reply_message_back(client: Any, engine: FakeEng
     sent = engine.tokenizer.last_chat["messages"]
     assert sent[2]["content"].startswith("Let me look.\n<tool_call>")
     assert sent[3]["content"] == "<tool_response>\n21 degrees\n</tool_response>"
+
+
+def test_streamed_logprobs_of_held_back_text_are_not_lost(client: Any, engine: FakeEngine) -> None:
+    engine.reply = HERMES_REPLY
+    chunks = list(
+        client.chat.completions.create(
+            model="fake-model",
+            messages=USER,
+            tools=TOOLS,
+            stream=True,
+            logprobs=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    entries = [
+        e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content
+    ]
+    assert len(entries) == chunks[-1].usage.completion_tokens == len(HERMES_REPLY.encode())

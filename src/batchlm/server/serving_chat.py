@@ -175,7 +175,11 @@ class ChatStreamFormatter(ChunkFormatter):
             if completion.finish_reason is not None:
                 stream = self._tool_streams.get(completion.index)
                 reason = finish_reason(completion.finish_reason, stream is not None and stream.called)
-                yield self._chunk([ChatChunkChoice(index=completion.index, delta={}, finish_reason=reason)])
+                held = self._held_logprobs.pop(completion.index, None)
+                finish = ChatChunkChoice(
+                    index=completion.index, delta={}, logprobs=held, finish_reason=reason
+                )
+                yield self._chunk([finish])
 
     def _tool_deltas(self, completion: CompletionOutput) -> Iterator[bytes]:
         """Content and call pieces the parser settles; log-probabilities ride on the next piece sent."""

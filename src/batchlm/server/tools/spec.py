@@ -68,6 +68,8 @@ class ToolPlan:
                     "parameters": tool.parameters or ANY_OBJECT,
                 },
                 "required": ["name", "parameters"],
+                # Without this a small model may keep adding keys until max_tokens.
+                "additionalProperties": False,
             }
             for tool in self.tools
         ]
