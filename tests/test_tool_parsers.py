@@ -15,6 +15,9 @@ from batchlm.server.tools.parser import ToolParser
 from batchlm.server.tools.registry import detect_parser_name
 
 WEATHER = '{"city": "Paris", "unit": "celsius"}'
+SMOLLM2_NAMED = '{\n  "city": "Paris",\n  "unit": "celsius"\n}'
+SMOLLM2_PARAMETERS = '{\n        "city": "Paris",\n        "unit": "celsius"\n    }'
+SMOLLM2_REQUIRED = f'[\n{{\n    "name": "get_weather",\n    "parameters": {SMOLLM2_PARAMETERS}\n}}\n]'
 TIME = '{"zone": "CET {x}", "quote": "a \\"b\\" </tool_call>"}'
 
 # (parser, model output, expected content, expected (name, arguments) calls)
@@ -68,6 +71,14 @@ CASES: list[tuple[ToolParser, str, str | None, list[tuple[str, str]]]] = [
     ),
     (MistralParser(), "[TOOL bar] [TOOL_CALLS", "[TOOL bar] [TOOL_CALLS", []),
     (NamedFunctionParser("get_weather"), f" {WEATHER} ", None, [("get_weather", WEATHER)]),
+    # SmolLM2-135M-Instruct's greedy outputs under the named and required schemas (llguidance).
+    (NamedFunctionParser("get_weather"), SMOLLM2_NAMED, None, [("get_weather", SMOLLM2_NAMED)]),
+    (
+        RequiredCallsParser(),
+        SMOLLM2_REQUIRED,
+        None,
+        [("get_weather", SMOLLM2_PARAMETERS)],
+    ),
     (
         RequiredCallsParser(),
         f'[{{"name": "get_weather", "parameters": {WEATHER}}}, {{"name": "get_time", "parameters": {TIME}}}]',
