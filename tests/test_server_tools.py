@@ -388,3 +388,16 @@ def test_streamed_logprobs_of_held_back_text_are_not_lost(client: Any, engine: F
         e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content
     ]
     assert len(entries) == chunks[-1].usage.completion_tokens == len(HERMES_REPLY.encode())
+
+
+def test_a_function_without_parameters_is_forced_to_an_empty_object(client: Any, engine: FakeEngine) -> None:
+    engine.reply = "{}"
+    ping = {"type": "function", "function": {"name": "ping"}}
+    choice = {"type": "function", "function": {"name": "ping"}}
+    response = client.chat.completions.create(
+        model="fake-model", messages=USER, tools=[ping], tool_choice=choice
+    )
+    assert response.choices[0].message.tool_calls[0].function.arguments == "{}"
+    schema = json.loads(engine.calls[-1].params.structured_outputs.json)
+    assert schema == {"type": "object", "properties": {}, "additionalProperties": False}
+    assert engine.tokenizer.last_chat["kwargs"]["tools"][0]["function"]["parameters"] == schema

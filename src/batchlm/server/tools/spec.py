@@ -16,7 +16,8 @@ from batchlm.server.tools.forced import NamedFunctionParser, RequiredCallsParser
 from batchlm.server.tools.parser import ToolParser
 
 FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
-ANY_OBJECT: dict[str, Any] = {"type": "object"}
+# OpenAI: a function without `parameters` takes none.
+NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
 
 ToolMode = Literal["none", "auto", "required", "named"]
 
@@ -25,7 +26,7 @@ ToolMode = Literal["none", "auto", "required", "named"]
 class FunctionTool:
     name: str
     description: str | None
-    # The arguments' JSON schema (an object schema); None accepts any object.
+    # The arguments' JSON schema (an object schema); None: the function takes no arguments.
     parameters: dict[str, Any] | None
 
 
@@ -46,7 +47,7 @@ class ToolPlan:
         """The JSON schema a forced choice is decoded under, so the call always parses."""
         if self.mode == "named":
             tool = next(t for t in self.tools if t.name == self.named)
-            return StructuredOutputs(json=json.dumps(tool.parameters or ANY_OBJECT))
+            return StructuredOutputs(json=json.dumps(tool.parameters or NO_PARAMETERS))
         if self.mode == "required":
             return StructuredOutputs(json=json.dumps(self._required_schema()))
         return None
@@ -65,7 +66,7 @@ class ToolPlan:
             {
                 "properties": {
                     "name": {"type": "string", "enum": [tool.name]},
-                    "parameters": tool.parameters or ANY_OBJECT,
+                    "parameters": tool.parameters or NO_PARAMETERS,
                 },
                 "required": ["name", "parameters"],
                 # Without this a small model may keep adding keys until max_tokens.
@@ -142,5 +143,5 @@ def _function_dict(tool: FunctionTool) -> dict[str, Any]:
     function: dict[str, Any] = {"name": tool.name}
     if tool.description is not None:
         function["description"] = tool.description
-    function["parameters"] = tool.parameters or ANY_OBJECT
+    function["parameters"] = tool.parameters or NO_PARAMETERS
     return function
