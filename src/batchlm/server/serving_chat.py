@@ -185,7 +185,9 @@ class ChatStreamFormatter(ChunkFormatter):
         """Content and call pieces the parser settles; log-probabilities ride on the next piece sent."""
         parser = self._context.tool_use.parser
         assert parser is not None
-        stream = self._tool_streams.setdefault(completion.index, parser.stream())
+        stream = self._tool_streams.get(completion.index)
+        if stream is None:
+            stream = self._tool_streams[completion.index] = parser.stream()
         settled = stream.feed(completion.text)
         if completion.finish_reason is not None:
             rest = stream.finish()
