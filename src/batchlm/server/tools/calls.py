@@ -12,7 +12,11 @@ _ID_LENGTH = 24
 
 def new_call_id() -> str:
     """An OpenAI-style tool call id: `call_` and 24 random alphanumerics."""
-    return "call_" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(_ID_LENGTH))
+    return "call_" + random_alphanumerics(_ID_LENGTH)
+
+
+def random_alphanumerics(length: int) -> str:
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(length))
 
 
 @dataclass(frozen=True)

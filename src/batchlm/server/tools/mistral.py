@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from batchlm.server.tools.calls import random_alphanumerics
 from batchlm.server.tools.json_scan import skip_whitespace, value_end
 from batchlm.server.tools.parser import ToolParser
 from batchlm.server.tools.scan import CallScan, Scan, ScanBuilder, scan_call_array
@@ -24,6 +25,10 @@ class _Region:
 
 class MistralParser(ToolParser):
     keeps_special_tokens = True
+
+    def new_id(self) -> str:
+        """Mistral's chat templates refuse history whose call ids are not 9 alphanumerics."""
+        return random_alphanumerics(9)
 
     def scan(self, text: str, final: bool) -> Scan:
         builder = ScanBuilder(final)

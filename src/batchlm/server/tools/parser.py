@@ -17,6 +17,9 @@ class ToolParser(ABC):
         # parallel_tool_calls=false keeps the first call only.
         self.max_calls = max_calls
 
+    def new_id(self) -> str:
+        return new_call_id()
+
     @abstractmethod
     def scan(self, text: str, final: bool) -> Scan:
         """Content and calls of `text`, as far as they are settled (all of it when `final`)."""
@@ -24,7 +27,7 @@ class ToolParser(ABC):
     def extract(self, text: str) -> ParsedMessage:
         """A complete output's content and calls. Markup that does not parse stays in the content."""
         scan = self.scan(text, final=True)
-        calls = [ToolCall(new_call_id(), c.name, c.arguments) for c in scan.calls if c.name is not None]
+        calls = [ToolCall(self.new_id(), c.name, c.arguments) for c in scan.calls if c.name is not None]
         calls = calls[: self.max_calls]
         if not calls:
             return ParsedMessage(scan.content, ())
@@ -67,7 +70,7 @@ class ToolCallStream:
             if call.name is None:
                 break
             if index == len(self._ids):
-                self._ids.append(new_call_id())
+                self._ids.append(self._parser.new_id())
                 self._arguments_sent.append(0)
                 deltas.append(ToolCallDelta(index, self._ids[index], call.name, ""))
             fragment = call.arguments[self._arguments_sent[index] :]
