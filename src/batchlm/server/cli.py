@@ -13,6 +13,7 @@ from batchlm.config import EngineConfig
 from batchlm.flags import add_dataclass_arguments, add_engine_arguments, dataclass_from_args
 from batchlm.server.logging_setup import LOG_LEVELS, configure_logging
 from batchlm.server.state import ServerSettings
+from batchlm.server.tools.registry import TOOL_CALL_PARSER_CHOICES
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         server,
         ServerSettings,
         flag_names=SERVER_FLAG_NAMES,
-        choices={"log_level": list(LOG_LEVELS), "backend": list(BACKEND_CHOICES)},
+        choices={
+            "log_level": list(LOG_LEVELS),
+            "backend": list(BACKEND_CHOICES),
+            "tool_call_parser": list(TOOL_CALL_PARSER_CHOICES),
+        },
         help_notes=SERVER_HELP_NOTES,
     )
     add_engine_arguments(parser)

@@ -18,10 +18,11 @@ from typing import Any, TypeVar
 from batchlm.server.errors import APIError
 from batchlm.server.protocol import ChatMessage
 from batchlm.server.text_limits import reject_text_over_context
+from batchlm.server.tools.prompting import template_knows_tools, template_tool_calls, with_generic_tool_prompt
 
 T = TypeVar("T")
 
-CHAT_ROLES = ("system", "developer", "user", "assistant")
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 # Texts longer than this (characters) are tokenized off the event loop. ~1,400 characters take ~1 ms
 # to tokenize; below a few hundred the hand-off would cost more than it frees.
 OFFLOAD_CHARS = 512
@@ -144,7 +145,8 @@ async def encode_text(
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Messages as the chat template expects them ({role, content[, name]}); 400 for what we cannot serve."""
+    """Messages as the chat template expects them ({role, content[, name][, tool_calls][, tool_call_id]});
+    400 for what we cannot serve."""
     converted = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
@@ -159,16 +161,18 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"role": role, "content": content or ""}
         if message.name:
             entry["name"] = message.name
+        if message.tool_calls:
+            entry["tool_calls"] = template_tool_calls(message.tool_calls, where)
+        if message.tool_call_id is not None:
+            entry["tool_call_id"] = message.tool_call_id
         converted.append(entry)
     return converted
 
 
 def _check_message(message: ChatMessage, where: str) -> None:
-    if message.role in ("tool", "function"):
+    if message.role == "function":
         raise APIError(
-            400,
-            f"{where}: role '{message.role}' needs tool calling, which is not supported.",
-            f"{where}.role",
+            400, f"{where}: the deprecated role 'function' is not served; use 'tool'.", f"{where}.role"
         )
     if message.role not in CHAT_ROLES:
         raise APIError(
@@ -176,11 +180,23 @@ def _check_message(message: ChatMessage, where: str) -> None:
             f"{where}: invalid role '{message.role}'; expected one of {list(CHAT_ROLES)}.",
             f"{where}.role",
         )
-    for name in ("tool_calls", "tool_call_id", "function_call", "audio"):
+    for name in ("function_call", "audio"):
         if getattr(message, name):
             raise APIError(
-                400, f"{where}: '{name}' is not supported (no tool calling or audio).", f"{where}.{name}"
+                400, f"{where}: '{name}' is not supported (send tool_calls; no audio).", f"{where}.{name}"
             )
+    _check_tool_fields(message, where)
+
+
+def _check_tool_fields(message: ChatMessage, where: str) -> None:
+    if message.tool_calls and message.role != "assistant":
+        raise APIError(400, f"{where}: only assistant messages carry 'tool_calls'.", f"{where}.tool_calls")
+    if message.role == "tool" and not message.tool_call_id:
+        raise APIError(
+            400, f"{where}: a 'tool' message needs the 'tool_call_id' it answers.", f"{where}.tool_call_id"
+        )
+    if message.role != "tool" and message.tool_call_id is not None:
+        raise APIError(400, f"{where}: only 'tool' messages carry 'tool_call_id'.", f"{where}.tool_call_id")
 
 
 def _text_content(content: str | list[dict[str, Any]] | None, where: str) -> str | None:
@@ -216,11 +232,19 @@ async def render_chat(
     continue_final_message: bool,
     chat_template_kwargs: dict[str, Any] | None,
     max_model_len: int | None = None,
+    tools: list[dict[str, Any]] | None = None,
+    tool_prompt: bool = True,
 ) -> list[int]:
-    """Token ids of the conversation rendered by the model's chat template. With `max_model_len`, a
-    rendering too long to fit that context is a 400 before tokenization."""
+    """Token ids of the conversation rendered by the model's chat template. `tools` reach the template
+    as its `tools` variable; a template that does not use them gets them in a generic system prompt
+    instead (unless not `tool_prompt`: tool_choice "none"), and tool history as text. With
+    `max_model_len`, a rendering too long to fit that context is a 400 before tokenization."""
     converted = template_messages(messages)
     _check_continuation(converted, add_generation_prompt, continue_final_message)
+    if not template_knows_tools(getattr(tokenizer, "chat_template", None)):
+        converted = with_generic_tool_prompt(converted, tools if tool_prompt else None)
+    if tools is not None:
+        chat_template_kwargs = {**(chat_template_kwargs or {}), "tools": tools}
 
     def render() -> str:
         text: str = tokenizer.render_chat_template(

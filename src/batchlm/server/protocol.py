@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -15,14 +15,50 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+class FunctionCall(StrictModel):
+    name: str
+    # The arguments as a JSON string, as responses carry them.
+    arguments: str
+
+
+class MessageToolCall(StrictModel):
+    """A call of an earlier assistant message, sent back as history."""
+
+    id: str
+    type: str = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(StrictModel):
+    name: str
+    description: str | None = None
+    # The arguments' JSON schema.
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(StrictModel):
+    type: str
+    function: FunctionDefinition
+
+
+class FunctionName(StrictModel):
+    name: str
+
+
+class NamedToolChoice(StrictModel):
+    type: str
+    function: FunctionName
+
+
 class ChatMessage(StrictModel):
     """One message of a conversation. Content is a string or a list of parts; only text parts are served."""
 
     role: str
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
-    # Accepted so that a previous response can be sent back; rejected unless empty (no tool use here).
-    tool_calls: list[Any] | None = None
+    # An assistant message's calls, and a tool message's answer to one of them.
+    tool_calls: list[MessageToolCall] | None = None
     tool_call_id: str | None = None
     function_call: Any = None
     refusal: str | None = None
@@ -87,12 +123,13 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[ChatTool] | None = None
+    # Omitted: "auto" with tools, "none" without.
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     # Known OpenAI fields batchlm does not serve: a 400 names them unless they hold a neutral value.
-    tools: list[Any] | None = None
-    tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
-    parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
     audio: Any = None
     modalities: list[str] | None = None

@@ -21,11 +21,8 @@ PLACEHOLDER_MODEL_NAMES = ("default", "default_model")
 UnsupportedRule = tuple[str, Callable[[Any], bool], str]
 
 CHAT_UNSUPPORTED: tuple[UnsupportedRule, ...] = (
-    ("tools", lambda v: not v, "tool calling is not supported"),
-    ("tool_choice", lambda v: v in (None, "none"), "tool calling is not supported"),
     ("functions", lambda v: not v, "function calling is not supported"),
     ("function_call", lambda v: v in (None, "none"), "function calling is not supported"),
-    ("parallel_tool_calls", lambda v: v is None, "tool calling is not supported"),
     ("audio", lambda v: v is None, "audio output is not supported"),
     ("modalities", lambda v: v in (None, ["text"]), "only the 'text' modality is supported"),
     ("prediction", lambda v: v is None, "predicted outputs are not supported"),

@@ -36,18 +36,29 @@ from batchlm.server.responding import (
 )
 from batchlm.server.responses import (
     ChatChoice,
+    ChatChoiceLogprobs,
     ChatChunkChoice,
     ChatCompletionChunk,
     ChatCompletionResponse,
     ChatResponseMessage,
 )
 from batchlm.server.state import get_state
+from batchlm.server.tools.calls import StreamDelta
+from batchlm.server.tools.parser import ToolCallStream
+from batchlm.server.tools.use import (
+    ChatToolUse,
+    chat_tool_use,
+    delta_tool_call,
+    finish_reason,
+    response_tool_calls,
+)
 
 
 @dataclass
 class ChatContext(ResponseContext):
     # Top log-probabilities per token, or None when logprobs were not asked for.
     top_logprobs: int | None
+    tool_use: ChatToolUse
 
 
 async def create_chat_completion(request: Request, body: ChatCompletionRequest) -> Response:
@@ -57,6 +68,7 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest) 
     check_n(body.n, state.settings.max_n)
     check_chat_request(body)
     tokenizer = state.engine.tokenizer
+    tool_use = chat_tool_use(body, state.settings.tool_call_parser, getattr(tokenizer, "chat_template", None))
     prompt_ids = await render_chat(
         tokenizer,
         body.messages,
@@ -64,8 +76,10 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest) 
         continue_final_message=body.continue_final_message,
         chat_template_kwargs=body.chat_template_kwargs,
         max_model_len=info.max_model_len,
+        tools=tool_use.template_tools,
+        tool_prompt=tool_use.tool_prompt,
     )
-    params = _sampling_params(body, len(prompt_ids), info)
+    params = tool_use.sampling_params(_sampling_params(body, len(prompt_ids), info))
     context = ChatContext(
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
@@ -73,6 +87,7 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest) 
         tokenizer=tokenizer,
         n=body.n,
         top_logprobs=params.logprobs,
+        tool_use=tool_use,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
     )
     recorder = RequestRecorder(state.metrics, context.request_id, len(prompt_ids), received_at(request))
@@ -104,20 +119,35 @@ async def _full_response(context: ChatContext, generation: Generation) -> ChatCo
             logprobs = chat_logprobs(
                 context.tokenizer, result.token_ids, result.logprobs, context.top_logprobs
             )
-        choices.append(
-            ChatChoice(
-                index=index,
-                message=ChatResponseMessage(content=result.text),
-                logprobs=logprobs,
-                finish_reason=result.finish_reason,
-            )
-        )
+        choices.append(_choice(context, index, result.text, result.finish_reason, logprobs))
     return ChatCompletionResponse(
         id=context.request_id,
         created=context.created,
         model=context.model,
         choices=choices,
         usage=usage_of([generation]),
+    )
+
+
+def _choice(
+    context: ChatContext,
+    index: int,
+    text: str,
+    reason: str | None,
+    logprobs: ChatChoiceLogprobs | None,
+) -> ChatChoice:
+    parser = context.tool_use.parser
+    if parser is None:
+        return ChatChoice(
+            index=index, message=ChatResponseMessage(content=text), logprobs=logprobs, finish_reason=reason
+        )
+    parsed = parser.extract(text)
+    message = ChatResponseMessage(content=parsed.content, tool_calls=response_tool_calls(parsed.tool_calls))
+    return ChatChoice(
+        index=index,
+        message=message,
+        logprobs=logprobs,
+        finish_reason=finish_reason(reason, bool(parsed.tool_calls)),
     )
 
 
@@ -130,6 +160,9 @@ class ChatStreamFormatter(ChunkFormatter):
     def __init__(self, context: ChatContext) -> None:
         super().__init__(context)
         self._context = context
+        # Per choice: its tool-call stream, and log-probabilities of text it holds back.
+        self._tool_streams: dict[int, ToolCallStream] = {}
+        self._held_logprobs: dict[int, ChatChoiceLogprobs] = {}
 
     def opening(self) -> Iterable[bytes]:
         role = {"role": "assistant", "content": ""}
@@ -137,17 +170,53 @@ class ChatStreamFormatter(ChunkFormatter):
 
     def delta(self, position: int, output: RequestOutput) -> Iterator[bytes]:
         for completion in output.outputs:
-            if completion.text or completion.logprobs:
-                yield self._chunk([self._content_choice(completion)])
+            if self._context.tool_use.parser is not None:
+                yield from self._tool_deltas(completion)
+            elif completion.text or completion.logprobs:
+                logprobs = self._logprobs(completion)
+                yield self._chunk([self._content_choice(completion.index, completion.text, logprobs)])
             if completion.finish_reason is not None:
+                stream = self._tool_streams.get(completion.index)
+                reason = finish_reason(completion.finish_reason, stream is not None and stream.called)
+                held = self._held_logprobs.pop(completion.index, None)
                 finish = ChatChunkChoice(
-                    index=completion.index, delta={}, finish_reason=completion.finish_reason
+                    index=completion.index, delta={}, logprobs=held, finish_reason=reason
                 )
                 yield self._chunk([finish])
 
-    def _content_choice(self, completion: CompletionOutput) -> ChatChunkChoice:
-        logprobs = None
+    def _tool_deltas(self, completion: CompletionOutput) -> Iterator[bytes]:
+        """Content and call pieces the parser settles; log-probabilities ride on the next piece sent."""
+        parser = self._context.tool_use.parser
+        assert parser is not None
+        stream = self._tool_streams.get(completion.index)
+        if stream is None:
+            stream = self._tool_streams[completion.index] = parser.stream()
+        settled = stream.feed(completion.text)
+        if completion.finish_reason is not None:
+            rest = stream.finish()
+            settled = StreamDelta(settled.content + rest.content, settled.tool_calls + rest.tool_calls)
+        logprobs = self._merge_held(completion.index, self._logprobs(completion))
+        if settled.content:
+            yield self._chunk([self._content_choice(completion.index, settled.content, logprobs)])
+            logprobs = None
+        for piece in settled.tool_calls:
+            delta = {"tool_calls": [delta_tool_call(piece)]}
+            yield self._chunk([ChatChunkChoice(index=completion.index, delta=delta, logprobs=logprobs)])
+            logprobs = None
+        if logprobs is not None:
+            self._held_logprobs[completion.index] = logprobs
+
+    def _merge_held(self, index: int, logprobs: ChatChoiceLogprobs | None) -> ChatChoiceLogprobs | None:
+        held = self._held_logprobs.pop(index, None)
+        if held is None or logprobs is None:
+            return held or logprobs
+        return ChatChoiceLogprobs(content=(held.content or []) + (logprobs.content or []))
+
+    def _logprobs(self, completion: CompletionOutput) -> ChatChoiceLogprobs | None:
         top = self._context.top_logprobs
-        if top is not None and completion.logprobs:
-            logprobs = chat_logprobs(self._context.tokenizer, completion.token_ids, completion.logprobs, top)
-        return ChatChunkChoice(index=completion.index, delta={"content": completion.text}, logprobs=logprobs)
+        if top is None or not completion.logprobs:
+            return None
+        return chat_logprobs(self._context.tokenizer, completion.token_ids, completion.logprobs, top)
+
+    def _content_choice(self, index: int, text: str, logprobs: ChatChoiceLogprobs | None) -> ChatChunkChoice:
+        return ChatChunkChoice(index=index, delta={"content": text}, logprobs=logprobs)

@@ -41,6 +41,10 @@ class ServerSettings:
     # event loop. None = automatic: 2 when the engine runs on an NVIDIA GPU and there are at least 8
     # CPUs, else 1.
     api_servers: int | None = None
+    # How tool calls are read from a model's output when tool_choice is "auto": "auto" follows the
+    # model's chat template (Hermes/Qwen <tool_call>, Mistral [TOOL_CALLS], Llama 3 JSON; Hermes when it
+    # teaches none), or one family by name; "none" refuses tool_choice "auto".
+    tool_call_parser: str = "auto"
     # Engine backend: "auto" (MLX on Apple Silicon when mlx-lm is installed, else PyTorch), "torch" or "mlx".
     backend: str = "auto"
     # Log level: DEBUG adds one line per request and the access log.

@@ -1,0 +1,47 @@
+"""Llama 3.1 / 3.2 JSON calls: the whole output is `{"name": ..., "parameters": {...}}`, optionally after
+`<|python_tag|>`, several separated by `;`. An output that starts otherwise is text."""
+
+from __future__ import annotations
+
+from batchlm.server.tools.json_scan import scan_object, skip_whitespace
+from batchlm.server.tools.parser import ToolParser
+from batchlm.server.tools.scan import Scan, ScanBuilder, call_from_object
+
+PYTHON_TAG = "<|python_tag|>"
+ARGUMENT_KEYS = ("parameters", "arguments")
+
+
+class Llama3JsonParser(ToolParser):
+    def scan(self, text: str, final: bool) -> Scan:
+        builder = ScanBuilder(final)
+        pos = skip_whitespace(text, 0)
+        if not final and PYTHON_TAG.startswith(text[pos:]):
+            return builder.build()  # nothing yet, or the start of the tag
+        if text.startswith(PYTHON_TAG, pos):
+            pos = skip_whitespace(text, pos + len(PYTHON_TAG))
+        if not text.startswith("{", pos):
+            if final or pos < len(text):
+                builder.verbatim(text)
+            return builder.build()
+        return self._calls(text, pos, builder)
+
+    def _calls(self, text: str, pos: int, builder: ScanBuilder) -> Scan:
+        while True:
+            scan = scan_object(text, pos, builder.final)
+            call = call_from_object(text, scan, ARGUMENT_KEYS, arguments_required=True)
+            if call is None or (builder.final and scan.end is None):
+                builder.verbatim(text if not builder.calls else text[pos:])
+                return builder.build()
+            builder.call(call)
+            if scan.end is None:
+                return builder.build()
+            after = skip_whitespace(text, scan.end)
+            if not text.startswith(";", after):
+                builder.tail(text[after:], ())
+                return builder.build()
+            pos = skip_whitespace(text, after + 1)
+            if pos >= len(text):
+                return builder.build()
+            if text[pos] != "{":
+                builder.tail(text[after:], ())
+                return builder.build()

@@ -1,0 +1,80 @@
+"""The parser interface: a family scans an output into content and calls (`scan`); the same scan serves a
+complete output (`extract`) and a stream (`ToolCallStream`), so the two cannot disagree."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from batchlm.server.tools.calls import ParsedMessage, StreamDelta, ToolCall, ToolCallDelta, new_call_id
+from batchlm.server.tools.scan import Scan
+
+
+class ToolParser(ABC):
+    # The family's call markers are special tokens, which the detokenizer must keep in the text.
+    keeps_special_tokens = False
+
+    def __init__(self, max_calls: int | None = None) -> None:
+        # parallel_tool_calls=false keeps the first call only.
+        self.max_calls = max_calls
+
+    def new_id(self) -> str:
+        return new_call_id()
+
+    @abstractmethod
+    def scan(self, text: str, final: bool) -> Scan:
+        """Content and calls of `text`, as far as they are settled (all of it when `final`)."""
+
+    def extract(self, text: str) -> ParsedMessage:
+        """A complete output's content and calls. Markup that does not parse stays in the content."""
+        scan = self.scan(text, final=True)
+        calls = [ToolCall(self.new_id(), c.name, c.arguments) for c in scan.calls if c.name is not None]
+        calls = calls[: self.max_calls]
+        if not calls:
+            return ParsedMessage(scan.content, ())
+        return ParsedMessage(scan.content or None, tuple(calls))
+
+    def stream(self) -> ToolCallStream:
+        return ToolCallStream(self)
+
+
+class ToolCallStream:
+    """Fed an output's text deltas; answers the content and call deltas each one settles. Text that may
+    begin a call's markup is held back until it is known not to."""
+
+    def __init__(self, parser: ToolParser) -> None:
+        self._parser = parser
+        self._text = ""
+        self._content_sent = 0
+        self._ids: list[str] = []
+        self._arguments_sent: list[int] = []
+
+    @property
+    def called(self) -> bool:
+        return bool(self._ids)
+
+    def feed(self, delta: str) -> StreamDelta:
+        self._text += delta
+        return self._difference(self._parser.scan(self._text, final=False))
+
+    def finish(self) -> StreamDelta:
+        scan = self._parser.scan(self._text, final=True)
+        if len(scan.calls) < len(self._ids):  # a call cut short: what was sent of it stands
+            return StreamDelta("", ())
+        return self._difference(scan)
+
+    def _difference(self, scan: Scan) -> StreamDelta:
+        content = scan.content[self._content_sent :]
+        self._content_sent = max(self._content_sent, len(scan.content))
+        deltas: list[ToolCallDelta] = []
+        for index, call in enumerate(scan.calls[: self._parser.max_calls]):
+            if call.name is None:
+                break
+            if index == len(self._ids):
+                self._ids.append(self._parser.new_id())
+                self._arguments_sent.append(0)
+                deltas.append(ToolCallDelta(index, self._ids[index], call.name, ""))
+            fragment = call.arguments[self._arguments_sent[index] :]
+            if fragment:
+                deltas.append(ToolCallDelta(index, None, None, fragment))
+                self._arguments_sent[index] = len(call.arguments)
+        return StreamDelta(content, tuple(deltas))

@@ -1,0 +1,71 @@
+"""Tool use in the prompt: history messages in the form chat templates take them, and for a template
+that knows nothing of tools (SmolLM2's ChatML, say) a system prompt that describes the tools and asks for
+Hermes-style `<tool_call>` markup, with earlier calls and results written out in that markup."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from batchlm.server.errors import APIError
+from batchlm.server.protocol import MessageToolCall
+
+TOOLS_PROMPT = (
+    "You can call functions to answer the user. These are the functions, as JSON schemas:\n"
+    "<tools>\n{tools}\n</tools>\n"
+    "To call a function, reply with its name and arguments, one call per block:\n"
+    '<tool_call>\n{{"name": <function name>, "arguments": <the arguments as a JSON object>}}\n</tool_call>'
+)
+
+
+def template_knows_tools(chat_template: str | None) -> bool:
+    return chat_template is not None and "tools" in chat_template
+
+
+def template_tool_calls(calls: list[MessageToolCall], where: str) -> list[dict[str, Any]]:
+    """An assistant message's calls with their arguments as objects, as templates render them."""
+    converted = []
+    for j, call in enumerate(calls):
+        try:
+            arguments = json.loads(call.function.arguments)
+        except ValueError:
+            arguments = None
+        if not isinstance(arguments, dict):
+            raise APIError(
+                400,
+                f"{where}.tool_calls[{j}].function.arguments must be a JSON object encoded as a string.",
+                param=f"{where}.tool_calls[{j}].function.arguments",
+            )
+        function = {"name": call.function.name, "arguments": arguments}
+        converted.append({"id": call.id, "type": "function", "function": function})
+    return converted
+
+
+def with_generic_tool_prompt(
+    messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+) -> list[dict[str, Any]]:
+    """`messages` for a template without tool support: calls and results as text, tools in the system
+    prompt (added to the first system message, or as a new one)."""
+    converted = [_as_text(message) for message in messages]
+    if not tools:
+        return converted
+    prompt = TOOLS_PROMPT.format(tools="\n".join(json.dumps(tool) for tool in tools))
+    if converted and converted[0]["role"] == "system":
+        first = converted[0]
+        converted[0] = {**first, "content": f"{first['content']}\n\n{prompt}" if first["content"] else prompt}
+    else:
+        converted.insert(0, {"role": "system", "content": prompt})
+    return converted
+
+
+def _as_text(message: dict[str, Any]) -> dict[str, Any]:
+    if message["role"] == "tool":
+        return {"role": "user", "content": f"<tool_response>\n{message['content']}\n</tool_response>"}
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    blocks = [message["content"]] if message["content"] else []
+    for call in calls:
+        body = {"name": call["function"]["name"], "arguments": call["function"]["arguments"]}
+        blocks.append(f"<tool_call>\n{json.dumps(body)}\n</tool_call>")
+    return {"role": message["role"], "content": "\n".join(blocks)}

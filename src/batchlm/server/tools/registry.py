@@ -1,0 +1,37 @@
+"""Parsers by name (`--tool-call-parser`), and the choice `auto` makes from the model's chat template."""
+
+from __future__ import annotations
+
+from batchlm.server.tools.hermes import HermesParser
+from batchlm.server.tools.llama3_json import Llama3JsonParser
+from batchlm.server.tools.mistral import MistralParser
+from batchlm.server.tools.parser import ToolParser
+
+PARSERS: dict[str, type[ToolParser]] = {
+    "hermes": HermesParser,
+    "llama3_json": Llama3JsonParser,
+    "mistral": MistralParser,
+}
+AUTO, NO_PARSER = "auto", "none"
+TOOL_CALL_PARSER_CHOICES = (AUTO, *PARSERS, NO_PARSER)
+
+
+def detect_parser_name(chat_template: str | None) -> str:
+    """The family whose call markup the template teaches. A template that teaches none (SmolLM2's
+    ChatML, for one) gets Hermes markup, which the generic tools prompt asks for."""
+    template = chat_template or ""
+    if "[TOOL_CALLS]" in template:
+        return "mistral"
+    if "<tool_call>" in template:
+        return "hermes"
+    if "<|python_tag|>" in template or '"parameters"' in template:
+        return "llama3_json"
+    return "hermes"
+
+
+def parser_class(setting: str, chat_template: str | None) -> type[ToolParser] | None:
+    """The parser for `--tool-call-parser` (None for `none`)."""
+    if setting == NO_PARSER:
+        return None
+    name = detect_parser_name(chat_template) if setting == AUTO else setting
+    return PARSERS[name]

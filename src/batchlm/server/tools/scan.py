@@ -1,0 +1,135 @@
+"""A model output read so far, as content and calls, and the rules every parser shares for it.
+
+Each parser rescans the whole output at every delta (`ToolParser.scan`). What a scan reports as content
+or as a call's arguments only ever grows as the output grows, so a stream sends the difference between
+two scans, and the stream's pieces add up to the parse of the whole output."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from batchlm.server.tools.json_scan import ObjectScan, scan_object, skip_whitespace
+
+
+@dataclass(frozen=True)
+class CallScan:
+    # Set once the call can be announced: its name is complete and its arguments have begun.
+    name: str | None
+    # The arguments' JSON text as far as it is known.
+    arguments: str
+    done: bool
+
+
+@dataclass
+class Scan:
+    content: str
+    calls: list[CallScan] = field(default_factory=list)
+
+
+def call_from_object(
+    text: str, scan: ObjectScan, argument_keys: tuple[str, ...], arguments_required: bool = False
+) -> CallScan | None:
+    """The call a {"name": ..., <argument key>: {...}} object holds; None when it cannot be one. An
+    object's arguments stream raw as they arrive; a string holding JSON is unwrapped once closed."""
+    done = scan.end is not None
+    name_span = scan.fields.get("name")
+    name = None
+    if name_span is not None and name_span.end is not None:
+        name = json.loads(text[name_span.start : name_span.end])
+        if not isinstance(name, str):
+            return None
+    if scan.malformed or (done and name is None):
+        return None
+    key = next((k for k in argument_keys if k in scan.fields), None)
+    if key is None:
+        if done and arguments_required:
+            return None
+        return CallScan(name if done else None, "{}" if done else "", done)
+    span = scan.fields[key]
+    if span.end is None:
+        partial = text[span.start :] if text.startswith("{", span.start) else ""
+        return CallScan(name, partial, False)
+    raw = text[span.start : span.end]
+    value = json.loads(raw)
+    return CallScan(name, value if isinstance(value, str) else raw, done)
+
+
+@dataclass
+class CallArray:
+    calls: list[CallScan]
+    # Just past the closing bracket; None while the array is still arriving.
+    end: int | None
+
+
+def scan_call_array(text: str, pos: int, final: bool, argument_keys: tuple[str, ...]) -> CallArray | None:
+    """The calls of a JSON array of call objects whose '[' is at text[pos]; None when malformed."""
+    calls: list[CallScan] = []
+    pos = skip_whitespace(text, pos + 1)
+    while pos < len(text):
+        if text[pos] == "]":
+            return CallArray(calls, pos + 1)
+        if text[pos] != "{":
+            return None
+        scan = scan_object(text, pos, final)
+        call = call_from_object(text, scan, argument_keys)
+        if call is None:
+            return None
+        calls.append(call)
+        if scan.end is None:
+            return None if final else CallArray(calls, None)
+        pos = skip_whitespace(text, scan.end)
+        if text.startswith(",", pos):
+            pos = skip_whitespace(text, pos + 1)
+        elif pos < len(text) and text[pos] != "]":
+            return None
+    return None if final else CallArray(calls, None)
+
+
+class ScanBuilder:
+    """Assembles a Scan from the output's pieces in order. Whitespace between text and a call's markup
+    belongs to neither; text that may still turn out to be markup is held back until it cannot."""
+
+    def __init__(self, final: bool) -> None:
+        self.final = final
+        self._content: list[str] = []
+        self.calls: list[CallScan] = []
+        self._after_call = False
+
+    def text_before_call(self, text: str) -> None:
+        self._add(text.rstrip())
+
+    def call(self, call: CallScan) -> None:
+        self.calls.append(call)
+        self._after_call = True
+
+    def verbatim(self, text: str) -> None:
+        """Text that looked like markup but is not: content as it is (after a call, from its first
+        non-blank character)."""
+        self._add(text)
+
+    def tail(self, text: str, markers: tuple[str, ...]) -> None:
+        """The output's last piece of text, which a marker may still follow."""
+        if self._after_call:
+            text = text.lstrip()
+        if not self.final:
+            text = text[: len(text) - _partial_marker_length(text, markers)].rstrip()
+        self._content.append(text)
+
+    def _add(self, text: str) -> None:
+        self._content.append(text.lstrip() if self._after_call else text)
+        self._after_call = False
+
+    def build(self) -> Scan:
+        return Scan("".join(self._content), self.calls)
+
+
+def _partial_marker_length(text: str, markers: tuple[str, ...]) -> int:
+    """Length of the longest end of `text` that begins one of `markers`."""
+    longest = 0
+    for marker in markers:
+        for size in range(min(len(marker) - 1, len(text)), longest, -1):
+            if text.endswith(marker[:size]):
+                longest = size
+                break
+    return longest

@@ -1,0 +1,147 @@
+"""A request's `tools`, `tool_choice` and `parallel_tool_calls`, checked at the edge, and what they ask of
+the generation: the tools the chat template sees, the constraint a forced call is decoded under, and the
+parser that reads the calls back."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from batchlm.sampling_params import StructuredOutputs
+from batchlm.server.errors import APIError
+from batchlm.server.protocol import ChatCompletionRequest, ChatTool
+from batchlm.server.tools.forced import NamedFunctionParser, RequiredCallsParser
+from batchlm.server.tools.parser import ToolParser
+
+FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+# OpenAI: a function without `parameters` takes none.
+NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
+
+ToolMode = Literal["none", "auto", "required", "named"]
+
+
+@dataclass(frozen=True)
+class FunctionTool:
+    name: str
+    description: str | None
+    # The arguments' JSON schema (an object schema); None: the function takes no arguments.
+    parameters: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    tools: tuple[FunctionTool, ...]
+    # "auto" parses the model's own markup; "required" and "named" constrain the output to a call.
+    mode: ToolMode
+    # The function tool_choice names (mode "named").
+    named: str | None
+    parallel: bool
+
+    def template_tools(self) -> list[dict[str, Any]]:
+        """The tools as chat templates take them (transformers' apply_chat_template(tools=...))."""
+        return [{"type": "function", "function": _function_dict(tool)} for tool in self.tools]
+
+    def structured_outputs(self) -> StructuredOutputs | None:
+        """The JSON schema a forced choice is decoded under, so the call always parses."""
+        if self.mode == "named":
+            tool = next(t for t in self.tools if t.name == self.named)
+            return StructuredOutputs(json=json.dumps(tool.parameters or NO_PARAMETERS))
+        if self.mode == "required":
+            return StructuredOutputs(json=json.dumps(self._required_schema()))
+        return None
+
+    def forced_parser(self) -> ToolParser | None:
+        if self.mode == "named":
+            assert self.named is not None
+            return NamedFunctionParser(self.named)
+        if self.mode == "required":
+            return RequiredCallsParser(max_calls=None if self.parallel else 1)
+        return None
+
+    def _required_schema(self) -> dict[str, Any]:
+        """A non-empty array of calls, each {"name": <a tool's name>, "parameters": <its arguments>}."""
+        one_of_each = [
+            {
+                "properties": {
+                    "name": {"type": "string", "enum": [tool.name]},
+                    "parameters": tool.parameters or NO_PARAMETERS,
+                },
+                "required": ["name", "parameters"],
+                # Without this a small model may keep adding keys until max_tokens.
+                "additionalProperties": False,
+            }
+            for tool in self.tools
+        ]
+        schema: dict[str, Any] = {
+            "type": "array",
+            "minItems": 1,
+            "items": {"type": "object", "anyOf": one_of_each},
+        }
+        if not self.parallel:
+            schema["maxItems"] = 1
+        return schema
+
+
+def tool_plan(request: ChatCompletionRequest) -> ToolPlan | None:
+    """The request's tool use; None when it has none. 400 for tools or a choice that cannot be served."""
+    tools = tuple(_checked_tool(tool, f"tools[{i}]") for i, tool in enumerate(request.tools or ()))
+    _check_unique_names(tools)
+    choice = request.tool_choice
+    if not tools:
+        if choice not in (None, "none"):
+            raise APIError(
+                400, "'tool_choice' is only allowed when 'tools' are specified.", param="tool_choice"
+            )
+        return None
+    parallel = request.parallel_tool_calls is not False
+    if choice is None or isinstance(choice, str):
+        return ToolPlan(tools, choice or "auto", None, parallel)
+    if choice.type != "function":
+        raise APIError(400, "'tool_choice.type' must be 'function'.", param="tool_choice.type")
+    name = choice.function.name
+    if name not in {tool.name for tool in tools}:
+        raise APIError(
+            400, f"'tool_choice' names the function '{name}', which is not in 'tools'.", param="tool_choice"
+        )
+    return ToolPlan(tools, "named", name, parallel)
+
+
+def _checked_tool(tool: ChatTool, where: str) -> FunctionTool:
+    if tool.type != "function":
+        raise APIError(400, f"{where}.type must be 'function', got '{tool.type}'.", param=f"{where}.type")
+    function = tool.function
+    if not FUNCTION_NAME.fullmatch(function.name):
+        raise APIError(
+            400,
+            f"{where}.function.name must be 1-64 letters, digits, underscores or dashes, "
+            f"got {function.name!r}.",
+            param=f"{where}.function.name",
+        )
+    parameters = function.parameters
+    if parameters is not None and parameters.get("type", "object") != "object":
+        raise APIError(
+            400,
+            f"{where}.function.parameters must be a JSON schema of an object.",
+            param=f"{where}.function.parameters",
+        )
+    return FunctionTool(function.name, function.description, parameters)
+
+
+def _check_unique_names(tools: tuple[FunctionTool, ...]) -> None:
+    seen: set[str] = set()
+    for i, tool in enumerate(tools):
+        if tool.name in seen:
+            raise APIError(
+                400, f"tools[{i}]: the function name '{tool.name}' is used twice.", param=f"tools[{i}]"
+            )
+        seen.add(tool.name)
+
+
+def _function_dict(tool: FunctionTool) -> dict[str, Any]:
+    function: dict[str, Any] = {"name": tool.name}
+    if tool.description is not None:
+        function["description"] = tool.description
+    function["parameters"] = tool.parameters or NO_PARAMETERS
+    return function

@@ -1,0 +1,403 @@
+"""Tool calling through the official openai client against a live server on a fake engine that replies
+with a model's call markup (auto) or with the JSON a forced tool_choice constrains the output to."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from pydantic import BaseModel
+
+from batchlm.server.background import BackgroundServer
+from batchlm.server.state import ServerSettings
+from fake_engine import FakeEngine, openai_client
+
+USER = [{"role": "user", "content": "What is the weather in Paris?"}]
+WEATHER_PARAMETERS = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+    "required": ["city"],
+}
+TIME_PARAMETERS = {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": "get_weather", "description": "Weather now", "parameters": WEATHER_PARAMETERS},
+    },
+    {"type": "function", "function": {"name": "get_time", "parameters": TIME_PARAMETERS}},
+]
+PARIS = '{"city": "Paris", "unit": "celsius"}'
+HERMES_REPLY = f'Let me look.\n<tool_call>\n{{"name": "get_weather", "arguments": {PARIS}}}\n</tool_call>'
+MARKUP = ("<tool_call>", "</tool_call>", '"name"')
+
+
+@pytest.fixture(scope="module")
+def engine() -> FakeEngine:
+    return FakeEngine(max_model_len=4096)
+
+
+@pytest.fixture(scope="module")
+def server(engine: FakeEngine) -> Iterator[BackgroundServer]:
+    with BackgroundServer(engine) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server: BackgroundServer) -> Any:
+    return openai_client(server.base_url)
+
+
+def prompt_of(engine: FakeEngine) -> str:
+    return bytes(t - 3 for t in engine.calls[-1].prompt_token_ids).decode()
+
+
+def satisfies(value: Any, schema: dict[str, Any]) -> bool:
+    """The few JSON-schema keywords the forced-call schemas use."""
+    kinds = {"object": dict, "array": list, "string": str}
+    if "type" in schema and not isinstance(value, kinds[schema["type"]]):
+        return False
+    if "enum" in schema and value not in schema["enum"]:
+        return False
+    if "anyOf" in schema and not any(satisfies(value, option) for option in schema["anyOf"]):
+        return False
+    if isinstance(value, list):
+        if not schema.get("minItems", 0) <= len(value) <= schema.get("maxItems", len(value)):
+            return False
+        return all(satisfies(item, schema.get("items", {})) for item in value)
+    if isinstance(value, dict):
+        if any(key not in value for key in schema.get("required", ())):
+            return False
+        properties = schema.get("properties", {})
+        return all(satisfies(v, properties[k]) for k, v in value.items() if k in properties)
+    return True
+
+
+def test_auto_returns_the_calls_the_model_wrote(client: Any, engine: FakeEngine) -> None:
+    engine.reply = HERMES_REPLY
+    response = client.chat.completions.create(model="fake-model", messages=USER, tools=TOOLS)
+    [choice] = response.choices
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == "Let me look."
+    [call] = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris", "unit": "celsius"}
+    assert engine.calls[-1].params.structured_outputs is None
+    # The fake's template knows no tools: they reach the model through the generic tools prompt.
+    assert engine.tokenizer.last_chat["kwargs"]["tools"] == TOOLS
+    assert "<tools>" in prompt_of(engine) and '"name": "get_weather"' in prompt_of(engine)
+
+
+def test_a_reply_without_calls_is_plain_content(client: Any, engine: FakeEngine) -> None:
+    engine.reply = "It is sunny in Paris <3"
+    response = client.chat.completions.create(model="fake-model", messages=USER, tools=TOOLS)
+    assert response.choices[0].message.content == "It is sunny in Paris <3"
+    assert response.choices[0].message.tool_calls is None
+    assert response.choices[0].finish_reason == "stop"
+
+
+def test_streaming_sends_openai_call_deltas_and_no_markup(client: Any, engine: FakeEngine) -> None:
+    engine.reply = (
+        HERMES_REPLY + '\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>'
+    )
+    chunks = list(client.chat.completions.create(model="fake-model", messages=USER, tools=TOOLS, stream=True))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content == "Let me look."
+    assert not any(marker in content for marker in MARKUP)
+    pieces = [piece for c in chunks if c.choices for piece in c.choices[0].delta.tool_calls or ()]
+    firsts = [p for p in pieces if p.id is not None]
+    assert [(p.index, p.type, p.function.name, p.function.arguments) for p in firsts] == [
+        (0, "function", "get_weather", ""),
+        (1, "function", "get_time", ""),
+    ]
+    assert all(p.id.startswith("call_") for p in firsts)
+    later = [p for p in pieces if p.id is None]
+    assert all(p.type is None and p.function.name is None for p in later)
+    arguments = ["".join(p.function.arguments for p in later if p.index == i) for i in (0, 1)]
+    assert [json.loads(a) for a in arguments] == [{"city": "Paris", "unit": "celsius"}, {"zone": "CET"}]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+
+def test_stream_helper_accumulates_the_calls(client: Any, engine: FakeEngine) -> None:
+    engine.reply = HERMES_REPLY
+    with client.chat.completions.stream(model="fake-model", messages=USER, tools=TOOLS) as stream:
+        events = [event.type for event in stream]
+        final = stream.get_final_completion()
+    assert "tool_calls.function.arguments.done" in events
+    [call] = final.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments)["city"] == "Paris"
+    assert final.choices[0].finish_reason == "tool_calls"
+
+
+def test_required_decodes_under_a_schema_that_forces_a_call(client: Any, engine: FakeEngine) -> None:
+    engine.reply = f'[{{"name": "get_weather", "parameters": {PARIS}}}, {{"name": "get_time", "parameters": {{"zone": "UTC"}}}}]'
+    response = client.chat.completions.create(
+        model="fake-model", messages=USER, tools=TOOLS, tool_choice="required"
+    )
+    calls = response.choices[0].message.tool_calls
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris", "unit": "celsius"}),
+        ("get_time", {"zone": "UTC"}),
+    ]
+    assert response.choices[0].message.content is None
+    assert response.choices[0].finish_reason == "tool_calls"
+    schema = json.loads(engine.calls[-1].params.structured_outputs.json)
+    assert satisfies(json.loads(engine.reply), schema)
+    assert "maxItems" not in schema
+    assert not satisfies([], schema)
+    assert not satisfies([{"name": "get_weather", "parameters": {"zone": "UTC"}}], schema)
+    assert not satisfies([{"name": "launch", "parameters": {}}], schema)
+    assert all(option["additionalProperties"] is False for option in schema["items"]["anyOf"])
+
+
+def test_required_without_parallel_calls_allows_one(client: Any, engine: FakeEngine) -> None:
+    engine.reply = f'[{{"name": "get_weather", "parameters": {PARIS}}}]'
+    response = client.chat.completions.create(
+        model="fake-model", messages=USER, tools=TOOLS, tool_choice="required", parallel_tool_calls=False
+    )
+    assert len(response.choices[0].message.tool_calls) == 1
+    schema = json.loads(engine.calls[-1].params.structured_outputs.json)
+    assert schema["maxItems"] == 1 and satisfies(json.loads(engine.reply), schema)
+
+
+def test_a_named_function_streams_its_arguments(client: Any, engine: FakeEngine) -> None:
+    engine.reply = PARIS
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    chunks = list(
+        client.chat.completions.create(
+            model="fake-model", messages=USER, tools=TOOLS, tool_choice=choice, stream=True
+        )
+    )
+    assert json.loads(engine.calls[-1].params.structured_outputs.json) == WEATHER_PARAMETERS
+    pieces = [piece for c in chunks for piece in c.choices[0].delta.tool_calls or ()]
+    assert pieces[0].function.name == "get_weather" and pieces[0].id.startswith("call_")
+    assert "".join(p.function.arguments for p in pieces) == PARIS
+    assert all(c.choices[0].delta.content in (None, "") for c in chunks)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+class Weather(BaseModel):
+    city: str
+    unit: str
+
+
+def test_parse_gives_typed_arguments(client: Any, engine: FakeEngine) -> None:
+    engine.reply = PARIS
+    tool = openai.pydantic_function_tool(Weather)
+    response = client.chat.completions.parse(
+        model="fake-model",
+        messages=USER,
+        tools=[tool],
+        tool_choice={"type": "function", "function": {"name": "Weather"}},
+    )
+    [call] = response.choices[0].message.tool_calls
+    assert call.function.parsed_arguments == Weather(city="Paris", unit="celsius")
+    assert json.loads(engine.calls[-1].params.structured_outputs.json) == tool["function"]["parameters"]
+
+
+def test_tool_choice_none_parses_nothing_and_prompts_for_no_calls(client: Any, engine: FakeEngine) -> None:
+    engine.reply = HERMES_REPLY
+    response = client.chat.completions.create(
+        model="fake-model", messages=USER, tools=TOOLS, tool_choice="none"
+    )
+    assert response.choices[0].message.content == HERMES_REPLY
+    assert response.choices[0].message.tool_calls is None
+    assert response.choices[0].finish_reason == "stop"
+    assert engine.tokenizer.last_chat["kwargs"]["tools"] == TOOLS
+    assert "<tools>" not in prompt_of(engine)
+
+
+HISTORY = [
+    *USER,
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": PARIS}}
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": "21 degrees"},
+]
+
+
+def test_tool_history_reaches_a_tool_aware_template(client: Any, engine: FakeEngine) -> None:
+    engine.reply = "It is 21 degrees."
+    engine.tokenizer.chat_template = "{% for tool in tools %}{{ tool }}{% endfor %}"
+    try:
+        response = client.chat.completions.create(model="fake-model", messages=HISTORY, tools=TOOLS)
+    finally:
+        del engine.tokenizer.chat_template
+    assert response.choices[0].message.content == "It is 21 degrees."
+    messages = engine.tokenizer.last_chat["messages"]
+    assert messages[1]["tool_calls"][0]["function"] == {
+        "name": "get_weather",
+        "arguments": {"city": "Paris", "unit": "celsius"},
+    }
+    assert messages[2] == {"role": "tool", "content": "21 degrees", "tool_call_id": "call_1"}
+    assert len(messages) == 3  # no generic tools prompt for a template that renders tools itself
+
+
+def test_tool_history_becomes_text_for_a_template_without_tools(client: Any, engine: FakeEngine) -> None:
+    engine.reply = "It is 21 degrees."
+    client.chat.completions.create(model="fake-model", messages=HISTORY, tools=TOOLS)
+    messages = engine.tokenizer.last_chat["messages"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert messages[2]["content"].startswith("<tool_call>\n") and '"get_weather"' in messages[2]["content"]
+    assert messages[3]["content"] == "<tool_response>\n21 degrees\n</tool_response>"
+
+
+def post(server: BackgroundServer, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(f"{server.base_url}/v1/chat/completions", json={"messages": USER, **body}, timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        (
+            {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "tool_choice",
+            "nope",
+        ),
+        ({"tool_choice": "required"}, "tool_choice", "tools"),
+        ({"tools": [{"type": "retrieval", "function": {"name": "f"}}]}, "tools[0].type", "function"),
+        ({"tools": [{"type": "function", "function": {"name": "a" * 65}}]}, "tools[0].function.name", "64"),
+        ({"tools": [TOOLS[0], TOOLS[0]]}, "tools[1]", "twice"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+            "tools[0].function.parameters",
+            "object",
+        ),
+        ({"tool_choice": "sometimes", "tools": TOOLS}, "tool_choice", "tool_choice"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id", "tool_call_id"),
+        (
+            {"messages": [{"role": "user", "content": "x", "tool_call_id": "c"}]},
+            "messages[0].tool_call_id",
+            "tool",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {"id": "c", "type": "function", "function": {"name": "f", "arguments": "[1"}}
+                        ],
+                    }
+                ]
+            },
+            "messages[0].tool_calls[0].function.arguments",
+            "JSON object",
+        ),
+    ],
+)
+def test_bad_tool_requests_are_400_naming_the_field(
+    server: BackgroundServer, body: dict[str, Any], param: str, words: str
+) -> None:
+    response = post(server, body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and words in error["message"]
+
+
+def test_a_chosen_parser_reads_its_family_and_keeps_special_tokens() -> None:
+    engine = FakeEngine(
+        max_model_len=4096, reply=f'[TOOL_CALLS][{{"name": "get_weather", "arguments": {PARIS}}}]'
+    )
+    with BackgroundServer(engine, ServerSettings(tool_call_parser="mistral")) as running:
+        body = post(running, {"tools": TOOLS}).json()
+    [call] = body["choices"][0]["message"]["tool_calls"]
+    assert call["function"] == {"name": "get_weather", "arguments": PARIS}
+    assert engine.calls[-1].params.skip_special_tokens is False
+
+
+def test_auto_without_a_parser_is_refused() -> None:
+    with BackgroundServer(FakeEngine(max_model_len=4096), ServerSettings(tool_call_parser="none")) as running:
+        response = post(running, {"tools": TOOLS})
+        assert (
+            response.status_code == 400 and "--tool-call-parser none" in response.json()["error"]["message"]
+        )
+        assert post(running, {"tools": TOOLS, "tool_choice": "required"}).status_code == 200
+
+
+def sse_payloads(events: Any) -> list[dict[str, Any]]:
+    return [json.loads(event.decode()[len("data: ") :]) for event in events]
+
+
+def test_one_delta_holding_two_complete_calls_streams_both() -> None:
+    from batchlm.outputs import CompletionOutput, RequestOutput
+    from batchlm.server.protocol import ChatCompletionRequest
+    from batchlm.server.serving_chat import ChatContext, ChatStreamFormatter
+    from batchlm.server.tools.use import chat_tool_use
+
+    request = ChatCompletionRequest.model_validate({"messages": USER, "tools": TOOLS})
+    context = ChatContext(
+        request_id="chatcmpl-1", created=0, model="m", tokenizer=None, n=1, include_usage=False,
+        top_logprobs=None, tool_use=chat_tool_use(request, "hermes", None),
+    )  # fmt: skip
+    text = (
+        f'<tool_call>{{"name": "get_weather", "arguments": {PARIS}}}</tool_call>'
+        '<tool_call>{"name": "get_time", "arguments": {"zone": "CET"}}</tool_call>'
+    )
+    output = RequestOutput("r", None, [], [CompletionOutput(0, text, [1], finish_reason="stop")], True)
+    chunks = sse_payloads(ChatStreamFormatter(context).delta(0, output))
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert deltas[:-1] == [
+        {"tool_calls": [{"index": 0, "id": deltas[0]["tool_calls"][0]["id"], "type": "function",
+                         "function": {"name": "get_weather", "arguments": ""}}]},
+        {"tool_calls": [{"index": 0, "function": {"arguments": PARIS}}]},
+        {"tool_calls": [{"index": 1, "id": deltas[2]["tool_calls"][0]["id"], "type": "function",
+                         "function": {"name": "get_time", "arguments": ""}}]},
+        {"tool_calls": [{"index": 1, "function": {"arguments": '{"zone": "CET"}'}}]},
+    ]  # fmt: skip
+    assert deltas[0]["tool_calls"][0]["id"] != deltas[2]["tool_calls"][0]["id"]
+    assert deltas[-1] == {} and chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_an_agent_loop_sends_the_reply_message_back(client: Any, engine: FakeEngine) -> None:
+    engine.reply = HERMES_REPLY
+    first = client.chat.completions.create(model="fake-model", messages=USER, tools=TOOLS)
+    message = first.choices[0].message
+    call = message.tool_calls[0]
+    engine.reply = "It is 21 degrees."
+    history = [*USER, message, {"role": "tool", "tool_call_id": call.id, "content": "21 degrees"}]
+    second = client.chat.completions.create(model="fake-model", messages=history, tools=TOOLS)
+    assert second.choices[0].message.content == "It is 21 degrees."
+    sent = engine.tokenizer.last_chat["messages"]
+    assert sent[2]["content"].startswith("Let me look.\n<tool_call>")
+    assert sent[3]["content"] == "<tool_response>\n21 degrees\n</tool_response>"
+
+
+def test_streamed_logprobs_of_held_back_text_are_not_lost(client: Any, engine: FakeEngine) -> None:
+    engine.reply = HERMES_REPLY
+    chunks = list(
+        client.chat.completions.create(
+            model="fake-model",
+            messages=USER,
+            tools=TOOLS,
+            stream=True,
+            logprobs=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    entries = [
+        e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content
+    ]
+    assert len(entries) == chunks[-1].usage.completion_tokens == len(HERMES_REPLY.encode())
+
+
+def test_a_function_without_parameters_is_forced_to_an_empty_object(client: Any, engine: FakeEngine) -> None:
+    engine.reply = "{}"
+    ping = {"type": "function", "function": {"name": "ping"}}
+    choice = {"type": "function", "function": {"name": "ping"}}
+    response = client.chat.completions.create(
+        model="fake-model", messages=USER, tools=[ping], tool_choice=choice
+    )
+    assert response.choices[0].message.tool_calls[0].function.arguments == "{}"
+    schema = json.loads(engine.calls[-1].params.structured_outputs.json)
+    assert schema == {"type": "object", "properties": {}, "additionalProperties": False}
+    assert engine.tokenizer.last_chat["kwargs"]["tools"][0]["function"]["parameters"] == schema

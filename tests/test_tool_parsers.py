@@ -1,0 +1,207 @@
+"""Every tool-call parser: complete outputs, and the same outputs streamed in every possible split."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from batchlm.server.tools.calls import StreamDelta, ToolCall
+from batchlm.server.tools.forced import NamedFunctionParser, RequiredCallsParser
+from batchlm.server.tools.hermes import HermesParser
+from batchlm.server.tools.llama3_json import Llama3JsonParser
+from batchlm.server.tools.mistral import MistralParser
+from batchlm.server.tools.parser import ToolParser
+from batchlm.server.tools.registry import detect_parser_name
+
+WEATHER = '{"city": "Paris", "unit": "celsius"}'
+SMOLLM2_NAMED = '{\n  "city": "Paris",\n  "unit": "celsius"\n}'
+SMOLLM2_PARAMETERS = '{\n        "city": "Paris",\n        "unit": "celsius"\n    }'
+SMOLLM2_REQUIRED = f'[\n{{\n    "name": "get_weather",\n    "parameters": {SMOLLM2_PARAMETERS}\n}}\n]'
+TIME = '{"zone": "CET {x}", "quote": "a \\"b\\" </tool_call>"}'
+
+# (parser, model output, expected content, expected (name, arguments) calls)
+CASES: list[tuple[ToolParser, str, str | None, list[tuple[str, str]]]] = [
+    (HermesParser(), "Plain text, no call.", "Plain text, no call.", []),
+    (HermesParser(), "Is 3 < 4? Yes <tool_ <b>", "Is 3 < 4? Yes <tool_ <b>", []),
+    (
+        HermesParser(),
+        f'<tool_call>\n{{"name": "get_weather", "arguments": {WEATHER}}}\n</tool_call>',
+        None,
+        [("get_weather", WEATHER)],
+    ),
+    (
+        HermesParser(),
+        f'Let me check.\n\n<tool_call>\n{{"name": "get_weather", "arguments": {WEATHER}}}\n</tool_call>\n'
+        f'<tool_call>\n{{"arguments": {TIME}, "name": "get_time"}}\n</tool_call>\nDone.',
+        "Let me check.Done.",
+        [("get_weather", WEATHER), ("get_time", TIME)],
+    ),
+    (HermesParser(), '<tool_call>{"name": "noop"}</tool_call>', None, [("noop", "{}")]),
+    (HermesParser(), '<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}', None, [("f", '{"a": 1}')]),
+    (HermesParser(), "Hi <tool_call> not json </tool_call>", "Hi <tool_call> not json </tool_call>", []),
+    (HermesParser(), 'Cut <tool_call>{"name": "f", "argu', 'Cut <tool_call>{"name": "f", "argu', []),
+    (Llama3JsonParser(), "The answer is 4.", "The answer is 4.", []),
+    (
+        Llama3JsonParser(),
+        f'{{"name": "get_weather", "parameters": {WEATHER}}}',
+        None,
+        [("get_weather", WEATHER)],
+    ),
+    (
+        Llama3JsonParser(),
+        f'<|python_tag|>{{"name": "get_weather", "parameters": {WEATHER}}}; '
+        f'{{"name": "get_time", "parameters": {TIME}}}',
+        None,
+        [("get_weather", WEATHER), ("get_time", TIME)],
+    ),
+    (Llama3JsonParser(), '{"answer": 42}', '{"answer": 42}', []),
+    (
+        MistralParser(),
+        f'[TOOL_CALLS][{{"name": "get_weather", "arguments": {WEATHER}}}, '
+        f'{{"name": "get_time", "arguments": {TIME}, "id": "abc123def"}}]',
+        None,
+        [("get_weather", WEATHER), ("get_time", TIME)],
+    ),
+    (
+        MistralParser(),
+        f"Sure.[TOOL_CALLS]get_weather[ARGS]{WEATHER}[TOOL_CALLS]get_time[ARGS]{TIME}",
+        "Sure.",
+        [("get_weather", WEATHER), ("get_time", TIME)],
+    ),
+    (MistralParser(), "[TOOL bar] [TOOL_CALLS", "[TOOL bar] [TOOL_CALLS", []),
+    (NamedFunctionParser("get_weather"), f" {WEATHER} ", None, [("get_weather", WEATHER)]),
+    # SmolLM2-135M-Instruct's greedy outputs under the named and required schemas (llguidance).
+    (NamedFunctionParser("get_weather"), SMOLLM2_NAMED, None, [("get_weather", SMOLLM2_NAMED)]),
+    (
+        RequiredCallsParser(),
+        SMOLLM2_REQUIRED,
+        None,
+        [("get_weather", SMOLLM2_PARAMETERS)],
+    ),
+    (
+        RequiredCallsParser(),
+        f'[{{"name": "get_weather", "parameters": {WEATHER}}}, {{"name": "get_time", "parameters": {TIME}}}]',
+        None,
+        [("get_weather", WEATHER), ("get_time", TIME)],
+    ),
+]
+IDS = [f"{type(case[0]).__name__}-{i}" for i, case in enumerate(CASES)]
+
+
+def id_format(parser: ToolParser) -> re.Pattern[str]:
+    """OpenAI's `call_` ids; Mistral's templates want 9 alphanumerics."""
+    return re.compile("[A-Za-z0-9]{9}" if isinstance(parser, MistralParser) else "call_[A-Za-z0-9]{24}")
+
+
+def calls_of(calls: tuple[ToolCall, ...]) -> list[tuple[str, str]]:
+    return [(call.name, call.arguments) for call in calls]
+
+
+@pytest.mark.parametrize(("parser", "output", "content", "calls"), CASES, ids=IDS)
+def test_extract_splits_content_and_calls(
+    parser: ToolParser, output: str, content: str | None, calls: list[tuple[str, str]]
+) -> None:
+    parsed = parser.extract(output)
+    assert parsed.content == content
+    assert calls_of(parsed.tool_calls) == calls
+    assert all(id_format(parser).fullmatch(call.id) for call in parsed.tool_calls)
+    for _, arguments in calls:
+        assert isinstance(json.loads(arguments), dict)
+
+
+def stream(parser: ToolParser, chunks: list[str]) -> tuple[str, list[tuple[str, str]], list[StreamDelta]]:
+    """Feed `chunks`, then check OpenAI's delta shape and return (content, calls, deltas)."""
+    session = parser.stream()
+    deltas = [session.feed(chunk) for chunk in chunks] + [session.finish()]
+    content = "".join(d.content for d in deltas)
+    names: dict[int, str] = {}
+    arguments: dict[int, str] = {}
+    for piece in (p for d in deltas for p in d.tool_calls):
+        if piece.index not in names:
+            assert piece.index == len(names), "calls are announced in order"
+            assert piece.id is not None and id_format(parser).fullmatch(piece.id) and piece.name
+            assert piece.arguments == ""
+            names[piece.index], arguments[piece.index] = piece.name, ""
+        else:
+            assert piece.id is None and piece.name is None and piece.arguments
+            arguments[piece.index] += piece.arguments
+    assert session.called == bool(names)
+    return content, [(names[i], arguments[i]) for i in sorted(names)], deltas
+
+
+@pytest.mark.parametrize(("parser", "output", "content", "calls"), CASES, ids=IDS)
+def test_streaming_matches_extract_at_every_split(
+    parser: ToolParser, output: str, content: str | None, calls: list[tuple[str, str]]
+) -> None:
+    for split in range(len(output) + 1):
+        chunks = [output[:split], output[split:]]
+        streamed_content, streamed_calls, _ = stream(parser, chunks)
+        assert streamed_content == (content or ""), chunks
+        assert streamed_calls == calls, chunks
+
+
+@pytest.mark.parametrize(("parser", "output", "content", "calls"), CASES, ids=IDS)
+def test_streaming_one_character_at_a_time_leaks_no_markup(
+    parser: ToolParser, output: str, content: str | None, calls: list[tuple[str, str]]
+) -> None:
+    streamed_content, streamed_calls, _ = stream(parser, list(output))
+    assert streamed_calls == calls
+    if calls:
+        for marker in ("<tool_call>", "</tool_call>", "[TOOL_CALLS]", "[ARGS]", "<|python_tag|>", '"name"'):
+            assert marker not in streamed_content
+
+
+def test_one_chunk_with_two_complete_calls_streams_both() -> None:
+    output = (
+        f'<tool_call>{{"name": "get_weather", "arguments": {WEATHER}}}</tool_call>'
+        f'<tool_call>{{"name": "get_time", "arguments": {TIME}}}</tool_call>'
+    )
+    content, calls, deltas = stream(HermesParser(), [output])
+    assert content == ""
+    assert calls == [("get_weather", WEATHER), ("get_time", TIME)]
+    first = deltas[0].tool_calls
+    assert [(d.index, d.name is not None) for d in first] == [(0, True), (0, False), (1, True), (1, False)]
+
+
+def test_arguments_stream_while_they_arrive() -> None:
+    session = HermesParser().stream()
+    assert (
+        session.feed('<tool_call>{"name": "get_weather", "arguments": {"ci').tool_calls[1].arguments == '{"ci'
+    )
+    assert session.feed('ty": "Paris"').tool_calls[0].arguments == 'ty": "Paris"'
+    assert session.feed("}}</tool_call>").tool_calls[0].arguments == "}"
+
+
+def test_text_that_may_open_a_call_is_held_back_then_released() -> None:
+    session = HermesParser().stream()
+    assert session.feed("Hello <tool").content == "Hello"
+    assert session.feed("kit> fixed").content == " <toolkit> fixed"
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
+    output = '<tool_call>{"name": "a", "arguments": {}}</tool_call><tool_call>{"name": "b", "arguments": {}}'
+    assert calls_of(HermesParser(max_calls=1).extract(output).tool_calls) == [("a", "{}")]
+    _, calls, _ = stream(HermesParser(max_calls=1), list(output))
+    assert calls == [("a", "{}")]
+
+
+def test_a_call_cut_short_adds_no_markup_to_a_stream() -> None:
+    content, calls, _ = stream(HermesParser(), ['<tool_call>{"name": "f", "arguments": {"a": 1'])
+    assert content == "" and calls == [("f", '{"a": 1')]
+
+
+@pytest.mark.parametrize(
+    ("template", "name"),
+    [
+        ("{% for tool in tools %}<tool_call>{{ tool | tojson }}</tool_call>{% endfor %}", "hermes"),
+        ("{{ '[AVAILABLE_TOOLS]' }}{{ '[TOOL_CALLS]' }}", "mistral"),
+        ('Respond as {"name": function name, "parameters": dictionary}', "llama3_json"),
+        ("{{ '<|python_tag|>' }}", "llama3_json"),
+        ("{% for m in messages %}<|im_start|>{{ m.content }}{% endfor %}", "hermes"),
+        (None, "hermes"),
+    ],
+)
+def test_auto_detection_follows_the_chat_template(template: str | None, name: str) -> None:
+    assert detect_parser_name(template) == name

@@ -1,0 +1,110 @@
+"""Tools and tool history through real chat templates (transformers' apply_chat_template renders them):
+a template that renders tools itself, and SmolLM2's ChatML, which knows no tools."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from batchlm.server.prompts import render_chat
+from batchlm.server.protocol import ChatCompletionRequest
+from batchlm.server.tools.use import chat_tool_use
+from batchlm.tokenizer.tokenizer import Tokenizer
+
+# A Hermes-style template written for this test: tools in the system turn, calls as <tool_call> JSON.
+TOOL_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n<tools>{% for tool in tools %}\n{{ tool | tojson }}{% endfor %}"
+    "\n</tools><|im_end|>\n{% endif %}"
+    "{%- for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}"
+    "{%- for call in message.tool_calls or [] %}<tool_call>\n"
+    '{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}\n'
+    "</tool_call>{% endfor %}<|im_end|>\n{% endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# SmolLM2-135M-Instruct's chat template.
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    "<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather now",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
+MESSAGES: list[dict[str, Any]] = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": "21 degrees"},
+]
+
+
+def rendered(tokenizer: Tokenizer, body: dict[str, Any]) -> str:
+    request = ChatCompletionRequest.model_validate({"messages": MESSAGES, **body})
+    use = chat_tool_use(request, "auto", tokenizer.chat_template)
+    ids = asyncio.run(
+        render_chat(
+            tokenizer,
+            request.messages,
+            add_generation_prompt=True,
+            continue_final_message=False,
+            chat_template_kwargs=None,
+            tools=use.template_tools,
+            tool_prompt=use.tool_prompt,
+        )
+    )
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def test_a_tool_template_gets_the_tools_and_calls_with_object_arguments(tiny_tokenizer: Tokenizer) -> None:
+    tokenizer = Tokenizer(tiny_tokenizer.hf, tiny_tokenizer.eos_token_ids, chat_template=TOOL_TEMPLATE)
+    history = [dict(m) for m in MESSAGES]
+    history[1] = {**history[1], "content": ""}
+    history[1]["tool_calls"] = [
+        {**c, "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+        for c in MESSAGES[1]["tool_calls"]
+    ]
+    expected = tiny_tokenizer.hf.apply_chat_template(
+        history, tools=TOOLS, chat_template=TOOL_TEMPLATE, add_generation_prompt=True, tokenize=False
+    )
+    text = rendered(tokenizer, {"tools": TOOLS})
+    assert text.endswith(expected)
+    assert '{"name": "get_weather", "arguments": {"city": "Paris"}}' in text
+    assert json.dumps(TOOLS[0]) in text or '"get_weather"' in text.split("</tools>")[0]
+
+
+def test_smollm2_gets_a_generic_tools_prompt_and_history_as_text(tiny_tokenizer: Tokenizer) -> None:
+    tokenizer = Tokenizer(tiny_tokenizer.hf, tiny_tokenizer.eos_token_ids, chat_template=SMOLLM2_TEMPLATE)
+    text = rendered(tokenizer, {"tools": TOOLS, "tool_choice": "required"})
+    assert text.split("<|im_start|>", 1)[1].startswith("system\nYou can call functions")
+    assert "named SmolLM" not in text
+    assert json.dumps(TOOLS[0]) in text
+    assert (
+        '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+        in text
+    )
+    assert "<|im_start|>user\n<tool_response>\n21 degrees\n</tool_response><|im_end|>" in text
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_tool_choice_none_adds_no_tools_prompt(tiny_tokenizer: Tokenizer) -> None:
+    tokenizer = Tokenizer(tiny_tokenizer.hf, tiny_tokenizer.eos_token_ids, chat_template=SMOLLM2_TEMPLATE)
+    text = rendered(tokenizer, {"tools": TOOLS, "tool_choice": "none"})
+    assert "You can call functions" not in text and "named SmolLM" in text
