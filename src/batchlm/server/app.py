@@ -10,8 +10,8 @@ from fastapi import FastAPI
 
 from batchlm import __version__
 from batchlm.engine.client import EngineClient
-from batchlm.server.docs_pages import install_docs_pages
 from batchlm.server.chat_page import install_chat_page
+from batchlm.server.docs_pages import install_docs_pages
 from batchlm.server.errors import install_error_handlers
 from batchlm.server.fast_routes import FastGenerationRoutes
 from batchlm.server.generation import InFlight
