@@ -2,8 +2,8 @@
 
 For a projection with a huge output dimension (the LM head: hidden -> vocabulary) and the few rows of
 a decode step, torch's default BLAS splits the work poorly across threads; oneDNN with the weight
-converted once to its own tensor format was 1.5-2.7x faster on a 2-core CPU (BENCHMARKS.md, "CPU
-serving"). The conversion is a copy made after loading, so the weight must not change afterwards.
+converted once to its own tensor format was faster on a 2-core CPU (the A/B is in the git history of
+BENCHMARKS.md). It serves only where our packed-GEMM kernel is missing. The conversion is a copy made after loading, so the weight must not change afterwards.
 Results differ from torch's matmul by float32 rounding (another summation order), not by more.
 """
 
