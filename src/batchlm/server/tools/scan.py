@@ -7,6 +7,7 @@ two scans, and the stream's pieces add up to the parse of the whole output."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from batchlm.server.tools.json_scan import ObjectScan, scan_object, skip_whitespace
@@ -55,20 +56,22 @@ def call_from_object(
     return CallScan(name, value if isinstance(value, str) else raw, done)
 
 
-@dataclass
-class CallArray:
+@dataclass(frozen=True)
+class MarkedRegion:
+    """Calls read from one stretch of markup (a marker's region, a JSON array of calls), and where text
+    starts again: just past the markup, or None while it is still arriving."""
+
     calls: list[CallScan]
-    # Just past the closing bracket; None while the array is still arriving.
     end: int | None
 
 
-def scan_call_array(text: str, pos: int, final: bool, argument_keys: tuple[str, ...]) -> CallArray | None:
+def scan_call_array(text: str, pos: int, final: bool, argument_keys: tuple[str, ...]) -> MarkedRegion | None:
     """The calls of a JSON array of call objects whose '[' is at text[pos]; None when malformed."""
     calls: list[CallScan] = []
     pos = skip_whitespace(text, pos + 1)
     while pos < len(text):
         if text[pos] == "]":
-            return CallArray(calls, pos + 1)
+            return MarkedRegion(calls, pos + 1)
         if text[pos] != "{":
             return None
         scan = scan_object(text, pos, final)
@@ -77,13 +80,13 @@ def scan_call_array(text: str, pos: int, final: bool, argument_keys: tuple[str, 
             return None
         calls.append(call)
         if scan.end is None:
-            return None if final else CallArray(calls, None)
+            return None if final else MarkedRegion(calls, None)
         pos = skip_whitespace(text, scan.end)
         if text.startswith(",", pos):
             pos = skip_whitespace(text, pos + 1)
         elif pos < len(text) and text[pos] != "]":
             return None
-    return None if final else CallArray(calls, None)
+    return None if final else MarkedRegion(calls, None)
 
 
 class ScanBuilder:
@@ -122,6 +125,29 @@ class ScanBuilder:
 
     def build(self) -> Scan:
         return Scan("".join(self._content), self.calls)
+
+
+# Reads the region starting at `pos` (just past the marker); None when it is not a call after all.
+RegionReader = Callable[[str, int, bool], MarkedRegion | None]
+
+
+def scan_marked_calls(text: str, marker: str, read_region: RegionReader, final: bool) -> Scan:
+    """The scan of an output whose calls each follow `marker`, with text before, between and after."""
+    builder = ScanBuilder(final)
+    pos = 0
+    while (at := text.find(marker, pos)) >= 0:
+        region = read_region(text, at + len(marker), final)
+        if region is None:  # not a call after all: the rest is text
+            builder.verbatim(text[pos:])
+            return builder.build()
+        builder.text_before_call(text[pos:at])
+        for call in region.calls:
+            builder.call(call)
+        if region.end is None:
+            return builder.build()
+        pos = region.end
+    builder.tail(text[pos:], (marker,))
+    return builder.build()
 
 
 def _partial_marker_length(text: str, markers: tuple[str, ...]) -> int:
