@@ -32,16 +32,6 @@ for chunk in stream:
 - **stream=True** sends each token as soon as it is generated.
 - Sampling fields such as `temperature` and `top_p` keep their OpenAI names."""
 OLDER_TITLES = ["Continuous batching, explained", "Prefix caching and long prompts", "A haiku about GPUs"]
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 def older_conversations() -> str:
@@ -64,7 +54,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--chromium", default="/usr/bin/chromium")
+    parser.add_argument("--chromium", default=None, help="default: $BATCHLM_CHROMIUM or /usr/bin/chromium")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "chat-page.png")
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
@@ -73,11 +63,12 @@ def main() -> int:
 
     sys.path.insert(0, str(ROOT / "tests"))
     from fake_engine import FakeEngine
+    from headless_chromium import CHROMIUM, CHROMIUM_ARGS
 
     # One byte per token, at a pace like a small model on a laptop.
     engine = FakeEngine(reply=REPLY, served_model_name="my-model", max_model_len=4096, token_delay_s=0.008)
     with BackgroundServer(engine) as server, sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS)
+        browser = playwright.chromium.launch(executable_path=args.chromium or CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1180, "height": 800})
         page.goto(f"{server.base_url}/")
         page.evaluate("list => localStorage.setItem('batchlm.conversations', list)", older_conversations())

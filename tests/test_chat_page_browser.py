@@ -22,21 +22,10 @@ from batchlm.engine.async_engine import AsyncLLMEngine
 from batchlm.server.background import BackgroundServer
 from batchlm.server.state import ServerSettings
 from fake_engine import FakeEngine, wait_until
+from headless_chromium import CHROMIUM, CHROMIUM_ARGS
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = os.environ.get("BATCHLM_CHROMIUM", "/usr/bin/chromium")
-# Without the background-networking flags Chromium hangs on refused connections on these machines.
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 API_KEY = "sk-page-test"
 HOSTILE_REPLY = (
     'Careful: <script>window.__injected = "script"</script> and '
