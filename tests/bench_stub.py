@@ -1,7 +1,9 @@
-"""Test helper: loads the OpenAI stub server from benchmarks/ and runs single requests against it."""
+"""Test helpers for the bench: the OpenAI stub server from benchmarks/ (single requests against it), a
+bench run from command-line words, and a word-counting token counter."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import importlib.util
 import sys
@@ -10,9 +12,13 @@ from typing import Any
 
 import aiohttp
 
+from batchlm.bench import cli
 from batchlm.bench.client import send_request
+from batchlm.bench.config import BenchConfig, from_args
 from batchlm.bench.openai_format import EndpointConfig
 from batchlm.bench.records import RequestResult, RequestSpec
+from batchlm.bench.runner import BenchRun, run_benchmark
+from batchlm.bench.tokencount import TokenCounter
 
 _STUB_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "openai_stub_server.py"
 
@@ -49,3 +55,28 @@ def send_one(endpoint: EndpointConfig, prompt: str = "hello there", max_tokens: 
         return result
 
     return asyncio.run(go())
+
+
+def config_for(base_url: str, *argv: str) -> BenchConfig:
+    """The bench configuration `batchlm bench --base-url base_url *argv` would run."""
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    return from_args(parser.parse_args(["--base-url", base_url, *argv]))
+
+
+def bench(base_url: str, *argv: str) -> BenchRun:
+    return asyncio.run(run_benchmark(config_for(base_url, *argv), echo=False))
+
+
+class WordCounter(TokenCounter):
+    """Counts one token per word and records how often it was asked."""
+
+    method = "test words"
+    exact = True
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def count(self, text: str) -> int:
+        self.calls += 1
+        return len(text.split())

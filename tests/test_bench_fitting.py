@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 from collections.abc import Iterator
@@ -11,43 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from batchlm.bench import cli
-from batchlm.bench.config import BenchConfig, from_args
 from batchlm.bench.fitting import TEMPLATE_RESERVE_TOKENS, fit_repeated_prompts, prompt_token_budget
-from batchlm.bench.runner import BenchRun, main_async, run_benchmark
-from batchlm.bench.tokencount import TokenCounter
+from batchlm.bench.runner import main_async, run_benchmark
 from batchlm.bench.words import BUILTIN_PROMPTS
-from bench_stub import StubOptions, StubServerThread
+from bench_stub import StubOptions, StubServerThread, WordCounter, bench, config_for
 
 NO_THINKING = ["--stream", "--min-delay", "0", "--max-delay", "0", "--disable-tqdm"]
-
-
-def config_for(base_url: str, *argv: str) -> BenchConfig:
-    parser = argparse.ArgumentParser()
-    cli.add_arguments(parser)
-    return from_args(parser.parse_args(["--base-url", base_url, *argv]))
-
-
-def bench(base_url: str, *argv: str) -> BenchRun:
-    return asyncio.run(run_benchmark(config_for(base_url, *argv), echo=False))
 
 
 @pytest.fixture(scope="module")
 def small_context() -> Iterator[StubServerThread]:
     with StubServerThread(StubOptions(max_model_len=2048)) as server:
         yield server
-
-
-class WordCounter(TokenCounter):
-    method = "words"
-    exact = True
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    async def count(self, text: str) -> int:
-        self.calls += 1
-        return len(text.split())
 
 
 def test_each_prompt_keeps_the_most_repeats_that_fit() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import itertools
 import json
@@ -13,12 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from batchlm.bench import cli
-from batchlm.bench.config import BenchConfig, from_args
 from batchlm.bench.loadgen import arrival_gaps
 from batchlm.bench.plot import latency_panels_ms
-from batchlm.bench.runner import BenchRun, main_async, run_benchmark, write_outputs
-from bench_stub import StubOptions, StubServerThread
+from batchlm.bench.runner import main_async, run_benchmark, write_outputs
+from bench_stub import StubOptions, StubServerThread, bench, config_for
 
 FAST = ["--stream", "--min-delay", "0", "--max-delay", "0", "--prompt-repeat", "1", "--disable-tqdm"]
 
@@ -27,16 +24,6 @@ FAST = ["--stream", "--min-delay", "0", "--max-delay", "0", "--prompt-repeat", "
 def stub() -> Iterator[StubServerThread]:
     with StubServerThread() as server:
         yield server
-
-
-def config_for(base_url: str, *argv: str) -> BenchConfig:
-    parser = argparse.ArgumentParser()
-    cli.add_arguments(parser)
-    return from_args(parser.parse_args(["--base-url", base_url, *argv]))
-
-
-def bench(base_url: str, *argv: str) -> BenchRun:
-    return asyncio.run(run_benchmark(config_for(base_url, *argv), echo=False))
 
 
 def test_closed_loop_counts_every_token_and_respects_the_user_count(stub: StubServerThread) -> None:

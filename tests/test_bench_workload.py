@@ -11,6 +11,7 @@ import pytest
 from batchlm.bench.tokencount import TokenCounter
 from batchlm.bench.words import BUILTIN_PROMPTS
 from batchlm.bench.workload import Workload, WorkloadConfig, build_workload
+from bench_stub import WordCounter
 
 SEED_LIKE = WorkloadConfig(
     dataset_name="builtin",
@@ -25,20 +26,6 @@ SEED_LIKE = WorkloadConfig(
     seed=0,
     prompt_repeat=100,
 )
-
-
-class WordCounter(TokenCounter):
-    """Counts one token per word and records how often it was asked."""
-
-    method = "test words"
-    exact = True
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    async def count(self, text: str) -> int:
-        self.calls += 1
-        return len(text.split())
 
 
 def build(config: WorkloadConfig, counter: TokenCounter | None = None) -> Workload:
