@@ -27,6 +27,27 @@ class GrammarMasks:
     bitmask: np.ndarray
 
 
+@dataclass(frozen=True)
+class PrefetchedMasks:
+    """Masks computed ahead of a step, as soon as the tokens they follow were sampled."""
+
+    # Request id -> its row in bitmask (sequences that could not be advanced are absent).
+    index: dict[str, int]
+    # [len(index), words] int32, the same layout as GrammarMasks.bitmask.
+    bitmask: np.ndarray
+
+
+@dataclass(frozen=True)
+class SampledSlot:
+    """A constrained sequence's token that a launched step is sampling."""
+
+    request_id: str
+    # The token's row among the step's sampled tokens.
+    row: int
+    # Where the token will sit in the sequence's output_token_ids.
+    position: int
+
+
 class _EndingMatcher:
     """Stands in for a grammar that failed to compile in the engine: the sequence ends at once."""
 
@@ -95,6 +116,12 @@ class ConstrainedSequences:
         for request_id in request_ids:
             self._sequences.pop(request_id, None)
 
+    @property
+    def bitmask_words(self) -> int:
+        """The width of a bitmask row (once a sequence has been added)."""
+        assert self._backend is not None
+        return self._backend.bitmask_words
+
     def tokens_known(self, request_ids: Sequence[str]) -> bool:
         """True when none of these sequences waits for a token still being sampled."""
         for request_id in request_ids:
@@ -133,6 +160,53 @@ class ConstrainedSequences:
         bitmask = np.empty((len(rows), backend.bitmask_words), dtype=np.int32)
         backend.fill_bitmasks(matchers, bitmask)
         return GrammarMasks(rows, bitmask)
+
+    def prefetch_masks(
+        self,
+        slots: Sequence[SampledSlot],
+        sampled: Callable[[], Sequence[int] | None],
+        out: np.ndarray,
+    ) -> Future[PrefetchedMasks]:
+        """Compute the next step's masks for these sequences on the worker thread, as soon as
+        `sampled()` (called there; it waits for the launched step) gives the step's token ids, so that
+        the masks overlap the host's scheduling and the device's next forward pass instead of
+        following them. out: [>= len(slots), words] int32 to fill (pinned memory on a GPU).
+
+        Until the result is read, no other method may be called for these sequences."""
+        assert self._backend is not None
+        entries = [
+            (slot, self._sequences[slot.request_id]) for slot in slots if slot.request_id in self._sequences
+        ]
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-masks")
+        return self._worker.submit(self._prefetch, self._backend, entries, sampled, out)
+
+    @staticmethod
+    def _prefetch(
+        backend: GrammarBackend,
+        entries: list[tuple[SampledSlot, _Sequence]],
+        sampled: Callable[[], Sequence[int] | None],
+        out: np.ndarray,
+    ) -> PrefetchedMasks:
+        token_ids = sampled()
+        if token_ids is None:
+            return PrefetchedMasks({}, out[:0])
+        index: dict[str, int] = {}
+        matchers: list[GrammarMatcher] = []
+        for slot, seq in entries:
+            earlier = seq.output_token_ids[seq.num_accepted : slot.position]
+            if PLACEHOLDER_TOKEN_ID in earlier or seq.num_accepted > slot.position:
+                continue  # tokens still in flight before this one: the step computes its mask itself
+            for token_id in (*earlier, token_ids[slot.row]):
+                if not seq.matcher.accept(token_id):
+                    logger.warning("a constrained sequence sampled token %d its grammar rejects", token_id)
+            seq.num_accepted = slot.position + 1
+            index[slot.request_id] = len(matchers)
+            matchers.append(seq.matcher)
+        bitmask = out[: len(matchers)]
+        if matchers:
+            backend.fill_bitmasks(matchers, bitmask)
+        return PrefetchedMasks(index, bitmask)
 
     def compute_masks(self, rows: Sequence[tuple[int, str]]) -> GrammarMasks:
         """start_masks, waited for."""
