@@ -151,30 +151,40 @@ def instrument(llm: Any, sync: bool) -> StepEvents | None:
 
 
 def instrument_grammar(grammars: Any) -> None:
-    """Times the grammar phases: starting a step's masks, waiting for them, and (on the worker thread,
-    overlapping the others) advancing the matchers and filling the bitmasks."""
+    """Times the grammar phases: starting a step's masks and waiting for them (computed that step or
+    prefetched by the last one), and, on the worker thread overlapping the others, advancing the
+    matchers and filling the bitmasks."""
     from concurrent.futures import Future
 
-    start_masks = grammars.start_masks
+    def timed_future(start: Any, started_name: str, wait_name: str) -> Any:
+        def begin(*args: Any) -> Any:
+            begun = time.perf_counter()
+            future: Future[Any] = start(*args)
+            TIMES[started_name, CURRENT["kind"]] += time.perf_counter() - begun
+            read = future.result
 
-    def started_masks(rows: Any) -> Any:
-        begun = time.perf_counter()
-        future: Future[Any] = start_masks(rows)
-        TIMES["masks start", CURRENT["kind"]] += time.perf_counter() - begun
-        read = future.result
+            def timed_result(timeout: float | None = None) -> Any:
+                waited = time.perf_counter()
+                result = read(timeout)
+                TIMES[wait_name, CURRENT["kind"]] += time.perf_counter() - waited
+                return result
 
-        def timed_result(timeout: float | None = None) -> Any:
-            waited = time.perf_counter()
-            result = read(timeout)
-            TIMES["masks wait", CURRENT["kind"]] += time.perf_counter() - waited
-            return result
+            future.result = timed_result  # type: ignore[method-assign]
+            return future
 
-        future.result = timed_result  # type: ignore[method-assign]
-        return future
+        return begin
 
-    grammars.start_masks = started_masks
-    compute = grammars._compute
+    grammars.start_masks = timed_future(grammars.start_masks, "masks start", "masks wait")
+    grammars.prefetch_masks = timed_future(grammars.prefetch_masks, "prefetch start", "prefetch wait")
+    compute, prefetch = grammars._compute, grammars._prefetch
     grammars._compute = lambda *args: timed("masks (worker)", compute)(*args)
+    grammars._prefetch = lambda backend, entries, sampled, out: timed("prefetch (worker)", prefetch)(
+        backend, entries, timed("  tokens wait", sampled), out
+    )
+    from batchlm.structured.llguidance_backend import LLGuidanceBackend
+
+    LLGuidanceBackend.fill_bitmasks = timed("  fill", LLGuidanceBackend.fill_bitmasks)  # type: ignore[method-assign]
+    LLGuidanceBackend.accept_tokens = timed("  accept", LLGuidanceBackend.accept_tokens)  # type: ignore[method-assign]
 
 
 def main() -> None:
@@ -189,6 +199,9 @@ def main() -> None:
     parser.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--structured", action="store_true", help="every request under a JSON schema")
     parser.add_argument("--mask-threads", type=int, help="llguidance threads (default: the engine's choice)")
+    parser.add_argument(
+        "--default-switch-interval", action="store_true", help="keep Python's GIL switch interval (5 ms)"
+    )
     parser.add_argument("--sync", action="store_true", help="synchronize around each phase (exact GPU split)")
     args = parser.parse_args()
     from batchlm import LLM, SamplingParams
@@ -208,6 +221,10 @@ def main() -> None:
     params = SamplingParams(
         max_tokens=args.output_len, ignore_eos=True, temperature=args.temperature, detokenize=False
     )
+    if args.default_switch_interval:
+        import batchlm.structured.sequences as sequences
+
+        sequences.hand_over_the_gil_sooner = lambda: None
     if args.mask_threads:
         import batchlm.structured.factory as factory
 

@@ -4,6 +4,7 @@ output tokens, and each step's bitmask computed on a worker thread while the mod
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -48,6 +49,17 @@ class SampledSlot:
     position: int
 
 
+def advance(backend: GrammarBackend, matchers: list[GrammarMatcher], new_tokens: list[list[int]]) -> None:
+    """Advance matchers[i] over new_tokens[i], every matcher's next token in one batched call."""
+    for depth in range(max(map(len, new_tokens), default=0)):
+        steps = [
+            (m, tokens[depth]) for m, tokens in zip(matchers, new_tokens, strict=True) if depth < len(tokens)
+        ]
+        for (_, token_id), accepted in zip(steps, backend.accept_tokens(steps), strict=True):
+            if not accepted:
+                logger.warning("a constrained sequence sampled token %d its grammar rejects", token_id)
+
+
 class _EndingMatcher:
     """Stands in for a grammar that failed to compile in the engine: the sequence ends at once."""
 
@@ -72,6 +84,17 @@ class _Sequence:
     output_token_ids: list[int]
     # How many of them the matcher has accepted.
     num_accepted: int = 0
+
+
+# Python's default is 5 ms: the mask worker, back from a wait on the device or from the Rust
+# matcher, would often idle that long for the GIL while the engine thread runs Python.
+GIL_SWITCH_INTERVAL_S = 0.0002
+
+
+def hand_over_the_gil_sooner() -> None:
+    """Let the mask worker take the GIL back from the engine thread within GIL_SWITCH_INTERVAL_S."""
+    if sys.getswitchinterval() > GIL_SWITCH_INTERVAL_S:
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
 
 
 class ConstrainedSequences:
@@ -151,12 +174,8 @@ class ConstrainedSequences:
         sequences: list[_Sequence],
         new_tokens: list[list[int]],
     ) -> GrammarMasks:
-        matchers = []
-        for seq, tokens in zip(sequences, new_tokens, strict=True):
-            for token_id in tokens:
-                if not seq.matcher.accept(token_id):
-                    logger.warning("a constrained sequence sampled token %d its grammar rejects", token_id)
-            matchers.append(seq.matcher)
+        advance(backend, [seq.matcher for seq in sequences], new_tokens)
+        matchers = [seq.matcher for seq in sequences]
         bitmask = np.empty((len(rows), backend.bitmask_words), dtype=np.int32)
         backend.fill_bitmasks(matchers, bitmask)
         return GrammarMasks(rows, bitmask)
@@ -193,16 +212,16 @@ class ConstrainedSequences:
             return PrefetchedMasks({}, out[:0])
         index: dict[str, int] = {}
         matchers: list[GrammarMatcher] = []
+        new_tokens: list[list[int]] = []
         for slot, seq in entries:
             earlier = seq.output_token_ids[seq.num_accepted : slot.position]
             if PLACEHOLDER_TOKEN_ID in earlier or seq.num_accepted > slot.position:
                 continue  # tokens still in flight before this one: the step computes its mask itself
-            for token_id in (*earlier, token_ids[slot.row]):
-                if not seq.matcher.accept(token_id):
-                    logger.warning("a constrained sequence sampled token %d its grammar rejects", token_id)
+            new_tokens.append([*earlier, token_ids[slot.row]])
             seq.num_accepted = slot.position + 1
             index[slot.request_id] = len(matchers)
             matchers.append(seq.matcher)
+        advance(backend, matchers, new_tokens)
         bitmask = out[: len(matchers)]
         if matchers:
             backend.fill_bitmasks(matchers, bitmask)
@@ -215,6 +234,7 @@ class ConstrainedSequences:
     def _backend_for(self, eos_token_ids: tuple[int, ...]) -> GrammarBackend:
         if self._backend is None:
             self._backend = self._make_backend(eos_token_ids)
+            hand_over_the_gil_sooner()
         return self._backend
 
     def close(self) -> None:
