@@ -4,6 +4,7 @@ on CUDA, the device's busy span per step and the idle gap between one step's end
 
     python benchmarks/profile_step.py --shape llama-3.2-1b --num-requests 256 --input-len 512 --output-len 64
     python benchmarks/profile_step.py ... --async-scheduling off --sync   # exact serial split of each phase
+    python benchmarks/profile_step.py ... --structured   # every request under a ~10-field JSON schema
 
 The gap is measured with CUDA events: one recorded just before a step's first upload, one after its last
 kernel and token copy are queued. A gap near zero means the next step was queued before the device
@@ -137,6 +138,8 @@ def instrument(llm: Any, sync: bool) -> StepEvents | None:
     runner._forward = timed("forward", runner._forward, sync)
     runner.sampler.sample_on_device = timed("sample", runner.sampler.sample_on_device, sync)
     PendingStepOutput.result = timed("wait tokens", PendingStepOutput.result)  # type: ignore[method-assign]
+    runner._resolve_outputs = timed("resolve", runner._resolve_outputs)
+    instrument_grammar(runner.grammars)
     llm_module.OutputProcessor.process = timed("process", llm_module.OutputProcessor.process)  # type: ignore[method-assign]
     if not torch.cuda.is_available():
         return None
@@ -145,6 +148,43 @@ def instrument(llm: Any, sync: bool) -> StepEvents | None:
     uploader.upload = events.wrap_upload(uploader.upload)
     runner.execute_async = events.wrap_launch(runner.execute_async)
     return events
+
+
+def instrument_grammar(grammars: Any) -> None:
+    """Times the grammar phases: starting a step's masks and waiting for them (computed that step or
+    prefetched by the last one), and, on the worker thread overlapping the others, advancing the
+    matchers and filling the bitmasks."""
+    from concurrent.futures import Future
+
+    def timed_future(start: Any, started_name: str, wait_name: str) -> Any:
+        def begin(*args: Any) -> Any:
+            begun = time.perf_counter()
+            future: Future[Any] = start(*args)
+            TIMES[started_name, CURRENT["kind"]] += time.perf_counter() - begun
+            read = future.result
+
+            def timed_result(timeout: float | None = None) -> Any:
+                waited = time.perf_counter()
+                result = read(timeout)
+                TIMES[wait_name, CURRENT["kind"]] += time.perf_counter() - waited
+                return result
+
+            future.result = timed_result  # type: ignore[method-assign]
+            return future
+
+        return begin
+
+    grammars.start_masks = timed_future(grammars.start_masks, "masks start", "masks wait")
+    grammars.prefetch_masks = timed_future(grammars.prefetch_masks, "prefetch start", "prefetch wait")
+    compute, prefetch = grammars._compute, grammars._prefetch
+    grammars._compute = lambda *args: timed("masks (worker)", compute)(*args)
+    grammars._prefetch = lambda backend, entries, sampled, out: timed("prefetch (worker)", prefetch)(
+        backend, entries, timed("  tokens wait", sampled), out
+    )
+    from batchlm.structured.llguidance_backend import LLGuidanceBackend
+
+    LLGuidanceBackend.fill_bitmasks = timed("  fill", LLGuidanceBackend.fill_bitmasks)  # type: ignore[method-assign]
+    LLGuidanceBackend.accept_tokens = timed("  accept", LLGuidanceBackend.accept_tokens)  # type: ignore[method-assign]
 
 
 def main() -> None:
@@ -157,6 +197,11 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--structured", action="store_true", help="every request under a JSON schema")
+    parser.add_argument("--mask-threads", type=int, help="llguidance threads (default: the engine's choice)")
+    parser.add_argument(
+        "--default-switch-interval", action="store_true", help="keep Python's GIL switch interval (5 ms)"
+    )
     parser.add_argument("--sync", action="store_true", help="synchronize around each phase (exact GPU split)")
     args = parser.parse_args()
     from batchlm import LLM, SamplingParams
@@ -176,6 +221,22 @@ def main() -> None:
     params = SamplingParams(
         max_tokens=args.output_len, ignore_eos=True, temperature=args.temperature, detokenize=False
     )
+    if args.default_switch_interval:
+        import batchlm.structured.sequences as sequences
+
+        sequences.hand_over_the_gil_sooner = lambda: None
+    if args.mask_threads:
+        import batchlm.structured.factory as factory
+
+        factory.mask_threads = lambda: args.mask_threads
+    if args.structured:
+        import json
+
+        from structured_outputs import long_output_schema
+
+        from batchlm.sampling_params import StructuredOutputs
+
+        params = params.clone(structured_outputs=StructuredOutputs(json=json.dumps(long_output_schema())))
     # A whole warm-up pass: every kernel shape the measured pass meets is compiled and tuned first.
     llm.generate(prompts, params)
     events = instrument(llm, args.sync and torch.cuda.is_available())

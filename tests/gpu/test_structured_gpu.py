@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from batchlm import LLM, SamplingParams
-from batchlm.sampling.grammar_mask import apply_grammar_masks
+from batchlm.sampling.grammar_mask import STAGING_SLOTS, BitmaskStaging, apply_grammar_masks
 from batchlm.sampling_params import StructuredOutputs
 from batchlm.structured.sequences import GrammarMasks
 
@@ -53,6 +53,23 @@ def test_cuda_masks_equal_cpu_masks_and_leave_other_rows_alone(
     assert torch.equal(on_gpu.cpu(), on_cpu)
     for row in set(range(6)) - set(rows):
         assert torch.equal(on_cpu[row], logits[row])
+
+
+def test_staging_ring_uploads_its_own_buffers_and_copies_others() -> None:
+    staging = BitmaskStaging(torch.device("cuda"), words=5)
+    uploads = []
+    for step in range(2 * STAGING_SLOTS + 1):
+        buffer = staging.buffer(3)
+        buffer[:] = step
+        uploads.append(staging.upload(buffer))  # its own buffer: sent as is
+    foreign = np.arange(10, dtype=np.int32).reshape(2, 5)
+    copied = staging.upload(foreign)  # anything else: copied into the ring first
+    grown = staging.buffer(40)  # more rows than before: a larger ring
+    grown[:] = 7
+    torch.cuda.synchronize()
+    assert [int(u.unique().item()) for u in uploads] == list(range(2 * STAGING_SLOTS + 1))
+    assert torch.equal(copied.cpu(), torch.from_numpy(foreign))
+    assert torch.equal(staging.upload(grown).cpu(), torch.full((40, 5), 7, dtype=torch.int32))
 
 
 def test_cuda_engine_constrained_outputs_validate(tiny_model_dir: Callable[..., Path]) -> None:

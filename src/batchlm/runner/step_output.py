@@ -70,6 +70,22 @@ class PendingStepOutput:
     def is_resolved(self) -> bool:
         return self._output is not None
 
+    @property
+    def positions(self) -> tuple[int, ...]:
+        """Where each row's token sits in its request's output_token_ids."""
+        return tuple(self._slots)
+
+    def peek_token_ids(self) -> list[int] | None:
+        """The step's token ids once the device has them, writing nothing (safe on another thread);
+        None when they travel packed with logprobs."""
+        if self._output is not None:
+            return list(self._output.sampled_token_ids)
+        if self._has_logprobs:
+            return None
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.tolist()
+
     def result(self) -> ModelRunnerOutput:
         """Wait for the step's tokens (once) and return them."""
         if self._output is None:

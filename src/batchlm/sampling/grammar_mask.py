@@ -8,6 +8,69 @@ import torch
 from batchlm.structured.sequences import GrammarMasks
 
 _BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
+# Pinned buffers in the ring: a buffer is written again only after the uploads of the steps between
+# have been queued, and its last upload is waited for first.
+STAGING_SLOTS = 4
+
+
+class BitmaskStaging:
+    """A ring of pinned host buffers for bitmasks on their way to the device.
+
+    Pinning a fresh buffer per step costs the host more than computing the masks; so the matchers
+    write straight into a buffer from here (`buffer`), and `upload` sends it without another copy.
+    A bitmask that lives elsewhere is copied into the next buffer first."""
+
+    def __init__(self, device: torch.device, words: int) -> None:
+        self.device = device
+        self.words = words
+        self._rows = 0
+        self._buffers: list[torch.Tensor] = []  # [rows, words] int32, pinned
+        self._uploaded: list[torch.cuda.Event | None] = []
+        self._next = 0
+
+    def buffer(self, rows: int) -> np.ndarray:
+        """The next free buffer's first `rows` rows, as a numpy array to fill."""
+        if rows > self._rows:
+            self._grow(rows)
+        slot = self._next
+        self._next = (slot + 1) % STAGING_SLOTS
+        event = self._uploaded[slot]
+        if event is not None:
+            event.synchronize()  # its last upload (STAGING_SLOTS steps ago) has long finished
+            self._uploaded[slot] = None
+        return self._buffers[slot][:rows].numpy()
+
+    def upload(self, bitmask: np.ndarray) -> torch.Tensor:
+        """bitmask [R, words] int32 -> the same on the device, queued without blocking the host."""
+        rows = bitmask.shape[0]
+        slot = self._slot_of(bitmask)
+        if slot is None:
+            staged = self.buffer(rows)
+            np.copyto(staged, bitmask)
+            slot = self._slot_of(staged)
+            assert slot is not None
+        words = self._buffers[slot][:rows].to(self.device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._uploaded[slot] = event
+        return words
+
+    def _slot_of(self, bitmask: np.ndarray) -> int | None:
+        address = bitmask.ctypes.data
+        for slot, staged in enumerate(self._buffers):
+            if staged.data_ptr() == address and bitmask.flags["C_CONTIGUOUS"]:
+                return slot
+        return None
+
+    def _grow(self, rows: int) -> None:
+        for event in self._uploaded:
+            if event is not None:
+                event.synchronize()
+        self._rows = max(rows, 2 * self._rows)
+        shape = (self._rows, self.words)
+        self._buffers = [torch.empty(shape, dtype=torch.int32, pin_memory=True) for _ in range(STAGING_SLOTS)]
+        self._uploaded = [None] * STAGING_SLOTS
+        self._next = 0
 
 
 def forbidden_on_host(bitmask: np.ndarray, vocab_size: int) -> np.ndarray:
@@ -16,20 +79,21 @@ def forbidden_on_host(bitmask: np.ndarray, vocab_size: int) -> np.ndarray:
     return bits[:, :vocab_size].view(np.bool_)
 
 
-def forbidden_on_device(bitmask: np.ndarray, vocab_size: int, device: torch.device) -> torch.Tensor:
-    """The same on the device: the packed words are uploaded (1/32 of the bytes) and unpacked there."""
-    staged = torch.from_numpy(bitmask).pin_memory()  # a fresh pinned buffer per step: no reuse race
-    words = staged.to(device, non_blocking=True)  # [R, W]
-    shifts = _BIT_SHIFTS.get(device)
+def forbidden_on_device(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Packed words [R, W] int32 already on the device -> [R, vocab_size] bool, unpacked there."""
+    shifts = _BIT_SHIFTS.get(words.device)
     if shifts is None:
-        shifts = _BIT_SHIFTS[device] = torch.arange(32, dtype=torch.int32, device=device)
+        shifts = _BIT_SHIFTS[words.device] = torch.arange(32, dtype=torch.int32, device=words.device)
     bits = (words.unsqueeze(-1) >> shifts) & 1  # [R, W, 32]
     return bits.flatten(1)[:, :vocab_size] == 0  # [R, V]
 
 
-def apply_grammar_masks(logits: torch.Tensor, masks: GrammarMasks) -> None:
+def apply_grammar_masks(
+    logits: torch.Tensor, masks: GrammarMasks, staging: BitmaskStaging | None = None
+) -> None:
     """Set forbidden tokens of the constrained rows to -inf, in place. logits: [B, V] float32.
-    Other rows are not written at all, so their logits stay bit-identical."""
+    Other rows are not written at all, so their logits stay bit-identical. staging: the device's
+    pinned ring (one is made for the call when None)."""
     vocab_size = logits.shape[1]
     if logits.device.type == "cpu":
         # numpy's single pass per row: torch's masked_fill on the CPU spends more in threading than work.
@@ -38,7 +102,9 @@ def apply_grammar_masks(logits: torch.Tensor, masks: GrammarMasks) -> None:
         for index, row in enumerate(masks.rows):
             np.putmask(values[row], forbidden[index], -np.inf)
         return
-    forbidden_rows = forbidden_on_device(masks.bitmask, vocab_size, logits.device)  # [R, V]
+    if staging is None:
+        staging = BitmaskStaging(logits.device, masks.bitmask.shape[1])
+    forbidden_rows = forbidden_on_device(staging.upload(masks.bitmask), vocab_size)  # [R, V]
     if len(masks.rows) == logits.shape[0]:
         logits.masked_fill_(forbidden_rows, float("-inf"))
         return

@@ -13,7 +13,7 @@ import torch
 from batchlm.kernels import cpu_sampling
 from batchlm.outputs import TokenLogprobs
 from batchlm.sampling.filters import apply_min_p, apply_top_k_top_p
-from batchlm.sampling.grammar_mask import apply_grammar_masks
+from batchlm.sampling.grammar_mask import BitmaskStaging, apply_grammar_masks
 from batchlm.sampling.logprobs import MAX_PACKED_VOCAB, pack_logprobs, unpack_logprobs
 from batchlm.sampling.penalties import apply_logit_bias, apply_min_tokens_ban, apply_penalties
 from batchlm.sampling.plan import SamplingPlan, plan_batch, to_device
@@ -75,6 +75,7 @@ class Sampler:
         self._num_races = 0
         # The last batch's states (held, so their ids stay unique), its plan and knobs [B, 5].
         self._cached: tuple[tuple[SamplingState, ...], SamplingPlan, torch.Tensor | None] | None = None
+        self._staging: BitmaskStaging | None = None
 
     def warm_up(self, logits: torch.Tensor) -> None:
         """Compile the race kernel at start-up (else the first sampled step waits for it). logits:
@@ -114,7 +115,7 @@ class Sampler:
         if grammar is not None and grammar.rows:
             if not owned:
                 logits, owned = logits.clone(), True
-            apply_grammar_masks(logits, grammar)
+            apply_grammar_masks(logits, grammar, self.grammar_staging(grammar.bitmask.shape[1]))
         plan, knobs = self._plan(states)
         if plan.is_plain_greedy:
             return logits.argmax(dim=-1), None
@@ -124,6 +125,14 @@ class Sampler:
         if raw_logprobs is None or plan.max_logprobs is None:
             return token_ids, None
         return token_ids, pack_logprobs(raw_logprobs, token_ids, plan.max_logprobs)
+
+    def grammar_staging(self, words: int) -> BitmaskStaging | None:
+        """The pinned ring that bitmasks of this width travel through to a GPU (None on the CPU)."""
+        if self.device.type != "cuda":
+            return None
+        if self._staging is None or self._staging.words != words:
+            self._staging = BitmaskStaging(self.device, words)
+        return self._staging
 
     def process_logits(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
         """The logits after logit_bias, the min_tokens ban and the penalties: a new [B, vocab_size]
@@ -225,7 +234,11 @@ class Sampler:
         return generator
 
     def _fused_race(
-        self, processed: torch.Tensor, states: Sequence[SamplingState], plan: SamplingPlan, temperature: torch.Tensor
+        self,
+        processed: torch.Tensor,
+        states: Sequence[SamplingState],
+        plan: SamplingPlan,
+        temperature: torch.Tensor,
     ) -> torch.Tensor:
         """The race in one kernel pass (greedy rows have temperature 0: a plain argmax); seeded rows
         are then raced again on their own generators' noise, exactly as the torch path races them."""

@@ -4,6 +4,7 @@ output tokens, and each step's bitmask computed on a worker thread while the mod
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,6 +26,38 @@ class GrammarMasks:
     rows: tuple[int, ...]
     # [len(rows), words] int32: bit t % 32 of word t // 32 set when token t is allowed.
     bitmask: np.ndarray
+
+
+@dataclass(frozen=True)
+class PrefetchedMasks:
+    """Masks computed ahead of a step, as soon as the tokens they follow were sampled."""
+
+    # Request id -> its row in bitmask (sequences that could not be advanced are absent).
+    index: dict[str, int]
+    # [len(index), words] int32, the same layout as GrammarMasks.bitmask.
+    bitmask: np.ndarray
+
+
+@dataclass(frozen=True)
+class SampledSlot:
+    """A constrained sequence's token that a launched step is sampling."""
+
+    request_id: str
+    # The token's row among the step's sampled tokens.
+    row: int
+    # Where the token will sit in the sequence's output_token_ids.
+    position: int
+
+
+def advance(backend: GrammarBackend, matchers: list[GrammarMatcher], new_tokens: list[list[int]]) -> None:
+    """Advance matchers[i] over new_tokens[i], every matcher's next token in one batched call."""
+    for depth in range(max(map(len, new_tokens), default=0)):
+        steps = [
+            (m, tokens[depth]) for m, tokens in zip(matchers, new_tokens, strict=True) if depth < len(tokens)
+        ]
+        for (_, token_id), accepted in zip(steps, backend.accept_tokens(steps), strict=True):
+            if not accepted:
+                logger.warning("a constrained sequence sampled token %d its grammar rejects", token_id)
 
 
 class _EndingMatcher:
@@ -51,6 +84,17 @@ class _Sequence:
     output_token_ids: list[int]
     # How many of them the matcher has accepted.
     num_accepted: int = 0
+
+
+# Python's default is 5 ms: the mask worker, back from a wait on the device or from the Rust
+# matcher, would often idle that long for the GIL while the engine thread runs Python.
+GIL_SWITCH_INTERVAL_S = 0.0002
+
+
+def hand_over_the_gil_sooner() -> None:
+    """Let the mask worker take the GIL back from the engine thread within GIL_SWITCH_INTERVAL_S."""
+    if sys.getswitchinterval() > GIL_SWITCH_INTERVAL_S:
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
 
 
 class ConstrainedSequences:
@@ -95,6 +139,12 @@ class ConstrainedSequences:
         for request_id in request_ids:
             self._sequences.pop(request_id, None)
 
+    @property
+    def bitmask_words(self) -> int:
+        """The width of a bitmask row (once a sequence has been added)."""
+        assert self._backend is not None
+        return self._backend.bitmask_words
+
     def tokens_known(self, request_ids: Sequence[str]) -> bool:
         """True when none of these sequences waits for a token still being sampled."""
         for request_id in request_ids:
@@ -124,15 +174,58 @@ class ConstrainedSequences:
         sequences: list[_Sequence],
         new_tokens: list[list[int]],
     ) -> GrammarMasks:
-        matchers = []
-        for seq, tokens in zip(sequences, new_tokens, strict=True):
-            for token_id in tokens:
-                if not seq.matcher.accept(token_id):
-                    logger.warning("a constrained sequence sampled token %d its grammar rejects", token_id)
-            matchers.append(seq.matcher)
+        advance(backend, [seq.matcher for seq in sequences], new_tokens)
+        matchers = [seq.matcher for seq in sequences]
         bitmask = np.empty((len(rows), backend.bitmask_words), dtype=np.int32)
         backend.fill_bitmasks(matchers, bitmask)
         return GrammarMasks(rows, bitmask)
+
+    def prefetch_masks(
+        self,
+        slots: Sequence[SampledSlot],
+        sampled: Callable[[], Sequence[int] | None],
+        out: np.ndarray,
+    ) -> Future[PrefetchedMasks]:
+        """Compute the next step's masks for these sequences on the worker thread, as soon as
+        `sampled()` (called there; it waits for the launched step) gives the step's token ids, so that
+        the masks overlap the host's scheduling and the device's next forward pass instead of
+        following them. out: [>= len(slots), words] int32 to fill (pinned memory on a GPU).
+
+        Until the result is read, no other method may be called for these sequences."""
+        assert self._backend is not None
+        entries = [
+            (slot, self._sequences[slot.request_id]) for slot in slots if slot.request_id in self._sequences
+        ]
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-masks")
+        return self._worker.submit(self._prefetch, self._backend, entries, sampled, out)
+
+    @staticmethod
+    def _prefetch(
+        backend: GrammarBackend,
+        entries: list[tuple[SampledSlot, _Sequence]],
+        sampled: Callable[[], Sequence[int] | None],
+        out: np.ndarray,
+    ) -> PrefetchedMasks:
+        token_ids = sampled()
+        if token_ids is None:
+            return PrefetchedMasks({}, out[:0])
+        index: dict[str, int] = {}
+        matchers: list[GrammarMatcher] = []
+        new_tokens: list[list[int]] = []
+        for slot, seq in entries:
+            earlier = seq.output_token_ids[seq.num_accepted : slot.position]
+            if PLACEHOLDER_TOKEN_ID in earlier or seq.num_accepted > slot.position:
+                continue  # tokens still in flight before this one: the step computes its mask itself
+            new_tokens.append([*earlier, token_ids[slot.row]])
+            seq.num_accepted = slot.position + 1
+            index[slot.request_id] = len(matchers)
+            matchers.append(seq.matcher)
+        advance(backend, matchers, new_tokens)
+        bitmask = out[: len(matchers)]
+        if matchers:
+            backend.fill_bitmasks(matchers, bitmask)
+        return PrefetchedMasks(index, bitmask)
 
     def compute_masks(self, rows: Sequence[tuple[int, str]]) -> GrammarMasks:
         """start_masks, waited for."""
@@ -141,6 +234,7 @@ class ConstrainedSequences:
     def _backend_for(self, eos_token_ids: tuple[int, ...]) -> GrammarBackend:
         if self._backend is None:
             self._backend = self._make_backend(eos_token_ids)
+            hand_over_the_gil_sooner()
         return self._backend
 
     def close(self) -> None:
