@@ -86,6 +86,9 @@ class EngineConfig:
     # None: weights as the checkpoint stores them (GGUF blocks stay quantized on x86-64 CPUs). "int8":
     # quantize a dense checkpoint's linears, embedding and LM head to Q8_0 blocks at load (CPU only).
     quantization: str | None = None
+    # KV-cache dtype: "auto" (the model dtype) or "fp8" (e4m3 with per-layer scales from the checkpoint,
+    # else 1.0: twice the blocks; CUDA with the Triton attention kernels only).
+    kv_cache_dtype: str = "auto"
     # Extra keyword arguments for the model config (tests, random models).
     hf_overrides: dict[str, Any] = field(default_factory=dict)
     # Overlap host work with the device: schedule and launch step N+1 while step N runs, filling in its
