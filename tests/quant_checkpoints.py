@@ -8,6 +8,7 @@ views), so a layout mistake on either side shows up as a mismatch.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,9 @@ def rewrite_checkpoint(
     config = json.loads((dense_dir / "config.json").read_text())
     config["quantization_config"] = quantization_config
     (out_dir / "config.json").write_text(json.dumps(config))
+    for other in dense_dir.iterdir():  # tokenizer and generation config, where the model has them
+        if other.is_file() and other.name not in ("config.json", "model.safetensors"):
+            shutil.copy(other, out_dir / other.name)
     return references
 
 
