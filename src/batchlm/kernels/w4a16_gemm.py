@@ -52,7 +52,7 @@ def _w4a16_kernel(
     # The last split's tail past K (when SPLIT_K does not divide the K tiles) is masked.
     k_start = split * K_PER_SPLIT
     offs_k = tl.arange(0, BLOCK_K)
-    shifts = (offs_k % 8) * 4
+    shifts = tl.arange(0, 8) * 4
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for step in range(0, K_PER_SPLIT, BLOCK_K):
         k0 = k_start + step
@@ -63,12 +63,14 @@ def _w4a16_kernel(
             mask=row_ok[:, None] & k_ok[None, :],
             other=0.0,
         )  # [BLOCK_M, BLOCK_K]
+        word_rows = k0 // 8 + tl.arange(0, BLOCK_K // 8)
         words = tl.load(
-            qweight_ptr + (ks // 8).to(tl.int64)[:, None] * N + cols[None, :],
-            mask=k_ok[:, None] & col_ok[None, :],
+            qweight_ptr + word_rows.to(tl.int64)[:, None] * N + cols[None, :],
+            mask=(word_rows < K // 8)[:, None] & col_ok[None, :],
             other=0,
-        )  # [BLOCK_K, BLOCK_N]: each word read by its 8 codes' rows (from cache)
-        codes = (words >> shifts[:, None]) & 0xF
+        )  # [BLOCK_K / 8, BLOCK_N]: each word loaded once, then its 8 codes spread over 8 rows
+        codes = (words[:, None, :] >> shifts[None, :, None]) & 0xF
+        codes = tl.reshape(codes, (BLOCK_K, BLOCK_N))
         group = (k0 // GROUP_SIZE).to(tl.int64)
         group_ok = col_ok & (k0 < K)
         scale = tl.load(scales_ptr + group * N + cols, mask=group_ok, other=0.0).to(tl.float32)
