@@ -41,9 +41,10 @@ class Fp8LinearMethod(LinearMethod):
         if isinstance(loaded, (QuantizedTensor, Int4Weight)):
             raise ValueError(f"tensor {name!r} is not an FP8 or dense weight; the fp8 method cannot load it")
         part = loaded.narrow_rows(where.src_start, where.rows) if isinstance(loaded, Fp8Weight) else loaded
-        if isinstance(part, torch.Tensor):
-            part = quantize_fp8_rows(part.narrow(0, where.src_start, where.rows))
         device = layer.weight.device
+        if isinstance(part, torch.Tensor):
+            # Quantized where the layer lives (a GPU does an 8B model's rows in moments).
+            part = quantize_fp8_rows(part.narrow(0, where.src_start, where.rows).to(device))
         with torch.no_grad():
             layer.weight.narrow(0, where.dst_start, where.rows).copy_(part.data.to(device))
             scale_of(layer).narrow(1, where.dst_start, where.rows).copy_(part.scale.to(device)[None, :])

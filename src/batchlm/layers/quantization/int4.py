@@ -89,7 +89,7 @@ class Int4LinearMethod(LinearMethod):
 
     def load_rows(self, layer: MethodLayer, name: str, loaded: LoadedWeight, where: RowSlice) -> None:
         if isinstance(loaded, torch.Tensor):
-            part = loaded.narrow(0, where.src_start, where.rows)
+            part = loaded.narrow(0, where.src_start, where.rows).to(store_of(layer).device)
             loaded = quantize_int4_groups(part, default_group_size(part.shape[1]))
             where = RowSlice(where.rows, 0, where.rows, where.dst_start)
         if not isinstance(loaded, Int4Weight):
