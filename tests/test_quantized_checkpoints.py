@@ -26,7 +26,7 @@ from batchlm.models.int4_formats import unpack_awq, unpack_compressed_int4, unpa
 from batchlm.models.loader import LoadedModel, load_model
 from batchlm.models.quantized_checkpoint import read_checkpoint_scheme
 from batchlm.models.random_model import write_random_model
-from models_harness import Chunk, make_kv_caches, run_step
+from models_harness import Chunk, greedy_generate, make_kv_caches, run_ranks, run_step, thread_groups
 from quant_checkpoints import (
     awq_tensors,
     compressed_config,
@@ -274,3 +274,35 @@ def test_missing_parts_are_named(tmp_path: Path) -> None:
     save_file(tensors, str(quantized_dir / "model.safetensors"))
     with pytest.raises(ValueError, match=r"down_proj.*qzeros"):
         load_model(quantized_dir, torch.float32, CPU, progress=False)
+
+
+# --- slicing, as fused shards and tensor-parallel splits do -----------------------------------
+
+
+def test_int4_slices_match_the_dequantized_slices() -> None:
+    w = random_int4(16, 128, GROUP, symmetric=False, seed=9)
+    full = w.dequantize()
+    assert torch.equal(w.narrow_rows(4, 8).dequantize(), full[4:12])
+    assert torch.equal(w.narrow_cols(64, 64).dequantize(), full[:, 64:])
+    with pytest.raises(ValueError, match="group edges"):
+        w.narrow_cols(16, 64)
+
+
+def test_fp8_slices_keep_their_row_scales() -> None:
+    from batchlm.layers.quantization.forms import quantize_fp8_rows
+
+    w = quantize_fp8_rows(torch.randn(12, 64))
+    full = w.dequantize()
+    assert torch.equal(w.narrow_rows(3, 5).dequantize(), full[3:8])
+    assert torch.equal(w.narrow_cols(16, 32).dequantize(), full[:, 16:48])
+
+
+def test_tensor_parallel_ranks_equal_one_rank(tmp_path: Path) -> None:
+    # Two ranks: o_proj's 64 and down_proj's 128 inputs split into whole groups of 32.
+    _, quantized_dir, _ = _int4_checkpoint(tmp_path, "gptq")
+    single = load_model(quantized_dir, torch.float32, CPU, progress=False)
+    ranks = [load_model(quantized_dir, torch.float32, CPU, tp=g, progress=False) for g in thread_groups(2)]
+    expected, expected_logprobs = greedy_generate(single, PROMPTS[0], 6)
+    for tokens, logprobs in run_ranks(lambda rank: greedy_generate(ranks[rank], PROMPTS[0], 6), 2):
+        assert tokens == expected
+        torch.testing.assert_close(logprobs, expected_logprobs, atol=1e-4, rtol=0)
