@@ -22,7 +22,12 @@ CUDA = torch.device("cuda")
 SHAPE = ModelShape(32, 32, 8, 128, 4096, 128256, 8192)
 
 
-def test_auto_is_the_model_dtype_and_fp8_is_e4m3() -> None:
+@pytest.fixture
+def hopper(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+
+
+def test_auto_is_the_model_dtype_and_fp8_is_e4m3(hopper: None) -> None:
     assert resolve_kv_cache_dtype("auto", torch.bfloat16, CUDA, "triton") == torch.bfloat16
     assert resolve_kv_cache_dtype("fp8", torch.bfloat16, CUDA, "triton") == torch.float8_e4m3fn
     assert kv_cache_dtype_name(torch.float8_e4m3fn) == "fp8_e4m3"
@@ -32,6 +37,12 @@ def test_auto_is_the_model_dtype_and_fp8_is_e4m3() -> None:
 def test_fp8_is_refused_without_the_triton_kernels(device: torch.device, backend: str) -> None:
     with pytest.raises(ValueError, match="--kv-cache-dtype fp8 needs a CUDA GPU"):
         resolve_kv_cache_dtype("fp8", torch.float32, device, backend)
+
+
+def test_gpus_before_ada_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(ValueError, match=r"fp8 needs an NVIDIA GPU with FP8 support .* this one is 8\.0"):
+        resolve_kv_cache_dtype("fp8", torch.bfloat16, CUDA, "triton")
 
 
 def test_unknown_names_are_refused() -> None:

@@ -7,6 +7,7 @@ import logging
 import torch
 
 from batchlm.config import EngineConfig
+from batchlm.layers.quantization.forms import check_fp8_device
 from batchlm.models.loader import ModelShape
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ def resolve_kv_cache_dtype(
             f"--kv-cache-dtype fp8 needs a CUDA GPU and the Triton attention kernels (here: {device.type}, "
             f"{backend} attention); use --kv-cache-dtype auto"
         )
+    check_fp8_device(device, "--kv-cache-dtype fp8")
     return torch.float8_e4m3fn
 
 

@@ -13,6 +13,20 @@ import torch
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)
+# FP8 tensor-core instructions (cuBLASLt's FP8 GEMM, Triton's e4m3 casts) start with Ada (sm_89).
+FP8_MIN_CAPABILITY = (8, 9)
+
+
+def check_fp8_device(device: torch.device, what: str) -> None:
+    """ValueError naming `what` on a CUDA GPU older than Ada / Hopper (other devices emulate FP8)."""
+    if device.type != "cuda":
+        return
+    capability = torch.cuda.get_device_capability(device)
+    if capability < FP8_MIN_CAPABILITY:
+        raise ValueError(
+            f"{what} needs an NVIDIA GPU with FP8 support (compute capability 8.9+: Ada, Hopper); "
+            f"this one is {capability[0]}.{capability[1]}"
+        )
 
 
 @dataclass(frozen=True)

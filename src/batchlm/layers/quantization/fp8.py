@@ -16,7 +16,13 @@ from torch import nn
 
 from batchlm.kernels.fp8_linear import fp8_linear
 from batchlm.layers.quantization.base import LinearMethod, LoadedWeight, QuantizedTensor, RowSlice
-from batchlm.layers.quantization.forms import FP8_DTYPE, Fp8Weight, Int4Weight, quantize_fp8_rows
+from batchlm.layers.quantization.forms import (
+    FP8_DTYPE,
+    Fp8Weight,
+    Int4Weight,
+    check_fp8_device,
+    quantize_fp8_rows,
+)
 
 if TYPE_CHECKING:
     from batchlm.layers.quantization.layer import MethodLayer
@@ -29,6 +35,7 @@ class Fp8LinearMethod(LinearMethod):
     def create_weights(
         self, layer: MethodLayer, rows: int, cols: int, dtype: torch.dtype, device: torch.device
     ) -> None:
+        check_fp8_device(device, "FP8 W8A8 weights")
         layer.weight = nn.Parameter(
             torch.empty(rows, cols, dtype=FP8_DTYPE, device=device), requires_grad=False
         )
