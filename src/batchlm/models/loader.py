@@ -152,7 +152,7 @@ def load_model(
         elif quantization:
             logger.info("--quantization %s: layers per weight method %s", quantization, dict(methods))
         with timed_phase(logger, "weight load"):
-            kv_scales = _load_checkpoint(model, files, adapter, progress, scheme, set(qtypes))
+            kv_scales = _load_checkpoint(model, files, adapter, progress, scheme, set(qtypes), device)
     finish_quantized(model)
     if device.type == "cuda" and (quantization or scheme):
         # Dense copies quantized away and 4-bit codes packed: their memory is free again, and the
@@ -170,6 +170,7 @@ def _load_checkpoint(
     progress: bool,
     scheme: CheckpointScheme | None = None,
     quantized_weights: set[str] | None = None,
+    device: torch.device | None = None,
 ) -> dict[int, dict[str, float]]:
     """Load the safetensors into the model; returns the KV-cache scales a quantized checkpoint holds."""
     weights = iter_safetensors(files, progress)
@@ -180,7 +181,7 @@ def _load_checkpoint(
         model.load_weights(weights)
         return {}
     modules = {name.removesuffix(".weight") for name in quantized_weights or set()}
-    assembler = Assembler(scheme, modules)
+    assembler = Assembler(scheme, modules, device or torch.device("cpu"))
     model.load_weights(assembler.run(weights))
     return assembler.kv_scales
 

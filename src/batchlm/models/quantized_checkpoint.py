@@ -171,6 +171,8 @@ class Assembler:
 
     scheme: CheckpointScheme
     quantized: set[str]  # module names whose weight the checkpoint quantized
+    # Where the parts are unpacked (the model's device: a GPU unpacks an 8B model's words in moments).
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     kv_scales: dict[int, dict[str, float]] = field(default_factory=dict)
     _pending: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
@@ -204,6 +206,7 @@ class Assembler:
         return True
 
     def _build(self, parts: dict[str, torch.Tensor]) -> LoadedWeight:
+        parts = {name: tensor.to(self.device) for name, tensor in parts.items()}
         kind = self.scheme.kind
         if kind == FP8:
             return fp8_weight(parts["weight"], parts["weight_scale"], parts.get("input_scale"))
