@@ -41,6 +41,9 @@ SUPPORTED = (
     "compressed-tensors FP8 W8A8 (FP8_DYNAMIC, static per-tensor FP8), compressed-tensors W4A16 "
     "pack-quantized (symmetric), GPTQ 4-bit (desc_act false) and AWQ 4-bit (GEMM)"
 )
+# Parts that carry nothing once the scheme is known: GPTQ's g_idx (k // group with desc_act false), a
+# dynamic scheme's stray input_scale, a symmetric scheme's zero points (all zero).
+DROPPED = frozenset({"g_idx", "input_scale", "weight_zero_point"})
 KV_SCALE = re.compile(r"^(?:model\.)?layers\.(\d+)\.self_attn\.(?:([kv])_scale|([kv])_proj\.output_scale)$")
 
 
@@ -190,7 +193,7 @@ class Assembler:
                 if wanted <= parts.keys():
                     del self._pending[module]
                     yield f"{module}.weight", self._build(parts)
-            elif part not in ("g_idx", "input_scale"):  # GPTQ's trivial g_idx (desc_act false)
+            elif part not in DROPPED:
                 yield name, tensor
         if self._pending:
             module, parts = next(iter(self._pending.items()))
