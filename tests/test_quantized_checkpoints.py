@@ -306,3 +306,14 @@ def test_tensor_parallel_ranks_equal_one_rank(tmp_path: Path) -> None:
     for tokens, logprobs in run_ranks(lambda rank: greedy_generate(ranks[rank], PROMPTS[0], 6), 2):
         assert tokens == expected
         torch.testing.assert_close(logprobs, expected_logprobs, atol=1e-4, rtol=0)
+
+
+def test_quantizing_a_gguf_file_at_load_is_refused(tmp_path: Path) -> None:
+    from batchlm.models.gguf_model_dir import prepare_gguf_model_dir
+    from gguf_builder import write_tiny_gguf
+
+    model_dir = prepare_gguf_model_dir(
+        write_tiny_gguf(tmp_path / "t.gguf", "llama", "Q8_0", False), tmp_path / "c"
+    )
+    with pytest.raises(ValueError, match="not GGUF files"):
+        load_model(model_dir, torch.float32, CPU, progress=False, quantization="w4a16")

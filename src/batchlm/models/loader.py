@@ -129,28 +129,21 @@ def load_model(
             torch.zeros(1, device=device)
     with timed_phase(logger, "model build"), _default_dtype(dtype), torch.device(device):
         model = model_class(config, tp)
-    check_quantization(quantization, device, random_weights)
+    check_quantization(quantization, device, random_weights, gguf_file is not None)
     scheme = None if random_weights or gguf_file is not None else read_checkpoint_scheme(model_dir)
     check_checkpoint_scheme(scheme, quantization, adapter)
     kv_scales: dict[int, dict[str, float]] = {}
     if random_weights:
-        assign_weight_methods(model, DENSE_FORMAT, {}, device, dtype)
-        with timed_phase(logger, "random weight init"):
-            init_random_weights(model, std=float(getattr(config, "initializer_range", 0.02)), seed=seed)
-        if quantization:
-            with timed_phase(logger, f"random weights to {quantization}"):
-                methods = quantize_linears(model, device, dtype, quantization)
-            logger.info("--quantization %s: layers per weight method %s", quantization, dict(methods))
+        _random_weights(model, config, device, dtype, seed, quantization)
     elif gguf_file is not None:
         with timed_phase(logger, "weight load (GGUF)"):
             _load_gguf(model, gguf_file, device, dtype, quantization)
     else:
         qtypes = quantized_weight_types(checkpoint_names(files), scheme) if scheme else {}
         methods = assign_weight_methods(model, DENSE_FORMAT, qtypes, device, dtype, quantization)
-        if scheme is not None:
-            logger.info("%s checkpoint: layers per weight method %s", scheme.kind, dict(methods))
-        elif quantization:
-            logger.info("--quantization %s: layers per weight method %s", quantization, dict(methods))
+        if scheme is not None or quantization:
+            what = f"{scheme.kind} checkpoint" if scheme else f"--quantization {quantization}"
+            logger.info("%s: layers per weight method %s", what, dict(methods))
         with timed_phase(logger, "weight load"):
             kv_scales = _load_checkpoint(model, files, adapter, progress, scheme, set(qtypes), device)
     finish_quantized(model)
@@ -161,6 +154,24 @@ def load_model(
         torch.cuda.reset_peak_memory_stats(device)
     model.eval()
     return LoadedModel(model, config, model_dir, model_shape(config, tp), dtype, device, kv_scales)
+
+
+def _random_weights(
+    model: CausalLM,
+    config: Any,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int,
+    quantization: str | None,
+) -> None:
+    """Random dense weights; under --quantization fp8 / w4a16 then quantized as a checkpoint's would be."""
+    assign_weight_methods(model, DENSE_FORMAT, {}, device, dtype)
+    with timed_phase(logger, "random weight init"):
+        init_random_weights(model, std=float(getattr(config, "initializer_range", 0.02)), seed=seed)
+    if quantization:
+        with timed_phase(logger, f"random weights to {quantization}"):
+            methods = quantize_linears(model, device, dtype, quantization)
+        logger.info("--quantization %s: layers per weight method %s", quantization, dict(methods))
 
 
 def _load_checkpoint(
@@ -195,8 +206,12 @@ def _load_gguf(
     model.load_weights(iter_gguf_tensors(reader))
 
 
-def check_quantization(quantization: str | None, device: torch.device, random_weights: bool) -> None:
+def check_quantization(
+    quantization: str | None, device: torch.device, random_weights: bool, gguf: bool = False
+) -> None:
     """ValueError for a --quantization this load cannot honour."""
+    if quantization in QUANTIZE_AT_LOAD and gguf:
+        raise ValueError(f"--quantization {quantization} quantizes safetensors checkpoints, not GGUF files")
     if quantization is None or quantization in QUANTIZE_AT_LOAD:
         return
     if quantization != "int8":
