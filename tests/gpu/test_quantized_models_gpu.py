@@ -158,7 +158,7 @@ _GREEDY_RUNS: dict[str, list[list[tuple[int, float]]]] = {}
 
 def _greedy(model_dir: Path, **engine: Any) -> list[list[tuple[int, float]]]:
     """Per prompt, per step: (token, margin between the top two log-probabilities); one engine per
-    model and settings (CUDA graphs on, captured up to the prompt count), each run once per session."""
+    model and settings (CUDA graphs on, captured up to the prompt count), each run once per test run."""
     key = f"{model_dir}:{sorted(engine.items())}"
     if key not in _GREEDY_RUNS:
         _GREEDY_RUNS[key] = _run_greedy(model_dir, **engine)
