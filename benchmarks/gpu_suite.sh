@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: GPU tests, offline W1/W2, single-stream latency, online W1, start-up time.
 # Usage: bash benchmarks/gpu_suite.sh [tests] [w1] [single] [w2] [online] [online_servers] [online_clients]
-#        [online_profile] [startup] [startup_profile]
+#        [online_profile] [startup] [startup_profile] [quant_tests] [quant_kernels] [quant_single] [quant_w2]
 # (default: all but startup_profile). startup: command-to-ready of `batchlm serve` three times, the first
 # with an empty Triton cache (as on a fresh machine), with the server's `startup:` breakdown;
 # startup_profile: the engine core's start-up in one process (every Triton compile, every graph
 # capture), cold then warm, and what padding decode batches to coarser graph sizes costs.
+# quant_tests: the FP8 / W4A16 / FP8-KV GPU tests alone; quant_kernels: the three linears at 8B
+# shapes (benchmarks/quant_kernels.py); quant_single: single-stream 8B ITL, bf16 vs
+# --quantization fp8 vs w4a16 (random weights quantized at load); quant_w2: a short W2 (512 x 1000 in /
+# 256 out), bf16 vs fp8 weights + fp8 KV cache (QUANT_W2_OUT=1000 for the full one).
 # Needs $OUT (results folder); PYTHONPATH=src (the package is not installed there).
 set -u
 export PYTHONPATH="${PYTHONPATH:-}:$(pwd)/src" PYTHONUNBUFFERED=1
@@ -70,6 +74,28 @@ for step in $steps; do
           --requests 256 --input-len 512 --output-len 256 --runs 0 --server-log "$OUT/startup_$run.log" \
           --server-log-level INFO 2>&1 | grep -v Loading | sed "s/^/[$run] /"
       done ;;
+    quant_tests)
+      timeout 240 python3 -m pytest -m gpu tests/gpu/test_quant_kernels.py tests/gpu/test_fp8_kv_cache.py \
+        tests/gpu/test_quantized_models_gpu.py -q -p no:cacheprovider -o addopts="" 2>&1 | tail -15 \
+        | tee "$OUT/quant_tests.txt" ;;
+    quant_kernels)
+      timeout 150 python3 benchmarks/quant_kernels.py --json "$OUT/quant_kernels.json" 2>&1 | tail -22 ;;
+    quant_single)
+      for quant in none fp8 w4a16; do
+        flag=(); [ "$quant" != none ] && flag=(--quantization "$quant")
+        timeout 150 python3 benchmarks/offline_throughput.py --shape llama-3.1-8b --dummy --num-requests 1 \
+          --input-len 512 --output-len 256 --runs 3 "${flag[@]}" --json-out "$OUT/single8b_$quant.json" 2>&1 \
+          | grep '^{' | tail -1 | sed "s/^/[$quant] /"
+        python3 -c "import json,statistics,sys; r=json.load(open(sys.argv[1]))['runs']; print('[$quant] ITL ms median', statistics.median(x['itl_ms_median'] for x in r))" "$OUT/single8b_$quant.json"
+      done ;;
+    quant_w2)
+      for variant in bf16 fp8; do
+        flag=(); [ "$variant" = fp8 ] && flag=(--quantization fp8 --kv-cache-dtype fp8)
+        timeout 280 python3 benchmarks/offline_throughput.py --shape llama-3.1-8b --dummy --num-requests 512 \
+          --input-len 1000 --output-len "${QUANT_W2_OUT:-256}" --runs 2 "${flag[@]}" \
+          --json-out "$OUT/w2_$variant.json" 2>&1 | grep '^{' | tail -1 | sed "s/^/[$variant] /"
+      done
+      python3 -c "import json,sys; a,b=(json.load(open(p))['summary']['batchlm median output tok/s'] for p in sys.argv[1:]); print('W2 fp8 weights + fp8 KV over bf16:', round(b/a,2))" "$OUT/w2_bf16.json" "$OUT/w2_fp8.json" ;;
     startup_profile)
       cache="$(mktemp -d)"
       TRITON_CACHE_DIR="$cache" timeout 150 python3 benchmarks/startup_profile.py --json-out "$OUT/startup_cold.json"

@@ -5,6 +5,8 @@ CPU (issue 2):  python benchmarks/offline_throughput.py --shape smollm2-135m --n
                     --input-len 128 --output-len 64 --compare-hf
 GPU (issue 5):  python benchmarks/offline_throughput.py --shape llama-3.2-1b --num-requests 256 \
                     --input-len 512 --output-len 256 --runs 3
+Quantized (issue 21): add --quantization fp8 / w4a16 (with --dummy: random weights quantized at load,
+the real shapes) and --kv-cache-dtype fp8.
 Structured outputs (issue 17): add --structured to alternate, in the same engine, runs where every
 request is under a ~10-field JSON schema (structured_outputs.long_output_schema) with runs without one;
 the tokenizer is padded to the model's vocabulary so masks cover a real-size vocabulary.
@@ -52,6 +54,8 @@ def run_batchlm(args: argparse.Namespace, model_dir: Path, prompts: list[list[in
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=False,
         tensor_parallel_size=args.tensor_parallel_size,
+        quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     load_s = time.perf_counter() - started
     params = SamplingParams(
@@ -166,6 +170,8 @@ def main() -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.90)
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the model is split across")
+    parser.add_argument("--quantization", choices=["int8", "fp8", "w4a16"], default=None)
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
     parser.add_argument("--dummy", action="store_true", help="random weights made on the device (GPU shapes)")
     parser.add_argument("--compare-hf", action="store_true", help="also time transformers' generate")
     parser.add_argument("--structured", action="store_true", help="also time runs under a JSON schema")
@@ -191,6 +197,8 @@ def main() -> None:
         "shape": args.shape,
         "workload": f"{args.num_requests} x {args.input_len} in / {args.output_len} out",
         "tensor_parallel_size": args.tensor_parallel_size,
+        "quantization": args.quantization or "none",
+        "kv_cache_dtype": args.kv_cache_dtype,
         "machine": platform.processor() or platform.machine(),
         "date": time.strftime("%Y-%m-%d"),
     }

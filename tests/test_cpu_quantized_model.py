@@ -83,4 +83,4 @@ def test_int8_is_refused_where_it_cannot_apply(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="random weights"):
         load_model(model_dir, torch.float32, CPU, random_weights=True, quantization="int8")
     with pytest.raises(ValueError, match="unknown quantization"):
-        load_model(model_dir, torch.float32, CPU, quantization="fp8")
+        load_model(model_dir, torch.float32, CPU, quantization="nf4")

@@ -83,9 +83,14 @@ class EngineConfig:
     # "auto": weights from safetensors; "dummy": random weights made on the device (benchmarks of real
     # shapes without downloads; only config.json is read).
     load_format: str = "auto"
-    # None: weights as the checkpoint stores them (GGUF blocks stay quantized on x86-64 CPUs). "int8":
-    # quantize a dense checkpoint's linears, embedding and LM head to Q8_0 blocks at load (CPU only).
+    # None: weights as the checkpoint stores them (GGUF blocks stay quantized on x86-64 CPUs; FP8 and
+    # 4-bit safetensors checkpoints as FP8 W8A8 / W4A16). "int8": quantize a dense checkpoint's linears,
+    # embedding and LM head to Q8_0 blocks at load (CPU only). "fp8" / "w4a16": quantize its linears to
+    # per-channel FP8 or 4-bit groups of 128 at load (for NVIDIA GPUs; elsewhere emulated, slowly).
     quantization: str | None = None
+    # KV-cache dtype: "auto" (the model dtype) or "fp8" (e4m3 with per-layer scales from the checkpoint,
+    # else 1.0: twice the blocks; CUDA with the Triton attention kernels only).
+    kv_cache_dtype: str = "auto"
     # Extra keyword arguments for the model config (tests, random models).
     hf_overrides: dict[str, Any] = field(default_factory=dict)
     # Overlap host work with the device: schedule and launch step N+1 while step N runs, filling in its

@@ -126,7 +126,8 @@ ENGINE_FLAG_NAMES = {"max_num_seqs": ["--batch-size", "--max-num-seqs"]}
 ENGINE_CHOICES = {
     "dtype": ["auto", "float32", "bfloat16", "float16"],
     "load_format": ["auto", "dummy"],
-    "quantization": ["int8"],
+    "quantization": ["int8", "fp8", "w4a16"],
+    "kv_cache_dtype": ["auto", "fp8"],
     "async_scheduling": ["auto", "on", "off"],
 }
 

@@ -63,7 +63,13 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         """Causal attention of each new token over its request's whole context."""
 
-    def warm_up(self, kv_cache: torch.Tensor, num_heads: int, max_blocks_per_seq: int) -> None:
+    def warm_up(
+        self,
+        kv_cache: torch.Tensor,
+        num_heads: int,
+        max_blocks_per_seq: int,
+        query_dtype: torch.dtype | None = None,
+    ) -> None:
         """Compile, at start-up, every kernel variant serving can launch (none for backends without
-        JIT kernels). `kv_cache` is read only."""
+        JIT kernels). `kv_cache` is read only; `query_dtype` is the model's (None: the cache's)."""
         return None

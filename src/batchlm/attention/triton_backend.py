@@ -9,17 +9,28 @@ from batchlm.kernels.kv_write import write_kv_cache
 from batchlm.kernels.paged_decode import DecodeConfig, choose_num_splits, paged_decode_attention
 from batchlm.kernels.paged_prefill import paged_prefill_attention, prefill_configs
 from batchlm.kernels.shapes import check_paged_inputs, sm_count
+from batchlm.layers.quantization.forms import FP8_DTYPE
 
 
 class TritonAttentionBackend(AttentionBackend):
     """Decode rows (the first meta.num_decodes requests) go to the split-KV decode kernel, the rest
     to the prefill kernel. The decode path reads only device tensors and static shapes, so a runner
-    may capture it in a CUDA graph (pad the batch with seq_len 0 and slot -1 rows)."""
+    may capture it in a CUDA graph (pad the batch with seq_len 0 and slot -1 rows).
+
+    An FP8 KV cache holds key / k_scale and value / v_scale: k_scale joins the softmax scale and
+    v_scale multiplies the output (skipped at 1.0). Each layer's scales are registered against its
+    cache tensor (set_kv_scales), so the model's call stays the same for every cache dtype."""
 
     name = "triton"
 
     def __init__(self, decode_config: DecodeConfig | None = None) -> None:
         self.decode_config = decode_config or DecodeConfig()
+        # Per-layer FP8 scales, by the cache tensor's data pointer; caches not listed use 1.0.
+        self._kv_scales: dict[int, tuple[float, float]] = {}
+
+    def set_kv_scales(self, kv_caches: list[torch.Tensor], scales: list[tuple[float, float]]) -> None:
+        """(k_scale, v_scale) of each layer's FP8 cache, in layer order."""
+        self._kv_scales = {cache.data_ptr(): pair for cache, pair in zip(kv_caches, scales, strict=True)}
 
     def forward(
         self,
@@ -30,7 +41,11 @@ class TritonAttentionBackend(AttentionBackend):
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
-        write_kv_cache(key, value, kv_cache, meta.slot_mapping)
+        k_scale, v_scale = 1.0, 1.0
+        if kv_cache.dtype == FP8_DTYPE:
+            k_scale, v_scale = self._kv_scales.get(kv_cache.data_ptr(), (1.0, 1.0))
+        write_kv_cache(key, value, kv_cache, meta.slot_mapping, k_scale, v_scale)
+        scale = scale * k_scale
         out = torch.empty_like(query)
         num_decodes = meta.num_decodes
         if num_decodes > 0:
@@ -58,15 +73,24 @@ class TritonAttentionBackend(AttentionBackend):
             )
         if query.shape[0] > meta.num_tokens:
             out[meta.num_tokens :].zero_()  # padding rows past the batch: defined, never garbage
+        if v_scale != 1.0:
+            out.mul_(v_scale)
         return out
 
     @torch.inference_mode()
-    def warm_up(self, kv_cache: torch.Tensor, num_heads: int, max_blocks_per_seq: int) -> None:
+    def warm_up(
+        self,
+        kv_cache: torch.Tensor,
+        num_heads: int,
+        max_blocks_per_seq: int,
+        query_dtype: torch.dtype | None = None,
+    ) -> None:
         """Launch each prefill tile configuration and each decode split count once on a one-token
         problem. Which ones a step picks depends on its token count, batch size and context, so
         without this the first step to need one would wait for its JIT compile."""
         device = kv_cache.device
-        query = torch.zeros((1, num_heads, kv_cache.shape[-1]), dtype=kv_cache.dtype, device=device)
+        dtype = query_dtype or kv_cache.dtype
+        query = torch.zeros((1, num_heads, kv_cache.shape[-1]), dtype=dtype, device=device)
         shape = check_paged_inputs(query, kv_cache)
         seq_lens = torch.ones(1, dtype=torch.int32, device=device)
         block_tables = torch.zeros((1, max_blocks_per_seq), dtype=torch.int32, device=device)

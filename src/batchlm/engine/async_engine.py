@@ -209,6 +209,8 @@ class AsyncLLMEngine(StreamingFrontEnd):
             # The core's counts: they include what other front ends sharing the core sent.
             prompt_tokens_total=core.prompt_tokens_total,
             generation_tokens_total=core.generation_tokens_total,
+            kv_cache_blocks=self.info.num_blocks if self.info else 0,
+            kv_cache_bits=self.info.kv_cache_bits if self.info else 0,
         )
 
     # -- StreamingFrontEnd transport ---------------------------------------------------------------

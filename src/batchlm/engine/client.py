@@ -46,6 +46,9 @@ class EngineStats:
     # Cumulative token counters since start.
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
+    # The KV cache's size in blocks and bits per element (8: FP8), 0 where unknown.
+    kv_cache_blocks: int = 0
+    kv_cache_bits: int = 0
 
 
 @dataclass(frozen=True)

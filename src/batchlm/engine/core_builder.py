@@ -27,6 +27,8 @@ class CoreInfo:
     max_num_batched_tokens: int
     device: str
     dtype: str
+    # Bits per KV-cache element: 8 for an FP8 cache, else the model dtype's.
+    kv_cache_bits: int = 0
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 Query rows are [BLOCK_M, HEAD_DIM] (query heads of one KV group, possibly of several tokens); the
 tile is BLOCK_N consecutive context tokens gathered through the block table. Scores live in the log2
-domain (qk_scale already holds log2(e)), so exp2 replaces exp.
+domain (qk_scale already holds log2(e)), so exp2 replaces exp. An FP8 cache's tiles are widened to the
+query dtype as they load; its k_scale is folded into qk_scale and its v_scale applied by the caller.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def attend_tile(
         k = tl.load(k_ptrs)
     else:
         k = tl.load(k_ptrs, mask=in_range[:, None], other=0.0)
+    k = k.to(q.dtype)  # no-op unless the cache is FP8
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
     if MASK_MODE == 1:
         scores = tl.where(in_range[None, :], scores, float("-inf"))
@@ -59,6 +61,7 @@ def attend_tile(
         v = tl.load(k_ptrs + stride_c_kv)
     else:
         v = tl.load(k_ptrs + stride_c_kv, mask=in_range[:, None], other=0.0)
+    v = v.to(q.dtype)
     acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, new_max, row_sum
 

@@ -58,7 +58,7 @@ def check_paged_inputs(query: torch.Tensor, kv_cache: torch.Tensor) -> PagedShap
         raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
     if query.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"unsupported dtype {query.dtype}; supported: {SUPPORTED_DTYPES}")
-    if kv_cache.dtype != query.dtype:
+    if kv_cache.dtype != query.dtype and kv_cache.dtype != torch.float8_e4m3fn:
         raise ValueError(f"query dtype {query.dtype} differs from KV-cache dtype {kv_cache.dtype}")
     if query.stride(-1) != 1:
         raise ValueError("query must be contiguous in head_dim (stride 1 on the last axis)")

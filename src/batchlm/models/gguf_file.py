@@ -174,6 +174,7 @@ def unpermute_rows(loaded: LoadedWeight, num_heads: int) -> LoadedWeight:
     (first halves, then second halves) to interleaved pairs for its RoPE: head h's row 2i + j holds HF
     row j * d/2 + i. Rows move whole, so quantized rows move as their bytes."""
     data = loaded.data if isinstance(loaded, QuantizedTensor) else loaded
+    assert isinstance(data, torch.Tensor), "GGUF tensors are dense or GGML blocks"
     rows = data.shape[0]
     restored = data.reshape(num_heads, rows // num_heads // 2, 2, *data.shape[1:]).transpose(1, 2)
     restored = restored.reshape(data.shape)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from batchlm.layers.norm import RMSNorm
-from batchlm.layers.quantization.registry import DENSE_FORMAT, GGUF_FORMAT
+from batchlm.layers.quantization.registry import DENSE_FORMAT, GGUF_FORMAT, QUANTIZE_AT_LOAD
 from batchlm.models.base import CausalLM
 from batchlm.models.checkpoint import find_safetensors, iter_safetensors, load_hf_config
 from batchlm.models.config_view import read_config_view
@@ -20,8 +20,15 @@ from batchlm.models.gguf_file import iter_gguf_tensors, open_gguf, tensor_types
 from batchlm.models.gguf_model_dir import gguf_source
 from batchlm.models.hf_config import context_length, head_dim_of, num_kv_heads_of
 from batchlm.models.lora import LoraAdapter, load_lora_adapter, merge_lora
+from batchlm.models.quantized_checkpoint import (
+    Assembler,
+    CheckpointScheme,
+    checkpoint_names,
+    quantized_weight_types,
+    read_checkpoint_scheme,
+)
 from batchlm.models.registry import architecture_of, get_model_class
-from batchlm.models.weight_methods import assign_weight_methods
+from batchlm.models.weight_methods import assign_weight_methods, finish_quantized, quantize_linears
 from batchlm.models.weights import expected_names
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
 from batchlm.startup_log import timed_phase
@@ -56,6 +63,8 @@ class LoadedModel:
     shape: ModelShape
     dtype: torch.dtype
     device: torch.device
+    # Per-layer KV-cache scales a quantized checkpoint stores: layer -> {"k": s, "v": s}.
+    kv_scales: dict[int, dict[str, float]] = field(default_factory=dict)
 
 
 def model_shape(config: Any, tp: TensorParallelGroup = SINGLE_RANK) -> ModelShape:
@@ -120,30 +129,72 @@ def load_model(
             torch.zeros(1, device=device)
     with timed_phase(logger, "model build"), _default_dtype(dtype), torch.device(device):
         model = model_class(config, tp)
-    check_quantization(quantization, device, random_weights)
+    check_quantization(quantization, device, random_weights, gguf_file is not None)
+    scheme = None if random_weights or gguf_file is not None else read_checkpoint_scheme(model_dir)
+    check_checkpoint_scheme(scheme, quantization, adapter)
+    kv_scales: dict[int, dict[str, float]] = {}
     if random_weights:
-        assign_weight_methods(model, DENSE_FORMAT, {}, device, dtype)
-        with timed_phase(logger, "random weight init"):
-            init_random_weights(model, std=float(getattr(config, "initializer_range", 0.02)), seed=seed)
+        _random_weights(model, config, device, dtype, seed, quantization)
     elif gguf_file is not None:
         with timed_phase(logger, "weight load (GGUF)"):
             _load_gguf(model, gguf_file, device, dtype, quantization)
     else:
-        methods = assign_weight_methods(model, DENSE_FORMAT, {}, device, dtype, quantization)
-        if quantization:
-            logger.info("--quantization %s: layers per weight method %s", quantization, dict(methods))
+        qtypes = quantized_weight_types(checkpoint_names(files), scheme) if scheme else {}
+        methods = assign_weight_methods(model, DENSE_FORMAT, qtypes, device, dtype, quantization)
+        if scheme is not None or quantization:
+            what = f"{scheme.kind} checkpoint" if scheme else f"--quantization {quantization}"
+            logger.info("%s: layers per weight method %s", what, dict(methods))
         with timed_phase(logger, "weight load"):
-            _load_checkpoint(model, files, adapter, progress)
+            kv_scales = _load_checkpoint(model, files, adapter, progress, scheme, set(qtypes), device)
+    finish_quantized(model)
+    if device.type == "cuda" and (quantization or scheme):
+        # Dense copies quantized away and 4-bit codes packed: their memory is free again, and the
+        # KV-cache budget (sized from the peak) should not count it.
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     model.eval()
-    return LoadedModel(model, config, model_dir, model_shape(config, tp), dtype, device)
+    return LoadedModel(model, config, model_dir, model_shape(config, tp), dtype, device, kv_scales)
 
 
-def _load_checkpoint(model: CausalLM, files: list[Path], adapter: LoraAdapter | None, progress: bool) -> None:
+def _random_weights(
+    model: CausalLM,
+    config: Any,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int,
+    quantization: str | None,
+) -> None:
+    """Random dense weights; under --quantization fp8 / w4a16 then quantized as a checkpoint's would be."""
+    assign_weight_methods(model, DENSE_FORMAT, {}, device, dtype)
+    with timed_phase(logger, "random weight init"):
+        init_random_weights(model, std=float(getattr(config, "initializer_range", 0.02)), seed=seed)
+    if quantization:
+        with timed_phase(logger, f"random weights to {quantization}"):
+            methods = quantize_linears(model, device, dtype, quantization)
+        logger.info("--quantization %s: layers per weight method %s", quantization, dict(methods))
+
+
+def _load_checkpoint(
+    model: CausalLM,
+    files: list[Path],
+    adapter: LoraAdapter | None,
+    progress: bool,
+    scheme: CheckpointScheme | None = None,
+    quantized_weights: set[str] | None = None,
+    device: torch.device | None = None,
+) -> dict[int, dict[str, float]]:
+    """Load the safetensors into the model; returns the KV-cache scales a quantized checkpoint holds."""
     weights = iter_safetensors(files, progress)
     if adapter is not None:
         adapter.check_targets(expected_names(model), model.tie_word_embeddings)
         weights = merge_lora(weights, adapter)
-    model.load_weights(weights)
+    if scheme is None:
+        model.load_weights(weights)
+        return {}
+    modules = {name.removesuffix(".weight") for name in quantized_weights or set()}
+    assembler = Assembler(scheme, modules, device or torch.device("cpu"))
+    model.load_weights(assembler.run(weights))
+    return assembler.kv_scales
 
 
 def _load_gguf(
@@ -155,18 +206,37 @@ def _load_gguf(
     model.load_weights(iter_gguf_tensors(reader))
 
 
-def check_quantization(quantization: str | None, device: torch.device, random_weights: bool) -> None:
+def check_quantization(
+    quantization: str | None, device: torch.device, random_weights: bool, gguf: bool = False
+) -> None:
     """ValueError for a --quantization this load cannot honour."""
-    if quantization is None:
+    if quantization in QUANTIZE_AT_LOAD and gguf:
+        raise ValueError(f"--quantization {quantization} quantizes safetensors checkpoints, not GGUF files")
+    if quantization is None or quantization in QUANTIZE_AT_LOAD:
         return
     if quantization != "int8":
-        raise ValueError(f"unknown quantization {quantization!r}; batchlm offers 'int8'")
+        offered = ", ".join(repr(q) for q in ["int8", *QUANTIZE_AT_LOAD])
+        raise ValueError(f"unknown quantization {quantization!r}; batchlm offers {offered}")
     if device.type != "cpu":
         raise ValueError("--quantization int8 runs on CPUs (x86-64); leave it unset on a GPU")
     if random_weights:
         raise ValueError(
             "--quantization int8 quantizes checkpoint weights; it cannot be used with random weights"
         )
+
+
+def check_checkpoint_scheme(
+    scheme: CheckpointScheme | None, quantization: str | None, adapter: LoraAdapter | None
+) -> None:
+    """ValueError for a quantized checkpoint combined with what cannot apply to it."""
+    if scheme is None:
+        return
+    if quantization:
+        raise ValueError(
+            f"the checkpoint is already quantized ({scheme.kind}); drop --quantization {quantization}"
+        )
+    if adapter is not None:
+        raise ValueError(f"a LoRA adapter cannot be merged into a quantized ({scheme.kind}) checkpoint")
 
 
 @torch.no_grad()

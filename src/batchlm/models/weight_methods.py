@@ -8,8 +8,10 @@ from collections.abc import Mapping
 import torch
 
 from batchlm.layers.embedding import ParallelLMHead
+from batchlm.layers.quantization.base import RowSlice
+from batchlm.layers.quantization.int4 import Int4LinearMethod
 from batchlm.layers.quantization.layer import MethodLayer
-from batchlm.layers.quantization.registry import WeightSpec, choose_linear_method
+from batchlm.layers.quantization.registry import DENSE_FORMAT, WeightSpec, choose_linear_method
 from batchlm.models.base import CausalLM
 from batchlm.models.weights import hf_module_names
 
@@ -50,3 +52,31 @@ def assign_weight_methods(
         assert head.tied_embedding is not None
         head.tie_to(head.tied_embedding)
     return chosen
+
+
+@torch.no_grad()
+def quantize_linears(
+    model: CausalLM, device: torch.device, dtype: torch.dtype, quantization: str
+) -> Counter[str]:
+    """Move the already loaded dense linears to the method `quantization` chooses for them (random
+    weights under --quantization fp8 / w4a16), one layer at a time."""
+    chosen: Counter[str] = Counter()
+    for _, module in model.named_modules():
+        if not isinstance(module, MethodLayer) or module.role != "linear":
+            continue
+        spec = WeightSpec(DENSE_FORMAT, (), module.role, device, dtype, quantization)
+        method = choose_linear_method(spec)
+        if method is not module.method:
+            dense = module.weight.detach()
+            module.set_method(method)
+            rows = dense.shape[0]
+            method.load_rows(module, "weight", dense, RowSlice(rows, 0, rows, 0))
+        chosen[type(method).__name__] += 1
+    return chosen
+
+
+def finish_quantized(model: CausalLM) -> None:
+    """Pack 4-bit layers for their kernel once every shard has loaded (the load-time bytes go)."""
+    for module in model.modules():
+        if isinstance(module, MethodLayer) and isinstance(module.method, Int4LinearMethod):
+            module.process_weights_after_loading()

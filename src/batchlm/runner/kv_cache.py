@@ -7,6 +7,7 @@ import logging
 import torch
 
 from batchlm.config import EngineConfig
+from batchlm.layers.quantization.forms import check_fp8_device
 from batchlm.models.loader import ModelShape
 
 logger = logging.getLogger(__name__)
@@ -15,6 +16,37 @@ GIB = 1 << 30
 # The CPU KV cache when --cpu-kv-cache-gib is not given is at most this (and no more than the running
 # requests can fill).
 DEFAULT_CPU_KV_CACHE_GIB = 2.0
+
+
+def resolve_kv_cache_dtype(
+    name: str, model_dtype: torch.dtype, device: torch.device, backend: str
+) -> torch.dtype:
+    """--kv-cache-dtype: "auto" is the model dtype; "fp8" is e4m3, read by the Triton kernels only."""
+    if name == "auto":
+        return model_dtype
+    if name != "fp8":
+        raise ValueError(f"unknown --kv-cache-dtype {name!r}; choose auto or fp8")
+    if device.type != "cuda" or backend != "triton":
+        raise ValueError(
+            f"--kv-cache-dtype fp8 needs a CUDA GPU and the Triton attention kernels (here: {device.type}, "
+            f"{backend} attention); use --kv-cache-dtype auto"
+        )
+    check_fp8_device(device, "--kv-cache-dtype fp8")
+    return torch.float8_e4m3fn
+
+
+def kv_cache_dtype_name(dtype: torch.dtype) -> str:
+    return "fp8_e4m3" if dtype == torch.float8_e4m3fn else str(dtype).removeprefix("torch.")
+
+
+def layer_kv_scales(
+    checkpoint_scales: dict[int, dict[str, float]], num_layers: int
+) -> list[tuple[float, float]]:
+    """(k_scale, v_scale) per layer: the checkpoint's where it stores them, else 1.0."""
+    return [
+        (checkpoint_scales.get(i, {}).get("k", 1.0), checkpoint_scales.get(i, {}).get("v", 1.0))
+        for i in range(num_layers)
+    ]
 
 
 def bytes_per_block(shape: ModelShape, block_size: int, dtype: torch.dtype) -> int:
@@ -74,6 +106,8 @@ def allocate_kv_caches(
     """One [2, num_blocks, block_size, num_kv_heads, head_dim] tensor per layer, zeroed so that padding
     slots never hold NaNs that a masked matmul could spread."""
     return [
-        torch.zeros((2, num_blocks, block_size, shape.num_kv_heads, shape.head_dim), dtype=dtype, device=device)
+        torch.zeros(
+            (2, num_blocks, block_size, shape.num_kv_heads, shape.head_dim), dtype=dtype, device=device
+        )
         for _ in range(shape.num_layers)
     ]

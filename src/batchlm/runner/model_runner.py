@@ -24,7 +24,13 @@ from batchlm.runner.cuda_graph import DecodeGraphs
 from batchlm.runner.device import dtype_name, resolve_device, resolve_dtype
 from batchlm.runner.grammar import constrained_rows, constrained_sequences, merge_masks, sampled_slots
 from batchlm.runner.inputs import StepInputBuilder, StepInputs, build_step_inputs
-from batchlm.runner.kv_cache import allocate_kv_caches, num_blocks_for
+from batchlm.runner.kv_cache import (
+    allocate_kv_caches,
+    kv_cache_dtype_name,
+    layer_kv_scales,
+    num_blocks_for,
+    resolve_kv_cache_dtype,
+)
 from batchlm.runner.step_output import PendingStepOutput, PreviousTokens
 from batchlm.sampling.plan import has_penalty
 from batchlm.sampling.sampler import Sampler
@@ -46,6 +52,7 @@ class RunnerInfo:
     max_num_batched_tokens: int
     device: str
     dtype: str
+    kv_cache_bits: int = 0
 
 
 def default_max_num_batched_tokens(device: torch.device) -> int:
@@ -118,6 +125,7 @@ class ModelRunner:
             self.device
         )
         self.attn = choose_attention_backend(self.device)
+        self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype, self.device, self.attn.name)
         self.sampler = Sampler(self.shape.vocab_size, self.device, seed=config.seed)
         self.states: dict[str, SamplingState] = {}
         self.input_builder = StepInputBuilder(config.block_size, self.device)
@@ -168,19 +176,23 @@ class ModelRunner:
         if self.device.type == "cuda":
             self._compile_kernels_concurrently()
             self._profile_run()
-        return num_blocks_for(self.config, self.shape, self.dtype, self.device, self.max_model_len)
+        return num_blocks_for(self.config, self.shape, self.kv_dtype, self.device, self.max_model_len)
 
     def allocate_kv_cache(self, num_blocks: int) -> RunnerInfo:
         """Allocate `num_blocks` KV blocks (tensor parallel: the minimum over ranks) and capture graphs."""
         self.num_blocks = num_blocks
         self.kv_caches = allocate_kv_caches(
-            self.shape, self.num_blocks, self.config.block_size, self.dtype, self.device
+            self.shape, self.num_blocks, self.config.block_size, self.kv_dtype, self.device
         )
+        set_kv_scales = getattr(self.attn, "set_kv_scales", None)
+        if set_kv_scales is not None:
+            set_kv_scales(self.kv_caches, layer_kv_scales(self.loaded.kv_scales, self.shape.num_layers))
         logger.info(
-            "KV cache: %d blocks of %d tokens (%d tokens)",
+            "KV cache: %d blocks of %d tokens (%d tokens, %s)",
             self.num_blocks,
             self.config.block_size,
             self.num_blocks * self.config.block_size,
+            kv_cache_dtype_name(self.kv_dtype),
         )
         max_blocks_per_seq = self._max_blocks_per_seq()
         if self.device.type == "cuda":
@@ -203,6 +215,7 @@ class ModelRunner:
             max_num_batched_tokens=self.max_num_batched_tokens,
             device=str(self.device),
             dtype=dtype_name(self.dtype),
+            kv_cache_bits=self.kv_dtype.itemsize * 8,
         )
 
     def _max_blocks_per_seq(self) -> int:
@@ -213,7 +226,7 @@ class ModelRunner:
         """Compile the Triton kernel variants that the profile run and the graph captures may not
         reach (attention tiles and splits picked per step, the sampling race), so no step waits
         for a JIT compile while serving. kv_cache: one layer's cache (only its layout matters)."""
-        self.attn.warm_up(kv_cache, self.shape.num_heads, max_blocks_per_seq)
+        self.attn.warm_up(kv_cache, self.shape.num_heads, max_blocks_per_seq, query_dtype=self.dtype)
         hidden = torch.zeros((1, self.shape.hidden_size), dtype=self.dtype, device=self.device)
         self.sampler.warm_up(self.model.compute_logits(hidden).float())
         torch.cuda.synchronize(self.device)
@@ -240,7 +253,7 @@ class ModelRunner:
             if deferred is None:
                 return
             self._profile_run()
-            scratch = allocate_kv_caches(self.shape, 1, self.config.block_size, self.dtype, self.device)
+            scratch = allocate_kv_caches(self.shape, 1, self.config.block_size, self.kv_dtype, self.device)
             self._warm_up_kernels(scratch[0], self._max_blocks_per_seq())
             del scratch
         compile_deferred(deferred, threads)
@@ -259,7 +272,7 @@ class ModelRunner:
         tokens = min(self.max_num_batched_tokens, self.max_model_len)
         blocks = -(-tokens // self.config.block_size)
         chunk = ScheduledChunk("profile", tuple([0] * tokens), 0, tuple(range(blocks)), True)
-        scratch = allocate_kv_caches(self.shape, blocks, self.config.block_size, self.dtype, self.device)
+        scratch = allocate_kv_caches(self.shape, blocks, self.config.block_size, self.kv_dtype, self.device)
         inputs = build_step_inputs(
             SchedulerOutput((chunk,), (), frozenset()), self.config.block_size, self.device
         )

@@ -102,6 +102,12 @@ class EngineStatsCollector:
         }
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(name, doc, value=value)
+        if stats.kv_cache_blocks:
+            blocks = GaugeMetricFamily(
+                "batchlm_kv_cache_blocks", "KV-cache blocks allocated, by bits per element.", labels=["bits"]
+            )
+            blocks.add_metric([str(stats.kv_cache_bits)], stats.kv_cache_blocks)
+            yield blocks
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)
 

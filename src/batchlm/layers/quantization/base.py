@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from batchlm.layers.quantization.forms import Fp8Weight, Int4Weight
+
 if TYPE_CHECKING:
     from batchlm.layers.quantization.layer import MethodLayer
 
@@ -73,29 +75,32 @@ class QuantizedTensor:
         return torch.from_numpy(values.reshape(self.shape)).to(dtype)
 
 
-# What the loader hands a layer: a dense tensor or a quantized one.
-LoadedWeight = torch.Tensor | QuantizedTensor
+# What the loader hands a layer: a dense tensor or a quantized one (GGUF blocks, or a quantized
+# safetensors weight in our layout: forms.py).
+LoadedWeight = torch.Tensor | QuantizedTensor | Fp8Weight | Int4Weight
 
 
 def as_dense(loaded: LoadedWeight, dtype: torch.dtype) -> torch.Tensor:
     """The tensor's values as a dense tensor (dequantized when quantized)."""
-    return loaded.dequantize(dtype) if isinstance(loaded, QuantizedTensor) else loaded
+    return loaded if isinstance(loaded, torch.Tensor) else loaded.dequantize(dtype)
 
 
 def narrow_cols(loaded: LoadedWeight, start: int, length: int) -> LoadedWeight:
     """Columns [start, start + length): whole blocks of a quantized tensor stay quantized; a split inside
     blocks (e.g. 256-value K-quant blocks over few columns per rank) comes back dequantized (float32)."""
-    if not isinstance(loaded, QuantizedTensor):
+    if isinstance(loaded, torch.Tensor):
         return loaded.narrow(1, start, length)
+    if not isinstance(loaded, QuantizedTensor):
+        return loaded.narrow_cols(start, length)
     if start % loaded.block_size or length % loaded.block_size:
         return loaded.dequantize().narrow(1, start, length)
     return loaded.narrow_cols(start, length)
 
 
 def narrow_rows(loaded: LoadedWeight, start: int, length: int) -> LoadedWeight:
-    if isinstance(loaded, QuantizedTensor):
-        return loaded.narrow_rows(start, length)
-    return loaded.narrow(0, start, length)
+    if isinstance(loaded, torch.Tensor):
+        return loaded.narrow(0, start, length)
+    return loaded.narrow_rows(start, length)
 
 
 class LinearMethod(ABC):

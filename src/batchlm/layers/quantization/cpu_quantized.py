@@ -21,7 +21,14 @@ from torch import nn
 from batchlm.kernels import quant_blocks
 from batchlm.kernels.cpu_quant import QuantizedWeight, pack, quant_library, quant_linear, quant_rows
 from batchlm.kernels.quant_blocks import BLOCK, CodeBlocks
-from batchlm.layers.quantization.base import LinearMethod, LoadedWeight, QuantizedTensor, RowSlice
+from batchlm.layers.quantization.base import (
+    LinearMethod,
+    LoadedWeight,
+    QuantizedTensor,
+    RowSlice,
+    as_dense,
+    narrow_rows,
+)
 
 if TYPE_CHECKING:
     from batchlm.layers.quantization.layer import MethodLayer
@@ -65,7 +72,7 @@ def code_blocks(loaded: LoadedWeight) -> CodeBlocks:
         if quant_blocks.supported(loaded.qtype):
             return quant_blocks.from_gguf(loaded.qtype, loaded.data.contiguous().numpy(), rows, loaded.cols)
         return quant_blocks.from_dense_q8(loaded.dequantize(torch.float32).numpy())
-    return quant_blocks.from_dense_q8(loaded.detach().float().cpu().numpy())
+    return quant_blocks.from_dense_q8(as_dense(loaded, torch.float32).detach().float().cpu().numpy())
 
 
 class CpuQuantizedLinearMethod(LinearMethod):
@@ -80,10 +87,7 @@ class CpuQuantizedLinearMethod(LinearMethod):
         layer.onednn_weight = None
 
     def load_rows(self, layer: MethodLayer, name: str, loaded: LoadedWeight, where: RowSlice) -> None:
-        if isinstance(loaded, QuantizedTensor):
-            part: LoadedWeight = loaded.narrow_rows(where.src_start, where.rows)
-        else:
-            part = loaded.narrow(0, where.src_start, where.rows)
+        part = narrow_rows(loaded, where.src_start, where.rows)
         store(layer).put(where.dst_start, code_blocks(part))
 
     def process_after_loading(self, layer: MethodLayer) -> bool:

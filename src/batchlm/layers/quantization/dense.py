@@ -34,8 +34,9 @@ class DenseLinearMethod(LinearMethod):
         layer.onednn_weight = None
 
     def load_rows(self, layer: MethodLayer, name: str, loaded: LoadedWeight, where: RowSlice) -> None:
-        if isinstance(loaded, QuantizedTensor):
-            raise ValueError(f"tensor {name!r} is {loaded.qtype}-quantized; this layer takes dense weights")
+        if not isinstance(loaded, torch.Tensor):
+            kind = loaded.qtype if isinstance(loaded, QuantizedTensor) else type(loaded).__name__
+            raise ValueError(f"tensor {name!r} is {kind}-quantized; this layer takes dense weights")
         copy_rows(layer, loaded.narrow(0, where.src_start, where.rows), where)
 
     def process_after_loading(self, layer: MethodLayer) -> bool:

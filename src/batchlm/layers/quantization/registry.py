@@ -11,12 +11,17 @@ import torch
 from batchlm.layers.quantization.base import LinearMethod
 from batchlm.layers.quantization.cpu_quantized import CPU_QUANTIZED, kernels_available
 from batchlm.layers.quantization.dense import DENSE, DEQUANTIZE
+from batchlm.layers.quantization.fp8 import FP8
+from batchlm.layers.quantization.int4 import INT4
 
 # Checkpoint formats the loader knows.
 DENSE_FORMAT = "dense"  # safetensors (or random weights): float tensors
 GGUF_FORMAT = "gguf"  # llama.cpp's files: F32/F16/BF16 tensors or GGML quantized blocks
 # GGML types that are plain floats (every other type is block-quantized).
 FLOAT_QTYPES = frozenset({"F32", "F16", "BF16"})
+# Types of quantized safetensors weights (models/quantized_checkpoint.py), beside the GGML names.
+FP8_QTYPE = "FP8"  # e4m3 with row scales (compressed-tensors FP8 / FP8_DYNAMIC)
+INT4_QTYPE = "INT4"  # 4-bit groups (GPTQ, AWQ, compressed-tensors pack-quantized)
 
 
 @dataclass(frozen=True)
@@ -30,12 +35,37 @@ class WeightSpec:
     role: str
     device: torch.device
     dtype: torch.dtype
-    # --quantization: None (weights as the checkpoint has them) or "int8" (dense weights to Q8_0).
+    # --quantization: None (weights as the checkpoint has them), "int8" (dense weights to Q8_0, CPU),
+    # "fp8" (dense linears to FP8 W8A8) or "w4a16" (dense linears to 4-bit groups).
     quantization: str | None = None
 
 
 # A chooser returns the method it implements for the layer, or None to let the next one decide.
 MethodChooser = Callable[[WeightSpec], LinearMethod | None]
+
+
+# What --quantization turns a dense linear into.
+QUANTIZE_AT_LOAD = {"fp8": FP8_QTYPE, "w4a16": INT4_QTYPE}
+
+
+def _quantized_safetensors(spec: WeightSpec) -> LinearMethod | None:
+    # FP8 and 4-bit linears: from a quantized checkpoint, or dense ones quantized as they load.
+    if spec.format != DENSE_FORMAT or spec.role != "linear":
+        return None
+    kinds = set(spec.qtypes)
+    if kinds and spec.quantization:
+        raise ValueError(
+            f"the checkpoint is already quantized ({spec.qtypes[0]}); drop --quantization {spec.quantization}"
+        )
+    if not kinds and spec.quantization in QUANTIZE_AT_LOAD:
+        kinds = {QUANTIZE_AT_LOAD[spec.quantization]}
+    if len(kinds) > 1:
+        raise ValueError(
+            f"a fused layer mixes weight types {sorted(kinds)}; batchlm cannot serve that checkpoint"
+        )
+    if kinds == {FP8_QTYPE}:
+        return FP8
+    return INT4 if kinds == {INT4_QTYPE} else None
 
 
 def _dense(spec: WeightSpec) -> LinearMethod | None:
@@ -59,7 +89,7 @@ def _dequantize_gguf(spec: WeightSpec) -> LinearMethod | None:
 
 
 # Tried in order; more specific choosers (kernels for some types on some devices) go first.
-METHOD_CHOOSERS: list[MethodChooser] = [_cpu_quantized, _dense, _dequantize_gguf]
+METHOD_CHOOSERS: list[MethodChooser] = [_quantized_safetensors, _cpu_quantized, _dense, _dequantize_gguf]
 
 
 def choose_linear_method(spec: WeightSpec) -> LinearMethod:

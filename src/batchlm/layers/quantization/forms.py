@@ -1,0 +1,108 @@
+"""Quantized safetensors weights as the loader hands them to a layer: one object per HF weight, in one
+layout of ours whatever the checkpoint's packing (GPTQ, AWQ, compressed-tensors).
+
+Like a GGUF QuantizedTensor, each form is a logical [rows, cols] matrix (rows = output features)
+that fused shards and tensor-parallel splits slice by rows, or by columns on group edges.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)
+# FP8 tensor-core instructions (cuBLASLt's FP8 GEMM, Triton's e4m3 casts) start with Ada (sm_89).
+FP8_MIN_CAPABILITY = (8, 9)
+
+
+def check_fp8_device(device: torch.device, what: str) -> None:
+    """ValueError naming `what` on a CUDA GPU older than Ada / Hopper (other devices emulate FP8)."""
+    if device.type != "cuda":
+        return
+    capability = torch.cuda.get_device_capability(device)
+    if capability < FP8_MIN_CAPABILITY:
+        raise ValueError(
+            f"{what} needs an NVIDIA GPU with FP8 support (compute capability 8.9+: Ada, Hopper); "
+            f"this one is {capability[0]}.{capability[1]}"
+        )
+
+
+@dataclass(frozen=True)
+class Fp8Weight:
+    """FP8 e4m3 values with one float32 scale per row: w = data * scale[:, None]. A per-tensor scale
+    arrives expanded to every row. `input_scale` is the static activation scale (None: dynamic)."""
+
+    data: torch.Tensor  # [rows, cols] float8_e4m3fn
+    scale: torch.Tensor  # [rows] float32
+    input_scale: float | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    def narrow_rows(self, start: int, length: int) -> Fp8Weight:
+        return Fp8Weight(
+            self.data.narrow(0, start, length), self.scale.narrow(0, start, length), self.input_scale
+        )
+
+    def narrow_cols(self, start: int, length: int) -> Fp8Weight:
+        return Fp8Weight(self.data.narrow(1, start, length), self.scale, self.input_scale)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.data.float() * self.scale.float()[:, None]).to(dtype)
+
+
+@dataclass(frozen=True)
+class Int4Weight:
+    """4-bit codes with a scale and a zero point per group of `group_size` inputs of a row:
+    w[r, c] = (codes[r, c] - zeros[r, c // g]) * scales[r, c // g]. Symmetric formats have zero 8."""
+
+    codes: torch.Tensor  # [rows, cols] uint8, 0..15
+    scales: torch.Tensor  # [rows, cols // group_size], the checkpoint's float dtype
+    zeros: torch.Tensor  # [rows, cols // group_size] uint8 (GPTQ's stored zero + 1 may reach 16)
+    group_size: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def narrow_rows(self, start: int, length: int) -> Int4Weight:
+        return Int4Weight(
+            self.codes.narrow(0, start, length),
+            self.scales.narrow(0, start, length),
+            self.zeros.narrow(0, start, length),
+            self.group_size,
+        )
+
+    def narrow_cols(self, start: int, length: int) -> Int4Weight:
+        """Columns [start, start + length); both must fall on group edges."""
+        g = self.group_size
+        if start % g or length % g:
+            raise ValueError(
+                f"a 4-bit weight with groups of {g} inputs splits only on group edges; columns "
+                f"{start}..{start + length} do not (choose another tensor-parallel size)"
+            )
+        first, count = start // g, length // g
+        return Int4Weight(
+            self.codes.narrow(1, start, length),
+            self.scales.narrow(1, first, count),
+            self.zeros.narrow(1, first, count),
+            g,
+        )
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        per_column = self.group_size
+        scales = self.scales.float().repeat_interleave(per_column, dim=1)
+        zeros = self.zeros.float().repeat_interleave(per_column, dim=1)
+        return ((self.codes.float() - zeros) * scales).to(dtype)
+
+
+def quantize_fp8_rows(weight: torch.Tensor) -> Fp8Weight:
+    """Per-row (per output channel) FP8 of a dense weight: each row's largest magnitude maps to 448."""
+    values = weight.float()
+    amax = values.abs().amax(dim=1).clamp(min=1e-12)
+    scale = amax / FP8_MAX
+    data = (values / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return Fp8Weight(data, scale)

@@ -1,0 +1,85 @@
+"""FP8 W8A8: e4m3 weights with one scale per output channel, activations quantized per token at run
+time (or with the checkpoint's static scale), multiplied by kernels/fp8_linear.py.
+
+Weights arrive as an Fp8Weight (an FP8 checkpoint: compressed-tensors FP8_DYNAMIC or static FP8,
+a per-tensor scale expanded to every row) or dense (--quantization fp8: each row quantized as it
+loads). Fused q/k/v and gate/up shards keep their own row scales; shards with different static
+activation scales share the largest one.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from batchlm.kernels.fp8_linear import fp8_linear
+from batchlm.layers.quantization.base import LinearMethod, LoadedWeight, QuantizedTensor, RowSlice
+from batchlm.layers.quantization.forms import (
+    FP8_DTYPE,
+    Fp8Weight,
+    Int4Weight,
+    check_fp8_device,
+    quantize_fp8_rows,
+)
+
+if TYPE_CHECKING:
+    from batchlm.layers.quantization.layer import MethodLayer
+
+
+class Fp8LinearMethod(LinearMethod):
+    """`weight` is the FP8 [rows, cols] parameter; `fp8_scale` its [1, rows] float32 row scales and
+    `fp8_input_scale` the static activation scale ([1] float32) or None for per-token scales."""
+
+    def create_weights(
+        self, layer: MethodLayer, rows: int, cols: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        check_fp8_device(device, "FP8 W8A8 weights")
+        layer.weight = nn.Parameter(
+            torch.empty(rows, cols, dtype=FP8_DTYPE, device=device), requires_grad=False
+        )
+        setattr(layer, "fp8_scale", torch.ones(1, rows, dtype=torch.float32, device=device))  # noqa: B010
+        setattr(layer, "fp8_input_scale", None)  # noqa: B010
+        layer.packed = None
+        layer.onednn_weight = None
+
+    def load_rows(self, layer: MethodLayer, name: str, loaded: LoadedWeight, where: RowSlice) -> None:
+        if isinstance(loaded, (QuantizedTensor, Int4Weight)):
+            raise ValueError(f"tensor {name!r} is not an FP8 or dense weight; the fp8 method cannot load it")
+        part = loaded.narrow_rows(where.src_start, where.rows) if isinstance(loaded, Fp8Weight) else loaded
+        device = layer.weight.device
+        if isinstance(part, torch.Tensor):
+            # Quantized where the layer lives (a GPU does an 8B model's rows in moments).
+            part = quantize_fp8_rows(part.narrow(0, where.src_start, where.rows).to(device))
+        with torch.no_grad():
+            layer.weight.narrow(0, where.dst_start, where.rows).copy_(part.data.to(device))
+            scale_of(layer).narrow(1, where.dst_start, where.rows).copy_(part.scale.to(device)[None, :])
+        if part.input_scale is not None:
+            previous = input_scale_of(layer)
+            value = part.input_scale if previous is None else max(part.input_scale, float(previous.item()))
+            setattr(layer, "fp8_input_scale", torch.tensor([value], dtype=torch.float32, device=device))  # noqa: B010
+
+    def apply(self, layer: MethodLayer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return fp8_linear(x, layer.weight, scale_of(layer), input_scale_of(layer), bias)
+
+    def embed(self, layer: MethodLayer, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("FP8 weights serve linear layers only; embeddings stay dense")
+
+    def dequantized(self, layer: MethodLayer) -> torch.Tensor:
+        """The float32 [rows, cols] weight the codes stand for (tests, references)."""
+        return layer.weight.float() * scale_of(layer).t()
+
+
+def scale_of(layer: MethodLayer) -> torch.Tensor:
+    scale = layer.__dict__.get("fp8_scale")
+    assert isinstance(scale, torch.Tensor), "the layer's weights were not created by the fp8 method"
+    return scale
+
+
+def input_scale_of(layer: MethodLayer) -> torch.Tensor | None:
+    scale = layer.__dict__.get("fp8_input_scale")
+    return scale if isinstance(scale, torch.Tensor) else None
+
+
+FP8 = Fp8LinearMethod()

@@ -1,0 +1,131 @@
+"""W4A16: 4-bit weights with per-group scales and zero points, 16-bit activations, through our Triton
+kernel (kernels/w4a16_gemm.py) on CUDA and a dequantized matmul elsewhere (CPU tests).
+
+Weights arrive as Int4Weight (GPTQ, AWQ and compressed-tensors checkpoints, unpacked by the loader
+into one layout) or dense (--quantization w4a16: symmetric round-to-nearest per group as they load).
+While loading, a layer keeps one code byte per weight; once loaded they are packed eight to an int32
+for the kernel (kernels/int4_pack.py) and the bytes are released.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from batchlm.kernels.int4_pack import PackedInt4, dequantize_packed, pack_int4
+from batchlm.layers.quantization.base import LinearMethod, LoadedWeight, RowSlice
+from batchlm.layers.quantization.forms import Int4Weight
+
+if TYPE_CHECKING:
+    from batchlm.layers.quantization.layer import MethodLayer
+
+# Group size for dense weights quantized at load (--quantization w4a16), as common 4-bit checkpoints.
+DEFAULT_GROUP_SIZE = 128
+
+
+def quantize_int4_groups(weight: torch.Tensor, group_size: int) -> Int4Weight:
+    """Symmetric round-to-nearest 4-bit codes per group: zero 8, scale = the group's amax / 7."""
+    rows, cols = weight.shape
+    groups = weight.float().reshape(rows, cols // group_size, group_size)
+    scales = (groups.abs().amax(dim=2) / 7.0).clamp(min=1e-8)
+    codes = (groups / scales[:, :, None]).round().clamp(-8, 7) + 8
+    zeros = torch.full_like(scales, 8, dtype=torch.uint8)
+    return Int4Weight(codes.to(torch.uint8).reshape(rows, cols), scales.to(weight.dtype), zeros, group_size)
+
+
+def default_group_size(cols: int) -> int:
+    for size in (DEFAULT_GROUP_SIZE, 64, 32):
+        if cols % size == 0:
+            return size
+    raise ValueError(f"4-bit weights need a multiple of 32 inputs, not {cols}")
+
+
+class Int4Store:
+    """One layer's codes, scales and zero points while it loads; then its packed form."""
+
+    def __init__(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.rows, self.cols, self.dtype, self.device = rows, cols, dtype, device
+        self.codes = torch.zeros(rows, cols, dtype=torch.uint8, device=device)
+        self.group_size = 0  # set by the first shard
+        self.scales = torch.empty(0)
+        self.zeros = torch.empty(0)
+        self.packed: PackedInt4 | None = None
+
+    def put(self, start: int, part: Int4Weight) -> None:
+        if self.group_size == 0:
+            self.group_size = part.group_size
+            groups = self.cols // part.group_size
+            self.scales = torch.zeros(self.rows, groups, dtype=self.dtype, device=self.device)
+            self.zeros = torch.zeros(self.rows, groups, dtype=torch.uint8, device=self.device)
+        if part.group_size != self.group_size:
+            raise ValueError(
+                f"fused 4-bit shards with groups of {part.group_size} and {self.group_size} inputs"
+            )
+        end = start + part.shape[0]
+        self.codes[start:end] = part.codes.to(self.device)
+        self.scales[start:end] = part.scales.to(self.device, self.dtype)
+        self.zeros[start:end] = part.zeros.to(self.device)
+
+    def finish(self) -> PackedInt4:
+        if self.packed is None:
+            self.packed = pack_int4(self.codes, self.scales, self.zeros, self.group_size)
+            del self.codes, self.scales, self.zeros
+        return self.packed
+
+
+class Int4LinearMethod(LinearMethod):
+    """Weights in `layer.int4` (an Int4Store); `weight` is an empty [0, cols] parameter."""
+
+    def create_weights(
+        self, layer: MethodLayer, rows: int, cols: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        setattr(layer, "int4", Int4Store(rows, cols, dtype, device))  # noqa: B010
+        layer.weight = nn.Parameter(torch.empty(0, cols, dtype=dtype, device=device), requires_grad=False)
+        layer.packed = None
+        layer.onednn_weight = None
+
+    def load_rows(self, layer: MethodLayer, name: str, loaded: LoadedWeight, where: RowSlice) -> None:
+        if isinstance(loaded, torch.Tensor):
+            part = loaded.narrow(0, where.src_start, where.rows).to(store_of(layer).device)
+            loaded = quantize_int4_groups(part, default_group_size(part.shape[1]))
+            where = RowSlice(where.rows, 0, where.rows, where.dst_start)
+        if not isinstance(loaded, Int4Weight):
+            raise ValueError(
+                f"tensor {name!r} is not a 4-bit or dense weight; the w4a16 method cannot load it"
+            )
+        store_of(layer).put(where.dst_start, loaded.narrow_rows(where.src_start, where.rows))
+
+    def process_after_loading(self, layer: MethodLayer) -> bool:
+        store_of(layer).finish()
+        return True
+
+    def apply(self, layer: MethodLayer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        packed = store_of(layer).finish()
+        rows = x.reshape(-1, x.shape[-1])
+        if x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16):
+            from batchlm.kernels.w4a16_gemm import w4a16_matmul
+
+            out = w4a16_matmul(rows.contiguous(), packed)
+            out = out if bias is None else out + bias
+        else:
+            out = F.linear(rows, dequantize_packed(packed, x.dtype), bias)
+        return out.reshape(*x.shape[:-1], packed.out_features)
+
+    def embed(self, layer: MethodLayer, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("4-bit weights serve linear layers only; embeddings stay dense")
+
+    def dequantized(self, layer: MethodLayer) -> torch.Tensor:
+        """The float32 [rows, cols] weight the codes stand for (tests, references)."""
+        return dequantize_packed(store_of(layer).finish())
+
+
+def store_of(layer: MethodLayer) -> Int4Store:
+    store = layer.__dict__.get("int4")
+    assert isinstance(store, Int4Store), "the layer's weights were not created by the w4a16 method"
+    return store
+
+
+INT4 = Int4LinearMethod()

@@ -1,0 +1,130 @@
+"""Write quantized checkpoints the way GPTQ, AWQ and compressed-tensors tools store them, from a
+dense random model, so tests know every code, scale and zero point the loader must recover.
+
+The packers here are written independently of the loader's unpackers (slot by slot over strided
+views), so a layout mistake on either side shows up as a mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from batchlm.layers.quantization.forms import Int4Weight, quantize_fp8_rows
+
+# The linears quantized checkpoints quantize (embedding, norms and LM head stay dense).
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def to_int32(values: torch.Tensor) -> torch.Tensor:
+    """Unsigned 32-bit words held in int64 -> the same bits as int32."""
+    return torch.where(values >= 2**31, values - 2**32, values).to(torch.int32)
+
+
+def pack_slots(values: torch.Tensor, order: tuple[int, ...] = tuple(range(8))) -> torch.Tensor:
+    """[rows, 8 C] small ints -> [rows, C] int32; slot i of word c holds value 8 c + order[i]."""
+    word = torch.zeros(values.shape[0], values.shape[1] // 8, dtype=torch.int64)
+    for slot, source in enumerate(order):
+        word |= values[:, source::8].to(torch.int64) << (4 * slot)
+    return to_int32(word)
+
+
+def random_int4(rows: int, cols: int, group_size: int, symmetric: bool, seed: int) -> Int4Weight:
+    generator = torch.Generator().manual_seed(seed)
+    groups = cols // group_size
+    codes = torch.randint(0, 16, (rows, cols), generator=generator, dtype=torch.uint8)
+    scales = (torch.rand(rows, groups, generator=generator) * 0.02 + 0.005).to(torch.float16)
+    if symmetric:
+        zeros = torch.full((rows, groups), 8, dtype=torch.uint8)
+    else:
+        zeros = torch.randint(1, 16, (rows, groups), generator=generator, dtype=torch.uint8)
+    return Int4Weight(codes, scales, zeros, group_size)
+
+
+def gptq_tensors(w: Int4Weight) -> dict[str, torch.Tensor]:
+    """Original GPTQ format: zeros stored minus one."""
+    return {
+        "qweight": pack_slots(w.codes).t().contiguous(),  # [in / 8, out]
+        "qzeros": pack_slots((w.zeros.to(torch.int64) - 1).t().contiguous()),  # [groups, out / 8]
+        "scales": w.scales.t().contiguous(),
+        "g_idx": torch.arange(w.shape[1], dtype=torch.int32) // w.group_size,
+    }
+
+
+def awq_tensors(w: Int4Weight) -> dict[str, torch.Tensor]:
+    return {
+        "qweight": pack_slots(w.codes.t().contiguous(), AWQ_ORDER),  # [in, out / 8]
+        "qzeros": pack_slots(w.zeros.t().contiguous(), AWQ_ORDER),  # [groups, out / 8]
+        "scales": w.scales.t().contiguous(),
+    }
+
+
+def compressed_int4_tensors(w: Int4Weight) -> dict[str, torch.Tensor]:
+    """pack-quantized: signed values stored plus 8 (the codes themselves for zero point 8)."""
+    return {
+        "weight_packed": pack_slots(w.codes),
+        "weight_scale": w.scales.contiguous(),
+        "weight_shape": torch.tensor(list(w.shape), dtype=torch.int64),
+    }
+
+
+def fp8_tensors(weight: torch.Tensor, per_tensor: bool, input_scale: float | None) -> dict[str, torch.Tensor]:
+    if per_tensor:
+        scale = weight.float().abs().max() / 448.0
+        out = {
+            "weight": (weight.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn),
+            "weight_scale": scale.reshape(1),
+        }
+    else:
+        fp8 = quantize_fp8_rows(weight)
+        out = {"weight": fp8.data, "weight_scale": fp8.scale[:, None].clone()}
+    if input_scale is not None:
+        out["input_scale"] = torch.tensor([input_scale], dtype=torch.float32)
+    return out
+
+
+def is_linear(name: str) -> bool:
+    return name.endswith(".weight") and name.rsplit(".", 2)[-2] in LINEARS
+
+
+def rewrite_checkpoint(
+    dense_dir: Path, out_dir: Path, quantization_config: dict[str, Any], convert: Any
+) -> dict[str, Any]:
+    """Copy dense_dir to out_dir with each linear weight replaced by convert(name, weight) -> (parts,
+    reference), where parts are the stored tensors and reference what the loader must rebuild."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = load_file(str(dense_dir / "model.safetensors"))
+    stored: dict[str, torch.Tensor] = {}
+    references: dict[str, Any] = {}
+    for name, tensor in tensors.items():
+        if not is_linear(name):
+            stored[name] = tensor
+            continue
+        module = name.removesuffix(".weight")
+        parts, references[module] = convert(module, tensor)
+        stored.update({f"{module}.{part}": value for part, value in parts.items()})
+    save_file(stored, str(out_dir / "model.safetensors"))
+    config = json.loads((dense_dir / "config.json").read_text())
+    config["quantization_config"] = quantization_config
+    (out_dir / "config.json").write_text(json.dumps(config))
+    for other in dense_dir.iterdir():  # tokenizer and generation config, where the model has them
+        if other.is_file() and other.name not in ("config.json", "model.safetensors"):
+            shutil.copy(other, out_dir / other.name)
+    return references
+
+
+def compressed_config(weights: dict[str, Any], inputs: dict[str, Any] | None, fmt: str) -> dict[str, Any]:
+    return {
+        "quant_method": "compressed-tensors",
+        "format": fmt,
+        "config_groups": {
+            "group_0": {"targets": ["Linear"], "weights": weights, "input_activations": inputs}
+        },
+        "ignore": ["lm_head"],
+    }

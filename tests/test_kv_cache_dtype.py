@@ -1,0 +1,81 @@
+"""--kv-cache-dtype: which dtype the runner allocates, where fp8 is refused, and how its size shows in
+the block count and /metrics (the FP8 kernels themselves: tests/gpu/test_fp8_kv_cache.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from batchlm.engine.client import EngineStats
+from batchlm.models.loader import ModelShape
+from batchlm.runner.kv_cache import (
+    bytes_per_block,
+    kv_cache_dtype_name,
+    layer_kv_scales,
+    resolve_kv_cache_dtype,
+)
+from batchlm.server.metrics import EngineStatsCollector
+
+CUDA = torch.device("cuda")
+SHAPE = ModelShape(32, 32, 8, 128, 4096, 128256, 8192)
+
+
+@pytest.fixture
+def hopper(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+
+
+def test_auto_is_the_model_dtype_and_fp8_is_e4m3(hopper: None) -> None:
+    assert resolve_kv_cache_dtype("auto", torch.bfloat16, CUDA, "triton") == torch.bfloat16
+    assert resolve_kv_cache_dtype("fp8", torch.bfloat16, CUDA, "triton") == torch.float8_e4m3fn
+    assert kv_cache_dtype_name(torch.float8_e4m3fn) == "fp8_e4m3"
+
+
+@pytest.mark.parametrize(("device", "backend"), [(torch.device("cpu"), "torch"), (CUDA, "torch")])
+def test_fp8_is_refused_without_the_triton_kernels(device: torch.device, backend: str) -> None:
+    with pytest.raises(ValueError, match="--kv-cache-dtype fp8 needs a CUDA GPU"):
+        resolve_kv_cache_dtype("fp8", torch.float32, device, backend)
+
+
+def test_gpus_before_ada_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(ValueError, match=r"fp8 needs an NVIDIA GPU with FP8 support .* this one is 8\.0"):
+        resolve_kv_cache_dtype("fp8", torch.bfloat16, CUDA, "triton")
+
+
+def test_unknown_names_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown --kv-cache-dtype 'int4'"):
+        resolve_kv_cache_dtype("int4", torch.bfloat16, CUDA, "triton")
+
+
+def test_an_fp8_block_takes_half_the_bytes() -> None:
+    assert bytes_per_block(SHAPE, 16, torch.float8_e4m3fn) * 2 == bytes_per_block(SHAPE, 16, torch.bfloat16)
+
+
+def test_checkpoint_scales_fill_in_per_layer() -> None:
+    assert layer_kv_scales({1: {"k": 0.5, "v": 0.25}, 2: {"v": 2.0}}, 3) == [
+        (1.0, 1.0),
+        (0.5, 0.25),
+        (1.0, 2.0),
+    ]
+
+
+@dataclass
+class StatsOnly:
+    snapshot: EngineStats
+    is_ready: bool = True
+    is_dead: bool = False
+
+    def stats(self) -> EngineStats:
+        return self.snapshot
+
+
+def test_metrics_report_blocks_by_bits_per_element() -> None:
+    stats = EngineStats(kv_cache_blocks=2048, kv_cache_bits=8)
+    families = {m.name: m for m in EngineStatsCollector(StatsOnly(stats)).collect()}  # type: ignore[arg-type]
+    sample = families["batchlm_kv_cache_blocks"].samples[0]
+    assert sample.labels == {"bits": "8"} and sample.value == 2048
+    unknown = {m.name for m in EngineStatsCollector(StatsOnly(EngineStats())).collect()}  # type: ignore[arg-type]
+    assert "batchlm_kv_cache_blocks" not in unknown
