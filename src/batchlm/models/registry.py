@@ -18,6 +18,9 @@ MODEL_REGISTRY: dict[str, str] = {
     "MistralForCausalLM": "batchlm.models.llama:MistralForCausalLM",
     "Qwen2ForCausalLM": "batchlm.models.llama:Qwen2ForCausalLM",
     "Qwen3ForCausalLM": "batchlm.models.qwen3:Qwen3ForCausalLM",
+    "Gemma2ForCausalLM": "batchlm.models.gemma:Gemma2ForCausalLM",
+    "Gemma3ForCausalLM": "batchlm.models.gemma:Gemma3ForCausalLM",
+    "Gemma3ForConditionalGeneration": "batchlm.models.gemma:Gemma3ForConditionalGeneration",
 }
 
 
