@@ -21,6 +21,7 @@ MODEL_REGISTRY: dict[str, str] = {
     "Gemma2ForCausalLM": "batchlm.models.gemma:Gemma2ForCausalLM",
     "Gemma3ForCausalLM": "batchlm.models.gemma:Gemma3ForCausalLM",
     "Gemma3ForConditionalGeneration": "batchlm.models.gemma:Gemma3ForConditionalGeneration",
+    "Phi3ForCausalLM": "batchlm.models.phi3:Phi3ForCausalLM",
 }
 
 
