@@ -57,7 +57,8 @@ def _pattern_period(layer_types: list[str]) -> int:
 def window_context_cap(raw: dict[str, Any]) -> int | None:
     """The sliding window when mlx-lm would ignore it for this model (the context must stay inside
     it to give the model's results), else None."""
-    text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
+    nested = raw.get("text_config")
+    text: dict[str, Any] = nested if isinstance(nested, dict) else raw
     model_type = str(raw.get("model_type"))
     window = text.get("sliding_window")
     if not isinstance(window, int) or window <= 0 or text.get("use_sliding_window") is False:
