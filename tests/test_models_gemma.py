@@ -13,7 +13,15 @@ from transformers import AutoModelForCausalLM
 from batchlm.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from batchlm.models.loader import LoadedModel, load_model
 from batchlm.models.random_model import write_random_model
-from models_harness import Chunk, greedy_generate, hf_greedy, make_kv_caches, run_step
+from models_harness import (
+    Chunk,
+    greedy_generate,
+    hf_greedy,
+    make_kv_caches,
+    run_ranks,
+    run_step,
+    thread_groups,
+)
 
 CPU = torch.device("cpu")
 # The second prompt alone outgrows the window; generation takes the first one past it too.
@@ -73,3 +81,18 @@ def test_final_logits_are_soft_capped(tmp_path: Path) -> None:
     loaded = load(write_random_model(tmp_path, "gemma2", GEMMA2, seed=13))
     logits = run_step(loaded.model, make_kv_caches(loaded, 8), [Chunk(PROMPTS[0], 0, list(range(8)))])
     assert float(logits.abs().max()) < GEMMA2["final_logit_softcapping"]
+
+
+@pytest.mark.parametrize(
+    ("model_type", "overrides"), [(t, o) for t, o, _ in FAMILIES], ids=["gemma2", "gemma3"]
+)
+def test_tensor_parallel_two_ranks_match_single_rank(
+    tmp_path: Path, model_type: str, overrides: dict[str, Any]
+) -> None:
+    path = write_random_model(tmp_path, model_type, overrides, seed=14)
+    single = load(path)
+    ranks = [load_model(path, torch.float32, CPU, progress=False, tp=group) for group in thread_groups(2)]
+    expected_tokens, expected_logprobs = greedy_generate(single, PROMPTS[1], 8)
+    for tokens, logprobs in run_ranks(lambda rank: greedy_generate(ranks[rank], PROMPTS[1], 8), 2):
+        assert tokens == expected_tokens
+        torch.testing.assert_close(logprobs, expected_logprobs, atol=1e-5, rtol=0)
