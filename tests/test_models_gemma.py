@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from batchlm.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from batchlm.models.loader import LoadedModel, load_model
-from batchlm.models.random_model import write_random_model
+from batchlm.models.random_model import TINY_CONFIG, write_random_model
 from models_harness import (
     Chunk,
     greedy_generate,
@@ -96,3 +96,27 @@ def test_tensor_parallel_two_ranks_match_single_rank(
     for tokens, logprobs in run_ranks(lambda rank: greedy_generate(ranks[rank], PROMPTS[1], 8), 2):
         assert tokens == expected_tokens
         torch.testing.assert_close(logprobs, expected_logprobs, atol=1e-5, rtol=0)
+
+
+def test_multimodal_checkpoint_serves_its_text_model(tmp_path: Path) -> None:
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from batchlm.models.gemma import Gemma3ForConditionalGeneration as Ours
+
+    text = {k: v for k, v in {**TINY_CONFIG, **GEMMA3}.items() if k != "tie_word_embeddings"}
+    vision = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+              "image_size": 28, "patch_size": 14}  # fmt: skip
+    config = Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=300
+    )
+    config.architectures = ["Gemma3ForConditionalGeneration"]
+    torch.manual_seed(15)
+    hf = Gemma3ForConditionalGeneration(config).float().eval()
+    hf.save_pretrained(tmp_path)  # language_model.*, vision_tower.*, multi_modal_projector.* tensors
+    loaded = load(tmp_path)
+    assert isinstance(loaded.model, Ours)
+    for prompt in PROMPTS:
+        ours, our_logprobs = greedy_generate(loaded, prompt, NEW_TOKENS)
+        theirs, their_logprobs = hf_greedy(hf, prompt, NEW_TOKENS)
+        assert ours == theirs
+        torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
