@@ -45,8 +45,8 @@ class TorchAttentionBackend(AttentionBackend):
     meta.num_tokens (padding a runner may add) are ignored and come back as zeros.
 
     On x86-64 CPUs with AVX2 and a float32 cache, decodes instead go through our C kernel, which reads
-    each request's blocks in place (kernels/cpu_decode_attention.py), on layers without a sliding
-    window or a soft-cap. Soft-capped layers compute their scores explicitly (SDPA has no cap).
+    each request's blocks in place (kernels/cpu_decode_attention.py), from the first key of the
+    layer's window. Soft-capped layers compute their scores explicitly elsewhere (SDPA has no cap).
 
     Gathers copy whole blocks with index_select (a memcpy per block); advanced indexing of the cache
     costs several times more on CPU. The decode groups depend only on the step's metadata, so they
@@ -73,8 +73,7 @@ class TorchAttentionBackend(AttentionBackend):
         write_kv_cache(kv_cache, key[:num_tokens], value[:num_tokens], meta.slot_mapping[:num_tokens])
         out = query.new_zeros(query.shape) if query.shape[0] > num_tokens else torch.empty_like(query)
         decodes = meta.num_decodes
-        plain = spec.sliding_window is None and spec.logit_softcap is None
-        if decodes and plain and cpu_decode_attention.supports(query, kv_cache):
+        if decodes and cpu_decode_attention.supports(query, kv_cache):
             cpu_decode_attention.paged_decode_attention(
                 query[:decodes],
                 kv_cache,
@@ -82,6 +81,8 @@ class TorchAttentionBackend(AttentionBackend):
                 meta.seq_lens[:decodes],
                 spec.scale,
                 out[:decodes],
+                spec.sliding_window,
+                spec.logit_softcap,
             )
         else:
             for group in self._decode_groups(meta, kv_cache.shape[2]):
