@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from batchlm.attention.backend import AttentionBackend, AttentionMetadata, AttentionSpec
 from batchlm.kernels import cpu_decode_attention
 
+# Soft-capped scores are materialised: at most this many at once (64 MiB of float32).
+SOFTCAP_SCORE_ELEMENTS = 1 << 24
 # enable_gqa (torch >= 2.5) lets SDPA share each KV head across its query group without copies.
 _SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
 
@@ -197,11 +199,27 @@ def _chunk_mask(query_len: int, context_len: int, window: int | None, device: to
 def _attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, mask: torch.Tensor
 ) -> torch.Tensor:
-    """Masked attention of [B, H, Lq, D] queries; explicit scores when the layer soft-caps them."""
+    """Masked attention of [B, H, Lq, D] queries; explicit scores when the layer soft-caps them, a
+    slice of queries at a time so the score matrix stays within SOFTCAP_SCORE_ELEMENTS."""
     if spec.logit_softcap is None:
         return _sdpa(q, k, v, spec.scale, mask)
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    rows = max(1, SOFTCAP_SCORE_ELEMENTS // (q.shape[0] * q.shape[1] * k.shape[2]))
+    if q.shape[2] <= rows:
+        return _capped_attention(q, k, v, spec, mask)
+    mask = mask.expand(*mask.shape[:-2], q.shape[2], mask.shape[-1])
+    parts = [
+        _capped_attention(q[:, :, first : first + rows], k, v, spec, mask[..., first : first + rows, :])
+        for first in range(0, q.shape[2], rows)
+    ]
+    return torch.cat(parts, dim=2)
+
+
+def _capped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, mask: torch.Tensor
+) -> torch.Tensor:
+    assert spec.logit_softcap is not None
     scores = torch.matmul(q, k.transpose(-1, -2)) * spec.scale  # [B, H, Lq, L]
     scores = torch.tanh(scores / spec.logit_softcap) * spec.logit_softcap
     scores = scores.masked_fill(~mask, float("-inf"))
