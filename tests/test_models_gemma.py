@@ -45,7 +45,16 @@ def load(path: Path) -> LoadedModel:
     return load_model(path, torch.float32, CPU, progress=False)
 
 
-@pytest.mark.parametrize(("model_type", "overrides", "model_class"), FAMILIES, ids=["gemma2", "gemma3"])
+# Gemma 3 4B+: the global layers' RoPE is linearly scaled, the local ones' is not.
+LINEAR_GLOBAL = {**GEMMA3, "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                                               "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("model_type", "overrides", "model_class"),
+    [*FAMILIES, ("gemma3_text", LINEAR_GLOBAL, Gemma3ForCausalLM)],
+    ids=["gemma2", "gemma3", "gemma3-linear-global"],
+)
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_greedy_matches_transformers_past_the_window(
     tmp_path: Path, model_type: str, overrides: dict[str, Any], model_class: type, tied: bool
