@@ -149,8 +149,9 @@ class GemmaModel(nn.Module):
         attn: AttentionBackend,
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [T, hidden]
-        # HF rounds the scale to the activation dtype before multiplying.
-        hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
+        # HF rounds the scale to the activation dtype before multiplying (a host-side rounding here,
+        # so a CUDA-graph capture sees a plain scalar).
+        hidden = hidden * float(torch.tensor(self.embed_scale, dtype=hidden.dtype))
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden = layer(positions, hidden, kv_cache, meta, attn)
         normed: torch.Tensor = self.norm(hidden)
