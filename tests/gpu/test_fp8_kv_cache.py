@@ -24,7 +24,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not torch.cuda.is_available() and not INTERPRET:
     pytest.skip("needs a CUDA GPU (or TRITON_INTERPRET=1)", allow_module_level=True)
 
-from batchlm.attention.backend import AttentionMetadata  # noqa: E402
+from batchlm.attention.backend import AttentionMetadata, AttentionSpec  # noqa: E402
 from batchlm.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 from batchlm.kernels.kv_write import write_kv_cache  # noqa: E402
 from batchlm.kernels.reference import paged_attention_reference  # noqa: E402
@@ -114,7 +114,7 @@ def test_fp8_cache_attention_matches_reference_and_16_bit_cache(k_scale: float, 
     backend = TritonAttentionBackend()
     backend.set_kv_scales([narrow], [(k_scale, v_scale)])
     scale = HEAD_DIM**-0.5
-    out = backend.forward(query, key, value, narrow, meta, scale)
+    out = backend.forward(query, key, value, narrow, meta, AttentionSpec(scale))
     ref = paged_attention_reference(
         query, dequantized(narrow, k_scale, v_scale), meta.query_start_loc_cpu, meta.seq_lens_cpu,
         meta.block_tables, scale,
@@ -122,7 +122,7 @@ def test_fp8_cache_attention_matches_reference_and_16_bit_cache(k_scale: float, 
     assert not out.isnan().any()
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=0.0)
     if not INTERPRET:
-        wide_out = TritonAttentionBackend().forward(query, key, value, wide, meta, scale)
+        wide_out = TritonAttentionBackend().forward(query, key, value, wide, meta, AttentionSpec(scale))
         assert float((out.float() - wide_out.float()).abs().max()) <= 0.15
 
 
@@ -137,11 +137,11 @@ def test_fp8_cache_decode_replays_in_cuda_graph() -> None:
     query = torch.randn(batch, HEADS, HEAD_DIM, device=DEVICE).to(DTYPE)
     key = torch.randn(batch, KV_HEADS, HEAD_DIM, device=DEVICE).to(DTYPE)
     value = torch.randn_like(key)
-    backend.forward(query, key, value, narrow, meta, 0.125)  # compile outside the capture
+    backend.forward(query, key, value, narrow, meta, AttentionSpec(0.125))  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = backend.forward(query, key, value, narrow, meta, 0.125)
+        out = backend.forward(query, key, value, narrow, meta, AttentionSpec(0.125))
     for contexts in ([3, 100, 511, 7, 64, 200, 1, 40], [500] * batch):
         lengths = [c + 1 for c in contexts]
         meta.seq_lens.copy_(torch.tensor(lengths, dtype=torch.int32))

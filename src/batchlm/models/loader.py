@@ -18,8 +18,8 @@ from batchlm.models.checkpoint import find_safetensors, iter_safetensors, load_h
 from batchlm.models.config_view import read_config_view
 from batchlm.models.gguf_file import iter_gguf_tensors, open_gguf, tensor_types
 from batchlm.models.gguf_model_dir import gguf_source
-from batchlm.models.hf_config import context_length, head_dim_of, num_kv_heads_of
 from batchlm.models.lora import LoraAdapter, load_lora_adapter, merge_lora
+from batchlm.models.model_config import ModelConfig
 from batchlm.models.quantized_checkpoint import (
     Assembler,
     CheckpointScheme,
@@ -49,7 +49,7 @@ class ModelShape:
     hidden_size: int
     # Full vocabulary (logits are gathered across ranks).
     vocab_size: int
-    # Context limit from the config (RoPE scaling applied), capped by an enabled sliding window.
+    # Context limit from the config (RoPE scaling applied; a sliding window does not cap it).
     max_model_len: int
 
 
@@ -66,17 +66,21 @@ class LoadedModel:
     # Per-layer KV-cache scales a quantized checkpoint stores: layer -> {"k": s, "v": s}.
     kv_scales: dict[int, dict[str, float]] = field(default_factory=dict)
 
+    @property
+    def config(self) -> ModelConfig:
+        """The typed config the model was built from."""
+        return self.model.config
 
-def model_shape(config: Any, tp: TensorParallelGroup = SINGLE_RANK) -> ModelShape:
-    heads, kv_heads = config.num_attention_heads, num_kv_heads_of(config)
+
+def model_shape(config: ModelConfig, tp: TensorParallelGroup = SINGLE_RANK) -> ModelShape:
     return ModelShape(
-        num_layers=config.num_hidden_layers,
-        num_heads=heads // tp.size,
-        num_kv_heads=max(1, kv_heads // tp.size),
-        head_dim=head_dim_of(config),
+        num_layers=config.num_layers,
+        num_heads=config.num_heads // tp.size,
+        num_kv_heads=max(1, config.num_kv_heads // tp.size),
+        head_dim=config.head_dim,
         hidden_size=config.hidden_size,
         vocab_size=config.vocab_size,
-        max_model_len=context_length(config),
+        max_model_len=config.max_model_len,
     )
 
 
@@ -113,7 +117,8 @@ def load_model(
     with timed_phase(logger, "model config"):
         # The light view when it reads the same; transformers' config class costs seconds to import.
         config = read_config_view(model_dir, hf_overrides) or load_hf_config(model_dir, hf_overrides)
-    model_class = get_model_class(architecture_of(config))
+        model_class = get_model_class(architecture_of(config))
+        model_config = model_class.read_config(config)
     if random_weights and adapter_path:
         raise ValueError(
             "a LoRA adapter cannot be merged into random weights; drop adapter_path or random_weights"
@@ -128,13 +133,13 @@ def load_model(
         with timed_phase(logger, "CUDA context"):
             torch.zeros(1, device=device)
     with timed_phase(logger, "model build"), _default_dtype(dtype), torch.device(device):
-        model = model_class(config, tp)
+        model = model_class(model_config, tp)
     check_quantization(quantization, device, random_weights, gguf_file is not None)
     scheme = None if random_weights or gguf_file is not None else read_checkpoint_scheme(model_dir)
     check_checkpoint_scheme(scheme, quantization, adapter)
     kv_scales: dict[int, dict[str, float]] = {}
     if random_weights:
-        _random_weights(model, config, device, dtype, seed, quantization)
+        _random_weights(model, model_config, device, dtype, seed, quantization)
     elif gguf_file is not None:
         with timed_phase(logger, "weight load (GGUF)"):
             _load_gguf(model, gguf_file, device, dtype, quantization)
@@ -153,12 +158,12 @@ def load_model(
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     model.eval()
-    return LoadedModel(model, config, model_dir, model_shape(config, tp), dtype, device, kv_scales)
+    return LoadedModel(model, config, model_dir, model_shape(model_config, tp), dtype, device, kv_scales)
 
 
 def _random_weights(
     model: CausalLM,
-    config: Any,
+    config: ModelConfig,
     device: torch.device,
     dtype: torch.dtype,
     seed: int,
@@ -167,7 +172,7 @@ def _random_weights(
     """Random dense weights; under --quantization fp8 / w4a16 then quantized as a checkpoint's would be."""
     assign_weight_methods(model, DENSE_FORMAT, {}, device, dtype)
     with timed_phase(logger, "random weight init"):
-        init_random_weights(model, std=float(getattr(config, "initializer_range", 0.02)), seed=seed)
+        init_random_weights(model, std=config.initializer_range, seed=seed)
     if quantization:
         with timed_phase(logger, f"random weights to {quantization}"):
             methods = quantize_linears(model, device, dtype, quantization)
