@@ -49,13 +49,16 @@ class LlamaMLP(nn.Module):
         self.act_fn = get_gated_activation(getattr(config, "hidden_act", "silu"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))  # [T, hidden]
+        out: torch.Tensor = self.down_proj(self.act_fn(self.gate_up_proj(x)))  # [T, hidden]
+        return out
 
 
 class LlamaAttention(nn.Module):
     """Grouped-query self-attention with RoPE; q/k/v fused into one matmul (optionally q/k-normed)."""
 
-    def __init__(self, config: Any, rope: RotaryEmbedding, options: BlockOptions, tp: TensorParallelGroup) -> None:
+    def __init__(
+        self, config: Any, rope: RotaryEmbedding, options: BlockOptions, tp: TensorParallelGroup
+    ) -> None:
         super().__init__()
         self.head_dim = head_dim_of(config)
         heads, kv_heads = config.num_attention_heads, num_kv_heads_of(config)
@@ -89,13 +92,16 @@ class LlamaAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary_emb(positions, q, k)
         out = attn.forward(q, k, v, kv_cache, meta, self.scale)
-        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+        projected: torch.Tensor = self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+        return projected
 
 
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm attention and MLP blocks; the residual stream is carried through the fused norms."""
 
-    def __init__(self, config: Any, rope: RotaryEmbedding, options: BlockOptions, tp: TensorParallelGroup) -> None:
+    def __init__(
+        self, config: Any, rope: RotaryEmbedding, options: BlockOptions, tp: TensorParallelGroup
+    ) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, rope, options, tp)
         self.mlp = LlamaMLP(config, options.mlp_bias, tp)
@@ -140,7 +146,7 @@ class LlamaModel(nn.Module):
         meta: AttentionMetadata,
         attn: AttentionBackend,
     ) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)  # [T, hidden]
+        hidden: torch.Tensor = self.embed_tokens(input_ids)  # [T, hidden]
         residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(positions, hidden, residual, kv_cache, meta, attn)
@@ -180,7 +186,8 @@ class LlamaForCausalLM(CausalLM):
         meta: AttentionMetadata,
         attn: AttentionBackend,
     ) -> torch.Tensor:
-        return self.model(input_ids, positions, kv_caches, meta, attn)
+        hidden: torch.Tensor = self.model(input_ids, positions, kv_caches, meta, attn)
+        return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden)

@@ -87,7 +87,7 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device,
     adapter_path: str | None = None,
-    hf_overrides: dict | None = None,
+    hf_overrides: dict[str, Any] | None = None,
     tp: TensorParallelGroup | None = None,
     random_weights: bool = False,
     seed: int = 0,

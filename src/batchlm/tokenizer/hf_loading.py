@@ -29,10 +29,14 @@ def load_hf_tokenizer(directory: Path, trust_remote_code: bool = False) -> PreTr
     if loads_directly(directory):
         from transformers import PreTrainedTokenizerFast
 
-        return PreTrainedTokenizerFast.from_pretrained(str(directory))
+        fast: PreTrainedTokenizerBase = PreTrainedTokenizerFast.from_pretrained(str(directory))
+        return fast
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+    auto: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
+        str(directory), trust_remote_code=trust_remote_code
+    )
+    return auto
 
 
 def loads_directly(directory: Path) -> bool:

@@ -92,7 +92,10 @@ class Tokenizer:
         backend = self._encode_backend
         if backend is None or not texts:
             return [self.encode(text, add_special_tokens) for text in texts]
-        return [list(encoding.ids) for encoding in backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+        return [
+            list(encoding.ids)
+            for encoding in backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        ]
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `token_ids`; ids outside the vocabulary decode to nothing."""
@@ -131,9 +134,9 @@ class Tokenizer:
 
     def render_chat_template(
         self,
-        messages: list[dict],
+        messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
-        chat_template_kwargs: dict | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
         continue_final_message: bool = False,
     ) -> str:
         """The prompt text for `messages`, rendered by transformers' sandboxed Jinja environment.
@@ -169,9 +172,9 @@ class Tokenizer:
 
     def apply_chat_template(
         self,
-        messages: list[dict],
+        messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
-        chat_template_kwargs: dict | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
         continue_final_message: bool = False,
     ) -> list[int]:
         """Token ids of the rendered chat. The special tokens the template writes are encoded as such;
@@ -258,7 +261,7 @@ def _own_chat_template(hf: PreTrainedTokenizerBase) -> str | None:
     return template if isinstance(template, str) and template else None
 
 
-def _checked_template_kwargs(kwargs: dict | None) -> dict[str, Any]:
+def _checked_template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
     kwargs = dict(kwargs or {})
     clashes = sorted(_RESERVED_TEMPLATE_KWARGS.intersection(kwargs))
     if clashes:
