@@ -249,10 +249,9 @@ class AsyncLLMEngine(StreamingFrontEnd):
     def _write_loop(self) -> None:
         """Writer thread: send queued messages in order, consecutive request batches as one message.
 
-        A send blocks while the pipe's buffer (~200 KB) is full, and the core empties it only between
-        steps. A burst of 256 prompts of 512 tokens is ~600 KB: sent from the event loop, it stalled
-        the loop (every stream, every arrival) for ~60 ms on the GPU machine. Here only this thread
-        waits. After a failed send the core is gone: the reader thread sees the pipe close and fails
+        A send blocks while the pipe's buffer is full, and the core empties it only between steps. A
+        burst of long prompts overfills it: sent from the event loop, it stalled the loop (every
+        stream, every arrival). Here only this thread waits. After a failed send the core is gone: the reader thread sees the pipe close and fails
         the requests in flight."""
         assert self._conn is not None
         while True:

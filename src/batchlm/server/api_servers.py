@@ -1,8 +1,8 @@
 """Extra API-server processes for `batchlm serve --api-servers N`.
 
 One event loop takes in every request of a burst (HTTP parsing, validation, tokenization hand-off)
-and frames every streamed chunk: ~0.5 ms of Python per request, so a burst of 256 reaches the engine
-only after ~150 ms while the GPU waits. With N processes each one runs its own loop and HTTP server
+and frames every streamed chunk, so the last requests of a large burst reach the engine only after
+the loop has taken in the rest, while the GPU waits (BENCHMARKS.md, "Figures that left the source"). With N processes each one runs its own loop and HTTP server
 on the same port (SO_REUSEPORT: the kernel spreads connections across the listening sockets) and its
 own pipe to the one engine core, which routes each request's outputs back to the process that added
 it. The process `batchlm serve` started is the primary: it starts the core and the others, forwards
@@ -55,8 +55,8 @@ def shared_port_unsupported_reason() -> str | None:
 
 def automatic_api_servers(device: str, backend: str, cpus: int | None = None) -> int:
     """--api-servers when not given: 2 for the torch engine on an NVIDIA GPU with at least 8 CPUs (a
-    256-stream burst keeps one front end's event loop ~100% busy on the H100 machine; 4 processes
-    measured no faster than 2 there, for more CPU); 1 on a CPU engine, which needs the cores itself. With --device auto
+    256-stream burst keeps one front end's event loop busy on the GPU machine; 4 processes measured
+    no faster than 2 there, for more CPU); 1 on a CPU engine, which needs the cores itself. With --device auto
     the GPU is assumed when the NVIDIA driver's device node exists (the engine core decides later,
     with torch, which this process does not import)."""
     if backend != "torch" or shared_port_unsupported_reason() is not None:
