@@ -25,7 +25,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from batchlm.core.step_io import NewRequestData, ScheduledChunk, SchedulerOutput
-from batchlm.parallel.wire import StepDecoder, StepEncoder
+from batchlm.engine.parallel_wire import StepDecoder, StepEncoder
 from batchlm.sampling_params import SamplingParams
 
 MODES = ("pipes-wire", "pipes-pickle", "dist-broadcast", "pipe+broadcast")

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from batchlm.core.step_io import NewRequestData, ScheduledChunk, SchedulerOutput
-from batchlm.parallel.wire import StepDecoder, StepEncoder
+from batchlm.engine.parallel_wire import StepDecoder, StepEncoder
 from batchlm.sampling_params import SamplingParams
 
 PARAMS = SamplingParams(temperature=0.5, max_tokens=8)

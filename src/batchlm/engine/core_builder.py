@@ -144,7 +144,7 @@ def build_engine_core(config: EngineConfig, model_dir: Path) -> tuple[EngineCore
     check_async_scheduling(config)
     executor: Executor
     if config.tensor_parallel_size > 1:
-        from batchlm.parallel.executor import build_tensor_parallel_executor
+        from batchlm.engine.parallel_executor import build_tensor_parallel_executor
 
         executor, runner_info = build_tensor_parallel_executor(config, model_dir)
     else:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from batchlm.attention.backend import AttentionBackend, AttentionMetadata
-from batchlm.layers.quantization.base import LoadedWeight
 
 # (fused module, HF module it absorbs, shard id): HF checkpoints store q/k/v and gate/up separately;
 # our layers fuse them into one matmul each.
@@ -43,9 +41,3 @@ class CausalLM(nn.Module):
     @property
     def tie_word_embeddings(self) -> bool:
         return False
-
-    def load_weights(self, weights: Iterable[tuple[str, LoadedWeight]]) -> None:
-        """Load HF-named tensors; raises ValueError naming missing, unexpected or misshapen tensors."""
-        from batchlm.models.weights import load_named_weights
-
-        load_named_weights(self, weights)

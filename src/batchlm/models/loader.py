@@ -22,7 +22,7 @@ from batchlm.models.hf_config import context_length, head_dim_of, num_kv_heads_o
 from batchlm.models.lora import LoraAdapter, load_lora_adapter, merge_lora
 from batchlm.models.registry import architecture_of, get_model_class
 from batchlm.models.weight_methods import assign_weight_methods
-from batchlm.models.weights import expected_names
+from batchlm.models.weights import expected_names, load_named_weights
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
 from batchlm.startup_log import timed_phase
 
@@ -143,7 +143,7 @@ def _load_checkpoint(model: CausalLM, files: list[Path], adapter: LoraAdapter | 
     if adapter is not None:
         adapter.check_targets(expected_names(model), model.tie_word_embeddings)
         weights = merge_lora(weights, adapter)
-    model.load_weights(weights)
+    load_named_weights(model, weights)
 
 
 def _load_gguf(
@@ -152,7 +152,7 @@ def _load_gguf(
     reader = open_gguf(gguf_file)
     methods = assign_weight_methods(model, GGUF_FORMAT, tensor_types(reader), device, dtype, quantization)
     logger.info("GGUF %s: layers per weight method %s", gguf_file.name, dict(methods))
-    model.load_weights(iter_gguf_tensors(reader))
+    load_named_weights(model, iter_gguf_tensors(reader))
 
 
 def check_quantization(quantization: str | None, device: torch.device, random_weights: bool) -> None:

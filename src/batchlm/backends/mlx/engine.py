@@ -7,7 +7,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from batchlm.backends import MLX_INSTALL_HINT, mlx_available
+from batchlm.backends.availability import MLX_INSTALL_HINT, mlx_available
 from batchlm.backends.mlx.loader import check_config, resolve_model_dir
 from batchlm.backends.mlx.worker import GenerationWorker, WorkerInfo
 from batchlm.config import EngineConfig

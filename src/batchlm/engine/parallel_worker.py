@@ -2,7 +2,7 @@
 
 Protocol (executor -> worker): pickled (method, argument) pairs sent with send_bytes, so one step is
 pickled once for all ranks. Methods: "determine_num_blocks", "allocate_kv_cache" (num_blocks),
-"execute" (a SchedulerOutput encoded by wire.StepEncoder), "shutdown". Worker -> executor: ("ok", result) or ("error", text). Only
+"execute" (a SchedulerOutput encoded by parallel_wire.StepEncoder), "shutdown". Worker -> executor: ("ok", result) or ("error", text). Only
 rank 0 returns the ModelRunnerOutput of "execute"; the other ranks answer ("ok", None).
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from batchlm.config import EngineConfig
-from batchlm.parallel.wire import StepDecoder
+from batchlm.engine.parallel_wire import StepDecoder
 
 logger = logging.getLogger(__name__)
 

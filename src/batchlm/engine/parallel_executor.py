@@ -1,7 +1,7 @@
 """The tensor-parallel executor: one spawned worker per rank, each step broadcast to all of them.
 
 The scheduler runs once, in the engine core; every step's SchedulerOutput is encoded once (compactly,
-see wire.py) and written to each worker's pipe. All ranks run the same step in lockstep (their collectives pair up) and sample
+see parallel_wire.py) and written to each worker's pipe. All ranks run the same step in lockstep (their collectives pair up) and sample
 the same tokens; rank 0's ModelRunnerOutput is returned. A worker that fails or exits stops them all
 and raises TensorParallelError, which ends the engine core with that message.
 """
@@ -23,8 +23,8 @@ import torch
 
 from batchlm.config import EngineConfig
 from batchlm.core.step_io import ModelRunnerOutput, SchedulerOutput
-from batchlm.parallel.wire import StepEncoder
-from batchlm.parallel.worker import WorkerSpec, worker_main
+from batchlm.engine.parallel_wire import StepEncoder
+from batchlm.engine.parallel_worker import WorkerSpec, worker_main
 from batchlm.runner.model_runner import RunnerInfo
 
 logger = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class TensorParallelExecutor:
         return info
 
     def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
-        # Encoded once for all ranks; block tables travel as appends (see parallel/wire.py).
+        # Encoded once for all ranks; block tables travel as appends (see parallel_wire.py).
         output: ModelRunnerOutput = self._call_all("execute", self._encoder.encode(scheduled))[0]
         return output
 
