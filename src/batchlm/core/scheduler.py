@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from batchlm.core.admission import AdmissionTickets
+from batchlm.core.facts import EngineStats
 from batchlm.core.kv_cache_manager import KVCacheManager
 from batchlm.core.request_state import RequestState, RequestStatus
 from batchlm.core.step_builder import InflightStep, StepBuilder, new_request_data, sampled_by_request
@@ -40,25 +41,6 @@ class SchedulerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"SchedulerConfig.{name} must be a positive integer, got {value!r}")
-
-
-@dataclass(frozen=True)
-class SchedulerStats:
-    """A snapshot for metrics and logs."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    # Fraction of KV blocks held by requests, 0..1 (evictable cached blocks count as free).
-    kv_cache_usage: float = 0.0
-    # Prefix-cache lookups and hits, in tokens, cumulative.
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    # Requests preempted (and later recomputed), cumulative.
-    num_preemptions: int = 0
-    # Prompt tokens of the requests added, and tokens sampled, cumulative (a front end's own count would
-    # miss what other front ends sharing the engine sent).
-    prompt_tokens_total: int = 0
-    generation_tokens_total: int = 0
 
 
 class Scheduler:
@@ -156,8 +138,8 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self._running or self._waiting)
 
-    def stats(self) -> SchedulerStats:
-        return SchedulerStats(
+    def stats(self) -> EngineStats:
+        return EngineStats(
             num_running=len(self._running),
             num_waiting=len(self._waiting),
             kv_cache_usage=self.kv.usage,

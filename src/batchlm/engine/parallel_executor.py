@@ -22,10 +22,10 @@ from typing import Any, NoReturn
 import torch
 
 from batchlm.config import EngineConfig
+from batchlm.core.facts import ModelFacts
 from batchlm.core.step_io import ModelRunnerOutput, SchedulerOutput
 from batchlm.engine.parallel_wire import StepEncoder
 from batchlm.engine.parallel_worker import WorkerSpec, worker_main
-from batchlm.runner.model_runner import RunnerInfo
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def worker_devices(device: str, size: int) -> list[str]:
 
 def build_tensor_parallel_executor(
     config: EngineConfig, model_dir: Path
-) -> tuple[TensorParallelExecutor, RunnerInfo]:
+) -> tuple[TensorParallelExecutor, ModelFacts]:
     """Start config.tensor_parallel_size workers and size the KV cache to the smallest rank's room."""
     executor = TensorParallelExecutor(config, Path(model_dir))
     try:
@@ -95,13 +95,13 @@ class TensorParallelExecutor:
     def worker_pids(self) -> list[int | None]:
         return [process.pid for process in self.processes]
 
-    def initialize_kv_cache(self) -> RunnerInfo:
+    def initialize_kv_cache(self) -> ModelFacts:
         """Each rank measures its room; all allocate the minimum so block ids mean the same everywhere."""
         per_rank = self._call_all("determine_num_blocks")
         num_blocks = min(per_rank)
         logger.info("tensor parallel: KV blocks per rank %s -> %d", per_rank, num_blocks)
         infos = self._call_all("allocate_kv_cache", num_blocks)
-        info: RunnerInfo = infos[0]
+        info: ModelFacts = infos[0]
         return info
 
     def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:

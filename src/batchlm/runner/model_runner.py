@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from batchlm.attention.backend import AttentionBackend
 from batchlm.config import EngineConfig
+from batchlm.core.facts import ModelFacts
 from batchlm.core.step_io import ModelRunnerOutput, SchedulerOutput
 from batchlm.kernels.parallel_compile import compile_deferred, compile_threads, defer_compiles
 from batchlm.layers.embedding import use_cpu_lm_head
@@ -31,19 +31,6 @@ from batchlm.startup_log import log_phase
 from batchlm.structured.sequences import GrammarMasks
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RunnerInfo:
-    """What the engine core needs to know once the runner is up."""
-
-    max_model_len: int
-    vocab_size: int
-    num_blocks: int
-    block_size: int
-    max_num_batched_tokens: int
-    device: str
-    dtype: str
 
 
 def default_max_num_batched_tokens(device: torch.device) -> int:
@@ -154,7 +141,7 @@ class ModelRunner:
             )
         return asked
 
-    def initialize_kv_cache(self) -> RunnerInfo:
+    def initialize_kv_cache(self) -> ModelFacts:
         """Profile peak activation memory (GPU), then size and allocate the KV cache from what is left."""
         return self.allocate_kv_cache(self.determine_num_blocks())
 
@@ -166,7 +153,7 @@ class ModelRunner:
             self._profile_run()
         return num_blocks_for(self.config, self.shape, self.dtype, self.device, self.max_model_len)
 
-    def allocate_kv_cache(self, num_blocks: int) -> RunnerInfo:
+    def allocate_kv_cache(self, num_blocks: int) -> ModelFacts:
         """Allocate `num_blocks` KV blocks (tensor parallel: the minimum over ranks) and capture graphs."""
         self.num_blocks = num_blocks
         self.kv_caches = allocate_kv_caches(
@@ -191,7 +178,7 @@ class ModelRunner:
                 device=self.device,
             )
             self.decode_graphs.capture()
-        return RunnerInfo(
+        return ModelFacts(
             max_model_len=self.max_model_len,
             vocab_size=self.shape.vocab_size,
             num_blocks=self.num_blocks,
