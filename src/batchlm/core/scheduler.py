@@ -182,7 +182,7 @@ class Scheduler:
             scheduled_end = state.num_computed_tokens + state.num_inflight_tokens
             num_new = min(num_expected - scheduled_end, step.budget)
             # The table sent last step still has room for most decodes: no block to allocate.
-            needs_blocks = scheduled_end + num_new > len(state.block_table) * block_size
+            needs_blocks = scheduled_end + num_new > state.num_blocks_sent * block_size
             if needs_blocks:
                 # Blocks for the tokens in flight too: grow() counts from the computed ones.
                 while not self.kv.grow(state, state.num_inflight_tokens + num_new):
@@ -245,20 +245,20 @@ class Scheduler:
             assert start == num_known and num_new == 1, "only the token in flight may be unknown"
             token_ids = _PLACEHOLDER_CHUNK
         sample = end == num_known + state.num_inflight_samples
-        block_table = self._block_table(state) if table_changed else state.block_table
-        chunk = ScheduledChunk(state.request_id, token_ids, start, block_table, sample)
+        new_block_ids = self._new_block_ids(state) if table_changed else ()
+        chunk = ScheduledChunk(state.request_id, token_ids, start, new_block_ids, sample)
         state.num_inflight_tokens += num_new
         if sample:
             state.num_inflight_samples += 1
         step.add(chunk, state, num_new)
 
-    def _block_table(self, state: RequestState) -> tuple[int, ...]:
-        """The request's table as a tuple, rebuilt only when it grew: tables only ever grow while held
-        (a preemption resets the cached copy), so an unchanged length means unchanged contents."""
+    def _new_block_ids(self, state: RequestState) -> tuple[int, ...]:
+        """The blocks of the request's table not yet sent to the runner. Tables only grow while held,
+        and a preemption resets the count (the runner drops its copy), so these are appends."""
         block_ids = self.kv.block_ids(state.request_id)
-        if len(state.block_table) != len(block_ids):
-            state.block_table = tuple(block_ids)
-        return state.block_table
+        new_block_ids = tuple(block_ids[state.num_blocks_sent :])
+        state.num_blocks_sent = len(block_ids)
+        return new_block_ids
 
     def _preempt(self, state: RequestState) -> None:
         """Free the request's blocks and queue it first for recomputation (its tokens are kept)."""

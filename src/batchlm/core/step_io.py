@@ -41,8 +41,10 @@ class ScheduledChunk:
     token_ids: tuple[int, ...]
     # Position of token_ids[0]; equals the number of tokens already in the KV cache.
     start_position: int
-    # The request's whole block table (KV-cache block ids, in order).
-    block_ids: tuple[int, ...]
+    # KV-cache block ids appended to the request's block table since its last chunk (in order): its
+    # whole table in its first chunk and in the first after a preemption (the runner dropped the old
+    # one with finished_request_ids); empty while the table is unchanged. The runner keeps the tables.
+    new_block_ids: tuple[int, ...]
     # True when this chunk reaches the end of the known tokens, so a token is sampled after it.
     sample: bool
 

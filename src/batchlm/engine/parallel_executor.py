@@ -24,7 +24,7 @@ import torch
 from batchlm.config import EngineConfig
 from batchlm.core.facts import ModelFacts
 from batchlm.core.step_io import ModelRunnerOutput, SchedulerOutput
-from batchlm.engine.parallel_wire import StepEncoder
+from batchlm.engine.parallel_wire import encode_step
 from batchlm.engine.parallel_worker import WorkerSpec, worker_main
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,6 @@ class TensorParallelExecutor:
         self.size = size
         self.devices = worker_devices(config.device, size)
         self._failure: str | None = None
-        self._encoder = StepEncoder()
         self._store = _start_store(size)
         self.processes, self.conns = _spawn_workers(config, model_dir, self.devices, self._store.port)
         # Stop the workers however this object goes: explicit shutdown, garbage collection, exit.
@@ -106,7 +105,7 @@ class TensorParallelExecutor:
 
     def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
         # Encoded once for all ranks; block tables travel as appends (see parallel_wire.py).
-        output: ModelRunnerOutput = self._call_all("execute", self._encoder.encode(scheduled))[0]
+        output: ModelRunnerOutput = self._call_all("execute", encode_step(scheduled))[0]
         return output
 
     def check_health(self) -> None:

@@ -2,7 +2,7 @@
 
 Protocol (executor -> worker): pickled (method, argument) pairs sent with send_bytes, so one step is
 pickled once for all ranks. Methods: "determine_num_blocks", "allocate_kv_cache" (num_blocks),
-"execute" (a SchedulerOutput encoded by parallel_wire.StepEncoder), "shutdown". Worker -> executor: ("ok", result) or ("error", text). Only
+"execute" (a SchedulerOutput encoded by parallel_wire.encode_step), "shutdown". Worker -> executor: ("ok", result) or ("error", text). Only
 rank 0 returns the ModelRunnerOutput of "execute"; the other ranks answer ("ok", None).
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from batchlm.config import EngineConfig
-from batchlm.engine.parallel_wire import StepDecoder
+from batchlm.engine.parallel_wire import decode_step
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,6 @@ def _start_rank(spec: WorkerSpec) -> Any:
 def serve(runner: Any, rank: int, conn: Connection) -> None:
     """Run the executor's calls in order until "shutdown" or the pipe closes. A failed call ends the
     worker: its peers are blocked in collectives it will never join, so the executor stops them all."""
-    decoder = StepDecoder()
     while True:
         try:
             method, argument = pickle.loads(conn.recv_bytes())
@@ -136,7 +135,7 @@ def serve(runner: Any, rank: int, conn: Connection) -> None:
             return
         try:
             if method == "execute":
-                argument = decoder.decode(argument)
+                argument = decode_step(argument)
             result = _call(runner, method, argument)
         except Exception:
             _send(conn, ("error", f"rank {rank} failed in {method}:\n{traceback.format_exc(limit=8)}"))
