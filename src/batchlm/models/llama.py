@@ -56,9 +56,7 @@ class LlamaMLP(nn.Module):
 class LlamaAttention(nn.Module):
     """Grouped-query self-attention with RoPE; q/k/v fused into one matmul (optionally q/k-normed)."""
 
-    def __init__(
-        self, config: Any, rope: RotaryEmbedding, options: BlockOptions, tp: TensorParallelGroup
-    ) -> None:
+    def __init__(self, config: Any, rope: RotaryEmbedding, options: BlockOptions, tp: TensorParallelGroup) -> None:
         super().__init__()
         self.head_dim = head_dim_of(config)
         heads, kv_heads = config.num_attention_heads, num_kv_heads_of(config)
@@ -99,9 +97,7 @@ class LlamaAttention(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm attention and MLP blocks; the residual stream is carried through the fused norms."""
 
-    def __init__(
-        self, config: Any, rope: RotaryEmbedding, options: BlockOptions, tp: TensorParallelGroup
-    ) -> None:
+    def __init__(self, config: Any, rope: RotaryEmbedding, options: BlockOptions, tp: TensorParallelGroup) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, rope, options, tp)
         self.mlp = LlamaMLP(config, options.mlp_bias, tp)
