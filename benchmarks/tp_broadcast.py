@@ -4,7 +4,7 @@ Measures the round trip of one step (driver sends, every worker rebuilds the Sch
 acknowledges over its pipe) for 256-request steps (all decodes; or 240 decodes + 16 admitted prompts
 filling an 8192-token budget), four ways:
 
-  pipes-wire      the driver encodes once with engine/parallel_wire.py (chunks as tuples) and writes the
+  pipes-wire      the driver encodes once with executor/wire.py (chunks as tuples) and writes the
                   bytes to each worker's pipe (what we ship)
   pipes-pickle    the same, pickling the SchedulerOutput dataclasses as they are
   dist-broadcast  the driver joins a gloo group with the workers and calls broadcast_object_list
@@ -25,7 +25,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from batchlm.core.step_io import NewRequestData, ScheduledChunk, SchedulerOutput
-from batchlm.engine.parallel_wire import decode_step, encode_step
+from batchlm.executor.wire import decode_step, encode_step
 from batchlm.sampling_params import SamplingParams
 
 MODES = ("pipes-wire", "pipes-pickle", "dist-broadcast", "pipe+broadcast")

@@ -36,6 +36,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"structured"}),
     frozenset({"sampling"}),
     frozenset({"runner"}),
+    frozenset({"executor"}),
     frozenset({"engine"}),
     frozenset({"backends"}),
     frozenset({"server", "cli", "bench", ""}),  # "" is the batchlm package's own __init__

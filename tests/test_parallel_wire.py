@@ -9,7 +9,7 @@ import random
 import pytest
 
 from batchlm.core.step_io import NewRequestData, ScheduledChunk, SchedulerOutput
-from batchlm.engine.parallel_wire import decode_step, encode_step
+from batchlm.executor.wire import decode_step, encode_step
 from batchlm.sampling_params import SamplingParams
 
 PARAMS = SamplingParams(temperature=0.5, max_tokens=8)

@@ -132,7 +132,7 @@ def build_engine_core(config: EngineConfig, model_dir: Path) -> tuple[EngineCore
     check_async_scheduling(config)
     executor: Executor
     if config.tensor_parallel_size > 1:
-        from batchlm.engine.parallel_executor import build_tensor_parallel_executor
+        from batchlm.executor.tensor_parallel import build_tensor_parallel_executor
 
         executor, info = build_tensor_parallel_executor(config, model_dir)
     else:

@@ -1,7 +1,7 @@
 """The tensor-parallel executor: one spawned worker per rank, each step broadcast to all of them.
 
 The scheduler runs once, in the engine core; every step's SchedulerOutput is encoded once (compactly,
-see parallel_wire.py) and written to each worker's pipe. All ranks run the same step in lockstep (their collectives pair up) and sample
+see wire.py) and written to each worker's pipe. All ranks run the same step in lockstep (their collectives pair up) and sample
 the same tokens; rank 0's ModelRunnerOutput is returned. A worker that fails or exits stops them all
 and raises TensorParallelError, which ends the engine core with that message.
 """
@@ -24,7 +24,7 @@ import torch
 from batchlm.config import EngineConfig
 from batchlm.core.facts import ModelFacts
 from batchlm.core.step_io import ModelRunnerOutput, SchedulerOutput
-from batchlm.engine.parallel_messages import (
+from batchlm.executor.messages import (
     AllocateKVCache,
     ExecuteStep,
     FromWorker,
@@ -34,8 +34,8 @@ from batchlm.engine.parallel_messages import (
     WorkerReply,
     WorkerResult,
 )
-from batchlm.engine.parallel_wire import encode_step
-from batchlm.engine.parallel_worker import WorkerSpec, worker_main
+from batchlm.executor.wire import encode_step
+from batchlm.executor.worker import WorkerSpec, worker_main
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class TensorParallelExecutor:
         return _expect(self._call_all(AllocateKVCache(num_blocks))[0], ModelFacts)
 
     def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
-        # Encoded once for all ranks; block tables travel as appends (see parallel_wire.py).
+        # Encoded once for all ranks; block tables travel as appends (see wire.py).
         return _expect(self._call_all(ExecuteStep(encode_step(scheduled)))[0], ModelRunnerOutput)
 
     def check_health(self) -> None:

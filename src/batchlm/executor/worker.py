@@ -1,6 +1,6 @@
 """A tensor-parallel worker process: one rank's ModelRunner, driven over a pipe by the executor.
 
-Protocol (parallel_messages.py): the executor sends each WorkerCall pickled once, with send_bytes, to
+Protocol (messages.py): the executor sends each WorkerCall pickled once, with send_bytes, to
 every rank; a rank answers WorkerReply or, failing, WorkerFailed. Only rank 0 returns the
 ModelRunnerOutput of an ExecuteStep; the other ranks answer WorkerReply(None).
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, assert_never
 
 from batchlm.config import EngineConfig
-from batchlm.engine.parallel_messages import (
+from batchlm.executor.messages import (
     AllocateKVCache,
     ExecuteStep,
     FromWorker,
@@ -32,7 +32,7 @@ from batchlm.engine.parallel_messages import (
     WorkerReply,
     WorkerResult,
 )
-from batchlm.engine.parallel_wire import decode_step
+from batchlm.executor.wire import decode_step
 
 if TYPE_CHECKING:
     from batchlm.runner.model_runner import ModelRunner

@@ -27,7 +27,7 @@ class AllocateKVCache:
 
 @dataclass(frozen=True)
 class ExecuteStep:
-    """One step, as parallel_wire.encode_step made it (encoded once for all ranks)."""
+    """One step, as wire.encode_step made it (encoded once for all ranks)."""
 
     encoded: bytes
     name: ClassVar[str] = "execute"
