@@ -170,3 +170,4 @@ class Driver:
             table = self.sent_tables.setdefault(chunk.request_id, [])
             table.extend(chunk.new_block_ids)
             assert len(table) == -(-end // self.config.block_size), "table not sized to the tokens"
+            assert table == self.scheduler.kv.block_ids(chunk.request_id), "the appends miss the table"
