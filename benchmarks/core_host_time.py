@@ -19,9 +19,10 @@ from typing import Any
 import torch
 
 from batchlm.core.engine_core import EngineCore
+from batchlm.core.facts import EngineStats
 from batchlm.core.scheduler import Scheduler, SchedulerConfig
 from batchlm.core.step_io import ModelRunnerOutput, SchedulerOutput
-from batchlm.engine.core_process import pack_outputs
+from batchlm.engine.core_messages import StepOutputs
 from batchlm.engine.output_processor import OutputProcessor
 from batchlm.request import EngineCoreRequest
 from batchlm.runner.inputs import StepInputBuilder
@@ -94,7 +95,7 @@ def main() -> None:
     core = EngineCore(scheduler, InstantExecutor(args.block_size, 0), async_scheduling=True)  # type: ignore[arg-type]
     scheduler.schedule = timed("schedule", scheduler.schedule)  # type: ignore[method-assign]
     scheduler.update_from_output = timed("update", scheduler.update_from_output)  # type: ignore[method-assign]
-    pack = timed("pack", pack_outputs)
+    pack = timed("pack", lambda outputs: StepOutputs.pack(outputs, EngineStats()))
     params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, detokenize=False)
     prompt = tuple(range(1, args.input_len + 1))
     processor = OutputProcessor(None)

@@ -37,9 +37,11 @@ from model_shapes import SHAPES, write_config_only
 
 from batchlm.config import EngineConfig
 from batchlm.core.engine_core import EngineCore
+from batchlm.core.facts import ModelFacts
 from batchlm.core.step_io import ModelRunnerOutput, SchedulerOutput
 from batchlm.engine.async_engine import AsyncLLMEngine
-from batchlm.engine.core_builder import CoreInfo, build_scheduler
+from batchlm.engine.core_builder import build_scheduler
+from batchlm.engine.core_messages import CoreReady
 from batchlm.engine.core_process import CoreLoop
 from batchlm.request import EngineCoreRequest
 from batchlm.sampling_params import SamplingParams
@@ -97,8 +99,8 @@ class SimulatedExecutor:
 
 def build_simulated_core(
     config: EngineConfig, timing: StepTiming, vocab_size: int
-) -> tuple[EngineCore, CoreInfo]:
-    info = CoreInfo(
+) -> tuple[EngineCore, ModelFacts]:
+    info = ModelFacts(
         max_model_len=config.max_model_len or 2048,
         vocab_size=vocab_size,
         num_blocks=1 << 16,
@@ -112,7 +114,7 @@ def build_simulated_core(
 
 def simulated_core_main(config: EngineConfig, conn: Connection, timing: StepTiming, vocab_size: int) -> None:
     core, info = build_simulated_core(config, timing, vocab_size)
-    conn.send(("ready", info))
+    conn.send(CoreReady(info))
     CoreLoop(core, conn).run()
 
 

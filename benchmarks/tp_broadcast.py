@@ -4,7 +4,7 @@ Measures the round trip of one step (driver sends, every worker rebuilds the Sch
 acknowledges over its pipe) for 256-request steps (all decodes; or 240 decodes + 16 admitted prompts
 filling an 8192-token budget), four ways:
 
-  pipes-wire      the driver encodes once with parallel.wire (block tables as appends) and writes the
+  pipes-wire      the driver encodes once with executor/wire.py (chunks as tuples) and writes the
                   bytes to each worker's pipe (what we ship)
   pipes-pickle    the same, pickling the SchedulerOutput dataclasses as they are
   dist-broadcast  the driver joins a gloo group with the workers and calls broadcast_object_list
@@ -25,21 +25,23 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from batchlm.core.step_io import NewRequestData, ScheduledChunk, SchedulerOutput
-from batchlm.parallel.wire import StepDecoder, StepEncoder
+from batchlm.executor.wire import decode_step, encode_step
 from batchlm.sampling_params import SamplingParams
 
 MODES = ("pipes-wire", "pipes-pickle", "dist-broadcast", "pipe+broadcast")
 
 
 def decode_steps(count: int, num_requests: int = 256, context: int = 1024, block_size: int = 16) -> list[Any]:
-    """`count` consecutive decode steps of the same requests; each appends a block every block_size steps."""
+    """`count` consecutive decode steps of the same requests; each appends a block every block_size steps
+    (the first step sends the whole tables, later ones only the appended blocks, as the scheduler does)."""
     steps = []
     for step in range(count):
         position = context + step
         blocks = position // block_size + 1
+        sent = (position - 1) // block_size + 1 if step else 0
         chunks = tuple(
             ScheduledChunk(
-                f"cmpl-{i:08x}-0", (1000 + i,), position, tuple(range(i * 4096, i * 4096 + blocks)), True
+                f"cmpl-{i:08x}-0", (1000 + i,), position, tuple(range(i * 4096 + sent, i * 4096 + blocks)), True
             )
             for i in range(num_requests)
         )
@@ -82,14 +84,13 @@ def _worker(mode: str, rank: int, workers: int, port: int, conn: Connection) -> 
     import torch.distributed as dist
 
     in_group = mode in ("dist-broadcast", "pipe+broadcast")
-    decoder = StepDecoder()
     if in_group:
         group_rank = rank + 1 if mode == "dist-broadcast" else rank
         _join_group(group_rank, workers + (mode == "dist-broadcast"), port)
     while True:
         if mode == "pipes-wire":
             payload = conn.recv_bytes()
-            step = decoder.decode(payload) if payload else None
+            step = decode_step(payload) if payload else None
         elif mode == "pipes-pickle" or (mode == "pipe+broadcast" and rank == 0):
             step = pickle.loads(conn.recv_bytes())
         if in_group:
@@ -119,14 +120,13 @@ def _measure(
     if mode == "dist-broadcast":
         dist.init_process_group("gloo", store=store, rank=0, world_size=workers + 1)
     times = []
-    encoder = StepEncoder()
     for step in steps:
         started = time.perf_counter()
         if mode == "dist-broadcast":
             dist.broadcast_object_list([step], src=0)
         else:
             if mode == "pipes-wire":
-                payload = encoder.encode(step) if step is not None else b""
+                payload = encode_step(step) if step is not None else b""
             else:
                 payload = pickle.dumps(step, protocol=pickle.HIGHEST_PROTOCOL)
             for parent, _ in pipes if mode.startswith("pipes") else pipes[:1]:
@@ -156,8 +156,7 @@ def main() -> None:
         ("mixed x256", mixed_steps(args.steps)),
     ):
         pickled = len(pickle.dumps(steps[-1], protocol=pickle.HIGHEST_PROTOCOL))
-        encoder = StepEncoder()
-        wire = [len(encoder.encode(step)) for step in steps][-1]
+        wire = len(encode_step(steps[-1]))
         print(f"{name}: {pickled / 1024:.0f} KiB pickled, {wire / 1024:.0f} KiB on the wire")
         for mode in MODES:
             store = dist.TCPStore("127.0.0.1", 0, None, is_master=True, wait_for_workers=False)

@@ -50,6 +50,8 @@ class PagedFakeRunner:
         self.slots: list[int | None] = [None] * (num_blocks * block_size)
         # Request id -> all tokens the runner knows (prompt + outputs), like the real runner's state.
         self.tokens: dict[str, list[int]] = {}
+        # Request id -> its block table, built from the chunks' appended block ids.
+        self.tables: dict[str, list[int]] = {}
 
     def _slot(self, block_ids: Sequence[int], position: int) -> int:
         return block_ids[position // self.block_size] * self.block_size + position % self.block_size
@@ -57,6 +59,7 @@ class PagedFakeRunner:
     def execute(self, step: SchedulerOutput) -> ModelRunnerOutput:
         for request_id in step.finished_request_ids:
             self.tokens.pop(request_id, None)
+            self.tables.pop(request_id, None)
         for new in step.new_requests:
             assert new.request_id not in self.tokens, f"{new.request_id} re-sent without being dropped"
             self.tokens[new.request_id] = [*new.prompt_token_ids, *new.output_token_ids]
@@ -66,7 +69,9 @@ class PagedFakeRunner:
             end = chunk.start_position + len(chunk.token_ids)
             assert tuple(known[chunk.start_position : end]) == chunk.token_ids, "wrong tokens fed"
             assert chunk.sample == (end == len(known)), "sample flag disagrees with the token count"
-            state = self._run_chunk(chunk.block_ids, chunk.start_position, chunk.token_ids)
+            table = self.tables.setdefault(chunk.request_id, [])
+            table.extend(chunk.new_block_ids)
+            state = self._run_chunk(table, chunk.start_position, chunk.token_ids)
             if chunk.sample:
                 token = next_token(state)
                 known.append(token)
@@ -115,6 +120,8 @@ class Driver:
         self.scheduler = Scheduler(config)
         self.runner = PagedFakeRunner(config.num_blocks, config.block_size)
         self.trace = Trace()
+        # The block tables as sent so far (what a runner rebuilds from the appends).
+        self.sent_tables: dict[str, list[int]] = {}
 
     def add(self, request: EngineCoreRequest) -> None:
         self.scheduler.add_request(request)
@@ -156,6 +163,11 @@ class Driver:
         for new in scheduled.new_requests:
             # A resumed request brings back exactly the tokens it had generated.
             assert list(new.output_token_ids) == self.trace.tokens[new.request_id]
+        for request_id in scheduled.finished_request_ids:
+            self.sent_tables.pop(request_id, None)
         for chunk in scheduled.chunks:
             end = chunk.start_position + len(chunk.token_ids)
-            assert len(chunk.block_ids) == -(-end // self.config.block_size), "table not sized to the tokens"
+            table = self.sent_tables.setdefault(chunk.request_id, [])
+            table.extend(chunk.new_block_ids)
+            assert len(table) == -(-end // self.config.block_size), "table not sized to the tokens"
+            assert table == self.scheduler.kv.block_ids(chunk.request_id), "the appends miss the table"

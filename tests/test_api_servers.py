@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from batchlm.core.scheduler import SchedulerStats
+from batchlm.core.facts import EngineStats
 from batchlm.server.api_servers import (
     automatic_api_servers,
     per_process_queue_limit,
@@ -60,9 +60,9 @@ def test_delta_cadence_counts_the_streams_of_every_front_end() -> None:
     engine = AsyncLLMEngine(EngineConfig())
     engine._queues = dict.fromkeys(map(str, range(128)))  # type: ignore[arg-type]
     assert engine._open_streams() == 128
-    engine._record_stats(SchedulerStats(num_running=256))
+    engine._record_stats(EngineStats(num_running=256))
     assert engine._open_streams() == 256
-    engine._record_stats(SchedulerStats(num_running=3))
+    engine._record_stats(EngineStats(num_running=3))
     assert engine._open_streams() == 128
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from batchlm.config import EngineConfig
-from batchlm.core.scheduler import SchedulerStats
+from batchlm.core.facts import EngineStats
 from batchlm.engine.async_engine import AsyncLLMEngine
 from batchlm.outputs import EngineCoreOutput, FinishReason
 
@@ -30,7 +30,7 @@ class RecordingEngine(AsyncLLMEngine):
 
 def step(tokens: dict[str, int], waiting: int) -> tuple[str, Any]:
     outputs = [EngineCoreOutput(rid, (token,)) for rid, token in tokens.items()]
-    return ("outputs", (outputs, SchedulerStats(num_running=len(tokens), num_waiting=waiting)))
+    return ("outputs", (outputs, EngineStats(num_running=len(tokens), num_waiting=waiting)))
 
 
 def test_consecutive_step_outputs_become_one_batch_in_step_order() -> None:
@@ -51,7 +51,7 @@ def test_other_messages_keep_their_place_between_output_batches() -> None:
             step({"a": 1}, 0),
             ("rejected", ("b", "prompt too long")),
             step({"a": 2}, 0),
-            ("outputs", ([EngineCoreOutput("a", (), finish_reason=FinishReason.ABORT)], SchedulerStats())),
+            ("outputs", ([EngineCoreOutput("a", (), finish_reason=FinishReason.ABORT)], EngineStats())),
             ("failed", "core exited"),
         ]
     )

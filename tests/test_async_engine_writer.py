@@ -4,10 +4,10 @@ messages reach the core in order, consecutive request batches merged."""
 from __future__ import annotations
 
 import threading
-from typing import Any
 
 from batchlm.config import EngineConfig
 from batchlm.engine.async_engine import AsyncLLMEngine, _merge_adds
+from batchlm.engine.core_messages import AbortRequests, AddRequests, Shutdown, ToCore
 
 
 class BlockingConnection:
@@ -16,10 +16,10 @@ class BlockingConnection:
     def __init__(self, fail: bool = False) -> None:
         self.release = threading.Event()
         self.sending = threading.Event()  # a send has begun
-        self.sent: list[tuple[str, Any]] = []
+        self.sent: list[ToCore] = []
         self.fail = fail
 
-    def send(self, message: tuple[str, Any]) -> None:
+    def send(self, message: ToCore) -> None:
         self.sending.set()
         self.release.wait(60)  # a hang guard
         if self.fail:
@@ -36,18 +36,18 @@ def _engine_with_writer(connection: BlockingConnection) -> AsyncLLMEngine:
 
 
 def test_consecutive_adds_merge_and_everything_else_keeps_its_place() -> None:
-    messages: list[tuple[str, Any]] = [
-        ("add", ["a"]),
-        ("add", ["b", "c"]),
-        ("abort", ["x"]),
-        ("add", ["d"]),
-        ("shutdown", None),
+    messages: list[ToCore] = [
+        AddRequests(("a",)),  # type: ignore[arg-type]
+        AddRequests(("b", "c")),  # type: ignore[arg-type]
+        AbortRequests(("x",)),
+        AddRequests(("d",)),  # type: ignore[arg-type]
+        Shutdown(),
     ]
     assert _merge_adds(messages) == [
-        ("add", ["a", "b", "c"]),
-        ("abort", ["x"]),
-        ("add", ["d"]),
-        ("shutdown", None),
+        AddRequests(("a", "b", "c")),  # type: ignore[arg-type]
+        AbortRequests(("x",)),
+        AddRequests(("d",)),  # type: ignore[arg-type]
+        Shutdown(),
     ]
     assert _merge_adds([]) == []
 
@@ -60,14 +60,19 @@ def test_sends_return_at_once_while_the_pipe_is_full_and_arrive_in_order() -> No
     assert engine._send_requests(["r1"])  # type: ignore[list-item]
     assert engine._send_requests(["r2"])  # type: ignore[list-item]
     engine._send_abort(["r1"])
-    assert engine._to_core(("shutdown", None))
+    assert engine._to_core(Shutdown())
     # Each call above returned with the pipe still full: none of them waited for it.
     assert connection.sent == []
     connection.release.set()
     assert engine._writer is not None
     engine._writer.join(30)
-    assert not engine._writer.is_alive()  # "shutdown" ends it
-    assert connection.sent == [("add", ["r0"]), ("add", ["r1", "r2"]), ("abort", ["r1"]), ("shutdown", None)]
+    assert not engine._writer.is_alive()  # Shutdown ends it
+    assert connection.sent == [
+        AddRequests(("r0",)),  # type: ignore[arg-type]
+        AddRequests(("r1", "r2")),  # type: ignore[arg-type]
+        AbortRequests(("r1",)),
+        Shutdown(),
+    ]
 
 
 def test_a_dead_core_stops_the_writer_without_raising_on_the_loop() -> None:

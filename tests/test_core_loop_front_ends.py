@@ -9,14 +9,17 @@ import time
 from collections.abc import Iterator
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TypeVar
 
-from batchlm.core.scheduler import SchedulerStats
-from batchlm.engine.core_process import CoreLoop, unpack_outputs
+from batchlm.core.facts import EngineStats
+from batchlm.engine.core_messages import AddRequests, RequestRejected, Shutdown, StepOutputs
+from batchlm.engine.core_process import CoreLoop
 from batchlm.outputs import EngineCoreOutput, FinishReason
 from batchlm.request import EngineCoreRequest
 from batchlm.sampling_params import SamplingParams
 from fake_engine import wait_until
+
+T = TypeVar("T")
 
 
 class CountingCore:
@@ -59,8 +62,8 @@ class CountingCore:
             )
         return outputs
 
-    def stats(self) -> SchedulerStats:
-        return SchedulerStats(num_running=len(self.remaining))
+    def stats(self) -> EngineStats:
+        return EngineStats(num_running=len(self.remaining))
 
 
 def core_request(request_id: str, max_tokens: int = 3) -> EngineCoreRequest:
@@ -106,31 +109,30 @@ class Wire:
             assert self.front[client].poll(max(0.0, deadline - time.monotonic())), (
                 f"still waiting for {pending}"
             )
-            kind, payload = self.front[client].recv()
-            if kind != "outputs":
+            message = self.front[client].recv()
+            if not isinstance(message, StepOutputs):
                 continue
-            packed, stats = payload
-            assert isinstance(stats, SchedulerStats)
-            for output in unpack_outputs(packed):
+            assert isinstance(message.stats, EngineStats)
+            for output in message.unpack():
                 received.append(output)
                 if output.finish_reason is not None:
                     pending.discard(output.request_id)
         return received
 
 
-def messages_of(conn: Connection, kind: str, within_s: float = 5.0) -> Iterator[Any]:
+def messages_of(conn: Connection, kind: type[T], within_s: float = 5.0) -> Iterator[T]:
     deadline = time.monotonic() + within_s
     while conn.poll(max(0.0, deadline - time.monotonic())):
-        message_kind, payload = conn.recv()
-        if message_kind == kind:
-            yield payload
+        message = conn.recv()
+        if isinstance(message, kind):
+            yield message
 
 
 def test_each_front_end_gets_only_the_outputs_of_its_own_requests() -> None:
     wire = Wire(3)
     wire.core.step_gate.clear()  # all three adds land before the first step
-    wire.front[0].send(("add", [core_request("a0"), core_request("a1", max_tokens=2)]))
-    wire.front[2].send(("add", [core_request("c0", max_tokens=4)]))
+    wire.front[0].send(AddRequests((core_request("a0"), core_request("a1", max_tokens=2))))
+    wire.front[2].send(AddRequests((core_request("c0", max_tokens=4),)))
     wait_until(lambda: set(wire.core.remaining) == {"a0", "a1", "c0"}, timeout_s=30, what="the three adds")
     wire.core.step_gate.set()
     first = wire.outputs_until_finished(0, {"a0", "a1"})
@@ -138,9 +140,9 @@ def test_each_front_end_gets_only_the_outputs_of_its_own_requests() -> None:
     assert sorted(o.request_id for o in first) == ["a0"] * 3 + ["a1"] * 2
     assert [o.request_id for o in third] == ["c0"] * 4
     # The second front end added nothing: it gets stats with empty outputs, never others' tokens.
-    for packed, _ in messages_of(wire.front[1], "outputs", within_s=0.5):
-        assert unpack_outputs(packed) == []
-    wire.front[0].send(("shutdown", None))
+    for packed in messages_of(wire.front[1], StepOutputs, within_s=0.5):
+        assert packed.unpack() == []
+    wire.front[0].send(Shutdown())
     wire.thread.join(30)
     assert not wire.thread.is_alive() and wire.error is None
 
@@ -148,16 +150,16 @@ def test_each_front_end_gets_only_the_outputs_of_its_own_requests() -> None:
 def test_a_secondary_front_end_leaving_aborts_its_requests_and_the_core_carries_on() -> None:
     wire = Wire(2)
     wire.core.step_gate.clear()
-    wire.front[1].send(("add", [core_request("left-behind", max_tokens=1000)]))
-    wire.front[0].send(("add", [core_request("kept", max_tokens=1000)]))
+    wire.front[1].send(AddRequests((core_request("left-behind", max_tokens=1000),)))
+    wire.front[0].send(AddRequests((core_request("kept", max_tokens=1000),)))
     wire.front[1].close()  # the API-server process exited
     wire.core.step_gate.set()
     wait_until(lambda: wire.core.aborted == ["left-behind"], timeout_s=30, what="the orphan to be aborted")
-    wire.front[0].send(("add", [core_request("after", max_tokens=2)]))
+    wire.front[0].send(AddRequests((core_request("after", max_tokens=2),)))
     outputs = wire.outputs_until_finished(0, {"after"})
     assert {o.request_id for o in outputs} <= {"kept", "after"}
     assert wire.thread.is_alive()
-    wire.front[0].send(("shutdown", None))
+    wire.front[0].send(Shutdown())
     wire.thread.join(30)
     assert wire.error is None
 
@@ -166,12 +168,12 @@ def test_shutdown_from_a_secondary_only_detaches_it_and_the_primary_closing_stop
     wire = Wire(2)
     wire.discard_messages_to(0)
     wire.discard_messages_to(1)
-    wire.front[1].send(("add", [core_request("orphan", max_tokens=10_000_000)]))
+    wire.front[1].send(AddRequests((core_request("orphan", max_tokens=10_000_000),)))
     wait_until(lambda: "orphan" in wire.core.remaining, timeout_s=30, what="the request to be added")
-    wire.front[1].send(("shutdown", None))
+    wire.front[1].send(Shutdown())
     wait_until(lambda: wire.core.aborted == ["orphan"], timeout_s=30, what="the detach")
     assert wire.thread.is_alive()
-    wire.front[0].send(("add", [core_request("busy", max_tokens=10_000_000)]))
+    wire.front[0].send(AddRequests((core_request("busy", max_tokens=10_000_000),)))
     wire.front[0].close()
     wire.thread.join(30)
     assert not wire.thread.is_alive()
@@ -183,12 +185,12 @@ def test_shutdown_from_a_secondary_only_detaches_it_and_the_primary_closing_stop
 def test_an_id_in_use_by_another_front_end_is_rejected_to_the_sender_only() -> None:
     wire = Wire(2)
     wire.core.step_gate.clear()
-    wire.front[0].send(("add", [core_request("same", max_tokens=50)]))
+    wire.front[0].send(AddRequests((core_request("same", max_tokens=50),)))
     wait_until(lambda: "same" in wire.core.remaining, timeout_s=30, what="the first add")
-    wire.front[1].send(("add", [core_request("same", max_tokens=50)]))
-    rejected = next(messages_of(wire.front[1], "rejected", within_s=30))
-    assert rejected[0] == "same"
+    wire.front[1].send(AddRequests((core_request("same", max_tokens=50),)))
+    rejected = next(messages_of(wire.front[1], RequestRejected, within_s=30))
+    assert rejected.request_id == "same"
     wire.core.step_gate.set()
     assert {o.request_id for o in wire.outputs_until_finished(0, {"same"})} == {"same"}
-    wire.front[0].send(("shutdown", None))
+    wire.front[0].send(Shutdown())
     wire.thread.join(30)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pickle
 
-from batchlm.engine.core_process import pack_outputs, unpack_outputs
+from batchlm.core.facts import EngineStats
+from batchlm.engine.core_messages import StepOutputs
 from batchlm.outputs import EngineCoreOutput, FinishReason, TokenLogprobs
 
 
@@ -18,11 +19,13 @@ def test_pack_round_trips_every_field_through_pickle() -> None:
         EngineCoreOutput("aborted", (), finish_reason=FinishReason.ABORT),
         EngineCoreOutput("failed", (), finish_reason=FinishReason.ERROR, error="out of memory"),
     ]
-    packed = pickle.loads(pickle.dumps(pack_outputs(outputs)))
-    assert unpack_outputs(packed) == outputs
+    stats = EngineStats(num_running=7)
+    packed = pickle.loads(pickle.dumps(StepOutputs.pack(outputs, stats)))
+    assert packed.unpack() == outputs
+    assert packed.stats == stats
     # Only outputs with more than ids and tokens travel whole.
-    assert [index for index, _ in packed[2]] == [1, 3, 4, 5, 6]
+    assert [index for index, _ in packed.whole] == [1, 3, 4, 5, 6]
 
 
 def test_an_empty_step_packs_to_empty_columns() -> None:
-    assert unpack_outputs(pack_outputs([])) == []
+    assert StepOutputs.pack([], EngineStats()).unpack() == []

@@ -13,8 +13,9 @@ import pytest
 pytest.importorskip("mlx_lm")
 
 from batchlm.backends.mlx.loader import LoadedModel, load_model
-from batchlm.backends.mlx.loop import GenerationLoop, LoopSettings, LoopStats
+from batchlm.backends.mlx.loop import GenerationLoop, LoopSettings
 from batchlm.config import EngineConfig
+from batchlm.core.facts import EngineStats
 from batchlm.outputs import EngineCoreOutput, FinishReason
 from batchlm.request import EngineCoreRequest
 from batchlm.sampling_params import SamplingParams
@@ -56,7 +57,7 @@ def request(request_id: str, prompt: list[int], seed: int | None = None, **param
 def run(
     loop: GenerationLoop,
     requests: list[EngineCoreRequest],
-    each_step: Callable[[LoopStats], None] | None = None,
+    each_step: Callable[[EngineStats], None] | None = None,
 ) -> dict[str, list[EngineCoreOutput]]:
     for item in requests:
         loop.add_request(item)
@@ -107,7 +108,7 @@ def test_batched_greedy_matches_transformers(
 
 def test_running_set_is_capped_and_requests_join_as_others_leave(loaded: LoadedModel) -> None:
     loop = make_loop(loaded, max_num_seqs=2)
-    seen: list[LoopStats] = []
+    seen: list[EngineStats] = []
     requests = [request(f"r{i}", p, max_tokens=3 + i, ignore_eos=True) for i, p in enumerate(PROMPTS)]
     outputs = run(loop, requests, seen.append)
     assert max(s.num_running for s in seen) == 2

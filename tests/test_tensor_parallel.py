@@ -17,7 +17,7 @@ import torch
 from batchlm import LLM, SamplingParams
 from batchlm.config import EngineConfig
 from batchlm.engine.async_engine import AsyncLLMEngine
-from batchlm.parallel.executor import (
+from batchlm.executor.tensor_parallel import (
     TensorParallelError,
     TensorParallelExecutor,
     build_tensor_parallel_executor,

@@ -30,7 +30,7 @@ class TokenLogprobs:
 @dataclass(slots=True)
 class EngineCoreOutput:
     """What one engine step produced for one sequence. Treated as immutable, but not frozen: one is
-    made per running sequence per step, and a frozen dataclass's __init__ costs about 4x as much."""
+    made per running sequence per step, and a frozen dataclass's __init__ costs several times as much."""
 
     request_id: str
     # Tokens appended this step (usually one; empty when only finishing, e.g. on abort).

@@ -2,27 +2,25 @@
 
 from __future__ import annotations
 
-import importlib.util
-import platform
-import sys
 from typing import TYPE_CHECKING
+
+from batchlm.backends.availability import MLX_INSTALL_HINT, is_apple_silicon, mlx_available
 
 if TYPE_CHECKING:
     from batchlm.config import EngineConfig
     from batchlm.engine.client import EngineClient
 
+__all__ = [
+    "BACKEND_CHOICES",
+    "MLX_INSTALL_HINT",
+    "create_engine",
+    "is_apple_silicon",
+    "mlx_available",
+    "resolve_backend",
+]
+
 # Values of `batchlm serve --backend`.
 BACKEND_CHOICES = ("auto", "torch", "mlx")
-MLX_INSTALL_HINT = "pip install 'batchlm[mlx]'"
-
-
-def mlx_available() -> bool:
-    """True when mlx and mlx-lm can be imported (checked without importing them)."""
-    return all(importlib.util.find_spec(name) is not None for name in ("mlx", "mlx_lm"))
-
-
-def is_apple_silicon() -> bool:
-    return sys.platform == "darwin" and platform.machine() == "arm64"
 
 
 def resolve_backend(name: str) -> str:

@@ -9,7 +9,8 @@ import time
 from collections.abc import Iterable
 from typing import Protocol
 
-from batchlm.core.scheduler import Scheduler, SchedulerStats
+from batchlm.core.facts import EngineStats
+from batchlm.core.scheduler import Scheduler
 from batchlm.core.step_io import ModelRunnerOutput, SchedulerOutput
 from batchlm.outputs import EngineCoreOutput
 from batchlm.request import EngineCoreRequest
@@ -113,5 +114,5 @@ class EngineCore:
             return output
         return dataclasses.replace(output, scheduled_time=scheduled_at)
 
-    def stats(self) -> SchedulerStats:
+    def stats(self) -> EngineStats:
         return self.scheduler.stats()

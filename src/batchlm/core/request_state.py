@@ -45,8 +45,8 @@ class RequestState:
     # True while the runner holds state for this request (sent, and not since dropped).
     known_to_runner: bool = False
     num_preemptions: int = 0
-    # The block table as last sent to the runner; the scheduler rebuilds it only when the table grows.
-    block_table: tuple[int, ...] = ()
+    # Blocks of its table the runner has been sent (a table only grows while held).
+    num_blocks_sent: int = 0
     # Tokens (prompt + output) after which the request must stop: max_tokens or the context limit,
     # whichever comes first. Set by the scheduler on arrival.
     token_limit: int = 0
@@ -105,7 +105,7 @@ class RequestState:
         # Results of steps still in flight are dropped when they arrive (num_preemptions changed).
         self.num_inflight_tokens = 0
         self.num_inflight_samples = 0
-        self.block_table = ()
+        self.num_blocks_sent = 0
         self.status = RequestStatus.WAITING
         self.needs_runner_setup = True
         self.known_to_runner = False

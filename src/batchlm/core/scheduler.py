@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from batchlm.core.admission import AdmissionTickets
+from batchlm.core.facts import EngineStats
 from batchlm.core.kv_cache_manager import KVCacheManager
 from batchlm.core.request_state import RequestState, RequestStatus
 from batchlm.core.step_builder import InflightStep, StepBuilder, new_request_data, sampled_by_request
@@ -40,25 +41,6 @@ class SchedulerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"SchedulerConfig.{name} must be a positive integer, got {value!r}")
-
-
-@dataclass(frozen=True)
-class SchedulerStats:
-    """A snapshot for metrics and logs."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    # Fraction of KV blocks held by requests, 0..1 (evictable cached blocks count as free).
-    kv_cache_usage: float = 0.0
-    # Prefix-cache lookups and hits, in tokens, cumulative.
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    # Requests preempted (and later recomputed), cumulative.
-    num_preemptions: int = 0
-    # Prompt tokens of the requests added, and tokens sampled, cumulative (a front end's own count would
-    # miss what other front ends sharing the engine sent).
-    prompt_tokens_total: int = 0
-    generation_tokens_total: int = 0
 
 
 class Scheduler:
@@ -156,8 +138,8 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self._running or self._waiting)
 
-    def stats(self) -> SchedulerStats:
-        return SchedulerStats(
+    def stats(self) -> EngineStats:
+        return EngineStats(
             num_running=len(self._running),
             num_waiting=len(self._waiting),
             kv_cache_usage=self.kv.usage,
@@ -200,7 +182,7 @@ class Scheduler:
             scheduled_end = state.num_computed_tokens + state.num_inflight_tokens
             num_new = min(num_expected - scheduled_end, step.budget)
             # The table sent last step still has room for most decodes: no block to allocate.
-            needs_blocks = scheduled_end + num_new > len(state.block_table) * block_size
+            needs_blocks = scheduled_end + num_new > state.num_blocks_sent * block_size
             if needs_blocks:
                 # Blocks for the tokens in flight too: grow() counts from the computed ones.
                 while not self.kv.grow(state, state.num_inflight_tokens + num_new):
@@ -263,20 +245,20 @@ class Scheduler:
             assert start == num_known and num_new == 1, "only the token in flight may be unknown"
             token_ids = _PLACEHOLDER_CHUNK
         sample = end == num_known + state.num_inflight_samples
-        block_table = self._block_table(state) if table_changed else state.block_table
-        chunk = ScheduledChunk(state.request_id, token_ids, start, block_table, sample)
+        new_block_ids = self._new_block_ids(state) if table_changed else ()
+        chunk = ScheduledChunk(state.request_id, token_ids, start, new_block_ids, sample)
         state.num_inflight_tokens += num_new
         if sample:
             state.num_inflight_samples += 1
         step.add(chunk, state, num_new)
 
-    def _block_table(self, state: RequestState) -> tuple[int, ...]:
-        """The request's table as a tuple, rebuilt only when it grew: tables only ever grow while held
-        (a preemption resets the cached copy), so an unchanged length means unchanged contents."""
+    def _new_block_ids(self, state: RequestState) -> tuple[int, ...]:
+        """The blocks of the request's table not yet sent to the runner. Tables only grow while held,
+        and a preemption resets the count (the runner drops its copy), so these are appends."""
         block_ids = self.kv.block_ids(state.request_id)
-        if len(state.block_table) != len(block_ids):
-            state.block_table = tuple(block_ids)
-        return state.block_table
+        new_block_ids = tuple(block_ids[state.num_blocks_sent :])
+        state.num_blocks_sent = len(block_ids)
+        return new_block_ids
 
     def _preempt(self, state: RequestState) -> None:
         """Free the request's blocks and queue it first for recomputation (its tokens are kept)."""

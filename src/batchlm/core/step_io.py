@@ -32,7 +32,7 @@ class NewRequestData:
 class ScheduledChunk:
     """The tokens of one request computed this step (a decode is a chunk of one token). Treated as
     immutable, but not frozen: one is made per running request per step, and a frozen dataclass's
-    __init__ costs 4x as much (~0.2 ms a step at 256 requests, on the engine core's critical path)."""
+    __init__ costs several times as much, on the engine core's critical path."""
 
     request_id: str
     # Token ids to feed the model: all_token_ids[start_position : start_position + len(token_ids)].
@@ -41,8 +41,10 @@ class ScheduledChunk:
     token_ids: tuple[int, ...]
     # Position of token_ids[0]; equals the number of tokens already in the KV cache.
     start_position: int
-    # The request's whole block table (KV-cache block ids, in order).
-    block_ids: tuple[int, ...]
+    # KV-cache block ids appended to the request's block table since its last chunk (in order): its
+    # whole table in its first chunk and in the first after a preemption (the runner dropped the old
+    # one with finished_request_ids); empty while the table is unchanged. The runner keeps the tables.
+    new_block_ids: tuple[int, ...]
     # True when this chunk reaches the end of the known tokens, so a token is sampled after it.
     sample: bool
 

@@ -11,15 +11,27 @@ import multiprocessing
 import queue
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, assert_never
 
 from batchlm.config import EngineConfig
-from batchlm.core.scheduler import SchedulerStats
+from batchlm.core.facts import ModelFacts
 from batchlm.engine.client import EngineDeadError, EngineStats, ModelInfo, RequestRejectedError
-from batchlm.engine.core_builder import CoreInfo, load_tokenizer, prepare_model_dir, served_model_name
-from batchlm.engine.core_process import engine_core_main, unpack_outputs
+from batchlm.engine.core_builder import load_tokenizer, prepare_model_dir, served_model_name
+from batchlm.engine.core_messages import (
+    AbortRequests,
+    AddRequests,
+    CoreFailed,
+    CoreReady,
+    FromCore,
+    RequestRejected,
+    Shutdown,
+    StepOutputs,
+    ToCore,
+)
+from batchlm.engine.core_process import engine_core_main
 from batchlm.engine.front_end import EngineLimits, StreamingFrontEnd
 from batchlm.engine.output_processor import OutputProcessor
 from batchlm.request import EngineCoreRequest
@@ -47,14 +59,14 @@ class AsyncLLMEngine(StreamingFrontEnd):
         self.multiprocess = multiprocess
         self._conn: Connection | None = None
         self._worker: multiprocessing.process.BaseProcess | threading.Thread | None = None
-        self._core_stats = SchedulerStats()
+        self._core_stats = EngineStats()
         self._shutting_down = False
-        self.info: CoreInfo | None = None
+        self.info: ModelFacts | None = None
         # The model directory once the core runs before start(): begin_loading() started it, or
         # (attached()) another front end did.
         self._model_dir: Path | None = None
-        # Messages for the core, in order; the writer thread stops after sending "shutdown".
-        self._outbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        # Messages for the core, in order; the writer thread stops after sending Shutdown.
+        self._outbox: queue.SimpleQueue[ToCore] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._extra_front_ends = 0
         self._on_core_started: CoreSharing | None = None
@@ -120,16 +132,17 @@ class AsyncLLMEngine(StreamingFrontEnd):
             self._stop_core_now()
             raise
         self._processor = OutputProcessor(self.tokenizer)
-        kind, payload = await self._loop.run_in_executor(None, self._recv_or_eof)
-        if kind != "ready":
-            self._dead_reason = str(payload)
-            raise EngineDeadError(f"the engine failed to start: {payload}")
-        self.info = payload
+        first = await self._loop.run_in_executor(None, self._recv_or_eof)
+        if not isinstance(first, CoreReady):
+            reason = first.reason if isinstance(first, CoreFailed) else f"unexpected {type(first).__name__}"
+            self._dead_reason = reason
+            raise EngineDeadError(f"the engine failed to start: {reason}")
+        facts = self.info = first.facts
         name = served_model_name(self.config, model_dir)
         self.model_info = ModelInfo(
             served_model_name=name,
-            max_model_len=payload.max_model_len,
-            vocab_size=payload.vocab_size,
+            max_model_len=facts.max_model_len,
+            vocab_size=facts.vocab_size,
             aliases=tuple({self.config.model, str(model_dir)} - {name}),
         )
         threading.Thread(target=self._read_loop, name="batchlm-engine-reader", daemon=True).start()
@@ -170,22 +183,22 @@ class AsyncLLMEngine(StreamingFrontEnd):
             self._worker.kill()
         elif self._conn is not None:
             with contextlib.suppress(OSError, BrokenPipeError):
-                self._conn.send(("shutdown", None))
+                self._conn.send(Shutdown())
 
-    def _recv_or_eof(self) -> tuple[str, Any]:
+    def _recv_or_eof(self) -> FromCore:
         assert self._conn is not None
         try:
-            message: tuple[str, Any] = self._conn.recv()
+            message: FromCore = self._conn.recv()
             return message
         except (EOFError, OSError):
-            return ("failed", "the engine core process exited")
+            return CoreFailed("the engine core process exited")
 
     async def shutdown(self) -> None:
         """Stop the core (or, attached, detach from it: the core aborts this front end's requests)."""
         self._ready = False
         self._shutting_down = True
         with contextlib.suppress(OSError, BrokenPipeError):
-            self._to_core(("shutdown", None))
+            self._to_core(Shutdown())
         worker = self._worker
         if isinstance(worker, multiprocessing.process.BaseProcess):
             await asyncio.get_running_loop().run_in_executor(None, worker.join, 10.0)
@@ -198,19 +211,11 @@ class AsyncLLMEngine(StreamingFrontEnd):
     # -- EngineClient ------------------------------------------------------------------------------
 
     def stats(self) -> EngineStats:
-        core = self._core_stats
-        return EngineStats(
-            num_running=core.num_running,
-            num_waiting=core.num_waiting,
-            kv_cache_usage=core.kv_cache_usage,
-            prefix_cache_queries=core.prefix_cache_queries,
-            prefix_cache_hits=core.prefix_cache_hits,
-            num_preemptions=core.num_preemptions,
-            # The core's counts: they include what other front ends sharing the core sent.
-            prompt_tokens_total=core.prompt_tokens_total,
-            generation_tokens_total=core.generation_tokens_total,
-            kv_cache_blocks=self.info.num_blocks if self.info else 0,
-            kv_cache_bits=self.info.kv_cache_bits if self.info else 0,
+        # The core's counts: they include what other front ends sharing the core sent.
+        if self.info is None:
+            return self._core_stats
+        return replace(
+            self._core_stats, kv_cache_blocks=self.info.num_blocks, kv_cache_bits=self.info.kv_cache_bits
         )
 
     # -- StreamingFrontEnd transport ---------------------------------------------------------------
@@ -220,13 +225,13 @@ class AsyncLLMEngine(StreamingFrontEnd):
         return self.info
 
     def _send_requests(self, core_requests: list[EngineCoreRequest]) -> bool:
-        return self._to_core(("add", core_requests))
+        return self._to_core(AddRequests(tuple(core_requests)))
 
     def _send_abort(self, core_ids: list[str]) -> None:
         with contextlib.suppress(OSError, BrokenPipeError):
-            self._to_core(("abort", core_ids))
+            self._to_core(AbortRequests(tuple(core_ids)))
 
-    def _to_core(self, message: tuple[str, Any]) -> bool:
+    def _to_core(self, message: ToCore) -> bool:
         """Queue a message for the writer thread (or, before it runs, send it now); False without a core."""
         if self._conn is None:
             return False
@@ -241,20 +246,16 @@ class AsyncLLMEngine(StreamingFrontEnd):
     def _read_loop(self) -> None:
         """Reader thread: queue every message for the event loop until the pipe closes."""
         while True:
-            kind, payload = self._recv_or_eof()
-            if kind == "outputs":
-                packed, stats = payload
-                payload = (unpack_outputs(packed), stats)
-            if not self._post_threadsafe(kind, payload) or kind == "failed":
+            message = self._recv_or_eof()
+            if not self._post_threadsafe(*_for_front_end(message)) or isinstance(message, CoreFailed):
                 return
 
     def _write_loop(self) -> None:
         """Writer thread: send queued messages in order, consecutive request batches as one message.
 
-        A send blocks while the pipe's buffer (~200 KB) is full, and the core empties it only between
-        steps. A burst of 256 prompts of 512 tokens is ~600 KB: sent from the event loop, it stalled
-        the loop (every stream, every arrival) for ~60 ms on the GPU machine. Here only this thread
-        waits. After a failed send the core is gone: the reader thread sees the pipe close and fails
+        A send blocks while the pipe's buffer is full, and the core empties it only between steps. A
+        burst of long prompts overfills it: sent from the event loop, it stalled the loop (every
+        stream, every arrival). Here only this thread waits. After a failed send the core is gone: the reader thread sees the pipe close and fails
         the requests in flight."""
         assert self._conn is not None
         while True:
@@ -268,7 +269,7 @@ class AsyncLLMEngine(StreamingFrontEnd):
                     self._conn.send(message)
                 except (OSError, BrokenPipeError):
                     return
-                if message[0] == "shutdown":
+                if isinstance(message, Shutdown):
                     return
 
     def _open_streams(self) -> int:
@@ -277,7 +278,7 @@ class AsyncLLMEngine(StreamingFrontEnd):
         not sent several times as many events."""
         return max(len(self._queues), self._core_stats.num_running)
 
-    def _record_stats(self, stats: SchedulerStats) -> None:
+    def _record_stats(self, stats: EngineStats) -> None:
         self._core_stats = stats
 
     def _on_message(self, kind: str, payload: Any) -> None:
@@ -293,13 +294,28 @@ class AsyncLLMEngine(StreamingFrontEnd):
                 self._fail_request(request_id, RequestRejectedError(message))
 
 
-def _merge_adds(messages: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
-    """The same messages in the same order, with each run of consecutive "add" messages as one."""
-    merged: list[tuple[str, Any]] = []
+def _merge_adds(messages: list[ToCore]) -> list[ToCore]:
+    """The same messages in the same order, with each run of consecutive AddRequests as one."""
+    merged: list[ToCore] = []
     for message in messages:
         previous = merged[-1] if merged else None
-        if previous is not None and message[0] == previous[0] == "add":
-            merged[-1] = ("add", [*previous[1], *message[1]])
+        if isinstance(previous, AddRequests) and isinstance(message, AddRequests):
+            merged[-1] = AddRequests(previous.requests + message.requests)
         else:
             merged.append(message)
     return merged
+
+
+def _for_front_end(message: FromCore) -> tuple[str, Any]:
+    """A core message as the front end's inbox takes it: (kind, payload) on the engine's thread."""
+    match message:
+        case StepOutputs():
+            return ("outputs", (message.unpack(), message.stats))
+        case RequestRejected(request_id, reason):
+            return ("rejected", (request_id, reason))
+        case CoreFailed(reason):
+            return ("failed", reason)
+        case CoreReady():
+            return ("failed", "the engine core reported ready twice")
+        case _:
+            assert_never(message)

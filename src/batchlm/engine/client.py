@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from batchlm.core.facts import EngineStats as EngineStats  # the type EngineClient.stats returns
 from batchlm.outputs import RequestOutput
 from batchlm.sampling_params import SamplingParams
 
@@ -29,26 +30,6 @@ class RequestRejectedError(ValueError):
 
 class QueueFullError(RuntimeError):
     """Too many requests are waiting (HTTP 429)."""
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """A snapshot for /metrics and the periodic log line."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    # Fraction of KV-cache blocks in use, 0..1.
-    kv_cache_usage: float = 0.0
-    # Prefix-cache lookups and hits, in tokens, since start.
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    num_preemptions: int = 0
-    # Cumulative token counters since start.
-    prompt_tokens_total: int = 0
-    generation_tokens_total: int = 0
-    # The KV cache's size in blocks and bits per element (8: FP8), 0 where unknown.
-    kv_cache_blocks: int = 0
-    kv_cache_bits: int = 0
 
 
 @dataclass(frozen=True)

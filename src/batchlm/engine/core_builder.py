@@ -8,27 +8,13 @@ from pathlib import Path
 
 from batchlm.config import DEMO_MODEL, EngineConfig
 from batchlm.core.engine_core import EngineCore, Executor
+from batchlm.core.facts import ModelFacts
 from batchlm.core.scheduler import Scheduler, SchedulerConfig
 from batchlm.gc_tuning import freeze_startup_objects
 from batchlm.startup_log import log_uptime, timed_phase
 from batchlm.tokenizer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class CoreInfo:
-    """Facts about a started engine core that the front end needs."""
-
-    max_model_len: int
-    vocab_size: int
-    num_blocks: int
-    block_size: int
-    max_num_batched_tokens: int
-    device: str
-    dtype: str
-    # Bits per KV-cache element: 8 for an FP8 cache, else the model dtype's.
-    kv_cache_bits: int = 0
 
 
 @dataclass(frozen=True)
@@ -126,7 +112,7 @@ def resolve_async_scheduling(config: EngineConfig, device: str) -> bool:
     return config.async_scheduling == "on"
 
 
-def build_scheduler(config: EngineConfig, info: CoreInfo, prefix_cache_salt: str = "") -> Scheduler:
+def build_scheduler(config: EngineConfig, info: ModelFacts, prefix_cache_salt: str = "") -> Scheduler:
     """The scheduler for a started runner: the user's limits plus what the runner sized."""
     return Scheduler(
         SchedulerConfig(
@@ -141,14 +127,14 @@ def build_scheduler(config: EngineConfig, info: CoreInfo, prefix_cache_salt: str
     )
 
 
-def build_engine_core(config: EngineConfig, model_dir: Path) -> tuple[EngineCore, CoreInfo]:
+def build_engine_core(config: EngineConfig, model_dir: Path) -> tuple[EngineCore, ModelFacts]:
     """Load the model, size the KV cache, and wire the scheduler to the runner (or TP workers)."""
     check_async_scheduling(config)
     executor: Executor
     if config.tensor_parallel_size > 1:
-        from batchlm.parallel.executor import build_tensor_parallel_executor
+        from batchlm.executor.tensor_parallel import build_tensor_parallel_executor
 
-        executor, runner_info = build_tensor_parallel_executor(config, model_dir)
+        executor, info = build_tensor_parallel_executor(config, model_dir)
     else:
         # Python's start and the imports so far (torch included) happen before this point.
         log_uptime(logger, "engine core: interpreter up, torch imported")
@@ -161,9 +147,8 @@ def build_engine_core(config: EngineConfig, model_dir: Path) -> tuple[EngineCore
         with timed_phase(logger, phases.sizing):
             num_blocks = runner.determine_num_blocks()
         with timed_phase(logger, phases.allocation):
-            runner_info = runner.allocate_kv_cache(num_blocks)
+            info = runner.allocate_kv_cache(num_blocks)
         executor = runner
-    info = CoreInfo(**runner_info.__dict__)
     scheduler = build_scheduler(config, info, prefix_cache_salt=f"{model_dir}|{config.adapter_path or ''}")
     log_uptime(logger, "engine core: ready")
     async_scheduling = resolve_async_scheduling(config, info.device)

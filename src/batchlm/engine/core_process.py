@@ -1,8 +1,6 @@
 """Run an engine core behind message pipes: in its own process (default) or in a thread.
 
-Messages to the core: ("add", [EngineCoreRequest]), ("abort", [request ids]), ("shutdown", None).
-Messages from the core: ("ready", CoreInfo), ("failed", text), ("outputs", (PackedOutputs,
-SchedulerStats)), ("rejected", (request id, message)). Step outputs travel packed (see pack_outputs).
+The messages are the classes of core_messages.py: ToCore one way, FromCore the other.
 
 The core may serve several front ends (API-server processes), one pipe each. The first is the primary:
 its "shutdown" or its pipe closing stops the core. Any other one leaving ("shutdown" or a closed pipe)
@@ -21,11 +19,22 @@ import traceback
 from collections.abc import Sequence
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any
+from typing import assert_never
 
 from batchlm.config import EngineConfig
 from batchlm.core.engine_core import EngineCore
 from batchlm.cpu_wait_policy import prefer_passive_waiting
+from batchlm.engine.core_messages import (
+    AbortRequests,
+    AddRequests,
+    CoreFailed,
+    CoreReady,
+    FromCore,
+    RequestRejected,
+    Shutdown,
+    StepOutputs,
+    ToCore,
+)
 from batchlm.outputs import EngineCoreOutput
 from batchlm.request import EngineCoreRequest
 
@@ -63,10 +72,10 @@ def engine_core_main(
     except Exception as exc:  # report every start-up failure to the front end, then exit
         logger.debug("engine core failed to start", exc_info=True)
         for each in conns:
-            _send(each, ("failed", f"{type(exc).__name__}: {exc}"))
+            _send(each, CoreFailed(f"{type(exc).__name__}: {exc}"))
         return
     for each in conns:
-        _send(each, ("ready", info))
+        _send(each, CoreReady(info))
     try:
         CoreLoop(core, conns).run()
     except (EOFError, BrokenPipeError, ConnectionResetError):
@@ -74,48 +83,11 @@ def engine_core_main(
     except Exception:
         logger.error("engine core crashed:\n%s", traceback.format_exc())
         for each in conns:
-            _send(each, ("failed", traceback.format_exc(limit=5)))
+            _send(each, CoreFailed(traceback.format_exc(limit=5)))
         raise
 
 
-# One step's outputs on the pipe: request ids, new token ids, and the few outputs that carry more
-# than that (a finish, logprobs, cached tokens, an error, a scheduled time) whole, by position.
-PackedOutputs = tuple[list[str], list[tuple[int, ...]], list[tuple[int, EngineCoreOutput]]]
-
-
-def pack_outputs(outputs: list[EngineCoreOutput]) -> PackedOutputs:
-    """Columns instead of objects: pickling 256 outputs drops from ~0.25 ms to ~0.02 ms, host time the
-    core's step loop otherwise spends beside a ~5 ms GPU step."""
-    request_ids: list[str] = []
-    token_ids: list[tuple[int, ...]] = []
-    whole: list[tuple[int, EngineCoreOutput]] = []
-    for index, output in enumerate(outputs):
-        request_ids.append(output.request_id)
-        token_ids.append(output.new_token_ids)
-        if (
-            output.finish_reason is not None
-            or output.new_logprobs
-            or output.num_cached_tokens
-            or output.scheduled_time is not None
-            or output.error is not None
-            or output.stop_token_id is not None
-        ):
-            whole.append((index, output))
-    return request_ids, token_ids, whole
-
-
-def unpack_outputs(packed: PackedOutputs) -> list[EngineCoreOutput]:
-    request_ids, token_ids, whole = packed
-    outputs = [
-        EngineCoreOutput(request_id, tokens)
-        for request_id, tokens in zip(request_ids, token_ids, strict=True)
-    ]
-    for index, output in whole:
-        outputs[index] = output
-    return outputs
-
-
-def _send(conn: Connection, message: tuple[str, Any]) -> None:
+def _send(conn: Connection, message: FromCore) -> None:
     with contextlib.suppress(BrokenPipeError, EOFError, OSError):
         conn.send(message)
 
@@ -163,13 +135,13 @@ class CoreLoop:
                 assert isinstance(conn, Connection)
                 client = self._conns.index(conn)
                 try:
-                    kind, payload = conn.recv()
+                    message: ToCore = conn.recv()
                 except (EOFError, OSError):
                     if client == 0:
                         raise EOFError("the primary front end closed its pipe") from None
                     self._detach(client)
                     continue
-                self._handle(client, kind, payload)
+                self._handle(client, message)
                 if not self.running:
                     return
         if wait_for_one and not self.core.has_work():
@@ -182,7 +154,7 @@ class CoreLoop:
         without outputs gets the stats only every STATS_REFRESH_S, or now when `everyone`."""
         stats = self.core.stats()
         if len(self._conns) == 1:
-            self.conn.send(("outputs", (pack_outputs(outputs), stats)))
+            self.conn.send(StepOutputs.pack(outputs, stats))
             return
         routed: list[list[EngineCoreOutput]] = [[] for _ in self._conns]
         for output in outputs:
@@ -195,9 +167,9 @@ class CoreLoop:
             if conn is None or not (routed[client] or stale):
                 continue
             self._last_sent[client] = now
-            self._send_to(client, ("outputs", (pack_outputs(routed[client]), stats)))
+            self._send_to(client, StepOutputs.pack(routed[client], stats))
 
-    def _send_to(self, client: int, message: tuple[str, Any]) -> None:
+    def _send_to(self, client: int, message: FromCore) -> None:
         """Send to one front end; a secondary whose pipe broke is detached (the primary's error stops
         the core)."""
         conn = self._conns[client]
@@ -230,31 +202,32 @@ class CoreLoop:
         if check_health is not None:
             check_health()
 
-    def _handle(self, client: int, kind: str, payload: Any) -> None:
-        if kind == "add":
-            for request in payload:
-                self._add(client, request)
-        elif kind == "abort":
-            outputs = self.core.abort_requests(payload)
-            if outputs:
-                self._send_outputs(outputs)
-        elif kind == "shutdown":
-            if client == 0:
-                self.running = False
-            else:
-                self._detach(client)
-        else:
-            logger.error("unknown message %r", kind)
+    def _handle(self, client: int, message: ToCore) -> None:
+        match message:
+            case AddRequests(requests):
+                for request in requests:
+                    self._add(client, request)
+            case AbortRequests(request_ids):
+                outputs = self.core.abort_requests(request_ids)
+                if outputs:
+                    self._send_outputs(outputs)
+            case Shutdown():
+                if client == 0:
+                    self.running = False
+                else:
+                    self._detach(client)
+            case _:
+                assert_never(message)
 
     def _add(self, client: int, request: EngineCoreRequest) -> None:
         several = len(self._conns) > 1
         if several and request.request_id in self._owner:
-            self._send_to(client, ("rejected", (request.request_id, "request id already in use")))
+            self._send_to(client, RequestRejected(request.request_id, "request id already in use"))
             return
         try:
             self.core.add_request(request)
         except ValueError as exc:
-            self._send_to(client, ("rejected", (request.request_id, str(exc))))
+            self._send_to(client, RequestRejected(request.request_id, str(exc)))
             return
         if several:
             self._owner[request.request_id] = client

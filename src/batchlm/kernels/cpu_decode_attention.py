@@ -2,8 +2,8 @@
 cpu_native.py): one query token per request, no gathered and padded copy of the contexts.
 
 torch's path gathers every decode request's context into a padded [B, L, H_kv, D] copy and runs a
-masked SDPA over it: 0.62-0.95 ms a layer for 16 requests of 170 tokens on 2 cores, against 0.20-0.42
-ms here (BENCHMARKS.md, "CPU: serving against llama.cpp's llama-server"). The kernel reads
+masked SDPA over it, several times slower than this kernel (BENCHMARKS.md, "CPU: serving against
+llama.cpp's llama-server"). The kernel reads
 each request's keys and values once, in block order.
 """
 

@@ -2,9 +2,8 @@
 
 Weights are packed once, after loading, into 16-column panels ([ceil(N/16), K, 16]): each panel is
 one contiguous stream, so a decode step's few rows read every weight exactly once at memory speed,
-and a prefill chunk reuses each panel from cache. On a 2-core AVX2 CPU this ran the float32 matmuls
-of a 16-row decode step 2.1x faster than torch's BLAS, and a 512-row prefill chunk 1.14x faster
-(BENCHMARKS.md, "CPU: serving against llama.cpp's llama-server").
+and a prefill chunk reuses each panel from cache. It runs decode and prefill matmuls faster than
+torch's BLAS (BENCHMARKS.md, "CPU: serving against llama.cpp's llama-server").
 
 Where the kernel library is unavailable `gemm_library()` is None and layers keep torch's matmul.
 Results differ from torch's by float32 rounding (another summation order).

@@ -2,8 +2,8 @@
 instead of Exponential noise over the whole vocabulary.
 
 The exponential race the sampler uses elsewhere (argmax of logits - log E) needs a float64 uniform
-and a log per vocabulary entry: 7.9 ms for a 16-row decode step over a 49k vocabulary on 2 cores,
-against 0.6 ms here (BENCHMARKS.md, "CPU: serving against llama.cpp's llama-server"). Here
+and a log per vocabulary entry, an order of magnitude slower than this (BENCHMARKS.md, "CPU: serving
+against llama.cpp's llama-server"). Here
 each row costs one pass of vectorized exp for the softmax mass (kept per block of 256 tokens) and a
 walk through the one block where the draw falls. Both draw exactly from softmax(logits / T).
 """

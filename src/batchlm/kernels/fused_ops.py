@@ -1,7 +1,7 @@
 """Fused Triton kernels for the small per-layer ops (RMSNorm with residual add, SiLU-and-mul, RoPE).
 
 Unfused, each of these is 3-8 elementwise kernels; on the GPU they cost as much as the matmuls in a
-decode step (one launch ~1.5 us each, ~30 per layer) and re-read the activations several times in a
+decode step (tens of small launches per layer) and re-read the activations several times in a
 prefill. Each kernel has a plain-torch reference beside it (the `*_reference` functions) that the GPU
 tests compare against.
 """

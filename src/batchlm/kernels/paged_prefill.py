@@ -69,7 +69,7 @@ def _config_chain(shape: PagedShape, dtype: torch.dtype) -> list[PrefillConfig]:
     smallest = max(32, next_power_of_2(shape.group_size))
     while cfg.block_m > smallest:
         # Few, long programs (chunked prefill over a long context) gain from a deeper K/V pipeline
-        # where shared memory allows: measured at D=128, 1x512 over a 16k context, 244 -> 353 TFLOP/s.
+        # where shared memory allows (BENCHMARKS.md, "Figures that left the source").
         deep = dtype != torch.float32 and shape.head_dim <= 128
         cfg = PrefillConfig(
             block_m=cfg.block_m // 2,

@@ -16,7 +16,8 @@ class SiluAndMul(nn.Module):
         # x: [T, 2 * intermediate] -> [T, intermediate]
         fused = fused_ops_for(x) if x.dim() == 2 else None
         if fused is not None:
-            return fused.silu_and_mul(x)
+            out: torch.Tensor = fused.silu_and_mul(x)
+            return out
         half = x.shape[-1] // 2
         return F.silu(x[..., :half]) * x[..., half:]
 

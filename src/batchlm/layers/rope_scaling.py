@@ -164,4 +164,6 @@ def longrope_inv_freq(params: dict[str, Any], head_dim: int, which: str) -> torc
     original_max_position_embeddings) or the "long_factor" rescaling (past it)."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
     factors = torch.tensor(params[which], dtype=torch.float32)
-    return 1.0 / (factors * params["rope_theta"] ** exponents)
+    theta = float(params["rope_theta"])
+    inv_freq: torch.Tensor = 1.0 / (factors * theta**exponents)
+    return inv_freq

@@ -52,8 +52,9 @@ class CausalLM(nn.Module):
     def tie_word_embeddings(self) -> bool:
         return False
 
-    def load_weights(self, weights: Iterable[tuple[str, LoadedWeight]]) -> None:
-        """Load HF-named tensors; raises ValueError naming missing, unexpected or misshapen tensors."""
-        from batchlm.models.weights import load_named_weights
-
-        load_named_weights(self, weights)
+    def checkpoint_tensors(
+        self, weights: Iterable[tuple[str, LoadedWeight]]
+    ) -> Iterable[tuple[str, LoadedWeight]]:
+        """The checkpoint's (name, tensor) pairs as this model names them; a family whose checkpoints
+        fuse or nest tensors differently renames or splits them here."""
+        return weights

@@ -2,8 +2,8 @@
 
 Why: importing a transformers config class can cost seconds before the model can be built. In
 transformers 5.17 the class docstring decorator imports the whole generation stack (torch._dynamo,
-torch.distributed, scikit-learn when installed): 7-9 s of the engine core's start-up on the H100
-machine. The engine reads few fields (sizes, norm epsilon, RoPE, biases, tying, sliding window), so a
+torch.distributed, scikit-learn when installed): seconds of the engine core's start-up on the GPU
+machine (BENCHMARKS.md, "Figures that left the source"). The engine reads few fields (sizes, norm epsilon, RoPE, biases, tying, sliding window), so a
 view of config.json serves when each of them is stated in the file, or absent where every supported
 config class defaults to what batchlm's readers assume when a field is missing (no biases, untied
 embeddings, silu, RoPE theta 10000, head_dim = hidden / heads). Anything else returns None and the

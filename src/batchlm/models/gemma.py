@@ -203,8 +203,10 @@ class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):
     """The text model of a multimodal Gemma 3 checkpoint (its config nests `text_config`); the vision
     tower and projector tensors are skipped, so it serves text prompts."""
 
-    def load_weights(self, weights: Iterable[tuple[str, LoadedWeight]]) -> None:
-        super().load_weights(_text_tensors(weights))
+    def checkpoint_tensors(
+        self, weights: Iterable[tuple[str, LoadedWeight]]
+    ) -> Iterable[tuple[str, LoadedWeight]]:
+        return _text_tensors(weights)
 
 
 # Where multimodal checkpoints keep the language model: transformers 5 writes the first form,

@@ -14,6 +14,7 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from batchlm.config import cache_root
 from batchlm.models.gguf_file import hf_config, metadata, open_gguf
@@ -99,5 +100,5 @@ def _write_tokenizer(gguf_path: Path, out: Path) -> None:
     tokenizer.save_pretrained(str(out))
 
 
-def _write_json(path: Path, data: dict) -> None:
+def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")

@@ -49,7 +49,8 @@ class LlamaMLP(nn.Module):
         self.act_fn = get_gated_activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))  # [T, hidden]
+        out: torch.Tensor = self.down_proj(self.act_fn(self.gate_up_proj(x)))  # [T, hidden]
+        return out
 
 
 class LlamaAttention(nn.Module):
@@ -96,7 +97,8 @@ class LlamaAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary_emb(positions, q, k)
         out = attn.forward(q, k, v, kv_cache, meta, self.spec)
-        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+        projected: torch.Tensor = self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+        return projected
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -155,7 +157,7 @@ class LlamaModel(nn.Module):
         meta: AttentionMetadata,
         attn: AttentionBackend,
     ) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)  # [T, hidden]
+        hidden: torch.Tensor = self.embed_tokens(input_ids)  # [T, hidden]
         residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(positions, hidden, residual, kv_cache, meta, attn)
@@ -193,7 +195,8 @@ class LlamaForCausalLM(CausalLM):
         meta: AttentionMetadata,
         attn: AttentionBackend,
     ) -> torch.Tensor:
-        return self.model(input_ids, positions, kv_caches, meta, attn)
+        hidden: torch.Tensor = self.model(input_ids, positions, kv_caches, meta, attn)
+        return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden)

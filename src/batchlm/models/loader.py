@@ -29,7 +29,7 @@ from batchlm.models.quantized_checkpoint import (
 )
 from batchlm.models.registry import architecture_of, get_model_class
 from batchlm.models.weight_methods import assign_weight_methods, finish_quantized, quantize_linears
-from batchlm.models.weights import expected_names
+from batchlm.models.weights import expected_names, load_named_weights
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
 from batchlm.startup_log import timed_phase
 
@@ -100,7 +100,7 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device,
     adapter_path: str | None = None,
-    hf_overrides: dict | None = None,
+    hf_overrides: dict[str, Any] | None = None,
     tp: TensorParallelGroup | None = None,
     random_weights: bool = False,
     seed: int = 0,
@@ -194,11 +194,11 @@ def _load_checkpoint(
         adapter.check_targets(expected_names(model), model.tie_word_embeddings)
         weights = merge_lora(weights, adapter)
     if scheme is None:
-        model.load_weights(weights)
+        load_named_weights(model, weights)
         return {}
     modules = {name.removesuffix(".weight") for name in quantized_weights or set()}
     assembler = Assembler(scheme, modules, device or torch.device("cpu"))
-    model.load_weights(assembler.run(weights))
+    load_named_weights(model, assembler.run(weights))
     return assembler.kv_scales
 
 
@@ -208,7 +208,7 @@ def _load_gguf(
     reader = open_gguf(gguf_file)
     methods = assign_weight_methods(model, GGUF_FORMAT, tensor_types(reader), device, dtype, quantization)
     logger.info("GGUF %s: layers per weight method %s", gguf_file.name, dict(methods))
-    model.load_weights(iter_gguf_tensors(reader))
+    load_named_weights(model, iter_gguf_tensors(reader))
 
 
 def check_quantization(

@@ -19,8 +19,10 @@ from batchlm.models.model_config import ModelConfig
 class Phi3ForCausalLM(LlamaForCausalLM):
     """Phi-3 / Phi-3.5 / Phi-4-mini (Phi3ForCausalLM in config.json)."""
 
-    def load_weights(self, weights: Iterable[tuple[str, LoadedWeight]]) -> None:
-        super().load_weights(split_fused_tensors(weights, self.config))
+    def checkpoint_tensors(
+        self, weights: Iterable[tuple[str, LoadedWeight]]
+    ) -> Iterable[tuple[str, LoadedWeight]]:
+        return split_fused_tensors(weights, self.config)
 
 
 def split_fused_tensors(

@@ -92,7 +92,7 @@ def load_named_weights(model: CausalLM, weights: Iterable[tuple[str, LoadedWeigh
     """Load every (HF name, tensor) pair; raise ValueError listing unexpected or missing tensors."""
     loaded: set[str] = set()
     unexpected: list[str] = []
-    for name, tensor in weights:
+    for name, tensor in model.checkpoint_tensors(weights):
         if is_ignored(model, name):
             continue
         target = find_target(model, name)

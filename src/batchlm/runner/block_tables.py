@@ -1,4 +1,4 @@
-"""The runner's persistent host copy of each request's block table, rewritten only when it changes."""
+"""The runner's own copy of each request's block table, kept up to date from the scheduler's appends."""
 
 from __future__ import annotations
 
@@ -12,17 +12,18 @@ from batchlm.core.step_io import ScheduledChunk
 class BlockTableRows:
     """One row per request the runner knows, in a growing [rows, width] int32 array.
 
-    A step's block-table tensor is then one numpy gather of its requests' rows instead of one list
-    conversion per request. The scheduler sends the same tuple object while a request's table is
-    unchanged, so a row is rewritten only when the tuple it came from is replaced (a table grows by
-    one block every block_size tokens).
+    Each chunk carries only the block ids appended to its request's table since the last chunk
+    (ScheduledChunk.new_block_ids); they are written after the row's last block. A request the
+    scheduler drops (finished, aborted or preempted) loses its row, so a preempted request starts a
+    fresh one when it comes back. A step's block-table tensor is then one numpy gather of its
+    requests' rows instead of one list conversion per request.
     """
 
     def __init__(self, initial_rows: int = 64, initial_width: int = 8) -> None:
         self._table = np.zeros((initial_rows, initial_width), dtype=np.int32)
         self._row_of: dict[str, int] = {}
-        # The tuple each row was last written from (compared by identity).
-        self._source: list[Sequence[int] | None] = [None] * initial_rows
+        # Blocks written to each row.
+        self._length = [0] * initial_rows
         self._free_rows = list(range(initial_rows - 1, -1, -1))
 
     def __len__(self) -> int:
@@ -32,33 +33,36 @@ class BlockTableRows:
         for request_id in request_ids:
             row = self._row_of.pop(request_id, None)
             if row is not None:
-                self._source[row] = None
+                self._table[row, : self._length[row]] = 0
+                self._length[row] = 0
                 self._free_rows.append(row)
 
     def gather(self, chunks: Sequence[ScheduledChunk]) -> np.ndarray:
-        """[len(chunks), widest table] int32 block tables of the chunks' requests, padded with 0."""
-        width = max((len(c.block_ids) for c in chunks), default=1)
-        if width > self._table.shape[1]:
-            self._widen(width)
+        """Apply the chunks' appended block ids, then return the [len(chunks), widest table] int32
+        block tables of their requests, padded with 0. Call once per step."""
         rows = np.fromiter((self._row_for(c) for c in chunks), dtype=np.intp, count=len(chunks))
-        return self._table[rows, :width]
+        width = max((self._length[row] for row in rows.tolist()), default=0)
+        return self._table[rows, : max(width, 1)]
 
     def _row_for(self, chunk: ScheduledChunk) -> int:
         row = self._row_of.get(chunk.request_id)
         if row is None:
             row = self._row_of[chunk.request_id] = self._take_row()
-        blocks = chunk.block_ids
-        if self._source[row] is not blocks:
-            self._table[row, : len(blocks)] = blocks
-            self._table[row, len(blocks) :] = 0
-            self._source[row] = blocks
+        appended = chunk.new_block_ids
+        if appended:
+            start = self._length[row]
+            end = start + len(appended)
+            if end > self._table.shape[1]:
+                self._widen(end)
+            self._table[row, start:end] = appended
+            self._length[row] = end
         return row
 
     def _take_row(self) -> int:
         if not self._free_rows:
             old = self._table.shape[0]
             self._table = np.concatenate([self._table, np.zeros_like(self._table)])
-            self._source.extend([None] * old)
+            self._length.extend([0] * old)
             self._free_rows = list(range(2 * old - 1, old - 1, -1))
         return self._free_rows.pop()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import torch
 
 from batchlm.attention.backend import AttentionBackend
 from batchlm.config import EngineConfig
+from batchlm.core.facts import ModelFacts
 from batchlm.core.step_io import ModelRunnerOutput, SchedulerOutput
 from batchlm.kernels.parallel_compile import compile_deferred, compile_threads, defer_compiles
 from batchlm.layers.embedding import use_cpu_lm_head
@@ -39,20 +39,6 @@ from batchlm.startup_log import log_phase
 from batchlm.structured.sequences import GrammarMasks, PrefetchedMasks
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RunnerInfo:
-    """What the engine core needs to know once the runner is up."""
-
-    max_model_len: int
-    vocab_size: int
-    num_blocks: int
-    block_size: int
-    max_num_batched_tokens: int
-    device: str
-    dtype: str
-    kv_cache_bits: int = 0
 
 
 def default_max_num_batched_tokens(device: torch.device) -> int:
@@ -166,7 +152,7 @@ class ModelRunner:
             )
         return asked
 
-    def initialize_kv_cache(self) -> RunnerInfo:
+    def initialize_kv_cache(self) -> ModelFacts:
         """Profile peak activation memory (GPU), then size and allocate the KV cache from what is left."""
         return self.allocate_kv_cache(self.determine_num_blocks())
 
@@ -178,7 +164,7 @@ class ModelRunner:
             self._profile_run()
         return num_blocks_for(self.config, self.shape, self.kv_dtype, self.device, self.max_model_len)
 
-    def allocate_kv_cache(self, num_blocks: int) -> RunnerInfo:
+    def allocate_kv_cache(self, num_blocks: int) -> ModelFacts:
         """Allocate `num_blocks` KV blocks (tensor parallel: the minimum over ranks) and capture graphs."""
         self.num_blocks = num_blocks
         self.kv_caches = allocate_kv_caches(
@@ -207,7 +193,7 @@ class ModelRunner:
                 device=self.device,
             )
             self.decode_graphs.capture()
-        return RunnerInfo(
+        return ModelFacts(
             max_model_len=self.max_model_len,
             vocab_size=self.shape.vocab_size,
             num_blocks=self.num_blocks,

@@ -281,8 +281,8 @@ class Sampler:
 
 def fill_exponential(out: torch.Tensor, generator: torch.Generator | None) -> None:
     """Fill `out` with Exponential(1) draws. On CPU they are -log(U) of float64 uniforms: torch's CPU
-    exponential_ took 22 ms for a 16-row decode step's [16, 49152] noise on 2 cores, against ~7 ms
-    this way (a tenth of the step). (U = 0, at odds of 2^-53, gives +inf: that token cannot win.)"""
+    exponential_ is several times slower than this way (BENCHMARKS.md, "Figures that left the
+    source"). (U = 0, at odds of 2^-53, gives +inf: that token cannot win.)"""
     if out.device.type != "cpu":
         out.exponential_(generator=generator)
         return

@@ -1,8 +1,8 @@
 """Extra API-server processes for `batchlm serve --api-servers N`.
 
 One event loop takes in every request of a burst (HTTP parsing, validation, tokenization hand-off)
-and frames every streamed chunk: ~0.5 ms of Python per request, so a burst of 256 reaches the engine
-only after ~150 ms while the GPU waits. With N processes each one runs its own loop and HTTP server
+and frames every streamed chunk, so the last requests of a large burst reach the engine only after
+the loop has taken in the rest, while the GPU waits (BENCHMARKS.md, "Figures that left the source"). With N processes each one runs its own loop and HTTP server
 on the same port (SO_REUSEPORT: the kernel spreads connections across the listening sockets) and its
 own pipe to the one engine core, which routes each request's outputs back to the process that added
 it. The process `batchlm serve` started is the primary: it starts the core and the others, forwards
@@ -55,8 +55,8 @@ def shared_port_unsupported_reason() -> str | None:
 
 def automatic_api_servers(device: str, backend: str, cpus: int | None = None) -> int:
     """--api-servers when not given: 2 for the torch engine on an NVIDIA GPU with at least 8 CPUs (a
-    256-stream burst keeps one front end's event loop ~100% busy on the H100 machine; 4 processes
-    measured no faster than 2 there, for more CPU); 1 on a CPU engine, which needs the cores itself. With --device auto
+    256-stream burst keeps one front end's event loop busy on the GPU machine; 4 processes measured
+    no faster than 2 there, for more CPU); 1 on a CPU engine, which needs the cores itself. With --device auto
     the GPU is assumed when the NVIDIA driver's device node exists (the engine core decides later,
     with torch, which this process does not import)."""
     if backend != "torch" or shared_port_unsupported_reason() is not None:
@@ -93,11 +93,26 @@ def per_process_queue_limit(max_queue: int | None, api_servers: int) -> int | No
     return max(1, -(-max_queue // api_servers))
 
 
+@dataclass(frozen=True)
+class ApiServerStarted:
+    """An extra API server's report on its status pipe: it serves the port."""
+
+    pid: int
+
+
+@dataclass(frozen=True)
+class ApiServerFailed:
+    reason: str
+
+
+ApiServerStatus = ApiServerStarted | ApiServerFailed
+
+
 @dataclass
 class _Member:
     index: int
     process: BaseProcess
-    # The child reports ("ready", pid) or ("failed", text) here once.
+    # The child reports ApiServerStarted or ApiServerFailed here once.
     status: Connection
 
 
@@ -137,9 +152,9 @@ class ApiServerPool:
         """Returns once every API server serves; raises RuntimeError naming one that failed."""
         loop = asyncio.get_running_loop()
         for member in self._members:
-            kind, detail = await loop.run_in_executor(None, _await_status, member)
-            if kind != "ready" and not self._stopping:  # stopped while starting: not a failure
-                raise RuntimeError(f"API server {member.index} failed to start: {detail}")
+            status = await loop.run_in_executor(None, _await_status, member)
+            if isinstance(status, ApiServerFailed) and not self._stopping:  # stopped while starting: fine
+                raise RuntimeError(f"API server {member.index} failed to start: {status.reason}")
 
     async def monitor(self) -> None:
         """Log an API server that exits while the pool is not stopping (the others carry on serving
@@ -182,15 +197,15 @@ class ApiServerPool:
                 member.status.close()
 
 
-def _await_status(member: _Member) -> tuple[str, object]:
+def _await_status(member: _Member) -> ApiServerStatus:
     while not member.status.poll(0.2):
         if not member.process.is_alive():
-            return ("failed", f"the process exited with code {member.process.exitcode}")
+            return ApiServerFailed(f"the process exited with code {member.process.exitcode}")
     try:
-        kind, detail = member.status.recv()
+        status: ApiServerStatus = member.status.recv()
     except (EOFError, OSError):
-        return ("failed", f"the process exited with code {member.process.exitcode}")
-    return (str(kind), detail)
+        return ApiServerFailed(f"the process exited with code {member.process.exitcode}")
+    return status
 
 
 def _forget_metrics_of(process: BaseProcess) -> None:
@@ -216,7 +231,7 @@ class ApiServerSpec:
     settings: ServerSettings
     config: EngineConfig
     model_dir: Path
-    # Its pipe to the engine core, and the pipe on which it reports ("ready", pid) or ("failed", text).
+    # Its pipe to the engine core, and the pipe on which it reports ApiServerStarted or ApiServerFailed.
     core: Connection
     status: Connection
 
@@ -253,12 +268,12 @@ async def _serve_attached(spec: ApiServerSpec, tokenizer: concurrent.futures.Fut
         await engine.start()
         sock = bind_shared_port(settings.host, settings.port)
     except Exception as error:
-        _report(spec.status, ("failed", f"{type(error).__name__}: {error}"))
+        _report(spec.status, ApiServerFailed(f"{type(error).__name__}: {error}"))
         await engine.shutdown()
         return 1
     server = GracefulServer(app)
     watchdog = asyncio.ensure_future(_exit_when_engine_stops(engine, server, spec.index))
-    _report(spec.status, ("ready", os.getpid()))
+    _report(spec.status, ApiServerStarted(os.getpid()))
     try:
         return await serve(server, engine, sockets=[sock])
     finally:
@@ -274,6 +289,6 @@ async def _exit_when_engine_stops(engine: EngineClient, server: GracefulServer, 
         server.should_exit = True
 
 
-def _report(status: Connection, message: tuple[str, object]) -> None:
+def _report(status: Connection, message: ApiServerStatus) -> None:
     with contextlib.suppress(OSError, BrokenPipeError):
         status.send(message)

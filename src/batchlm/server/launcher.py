@@ -11,7 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import uvicorn
 from fastapi import FastAPI
@@ -21,12 +21,22 @@ from batchlm.gc_tuning import freeze_startup_objects
 from batchlm.server.state import ServerState
 from batchlm.startup_log import log_phase, log_uptime
 
-if TYPE_CHECKING:
-    from batchlm.server.api_servers import ApiServerPool
-
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+class ExtraApiServers(Protocol):
+    """The other API-server processes of `--api-servers N` (api_servers.ApiServerPool), as serve()
+    drives them: this module sits below that one."""
+
+    async def wait_ready(self) -> None: ...
+
+    async def monitor(self) -> None: ...
+
+    def begin_stop(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 # Past the drain period uvicorn itself cancels what is left; this margin lets our aborts land first.
 BACKSTOP_MARGIN_S = 5.0
@@ -102,7 +112,7 @@ async def serve(
     *,
     start_engine: Callable[[], Awaitable[None]] | None = None,
     sockets: list[socket.socket] | None = None,
-    api_servers: ApiServerPool | None = None,
+    api_servers: ExtraApiServers | None = None,
 ) -> int:
     """Serve until stopped; 0 on a clean stop, 1 if the engine (or one of `api_servers`) failed to
     start. Stops `api_servers`, then shuts the engine down."""
@@ -161,7 +171,8 @@ def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
         import uvloop
     except ImportError:
         return asyncio.run(main)
-    return uvloop.run(main)
+    result: T = uvloop.run(main)
+    return result
 
 
 def run_server(
@@ -170,7 +181,7 @@ def run_server(
     *,
     start_engine: Callable[[], Awaitable[None]] | None = None,
     sockets: list[socket.socket] | None = None,
-    api_servers: ApiServerPool | None = None,
+    api_servers: ExtraApiServers | None = None,
 ) -> int:
     """Blocking entry point of `batchlm serve` (signals are handled here, in the main thread)."""
     server = GracefulServer(app, on_shutdown=api_servers.begin_stop if api_servers is not None else None)

@@ -127,7 +127,8 @@ class SharedMetricsCollector:
         for attempt in range(2):
             files = [str(path) for path in self._directory.glob("*.db") if _size(path) >= 8]
             try:
-                return multiprocess.MultiProcessCollector.merge(files, accumulate=True)
+                merged: list[Metric] = multiprocess.MultiProcessCollector.merge(files, accumulate=True)
+                return merged
             except FileNotFoundError:
                 if attempt:
                     raise

@@ -23,8 +23,8 @@ from batchlm.server.tools.prompting import template_knows_tools, template_tool_c
 T = TypeVar("T")
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
-# Texts longer than this (characters) are tokenized off the event loop. ~1,400 characters take ~1 ms
-# to tokenize; below a few hundred the hand-off would cost more than it frees.
+# Texts longer than this (characters) are tokenized off the event loop; below a few hundred the
+# hand-off would cost more than it frees (BENCHMARKS.md, "Figures that left the source").
 OFFLOAD_CHARS = 512
 # Tokenizing on the event loop is allowed for up to INLINE_BUDGET_S in every INLINE_WINDOW_S. A worker's
 # ids come back only after the loop has taken in every request of a burst (tens of ms for hundreds of

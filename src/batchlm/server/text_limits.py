@@ -1,7 +1,7 @@
 """Rejects a text that cannot fit the context by its length alone, before any tokenization.
 
-Tokenizing costs ~1 us per character: a 10 MB message is seconds of CPU, which only to learn that it
-is far too long. A tokenizer whose tokens stand for at most L characters each (`max_chars_per_token`)
+Tokenizing costs time in proportion to the characters: a message of megabytes is seconds of CPU,
+which only to learn that it is far too long. A tokenizer whose tokens stand for at most L characters each (`max_chars_per_token`)
 needs more than max_model_len tokens for any text over max_model_len x L characters, so such a text is
 refused at once. The bound is sound by construction (tokenizer/text_bound.py): it never refuses a
 text that could fit. Tokenizers without a known bound skip this check; their long texts are still

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from batchlm.tokenizer.chat_template import DEFAULT_CHAT_TEMPLATE
 from batchlm.tokenizer.corpus import corpus_lines
@@ -90,5 +90,5 @@ def _train_backend(vocab_size: int) -> tokenizers.Tokenizer:
     return backend
 
 
-def _write_json(path: Path, data: dict) -> None:
+def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

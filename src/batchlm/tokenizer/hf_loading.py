@@ -3,7 +3,7 @@
 AutoTokenizer builds the model's transformers config to choose a tokenizer class, and importing a
 config class can cost seconds: transformers 5.17 imports its generation stack with it (torch._dynamo,
 torch.distributed, scikit-learn when installed), which made the tokenizer the last thing `batchlm
-serve` waited for on the H100 machine (12-19 s). For a plain fast tokenizer (tokenizer_config.json
+serve` waited for on the GPU machine (BENCHMARKS.md, "Figures that left the source"). For a plain fast tokenizer (tokenizer_config.json
 names PreTrainedTokenizerFast or TokenizersBackend, no custom code) of a Llama model, AutoTokenizer
 ends up loading that very class from the directory, so it is loaded directly. Every other tokenizer
 (Qwen's and Mistral's own classes, remote code, no config.json) still goes through AutoTokenizer.
@@ -29,10 +29,14 @@ def load_hf_tokenizer(directory: Path, trust_remote_code: bool = False) -> PreTr
     if loads_directly(directory):
         from transformers import PreTrainedTokenizerFast
 
-        return PreTrainedTokenizerFast.from_pretrained(str(directory))
+        fast: PreTrainedTokenizerBase = PreTrainedTokenizerFast.from_pretrained(str(directory))
+        return fast
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+    auto: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
+        str(directory), trust_remote_code=trust_remote_code
+    )
+    return auto
 
 
 def loads_directly(directory: Path) -> bool:

@@ -45,7 +45,9 @@ class TokenBytes:
 
     def __init__(self, hf: PreTrainedTokenizerBase) -> None:
         self._hf = hf
-        self._added = {int(i): t.content for i, t in getattr(hf, "added_tokens_decoder", {}).items()}
+        self._added: dict[int, str] = {
+            int(i): t.content for i, t in getattr(hf, "added_tokens_decoder", {}).items()
+        }
         kinds = _decoder_kinds(hf)
         self._byte_level = byte_level_alphabet() if "ByteLevel" in kinds else None
         self._sentencepiece = bool(kinds & {"Metaspace", "ByteFallback", "Replace"})

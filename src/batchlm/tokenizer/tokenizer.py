@@ -131,9 +131,9 @@ class Tokenizer:
 
     def render_chat_template(
         self,
-        messages: list[dict],
+        messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
-        chat_template_kwargs: dict | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
         continue_final_message: bool = False,
     ) -> str:
         """The prompt text for `messages`, rendered by transformers' sandboxed Jinja environment.
@@ -169,9 +169,9 @@ class Tokenizer:
 
     def apply_chat_template(
         self,
-        messages: list[dict],
+        messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
-        chat_template_kwargs: dict | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
         continue_final_message: bool = False,
     ) -> list[int]:
         """Token ids of the rendered chat. The special tokens the template writes are encoded as such;
@@ -258,7 +258,7 @@ def _own_chat_template(hf: PreTrainedTokenizerBase) -> str | None:
     return template if isinstance(template, str) and template else None
 
 
-def _checked_template_kwargs(kwargs: dict | None) -> dict[str, Any]:
+def _checked_template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
     kwargs = dict(kwargs or {})
     clashes = sorted(_RESERVED_TEMPLATE_KWARGS.intersection(kwargs))
     if clashes:

@@ -4,10 +4,11 @@ and sharing the PyTorch engine's front end (request validation, detokenizer, sto
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from batchlm.backends import MLX_INSTALL_HINT, mlx_available
+from batchlm.backends.availability import MLX_INSTALL_HINT, mlx_available
 from batchlm.backends.mlx.loader import check_config, resolve_model_dir
 from batchlm.backends.mlx.worker import GenerationWorker, WorkerInfo
 from batchlm.config import EngineConfig
@@ -17,9 +18,6 @@ from batchlm.engine.front_end import EngineLimits, StreamingFrontEnd
 from batchlm.engine.output_processor import OutputProcessor
 from batchlm.request import EngineCoreRequest
 from batchlm.tokenizer.tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    from batchlm.backends.mlx.loop import LoopStats
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +38,7 @@ class MLXEngine(StreamingFrontEnd):
         self.info: WorkerInfo | None = None
         self._worker: GenerationWorker | None = None
         self._started: asyncio.Future[WorkerInfo] | None = None
-        self._loop_stats: LoopStats | None = None
+        self._loop_stats = EngineStats()
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -91,20 +89,11 @@ class MLXEngine(StreamingFrontEnd):
     # -- EngineClient ----------------------------------------------------------------------------------
 
     def stats(self) -> EngineStats:
-        totals = {
-            "prompt_tokens_total": self._prompt_tokens_total,
-            "generation_tokens_total": self._generation_tokens_total,
-        }
-        loop = self._loop_stats
-        if loop is None:
-            return EngineStats(**totals)
-        return EngineStats(
-            num_running=loop.num_running,
-            num_waiting=loop.num_waiting,
-            kv_cache_usage=loop.kv_cache_usage,
-            prefix_cache_queries=loop.prefix_cache_queries,
-            prefix_cache_hits=loop.prefix_cache_hits,
-            **totals,
+        # The loop counts no prompt or generated tokens: this front end does.
+        return dataclasses.replace(
+            self._loop_stats,
+            prompt_tokens_total=self._prompt_tokens_total,
+            generation_tokens_total=self._generation_tokens_total,
         )
 
     # -- StreamingFrontEnd transport -------------------------------------------------------------------
@@ -125,7 +114,7 @@ class MLXEngine(StreamingFrontEnd):
 
     # -- internals ---------------------------------------------------------------------------------------
 
-    def _record_stats(self, stats: LoopStats) -> None:
+    def _record_stats(self, stats: EngineStats) -> None:
         self._loop_stats = stats
 
     def _on_message(self, kind: str, payload: Any) -> None:

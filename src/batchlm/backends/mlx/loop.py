@@ -20,6 +20,7 @@ from batchlm.backends.mlx.sampling import (
     logits_processors,
     stop_sequences,
 )
+from batchlm.core.facts import EngineStats
 from batchlm.outputs import EngineCoreOutput, FinishReason, TokenLogprobs
 from batchlm.request import EngineCoreRequest
 from batchlm.structured.factory import BackendFactory
@@ -42,17 +43,6 @@ class LoopSettings:
     kv_budget_bytes: int
     # Reuse the KV of finished sequences for new prompts that share a prefix.
     enable_prefix_caching: bool = True
-
-
-@dataclass(frozen=True)
-class LoopStats:
-    """A snapshot for EngineStats."""
-
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-    prefix_cache_queries: int
-    prefix_cache_hits: int
 
 
 @dataclass
@@ -300,13 +290,13 @@ class GenerationLoop:
 
     # -- stats ---------------------------------------------------------------------------------------
 
-    def stats(self) -> LoopStats:
+    def stats(self) -> EngineStats:
         now = time.monotonic()
         if now - self._kv_usage_time >= KV_USAGE_REFRESH_S:
             used = self._generator.prompt_cache_nbytes + self.prompt_cache.nbytes
             self._kv_usage = min(1.0, used / max(1, self.settings.kv_budget_bytes))
             self._kv_usage_time = now
-        return LoopStats(
+        return EngineStats(
             num_running=len(self._running),
             num_waiting=len(self._waiting),
             kv_cache_usage=self._kv_usage,

@@ -24,7 +24,7 @@ PREFILL_BATCH_SIZE = 8
 # The prompt cache's budget when --cpu-kv-cache-gib is not given.
 MLX_KV_CACHE_GIB = 2.0
 
-# post(kind, payload) with kind "ready" (WorkerInfo), "outputs" ((outputs, LoopStats)) or "failed" (str).
+# post(kind, payload) with kind "ready" (WorkerInfo), "outputs" ((outputs, EngineStats)) or "failed" (str).
 Post = Callable[[str, Any], object]  # its return value (delivered or not) is ignored here
 
 

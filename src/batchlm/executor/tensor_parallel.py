@@ -17,17 +17,29 @@ import weakref
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import torch
 
 from batchlm.config import EngineConfig
+from batchlm.core.facts import ModelFacts
 from batchlm.core.step_io import ModelRunnerOutput, SchedulerOutput
-from batchlm.parallel.wire import StepEncoder
-from batchlm.parallel.worker import WorkerSpec, worker_main
-from batchlm.runner.model_runner import RunnerInfo
+from batchlm.executor.messages import (
+    AllocateKVCache,
+    ExecuteStep,
+    FromWorker,
+    MeasureKVBlocks,
+    StopWorker,
+    WorkerCall,
+    WorkerReply,
+    WorkerResult,
+)
+from batchlm.executor.wire import encode_step
+from batchlm.executor.worker import WorkerSpec, worker_main
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Seconds to wait for a worker whose pipe closed to finish exiting, before reporting it.
 EXIT_STATUS_WAIT_S = 2.0
@@ -63,7 +75,7 @@ def worker_devices(device: str, size: int) -> list[str]:
 
 def build_tensor_parallel_executor(
     config: EngineConfig, model_dir: Path
-) -> tuple[TensorParallelExecutor, RunnerInfo]:
+) -> tuple[TensorParallelExecutor, ModelFacts]:
     """Start config.tensor_parallel_size workers and size the KV cache to the smallest rank's room."""
     executor = TensorParallelExecutor(config, Path(model_dir))
     try:
@@ -84,7 +96,6 @@ class TensorParallelExecutor:
         self.size = size
         self.devices = worker_devices(config.device, size)
         self._failure: str | None = None
-        self._encoder = StepEncoder()
         self._store = _start_store(size)
         self.processes, self.conns = _spawn_workers(config, model_dir, self.devices, self._store.port)
         # Stop the workers however this object goes: explicit shutdown, garbage collection, exit.
@@ -95,19 +106,16 @@ class TensorParallelExecutor:
     def worker_pids(self) -> list[int | None]:
         return [process.pid for process in self.processes]
 
-    def initialize_kv_cache(self) -> RunnerInfo:
+    def initialize_kv_cache(self) -> ModelFacts:
         """Each rank measures its room; all allocate the minimum so block ids mean the same everywhere."""
-        per_rank = self._call_all("determine_num_blocks")
+        per_rank = [_expect(result, int) for result in self._call_all(MeasureKVBlocks())]
         num_blocks = min(per_rank)
         logger.info("tensor parallel: KV blocks per rank %s -> %d", per_rank, num_blocks)
-        infos = self._call_all("allocate_kv_cache", num_blocks)
-        info: RunnerInfo = infos[0]
-        return info
+        return _expect(self._call_all(AllocateKVCache(num_blocks))[0], ModelFacts)
 
     def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
-        # Encoded once for all ranks; block tables travel as appends (see parallel/wire.py).
-        output: ModelRunnerOutput = self._call_all("execute", self._encoder.encode(scheduled))[0]
-        return output
+        # Encoded once for all ranks; block tables travel as appends (see wire.py).
+        return _expect(self._call_all(ExecuteStep(encode_step(scheduled)))[0], ModelRunnerOutput)
 
     def check_health(self) -> None:
         """Raise TensorParallelError if a worker has exited (the engine core calls this while idle)."""
@@ -120,9 +128,9 @@ class TensorParallelExecutor:
         """Stop every worker (gracefully, then by force). Safe to call more than once."""
         self._finalizer()
 
-    def _call_all(self, method: str, argument: Any = None) -> list[Any]:
+    def _call_all(self, call: WorkerCall) -> list[WorkerResult]:
         self._raise_if_failed()
-        message = pickle.dumps((method, argument), protocol=pickle.HIGHEST_PROTOCOL)
+        message = pickle.dumps(call, protocol=pickle.HIGHEST_PROTOCOL)
         for rank, conn in enumerate(self.conns):
             try:
                 conn.send_bytes(message)
@@ -135,12 +143,12 @@ class TensorParallelExecutor:
         except BaseException:
             # Interrupted (e.g. Ctrl-C in LLM.generate) with replies outstanding: the ranks are out of
             # step with us and with each other, so they cannot be used again.
-            self._stop_all(f"a {method!r} call to the workers was interrupted")
+            self._stop_all(f"a {call.name!r} call to the workers was interrupted")
             raise
 
-    def _collect(self) -> list[Any]:
+    def _collect(self) -> list[WorkerResult]:
         """One reply per rank, in rank order; a worker error or exit fails the whole executor."""
-        replies: dict[int, Any] = {}
+        replies: dict[int, WorkerResult] = {}
         sentinels = {process.sentinel: rank for rank, process in enumerate(self.processes)}
         while len(replies) < self.size:
             pending = [conn for rank, conn in enumerate(self.conns) if rank not in replies]
@@ -152,14 +160,14 @@ class TensorParallelExecutor:
                     replies[rank] = self._receive(rank)
         return [replies[rank] for rank in range(self.size)]
 
-    def _receive(self, rank: int) -> Any:
+    def _receive(self, rank: int) -> WorkerResult:
         try:
-            status, payload = self.conns[rank].recv()
+            reply: FromWorker = self.conns[rank].recv()
         except (EOFError, OSError):
             self._fail(_exit_message(rank, self.processes[rank]))
-        if status != "ok":
-            self._fail(f"tensor-parallel worker {payload}")
-        return payload
+        if not isinstance(reply, WorkerReply):
+            self._fail(f"tensor-parallel worker {reply.reason}")
+        return reply.result
 
     def _on_worker_exit(self, rank: int) -> None:
         # A worker that failed sends its error before exiting: prefer that message to the exit code.
@@ -252,7 +260,7 @@ def _may_have_children() -> Any:
 
 
 def _stop_workers(processes: list[BaseProcess], conns: list[Connection]) -> None:
-    message = pickle.dumps(("shutdown", None), protocol=pickle.HIGHEST_PROTOCOL)
+    message = pickle.dumps(StopWorker(), protocol=pickle.HIGHEST_PROTOCOL)
     for conn in conns:
         with contextlib.suppress(BrokenPipeError, OSError):
             conn.send_bytes(message)
@@ -267,3 +275,10 @@ def _stop_workers(processes: list[BaseProcess], conns: list[Connection]) -> None
             process.join()
     for conn in conns:
         conn.close()
+
+
+def _expect(result: WorkerResult, kind: type[T]) -> T:
+    """A worker's result as the type its call returns (the call decides it)."""
+    if not isinstance(result, kind):
+        raise TensorParallelError(f"a worker answered {type(result).__name__}, expected {kind.__name__}")
+    return result

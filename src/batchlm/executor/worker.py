@@ -1,9 +1,8 @@
 """A tensor-parallel worker process: one rank's ModelRunner, driven over a pipe by the executor.
 
-Protocol (executor -> worker): pickled (method, argument) pairs sent with send_bytes, so one step is
-pickled once for all ranks. Methods: "determine_num_blocks", "allocate_kv_cache" (num_blocks),
-"execute" (a SchedulerOutput encoded by wire.StepEncoder), "shutdown". Worker -> executor: ("ok", result) or ("error", text). Only
-rank 0 returns the ModelRunnerOutput of "execute"; the other ranks answer ("ok", None).
+Protocol (messages.py): the executor sends each WorkerCall pickled once, with send_bytes, to
+every rank; a rank answers WorkerReply or, failing, WorkerFailed. Only rank 0 returns the
+ModelRunnerOutput of an ExecuteStep; the other ranks answer WorkerReply(None).
 """
 
 from __future__ import annotations
@@ -19,10 +18,24 @@ from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, assert_never
 
 from batchlm.config import EngineConfig
-from batchlm.parallel.wire import StepDecoder
+from batchlm.executor.messages import (
+    AllocateKVCache,
+    ExecuteStep,
+    FromWorker,
+    MeasureKVBlocks,
+    StopWorker,
+    WorkerCall,
+    WorkerFailed,
+    WorkerReply,
+    WorkerResult,
+)
+from batchlm.executor.wire import decode_step
+
+if TYPE_CHECKING:
+    from batchlm.runner.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +78,9 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
         runner = _start_rank(spec)
     except Exception as exc:
         logger.debug("tensor-parallel rank %d failed to start", spec.rank, exc_info=True)
-        _send(conn, ("error", f"rank {spec.rank} failed to start: {type(exc).__name__}: {exc}"))
+        _send(conn, WorkerFailed(f"rank {spec.rank} failed to start: {type(exc).__name__}: {exc}"))
         return
-    _send(conn, ("ok", None))
+    _send(conn, WorkerReply(None))
     try:
         serve(runner, spec.rank, conn)
     finally:
@@ -99,7 +112,7 @@ def _exit_when_orphaned(parent_pid: int) -> None:
     os._exit(1)
 
 
-def _start_rank(spec: WorkerSpec) -> Any:
+def _start_rank(spec: WorkerSpec) -> ModelRunner:
     """Join the process group (NCCL on GPUs, gloo on CPU) and load this rank's shard of the model."""
     import torch
     import torch.distributed as dist
@@ -123,43 +136,44 @@ def _start_rank(spec: WorkerSpec) -> Any:
     return ModelRunner(spec.config, spec.model_dir, tp=TensorParallelGroup.from_distributed(), device=device)
 
 
-def serve(runner: Any, rank: int, conn: Connection) -> None:
-    """Run the executor's calls in order until "shutdown" or the pipe closes. A failed call ends the
+def serve(runner: ModelRunner, rank: int, conn: Connection) -> None:
+    """Run the executor's calls in order until StopWorker or the pipe closes. A failed call ends the
     worker: its peers are blocked in collectives it will never join, so the executor stops them all."""
-    decoder = StepDecoder()
     while True:
         try:
-            method, argument = pickle.loads(conn.recv_bytes())
+            call: WorkerCall = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):
             return
-        if method == "shutdown":
+        if isinstance(call, StopWorker):
             return
         try:
-            if method == "execute":
-                argument = decoder.decode(argument)
-            result = _call(runner, method, argument)
+            result = _call(runner, call)
         except Exception:
-            _send(conn, ("error", f"rank {rank} failed in {method}:\n{traceback.format_exc(limit=8)}"))
+            _send(conn, WorkerFailed(f"rank {rank} failed in {call.name}:\n{traceback.format_exc(limit=8)}"))
             return
         # Every rank samples the same token (same logits, same generator state); rank 0 answers.
-        _send(conn, ("ok", result if rank == 0 or method != "execute" else None))
+        _send(conn, WorkerReply(result if rank == 0 or not isinstance(call, ExecuteStep) else None))
 
 
-def _call(runner: Any, method: str, argument: Any) -> Any:
-    if method == "execute":
-        return runner.execute(argument)
-    if method == "determine_num_blocks":
-        return runner.determine_num_blocks()
-    if method == "allocate_kv_cache":
-        return runner.allocate_kv_cache(argument)
-    raise ValueError(f"unknown tensor-parallel worker method {method!r}")
+def _call(runner: ModelRunner, call: WorkerCall) -> WorkerResult:
+    match call:
+        case ExecuteStep(encoded):
+            return runner.execute(decode_step(encoded))
+        case MeasureKVBlocks():
+            return runner.determine_num_blocks()
+        case AllocateKVCache(num_blocks):
+            return runner.allocate_kv_cache(num_blocks)
+        case StopWorker():
+            return None
+        case _:
+            assert_never(call)
 
 
-def _send(conn: Connection, message: tuple[str, Any]) -> None:
+def _send(conn: Connection, message: FromWorker) -> None:
     try:
         conn.send(message)
     except (BrokenPipeError, EOFError, OSError):
-        logger.debug("the executor went away; message %r dropped", message[0])
+        logger.debug("the executor went away; %s dropped", type(message).__name__)
 
 
 def _leave_process_group() -> None:

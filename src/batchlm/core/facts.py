@@ -1,0 +1,45 @@
+"""The two records every layer above the runner shares: the started model's facts and the engine's
+stats snapshot. Each is made once where it is known and passed up unchanged."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the runner learned once the model and its KV cache are up: the scheduler is sized from it
+    and the front end validates requests against it."""
+
+    # Max prompt + output tokens of one request.
+    max_model_len: int
+    vocab_size: int
+    num_blocks: int
+    block_size: int
+    max_num_batched_tokens: int
+    device: str
+    dtype: str
+    # Bits per KV-cache element: 8 for an FP8 cache, else the model dtype's.
+    kv_cache_bits: int = 0
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for /metrics and the periodic log line, as the engine (core or MLX loop) counts."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    # Fraction of KV-cache blocks held by requests, 0..1 (evictable cached blocks count as free).
+    kv_cache_usage: float = 0.0
+    # Prefix-cache lookups and hits, in tokens, cumulative.
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    # Requests preempted (and later recomputed), cumulative.
+    num_preemptions: int = 0
+    # Prompt tokens of the requests added, and tokens sampled, cumulative (a front end's own count would
+    # miss what other front ends sharing the engine sent).
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    # The KV cache's size in blocks and bits per element (8: FP8), 0 where unknown.
+    kv_cache_blocks: int = 0
+    kv_cache_bits: int = 0
