@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -95,10 +96,18 @@ class LlamaAttention(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm attention and MLP blocks; the residual stream is carried through the fused norms."""
 
-    def __init__(self, config: Any, rope: RotaryEmbedding, options: BlockOptions, tp: TensorParallelGroup) -> None:
+    def __init__(
+        self,
+        config: Any,
+        rope: RotaryEmbedding,
+        options: BlockOptions,
+        tp: TensorParallelGroup,
+        mlp: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, rope, options, tp)
-        self.mlp = LlamaMLP(config, options.mlp_bias, tp)
+        # `mlp` replaces the dense MLP (mixture-of-experts families).
+        self.mlp = mlp if mlp is not None else LlamaMLP(config, options.mlp_bias, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -123,12 +132,19 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embedding, decoder layers and the final norm (HF's `model.` prefix)."""
 
-    def __init__(self, config: Any, options: BlockOptions, tp: TensorParallelGroup) -> None:
+    def __init__(
+        self,
+        config: Any,
+        options: BlockOptions,
+        tp: TensorParallelGroup,
+        mlp_of_layer: Callable[[int], nn.Module | None] | None = None,
+    ) -> None:
         super().__init__()
         rope = get_rope(config, head_dim_of(config), context_length(config))
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, rope, options, tp) for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, rope, options, tp, mlp_of_layer(i) if mlp_of_layer else None)
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -157,10 +173,14 @@ class LlamaForCausalLM(CausalLM):
         super().__init__()
         check_common_support(config)
         self.config = config
-        self.model = LlamaModel(config, self.block_options(config), tp)
+        self.model = self.build_model(config, tp)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
         if self.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)
+
+    def build_model(self, config: Any, tp: TensorParallelGroup) -> LlamaModel:
+        """The decoder stack (embedding, layers, final norm) under HF's `model.` prefix."""
+        return LlamaModel(config, self.block_options(config), tp)
 
     @classmethod
     def block_options(cls, config: Any) -> BlockOptions:
