@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from model_shapes import SHAPES
 
-from batchlm.attention.backend import AttentionMetadata
+from batchlm.attention.backend import AttentionMetadata, AttentionSpec
 from batchlm.attention.torch_backend import TorchAttentionBackend, _decode_attention
 from batchlm.kernels import cpu_decode_attention
 from batchlm.kernels.cpu_decode_attention import decode_library
@@ -123,7 +123,7 @@ def attention(config: dict, batch: int, context: int, repeats: int) -> None:
 
     def torch_path() -> None:
         for group in backend._decode_groups(meta, block_size):
-            _decode_attention(query, cache, group, scale)
+            _decode_attention(query, cache, group, AttentionSpec(scale))
 
     def kernel_path() -> None:
         cpu_decode_attention.paged_decode_attention(query, cache, tables, lens, scale, out)

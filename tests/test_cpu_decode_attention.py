@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from batchlm.attention.backend import AttentionSpec
 from batchlm.attention.torch_backend import TorchAttentionBackend
 from batchlm.kernels import cpu_decode_attention
 from batchlm.kernels.cpu_decode_attention import decode_library, paged_decode_attention, supports
@@ -106,7 +107,9 @@ def test_backend_gives_the_same_outputs_with_and_without_the_kernel(monkeypatch:
     query = torch.randn(meta.num_tokens, 6, 64, generator=gen)
     key = torch.randn(meta.num_tokens, 2, 64, generator=gen)
     value = torch.randn(meta.num_tokens, 2, 64, generator=gen)
-    with_kernel = TorchAttentionBackend().forward(query, key, value, cache.clone(), meta, 0.125)
+    with_kernel = TorchAttentionBackend().forward(
+        query, key, value, cache.clone(), meta, AttentionSpec(0.125)
+    )
     monkeypatch.setattr(cpu_decode_attention, "supports", lambda query, kv_cache: False)
-    without = TorchAttentionBackend().forward(query, key, value, cache.clone(), meta, 0.125)
+    without = TorchAttentionBackend().forward(query, key, value, cache.clone(), meta, AttentionSpec(0.125))
     torch.testing.assert_close(with_kernel, without, atol=2e-5, rtol=1e-4)

@@ -127,9 +127,8 @@ def test_yarn_without_original_length_uses_the_config_limit() -> None:
 @pytest.mark.parametrize(
     ("scaling", "message"),
     [
-        ({"rope_type": "longrope", "factor": 2.0}, "unsupported RoPE scaling type 'longrope'"),
+        ({"rope_type": "mrope", "factor": 2.0}, "unsupported RoPE scaling type 'mrope'"),
         ({"type": "su"}, "unsupported RoPE scaling type 'su'"),
-        ({"rope_type": "default", "partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5"),
     ],
 )
 def test_unsupported_rope_settings_are_named(scaling: dict[str, Any], message: str) -> None:

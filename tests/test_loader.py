@@ -58,7 +58,7 @@ def test_sharded_checkpoint_loads_like_a_single_file(model_dir: Path, tmp_path: 
 
 def test_loaded_model_reports_shape_dtype_and_device(model_dir: Path) -> None:
     loaded = _load(model_dir)
-    assert loaded.shape == model_shape(loaded.hf_config)
+    assert loaded.shape == model_shape(loaded.config)
     s = loaded.shape
     assert (s.num_layers, s.num_heads, s.num_kv_heads, s.head_dim, s.hidden_size, s.vocab_size, s.max_model_len) == (
         2, 4, 2, 16, 64, 320, 512
@@ -68,7 +68,7 @@ def test_loaded_model_reports_shape_dtype_and_device(model_dir: Path) -> None:
 
 
 def test_shape_per_rank_under_tensor_parallelism(model_dir: Path) -> None:
-    config = _load(model_dir).hf_config
+    config = _load(model_dir).config
     two = model_shape(config, TensorParallelGroup(1, 2))
     assert (two.num_heads, two.num_kv_heads, two.vocab_size) == (2, 1, 320)
     four = model_shape(config, TensorParallelGroup(3, 4))

@@ -47,7 +47,8 @@ def test_kv_heads_default_to_attention_heads() -> None:
             },
             1024,
         ),
-        ({"sliding_window": 256}, 256),
+        # A sliding window is not a context cap.
+        ({"sliding_window": 256}, 1024),
         ({"sliding_window": 256, "use_sliding_window": False}, 1024),
         ({"sliding_window": None}, 1024),
     ],
@@ -58,7 +59,7 @@ def test_context_length(fields: dict[str, Any], expected: int) -> None:
 
 def test_real_transformers_configs() -> None:
     mistral = AutoConfig.for_model("mistral", max_position_embeddings=32768, sliding_window=4096)
-    assert context_length(mistral) == 4096
+    assert context_length(mistral) == 32768
     qwen2 = AutoConfig.for_model(
         "qwen2", max_position_embeddings=32768, sliding_window=4096, use_sliding_window=False
     )

@@ -17,6 +17,7 @@ from batchlm.layers.quantization import registry
 from batchlm.layers.quantization.base import QuantizedTensor
 from batchlm.layers.quantization.dense import DEQUANTIZE, DenseLinearMethod
 from batchlm.layers.quantization.registry import GGUF_FORMAT, WeightSpec, choose_linear_method
+from batchlm.models.model_config import read_model_config
 from batchlm.models.random_model import TINY_CONFIG
 from batchlm.models.registry import get_model_class
 from batchlm.models.weight_methods import assign_weight_methods
@@ -113,7 +114,7 @@ def recording() -> Iterator[RecordingMethod]:
 
 def test_a_registered_chooser_gets_each_layer_with_its_tensor_types(recording: RecordingMethod) -> None:
     config = SimpleNamespace(**{**TINY_CONFIG, "tie_word_embeddings": True})
-    model = get_model_class("LlamaForCausalLM")(config)
+    model = get_model_class("LlamaForCausalLM")(read_model_config(config))
     layer0 = "model.layers.0"
     qtypes = {
         f"{layer0}.self_attn.q_proj.weight": "Q4_K",

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from batchlm.attention.backend import AttentionSpec
 from batchlm.attention.torch_backend import TorchAttentionBackend, gather_context, write_kv_cache
 from batchlm.kernels import cpu_decode_attention
 from models_harness import Chunk, build_step
@@ -50,7 +51,7 @@ def _scenario(chunks: list[Chunk], num_blocks: int = 24, seed: int = 0):
 
 def _check(chunks: list[Chunk], backend: TorchAttentionBackend | None = None) -> None:
     query, key, value, cache, meta, full_kv = _scenario(chunks)
-    out = (backend or TorchAttentionBackend()).forward(query, key, value, cache, meta, SCALE)
+    out = (backend or TorchAttentionBackend()).forward(query, key, value, cache, meta, AttentionSpec(SCALE))
     row = 0
     for chunk, (k, v) in zip(chunks, full_kv, strict=True):
         for i in range(len(chunk.tokens)):
@@ -91,7 +92,7 @@ def test_decode_grouping_does_not_change_results(group_size: int, monkeypatch: p
 def test_new_keys_and_values_are_written_at_their_slots() -> None:
     chunks = [Chunk([0], 5, [2, 6]), Chunk([0] * 3, 0, [9])]
     query, key, value, cache, meta, _ = _scenario(chunks)
-    TorchAttentionBackend().forward(query, key, value, cache, meta, SCALE)
+    TorchAttentionBackend().forward(query, key, value, cache, meta, AttentionSpec(SCALE))
     for token, slot in enumerate(meta.slot_mapping.tolist()):
         block, offset = divmod(slot, BLOCK)
         torch.testing.assert_close(cache[0, block, offset], key[token], rtol=0, atol=0)
@@ -104,8 +105,8 @@ def test_padding_rows_are_ignored_and_zero() -> None:
     pad = 3
     padded = [torch.cat([t, torch.full((pad, *t.shape[1:]), 7.0)]) for t in (query, key, value)]
     untouched = cache.clone()
-    reference = TorchAttentionBackend().forward(query, key, value, cache, meta, SCALE)
-    out = TorchAttentionBackend().forward(*padded, untouched, meta, SCALE)
+    reference = TorchAttentionBackend().forward(query, key, value, cache, meta, AttentionSpec(SCALE))
+    out = TorchAttentionBackend().forward(*padded, untouched, meta, AttentionSpec(SCALE))
     torch.testing.assert_close(out[: meta.num_tokens], reference)
     assert torch.count_nonzero(out[meta.num_tokens :]) == 0
 
@@ -120,8 +121,8 @@ def test_gather_context_follows_the_block_table() -> None:
 def test_bfloat16_matches_float32_loosely() -> None:
     chunks = [Chunk([0], 6, [0, 1]), Chunk([0] * 6, 0, [2, 3])]
     query, key, value, cache, meta, _ = _scenario(chunks)
-    expected = TorchAttentionBackend().forward(query, key, value, cache.clone(), meta, SCALE)
+    expected = TorchAttentionBackend().forward(query, key, value, cache.clone(), meta, AttentionSpec(SCALE))
     bf16 = [t.bfloat16() for t in (query, key, value, cache)]
-    out = TorchAttentionBackend().forward(*bf16[:3], bf16[3], meta, SCALE)
+    out = TorchAttentionBackend().forward(*bf16[:3], bf16[3], meta, AttentionSpec(SCALE))
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=3e-2)

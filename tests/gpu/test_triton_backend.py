@@ -16,7 +16,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not torch.cuda.is_available() and not INTERPRET:
     pytest.skip("needs a CUDA GPU (or TRITON_INTERPRET=1)", allow_module_level=True)
 
-from batchlm.attention.backend import AttentionMetadata  # noqa: E402
+from batchlm.attention.backend import AttentionMetadata, AttentionSpec  # noqa: E402
 from batchlm.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 from batchlm.kernels.reference import causal_attention_reference, write_kv_cache_reference  # noqa: E402
 
@@ -80,7 +80,7 @@ def test_mixed_batch_matches_dense_attention(with_decodes: bool, with_prefills: 
     cache, dense, key, value, meta = build_step(contexts, chunks, len(decode_ctx))
     query = torch.randn(key.shape[0], NUM_HEADS, HEAD_DIM, device=DEVICE).to(DTYPE)
     before = cache.clone()
-    out = TritonAttentionBackend().forward(query, key, value, cache, meta, HEAD_DIM**-0.5)
+    out = TritonAttentionBackend().forward(query, key, value, cache, meta, AttentionSpec(HEAD_DIM**-0.5))
     starts = meta.query_start_loc_cpu
     for req, kv in enumerate(dense):
         rows = slice(starts[req], starts[req + 1])
@@ -106,7 +106,7 @@ def test_padding_decode_row_gives_zeros() -> None:
     meta.seq_lens_cpu[1] = 0
     meta.slot_mapping[1] = -1
     query = torch.randn(key.shape[0], NUM_HEADS, HEAD_DIM, device=DEVICE).to(DTYPE)
-    out = TritonAttentionBackend().forward(query, key, value, cache, meta, 0.125)
+    out = TritonAttentionBackend().forward(query, key, value, cache, meta, AttentionSpec(0.125))
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     assert out[0].abs().sum() > 0
 
@@ -116,9 +116,9 @@ def test_rejects_unsupported_inputs() -> None:
     query = torch.randn(key.shape[0], NUM_HEADS, HEAD_DIM, device=DEVICE).to(DTYPE)
     backend = TritonAttentionBackend()
     with pytest.raises(ValueError, match="value must be"):
-        backend.forward(query, key, value.float(), cache, meta, 0.125)
+        backend.forward(query, key, value.float(), cache, meta, AttentionSpec(0.125))
     with pytest.raises(ValueError, match="num_kv_heads"):
-        backend.forward(query[:, :3], key, value, cache, meta, 0.125)
+        backend.forward(query[:, :3], key, value, cache, meta, AttentionSpec(0.125))
     odd = torch.zeros(2, 4, BLOCK_SIZE, NUM_KV_HEADS, 96, device=DEVICE, dtype=DTYPE)
     with pytest.raises(ValueError, match="power of two"):
-        backend.forward(query, key, value, odd, meta, 0.125)
+        backend.forward(query, key, value, odd, meta, AttentionSpec(0.125))

@@ -6,7 +6,7 @@ at offset `i % block_size`, i.e. at flat slot `block_id * block_size + offset`.
 
 Batch layout ("varlen"): the new tokens of all scheduled requests are concatenated, decodes first;
 request b owns query rows query_start_loc[b] : query_start_loc[b + 1]. A query at position p attends
-to the request's cached and new keys at positions <= p.
+to the request's cached and new keys at positions <= p (and > p - window on a sliding-window layer).
 """
 
 from __future__ import annotations
@@ -15,6 +15,18 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """How one layer attends: fixed for the model's life, read by every backend and kernel."""
+
+    # Multiplies q.k before the softmax.
+    scale: float
+    # A query at position p sees keys at positions p - window + 1 .. p; None: the whole context.
+    sliding_window: int | None = None
+    # Scores become cap * tanh(scores / cap) before the softmax (Gemma 2); None: no cap.
+    logit_softcap: float | None = None
 
 
 @dataclass
@@ -59,9 +71,9 @@ class AttentionBackend(ABC):
         value: torch.Tensor,  # [T, num_kv_heads, head_dim]
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         meta: AttentionMetadata,
-        scale: float,
+        spec: AttentionSpec,
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
-        """Causal attention of each new token over its request's whole context."""
+        """Causal attention of each new token over its request's context (its window, if any)."""
 
     def warm_up(self, kv_cache: torch.Tensor, num_heads: int, max_blocks_per_seq: int) -> None:
         """Compile, at start-up, every kernel variant serving can launch (none for backends without

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from batchlm.attention.backend import AttentionBackend, AttentionMetadata
+from batchlm.attention.backend import AttentionBackend, AttentionMetadata, AttentionSpec
 from batchlm.kernels import cpu_decode_attention
 
 # enable_gqa (torch >= 2.5) lets SDPA share each KV head across its query group without copies.
@@ -28,6 +28,12 @@ class DecodeGroup:
     max_len: int
     # [B, 1, 1, max_len] bool: True where the key is inside the request's context.
     valid: torch.Tensor
+    # [B, 1, 1, max_len] int32: how many positions each key lies before the request's query.
+    distance: torch.Tensor
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        """Keys each query may see: its context, or the last `window` tokens of it."""
+        return self.valid if window is None else self.valid & (self.distance < window)
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -39,7 +45,8 @@ class TorchAttentionBackend(AttentionBackend):
     meta.num_tokens (padding a runner may add) are ignored and come back as zeros.
 
     On x86-64 CPUs with AVX2 and a float32 cache, decodes instead go through our C kernel, which reads
-    each request's blocks in place (kernels/cpu_decode_attention.py).
+    each request's blocks in place (kernels/cpu_decode_attention.py), on layers without a sliding
+    window or a soft-cap. Soft-capped layers compute their scores explicitly (SDPA has no cap).
 
     Gathers copy whole blocks with index_select (a memcpy per block); advanced indexing of the cache
     costs several times more on CPU. The decode groups depend only on the step's metadata, so they
@@ -60,25 +67,31 @@ class TorchAttentionBackend(AttentionBackend):
         value: torch.Tensor,  # [T, num_kv_heads, head_dim]
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         meta: AttentionMetadata,
-        scale: float,
+        spec: AttentionSpec,
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         num_tokens = meta.num_tokens
         write_kv_cache(kv_cache, key[:num_tokens], value[:num_tokens], meta.slot_mapping[:num_tokens])
         out = query.new_zeros(query.shape) if query.shape[0] > num_tokens else torch.empty_like(query)
         decodes = meta.num_decodes
-        if decodes and cpu_decode_attention.supports(query, kv_cache):
+        plain = spec.sliding_window is None and spec.logit_softcap is None
+        if decodes and plain and cpu_decode_attention.supports(query, kv_cache):
             cpu_decode_attention.paged_decode_attention(
-                query[:decodes], kv_cache, meta.block_tables[:decodes], meta.seq_lens[:decodes], scale, out[:decodes]
+                query[:decodes],
+                kv_cache,
+                meta.block_tables[:decodes],
+                meta.seq_lens[:decodes],
+                spec.scale,
+                out[:decodes],
             )
         else:
             for group in self._decode_groups(meta, kv_cache.shape[2]):
                 out[group.first : group.last] = _decode_attention(
-                    query[group.first : group.last], kv_cache, group, scale
+                    query[group.first : group.last], kv_cache, group, spec
                 )
         for request in range(meta.num_decodes, meta.num_requests):
             start, end = meta.query_start_loc_cpu[request], meta.query_start_loc_cpu[request + 1]
             if end > start:
-                out[start:end] = _prefill_attention(query, key, value, kv_cache, meta, request, scale)
+                out[start:end] = _prefill_attention(query, key, value, kv_cache, meta, request, spec)
         return out
 
     def _decode_groups(self, meta: AttentionMetadata, block_size: int) -> list[DecodeGroup]:
@@ -114,19 +127,21 @@ def _decode_group(meta: AttentionMetadata, first: int, last: int, block_size: in
     blocks_per_request = -(-max_len // block_size)
     tables = meta.block_tables[first:last, :blocks_per_request]  # [B, nb]
     positions = torch.arange(max_len, device=tables.device)
-    valid = positions.unsqueeze(0) < meta.seq_lens[first:last].unsqueeze(1)  # [B, L]
+    # The query sits at seq_len - 1: distance 0 is itself, negative distances lie past the context.
+    distance = (meta.seq_lens[first:last].unsqueeze(1) - 1 - positions.unsqueeze(0)).int()  # [B, L]
     return DecodeGroup(
         first=first,
         last=last,
         flat_blocks=tables.reshape(-1).long(),
         blocks_per_request=blocks_per_request,
         max_len=max_len,
-        valid=valid[:, None, None, :],
+        valid=(distance >= 0)[:, None, None, :],
+        distance=distance[:, None, None, :],
     )
 
 
 def _decode_attention(
-    query: torch.Tensor, kv_cache: torch.Tensor, group: DecodeGroup, scale: float
+    query: torch.Tensor, kv_cache: torch.Tensor, group: DecodeGroup, spec: AttentionSpec
 ) -> torch.Tensor:
     """One query per request of the group, over its context padded to the group's longest."""
     batch = group.last - group.first
@@ -135,7 +150,7 @@ def _decode_attention(
     values = kv_cache[1].index_select(0, group.flat_blocks).view(batch, -1, *kv_cache.shape[-2:])
     keys = keys[:, : group.max_len].transpose(1, 2).to(query.dtype)
     values = values[:, : group.max_len].transpose(1, 2).to(query.dtype)
-    out = _sdpa(query.unsqueeze(2), keys, values, scale, group.valid)
+    out = _attend(query.unsqueeze(2), keys, values, spec, group.mask(spec.sliding_window))
     return out.squeeze(2)  # [B, H, 1, D] -> [B, H, D]
 
 
@@ -146,9 +161,9 @@ def _prefill_attention(
     kv_cache: torch.Tensor,
     meta: AttentionMetadata,
     request: int,
-    scale: float,
+    spec: AttentionSpec,
 ) -> torch.Tensor:
-    """Causal attention of one request's query chunk over its cached and new keys."""
+    """Causal attention of one request's query chunk over its cached and new keys (its window)."""
     start, end = meta.query_start_loc_cpu[request], meta.query_start_loc_cpu[request + 1]
     context_len = meta.seq_lens_cpu[request]
     query_len = end - start
@@ -162,14 +177,35 @@ def _prefill_attention(
     q = query[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
     k = keys.transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, H_kv, L, D]
     v = values.transpose(0, 1).unsqueeze(0).to(q.dtype)
-    if query_len == context_len:
-        out = _sdpa(q, k, v, scale, causal=True)
+    if query_len == context_len and spec.sliding_window is None and spec.logit_softcap is None:
+        out = _sdpa(q, k, v, spec.scale, causal=True)
     else:
-        # Query i sits at position context_len - query_len + i and sees keys up to there.
-        rows = torch.arange(query_len, device=q.device).unsqueeze(1) + (context_len - query_len)
-        allowed = torch.arange(context_len, device=q.device).unsqueeze(0) <= rows  # [q_len, L]
-        out = _sdpa(q, k, v, scale, allowed)
+        out = _attend(q, k, v, spec, _chunk_mask(query_len, context_len, spec.sliding_window, q.device))
     return out[0].transpose(0, 1)  # [q_len, H, D]
+
+
+def _chunk_mask(query_len: int, context_len: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """[q_len, L] bool: query i sits at position context_len - query_len + i and sees the keys up to
+    there (only the last `window` of them on a sliding-window layer)."""
+    rows = torch.arange(query_len, device=device).unsqueeze(1) + (context_len - query_len)
+    distance = rows - torch.arange(context_len, device=device).unsqueeze(0)
+    allowed = distance >= 0
+    return allowed if window is None else allowed & (distance < window)
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, mask: torch.Tensor
+) -> torch.Tensor:
+    """Masked attention of [B, H, Lq, D] queries; explicit scores when the layer soft-caps them."""
+    if spec.logit_softcap is None:
+        return _sdpa(q, k, v, spec.scale, mask)
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * spec.scale  # [B, H, Lq, L]
+    scores = torch.tanh(scores / spec.logit_softcap) * spec.logit_softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    return torch.matmul(probs, v)
 
 
 def _sdpa(

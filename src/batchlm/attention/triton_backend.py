@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from batchlm.attention.backend import AttentionBackend, AttentionMetadata
+from batchlm.attention.backend import AttentionBackend, AttentionMetadata, AttentionSpec
 from batchlm.kernels.kv_write import write_kv_cache
 from batchlm.kernels.paged_decode import DecodeConfig, choose_num_splits, paged_decode_attention
 from batchlm.kernels.paged_prefill import paged_prefill_attention, prefill_configs
@@ -28,7 +28,7 @@ class TritonAttentionBackend(AttentionBackend):
         value: torch.Tensor,  # [T, num_kv_heads, head_dim]
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         meta: AttentionMetadata,
-        scale: float,
+        spec: AttentionSpec,
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         write_kv_cache(key, value, kv_cache, meta.slot_mapping)
         out = torch.empty_like(query)
@@ -40,7 +40,7 @@ class TritonAttentionBackend(AttentionBackend):
                 kv_cache,
                 meta.seq_lens[:num_decodes],
                 meta.block_tables[:num_decodes],
-                scale,
+                spec.scale,
                 out=out[:num_decodes],
                 config=self.decode_config,
             )
@@ -51,7 +51,7 @@ class TritonAttentionBackend(AttentionBackend):
                 meta.query_start_loc[num_decodes:],
                 meta.seq_lens[num_decodes:],
                 meta.block_tables[num_decodes:],
-                scale,
+                spec.scale,
                 max_query_len=meta.max_query_len,
                 out=out,
                 num_query_tokens=meta.num_tokens - meta.query_start_loc_cpu[num_decodes],

@@ -1,4 +1,4 @@
-"""The gated SiLU activation of Llama-style MLPs, on a fused [gate | up] projection."""
+"""Gated activations of Llama- and Gemma-style MLPs, on a fused [gate | up] projection."""
 
 from __future__ import annotations
 
@@ -21,7 +21,20 @@ class SiluAndMul(nn.Module):
         return F.silu(x[..., :half]) * x[..., half:]
 
 
-ACTIVATIONS = {"silu": SiluAndMul}
+class GeluTanhAndMul(nn.Module):
+    """gelu(gate, tanh approximation) * up (Gemma's `gelu_pytorch_tanh`), on [gate | up]."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, 2 * intermediate] -> [T, intermediate]
+        half = x.shape[-1] // 2
+        return F.gelu(x[..., :half], approximate="tanh") * x[..., half:]
+
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "silu": SiluAndMul,
+    "gelu_pytorch_tanh": GeluTanhAndMul,
+    "gelu_tanh": GeluTanhAndMul,
+}
 
 
 def get_gated_activation(name: str) -> nn.Module:

@@ -1,7 +1,8 @@
 """RoPE parameters from an HF config and the inverse frequencies of each supported scaling type.
 
-Reads transformers 5's `config.rope_parameters` or transformers 4's `rope_scaling` + `rope_theta`.
-Supported types: default, linear, dynamic (NTK), llama3, yarn.
+Reads transformers 5's `config.rope_parameters` (flat, or one entry per layer type as Gemma 3 writes
+it) or transformers 4's `rope_scaling` + `rope_theta`.
+Supported types: default, linear, dynamic (NTK), llama3, yarn, longrope (Phi-3).
 """
 
 from __future__ import annotations
@@ -11,32 +12,44 @@ from typing import Any
 
 import torch
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 DEFAULT_THETA = 10000.0
 
 
-def read_rope_parameters(config: Any) -> dict[str, Any]:
-    """One flat dict with at least rope_type and rope_theta, whichever transformers wrote the config."""
+def read_rope_parameters(config: Any, layer_type: str | None = None) -> dict[str, Any]:
+    """One flat dict with at least rope_type and rope_theta, whichever transformers wrote the config.
+
+    `layer_type` picks the entry of per-layer-type parameters ("full_attention", "sliding_attention")."""
     params = getattr(config, "rope_parameters", None)
     if not params:
         params = dict(getattr(config, "rope_scaling", None) or {})
         params.setdefault("rope_theta", getattr(config, "rope_theta", None) or DEFAULT_THETA)
     params = dict(params)
     if any(isinstance(value, dict) for value in params.values()):
-        raise ValueError("per-layer-type RoPE parameters are not supported")
+        params = _per_layer_type_entry(params, layer_type)
     # transformers 4 wrote the type as "type"; 5 writes "rope_type".
     rope_type = params.pop("type", None)
     params.setdefault("rope_type", rope_type or "default")
     params.setdefault("rope_theta", DEFAULT_THETA)
+    if params["rope_type"] in ("su", "yarn") and "short_factor" in params:
+        params["rope_type"] = "longrope"  # Phi-3's older name for the same scaling
     if params["rope_type"] not in SUPPORTED_ROPE_TYPES:
         raise ValueError(
             f"unsupported RoPE scaling type {params['rope_type']!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(f"partial_rotary_factor={params['partial_rotary_factor']} is not supported")
-    if params["rope_type"] in ("llama3", "yarn"):
-        params.setdefault("original_max_position_embeddings", config.max_position_embeddings)
+    if params["rope_type"] in ("llama3", "yarn", "longrope"):
+        original = getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings
+        params.setdefault("original_max_position_embeddings", original)
+    if params["rope_type"] == "longrope":
+        params.setdefault("max_position_embeddings", config.max_position_embeddings)
     return params
+
+
+def _per_layer_type_entry(params: dict[str, Any], layer_type: str | None) -> dict[str, Any]:
+    entry = params.get(layer_type or "full_attention")
+    if not isinstance(entry, dict):
+        raise ValueError(f"the per-layer-type RoPE parameters have no entry for {layer_type!r}")
+    return dict(entry)
 
 
 def scaled_max_position(params: dict[str, Any], max_position_embeddings: int) -> int:
@@ -70,6 +83,8 @@ def inv_freq_and_scaling(params: dict[str, Any], head_dim: int) -> tuple[torch.T
         return inv_freq / params["factor"], 1.0
     if rope_type == "llama3":
         return _llama3_inv_freq(params, inv_freq), 1.0
+    if rope_type == "longrope":
+        return longrope_inv_freq(params, head_dim, "short_factor"), longrope_attention_factor(params)
     return _yarn_inv_freq(params, head_dim)
 
 
@@ -132,3 +147,21 @@ def dynamic_ntk_inv_freq(
     stretch = factor * seq_len / max_position_embeddings - (factor - 1)
     theta = params["rope_theta"] * stretch ** (head_dim / (head_dim - 2))
     return base_inv_freq(theta.float(), head_dim)
+
+
+def longrope_attention_factor(params: dict[str, Any]) -> float:
+    """LongRoPE's cos/sin multiplier: stated, or derived from how far the context was stretched."""
+    stated = params.get("attention_factor")
+    if stated is not None:
+        return float(stated)
+    original = params["original_max_position_embeddings"]
+    factor = params.get("factor") or params["max_position_embeddings"] / original
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+def longrope_inv_freq(params: dict[str, Any], head_dim: int, which: str) -> torch.Tensor:
+    """LongRoPE's inverse frequencies [head_dim // 2] with the "short_factor" (positions below
+    original_max_position_embeddings) or the "long_factor" rescaling (past it)."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    factors = torch.tensor(params[which], dtype=torch.float32)
+    return 1.0 / (factors * params["rope_theta"] ** exponents)

@@ -2,22 +2,42 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from batchlm.kernels.dispatch import fused_ops_for
-from batchlm.layers.rope_scaling import dynamic_ntk_inv_freq, inv_freq_and_scaling, read_rope_parameters
+from batchlm.layers.rope_scaling import (
+    dynamic_ntk_inv_freq,
+    inv_freq_and_scaling,
+    longrope_inv_freq,
+    read_rope_parameters,
+)
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """The rotary embedding one layer uses (layers with equal specs share one table)."""
+
+    # Flat RoPE parameters as read_rope_parameters returns them (rope_type, rope_theta, scaling fields).
+    params: dict[str, Any] = field(hash=False)
+    # Leading dimensions of each head that rotate; the rest pass through (partial rotary, Phi-3).
+    rotary_dim: int
+    # config.max_position_embeddings (dynamic NTK scaling grows from it).
+    config_max_position: int
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotates queries and keys by their positions. One instance is shared by all layers."""
+    """Rotates the first rotary_dim dimensions of queries and keys by their positions; shared by
+    every layer with the same RopeSpec."""
 
     def __init__(self, head_dim: int, cos_sin_cache: torch.Tensor) -> None:
         super().__init__()
         self.head_dim = head_dim
-        # [max_position, head_dim]: cos in the first half of each row, sin in the second.
+        # [max_position, rotary_dim]: cos in the first half of each row, sin in the second.
+        self.rotary_dim = cos_sin_cache.shape[-1]
         self.register_buffer("cos_sin_cache", cos_sin_cache, persistent=False)
         self.cos_sin_cache: torch.Tensor
 
@@ -29,6 +49,8 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [T]; query: [T, H, D]; key: [T, H_kv, D] -> same shapes, rotated
+        if self.rotary_dim < self.head_dim:
+            return self._rotate_leading(positions, query, key)
         fused = fused_ops_for(query)
         if fused is not None and self.head_dim & (self.head_dim - 1) == 0:
             # GPU: one in-place kernel over q and k (adjacent in the fused qkv output) or one each.
@@ -43,6 +65,15 @@ class RotaryEmbedding(nn.Module):
         # q and k are neighbours in the fused qkv output: rotate them with one set of ops.
         rotated = _rotate(both, cos, sin)  # [T, H + H_kv, D]
         return rotated[:, : query.shape[1]], rotated[:, query.shape[1] :]
+
+    def _rotate_leading(
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Partial rotary: only the first rotary_dim dimensions turn, the rest are kept as they are.
+        cos, sin = self.cos_sin_cache.index_select(0, positions).unsqueeze(1).chunk(2, dim=-1)
+        dim = self.rotary_dim
+        rotated = [torch.cat((_rotate(x[..., :dim], cos, sin), x[..., dim:]), dim=-1) for x in (query, key)]
+        return rotated[0], rotated[1]
 
 
 def _adjacent_heads(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
@@ -76,7 +107,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 def build_cos_sin_cache(
     params: dict[str, Any], head_dim: int, max_position: int, config_max_position: int
 ) -> torch.Tensor:
-    """[max_position, head_dim] float32 cache for the RoPE parameters `params`."""
+    """[max_position, head_dim] float32 cache for the RoPE parameters `params` (head_dim here is the
+    rotating width)."""
     positions = torch.arange(max_position, dtype=torch.float32)
     if params["rope_type"] == "dynamic":
         inv_freq = dynamic_ntk_inv_freq(params, head_dim, config_max_position, positions)  # [P, D/2]
@@ -85,13 +117,36 @@ def build_cos_sin_cache(
     else:
         inv_freq, scaling = inv_freq_and_scaling(params, head_dim)  # [D/2]
         angles = torch.outer(positions, inv_freq)
+        if params["rope_type"] == "longrope":
+            # Past the pretraining length, LongRoPE's long factors take over (chosen per position).
+            original = int(params["original_max_position_embeddings"])
+            long_freq = longrope_inv_freq(params, head_dim, "long_factor")
+            angles[original:] = torch.outer(positions[original:], long_freq)
     return torch.cat((angles.cos() * scaling, angles.sin() * scaling), dim=-1)
+
+
+def build_rope(spec: RopeSpec, head_dim: int, max_position: int) -> RotaryEmbedding:
+    """The rotary embedding for `spec`, with a cache covering positions < max_position."""
+    # The cache is computed on the CPU (deterministic, float32), then moved to the default device.
+    with torch.device("cpu"):
+        cache = build_cos_sin_cache(spec.params, spec.rotary_dim, max_position, spec.config_max_position)
+    return RotaryEmbedding(head_dim, cache.to(torch.get_default_device()))
 
 
 def get_rope(config: Any, head_dim: int, max_position: int) -> RotaryEmbedding:
     """The rotary embedding an HF config asks for, with a cache covering positions < max_position."""
-    params = read_rope_parameters(config)
-    # The cache is computed on the CPU (deterministic, float32), then moved to the default device.
-    with torch.device("cpu"):
-        cache = build_cos_sin_cache(params, head_dim, max_position, config.max_position_embeddings)
-    return RotaryEmbedding(head_dim, cache.to(torch.get_default_device()))
+    spec = RopeSpec(read_rope_parameters(config), head_dim, int(config.max_position_embeddings))
+    return build_rope(spec, head_dim, max_position)
+
+
+def shared_ropes(specs: list[RopeSpec], head_dim: int, max_position: int) -> list[RotaryEmbedding]:
+    """One rotary embedding per layer; layers with equal specs share one (one table per RoPE base)."""
+    built: list[tuple[RopeSpec, RotaryEmbedding]] = []
+    ropes = []
+    for spec in specs:
+        found = next((rope for known, rope in built if known == spec), None)
+        if found is None:
+            found = build_rope(spec, head_dim, max_position)
+            built.append((spec, found))
+        ropes.append(found)
+    return ropes

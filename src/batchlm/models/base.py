@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from batchlm.attention.backend import AttentionBackend, AttentionMetadata
 from batchlm.layers.quantization.base import LoadedWeight
+from batchlm.models.model_config import ModelConfig, read_model_config
 
 # (fused module, HF module it absorbs, shard id): HF checkpoints store q/k/v and gate/up separately;
 # our layers fuse them into one matmul each.
@@ -20,11 +21,18 @@ class CausalLM(nn.Module):
     """A decoder-only language model over a paged KV cache.
 
     Parameter names follow the HF checkpoint, except the fused modules listed in `stacked_params`.
+    A family's class is built as `cls(cls.read_config(hf_config), tp)`.
     """
 
+    config: ModelConfig
     stacked_params: ClassVar[tuple[StackedParam, ...]] = ()
     # Checkpoint tensors that are expected but carry nothing we need (e.g. cached RoPE buffers).
     ignored_suffixes: ClassVar[tuple[str, ...]] = ("rotary_emb.inv_freq",)
+
+    @classmethod
+    def read_config(cls, hf_config: Any) -> ModelConfig:
+        """The typed config this family is built from (families with extra fields override this)."""
+        return read_model_config(hf_config)
 
     def forward(
         self,

@@ -79,14 +79,26 @@ def _reads_the_same(raw: dict[str, Any]) -> bool:
         return False
     if model_type in WINDOW_NEEDS_FLAG and raw.get("sliding_window") and "use_sliding_window" not in raw:
         return False
-    return all(isinstance(raw.get(flag, False), bool) for flag in ("attention_bias", "mlp_bias", "tie_word_embeddings"))
+    if model_type in WINDOW_NEEDS_FLAG and raw.get("use_sliding_window") and not _window_layers_stated(raw):
+        return False
+    return all(
+        isinstance(raw.get(flag, False), bool)
+        for flag in ("attention_bias", "mlp_bias", "tie_word_embeddings")
+    )
+
+
+def _window_layers_stated(raw: dict[str, Any]) -> bool:
+    # Which layers use the window: Qwen config classes default max_window_layers to 28.
+    return isinstance(raw.get("layer_types"), list) or _positive_int(raw.get("max_window_layers"))
 
 
 def _optional_rope(raw: dict[str, Any]) -> bool:
     theta = raw.get("rope_theta")
     if theta is not None and not _positive_number(theta):
         return False
-    return all(raw.get(name) is None or isinstance(raw[name], dict) for name in ("rope_scaling", "rope_parameters"))
+    return all(
+        raw.get(name) is None or isinstance(raw[name], dict) for name in ("rope_scaling", "rope_parameters")
+    )
 
 
 def _positive_int(value: Any) -> bool:

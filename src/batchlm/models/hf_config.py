@@ -1,10 +1,24 @@
-"""Derived facts about an HF model config that several modules need (head size, context limit)."""
+"""Raw readers of an HF model config (a transformers config or a ConfigView): the one place that
+looks fields up by name. Model code reads the typed ModelConfig built from them (model_config.py)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from batchlm.layers.rope_scaling import read_rope_parameters, scaled_max_position
+
+SLIDING = "sliding_attention"
+
+
+def field_of(config: Any, name: str, default: Any = None) -> Any:
+    """`config.name`, or `default` when the config lacks it or states None."""
+    value = getattr(config, name, None)
+    return default if value is None else value
+
+
+def text_config_of(config: Any) -> Any:
+    """The language model's config: the nested `text_config` of a multimodal config, else config."""
+    return field_of(config, "text_config", config)
 
 
 def head_dim_of(config: Any) -> int:
@@ -25,20 +39,35 @@ def sliding_window_of(config: Any) -> int | None:
     return int(window)
 
 
-def context_length(config: Any) -> int:
-    """Max prompt + output tokens: the RoPE-scaled position limit, capped by a sliding window.
+def layer_types_of(config: Any) -> list[str]:
+    """ "sliding_attention" or "full_attention" per layer. Without `layer_types`, an enabled window
+    applies to every layer (Mistral, Phi-3), or from `max_window_layers` on (older Qwen configs)."""
+    num_layers = int(config.num_hidden_layers)
+    stated = getattr(config, "layer_types", None)
+    if stated:
+        return [str(kind) for kind in stated]
+    if sliding_window_of(config) is None:
+        return ["full_attention"] * num_layers
+    first_sliding = int(field_of(config, "max_window_layers", 0))
+    return [SLIDING if i >= first_sliding else "full_attention" for i in range(num_layers)]
 
-    We do not implement sliding-window attention; within the window it equals full attention, so
-    capping the context there keeps results exact.
-    """
-    limit = scaled_max_position(read_rope_parameters(config), int(config.max_position_embeddings))
-    window = sliding_window_of(config)
-    return min(limit, window) if window else limit
+
+def activation_of(config: Any) -> str:
+    # Gemma configs name it hidden_activation.
+    return str(field_of(config, "hidden_activation", None) or field_of(config, "hidden_act", "silu"))
+
+
+def context_length(config: Any) -> int:
+    """Max prompt + output tokens: the RoPE-scaled position limit. A sliding window is no cap: window
+    layers attend to their window and the model serves its whole context."""
+    return scaled_max_position(read_rope_parameters(config), int(config.max_position_embeddings))
 
 
 def check_common_support(config: Any) -> None:
-    """Reject config features our Llama-style families do not implement, naming them."""
-    act = getattr(config, "hidden_act", "silu")
-    if act != "silu":
-        raise ValueError(f"unsupported hidden_act {act!r}: only 'silu' is implemented")
+    """Reject config features our model families do not implement, naming them."""
+    from batchlm.layers.activation import ACTIVATIONS
+
+    act = activation_of(config)
+    if act not in ACTIVATIONS:
+        raise ValueError(f"unsupported hidden_act {act!r}; supported: {', '.join(sorted(ACTIVATIONS))}")
     read_rope_parameters(config)  # raises on an unsupported RoPE type

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -14,9 +14,9 @@ from batchlm.layers.activation import get_gated_activation
 from batchlm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from batchlm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from batchlm.layers.norm import RMSNorm
-from batchlm.layers.rotary import RotaryEmbedding, get_rope
+from batchlm.layers.rotary import RotaryEmbedding, shared_ropes
 from batchlm.models.base import CausalLM, StackedParam
-from batchlm.models.hf_config import check_common_support, context_length, head_dim_of, num_kv_heads_of
+from batchlm.models.model_config import LayerSpec, ModelConfig
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
 
 LLAMA_STACKED: tuple[StackedParam, ...] = (
@@ -42,12 +42,12 @@ class BlockOptions:
 class LlamaMLP(nn.Module):
     """down(silu(gate(x)) * up(x)), with gate and up fused into one matmul."""
 
-    def __init__(self, config: Any, bias: bool, tp: TensorParallelGroup) -> None:
+    def __init__(self, config: ModelConfig, bias: bool, tp: TensorParallelGroup) -> None:
         super().__init__()
         hidden, inter = config.hidden_size, config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(hidden, [inter, inter], bias, tp)
         self.down_proj = RowParallelLinear(inter, hidden, bias, tp)
-        self.act_fn = get_gated_activation(getattr(config, "hidden_act", "silu"))
+        self.act_fn = get_gated_activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))  # [T, hidden]
@@ -56,10 +56,17 @@ class LlamaMLP(nn.Module):
 class LlamaAttention(nn.Module):
     """Grouped-query self-attention with RoPE; q/k/v fused into one matmul (optionally q/k-normed)."""
 
-    def __init__(self, config: Any, rope: RotaryEmbedding, options: BlockOptions, tp: TensorParallelGroup) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer: LayerSpec,
+        rope: RotaryEmbedding,
+        options: BlockOptions,
+        tp: TensorParallelGroup,
+    ) -> None:
         super().__init__()
-        self.head_dim = head_dim_of(config)
-        heads, kv_heads = config.num_attention_heads, num_kv_heads_of(config)
+        self.head_dim = config.head_dim
+        heads, kv_heads = config.num_heads, config.num_kv_heads
         self.qkv_proj = QKVParallelLinear(
             config.hidden_size, self.head_dim, heads, kv_heads, options.qkv_bias, tp
         )
@@ -71,7 +78,7 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.rotary_emb = rope
-        self.scale = self.head_dim**-0.5
+        self.spec = layer.attention
 
     def forward(
         self,
@@ -89,7 +96,7 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary_emb(positions, q, k)
-        out = attn.forward(q, k, v, kv_cache, meta, self.scale)
+        out = attn.forward(q, k, v, kv_cache, meta, self.spec)
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
 
 
@@ -98,14 +105,15 @@ class LlamaDecoderLayer(nn.Module):
 
     def __init__(
         self,
-        config: Any,
+        config: ModelConfig,
+        layer: LayerSpec,
         rope: RotaryEmbedding,
         options: BlockOptions,
         tp: TensorParallelGroup,
         mlp: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, rope, options, tp)
+        self.self_attn = LlamaAttention(config, layer, rope, options, tp)
         # `mlp` replaces the dense MLP (mixture-of-experts families).
         self.mlp = mlp if mlp is not None else LlamaMLP(config, options.mlp_bias, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -134,17 +142,17 @@ class LlamaModel(nn.Module):
 
     def __init__(
         self,
-        config: Any,
+        config: ModelConfig,
         options: BlockOptions,
         tp: TensorParallelGroup,
         mlp_of_layer: Callable[[int], nn.Module | None] | None = None,
     ) -> None:
         super().__init__()
-        rope = get_rope(config, head_dim_of(config), context_length(config))
+        ropes = shared_ropes([layer.rope for layer in config.layers], config.head_dim, config.max_model_len)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, rope, options, tp, mlp_of_layer(i) if mlp_of_layer else None)
-            for i in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, layer, rope, options, tp, mlp_of_layer(i) if mlp_of_layer else None)
+            for i, (layer, rope) in enumerate(zip(config.layers, ropes, strict=True))
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -169,28 +177,26 @@ class LlamaForCausalLM(CausalLM):
 
     stacked_params: ClassVar[tuple[StackedParam, ...]] = LLAMA_STACKED
 
-    def __init__(self, config: Any, tp: TensorParallelGroup = SINGLE_RANK) -> None:
+    def __init__(self, config: ModelConfig, tp: TensorParallelGroup = SINGLE_RANK) -> None:
         super().__init__()
-        check_common_support(config)
         self.config = config
         self.model = self.build_model(config, tp)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
         if self.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)
 
-    def build_model(self, config: Any, tp: TensorParallelGroup) -> LlamaModel:
+    def build_model(self, config: ModelConfig, tp: TensorParallelGroup) -> LlamaModel:
         """The decoder stack (embedding, layers, final norm) under HF's `model.` prefix."""
         return LlamaModel(config, self.block_options(config), tp)
 
     @classmethod
-    def block_options(cls, config: Any) -> BlockOptions:
+    def block_options(cls, config: ModelConfig) -> BlockOptions:
         """Biases (and q/k norms) of this family's decoder blocks."""
-        attention_bias = bool(getattr(config, "attention_bias", False))
-        return BlockOptions(attention_bias, attention_bias, bool(getattr(config, "mlp_bias", False)))
+        return BlockOptions(config.attention_bias, config.attention_bias, config.mlp_bias)
 
     @property
     def tie_word_embeddings(self) -> bool:
-        return bool(getattr(self.config, "tie_word_embeddings", False))
+        return self.config.tie_word_embeddings
 
     def forward(
         self,
@@ -207,12 +213,12 @@ class LlamaForCausalLM(CausalLM):
 
 
 class MistralForCausalLM(LlamaForCausalLM):
-    """Mistral: the Llama architecture; its sliding window caps the context (see context_length)."""
+    """Mistral: the Llama architecture, every layer attending within the config's sliding window."""
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
     """Qwen2/2.5: Llama with biases on the q, k and v projections."""
 
     @classmethod
-    def block_options(cls, config: Any) -> BlockOptions:
+    def block_options(cls, config: ModelConfig) -> BlockOptions:
         return BlockOptions(qkv_bias=True)

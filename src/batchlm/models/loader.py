@@ -18,8 +18,8 @@ from batchlm.models.checkpoint import find_safetensors, iter_safetensors, load_h
 from batchlm.models.config_view import read_config_view
 from batchlm.models.gguf_file import iter_gguf_tensors, open_gguf, tensor_types
 from batchlm.models.gguf_model_dir import gguf_source
-from batchlm.models.hf_config import context_length, head_dim_of, num_kv_heads_of
 from batchlm.models.lora import LoraAdapter, load_lora_adapter, merge_lora
+from batchlm.models.model_config import ModelConfig
 from batchlm.models.registry import architecture_of, get_model_class
 from batchlm.models.weight_methods import assign_weight_methods
 from batchlm.models.weights import expected_names
@@ -42,7 +42,7 @@ class ModelShape:
     hidden_size: int
     # Full vocabulary (logits are gathered across ranks).
     vocab_size: int
-    # Context limit from the config (RoPE scaling applied), capped by an enabled sliding window.
+    # Context limit from the config (RoPE scaling applied; a sliding window does not cap it).
     max_model_len: int
 
 
@@ -57,17 +57,21 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
 
+    @property
+    def config(self) -> ModelConfig:
+        """The typed config the model was built from."""
+        return self.model.config
 
-def model_shape(config: Any, tp: TensorParallelGroup = SINGLE_RANK) -> ModelShape:
-    heads, kv_heads = config.num_attention_heads, num_kv_heads_of(config)
+
+def model_shape(config: ModelConfig, tp: TensorParallelGroup = SINGLE_RANK) -> ModelShape:
     return ModelShape(
-        num_layers=config.num_hidden_layers,
-        num_heads=heads // tp.size,
-        num_kv_heads=max(1, kv_heads // tp.size),
-        head_dim=head_dim_of(config),
+        num_layers=config.num_layers,
+        num_heads=config.num_heads // tp.size,
+        num_kv_heads=max(1, config.num_kv_heads // tp.size),
+        head_dim=config.head_dim,
         hidden_size=config.hidden_size,
         vocab_size=config.vocab_size,
-        max_model_len=context_length(config),
+        max_model_len=config.max_model_len,
     )
 
 
@@ -104,7 +108,8 @@ def load_model(
     with timed_phase(logger, "model config"):
         # The light view when it reads the same; transformers' config class costs seconds to import.
         config = read_config_view(model_dir, hf_overrides) or load_hf_config(model_dir, hf_overrides)
-    model_class = get_model_class(architecture_of(config))
+        model_class = get_model_class(architecture_of(config))
+        model_config = model_class.read_config(config)
     if random_weights and adapter_path:
         raise ValueError(
             "a LoRA adapter cannot be merged into random weights; drop adapter_path or random_weights"
@@ -119,12 +124,12 @@ def load_model(
         with timed_phase(logger, "CUDA context"):
             torch.zeros(1, device=device)
     with timed_phase(logger, "model build"), _default_dtype(dtype), torch.device(device):
-        model = model_class(config, tp)
+        model = model_class(model_config, tp)
     check_quantization(quantization, device, random_weights)
     if random_weights:
         assign_weight_methods(model, DENSE_FORMAT, {}, device, dtype)
         with timed_phase(logger, "random weight init"):
-            init_random_weights(model, std=float(getattr(config, "initializer_range", 0.02)), seed=seed)
+            init_random_weights(model, std=model_config.initializer_range, seed=seed)
     elif gguf_file is not None:
         with timed_phase(logger, "weight load (GGUF)"):
             _load_gguf(model, gguf_file, device, dtype, quantization)
@@ -135,7 +140,7 @@ def load_model(
         with timed_phase(logger, "weight load"):
             _load_checkpoint(model, files, adapter, progress)
     model.eval()
-    return LoadedModel(model, config, model_dir, model_shape(config, tp), dtype, device)
+    return LoadedModel(model, config, model_dir, model_shape(model_config, tp), dtype, device)
 
 
 def _load_checkpoint(model: CausalLM, files: list[Path], adapter: LoraAdapter | None, progress: bool) -> None:

@@ -11,8 +11,10 @@ from torch import nn
 from batchlm.layers.moe import DOWN, GATE, UP, SparseMoeBlock
 from batchlm.layers.quantization.base import LoadedWeight
 from batchlm.models.expert_weights import ExpertTensorRouter
+from batchlm.models.hf_config import text_config_of
 from batchlm.models.llama import BlockOptions, LlamaForCausalLM, LlamaModel
-from batchlm.models.moe_config import MoEConfig, read_mixtral, read_qwen3_moe
+from batchlm.models.model_config import ModelConfig, read_model_config
+from batchlm.models.moe_config import MoEConfig, MoEModelConfig, read_mixtral, read_qwen3_moe, with_moe
 from batchlm.models.weights import load_named_weights
 from batchlm.parallel.group import TensorParallelGroup
 
@@ -25,8 +27,14 @@ class MoEForCausalLM(LlamaForCausalLM):
     # Checkpoint name fragments renamed before loading (old -> ours).
     checkpoint_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
 
-    def build_model(self, config: Any, tp: TensorParallelGroup) -> LlamaModel:
-        moe = self.read_moe(config)
+    @classmethod
+    def read_config(cls, hf_config: Any) -> ModelConfig:
+        return with_moe(read_model_config(hf_config), cls.read_moe(text_config_of(hf_config)))
+
+    def build_model(self, config: ModelConfig, tp: TensorParallelGroup) -> LlamaModel:
+        if not isinstance(config, MoEModelConfig):
+            raise TypeError(f"{type(self).__name__} is built from the config its read_config returns")
+        moe = config.moe
         spec = moe.spec(config.hidden_size)
 
         def mlp_of_layer(index: int) -> nn.Module | None:
@@ -35,7 +43,8 @@ class MoEForCausalLM(LlamaForCausalLM):
         return LlamaModel(config, self.block_options(config), tp, mlp_of_layer)
 
     @classmethod
-    def read_moe(cls, config: Any) -> MoEConfig:
+    def read_moe(cls, hf_config: Any) -> MoEConfig:
+        """The expert fields of this family's HF config."""
         raise NotImplementedError
 
     def load_weights(self, weights: Iterable[tuple[str, LoadedWeight]]) -> None:
@@ -59,13 +68,12 @@ class Qwen3MoeForCausalLM(MoEForCausalLM):
     every `decoder_sparse_step`-th layer."""
 
     @classmethod
-    def block_options(cls, config: Any) -> BlockOptions:
-        attention_bias = bool(getattr(config, "attention_bias", False))
-        return BlockOptions(qkv_bias=attention_bias, o_bias=attention_bias, qk_norm=True)
+    def block_options(cls, config: ModelConfig) -> BlockOptions:
+        return BlockOptions(qkv_bias=config.attention_bias, o_bias=config.attention_bias, qk_norm=True)
 
     @classmethod
-    def read_moe(cls, config: Any) -> MoEConfig:
-        return read_qwen3_moe(config)
+    def read_moe(cls, hf_config: Any) -> MoEConfig:
+        return read_qwen3_moe(hf_config)
 
 
 class MixtralForCausalLM(MoEForCausalLM):
@@ -76,5 +84,5 @@ class MixtralForCausalLM(MoEForCausalLM):
     checkpoint_renames: ClassVar[tuple[tuple[str, str], ...]] = ((".block_sparse_moe.", ".mlp."),)
 
     @classmethod
-    def read_moe(cls, config: Any) -> MoEConfig:
-        return read_mixtral(config)
+    def read_moe(cls, hf_config: Any) -> MoEConfig:
+        return read_mixtral(hf_config)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from batchlm.layers.moe import MoESpec
+from batchlm.models.hf_config import field_of
+from batchlm.models.model_config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -32,14 +34,20 @@ class MoEConfig:
         )
 
 
-def _field(config: Any, name: str, default: Any = None) -> Any:
-    value = config.get(name, default) if isinstance(config, dict) else getattr(config, name, default)
-    return default if value is None else value
+@dataclass(frozen=True)
+class MoEModelConfig(ModelConfig):
+    """A ModelConfig with the expert fields of its family."""
+
+    moe: MoEConfig = field(kw_only=True)
+
+
+def with_moe(base: ModelConfig, moe: MoEConfig) -> MoEModelConfig:
+    return MoEModelConfig(**{f.name: getattr(base, f.name) for f in fields(base)}, moe=moe)
 
 
 def _num_experts(config: Any) -> int:
     # Qwen3-MoE checkpoints say num_experts; newer transformers writes num_local_experts.
-    return int(_field(config, "num_experts") or _field(config, "num_local_experts", 0))
+    return int(field_of(config, "num_experts") or field_of(config, "num_local_experts", 0))
 
 
 def _check(config: MoEConfig) -> MoEConfig:
@@ -55,20 +63,20 @@ def read_qwen3_moe(config: Any) -> MoEConfig:
     """Qwen3-MoE: a layer is sparse unless listed in mlp_only_layers, and then only every
     decoder_sparse_step-th layer; norm_topk_prob rescales the kept routing weights."""
     num_experts = _num_experts(config)
-    step = int(_field(config, "decoder_sparse_step", 1))
-    dense_only = {int(i) for i in _field(config, "mlp_only_layers", [])}
-    layers = int(_field(config, "num_hidden_layers"))
+    step = int(field_of(config, "decoder_sparse_step", 1))
+    dense_only = {int(i) for i in field_of(config, "mlp_only_layers", [])}
+    layers = int(field_of(config, "num_hidden_layers"))
     sparse = tuple(
         i not in dense_only and num_experts > 0 and step > 0 and (i + 1) % step == 0 for i in range(layers)
     )
     return _check(
         MoEConfig(
             num_experts=num_experts,
-            top_k=int(_field(config, "num_experts_per_tok")),
-            expert_intermediate_size=int(_field(config, "moe_intermediate_size")),
-            renormalize=bool(_field(config, "norm_topk_prob", False)),
+            top_k=int(field_of(config, "num_experts_per_tok")),
+            expert_intermediate_size=int(field_of(config, "moe_intermediate_size")),
+            renormalize=bool(field_of(config, "norm_topk_prob", False)),
             sparse_layers=sparse,
-            hidden_act=str(_field(config, "hidden_act", "silu")),
+            hidden_act=str(field_of(config, "hidden_act", "silu")),
         )
     )
 
@@ -79,10 +87,10 @@ def read_mixtral(config: Any) -> MoEConfig:
     return _check(
         MoEConfig(
             num_experts=_num_experts(config),
-            top_k=int(_field(config, "num_experts_per_tok")),
-            expert_intermediate_size=int(_field(config, "intermediate_size")),
+            top_k=int(field_of(config, "num_experts_per_tok")),
+            expert_intermediate_size=int(field_of(config, "intermediate_size")),
             renormalize=True,
-            sparse_layers=(True,) * int(_field(config, "num_hidden_layers")),
-            hidden_act=str(_field(config, "hidden_act", "silu")),
+            sparse_layers=(True,) * int(field_of(config, "num_hidden_layers")),
+            hidden_act=str(field_of(config, "hidden_act", "silu")),
         )
     )

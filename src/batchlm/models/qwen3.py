@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from batchlm.models.llama import BlockOptions, LlamaForCausalLM
+from batchlm.models.model_config import ModelConfig
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
     """Qwen3: q_norm / k_norm per head, no MLP bias; the LM head tied in the small checkpoints."""
 
     @classmethod
-    def block_options(cls, config: Any) -> BlockOptions:
-        attention_bias = bool(getattr(config, "attention_bias", False))
-        return BlockOptions(qkv_bias=attention_bias, o_bias=attention_bias, qk_norm=True)
+    def block_options(cls, config: ModelConfig) -> BlockOptions:
+        return BlockOptions(qkv_bias=config.attention_bias, o_bias=config.attention_bias, qk_norm=True)

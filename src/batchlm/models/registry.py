@@ -1,21 +1,29 @@
-"""Which model class implements each HF architecture name (config.json's `architectures`)."""
+"""Which model class implements each HF architecture name (config.json's `architectures`).
+
+Classes are imported on first use, so naming a family here costs nothing until a model needs it. A
+new family is one model module plus one line below.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from batchlm.models.base import CausalLM
-from batchlm.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
-from batchlm.models.moe import MixtralForCausalLM, Qwen3MoeForCausalLM
-from batchlm.models.qwen3 import Qwen3ForCausalLM
+if TYPE_CHECKING:
+    from batchlm.models.base import CausalLM
 
-MODEL_REGISTRY: dict[str, type[CausalLM]] = {
-    "LlamaForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": MistralForCausalLM,
-    "Qwen2ForCausalLM": Qwen2ForCausalLM,
-    "Qwen3ForCausalLM": Qwen3ForCausalLM,
-    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
-    "MixtralForCausalLM": MixtralForCausalLM,
+# architecture -> "module:class"
+MODEL_REGISTRY: dict[str, str] = {
+    "LlamaForCausalLM": "batchlm.models.llama:LlamaForCausalLM",
+    "MistralForCausalLM": "batchlm.models.llama:MistralForCausalLM",
+    "Qwen2ForCausalLM": "batchlm.models.llama:Qwen2ForCausalLM",
+    "Qwen3ForCausalLM": "batchlm.models.qwen3:Qwen3ForCausalLM",
+    "Gemma2ForCausalLM": "batchlm.models.gemma:Gemma2ForCausalLM",
+    "Gemma3ForCausalLM": "batchlm.models.gemma:Gemma3ForCausalLM",
+    "Gemma3ForConditionalGeneration": "batchlm.models.gemma:Gemma3ForConditionalGeneration",
+    "Phi3ForCausalLM": "batchlm.models.phi3:Phi3ForCausalLM",
+    "Qwen3MoeForCausalLM": "batchlm.models.moe:Qwen3MoeForCausalLM",
+    "MixtralForCausalLM": "batchlm.models.moe:MixtralForCausalLM",
 }
 
 
@@ -29,7 +37,9 @@ def get_model_class(architecture: str) -> type[CausalLM]:
         raise ValueError(
             f"unsupported model architecture {architecture!r}; batchlm supports: {', '.join(supported_architectures())}"
         )
-    return MODEL_REGISTRY[architecture]
+    module_name, _, class_name = MODEL_REGISTRY[architecture].partition(":")
+    model_class: type[CausalLM] = getattr(importlib.import_module(module_name), class_name)
+    return model_class
 
 
 def architecture_of(config: Any) -> str:

@@ -1,0 +1,220 @@
+"""Gemma 2 and Gemma 3 (text) decoders.
+
+What sets them apart from Llama: RMSNorm scales by (1 + weight) in float32; the embedding is scaled
+by sqrt(hidden); each block norms the attention and MLP outputs again before the residual add; GeLU
+(tanh) gating; every other layer (Gemma 2) or five of six (Gemma 3) attends within a sliding window.
+Gemma 2 soft-caps attention scores and final logits; Gemma 3 norms each query and key head and gives
+its window layers their own RoPE base. All of it comes from the per-layer specs in ModelConfig.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from batchlm.attention.backend import AttentionBackend, AttentionMetadata
+from batchlm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from batchlm.layers.linear import QKVParallelLinear, RowParallelLinear
+from batchlm.layers.quantization.base import LoadedWeight
+from batchlm.layers.rotary import RotaryEmbedding, shared_ropes
+from batchlm.models.base import CausalLM, StackedParam
+from batchlm.models.llama import LLAMA_STACKED, LlamaMLP
+from batchlm.models.model_config import LayerSpec, ModelConfig
+from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
+
+
+class GemmaRMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * (1 + weight), all in float32, then cast back (as HF does)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (normed * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class GemmaAttention(nn.Module):
+    """Grouped-query attention with the layer's own scale, window, soft-cap and RoPE (and Gemma 3's
+    per-head q/k norms)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer: LayerSpec,
+        rope: RotaryEmbedding,
+        qk_norm: bool,
+        tp: TensorParallelGroup,
+    ) -> None:
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size,
+            self.head_dim,
+            config.num_heads,
+            config.num_kv_heads,
+            config.attention_bias,
+            tp,
+        )
+        self.o_proj = RowParallelLinear(
+            config.num_heads * self.head_dim, config.hidden_size, config.attention_bias, tp
+        )
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+        self.k_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+        self.rotary_emb = rope
+        self.spec = layer.attention
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        attn: AttentionBackend,
+    ) -> torch.Tensor:
+        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary_emb(positions, q, k)
+        out = attn.forward(q, k, v, kv_cache, meta, self.spec)
+        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+
+
+class GemmaDecoderLayer(nn.Module):
+    """Norm, attend, norm again, add; the same around the MLP."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer: LayerSpec,
+        rope: RotaryEmbedding,
+        qk_norm: bool,
+        tp: TensorParallelGroup,
+    ) -> None:
+        super().__init__()
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        self.self_attn = GemmaAttention(config, layer, rope, qk_norm, tp)
+        self.mlp = LlamaMLP(config, False, tp)
+        self.input_layernorm = GemmaRMSNorm(hidden, eps)
+        self.post_attention_layernorm = GemmaRMSNorm(hidden, eps)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(hidden, eps)
+        self.post_feedforward_layernorm = GemmaRMSNorm(hidden, eps)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        attn: AttentionBackend,
+    ) -> torch.Tensor:
+        attended = self.self_attn(positions, self.input_layernorm(hidden), kv_cache, meta, attn)
+        hidden = hidden + self.post_attention_layernorm(attended)
+        fed = self.mlp(self.pre_feedforward_layernorm(hidden))
+        return hidden + self.post_feedforward_layernorm(fed)
+
+
+class GemmaModel(nn.Module):
+    """Scaled embedding, decoder layers, final norm (HF's `model.` prefix)."""
+
+    def __init__(self, config: ModelConfig, qk_norm: bool, tp: TensorParallelGroup) -> None:
+        super().__init__()
+        ropes = shared_ropes([layer.rope for layer in config.layers], config.head_dim, config.max_model_len)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        self.embed_scale = config.hidden_size**0.5
+        self.layers = nn.ModuleList(
+            GemmaDecoderLayer(config, layer, rope, qk_norm, tp)
+            for layer, rope in zip(config.layers, ropes, strict=True)
+        )
+        self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        meta: AttentionMetadata,
+        attn: AttentionBackend,
+    ) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)  # [T, hidden]
+        # HF rounds the scale to the activation dtype before multiplying.
+        hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden = layer(positions, hidden, kv_cache, meta, attn)
+        return self.norm(hidden)
+
+
+class Gemma2ForCausalLM(CausalLM):
+    """Gemma 2: soft-capped attention scores and final logits, alternating window and global layers."""
+
+    stacked_params: ClassVar[tuple[StackedParam, ...]] = LLAMA_STACKED
+    qk_norm: ClassVar[bool] = False
+
+    def __init__(self, config: ModelConfig, tp: TensorParallelGroup = SINGLE_RANK) -> None:
+        super().__init__()
+        self.config = config
+        self.model = GemmaModel(config, self.qk_norm, tp)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
+        if self.tie_word_embeddings:
+            self.lm_head.tie_to(self.model.embed_tokens)
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        return self.config.tie_word_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        meta: AttentionMetadata,
+        attn: AttentionBackend,
+    ) -> torch.Tensor:
+        return self.model(input_ids, positions, kv_caches, meta, attn)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head.compute_logits(hidden)
+        cap = self.config.final_logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+class Gemma3ForCausalLM(Gemma2ForCausalLM):
+    """Gemma 3 text: q/k norms per head; window layers use the local RoPE base."""
+
+    qk_norm: ClassVar[bool] = True
+
+
+class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):
+    """The text model of a multimodal Gemma 3 checkpoint (its config nests `text_config`); the vision
+    tower and projector tensors are skipped, so it serves text prompts."""
+
+    def load_weights(self, weights: Iterable[tuple[str, LoadedWeight]]) -> None:
+        super().load_weights(_text_tensors(weights))
+
+
+# Where multimodal checkpoints keep the language model: transformers 5 writes the first form,
+# older exports the second.
+_TEXT_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."))
+_TEXT_HEAD = {"language_model.lm_head.weight": "lm_head.weight"}
+_VISION_PARTS = ("vision_tower.", "multi_modal_projector.")
+
+
+def _text_tensors(weights: Iterable[tuple[str, LoadedWeight]]) -> Iterator[tuple[str, LoadedWeight]]:
+    for name, tensor in weights:
+        if any(part in name for part in _VISION_PARTS):
+            continue
+        for prefix, ours in _TEXT_PREFIXES:
+            if name.startswith(prefix):
+                name = ours + name[len(prefix) :]
+                break
+        yield _TEXT_HEAD.get(name, name), tensor

@@ -1,0 +1,75 @@
+"""Gemma 2 and Gemma 3 (text) against transformers: greedy tokens and logprobs, with contexts longer
+than the sliding window, soft-caps, q/k norms and local RoPE bases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from batchlm.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
+from batchlm.models.loader import LoadedModel, load_model
+from batchlm.models.random_model import write_random_model
+from models_harness import Chunk, greedy_generate, hf_greedy, make_kv_caches, run_step
+
+CPU = torch.device("cpu")
+# The second prompt alone outgrows the window; generation takes the first one past it too.
+PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11] * 3 + list(range(100, 121))]
+NEW_TOKENS = 16
+WINDOW = 6
+LOGPROB_ATOL = 1e-4
+LAYERS = ["sliding_attention", "full_attention", "sliding_attention"]
+
+GEMMA2: dict[str, Any] = {"num_hidden_layers": 3, "layer_types": LAYERS, "sliding_window": WINDOW,
+                          "query_pre_attn_scalar": 24, "attn_logit_softcapping": 5.0,
+                          "final_logit_softcapping": 3.0, "pad_token_id": 0}  # fmt: skip
+GEMMA3: dict[str, Any] = {"num_hidden_layers": 3, "layer_types": LAYERS, "sliding_window": WINDOW,
+                          "query_pre_attn_scalar": 24, "pad_token_id": 0,
+                          "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                              "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}}}  # fmt: skip
+FAMILIES = [("gemma2", GEMMA2, Gemma2ForCausalLM), ("gemma3_text", GEMMA3, Gemma3ForCausalLM)]
+
+
+def load(path: Path) -> LoadedModel:
+    return load_model(path, torch.float32, CPU, progress=False)
+
+
+@pytest.mark.parametrize(("model_type", "overrides", "model_class"), FAMILIES, ids=["gemma2", "gemma3"])
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_greedy_matches_transformers_past_the_window(
+    tmp_path: Path, model_type: str, overrides: dict[str, Any], model_class: type, tied: bool
+) -> None:
+    path = write_random_model(tmp_path, model_type, {**overrides, "tie_word_embeddings": tied}, seed=11)
+    loaded = load(path)
+    assert isinstance(loaded.model, model_class)
+    assert loaded.shape.max_model_len == 512  # the window is no context cap
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for prompt in PROMPTS:
+        ours, our_logprobs = greedy_generate(loaded, prompt, NEW_TOKENS)
+        theirs, their_logprobs = hf_greedy(hf, prompt, NEW_TOKENS)
+        assert ours == theirs
+        torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "overrides"), [(t, o) for t, o, _ in FAMILIES], ids=["gemma2", "gemma3"]
+)
+def test_the_window_matters(tmp_path: Path, model_type: str, overrides: dict[str, Any]) -> None:
+    # Against a twin whose window layers see everything: equal inside the window, different past it.
+    windowed = load(write_random_model(tmp_path / "w", model_type, overrides, seed=12))
+    wide = load(write_random_model(tmp_path / "f", model_type, {**overrides, "sliding_window": 512}, seed=12))
+    short, long = PROMPTS[0][:WINDOW], PROMPTS[1]
+    for prompt, same in ((short, True), (long, False)):
+        chunk = [Chunk(prompt, 0, list(range(8)))]
+        a = run_step(windowed.model, make_kv_caches(windowed, 8), chunk)
+        b = run_step(wide.model, make_kv_caches(wide, 8), chunk)
+        assert torch.allclose(a, b, atol=1e-5) == same
+
+
+def test_final_logits_are_soft_capped(tmp_path: Path) -> None:
+    loaded = load(write_random_model(tmp_path, "gemma2", GEMMA2, seed=13))
+    logits = run_step(loaded.model, make_kv_caches(loaded, 8), [Chunk(PROMPTS[0], 0, list(range(8)))])
+    assert float(logits.abs().max()) < GEMMA2["final_logit_softcapping"]
