@@ -129,3 +129,17 @@ def test_tensor_parallel_two_ranks_match_single_rank(tmp_path: Path, model_type:
     for tokens, logprobs in run_ranks(lambda rank: greedy_generate(ranks[rank], PROMPTS[0], 8), 2):
         assert tokens == expected_tokens
         torch.testing.assert_close(logprobs, expected_logprobs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "window"),
+    [("mixtral", {"sliding_window": 8}), ("qwen3_moe", {"sliding_window": 8, "use_sliding_window": True})],
+)
+def test_context_longer_than_the_sliding_window(
+    tmp_path: Path, model_type: str, window: dict[str, Any]
+) -> None:
+    """Prompts of 7 and 24 tokens plus 16 new ones run past an 8-token window, as transformers does."""
+    path = write_random_model(tmp_path, model_type, window, seed=11)
+    loaded = _assert_greedy_matches(path)
+    assert loaded.shape.max_model_len > 8
+    assert all(layer.attention.sliding_window == 8 for layer in loaded.model.config.layers)
