@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from batchlm.backends.mlx.config_names import older_field_names
 from batchlm.config import DEMO_MODEL, EngineConfig
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def load_model(config: EngineConfig, model_dir: Path) -> LoadedModel:
     check_config(config)
     if config.device == "cpu":
         mx.set_default_device(mx.cpu)
-    overrides = dict(config.hf_overrides) or None
+    overrides = {**older_field_names(model_dir), **dict(config.hf_overrides)} or None
     model, model_config = mlx_load_model(
         model_dir, model_config=overrides, trust_remote_code=config.trust_remote_code
     )
