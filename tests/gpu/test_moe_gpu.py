@@ -93,3 +93,42 @@ def test_moe_model_greedy_matches_transformers(tiny_model_dir: Callable[..., Pat
     llm = LLM(model=str(model_dir), device="cuda", dtype="float32", gpu_memory_utilization=0.3)
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
     assert [o.outputs[0].token_ids for o in outputs] == expected
+
+
+def test_serving_a_moe_model_compiles_nothing_after_startup(tiny_model_dir: Callable[..., Path]) -> None:
+    """Start-up warms every grouped-GEMM variant (block sizes, slot counts) that steps can meet."""
+    import random
+    import time
+
+    from batchlm import LLM, SamplingParams
+    from batchlm.kernels.compile_watch import compiles_after_startup
+    from batchlm.request import EngineCoreRequest
+
+    # 16 experts, 4 per token: a shape no other test uses, so nothing is in Triton's in-process cache.
+    model_dir = tiny_model_dir(
+        "qwen3_moe",
+        num_experts=16,
+        num_experts_per_tok=4,
+        moe_intermediate_size=80,
+        max_position_embeddings=2048,
+    )
+    llm = LLM(
+        model=str(model_dir),
+        device="cuda",
+        dtype="bfloat16",
+        max_model_len=1536,
+        num_gpu_blocks_override=1024,
+    )
+    core = llm.engine_core
+    before = compiles_after_startup()
+    rng = random.Random(1)
+    for index in range(40):
+        prompt = tuple(rng.randrange(10, 300) for _ in range(rng.randrange(1, 1200)))
+        params = SamplingParams(temperature=1.0, max_tokens=rng.randrange(8, 120), ignore_eos=True)
+        core.add_request(
+            EngineCoreRequest(str(index), prompt, params, eos_token_ids=(2,), arrival_time=time.time())
+        )
+        core.step()
+    while core.has_work():
+        core.step()
+    assert compiles_after_startup() == before

@@ -115,6 +115,26 @@ class FusedMoE(nn.Module):
             start = end
         return torch.zeros_like(x).index_add_(0, tokens, rows)
 
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """Run the grouped GEMM at token counts that reach each of its compiled variants (block sizes,
+        and slot counts that are or are not multiples of 16), so no serving step waits for a compile."""
+        if _moe_kernels() is None or not self.gate_up_proj.is_cuda:
+            return
+        experts, top_k = self.spec.num_experts, self.spec.top_k
+        counts = {1}
+        for rows_per_expert in (1, 32, 128):
+            tokens = max(16, -(-rows_per_expert * experts // top_k // 16) * 16)
+            counts.update((tokens, tokens + 1))
+        for tokens in sorted(counts):
+            x = torch.zeros(
+                (tokens, self.spec.hidden_size),
+                dtype=self.gate_up_proj.dtype,
+                device=self.gate_up_proj.device,
+            )
+            logits = torch.arange(experts, dtype=torch.float32, device=x.device).expand(tokens, experts)
+            self(x, route_top_k(logits, top_k, self.spec.renormalize))
+
     def load_expert(self, name: str, expert: int, part: int, loaded: LoadedWeight) -> None:
         """One expert's HF projection (gate [I, H], up [I, H] or down [H, I]): this rank's share."""
         if not 0 <= expert < self.spec.num_experts:
@@ -177,3 +197,12 @@ class SparseMoeBlock(nn.Module):
         # x: [T, hidden] -> router logits [T, E] -> [T, hidden]
         choice = route_top_k(self.gate(x), self.spec.top_k, self.spec.renormalize)
         return self.experts(x, choice)
+
+
+def warm_up_experts(model: nn.Module) -> None:
+    """Warm up the grouped GEMM once per distinct expert shape in `model` (layers share kernels)."""
+    seen: set[MoESpec] = set()
+    for module in model.modules():
+        if isinstance(module, FusedMoE) and module.spec not in seen:
+            seen.add(module.spec)
+            module.warm_up()
