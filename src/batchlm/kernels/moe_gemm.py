@@ -18,7 +18,9 @@ import triton.language as tl
 from batchlm.layers.moe_routing import ExpertBlocks
 
 
-@triton.jit
+# The slot count changes every step: not specializing on it (Triton would on `% 16 == 0`) keeps one
+# compiled variant per block size.
+@triton.jit(do_not_specialize=["num_slots"])
 def _grouped_gemm_kernel(
     a_ptr,
     b_ptr,

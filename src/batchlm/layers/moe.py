@@ -117,22 +117,15 @@ class FusedMoE(nn.Module):
 
     @torch.no_grad()
     def warm_up(self) -> None:
-        """Run the grouped GEMM at token counts that reach each of its compiled variants (block sizes,
-        and slot counts that are or are not multiples of 16), so no serving step waits for a compile."""
+        """Run the grouped GEMM once per block size it can pick, so no serving step waits for a compile."""
         if _moe_kernels() is None or not self.gate_up_proj.is_cuda:
             return
         experts, top_k = self.spec.num_experts, self.spec.top_k
-        counts = {1}
+        weight = self.gate_up_proj
         for rows_per_expert in (1, 32, 128):
-            tokens = max(16, -(-rows_per_expert * experts // top_k // 16) * 16)
-            counts.update((tokens, tokens + 1))
-        for tokens in sorted(counts):
-            x = torch.zeros(
-                (tokens, self.spec.hidden_size),
-                dtype=self.gate_up_proj.dtype,
-                device=self.gate_up_proj.device,
-            )
-            logits = torch.arange(experts, dtype=torch.float32, device=x.device).expand(tokens, experts)
+            tokens = -(-rows_per_expert * experts // top_k)
+            x = torch.zeros((tokens, self.spec.hidden_size), dtype=weight.dtype, device=weight.device)
+            logits = torch.randn((tokens, experts), device=weight.device)
             self(x, route_top_k(logits, top_k, self.spec.renormalize))
 
     def load_expert(self, name: str, expert: int, part: int, loaded: LoadedWeight) -> None:
