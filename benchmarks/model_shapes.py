@@ -37,6 +37,23 @@ SHAPES: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 2048,
         "tie_word_embeddings": True,
     },
+    # A Qwen3-MoE of ~110M parameters (~30M active) for CPU runs against transformers.
+    "small-moe": {
+        "model_type": "qwen3_moe",
+        "hidden_size": 512,
+        "intermediate_size": 1536,
+        "moe_intermediate_size": 256,
+        "num_experts": 32,
+        "num_experts_per_tok": 4,
+        "norm_topk_prob": True,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "head_dim": 64,
+        "vocab_size": 8192,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": True,
+    },
     "smollm2-135m": {
         "model_type": "llama",
         "hidden_size": 576,
