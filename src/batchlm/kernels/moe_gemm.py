@@ -125,9 +125,22 @@ def grouped_gemm(
     return c
 
 
+# Rows per block by the average rows per expert: (largest average, block rows); above the last, 64.
+# A block reads its expert's whole weight matrix, so in memory-bound decode steps one block should
+# hold every row an expert gets (with B tokens routed uniformly, counts spread about +-sqrt(average)).
+BLOCK_M_STEPS = ((4.0, 16), (16.0, 32))
+LARGEST_BLOCK_M = 64
+
+
 def block_m_for(num_slots: int, num_experts: int) -> int:
     """Rows per block: small blocks when each expert gets few rows (decode), larger for prefill."""
     per_expert = num_slots / max(num_experts, 1)
-    if per_expert <= 16:
-        return 16
-    return 32 if per_expert <= 64 else 64
+    for limit, block_m in BLOCK_M_STEPS:
+        if per_expert <= limit:
+            return block_m
+    return LARGEST_BLOCK_M
+
+
+def rows_per_expert_of_each_block_m() -> list[float]:
+    """One average rows-per-expert value that picks each block size (what a warm-up must run)."""
+    return [limit for limit, _ in BLOCK_M_STEPS] + [2 * BLOCK_M_STEPS[-1][0]]
