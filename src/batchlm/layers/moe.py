@@ -95,24 +95,24 @@ class FusedMoE(nn.Module):
         return down.view(tokens, top_k, -1).sum(dim=1)
 
     def _forward_per_expert(self, x: torch.Tensor, choice: RoutingChoice) -> torch.Tensor:
-        """Slots sorted by expert; one gathered matmul pair per expert that has tokens."""
+        """Slots sorted by expert; one matmul pair per expert that has tokens, on its run of rows.
+        Gathering and weighting happen once for all rows, so each expert costs four ops."""
         top_k = choice.experts.shape[1]
         flat = choice.experts.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.spec.num_experts).tolist()
         tokens = order // top_k
-        slot_weights = choice.weights.reshape(-1)[order]
-        rows = torch.empty((flat.numel(), x.shape[1]), dtype=x.dtype, device=x.device)
+        picked = x[tokens]  # [T * k, hidden], grouped by expert
+        rows = torch.empty_like(picked)
         start = 0
         for expert, count in enumerate(counts):
             if count == 0:
                 continue
             end = start + count
-            picked = x[tokens[start:end]]
-            activated = self.act_fn(picked @ self.gate_up_proj[expert].t())
-            down = activated @ self.down_proj[expert].t()
-            rows[start:end] = (down * slot_weights[start:end, None]).to(x.dtype)
+            activated = self.act_fn(picked[start:end] @ self.gate_up_proj[expert].t())
+            torch.mm(activated, self.down_proj[expert].t(), out=rows[start:end])
             start = end
+        rows *= choice.weights.reshape(-1)[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, tokens, rows)
 
     @torch.no_grad()
