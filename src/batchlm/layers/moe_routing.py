@@ -55,22 +55,26 @@ def padded_row_bound(num_slots: int, num_experts: int, block_m: int) -> int:
 
 
 def align_to_blocks(experts: torch.Tensor, num_experts: int, block_m: int) -> ExpertBlocks:
-    """Sort the slots of `experts` ([T, top_k]) by expert and pad each expert's run to block_m rows."""
+    """Sort the slots of `experts` ([T, top_k]) by expert and pad each expert's run to block_m rows.
+
+    A slot's place in its expert's run is the count of earlier slots choosing the same expert, read
+    from a running count over a one-hot [slots, E] matrix. That keeps the slots' order within each run
+    (transformers' summation order) without a device sort, which CUDA graph capture does not always
+    accept (CUB's stable sort fails to capture at some sizes).
+    """
     flat = experts.reshape(-1)
     num_slots = flat.numel()
     device = flat.device
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    one_hot = torch.zeros((num_slots, num_experts), dtype=torch.int32, device=device)
+    one_hot.scatter_(1, flat[:, None], 1)
+    rank_in_run = one_hot.cumsum(0, dtype=torch.int32).gather(1, flat[:, None]).squeeze(1) - 1
+    counts = one_hot.sum(0)
     padded = (counts + block_m - 1) // block_m * block_m
     padded_ends = torch.cumsum(padded, 0)
-    starts = torch.cumsum(counts, 0) - counts
-    order = torch.argsort(flat, stable=True)
-    sorted_experts = flat[order]
-    rank_in_run = torch.arange(num_slots, device=device) - starts[sorted_experts]
-    destination = padded_ends[sorted_experts] - padded[sorted_experts] + rank_in_run
+    destination = padded_ends[flat] - padded[flat] + rank_in_run
     bound = padded_row_bound(num_slots, num_experts, block_m)
     sorted_slots = torch.full((bound,), num_slots, dtype=torch.int64, device=device)
-    sorted_slots.scatter_(0, destination, order)
+    sorted_slots.scatter_(0, destination, torch.arange(num_slots, device=device))
     block_starts = torch.arange(0, bound, block_m, device=device)
     block_experts = torch.searchsorted(padded_ends, block_starts, right=True)
     return ExpertBlocks(sorted_slots, block_experts, padded_ends[-1:], num_slots, block_m)
