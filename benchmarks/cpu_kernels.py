@@ -9,6 +9,9 @@ shape's real sizes with random data, on this machine's CPU:
 - Sampling: one decode step's logits: inverse-CDF kernel vs the exponential race.
 
     python benchmarks/cpu_kernels.py --shape smollm2-135m --rows 1 16 512 --batch 16 --context 170
+    python benchmarks/cpu_kernels.py --shape gemma-3-1b --ops attention --context 2048 --window 512
+
+--window and --softcap time a sliding-window / soft-capped layer (Gemma) on both paths.
 
 Prints one JSON line per measurement (median of --repeats timings, milliseconds).
 """
@@ -95,7 +98,14 @@ def gemm(config: dict, rows_list: list[int], repeats: int) -> None:
             )
 
 
-def attention(config: dict, batch: int, context: int, repeats: int) -> None:
+def attention(
+    config: dict,
+    batch: int,
+    context: int,
+    repeats: int,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> None:
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     head_dim = config.get("head_dim", config["hidden_size"] // heads)
     block_size = 16
@@ -119,19 +129,22 @@ def attention(config: dict, batch: int, context: int, repeats: int) -> None:
         num_decodes=batch,
     )
     backend = TorchAttentionBackend()
-    scale = head_dim**-0.5
+    spec = AttentionSpec(head_dim**-0.5, window, softcap)
 
     def torch_path() -> None:
         for group in backend._decode_groups(meta, block_size):
-            _decode_attention(query, cache, group, AttentionSpec(scale))
+            _decode_attention(query, cache, group, spec)
 
     def kernel_path() -> None:
-        cpu_decode_attention.paged_decode_attention(query, cache, tables, lens, scale, out)
+        cpu_decode_attention.paged_decode_attention(
+            query, cache, tables, lens, spec.scale, out, window, softcap
+        )
 
     for name, fn in (("torch", torch_path), ("kernel", kernel_path)):
         for evicted in (False, True):
             ms = median_ms(fn, repeats, before=evict.sum if evicted else None)
             print(json.dumps({"op": f"decode attention {name}", "batch": batch, "context": context,
+                              "window": window, "softcap": softcap,
                               "cache": "evicted" if evicted else "warm", "ms": round(ms, 3)}))  # fmt: skip
 
 
@@ -160,6 +173,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="decode requests (attention, sampling)")
     parser.add_argument("--context", type=int, default=170, help="tokens per request (attention)")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--window", type=int, default=None, help="sliding window of the attention layer")
+    parser.add_argument("--softcap", type=float, default=None, help="attention logit soft-cap")
+    parser.add_argument("--ops", nargs="+", choices=["gemm", "attention", "sampling"],
+                        default=["gemm", "attention", "sampling"])  # fmt: skip
     args = parser.parse_args()
     if gemm_library() is None or decode_library() is None or sample_library() is None:
         parser.error(
@@ -168,9 +185,12 @@ def main() -> None:
     config = SHAPES[args.shape]
     print(json.dumps({"shape": args.shape, "threads": torch.get_num_threads(), "cpu": torch.backends.cpu.get_cpu_capability(),
                       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}))  # fmt: skip
-    gemm(config, args.rows, args.repeats)
-    attention(config, args.batch, args.context, args.repeats)
-    sampling(config, args.batch, args.repeats)
+    if "gemm" in args.ops:
+        gemm(config, args.rows, args.repeats)
+    if "attention" in args.ops:
+        attention(config, args.batch, args.context, args.repeats, args.window, args.softcap)
+    if "sampling" in args.ops:
+        sampling(config, args.batch, args.repeats)
 
 
 if __name__ == "__main__":

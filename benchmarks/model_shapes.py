@@ -131,6 +131,29 @@ SHAPES: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": False,
         "use_sliding_window": False,
     },
+    # google/gemma-3-1b-it's text shape: five 512-token window layers (local RoPE base 1e4) to one
+    # global layer (base 1e6), 256-wide heads over one KV head.
+    "gemma-3-1b": {
+        "model_type": "gemma3_text",
+        "architecture": "Gemma3ForCausalLM",
+        "hidden_size": 1152,
+        "intermediate_size": 6912,
+        "num_hidden_layers": 26,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 256,
+        "query_pre_attn_scalar": 256,
+        "vocab_size": 262144,
+        "max_position_embeddings": 32768,
+        "sliding_window": 512,
+        "sliding_window_pattern": 6,
+        "rope_theta": 1000000.0,
+        "rope_local_base_freq": 10000.0,
+        "rms_norm_eps": 1e-6,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "tie_word_embeddings": True,
+        "pad_token_id": 0,
+    },
 }
 
 
@@ -138,7 +161,7 @@ def hf_config_dict(shape: str) -> dict[str, Any]:
     params = dict(SHAPES[shape])
     params.setdefault("bos_token_id", 1)
     params.setdefault("eos_token_id", 2)
-    params["architectures"] = [ARCHITECTURES[params["model_type"]]]
+    params["architectures"] = [params.pop("architecture", None) or ARCHITECTURES[params["model_type"]]]
     params["torch_dtype"] = "bfloat16"
     return params
 
@@ -161,7 +184,7 @@ def write_random_weights(shape: str, directory: Path, seed: int = 0) -> Path:
 
     if (directory / "config.json").exists() and any(directory.glob("*.safetensors")):
         return directory
-    params = {k: v for k, v in SHAPES[shape].items() if k != "model_type"}
+    params = {k: v for k, v in SHAPES[shape].items() if k not in ("model_type", "architecture")}
     write_random_model(directory, SHAPES[shape]["model_type"], params, seed=seed)
     build_tokenizer(directory)
     return directory

@@ -4,8 +4,9 @@ the memory bandwidth and its FLOPs over the peak matmul rate (bf16 weights and K
 A decode step reads the dense weights, the LM head, the KV cache of every running request and, in a
 mixture-of-experts layer, only the experts its tokens chose: with B tokens each picking k of E
 experts uniformly at random, E * (1 - (1 - k/E)^B) distinct experts on average. Prefill is costed as
-one pass over all prompt tokens (every expert read once). Defaults: an H200's measured copy rate and
-its dense bf16 peak.
+one pass over all prompt tokens (every expert read once). Every layer is costed as attending to its
+whole context, so for sliding-window layers the real floor is lower. Defaults: an H200's measured
+copy rate and its dense bf16 peak.
 
     python benchmarks/throughput_floor.py --shape qwen3-30b-a3b --num-requests 256 --input-len 512 --output-len 256
 """

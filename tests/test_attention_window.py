@@ -65,3 +65,13 @@ def test_a_window_changes_the_result_once_the_context_outgrows_it() -> None:
     narrow = AttentionSpec(SCALE, sliding_window=2)
     windowed = TorchAttentionBackend().forward(query, key, value, cache.clone(), meta, narrow)
     assert not torch.allclose(windowed[0], full[0], atol=1e-3)
+
+
+def test_soft_capped_prefill_in_query_slices_gives_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = AttentionSpec(SCALE * 4, sliding_window=4, logit_softcap=2.0)
+    query, key, value, cache, meta, _ = _scenario(CHUNKS)
+    whole = TorchAttentionBackend().forward(query, key, value, cache.clone(), meta, spec)
+    # Room for 3 query rows of one chunk's scores at a time.
+    monkeypatch.setattr("batchlm.attention.torch_backend.SOFTCAP_SCORE_ELEMENTS", 3 * HEADS * 15)
+    sliced = TorchAttentionBackend().forward(query, key, value, cache.clone(), meta, spec)
+    torch.testing.assert_close(sliced, whole, atol=1e-6, rtol=1e-6)

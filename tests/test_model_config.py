@@ -58,6 +58,16 @@ def test_gemma3_local_layers_use_their_own_rope_base() -> None:
     assert thetas == [500.0] * 5 + [1_000_000.0]
 
 
+def test_gemma3_linear_rope_scaling_keeps_the_stated_context() -> None:
+    # Gemma 3 4B+: max_position_embeddings already is the scaled length (16k x 8).
+    linear = {"rope_type": "linear", "factor": 8.0}
+    config = read_model_config(
+        hf("gemma3_text", "Gemma3ForCausalLM", num_hidden_layers=6, rope_scaling=linear)
+    )
+    assert config.max_model_len == 512
+    assert [layer.rope.params["rope_type"] for layer in config.layers] == ["default"] * 5 + ["linear"]
+
+
 def test_a_multimodal_config_reads_its_text_config() -> None:
     from transformers import Gemma3Config
 

@@ -12,8 +12,16 @@ from transformers import AutoModelForCausalLM
 
 from batchlm.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from batchlm.models.loader import LoadedModel, load_model
-from batchlm.models.random_model import write_random_model
-from models_harness import Chunk, greedy_generate, hf_greedy, make_kv_caches, run_step
+from batchlm.models.random_model import TINY_CONFIG, write_random_model
+from models_harness import (
+    Chunk,
+    greedy_generate,
+    hf_greedy,
+    make_kv_caches,
+    run_ranks,
+    run_step,
+    thread_groups,
+)
 
 CPU = torch.device("cpu")
 # The second prompt alone outgrows the window; generation takes the first one past it too.
@@ -37,7 +45,16 @@ def load(path: Path) -> LoadedModel:
     return load_model(path, torch.float32, CPU, progress=False)
 
 
-@pytest.mark.parametrize(("model_type", "overrides", "model_class"), FAMILIES, ids=["gemma2", "gemma3"])
+# Gemma 3 4B+: the global layers' RoPE is linearly scaled, the local ones' is not.
+LINEAR_GLOBAL = {**GEMMA3, "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                                               "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("model_type", "overrides", "model_class"),
+    [*FAMILIES, ("gemma3_text", LINEAR_GLOBAL, Gemma3ForCausalLM)],
+    ids=["gemma2", "gemma3", "gemma3-linear-global"],
+)
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_greedy_matches_transformers_past_the_window(
     tmp_path: Path, model_type: str, overrides: dict[str, Any], model_class: type, tied: bool
@@ -73,3 +90,42 @@ def test_final_logits_are_soft_capped(tmp_path: Path) -> None:
     loaded = load(write_random_model(tmp_path, "gemma2", GEMMA2, seed=13))
     logits = run_step(loaded.model, make_kv_caches(loaded, 8), [Chunk(PROMPTS[0], 0, list(range(8)))])
     assert float(logits.abs().max()) < GEMMA2["final_logit_softcapping"]
+
+
+@pytest.mark.parametrize(
+    ("model_type", "overrides"), [(t, o) for t, o, _ in FAMILIES], ids=["gemma2", "gemma3"]
+)
+def test_tensor_parallel_two_ranks_match_single_rank(
+    tmp_path: Path, model_type: str, overrides: dict[str, Any]
+) -> None:
+    path = write_random_model(tmp_path, model_type, overrides, seed=14)
+    single = load(path)
+    ranks = [load_model(path, torch.float32, CPU, progress=False, tp=group) for group in thread_groups(2)]
+    expected_tokens, expected_logprobs = greedy_generate(single, PROMPTS[1], 8)
+    for tokens, logprobs in run_ranks(lambda rank: greedy_generate(ranks[rank], PROMPTS[1], 8), 2):
+        assert tokens == expected_tokens
+        torch.testing.assert_close(logprobs, expected_logprobs, atol=1e-5, rtol=0)
+
+
+def test_multimodal_checkpoint_serves_its_text_model(tmp_path: Path) -> None:
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from batchlm.models.gemma import Gemma3ForConditionalGeneration as Ours
+
+    text = {k: v for k, v in {**TINY_CONFIG, **GEMMA3}.items() if k != "tie_word_embeddings"}
+    vision = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+              "image_size": 28, "patch_size": 14}  # fmt: skip
+    config = Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=300
+    )
+    config.architectures = ["Gemma3ForConditionalGeneration"]
+    torch.manual_seed(15)
+    hf = Gemma3ForConditionalGeneration(config).float().eval()
+    hf.save_pretrained(tmp_path)  # language_model.*, vision_tower.*, multi_modal_projector.* tensors
+    loaded = load(tmp_path)
+    assert isinstance(loaded.model, Ours)
+    for prompt in PROMPTS:
+        ours, our_logprobs = greedy_generate(loaded, prompt, NEW_TOKENS)
+        theirs, their_logprobs = hf_greedy(hf, prompt, NEW_TOKENS)
+        assert ours == theirs
+        torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)

@@ -15,7 +15,7 @@ from batchlm.layers.rotary import RopeSpec, build_rope
 from batchlm.models.loader import load_model
 from batchlm.models.phi3 import Phi3ForCausalLM
 from batchlm.models.random_model import TINY_CONFIG, write_random_model
-from models_harness import greedy_generate, hf_greedy
+from models_harness import greedy_generate, hf_greedy, run_ranks, thread_groups
 
 CPU = torch.device("cpu")
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11] * 3 + list(range(100, 121))]
@@ -70,3 +70,13 @@ def test_a_misshapen_fused_tensor_is_named(tmp_path: Path) -> None:
     bad = [("model.layers.0.self_attn.qkv_proj.weight", torch.zeros(5, 64))]
     with pytest.raises(ValueError, match=r"qkv_proj\.weight has 5 rows"):
         list(split_fused_tensors(bad, loaded.config))
+
+
+def test_tensor_parallel_two_ranks_split_the_fused_tensors_alike(tmp_path: Path) -> None:
+    path = write_random_model(tmp_path, "phi3", CASES["phi4-mini"], seed=22)
+    single = load_model(path, torch.float32, CPU, progress=False)
+    ranks = [load_model(path, torch.float32, CPU, progress=False, tp=group) for group in thread_groups(2)]
+    expected_tokens, expected_logprobs = greedy_generate(single, PROMPTS[1], 8)
+    for tokens, logprobs in run_ranks(lambda rank: greedy_generate(ranks[rank], PROMPTS[1], 8), 2):
+        assert tokens == expected_tokens
+        torch.testing.assert_close(logprobs, expected_logprobs, atol=1e-5, rtol=0)

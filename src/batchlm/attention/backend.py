@@ -12,6 +12,7 @@ to the request's cached and new keys at positions <= p (and > p - window on a sl
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -75,7 +76,13 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         """Causal attention of each new token over its request's context (its window, if any)."""
 
-    def warm_up(self, kv_cache: torch.Tensor, num_heads: int, max_blocks_per_seq: int) -> None:
-        """Compile, at start-up, every kernel variant serving can launch (none for backends without
-        JIT kernels). `kv_cache` is read only."""
+    def warm_up(
+        self,
+        kv_cache: torch.Tensor,
+        num_heads: int,
+        max_blocks_per_seq: int,
+        specs: Sequence[AttentionSpec] = (),
+    ) -> None:
+        """Compile, at start-up, every kernel variant serving can launch for layers attending as
+        `specs` (none for backends without JIT kernels). `kv_cache` is read only."""
         return None

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from batchlm.attention.backend import AttentionBackend, AttentionMetadata, AttentionSpec
 from batchlm.kernels import cpu_decode_attention
 
+# Soft-capped scores are materialised: at most this many at once (64 MiB of float32).
+SOFTCAP_SCORE_ELEMENTS = 1 << 24
 # enable_gqa (torch >= 2.5) lets SDPA share each KV head across its query group without copies.
 _SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
 
@@ -45,8 +47,8 @@ class TorchAttentionBackend(AttentionBackend):
     meta.num_tokens (padding a runner may add) are ignored and come back as zeros.
 
     On x86-64 CPUs with AVX2 and a float32 cache, decodes instead go through our C kernel, which reads
-    each request's blocks in place (kernels/cpu_decode_attention.py), on layers without a sliding
-    window or a soft-cap. Soft-capped layers compute their scores explicitly (SDPA has no cap).
+    each request's blocks in place (kernels/cpu_decode_attention.py), from the first key of the
+    layer's window. Soft-capped layers compute their scores explicitly elsewhere (SDPA has no cap).
 
     Gathers copy whole blocks with index_select (a memcpy per block); advanced indexing of the cache
     costs several times more on CPU. The decode groups depend only on the step's metadata, so they
@@ -73,8 +75,7 @@ class TorchAttentionBackend(AttentionBackend):
         write_kv_cache(kv_cache, key[:num_tokens], value[:num_tokens], meta.slot_mapping[:num_tokens])
         out = query.new_zeros(query.shape) if query.shape[0] > num_tokens else torch.empty_like(query)
         decodes = meta.num_decodes
-        plain = spec.sliding_window is None and spec.logit_softcap is None
-        if decodes and plain and cpu_decode_attention.supports(query, kv_cache):
+        if decodes and cpu_decode_attention.supports(query, kv_cache):
             cpu_decode_attention.paged_decode_attention(
                 query[:decodes],
                 kv_cache,
@@ -82,6 +83,8 @@ class TorchAttentionBackend(AttentionBackend):
                 meta.seq_lens[:decodes],
                 spec.scale,
                 out[:decodes],
+                spec.sliding_window,
+                spec.logit_softcap,
             )
         else:
             for group in self._decode_groups(meta, kv_cache.shape[2]):
@@ -196,11 +199,27 @@ def _chunk_mask(query_len: int, context_len: int, window: int | None, device: to
 def _attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, mask: torch.Tensor
 ) -> torch.Tensor:
-    """Masked attention of [B, H, Lq, D] queries; explicit scores when the layer soft-caps them."""
+    """Masked attention of [B, H, Lq, D] queries; explicit scores when the layer soft-caps them, a
+    slice of queries at a time so the score matrix stays within SOFTCAP_SCORE_ELEMENTS."""
     if spec.logit_softcap is None:
         return _sdpa(q, k, v, spec.scale, mask)
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    rows = max(1, SOFTCAP_SCORE_ELEMENTS // (q.shape[0] * q.shape[1] * k.shape[2]))
+    if q.shape[2] <= rows:
+        return _capped_attention(q, k, v, spec, mask)
+    mask = mask.expand(*mask.shape[:-2], q.shape[2], mask.shape[-1])
+    parts = [
+        _capped_attention(q[:, :, first : first + rows], k, v, spec, mask[..., first : first + rows, :])
+        for first in range(0, q.shape[2], rows)
+    ]
+    return torch.cat(parts, dim=2)
+
+
+def _capped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, mask: torch.Tensor
+) -> torch.Tensor:
+    assert spec.logit_softcap is not None
     scores = torch.matmul(q, k.transpose(-1, -2)) * spec.scale  # [B, H, Lq, L]
     scores = torch.tanh(scores / spec.logit_softcap) * spec.logit_softcap
     scores = scores.masked_fill(~mask, float("-inf"))

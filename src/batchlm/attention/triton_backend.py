@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from batchlm.attention.backend import AttentionBackend, AttentionMetadata, AttentionSpec
@@ -43,6 +45,8 @@ class TritonAttentionBackend(AttentionBackend):
                 spec.scale,
                 out=out[:num_decodes],
                 config=self.decode_config,
+                window=spec.sliding_window,
+                softcap=spec.logit_softcap,
             )
         if meta.num_requests > num_decodes:
             paged_prefill_attention(
@@ -55,16 +59,33 @@ class TritonAttentionBackend(AttentionBackend):
                 max_query_len=meta.max_query_len,
                 out=out,
                 num_query_tokens=meta.num_tokens - meta.query_start_loc_cpu[num_decodes],
+                window=spec.sliding_window,
+                softcap=spec.logit_softcap,
             )
         if query.shape[0] > meta.num_tokens:
             out[meta.num_tokens :].zero_()  # padding rows past the batch: defined, never garbage
         return out
 
     @torch.inference_mode()
-    def warm_up(self, kv_cache: torch.Tensor, num_heads: int, max_blocks_per_seq: int) -> None:
+    def warm_up(
+        self,
+        kv_cache: torch.Tensor,
+        num_heads: int,
+        max_blocks_per_seq: int,
+        specs: Sequence[AttentionSpec] = (),
+    ) -> None:
         """Launch each prefill tile configuration and each decode split count once on a one-token
-        problem. Which ones a step picks depends on its token count, batch size and context, so
-        without this the first step to need one would wait for its JIT compile."""
+        problem, for each kernel variant (window, soft-cap) the layers use. Which ones a step picks
+        depends on its token count, batch size and context, so without this the first step to need
+        one would wait for its JIT compile."""
+        # Kernels specialise on whether there is a window and a cap, not on their values.
+        variants = {(s.sliding_window is not None, s.logit_softcap is not None): s for s in specs}
+        for spec in variants.values() or [AttentionSpec(1.0)]:
+            self._warm_up_variant(kv_cache, num_heads, max_blocks_per_seq, spec)
+
+    def _warm_up_variant(
+        self, kv_cache: torch.Tensor, num_heads: int, max_blocks_per_seq: int, spec: AttentionSpec
+    ) -> None:
         device = kv_cache.device
         query = torch.zeros((1, num_heads, kv_cache.shape[-1]), dtype=kv_cache.dtype, device=device)
         shape = check_paged_inputs(query, kv_cache)
@@ -73,8 +94,9 @@ class TritonAttentionBackend(AttentionBackend):
         query_start_loc = torch.tensor([0, 1], dtype=torch.int32, device=device)
         for config in prefill_configs(shape, query.dtype):
             paged_prefill_attention(
-                query, kv_cache, query_start_loc, seq_lens, block_tables, 1.0, max_query_len=1, config=config
-            )
+                query, kv_cache, query_start_loc, seq_lens, block_tables, 1.0, max_query_len=1, config=config,
+                window=spec.sliding_window, softcap=spec.logit_softcap,
+            )  # fmt: skip
         max_context = max_blocks_per_seq * shape.block_size
         most_splits = choose_num_splits(
             1, shape.num_kv_heads, max_context, sm_count(device), self.decode_config.programs_per_sm
@@ -82,6 +104,7 @@ class TritonAttentionBackend(AttentionBackend):
         splits = 1
         while splits <= most_splits:
             paged_decode_attention(
-                query, kv_cache, seq_lens, block_tables, 1.0, num_splits=splits, config=self.decode_config
-            )
+                query, kv_cache, seq_lens, block_tables, 1.0, num_splits=splits, config=self.decode_config,
+                window=spec.sliding_window, softcap=spec.logit_softcap,
+            )  # fmt: skip
             splits *= 2

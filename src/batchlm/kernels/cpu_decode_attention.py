@@ -37,8 +37,11 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,  # [B] int32: context length per request, this step's token included
     scale: float,
     out: torch.Tensor,  # [B, H, D] float32, written in place
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> None:
-    """out[b] = softmax(query[b] K_b^T * scale) V_b over request b's first seq_lens[b] cached tokens."""
+    """out[b] = softmax(query[b] K_b^T * scale) V_b over request b's first seq_lens[b] cached tokens
+    (the last `window` of them on a sliding-window layer; scores soft-capped when softcap is set)."""
     library = decode_library()
     if library is None:
         raise RuntimeError("the CPU decode-attention kernel is not available on this machine")
@@ -71,6 +74,8 @@ def paged_decode_attention(
         block_size,
         scale,
         torch.get_num_threads(),
+        window or 0,
+        softcap or 0.0,
     )
     if status != 0:
         raise MemoryError("the CPU decode-attention kernel could not allocate its scratch memory")
@@ -83,6 +88,11 @@ def decode_library() -> ctypes.CDLL | None:
 
 
 def _decode_agrees(library: ctypes.CDLL) -> bool:
+    # Plain, then with a 5-token window and a soft-cap: both must match torch.
+    return _probe_case(library, 0, 0.0) and _probe_case(library, 5, 2.0)
+
+
+def _probe_case(library: ctypes.CDLL, window: int, cap: float) -> bool:
     generator = torch.Generator().manual_seed(0)
     block_size, kv_heads, heads, head_dim = 4, 2, 6, 16
     kv_cache = torch.randn(2, 9, block_size, kv_heads, head_dim, generator=generator)
@@ -95,14 +105,19 @@ def _decode_agrees(library: ctypes.CDLL) -> bool:
         query.data_ptr(), heads * head_dim, kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
         tables.data_ptr(), 4, lens_tensor.data_ptr(), out.data_ptr(),
         heads * head_dim, 2, heads, kv_heads, head_dim, block_size, ctypes.c_float(0.25), 1,
+        window, ctypes.c_float(cap),
     )  # fmt: skip
     if status != 0:
         return False
     for row, length in enumerate(lens):
         blocks = tables[row, : -(-length // block_size)].long()
-        keys = kv_cache[0, blocks].flatten(0, 1)[:length].repeat_interleave(heads // kv_heads, dim=1)
-        values = kv_cache[1, blocks].flatten(0, 1)[:length].repeat_interleave(heads // kv_heads, dim=1)
-        weights = torch.softmax(torch.einsum("hd,lhd->hl", query[row], keys) * 0.25, dim=-1)
-        if not torch.allclose(out[row], torch.einsum("hl,lhd->hd", weights, values), atol=1e-5, rtol=1e-4):
+        first = max(0, length - window) if window else 0
+        keys = kv_cache[0, blocks].flatten(0, 1)[first:length].repeat_interleave(heads // kv_heads, dim=1)
+        values = kv_cache[1, blocks].flatten(0, 1)[first:length].repeat_interleave(heads // kv_heads, dim=1)
+        scores = torch.einsum("hd,lhd->hl", query[row], keys) * 0.25
+        if cap:
+            scores = torch.tanh(scores / cap) * cap
+        expected = torch.einsum("hl,lhd->hd", torch.softmax(scores, dim=-1), values)
+        if not torch.allclose(out[row], expected, atol=1e-5, rtol=1e-4):
             return False
     return True

@@ -186,12 +186,14 @@ static inline const float *walk_token(const float *cache, const int32_t *table, 
     return token;
 }
 
-/* One request, every head. The cache keeps a block's tokens (all KV heads) contiguous, so walking the
- * request's blocks in order reads memory sequentially; the next token is prefetched while the current
- * one is used. scores: heads * length floats; acc: heads * D floats (scratch). D is a multiple of 8. */
+/* One request, every head, over its tokens first..length-1 (first > 0 on a sliding-window layer). The
+ * cache keeps a block's tokens (all KV heads) contiguous, so walking the request's blocks in order reads
+ * memory sequentially; the next token is prefetched while the current one is used. Scores become
+ * cap * tanh(score / cap) when cap > 0. scores: heads * length floats; acc: heads * D floats (scratch).
+ * D is a multiple of 8. */
 static void decode_request(const float *q, const float *k_cache, const float *v_cache, const int32_t *table,
-                           long length, long block_size, long heads, long kv_heads, long D, float scale, float *out,
-                           float *scores, float *acc) {
+                           long first, long length, long block_size, long heads, long kv_heads, long D, float scale,
+                           float cap, float *out, float *scores, float *acc) {
     const long group = heads / kv_heads;
     const long token_stride = kv_heads * D;
     const long block_stride = block_size * token_stride;
@@ -199,23 +201,24 @@ static void decode_request(const float *q, const float *k_cache, const float *v_
         for (long i = 0; i < heads * D; i++) out[i] = 0.0f;
         return;
     }
-    for (long t = 0; t < length; t++) {
+    for (long t = first; t < length; t++) {
         const float *token = walk_token(k_cache, table, t, length, block_size, block_stride, token_stride);
         for (long h = 0; h < heads; h++) {
             const float *k = token + (h / group) * D;
             const float *qh = q + h * D;
             __m256 sum = _mm256_mul_ps(_mm256_loadu_ps(qh), _mm256_loadu_ps(k));
             for (long d = 8; d < D; d += 8) sum = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(k + d), sum);
-            scores[h * length + t] = hsum256(sum) * scale;
+            const float score = hsum256(sum) * scale;
+            scores[h * length + t] = cap > 0.0f ? cap * tanhf(score / cap) : score;
         }
     }
     for (long h = 0; h < heads; h++) {
         float *sh = scores + h * length;
         float best = -FLT_MAX;
-        for (long t = 0; t < length; t++) best = sh[t] > best ? sh[t] : best;
+        for (long t = first; t < length; t++) best = sh[t] > best ? sh[t] : best;
         __m256 total = _mm256_setzero_ps();
         const __m256 shift = _mm256_set1_ps(best);
-        long t = 0;
+        long t = first;
         for (; t + 8 <= length; t += 8) {
             const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sh + t), shift));
             _mm256_storeu_ps(sh + t, e);
@@ -228,11 +231,11 @@ static void decode_request(const float *q, const float *k_cache, const float *v_
         }
         /* Normalise the weights now, so the value pass only accumulates. */
         const __m256 norm = _mm256_set1_ps(1.0f / sum);
-        for (t = 0; t + 8 <= length; t += 8) _mm256_storeu_ps(sh + t, _mm256_mul_ps(_mm256_loadu_ps(sh + t), norm));
+        for (t = first; t + 8 <= length; t += 8) _mm256_storeu_ps(sh + t, _mm256_mul_ps(_mm256_loadu_ps(sh + t), norm));
         for (; t < length; t++) sh[t] /= sum;
     }
     for (long i = 0; i < heads * D; i++) acc[i] = 0.0f;
-    for (long t = 0; t < length; t++) {
+    for (long t = first; t < length; t++) {
         const float *token = walk_token(v_cache, table, t, length, block_size, block_stride, token_stride);
         for (long h = 0; h < heads; h++) {
             const float *v = token + (h / group) * D;
@@ -245,13 +248,14 @@ static void decode_request(const float *q, const float *k_cache, const float *v_
 }
 
 /* out[b, h, :] = softmax(q[b, h] . K_b^T * scale) V_b for requests b < B, where K_b, V_b are the first
- * seq_lens[b] tokens of request b in the paged caches ([num_blocks, block_size, kv_heads, D] each).
+ * seq_lens[b] tokens of request b in the paged caches ([num_blocks, block_size, kv_heads, D] each), only
+ * the last `window` of them when window > 0, with scores soft-capped at `cap` when cap > 0.
  * q rows are q_row_stride apart with heads D apart; out is [B, heads, D] with rows out_row_stride apart.
  * Requests with an empty context get zeros. Returns 0, or -1 if scratch memory could not be allocated. */
 int batchlm_paged_decode_f32(const float *q, long q_row_stride, const float *k_cache, const float *v_cache,
                              const int32_t *block_tables, long table_stride, const int32_t *seq_lens,
                              float *out, long out_row_stride, long B, long heads, long kv_heads, long D,
-                             long block_size, float scale, int threads) {
+                             long block_size, float scale, int threads, long window, float cap) {
     long longest = 1;
     for (long b = 0; b < B; b++) longest = seq_lens[b] > longest ? seq_lens[b] : longest;
     if (threads < 1) threads = 1;
@@ -266,8 +270,9 @@ int batchlm_paged_decode_f32(const float *q, long q_row_stride, const float *k_c
 #pragma omp for schedule(dynamic, 1)
         for (long b = 0; b < B; b++) {
             float *o = out + b * out_row_stride;
-            decode_request(q + b * q_row_stride, k_cache, v_cache, block_tables + b * table_stride, seq_lens[b],
-                           block_size, heads, kv_heads, D, scale, o, scores, acc);
+            const long first = window > 0 && seq_lens[b] > window ? seq_lens[b] - window : 0;
+            decode_request(q + b * q_row_stride, k_cache, v_cache, block_tables + b * table_stride, first,
+                           seq_lens[b], block_size, heads, kv_heads, D, scale, cap, o, scores, acc);
         }
     }
     free(scratch);

@@ -138,6 +138,7 @@ def _load(path: Path) -> ctypes.CDLL:
         ctypes.c_void_p, size,  # out, its row stride
         size, size, size, size, size,  # B, heads, kv_heads, D, block_size
         ctypes.c_float, ctypes.c_int,  # scale, threads
+        size, ctypes.c_float,  # sliding window (0: none), soft-cap (0: none)
     ]  # fmt: skip
     function.restype = ctypes.c_int
     function = library.batchlm_sample_f32

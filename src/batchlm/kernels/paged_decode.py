@@ -62,21 +62,27 @@ def _decode_kernel(
     part_out_ptr,  # [B, H, NUM_SPLITS, HEAD_DIM] fp32: written when NUM_SPLITS > 1
     part_lse_ptr,  # [B, H, NUM_SPLITS] fp32, log2 domain
     qk_scale,  # softmax scale * log2(e)
+    window,  # sliding window (read only with WINDOWED)
+    softcap,  # soft-cap * log2(e) (read only with SOFTCAP)
     stride_qb, stride_qh, stride_ob, stride_oh,
     stride_c_kv, stride_c_block, stride_c_tok, stride_c_head,
     stride_bt,
     BLOCK_SIZE: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
 ):  # fmt: skip
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     num_heads = tl.num_programs(1) * GROUP
     seq_len = tl.load(seq_lens_ptr + seq)
-    # Splits cover BLOCK_N-aligned slices; the reduce recomputes the same slicing from seq_len.
-    tokens_per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * tokens_per_split
+    # The query sees [first, seq_len): its window, or the whole context.
+    first = 0
+    if WINDOWED:
+        first = tl.maximum(seq_len - window, 0)
+    # Splits cover BLOCK_N-sized slices from `first`; the reduce recomputes the same slicing.
+    tokens_per_split = tl.cdiv(tl.cdiv(seq_len - first, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = first + split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, seq_len)
 
     groups = tl.arange(0, BLOCK_G)
@@ -95,9 +101,9 @@ def _decode_kernel(
     block_row = block_table_ptr + seq.to(tl.int64) * stride_bt
     if NUM_SPLITS == 1:
         acc, row_max, row_sum = attend_range(
-            q, acc, row_max, row_sum, seq_len, kv_base, block_row, start, end, end, qk_scale,
+            q, acc, row_max, row_sum, seq_len, kv_base, block_row, start, end, end, qk_scale, window, softcap,
             stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
-            HEAD_DIM, BLOCK_N, MASK_RANGE, DOT_PRECISION,
+            HEAD_DIM, BLOCK_N, MASK_RANGE, DOT_PRECISION, SOFTCAP,
         )  # fmt: skip
         # Padding rows (seq_len 0) saw nothing: row_sum 0, output zeros.
         result = acc / tl.where(row_sum > 0.0, row_sum, 1.0)[:, None]
@@ -106,9 +112,9 @@ def _decode_kernel(
     else:
         if start < end:
             acc, row_max, row_sum = attend_range(
-                q, acc, row_max, row_sum, seq_len, kv_base, block_row, start, end, end, qk_scale,
+                q, acc, row_max, row_sum, seq_len, kv_base, block_row, start, end, end, qk_scale, window, softcap,
                 stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
-                HEAD_DIM, BLOCK_N, MASK_RANGE, DOT_PRECISION,
+                HEAD_DIM, BLOCK_N, MASK_RANGE, DOT_PRECISION, SOFTCAP,
             )  # fmt: skip
             # Each slice stores its normalised result and its log2-sum-exp weight.
             row = (seq.to(tl.int64) * num_heads + heads) * NUM_SPLITS + split  # [BLOCK_G]
@@ -123,6 +129,7 @@ def _reduce_kernel(
     part_lse_ptr,  # [B, H, NUM_SPLITS] fp32
     seq_lens_ptr,  # [B] int32
     out_ptr,  # [B, H, HEAD_DIM]
+    window,  # sliding window (read only with WINDOWED)
     stride_ob,
     stride_oh,
     HEAD_DIM: tl.constexpr,
@@ -130,13 +137,17 @@ def _reduce_kernel(
     NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr,  # NUM_SPLITS rounded up to a power of two
     CHUNK: tl.constexpr,
+    WINDOWED: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
-    tokens_per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    # Only splits that started inside the context wrote anything.
-    used_splits = tl.cdiv(seq_len, tl.maximum(tokens_per_split, 1))
+    span = seq_len
+    if WINDOWED:
+        span = seq_len - tl.maximum(seq_len - window, 0)
+    tokens_per_split = tl.cdiv(tl.cdiv(span, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    # Only splits that started inside the visible span wrote anything.
+    used_splits = tl.cdiv(span, tl.maximum(tokens_per_split, 1))
     base = (seq.to(tl.int64) * tl.num_programs(1) + head) * NUM_SPLITS
     splits = tl.arange(0, BLOCK_S)
     lse = tl.load(part_lse_ptr + base + splits, mask=splits < used_splits, other=float("-inf"))
@@ -168,8 +179,10 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,  # [B, num_heads, head_dim]; allocated when None
     num_splits: int | None = None,  # None = chosen from batch size and max_blocks_per_seq
     config: DecodeConfig | None = None,
+    window: int | None = None,  # attend to the last `window` tokens only
+    softcap: float | None = None,  # scores become softcap * tanh(scores / softcap)
 ) -> torch.Tensor:
-    """Attention of each request's single query token over its whole paged context."""
+    """Attention of each request's single query token over its paged context (or window of it)."""
     shape = check_paged_inputs(query, kv_cache)
     cfg = config or DecodeConfig()
     batch = query.shape[0]
@@ -193,18 +206,19 @@ def paged_decode_attention(
         part_lse = query.new_empty((batch, shape.num_heads, num_splits), dtype=torch.float32)
     _decode_kernel[(batch, shape.num_kv_heads, num_splits)](
         query, kv_cache, block_tables, seq_lens, out, part_out, part_lse, scale * LOG2_E,
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        window or 0, (softcap or 1.0) * LOG2_E, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0), BLOCK_SIZE=shape.block_size,
         GROUP=shape.group_size, BLOCK_G=max(16, next_power_of_2(shape.group_size)),
         HEAD_DIM=shape.head_dim, BLOCK_N=cfg.block_n, NUM_SPLITS=num_splits,
-        DOT_PRECISION=dot_precision(query.dtype),
+        DOT_PRECISION=dot_precision(query.dtype), WINDOWED=window is not None, SOFTCAP=softcap is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if num_splits > 1:
         _reduce_kernel[(batch, shape.num_heads)](
-            part_out, part_lse, seq_lens, out, out.stride(0), out.stride(1),
+            part_out, part_lse, seq_lens, out, window or 0, out.stride(0), out.stride(1),
             HEAD_DIM=shape.head_dim, BLOCK_N=cfg.block_n, NUM_SPLITS=num_splits,
-            BLOCK_S=next_power_of_2(num_splits), CHUNK=min(16, next_power_of_2(num_splits)), num_warps=4,
+            BLOCK_S=next_power_of_2(num_splits), CHUNK=min(16, next_power_of_2(num_splits)),
+            WINDOWED=window is not None, num_warps=4,
         )  # fmt: skip
     return out

@@ -5,6 +5,7 @@ GROUP query heads of one KV head (row r = token r // GROUP, head r % GROUP), so 
 gathers serves the whole group. Keys come from the cache only: prefix-cached blocks, earlier chunks
 and this step's tokens (written there first by the KV write). Flash-attention style: tiles of keys
 below the tile's first query position need no mask; only the diagonal stretch is masked causally.
+On a sliding-window layer the loop starts at the tile's earliest visible key and masks every tile.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from batchlm.kernels.paged_tile import MASK_CAUSAL, MASK_NONE, attend_range
+from batchlm.kernels.paged_tile import MASK_CAUSAL, MASK_NONE, MASK_WINDOW, attend_range
 from batchlm.kernels.shapes import (
     LOG2_E,
     PagedShape,
@@ -101,12 +102,15 @@ def _prefill_kernel(
     query_start_ptr,  # [R + 1] int32: absolute query rows of each request
     out_ptr,  # [T, H, HEAD_DIM]
     qk_scale,  # softmax scale * log2(e)
+    window,  # sliding window (read only with WINDOWED)
+    softcap,  # soft-cap * log2(e) (read only with SOFTCAP)
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_c_kv, stride_c_block, stride_c_tok, stride_c_head,
     stride_bt,
     BLOCK_SIZE: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
 ):  # fmt: skip
     req = tl.program_id(0)
     tile = tl.program_id(1)
@@ -133,19 +137,28 @@ def _prefill_kernel(
         row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
         kv_base = cache_ptr + kv_head * stride_c_head
         block_row = block_table_ptr + req.to(tl.int64) * stride_bt
-        # Keys at or below the first token's position are visible to every row: no mask there.
-        unmasked_stop = ((ctx_len + first_token + 1) // BLOCK_N) * BLOCK_N
         kv_end = ctx_len + tl.minimum(first_token + TOKENS_PER_TILE, q_len)
-        acc, row_max, row_sum = attend_range(
-            q, acc, row_max, row_sum, q_pos, kv_base, block_row, 0, unmasked_stop, kv_end, qk_scale,
-            stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
-            HEAD_DIM, BLOCK_N, MASK_NONE, DOT_PRECISION,
-        )  # fmt: skip
-        acc, row_max, row_sum = attend_range(
-            q, acc, row_max, row_sum, q_pos, kv_base, block_row, unmasked_stop, kv_end, kv_end, qk_scale,
-            stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
-            HEAD_DIM, BLOCK_N, MASK_CAUSAL, DOT_PRECISION,
-        )  # fmt: skip
+        if WINDOWED:
+            # From the tile holding the first row's earliest visible key; every tile masked.
+            window_start = (tl.maximum(ctx_len + first_token - window + 1, 0) // BLOCK_N) * BLOCK_N
+            acc, row_max, row_sum = attend_range(
+                q, acc, row_max, row_sum, q_pos, kv_base, block_row, window_start, kv_end, kv_end,
+                qk_scale, window, softcap, stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
+                HEAD_DIM, BLOCK_N, MASK_WINDOW, DOT_PRECISION, SOFTCAP,
+            )  # fmt: skip
+        else:
+            # Keys at or below the first token's position are visible to every row: no mask there.
+            unmasked_stop = ((ctx_len + first_token + 1) // BLOCK_N) * BLOCK_N
+            acc, row_max, row_sum = attend_range(
+                q, acc, row_max, row_sum, q_pos, kv_base, block_row, 0, unmasked_stop, kv_end,
+                qk_scale, window, softcap, stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
+                HEAD_DIM, BLOCK_N, MASK_NONE, DOT_PRECISION, SOFTCAP,
+            )  # fmt: skip
+            acc, row_max, row_sum = attend_range(
+                q, acc, row_max, row_sum, q_pos, kv_base, block_row, unmasked_stop, kv_end, kv_end,
+                qk_scale, window, softcap, stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
+                HEAD_DIM, BLOCK_N, MASK_CAUSAL, DOT_PRECISION, SOFTCAP,
+            )  # fmt: skip
         result = acc / tl.where(row_sum > 0.0, row_sum, 1.0)[:, None]
         out = out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :]
         tl.store(out, result.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -162,6 +175,8 @@ def paged_prefill_attention(
     out: torch.Tensor | None = None,  # [T, num_heads, head_dim]; only the requests' rows are written
     config: PrefillConfig | None = None,  # None = default_prefill_config
     num_query_tokens: int | None = None,  # new tokens of all R requests (tile heuristic); None = R * max
+    window: int | None = None,  # each token attends to the last `window` positions only
+    softcap: float | None = None,  # scores become softcap * tanh(scores / softcap)
 ) -> torch.Tensor:
     """Causal attention of each request's new tokens over its cached context plus themselves."""
     shape = check_paged_inputs(query, kv_cache)
@@ -187,11 +202,13 @@ def paged_prefill_attention(
     grid = (num_requests, triton.cdiv(max_query_len, tokens_per_tile), shape.num_kv_heads)
     _prefill_kernel[grid](
         query, kv_cache, block_tables, seq_lens, query_start_loc, out, scale * LOG2_E,
+        window or 0, (softcap or 1.0) * LOG2_E,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0), BLOCK_SIZE=shape.block_size,
         GROUP=shape.group_size, BLOCK_M=cfg.block_m, TOKENS_PER_TILE=tokens_per_tile,
         HEAD_DIM=shape.head_dim, BLOCK_N=cfg.block_n, DOT_PRECISION=dot_precision(query.dtype),
+        WINDOWED=window is not None, SOFTCAP=softcap is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out

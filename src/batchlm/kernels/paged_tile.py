@@ -2,7 +2,8 @@
 
 Query rows are [BLOCK_M, HEAD_DIM] (query heads of one KV group, possibly of several tokens); the
 tile is BLOCK_N consecutive context tokens gathered through the block table. Scores live in the log2
-domain (qk_scale already holds log2(e)), so exp2 replaces exp.
+domain (qk_scale already holds log2(e)), so exp2 replaces exp. A soft-cap cap * tanh(s / cap) reads
+the same there with the cap times log2(e) (`softcap`, used when SOFTCAP is set).
 """
 
 from __future__ import annotations
@@ -14,6 +15,16 @@ import triton.language as tl
 MASK_NONE = tl.constexpr(0)  # every token of the tile is in the context and visible to every row
 MASK_RANGE = tl.constexpr(1)  # hide tokens at or past kv_end
 MASK_CAUSAL = tl.constexpr(2)  # MASK_RANGE, and hide tokens after each row's own position
+MASK_WINDOW = tl.constexpr(3)  # MASK_CAUSAL, and hide tokens `window` or more before each row's position
+
+
+@triton.jit
+def soft_cap(scores, cap):
+    # cap * tanh(scores / cap), with tanh from exp2 of a non-positive argument (no overflow).
+    x = scores / cap
+    e = tl.exp2(-2.8853900817779268 * tl.abs(x))  # exp(-2|x|)
+    t = (1.0 - e) / (1.0 + e)
+    return cap * tl.where(x < 0.0, -t, t)
 
 
 @triton.jit
@@ -22,14 +33,17 @@ def attend_tile(
     acc,  # [BLOCK_M, HEAD_DIM] fp32 running numerator
     row_max,  # [BLOCK_M] fp32 running max score (log2 domain)
     row_sum,  # [BLOCK_M] fp32 running denominator
-    q_pos,  # [BLOCK_M] int32 absolute positions (read only with MASK_CAUSAL)
+    q_pos,  # [BLOCK_M] int32 absolute positions (read only with MASK_CAUSAL / MASK_WINDOW)
     kv_base,  # pointer: cache + kv_head * stride_c_head (keys; values at + stride_c_kv)
     block_row,  # pointer: this request's block-table row
     tile_start,
     kv_end,
     qk_scale,
+    window,  # sliding window (read only with MASK_WINDOW)
+    softcap,  # soft-cap * log2(e) (read only with SOFTCAP)
     stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):  # fmt: skip
     tokens = tile_start + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
@@ -45,10 +59,16 @@ def attend_tile(
     else:
         k = tl.load(k_ptrs, mask=in_range[:, None], other=0.0)
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+    if SOFTCAP:
+        scores = soft_cap(scores, softcap)
     if MASK_MODE == 1:
         scores = tl.where(in_range[None, :], scores, float("-inf"))
     if MASK_MODE == 2:
         visible = in_range[None, :] & (tokens[None, :] <= q_pos[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+    if MASK_MODE == 3:
+        distance = q_pos[:, None] - tokens[None, :]
+        visible = in_range[None, :] & (distance >= 0) & (distance < window)
         scores = tl.where(visible, scores, float("-inf"))
     # row_max starts finite (-1e30), so a row with nothing visible yet never computes inf - inf.
     new_max = tl.maximum(row_max, tl.max(scores, 1))
@@ -68,14 +88,15 @@ def attend_range(
     q, acc, row_max, row_sum, q_pos, kv_base, block_row,
     kv_start,  # first context token of the range (BLOCK_N-aligned where MASK_MODE is 0)
     kv_stop,  # loop bound: tiles start below it
-    kv_end,  # tokens at or past it are hidden (MASK_RANGE / MASK_CAUSAL)
-    qk_scale, stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE: tl.constexpr,
+    kv_end,  # tokens at or past it are hidden (MASK_RANGE / MASK_CAUSAL / MASK_WINDOW)
+    qk_scale, window, softcap, stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):  # fmt: skip
     for tile_start in range(kv_start, kv_stop, BLOCK_N):
         acc, row_max, row_sum = attend_tile(
-            q, acc, row_max, row_sum, q_pos, kv_base, block_row, tile_start, kv_end, qk_scale,
+            q, acc, row_max, row_sum, q_pos, kv_base, block_row, tile_start, kv_end, qk_scale, window, softcap,
             stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
-            HEAD_DIM, BLOCK_N, MASK_MODE, DOT_PRECISION,
+            HEAD_DIM, BLOCK_N, MASK_MODE, DOT_PRECISION, SOFTCAP,
         )  # fmt: skip
     return acc, row_max, row_sum

@@ -59,8 +59,16 @@ def activation_of(config: Any) -> str:
 
 def context_length(config: Any) -> int:
     """Max prompt + output tokens: the RoPE-scaled position limit. A sliding window is no cap: window
-    layers attend to their window and the model serves its whole context."""
+    layers attend to their window and the model serves its whole context. Configs with per-layer-type
+    RoPE (Gemma 3) state the scaled length in max_position_embeddings already."""
+    if _per_layer_type_rope(config):
+        return int(config.max_position_embeddings)
     return scaled_max_position(read_rope_parameters(config), int(config.max_position_embeddings))
+
+
+def _per_layer_type_rope(config: Any) -> bool:
+    params = getattr(config, "rope_parameters", None)
+    return isinstance(params, dict) and any(isinstance(value, dict) for value in params.values())
 
 
 def check_common_support(config: Any) -> None:

@@ -210,7 +210,8 @@ class ModelRunner:
         """Compile the Triton kernel variants that the profile run and the graph captures may not
         reach (attention tiles and splits picked per step, the sampling race), so no step waits
         for a JIT compile while serving. kv_cache: one layer's cache (only its layout matters)."""
-        self.attn.warm_up(kv_cache, self.shape.num_heads, max_blocks_per_seq)
+        specs = [layer.attention for layer in self.model.config.layers]
+        self.attn.warm_up(kv_cache, self.shape.num_heads, max_blocks_per_seq, specs)
         hidden = torch.zeros((1, self.shape.hidden_size), dtype=self.dtype, device=self.device)
         self.sampler.warm_up(self.model.compute_logits(hidden).float())
         warm_up_experts(self.model)

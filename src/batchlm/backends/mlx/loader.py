@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from batchlm.backends.mlx.config_names import older_field_names
+from batchlm.backends.mlx.families import mlx_lm_overrides, window_context_cap
 from batchlm.config import DEMO_MODEL, EngineConfig
 
 logger = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def load_model(config: EngineConfig, model_dir: Path) -> LoadedModel:
     check_config(config)
     if config.device == "cpu":
         mx.set_default_device(mx.cpu)
-    overrides = {**older_field_names(model_dir), **dict(config.hf_overrides)} or None
+    overrides = {**family_overrides(model_dir), **older_field_names(model_dir), **config.hf_overrides} or None
     model, model_config = mlx_load_model(
         model_dir, model_config=overrides, trust_remote_code=config.trust_remote_code
     )
@@ -140,8 +141,31 @@ def _text_config(model_config: dict[str, Any]) -> dict[str, Any]:
     return nested if isinstance(nested, dict) else model_config
 
 
+def family_overrides(model_dir: Path) -> dict[str, Any]:
+    """config.json fields mlx-lm reads under other names than transformers 5 writes (families.py)."""
+    path = model_dir / "config.json"
+    raw = json.loads(path.read_text()) if path.is_file() else {}
+    return mlx_lm_overrides(raw) if isinstance(raw, dict) else {}
+
+
 def resolve_max_model_len(config: EngineConfig, model_config: dict[str, Any]) -> int:
-    """The configured limit, else the model's max_position_embeddings, else a stated fallback."""
+    """The configured limit, else the model's max_position_embeddings, else a stated fallback; within
+    a sliding window that mlx-lm's module for the model would not apply."""
+    limit = _configured_or_stated_limit(config, model_config)
+    cap = window_context_cap(model_config)
+    if cap is not None and limit > cap:
+        logger.warning(
+            "mlx-lm's %s model attends to the whole context, not its %d-token sliding window: "
+            "max_model_len is capped at %d (--backend torch serves the full context)",
+            model_config.get("model_type"),
+            cap,
+            cap,
+        )
+        return cap
+    return limit
+
+
+def _configured_or_stated_limit(config: EngineConfig, model_config: dict[str, Any]) -> int:
     model_limit = _text_config(model_config).get("max_position_embeddings") or model_config.get(
         "max_position_embeddings"
     )

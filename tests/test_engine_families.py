@@ -1,0 +1,93 @@
+"""Sliding-window, soft-capped and partial-rotary families through the whole engine: greedy tokens equal
+transformers' alone, batched, in chunked prefill, after preemption and from the prefix cache, with
+contexts several times the window."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from batchlm import LLM, SamplingParams
+
+WINDOW = 8
+MAX_TOKENS = 12
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+LAYERS = ["sliding_attention", "full_attention"]
+FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "gemma2": ("gemma2", {"layer_types": LAYERS, "sliding_window": WINDOW, "query_pre_attn_scalar": 24,
+                          "attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0, "pad_token_id": 0}),
+    "gemma3": ("gemma3_text", {"layer_types": LAYERS, "sliding_window": WINDOW, "pad_token_id": 0,
+                               "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                                   "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}}}),
+    "phi3": ("phi3", {"sliding_window": WINDOW, "partial_rotary_factor": 0.5, "pad_token_id": 0}),
+    "mistral": ("mistral", {"sliding_window": WINDOW}),
+}  # fmt: skip
+
+
+def prompts() -> list[list[int]]:
+    generator = torch.Generator().manual_seed(2)
+    return [torch.randint(10, 300, (n,), generator=generator).tolist() for n in (5, 17, 33, 9, 40)]
+
+
+def generate(model_dir: Path, batch: list[list[int]], **kwargs: Any) -> tuple[LLM, list[list[int]]]:
+    llm = LLM(model=str(model_dir), device="cpu", **kwargs)
+    return llm, [list(out.outputs[0].token_ids) for out in llm.generate(batch, GREEDY)]
+
+
+def transformers_tokens(model_dir: Path, batch: list[list[int]]) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokens = []
+    for prompt in batch:
+        ids = torch.tensor([prompt])
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS,
+                          min_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=0)  # fmt: skip
+        tokens.append(out[0, len(prompt) :].tolist())
+    return tokens
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(
+    request: pytest.FixtureRequest, tiny_model_dir: Callable[..., Path]
+) -> tuple[Path, list[list[int]]]:
+    model_type, overrides = FAMILIES[request.param]
+    model_dir = tiny_model_dir(model_type, seed=5, **overrides)
+    return model_dir, transformers_tokens(model_dir, prompts())
+
+
+def test_alone_and_batched_match_transformers(family: tuple[Path, list[list[int]]]) -> None:
+    model_dir, expected = family
+    _, alone = generate(model_dir, prompts()[4:], max_num_seqs=1)
+    assert alone == expected[4:]
+    assert generate(model_dir, prompts())[1] == expected
+
+
+def test_chunked_prefill_matches_transformers(family: tuple[Path, list[list[int]]]) -> None:
+    model_dir, expected = family
+    assert generate(model_dir, prompts(), max_num_batched_tokens=6, max_num_seqs=3)[1] == expected
+
+
+def test_preemption_matches_transformers(family: tuple[Path, list[list[int]]]) -> None:
+    model_dir, expected = family
+    llm, tokens = generate(
+        model_dir, prompts(), block_size=4, num_gpu_blocks_override=16, enable_prefix_caching=False
+    )
+    assert tokens == expected
+    assert llm.engine_core.stats().num_preemptions > 0
+
+
+def test_prefix_cache_hits_match_transformers(family: tuple[Path, list[list[int]]]) -> None:
+    model_dir, _ = family
+    base = prompts()[4]
+    batch = [[*base, 11, 12], [*base, 13]]
+    expected = transformers_tokens(model_dir, batch)
+    llm = LLM(model=str(model_dir), device="cpu", block_size=4)
+    first = llm.generate(batch[:1], GREEDY)[0]
+    second = llm.generate(batch[1:], GREEDY)[0]
+    assert [list(first.outputs[0].token_ids), list(second.outputs[0].token_ids)] == expected
+    assert second.num_cached_tokens == (len(base) // 4) * 4

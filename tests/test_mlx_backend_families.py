@@ -1,0 +1,103 @@
+"""The MLX backend serves Gemma 2/3, Phi-3 and Mistral through mlx-lm: Gemma 3 with its windows and
+per-layer RoPE bases from a transformers 5 config, the families whose mlx-lm module ignores the window
+capped at it; greedy tokens equal transformers' (float32, CPU)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import batchlm.backends as backends
+from batchlm.backends.mlx.families import mlx_lm_overrides, window_context_cap
+from batchlm.config import EngineConfig
+from batchlm.sampling_params import SamplingParams
+
+needs_mlx = pytest.mark.skipif(not backends.mlx_available(), reason="mlx and mlx-lm are not installed")
+WINDOW = 8
+LAYERS = ["sliding_attention"] * 2 + ["full_attention"]
+ROPE = {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}}  # fmt: skip
+GEMMA3: dict[str, Any] = {"num_hidden_layers": 6, "layer_types": LAYERS * 2, "sliding_window": WINDOW,
+                          "rope_parameters": ROPE, "pad_token_id": 0}  # fmt: skip
+CAPPED: dict[str, tuple[str, dict[str, Any]]] = {
+    "gemma2": ("gemma2", {"sliding_window": WINDOW, "pad_token_id": 0}),
+    "phi3": ("phi3", {"sliding_window": WINDOW, "pad_token_id": 0}),
+    "mistral": ("mistral", {"sliding_window": WINDOW}),
+}
+
+
+def transformers_tokens(model_dir: Path, prompt: list[int], new_tokens: int) -> list[int]:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt])
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                      min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
+    return out[0, len(prompt) :].tolist()
+
+
+def mlx_tokens(model_dir: Path, prompts: list[list[int]], new_tokens: int) -> tuple[int, list[list[int]]]:
+    from test_mlx_backend_engine import EngineHarness, joined
+
+    harness = EngineHarness(EngineConfig(model=str(model_dir), max_num_seqs=4))
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+        tokens = [joined(harness.collect(p, params, f"r{i}"))[1] for i, p in enumerate(prompts)]
+        return harness.engine.model_info.max_model_len, tokens
+    finally:
+        harness.close()
+
+
+@needs_mlx
+def test_gemma3_serves_past_its_window(tiny_model_dir: Callable[..., Path]) -> None:
+    model_dir = tiny_model_dir("gemma3_text", tied=True, seed=3, **GEMMA3)
+    prompts = [list(range(10, 30)), [5, 17, 42, 99, 3, 250, 7, 8, 9, 10, 11]]
+    max_model_len, ours = mlx_tokens(model_dir, prompts, 10)
+    assert max_model_len == 512
+    assert ours == [transformers_tokens(model_dir, p, 10) for p in prompts]
+
+
+@needs_mlx
+@pytest.mark.parametrize("family", sorted(CAPPED))
+def test_families_whose_mlx_module_ignores_the_window_are_capped_at_it(
+    tiny_model_dir: Callable[..., Path], family: str
+) -> None:
+    model_type, overrides = CAPPED[family]
+    # Gemma checkpoints tie the LM head to the embedding (mlx-lm's Gemma 2 has no separate head).
+    model_dir = tiny_model_dir(model_type, tied=model_type == "gemma2", seed=4, **overrides)
+    prompt = [5, 17, 42, 99]
+    max_model_len, ours = mlx_tokens(model_dir, [prompt], WINDOW - len(prompt))
+    assert max_model_len == WINDOW
+    assert ours == [transformers_tokens(model_dir, prompt, WINDOW - len(prompt))]
+
+
+def test_transformers_5_gemma3_fields_become_what_mlx_lm_reads() -> None:
+    raw = {"model_type": "gemma3_text", "layer_types": LAYERS * 2, "rope_parameters": ROPE}
+    assert mlx_lm_overrides(raw) == {
+        "rope_theta": 1e6,
+        "rope_local_base_freq": 50.0,
+        "sliding_window_pattern": 3,
+    }
+    stated = {**raw, "rope_theta": 5.0, "sliding_window_pattern": 3}
+    assert "rope_theta" not in mlx_lm_overrides(stated) and "sliding_window_pattern" not in mlx_lm_overrides(
+        stated
+    )
+    assert mlx_lm_overrides({"model_type": "llama", "rope_parameters": ROPE}) == {}
+    with pytest.raises(ValueError, match="repeating window/global pattern"):
+        mlx_lm_overrides(
+            {"model_type": "gemma3_text", "layer_types": ["full_attention", "sliding_attention"]}
+        )
+
+
+def test_window_caps() -> None:
+    assert window_context_cap({"model_type": "gemma2", "sliding_window": 4096}) == 4096
+    assert window_context_cap({"model_type": "gemma3_text", "sliding_window": 512}) is None
+    assert (
+        window_context_cap({"model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": False})
+        is None
+    )
+    assert window_context_cap({"model_type": "llama"}) is None
