@@ -91,8 +91,8 @@ class FusedMoE(nn.Module):
         gate_up = kernels.grouped_gemm(x, self.gate_up_proj, blocks, top_k)  # [T * k, 2 * I]
         activated = self.act_fn(gate_up)  # [T * k, I]
         slot_weights = choice.weights.reshape(-1)
-        down = kernels.grouped_gemm(activated, self.down_proj, blocks, 1, slot_weights)  # [T * k, H]
-        return down.view(tokens, top_k, -1).sum(dim=1)
+        down: torch.Tensor = kernels.grouped_gemm(activated, self.down_proj, blocks, 1, slot_weights)
+        return down.view(tokens, top_k, -1).sum(dim=1)  # [T * k, H] -> [T, H]
 
     def _forward_per_expert(self, x: torch.Tensor, choice: RoutingChoice) -> torch.Tensor:
         """Slots sorted by expert; one matmul pair per expert that has tokens, on its run of rows.
@@ -190,7 +190,8 @@ class SparseMoeBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, hidden] -> router logits [T, E] -> [T, hidden]
         choice = route_top_k(self.gate(x), self.spec.top_k, self.spec.renormalize)
-        return self.experts(x, choice)
+        out: torch.Tensor = self.experts(x, choice)
+        return out
 
 
 def warm_up_experts(model: nn.Module) -> None:
