@@ -66,9 +66,9 @@ def test_routing_matches_transformers_routers() -> None:
     logits = torch.randn(9, 8, generator=torch.Generator().manual_seed(2))
     for model_type, renormalize in (("qwen3_moe", False), ("qwen3_moe", True), ("mixtral", True)):
         hf = _hf_block(model_type, renormalize)
-        hidden = torch.randn(9, SIZES["hidden_size"])
+        hidden = torch.randn(9, SIZES["hidden_size"], generator=torch.Generator().manual_seed(3))
         _, hf_weights, hf_experts = hf.gate(hidden)
-        choice = route_top_k(hidden @ hf.gate.weight.t(), 3, renormalize)
+        choice = route_top_k(torch.nn.functional.linear(hidden, hf.gate.weight), 3, renormalize)
         assert torch.equal(choice.experts, hf_experts)
         torch.testing.assert_close(choice.weights, hf_weights.float(), atol=1e-7, rtol=1e-6)
     # Mixtral's rule, a softmax over the kept logits, is the renormalized softmax.
@@ -110,15 +110,16 @@ def test_tensor_parallel_shares_sum_to_the_whole() -> None:
     whole = _ours_from(hf, spec)
     ranks = [_ours_from(hf, spec, _SumLater(rank, 2)) for rank in range(2)]
     assert ranks[0].experts.down_proj.shape == (8, spec.hidden_size, spec.intermediate_size // 2)
-    x = torch.randn(5, spec.hidden_size)
+    x = torch.randn(5, spec.hidden_size, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         torch.testing.assert_close(ranks[0](x) + ranks[1](x), whole(x), atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize(("tokens", "top_k", "block_m"), [(1, 2, 16), (7, 3, 16), (40, 2, 4), (0, 2, 16)])
 def test_blocks_hold_one_expert_and_every_slot_once(tokens: int, top_k: int, block_m: int) -> None:
+    generator = torch.Generator().manual_seed(tokens)
     experts = (
-        torch.stack([torch.randperm(8)[:top_k] for _ in range(tokens)])
+        torch.stack([torch.randperm(8, generator=generator)[:top_k] for _ in range(tokens)])
         if tokens
         else torch.zeros(0, top_k, dtype=torch.long)
     )
