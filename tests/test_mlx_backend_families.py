@@ -55,7 +55,9 @@ def mlx_tokens(model_dir: Path, prompts: list[list[int]], new_tokens: int) -> tu
 @needs_mlx
 def test_gemma3_serves_past_its_window(tiny_model_dir: Callable[..., Path]) -> None:
     model_dir = tiny_model_dir("gemma3_text", tied=True, seed=3, **GEMMA3)
-    prompts = [list(range(10, 30)), [5, 17, 42, 99, 3, 250, 7, 8, 9, 10, 11]]
+    base = list(range(10, 30))
+    # The later prompts share a prefix longer than the window with the first (prompt-cache lookups).
+    prompts = [[*base, 40, 41], [5, 17, 42, 99, 3, 250, 7, 8, 9, 10, 11], [*base, 50], [*base, 40, 41]]
     max_model_len, ours = mlx_tokens(model_dir, prompts, 10)
     assert max_model_len == 512
     assert ours == [transformers_tokens(model_dir, p, 10) for p in prompts]

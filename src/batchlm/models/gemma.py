@@ -87,7 +87,8 @@ class GemmaAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary_emb(positions, q, k)
         out = attn.forward(q, k, v, kv_cache, meta, self.spec)
-        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+        projected: torch.Tensor = self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+        return projected
 
 
 class GemmaDecoderLayer(nn.Module):
@@ -121,7 +122,8 @@ class GemmaDecoderLayer(nn.Module):
         attended = self.self_attn(positions, self.input_layernorm(hidden), kv_cache, meta, attn)
         hidden = hidden + self.post_attention_layernorm(attended)
         fed = self.mlp(self.pre_feedforward_layernorm(hidden))
-        return hidden + self.post_feedforward_layernorm(fed)
+        residual: torch.Tensor = hidden + self.post_feedforward_layernorm(fed)
+        return residual
 
 
 class GemmaModel(nn.Module):
@@ -147,11 +149,13 @@ class GemmaModel(nn.Module):
         attn: AttentionBackend,
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)  # [T, hidden]
-        # HF rounds the scale to the activation dtype before multiplying.
-        hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
+        # HF rounds the scale to the activation dtype before multiplying (a host-side rounding here,
+        # so a CUDA-graph capture sees a plain scalar).
+        hidden = hidden * float(torch.tensor(self.embed_scale, dtype=hidden.dtype))
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden = layer(positions, hidden, kv_cache, meta, attn)
-        return self.norm(hidden)
+        normed: torch.Tensor = self.norm(hidden)
+        return normed
 
 
 class Gemma2ForCausalLM(CausalLM):
@@ -180,7 +184,8 @@ class Gemma2ForCausalLM(CausalLM):
         meta: AttentionMetadata,
         attn: AttentionBackend,
     ) -> torch.Tensor:
-        return self.model(input_ids, positions, kv_caches, meta, attn)
+        hidden: torch.Tensor = self.model(input_ids, positions, kv_caches, meta, attn)
+        return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head.compute_logits(hidden)

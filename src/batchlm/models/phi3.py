@@ -54,4 +54,5 @@ def _rows(name: str, tensor: LoadedWeight, sizes: list[int]) -> tuple[torch.Tens
         raise ValueError(f"{name}: fused Phi-3 tensors load from dense checkpoints only")
     if tensor.shape[0] != sum(sizes):
         raise ValueError(f"{name} has {tensor.shape[0]} rows; the config needs {sum(sizes)} ({sizes})")
-    return tuple(tensor.split(sizes, dim=0))
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return tuple(tensor.narrow(0, start, size) for start, size in zip(starts, sizes, strict=True))
