@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from batchlm.models.random_model import ARCHITECTURES
+
 SHAPES: dict[str, dict[str, Any]] = {
     "tiny": {
         "model_type": "llama",
@@ -17,6 +19,39 @@ SHAPES: dict[str, dict[str, Any]] = {
         "head_dim": 16,
         "vocab_size": 2048,
         "max_position_embeddings": 2048,
+        "tie_word_embeddings": True,
+    },
+    "tiny-moe": {
+        "model_type": "qwen3_moe",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "moe_intermediate_size": 32,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "norm_topk_prob": True,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "vocab_size": 2048,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": True,
+    },
+    # A Qwen3-MoE of ~110M parameters (~30M active) for CPU runs against transformers.
+    "small-moe": {
+        "model_type": "qwen3_moe",
+        "hidden_size": 512,
+        "intermediate_size": 1536,
+        "moe_intermediate_size": 256,
+        "num_experts": 32,
+        "num_experts_per_tok": 4,
+        "norm_topk_prob": True,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "head_dim": 64,
+        "vocab_size": 8192,
+        "max_position_embeddings": 4096,
         "tie_word_embeddings": True,
     },
     "smollm2-135m": {
@@ -75,6 +110,27 @@ SHAPES: dict[str, dict[str, Any]] = {
         },
         "rope_theta": 500000.0,
     },
+    "qwen3-30b-a3b": {
+        "model_type": "qwen3_moe",
+        "hidden_size": 2048,
+        "intermediate_size": 6144,
+        "moe_intermediate_size": 768,
+        "num_experts": 128,
+        "num_experts_per_tok": 8,
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "num_hidden_layers": 48,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+        "head_dim": 128,
+        "vocab_size": 151936,
+        "max_position_embeddings": 40960,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": False,
+        "use_sliding_window": False,
+    },
     # google/gemma-3-1b-it's text shape: five 512-token window layers (local RoPE base 1e4) to one
     # global layer (base 1e6), 256-wide heads over one KV head.
     "gemma-3-1b": {
@@ -105,7 +161,7 @@ def hf_config_dict(shape: str) -> dict[str, Any]:
     params = dict(SHAPES[shape])
     params.setdefault("bos_token_id", 1)
     params.setdefault("eos_token_id", 2)
-    params["architectures"] = [params.pop("architecture", "LlamaForCausalLM")]
+    params["architectures"] = [params.pop("architecture", None) or ARCHITECTURES[params["model_type"]]]
     params["torch_dtype"] = "bfloat16"
     return params
 

@@ -7,6 +7,8 @@ GPU (issue 5):  python benchmarks/offline_throughput.py --shape llama-3.2-1b --n
                     --input-len 512 --output-len 256 --runs 3
 Quantized (issue 21): add --quantization fp8 / w4a16 (with --dummy: random weights quantized at load,
 the real shapes) and --kv-cache-dtype fp8.
+MoE (issue 18): the same with --shape qwen3-30b-a3b --dummy; the summary gives the H200 floor
+                (benchmarks/throughput_floor.py) and the fraction of it reached.
 Structured outputs (issue 17): add --structured to alternate, in the same engine, runs where every
 request is under a ~10-field JSON schema (structured_outputs.long_output_schema) with runs without one;
 the tokenizer is padded to the model's vocabulary so masks cover a real-size vocabulary.
@@ -28,6 +30,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from model_shapes import SHAPES, write_config_only, write_random_weights
+from throughput_floor import workload_floor
 
 
 def make_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -205,6 +208,11 @@ def main() -> None:
     for engine in sorted({r["engine"] for r in results}):
         rates = [r["output_tok_s"] for r in results if r["engine"] == engine]
         summary[f"{engine} median output tok/s"] = statistics.median(rates)
+    # The H200 floor of this workload (bandwidth and bf16 peak; meaningful for GPU runs only).
+    summary["h200_floor"] = workload_floor(SHAPES[args.shape], args.num_requests, args.input_len, args.output_len)
+    summary["of_h200_floor"] = round(
+        summary["batchlm median output tok/s"] / summary["h200_floor"]["floor_output_tok_s"], 3
+    )
     if args.structured:
         summary["structured_over_plain"] = round(
             summary["batchlm-structured median output tok/s"] / summary["batchlm median output tok/s"], 3

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from batchlm.layers.quantization.forms import FP8_DTYPE, FP8_MAX
+from batchlm.kernels.fp8_types import FP8_DTYPE, FP8_MAX
 
 
 def quantize_activations(

@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from batchlm.kernels.fp8_types import FP8_DTYPE, FP8_MAX
 from batchlm.kernels.shapes import next_power_of_2
-from batchlm.layers.quantization.forms import FP8_DTYPE, FP8_MAX
 
 # Columns per inner-loop tile (rows longer than this take several).
 MAX_BLOCK = 4096

@@ -9,8 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from batchlm.kernels.fp8_types import FP8_DTYPE, FP8_MAX
 from batchlm.kernels.shapes import check_kv_cache, next_power_of_2
-from batchlm.layers.quantization.forms import FP8_DTYPE, FP8_MAX
 
 
 @triton.jit

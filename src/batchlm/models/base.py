@@ -58,3 +58,11 @@ class CausalLM(nn.Module):
         """The checkpoint's (name, tensor) pairs as this model names them; a family whose checkpoints
         fuse or nest tensors differently renames or splits them here."""
         return weights
+
+    def tensors_loaded_elsewhere(self) -> set[str]:
+        """Parameter names that `checkpoint_tensors` loads itself (a family stacking its experts),
+        which the generic loader must not call missing."""
+        return set()
+
+    def check_loaded_elsewhere(self) -> None:
+        """After loading: raise ValueError naming what `checkpoint_tensors` expected and never saw."""

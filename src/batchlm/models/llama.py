@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -111,10 +112,12 @@ class LlamaDecoderLayer(nn.Module):
         rope: RotaryEmbedding,
         options: BlockOptions,
         tp: TensorParallelGroup,
+        mlp: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, layer, rope, options, tp)
-        self.mlp = LlamaMLP(config, options.mlp_bias, tp)
+        # `mlp` replaces the dense MLP (mixture-of-experts families).
+        self.mlp = mlp if mlp is not None else LlamaMLP(config, options.mlp_bias, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -139,13 +142,19 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embedding, decoder layers and the final norm (HF's `model.` prefix)."""
 
-    def __init__(self, config: ModelConfig, options: BlockOptions, tp: TensorParallelGroup) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        options: BlockOptions,
+        tp: TensorParallelGroup,
+        mlp_of_layer: Callable[[int], nn.Module | None] | None = None,
+    ) -> None:
         super().__init__()
         ropes = shared_ropes([layer.rope for layer in config.layers], config.head_dim, config.max_model_len)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, layer, rope, options, tp)
-            for layer, rope in zip(config.layers, ropes, strict=True)
+            LlamaDecoderLayer(config, layer, rope, options, tp, mlp_of_layer(i) if mlp_of_layer else None)
+            for i, (layer, rope) in enumerate(zip(config.layers, ropes, strict=True))
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -173,10 +182,14 @@ class LlamaForCausalLM(CausalLM):
     def __init__(self, config: ModelConfig, tp: TensorParallelGroup = SINGLE_RANK) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, self.block_options(config), tp)
+        self.model = self.build_model(config, tp)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
         if self.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)
+
+    def build_model(self, config: ModelConfig, tp: TensorParallelGroup) -> LlamaModel:
+        """The decoder stack (embedding, layers, final norm) under HF's `model.` prefix."""
+        return LlamaModel(config, self.block_options(config), tp)
 
     @classmethod
     def block_options(cls, config: ModelConfig) -> BlockOptions:

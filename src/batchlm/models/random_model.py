@@ -22,6 +22,12 @@ TINY_CONFIG: dict[str, Any] = {
     "eos_token_id": 2,
 }
 
+# Expert fields of the tiny mixture-of-experts models (8 experts, 2 per token).
+TINY_MOE_CONFIG: dict[str, dict[str, Any]] = {
+    "qwen3_moe": {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 48, "norm_topk_prob": True},
+    "mixtral": {"num_local_experts": 8, "num_experts_per_tok": 2},
+}
+
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
@@ -30,6 +36,8 @@ ARCHITECTURES = {
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
 }
 
 
@@ -52,7 +60,7 @@ def write_random_model(
         raise ValueError(f"unknown model_type {model_type!r}; choose from {sorted(ARCHITECTURES)}")
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    params = {**TINY_CONFIG, **(overrides or {})}
+    params = {**TINY_CONFIG, **TINY_MOE_CONFIG.get(model_type, {}), **(overrides or {})}
     config = AutoConfig.for_model(model_type, **params)
     config.architectures = [ARCHITECTURES[model_type]]
     torch.manual_seed(seed)
@@ -65,6 +73,9 @@ def write_random_model(
                 param.copy_(1.0 + 0.1 * torch.randn_like(param))
             elif param.dim() == 1:
                 param.normal_(0.0, 0.1)
+            elif name.endswith("mlp.gate.weight"):
+                # A router at the init scale gives near-equal scores, where rounding picks the experts.
+                param.normal_(0.0, 0.5)
     kwargs: dict[str, Any] = {"safe_serialization": True}
     if max_shard_size:
         kwargs["max_shard_size"] = max_shard_size

@@ -22,6 +22,8 @@ MODEL_REGISTRY: dict[str, str] = {
     "Gemma3ForCausalLM": "batchlm.models.gemma:Gemma3ForCausalLM",
     "Gemma3ForConditionalGeneration": "batchlm.models.gemma:Gemma3ForConditionalGeneration",
     "Phi3ForCausalLM": "batchlm.models.phi3:Phi3ForCausalLM",
+    "Qwen3MoeForCausalLM": "batchlm.models.moe:Qwen3MoeForCausalLM",
+    "MixtralForCausalLM": "batchlm.models.moe:MixtralForCausalLM",
 }
 
 

@@ -88,8 +88,11 @@ def is_ignored(model: CausalLM, name: str) -> bool:
     return model.tie_word_embeddings and name == "lm_head.weight"
 
 
-def load_named_weights(model: CausalLM, weights: Iterable[tuple[str, LoadedWeight]]) -> None:
-    """Load every (HF name, tensor) pair; raise ValueError listing unexpected or missing tensors."""
+def load_named_weights(
+    model: CausalLM, weights: Iterable[tuple[str, LoadedWeight]], checked_elsewhere: Iterable[str] = ()
+) -> None:
+    """Load every (HF name, tensor) pair; raise ValueError listing unexpected or missing tensors
+    (except `checked_elsewhere`: parameters whose loading the caller verifies itself)."""
     loaded: set[str] = set()
     unexpected: list[str] = []
     for name, tensor in model.checkpoint_tensors(weights):
@@ -105,9 +108,11 @@ def load_named_weights(model: CausalLM, weights: Iterable[tuple[str, LoadedWeigh
         raise ValueError(
             f"unexpected tensor(s) in the checkpoint, not part of the model: {_listing(unexpected)}"
         )
-    missing = sorted(expected_names(model) - loaded)
+    elsewhere = set(checked_elsewhere) | model.tensors_loaded_elsewhere()
+    missing = sorted(expected_names(model) - loaded - elsewhere)
     if missing:
         raise ValueError(f"missing tensor(s): the checkpoint lacks {_listing(missing)}")
+    model.check_loaded_elsewhere()
 
 
 def _listing(names: list[str], limit: int = 8) -> str:

@@ -17,6 +17,7 @@ from batchlm.core.step_io import ModelRunnerOutput, SchedulerOutput
 from batchlm.kernels.parallel_compile import compile_deferred, compile_threads, defer_compiles
 from batchlm.layers.embedding import use_cpu_lm_head
 from batchlm.layers.linear import pack_linears_for_cpu
+from batchlm.layers.moe import warm_up_experts
 from batchlm.models.loader import LoadedModel, ModelShape, load_model
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
 from batchlm.runner.cpu_threads import cap_cpu_threads
@@ -216,6 +217,7 @@ class ModelRunner:
         self.attn.warm_up(kv_cache, self.shape.num_heads, max_blocks_per_seq, specs, query_dtype=self.dtype)
         hidden = torch.zeros((1, self.shape.hidden_size), dtype=self.dtype, device=self.device)
         self.sampler.warm_up(self.model.compute_logits(hidden).float())
+        warm_up_experts(self.model)
         torch.cuda.synchronize(self.device)
 
     def _use_cuda_graphs(self) -> bool:

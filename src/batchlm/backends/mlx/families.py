@@ -21,6 +21,8 @@ APPLIES_WINDOW = {
     "mistral": False,
     "qwen2": False,
     "qwen3": False,
+    "qwen3_moe": False,
+    "mixtral": False,
 }
 
 

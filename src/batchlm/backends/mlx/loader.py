@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from batchlm.backends.mlx.config_names import older_field_names
 from batchlm.backends.mlx.families import mlx_lm_overrides, window_context_cap
 from batchlm.config import DEMO_MODEL, EngineConfig
 
@@ -80,7 +81,7 @@ def load_model(config: EngineConfig, model_dir: Path) -> LoadedModel:
     check_config(config)
     if config.device == "cpu":
         mx.set_default_device(mx.cpu)
-    overrides = {**family_overrides(model_dir), **config.hf_overrides} or None
+    overrides = {**family_overrides(model_dir), **older_field_names(model_dir), **config.hf_overrides} or None
     model, model_config = mlx_load_model(
         model_dir, model_config=overrides, trust_remote_code=config.trust_remote_code
     )

@@ -11,8 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8_DTYPE).max)
 # FP8 tensor-core instructions (cuBLASLt's FP8 GEMM, Triton's e4m3 casts) start with Ada (sm_89).
 FP8_MIN_CAPABILITY = (8, 9)
 

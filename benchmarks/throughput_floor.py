@@ -1,0 +1,140 @@
+"""The fastest an offline workload could run on a GPU: each step costs the larger of its bytes over
+the memory bandwidth and its FLOPs over the peak matmul rate (bf16 weights and KV cache).
+
+A decode step reads the dense weights, the LM head, the KV cache of every running request and, in a
+mixture-of-experts layer, only the experts its tokens chose: with B tokens each picking k of E
+experts uniformly at random, E * (1 - (1 - k/E)^B) distinct experts on average. Prefill is costed as
+one pass over all prompt tokens (every expert read once). Every layer is costed as attending to its
+whole context, so for sliding-window layers the real floor is lower. Defaults: an H200's measured
+copy rate and its dense bf16 peak.
+
+    python benchmarks/throughput_floor.py --shape qwen3-30b-a3b --num-requests 256 --input-len 512 --output-len 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from typing import Any
+
+BYTES_PER_VALUE = 2  # bf16
+H200_BANDWIDTH = 4.29e12  # bytes/s
+H200_BF16_FLOPS = 792e12  # FLOP/s
+
+
+@dataclass(frozen=True)
+class ShapeCost:
+    """Parameter counts (in values) that decide a step's bytes and FLOPs."""
+
+    # Attention, norms, dense MLPs and routers of all layers.
+    dense_params: int
+    lm_head_params: int
+    # One expert's gate, up and down; how many layers have experts; experts per layer; chosen per token.
+    expert_params: int
+    sparse_layers: int
+    num_experts: int
+    top_k: int
+    # Per token of context: KV values of all layers; attention FLOPs per (query, key) pair.
+    kv_values_per_token: int
+    attention_flops_per_pair: int
+
+
+def shape_cost(config: dict[str, Any]) -> ShapeCost:
+    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
+    num_experts = config.get("num_experts") or config.get("num_local_experts") or 0
+    sparse = _sparse_layers(config, num_experts)
+    expert_inter = config.get("moe_intermediate_size") or config["intermediate_size"]
+    dense_mlp = 3 * hidden * config["intermediate_size"]
+    dense = layers * attention + (layers - sparse) * dense_mlp + sparse * hidden * num_experts
+    return ShapeCost(
+        dense_params=dense,
+        lm_head_params=config["vocab_size"] * hidden,
+        expert_params=3 * hidden * expert_inter,
+        sparse_layers=sparse,
+        num_experts=num_experts,
+        top_k=config.get("num_experts_per_tok", 0),
+        kv_values_per_token=2 * layers * kv_heads * head_dim,
+        attention_flops_per_pair=4 * layers * heads * head_dim,
+    )
+
+
+def _sparse_layers(config: dict[str, Any], num_experts: int) -> int:
+    if not num_experts:
+        return 0
+    step = config.get("decoder_sparse_step", 1)
+    dense_only = set(config.get("mlp_only_layers", []))
+    return sum(1 for i in range(config["num_hidden_layers"]) if i not in dense_only and (i + 1) % step == 0)
+
+
+def active_experts(cost: ShapeCost, tokens: int) -> float:
+    """Expected distinct experts per sparse layer when `tokens` tokens route uniformly at random."""
+    if not cost.num_experts:
+        return 0.0
+    return cost.num_experts * (1 - (1 - cost.top_k / cost.num_experts) ** tokens)
+
+
+def step_seconds(
+    cost: ShapeCost, tokens: int, kv_tokens: int, pairs: int, bandwidth: float, flops: float
+) -> float:
+    """One forward over `tokens` new tokens that attend to `kv_tokens` cached ones (`pairs` query-key pairs)."""
+    weights = (
+        cost.dense_params
+        + cost.lm_head_params
+        + cost.sparse_layers * active_experts(cost, tokens) * cost.expert_params
+    )
+    memory = (weights + kv_tokens * cost.kv_values_per_token) * BYTES_PER_VALUE
+    active_per_token = (
+        cost.dense_params + cost.lm_head_params + cost.sparse_layers * cost.top_k * cost.expert_params
+    )
+    compute = 2 * tokens * active_per_token + pairs * cost.attention_flops_per_pair
+    return max(memory / bandwidth, compute / flops)
+
+
+def workload_floor(
+    config: dict[str, Any],
+    num_requests: int,
+    input_len: int,
+    output_len: int,
+    bandwidth: float = H200_BANDWIDTH,
+    flops: float = H200_BF16_FLOPS,
+) -> dict[str, float]:
+    """Floor time and output tokens/s for N requests of input_len prompt tokens and output_len outputs,
+    all running at once (the first output token comes from the prefill)."""
+    cost = shape_cost(config)
+    prefill_pairs = num_requests * input_len * (input_len + 1) // 2
+    prefill = step_seconds(cost, num_requests * input_len, 0, prefill_pairs, bandwidth, flops)
+    decode = sum(
+        step_seconds(cost, num_requests, num_requests * context, num_requests * context, bandwidth, flops)
+        for context in range(input_len + 1, input_len + output_len)
+    )
+    total = prefill + decode
+    return {
+        "floor_s": round(total, 3),
+        "floor_prefill_s": round(prefill, 3),
+        "floor_decode_s": round(decode, 3),
+        "floor_output_tok_s": round(num_requests * output_len / total, 1),
+        "decode_active_experts_per_layer": round(active_experts(cost, num_requests), 1),
+    }
+
+
+def main() -> None:
+    from model_shapes import SHAPES
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shape", choices=sorted(SHAPES), required=True)
+    parser.add_argument("--num-requests", type=int, default=256)
+    parser.add_argument("--input-len", type=int, default=512)
+    parser.add_argument("--output-len", type=int, default=256)
+    args = parser.parse_args()
+    floor = workload_floor(SHAPES[args.shape], args.num_requests, args.input_len, args.output_len)
+    print(json.dumps({"shape": args.shape, **floor}))
+
+
+if __name__ == "__main__":
+    main()

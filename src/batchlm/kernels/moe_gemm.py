@@ -1,0 +1,149 @@
+"""A grouped GEMM for mixture-of-experts layers: one launch multiplies every expert's rows by that
+expert's weight matrix.
+
+The rows arrive sorted by expert and padded to whole blocks (`layers/moe_routing.align_to_blocks`),
+so each program's block of rows belongs to one expert and reads one [N, K] slice of the stacked
+weights. Rows are gathered from the activations and scattered to the output through the slot ids,
+so neither side is ever permuted in memory. Padding rows and blocks past the last expert's run are
+masked off or skipped. K (the hidden or the intermediate size) is a compile-time constant: a model
+compiles two variants per block size (it also keeps the interpreter off runtime loop bounds).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import triton
+import triton.language as tl
+
+if TYPE_CHECKING:  # the layer above hands the blocks down; kernels import no layer at run time
+    from batchlm.layers.moe_routing import ExpertBlocks
+
+
+# The slot count changes every step: not specializing on it (Triton would on `% 16 == 0`) keeps one
+# compiled variant per block size.
+@triton.jit(do_not_specialize=["num_slots"])
+def _grouped_gemm_kernel(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    slot_weights_ptr,
+    sorted_slots_ptr,
+    block_experts_ptr,
+    padded_rows_ptr,
+    N,
+    num_slots,
+    a_row_divisor,
+    stride_am,
+    stride_ak,
+    stride_be,
+    stride_bn,
+    stride_bk,
+    stride_cm,
+    stride_cn,
+    K: tl.constexpr,
+    MUL_SLOT_WEIGHTS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_n_blocks = tl.cdiv(N, BLOCK_N)
+    block_m = pid // num_n_blocks
+    block_n = pid % num_n_blocks
+    if block_m * BLOCK_M >= tl.load(padded_rows_ptr):
+        return
+    expert = tl.load(block_experts_ptr + block_m).to(tl.int64)
+    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slots = tl.load(sorted_slots_ptr + rows)
+    valid = slots < num_slots
+    # The first projection reads token slot // top_k; the second reads its own slot's row.
+    a_rows = slots // a_row_divisor
+    cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak
+    b_ptrs = b_ptr + expert * stride_be + cols[None, :] * stride_bn + ks[:, None] * stride_bk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = ks < K - k0
+        a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    if MUL_SLOT_WEIGHTS:
+        acc = acc * tl.load(slot_weights_ptr + slots, mask=valid, other=0.0)[:, None]
+    c_ptrs = c_ptr + slots[:, None] * stride_cm + cols[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & col_ok[None, :])
+
+
+def grouped_gemm(
+    a: torch.Tensor,
+    weights: torch.Tensor,
+    blocks: ExpertBlocks,
+    a_row_divisor: int,
+    slot_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """c[s] = a[s // a_row_divisor] @ weights[expert(s)]^T for every slot s (times slot_weights[s]).
+
+    a: [rows, K]; weights: [E, N, K] stacked per expert; returns c: [num_slots, N] in a's dtype.
+    """
+    _, n, k = weights.shape
+    c = torch.empty((blocks.num_slots, n), dtype=a.dtype, device=a.device)
+    if blocks.num_slots == 0:
+        return c
+    block_n, block_k = (64, 32) if n <= 64 else (128, 64)
+    grid = (blocks.block_experts.numel() * triton.cdiv(n, block_n),)
+    scale = slot_weights if slot_weights is not None else a
+    _grouped_gemm_kernel[grid](
+        a,
+        weights,
+        c,
+        scale,
+        blocks.sorted_slots,
+        blocks.block_experts,
+        blocks.padded_rows,
+        n,
+        blocks.num_slots,
+        a_row_divisor,
+        a.stride(0),
+        a.stride(1),
+        weights.stride(0),
+        weights.stride(1),
+        weights.stride(2),
+        c.stride(0),
+        c.stride(1),
+        K=k,
+        MUL_SLOT_WEIGHTS=slot_weights is not None,
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        BLOCK_M=blocks.block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=4,
+        num_stages=3,
+    )
+    return c
+
+
+# Rows per block by the average rows per expert: (largest average, block rows); above the last, 64.
+# A block reads its expert's whole weight matrix, so in memory-bound decode steps one block should
+# hold every row an expert gets (with B tokens routed uniformly, counts spread about +-sqrt(average)).
+BLOCK_M_STEPS = ((4.0, 16), (16.0, 32))
+LARGEST_BLOCK_M = 64
+
+
+def block_m_for(num_slots: int, num_experts: int) -> int:
+    """Rows per block: small blocks when each expert gets few rows (decode), larger for prefill."""
+    per_expert = num_slots / max(num_experts, 1)
+    for limit, block_m in BLOCK_M_STEPS:
+        if per_expert <= limit:
+            return block_m
+    return LARGEST_BLOCK_M
+
+
+def rows_per_expert_of_each_block_m() -> list[float]:
+    """One average rows-per-expert value that picks each block size (what a warm-up must run)."""
+    return [limit for limit, _ in BLOCK_M_STEPS] + [2 * BLOCK_M_STEPS[-1][0]]

@@ -1,0 +1,203 @@
+"""A sparse mixture-of-experts MLP: a router picks top_k experts per token, and every expert's
+gate/up and down weights live stacked in one [E, ...] tensor each, so all experts run as one grouped
+GEMM per projection on the GPU (kernels/moe_gemm.py) and as one matmul per active expert on the CPU.
+
+Tensor parallelism splits each expert's intermediate size across ranks (gate/up by rows, down by
+columns), so every rank routes all tokens and one all-reduce sums the partial outputs.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from batchlm.layers.activation import get_gated_activation
+from batchlm.layers.linear import check_shape
+from batchlm.layers.moe_routing import RoutingChoice, align_to_blocks, route_top_k
+from batchlm.layers.quantization.base import LoadedWeight, as_dense
+from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
+
+# The three projections of an expert, in the order of `ExpertPart.index`.
+GATE, UP, DOWN = 0, 1, 2
+
+
+@functools.cache
+def _moe_kernels() -> ModuleType | None:
+    if os.environ.get("BATCHLM_DISABLE_FUSED_OPS"):
+        return None
+    try:
+        from batchlm.kernels import moe_gemm
+    except ImportError:  # no Triton: the torch path serves every device
+        return None
+    return moe_gemm
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """The sizes and routing rule of one sparse MLP block."""
+
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    # Each expert's intermediate size (moe_intermediate_size in Qwen3-MoE configs).
+    intermediate_size: int
+    # Rescale the kept top_k weights to sum to 1.
+    renormalize: bool
+    hidden_act: str = "silu"
+
+
+class FusedMoE(nn.Module):
+    """The experts of one layer: gate_up_proj [E, 2 * I, H] (gate rows, then up rows) and down_proj
+    [E, H, I], the names and layouts transformers uses for its stacked experts."""
+
+    def __init__(self, spec: MoESpec, tp: TensorParallelGroup = SINGLE_RANK) -> None:
+        super().__init__()
+        if spec.intermediate_size % tp.size:
+            raise ValueError(
+                f"moe intermediate size ({spec.intermediate_size}) is not divisible by the "
+                f"tensor-parallel size {tp.size}"
+            )
+        self.spec, self.tp = spec, tp
+        self.inter_per_rank = spec.intermediate_size // tp.size
+        experts, hidden, inter = spec.num_experts, spec.hidden_size, self.inter_per_rank
+        self.gate_up_proj = nn.Parameter(torch.empty(experts, 2 * inter, hidden), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(experts, hidden, inter), requires_grad=False)
+        self.act_fn = get_gated_activation(spec.hidden_act)
+        # (expert, part) pairs loaded so far, to name what a checkpoint lacks.
+        self.loaded_parts: set[tuple[int, int]] = set()
+
+    def forward(self, x: torch.Tensor, choice: RoutingChoice) -> torch.Tensor:
+        # x: [T, hidden] -> [T, hidden]
+        kernels = _moe_kernels() if x.is_cuda else None
+        if kernels is not None:
+            out = self._forward_grouped_gemm(kernels, x, choice)
+        else:
+            out = self._forward_per_expert(x, choice)
+        return self.tp.all_reduce(out)
+
+    def _forward_grouped_gemm(
+        self, kernels: ModuleType, x: torch.Tensor, choice: RoutingChoice
+    ) -> torch.Tensor:
+        tokens, top_k = choice.experts.shape
+        num_experts = self.spec.num_experts
+        blocks = align_to_blocks(
+            choice.experts, num_experts, kernels.block_m_for(tokens * top_k, num_experts)
+        )
+        gate_up = kernels.grouped_gemm(x, self.gate_up_proj, blocks, top_k)  # [T * k, 2 * I]
+        activated = self.act_fn(gate_up)  # [T * k, I]
+        slot_weights = choice.weights.reshape(-1)
+        down: torch.Tensor = kernels.grouped_gemm(activated, self.down_proj, blocks, 1, slot_weights)
+        return down.view(tokens, top_k, -1).sum(dim=1)  # [T * k, H] -> [T, H]
+
+    def _forward_per_expert(self, x: torch.Tensor, choice: RoutingChoice) -> torch.Tensor:
+        """Slots sorted by expert; one matmul pair per expert that has tokens, on its run of rows.
+        Gathering and weighting happen once for all rows, so each expert costs four ops."""
+        top_k = choice.experts.shape[1]
+        flat = choice.experts.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.spec.num_experts).tolist()
+        tokens = order // top_k
+        picked = x[tokens]  # [T * k, hidden], grouped by expert
+        rows = torch.empty_like(picked)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            end = start + count
+            activated = self.act_fn(picked[start:end] @ self.gate_up_proj[expert].t())
+            torch.mm(activated, self.down_proj[expert].t(), out=rows[start:end])
+            start = end
+        rows *= choice.weights.reshape(-1)[order, None].to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, tokens, rows)
+
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """Run the grouped GEMM once per block size it can pick, so no serving step waits for a compile."""
+        kernels = _moe_kernels()
+        if kernels is None or not self.gate_up_proj.is_cuda:
+            return
+        experts, top_k = self.spec.num_experts, self.spec.top_k
+        weight = self.gate_up_proj
+        for rows_per_expert in kernels.rows_per_expert_of_each_block_m():
+            tokens = max(1, int(rows_per_expert * experts) // top_k)
+            x = torch.zeros((tokens, self.spec.hidden_size), dtype=weight.dtype, device=weight.device)
+            logits = torch.randn((tokens, experts), device=weight.device)
+            self(x, route_top_k(logits, top_k, self.spec.renormalize))
+
+    def load_expert(self, name: str, expert: int, part: int, loaded: LoadedWeight) -> None:
+        """One expert's HF projection (gate [I, H], up [I, H] or down [H, I]): this rank's share."""
+        if not 0 <= expert < self.spec.num_experts:
+            raise ValueError(
+                f"checkpoint tensor {name!r} names expert {expert}; the model has {self.spec.num_experts}"
+            )
+        hidden, inter, share = self.spec.hidden_size, self.spec.intermediate_size, self.inter_per_rank
+        start = self.tp.rank * share
+        if part == DOWN:
+            check_shape(name, (hidden, inter), loaded.shape)
+            dense = as_dense(loaded, self.down_proj.dtype).narrow(1, start, share)
+            target = self.down_proj[expert]
+        else:
+            check_shape(name, (inter, hidden), loaded.shape)
+            dense = as_dense(loaded, self.gate_up_proj.dtype).narrow(0, start, share)
+            target = self.gate_up_proj[expert].narrow(0, part * share, share)
+        with torch.no_grad():
+            target.copy_(dense)
+        self.loaded_parts.add((expert, part))
+
+    def load_weight(
+        self, name: str, param_name: str, loaded: LoadedWeight, shard: str | int | None = None
+    ) -> None:
+        """A stacked tensor as transformers keeps it (gate_up_proj [E, 2I, H] or down_proj [E, H, I])."""
+        experts, hidden, inter = self.spec.num_experts, self.spec.hidden_size, self.spec.intermediate_size
+        dense = as_dense(loaded, self.gate_up_proj.dtype)
+        if param_name == "down_proj":
+            check_shape(name, (experts, hidden, inter), dense.shape)
+            for expert in range(experts):
+                self.load_expert(name, expert, DOWN, dense[expert])
+        elif param_name == "gate_up_proj":
+            check_shape(name, (experts, 2 * inter, hidden), dense.shape)
+            for expert in range(experts):
+                self.load_expert(name, expert, GATE, dense[expert, :inter])
+                self.load_expert(name, expert, UP, dense[expert, inter:])
+        else:
+            raise ValueError(f"unexpected checkpoint tensor {name!r}: the experts have no {param_name}")
+
+    def missing_parts(self) -> list[tuple[int, int]]:
+        """(expert, part) pairs no checkpoint tensor has filled."""
+        everything = {(e, p) for e in range(self.spec.num_experts) for p in (GATE, UP, DOWN)}
+        return sorted(everything - self.loaded_parts)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return f"experts={s.num_experts}, top_k={s.top_k}, hidden={s.hidden_size}, inter={self.inter_per_rank}, tp={self.tp.size}"
+
+
+class SparseMoeBlock(nn.Module):
+    """Router (`gate`, replicated on every rank) and experts, as HF names them."""
+
+    def __init__(self, spec: MoESpec, tp: TensorParallelGroup = SINGLE_RANK) -> None:
+        super().__init__()
+        self.spec = spec
+        self.gate = nn.Linear(spec.hidden_size, spec.num_experts, bias=False)
+        self.gate.weight.requires_grad_(False)
+        self.experts = FusedMoE(spec, tp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, hidden] -> router logits [T, E] -> [T, hidden]
+        choice = route_top_k(self.gate(x), self.spec.top_k, self.spec.renormalize)
+        out: torch.Tensor = self.experts(x, choice)
+        return out
+
+
+def warm_up_experts(model: nn.Module) -> None:
+    """Warm up the grouped GEMM once per distinct expert shape in `model` (layers share kernels)."""
+    seen: set[MoESpec] = set()
+    for module in model.modules():
+        if isinstance(module, FusedMoE) and module.spec not in seen:
+            seen.add(module.spec)
+            module.warm_up()

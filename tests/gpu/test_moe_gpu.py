@@ -1,0 +1,139 @@
+"""The Triton grouped GEMM of the fused MoE layer against the per-expert torch path on the GPU, at
+decode and prefill sizes, inside a CUDA graph, and whole MoE models against transformers. GPU only."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+pytest.importorskip("triton")
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from batchlm.layers.moe import FusedMoE, MoESpec  # noqa: E402
+from batchlm.layers.moe_routing import route_top_k  # noqa: E402
+
+DEVICE = torch.device("cuda")
+TOLERANCE = {torch.bfloat16: 3e-2, torch.float32: 2e-5}
+
+
+def _layer(spec: MoESpec, dtype: torch.dtype) -> FusedMoE:
+    with torch.device(DEVICE):
+        layer = FusedMoE(spec).to(dtype)
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+    with torch.no_grad():
+        layer.gate_up_proj.normal_(0.0, 0.05, generator=generator)
+        layer.down_proj.normal_(0.0, 0.05, generator=generator)
+    return layer
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tokens", [1, 7, 64, 1000])
+@pytest.mark.parametrize(("experts", "top_k"), [(128, 8), (8, 2)])
+def test_grouped_gemm_matches_per_expert_path(
+    dtype: torch.dtype, tokens: int, experts: int, top_k: int
+) -> None:
+    spec = MoESpec(experts, top_k, hidden_size=256, intermediate_size=96, renormalize=True)
+    layer = _layer(spec, dtype)
+    x = torch.randn(tokens, 256, device=DEVICE, dtype=dtype)
+    choice = route_top_k(torch.randn(tokens, experts, device=DEVICE), top_k, True)
+    with torch.no_grad():
+        fused = layer(x, choice)
+        expected = layer._forward_per_expert(x, choice)
+    tolerance = TOLERANCE[dtype]
+    torch.testing.assert_close(fused.float(), expected.float(), atol=tolerance, rtol=tolerance)
+
+
+def test_grouped_gemm_replays_in_a_cuda_graph() -> None:
+    spec = MoESpec(64, 4, hidden_size=128, intermediate_size=64, renormalize=False)
+    layer = _layer(spec, torch.bfloat16)
+    x = torch.randn(16, 128, device=DEVICE, dtype=torch.bfloat16)
+    logits = torch.randn(16, 64, device=DEVICE)
+    with torch.no_grad():
+        layer(x, route_top_k(logits, 4, False))  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = layer(x, route_top_k(logits, 4, False))
+        for seed in range(3):
+            x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(x))
+            logits.copy_(
+                torch.randn(logits.shape, generator=torch.Generator().manual_seed(seed + 9)).to(logits)
+            )
+            graph.replay()
+            expected = layer._forward_per_expert(x, route_top_k(logits, 4, False))
+            torch.testing.assert_close(out.float(), expected.float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+def test_moe_model_greedy_matches_transformers(tiny_model_dir: Callable[..., Path], model_type: str) -> None:
+    """float32 on the GPU through the grouped GEMM, with CUDA graphs for the decode steps; transformers
+    runs its plain per-expert loop (its default grouped_mm may compute float32 in lower precision)."""
+    from transformers import AutoModelForCausalLM
+
+    from batchlm import LLM, SamplingParams
+
+    model_dir = tiny_model_dir(model_type, num_hidden_layers=3)
+    prompts = [list(range(10, 40)), [7, 300, 41, 5, 99]]
+    hf = (
+        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, experts_implementation="eager")
+        .to(DEVICE)
+        .eval()
+    )
+    expected = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt], device=DEVICE)
+        out = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=16,
+            min_new_tokens=16,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        expected.append(out[0, len(prompt) :].tolist())
+    llm = LLM(model=str(model_dir), device="cuda", dtype="float32", gpu_memory_utilization=0.3)
+    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+
+
+def test_serving_a_moe_model_compiles_nothing_after_startup(tiny_model_dir: Callable[..., Path]) -> None:
+    """Start-up warms every grouped-GEMM variant (block sizes, slot counts) that steps can meet."""
+    import random
+    import time
+
+    from batchlm import LLM, SamplingParams
+    from batchlm.kernels.compile_watch import compiles_after_startup
+    from batchlm.request import EngineCoreRequest
+
+    # 16 experts, 4 per token: a shape no other test uses, so nothing is in Triton's in-process cache.
+    model_dir = tiny_model_dir(
+        "qwen3_moe",
+        num_experts=16,
+        num_experts_per_tok=4,
+        moe_intermediate_size=80,
+        max_position_embeddings=2048,
+    )
+    llm = LLM(
+        model=str(model_dir),
+        device="cuda",
+        dtype="bfloat16",
+        max_model_len=1536,
+        num_gpu_blocks_override=1024,
+    )
+    core = llm.engine_core
+    before = compiles_after_startup()
+    rng = random.Random(1)
+    for index in range(40):
+        prompt = tuple(rng.randrange(10, 300) for _ in range(rng.randrange(1, 1200)))
+        params = SamplingParams(temperature=1.0, max_tokens=rng.randrange(8, 120), ignore_eos=True)
+        core.add_request(
+            EngineCoreRequest(str(index), prompt, params, eos_token_ids=(2,), arrival_time=time.time())
+        )
+        core.step()
+    while core.has_work():
+        core.step()
+    assert compiles_after_startup() == before

@@ -1,0 +1,145 @@
+"""Qwen3-MoE and Mixtral against transformers: greedy tokens and logprobs, dense/sparse layer choice,
+both checkpoint layouts of the experts, missing experts, batching, and tensor parallelism."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+from batchlm.layers.moe import SparseMoeBlock
+from batchlm.models.llama import LlamaMLP
+from batchlm.models.loader import LoadedModel, load_model
+from batchlm.models.moe import MixtralForCausalLM, Qwen3MoeForCausalLM
+from batchlm.models.random_model import write_random_model
+from models_harness import (
+    Chunk,
+    greedy_generate,
+    hf_greedy,
+    make_kv_caches,
+    run_ranks,
+    run_step,
+    thread_groups,
+)
+
+CPU = torch.device("cpu")
+PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11] * 3 + list(range(100, 121))]
+NEW_TOKENS = 16
+LOGPROB_ATOL = 1e-4  # fp32 on the CPU
+
+
+def _load(path: Path, **kwargs: Any) -> LoadedModel:
+    return load_model(path, torch.float32, CPU, progress=False, **kwargs)
+
+
+def _hf(path: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _assert_greedy_matches(path: Path) -> LoadedModel:
+    loaded, hf = _load(path), _hf(path)
+    for prompt in PROMPTS:
+        ours, our_logprobs = greedy_generate(loaded, prompt, NEW_TOKENS)
+        theirs, their_logprobs = hf_greedy(hf, prompt, NEW_TOKENS)
+        assert ours == theirs
+        torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+    return loaded
+
+
+QWEN3_MOE_CASES = {
+    "all-sparse": {},
+    "no-renormalize": {"norm_topk_prob": False},
+    "dense-first-layer": {"num_hidden_layers": 3, "mlp_only_layers": [0]},
+    "every-second-layer": {"num_hidden_layers": 3, "decoder_sparse_step": 2, "tie_word_embeddings": True},
+}
+
+
+@pytest.mark.parametrize("case", sorted(QWEN3_MOE_CASES))
+def test_qwen3_moe_greedy_matches_transformers(tmp_path: Path, case: str) -> None:
+    path = write_random_model(tmp_path, "qwen3_moe", QWEN3_MOE_CASES[case], seed=3)
+    loaded = _assert_greedy_matches(path)
+    assert isinstance(loaded.model, Qwen3MoeForCausalLM)
+    hf_sparse = [type(layer.mlp).__name__ == "Qwen3MoeSparseMoeBlock" for layer in _hf(path).model.layers]
+    ours_sparse = [isinstance(layer.mlp, SparseMoeBlock) for layer in loaded.model.model.layers]
+    assert ours_sparse == hf_sparse
+    assert all(isinstance(layer.mlp, SparseMoeBlock | LlamaMLP) for layer in loaded.model.model.layers)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_mixtral_greedy_matches_transformers(tmp_path: Path, top_k: int) -> None:
+    path = write_random_model(tmp_path, "mixtral", {"num_experts_per_tok": top_k}, seed=4)
+    loaded = _assert_greedy_matches(path)
+    assert isinstance(loaded.model, MixtralForCausalLM)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+def test_stacked_expert_tensors_load_too(tmp_path: Path, model_type: str) -> None:
+    """transformers' in-memory names (experts stacked, Mixtral's block under `mlp`) as a checkpoint."""
+    path = write_random_model(tmp_path / "per-expert", model_type, seed=5)
+    stacked_dir = tmp_path / "stacked"
+    stacked_dir.mkdir()
+    (stacked_dir / "config.json").write_text((path / "config.json").read_text())
+    state = {name: tensor.contiguous() for name, tensor in _hf(path).state_dict().items()}
+    assert any(name.endswith("experts.gate_up_proj") for name in state)
+    save_file(state, str(stacked_dir / "model.safetensors"))
+    per_expert, stacked = _load(path), _load(stacked_dir)
+    for ours, theirs in zip(per_expert.model.parameters(), stacked.model.parameters(), strict=True):
+        assert torch.equal(ours, theirs)
+
+
+def test_missing_expert_tensor_is_named(tmp_path: Path) -> None:
+    path = write_random_model(tmp_path, "mixtral", seed=6)
+    from safetensors.torch import load_file
+
+    state = load_file(str(path / "model.safetensors"))
+    del state["model.layers.1.block_sparse_moe.experts.5.w3.weight"]
+    save_file(state, str(path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"lacks 'model\.layers\.1\.mlp\.experts\.5\.w3\.weight'"):
+        _load(path)
+
+
+def test_mixed_batch_matches_requests_run_alone(tmp_path: Path) -> None:
+    # Experts see different token mixes batched and alone; each token's output must not change.
+    loaded = _load(write_random_model(tmp_path, "qwen3_moe", seed=9))
+    first, second, third = [3, 4, 5, 6, 7, 8], [9, 10, 11], list(range(20, 33))
+    caches = make_kv_caches(loaded, 12)
+    run_step(loaded.model, caches, [Chunk(first, 0, [4, 0]), Chunk(third[:6], 0, [7, 2, 10, 5])])
+    batched = run_step(
+        loaded.model,
+        caches,
+        [Chunk([50], 6, [4, 0]), Chunk(second, 0, [1]), Chunk(third[6:], 6, [7, 2, 10, 5])],
+    )
+    alone = [
+        run_step(loaded.model, make_kv_caches(loaded, 4), [Chunk(tokens, 0, [0, 1, 2, 3])])
+        for tokens in ([*first, 50], second, third)
+    ]
+    torch.testing.assert_close(batched, torch.cat(alone), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+def test_tensor_parallel_two_ranks_match_single_rank(tmp_path: Path, model_type: str) -> None:
+    path = write_random_model(tmp_path, model_type, seed=10)
+    single = _load(path)
+    ranks = [_load(path, tp=group) for group in thread_groups(2)]
+    expected_tokens, expected_logprobs = greedy_generate(single, PROMPTS[0], 8)
+    for tokens, logprobs in run_ranks(lambda rank: greedy_generate(ranks[rank], PROMPTS[0], 8), 2):
+        assert tokens == expected_tokens
+        torch.testing.assert_close(logprobs, expected_logprobs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "window"),
+    [("mixtral", {"sliding_window": 8}), ("qwen3_moe", {"sliding_window": 8, "use_sliding_window": True})],
+)
+def test_context_longer_than_the_sliding_window(
+    tmp_path: Path, model_type: str, window: dict[str, Any]
+) -> None:
+    """Prompts of 7 and 24 tokens plus 16 new ones run past an 8-token window, as transformers does."""
+    path = write_random_model(tmp_path, model_type, window, seed=11)
+    loaded = _assert_greedy_matches(path)
+    assert loaded.shape.max_model_len > 8
+    assert all(layer.attention.sliding_window == 8 for layer in loaded.model.config.layers)
