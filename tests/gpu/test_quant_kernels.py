@@ -25,9 +25,10 @@ if not torch.cuda.is_available() and not INTERPRET:
 
 from batchlm.kernels.fp8_linear import fp8_linear  # noqa: E402
 from batchlm.kernels.fp8_quant import per_token_fp8  # noqa: E402
+from batchlm.kernels.fp8_types import FP8_DTYPE  # noqa: E402
 from batchlm.kernels.int4_pack import PackedInt4, dequantize_packed, pack_int4, unpack_codes  # noqa: E402
 from batchlm.kernels.w4a16_gemm import W4A16Config, choose_config, w4a16_matmul  # noqa: E402
-from batchlm.layers.quantization.forms import FP8_DTYPE, quantize_fp8_rows  # noqa: E402
+from batchlm.layers.quantization.forms import quantize_fp8_rows  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HALF = torch.float16 if INTERPRET else torch.bfloat16

@@ -7,11 +7,11 @@ from collections.abc import Sequence
 import torch
 
 from batchlm.attention.backend import AttentionBackend, AttentionMetadata, AttentionSpec
+from batchlm.kernels.fp8_types import FP8_DTYPE
 from batchlm.kernels.kv_write import write_kv_cache
 from batchlm.kernels.paged_decode import DecodeConfig, choose_num_splits, paged_decode_attention
 from batchlm.kernels.paged_prefill import paged_prefill_attention, prefill_configs
 from batchlm.kernels.shapes import check_paged_inputs, sm_count
-from batchlm.layers.quantization.forms import FP8_DTYPE
 
 
 class TritonAttentionBackend(AttentionBackend):

@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
+from batchlm.kernels.fp8_types import FP8_DTYPE
 from batchlm.layers.quantization.base import LoadedWeight
-from batchlm.layers.quantization.forms import FP8_DTYPE, Fp8Weight
+from batchlm.layers.quantization.forms import Fp8Weight
 from batchlm.layers.quantization.registry import FP8_QTYPE, INT4_QTYPE
 from batchlm.models.int4_formats import unpack_awq, unpack_compressed_int4, unpack_gptq
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from batchlm.kernels.fp8_types import FP8_DTYPE, FP8_MAX
+
 # FP8 tensor-core instructions (cuBLASLt's FP8 GEMM, Triton's e4m3 casts) start with Ada (sm_89).
 FP8_MIN_CAPABILITY = (8, 9)
 

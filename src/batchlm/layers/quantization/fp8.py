@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from batchlm.kernels.fp8_linear import fp8_linear
+from batchlm.kernels.fp8_types import FP8_DTYPE
 from batchlm.layers.quantization.base import LinearMethod, LoadedWeight, QuantizedTensor, RowSlice
 from batchlm.layers.quantization.forms import (
-    FP8_DTYPE,
     Fp8Weight,
     Int4Weight,
     check_fp8_device,
