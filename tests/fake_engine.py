@@ -9,7 +9,7 @@ import asyncio
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,7 @@ from batchlm.engine.client import (
     QueueFullError,
     RequestRejectedError,
 )
+from batchlm.engine.input_processor import InputProcessor, ModelLimits, ValidatedRequest
 from batchlm.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprobs
 from batchlm.sampling_params import SamplingParams
 
@@ -90,7 +91,9 @@ class FakeTokenizer:
         chat_template_kwargs: dict[str, Any] | None = None,
         continue_final_message: bool = False,
     ) -> list[int]:
-        text = self.render_chat_template(messages, add_generation_prompt, chat_template_kwargs, continue_final_message)
+        text = self.render_chat_template(
+            messages, add_generation_prompt, chat_template_kwargs, continue_final_message
+        )
         return self.chat_ids(self.encode(text, add_special_tokens=False))
 
 
@@ -138,6 +141,10 @@ class FakeEngine(EngineClient):
         self.tokenizer = tokenizer if tokenizer is not None else FakeTokenizer()
         vocab_size = self.tokenizer.vocab_size
         self.model_info = ModelInfo(served_model_name, max_model_len, vocab_size, ("/models/fake",))
+        chars_per_token = getattr(self.tokenizer, "max_chars_per_token", None)
+        self.input_processor = InputProcessor(
+            ModelLimits(max_model_len, vocab_size, max_chars_per_token=chars_per_token)
+        )
         self.reply = reply
         self.token_delay_s = token_delay_s
         self.first_token_delay_s = first_token_delay_s
@@ -210,17 +217,13 @@ class FakeEngine(EngineClient):
         self.shut_down = True
         self._dead = True
 
-    def generate(
-        self,
-        prompt_token_ids: list[int],
-        sampling_params: SamplingParams,
-        request_id: str,
-        prompt: str | None = None,
-        group_id: str = "",
-    ) -> AsyncIterator[RequestOutput]:
-        return self._generate(FakeCall(request_id, list(prompt_token_ids), sampling_params, prompt, group_id))
+    def submit(
+        self, request: ValidatedRequest, request_id: str, group_id: str = ""
+    ) -> AsyncGenerator[RequestOutput, None]:
+        call = FakeCall(request_id, list(request.prompt_token_ids), request.params, request.prompt, group_id)
+        return self._generate(call)
 
-    async def _generate(self, call: FakeCall) -> AsyncIterator[RequestOutput]:
+    async def _generate(self, call: FakeCall) -> AsyncGenerator[RequestOutput, None]:
         self._admit(call)
         params = call.params
         replies = [self.reply if i == 0 else f"{i}:{self.reply}" for i in range(params.n)]
