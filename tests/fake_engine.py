@@ -22,7 +22,7 @@ from batchlm.engine.client import (
     RequestRejectedError,
 )
 from batchlm.engine.input_processor import InputProcessor, ModelLimits, ValidatedRequest
-from batchlm.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprobs
+from batchlm.outputs import CompletionOutput, FinishReason, RequestMetrics, RequestOutput, TokenLogprobs
 from batchlm.sampling_params import SamplingParams
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
@@ -114,7 +114,7 @@ class _Choice:
     reply_ids: list[int]
     tokens: list[int] = field(default_factory=list)
     emitted: int = 0
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     stop_reason: str | None = None
 
 
@@ -288,9 +288,9 @@ class FakeEngine(EngineClient):
         self._generated_tokens += 1
         text = self.tokenizer.decode(choice.tokens)
         if len(choice.tokens) >= len(choice.reply_ids) and not params.ignore_eos:
-            choice.finish_reason = "stop"
+            choice.finish_reason = FinishReason.STOP
         if params.max_tokens is not None and len(choice.tokens) >= params.max_tokens:
-            choice.finish_reason = choice.finish_reason or "length"
+            choice.finish_reason = choice.finish_reason or FinishReason.LENGTH
         text, visible = self._apply_stops(choice, text, params)
         if choice.finish_reason is None and text.endswith("\ufffd"):
             visible = min(visible, len(text) - 1)  # an incomplete UTF-8 character: wait for its other bytes
@@ -309,7 +309,7 @@ class FakeEngine(EngineClient):
         for stop in params.stop:
             at = text.find(stop)
             if at >= 0:
-                choice.finish_reason, choice.stop_reason = "stop", stop
+                choice.finish_reason, choice.stop_reason = FinishReason.STOP, stop
                 text = text[: at + len(stop)] if params.include_stop_str_in_output else text[:at]
                 return text, len(text)
         if choice.finish_reason is not None or not params.stop:
@@ -322,7 +322,7 @@ class FakeEngine(EngineClient):
     ) -> RequestOutput:
         timing.finished_time = time.time()
         deltas = [
-            CompletionOutput(c.index, "", [], finish_reason="abort")
+            CompletionOutput(c.index, "", [], finish_reason=FinishReason.ABORT)
             for c in choices
             if c.finish_reason is None
         ]

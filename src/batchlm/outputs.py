@@ -63,8 +63,8 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: float | None = None
     logprobs: list[TokenLogprobs] | None = None
-    # "stop" / "length" / "abort" / "error", or None while running.
-    finish_reason: str | None = None
+    # None while running; an enum up to the HTTP response builders, which send its value.
+    finish_reason: FinishReason | None = None
     # The stop string or stop token id that ended it, if any.
     stop_reason: str | int | None = None
 

@@ -30,7 +30,7 @@ class _Completion:
     text: str = ""
     logprobs: list[TokenLogprobs] | None = None
     cumulative_logprob: float | None = None
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
     # Deltas not yet reported.
     new_text: str = ""
@@ -150,7 +150,7 @@ class OutputProcessor:
         return results, to_abort
 
     def abort_request(
-        self, request_id: str, reason: str = "abort", error: str | None = None
+        self, request_id: str, reason: FinishReason = FinishReason.ABORT, error: str | None = None
     ) -> RequestOutput | None:
         """Finish every running sequence of a request locally (the caller aborts them in the core)."""
         state = self._requests.get(request_id)
@@ -198,13 +198,13 @@ class OutputProcessor:
                 shown = new_token_ids[:-1]
             completion.new_text += completion.detokenizer.update(shown)
             if completion.detokenizer.stop_reason is not None:
-                completion.finish_reason = "stop"
+                completion.finish_reason = FinishReason.STOP
                 completion.stop_reason = completion.detokenizer.stop_reason
                 stopped_by_string = not output.finished
         if output.finished and completion.finish_reason is None:
             if completion.detokenizer is not None:
                 completion.new_text += completion.detokenizer.finish()
-            completion.finish_reason = output.finish_reason.value if output.finish_reason else "stop"
+            completion.finish_reason = output.finish_reason or FinishReason.STOP
             completion.stop_reason = output.stop_token_id
             if output.error:
                 state.error = output.error

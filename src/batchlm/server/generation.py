@@ -101,7 +101,7 @@ class Generation:
         self._failed = False
         self._closed = False
         self._server_aborted = False
-        self._finish_reasons: dict[int, str] = {}
+        self._finish_reasons: dict[int, FinishReason] = {}
         try:
             self._stream: AsyncIterator[RequestOutput] = engine.submit(request, request_id, group_id)
         except Exception as error:
@@ -143,9 +143,9 @@ class Generation:
         if output.error is not None:
             raise self._fail(APIError(500, f"The engine failed while generating: {output.error}"))
         for completion in output.outputs:
-            if completion.finish_reason == FinishReason.ABORT.value:
+            if completion.finish_reason is FinishReason.ABORT:
                 raise self._fail(self._aborted_error())
-            if completion.finish_reason == FinishReason.ERROR.value:
+            if completion.finish_reason is FinishReason.ERROR:
                 raise self._fail(APIError(500, "The engine failed while generating this completion."))
             if completion.finish_reason is not None:
                 self._finish_reasons[completion.index] = completion.finish_reason
@@ -181,7 +181,7 @@ class Generation:
         if self.finished:
             reasons = self._finish_reasons.values()
             self.recorder.finish(
-                FinishReason.LENGTH.value if "length" in reasons else FinishReason.STOP.value
+                FinishReason.LENGTH.value if FinishReason.LENGTH in reasons else FinishReason.STOP.value
             )
         elif self._started and not self._failed:
             self.recorder.finish("client_disconnect")

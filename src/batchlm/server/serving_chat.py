@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from batchlm.engine.input_processor import FieldNames
-from batchlm.outputs import CompletionOutput, RequestOutput
+from batchlm.outputs import CompletionOutput, FinishReason, RequestOutput
 from batchlm.sampling_params import SamplingParams
 from batchlm.server.generation import Generation
 from batchlm.server.logprobs import chat_logprobs
@@ -134,13 +134,16 @@ def _choice(
     context: ChatContext,
     index: int,
     text: str,
-    reason: str | None,
+    reason: FinishReason | None,
     logprobs: ChatChoiceLogprobs | None,
 ) -> ChatChoice:
     parser = context.tool_use.parser
     if parser is None:
         return ChatChoice(
-            index=index, message=ChatResponseMessage(content=text), logprobs=logprobs, finish_reason=reason
+            index=index,
+            message=ChatResponseMessage(content=text),
+            logprobs=logprobs,
+            finish_reason=finish_reason(reason, called=False),
         )
     parsed = parser.extract(text)
     message = ChatResponseMessage(content=parsed.content, tool_calls=response_tool_calls(parsed.tool_calls))

@@ -38,6 +38,7 @@ from batchlm.server.responding import (
 from batchlm.server.responses import CompletionChoice, CompletionResponse
 from batchlm.server.state import ServerState, get_state
 from batchlm.server.streams import close_all
+from batchlm.server.tools.use import finish_reason
 
 
 @dataclass
@@ -154,7 +155,7 @@ async def _full_response(context: CompletionContext, generations: list[Generatio
                 index=context.choice_index(position, index),
                 text=context.echo_texts[position] + result.text,
                 logprobs=logprobs,
-                finish_reason=result.finish_reason,
+                finish_reason=finish_reason(result.finish_reason, called=False),
             )
         )
     return CompletionResponse(
@@ -198,6 +199,6 @@ class CompletionStreamFormatter(ChunkFormatter):
                     index=context.choice_index(position, completion.index),
                     text=completion.text,
                     logprobs=logprobs,
-                    finish_reason=completion.finish_reason,
+                    finish_reason=finish_reason(completion.finish_reason, called=False),
                 )
                 yield self._chunk([choice])
