@@ -74,3 +74,13 @@ def test_a_text_is_refused_by_its_length_only_where_the_tokenizer_bounds_it() ->
         bounded.check_text_length(31, "prompt")
     assert (info.value.param, info.value.code) == ("prompt", "context_length_exceeded")
     InputProcessor(ModelLimits(10, 50)).check_text_length(10**9, "prompt")
+
+
+def test_truncation_keeps_the_last_tokens_and_drops_the_text() -> None:
+    processor = InputProcessor(ModelLimits(max_model_len=8, vocab_size=50))
+    params = SamplingParams(max_tokens=None, truncate_prompt_tokens=5)
+    request = processor.process(list(range(20)), params, prompt="long")
+    assert request.prompt_token_ids == [15, 16, 17, 18, 19] and request.prompt is None
+    assert request.params.max_tokens == 3  # the room the truncated prompt leaves
+    short = processor.process([1, 2], SamplingParams(max_tokens=None, truncate_prompt_tokens=5), prompt="hi")
+    assert short.prompt_token_ids == [1, 2] and short.prompt == "hi" and short.params.max_tokens == 6

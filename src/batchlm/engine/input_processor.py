@@ -75,7 +75,11 @@ class InputProcessor:
         prompt: str | None = None,
         names: FieldNames = FieldNames(),
     ) -> ValidatedRequest:
-        """A prompt that leaves no room is refused first, in O(1), without reading its ids."""
+        """A prompt that leaves no room is refused first, in O(1), without reading its ids. With
+        truncate_prompt_tokens only the prompt's last tokens are kept (its text then no longer applies)."""
+        keep = params.truncate_prompt_tokens
+        if keep is not None and keep < len(prompt_token_ids):
+            prompt_token_ids, prompt = prompt_token_ids[-keep:], None
         if not prompt_token_ids:
             raise RequestRejectedError(
                 f"The {names.prompt} is empty: at least one token is needed.", names.prompt

@@ -172,6 +172,7 @@ def build_sampling_params(
             logit_bias=_parse_logit_bias(request.logit_bias),
             skip_special_tokens=request.skip_special_tokens,
             include_stop_str_in_output=request.include_stop_str_in_output,
+            truncate_prompt_tokens=request.truncate_prompt_tokens,
             structured_outputs=None if constraint is None else constraint[1],
         )
     except SamplingParamsError as error:

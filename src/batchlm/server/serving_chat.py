@@ -75,7 +75,7 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest) 
         add_generation_prompt=body.add_generation_prompt,
         continue_final_message=body.continue_final_message,
         chat_template_kwargs=body.chat_template_kwargs,
-        processor=processor,
+        processor=None if body.truncate_prompt_tokens else processor,
         tools=tool_use.template_tools,
         tool_prompt=tool_use.tool_prompt,
     )
@@ -91,7 +91,8 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest) 
         tool_use=tool_use,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
     )
-    recorder = RequestRecorder(state.metrics, context.request_id, len(prompt_ids), received_at(request))
+    prompt_len = len(engine_request.prompt_token_ids)
+    recorder = RequestRecorder(state.metrics, context.request_id, prompt_len, received_at(request))
     generation = Generation(state.engine, context.request_id, engine_request, recorder, state.in_flight)
     if body.stream:
         return await start_stream(request, [generation], ChatStreamFormatter(context), state.metrics)

@@ -68,7 +68,9 @@ async def create_completion(request: Request, body: CompletionRequest) -> Respon
     check_n(body.n, state.settings.max_n)
     check_completion_request(body)
     tokenizer, processor = state.engine.tokenizer, state.engine.input_processor
-    prompts = await _tokenize_prompts(tokenizer, body.prompt, body.add_special_tokens, processor)
+    # A prompt to be truncated cannot be judged by its length before it is tokenized.
+    length_check = None if body.truncate_prompt_tokens else processor
+    prompts = await _tokenize_prompts(tokenizer, body.prompt, body.add_special_tokens, length_check)
     params, names = build_sampling_params(
         body, max_tokens=body.max_tokens, logprobs=body.logprobs, param_names={}, prompt_field="prompt"
     )
@@ -92,7 +94,7 @@ async def create_completion(request: Request, body: CompletionRequest) -> Respon
 
 
 async def _tokenize_prompts(
-    tokenizer: Any, prompt: PromptInput, add_special_tokens: bool, processor: InputProcessor
+    tokenizer: Any, prompt: PromptInput, add_special_tokens: bool, processor: InputProcessor | None
 ) -> list[tuple[str | None, list[int]]]:
     """(text, token ids) per batch entry. A flat list of ints is one token-id prompt, not a batch."""
     items: list[Any] = (
