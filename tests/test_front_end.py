@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from batchlm.engine.client import EngineDeadError
-from batchlm.engine.output_collector import RequestOutputCollector, merge_deltas
+from batchlm.engine.output_collector import RequestOutputCollector, merge_into
 from batchlm.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 
 
@@ -24,6 +24,11 @@ def delta(
     cumulative = None if logprob is None else logprob * len(ids)
     completion = CompletionOutput(index, text, ids, cumulative, logprobs, finish, None)
     return RequestOutput("r", "p", [1, 2], [completion], finish is not None, num_cached_tokens=cached)
+
+
+def merge_deltas(first: RequestOutput, second: RequestOutput) -> RequestOutput:
+    merge_into(first, second)
+    return first
 
 
 def test_merge_joins_each_completion_and_keeps_the_later_state() -> None:
@@ -48,8 +53,6 @@ def test_merge_keeps_completions_that_changed_in_only_one_delta_in_index_order()
     second = delta(0, "a", [1])
     merged = merge_deltas(first, second)
     assert [(c.index, c.text) for c in merged.outputs] == [(0, "a"), (1, "b")]
-    # Inputs are not modified (they may still be referenced elsewhere).
-    assert first.outputs[0].token_ids == [2] and second.outputs[0].token_ids == [1]
 
 
 def run(coro: Any) -> Any:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
-from batchlm.outputs import CompletionOutput, RequestOutput
+from batchlm.outputs import RequestOutput
 
 
 class RequestOutputCollector:
@@ -19,8 +19,10 @@ class RequestOutputCollector:
         self._ready = asyncio.Event()
 
     def put(self, output: RequestOutput) -> None:
-        waiting = self._output
-        self._output = output if waiting is None else merge_deltas(waiting, output)
+        if self._output is None:
+            self._output = output
+        else:
+            merge_into(self._output, output)
         self._ready.set()
 
     def fail(self, error: BaseException) -> None:
@@ -41,36 +43,28 @@ class RequestOutputCollector:
         raise self._error
 
 
-def merge_deltas(first: RequestOutput, second: RequestOutput) -> RequestOutput:
-    """One delta RequestOutput equivalent to `first` followed by `second` (per completion index:
-    text, token ids and logprobs concatenated; finish state and counters from `second`)."""
-    completions = {completion.index: completion for completion in first.outputs}
-    for later in second.outputs:
-        earlier = completions.get(later.index)
-        completions[later.index] = later if earlier is None else _join(earlier, later)
-    return RequestOutput(
-        request_id=second.request_id,
-        prompt=second.prompt,
-        prompt_token_ids=second.prompt_token_ids,
-        outputs=[completions[index] for index in sorted(completions)],
-        finished=second.finished,
-        num_cached_tokens=max(first.num_cached_tokens, second.num_cached_tokens),
-        metrics=second.metrics or first.metrics,
-        error=second.error or first.error,
-        extra={**first.extra, **second.extra},
-    )
-
-
-def _join(earlier: CompletionOutput, later: CompletionOutput) -> CompletionOutput:
-    logprobs = None
-    if earlier.logprobs is not None or later.logprobs is not None:
-        logprobs = (earlier.logprobs or []) + (later.logprobs or [])
-    return CompletionOutput(
-        index=later.index,
-        text=earlier.text + later.text,
-        token_ids=earlier.token_ids + later.token_ids,
-        cumulative_logprob=later.cumulative_logprob,
-        logprobs=logprobs,
-        finish_reason=later.finish_reason,
-        stop_reason=later.stop_reason,
-    )
+def merge_into(waiting: RequestOutput, later: RequestOutput) -> None:
+    """Fold the delta `later` into the delta `waiting`, in place: per completion index, text, token ids
+    and logprobs are appended; finish state and counters come from `later`. The output processor makes
+    fresh outputs every step, so a waiting one belongs to its collector alone."""
+    by_index = {completion.index: completion for completion in waiting.outputs}
+    for completion in later.outputs:
+        earlier = by_index.get(completion.index)
+        if earlier is None:
+            waiting.outputs.append(completion)
+            continue
+        earlier.text += completion.text
+        earlier.token_ids += completion.token_ids
+        if earlier.logprobs is None:
+            earlier.logprobs = completion.logprobs
+        elif completion.logprobs is not None:
+            earlier.logprobs.extend(completion.logprobs)
+        earlier.cumulative_logprob = completion.cumulative_logprob
+        earlier.finish_reason, earlier.stop_reason = completion.finish_reason, completion.stop_reason
+    if len(waiting.outputs) > len(by_index):
+        waiting.outputs.sort(key=lambda completion: completion.index)
+    waiting.finished = later.finished
+    waiting.num_cached_tokens = max(waiting.num_cached_tokens, later.num_cached_tokens)
+    waiting.metrics = later.metrics or waiting.metrics
+    waiting.error = later.error or waiting.error
+    waiting.extra.update(later.extra)
