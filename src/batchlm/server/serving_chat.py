@@ -15,15 +15,12 @@ from batchlm.outputs import CompletionOutput, FinishReason, RequestOutput
 from batchlm.sampling_params import SamplingParams
 from batchlm.server.generation import Generation
 from batchlm.server.logprobs import chat_logprobs
-from batchlm.server.metrics import RequestRecorder
 from batchlm.server.middleware import received_at
 from batchlm.server.prompts import render_chat
 from batchlm.server.protocol import ChatCompletionRequest
 from batchlm.server.request_params import (
     build_sampling_params,
     check_chat_request,
-    check_model,
-    check_n,
     validated,
 )
 from batchlm.server.responding import (
@@ -63,9 +60,7 @@ class ChatContext(ResponseContext):
 
 async def create_chat_completion(request: Request, body: ChatCompletionRequest) -> Response:
     state = get_state(request)
-    info = state.ready_model()
-    check_model(body.model, info)
-    check_n(body.n, state.settings.max_n)
+    info = state.admit(body)
     check_chat_request(body)
     tokenizer, processor = state.engine.tokenizer, state.engine.input_processor
     tool_use = chat_tool_use(body, state.settings.tool_call_parser, getattr(tokenizer, "chat_template", None))
@@ -91,9 +86,7 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest) 
         tool_use=tool_use,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
     )
-    prompt_len = len(engine_request.prompt_token_ids)
-    recorder = RequestRecorder(state.metrics, context.request_id, prompt_len, received_at(request))
-    generation = Generation(state.engine, context.request_id, engine_request, recorder, state.in_flight)
+    generation = state.start_generation(context.request_id, engine_request, received_at(request))
     if body.stream:
         return await start_stream(request, [generation], ChatStreamFormatter(context), state.metrics)
     return await respond_json(request, [generation], lambda: _full_response(context, generation))

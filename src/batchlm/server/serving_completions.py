@@ -16,15 +16,12 @@ from batchlm.outputs import RequestOutput
 from batchlm.server.errors import APIError
 from batchlm.server.generation import Generation
 from batchlm.server.logprobs import CompletionLogprobsBuilder
-from batchlm.server.metrics import RequestRecorder
 from batchlm.server.middleware import received_at
 from batchlm.server.prompts import encode_text
 from batchlm.server.protocol import CompletionRequest, PromptInput
 from batchlm.server.request_params import (
     build_sampling_params,
     check_completion_request,
-    check_model,
-    check_n,
     validated,
 )
 from batchlm.server.responding import (
@@ -63,9 +60,7 @@ class CompletionContext(ResponseContext):
 
 async def create_completion(request: Request, body: CompletionRequest) -> Response:
     state = get_state(request)
-    info = state.ready_model()
-    check_model(body.model, info)
-    check_n(body.n, state.settings.max_n)
+    info = state.admit(body)
     check_completion_request(body)
     tokenizer, processor = state.engine.tokenizer, state.engine.input_processor
     # A prompt to be truncated cannot be judged by its length before it is tokenized.
@@ -132,12 +127,8 @@ async def _start_generations(
     try:
         for position, engine_request in enumerate(engine_requests):
             engine_id = f"{request_id}-{position}" if batch else request_id
-            prompt_len = len(engine_request.prompt_token_ids)
-            recorder = RequestRecorder(state.metrics, engine_id, prompt_len, http_received_at)
             group_id = request_id if batch else ""
-            generation = Generation(
-                state.engine, engine_id, engine_request, recorder, state.in_flight, group_id
-            )
+            generation = state.start_generation(engine_id, engine_request, http_received_at, group_id)
             generations.append(generation)
     except BaseException:
         await close_all(generations)
