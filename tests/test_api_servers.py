@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from batchlm.core.scheduler import SchedulerStats
 from batchlm.server.api_servers import (
     automatic_api_servers,
     per_process_queue_limit,
@@ -48,6 +49,21 @@ def test_automatic_count_is_two_on_a_gpu_with_cpus_to_spare_and_one_otherwise() 
     assert automatic_api_servers("cuda", "mlx", cpus=64) == 1
     gpu_driver = Path("/dev/nvidiactl").exists()
     assert automatic_api_servers("auto", "torch", cpus=16) == (2 if gpu_driver else 1)
+
+
+def test_delta_cadence_counts_the_streams_of_every_front_end() -> None:
+    # Two API servers with 128 streams each must batch deltas like one server with 256 streams, or
+    # a client reading all 256 would be sent twice as many events.
+    from batchlm.config import EngineConfig
+    from batchlm.engine.async_engine import AsyncLLMEngine
+
+    engine = AsyncLLMEngine(EngineConfig())
+    engine._collectors = dict.fromkeys(map(str, range(128)))  # type: ignore[arg-type]
+    assert engine._open_streams() == 128
+    engine._record_stats(SchedulerStats(num_running=256))
+    assert engine._open_streams() == 256
+    engine._record_stats(SchedulerStats(num_running=3))
+    assert engine._open_streams() == 128
 
 
 def test_health_says_loading_until_every_api_server_serves() -> None:

@@ -1,16 +1,14 @@
-"""The front end's hand-off, through AsyncLLMEngine: messages from the engine core's reader thread are
-handled in order on the event loop, each step's outputs as they came (a consumer that falls behind
-gets them merged by its output collector, tests/test_front_end.py)."""
+"""The front end's inbox, through AsyncLLMEngine: messages from the engine core are handled in order on
+the event loop, and consecutive step outputs that piled up while the loop was busy form one batch."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from typing import Any
 
 from batchlm.config import EngineConfig
 from batchlm.core.scheduler import SchedulerStats
 from batchlm.engine.async_engine import AsyncLLMEngine
+from batchlm.engine.output_collector import RequestOutputCollector
 from batchlm.outputs import EngineCoreOutput, FinishReason
 
 
@@ -36,41 +34,64 @@ def step(tokens: dict[str, int], waiting: int) -> tuple[str, Any]:
     return ("outputs", (outputs, SchedulerStats(num_running=len(tokens), num_waiting=waiting)))
 
 
-def post_all(engine: RecordingEngine, messages: list[tuple[str, Any]]) -> None:
-    """Post from another thread, as the reader does, and wait until the loop handled them."""
-
-    async def scenario() -> None:
-        engine._loop = asyncio.get_running_loop()
-        poster = threading.Thread(target=lambda: [engine._post_threadsafe(*m) for m in messages])
-        poster.start()
-        await asyncio.to_thread(poster.join)
-        await asyncio.sleep(0)
-
-    asyncio.run(scenario())
-
-
-def test_messages_are_handled_in_order_and_each_step_on_its_own() -> None:
+def test_consecutive_step_outputs_become_one_batch_in_step_order() -> None:
     engine = RecordingEngine()
-    post_all(
-        engine,
+    engine._inbox.extend([step({"a": 1, "b": 2}, 3), step({"a": 3}, 2), step({"b": 4}, 1)])
+    engine._inbox_drain_pending = True
+    engine._drain_inbox()
+    assert engine.events == [("outputs", [("a", (1,)), ("b", (2,)), ("a", (3,)), ("b", (4,))])]
+    # The newest stats win; the inbox is empty and the next message schedules a new drain.
+    assert engine._core_stats.num_waiting == 1
+    assert not engine._inbox and not engine._inbox_drain_pending
+
+
+def test_other_messages_keep_their_place_between_output_batches() -> None:
+    engine = RecordingEngine()
+    engine._inbox.extend(
         [
-            step({"a": 1, "b": 2}, 3),
+            step({"a": 1}, 0),
             ("rejected", ("b", "prompt too long")),
-            step({"a": 2}, 1),
+            step({"a": 2}, 0),
             ("outputs", ([EngineCoreOutput("a", (), finish_reason=FinishReason.ABORT)], SchedulerStats())),
             ("failed", "core exited"),
-        ],
+        ]
     )
+    engine._drain_inbox()
     assert engine.events == [
-        ("outputs", [("a", (1,)), ("b", (2,))]),
+        ("outputs", [("a", (1,))]),
         ("rejected", "b"),
-        ("outputs", [("a", (2,))]),
-        ("outputs", [("a", ())]),
+        ("outputs", [("a", (2,)), ("a", ())]),
         ("dead", "core exited"),
     ]
 
 
-def test_the_newest_stats_win() -> None:
+def test_an_empty_inbox_drains_to_nothing() -> None:
     engine = RecordingEngine()
-    post_all(engine, [step({"a": 1}, 3), step({"a": 2}, 1)])
-    assert engine._core_stats.num_waiting == 1
+    engine._drain_inbox()
+    assert engine.events == []
+
+
+def test_with_many_open_streams_drains_are_spaced_and_batch_the_steps_between() -> None:
+    import asyncio
+
+    from batchlm.engine import front_end
+
+    async def scenario() -> tuple[list[tuple[str, Any]], float, float]:
+        engine = RecordingEngine()
+        engine._loop = asyncio.get_running_loop()
+        for index in range(100):  # open streams: a 5 ms interval at 50 us per stream
+            engine._collectors[f"r{index}"] = RequestOutputCollector()
+        interval = 100 * front_end.DRAIN_INTERVAL_PER_STREAM_S
+        engine._post_threadsafe(*step({"a": 1}, 0))
+        await asyncio.sleep(0.001)  # the first drain runs at once
+        first = list(engine.events)
+        first_drain_at = engine._last_drain
+        engine._post_threadsafe(*step({"a": 2}, 0))
+        engine._post_threadsafe(*step({"a": 3}, 0))
+        while len(engine.events) < 2:
+            await asyncio.sleep(0.0005)
+        return first + engine.events[len(first) :], engine._last_drain - first_drain_at, interval
+
+    events, spacing, interval = asyncio.run(scenario())
+    assert events == [("outputs", [("a", (1,))]), ("outputs", [("a", (2,)), ("a", (3,))])]
+    assert spacing >= interval

@@ -286,6 +286,12 @@ class AsyncLLMEngine(StreamingFrontEnd):
                 if message[0] == "shutdown":
                     return
 
+    def _open_streams(self) -> int:
+        """Every stream of the engine, whichever front end serves it: with several API servers the
+        deltas keep the interval one front end would give, so a client reading hundreds of streams is
+        not sent several times as many events."""
+        return max(len(self._collectors), self._core_stats.num_running)
+
     def _record_stats(self, stats: SchedulerStats) -> None:
         self._core_stats = stats
 

@@ -1,12 +1,15 @@
-"""The request-routing half shared by every EngineClient: admission limits, one output collector per
-request fed by the detokenizing OutputProcessor, aborts on disconnect, and failing open streams when the
-engine stops. Subclasses only say how core requests and aborts reach their engine and what its other
-messages mean; requests arrive validated (engine/input_processor.py)."""
+"""The request-routing half shared by every EngineClient: admission limits, an inbox for what the
+engine's thread reports, one output collector per request fed by the detokenizing OutputProcessor,
+aborts on disconnect, and failing open streams when the engine stops. Subclasses only say how core
+requests and aborts reach their engine and what its other messages mean; requests arrive validated
+(engine/input_processor.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import threading
 import time
 from abc import abstractmethod
 from collections.abc import AsyncGenerator
@@ -23,6 +26,13 @@ from batchlm.request import EngineCoreRequest
 
 logger = logging.getLogger(__name__)
 
+# Step outputs are handed to the collectors at most once per this interval times the number of open
+# streams (up to MAX_DRAIN_INTERVAL_S). One stream sees every step at once; hundreds of streams get a
+# few steps' tokens per delta, which bounds the event loop's per-delta work (detokenizing, SSE framing,
+# socket writes) and leaves it time to take in new requests.
+DRAIN_INTERVAL_PER_STREAM_S = 50e-6
+MAX_DRAIN_INTERVAL_S = 0.02
+
 
 class StreamingFrontEnd(EngineClient):
     """All state here is touched only on the event loop's thread; the engine's thread hands its
@@ -38,6 +48,11 @@ class StreamingFrontEnd(EngineClient):
         self._ready = False
         self._dead_reason: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Messages from the engine's thread, drained on the event loop (see _drain_inbox).
+        self._inbox: collections.deque[tuple[str, Any]] = collections.deque()
+        self._inbox_lock = threading.Lock()
+        self._inbox_drain_pending = False
+        self._last_drain = 0.0
 
     # -- what a subclass provides --------------------------------------------------------------------
 
@@ -56,6 +71,10 @@ class StreamingFrontEnd(EngineClient):
     @abstractmethod
     def _on_message(self, kind: str, payload: Any) -> None:
         """Handle an engine message other than "outputs" (on the event loop)."""
+
+    def _open_streams(self) -> int:
+        """Streams the drain interval is set for (see DRAIN_INTERVAL_PER_STREAM_S): this front end's."""
+        return len(self._collectors)
 
     # -- EngineClient ----------------------------------------------------------------------------------
 
@@ -131,22 +150,49 @@ class StreamingFrontEnd(EngineClient):
             self._send_abort(core_ids)
 
     def _post_threadsafe(self, kind: str, payload: Any) -> bool:
-        """Called on the engine's thread: hand a message to the event loop. An "outputs" payload is
-        (EngineCoreOutputs, stats). False when the loop is closed (nobody is listening any more)."""
+        """Called on the engine's thread: queue a message for the event loop. An "outputs" payload
+        is (EngineCoreOutputs, stats). False when the loop is closed (nobody is listening any more)."""
         assert self._loop is not None
-        try:
-            self._loop.call_soon_threadsafe(self._handle, kind, payload)
-        except RuntimeError:
-            return False
+        with self._inbox_lock:
+            self._inbox.append((kind, payload))
+            wake = not self._inbox_drain_pending
+            self._inbox_drain_pending = True
+        if wake:
+            try:
+                self._loop.call_soon_threadsafe(self._drain_inbox)
+            except RuntimeError:
+                return False
         return True
 
-    def _handle(self, kind: str, payload: Any) -> None:
-        if kind == "outputs":
-            outputs, stats = payload
-            self._record_stats(stats)
-            self._on_outputs(outputs)
-        else:
+    def _drain_inbox(self) -> None:
+        """Handle, in order, every message that arrived since the last drain, at the paced interval;
+        consecutive step outputs go to the output processor as one batch."""
+        interval = min(MAX_DRAIN_INTERVAL_S, DRAIN_INTERVAL_PER_STREAM_S * self._open_streams())
+        if interval > 0:
+            assert self._loop is not None
+            now = self._loop.time()
+            if now < self._last_drain + interval:
+                # Still pending: the engine's thread does not schedule another drain meanwhile.
+                self._loop.call_at(self._last_drain + interval, self._drain_inbox)
+                return
+            self._last_drain = now
+        with self._inbox_lock:
+            messages = list(self._inbox)
+            self._inbox.clear()
+            self._inbox_drain_pending = False
+        batch: list[EngineCoreOutput] = []
+        for kind, payload in messages:
+            if kind == "outputs":
+                outputs, stats = payload
+                self._record_stats(stats)
+                batch.extend(outputs)
+                continue
+            if batch:
+                self._on_outputs(batch)
+                batch = []
             self._on_message(kind, payload)
+        if batch:
+            self._on_outputs(batch)
 
     def _on_outputs(self, outputs: list[EngineCoreOutput]) -> None:
         """Detokenize one step's outputs and put each request's delta into its collector."""
