@@ -14,6 +14,9 @@ class FinishReason(str, Enum):
     ABORT = "abort"  # aborted by the client or the server
     ERROR = "error"  # the engine failed while the request was running
 
+    def __str__(self) -> str:
+        return self.value
+
 
 @dataclass(frozen=True)
 class TokenLogprobs:

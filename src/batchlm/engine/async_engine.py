@@ -135,13 +135,7 @@ class AsyncLLMEngine(StreamingFrontEnd):
             raise EngineDeadError(f"the engine failed to start: {payload}")
         self.info = payload
         self.input_processor = InputProcessor(
-            ModelLimits(
-                payload.max_model_len,
-                payload.vocab_size,
-                payload.num_blocks,
-                payload.block_size,
-                self.tokenizer.max_chars_per_token,
-            )
+            ModelLimits.of_core(payload, self.tokenizer.max_chars_per_token)
         )
         name = served_model_name(self.config, model_dir)
         self.model_info = ModelInfo(

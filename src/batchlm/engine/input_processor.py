@@ -7,11 +7,25 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from batchlm.engine.client import RequestRejectedError
 from batchlm.sampling_params import SamplingParams
 
 CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+
+
+class CoreFacts(Protocol):
+    """What a started engine core reports about its model and KV cache (CoreInfo)."""
+
+    @property
+    def max_model_len(self) -> int: ...
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def num_blocks(self) -> int: ...
+    @property
+    def block_size(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -25,6 +39,12 @@ class ModelLimits:
     block_size: int = 16
     # The most characters one token stands for (tokenizer/text_bound.py); None when unknown.
     max_chars_per_token: int | None = None
+
+    @staticmethod
+    def of_core(core: CoreFacts, max_chars_per_token: int | None = None) -> ModelLimits:
+        return ModelLimits(
+            core.max_model_len, core.vocab_size, core.num_blocks, core.block_size, max_chars_per_token
+        )
 
 
 @dataclass(frozen=True)

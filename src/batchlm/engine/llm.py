@@ -35,10 +35,7 @@ class LLM:
         model_dir = prepare_model_dir(self.config)
         self.tokenizer = load_tokenizer(self.config, model_dir)
         self.engine_core, self.info = build_engine_core(self.config, model_dir)
-        limits = ModelLimits(
-            self.info.max_model_len, self.info.vocab_size, self.info.num_blocks, self.info.block_size
-        )
-        self.input_processor = InputProcessor(limits)
+        self.input_processor = InputProcessor(ModelLimits.of_core(self.info))
         self._counter = itertools.count()
 
     def get_tokenizer(self) -> Tokenizer:
