@@ -149,24 +149,11 @@ class OutputProcessor:
                 self._forget(state)
         return results, to_abort
 
-    def abort_request(
-        self, request_id: str, reason: FinishReason = FinishReason.ABORT, error: str | None = None
-    ) -> RequestOutput | None:
-        """Finish every running sequence of a request locally (the caller aborts them in the core)."""
+    def abort_request(self, request_id: str) -> None:
+        """Forget a request (the caller aborts its sequences in the core); unknown ids are ignored."""
         state = self._requests.get(request_id)
-        if state is None:
-            return None
-        state.error = error
-        for completion in state.completions:
-            if completion.finish_reason is None:
-                completion.finish_reason = reason
-                completion.changed = True
-        output = self._make_output(state, delta=True)
-        self._forget(state)
-        return output
-
-    def request_ids(self) -> list[str]:
-        return list(self._requests)
+        if state is not None:
+            self._forget(state)
 
     def _apply(
         self, state: _RequestState, completion: _Completion, output: EngineCoreOutput, now: float
