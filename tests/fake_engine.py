@@ -9,7 +9,7 @@ import asyncio
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +21,8 @@ from batchlm.engine.client import (
     QueueFullError,
     RequestRejectedError,
 )
-from batchlm.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprobs
+from batchlm.engine.input_processor import InputProcessor, ModelLimits, ValidatedRequest
+from batchlm.outputs import CompletionOutput, FinishReason, RequestMetrics, RequestOutput, TokenLogprobs
 from batchlm.sampling_params import SamplingParams
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
@@ -90,7 +91,9 @@ class FakeTokenizer:
         chat_template_kwargs: dict[str, Any] | None = None,
         continue_final_message: bool = False,
     ) -> list[int]:
-        text = self.render_chat_template(messages, add_generation_prompt, chat_template_kwargs, continue_final_message)
+        text = self.render_chat_template(
+            messages, add_generation_prompt, chat_template_kwargs, continue_final_message
+        )
         return self.chat_ids(self.encode(text, add_special_tokens=False))
 
 
@@ -111,7 +114,7 @@ class _Choice:
     reply_ids: list[int]
     tokens: list[int] = field(default_factory=list)
     emitted: int = 0
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     stop_reason: str | None = None
 
 
@@ -138,6 +141,10 @@ class FakeEngine(EngineClient):
         self.tokenizer = tokenizer if tokenizer is not None else FakeTokenizer()
         vocab_size = self.tokenizer.vocab_size
         self.model_info = ModelInfo(served_model_name, max_model_len, vocab_size, ("/models/fake",))
+        chars_per_token = getattr(self.tokenizer, "max_chars_per_token", None)
+        self.input_processor = InputProcessor(
+            ModelLimits(max_model_len, vocab_size, max_chars_per_token=chars_per_token)
+        )
         self.reply = reply
         self.token_delay_s = token_delay_s
         self.first_token_delay_s = first_token_delay_s
@@ -210,17 +217,13 @@ class FakeEngine(EngineClient):
         self.shut_down = True
         self._dead = True
 
-    def generate(
-        self,
-        prompt_token_ids: list[int],
-        sampling_params: SamplingParams,
-        request_id: str,
-        prompt: str | None = None,
-        group_id: str = "",
-    ) -> AsyncIterator[RequestOutput]:
-        return self._generate(FakeCall(request_id, list(prompt_token_ids), sampling_params, prompt, group_id))
+    def submit(
+        self, request: ValidatedRequest, request_id: str, group_id: str = ""
+    ) -> AsyncGenerator[RequestOutput, None]:
+        call = FakeCall(request_id, list(request.prompt_token_ids), request.params, request.prompt, group_id)
+        return self._generate(call)
 
-    async def _generate(self, call: FakeCall) -> AsyncIterator[RequestOutput]:
+    async def _generate(self, call: FakeCall) -> AsyncGenerator[RequestOutput, None]:
         self._admit(call)
         params = call.params
         replies = [self.reply if i == 0 else f"{i}:{self.reply}" for i in range(params.n)]
@@ -285,9 +288,9 @@ class FakeEngine(EngineClient):
         self._generated_tokens += 1
         text = self.tokenizer.decode(choice.tokens)
         if len(choice.tokens) >= len(choice.reply_ids) and not params.ignore_eos:
-            choice.finish_reason = "stop"
+            choice.finish_reason = FinishReason.STOP
         if params.max_tokens is not None and len(choice.tokens) >= params.max_tokens:
-            choice.finish_reason = choice.finish_reason or "length"
+            choice.finish_reason = choice.finish_reason or FinishReason.LENGTH
         text, visible = self._apply_stops(choice, text, params)
         if choice.finish_reason is None and text.endswith("\ufffd"):
             visible = min(visible, len(text) - 1)  # an incomplete UTF-8 character: wait for its other bytes
@@ -306,7 +309,7 @@ class FakeEngine(EngineClient):
         for stop in params.stop:
             at = text.find(stop)
             if at >= 0:
-                choice.finish_reason, choice.stop_reason = "stop", stop
+                choice.finish_reason, choice.stop_reason = FinishReason.STOP, stop
                 text = text[: at + len(stop)] if params.include_stop_str_in_output else text[:at]
                 return text, len(text)
         if choice.finish_reason is not None or not params.stop:
@@ -319,7 +322,7 @@ class FakeEngine(EngineClient):
     ) -> RequestOutput:
         timing.finished_time = time.time()
         deltas = [
-            CompletionOutput(c.index, "", [], finish_reason="abort")
+            CompletionOutput(c.index, "", [], finish_reason=FinishReason.ABORT)
             for c in choices
             if c.finish_reason is None
         ]

@@ -58,7 +58,7 @@ def test_delta_cadence_counts_the_streams_of_every_front_end() -> None:
     from batchlm.engine.async_engine import AsyncLLMEngine
 
     engine = AsyncLLMEngine(EngineConfig())
-    engine._queues = dict.fromkeys(map(str, range(128)))  # type: ignore[arg-type]
+    engine._collectors = dict.fromkeys(map(str, range(128)))  # type: ignore[arg-type]
     assert engine._open_streams() == 128
     engine._record_stats(EngineStats(num_running=256))
     assert engine._open_streams() == 256

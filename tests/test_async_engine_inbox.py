@@ -8,6 +8,7 @@ from typing import Any
 from batchlm.config import EngineConfig
 from batchlm.core.facts import EngineStats
 from batchlm.engine.async_engine import AsyncLLMEngine
+from batchlm.engine.output_collector import RequestOutputCollector
 from batchlm.outputs import EngineCoreOutput, FinishReason
 
 
@@ -79,7 +80,7 @@ def test_with_many_open_streams_drains_are_spaced_and_batch_the_steps_between() 
         engine = RecordingEngine()
         engine._loop = asyncio.get_running_loop()
         for index in range(100):  # open streams: a 5 ms interval at 50 us per stream
-            engine._queues[f"r{index}"] = asyncio.Queue()
+            engine._collectors[f"r{index}"] = RequestOutputCollector()
         interval = 100 * front_end.DRAIN_INTERVAL_PER_STREAM_S
         engine._post_threadsafe(*step({"a": 1}, 0))
         await asyncio.sleep(0.001)  # the first drain runs at once

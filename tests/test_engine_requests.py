@@ -1,12 +1,20 @@
-"""Request validation against the model's limits, and fan-out into engine-core requests."""
+"""Request validation against the model's limits (the input processor), and fan-out into engine-core
+requests."""
 
 from __future__ import annotations
 
 import pytest
 
 from batchlm.engine.client import RequestRejectedError
-from batchlm.engine.requests import make_core_requests, validate_request
+from batchlm.engine.input_processor import InputProcessor, ModelLimits
+from batchlm.engine.requests import make_core_requests
 from batchlm.sampling_params import SamplingParams
+
+
+def validate_request(
+    prompt: list[int], params: SamplingParams, max_model_len: int, vocab_size: int
+) -> SamplingParams:
+    return InputProcessor(ModelLimits(max_model_len, vocab_size)).process(prompt, params).params
 
 
 def test_max_tokens_defaults_to_the_room_left() -> None:
@@ -25,7 +33,9 @@ def test_max_tokens_defaults_to_the_room_left() -> None:
         ([1], SamplingParams(logit_bias={77: 1.0}), "logit_bias", "out of range"),
     ],
 )
-def test_rejections_name_the_problem(prompt: list[int], params: SamplingParams, param: str, needle: str) -> None:
+def test_rejections_name_the_problem(
+    prompt: list[int], params: SamplingParams, param: str, needle: str
+) -> None:
     with pytest.raises(RequestRejectedError, match=needle) as info:
         validate_request(prompt, params, max_model_len=10, vocab_size=50)
     assert info.value.param == param
@@ -37,3 +47,40 @@ def test_fan_out_gives_distinct_reproducible_seeds() -> None:
     assert [r.seed for r in requests] == [10, 11, 12]
     single = make_core_requests("s", [1], SamplingParams(), (2,), 0.0)
     assert [(r.request_id, r.seed) for r in single] == [("s", None)]
+
+
+@pytest.mark.parametrize(
+    ("prompt_len", "limits", "max_tokens", "message"),
+    [
+        (10, {"max_model_len": 10}, 4, "maximum context length is 10 tokens.*10 tokens, leaving no room"),
+        (9, {"num_kv_blocks": 2}, 1, "needs up to 3 KV-cache blocks .* the whole cache has 2 blocks"),
+        (4, {"num_kv_blocks": 2, "max_model_len": 64}, None, "needs up to 16 KV-cache blocks"),
+        (0, {}, 4, "is empty"),
+    ],
+)
+def test_requests_that_can_never_run_are_rejected(
+    prompt_len: int, limits: dict[str, int], max_tokens: int | None, message: str
+) -> None:
+    # These were the scheduler's checks; the scheduler now takes requests as validated.
+    model = ModelLimits(**{"max_model_len": 32, "vocab_size": 50, "block_size": 4, **limits})
+    with pytest.raises(RequestRejectedError, match=message):
+        InputProcessor(model).process([1] * prompt_len, SamplingParams(max_tokens=max_tokens))
+
+
+def test_a_text_is_refused_by_its_length_only_where_the_tokenizer_bounds_it() -> None:
+    bounded = InputProcessor(ModelLimits(10, 50, max_chars_per_token=3))
+    bounded.check_text_length(30, "prompt")
+    with pytest.raises(RequestRejectedError, match="31 characters long") as info:
+        bounded.check_text_length(31, "prompt")
+    assert (info.value.param, info.value.code) == ("prompt", "context_length_exceeded")
+    InputProcessor(ModelLimits(10, 50)).check_text_length(10**9, "prompt")
+
+
+def test_truncation_keeps_the_last_tokens_and_drops_the_text() -> None:
+    processor = InputProcessor(ModelLimits(max_model_len=8, vocab_size=50))
+    params = SamplingParams(max_tokens=None, truncate_prompt_tokens=5)
+    request = processor.process(list(range(20)), params, prompt="long")
+    assert request.prompt_token_ids == [15, 16, 17, 18, 19] and request.prompt is None
+    assert request.params.max_tokens == 3  # the room the truncated prompt leaves
+    short = processor.process([1, 2], SamplingParams(max_tokens=None, truncate_prompt_tokens=5), prompt="hi")
+    assert short.prompt_token_ids == [1, 2] and short.prompt == "hi" and short.params.max_tokens == 6

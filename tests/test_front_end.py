@@ -1,4 +1,4 @@
-"""StreamingFrontEnd's delta coalescing: a lagging stream gets merged deltas that add up to the same result."""
+"""The per-request output collector: a lagging stream gets merged deltas that add up to the same result."""
 
 from __future__ import annotations
 
@@ -8,17 +8,27 @@ from typing import Any
 import pytest
 
 from batchlm.engine.client import EngineDeadError
-from batchlm.engine.front_end import _coalesce_waiting, merge_deltas
+from batchlm.engine.output_collector import RequestOutputCollector, merge_into
 from batchlm.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 
 
 def delta(
-    index: int, text: str, ids: list[int], finish: str | None = None, logprob: float | None = None, cached: int = 0
+    index: int,
+    text: str,
+    ids: list[int],
+    finish: str | None = None,
+    logprob: float | None = None,
+    cached: int = 0,
 ) -> RequestOutput:
     logprobs = None if logprob is None else [TokenLogprobs(logprob, 1) for _ in ids]
     cumulative = None if logprob is None else logprob * len(ids)
     completion = CompletionOutput(index, text, ids, cumulative, logprobs, finish, None)
     return RequestOutput("r", "p", [1, 2], [completion], finish is not None, num_cached_tokens=cached)
+
+
+def merge_deltas(first: RequestOutput, second: RequestOutput) -> RequestOutput:
+    merge_into(first, second)
+    return first
 
 
 def test_merge_joins_each_completion_and_keeps_the_later_state() -> None:
@@ -27,7 +37,11 @@ def test_merge_joins_each_completion_and_keeps_the_later_state() -> None:
     merged = merge_deltas(first, second)
     (completion,) = merged.outputs
     assert completion.text == "Hello" and completion.token_ids == [5, 6, 7]
-    assert completion.logprobs is not None and [lp.logprob for lp in completion.logprobs] == [-1.0, -1.0, -0.5]
+    assert completion.logprobs is not None and [lp.logprob for lp in completion.logprobs] == [
+        -1.0,
+        -1.0,
+        -0.5,
+    ]
     assert completion.finish_reason == "length" and merged.finished
     # cumulative_logprob is a running total: the later value already includes the earlier tokens.
     assert completion.cumulative_logprob == -0.5
@@ -39,46 +53,56 @@ def test_merge_keeps_completions_that_changed_in_only_one_delta_in_index_order()
     second = delta(0, "a", [1])
     merged = merge_deltas(first, second)
     assert [(c.index, c.text) for c in merged.outputs] == [(0, "a"), (1, "b")]
-    # Inputs are not modified (they may still be referenced elsewhere).
-    assert first.outputs[0].token_ids == [2] and second.outputs[0].token_ids == [1]
 
 
 def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-def test_coalesce_drains_everything_queued_up_to_the_final_delta() -> None:
-    async def scenario() -> tuple[RequestOutput, Any, int]:
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        for item in (delta(0, "b", [2]), delta(0, "c", [3], finish="stop"), delta(0, "late", [9])):
-            queue.put_nowait(item)
-        merged, error = _coalesce_waiting(delta(0, "a", [1]), queue)
-        return merged, error, queue.qsize()
+def test_a_lagging_consumer_gets_everything_put_since_its_last_get_as_one_delta() -> None:
+    async def scenario() -> tuple[RequestOutput, RequestOutput]:
+        collector = RequestOutputCollector()
+        collector.put(delta(0, "a", [1]))
+        first = await collector.get()
+        for item in (delta(0, "b", [2]), delta(0, "c", [3]), delta(0, "d", [4], finish="stop")):
+            collector.put(item)
+        return first, await collector.get()
 
-    merged, error, left = run(scenario())
-    assert merged.outputs[0].text == "abc" and merged.outputs[0].token_ids == [1, 2, 3]
-    assert merged.finished and error is None
-    assert left == 1  # nothing after the final delta is folded in
+    first, merged = run(scenario())
+    assert first.outputs[0].text == "a"
+    assert merged.outputs[0].text == "bcd" and merged.outputs[0].token_ids == [2, 3, 4]
+    assert merged.finished
 
 
-def test_coalesce_stops_at_an_error_and_hands_it_back_after_the_text() -> None:
-    async def scenario() -> tuple[RequestOutput, Any]:
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        queue.put_nowait(delta(0, "b", [2]))
-        queue.put_nowait(EngineDeadError("gone"))
-        return _coalesce_waiting(delta(0, "a", [1]), queue)
+def test_an_error_comes_after_the_text_that_arrived_before_it() -> None:
+    async def scenario() -> tuple[RequestOutput, BaseException | None]:
+        collector = RequestOutputCollector()
+        collector.put(delta(0, "a", [1]))
+        collector.put(delta(0, "b", [2]))
+        collector.fail(EngineDeadError("gone"))
+        collector.fail(EngineDeadError("a later error is dropped"))
+        merged = await collector.get()
+        try:
+            await collector.get()
+        except EngineDeadError as error:
+            return merged, error
+        return merged, None
 
     merged, error = run(scenario())
     assert merged.outputs[0].text == "ab" and not merged.finished
-    assert isinstance(error, EngineDeadError)
+    assert isinstance(error, EngineDeadError) and str(error) == "gone"
 
 
-def test_a_single_waiting_delta_is_returned_unchanged() -> None:
-    async def scenario() -> tuple[RequestOutput, Any]:
-        return _coalesce_waiting(delta(0, "a", [1]), asyncio.Queue())
+def test_a_get_waits_for_the_next_put() -> None:
+    async def scenario() -> RequestOutput:
+        collector = RequestOutputCollector()
+        waiting = asyncio.ensure_future(collector.get())
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        collector.put(delta(0, "a", [1]))
+        return await waiting
 
-    merged, error = run(scenario())
-    assert merged.outputs[0].text == "a" and error is None
+    assert run(scenario()).outputs[0].text == "a"
 
 
 @pytest.mark.parametrize("finish", [None, "stop"])

@@ -131,3 +131,28 @@ def test_streaming_batch_with_echo_and_usage(server: BackgroundServer) -> None:
     assert texts == {0: "x" + REPLY[:2], 1: "y" + REPLY[:2]}
     assert events[-1]["choices"] == []
     assert events[-1]["usage"]["completion_tokens"] == 4
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(client: Any, engine: FakeEngine) -> None:
+    # 300 characters cannot fit a 128-token context; their last 10 tokens can.
+    long_text = "abc" * 100
+    response = client.completions.create(
+        model="fake-model", prompt=long_text, max_tokens=2, extra_body={"truncate_prompt_tokens": 10}
+    )
+    assert engine.calls[-1].prompt_token_ids == TOKENIZER.encode(long_text)[-10:]
+    assert engine.calls[-1].prompt is None  # the text no longer describes the prompt
+    assert response.usage.prompt_tokens == 10
+    chat = client.chat.completions.create(
+        model="fake-model",
+        messages=[{"role": "user", "content": long_text}],
+        max_tokens=2,
+        extra_body={"truncate_prompt_tokens": 4},
+    )
+    assert chat.usage.prompt_tokens == 4
+
+
+def test_truncate_prompt_tokens_must_be_positive(server: BackgroundServer) -> None:
+    body = {"prompt": "hi", "max_tokens": 2, "truncate_prompt_tokens": 0}
+    response = httpx.post(f"{server.base_url}/v1/completions", json=body)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "truncate_prompt_tokens"

@@ -14,6 +14,9 @@ class FinishReason(str, Enum):
     ABORT = "abort"  # aborted by the client or the server
     ERROR = "error"  # the engine failed while the request was running
 
+    def __str__(self) -> str:
+        return self.value
+
 
 @dataclass(frozen=True)
 class TokenLogprobs:
@@ -63,8 +66,8 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: float | None = None
     logprobs: list[TokenLogprobs] | None = None
-    # "stop" / "length" / "abort" / "error", or None while running.
-    finish_reason: str | None = None
+    # None while running; an enum up to the HTTP response builders, which send its value.
+    finish_reason: FinishReason | None = None
     # The stop string or stop token id that ended it, if any.
     stop_reason: str | int | None = None
 

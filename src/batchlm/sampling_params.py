@@ -101,6 +101,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     # Constrained decoding (JSON schema, regex, choice, grammar); None = unconstrained.
     structured_outputs: StructuredOutputs | None = None
+    # Keep only the prompt's last k tokens (left truncation, done by the input processor); None = all.
+    truncate_prompt_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -127,11 +129,18 @@ class SamplingParams:
         if not 0 <= self.min_p <= 1:
             fail(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
         if not 0 < self.repetition_penalty <= 10:
-            fail(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}", "repetition_penalty")
+            fail(
+                f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}", "repetition_penalty"
+            )
         if not -2 <= self.presence_penalty <= 2:
             fail(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}", "presence_penalty")
         if not -2 <= self.frequency_penalty <= 2:
             fail(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}", "frequency_penalty")
+        if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
+            fail(
+                f"truncate_prompt_tokens must be at least 1, got {self.truncate_prompt_tokens}",
+                "truncate_prompt_tokens",
+            )
         if self.max_tokens is not None and self.max_tokens < 1:
             fail(f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens")
         if self.min_tokens < 0:

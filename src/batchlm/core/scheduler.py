@@ -84,7 +84,7 @@ class Scheduler:
         return self.kv.num_total_blocks
 
     def add_request(self, request: EngineCoreRequest) -> None:
-        """Queue a request. Raises ValueError when it could never run."""
+        """Queue a validated request (ValueError for an id already in use)."""
         self._validate(request)
         state = RequestState(request)
         max_tokens = request.sampling_params.max_tokens
@@ -97,28 +97,19 @@ class Scheduler:
         self._prompt_tokens_total += len(request.prompt_token_ids)
 
     def _validate(self, request: EngineCoreRequest) -> None:
+        """Requests arrive validated (engine/input_processor.py); these only catch a caller that skipped it."""
         config, num_prompt = self.config, len(request.prompt_token_ids)
         if request.request_id in self._requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
-        if num_prompt == 0:
-            raise ValueError("the prompt is empty; at least one token is needed")
-        if num_prompt >= config.max_model_len:
-            raise ValueError(
-                f"prompt has {num_prompt} tokens; the model's context is {config.max_model_len} tokens, "
-                "leaving no room for output"
-            )
         max_tokens = request.sampling_params.max_tokens
-        longest = config.max_model_len
-        if max_tokens is not None:
-            longest = min(num_prompt + max_tokens, longest)
+        longest = (
+            config.max_model_len if max_tokens is None else min(num_prompt + max_tokens, config.max_model_len)
+        )
+        assert 0 < num_prompt < config.max_model_len, "the prompt leaves no room in the context"
         # The last generated token is never fed back, so it needs no KV slot.
-        num_blocks = self.kv.blocks_for_tokens(longest - 1)
-        if num_blocks > config.num_blocks:
-            raise ValueError(
-                f"request needs up to {num_blocks} KV-cache blocks ({num_prompt} prompt tokens, up to "
-                f"{longest} tokens in all, {config.block_size} per block) but the whole cache has "
-                f"{config.num_blocks} blocks; lower max_tokens or enlarge the KV cache"
-            )
+        assert self.kv.blocks_for_tokens(longest - 1) <= config.num_blocks, (
+            "the request outgrows the KV cache"
+        )
 
     def abort_requests(self, request_ids: Iterable[str]) -> list[EngineCoreOutput]:
         """End requests now and free their blocks; unknown or finished ids are ignored."""

@@ -32,7 +32,8 @@ from batchlm.engine.core_messages import (
     ToCore,
 )
 from batchlm.engine.core_process import engine_core_main
-from batchlm.engine.front_end import EngineLimits, StreamingFrontEnd
+from batchlm.engine.front_end import StreamingFrontEnd
+from batchlm.engine.input_processor import InputProcessor, ModelLimits
 from batchlm.engine.output_processor import OutputProcessor
 from batchlm.request import EngineCoreRequest
 from batchlm.startup_log import log_uptime, timed_phase
@@ -54,7 +55,9 @@ class AsyncLLMEngine(StreamingFrontEnd):
     (share_core) hands the other pipes out; the others are built with attached() and only detach from
     the core when they shut down."""
 
-    def __init__(self, config: EngineConfig, *, multiprocess: bool = True, max_queue: int | None = None) -> None:
+    def __init__(
+        self, config: EngineConfig, *, multiprocess: bool = True, max_queue: int | None = None
+    ) -> None:
         super().__init__(config, max_queue)
         self.multiprocess = multiprocess
         self._conn: Connection | None = None
@@ -108,7 +111,11 @@ class AsyncLLMEngine(StreamingFrontEnd):
         wait for; a download happens in start(), with the server up and /health saying so): the
         core's start-up (torch import, model, compiles, CUDA graphs) is the long pole of
         time-to-ready, and this overlaps the server's imports and set-up with it."""
-        if not self.multiprocess or self._conn is not None or not Path(self.config.model).expanduser().is_dir():
+        if (
+            not self.multiprocess
+            or self._conn is not None
+            or not Path(self.config.model).expanduser().is_dir()
+        ):
             return
         self._model_dir = prepare_model_dir(self.config)
         self._conn = self._spawn_core(self._model_dir)
@@ -127,7 +134,9 @@ class AsyncLLMEngine(StreamingFrontEnd):
                 if self._tokenizer_loading is not None:
                     self.tokenizer = await asyncio.wrap_future(self._tokenizer_loading)
                 else:
-                    self.tokenizer = await self._loop.run_in_executor(None, load_tokenizer, self.config, model_dir)
+                    self.tokenizer = await self._loop.run_in_executor(
+                        None, load_tokenizer, self.config, model_dir
+                    )
         except BaseException:
             self._stop_core_now()
             raise
@@ -138,6 +147,7 @@ class AsyncLLMEngine(StreamingFrontEnd):
             self._dead_reason = reason
             raise EngineDeadError(f"the engine failed to start: {reason}")
         facts = self.info = first.facts
+        self.input_processor = InputProcessor(ModelLimits.of_core(facts, self.tokenizer.max_chars_per_token))
         name = served_model_name(self.config, model_dir)
         self.model_info = ModelInfo(
             served_model_name=name,
@@ -170,7 +180,10 @@ class AsyncLLMEngine(StreamingFrontEnd):
             return pipes[0][0]
         parent, child = multiprocessing.Pipe()
         thread = threading.Thread(
-            target=engine_core_main, args=(self.config, model_dir, child), name="batchlm-engine-core", daemon=True
+            target=engine_core_main,
+            args=(self.config, model_dir, child),
+            name="batchlm-engine-core",
+            daemon=True,
         )
         thread.start()
         self._worker = thread
@@ -219,10 +232,6 @@ class AsyncLLMEngine(StreamingFrontEnd):
         )
 
     # -- StreamingFrontEnd transport ---------------------------------------------------------------
-
-    @property
-    def _limits(self) -> EngineLimits | None:
-        return self.info
 
     def _send_requests(self, core_requests: list[EngineCoreRequest]) -> bool:
         return self._to_core(AddRequests(tuple(core_requests)))
@@ -274,9 +283,9 @@ class AsyncLLMEngine(StreamingFrontEnd):
 
     def _open_streams(self) -> int:
         """Every stream of the engine, whichever front end serves it: with several API servers the
-        deltas keep the cadence one front end would give, so a client reading hundreds of streams is
+        deltas keep the interval one front end would give, so a client reading hundreds of streams is
         not sent several times as many events."""
-        return max(len(self._queues), self._core_stats.num_running)
+        return max(len(self._collectors), self._core_stats.num_running)
 
     def _record_stats(self, stats: EngineStats) -> None:
         self._core_stats = stats
@@ -289,7 +298,7 @@ class AsyncLLMEngine(StreamingFrontEnd):
             self._mark_dead(str(payload), expected=self._shutting_down)
 
     def _on_rejected(self, core_id: str, message: str) -> None:
-        for request_id in list(self._queues):
+        for request_id in list(self._collectors):
             if core_id in (self._processor.core_ids_of(request_id) if self._processor else []):
                 self._fail_request(request_id, RequestRejectedError(message))
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -12,6 +13,7 @@ from batchlm.outputs import RequestOutput
 from batchlm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from batchlm.engine.input_processor import InputProcessor, ValidatedRequest
     from batchlm.tokenizer.tokenizer import Tokenizer
 
 
@@ -21,11 +23,12 @@ class EngineDeadError(RuntimeError):
 
 class RequestRejectedError(ValueError):
     """A request the engine refuses before running it (a client error: HTTP 400).
-    `param` names the offending field where there is one."""
+    `param` names the offending field where there is one; `code` is OpenAI's error code, if any."""
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+        self.code = code
 
 
 class QueueFullError(RuntimeError):
@@ -46,16 +49,25 @@ class ModelInfo:
 
 
 class EngineClient(ABC):
-    """Async engine as seen by the server. `generate` streams deltas: each yielded RequestOutput holds,
+    """Async engine as seen by the server. `submit` streams deltas: each yielded RequestOutput holds,
     per completion index that changed, only the new text/token ids/logprobs since the previous yield;
     the last one has finished=True. Cancelling the iterator (client disconnect) aborts the request."""
 
     model_info: ModelInfo
     # Tokenizer with the chat template (the server tokenizes; the engine only sees token ids).
     tokenizer: Tokenizer
+    # Checks requests against this engine's model (set once the engine is ready).
+    input_processor: InputProcessor
 
     @abstractmethod
-    def generate(
+    def submit(
+        self, request: ValidatedRequest, request_id: str, group_id: str = ""
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """Raises QueueFullError or EngineDeadError (before the first yield). `group_id` names the API
+        request when it makes several of these (a batch of prompts): the scheduler gives the whole group
+        one turn at a time for admission, like a request's n."""
+
+    async def generate(
         self,
         prompt_token_ids: list[int],
         sampling_params: SamplingParams,
@@ -63,9 +75,14 @@ class EngineClient(ABC):
         prompt: str | None = None,
         group_id: str = "",
     ) -> AsyncIterator[RequestOutput]:
-        """Raises RequestRejectedError, QueueFullError or EngineDeadError (before the first yield).
-        `group_id` names the API request when it makes several of these (a batch of prompts): the
-        scheduler gives the whole group one turn at a time for admission, like a request's n."""
+        """`submit` for a request not validated yet; raises RequestRejectedError for one that cannot run."""
+        processor: InputProcessor | None = getattr(self, "input_processor", None)
+        if processor is None:
+            raise EngineDeadError("the engine is still loading")
+        request = processor.process(prompt_token_ids, sampling_params, prompt)
+        async with contextlib.aclosing(self.submit(request, request_id, group_id)) as stream:
+            async for output in stream:
+                yield output
 
     @abstractmethod
     async def abort(self, request_id: str) -> None:

@@ -1,7 +1,8 @@
-"""The request-routing half shared by every EngineClient: validation, admission limits, one asyncio queue
-per request fed by the detokenizing OutputProcessor, an inbox for what the engine's thread reports,
+"""The request-routing half shared by every EngineClient: admission limits, an inbox for what the
+engine's thread reports, one output collector per request fed by the detokenizing OutputProcessor,
 aborts on disconnect, and failing open streams when the engine stops. Subclasses only say how core
-requests and aborts reach their engine and what its other messages mean."""
+requests and aborts reach their engine and what its other messages mean; requests arrive validated
+(engine/input_processor.py)."""
 
 from __future__ import annotations
 
@@ -11,35 +12,26 @@ import logging
 import threading
 import time
 from abc import abstractmethod
-from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from collections.abc import AsyncGenerator
+from typing import Any
 
 from batchlm.config import EngineConfig
 from batchlm.engine.client import EngineClient, EngineDeadError, QueueFullError, RequestRejectedError
+from batchlm.engine.input_processor import ValidatedRequest
+from batchlm.engine.output_collector import RequestOutputCollector
 from batchlm.engine.output_processor import OutputProcessor
-from batchlm.engine.requests import make_core_requests, validate_request
-from batchlm.outputs import CompletionOutput, EngineCoreOutput, RequestOutput
+from batchlm.engine.requests import make_core_requests
+from batchlm.outputs import EngineCoreOutput, RequestOutput
 from batchlm.request import EngineCoreRequest
-from batchlm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-# Step outputs are handed to the streams at most once per this interval times the number of open
+# Step outputs are handed to the collectors at most once per this interval times the number of open
 # streams (up to MAX_DRAIN_INTERVAL_S). One stream sees every step at once; hundreds of streams get a
-# few steps' tokens per delta, which bounds the event loop's per-delta work (detokenizing, SSE
-# framing, socket writes) and leaves it time to take in new requests.
+# few steps' tokens per delta, which bounds the event loop's per-delta work (detokenizing, SSE framing,
+# socket writes) and leaves it time to take in new requests.
 DRAIN_INTERVAL_PER_STREAM_S = 50e-6
 MAX_DRAIN_INTERVAL_S = 0.02
-
-
-class EngineLimits(Protocol):
-    """What request validation needs from the started engine."""
-
-    @property
-    def max_model_len(self) -> int: ...
-
-    @property
-    def vocab_size(self) -> int: ...
 
 
 class StreamingFrontEnd(EngineClient):
@@ -50,7 +42,7 @@ class StreamingFrontEnd(EngineClient):
         self.config = config
         self.max_queue = max_queue
         self._processor: OutputProcessor | None = None
-        self._queues: dict[str, asyncio.Queue[Any]] = {}
+        self._collectors: dict[str, RequestOutputCollector] = {}
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._ready = False
@@ -63,11 +55,6 @@ class StreamingFrontEnd(EngineClient):
         self._last_drain = 0.0
 
     # -- what a subclass provides --------------------------------------------------------------------
-
-    @property
-    @abstractmethod
-    def _limits(self) -> EngineLimits | None:
-        """The started engine's limits; None until it is up."""
 
     @abstractmethod
     def _send_requests(self, core_requests: list[EngineCoreRequest]) -> bool:
@@ -86,8 +73,8 @@ class StreamingFrontEnd(EngineClient):
         """Handle an engine message other than "outputs" (on the event loop)."""
 
     def _open_streams(self) -> int:
-        """Streams the delta cadence is set for (see DRAIN_INTERVAL_PER_STREAM_S): this front end's."""
-        return len(self._queues)
+        """Streams the drain interval is set for (see DRAIN_INTERVAL_PER_STREAM_S): this front end's."""
+        return len(self._collectors)
 
     # -- EngineClient ----------------------------------------------------------------------------------
 
@@ -99,76 +86,55 @@ class StreamingFrontEnd(EngineClient):
     def is_dead(self) -> bool:
         return self._dead_reason is not None
 
-    async def generate(
-        self,
-        prompt_token_ids: list[int],
-        sampling_params: SamplingParams,
-        request_id: str,
-        prompt: str | None = None,
-        group_id: str = "",
-    ) -> AsyncIterator[RequestOutput]:
-        queue = self._submit(prompt_token_ids, sampling_params, request_id, prompt, group_id)
+    async def submit(
+        self, request: ValidatedRequest, request_id: str, group_id: str = ""
+    ) -> AsyncGenerator[RequestOutput, None]:
+        collector = self._add(request, request_id, group_id)
         finished = False
         try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                item, error = _coalesce_waiting(item, queue)
-                finished = item.finished
-                yield item
-                if error is not None:
-                    raise error
-                if finished:
-                    return
+            while not finished:
+                output = await collector.get()
+                finished = output.finished
+                yield output
         finally:
-            self._queues.pop(request_id, None)
+            self._collectors.pop(request_id, None)
             if not finished:
                 self._abort_now(request_id)
 
     async def abort(self, request_id: str) -> None:
         self._abort_now(request_id)
-        queue = self._queues.pop(request_id, None)
-        if queue is not None:
-            queue.put_nowait(asyncio.CancelledError())
+        collector = self._collectors.pop(request_id, None)
+        if collector is not None:
+            collector.fail(asyncio.CancelledError())
 
     # -- shared internals ------------------------------------------------------------------------------
 
-    def _submit(
-        self,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        request_id: str,
-        prompt: str | None,
-        group_id: str = "",
-    ) -> asyncio.Queue[Any]:
+    def _add(self, request: ValidatedRequest, request_id: str, group_id: str) -> RequestOutputCollector:
         if self._dead_reason is not None:
             raise EngineDeadError(self._dead_reason)
-        limits = self._limits
-        if not self._ready or limits is None or self._processor is None:
+        if not self._ready or self._processor is None:
             raise EngineDeadError("the engine is still loading")
-        params = validate_request(prompt_token_ids, params, limits.max_model_len, limits.vocab_size)
-        if request_id in self._queues or self._processor.has_request(request_id):
+        if request_id in self._collectors or self._processor.has_request(request_id):
             raise RequestRejectedError(f"request id {request_id!r} is already in use", "request_id")
         self._check_queue_room()
         now = time.time()
+        prompt_ids, params = request.prompt_token_ids, request.params
         core_requests = make_core_requests(
-            request_id, prompt_token_ids, params, self.tokenizer.eos_token_ids, now, group_id
+            request_id, prompt_ids, params, self.tokenizer.eos_token_ids, now, group_id
         )
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._queues[request_id] = queue
-        self._processor.add_request(request_id, prompt, prompt_token_ids, params, now)
-        self._prompt_tokens_total += len(prompt_token_ids)
+        collector = self._collectors[request_id] = RequestOutputCollector()
+        self._processor.add_request(request_id, request.prompt, prompt_ids, params, now)
+        self._prompt_tokens_total += len(prompt_ids)
         if not self._send_requests(core_requests):
-            self._queues.pop(request_id, None)
+            self._collectors.pop(request_id, None)
             self._processor.abort_request(request_id)
             raise EngineDeadError("the engine is not running")
-        return queue
+        return collector
 
     def _check_queue_room(self) -> None:
         if self.max_queue is None:
             return
-        waiting = len(self._queues) - self.config.max_num_seqs
+        waiting = len(self._collectors) - self.config.max_num_seqs
         if waiting >= self.max_queue:
             raise QueueFullError(
                 f"the server is overloaded: {waiting} requests are already waiting (--max-queue "
@@ -199,9 +165,8 @@ class StreamingFrontEnd(EngineClient):
         return True
 
     def _drain_inbox(self) -> None:
-        """Handle, in order, every message that arrived since the last drain. Consecutive step outputs
-        are processed as one batch: when the loop falls behind the engine (hundreds of streams), each
-        request then gets one detokenized delta for all its new tokens instead of one per step."""
+        """Handle, in order, every message that arrived since the last drain, at the paced interval;
+        consecutive step outputs go to the output processor as one batch."""
         interval = min(MAX_DRAIN_INTERVAL_S, DRAIN_INTERVAL_PER_STREAM_S * self._open_streams())
         if interval > 0:
             assert self._loop is not None
@@ -230,23 +195,23 @@ class StreamingFrontEnd(EngineClient):
             self._on_outputs(batch)
 
     def _on_outputs(self, outputs: list[EngineCoreOutput]) -> None:
-        """Detokenize one step's outputs and route each request's delta to its stream."""
+        """Detokenize one step's outputs and put each request's delta into its collector."""
         assert self._processor is not None
         self._generation_tokens_total += sum(len(o.new_token_ids) for o in outputs)
         results, to_abort = self._processor.process(outputs, delta=True)
         if to_abort:  # stop strings found here: the engine must stop generating for them
             self._send_abort(to_abort)
         for result in results:
-            queue = self._queues.get(result.request_id)
-            if queue is not None:
-                queue.put_nowait(result)
+            collector = self._collectors.get(result.request_id)
+            if collector is not None:
+                collector.put(result)
 
     def _fail_request(self, request_id: str, error: BaseException) -> None:
         """End one open stream with `error` (e.g. the engine rejected it after admission)."""
         self._abort_now(request_id)
-        queue = self._queues.pop(request_id, None)
-        if queue is not None:
-            queue.put_nowait(error)
+        collector = self._collectors.pop(request_id, None)
+        if collector is not None:
+            collector.fail(error)
 
     def _mark_dead(self, reason: str, expected: bool = False) -> None:
         """The engine stopped: every open stream ends with EngineDeadError, and so does every new request."""
@@ -256,56 +221,6 @@ class StreamingFrontEnd(EngineClient):
             else:
                 logger.error("engine stopped: %s", reason)
             self._dead_reason = reason
-        for queue in self._queues.values():
-            queue.put_nowait(EngineDeadError(f"the engine stopped: {reason}"))
-        self._queues.clear()
-
-
-def _coalesce_waiting(
-    output: RequestOutput, queue: asyncio.Queue[Any]
-) -> tuple[RequestOutput, BaseException | None]:
-    """Fold the deltas already queued behind `output` into it. A consumer slower than the engine
-    (hundreds of streams on one event loop) then sends one larger delta instead of one per engine
-    step, so its per-delta cost (SSE framing, JSON, socket writes) stops growing with the backlog.
-    Returns the merged output and an error queued after it (raised once the output is delivered)."""
-    while not output.finished and not queue.empty():
-        following = queue.get_nowait()
-        if isinstance(following, BaseException):
-            return output, following
-        output = merge_deltas(output, following)
-    return output, None
-
-
-def merge_deltas(first: RequestOutput, second: RequestOutput) -> RequestOutput:
-    """One delta RequestOutput equivalent to `first` followed by `second` (per completion index:
-    text, token ids and logprobs concatenated; finish state and counters from `second`)."""
-    completions = {completion.index: completion for completion in first.outputs}
-    for later in second.outputs:
-        earlier = completions.get(later.index)
-        completions[later.index] = later if earlier is None else _join(earlier, later)
-    return RequestOutput(
-        request_id=second.request_id,
-        prompt=second.prompt,
-        prompt_token_ids=second.prompt_token_ids,
-        outputs=[completions[index] for index in sorted(completions)],
-        finished=second.finished,
-        num_cached_tokens=max(first.num_cached_tokens, second.num_cached_tokens),
-        metrics=second.metrics or first.metrics,
-        error=second.error or first.error,
-        extra={**first.extra, **second.extra},
-    )
-
-
-def _join(earlier: CompletionOutput, later: CompletionOutput) -> CompletionOutput:
-    logprobs = None
-    if earlier.logprobs is not None or later.logprobs is not None:
-        logprobs = (earlier.logprobs or []) + (later.logprobs or [])
-    return CompletionOutput(
-        index=later.index,
-        text=earlier.text + later.text,
-        token_ids=earlier.token_ids + later.token_ids,
-        cumulative_logprob=later.cumulative_logprob,
-        logprobs=logprobs,
-        finish_reason=later.finish_reason,
-        stop_reason=later.stop_reason,
-    )
+        for collector in self._collectors.values():
+            collector.fail(EngineDeadError(f"the engine stopped: {reason}"))
+        self._collectors.clear()

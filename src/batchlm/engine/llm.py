@@ -10,8 +10,9 @@ from typing import Any
 from batchlm.config import EngineConfig
 from batchlm.cpu_wait_policy import prefer_passive_waiting
 from batchlm.engine.core_builder import build_engine_core, load_tokenizer, prepare_model_dir
+from batchlm.engine.input_processor import InputProcessor, ModelLimits
 from batchlm.engine.output_processor import OutputProcessor
-from batchlm.engine.requests import make_core_requests, validate_request
+from batchlm.engine.requests import make_core_requests
 from batchlm.outputs import RequestOutput
 from batchlm.sampling_params import SamplingParams
 from batchlm.tokenizer.tokenizer import Tokenizer
@@ -34,6 +35,7 @@ class LLM:
         model_dir = prepare_model_dir(self.config)
         self.tokenizer = load_tokenizer(self.config, model_dir)
         self.engine_core, self.info = build_engine_core(self.config, model_dir)
+        self.input_processor = InputProcessor(ModelLimits.of_core(self.info))
         self._counter = itertools.count()
 
     def get_tokenizer(self) -> Tokenizer:
@@ -71,11 +73,14 @@ class LLM:
     def _submit(self, processor: OutputProcessor, prompt: PromptInput, params: SamplingParams) -> str:
         text = prompt if isinstance(prompt, str) else None
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        params = validate_request(token_ids, params, self.info.max_model_len, self.info.vocab_size)
+        request = self.input_processor.process(token_ids, params, text)
         request_id = str(next(self._counter))
         now = time.time()
-        processor.add_request(request_id, text, token_ids, params, now)
-        for core_request in make_core_requests(request_id, token_ids, params, self.tokenizer.eos_token_ids, now):
+        processor.add_request(request_id, text, request.prompt_token_ids, request.params, now)
+        eos_ids = self.tokenizer.eos_token_ids
+        for core_request in make_core_requests(
+            request_id, request.prompt_token_ids, request.params, eos_ids, now
+        ):
             self.engine_core.add_request(core_request)
         return request_id
 
@@ -100,7 +105,9 @@ def _as_prompt_list(prompts: PromptInput | Sequence[PromptInput]) -> list[Prompt
     return items  # type: ignore[return-value]
 
 
-def _as_params_list(params: SamplingParams | Sequence[SamplingParams] | None, count: int) -> list[SamplingParams]:
+def _as_params_list(
+    params: SamplingParams | Sequence[SamplingParams] | None, count: int
+) -> list[SamplingParams]:
     if params is None:
         return [SamplingParams() for _ in range(count)]
     if isinstance(params, SamplingParams):

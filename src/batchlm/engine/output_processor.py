@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from batchlm.engine.requests import child_request_ids
@@ -30,7 +30,7 @@ class _Completion:
     text: str = ""
     logprobs: list[TokenLogprobs] | None = None
     cumulative_logprob: float | None = None
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
     # Deltas not yet reported.
     new_text: str = ""
@@ -127,16 +127,16 @@ class OutputProcessor:
         changed: dict[str, _RequestState] = {}
         to_abort: list[str] = []
         now = time.time()
-        for core_id, steps in self._by_sequence(outputs):
-            located = self._sequences.get(core_id)
+        for output in outputs:
+            located = self._sequences.get(output.request_id)
             if located is None:
                 continue
             state = self._requests[located[0]]
             completion = state.completions[located[1]]
             if completion.finish_reason is not None:
                 continue
-            if self._apply(state, completion, steps, now):
-                to_abort.append(core_id)
+            if self._apply(state, completion, output, now):
+                to_abort.append(output.request_id)
             changed[state.request_id] = state
         results = []
         for state in changed.values():
@@ -149,70 +149,25 @@ class OutputProcessor:
                 self._forget(state)
         return results, to_abort
 
-    def _by_sequence(self, outputs: Iterable[EngineCoreOutput]) -> Iterator[tuple[str, list[EngineCoreOutput]]]:
-        """Each sequence's outputs in this batch, in step order, to be folded in together: when the
-        front end fell behind (several engine steps at once), a sequence is detokenized and reported
-        once for all its new tokens. A sequence with stop strings gets its steps one at a time: a
-        stop string found in an earlier step must keep the later steps' tokens out of it."""
-        grouped: dict[str, list[EngineCoreOutput]] = {}
-        for output in outputs:
-            steps = grouped.get(output.request_id)
-            if steps is None:
-                grouped[output.request_id] = [output]
-            else:
-                steps.append(output)
-        for core_id, steps in grouped.items():
-            if len(steps) > 1 and self._has_stop_strings(core_id):
-                for step in steps:
-                    yield core_id, [step]
-            else:
-                yield core_id, steps
-
-    def _has_stop_strings(self, core_id: str) -> bool:
-        located = self._sequences.get(core_id)
-        return located is not None and bool(self._requests[located[0]].params.stop)
-
-    def abort_request(self, request_id: str, reason: str = "abort", error: str | None = None) -> RequestOutput | None:
-        """Finish every running sequence of a request locally (the caller aborts them in the core)."""
+    def abort_request(self, request_id: str) -> None:
+        """Forget a request (the caller aborts its sequences in the core); unknown ids are ignored."""
         state = self._requests.get(request_id)
-        if state is None:
-            return None
-        state.error = error
-        for completion in state.completions:
-            if completion.finish_reason is None:
-                completion.finish_reason = reason
-                completion.changed = True
-        output = self._make_output(state, delta=True)
-        self._forget(state)
-        return output
-
-    def request_ids(self) -> list[str]:
-        return list(self._requests)
+        if state is not None:
+            self._forget(state)
 
     def _apply(
-        self, state: _RequestState, completion: _Completion, steps: list[EngineCoreOutput], now: float
+        self, state: _RequestState, completion: _Completion, output: EngineCoreOutput, now: float
     ) -> bool:
-        """Fold one sequence's consecutive engine-core outputs into its completion; True if a stop
-        string ended it early. Only the last step can finish it (the core stops a sequence there)."""
+        """Fold one engine-core output into its completion; True if a stop string ended it early."""
         metrics = state.metrics
-        last = steps[-1]
-        if len(steps) == 1:
-            new_token_ids: Sequence[int] = last.new_token_ids
-            new_logprobs: Sequence[TokenLogprobs] = last.new_logprobs
-        else:
-            new_token_ids = [token for step in steps for token in step.new_token_ids]
-            new_logprobs = [logprob for step in steps for logprob in step.new_logprobs]
+        new_token_ids, new_logprobs = output.new_token_ids, output.new_logprobs
         if metrics.first_scheduled_time is None:
-            metrics.first_scheduled_time = next(
-                (step.scheduled_time for step in steps if step.scheduled_time is not None), None
-            )
+            metrics.first_scheduled_time = output.scheduled_time
         if new_token_ids:
             if metrics.first_token_time is None:
                 metrics.first_token_time = now
             metrics.last_token_time = now
-        for step in steps:
-            if step.num_cached_tokens > state.num_cached_tokens:
-                state.num_cached_tokens = step.num_cached_tokens
+        state.num_cached_tokens = max(state.num_cached_tokens, output.num_cached_tokens)
         completion.changed = True
         completion.token_ids.extend(new_token_ids)
         completion.new_token_ids.extend(new_token_ids)
@@ -226,20 +181,20 @@ class OutputProcessor:
             # A stop token (EOS or stop_token_ids) ends the text without appearing in it unless
             # include_stop_str_in_output (it stays in token_ids). Stop strings are ours to find.
             shown = new_token_ids
-            if last.finish_reason is FinishReason.STOP and not state.params.include_stop_str_in_output:
+            if output.finish_reason is FinishReason.STOP and not state.params.include_stop_str_in_output:
                 shown = new_token_ids[:-1]
             completion.new_text += completion.detokenizer.update(shown)
             if completion.detokenizer.stop_reason is not None:
-                completion.finish_reason = "stop"
+                completion.finish_reason = FinishReason.STOP
                 completion.stop_reason = completion.detokenizer.stop_reason
-                stopped_by_string = not last.finished
-        if last.finished and completion.finish_reason is None:
+                stopped_by_string = not output.finished
+        if output.finished and completion.finish_reason is None:
             if completion.detokenizer is not None:
                 completion.new_text += completion.detokenizer.finish()
-            completion.finish_reason = last.finish_reason.value if last.finish_reason else "stop"
-            completion.stop_reason = last.stop_token_id
-            if last.error:
-                state.error = last.error
+            completion.finish_reason = output.finish_reason or FinishReason.STOP
+            completion.stop_reason = output.stop_token_id
+            if output.error:
+                state.error = output.error
         completion.text += completion.new_text
         if completion.finish_reason is not None and metrics.finished_time is None and state.finished:
             metrics.finished_time = now
@@ -260,7 +215,9 @@ class OutputProcessor:
                     logprobs=(
                         None
                         if completion.logprobs is None
-                        else completion.new_logprobs if delta else list(completion.logprobs)
+                        else completion.new_logprobs
+                        if delta
+                        else list(completion.logprobs)
                     ),
                     finish_reason=completion.finish_reason,
                     stop_reason=completion.stop_reason,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -11,6 +12,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from batchlm.engine.client import RequestRejectedError
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +70,19 @@ def encodable(text: str) -> str:
     except UnicodeEncodeError:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text
+
+
+def rejection_to_api_error(error: RequestRejectedError) -> APIError:
+    return APIError(400, str(error), param=error.param, code=error.code)
+
+
+@contextmanager
+def rejections_as_400() -> Iterator[None]:
+    """The input processor's refusals, as the 400 the client sees."""
+    try:
+        yield
+    except RequestRejectedError as error:
+        raise rejection_to_api_error(error) from None
 
 
 def error_response(error: APIError) -> JSONResponse:

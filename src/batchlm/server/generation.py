@@ -11,9 +11,9 @@ import anyio
 from prometheus_client import Gauge
 
 from batchlm.engine.client import EngineClient, EngineDeadError, QueueFullError, RequestRejectedError
+from batchlm.engine.input_processor import ValidatedRequest
 from batchlm.outputs import FinishReason, RequestOutput
-from batchlm.sampling_params import SamplingParams
-from batchlm.server.errors import APIError
+from batchlm.server.errors import APIError, rejection_to_api_error
 from batchlm.server.metrics import RequestRecorder
 
 logger = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ RETRY_AFTER_S = "1"
 def engine_error_to_api_error(error: Exception) -> APIError | None:
     """The HTTP meaning of the engine's documented errors; None for anything else (a bug: 500)."""
     if isinstance(error, RequestRejectedError):
-        return APIError(400, str(error), param=error.param)
+        return rejection_to_api_error(error)
     if isinstance(error, QueueFullError):
         return APIError(
             429, _overloaded_message(str(error)), code="queue_full", headers={"Retry-After": RETRY_AFTER_S}
@@ -83,15 +83,13 @@ class Generation:
         self,
         engine: EngineClient,
         request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
+        request: ValidatedRequest,
         recorder: RequestRecorder,
         in_flight: InFlight,
-        prompt: str | None = None,
         group_id: str = "",
     ) -> None:
         self.request_id = request_id
-        self.prompt_token_ids = prompt_token_ids
+        self.prompt_token_ids = request.prompt_token_ids
         self.recorder = recorder
         self.finished = False
         self._engine = engine
@@ -103,11 +101,9 @@ class Generation:
         self._failed = False
         self._closed = False
         self._server_aborted = False
-        self._finish_reasons: dict[int, str] = {}
+        self._finish_reasons: dict[int, FinishReason] = {}
         try:
-            self._stream: AsyncIterator[RequestOutput] = engine.generate(
-                prompt_token_ids, params, request_id, prompt=prompt, group_id=group_id
-            )
+            self._stream: AsyncIterator[RequestOutput] = engine.submit(request, request_id, group_id)
         except Exception as error:
             raise self._translate(error) from error
         in_flight.add(self)
@@ -147,9 +143,9 @@ class Generation:
         if output.error is not None:
             raise self._fail(APIError(500, f"The engine failed while generating: {output.error}"))
         for completion in output.outputs:
-            if completion.finish_reason == FinishReason.ABORT.value:
+            if completion.finish_reason is FinishReason.ABORT:
                 raise self._fail(self._aborted_error())
-            if completion.finish_reason == FinishReason.ERROR.value:
+            if completion.finish_reason is FinishReason.ERROR:
                 raise self._fail(APIError(500, "The engine failed while generating this completion."))
             if completion.finish_reason is not None:
                 self._finish_reasons[completion.index] = completion.finish_reason
@@ -185,7 +181,7 @@ class Generation:
         if self.finished:
             reasons = self._finish_reasons.values()
             self.recorder.finish(
-                FinishReason.LENGTH.value if "length" in reasons else FinishReason.STOP.value
+                FinishReason.LENGTH.value if FinishReason.LENGTH in reasons else FinishReason.STOP.value
             )
         elif self._started and not self._failed:
             self.recorder.finish("client_disconnect")

@@ -64,14 +64,3 @@ class CompletionLogprobsBuilder:
             result.text_offset.append(self._offset)
             self._offset += len(text)
         return result
-
-
-def merge_completion_logprobs(parts: Sequence[CompletionLogprobs]) -> CompletionLogprobs:
-    """Concatenate per-delta logprobs into one (for a non-streaming response)."""
-    merged = CompletionLogprobs()
-    for part in parts:
-        merged.tokens.extend(part.tokens)
-        merged.token_logprobs.extend(part.token_logprobs)
-        merged.top_logprobs.extend(part.top_logprobs)
-        merged.text_offset.extend(part.text_offset)
-    return merged

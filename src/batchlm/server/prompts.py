@@ -15,9 +15,9 @@ import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from batchlm.server.errors import APIError
+from batchlm.engine.input_processor import InputProcessor
+from batchlm.server.errors import APIError, rejections_as_400
 from batchlm.server.protocol import ChatMessage
-from batchlm.server.text_limits import reject_text_over_context
 from batchlm.server.tools.prompting import template_knows_tools, template_tool_calls, with_generic_tool_prompt
 
 T = TypeVar("T")
@@ -132,13 +132,14 @@ async def encode_text(
     tokenizer: Any,
     text: str,
     add_special_tokens: bool,
-    max_model_len: int | None = None,
+    processor: InputProcessor | None = None,
     param: str = "prompt",
 ) -> list[int]:
-    """Token ids of `text`. With `max_model_len`, a text too long to fit that context is a 400 before
-    any tokenization (text_limits.py); long texts are tokenized off the event loop."""
-    if max_model_len is not None:
-        reject_text_over_context(tokenizer, len(text), max_model_len, param)
+    """Token ids of `text`. With a `processor`, a text too long to fit the context is a 400 before any
+    tokenization; long texts are tokenized off the event loop."""
+    if processor is not None:
+        with rejections_as_400():
+            processor.check_text_length(len(text), param)
     if len(text) <= OFFLOAD_CHARS:
         return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
     return await batched_encoder(tokenizer).encode(text, add_special_tokens)
@@ -231,14 +232,14 @@ async def render_chat(
     add_generation_prompt: bool,
     continue_final_message: bool,
     chat_template_kwargs: dict[str, Any] | None,
-    max_model_len: int | None = None,
+    processor: InputProcessor | None = None,
     tools: list[dict[str, Any]] | None = None,
     tool_prompt: bool = True,
 ) -> list[int]:
     """Token ids of the conversation rendered by the model's chat template. `tools` reach the template
     as its `tools` variable; a template that does not use them gets them in a generic system prompt
-    instead (unless not `tool_prompt`: tool_choice "none"), and tool history as text. With
-    `max_model_len`, a rendering too long to fit that context is a 400 before tokenization."""
+    instead (unless not `tool_prompt`: tool_choice "none"), and tool history as text. With a
+    `processor`, a rendering too long to fit the context is a 400 before tokenization."""
     converted = template_messages(messages)
     _check_continuation(converted, add_generation_prompt, continue_final_message)
     if not template_knows_tools(getattr(tokenizer, "chat_template", None)):
@@ -257,7 +258,7 @@ async def render_chat(
     except Exception as error:  # the template runs on the client's messages and kwargs: their fault
         raise APIError(400, f"Could not apply the chat template: {error}", param="messages") from error
     ids: list[int] = tokenizer.chat_ids(
-        await encode_text(tokenizer, text, False, max_model_len, param="messages")
+        await encode_text(tokenizer, text, False, processor, param="messages")
     )
     return ids
 

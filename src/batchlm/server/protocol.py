@@ -108,6 +108,7 @@ class SamplingFields(StrictModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    truncate_prompt_tokens: int | None = Field(None, description="Keep only the prompt's last k tokens.")
     # Constrained decoding (vLLM's field, and its older guided_* fields).
     structured_outputs: StructuredOutputsField | None = None
     guided_json: dict[str, Any] | str | None = None

@@ -1,5 +1,5 @@
-"""Edge validation of API requests: the model name, unsupported OpenAI fields, the context limit, and the
-mapping of OpenAI sampling fields onto batchlm's SamplingParams."""
+"""The HTTP side of the edge: the model name, unsupported OpenAI fields, and the mapping of OpenAI
+sampling fields onto batchlm's SamplingParams; checks against the model are the input processor's."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from typing import Any
 from pydantic import BaseModel
 
 from batchlm.engine.client import ModelInfo
+from batchlm.engine.input_processor import FieldNames, InputProcessor, ValidatedRequest
 from batchlm.sampling_params import SamplingParams, SamplingParamsError
-from batchlm.server.errors import APIError
+from batchlm.server.errors import APIError, rejections_as_400
 from batchlm.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from batchlm.server.structured_params import structured_outputs_of
 
@@ -139,48 +140,20 @@ def _check_stream_options(request: SamplingFields) -> None:
         )
 
 
-def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int, prompt_param: str) -> int:
-    """The completion budget: `requested`, or all the room the context leaves. 400 if it does not fit."""
-    room = max_model_len - prompt_len
-    if room <= 0:
-        raise APIError(
-            400,
-            f"This model's maximum context length is {max_model_len} tokens. However, your {prompt_param} "
-            f"resulted in {prompt_len} tokens, leaving no room for a completion. Please reduce the length "
-            f"of the {prompt_param}.",
-            param=prompt_param,
-            code="context_length_exceeded",
-        )
-    if requested is None:
-        return room
-    if requested > room:
-        raise APIError(
-            400,
-            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-            f"{prompt_len + requested} tokens ({prompt_len} in the {prompt_param}, {requested} in the "
-            f"completion). Please reduce the length of the {prompt_param} or completion.",
-            param=prompt_param,
-            code="context_length_exceeded",
-        )
-    return requested
-
-
 def build_sampling_params(
     request: SamplingFields,
     *,
-    max_tokens: int,
+    max_tokens: int | None,
     logprobs: int | None,
-    vocab_size: int,
     param_names: dict[str, str],
-) -> SamplingParams:
-    """Map OpenAI (and extra) sampling fields onto SamplingParams; invalid values become a 400 naming the
-    field as the client spelled it (`param_names` renames SamplingParams fields, e.g. logprobs)."""
-    stop_token_ids = request.stop_token_ids or []
-    _check_token_ids(stop_token_ids, vocab_size, "stop_token_ids")
-    logit_bias = _parse_logit_bias(request.logit_bias, vocab_size)
-    structured_outputs = structured_outputs_of(request)
+    prompt_field: str,
+) -> tuple[SamplingParams, FieldNames]:
+    """Map OpenAI (and extra) sampling fields onto SamplingParams, and say how the request spells the
+    fields the input processor may name. Invalid values are a 400 naming the field as the client
+    spelled it (`param_names` renames SamplingParams fields, e.g. logprobs)."""
+    constraint = structured_outputs_of(request)
     try:
-        return SamplingParams(
+        params = SamplingParams(
             n=request.n,
             temperature=1.0 if request.temperature is None else request.temperature,
             top_p=1.0 if request.top_p is None else request.top_p,
@@ -194,18 +167,21 @@ def build_sampling_params(
             min_tokens=request.min_tokens,
             ignore_eos=request.ignore_eos,
             stop=[request.stop] if isinstance(request.stop, str) else list(request.stop or []),
-            stop_token_ids=stop_token_ids,
+            stop_token_ids=request.stop_token_ids or [],
             logprobs=logprobs,
-            logit_bias=logit_bias,
+            logit_bias=_parse_logit_bias(request.logit_bias),
             skip_special_tokens=request.skip_special_tokens,
             include_stop_str_in_output=request.include_stop_str_in_output,
-            structured_outputs=structured_outputs,
+            truncate_prompt_tokens=request.truncate_prompt_tokens,
+            structured_outputs=None if constraint is None else constraint[1],
         )
     except SamplingParamsError as error:
         raise APIError(400, str(error), param=param_names.get(error.param, error.param)) from error
+    structured_field = constraint[0] if constraint else "structured_outputs"
+    return params, FieldNames(prompt_field, prompt_field, prompt_field, structured_field)
 
 
-def _parse_logit_bias(raw: dict[str, float] | None, vocab_size: int) -> dict[int, float]:
+def _parse_logit_bias(raw: dict[str, float] | None) -> dict[int, float]:
     bias: dict[int, float] = {}
     for key, value in (raw or {}).items():
         try:
@@ -216,17 +192,16 @@ def _parse_logit_bias(raw: dict[str, float] | None, vocab_size: int) -> dict[int
                 f"logit_bias keys must be token ids (integers as strings), got {key!r}.",
                 param="logit_bias",
             ) from None
-    _check_token_ids(bias, vocab_size, "logit_bias")
     return bias
 
 
-def _check_token_ids(token_ids: Iterable[int], vocab_size: int, param: str) -> None:
-    bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
-    if bad is not None:
-        raise APIError(400, f"Token id {bad} in '{param}' is out of range [0, {vocab_size}).", param=param)
-
-
-def check_prompt_token_ids(token_ids: list[int], vocab_size: int, param: str) -> None:
-    if not token_ids:
-        raise APIError(400, f"The {param} is empty: at least one token is needed.", param=param)
-    _check_token_ids(token_ids, vocab_size, param)
+def validated(
+    processor: InputProcessor,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    prompt: str | None,
+    names: FieldNames,
+) -> ValidatedRequest:
+    """The request as the engine takes it; the input processor's refusal is a 400."""
+    with rejections_as_400():
+        return processor.process(prompt_ids, params, prompt, names)

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from batchlm.outputs import RequestOutput, TokenLogprobs
+from batchlm.outputs import FinishReason, RequestOutput, TokenLogprobs
 from batchlm.server.errors import APIError, ClientDisconnected
 from batchlm.server.generation import Generation
 from batchlm.server.metrics import ServerMetrics
@@ -101,7 +101,7 @@ class ChoiceResult:
     text_parts: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
 
     @property
     def text(self) -> str:

@@ -10,21 +10,18 @@ from dataclasses import dataclass
 from starlette.requests import Request
 from starlette.responses import Response
 
-from batchlm.engine.client import ModelInfo
-from batchlm.outputs import CompletionOutput, RequestOutput
+from batchlm.engine.input_processor import FieldNames
+from batchlm.outputs import CompletionOutput, FinishReason, RequestOutput
 from batchlm.sampling_params import SamplingParams
 from batchlm.server.generation import Generation
 from batchlm.server.logprobs import chat_logprobs
-from batchlm.server.metrics import RequestRecorder
 from batchlm.server.middleware import received_at
 from batchlm.server.prompts import render_chat
 from batchlm.server.protocol import ChatCompletionRequest
 from batchlm.server.request_params import (
     build_sampling_params,
     check_chat_request,
-    check_model,
-    check_n,
-    resolve_max_tokens,
+    validated,
 )
 from batchlm.server.responding import (
     ChunkFormatter,
@@ -63,11 +60,9 @@ class ChatContext(ResponseContext):
 
 async def create_chat_completion(request: Request, body: ChatCompletionRequest) -> Response:
     state = get_state(request)
-    info = state.ready_model()
-    check_model(body.model, info)
-    check_n(body.n, state.settings.max_n)
+    info = state.admit(body)
     check_chat_request(body)
-    tokenizer = state.engine.tokenizer
+    tokenizer, processor = state.engine.tokenizer, state.engine.input_processor
     tool_use = chat_tool_use(body, state.settings.tool_call_parser, getattr(tokenizer, "chat_template", None))
     prompt_ids = await render_chat(
         tokenizer,
@@ -75,38 +70,38 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest) 
         add_generation_prompt=body.add_generation_prompt,
         continue_final_message=body.continue_final_message,
         chat_template_kwargs=body.chat_template_kwargs,
-        max_model_len=info.max_model_len,
+        processor=None if body.truncate_prompt_tokens else processor,
         tools=tool_use.template_tools,
         tool_prompt=tool_use.tool_prompt,
     )
-    params = tool_use.sampling_params(_sampling_params(body, len(prompt_ids), info))
+    params, names = _sampling_params(body)
+    engine_request = validated(processor, prompt_ids, tool_use.sampling_params(params), None, names)
     context = ChatContext(
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
         model=info.served_model_name,
         tokenizer=tokenizer,
         n=body.n,
-        top_logprobs=params.logprobs,
+        top_logprobs=engine_request.params.logprobs,
         tool_use=tool_use,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
     )
-    recorder = RequestRecorder(state.metrics, context.request_id, len(prompt_ids), received_at(request))
-    generation = Generation(state.engine, context.request_id, prompt_ids, params, recorder, state.in_flight)
+    generation = state.start_generation(context.request_id, engine_request, received_at(request))
     if body.stream:
         return await start_stream(request, [generation], ChatStreamFormatter(context), state.metrics)
     return await respond_json(request, [generation], lambda: _full_response(context, generation))
 
 
-def _sampling_params(body: ChatCompletionRequest, prompt_len: int, info: ModelInfo) -> SamplingParams:
+def _sampling_params(body: ChatCompletionRequest) -> tuple[SamplingParams, FieldNames]:
     # max_completion_tokens replaced the deprecated max_tokens; errors name whichever the client sent.
     budget_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     return build_sampling_params(
         body,
-        max_tokens=resolve_max_tokens(requested, prompt_len, info.max_model_len, "messages"),
+        max_tokens=requested,
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
-        vocab_size=info.vocab_size,
         param_names={"logprobs": "top_logprobs", "max_tokens": budget_field},
+        prompt_field="messages",
     )
 
 
@@ -133,13 +128,16 @@ def _choice(
     context: ChatContext,
     index: int,
     text: str,
-    reason: str | None,
+    reason: FinishReason | None,
     logprobs: ChatChoiceLogprobs | None,
 ) -> ChatChoice:
     parser = context.tool_use.parser
     if parser is None:
         return ChatChoice(
-            index=index, message=ChatResponseMessage(content=text), logprobs=logprobs, finish_reason=reason
+            index=index,
+            message=ChatResponseMessage(content=text),
+            logprobs=logprobs,
+            finish_reason=finish_reason(reason, called=False),
         )
     parsed = parser.extract(text)
     message = ChatResponseMessage(content=parsed.content, tool_calls=response_tool_calls(parsed.tool_calls))

@@ -11,22 +11,18 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from batchlm.engine.client import ModelInfo
+from batchlm.engine.input_processor import InputProcessor, ValidatedRequest
 from batchlm.outputs import RequestOutput
 from batchlm.server.errors import APIError
 from batchlm.server.generation import Generation
 from batchlm.server.logprobs import CompletionLogprobsBuilder
-from batchlm.server.metrics import RequestRecorder
 from batchlm.server.middleware import received_at
 from batchlm.server.prompts import encode_text
 from batchlm.server.protocol import CompletionRequest, PromptInput
 from batchlm.server.request_params import (
     build_sampling_params,
     check_completion_request,
-    check_model,
-    check_n,
-    check_prompt_token_ids,
-    resolve_max_tokens,
+    validated,
 )
 from batchlm.server.responding import (
     ChunkFormatter,
@@ -39,12 +35,7 @@ from batchlm.server.responding import (
 from batchlm.server.responses import CompletionChoice, CompletionResponse
 from batchlm.server.state import ServerState, get_state
 from batchlm.server.streams import close_all
-
-
-@dataclass(frozen=True)
-class Prompt:
-    text: str | None
-    token_ids: list[int]
+from batchlm.server.tools.use import finish_reason
 
 
 @dataclass
@@ -69,12 +60,17 @@ class CompletionContext(ResponseContext):
 
 async def create_completion(request: Request, body: CompletionRequest) -> Response:
     state = get_state(request)
-    info = state.ready_model()
-    check_model(body.model, info)
-    check_n(body.n, state.settings.max_n)
+    info = state.admit(body)
     check_completion_request(body)
-    tokenizer = state.engine.tokenizer
-    prompts = await _tokenize_prompts(tokenizer, body.prompt, body.add_special_tokens, info)
+    tokenizer, processor = state.engine.tokenizer, state.engine.input_processor
+    # A prompt to be truncated cannot be judged by its length before it is tokenized.
+    length_check = None if body.truncate_prompt_tokens else processor
+    prompts = await _tokenize_prompts(tokenizer, body.prompt, body.add_special_tokens, length_check)
+    params, names = build_sampling_params(
+        body, max_tokens=body.max_tokens, logprobs=body.logprobs, param_names={}, prompt_field="prompt"
+    )
+    # Every prompt is validated before any starts, so that a bad one fails the batch with nothing to undo.
+    engine_requests = [validated(processor, ids, params, text, names) for text, ids in prompts]
     context = CompletionContext(
         request_id=f"cmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
@@ -83,9 +79,9 @@ async def create_completion(request: Request, body: CompletionRequest) -> Respon
         n=body.n,
         logprobs=body.logprobs,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
-        echo_texts=[_echo_text(tokenizer, p) if body.echo else "" for p in prompts],
+        echo_texts=[_echo_text(tokenizer, r) if body.echo else "" for r in engine_requests],
     )
-    generations = await _start_generations(state, info, body, prompts, context.request_id, received_at(request))
+    generations = await _start_generations(state, engine_requests, context.request_id, received_at(request))
     if body.stream:
         return await start_stream(request, generations, CompletionStreamFormatter(context), state.metrics)
 
@@ -93,9 +89,9 @@ async def create_completion(request: Request, body: CompletionRequest) -> Respon
 
 
 async def _tokenize_prompts(
-    tokenizer: Any, prompt: PromptInput, add_special_tokens: bool, info: ModelInfo
-) -> list[Prompt]:
-    """One Prompt per batch entry. A flat list of ints is one token-id prompt, not a batch."""
+    tokenizer: Any, prompt: PromptInput, add_special_tokens: bool, processor: InputProcessor | None
+) -> list[tuple[str | None, list[int]]]:
+    """(text, token ids) per batch entry. A flat list of ints is one token-id prompt, not a batch."""
     items: list[Any] = (
         [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
     )
@@ -103,53 +99,36 @@ async def _tokenize_prompts(
         raise APIError(
             400, "The prompt is empty: send a string, a list of strings, or token ids.", param="prompt"
         )
-    prompts = []
+    prompts: list[tuple[str | None, list[int]]] = []
     for item in items:
         if isinstance(item, str):
-            ids = await encode_text(tokenizer, item, add_special_tokens, info.max_model_len)
-            prompts.append(Prompt(item, ids))
+            prompts.append((item, await encode_text(tokenizer, item, add_special_tokens, processor)))
         else:
-            prompts.append(Prompt(None, list(item)))
-        # The context check first: it is O(1), and a prompt that cannot fit is refused before its ids
-        # are range-checked or decoded for echo (both as long as the prompt, on the event loop).
-        resolve_max_tokens(None, len(prompts[-1].token_ids), info.max_model_len, "prompt")
-        check_prompt_token_ids(prompts[-1].token_ids, info.vocab_size, "prompt")
+            prompts.append((None, list(item)))
     return prompts
 
 
-def _echo_text(tokenizer: Any, prompt: Prompt) -> str:
-    if prompt.text is not None:
-        return prompt.text
-    text: str = tokenizer.decode(prompt.token_ids, skip_special_tokens=False)
+def _echo_text(tokenizer: Any, prompt: ValidatedRequest) -> str:
+    if prompt.prompt is not None:
+        return prompt.prompt
+    text: str = tokenizer.decode(prompt.prompt_token_ids, skip_special_tokens=False)
     return text
 
 
 async def _start_generations(
     state: ServerState,
-    info: ModelInfo,
-    body: CompletionRequest,
-    prompts: list[Prompt],
+    engine_requests: list[ValidatedRequest],
     request_id: str,
     http_received_at: float | None,
 ) -> list[Generation]:
-    # Validate every prompt before starting any, so that a bad one fails the batch with nothing to undo.
-    plans = []
-    for prompt in prompts:
-        max_tokens = resolve_max_tokens(body.max_tokens, len(prompt.token_ids), info.max_model_len, "prompt")
-        params = build_sampling_params(
-            body, max_tokens=max_tokens, logprobs=body.logprobs, vocab_size=info.vocab_size, param_names={}
-        )
-        plans.append((prompt, params))
     generations: list[Generation] = []
     # A batch's prompts take admission turns as one request (like n), not one turn each.
-    group_id = request_id if len(plans) > 1 else ""
+    batch = len(engine_requests) > 1
     try:
-        for position, (prompt, params) in enumerate(plans):
-            engine_id = request_id if len(plans) == 1 else f"{request_id}-{position}"
-            recorder = RequestRecorder(state.metrics, engine_id, len(prompt.token_ids), http_received_at)
-            generation = Generation(
-                state.engine, engine_id, prompt.token_ids, params, recorder, state.in_flight, prompt.text, group_id
-            )
+        for position, engine_request in enumerate(engine_requests):
+            engine_id = f"{request_id}-{position}" if batch else request_id
+            group_id = request_id if batch else ""
+            generation = state.start_generation(engine_id, engine_request, http_received_at, group_id)
             generations.append(generation)
     except BaseException:
         await close_all(generations)
@@ -169,7 +148,7 @@ async def _full_response(context: CompletionContext, generations: list[Generatio
                 index=context.choice_index(position, index),
                 text=context.echo_texts[position] + result.text,
                 logprobs=logprobs,
-                finish_reason=result.finish_reason,
+                finish_reason=finish_reason(result.finish_reason, called=False),
             )
         )
     return CompletionResponse(
@@ -213,6 +192,6 @@ class CompletionStreamFormatter(ChunkFormatter):
                     index=context.choice_index(position, completion.index),
                     text=completion.text,
                     logprobs=logprobs,
-                    finish_reason=completion.finish_reason,
+                    finish_reason=finish_reason(completion.finish_reason, called=False),
                 )
                 yield self._chunk([choice])

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-from batchlm.server.errors import APIError
+from batchlm.server.errors import APIError, rejections_as_400
 from batchlm.server.prompts import encode_text, render_chat
 from batchlm.server.protocol import DetokenizeRequest, TokenizeRequest
-from batchlm.server.request_params import check_model, check_prompt_token_ids
+from batchlm.server.request_params import check_model
 from batchlm.server.responses import DetokenizeResponse, TokenizeResponse
 from batchlm.server.state import ServerState
 
@@ -32,10 +32,11 @@ async def tokenize(state: ServerState, body: TokenizeRequest) -> TokenizeRespons
             add_generation_prompt=body.add_generation_prompt,
             continue_final_message=body.continue_final_message,
             chat_template_kwargs=body.chat_template_kwargs,
-            max_model_len=info.max_model_len,
+            processor=state.engine.input_processor,
         )
     else:
-        tokens = await encode_text(tokenizer, body.prompt or "", body.add_special_tokens, info.max_model_len)
+        processor = state.engine.input_processor
+        tokens = await encode_text(tokenizer, body.prompt or "", body.add_special_tokens, processor)
     return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=info.max_model_len)
 
 
@@ -44,8 +45,8 @@ async def detokenize(state: ServerState, body: DetokenizeRequest) -> DetokenizeR
     the event loop."""
     info = state.ready_model()
     check_model(body.model, info)
-    if body.tokens:
-        check_prompt_token_ids(body.tokens, info.vocab_size, "tokens")
+    with rejections_as_400():
+        state.engine.input_processor.check_token_ids(body.tokens, "tokens")
     tokenizer = state.engine.tokenizer
 
     def decode() -> str:

@@ -8,9 +8,12 @@ from dataclasses import dataclass, field
 from starlette.requests import Request
 
 from batchlm.engine.client import EngineClient, ModelInfo
+from batchlm.engine.input_processor import ValidatedRequest
 from batchlm.server.errors import APIError
-from batchlm.server.generation import InFlight
-from batchlm.server.metrics import ServerMetrics
+from batchlm.server.generation import Generation, InFlight
+from batchlm.server.metrics import RequestRecorder, ServerMetrics
+from batchlm.server.protocol import SamplingFields
+from batchlm.server.request_params import check_model, check_n
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 
@@ -82,6 +85,20 @@ class ServerState:
         if not self.engine.is_ready:
             raise APIError(503, "The model is still loading; retry shortly.", code="model_loading")
         return self.engine.model_info
+
+    def admit(self, body: SamplingFields) -> ModelInfo:
+        """ready_model(), for a generation request that names the served model and an allowed n."""
+        info = self.ready_model()
+        check_model(body.model, info)
+        check_n(body.n, self.settings.max_n)
+        return info
+
+    def start_generation(
+        self, engine_id: str, request: ValidatedRequest, received_at: float | None, group_id: str = ""
+    ) -> Generation:
+        """One engine request, in the metrics from its HTTP arrival (`received_at`) on."""
+        recorder = RequestRecorder(self.metrics, engine_id, len(request.prompt_token_ids), received_at)
+        return Generation(self.engine, engine_id, request, recorder, self.in_flight, group_id)
 
 
 def get_state(request: Request) -> ServerState:

@@ -1,5 +1,5 @@
 """Edge mapping of `response_format`, `structured_outputs` and the `guided_*` fields onto one
-StructuredOutputs, compiled here so that a bad schema or grammar is a 400 naming the problem."""
+StructuredOutputs; the input processor compiles it, so that a bad schema or grammar is a 400 naming it."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from batchlm.sampling_params import SamplingParamsError, StructuredOutputs
 from batchlm.server.errors import APIError
 from batchlm.server.protocol import SamplingFields
 from batchlm.structured.backend import GrammarError
-from batchlm.structured.llguidance_backend import lark_from_user_grammar, validated_grammar
+from batchlm.structured.llguidance_backend import lark_from_user_grammar
 
 RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
 
 
-def structured_outputs_of(request: SamplingFields) -> StructuredOutputs | None:
-    """The request's constraint (None when it has none). 400 for a malformed, conflicting or
-    non-compiling one; the error's param is the field the client used."""
+def structured_outputs_of(request: SamplingFields) -> tuple[str, StructuredOutputs] | None:
+    """The field the client used and its constraint (None when there is none). 400 for a malformed or
+    conflicting one; whether it compiles is the input processor's check."""
     found: list[tuple[str, StructuredOutputs]] = []
     response_format = getattr(request, "response_format", None)
     if response_format is not None:
@@ -39,12 +39,7 @@ def structured_outputs_of(request: SamplingFields) -> StructuredOutputs | None:
     if len(found) > 1:
         names = ", ".join(f"'{param}'" for param, _ in found)
         raise APIError(400, f"Only one output constraint may be given; got {names}.", param=found[1][0])
-    param, spec = found[0]
-    try:
-        validated_grammar(spec)
-    except GrammarError as error:
-        raise APIError(400, f"Invalid '{param}': {error}", param=param) from None
-    return spec
+    return found[0]
 
 
 def _kinds(

@@ -14,7 +14,8 @@ from batchlm.backends.mlx.worker import GenerationWorker, WorkerInfo
 from batchlm.config import EngineConfig
 from batchlm.engine.client import EngineDeadError, EngineStats, ModelInfo
 from batchlm.engine.core_builder import served_model_name
-from batchlm.engine.front_end import EngineLimits, StreamingFrontEnd
+from batchlm.engine.front_end import StreamingFrontEnd
+from batchlm.engine.input_processor import InputProcessor, ModelLimits
 from batchlm.engine.output_processor import OutputProcessor
 from batchlm.request import EngineCoreRequest
 from batchlm.tokenizer.tokenizer import Tokenizer
@@ -62,6 +63,10 @@ class MLXEngine(StreamingFrontEnd):
             await self._loop.run_in_executor(None, self._worker.stop, SHUTDOWN_TIMEOUT_S)
             raise
         self.info = info
+        limits = ModelLimits(
+            info.max_model_len, info.vocab_size, max_chars_per_token=self.tokenizer.max_chars_per_token
+        )
+        self.input_processor = InputProcessor(limits)
         name = served_model_name(self.config, model_dir)
         self.model_info = ModelInfo(
             served_model_name=name,
@@ -97,10 +102,6 @@ class MLXEngine(StreamingFrontEnd):
         )
 
     # -- StreamingFrontEnd transport -------------------------------------------------------------------
-
-    @property
-    def _limits(self) -> EngineLimits | None:
-        return self.info if self._worker is not None else None
 
     def _send_requests(self, core_requests: list[EngineCoreRequest]) -> bool:
         if self._worker is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from batchlm.outputs import FinishReason
 from batchlm.sampling_params import SamplingParams
 from batchlm.server.errors import APIError
 from batchlm.server.protocol import ChatCompletionRequest
@@ -85,6 +86,9 @@ def delta_tool_call(delta: ToolCallDelta) -> dict[str, Any]:
     return {"index": delta.index, "id": delta.id, "type": "function", "function": function}
 
 
-def finish_reason(reason: str | None, called: bool) -> str | None:
-    """A completion that ended on its own after calling tools finishes with "tool_calls"."""
-    return "tool_calls" if called and reason == "stop" else reason
+def finish_reason(reason: FinishReason | None, called: bool) -> str | None:
+    """The finish_reason a chat response sends: a completion that ended on its own after calling tools
+    finishes with "tool_calls"."""
+    if reason is None:
+        return None
+    return "tool_calls" if called and reason == FinishReason.STOP else FinishReason(reason).value

@@ -1,0 +1,183 @@
+"""The one place a request is checked against the model: prompt length (in characters before it is
+tokenized, in tokens after), context and KV-cache room, token-id ranges, max_tokens and the output
+constraint. The HTTP front end, `LLM` and every engine's `generate` go through it; what comes out is a
+ValidatedRequest, which the engine core and runner take as given (they only assert)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from batchlm.engine.client import RequestRejectedError
+from batchlm.sampling_params import SamplingParams
+
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+
+
+class CoreFacts(Protocol):
+    """What a started engine core reports about its model and KV cache (CoreInfo)."""
+
+    @property
+    def max_model_len(self) -> int: ...
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def num_blocks(self) -> int: ...
+    @property
+    def block_size(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """The model facts a request is validated against."""
+
+    max_model_len: int
+    vocab_size: int
+    # The whole KV cache, when one request could outgrow it (None: the engine has no fixed cache).
+    num_kv_blocks: int | None = None
+    block_size: int = 16
+    # The most characters one token stands for (tokenizer/text_bound.py); None when unknown.
+    max_chars_per_token: int | None = None
+
+    @staticmethod
+    def of_core(core: CoreFacts, max_chars_per_token: int | None = None) -> ModelLimits:
+        return ModelLimits(
+            core.max_model_len, core.vocab_size, core.num_blocks, core.block_size, max_chars_per_token
+        )
+
+
+@dataclass(frozen=True)
+class FieldNames:
+    """How the caller's API spells the fields an error names (chat sends "messages", completions "prompt")."""
+
+    prompt: str = "prompt"
+    # The field named when the prompt leaves no room in the context (chat's OpenAI error says "messages").
+    context: str = "messages"
+    # The field named when prompt + max_tokens overflow the context.
+    budget: str = "max_tokens"
+    structured_outputs: str = "structured_outputs"
+
+
+@dataclass(frozen=True)
+class ValidatedRequest:
+    """A request that fits the model: max_tokens is resolved, every token id is in the vocabulary."""
+
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    # The prompt's text when the request was given one (RequestOutput.prompt).
+    prompt: str | None = None
+
+
+class InputProcessor:
+    """Raises RequestRejectedError (a client error, HTTP 400) naming the field at fault."""
+
+    def __init__(self, limits: ModelLimits) -> None:
+        self.limits = limits
+
+    def check_text_length(self, chars: int, param: str) -> None:
+        """Refuse a text whose length alone shows it cannot fit the context, before tokenizing it: with
+        tokens of at most L characters it needs more than max_model_len tokens beyond max_model_len x L."""
+        per_token, max_len = self.limits.max_chars_per_token, self.limits.max_model_len
+        if per_token is not None and chars > max_len * per_token:
+            raise RequestRejectedError(
+                f"This model's maximum context length is {max_len} tokens. However, your {param} is "
+                f"{chars} characters long, more than {max_len} tokens can hold (at most {max_len * per_token} "
+                f"characters for this tokenizer). Please reduce the length of the {param}.",
+                param,
+                CONTEXT_LENGTH_EXCEEDED,
+            )
+
+    def process(
+        self,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        prompt: str | None = None,
+        names: FieldNames = FieldNames(),
+    ) -> ValidatedRequest:
+        """A prompt that leaves no room is refused first, in O(1), without reading its ids. With
+        truncate_prompt_tokens only the prompt's last tokens are kept (its text then no longer applies)."""
+        keep = params.truncate_prompt_tokens
+        if keep is not None and keep < len(prompt_token_ids):
+            prompt_token_ids, prompt = prompt_token_ids[-keep:], None
+        if not prompt_token_ids:
+            raise RequestRejectedError(
+                f"The {names.prompt} is empty: at least one token is needed.", names.prompt
+            )
+        self._check_room(len(prompt_token_ids), names)
+        self.check_token_ids(prompt_token_ids, names.prompt)
+        self.check_token_ids(params.stop_token_ids, "stop_token_ids")
+        self.check_token_ids(params.logit_bias, "logit_bias")
+        params = self._with_budget(len(prompt_token_ids), params, names)
+        self._check_kv_room(len(prompt_token_ids), params)
+        if params.structured_outputs is not None:
+            _check_structured_outputs(params, names.structured_outputs)
+        return ValidatedRequest(list(prompt_token_ids), params, prompt)
+
+    def _check_room(self, prompt_len: int, names: FieldNames) -> None:
+        max_len = self.limits.max_model_len
+        if prompt_len >= max_len:
+            raise RequestRejectedError(
+                f"This model's maximum context length is {max_len} tokens. However, your {names.prompt} "
+                f"resulted in {prompt_len} tokens, leaving no room for a completion. Please reduce the "
+                f"length of the {names.prompt}.",
+                names.context,
+                CONTEXT_LENGTH_EXCEEDED,
+            )
+
+    def _with_budget(self, prompt_len: int, params: SamplingParams, names: FieldNames) -> SamplingParams:
+        """`params` with max_tokens set: as asked, or all the room the context leaves."""
+        max_len = self.limits.max_model_len
+        room = max_len - prompt_len
+        if params.max_tokens is None:
+            return params.clone(max_tokens=room, min_tokens=min(params.min_tokens, room))
+        if params.max_tokens > room:
+            raise RequestRejectedError(
+                f"This model's maximum context length is {max_len} tokens. However, you requested "
+                f"{prompt_len + params.max_tokens} tokens ({prompt_len} in the {names.prompt}, "
+                f"{params.max_tokens} in the completion). Please reduce the length of the {names.prompt} "
+                "or completion.",
+                names.budget,
+                CONTEXT_LENGTH_EXCEEDED,
+            )
+        return params
+
+    def _check_kv_room(self, prompt_len: int, params: SamplingParams) -> None:
+        """A request must fit the whole KV cache alone, or it could never run. The last generated token
+        is never fed back, so it needs no slot."""
+        num_blocks, block_size = self.limits.num_kv_blocks, self.limits.block_size
+        assert params.max_tokens is not None
+        longest = prompt_len + params.max_tokens
+        needed = -(-(longest - 1) // block_size)
+        if num_blocks is not None and needed > num_blocks:
+            raise RequestRejectedError(
+                f"The request needs up to {needed} KV-cache blocks ({prompt_len} prompt tokens, up to "
+                f"{longest} tokens in all, {block_size} per block) but the whole cache has {num_blocks} "
+                "blocks; lower max_tokens or enlarge the KV cache.",
+                "max_tokens",
+            )
+
+    def check_token_ids(self, token_ids: Iterable[int], param: str) -> None:
+        vocab_size = self.limits.vocab_size
+        bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise RequestRejectedError(
+                f"Token id {bad} in '{param}' is out of range [0, {vocab_size}).", param
+            )
+
+
+def _check_structured_outputs(params: SamplingParams, param: str) -> None:
+    """A constraint must compile (its error names the problem), and leave EOS allowed when it is done."""
+    from batchlm.structured.backend import GrammarError
+    from batchlm.structured.llguidance_backend import validated_grammar
+
+    assert params.structured_outputs is not None
+    if params.min_tokens:
+        raise RequestRejectedError(
+            "min_tokens cannot be combined with structured outputs (a complete output must be able to end)",
+            "min_tokens",
+        )
+    try:
+        validated_grammar(params.structured_outputs)
+    except GrammarError as exc:
+        raise RequestRejectedError(f"Invalid '{param}': {exc}", param) from None
