@@ -45,7 +45,7 @@ def test_w4a16_gemm_compiles(block_m: int, block_n: int, block_k: int, split_k: 
     types["out_ptr"] = "*fp32" if split_k > 1 else "*bf16"
     constants = {
         "GROUP_SIZE": 128, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k,
-        "K_PER_SPLIT": 4096 // split_k,
+        "K_PER_SPLIT": 4096 // split_k, "PRECISION": "tf32",
     }  # fmt: skip
     compiled = compile_for_hopper(w4a16_gemm._w4a16_kernel, types, constants, num_warps=4, num_stages=stages)
     assert "mma" in compiled.asm["ptx"]  # the dot runs on tensor cores

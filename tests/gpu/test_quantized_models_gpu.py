@@ -52,6 +52,11 @@ PROMPTS = [
     [100, 7] * 9,
     [3, 1, 4, 1, 5, 9, 2, 6],
     list(range(300, 333)),
+    [7, 11, 13] * 4,
+    list(range(200, 220)),
+    [42] * 10,
+    [5, 6, 7, 8, 9, 10],
+    list(range(150, 180, 2)),
 ]
 FORMATS = ["gptq", "awq", "ct-int4", "fp8-dynamic", "fp8-static"]
 

@@ -95,9 +95,11 @@ def test_warm_up_launches_each_variant_the_layers_use() -> None:
     backend = TritonAttentionBackend()
     original = backend._warm_up_variant
 
-    def record(kv_cache: torch.Tensor, heads: int, blocks: int, spec: AttentionSpec) -> None:
+    def record(
+        kv_cache: torch.Tensor, heads: int, blocks: int, spec: AttentionSpec, query_dtype: torch.dtype | None
+    ) -> None:
         launched.append((spec.sliding_window, spec.logit_softcap))
-        original(kv_cache, heads, blocks, spec)
+        original(kv_cache, heads, blocks, spec, query_dtype)
 
     backend._warm_up_variant = record  # type: ignore[method-assign]
     gemma2 = [AttentionSpec(0.1, 8, 50.0), AttentionSpec(0.1, None, 50.0)] * 2

@@ -41,6 +41,7 @@ def _w4a16_kernel(
     GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     K_PER_SPLIT: tl.constexpr,  # K columns per split, a multiple of BLOCK_K (static per layer)
+    PRECISION: tl.constexpr,  # "ieee" for float32 activations: TF32 would round them to 10 bits
 ):  # fmt: skip
     tile = tl.program_id(0)
     split = tl.program_id(1)
@@ -76,7 +77,7 @@ def _w4a16_kernel(
         scale = tl.load(scales_ptr + group * N + cols, mask=group_ok, other=0.0).to(tl.float32)
         zero = tl.load(zeros_ptr + group * N + cols, mask=group_ok, other=0.0).to(tl.float32)
         w = ((codes.to(tl.float32) - zero[None, :]) * scale[None, :]).to(x.dtype)
-        acc += tl.dot(x, w)
+        acc += tl.dot(x, w, input_precision=PRECISION)
     out = out_ptr + split.to(tl.int64) * M * N + rows.to(tl.int64)[:, None] * N + cols[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -116,6 +117,7 @@ def w4a16_matmul(x: torch.Tensor, packed: PackedInt4, config: W4A16Config | None
         rows, out_features, in_features, x.stride(0),
         GROUP_SIZE=packed.group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         SPLIT_K=cfg.split_k, K_PER_SPLIT=triton.cdiv(in_features // cfg.block_k, cfg.split_k) * cfg.block_k,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out[0] if cfg.split_k == 1 else out.sum(dim=0).to(x.dtype)
