@@ -128,6 +128,7 @@ ENGINE_CHOICES = {
     "load_format": ["auto", "dummy"],
     "quantization": ["int8"],
     "async_scheduling": ["auto", "on", "off"],
+    "speculative": ["auto", "off", "ngram"],
 }
 
 

@@ -209,6 +209,8 @@ class AsyncLLMEngine(StreamingFrontEnd):
             # The core's counts: they include what other front ends sharing the core sent.
             prompt_tokens_total=core.prompt_tokens_total,
             generation_tokens_total=core.generation_tokens_total,
+            spec_proposed_tokens_total=core.spec_proposed_tokens_total,
+            spec_accepted_tokens_total=core.spec_accepted_tokens_total,
         )
 
     # -- StreamingFrontEnd transport ---------------------------------------------------------------

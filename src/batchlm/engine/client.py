@@ -46,6 +46,9 @@ class EngineStats:
     # Cumulative token counters since start.
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
+    # Speculative decoding: draft tokens verified and accepted since start.
+    spec_proposed_tokens_total: int = 0
+    spec_accepted_tokens_total: int = 0
 
 
 @dataclass(frozen=True)

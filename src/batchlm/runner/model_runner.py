@@ -20,6 +20,7 @@ from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
 from batchlm.runner.cpu_threads import cap_cpu_threads
 from batchlm.runner.cuda_graph import DecodeGraphs
 from batchlm.runner.device import dtype_name, resolve_device, resolve_dtype
+from batchlm.runner.draft_verify import Verification, row_states, verify_groups
 from batchlm.runner.grammar import constrained_rows, constrained_sequences
 from batchlm.runner.inputs import StepInputBuilder, StepInputs, build_step_inputs
 from batchlm.runner.kv_cache import allocate_kv_caches, num_blocks_for
@@ -292,7 +293,7 @@ class ModelRunner:
         if not request_ids:
             self._previous = None
             return PendingStepOutput.ready()
-        states = [self.states[request_id] for request_id in request_ids]
+        states, verification = self._row_states(scheduled, request_ids, inputs.has_drafts)
         if self._penalized_ids or (grammar_rows and masks is None):
             self._resolve_outputs()  # penalties and grammars need real token ids, not placeholders
         grammar: GrammarMasks | None = None
@@ -301,11 +302,21 @@ class ModelRunner:
         token_ids, packed = self.sampler.sample_on_device(
             logits, states, logits_are_scratch=True, grammar=grammar
         )
-        pending = PendingStepOutput(request_ids, states, token_ids, packed)
+        pending = PendingStepOutput(request_ids, states, token_ids, packed, verification)
         self._previous = PreviousTokens(token_ids, {rid: row for row, rid in enumerate(request_ids)})
         self._unresolved = [p for p in self._unresolved if not p.is_resolved]
         self._unresolved.append(pending)
         return pending
+
+    def _row_states(
+        self, scheduled: SchedulerOutput, request_ids: tuple[str, ...], has_drafts: bool
+    ) -> tuple[list[SamplingState], Verification | None]:
+        """Each sampled row's state; with verify chunks, also what turns their rows into accepted drafts."""
+        if not has_drafts:
+            return [self.states[request_id] for request_id in request_ids], None
+        groups = verify_groups(scheduled)
+        verification = Verification(tuple(groups), {g.request_id: self.states[g.request_id] for g in groups})
+        return row_states(self.states, request_ids, groups), verification
 
     def _resolve_outputs(self) -> None:
         """Wait for every launched step's tokens, so that the states hold no placeholders."""
