@@ -36,7 +36,7 @@ def editing_prompt(rng: random.Random) -> str:
     """A request to rename one variable in a generated Python module; the reply is that module again."""
     old = rng.choice(_NAMES)
     new = _NEW_NAMES[_NAMES.index(old)]
-    functions = [_python_function(rng, old, rng.choice(_FUNCTIONS), rng.choice(_NOUNS)) for _ in range(3)]
+    functions = [_python_function(rng, old, rng.choice(_FUNCTIONS), rng.choice(_NOUNS)) for _ in range(2)]
     code = "\n\n".join(functions)
     return (
         f"Rewrite the following Python code with the variable `{old}` renamed to `{new}`. "
