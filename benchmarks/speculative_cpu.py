@@ -37,14 +37,16 @@ def workload_prompts(name: str, count: int) -> list[str]:
     return grounded_prompts(name, count)
 
 
-def run_once(llm: LLM, prompts: list[str], max_tokens: int) -> tuple[int, float, int, int]:
-    """Sequential requests (c=1): output tokens, seconds, drafts proposed and accepted meanwhile."""
+def run_once(llm: LLM, prompts: list[str], max_tokens: int, batch: int = 1) -> tuple[int, float, int, int]:
+    """The prompts `batch` at a time (1: sequential requests, c=1): output tokens, seconds, and the
+    drafts proposed and accepted meanwhile."""
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     before = llm.engine_core.scheduler.stats()
     tokens, started = 0, time.perf_counter()
-    for prompt in prompts:
-        [output] = llm.chat([{"role": "user", "content": prompt}], params)
-        tokens += len(output.outputs[0].token_ids)
+    for first in range(0, len(prompts), batch):
+        conversations = [[{"role": "user", "content": p}] for p in prompts[first : first + batch]]
+        for output in llm.chat(conversations, params):
+            tokens += len(output.outputs[0].token_ids)
     seconds = time.perf_counter() - started
     after = llm.engine_core.scheduler.stats()
     proposed = after.spec_proposed_tokens_total - before.spec_proposed_tokens_total
@@ -62,6 +64,12 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["off", "auto"])
     parser.add_argument("--workloads", nargs="+", default=["editing", "summarization", "open"])
     parser.add_argument("--num-speculative-tokens", type=int, default=4)
+    parser.add_argument(
+        "--batch", type=int, default=1, help="requests started together (a batch of this size; 1 = c=1)"
+    )
+    parser.add_argument(
+        "--speculative-max-batch", type=int, default=None, help="auto's batch limit (default: the device's)"
+    )
     parser.add_argument("--model", default="demo", help="default: the built-in default model")
     parser.add_argument("--save", default=None)
     args = parser.parse_args()
@@ -72,6 +80,7 @@ def main() -> None:
             device="cpu",
             speculative=mode,
             num_speculative_tokens=args.num_speculative_tokens,
+            speculative_max_batch=args.speculative_max_batch,
         )
         for mode in args.modes
     }
@@ -83,7 +92,9 @@ def main() -> None:
         order = args.modes if round_index % 2 == 0 else list(reversed(args.modes))
         for name in args.workloads:
             for mode in order:
-                tokens, seconds, proposed, accepted = run_once(engines[mode], prompts[name], args.max_tokens)
+                tokens, seconds, proposed, accepted = run_once(
+                    engines[mode], prompts[name], args.max_tokens, args.batch
+                )
                 row = {
                     "round": round_index,
                     "workload": name,
@@ -101,7 +112,7 @@ def main() -> None:
                     f"{tokens / seconds:6.1f} tok/s  accepted {accepted}/{proposed} ({rate})",
                     flush=True,
                 )
-    print("\nmedians (output tok/s at c=1):")
+    print(f"\nmedians (output tok/s, {args.batch} request(s) at a time):")
     base = args.modes[0]
     for name in args.workloads:
         medians = {
