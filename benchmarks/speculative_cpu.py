@@ -37,21 +37,24 @@ def workload_prompts(name: str, count: int) -> list[str]:
     return grounded_prompts(name, count)
 
 
-def run_once(llm: LLM, prompts: list[str], max_tokens: int, batch: int = 1) -> tuple[int, float, int, int]:
+def run_once(
+    llm: LLM, prompts: list[str], max_tokens: int, batch: int = 1
+) -> tuple[int, float, int, int, list[list[int]]]:
     """The prompts `batch` at a time (1: sequential requests, c=1): output tokens, seconds, and the
     drafts proposed and accepted meanwhile."""
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     before = llm.engine_core.scheduler.stats()
-    tokens, started = 0, time.perf_counter()
+    tokens, started, outputs = 0, time.perf_counter(), []
     for first in range(0, len(prompts), batch):
         conversations = [[{"role": "user", "content": p}] for p in prompts[first : first + batch]]
         for output in llm.chat(conversations, params):
             tokens += len(output.outputs[0].token_ids)
+            outputs.append(list(output.outputs[0].token_ids))
     seconds = time.perf_counter() - started
     after = llm.engine_core.scheduler.stats()
     proposed = after.spec_proposed_tokens_total - before.spec_proposed_tokens_total
     accepted = after.spec_accepted_tokens_total - before.spec_accepted_tokens_total
-    return tokens, seconds, proposed, accepted
+    return tokens, seconds, proposed, accepted, outputs
 
 
 def main() -> None:
@@ -92,7 +95,7 @@ def main() -> None:
         order = args.modes if round_index % 2 == 0 else list(reversed(args.modes))
         for name in args.workloads:
             for mode in order:
-                tokens, seconds, proposed, accepted = run_once(
+                tokens, seconds, proposed, accepted, outputs = run_once(
                     engines[mode], prompts[name], args.max_tokens, args.batch
                 )
                 row = {
@@ -104,6 +107,7 @@ def main() -> None:
                     "tok_s": tokens / seconds,
                     "proposed": proposed,
                     "accepted": accepted,
+                    "outputs": outputs,
                 }
                 rows.append(row)
                 rate = f"{accepted / proposed:.0%}" if proposed else "-"
@@ -112,7 +116,16 @@ def main() -> None:
                     f"{tokens / seconds:6.1f} tok/s  accepted {accepted}/{proposed} ({rate})",
                     flush=True,
                 )
-    print(f"\nmedians (output tok/s, {args.batch} request(s) at a time):")
+    same = [
+        r["outputs"] == o["outputs"]
+        for r in rows
+        for o in rows
+        if r["mode"] == args.modes[0]
+        and o["mode"] != r["mode"]
+        and (o["round"], o["workload"]) == (r["round"], r["workload"])
+    ]
+    print(f"\ngreedy outputs identical to {args.modes[0]}'s in {sum(same)} of {len(same)} runs")
+    print(f"medians (output tok/s, {args.batch} request(s) at a time):")
     base = args.modes[0]
     for name in args.workloads:
         medians = {
