@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--num-speculative-tokens", type=int, default=4)
     parser.add_argument("--speculative-max-batch", type=int, default=None)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--num-blocks", type=int, default=2048, help="KV blocks of 16 tokens per engine")
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -88,7 +89,6 @@ def main() -> None:
 
     model_dir = Path(tempfile.gettempdir()) / f"batchlm-bench-{args.shape}"
     write_config_only(args.shape, model_dir)
-    memory_share = 0.85 / len(args.modes)
     engines = {
         mode: LLM(
             model=str(model_dir),
@@ -96,7 +96,8 @@ def main() -> None:
             load_format="dummy",
             max_model_len=args.input_len + args.output_len + 16,
             max_num_seqs=max(args.batches),
-            gpu_memory_utilization=memory_share,
+            # A fixed KV cache: a later engine would count the earlier ones' memory as taken.
+            num_gpu_blocks_override=args.num_blocks,
             speculative=mode,
             num_speculative_tokens=args.num_speculative_tokens,
             speculative_max_batch=args.speculative_max_batch,
