@@ -1,6 +1,7 @@
 """Speculative decoding on the GPU: output tokens per second with `--speculative` off against auto (or
 ngram) on a random-weight model of a real shape, one request at a time (c=1) and 16 at once (c=16),
-on prompts that repeat a phrase (drafts found in the prompt) and on random prompts (nothing to copy).
+on prompts that repeat a phrase, greedy (drafts found in the prompt and in the looping output), and on
+random prompts sampled at temperature 1 (nothing to copy: drafts are almost never accepted).
 Both engines live in one process (each gets part of the GPU memory); modes alternate within each
 round, so clock and thermal drift hit both alike.
 
@@ -43,10 +44,14 @@ def make_prompts(kind: str, count: int, length: int, vocab: int, seed: int) -> l
     return prompts
 
 
-def run(llm: Any, prompts: list[list[int]], batch: int, output_len: int) -> dict[str, float]:
+def run(
+    llm: Any, prompts: list[list[int]], batch: int, output_len: int, temperature: float
+) -> dict[str, float]:
     from batchlm import SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, detokenize=False)
+    params = SamplingParams(
+        temperature=temperature, seed=1, max_tokens=output_len, ignore_eos=True, detokenize=False
+    )
     core = llm.engine_core
     before, steps_before = core.scheduler.stats(), core.num_steps
     tokens, started = 0, time.perf_counter()
@@ -107,7 +112,7 @@ def main() -> None:
     vocab = SHAPES[args.shape]["vocab_size"]
     rows = []
     for llm in engines.values():  # warm-up
-        run(llm, make_prompts("random", 2, args.input_len, vocab, 99), 2, 8)
+        run(llm, make_prompts("random", 2, args.input_len, vocab, 99), 2, 8, 0.0)
     for index in range(args.runs):
         for batch in args.batches:
             count = args.c1_requests if batch == 1 else batch
@@ -115,7 +120,9 @@ def main() -> None:
                 prompts = make_prompts(kind, count, args.input_len, vocab, index)
                 for mode in args.modes if index % 2 == 0 else list(reversed(args.modes)):
                     row = {"run": index, "c": batch, "prompts": kind, "mode": mode}
-                    row.update(run(engines[mode], prompts, batch, args.output_len))
+                    # Nothing to copy: random prompts, sampled (a random model's greedy output loops).
+                    temperature = 0.0 if kind == "repeat" else 1.0
+                    row.update(run(engines[mode], prompts, batch, args.output_len, temperature))
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     summary: dict[str, Any] = {"shape": args.shape, "date": time.strftime("%Y-%m-%d")}

@@ -61,16 +61,16 @@ def test_index_matches_a_brute_force_scan() -> None:
 def test_gate_closes_on_low_acceptance_and_probes_again() -> None:
     config = SpeculationConfig(mode="auto", min_acceptance=0.3, probe_interval=3)
     gate = AcceptanceGate()
-    gate.note_verified(4, 4, config)
+    gate.note_verified(4, 4, config)  # 0.75
     assert gate.is_open()
-    gate.note_verified(4, 0, config)  # 0.5: still open
+    gate.note_verified(4, 0, config)  # 0.375: still open
     assert gate.is_open()
-    gate.note_verified(4, 0, config)  # 0.25 < 0.3: closed
+    gate.note_verified(4, 0, config)  # 0.1875 < 0.3: closed
     assert not gate.is_open()
     for _ in range(3):
         gate.note_plain_decode()
     assert gate.is_open()  # the probe
-    gate.note_verified(4, 1, config)  # one more poor probe: closed again
+    gate.note_verified(4, 1, config)  # 0.275, one more poor probe: closed again
     assert not gate.is_open()
 
 
@@ -80,3 +80,12 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError):
         SpeculationConfig(mode="ngram", num_tokens=0)
     assert not SpeculationConfig().enabled
+
+
+def test_a_fresh_gate_closes_after_two_verifies_that_accept_nothing() -> None:
+    config = SpeculationConfig(mode="auto")
+    gate = AcceptanceGate()
+    gate.note_verified(4, 0, config)
+    assert gate.is_open()
+    gate.note_verified(4, 0, config)
+    assert not gate.is_open()

@@ -49,8 +49,9 @@ class AcceptanceGate:
     """One request's recent acceptance. Starts open; closes when the moving average falls below the
     threshold, and opens again for one probe after `probe_interval` plain decodes."""
 
-    # Moving average of accepted / proposed per verify step (optimistic start: the first verify decides).
-    rate: float = 1.0
+    # Moving average of accepted / proposed per verify step. It starts halfway, so two verify steps that
+    # accept nothing close the gate (each one costs a little more than a plain decode).
+    rate: float = 0.5
     # Plain decodes left before the next probe while closed.
     cool_down: int = 0
 
