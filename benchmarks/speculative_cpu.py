@@ -7,6 +7,7 @@ Modes alternate within each round (and swap order every round), so machine load 
     python benchmarks/speculative_cpu.py --rounds 5 --prompts 3 --max-tokens 256
     python benchmarks/speculative_cpu.py --modes off ngram --workloads editing --num-speculative-tokens 6
 
+--temperature T samples (seeded) instead of greedy decoding.
 Prints one line per (round, workload, mode) and the medians with the speculative/off ratio; --save
 writes everything as JSON.
 """
@@ -38,11 +39,12 @@ def workload_prompts(name: str, count: int) -> list[str]:
 
 
 def run_once(
-    llm: LLM, prompts: list[str], max_tokens: int, batch: int = 1
+    llm: LLM, prompts: list[str], max_tokens: int, batch: int = 1, temperature: float = 0.0
 ) -> tuple[int, float, int, int, list[list[int]]]:
     """The prompts `batch` at a time (1: sequential requests, c=1): output tokens, seconds, and the
     drafts proposed and accepted meanwhile."""
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    # Seeded when sampling: speculation then gives the very same tokens, so both modes do the same work.
+    params = SamplingParams(temperature=temperature, seed=7 if temperature else None, max_tokens=max_tokens)
     before = llm.engine_core.scheduler.stats()
     tokens, started, outputs = 0, time.perf_counter(), []
     for first in range(0, len(prompts), batch):
@@ -67,6 +69,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["off", "auto"])
     parser.add_argument("--workloads", nargs="+", default=["editing", "summarization", "open"])
     parser.add_argument("--num-speculative-tokens", type=int, default=4)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else seeded sampling")
     parser.add_argument(
         "--batch", type=int, default=1, help="requests started together (a batch of this size; 1 = c=1)"
     )
@@ -96,7 +99,7 @@ def main() -> None:
         for name in args.workloads:
             for mode in order:
                 tokens, seconds, proposed, accepted, outputs = run_once(
-                    engines[mode], prompts[name], args.max_tokens, args.batch
+                    engines[mode], prompts[name], args.max_tokens, args.batch, args.temperature
                 )
                 row = {
                     "round": round_index,
