@@ -22,6 +22,7 @@ from pathlib import Path
 
 from batchlm import LLM, SamplingParams
 from batchlm.bench.grounded_prompts import grounded_prompts
+from batchlm.core.step_io import ModelRunnerOutput, SchedulerOutput
 
 # Open-ended requests: the answer cannot copy the prompt.
 OPEN_ENDED = (
@@ -59,6 +60,26 @@ def run_once(
     return tokens, seconds, proposed, accepted, outputs
 
 
+class StepTimer:
+    """Wraps an engine's executor to time each step by kind: plain decode (one token per request, all
+    decoding) or verify (some request verifies drafts); steps with prompt chunks are left out."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.executor = llm.engine_core.executor
+        self.times: dict[str, list[float]] = {"decode": [], "verify": []}
+        llm.engine_core.executor = self  # type: ignore[assignment]
+
+    def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
+        started = time.perf_counter()
+        result = self.executor.execute(scheduled)
+        seconds = time.perf_counter() - started
+        if any(c.num_draft_tokens for c in scheduled.chunks):
+            self.times["verify"].append(seconds)
+        elif all(len(c.token_ids) == 1 for c in scheduled.chunks):
+            self.times["decode"].append(seconds)
+        return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -93,6 +114,7 @@ def main() -> None:
     prompts = {name: workload_prompts(name, args.prompts) for name in args.workloads}
     for llm in engines.values():  # warm-up: kernels, allocator, prefix cache of the prompts
         run_once(llm, [prompts[name][0] for name in args.workloads], 16)
+    timers = {mode: StepTimer(llm) for mode, llm in engines.items()}
     rows = []
     for round_index in range(args.rounds):
         order = args.modes if round_index % 2 == 0 else list(reversed(args.modes))
@@ -138,6 +160,14 @@ def main() -> None:
         ratios = "  ".join(f"{mode}/{base} {medians[mode] / medians[base]:.2f}x" for mode in args.modes[1:])
         values = "  ".join(f"{mode} {medians[mode]:.1f}" for mode in args.modes)
         print(f"  {name:13s} {values}  {ratios}")
+    print("median step time (ms), steps timed:")
+    for mode, timer in timers.items():
+        parts = [
+            f"{kind} {1000 * statistics.median(times):.1f} ({len(times)})"
+            for kind, times in timer.times.items()
+            if times
+        ]
+        print(f"  {mode:5s} " + "  ".join(parts))
     if args.save:
         Path(args.save).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
 
