@@ -128,7 +128,7 @@ def resolve_async_scheduling(config: EngineConfig, device: str) -> bool:
 # "auto" speculates while at most this many requests run. CPU: measured with the default model
 # (BENCHMARKS.md); CUDA: a verify step's extra rows are nearly free while a decode step is bound by
 # weight reads, i.e. at small batches.
-SPECULATIVE_MAX_BATCH = {"cpu": 2, "cuda": 8}
+SPECULATIVE_MAX_BATCH = {"cpu": 4, "cuda": 8}
 
 
 def resolve_speculation(config: EngineConfig, device: str) -> SpeculationConfig:
