@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--modes", nargs="+", default=["off", "auto"])
     parser.add_argument("--workloads", nargs="+", default=["editing", "summarization", "open"])
-    parser.add_argument("--num-speculative-tokens", type=int, default=4)
+    parser.add_argument("--num-speculative-tokens", type=int, default=None, help="default: the device's")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else seeded sampling")
     parser.add_argument(
         "--batch", type=int, default=1, help="requests started together (a batch of this size; 1 = c=1)"

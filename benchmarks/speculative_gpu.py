@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--c1-requests", type=int, default=2, help="sequential requests per c=1 run")
-    parser.add_argument("--num-speculative-tokens", type=int, default=4)
+    parser.add_argument("--num-speculative-tokens", type=int, default=None, help="default: the device's")
     parser.add_argument("--speculative-max-batch", type=int, default=None)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--num-blocks", type=int, default=2048, help="KV blocks of 16 tokens per engine")

@@ -18,8 +18,8 @@ def test_defaults_follow_the_device() -> None:
     config = EngineConfig()
     assert config.speculative == "auto"
     cpu, gpu = resolve_speculation(config, "cpu"), resolve_speculation(config, "cuda:0")
-    assert (cpu.mode, cpu.max_batch) == ("auto", SPECULATIVE_MAX_BATCH["cpu"])
-    assert (gpu.mode, gpu.max_batch) == ("auto", SPECULATIVE_MAX_BATCH["cuda"])
+    assert (cpu.mode, cpu.max_batch, cpu.num_tokens) == ("auto", SPECULATIVE_MAX_BATCH["cpu"], 7)
+    assert (gpu.mode, gpu.max_batch, gpu.num_tokens) == ("auto", SPECULATIVE_MAX_BATCH["cuda"], 4)
     chosen = resolve_speculation(
         config.with_updates(speculative_max_batch=7, num_speculative_tokens=6), "cpu"
     )

@@ -95,8 +95,8 @@ class EngineConfig:
     # "auto" speculates while the batch is small and only for requests whose drafts are mostly accepted,
     # "ngram" whenever a draft is found, "off" never. Output is the same as without it (lossless).
     speculative: str = "auto"
-    # Most draft tokens verified per request per step.
-    num_speculative_tokens: int = 4
+    # Most draft tokens verified per request per step; None = chosen from the device.
+    num_speculative_tokens: int | None = None
     # "auto" speculates only while at most this many requests run; None = chosen from the device.
     speculative_max_batch: int | None = None
 

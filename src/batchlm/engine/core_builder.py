@@ -129,6 +129,9 @@ def resolve_async_scheduling(config: EngineConfig, device: str) -> bool:
 # (BENCHMARKS.md); CUDA: a verify step's extra rows are nearly free while a decode step is bound by
 # weight reads, i.e. at small batches.
 SPECULATIVE_MAX_BATCH = {"cpu": 4, "cuda": 8}
+# Draft tokens per verify step. CPU: 7, so a verify chunk is 8 rows, two whole passes of the quantized
+# matmul kernels' 4-row blocks (measured against 3 and 4 in BENCHMARKS.md).
+SPECULATIVE_TOKENS = {"cpu": 7, "cuda": 4}
 
 
 def resolve_speculation(config: EngineConfig, device: str) -> SpeculationConfig:
@@ -138,13 +141,13 @@ def resolve_speculation(config: EngineConfig, device: str) -> SpeculationConfig:
         raise ValueError(
             f"--speculative must be one of {', '.join(SPECULATIVE_MODES)}, got {config.speculative!r}"
         )
-    if config.num_speculative_tokens < 1:
+    if config.num_speculative_tokens is not None and config.num_speculative_tokens < 1:
         raise ValueError(f"--num-speculative-tokens must be positive, got {config.num_speculative_tokens}")
     mode = config.speculative if config.tensor_parallel_size == 1 else "off"
-    max_batch = config.speculative_max_batch
-    if max_batch is None:
-        max_batch = SPECULATIVE_MAX_BATCH["cuda" if device.startswith("cuda") else "cpu"]
-    return SpeculationConfig(mode=mode, num_tokens=config.num_speculative_tokens, max_batch=max_batch)
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    max_batch = config.speculative_max_batch or SPECULATIVE_MAX_BATCH[kind]
+    num_tokens = config.num_speculative_tokens or SPECULATIVE_TOKENS[kind]
+    return SpeculationConfig(mode=mode, num_tokens=num_tokens, max_batch=max_batch)
 
 
 def build_scheduler(config: EngineConfig, info: CoreInfo, prefix_cache_salt: str = "") -> Scheduler:
