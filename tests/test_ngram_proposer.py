@@ -89,3 +89,17 @@ def test_a_fresh_gate_closes_after_two_verifies_that_accept_nothing() -> None:
     assert gate.is_open()
     gate.note_verified(4, 0, config)
     assert not gate.is_open()
+
+
+def test_auto_shortens_drafts_while_acceptance_is_low() -> None:
+    from batchlm.core.request_state import RequestState
+    from batchlm.core.speculation import Speculator
+    from scheduler_harness import make_request
+
+    tokens = list(range(10)) * 3
+    for mode, lengths in (("auto", [8, 4]), ("ngram", [8, 8])):
+        speculator = Speculator(SpeculationConfig(mode=mode, num_tokens=8))
+        state = RequestState(make_request("r", tokens, max_tokens=50))
+        assert len(speculator.propose(state, 50)) == lengths[0]
+        speculator.note_verified(state, 8, 0)  # rate 0.25
+        assert len(speculator.propose(state, 50)) == lengths[1]

@@ -104,11 +104,19 @@ class Speculator:
     def propose(self, state: RequestState, max_tokens: int) -> tuple[int, ...]:
         """Draft tokens to follow the request's tokens (at most max_tokens and config.num_tokens)."""
         tracked = self._track(state)
-        drafts = tracked.index.propose(state.all_token_ids, min(max_tokens, self.config.num_tokens))
+        drafts = tracked.index.propose(state.all_token_ids, min(max_tokens, self._draft_length(tracked)))
         tracked.matched, tracked.decodes_since_attempt = bool(drafts), 0
         if not drafts:
             tracked.gate.note_plain_decode()
         return drafts
+
+    def _draft_length(self, tracked: _Tracked) -> int:
+        """auto: the full length while at least half the drafts are accepted, else half of it (a probe
+        or a request whose acceptance is falling costs less when it is rejected)."""
+        full = self.config.num_tokens
+        if self.config.mode != "auto" or tracked.gate.rate >= 0.5:
+            return full
+        return max(1, full // 2)
 
     def should_wait_for_token(self, state: RequestState) -> bool:
         """Async scheduling, the request's last token still in flight: whether to skip it for a step so
