@@ -59,6 +59,7 @@ def run_batchlm(args: argparse.Namespace, model_dir: Path, prompts: list[list[in
         tensor_parallel_size=args.tensor_parallel_size,
         quantization=args.quantization,
         kv_cache_dtype=args.kv_cache_dtype,
+        speculative=args.speculative,
     )
     load_s = time.perf_counter() - started
     params = SamplingParams(
@@ -180,6 +181,7 @@ def main() -> None:
     parser.add_argument("--structured", action="store_true", help="also time runs under a JSON schema")
     parser.add_argument("--model-dir", type=Path, default=None, help="where to write/reuse the random model")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--speculative", choices=["auto", "off", "ngram"], default="auto")
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args()
 

@@ -178,3 +178,22 @@ def test_two_client_processes_send_the_whole_workload_once(live_server: str) -> 
     # Re-numbered into the workload's order: every request exactly once.
     assert sorted(r.index for r in level.outcome.results) == list(range(12))
     assert level.check.lag_samples > 0 and level.check.cpu_s > 0
+
+
+def test_editing_dataset_reports_the_servers_draft_acceptance(live_server: str) -> None:
+    run = bench(
+        live_server,
+        "--dataset-name",
+        "editing",
+        "--requests",
+        "2",
+        "--concurrency",
+        "1",
+        "--output-len",
+        "48",
+    )
+    level = run.levels[0]
+    assert level.metrics.completed == 2, level.metrics.failure_reasons
+    # The server (speculative "auto" by default, one request at a time) verified drafts.
+    assert level.spec is not None
+    assert level.spec.proposed > 0 and 0 <= level.spec.accepted <= level.spec.proposed

@@ -48,7 +48,6 @@ def test_a_stop_string_in_an_early_step_keeps_later_tokens_out(tiny_tokenizer: T
     assert completion.token_ids == stop_ids
 
 
-
 def test_steps_processed_together_finish_with_the_last_one(tiny_tokenizer: Tokenizer) -> None:
     processor, core_id = _processor(tiny_tokenizer)
     eos = tiny_tokenizer.eos_token_ids[0]
@@ -66,3 +65,16 @@ def test_steps_processed_together_finish_with_the_last_one(tiny_tokenizer: Token
     assert completion.text == tiny_tokenizer.decode([11, 12])
     assert output.num_cached_tokens == 2 and output.metrics is not None
     assert output.metrics.first_scheduled_time == 1.5
+
+
+def test_cumulative_text_of_a_stop_string_sequence_fed_several_steps_at_once(
+    tiny_tokenizer: Tokenizer,
+) -> None:
+    # Its steps are folded in one call each (a stop string may end it at any of them): the whole text
+    # must still hold each step's text once (speculative decoding sends several tokens per step).
+    processor, core_id = _processor(tiny_tokenizer, stop=["never seen"])
+    results, to_abort = processor.process(_steps(tiny_tokenizer, "hello there, world", core_id), delta=False)
+    assert to_abort == [] and results[0].outputs[0].text == "hello there, world"
+    processor, core_id = _processor(tiny_tokenizer, stop=["there"])
+    results, _ = processor.process(_steps(tiny_tokenizer, "hello there, world", core_id), delta=False)
+    assert results[0].outputs[0].text == "hello "

@@ -96,6 +96,14 @@ class EngineConfig:
     # Overlap host work with the device: schedule and launch step N+1 while step N runs, filling in its
     # sampled tokens on the device. "auto": on for one CUDA GPU, off on CPU and with tensor parallelism.
     async_scheduling: str = "auto"
+    # Speculative decoding with draft tokens looked up in each request's own prompt and output (n-grams):
+    # "auto" speculates while the batch is small and only for requests whose drafts are mostly accepted,
+    # "ngram" whenever a draft is found, "off" never. Output is the same as without it (lossless).
+    speculative: str = "auto"
+    # Most draft tokens verified per request per step; None = chosen from the device.
+    num_speculative_tokens: int | None = None
+    # "auto" speculates only while at most this many requests run; None = chosen from the device.
+    speculative_max_batch: int | None = None
 
     def with_updates(self, **changes: Any) -> EngineConfig:
         return replace(self, **changes)

@@ -129,6 +129,7 @@ ENGINE_CHOICES = {
     "quantization": ["int8", "fp8", "w4a16"],
     "kv_cache_dtype": ["auto", "fp8"],
     "async_scheduling": ["auto", "on", "off"],
+    "speculative": ["auto", "off", "ngram"],
 }
 
 

@@ -91,9 +91,12 @@ class TorchAttentionBackend(AttentionBackend):
                 out[group.first : group.last] = _decode_attention(
                     query[group.first : group.last], kv_cache, group, spec
                 )
+        as_decodes = decodes < meta.num_requests and cpu_decode_attention.supports(query, kv_cache)
         for request in range(meta.num_decodes, meta.num_requests):
             start, end = meta.query_start_loc_cpu[request], meta.query_start_loc_cpu[request + 1]
-            if end > start:
+            if as_decodes and _short_chunk_after_context(meta, request):
+                _chunk_as_decodes(query, kv_cache, meta, request, spec, out)
+            elif end > start:
                 out[start:end] = _prefill_attention(query, key, value, kv_cache, meta, request, spec)
         return out
 
@@ -155,6 +158,44 @@ def _decode_attention(
     values = values[:, : group.max_len].transpose(1, 2).to(query.dtype)
     out = _attend(query.unsqueeze(2), keys, values, spec, group.mask(spec.sliding_window))
     return out.squeeze(2)  # [B, H, 1, D] -> [B, H, D]
+
+
+# Chunks of at most this many tokens after cached context run row by row through the decode kernel.
+MAX_CHUNK_AS_DECODES = 16
+
+
+def _short_chunk_after_context(meta: AttentionMetadata, request: int) -> bool:
+    query_len = meta.query_start_loc_cpu[request + 1] - meta.query_start_loc_cpu[request]
+    return 0 < query_len <= MAX_CHUNK_AS_DECODES and meta.seq_lens_cpu[request] > query_len
+
+
+def _chunk_as_decodes(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    request: int,
+    spec: AttentionSpec,
+    out: torch.Tensor,
+) -> None:
+    """Each query row of a short chunk (a speculative verify chunk, or a prefill's short tail) attends
+    as a decode at its own position, through the decode kernel: the chunk's keys are already in the
+    cache, so row i sees exactly the keys up to its position, and its result is bit for bit what
+    decoding that token would give (with quantized matmuls, whose int8 activations amplify the last-bit
+    differences of another attention path, a verified token could otherwise differ from a decoded one)."""
+    start, end = meta.query_start_loc_cpu[request], meta.query_start_loc_cpu[request + 1]
+    rows, context_len = end - start, meta.seq_lens_cpu[request]
+    tables = meta.block_tables[request : request + 1].expand(rows, -1)  # [rows, max_blocks], one table
+    lens = torch.arange(context_len - rows + 1, context_len + 1, dtype=torch.int32)
+    cpu_decode_attention.paged_decode_attention(
+        query[start:end],
+        kv_cache,
+        tables,
+        lens,
+        spec.scale,
+        out[start:end],
+        window=spec.sliding_window,
+        softcap=spec.logit_softcap,
+    )
 
 
 def _prefill_attention(

@@ -9,10 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from batchlm.bench.grounded_prompts import grounded_prompts
 from batchlm.bench.tokencount import TokenCounter
 from batchlm.bench.words import BUILTIN_PROMPTS, VOCABULARY
 
-DATASET_NAMES = ("builtin", "random", "jsonl", "sharegpt")
+DATASET_NAMES = ("builtin", "random", "jsonl", "sharegpt", "editing", "summarization")
+# Distinct prompts in each generated dataset (editing, summarization).
+GROUNDED_POOL_SIZE = 16
 # vLLM calls a JSONL file of {"prompt": ...} lines the "custom" dataset.
 DATASET_ALIASES = {"custom": "jsonl"}
 # Rough English tokens per whitespace word, used only where the server cannot count for us.
@@ -39,6 +42,12 @@ class PromptSample:
 def builtin_samples(repeat: int) -> list[PromptSample]:
     """The built-in prompts, each repeated `repeat` times (the seed made long prompts this way)."""
     return [PromptSample(" ".join([prompt] * repeat)) for prompt in BUILTIN_PROMPTS]
+
+
+def grounded_samples(kind: str) -> list[PromptSample]:
+    """The generated input-grounded prompts: "editing" (rewrite code with a name changed) or
+    "summarization" (summarize an article); the same prompts on every run."""
+    return [PromptSample(prompt) for prompt in grounded_prompts(kind, GROUNDED_POOL_SIZE)]
 
 
 def load_jsonl(path: str) -> list[PromptSample]:

@@ -11,6 +11,7 @@ from batchlm.bench.accounting import account_tokens
 from batchlm.bench.loadgen import LoadConfig, LoadOutcome
 from batchlm.bench.metrics import BenchMetrics
 from batchlm.bench.selfcheck import ClientCheck
+from batchlm.bench.spec_counters import SpecActivity
 from batchlm.bench.stats import Distribution
 
 _WIDTH = 66
@@ -47,6 +48,8 @@ class LevelReport:
     outcome: LoadOutcome
     metrics: BenchMetrics
     check: ClientCheck
+    # The server's speculative-decoding counters over the level (None when it exposes none).
+    spec: SpecActivity | None = None
 
 
 def describe_load(load: LoadConfig) -> str:
@@ -90,11 +93,20 @@ def format_table(level: LevelReport, info: RunInfo) -> str:
         _row("Avg ITL (ms, per token):", _ms_or_na(m.token_itl.mean, m.token_itl, info.stream)),
         _row("Avg TPOT (ms):", _ms_or_na(m.tpot.mean, m.tpot, info.stream)),
     ]
+    lines += _spec_rows(level.spec)
     lines += _latency_sections(m, info)
     lines += _failure_section(m)
     lines += _client_section(level.check, m.total_output_tokens)
     lines.append("=" * _WIDTH)
     return "\n".join(lines)
+
+
+def _spec_rows(spec: SpecActivity | None) -> list[str]:
+    """The draft acceptance rate, when the server counts speculative tokens and verified some."""
+    if spec is None or spec.acceptance_rate is None:
+        return []
+    accepted = f"{spec.acceptance_rate:.1%} ({spec.accepted:.0f} of {spec.proposed:.0f} draft tokens)"
+    return [_row("Speculative decoding acceptance:", accepted)]
 
 
 def _ms_or_na(value: float, distribution: Distribution, stream: bool) -> str:
@@ -202,6 +214,10 @@ def result_json(
     for name, _ in LATENCY_METRICS:
         result.update(_distribution_keys(name, getattr(m, name)))
     result.update(_batchlm_keys(level, info))
+    if level.spec is not None:
+        result["spec_decode_num_draft_tokens"] = level.spec.proposed
+        result["spec_decode_num_accepted_tokens"] = level.spec.accepted
+        result["spec_decode_acceptance_rate"] = level.spec.acceptance_rate
     if detailed:
         result.update(_detailed_keys(level))
     return result

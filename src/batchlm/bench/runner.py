@@ -28,6 +28,7 @@ from batchlm.bench.report import (
     result_json,
 )
 from batchlm.bench.selfcheck import ClientCheck, LoopMonitor
+from batchlm.bench.spec_counters import activity_between, read_spec_counters
 from batchlm.bench.sweep import format_sweep_table, level_label
 from batchlm.bench.tokencount import TokenCountError, make_counter
 from batchlm.bench.workload import Workload, build_workload
@@ -188,6 +189,28 @@ async def _run_level(
 ) -> LevelReport:
     label = level_label(load, config.sweep_name)
     _say(echo, f"Running {label}: {describe_load(load)}")
+    metrics_url = _metrics_url(config)
+    spec_before = await read_spec_counters(session, metrics_url, config.headers)
+    report = await _measure_level(session, endpoint, workload, load, config, echo, label)
+    spec_after = await read_spec_counters(session, metrics_url, config.headers)
+    return dataclasses.replace(report, spec=activity_between(spec_before, spec_after))
+
+
+def _metrics_url(config: BenchConfig) -> str:
+    """The server's /metrics, beside its /tokenize (both at the root, outside /v1)."""
+    root = config.tokenize_url.removesuffix("/tokenize")
+    return root + "/metrics"
+
+
+async def _measure_level(
+    session: aiohttp.ClientSession,
+    endpoint: EndpointConfig,
+    workload: Workload,
+    load: LoadConfig,
+    config: BenchConfig,
+    echo: bool,
+    label: str,
+) -> LevelReport:
     if config.client_processes > 1:
         outcome, check = await _run_level_in_processes(endpoint, workload, load, config)
         metrics = compute_metrics(outcome.results, outcome.run_start, outcome.duration_s, config.percentiles)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from batchlm.bench.datasets import (
     PromptSample,
     builtin_samples,
+    grounded_samples,
     load_jsonl,
     load_sharegpt,
     random_samples,
@@ -95,6 +96,8 @@ async def _fit_builtin(
 def _load_pool(config: WorkloadConfig) -> list[PromptSample]:
     if config.dataset_name == "builtin":
         return builtin_samples(config.prompt_repeat)
+    if config.dataset_name in ("editing", "summarization"):
+        return grounded_samples(config.dataset_name)
     if config.dataset_path is None:
         raise ValueError(f"the {config.dataset_name} dataset needs --dataset-path")
     if config.dataset_name == "jsonl":

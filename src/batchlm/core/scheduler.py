@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from batchlm.core.admission import AdmissionTickets
 from batchlm.core.facts import EngineStats
 from batchlm.core.kv_cache_manager import KVCacheManager
 from batchlm.core.request_state import RequestState, RequestStatus
+from batchlm.core.speculation import SpeculationConfig, Speculator
+from batchlm.core.speculative_step import SpeculativeSteps
 from batchlm.core.step_builder import InflightStep, StepBuilder, new_request_data, sampled_by_request
 from batchlm.core.step_io import PLACEHOLDER_TOKEN_ID, ModelRunnerOutput, ScheduledChunk, SchedulerOutput
 from batchlm.core.stop_checker import check_stop
@@ -35,6 +37,8 @@ class SchedulerConfig:
     enable_prefix_caching: bool = True
     # Model/adapter identity, mixed into the first block's hash so different weights never share.
     prefix_cache_salt: str = ""
+    # Speculative decoding from n-grams of each request's own tokens (off by default).
+    speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size", "num_blocks"):
@@ -73,6 +77,10 @@ class Scheduler:
         self._num_preemptions = 0
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
+        self._speculative: SpeculativeSteps | None = None
+        if config.speculation.enabled:
+            speculator = Speculator(config.speculation)
+            self._speculative = SpeculativeSteps(speculator, self.kv, config.block_size)
 
     @property
     def num_free_blocks(self) -> int:
@@ -130,6 +138,7 @@ class Scheduler:
         return bool(self._running or self._waiting)
 
     def stats(self) -> EngineStats:
+        speculator = self._speculative.speculator if self._speculative is not None else None
         return EngineStats(
             num_running=len(self._running),
             num_waiting=len(self._waiting),
@@ -139,6 +148,8 @@ class Scheduler:
             num_preemptions=self._num_preemptions,
             prompt_tokens_total=self._prompt_tokens_total,
             generation_tokens_total=self._generation_tokens_total,
+            spec_proposed_tokens_total=speculator.num_proposed_total if speculator else 0,
+            spec_accepted_tokens_total=speculator.num_accepted_total if speculator else 0,
         )
 
     def schedule(self) -> SchedulerOutput:
@@ -164,11 +175,15 @@ class Scheduler:
     def _schedule_running(self, step: StepBuilder) -> None:
         """Runs once per running request per step: kept to plain attribute arithmetic."""
         block_size, running, index = self.config.block_size, self._running, 0
+        speculative = self._speculative_this_step()
         while index < len(running) and step.budget > 0:
             state = running[index]
             num_expected = len(state.all_token_ids) + state.num_inflight_samples
             if state.num_inflight_samples and num_expected >= state.token_limit:
                 index += 1  # its last token is being sampled: it finishes when that result arrives
+                continue
+            if speculative is not None and self._schedule_speculative(speculative, step, state):
+                index += 1
                 continue
             scheduled_end = state.num_computed_tokens + state.num_inflight_tokens
             num_new = min(num_expected - scheduled_end, step.budget)
@@ -184,6 +199,26 @@ class Scheduler:
                         return
             self._add_chunk(step, state, num_new, table_changed=needs_blocks)
             index += 1
+
+    def _speculative_this_step(self) -> SpeculativeSteps | None:
+        """The speculative path when this step may use it (or must: a verify chunk is in flight)."""
+        speculative = self._speculative
+        if speculative is None:
+            return None
+        if speculative.in_flight or speculative.speculator.step_allows(len(self._running)):
+            return speculative
+        return None
+
+    def _schedule_speculative(
+        self, speculative: SpeculativeSteps, step: StepBuilder, state: RequestState
+    ) -> bool:
+        """True when the request's chunk this step is a verify chunk, or it sits out the step (its
+        verify chunk is in flight, or it waits for the token it needs to propose)."""
+        if state.request_id in speculative.in_flight:
+            return True
+        if not speculative.speculator.step_allows(len(self._running)):
+            return False
+        return speculative.schedule(step, state, self._new_block_ids)
 
     def _admit_waiting(self, step: StepBuilder) -> None:
         while self._waiting and step.budget > 0 and len(self._running) < self.config.max_num_seqs:
@@ -256,6 +291,8 @@ class Scheduler:
         self.kv.free(state)
         if state.known_to_runner:
             self._dropped_ids.add(state.request_id)
+        if self._speculative is not None:
+            self._speculative.forget(state.request_id)
         state.reset_for_recompute()
         self._waiting.appendleft(state)
         self._num_preemptions += 1
@@ -279,6 +316,10 @@ class Scheduler:
             if state.status is RequestStatus.FINISHED or state.num_preemptions != preemptions:
                 # Finished, aborted or preempted while the step was in flight: its work is dropped.
                 continue
+            if chunk.num_draft_tokens:
+                outputs.extend(self._fold_verified(chunk, state, result, sampled))
+                finished_any = finished_any or state.is_finished
+                continue
             num_tokens = len(chunk.token_ids)
             state.num_inflight_tokens -= num_tokens
             state.num_computed_tokens += num_tokens
@@ -292,6 +333,24 @@ class Scheduler:
             finished_any = finished_any or state.is_finished
         if finished_any:
             self._running = [state for state in self._running if not state.is_finished]
+        return outputs
+
+    def _fold_verified(
+        self,
+        chunk: ScheduledChunk,
+        state: RequestState,
+        result: ModelRunnerOutput,
+        sampled: dict[str, tuple[int, TokenLogprobs | None]],
+    ) -> list[EngineCoreOutput]:
+        assert self._speculative is not None, "a verify chunk without speculation"
+        accepted = result.accepted_drafts.get(chunk.request_id)
+        if accepted is None:
+            raise RuntimeError(f"the model runner returned no verification for request {chunk.request_id!r}")
+        outputs = self._speculative.fold(
+            state, chunk, accepted, sampled[chunk.request_id], self._append_token
+        )
+        if self.config.enable_prefix_caching and not state.is_finished:
+            self.kv.commit_computed(state)
         return outputs
 
     def _pop_inflight(self, scheduled: SchedulerOutput) -> InflightStep:
@@ -337,6 +396,9 @@ class Scheduler:
         state.finish_reason = reason
         del self._requests[state.request_id]
         self._tickets.finished(state.request)
+        if self._speculative is not None:
+            self._speculative.forget(state.request_id)
+            self._speculative.speculator.forget(state.request_id)
         if state.known_to_runner:
             self._dropped_ids.add(state.request_id)
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from batchlm.outputs import TokenLogprobs
 from batchlm.sampling_params import SamplingParams
@@ -47,6 +48,9 @@ class ScheduledChunk:
     new_block_ids: tuple[int, ...]
     # True when this chunk reaches the end of the known tokens, so a token is sampled after it.
     sample: bool
+    # Speculation: the last this many token_ids are draft tokens, not known ones. Every position from
+    # the last known token on is sampled, and the drafts are accepted while they match (a verify chunk).
+    num_draft_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,16 @@ class SchedulerOutput:
 
 
 @dataclass(frozen=True)
+class AcceptedDrafts:
+    """The draft tokens a verify chunk accepted, in order (the first rejected one and all after it are
+    dropped); the request's sampled token follows them."""
+
+    token_ids: tuple[int, ...]
+    # Parallel to token_ids; None entries when the request did not ask for logprobs.
+    logprobs: tuple[TokenLogprobs | None, ...]
+
+
+@dataclass(frozen=True)
 class ModelRunnerOutput:
     """Tokens sampled this step, one per chunk with `sample=True`, in chunk order."""
 
@@ -79,3 +93,6 @@ class ModelRunnerOutput:
     sampled_token_ids: tuple[int, ...]
     # Parallel to request_ids; None for requests that did not ask for logprobs.
     logprobs: tuple[TokenLogprobs | None, ...]
+    # Verify chunks: request id -> the drafts accepted before its sampled token (every verify chunk
+    # has an entry, possibly empty).
+    accepted_drafts: Mapping[str, AcceptedDrafts] = field(default_factory=dict)

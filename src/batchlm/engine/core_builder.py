@@ -10,6 +10,7 @@ from batchlm.config import DEMO_MODEL, EngineConfig
 from batchlm.core.engine_core import EngineCore, Executor
 from batchlm.core.facts import ModelFacts
 from batchlm.core.scheduler import Scheduler, SchedulerConfig
+from batchlm.core.speculation import SPECULATIVE_MODES, SpeculationConfig
 from batchlm.gc_tuning import freeze_startup_objects
 from batchlm.startup_log import log_uptime, timed_phase
 from batchlm.tokenizer.tokenizer import Tokenizer
@@ -112,6 +113,31 @@ def resolve_async_scheduling(config: EngineConfig, device: str) -> bool:
     return config.async_scheduling == "on"
 
 
+# "auto" speculates while at most this many requests run. CPU: measured with the default model
+# (BENCHMARKS.md); CUDA: a verify step's extra rows are nearly free while a decode step is bound by
+# weight reads, i.e. at small batches.
+SPECULATIVE_MAX_BATCH = {"cpu": 4, "cuda": 8}
+# Draft tokens per verify step. CPU: 7, so a verify chunk is 8 rows, two whole passes of the quantized
+# matmul kernels' 4-row blocks (measured against 3 and 4 in BENCHMARKS.md).
+SPECULATIVE_TOKENS = {"cpu": 7, "cuda": 4}
+
+
+def resolve_speculation(config: EngineConfig, device: str) -> SpeculationConfig:
+    """The scheduler's speculation settings. Off under tensor parallelism (the workers' wire format
+    carries no draft tokens)."""
+    if config.speculative not in SPECULATIVE_MODES:
+        raise ValueError(
+            f"--speculative must be one of {', '.join(SPECULATIVE_MODES)}, got {config.speculative!r}"
+        )
+    if config.num_speculative_tokens is not None and config.num_speculative_tokens < 1:
+        raise ValueError(f"--num-speculative-tokens must be positive, got {config.num_speculative_tokens}")
+    mode = config.speculative if config.tensor_parallel_size == 1 else "off"
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    max_batch = config.speculative_max_batch or SPECULATIVE_MAX_BATCH[kind]
+    num_tokens = config.num_speculative_tokens or SPECULATIVE_TOKENS[kind]
+    return SpeculationConfig(mode=mode, num_tokens=num_tokens, max_batch=max_batch)
+
+
 def build_scheduler(config: EngineConfig, info: ModelFacts, prefix_cache_salt: str = "") -> Scheduler:
     """The scheduler for a started runner: the user's limits plus what the runner sized."""
     return Scheduler(
@@ -123,6 +149,7 @@ def build_scheduler(config: EngineConfig, info: ModelFacts, prefix_cache_salt: s
             num_blocks=info.num_blocks,
             enable_prefix_caching=config.enable_prefix_caching,
             prefix_cache_salt=prefix_cache_salt,
+            speculation=resolve_speculation(config, info.device),
         )
     )
 

@@ -177,25 +177,28 @@ class OutputProcessor:
             total = sum(lp.logprob for lp in new_logprobs)
             completion.cumulative_logprob = (completion.cumulative_logprob or 0.0) + total
         stopped_by_string = False
+        # Text added by this call: a sequence's several outputs of one batch may come one call each.
+        added = ""
         if completion.detokenizer is not None:
             # A stop token (EOS or stop_token_ids) ends the text without appearing in it unless
             # include_stop_str_in_output (it stays in token_ids). Stop strings are ours to find.
             shown = new_token_ids
             if output.finish_reason is FinishReason.STOP and not state.params.include_stop_str_in_output:
                 shown = new_token_ids[:-1]
-            completion.new_text += completion.detokenizer.update(shown)
+            added += completion.detokenizer.update(shown)
             if completion.detokenizer.stop_reason is not None:
                 completion.finish_reason = FinishReason.STOP
                 completion.stop_reason = completion.detokenizer.stop_reason
                 stopped_by_string = not output.finished
         if output.finished and completion.finish_reason is None:
             if completion.detokenizer is not None:
-                completion.new_text += completion.detokenizer.finish()
+                added += completion.detokenizer.finish()
             completion.finish_reason = output.finish_reason or FinishReason.STOP
             completion.stop_reason = output.stop_token_id
             if output.error:
                 state.error = output.error
-        completion.text += completion.new_text
+        completion.new_text += added
+        completion.text += added
         if completion.finish_reason is not None and metrics.finished_time is None and state.finished:
             metrics.finished_time = now
         return stopped_by_string

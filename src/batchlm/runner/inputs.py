@@ -24,10 +24,13 @@ class StepInputs:
     # [T] int64 absolute positions.
     positions: torch.Tensor
     meta: AttentionMetadata
-    # [S] int64: row of the last token of each chunk that samples.
+    # [S] int64: row of the last token of each chunk that samples (every row from the last known
+    # token on, for a verify chunk).
     sample_indices: torch.Tensor
-    # Request ids of the sampled rows, in order.
+    # Request ids of the sampled rows, in order (a verify chunk's id once per sampled row).
     sample_request_ids: list[str]
+    # True when some chunk verifies draft tokens (it samples several rows).
+    has_drafts: bool = False
 
 
 class StepInputBuilder:
@@ -68,6 +71,10 @@ class StepInputBuilder:
         num_decodes = int(not_decode[0]) if not_decode.size else len(chunks)
         sample_rows = [row for row, c in enumerate(chunks) if c.sample]
         sample_indices = query_start_loc[1:][sample_rows] - 1
+        sample_request_ids = [chunks[row].request_id for row in sample_rows]
+        has_drafts = any(c.num_draft_tokens for c in chunks)
+        if has_drafts:
+            sample_indices, sample_request_ids = _verify_sample_rows(chunks, query_start_loc)
         fill_rows, fill_sources = _placeholder_sources(input_ids, request_of_token, chunks, previous)
 
         slots, starts_loc, lens, tables, ids, pos, samples, fill_to, fill_from = self.uploader.upload(
@@ -102,7 +109,8 @@ class StepInputBuilder:
             positions=pos,
             meta=meta,
             sample_indices=samples,
-            sample_request_ids=[chunks[row].request_id for row in sample_rows],
+            sample_request_ids=sample_request_ids,
+            has_drafts=has_drafts,
         )
 
 
@@ -111,6 +119,23 @@ def build_step_inputs(
 ) -> StepInputs:
     """One step's inputs from a fresh builder (nothing kept between calls): tests and one-off forwards."""
     return StepInputBuilder(block_size, device).build(scheduled, previous)
+
+
+def _verify_sample_rows(
+    chunks: Sequence[ScheduledChunk], query_start_loc: np.ndarray
+) -> tuple[np.ndarray, list[str]]:
+    """Sampled rows when some chunks verify drafts: the last row of a plain sampling chunk, and the
+    last 1 + num_draft_tokens rows of a verify chunk (the last known token and each draft)."""
+    rows: list[int] = []
+    request_ids: list[str] = []
+    for index, chunk in enumerate(chunks):
+        if not chunk.sample:
+            continue
+        end = int(query_start_loc[index + 1])
+        count = 1 + chunk.num_draft_tokens
+        rows.extend(range(end - count, end))
+        request_ids.extend([chunk.request_id] * count)
+    return np.asarray(rows, dtype=np.int64), request_ids
 
 
 def _placeholder_sources(

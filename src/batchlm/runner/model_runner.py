@@ -23,6 +23,7 @@ from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
 from batchlm.runner.cpu_threads import cap_cpu_threads
 from batchlm.runner.cuda_graph import DecodeGraphs
 from batchlm.runner.device import dtype_name, resolve_device, resolve_dtype
+from batchlm.runner.draft_verify import Verification, row_states, verify_groups
 from batchlm.runner.grammar import constrained_rows, constrained_sequences, merge_masks, sampled_slots
 from batchlm.runner.inputs import StepInputBuilder, StepInputs, build_step_inputs
 from batchlm.runner.kv_cache import (
@@ -306,17 +307,17 @@ class ModelRunner:
         if not request_ids:
             self._previous = None
             return PendingStepOutput.ready()
-        states = [self.states[request_id] for request_id in request_ids]
+        states, verification = self._row_states(scheduled, request_ids, inputs.has_drafts)
         if self._penalized_ids:
             self._resolve_outputs()  # penalties need real token ids, not placeholders
         token_ids, packed = self.sampler.sample_on_device(
             logits, states, logits_are_scratch=True, grammar=grammar
         )
-        pending = PendingStepOutput(request_ids, states, token_ids, packed)
+        pending = PendingStepOutput(request_ids, states, token_ids, packed, verification)
         self._previous = PreviousTokens(token_ids, {rid: row for row, rid in enumerate(request_ids)})
         self._unresolved = [p for p in self._unresolved if not p.is_resolved]
         self._unresolved.append(pending)
-        if grammar_rows and packed is None:
+        if grammar_rows and packed is None and verification is None:
             slots = sampled_slots(grammar_rows, pending.positions)
             out = self._mask_buffer(len(slots))
             self._prefetched = self.grammars.prefetch_masks(slots, pending.peek_token_ids, out)
@@ -349,6 +350,16 @@ class ModelRunner:
         if staging is None:
             return np.empty((rows, self.grammars.bitmask_words), dtype=np.int32)
         return staging.buffer(rows)
+
+    def _row_states(
+        self, scheduled: SchedulerOutput, request_ids: tuple[str, ...], has_drafts: bool
+    ) -> tuple[list[SamplingState], Verification | None]:
+        """Each sampled row's state; with verify chunks, also what turns their rows into accepted drafts."""
+        if not has_drafts:
+            return [self.states[request_id] for request_id in request_ids], None
+        groups = verify_groups(scheduled)
+        verification = Verification(tuple(groups), {g.request_id: self.states[g.request_id] for g in groups})
+        return row_states(self.states, request_ids, groups), verification
 
     def _resolve_outputs(self) -> None:
         """Wait for every launched step's tokens, so that the states hold no placeholders."""

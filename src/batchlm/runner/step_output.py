@@ -9,6 +9,7 @@ import torch
 
 from batchlm.core.step_io import PLACEHOLDER_TOKEN_ID, ModelRunnerOutput
 from batchlm.outputs import TokenLogprobs
+from batchlm.runner.draft_verify import Verification
 from batchlm.sampling.logprobs import unpack_logprobs
 from batchlm.sampling.state import SamplingState
 
@@ -39,8 +40,10 @@ class PendingStepOutput:
         states: Sequence[SamplingState],
         token_ids: torch.Tensor,
         packed_logprobs: torch.Tensor | None,
+        verification: Verification | None = None,
     ) -> None:
         self._request_ids = request_ids
+        self._verification = verification
         self._states = list(states)
         # Where each state's placeholder sits in its output_token_ids (appended now, filled by result()).
         self._slots = []
@@ -104,4 +107,7 @@ class PendingStepOutput:
         for state, slot, token_id in zip(self._states, self._slots, token_ids, strict=True):
             state.output_token_ids[slot] = token_id
         self._states = []  # the states may be dropped by the runner now; hold no references
+        if self._verification is not None:
+            verification, self._verification = self._verification, None
+            return verification.output(self._request_ids, token_ids, logprobs)
         return ModelRunnerOutput(self._request_ids, tuple(token_ids), tuple(logprobs))

@@ -90,6 +90,14 @@ class EngineStatsCollector:
         counters = {
             "batchlm_prompt_tokens": ("Prompt tokens processed.", stats.prompt_tokens_total),
             "batchlm_generation_tokens": ("Tokens generated.", stats.generation_tokens_total),
+            "batchlm_spec_proposed_tokens": (
+                "Draft tokens verified by speculative decoding.",
+                stats.spec_proposed_tokens_total,
+            ),
+            "batchlm_spec_accepted_tokens": (
+                "Draft tokens accepted by speculative decoding.",
+                stats.spec_accepted_tokens_total,
+            ),
             "batchlm_prefix_cache_queries": (
                 "Prompt tokens looked up in the prefix cache.",
                 stats.prefix_cache_queries,

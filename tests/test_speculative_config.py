@@ -1,0 +1,60 @@
+"""Speculative decoding settings: flags, device defaults, validation, and the /metrics counters."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from batchlm.config import EngineConfig
+from batchlm.engine.client import EngineStats
+from batchlm.engine.core_builder import SPECULATIVE_MAX_BATCH, resolve_speculation
+from batchlm.flags import add_engine_arguments, dataclass_from_args
+from batchlm.server.metrics import EngineStatsCollector
+
+
+def test_defaults_follow_the_device() -> None:
+    config = EngineConfig()
+    assert config.speculative == "auto"
+    cpu, gpu = resolve_speculation(config, "cpu"), resolve_speculation(config, "cuda:0")
+    assert (cpu.mode, cpu.max_batch, cpu.num_tokens) == ("auto", SPECULATIVE_MAX_BATCH["cpu"], 7)
+    assert (gpu.mode, gpu.max_batch, gpu.num_tokens) == ("auto", SPECULATIVE_MAX_BATCH["cuda"], 4)
+    chosen = resolve_speculation(
+        config.with_updates(speculative_max_batch=7, num_speculative_tokens=6), "cpu"
+    )
+    assert (chosen.max_batch, chosen.num_tokens) == (7, 6)
+
+
+def test_off_under_tensor_parallelism_and_bad_values() -> None:
+    assert resolve_speculation(EngineConfig(speculative="ngram", tensor_parallel_size=2), "cpu").mode == "off"
+    with pytest.raises(ValueError, match="--speculative"):
+        resolve_speculation(EngineConfig(speculative="eagle"), "cpu")
+    with pytest.raises(ValueError, match="--num-speculative-tokens"):
+        resolve_speculation(EngineConfig(num_speculative_tokens=0), "cpu")
+
+
+def test_flags() -> None:
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    args = parser.parse_args(["--speculative", "ngram", "--num-speculative-tokens", "3"])
+    config = dataclass_from_args(EngineConfig, args)
+    assert (config.speculative, config.num_speculative_tokens) == ("ngram", 3)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--speculative", "draft-model"])
+
+
+class _Engine:
+    is_ready = True
+    is_dead = False
+
+    def stats(self) -> EngineStats:
+        return EngineStats(spec_proposed_tokens_total=40, spec_accepted_tokens_total=25)
+
+
+def test_metrics_expose_proposed_and_accepted_drafts() -> None:
+    registry = CollectorRegistry()
+    registry.register(EngineStatsCollector(_Engine()))  # type: ignore[arg-type]
+    text = generate_latest(registry).decode()
+    assert "batchlm_spec_proposed_tokens_total 40.0" in text
+    assert "batchlm_spec_accepted_tokens_total 25.0" in text
