@@ -104,17 +104,21 @@ static void quantize_block(const float *x, int8_t *q, int8_t *r, float *d, float
 
 /* x[M, K] (row stride ldx) -> xq[M, 2, K] int8 (each row's pass-1 codes, then its pass-2 codes),
  * xd[M, Kb, 2] the two scales of each block and xb[M, Kb] its bias term. K is a multiple of 32. */
+static inline void quantize_row_block(const float *x, long ldx, int8_t *xq, float *xd, float *xb, long K, long i) {
+    const long blocks = K / QBLOCK, m = i / blocks, kb = i % blocks;
+    int8_t *codes = xq + 2 * m * K + kb * QBLOCK;
+    quantize_block(x + m * ldx + kb * QBLOCK, codes, codes + K, xd + 2 * i, xb + i);
+}
+
 void batchlm_quantize_rows_q8(const float *x, long ldx, int8_t *xq, float *xd, float *xb, long M, long K,
                               int threads) {
-    const long blocks = K / QBLOCK;
-    const long total = M * blocks;
-    if (threads < 1 || total < 64) threads = 1;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (long i = 0; i < total; i++) {
-        const long m = i / blocks, kb = i % blocks;
-        int8_t *codes = xq + 2 * m * K + kb * QBLOCK;
-        quantize_block(x + m * ldx + kb * QBLOCK, codes, codes + K, xd + 2 * i, xb + i);
+    const long total = M * (K / QBLOCK);
+    if (threads <= 1 || total < 64) {
+        for (long i = 0; i < total; i++) quantize_row_block(x, ldx, xq, xd, xb, K, i);
+        return;
     }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long i = 0; i < total; i++) quantize_row_block(x, ldx, xq, xd, xb, K, i);
 }
 
 /* ---------------------------------------------------------------------------------------------------
@@ -231,39 +235,46 @@ static void panel_row_avx2(int bits4, const uint8_t *panel, long Kb, long K, con
 }
 
 /* ---------------------------------------------------------------------------------------------------
- * out[M, N] (row stride ldo) = x @ W^T (+ bias[N] or NULL), x given as batchlm_quantize_rows_q8's
- * output, W as ceil(N/16) panels of K/32 blocks. `avx512` picks the VNNI path (only where
- * batchlm_quant_has_avx512_vnni() said so). Threads split the panels.
+ * Panels [first, last) of out[M, N] (row stride ldo) = x @ W^T (+ bias[N] or NULL), x given as
+ * batchlm_quantize_rows_q8's output, W as ceil(N/16) panels of K/32 blocks. `avx512` picks the VNNI
+ * path (only where batchlm_quant_has_avx512_vnni() said so). One thread's share of a GEMM.
  */
+static void quant_gemm_panels(const uint8_t *w, int bits4, const int8_t *xq, const float *xd, const float *xb,
+                              const float *bias, float *out, long ldo, long M, long N, long K, long first,
+                              long last, int avx512) {
+    const long Kb = K / QBLOCK;
+    const long panel_bytes = Kb * block_bytes(bits4);
+    for (long m0 = 0; m0 < M; m0 += QROW_BLOCK) {
+        const long rows = M - m0 < QROW_BLOCK ? M - m0 : QROW_BLOCK;
+        for (long p = first; p < last; p++) {
+            const long n = p * QPANEL;
+            const long cols = N - n < QPANEL ? N - n : QPANEL;
+            const uint8_t *panel = w + p * panel_bytes;
+            const float *bias_p = bias ? bias + n : 0;
+            if (avx512) {
+                panel_all_rows_512(bits4, panel, Kb, xq + 2 * m0 * K, K, xd + 2 * m0 * Kb, xb + m0 * Kb, bias_p,
+                                   out + m0 * ldo + n, ldo, rows, cols);
+                continue;
+            }
+            for (long m = m0; m < m0 + rows; m++)
+                panel_row_avx2(bits4, panel, Kb, K, xq + 2 * m * K, xd + 2 * m * Kb, xb + m * Kb, bias_p,
+                               out + m * ldo + n, cols);
+        }
+    }
+}
+
+/* The whole GEMM; threads split the panels. */
 void batchlm_quant_gemm(const uint8_t *w, int bits4, const int8_t *xq, const float *xd, const float *xb,
                         const float *bias, float *out, long ldo, long M, long N, long K, int threads,
                         int avx512) {
-    const long Kb = K / QBLOCK;
     const long panels = (N + QPANEL - 1) / QPANEL;
-    const long panel_bytes = Kb * block_bytes(bits4);
     if (threads < 1) threads = 1;
     if (threads > panels) threads = (int)panels;
 #pragma omp parallel num_threads(threads)
     {
         const long team = omp_get_num_threads(), me = omp_get_thread_num();
-        const long first = panels * me / team, last = panels * (me + 1) / team;
-        for (long m0 = 0; m0 < M; m0 += QROW_BLOCK) {
-            const long rows = M - m0 < QROW_BLOCK ? M - m0 : QROW_BLOCK;
-            for (long p = first; p < last; p++) {
-                const long n = p * QPANEL;
-                const long cols = N - n < QPANEL ? N - n : QPANEL;
-                const uint8_t *panel = w + p * panel_bytes;
-                const float *bias_p = bias ? bias + n : 0;
-                if (avx512) {
-                    panel_all_rows_512(bits4, panel, Kb, xq + 2 * m0 * K, K, xd + 2 * m0 * Kb, xb + m0 * Kb, bias_p,
-                                       out + m0 * ldo + n, ldo, rows, cols);
-                    continue;
-                }
-                for (long m = m0; m < m0 + rows; m++)
-                    panel_row_avx2(bits4, panel, Kb, K, xq + 2 * m * K, xd + 2 * m * Kb, xb + m * Kb, bias_p,
-                                   out + m * ldo + n, cols);
-            }
-        }
+        quant_gemm_panels(w, bits4, xq, xd, xb, bias, out, ldo, M, N, K, panels * me / team,
+                          panels * (me + 1) / team, avx512);
     }
 }
 
