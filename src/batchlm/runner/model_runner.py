@@ -22,6 +22,7 @@ from batchlm.runner.cuda_graph import DecodeGraphs
 from batchlm.runner.device import dtype_name, resolve_device, resolve_dtype
 from batchlm.runner.fused_decode import FusedDecode, build_fused_decode
 from batchlm.runner.grammar import constrained_rows, constrained_sequences
+from batchlm.runner.heap import trim_heap
 from batchlm.runner.inputs import StepInputBuilder, StepInputs, build_step_inputs
 from batchlm.runner.kv_cache import allocate_kv_caches, num_blocks_for
 from batchlm.runner.step_output import PendingStepOutput, PreviousTokens
@@ -183,6 +184,7 @@ class ModelRunner:
         max_blocks_per_seq = self._max_blocks_per_seq()
         if self.device.type == "cpu":
             self.fused_decode = build_fused_decode(self.model, self.kv_caches, self.attn)
+            trim_heap()  # what loading freed would otherwise stay resident
         if self.device.type == "cuda":
             self._warm_up_kernels(self.kv_caches[0], max_blocks_per_seq)
         if self._use_cuda_graphs():
