@@ -2,10 +2,12 @@
 cpu_quantized.py): which layers take the method, and logits within a stated tolerance of the same
 weights dequantized to float32.
 
-Tolerance: the kernels round each block of 32 activations to 8 bits (1/254 of its largest
-magnitude) before every matmul. On these 2-layer random models that moves the logits by ~1% of the
-largest (Q8_0, Q4_0, Q4_K: 0.8-1.0%; int8: 1.5%; Q6_K, requantized to 8-bit blocks: 2.1%); the tests
-allow 3% and require the same top token wherever the reference's top two are further apart.
+Tolerance: the kernels round each block of 32 activations to int8 twice (its codes, then the codes
+of what they left over: ~1/254^2 of its largest magnitude) before every matmul. Where the kernels
+hold the file's exact weights (Q8_0, Q4_0) that moves these 2-layer random models' logits by ~4e-5
+of the largest; Q4_K by 1.3e-3 (its sub-block scales are rounded to float16 at load); the tests allow
+3e-3. Weights the kernels requantize (Q6_K to 8-bit blocks: 1.2%; int8 of a float checkpoint) are
+allowed 3%. Both require the same top token wherever the reference's top two are further apart.
 """
 
 from __future__ import annotations
@@ -44,8 +46,12 @@ def _methods(loaded: LoadedModel) -> set[str]:
     return {type(m.method).__name__ for m in loaded.model.modules() if isinstance(m, MethodLayer)}
 
 
-def _assert_close_logits(ours: torch.Tensor, reference: torch.Tensor) -> None:
-    tolerance = 0.03 * reference.abs().max()
+EXACT_WEIGHTS = 3e-3  # fraction of the largest logit
+REQUANTIZED_WEIGHTS = 0.03
+
+
+def _assert_close_logits(ours: torch.Tensor, reference: torch.Tensor, fraction: float) -> None:
+    tolerance = fraction * reference.abs().max()
     assert (ours - reference).abs().max() <= tolerance
     top2 = reference.topk(2, dim=-1).values
     decided = (top2[:, 0] - top2[:, 1]) > tolerance
@@ -66,7 +72,8 @@ def test_gguf_kernels_match_the_dequantized_model(
     _without_kernels(monkeypatch)
     dequantized = load_model(model_dir, torch.float32, CPU, progress=False)
     assert "CpuQuantizedLinearMethod" not in _methods(dequantized)
-    _assert_close_logits(_logits(quantized), _logits(dequantized))
+    fraction = REQUANTIZED_WEIGHTS if qtype == "Q6_K" else EXACT_WEIGHTS
+    _assert_close_logits(_logits(quantized), _logits(dequantized), fraction)
 
 
 def test_int8_quantizes_a_dense_checkpoint_at_load(tmp_path: Path) -> None:
@@ -75,7 +82,7 @@ def test_int8_quantizes_a_dense_checkpoint_at_load(tmp_path: Path) -> None:
     int8 = load_model(model_dir, torch.float32, CPU, progress=False, quantization="int8")
     layers = [m for m in int8.model.modules() if isinstance(m, MethodLayer)]
     assert layers and all(m.method is CPU_QUANTIZED for m in layers)
-    _assert_close_logits(_logits(int8), _logits(dense))
+    _assert_close_logits(_logits(int8), _logits(dense), REQUANTIZED_WEIGHTS)
 
 
 def test_int8_is_refused_where_it_cannot_apply(tmp_path: Path) -> None:

@@ -78,13 +78,17 @@ def probed(name: str, agrees: Callable[[ctypes.CDLL], bool]) -> ctypes.CDLL | No
 
 
 def build_library(
-    cache_dir: Path | None = None, source_path: Path = SOURCE, flags: tuple[str, ...] = COMPILE_FLAGS
+    cache_dir: Path | None = None,
+    source_path: Path = SOURCE,
+    flags: tuple[str, ...] = COMPILE_FLAGS,
+    includes: tuple[Path, ...] = (),
 ) -> Path:
     """A kernels' shared library (cpu_kernels.c unless told) in the cache, compiled there first if
-    missing; raises RuntimeError when no compiler is found or the compile fails."""
+    missing; raises RuntimeError when no compiler is found or the compile fails. `includes`: the
+    files the source #includes, so that a change to them builds a new library too."""
     compiler = _compiler()
-    source = source_path.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode()])).hexdigest()
+    sources = [source_path.read_bytes(), *(path.read_bytes() for path in includes)]
+    key = hashlib.sha256(b"\0".join([*sources, compiler.encode(), " ".join(flags).encode()])).hexdigest()
     directory = (cache_dir or cache_root()) / "kernels"
     target = directory / f"{source_path.stem}-{key[:16]}.so"
     if target.exists():

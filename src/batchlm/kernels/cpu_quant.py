@@ -3,12 +3,13 @@
 A weight in code blocks (quant_blocks.py: 8- or 4-bit codes, float16 scale and bias per 32 inputs)
 is packed once into 16-row panels (`pack`), and stays that size in memory: 36 bytes per 32 weights
 for 8-bit codes (Q8_0: 34), 20 for 4-bit (Q4_1: 20, Q4_0 and Q4_K: 18). `quant_linear` quantizes
-the activation rows to int8 per block of 32 and multiplies with integer dot products (AVX-512 VNNI
-where the CPU has it, else AVX2); `quant_rows` reads rows back in float32 (embedding lookups).
+the activation rows to int8 per block of 32, twice (the codes, then the codes of what they left over)
+and multiplies with integer dot products (AVX-512 VNNI where the CPU has it, else AVX2); `quant_rows`
+reads rows back in float32 (embedding lookups).
 
-Activation quantization makes the result approximate: each block of x is rounded to 1/254 of its
-largest magnitude (tests/test_cpu_quant.py states the bounds). Against the same x rounded that way
-(`quantized_activations`) the kernels are exact up to float32 summation order.
+Activation quantization makes the result approximate: each block of x is rounded to about 1/64,000
+of its largest magnitude (tests/test_cpu_quant.py states the bounds). Against the same x rounded that
+way (`quantized_activations`) the kernels are exact up to float32 summation order.
 Where the library is unavailable (no compiler or AVX2, BATCHLM_CPU_KERNELS=0), `quant_library()` is
 None and callers dequantize instead.
 """
@@ -206,10 +207,16 @@ def _raw_library() -> ctypes.CDLL | None:
 
 
 def quantized_activations(x: torch.Tensor) -> torch.Tensor:
-    """float32 x [M, K] as the kernels see it: each block of 32 rounded to multiples of max|x| / 127.
-    (x with these activations) @ dequantize_packed(W)^T is what quant_linear computes, up to float
-    rounding: the kernels' exact reference."""
-    blocks = x.float().reshape(x.shape[0], -1, BLOCK)
+    """float32 x [M, K] as the kernels see it: each block of 32 rounded to multiples of max|x| / 127,
+    plus what that left over rounded the same way (two int8 passes). (x with these activations) @
+    dequantize_packed(W)^T is what quant_linear computes, up to float rounding: the kernels' exact
+    reference."""
+    first = _one_pass(x.float())
+    return first + _one_pass(x.float() - first)
+
+
+def _one_pass(x: torch.Tensor) -> torch.Tensor:
+    blocks = x.reshape(x.shape[0], -1, BLOCK)
     largest = blocks.abs().amax(dim=-1, keepdim=True)
     inverse = torch.where(largest > 0, 127.0 / largest, torch.zeros_like(largest))
     return (torch.round(blocks * inverse) * (largest / 127.0)).reshape(x.shape)

@@ -4,9 +4,11 @@
  * (8-bit "w8" or 4-bit "w4") with a float16 scale s and bias b, w = s * u + b. GGUF's Q8_0, Q4_0, Q4_1,
  * Q5_0, Q5_1 and Q4_K all map onto these two without loss (see quant_blocks.py).
  *
- * Activations are quantized per block of 32 to int8 (x ~ d * q, as llama.cpp's q8 activation blocks),
- * so a block's contribution to an output is an integer dot product:
- *     sum_k w_k x_k = d * (s * sum_k u_k q_k + b * sum_k q_k).
+ * Activations are quantized per block of 32 to int8 twice: x ~ d * q + e * r, where q are the codes of
+ * x (as llama.cpp's q8 activation blocks) and r those of what q left over, x - d * q. The second pass
+ * makes the activations ~15-bit exact: one int8 pass alone flips near ties of a real model's next
+ * token against float activations. A block's contribution to an output is two integer dot products:
+ *     sum_k w_k x_k = s * (d * sum_k u_k q_k + e * sum_k u_k r_k) + b * (d * sum_k q_k + e * sum_k r_k).
  *
  * Layout: 16 output rows form a panel, one contiguous stream. Per 32-input block, a panel holds 64
  * bytes of 16 scales and 16 biases (float16), then the codes arranged so that each 32-bit lane of a
@@ -63,7 +65,8 @@ static inline int hsum256_epi32(__m256i v) {
     return _mm_cvtsi128_si32(s);
 }
 
-static void quantize_block(const float *x, int8_t *q, float *d_out, float *b_out) {
+/* One pass: q = round(x * 127 / max|x|); returns d = max|x| / 127 and stores d * q in back. */
+static float quantize_pass(const float *x, int8_t *q, float *back, int *sum) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     __m256 v[4];
     __m256 amax = _mm256_setzero_ps();
@@ -73,29 +76,49 @@ static void quantize_block(const float *x, int8_t *q, float *d_out, float *b_out
     }
     const float m = hmax256(amax);
     const float inv = m > 0.0f ? 127.0f / m : 0.0f;
+    const float d = m / 127.0f;
     __m256i c[4];
-    for (int i = 0; i < 4; i++) c[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(inv)));
-    const int sum = hsum256_epi32(_mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3])));
+    for (int i = 0; i < 4; i++) {
+        c[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(inv)));
+        _mm256_storeu_ps(back + 8 * i, _mm256_mul_ps(_mm256_cvtepi32_ps(c[i]), _mm256_set1_ps(d)));
+    }
+    *sum = hsum256_epi32(_mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3])));
     /* packs work within 128-bit lanes; the permute puts the 32 codes back in order. */
     const __m256i w01 = _mm256_packs_epi32(c[0], c[1]);
     const __m256i w23 = _mm256_packs_epi32(c[2], c[3]);
     const __m256i b = _mm256_packs_epi16(w01, w23);
     _mm256_storeu_si256((__m256i *)q, _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
-    const float d = m / 127.0f;
-    *d_out = d;
-    *b_out = d * (float)sum;
+    return d;
+}
+
+/* Both passes of one block: codes q (pass 1) and r (pass 2), their scales d[0], d[1], and bsum =
+ * d * sum(q) + e * sum(r). */
+static void quantize_block(const float *x, int8_t *q, int8_t *r, float *d, float *bsum) {
+    float back[QBLOCK], rest[QBLOCK];
+    int sum_q, sum_r;
+    d[0] = quantize_pass(x, q, back, &sum_q);
+    for (int k = 0; k < QBLOCK; k++) rest[k] = x[k] - back[k];
+    d[1] = quantize_pass(rest, r, back, &sum_r);
+    *bsum = d[0] * (float)sum_q + d[1] * (float)sum_r;
+}
+
+/* x[M, K] (row stride ldx) -> xq[M, 2, K] int8 (each row's pass-1 codes, then its pass-2 codes),
+ * xd[M, Kb, 2] the two scales of each block and xb[M, Kb] its bias term. K is a multiple of 32. */
+static inline void quantize_row_block(const float *x, long ldx, int8_t *xq, float *xd, float *xb, long K, long i) {
+    const long blocks = K / QBLOCK, m = i / blocks, kb = i % blocks;
+    int8_t *codes = xq + 2 * m * K + kb * QBLOCK;
+    quantize_block(x + m * ldx + kb * QBLOCK, codes, codes + K, xd + 2 * i, xb + i);
 }
 
 void batchlm_quantize_rows_q8(const float *x, long ldx, int8_t *xq, float *xd, float *xb, long M, long K,
                               int threads) {
-    const long blocks = K / QBLOCK;
-    const long total = M * blocks;
-    if (threads < 1 || total < 64) threads = 1;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (long i = 0; i < total; i++) {
-        const long m = i / blocks, kb = i % blocks;
-        quantize_block(x + m * ldx + kb * QBLOCK, xq + m * K + kb * QBLOCK, xd + i, xb + i);
+    const long total = M * (K / QBLOCK);
+    if (threads <= 1 || total < 64) {
+        for (long i = 0; i < total; i++) quantize_row_block(x, ldx, xq, xd, xb, K, i);
+        return;
     }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long i = 0; i < total; i++) quantize_row_block(x, ldx, xq, xd, xb, K, i);
 }
 
 /* ---------------------------------------------------------------------------------------------------
@@ -127,11 +150,17 @@ AVX512 static inline __attribute__((always_inline)) void panel_rows_512(
             for (int g = 0; g < 8; g++) w[g] = _mm512_loadu_si512(blk + SB_BYTES + 64 * g);
         }
         for (int r = 0; r < R; r++) {
-            const unaligned_i32 *x4 = (const unaligned_i32 *)(xq + r * K + kb * QBLOCK);
-            __m512i dot = _mm512_setzero_si512();
-            for (int g = 0; g < 8; g++) dot = _mm512_dpbusd_epi32(dot, w[g], _mm512_set1_epi32(x4[g]));
+            const unaligned_i32 *x4 = (const unaligned_i32 *)(xq + 2 * r * K + kb * QBLOCK);
+            const unaligned_i32 *r4 = (const unaligned_i32 *)(xq + (2 * r + 1) * K + kb * QBLOCK);
+            __m512i dot = _mm512_setzero_si512(), rest = _mm512_setzero_si512();
+            for (int g = 0; g < 8; g++) {
+                dot = _mm512_dpbusd_epi32(dot, w[g], _mm512_set1_epi32(x4[g]));
+                rest = _mm512_dpbusd_epi32(rest, w[g], _mm512_set1_epi32(r4[g]));
+            }
             const long at = r * Kb + kb;
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s, _mm512_set1_ps(xd[at])), acc[r]);
+            const __m512 sums = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(xd[2 * at]),
+                                                _mm512_mul_ps(_mm512_cvtepi32_ps(rest), _mm512_set1_ps(xd[2 * at + 1])));
+            acc[r] = _mm512_fmadd_ps(sums, s, acc[r]);
             acc[r] = _mm512_fmadd_ps(b, _mm512_set1_ps(xb[at]), acc[r]);
         }
     }
@@ -143,8 +172,8 @@ AVX512 static void panel_all_rows_512(int bits4, const uint8_t *panel, long Kb, 
                                       long ldo, long M, long cols) {
     for (long m = 0; m < M; m += QROWS) {
         const long rows = M - m < QROWS ? M - m : QROWS;
-        const int8_t *q = xq + m * K;
-        const float *d = xd + m * Kb, *b = xb + m * Kb;
+        const int8_t *q = xq + 2 * m * K;
+        const float *d = xd + 2 * m * Kb, *b = xb + m * Kb;
         float *o = out + m * ldo;
         switch (rows) {
             case 4: panel_rows_512(4, bits4, panel, Kb, q, K, d, b, bias, o, ldo, cols); break;
@@ -168,7 +197,7 @@ static inline __m256i dot_quad_avx2(__m256i w, __m256i x, int bits4) {
     return _mm256_madd_epi16(pairs, ones);
 }
 
-static void panel_row_avx2(int bits4, const uint8_t *panel, long Kb, const int8_t *xq, const float *xd,
+static void panel_row_avx2(int bits4, const uint8_t *panel, long Kb, long K, const int8_t *xq, const float *xd,
                            const float *xb, const float *bias, float *out, long cols) {
     const long bytes = block_bytes(bits4);
     const __m256i low4 = _mm256_set1_epi8(0x0F);
@@ -182,7 +211,8 @@ static void panel_row_avx2(int bits4, const uint8_t *panel, long Kb, const int8_
             /* w8's signed products miss 128 * sum(q) per block: fold it into the bias. */
             if (!bits4) b = _mm256_fmadd_ps(s, _mm256_set1_ps(128.0f), b);
             const unaligned_i32 *x4 = (const unaligned_i32 *)(xq + kb * QBLOCK);
-            __m256i dot = _mm256_setzero_si256();
+            const unaligned_i32 *r4 = (const unaligned_i32 *)(xq + K + kb * QBLOCK);
+            __m256i dot = _mm256_setzero_si256(), rest = _mm256_setzero_si256();
             for (int g = 0; g < 8; g++) {
                 __m256i w;
                 if (bits4) {
@@ -192,8 +222,11 @@ static void panel_row_avx2(int bits4, const uint8_t *panel, long Kb, const int8_
                     w = _mm256_loadu_si256((const __m256i *)(blk + SB_BYTES + 64 * g + 32 * half));
                 }
                 dot = _mm256_add_epi32(dot, dot_quad_avx2(w, _mm256_set1_epi32(x4[g]), bits4));
+                rest = _mm256_add_epi32(rest, dot_quad_avx2(w, _mm256_set1_epi32(r4[g]), bits4));
             }
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s, _mm256_set1_ps(xd[kb])), acc);
+            const __m256 sums = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(xd[2 * kb]),
+                                                _mm256_mul_ps(_mm256_cvtepi32_ps(rest), _mm256_set1_ps(xd[2 * kb + 1])));
+            acc = _mm256_fmadd_ps(sums, s, acc);
             acc = _mm256_fmadd_ps(b, _mm256_set1_ps(xb[kb]), acc);
         }
         _mm256_storeu_ps(result + 8 * half, acc);
@@ -202,39 +235,46 @@ static void panel_row_avx2(int bits4, const uint8_t *panel, long Kb, const int8_
 }
 
 /* ---------------------------------------------------------------------------------------------------
- * out[M, N] (row stride ldo) = x @ W^T (+ bias[N] or NULL), x given as batchlm_quantize_rows_q8's
- * output, W as ceil(N/16) panels of K/32 blocks. `avx512` picks the VNNI path (only where
- * batchlm_quant_has_avx512_vnni() said so). Threads split the panels.
+ * Panels [first, last) of out[M, N] (row stride ldo) = x @ W^T (+ bias[N] or NULL), x given as
+ * batchlm_quantize_rows_q8's output, W as ceil(N/16) panels of K/32 blocks. `avx512` picks the VNNI
+ * path (only where batchlm_quant_has_avx512_vnni() said so). One thread's share of a GEMM.
  */
+static void quant_gemm_panels(const uint8_t *w, int bits4, const int8_t *xq, const float *xd, const float *xb,
+                              const float *bias, float *out, long ldo, long M, long N, long K, long first,
+                              long last, int avx512) {
+    const long Kb = K / QBLOCK;
+    const long panel_bytes = Kb * block_bytes(bits4);
+    for (long m0 = 0; m0 < M; m0 += QROW_BLOCK) {
+        const long rows = M - m0 < QROW_BLOCK ? M - m0 : QROW_BLOCK;
+        for (long p = first; p < last; p++) {
+            const long n = p * QPANEL;
+            const long cols = N - n < QPANEL ? N - n : QPANEL;
+            const uint8_t *panel = w + p * panel_bytes;
+            const float *bias_p = bias ? bias + n : 0;
+            if (avx512) {
+                panel_all_rows_512(bits4, panel, Kb, xq + 2 * m0 * K, K, xd + 2 * m0 * Kb, xb + m0 * Kb, bias_p,
+                                   out + m0 * ldo + n, ldo, rows, cols);
+                continue;
+            }
+            for (long m = m0; m < m0 + rows; m++)
+                panel_row_avx2(bits4, panel, Kb, K, xq + 2 * m * K, xd + 2 * m * Kb, xb + m * Kb, bias_p,
+                               out + m * ldo + n, cols);
+        }
+    }
+}
+
+/* The whole GEMM; threads split the panels. */
 void batchlm_quant_gemm(const uint8_t *w, int bits4, const int8_t *xq, const float *xd, const float *xb,
                         const float *bias, float *out, long ldo, long M, long N, long K, int threads,
                         int avx512) {
-    const long Kb = K / QBLOCK;
     const long panels = (N + QPANEL - 1) / QPANEL;
-    const long panel_bytes = Kb * block_bytes(bits4);
     if (threads < 1) threads = 1;
     if (threads > panels) threads = (int)panels;
 #pragma omp parallel num_threads(threads)
     {
         const long team = omp_get_num_threads(), me = omp_get_thread_num();
-        const long first = panels * me / team, last = panels * (me + 1) / team;
-        for (long m0 = 0; m0 < M; m0 += QROW_BLOCK) {
-            const long rows = M - m0 < QROW_BLOCK ? M - m0 : QROW_BLOCK;
-            for (long p = first; p < last; p++) {
-                const long n = p * QPANEL;
-                const long cols = N - n < QPANEL ? N - n : QPANEL;
-                const uint8_t *panel = w + p * panel_bytes;
-                const float *bias_p = bias ? bias + n : 0;
-                if (avx512) {
-                    panel_all_rows_512(bits4, panel, Kb, xq + m0 * K, K, xd + m0 * Kb, xb + m0 * Kb, bias_p,
-                                       out + m0 * ldo + n, ldo, rows, cols);
-                    continue;
-                }
-                for (long m = m0; m < m0 + rows; m++)
-                    panel_row_avx2(bits4, panel, Kb, xq + m * K, xd + m * Kb, xb + m * Kb, bias_p,
-                                   out + m * ldo + n, cols);
-            }
-        }
+        quant_gemm_panels(w, bits4, xq, xd, xb, bias, out, ldo, M, N, K, panels * me / team,
+                          panels * (me + 1) / team, avx512);
     }
 }
 
@@ -277,7 +317,7 @@ static __thread size_t scratch_bytes = 0;
 int batchlm_quant_linear(const float *x, long ldx, const uint8_t *w, int bits4, const float *bias, float *out,
                          long M, long N, long K, int threads, int avx512) {
     const long Kb = K / QBLOCK;
-    const size_t codes = (size_t)M * K, need = codes + 2 * (size_t)M * Kb * sizeof(float) + 64;
+    const size_t codes = 2 * (size_t)M * K, need = codes + 3 * (size_t)M * Kb * sizeof(float) + 64;
     if (need > scratch_bytes) {
         free(scratch);
         scratch = malloc(need);
@@ -286,7 +326,7 @@ int batchlm_quant_linear(const float *x, long ldx, const uint8_t *w, int bits4, 
     }
     int8_t *xq = (int8_t *)scratch;
     float *xd = (float *)(((uintptr_t)scratch + codes + 63) & ~(uintptr_t)63);
-    float *xb = xd + M * Kb;
+    float *xb = xd + 2 * M * Kb;
     batchlm_quantize_rows_q8(x, ldx, xq, xd, xb, M, K, threads);
     batchlm_quant_gemm(w, bits4, xq, xd, xb, bias, out, N, M, N, K, threads, avx512);
     return 0;

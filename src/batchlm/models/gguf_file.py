@@ -9,12 +9,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-
-from batchlm.layers.quantization.base import LoadedWeight, QuantizedTensor
 
 if TYPE_CHECKING:
     from gguf import GGUFReader, ReaderTensor
+
+    from batchlm.layers.quantization.base import LoadedWeight
 
 # general.architecture -> (HF model_type, HF architecture class).
 GGUF_ARCHITECTURES = {
@@ -157,7 +156,11 @@ def iter_gguf_tensors(reader: GGUFReader) -> Iterator[tuple[str, LoadedWeight]]:
 
 
 def _as_loaded(tensor: ReaderTensor) -> LoadedWeight:
+    # torch is imported here, not at the top: the API server reads GGUF metadata and needs no torch.
+    import torch
     from gguf import GGML_QUANT_SIZES
+
+    from batchlm.layers.quantization.base import QuantizedTensor
 
     qtype = tensor.tensor_type
     data = torch.from_numpy(np.array(tensor.data))  # a copy: the mapping is read-only
@@ -173,6 +176,10 @@ def unpermute_rows(loaded: LoadedWeight, num_heads: int) -> LoadedWeight:
     """Undo llama.cpp's converter, which reorders each head's q/k rows from HF's rotate-half layout
     (first halves, then second halves) to interleaved pairs for its RoPE: head h's row 2i + j holds HF
     row j * d/2 + i. Rows move whole, so quantized rows move as their bytes."""
+    import torch
+
+    from batchlm.layers.quantization.base import QuantizedTensor
+
     data = loaded.data if isinstance(loaded, QuantizedTensor) else loaded
     assert isinstance(data, torch.Tensor), "GGUF tensors are dense or GGML blocks"
     rows = data.shape[0]

@@ -24,7 +24,9 @@ from batchlm.runner.cpu_threads import cap_cpu_threads
 from batchlm.runner.cuda_graph import DecodeGraphs
 from batchlm.runner.device import dtype_name, resolve_device, resolve_dtype
 from batchlm.runner.draft_verify import Verification, row_states, verify_groups
+from batchlm.runner.fused_decode import FusedDecode, build_fused_decode
 from batchlm.runner.grammar import constrained_rows, constrained_sequences, merge_masks, sampled_slots
+from batchlm.runner.heap import trim_heap
 from batchlm.runner.inputs import StepInputBuilder, StepInputs, build_step_inputs
 from batchlm.runner.kv_cache import (
     allocate_kv_caches,
@@ -129,6 +131,7 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self.decode_graphs: DecodeGraphs | None = None
+        self.fused_decode: FusedDecode | None = None
 
     def _use_cpu_matmuls(self) -> None:
         """Move float32 weights to the CPU GEMM kernel's layout (kernels/cpu_gemm.py), once they are final."""
@@ -183,6 +186,9 @@ class ModelRunner:
             kv_cache_dtype_name(self.kv_dtype),
         )
         max_blocks_per_seq = self._max_blocks_per_seq()
+        if self.device.type == "cpu":
+            self.fused_decode = build_fused_decode(self.model, self.kv_caches, self.attn)
+            trim_heap()  # what loading freed would otherwise stay resident
         if self.device.type == "cuda":
             self._warm_up_kernels(self.kv_caches[0], max_blocks_per_seq)
         if self._use_cuda_graphs():
@@ -368,6 +374,8 @@ class ModelRunner:
         self._unresolved = []
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        if self.fused_decode is not None and self.fused_decode.can_run(inputs):
+            return self.fused_decode.run(inputs)
         if self.decode_graphs is not None and self.decode_graphs.can_run(inputs.meta):
             # Pure decode: every row samples, so the graph's logits are already the sampled rows.
             return self.decode_graphs.run(inputs.input_ids, inputs.positions, inputs.meta)

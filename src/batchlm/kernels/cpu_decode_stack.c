@@ -1,0 +1,236 @@
+/* A whole decode step of a Llama-style decoder in one call, for a few requests on x86-64 CPUs with
+ * quantized weights: built at run time by batchlm/kernels/cpu_decode_stack.py.
+ *
+ * A decode step of a small model at one or a few requests is short on arithmetic: between its matmuls
+ * each layer does a dozen small operations (norms, rotary, the KV-cache write, attention, SiLU, the
+ * residual adds), and done as torch ops from Python they cost about as much as the matmuls. Here every
+ * layer runs inside one OpenMP parallel region with no Python in between:
+ *
+ *     h += o_proj(attention(rope(qkv(rmsnorm(h)))))      (the new key and value written to the cache)
+ *     h += down(silu(gate(rmsnorm(h))) * up(rmsnorm(h)))
+ *
+ * Each thread takes a fixed share of every matmul's 16-row panels (gate and up panels in pairs, so
+ * the SiLU product needs no exchange) and of the (request, KV head) attention items; threads meet at
+ * one barrier after each of the five stages. The small row-wise work a stage starts with (a norm,
+ * quantizing the activations) every thread does for itself rather than wait for one that did it.
+ *
+ * The matmuls and the activation quantization are those of cpu_quant_kernels.c, the exp and the
+ * cache walk those of cpu_kernels.c (both compiled into this library).
+ */
+#include "cpu_kernels.c"
+#include "cpu_quant_kernels.c"
+
+/* One decoder layer's weights (packed as cpu_quant.py packs them) and its KV cache. */
+typedef struct {
+    const float *input_norm, *post_norm;   /* [hidden] */
+    const uint8_t *qkv, *o, *gate_up, *down; /* packed panels */
+    int qkv_bits4, o_bits4, gate_up_bits4, down_bits4;
+    const float *qkv_bias, *o_bias, *gate_up_bias, *down_bias; /* or NULL */
+    float *k_cache, *v_cache; /* [num_blocks, block_size, kv_heads, head_dim] each */
+} DecodeLayer;
+
+/* The model's sizes. */
+typedef struct {
+    long hidden, heads, kv_heads, head_dim, intermediate, block_size, num_layers;
+    float eps, scale;
+    const float *cos_sin; /* [max_position, head_dim]: cos in the first half of a row, sin in the second */
+    const float *final_norm; /* [hidden] */
+} DecodeShape;
+
+/* One step's requests: B rows, each one new token. */
+typedef struct {
+    long B;
+    const int64_t *positions, *slots;
+    const int32_t *block_tables, *seq_lens;
+    long table_stride;
+} DecodeBatch;
+
+/* Per-thread scratch: the normed rows and the quantized activations of one matmul's input. */
+typedef struct {
+    float *normed, *scores;
+    int8_t *xq;
+    float *xd, *xb;
+} ThreadScratch;
+
+static void rms_norm_rows(const float *x, const float *weight, float *out, long B, long n, float eps) {
+    for (long b = 0; b < B; b++) {
+        const float *row = x + b * n;
+        __m256 sq = _mm256_setzero_ps();
+        for (long i = 0; i < n; i += 8) sq = _mm256_fmadd_ps(_mm256_loadu_ps(row + i), _mm256_loadu_ps(row + i), sq);
+        const __m256 inv = _mm256_set1_ps(1.0f / sqrtf(hsum256(sq) / (float)n + eps));
+        for (long i = 0; i < n; i += 8)
+            _mm256_storeu_ps(out + b * n + i,
+                             _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(row + i), inv), _mm256_loadu_ps(weight + i)));
+    }
+}
+
+/* Rotate one head in place by the cos/sin row of its position (the NeoX "rotate half" form). */
+static void rope_head(float *x, const float *cos_sin, long D) {
+    const long half = D / 2;
+    for (long i = 0; i < half; i++) {
+        const float c = cos_sin[i], s = cos_sin[half + i];
+        const float x1 = x[i], x2 = x[half + i];
+        x[i] = x1 * c - x2 * s;
+        x[half + i] = x2 * c + x1 * s;
+    }
+}
+
+/* Stage 2 for one (request b, KV head g): rotate its key and its group's queries, store the key and
+ * value at the request's slot, then attend over the request's context with the group's queries. */
+static void attend_group(const DecodeShape *shape, const DecodeLayer *layer, const DecodeBatch *batch, float *qkv,
+                         float *attn, long b, long g, float *scores) {
+    const long D = shape->head_dim, H = shape->heads, G = shape->kv_heads, group = H / G;
+    const long row = (H + 2 * G) * D;
+    float *q = qkv + b * row, *k = q + H * D + g * D, *v = q + (H + G) * D + g * D;
+    const float *cos_sin = shape->cos_sin + batch->positions[b] * D;
+    rope_head(k, cos_sin, D);
+    const long token_stride = G * D, block_stride = shape->block_size * token_stride;
+    memcpy(layer->k_cache + batch->slots[b] * token_stride + g * D, k, sizeof(float) * (size_t)D);
+    memcpy(layer->v_cache + batch->slots[b] * token_stride + g * D, v, sizeof(float) * (size_t)D);
+    const long length = batch->seq_lens[b];
+    const int32_t *table = batch->block_tables + b * batch->table_stride;
+    for (long j = 0; j < group; j++) rope_head(q + (g * group + j) * D, cos_sin, D);
+    for (long t = 0; t < length; t++) {
+        const float *key = walk_token(layer->k_cache, table, t, length, shape->block_size, block_stride, token_stride) + g * D;
+        for (long j = 0; j < group; j++) {
+            const float *qh = q + (g * group + j) * D;
+            __m256 sum = _mm256_mul_ps(_mm256_loadu_ps(qh), _mm256_loadu_ps(key));
+            for (long d = 8; d < D; d += 8) sum = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(key + d), sum);
+            scores[j * length + t] = hsum256(sum) * shape->scale;
+        }
+    }
+    for (long j = 0; j < group; j++) {
+        float *sj = scores + j * length;
+        float best = -FLT_MAX, total = 0.0f;
+        for (long t = 0; t < length; t++) best = sj[t] > best ? sj[t] : best;
+        for (long t = 0; t < length; t++) {
+            sj[t] = _mm256_cvtss_f32(exp256(_mm256_set1_ps(sj[t] - best)));
+            total += sj[t];
+        }
+        for (long t = 0; t < length; t++) sj[t] /= total;
+        float *out = attn + b * H * D + (g * group + j) * D;
+        for (long d = 0; d < D; d++) out[d] = 0.0f;
+    }
+    for (long t = 0; t < length; t++) {
+        const float *value = walk_token(layer->v_cache, table, t, length, shape->block_size, block_stride, token_stride) + g * D;
+        for (long j = 0; j < group; j++) {
+            float *out = attn + b * H * D + (g * group + j) * D;
+            const __m256 p = _mm256_set1_ps(scores[j * length + t]);
+            for (long d = 0; d < D; d += 8)
+                _mm256_storeu_ps(out + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(value + d), _mm256_loadu_ps(out + d)));
+        }
+    }
+}
+
+/* This thread's share [first, last) of `count` items. */
+static inline void share(long count, long me, long team, long *first, long *last) {
+    *first = count * me / team;
+    *last = count * (me + 1) / team;
+}
+
+/* x @ W^T for this thread's panels of W, its input quantized by this thread. */
+static void own_panels(const float *x, long B, long K, const uint8_t *w, int bits4, const float *bias, float *out,
+                       long N, long first, long last, const ThreadScratch *s, int avx512) {
+    batchlm_quantize_rows_q8(x, K, s->xq, s->xd, s->xb, B, K, 1);
+    quant_gemm_panels(w, bits4, s->xq, s->xd, s->xb, bias, out, N, B, N, K, first, last, avx512);
+}
+
+/* h[:, panels first..last) += out[:, same] */
+static void add_columns(float *h, const float *out, long B, long n, long first, long last) {
+    const long from = first * QPANEL, to = last * QPANEL < n ? last * QPANEL : n;
+    for (long b = 0; b < B; b++)
+        for (long c = from; c < to; c++) h[b * n + c] += out[b * n + c];
+}
+
+/* act[:, c] = silu(gu[:, c]) * gu[:, I + c] for this thread's columns. */
+static void silu_mul_columns(const float *gu, float *act, long B, long I, long first, long last) {
+    const long from = first * QPANEL, to = last * QPANEL < I ? last * QPANEL : I;
+    for (long b = 0; b < B; b++) {
+        const float *gate = gu + b * 2 * I, *up = gate + I;
+        long c = from;
+        for (; c + 8 <= to; c += 8) {
+            const __m256 g = _mm256_loadu_ps(gate + c);
+            const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), g));
+            const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+            _mm256_storeu_ps(act + b * I + c, _mm256_mul_ps(silu, _mm256_loadu_ps(up + c)));
+        }
+        for (; c < to; c++) act[b * I + c] = gate[c] / (1.0f + expf(-gate[c])) * up[c];
+    }
+}
+
+/* Shared buffers of one call. */
+typedef struct {
+    float *qkv, *attn, *out, *gu, *act;
+} StepBuffers;
+
+static void decode_layer(const DecodeShape *shape, const DecodeLayer *layer, const DecodeBatch *batch, float *h,
+                         const StepBuffers *buf, const ThreadScratch *s, long me, long team, int avx512) {
+    const long B = batch->B, n = shape->hidden, I = shape->intermediate, D = shape->head_dim;
+    const long qkv_n = (shape->heads + 2 * shape->kv_heads) * D, attn_n = shape->heads * D;
+    long first, last;
+    rms_norm_rows(h, layer->input_norm, s->normed, B, n, shape->eps);
+    share((qkv_n + QPANEL - 1) / QPANEL, me, team, &first, &last);
+    own_panels(s->normed, B, n, layer->qkv, layer->qkv_bits4, layer->qkv_bias, buf->qkv, qkv_n, first, last, s, avx512);
+#pragma omp barrier
+    share(B * shape->kv_heads, me, team, &first, &last);
+    for (long item = first; item < last; item++)
+        attend_group(shape, layer, batch, buf->qkv, buf->attn, item / shape->kv_heads, item % shape->kv_heads, s->scores);
+#pragma omp barrier
+    share((n + QPANEL - 1) / QPANEL, me, team, &first, &last);
+    own_panels(buf->attn, B, attn_n, layer->o, layer->o_bits4, layer->o_bias, buf->out, n, first, last, s, avx512);
+    add_columns(h, buf->out, B, n, first, last);
+#pragma omp barrier
+    rms_norm_rows(h, layer->post_norm, s->normed, B, n, shape->eps);
+    batchlm_quantize_rows_q8(s->normed, n, s->xq, s->xd, s->xb, B, n, 1);
+    share(I / QPANEL, me, team, &first, &last);
+    for (long half = 0; half < 2; half++)
+        quant_gemm_panels(layer->gate_up, layer->gate_up_bits4, s->xq, s->xd, s->xb, layer->gate_up_bias, buf->gu,
+                          2 * I, B, 2 * I, n, first + half * I / QPANEL, last + half * I / QPANEL, avx512);
+    silu_mul_columns(buf->gu, buf->act, B, I, first, last);
+#pragma omp barrier
+    share((n + QPANEL - 1) / QPANEL, me, team, &first, &last);
+    own_panels(buf->act, B, I, layer->down, layer->down_bits4, layer->down_bias, buf->out, n, first, last, s, avx512);
+    add_columns(h, buf->out, B, n, first, last);
+#pragma omp barrier
+}
+
+/* h[B, hidden]: the token embeddings in, the final norm of the residual stream out. Sizes must be
+ * multiples of 32 (hidden, heads * head_dim, intermediate) and head_dim of 8; the Python side checks.
+ * Returns 0, or -1 when scratch memory could not be allocated. */
+int batchlm_decode_stack(const DecodeShape *shape, const DecodeLayer *layers, const DecodeBatch *batch, float *h,
+                         int threads, int avx512) {
+    const long B = batch->B, n = shape->hidden, I = shape->intermediate, D = shape->head_dim;
+    const long qkv_n = (shape->heads + 2 * shape->kv_heads) * D, attn_n = shape->heads * D;
+    const long widest = I > attn_n ? (I > n ? I : n) : (attn_n > n ? attn_n : n);
+    long longest = 1;
+    for (long b = 0; b < B; b++) longest = batch->seq_lens[b] > longest ? batch->seq_lens[b] : longest;
+    if (threads < 1) threads = 1;
+    const size_t shared = (size_t)B * (size_t)(qkv_n + attn_n + n + 3 * I);
+    const size_t group = (size_t)(shape->heads / shape->kv_heads);
+    const size_t own = (size_t)B * (size_t)n + group * (size_t)longest + 5 * (size_t)B * (size_t)widest / QBLOCK + 64;
+    const size_t own_codes = 2 * (size_t)B * (size_t)widest;
+    float *floats = (float *)malloc(sizeof(float) * (shared + own * (size_t)threads));
+    int8_t *codes = (int8_t *)malloc(own_codes * (size_t)threads);
+    if (!floats || !codes) {
+        free(floats);
+        free(codes);
+        return -1;
+    }
+    const StepBuffers buf = {floats, floats + B * qkv_n, floats + B * (qkv_n + attn_n),
+                             floats + B * (qkv_n + attn_n + n), floats + B * (qkv_n + attn_n + n + 2 * I)};
+#pragma omp parallel num_threads(threads)
+    {
+        const long me = omp_get_thread_num(), team = omp_get_num_threads();
+        float *mine = floats + shared + own * (size_t)me;
+        const long blocks = B * widest / QBLOCK;
+        const ThreadScratch s = {mine, mine + B * n, codes + own_codes * (size_t)me,
+                                 mine + B * n + group * longest, mine + B * n + group * longest + 2 * blocks};
+        for (long l = 0; l < shape->num_layers; l++) decode_layer(shape, layers + l, batch, h, &buf, &s, me, team, avx512);
+    }
+    float *normed = buf.out;
+    rms_norm_rows(h, shape->final_norm, normed, B, n, shape->eps);
+    memcpy(h, normed, sizeof(float) * (size_t)(B * n));
+    free(floats);
+    free(codes);
+    return 0;
+}

@@ -1,0 +1,185 @@
+"""A whole decode step of a Llama-style decoder with quantized weights in one C call
+(cpu_decode_stack.c): every layer's norms, matmuls, rotary, KV-cache write, attention, SiLU and
+residual adds, then the final norm, with no torch op or Python in between.
+
+`DecodeStack` holds the C-side description of a model (pointers into its packed weights, norms and
+KV caches, which must stay alive and in place); `run` takes one step's rows. The library is built
+like the other CPU kernels and is only offered where the quantized matmuls and the decode attention
+it shares code with passed their own probes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from batchlm.kernels.cpu_decode_attention import decode_library
+from batchlm.kernels.cpu_native import SOURCE, build_library
+from batchlm.kernels.cpu_quant import QUANT_FLAGS, SOURCE_PATH, QuantizedWeight, quant_library, use_avx512
+
+logger = logging.getLogger(__name__)
+
+STACK_SOURCE = Path(__file__).with_name("cpu_decode_stack.c")
+BLOCK = 32  # sizes the kernels quantize must be whole blocks of this
+
+
+@dataclass(frozen=True)
+class StackShape:
+    """The model's sizes and its shared tensors (float32, contiguous)."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    block_size: int
+    eps: float
+    scale: float
+    cos_sin: torch.Tensor  # [max_position, head_dim]
+    final_norm: torch.Tensor  # [hidden]
+
+
+@dataclass(frozen=True)
+class StackLayer:
+    """One decoder layer: its norms, packed weights, optional biases and its KV cache."""
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    qkv: QuantizedWeight
+    o: QuantizedWeight
+    gate_up: QuantizedWeight
+    down: QuantizedWeight
+    qkv_bias: torch.Tensor | None
+    o_bias: torch.Tensor | None
+    gate_up_bias: torch.Tensor | None
+    down_bias: torch.Tensor | None
+    kv_cache: torch.Tensor  # [2, num_blocks, block_size, kv_heads, head_dim] float32
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        ("input_norm", ctypes.c_void_p),
+        ("post_norm", ctypes.c_void_p),
+        ("qkv", ctypes.c_void_p),
+        ("o", ctypes.c_void_p),
+        ("gate_up", ctypes.c_void_p),
+        ("down", ctypes.c_void_p),
+        ("qkv_bits4", ctypes.c_int),
+        ("o_bits4", ctypes.c_int),
+        ("gate_up_bits4", ctypes.c_int),
+        ("down_bits4", ctypes.c_int),
+        ("qkv_bias", ctypes.c_void_p),
+        ("o_bias", ctypes.c_void_p),
+        ("gate_up_bias", ctypes.c_void_p),
+        ("down_bias", ctypes.c_void_p),
+        ("k_cache", ctypes.c_void_p),
+        ("v_cache", ctypes.c_void_p),
+    ]
+
+
+class _Shape(ctypes.Structure):
+    _fields_ = [
+        *((name, ctypes.c_long) for name in ("hidden", "heads", "kv_heads", "head_dim", "intermediate")),
+        ("block_size", ctypes.c_long),
+        ("num_layers", ctypes.c_long),
+        ("eps", ctypes.c_float),
+        ("scale", ctypes.c_float),
+        ("cos_sin", ctypes.c_void_p),
+        ("final_norm", ctypes.c_void_p),
+    ]
+
+
+class _Batch(ctypes.Structure):
+    _fields_ = [
+        ("B", ctypes.c_long),
+        ("positions", ctypes.c_void_p),
+        ("slots", ctypes.c_void_p),
+        ("block_tables", ctypes.c_void_p),
+        ("seq_lens", ctypes.c_void_p),
+        ("table_stride", ctypes.c_long),
+    ]
+
+
+def fits(shape: StackShape) -> str | None:
+    """Why the kernel cannot run this shape, or None when it can."""
+    if shape.hidden % BLOCK or (shape.heads * shape.head_dim) % BLOCK or shape.intermediate % BLOCK:
+        return f"hidden, attention and MLP sizes must be multiples of {BLOCK}"
+    if shape.head_dim % 8 or shape.heads % shape.kv_heads:
+        return "head_dim must be a multiple of 8 and the query heads whole groups of KV heads"
+    return None
+
+
+class DecodeStack:
+    """A model's decode step in one call. Tensors handed in are referenced, not copied."""
+
+    def __init__(self, shape: StackShape, layers: list[StackLayer]) -> None:
+        library = stack_library()
+        reason = fits(shape)
+        if library is None or reason is not None:
+            raise ValueError(reason or "the fused CPU decode kernel is not available on this machine")
+        self._library = library
+        self._tensors = (shape, layers)  # keeps every pointer below alive
+        self._shape = _Shape(
+            shape.hidden, shape.heads, shape.kv_heads, shape.head_dim, shape.intermediate, shape.block_size,
+            len(layers), shape.eps, shape.scale, shape.cos_sin.data_ptr(), shape.final_norm.data_ptr(),
+        )  # fmt: skip
+        self._layers = (_Layer * len(layers))(*(_layer(layer) for layer in layers))
+        self.hidden = shape.hidden
+
+    def run(
+        self,
+        hidden: torch.Tensor,  # [B, hidden] float32 contiguous: embeddings in, final-normed out
+        positions: torch.Tensor,  # [B] int64
+        slots: torch.Tensor,  # [B] int64
+        block_tables: torch.Tensor,  # [B, max_blocks] int32, rows contiguous
+        seq_lens: torch.Tensor,  # [B] int32
+    ) -> None:
+        rows = hidden.shape[0]
+        batch = _Batch(
+            rows, positions.data_ptr(), slots.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(),
+            block_tables.stride(0),
+        )  # fmt: skip
+        status = self._library.batchlm_decode_stack(
+            ctypes.byref(self._shape), self._layers, ctypes.byref(batch), hidden.data_ptr(),
+            torch.get_num_threads(), use_avx512(),
+        )  # fmt: skip
+        if status != 0:
+            raise MemoryError("no memory for the fused decode step's scratch")
+
+
+def _pointer(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+def _layer(layer: StackLayer) -> _Layer:
+    keys, values = layer.kv_cache[0], layer.kv_cache[1]
+    weights = (layer.qkv, layer.o, layer.gate_up, layer.down)
+    return _Layer(
+        layer.input_norm.data_ptr(), layer.post_norm.data_ptr(),
+        *(weight.data.data_ptr() for weight in weights), *(int(weight.bits == 4) for weight in weights),
+        _pointer(layer.qkv_bias), _pointer(layer.o_bias), _pointer(layer.gate_up_bias), _pointer(layer.down_bias),
+        keys.data_ptr(), values.data_ptr(),
+    )  # fmt: skip
+
+
+@functools.cache
+def stack_library() -> ctypes.CDLL | None:
+    """The fused decode library, or None where its parts are unavailable or it cannot be built."""
+    if quant_library() is None or decode_library() is None:
+        return None
+    try:
+        path = build_library(source_path=STACK_SOURCE, flags=QUANT_FLAGS, includes=(SOURCE, SOURCE_PATH))
+        library = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        logger.warning("fused CPU decode kernel unavailable (%s); decoding layer by layer", error)
+        return None
+    pointer = ctypes.c_void_p
+    library.batchlm_decode_stack.argtypes = [pointer, pointer, pointer, pointer, ctypes.c_int, ctypes.c_int]
+    library.batchlm_decode_stack.restype = ctypes.c_int
+    return library

@@ -1,0 +1,156 @@
+"""The CPU runner's fused decode path: steps that only decode, for a few requests, of a Llama-style
+model whose linears all run on the quantized CPU kernels go through one C call for the whole stack
+(kernels/cpu_decode_stack.py) instead of the model's forward. Every other step, model or device keeps
+the generic path.
+
+At one or a few requests a decode step of a small model is mostly per-layer overhead between the
+matmuls (BENCHMARKS.md, "CPU: quantized GGUF models against llama-server"); past a handful of rows the
+matmuls dominate and the generic path's batched kernels serve as well.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from batchlm.attention.backend import AttentionBackend
+from batchlm.attention.torch_backend import TorchAttentionBackend
+from batchlm.kernels.cpu_decode_stack import DecodeStack, StackLayer, StackShape, fits, stack_library
+from batchlm.layers.activation import SiluAndMul
+from batchlm.layers.quantization.cpu_quantized import CPU_QUANTIZED, store
+from batchlm.layers.quantization.layer import MethodLayer
+from batchlm.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
+from batchlm.runner.inputs import StepInputs
+
+logger = logging.getLogger(__name__)
+
+DISABLE_ENV = "BATCHLM_CPU_FUSED_DECODE"  # 0/false/off/no: always the generic path (A/B runs)
+MAX_ROWS = 4  # decode steps of at most this many requests take the fused path
+
+
+class FusedDecode:
+    """Runs eligible steps through a DecodeStack; `can_run` says which."""
+
+    def __init__(self, model: LlamaForCausalLM, stack: DecodeStack) -> None:
+        self.model = model
+        self.stack = stack
+
+    def can_run(self, inputs: StepInputs) -> bool:
+        meta = inputs.meta
+        rows = meta.num_decodes
+        return (
+            0 < rows <= MAX_ROWS
+            and meta.num_requests == rows
+            and meta.num_tokens == rows
+            and inputs.input_ids.shape[0] == rows
+            and inputs.sample_indices.shape[0] == rows
+        )
+
+    def run(self, inputs: StepInputs) -> torch.Tensor:
+        """Logits [B, vocab] of a step that can_run accepted."""
+        meta = inputs.meta
+        hidden = self.model.model.embed_tokens(inputs.input_ids).float().contiguous()
+        tables = meta.block_tables if meta.block_tables.stride(-1) == 1 else meta.block_tables.contiguous()
+        self.stack.run(
+            hidden,
+            inputs.positions.to(torch.int64).contiguous(),
+            meta.slot_mapping.to(torch.int64).contiguous(),
+            tables.to(torch.int32),
+            meta.seq_lens.to(torch.int32).contiguous(),
+        )
+        return self.model.compute_logits(hidden)
+
+
+def build_fused_decode(
+    model: torch.nn.Module, kv_caches: list[torch.Tensor], attn: AttentionBackend
+) -> FusedDecode | None:
+    """The fused path for this model and cache, or None (logged) where it does not apply."""
+    if os.environ.get(DISABLE_ENV, "").strip().lower() in ("0", "false", "off", "no"):
+        return None
+    reason = _unsupported(model, kv_caches, attn)
+    if reason is None and stack_library() is None:
+        reason = "the fused CPU decode kernel is unavailable"
+    if reason is not None:
+        logger.info("CPU decode: layer by layer (%s)", reason)
+        return None
+    assert isinstance(model, LlamaForCausalLM)
+    shape = _shape(model, kv_caches[0])
+    reason = fits(shape)
+    if reason is not None:
+        logger.info("CPU decode: layer by layer (%s)", reason)
+        return None
+    layers = [_layer(layer, cache) for layer, cache in zip(model.model.layers, kv_caches, strict=True)]
+    logger.info("CPU decode: steps of up to %d requests run the whole stack in one fused call", MAX_ROWS)
+    return FusedDecode(model, DecodeStack(shape, layers))
+
+
+def _unsupported(model: torch.nn.Module, kv_caches: list[torch.Tensor], attn: AttentionBackend) -> str | None:
+    if not isinstance(model, LlamaForCausalLM) or not isinstance(attn, TorchAttentionBackend):
+        return "not a Llama-style model on the CPU attention backend"
+    if not kv_caches or any(c.dtype != torch.float32 or not c.is_contiguous() for c in kv_caches):
+        return "the KV cache is not contiguous float32"
+    first_rope = None
+    for layer in model.model.layers:
+        assert isinstance(layer, LlamaDecoderLayer)
+        attention, mlp = layer.self_attn, layer.mlp
+        if not isinstance(mlp, LlamaMLP):
+            return "a mixture-of-experts or other non-dense MLP"
+        if attention.spec.sliding_window is not None or attention.spec.logit_softcap is not None:
+            return "a sliding window or soft-capped attention"
+        first_rope = first_rope or attention.rotary_emb
+        if attention.rotary_emb is not first_rope or first_rope.rotary_dim != attention.head_dim:
+            return "per-layer or partial rotary embeddings"
+        linears = (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        if not all(isinstance(m, MethodLayer) and m.method is CPU_QUANTIZED for m in linears):
+            return "not every linear runs on the quantized CPU kernels"
+        if attention.q_norm is not None or not isinstance(mlp.act_fn, SiluAndMul):
+            return "q/k norms or an activation other than SiLU"
+        if not attention.qkv_proj.tp.is_single:
+            return "tensor parallel"
+    return None
+
+
+def _shape(model: LlamaForCausalLM, kv_cache: torch.Tensor) -> StackShape:
+    first = model.model.layers[0]
+    assert isinstance(first, LlamaDecoderLayer) and isinstance(first.mlp, LlamaMLP)
+    attention = first.self_attn
+    return StackShape(
+        hidden=model.model.norm.weight.shape[0],
+        heads=attention.num_heads,
+        kv_heads=attention.num_kv_heads,
+        head_dim=attention.head_dim,
+        intermediate=first.mlp.down_proj.input_size_per_rank,
+        block_size=kv_cache.shape[2],
+        eps=float(first.input_layernorm.eps),
+        scale=float(attention.spec.scale),
+        cos_sin=_float32(attention.rotary_emb.cos_sin_cache),
+        final_norm=_float32(model.model.norm.weight),
+    )
+
+
+def _layer(layer: torch.nn.Module, kv_cache: torch.Tensor) -> StackLayer:
+    assert isinstance(layer, LlamaDecoderLayer) and isinstance(layer.mlp, LlamaMLP)
+    attention, mlp = layer.self_attn, layer.mlp
+    return StackLayer(
+        input_norm=_float32(layer.input_layernorm.weight),
+        post_norm=_float32(layer.post_attention_layernorm.weight),
+        qkv=store(attention.qkv_proj).finish(),
+        o=store(attention.o_proj).finish(),
+        gate_up=store(mlp.gate_up_proj).finish(),
+        down=store(mlp.down_proj).finish(),
+        qkv_bias=_optional(attention.qkv_proj.bias),
+        o_bias=_optional(attention.o_proj.bias),
+        gate_up_bias=_optional(mlp.gate_up_proj.bias),
+        down_bias=_optional(mlp.down_proj.bias),
+        kv_cache=kv_cache,
+    )
+
+
+def _float32(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to(torch.float32).contiguous()
+
+
+def _optional(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else _float32(tensor)

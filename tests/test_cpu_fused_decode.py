@@ -1,0 +1,110 @@
+"""The fused CPU decode path (runner/fused_decode.py, kernels/cpu_decode_stack.c) against the model's
+own forward on the same quantized weights: logits and the KV cache it writes, over several decode
+steps of one to MAX_ROWS requests with contexts crossing block edges; and which steps and models
+take it.
+
+Tolerance: both paths run the same quantized matmuls; they differ in float32 summation order (norms,
+attention) and the exp approximation, and those roundings can move an activation code by one step:
+measured up to 3e-5 of the largest cached value. The test allows 1e-4 of the largest logit and of
+the largest cached value.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from batchlm.attention.torch_backend import TorchAttentionBackend
+from batchlm.kernels.cpu_decode_stack import stack_library
+from batchlm.models.gguf_model_dir import prepare_gguf_model_dir
+from batchlm.models.loader import LoadedModel, load_model
+from batchlm.models.random_model import write_random_model
+from batchlm.runner import fused_decode
+from batchlm.runner.fused_decode import MAX_ROWS, FusedDecode, build_fused_decode
+from batchlm.runner.inputs import StepInputs
+from gguf_builder import write_tiny_gguf
+from models_harness import Chunk, build_step, make_kv_caches, run_step
+
+pytestmark = pytest.mark.skipif(stack_library() is None, reason="no AVX2 CPU or C compiler here")
+CPU = torch.device("cpu")
+BLOCK_SIZE = 16
+PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11] * 3 + list(range(100, 121)), [9] * 15, [1, 2, 3, 4, 5, 6]]
+
+
+def _model(tmp_path: Path, qtype: str, tied: bool, model_type: str = "llama") -> LoadedModel:
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf", model_type, qtype, tied)
+    return load_model(prepare_gguf_model_dir(gguf, tmp_path / "c"), torch.float32, CPU, progress=False)
+
+
+def _inputs(chunks: list[Chunk]) -> StepInputs:
+    input_ids, positions, meta = build_step(chunks, BLOCK_SIZE)
+    return StepInputs(
+        input_ids, positions, meta, torch.arange(len(chunks)), [str(i) for i in range(len(chunks))]
+    )
+
+
+def _blocks(request: int) -> list[int]:
+    return [4 * request + i for i in range(4)]
+
+
+def _assert_steps_agree(loaded: LoadedModel, rows: int) -> None:
+    reference_caches = make_kv_caches(loaded, 4 * len(PROMPTS), BLOCK_SIZE)
+    fused_caches = make_kv_caches(loaded, 4 * len(PROMPTS), BLOCK_SIZE)
+    fused = build_fused_decode(loaded.model, fused_caches, TorchAttentionBackend())
+    assert isinstance(fused, FusedDecode)
+    prompts = PROMPTS[:rows]
+    chunks = [Chunk(prompt, 0, _blocks(r)) for r, prompt in enumerate(prompts)]
+    for caches in (reference_caches, fused_caches):
+        logits = run_step(loaded.model, caches, chunks)
+    lengths = [len(prompt) for prompt in prompts]
+    for _ in range(12):  # the 15-token prompt crosses a block edge on its second step
+        tokens = logits.argmax(-1).tolist()
+        chunks = [Chunk([tokens[r]], lengths[r], _blocks(r)) for r in range(rows)]
+        logits = run_step(loaded.model, reference_caches, chunks)
+        inputs = _inputs(chunks)
+        assert fused.can_run(inputs)
+        ours = fused.run(inputs)
+        assert (ours - logits).abs().max() <= 1e-4 * logits.abs().max()
+        lengths = [n + 1 for n in lengths]
+    for theirs, mine in zip(reference_caches, fused_caches, strict=True):
+        assert (theirs - mine).abs().max() <= 1e-4 * theirs.abs().max()
+
+
+@pytest.mark.parametrize(("qtype", "tied"), [("Q4_0", True), ("Q8_0", False), ("Q4_K", True)])
+def test_fused_steps_match_the_model(tmp_path: Path, qtype: str, tied: bool) -> None:
+    _assert_steps_agree(_model(tmp_path, qtype, tied), MAX_ROWS)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3])
+def test_fused_steps_match_the_model_at_fewer_rows(tmp_path: Path, rows: int) -> None:
+    _assert_steps_agree(_model(tmp_path, "Q4_1", True), rows)
+
+
+def test_fused_steps_with_qkv_biases(tmp_path: Path) -> None:
+    _assert_steps_agree(_model(tmp_path, "Q8_0", False, "qwen2"), 2)
+
+
+def test_only_small_pure_decode_steps_take_it(tmp_path: Path) -> None:
+    loaded = _model(tmp_path, "Q4_0", True)
+    fused = build_fused_decode(loaded.model, make_kv_caches(loaded, 8, BLOCK_SIZE), TorchAttentionBackend())
+    assert fused is not None
+    assert not fused.can_run(_inputs([Chunk([1, 2, 3], 0, [0])]))  # a prefill
+    assert not fused.can_run(_inputs([Chunk([4], 3, [0]), Chunk([1, 2], 0, [1])]))  # decode + prefill
+    many = [Chunk([4], 3, [r]) for r in range(MAX_ROWS + 1)]
+    assert not fused.can_run(_inputs(many))
+    assert fused.can_run(_inputs(many[:MAX_ROWS]))
+
+
+def test_models_off_the_kernels_keep_the_generic_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dense = load_model(write_random_model(tmp_path, "llama", seed=3), torch.float32, CPU, progress=False)
+    assert (
+        build_fused_decode(dense.model, make_kv_caches(dense, 4, BLOCK_SIZE), TorchAttentionBackend()) is None
+    )
+    quantized = _model(tmp_path / "q", "Q4_0", True)
+    caches = make_kv_caches(quantized, 4, BLOCK_SIZE)
+    monkeypatch.setenv(fused_decode.DISABLE_ENV, "0")
+    assert build_fused_decode(quantized.model, caches, TorchAttentionBackend()) is None
