@@ -114,9 +114,9 @@ def resolve_async_scheduling(config: EngineConfig, device: str) -> bool:
 
 
 # "auto" speculates while at most this many requests run. CPU: measured with the default model
-# (BENCHMARKS.md); CUDA: a verify step's extra rows are nearly free while a decode step is bound by
-# weight reads, i.e. at small batches.
-SPECULATIVE_MAX_BATCH = {"cpu": 4, "cuda": 8}
+# (BENCHMARKS.md). CUDA: never, for now: verify chunks run eagerly beside the CUDA-graph decodes and
+# measured slower than plain decoding at c=1 (BENCHMARKS.md); `--speculative ngram` still speculates.
+SPECULATIVE_MAX_BATCH = {"cpu": 4, "cuda": 0}
 # Draft tokens per verify step. CPU: 7, so a verify chunk is 8 rows, two whole passes of the quantized
 # matmul kernels' 4-row blocks (measured against 3 and 4 in BENCHMARKS.md).
 SPECULATIVE_TOKENS = {"cpu": 7, "cuda": 4}
@@ -133,7 +133,11 @@ def resolve_speculation(config: EngineConfig, device: str) -> SpeculationConfig:
         raise ValueError(f"--num-speculative-tokens must be positive, got {config.num_speculative_tokens}")
     mode = config.speculative if config.tensor_parallel_size == 1 else "off"
     kind = "cuda" if device.startswith("cuda") else "cpu"
-    max_batch = config.speculative_max_batch or SPECULATIVE_MAX_BATCH[kind]
+    max_batch = (
+        config.speculative_max_batch
+        if config.speculative_max_batch is not None
+        else SPECULATIVE_MAX_BATCH[kind]
+    )
     num_tokens = config.num_speculative_tokens or SPECULATIVE_TOKENS[kind]
     return SpeculationConfig(mode=mode, num_tokens=num_tokens, max_batch=max_batch)
 
