@@ -24,7 +24,7 @@ class SpeculationConfig:
     # n-gram lengths tried, longest first.
     min_ngram: int = 1
     max_ngram: int = 4
-    # auto: speculate only while this many requests or fewer are running.
+    # auto: speculate only while this many requests or fewer are running (0: auto never speculates).
     max_batch: int = 4
     # auto: a request whose acceptance (a moving average over its verify steps) falls below this stops
     # speculating, and probes again after `probe_interval` plain decodes.
@@ -36,8 +36,8 @@ class SpeculationConfig:
             raise ValueError(
                 f"speculative mode must be one of {', '.join(SPECULATIVE_MODES)}, got {self.mode!r}"
             )
-        if self.num_tokens < 1 or self.max_batch < 1 or self.probe_interval < 1:
-            raise ValueError("num_tokens, max_batch and probe_interval must be positive")
+        if self.num_tokens < 1 or self.max_batch < 0 or self.probe_interval < 1:
+            raise ValueError("num_tokens and probe_interval must be positive, max_batch not negative")
 
     @property
     def enabled(self) -> bool:

@@ -131,6 +131,8 @@ def resolve_speculation(config: EngineConfig, device: str) -> SpeculationConfig:
         )
     if config.num_speculative_tokens is not None and config.num_speculative_tokens < 1:
         raise ValueError(f"--num-speculative-tokens must be positive, got {config.num_speculative_tokens}")
+    if config.speculative_max_batch is not None and config.speculative_max_batch < 0:
+        raise ValueError(f"--speculative-max-batch must not be negative, got {config.speculative_max_batch}")
     mode = config.speculative if config.tensor_parallel_size == 1 else "off"
     kind = "cuda" if device.startswith("cuda") else "cpu"
     max_batch = (
