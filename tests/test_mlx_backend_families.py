@@ -42,10 +42,13 @@ def transformers_tokens(model_dir: Path, prompt: list[int], new_tokens: int) -> 
     return out[0, len(prompt) :].tolist()
 
 
-def mlx_tokens(model_dir: Path, prompts: list[list[int]], new_tokens: int) -> tuple[int, list[list[int]]]:
+def mlx_tokens(
+    model_dir: Path, prompts: list[list[int]], new_tokens: int, prefill_chunk: int | None = None
+) -> tuple[int, list[list[int]]]:
     from test_mlx_backend_engine import EngineHarness, joined
 
-    harness = EngineHarness(EngineConfig(model=str(model_dir), max_num_seqs=4))
+    config = EngineConfig(model=str(model_dir), max_num_seqs=4, max_num_batched_tokens=prefill_chunk)
+    harness = EngineHarness(config)
     try:
         params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
         tokens = [joined(harness.collect(p, params, f"r{i}"))[1] for i, p in enumerate(prompts)]
@@ -66,19 +69,24 @@ def test_gemma3_serves_past_its_window(tiny_model_dir: Callable[..., Path]) -> N
 
 
 @needs_mlx
+@pytest.mark.parametrize("prefill_chunk", [None, WINDOW + 2])
 @pytest.mark.parametrize("family", sorted(WINDOWED_BY_CACHE))
 def test_families_whose_mlx_module_ignores_the_window_serve_past_it(
-    tiny_model_dir: Callable[..., Path], family: str, caplog: pytest.LogCaptureFixture
+    tiny_model_dir: Callable[..., Path],
+    family: str,
+    prefill_chunk: int | None,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     model_type, overrides = WINDOWED_BY_CACHE[family]
     # Gemma checkpoints tie the LM head to the embedding (mlx-lm's Gemma 2 has no separate head).
     model_dir = tiny_model_dir(model_type, tied=model_type == "gemma2", seed=4, **overrides)
-    base = list(range(10, 23))
-    # Prompts longer than the window (prefilled in one chunk), a short one that decodes past it, and
-    # prompts sharing a prefix longer than the window (prompt-cache lookups).
+    base = list(range(10, 33))
+    # Prompts longer than the window (prefilled in one chunk, or in chunks each longer than the
+    # window), a short one that decodes past it, and prompts sharing a prefix longer than the window
+    # (prompt-cache lookups).
     prompts = [[*base, 40, 41], [5, 17, 42, 99], [*base, 50], [*base, 40, 41]]
     with caplog.at_level(logging.WARNING, logger="batchlm.backends.mlx.loader"):
-        max_model_len, ours = mlx_tokens(model_dir, prompts, 12)
+        max_model_len, ours = mlx_tokens(model_dir, prompts, 12, prefill_chunk)
     assert max_model_len > WINDOW
     assert not [r for r in caplog.records if "sliding window" in r.getMessage()]
     assert ours == [transformers_tokens(model_dir, p, 12) for p in prompts]
