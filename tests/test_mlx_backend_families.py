@@ -1,9 +1,11 @@
-"""The MLX backend serves Gemma 2/3, Phi-3 and Mistral through mlx-lm: Gemma 3 with its windows and
-per-layer RoPE bases from a transformers 5 config, the families whose mlx-lm module ignores the window
-capped at it; greedy tokens equal transformers' (float32, CPU)."""
+"""The MLX backend serves Gemma 2/3, Phi-3 and Mistral through mlx-lm past their sliding window: Gemma 3
+with its windows and per-layer RoPE bases from a transformers 5 config, the families whose mlx-lm module
+ignores the window through rotating caches on their windowed layers; greedy tokens equal transformers'
+(float32, CPU)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,7 @@ import pytest
 import torch
 
 import batchlm.backends as backends
-from batchlm.backends.mlx.families import mlx_lm_overrides, window_context_cap
+from batchlm.backends.mlx.families import mlx_lm_overrides, window_context_cap, windowed_layers
 from batchlm.config import EngineConfig
 from batchlm.sampling_params import SamplingParams
 
@@ -23,7 +25,7 @@ ROPE = {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
         "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}}  # fmt: skip
 GEMMA3: dict[str, Any] = {"num_hidden_layers": 6, "layer_types": LAYERS * 2, "sliding_window": WINDOW,
                           "rope_parameters": ROPE, "pad_token_id": 0}  # fmt: skip
-CAPPED: dict[str, tuple[str, dict[str, Any]]] = {
+WINDOWED_BY_CACHE: dict[str, tuple[str, dict[str, Any]]] = {
     "gemma2": ("gemma2", {"sliding_window": WINDOW, "pad_token_id": 0}),
     "phi3": ("phi3", {"sliding_window": WINDOW, "pad_token_id": 0}),
     "mistral": ("mistral", {"sliding_window": WINDOW}),
@@ -40,10 +42,13 @@ def transformers_tokens(model_dir: Path, prompt: list[int], new_tokens: int) -> 
     return out[0, len(prompt) :].tolist()
 
 
-def mlx_tokens(model_dir: Path, prompts: list[list[int]], new_tokens: int) -> tuple[int, list[list[int]]]:
+def mlx_tokens(
+    model_dir: Path, prompts: list[list[int]], new_tokens: int, prefill_chunk: int | None = None
+) -> tuple[int, list[list[int]]]:
     from test_mlx_backend_engine import EngineHarness, joined
 
-    harness = EngineHarness(EngineConfig(model=str(model_dir), max_num_seqs=4))
+    config = EngineConfig(model=str(model_dir), max_num_seqs=4, max_num_batched_tokens=prefill_chunk)
+    harness = EngineHarness(config)
     try:
         params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
         tokens = [joined(harness.collect(p, params, f"r{i}"))[1] for i, p in enumerate(prompts)]
@@ -64,17 +69,27 @@ def test_gemma3_serves_past_its_window(tiny_model_dir: Callable[..., Path]) -> N
 
 
 @needs_mlx
-@pytest.mark.parametrize("family", sorted(CAPPED))
-def test_families_whose_mlx_module_ignores_the_window_are_capped_at_it(
-    tiny_model_dir: Callable[..., Path], family: str
+@pytest.mark.parametrize("prefill_chunk", [None, WINDOW + 2])
+@pytest.mark.parametrize("family", sorted(WINDOWED_BY_CACHE))
+def test_families_whose_mlx_module_ignores_the_window_serve_past_it(
+    tiny_model_dir: Callable[..., Path],
+    family: str,
+    prefill_chunk: int | None,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    model_type, overrides = CAPPED[family]
+    model_type, overrides = WINDOWED_BY_CACHE[family]
     # Gemma checkpoints tie the LM head to the embedding (mlx-lm's Gemma 2 has no separate head).
     model_dir = tiny_model_dir(model_type, tied=model_type == "gemma2", seed=4, **overrides)
-    prompt = [5, 17, 42, 99]
-    max_model_len, ours = mlx_tokens(model_dir, [prompt], WINDOW - len(prompt))
-    assert max_model_len == WINDOW
-    assert ours == [transformers_tokens(model_dir, prompt, WINDOW - len(prompt))]
+    base = list(range(10, 33))
+    # Prompts longer than the window (prefilled in one chunk, or in chunks each longer than the
+    # window), a short one that decodes past it, and prompts sharing a prefix longer than the window
+    # (prompt-cache lookups).
+    prompts = [[*base, 40, 41], [5, 17, 42, 99], [*base, 50], [*base, 40, 41]]
+    with caplog.at_level(logging.WARNING, logger="batchlm.backends.mlx.loader"):
+        max_model_len, ours = mlx_tokens(model_dir, prompts, 12, prefill_chunk)
+    assert max_model_len > WINDOW
+    assert not [r for r in caplog.records if "sliding window" in r.getMessage()]
+    assert ours == [transformers_tokens(model_dir, p, 12) for p in prompts]
 
 
 def test_transformers_5_gemma3_fields_become_what_mlx_lm_reads() -> None:
@@ -95,11 +110,27 @@ def test_transformers_5_gemma3_fields_become_what_mlx_lm_reads() -> None:
         )
 
 
-def test_window_caps() -> None:
-    assert window_context_cap({"model_type": "gemma2", "sliding_window": 4096}) == 4096
+def test_window_caps_only_families_whose_window_is_not_applied() -> None:
+    assert window_context_cap({"model_type": "gemma2", "sliding_window": 4096}) is None
+    assert window_context_cap({"model_type": "mixtral", "sliding_window": 4096}) == 4096
     assert window_context_cap({"model_type": "gemma3_text", "sliding_window": 512}) is None
     assert (
         window_context_cap({"model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": False})
         is None
     )
     assert window_context_cap({"model_type": "llama"}) is None
+
+
+def test_windowed_layers_follow_layer_types_else_the_family_pattern() -> None:
+    gemma2 = {"model_type": "gemma2", "sliding_window": 8}
+    assert windowed_layers(gemma2, 4) == [True, False, True, False]
+    assert windowed_layers({**gemma2, "layer_types": ["full_attention", "sliding_attention"]}, 2) == [
+        False,
+        True,
+    ]
+    assert windowed_layers({"model_type": "mistral", "sliding_window": 8}, 3) == [True] * 3
+    assert windowed_layers({"model_type": "mistral", "sliding_window": None}, 3) is None
+    assert (
+        windowed_layers({"model_type": "phi3", "sliding_window": 8, "use_sliding_window": False}, 3) is None
+    )
+    assert windowed_layers({"model_type": "mixtral", "sliding_window": 8}, 3) is None

@@ -3,8 +3,10 @@
 mlx-lm reads Gemma 3's RoPE bases from `rope_theta` / `rope_local_base_freq` and its layer pattern
 from `sliding_window_pattern`; configs written by transformers 5 state them as per-layer-type
 `rope_parameters` and `layer_types` instead, so they are translated into overrides here. mlx-lm's
-Gemma 2, Phi-3 and Llama-architecture Mistral modules attend to the whole context whatever the
-window, so for them the context is capped at the window: within it, full and windowed attention agree.
+Gemma 2, Phi-3 and Llama-architecture Mistral modules ignore the window, so their windowed layers are
+given mlx-lm's own rotating (sliding-window) KV cache here, whose masks keep each query inside its
+window. Families whose window is not verified that way (Qwen 2/3, Mixtral with a window switched on)
+keep their context capped at the window: within it, full and windowed attention agree.
 """
 
 from __future__ import annotations
@@ -12,13 +14,15 @@ from __future__ import annotations
 from typing import Any
 
 FULL, SLIDING = "full_attention", "sliding_attention"
-# model_type -> does the mlx-lm module apply the config's sliding window?
+# Families whose windowed layers get a rotating KV cache from apply_sliding_window.
+WINDOWED_BY_CACHE = frozenset({"gemma2", "phi3", "mistral"})
+# model_type -> does the mlx-lm module (or apply_sliding_window) apply the config's sliding window?
 APPLIES_WINDOW = {
     "gemma3": True,
     "gemma3_text": True,
-    "gemma2": False,
-    "phi3": False,
-    "mistral": False,
+    "gemma2": True,
+    "phi3": True,
+    "mistral": True,
     "qwen2": False,
     "qwen3": False,
     "qwen3_moe": False,
@@ -56,13 +60,76 @@ def _pattern_period(layer_types: list[str]) -> int:
     return period
 
 
-def window_context_cap(raw: dict[str, Any]) -> int | None:
-    """The sliding window when mlx-lm would ignore it for this model (the context must stay inside
-    it to give the model's results), else None."""
+def _sliding_window(raw: dict[str, Any]) -> int | None:
     nested = raw.get("text_config")
     text: dict[str, Any] = nested if isinstance(nested, dict) else raw
-    model_type = str(raw.get("model_type"))
     window = text.get("sliding_window")
     if not isinstance(window, int) or window <= 0 or text.get("use_sliding_window") is False:
         return None
-    return None if APPLIES_WINDOW.get(model_type, True) else window
+    return window
+
+
+def window_context_cap(raw: dict[str, Any]) -> int | None:
+    """The sliding window when neither mlx-lm nor apply_sliding_window applies it for this model (the
+    context must stay inside it to give the model's results), else None."""
+    window = _sliding_window(raw)
+    if window is None or APPLIES_WINDOW.get(str(raw.get("model_type")), True):
+        return None
+    return window
+
+
+def windowed_layers(raw: dict[str, Any], num_layers: int) -> list[bool] | None:
+    """Which layers attend within the sliding window, for the families apply_sliding_window serves;
+    None when there is no window to apply."""
+    window = _sliding_window(raw)
+    if window is None or raw.get("model_type") not in WINDOWED_BY_CACHE:
+        return None
+    layer_types = raw.get("layer_types")
+    if isinstance(layer_types, list) and len(layer_types) == num_layers:
+        return [kind == SLIDING for kind in layer_types]
+    if raw.get("model_type") == "gemma2":
+        # Gemma 2 configs that predate layer_types alternate window and global layers, window first.
+        return [i % 2 == 0 for i in range(num_layers)]
+    return [True] * num_layers
+
+
+def apply_sliding_window(model: Any, raw: dict[str, Any]) -> bool:
+    """Give the model's windowed layers a rotating KV cache of the window's size (their keys, and
+    the masks the cache builds, then reach only the window); True when the model has a window."""
+    from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+    window = _sliding_window(raw)
+    flags = windowed_layers(raw, len(model.layers))
+    if window is None or flags is None or not any(flags):
+        return False
+
+    def make_cache() -> list[Any]:
+        return [RotatingKVCache(max_size=window) if windowed else KVCache() for windowed in flags]
+
+    # make_prompt_cache (and so mlx-lm's BatchGenerator) asks the model for its caches.
+    model.make_cache = make_cache
+    if not all(flags):
+        # The module builds one mask from layer 0's cache; mixed layers each need their own.
+        for layer in model.layers:
+            layer.__class__ = _masking_from_own_cache(type(layer))
+    return True
+
+
+# Block class -> its subclass that masks from its own cache (one per class, shared by all layers).
+_OWN_MASK_BLOCKS: dict[type, type] = {}
+
+
+def _masking_from_own_cache(block_type: type) -> type:
+    """A subclass of a transformer block that ignores the mask it is given and builds its own from
+    its layer's cache (a window mask for a rotating cache, a causal one for a full cache)."""
+    from mlx_lm.models.base import create_attention_mask
+
+    if block_type in _OWN_MASK_BLOCKS.values():
+        return block_type
+
+    def call(self: Any, x: Any, mask: Any = None, cache: Any = None) -> Any:
+        return block_type.__call__(self, x, create_attention_mask(x, cache, return_array=True), cache)
+
+    return _OWN_MASK_BLOCKS.setdefault(
+        block_type, type(f"OwnMask{block_type.__name__}", (block_type,), {"__call__": call})
+    )

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from batchlm.backends.mlx.config_names import older_field_names
-from batchlm.backends.mlx.families import mlx_lm_overrides, window_context_cap
+from batchlm.backends.mlx.families import apply_sliding_window, mlx_lm_overrides, window_context_cap
 from batchlm.config import DEMO_MODEL, EngineConfig
 
 logger = logging.getLogger(__name__)
@@ -87,6 +87,7 @@ def load_model(config: EngineConfig, model_dir: Path) -> LoadedModel:
     )
     if config.adapter_path is not None:
         model = apply_adapter(model, config.adapter_path)
+    apply_sliding_window(model, model_config)
     if config.dtype != "auto":
         cast_floating_weights(model, config.dtype)
     mx.eval(model.parameters())
@@ -150,12 +151,12 @@ def family_overrides(model_dir: Path) -> dict[str, Any]:
 
 def resolve_max_model_len(config: EngineConfig, model_config: dict[str, Any]) -> int:
     """The configured limit, else the model's max_position_embeddings, else a stated fallback; within
-    a sliding window that mlx-lm's module for the model would not apply."""
+    a sliding window that is not applied for the model (families.window_context_cap)."""
     limit = _configured_or_stated_limit(config, model_config)
     cap = window_context_cap(model_config)
     if cap is not None and limit > cap:
         logger.warning(
-            "mlx-lm's %s model attends to the whole context, not its %d-token sliding window: "
+            "the mlx backend does not apply %s's %d-token sliding window: "
             "max_model_len is capped at %d (--backend torch serves the full context)",
             model_config.get("model_type"),
             cap,
