@@ -17,11 +17,10 @@ from torch import nn
 
 from batchlm.attention.backend import AttentionBackend, AttentionMetadata
 from batchlm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from batchlm.layers.linear import QKVParallelLinear, RowParallelLinear
 from batchlm.layers.quantization.base import LoadedWeight
 from batchlm.layers.rotary import RotaryEmbedding, shared_ropes
 from batchlm.models.base import CausalLM, StackedParam
-from batchlm.models.llama import LLAMA_STACKED, LlamaMLP
+from batchlm.models.llama import LLAMA_STACKED, BlockOptions, LlamaAttention, LlamaMLP
 from batchlm.models.model_config import LayerSpec, ModelConfig
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
 
@@ -40,57 +39,6 @@ class GemmaRMSNorm(nn.Module):
         return (normed * (1.0 + self.weight.float())).to(x.dtype)
 
 
-class GemmaAttention(nn.Module):
-    """Grouped-query attention with the layer's own scale, window, soft-cap and RoPE (and Gemma 3's
-    per-head q/k norms)."""
-
-    def __init__(
-        self,
-        config: ModelConfig,
-        layer: LayerSpec,
-        rope: RotaryEmbedding,
-        qk_norm: bool,
-        tp: TensorParallelGroup,
-    ) -> None:
-        super().__init__()
-        self.head_dim = config.head_dim
-        self.qkv_proj = QKVParallelLinear(
-            config.hidden_size,
-            self.head_dim,
-            config.num_heads,
-            config.num_kv_heads,
-            config.attention_bias,
-            tp,
-        )
-        self.o_proj = RowParallelLinear(
-            config.num_heads * self.head_dim, config.hidden_size, config.attention_bias, tp
-        )
-        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
-        self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
-        self.k_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
-        self.rotary_emb = rope
-        self.spec = layer.attention
-
-    def forward(
-        self,
-        positions: torch.Tensor,
-        hidden: torch.Tensor,
-        kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        attn: AttentionBackend,
-    ) -> torch.Tensor:
-        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
-        out = attn.forward(q, k, v, kv_cache, meta, self.spec)
-        projected: torch.Tensor = self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
-        return projected
-
-
 class GemmaDecoderLayer(nn.Module):
     """Norm, attend, norm again, add; the same around the MLP."""
 
@@ -104,7 +52,10 @@ class GemmaDecoderLayer(nn.Module):
     ) -> None:
         super().__init__()
         hidden, eps = config.hidden_size, config.rms_norm_eps
-        self.self_attn = GemmaAttention(config, layer, rope, qk_norm, tp)
+        options = BlockOptions(
+            config.attention_bias, config.attention_bias, qk_norm=qk_norm, head_norm=GemmaRMSNorm
+        )
+        self.self_attn = LlamaAttention(config, layer, rope, options, tp)
         self.mlp = LlamaMLP(config, False, tp)
         self.input_layernorm = GemmaRMSNorm(hidden, eps)
         self.post_attention_layernorm = GemmaRMSNorm(hidden, eps)

@@ -37,6 +37,8 @@ class BlockOptions:
     mlp_bias: bool = False
     # Qwen3: RMSNorm over each query and key head before RoPE.
     qk_norm: bool = False
+    # The norm those heads get, built as head_norm(head_dim, eps) (Gemma 3: its (1 + w) float32 norm).
+    head_norm: Callable[[int, float], nn.Module] = RMSNorm
 
 
 class LlamaMLP(nn.Module):
@@ -72,11 +74,11 @@ class LlamaAttention(nn.Module):
             config.hidden_size, self.head_dim, heads, kv_heads, options.qkv_bias, tp
         )
         self.o_proj = RowParallelLinear(heads * self.head_dim, config.hidden_size, options.o_bias, tp)
-        self.q_norm: RMSNorm | None = None
-        self.k_norm: RMSNorm | None = None
+        self.q_norm: nn.Module | None = None
+        self.k_norm: nn.Module | None = None
         if options.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.q_norm = options.head_norm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = options.head_norm(self.head_dim, config.rms_norm_eps)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.rotary_emb = rope
         self.spec = layer.attention
