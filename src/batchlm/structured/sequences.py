@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -16,6 +17,7 @@ from batchlm.sampling_params import StructuredOutputs
 from batchlm.structured.backend import GrammarBackend, GrammarError, GrammarMatcher, fill_eos_only
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -163,9 +165,7 @@ class ConstrainedSequences:
         for seq, tokens in zip(sequences, new_tokens, strict=True):
             seq.num_accepted += len(tokens)
         batch_rows = tuple(row for row, _ in rows)
-        if self._worker is None:
-            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-masks")
-        return self._worker.submit(self._compute, self._backend, batch_rows, sequences, new_tokens)
+        return self._submit(self._compute, self._backend, batch_rows, sequences, new_tokens)
 
     @staticmethod
     def _compute(
@@ -174,8 +174,8 @@ class ConstrainedSequences:
         sequences: list[_Sequence],
         new_tokens: list[list[int]],
     ) -> GrammarMasks:
-        advance(backend, [seq.matcher for seq in sequences], new_tokens)
         matchers = [seq.matcher for seq in sequences]
+        advance(backend, matchers, new_tokens)
         bitmask = np.empty((len(rows), backend.bitmask_words), dtype=np.int32)
         backend.fill_bitmasks(matchers, bitmask)
         return GrammarMasks(rows, bitmask)
@@ -196,9 +196,7 @@ class ConstrainedSequences:
         entries = [
             (slot, self._sequences[slot.request_id]) for slot in slots if slot.request_id in self._sequences
         ]
-        if self._worker is None:
-            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-masks")
-        return self._worker.submit(self._prefetch, self._backend, entries, sampled, out)
+        return self._submit(self._prefetch, self._backend, entries, sampled, out)
 
     @staticmethod
     def _prefetch(
@@ -226,6 +224,12 @@ class ConstrainedSequences:
         if matchers:
             backend.fill_bitmasks(matchers, bitmask)
         return PrefetchedMasks(index, bitmask)
+
+    def _submit(self, job: Callable[..., T], *args: object) -> Future[T]:
+        """Run a mask job on the one worker thread (jobs run in submission order)."""
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-masks")
+        return self._worker.submit(job, *args)
 
     def compute_masks(self, rows: Sequence[tuple[int, str]]) -> GrammarMasks:
         """start_masks, waited for."""
