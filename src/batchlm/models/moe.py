@@ -56,7 +56,8 @@ class MoEForCausalLM(LlamaForCausalLM):
         return self._experts.others(self._renamed(weights))
 
     def tensors_loaded_elsewhere(self) -> set[str]:
-        return ExpertTensorRouter(self, self.expert_part_names).stacked_names()
+        assert self._experts is not None, "checkpoint_tensors comes first"
+        return self._experts.stacked_names()
 
     def check_loaded_elsewhere(self) -> None:
         missing = self._experts.missing() if self._experts is not None else []
