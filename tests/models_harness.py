@@ -81,6 +81,24 @@ def run_step(model: CausalLM, kv_caches: list[torch.Tensor], chunks: Sequence[Ch
     return model.compute_logits(hidden[last_rows])
 
 
+def assert_mixed_batch_matches_requests_alone(loaded: LoadedModel) -> None:
+    """A decode, a new prompt and a prefill's second chunk in one step give each request's hidden
+    states as running it alone does (fresh caches, block tables of other shapes)."""
+    first, second, third = [3, 4, 5, 6, 7, 8], [9, 10, 11], list(range(20, 33))
+    caches = make_kv_caches(loaded, 12)
+    run_step(loaded.model, caches, [Chunk(first, 0, [4, 0]), Chunk(third[:6], 0, [7, 2, 10, 5])])
+    batched = run_step(
+        loaded.model,
+        caches,
+        [Chunk([50], 6, [4, 0]), Chunk(second, 0, [1]), Chunk(third[6:], 6, [7, 2, 10, 5])],
+    )
+    alone = [
+        run_step(loaded.model, make_kv_caches(loaded, 4), [Chunk(tokens, 0, [0, 1, 2, 3])])
+        for tokens in ([*first, 50], second, third)
+    ]
+    torch.testing.assert_close(batched, torch.cat(alone), atol=1e-5, rtol=1e-5)
+
+
 def greedy_generate(
     loaded: LoadedModel, prompt: list[int], max_new_tokens: int, blocks: list[int] | None = None
 ) -> tuple[list[int], torch.Tensor]:

@@ -17,12 +17,10 @@ from batchlm.models.loader import LoadedModel, load_model
 from batchlm.models.moe import MixtralForCausalLM, Qwen3MoeForCausalLM
 from batchlm.models.random_model import write_random_model
 from models_harness import (
-    Chunk,
+    assert_mixed_batch_matches_requests_alone,
     greedy_generate,
     hf_greedy,
-    make_kv_caches,
     run_ranks,
-    run_step,
     thread_groups,
 )
 
@@ -105,19 +103,7 @@ def test_missing_expert_tensor_is_named(tmp_path: Path) -> None:
 def test_mixed_batch_matches_requests_run_alone(tmp_path: Path) -> None:
     # Experts see different token mixes batched and alone; each token's output must not change.
     loaded = _load(write_random_model(tmp_path, "qwen3_moe", seed=9))
-    first, second, third = [3, 4, 5, 6, 7, 8], [9, 10, 11], list(range(20, 33))
-    caches = make_kv_caches(loaded, 12)
-    run_step(loaded.model, caches, [Chunk(first, 0, [4, 0]), Chunk(third[:6], 0, [7, 2, 10, 5])])
-    batched = run_step(
-        loaded.model,
-        caches,
-        [Chunk([50], 6, [4, 0]), Chunk(second, 0, [1]), Chunk(third[6:], 6, [7, 2, 10, 5])],
-    )
-    alone = [
-        run_step(loaded.model, make_kv_caches(loaded, 4), [Chunk(tokens, 0, [0, 1, 2, 3])])
-        for tokens in ([*first, 50], second, third)
-    ]
-    torch.testing.assert_close(batched, torch.cat(alone), atol=1e-5, rtol=1e-5)
+    assert_mixed_batch_matches_requests_alone(loaded)
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
