@@ -1,16 +1,22 @@
-"""The runner's side of structured outputs: its constrained sequences, and which rows of a sampled
-batch they are."""
+"""The runner's side of structured outputs: its constrained sequences, which rows of a sampled batch
+they are, and when each step's masks are computed."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from batchlm.config import EngineConfig
+from batchlm.runner.step_output import PendingStepOutput
 from batchlm.structured.factory import backend_factory
 from batchlm.structured.sequences import ConstrainedSequences, GrammarMasks, PrefetchedMasks, SampledSlot
+
+# Rows -> scratch of that many bitmask rows (pinned memory on a GPU, so the upload needs no copy).
+MaskBuffer = Callable[[int], np.ndarray]
 
 
 def constrained_sequences(config: EngineConfig, model_dir: Path, vocab_size: int) -> ConstrainedSequences:
@@ -55,3 +61,56 @@ def merge_masks(
     gathered = out[: len(rows)]
     np.take(sources, picks, axis=0, out=gathered)
     return GrammarMasks(batch_rows, gathered)
+
+
+@dataclass(frozen=True)
+class StartedMasks:
+    """A step's masks as they stood before its forward pass."""
+
+    # (batch row, request id) of the step's constrained rows.
+    rows: list[tuple[int, str]]
+    # Started now, the rows' tokens being known; or prefetched by the previous step.
+    started: Future[GrammarMasks] | None
+    prefetched: Future[PrefetchedMasks] | None
+
+
+class StepMasks:
+    """When a step's grammar masks are computed, so they overlap the forward pass: started before it
+    when the rows' tokens are known; under async scheduling, prefetched by the previous step as soon
+    as its tokens land (`ConstrainedSequences.prefetch_masks`); the rows neither covers, after
+    waiting for their tokens."""
+
+    def __init__(self, sequences: ConstrainedSequences, buffer: MaskBuffer) -> None:
+        self.sequences = sequences
+        self._buffer = buffer
+        self._prefetched: Future[PrefetchedMasks] | None = None
+
+    def start(self, request_ids: tuple[str, ...]) -> StartedMasks:
+        """Before the forward pass. Takes the previous step's prefetch, if any."""
+        rows = constrained_rows(self.sequences, request_ids)
+        prefetched, self._prefetched = self._prefetched, None
+        started = None
+        if rows and prefetched is None and self.sequences.tokens_known([rid for _, rid in rows]):
+            started = self.sequences.start_masks(rows)
+        return StartedMasks(rows, started, prefetched)
+
+    def result(self, step: StartedMasks, wait_for_tokens: Callable[[], None]) -> GrammarMasks | None:
+        """The step's masks; `wait_for_tokens` makes every launched step's tokens real."""
+        ahead = step.prefetched.result() if step.prefetched is not None else None  # before any matcher
+        if not step.rows:
+            return None
+        if step.started is not None:
+            return step.started.result()
+        missing = [(row, rid) for row, rid in step.rows if ahead is None or rid not in ahead.index]
+        computed = None
+        if missing:
+            if not self.sequences.tokens_known([rid for _, rid in missing]):
+                wait_for_tokens()  # grammars need real token ids, not placeholders
+            computed = self.sequences.start_masks(missing).result()
+        return merge_masks(step.rows, ahead, computed, self._buffer(len(step.rows)))
+
+    def prefetch(self, step: StartedMasks, pending: PendingStepOutput) -> None:
+        """After the step's sampling is queued: the next step's masks, computed once its tokens land."""
+        slots = sampled_slots(step.rows, pending.positions)
+        buffer = self._buffer(len(slots))
+        self._prefetched = self.sequences.prefetch_masks(slots, pending.peek_token_ids, buffer)

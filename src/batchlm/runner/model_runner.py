@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from batchlm.runner.cuda_graph import DecodeGraphs
 from batchlm.runner.device import dtype_name, resolve_device, resolve_dtype
 from batchlm.runner.draft_verify import Verification, row_states, verify_groups
 from batchlm.runner.fused_decode import FusedDecode, build_fused_decode
-from batchlm.runner.grammar import constrained_rows, constrained_sequences, merge_masks, sampled_slots
+from batchlm.runner.grammar import StepMasks, constrained_sequences
 from batchlm.runner.heap import trim_heap
 from batchlm.runner.inputs import StepInputBuilder, StepInputs, build_step_inputs
 from batchlm.runner.kv_cache import (
@@ -40,7 +39,6 @@ from batchlm.sampling.plan import has_penalty
 from batchlm.sampling.sampler import Sampler
 from batchlm.sampling.state import SamplingState
 from batchlm.startup_log import log_phase
-from batchlm.structured.sequences import GrammarMasks, PrefetchedMasks
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +121,7 @@ class ModelRunner:
         self._penalized_ids: set[str] = set()
         # Requests under a grammar (structured outputs): their matchers, by request id.
         self.grammars = constrained_sequences(config, model_dir, self.shape.vocab_size)
-        # Masks the worker computes for the next step as soon as the last step's tokens exist.
-        self._prefetched: Future[PrefetchedMasks] | None = None
+        self.masks = StepMasks(self.grammars, self._mask_buffer)
         # The last step's sampled tokens (fill the next step's placeholders) and outputs not yet read.
         self._previous: PreviousTokens | None = None
         self._unresolved: list[PendingStepOutput] = []
@@ -289,27 +286,15 @@ class ModelRunner:
         tokens. Steps must have their outputs read (result()) in launch order or not at all; a step
         that samples for a penalized request first waits for the previous step's tokens.
 
-        Constrained rows' masks: when the step's tokens so far are known, they are computed on a
-        worker thread while the forward pass runs. When their last tokens are still in flight (async
-        scheduling), the worker computed them ahead: the last step asked it to wait for its tokens and
-        then advance the matchers and fill the masks (`prefetch_masks`), overlapping the host's
-        scheduling and this step's forward on the device."""
+        Constrained rows' masks overlap the forward pass (runner/grammar.StepMasks)."""
         self._update_states(scheduled)
         if scheduled.is_empty:
             return PendingStepOutput.ready()
         inputs = self.input_builder.build(scheduled, self._previous)
         request_ids = tuple(inputs.sample_request_ids)
-        grammar_rows = constrained_rows(self.grammars, request_ids)
-        prefetched, self._prefetched = self._prefetched, None
-        masks = None
-        if (
-            grammar_rows
-            and prefetched is None
-            and self.grammars.tokens_known([rid for _, rid in grammar_rows])
-        ):
-            masks = self.grammars.start_masks(grammar_rows)
+        masks = self.masks.start(request_ids)
         logits = self._forward(inputs)
-        grammar = self._grammar_masks(grammar_rows, masks, prefetched)
+        grammar = self.masks.result(masks, self._resolve_outputs)
         if not request_ids:
             self._previous = None
             return PendingStepOutput.ready()
@@ -323,39 +308,9 @@ class ModelRunner:
         self._previous = PreviousTokens(token_ids, {rid: row for row, rid in enumerate(request_ids)})
         self._unresolved = [p for p in self._unresolved if not p.is_resolved]
         self._unresolved.append(pending)
-        if grammar_rows and packed is None and verification is None:
-            slots = sampled_slots(grammar_rows, pending.positions)
-            out = self._mask_buffer(len(slots))
-            self._prefetched = self.grammars.prefetch_masks(slots, pending.peek_token_ids, out)
+        if masks.rows and packed is None and verification is None:
+            self.masks.prefetch(masks, pending)
         return pending
-
-    def _grammar_masks(
-        self,
-        rows: list[tuple[int, str]],
-        started: Future[GrammarMasks] | None,
-        prefetched: Future[PrefetchedMasks] | None,
-    ) -> GrammarMasks | None:
-        """This step's masks: started before the forward, prefetched by the last step, or computed
-        now for the rows neither covers (after waiting for their tokens)."""
-        ahead = prefetched.result() if prefetched is not None else None  # read before touching matchers
-        if not rows:
-            return None
-        if started is not None:
-            return started.result()
-        missing = [(row, rid) for row, rid in rows if ahead is None or rid not in ahead.index]
-        computed = None
-        if missing:
-            if not self.grammars.tokens_known([rid for _, rid in missing]):
-                self._resolve_outputs()  # grammars need real token ids, not placeholders
-            computed = self.grammars.start_masks(missing).result()
-        return merge_masks(rows, ahead, computed, self._mask_buffer(len(rows)))
-
-    def _mask_buffer(self, rows: int) -> np.ndarray:
-        """Scratch for `rows` bitmask rows: pinned memory on a GPU, so the upload needs no copy."""
-        staging = self.sampler.grammar_staging(self.grammars.bitmask_words)
-        if staging is None:
-            return np.empty((rows, self.grammars.bitmask_words), dtype=np.int32)
-        return staging.buffer(rows)
 
     def _row_states(
         self, scheduled: SchedulerOutput, request_ids: tuple[str, ...], has_drafts: bool
@@ -366,6 +321,13 @@ class ModelRunner:
         groups = verify_groups(scheduled)
         verification = Verification(tuple(groups), {g.request_id: self.states[g.request_id] for g in groups})
         return row_states(self.states, request_ids, groups), verification
+
+    def _mask_buffer(self, rows: int) -> np.ndarray:
+        """Scratch for `rows` bitmask rows: pinned memory on a GPU, so the upload needs no copy."""
+        staging = self.sampler.grammar_staging(self.grammars.bitmask_words)
+        if staging is None:
+            return np.empty((rows, self.grammars.bitmask_words), dtype=np.int32)
+        return staging.buffer(rows)
 
     def _resolve_outputs(self) -> None:
         """Wait for every launched step's tokens, so that the states hold no placeholders."""
