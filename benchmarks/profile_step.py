@@ -181,10 +181,11 @@ def instrument_grammar(grammars: Any) -> None:
     grammars._prefetch = lambda backend, entries, sampled, out: timed("prefetch (worker)", prefetch)(
         backend, entries, timed("  tokens wait", sampled), out
     )
+    import batchlm.structured.sequences as sequences
     from batchlm.structured.llguidance_backend import LLGuidanceBackend
 
     LLGuidanceBackend.fill_bitmasks = timed("  fill", LLGuidanceBackend.fill_bitmasks)  # type: ignore[method-assign]
-    LLGuidanceBackend.accept_tokens = timed("  accept", LLGuidanceBackend.accept_tokens)  # type: ignore[method-assign]
+    sequences.advance = timed("  accept", sequences.advance)
 
 
 def main() -> None:

@@ -49,12 +49,6 @@ class GrammarBackend(Protocol):
         """Fill bitmask[i] for matchers[i], all rows at once (a backend may spread them over threads)."""
         ...
 
-    def accept_tokens(self, steps: list[tuple[GrammarMatcher, int]]) -> list[bool]:
-        """Advance each matcher over its token, all at once (a backend may spread them over threads);
-        per pair, False if the grammar rejects the token (as GrammarMatcher.accept). One matcher at
-        most once per call."""
-        ...
-
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")

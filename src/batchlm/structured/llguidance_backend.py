@@ -147,22 +147,6 @@ class LLGuidanceBackend:
             raise GrammarError(f"the {_kind_name(spec)} does not compile: {matcher.get_error().strip()}")
         return matcher
 
-    def accept_tokens(self, steps: Sequence[tuple[GrammarMatcher, int]]) -> list[bool]:
-        """Ours advance on the executor's threads without the GIL; any other matcher by itself."""
-        accepted = [False] * len(steps)
-        ours: list[tuple[llguidance.LLMatcher, int]] = []
-        positions: list[int] = []
-        for index, (matcher, token_id) in enumerate(steps):
-            if isinstance(matcher, LLGuidanceMatcher):
-                ours.append((matcher.inner, token_id))
-                positions.append(index)
-            else:
-                accepted[index] = matcher.accept(token_id)
-        if ours:
-            for index, ok in zip(positions, self._executor.consume_token_par(ours), strict=True):
-                accepted[index] = bool(ok)
-        return accepted
-
     def fill_bitmasks(self, matchers: Sequence[GrammarMatcher], bitmask: np.ndarray) -> None:
         """bitmask: [rows, bitmask_words] int32, C-contiguous; row i for matchers[i]."""
         assert bitmask.dtype == np.int32 and bitmask.flags["C_CONTIGUOUS"]

@@ -51,14 +51,12 @@ class SampledSlot:
     position: int
 
 
-def advance(backend: GrammarBackend, matchers: list[GrammarMatcher], new_tokens: list[list[int]]) -> None:
-    """Advance matchers[i] over new_tokens[i], every matcher's next token in one batched call."""
-    for depth in range(max(map(len, new_tokens), default=0)):
-        steps = [
-            (m, tokens[depth]) for m, tokens in zip(matchers, new_tokens, strict=True) if depth < len(tokens)
-        ]
-        for (_, token_id), accepted in zip(steps, backend.accept_tokens(steps), strict=True):
-            if not accepted:
+def advance(matchers: list[GrammarMatcher], new_tokens: list[list[int]]) -> None:
+    """Advance matchers[i] over new_tokens[i], one at a time: measured faster than handing the batch to
+    llguidance's threads (BENCHMARKS.md)."""
+    for matcher, tokens in zip(matchers, new_tokens, strict=True):
+        for token_id in tokens:
+            if not matcher.accept(token_id):
                 logger.warning("a constrained sequence sampled token %d its grammar rejects", token_id)
 
 
@@ -175,7 +173,7 @@ class ConstrainedSequences:
         new_tokens: list[list[int]],
     ) -> GrammarMasks:
         matchers = [seq.matcher for seq in sequences]
-        advance(backend, matchers, new_tokens)
+        advance(matchers, new_tokens)
         bitmask = np.empty((len(rows), backend.bitmask_words), dtype=np.int32)
         backend.fill_bitmasks(matchers, bitmask)
         return GrammarMasks(rows, bitmask)
@@ -219,7 +217,7 @@ class ConstrainedSequences:
             seq.num_accepted = slot.position + 1
             index[slot.request_id] = len(matchers)
             matchers.append(seq.matcher)
-        advance(backend, matchers, new_tokens)
+        advance(matchers, new_tokens)
         bitmask = out[: len(matchers)]
         if matchers:
             backend.fill_bitmasks(matchers, bitmask)
