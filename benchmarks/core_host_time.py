@@ -22,8 +22,8 @@ from batchlm.core.engine_core import EngineCore
 from batchlm.core.facts import EngineStats
 from batchlm.core.scheduler import Scheduler, SchedulerConfig
 from batchlm.core.step_io import ModelRunnerOutput, SchedulerOutput
-from batchlm.engine.core_messages import StepOutputs
 from batchlm.engine.output_processor import OutputProcessor
+from batchlm.executor.core_messages import StepOutputs
 from batchlm.request import EngineCoreRequest
 from batchlm.runner.inputs import StepInputBuilder
 from batchlm.runner.step_output import PreviousTokens

@@ -40,9 +40,9 @@ from batchlm.core.engine_core import EngineCore
 from batchlm.core.facts import ModelFacts
 from batchlm.core.step_io import ModelRunnerOutput, SchedulerOutput
 from batchlm.engine.async_engine import AsyncLLMEngine
-from batchlm.engine.core_builder import build_scheduler
-from batchlm.engine.core_messages import CoreReady
-from batchlm.engine.core_process import CoreLoop
+from batchlm.executor.core_builder import build_scheduler
+from batchlm.executor.core_messages import CoreReady
+from batchlm.executor.core_process import CoreLoop
 from batchlm.request import EngineCoreRequest
 from batchlm.sampling_params import SamplingParams
 

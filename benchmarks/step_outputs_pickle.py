@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from batchlm.core.facts import EngineStats
-from batchlm.engine.core_messages import StepOutputs
+from batchlm.executor.core_messages import StepOutputs
 from batchlm.outputs import EngineCoreOutput, FinishReason
 
 

@@ -7,7 +7,7 @@ import threading
 
 from batchlm.config import EngineConfig
 from batchlm.engine.async_engine import AsyncLLMEngine, _merge_adds
-from batchlm.engine.core_messages import AbortRequests, AddRequests, Shutdown, ToCore
+from batchlm.executor.core_messages import AbortRequests, AddRequests, Shutdown, ToCore
 
 
 class BlockingConnection:

@@ -18,7 +18,7 @@ from batchlm.config import EngineConfig
 from batchlm.core.engine_core import EngineCore
 from batchlm.core.scheduler import Scheduler, SchedulerConfig
 from batchlm.core.step_io import PLACEHOLDER_TOKEN_ID, ModelRunnerOutput, ScheduledChunk, SchedulerOutput
-from batchlm.engine.core_builder import check_async_scheduling, resolve_async_scheduling
+from batchlm.executor.core_builder import check_async_scheduling, resolve_async_scheduling
 from batchlm.outputs import EngineCoreOutput, FinishReason
 from batchlm.request import EngineCoreRequest
 from scheduler_harness import Driver, PagedFakeRunner, Trace, make_request, reference_generation

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from batchlm.config import EngineConfig
-from batchlm.engine.core_builder import build_engine_core
+from batchlm.executor.core_builder import build_engine_core
 from batchlm.gc_tuning import freeze_startup_objects
 from batchlm.startup_log import PREFIX
 

@@ -12,8 +12,8 @@ from multiprocessing.connection import Connection
 from typing import TypeVar
 
 from batchlm.core.facts import EngineStats
-from batchlm.engine.core_messages import AddRequests, RequestRejected, Shutdown, StepOutputs
-from batchlm.engine.core_process import CoreLoop
+from batchlm.executor.core_messages import AddRequests, RequestRejected, Shutdown, StepOutputs
+from batchlm.executor.core_process import CoreLoop
 from batchlm.outputs import EngineCoreOutput, FinishReason
 from batchlm.request import EngineCoreRequest
 from batchlm.sampling_params import SamplingParams

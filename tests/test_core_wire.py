@@ -5,7 +5,7 @@ from __future__ import annotations
 import pickle
 
 from batchlm.core.facts import EngineStats
-from batchlm.engine.core_messages import StepOutputs
+from batchlm.executor.core_messages import StepOutputs
 from batchlm.outputs import EngineCoreOutput, FinishReason, TokenLogprobs
 
 

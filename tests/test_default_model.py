@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from batchlm.config import DEMO_MODEL, EngineConfig
-from batchlm.engine.core_builder import served_model_name
 from batchlm.models import default_model
 from batchlm.models.default_model import (
     CACHE_SUBDIR,
@@ -28,6 +27,7 @@ from batchlm.models.default_model import (
     ensure_default_model,
 )
 from batchlm.models.demo import DEMO_MODEL_NAME, DEMO_VERSION
+from batchlm.models.model_source import served_model_name
 from batchlm.models.package_index import download_from_json_api
 
 UNREACHABLE_INDEX = "http://127.0.0.1:9/simple"  # the discard port: connection refused

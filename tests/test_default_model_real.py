@@ -17,7 +17,6 @@ import torch
 
 from batchlm.config import EngineConfig
 from batchlm.engine.async_engine import AsyncLLMEngine
-from batchlm.engine.core_builder import load_tokenizer
 from batchlm.kernels.cpu_quant import quant_library
 from batchlm.layers.quantization import registry
 from batchlm.layers.quantization.cpu_quantized import CPU_QUANTIZED
@@ -25,6 +24,7 @@ from batchlm.layers.quantization.layer import MethodLayer
 from batchlm.models.default_model import DEFAULT_MODEL_NAME, ensure_default_gguf
 from batchlm.models.gguf_model_dir import prepare_gguf_model_dir
 from batchlm.models.loader import load_model
+from batchlm.models.model_source import load_tokenizer
 from batchlm.server.background import BackgroundServer
 from batchlm.server.state import ServerSettings
 from fake_engine import openai_client

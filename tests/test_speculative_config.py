@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from batchlm.config import EngineConfig
 from batchlm.engine.client import EngineStats
-from batchlm.engine.core_builder import SPECULATIVE_MAX_BATCH, resolve_speculation
+from batchlm.executor.core_builder import SPECULATIVE_MAX_BATCH, resolve_speculation
 from batchlm.flags import add_engine_arguments, dataclass_from_args
 from batchlm.server.metrics import EngineStatsCollector
 

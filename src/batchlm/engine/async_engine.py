@@ -19,8 +19,10 @@ from typing import Any, assert_never
 from batchlm.config import EngineConfig
 from batchlm.core.facts import ModelFacts
 from batchlm.engine.client import EngineDeadError, EngineStats, ModelInfo, RequestRejectedError
-from batchlm.engine.core_builder import load_tokenizer, prepare_model_dir, served_model_name
-from batchlm.engine.core_messages import (
+from batchlm.engine.front_end import StreamingFrontEnd
+from batchlm.engine.input_processor import InputProcessor, ModelLimits
+from batchlm.engine.output_processor import OutputProcessor
+from batchlm.executor.core_messages import (
     AbortRequests,
     AddRequests,
     CoreFailed,
@@ -31,10 +33,8 @@ from batchlm.engine.core_messages import (
     StepOutputs,
     ToCore,
 )
-from batchlm.engine.core_process import engine_core_main
-from batchlm.engine.front_end import StreamingFrontEnd
-from batchlm.engine.input_processor import InputProcessor, ModelLimits
-from batchlm.engine.output_processor import OutputProcessor
+from batchlm.executor.core_process import engine_core_main
+from batchlm.models.model_source import load_tokenizer, prepare_model_dir, served_model_name
 from batchlm.request import EngineCoreRequest
 from batchlm.startup_log import log_uptime, timed_phase
 from batchlm.tokenizer.tokenizer import Tokenizer

@@ -9,10 +9,11 @@ from typing import Any
 
 from batchlm.config import EngineConfig
 from batchlm.cpu_wait_policy import prefer_passive_waiting
-from batchlm.engine.core_builder import build_engine_core, load_tokenizer, prepare_model_dir
 from batchlm.engine.input_processor import InputProcessor, ModelLimits
 from batchlm.engine.output_processor import OutputProcessor
 from batchlm.engine.requests import make_core_requests
+from batchlm.executor.core_builder import build_engine_core
+from batchlm.models.model_source import load_tokenizer, prepare_model_dir
 from batchlm.outputs import RequestOutput
 from batchlm.sampling_params import SamplingParams
 from batchlm.tokenizer.tokenizer import Tokenizer

@@ -1,2 +1,3 @@
-"""Executors the engine core drives besides a single in-process ModelRunner: tensor parallelism over
-worker processes, one ModelRunner per rank."""
+"""The engine-core process side: the core builder (a single ModelRunner or the tensor-parallel
+executor), the core's loop behind its pipes and their messages, and the tensor-parallel executor with
+its worker processes and step wire."""

@@ -246,7 +246,7 @@ def api_server_main(spec: ApiServerSpec) -> None:
     configure_logging(spec.settings.log_level, tag=f"api-server-{spec.index}")
     # The tokenizer (transformers' import, then the file) is the longest part of this process's
     # start: it loads on a thread while the server's own modules import.
-    from batchlm.engine.core_builder import load_tokenizer
+    from batchlm.models.model_source import load_tokenizer
 
     tokenizer = concurrent.futures.ThreadPoolExecutor(1).submit(load_tokenizer, spec.config, spec.model_dir)
     from batchlm.server.launcher import run_event_loop

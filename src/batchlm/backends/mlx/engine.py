@@ -13,10 +13,10 @@ from batchlm.backends.mlx.loader import check_config, resolve_model_dir
 from batchlm.backends.mlx.worker import GenerationWorker, WorkerInfo
 from batchlm.config import EngineConfig
 from batchlm.engine.client import EngineDeadError, EngineStats, ModelInfo
-from batchlm.engine.core_builder import served_model_name
 from batchlm.engine.front_end import StreamingFrontEnd
 from batchlm.engine.input_processor import InputProcessor, ModelLimits
 from batchlm.engine.output_processor import OutputProcessor
+from batchlm.models.model_source import served_model_name
 from batchlm.request import EngineCoreRequest
 from batchlm.tokenizer.tokenizer import Tokenizer
 

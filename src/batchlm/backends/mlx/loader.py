@@ -57,8 +57,8 @@ def check_config(config: EngineConfig) -> None:
 def resolve_model_dir(config: EngineConfig) -> Path:
     """The model's local directory: a local path or a hub download; the built-in default is a GGUF
     file, which mlx-lm does not load, so this backend serves the random demo model in its place."""
-    from batchlm.engine.core_builder import prepare_model_dir
     from batchlm.models.gguf_model_dir import find_gguf_file
+    from batchlm.models.model_source import prepare_model_dir
 
     if config.model == DEMO_MODEL:
         from batchlm.models.demo import ensure_demo_model

@@ -1,4 +1,4 @@
-"""Assemble an engine core (model runner + scheduler) from a config, and find the model on disk."""
+"""Assemble an engine core (model runner or tensor-parallel executor, and scheduler) from a config."""
 
 from __future__ import annotations
 
@@ -6,14 +6,13 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from batchlm.config import DEMO_MODEL, EngineConfig
+from batchlm.config import EngineConfig
 from batchlm.core.engine_core import EngineCore, Executor
 from batchlm.core.facts import ModelFacts
 from batchlm.core.scheduler import Scheduler, SchedulerConfig
 from batchlm.core.speculation import SPECULATIVE_MODES, SpeculationConfig
 from batchlm.gc_tuning import freeze_startup_objects
 from batchlm.startup_log import log_uptime, timed_phase
-from batchlm.tokenizer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -45,47 +44,6 @@ class StartupPhases:
             "KV cache sizing",
             "KV cache allocation",
         )
-
-
-def prepare_model_dir(config: EngineConfig) -> Path:
-    """The local directory of the model: the built-in default, a GGUF file's derived directory, a
-    local path, or a hub download."""
-    if config.model == DEMO_MODEL:
-        from batchlm.models.default_model import ensure_default_model
-
-        return ensure_default_model()
-    from batchlm.models.gguf_model_dir import find_gguf_file, prepare_gguf_model_dir
-    from batchlm.models.hub import resolve_model_dir
-
-    gguf_file = find_gguf_file(Path(config.model).expanduser())
-    if gguf_file is not None:
-        return prepare_gguf_model_dir(gguf_file)
-
-    return resolve_model_dir(config.model, config.revision)
-
-
-def load_tokenizer(config: EngineConfig, model_dir: Path) -> Tokenizer:
-    """The tokenizer from --tokenizer (a path or hub id) or the model directory, with any template override."""
-    source = model_dir
-    if config.tokenizer:
-        from batchlm.models.hub import resolve_model_dir
-
-        source = resolve_model_dir(config.tokenizer, config.revision)
-    return Tokenizer.from_pretrained(
-        source, chat_template=config.chat_template, trust_remote_code=config.trust_remote_code
-    )
-
-
-def served_model_name(config: EngineConfig, model_dir: Path | None = None) -> str:
-    """--served-model-name, else the built-in model's own name (the real default or, where it fell
-    back, the random demo: `model_dir` tells which), else --model as given."""
-    if config.served_model_name:
-        return config.served_model_name
-    if config.model == DEMO_MODEL:
-        from batchlm.models.default_model import default_model_name
-
-        return default_model_name(model_dir)
-    return config.model.rstrip("/")
 
 
 ASYNC_SCHEDULING_MODES = ("auto", "on", "off")

@@ -24,7 +24,7 @@ from typing import assert_never
 from batchlm.config import EngineConfig
 from batchlm.core.engine_core import EngineCore
 from batchlm.cpu_wait_policy import prefer_passive_waiting
-from batchlm.engine.core_messages import (
+from batchlm.executor.core_messages import (
     AbortRequests,
     AddRequests,
     CoreFailed,
@@ -66,7 +66,7 @@ def engine_core_main(
     try:
         prefer_passive_waiting(config.device)  # before anything loads torch, and libgomp with it
         configure_child_threads()
-        from batchlm.engine.core_builder import build_engine_core
+        from batchlm.executor.core_builder import build_engine_core
 
         core, info = build_engine_core(config, model_dir)
     except Exception as exc:  # report every start-up failure to the front end, then exit
