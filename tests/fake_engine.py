@@ -13,15 +13,16 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
+from batchlm.core.facts import ModelFacts
 from batchlm.engine.client import (
     EngineClient,
     EngineDeadError,
     EngineStats,
-    ModelInfo,
     QueueFullError,
     RequestRejectedError,
+    ServedModel,
 )
-from batchlm.engine.input_processor import InputProcessor, ModelLimits, ValidatedRequest
+from batchlm.engine.input_processor import InputProcessor, ValidatedRequest
 from batchlm.outputs import CompletionOutput, FinishReason, RequestMetrics, RequestOutput, TokenLogprobs
 from batchlm.sampling_params import SamplingParams
 
@@ -140,11 +141,10 @@ class FakeEngine(EngineClient):
     ) -> None:
         self.tokenizer = tokenizer if tokenizer is not None else FakeTokenizer()
         vocab_size = self.tokenizer.vocab_size
-        self.model_info = ModelInfo(served_model_name, max_model_len, vocab_size, ("/models/fake",))
+        facts = ModelFacts(max_model_len, vocab_size)
+        self.model_info = ServedModel(served_model_name, facts, ("/models/fake",))
         chars_per_token = getattr(self.tokenizer, "max_chars_per_token", None)
-        self.input_processor = InputProcessor(
-            ModelLimits(max_model_len, vocab_size, max_chars_per_token=chars_per_token)
-        )
+        self.input_processor = InputProcessor(facts, chars_per_token)
         self.reply = reply
         self.token_delay_s = token_delay_s
         self.first_token_delay_s = first_token_delay_s
@@ -258,7 +258,7 @@ class FakeEngine(EngineClient):
             raise EngineDeadError("the fake engine is still loading")
         if self.max_in_flight is not None and len(self._active) >= self.max_in_flight:
             raise QueueFullError(f"{len(self._active)} requests are already running")
-        bad = [t for t in call.prompt_token_ids if not 0 <= t < self.model_info.vocab_size]
+        bad = [t for t in call.prompt_token_ids if not 0 <= t < self.model_info.facts.vocab_size]
         if bad:
             raise RequestRejectedError(f"prompt token id {bad[0]} is out of range", "prompt")
         if self.reject_message is not None:
@@ -298,7 +298,9 @@ class FakeEngine(EngineClient):
         choice.emitted = max(choice.emitted, visible)
         logprobs = None
         if params.logprobs is not None:
-            top = tuple(((token + k) % self.model_info.vocab_size, -0.25 - k) for k in range(params.logprobs))
+            top = tuple(
+                ((token + k) % self.model_info.facts.vocab_size, -0.25 - k) for k in range(params.logprobs)
+            )
             logprobs = [TokenLogprobs(logprob=-0.25 - 0.01 * step, rank=1, top=top)]
         return CompletionOutput(
             choice.index, delta, [token], None, logprobs, choice.finish_reason, choice.stop_reason

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from batchlm.core.facts import ModelFacts
 from batchlm.engine.client import RequestRejectedError
-from batchlm.engine.input_processor import InputProcessor, ModelLimits
+from batchlm.engine.input_processor import InputProcessor
 from batchlm.engine.requests import make_core_requests
 from batchlm.sampling_params import SamplingParams
 
@@ -14,7 +15,7 @@ from batchlm.sampling_params import SamplingParams
 def validate_request(
     prompt: list[int], params: SamplingParams, max_model_len: int, vocab_size: int
 ) -> SamplingParams:
-    return InputProcessor(ModelLimits(max_model_len, vocab_size)).process(prompt, params).params
+    return InputProcessor(ModelFacts(max_model_len, vocab_size)).process(prompt, params).params
 
 
 def test_max_tokens_defaults_to_the_room_left() -> None:
@@ -53,8 +54,8 @@ def test_fan_out_gives_distinct_reproducible_seeds() -> None:
     ("prompt_len", "limits", "max_tokens", "message"),
     [
         (10, {"max_model_len": 10}, 4, "maximum context length is 10 tokens.*10 tokens, leaving no room"),
-        (9, {"num_kv_blocks": 2}, 1, "needs up to 3 KV-cache blocks .* the whole cache has 2 blocks"),
-        (4, {"num_kv_blocks": 2, "max_model_len": 64}, None, "needs up to 16 KV-cache blocks"),
+        (9, {"num_blocks": 2}, 1, "needs up to 3 KV-cache blocks .* the whole cache has 2 blocks"),
+        (4, {"num_blocks": 2, "max_model_len": 64}, None, "needs up to 16 KV-cache blocks"),
         (0, {}, 4, "is empty"),
     ],
 )
@@ -62,22 +63,22 @@ def test_requests_that_can_never_run_are_rejected(
     prompt_len: int, limits: dict[str, int], max_tokens: int | None, message: str
 ) -> None:
     # These were the scheduler's checks; the scheduler now takes requests as validated.
-    model = ModelLimits(**{"max_model_len": 32, "vocab_size": 50, "block_size": 4, **limits})
+    model = ModelFacts(**{"max_model_len": 32, "vocab_size": 50, "block_size": 4, **limits})
     with pytest.raises(RequestRejectedError, match=message):
         InputProcessor(model).process([1] * prompt_len, SamplingParams(max_tokens=max_tokens))
 
 
 def test_a_text_is_refused_by_its_length_only_where_the_tokenizer_bounds_it() -> None:
-    bounded = InputProcessor(ModelLimits(10, 50, max_chars_per_token=3))
+    bounded = InputProcessor(ModelFacts(10, 50), max_chars_per_token=3)
     bounded.check_text_length(30, "prompt")
     with pytest.raises(RequestRejectedError, match="31 characters long") as info:
         bounded.check_text_length(31, "prompt")
     assert (info.value.param, info.value.code) == ("prompt", "context_length_exceeded")
-    InputProcessor(ModelLimits(10, 50)).check_text_length(10**9, "prompt")
+    InputProcessor(ModelFacts(10, 50)).check_text_length(10**9, "prompt")
 
 
 def test_truncation_keeps_the_last_tokens_and_drops_the_text() -> None:
-    processor = InputProcessor(ModelLimits(max_model_len=8, vocab_size=50))
+    processor = InputProcessor(ModelFacts(max_model_len=8, vocab_size=50))
     params = SamplingParams(max_tokens=None, truncate_prompt_tokens=5)
     request = processor.process(list(range(20)), params, prompt="long")
     assert request.prompt_token_ids == [15, 16, 17, 18, 19] and request.prompt is None

@@ -162,7 +162,7 @@ def test_abort_ends_the_consumer_with_cancellation(harness: EngineHarness) -> No
 
 @needs_mlx
 def test_requests_beyond_the_limits_are_rejected(harness: EngineHarness) -> None:
-    limit = harness.engine.model_info.max_model_len
+    limit = harness.engine.model_info.facts.max_model_len
     with pytest.raises(RequestRejectedError) as too_long:
         harness.first([5] * limit, SamplingParams(), "long")
     assert too_long.value.param == "messages"

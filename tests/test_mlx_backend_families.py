@@ -52,7 +52,7 @@ def mlx_tokens(
     try:
         params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
         tokens = [joined(harness.collect(p, params, f"r{i}"))[1] for i, p in enumerate(prompts)]
-        return harness.engine.model_info.max_model_len, tokens
+        return harness.engine.model_info.facts.max_model_len, tokens
     finally:
         harness.close()
 

@@ -9,16 +9,18 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class ModelFacts:
     """What the runner learned once the model and its KV cache are up: the scheduler is sized from it
-    and the front end validates requests against it."""
+    and the input processor validates requests against it. The one description of the loaded model:
+    an engine without a fixed KV cache (the MLX backend) gives the first two fields only."""
 
     # Max prompt + output tokens of one request.
     max_model_len: int
     vocab_size: int
-    num_blocks: int
-    block_size: int
-    max_num_batched_tokens: int
-    device: str
-    dtype: str
+    # The whole KV cache in blocks; 0 when the engine has no fixed cache.
+    num_blocks: int = 0
+    block_size: int = 16
+    max_num_batched_tokens: int = 0
+    device: str = ""
+    dtype: str = ""
     # Bits per KV-cache element: 8 for an FP8 cache, else the model dtype's.
     kv_cache_bits: int = 0
 

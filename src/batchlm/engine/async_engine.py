@@ -18,9 +18,9 @@ from typing import Any, assert_never
 
 from batchlm.config import EngineConfig
 from batchlm.core.facts import ModelFacts
-from batchlm.engine.client import EngineDeadError, EngineStats, ModelInfo, RequestRejectedError
+from batchlm.engine.client import EngineDeadError, EngineStats, RequestRejectedError, ServedModel
 from batchlm.engine.front_end import StreamingFrontEnd
-from batchlm.engine.input_processor import InputProcessor, ModelLimits
+from batchlm.engine.input_processor import InputProcessor
 from batchlm.engine.output_processor import OutputProcessor
 from batchlm.executor.core_messages import (
     AbortRequests,
@@ -147,14 +147,10 @@ class AsyncLLMEngine(StreamingFrontEnd):
             self._dead_reason = reason
             raise EngineDeadError(f"the engine failed to start: {reason}")
         facts = self.info = first.facts
-        self.input_processor = InputProcessor(ModelLimits.of_core(facts, self.tokenizer.max_chars_per_token))
+        self.input_processor = InputProcessor(facts, self.tokenizer.max_chars_per_token)
         name = served_model_name(self.config, model_dir)
-        self.model_info = ModelInfo(
-            served_model_name=name,
-            max_model_len=facts.max_model_len,
-            vocab_size=facts.vocab_size,
-            aliases=tuple({self.config.model, str(model_dir)} - {name}),
-        )
+        aliases = tuple({self.config.model, str(model_dir)} - {name})
+        self.model_info = ServedModel(name, facts, aliases)
         threading.Thread(target=self._read_loop, name="batchlm-engine-reader", daemon=True).start()
         self._writer = threading.Thread(target=self._write_loop, name="batchlm-engine-writer", daemon=True)
         self._writer.start()

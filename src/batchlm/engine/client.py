@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from batchlm.core.facts import EngineStats as EngineStats  # the type EngineClient.stats returns
+from batchlm.core.facts import ModelFacts
 from batchlm.outputs import RequestOutput
 from batchlm.sampling_params import SamplingParams
 
@@ -36,14 +37,12 @@ class QueueFullError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class ModelInfo:
-    """What the server needs to know about the loaded model."""
+class ServedModel:
+    """The loaded model as the API names it, with its facts (limits, vocabulary) as the core reported them."""
 
     # Name the API reports and accepts in the `model` field.
     served_model_name: str
-    # Max prompt + output tokens of one request.
-    max_model_len: int
-    vocab_size: int
+    facts: ModelFacts
     # Aliases also accepted in the `model` field (e.g. the model path).
     aliases: tuple[str, ...] = field(default_factory=tuple)
 
@@ -53,7 +52,7 @@ class EngineClient(ABC):
     per completion index that changed, only the new text/token ids/logprobs since the previous yield;
     the last one has finished=True. Cancelling the iterator (client disconnect) aborts the request."""
 
-    model_info: ModelInfo
+    model_info: ServedModel
     # Tokenizer with the chat template (the server tokenizes; the engine only sees token ids).
     tokenizer: Tokenizer
     # Checks requests against this engine's model (set once the engine is ready).

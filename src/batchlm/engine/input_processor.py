@@ -7,44 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
+from batchlm.core.facts import ModelFacts
 from batchlm.engine.client import RequestRejectedError
 from batchlm.sampling_params import SamplingParams
 
 CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
-
-
-class CoreFacts(Protocol):
-    """What a started engine core reports about its model and KV cache (CoreInfo)."""
-
-    @property
-    def max_model_len(self) -> int: ...
-    @property
-    def vocab_size(self) -> int: ...
-    @property
-    def num_blocks(self) -> int: ...
-    @property
-    def block_size(self) -> int: ...
-
-
-@dataclass(frozen=True)
-class ModelLimits:
-    """The model facts a request is validated against."""
-
-    max_model_len: int
-    vocab_size: int
-    # The whole KV cache, when one request could outgrow it (None: the engine has no fixed cache).
-    num_kv_blocks: int | None = None
-    block_size: int = 16
-    # The most characters one token stands for (tokenizer/text_bound.py); None when unknown.
-    max_chars_per_token: int | None = None
-
-    @staticmethod
-    def of_core(core: CoreFacts, max_chars_per_token: int | None = None) -> ModelLimits:
-        return ModelLimits(
-            core.max_model_len, core.vocab_size, core.num_blocks, core.block_size, max_chars_per_token
-        )
 
 
 @dataclass(frozen=True)
@@ -72,13 +40,15 @@ class ValidatedRequest:
 class InputProcessor:
     """Raises RequestRejectedError (a client error, HTTP 400) naming the field at fault."""
 
-    def __init__(self, limits: ModelLimits) -> None:
-        self.limits = limits
+    def __init__(self, facts: ModelFacts, max_chars_per_token: int | None = None) -> None:
+        self.facts = facts
+        # The most characters one token stands for (tokenizer/text_bound.py); None when unknown.
+        self.max_chars_per_token = max_chars_per_token
 
     def check_text_length(self, chars: int, param: str) -> None:
         """Refuse a text whose length alone shows it cannot fit the context, before tokenizing it: with
         tokens of at most L characters it needs more than max_model_len tokens beyond max_model_len x L."""
-        per_token, max_len = self.limits.max_chars_per_token, self.limits.max_model_len
+        per_token, max_len = self.max_chars_per_token, self.facts.max_model_len
         if per_token is not None and chars > max_len * per_token:
             raise RequestRejectedError(
                 f"This model's maximum context length is {max_len} tokens. However, your {param} is "
@@ -115,7 +85,7 @@ class InputProcessor:
         return ValidatedRequest(list(prompt_token_ids), params, prompt)
 
     def _check_room(self, prompt_len: int, names: FieldNames) -> None:
-        max_len = self.limits.max_model_len
+        max_len = self.facts.max_model_len
         if prompt_len >= max_len:
             raise RequestRejectedError(
                 f"This model's maximum context length is {max_len} tokens. However, your {names.prompt} "
@@ -127,7 +97,7 @@ class InputProcessor:
 
     def _with_budget(self, prompt_len: int, params: SamplingParams, names: FieldNames) -> SamplingParams:
         """`params` with max_tokens set: as asked, or all the room the context leaves."""
-        max_len = self.limits.max_model_len
+        max_len = self.facts.max_model_len
         room = max_len - prompt_len
         if params.max_tokens is None:
             return params.clone(max_tokens=room, min_tokens=min(params.min_tokens, room))
@@ -145,11 +115,11 @@ class InputProcessor:
     def _check_kv_room(self, prompt_len: int, params: SamplingParams) -> None:
         """A request must fit the whole KV cache alone, or it could never run. The last generated token
         is never fed back, so it needs no slot."""
-        num_blocks, block_size = self.limits.num_kv_blocks, self.limits.block_size
+        num_blocks, block_size = self.facts.num_blocks, self.facts.block_size
         assert params.max_tokens is not None
         longest = prompt_len + params.max_tokens
         needed = -(-(longest - 1) // block_size)
-        if num_blocks is not None and needed > num_blocks:
+        if num_blocks and needed > num_blocks:
             raise RequestRejectedError(
                 f"The request needs up to {needed} KV-cache blocks ({prompt_len} prompt tokens, up to "
                 f"{longest} tokens in all, {block_size} per block) but the whole cache has {num_blocks} "
@@ -158,7 +128,7 @@ class InputProcessor:
             )
 
     def check_token_ids(self, token_ids: Iterable[int], param: str) -> None:
-        vocab_size = self.limits.vocab_size
+        vocab_size = self.facts.vocab_size
         bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
         if bad is not None:
             raise RequestRejectedError(

@@ -9,7 +9,7 @@ from typing import Any
 
 from batchlm.config import EngineConfig
 from batchlm.cpu_wait_policy import prefer_passive_waiting
-from batchlm.engine.input_processor import InputProcessor, ModelLimits
+from batchlm.engine.input_processor import InputProcessor
 from batchlm.engine.output_processor import OutputProcessor
 from batchlm.engine.requests import make_core_requests
 from batchlm.executor.core_builder import build_engine_core
@@ -36,7 +36,7 @@ class LLM:
         model_dir = prepare_model_dir(self.config)
         self.tokenizer = load_tokenizer(self.config, model_dir)
         self.engine_core, self.info = build_engine_core(self.config, model_dir)
-        self.input_processor = InputProcessor(ModelLimits.of_core(self.info))
+        self.input_processor = InputProcessor(self.info)
         self._counter = itertools.count()
 
     def get_tokenizer(self) -> Tokenizer:

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from batchlm.engine.client import ModelInfo
+from batchlm.engine.client import ServedModel
 from batchlm.engine.input_processor import FieldNames, InputProcessor, ValidatedRequest
 from batchlm.sampling_params import SamplingParams, SamplingParamsError
 from batchlm.server.errors import APIError, rejections_as_400
@@ -35,7 +35,7 @@ CHAT_UNSUPPORTED: tuple[UnsupportedRule, ...] = (
 )
 
 
-def check_model(requested: str | None, info: ModelInfo) -> None:
+def check_model(requested: str | None, info: ServedModel) -> None:
     """404 unless `requested` names the served model (or one of its aliases); omitted means the served one."""
     if requested is None or requested == info.served_model_name:
         return

@@ -67,7 +67,9 @@ async def metrics(request: Request) -> Response:
 
 def _model_card(state: ServerState) -> ModelCard:
     info = state.ready_model()
-    return ModelCard(id=info.served_model_name, created=state.started_at, max_model_len=info.max_model_len)
+    return ModelCard(
+        id=info.served_model_name, created=state.started_at, max_model_len=info.facts.max_model_len
+    )
 
 
 @router.get("/v1/models", response_model=ModelList, responses=ERRORS)

@@ -37,7 +37,7 @@ async def tokenize(state: ServerState, body: TokenizeRequest) -> TokenizeRespons
     else:
         processor = state.engine.input_processor
         tokens = await encode_text(tokenizer, body.prompt or "", body.add_special_tokens, processor)
-    return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=info.max_model_len)
+    return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=info.facts.max_model_len)
 
 
 async def detokenize(state: ServerState, body: DetokenizeRequest) -> DetokenizeResponse:

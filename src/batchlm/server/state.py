@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from starlette.requests import Request
 
-from batchlm.engine.client import EngineClient, ModelInfo
+from batchlm.engine.client import EngineClient, ServedModel
 from batchlm.engine.input_processor import ValidatedRequest
 from batchlm.server.errors import APIError
 from batchlm.server.generation import Generation, InFlight
@@ -69,7 +69,7 @@ class ServerState:
     # Set while the other API-server processes start: /health says "loading" until all of them serve.
     starting_api_servers: bool = False
 
-    def ready_model(self) -> ModelInfo:
+    def ready_model(self) -> ServedModel:
         """The served model's info, or 503 while the engine is loading, after it died, or once a
         graceful shutdown has begun (new requests are refused while the others drain)."""
         if self.shutting_down:
@@ -86,7 +86,7 @@ class ServerState:
             raise APIError(503, "The model is still loading; retry shortly.", code="model_loading")
         return self.engine.model_info
 
-    def admit(self, body: SamplingFields) -> ModelInfo:
+    def admit(self, body: SamplingFields) -> ServedModel:
         """ready_model(), for a generation request that names the served model and an allowed n."""
         info = self.ready_model()
         check_model(body.model, info)

@@ -12,9 +12,10 @@ from batchlm.backends.availability import MLX_INSTALL_HINT, mlx_available
 from batchlm.backends.mlx.loader import check_config, resolve_model_dir
 from batchlm.backends.mlx.worker import GenerationWorker, WorkerInfo
 from batchlm.config import EngineConfig
-from batchlm.engine.client import EngineDeadError, EngineStats, ModelInfo
+from batchlm.core.facts import ModelFacts
+from batchlm.engine.client import EngineDeadError, EngineStats, ServedModel
 from batchlm.engine.front_end import StreamingFrontEnd
-from batchlm.engine.input_processor import InputProcessor, ModelLimits
+from batchlm.engine.input_processor import InputProcessor
 from batchlm.engine.output_processor import OutputProcessor
 from batchlm.models.model_source import served_model_name
 from batchlm.request import EngineCoreRequest
@@ -63,17 +64,11 @@ class MLXEngine(StreamingFrontEnd):
             await self._loop.run_in_executor(None, self._worker.stop, SHUTDOWN_TIMEOUT_S)
             raise
         self.info = info
-        limits = ModelLimits(
-            info.max_model_len, info.vocab_size, max_chars_per_token=self.tokenizer.max_chars_per_token
-        )
-        self.input_processor = InputProcessor(limits)
+        facts = ModelFacts(info.max_model_len, info.vocab_size)
+        self.input_processor = InputProcessor(facts, self.tokenizer.max_chars_per_token)
         name = served_model_name(self.config, model_dir)
-        self.model_info = ModelInfo(
-            served_model_name=name,
-            max_model_len=info.max_model_len,
-            vocab_size=info.vocab_size,
-            aliases=tuple(sorted({self.config.model, str(model_dir)} - {name})),
-        )
+        aliases = tuple(sorted({self.config.model, str(model_dir)} - {name}))
+        self.model_info = ServedModel(name, facts, aliases)
         self._ready = True
         logger.info("mlx engine ready: %s (max_model_len %d)", name, info.max_model_len)
 
