@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+import sys
+from dataclasses import InitVar, dataclass, field
 
 from batchlm.core.block_pool import BlockHash
 from batchlm.outputs import FinishReason
@@ -47,16 +48,22 @@ class RequestState:
     num_preemptions: int = 0
     # Blocks of its table the runner has been sent (a table only grows while held).
     num_blocks_sent: int = 0
+    # The context length (tokens of prompt and output together) of the model; None: no limit here.
+    max_model_len: InitVar[int | None] = None
     # Tokens (prompt + output) after which the request must stop: max_tokens or the context limit,
-    # whichever comes first. Set by the scheduler on arrival.
-    token_limit: int = 0
+    # whichever comes first. The only place the core computes either.
+    token_limit: int = field(init=False)
     # Sampled ids that may end the request (stop_token_ids, and EOS unless ignore_eos): any other
     # token below token_limit needs no stop check.
     stop_token_set: frozenset[int] = field(init=False)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, max_model_len: int | None) -> None:
         self.all_token_ids = list(self.request.prompt_token_ids)
         params = self.request.sampling_params
+        limits = [] if max_model_len is None else [max_model_len]
+        if params.max_tokens is not None:
+            limits.append(len(self.all_token_ids) + params.max_tokens)
+        self.token_limit = min(limits, default=sys.maxsize)
         eos = () if params.ignore_eos else self.request.eos_token_ids
         self.stop_token_set = frozenset((*params.stop_token_ids, *eos))
         # A plain attribute, not a property: it is read several times per request per step.

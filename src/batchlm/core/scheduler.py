@@ -93,29 +93,21 @@ class Scheduler:
 
     def add_request(self, request: EngineCoreRequest) -> None:
         """Queue a validated request (ValueError for an id already in use)."""
-        self._validate(request)
-        state = RequestState(request)
-        max_tokens = request.sampling_params.max_tokens
-        state.token_limit = self.config.max_model_len
-        if max_tokens is not None:
-            state.token_limit = min(state.token_limit, len(request.prompt_token_ids) + max_tokens)
+        state = RequestState(request, max_model_len=self.config.max_model_len)
+        self._validate(state)
         self._requests[request.request_id] = state
         self._tickets.add(request)
         self._waiting.append(state)
         self._prompt_tokens_total += len(request.prompt_token_ids)
 
-    def _validate(self, request: EngineCoreRequest) -> None:
+    def _validate(self, state: RequestState) -> None:
         """Requests arrive validated (engine/input_processor.py); these only catch a caller that skipped it."""
-        config, num_prompt = self.config, len(request.prompt_token_ids)
-        if request.request_id in self._requests:
-            raise ValueError(f"request id {request.request_id!r} is already in use")
-        max_tokens = request.sampling_params.max_tokens
-        longest = (
-            config.max_model_len if max_tokens is None else min(num_prompt + max_tokens, config.max_model_len)
-        )
-        assert 0 < num_prompt < config.max_model_len, "the prompt leaves no room in the context"
+        config = self.config
+        if state.request_id in self._requests:
+            raise ValueError(f"request id {state.request_id!r} is already in use")
+        assert 0 < state.num_prompt_tokens < config.max_model_len, "the prompt leaves no room in the context"
         # The last generated token is never fed back, so it needs no KV slot.
-        assert self.kv.blocks_for_tokens(longest - 1) <= config.num_blocks, (
+        assert self.kv.blocks_for_tokens(state.token_limit - 1) <= config.num_blocks, (
             "the request outgrows the KV cache"
         )
 
@@ -373,7 +365,7 @@ class Scheduler:
                 return EngineCoreOutput(state.request_id, (token_id,))
             decision = None
         else:
-            decision = check_stop(state, self.config.max_model_len)
+            decision = check_stop(state)
         num_cached = 0
         if state.first_output_pending:
             state.first_output_pending = False

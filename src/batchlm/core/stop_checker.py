@@ -17,20 +17,16 @@ class StopDecision:
     stop_token_id: int | None = None
 
 
-def check_stop(state: RequestState, max_model_len: int) -> StopDecision | None:
-    """Checks, in order: stop token ids and EOS (EOS skipped under ignore_eos; neither counts until
-    more than min_tokens tokens exist, matching the sampler which masks them before that), then
-    max_tokens, then the context limit. Returns None while the request should continue."""
+def check_stop(state: RequestState) -> StopDecision | None:
+    """Checks, in order: stop token ids and EOS (`stop_token_set`: EOS left out under ignore_eos;
+    neither counts until more than min_tokens tokens exist, matching the sampler which masks them
+    before that), then the token limit (max_tokens or the context, `token_limit`). Returns None while
+    the request should continue: always for a token neither in `stop_token_set` nor at the limit."""
     params = state.sampling_params
-    num_output = state.num_output_tokens
     last_token = state.all_token_ids[-1]
-    if num_output > params.min_tokens:
-        if last_token in params.stop_token_ids:
-            return StopDecision(FinishReason.STOP, stop_token_id=last_token)
-        if not params.ignore_eos and last_token in state.request.eos_token_ids:
-            return StopDecision(FinishReason.STOP)
-    if params.max_tokens is not None and num_output >= params.max_tokens:
-        return StopDecision(FinishReason.LENGTH)
-    if state.num_tokens >= max_model_len:
+    if last_token in state.stop_token_set and state.num_output_tokens > params.min_tokens:
+        stop_token_id = last_token if last_token in params.stop_token_ids else None
+        return StopDecision(FinishReason.STOP, stop_token_id=stop_token_id)
+    if state.num_tokens >= state.token_limit:
         return StopDecision(FinishReason.LENGTH)
     return None
