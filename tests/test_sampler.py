@@ -7,8 +7,11 @@ import math
 import pytest
 import torch
 
+from batchlm.core.facts import ModelFacts
+from batchlm.engine.client import RequestRejectedError
+from batchlm.engine.input_processor import InputProcessor
 from batchlm.sampling import Sampler, SamplingState
-from batchlm.sampling_params import SamplingParams, SamplingParamsError
+from batchlm.sampling_params import SamplingParams
 
 EOS = 2
 CPU = torch.device("cpu")
@@ -131,10 +134,13 @@ def test_logit_bias_forces_and_forbids_tokens() -> None:
 
 
 def test_logit_bias_outside_vocabulary_is_rejected() -> None:
-    state = make_state(SamplingParams(logit_bias={10: 1.0}))
-    with pytest.raises(SamplingParamsError, match="logit_bias token id 10") as info:
-        Sampler(10, CPU)(torch.zeros(1, 10), [state])
+    # At the edge, naming the field; the step only asserts what the edge guarantees.
+    params = SamplingParams(logit_bias={10: 1.0})
+    with pytest.raises(RequestRejectedError, match="Token id 10") as info:
+        InputProcessor(ModelFacts(max_model_len=16, vocab_size=10)).process([1], params)
     assert info.value.param == "logit_bias"
+    with pytest.raises(AssertionError):
+        Sampler(10, CPU)(torch.zeros(1, 10), [make_state(params)])
 
 
 def test_min_tokens_masks_eos_and_stop_tokens_until_reached() -> None:
