@@ -8,7 +8,7 @@ import pytest
 from batchlm.core.facts import ModelFacts
 from batchlm.engine.client import RequestRejectedError
 from batchlm.engine.input_processor import InputProcessor
-from batchlm.engine.requests import make_core_requests
+from batchlm.engine.output_processor import make_core_requests
 from batchlm.sampling_params import SamplingParams
 
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batchlm.core.scheduler import SchedulerConfig
-from batchlm.engine.requests import make_core_requests
+from batchlm.engine.output_processor import make_core_requests
 from batchlm.request import EngineCoreRequest
 from batchlm.sampling_params import SamplingParams
 from batchlm.server.background import BackgroundServer

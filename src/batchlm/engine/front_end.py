@@ -10,7 +10,6 @@ import asyncio
 import collections
 import logging
 import threading
-import time
 from abc import abstractmethod
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -20,7 +19,6 @@ from batchlm.engine.client import EngineClient, EngineDeadError, QueueFullError,
 from batchlm.engine.input_processor import ValidatedRequest
 from batchlm.engine.output_collector import RequestOutputCollector
 from batchlm.engine.output_processor import OutputProcessor
-from batchlm.engine.requests import make_core_requests
 from batchlm.outputs import EngineCoreOutput, RequestOutput
 from batchlm.request import EngineCoreRequest
 
@@ -102,10 +100,7 @@ class StreamingFrontEnd(EngineClient):
                 self._abort_now(request_id)
 
     async def abort(self, request_id: str) -> None:
-        self._abort_now(request_id)
-        collector = self._collectors.pop(request_id, None)
-        if collector is not None:
-            collector.fail(asyncio.CancelledError())
+        self._fail_request(request_id, asyncio.CancelledError())
 
     # -- shared internals ------------------------------------------------------------------------------
 
@@ -117,14 +112,10 @@ class StreamingFrontEnd(EngineClient):
         if request_id in self._collectors or self._processor.has_request(request_id):
             raise RequestRejectedError(f"request id {request_id!r} is already in use", "request_id")
         self._check_queue_room()
-        now = time.time()
-        prompt_ids, params = request.prompt_token_ids, request.params
-        core_requests = make_core_requests(
-            request_id, prompt_ids, params, self.tokenizer.eos_token_ids, now, group_id
-        )
+        eos_ids = self.tokenizer.eos_token_ids
+        core_requests = self._processor.add_validated(request_id, request, eos_ids, group_id)
         collector = self._collectors[request_id] = RequestOutputCollector()
-        self._processor.add_request(request_id, request.prompt, prompt_ids, params, now)
-        self._prompt_tokens_total += len(prompt_ids)
+        self._prompt_tokens_total += len(request.prompt_token_ids)
         if not self._send_requests(core_requests):
             self._collectors.pop(request_id, None)
             self._processor.abort_request(request_id)
@@ -207,7 +198,7 @@ class StreamingFrontEnd(EngineClient):
                 collector.put(result)
 
     def _fail_request(self, request_id: str, error: BaseException) -> None:
-        """End one open stream with `error` (e.g. the engine rejected it after admission)."""
+        """End one open stream with `error` (an abort, or the engine rejected it after admission)."""
         self._abort_now(request_id)
         collector = self._collectors.pop(request_id, None)
         if collector is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,7 +10,6 @@ from batchlm.config import EngineConfig
 from batchlm.cpu_wait_policy import prefer_passive_waiting
 from batchlm.engine.input_processor import InputProcessor
 from batchlm.engine.output_processor import OutputProcessor
-from batchlm.engine.requests import make_core_requests
 from batchlm.executor.core_builder import build_engine_core
 from batchlm.models.model_source import load_tokenizer, prepare_model_dir
 from batchlm.outputs import RequestOutput
@@ -76,12 +74,7 @@ class LLM:
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         request = self.input_processor.process(token_ids, params, text)
         request_id = str(next(self._counter))
-        now = time.time()
-        processor.add_request(request_id, text, request.prompt_token_ids, request.params, now)
-        eos_ids = self.tokenizer.eos_token_ids
-        for core_request in make_core_requests(
-            request_id, request.prompt_token_ids, request.params, eos_ids, now
-        ):
+        for core_request in processor.add_validated(request_id, request, self.tokenizer.eos_token_ids):
             self.engine_core.add_request(core_request)
         return request_id
 

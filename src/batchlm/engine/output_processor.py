@@ -1,12 +1,13 @@
-"""Front-end output processing: detokenize, apply stop strings, fan n completions into one request."""
+"""Front-end output processing: fan a request out into its engine-core sequences, then detokenize,
+apply stop strings, and fan the n completions back into one request."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from batchlm.engine.requests import child_request_ids
+from batchlm.engine.input_processor import ValidatedRequest
 from batchlm.outputs import (
     CompletionOutput,
     EngineCoreOutput,
@@ -15,9 +16,40 @@ from batchlm.outputs import (
     RequestOutput,
     TokenLogprobs,
 )
+from batchlm.request import EngineCoreRequest
 from batchlm.sampling_params import SamplingParams
 from batchlm.tokenizer.detokenizer import IncrementalDetokenizer
 from batchlm.tokenizer.tokenizer import Tokenizer
+
+
+def child_request_ids(request_id: str, n: int) -> list[str]:
+    """Engine-core ids of a request's n sequences."""
+    return [request_id] if n == 1 else [f"{request_id}:{i}" for i in range(n)]
+
+
+def make_core_requests(
+    request_id: str,
+    prompt_token_ids: Sequence[int],
+    params: SamplingParams,
+    eos_token_ids: tuple[int, ...],
+    arrival_time: float,
+    group_id: str = "",
+) -> list[EngineCoreRequest]:
+    """One engine-core request per completion; seeded children get distinct, reproducible seeds. The
+    children share an admission group: `group_id` when given, else the request (when n > 1)."""
+    prompt = tuple(prompt_token_ids)
+    return [
+        EngineCoreRequest(
+            request_id=core_id,
+            prompt_token_ids=prompt,
+            sampling_params=params,
+            eos_token_ids=eos_token_ids,
+            arrival_time=arrival_time,
+            seed=None if params.seed is None else params.seed + index,
+            group_id=group_id or (request_id if params.n > 1 else ""),
+        )
+        for index, core_id in enumerate(child_request_ids(request_id, params.n))
+    ]
 
 
 @dataclass
@@ -108,6 +140,15 @@ class OutputProcessor:
         for index, core_id in enumerate(ids):
             self._sequences[core_id] = (request_id, index)
         return ids
+
+    def add_validated(
+        self, request_id: str, request: ValidatedRequest, eos_token_ids: tuple[int, ...], group_id: str = ""
+    ) -> list[EngineCoreRequest]:
+        """Register a validated request; returns the engine-core requests to send for it."""
+        now = time.time()
+        self.add_request(request_id, request.prompt, request.prompt_token_ids, request.params, now)
+        ids, params = request.prompt_token_ids, request.params
+        return make_core_requests(request_id, ids, params, eos_token_ids, now, group_id)
 
     def has_request(self, request_id: str) -> bool:
         return request_id in self._requests
@@ -226,10 +267,7 @@ class OutputProcessor:
                     stop_reason=completion.stop_reason,
                 )
             )
-            completion.new_text = ""
-            completion.new_token_ids = []
-            completion.new_logprobs = []
-            completion.changed = False
+        _clear_deltas(state)
         return RequestOutput(
             request_id=state.request_id,
             prompt=state.prompt,
