@@ -58,7 +58,8 @@ class EngineCore:
         self._in_flight: tuple[SchedulerOutput, PendingOutput] | None = None
 
     def add_request(self, request: EngineCoreRequest) -> None:
-        """Raises ValueError when the request can never run (the caller reports it to the client)."""
+        """Takes the request as validated; raises ValueError for an id already in use (the caller
+        reports it to the client)."""
         self.scheduler.add_request(request)
 
     def abort_requests(self, request_ids: Iterable[str]) -> list[EngineCoreOutput]:
