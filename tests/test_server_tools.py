@@ -332,7 +332,7 @@ def test_one_delta_holding_two_complete_calls_streams_both() -> None:
     from batchlm.outputs import CompletionOutput, RequestOutput
     from batchlm.server.protocol import ChatCompletionRequest
     from batchlm.server.serving_chat import ChatContext, ChatStreamFormatter
-    from batchlm.server.tools.use import chat_tool_use
+    from batchlm.tools.use import chat_tool_use
 
     request = ChatCompletionRequest.model_validate({"messages": USER, "tools": TOOLS})
     context = ChatContext(

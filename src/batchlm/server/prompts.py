@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from batchlm.engine.input_processor import InputProcessor
 from batchlm.server.errors import APIError, rejections_as_400
 from batchlm.server.protocol import ChatMessage
-from batchlm.server.tools.prompting import template_knows_tools, template_tool_calls, with_generic_tool_prompt
+from batchlm.tools.prompting import template_knows_tools, template_tool_calls, with_generic_tool_prompt
 
 T = TypeVar("T")
 
@@ -163,7 +163,8 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         if message.name:
             entry["name"] = message.name
         if message.tool_calls:
-            entry["tool_calls"] = template_tool_calls(message.tool_calls, where)
+            with rejections_as_400():
+                entry["tool_calls"] = template_tool_calls(message.tool_calls, where)
         if message.tool_call_id is not None:
             entry["tool_call_id"] = message.tool_call_id
         converted.append(entry)

@@ -108,6 +108,14 @@ class ChoiceResult:
         return "".join(self.text_parts)
 
 
+def finish_reason(reason: FinishReason | None, called: bool) -> str | None:
+    """The finish_reason a response sends: a chat completion that ended on its own after calling tools
+    finishes with "tool_calls"."""
+    if reason is None:
+        return None
+    return "tool_calls" if called and reason == FinishReason.STOP else FinishReason(reason).value
+
+
 def usage_of(generations: Sequence[Generation]) -> UsageInfo:
     prompt = sum(len(g.prompt_token_ids) for g in generations)
     completion = sum(g.recorder.completion_tokens for g in generations)

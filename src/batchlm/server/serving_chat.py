@@ -6,6 +6,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -13,6 +14,7 @@ from starlette.responses import Response
 from batchlm.engine.input_processor import FieldNames
 from batchlm.outputs import CompletionOutput, FinishReason, RequestOutput
 from batchlm.sampling_params import SamplingParams
+from batchlm.server.errors import rejections_as_400
 from batchlm.server.generation import Generation
 from batchlm.server.logprobs import chat_logprobs
 from batchlm.server.middleware import received_at
@@ -27,6 +29,7 @@ from batchlm.server.responding import (
     ChunkFormatter,
     ResponseContext,
     collect_choices,
+    finish_reason,
     respond_json,
     start_stream,
     usage_of,
@@ -38,17 +41,13 @@ from batchlm.server.responses import (
     ChatCompletionChunk,
     ChatCompletionResponse,
     ChatResponseMessage,
+    ResponseFunctionCall,
+    ResponseToolCall,
 )
 from batchlm.server.state import get_state
-from batchlm.server.tools.calls import StreamDelta
-from batchlm.server.tools.parser import ToolCallStream
-from batchlm.server.tools.use import (
-    ChatToolUse,
-    chat_tool_use,
-    delta_tool_call,
-    finish_reason,
-    response_tool_calls,
-)
+from batchlm.tools.calls import StreamDelta, ToolCall, ToolCallDelta
+from batchlm.tools.parser import ToolCallStream
+from batchlm.tools.use import ChatToolUse, chat_tool_use
 
 
 @dataclass
@@ -63,7 +62,10 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest) 
     info = state.admit(body)
     check_chat_request(body)
     tokenizer, processor = state.engine.tokenizer, state.engine.input_processor
-    tool_use = chat_tool_use(body, state.settings.tool_call_parser, getattr(tokenizer, "chat_template", None))
+    with rejections_as_400():
+        tool_use = chat_tool_use(
+            body, state.settings.tool_call_parser, getattr(tokenizer, "chat_template", None)
+        )
     prompt_ids = await render_chat(
         tokenizer,
         body.messages,
@@ -75,7 +77,9 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest) 
         tool_prompt=tool_use.tool_prompt,
     )
     params, names = _sampling_params(body)
-    engine_request = validated(processor, prompt_ids, tool_use.sampling_params(params), None, names)
+    with rejections_as_400():
+        params = tool_use.sampling_params(params)
+    engine_request = validated(processor, prompt_ids, params, None, names)
     context = ChatContext(
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
@@ -218,3 +222,20 @@ class ChatStreamFormatter(ChunkFormatter):
 
     def _content_choice(self, index: int, text: str, logprobs: ChatChoiceLogprobs | None) -> ChatChunkChoice:
         return ChatChunkChoice(index=index, delta={"content": text}, logprobs=logprobs)
+
+
+def response_tool_calls(calls: tuple[ToolCall, ...]) -> list[ResponseToolCall] | None:
+    if not calls:
+        return None
+    return [
+        ResponseToolCall(id=c.id, function=ResponseFunctionCall(name=c.name, arguments=c.arguments))
+        for c in calls
+    ]
+
+
+def delta_tool_call(delta: ToolCallDelta) -> dict[str, Any]:
+    """One streamed call piece as OpenAI sends it: index, id, type and name first; then arguments."""
+    if delta.id is None:
+        return {"index": delta.index, "function": {"arguments": delta.arguments}}
+    function = {"name": delta.name, "arguments": delta.arguments}
+    return {"index": delta.index, "id": delta.id, "type": "function", "function": function}

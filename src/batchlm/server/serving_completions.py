@@ -28,6 +28,7 @@ from batchlm.server.responding import (
     ChunkFormatter,
     ResponseContext,
     collect_choices,
+    finish_reason,
     respond_json,
     start_stream,
     usage_of,
@@ -35,7 +36,6 @@ from batchlm.server.responding import (
 from batchlm.server.responses import CompletionChoice, CompletionResponse
 from batchlm.server.state import ServerState, get_state
 from batchlm.server.streams import close_all
-from batchlm.server.tools.use import finish_reason
 
 
 @dataclass
