@@ -4,8 +4,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from batchlm.engine.input_processor import InputProcessor
 from batchlm.server.errors import APIError, rejections_as_400
@@ -13,18 +12,12 @@ from batchlm.server.protocol import ChatMessage
 from batchlm.tokenizer.batched_encoder import batched_encoder
 from batchlm.tools.prompting import template_knows_tools, template_tool_calls, with_generic_tool_prompt
 
-T = TypeVar("T")
-
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 # Texts longer than this (characters) are tokenized off the event loop; below a few hundred the
 # hand-off would cost more than it frees (BENCHMARKS.md, "Figures that left the source").
 OFFLOAD_CHARS = 512
 # Chat messages longer than this in all are rendered through the template in a worker thread.
 RENDER_OFFLOAD_CHARS = 16_384
-
-
-async def _maybe_offload(size: int, work: Callable[[], T]) -> T:
-    return await asyncio.to_thread(work) if size > RENDER_OFFLOAD_CHARS else work()
 
 
 async def encode_text(
@@ -154,7 +147,8 @@ async def render_chat(
         return text
 
     try:
-        text = await _maybe_offload(sum(len(m["content"]) for m in converted), render)
+        size = sum(len(m["content"]) for m in converted)
+        text = await asyncio.to_thread(render) if size > RENDER_OFFLOAD_CHARS else render()
     except Exception as error:  # the template runs on the client's messages and kwargs: their fault
         raise APIError(400, f"Could not apply the chat template: {error}", param="messages") from error
     ids: list[int] = tokenizer.chat_ids(
