@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from batchlm.server.prompts import BatchedEncoder, encode_text
+from batchlm.server.prompts import encode_text
+from batchlm.tokenizer.batched_encoder import BatchedEncoder
 from batchlm.tokenizer.tokenizer import Tokenizer
 
 TEXTS = [

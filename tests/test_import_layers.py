@@ -33,7 +33,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"kernels", "parallel", "tokenizer"}),
     frozenset({"attention", "layers"}),
     frozenset({"models"}),
-    frozenset({"structured"}),
+    frozenset({"structured", "tools"}),
     frozenset({"sampling"}),
     frozenset({"runner"}),
     frozenset({"executor"}),

@@ -331,8 +331,8 @@ def sse_payloads(events: Any) -> list[dict[str, Any]]:
 def test_one_delta_holding_two_complete_calls_streams_both() -> None:
     from batchlm.outputs import CompletionOutput, RequestOutput
     from batchlm.server.protocol import ChatCompletionRequest
-    from batchlm.server.serving_chat import ChatContext, ChatStreamFormatter
-    from batchlm.server.tools.use import chat_tool_use
+    from batchlm.server.serving_chat import ChatContext, ChatFormatter
+    from batchlm.tools.use import chat_tool_use
 
     request = ChatCompletionRequest.model_validate({"messages": USER, "tools": TOOLS})
     context = ChatContext(
@@ -344,7 +344,7 @@ def test_one_delta_holding_two_complete_calls_streams_both() -> None:
         '<tool_call>{"name": "get_time", "arguments": {"zone": "CET"}}</tool_call>'
     )
     output = RequestOutput("r", None, [], [CompletionOutput(0, text, [1], finish_reason="stop")], True)
-    chunks = sse_payloads(ChatStreamFormatter(context).delta(0, output))
+    chunks = sse_payloads(ChatFormatter(context).delta(0, output))
     deltas = [c["choices"][0]["delta"] for c in chunks]
     assert deltas[:-1] == [
         {"tool_calls": [{"index": 0, "id": deltas[0]["tool_calls"][0]["id"], "type": "function",

@@ -7,13 +7,13 @@ import re
 
 import pytest
 
-from batchlm.server.tools.calls import StreamDelta, ToolCall
-from batchlm.server.tools.forced import NamedFunctionParser, RequiredCallsParser
-from batchlm.server.tools.hermes import HermesParser
-from batchlm.server.tools.llama3_json import Llama3JsonParser
-from batchlm.server.tools.mistral import MistralParser
-from batchlm.server.tools.parser import ToolParser
-from batchlm.server.tools.registry import detect_parser_name
+from batchlm.tools.calls import StreamDelta, ToolCall
+from batchlm.tools.forced import NamedFunctionParser, RequiredCallsParser
+from batchlm.tools.hermes import HermesParser
+from batchlm.tools.llama3_json import Llama3JsonParser
+from batchlm.tools.mistral import MistralParser
+from batchlm.tools.parser import ToolParser
+from batchlm.tools.registry import detect_parser_name
 
 WEATHER = '{"city": "Paris", "unit": "celsius"}'
 SMOLLM2_NAMED = '{\n  "city": "Paris",\n  "unit": "celsius"\n}'

@@ -9,8 +9,8 @@ from typing import Any
 
 from batchlm.server.prompts import render_chat
 from batchlm.server.protocol import ChatCompletionRequest
-from batchlm.server.tools.use import chat_tool_use
 from batchlm.tokenizer.tokenizer import Tokenizer
+from batchlm.tools.use import chat_tool_use
 
 # A Hermes-style template written for this test: tools in the system turn, calls as <tool_call> JSON.
 TOOL_TEMPLATE = (

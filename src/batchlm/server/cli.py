@@ -13,7 +13,7 @@ from batchlm.config import EngineConfig
 from batchlm.flags import add_dataclass_arguments, add_engine_arguments, dataclass_from_args
 from batchlm.server.logging_setup import LOG_LEVELS, configure_logging
 from batchlm.server.state import ServerSettings
-from batchlm.server.tools.registry import TOOL_CALL_PARSER_CHOICES
+from batchlm.tools.registry import TOOL_CALL_PARSER_CHOICES
 
 logger = logging.getLogger(__name__)
 

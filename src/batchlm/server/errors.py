@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from batchlm.engine.client import RequestRejectedError
+from batchlm.tools.spec import ToolUseError
 
 logger = logging.getLogger(__name__)
 
@@ -72,16 +73,16 @@ def encodable(text: str) -> str:
     return text
 
 
-def rejection_to_api_error(error: RequestRejectedError) -> APIError:
+def rejection_to_api_error(error: RequestRejectedError | ToolUseError) -> APIError:
     return APIError(400, str(error), param=error.param, code=error.code)
 
 
 @contextmanager
 def rejections_as_400() -> Iterator[None]:
-    """The input processor's refusals, as the 400 the client sees."""
+    """The input processor's and tool use's refusals, as the 400 the client sees."""
     try:
         yield
-    except RequestRejectedError as error:
+    except (RequestRejectedError, ToolUseError) as error:
         raise rejection_to_api_error(error) from None
 
 

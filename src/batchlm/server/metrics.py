@@ -168,34 +168,25 @@ class ServerMetrics:
             registry=reg,
             multiprocess_mode="livesum",
         )
-        self.ttft = Histogram(
-            "batchlm_time_to_first_token_seconds",
-            "Arrival to first token.",
-            buckets=LATENCY_BUCKETS,
-            registry=reg,
+        self.ttft = self._histogram(
+            "batchlm_time_to_first_token_seconds", "Arrival to first token.", LATENCY_BUCKETS
         )
-        self.itl = Histogram(
-            "batchlm_inter_token_latency_seconds",
-            "Time between a request's outputs.",
-            buckets=LATENCY_BUCKETS,
-            registry=reg,
+        self.itl = self._histogram(
+            "batchlm_inter_token_latency_seconds", "Time between a request's outputs.", LATENCY_BUCKETS
         )
-        self.e2e = Histogram(
-            "batchlm_e2e_request_latency_seconds", "Arrival to finish.", buckets=E2E_BUCKETS, registry=reg
+        self.e2e = self._histogram("batchlm_e2e_request_latency_seconds", "Arrival to finish.", E2E_BUCKETS)
+        self.queue_time = self._histogram(
+            "batchlm_request_queue_time_seconds", "Arrival to first scheduled.", E2E_BUCKETS
         )
-        self.queue_time = Histogram(
-            "batchlm_request_queue_time_seconds",
-            "Arrival to first scheduled.",
-            buckets=E2E_BUCKETS,
-            registry=reg,
-        )
-        self.intake = Histogram(
+        self.intake = self._histogram(
             "batchlm_request_intake_seconds",
             "HTTP arrival to arrival at the engine (body, validation, tokenization, hand-off).",
-            buckets=LATENCY_BUCKETS,
-            registry=reg,
+            LATENCY_BUCKETS,
         )
         reg.register(self._engine_stats)
+
+    def _histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+        return Histogram(name, doc, buckets=buckets, registry=self.registry)
 
     def count_outcome(self, outcome: str) -> None:
         self.requests.labels(outcome=outcome).inc()

@@ -9,9 +9,9 @@ from typing import Any
 from pydantic import BaseModel
 
 from batchlm.engine.client import ServedModel
-from batchlm.engine.input_processor import FieldNames, InputProcessor, ValidatedRequest
+from batchlm.engine.input_processor import FieldNames
 from batchlm.sampling_params import SamplingParams, SamplingParamsError
-from batchlm.server.errors import APIError, rejections_as_400
+from batchlm.server.errors import APIError
 from batchlm.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from batchlm.server.structured_params import structured_outputs_of
 
@@ -193,15 +193,3 @@ def _parse_logit_bias(raw: dict[str, float] | None) -> dict[int, float]:
                 param="logit_bias",
             ) from None
     return bias
-
-
-def validated(
-    processor: InputProcessor,
-    prompt_ids: list[int],
-    params: SamplingParams,
-    prompt: str | None,
-    names: FieldNames,
-) -> ValidatedRequest:
-    """The request as the engine takes it; the input processor's refusal is a 400."""
-    with rejections_as_400():
-        return processor.process(prompt_ids, params, prompt, names)

@@ -1,13 +1,17 @@
-"""The two ways a generation request is answered, shared by chat and completions: a Server-Sent Events
-stream (role/content/finish chunks, usage, [DONE]; errors as an error event) or one JSON body."""
+"""How a generation request is answered, shared by chat and completions: a Server-Sent Events stream
+(role/content/finish chunks, usage, [DONE]; errors as an error event) or one JSON body, each raced
+against the client's disconnect; the outputs of several generations merged as they arrive."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, TypeVar
 
 import anyio
 from pydantic import BaseModel
@@ -20,19 +24,20 @@ from batchlm.server.errors import APIError, ClientDisconnected
 from batchlm.server.generation import Generation
 from batchlm.server.metrics import ServerMetrics
 from batchlm.server.responses import PromptTokensDetails, UsageInfo
-from batchlm.server.streams import (
-    SSE_DONE,
-    SSE_HEADERS,
-    close_all,
-    merge_outputs,
-    run_until_disconnect,
-    sse_event,
-)
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 # Status of the (unsent) response to a client that disconnected, as nginx logs it.
 CLIENT_CLOSED_REQUEST = 499
+SSE_DONE = b"data: [DONE]\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sse_event(payload: str | dict[str, Any]) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
 
 
 class EventStreamResponse(StreamingResponse):
@@ -49,16 +54,6 @@ class EventStreamResponse(StreamingResponse):
                     await aclose()
 
 
-class StreamFormatter(Protocol):
-    """Turns a request's deltas into SSE events (chat and completions differ in shape only)."""
-
-    def opening(self) -> Iterable[bytes]: ...
-
-    def delta(self, position: int, output: RequestOutput) -> Iterable[bytes]: ...
-
-    def closing(self, usage: UsageInfo) -> Iterable[bytes]: ...
-
-
 @dataclass
 class ResponseContext:
     """What every chunk or response of one request repeats."""
@@ -70,28 +65,6 @@ class ResponseContext:
     tokenizer: Any
     n: int
     include_usage: bool
-
-
-class ChunkFormatter:
-    """The part of a StreamFormatter both endpoints share: wrapping choices in the endpoint's chunk
-    object, and the closing usage chunk."""
-
-    chunk_type: ClassVar[type[BaseModel]]
-
-    def __init__(self, context: ResponseContext) -> None:
-        self._response = context
-        # Without include_usage OpenAI's chunks carry no "usage" key at all.
-        self._exclude = None if context.include_usage else {"usage"}
-
-    def _chunk(self, choices: Sequence[BaseModel], usage: UsageInfo | None = None) -> bytes:
-        context = self._response
-        chunk = self.chunk_type(
-            id=context.request_id, created=context.created, model=context.model, choices=choices, usage=usage
-        )
-        return sse_event(chunk.model_dump_json(exclude=self._exclude))
-
-    def closing(self, usage: UsageInfo) -> Iterable[bytes]:
-        return [self._chunk([], usage)] if self._response.include_usage else []
 
 
 @dataclass
@@ -108,6 +81,58 @@ class ChoiceResult:
         return "".join(self.text_parts)
 
 
+# (generation position, completion index) -> what it produced.
+ChoiceResults = dict[tuple[int, int], ChoiceResult]
+
+
+class ResponseFormatter(ABC):
+    """One endpoint's response shapes: SSE events from a request's deltas (opening, deltas, closing
+    usage chunk) and the JSON body from its gathered choices. Chat and completions differ in shape only."""
+
+    # The endpoint's chunk object, and its non-streaming response object.
+    chunk_type: ClassVar[type[BaseModel]]
+    response_type: ClassVar[type[BaseModel]]
+
+    def __init__(self, context: ResponseContext) -> None:
+        self._response = context
+        # Without include_usage OpenAI's chunks carry no "usage" key at all.
+        self._exclude = None if context.include_usage else {"usage"}
+
+    def opening(self) -> Iterable[bytes]:
+        return []
+
+    @abstractmethod
+    def delta(self, position: int, output: RequestOutput) -> Iterable[bytes]: ...
+
+    @abstractmethod
+    def choices(self, results: ChoiceResults) -> list[Any]:
+        """The non-streaming response's choices."""
+
+    def closing(self, usage: UsageInfo) -> Iterable[bytes]:
+        return [self._chunk([], usage)] if self._response.include_usage else []
+
+    def response(self, results: ChoiceResults, usage: UsageInfo) -> BaseModel:
+        return self._wrap(self.response_type, self.choices(results), usage)
+
+    def _chunk(self, choices: Sequence[BaseModel], usage: UsageInfo | None = None) -> bytes:
+        chunk = self._wrap(self.chunk_type, choices, usage)
+        return sse_event(chunk.model_dump_json(exclude=self._exclude))
+
+    def _wrap(self, kind: type[BaseModel], choices: Sequence[Any], usage: UsageInfo | None) -> BaseModel:
+        context = self._response
+        return kind(
+            id=context.request_id, created=context.created, model=context.model, choices=choices, usage=usage
+        )
+
+
+def finish_reason(reason: FinishReason | None, called: bool) -> str | None:
+    """The finish_reason a response sends: a chat completion that ended on its own after calling tools
+    finishes with "tool_calls"."""
+    if reason is None:
+        return None
+    return "tool_calls" if called and reason == FinishReason.STOP else FinishReason(reason).value
+
+
 def usage_of(generations: Sequence[Generation]) -> UsageInfo:
     prompt = sum(len(g.prompt_token_ids) for g in generations)
     completion = sum(g.recorder.completion_tokens for g in generations)
@@ -120,24 +145,28 @@ def usage_of(generations: Sequence[Generation]) -> UsageInfo:
     )
 
 
-async def prime_all(generations: Sequence[Generation]) -> None:
-    """Wait for every generation's first output; on the first failure the others are cancelled."""
-    tasks = [asyncio.ensure_future(g.prime()) for g in generations]
-    try:
-        await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def answer_or_disconnect(
-    request: Request, generations: Sequence[Generation], respond: Callable[[], Awaitable[Response]]
+async def respond(
+    request: Request,
+    generations: Sequence[Generation],
+    formatter: ResponseFormatter,
+    stream: bool,
+    metrics: ServerMetrics,
 ) -> Response:
-    """Run `respond` unless the client leaves first; the generations are closed unless a stream took them."""
+    """The answer, unless the client leaves first. A stream starts only after every generation's first
+    output, so that errors before it (queue full, rejected, engine dead) still get their HTTP status.
+    The generations are closed here unless a stream took them."""
+
+    async def answer() -> Response:
+        if stream:
+            await prime_all(generations)
+            events = _stream_events(generations, formatter, metrics)
+            return EventStreamResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        body = formatter.response(await collect_choices(generations), usage_of(generations))
+        return Response(body.model_dump_json(), media_type="application/json")
+
     handed_over = False
     try:
-        response = await run_until_disconnect(request, respond())
+        response = await run_until_disconnect(request, answer())
         handed_over = isinstance(response, StreamingResponse)
         return response
     except ClientDisconnected:
@@ -147,33 +176,8 @@ async def answer_or_disconnect(
             await close_all(generations)
 
 
-async def respond_json(
-    request: Request, generations: Sequence[Generation], build: Callable[[], Awaitable[BaseModel]]
-) -> Response:
-    """The non-streaming answer: `build` gathers the generations into the response body."""
-
-    async def respond() -> Response:
-        body = await build()
-        return Response(body.model_dump_json(), media_type="application/json")
-
-    return await answer_or_disconnect(request, generations, respond)
-
-
-async def start_stream(
-    request: Request, generations: Sequence[Generation], formatter: StreamFormatter, metrics: ServerMetrics
-) -> Response:
-    """Errors before the first output (queue full, rejected, engine dead) still get their HTTP status."""
-
-    async def respond() -> Response:
-        await prime_all(generations)
-        events = _stream_events(generations, formatter, metrics)
-        return EventStreamResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-
-    return await answer_or_disconnect(request, generations, respond)
-
-
 async def _stream_events(
-    generations: Sequence[Generation], formatter: StreamFormatter, metrics: ServerMetrics
+    generations: Sequence[Generation], formatter: ResponseFormatter, metrics: ServerMetrics
 ) -> AsyncIterator[bytes]:
     try:
         try:
@@ -198,9 +202,9 @@ async def _stream_events(
             await close_all(generations)
 
 
-async def collect_choices(generations: Sequence[Generation]) -> dict[tuple[int, int], ChoiceResult]:
-    """(generation position, completion index) -> what it produced, once all have finished."""
-    results: dict[tuple[int, int], ChoiceResult] = {}
+async def collect_choices(generations: Sequence[Generation]) -> ChoiceResults:
+    """What each completion produced, once all have finished."""
+    results: ChoiceResults = {}
     async for position, output in merge_outputs(generations):
         for completion in output.outputs:
             result = results.setdefault((position, completion.index), ChoiceResult())
@@ -209,3 +213,80 @@ async def collect_choices(generations: Sequence[Generation]) -> dict[tuple[int, 
             result.logprobs.extend(completion.logprobs or ())
             result.finish_reason = completion.finish_reason or result.finish_reason
     return results
+
+
+async def prime_all(generations: Sequence[Generation]) -> None:
+    """Wait for every generation's first output; on the first failure the others are cancelled."""
+    tasks = [asyncio.ensure_future(g.prime()) for g in generations]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def close_all(generations: Sequence[Generation]) -> None:
+    for generation in generations:
+        await generation.close()
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Returns when the client closes the connection (the body has already been read by then)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def run_until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it (and raising ClientDisconnected) if the client goes away first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        # Also on our own cancellation: neither task may outlive this call.
+        for pending in (task, watcher):
+            pending.cancel()
+        await asyncio.gather(task, watcher, return_exceptions=True)
+    if not task.cancelled() and task.exception() is None:
+        return task.result()
+    if task.cancelled():
+        raise ClientDisconnected()
+    raise task.exception()  # type: ignore[misc]
+
+
+async def merge_outputs(generations: Sequence[Generation]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(position of the generation, delta) as they arrive, until every generation has finished.
+    An error of any generation (APIError or other) is raised here; the caller closes the generations."""
+    if len(generations) == 1:
+        while (output := await generations[0].next()) is not None:
+            yield 0, output
+        return
+    queue: asyncio.Queue[tuple[int, RequestOutput | Exception | None]] = asyncio.Queue()
+
+    async def pump(position: int, generation: Generation) -> None:
+        try:
+            while (output := await generation.next()) is not None:
+                queue.put_nowait((position, output))
+            queue.put_nowait((position, None))
+        except Exception as error:  # handed to the consumer, which raises it
+            queue.put_nowait((position, error))
+
+    pumps = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(generations)]
+    try:
+        remaining = len(pumps)
+        while remaining:
+            position, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if item is None:
+                remaining -= 1
+            else:
+                yield position, item
+    finally:
+        for running in pumps:
+            running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*pumps, return_exceptions=True)

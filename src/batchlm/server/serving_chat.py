@@ -4,32 +4,29 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from batchlm.engine.input_processor import FieldNames
-from batchlm.outputs import CompletionOutput, FinishReason, RequestOutput
+from batchlm.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from batchlm.sampling_params import SamplingParams
-from batchlm.server.generation import Generation
+from batchlm.server.errors import rejections_as_400
 from batchlm.server.logprobs import chat_logprobs
 from batchlm.server.middleware import received_at
 from batchlm.server.prompts import render_chat
 from batchlm.server.protocol import ChatCompletionRequest
-from batchlm.server.request_params import (
-    build_sampling_params,
-    check_chat_request,
-    validated,
-)
+from batchlm.server.request_params import build_sampling_params, check_chat_request
 from batchlm.server.responding import (
-    ChunkFormatter,
+    ChoiceResult,
+    ChoiceResults,
     ResponseContext,
-    collect_choices,
-    respond_json,
-    start_stream,
-    usage_of,
+    ResponseFormatter,
+    finish_reason,
+    respond,
 )
 from batchlm.server.responses import (
     ChatChoice,
@@ -38,17 +35,13 @@ from batchlm.server.responses import (
     ChatCompletionChunk,
     ChatCompletionResponse,
     ChatResponseMessage,
+    ResponseFunctionCall,
+    ResponseToolCall,
 )
 from batchlm.server.state import get_state
-from batchlm.server.tools.calls import StreamDelta
-from batchlm.server.tools.parser import ToolCallStream
-from batchlm.server.tools.use import (
-    ChatToolUse,
-    chat_tool_use,
-    delta_tool_call,
-    finish_reason,
-    response_tool_calls,
-)
+from batchlm.tools.calls import ParsedMessage, StreamDelta, ToolCall, ToolCallDelta
+from batchlm.tools.parser import ToolCallStream
+from batchlm.tools.use import ChatToolUse, chat_tool_use
 
 
 @dataclass
@@ -63,19 +56,22 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest) 
     info = state.admit(body)
     check_chat_request(body)
     tokenizer, processor = state.engine.tokenizer, state.engine.input_processor
-    tool_use = chat_tool_use(body, state.settings.tool_call_parser, getattr(tokenizer, "chat_template", None))
-    prompt_ids = await render_chat(
-        tokenizer,
-        body.messages,
-        add_generation_prompt=body.add_generation_prompt,
-        continue_final_message=body.continue_final_message,
-        chat_template_kwargs=body.chat_template_kwargs,
-        processor=None if body.truncate_prompt_tokens else processor,
-        tools=tool_use.template_tools,
-        tool_prompt=tool_use.tool_prompt,
-    )
-    params, names = _sampling_params(body)
-    engine_request = validated(processor, prompt_ids, tool_use.sampling_params(params), None, names)
+    with rejections_as_400():
+        tool_use = chat_tool_use(
+            body, state.settings.tool_call_parser, getattr(tokenizer, "chat_template", None)
+        )
+        prompt_ids = await render_chat(
+            tokenizer,
+            body.messages,
+            add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message,
+            chat_template_kwargs=body.chat_template_kwargs,
+            processor=None if body.truncate_prompt_tokens else processor,
+            tools=tool_use.template_tools,
+            tool_prompt=tool_use.tool_prompt,
+        )
+        params, names = _sampling_params(body)
+        engine_request = processor.process(prompt_ids, tool_use.sampling_params(params), None, names)
     context = ChatContext(
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
@@ -87,9 +83,7 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest) 
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
     )
     generation = state.start_generation(context.request_id, engine_request, received_at(request))
-    if body.stream:
-        return await start_stream(request, [generation], ChatStreamFormatter(context), state.metrics)
-    return await respond_json(request, [generation], lambda: _full_response(context, generation))
+    return await respond(request, [generation], ChatFormatter(context), body.stream, state.metrics)
 
 
 def _sampling_params(body: ChatCompletionRequest) -> tuple[SamplingParams, FieldNames]:
@@ -105,55 +99,12 @@ def _sampling_params(body: ChatCompletionRequest) -> tuple[SamplingParams, Field
     )
 
 
-async def _full_response(context: ChatContext, generation: Generation) -> ChatCompletionResponse:
-    results = await collect_choices([generation])
-    choices = []
-    for (_, index), result in sorted(results.items()):
-        logprobs = None
-        if context.top_logprobs is not None:
-            logprobs = chat_logprobs(
-                context.tokenizer, result.token_ids, result.logprobs, context.top_logprobs
-            )
-        choices.append(_choice(context, index, result.text, result.finish_reason, logprobs))
-    return ChatCompletionResponse(
-        id=context.request_id,
-        created=context.created,
-        model=context.model,
-        choices=choices,
-        usage=usage_of([generation]),
-    )
-
-
-def _choice(
-    context: ChatContext,
-    index: int,
-    text: str,
-    reason: FinishReason | None,
-    logprobs: ChatChoiceLogprobs | None,
-) -> ChatChoice:
-    parser = context.tool_use.parser
-    if parser is None:
-        return ChatChoice(
-            index=index,
-            message=ChatResponseMessage(content=text),
-            logprobs=logprobs,
-            finish_reason=finish_reason(reason, called=False),
-        )
-    parsed = parser.extract(text)
-    message = ChatResponseMessage(content=parsed.content, tool_calls=response_tool_calls(parsed.tool_calls))
-    return ChatChoice(
-        index=index,
-        message=message,
-        logprobs=logprobs,
-        finish_reason=finish_reason(reason, bool(parsed.tool_calls)),
-    )
-
-
-class ChatStreamFormatter(ChunkFormatter):
-    """chat.completion.chunk events: a role chunk per choice, content deltas, a finish chunk per choice,
-    and with include_usage a last chunk with the usage and no choices."""
+class ChatFormatter(ResponseFormatter):
+    """chat.completion, or its chunks: a role chunk per choice, content deltas, a finish chunk per
+    choice, and with include_usage a last chunk with the usage and no choices."""
 
     chunk_type = ChatCompletionChunk
+    response_type = ChatCompletionResponse
 
     def __init__(self, context: ChatContext) -> None:
         super().__init__(context)
@@ -161,6 +112,22 @@ class ChatStreamFormatter(ChunkFormatter):
         # Per choice: its tool-call stream, and log-probabilities of text it holds back.
         self._tool_streams: dict[int, ToolCallStream] = {}
         self._held_logprobs: dict[int, ChatChoiceLogprobs] = {}
+
+    def choices(self, results: ChoiceResults) -> list[ChatChoice]:
+        return [self._choice(index, result) for (_, index), result in sorted(results.items())]
+
+    def _choice(self, index: int, result: ChoiceResult) -> ChatChoice:
+        parser = self._context.tool_use.parser
+        parsed = parser.extract(result.text) if parser is not None else ParsedMessage(result.text, ())
+        message = ChatResponseMessage(
+            content=parsed.content, tool_calls=response_tool_calls(parsed.tool_calls)
+        )
+        return ChatChoice(
+            index=index,
+            message=message,
+            logprobs=self._logprobs(result.token_ids, result.logprobs),
+            finish_reason=finish_reason(result.finish_reason, bool(parsed.tool_calls)),
+        )
 
     def opening(self) -> Iterable[bytes]:
         role = {"role": "assistant", "content": ""}
@@ -171,7 +138,7 @@ class ChatStreamFormatter(ChunkFormatter):
             if self._context.tool_use.parser is not None:
                 yield from self._tool_deltas(completion)
             elif completion.text or completion.logprobs:
-                logprobs = self._logprobs(completion)
+                logprobs = self._delta_logprobs(completion)
                 yield self._chunk([self._content_choice(completion.index, completion.text, logprobs)])
             if completion.finish_reason is not None:
                 stream = self._tool_streams.get(completion.index)
@@ -193,7 +160,7 @@ class ChatStreamFormatter(ChunkFormatter):
         if completion.finish_reason is not None:
             rest = stream.finish()
             settled = StreamDelta(settled.content + rest.content, settled.tool_calls + rest.tool_calls)
-        logprobs = self._merge_held(completion.index, self._logprobs(completion))
+        logprobs = self._merge_held(completion.index, self._delta_logprobs(completion))
         if settled.content:
             yield self._chunk([self._content_choice(completion.index, settled.content, logprobs)])
             logprobs = None
@@ -210,11 +177,31 @@ class ChatStreamFormatter(ChunkFormatter):
             return held or logprobs
         return ChatChoiceLogprobs(content=(held.content or []) + (logprobs.content or []))
 
-    def _logprobs(self, completion: CompletionOutput) -> ChatChoiceLogprobs | None:
+    def _delta_logprobs(self, completion: CompletionOutput) -> ChatChoiceLogprobs | None:
+        return self._logprobs(completion.token_ids, completion.logprobs) if completion.logprobs else None
+
+    def _logprobs(
+        self, token_ids: Sequence[int], logprobs: Sequence[TokenLogprobs]
+    ) -> ChatChoiceLogprobs | None:
         top = self._context.top_logprobs
-        if top is None or not completion.logprobs:
-            return None
-        return chat_logprobs(self._context.tokenizer, completion.token_ids, completion.logprobs, top)
+        return None if top is None else chat_logprobs(self._context.tokenizer, token_ids, logprobs, top)
 
     def _content_choice(self, index: int, text: str, logprobs: ChatChoiceLogprobs | None) -> ChatChunkChoice:
         return ChatChunkChoice(index=index, delta={"content": text}, logprobs=logprobs)
+
+
+def response_tool_calls(calls: tuple[ToolCall, ...]) -> list[ResponseToolCall] | None:
+    if not calls:
+        return None
+    return [
+        ResponseToolCall(id=c.id, function=ResponseFunctionCall(name=c.name, arguments=c.arguments))
+        for c in calls
+    ]
+
+
+def delta_tool_call(delta: ToolCallDelta) -> dict[str, Any]:
+    """One streamed call piece as OpenAI sends it: index, id, type and name first; then arguments."""
+    if delta.id is None:
+        return {"index": delta.index, "function": {"arguments": delta.arguments}}
+    function = {"name": delta.name, "arguments": delta.arguments}
+    return {"index": delta.index, "id": delta.id, "type": "function", "function": function}

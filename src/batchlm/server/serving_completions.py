@@ -13,29 +13,23 @@ from starlette.responses import Response
 
 from batchlm.engine.input_processor import InputProcessor, ValidatedRequest
 from batchlm.outputs import RequestOutput
-from batchlm.server.errors import APIError
+from batchlm.server.errors import APIError, rejections_as_400
 from batchlm.server.generation import Generation
 from batchlm.server.logprobs import CompletionLogprobsBuilder
 from batchlm.server.middleware import received_at
 from batchlm.server.prompts import encode_text
 from batchlm.server.protocol import CompletionRequest, PromptInput
-from batchlm.server.request_params import (
-    build_sampling_params,
-    check_completion_request,
-    validated,
-)
+from batchlm.server.request_params import build_sampling_params, check_completion_request
 from batchlm.server.responding import (
-    ChunkFormatter,
+    ChoiceResults,
     ResponseContext,
-    collect_choices,
-    respond_json,
-    start_stream,
-    usage_of,
+    ResponseFormatter,
+    close_all,
+    finish_reason,
+    respond,
 )
 from batchlm.server.responses import CompletionChoice, CompletionResponse
 from batchlm.server.state import ServerState, get_state
-from batchlm.server.streams import close_all
-from batchlm.server.tools.use import finish_reason
 
 
 @dataclass
@@ -70,7 +64,8 @@ async def create_completion(request: Request, body: CompletionRequest) -> Respon
         body, max_tokens=body.max_tokens, logprobs=body.logprobs, param_names={}, prompt_field="prompt"
     )
     # Every prompt is validated before any starts, so that a bad one fails the batch with nothing to undo.
-    engine_requests = [validated(processor, ids, params, text, names) for text, ids in prompts]
+    with rejections_as_400():
+        engine_requests = [processor.process(ids, params, text, names) for text, ids in prompts]
     context = CompletionContext(
         request_id=f"cmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
@@ -82,10 +77,7 @@ async def create_completion(request: Request, body: CompletionRequest) -> Respon
         echo_texts=[_echo_text(tokenizer, r) if body.echo else "" for r in engine_requests],
     )
     generations = await _start_generations(state, engine_requests, context.request_id, received_at(request))
-    if body.stream:
-        return await start_stream(request, generations, CompletionStreamFormatter(context), state.metrics)
-
-    return await respond_json(request, generations, lambda: _full_response(context, generations))
+    return await respond(request, generations, CompletionFormatter(context), body.stream, state.metrics)
 
 
 async def _tokenize_prompts(
@@ -136,39 +128,33 @@ async def _start_generations(
     return generations
 
 
-async def _full_response(context: CompletionContext, generations: list[Generation]) -> CompletionResponse:
-    results = await collect_choices(generations)
-    choices = []
-    for (position, index), result in sorted(results.items()):
-        logprobs = None
-        if context.logprobs is not None:
-            logprobs = context.builder(position, index).add(result.token_ids, result.logprobs)
-        choices.append(
-            CompletionChoice(
-                index=context.choice_index(position, index),
-                text=context.echo_texts[position] + result.text,
-                logprobs=logprobs,
-                finish_reason=finish_reason(result.finish_reason, called=False),
-            )
-        )
-    return CompletionResponse(
-        id=context.request_id,
-        created=context.created,
-        model=context.model,
-        choices=choices,
-        usage=usage_of(generations),
-    )
+class CompletionFormatter(ResponseFormatter):
+    """text_completion, or its chunks: the echoed prompts first, then text deltas (the last one carries
+    the finish_reason), and with include_usage a last chunk with the usage and no choices."""
 
-
-class CompletionStreamFormatter(ChunkFormatter):
-    """text_completion chunks: the echoed prompts first, then text deltas (the last one carries the
-    finish_reason), and with include_usage a last chunk with the usage and no choices."""
-
-    chunk_type = CompletionResponse
+    # OpenAI uses one shape for both.
+    chunk_type = response_type = CompletionResponse
 
     def __init__(self, context: CompletionContext) -> None:
         super().__init__(context)
         self._context = context
+
+    def choices(self, results: ChoiceResults) -> list[CompletionChoice]:
+        context = self._context
+        choices = []
+        for (position, index), result in sorted(results.items()):
+            logprobs = None
+            if context.logprobs is not None:
+                logprobs = context.builder(position, index).add(result.token_ids, result.logprobs)
+            choices.append(
+                CompletionChoice(
+                    index=context.choice_index(position, index),
+                    text=context.echo_texts[position] + result.text,
+                    logprobs=logprobs,
+                    finish_reason=finish_reason(result.finish_reason, called=False),
+                )
+            )
+        return choices
 
     def opening(self) -> Iterable[bytes]:
         context = self._context

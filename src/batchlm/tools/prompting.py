@@ -5,10 +5,10 @@ Hermes-style `<tool_call>` markup, with earlier calls and results written out in
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
-from batchlm.server.errors import APIError
-from batchlm.server.protocol import MessageToolCall
+from batchlm.tools.spec import ToolUseError
 
 TOOLS_PROMPT = (
     "You can call functions to answer the user. These are the functions, as JSON schemas:\n"
@@ -18,11 +18,27 @@ TOOLS_PROMPT = (
 )
 
 
+class CalledFunction(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def arguments(self) -> str: ...
+
+
+class HistoryCall(Protocol):
+    """A call of an earlier assistant message, as the request sends it back."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def function(self) -> CalledFunction: ...
+
+
 def template_knows_tools(chat_template: str | None) -> bool:
     return chat_template is not None and "tools" in chat_template
 
 
-def template_tool_calls(calls: list[MessageToolCall], where: str) -> list[dict[str, Any]]:
+def template_tool_calls(calls: Sequence[HistoryCall], where: str) -> list[dict[str, Any]]:
     """An assistant message's calls with their arguments as objects, as templates render them."""
     converted = []
     for j, call in enumerate(calls):
@@ -31,8 +47,7 @@ def template_tool_calls(calls: list[MessageToolCall], where: str) -> list[dict[s
         except ValueError:
             arguments = None
         if not isinstance(arguments, dict):
-            raise APIError(
-                400,
+            raise ToolUseError(
                 f"{where}.tool_calls[{j}].function.arguments must be a JSON object encoded as a string.",
                 param=f"{where}.tool_calls[{j}].function.arguments",
             )

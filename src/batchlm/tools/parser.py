@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from batchlm.server.tools.calls import ParsedMessage, StreamDelta, ToolCall, ToolCallDelta, new_call_id
-from batchlm.server.tools.scan import Scan
+from batchlm.tools.calls import ParsedMessage, StreamDelta, ToolCall, ToolCallDelta, new_call_id
+from batchlm.tools.scan import Scan
 
 
 class ToolParser(ABC):

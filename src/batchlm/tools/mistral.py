@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import re
 
-from batchlm.server.tools.calls import random_alphanumerics
-from batchlm.server.tools.json_scan import skip_whitespace, value_end
-from batchlm.server.tools.parser import ToolParser
-from batchlm.server.tools.scan import CallScan, MarkedRegion, Scan, scan_call_array, scan_marked_calls
+from batchlm.tools.calls import random_alphanumerics
+from batchlm.tools.json_scan import skip_whitespace, value_end
+from batchlm.tools.parser import ToolParser
+from batchlm.tools.scan import CallScan, MarkedRegion, Scan, scan_call_array, scan_marked_calls
 
 MARKER, ARGS = "[TOOL_CALLS]", "[ARGS]"
 ARGUMENT_KEYS = ("arguments", "parameters")

@@ -3,9 +3,9 @@ them, with text before, between and after."""
 
 from __future__ import annotations
 
-from batchlm.server.tools.json_scan import scan_object, skip_whitespace
-from batchlm.server.tools.parser import ToolParser
-from batchlm.server.tools.scan import MarkedRegion, Scan, call_from_object, scan_marked_calls
+from batchlm.tools.json_scan import scan_object, skip_whitespace
+from batchlm.tools.parser import ToolParser
+from batchlm.tools.scan import MarkedRegion, Scan, call_from_object, scan_marked_calls
 
 START, END = "<tool_call>", "</tool_call>"
 ARGUMENT_KEYS = ("arguments", "parameters")

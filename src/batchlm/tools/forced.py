@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 
-from batchlm.server.tools.json_scan import skip_whitespace
-from batchlm.server.tools.parser import ToolParser
-from batchlm.server.tools.scan import CallScan, Scan, ScanBuilder, scan_call_array
+from batchlm.tools.json_scan import skip_whitespace
+from batchlm.tools.parser import ToolParser
+from batchlm.tools.scan import CallScan, Scan, ScanBuilder, scan_call_array
 
 ARGUMENT_KEYS = ("parameters", "arguments")
 

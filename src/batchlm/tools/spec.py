@@ -6,20 +6,67 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from batchlm.sampling_params import StructuredOutputs
-from batchlm.server.errors import APIError
-from batchlm.server.protocol import ChatCompletionRequest, ChatTool
-from batchlm.server.tools.forced import NamedFunctionParser, RequiredCallsParser
-from batchlm.server.tools.parser import ToolParser
+from batchlm.tools.forced import NamedFunctionParser, RequiredCallsParser
+from batchlm.tools.parser import ToolParser
 
 FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 # OpenAI: a function without `parameters` takes none.
 NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
 
 ToolMode = Literal["none", "auto", "required", "named"]
+
+
+class ToolUseError(ValueError):
+    """Tools, a tool choice or tool history that cannot be served (a client error: HTTP 400); `param`
+    names the offending field."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code: str | None = None
+
+
+# The request's tool fields as this package reads them (the HTTP schema's classes have these shapes).
+class FunctionDeclaration(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def description(self) -> str | None: ...
+    @property
+    def parameters(self) -> dict[str, Any] | None: ...
+
+
+class ToolDeclaration(Protocol):
+    @property
+    def type(self) -> str: ...
+    @property
+    def function(self) -> FunctionDeclaration: ...
+
+
+class FunctionNamed(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+class NamedChoice(Protocol):
+    @property
+    def type(self) -> str: ...
+    @property
+    def function(self) -> FunctionNamed: ...
+
+
+class ToolRequest(Protocol):
+    @property
+    def tools(self) -> Sequence[ToolDeclaration] | None: ...
+    @property
+    def tool_choice(self) -> Literal["none", "auto", "required"] | NamedChoice | None: ...
+    @property
+    def parallel_tool_calls(self) -> bool | None: ...
 
 
 @dataclass(frozen=True)
@@ -84,45 +131,43 @@ class ToolPlan:
         return schema
 
 
-def tool_plan(request: ChatCompletionRequest) -> ToolPlan | None:
+def tool_plan(request: ToolRequest) -> ToolPlan | None:
     """The request's tool use; None when it has none. 400 for tools or a choice that cannot be served."""
     tools = tuple(_checked_tool(tool, f"tools[{i}]") for i, tool in enumerate(request.tools or ()))
     _check_unique_names(tools)
     choice = request.tool_choice
     if not tools:
         if choice not in (None, "none"):
-            raise APIError(
-                400, "'tool_choice' is only allowed when 'tools' are specified.", param="tool_choice"
+            raise ToolUseError(
+                "'tool_choice' is only allowed when 'tools' are specified.", param="tool_choice"
             )
         return None
     parallel = request.parallel_tool_calls is not False
     if choice is None or isinstance(choice, str):
         return ToolPlan(tools, choice or "auto", None, parallel)
     if choice.type != "function":
-        raise APIError(400, "'tool_choice.type' must be 'function'.", param="tool_choice.type")
+        raise ToolUseError("'tool_choice.type' must be 'function'.", param="tool_choice.type")
     name = choice.function.name
     if name not in {tool.name for tool in tools}:
-        raise APIError(
-            400, f"'tool_choice' names the function '{name}', which is not in 'tools'.", param="tool_choice"
+        raise ToolUseError(
+            f"'tool_choice' names the function '{name}', which is not in 'tools'.", param="tool_choice"
         )
     return ToolPlan(tools, "named", name, parallel)
 
 
-def _checked_tool(tool: ChatTool, where: str) -> FunctionTool:
+def _checked_tool(tool: ToolDeclaration, where: str) -> FunctionTool:
     if tool.type != "function":
-        raise APIError(400, f"{where}.type must be 'function', got '{tool.type}'.", param=f"{where}.type")
+        raise ToolUseError(f"{where}.type must be 'function', got '{tool.type}'.", param=f"{where}.type")
     function = tool.function
     if not FUNCTION_NAME.fullmatch(function.name):
-        raise APIError(
-            400,
+        raise ToolUseError(
             f"{where}.function.name must be 1-64 letters, digits, underscores or dashes, "
             f"got {function.name!r}.",
             param=f"{where}.function.name",
         )
     parameters = function.parameters
     if parameters is not None and parameters.get("type", "object") != "object":
-        raise APIError(
-            400,
+        raise ToolUseError(
             f"{where}.function.parameters must be a JSON schema of an object.",
             param=f"{where}.function.parameters",
         )
@@ -133,8 +178,8 @@ def _check_unique_names(tools: tuple[FunctionTool, ...]) -> None:
     seen: set[str] = set()
     for i, tool in enumerate(tools):
         if tool.name in seen:
-            raise APIError(
-                400, f"tools[{i}]: the function name '{tool.name}' is used twice.", param=f"tools[{i}]"
+            raise ToolUseError(
+                f"tools[{i}]: the function name '{tool.name}' is used twice.", param=f"tools[{i}]"
             )
         seen.add(tool.name)
 

@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from batchlm.server.tools.json_scan import scan_object, skip_whitespace
-from batchlm.server.tools.parser import ToolParser
-from batchlm.server.tools.scan import Scan, ScanBuilder, call_from_object
+from batchlm.tools.json_scan import scan_object, skip_whitespace
+from batchlm.tools.parser import ToolParser
+from batchlm.tools.scan import Scan, ScanBuilder, call_from_object
 
 PYTHON_TAG = "<|python_tag|>"
 ARGUMENT_KEYS = ("parameters", "arguments")

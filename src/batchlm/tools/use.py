@@ -6,15 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from batchlm.outputs import FinishReason
 from batchlm.sampling_params import SamplingParams
-from batchlm.server.errors import APIError
-from batchlm.server.protocol import ChatCompletionRequest
-from batchlm.server.responses import ResponseFunctionCall, ResponseToolCall
-from batchlm.server.tools.calls import ToolCall, ToolCallDelta
-from batchlm.server.tools.parser import ToolParser
-from batchlm.server.tools.registry import parser_class
-from batchlm.server.tools.spec import ToolPlan, tool_plan
+from batchlm.tools.parser import ToolParser
+from batchlm.tools.registry import parser_class
+from batchlm.tools.spec import ToolPlan, ToolRequest, ToolUseError, tool_plan
 
 
 @dataclass(frozen=True)
@@ -37,8 +32,7 @@ class ChatToolUse:
         constraint = self.plan.structured_outputs() if self.plan is not None else None
         if constraint is not None:
             if params.structured_outputs is not None:
-                raise APIError(
-                    400,
+                raise ToolUseError(
                     "A forced 'tool_choice' cannot be combined with another output constraint "
                     "('response_format' or 'structured_outputs').",
                     param="tool_choice",
@@ -49,9 +43,7 @@ class ChatToolUse:
         return params
 
 
-def chat_tool_use(
-    request: ChatCompletionRequest, parser_setting: str, chat_template: str | None
-) -> ChatToolUse:
+def chat_tool_use(request: ToolRequest, parser_setting: str, chat_template: str | None) -> ChatToolUse:
     plan = tool_plan(request)
     if plan is None or plan.mode == "none":
         return ChatToolUse(plan, None)
@@ -60,35 +52,9 @@ def chat_tool_use(
         return ChatToolUse(plan, forced)
     found = parser_class(parser_setting, chat_template)
     if found is None:
-        raise APIError(
-            400,
+        raise ToolUseError(
             "tool_choice 'auto' needs a tool-call parser, and this server runs with --tool-call-parser none; "
             "send tool_choice 'required', a named function or 'none'.",
             param="tool_choice",
         )
     return ChatToolUse(plan, found(max_calls=None if plan.parallel else 1))
-
-
-def response_tool_calls(calls: tuple[ToolCall, ...]) -> list[ResponseToolCall] | None:
-    if not calls:
-        return None
-    return [
-        ResponseToolCall(id=c.id, function=ResponseFunctionCall(name=c.name, arguments=c.arguments))
-        for c in calls
-    ]
-
-
-def delta_tool_call(delta: ToolCallDelta) -> dict[str, Any]:
-    """One streamed call piece as OpenAI sends it: index, id, type and name first; then arguments."""
-    if delta.id is None:
-        return {"index": delta.index, "function": {"arguments": delta.arguments}}
-    function = {"name": delta.name, "arguments": delta.arguments}
-    return {"index": delta.index, "id": delta.id, "type": "function", "function": function}
-
-
-def finish_reason(reason: FinishReason | None, called: bool) -> str | None:
-    """The finish_reason a chat response sends: a completion that ended on its own after calling tools
-    finishes with "tool_calls"."""
-    if reason is None:
-        return None
-    return "tool_calls" if called and reason == FinishReason.STOP else FinishReason(reason).value

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from batchlm.server.tools.hermes import HermesParser
-from batchlm.server.tools.llama3_json import Llama3JsonParser
-from batchlm.server.tools.mistral import MistralParser
-from batchlm.server.tools.parser import ToolParser
+from batchlm.tools.hermes import HermesParser
+from batchlm.tools.llama3_json import Llama3JsonParser
+from batchlm.tools.mistral import MistralParser
+from batchlm.tools.parser import ToolParser
 
 PARSERS: dict[str, type[ToolParser]] = {
     "hermes": HermesParser,

@@ -10,7 +10,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from batchlm.server.tools.json_scan import ObjectScan, scan_object, skip_whitespace
+from batchlm.tools.json_scan import ObjectScan, scan_object, skip_whitespace
 
 
 @dataclass(frozen=True)
