@@ -198,6 +198,8 @@ class ModelRunner:
                 device=self.device,
             )
             self.decode_graphs.capture()
+            # Verify steps replay the decode graphs too, as one decode row per token.
+            self.input_builder.max_decode_rows = self.decode_graphs.max_batch
         return ModelFacts(
             max_model_len=self.max_model_len,
             vocab_size=self.shape.vocab_size,
@@ -339,8 +341,10 @@ class ModelRunner:
         if self.fused_decode is not None and self.fused_decode.can_run(inputs):
             return self.fused_decode.run(inputs)
         if self.decode_graphs is not None and self.decode_graphs.can_run(inputs.meta):
-            # Pure decode: every row samples, so the graph's logits are already the sampled rows.
-            return self.decode_graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+            logits = self.decode_graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+            # Decodes and verify rows all sample; a one-token prompt chunk (a budget's last token) does not.
+            every_row_samples = inputs.sample_indices.shape[0] == logits.shape[0]
+            return logits if every_row_samples else logits[inputs.sample_indices]
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.attn)
         return self.model.compute_logits(hidden[inputs.sample_indices])
 
