@@ -11,6 +11,7 @@ the largest cached value.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,9 @@ def test_only_small_pure_decode_steps_take_it(tmp_path: Path) -> None:
     many = [Chunk([4], 3, [r]) for r in range(MAX_ROWS + 1)]
     assert not fused.can_run(_inputs(many))
     assert fused.can_run(_inputs(many[:MAX_ROWS]))
+    # One request's verify chunk laid out as decode rows: its rows' keys and attention would race.
+    verify_rows = replace(_inputs([Chunk([4], 3, [0]), Chunk([5], 4, [0])]), has_drafts=True)
+    assert not fused.can_run(verify_rows)
 
 
 def test_models_off_the_kernels_keep_the_generic_path(

@@ -40,8 +40,11 @@ class FusedDecode:
     def can_run(self, inputs: StepInputs) -> bool:
         meta = inputs.meta
         rows = meta.num_decodes
+        # Not verify rows laid out as decodes (runner/decode_rows.py): the stack writes a row's key
+        # in the same work item as that row's attention, so rows of one request would race.
         return (
-            0 < rows <= MAX_ROWS
+            not inputs.has_drafts
+            and 0 < rows <= MAX_ROWS
             and meta.num_requests == rows
             and meta.num_tokens == rows
             and inputs.input_ids.shape[0] == rows
