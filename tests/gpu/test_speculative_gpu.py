@@ -116,7 +116,8 @@ def test_verify_steps_replay_the_decode_graphs(
 ) -> None:
     spec = engines[f"ngram-{scheduling}"]
     log = ForwardLog(_runner(spec), monkeypatch)
-    prompts = [LOOPING, LOOPING[:17], [(7 * i + 3) % 300 for i in range(20)] * 3]
+    # No two prompts share a block, so all three are admitted in the first step (the one eager forward).
+    prompts = [LOOPING, list(range(100, 140)), [(7 * i + 3) % 300 for i in range(20)] * 3]
     params = [SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True)] * 3
     assert _tokens(spec, prompts, params) == _tokens(engines[f"off-{scheduling}"], prompts, params)
     verify = log.verify_steps()
