@@ -144,3 +144,24 @@ def test_verify_rows_past_the_largest_graph_run_eagerly(
     assert _tokens(small, [LOOPING], params) == _tokens(engines["off-off"], [LOOPING], params)
     verify = log.verify_steps()
     assert verify and any(verify)
+
+
+def test_graph_steps_with_a_prompt_token_that_samples_nothing(tiny_model_dir: Callable[..., Path]) -> None:
+    """A 2-token budget: a decode plus a prompt's next single token is a step of one-token chunks,
+    which the graphs take although the prompt's row samples nothing; the same tokens as eager."""
+    engines = [
+        LLM(
+            model=str(tiny_model_dir("llama")),
+            device="cuda",
+            dtype="float32",
+            speculative="off",
+            max_num_batched_tokens=2,
+            num_gpu_blocks_override=64,
+            enforce_eager=eager,
+        )
+        for eager in (False, True)
+    ]
+    prompts = [[11, 12, 13], list(range(40, 50))]
+    params = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)] * 2
+    graphs, eager = (_tokens(llm, prompts, params) for llm in engines)
+    assert graphs == eager
