@@ -23,7 +23,7 @@ from batchlm.runner.cpu_threads import cap_cpu_threads
 from batchlm.runner.cuda_graph import DecodeGraphs
 from batchlm.runner.device import dtype_name, resolve_device, resolve_dtype
 from batchlm.runner.draft_verify import Verification, row_states, verify_groups
-from batchlm.runner.fused_decode import FusedDecode, build_fused_decode
+from batchlm.runner.fused_decode import MAX_VERIFY_ROWS, FusedDecode, build_fused_decode
 from batchlm.runner.grammar import StepMasks, constrained_sequences
 from batchlm.runner.heap import trim_heap
 from batchlm.runner.inputs import StepInputBuilder, StepInputs, build_step_inputs
@@ -185,6 +185,8 @@ class ModelRunner:
         max_blocks_per_seq = self._max_blocks_per_seq()
         if self.device.type == "cpu":
             self.fused_decode = build_fused_decode(self.model, self.kv_caches, self.attn)
+            if self.fused_decode is not None:  # verify steps take the fused stack too, as decode rows
+                self.input_builder.max_decode_rows = MAX_VERIFY_ROWS
             trim_heap()  # what loading freed would otherwise stay resident
         if self.device.type == "cuda":
             self._warm_up_kernels(self.kv_caches[0], max_blocks_per_seq)
