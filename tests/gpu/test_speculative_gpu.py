@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from batchlm import LLM, SamplingParams
+from batchlm.runner import model_runner
 from batchlm.runner.inputs import StepInputs
 from batchlm.runner.model_runner import ModelRunner
 
@@ -115,7 +116,10 @@ def test_verify_steps_replay_the_decode_graphs(
     engines: dict[str, LLM], scheduling: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spec = engines[f"ngram-{scheduling}"]
-    log = ForwardLog(_runner(spec), monkeypatch)
+    runner = _runner(spec)
+    # Graphs for every step of verify chunks: 32 requests (max_num_seqs) x (1 + 4 drafts) rows.
+    assert runner.decode_graphs is not None and runner.decode_graphs.max_batch == 32 * 5
+    log = ForwardLog(runner, monkeypatch)
     # No two prompts share a block, so all three are admitted in the first step (the one eager forward).
     prompts = [LOOPING, list(range(100, 140)), [(7 * i + 3) % 300 for i in range(20)] * 3]
     params = [SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True)] * 3
@@ -128,7 +132,9 @@ def test_verify_steps_replay_the_decode_graphs(
 def test_verify_rows_past_the_largest_graph_run_eagerly(
     tiny_model_dir: Callable[..., Path], engines: dict[str, LLM], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Graphs up to 4 rows; a verify chunk of 1 + 4 tokens falls back to the eager path, same tokens."""
+    """Graphs up to 4 rows (verify rows capped at 4 here); a verify chunk of 1 + 4 tokens falls back
+    to the eager path, with the same tokens."""
+    monkeypatch.setattr(model_runner, "MAX_VERIFY_GRAPH_ROWS", 4)
     small = LLM(
         model=str(tiny_model_dir("llama")),
         device="cuda",
@@ -139,7 +145,9 @@ def test_verify_rows_past_the_largest_graph_run_eagerly(
         max_num_seqs=4,
         num_gpu_blocks_override=64,
     )
-    log = ForwardLog(_runner(small), monkeypatch)
+    runner = _runner(small)
+    assert runner.decode_graphs is not None and runner.decode_graphs.max_batch == 4
+    log = ForwardLog(runner, monkeypatch)
     params = [SamplingParams(temperature=0.0, max_tokens=80, ignore_eos=True)]
     assert _tokens(small, [LOOPING], params) == _tokens(engines["off-off"], [LOOPING], params)
     verify = log.verify_steps()

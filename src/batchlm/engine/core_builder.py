@@ -179,6 +179,8 @@ def build_engine_core(config: EngineConfig, model_dir: Path) -> tuple[EngineCore
             from batchlm.runner.model_runner import ModelRunner
         with timed_phase(logger, phases.runner):
             runner = ModelRunner(config, model_dir)
+        speculation = resolve_speculation(config, str(runner.device))
+        runner.most_verify_rows = speculation.most_verify_rows(config.max_num_seqs)
         # initialize_kv_cache in its two steps, each timed.
         with timed_phase(logger, phases.sizing):
             num_blocks = runner.determine_num_blocks()

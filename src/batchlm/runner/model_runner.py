@@ -43,6 +43,11 @@ from batchlm.startup_log import log_phase
 logger = logging.getLogger(__name__)
 
 
+# Verify steps of more rows than this (and than max_num_seqs) run eagerly: capturing graphs for every
+# batch up to max_num_seqs x (1 + drafts) would add a graph per 16 rows to start-up.
+MAX_VERIFY_GRAPH_ROWS = 256
+
+
 def default_max_num_batched_tokens(device: torch.device) -> int:
     # CPU: a chunk of ~512 tokens keeps one step near a second on a laptop, so decodes are not starved.
     return 8192 if device.type == "cuda" else 512
@@ -129,6 +134,9 @@ class ModelRunner:
         self.num_blocks = 0
         self.decode_graphs: DecodeGraphs | None = None
         self.fused_decode: FusedDecode | None = None
+        # Rows of the largest verify step the scheduler may send (SpeculationConfig.most_verify_rows),
+        # set by the engine before allocate_kv_cache: decode graphs are captured for them too.
+        self.most_verify_rows = 0
 
     def _use_cpu_matmuls(self) -> None:
         """Move float32 weights to the CPU GEMM kernel's layout (kernels/cpu_gemm.py), once they are final."""
@@ -195,7 +203,7 @@ class ModelRunner:
                 self.model,
                 self.kv_caches,
                 self.attn,
-                max_batch=self.config.max_num_seqs,
+                max_batch=max(self.config.max_num_seqs, min(self.most_verify_rows, MAX_VERIFY_GRAPH_ROWS)),
                 max_blocks_per_seq=max_blocks_per_seq,
                 device=self.device,
             )
