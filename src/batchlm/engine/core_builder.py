@@ -115,7 +115,7 @@ def resolve_async_scheduling(config: EngineConfig, device: str) -> bool:
 
 # "auto" speculates while at most this many requests run on a CUDA device. 0 (never) was measured when
 # verify steps ran eagerly beside the CUDA-graph decodes (BENCHMARKS.md); they now replay the same
-# graphs (runner/decode_rows.py), and this is the one value to change once the H200 runs of
+# graphs (runner/decode_rows.py), and this is the one value to change once GPU runs of
 # benchmarks/speculative_gpu.py say where speculation stops paying. `--speculative ngram` speculates.
 CUDA_SPECULATIVE_MAX_BATCH = 0
 # The same limit per device kind. CPU: measured with the default model (BENCHMARKS.md).

@@ -11,8 +11,9 @@
  *
  * Each thread takes a fixed share of every matmul's 16-row panels (gate and up panels in pairs, so
  * the SiLU product needs no exchange) and of the (request, KV head) attention items; threads meet at
- * one barrier after each of the five stages (six when rows share a request's context). The small row-wise work a stage starts with (a norm,
- * quantizing the activations) every thread does for itself rather than wait for one that did it.
+ * one barrier after each of the five stages (six when rows share a request's context). The small
+ * row-wise work a stage starts with (a norm, quantizing the activations) every thread does for itself
+ * rather than wait for one that did it.
  *
  * The matmuls and the activation quantization are those of cpu_quant_kernels.c, the exp and the
  * cache walk those of cpu_kernels.c (both compiled into this library).
