@@ -7,7 +7,9 @@ Modes alternate within each round (and swap order every round), so machine load 
     python benchmarks/speculative_cpu.py --rounds 5 --prompts 3 --max-tokens 256
     python benchmarks/speculative_cpu.py --modes off ngram --workloads editing --num-speculative-tokens 6
 
---temperature T samples (seeded) instead of greedy decoding.
+--temperature T samples (seeded) instead of greedy decoding. A mode written `auto:chunks` (or
+`ngram:chunks`) keeps verify steps in the chunk layout instead of decode rows through the fused decode
+stack (runner/decode_rows.py), for A/B runs of the two.
 Prints one line per (round, workload, mode) and the medians with the speculative/off ratio; --save
 writes everything as JSON.
 """
@@ -105,12 +107,15 @@ def main() -> None:
         mode: LLM(
             model=args.model,
             device="cpu",
-            speculative=mode,
+            speculative=mode.split(":")[0],
             num_speculative_tokens=args.num_speculative_tokens,
             speculative_max_batch=args.speculative_max_batch,
         )
         for mode in args.modes
     }
+    for mode, llm in engines.items():
+        if mode.endswith(":chunks"):
+            llm.engine_core.executor.input_builder.max_decode_rows = 0  # type: ignore[attr-defined]
     prompts = {name: workload_prompts(name, args.prompts) for name in args.workloads}
     for llm in engines.values():  # warm-up: kernels, allocator, prefix cache of the prompts
         run_once(llm, [prompts[name][0] for name in args.workloads], 16)
@@ -137,7 +142,7 @@ def main() -> None:
                 rows.append(row)
                 rate = f"{accepted / proposed:.0%}" if proposed else "-"
                 print(
-                    f"round {round_index} {name:13s} {mode:5s} {tokens:5d} tokens {seconds:6.2f} s "
+                    f"round {round_index} {name:13s} {mode:11s} {tokens:5d} tokens {seconds:6.2f} s "
                     f"{tokens / seconds:6.1f} tok/s  accepted {accepted}/{proposed} ({rate})",
                     flush=True,
                 )
@@ -167,7 +172,7 @@ def main() -> None:
             for kind, times in timer.times.items()
             if times
         ]
-        print(f"  {mode:5s} " + "  ".join(parts))
+        print(f"  {mode:11s} " + "  ".join(parts))
     if args.save:
         Path(args.save).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
 

@@ -11,6 +11,7 @@ the largest cached value.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from batchlm.models.gguf_model_dir import prepare_gguf_model_dir
 from batchlm.models.loader import LoadedModel, load_model
 from batchlm.models.random_model import write_random_model
 from batchlm.runner import fused_decode
-from batchlm.runner.fused_decode import MAX_ROWS, FusedDecode, build_fused_decode
+from batchlm.runner.fused_decode import MAX_ROWS, MAX_VERIFY_ROWS, FusedDecode, build_fused_decode
 from batchlm.runner.inputs import StepInputs
 from gguf_builder import write_tiny_gguf
 from models_harness import Chunk, build_step, make_kv_caches, run_step
@@ -95,6 +96,10 @@ def test_only_small_pure_decode_steps_take_it(tmp_path: Path) -> None:
     many = [Chunk([4], 3, [r]) for r in range(MAX_ROWS + 1)]
     assert not fused.can_run(_inputs(many))
     assert fused.can_run(_inputs(many[:MAX_ROWS]))
+    # A verify chunk laid out as decode rows (runner/decode_rows.py) may have up to MAX_VERIFY_ROWS.
+    verify = [Chunk([4], 3 + row, [0]) for row in range(MAX_VERIFY_ROWS + 1)]
+    assert fused.can_run(replace(_inputs(verify[:MAX_VERIFY_ROWS]), has_drafts=True))
+    assert not fused.can_run(replace(_inputs(verify), has_drafts=True))
 
 
 def test_models_off_the_kernels_keep_the_generic_path(
@@ -108,3 +113,33 @@ def test_models_off_the_kernels_keep_the_generic_path(
     caches = make_kv_caches(quantized, 4, BLOCK_SIZE)
     monkeypatch.setenv(fused_decode.DISABLE_ENV, "0")
     assert build_fused_decode(quantized.model, caches, TorchAttentionBackend()) is None
+
+
+@torch.inference_mode()
+def test_verify_rows_are_the_decodes_of_their_tokens(tmp_path: Path) -> None:
+    """A verify chunk of 1 + 7 tokens, crossing a block edge, as decode rows of one request through the
+    fused stack (every row's key stored before any row attends): bit for bit the logits and cache of
+    decoding its tokens one at a time through the stack, and within tolerance of the model's own
+    forward over the chunk."""
+    loaded = _model(tmp_path, "Q4_1", True)
+    prompt, blocks = PROMPTS[2], _blocks(0)  # 15 tokens: the chunk's positions 15..22 cross 16
+    caches = {name: make_kv_caches(loaded, 4, BLOCK_SIZE) for name in ("rows", "one by one", "model")}
+    for kv in caches.values():
+        logits = run_step(loaded.model, kv, [Chunk(prompt, 0, blocks)])
+    tokens = [int(logits.argmax()), 40, 41, 42, 43, 44, 45, 46]
+    rows = [Chunk([token], len(prompt) + i, blocks) for i, token in enumerate(tokens)]
+    fused = build_fused_decode(loaded.model, caches["rows"], TorchAttentionBackend())
+    assert fused is not None
+    inputs = replace(_inputs(rows), has_drafts=True)
+    assert fused.can_run(inputs)
+    together = fused.run(inputs)
+    one_by_one = build_fused_decode(loaded.model, caches["one by one"], TorchAttentionBackend())
+    assert one_by_one is not None
+    alone = torch.cat([one_by_one.run(_inputs([row])) for row in rows])
+    assert torch.equal(together, alone)
+    for mine, theirs in zip(caches["rows"], caches["one by one"], strict=True):
+        assert torch.equal(mine, theirs)
+    input_ids, positions, meta = build_step([Chunk(tokens, len(prompt), blocks)], BLOCK_SIZE)
+    hidden = loaded.model(input_ids, positions, caches["model"], meta, TorchAttentionBackend())
+    model_logits = loaded.model.compute_logits(hidden)
+    assert (together - model_logits).abs().max() <= 1e-4 * model_logits.abs().max()

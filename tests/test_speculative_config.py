@@ -8,6 +8,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from batchlm.config import EngineConfig
+from batchlm.core.speculation import SpeculationConfig
 from batchlm.engine.client import EngineStats
 from batchlm.executor.core_builder import SPECULATIVE_MAX_BATCH, resolve_speculation
 from batchlm.flags import add_engine_arguments, dataclass_from_args
@@ -24,6 +25,15 @@ def test_defaults_follow_the_device() -> None:
         config.with_updates(speculative_max_batch=7, num_speculative_tokens=6), "cpu"
     )
     assert (chosen.max_batch, chosen.num_tokens) == (7, 6)
+
+
+def test_most_verify_rows_bound_the_decode_graphs() -> None:
+    """The rows of the largest verify step, which the GPU runner captures decode graphs for."""
+    assert SpeculationConfig(mode="off", num_tokens=4).most_verify_rows(32) == 0
+    assert SpeculationConfig(mode="ngram", num_tokens=4).most_verify_rows(32) == 160
+    assert SpeculationConfig(mode="auto", num_tokens=4, max_batch=6).most_verify_rows(32) == 30
+    assert SpeculationConfig(mode="auto", num_tokens=4, max_batch=64).most_verify_rows(32) == 160
+    assert SpeculationConfig(mode="auto", num_tokens=4, max_batch=0).most_verify_rows(32) == 0
 
 
 def test_off_under_tensor_parallelism_and_bad_values() -> None:

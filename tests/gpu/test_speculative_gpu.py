@@ -1,5 +1,6 @@
-"""Speculative decoding on CUDA (verify chunks run eagerly beside the CUDA-graph decodes, with and
-without async scheduling): the same tokens as without speculation, drafts accepted, no block held."""
+"""Speculative decoding on CUDA (verify steps replay the decode CUDA graphs as one decode row per token,
+with and without async scheduling): the same tokens as without speculation, drafts accepted, no block
+held, and no verify step run eagerly unless it has more rows than the largest graph."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import pytest
 import torch
 
 from batchlm import LLM, SamplingParams
+from batchlm.runner import model_runner
+from batchlm.runner.inputs import StepInputs
+from batchlm.runner.model_runner import ModelRunner
 
 pytestmark = pytest.mark.gpu
 
@@ -72,3 +76,100 @@ def test_single_request_decodes_in_fewer_steps(engines: dict[str, LLM]) -> None:
         steps[name] = (llm.engine_core.num_steps - start, tokens)
     assert steps["spec"][1] == steps["plain"][1]
     assert steps["spec"][0] < steps["plain"][0]
+
+
+class ForwardLog:
+    """Records, for each forward of a runner, whether it verified drafts and whether the model ran
+    eagerly (a graph replay never calls the model's Python forward)."""
+
+    def __init__(self, runner: ModelRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.steps: list[tuple[bool, bool]] = []  # (has drafts, eager)
+        self._eager = 0
+        model_forward, runner_forward = runner.model.forward, runner._forward
+
+        def eager(*args: Any, **kwargs: Any) -> Any:
+            self._eager += 1
+            return model_forward(*args, **kwargs)
+
+        def forward(inputs: StepInputs) -> torch.Tensor:
+            before = self._eager
+            logits = runner_forward(inputs)
+            self.steps.append((inputs.has_drafts, self._eager > before))
+            return logits
+
+        monkeypatch.setattr(runner.model, "forward", eager)
+        monkeypatch.setattr(runner, "_forward", forward)
+
+    def verify_steps(self) -> list[bool]:
+        """Whether each verify step ran eagerly."""
+        return [eager for has_drafts, eager in self.steps if has_drafts]
+
+
+def _runner(llm: LLM) -> ModelRunner:
+    runner = llm.engine_core.executor
+    assert isinstance(runner, ModelRunner) and runner.decode_graphs is not None
+    return runner
+
+
+@pytest.mark.parametrize("scheduling", ["off", "on"])
+def test_verify_steps_replay_the_decode_graphs(
+    engines: dict[str, LLM], scheduling: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = engines[f"ngram-{scheduling}"]
+    runner = _runner(spec)
+    # Graphs for every step of verify chunks: 32 requests (max_num_seqs) x (1 + 4 drafts) rows.
+    assert runner.decode_graphs is not None and runner.decode_graphs.max_batch == 32 * 5
+    log = ForwardLog(runner, monkeypatch)
+    # No two prompts share a block, so all three are admitted in the first step (the one eager forward).
+    prompts = [LOOPING, list(range(100, 140)), [(7 * i + 3) % 300 for i in range(20)] * 3]
+    params = [SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True)] * 3
+    assert _tokens(spec, prompts, params) == _tokens(engines[f"off-{scheduling}"], prompts, params)
+    verify = log.verify_steps()
+    assert verify and not any(verify), f"{sum(verify)} of {len(verify)} verify steps ran eagerly"
+    assert sum(eager for _, eager in log.steps) == 1  # the one step with the prompts
+
+
+def test_verify_rows_past_the_largest_graph_run_eagerly(
+    tiny_model_dir: Callable[..., Path], engines: dict[str, LLM], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Graphs up to 4 rows (verify rows capped at 4 here); a verify chunk of 1 + 4 tokens falls back
+    to the eager path, with the same tokens."""
+    monkeypatch.setattr(model_runner, "MAX_VERIFY_GRAPH_ROWS", 4)
+    small = LLM(
+        model=str(tiny_model_dir("llama")),
+        device="cuda",
+        dtype="float32",
+        speculative="ngram",
+        num_speculative_tokens=4,
+        async_scheduling="off",
+        max_num_seqs=4,
+        num_gpu_blocks_override=64,
+    )
+    runner = _runner(small)
+    assert runner.decode_graphs is not None and runner.decode_graphs.max_batch == 4
+    log = ForwardLog(runner, monkeypatch)
+    params = [SamplingParams(temperature=0.0, max_tokens=80, ignore_eos=True)]
+    assert _tokens(small, [LOOPING], params) == _tokens(engines["off-off"], [LOOPING], params)
+    verify = log.verify_steps()
+    assert verify and any(verify)
+
+
+def test_graph_steps_with_a_prompt_token_that_samples_nothing(tiny_model_dir: Callable[..., Path]) -> None:
+    """A 2-token budget: a decode plus a prompt's next single token is a step of one-token chunks,
+    which the graphs take although the prompt's row samples nothing; the same tokens as eager."""
+    engines = [
+        LLM(
+            model=str(tiny_model_dir("llama")),
+            device="cuda",
+            dtype="float32",
+            speculative="off",
+            max_num_batched_tokens=2,
+            num_gpu_blocks_override=64,
+            enforce_eager=eager,
+        )
+        for eager in (False, True)
+    ]
+    prompts = [[11, 12, 13], list(range(40, 50))]
+    params = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)] * 2
+    graphs, eager = (_tokens(llm, prompts, params) for llm in engines)
+    assert graphs == eager

@@ -43,6 +43,14 @@ class SpeculationConfig:
     def enabled(self) -> bool:
         return self.mode != "off"
 
+    def most_verify_rows(self, max_num_seqs: int) -> int:
+        """Token rows of the largest step of verify chunks the scheduler can send (0 when off): every
+        request it lets speculate at once (auto: max_batch of them) with all its drafts."""
+        if not self.enabled:
+            return 0
+        requests = max_num_seqs if self.mode == "ngram" else min(self.max_batch, max_num_seqs)
+        return requests * (1 + self.num_tokens)
+
 
 @dataclass
 class AcceptanceGate:

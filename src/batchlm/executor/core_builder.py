@@ -71,10 +71,13 @@ def resolve_async_scheduling(config: EngineConfig, device: str) -> bool:
     return config.async_scheduling == "on"
 
 
-# "auto" speculates while at most this many requests run. CPU: measured with the default model
-# (BENCHMARKS.md). CUDA: never, for now: verify chunks run eagerly beside the CUDA-graph decodes and
-# measured slower than plain decoding at c=1 (BENCHMARKS.md); `--speculative ngram` still speculates.
-SPECULATIVE_MAX_BATCH = {"cpu": 4, "cuda": 0}
+# "auto" speculates while at most this many requests run on a CUDA device. 0 (never) was measured when
+# verify steps ran eagerly beside the CUDA-graph decodes (BENCHMARKS.md); they now replay the same
+# graphs (runner/decode_rows.py), and this is the one value to change once GPU runs of
+# benchmarks/speculative_gpu.py say where speculation stops paying. `--speculative ngram` speculates.
+CUDA_SPECULATIVE_MAX_BATCH = 0
+# The same limit per device kind. CPU: measured with the default model (BENCHMARKS.md).
+SPECULATIVE_MAX_BATCH = {"cpu": 4, "cuda": CUDA_SPECULATIVE_MAX_BATCH}
 # Draft tokens per verify step. CPU: 7, so a verify chunk is 8 rows, two whole passes of the quantized
 # matmul kernels' 4-row blocks (measured against 3 and 4 in BENCHMARKS.md).
 SPECULATIVE_TOKENS = {"cpu": 7, "cuda": 4}
@@ -134,6 +137,8 @@ def build_engine_core(config: EngineConfig, model_dir: Path) -> tuple[EngineCore
             from batchlm.runner.model_runner import ModelRunner
         with timed_phase(logger, phases.runner):
             runner = ModelRunner(config, model_dir)
+        speculation = resolve_speculation(config, str(runner.device))
+        runner.most_verify_rows = speculation.most_verify_rows(config.max_num_seqs)
         # initialize_kv_cache in its two steps, each timed.
         with timed_phase(logger, phases.sizing):
             num_blocks = runner.determine_num_blocks()

@@ -11,8 +11,9 @@
  *
  * Each thread takes a fixed share of every matmul's 16-row panels (gate and up panels in pairs, so
  * the SiLU product needs no exchange) and of the (request, KV head) attention items; threads meet at
- * one barrier after each of the five stages. The small row-wise work a stage starts with (a norm,
- * quantizing the activations) every thread does for itself rather than wait for one that did it.
+ * one barrier after each of the five stages (six when rows share a request's context). The small
+ * row-wise work a stage starts with (a norm, quantizing the activations) every thread does for itself
+ * rather than wait for one that did it.
  *
  * The matmuls and the activation quantization are those of cpu_quant_kernels.c, the exp and the
  * cache walk those of cpu_kernels.c (both compiled into this library).
@@ -37,12 +38,15 @@ typedef struct {
     const float *final_norm; /* [hidden] */
 } DecodeShape;
 
-/* One step's requests: B rows, each one new token. */
+/* One step's rows, each one new token. Rows of one request (a speculative verify chunk laid out as
+ * decode rows) read each other's keys: `shared_context` != 0 then stores every row's key and value
+ * before any row attends, at the cost of one more barrier per layer. */
 typedef struct {
     long B;
     const int64_t *positions, *slots;
     const int32_t *block_tables, *seq_lens;
     long table_stride;
+    long shared_context;
 } DecodeBatch;
 
 /* Per-thread scratch: the normed rows and the quantized activations of one matmul's input. */
@@ -75,18 +79,24 @@ static void rope_head(float *x, const float *cos_sin, long D) {
     }
 }
 
-/* Stage 2 for one (request b, KV head g): rotate its key and its group's queries, store the key and
- * value at the request's slot, then attend over the request's context with the group's queries. */
+/* Stage 2a for one (row b, KV head g): rotate its key and store the key and value at the row's slot. */
+static void store_group(const DecodeShape *shape, const DecodeLayer *layer, const DecodeBatch *batch, float *qkv,
+                        long b, long g) {
+    const long D = shape->head_dim, H = shape->heads, G = shape->kv_heads;
+    float *k = qkv + b * (H + 2 * G) * D + H * D + g * D, *v = k + G * D;
+    rope_head(k, shape->cos_sin + batch->positions[b] * D, D);
+    memcpy(layer->k_cache + batch->slots[b] * G * D + g * D, k, sizeof(float) * (size_t)D);
+    memcpy(layer->v_cache + batch->slots[b] * G * D + g * D, v, sizeof(float) * (size_t)D);
+}
+
+/* Stage 2b for one (row b, KV head g), its key stored: rotate the group's queries and attend over the
+ * row's context with them. */
 static void attend_group(const DecodeShape *shape, const DecodeLayer *layer, const DecodeBatch *batch, float *qkv,
                          float *attn, long b, long g, float *scores) {
     const long D = shape->head_dim, H = shape->heads, G = shape->kv_heads, group = H / G;
-    const long row = (H + 2 * G) * D;
-    float *q = qkv + b * row, *k = q + H * D + g * D, *v = q + (H + G) * D + g * D;
+    float *q = qkv + b * (H + 2 * G) * D;
     const float *cos_sin = shape->cos_sin + batch->positions[b] * D;
-    rope_head(k, cos_sin, D);
     const long token_stride = G * D, block_stride = shape->block_size * token_stride;
-    memcpy(layer->k_cache + batch->slots[b] * token_stride + g * D, k, sizeof(float) * (size_t)D);
-    memcpy(layer->v_cache + batch->slots[b] * token_stride + g * D, v, sizeof(float) * (size_t)D);
     const long length = batch->seq_lens[b];
     const int32_t *table = batch->block_tables + b * batch->table_stride;
     for (long j = 0; j < group; j++) rope_head(q + (g * group + j) * D, cos_sin, D);
@@ -173,8 +183,16 @@ static void decode_layer(const DecodeShape *shape, const DecodeLayer *layer, con
     own_panels(s->normed, B, n, layer->qkv, layer->qkv_bits4, layer->qkv_bias, buf->qkv, qkv_n, first, last, s, avx512);
 #pragma omp barrier
     share(B * shape->kv_heads, me, team, &first, &last);
-    for (long item = first; item < last; item++)
-        attend_group(shape, layer, batch, buf->qkv, buf->attn, item / shape->kv_heads, item % shape->kv_heads, s->scores);
+    if (batch->shared_context) {
+        for (long item = first; item < last; item++)
+            store_group(shape, layer, batch, buf->qkv, item / shape->kv_heads, item % shape->kv_heads);
+#pragma omp barrier
+    }
+    for (long item = first; item < last; item++) {
+        const long b = item / shape->kv_heads, g = item % shape->kv_heads;
+        if (!batch->shared_context) store_group(shape, layer, batch, buf->qkv, b, g);
+        attend_group(shape, layer, batch, buf->qkv, buf->attn, b, g, s->scores);
+    }
 #pragma omp barrier
     share((n + QPANEL - 1) / QPANEL, me, team, &first, &last);
     own_panels(buf->attn, B, attn_n, layer->o, layer->o_bits4, layer->o_bias, buf->out, n, first, last, s, avx512);

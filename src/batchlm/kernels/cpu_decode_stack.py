@@ -103,6 +103,7 @@ class _Batch(ctypes.Structure):
         ("block_tables", ctypes.c_void_p),
         ("seq_lens", ctypes.c_void_p),
         ("table_stride", ctypes.c_long),
+        ("shared_context", ctypes.c_long),
     ]
 
 
@@ -139,11 +140,12 @@ class DecodeStack:
         slots: torch.Tensor,  # [B] int64
         block_tables: torch.Tensor,  # [B, max_blocks] int32, rows contiguous
         seq_lens: torch.Tensor,  # [B] int32
+        shared_context: bool = False,  # rows of one request (a verify chunk as decode rows)
     ) -> None:
         rows = hidden.shape[0]
         batch = _Batch(
             rows, positions.data_ptr(), slots.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(),
-            block_tables.stride(0),
+            block_tables.stride(0), int(shared_context),
         )  # fmt: skip
         status = self._library.batchlm_decode_stack(
             ctypes.byref(self._shape), self._layers, ctypes.byref(batch), hidden.data_ptr(),

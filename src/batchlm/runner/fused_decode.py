@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 DISABLE_ENV = "BATCHLM_CPU_FUSED_DECODE"  # 0/false/off/no: always the generic path (A/B runs)
 MAX_ROWS = 4  # decode steps of at most this many requests take the fused path
+# Verify steps laid out as decode rows (runner/decode_rows.py) of at most this many rows take it too:
+# one verify chunk of the CPU's default 1 + 7 tokens.
+MAX_VERIFY_ROWS = 8
 
 
 class FusedDecode:
@@ -41,7 +44,7 @@ class FusedDecode:
         meta = inputs.meta
         rows = meta.num_decodes
         return (
-            0 < rows <= MAX_ROWS
+            0 < rows <= (MAX_VERIFY_ROWS if inputs.has_drafts else MAX_ROWS)
             and meta.num_requests == rows
             and meta.num_tokens == rows
             and inputs.input_ids.shape[0] == rows
@@ -59,6 +62,8 @@ class FusedDecode:
             meta.slot_mapping.to(torch.int64).contiguous(),
             tables.to(torch.int32),
             meta.seq_lens.to(torch.int32).contiguous(),
+            # Rows of one verify chunk read each other's keys: all are stored before any attends.
+            shared_context=inputs.has_drafts,
         )
         return self.model.compute_logits(hidden)
 

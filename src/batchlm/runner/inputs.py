@@ -11,6 +11,7 @@ import torch
 from batchlm.attention.backend import AttentionMetadata
 from batchlm.core.step_io import PLACEHOLDER_TOKEN_ID, ScheduledChunk, SchedulerOutput
 from batchlm.runner.block_tables import BlockTableRows
+from batchlm.runner.decode_rows import all_decode_or_verify, as_decode_rows
 from batchlm.runner.step_output import PreviousTokens
 from batchlm.runner.upload import StepUploader
 
@@ -42,6 +43,9 @@ class StepInputBuilder:
         self.device = device
         self.block_tables = BlockTableRows()
         self.uploader = StepUploader(device)
+        # Steps of decodes and verify chunks with at most this many tokens are laid out as decode rows
+        # (runner/decode_rows.py), so the runner's decode paths can take them; 0: never.
+        self.max_decode_rows = 0
 
     def drop(self, request_ids: Iterable[str]) -> None:
         self.block_tables.drop(request_ids)
@@ -75,6 +79,10 @@ class StepInputBuilder:
         has_drafts = any(c.num_draft_tokens for c in chunks)
         if has_drafts:
             sample_indices, sample_request_ids = _verify_sample_rows(chunks, query_start_loc)
+        if has_drafts and num_tokens <= self.max_decode_rows and all_decode_or_verify(chunks):
+            rows = as_decode_rows(positions, request_of_token, block_tables)
+            query_start_loc, seq_lens, block_tables = rows.query_start_loc, rows.seq_lens, rows.block_tables
+            query_lens, num_decodes = np.ones(num_tokens, dtype=np.int64), num_tokens
         fill_rows, fill_sources = _placeholder_sources(input_ids, request_of_token, chunks, previous)
 
         slots, starts_loc, lens, tables, ids, pos, samples, fill_to, fill_from = self.uploader.upload(

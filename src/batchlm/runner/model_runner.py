@@ -23,7 +23,7 @@ from batchlm.runner.cpu_threads import cap_cpu_threads
 from batchlm.runner.cuda_graph import DecodeGraphs
 from batchlm.runner.device import dtype_name, resolve_device, resolve_dtype
 from batchlm.runner.draft_verify import Verification, row_states, verify_groups
-from batchlm.runner.fused_decode import FusedDecode, build_fused_decode
+from batchlm.runner.fused_decode import MAX_VERIFY_ROWS, FusedDecode, build_fused_decode
 from batchlm.runner.grammar import StepMasks, constrained_sequences
 from batchlm.runner.heap import trim_heap
 from batchlm.runner.inputs import StepInputBuilder, StepInputs, build_step_inputs
@@ -41,6 +41,11 @@ from batchlm.sampling.state import SamplingState
 from batchlm.startup_log import log_phase
 
 logger = logging.getLogger(__name__)
+
+
+# Verify steps of more rows than this (and than max_num_seqs) run eagerly: capturing graphs for every
+# batch up to max_num_seqs x (1 + drafts) would add a graph per 16 rows to start-up.
+MAX_VERIFY_GRAPH_ROWS = 256
 
 
 def default_max_num_batched_tokens(device: torch.device) -> int:
@@ -129,6 +134,9 @@ class ModelRunner:
         self.num_blocks = 0
         self.decode_graphs: DecodeGraphs | None = None
         self.fused_decode: FusedDecode | None = None
+        # Rows of the largest verify step the scheduler may send (SpeculationConfig.most_verify_rows),
+        # set by the engine before allocate_kv_cache: decode graphs are captured for them too.
+        self.most_verify_rows = 0
 
     def _use_cpu_matmuls(self) -> None:
         """Move float32 weights to the CPU GEMM kernel's layout (kernels/cpu_gemm.py), once they are final."""
@@ -185,6 +193,8 @@ class ModelRunner:
         max_blocks_per_seq = self._max_blocks_per_seq()
         if self.device.type == "cpu":
             self.fused_decode = build_fused_decode(self.model, self.kv_caches, self.attn)
+            if self.fused_decode is not None:  # verify steps take the fused stack too, as decode rows
+                self.input_builder.max_decode_rows = MAX_VERIFY_ROWS
             trim_heap()  # what loading freed would otherwise stay resident
         if self.device.type == "cuda":
             self._warm_up_kernels(self.kv_caches[0], max_blocks_per_seq)
@@ -193,11 +203,13 @@ class ModelRunner:
                 self.model,
                 self.kv_caches,
                 self.attn,
-                max_batch=self.config.max_num_seqs,
+                max_batch=max(self.config.max_num_seqs, min(self.most_verify_rows, MAX_VERIFY_GRAPH_ROWS)),
                 max_blocks_per_seq=max_blocks_per_seq,
                 device=self.device,
             )
             self.decode_graphs.capture()
+            # Verify steps replay the decode graphs too, as one decode row per token.
+            self.input_builder.max_decode_rows = self.decode_graphs.max_batch
         return ModelFacts(
             max_model_len=self.max_model_len,
             vocab_size=self.shape.vocab_size,
@@ -339,8 +351,10 @@ class ModelRunner:
         if self.fused_decode is not None and self.fused_decode.can_run(inputs):
             return self.fused_decode.run(inputs)
         if self.decode_graphs is not None and self.decode_graphs.can_run(inputs.meta):
-            # Pure decode: every row samples, so the graph's logits are already the sampled rows.
-            return self.decode_graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+            logits = self.decode_graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+            # Decodes and verify rows all sample; a one-token prompt chunk (a budget's last token) does not.
+            every_row_samples = inputs.sample_indices.shape[0] == logits.shape[0]
+            return logits if every_row_samples else logits[inputs.sample_indices]
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.attn)
         return self.model.compute_logits(hidden[inputs.sample_indices])
 
