@@ -28,7 +28,7 @@ from batchlm.kernels.decode_plans import GemvConfig, PlanKey  # noqa: E402
 from batchlm.kernels.fp8_gemv import candidate_configs, fp8_small_m  # noqa: E402
 from batchlm.kernels.int4_pack import PackedInt4, dequantize_packed, pack_int4  # noqa: E402
 from batchlm.kernels.w4a16_gemm import W4A16Config, w4a16_matmul  # noqa: E402
-from batchlm.kernels.w4a16_gemv import candidate_plans, w4a16_gemv  # noqa: E402
+from batchlm.kernels.w4a16_gemv import SCRATCH, candidate_plans, w4a16_gemv  # noqa: E402
 from batchlm.layers.quantization.forms import quantize_fp8_rows  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -127,6 +127,16 @@ def test_every_w4a16_decode_plan_agrees(one_row: bool) -> None:
         assert_relative(out, ref, TOLERANCE[HALF])
 
 
+def test_split_launches_leave_their_counters_at_zero_for_the_next() -> None:
+    packed = random_packed(100, 2048, 64, seed=3)
+    x = torch.randn(1, 2048, device=DEVICE).to(HALF)
+    split = GemvConfig(16, 256, 4, 2, split_k=3)
+    first = w4a16_gemv(x, packed, None, split)
+    assert int(SCRATCH.buffers[x.device][1].abs().sum()) == 0
+    torch.testing.assert_close(w4a16_gemv(x, packed, None, split), first, atol=0, rtol=0)
+    assert_relative(first, x.float() @ dequantize_packed(packed).t(), TOLERANCE[HALF])
+
+
 def test_w4a16_gemv_takes_one_row() -> None:
     packed = random_packed(32, 256, 32)
     with pytest.raises(ValueError, match="must be"):
@@ -208,7 +218,8 @@ def test_decode_kernels_replay_in_a_cuda_graph() -> None:
     runs = [
         lambda: fp8_small_m(x[:1], data, scale),
         lambda: fp8_small_m(x[:9], data, scale),
-        lambda: w4a16_gemv(x[:1], packed),
+        lambda: w4a16_gemv(x[:1], packed, None, GemvConfig(32, 512, 4, 2)),
+        lambda: w4a16_gemv(x[:1], packed, None, GemvConfig(16, 256, 4, 2, split_k=4)),
     ]
     for run in runs:
         run()  # compiled outside the capture
@@ -216,8 +227,9 @@ def test_decode_kernels_replay_in_a_cuda_graph() -> None:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         outs = [run() for run in runs]
-    x.copy_(torch.randn_like(x))
-    graph.replay()
-    torch.cuda.synchronize()
-    for run, out in zip(runs, outs, strict=True):
-        torch.testing.assert_close(out, run(), atol=0, rtol=0)
+    for _ in range(2):  # the split launch's counters must be back at zero for the second replay
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        for run, out in zip(runs, outs, strict=True):
+            torch.testing.assert_close(out, run(), atol=0, rtol=0)

@@ -29,13 +29,14 @@ Plan = TypeVar("Plan")
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """One launch shape of a decode kernel: output features and inputs per program step, warps and
-    pipeline stages."""
+    """One launch shape of a decode kernel: output features and inputs per program step, warps,
+    pipeline stages, and the programs K is split across (the W4A16 GEMV; FP8 splits N only)."""
 
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
+    split_k: int = 1
 
 
 @dataclass(frozen=True)
