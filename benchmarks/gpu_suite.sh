@@ -9,8 +9,8 @@
 # quant_tests: the FP8 / W4A16 / FP8-KV GPU tests alone; quant_kernels: the three linears at 8B
 # shapes, decode kernels against the GEMM paths (benchmarks/quant_kernels.py); quant_single:
 # single-stream 8B ITL, bf16 vs --quantization fp8 vs w4a16 (random weights quantized at load);
-# quant_w2: a short W2 (512 x 1000 in /
-# 256 out), bf16 vs fp8 weights + fp8 KV cache (QUANT_W2_OUT=1000 for the full one).
+# quant_w2: a short W2 (512 x 1000 in / 256 out), bf16 vs fp8 weights + fp8 KV cache
+# (QUANT_W2_OUT=1000 for the full one).
 # Needs $OUT (results folder); PYTHONPATH=src (the package is not installed there).
 set -u
 export PYTHONPATH="${PYTHONPATH:-}:$(pwd)/src" PYTHONUNBUFFERED=1

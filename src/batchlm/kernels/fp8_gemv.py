@@ -71,15 +71,22 @@ def _fp8_small_m_kernel(
 
 
 def candidate_configs(one_row: bool) -> list[GemvConfig]:
-    """The few launch shapes start-up tuning times for one row or for 2..16 (the first: untuned)."""
+    """The few launch shapes start-up tuning times for one row or for 2..16 (the first: untuned).
+    One row: a few weight rows per program, so that N / block_n programs (thousands) keep enough
+    reads in flight on every SM. Several: the dot's pipelined stages do that instead."""
     if one_row:
         return [
             GemvConfig(4, 512, 4, 2),
-            GemvConfig(8, 512, 4, 2),
             GemvConfig(2, 1024, 4, 2),
-            GemvConfig(16, 256, 8, 3),
+            GemvConfig(4, 1024, 4, 2),
+            GemvConfig(8, 1024, 8, 2),
         ]
-    return [GemvConfig(16, 256, 4, 3), GemvConfig(32, 128, 4, 4), GemvConfig(16, 512, 8, 2)]
+    return [
+        GemvConfig(16, 256, 4, 4),
+        GemvConfig(16, 128, 4, 4),
+        GemvConfig(32, 256, 4, 3),
+        GemvConfig(16, 512, 4, 3),
+    ]
 
 
 def fp8_small_m(

@@ -157,6 +157,7 @@ def candidate_plans(one_row: bool, group_size: int) -> list[GemvConfig | W4A16Co
     return [
         W4A16Config(16, 32, block_k, 1, num_warps=4, num_stages=4),
         W4A16Config(16, 16, block_k, 1, num_warps=4, num_stages=4),
+        W4A16Config(16, 32, block_k, 4, num_warps=4, num_stages=4),
         W4A16Config(16, 64, block_k, 4, num_warps=4, num_stages=4),
     ]
 
