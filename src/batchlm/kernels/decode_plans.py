@@ -23,6 +23,8 @@ DECODE_DTYPES = (torch.bfloat16, torch.float16)
 TIMING_ROUNDS = 3
 # Layers of one shape a timing cycles through: together they outgrow the L2 cache.
 TIMING_LAYERS = 16
+# GPU clock cycles to spin before a timing (~10 ms): longer than queueing its launches takes.
+QUEUE_CYCLES = 20_000_000
 
 Plan = TypeVar("Plan")
 
@@ -62,6 +64,9 @@ def time_launches(launches: Sequence[Callable[[], object]], rounds: int = TIMING
         launch()
     start = torch.cuda.Event(enable_timing=True)
     end = torch.cuda.Event(enable_timing=True)
+    # A decode kernel can take less time than Python takes to launch it: the GPU spins while the
+    # launches queue up behind it, so the events time them back to back (as a graph replays them).
+    torch.cuda._sleep(QUEUE_CYCLES)
     start.record()
     for _ in range(rounds):
         for launch in launches:
