@@ -29,7 +29,12 @@ from batchlm.kernels.fp8_gemv import candidate_configs, fp8_small_m  # noqa: E40
 from batchlm.kernels.int4_pack import PackedInt4, dequantize_packed, pack_int4  # noqa: E402
 from batchlm.kernels.w4a16_gemm import W4A16Config, w4a16_matmul  # noqa: E402
 from batchlm.kernels.w4a16_gemv import SCRATCH, candidate_plans, w4a16_gemv  # noqa: E402
+from batchlm.layers.linear import RowParallelLinear  # noqa: E402
+from batchlm.layers.quantization.base import LinearMethod  # noqa: E402
+from batchlm.layers.quantization.decode_tuning import tune_decode_linears  # noqa: E402
 from batchlm.layers.quantization.forms import quantize_fp8_rows  # noqa: E402
+from batchlm.layers.quantization.fp8 import FP8, FP8_PLANS  # noqa: E402
+from batchlm.layers.quantization.int4 import INT4  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HALF = torch.float16 if INTERPRET else torch.bfloat16
@@ -151,53 +156,39 @@ def test_few_row_plans_fit_small_groups() -> None:
 # --- on a GPU: the layer methods' dispatch and CUDA graphs ---------------------------------------
 
 
-def fp8_layer(out_features: int, in_features: int) -> torch.nn.Module:
-    from batchlm.layers.linear import RowParallelLinear
-    from batchlm.layers.quantization.fp8 import FP8
-
-    with torch.device(DEVICE):
-        layer = RowParallelLinear(in_features, out_features, bias=False)
-    layer.set_method(FP8)
+def quantized_layer(method: LinearMethod, out_features: int, in_features: int) -> RowParallelLinear:
+    """A bf16 layer with a bias (built as a model builds its layers) whose weight `method` quantizes."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(DEVICE):
+            layer = RowParallelLinear(in_features, out_features, bias=True)
+    finally:
+        torch.set_default_dtype(previous)
+    layer.set_method(method)
     layer.load_weight("w", "weight", torch.randn(out_features, in_features, device=DEVICE) * 0.05)
-    layer.process_weights_after_loading()
-    return layer
-
-
-def int4_layer(out_features: int, in_features: int) -> torch.nn.Module:
-    from batchlm.layers.linear import RowParallelLinear
-    from batchlm.layers.quantization.int4 import INT4
-
-    with torch.device(DEVICE):
-        layer = RowParallelLinear(in_features, out_features, bias=False)
-    layer.params_dtype = torch.bfloat16
-    layer.set_method(INT4)
-    layer.load_weight("w", "weight", torch.randn(out_features, in_features, device=DEVICE) * 0.05)
+    layer.load_weight("b", "bias", torch.randn(out_features, device=DEVICE))
     layer.process_weights_after_loading()
     return layer
 
 
 @ON_GPU
-@pytest.mark.parametrize("make", [fp8_layer, int4_layer], ids=["fp8", "w4a16"])
-def test_tuned_layers_match_their_dequantized_weight_at_every_row_count(make: object) -> None:
-    from batchlm.layers.quantization.decode_tuning import tune_decode_linears
-
-    assert callable(make)
-    layers = torch.nn.ModuleList([make(384, 512) for _ in range(3)])
+@pytest.mark.parametrize("method", [FP8, INT4], ids=["fp8", "w4a16"])
+def test_tuned_layers_match_their_dequantized_weight_at_every_row_count(method: LinearMethod) -> None:
+    layers = torch.nn.ModuleList([quantized_layer(method, 384, 512) for _ in range(3)])
     assert tune_decode_linears(layers, torch.bfloat16) == 1
     for layer in layers:
         dense = layer.method.dequantized(layer)
         for rows in (1, 3, 16, 40):
             x = torch.randn(rows, 512, device=DEVICE, dtype=torch.bfloat16)
             # FP8 above 16 rows quantizes the activations too (1/16 of each value at most).
-            tolerance = 1e-2 if rows <= 16 or make is int4_layer else 6e-2
-            assert_relative(layer(x), x.float() @ dense.t(), tolerance)
+            tolerance = 1e-2 if rows <= 16 or method is INT4 else 6e-2
+            assert_relative(layer(x), x.float() @ dense.t() + layer.bias.float(), tolerance)
 
 
 @ON_GPU
 def test_a_tuned_plan_is_the_one_applied() -> None:
-    from batchlm.layers.quantization.fp8 import FP8_PLANS
-
-    layer = fp8_layer(256, 512)
+    layer = quantized_layer(FP8, 256, 512)
     key = PlanKey("fp8", 256, 512, True)
     FP8_PLANS.chosen[key] = None  # the scaled-matmul plan: the activations are quantized
     x = torch.randn(1, 512, device=DEVICE, dtype=torch.bfloat16)
@@ -205,7 +196,7 @@ def test_a_tuned_plan_is_the_one_applied() -> None:
     FP8_PLANS.chosen[key] = candidate_configs(True)[0]
     unquantized = layer(x)
     del FP8_PLANS.chosen[key]
-    ref = x.float() @ layer.method.dequantized(layer).t()
+    ref = x.float() @ layer.method.dequantized(layer).t() + layer.bias.float()
     assert_relative(unquantized, ref, 1e-2)
     assert not torch.equal(quantized, unquantized)
 
