@@ -22,11 +22,12 @@ from collections.abc import Callable, Sequence
 import torch
 from triton.testing import do_bench
 
+from batchlm.kernels.decode_plans import GemvConfig
 from batchlm.kernels.fp8_gemv import candidate_configs, fp8_small_m
 from batchlm.kernels.fp8_linear import fp8_linear
 from batchlm.kernels.int4_pack import PackedInt4, pack_int4
-from batchlm.kernels.w4a16_gemm import w4a16_matmul
-from batchlm.kernels.w4a16_gemv import candidate_plans
+from batchlm.kernels.w4a16_gemm import W4A16Config, w4a16_matmul
+from batchlm.kernels.w4a16_gemv import ONE_ROW_CONFIGS, candidate_plans
 from batchlm.layers.quantization.forms import quantize_fp8_rows
 from batchlm.layers.quantization.int4 import decode_linear, quantize_int4_groups
 
@@ -72,6 +73,11 @@ class Weights:
         self.bytes = {"bf16": n * k * 2, "fp8": n * k + 4 * n, "w4a16": n * k // 2 + 2 * 2 * (n * k // GROUP)}
 
 
+def new_w4a16_plans(one_row: bool) -> list[GemvConfig | W4A16Config]:
+    """The decode candidates but the GEMM kernel's previous choice (measured as `w4a16_old`)."""
+    return list(ONE_ROW_CONFIGS) if one_row else candidate_plans(False, GROUP)
+
+
 def decode_row(name: str, w: Weights, m: int, peak_gbs: float) -> tuple[dict[str, object], dict[str, float]]:
     """(the printed row, microseconds per kind)."""
     x = torch.randn(m, w.dense.shape[1], device=DEVICE, dtype=torch.bfloat16)
@@ -83,10 +89,7 @@ def decode_row(name: str, w: Weights, m: int, peak_gbs: float) -> tuple[dict[str
         ]
     )
     w4_new = fastest(
-        [
-            (repr(p), functools.partial(decode_linear, w.packed, x, None, p))
-            for p in candidate_plans(one_row, GROUP)
-        ]
+        [(repr(p), functools.partial(decode_linear, w.packed, x, None, p)) for p in new_w4a16_plans(one_row)]
     )
     times = {
         "bf16": median_us(lambda: x @ w.dense.t()),
