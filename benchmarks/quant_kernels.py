@@ -27,7 +27,7 @@ from batchlm.kernels.fp8_gemv import candidate_configs, fp8_small_m
 from batchlm.kernels.fp8_linear import fp8_linear
 from batchlm.kernels.int4_pack import PackedInt4, pack_int4
 from batchlm.kernels.w4a16_gemm import W4A16Config, w4a16_matmul
-from batchlm.kernels.w4a16_gemv import ONE_ROW_CONFIGS, candidate_plans
+from batchlm.kernels.w4a16_gemv import candidate_plans
 from batchlm.layers.quantization.forms import quantize_fp8_rows
 from batchlm.layers.quantization.int4 import decode_linear, quantize_int4_groups
 
@@ -75,7 +75,7 @@ class Weights:
 
 def new_w4a16_plans(one_row: bool) -> list[GemvConfig | W4A16Config]:
     """The decode candidates but the GEMM kernel's previous choice (measured as `w4a16_old`)."""
-    return list(ONE_ROW_CONFIGS) if one_row else candidate_plans(False, GROUP)
+    return candidate_plans(one_row, GROUP)[:-1]
 
 
 def decode_row(name: str, w: Weights, m: int, peak_gbs: float) -> tuple[dict[str, object], dict[str, float]]:

@@ -150,7 +150,7 @@ def default_gemv_config(group_size: int) -> GemvConfig:
 
 def candidate_plans(one_row: bool, group_size: int) -> list[GemvConfig | W4A16Config]:
     """What start-up tuning times (the first: untuned): for one row this GEMV, for 2..16 rows the
-    GEMM kernel with narrow tiles; for both, the GEMM kernel with split-K as it chose before."""
+    GEMM kernel with narrow tiles; for both, last, the GEMM kernel with split-K as it chose before."""
     block_k = min(128, group_size)
     # What the GEMM kernel chose for decode before (at 4096-wide layers), kept as the fallback.
     gemm_split = W4A16Config(16, 64, block_k, 4, num_warps=4, num_stages=4)
