@@ -2,12 +2,16 @@
 step of a single stream.
 
 At one row the product is bound by reading the packed words, and unpacking them costs enough
-instructions to matter, so each code costs two integer and two float operations:
-- a code is masked in place and OR-ed into the mantissa of 2^23 (0x4B000000), which read as a float
-  is 2^23 + code * 16^p exactly; subtracting 2^23 gives the code without an int-to-float conversion
-  (a slow instruction). Nibbles 0-4 sit low enough in the word; 5-7 take one shift of the word;
-- the 16^p is folded into that code's activation (x / 16^p, exact), loaded once per word row;
-- the zero point and scale apply once per word (8 codes): s * (sum_j code_j x_j - zero * sum_j x_j).
+instructions to matter, so a code costs one integer and one float instruction:
+- a code masked in place (bits 4p..4p+3 of its word) and read as float32 bits is c * 2^(4p - 149)
+  exactly: a subnormal or, for nibble 5, one of the smallest normals, whose value is still the bits
+  times 2^-149. No shift, no int-to-float conversion (a slow instruction); nibbles 6-7 take one shift
+  of the word. Triton keeps subnormals (it emits no flush-to-zero float ops);
+- the 2^(4p - 149) is undone in that code's activation, x * 2^(85 - 4p) (exact), loaded once per word
+  row, so every product is c * x * 2^-64, normal for any activation of interest, and the sum is
+  scaled back once at the end;
+- programs step through whole groups, so a group's scales and zero points are one [BLOCK_N] row each,
+  applied once per group: s * (sum_k c_k x_k - z * sum_k x_k).
 Programs split N (words are contiguous along N, so a [BLOCK_KW, BLOCK_N] tile reads whole rows of
 BLOCK_N words) and, where N alone gives too few programs to keep enough reads in flight, K: the
 splits' fp32 sums meet in a scratch buffer and the last split to finish adds them up, in the same
@@ -25,16 +29,16 @@ from batchlm.kernels.int4_pack import CODES_PER_WORD, PackedInt4
 from batchlm.kernels.w4a16_gemm import W4A16Config
 
 # Most programs one launch splits K across (split-K partial sums meet in a scratch buffer).
-MAX_SPLIT_K = 16
+MAX_SPLIT_K = 32
 
 
 @triton.jit
-def _add_nibble(dot, x_sum, word, x_ptr, k, k_ok, MASK: tl.constexpr, SCALE: tl.constexpr):
-    """dot + code * x[k] and x_sum + x[k] for the code at MASK of every word (SCALE undoes its
-    position); k, k_ok are [BLOCK_KW]."""
+def _add_nibble(dot, x_sum, word, x_ptr, k, k_ok, P: tl.constexpr):
+    """dot + code * x[k] * 2^-64 and x_sum + x[k], for the code in bits 4P..4P+3 of every word; k and
+    k_ok are [BLOCK_KW] (one activation per word row)."""
     x = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-    code = ((word & MASK) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # exact
-    return dot + code * (x * SCALE)[:, None], x_sum + x
+    code = (word & (0xF << (4 * P))).to(tl.float32, bitcast=True)  # code * 2^(4P - 149), exact
+    return dot + code * (x * (2.0 ** (85 - 4 * P)))[:, None], x_sum + x
 
 
 @triton.jit
@@ -48,40 +52,45 @@ def _w4a16_gemv_kernel(
     partial_ptr,  # [SPLIT_K, N] float32 scratch (SPLIT_K > 1)
     arrivals_ptr,  # [N tiles] int32, zero between launches (SPLIT_K > 1)
     N,
-    K_WORDS: tl.constexpr,  # packed word rows, static per layer (constant loop bounds)
-    WORDS_PER_SPLIT: tl.constexpr,  # a multiple of BLOCK_KW; the last split's tail is masked
-    WORDS_PER_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr,
+    GROUPS: tl.constexpr,  # K / g, static per layer (constant loop bounds)
+    GROUPS_PER_SPLIT: tl.constexpr,  # the last split's tail past GROUPS is masked
+    WORDS_PER_GROUP: tl.constexpr,  # g / 8, a multiple of BLOCK_KW
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     split = tl.program_id(1)
     cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     acc = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float32)
-    for step in range(0, WORDS_PER_SPLIT, BLOCK_KW):
-        word_rows = split * WORDS_PER_SPLIT + step + tl.arange(0, BLOCK_KW)
-        row_ok = word_rows < K_WORDS
-        tile_ok = row_ok[:, None] & col_ok[None, :]
-        words = tl.load(
-            qweight_ptr + word_rows.to(tl.int64)[:, None] * N + cols[None, :], mask=tile_ok, other=0
-        )
-        at_group = (word_rows // WORDS_PER_GROUP).to(tl.int64)[:, None] * N + cols[None, :]
-        scale = tl.load(scales_ptr + at_group, mask=tile_ok, other=0.0).to(tl.float32)
-        zero = tl.load(zeros_ptr + at_group, mask=tile_ok, other=0.0).to(tl.float32)
-        k = word_rows * 8
-        high = words >> 12  # nibbles 5-7 moved to bits 8-19, below the float's exponent
+    for step in range(0, GROUPS_PER_SPLIT):
+        group = split * GROUPS_PER_SPLIT + step
+        group_ok = col_ok & (group < GROUPS)
+        at_group = group.to(tl.int64) * N + cols
+        scale = tl.load(scales_ptr + at_group, mask=group_ok, other=0.0).to(tl.float32)
+        zero = tl.load(zeros_ptr + at_group, mask=group_ok, other=0.0).to(tl.float32)
+        # The group's sums: codes times activations (times 2^-64), and the activations alone.
         dot = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float32)
         x_sum = tl.zeros([BLOCK_KW], dtype=tl.float32)
-        dot, x_sum = _add_nibble(dot, x_sum, words, x_ptr, k, row_ok, 0xF, 1.0)
-        dot, x_sum = _add_nibble(dot, x_sum, words, x_ptr, k + 1, row_ok, 0xF0, 1.0 / 16)
-        dot, x_sum = _add_nibble(dot, x_sum, words, x_ptr, k + 2, row_ok, 0xF00, 1.0 / 256)
-        dot, x_sum = _add_nibble(dot, x_sum, words, x_ptr, k + 3, row_ok, 0xF000, 1.0 / 4096)
-        dot, x_sum = _add_nibble(dot, x_sum, words, x_ptr, k + 4, row_ok, 0xF0000, 1.0 / 65536)
-        dot, x_sum = _add_nibble(dot, x_sum, high, x_ptr, k + 5, row_ok, 0xF00, 1.0 / 256)
-        dot, x_sum = _add_nibble(dot, x_sum, high, x_ptr, k + 6, row_ok, 0xF000, 1.0 / 4096)
-        dot, x_sum = _add_nibble(dot, x_sum, high, x_ptr, k + 7, row_ok, 0xF0000, 1.0 / 65536)
-        acc += scale * (dot - zero * x_sum[:, None])
-    out = tl.sum(acc, axis=0)
+        for first in range(0, WORDS_PER_GROUP, BLOCK_KW):
+            word_rows = group * WORDS_PER_GROUP + first + tl.arange(0, BLOCK_KW)
+            row_ok = word_rows < GROUPS * WORDS_PER_GROUP
+            words = tl.load(
+                qweight_ptr + word_rows.to(tl.int64)[:, None] * N + cols[None, :],
+                mask=row_ok[:, None] & col_ok[None, :],
+                other=0,
+            )
+            k = word_rows * 8
+            high = words >> 16  # nibbles 6-7 moved to bits 8-15
+            dot, x_sum = _add_nibble(dot, x_sum, words, x_ptr, k, row_ok, 0)
+            dot, x_sum = _add_nibble(dot, x_sum, words, x_ptr, k + 1, row_ok, 1)
+            dot, x_sum = _add_nibble(dot, x_sum, words, x_ptr, k + 2, row_ok, 2)
+            dot, x_sum = _add_nibble(dot, x_sum, words, x_ptr, k + 3, row_ok, 3)
+            dot, x_sum = _add_nibble(dot, x_sum, words, x_ptr, k + 4, row_ok, 4)
+            dot, x_sum = _add_nibble(dot, x_sum, words, x_ptr, k + 5, row_ok, 5)
+            dot, x_sum = _add_nibble(dot, x_sum, high, x_ptr, k + 6, row_ok, 2)
+            dot, x_sum = _add_nibble(dot, x_sum, high, x_ptr, k + 7, row_ok, 3)
+        acc += scale[None, :] * (dot - zero[None, :] * (x_sum * (2.0**-64))[:, None])
+    out = tl.sum(acc, axis=0) * (2.0**64)
     if SPLIT_K > 1:
         # Each split leaves its sum in the scratch; the last to arrive adds them up and resets the
         # tile's counter for the next launch, so no second launch (or memset) is needed.
@@ -133,19 +142,24 @@ class SplitScratch:
 SCRATCH = SplitScratch()
 
 
+# block_k counts codes per inner step, capped at the group size (a step stays inside one group).
+# Wide tiles on few warps give each thread several columns per activation it loads; split-K makes
+# up the programs that wide tiles lose.
 ONE_ROW_CONFIGS = [
-    GemvConfig(32, 512, 4, 2, split_k=4),
-    GemvConfig(32, 512, 4, 2),
-    GemvConfig(32, 256, 4, 2, split_k=8),
-    GemvConfig(64, 512, 4, 2, split_k=8),
-    GemvConfig(16, 512, 4, 2, split_k=4),
+    GemvConfig(512, 32, 2, 1, split_k=16),
+    GemvConfig(512, 32, 2, 1, split_k=32),
+    GemvConfig(512, 32, 2, 1, split_k=4),
+    GemvConfig(1024, 16, 2, 1, split_k=8),
+    GemvConfig(256, 64, 2, 1, split_k=32),
+    GemvConfig(256, 128, 8, 1, split_k=8),
 ]
 
 
-def default_gemv_config(group_size: int) -> GemvConfig:
-    """Before (or without) tuning; block_k counts codes (eight per word row)."""
-    del group_size  # the GEMV reads each word row's own scale: any group of whole words will do
-    return ONE_ROW_CONFIGS[0]
+def words_per_step(block_k: int, group_size: int) -> int:
+    """Word rows a program step reads: block_k / 8, cut to the largest power of two that divides the
+    group's word rows (so a step never spans two groups)."""
+    group_words = group_size // CODES_PER_WORD
+    return min(block_k // CODES_PER_WORD, group_words & -group_words)
 
 
 def candidate_plans(one_row: bool, group_size: int) -> list[GemvConfig | W4A16Config]:
@@ -175,11 +189,12 @@ def w4a16_gemv(
         raise ValueError(f"x must be [1, {packed.in_features}] and contiguous, got {tuple(x.shape)}")
     if packed.group_size % CODES_PER_WORD:
         raise ValueError(f"groups of {packed.group_size} inputs do not hold whole packed words")
-    cfg = config or default_gemv_config(packed.group_size)
+    cfg = config or ONE_ROW_CONFIGS[0]
     if not 1 <= cfg.split_k <= MAX_SPLIT_K:
         raise ValueError(f"split_k must be 1..{MAX_SPLIT_K}, not {cfg.split_k}")
-    out_features, k_words = packed.out_features, packed.in_features // CODES_PER_WORD
-    block_kw = cfg.block_k // CODES_PER_WORD
+    out_features = packed.out_features
+    block_kw = words_per_step(cfg.block_k, packed.group_size)
+    groups = packed.in_features // packed.group_size
     tiles = triton.cdiv(out_features, cfg.block_n)
     out = torch.empty((1, out_features), dtype=x.dtype, device=x.device)
     partials, arrivals = (out, out)
@@ -188,7 +203,7 @@ def w4a16_gemv(
     _w4a16_gemv_kernel[(tiles, cfg.split_k)](
         x, packed.qweight, packed.scales, packed.zeros, out if bias is None else bias, out, partials, arrivals,
         out_features,
-        K_WORDS=k_words, WORDS_PER_SPLIT=triton.cdiv(triton.cdiv(k_words, block_kw), cfg.split_k) * block_kw,
+        GROUPS=groups, GROUPS_PER_SPLIT=triton.cdiv(groups, cfg.split_k),
         WORDS_PER_GROUP=packed.group_size // CODES_PER_WORD, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n,
         BLOCK_KW=block_kw, SPLIT_K=cfg.split_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
