@@ -59,9 +59,11 @@ def _fp8_small_m_kernel(
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + offs_k
             k_ok = ks < K
-            x = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+            # stride_xm is 0 here: each thread loads the activations of its own tile elements (L1
+            # hits), where one shared [BLOCK_K] load would be spread to them through shared memory.
+            x = tl.load(x_ptr + cols[:, None] * stride_xm + ks[None, :], mask=k_ok[None, :], other=0.0)
             w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            wide += w.to(tl.float32) * x[None, :]
+            wide += w.to(tl.float32) * x.to(tl.float32)
         acc = tl.sum(wide, axis=1)[None, :]  # [1, BLOCK_N]
     acc = acc * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
     if HAS_BIAS:
@@ -110,7 +112,7 @@ def fp8_small_m(
     use_dot = rows > 1
     _fp8_small_m_kernel[(triton.cdiv(out_features, cfg.block_n),)](
         x, weight, weight_scale, out if bias is None else bias, out,
-        rows, out_features, x.stride(0), weight.stride(0), out.stride(0),
+        rows, out_features, x.stride(0) if use_dot else 0, weight.stride(0), out.stride(0),
         K=in_features, HAS_BIAS=bias is not None, USE_DOT=use_dot, BLOCK_M=MAX_ROWS if use_dot else 1,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PRECISION=dot_precision(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
