@@ -69,7 +69,7 @@ ALL_FP8_CONFIGS = sorted(set(candidate_configs(True) + candidate_configs(False))
 
 @pytest.mark.parametrize("dtype", [torch.float32, HALF])
 @pytest.mark.parametrize("rows", [1, 2, 5, 16])
-@pytest.mark.parametrize(("out_features", "in_features"), [(72, 300), (130, 1024), (16, 2056)])
+@pytest.mark.parametrize(("out_features", "in_features"), [(72, 300), (130, 2056)])
 def test_fp8_kernel_matches_the_dequantized_weight(
     dtype: torch.dtype, rows: int, out_features: int, in_features: int
 ) -> None:
