@@ -7,9 +7,10 @@
 # startup_profile: the engine core's start-up in one process (every Triton compile, every graph
 # capture), cold then warm, and what padding decode batches to coarser graph sizes costs.
 # quant_tests: the FP8 / W4A16 / FP8-KV GPU tests alone; quant_kernels: the three linears at 8B
-# shapes (benchmarks/quant_kernels.py); quant_single: single-stream 8B ITL, bf16 vs
-# --quantization fp8 vs w4a16 (random weights quantized at load); quant_w2: a short W2 (512 x 1000 in /
-# 256 out), bf16 vs fp8 weights + fp8 KV cache (QUANT_W2_OUT=1000 for the full one).
+# shapes, decode kernels against the GEMM paths (benchmarks/quant_kernels.py); quant_single:
+# single-stream 8B ITL, bf16 vs --quantization fp8 vs w4a16 (random weights quantized at load);
+# quant_w2: a short W2 (512 x 1000 in / 256 out), bf16 vs fp8 weights + fp8 KV cache
+# (QUANT_W2_OUT=1000 for the full one).
 # Needs $OUT (results folder); PYTHONPATH=src (the package is not installed there).
 set -u
 export PYTHONPATH="${PYTHONPATH:-}:$(pwd)/src" PYTHONUNBUFFERED=1
@@ -76,10 +77,11 @@ for step in $steps; do
       done ;;
     quant_tests)
       timeout 240 python3 -m pytest -m gpu tests/gpu/test_quant_kernels.py tests/gpu/test_fp8_kv_cache.py \
-        tests/gpu/test_quantized_models_gpu.py -q -p no:cacheprovider -o addopts="" 2>&1 | tail -15 \
+        tests/gpu/test_decode_linears.py tests/gpu/test_quantized_models_gpu.py -q -p no:cacheprovider \
+        -o addopts="" 2>&1 | tail -15 \
         | tee "$OUT/quant_tests.txt" ;;
     quant_kernels)
-      timeout 150 python3 benchmarks/quant_kernels.py --json "$OUT/quant_kernels.json" 2>&1 | tail -22 ;;
+      timeout 150 python3 benchmarks/quant_kernels.py --json "$OUT/quant_kernels.json" 2>&1 | tail -34 ;;
     quant_single)
       for quant in none fp8 w4a16; do
         flag=(); [ "$quant" != none ] && flag=(--quantization "$quant")

@@ -17,6 +17,7 @@ from batchlm.kernels.parallel_compile import compile_deferred, compile_threads, 
 from batchlm.layers.embedding import use_cpu_lm_head
 from batchlm.layers.linear import pack_linears_for_cpu
 from batchlm.layers.moe import warm_up_experts
+from batchlm.layers.quantization.decode_tuning import tune_decode_linears
 from batchlm.models.loader import LoadedModel, ModelShape, load_model
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
 from batchlm.runner.cpu_threads import cap_cpu_threads
@@ -228,12 +229,14 @@ class ModelRunner:
     def _warm_up_kernels(self, kv_cache: torch.Tensor, max_blocks_per_seq: int) -> None:
         """Compile the Triton kernel variants that the profile run and the graph captures may not
         reach (attention tiles and splits picked per step, the sampling race), so no step waits
-        for a JIT compile while serving. kv_cache: one layer's cache (only its layout matters)."""
+        for a JIT compile while serving; time the quantized linears' decode launches. kv_cache: one
+        layer's cache (only its layout matters)."""
         specs = [layer.attention for layer in self.model.config.layers]
         self.attn.warm_up(kv_cache, self.shape.num_heads, max_blocks_per_seq, specs, query_dtype=self.dtype)
         hidden = torch.zeros((1, self.shape.hidden_size), dtype=self.dtype, device=self.device)
         self.sampler.warm_up(self.model.compute_logits(hidden).float())
         warm_up_experts(self.model)
+        tune_decode_linears(self.model, self.dtype)
         torch.cuda.synchronize(self.device)
 
     def _use_cuda_graphs(self) -> bool:

@@ -8,6 +8,7 @@ QuantizedTensor (a GGUF tensor kept as its raw blocks), always with the rows it 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -129,6 +130,10 @@ class LinearMethod(ABC):
     @abstractmethod
     def apply(self, layer: MethodLayer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x [T, cols] @ W^T (+ bias) -> [T, rows]."""
+
+    def tune_decode(self, layers: Sequence[MethodLayer], dtype: torch.dtype) -> None:
+        """Time decode-sized launches for `layers` (one weight shape, on a GPU); most methods have none."""
+        del layers, dtype
 
     @abstractmethod
     def embed(self, layer: MethodLayer, ids: torch.Tensor) -> torch.Tensor:

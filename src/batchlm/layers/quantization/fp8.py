@@ -5,15 +5,29 @@ Weights arrive as an Fp8Weight (an FP8 checkpoint: compressed-tensors FP8_DYNAMI
 a per-tensor scale expanded to every row) or dense (--quantization fp8: each row quantized as it
 loads). Fused q/k/v and gate/up shards keep their own row scales; shards with different static
 activation scales share the largest one.
+
+At decode sizes (1..16 rows of 16-bit activations on a GPU) a Triton kernel reads the activations
+unquantized (kernels/fp8_gemv.py) with a launch shape timed per weight shape at start-up
+(kernels/decode_plans.py); that timing may also pick the scaled matmul, the plan `None`.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from batchlm.kernels.decode_plans import (
+    GemvConfig,
+    PlanKey,
+    PlanTable,
+    bias_of,
+    bucket_rows,
+    takes_decode_kernel,
+)
 from batchlm.kernels.fp8_linear import fp8_linear
 from batchlm.kernels.fp8_types import FP8_DTYPE
 from batchlm.layers.quantization.base import LinearMethod, LoadedWeight, QuantizedTensor, RowSlice
@@ -61,7 +75,31 @@ class Fp8LinearMethod(LinearMethod):
             setattr(layer, "fp8_input_scale", torch.tensor([value], dtype=torch.float32, device=device))  # noqa: B010
 
     def apply(self, layer: MethodLayer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        if takes_decode_kernel(rows):
+            plan = FP8_PLANS.plan_for(plan_key(layer, rows.shape[0] == 1))
+            if plan is not None:
+                out = decode_linear(layer, rows.contiguous(), bias, plan)
+                return out.reshape(*x.shape[:-1], out.shape[-1])
         return fp8_linear(x, layer.weight, scale_of(layer), input_scale_of(layer), bias)
+
+    def tune_decode(self, layers: Sequence[MethodLayer], dtype: torch.dtype) -> None:
+        """Time the decode plans for these layers' (common) shape, one row and 2..16 rows."""
+        device = layers[0].weight.device
+        for one_row in (True, False):
+            x = torch.randn(bucket_rows(one_row), layers[0].weight.shape[1], dtype=dtype, device=device)
+
+            def launches(
+                plan: GemvConfig | None, x: torch.Tensor = x
+            ) -> list[functools.partial[torch.Tensor]]:
+                if plan is None:
+                    return [functools.partial(self._scaled_mm, layer, x) for layer in layers]
+                return [functools.partial(decode_linear, layer, x, bias_of(layer), plan) for layer in layers]
+
+            FP8_PLANS.tune(plan_key(layers[0], one_row), launches)
+
+    def _scaled_mm(self, layer: MethodLayer, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, layer.weight, scale_of(layer), input_scale_of(layer), None)
 
     def embed(self, layer: MethodLayer, ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError("FP8 weights serve linear layers only; embeddings stay dense")
@@ -69,6 +107,28 @@ class Fp8LinearMethod(LinearMethod):
     def dequantized(self, layer: MethodLayer) -> torch.Tensor:
         """The float32 [rows, cols] weight the codes stand for (tests, references)."""
         return layer.weight.float() * scale_of(layer).t()
+
+
+def fp8_candidates(key: PlanKey) -> list[GemvConfig | None]:
+    from batchlm.kernels.fp8_gemv import candidate_configs
+
+    return [*candidate_configs(key.one_row), None]
+
+
+FP8_PLANS: PlanTable[GemvConfig | None] = PlanTable(fp8_candidates)
+
+
+def plan_key(layer: MethodLayer, one_row: bool) -> PlanKey:
+    rows, cols = layer.weight.shape
+    return PlanKey("fp8", rows, cols, one_row)
+
+
+def decode_linear(
+    layer: MethodLayer, rows: torch.Tensor, bias: torch.Tensor | None, plan: GemvConfig
+) -> torch.Tensor:
+    from batchlm.kernels.fp8_gemv import fp8_small_m
+
+    return fp8_small_m(rows, layer.weight, scale_of(layer), bias, plan)
 
 
 def scale_of(layer: MethodLayer) -> torch.Tensor:

@@ -5,21 +5,36 @@ Weights arrive as Int4Weight (GPTQ, AWQ and compressed-tensors checkpoints, unpa
 into one layout) or dense (--quantization w4a16: symmetric round-to-nearest per group as they load).
 While loading, a layer keeps one code byte per weight; once loaded they are packed eight to an int32
 for the kernel (kernels/int4_pack.py) and the bytes are released.
+
+At decode sizes (1..16 rows of 16-bit activations on a GPU) the launch is a plan timed per weight
+shape at start-up (kernels/decode_plans.py): one row takes the GEMV kernel (kernels/w4a16_gemv.py),
+2..16 rows the GEMM kernel with a launch shape picked for them.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import functools
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, TypeAlias
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from batchlm.kernels.decode_plans import (
+    GemvConfig,
+    PlanKey,
+    PlanTable,
+    bias_of,
+    bucket_rows,
+    takes_decode_kernel,
+)
 from batchlm.kernels.int4_pack import PackedInt4, dequantize_packed, pack_int4
 from batchlm.layers.quantization.base import LinearMethod, LoadedWeight, RowSlice
 from batchlm.layers.quantization.forms import Int4Weight
 
 if TYPE_CHECKING:
+    from batchlm.kernels.w4a16_gemm import W4A16Config
     from batchlm.layers.quantization.layer import MethodLayer
 
 # Group size for dense weights quantized at load (--quantization w4a16), as common 4-bit checkpoints.
@@ -105,7 +120,10 @@ class Int4LinearMethod(LinearMethod):
     def apply(self, layer: MethodLayer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         packed = store_of(layer).finish()
         rows = x.reshape(-1, x.shape[-1])
-        if x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16):
+        if takes_decode_kernel(rows):
+            plan = W4A16_PLANS.plan_for(plan_key(packed, rows.shape[0] == 1))
+            out = decode_linear(packed, rows.contiguous(), bias, plan)
+        elif x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16):
             from batchlm.kernels.w4a16_gemm import w4a16_matmul
 
             out = w4a16_matmul(rows.contiguous(), packed)
@@ -114,12 +132,57 @@ class Int4LinearMethod(LinearMethod):
             out = F.linear(rows, dequantize_packed(packed, x.dtype), bias)
         return out.reshape(*x.shape[:-1], packed.out_features)
 
+    def tune_decode(self, layers: Sequence[MethodLayer], dtype: torch.dtype) -> None:
+        """Time the decode plans for these layers' (common) shape, one row and 2..16 rows."""
+        packs = [store_of(layer).finish() for layer in layers]
+        for one_row in (True, False):
+            x = torch.randn(
+                bucket_rows(one_row), packs[0].in_features, dtype=dtype, device=store_of(layers[0]).device
+            )
+
+            def launches(plan: W4A16Plan, x: torch.Tensor = x) -> list[functools.partial[torch.Tensor]]:
+                return [
+                    functools.partial(decode_linear, store_of(layer).finish(), x, bias_of(layer), plan)
+                    for layer in layers
+                ]
+
+            W4A16_PLANS.tune(plan_key(packs[0], one_row), launches)
+
     def embed(self, layer: MethodLayer, ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError("4-bit weights serve linear layers only; embeddings stay dense")
 
     def dequantized(self, layer: MethodLayer) -> torch.Tensor:
         """The float32 [rows, cols] weight the codes stand for (tests, references)."""
         return dequantize_packed(store_of(layer).finish())
+
+
+W4A16Plan: TypeAlias = "GemvConfig | W4A16Config"
+
+
+def w4a16_candidates(key: PlanKey) -> list[W4A16Plan]:
+    from batchlm.kernels.w4a16_gemv import candidate_plans
+
+    return candidate_plans(key.one_row, key.group_size)
+
+
+W4A16_PLANS: PlanTable[W4A16Plan] = PlanTable(w4a16_candidates)
+
+
+def plan_key(packed: PackedInt4, one_row: bool) -> PlanKey:
+    return PlanKey("w4a16", packed.out_features, packed.in_features, one_row, packed.group_size)
+
+
+def decode_linear(
+    packed: PackedInt4, rows: torch.Tensor, bias: torch.Tensor | None, plan: W4A16Plan
+) -> torch.Tensor:
+    if isinstance(plan, GemvConfig):
+        from batchlm.kernels.w4a16_gemv import w4a16_gemv
+
+        return w4a16_gemv(rows, packed, bias, plan)
+    from batchlm.kernels.w4a16_gemm import w4a16_matmul
+
+    out = w4a16_matmul(rows, packed, plan)
+    return out if bias is None else out + bias
 
 
 def store_of(layer: MethodLayer) -> Int4Store:

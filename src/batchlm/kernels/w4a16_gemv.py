@@ -1,0 +1,210 @@
+"""Triton kernel: one activation row times a 4-bit weight (kernels/int4_pack.py layout), the decode
+step of a single stream.
+
+At one row the product is bound by reading the packed words, and unpacking them costs enough
+instructions to matter, so a code costs one integer and one float instruction:
+- a code masked in place (bits 4p..4p+3 of its word) and read as float32 bits is c * 2^(4p - 149)
+  exactly: a subnormal or, for nibble 5, one of the smallest normals, whose value is still the bits
+  times 2^-149. No shift, no int-to-float conversion (a slow instruction); nibbles 6-7 take one shift
+  of the word. Triton keeps subnormals (it emits no flush-to-zero float ops);
+- the 2^(4p - 149) is undone in that code's activation, x * 2^(85 - 4p) (exact), loaded once per word
+  row, so every product is c * x * 2^-64, normal for any activation of interest, and the sum is
+  scaled back once at the end;
+- programs step through whole groups, so a group's scales and zero points are one [BLOCK_N] row each,
+  applied once per group: s * (sum_k c_k x_k - z * sum_k x_k).
+Programs split N (words are contiguous along N, so a [BLOCK_KW, BLOCK_N] tile reads whole rows of
+BLOCK_N words) and, where N alone gives too few programs to keep enough reads in flight, K: the
+splits' fp32 sums meet in a scratch buffer and the last split to finish adds them up, in the same
+launch (a second launch per linear would cost about as much as the product at these sizes).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from batchlm.kernels.decode_plans import GemvConfig
+from batchlm.kernels.int4_pack import CODES_PER_WORD, PackedInt4
+from batchlm.kernels.w4a16_gemm import W4A16Config
+
+# Most programs one launch splits K across (split-K partial sums meet in a scratch buffer).
+MAX_SPLIT_K = 32
+
+
+@triton.jit
+def _add_nibble(dot, x_sum, word, x_ptr, k, k_ok, P: tl.constexpr):
+    """dot + code * x[k] * 2^-64 and x_sum + x[k], for the code in bits 4P..4P+3 of every word; k and
+    k_ok are [BLOCK_KW] (one activation per word row)."""
+    x = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+    code = (word & (0xF << (4 * P))).to(tl.float32, bitcast=True)  # code * 2^(4P - 149), exact
+    return dot + code * (x * (2.0 ** (85 - 4 * P)))[:, None], x_sum + x
+
+
+@triton.jit
+def _w4a16_gemv_kernel(
+    x_ptr,  # [K] activations
+    qweight_ptr,  # [K / 8, N] int32
+    scales_ptr,  # [K / g, N]
+    zeros_ptr,  # [K / g, N]
+    bias_ptr,  # [N] (read when HAS_BIAS)
+    out_ptr,  # [N] in the activation dtype
+    partial_ptr,  # [SPLIT_K, N] float32 scratch (SPLIT_K > 1)
+    arrivals_ptr,  # [N tiles] int32, zero between launches (SPLIT_K > 1)
+    N,
+    GROUPS: tl.constexpr,  # K / g, static per layer (constant loop bounds)
+    GROUPS_PER_SPLIT: tl.constexpr,  # the last split's tail past GROUPS is masked
+    WORDS_PER_GROUP: tl.constexpr,  # g / 8, a multiple of BLOCK_KW
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr,
+):  # fmt: skip
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    acc = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float32)
+    for step in range(0, GROUPS_PER_SPLIT):
+        group = split * GROUPS_PER_SPLIT + step
+        group_ok = col_ok & (group < GROUPS)
+        at_group = group.to(tl.int64) * N + cols
+        scale = tl.load(scales_ptr + at_group, mask=group_ok, other=0.0).to(tl.float32)
+        zero = tl.load(zeros_ptr + at_group, mask=group_ok, other=0.0).to(tl.float32)
+        # The group's sums: codes times activations (times 2^-64), and the activations alone.
+        dot = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float32)
+        x_sum = tl.zeros([BLOCK_KW], dtype=tl.float32)
+        for first in range(0, WORDS_PER_GROUP, BLOCK_KW):
+            word_rows = group * WORDS_PER_GROUP + first + tl.arange(0, BLOCK_KW)
+            row_ok = word_rows < GROUPS * WORDS_PER_GROUP
+            words = tl.load(
+                qweight_ptr + word_rows.to(tl.int64)[:, None] * N + cols[None, :],
+                mask=row_ok[:, None] & col_ok[None, :],
+                other=0,
+            )
+            k = word_rows * 8
+            high = words >> 16  # nibbles 6-7 moved to bits 8-15
+            dot, x_sum = _add_nibble(dot, x_sum, words, x_ptr, k, row_ok, 0)
+            dot, x_sum = _add_nibble(dot, x_sum, words, x_ptr, k + 1, row_ok, 1)
+            dot, x_sum = _add_nibble(dot, x_sum, words, x_ptr, k + 2, row_ok, 2)
+            dot, x_sum = _add_nibble(dot, x_sum, words, x_ptr, k + 3, row_ok, 3)
+            dot, x_sum = _add_nibble(dot, x_sum, words, x_ptr, k + 4, row_ok, 4)
+            dot, x_sum = _add_nibble(dot, x_sum, words, x_ptr, k + 5, row_ok, 5)
+            dot, x_sum = _add_nibble(dot, x_sum, high, x_ptr, k + 6, row_ok, 2)
+            dot, x_sum = _add_nibble(dot, x_sum, high, x_ptr, k + 7, row_ok, 3)
+        acc += scale[None, :] * (dot - zero[None, :] * (x_sum * (2.0**-64))[:, None])
+    out = tl.sum(acc, axis=0) * (2.0**64)
+    if SPLIT_K > 1:
+        # Each split leaves its sum in the scratch; the last to arrive adds them up and resets the
+        # tile's counter for the next launch, so no second launch (or memset) is needed.
+        tl.store(partial_ptr + split * N + cols, out, mask=col_ok)
+        tl.debug_barrier()  # every thread's store precedes the release below
+        arrived = tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            out = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for other in tl.static_range(SPLIT_K):
+                out += tl.load(partial_ptr + other * N + cols, mask=col_ok, other=0.0, cache_modifier=".cg")
+            _finish(out, bias_ptr, out_ptr, cols, col_ok, HAS_BIAS)
+            tl.atomic_xchg(arrivals_ptr + tile, 0)
+    else:
+        _finish(out, bias_ptr, out_ptr, cols, col_ok, HAS_BIAS)
+
+
+@triton.jit
+def _finish(out, bias_ptr, out_ptr, cols, col_ok, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + cols, out.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+class SplitScratch:
+    """Per device: the fp32 partial sums and per-tile arrival counters every split launch shares
+    (launches on one stream run one after another). Counters are back at zero after each launch, so
+    they are zeroed once and CUDA graph replays reuse them; a buffer outgrown is kept alive, as a
+    captured graph may still point at it."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.outgrown: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def get(self, device: torch.device, partials: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+        have = self.buffers.get(device)
+        if have is not None and have[0].numel() >= partials and have[1].numel() >= tiles:
+            return have
+        if have is not None:
+            self.outgrown.append(have)
+            partials, tiles = max(partials, have[0].numel()), max(tiles, have[1].numel())
+        fresh = (
+            torch.empty(partials, dtype=torch.float32, device=device),
+            torch.zeros(tiles, dtype=torch.int32, device=device),
+        )
+        self.buffers[device] = fresh
+        return fresh
+
+
+SCRATCH = SplitScratch()
+
+
+# block_k counts codes per inner step, capped at the group size (a step stays inside one group).
+# Wide tiles on few warps give each thread several columns per activation it loads; split-K makes
+# up the programs that wide tiles lose.
+ONE_ROW_CONFIGS = [
+    GemvConfig(512, 32, 2, 1, split_k=16),
+    GemvConfig(512, 32, 2, 1, split_k=32),
+    GemvConfig(512, 32, 2, 1, split_k=4),
+    GemvConfig(1024, 16, 2, 1, split_k=8),
+    GemvConfig(256, 64, 2, 1, split_k=32),
+    GemvConfig(256, 128, 8, 1, split_k=8),
+]
+
+
+def words_per_step(block_k: int, group_size: int) -> int:
+    """Word rows a program step reads: block_k / 8, cut to the largest power of two that divides the
+    group's word rows (so a step never spans two groups)."""
+    group_words = group_size // CODES_PER_WORD
+    return min(block_k // CODES_PER_WORD, group_words & -group_words)
+
+
+def candidate_plans(one_row: bool, group_size: int) -> list[GemvConfig | W4A16Config]:
+    """What start-up tuning times (the first: untuned): for one row this GEMV, for 2..16 rows the
+    GEMM kernel with narrow tiles; for both, last, the GEMM kernel with split-K as it chose before."""
+    block_k = min(128, group_size)
+    # What the GEMM kernel chose for decode before (at 4096-wide layers), kept as the fallback.
+    gemm_split = W4A16Config(16, 64, block_k, 4, num_warps=4, num_stages=4)
+    if one_row:
+        return [*ONE_ROW_CONFIGS, gemm_split]
+    return [
+        W4A16Config(16, 32, block_k, 1, num_warps=4, num_stages=4),
+        W4A16Config(16, 16, block_k, 1, num_warps=4, num_stages=4),
+        W4A16Config(16, 32, block_k, 4, num_warps=4, num_stages=4),
+        gemm_split,
+    ]
+
+
+def w4a16_gemv(
+    x: torch.Tensor,  # [1, K] contiguous
+    packed: PackedInt4,
+    bias: torch.Tensor | None = None,
+    config: GemvConfig | None = None,
+) -> torch.Tensor:
+    """[1, N] in x's dtype: x W^T + bias, accumulated in fp32."""
+    if x.dim() != 2 or x.shape[0] != 1 or x.shape[1] != packed.in_features or not x.is_contiguous():
+        raise ValueError(f"x must be [1, {packed.in_features}] and contiguous, got {tuple(x.shape)}")
+    if packed.group_size % CODES_PER_WORD:
+        raise ValueError(f"groups of {packed.group_size} inputs do not hold whole packed words")
+    cfg = config or ONE_ROW_CONFIGS[0]
+    if not 1 <= cfg.split_k <= MAX_SPLIT_K:
+        raise ValueError(f"split_k must be 1..{MAX_SPLIT_K}, not {cfg.split_k}")
+    out_features = packed.out_features
+    block_kw = words_per_step(cfg.block_k, packed.group_size)
+    groups = packed.in_features // packed.group_size
+    tiles = triton.cdiv(out_features, cfg.block_n)
+    out = torch.empty((1, out_features), dtype=x.dtype, device=x.device)
+    partials, arrivals = (out, out)
+    if cfg.split_k > 1:
+        partials, arrivals = SCRATCH.get(x.device, cfg.split_k * out_features, tiles)
+    _w4a16_gemv_kernel[(tiles, cfg.split_k)](
+        x, packed.qweight, packed.scales, packed.zeros, out if bias is None else bias, out, partials, arrivals,
+        out_features,
+        GROUPS=groups, GROUPS_PER_SPLIT=triton.cdiv(groups, cfg.split_k),
+        WORDS_PER_GROUP=packed.group_size // CODES_PER_WORD, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n,
+        BLOCK_KW=block_kw, SPLIT_K=cfg.split_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out

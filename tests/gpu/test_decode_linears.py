@@ -1,0 +1,237 @@
+"""The decode-sized quantized linears (1..16 rows): the FP8 kernel that reads 16-bit activations
+(kernels/fp8_gemv.py) and the one-row W4A16 GEMV (kernels/w4a16_gemv.py), every launch shape start-up
+may pick, against float32 products with the dequantized weight; the layer methods' dispatch by row
+count, and the kernels inside a CUDA graph.
+
+GPU only (marked `gpu`); TRITON_INTERPRET=1 runs the kernel cases on the CPU in fp32 and fp16 (the
+interpreter's bf16 dot is broken); the dispatch and graph cases need a GPU.
+
+Tolerances (max abs error over the largest |reference|): both kernels multiply the exact weight
+values (e4m3 codes are exact in 16 bits; the 4-bit codes are rebuilt exactly in fp32) and accumulate
+in fp32, so only the output's rounding and summation order differ: fp32 1e-5, fp16 2e-3, bf16 1e-2.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+pytest.importorskip("triton")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not torch.cuda.is_available() and not INTERPRET:
+    pytest.skip("needs a CUDA GPU (or TRITON_INTERPRET=1)", allow_module_level=True)
+
+from batchlm.kernels.decode_plans import GemvConfig, PlanKey  # noqa: E402
+from batchlm.kernels.fp8_gemv import candidate_configs, fp8_small_m  # noqa: E402
+from batchlm.kernels.int4_pack import PackedInt4, dequantize_packed, pack_int4  # noqa: E402
+from batchlm.kernels.w4a16_gemm import W4A16Config, w4a16_matmul  # noqa: E402
+from batchlm.kernels.w4a16_gemv import SCRATCH, candidate_plans, w4a16_gemv  # noqa: E402
+from batchlm.layers.linear import RowParallelLinear  # noqa: E402
+from batchlm.layers.quantization.base import LinearMethod  # noqa: E402
+from batchlm.layers.quantization.decode_tuning import tune_decode_linears  # noqa: E402
+from batchlm.layers.quantization.forms import quantize_fp8_rows  # noqa: E402
+from batchlm.layers.quantization.fp8 import FP8, FP8_PLANS  # noqa: E402
+from batchlm.layers.quantization.int4 import INT4  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+HALF = torch.float16 if INTERPRET else torch.bfloat16
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+ON_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def assert_relative(out: torch.Tensor, ref: torch.Tensor, tolerance: float) -> None:
+    assert not out.isnan().any()
+    assert float((out.float() - ref).abs().max()) <= tolerance * float(ref.abs().max())
+
+
+def random_packed(out_features: int, in_features: int, group: int, seed: int = 0) -> PackedInt4:
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (out_features, in_features), generator=generator, dtype=torch.uint8)
+    scales = torch.rand(out_features, in_features // group, generator=generator) * 0.02 + 0.001
+    zeros = torch.randint(0, 17, (out_features, in_features // group), generator=generator, dtype=torch.uint8)
+    return pack_int4(codes.to(DEVICE), scales.to(DEVICE, HALF), zeros.to(DEVICE), group)
+
+
+def fp8_case(
+    out_features: int, in_features: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes [N, K], row scales [1, N], the float32 weight they stand for)."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = quantize_fp8_rows(torch.randn(out_features, in_features, generator=generator).to(DEVICE) * 0.05)
+    return weight.data, weight.scale[None, :].contiguous(), weight.dequantize()
+
+
+ALL_FP8_CONFIGS = sorted(set(candidate_configs(True) + candidate_configs(False)), key=repr)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, HALF])
+@pytest.mark.parametrize("rows", [1, 2, 5, 16])
+@pytest.mark.parametrize(("out_features", "in_features"), [(72, 300), (130, 2056)])
+def test_fp8_kernel_matches_the_dequantized_weight(
+    dtype: torch.dtype, rows: int, out_features: int, in_features: int
+) -> None:
+    data, scale, dense = fp8_case(out_features, in_features)
+    x = torch.randn(rows, in_features, device=DEVICE).to(dtype)
+    bias = torch.randn(out_features, device=DEVICE).to(dtype)
+    ref = x.float() @ dense.t() + bias.float()
+    out = fp8_small_m(x, data, scale, bias)
+    assert out.dtype == dtype and out.shape == (rows, out_features)
+    assert_relative(out, ref, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("config", ALL_FP8_CONFIGS, ids=repr)
+@pytest.mark.parametrize("rows", [1, 7])
+def test_every_fp8_launch_shape_agrees(config: GemvConfig, rows: int) -> None:
+    # 1000 inputs: no K tile size divides them, so every shape runs a masked tail.
+    data, scale, dense = fp8_case(200, 1000, seed=1)
+    x = torch.randn(rows, 1000, device=DEVICE).to(HALF)
+    assert_relative(fp8_small_m(x, data, scale, None, config), x.float() @ dense.t(), TOLERANCE[HALF])
+
+
+def test_fp8_kernel_rejects_too_many_rows_and_a_wrong_width() -> None:
+    data, scale, _ = fp8_case(32, 64)
+    with pytest.raises(ValueError, match="must be"):
+        fp8_small_m(torch.zeros(17, 64, device=DEVICE, dtype=HALF), data, scale)
+    with pytest.raises(ValueError, match="must be"):
+        fp8_small_m(torch.zeros(1, 32, device=DEVICE, dtype=HALF), data, scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, HALF])
+@pytest.mark.parametrize(
+    ("out_features", "in_features", "group"),
+    [(96, 256, 32), (200, 512, 128), (72, 1152, 64), (40, 4224, 128)],
+)
+def test_w4a16_gemv_matches_the_dequantized_weight(
+    dtype: torch.dtype, out_features: int, in_features: int, group: int
+) -> None:
+    packed = random_packed(out_features, in_features, group)
+    x = torch.randn(1, in_features, device=DEVICE).to(dtype)
+    bias = torch.randn(out_features, device=DEVICE).to(dtype)
+    ref = x.float() @ dequantize_packed(packed).t() + bias.float()
+    out = w4a16_gemv(x, packed, bias)
+    assert out.dtype == dtype and out.shape == (1, out_features)
+    assert_relative(out, ref, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("one_row", [True, False])
+def test_every_w4a16_decode_plan_agrees(one_row: bool) -> None:
+    # 1152 inputs (9 groups of 128): the one-row tiles of 256..1024 codes leave a masked tail.
+    packed = random_packed(136, 1152, 128, seed=2)
+    rows = 1 if one_row else 11
+    x = torch.randn(rows, 1152, device=DEVICE).to(HALF)
+    ref = x.float() @ dequantize_packed(packed).t()
+    for plan in candidate_plans(one_row, 128):
+        out = (
+            w4a16_gemv(x, packed, None, plan)
+            if isinstance(plan, GemvConfig)
+            else w4a16_matmul(x, packed, plan)
+        )
+        assert_relative(out, ref, TOLERANCE[HALF])
+
+
+@pytest.mark.parametrize("magnitude", [1e-6, 1e4])
+def test_w4a16_gemv_keeps_tiny_and_large_activations(magnitude: float) -> None:
+    # Products are formed at 2^-64 times their value (the codes are read as subnormals): they must
+    # stay normal floats for small activations and finite for large ones (fp32 activations: a 16-bit
+    # output would round the small products itself).
+    packed = random_packed(64, 512, 128, seed=4)
+    x = torch.randn(1, 512, device=DEVICE) * magnitude
+    out = w4a16_gemv(x, packed)
+    assert_relative(out, x @ dequantize_packed(packed).t(), TOLERANCE[torch.float32])
+
+
+def test_split_launches_leave_their_counters_at_zero_for_the_next() -> None:
+    packed = random_packed(100, 2048, 64, seed=3)
+    x = torch.randn(1, 2048, device=DEVICE).to(HALF)
+    split = GemvConfig(16, 256, 4, 2, split_k=3)
+    first = w4a16_gemv(x, packed, None, split)
+    assert int(SCRATCH.buffers[x.device][1].abs().sum()) == 0
+    torch.testing.assert_close(w4a16_gemv(x, packed, None, split), first, atol=0, rtol=0)
+    assert_relative(first, x.float() @ dequantize_packed(packed).t(), TOLERANCE[HALF])
+
+
+def test_w4a16_gemv_takes_one_row() -> None:
+    packed = random_packed(32, 256, 32)
+    with pytest.raises(ValueError, match="must be"):
+        w4a16_gemv(torch.zeros(2, 256, device=DEVICE, dtype=HALF), packed)
+
+
+def test_few_row_plans_fit_small_groups() -> None:
+    for plan in candidate_plans(False, 32):
+        assert isinstance(plan, W4A16Config) and 32 % plan.block_k == 0
+
+
+# --- on a GPU: the layer methods' dispatch and CUDA graphs ---------------------------------------
+
+
+def quantized_layer(method: LinearMethod, out_features: int, in_features: int) -> RowParallelLinear:
+    """A bf16 layer with a bias (built as a model builds its layers) whose weight `method` quantizes."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(DEVICE):
+            layer = RowParallelLinear(in_features, out_features, bias=True)
+    finally:
+        torch.set_default_dtype(previous)
+    layer.set_method(method)
+    layer.load_weight("w", "weight", torch.randn(out_features, in_features, device=DEVICE) * 0.05)
+    layer.load_weight("b", "bias", torch.randn(out_features, device=DEVICE))
+    layer.process_weights_after_loading()
+    return layer
+
+
+@ON_GPU
+@pytest.mark.parametrize("method", [FP8, INT4], ids=["fp8", "w4a16"])
+def test_tuned_layers_match_their_dequantized_weight_at_every_row_count(method: LinearMethod) -> None:
+    layers = torch.nn.ModuleList([quantized_layer(method, 384, 512) for _ in range(3)])
+    assert tune_decode_linears(layers, torch.bfloat16) == 1
+    for layer in layers:
+        dense = layer.method.dequantized(layer)
+        for rows in (1, 3, 16, 40):
+            x = torch.randn(rows, 512, device=DEVICE, dtype=torch.bfloat16)
+            # FP8 above 16 rows quantizes the activations too (1/16 of each value at most).
+            tolerance = 1e-2 if rows <= 16 or method is INT4 else 6e-2
+            assert_relative(layer(x), x.float() @ dense.t() + layer.bias.float(), tolerance)
+
+
+@ON_GPU
+def test_a_tuned_plan_is_the_one_applied() -> None:
+    layer = quantized_layer(FP8, 256, 512)
+    key = PlanKey("fp8", 256, 512, True)
+    FP8_PLANS.chosen[key] = None  # the scaled-matmul plan: the activations are quantized
+    x = torch.randn(1, 512, device=DEVICE, dtype=torch.bfloat16)
+    quantized = layer(x)
+    FP8_PLANS.chosen[key] = candidate_configs(True)[0]
+    unquantized = layer(x)
+    del FP8_PLANS.chosen[key]
+    ref = x.float() @ layer.method.dequantized(layer).t() + layer.bias.float()
+    assert_relative(unquantized, ref, 1e-2)
+    assert not torch.equal(quantized, unquantized)
+
+
+@ON_GPU
+def test_decode_kernels_replay_in_a_cuda_graph() -> None:
+    data, scale, _ = fp8_case(512, 1024)
+    packed = random_packed(512, 1024, 128)
+    x = torch.randn(16, 1024, device=DEVICE, dtype=torch.bfloat16)
+    runs = [
+        lambda: fp8_small_m(x[:1], data, scale),
+        lambda: fp8_small_m(x[:9], data, scale),
+        lambda: w4a16_gemv(x[:1], packed, None, GemvConfig(32, 512, 4, 2)),
+        lambda: w4a16_gemv(x[:1], packed, None, GemvConfig(16, 256, 4, 2, split_k=4)),
+    ]
+    for run in runs:
+        run()  # compiled outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [run() for run in runs]
+    for _ in range(2):  # the split launch's counters must be back at zero for the second replay
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        for run, out in zip(runs, outs, strict=True):
+            torch.testing.assert_close(out, run(), atol=0, rtol=0)
