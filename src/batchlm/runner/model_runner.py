@@ -21,6 +21,7 @@ from batchlm.models.loader import LoadedModel, ModelShape, load_model
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
 from batchlm.runner.cpu_threads import cap_cpu_threads
 from batchlm.runner.cuda_graph import DecodeGraphs
+from batchlm.runner.deferred_step import DeferredStepOutput, LaunchedForward
 from batchlm.runner.device import dtype_name, resolve_device, resolve_dtype
 from batchlm.runner.draft_verify import Verification, row_states, verify_groups
 from batchlm.runner.fused_decode import FusedDecode, build_fused_decode
@@ -125,6 +126,8 @@ class ModelRunner:
         # The last step's sampled tokens (fill the next step's placeholders) and outputs not yet read.
         self._previous: PreviousTokens | None = None
         self._unresolved: list[PendingStepOutput] = []
+        # The last launched step, while its sampling waits for its grammar masks.
+        self._deferred: DeferredStepOutput | None = None
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self.decode_graphs: DecodeGraphs | None = None
@@ -279,14 +282,18 @@ class ModelRunner:
         return self.execute_async(scheduled).result()
 
     @torch.inference_mode()
-    def execute_async(self, scheduled: SchedulerOutput) -> PendingStepOutput:
+    def execute_async(self, scheduled: SchedulerOutput) -> PendingStepOutput | DeferredStepOutput:
         """Queue one step on the device and return without waiting for it (on CUDA).
 
         Placeholder token ids in the step are filled on the device from the previous step's sampled
         tokens. Steps must have their outputs read (result()) in launch order or not at all; a step
         that samples for a penalized request first waits for the previous step's tokens.
 
-        Constrained rows' masks overlap the forward pass (runner/grammar.StepMasks)."""
+        Constrained rows' masks overlap the forward pass (runner/grammar.StepMasks). A step with
+        constrained rows returns once its forward pass is queued: its sampling, which must wait for
+        the masks, is queued at the start of the next call (or when its output is read), so the
+        host schedules the next step while the masks are computed."""
+        self._sample_deferred()
         self._update_states(scheduled)
         if scheduled.is_empty:
             return PendingStepOutput.ready()
@@ -294,22 +301,39 @@ class ModelRunner:
         request_ids = tuple(inputs.sample_request_ids)
         masks = self.masks.start(request_ids)
         logits = self._forward(inputs)
-        grammar = self.masks.result(masks, self._resolve_outputs)
         if not request_ids:
+            self.masks.result(masks, self._resolve_outputs)  # the matchers are free again
             self._previous = None
             return PendingStepOutput.ready()
-        states, verification = self._row_states(scheduled, request_ids, inputs.has_drafts)
+        forward = LaunchedForward(scheduled, request_ids, inputs.has_drafts, logits, masks)
+        if not masks.rows:
+            return self._sample(forward)
+        self._deferred = DeferredStepOutput(lambda: self._sample(forward))
+        return self._deferred
+
+    def _sample_deferred(self) -> None:
+        """Queue the sampling of the step launched last, if it waits for its masks."""
+        if self._deferred is not None:
+            deferred, self._deferred = self._deferred, None
+            deferred.sample()
+
+    @torch.inference_mode()
+    def _sample(self, forward: LaunchedForward) -> PendingStepOutput:
+        """Queue a launched step's sampling (after its grammar masks, if it has constrained rows); also
+        called from DeferredStepOutput.result(), outside execute_async."""
+        grammar = self.masks.result(forward.masks, self._resolve_outputs)
+        states, verification = self._row_states(forward.scheduled, forward.request_ids, forward.has_drafts)
         if self._penalized_ids:
             self._resolve_outputs()  # penalties need real token ids, not placeholders
         token_ids, packed = self.sampler.sample_on_device(
-            logits, states, logits_are_scratch=True, grammar=grammar
+            forward.logits, states, logits_are_scratch=True, grammar=grammar
         )
-        pending = PendingStepOutput(request_ids, states, token_ids, packed, verification)
-        self._previous = PreviousTokens(token_ids, {rid: row for row, rid in enumerate(request_ids)})
+        pending = PendingStepOutput(forward.request_ids, states, token_ids, packed, verification)
+        self._previous = PreviousTokens(token_ids, {rid: row for row, rid in enumerate(forward.request_ids)})
         self._unresolved = [p for p in self._unresolved if not p.is_resolved]
         self._unresolved.append(pending)
-        if masks.rows and packed is None and verification is None:
-            self.masks.prefetch(masks, pending)
+        if forward.masks.rows and packed is None and verification is None:
+            self.masks.prefetch(forward.masks, pending)
         return pending
 
     def _row_states(
