@@ -241,7 +241,7 @@ def main() -> None:
     if args.mask_threads:
         import batchlm.structured.factory as factory
 
-        factory.mask_threads = lambda: args.mask_threads
+        factory.mask_threads = lambda on_accelerator=False: args.mask_threads
     if args.structured:
         import json
 

@@ -121,7 +121,9 @@ class ModelRunner:
         # Requests with a repetition/presence/frequency penalty: their sampling needs real token ids.
         self._penalized_ids: set[str] = set()
         # Requests under a grammar (structured outputs): their matchers, by request id.
-        self.grammars = constrained_sequences(config, model_dir, self.shape.vocab_size)
+        self.grammars = constrained_sequences(
+            config, model_dir, self.shape.vocab_size, on_accelerator=self.device.type != "cpu"
+        )
         self.masks = StepMasks(self.grammars, self._mask_buffer)
         # The last step's sampled tokens (fill the next step's placeholders) and outputs not yet read.
         self._previous: PreviousTokens | None = None
