@@ -15,8 +15,9 @@ from batchlm.structured import factory
         (16, False, 8),
         (64, False, 8),
         (1, True, 1),
-        (4, True, 2),
-        (16, True, 14),
+        (4, True, 1),
+        (8, True, 4),
+        (16, True, 12),
         (64, True, 16),
     ],
 )

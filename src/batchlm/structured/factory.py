@@ -27,11 +27,11 @@ def tokenizer_dir(config: EngineConfig, model_dir: Path) -> Path:
 
 def mask_threads(on_accelerator: bool = False) -> int:
     """llguidance's threads for one step's masks. Beside an accelerator the cores idle while it runs the
-    model: all but two (the engine thread and the mask worker), at most 16. On a CPU engine the model
-    needs them: half, at most 8."""
+    model: all but four (the engine thread, the mask worker, the front end and the device's own host
+    threads keep theirs), at most 16. On a CPU engine the model needs them: half, at most 8."""
     cores = os.cpu_count() or 2
     if on_accelerator:
-        return max(1, min(16, cores - 2))
+        return max(1, min(16, cores - 4))
     return max(1, min(8, cores // 2))
 
 
