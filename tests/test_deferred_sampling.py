@@ -75,7 +75,7 @@ def test_deferred_output_samples_once() -> None:
         calls.append(1)
         return ready
 
-    deferred = DeferredStepOutput(sample)
+    deferred = DeferredStepOutput(sample, {})
     assert not deferred.is_sampled
     assert deferred.sample() is ready and deferred.sample() is ready
     assert deferred.result() is ready.result()

@@ -1,6 +1,7 @@
 """A launched step whose sampling is queued later: its forward pass is on the device, but its grammar
 masks wait for the previous step's tokens, so its sampling is queued when the runner is next called
-(or its output is read), and the host schedules the next step while the masks are computed."""
+(or its output is read), and the host schedules the next step and builds its inputs while the masks
+are computed."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ class LaunchedForward:
     scheduled: SchedulerOutput
     # The sampled rows' request ids, in row order.
     request_ids: tuple[str, ...]
+    # Request id -> its row among them (where the next step's placeholders take their tokens).
+    token_rows: dict[str, int]
     has_drafts: bool
     # [rows, vocab] float32 on the device (scratch the sampler may overwrite).
     logits: torch.Tensor
@@ -31,8 +34,10 @@ class DeferredStepOutput:
     """A step's output whose sampling `sample` queues on first use: by the runner before it launches
     the next step, or by result() when the output is read first. Engine thread only."""
 
-    def __init__(self, sample: Callable[[], PendingStepOutput]) -> None:
+    def __init__(self, sample: Callable[[], PendingStepOutput], token_rows: dict[str, int]) -> None:
         self._sample = sample
+        # Request id -> its row among the step's sampled tokens.
+        self.token_rows = token_rows
         self._pending: PendingStepOutput | None = None
 
     @property

@@ -295,11 +295,12 @@ class ModelRunner:
         constrained rows returns once its forward pass is queued: its sampling, which must wait for
         the masks, is queued at the start of the next call (or when its output is read), so the
         host schedules the next step while the masks are computed."""
-        self._sample_deferred()
+        inputs = self._inputs_beside_deferred(scheduled)
         self._update_states(scheduled)
         if scheduled.is_empty:
             return PendingStepOutput.ready()
-        inputs = self.input_builder.build(scheduled, self._previous)
+        if inputs is None:
+            inputs = self.input_builder.build(scheduled, self._previous)
         request_ids = tuple(inputs.sample_request_ids)
         masks = self.masks.start(request_ids)
         logits = self._forward(inputs)
@@ -307,17 +308,30 @@ class ModelRunner:
             self.masks.result(masks, self._resolve_outputs)  # the matchers are free again
             self._previous = None
             return PendingStepOutput.ready()
-        forward = LaunchedForward(scheduled, request_ids, inputs.has_drafts, logits, masks)
+        token_rows = {request_id: row for row, request_id in enumerate(request_ids)}
+        forward = LaunchedForward(scheduled, request_ids, token_rows, inputs.has_drafts, logits, masks)
         if not masks.rows:
             return self._sample(forward)
-        self._deferred = DeferredStepOutput(lambda: self._sample(forward))
+        self._deferred = DeferredStepOutput(lambda: self._sample(forward), token_rows)
         return self._deferred
 
-    def _sample_deferred(self) -> None:
-        """Queue the sampling of the step launched last, if it waits for its masks."""
-        if self._deferred is not None:
-            deferred, self._deferred = self._deferred, None
-            deferred.sample()
+    def _inputs_beside_deferred(self, scheduled: SchedulerOutput) -> StepInputs | None:
+        """Queue the sampling of the step launched last if it waits for its masks, having built this
+        step's inputs first (all but their placeholders, which take its tokens): the host does that
+        work while the masks finish. None when no step was deferred or this one runs nothing."""
+        deferred, self._deferred = self._deferred, None
+        if deferred is None:
+            return None
+        built = None
+        if not scheduled.is_empty:
+            self.input_builder.drop(scheduled.finished_request_ids)
+            built = self.input_builder.build_unfilled(scheduled, deferred.token_rows)
+        deferred.sample()
+        if built is None:
+            return None
+        inputs, fill = built
+        fill.apply(inputs.input_ids, self._previous)
+        return inputs
 
     @torch.inference_mode()
     def _sample(self, forward: LaunchedForward) -> PendingStepOutput:
@@ -331,7 +345,7 @@ class ModelRunner:
             forward.logits, states, logits_are_scratch=True, grammar=grammar
         )
         pending = PendingStepOutput(forward.request_ids, states, token_ids, packed, verification)
-        self._previous = PreviousTokens(token_ids, {rid: row for row, rid in enumerate(forward.request_ids)})
+        self._previous = PreviousTokens(token_ids, forward.token_rows)
         self._unresolved = [p for p in self._unresolved if not p.is_resolved]
         self._unresolved.append(pending)
         if forward.masks.rows and packed is None and verification is None:
