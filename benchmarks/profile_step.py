@@ -145,7 +145,8 @@ def instrument(llm: Any, sync: bool) -> StepEvents | None:
     runner = core.executor
     core.scheduler.schedule = timed_schedule(core.scheduler.schedule)
     core.scheduler.update_from_output = timed("update", core.scheduler.update_from_output)
-    runner.input_builder.build = timed("inputs", runner.input_builder.build, sync)
+    # build() goes through build_unfilled(), which a step after a deferred one calls alone.
+    runner.input_builder.build_unfilled = timed("inputs", runner.input_builder.build_unfilled, sync)
     runner._forward = timed("forward", runner._forward, sync)
     runner.sampler.sample_on_device = timed("sample", runner.sampler.sample_on_device, sync)
     PendingStepOutput.result = timed("wait tokens", PendingStepOutput.result)  # type: ignore[method-assign]
