@@ -15,7 +15,7 @@ INTERPRET_CHECK = """
 import numpy as np
 import torch
 
-from batchlm.kernels.grammar_bitmask import apply_bitmask
+from batchlm.kernels.grammar_bitmask import apply_bitmask, warm_up
 from batchlm.sampling.grammar_mask import forbidden_on_host
 
 rng = np.random.default_rng(0)
@@ -35,6 +35,10 @@ for vocab, rows, batch in cases:
     row_ids = None if every_row else torch.tensor(rows, dtype=torch.int64)
     apply_bitmask(got, torch.from_numpy(bitmask), row_ids)
     assert torch.equal(got, expected), (vocab, rows)
+logits = torch.randn(1, 1000)
+untouched = logits.clone()
+warm_up(logits)  # every bit set: nothing written
+assert torch.equal(logits, untouched)
 print("bitmask kernel ok")
 """
 

@@ -66,3 +66,11 @@ def apply_bitmask(logits: torch.Tensor, words: torch.Tensor, rows: torch.Tensor 
         ALL_ROWS=rows is None,
         BLOCK_WORDS=BLOCK_WORDS,
     )
+
+
+def warm_up(logits: torch.Tensor) -> None:
+    """Compile both variants at start-up (else the first constrained step waits for them). logits:
+    [1, vocab] float32, laid out as the model's logits are; every bit is set, so nothing is written."""
+    words = torch.full((1, triton.cdiv(logits.shape[1], 32)), -1, dtype=torch.int32, device=logits.device)
+    apply_bitmask(logits, words, None)
+    apply_bitmask(logits, words, torch.zeros(1, dtype=torch.int64, device=logits.device))

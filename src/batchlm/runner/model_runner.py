@@ -36,6 +36,7 @@ from batchlm.runner.kv_cache import (
     resolve_kv_cache_dtype,
 )
 from batchlm.runner.step_output import PendingStepOutput, PreviousTokens
+from batchlm.sampling.grammar_mask import warm_up_grammar_masks
 from batchlm.sampling.plan import has_penalty
 from batchlm.sampling.sampler import Sampler
 from batchlm.sampling.state import SamplingState
@@ -225,7 +226,9 @@ class ModelRunner:
         specs = [layer.attention for layer in self.model.config.layers]
         self.attn.warm_up(kv_cache, self.shape.num_heads, max_blocks_per_seq, specs, query_dtype=self.dtype)
         hidden = torch.zeros((1, self.shape.hidden_size), dtype=self.dtype, device=self.device)
-        self.sampler.warm_up(self.model.compute_logits(hidden).float())
+        logits = self.model.compute_logits(hidden).float()
+        self.sampler.warm_up(logits)
+        warm_up_grammar_masks(logits[:, : self.shape.vocab_size])
         warm_up_experts(self.model)
         torch.cuda.synchronize(self.device)
 

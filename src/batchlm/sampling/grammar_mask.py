@@ -122,6 +122,14 @@ def apply_grammar_masks(
     logits.index_copy_(0, rows, constrained)
 
 
+def warm_up_grammar_masks(logits: torch.Tensor) -> None:
+    """Compile the device's mask kernel, if it has one. logits: [1, vocab] float32 as the model's."""
+    if logits.device.type == "cuda" and _bitmask_kernel_fits(logits):
+        from batchlm.kernels.grammar_bitmask import warm_up
+
+        warm_up(logits)
+
+
 def _rows_on_device(rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
 
