@@ -3,7 +3,10 @@
 sampled tokens "landing" at a moment this script picks, as a device would deliver them.
 
     python benchmarks/grammar_host_step.py --rows 256 --steps 60 --engine-python-ms 1.5
-    python benchmarks/grammar_host_step.py ... --batched-accept   # advance on llguidance's threads
+    python benchmarks/grammar_host_step.py ... --accept one   # one consume_token call per token
+
+Threads and the way matchers advance default to the engine's choice on this host (beside a GPU when
+one is visible).
 
 Per step it reports the engine thread's own grammar work (taking the prefetched masks, handing the next
 step's job to the worker) and the worker's time from the tokens' landing to the next masks being ready,
@@ -23,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -32,7 +36,7 @@ from structured_outputs import long_output_schema
 from batchlm.core.step_io import PLACEHOLDER_TOKEN_ID
 from batchlm.runner.grammar import StepMasks
 from batchlm.sampling_params import StructuredOutputs
-from batchlm.structured.llguidance_backend import LLGuidanceBackend, LLGuidanceMatcher
+from batchlm.structured.llguidance_backend import LLGuidanceBackend
 from batchlm.structured.sequences import ConstrainedSequences
 
 
@@ -76,21 +80,6 @@ def pick_tokens(bitmask: np.ndarray, rng: np.random.Generator) -> list[int]:
     return picks
 
 
-def use_batched_accept(backend: LLGuidanceBackend) -> None:
-    """Advance every matcher by its tokens through the executor's threads (off the GIL), one token
-    depth per call, instead of one consume_token call per token."""
-    import batchlm.structured.sequences as sequences_module
-
-    executor = backend._executor
-
-    def advance(matchers: list[LLGuidanceMatcher], new_tokens: list[list[int]]) -> None:
-        for depth in range(max(map(len, new_tokens), default=0)):
-            pairs = [(m.inner, t[depth]) for m, t in zip(matchers, new_tokens, strict=True) if depth < len(t)]
-            executor.consume_token_par(pairs)
-
-    sequences_module.advance = advance  # type: ignore[assignment]
-
-
 def busy_python(seconds: float) -> None:
     end = time.perf_counter() + seconds
     total = 0
@@ -108,20 +97,18 @@ def main() -> None:
     parser.add_argument("--mask-threads", type=int, help="llguidance threads (default: the engine's choice)")
     parser.add_argument("--engine-python-ms", type=float, default=1.5)
     parser.add_argument(
-        "--batched-accept",
-        action="store_true",
-        help="advance the matchers with llguidance's consume_token_par",
+        "--accept", choices=["one", "batched"], help="advance matchers one call per token or batched"
     )
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
     from batchlm.structured.factory import mask_threads
 
-    threads = args.mask_threads or mask_threads()
+    beside_gpu = torch.cuda.is_available()
+    threads = args.mask_threads or mask_threads(beside_gpu)
+    batched = args.accept == "batched" if args.accept else beside_gpu
     hf = AutoTokenizer.from_pretrained(tokenizer_dir(args.vocab_size))
-    backend = LLGuidanceBackend.from_hf(hf, args.vocab_size, (0,), threads=threads)
-    if args.batched_accept:
-        use_batched_accept(backend)
+    backend = LLGuidanceBackend.from_hf(hf, args.vocab_size, (0,), threads=threads, batched_accept=batched)
     sequences = ConstrainedSequences(lambda eos: backend)
     spec = StructuredOutputs(json=json.dumps(long_output_schema()))
     request_ids = tuple(f"r{i}" for i in range(args.rows))
@@ -158,7 +145,7 @@ def main() -> None:
             {
                 "rows": args.rows,
                 "mask_threads": threads,
-                "accept": "batched" if args.batched_accept else "one at a time",
+                "accept": "batched" if batched else "one at a time",
                 "engine_python_ms": args.engine_python_ms,
                 "engine_grammar_ms_median": round(statistics.median(engine_ms[warm]), 3),
                 "masks_ready_after_tokens_ms_median": round(statistics.median(ready_ms[warm]), 3),

@@ -47,8 +47,9 @@ def backend_factory(
 
         started = time.perf_counter()
         hf = load_hf_tokenizer(tokenizer_dir(config, model_dir), config.trust_remote_code)
+        threads = mask_threads(on_accelerator)
         backend = LLGuidanceBackend.from_hf(
-            hf, vocab_size, eos_token_ids, threads=mask_threads(on_accelerator)
+            hf, vocab_size, eos_token_ids, threads, batched_accept=on_accelerator
         )
         logger.info("structured outputs: grammar backend ready in %.2f s", time.perf_counter() - started)
         return backend
