@@ -296,8 +296,8 @@ class ModelRunner:
 
         Constrained rows' masks overlap the forward pass (runner/grammar.StepMasks). A step with
         constrained rows returns once its forward pass is queued: its sampling, which must wait for
-        the masks, is queued at the start of the next call (or when its output is read), so the
-        host schedules the next step while the masks are computed."""
+        the masks, is queued in the next call once that call's inputs are built (or when its output
+        is read), so the host schedules and builds the next step while the masks are computed."""
         inputs = self._inputs_beside_deferred(scheduled)
         self._update_states(scheduled)
         if scheduled.is_empty:

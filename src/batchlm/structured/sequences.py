@@ -42,7 +42,7 @@ class PrefetchedMasks:
 
 class SampledSlot(NamedTuple):
     """A constrained sequence's token that a launched step is sampling. (A named tuple: a step makes
-    one per constrained row on the engine thread, and a frozen dataclass costs several times more.)"""
+    one per constrained row on the engine thread, and a frozen dataclass costs twice as much.)"""
 
     request_id: str
     # The token's row among the step's sampled tokens.
