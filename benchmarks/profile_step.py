@@ -6,9 +6,9 @@ on CUDA, the device's busy span per step and the idle gap between one step's end
     python benchmarks/profile_step.py ... --async-scheduling off --sync   # exact serial split of each phase
     python benchmarks/profile_step.py ... --structured   # every request under a ~10-field JSON schema
 
-The gap is measured with CUDA events: one recorded just before a step's first upload, one after its last
-kernel and token copy are queued. A gap near zero means the next step was queued before the device
-finished the previous one. --sync synchronizes around each phase (no overlap; only with async off).
+The gap is measured with CUDA events: one recorded just before a step's first upload, one after its
+sampling and token copy are queued (for a step with grammar masks, early in the next step's call). A
+gap near zero means the next step was queued before the device finished the previous one. --sync synchronizes around each phase (no overlap; only with async off).
 Only decode-only steps enter the per-step figures (prefill steps are few and much longer).
 """
 
@@ -87,9 +87,20 @@ class StepEvents:
             pending = launch(scheduled)
             if self._pending_begin is not None:
                 self.begins.append(self._pending_begin)
-                self.ends.append(_event())
                 self.decode_only.append(all(len(c.token_ids) == 1 for c in scheduled.chunks))
                 self._pending_begin = None
+                if getattr(pending, "is_resolved", False):
+                    self.ends.append(_event())  # it sampled nothing: it ends with its forward pass
+            return pending
+
+        return wrapper
+
+    def wrap_sample(self, sample: Any) -> Any:
+        """A step ends once its sampling is queued (for a step with grammar masks, in the next call)."""
+
+        def wrapper(*args: Any) -> Any:
+            pending = sample(*args)
+            self.ends.append(_event())
             return pending
 
         return wrapper
@@ -99,7 +110,7 @@ class StepEvents:
         torch.cuda.synchronize()
         spans: dict[bool, list[float]] = {True: [], False: []}
         gaps: dict[bool, list[float]] = {True: [], False: []}
-        for index, decode_only in enumerate(self.decode_only):
+        for index, decode_only in enumerate(self.decode_only[: len(self.ends)]):
             spans[decode_only].append(self.begins[index].elapsed_time(self.ends[index]))
             if index > 0:
                 gaps[decode_only].append(self.ends[index - 1].elapsed_time(self.begins[index]))
@@ -134,7 +145,8 @@ def instrument(llm: Any, sync: bool) -> StepEvents | None:
     runner = core.executor
     core.scheduler.schedule = timed_schedule(core.scheduler.schedule)
     core.scheduler.update_from_output = timed("update", core.scheduler.update_from_output)
-    runner.input_builder.build = timed("inputs", runner.input_builder.build, sync)
+    # build() goes through build_unfilled(), which a step after a deferred one calls alone.
+    runner.input_builder.build_unfilled = timed("inputs", runner.input_builder.build_unfilled, sync)
     runner._forward = timed("forward", runner._forward, sync)
     runner.sampler.sample_on_device = timed("sample", runner.sampler.sample_on_device, sync)
     PendingStepOutput.result = timed("wait tokens", PendingStepOutput.result)  # type: ignore[method-assign]
@@ -147,6 +159,7 @@ def instrument(llm: Any, sync: bool) -> StepEvents | None:
     uploader = runner.input_builder.uploader
     uploader.upload = events.wrap_upload(uploader.upload)
     runner.execute_async = events.wrap_launch(runner.execute_async)
+    runner._sample = events.wrap_sample(runner._sample)
     return events
 
 
@@ -229,7 +242,7 @@ def main() -> None:
     if args.mask_threads:
         import batchlm.structured.factory as factory
 
-        factory.mask_threads = lambda: args.mask_threads
+        factory.mask_threads = lambda on_accelerator=False: args.mask_threads
     if args.structured:
         import json
 

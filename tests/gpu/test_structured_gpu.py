@@ -93,3 +93,36 @@ def test_cuda_engine_constrained_outputs_validate(tiny_model_dir: Callable[..., 
         assert output.outputs[0].finish_reason == "stop"
         jsonschema.validate(json.loads(output.outputs[0].text), SCHEMA)
     assert all(len(o.outputs[0].token_ids) == 24 for o in outputs[1::2])
+
+
+def test_cuda_deferred_sampling_gives_the_tokens_of_the_synchronous_engine(
+    tiny_model_dir: Callable[..., Path],
+) -> None:
+    """Under async scheduling a constrained step's sampling waits for the next runner call, and the step
+    after it builds its inputs first and takes the placeholders' tokens afterwards on the device: the
+    same batches as the synchronous engine, so exactly its tokens (float32)."""
+    model_dir = tiny_model_dir("llama")
+    engines = {
+        # A fixed KV cache: the second engine would otherwise count the first one's memory as taken.
+        mode: LLM(
+            model=str(model_dir),
+            device="cuda",
+            dtype="float32",
+            async_scheduling=mode,
+            num_gpu_blocks_override=256,
+        )
+        for mode in ("off", "on")
+    }
+    spec = StructuredOutputs(json=json.dumps(SCHEMA))
+    prompts, params = [], []
+    for i in range(16):
+        prompts += [f"constrained {i}", f"plain {i}"]
+        params += [
+            SamplingParams(temperature=1.0 if i % 2 else 0.0, seed=i, max_tokens=60, structured_outputs=spec),
+            SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True),
+        ]
+    tokens = {
+        mode: [o.outputs[0].token_ids for o in llm.generate(prompts, params)] for mode, llm in engines.items()
+    }
+    assert engines["on"].engine_core.async_scheduling
+    assert tokens["on"] == tokens["off"]

@@ -19,8 +19,10 @@ from batchlm.structured.sequences import ConstrainedSequences, GrammarMasks, Pre
 MaskBuffer = Callable[[int], np.ndarray]
 
 
-def constrained_sequences(config: EngineConfig, model_dir: Path, vocab_size: int) -> ConstrainedSequences:
-    return ConstrainedSequences(backend_factory(config, model_dir, vocab_size))
+def constrained_sequences(
+    config: EngineConfig, model_dir: Path, vocab_size: int, on_accelerator: bool
+) -> ConstrainedSequences:
+    return ConstrainedSequences(backend_factory(config, model_dir, vocab_size, on_accelerator))
 
 
 def constrained_rows(sequences: ConstrainedSequences, request_ids: tuple[str, ...]) -> list[tuple[int, str]]:

@@ -34,6 +34,23 @@ class StepInputs:
     has_drafts: bool = False
 
 
+@dataclass(frozen=True)
+class PlaceholderFill:
+    """Where a step's placeholder token ids come from: rows of the previous step's sampled tokens."""
+
+    # [P] int64 on the device: the input_ids rows holding a placeholder.
+    to: torch.Tensor
+    # [P] int64 on the device: the row of the previous step's tokens each one takes.
+    sources: torch.Tensor
+    count: int
+
+    def apply(self, input_ids: torch.Tensor, previous: PreviousTokens | None) -> None:
+        """Queue the copy; on a device it must come after the previous step's sampling in the stream."""
+        if self.count:
+            assert previous is not None
+            input_ids.index_copy_(0, self.to, previous.token_ids.index_select(0, self.sources))
+
+
 class StepInputBuilder:
     """Builds each step's StepInputs, keeping what persists between steps: the requests' block-table
     rows and the upload buffers. The runner owns one and tells it which requests left (drop)."""
@@ -53,6 +70,15 @@ class StepInputBuilder:
     def build(self, scheduled: SchedulerOutput, previous: PreviousTokens | None = None) -> StepInputs:
         """Vectorised with numpy: Python work is O(number of chunks), not O(tokens). Placeholder token
         ids (async scheduling) are taken on the device from `previous`, the last step's sampled tokens."""
+        inputs, fill = self.build_unfilled(scheduled, previous.rows if previous is not None else None)
+        fill.apply(inputs.input_ids, previous)
+        return inputs
+
+    def build_unfilled(
+        self, scheduled: SchedulerOutput, previous_rows: dict[str, int] | None
+    ) -> tuple[StepInputs, PlaceholderFill]:
+        """build(), but the placeholders are filled later (PlaceholderFill.apply, once the previous
+        step's sampling is queued); previous_rows: request id -> its row among that step's tokens."""
         chunks, block_size = scheduled.chunks, self.block_size
         query_lens = np.fromiter((len(c.token_ids) for c in chunks), dtype=np.int64, count=len(chunks))
         starts = np.fromiter((c.start_position for c in chunks), dtype=np.int64, count=len(chunks))
@@ -83,7 +109,7 @@ class StepInputBuilder:
             rows = as_decode_rows(positions, request_of_token, block_tables)
             query_start_loc, seq_lens, block_tables = rows.query_start_loc, rows.seq_lens, rows.block_tables
             query_lens, num_decodes = np.ones(num_tokens, dtype=np.int64), num_tokens
-        fill_rows, fill_sources = _placeholder_sources(input_ids, request_of_token, chunks, previous)
+        fill_rows, fill_sources = _placeholder_sources(input_ids, request_of_token, chunks, previous_rows)
 
         slots, starts_loc, lens, tables, ids, pos, samples, fill_to, fill_from = self.uploader.upload(
             [
@@ -98,9 +124,7 @@ class StepInputBuilder:
                 fill_sources,
             ]
         )
-        if fill_rows.size:
-            assert previous is not None
-            ids.index_copy_(0, fill_to, previous.token_ids.index_select(0, fill_from))
+        fill = PlaceholderFill(fill_to, fill_from, int(fill_rows.size))
         meta = AttentionMetadata(
             slot_mapping=slots,
             query_start_loc=starts_loc,
@@ -112,7 +136,7 @@ class StepInputBuilder:
             max_seq_len=int(seq_lens.max(initial=0)),
             num_decodes=num_decodes,
         )
-        return StepInputs(
+        inputs = StepInputs(
             input_ids=ids,
             positions=pos,
             meta=meta,
@@ -120,6 +144,7 @@ class StepInputBuilder:
             sample_request_ids=sample_request_ids,
             has_drafts=has_drafts,
         )
+        return inputs, fill
 
 
 def build_step_inputs(
@@ -150,15 +175,16 @@ def _placeholder_sources(
     input_ids: np.ndarray,
     request_of_token: np.ndarray,
     chunks: Sequence[ScheduledChunk],
-    previous: PreviousTokens | None,
+    previous_rows: dict[str, int] | None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Token rows holding a placeholder (set to 0 on the host) and the row of `previous` each takes."""
+    """Token rows holding a placeholder (set to 0 on the host) and the row of the previous step's
+    tokens each takes."""
     rows = np.flatnonzero(input_ids == PLACEHOLDER_TOKEN_ID)
     if not rows.size:
         return rows, rows
     input_ids[rows] = 0
     request_ids = [chunks[index].request_id for index in request_of_token[rows].tolist()]
-    previous_rows = previous.rows if previous is not None else {}
+    previous_rows = previous_rows or {}
     try:
         sources = np.fromiter((previous_rows[r] for r in request_ids), dtype=np.int64, count=len(request_ids))
     except KeyError as missing:

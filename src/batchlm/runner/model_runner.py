@@ -22,6 +22,7 @@ from batchlm.models.loader import LoadedModel, ModelShape, load_model
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
 from batchlm.runner.cpu_threads import cap_cpu_threads
 from batchlm.runner.cuda_graph import DecodeGraphs
+from batchlm.runner.deferred_step import DeferredStepOutput, LaunchedForward
 from batchlm.runner.device import dtype_name, resolve_device, resolve_dtype
 from batchlm.runner.draft_verify import Verification, row_states, verify_groups
 from batchlm.runner.fused_decode import MAX_VERIFY_ROWS, FusedDecode, build_fused_decode
@@ -36,6 +37,7 @@ from batchlm.runner.kv_cache import (
     resolve_kv_cache_dtype,
 )
 from batchlm.runner.step_output import PendingStepOutput, PreviousTokens
+from batchlm.sampling.grammar_mask import warm_up_grammar_masks
 from batchlm.sampling.plan import has_penalty
 from batchlm.sampling.sampler import Sampler
 from batchlm.sampling.state import SamplingState
@@ -126,11 +128,15 @@ class ModelRunner:
         # Requests with a repetition/presence/frequency penalty: their sampling needs real token ids.
         self._penalized_ids: set[str] = set()
         # Requests under a grammar (structured outputs): their matchers, by request id.
-        self.grammars = constrained_sequences(config, model_dir, self.shape.vocab_size)
+        self.grammars = constrained_sequences(
+            config, model_dir, self.shape.vocab_size, on_accelerator=self.device.type != "cpu"
+        )
         self.masks = StepMasks(self.grammars, self._mask_buffer)
         # The last step's sampled tokens (fill the next step's placeholders) and outputs not yet read.
         self._previous: PreviousTokens | None = None
         self._unresolved: list[PendingStepOutput] = []
+        # The last launched step, while its sampling waits for its grammar masks.
+        self._deferred: DeferredStepOutput | None = None
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self.decode_graphs: DecodeGraphs | None = None
@@ -234,7 +240,9 @@ class ModelRunner:
         specs = [layer.attention for layer in self.model.config.layers]
         self.attn.warm_up(kv_cache, self.shape.num_heads, max_blocks_per_seq, specs, query_dtype=self.dtype)
         hidden = torch.zeros((1, self.shape.hidden_size), dtype=self.dtype, device=self.device)
-        self.sampler.warm_up(self.model.compute_logits(hidden).float())
+        logits = self.model.compute_logits(hidden).float()
+        self.sampler.warm_up(logits)
+        warm_up_grammar_masks(logits[:, : self.shape.vocab_size])
         warm_up_experts(self.model)
         tune_decode_linears(self.model, self.dtype)
         torch.cuda.synchronize(self.device)
@@ -294,37 +302,72 @@ class ModelRunner:
         return self.execute_async(scheduled).result()
 
     @torch.inference_mode()
-    def execute_async(self, scheduled: SchedulerOutput) -> PendingStepOutput:
+    def execute_async(self, scheduled: SchedulerOutput) -> PendingStepOutput | DeferredStepOutput:
         """Queue one step on the device and return without waiting for it (on CUDA).
 
         Placeholder token ids in the step are filled on the device from the previous step's sampled
         tokens. Steps must have their outputs read (result()) in launch order or not at all; a step
         that samples for a penalized request first waits for the previous step's tokens.
 
-        Constrained rows' masks overlap the forward pass (runner/grammar.StepMasks)."""
+        Constrained rows' masks overlap the forward pass (runner/grammar.StepMasks). A step with
+        constrained rows returns once its forward pass is queued: its sampling, which must wait for
+        the masks, is queued in the next call once that call's inputs are built (or when its output
+        is read), so the host schedules and builds the next step while the masks are computed."""
+        inputs = self._inputs_beside_deferred(scheduled)
         self._update_states(scheduled)
         if scheduled.is_empty:
             return PendingStepOutput.ready()
-        inputs = self.input_builder.build(scheduled, self._previous)
+        if inputs is None:
+            inputs = self.input_builder.build(scheduled, self._previous)
         request_ids = tuple(inputs.sample_request_ids)
         masks = self.masks.start(request_ids)
         logits = self._forward(inputs)
-        grammar = self.masks.result(masks, self._resolve_outputs)
         if not request_ids:
+            self.masks.result(masks, self._resolve_outputs)  # the matchers are free again
             self._previous = None
             return PendingStepOutput.ready()
-        states, verification = self._row_states(scheduled, request_ids, inputs.has_drafts)
+        token_rows = {request_id: row for row, request_id in enumerate(request_ids)}
+        forward = LaunchedForward(scheduled, request_ids, token_rows, inputs.has_drafts, logits, masks)
+        if not masks.rows:
+            return self._sample(forward)
+        self._deferred = DeferredStepOutput(lambda: self._sample(forward), token_rows)
+        return self._deferred
+
+    def _inputs_beside_deferred(self, scheduled: SchedulerOutput) -> StepInputs | None:
+        """Queue the sampling of the step launched last if it waits for its masks, having built this
+        step's inputs first (all but their placeholders, which take its tokens): the host does that
+        work while the masks finish. None when no step was deferred or this one runs nothing."""
+        deferred, self._deferred = self._deferred, None
+        if deferred is None:
+            return None
+        built = None
+        if not scheduled.is_empty:
+            self.input_builder.drop(scheduled.finished_request_ids)
+            built = self.input_builder.build_unfilled(scheduled, deferred.token_rows)
+        deferred.sample()
+        if built is None:
+            return None
+        inputs, fill = built
+        fill.apply(inputs.input_ids, self._previous)
+        return inputs
+
+    @torch.inference_mode()
+    def _sample(self, forward: LaunchedForward) -> PendingStepOutput:
+        """Queue a launched step's sampling (after its grammar masks, if it has constrained rows); also
+        called from DeferredStepOutput.result(), outside execute_async."""
+        grammar = self.masks.result(forward.masks, self._resolve_outputs)
+        states, verification = self._row_states(forward.scheduled, forward.request_ids, forward.has_drafts)
         if self._penalized_ids:
             self._resolve_outputs()  # penalties need real token ids, not placeholders
         token_ids, packed = self.sampler.sample_on_device(
-            logits, states, logits_are_scratch=True, grammar=grammar
+            forward.logits, states, logits_are_scratch=True, grammar=grammar
         )
-        pending = PendingStepOutput(request_ids, states, token_ids, packed, verification)
-        self._previous = PreviousTokens(token_ids, {rid: row for row, rid in enumerate(request_ids)})
+        pending = PendingStepOutput(forward.request_ids, states, token_ids, packed, verification)
+        self._previous = PreviousTokens(token_ids, forward.token_rows)
         self._unresolved = [p for p in self._unresolved if not p.is_resolved]
         self._unresolved.append(pending)
-        if masks.rows and packed is None and verification is None:
-            self.masks.prefetch(masks, pending)
+        if forward.masks.rows and packed is None and verification is None:
+            self.masks.prefetch(forward.masks, pending)
         return pending
 
     def _row_states(

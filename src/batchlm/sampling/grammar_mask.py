@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -104,10 +106,43 @@ def apply_grammar_masks(
         return
     if staging is None:
         staging = BitmaskStaging(logits.device, masks.bitmask.shape[1])
-    forbidden_rows = forbidden_on_device(staging.upload(masks.bitmask), vocab_size)  # [R, V]
-    if len(masks.rows) == logits.shape[0]:
+    words = staging.upload(masks.bitmask)  # [R, W] int32 on the device
+    all_rows = len(masks.rows) == logits.shape[0]
+    rows = None if all_rows else _rows_on_device(masks.rows, logits.device)
+    if _bitmask_kernel_fits(logits):
+        from batchlm.kernels.grammar_bitmask import apply_bitmask
+
+        apply_bitmask(logits, words, rows)
+        return
+    forbidden_rows = forbidden_on_device(words, vocab_size)  # [R, V]
+    if rows is None:
         logits.masked_fill_(forbidden_rows, float("-inf"))
         return
-    rows = torch.tensor(masks.rows, dtype=torch.int64).pin_memory().to(logits.device, non_blocking=True)
     constrained = logits.index_select(0, rows).masked_fill_(forbidden_rows, float("-inf"))  # [R, V]
     logits.index_copy_(0, rows, constrained)
+
+
+def warm_up_grammar_masks(logits: torch.Tensor) -> None:
+    """Compile the device's mask kernel, if it has one. logits: [1, vocab] float32 as the model's."""
+    if logits.device.type == "cuda" and _bitmask_kernel_fits(logits):
+        from batchlm.kernels.grammar_bitmask import warm_up
+
+        warm_up(logits)
+
+
+def _rows_on_device(rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
+
+
+def _bitmask_kernel_fits(logits: torch.Tensor) -> bool:
+    """The Triton kernel (one launch, allowed logits untouched) applies when Triton is there."""
+    return logits.dtype == torch.float32 and logits.stride(1) == 1 and _has_triton()
+
+
+@functools.cache
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # pragma: no cover - depends on the install
+        return False
+    return True

@@ -49,6 +49,11 @@ class GrammarBackend(Protocol):
         """Fill bitmask[i] for matchers[i], all rows at once (a backend may spread them over threads)."""
         ...
 
+    def advance(self, matchers: list[GrammarMatcher], new_tokens: list[list[int]]) -> list[bool]:
+        """Advance matchers[i] over new_tokens[i] (a backend may spread them over threads); per
+        matcher, False if its grammar rejected one of them."""
+        ...
+
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")

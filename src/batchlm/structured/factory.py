@@ -25,14 +25,21 @@ def tokenizer_dir(config: EngineConfig, model_dir: Path) -> Path:
     return resolve_model_dir(config.tokenizer, config.revision)
 
 
-def mask_threads() -> int:
-    """llguidance's threads for one step's masks: half the cores, at most 8 (a GPU host has them idle;
-    on a small CPU box the model needs the rest)."""
-    return max(1, min(8, (os.cpu_count() or 2) // 2))
+def mask_threads(on_accelerator: bool = False) -> int:
+    """llguidance's threads for one step's masks. Beside an accelerator the cores idle while it runs the
+    model: all but four (the engine thread, the mask worker, the front end and the device's own host
+    threads keep theirs), at most 16. On a CPU engine the model needs them: half, at most 8."""
+    cores = os.cpu_count() or 2
+    if on_accelerator:
+        return max(1, min(16, cores - 4))
+    return max(1, min(8, cores // 2))
 
 
-def backend_factory(config: EngineConfig, model_dir: Path, vocab_size: int) -> BackendFactory:
-    """A function of the engine's EOS ids making the backend; vocab_size is the model's logits width."""
+def backend_factory(
+    config: EngineConfig, model_dir: Path, vocab_size: int, on_accelerator: bool = False
+) -> BackendFactory:
+    """A function of the engine's EOS ids making the backend; vocab_size is the model's logits width;
+    on_accelerator: the model runs on a GPU (more cores are free for the masks)."""
 
     def make(eos_token_ids: tuple[int, ...]) -> GrammarBackend:
         from batchlm.structured.llguidance_backend import LLGuidanceBackend
@@ -40,7 +47,10 @@ def backend_factory(config: EngineConfig, model_dir: Path, vocab_size: int) -> B
 
         started = time.perf_counter()
         hf = load_hf_tokenizer(tokenizer_dir(config, model_dir), config.trust_remote_code)
-        backend = LLGuidanceBackend.from_hf(hf, vocab_size, eos_token_ids, threads=mask_threads())
+        threads = mask_threads(on_accelerator)
+        backend = LLGuidanceBackend.from_hf(
+            hf, vocab_size, eos_token_ids, threads, batched_accept=on_accelerator
+        )
         logger.info("structured outputs: grammar backend ready in %.2f s", time.perf_counter() - started)
         return backend
 

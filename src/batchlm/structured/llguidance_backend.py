@@ -111,9 +111,17 @@ class LLGuidanceBackend:
     matcher that each new sequence deep-copies."""
 
     def __init__(
-        self, tokenizer: llguidance.LLTokenizer, eos_token_ids: Sequence[int], threads: int = 1
+        self,
+        tokenizer: llguidance.LLTokenizer,
+        eos_token_ids: Sequence[int],
+        threads: int = 1,
+        batched_accept: bool = False,
     ) -> None:
+        """batched_accept: advance the matchers on the executor's threads, without the GIL, instead of
+        one call per token (BENCHMARKS.md: slower on a 2-core CPU, but one at a time cost 4.5 us a
+        token beside a GPU, where the engine thread holds the GIL for most of the step)."""
         self.tokenizer = tokenizer
+        self.batched_accept = batched_accept
         self.eos_token_ids = tuple(eos_token_ids)
         self.bitmask_words = bitmask_words(tokenizer.vocab_size)
         self._compiled: LRUCache[tuple[str, str], llguidance.LLMatcher] = LRUCache(CACHE_SIZE)
@@ -122,7 +130,12 @@ class LLGuidanceBackend:
 
     @classmethod
     def from_hf(
-        cls, hf: PreTrainedTokenizerBase, vocab_size: int, eos_token_ids: Sequence[int], threads: int = 1
+        cls,
+        hf: PreTrainedTokenizerBase,
+        vocab_size: int,
+        eos_token_ids: Sequence[int],
+        threads: int = 1,
+        batched_accept: bool = False,
     ) -> LLGuidanceBackend:
         """vocab_size: the model's logits width; the masks cover at least that many ids."""
         import llguidance.hf
@@ -130,7 +143,7 @@ class LLGuidanceBackend:
         n_vocab = max(vocab_size, len(hf))
         eos = list(eos_token_ids) or None
         tokenizer = llguidance.hf.from_tokenizer(hf, n_vocab=n_vocab, eos_token=eos)  # type: ignore[arg-type]
-        return cls(tokenizer, eos_token_ids or tokenizer.eos_tokens, threads)
+        return cls(tokenizer, eos_token_ids or tokenizer.eos_tokens, threads, batched_accept)
 
     @property
     def compiled_cache(self) -> LRUCache[tuple[str, str], llguidance.LLMatcher]:
@@ -160,3 +173,38 @@ class LLGuidanceBackend:
         if healthy:
             row_bytes = self.bitmask_words * 4
             self._executor.unsafe_compute_mask_ptr(healthy, bitmask.ctypes.data, row_bytes, bitmask.shape[0])
+
+    def advance(self, matchers: Sequence[GrammarMatcher], new_tokens: Sequence[Sequence[int]]) -> list[bool]:
+        """matchers[i] over new_tokens[i]; per matcher, False if its grammar rejected a token."""
+        accepted = [True] * len(matchers)
+        if not self.batched_accept:
+            for index, (matcher, tokens) in enumerate(zip(matchers, new_tokens, strict=True)):
+                for token_id in tokens:
+                    accepted[index] = matcher.accept(token_id) and accepted[index]
+            return accepted
+        for depth in range(max(map(len, new_tokens), default=0)):
+            self._advance_one_deep(matchers, new_tokens, depth, accepted)
+        return accepted
+
+    def _advance_one_deep(
+        self,
+        matchers: Sequence[GrammarMatcher],
+        new_tokens: Sequence[Sequence[int]],
+        depth: int,
+        accepted: list[bool],
+    ) -> None:
+        """Each matcher's token at `depth`: ours in one call on the executor's threads (a matcher at
+        most once per call), any other by itself."""
+        ours: list[tuple[llguidance.LLMatcher, int]] = []
+        positions: list[int] = []
+        for index, (matcher, tokens) in enumerate(zip(matchers, new_tokens, strict=True)):
+            if depth >= len(tokens):
+                continue
+            if isinstance(matcher, LLGuidanceMatcher):
+                ours.append((matcher.inner, tokens[depth]))
+                positions.append(index)
+            else:
+                accepted[index] = matcher.accept(tokens[depth]) and accepted[index]
+        if ours:
+            for index, ok in zip(positions, self._executor.consume_token_par(ours), strict=True):
+                accepted[index] = bool(ok) and accepted[index]

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 
@@ -40,9 +40,9 @@ class PrefetchedMasks:
     bitmask: np.ndarray
 
 
-@dataclass(frozen=True)
-class SampledSlot:
-    """A constrained sequence's token that a launched step is sampling."""
+class SampledSlot(NamedTuple):
+    """A constrained sequence's token that a launched step is sampling. (A named tuple: a step makes
+    one per constrained row on the engine thread, and a frozen dataclass costs twice as much.)"""
 
     request_id: str
     # The token's row among the step's sampled tokens.
@@ -51,13 +51,11 @@ class SampledSlot:
     position: int
 
 
-def advance(matchers: list[GrammarMatcher], new_tokens: list[list[int]]) -> None:
-    """Advance matchers[i] over new_tokens[i], one at a time: measured faster than handing the batch to
-    llguidance's threads (BENCHMARKS.md)."""
-    for matcher, tokens in zip(matchers, new_tokens, strict=True):
-        for token_id in tokens:
-            if not matcher.accept(token_id):
-                logger.warning("a constrained sequence sampled token %d its grammar rejects", token_id)
+def advance(backend: GrammarBackend, matchers: list[GrammarMatcher], new_tokens: list[list[int]]) -> None:
+    """Advance matchers[i] over new_tokens[i] (the backend may spread them over its threads)."""
+    for tokens, accepted in zip(new_tokens, backend.advance(matchers, new_tokens), strict=True):
+        if not accepted:
+            logger.warning("a constrained sequence sampled a token its grammar rejects (among %s)", tokens)
 
 
 class _EndingMatcher:
@@ -173,7 +171,7 @@ class ConstrainedSequences:
         new_tokens: list[list[int]],
     ) -> GrammarMasks:
         matchers = [seq.matcher for seq in sequences]
-        advance(matchers, new_tokens)
+        advance(backend, matchers, new_tokens)
         bitmask = np.empty((len(rows), backend.bitmask_words), dtype=np.int32)
         backend.fill_bitmasks(matchers, bitmask)
         return GrammarMasks(rows, bitmask)
@@ -217,7 +215,7 @@ class ConstrainedSequences:
             seq.num_accepted = slot.position + 1
             index[slot.request_id] = len(matchers)
             matchers.append(seq.matcher)
-        advance(matchers, new_tokens)
+        advance(backend, matchers, new_tokens)
         bitmask = out[: len(matchers)]
         if matchers:
             backend.fill_bitmasks(matchers, bitmask)

@@ -1,0 +1,158 @@
+"""The host's grammar work per decode step at a large batch, without a model: the runner's mask path
+(runner/grammar.StepMasks) over N rows under the ~10-field schema, with a 128k-id tokenizer, and the
+sampled tokens "landing" at a moment this script picks, as a device would deliver them.
+
+    python benchmarks/grammar_host_step.py --rows 256 --steps 60 --engine-python-ms 1.5
+    python benchmarks/grammar_host_step.py ... --accept one   # one consume_token call per token
+
+Threads and the way matchers advance default to the engine's choice on this host (beside a GPU when
+one is visible).
+
+Per step it reports the engine thread's own grammar work (taking the prefetched masks, handing the next
+step's job to the worker) and the worker's time from the tokens' landing to the next masks being ready,
+while the engine thread runs `--engine-python-ms` of plain Python meanwhile (the scheduling and output
+processing it does then), so the GIL is contended as in a serving engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from mlx_vs_mlx_lm_server import pad_tokenizer_vocab
+from structured_outputs import long_output_schema
+
+from batchlm.core.step_io import PLACEHOLDER_TOKEN_ID
+from batchlm.runner.grammar import StepMasks
+from batchlm.sampling_params import StructuredOutputs
+from batchlm.structured.llguidance_backend import LLGuidanceBackend
+from batchlm.structured.sequences import ConstrainedSequences
+
+
+class LandingTokens:
+    """A launched step's tokens as the runner's PendingStepOutput offers them to the mask worker."""
+
+    def __init__(self, lists: list[list[int]], tokens: list[int]) -> None:
+        self.positions = tuple(len(tokens_so_far) for tokens_so_far in lists)
+        for tokens_so_far in lists:
+            tokens_so_far.append(PLACEHOLDER_TOKEN_ID)
+        self._tokens = tokens
+        self.landed = threading.Event()
+        self.landed_at = 0.0
+
+    def peek_token_ids(self) -> list[int]:
+        self.landed.wait()
+        return list(self._tokens)
+
+    def land(self) -> None:
+        self.landed_at = time.perf_counter()
+        self.landed.set()
+
+
+def tokenizer_dir(vocab_size: int) -> Path:
+    from batchlm.tokenizer.builder import build_tokenizer
+
+    directory = Path(tempfile.gettempdir()) / f"batchlm-grammar-host-{vocab_size}"
+    if not (directory / "tokenizer.json").exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        build_tokenizer(directory)
+        pad_tokenizer_vocab(directory / "tokenizer.json", vocab_size)
+    return directory
+
+
+def pick_tokens(bitmask: np.ndarray, rng: np.random.Generator) -> list[int]:
+    """One allowed token per row, at random (the sampler's part, not timed)."""
+    picks = []
+    for row in bitmask:
+        allowed = np.flatnonzero(np.unpackbits(row.view(np.uint8), bitorder="little"))
+        picks.append(int(rng.choice(allowed)))
+    return picks
+
+
+def busy_python(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    total = 0
+    while time.perf_counter() < end:
+        total += sum(range(50))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rows", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--vocab-size", type=int, default=128256)
+    parser.add_argument("--mask-threads", type=int, help="llguidance threads (default: the engine's choice)")
+    parser.add_argument("--engine-python-ms", type=float, default=1.5)
+    parser.add_argument(
+        "--accept", choices=["one", "batched"], help="advance matchers one call per token or batched"
+    )
+    args = parser.parse_args()
+    from transformers import AutoTokenizer
+
+    from batchlm.structured.factory import mask_threads
+
+    beside_gpu = torch.cuda.is_available()
+    threads = args.mask_threads or mask_threads(beside_gpu)
+    batched = args.accept == "batched" if args.accept else beside_gpu
+    hf = AutoTokenizer.from_pretrained(tokenizer_dir(args.vocab_size))
+    backend = LLGuidanceBackend.from_hf(hf, args.vocab_size, (0,), threads=threads, batched_accept=batched)
+    sequences = ConstrainedSequences(lambda eos: backend)
+    spec = StructuredOutputs(json=json.dumps(long_output_schema()))
+    request_ids = tuple(f"r{i}" for i in range(args.rows))
+    lists: list[list[int]] = [[] for _ in request_ids]
+    for request_id, tokens in zip(request_ids, lists, strict=True):
+        sequences.add(request_id, spec, tokens, (0,))
+    words = backend.bitmask_words
+    masks = StepMasks(sequences, lambda rows: np.empty((rows, words), dtype=np.int32))
+    rng = np.random.default_rng(0)
+    engine_ms: list[float] = []
+    ready_ms: list[float] = []
+    for _ in range(args.steps):
+        started = time.perf_counter()
+        step = masks.start(request_ids)
+        grammar = masks.result(step, lambda: None)
+        assert grammar is not None
+        taken = time.perf_counter() - started
+        landing = LandingTokens(lists, pick_tokens(grammar.bitmask, rng))
+        started = time.perf_counter()
+        masks.prefetch(step, landing)  # type: ignore[arg-type]
+        engine_ms.append(1e3 * (taken + time.perf_counter() - started))
+        landing.land()
+        busy_python(args.engine_python_ms / 1e3)
+        prefetched = masks._prefetched
+        assert prefetched is not None
+        prefetched.result()
+        ready_ms.append(1e3 * (time.perf_counter() - landing.landed_at))
+        for tokens, position, token in zip(lists, landing.positions, landing._tokens, strict=True):
+            tokens[position] = token
+    sequences.close()
+    warm = slice(args.steps // 5, None)
+    print(
+        json.dumps(
+            {
+                "rows": args.rows,
+                "mask_threads": threads,
+                "accept": "batched" if batched else "one at a time",
+                "engine_python_ms": args.engine_python_ms,
+                "engine_grammar_ms_median": round(statistics.median(engine_ms[warm]), 3),
+                "masks_ready_after_tokens_ms_median": round(statistics.median(ready_ms[warm]), 3),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
