@@ -71,11 +71,10 @@ def resolve_async_scheduling(config: EngineConfig, device: str) -> bool:
     return config.async_scheduling == "on"
 
 
-# "auto" speculates while at most this many requests run on a CUDA device. 0 (never) was measured when
-# verify steps ran eagerly beside the CUDA-graph decodes (BENCHMARKS.md); they now replay the same
-# graphs (runner/decode_rows.py), and this is the one value to change once GPU runs of
-# benchmarks/speculative_gpu.py say where speculation stops paying. `--speculative ngram` speculates.
-CUDA_SPECULATIVE_MAX_BATCH = 0
+# "auto" speculates while at most this many requests run on a CUDA device: verify steps replay the
+# decode CUDA graphs (runner/decode_rows.py), so at one request they cost little more than a decode, while
+# at 16 the extra rows cost more than the accepted drafts save (BENCHMARKS.md, speculative_gpu.py runs).
+CUDA_SPECULATIVE_MAX_BATCH = 4
 # The same limit per device kind. CPU: measured with the default model (BENCHMARKS.md).
 SPECULATIVE_MAX_BATCH = {"cpu": 4, "cuda": CUDA_SPECULATIVE_MAX_BATCH}
 # Draft tokens per verify step. CPU: 7, so a verify chunk is 8 rows, two whole passes of the quantized
