@@ -8,7 +8,9 @@ from typing import Any
 from batchlm.config import EngineConfig
 from batchlm.core.facts import EngineStats
 from batchlm.engine.async_engine import AsyncLLMEngine
+from batchlm.engine.front_end import StepResult
 from batchlm.engine.output_collector import RequestOutputCollector
+from batchlm.executor.core_messages import CoreFailed, RequestRejected
 from batchlm.outputs import EngineCoreOutput, FinishReason
 
 
@@ -29,9 +31,9 @@ class RecordingEngine(AsyncLLMEngine):
         self.events.append(("dead", reason))
 
 
-def step(tokens: dict[str, int], waiting: int) -> tuple[str, Any]:
+def step(tokens: dict[str, int], waiting: int) -> StepResult:
     outputs = [EngineCoreOutput(rid, (token,)) for rid, token in tokens.items()]
-    return ("outputs", (outputs, EngineStats(num_running=len(tokens), num_waiting=waiting)))
+    return StepResult(outputs, EngineStats(num_running=len(tokens), num_waiting=waiting))
 
 
 def test_consecutive_step_outputs_become_one_batch_in_step_order() -> None:
@@ -50,10 +52,10 @@ def test_other_messages_keep_their_place_between_output_batches() -> None:
     engine._inbox.extend(
         [
             step({"a": 1}, 0),
-            ("rejected", ("b", "prompt too long")),
+            RequestRejected("b", "prompt too long"),
             step({"a": 2}, 0),
-            ("outputs", ([EngineCoreOutput("a", (), finish_reason=FinishReason.ABORT)], EngineStats())),
-            ("failed", "core exited"),
+            StepResult([EngineCoreOutput("a", (), finish_reason=FinishReason.ABORT)], EngineStats()),
+            CoreFailed("core exited"),
         ]
     )
     engine._drain_inbox()
@@ -82,12 +84,12 @@ def test_with_many_open_streams_drains_are_spaced_and_batch_the_steps_between() 
         for index in range(100):  # open streams: a 5 ms interval at 50 us per stream
             engine._collectors[f"r{index}"] = RequestOutputCollector()
         interval = 100 * front_end.DRAIN_INTERVAL_PER_STREAM_S
-        engine._post_threadsafe(*step({"a": 1}, 0))
+        engine._post_threadsafe(step({"a": 1}, 0))
         await asyncio.sleep(0.001)  # the first drain runs at once
         first = list(engine.events)
         first_drain_at = engine._last_drain
-        engine._post_threadsafe(*step({"a": 2}, 0))
-        engine._post_threadsafe(*step({"a": 3}, 0))
+        engine._post_threadsafe(step({"a": 2}, 0))
+        engine._post_threadsafe(step({"a": 3}, 0))
         while len(engine.events) < 2:
             await asyncio.sleep(0.0005)
         return first + engine.events[len(first) :], engine._last_drain - first_drain_at, interval
@@ -95,3 +97,22 @@ def test_with_many_open_streams_drains_are_spaced_and_batch_the_steps_between() 
     events, spacing, interval = asyncio.run(scenario())
     assert events == [("outputs", [("a", (1,))]), ("outputs", [("a", (2,)), ("a", (3,))])]
     assert spacing >= interval
+
+
+def test_the_reader_thread_unpacks_step_outputs_and_refuses_a_second_ready() -> None:
+    from batchlm.core.facts import ModelFacts
+    from batchlm.engine.async_engine import _for_front_end
+    from batchlm.executor.core_messages import CoreReady, StepOutputs
+
+    outputs = [
+        EngineCoreOutput("a", (5,)),
+        EngineCoreOutput("b", (6,), finish_reason=FinishReason.LENGTH),
+    ]
+    stats = EngineStats(num_running=2)
+    assert _for_front_end(StepOutputs.pack(outputs, stats)) == StepResult(outputs, stats)
+    rejected = RequestRejected("c", "prompt too long")
+    assert _for_front_end(rejected) is rejected
+    assert _for_front_end(CoreFailed("gone")) == CoreFailed("gone")
+    assert _for_front_end(CoreReady(ModelFacts(64, 100))) == CoreFailed(
+        "the engine core reported ready twice"
+    )

@@ -14,12 +14,12 @@ from collections.abc import Callable
 from dataclasses import replace
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, assert_never
+from typing import assert_never
 
 from batchlm.config import EngineConfig
 from batchlm.core.facts import ModelFacts
 from batchlm.engine.client import EngineDeadError, EngineStats, RequestRejectedError, ServedModel
-from batchlm.engine.front_end import StreamingFrontEnd
+from batchlm.engine.front_end import StepResult, StreamingFrontEnd
 from batchlm.engine.input_processor import InputProcessor
 from batchlm.engine.output_processor import OutputProcessor
 from batchlm.executor.core_messages import (
@@ -45,8 +45,11 @@ logger = logging.getLogger(__name__)
 # Called with the model directory and the pipes of the extra front ends once the core process starts.
 CoreSharing = Callable[[Path, list[Connection]], None]
 
+# The core's messages the inbox carries besides step results (the reader thread unpacks StepOutputs).
+CoreEvent = RequestRejected | CoreFailed
 
-class AsyncLLMEngine(StreamingFrontEnd):
+
+class AsyncLLMEngine(StreamingFrontEnd[CoreEvent]):
     """Front end of the engine. All state here is touched only on the event loop's thread; a reader
     thread blocks on the pipe and hands each message to the loop, and a writer thread sends the
     loop's messages to the core (see _write_loop).
@@ -156,7 +159,7 @@ class AsyncLLMEngine(StreamingFrontEnd):
         self._writer.start()
         self._ready = True
 
-    def _spawn_core(self, model_dir: Any) -> Connection:
+    def _spawn_core(self, model_dir: Path) -> Connection:
         log_level = logging.getLogger("batchlm").getEffectiveLevel()
         if self.multiprocess:
             context = multiprocessing.get_context("spawn")
@@ -252,7 +255,7 @@ class AsyncLLMEngine(StreamingFrontEnd):
         """Reader thread: queue every message for the event loop until the pipe closes."""
         while True:
             message = self._recv_or_eof()
-            if not self._post_threadsafe(*_for_front_end(message)) or isinstance(message, CoreFailed):
+            if not self._post_threadsafe(_for_front_end(message)) or isinstance(message, CoreFailed):
                 return
 
     def _write_loop(self) -> None:
@@ -286,12 +289,14 @@ class AsyncLLMEngine(StreamingFrontEnd):
     def _record_stats(self, stats: EngineStats) -> None:
         self._core_stats = stats
 
-    def _on_message(self, kind: str, payload: Any) -> None:
-        if kind == "rejected":
-            core_id, message = payload
-            self._on_rejected(core_id, message)
-        elif kind == "failed":
-            self._mark_dead(str(payload), expected=self._shutting_down)
+    def _on_message(self, message: CoreEvent) -> None:
+        match message:
+            case RequestRejected(core_id, reason):
+                self._on_rejected(core_id, reason)
+            case CoreFailed(reason):
+                self._mark_dead(reason, expected=self._shutting_down)
+            case _:
+                assert_never(message)
 
     def _on_rejected(self, core_id: str, message: str) -> None:
         for request_id in list(self._collectors):
@@ -311,16 +316,14 @@ def _merge_adds(messages: list[ToCore]) -> list[ToCore]:
     return merged
 
 
-def _for_front_end(message: FromCore) -> tuple[str, Any]:
-    """A core message as the front end's inbox takes it: (kind, payload) on the engine's thread."""
+def _for_front_end(message: FromCore) -> StepResult | CoreEvent:
+    """A core message as the front end's inbox takes it, on the reader thread: step outputs unpacked."""
     match message:
         case StepOutputs():
-            return ("outputs", (message.unpack(), message.stats))
-        case RequestRejected(request_id, reason):
-            return ("rejected", (request_id, reason))
-        case CoreFailed(reason):
-            return ("failed", reason)
+            return StepResult(message.unpack(), message.stats)
+        case RequestRejected() | CoreFailed():
+            return message
         case CoreReady():
-            return ("failed", "the engine core reported ready twice")
+            return CoreFailed("the engine core reported ready twice")
         case _:
             assert_never(message)

@@ -12,10 +12,17 @@ import logging
 import threading
 from abc import abstractmethod
 from collections.abc import AsyncGenerator
-from typing import Any
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from batchlm.config import EngineConfig
-from batchlm.engine.client import EngineClient, EngineDeadError, QueueFullError, RequestRejectedError
+from batchlm.engine.client import (
+    EngineClient,
+    EngineDeadError,
+    EngineStats,
+    QueueFullError,
+    RequestRejectedError,
+)
 from batchlm.engine.input_processor import ValidatedRequest
 from batchlm.engine.output_collector import RequestOutputCollector
 from batchlm.engine.output_processor import OutputProcessor
@@ -32,9 +39,23 @@ DRAIN_INTERVAL_PER_STREAM_S = 50e-6
 MAX_DRAIN_INTERVAL_S = 0.02
 
 
-class StreamingFrontEnd(EngineClient):
+@dataclass(frozen=True)
+class StepResult:
+    """One engine step's outputs, already unpacked on the engine's thread (off the event loop), with
+    the engine's stats after the step. The list is handed over: the engine's thread keeps no reference."""
+
+    outputs: list[EngineCoreOutput]
+    stats: EngineStats
+
+
+# The engine's other messages: each front end names its own (a union of frozen dataclasses).
+MessageT = TypeVar("MessageT")
+
+
+class StreamingFrontEnd(EngineClient, Generic[MessageT]):
     """All state here is touched only on the event loop's thread; the engine's thread hands its
-    messages over with _post_threadsafe and they are handled, in order, on the loop."""
+    messages over with _post_threadsafe and they are handled, in order, on the loop: every StepResult
+    here, every other message (a MessageT) by the subclass."""
 
     def __init__(self, config: EngineConfig, max_queue: int | None) -> None:
         self.config = config
@@ -47,7 +68,7 @@ class StreamingFrontEnd(EngineClient):
         self._dead_reason: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # Messages from the engine's thread, drained on the event loop (see _drain_inbox).
-        self._inbox: collections.deque[tuple[str, Any]] = collections.deque()
+        self._inbox: collections.deque[StepResult | MessageT] = collections.deque()
         self._inbox_lock = threading.Lock()
         self._inbox_drain_pending = False
         self._last_drain = 0.0
@@ -63,12 +84,12 @@ class StreamingFrontEnd(EngineClient):
         """Ask the engine to drop these core requests (it may already have finished them)."""
 
     @abstractmethod
-    def _record_stats(self, stats: Any) -> None:
+    def _record_stats(self, stats: EngineStats) -> None:
         """Keep the engine's stats snapshot that came with a step's outputs."""
 
     @abstractmethod
-    def _on_message(self, kind: str, payload: Any) -> None:
-        """Handle an engine message other than "outputs" (on the event loop)."""
+    def _on_message(self, message: MessageT) -> None:
+        """Handle an engine message other than a StepResult (on the event loop)."""
 
     def _open_streams(self) -> int:
         """Streams the drain interval is set for (see DRAIN_INTERVAL_PER_STREAM_S): this front end's."""
@@ -140,12 +161,12 @@ class StreamingFrontEnd(EngineClient):
         if core_ids and self._dead_reason is None:
             self._send_abort(core_ids)
 
-    def _post_threadsafe(self, kind: str, payload: Any) -> bool:
-        """Called on the engine's thread: queue a message for the event loop. An "outputs" payload
-        is (EngineCoreOutputs, stats). False when the loop is closed (nobody is listening any more)."""
+    def _post_threadsafe(self, message: StepResult | MessageT) -> bool:
+        """Called on the engine's thread: queue a message for the event loop. False when the loop is
+        closed (nobody is listening any more)."""
         assert self._loop is not None
         with self._inbox_lock:
-            self._inbox.append((kind, payload))
+            self._inbox.append(message)
             wake = not self._inbox_drain_pending
             self._inbox_drain_pending = True
         if wake:
@@ -172,16 +193,15 @@ class StreamingFrontEnd(EngineClient):
             self._inbox.clear()
             self._inbox_drain_pending = False
         batch: list[EngineCoreOutput] = []
-        for kind, payload in messages:
-            if kind == "outputs":
-                outputs, stats = payload
-                self._record_stats(stats)
-                batch.extend(outputs)
+        for message in messages:
+            if isinstance(message, StepResult):
+                self._record_stats(message.stats)
+                batch.extend(message.outputs)
                 continue
             if batch:
                 self._on_outputs(batch)
                 batch = []
-            self._on_message(kind, payload)
+            self._on_message(message)
         if batch:
             self._on_outputs(batch)
 
