@@ -6,17 +6,19 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from typing import Any
+from pathlib import Path
+from typing import assert_never
 
 from batchlm.backends.availability import MLX_INSTALL_HINT, mlx_available
 from batchlm.backends.mlx.loader import check_config, resolve_model_dir
-from batchlm.backends.mlx.worker import GenerationWorker, WorkerInfo
+from batchlm.backends.mlx.worker import GenerationWorker, WorkerEvent, WorkerInfo
 from batchlm.config import EngineConfig
 from batchlm.core.facts import ModelFacts
 from batchlm.engine.client import EngineDeadError, EngineStats, ServedModel
 from batchlm.engine.front_end import StreamingFrontEnd
 from batchlm.engine.input_processor import InputProcessor
 from batchlm.engine.output_processor import OutputProcessor
+from batchlm.executor.core_messages import CoreFailed
 from batchlm.models.model_source import served_model_name
 from batchlm.request import EngineCoreRequest
 from batchlm.tokenizer.tokenizer import Tokenizer
@@ -27,7 +29,7 @@ logger = logging.getLogger(__name__)
 SHUTDOWN_TIMEOUT_S = 10.0
 
 
-class MLXEngine(StreamingFrontEnd):
+class MLXEngine(StreamingFrontEnd[WorkerEvent]):
     """Front end of the MLX backend. Its state is touched only on the event loop's thread; the
     generation thread posts outputs to it with call_soon_threadsafe."""
 
@@ -72,7 +74,7 @@ class MLXEngine(StreamingFrontEnd):
         self._ready = True
         logger.info("mlx engine ready: %s (max_model_len %d)", name, info.max_model_len)
 
-    def _load_tokenizer(self, model_dir: Any) -> Tokenizer:
+    def _load_tokenizer(self, model_dir: Path) -> Tokenizer:
         return Tokenizer.from_pretrained(
             self.config.tokenizer or model_dir,
             chat_template=self.config.chat_template,
@@ -113,11 +115,14 @@ class MLXEngine(StreamingFrontEnd):
     def _record_stats(self, stats: EngineStats) -> None:
         self._loop_stats = stats
 
-    def _on_message(self, kind: str, payload: Any) -> None:
-        if kind == "ready":
-            if self._started is not None and not self._started.done():
-                self._started.set_result(payload)
-        elif kind == "failed":
-            if self._started is not None and not self._started.done():
-                self._started.set_exception(EngineDeadError(f"the mlx engine failed to start: {payload}"))
-            self._mark_dead(str(payload))
+    def _on_message(self, message: WorkerEvent) -> None:
+        match message:
+            case WorkerInfo():
+                if self._started is not None and not self._started.done():
+                    self._started.set_result(message)
+            case CoreFailed(reason):
+                if self._started is not None and not self._started.done():
+                    self._started.set_exception(EngineDeadError(f"the mlx engine failed to start: {reason}"))
+                self._mark_dead(reason)
+            case _:
+                assert_never(message)

@@ -1,5 +1,7 @@
 """The MLX generation thread: loads the model, then steps the GenerationLoop while there is work and
-posts every step's outputs through a callback (mlx-lm's BatchGenerator is synchronous)."""
+posts every step's outputs through a callback (mlx-lm's BatchGenerator is synchronous). It takes the
+engine core's commands (AddRequests, AbortRequests, Shutdown) and reports as the core does: WorkerInfo
+once loaded, a StepResult per step, CoreFailed."""
 
 from __future__ import annotations
 
@@ -9,11 +11,16 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, assert_never
 
 from batchlm.config import EngineConfig
+from batchlm.engine.front_end import StepResult
+from batchlm.executor.core_messages import AbortRequests, AddRequests, CoreFailed, Shutdown, ToCore
 from batchlm.outputs import EngineCoreOutput, FinishReason
 from batchlm.request import EngineCoreRequest
+
+if TYPE_CHECKING:  # the loop imports mlx, which loads only on the generation thread
+    from batchlm.backends.mlx.loop import GenerationLoop
 
 logger = logging.getLogger(__name__)
 
@@ -24,18 +31,20 @@ PREFILL_BATCH_SIZE = 8
 # The prompt cache's budget when --cpu-kv-cache-gib is not given.
 MLX_KV_CACHE_GIB = 2.0
 
-# post(kind, payload) with kind "ready" (WorkerInfo), "outputs" ((outputs, EngineStats)) or "failed" (str).
-Post = Callable[[str, Any], object]  # its return value (delivered or not) is ignored here
-
 
 @dataclass(frozen=True)
 class WorkerInfo:
-    """What the front end learns once the model is loaded."""
+    """What the front end learns once the model is loaded (the thread's "ready" message)."""
 
     max_model_len: int
     vocab_size: int
     model_dir: Path
     quantized: bool
+
+
+# What the thread posts besides step results.
+WorkerEvent = WorkerInfo | CoreFailed
+Post = Callable[[StepResult | WorkerEvent], object]  # its return value (delivered or not) is ignored here
 
 
 class GenerationWorker:
@@ -45,21 +54,21 @@ class GenerationWorker:
         self.config = config
         self.model_dir = model_dir
         self._post = post
-        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[ToCore] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._main, name="batchlm-mlx-generation", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def add(self, requests: list[EngineCoreRequest]) -> None:
-        self._inbox.put(("add", requests))
+        self._inbox.put(AddRequests(tuple(requests)))
 
     def abort(self, request_ids: Iterable[str]) -> None:
-        self._inbox.put(("abort", list(request_ids)))
+        self._inbox.put(AbortRequests(tuple(request_ids)))
 
     def stop(self, timeout: float) -> None:
         """Ask the thread to finish and wait for it (blocking: call from an executor)."""
-        self._inbox.put(("shutdown", None))
+        self._inbox.put(Shutdown())
         if self._thread.is_alive():
             self._thread.join(timeout)
 
@@ -70,17 +79,17 @@ class GenerationWorker:
             loop = self._build_loop()
         except Exception as exc:
             logger.exception("the mlx backend failed to load %s", self.model_dir)
-            self._post("failed", f"{type(exc).__name__}: {exc}")
+            self._post(CoreFailed(f"{type(exc).__name__}: {exc}"))
             return
         try:
             self._serve(loop)
         except Exception as exc:  # a bug outside a model step: nothing can be trusted any more
             logger.exception("the mlx generation thread failed")
-            self._post("failed", f"{type(exc).__name__}: {exc}")
+            self._post(CoreFailed(f"{type(exc).__name__}: {exc}"))
         finally:
             loop.close()
 
-    def _build_loop(self) -> Any:
+    def _build_loop(self) -> GenerationLoop:
         import mlx.core as mx
 
         from batchlm.backends.mlx.loader import load_model
@@ -101,28 +110,26 @@ class GenerationWorker:
 
         grammars = backend_factory(self.config, self.model_dir, loaded.vocab_size)
         loop = GenerationLoop(loaded.model, loaded.vocab_size, settings, model_key, stream, grammars)
-        self._post(
-            "ready", WorkerInfo(loaded.max_model_len, loaded.vocab_size, self.model_dir, loaded.quantized)
-        )
+        self._post(WorkerInfo(loaded.max_model_len, loaded.vocab_size, self.model_dir, loaded.quantized))
         return loop
 
-    def _serve(self, loop: Any) -> None:
+    def _serve(self, loop: GenerationLoop) -> None:
         while True:
             commands = self._drain(block=not loop.has_work())
             outputs: list[EngineCoreOutput] = []
-            for kind, payload in commands:
-                if kind == "shutdown":
+            for command in commands:
+                if isinstance(command, Shutdown):
                     return
-                outputs += self._apply(loop, kind, payload)
+                outputs += _apply(loop, command)
             try:
                 outputs += loop.step()
             except Exception as exc:
                 logger.exception("an mlx generation step failed; failing the running requests")
                 outputs += loop.fail_running(f"the generation step failed: {type(exc).__name__}: {exc}")
             if outputs or commands:
-                self._post("outputs", (outputs, loop.stats()))
+                self._post(StepResult(outputs, loop.stats()))
 
-    def _drain(self, block: bool) -> list[tuple[str, Any]]:
+    def _drain(self, block: bool) -> list[ToCore]:
         commands = [self._inbox.get()] if block else []
         while True:
             try:
@@ -130,20 +137,29 @@ class GenerationWorker:
             except queue.Empty:
                 return commands
 
-    @staticmethod
-    def _apply(loop: Any, kind: str, payload: Any) -> list[EngineCoreOutput]:
-        if kind == "abort":
-            outputs: list[EngineCoreOutput] = loop.abort_requests(payload)
-            return outputs
-        failed = []
-        for request in payload:
-            try:
-                loop.add_request(request)
-            except ValueError as exc:
-                failed.append(
-                    EngineCoreOutput(request.request_id, (), finish_reason=FinishReason.ERROR, error=str(exc))
-                )
-        return failed
+
+def _apply(loop: GenerationLoop, command: AddRequests | AbortRequests) -> list[EngineCoreOutput]:
+    """Carry out one command; the outputs it makes at once (aborted requests, refused ones)."""
+    match command:
+        case AbortRequests(request_ids):
+            return loop.abort_requests(request_ids)
+        case AddRequests(requests):
+            return _add_each(loop, requests)
+        case _:
+            assert_never(command)
+
+
+def _add_each(loop: GenerationLoop, requests: tuple[EngineCoreRequest, ...]) -> list[EngineCoreOutput]:
+    """Add the requests one by one; each the loop refuses finishes at once with its error."""
+    failed = []
+    for request in requests:
+        try:
+            loop.add_request(request)
+        except ValueError as exc:
+            failed.append(
+                EngineCoreOutput(request.request_id, (), finish_reason=FinishReason.ERROR, error=str(exc))
+            )
+    return failed
 
 
 def _cache_gib(config: EngineConfig) -> float:
