@@ -9,6 +9,7 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import replace
 
+from batchlm.core.engine_core import EngineCore
 from batchlm.core.scheduler import Scheduler, SchedulerConfig
 from batchlm.core.speculation import SpeculationConfig
 from batchlm.core.step_io import (
@@ -261,3 +262,53 @@ def test_off_schedules_no_drafts() -> None:
     _, _, scheduler, steps = run(BASE, _prompts(2))
     assert not _verify_chunks(steps)
     assert scheduler.stats().spec_proposed_tokens_total == 0
+
+
+class _Launched:
+    """A launched step whose output is already known (the copy runner is synchronous)."""
+
+    def __init__(self, output: ModelRunnerOutput) -> None:
+        self._output = output
+
+    def result(self) -> ModelRunnerOutput:
+        return self._output
+
+
+class _AsyncCopyExecutor:
+    """The copy runner behind the async executor interface, recording every scheduled step."""
+
+    def __init__(self, runner: CopyRunner) -> None:
+        self.runner = runner
+        self.steps: list[SchedulerOutput] = []
+
+    def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
+        self.steps.append(scheduled)
+        return self.runner.execute(scheduled)
+
+    def execute_async(self, scheduled: SchedulerOutput) -> _Launched:
+        return _Launched(self.execute(scheduled))
+
+
+def test_async_engine_core_waits_for_the_step_in_flight_instead_of_sitting_requests_out() -> None:
+    config, prompts = replace(BASE, speculation=NGRAM), _prompts(3)
+    scheduler = Scheduler(config)
+    executor = _AsyncCopyExecutor(CopyRunner(config))
+    core = EngineCore(scheduler, executor, async_scheduling=True)
+    tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
+    for index, prompt in enumerate(prompts):
+        core.add_request(make_request(f"r{index}", prompt, max_tokens=40))
+    while core.has_work():
+        for output in core.step():
+            tokens[output.request_id].extend(output.new_token_ids)
+    assert tokens == {f"r{i}": reference(p, 40) for i, p in enumerate(prompts)}
+    # A request verified in one step is in the next one too, unless it finished: it waited for nothing
+    # (without the wait for the step in flight it would sit that step out, as in the harness's async run).
+    steps = executor.steps
+    for index, step in enumerate(steps[:-1]):
+        later = [{c.request_id for c in s.chunks} for s in steps[index + 1 :]]
+        for chunk in step.chunks:
+            if chunk.num_draft_tokens:
+                assert chunk.request_id in later[0] or not any(chunk.request_id in ids for ids in later)
+    assert _verify_chunks(steps)
+    _, _, _, harness_steps = run(config, prompts, async_steps=True)
+    assert len(executor.steps) < len([s for s in harness_steps if not s.is_empty])

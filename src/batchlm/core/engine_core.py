@@ -83,7 +83,13 @@ class EngineCore:
         return self._update(scheduled, result)
 
     def _step_async(self) -> list[EngineCoreOutput]:
-        """Launch the next step, then fold in the one launched by the previous call."""
+        """Launch the next step, then fold in the one launched by the previous call. When speculating
+        requests need the step in flight (their last tokens to propose from, or a verify result), it
+        is folded in first: otherwise they would sit out every other step."""
+        outputs: list[EngineCoreOutput] = []
+        if self._in_flight is not None and self.scheduler.needs_step_in_flight():
+            (previous_scheduled, previous_pending), self._in_flight = self._in_flight, None
+            outputs = self._update(previous_scheduled, previous_pending.result())
         scheduled = self.scheduler.schedule()
         launched = None
         if not scheduled.is_empty or scheduled.finished_request_ids:
@@ -95,8 +101,8 @@ class EngineCore:
         # A step with no chunks (only requests to drop) has no output to wait for.
         self._in_flight = (scheduled, launched) if launched is not None and not scheduled.is_empty else None
         if previous is None:
-            return []
-        return self._update(previous[0], previous[1].result())
+            return outputs
+        return outputs + self._update(previous[0], previous[1].result())
 
     def _note_first_scheduled(self, scheduled: SchedulerOutput) -> None:
         now = time.time()

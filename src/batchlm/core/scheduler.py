@@ -192,6 +192,19 @@ class Scheduler:
             self._add_chunk(step, state, num_new, table_changed=needs_blocks)
             index += 1
 
+    def needs_step_in_flight(self) -> bool:
+        """Async scheduling: whether the next step should wait for the one in flight, because a
+        request has a verify chunk in it or would propose drafts once its last token is known."""
+        speculative = self._speculative
+        if speculative is None:
+            return False
+        if speculative.in_flight:
+            return True
+        speculator = speculative.speculator
+        if not speculator.step_allows(len(self._running)):
+            return False
+        return any(speculator.likely_to_propose(state) for state in self._running)
+
     def _speculative_this_step(self) -> SpeculativeSteps | None:
         """The speculative path when this step may use it (or must: a verify chunk is in flight)."""
         speculative = self._speculative

@@ -82,8 +82,9 @@ class AcceptanceGate:
 class _Tracked:
     index: NgramIndex
     gate: AcceptanceGate = field(default_factory=AcceptanceGate)
-    # Whether the last proposal found a match, and plain decodes since that attempt (async scheduling).
-    matched: bool = False
+    # Whether the last proposal found a match (a request not tried yet counts as matching, so that it
+    # tries at once), and plain decodes since that attempt (async scheduling).
+    matched: bool = True
     decodes_since_attempt: int = 0
 
 
@@ -125,6 +126,14 @@ class Speculator:
         if self.config.mode != "auto" or tracked.gate.rate >= 0.5:
             return full
         return max(1, full // 2)
+
+    def likely_to_propose(self, state: RequestState) -> bool:
+        """Whether the request would propose drafts once its last token is known: it may speculate,
+        and its last attempt matched (or a probe is due). Changes no bookkeeping."""
+        if not self.wants(state):
+            return False
+        tracked = self._track(state)
+        return tracked.matched or tracked.decodes_since_attempt >= self.config.probe_interval
 
     def should_wait_for_token(self, state: RequestState) -> bool:
         """Async scheduling, the request's last token still in flight: whether to skip it for a step so
