@@ -24,9 +24,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not torch.cuda.is_available() and not INTERPRET:
     pytest.skip("needs a CUDA GPU (or TRITON_INTERPRET=1)", allow_module_level=True)
 
+from int4_cases import DEVICE, assert_relative  # noqa: E402
+from int4_cases import random_packed as random_packed_with_codes  # noqa: E402
+
 from batchlm.kernels.decode_plans import GemvConfig, PlanKey  # noqa: E402
 from batchlm.kernels.fp8_gemv import candidate_configs, fp8_small_m  # noqa: E402
-from batchlm.kernels.int4_pack import PackedInt4, dequantize_packed, pack_int4  # noqa: E402
+from batchlm.kernels.int4_pack import PackedInt4, dequantize_packed  # noqa: E402
 from batchlm.kernels.w4a16_gemm import W4A16Config, w4a16_matmul  # noqa: E402
 from batchlm.kernels.w4a16_gemv import SCRATCH, candidate_plans, w4a16_gemv  # noqa: E402
 from batchlm.layers.linear import RowParallelLinear  # noqa: E402
@@ -36,23 +39,14 @@ from batchlm.layers.quantization.forms import quantize_fp8_rows  # noqa: E402
 from batchlm.layers.quantization.fp8 import FP8, FP8_PLANS  # noqa: E402
 from batchlm.layers.quantization.int4 import INT4  # noqa: E402
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HALF = torch.float16 if INTERPRET else torch.bfloat16
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 ON_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def assert_relative(out: torch.Tensor, ref: torch.Tensor, tolerance: float) -> None:
-    assert not out.isnan().any()
-    assert float((out.float() - ref).abs().max()) <= tolerance * float(ref.abs().max())
-
-
 def random_packed(out_features: int, in_features: int, group: int, seed: int = 0) -> PackedInt4:
-    generator = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 16, (out_features, in_features), generator=generator, dtype=torch.uint8)
-    scales = torch.rand(out_features, in_features // group, generator=generator) * 0.02 + 0.001
-    zeros = torch.randint(0, 17, (out_features, in_features // group), generator=generator, dtype=torch.uint8)
-    return pack_int4(codes.to(DEVICE), scales.to(DEVICE, HALF), zeros.to(DEVICE), group)
+    # Zero points 0-16 here (the other kernel tests draw 0-15).
+    return random_packed_with_codes(out_features, in_features, group, HALF, seed, zero_limit=17)[0]
 
 
 def fp8_case(

@@ -23,31 +23,17 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not torch.cuda.is_available() and not INTERPRET:
     pytest.skip("needs a CUDA GPU (or TRITON_INTERPRET=1)", allow_module_level=True)
 
+from int4_cases import DEVICE, assert_relative, random_packed  # noqa: E402
+
 from batchlm.kernels.fp8_linear import fp8_linear  # noqa: E402
 from batchlm.kernels.fp8_quant import per_token_fp8  # noqa: E402
 from batchlm.kernels.fp8_types import FP8_DTYPE  # noqa: E402
-from batchlm.kernels.int4_pack import PackedInt4, dequantize_packed, pack_int4, unpack_codes  # noqa: E402
+from batchlm.kernels.int4_pack import dequantize_packed, unpack_codes  # noqa: E402
 from batchlm.kernels.w4a16_gemm import W4A16Config, choose_config, w4a16_matmul  # noqa: E402
 from batchlm.layers.quantization.forms import quantize_fp8_rows  # noqa: E402
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HALF = torch.float16 if INTERPRET else torch.bfloat16
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-
-
-def random_packed(
-    out_features: int, in_features: int, group: int, dtype: torch.dtype, seed: int = 0
-) -> tuple[PackedInt4, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 16, (out_features, in_features), generator=generator, dtype=torch.uint8)
-    scales = torch.rand(out_features, in_features // group, generator=generator) * 0.02 + 0.001
-    zeros = torch.randint(0, 16, (out_features, in_features // group), generator=generator, dtype=torch.uint8)
-    return pack_int4(codes.to(DEVICE), scales.to(DEVICE, dtype), zeros.to(DEVICE), group), codes
-
-
-def assert_relative(out: torch.Tensor, ref: torch.Tensor, tolerance: float) -> None:
-    assert not out.isnan().any()
-    assert float((out.float() - ref).abs().max()) <= tolerance * float(ref.abs().max())
 
 
 def test_packing_round_trips() -> None:
