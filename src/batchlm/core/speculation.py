@@ -130,16 +130,17 @@ class Speculator:
     def likely_to_propose(self, state: RequestState) -> bool:
         """Whether the request would propose drafts once its last token is known: it may speculate,
         and its last attempt matched (or a probe is due). Changes no bookkeeping."""
-        if not self.wants(state):
-            return False
-        tracked = self._track(state)
-        return tracked.matched or tracked.decodes_since_attempt >= self.config.probe_interval
+        return self.wants(state) and self._attempt_due(self._track(state))
 
     def should_wait_for_token(self, state: RequestState) -> bool:
         """Async scheduling, the request's last token still in flight: whether to skip it for a step so
         that the next step can propose (when its last attempt matched, or every probe_interval decodes)."""
         tracked = self._track(state)
         tracked.decodes_since_attempt += 1
+        return self._attempt_due(tracked)
+
+    def _attempt_due(self, tracked: _Tracked) -> bool:
+        """Its last attempt matched, or a probe is due."""
         return tracked.matched or tracked.decodes_since_attempt >= self.config.probe_interval
 
     def note_plain_decode(self, state: RequestState) -> None:
