@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from batchlm.sampling_params import SamplingParamsError, StructuredOutputs
+from batchlm.structured import llguidance_backend
 from batchlm.structured.backend import GrammarError, LRUCache, allowed_tokens
 from batchlm.structured.llguidance_backend import (
     LLGuidanceBackend,
@@ -172,3 +173,44 @@ def test_a_grammar_the_engine_cannot_compile_ends_the_sequence(backend) -> None:
     masks = sequences.compute_masks([(0, "bad")])
     assert set(allowed_tokens(masks.bitmask[0], 2080).tolist()) == set(EOS)
     sequences.close()
+
+
+def test_a_grammar_many_sequences_use_is_compiled_several_times(tiny_tokenizer, monkeypatch) -> None:
+    monkeypatch.setattr(llguidance_backend, "TEMPLATES_PER_THREAD", 1)
+    backend = LLGuidanceBackend.from_hf(tiny_tokenizer.hf, 2080, EOS, threads=3)
+    spec = StructuredOutputs(regex="[a-z]{1,8}")
+    matchers = [backend.matcher(spec) for _ in range(7)]
+    pool = backend.compiled_cache.get_or_make(spec.key, lambda: pytest.fail("compiled again"))
+    assert len(pool.templates) == 3
+    assert [m.family for m in matchers] == [0, 1, 2, 0, 1, 2, 0]
+    one_thread = LLGuidanceBackend.from_hf(tiny_tokenizer.hf, 2080, EOS, threads=1)
+    assert {one_thread.matcher(spec).family for _ in range(3)} == {0}
+    assert len({id(m.inner) for m in matchers}) == 7, "each sequence gets its own matcher state"
+    one = backend.matcher(StructuredOutputs(regex="[0-9]+"))
+    assert len(backend.compiled_cache.get_or_make(("regex", "[0-9]+"), lambda: pytest.fail()).templates) == 1
+    assert one.family == 0
+
+
+def test_batched_masks_and_advance_match_one_matcher_at_a_time(tiny_tokenizer) -> None:
+    """Rows of several templates, in several states, filled and advanced together (grouped by
+    template inside the backend) end where the same matchers driven one at a time end."""
+    batched = LLGuidanceBackend.from_hf(tiny_tokenizer.hf, 2080, EOS, threads=3, batched_accept=True)
+    alone = LLGuidanceBackend.from_hf(tiny_tokenizer.hf, 2080, EOS)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}}}
+    specs = [StructuredOutputs(json=json.dumps(schema))] * 6 + [StructuredOutputs(regex="x+y")]
+    matchers = [batched.matcher(spec) for spec in specs]
+    references = [alone.matcher(spec) for spec in specs]
+    rng = np.random.default_rng(0)
+    bitmask = np.zeros((len(matchers), batched.bitmask_words), dtype=np.int32)
+    row = np.zeros(batched.bitmask_words, dtype=np.int32)
+    for step in range(6):
+        batched.fill_bitmasks(matchers, bitmask)
+        tokens: list[list[int]] = []
+        for index, reference in enumerate(references):
+            reference.fill_bitmask(row)
+            assert np.array_equal(row, bitmask[index]), (step, index)
+            allowed = [t for t in allowed_tokens(row, 2080).tolist() if t not in EOS]
+            picked = [int(rng.choice(allowed))] if allowed and (index + step) % 3 else []
+            assert all(reference.accept(token) for token in picked)
+            tokens.append(picked)
+        assert all(batched.advance(matchers, tokens))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import llguidance
@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 JSON_OPTIONS: llguidance._lib.JsonCompileOptions = {"whitespace_flexible": False}
 ANY_JSON_OBJECT = '{"type": "object"}'
 CACHE_SIZE = 256
+# Compiled copies of a grammar per mask thread when there are several (see TemplatePool).
+TEMPLATES_PER_THREAD = 4
 
 # Grammar texts validated in this process (API edge and engine alike), by StructuredOutputs.key.
 _validated: LRUCache[tuple[str, str], str] = LRUCache(CACHE_SIZE)
@@ -82,10 +84,12 @@ def _kind_name(spec: StructuredOutputs) -> str:
 
 
 class LLGuidanceMatcher:
-    """One sequence's llguidance matcher."""
+    """One sequence's llguidance matcher; `family` numbers the compiled template it was copied from
+    (copies of one template share its lexer under one lock)."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, eos_token_ids: Sequence[int]) -> None:
+    def __init__(self, matcher: llguidance.LLMatcher, eos_token_ids: Sequence[int], family: int = 0) -> None:
         self.inner = matcher
+        self.family = family
         self._eos_token_ids = tuple(eos_token_ids)
 
     def fill_bitmask(self, row: np.ndarray) -> None:
@@ -106,9 +110,38 @@ class LLGuidanceMatcher:
         return bool(self.inner.is_stopped())
 
 
+def _family_of(row: tuple[llguidance.LLMatcher, int, int]) -> int:
+    return row[2]
+
+
+def _family_first(item: tuple[int, int, llguidance.LLMatcher, int]) -> int:
+    return item[0]
+
+
+class TemplatePool:
+    """Pristine matchers of one grammar that new sequences deep-copy, in turn. Copies of a template
+    share its lexer behind one lock, so masks of many copies of one template do not run in parallel
+    (BENCHMARKS.md): a grammar used by many sequences is compiled up to `size` times, each template
+    compiled the first time a sequence needs one."""
+
+    def __init__(self, compile_one: Callable[[], llguidance.LLMatcher], size: int) -> None:
+        self._compile_one = compile_one
+        self.size = max(1, size)
+        self.templates = [compile_one()]  # compiled now: a grammar that fails, fails at once
+        self._turn = 0
+
+    def copy(self) -> tuple[llguidance.LLMatcher, int]:
+        """A fresh matcher and the number of the template it came from."""
+        family = self._turn % self.size
+        self._turn += 1
+        if family == len(self.templates):
+            self.templates.append(self._compile_one())
+        return self.templates[family].deep_copy(), family
+
+
 class LLGuidanceBackend:
-    """Compiles specs against one tokenizer; a compiled grammar is kept (by spec.key) as a pristine
-    matcher that each new sequence deep-copies."""
+    """Compiles specs against one tokenizer; a compiled grammar is kept (by spec.key) as a pool of
+    pristine matchers that new sequences deep-copy."""
 
     def __init__(
         self,
@@ -124,7 +157,9 @@ class LLGuidanceBackend:
         self.batched_accept = batched_accept
         self.eos_token_ids = tuple(eos_token_ids)
         self.bitmask_words = bitmask_words(tokenizer.vocab_size)
-        self._compiled: LRUCache[tuple[str, str], llguidance.LLMatcher] = LRUCache(CACHE_SIZE)
+        # One thread gains nothing from copies that do not share a lock.
+        self.templates_per_grammar = 1 if threads == 1 else threads * TEMPLATES_PER_THREAD
+        self._compiled: LRUCache[tuple[str, str], TemplatePool] = LRUCache(CACHE_SIZE)
         self._lock = threading.Lock()
         self._executor = llguidance.LLExecutor(num_threads=threads)
 
@@ -146,13 +181,17 @@ class LLGuidanceBackend:
         return cls(tokenizer, eos_token_ids or tokenizer.eos_tokens, threads, batched_accept)
 
     @property
-    def compiled_cache(self) -> LRUCache[tuple[str, str], llguidance.LLMatcher]:
+    def compiled_cache(self) -> LRUCache[tuple[str, str], TemplatePool]:
         return self._compiled
 
     def matcher(self, spec: StructuredOutputs) -> LLGuidanceMatcher:
         with self._lock:
-            template = self._compiled.get_or_make(spec.key, lambda: self._compile(spec))
-        return LLGuidanceMatcher(template.deep_copy(), self.eos_token_ids)
+            pool = self._compiled.get_or_make(
+                spec.key,
+                lambda: TemplatePool(lambda: self._compile(spec), self.templates_per_grammar),
+            )
+            inner, family = pool.copy()
+        return LLGuidanceMatcher(inner, self.eos_token_ids, family)
 
     def _compile(self, spec: StructuredOutputs) -> llguidance.LLMatcher:
         matcher = llguidance.LLMatcher(self.tokenizer, validated_grammar(spec), log_level=0)
@@ -164,15 +203,17 @@ class LLGuidanceBackend:
         """bitmask: [rows, bitmask_words] int32, C-contiguous; row i for matchers[i]."""
         assert bitmask.dtype == np.int32 and bitmask.flags["C_CONTIGUOUS"]
         assert bitmask.shape[1] == self.bitmask_words
-        healthy: list[tuple[llguidance.LLMatcher, int]] = []
+        healthy: list[tuple[llguidance.LLMatcher, int, int]] = []
         for index, matcher in enumerate(matchers):
             if isinstance(matcher, LLGuidanceMatcher) and not matcher.inner.is_error():
-                healthy.append((matcher.inner, index))
+                healthy.append((matcher.inner, index, matcher.family))
             else:
                 matcher.fill_bitmask(bitmask[index])
         if healthy:
+            healthy.sort(key=_family_of)  # neighbours share a template: a thread's run of rows, one lock
             row_bytes = self.bitmask_words * 4
-            self._executor.unsafe_compute_mask_ptr(healthy, bitmask.ctypes.data, row_bytes, bitmask.shape[0])
+            rows = [(inner, index) for inner, index, _ in healthy]
+            self._executor.unsafe_compute_mask_ptr(rows, bitmask.ctypes.data, row_bytes, bitmask.shape[0])
 
     def advance(self, matchers: Sequence[GrammarMatcher], new_tokens: Sequence[Sequence[int]]) -> list[bool]:
         """matchers[i] over new_tokens[i]; per matcher, False if its grammar rejected a token."""
@@ -195,16 +236,16 @@ class LLGuidanceBackend:
     ) -> None:
         """Each matcher's token at `depth`: ours in one call on the executor's threads (a matcher at
         most once per call), any other by itself."""
-        ours: list[tuple[llguidance.LLMatcher, int]] = []
-        positions: list[int] = []
+        ours: list[tuple[int, int, llguidance.LLMatcher, int]] = []  # (family, index, matcher, token)
         for index, (matcher, tokens) in enumerate(zip(matchers, new_tokens, strict=True)):
             if depth >= len(tokens):
                 continue
             if isinstance(matcher, LLGuidanceMatcher):
-                ours.append((matcher.inner, tokens[depth]))
-                positions.append(index)
+                ours.append((matcher.family, index, matcher.inner, tokens[depth]))
             else:
                 accepted[index] = matcher.accept(tokens[depth]) and accepted[index]
         if ours:
-            for index, ok in zip(positions, self._executor.consume_token_par(ours), strict=True):
+            ours.sort(key=_family_first)
+            results = self._executor.consume_token_par([(inner, token) for _, _, inner, token in ours])
+            for (_, index, _, _), ok in zip(ours, results, strict=True):
                 accepted[index] = bool(ok) and accepted[index]
