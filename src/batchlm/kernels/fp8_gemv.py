@@ -113,18 +113,21 @@ def candidate_configs(one_row: bool) -> list[GemvConfig]:
     """The few launch shapes start-up tuning times for one row or for 2..16 (the first: untuned).
     One row: 32-128 weight bytes per thread and step, and as many programs as fill the SMs in one
     wave with few steps each: no split for wide N (gate/up, LM head), split-K 2-8 for the 2k-6k
-    wide layers and the long-K down projection; the narrow unsplit tile serves as before. Several
-    rows: the dot's pipelined stages keep the reads in flight instead."""
+    wide layers and the long-K down projection. Mostly with the activations loaded as a vector:
+    converted once per column a thread holds rather than once per weight element, which matters
+    as the kernel issues about as many instructions as the memory rate allows; the narrow
+    unsplit tile serves as before. Several rows: the dot's pipelined stages keep the reads in
+    flight instead."""
     if one_row:
         return [
-            GemvConfig(8, 1024, 4, 1, split_k=2),
-            GemvConfig(16, 1024, 4, 1),
-            GemvConfig(16, 1024, 4, 1, split_k=4),
-            GemvConfig(8, 1024, 4, 1, split_k=4),
+            GemvConfig(16, 1024, 4, 1, split_k=2, x_vector=True),
+            GemvConfig(16, 1024, 4, 1, x_vector=True),
+            GemvConfig(16, 1024, 4, 1, split_k=4, x_vector=True),
+            GemvConfig(8, 1024, 4, 1, split_k=4, x_vector=True),
+            GemvConfig(16, 512, 4, 1, split_k=8, x_vector=True),
+            GemvConfig(32, 512, 4, 1, split_k=4, x_vector=True),
             GemvConfig(8, 512, 4, 1, split_k=4),
-            GemvConfig(16, 512, 4, 1, split_k=8),
             GemvConfig(4, 1024, 4, 1),
-            GemvConfig(16, 1024, 8, 1, split_k=4, x_vector=True),
         ]
     return [
         GemvConfig(32, 256, 4, 3),

@@ -98,15 +98,16 @@ def _w4a16_gemv_kernel(
 # block_k counts codes per inner step, capped at the group size (a step stays inside one group). A
 # whole group of 128 per step over 128-256 columns on 4 warps puts 64-128 bytes of words in flight
 # per thread; split-K (whole groups per split) makes up the programs that N alone leaves short: 16-32
-# splits for the 2k-6k wide layers and the long-K down projection, 4 for gate/up and the LM head.
+# splits for the 2k-6k wide layers and the long-K down projection, 4-8 for gate/up and the LM head.
+# Wider N tiles (8 columns per thread) load and convert each activation for twice the codes.
 ONE_ROW_CONFIGS = [
     GemvConfig(256, 128, 4, 1, split_k=16),
     GemvConfig(256, 128, 4, 1, split_k=32),
-    GemvConfig(128, 128, 4, 1, split_k=16),
     GemvConfig(128, 128, 4, 1, split_k=32),
     GemvConfig(256, 128, 4, 1, split_k=4),
-    GemvConfig(256, 64, 4, 1, split_k=8),
+    GemvConfig(512, 64, 4, 1, split_k=8),
     GemvConfig(512, 32, 2, 1, split_k=16),
+    GemvConfig(1024, 32, 4, 1, split_k=8),
 ]
 
 
