@@ -90,7 +90,7 @@ def w4a16_grid(quick: bool) -> list[GemvConfig]:
 
 
 def fits(config: GemvConfig, in_features: int, fmt: str) -> bool:
-    """Whether every split has work: FP8 splits whole K steps, W4A16 whole groups."""
+    """Whether the splits are no more than the K steps (FP8) or the groups (W4A16) they share out."""
     if fmt == "fp8":
         return config.split_k * config.block_k <= in_features
     return config.split_k <= in_features // GROUP
