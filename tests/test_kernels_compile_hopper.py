@@ -14,20 +14,35 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from batchlm.kernels import fp8_quant, kv_write, paged_decode, paged_prefill, w4a16_gemm  # noqa: E402
+from batchlm.kernels import (  # noqa: E402
+    fp8_gemv,
+    fp8_quant,
+    kv_write,
+    paged_decode,
+    paged_prefill,
+    w4a16_gemm,
+    w4a16_gemv,
+)
+from batchlm.kernels.decode_plans import GemvConfig  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 # Shared memory per block on an H100/H200 (227 KiB).
 HOPPER_SHARED = 232448
 
 
-def compile_for_hopper(kernel: Any, types: dict[str, str], constants: dict[str, Any], **options: Any) -> Any:
-    """Compile `kernel` with every non-constexpr argument typed by `types` (default i32)."""
+def compile_for_hopper(
+    kernel: Any, types: dict[str, str], constants: dict[str, Any], aligned: bool = False, **options: Any
+) -> Any:
+    """Compile `kernel` with every non-constexpr argument typed by `types` (default i32); `aligned`:
+    every pointer and integer argument specialised as divisible by 16, as a launch on whole rows of
+    a real layer's weights is."""
     names = kernel.arg_names
     signature = {n: ("constexpr" if n in constants else types.get(n, "i32")) for n in names}
     constexprs = {(names.index(n),): v for n, v in constants.items()}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if aligned and n not in constants}
     try:
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=HOPPER, options=options)
+        source = ASTSource(kernel, signature, constexprs, attrs)
+        compiled = triton.compile(source, target=HOPPER, options=options)
     except RuntimeError as exc:  # pragma: no cover - depends on the install
         if "ptxas" in str(exc) and "not found" in str(exc):
             pytest.skip(f"no ptxas here: {exc}")
@@ -91,3 +106,42 @@ def test_prefill_over_an_fp8_cache_compiles() -> None:
         "DOT_PRECISION": "tf32",
     }  # fmt: skip
     compile_for_hopper(paged_prefill._prefill_kernel, types, constants, num_warps=8, num_stages=2)
+
+
+def one_row_constants(config: GemvConfig) -> dict[str, Any]:
+    return {"HAS_BIAS": True, "BLOCK_N": config.block_n, "SPLIT_K": config.split_k}
+
+
+@pytest.mark.parametrize("config", fp8_gemv.candidate_configs(True), ids=repr)
+def test_fp8_one_row_candidates_compile_to_16_byte_weight_loads(config: GemvConfig) -> None:
+    types = {
+        "x_ptr": "*bf16",
+        "w_ptr": "*fp8e4nv",
+        "scale_ptr": "*fp32",
+        "bias_ptr": "*bf16",
+        "out_ptr": "*bf16",
+    }
+    types |= {"partial_ptr": "*fp32", "arrivals_ptr": "*i32"}
+    k_per_split = -(-4096 // (config.split_k * config.block_k)) * config.block_k
+    constants = one_row_constants(config) | {
+        "K": 4096, "K_PER_SPLIT": k_per_split, "BLOCK_K": config.block_k, "X_VECTOR": config.x_vector,
+    }  # fmt: skip
+    compiled = compile_for_hopper(
+        fp8_gemv._fp8_one_row_kernel, types, constants, aligned=True, num_warps=config.num_warps
+    )
+    assert "ld.global.v4.b32" in compiled.asm["ptx"]
+
+
+@pytest.mark.parametrize("config", w4a16_gemv.ONE_ROW_CONFIGS, ids=repr)
+def test_w4a16_one_row_candidates_compile_to_16_byte_word_loads(config: GemvConfig) -> None:
+    types = {"x_ptr": "*bf16", "qweight_ptr": "*i32", "scales_ptr": "*bf16", "zeros_ptr": "*bf16"}
+    types |= {"bias_ptr": "*bf16", "out_ptr": "*bf16", "partial_ptr": "*fp32", "arrivals_ptr": "*i32"}
+    groups = 4096 // 128
+    constants = one_row_constants(config) | {
+        "GROUPS": groups, "GROUPS_PER_SPLIT": -(-groups // config.split_k), "WORDS_PER_GROUP": 16,
+        "BLOCK_KW": w4a16_gemv.words_per_step(config.block_k, 128),
+    }  # fmt: skip
+    compiled = compile_for_hopper(
+        w4a16_gemv._w4a16_gemv_kernel, types, constants, aligned=True, num_warps=config.num_warps
+    )
+    assert "ld.global.v4.b32" in compiled.asm["ptx"]

@@ -30,8 +30,9 @@ from int4_cases import random_packed as random_packed_with_codes  # noqa: E402
 from batchlm.kernels.decode_plans import GemvConfig, PlanKey  # noqa: E402
 from batchlm.kernels.fp8_gemv import candidate_configs, fp8_small_m  # noqa: E402
 from batchlm.kernels.int4_pack import PackedInt4, dequantize_packed  # noqa: E402
+from batchlm.kernels.split_k import SCRATCH  # noqa: E402
 from batchlm.kernels.w4a16_gemm import W4A16Config, w4a16_matmul  # noqa: E402
-from batchlm.kernels.w4a16_gemv import SCRATCH, candidate_plans, w4a16_gemv  # noqa: E402
+from batchlm.kernels.w4a16_gemv import candidate_plans, w4a16_gemv  # noqa: E402
 from batchlm.layers.linear import RowParallelLinear  # noqa: E402
 from batchlm.layers.quantization.base import LinearMethod  # noqa: E402
 from batchlm.layers.quantization.decode_tuning import tune_decode_linears  # noqa: E402
@@ -58,7 +59,16 @@ def fp8_case(
     return weight.data, weight.scale[None, :].contiguous(), weight.dequantize()
 
 
-ALL_FP8_CONFIGS = sorted(set(candidate_configs(True) + candidate_configs(False)), key=repr)
+# One row: the start-up candidates and the variants beside them (split-K that leaves splits with a
+# short tail or nothing, a vector activation load, one warp per program row).
+ONE_ROW_FP8_CONFIGS = [
+    *candidate_configs(True),
+    GemvConfig(8, 256, 4, 1, split_k=3),
+    GemvConfig(32, 128, 4, 1, split_k=8, x_vector=True),
+    GemvConfig(4, 256, 2, 1, split_k=2, x_vector=True),
+    GemvConfig(2, 512, 2, 1, split_k=5),
+]
+FP8_LAUNCHES = [(config, 1) for config in ONE_ROW_FP8_CONFIGS] + [(c, 7) for c in candidate_configs(False)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, HALF])
@@ -76,13 +86,24 @@ def test_fp8_kernel_matches_the_dequantized_weight(
     assert_relative(out, ref, TOLERANCE[dtype])
 
 
-@pytest.mark.parametrize("config", ALL_FP8_CONFIGS, ids=repr)
-@pytest.mark.parametrize("rows", [1, 7])
+@pytest.mark.parametrize(("config", "rows"), FP8_LAUNCHES, ids=repr)
 def test_every_fp8_launch_shape_agrees(config: GemvConfig, rows: int) -> None:
     # 1000 inputs: no K tile size divides them, so every shape runs a masked tail.
     data, scale, dense = fp8_case(200, 1000, seed=1)
     x = torch.randn(rows, 1000, device=DEVICE).to(HALF)
-    assert_relative(fp8_small_m(x, data, scale, None, config), x.float() @ dense.t(), TOLERANCE[HALF])
+    bias = torch.randn(200, device=DEVICE).to(HALF)
+    ref = x.float() @ dense.t() + bias.float()
+    assert_relative(fp8_small_m(x, data, scale, bias, config), ref, TOLERANCE[HALF])
+
+
+def test_fp8_split_launches_leave_their_counters_at_zero_for_the_next() -> None:
+    data, scale, dense = fp8_case(72, 2048, seed=5)
+    x = torch.randn(1, 2048, device=DEVICE).to(HALF)
+    split = GemvConfig(16, 256, 4, 1, split_k=4)
+    first = fp8_small_m(x, data, scale, None, split)
+    assert int(SCRATCH.buffers[x.device][1].abs().sum()) == 0
+    torch.testing.assert_close(fp8_small_m(x, data, scale, None, split), first, atol=0, rtol=0)
+    assert_relative(first, x.float() @ dense.t(), TOLERANCE[HALF])
 
 
 def test_fp8_kernel_rejects_too_many_rows_and_a_wrong_width() -> None:
@@ -117,7 +138,9 @@ def test_every_w4a16_decode_plan_agrees(one_row: bool) -> None:
     rows = 1 if one_row else 11
     x = torch.randn(rows, 1152, device=DEVICE).to(HALF)
     ref = x.float() @ dequantize_packed(packed).t()
-    for plan in candidate_plans(one_row, 128):
+    # Beside the candidates: more splits than groups (some splits sum nothing), one warp.
+    extra = [GemvConfig(64, 128, 2, 1, split_k=16), GemvConfig(32, 64, 1, 1, split_k=2)] if one_row else []
+    for plan in [*candidate_plans(one_row, 128), *extra]:
         out = (
             w4a16_gemv(x, packed, None, plan)
             if isinstance(plan, GemvConfig)
@@ -214,6 +237,7 @@ def test_decode_kernels_replay_in_a_cuda_graph() -> None:
     runs = [
         lambda: fp8_small_m(x[:1], data, scale),
         lambda: fp8_small_m(x[:9], data, scale),
+        lambda: fp8_small_m(x[:1], data, scale, None, GemvConfig(8, 256, 4, 1, split_k=4)),
         lambda: w4a16_gemv(x[:1], packed, None, GemvConfig(32, 512, 4, 2)),
         lambda: w4a16_gemv(x[:1], packed, None, GemvConfig(16, 256, 4, 2, split_k=4)),
     ]

@@ -32,13 +32,16 @@ Plan = TypeVar("Plan")
 @dataclass(frozen=True)
 class GemvConfig:
     """One launch shape of a decode kernel: output features and inputs per program step, warps,
-    pipeline stages, and the programs K is split across (the W4A16 GEMV; FP8 splits N only)."""
+    pipeline stages, and the programs K is split across (the one-row kernels). x_vector: the FP8
+    one-row kernel loads a step's activations once as a vector (handed to the tile's threads through
+    shared memory) rather than each thread those of its own tile elements."""
 
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
     split_k: int = 1
+    x_vector: bool = False
 
 
 @dataclass(frozen=True)

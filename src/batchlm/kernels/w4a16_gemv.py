@@ -13,9 +13,8 @@ instructions to matter, so a code costs one integer and one float instruction:
 - programs step through whole groups, so a group's scales and zero points are one [BLOCK_N] row each,
   applied once per group: s * (sum_k c_k x_k - z * sum_k x_k).
 Programs split N (words are contiguous along N, so a [BLOCK_KW, BLOCK_N] tile reads whole rows of
-BLOCK_N words) and, where N alone gives too few programs to keep enough reads in flight, K: the
-splits' fp32 sums meet in a scratch buffer and the last split to finish adds them up, in the same
-launch (a second launch per linear would cost about as much as the product at these sizes).
+BLOCK_N words) and, where N alone gives too few programs to keep enough reads in flight, K (the
+splits' sums meet in the same launch, kernels/split_k.py).
 """
 
 from __future__ import annotations
@@ -26,10 +25,8 @@ import triton.language as tl
 
 from batchlm.kernels.decode_plans import GemvConfig
 from batchlm.kernels.int4_pack import CODES_PER_WORD, PackedInt4
+from batchlm.kernels.split_k import finish_split, split_buffers
 from batchlm.kernels.w4a16_gemm import W4A16Config
-
-# Most programs one launch splits K across (split-K partial sums meet in a scratch buffer).
-MAX_SPLIT_K = 32
 
 
 @triton.jit
@@ -61,7 +58,7 @@ def _w4a16_gemv_kernel(
     split = tl.program_id(1)
     cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    acc = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for step in range(0, GROUPS_PER_SPLIT):
         group = split * GROUPS_PER_SPLIT + step
         group_ok = col_ok & (group < GROUPS)
@@ -89,69 +86,28 @@ def _w4a16_gemv_kernel(
             dot, x_sum = _add_nibble(dot, x_sum, words, x_ptr, k + 5, row_ok, 5)
             dot, x_sum = _add_nibble(dot, x_sum, high, x_ptr, k + 6, row_ok, 2)
             dot, x_sum = _add_nibble(dot, x_sum, high, x_ptr, k + 7, row_ok, 3)
-        acc += scale[None, :] * (dot - zero[None, :] * (x_sum * (2.0**-64))[:, None])
-    out = tl.sum(acc, axis=0) * (2.0**64)
-    if SPLIT_K > 1:
-        # Each split leaves its sum in the scratch; the last to arrive adds them up and resets the
-        # tile's counter for the next launch, so no second launch (or memset) is needed.
-        tl.store(partial_ptr + split * N + cols, out, mask=col_ok)
-        tl.debug_barrier()  # every thread's store precedes the release below
-        arrived = tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
-            out = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for other in tl.static_range(SPLIT_K):
-                out += tl.load(partial_ptr + other * N + cols, mask=col_ok, other=0.0, cache_modifier=".cg")
-            _finish(out, bias_ptr, out_ptr, cols, col_ok, HAS_BIAS)
-            tl.atomic_xchg(arrivals_ptr + tile, 0)
-    else:
-        _finish(out, bias_ptr, out_ptr, cols, col_ok, HAS_BIAS)
+        # Folded to one value per column each group: the word rows a thread holds add up in its
+        # registers, and only [BLOCK_N] sums stay live across groups.
+        acc += scale * (tl.sum(dot, axis=0) - zero * (tl.sum(x_sum) * (2.0**-64)))
+    finish_split(
+        acc * (2.0**64), tile, split, cols, col_ok, N, partial_ptr, arrivals_ptr, bias_ptr, out_ptr,
+        HAS_BIAS, SPLIT_K,
+    )  # fmt: skip
 
 
-@triton.jit
-def _finish(out, bias_ptr, out_ptr, cols, col_ok, HAS_BIAS: tl.constexpr):
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + cols, out.to(out_ptr.dtype.element_ty), mask=col_ok)
-
-
-class SplitScratch:
-    """Per device: the fp32 partial sums and per-tile arrival counters every split launch shares
-    (launches on one stream run one after another). Counters are back at zero after each launch, so
-    they are zeroed once and CUDA graph replays reuse them; a buffer outgrown is kept alive, as a
-    captured graph may still point at it."""
-
-    def __init__(self) -> None:
-        self.buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.outgrown: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def get(self, device: torch.device, partials: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-        have = self.buffers.get(device)
-        if have is not None and have[0].numel() >= partials and have[1].numel() >= tiles:
-            return have
-        if have is not None:
-            self.outgrown.append(have)
-            partials, tiles = max(partials, have[0].numel()), max(tiles, have[1].numel())
-        fresh = (
-            torch.empty(partials, dtype=torch.float32, device=device),
-            torch.zeros(tiles, dtype=torch.int32, device=device),
-        )
-        self.buffers[device] = fresh
-        return fresh
-
-
-SCRATCH = SplitScratch()
-
-
-# block_k counts codes per inner step, capped at the group size (a step stays inside one group).
-# Wide tiles on few warps give each thread several columns per activation it loads; split-K makes
-# up the programs that wide tiles lose.
+# block_k counts codes per inner step, capped at the group size (a step stays inside one group). A
+# whole group of 128 per step over 128-256 columns on 4 warps puts 64-128 bytes of words in flight
+# per thread; split-K (whole groups per split) makes up the programs that N alone leaves short: 16-32
+# splits for the 2k-6k wide layers and the long-K down projection, 4-8 for gate/up and the LM head.
+# Wider N tiles (8 columns per thread) load and convert each activation for twice the codes.
 ONE_ROW_CONFIGS = [
+    GemvConfig(256, 128, 4, 1, split_k=16),
+    GemvConfig(256, 128, 4, 1, split_k=32),
+    GemvConfig(128, 128, 4, 1, split_k=32),
+    GemvConfig(256, 128, 4, 1, split_k=4),
+    GemvConfig(512, 64, 4, 1, split_k=8),
     GemvConfig(512, 32, 2, 1, split_k=16),
-    GemvConfig(512, 32, 2, 1, split_k=32),
-    GemvConfig(512, 32, 2, 1, split_k=4),
-    GemvConfig(1024, 16, 2, 1, split_k=8),
-    GemvConfig(256, 64, 2, 1, split_k=32),
-    GemvConfig(256, 128, 8, 1, split_k=8),
+    GemvConfig(1024, 32, 4, 1, split_k=8),
 ]
 
 
@@ -190,16 +146,12 @@ def w4a16_gemv(
     if packed.group_size % CODES_PER_WORD:
         raise ValueError(f"groups of {packed.group_size} inputs do not hold whole packed words")
     cfg = config or ONE_ROW_CONFIGS[0]
-    if not 1 <= cfg.split_k <= MAX_SPLIT_K:
-        raise ValueError(f"split_k must be 1..{MAX_SPLIT_K}, not {cfg.split_k}")
     out_features = packed.out_features
     block_kw = words_per_step(cfg.block_k, packed.group_size)
     groups = packed.in_features // packed.group_size
     tiles = triton.cdiv(out_features, cfg.block_n)
     out = torch.empty((1, out_features), dtype=x.dtype, device=x.device)
-    partials, arrivals = (out, out)
-    if cfg.split_k > 1:
-        partials, arrivals = SCRATCH.get(x.device, cfg.split_k * out_features, tiles)
+    partials, arrivals = split_buffers(out, cfg.split_k, out_features, tiles)
     _w4a16_gemv_kernel[(tiles, cfg.split_k)](
         x, packed.qweight, packed.scales, packed.zeros, out if bias is None else bias, out, partials, arrivals,
         out_features,
