@@ -20,6 +20,7 @@
  */
 #include "cpu_kernels.c"
 #include "cpu_quant_kernels.c"
+#include "cpu_stage_barrier.c"
 
 /* One decoder layer's weights (packed as cpu_quant.py packs them) and its KV cache. */
 typedef struct {
@@ -173,31 +174,42 @@ typedef struct {
     float *qkv, *attn, *out, *gu, *act;
 } StepBuffers;
 
+/* The end of a stage: every thread's share of it is done. OpenMP's barrier where the team is not the
+ * size the stage barrier was made for. */
+static inline void stage_done(StageBarrier *barrier, long team) {
+    if (team == barrier->team) {
+        stage_barrier_wait(barrier);
+        return;
+    }
+#pragma omp barrier
+}
+
 static void decode_layer(const DecodeShape *shape, const DecodeLayer *layer, const DecodeBatch *batch, float *h,
-                         const StepBuffers *buf, const ThreadScratch *s, long me, long team, int avx512) {
+                         const StepBuffers *buf, const ThreadScratch *s, long me, long team, int avx512,
+                         StageBarrier *barrier) {
     const long B = batch->B, n = shape->hidden, I = shape->intermediate, D = shape->head_dim;
     const long qkv_n = (shape->heads + 2 * shape->kv_heads) * D, attn_n = shape->heads * D;
     long first, last;
     rms_norm_rows(h, layer->input_norm, s->normed, B, n, shape->eps);
     share((qkv_n + QPANEL - 1) / QPANEL, me, team, &first, &last);
     own_panels(s->normed, B, n, layer->qkv, layer->qkv_bits4, layer->qkv_bias, buf->qkv, qkv_n, first, last, s, avx512);
-#pragma omp barrier
+    stage_done(barrier, team);
     share(B * shape->kv_heads, me, team, &first, &last);
     if (batch->shared_context) {
         for (long item = first; item < last; item++)
             store_group(shape, layer, batch, buf->qkv, item / shape->kv_heads, item % shape->kv_heads);
-#pragma omp barrier
+        stage_done(barrier, team);
     }
     for (long item = first; item < last; item++) {
         const long b = item / shape->kv_heads, g = item % shape->kv_heads;
         if (!batch->shared_context) store_group(shape, layer, batch, buf->qkv, b, g);
         attend_group(shape, layer, batch, buf->qkv, buf->attn, b, g, s->scores);
     }
-#pragma omp barrier
+    stage_done(barrier, team);
     share((n + QPANEL - 1) / QPANEL, me, team, &first, &last);
     own_panels(buf->attn, B, attn_n, layer->o, layer->o_bits4, layer->o_bias, buf->out, n, first, last, s, avx512);
     add_columns(h, buf->out, B, n, first, last);
-#pragma omp barrier
+    stage_done(barrier, team);
     rms_norm_rows(h, layer->post_norm, s->normed, B, n, shape->eps);
     batchlm_quantize_rows_q8(s->normed, n, s->xq, s->xd, s->xb, B, n, 1);
     share(I / QPANEL, me, team, &first, &last);
@@ -205,18 +217,18 @@ static void decode_layer(const DecodeShape *shape, const DecodeLayer *layer, con
         quant_gemm_panels(layer->gate_up, layer->gate_up_bits4, s->xq, s->xd, s->xb, layer->gate_up_bias, buf->gu,
                           2 * I, B, 2 * I, n, first + half * I / QPANEL, last + half * I / QPANEL, avx512);
     silu_mul_columns(buf->gu, buf->act, B, I, first, last);
-#pragma omp barrier
+    stage_done(barrier, team);
     share((n + QPANEL - 1) / QPANEL, me, team, &first, &last);
     own_panels(buf->act, B, I, layer->down, layer->down_bits4, layer->down_bias, buf->out, n, first, last, s, avx512);
     add_columns(h, buf->out, B, n, first, last);
-#pragma omp barrier
+    stage_done(barrier, team);
 }
 
 /* h[B, hidden]: the token embeddings in, the final norm of the residual stream out. Sizes must be
  * multiples of 32 (hidden, heads * head_dim, intermediate) and head_dim of 8; the Python side checks.
  * Returns 0, or -1 when scratch memory could not be allocated. */
 int batchlm_decode_stack(const DecodeShape *shape, const DecodeLayer *layers, const DecodeBatch *batch, float *h,
-                         int threads, int avx512) {
+                         int threads, int avx512, long spin_ns) {
     const long B = batch->B, n = shape->hidden, I = shape->intermediate, D = shape->head_dim;
     const long qkv_n = (shape->heads + 2 * shape->kv_heads) * D, attn_n = shape->heads * D;
     const long widest = I > attn_n ? (I > n ? I : n) : (attn_n > n ? attn_n : n);
@@ -236,6 +248,8 @@ int batchlm_decode_stack(const DecodeShape *shape, const DecodeLayer *layers, co
     }
     const StepBuffers buf = {floats, floats + B * qkv_n, floats + B * (qkv_n + attn_n),
                              floats + B * (qkv_n + attn_n + n), floats + B * (qkv_n + attn_n + n + 2 * I)};
+    StageBarrier barrier;
+    stage_barrier_init(&barrier, threads, spin_ns);
 #pragma omp parallel num_threads(threads)
     {
         const long me = omp_get_thread_num(), team = omp_get_num_threads();
@@ -243,7 +257,7 @@ int batchlm_decode_stack(const DecodeShape *shape, const DecodeLayer *layers, co
         const long blocks = B * widest / QBLOCK;
         const ThreadScratch s = {mine, mine + B * n, codes + own_codes * (size_t)me,
                                  mine + B * n + group * longest, mine + B * n + group * longest + 2 * blocks};
-        for (long l = 0; l < shape->num_layers; l++) decode_layer(shape, layers + l, batch, h, &buf, &s, me, team, avx512);
+        for (long l = 0; l < shape->num_layers; l++) decode_layer(shape, layers + l, batch, h, &buf, &s, me, team, avx512, &barrier);
     }
     float *normed = buf.out;
     rms_norm_rows(h, shape->final_norm, normed, B, n, shape->eps);

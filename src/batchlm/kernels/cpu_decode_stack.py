@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,11 @@ from batchlm.kernels.cpu_quant import QUANT_FLAGS, SOURCE_PATH, QuantizedWeight,
 logger = logging.getLogger(__name__)
 
 STACK_SOURCE = Path(__file__).with_name("cpu_decode_stack.c")
+BARRIER_SOURCE = Path(__file__).with_name("cpu_stage_barrier.c")
+# How long a thread waiting at a stage barrier spins before it sleeps (cpu_stage_barrier.c); 0 sleeps
+# at once. Set in microseconds to compare.
+SPIN_ENV = "BATCHLM_CPU_BARRIER_SPIN_US"
+DEFAULT_SPIN_US = 50
 BLOCK = 32  # sizes the kernels quantize must be whole blocks of this
 
 
@@ -132,6 +138,7 @@ class DecodeStack:
         )  # fmt: skip
         self._layers = (_Layer * len(layers))(*(_layer(layer) for layer in layers))
         self.hidden = shape.hidden
+        self.spin_ns = _spin_us() * 1000
 
     def run(
         self,
@@ -149,10 +156,21 @@ class DecodeStack:
         )  # fmt: skip
         status = self._library.batchlm_decode_stack(
             ctypes.byref(self._shape), self._layers, ctypes.byref(batch), hidden.data_ptr(),
-            torch.get_num_threads(), use_avx512(),
+            torch.get_num_threads(), use_avx512(), self.spin_ns,
         )  # fmt: skip
         if status != 0:
             raise MemoryError("no memory for the fused decode step's scratch")
+
+
+def _spin_us() -> int:
+    value = os.environ.get(SPIN_ENV, "").strip()
+    try:
+        return max(0, int(value)) if value else DEFAULT_SPIN_US
+    except ValueError:
+        logger.warning(
+            "%s=%r is not a whole number of microseconds; spinning %d", SPIN_ENV, value, DEFAULT_SPIN_US
+        )
+        return DEFAULT_SPIN_US
 
 
 def _pointer(tensor: torch.Tensor | None) -> int | None:
@@ -176,12 +194,16 @@ def stack_library() -> ctypes.CDLL | None:
     if quant_library() is None or decode_library() is None:
         return None
     try:
-        path = build_library(source_path=STACK_SOURCE, flags=QUANT_FLAGS, includes=(SOURCE, SOURCE_PATH))
+        path = build_library(
+            source_path=STACK_SOURCE, flags=QUANT_FLAGS, includes=(SOURCE, SOURCE_PATH, BARRIER_SOURCE)
+        )
         library = ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         logger.warning("fused CPU decode kernel unavailable (%s); decoding layer by layer", error)
         return None
     pointer = ctypes.c_void_p
-    library.batchlm_decode_stack.argtypes = [pointer, pointer, pointer, pointer, ctypes.c_int, ctypes.c_int]
+    library.batchlm_decode_stack.argtypes = [
+        pointer, pointer, pointer, pointer, ctypes.c_int, ctypes.c_int, ctypes.c_long,
+    ]  # fmt: skip
     library.batchlm_decode_stack.restype = ctypes.c_int
     return library
