@@ -226,9 +226,10 @@ static void decode_layer(const DecodeShape *shape, const DecodeLayer *layer, con
 
 /* h[B, hidden]: the token embeddings in, the final norm of the residual stream out. Sizes must be
  * multiples of 32 (hidden, heads * head_dim, intermediate) and head_dim of 8; the Python side checks.
+ * waits[0] and waits[1] receive how many stage-barrier waits there were and how many of them slept.
  * Returns 0, or -1 when scratch memory could not be allocated. */
 int batchlm_decode_stack(const DecodeShape *shape, const DecodeLayer *layers, const DecodeBatch *batch, float *h,
-                         int threads, int avx512, long spin_ns) {
+                         int threads, int avx512, long spin_ns, int *waits) {
     const long B = batch->B, n = shape->hidden, I = shape->intermediate, D = shape->head_dim;
     const long qkv_n = (shape->heads + 2 * shape->kv_heads) * D, attn_n = shape->heads * D;
     const long widest = I > attn_n ? (I > n ? I : n) : (attn_n > n ? attn_n : n);
@@ -259,6 +260,8 @@ int batchlm_decode_stack(const DecodeShape *shape, const DecodeLayer *layers, co
                                  mine + B * n + group * longest, mine + B * n + group * longest + 2 * blocks};
         for (long l = 0; l < shape->num_layers; l++) decode_layer(shape, layers + l, batch, h, &buf, &s, me, team, avx512, &barrier);
     }
+    waits[0] = atomic_load(&barrier.waits);
+    waits[1] = atomic_load(&barrier.slept);
     float *normed = buf.out;
     rms_norm_rows(h, shape->final_norm, normed, B, n, shape->eps);
     memcpy(h, normed, sizeof(float) * (size_t)(B * n));

@@ -13,13 +13,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from batchlm.kernels.barrier_spin import spin_from_env
 from batchlm.kernels.cpu_decode_attention import decode_library
 from batchlm.kernels.cpu_native import SOURCE, build_library
 from batchlm.kernels.cpu_quant import QUANT_FLAGS, SOURCE_PATH, QuantizedWeight, quant_library, use_avx512
@@ -28,10 +28,6 @@ logger = logging.getLogger(__name__)
 
 STACK_SOURCE = Path(__file__).with_name("cpu_decode_stack.c")
 BARRIER_SOURCE = Path(__file__).with_name("cpu_stage_barrier.c")
-# How long a thread waiting at a stage barrier spins before it sleeps (cpu_stage_barrier.c); 0 sleeps
-# at once. Set in microseconds to compare.
-SPIN_ENV = "BATCHLM_CPU_BARRIER_SPIN_US"
-DEFAULT_SPIN_US = 50
 BLOCK = 32  # sizes the kernels quantize must be whole blocks of this
 
 
@@ -138,7 +134,8 @@ class DecodeStack:
         )  # fmt: skip
         self._layers = (_Layer * len(layers))(*(_layer(layer) for layer in layers))
         self.hidden = shape.hidden
-        self.spin_ns = _spin_us() * 1000
+        self.spin = spin_from_env()
+        self._waits = (ctypes.c_int * 2)()
 
     def run(
         self,
@@ -154,23 +151,14 @@ class DecodeStack:
             rows, positions.data_ptr(), slots.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(),
             block_tables.stride(0), int(shared_context),
         )  # fmt: skip
+        spin_ns = self.spin.budget_ns()
         status = self._library.batchlm_decode_stack(
             ctypes.byref(self._shape), self._layers, ctypes.byref(batch), hidden.data_ptr(),
-            torch.get_num_threads(), use_avx512(), self.spin_ns,
+            torch.get_num_threads(), use_avx512(), spin_ns, self._waits,
         )  # fmt: skip
         if status != 0:
             raise MemoryError("no memory for the fused decode step's scratch")
-
-
-def _spin_us() -> int:
-    value = os.environ.get(SPIN_ENV, "").strip()
-    try:
-        return max(0, int(value)) if value else DEFAULT_SPIN_US
-    except ValueError:
-        logger.warning(
-            "%s=%r is not a whole number of microseconds; spinning %d", SPIN_ENV, value, DEFAULT_SPIN_US
-        )
-        return DEFAULT_SPIN_US
+        self.spin.record(spin_ns, self._waits[0], self._waits[1])
 
 
 def _pointer(tensor: torch.Tensor | None) -> int | None:
@@ -203,7 +191,7 @@ def stack_library() -> ctypes.CDLL | None:
         return None
     pointer = ctypes.c_void_p
     library.batchlm_decode_stack.argtypes = [
-        pointer, pointer, pointer, pointer, ctypes.c_int, ctypes.c_int, ctypes.c_long,
+        pointer, pointer, pointer, pointer, ctypes.c_int, ctypes.c_int, ctypes.c_long, pointer,
     ]  # fmt: skip
     library.batchlm_decode_stack.restype = ctypes.c_int
     return library

@@ -25,6 +25,8 @@ typedef struct {
     _Alignas(64) atomic_int arrived;
     _Alignas(64) atomic_int generation;
     atomic_int sleepers;
+    /* Waits at this barrier (arrivals other than the last) and how many of them slept. */
+    atomic_int waits, slept;
     int team;
     long spin_ns;
 } StageBarrier;
@@ -33,6 +35,8 @@ static void stage_barrier_init(StageBarrier *barrier, int team, long spin_ns) {
     atomic_init(&barrier->arrived, 0);
     atomic_init(&barrier->generation, 0);
     atomic_init(&barrier->sleepers, 0);
+    atomic_init(&barrier->waits, 0);
+    atomic_init(&barrier->slept, 0);
     barrier->team = team;
     barrier->spin_ns = spin_ns;
 }
@@ -66,7 +70,9 @@ static void stage_barrier_wait(StageBarrier *barrier) {
             syscall(SYS_futex, &barrier->generation, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
         return;
     }
+    atomic_fetch_add_explicit(&barrier->waits, 1, memory_order_relaxed);
     if (spin_for_generation(barrier, seen)) return;
+    atomic_fetch_add_explicit(&barrier->slept, 1, memory_order_relaxed);
     atomic_fetch_add(&barrier->sleepers, 1);
     while (atomic_load(&barrier->generation) == seen)
         syscall(SYS_futex, &barrier->generation, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
