@@ -264,10 +264,13 @@ static void decode_layer(const DecodeShape *shape, const DecodeLayer *layer, con
 
 /* h[B, hidden]: the token embeddings in, the final norm of the residual stream out. Sizes must be
  * multiples of 32 (hidden, heads * head_dim, intermediate) and head_dim of 8; the Python side checks.
+ * With `head` (packed like the layers' weights, head_n outputs) the LM head runs in the same parallel
+ * region, logits[B, head_n] = final_norm(h) @ head^T, sparing a second region's wake-up.
  * waits[0] and waits[1] receive how many stage-barrier waits there were and how many of them slept.
  * Returns 0, or -1 when scratch memory could not be allocated. */
 int batchlm_decode_stack(const DecodeShape *shape, const DecodeLayer *layers, const DecodeBatch *batch, float *h,
-                         int threads, int avx512, long spin_ns, int *waits) {
+                         const uint8_t *head, int head_bits4, long head_n, float *logits, int threads, int avx512,
+                         long spin_ns, int *waits) {
     const long B = batch->B, n = shape->hidden, I = shape->intermediate, D = shape->head_dim;
     const long qkv_n = (shape->heads + 2 * shape->kv_heads) * D, attn_n = shape->heads * D;
     const long widest = I > attn_n ? (I > n ? I : n) : (attn_n > n ? attn_n : n);
@@ -299,6 +302,12 @@ int batchlm_decode_stack(const DecodeShape *shape, const DecodeLayer *layers, co
                                  mine + B * n + group * longest, mine + B * n + group * longest + 2 * blocks,
                                  mine + own - D};
         for (long l = 0; l < shape->num_layers; l++) decode_layer(shape, layers + l, batch, h, &buf, &s, me, team, avx512, &barrier);
+        if (head) {
+            long first, last;
+            rms_norm_rows(h, shape->final_norm, s.normed, B, n, shape->eps);
+            share((head_n + QPANEL - 1) / QPANEL, me, team, &first, &last);
+            own_panels(s.normed, B, n, head, head_bits4, NULL, logits, head_n, first, last, &s, avx512);
+        }
     }
     waits[0] = atomic_load(&barrier.waits);
     waits[1] = atomic_load(&barrier.slept);

@@ -119,15 +119,19 @@ def fits(shape: StackShape) -> str | None:
 
 
 class DecodeStack:
-    """A model's decode step in one call. Tensors handed in are referenced, not copied."""
+    """A model's decode step in one call, with the LM head when one is given (quantized like the
+    layers). Tensors handed in are referenced, not copied."""
 
-    def __init__(self, shape: StackShape, layers: list[StackLayer]) -> None:
+    def __init__(
+        self, shape: StackShape, layers: list[StackLayer], head: QuantizedWeight | None = None
+    ) -> None:
         library = stack_library()
         reason = fits(shape)
         if library is None or reason is not None:
             raise ValueError(reason or "the fused CPU decode kernel is not available on this machine")
         self._library = library
-        self._tensors = (shape, layers)  # keeps every pointer below alive
+        self._tensors = (shape, layers, head)  # keeps every pointer below alive
+        self.head = head
         self._shape = _Shape(
             shape.hidden, shape.heads, shape.kv_heads, shape.head_dim, shape.intermediate, shape.block_size,
             len(layers), shape.eps, shape.scale, shape.cos_sin.data_ptr(), shape.final_norm.data_ptr(),
@@ -145,8 +149,11 @@ class DecodeStack:
         block_tables: torch.Tensor,  # [B, max_blocks] int32, rows contiguous
         seq_lens: torch.Tensor,  # [B] int32
         shared_context: bool = False,  # rows of one request (a verify chunk as decode rows)
-    ) -> None:
+    ) -> torch.Tensor | None:
+        """With a head: the logits [B, head.out_features] (float32); else None."""
         rows = hidden.shape[0]
+        head = self.head
+        logits = None if head is None else torch.empty(rows, head.out_features, dtype=torch.float32)
         batch = _Batch(
             rows, positions.data_ptr(), slots.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(),
             block_tables.stride(0), int(shared_context),
@@ -154,11 +161,14 @@ class DecodeStack:
         spin_ns = self.spin.budget_ns()
         status = self._library.batchlm_decode_stack(
             ctypes.byref(self._shape), self._layers, ctypes.byref(batch), hidden.data_ptr(),
+            None if head is None else head.data.data_ptr(), head is not None and head.bits == 4,
+            0 if head is None else head.out_features, _pointer(logits),
             torch.get_num_threads(), use_avx512(), spin_ns, self._waits,
         )  # fmt: skip
         if status != 0:
             raise MemoryError("no memory for the fused decode step's scratch")
         self.spin.record(spin_ns, self._waits[0], self._waits[1])
+        return logits
 
 
 def _pointer(tensor: torch.Tensor | None) -> int | None:
@@ -191,7 +201,9 @@ def stack_library() -> ctypes.CDLL | None:
         return None
     pointer = ctypes.c_void_p
     library.batchlm_decode_stack.argtypes = [
-        pointer, pointer, pointer, pointer, ctypes.c_int, ctypes.c_int, ctypes.c_long, pointer,
+        pointer, pointer, pointer, pointer,  # shape, layers, batch, hidden
+        pointer, ctypes.c_int, ctypes.c_long, pointer,  # LM head or NULL, its bits == 4, outputs, logits
+        ctypes.c_int, ctypes.c_int, ctypes.c_long, pointer,  # threads, avx512, spin ns, waits
     ]  # fmt: skip
     library.batchlm_decode_stack.restype = ctypes.c_int
     return library
