@@ -5,7 +5,8 @@ On a quiet machine the other threads reach a barrier within a few microseconds, 
 slow wake-up of a sleeping virtual CPU. On a machine with more runnable threads than cores the thread
 waited for may have lost its core, and a spinning thread only takes time from it: when many of a
 step's waits outlast the spin and sleep anyway, the next steps sleep at once, and every so often one
-step spins again to see whether the machine has become quiet.
+step spins again to see whether the machine has become quiet (within a step the barrier itself
+stops spinning after a few waits that outlasted it, which bounds what such a probe costs).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ DEFAULT_SPIN_US = 50
 # A step with more than this share of its waits sleeping counts as a busy machine.
 BUSY_SHARE = 0.25
 # Steps that sleep at once after a busy one, before one step spins again.
-BACKOFF_STEPS = 32
+BACKOFF_STEPS = 8
 
 
 @dataclass

@@ -6,7 +6,8 @@
  * virtual CPU: paid at every stage of every layer, that is most of a single request's decode step.
  * Here a waiting thread first polls the barrier's generation with `pause` for up to `spin_ns` (on a
  * quiet machine the other threads arrive well within that), and only then sleeps on a futex, so a
- * thread whose partner lost its core stops burning the core it holds.
+ * thread whose partner lost its core stops burning the core it holds; after a few such waits in one
+ * call the rest of the call sleeps at once.
  *
  * The arrival counter and the generation live on separate cache lines; the last thread to arrive
  * resets the counter, then advances the generation and wakes sleepers only when one has said it
@@ -20,6 +21,8 @@
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
+
+#define SPIN_GIVE_UP 8 /* waits of one call that may outlast the spin before the rest sleep at once */
 
 typedef struct {
     _Alignas(64) atomic_int arrived;
@@ -71,7 +74,9 @@ static void stage_barrier_wait(StageBarrier *barrier) {
         return;
     }
     atomic_fetch_add_explicit(&barrier->waits, 1, memory_order_relaxed);
-    if (spin_for_generation(barrier, seen)) return;
+    /* Once a few waits of this call outlasted the spin, the machine is busy: sleep at once. */
+    const int spin = atomic_load_explicit(&barrier->slept, memory_order_relaxed) < SPIN_GIVE_UP;
+    if (spin && spin_for_generation(barrier, seen)) return;
     atomic_fetch_add_explicit(&barrier->slept, 1, memory_order_relaxed);
     atomic_fetch_add(&barrier->sleepers, 1);
     while (atomic_load(&barrier->generation) == seen)
