@@ -1,6 +1,6 @@
 """A whole decode step of a Llama-style decoder with quantized weights in one C call
 (cpu_decode_stack.c): every layer's norms, matmuls, rotary, KV-cache write, attention, SiLU and
-residual adds, then the final norm, with no torch op or Python in between.
+residual adds, then the final norm and optionally the LM head, with no torch op or Python in between.
 
 `DecodeStack` holds the C-side description of a model (pointers into its packed weights, norms and
 KV caches, which must stay alive and in place); `run` takes one step's rows. The library is built
