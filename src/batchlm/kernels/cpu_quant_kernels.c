@@ -211,6 +211,8 @@ static void panel_row_avx2(int bits4, const uint8_t *panel, long Kb, long K, con
         __m256 acc = _mm256_setzero_ps();
         for (long kb = 0; kb < Kb; kb++) {
             const uint8_t *blk = panel + kb * bytes;
+            if (half == 0)  /* the second half reads the panel again, from cache */
+                for (long line = 0; line < bytes; line += 64) _mm_prefetch((const char *)blk + QPREFETCH + line, _MM_HINT_T0);
             const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16 * half)));
             __m256 b = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 32 + 16 * half)));
             /* w8's signed products miss 128 * sum(q) per block: fold it into the bias. */
