@@ -16,11 +16,14 @@
  */
 #include <immintrin.h>
 #include <limits.h>
-#include <linux/futex.h>
+#include <sched.h>
 #include <stdatomic.h>
-#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
+#ifdef __linux__
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#endif
 
 #define SPIN_GIVE_UP 8 /* waits of one call that may outlast the spin before the rest sleep at once */
 
@@ -63,14 +66,32 @@ static int spin_for_generation(StageBarrier *barrier, int seen) {
     }
 }
 
+/* Sleep while *word == seen (or return at once if it no longer is); wake every such sleeper. Without
+ * futexes (not Linux) a sleeper yields its core in a loop instead. */
+static void sleep_while(atomic_int *word, int seen) {
+#ifdef __linux__
+    syscall(SYS_futex, word, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
+#else
+    (void)word, (void)seen;
+    sched_yield();
+#endif
+}
+
+static void wake_sleepers(atomic_int *word) {
+#ifdef __linux__
+    syscall(SYS_futex, word, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+#else
+    (void)word;
+#endif
+}
+
 static void stage_barrier_wait(StageBarrier *barrier) {
     if (barrier->team <= 1) return;
     const int seen = atomic_load_explicit(&barrier->generation, memory_order_acquire);
     if (atomic_fetch_add_explicit(&barrier->arrived, 1, memory_order_acq_rel) == barrier->team - 1) {
         atomic_store_explicit(&barrier->arrived, 0, memory_order_relaxed);
         atomic_fetch_add(&barrier->generation, 1);
-        if (atomic_load(&barrier->sleepers) > 0)
-            syscall(SYS_futex, &barrier->generation, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+        if (atomic_load(&barrier->sleepers) > 0) wake_sleepers(&barrier->generation);
         return;
     }
     atomic_fetch_add_explicit(&barrier->waits, 1, memory_order_relaxed);
@@ -79,7 +100,6 @@ static void stage_barrier_wait(StageBarrier *barrier) {
     if (spin && spin_for_generation(barrier, seen)) return;
     atomic_fetch_add_explicit(&barrier->slept, 1, memory_order_relaxed);
     atomic_fetch_add(&barrier->sleepers, 1);
-    while (atomic_load(&barrier->generation) == seen)
-        syscall(SYS_futex, &barrier->generation, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
+    while (atomic_load(&barrier->generation) == seen) sleep_while(&barrier->generation, seen);
     atomic_fetch_sub(&barrier->sleepers, 1);
 }
