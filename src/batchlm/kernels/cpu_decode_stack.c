@@ -10,16 +10,18 @@
  *     h += down(silu(gate(rmsnorm(h))) * up(rmsnorm(h)))
  *
  * Each thread takes a fixed share of every matmul's 16-row panels (gate and up panels in pairs, so
- * the SiLU product needs no exchange) and of the (request, KV head) attention items; threads meet at
- * one barrier after each of the five stages (six when rows share a request's context). The small
- * row-wise work a stage starts with (a norm, quantizing the activations) every thread does for itself
- * rather than wait for one that did it.
+ * the SiLU product needs no exchange) and of the (request, query head) attention items; threads meet
+ * at one barrier after each of the five stages (six when rows share a request's context), a barrier
+ * that spins briefly before it sleeps (cpu_stage_barrier.c). The small row-wise work a stage starts
+ * with (a norm, quantizing the activations, rotating a new key) every thread does for itself rather
+ * than wait for one that did it.
  *
  * The matmuls and the activation quantization are those of cpu_quant_kernels.c, the exp and the
  * cache walk those of cpu_kernels.c (both compiled into this library).
  */
 #include "cpu_kernels.c"
 #include "cpu_quant_kernels.c"
+#include "cpu_stage_barrier.c"
 
 /* One decoder layer's weights (packed as cpu_quant.py packs them) and its KV cache. */
 typedef struct {
@@ -49,11 +51,12 @@ typedef struct {
     long shared_context;
 } DecodeBatch;
 
-/* Per-thread scratch: the normed rows and the quantized activations of one matmul's input. */
+/* Per-thread scratch: the normed rows, the quantized activations of one matmul's input, one head's
+ * attention scores and a rotated copy of a new key. */
 typedef struct {
     float *normed, *scores;
     int8_t *xq;
-    float *xd, *xb;
+    float *xd, *xb, *key;
 } ThreadScratch;
 
 static void rms_norm_rows(const float *x, const float *weight, float *out, long B, long n, float eps) {
@@ -89,46 +92,85 @@ static void store_group(const DecodeShape *shape, const DecodeLayer *layer, cons
     memcpy(layer->v_cache + batch->slots[b] * G * D + g * D, v, sizeof(float) * (size_t)D);
 }
 
-/* Stage 2b for one (row b, KV head g), its key stored: rotate the group's queries and attend over the
- * row's context with them. */
-static void attend_group(const DecodeShape *shape, const DecodeLayer *layer, const DecodeBatch *batch, float *qkv,
-                         float *attn, long b, long g, float *scores) {
-    const long D = shape->head_dim, H = shape->heads, G = shape->kv_heads, group = H / G;
-    float *q = qkv + b * (H + 2 * G) * D;
-    const float *cos_sin = shape->cos_sin + batch->positions[b] * D;
+/* Row b's new key of KV head g, rotated, into `key`: a thread attending with one of the group's
+ * query heads has it without waiting for the thread that stores it. */
+static void rotated_key(const DecodeShape *shape, const DecodeBatch *batch, const float *qkv, long b, long g,
+                        float *key) {
+    const long D = shape->head_dim, H = shape->heads, G = shape->kv_heads;
+    memcpy(key, qkv + b * (H + 2 * G) * D + H * D + g * D, sizeof(float) * (size_t)D);
+    rope_head(key, shape->cos_sin + batch->positions[b] * D, D);
+}
+
+/* scores[0..length) -> their softmax. The exponentials go 8 at a time (lane by lane the same as one at
+ * a time), the total is summed in order. */
+static void softmax_in_place(float *scores, long length) {
+    float best = -FLT_MAX, total = 0.0f;
+    for (long t = 0; t < length; t++) best = scores[t] > best ? scores[t] : best;
+    long t = 0;
+    for (; t + 8 <= length; t += 8)
+        _mm256_storeu_ps(scores + t, exp256(_mm256_sub_ps(_mm256_loadu_ps(scores + t), _mm256_set1_ps(best))));
+    for (; t < length; t++) scores[t] = _mm256_cvtss_f32(exp256(_mm256_set1_ps(scores[t] - best)));
+    for (t = 0; t < length; t++) total += scores[t];
+    for (t = 0; t < length; t++) scores[t] /= total;
+}
+
+static inline float dot_head(const float *q, const float *key, long D, float scale) {
+    __m256 sum = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(key));
+    for (long d = 8; d < D; d += 8) sum = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(key + d), sum);
+    return hsum256(sum) * scale;
+}
+
+static inline void add_scaled(float *out, const float *value, float p, long D) {
+    const __m256 pv = _mm256_set1_ps(p);
+    for (long d = 0; d < D; d += 8)
+        _mm256_storeu_ps(out + d, _mm256_fmadd_ps(pv, _mm256_loadu_ps(value + d), _mm256_loadu_ps(out + d)));
+}
+
+/* Stage 2b for row b's query head h: rotate it and attend over the row's context. With `key` (and
+ * `value`) given, the row's last token is read from them rather than from the cache, which another
+ * thread may still be writing; else every token comes from the cache. */
+static void attend_head(const DecodeShape *shape, const DecodeLayer *layer, const DecodeBatch *batch, float *qkv,
+                        float *attn, long b, long h, float *scores, const float *key, const float *value) {
+    const long D = shape->head_dim, H = shape->heads, G = shape->kv_heads, g = h / (H / G);
+    float *q = qkv + b * (H + 2 * G) * D + h * D;
     const long token_stride = G * D, block_stride = shape->block_size * token_stride;
-    const long length = batch->seq_lens[b];
+    const long length = batch->seq_lens[b], cached = key ? length - 1 : length;
     const int32_t *table = batch->block_tables + b * batch->table_stride;
-    for (long j = 0; j < group; j++) rope_head(q + (g * group + j) * D, cos_sin, D);
-    for (long t = 0; t < length; t++) {
-        const float *key = walk_token(layer->k_cache, table, t, length, shape->block_size, block_stride, token_stride) + g * D;
-        for (long j = 0; j < group; j++) {
-            const float *qh = q + (g * group + j) * D;
-            __m256 sum = _mm256_mul_ps(_mm256_loadu_ps(qh), _mm256_loadu_ps(key));
-            for (long d = 8; d < D; d += 8) sum = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(key + d), sum);
-            scores[j * length + t] = hsum256(sum) * shape->scale;
-        }
+    rope_head(q, shape->cos_sin + batch->positions[b] * D, D);
+    for (long t = 0; t < cached; t++) {
+        const float *k = walk_token(layer->k_cache, table, t, cached, shape->block_size, block_stride, token_stride);
+        scores[t] = dot_head(q, k + g * D, D, shape->scale);
     }
-    for (long j = 0; j < group; j++) {
-        float *sj = scores + j * length;
-        float best = -FLT_MAX, total = 0.0f;
-        for (long t = 0; t < length; t++) best = sj[t] > best ? sj[t] : best;
-        for (long t = 0; t < length; t++) {
-            sj[t] = _mm256_cvtss_f32(exp256(_mm256_set1_ps(sj[t] - best)));
-            total += sj[t];
-        }
-        for (long t = 0; t < length; t++) sj[t] /= total;
-        float *out = attn + b * H * D + (g * group + j) * D;
-        for (long d = 0; d < D; d++) out[d] = 0.0f;
+    if (key) scores[length - 1] = dot_head(q, key, D, shape->scale);
+    softmax_in_place(scores, length);
+    float *out = attn + b * H * D + h * D;
+    for (long d = 0; d < D; d++) out[d] = 0.0f;
+    for (long t = 0; t < cached; t++) {
+        const float *v = walk_token(layer->v_cache, table, t, cached, shape->block_size, block_stride, token_stride);
+        add_scaled(out, v + g * D, scores[t], D);
     }
-    for (long t = 0; t < length; t++) {
-        const float *value = walk_token(layer->v_cache, table, t, length, shape->block_size, block_stride, token_stride) + g * D;
-        for (long j = 0; j < group; j++) {
-            float *out = attn + b * H * D + (g * group + j) * D;
-            const __m256 p = _mm256_set1_ps(scores[j * length + t]);
-            for (long d = 0; d < D; d += 8)
-                _mm256_storeu_ps(out + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(value + d), _mm256_loadu_ps(out + d)));
+    if (value) add_scaled(out, value, scores[length - 1], D);
+}
+
+/* Stage 2 for this thread's (row, query head) items [first, last). Rows of one request (shared
+ * context) had every key stored in a stage of its own; else the thread holding a group's first query
+ * head stores the group's new key and value, and every thread attends with its own rotated copy. */
+static void attend_items(const DecodeShape *shape, const DecodeLayer *layer, const DecodeBatch *batch, float *qkv,
+                         float *attn, long first, long last, const ThreadScratch *s) {
+    const long H = shape->heads, G = shape->kv_heads, D = shape->head_dim, group = H / G;
+    for (long item = first; item < last; item++) {
+        const long b = item / H, h = item % H, g = h / group;
+        if (batch->shared_context) {
+            attend_head(shape, layer, batch, qkv, attn, b, h, s->scores, NULL, NULL);
+            continue;
         }
+        const float *value = qkv + b * (H + 2 * G) * D + (H + G + g) * D;
+        rotated_key(shape, batch, qkv, b, g, s->key);
+        if (h % group == 0) {
+            memcpy(layer->k_cache + batch->slots[b] * G * D + g * D, s->key, sizeof(float) * (size_t)D);
+            memcpy(layer->v_cache + batch->slots[b] * G * D + g * D, value, sizeof(float) * (size_t)D);
+        }
+        attend_head(shape, layer, batch, qkv, attn, b, h, s->scores, s->key, value);
     }
 }
 
@@ -173,31 +215,39 @@ typedef struct {
     float *qkv, *attn, *out, *gu, *act;
 } StepBuffers;
 
+/* The end of a stage: every thread's share of it is done. OpenMP's barrier where the team is not the
+ * size the stage barrier was made for. */
+static inline void stage_done(StageBarrier *barrier, long team) {
+    if (team == barrier->team) {
+        stage_barrier_wait(barrier);
+        return;
+    }
+#pragma omp barrier
+}
+
 static void decode_layer(const DecodeShape *shape, const DecodeLayer *layer, const DecodeBatch *batch, float *h,
-                         const StepBuffers *buf, const ThreadScratch *s, long me, long team, int avx512) {
+                         const StepBuffers *buf, const ThreadScratch *s, long me, long team, int avx512,
+                         StageBarrier *barrier) {
     const long B = batch->B, n = shape->hidden, I = shape->intermediate, D = shape->head_dim;
     const long qkv_n = (shape->heads + 2 * shape->kv_heads) * D, attn_n = shape->heads * D;
     long first, last;
     rms_norm_rows(h, layer->input_norm, s->normed, B, n, shape->eps);
     share((qkv_n + QPANEL - 1) / QPANEL, me, team, &first, &last);
     own_panels(s->normed, B, n, layer->qkv, layer->qkv_bits4, layer->qkv_bias, buf->qkv, qkv_n, first, last, s, avx512);
-#pragma omp barrier
-    share(B * shape->kv_heads, me, team, &first, &last);
+    stage_done(barrier, team);
     if (batch->shared_context) {
+        share(B * shape->kv_heads, me, team, &first, &last);
         for (long item = first; item < last; item++)
             store_group(shape, layer, batch, buf->qkv, item / shape->kv_heads, item % shape->kv_heads);
-#pragma omp barrier
+        stage_done(barrier, team);
     }
-    for (long item = first; item < last; item++) {
-        const long b = item / shape->kv_heads, g = item % shape->kv_heads;
-        if (!batch->shared_context) store_group(shape, layer, batch, buf->qkv, b, g);
-        attend_group(shape, layer, batch, buf->qkv, buf->attn, b, g, s->scores);
-    }
-#pragma omp barrier
+    share(B * shape->heads, me, team, &first, &last);
+    attend_items(shape, layer, batch, buf->qkv, buf->attn, first, last, s);
+    stage_done(barrier, team);
     share((n + QPANEL - 1) / QPANEL, me, team, &first, &last);
     own_panels(buf->attn, B, attn_n, layer->o, layer->o_bits4, layer->o_bias, buf->out, n, first, last, s, avx512);
     add_columns(h, buf->out, B, n, first, last);
-#pragma omp barrier
+    stage_done(barrier, team);
     rms_norm_rows(h, layer->post_norm, s->normed, B, n, shape->eps);
     batchlm_quantize_rows_q8(s->normed, n, s->xq, s->xd, s->xb, B, n, 1);
     share(I / QPANEL, me, team, &first, &last);
@@ -205,18 +255,22 @@ static void decode_layer(const DecodeShape *shape, const DecodeLayer *layer, con
         quant_gemm_panels(layer->gate_up, layer->gate_up_bits4, s->xq, s->xd, s->xb, layer->gate_up_bias, buf->gu,
                           2 * I, B, 2 * I, n, first + half * I / QPANEL, last + half * I / QPANEL, avx512);
     silu_mul_columns(buf->gu, buf->act, B, I, first, last);
-#pragma omp barrier
+    stage_done(barrier, team);
     share((n + QPANEL - 1) / QPANEL, me, team, &first, &last);
     own_panels(buf->act, B, I, layer->down, layer->down_bits4, layer->down_bias, buf->out, n, first, last, s, avx512);
     add_columns(h, buf->out, B, n, first, last);
-#pragma omp barrier
+    stage_done(barrier, team);
 }
 
 /* h[B, hidden]: the token embeddings in, the final norm of the residual stream out. Sizes must be
  * multiples of 32 (hidden, heads * head_dim, intermediate) and head_dim of 8; the Python side checks.
+ * With `head` (packed like the layers' weights, head_n outputs) the LM head runs in the same parallel
+ * region, logits[B, head_n] = final_norm(h) @ head^T, sparing a second region's wake-up.
+ * waits[0] and waits[1] receive how many stage-barrier waits there were and how many of them slept.
  * Returns 0, or -1 when scratch memory could not be allocated. */
 int batchlm_decode_stack(const DecodeShape *shape, const DecodeLayer *layers, const DecodeBatch *batch, float *h,
-                         int threads, int avx512) {
+                         const uint8_t *head, int head_bits4, long head_n, float *logits, int threads, int avx512,
+                         long spin_ns, int *waits) {
     const long B = batch->B, n = shape->hidden, I = shape->intermediate, D = shape->head_dim;
     const long qkv_n = (shape->heads + 2 * shape->kv_heads) * D, attn_n = shape->heads * D;
     const long widest = I > attn_n ? (I > n ? I : n) : (attn_n > n ? attn_n : n);
@@ -225,7 +279,8 @@ int batchlm_decode_stack(const DecodeShape *shape, const DecodeLayer *layers, co
     if (threads < 1) threads = 1;
     const size_t shared = (size_t)B * (size_t)(qkv_n + attn_n + n + 3 * I);
     const size_t group = (size_t)(shape->heads / shape->kv_heads);
-    const size_t own = (size_t)B * (size_t)n + group * (size_t)longest + 5 * (size_t)B * (size_t)widest / QBLOCK + 64;
+    const size_t own =
+        (size_t)B * (size_t)n + group * (size_t)longest + 5 * (size_t)B * (size_t)widest / QBLOCK + 64 + (size_t)D;
     const size_t own_codes = 2 * (size_t)B * (size_t)widest;
     float *floats = (float *)malloc(sizeof(float) * (shared + own * (size_t)threads));
     int8_t *codes = (int8_t *)malloc(own_codes * (size_t)threads);
@@ -236,15 +291,26 @@ int batchlm_decode_stack(const DecodeShape *shape, const DecodeLayer *layers, co
     }
     const StepBuffers buf = {floats, floats + B * qkv_n, floats + B * (qkv_n + attn_n),
                              floats + B * (qkv_n + attn_n + n), floats + B * (qkv_n + attn_n + n + 2 * I)};
+    StageBarrier barrier;
+    stage_barrier_init(&barrier, threads, spin_ns);
 #pragma omp parallel num_threads(threads)
     {
         const long me = omp_get_thread_num(), team = omp_get_num_threads();
         float *mine = floats + shared + own * (size_t)me;
         const long blocks = B * widest / QBLOCK;
         const ThreadScratch s = {mine, mine + B * n, codes + own_codes * (size_t)me,
-                                 mine + B * n + group * longest, mine + B * n + group * longest + 2 * blocks};
-        for (long l = 0; l < shape->num_layers; l++) decode_layer(shape, layers + l, batch, h, &buf, &s, me, team, avx512);
+                                 mine + B * n + group * longest, mine + B * n + group * longest + 2 * blocks,
+                                 mine + own - D};
+        for (long l = 0; l < shape->num_layers; l++) decode_layer(shape, layers + l, batch, h, &buf, &s, me, team, avx512, &barrier);
+        if (head) {
+            long first, last;
+            rms_norm_rows(h, shape->final_norm, s.normed, B, n, shape->eps);
+            share((head_n + QPANEL - 1) / QPANEL, me, team, &first, &last);
+            own_panels(s.normed, B, n, head, head_bits4, NULL, logits, head_n, first, last, &s, avx512);
+        }
     }
+    waits[0] = atomic_load(&barrier.waits);
+    waits[1] = atomic_load(&barrier.slept);
     float *normed = buf.out;
     rms_norm_rows(h, shape->final_norm, normed, B, n, shape->eps);
     memcpy(h, normed, sizeof(float) * (size_t)(B * n));

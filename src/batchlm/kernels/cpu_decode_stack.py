@@ -1,6 +1,6 @@
 """A whole decode step of a Llama-style decoder with quantized weights in one C call
 (cpu_decode_stack.c): every layer's norms, matmuls, rotary, KV-cache write, attention, SiLU and
-residual adds, then the final norm, with no torch op or Python in between.
+residual adds, then the final norm and optionally the LM head, with no torch op or Python in between.
 
 `DecodeStack` holds the C-side description of a model (pointers into its packed weights, norms and
 KV caches, which must stay alive and in place); `run` takes one step's rows. The library is built
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from batchlm.kernels.barrier_spin import spin_from_env
 from batchlm.kernels.cpu_decode_attention import decode_library
 from batchlm.kernels.cpu_native import SOURCE, build_library
 from batchlm.kernels.cpu_quant import QUANT_FLAGS, SOURCE_PATH, QuantizedWeight, quant_library, use_avx512
@@ -26,6 +27,7 @@ from batchlm.kernels.cpu_quant import QUANT_FLAGS, SOURCE_PATH, QuantizedWeight,
 logger = logging.getLogger(__name__)
 
 STACK_SOURCE = Path(__file__).with_name("cpu_decode_stack.c")
+BARRIER_SOURCE = Path(__file__).with_name("cpu_stage_barrier.c")
 BLOCK = 32  # sizes the kernels quantize must be whole blocks of this
 
 
@@ -117,21 +119,27 @@ def fits(shape: StackShape) -> str | None:
 
 
 class DecodeStack:
-    """A model's decode step in one call. Tensors handed in are referenced, not copied."""
+    """A model's decode step in one call, with the LM head when one is given (quantized like the
+    layers). Tensors handed in are referenced, not copied."""
 
-    def __init__(self, shape: StackShape, layers: list[StackLayer]) -> None:
+    def __init__(
+        self, shape: StackShape, layers: list[StackLayer], head: QuantizedWeight | None = None
+    ) -> None:
         library = stack_library()
         reason = fits(shape)
         if library is None or reason is not None:
             raise ValueError(reason or "the fused CPU decode kernel is not available on this machine")
         self._library = library
-        self._tensors = (shape, layers)  # keeps every pointer below alive
+        self._tensors = (shape, layers, head)  # keeps every pointer below alive
+        self.head = head
         self._shape = _Shape(
             shape.hidden, shape.heads, shape.kv_heads, shape.head_dim, shape.intermediate, shape.block_size,
             len(layers), shape.eps, shape.scale, shape.cos_sin.data_ptr(), shape.final_norm.data_ptr(),
         )  # fmt: skip
         self._layers = (_Layer * len(layers))(*(_layer(layer) for layer in layers))
         self.hidden = shape.hidden
+        self.spin = spin_from_env()
+        self._waits = (ctypes.c_int * 2)()
 
     def run(
         self,
@@ -141,18 +149,26 @@ class DecodeStack:
         block_tables: torch.Tensor,  # [B, max_blocks] int32, rows contiguous
         seq_lens: torch.Tensor,  # [B] int32
         shared_context: bool = False,  # rows of one request (a verify chunk as decode rows)
-    ) -> None:
+    ) -> torch.Tensor | None:
+        """With a head: the logits [B, head.out_features] (float32); else None."""
         rows = hidden.shape[0]
+        head = self.head
+        logits = None if head is None else torch.empty(rows, head.out_features, dtype=torch.float32)
         batch = _Batch(
             rows, positions.data_ptr(), slots.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(),
             block_tables.stride(0), int(shared_context),
         )  # fmt: skip
+        spin_ns = self.spin.budget_ns()
         status = self._library.batchlm_decode_stack(
             ctypes.byref(self._shape), self._layers, ctypes.byref(batch), hidden.data_ptr(),
-            torch.get_num_threads(), use_avx512(),
+            None if head is None else head.data.data_ptr(), head is not None and head.bits == 4,
+            0 if head is None else head.out_features, _pointer(logits),
+            torch.get_num_threads(), use_avx512(), spin_ns, self._waits,
         )  # fmt: skip
         if status != 0:
             raise MemoryError("no memory for the fused decode step's scratch")
+        self.spin.record(spin_ns, self._waits[0], self._waits[1])
+        return logits
 
 
 def _pointer(tensor: torch.Tensor | None) -> int | None:
@@ -176,12 +192,18 @@ def stack_library() -> ctypes.CDLL | None:
     if quant_library() is None or decode_library() is None:
         return None
     try:
-        path = build_library(source_path=STACK_SOURCE, flags=QUANT_FLAGS, includes=(SOURCE, SOURCE_PATH))
+        path = build_library(
+            source_path=STACK_SOURCE, flags=QUANT_FLAGS, includes=(SOURCE, SOURCE_PATH, BARRIER_SOURCE)
+        )
         library = ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         logger.warning("fused CPU decode kernel unavailable (%s); decoding layer by layer", error)
         return None
     pointer = ctypes.c_void_p
-    library.batchlm_decode_stack.argtypes = [pointer, pointer, pointer, pointer, ctypes.c_int, ctypes.c_int]
+    library.batchlm_decode_stack.argtypes = [
+        pointer, pointer, pointer, pointer,  # shape, layers, batch, hidden
+        pointer, ctypes.c_int, ctypes.c_long, pointer,  # LM head or NULL, its bits == 4, outputs, logits
+        ctypes.c_int, ctypes.c_int, ctypes.c_long, pointer,  # threads, avx512, spin ns, waits
+    ]  # fmt: skip
     library.batchlm_decode_stack.restype = ctypes.c_int
     return library

@@ -35,6 +35,9 @@
 #define QROWS 4
 /* Activation rows taken over every panel before moving on: their codes stay in this core's cache. */
 #define QROW_BLOCK 64
+#ifndef QPREFETCH
+#define QPREFETCH 2048 /* bytes of the weight stream fetched ahead of the block in use */
+#endif
 
 typedef int32_t __attribute__((may_alias, aligned(1))) unaligned_i32;
 
@@ -137,6 +140,8 @@ AVX512 static inline __attribute__((always_inline)) void panel_rows_512(
     for (int r = 0; r < R; r++) acc[r] = bias_v;
     for (long kb = 0; kb < Kb; kb++) {
         const uint8_t *blk = panel + kb * bytes;
+        /* The weight stream runs across 4 KiB pages, where the hardware prefetcher stops: fetch ahead. */
+        for (long line = 0; line < bytes; line += 64) _mm_prefetch((const char *)blk + QPREFETCH + line, _MM_HINT_T0);
         const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
         const __m512 b = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 32)));
         __m512i w[8];
@@ -206,6 +211,8 @@ static void panel_row_avx2(int bits4, const uint8_t *panel, long Kb, long K, con
         __m256 acc = _mm256_setzero_ps();
         for (long kb = 0; kb < Kb; kb++) {
             const uint8_t *blk = panel + kb * bytes;
+            if (half == 0)  /* the second half reads the panel again, from cache */
+                for (long line = 0; line < bytes; line += 64) _mm_prefetch((const char *)blk + QPREFETCH + line, _MM_HINT_T0);
             const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16 * half)));
             __m256 b = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 32 + 16 * half)));
             /* w8's signed products miss 128 * sum(q) per block: fold it into the bias. */

@@ -18,6 +18,7 @@ import torch
 from batchlm.attention.backend import AttentionBackend
 from batchlm.attention.torch_backend import TorchAttentionBackend
 from batchlm.kernels.cpu_decode_stack import DecodeStack, StackLayer, StackShape, fits, stack_library
+from batchlm.kernels.cpu_quant import QuantizedWeight
 from batchlm.layers.activation import SiluAndMul
 from batchlm.layers.quantization.cpu_quantized import CPU_QUANTIZED, store
 from batchlm.layers.quantization.layer import MethodLayer
@@ -56,7 +57,7 @@ class FusedDecode:
         meta = inputs.meta
         hidden = self.model.model.embed_tokens(inputs.input_ids).float().contiguous()
         tables = meta.block_tables if meta.block_tables.stride(-1) == 1 else meta.block_tables.contiguous()
-        self.stack.run(
+        logits = self.stack.run(
             hidden,
             inputs.positions.to(torch.int64).contiguous(),
             meta.slot_mapping.to(torch.int64).contiguous(),
@@ -65,7 +66,9 @@ class FusedDecode:
             # Rows of one verify chunk read each other's keys: all are stored before any attends.
             shared_context=inputs.has_drafts,
         )
-        return self.model.compute_logits(hidden)
+        if logits is None:
+            return self.model.compute_logits(hidden)
+        return logits[:, : self.model.lm_head.vocab_size]
 
 
 def build_fused_decode(
@@ -88,7 +91,7 @@ def build_fused_decode(
         return None
     layers = [_layer(layer, cache) for layer, cache in zip(model.model.layers, kv_caches, strict=True)]
     logger.info("CPU decode: steps of up to %d requests run the whole stack in one fused call", MAX_ROWS)
-    return FusedDecode(model, DecodeStack(shape, layers))
+    return FusedDecode(model, DecodeStack(shape, layers, _head(model)))
 
 
 def _unsupported(model: torch.nn.Module, kv_caches: list[torch.Tensor], attn: AttentionBackend) -> str | None:
@@ -151,6 +154,16 @@ def _layer(layer: torch.nn.Module, kv_cache: torch.Tensor) -> StackLayer:
         down_bias=_optional(mlp.down_proj.bias),
         kv_cache=kv_cache,
     )
+
+
+def _head(model: LlamaForCausalLM) -> QuantizedWeight | None:
+    """The LM head's packed weight where it runs on the quantized kernels (the fused call then computes
+    the logits too), else None."""
+    head = model.lm_head
+    plain_logits = type(model).compute_logits is LlamaForCausalLM.compute_logits  # no soft-cap or scaling
+    if not plain_logits or head.method is not CPU_QUANTIZED or not head.tp.is_single:
+        return None
+    return store(head).finish()
 
 
 def _float32(tensor: torch.Tensor) -> torch.Tensor:

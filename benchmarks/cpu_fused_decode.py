@@ -1,0 +1,73 @@
+"""Single-request CPU decode in-process: `LLM.generate` at c=1 on a GGUF model (the fused decode
+stack), after a ~140-word prompt. Each round times one generation of --tokens greedy tokens and one of
+a single token (the prefill and start), and reports their difference per decode step; it also prints
+the process's CPU time per step (all threads; with one thread, a figure that
+other work on the machine disturbs less) and a digest of the generated token ids so that two source trees can be checked for identical output.
+
+    python benchmarks/cpu_fused_decode.py --model smollm2-135m-q8_0.gguf --tokens 128 --rounds 5
+
+Run it from two trees alternately (PYTHONPATH=tree/src) to compare builds in the same sitting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import time
+
+from batchlm import LLM, SamplingParams
+
+WORDS = (
+    "The history of the river towns along the old trade route is a story of bridges, floods and the "
+    "slow work of people who kept records of every harvest, every market day and every storm that "
+    "crossed the valley. "
+)
+
+
+def prompt_of(words: int) -> str:
+    text = (WORDS * (words // len(WORDS.split()) + 1)).split()[:words]
+    return " ".join(text) + "\nSummarise the passage above in detail."
+
+
+def timed(llm: LLM, prompt: str, tokens: int) -> tuple[float, float, list[int]]:
+    """Wall and process CPU seconds of one generation, and its token ids."""
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    output = llm.generate(prompt, params)[0]
+    return time.perf_counter() - start, time.process_time() - cpu_start, list(output.outputs[0].token_ids)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--words", type=int, default=140)
+    args = parser.parse_args()
+    llm = LLM(model=args.model, device="cpu", speculative="off", enable_prefix_caching=False)
+    prompt = prompt_of(args.words)
+    timed(llm, prompt, 8)  # warm-up: library load, first allocations
+    per_token: list[float] = []
+    cpu_per_token: list[float] = []
+    digest = ""
+    for _ in range(args.rounds):
+        full, full_cpu, ids = timed(llm, prompt, args.tokens)
+        start, start_cpu, _ = timed(llm, prompt, 1)
+        per_token.append((full - start) / (args.tokens - 1) * 1e3)
+        cpu_per_token.append((full_cpu - start_cpu) / (args.tokens - 1) * 1e3)
+        digest = hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:12]
+    load = os.getloadavg()[0]
+    rounds = " ".join(f"{ms:.2f}" for ms in per_token)
+    print(
+        f"ms/token median {statistics.median(per_token):.2f} (rounds {rounds}) "
+        f"cpu ms/token {statistics.median(cpu_per_token):.2f} tokens {digest} load {load:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
