@@ -178,6 +178,10 @@ class ModelRunner:
         Tensor-parallel ranks all call this together: the profile forward runs collectives."""
         if self.device.type == "cuda":
             self._compile_kernels_concurrently()
+            # The budget is sized from this process's peak: an engine this process ran and dropped
+            # before (its KV cache freed) must not count, nor this load's own freed temporaries.
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
             self._profile_run()
         return num_blocks_for(self.config, self.shape, self.kv_dtype, self.device, self.max_model_len)
 
