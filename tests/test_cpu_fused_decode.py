@@ -32,6 +32,8 @@ pytestmark = pytest.mark.skipif(stack_library() is None, reason="no AVX2 CPU or 
 CPU = torch.device("cpu")
 BLOCK_SIZE = 16
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11] * 3 + list(range(100, 121)), [9] * 15, [1, 2, 3, 4, 5, 6]]
+# Up to MAX_ROWS requests at once, of lengths 3 to 18.
+PROMPTS += [[(7 * r + j) % 200 + 3 for j in range(3 + r % 16)] for r in range(len(PROMPTS), MAX_ROWS)]
 
 
 def _model(tmp_path: Path, qtype: str, tied: bool, model_type: str = "llama") -> LoadedModel:

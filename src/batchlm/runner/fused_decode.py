@@ -1,11 +1,11 @@
-"""The CPU runner's fused decode path: steps that only decode, for a few requests, of a Llama-style
+"""The CPU runner's fused decode path: steps that only decode, for up to MAX_ROWS requests, of a Llama-style
 model whose linears all run on the quantized CPU kernels go through one C call for the whole stack
 (kernels/cpu_decode_stack.py) instead of the model's forward. Every other step, model or device keeps
 the generic path.
 
 At one or a few requests a decode step of a small model is mostly per-layer overhead between the
-matmuls (BENCHMARKS.md, "CPU: quantized GGUF models against llama-server"); past a handful of rows the
-matmuls dominate and the generic path's batched kernels serve as well.
+matmuls (BENCHMARKS.md, "CPU: quantized GGUF models against llama-server"); the more rows, the more the
+matmuls dominate, and past MAX_ROWS the fused call's gain was not measured.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from batchlm.runner.inputs import StepInputs
 logger = logging.getLogger(__name__)
 
 DISABLE_ENV = "BATCHLM_CPU_FUSED_DECODE"  # 0/false/off/no: always the generic path (A/B runs)
-MAX_ROWS = 4  # decode steps of at most this many requests take the fused path
+MAX_ROWS = 32  # decode steps of at most this many requests take the fused path
 # Verify steps laid out as decode rows (runner/decode_rows.py) of at most this many rows take it too:
 # one verify chunk of the CPU's default 1 + 7 tokens.
 MAX_VERIFY_ROWS = 8
