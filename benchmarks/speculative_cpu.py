@@ -9,7 +9,11 @@ Modes alternate within each round (and swap order every round), so machine load 
 
 --temperature T samples (seeded) instead of greedy decoding. A mode written `auto:chunks` (or
 `ngram:chunks`) keeps verify steps in the chunk layout instead of decode rows through the fused decode
-stack (runner/decode_rows.py), for A/B runs of the two.
+stack (runner/decode_rows.py), for A/B runs of the two. A mode written `auto:pool` (or `ngram:pool`)
+also drafts from the tokens of finished requests (`--speculative-pool-tokens`, POOL_TOKENS); the
+`again` workload asks each open-ended prompt twice in a row, which only such a pool can draft from.
+--vary-prompts prefixes every prompt with its round, so that no round repeats an earlier one's requests
+(with a pool, a repeated round would otherwise be drafted from the round before).
 Prints one line per (round, workload, mode) and the medians with the speculative/off ratio; --save
 writes everything as JSON.
 """
@@ -35,9 +39,15 @@ OPEN_ENDED = (
 )
 
 
+# Tokens of finished requests a `:pool` mode keeps to draft from.
+POOL_TOKENS = 65536
+
+
 def workload_prompts(name: str, count: int) -> list[str]:
     if name == "open":
         return [OPEN_ENDED[i % len(OPEN_ENDED)] for i in range(count)]
+    if name == "again":  # each question asked twice in a row
+        return [OPEN_ENDED[i // 2 % len(OPEN_ENDED)] for i in range(2 * count)]
     return grounded_prompts(name, count)
 
 
@@ -99,6 +109,13 @@ def main() -> None:
     parser.add_argument(
         "--speculative-max-batch", type=int, default=None, help="auto's batch limit (default: the device's)"
     )
+    parser.add_argument("--vary-prompts", action="store_true", help="prefix every prompt with its round")
+    parser.add_argument(
+        "--pool-tokens",
+        type=int,
+        default=0,
+        help="the other modes' n-gram pool (0: none; the device's default is on)",
+    )
     parser.add_argument("--model", default="demo", help="default: the built-in default model")
     parser.add_argument("--save", default=None)
     args = parser.parse_args()
@@ -110,6 +127,7 @@ def main() -> None:
             speculative=mode.split(":")[0],
             num_speculative_tokens=args.num_speculative_tokens,
             speculative_max_batch=args.speculative_max_batch,
+            speculative_pool_tokens=POOL_TOKENS if mode.endswith(":pool") else args.pool_tokens,
         )
         for mode in args.modes
     }
@@ -125,8 +143,13 @@ def main() -> None:
         order = args.modes if round_index % 2 == 0 else list(reversed(args.modes))
         for name in args.workloads:
             for mode in order:
+                asked = [f"(Round {round_index}) {p}" for p in prompts[name]]
                 tokens, seconds, proposed, accepted, outputs = run_once(
-                    engines[mode], prompts[name], args.max_tokens, args.batch, args.temperature
+                    engines[mode],
+                    asked if args.vary_prompts else prompts[name],
+                    args.max_tokens,
+                    args.batch,
+                    args.temperature,
                 )
                 row = {
                     "round": round_index,

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from batchlm.config import EngineConfig
 from batchlm.core.speculation import SpeculationConfig
 from batchlm.engine.client import EngineStats
-from batchlm.executor.core_builder import SPECULATIVE_MAX_BATCH, resolve_speculation
+from batchlm.executor.core_builder import SPECULATIVE_MAX_BATCH, SPECULATIVE_POOL_TOKENS, resolve_speculation
 from batchlm.flags import add_engine_arguments, dataclass_from_args
 from batchlm.server.metrics import EngineStatsCollector
 
@@ -25,6 +25,20 @@ def test_defaults_follow_the_device() -> None:
         config.with_updates(speculative_max_batch=7, num_speculative_tokens=6), "cpu"
     )
     assert (chosen.max_batch, chosen.num_tokens) == (7, 6)
+
+
+def test_the_n_gram_pool_is_on_for_the_cpu_and_can_be_set() -> None:
+    config = EngineConfig()
+    assert resolve_speculation(config, "cpu").pool_tokens == SPECULATIVE_POOL_TOKENS["cpu"] > 0
+    assert resolve_speculation(config, "cuda:0").pool_tokens == SPECULATIVE_POOL_TOKENS["cuda"] == 0
+    assert resolve_speculation(config.with_updates(speculative_pool_tokens=0), "cpu").pool_tokens == 0
+    assert resolve_speculation(config.with_updates(speculative_pool_tokens=99), "cuda").pool_tokens == 99
+    with pytest.raises(ValueError, match="--speculative-pool-tokens"):
+        resolve_speculation(config.with_updates(speculative_pool_tokens=-1), "cpu")
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    parsed = dataclass_from_args(EngineConfig, parser.parse_args(["--speculative-pool-tokens", "500"]))
+    assert parsed.speculative_pool_tokens == 500
 
 
 def test_most_verify_rows_bound_the_decode_graphs() -> None:

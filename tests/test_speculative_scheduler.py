@@ -312,3 +312,19 @@ def test_async_engine_core_waits_for_the_step_in_flight_instead_of_sitting_reque
     assert _verify_chunks(steps)
     _, _, _, harness_steps = run(config, prompts, async_steps=True)
     assert len(executor.steps) < len([s for s in harness_steps if not s.is_empty])
+
+
+def test_the_pool_drafts_what_a_finished_request_said() -> None:
+    """The same prompt twice, one after the other: the copy model's continuation of these distinct
+    tokens is mostly not predictable from the request's own tokens, but the second request can draft
+    it from the first one's, and its tokens stay those of plain decoding."""
+    one_at_a_time = replace(BASE, max_num_seqs=1)
+    prompts = [list(range(10, 30))] * 2
+    plain, _, _, _ = run(one_at_a_time, prompts)
+    alone, _, alone_scheduler, _ = run(replace(one_at_a_time, speculation=NGRAM), prompts)
+    pooled = replace(one_at_a_time, speculation=replace(NGRAM, pool_tokens=1000))
+    spec, _, scheduler, steps = run(pooled, prompts)
+    assert spec == alone == plain
+    accepted = scheduler.stats().spec_accepted_tokens_total
+    assert accepted >= alone_scheduler.stats().spec_accepted_tokens_total + 10
+    assert any(chunk.request_id == "r1" for chunk in _verify_chunks(steps))

@@ -104,6 +104,10 @@ class EngineConfig:
     num_speculative_tokens: int | None = None
     # "auto" speculates only while at most this many requests run; None = chosen from the device.
     speculative_max_batch: int | None = None
+    # Tokens of finished requests kept so that a request with no match in its own tokens can draft
+    # what an earlier request went on to say (a question asked again); 0 turns that off; None = chosen
+    # from the device (on for the CPU, off on a GPU).
+    speculative_pool_tokens: int | None = None
 
     def with_updates(self, **changes: Any) -> EngineConfig:
         return replace(self, **changes)

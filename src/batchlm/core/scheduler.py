@@ -403,7 +403,7 @@ class Scheduler:
         self._tickets.finished(state.request)
         if self._speculative is not None:
             self._speculative.forget(state.request_id)
-            self._speculative.speculator.forget(state.request_id)
+            self._speculative.speculator.retire(state)
         if state.known_to_runner:
             self._dropped_ids.add(state.request_id)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from batchlm.core.ngram_pool import NgramPool
 from batchlm.core.ngram_proposer import NgramIndex
 from batchlm.core.request_state import RequestState
 
@@ -30,14 +31,19 @@ class SpeculationConfig:
     # speculating, and probes again after `probe_interval` plain decodes.
     min_acceptance: float = 0.25
     probe_interval: int = 32
+    # Tokens of finished requests kept to propose from when a request's own tokens have no match
+    # (core/ngram_pool.py); 0: none.
+    pool_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in SPECULATIVE_MODES:
             raise ValueError(
                 f"speculative mode must be one of {', '.join(SPECULATIVE_MODES)}, got {self.mode!r}"
             )
-        if self.num_tokens < 1 or self.max_batch < 0 or self.probe_interval < 1:
-            raise ValueError("num_tokens and probe_interval must be positive, max_batch not negative")
+        if self.num_tokens < 1 or self.max_batch < 0 or self.probe_interval < 1 or self.pool_tokens < 0:
+            raise ValueError(
+                "num_tokens and probe_interval must be positive, max_batch and pool_tokens not negative"
+            )
 
     @property
     def enabled(self) -> bool:
@@ -94,6 +100,7 @@ class Speculator:
     def __init__(self, config: SpeculationConfig) -> None:
         self.config = config
         self._tracked: dict[str, _Tracked] = {}
+        self.pool = NgramPool(config.max_ngram, config.pool_tokens) if config.pool_tokens else None
         self.num_proposed_total = 0
         self.num_accepted_total = 0
         self.num_verify_steps_total = 0
@@ -113,7 +120,10 @@ class Speculator:
     def propose(self, state: RequestState, max_tokens: int) -> tuple[int, ...]:
         """Draft tokens to follow the request's tokens (at most max_tokens and config.num_tokens)."""
         tracked = self._track(state)
-        drafts = tracked.index.propose(state.all_token_ids, min(max_tokens, self._draft_length(tracked)))
+        length = min(max_tokens, self._draft_length(tracked))
+        drafts = tracked.index.propose(state.all_token_ids, length)
+        if not drafts and self.pool is not None:
+            drafts = self.pool.propose(state.all_token_ids, length)
         tracked.matched, tracked.decodes_since_attempt = bool(drafts), 0
         if not drafts:
             tracked.gate.note_plain_decode()
@@ -156,6 +166,12 @@ class Speculator:
 
     def forget(self, request_id: str) -> None:
         self._tracked.pop(request_id, None)
+
+    def retire(self, state: RequestState) -> None:
+        """A finished request: its tokens join the pool (when there is one), its bookkeeping goes."""
+        if self.pool is not None:
+            self.pool.add(state.all_token_ids)
+        self.forget(state.request_id)
 
     def _track(self, state: RequestState) -> _Tracked:
         tracked = self._tracked.get(state.request_id)

@@ -80,6 +80,10 @@ SPECULATIVE_MAX_BATCH = {"cpu": 4, "cuda": CUDA_SPECULATIVE_MAX_BATCH}
 # Draft tokens per verify step. CPU: 7, so a verify chunk is 8 rows, two whole passes of the quantized
 # matmul kernels' 4-row blocks (measured against 3 and 4 in BENCHMARKS.md).
 SPECULATIVE_TOKENS = {"cpu": 7, "cuda": 4}
+# Tokens of finished requests kept to draft from (core/ngram_pool.py). CPU: measured with the default
+# model (BENCHMARKS.md); CUDA: off, since every finished request's n-grams are indexed on the engine
+# thread and that cost at large batches was not measured there.
+SPECULATIVE_POOL_TOKENS = {"cpu": 65536, "cuda": 0}
 
 
 def resolve_speculation(config: EngineConfig, device: str) -> SpeculationConfig:
@@ -93,6 +97,10 @@ def resolve_speculation(config: EngineConfig, device: str) -> SpeculationConfig:
         raise ValueError(f"--num-speculative-tokens must be positive, got {config.num_speculative_tokens}")
     if config.speculative_max_batch is not None and config.speculative_max_batch < 0:
         raise ValueError(f"--speculative-max-batch must not be negative, got {config.speculative_max_batch}")
+    if config.speculative_pool_tokens is not None and config.speculative_pool_tokens < 0:
+        raise ValueError(
+            f"--speculative-pool-tokens must not be negative, got {config.speculative_pool_tokens}"
+        )
     mode = config.speculative if config.tensor_parallel_size == 1 else "off"
     kind = "cuda" if device.startswith("cuda") else "cpu"
     max_batch = (
@@ -101,7 +109,10 @@ def resolve_speculation(config: EngineConfig, device: str) -> SpeculationConfig:
         else SPECULATIVE_MAX_BATCH[kind]
     )
     num_tokens = config.num_speculative_tokens or SPECULATIVE_TOKENS[kind]
-    return SpeculationConfig(mode=mode, num_tokens=num_tokens, max_batch=max_batch)
+    pool_tokens = config.speculative_pool_tokens
+    if pool_tokens is None:
+        pool_tokens = SPECULATIVE_POOL_TOKENS[kind]
+    return SpeculationConfig(mode=mode, num_tokens=num_tokens, max_batch=max_batch, pool_tokens=pool_tokens)
 
 
 def build_scheduler(config: EngineConfig, info: ModelFacts, prefix_cache_salt: str = "") -> Scheduler:
