@@ -214,3 +214,17 @@ def test_batched_masks_and_advance_match_one_matcher_at_a_time(tiny_tokenizer) -
             assert all(reference.accept(token) for token in picked)
             tokens.append(picked)
         assert all(batched.advance(matchers, tokens))
+
+
+def test_extra_templates_are_bounded_in_all_and_come_back_on_eviction(tiny_tokenizer, monkeypatch) -> None:
+    monkeypatch.setattr(llguidance_backend, "TEMPLATES_PER_THREAD", 1)
+    monkeypatch.setattr(llguidance_backend, "EXTRA_TEMPLATES", 2)
+    first, second = StructuredOutputs(regex="[a-z]+"), StructuredOutputs(regex="[0-9]+")
+    both_cached = LLGuidanceBackend.from_hf(tiny_tokenizer.hf, 2080, EOS, threads=3)
+    assert [both_cached.matcher(first).family for _ in range(4)] == [0, 1, 2, 0], "two extras: the budget"
+    assert [both_cached.matcher(second).family for _ in range(3)] == [0, 0, 0], "none left"
+    monkeypatch.setattr(llguidance_backend, "CACHE_SIZE", 1)
+    one_cached = LLGuidanceBackend.from_hf(tiny_tokenizer.hf, 2080, EOS, threads=3)
+    assert [one_cached.matcher(first).family for _ in range(3)] == [0, 1, 2]
+    # The cache holds one grammar: `first` is evicted and its extra templates go back to the budget.
+    assert [one_cached.matcher(second).family for _ in range(3)] == [0, 1, 2]

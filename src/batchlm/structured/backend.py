@@ -62,8 +62,9 @@ V = TypeVar("V")
 class LRUCache(Generic[K, V]):
     """A small least-recently-used cache (compiled grammars, keyed by StructuredOutputs.key)."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, on_evict: Callable[[V], None] | None = None) -> None:
         self.capacity = capacity
+        self._on_evict = on_evict
         self._items: OrderedDict[K, V] = OrderedDict()
         self.hits = 0
         self.misses = 0
@@ -77,7 +78,9 @@ class LRUCache(Generic[K, V]):
         value = make()  # an exception leaves nothing cached
         self._items[key] = value
         if len(self._items) > self.capacity:
-            self._items.popitem(last=False)
+            _, evicted = self._items.popitem(last=False)
+            if self._on_evict is not None:
+                self._on_evict(evicted)
         return value
 
     def __len__(self) -> int:

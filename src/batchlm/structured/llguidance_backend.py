@@ -24,6 +24,9 @@ ANY_JSON_OBJECT = '{"type": "object"}'
 CACHE_SIZE = 256
 # Compiled copies of a grammar per mask thread when there are several (see TemplatePool).
 TEMPLATES_PER_THREAD = 4
+# Templates beyond each cached grammar's first, in all: many grammars each used by many sequences do
+# not multiply the compiled-grammar memory without bound.
+EXTRA_TEMPLATES = 256
 
 # Grammar texts validated in this process (API edge and engine alike), by StructuredOutputs.key.
 _validated: LRUCache[tuple[str, str], str] = LRUCache(CACHE_SIZE)
@@ -118,14 +121,34 @@ def _family_first(item: tuple[int, int, llguidance.LLMatcher, int]) -> int:
     return item[0]
 
 
+class TemplateBudget:
+    """How many more extra templates the backend may compile (EXTRA_TEMPLATES in all)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self) -> bool:
+        if self.used >= self.limit:
+            return False
+        self.used += 1
+        return True
+
+    def give_back(self, count: int) -> None:
+        self.used -= count
+
+
 class TemplatePool:
     """Pristine matchers of one grammar that new sequences deep-copy, in turn. Copies of a template
     share its lexer behind one lock, so masks of many copies of one template do not run in parallel
     (BENCHMARKS.md): a grammar used by many sequences is compiled up to `size` times, each template
-    compiled the first time a sequence needs one."""
+    compiled the first time a sequence needs one, while the backend's budget allows."""
 
-    def __init__(self, compile_one: Callable[[], llguidance.LLMatcher], size: int) -> None:
+    def __init__(
+        self, compile_one: Callable[[], llguidance.LLMatcher], size: int, budget: TemplateBudget
+    ) -> None:
         self._compile_one = compile_one
+        self._budget = budget
         self.size = max(1, size)
         self.templates = [compile_one()]  # compiled now: a grammar that fails, fails at once
         self._turn = 0
@@ -134,9 +157,14 @@ class TemplatePool:
         """A fresh matcher and the number of the template it came from."""
         family = self._turn % self.size
         self._turn += 1
-        if family == len(self.templates):
+        if family == len(self.templates) and self._budget.take():
             self.templates.append(self._compile_one())
+        family %= len(self.templates)
         return self.templates[family].deep_copy(), family
+
+    def release(self) -> None:
+        """Evicted from the cache: its extra templates go back to the budget."""
+        self._budget.give_back(len(self.templates) - 1)
 
 
 class LLGuidanceBackend:
@@ -159,7 +187,8 @@ class LLGuidanceBackend:
         self.bitmask_words = bitmask_words(tokenizer.vocab_size)
         # One thread gains nothing from copies that do not share a lock.
         self.templates_per_grammar = 1 if threads == 1 else threads * TEMPLATES_PER_THREAD
-        self._compiled: LRUCache[tuple[str, str], TemplatePool] = LRUCache(CACHE_SIZE)
+        self._budget = TemplateBudget(EXTRA_TEMPLATES)
+        self._compiled: LRUCache[tuple[str, str], TemplatePool] = LRUCache(CACHE_SIZE, TemplatePool.release)
         self._lock = threading.Lock()
         self._executor = llguidance.LLExecutor(num_threads=threads)
 
@@ -188,7 +217,7 @@ class LLGuidanceBackend:
         with self._lock:
             pool = self._compiled.get_or_make(
                 spec.key,
-                lambda: TemplatePool(lambda: self._compile(spec), self.templates_per_grammar),
+                lambda: TemplatePool(lambda: self._compile(spec), self.templates_per_grammar, self._budget),
             )
             inner, family = pool.copy()
         return LLGuidanceMatcher(inner, self.eos_token_ids, family)
