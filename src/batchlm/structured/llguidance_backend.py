@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Sequence
+from operator import itemgetter
 from typing import TYPE_CHECKING
 
 import llguidance
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
 JSON_OPTIONS: llguidance._lib.JsonCompileOptions = {"whitespace_flexible": False}
 ANY_JSON_OBJECT = '{"type": "object"}'
 CACHE_SIZE = 256
+# Sort key of the (family, ...) tuples a batch of rows is grouped by.
+by_family = itemgetter(0)
 # Compiled copies of a grammar per mask thread when there are several (see TemplatePool).
 TEMPLATES_PER_THREAD = 4
 # Templates beyond each cached grammar's first, in all: many grammars each used by many sequences do
@@ -111,14 +114,6 @@ class LLGuidanceMatcher:
     @property
     def is_terminated(self) -> bool:
         return bool(self.inner.is_stopped())
-
-
-def _family_of(row: tuple[llguidance.LLMatcher, int, int]) -> int:
-    return row[2]
-
-
-def _family_first(item: tuple[int, int, llguidance.LLMatcher, int]) -> int:
-    return item[0]
 
 
 class TemplateBudget:
@@ -232,16 +227,16 @@ class LLGuidanceBackend:
         """bitmask: [rows, bitmask_words] int32, C-contiguous; row i for matchers[i]."""
         assert bitmask.dtype == np.int32 and bitmask.flags["C_CONTIGUOUS"]
         assert bitmask.shape[1] == self.bitmask_words
-        healthy: list[tuple[llguidance.LLMatcher, int, int]] = []
+        healthy: list[tuple[int, llguidance.LLMatcher, int]] = []  # (family, matcher, row)
         for index, matcher in enumerate(matchers):
             if isinstance(matcher, LLGuidanceMatcher) and not matcher.inner.is_error():
-                healthy.append((matcher.inner, index, matcher.family))
+                healthy.append((matcher.family, matcher.inner, index))
             else:
                 matcher.fill_bitmask(bitmask[index])
         if healthy:
-            healthy.sort(key=_family_of)  # neighbours share a template: a thread's run of rows, one lock
+            healthy.sort(key=by_family)  # neighbours share a template: a thread's run of rows, one lock
             row_bytes = self.bitmask_words * 4
-            rows = [(inner, index) for inner, index, _ in healthy]
+            rows = [(inner, index) for _, inner, index in healthy]
             self._executor.unsafe_compute_mask_ptr(rows, bitmask.ctypes.data, row_bytes, bitmask.shape[0])
 
     def advance(self, matchers: Sequence[GrammarMatcher], new_tokens: Sequence[Sequence[int]]) -> list[bool]:
@@ -274,7 +269,7 @@ class LLGuidanceBackend:
             else:
                 accepted[index] = matcher.accept(tokens[depth]) and accepted[index]
         if ours:
-            ours.sort(key=_family_first)
+            ours.sort(key=by_family)
             results = self._executor.consume_token_par([(inner, token) for _, _, inner, token in ours])
             for (_, index, _, _), ok in zip(ours, results, strict=True):
                 accepted[index] = bool(ok) and accepted[index]
