@@ -152,11 +152,6 @@ def load_model(
         with timed_phase(logger, "weight load"):
             kv_scales = _load_checkpoint(model, files, adapter, progress, scheme, set(qtypes), device)
     finish_quantized(model)
-    if device.type == "cuda" and (quantization or scheme):
-        # Dense copies quantized away and 4-bit codes packed: their memory is free again, and the
-        # KV-cache budget (sized from the peak) should not count it.
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
     model.eval()
     return LoadedModel(model, config, model_dir, model_shape(model_config, tp), dtype, device, kv_scales)
 

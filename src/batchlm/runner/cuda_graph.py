@@ -90,7 +90,9 @@ class DecodeGraphs:
 
     def _forward(self, size: int) -> torch.Tensor:
         buf = self.buffers
-        hidden = self.model(buf.input_ids[:size], buf.positions[:size], self.kv_caches, self._meta(size), self.attn)
+        hidden = self.model(
+            buf.input_ids[:size], buf.positions[:size], self.kv_caches, self._meta(size), self.attn
+        )
         return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
@@ -101,7 +103,9 @@ class DecodeGraphs:
             size_started = time.perf_counter()
             self._capture_one(size)
             self.capture_seconds[size] = time.perf_counter() - size_started
-            logger.debug("CUDA graph for decode batch %d captured in %.3f s", size, self.capture_seconds[size])
+            logger.debug(
+                "CUDA graph for decode batch %d captured in %.3f s", size, self.capture_seconds[size]
+            )
         torch.cuda.synchronize()
         slowest = max(self.capture_seconds, key=self.capture_seconds.__getitem__)
         log_phase(

@@ -16,7 +16,7 @@ _DTYPES = {
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" picks the first CUDA GPU when there is one, else the CPU."""
+    """ "auto" picks the first CUDA GPU when there is one, else the CPU."""
     if name == "auto":
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     try:
@@ -33,7 +33,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """"auto" is bfloat16 on GPU (float16 where bf16 is unsupported) and float32 on CPU."""
+    """ "auto" is bfloat16 on GPU (float16 where bf16 is unsupported) and float32 on CPU."""
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

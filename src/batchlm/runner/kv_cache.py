@@ -55,6 +55,14 @@ def bytes_per_block(shape: ModelShape, block_size: int, dtype: torch.dtype) -> i
     return 2 * shape.num_layers * block_size * shape.num_kv_heads * shape.head_dim * element
 
 
+def start_peak_measurement(device: torch.device) -> None:
+    """Before the profile run: kv_budget_bytes sizes the KV cache from this process's peak from here
+    on, so that neither an engine this process ran and dropped before (its KV cache freed) nor this
+    load's freed temporaries (dense copies quantized away) count."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+
+
 def kv_budget_bytes(config: EngineConfig, device: torch.device) -> int:
     """CPU: --cpu-kv-cache-gib, else DEFAULT_CPU_KV_CACHE_GIB (num_blocks_for lowers that default to what
     the running requests can use). GPU: the utilisation fraction of total memory, less what this process

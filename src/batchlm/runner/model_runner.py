@@ -35,6 +35,7 @@ from batchlm.runner.kv_cache import (
     layer_kv_scales,
     num_blocks_for,
     resolve_kv_cache_dtype,
+    start_peak_measurement,
 )
 from batchlm.runner.step_output import PendingStepOutput, PreviousTokens
 from batchlm.sampling.grammar_mask import warm_up_grammar_masks
@@ -178,10 +179,7 @@ class ModelRunner:
         Tensor-parallel ranks all call this together: the profile forward runs collectives."""
         if self.device.type == "cuda":
             self._compile_kernels_concurrently()
-            # The budget is sized from this process's peak: an engine this process ran and dropped
-            # before (its KV cache freed) must not count, nor this load's own freed temporaries.
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
+            start_peak_measurement(self.device)
             self._profile_run()
         return num_blocks_for(self.config, self.shape, self.kv_dtype, self.device, self.max_model_len)
 
