@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mlx_vs_mlx_lm_server import pad_tokenizer_vocab
+from grammar_host_step import tokenizer_dir
 from structured_outputs import long_output_schema
 
 import batchlm.structured.llguidance_backend as llguidance_backend
@@ -41,12 +41,12 @@ VOCAB = 128256
 
 
 def tokenizer(padded: bool) -> object:
-    directory = Path(tempfile.gettempdir()) / f"batchlm-mask-threads-{'padded' if padded else 'small'}"
+    if padded:
+        return load_hf_tokenizer(tokenizer_dir(VOCAB), False)
+    directory = Path(tempfile.gettempdir()) / "batchlm-mask-threads-small"
     if not (directory / "tokenizer.json").exists():
         directory.mkdir(parents=True, exist_ok=True)
         build_tokenizer(directory)
-        if padded:
-            pad_tokenizer_vocab(directory / "tokenizer.json", VOCAB)
     return load_hf_tokenizer(directory, False)
 
 
