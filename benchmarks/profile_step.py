@@ -198,7 +198,28 @@ def instrument_grammar(grammars: Any) -> None:
     from batchlm.structured.llguidance_backend import LLGuidanceBackend
 
     LLGuidanceBackend.fill_bitmasks = timed("  fill", LLGuidanceBackend.fill_bitmasks)  # type: ignore[method-assign]
+    make_backend = LLGuidanceBackend.__init__
+
+    def backend_with_timed_executor(self: Any, *args: Any, **kwargs: Any) -> None:
+        make_backend(self, *args, **kwargs)
+        self._executor = TimedExecutor(self._executor)
+
+    LLGuidanceBackend.__init__ = backend_with_timed_executor  # type: ignore[method-assign]
     sequences.advance = timed("  accept", sequences.advance)
+
+
+class TimedExecutor:
+    """llguidance's executor with its two batched calls timed alone: the Rust side of the fill and of
+    the advance, apart from the Python around them."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def unsafe_compute_mask_ptr(self, *args: Any) -> Any:
+        return timed("    fill in llguidance", self.inner.unsafe_compute_mask_ptr)(*args)
+
+    def consume_token_par(self, *args: Any) -> Any:
+        return timed("    accept in llguidance", self.inner.consume_token_par)(*args)
 
 
 def main() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from batchlm.runner.grammar import merge_masks, sampled_slots
-from batchlm.structured.sequences import GrammarMasks, PrefetchedMasks, SampledSlot
+from batchlm.runner.grammar import merge_masks, sampled_rows
+from batchlm.structured.sequences import GrammarMasks, PrefetchedMasks, SampledRows
 
 WORDS = 3
 
@@ -47,6 +47,7 @@ def test_without_prefetched_masks_the_computed_ones_are_the_step_masks() -> None
     assert merge_masks([(0, "x"), (4, "y")], None, computed, _out(2)) is computed
 
 
-def test_sampled_slots_name_each_rows_position_in_its_sequence() -> None:
-    slots = sampled_slots([(1, "b"), (3, "d")], positions=(5, 9, 2, 7))
-    assert slots == [SampledSlot("b", 1, 9), SampledSlot("d", 3, 7)]
+def test_sampled_rows_name_each_rows_position_in_its_sequence() -> None:
+    constrained = sampled_rows([(1, "b"), (3, "d")], positions=(5, 9, 2, 7))
+    assert constrained == SampledRows(["b", "d"], [1, 3], [9, 7])
+    assert constrained.only([1]) == SampledRows(["d"], [3], [7])

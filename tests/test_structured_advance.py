@@ -84,3 +84,36 @@ def test_a_rejected_token_is_reported_for_its_matcher_alone(tiny_tokenizer: Any,
     first = int(allowed[0])
     assert backend.advance(matchers, [[first], [forbidden], []]) == [True, False, True]
     assert backend.advance(matchers, [[], [], [first]]) == [True, True, True]
+
+
+def non_eos_or_eos(row: np.ndarray) -> list[int]:
+    allowed = allowed_tokens(row, VOCAB).tolist()
+    return [t for t in allowed if t not in EOS] or allowed
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_prepared_batch_steps_as_its_matchers_do_one_at_a_time(tiny_tokenizer: Any, batched: bool) -> None:
+    """Rows of two grammars (so of several templates), one token each per step, through one batch
+    prepared at the start: the same masks as matchers driven alone, and a rejected token ends its row."""
+    backend = backend_of(tiny_tokenizer, batched)
+    specs = [SPEC, StructuredOutputs(regex="[a-z]{1,30}")] * 3
+    matchers = [backend.matcher(spec) for spec in specs]
+    references = [backend.matcher(spec) for spec in specs]
+    batch = backend.batch(matchers)
+    rng = np.random.default_rng(1)
+    bitmask = np.empty((len(specs), backend.bitmask_words), dtype=np.int32)
+    for step in range(8):
+        batch.fill(bitmask)
+        assert np.array_equal(bitmask, masks(backend, references)), step
+        tokens = [int(rng.choice(non_eos_or_eos(row))) for row in bitmask]
+        bad_row = 4 if step == 5 else None
+        if bad_row is not None:
+            tokens[bad_row] = int(np.setdiff1d(np.arange(VOCAB), allowed_tokens(bitmask[bad_row], VOCAB))[0])
+        assert batch.advance_one(tokens) == [row != bad_row for row in range(len(specs))]
+        for row, (reference, token) in enumerate(zip(references, tokens, strict=True)):
+            if row != 4 or step < 5:
+                assert reference.accept(token)
+        if bad_row is not None:
+            references[bad_row] = matchers[bad_row]  # from here on it allows EOS alone
+    batch.fill(bitmask)
+    assert set(allowed_tokens(bitmask[4], VOCAB).tolist()) == set(EOS)

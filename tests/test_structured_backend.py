@@ -7,8 +7,10 @@ import json
 import numpy as np
 import pytest
 
+from batchlm.core.step_io import PLACEHOLDER_TOKEN_ID
 from batchlm.sampling_params import SamplingParamsError, StructuredOutputs
 from batchlm.structured import llguidance_backend
+from batchlm.structured import sequences as sequences_module
 from batchlm.structured.backend import GrammarError, LRUCache, allowed_tokens
 from batchlm.structured.llguidance_backend import (
     LLGuidanceBackend,
@@ -16,7 +18,7 @@ from batchlm.structured.llguidance_backend import (
     validated_cache,
     validated_grammar,
 )
-from batchlm.structured.sequences import ConstrainedSequences
+from batchlm.structured.sequences import ConstrainedSequences, PrefetchedMasks, SampledRows
 
 EOS = (1, 3)
 
@@ -164,6 +166,65 @@ def test_sequences_follow_output_tokens_and_batch_masks(backend, tiny_tokenizer)
     assert set(allowed_tokens(masks.bitmask[0], 2080).tolist()) == set(EOS)
     sequences.drop(["digits"])
     assert "digits" not in sequences and "letters" in sequences
+    sequences.close()
+
+
+def test_prefetch_prepares_its_batch_once_while_the_sequences_stay(
+    backend, tiny_tokenizer, monkeypatch
+) -> None:
+    """Steady decoding (each sequence one token behind its slot) reuses the batch prepared for the same
+    sequences; a sequence replaced or still behind by earlier tokens leads to a new one. The masks are
+    those of a matcher fed the same tokens in every case."""
+    prepared: list[int] = []
+
+    class CountedBatch(sequences_module._PreparedBatch):
+        def __init__(self, backend, request_ids, sequences) -> None:
+            prepared.append(len(sequences))
+            super().__init__(backend, request_ids, sequences)
+
+    monkeypatch.setattr(sequences_module, "_PreparedBatch", CountedBatch)
+    spec = StructuredOutputs(regex="[a-z]{1,60}")
+    letter = tiny_tokenizer.encode("k", add_special_tokens=False)[0]
+    sequences = ConstrainedSequences(lambda eos: backend)
+    lists: dict[str, list[int]] = {"a": [], "b": []}
+    for request_id, tokens in lists.items():
+        sequences.add(request_id, spec, tokens, EOS)
+    out = np.empty((3, backend.bitmask_words), dtype=np.int32)
+
+    def step() -> PrefetchedMasks:
+        # The engine samples row 1 for "a", row 0 for "b", row 2 for any other.
+        rows = {"a": 1, "b": 0}
+        ids = list(lists)
+        slots = SampledRows(ids, [rows.get(rid, 2) for rid in ids], [len(lists[rid]) for rid in ids])
+        for tokens in lists.values():
+            tokens.append(PLACEHOLDER_TOKEN_ID)
+        masks = sequences.prefetch_masks(slots, lambda: [letter] * 3, out).result()
+        for tokens in lists.values():
+            tokens[-1] = letter
+        return masks
+
+    def expected_row(length: int) -> np.ndarray:
+        reference, row = backend.matcher(spec), np.empty(backend.bitmask_words, dtype=np.int32)
+        for _ in range(length):
+            assert reference.accept(letter)
+        reference.fill_bitmask(row)
+        return row
+
+    def check(masks: PrefetchedMasks) -> None:
+        assert list(masks.index) == list(lists)
+        for request_id, row in masks.index.items():
+            assert np.array_equal(masks.bitmask[row], expected_row(len(lists[request_id])))
+
+    for _ in range(3):
+        check(step())
+    assert prepared == [2], "one batch for three steps of the same sequences"
+    sequences.drop(["b"])
+    lists["b"] = [letter] * 5  # back after preemption: five tokens its new matcher has not seen
+    sequences.add("b", spec, lists["b"], EOS)
+    check(step())
+    assert prepared == [2], "earlier tokens to accept: the general path"
+    check(step())
+    assert prepared == [2, 2], "a new sequence object: a new batch"
     sequences.close()
 
 

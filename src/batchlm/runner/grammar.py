@@ -13,7 +13,7 @@ import numpy as np
 from batchlm.config import EngineConfig
 from batchlm.runner.step_output import PendingStepOutput
 from batchlm.structured.factory import backend_factory
-from batchlm.structured.sequences import ConstrainedSequences, GrammarMasks, PrefetchedMasks, SampledSlot
+from batchlm.structured.sequences import ConstrainedSequences, GrammarMasks, PrefetchedMasks, SampledRows
 
 # Rows -> scratch of that many bitmask rows (pinned memory on a GPU, so the upload needs no copy).
 MaskBuffer = Callable[[int], np.ndarray]
@@ -32,9 +32,12 @@ def constrained_rows(sequences: ConstrainedSequences, request_ids: tuple[str, ..
     return [(row, request_id) for row, request_id in enumerate(request_ids) if request_id in sequences]
 
 
-def sampled_slots(rows: Sequence[tuple[int, str]], positions: Sequence[int]) -> list[SampledSlot]:
+def sampled_rows(rows: Sequence[tuple[int, str]], positions: Sequence[int]) -> SampledRows:
     """The constrained rows of a launched step, with where each row's token lands in its sequence."""
-    return [SampledSlot(request_id, row, positions[row]) for row, request_id in rows]
+    batch_rows = [row for row, _ in rows]
+    return SampledRows(
+        [request_id for _, request_id in rows], batch_rows, [positions[row] for row in batch_rows]
+    )
 
 
 def merge_masks(
@@ -113,6 +116,6 @@ class StepMasks:
 
     def prefetch(self, step: StartedMasks, pending: PendingStepOutput) -> None:
         """After the step's sampling is queued: the next step's masks, computed once its tokens land."""
-        slots = sampled_slots(step.rows, pending.positions)
-        buffer = self._buffer(len(slots))
-        self._prefetched = self.sequences.prefetch_masks(slots, pending.peek_token_ids, buffer)
+        constrained = sampled_rows(step.rows, pending.positions)
+        buffer = self._buffer(len(constrained.rows))
+        self._prefetched = self.sequences.prefetch_masks(constrained, pending.peek_token_ids, buffer)

@@ -33,6 +33,20 @@ class GrammarMatcher(Protocol):
         ...
 
 
+class MatcherBatch(Protocol):
+    """The same matchers, one per row, step after step: a decode batch of constrained sequences, each
+    taking one token a step. Prepared once, so that a step costs the backend's calls and a few list
+    operations rather than Python per row."""
+
+    def advance_one(self, token_ids: list[int]) -> list[bool]:
+        """Advance row i's matcher over token_ids[i]; per row, False if its grammar rejected it."""
+        ...
+
+    def fill(self, bitmask: np.ndarray) -> None:
+        """Fill bitmask[i] ([rows, words] int32, C-contiguous) for row i's matcher."""
+        ...
+
+
 class GrammarBackend(Protocol):
     """Compiles specs for one tokenizer and makes matchers from them."""
 
@@ -43,6 +57,10 @@ class GrammarBackend(Protocol):
 
     def matcher(self, spec: StructuredOutputs) -> GrammarMatcher:
         """A fresh matcher at the start of `spec`'s grammar. Raises GrammarError if it does not compile."""
+        ...
+
+    def batch(self, matchers: list[GrammarMatcher]) -> MatcherBatch:
+        """These matchers as the rows of a batch that advances one token a step."""
         ...
 
     def fill_bitmasks(self, matchers: list[GrammarMatcher], bitmask: np.ndarray) -> None:

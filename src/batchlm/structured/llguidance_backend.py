@@ -223,21 +223,12 @@ class LLGuidanceBackend:
             raise GrammarError(f"the {_kind_name(spec)} does not compile: {matcher.get_error().strip()}")
         return matcher
 
+    def batch(self, matchers: Sequence[GrammarMatcher]) -> LLGuidanceBatch:
+        return LLGuidanceBatch(self, matchers)
+
     def fill_bitmasks(self, matchers: Sequence[GrammarMatcher], bitmask: np.ndarray) -> None:
         """bitmask: [rows, bitmask_words] int32, C-contiguous; row i for matchers[i]."""
-        assert bitmask.dtype == np.int32 and bitmask.flags["C_CONTIGUOUS"]
-        assert bitmask.shape[1] == self.bitmask_words
-        healthy: list[tuple[int, llguidance.LLMatcher, int]] = []  # (family, matcher, row)
-        for index, matcher in enumerate(matchers):
-            if isinstance(matcher, LLGuidanceMatcher) and not matcher.inner.is_error():
-                healthy.append((matcher.family, matcher.inner, index))
-            else:
-                matcher.fill_bitmask(bitmask[index])
-        if healthy:
-            healthy.sort(key=by_family)  # neighbours share a template: a thread's run of rows, one lock
-            row_bytes = self.bitmask_words * 4
-            rows = [(inner, index) for _, inner, index in healthy]
-            self._executor.unsafe_compute_mask_ptr(rows, bitmask.ctypes.data, row_bytes, bitmask.shape[0])
+        self.batch(matchers).fill(bitmask)
 
     def advance(self, matchers: Sequence[GrammarMatcher], new_tokens: Sequence[Sequence[int]]) -> list[bool]:
         """matchers[i] over new_tokens[i]; per matcher, False if its grammar rejected a token."""
@@ -273,3 +264,59 @@ class LLGuidanceBackend:
             results = self._executor.consume_token_par([(inner, token) for _, _, inner, token in ours])
             for (_, index, _, _), ok in zip(ours, results, strict=True):
                 accepted[index] = bool(ok) and accepted[index]
+
+
+class LLGuidanceBatch:
+    """Matchers as the rows of a decode batch, prepared once: the healthy llguidance rows grouped by
+    template (neighbours share one lexer lock, so a thread's run of rows takes it once) and paired
+    as the executor takes them. A step then holds the GIL for a few list operations, not for Python
+    per row, which beside a busy engine thread waits its turn at every switch (BENCHMARKS.md)."""
+
+    def __init__(self, backend: LLGuidanceBackend, matchers: Sequence[GrammarMatcher]) -> None:
+        self._backend = backend
+        self._executor = backend._executor
+        self.matchers = list(matchers)
+        self._prepare()
+
+    def _prepare(self) -> None:
+        ours = [
+            (matcher.family, row, matcher.inner)
+            for row, matcher in enumerate(self.matchers)
+            if isinstance(matcher, LLGuidanceMatcher) and not matcher.inner.is_error()
+        ]
+        ours.sort(key=by_family)
+        self._rows = [row for _, row, _ in ours]
+        self._inners = [inner for _, _, inner in ours]
+        self._mask_rows = [(inner, row) for _, row, inner in ours]
+        in_executor = set(self._rows)
+        # Failed matchers (they allow EOS alone) and matchers of other kinds go one at a time.
+        self._others = [row for row in range(len(self.matchers)) if row not in in_executor]
+
+    def advance_one(self, token_ids: list[int]) -> list[bool]:
+        accepted = [True] * len(self.matchers)
+        if self._rows:
+            tokens = [token_ids[row] for row in self._rows]
+            if self._backend.batched_accept:
+                results = self._executor.consume_token_par(list(zip(self._inners, tokens, strict=True)))
+            else:
+                results = [
+                    inner.consume_token(token) for inner, token in zip(self._inners, tokens, strict=True)
+                ]
+            if not all(results):
+                for row, ok in zip(self._rows, results, strict=True):
+                    accepted[row] = bool(ok)
+                self._prepare()  # the rejecting matchers are in error now: they leave the executor's rows
+        for row in self._others:
+            accepted[row] = self.matchers[row].accept(token_ids[row]) and accepted[row]
+        return accepted
+
+    def fill(self, bitmask: np.ndarray) -> None:
+        assert bitmask.dtype == np.int32 and bitmask.flags["C_CONTIGUOUS"]
+        assert bitmask.shape == (len(self.matchers), self._backend.bitmask_words)
+        for row in self._others:
+            self.matchers[row].fill_bitmask(bitmask[row])
+        if self._mask_rows:
+            row_bytes = self._backend.bitmask_words * 4
+            self._executor.unsafe_compute_mask_ptr(
+                self._mask_rows, bitmask.ctypes.data, row_bytes, bitmask.shape[0]
+            )

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import NamedTuple, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
@@ -40,15 +40,23 @@ class PrefetchedMasks:
     bitmask: np.ndarray
 
 
-class SampledSlot(NamedTuple):
-    """A constrained sequence's token that a launched step is sampling. (A named tuple: a step makes
-    one per constrained row on the engine thread, and a frozen dataclass costs twice as much.)"""
+@dataclass(frozen=True)
+class SampledRows:
+    """The constrained rows of a launched step, as parallel lists (one object a step, not one a row:
+    the engine thread makes it)."""
 
-    request_id: str
-    # The token's row among the step's sampled tokens.
-    row: int
-    # Where the token will sit in the sequence's output_token_ids.
-    position: int
+    request_ids: list[str]
+    # Each token's row among the step's sampled tokens.
+    rows: list[int]
+    # Where each token will sit in its sequence's output_token_ids.
+    positions: list[int]
+
+    def only(self, kept: list[int]) -> SampledRows:
+        return SampledRows(
+            [self.request_ids[i] for i in kept],
+            [self.rows[i] for i in kept],
+            [self.positions[i] for i in kept],
+        )
 
 
 def advance(backend: GrammarBackend, matchers: list[GrammarMatcher], new_tokens: list[list[int]]) -> None:
@@ -84,6 +92,16 @@ class _Sequence:
     num_accepted: int = 0
 
 
+class _PreparedBatch:
+    """The sequences of one prefetch, in its row order, with their matchers prepared as a batch and
+    the mask row of each request."""
+
+    def __init__(self, backend: GrammarBackend, request_ids: list[str], sequences: list[_Sequence]) -> None:
+        self.sequences = sequences
+        self.matchers = backend.batch([seq.matcher for seq in sequences])
+        self.index = dict(zip(request_ids, range(len(request_ids)), strict=True))
+
+
 # Python's default is 5 ms: the mask worker, back from a wait on the device or from the Rust
 # matcher, would often idle that long for the GIL while the engine thread runs Python.
 GIL_SWITCH_INTERVAL_S = 0.0002
@@ -108,6 +126,8 @@ class ConstrainedSequences:
         self._backend: GrammarBackend | None = None
         self._sequences: dict[str, _Sequence] = {}
         self._worker: ThreadPoolExecutor | None = None
+        # The matchers of the last prefetch's sequences, prepared as a batch (worker thread only).
+        self._batch: _PreparedBatch | None = None
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._sequences
@@ -163,13 +183,14 @@ class ConstrainedSequences:
         batch_rows = tuple(row for row, _ in rows)
         return self._submit(self._compute, self._backend, batch_rows, sequences, new_tokens)
 
-    @staticmethod
     def _compute(
+        self,
         backend: GrammarBackend,
         rows: tuple[int, ...],
         sequences: list[_Sequence],
         new_tokens: list[list[int]],
     ) -> GrammarMasks:
+        self._batch = None  # its matchers move here: a failure here would not reach its prepared rows
         matchers = [seq.matcher for seq in sequences]
         advance(backend, matchers, new_tokens)
         bitmask = np.empty((len(rows), backend.bitmask_words), dtype=np.int32)
@@ -178,48 +199,80 @@ class ConstrainedSequences:
 
     def prefetch_masks(
         self,
-        slots: Sequence[SampledSlot],
+        sampled_rows: SampledRows,
         sampled: Callable[[], Sequence[int] | None],
         out: np.ndarray,
     ) -> Future[PrefetchedMasks]:
         """Compute the next step's masks for these sequences on the worker thread, as soon as
         `sampled()` (called there; it waits for the launched step) gives the step's token ids, so that
         the masks overlap the host's scheduling and the device's next forward pass instead of
-        following them. out: [>= len(slots), words] int32 to fill (pinned memory on a GPU).
+        following them. out: [>= rows, words] int32 to fill (pinned memory on a GPU).
 
         Until the result is read, no other method may be called for these sequences."""
         assert self._backend is not None
-        entries = [
-            (slot, self._sequences[slot.request_id]) for slot in slots if slot.request_id in self._sequences
-        ]
-        return self._submit(self._prefetch, self._backend, entries, sampled, out)
+        known = self._sequences
+        found = [known.get(request_id) for request_id in sampled_rows.request_ids]
+        sequences = [seq for seq in found if seq is not None]
+        if len(sequences) < len(found):  # dropped since the step was launched
+            sampled_rows = sampled_rows.only([i for i, seq in enumerate(found) if seq is not None])
+        return self._submit(self._prefetch, self._backend, sampled_rows, sequences, sampled, out)
 
-    @staticmethod
     def _prefetch(
+        self,
         backend: GrammarBackend,
-        entries: list[tuple[SampledSlot, _Sequence]],
+        sampled_rows: SampledRows,
+        sequences: list[_Sequence],
         sampled: Callable[[], Sequence[int] | None],
         out: np.ndarray,
     ) -> PrefetchedMasks:
         token_ids = sampled()
         if token_ids is None:
             return PrefetchedMasks({}, out[:0])
+        tokens = [token_ids[row] for row in sampled_rows.rows]
+        if [seq.num_accepted for seq in sequences] == sampled_rows.positions:
+            return self._prefetch_one_each(backend, sampled_rows, sequences, tokens, out)
+        self._batch = None
         index: dict[str, int] = {}
         matchers: list[GrammarMatcher] = []
         new_tokens: list[list[int]] = []
-        for slot, seq in entries:
-            earlier = seq.output_token_ids[seq.num_accepted : slot.position]
-            if PLACEHOLDER_TOKEN_ID in earlier or seq.num_accepted > slot.position:
+        for request_id, position, seq, token_id in zip(
+            sampled_rows.request_ids, sampled_rows.positions, sequences, tokens, strict=True
+        ):
+            earlier = seq.output_token_ids[seq.num_accepted : position]
+            if PLACEHOLDER_TOKEN_ID in earlier or seq.num_accepted > position:
                 continue  # tokens still in flight before this one: the step computes its mask itself
-            new_tokens.append([*earlier, token_ids[slot.row]])
-            seq.num_accepted = slot.position + 1
-            index[slot.request_id] = len(matchers)
+            new_tokens.append([*earlier, token_id])
+            seq.num_accepted = position + 1
+            index[request_id] = len(matchers)
             matchers.append(seq.matcher)
         advance(backend, matchers, new_tokens)
         bitmask = out[: len(matchers)]
         if matchers:
             backend.fill_bitmasks(matchers, bitmask)
         return PrefetchedMasks(index, bitmask)
+
+    def _prefetch_one_each(
+        self,
+        backend: GrammarBackend,
+        sampled_rows: SampledRows,
+        sequences: list[_Sequence],
+        tokens: list[int],
+        out: np.ndarray,
+    ) -> PrefetchedMasks:
+        """_prefetch where every sequence takes exactly the one token sampled for it, as in steady
+        decoding: the batch of matchers prepared last time serves again while the sequences stay the same."""
+        batch = self._batch
+        if batch is None or batch.sequences != sequences:
+            batch = self._batch = _PreparedBatch(backend, sampled_rows.request_ids, sequences)
+        for seq in sequences:
+            seq.num_accepted += 1
+        for accepted, token_id in zip(batch.matchers.advance_one(tokens), tokens, strict=True):
+            if not accepted:
+                logger.warning("a constrained sequence sampled a token its grammar rejects (%d)", token_id)
+        bitmask = out[: len(sequences)]
+        if sequences:
+            batch.matchers.fill(bitmask)
+        return PrefetchedMasks(batch.index, bitmask)
 
     def _submit(self, job: Callable[..., T], *args: object) -> Future[T]:
         """Run a mask job on the one worker thread (jobs run in submission order)."""
