@@ -5,41 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import anyio
 from prometheus_client import Gauge
 
-from batchlm.engine.client import EngineClient, EngineDeadError, QueueFullError, RequestRejectedError
+from batchlm.engine.client import EngineClient
 from batchlm.engine.input_processor import ValidatedRequest
 from batchlm.outputs import FinishReason, RequestOutput
-from batchlm.server.errors import APIError, rejection_to_api_error
+from batchlm.server.errors import APIError, engine_error_to_api_error
 from batchlm.server.metrics import RequestRecorder
 
 logger = logging.getLogger(__name__)
-
-# Seconds a client refused with 429 should wait before retrying: the queue moves within a few steps.
-RETRY_AFTER_S = "1"
-
-
-def engine_error_to_api_error(error: Exception) -> APIError | None:
-    """The HTTP meaning of the engine's documented errors; None for anything else (a bug: 500)."""
-    if isinstance(error, RequestRejectedError):
-        return rejection_to_api_error(error)
-    if isinstance(error, QueueFullError):
-        return APIError(
-            429, _overloaded_message(str(error)), code="queue_full", headers={"Retry-After": RETRY_AFTER_S}
-        )
-    if isinstance(error, EngineDeadError):
-        return APIError(503, f"The engine is not available: {error}", code="engine_unavailable")
-    return None
-
-
-def _overloaded_message(reason: str) -> str:
-    """The engine's reason as one sentence that says "overloaded" once (the front end's already does)."""
-    if "overloaded" not in reason:
-        reason = f"the server is overloaded: {reason}"
-    return reason[:1].upper() + reason[1:].rstrip(".") + "."
 
 
 def _this_task_is_cancelled() -> bool:
@@ -103,7 +80,7 @@ class Generation:
         self._server_aborted = False
         self._finish_reasons: dict[int, FinishReason] = {}
         try:
-            self._stream: AsyncIterator[RequestOutput] = engine.submit(request, request_id, group_id)
+            self._stream: AsyncGenerator[RequestOutput, None] = engine.submit(request, request_id, group_id)
         except Exception as error:
             raise self._translate(error) from error
         in_flight.add(self)
@@ -194,10 +171,7 @@ class Generation:
             logger.warning("aborting %s failed", self.request_id, exc_info=True)
 
     async def _close_stream(self) -> None:
-        aclose = getattr(self._stream, "aclose", None)
-        if aclose is None:
-            return
         try:
-            await aclose()
+            await self._stream.aclose()
         except Exception:  # the stream is being discarded; its failure changes nothing for the client
             logger.debug("closing the engine stream of %s failed", self.request_id, exc_info=True)

@@ -7,7 +7,6 @@ import asyncio
 from batchlm.server.errors import APIError, rejections_as_400
 from batchlm.server.prompts import encode_text, render_chat
 from batchlm.server.protocol import DetokenizeRequest, TokenizeRequest
-from batchlm.server.request_params import check_model
 from batchlm.server.responses import DetokenizeResponse, TokenizeResponse
 from batchlm.server.state import ServerState
 
@@ -18,8 +17,7 @@ DECODE_OFFLOAD_TOKENS = 4096
 
 async def tokenize(state: ServerState, body: TokenizeRequest) -> TokenizeResponse:
     """Token ids of a text prompt, or of messages rendered with the chat template (exactly one of them)."""
-    info = state.ready_model()
-    check_model(body.model, info)
+    info = state.ready_model(body.model)
     tokenizer = state.engine.tokenizer
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "Send exactly one of 'prompt' (text) or 'messages' (chat).", param="prompt")
@@ -43,8 +41,7 @@ async def tokenize(state: ServerState, body: TokenizeRequest) -> TokenizeRespons
 async def detokenize(state: ServerState, body: DetokenizeRequest) -> DetokenizeResponse:
     """Text of any number of token ids (the body-size limit bounds them); long lists are decoded off
     the event loop."""
-    info = state.ready_model()
-    check_model(body.model, info)
+    state.ready_model(body.model)
     with rejections_as_400():
         state.engine.input_processor.check_token_ids(body.tokens, "tokens")
     tokenizer = state.engine.tokenizer
