@@ -19,11 +19,14 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from batchlm.engine.input_processor import ValidatedRequest
 from batchlm.outputs import FinishReason, RequestOutput, TokenLogprobs
 from batchlm.server.errors import APIError, ClientDisconnected
 from batchlm.server.generation import Generation
-from batchlm.server.metrics import ServerMetrics
+from batchlm.server.metrics import RequestRecorder, ServerMetrics
+from batchlm.server.middleware import received_at
 from batchlm.server.responses import PromptTokensDetails, UsageInfo
+from batchlm.server.state import ServerState, get_state
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +98,7 @@ class ResponseFormatter(ABC):
 
     def __init__(self, context: ResponseContext) -> None:
         self._response = context
+        self.request_id = context.request_id
         # Without include_usage OpenAI's chunks carry no "usage" key at all.
         self._exclude = None if context.include_usage else {"usage"}
 
@@ -146,20 +150,18 @@ def usage_of(generations: Sequence[Generation]) -> UsageInfo:
 
 
 async def respond(
-    request: Request,
-    generations: Sequence[Generation],
-    formatter: ResponseFormatter,
-    stream: bool,
-    metrics: ServerMetrics,
+    request: Request, engine_requests: Sequence[ValidatedRequest], formatter: ResponseFormatter, stream: bool
 ) -> Response:
-    """The answer, unless the client leaves first. A stream starts only after every generation's first
-    output, so that errors before it (queue full, rejected, engine dead) still get their HTTP status.
-    The generations are closed here unless a stream took them."""
+    """Start the engine requests and give the answer, unless the client leaves first. A stream starts
+    only after every generation's first output, so that errors before it (queue full, rejected, engine
+    dead) still get their HTTP status. The generations are closed here unless a stream took them."""
+    state = get_state(request)
+    generations = await start_generations(state, engine_requests, formatter.request_id, received_at(request))
 
     async def answer() -> Response:
         if stream:
             await prime_all(generations)
-            events = _stream_events(generations, formatter, metrics)
+            events = _stream_events(generations, formatter, state.metrics)
             return EventStreamResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
         body = formatter.response(await collect_choices(generations), usage_of(generations))
         return Response(body.model_dump_json(), media_type="application/json")
@@ -174,6 +176,35 @@ async def respond(
     finally:
         if not handed_over:
             await close_all(generations)
+
+
+async def start_generations(
+    state: ServerState, engine_requests: Sequence[ValidatedRequest], request_id: str, arrival: float | None
+) -> list[Generation]:
+    """One generation per engine request, each in the metrics from the HTTP arrival on. A batch's
+    prompts take admission turns as one request (like n), not one turn each."""
+    generations: list[Generation] = []
+    batch = len(engine_requests) > 1
+    try:
+        for position, engine_request in enumerate(engine_requests):
+            engine_id = f"{request_id}-{position}" if batch else request_id
+            recorder = RequestRecorder(
+                state.metrics, engine_id, len(engine_request.prompt_token_ids), arrival
+            )
+            generations.append(
+                Generation(
+                    state.engine,
+                    engine_id,
+                    engine_request,
+                    recorder,
+                    state.in_flight,
+                    request_id if batch else "",
+                )
+            )
+    except BaseException:
+        await close_all(generations)
+        raise
+    return generations
 
 
 async def _stream_events(

@@ -16,7 +16,6 @@ from batchlm.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from batchlm.sampling_params import SamplingParams
 from batchlm.server.errors import rejections_as_400
 from batchlm.server.logprobs import chat_logprobs
-from batchlm.server.middleware import received_at
 from batchlm.server.prompts import render_chat
 from batchlm.server.protocol import ChatCompletionRequest
 from batchlm.server.request_params import build_sampling_params, check_chat_request
@@ -82,8 +81,7 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest) 
         tool_use=tool_use,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
     )
-    generation = state.start_generation(context.request_id, engine_request, received_at(request))
-    return await respond(request, [generation], ChatFormatter(context), body.stream, state.metrics)
+    return await respond(request, [engine_request], ChatFormatter(context), body.stream)
 
 
 def _sampling_params(body: ChatCompletionRequest) -> tuple[SamplingParams, FieldNames]:

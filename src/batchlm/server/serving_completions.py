@@ -14,9 +14,7 @@ from starlette.responses import Response
 from batchlm.engine.input_processor import InputProcessor, ValidatedRequest
 from batchlm.outputs import RequestOutput
 from batchlm.server.errors import APIError, rejections_as_400
-from batchlm.server.generation import Generation
 from batchlm.server.logprobs import CompletionLogprobsBuilder
-from batchlm.server.middleware import received_at
 from batchlm.server.prompts import encode_text
 from batchlm.server.protocol import CompletionRequest, PromptInput
 from batchlm.server.request_params import build_sampling_params, check_completion_request
@@ -24,12 +22,11 @@ from batchlm.server.responding import (
     ChoiceResults,
     ResponseContext,
     ResponseFormatter,
-    close_all,
     finish_reason,
     respond,
 )
 from batchlm.server.responses import CompletionChoice, CompletionResponse
-from batchlm.server.state import ServerState, get_state
+from batchlm.server.state import get_state
 
 
 @dataclass
@@ -76,8 +73,7 @@ async def create_completion(request: Request, body: CompletionRequest) -> Respon
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         echo_texts=[_echo_text(tokenizer, r) if body.echo else "" for r in engine_requests],
     )
-    generations = await _start_generations(state, engine_requests, context.request_id, received_at(request))
-    return await respond(request, generations, CompletionFormatter(context), body.stream, state.metrics)
+    return await respond(request, engine_requests, CompletionFormatter(context), body.stream)
 
 
 async def _tokenize_prompts(
@@ -105,27 +101,6 @@ def _echo_text(tokenizer: Any, prompt: ValidatedRequest) -> str:
         return prompt.prompt
     text: str = tokenizer.decode(prompt.prompt_token_ids, skip_special_tokens=False)
     return text
-
-
-async def _start_generations(
-    state: ServerState,
-    engine_requests: list[ValidatedRequest],
-    request_id: str,
-    http_received_at: float | None,
-) -> list[Generation]:
-    generations: list[Generation] = []
-    # A batch's prompts take admission turns as one request (like n), not one turn each.
-    batch = len(engine_requests) > 1
-    try:
-        for position, engine_request in enumerate(engine_requests):
-            engine_id = f"{request_id}-{position}" if batch else request_id
-            group_id = request_id if batch else ""
-            generation = state.start_generation(engine_id, engine_request, http_received_at, group_id)
-            generations.append(generation)
-    except BaseException:
-        await close_all(generations)
-        raise
-    return generations
 
 
 class CompletionFormatter(ResponseFormatter):

@@ -8,10 +8,9 @@ from dataclasses import dataclass, field
 from starlette.requests import Request
 
 from batchlm.engine.client import EngineClient, ServedModel
-from batchlm.engine.input_processor import ValidatedRequest
 from batchlm.server.errors import APIError
-from batchlm.server.generation import Generation, InFlight
-from batchlm.server.metrics import RequestRecorder, ServerMetrics
+from batchlm.server.generation import InFlight
+from batchlm.server.metrics import ServerMetrics
 from batchlm.server.protocol import SamplingFields
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -106,13 +105,6 @@ class ServerState:
                 400, f"'n' must be at most {max_n} on this server (--max-n), got {body.n}.", param="n"
             )
         return info
-
-    def start_generation(
-        self, engine_id: str, request: ValidatedRequest, received_at: float | None, group_id: str = ""
-    ) -> Generation:
-        """One engine request, in the metrics from its HTTP arrival (`received_at`) on."""
-        recorder = RequestRecorder(self.metrics, engine_id, len(request.prompt_token_ids), received_at)
-        return Generation(self.engine, engine_id, request, recorder, self.in_flight, group_id)
 
 
 def get_state(request: Request) -> ServerState:
