@@ -238,7 +238,7 @@ class ApiServerSpec:
 
 def api_server_main(spec: ApiServerSpec) -> None:
     """Entry point of an API-server process other than the primary."""
-    from batchlm.server.logging_setup import configure_logging
+    from batchlm.logging_setup import configure_logging
 
     # The primary turns Ctrl-C into SIGTERM for this process; while it starts, SIGINT is ignored so
     # that a Ctrl-C during loading does not print a traceback here.
