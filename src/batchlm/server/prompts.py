@@ -43,12 +43,11 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     converted = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
-        _check_message(message, where)
+        problem = _message_problem(message)
+        if problem is not None:
+            text, field = problem
+            raise APIError(400, f"{where}: {text}", param=f"{where}.{field}")
         content = _text_content(message.content, where)
-        if content is None and message.role != "assistant":
-            raise APIError(
-                400, f"{where}: 'content' is required for role '{message.role}'.", param=f"{where}.content"
-            )
         # Chat templates know "system"; OpenAI's "developer" role means the same for these models.
         role = "system" if message.role == "developer" else message.role
         entry: dict[str, Any] = {"role": role, "content": content or ""}
@@ -63,34 +62,25 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return converted
 
 
-def _check_message(message: ChatMessage, where: str) -> None:
-    if message.role == "function":
-        raise APIError(
-            400, f"{where}: the deprecated role 'function' is not served; use 'tool'.", f"{where}.role"
-        )
-    if message.role not in CHAT_ROLES:
-        raise APIError(
-            400,
-            f"{where}: invalid role '{message.role}'; expected one of {list(CHAT_ROLES)}.",
-            f"{where}.role",
-        )
+def _message_problem(message: ChatMessage) -> tuple[str, str] | None:
+    """Why a message cannot be served, and the field at fault; None when it can."""
+    role = message.role
+    if role == "function":
+        return "the deprecated role 'function' is not served; use 'tool'.", "role"
+    if role not in CHAT_ROLES:
+        return f"invalid role '{role}'; expected one of {list(CHAT_ROLES)}.", "role"
     for name in ("function_call", "audio"):
         if getattr(message, name):
-            raise APIError(
-                400, f"{where}: '{name}' is not supported (send tool_calls; no audio).", f"{where}.{name}"
-            )
-    _check_tool_fields(message, where)
-
-
-def _check_tool_fields(message: ChatMessage, where: str) -> None:
-    if message.tool_calls and message.role != "assistant":
-        raise APIError(400, f"{where}: only assistant messages carry 'tool_calls'.", f"{where}.tool_calls")
-    if message.role == "tool" and not message.tool_call_id:
-        raise APIError(
-            400, f"{where}: a 'tool' message needs the 'tool_call_id' it answers.", f"{where}.tool_call_id"
-        )
-    if message.role != "tool" and message.tool_call_id is not None:
-        raise APIError(400, f"{where}: only 'tool' messages carry 'tool_call_id'.", f"{where}.tool_call_id")
+            return f"'{name}' is not supported (send tool_calls; no audio).", name
+    if message.tool_calls and role != "assistant":
+        return "only assistant messages carry 'tool_calls'.", "tool_calls"
+    if role == "tool" and not message.tool_call_id:
+        return "a 'tool' message needs the 'tool_call_id' it answers.", "tool_call_id"
+    if role != "tool" and message.tool_call_id is not None:
+        return "only 'tool' messages carry 'tool_call_id'.", "tool_call_id"
+    if message.content is None and role != "assistant":
+        return f"'content' is required for role '{role}'.", "content"
+    return None
 
 
 def _text_content(content: str | list[dict[str, Any]] | None, where: str) -> str | None:
