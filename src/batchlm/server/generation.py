@@ -133,10 +133,9 @@ class Generation:
 
     def _translate(self, error: Exception) -> Exception:
         """The APIError for the engine's documented errors; anything else is re-raised as is (a 500)."""
-        self._failed = True
-        return engine_error_to_api_error(error) or error
+        return self._fail(engine_error_to_api_error(error) or error)
 
-    def _fail(self, error: APIError) -> APIError:
+    def _fail(self, error: Exception) -> Exception:
         self._failed = True
         return error
 

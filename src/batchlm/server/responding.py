@@ -262,18 +262,10 @@ async def close_all(generations: Sequence[Generation]) -> None:
         await generation.close()
 
 
-async def wait_for_disconnect(request: Request) -> None:
-    """Returns when the client closes the connection (the body has already been read by then)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
 async def run_until_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Await `work`, cancelling it (and raising ClientDisconnected) if the client goes away first."""
     task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(wait_for_disconnect(request))
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -321,3 +313,9 @@ async def merge_outputs(generations: Sequence[Generation]) -> AsyncIterator[tupl
             running.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*pumps, return_exceptions=True)
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    """Returns when the client closes the connection (the body has already been read by then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
