@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from batchlm import __version__
+from batchlm.server.prompts import detokenize, tokenize
 from batchlm.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -27,7 +28,6 @@ from batchlm.server.responses import (
 )
 from batchlm.server.serving_chat import create_chat_completion
 from batchlm.server.serving_completions import create_completion
-from batchlm.server.serving_tokens import detokenize, tokenize
 from batchlm.server.state import ServerState, get_state
 
 ERRORS: dict[int | str, dict[str, Any]] = {
