@@ -13,6 +13,7 @@ from batchlm.server.protocol import ChatMessage, DetokenizeRequest, TokenizeRequ
 from batchlm.server.responses import DetokenizeResponse, TokenizeResponse
 from batchlm.server.state import ServerState
 from batchlm.tokenizer.batched_encoder import batched_encoder
+from batchlm.tokenizer.tokenizer import Tokenizer
 from batchlm.tools.prompting import template_knows_tools, template_tool_calls, with_generic_tool_prompt
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -27,7 +28,7 @@ DECODE_OFFLOAD_TOKENS = 4096
 
 
 async def encode_text(
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     text: str,
     add_special_tokens: bool,
     processor: InputProcessor | None = None,
@@ -39,7 +40,7 @@ async def encode_text(
         with rejections_as_400():
             processor.check_text_length(len(text), param)
     if len(text) <= OFFLOAD_CHARS:
-        return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        return tokenizer.encode(text, add_special_tokens=add_special_tokens)
     return await batched_encoder(tokenizer).encode(text, add_special_tokens)
 
 
@@ -115,7 +116,7 @@ def _text_content(content: str | list[dict[str, Any]] | None, where: str) -> str
 
 
 async def render_chat(
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     messages: list[ChatMessage],
     *,
     add_generation_prompt: bool,
@@ -137,20 +138,16 @@ async def render_chat(
         chat_template_kwargs = {**(chat_template_kwargs or {}), "tools": tools}
 
     def render() -> str:
-        text: str = tokenizer.render_chat_template(
+        return tokenizer.render_chat_template(
             converted, add_generation_prompt, chat_template_kwargs, continue_final_message
         )
-        return text
 
     try:
         size = sum(len(m["content"]) for m in converted)
         text = await asyncio.to_thread(render) if size > RENDER_OFFLOAD_CHARS else render()
     except Exception as error:  # the template runs on the client's messages and kwargs: their fault
         raise APIError(400, f"Could not apply the chat template: {error}", param="messages") from error
-    ids: list[int] = tokenizer.chat_ids(
-        await encode_text(tokenizer, text, False, processor, param="messages")
-    )
-    return ids
+    return tokenizer.chat_ids(await encode_text(tokenizer, text, False, processor, param="messages"))
 
 
 def _check_continuation(
@@ -205,8 +202,7 @@ async def detokenize(state: ServerState, body: DetokenizeRequest) -> DetokenizeR
     tokenizer = state.engine.tokenizer
 
     def decode() -> str:
-        text: str = tokenizer.decode(body.tokens, skip_special_tokens=False)
-        return text
+        return tokenizer.decode(body.tokens, skip_special_tokens=False)
 
     long = len(body.tokens) > DECODE_OFFLOAD_TOKENS
     return DetokenizeResponse(prompt=await asyncio.to_thread(decode) if long else decode())

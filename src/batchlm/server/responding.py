@@ -27,6 +27,7 @@ from batchlm.server.metrics import RequestRecorder, ServerMetrics
 from batchlm.server.middleware import received_at
 from batchlm.server.responses import PromptTokensDetails, UsageInfo
 from batchlm.server.state import ServerState, get_state
+from batchlm.tokenizer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class ResponseContext:
     created: int
     # The served model name, as responses report it.
     model: str
-    tokenizer: Any
+    tokenizer: Tokenizer
     n: int
     include_usage: bool
 

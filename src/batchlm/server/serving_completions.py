@@ -27,6 +27,7 @@ from batchlm.server.responding import (
 )
 from batchlm.server.responses import CompletionChoice, CompletionResponse
 from batchlm.server.state import get_state
+from batchlm.tokenizer.tokenizer import Tokenizer
 
 
 @dataclass
@@ -77,7 +78,7 @@ async def create_completion(request: Request, body: CompletionRequest) -> Respon
 
 
 async def _tokenize_prompts(
-    tokenizer: Any, prompt: PromptInput, add_special_tokens: bool, processor: InputProcessor | None
+    tokenizer: Tokenizer, prompt: PromptInput, add_special_tokens: bool, processor: InputProcessor | None
 ) -> list[tuple[str | None, list[int]]]:
     """(text, token ids) per batch entry. A flat list of ints is one token-id prompt, not a batch."""
     items: list[Any] = (
@@ -96,11 +97,10 @@ async def _tokenize_prompts(
     return prompts
 
 
-def _echo_text(tokenizer: Any, prompt: ValidatedRequest) -> str:
+def _echo_text(tokenizer: Tokenizer, prompt: ValidatedRequest) -> str:
     if prompt.prompt is not None:
         return prompt.prompt
-    text: str = tokenizer.decode(prompt.prompt_token_ids, skip_special_tokens=False)
-    return text
+    return tokenizer.decode(prompt.prompt_token_ids, skip_special_tokens=False)
 
 
 class CompletionFormatter(ResponseFormatter):
