@@ -1,11 +1,13 @@
-"""One engine request as the server drives it: engine errors become APIErrors, a server-side abort is told
-apart from cancellation, and closing an unfinished request always aborts it in the engine."""
+"""Engine requests as the server drives them: engine errors become APIErrors, a server-side abort is
+told apart from cancellation, and closing an unfinished request always aborts it in the engine; the
+generations of one HTTP request are primed, merged and closed together."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 
 import anyio
 from prometheus_client import Gauge
@@ -174,3 +176,54 @@ class Generation:
             await self._stream.aclose()
         except Exception:  # the stream is being discarded; its failure changes nothing for the client
             logger.debug("closing the engine stream of %s failed", self.request_id, exc_info=True)
+
+
+async def prime_all(generations: Sequence[Generation]) -> None:
+    """Wait for every generation's first output; on the first failure the others are cancelled."""
+    tasks = [asyncio.ensure_future(g.prime()) for g in generations]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def close_all(generations: Sequence[Generation]) -> None:
+    for generation in generations:
+        await generation.close()
+
+
+async def merge_outputs(generations: Sequence[Generation]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(position of the generation, delta) as they arrive, until every generation has finished.
+    An error of any generation (APIError or other) is raised here; the caller closes the generations."""
+    if len(generations) == 1:
+        while (output := await generations[0].next()) is not None:
+            yield 0, output
+        return
+    queue: asyncio.Queue[tuple[int, RequestOutput | Exception | None]] = asyncio.Queue()
+
+    async def pump(position: int, generation: Generation) -> None:
+        try:
+            while (output := await generation.next()) is not None:
+                queue.put_nowait((position, output))
+            queue.put_nowait((position, None))
+        except Exception as error:  # handed to the consumer, which raises it
+            queue.put_nowait((position, error))
+
+    pumps = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(generations)]
+    try:
+        remaining = len(pumps)
+        while remaining:
+            position, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if item is None:
+                remaining -= 1
+            else:
+                yield position, item
+    finally:
+        for running in pumps:
+            running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*pumps, return_exceptions=True)

@@ -5,7 +5,6 @@ against the client's disconnect; the outputs of several generations merged as th
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from abc import ABC, abstractmethod
@@ -22,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 from batchlm.engine.input_processor import ValidatedRequest
 from batchlm.outputs import FinishReason, RequestOutput, TokenLogprobs
 from batchlm.server.errors import APIError, ClientDisconnected
-from batchlm.server.generation import Generation
+from batchlm.server.generation import Generation, close_all, merge_outputs, prime_all
 from batchlm.server.metrics import RequestRecorder, ServerMetrics
 from batchlm.server.middleware import received_at
 from batchlm.server.responses import PromptTokensDetails, UsageInfo
@@ -247,22 +246,6 @@ async def collect_choices(generations: Sequence[Generation]) -> ChoiceResults:
     return results
 
 
-async def prime_all(generations: Sequence[Generation]) -> None:
-    """Wait for every generation's first output; on the first failure the others are cancelled."""
-    tasks = [asyncio.ensure_future(g.prime()) for g in generations]
-    try:
-        await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def close_all(generations: Sequence[Generation]) -> None:
-    for generation in generations:
-        await generation.close()
-
-
 async def run_until_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Await `work`, cancelling it (and raising ClientDisconnected) if the client goes away first."""
     task = asyncio.ensure_future(work)
@@ -279,41 +262,6 @@ async def run_until_disconnect(request: Request, work: Awaitable[T]) -> T:
     if task.cancelled():
         raise ClientDisconnected()
     raise task.exception()  # type: ignore[misc]
-
-
-async def merge_outputs(generations: Sequence[Generation]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """(position of the generation, delta) as they arrive, until every generation has finished.
-    An error of any generation (APIError or other) is raised here; the caller closes the generations."""
-    if len(generations) == 1:
-        while (output := await generations[0].next()) is not None:
-            yield 0, output
-        return
-    queue: asyncio.Queue[tuple[int, RequestOutput | Exception | None]] = asyncio.Queue()
-
-    async def pump(position: int, generation: Generation) -> None:
-        try:
-            while (output := await generation.next()) is not None:
-                queue.put_nowait((position, output))
-            queue.put_nowait((position, None))
-        except Exception as error:  # handed to the consumer, which raises it
-            queue.put_nowait((position, error))
-
-    pumps = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(generations)]
-    try:
-        remaining = len(pumps)
-        while remaining:
-            position, item = await queue.get()
-            if isinstance(item, Exception):
-                raise item
-            if item is None:
-                remaining -= 1
-            else:
-                yield position, item
-    finally:
-        for running in pumps:
-            running.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*pumps, return_exceptions=True)
 
 
 async def _wait_for_disconnect(request: Request) -> None:
