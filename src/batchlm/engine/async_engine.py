@@ -206,12 +206,10 @@ class AsyncLLMEngine(StreamingFrontEnd[CoreEvent]):
         with contextlib.suppress(OSError, BrokenPipeError):
             self._to_core(Shutdown())
         worker = self._worker
-        if isinstance(worker, multiprocessing.process.BaseProcess):
+        if worker is not None:
             await asyncio.get_running_loop().run_in_executor(None, worker.join, 10.0)
-            if worker.is_alive():
-                worker.terminate()
-        elif isinstance(worker, threading.Thread):
-            await asyncio.get_running_loop().run_in_executor(None, worker.join, 10.0)
+        if isinstance(worker, multiprocessing.process.BaseProcess) and worker.is_alive():
+            worker.terminate()
         self._mark_dead("the engine was shut down", expected=True)
 
     # -- EngineClient ------------------------------------------------------------------------------

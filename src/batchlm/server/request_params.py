@@ -5,7 +5,7 @@ sampling fields onto batchlm's SamplingParams, the output constraint (`response_
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel
@@ -68,15 +68,11 @@ def _first_invalid_text(value: Any, path: str) -> str | None:
     return None
 
 
-def reject_unsupported(request: Any, rules: Iterable[UnsupportedRule]) -> None:
-    for name, accepted, why in rules:
-        if not accepted(getattr(request, name)):
-            raise APIError(400, f"'{name}' is not supported by this server: {why}.", param=name)
-
-
 def check_chat_request(request: ChatCompletionRequest) -> None:
     """Reject chat requests batchlm cannot honour, before any work is done."""
-    reject_unsupported(request, CHAT_UNSUPPORTED)
+    for name, accepted, why in CHAT_UNSUPPORTED:
+        if not accepted(getattr(request, name)):
+            raise APIError(400, f"'{name}' is not supported by this server: {why}.", param=name)
     _check_stream_options(request)
     if request.top_logprobs is not None and not request.logprobs:
         raise APIError(400, "'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
