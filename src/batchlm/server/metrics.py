@@ -41,8 +41,10 @@ ENGINE_GAUGES = (
 ENGINE_COUNTERS = (
     ("batchlm_prompt_tokens", "Prompt tokens processed.", "prompt_tokens_total"),
     ("batchlm_generation_tokens", "Tokens generated.", "generation_tokens_total"),
-    ("batchlm_spec_proposed_tokens", "Draft tokens verified by speculative decoding.", "spec_proposed_tokens_total"),
-    ("batchlm_spec_accepted_tokens", "Draft tokens accepted by speculative decoding.", "spec_accepted_tokens_total"),
+    ("batchlm_spec_proposed_tokens", "Draft tokens verified by speculative decoding.",
+     "spec_proposed_tokens_total"),
+    ("batchlm_spec_accepted_tokens", "Draft tokens accepted by speculative decoding.",
+     "spec_accepted_tokens_total"),
     ("batchlm_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "prefix_cache_queries"),
     ("batchlm_prefix_cache_hits", "Prompt tokens found in the prefix cache.", "prefix_cache_hits"),
     ("batchlm_num_preemptions", "Requests preempted for lack of KV blocks.", "num_preemptions"),
