@@ -10,7 +10,7 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import anyio
 from pydantic import BaseModel
@@ -70,6 +70,9 @@ class ResponseContext:
     include_usage: bool
 
 
+ContextT = TypeVar("ContextT", bound=ResponseContext, covariant=True)
+
+
 @dataclass
 class ChoiceResult:
     """Everything one completion produced, gathered for a non-streaming response."""
@@ -88,7 +91,7 @@ class ChoiceResult:
 ChoiceResults = dict[tuple[int, int], ChoiceResult]
 
 
-class ResponseFormatter(ABC):
+class ResponseFormatter(ABC, Generic[ContextT]):
     """One endpoint's response shapes: SSE events from a request's deltas (opening, deltas, closing
     usage chunk) and the JSON body from its gathered choices. Chat and completions differ in shape only."""
 
@@ -96,8 +99,8 @@ class ResponseFormatter(ABC):
     chunk_type: ClassVar[type[BaseModel]]
     response_type: ClassVar[type[BaseModel]]
 
-    def __init__(self, context: ResponseContext) -> None:
-        self._response = context
+    def __init__(self, context: ContextT) -> None:
+        self.context = context
         self.request_id = context.request_id
         # Without include_usage OpenAI's chunks carry no "usage" key at all.
         self._exclude = None if context.include_usage else {"usage"}
@@ -113,7 +116,7 @@ class ResponseFormatter(ABC):
         """The non-streaming response's choices."""
 
     def closing(self, usage: UsageInfo) -> Iterable[bytes]:
-        return [self._chunk([], usage)] if self._response.include_usage else []
+        return [self._chunk([], usage)] if self.context.include_usage else []
 
     def response(self, results: ChoiceResults, usage: UsageInfo) -> BaseModel:
         return self._wrap(self.response_type, self.choices(results), usage)
@@ -123,7 +126,7 @@ class ResponseFormatter(ABC):
         return sse_event(chunk.model_dump_json(exclude=self._exclude))
 
     def _wrap(self, kind: type[BaseModel], choices: Sequence[Any], usage: UsageInfo | None) -> BaseModel:
-        context = self._response
+        context = self.context
         return kind(
             id=context.request_id, created=context.created, model=context.model, choices=choices, usage=usage
         )
@@ -150,7 +153,10 @@ def usage_of(generations: Sequence[Generation]) -> UsageInfo:
 
 
 async def respond(
-    request: Request, engine_requests: Sequence[ValidatedRequest], formatter: ResponseFormatter, stream: bool
+    request: Request,
+    engine_requests: Sequence[ValidatedRequest],
+    formatter: ResponseFormatter[ResponseContext],
+    stream: bool,
 ) -> Response:
     """Start the engine requests and give the answer, unless the client leaves first. A stream starts
     only after every generation's first output, so that errors before it (queue full, rejected, engine
@@ -208,7 +214,7 @@ async def start_generations(
 
 
 async def _stream_events(
-    generations: Sequence[Generation], formatter: ResponseFormatter, metrics: ServerMetrics
+    generations: Sequence[Generation], formatter: ResponseFormatter[ResponseContext], metrics: ServerMetrics
 ) -> AsyncIterator[bytes]:
     try:
         try:

@@ -103,19 +103,15 @@ def _echo_text(tokenizer: Tokenizer, prompt: ValidatedRequest) -> str:
     return tokenizer.decode(prompt.prompt_token_ids, skip_special_tokens=False)
 
 
-class CompletionFormatter(ResponseFormatter):
+class CompletionFormatter(ResponseFormatter[CompletionContext]):
     """text_completion, or its chunks: the echoed prompts first, then text deltas (the last one carries
     the finish_reason), and with include_usage a last chunk with the usage and no choices."""
 
     # OpenAI uses one shape for both.
     chunk_type = response_type = CompletionResponse
 
-    def __init__(self, context: CompletionContext) -> None:
-        super().__init__(context)
-        self._context = context
-
     def choices(self, results: ChoiceResults) -> list[CompletionChoice]:
-        context = self._context
+        context = self.context
         choices = []
         for (position, index), result in sorted(results.items()):
             logprobs = None
@@ -132,7 +128,7 @@ class CompletionFormatter(ResponseFormatter):
         return choices
 
     def opening(self) -> Iterable[bytes]:
-        context = self._context
+        context = self.context
         return [
             self._chunk([CompletionChoice(index=context.choice_index(position, i), text=text)])
             for position, text in enumerate(context.echo_texts)
@@ -141,7 +137,7 @@ class CompletionFormatter(ResponseFormatter):
         ]
 
     def delta(self, position: int, output: RequestOutput) -> Iterator[bytes]:
-        context = self._context
+        context = self.context
         for completion in output.outputs:
             logprobs = None
             if context.logprobs is not None and completion.logprobs:
