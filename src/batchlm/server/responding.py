@@ -1,6 +1,6 @@
-"""How a generation request is answered, shared by chat and completions: a Server-Sent Events stream
-(role/content/finish chunks, usage, [DONE]; errors as an error event) or one JSON body, each raced
-against the client's disconnect; the outputs of several generations merged as they arrive."""
+"""How a generation request is answered, shared by chat and completions: its generations started, then
+a Server-Sent Events stream (role/content/finish chunks, usage, [DONE]; errors as an error event) or one
+JSON body, each raced against the client's disconnect."""
 
 from __future__ import annotations
 
@@ -197,16 +197,9 @@ async def start_generations(
             recorder = RequestRecorder(
                 state.metrics, engine_id, len(engine_request.prompt_token_ids), arrival
             )
-            generations.append(
-                Generation(
-                    state.engine,
-                    engine_id,
-                    engine_request,
-                    recorder,
-                    state.in_flight,
-                    request_id if batch else "",
-                )
-            )
+            group = request_id if batch else ""
+            generation = Generation(state.engine, engine_id, engine_request, recorder, state.in_flight, group)
+            generations.append(generation)
     except BaseException:
         await close_all(generations)
         raise
