@@ -361,9 +361,9 @@ def metric_value(metrics_text: str, name: str, labels: str = "") -> float | None
 
 def main(argv: list[str] | None = None) -> int:
     """Serve a FakeEngine with the production launcher (SIGINT/SIGTERM drain included)."""
+    from batchlm.logging_setup import configure_logging
     from batchlm.server.app import build_app
     from batchlm.server.launcher import run_server
-    from batchlm.server.logging_setup import configure_logging
     from batchlm.server.state import ServerSettings
 
     parser = argparse.ArgumentParser(description=main.__doc__)

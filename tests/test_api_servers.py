@@ -60,9 +60,9 @@ def test_delta_cadence_counts_the_streams_of_every_front_end() -> None:
     engine = AsyncLLMEngine(EngineConfig())
     engine._collectors = dict.fromkeys(map(str, range(128)))  # type: ignore[arg-type]
     assert engine._open_streams() == 128
-    engine._record_stats(EngineStats(num_running=256))
+    engine._engine_stats = EngineStats(num_running=256)
     assert engine._open_streams() == 256
-    engine._record_stats(EngineStats(num_running=3))
+    engine._engine_stats = EngineStats(num_running=3)
     assert engine._open_streams() == 128
 
 

@@ -43,7 +43,7 @@ def test_consecutive_step_outputs_become_one_batch_in_step_order() -> None:
     engine._drain_inbox()
     assert engine.events == [("outputs", [("a", (1,)), ("b", (2,)), ("a", (3,)), ("b", (4,))])]
     # The newest stats win; the inbox is empty and the next message schedules a new drain.
-    assert engine._core_stats.num_waiting == 1
+    assert engine._engine_stats.num_waiting == 1
     assert not engine._inbox and not engine._inbox_drain_pending
 
 

@@ -25,6 +25,7 @@ LAYERS: tuple[frozenset[str], ...] = (
             "config",
             "flags",
             "startup_log",
+            "logging_setup",
             "gc_tuning",
             "cpu_wait_policy",
         }
@@ -39,7 +40,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"executor"}),
     frozenset({"engine"}),
     frozenset({"backends"}),
-    frozenset({"server", "cli", "bench", ""}),  # "" is the batchlm package's own __init__
+    frozenset({"server", "cli", "generate_cli", "bench", ""}),  # "" is the batchlm package's own __init__
 )
 
 ImportGraph = dict[str, set[str]]

@@ -4,7 +4,7 @@ request with all its tokens, the same text as step by step, and stop strings sti
 from __future__ import annotations
 
 from batchlm.engine.output_processor import OutputProcessor
-from batchlm.outputs import EngineCoreOutput, FinishReason
+from batchlm.outputs import EngineCoreOutput, FinishReason, TokenLogprobs
 from batchlm.sampling_params import SamplingParams
 from batchlm.tokenizer.tokenizer import Tokenizer
 
@@ -78,3 +78,37 @@ def test_cumulative_text_of_a_stop_string_sequence_fed_several_steps_at_once(
     processor, core_id = _processor(tiny_tokenizer, stop=["there"])
     results, _ = processor.process(_steps(tiny_tokenizer, "hello there, world", core_id), delta=False)
     assert results[0].outputs[0].text == "hello "
+
+
+def test_cumulative_outputs_repeat_everything_so_far_and_deltas_only_what_is_new(
+    tiny_tokenizer: Tokenizer,
+) -> None:
+    steps = _steps(tiny_tokenizer, "hello there, world", "r")
+    cumulative = OutputProcessor(tiny_tokenizer)
+    deltas = OutputProcessor(tiny_tokenizer)
+    params = SamplingParams(max_tokens=100, logprobs=0)
+    for processor in (cumulative, deltas):
+        processor.add_request("r", None, PROMPT, params, 0.0)
+    seen_ids: list[int] = []
+    delta_texts: list[str] = []
+    handed_out = []
+    for step in steps:
+        step.new_logprobs = (TokenLogprobs(-0.5, 1),)
+        (whole,) = cumulative.process([step], delta=False)[0]
+        (delta,) = deltas.process([step], delta=True)[0]
+        seen_ids.append(step.new_token_ids[0])
+        assert whole.outputs[0].token_ids == seen_ids and len(whole.outputs[0].logprobs or ()) == len(
+            seen_ids
+        )
+        assert (
+            delta.outputs[0].token_ids == [step.new_token_ids[0]]
+            and len(delta.outputs[0].logprobs or ()) == 1
+        )
+        delta_texts.append(delta.outputs[0].text)
+        assert whole.outputs[0].text == "".join(delta_texts)
+        handed_out.append((whole, delta))
+    assert whole.outputs[0].text == "hello there, world"
+    # Outputs handed out are never changed by later steps.
+    first_whole, first_delta = handed_out[0]
+    assert first_whole.outputs[0].token_ids == first_delta.outputs[0].token_ids == [steps[0].new_token_ids[0]]
+    assert first_whole.outputs[0].text == first_delta.outputs[0].text == delta_texts[0]

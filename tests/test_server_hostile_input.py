@@ -13,8 +13,7 @@ import pytest
 
 from batchlm.engine.client import QueueFullError
 from batchlm.server.background import BackgroundServer
-from batchlm.server.errors import error_body
-from batchlm.server.generation import engine_error_to_api_error
+from batchlm.server.errors import engine_error_to_api_error, error_body
 from batchlm.server.state import ServerSettings
 from fake_engine import FakeEngine
 

@@ -18,7 +18,7 @@ from tokenizers import models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from batchlm.server.background import BackgroundServer
-from batchlm.server.serving_tokens import DECODE_OFFLOAD_TOKENS
+from batchlm.server.prompts import DECODE_OFFLOAD_TOKENS
 from batchlm.tokenizer.batched_encoder import INLINE_MAX_CHARS, BatchedEncoder
 from batchlm.tokenizer.text_bound import COMPOSITION_FACTOR, max_chars_per_token
 from batchlm.tokenizer.tokenizer import Tokenizer

@@ -11,8 +11,7 @@ import pytest
 
 from batchlm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from batchlm.server.background import BackgroundServer
-from batchlm.server.metrics import RequestRecorder, ServerMetrics
-from batchlm.server.stats_logger import StatsLogger
+from batchlm.server.metrics import RequestRecorder, ServerMetrics, StatsLogger
 from fake_engine import FakeEngine, FakeTokenizer, metric_value, openai_client, wait_until
 
 USER = [{"role": "user", "content": "hi"}]

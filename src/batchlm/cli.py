@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 # `batchlm bench` never imports torch.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("batchlm.server.cli", "Start the OpenAI-compatible server."),
-    "generate": ("batchlm.engine.cli", "Generate completions offline for prompts given on the command line."),
+    "generate": ("batchlm.generate_cli", "Generate completions offline for prompts given on the command line."),
     "bench": ("batchlm.bench.cli", "Benchmark any OpenAI-compatible server over HTTP."),
 }
 

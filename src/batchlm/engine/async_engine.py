@@ -18,9 +18,8 @@ from typing import assert_never
 
 from batchlm.config import EngineConfig
 from batchlm.core.facts import ModelFacts
-from batchlm.engine.client import EngineDeadError, EngineStats, RequestRejectedError, ServedModel
+from batchlm.engine.client import EngineDeadError, EngineStats, RequestRejectedError
 from batchlm.engine.front_end import StepResult, StreamingFrontEnd
-from batchlm.engine.input_processor import InputProcessor
 from batchlm.engine.output_processor import OutputProcessor
 from batchlm.executor.core_messages import (
     AbortRequests,
@@ -34,7 +33,7 @@ from batchlm.executor.core_messages import (
     ToCore,
 )
 from batchlm.executor.core_process import engine_core_main
-from batchlm.models.model_source import load_tokenizer, prepare_model_dir, served_model_name
+from batchlm.models.model_source import load_tokenizer, prepare_model_dir
 from batchlm.request import EngineCoreRequest
 from batchlm.startup_log import log_uptime, timed_phase
 from batchlm.tokenizer.tokenizer import Tokenizer
@@ -65,7 +64,6 @@ class AsyncLLMEngine(StreamingFrontEnd[CoreEvent]):
         self.multiprocess = multiprocess
         self._conn: Connection | None = None
         self._worker: multiprocessing.process.BaseProcess | threading.Thread | None = None
-        self._core_stats = EngineStats()
         self._shutting_down = False
         self.info: ModelFacts | None = None
         # The model directory once the core runs before start(): begin_loading() started it, or
@@ -149,15 +147,11 @@ class AsyncLLMEngine(StreamingFrontEnd[CoreEvent]):
             reason = first.reason if isinstance(first, CoreFailed) else f"unexpected {type(first).__name__}"
             self._dead_reason = reason
             raise EngineDeadError(f"the engine failed to start: {reason}")
-        facts = self.info = first.facts
-        self.input_processor = InputProcessor(facts, self.tokenizer.max_chars_per_token)
-        name = served_model_name(self.config, model_dir)
-        aliases = tuple({self.config.model, str(model_dir)} - {name})
-        self.model_info = ServedModel(name, facts, aliases)
+        self.info = first.facts
         threading.Thread(target=self._read_loop, name="batchlm-engine-reader", daemon=True).start()
         self._writer = threading.Thread(target=self._write_loop, name="batchlm-engine-writer", daemon=True)
         self._writer.start()
-        self._ready = True
+        self._serve(first.facts, model_dir)
 
     def _spawn_core(self, model_dir: Path) -> Connection:
         log_level = logging.getLogger("batchlm").getEffectiveLevel()
@@ -212,12 +206,10 @@ class AsyncLLMEngine(StreamingFrontEnd[CoreEvent]):
         with contextlib.suppress(OSError, BrokenPipeError):
             self._to_core(Shutdown())
         worker = self._worker
-        if isinstance(worker, multiprocessing.process.BaseProcess):
+        if worker is not None:
             await asyncio.get_running_loop().run_in_executor(None, worker.join, 10.0)
-            if worker.is_alive():
-                worker.terminate()
-        elif isinstance(worker, threading.Thread):
-            await asyncio.get_running_loop().run_in_executor(None, worker.join, 10.0)
+        if isinstance(worker, multiprocessing.process.BaseProcess) and worker.is_alive():
+            worker.terminate()
         self._mark_dead("the engine was shut down", expected=True)
 
     # -- EngineClient ------------------------------------------------------------------------------
@@ -225,9 +217,9 @@ class AsyncLLMEngine(StreamingFrontEnd[CoreEvent]):
     def stats(self) -> EngineStats:
         # The core's counts: they include what other front ends sharing the core sent.
         if self.info is None:
-            return self._core_stats
+            return self._engine_stats
         return replace(
-            self._core_stats, kv_cache_blocks=self.info.num_blocks, kv_cache_bits=self.info.kv_cache_bits
+            self._engine_stats, kv_cache_blocks=self.info.num_blocks, kv_cache_bits=self.info.kv_cache_bits
         )
 
     # -- StreamingFrontEnd transport ---------------------------------------------------------------
@@ -284,10 +276,7 @@ class AsyncLLMEngine(StreamingFrontEnd[CoreEvent]):
         """Every stream of the engine, whichever front end serves it: with several API servers the
         deltas keep the interval one front end would give, so a client reading hundreds of streams is
         not sent several times as many events."""
-        return max(len(self._collectors), self._core_stats.num_running)
-
-    def _record_stats(self, stats: EngineStats) -> None:
-        self._core_stats = stats
+        return max(len(self._collectors), self._engine_stats.num_running)
 
     def _on_message(self, message: CoreEvent) -> None:
         match message:

@@ -13,19 +13,23 @@ import threading
 from abc import abstractmethod
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Generic, TypeVar
 
 from batchlm.config import EngineConfig
+from batchlm.core.facts import ModelFacts
 from batchlm.engine.client import (
     EngineClient,
     EngineDeadError,
     EngineStats,
     QueueFullError,
     RequestRejectedError,
+    ServedModel,
 )
-from batchlm.engine.input_processor import ValidatedRequest
+from batchlm.engine.input_processor import InputProcessor, ValidatedRequest
 from batchlm.engine.output_collector import RequestOutputCollector
 from batchlm.engine.output_processor import OutputProcessor
+from batchlm.models.model_source import served_model_name
 from batchlm.outputs import EngineCoreOutput, RequestOutput
 from batchlm.request import EngineCoreRequest
 
@@ -62,6 +66,8 @@ class StreamingFrontEnd(EngineClient, Generic[MessageT]):
         self.max_queue = max_queue
         self._processor: OutputProcessor | None = None
         self._collectors: dict[str, RequestOutputCollector] = {}
+        # The engine's stats as its last step reported them.
+        self._engine_stats = EngineStats()
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._ready = False
@@ -82,10 +88,6 @@ class StreamingFrontEnd(EngineClient, Generic[MessageT]):
     @abstractmethod
     def _send_abort(self, core_ids: list[str]) -> None:
         """Ask the engine to drop these core requests (it may already have finished them)."""
-
-    @abstractmethod
-    def _record_stats(self, stats: EngineStats) -> None:
-        """Keep the engine's stats snapshot that came with a step's outputs."""
 
     @abstractmethod
     def _on_message(self, message: MessageT) -> None:
@@ -124,6 +126,15 @@ class StreamingFrontEnd(EngineClient, Generic[MessageT]):
         self._fail_request(request_id, asyncio.CancelledError())
 
     # -- shared internals ------------------------------------------------------------------------------
+
+    def _serve(self, facts: ModelFacts, model_dir: Path) -> None:
+        """Ready to take requests for the loaded model, named as the config and its directory say."""
+        self.input_processor = InputProcessor(facts, self.tokenizer.max_chars_per_token)
+        name = served_model_name(self.config, model_dir)
+        self.model_info = ServedModel(
+            name, facts, tuple(sorted({self.config.model, str(model_dir)} - {name}))
+        )
+        self._ready = True
 
     def _add(self, request: ValidatedRequest, request_id: str, group_id: str) -> RequestOutputCollector:
         if self._dead_reason is not None:
@@ -195,7 +206,7 @@ class StreamingFrontEnd(EngineClient, Generic[MessageT]):
         batch: list[EngineCoreOutput] = []
         for message in messages:
             if isinstance(message, StepResult):
-                self._record_stats(message.stats)
+                self._engine_stats = message.stats
                 batch.extend(message.outputs)
                 continue
             if batch:

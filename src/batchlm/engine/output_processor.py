@@ -54,20 +54,19 @@ def make_core_requests(
 
 @dataclass
 class _Completion:
-    """One sequence's accumulated state, plus what is new since it was last reported."""
+    """One sequence's output not yet reported: since the last delta, or all of it when the caller
+    asks for cumulative outputs (then nothing is ever cleared)."""
 
     index: int
     detokenizer: IncrementalDetokenizer | None
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
+    # None unless the request asked for logprobs.
     logprobs: list[TokenLogprobs] | None = None
     cumulative_logprob: float | None = None
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
-    # Deltas not yet reported.
-    new_text: str = ""
-    new_token_ids: list[int] = field(default_factory=list)
-    new_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # Anything new since the last delta.
     changed: bool = False
 
 
@@ -89,14 +88,6 @@ class _RequestState:
             if completion.finish_reason is None:
                 return False
         return True
-
-
-def _clear_deltas(state: _RequestState) -> None:
-    for completion in state.completions:
-        completion.new_text = ""
-        completion.new_token_ids = []
-        completion.new_logprobs = []
-        completion.changed = False
 
 
 class OutputProcessor:
@@ -164,7 +155,8 @@ class OutputProcessor:
     ) -> tuple[list[RequestOutput], list[str]]:
         """Returns the RequestOutputs of requests that changed (with finished_only, of those that
         finished: offline use, where building a cumulative output every step would cost O(n^2)), and
-        engine-core ids to abort (their sequences hit a stop string, which only the front end sees)."""
+        engine-core ids to abort (their sequences hit a stop string, which only the front end sees).
+        A delta holds what is new since the last one; without `delta` outputs are cumulative."""
         changed: dict[str, _RequestState] = {}
         to_abort: list[str] = []
         now = time.time()
@@ -179,12 +171,11 @@ class OutputProcessor:
             if self._apply(state, completion, output, now):
                 to_abort.append(output.request_id)
             changed[state.request_id] = state
-        results = []
-        for state in changed.values():
-            if finished_only and not state.finished:
-                _clear_deltas(state)
-            else:
-                results.append(self._make_output(state, delta))
+        results = [
+            self._make_output(state, delta)
+            for state in changed.values()
+            if state.finished or not finished_only
+        ]
         for state in changed.values():
             if state.finished:
                 self._forget(state)
@@ -211,10 +202,8 @@ class OutputProcessor:
         state.num_cached_tokens = max(state.num_cached_tokens, output.num_cached_tokens)
         completion.changed = True
         completion.token_ids.extend(new_token_ids)
-        completion.new_token_ids.extend(new_token_ids)
         if completion.logprobs is not None and new_logprobs:
             completion.logprobs.extend(new_logprobs)
-            completion.new_logprobs.extend(new_logprobs)
             total = sum(lp.logprob for lp in new_logprobs)
             completion.cumulative_logprob = (completion.cumulative_logprob or 0.0) + total
         stopped_by_string = False
@@ -238,36 +227,13 @@ class OutputProcessor:
             completion.stop_reason = output.stop_token_id
             if output.error:
                 state.error = output.error
-        completion.new_text += added
         completion.text += added
         if completion.finish_reason is not None and metrics.finished_time is None and state.finished:
             metrics.finished_time = now
         return stopped_by_string
 
     def _make_output(self, state: _RequestState, delta: bool) -> RequestOutput:
-        completions = []
-        for completion in state.completions:
-            if delta and not completion.changed:
-                continue
-            completions.append(
-                CompletionOutput(
-                    index=completion.index,
-                    text=completion.new_text if delta else completion.text,
-                    # The delta lists are handed over (fresh ones are made below), not copied.
-                    token_ids=completion.new_token_ids if delta else list(completion.token_ids),
-                    cumulative_logprob=completion.cumulative_logprob,
-                    logprobs=(
-                        None
-                        if completion.logprobs is None
-                        else completion.new_logprobs
-                        if delta
-                        else list(completion.logprobs)
-                    ),
-                    finish_reason=completion.finish_reason,
-                    stop_reason=completion.stop_reason,
-                )
-            )
-        _clear_deltas(state)
+        completions = [_report(c, delta) for c in state.completions if c.changed or not delta]
         return RequestOutput(
             request_id=state.request_id,
             prompt=state.prompt,
@@ -283,3 +249,22 @@ class OutputProcessor:
         self._requests.pop(state.request_id, None)
         for core_id in child_request_ids(state.request_id, len(state.completions)):
             self._sequences.pop(core_id, None)
+
+
+def _report(completion: _Completion, delta: bool) -> CompletionOutput:
+    """The completion's unreported output. A delta hands its lists over and starts fresh ones; a
+    cumulative output copies them."""
+    logprobs = completion.logprobs
+    output = CompletionOutput(
+        index=completion.index,
+        text=completion.text,
+        token_ids=completion.token_ids if delta else list(completion.token_ids),
+        cumulative_logprob=completion.cumulative_logprob,
+        logprobs=logprobs if delta or logprobs is None else list(logprobs),
+        finish_reason=completion.finish_reason,
+        stop_reason=completion.stop_reason,
+    )
+    if delta:
+        completion.text, completion.token_ids, completion.changed = "", [], False
+        completion.logprobs = None if logprobs is None else []
+    return output

@@ -1,13 +1,8 @@
-"""Extra API-server processes for `batchlm serve --api-servers N`.
-
-One event loop takes in every request of a burst (HTTP parsing, validation, tokenization hand-off)
-and frames every streamed chunk, so the last requests of a large burst reach the engine only after
-the loop has taken in the rest, while the GPU waits (BENCHMARKS.md, "Figures that left the source"). With N processes each one runs its own loop and HTTP server
-on the same port (SO_REUSEPORT: the kernel spreads connections across the listening sockets) and its
-own pipe to the one engine core, which routes each request's outputs back to the process that added
-it. The process `batchlm serve` started is the primary: it starts the core and the others, forwards
-its shutdown to them, and stops the core only after they have drained.
-"""
+"""Extra API-server processes for `batchlm serve --api-servers N`: one event loop takes in and frames
+every request of a burst, so its last requests reach the engine late while the GPU waits. Each process
+runs its own loop and HTTP server on the same port (SO_REUSEPORT: the kernel spreads connections) and
+its own pipe to the one engine core. The process `batchlm serve` started is the primary: it starts the
+core and the others, forwards its shutdown to them, and stops the core only after they have drained."""
 
 from __future__ import annotations
 
@@ -54,11 +49,9 @@ def shared_port_unsupported_reason() -> str | None:
 
 
 def automatic_api_servers(device: str, backend: str, cpus: int | None = None) -> int:
-    """--api-servers when not given: 2 for the torch engine on an NVIDIA GPU with at least 8 CPUs (a
-    256-stream burst keeps one front end's event loop busy on the GPU machine; 4 processes measured
-    no faster than 2 there, for more CPU); 1 on a CPU engine, which needs the cores itself. With --device auto
-    the GPU is assumed when the NVIDIA driver's device node exists (the engine core decides later,
-    with torch, which this process does not import)."""
+    """--api-servers when not given: 2 for the torch engine on an NVIDIA GPU with at least 8 CPUs; 1 on
+    a CPU engine, which needs the cores itself. With --device auto the GPU is assumed when the NVIDIA
+    driver's device node exists (this process does not import torch)."""
     if backend != "torch" or shared_port_unsupported_reason() is not None:
         return 1
     on_gpu = device.startswith("cuda") or (device == "auto" and Path("/dev/nvidiactl").exists())
@@ -121,8 +114,7 @@ class ApiServerPool:
     share_core's callback), awaited before the primary says it is ready, stopped before the core."""
 
     def __init__(self, settings: ServerSettings, config: EngineConfig) -> None:
-        """`settings` carry the port the primary bound (the others bind the same one); one process
-        starts per pipe start() is given."""
+        # With the port the primary bound: the others bind the same one.
         self.settings = settings
         self.config = config
         self._members: list[_Member] = []
@@ -238,7 +230,7 @@ class ApiServerSpec:
 
 def api_server_main(spec: ApiServerSpec) -> None:
     """Entry point of an API-server process other than the primary."""
-    from batchlm.server.logging_setup import configure_logging
+    from batchlm.logging_setup import configure_logging
 
     # The primary turns Ctrl-C into SIGTERM for this process; while it starts, SIGINT is ignored so
     # that a Ctrl-C during loading does not print a traceback here.

@@ -10,16 +10,14 @@ from fastapi import FastAPI
 
 from batchlm import __version__
 from batchlm.engine.client import EngineClient
-from batchlm.server.chat_page import install_chat_page
-from batchlm.server.docs_pages import install_docs_pages
 from batchlm.server.errors import install_error_handlers
 from batchlm.server.fast_routes import FastGenerationRoutes
 from batchlm.server.generation import InFlight
-from batchlm.server.metrics import ServerMetrics
+from batchlm.server.metrics import ServerMetrics, StatsLogger
 from batchlm.server.middleware import APIKeyMiddleware, ArrivalStampMiddleware, BodySizeLimitMiddleware
+from batchlm.server.pages import install_chat_page, install_docs_pages
 from batchlm.server.routes import router
 from batchlm.server.state import ServerSettings, ServerState
-from batchlm.server.stats_logger import StatsLogger
 
 
 def build_app(engine: EngineClient, settings: ServerSettings | None = None, *, log_stats: bool = True) -> FastAPI:

@@ -11,7 +11,7 @@ from dataclasses import replace
 from batchlm.backends import BACKEND_CHOICES, create_engine, resolve_backend
 from batchlm.config import EngineConfig
 from batchlm.flags import add_dataclass_arguments, add_engine_arguments, dataclass_from_args
-from batchlm.server.logging_setup import LOG_LEVELS, configure_logging
+from batchlm.logging_setup import LOG_LEVELS, configure_logging
 from batchlm.server.state import ServerSettings
 from batchlm.tools.registry import TOOL_CALL_PARSER_CHOICES
 

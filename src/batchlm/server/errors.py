@@ -13,22 +13,15 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from batchlm.engine.client import RequestRejectedError
+from batchlm.engine.client import EngineDeadError, QueueFullError, RequestRejectedError
 from batchlm.tools.spec import ToolUseError
 
 logger = logging.getLogger(__name__)
 
-# OpenAI's error `type` for each status we send.
-ERROR_TYPES: dict[int, str] = {
-    400: "invalid_request_error",
-    401: "invalid_request_error",
-    404: "invalid_request_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    429: "rate_limit_exceeded",
-    500: "server_error",
-    503: "service_unavailable",
-}
+# OpenAI's error `type` where it is neither "server_error" (5xx) nor "invalid_request_error" (4xx).
+ERROR_TYPES: dict[int, str] = {429: "rate_limit_exceeded", 503: "service_unavailable"}
+# Seconds a client refused with 429 should wait before retrying: the queue moves within a few steps.
+RETRY_AFTER_S = "1"
 
 
 class APIError(Exception):
@@ -63,17 +56,43 @@ def error_body(
     return {"error": {"message": encodable(message), "type": error_type, "param": param, "code": code}}
 
 
-def encodable(text: str) -> str:
-    """`text` with anything UTF-8 cannot encode (lone surrogates echoed from the client's input)
-    spelled as a backslash escape, so that an error body can always be sent."""
+def encodes(text: str) -> bool:
+    """False for a text UTF-8 cannot encode: one with a lone UTF-16 surrogate, which JSON escapes allow."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text
+        return False
+    return True
 
 
-def rejection_to_api_error(error: RequestRejectedError | ToolUseError) -> APIError:
+def encodable(text: str) -> str:
+    """`text` with anything UTF-8 cannot encode (lone surrogates echoed from the client's input)
+    spelled as a backslash escape, so that an error body can always be sent."""
+    return text if encodes(text) else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def engine_error_to_api_error(error: Exception) -> APIError | None:
+    """The HTTP meaning of the engine's documented errors and tool use's refusals; None for anything
+    else (a bug: 500)."""
+    if isinstance(error, RequestRejectedError | ToolUseError):
+        return _rejection(error)
+    if isinstance(error, QueueFullError):
+        return APIError(
+            429, _overloaded_message(str(error)), code="queue_full", headers={"Retry-After": RETRY_AFTER_S}
+        )
+    if isinstance(error, EngineDeadError):
+        return APIError(503, f"The engine is not available: {error}", code="engine_unavailable")
+    return None
+
+
+def _overloaded_message(reason: str) -> str:
+    """The engine's reason as one sentence that says "overloaded" once (the front end's already does)."""
+    if "overloaded" not in reason:
+        reason = f"the server is overloaded: {reason}"
+    return reason[:1].upper() + reason[1:].rstrip(".") + "."
+
+
+def _rejection(error: RequestRejectedError | ToolUseError) -> APIError:
     return APIError(400, str(error), param=error.param, code=error.code)
 
 
@@ -83,7 +102,7 @@ def rejections_as_400() -> Iterator[None]:
     try:
         yield
     except (RequestRejectedError, ToolUseError) as error:
-        raise rejection_to_api_error(error) from None
+        raise _rejection(error) from None
 
 
 def error_response(error: APIError) -> JSONResponse:

@@ -1,45 +1,24 @@
-"""One engine request as the server drives it: engine errors become APIErrors, a server-side abort is told
-apart from cancellation, and closing an unfinished request always aborts it in the engine."""
+"""Engine requests as the server drives them: engine errors become APIErrors, a server-side abort is
+told apart from cancellation, and closing an unfinished request always aborts it in the engine; the
+generations of one HTTP request are primed, merged and closed together."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 
 import anyio
 from prometheus_client import Gauge
 
-from batchlm.engine.client import EngineClient, EngineDeadError, QueueFullError, RequestRejectedError
+from batchlm.engine.client import EngineClient
 from batchlm.engine.input_processor import ValidatedRequest
 from batchlm.outputs import FinishReason, RequestOutput
-from batchlm.server.errors import APIError, rejection_to_api_error
+from batchlm.server.errors import APIError, engine_error_to_api_error
 from batchlm.server.metrics import RequestRecorder
 
 logger = logging.getLogger(__name__)
-
-# Seconds a client refused with 429 should wait before retrying: the queue moves within a few steps.
-RETRY_AFTER_S = "1"
-
-
-def engine_error_to_api_error(error: Exception) -> APIError | None:
-    """The HTTP meaning of the engine's documented errors; None for anything else (a bug: 500)."""
-    if isinstance(error, RequestRejectedError):
-        return rejection_to_api_error(error)
-    if isinstance(error, QueueFullError):
-        return APIError(
-            429, _overloaded_message(str(error)), code="queue_full", headers={"Retry-After": RETRY_AFTER_S}
-        )
-    if isinstance(error, EngineDeadError):
-        return APIError(503, f"The engine is not available: {error}", code="engine_unavailable")
-    return None
-
-
-def _overloaded_message(reason: str) -> str:
-    """The engine's reason as one sentence that says "overloaded" once (the front end's already does)."""
-    if "overloaded" not in reason:
-        reason = f"the server is overloaded: {reason}"
-    return reason[:1].upper() + reason[1:].rstrip(".") + "."
 
 
 def _this_task_is_cancelled() -> bool:
@@ -103,7 +82,7 @@ class Generation:
         self._server_aborted = False
         self._finish_reasons: dict[int, FinishReason] = {}
         try:
-            self._stream: AsyncIterator[RequestOutput] = engine.submit(request, request_id, group_id)
+            self._stream: AsyncGenerator[RequestOutput, None] = engine.submit(request, request_id, group_id)
         except Exception as error:
             raise self._translate(error) from error
         in_flight.add(self)
@@ -156,10 +135,9 @@ class Generation:
 
     def _translate(self, error: Exception) -> Exception:
         """The APIError for the engine's documented errors; anything else is re-raised as is (a 500)."""
-        self._failed = True
-        return engine_error_to_api_error(error) or error
+        return self._fail(engine_error_to_api_error(error) or error)
 
-    def _fail(self, error: APIError) -> APIError:
+    def _fail(self, error: Exception) -> Exception:
         self._failed = True
         return error
 
@@ -194,10 +172,58 @@ class Generation:
             logger.warning("aborting %s failed", self.request_id, exc_info=True)
 
     async def _close_stream(self) -> None:
-        aclose = getattr(self._stream, "aclose", None)
-        if aclose is None:
-            return
         try:
-            await aclose()
+            await self._stream.aclose()
         except Exception:  # the stream is being discarded; its failure changes nothing for the client
             logger.debug("closing the engine stream of %s failed", self.request_id, exc_info=True)
+
+
+async def prime_all(generations: Sequence[Generation]) -> None:
+    """Wait for every generation's first output; on the first failure the others are cancelled."""
+    tasks = [asyncio.ensure_future(g.prime()) for g in generations]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def close_all(generations: Sequence[Generation]) -> None:
+    for generation in generations:
+        await generation.close()
+
+
+async def merge_outputs(generations: Sequence[Generation]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(position of the generation, delta) as they arrive, until every generation has finished.
+    An error of any generation (APIError or other) is raised here; the caller closes the generations."""
+    if len(generations) == 1:
+        while (output := await generations[0].next()) is not None:
+            yield 0, output
+        return
+    queue: asyncio.Queue[tuple[int, RequestOutput | Exception | None]] = asyncio.Queue()
+
+    async def pump(position: int, generation: Generation) -> None:
+        try:
+            while (output := await generation.next()) is not None:
+                queue.put_nowait((position, output))
+            queue.put_nowait((position, None))
+        except Exception as error:  # handed to the consumer, which raises it
+            queue.put_nowait((position, error))
+
+    pumps = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(generations)]
+    try:
+        remaining = len(pumps)
+        while remaining:
+            position, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            if item is None:
+                remaining -= 1
+            else:
+                yield position, item
+    finally:
+        for running in pumps:
+            running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*pumps, return_exceptions=True)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 from batchlm.outputs import TokenLogprobs
 from batchlm.server.responses import ChatChoiceLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
+from batchlm.tokenizer.tokenizer import Tokenizer
 
 # OpenAI reports impossible tokens with this floor instead of -inf (JSON has no infinities).
 LOGPROB_FLOOR = -9999.0
@@ -18,7 +18,7 @@ def _finite(logprob: float) -> float:
     return LOGPROB_FLOOR if math.isnan(logprob) or logprob < LOGPROB_FLOOR else logprob
 
 
-def _token_bytes(tokenizer: Any, token_id: int, text: str) -> list[int]:
+def _token_bytes(tokenizer: Tokenizer, token_id: int, text: str) -> list[int]:
     """The exact bytes of a token (a part of a multi-byte character has no text of its own), from the
     tokenizer's token_bytes() where it has one, else the UTF-8 of its text."""
     exact = getattr(tokenizer, "token_bytes", None)
@@ -26,7 +26,7 @@ def _token_bytes(tokenizer: Any, token_id: int, text: str) -> list[int]:
 
 
 def chat_logprobs(
-    tokenizer: Any, token_ids: Sequence[int], logprobs: Sequence[TokenLogprobs], top_n: int
+    tokenizer: Tokenizer, token_ids: Sequence[int], logprobs: Sequence[TokenLogprobs], top_n: int
 ) -> ChatChoiceLogprobs:
     """One entry per generated token, each with its `top_n` most likely alternatives."""
     content = []
@@ -37,7 +37,7 @@ def chat_logprobs(
     return ChatChoiceLogprobs(content=content)
 
 
-def _top_logprob(tokenizer: Any, token_id: int, logprob: float) -> TopLogprob:
+def _top_logprob(tokenizer: Tokenizer, token_id: int, logprob: float) -> TopLogprob:
     text = tokenizer.token_to_text(token_id)
     return TopLogprob(token=text, logprob=_finite(logprob), bytes=_token_bytes(tokenizer, token_id, text))
 
@@ -46,7 +46,7 @@ class CompletionLogprobsBuilder:
     """Builds completions-format logprobs for one choice, delta by delta; `text_offset` keeps counting
     across deltas (and starts after an echoed prompt)."""
 
-    def __init__(self, tokenizer: Any, top_n: int, start_offset: int = 0) -> None:
+    def __init__(self, tokenizer: Tokenizer, top_n: int, start_offset: int = 0) -> None:
         self._tokenizer = tokenizer
         self._top_n = top_n
         self._offset = start_offset

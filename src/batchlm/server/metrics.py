@@ -1,8 +1,10 @@
 """Prometheus metrics for /metrics, kept in a per-app registry: request outcomes and latency histograms
-recorded here, engine gauges and token counters read from EngineClient.stats() at scrape time."""
+recorded here, engine gauges and token counters read from EngineClient.stats() at scrape time; and the
+periodic engine log line (StatsLogger) from the same stats."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -24,26 +26,29 @@ from batchlm.engine.client import EngineClient, EngineStats
 from batchlm.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
+stats_log = logging.getLogger("batchlm.server.stats")
 
 LATENCY_BUCKETS = (
-    0.001,
-    0.005,
-    0.01,
-    0.02,
-    0.04,
-    0.06,
-    0.08,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-)
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0
+)  # fmt: skip
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
+# (metric, help, EngineStats field): the engine's gauges and counters, read at scrape time.
+ENGINE_GAUGES = (
+    ("batchlm_num_requests_running", "Requests in the running batch.", "num_running"),
+    ("batchlm_num_requests_waiting", "Requests waiting to be scheduled.", "num_waiting"),
+    ("batchlm_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use (0..1).", "kv_cache_usage"),
+)
+ENGINE_COUNTERS = (
+    ("batchlm_prompt_tokens", "Prompt tokens processed.", "prompt_tokens_total"),
+    ("batchlm_generation_tokens", "Tokens generated.", "generation_tokens_total"),
+    ("batchlm_spec_proposed_tokens", "Draft tokens verified by speculative decoding.",
+     "spec_proposed_tokens_total"),
+    ("batchlm_spec_accepted_tokens", "Draft tokens accepted by speculative decoding.",
+     "spec_accepted_tokens_total"),
+    ("batchlm_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "prefix_cache_queries"),
+    ("batchlm_prefix_cache_hits", "Prompt tokens found in the prefix cache.", "prefix_cache_hits"),
+    ("batchlm_num_preemptions", "Requests preempted for lack of KV blocks.", "num_preemptions"),
+)  # fmt: skip
 
 
 # prometheus_client's switch for metrics shared by several processes (files in this directory).
@@ -77,47 +82,21 @@ class EngineStatsCollector:
         except Exception:  # a loading or dead engine has no stats; the other metrics still matter
             logger.debug("engine stats unavailable", exc_info=True)
             return
-        hit_rate = prefix_cache_hit_rate(stats)
-        gauges = {
-            "batchlm_num_requests_running": ("Requests in the running batch.", stats.num_running),
-            "batchlm_num_requests_waiting": ("Requests waiting to be scheduled.", stats.num_waiting),
-            "batchlm_kv_cache_usage_ratio": (
-                "Fraction of KV-cache blocks in use (0..1).",
-                stats.kv_cache_usage,
-            ),
-            "batchlm_prefix_cache_hit_rate": ("Prefix-cache hits over lookups, in tokens (0..1).", hit_rate),
-        }
-        counters = {
-            "batchlm_prompt_tokens": ("Prompt tokens processed.", stats.prompt_tokens_total),
-            "batchlm_generation_tokens": ("Tokens generated.", stats.generation_tokens_total),
-            "batchlm_spec_proposed_tokens": (
-                "Draft tokens verified by speculative decoding.",
-                stats.spec_proposed_tokens_total,
-            ),
-            "batchlm_spec_accepted_tokens": (
-                "Draft tokens accepted by speculative decoding.",
-                stats.spec_accepted_tokens_total,
-            ),
-            "batchlm_prefix_cache_queries": (
-                "Prompt tokens looked up in the prefix cache.",
-                stats.prefix_cache_queries,
-            ),
-            "batchlm_prefix_cache_hits": (
-                "Prompt tokens found in the prefix cache.",
-                stats.prefix_cache_hits,
-            ),
-            "batchlm_num_preemptions": ("Requests preempted for lack of KV blocks.", stats.num_preemptions),
-        }
-        for name, (doc, value) in gauges.items():
-            yield GaugeMetricFamily(name, doc, value=value)
+        for name, doc, stat in ENGINE_GAUGES:
+            yield GaugeMetricFamily(name, doc, value=getattr(stats, stat))
+        yield GaugeMetricFamily(
+            "batchlm_prefix_cache_hit_rate",
+            "Prefix-cache hits over lookups, in tokens (0..1).",
+            value=prefix_cache_hit_rate(stats),
+        )
         if stats.kv_cache_blocks:
             blocks = GaugeMetricFamily(
                 "batchlm_kv_cache_blocks", "KV-cache blocks allocated, by bits per element.", labels=["bits"]
             )
             blocks.add_metric([str(stats.kv_cache_bits)], stats.kv_cache_blocks)
             yield blocks
-        for name, (doc, value) in counters.items():
-            yield CounterMetricFamily(name, doc, value=value)
+        for name, doc, stat in ENGINE_COUNTERS:
+            yield CounterMetricFamily(name, doc, value=getattr(stats, stat))
 
     def _ready(self) -> float:
         return 1.0 if self._engine.is_ready and not self._engine.is_dead else 0.0
@@ -267,3 +246,45 @@ class RequestRecorder:
             latency,
             "-" if ttft is None else f"{ttft:.3f}s",
         )
+
+
+class StatsLogger:
+    """Writes one INFO line per interval while the engine has work or produced tokens; silent when idle."""
+
+    def __init__(self, engine: EngineClient, interval_s: float) -> None:
+        self._engine = engine
+        self._interval_s = interval_s
+        self._last: EngineStats | None = None
+        self._last_time = time.monotonic()
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            try:
+                self.log_once()
+            except Exception:  # a statistics hiccup must never stop the server
+                stats_log.debug("stats logging failed", exc_info=True)
+
+    def log_once(self) -> str | None:
+        """Log and return the line, or None when there was nothing to report."""
+        if not self._engine.is_ready:
+            return None
+        stats = self._engine.stats()
+        now = time.monotonic()
+        previous = self._last or EngineStats()
+        elapsed = max(now - self._last_time, 1e-9)
+        self._last, self._last_time = stats, now
+        prompt_tokens = stats.prompt_tokens_total - previous.prompt_tokens_total
+        generated_tokens = stats.generation_tokens_total - previous.generation_tokens_total
+        busy = stats.num_running or stats.num_waiting
+        if not (busy or prompt_tokens or generated_tokens):
+            return None
+        hit_rate = prefix_cache_hit_rate(stats)
+        line = (
+            f"prompt throughput: {prompt_tokens / elapsed:.1f} tokens/s, "
+            f"generation throughput: {generated_tokens / elapsed:.1f} tokens/s, "
+            f"running: {stats.num_running} reqs, waiting: {stats.num_waiting} reqs, "
+            f"KV cache usage: {stats.kv_cache_usage:.1%}, prefix cache hit rate: {hit_rate:.1%}"
+        )
+        stats_log.info(line)
+        return line

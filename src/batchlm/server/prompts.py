@@ -1,5 +1,6 @@
 """API input to token ids: chat messages through the chat template, text prompts through the tokenizer
-(long texts through the tokenizer's BatchedEncoder, `tokenizer/batched_encoder.py`)."""
+(long texts through the tokenizer's BatchedEncoder, `tokenizer/batched_encoder.py`); and both ways
+exposed to clients, POST /tokenize and /detokenize."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ from typing import Any
 
 from batchlm.engine.input_processor import InputProcessor
 from batchlm.server.errors import APIError, rejections_as_400
-from batchlm.server.protocol import ChatMessage
+from batchlm.server.protocol import ChatMessage, DetokenizeRequest, TokenizeRequest
+from batchlm.server.responses import DetokenizeResponse, TokenizeResponse
+from batchlm.server.state import ServerState
 from batchlm.tokenizer.batched_encoder import batched_encoder
+from batchlm.tokenizer.tokenizer import Tokenizer
 from batchlm.tools.prompting import template_knows_tools, template_tool_calls, with_generic_tool_prompt
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -18,10 +22,13 @@ CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 OFFLOAD_CHARS = 512
 # Chat messages longer than this in all are rendered through the template in a worker thread.
 RENDER_OFFLOAD_CHARS = 16_384
+# Token lists longer than this are decoded in a worker thread, so that a long one (the body-size limit
+# allows millions) does not hold up every other request on the event loop.
+DECODE_OFFLOAD_TOKENS = 4096
 
 
 async def encode_text(
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     text: str,
     add_special_tokens: bool,
     processor: InputProcessor | None = None,
@@ -33,7 +40,7 @@ async def encode_text(
         with rejections_as_400():
             processor.check_text_length(len(text), param)
     if len(text) <= OFFLOAD_CHARS:
-        return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        return tokenizer.encode(text, add_special_tokens=add_special_tokens)
     return await batched_encoder(tokenizer).encode(text, add_special_tokens)
 
 
@@ -43,12 +50,11 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     converted = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
-        _check_message(message, where)
+        problem = _message_problem(message)
+        if problem is not None:
+            text, field = problem
+            raise APIError(400, f"{where}: {text}", param=f"{where}.{field}")
         content = _text_content(message.content, where)
-        if content is None and message.role != "assistant":
-            raise APIError(
-                400, f"{where}: 'content' is required for role '{message.role}'.", param=f"{where}.content"
-            )
         # Chat templates know "system"; OpenAI's "developer" role means the same for these models.
         role = "system" if message.role == "developer" else message.role
         entry: dict[str, Any] = {"role": role, "content": content or ""}
@@ -63,34 +69,25 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return converted
 
 
-def _check_message(message: ChatMessage, where: str) -> None:
-    if message.role == "function":
-        raise APIError(
-            400, f"{where}: the deprecated role 'function' is not served; use 'tool'.", f"{where}.role"
-        )
-    if message.role not in CHAT_ROLES:
-        raise APIError(
-            400,
-            f"{where}: invalid role '{message.role}'; expected one of {list(CHAT_ROLES)}.",
-            f"{where}.role",
-        )
+def _message_problem(message: ChatMessage) -> tuple[str, str] | None:
+    """Why a message cannot be served, and the field at fault; None when it can."""
+    role = message.role
+    if role == "function":
+        return "the deprecated role 'function' is not served; use 'tool'.", "role"
+    if role not in CHAT_ROLES:
+        return f"invalid role '{role}'; expected one of {list(CHAT_ROLES)}.", "role"
     for name in ("function_call", "audio"):
         if getattr(message, name):
-            raise APIError(
-                400, f"{where}: '{name}' is not supported (send tool_calls; no audio).", f"{where}.{name}"
-            )
-    _check_tool_fields(message, where)
-
-
-def _check_tool_fields(message: ChatMessage, where: str) -> None:
-    if message.tool_calls and message.role != "assistant":
-        raise APIError(400, f"{where}: only assistant messages carry 'tool_calls'.", f"{where}.tool_calls")
-    if message.role == "tool" and not message.tool_call_id:
-        raise APIError(
-            400, f"{where}: a 'tool' message needs the 'tool_call_id' it answers.", f"{where}.tool_call_id"
-        )
-    if message.role != "tool" and message.tool_call_id is not None:
-        raise APIError(400, f"{where}: only 'tool' messages carry 'tool_call_id'.", f"{where}.tool_call_id")
+            return f"'{name}' is not supported (send tool_calls; no audio).", name
+    if message.tool_calls and role != "assistant":
+        return "only assistant messages carry 'tool_calls'.", "tool_calls"
+    if role == "tool" and not message.tool_call_id:
+        return "a 'tool' message needs the 'tool_call_id' it answers.", "tool_call_id"
+    if role != "tool" and message.tool_call_id is not None:
+        return "only 'tool' messages carry 'tool_call_id'.", "tool_call_id"
+    if message.content is None and role != "assistant":
+        return f"'content' is required for role '{role}'.", "content"
+    return None
 
 
 def _text_content(content: str | list[dict[str, Any]] | None, where: str) -> str | None:
@@ -119,7 +116,7 @@ def _text_content(content: str | list[dict[str, Any]] | None, where: str) -> str
 
 
 async def render_chat(
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     messages: list[ChatMessage],
     *,
     add_generation_prompt: bool,
@@ -141,20 +138,16 @@ async def render_chat(
         chat_template_kwargs = {**(chat_template_kwargs or {}), "tools": tools}
 
     def render() -> str:
-        text: str = tokenizer.render_chat_template(
+        return tokenizer.render_chat_template(
             converted, add_generation_prompt, chat_template_kwargs, continue_final_message
         )
-        return text
 
     try:
         size = sum(len(m["content"]) for m in converted)
         text = await asyncio.to_thread(render) if size > RENDER_OFFLOAD_CHARS else render()
     except Exception as error:  # the template runs on the client's messages and kwargs: their fault
         raise APIError(400, f"Could not apply the chat template: {error}", param="messages") from error
-    ids: list[int] = tokenizer.chat_ids(
-        await encode_text(tokenizer, text, False, processor, param="messages")
-    )
-    return ids
+    return tokenizer.chat_ids(await encode_text(tokenizer, text, False, processor, param="messages"))
 
 
 def _check_continuation(
@@ -175,3 +168,41 @@ def _check_continuation(
             "'continue_final_message' needs the last message to be from the assistant.",
             param="continue_final_message",
         )
+
+
+async def tokenize(state: ServerState, body: TokenizeRequest) -> TokenizeResponse:
+    """Token ids of a text prompt, or of messages rendered with the chat template (exactly one of them)."""
+    info = state.ready_model(body.model)
+    tokenizer = state.engine.tokenizer
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "Send exactly one of 'prompt' (text) or 'messages' (chat).", param="prompt")
+    if body.messages is not None:
+        if not body.messages:
+            raise APIError(400, "'messages' must not be empty.", param="messages")
+        tokens = await render_chat(
+            tokenizer,
+            body.messages,
+            add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message,
+            chat_template_kwargs=body.chat_template_kwargs,
+            processor=state.engine.input_processor,
+        )
+    else:
+        processor = state.engine.input_processor
+        tokens = await encode_text(tokenizer, body.prompt or "", body.add_special_tokens, processor)
+    return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=info.facts.max_model_len)
+
+
+async def detokenize(state: ServerState, body: DetokenizeRequest) -> DetokenizeResponse:
+    """Text of any number of token ids (the body-size limit bounds them); long lists are decoded off
+    the event loop."""
+    state.ready_model(body.model)
+    with rejections_as_400():
+        state.engine.input_processor.check_token_ids(body.tokens, "tokens")
+    tokenizer = state.engine.tokenizer
+
+    def decode() -> str:
+        return tokenizer.decode(body.tokens, skip_special_tokens=False)
+
+    long = len(body.tokens) > DECODE_OFFLOAD_TOKENS
+    return DetokenizeResponse(prompt=await asyncio.to_thread(decode) if long else decode())

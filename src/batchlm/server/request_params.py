@@ -1,22 +1,21 @@
-"""The HTTP side of the edge: the model name, unsupported OpenAI fields, and the mapping of OpenAI
-sampling fields onto batchlm's SamplingParams; checks against the model are the input processor's."""
+"""The HTTP side of the edge: valid Unicode, unsupported OpenAI fields, and the mapping of OpenAI
+sampling fields onto batchlm's SamplingParams, the output constraint (`response_format`,
+`structured_outputs`, `guided_*`) included; checks against the model are the input processor's."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import json
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel
 
-from batchlm.engine.client import ServedModel
 from batchlm.engine.input_processor import FieldNames
-from batchlm.sampling_params import SamplingParams, SamplingParamsError
-from batchlm.server.errors import APIError
+from batchlm.sampling_params import SamplingParams, SamplingParamsError, StructuredOutputs
+from batchlm.server.errors import APIError, encodes
 from batchlm.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
-from batchlm.server.structured_params import structured_outputs_of
-
-# The seed README's examples send these; they name the one served model.
-PLACEHOLDER_MODEL_NAMES = ("default", "default_model")
+from batchlm.structured.backend import GrammarError
+from batchlm.structured.llguidance_backend import lark_from_user_grammar
 
 # (field, accepted value test, why it is refused): known OpenAI fields that batchlm does not serve.
 UnsupportedRule = tuple[str, Callable[[Any], bool], str]
@@ -35,26 +34,6 @@ CHAT_UNSUPPORTED: tuple[UnsupportedRule, ...] = (
 )
 
 
-def check_model(requested: str | None, info: ServedModel) -> None:
-    """404 unless `requested` names the served model (or one of its aliases); omitted means the served one."""
-    if requested is None or requested == info.served_model_name:
-        return
-    if requested in info.aliases or requested in PLACEHOLDER_MODEL_NAMES:
-        return
-    raise APIError(
-        404,
-        f"The model '{requested}' does not exist. This server serves '{info.served_model_name}'.",
-        param="model",
-        code="model_not_found",
-    )
-
-
-def check_n(n: int, max_n: int) -> None:
-    """400 for an `n` over the server's --max-n (SamplingParams checks the lower bound)."""
-    if n > max_n:
-        raise APIError(400, f"'n' must be at most {max_n} on this server (--max-n), got {n}.", param="n")
-
-
 def check_unicode(body: BaseModel) -> None:
     """400 naming the first string of `body` (keys included) that is not valid Unicode: a lone UTF-16
     surrogate (e.g. "\\ud800") that JSON escapes allow but no tokenizer or UTF-8 encoder accepts. The
@@ -70,13 +49,13 @@ def check_unicode(body: BaseModel) -> None:
 
 def _first_invalid_text(value: Any, path: str) -> str | None:
     if isinstance(value, str):
-        return None if value.isascii() or _encodes(value) else path
+        return None if value.isascii() or encodes(value) else path
     if isinstance(value, BaseModel):
         value = value.__dict__
     if isinstance(value, dict):
         for key, item in value.items():
             inner = f"{path}.{key}" if path else str(key)
-            if isinstance(key, str) and not _encodes(key):
+            if isinstance(key, str) and not encodes(key):
                 return path or None
             found = _first_invalid_text(item, inner)
             if found is not None:
@@ -89,23 +68,11 @@ def _first_invalid_text(value: Any, path: str) -> str | None:
     return None
 
 
-def _encodes(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def reject_unsupported(request: Any, rules: Iterable[UnsupportedRule]) -> None:
-    for name, accepted, why in rules:
-        if not accepted(getattr(request, name)):
-            raise APIError(400, f"'{name}' is not supported by this server: {why}.", param=name)
-
-
 def check_chat_request(request: ChatCompletionRequest) -> None:
     """Reject chat requests batchlm cannot honour, before any work is done."""
-    reject_unsupported(request, CHAT_UNSUPPORTED)
+    for name, accepted, why in CHAT_UNSUPPORTED:
+        if not accepted(getattr(request, name)):
+            raise APIError(400, f"'{name}' is not supported by this server: {why}.", param=name)
     _check_stream_options(request)
     if request.top_logprobs is not None and not request.logprobs:
         raise APIError(400, "'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
@@ -140,6 +107,14 @@ def _check_stream_options(request: SamplingFields) -> None:
         )
 
 
+# SamplingFields that mean what the SamplingParams field of the same name means (None: its default).
+SAME_NAMED_FIELDS = (
+    "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+    "seed", "min_tokens", "ignore_eos", "skip_special_tokens", "include_stop_str_in_output",
+    "truncate_prompt_tokens",
+)  # fmt: skip
+
+
 def build_sampling_params(
     request: SamplingFields,
     *,
@@ -152,28 +127,17 @@ def build_sampling_params(
     fields the input processor may name. Invalid values are a 400 naming the field as the client
     spelled it (`param_names` renames SamplingParams fields, e.g. logprobs)."""
     constraint = structured_outputs_of(request)
+    given = {name: value for name in SAME_NAMED_FIELDS if (value := getattr(request, name)) is not None}
     try:
         params = SamplingParams(
             n=request.n,
-            temperature=1.0 if request.temperature is None else request.temperature,
-            top_p=1.0 if request.top_p is None else request.top_p,
-            top_k=0 if request.top_k is None else request.top_k,
-            min_p=0.0 if request.min_p is None else request.min_p,
-            repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
-            presence_penalty=request.presence_penalty or 0.0,
-            frequency_penalty=request.frequency_penalty or 0.0,
-            seed=request.seed,
             max_tokens=max_tokens,
-            min_tokens=request.min_tokens,
-            ignore_eos=request.ignore_eos,
             stop=[request.stop] if isinstance(request.stop, str) else list(request.stop or []),
             stop_token_ids=request.stop_token_ids or [],
             logprobs=logprobs,
             logit_bias=_parse_logit_bias(request.logit_bias),
-            skip_special_tokens=request.skip_special_tokens,
-            include_stop_str_in_output=request.include_stop_str_in_output,
-            truncate_prompt_tokens=request.truncate_prompt_tokens,
             structured_outputs=None if constraint is None else constraint[1],
+            **given,
         )
     except SamplingParamsError as error:
         raise APIError(400, str(error), param=param_names.get(error.param, error.param)) from error
@@ -193,3 +157,101 @@ def _parse_logit_bias(raw: dict[str, float] | None) -> dict[int, float]:
                 param="logit_bias",
             ) from None
     return bias
+
+
+RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
+
+
+def structured_outputs_of(request: SamplingFields) -> tuple[str, StructuredOutputs] | None:
+    """The field the client used and its constraint (None when there is none). 400 for a malformed or
+    conflicting one; whether it compiles is the input processor's check."""
+    found: list[tuple[str, StructuredOutputs]] = []
+    response_format = getattr(request, "response_format", None)
+    if response_format is not None and (spec := _from_response_format(response_format)) is not None:
+        found.append(("response_format", spec))
+    if (fields := request.structured_outputs) is not None:
+        kinds = _kinds(fields.json_, fields.json_object, fields.regex, fields.choice, fields.grammar)
+        found.append(("structured_outputs", _spec("structured_outputs", kinds)))
+    guided = _kinds(
+        request.guided_json, None, request.guided_regex, request.guided_choice, request.guided_grammar
+    )
+    if guided:
+        param = f"guided_{next(iter(guided))}"
+        found.append((param, _spec(param, guided)))
+    if len(found) > 1:
+        names = ", ".join(f"'{param}'" for param, _ in found)
+        raise APIError(400, f"Only one output constraint may be given; got {names}.", param=found[1][0])
+    return found[0] if found else None
+
+
+def _kinds(json_: Any, json_object: bool | None, regex: Any, choice: Any, grammar: Any) -> dict[str, Any]:
+    given = {
+        "json": json_,
+        "json_object": json_object or None,
+        "regex": regex,
+        "choice": choice,
+        "grammar": grammar,
+    }
+    return {kind: value for kind, value in given.items() if value is not None}
+
+
+def _spec(param: str, kinds: dict[str, Any]) -> StructuredOutputs:
+    if len(kinds) != 1:
+        raise APIError(
+            400,
+            f"'{param}' must set exactly one of json, json_object, regex, choice or grammar.",
+            param=param,
+        )
+    ((kind, value),) = kinds.items()
+    try:
+        if kind == "json":
+            return StructuredOutputs(json=_schema_text(value, param))
+        if kind == "json_object":
+            return StructuredOutputs(json_object=True)
+        if kind == "regex":
+            return StructuredOutputs(regex=value)
+        if kind == "choice":
+            return StructuredOutputs(choice=tuple(value))
+        return StructuredOutputs(grammar=lark_from_user_grammar(value))
+    except (SamplingParamsError, GrammarError) as error:
+        raise APIError(400, f"Invalid '{param}': {error}", param=param) from None
+
+
+def _schema_text(schema: Any, param: str) -> str:
+    """A schema given as an object or as JSON text, serialized (key order kept: it orders the output)."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as error:
+            raise APIError(
+                400, f"Invalid '{param}': the JSON schema is not valid JSON ({error}).", param=param
+            ) from None
+    if not isinstance(schema, dict | bool):
+        raise APIError(400, f"Invalid '{param}': a JSON schema must be an object.", param=param)
+    return json.dumps(schema, ensure_ascii=False, separators=(",", ":"))
+
+
+def _from_response_format(response_format: dict[str, Any]) -> StructuredOutputs | None:
+    kind = response_format.get("type")
+    if kind not in RESPONSE_FORMAT_TYPES:
+        choices = ", ".join(f"'{t}'" for t in RESPONSE_FORMAT_TYPES)
+        raise APIError(
+            400,
+            f"Invalid 'response_format.type' {kind!r}: expected one of {choices}.",
+            param="response_format",
+        )
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutputs(json_object=True)
+    json_schema = response_format.get("json_schema")
+    if not isinstance(json_schema, dict):
+        raise APIError(
+            400,
+            "'response_format' of type 'json_schema' needs a 'json_schema' object.",
+            param="response_format",
+        )
+    schema = json_schema.get("schema")
+    if schema is None:
+        return StructuredOutputs(json_object=True)  # OpenAI allows a schema-less json_schema format
+    return StructuredOutputs(json=_schema_text(schema, "response_format"))

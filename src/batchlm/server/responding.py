@@ -1,17 +1,16 @@
-"""How a generation request is answered, shared by chat and completions: a Server-Sent Events stream
-(role/content/finish chunks, usage, [DONE]; errors as an error event) or one JSON body, each raced
-against the client's disconnect; the outputs of several generations merged as they arrive."""
+"""How a generation request is answered, shared by chat and completions: its generations started, then
+a Server-Sent Events stream (role/content/finish chunks, usage, [DONE]; errors as an error event) or one
+JSON body, each raced against the client's disconnect."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import anyio
 from pydantic import BaseModel
@@ -19,11 +18,15 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from batchlm.engine.input_processor import ValidatedRequest
 from batchlm.outputs import FinishReason, RequestOutput, TokenLogprobs
 from batchlm.server.errors import APIError, ClientDisconnected
-from batchlm.server.generation import Generation
-from batchlm.server.metrics import ServerMetrics
+from batchlm.server.generation import Generation, close_all, merge_outputs, prime_all
+from batchlm.server.metrics import RequestRecorder, ServerMetrics
+from batchlm.server.middleware import received_at
 from batchlm.server.responses import PromptTokensDetails, UsageInfo
+from batchlm.server.state import ServerState, get_state
+from batchlm.tokenizer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +65,12 @@ class ResponseContext:
     created: int
     # The served model name, as responses report it.
     model: str
-    tokenizer: Any
+    tokenizer: Tokenizer
     n: int
     include_usage: bool
+
+
+ContextT = TypeVar("ContextT", bound=ResponseContext, covariant=True)
 
 
 @dataclass
@@ -85,7 +91,7 @@ class ChoiceResult:
 ChoiceResults = dict[tuple[int, int], ChoiceResult]
 
 
-class ResponseFormatter(ABC):
+class ResponseFormatter(ABC, Generic[ContextT]):
     """One endpoint's response shapes: SSE events from a request's deltas (opening, deltas, closing
     usage chunk) and the JSON body from its gathered choices. Chat and completions differ in shape only."""
 
@@ -93,8 +99,9 @@ class ResponseFormatter(ABC):
     chunk_type: ClassVar[type[BaseModel]]
     response_type: ClassVar[type[BaseModel]]
 
-    def __init__(self, context: ResponseContext) -> None:
-        self._response = context
+    def __init__(self, context: ContextT) -> None:
+        self.context = context
+        self.request_id = context.request_id
         # Without include_usage OpenAI's chunks carry no "usage" key at all.
         self._exclude = None if context.include_usage else {"usage"}
 
@@ -109,7 +116,7 @@ class ResponseFormatter(ABC):
         """The non-streaming response's choices."""
 
     def closing(self, usage: UsageInfo) -> Iterable[bytes]:
-        return [self._chunk([], usage)] if self._response.include_usage else []
+        return [self._chunk([], usage)] if self.context.include_usage else []
 
     def response(self, results: ChoiceResults, usage: UsageInfo) -> BaseModel:
         return self._wrap(self.response_type, self.choices(results), usage)
@@ -119,7 +126,7 @@ class ResponseFormatter(ABC):
         return sse_event(chunk.model_dump_json(exclude=self._exclude))
 
     def _wrap(self, kind: type[BaseModel], choices: Sequence[Any], usage: UsageInfo | None) -> BaseModel:
-        context = self._response
+        context = self.context
         return kind(
             id=context.request_id, created=context.created, model=context.model, choices=choices, usage=usage
         )
@@ -147,19 +154,20 @@ def usage_of(generations: Sequence[Generation]) -> UsageInfo:
 
 async def respond(
     request: Request,
-    generations: Sequence[Generation],
-    formatter: ResponseFormatter,
+    engine_requests: Sequence[ValidatedRequest],
+    formatter: ResponseFormatter[ResponseContext],
     stream: bool,
-    metrics: ServerMetrics,
 ) -> Response:
-    """The answer, unless the client leaves first. A stream starts only after every generation's first
-    output, so that errors before it (queue full, rejected, engine dead) still get their HTTP status.
-    The generations are closed here unless a stream took them."""
+    """Start the engine requests and give the answer, unless the client leaves first. A stream starts
+    only after every generation's first output, so that errors before it (queue full, rejected, engine
+    dead) still get their HTTP status. The generations are closed here unless a stream took them."""
+    state = get_state(request)
+    generations = await start_generations(state, engine_requests, formatter.request_id, received_at(request))
 
     async def answer() -> Response:
         if stream:
             await prime_all(generations)
-            events = _stream_events(generations, formatter, metrics)
+            events = _stream_events(generations, formatter, state.metrics)
             return EventStreamResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
         body = formatter.response(await collect_choices(generations), usage_of(generations))
         return Response(body.model_dump_json(), media_type="application/json")
@@ -176,8 +184,30 @@ async def respond(
             await close_all(generations)
 
 
+async def start_generations(
+    state: ServerState, engine_requests: Sequence[ValidatedRequest], request_id: str, arrival: float | None
+) -> list[Generation]:
+    """One generation per engine request, each in the metrics from the HTTP arrival on. A batch's
+    prompts take admission turns as one request (like n), not one turn each."""
+    generations: list[Generation] = []
+    batch = len(engine_requests) > 1
+    try:
+        for position, engine_request in enumerate(engine_requests):
+            engine_id = f"{request_id}-{position}" if batch else request_id
+            recorder = RequestRecorder(
+                state.metrics, engine_id, len(engine_request.prompt_token_ids), arrival
+            )
+            group = request_id if batch else ""
+            generation = Generation(state.engine, engine_id, engine_request, recorder, state.in_flight, group)
+            generations.append(generation)
+    except BaseException:
+        await close_all(generations)
+        raise
+    return generations
+
+
 async def _stream_events(
-    generations: Sequence[Generation], formatter: ResponseFormatter, metrics: ServerMetrics
+    generations: Sequence[Generation], formatter: ResponseFormatter[ResponseContext], metrics: ServerMetrics
 ) -> AsyncIterator[bytes]:
     try:
         try:
@@ -215,34 +245,10 @@ async def collect_choices(generations: Sequence[Generation]) -> ChoiceResults:
     return results
 
 
-async def prime_all(generations: Sequence[Generation]) -> None:
-    """Wait for every generation's first output; on the first failure the others are cancelled."""
-    tasks = [asyncio.ensure_future(g.prime()) for g in generations]
-    try:
-        await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def close_all(generations: Sequence[Generation]) -> None:
-    for generation in generations:
-        await generation.close()
-
-
-async def wait_for_disconnect(request: Request) -> None:
-    """Returns when the client closes the connection (the body has already been read by then)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
 async def run_until_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Await `work`, cancelling it (and raising ClientDisconnected) if the client goes away first."""
     task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(wait_for_disconnect(request))
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -257,36 +263,7 @@ async def run_until_disconnect(request: Request, work: Awaitable[T]) -> T:
     raise task.exception()  # type: ignore[misc]
 
 
-async def merge_outputs(generations: Sequence[Generation]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """(position of the generation, delta) as they arrive, until every generation has finished.
-    An error of any generation (APIError or other) is raised here; the caller closes the generations."""
-    if len(generations) == 1:
-        while (output := await generations[0].next()) is not None:
-            yield 0, output
-        return
-    queue: asyncio.Queue[tuple[int, RequestOutput | Exception | None]] = asyncio.Queue()
-
-    async def pump(position: int, generation: Generation) -> None:
-        try:
-            while (output := await generation.next()) is not None:
-                queue.put_nowait((position, output))
-            queue.put_nowait((position, None))
-        except Exception as error:  # handed to the consumer, which raises it
-            queue.put_nowait((position, error))
-
-    pumps = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(generations)]
-    try:
-        remaining = len(pumps)
-        while remaining:
-            position, item = await queue.get()
-            if isinstance(item, Exception):
-                raise item
-            if item is None:
-                remaining -= 1
-            else:
-                yield position, item
-    finally:
-        for running in pumps:
-            running.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*pumps, return_exceptions=True)
+async def _wait_for_disconnect(request: Request) -> None:
+    """Returns when the client closes the connection (the body has already been read by then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

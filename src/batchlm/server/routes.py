@@ -9,13 +9,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from batchlm import __version__
+from batchlm.server.prompts import detokenize, tokenize
 from batchlm.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
 )
-from batchlm.server.request_params import check_model, check_unicode
+from batchlm.server.request_params import check_unicode
 from batchlm.server.responses import (
     ChatCompletionResponse,
     CompletionResponse,
@@ -27,7 +28,6 @@ from batchlm.server.responses import (
 )
 from batchlm.server.serving_chat import create_chat_completion
 from batchlm.server.serving_completions import create_completion
-from batchlm.server.serving_tokens import detokenize, tokenize
 from batchlm.server.state import ServerState, get_state
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -65,8 +65,8 @@ async def metrics(request: Request) -> Response:
     return Response(get_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-def _model_card(state: ServerState) -> ModelCard:
-    info = state.ready_model()
+def _model_card(state: ServerState, requested: str | None = None) -> ModelCard:
+    info = state.ready_model(requested)
     return ModelCard(
         id=info.served_model_name, created=state.started_at, max_model_len=info.facts.max_model_len
     )
@@ -79,10 +79,7 @@ async def list_models(request: Request) -> ModelList:
 
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERRORS)
 async def retrieve_model(request: Request, model_id: str) -> ModelCard:
-    state = get_state(request)
-    card = _model_card(state)
-    check_model(model_id, state.engine.model_info)
-    return card
+    return _model_card(get_state(request), model_id)
 
 
 @router.post(

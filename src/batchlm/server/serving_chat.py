@@ -16,7 +16,6 @@ from batchlm.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from batchlm.sampling_params import SamplingParams
 from batchlm.server.errors import rejections_as_400
 from batchlm.server.logprobs import chat_logprobs
-from batchlm.server.middleware import received_at
 from batchlm.server.prompts import render_chat
 from batchlm.server.protocol import ChatCompletionRequest
 from batchlm.server.request_params import build_sampling_params, check_chat_request
@@ -82,8 +81,7 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest) 
         tool_use=tool_use,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
     )
-    generation = state.start_generation(context.request_id, engine_request, received_at(request))
-    return await respond(request, [generation], ChatFormatter(context), body.stream, state.metrics)
+    return await respond(request, [engine_request], ChatFormatter(context), body.stream)
 
 
 def _sampling_params(body: ChatCompletionRequest) -> tuple[SamplingParams, FieldNames]:
@@ -99,7 +97,7 @@ def _sampling_params(body: ChatCompletionRequest) -> tuple[SamplingParams, Field
     )
 
 
-class ChatFormatter(ResponseFormatter):
+class ChatFormatter(ResponseFormatter[ChatContext]):
     """chat.completion, or its chunks: a role chunk per choice, content deltas, a finish chunk per
     choice, and with include_usage a last chunk with the usage and no choices."""
 
@@ -108,7 +106,6 @@ class ChatFormatter(ResponseFormatter):
 
     def __init__(self, context: ChatContext) -> None:
         super().__init__(context)
-        self._context = context
         # Per choice: its tool-call stream, and log-probabilities of text it holds back.
         self._tool_streams: dict[int, ToolCallStream] = {}
         self._held_logprobs: dict[int, ChatChoiceLogprobs] = {}
@@ -117,7 +114,7 @@ class ChatFormatter(ResponseFormatter):
         return [self._choice(index, result) for (_, index), result in sorted(results.items())]
 
     def _choice(self, index: int, result: ChoiceResult) -> ChatChoice:
-        parser = self._context.tool_use.parser
+        parser = self.context.tool_use.parser
         parsed = parser.extract(result.text) if parser is not None else ParsedMessage(result.text, ())
         message = ChatResponseMessage(
             content=parsed.content, tool_calls=response_tool_calls(parsed.tool_calls)
@@ -131,11 +128,11 @@ class ChatFormatter(ResponseFormatter):
 
     def opening(self) -> Iterable[bytes]:
         role = {"role": "assistant", "content": ""}
-        return [self._chunk([ChatChunkChoice(index=i, delta=dict(role))]) for i in range(self._context.n)]
+        return [self._chunk([ChatChunkChoice(index=i, delta=dict(role))]) for i in range(self.context.n)]
 
     def delta(self, position: int, output: RequestOutput) -> Iterator[bytes]:
         for completion in output.outputs:
-            if self._context.tool_use.parser is not None:
+            if self.context.tool_use.parser is not None:
                 yield from self._tool_deltas(completion)
             elif completion.text or completion.logprobs:
                 logprobs = self._delta_logprobs(completion)
@@ -151,7 +148,7 @@ class ChatFormatter(ResponseFormatter):
 
     def _tool_deltas(self, completion: CompletionOutput) -> Iterator[bytes]:
         """Content and call pieces the parser settles; log-probabilities ride on the next piece sent."""
-        parser = self._context.tool_use.parser
+        parser = self.context.tool_use.parser
         assert parser is not None
         stream = self._tool_streams.get(completion.index)
         if stream is None:
@@ -183,8 +180,8 @@ class ChatFormatter(ResponseFormatter):
     def _logprobs(
         self, token_ids: Sequence[int], logprobs: Sequence[TokenLogprobs]
     ) -> ChatChoiceLogprobs | None:
-        top = self._context.top_logprobs
-        return None if top is None else chat_logprobs(self._context.tokenizer, token_ids, logprobs, top)
+        top = self.context.top_logprobs
+        return None if top is None else chat_logprobs(self.context.tokenizer, token_ids, logprobs, top)
 
     def _content_choice(self, index: int, text: str, logprobs: ChatChoiceLogprobs | None) -> ChatChunkChoice:
         return ChatChunkChoice(index=index, delta={"content": text}, logprobs=logprobs)

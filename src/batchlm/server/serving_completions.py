@@ -14,9 +14,7 @@ from starlette.responses import Response
 from batchlm.engine.input_processor import InputProcessor, ValidatedRequest
 from batchlm.outputs import RequestOutput
 from batchlm.server.errors import APIError, rejections_as_400
-from batchlm.server.generation import Generation
 from batchlm.server.logprobs import CompletionLogprobsBuilder
-from batchlm.server.middleware import received_at
 from batchlm.server.prompts import encode_text
 from batchlm.server.protocol import CompletionRequest, PromptInput
 from batchlm.server.request_params import build_sampling_params, check_completion_request
@@ -24,12 +22,12 @@ from batchlm.server.responding import (
     ChoiceResults,
     ResponseContext,
     ResponseFormatter,
-    close_all,
     finish_reason,
     respond,
 )
 from batchlm.server.responses import CompletionChoice, CompletionResponse
-from batchlm.server.state import ServerState, get_state
+from batchlm.server.state import get_state
+from batchlm.tokenizer.tokenizer import Tokenizer
 
 
 @dataclass
@@ -76,12 +74,11 @@ async def create_completion(request: Request, body: CompletionRequest) -> Respon
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         echo_texts=[_echo_text(tokenizer, r) if body.echo else "" for r in engine_requests],
     )
-    generations = await _start_generations(state, engine_requests, context.request_id, received_at(request))
-    return await respond(request, generations, CompletionFormatter(context), body.stream, state.metrics)
+    return await respond(request, engine_requests, CompletionFormatter(context), body.stream)
 
 
 async def _tokenize_prompts(
-    tokenizer: Any, prompt: PromptInput, add_special_tokens: bool, processor: InputProcessor | None
+    tokenizer: Tokenizer, prompt: PromptInput, add_special_tokens: bool, processor: InputProcessor | None
 ) -> list[tuple[str | None, list[int]]]:
     """(text, token ids) per batch entry. A flat list of ints is one token-id prompt, not a batch."""
     items: list[Any] = (
@@ -100,47 +97,21 @@ async def _tokenize_prompts(
     return prompts
 
 
-def _echo_text(tokenizer: Any, prompt: ValidatedRequest) -> str:
+def _echo_text(tokenizer: Tokenizer, prompt: ValidatedRequest) -> str:
     if prompt.prompt is not None:
         return prompt.prompt
-    text: str = tokenizer.decode(prompt.prompt_token_ids, skip_special_tokens=False)
-    return text
+    return tokenizer.decode(prompt.prompt_token_ids, skip_special_tokens=False)
 
 
-async def _start_generations(
-    state: ServerState,
-    engine_requests: list[ValidatedRequest],
-    request_id: str,
-    http_received_at: float | None,
-) -> list[Generation]:
-    generations: list[Generation] = []
-    # A batch's prompts take admission turns as one request (like n), not one turn each.
-    batch = len(engine_requests) > 1
-    try:
-        for position, engine_request in enumerate(engine_requests):
-            engine_id = f"{request_id}-{position}" if batch else request_id
-            group_id = request_id if batch else ""
-            generation = state.start_generation(engine_id, engine_request, http_received_at, group_id)
-            generations.append(generation)
-    except BaseException:
-        await close_all(generations)
-        raise
-    return generations
-
-
-class CompletionFormatter(ResponseFormatter):
+class CompletionFormatter(ResponseFormatter[CompletionContext]):
     """text_completion, or its chunks: the echoed prompts first, then text deltas (the last one carries
     the finish_reason), and with include_usage a last chunk with the usage and no choices."""
 
     # OpenAI uses one shape for both.
     chunk_type = response_type = CompletionResponse
 
-    def __init__(self, context: CompletionContext) -> None:
-        super().__init__(context)
-        self._context = context
-
     def choices(self, results: ChoiceResults) -> list[CompletionChoice]:
-        context = self._context
+        context = self.context
         choices = []
         for (position, index), result in sorted(results.items()):
             logprobs = None
@@ -157,7 +128,7 @@ class CompletionFormatter(ResponseFormatter):
         return choices
 
     def opening(self) -> Iterable[bytes]:
-        context = self._context
+        context = self.context
         return [
             self._chunk([CompletionChoice(index=context.choice_index(position, i), text=text)])
             for position, text in enumerate(context.echo_texts)
@@ -166,7 +137,7 @@ class CompletionFormatter(ResponseFormatter):
         ]
 
     def delta(self, position: int, output: RequestOutput) -> Iterator[bytes]:
-        context = self._context
+        context = self.context
         for completion in output.outputs:
             logprobs = None
             if context.logprobs is not None and completion.logprobs:

@@ -8,14 +8,14 @@ from dataclasses import dataclass, field
 from starlette.requests import Request
 
 from batchlm.engine.client import EngineClient, ServedModel
-from batchlm.engine.input_processor import ValidatedRequest
 from batchlm.server.errors import APIError
-from batchlm.server.generation import Generation, InFlight
-from batchlm.server.metrics import RequestRecorder, ServerMetrics
+from batchlm.server.generation import InFlight
+from batchlm.server.metrics import ServerMetrics
 from batchlm.server.protocol import SamplingFields
-from batchlm.server.request_params import check_model, check_n
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+# The seed README's examples send these; they name the one served model.
+PLACEHOLDER_MODEL_NAMES = ("default", "default_model")
 
 
 @dataclass(frozen=True)
@@ -69,9 +69,10 @@ class ServerState:
     # Set while the other API-server processes start: /health says "loading" until all of them serve.
     starting_api_servers: bool = False
 
-    def ready_model(self) -> ServedModel:
+    def ready_model(self, requested: str | None = None) -> ServedModel:
         """The served model's info, or 503 while the engine is loading, after it died, or once a
-        graceful shutdown has begun (new requests are refused while the others drain)."""
+        graceful shutdown has begun (new requests are refused while the others drain); 404 unless
+        `requested` names the served model or one of its aliases (None: the served one)."""
         if self.shutting_down:
             raise APIError(
                 503,
@@ -84,21 +85,26 @@ class ServerState:
             )
         if not self.engine.is_ready:
             raise APIError(503, "The model is still loading; retry shortly.", code="model_loading")
-        return self.engine.model_info
+        info = self.engine.model_info
+        names = (info.served_model_name, *info.aliases, *PLACEHOLDER_MODEL_NAMES)
+        if requested is not None and requested not in names:
+            raise APIError(
+                404,
+                f"The model '{requested}' does not exist. This server serves '{info.served_model_name}'.",
+                param="model",
+                code="model_not_found",
+            )
+        return info
 
     def admit(self, body: SamplingFields) -> ServedModel:
         """ready_model(), for a generation request that names the served model and an allowed n."""
-        info = self.ready_model()
-        check_model(body.model, info)
-        check_n(body.n, self.settings.max_n)
+        info = self.ready_model(body.model)
+        max_n = self.settings.max_n
+        if body.n > max_n:  # SamplingParams checks the lower bound
+            raise APIError(
+                400, f"'n' must be at most {max_n} on this server (--max-n), got {body.n}.", param="n"
+            )
         return info
-
-    def start_generation(
-        self, engine_id: str, request: ValidatedRequest, received_at: float | None, group_id: str = ""
-    ) -> Generation:
-        """One engine request, in the metrics from its HTTP arrival (`received_at`) on."""
-        recorder = RequestRecorder(self.metrics, engine_id, len(request.prompt_token_ids), received_at)
-        return Generation(self.engine, engine_id, request, recorder, self.in_flight, group_id)
 
 
 def get_state(request: Request) -> ServerState:

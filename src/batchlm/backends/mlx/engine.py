@@ -14,12 +14,10 @@ from batchlm.backends.mlx.loader import check_config, resolve_model_dir
 from batchlm.backends.mlx.worker import GenerationWorker, WorkerEvent, WorkerInfo
 from batchlm.config import EngineConfig
 from batchlm.core.facts import ModelFacts
-from batchlm.engine.client import EngineDeadError, EngineStats, ServedModel
+from batchlm.engine.client import EngineDeadError, EngineStats
 from batchlm.engine.front_end import StreamingFrontEnd
-from batchlm.engine.input_processor import InputProcessor
 from batchlm.engine.output_processor import OutputProcessor
 from batchlm.executor.core_messages import CoreFailed
-from batchlm.models.model_source import served_model_name
 from batchlm.request import EngineCoreRequest
 from batchlm.tokenizer.tokenizer import Tokenizer
 
@@ -42,7 +40,6 @@ class MLXEngine(StreamingFrontEnd[WorkerEvent]):
         self.info: WorkerInfo | None = None
         self._worker: GenerationWorker | None = None
         self._started: asyncio.Future[WorkerInfo] | None = None
-        self._loop_stats = EngineStats()
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -66,13 +63,10 @@ class MLXEngine(StreamingFrontEnd[WorkerEvent]):
             await self._loop.run_in_executor(None, self._worker.stop, SHUTDOWN_TIMEOUT_S)
             raise
         self.info = info
-        facts = ModelFacts(info.max_model_len, info.vocab_size)
-        self.input_processor = InputProcessor(facts, self.tokenizer.max_chars_per_token)
-        name = served_model_name(self.config, model_dir)
-        aliases = tuple(sorted({self.config.model, str(model_dir)} - {name}))
-        self.model_info = ServedModel(name, facts, aliases)
-        self._ready = True
-        logger.info("mlx engine ready: %s (max_model_len %d)", name, info.max_model_len)
+        self._serve(ModelFacts(info.max_model_len, info.vocab_size), model_dir)
+        logger.info(
+            "mlx engine ready: %s (max_model_len %d)", self.model_info.served_model_name, info.max_model_len
+        )
 
     def _load_tokenizer(self, model_dir: Path) -> Tokenizer:
         return Tokenizer.from_pretrained(
@@ -93,7 +87,7 @@ class MLXEngine(StreamingFrontEnd[WorkerEvent]):
     def stats(self) -> EngineStats:
         # The loop counts no prompt or generated tokens: this front end does.
         return dataclasses.replace(
-            self._loop_stats,
+            self._engine_stats,
             prompt_tokens_total=self._prompt_tokens_total,
             generation_tokens_total=self._generation_tokens_total,
         )
@@ -111,9 +105,6 @@ class MLXEngine(StreamingFrontEnd[WorkerEvent]):
             self._worker.abort(core_ids)
 
     # -- internals ---------------------------------------------------------------------------------------
-
-    def _record_stats(self, stats: EngineStats) -> None:
-        self._loop_stats = stats
 
     def _on_message(self, message: WorkerEvent) -> None:
         match message:

@@ -9,6 +9,7 @@ import sys
 import time
 
 from batchlm.flags import add_engine_arguments, dataclass_from_args
+from batchlm.logging_setup import LOG_LEVELS, configure_logging
 from batchlm.sampling_params import SamplingParams, SamplingParamsError
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     sampling.add_argument("--sampling-seed", type=int, default=None, help="per-request sampling seed")
     sampling.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
-    parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", default="WARNING", choices=list(LOG_LEVELS))
     add_engine_arguments(parser)
 
 
@@ -44,7 +45,7 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     prompts = _read_prompts(args)
     if not prompts:
         print("batchlm generate: no prompts given (pass them as arguments or with --prompts-file)", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Logging for `batchlm serve`: one format for batchlm and uvicorn; the access log only at DEBUG."""
+"""Logging for the `batchlm` commands: one format for batchlm and uvicorn; the access log only at DEBUG."""
 
 from __future__ import annotations
 

@@ -1,0 +1,60 @@
+"""The edge's mapping of a request's sampling fields onto SamplingParams (server/request_params.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from batchlm.sampling_params import SamplingParams
+from batchlm.server.errors import APIError
+from batchlm.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from batchlm.server.request_params import SAME_NAMED_FIELDS, build_sampling_params
+
+
+def _params(body: SamplingFields) -> SamplingParams:
+    params, _ = build_sampling_params(
+        body, max_tokens=None, logprobs=None, param_names={}, prompt_field="prompt"
+    )
+    return params
+
+
+def test_same_named_fields_exist_on_both_sides() -> None:
+    params_fields = {f.name for f in dataclasses.fields(SamplingParams)}
+    for name in SAME_NAMED_FIELDS:
+        assert name in SamplingFields.model_fields and name in params_fields, name
+
+
+def test_an_omitted_field_gives_the_sampling_default() -> None:
+    params = _params(CompletionRequest(prompt="hi"))
+    default = SamplingParams(max_tokens=None)
+    for name in SAME_NAMED_FIELDS:
+        assert getattr(params, name) == getattr(default, name), name
+
+
+def test_a_given_field_is_passed_as_it_is() -> None:
+    body = ChatCompletionRequest.model_validate(
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "temperature": 0.25, "top_p": 0.5, "top_k": 7, "min_p": 0.1, "repetition_penalty": 1.2,
+            "presence_penalty": 0.3, "frequency_penalty": -0.3, "seed": 11, "min_tokens": 2,
+            "ignore_eos": True, "skip_special_tokens": False, "include_stop_str_in_output": True,
+            "truncate_prompt_tokens": 5, "stop": "x", "stop_token_ids": [3], "logit_bias": {"4": 1.5},
+        }
+    )  # fmt: skip
+    params = _params(body)
+    for name in SAME_NAMED_FIELDS:
+        assert getattr(params, name) == getattr(body, name), name
+    assert (params.stop, params.stop_token_ids, params.logit_bias) == (["x"], [3], {4: 1.5})
+
+
+def test_an_invalid_value_is_a_400_naming_the_field_as_the_client_spelled_it() -> None:
+    body = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}], "top_p": 0})
+    with pytest.raises(APIError) as caught:
+        _params(body)
+    assert caught.value.status == 400 and caught.value.param == "top_p"
+    names = {"logprobs": "top_logprobs"}
+    with pytest.raises(APIError) as caught:
+        build_sampling_params(body.model_copy(update={"top_p": None}), max_tokens=None, logprobs=99,
+                              param_names=names, prompt_field="messages")  # fmt: skip
+    assert caught.value.status == 400 and caught.value.param == "top_logprobs"
