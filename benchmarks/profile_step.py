@@ -191,8 +191,8 @@ def instrument_grammar(grammars: Any) -> None:
     grammars.prefetch_masks = timed_future(grammars.prefetch_masks, "prefetch start", "prefetch wait")
     compute, prefetch = grammars._compute, grammars._prefetch
     grammars._compute = lambda *args: timed("masks (worker)", compute)(*args)
-    grammars._prefetch = lambda backend, entries, sampled, out: timed("prefetch (worker)", prefetch)(
-        backend, entries, timed("  tokens wait", sampled), out
+    grammars._prefetch = lambda backend, rows, sequences, sampled, out: timed("prefetch (worker)", prefetch)(
+        backend, rows, sequences, timed("  tokens wait", sampled), out
     )
     import batchlm.structured.sequences as sequences
     from batchlm.structured.llguidance_backend import LLGuidanceBackend
@@ -205,6 +205,9 @@ def instrument_grammar(grammars: Any) -> None:
         self._executor = TimedExecutor(self._executor)
 
     LLGuidanceBackend.__init__ = backend_with_timed_executor  # type: ignore[method-assign]
+    if isinstance(grammars._backend, LLGuidanceBackend):  # built by the warm-up already
+        grammars._backend._executor = TimedExecutor(grammars._backend._executor)
+        grammars._batch = None
     sequences.advance = timed("  accept", sequences.advance)
 
 

@@ -35,7 +35,8 @@ class DeferredStepOutput:
     the next step, or by result() when the output is read first. Engine thread only."""
 
     def __init__(self, sample: Callable[[], PendingStepOutput], token_rows: dict[str, int]) -> None:
-        self._sample = sample
+        # Dropped once called: it holds the runner, which holds this step (a cycle while it is held).
+        self._sample: Callable[[], PendingStepOutput] | None = sample
         # Request id -> its row among the step's sampled tokens.
         self.token_rows = token_rows
         self._pending: PendingStepOutput | None = None
@@ -47,7 +48,9 @@ class DeferredStepOutput:
     def sample(self) -> PendingStepOutput:
         """Queue the step's sampling (once) and return its pending output."""
         if self._pending is None:
-            self._pending = self._sample()
+            sample, self._sample = self._sample, None
+            assert sample is not None
+            self._pending = sample()
         return self._pending
 
     def result(self) -> ModelRunnerOutput:

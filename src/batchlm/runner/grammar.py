@@ -12,11 +12,28 @@ import numpy as np
 
 from batchlm.config import EngineConfig
 from batchlm.runner.step_output import PendingStepOutput
+from batchlm.sampling.sampler import Sampler
 from batchlm.structured.factory import backend_factory
 from batchlm.structured.sequences import ConstrainedSequences, GrammarMasks, PrefetchedMasks, SampledRows
 
 # Rows -> scratch of that many bitmask rows (pinned memory on a GPU, so the upload needs no copy).
 MaskBuffer = Callable[[int], np.ndarray]
+
+
+class MaskBuffers:
+    """The runner's MaskBuffer. (Not a method of the runner: StepMasks would then hold the runner, a
+    cycle that only the cyclic collector frees, and never once a serving process froze it.)"""
+
+    def __init__(self, sampler: Sampler, sequences: ConstrainedSequences) -> None:
+        self._sampler = sampler
+        self._sequences = sequences
+
+    def __call__(self, rows: int) -> np.ndarray:
+        words = self._sequences.bitmask_words
+        staging = self._sampler.grammar_staging(words)
+        if staging is None:
+            return np.empty((rows, words), dtype=np.int32)
+        return staging.buffer(rows)
 
 
 def constrained_sequences(

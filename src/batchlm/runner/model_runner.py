@@ -6,7 +6,6 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from batchlm.attention.backend import AttentionBackend
@@ -26,7 +25,7 @@ from batchlm.runner.deferred_step import DeferredStepOutput, LaunchedForward
 from batchlm.runner.device import dtype_name, resolve_device, resolve_dtype
 from batchlm.runner.draft_verify import Verification, row_states, verify_groups
 from batchlm.runner.fused_decode import MAX_VERIFY_ROWS, FusedDecode, build_fused_decode
-from batchlm.runner.grammar import StepMasks, constrained_sequences
+from batchlm.runner.grammar import MaskBuffers, StepMasks, constrained_sequences
 from batchlm.runner.heap import trim_heap
 from batchlm.runner.inputs import StepInputBuilder, StepInputs, build_step_inputs
 from batchlm.runner.kv_cache import (
@@ -132,7 +131,7 @@ class ModelRunner:
         self.grammars = constrained_sequences(
             config, model_dir, self.shape.vocab_size, on_accelerator=self.device.type != "cpu"
         )
-        self.masks = StepMasks(self.grammars, self._mask_buffer)
+        self.masks = StepMasks(self.grammars, MaskBuffers(self.sampler, self.grammars))
         # The last step's sampled tokens (fill the next step's placeholders) and outputs not yet read.
         self._previous: PreviousTokens | None = None
         self._unresolved: list[PendingStepOutput] = []
@@ -381,13 +380,6 @@ class ModelRunner:
         groups = verify_groups(scheduled)
         verification = Verification(tuple(groups), {g.request_id: self.states[g.request_id] for g in groups})
         return row_states(self.states, request_ids, groups), verification
-
-    def _mask_buffer(self, rows: int) -> np.ndarray:
-        """Scratch for `rows` bitmask rows: pinned memory on a GPU, so the upload needs no copy."""
-        staging = self.sampler.grammar_staging(self.grammars.bitmask_words)
-        if staging is None:
-            return np.empty((rows, self.grammars.bitmask_words), dtype=np.int32)
-        return staging.buffer(rows)
 
     def _resolve_outputs(self) -> None:
         """Wait for every launched step's tokens, so that the states hold no placeholders."""
