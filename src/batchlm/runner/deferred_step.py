@@ -1,11 +1,10 @@
 """A launched step whose sampling is queued later: its forward pass is on the device, but its grammar
-masks wait for the previous step's tokens, so its sampling is queued when the runner is next called
-(or its output is read), and the host schedules the next step and builds its inputs while the masks
-are computed."""
+masks wait for the previous step's tokens, so its sampling is queued by the mask worker once they are
+ready, while the engine thread schedules the next step and builds its inputs."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -31,27 +30,23 @@ class LaunchedForward:
 
 
 class DeferredStepOutput:
-    """A step's output whose sampling `sample` queues on first use: by the runner before it launches
-    the next step, or by result() when the output is read first. Engine thread only."""
+    """A step's output whose sampling runs on the mask worker, queued there right after the step's
+    masks, so that it reaches the device as soon as they are ready rather than when the engine thread
+    next calls the runner. The runner waits for it before launching the next step; result() waits
+    for it too."""
 
-    def __init__(self, sample: Callable[[], PendingStepOutput], token_rows: dict[str, int]) -> None:
-        # Dropped once called: it holds the runner, which holds this step (a cycle while it is held).
-        self._sample: Callable[[], PendingStepOutput] | None = sample
+    def __init__(self, sampled: Future[PendingStepOutput], token_rows: dict[str, int]) -> None:
+        self._sampled = sampled
         # Request id -> its row among the step's sampled tokens.
         self.token_rows = token_rows
-        self._pending: PendingStepOutput | None = None
 
     @property
     def is_sampled(self) -> bool:
-        return self._pending is not None
+        return self._sampled.done()
 
     def sample(self) -> PendingStepOutput:
-        """Queue the step's sampling (once) and return its pending output."""
-        if self._pending is None:
-            sample, self._sample = self._sample, None
-            assert sample is not None
-            self._pending = sample()
-        return self._pending
+        """The step's pending output, once its sampling is queued on the device."""
+        return self._sampled.result()
 
     def result(self) -> ModelRunnerOutput:
         return self.sample().result()
