@@ -1,10 +1,11 @@
 """A launched step whose sampling is queued later: its forward pass is on the device, but its grammar
-masks wait for the previous step's tokens, so its sampling is queued by the mask worker once they are
-ready, while the engine thread schedules the next step and builds its inputs."""
+masks wait for the previous step's tokens, so its sampling is queued when the runner is next called
+(or its output is read), and the host schedules the next step and builds its inputs while the masks
+are computed."""
 
 from __future__ import annotations
 
-from concurrent.futures import Future
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,23 +31,27 @@ class LaunchedForward:
 
 
 class DeferredStepOutput:
-    """A step's output whose sampling runs on the mask worker, queued there right after the step's
-    masks, so that it reaches the device as soon as they are ready rather than when the engine thread
-    next calls the runner. The runner waits for it before launching the next step; result() waits
-    for it too."""
+    """A step's output whose sampling `sample` queues on first use: by the runner before it launches
+    the next step, or by result() when the output is read first. Engine thread only."""
 
-    def __init__(self, sampled: Future[PendingStepOutput], token_rows: dict[str, int]) -> None:
-        self._sampled = sampled
+    def __init__(self, sample: Callable[[], PendingStepOutput], token_rows: dict[str, int]) -> None:
+        # Dropped once called: it holds the runner, which holds this step (a cycle while it is held).
+        self._sample: Callable[[], PendingStepOutput] | None = sample
         # Request id -> its row among the step's sampled tokens.
         self.token_rows = token_rows
+        self._pending: PendingStepOutput | None = None
 
     @property
     def is_sampled(self) -> bool:
-        return self._sampled.done()
+        return self._pending is not None
 
     def sample(self) -> PendingStepOutput:
-        """The step's pending output, once its sampling is queued on the device."""
-        return self._sampled.result()
+        """Queue the step's sampling (once) and return its pending output."""
+        if self._pending is None:
+            sample, self._sample = self._sample, None
+            assert sample is not None
+            self._pending = sample()
+        return self._pending
 
     def result(self) -> ModelRunnerOutput:
         return self.sample().result()

@@ -128,7 +128,7 @@ class StepMasks:
         if missing:
             if not self.sequences.tokens_known([rid for _, rid in missing]):
                 wait_for_tokens()  # grammars need real token ids, not placeholders
-            computed = self.sequences.compute_masks(missing)
+            computed = self.sequences.start_masks(missing).result()
         return merge_masks(step.rows, ahead, computed, self._buffer(len(step.rows)))
 
     def prefetch(self, step: StartedMasks, pending: PendingStepOutput) -> None:

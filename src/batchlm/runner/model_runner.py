@@ -312,8 +312,8 @@ class ModelRunner:
 
         Constrained rows' masks overlap the forward pass (runner/grammar.StepMasks). A step with
         constrained rows returns once its forward pass is queued: its sampling, which must wait for
-        the masks, is queued by the mask worker as soon as they are ready, so the engine thread
-        schedules and builds the next step meanwhile; the next call waits for it before its forward."""
+        the masks, is queued in the next call once that call's inputs are built (or when its output
+        is read), so the host schedules and builds the next step while the masks are computed."""
         inputs = self._inputs_beside_deferred(scheduled)
         self._update_states(scheduled)
         if scheduled.is_empty:
@@ -331,14 +331,13 @@ class ModelRunner:
         forward = LaunchedForward(scheduled, request_ids, token_rows, inputs.has_drafts, logits, masks)
         if not masks.rows:
             return self._sample(forward)
-        self._deferred = DeferredStepOutput(self.grammars.after_masks(self._sample, forward), token_rows)
+        self._deferred = DeferredStepOutput(lambda: self._sample(forward), token_rows)
         return self._deferred
 
     def _inputs_beside_deferred(self, scheduled: SchedulerOutput) -> StepInputs | None:
-        """Wait until the step launched last, if its sampling was deferred to the mask worker, is
-        sampled, having built this step's inputs first (all but their placeholders, which take its
-        tokens): the host does that work while the masks finish. None when no step was deferred or
-        this one runs nothing."""
+        """Queue the sampling of the step launched last if it waits for its masks, having built this
+        step's inputs first (all but their placeholders, which take its tokens): the host does that
+        work while the masks finish. None when no step was deferred or this one runs nothing."""
         deferred, self._deferred = self._deferred, None
         if deferred is None:
             return None
@@ -355,9 +354,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _sample(self, forward: LaunchedForward) -> PendingStepOutput:
-        """Queue a launched step's sampling (after its grammar masks, if it has constrained rows). A
-        step with constrained rows is sampled on the mask worker (DeferredStepOutput): until the
-        engine thread has waited for that, it touches none of what this reads or sets."""
+        """Queue a launched step's sampling (after its grammar masks, if it has constrained rows); also
+        called from DeferredStepOutput.result(), outside execute_async."""
         grammar = self.masks.result(forward.masks, self._resolve_outputs)
         states, verification = self._row_states(forward.scheduled, forward.request_ids, forward.has_drafts)
         if self._penalized_ids:

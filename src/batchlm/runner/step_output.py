@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -62,7 +61,6 @@ class PendingStepOutput:
         else:
             self._host = source
         self._output: ModelRunnerOutput | None = None
-        self._resolving = threading.Lock()
 
     @classmethod
     def ready(cls, output: ModelRunnerOutput = EMPTY_OUTPUT) -> PendingStepOutput:
@@ -92,12 +90,9 @@ class PendingStepOutput:
         return self._host.tolist()
 
     def result(self) -> ModelRunnerOutput:
-        """Wait for the step's tokens (once) and return them. (The engine thread reads a step's
-        output while the mask worker may wait for it too, before sampling a step after it.)"""
+        """Wait for the step's tokens (once) and return them."""
         if self._output is None:
-            with self._resolving:
-                if self._output is None:
-                    self._output = self._resolve()
+            self._output = self._resolve()
         return self._output
 
     def _resolve(self) -> ModelRunnerOutput:

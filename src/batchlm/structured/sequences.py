@@ -3,10 +3,8 @@ output tokens, and each step's bitmask computed on a worker thread while the mod
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
-import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -104,10 +102,6 @@ class _PreparedBatch:
         self.index = dict(zip(request_ids, range(len(request_ids)), strict=True))
 
 
-def _note_thread(noted: list[int]) -> None:
-    noted.append(threading.get_ident())
-
-
 # Python's default is 5 ms: the mask worker, back from a wait on the device or from the Rust
 # matcher, would often idle that long for the GIL while the engine thread runs Python.
 GIL_SWITCH_INTERVAL_S = 0.0002
@@ -132,7 +126,6 @@ class ConstrainedSequences:
         self._backend: GrammarBackend | None = None
         self._sequences: dict[str, _Sequence] = {}
         self._worker: ThreadPoolExecutor | None = None
-        self._worker_thread: list[int] = []  # the worker's thread id, once it runs
         # The matchers of the last prefetch's sequences, prepared as a batch (worker thread only).
         self._batch: _PreparedBatch | None = None
 
@@ -182,18 +175,13 @@ class ConstrainedSequences:
         """Compute the masks of (batch row, request id) pairs on the worker thread. The sequences'
         tokens must be known (tokens_known) and must not change until the result is read."""
         assert self._backend is not None
-        sequences, new_tokens = self._take_new_tokens(rows)
-        batch_rows = tuple(row for row, _ in rows)
-        return self._submit(self._compute, self._backend, batch_rows, sequences, new_tokens)
-
-    def _take_new_tokens(self, rows: Sequence[tuple[int, str]]) -> tuple[list[_Sequence], list[list[int]]]:
-        """The rows' sequences and the tokens each has not accepted yet, now counted as accepted.
-        (Taken on the caller's thread, which owns the token lists.)"""
         sequences = [self._sequences[request_id] for _, request_id in rows]
+        # The slices are taken here, on the caller's thread, which owns the token lists.
         new_tokens = [seq.output_token_ids[seq.num_accepted :] for seq in sequences]
         for seq, tokens in zip(sequences, new_tokens, strict=True):
             seq.num_accepted += len(tokens)
-        return sequences, new_tokens
+        batch_rows = tuple(row for row, _ in rows)
+        return self._submit(self._compute, self._backend, batch_rows, sequences, new_tokens)
 
     def _compute(
         self,
@@ -286,29 +274,15 @@ class ConstrainedSequences:
             batch.matchers.fill(bitmask)
         return PrefetchedMasks(batch.index, bitmask)
 
-    def after_masks(self, job: Callable[..., T], *args: object) -> Future[T]:
-        """Run a job on the mask worker after the mask jobs submitted so far (the runner's sampling
-        of a step whose masks those jobs compute)."""
-        return self._submit(job, *args)
-
     def _submit(self, job: Callable[..., T], *args: object) -> Future[T]:
         """Run a mask job on the one worker thread (jobs run in submission order)."""
         if self._worker is None:
-            # The initializer notes the thread's id (a bound method of self would make a cycle).
-            self._worker = ThreadPoolExecutor(
-                max_workers=1,
-                thread_name_prefix="grammar-masks",
-                initializer=functools.partial(_note_thread, self._worker_thread),
-            )
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-masks")
         return self._worker.submit(job, *args)
 
     def compute_masks(self, rows: Sequence[tuple[int, str]]) -> GrammarMasks:
-        """start_masks, waited for; on the worker itself (a job that needs them), computed there and then."""
-        if threading.get_ident() not in self._worker_thread:
-            return self.start_masks(rows).result()
-        assert self._backend is not None
-        sequences, new_tokens = self._take_new_tokens(rows)
-        return self._compute(self._backend, tuple(row for row, _ in rows), sequences, new_tokens)
+        """start_masks, waited for."""
+        return self.start_masks(rows).result()
 
     def _backend_for(self, eos_token_ids: tuple[int, ...]) -> GrammarBackend:
         if self._backend is None:
