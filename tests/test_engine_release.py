@@ -35,7 +35,12 @@ def _run_and_drop(model_dir: Path, **config: object) -> list[weakref.ref[object]
     outputs = llm.generate([[1, 5, 9], [1, 5, 9, 5, 9, 5, 9]], [constrained, plain])
     assert all(len(o.outputs[0].token_ids) > 0 for o in outputs)
     runner = llm.engine_core.executor
-    return [weakref.ref(obj) for obj in (llm, runner, runner.model, *runner.kv_caches)]  # type: ignore[attr-defined]
+    mask_worker = runner.grammars._worker  # type: ignore[attr-defined]  # its thread ends when it is freed
+    assert mask_worker is not None
+    # The last step's prefetch may still run (it holds the sequences until it ends): let it end.
+    runner.grammars.compute_masks([])  # type: ignore[attr-defined]  # runs after every earlier mask job
+    held = (llm, runner, runner.model, mask_worker, *runner.kv_caches)  # type: ignore[attr-defined]
+    return [weakref.ref(obj) for obj in held]
 
 
 @pytest.mark.usefixtures("no_cyclic_collector")
