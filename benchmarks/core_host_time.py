@@ -80,7 +80,9 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=200, help="decode steps measured")
     parser.add_argument(
-        "--offline", action="store_true", help="also fold the outputs in as batchlm.LLM does (OutputProcessor)"
+        "--offline",
+        action="store_true",
+        help="also fold the outputs in as batchlm.LLM does (OutputProcessor)",
     )
     args = parser.parse_args()
     config = SchedulerConfig(

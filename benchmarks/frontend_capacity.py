@@ -109,7 +109,9 @@ def build_simulated_core(
         device="simulated",
         dtype="bfloat16",
     )
-    return EngineCore(build_scheduler(config, info), SimulatedExecutor(timing, vocab_size), async_scheduling=True), info
+    return EngineCore(
+        build_scheduler(config, info), SimulatedExecutor(timing, vocab_size), async_scheduling=True
+    ), info
 
 
 def simulated_core_main(config: EngineConfig, conn: Connection, timing: StepTiming, vocab_size: int) -> None:

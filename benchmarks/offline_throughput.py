@@ -89,7 +89,9 @@ def run_batchlm(args: argparse.Namespace, model_dir: Path, prompts: list[list[in
             for o in outputs
             if o.metrics and o.metrics.first_token_time and o.metrics.last_token_time
         ]
-        assert generated == args.output_len * len(prompts), "every request must produce exactly output_len tokens"
+        assert generated == args.output_len * len(prompts), (
+            "every request must produce exactly output_len tokens"
+        )
         results.append(
             {
                 "engine": "batchlm" if kind == "plain" else "batchlm-structured",
@@ -107,12 +109,16 @@ def run_batchlm(args: argparse.Namespace, model_dir: Path, prompts: list[list[in
     return results
 
 
-def run_transformers(args: argparse.Namespace, model_dir: Path, prompts: list[list[int]]) -> list[dict[str, Any]]:
+def run_transformers(
+    args: argparse.Namespace, model_dir: Path, prompts: list[list[int]]
+) -> list[dict[str, Any]]:
     """transformers' own batched generate (one static batch; all prompts have the same length)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(
+        args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     if args.dummy:
         config = AutoConfig.from_pretrained(model_dir)
@@ -160,7 +166,9 @@ def _sync() -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m")
     parser.add_argument("--num-requests", type=int, default=32)
     parser.add_argument("--input-len", type=int, default=128)
@@ -211,7 +219,9 @@ def main() -> None:
         rates = [r["output_tok_s"] for r in results if r["engine"] == engine]
         summary[f"{engine} median output tok/s"] = statistics.median(rates)
     # The H200 floor of this workload (bandwidth and bf16 peak; meaningful for GPU runs only).
-    summary["h200_floor"] = workload_floor(SHAPES[args.shape], args.num_requests, args.input_len, args.output_len)
+    summary["h200_floor"] = workload_floor(
+        SHAPES[args.shape], args.num_requests, args.input_len, args.output_len
+    )
     summary["of_h200_floor"] = round(
         summary["batchlm median output tok/s"] / summary["h200_floor"]["floor_output_tok_s"], 3
     )

@@ -1,6 +1,6 @@
 """GPU kernel-time breakdown of decode-heavy steps (torch.profiler), and how many steps replayed a CUDA graph.
 
-    python benchmarks/profile_kernels.py --shape llama-3.2-1b --num-requests 256 --input-len 512 --output-len 32
+python benchmarks/profile_kernels.py --shape llama-3.2-1b --num-requests 256 --input-len 512 --output-len 32
 """
 
 from __future__ import annotations
@@ -30,8 +30,14 @@ def main() -> None:
     from batchlm import LLM, SamplingParams
 
     model_dir = write_config_only(args.shape, Path(tempfile.gettempdir()) / f"batchlm-bench-{args.shape}")
-    llm = LLM(model=str(model_dir), load_format="dummy", max_model_len=args.input_len + args.output_len + 16,
-              max_num_seqs=args.num_requests, enable_prefix_caching=False, enforce_eager=args.enforce_eager)
+    llm = LLM(
+        model=str(model_dir),
+        load_format="dummy",
+        max_model_len=args.input_len + args.output_len + 16,
+        max_num_seqs=args.num_requests,
+        enable_prefix_caching=False,
+        enforce_eager=args.enforce_eager,
+    )
     prompts = make_prompts(args.num_requests, args.input_len, llm.info.vocab_size, 0)
     params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=1.0, detokenize=False)
     llm.generate(prompts, params)  # warm-up: every prefill and decode shape once
@@ -50,7 +56,11 @@ def main() -> None:
         llm.generate(prompts, params)
         torch.cuda.synchronize()
     print(f"steps {llm.engine_core.num_steps}, graph replays in the profiled run: {replays['graph']}")
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.top, max_name_column_width=70))
+    print(
+        prof.key_averages().table(
+            sort_by="self_cuda_time_total", row_limit=args.top, max_name_column_width=70
+        )
+    )
 
 
 if __name__ == "__main__":

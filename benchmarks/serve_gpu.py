@@ -67,7 +67,9 @@ def histogram_totals(port: int) -> dict[str, tuple[float, float]]:
     return totals
 
 
-def server_means(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, float]:
+def server_means(
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
+) -> dict[str, float]:
     """Mean of each histogram over one run (the server's view: from the request's hand-off to the
     engine, after parsing and tokenization, to the first token processed / first scheduled / finish)."""
     means = {}
@@ -123,7 +125,9 @@ def print_startup_lines(log: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--shape", default="llama-3.2-1b")
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--input-len", type=int, default=512)
@@ -133,16 +137,36 @@ def main() -> None:
     parser.add_argument("--serve-arg", action="append", default=[], help="extra `batchlm serve` argument")
     parser.add_argument("--bench-arg", action="append", default=[], help="extra `batchlm bench` argument")
     parser.add_argument("--server-log", type=Path, help="write the server's output here (default: inherit)")
-    parser.add_argument("--server-log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    parser.add_argument(
+        "--server-log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR")
+    )
     args = parser.parse_args()
 
     model_dir = prepare_model_dir(args.shape)
     port = free_port()
     command = [
-        sys.executable, "-m", "batchlm.cli", "serve", "--model", str(model_dir), "--load-format", "dummy",
-        "--port", str(port), "--batch-size", str(args.requests), "--max-model-len",
-        str(args.input_len + args.output_len + 64), "--no-prefix-caching", "--served-model-name", "bench",
-        "--max-queue", str(4 * args.requests), "--log-level", args.server_log_level, *args.serve_arg,
+        sys.executable,
+        "-m",
+        "batchlm.cli",
+        "serve",
+        "--model",
+        str(model_dir),
+        "--load-format",
+        "dummy",
+        "--port",
+        str(port),
+        "--batch-size",
+        str(args.requests),
+        "--max-model-len",
+        str(args.input_len + args.output_len + 64),
+        "--no-prefix-caching",
+        "--served-model-name",
+        "bench",
+        "--max-queue",
+        str(4 * args.requests),
+        "--log-level",
+        args.server_log_level,
+        *args.serve_arg,
     ]
     log_file = args.server_log.open("wb") if args.server_log else None
     server = subprocess.Popen(
@@ -162,23 +186,66 @@ def main() -> None:
             cpu_before = server_cpu_seconds(server.pid)
             subprocess.run(
                 [
-                    sys.executable, "-m", "batchlm.cli", "bench", "--base-url", f"http://127.0.0.1:{port}/v1",
-                    "--model", "bench", "--backend", "openai", "--stream", "--requests", str(args.requests),
-                    "--max-concurrency", str(args.requests), "--input-len", str(args.input_len),
-                    "--output-len", str(args.output_len), "--temperature", "1.0", "--num-warmups", "4",
-                    "--save-result", str(result_path), "--disable-tqdm", *args.bench_arg,
+                    sys.executable,
+                    "-m",
+                    "batchlm.cli",
+                    "bench",
+                    "--base-url",
+                    f"http://127.0.0.1:{port}/v1",
+                    "--model",
+                    "bench",
+                    "--backend",
+                    "openai",
+                    "--stream",
+                    "--requests",
+                    str(args.requests),
+                    "--max-concurrency",
+                    str(args.requests),
+                    "--input-len",
+                    str(args.input_len),
+                    "--output-len",
+                    str(args.output_len),
+                    "--temperature",
+                    "1.0",
+                    "--num-warmups",
+                    "4",
+                    "--save-result",
+                    str(result_path),
+                    "--disable-tqdm",
+                    *args.bench_arg,
                 ],
                 check=True,
             )
             result = json.loads(result_path.read_text())
-            keys = ("completed", "failed", "duration", "output_throughput", "median_ttft_ms", "median_itl_ms",
-                    "median_tpot_ms")
+            keys = (
+                "completed",
+                "failed",
+                "duration",
+                "output_throughput",
+                "median_ttft_ms",
+                "median_itl_ms",
+                "median_tpot_ms",
+            )
             # The bench's warm-up requests fall in this window too (4 of them, short).
             cpu = cpu_used(cpu_before, server_cpu_seconds(server.pid))
             means = server_means(before, histogram_totals(port))
-            client = {k: result.get(k) for k in ("client_cpu_percent", "client_cpu_us_per_output_token", "client_bound")}
-            print(json.dumps({"run": run, **{k: result.get(k) for k in keys}, "mean_ttft_ms": result.get("mean_ttft_ms"),
-                              **means, **client, "server_cpu_s": cpu}), flush=True)
+            client = {
+                k: result.get(k)
+                for k in ("client_cpu_percent", "client_cpu_us_per_output_token", "client_bound")
+            }
+            print(
+                json.dumps(
+                    {
+                        "run": run,
+                        **{k: result.get(k) for k in keys},
+                        "mean_ttft_ms": result.get("mean_ttft_ms"),
+                        **means,
+                        **client,
+                        "server_cpu_s": cpu,
+                    }
+                ),
+                flush=True,
+            )
     finally:
         server.terminate()
         server.wait(60)

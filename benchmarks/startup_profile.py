@@ -76,7 +76,9 @@ def fill_decode_rows(graphs: Any, count: int, context: int, block_size: int) -> 
     buf = graphs.buffers
     blocks_per_row = -(-context // block_size)
     rows = torch.arange(count, device=buf.seq_lens.device, dtype=torch.int32)
-    tables = rows[:, None] * blocks_per_row + torch.arange(blocks_per_row, device=rows.device, dtype=torch.int32)
+    tables = rows[:, None] * blocks_per_row + torch.arange(
+        blocks_per_row, device=rows.device, dtype=torch.int32
+    )
     buf.block_tables[:count, :blocks_per_row].copy_(tables)
     buf.seq_lens[:count].fill_(context)
     buf.seq_lens[count:].fill_(0)
@@ -112,7 +114,9 @@ def padding_costs(graphs: Any, args: argparse.Namespace, block_size: int) -> lis
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--shape", default="llama-3.2-1b")
     parser.add_argument("--batch-size", type=int, default=256, help="max_num_seqs (largest graph)")
     parser.add_argument("--max-model-len", type=int, default=512 + 256 + 64)

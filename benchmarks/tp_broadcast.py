@@ -41,7 +41,11 @@ def decode_steps(count: int, num_requests: int = 256, context: int = 1024, block
         sent = (position - 1) // block_size + 1 if step else 0
         chunks = tuple(
             ScheduledChunk(
-                f"cmpl-{i:08x}-0", (1000 + i,), position, tuple(range(i * 4096 + sent, i * 4096 + blocks)), True
+                f"cmpl-{i:08x}-0",
+                (1000 + i,),
+                position,
+                tuple(range(i * 4096 + sent, i * 4096 + blocks)),
+                True,
             )
             for i in range(num_requests)
         )

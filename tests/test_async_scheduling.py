@@ -52,7 +52,9 @@ class PlaceholderFakeRunner(PagedFakeRunner):
         )
         self.num_placeholders += 1
         token = self.previous_samples[chunk.request_id]  # KeyError: it sampled nothing last step
-        return ScheduledChunk(chunk.request_id, (token,), chunk.start_position, chunk.new_block_ids, chunk.sample)
+        return ScheduledChunk(
+            chunk.request_id, (token,), chunk.start_position, chunk.new_block_ids, chunk.sample
+        )
 
 
 class AsyncDriver(Driver):

@@ -79,9 +79,15 @@ def test_greedy_matches_transformers(tiny_model_dir: Callable[..., Path], model_
     expected = []
     for prompt in prompts:
         ids = torch.tensor([prompt])
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12,
-                          do_sample=False, pad_token_id=0)
-        expected.append(out[0, len(prompt):].tolist())
+        out = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=12,
+            min_new_tokens=12,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        expected.append(out[0, len(prompt) :].tolist())
     assert _tokens(_llm(model_dir), prompts) == expected
 
 
@@ -100,7 +106,9 @@ def test_seeded_sampling_ignores_batch_mates(llama_dir: Path) -> None:
 def test_n_completions_share_the_prompt(llama_dir: Path) -> None:
     llm = _llm(llama_dir, block_size=4)
     prompt = _prompts()[4]
-    out = llm.generate([prompt], SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=8, ignore_eos=True))[0]
+    out = llm.generate([prompt], SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=8, ignore_eos=True))[
+        0
+    ]
     assert [c.index for c in out.outputs] == [0, 1, 2]
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1
     # The prompt's full blocks were computed once and shared by the other two sequences (each still
@@ -112,7 +120,9 @@ def test_n_completions_share_the_prompt(llama_dir: Path) -> None:
 def test_stop_string_and_lengths(llama_dir: Path) -> None:
     llm = _llm(llama_dir)
     prompt = _prompts()[2]
-    full = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))[0].outputs[0]
+    full = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))[0].outputs[
+        0
+    ]
     assert full.finish_reason == "length" and len(full.token_ids) == 20
     stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 2]
     if not stop.strip():

@@ -13,8 +13,27 @@ from batchlm.cli import main
 
 def test_generate_json_lines(tiny_model_dir: Callable[..., Path], capsys: pytest.CaptureFixture[str]) -> None:
     model = str(tiny_model_dir("llama"))
-    code = main(["generate", "--model", model, "--device", "cpu", "--json", "--max-tokens", "5",
-                 "--ignore-eos", "--n", "2", "--temperature", "1", "--sampling-seed", "3", "hello", "world"])
+    code = main(
+        [
+            "generate",
+            "--model",
+            model,
+            "--device",
+            "cpu",
+            "--json",
+            "--max-tokens",
+            "5",
+            "--ignore-eos",
+            "--n",
+            "2",
+            "--temperature",
+            "1",
+            "--sampling-seed",
+            "3",
+            "hello",
+            "world",
+        ]
+    )
     assert code == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["prompt"] for line in lines] == ["hello", "world"]

@@ -19,7 +19,9 @@ def make_state(params: SamplingParams, prompt: list[int], outputs: list[int]) ->
     return SamplingState.create(params, None, prompt, outputs, (2,), CPU)
 
 
-def reference_penalties(row: list[float], params: SamplingParams, prompt: list[int], outputs: list[int]) -> list[float]:
+def reference_penalties(
+    row: list[float], params: SamplingParams, prompt: list[int], outputs: list[int]
+) -> list[float]:
     """The documented formulas, one token at a time in plain Python."""
     result = []
     for token, logit in enumerate(row):
@@ -143,7 +145,9 @@ token_lists = st.lists(st.integers(min_value=0, max_value=VOCAB - 1), max_size=2
 def test_penalties_match_reference_formulas(
     repetition: float, presence: float, frequency: float, prompt: list[int], outputs: list[int]
 ) -> None:
-    params = SamplingParams(repetition_penalty=repetition, presence_penalty=presence, frequency_penalty=frequency)
+    params = SamplingParams(
+        repetition_penalty=repetition, presence_penalty=presence, frequency_penalty=frequency
+    )
     state = make_state(params, prompt, list(outputs))
     processed = Sampler(VOCAB, CPU).process_logits(torch.tensor([LOGITS_ROW]), [state])[0]
     expected = reference_penalties(LOGITS_ROW, params, prompt, outputs)

@@ -27,7 +27,9 @@ def make_state(
     return SamplingState.create(params or SamplingParams(), seed, prompt, outputs, (EOS,), device)
 
 
-def draw_counts(logits_row: list[float], params: SamplingParams, num_draws: int, seed: int = 0) -> torch.Tensor:
+def draw_counts(
+    logits_row: list[float], params: SamplingParams, num_draws: int, seed: int = 0
+) -> torch.Tensor:
     """Token frequencies of num_draws unseeded draws from one distribution (one batched call)."""
     logits = torch.tensor([logits_row]).repeat(num_draws, 1)
     sampler = Sampler(len(logits_row), CPU, seed=seed)
@@ -252,7 +254,9 @@ def test_padded_vocab_columns_are_never_sampled() -> None:
 def test_caller_logits_are_not_modified() -> None:
     logits = torch.randn(2, 20, generator=torch.Generator().manual_seed(6))
     before = logits.clone()
-    params = SamplingParams(temperature=0.5, top_p=0.5, min_p=0.1, repetition_penalty=1.5, logit_bias={1: 3.0})
+    params = SamplingParams(
+        temperature=0.5, top_p=0.5, min_p=0.1, repetition_penalty=1.5, logit_bias={1: 3.0}
+    )
     Sampler(20, CPU)(logits, [make_state(params, outputs=(1, 2)), make_state(params, seed=3)])
     assert torch.equal(logits, before)
 
@@ -280,8 +284,16 @@ def test_cuda_sampling_never_waits_on_the_device_and_is_batch_invariant() -> Non
     device = torch.device("cuda")
     sampler = Sampler(1000, device)
     params = SamplingParams(
-        temperature=0.8, top_k=50, top_p=0.9, min_p=0.05, repetition_penalty=1.2,
-        frequency_penalty=0.5, logit_bias={7: 2.0}, min_tokens=4, stop_token_ids=[9], logprobs=5,
+        temperature=0.8,
+        top_k=50,
+        top_p=0.9,
+        min_p=0.05,
+        repetition_penalty=1.2,
+        frequency_penalty=0.5,
+        logit_bias={7: 2.0},
+        min_tokens=4,
+        stop_token_ids=[9],
+        logprobs=5,
     )
     states = [make_state(params, seed=i, prompt=(3, 4, 5), outputs=(6,), device=device) for i in range(64)]
     states[1] = make_state(SamplingParams(temperature=0.0), device=device)
@@ -293,7 +305,9 @@ def test_cuda_sampling_never_waits_on_the_device_and_is_batch_invariant() -> Non
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert packed is not None
-    alone = Sampler(1000, device)(logits[5:6], [make_state(params, seed=5, prompt=(3, 4, 5), outputs=(6,), device=device)])
+    alone = Sampler(1000, device)(
+        logits[5:6], [make_state(params, seed=5, prompt=(3, 4, 5), outputs=(6,), device=device)]
+    )
     assert alone.token_ids_cpu[0] == token_ids[5].item()
     assert token_ids[1].item() == logits[1, :1000].argmax().item()
 

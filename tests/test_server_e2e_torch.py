@@ -64,8 +64,13 @@ def test_api_key_is_enforced(server: BackgroundServer) -> None:
 def test_32_concurrent_streams_each_correct(server: BackgroundServer, offline_greedy: list[str]) -> None:
     async def one(client: openai.AsyncOpenAI, prompt: str) -> tuple[str, Any]:
         stream = await client.completions.create(
-            model="tiny", prompt=prompt, max_tokens=8, temperature=0.0, stream=True,
-            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+            model="tiny",
+            prompt=prompt,
+            max_tokens=8,
+            temperature=0.0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
         )
         text, usage = "", None
         async for chunk in stream:
@@ -76,7 +81,9 @@ def test_32_concurrent_streams_each_correct(server: BackgroundServer, offline_gr
         return text, usage
 
     async def all_streams() -> list[tuple[str, Any]]:
-        async with openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0) as client:
+        async with openai.AsyncOpenAI(
+            base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0
+        ) as client:
             return await asyncio.gather(*(one(client, p) for p in PROMPTS))
 
     results = asyncio.run(all_streams())
@@ -86,8 +93,15 @@ def test_32_concurrent_streams_each_correct(server: BackgroundServer, offline_gr
 
 def test_exact_max_tokens_n_and_logprobs(client: Any) -> None:
     response = client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=6, n=3, temperature=1.0,
-        seed=5, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True},
+        model="tiny",
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=6,
+        n=3,
+        temperature=1.0,
+        seed=5,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body={"ignore_eos": True},
     )
     assert [c.index for c in response.choices] == [0, 1, 2]
     assert response.usage.completion_tokens == 18
@@ -97,8 +111,13 @@ def test_exact_max_tokens_n_and_logprobs(client: Any) -> None:
         assert len(entries) == 6
         assert all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in entries)
     again = client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=6, n=3, temperature=1.0,
-        seed=5, extra_body={"ignore_eos": True},
+        model="tiny",
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=6,
+        n=3,
+        temperature=1.0,
+        seed=5,
+        extra_body={"ignore_eos": True},
     )
     assert [c.message.content for c in again.choices] == [c.message.content for c in response.choices]
 

@@ -12,7 +12,13 @@ import pytest
 from batchlm.tokenizer.builder import build_tokenizer
 from batchlm.tokenizer.hf_loading import load_hf_tokenizer, loads_directly
 
-SAMPLES = ["Hello, world!", "  spaces\tand\nlines ", "émoji 🙂 and ümlauts", "<|im_start|>user\nhi<|im_end|>", ""]
+SAMPLES = [
+    "Hello, world!",
+    "  spaces\tand\nlines ",
+    "émoji 🙂 and ümlauts",
+    "<|im_start|>user\nhi<|im_end|>",
+    "",
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +53,9 @@ def describe(hf: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("tokenizer_class", ["PreTrainedTokenizerFast", "TokenizersBackend"])
-def test_direct_load_equals_auto_tokenizer(tokenizer_files: Path, tmp_path: Path, tokenizer_class: str) -> None:
+def test_direct_load_equals_auto_tokenizer(
+    tokenizer_files: Path, tmp_path: Path, tokenizer_class: str
+) -> None:
     from transformers import AutoTokenizer
 
     directory = model_dir(tmp_path, tokenizer_files, tokenizer_class=tokenizer_class)
@@ -77,7 +85,12 @@ def test_direct_load_does_not_call_auto_tokenizer(
     ],
 )
 def test_other_directories_go_through_auto_tokenizer(
-    tokenizer_files: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model_type: str, changes: dict, why: str
+    tokenizer_files: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    model_type: str,
+    changes: dict,
+    why: str,
 ) -> None:
     directory = model_dir(tmp_path, tokenizer_files, model_type, **changes)
     assert not loads_directly(directory), why
@@ -94,7 +107,9 @@ def test_other_directories_go_through_auto_tokenizer(
     assert calls == [(str(directory), True)]
 
 
-def test_missing_config_or_tokenizer_json_is_left_to_auto_tokenizer(tokenizer_files: Path, tmp_path: Path) -> None:
+def test_missing_config_or_tokenizer_json_is_left_to_auto_tokenizer(
+    tokenizer_files: Path, tmp_path: Path
+) -> None:
     directory = model_dir(tmp_path, tokenizer_files)
     (directory / "config.json").unlink()
     assert not loads_directly(directory)

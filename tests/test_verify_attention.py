@@ -39,7 +39,12 @@ def test_verify_rows_equal_one_decode_each() -> None:
         _, _, step = build_step([Chunk([0], context + row, blocks)], BLOCK)
         assert step.num_decodes == 1
         out = TorchAttentionBackend().forward(
-            query[row : row + 1], key[row : row + 1], value[row : row + 1], one_by_one, step, AttentionSpec(0.125)
+            query[row : row + 1],
+            key[row : row + 1],
+            value[row : row + 1],
+            one_by_one,
+            step,
+            AttentionSpec(0.125),
         )
         assert torch.equal(out[0], together[row]), row
 

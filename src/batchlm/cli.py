@@ -10,12 +10,17 @@ from collections.abc import Callable, Sequence
 # `batchlm bench` never imports torch.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("batchlm.server.cli", "Start the OpenAI-compatible server."),
-    "generate": ("batchlm.generate_cli", "Generate completions offline for prompts given on the command line."),
+    "generate": (
+        "batchlm.generate_cli",
+        "Generate completions offline for prompts given on the command line.",
+    ),
     "bench": ("batchlm.bench.cli", "Benchmark any OpenAI-compatible server over HTTP."),
 }
 
 
-def _load(module_name: str) -> tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]:
+def _load(
+    module_name: str,
+) -> tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]:
     import importlib
 
     module = importlib.import_module(module_name)

@@ -19,10 +19,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io = parser.add_argument_group("prompts and output")
     io.add_argument("prompts", nargs="*", help="prompts to complete (one request each)")
     io.add_argument("--prompts-file", help="a file with one prompt per line ('-' reads standard input)")
-    io.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
+    io.add_argument(
+        "--chat", action="store_true", help="wrap each prompt as a user message in the chat template"
+    )
     io.add_argument("--json", action="store_true", help="print one JSON object per request instead of text")
     sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--max-tokens", type=int, default=64, help="new tokens per completion (default: 64)")
+    sampling.add_argument(
+        "--max-tokens", type=int, default=64, help="new tokens per completion (default: 64)"
+    )
     sampling.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
     sampling.add_argument("--top-p", type=float, default=1.0)
     sampling.add_argument("--top-k", type=int, default=0)
@@ -48,7 +52,10 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     prompts = _read_prompts(args)
     if not prompts:
-        print("batchlm generate: no prompts given (pass them as arguments or with --prompts-file)", file=sys.stderr)
+        print(
+            "batchlm generate: no prompts given (pass them as arguments or with --prompts-file)",
+            file=sys.stderr,
+        )
         return 2
     try:
         params = SamplingParams(
@@ -90,7 +97,8 @@ def _print_output(prompt: str, output: object, as_json: bool) -> None:
         record = {
             "prompt": prompt,
             "completions": [
-                {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason} for c in output.outputs
+                {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
+                for c in output.outputs
             ],
         }
         print(json.dumps(record, ensure_ascii=False))

@@ -43,12 +43,17 @@ def test_rms_norm(dtype: torch.dtype, rows: int, hidden: int, with_residual: boo
 def test_silu_and_mul(dtype: torch.dtype, rows: int, inter: int) -> None:
     x = torch.randn(rows, 2 * inter, device=DEVICE, dtype=dtype)
     torch.testing.assert_close(
-        fused_ops.silu_and_mul(x), fused_ops.silu_and_mul_reference(x), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype]
+        fused_ops.silu_and_mul(x),
+        fused_ops.silu_and_mul_reference(x),
+        atol=TOLERANCE[dtype],
+        rtol=TOLERANCE[dtype],
     )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(32, 8, 64), (9, 3, 64), (32, 8, 128), (4, 1, 16)])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim"), [(32, 8, 64), (9, 3, 64), (32, 8, 128), (4, 1, 16)]
+)
 def test_rope_in_place_on_fused_qkv(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> None:
     tokens = 37
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, device=DEVICE, dtype=dtype)
@@ -78,8 +83,14 @@ def test_fused_model_greedy_matches_transformers(tiny_model_dir) -> None:  # typ
     prompt = list(range(10, 40))
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(DEVICE).eval()
     ids = torch.tensor([prompt], device=DEVICE)
-    expected = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, min_new_tokens=16,
-                           do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+    expected = hf.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=16,
+        min_new_tokens=16,
+        do_sample=False,
+        pad_token_id=0,
+    )[0, len(prompt) :].tolist()
     # A fixed KV cache: sized from free memory, it would count what earlier tests in this process hold.
     llm = LLM(model=str(model_dir), device="cuda", dtype="float32", num_gpu_blocks_override=256)
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))

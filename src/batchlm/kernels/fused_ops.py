@@ -15,9 +15,18 @@ import triton.language as tl
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
-    x_stride, residual_stride, out_stride, hidden, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr,
+    residual_ptr,
+    weight_ptr,
+    out_ptr,
+    residual_out_ptr,
+    x_stride,
+    residual_stride,
+    out_stride,
+    hidden,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -46,10 +55,19 @@ def rms_norm(
         return out, new_residual
     block = triton.next_power_of_2(hidden)
     _rms_norm_kernel[(rows,)](
-        x, residual if residual is not None else x, weight, out,
+        x,
+        residual if residual is not None else x,
+        weight,
+        out,
         new_residual if new_residual is not None else out,
-        x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), hidden, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(max(block // 256, 1), 8),
+        x.stride(0),
+        residual.stride(0) if residual is not None else 0,
+        out.stride(0),
+        hidden,
+        eps,
+        HAS_RESIDUAL=residual is not None,
+        BLOCK=block,
+        num_warps=min(max(block // 256, 1), 8),
     )
     return out, new_residual
 
@@ -94,8 +112,14 @@ def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _rope_kernel(
-    qk_ptr, positions_ptr, cache_ptr, row_stride, head_stride, num_heads,
-    HALF: tl.constexpr, HEADS_BLOCK: tl.constexpr,
+    qk_ptr,
+    positions_ptr,
+    cache_ptr,
+    row_stride,
+    head_stride,
+    num_heads,
+    HALF: tl.constexpr,
+    HEADS_BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
     position = tl.load(positions_ptr + row)
@@ -121,12 +145,20 @@ def rotary_embedding_(positions: torch.Tensor, heads: torch.Tensor, cos_sin_cach
         return
     assert heads.stride(2) == 1 and cos_sin_cache.is_contiguous()
     _rope_kernel[(tokens,)](
-        heads, positions, cos_sin_cache, heads.stride(0), heads.stride(1), num_heads,
-        HALF=head_dim // 2, HEADS_BLOCK=triton.next_power_of_2(num_heads),
+        heads,
+        positions,
+        cos_sin_cache,
+        heads.stride(0),
+        heads.stride(1),
+        num_heads,
+        HALF=head_dim // 2,
+        HEADS_BLOCK=triton.next_power_of_2(num_heads),
     )
 
 
-def rotary_embedding_reference(positions: torch.Tensor, heads: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+def rotary_embedding_reference(
+    positions: torch.Tensor, heads: torch.Tensor, cache: torch.Tensor
+) -> torch.Tensor:
     cos, sin = cache.index_select(0, positions).unsqueeze(1).chunk(2, dim=-1)
     cos, sin = cos.to(heads.dtype), sin.to(heads.dtype)
     x1, x2 = heads.chunk(2, dim=-1)

@@ -91,7 +91,9 @@ def compile_deferred(deferred: DeferredCompiles, threads: int) -> None:
         return
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="batchlm-compile") as pool:
         with mode(pool):
-            compiling = [kernel.preload(specialization) for kernel, specialization in deferred.variants.values()]
+            compiling = [
+                kernel.preload(specialization) for kernel, specialization in deferred.variants.values()
+            ]
         # Leaving the mode waited for every compile. Each kernel's first launch also builds its
         # launcher (a small C module, through the system compiler); build them here too, together.
         for building in [pool.submit(_build_launcher, future.result()) for future in compiling]:

@@ -24,7 +24,12 @@ TINY_CONFIG: dict[str, Any] = {
 
 # Expert fields of the tiny mixture-of-experts models (8 experts, 2 per token).
 TINY_MOE_CONFIG: dict[str, dict[str, Any]] = {
-    "qwen3_moe": {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 48, "norm_topk_prob": True},
+    "qwen3_moe": {
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 48,
+        "norm_topk_prob": True,
+    },
     "mixtral": {"num_local_experts": 8, "num_experts_per_tok": 2},
 }
 

@@ -38,7 +38,10 @@ def apply_penalties(logits: torch.Tensor, states: Sequence[SamplingState], plan:
     penalized = [states[row] for row in plan.penalty_rows]
     counts, prompt_mask = collect_token_stats(penalized, vocab_size, device)
     factors = to_device(
-        [[s.params.repetition_penalty, s.params.presence_penalty, s.params.frequency_penalty] for s in penalized],
+        [
+            [s.params.repetition_penalty, s.params.presence_penalty, s.params.frequency_penalty]
+            for s in penalized
+        ],
         logits.dtype,
         device,
     )  # [P, 3]

@@ -104,8 +104,11 @@ def plan_batch(states: Sequence[SamplingState], vocab_size: int) -> SamplingPlan
     return plan
 
 
-def to_device(values: Sequence[int] | Sequence[float] | Sequence[Sequence[float]], dtype: torch.dtype,
-              device: torch.device) -> torch.Tensor:
+def to_device(
+    values: Sequence[int] | Sequence[float] | Sequence[Sequence[float]],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
     """Copy host values to `device` without waiting on the device (pinned, non-blocking on CUDA)."""
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)

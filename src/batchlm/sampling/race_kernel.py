@@ -20,7 +20,14 @@ _BELOW_ONE = tl.constexpr(0.99999994)
 
 @triton.jit(do_not_specialize=["seed"])
 def _race_kernel(
-    logits_ptr, row_stride, temperature_ptr, score_ptr, col_ptr, seed, vocab, cols_per_split,
+    logits_ptr,
+    row_stride,
+    temperature_ptr,
+    score_ptr,
+    col_ptr,
+    seed,
+    vocab,
+    cols_per_split,
     BLOCK: tl.constexpr,
 ):
     """One (row, vocabulary split) per program: the split's best score and its first column."""
@@ -75,8 +82,16 @@ def race(logits: torch.Tensor, temperature: torch.Tensor, seed: int) -> torch.Te
     scores = torch.empty((rows, splits), dtype=torch.float32, device=logits.device)
     cols = torch.empty((rows, splits), dtype=torch.int32, device=logits.device)
     _race_kernel[(rows, splits)](
-        logits, logits.stride(0), temperature, scores, cols, seed, vocab, cols_per_split,
-        BLOCK=_BLOCK, num_warps=8,
+        logits,
+        logits.stride(0),
+        temperature,
+        scores,
+        cols,
+        seed,
+        vocab,
+        cols_per_split,
+        BLOCK=_BLOCK,
+        num_warps=8,
     )
     if splits == 1:
         return cols.squeeze(1).long()

@@ -20,13 +20,17 @@ from batchlm.server.routes import router
 from batchlm.server.state import ServerSettings, ServerState
 
 
-def build_app(engine: EngineClient, settings: ServerSettings | None = None, *, log_stats: bool = True) -> FastAPI:
+def build_app(
+    engine: EngineClient, settings: ServerSettings | None = None, *, log_stats: bool = True
+) -> FastAPI:
     """An app serving `engine`. It does not start the engine: /health answers 503 until the engine is
     ready (see batchlm.server.launcher, which starts both). log_stats=False leaves the periodic stats
     line to another process serving the same engine."""
     settings = settings or ServerSettings()
     metrics = ServerMetrics(engine)
-    state = ServerState(engine=engine, settings=settings, metrics=metrics, in_flight=InFlight(metrics.in_flight))
+    state = ServerState(
+        engine=engine, settings=settings, metrics=metrics, in_flight=InFlight(metrics.in_flight)
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

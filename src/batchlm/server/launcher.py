@@ -38,6 +38,7 @@ class ExtraApiServers(Protocol):
 
     async def stop(self) -> None: ...
 
+
 # Past the drain period uvicorn itself cancels what is left; this margin lets our aborts land first.
 BACKSTOP_MARGIN_S = 5.0
 # How often the drain checks whether the in-flight generations have finished.

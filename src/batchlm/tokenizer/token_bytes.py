@@ -93,7 +93,9 @@ def _decoder_kinds(hf: PreTrainedTokenizerBase) -> set[str]:
     return kinds
 
 
-def byte_level_pieces(hf: PreTrainedTokenizerBase, token_bytes: TokenBytes, skip_special_tokens: bool) -> dict[int, bytes] | None:
+def byte_level_pieces(
+    hf: PreTrainedTokenizerBase, token_bytes: TokenBytes, skip_special_tokens: bool
+) -> dict[int, bytes] | None:
     """id -> the bytes that id adds to decoded text, for a byte-level BPE tokenizer (GPT-2, Llama 3,
     Qwen) whose Rust decode is exactly the UTF-8 decoding (invalid bytes as U+FFFD) of the
     concatenation; special tokens map to b"" when skipped. None for any other tokenizer.

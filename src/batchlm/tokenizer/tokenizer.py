@@ -92,7 +92,10 @@ class Tokenizer:
         backend = self._encode_backend
         if backend is None or not texts:
             return [self.encode(text, add_special_tokens) for text in texts]
-        return [list(encoding.ids) for encoding in backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+        return [
+            list(encoding.ids)
+            for encoding in backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        ]
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `token_ids`; ids outside the vocabulary decode to nothing."""
