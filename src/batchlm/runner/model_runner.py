@@ -12,11 +12,8 @@ from batchlm.attention.backend import AttentionBackend
 from batchlm.config import EngineConfig
 from batchlm.core.facts import ModelFacts
 from batchlm.core.step_io import ModelRunnerOutput, SchedulerOutput
-from batchlm.kernels.parallel_compile import compile_deferred, compile_threads, defer_compiles
 from batchlm.layers.embedding import use_cpu_lm_head
 from batchlm.layers.linear import pack_linears_for_cpu
-from batchlm.layers.moe import warm_up_experts
-from batchlm.layers.quantization.decode_tuning import tune_decode_linears
 from batchlm.models.loader import LoadedModel, ModelShape, load_model
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
 from batchlm.runner.cpu_threads import cap_cpu_threads
@@ -25,9 +22,10 @@ from batchlm.runner.deferred_step import DeferredStepOutput, LaunchedForward
 from batchlm.runner.device import dtype_name, resolve_device, resolve_dtype
 from batchlm.runner.draft_verify import Verification, row_states, verify_groups
 from batchlm.runner.fused_decode import MAX_VERIFY_ROWS, FusedDecode, build_fused_decode
+from batchlm.runner.gpu_startup import GpuStartup
 from batchlm.runner.grammar import MaskBuffers, StepMasks, constrained_sequences
 from batchlm.runner.heap import trim_heap
-from batchlm.runner.inputs import StepInputBuilder, StepInputs, build_step_inputs
+from batchlm.runner.inputs import StepInputBuilder, StepInputs
 from batchlm.runner.kv_cache import (
     allocate_kv_caches,
     kv_cache_dtype_name,
@@ -37,11 +35,9 @@ from batchlm.runner.kv_cache import (
     start_peak_measurement,
 )
 from batchlm.runner.step_output import PendingStepOutput, PreviousTokens
-from batchlm.sampling.grammar_mask import warm_up_grammar_masks
 from batchlm.sampling.plan import has_penalty
 from batchlm.sampling.sampler import Sampler
 from batchlm.sampling.state import SamplingState
-from batchlm.startup_log import log_phase
 
 logger = logging.getLogger(__name__)
 
@@ -177,9 +173,10 @@ class ModelRunner:
         """How many KV blocks fit on this device (profiles a full-budget forward on GPU first).
         Tensor-parallel ranks all call this together: the profile forward runs collectives."""
         if self.device.type == "cuda":
-            self._compile_kernels_concurrently()
+            startup = self._gpu_startup()
+            startup.compile_kernels_concurrently()
             start_peak_measurement(self.device)
-            self._profile_run()
+            startup.profile_run()
         return num_blocks_for(self.config, self.shape, self.kv_dtype, self.device, self.max_model_len)
 
     def allocate_kv_cache(self, num_blocks: int) -> ModelFacts:
@@ -205,7 +202,7 @@ class ModelRunner:
                 self.input_builder.max_decode_rows = MAX_VERIFY_ROWS
             trim_heap()  # what loading freed would otherwise stay resident
         if self.device.type == "cuda":
-            self._warm_up_kernels(self.kv_caches[0], max_blocks_per_seq)
+            self._gpu_startup().warm_up_kernels(self.kv_caches[0])
         if self._use_cuda_graphs():
             self.decode_graphs = DecodeGraphs(
                 self.model,
@@ -232,21 +229,19 @@ class ModelRunner:
     def _max_blocks_per_seq(self) -> int:
         return -(-self.max_model_len // self.config.block_size)
 
-    @torch.inference_mode()
-    def _warm_up_kernels(self, kv_cache: torch.Tensor, max_blocks_per_seq: int) -> None:
-        """Compile the Triton kernel variants that the profile run and the graph captures may not
-        reach (attention tiles and splits picked per step, the sampling race), so no step waits
-        for a JIT compile while serving; time the quantized linears' decode launches. kv_cache: one
-        layer's cache (only its layout matters)."""
-        specs = [layer.attention for layer in self.model.config.layers]
-        self.attn.warm_up(kv_cache, self.shape.num_heads, max_blocks_per_seq, specs, query_dtype=self.dtype)
-        hidden = torch.zeros((1, self.shape.hidden_size), dtype=self.dtype, device=self.device)
-        logits = self.model.compute_logits(hidden).float()
-        self.sampler.warm_up(logits)
-        warm_up_grammar_masks(logits[:, : self.shape.vocab_size])
-        warm_up_experts(self.model)
-        tune_decode_linears(self.model, self.dtype)
-        torch.cuda.synchronize(self.device)
+    def _gpu_startup(self) -> GpuStartup:
+        return GpuStartup(
+            model=self.model,
+            attn=self.attn,
+            sampler=self.sampler,
+            shape=self.shape,
+            dtype=self.dtype,
+            kv_dtype=self.kv_dtype,
+            device=self.device,
+            block_size=self.config.block_size,
+            profile_tokens=min(self.max_num_batched_tokens, self.max_model_len),
+            max_blocks_per_seq=self._max_blocks_per_seq(),
+        )
 
     def _use_cuda_graphs(self) -> bool:
         if self.device.type != "cuda" or self.config.enforce_eager:
@@ -257,46 +252,6 @@ class ModelRunner:
             logger.info("tensor parallel: CUDA graphs are off (decode runs eagerly)")
             return False
         return True
-
-    @torch.inference_mode()
-    def _compile_kernels_concurrently(self) -> None:
-        """Compile what the profile run and the warm-up will launch, on several threads (a cold
-        start otherwise spends seconds compiling one kernel after another): a dry run of both notes
-        each variant, then they compile together. Only the compile time changes; the real runs
-        that follow launch the same kernels, now compiled."""
-        started = time.perf_counter()
-        threads = compile_threads()
-        with defer_compiles() as deferred:
-            if deferred is None:
-                return
-            self._profile_run()
-            scratch = allocate_kv_caches(self.shape, 1, self.config.block_size, self.kv_dtype, self.device)
-            self._warm_up_kernels(scratch[0], self._max_blocks_per_seq())
-            del scratch
-        compile_deferred(deferred, threads)
-        log_phase(
-            logger,
-            "Triton kernels compiled",
-            time.perf_counter() - started,
-            f"{len(deferred)} kernel variants on {threads} threads, loaded from Triton's disk cache where it has them",
-        )
-
-    @torch.inference_mode()
-    def _profile_run(self) -> None:
-        """A forward over a full token budget with a throwaway one-block cache, to measure peak memory."""
-        from batchlm.core.step_io import ScheduledChunk
-
-        tokens = min(self.max_num_batched_tokens, self.max_model_len)
-        blocks = -(-tokens // self.config.block_size)
-        chunk = ScheduledChunk("profile", tuple([0] * tokens), 0, tuple(range(blocks)), True)
-        scratch = allocate_kv_caches(self.shape, blocks, self.config.block_size, self.kv_dtype, self.device)
-        inputs = build_step_inputs(
-            SchedulerOutput((chunk,), (), frozenset()), self.config.block_size, self.device
-        )
-        hidden = self.model(inputs.input_ids, inputs.positions, scratch, inputs.meta, self.attn)
-        self.model.compute_logits(hidden[inputs.sample_indices])
-        torch.cuda.synchronize(self.device)
-        del scratch, hidden
 
     def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step and wait for its sampled tokens."""
