@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,6 +59,32 @@ class LandingTokens:
     def land(self) -> None:
         self.landed_at = time.perf_counter()
         self.landed.set()
+
+
+class TimedExecutor:
+    """llguidance's executor with its batched calls timed (per call, in order)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.seconds: dict[str, list[float]] = {"fill": [], "advance": []}
+
+    def unsafe_compute_mask_ptr(self, *args: Any) -> None:
+        started = time.perf_counter()
+        self.inner.unsafe_compute_mask_ptr(*args)
+        self.seconds["fill"].append(time.perf_counter() - started)
+
+    def consume_token_par(self, *args: Any) -> list[bool]:
+        started = time.perf_counter()
+        accepted: list[bool] = self.inner.consume_token_par(*args)
+        self.seconds["advance"].append(time.perf_counter() - started)
+        return accepted
+
+    def medians_ms(self, skip: int) -> dict[str, float]:
+        return {
+            f"llguidance_{name}_ms_median": round(1e3 * statistics.median(times[skip:]), 3)
+            for name, times in self.seconds.items()
+            if len(times) > skip
+        }
 
 
 def tokenizer_dir(vocab_size: int) -> Path:
@@ -109,6 +136,8 @@ def main() -> None:
     batched = args.accept == "batched" if args.accept else beside_gpu
     hf = AutoTokenizer.from_pretrained(tokenizer_dir(args.vocab_size))
     backend = LLGuidanceBackend.from_hf(hf, args.vocab_size, (0,), threads=threads, batched_accept=batched)
+    llguidance_calls = TimedExecutor(backend._executor)
+    backend._executor = llguidance_calls  # type: ignore[assignment]
     sequences = ConstrainedSequences(lambda eos: backend)
     spec = StructuredOutputs(json=json.dumps(long_output_schema()))
     request_ids = tuple(f"r{i}" for i in range(args.rows))
@@ -149,6 +178,8 @@ def main() -> None:
                 "engine_python_ms": args.engine_python_ms,
                 "engine_grammar_ms_median": round(statistics.median(engine_ms[warm]), 3),
                 "masks_ready_after_tokens_ms_median": round(statistics.median(ready_ms[warm]), 3),
+                # The same steps' time inside llguidance's batched calls (the rest is Python).
+                **llguidance_calls.medians_ms(args.steps // 5),
             }
         )
     )
