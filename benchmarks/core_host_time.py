@@ -20,7 +20,8 @@ import torch
 
 from batchlm.core.engine_core import EngineCore
 from batchlm.core.facts import EngineStats
-from batchlm.core.scheduler import Scheduler, SchedulerConfig
+from batchlm.core.scheduler import Scheduler
+from batchlm.core.scheduler_config import SchedulerConfig
 from batchlm.core.step_io import ModelRunnerOutput, SchedulerOutput
 from batchlm.engine.output_processor import OutputProcessor
 from batchlm.executor.core_messages import StepOutputs

@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from batchlm.core.scheduler import Scheduler, SchedulerConfig
+from batchlm.core.scheduler import Scheduler
+from batchlm.core.scheduler_config import SchedulerConfig
 from batchlm.core.step_io import ModelRunnerOutput, SchedulerOutput
 from batchlm.outputs import EngineCoreOutput, FinishReason
 from batchlm.request import EngineCoreRequest

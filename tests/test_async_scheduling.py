@@ -16,7 +16,8 @@ import torch
 from batchlm import LLM, SamplingParams
 from batchlm.config import EngineConfig
 from batchlm.core.engine_core import EngineCore
-from batchlm.core.scheduler import Scheduler, SchedulerConfig
+from batchlm.core.scheduler import Scheduler
+from batchlm.core.scheduler_config import SchedulerConfig
 from batchlm.core.step_io import PLACEHOLDER_TOKEN_ID, ModelRunnerOutput, ScheduledChunk, SchedulerOutput
 from batchlm.executor.core_builder import check_async_scheduling, resolve_async_scheduling
 from batchlm.outputs import EngineCoreOutput, FinishReason

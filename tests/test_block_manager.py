@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from batchlm.core.scheduler import SchedulerConfig
+from batchlm.core.scheduler_config import SchedulerConfig
 from batchlm.outputs import FinishReason
 from scheduler_harness import Driver, make_request, reference_generation
 

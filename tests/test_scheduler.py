@@ -8,7 +8,8 @@ from dataclasses import replace
 
 import pytest
 
-from batchlm.core.scheduler import Scheduler, SchedulerConfig
+from batchlm.core.scheduler import Scheduler
+from batchlm.core.scheduler_config import SchedulerConfig
 from batchlm.outputs import FinishReason
 from scheduler_harness import Driver, make_request, reference_generation
 

@@ -9,7 +9,7 @@ import httpx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batchlm.core.scheduler import SchedulerConfig
+from batchlm.core.scheduler_config import SchedulerConfig
 from batchlm.engine.output_processor import make_core_requests
 from batchlm.request import EngineCoreRequest
 from batchlm.sampling_params import SamplingParams

@@ -8,7 +8,8 @@ from dataclasses import replace
 
 import pytest
 
-from batchlm.core.scheduler import Scheduler, SchedulerConfig
+from batchlm.core.scheduler import Scheduler
+from batchlm.core.scheduler_config import SchedulerConfig
 from batchlm.core.step_io import ModelRunnerOutput, SchedulerOutput
 from batchlm.outputs import EngineCoreOutput, FinishReason, TokenLogprobs
 from scheduler_harness import make_request

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from batchlm.core.engine_core import EngineCore
-from batchlm.core.scheduler import Scheduler, SchedulerConfig
+from batchlm.core.scheduler import Scheduler
+from batchlm.core.scheduler_config import SchedulerConfig
 from batchlm.core.speculation import SpeculationConfig
 from batchlm.core.step_io import (
     PLACEHOLDER_TOKEN_ID,

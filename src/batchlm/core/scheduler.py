@@ -4,47 +4,19 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 from batchlm.core.admission import AdmissionTickets
 from batchlm.core.facts import EngineStats
 from batchlm.core.kv_cache_manager import KVCacheManager
 from batchlm.core.request_state import RequestState, RequestStatus
-from batchlm.core.speculation import SpeculationConfig, Speculator
+from batchlm.core.scheduler_config import SchedulerConfig
+from batchlm.core.speculation import Speculator
 from batchlm.core.speculative_step import SpeculativeSteps
 from batchlm.core.step_builder import InflightStep, StepBuilder, new_request_data, sampled_by_request
 from batchlm.core.step_io import PLACEHOLDER_TOKEN_ID, ModelRunnerOutput, ScheduledChunk, SchedulerOutput
 from batchlm.core.stop_checker import check_stop
 from batchlm.outputs import EngineCoreOutput, FinishReason, TokenLogprobs
 from batchlm.request import EngineCoreRequest
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """Limits the scheduler enforces; resolved once from EngineConfig and the KV-cache size."""
-
-    # Cap on running requests (the --batch-size flag).
-    max_num_seqs: int
-    # Tokens computed per step, decodes and prefill chunks together.
-    max_num_batched_tokens: int
-    # Prompt + output tokens allowed per request.
-    max_model_len: int
-    # Tokens per KV-cache block.
-    block_size: int
-    # KV-cache blocks available (ids 0 .. num_blocks - 1).
-    num_blocks: int
-    # Share computed full blocks between requests with the same prefix.
-    enable_prefix_caching: bool = True
-    # Model/adapter identity, mixed into the first block's hash so different weights never share.
-    prefix_cache_salt: str = ""
-    # Speculative decoding from n-grams of each request's own tokens (off by default).
-    speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
-
-    def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size", "num_blocks"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"SchedulerConfig.{name} must be a positive integer, got {value!r}")
 
 
 class Scheduler:

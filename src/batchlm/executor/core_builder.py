@@ -9,7 +9,8 @@ from pathlib import Path
 from batchlm.config import EngineConfig
 from batchlm.core.engine_core import EngineCore, Executor
 from batchlm.core.facts import ModelFacts
-from batchlm.core.scheduler import Scheduler, SchedulerConfig
+from batchlm.core.scheduler import Scheduler
+from batchlm.core.scheduler_config import SchedulerConfig
 from batchlm.core.speculation import SPECULATIVE_MODES, SpeculationConfig
 from batchlm.gc_tuning import freeze_startup_objects
 from batchlm.startup_log import log_uptime, timed_phase
