@@ -229,6 +229,13 @@ def main() -> None:
         summary["structured_over_plain"] = round(
             summary["batchlm-structured median output tok/s"] / summary["batchlm median output tok/s"], 3
         )
+        # Each structured run against the plain run just before it: a host whose speed drifts over
+        # the call (H200 hosts do, by ~10%) moves both runs of a pair alike.
+        plain = [r["output_tok_s"] for r in results if r["engine"] == "batchlm"]
+        structured = [r["output_tok_s"] for r in results if r["engine"] == "batchlm-structured"]
+        summary["structured_over_plain_pairs"] = [
+            round(s / p, 3) for p, s in zip(plain, structured, strict=True)
+        ]
     if args.compare_hf:
         summary["ratio"] = round(
             summary["batchlm median output tok/s"] / summary["transformers.generate median output tok/s"], 2
