@@ -107,11 +107,24 @@ def pick_tokens(bitmask: np.ndarray, rng: np.random.Generator) -> list[int]:
     return picks
 
 
-def busy_python(seconds: float) -> None:
-    end = time.perf_counter() + seconds
-    total = 0
-    while time.perf_counter() < end:
-        total += sum(range(50))
+def busy_python(seconds: float) -> float:
+    """Plain Python for `seconds` of wall time, as a fixed amount of work: the first call calibrates
+    how many loop rounds that is with nothing else running; later calls run that many rounds and
+    return how long they took (longer when the mask worker takes the GIL or the core meanwhile)."""
+    rounds = _CALIBRATED.get(seconds)
+    if rounds is None:  # rounds a second, over 0.2 s alone
+        rate, started = 0, time.perf_counter()
+        while time.perf_counter() < started + 0.2:
+            sum(range(50))
+            rate += 1
+        rounds = _CALIBRATED[seconds] = max(1, round(rate / (time.perf_counter() - started) * seconds))
+    started = time.perf_counter()
+    for _ in range(rounds):
+        sum(range(50))
+    return time.perf_counter() - started
+
+
+_CALIBRATED: dict[float, int] = {}
 
 
 def main() -> None:
@@ -149,6 +162,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     engine_ms: list[float] = []
     ready_ms: list[float] = []
+    engine_work_ms: list[float] = []
+    busy_python(args.engine_python_ms / 1e3)  # calibrated alone, before the worker runs
     for _ in range(args.steps):
         started = time.perf_counter()
         step = masks.start(request_ids)
@@ -160,7 +175,7 @@ def main() -> None:
         masks.prefetch(step, landing)  # type: ignore[arg-type]
         engine_ms.append(1e3 * (taken + time.perf_counter() - started))
         landing.land()
-        busy_python(args.engine_python_ms / 1e3)
+        engine_work_ms.append(1e3 * busy_python(args.engine_python_ms / 1e3))
         prefetched = masks._prefetched
         assert prefetched is not None
         prefetched.result()
@@ -176,6 +191,9 @@ def main() -> None:
                 "mask_threads": threads,
                 "accept": "batched" if batched else "one at a time",
                 "engine_python_ms": args.engine_python_ms,
+                # That fixed work's wall time beside the worker: more than engine_python_ms by what
+                # the worker took from the engine thread (the GIL, or the core).
+                "engine_python_took_ms_median": round(statistics.median(engine_work_ms[warm]), 3),
                 "engine_grammar_ms_median": round(statistics.median(engine_ms[warm]), 3),
                 "masks_ready_after_tokens_ms_median": round(statistics.median(ready_ms[warm]), 3),
                 # The same steps' time inside llguidance's batched calls (the rest is Python).
