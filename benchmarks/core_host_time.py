@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import random
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +31,7 @@ from batchlm.request import EngineCoreRequest
 from batchlm.runner.inputs import StepInputBuilder
 from batchlm.runner.step_output import PreviousTokens
 from batchlm.sampling_params import SamplingParams
+from batchlm.tokenizer.tokenizer import Tokenizer
 
 TIMES: dict[str, float] = {}
 
@@ -71,6 +74,14 @@ class InstantExecutor:
         return Done(ModelRunnerOutput(ids, tokens, (None,) * len(ids)))
 
 
+def built_in_tokenizer() -> Tokenizer:
+    from batchlm.tokenizer.builder import build_tokenizer
+
+    directory = Path(tempfile.mkdtemp(prefix="batchlm-core-host-time-"))
+    build_tokenizer(directory)
+    return Tokenizer.from_pretrained(directory)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -84,6 +95,13 @@ def main() -> None:
         "--offline",
         action="store_true",
         help="also fold the outputs in as batchlm.LLM does (OutputProcessor)",
+    )
+    parser.add_argument(
+        "--detokenize",
+        choices=["no", "at-finish", "per-token"],
+        default="no",
+        help="with --offline: detokenize with the built-in tokenizer, once a sequence finishes (as "
+        "batchlm.LLM does) or token by token each step",
     )
     args = parser.parse_args()
     config = SchedulerConfig(
@@ -99,9 +117,12 @@ def main() -> None:
     scheduler.schedule = timed("schedule", scheduler.schedule)  # type: ignore[method-assign]
     scheduler.update_from_output = timed("update", scheduler.update_from_output)  # type: ignore[method-assign]
     pack = timed("pack", lambda outputs: StepOutputs.pack(outputs, EngineStats()))
-    params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, detokenize=False)
+    detokenize = args.detokenize != "no"
+    params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, detokenize=detokenize)
     prompt = tuple(range(1, args.input_len + 1))
-    processor = OutputProcessor(None)
+    processor = OutputProcessor(
+        built_in_tokenizer() if detokenize else None, text_when_finished=args.detokenize == "at-finish"
+    )
     fold_in = timed("process", lambda outputs: processor.process(outputs, delta=False, finished_only=True))
     hand_off = fold_in if args.offline else pack
     for index in range(args.num_requests):

@@ -3,9 +3,12 @@ request with all its tokens, the same text as step by step, and stop strings sti
 
 from __future__ import annotations
 
+import pytest
+
 from batchlm.engine.output_processor import OutputProcessor
 from batchlm.outputs import EngineCoreOutput, FinishReason, TokenLogprobs
 from batchlm.sampling_params import SamplingParams
+from batchlm.tokenizer.detokenizer import IncrementalDetokenizer
 from batchlm.tokenizer.tokenizer import Tokenizer
 
 PROMPT = [5, 6, 7]
@@ -112,3 +115,73 @@ def test_cumulative_outputs_repeat_everything_so_far_and_deltas_only_what_is_new
     first_whole, first_delta = handed_out[0]
     assert first_whole.outputs[0].token_ids == first_delta.outputs[0].token_ids == [steps[0].new_token_ids[0]]
     assert first_whole.outputs[0].text == first_delta.outputs[0].text == delta_texts[0]
+
+
+def _finished_outputs(processor: OutputProcessor, steps: list[list[EngineCoreOutput]]) -> list[tuple]:
+    """Feed each step's outputs as the offline loop does; the finished requests' completions."""
+    finished = []
+    for step in steps:
+        results, _ = processor.process(step, delta=False, finished_only=True)
+        for result in results:
+            for c in result.outputs:
+                finished.append(
+                    (result.request_id, c.index, c.text, c.token_ids, c.finish_reason, c.stop_reason)
+                )
+    return sorted(finished)
+
+
+def test_text_made_at_the_finish_is_the_text_made_token_by_token(
+    tiny_tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Offline (LLM) processing detokenizes a sequence once it finishes: the same texts as token by
+    token, for stop tokens shown or not, special tokens kept or skipped, several tokens in one output,
+    n > 1, and a sequence with stop strings (which is still watched token by token)."""
+    eos = tiny_tokenizer.eos_token_ids[0]
+    words = tiny_tokenizer.encode(" héllo there, wörld ✓ ok", add_special_tokens=False)
+    requests = {
+        "eos": SamplingParams(max_tokens=100),
+        "eos-shown": SamplingParams(
+            max_tokens=100, include_stop_str_in_output=True, skip_special_tokens=False
+        ),
+        "length": SamplingParams(max_tokens=len(words)),
+        "two": SamplingParams(max_tokens=100, n=2),
+        "stop-string": SamplingParams(max_tokens=100, stop=["wörld"]),
+    }
+    per_token = OutputProcessor(tiny_tokenizer)
+    at_finish = OutputProcessor(tiny_tokenizer, text_when_finished=True)
+    core_ids = {
+        rid: at_finish.add_request(rid, None, PROMPT, params, 0.0) for rid, params in requests.items()
+    }
+    for rid, params in requests.items():
+        per_token.add_request(rid, None, PROMPT, params, 0.0)
+    steps: list[list[EngineCoreOutput]] = []
+    for position in range(0, len(words), 2):  # two tokens an output: a verified draft, say
+        last = position + 2 >= len(words)
+        step = []
+        for rid, ids in core_ids.items():
+            for core_id in ids:
+                tokens = tuple(words[position : position + 2])
+                if not last:
+                    step.append(EngineCoreOutput(core_id, tokens))
+                elif rid == "length":
+                    step.append(EngineCoreOutput(core_id, tokens, finish_reason=FinishReason.LENGTH))
+                else:
+                    stop = dict(finish_reason=FinishReason.STOP, stop_token_id=eos)
+                    step.append(EngineCoreOutput(core_id, (*tokens, eos), **stop))  # type: ignore[arg-type]
+        steps.append(step)
+    expected = _finished_outputs(per_token, steps)
+    calls: list[int] = []
+    update = IncrementalDetokenizer.update
+    monkeypatch.setattr(
+        IncrementalDetokenizer, "update", lambda self, ids: calls.append(len(ids)) or update(self, ids)
+    )
+    assert _finished_outputs(at_finish, steps) == expected
+    # One call with every token for each of the five sequences without stop strings; the stop-string
+    # one is fed each step's tokens as they come (two at a time), until its stop string.
+    whole = [n for n in calls if n >= len(words) - 1]
+    assert len(whole) == 5 and all(n <= 2 for n in calls if n < len(words) - 1)
+    texts = {(rid, index): text for rid, index, text, *_ in expected}
+    assert texts["eos", 0] == tiny_tokenizer.decode(words)
+    assert texts["eos-shown", 0].endswith(tiny_tokenizer.decode([eos], skip_special_tokens=False))
+    assert texts["two", 1] == texts["two", 0] == texts["eos", 0]
+    assert texts["stop-string", 0] == tiny_tokenizer.decode(words).split("wörld")[0]

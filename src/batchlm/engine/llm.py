@@ -48,7 +48,7 @@ class LLM:
         """Generate for every prompt (text or token ids); results come back in prompt order."""
         prompt_list = _as_prompt_list(prompts)
         params_list = _as_params_list(sampling_params, len(prompt_list))
-        processor = OutputProcessor(self.tokenizer)
+        processor = OutputProcessor(self.tokenizer, text_when_finished=True)
         order: list[str] = []
         for prompt, params in zip(prompt_list, params_list, strict=True):
             order.append(self._submit(processor, prompt, params))

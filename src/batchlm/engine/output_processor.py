@@ -93,8 +93,13 @@ class _RequestState:
 class OutputProcessor:
     """Turns EngineCoreOutputs into RequestOutputs. Not thread-safe: one owner calls it."""
 
-    def __init__(self, tokenizer: Tokenizer | None) -> None:
+    def __init__(self, tokenizer: Tokenizer | None, text_when_finished: bool = False) -> None:
+        """text_when_finished: the caller reads cumulative outputs of finished requests only
+        (process(delta=False, finished_only=True), as offline generation does), so a sequence without
+        stop strings is detokenized once, when it finishes, instead of token by token each step: the
+        same text (IncrementalDetokenizer's invariant), without per-token work on the step loop."""
         self.tokenizer = tokenizer
+        self._text_when_finished = text_when_finished
         self._requests: dict[str, _RequestState] = {}
         # Engine-core sequence id -> (request id, completion index).
         self._sequences: dict[str, tuple[str, int]] = {}
@@ -157,6 +162,7 @@ class OutputProcessor:
         finished: offline use, where building a cumulative output every step would cost O(n^2)), and
         engine-core ids to abort (their sequences hit a stop string, which only the front end sees).
         A delta holds what is new since the last one; without `delta` outputs are cumulative."""
+        assert not self._text_when_finished or (finished_only and not delta), "texts are made at the finish"
         changed: dict[str, _RequestState] = {}
         to_abort: list[str] = []
         now = time.time()
@@ -212,10 +218,13 @@ class OutputProcessor:
         if completion.detokenizer is not None:
             # A stop token (EOS or stop_token_ids) ends the text without appearing in it unless
             # include_stop_str_in_output (it stays in token_ids). Stop strings are ours to find.
-            shown = new_token_ids
+            shown: Sequence[int] = new_token_ids
+            if self._text_when_finished and not state.params.stop:
+                shown = completion.token_ids if output.finished else ()  # every token, once
             if output.finish_reason is FinishReason.STOP and not state.params.include_stop_str_in_output:
-                shown = new_token_ids[:-1]
-            added += completion.detokenizer.update(shown)
+                shown = shown[:-1]
+            if shown:
+                added += completion.detokenizer.update(shown)
             if completion.detokenizer.stop_reason is not None:
                 completion.finish_reason = FinishReason.STOP
                 completion.stop_reason = completion.detokenizer.stop_reason
