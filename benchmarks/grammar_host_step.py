@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,21 +63,23 @@ class LandingTokens:
 
 
 class TimedExecutor:
-    """llguidance's executor with its batched calls timed (per call, in order)."""
+    """llguidance's executor with its batched calls ("fill", "advance") timed alone, apart from the
+    Python around them; each call's seconds go to `record` (by default, to `seconds`, in order)."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, record: Callable[[str, float], None] | None = None) -> None:
         self.inner = inner
         self.seconds: dict[str, list[float]] = {"fill": [], "advance": []}
+        self._record = record or (lambda name, seconds: self.seconds[name].append(seconds))
 
     def unsafe_compute_mask_ptr(self, *args: Any) -> None:
         started = time.perf_counter()
         self.inner.unsafe_compute_mask_ptr(*args)
-        self.seconds["fill"].append(time.perf_counter() - started)
+        self._record("fill", time.perf_counter() - started)
 
     def consume_token_par(self, *args: Any) -> list[bool]:
         started = time.perf_counter()
         accepted: list[bool] = self.inner.consume_token_par(*args)
-        self.seconds["advance"].append(time.perf_counter() - started)
+        self._record("advance", time.perf_counter() - started)
         return accepted
 
     def medians_ms(self, skip: int) -> dict[str, float]:

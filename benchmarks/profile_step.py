@@ -202,27 +202,24 @@ def instrument_grammar(grammars: Any) -> None:
 
     def backend_with_timed_executor(self: Any, *args: Any, **kwargs: Any) -> None:
         make_backend(self, *args, **kwargs)
-        self._executor = TimedExecutor(self._executor)
+        self._executor = timed_llguidance(self._executor)
 
     LLGuidanceBackend.__init__ = backend_with_timed_executor  # type: ignore[method-assign]
     if isinstance(grammars._backend, LLGuidanceBackend):  # built by the warm-up already
-        grammars._backend._executor = TimedExecutor(grammars._backend._executor)
+        grammars._backend._executor = timed_llguidance(grammars._backend._executor)
         grammars._batch = None
     sequences.advance = timed("  accept", sequences.advance)
 
 
-class TimedExecutor:
-    """llguidance's executor with its two batched calls timed alone: the Rust side of the fill and of
-    the advance, apart from the Python around them."""
+def timed_llguidance(executor: Any) -> Any:
+    """llguidance's executor with its two batched calls timed alone (the Rust side of the fill and of
+    the advance, apart from the Python around them), as phases of the current step."""
+    from grammar_host_step import TimedExecutor
 
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
+    def record(name: str, seconds: float) -> None:
+        TIMES[f"    {name} in llguidance", CURRENT["kind"]] += seconds
 
-    def unsafe_compute_mask_ptr(self, *args: Any) -> Any:
-        return timed("    fill in llguidance", self.inner.unsafe_compute_mask_ptr)(*args)
-
-    def consume_token_par(self, *args: Any) -> Any:
-        return timed("    accept in llguidance", self.inner.consume_token_par)(*args)
+    return TimedExecutor(executor, record)
 
 
 def main() -> None:
