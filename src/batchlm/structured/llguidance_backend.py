@@ -231,39 +231,16 @@ class LLGuidanceBackend:
         self.batch(matchers).fill(bitmask)
 
     def advance(self, matchers: Sequence[GrammarMatcher], new_tokens: Sequence[Sequence[int]]) -> list[bool]:
-        """matchers[i] over new_tokens[i]; per matcher, False if its grammar rejected a token."""
+        """matchers[i] over new_tokens[i]; per matcher, False if its grammar rejected a token. One
+        batch per token depth, of the matchers with a token there (a matcher at most once per call)."""
         accepted = [True] * len(matchers)
-        if not self.batched_accept:
-            for index, (matcher, tokens) in enumerate(zip(matchers, new_tokens, strict=True)):
-                for token_id in tokens:
-                    accepted[index] = matcher.accept(token_id) and accepted[index]
-            return accepted
         for depth in range(max(map(len, new_tokens), default=0)):
-            self._advance_one_deep(matchers, new_tokens, depth, accepted)
+            rows = [row for row, tokens in enumerate(new_tokens) if depth < len(tokens)]
+            batch = self.batch([matchers[row] for row in rows])
+            results = batch.advance_one([new_tokens[row][depth] for row in rows])
+            for row, ok in zip(rows, results, strict=True):
+                accepted[row] = ok and accepted[row]
         return accepted
-
-    def _advance_one_deep(
-        self,
-        matchers: Sequence[GrammarMatcher],
-        new_tokens: Sequence[Sequence[int]],
-        depth: int,
-        accepted: list[bool],
-    ) -> None:
-        """Each matcher's token at `depth`: ours in one call on the executor's threads (a matcher at
-        most once per call), any other by itself."""
-        ours: list[tuple[int, int, llguidance.LLMatcher, int]] = []  # (family, index, matcher, token)
-        for index, (matcher, tokens) in enumerate(zip(matchers, new_tokens, strict=True)):
-            if depth >= len(tokens):
-                continue
-            if isinstance(matcher, LLGuidanceMatcher):
-                ours.append((matcher.family, index, matcher.inner, tokens[depth]))
-            else:
-                accepted[index] = matcher.accept(tokens[depth]) and accepted[index]
-        if ours:
-            ours.sort(key=by_family)
-            results = self._executor.consume_token_par([(inner, token) for _, _, inner, token in ours])
-            for (_, index, _, _), ok in zip(ours, results, strict=True):
-                accepted[index] = bool(ok) and accepted[index]
 
 
 class LLGuidanceBatch:
