@@ -172,3 +172,15 @@ class Driver:
             table.extend(chunk.new_block_ids)
             assert len(table) == -(-end // self.config.block_size), "table not sized to the tokens"
             assert table == self.scheduler.kv.block_ids(chunk.request_id), "the appends miss the table"
+
+
+def varied_prompts(count: int, length: int = 11, shared: int = 0) -> list[list[int]]:
+    """`count` different prompts of `length` tokens after `shared` tokens they all begin with."""
+    base = [(7 * i + 3) % 500 for i in range(shared)]
+    return [base + [(31 * r + 17 * i + 5) % 500 for i in range(length)] for r in range(count)]
+
+
+def assert_all_blocks_free(scheduler: Scheduler) -> None:
+    assert scheduler.num_free_blocks == scheduler.num_total_blocks
+    assert scheduler.stats().kv_cache_usage == 0.0
+    assert scheduler.num_inflight_steps == 0
