@@ -142,6 +142,12 @@ def main() -> None:
     parser.add_argument(
         "--accept", choices=["one", "batched"], help="advance matchers one call per token or batched"
     )
+    parser.add_argument(
+        "--summary-field",
+        choices=["bounded", "free"],
+        default="bounded",
+        help="the schema's last, long text field has minLength 4000 or no bound",
+    )
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
@@ -155,7 +161,7 @@ def main() -> None:
     llguidance_calls = TimedExecutor(backend._executor)
     backend._executor = llguidance_calls  # type: ignore[assignment]
     sequences = ConstrainedSequences(lambda eos: backend)
-    spec = StructuredOutputs(json=json.dumps(long_output_schema()))
+    spec = StructuredOutputs(json=json.dumps(long_output_schema(args.summary_field == "bounded")))
     request_ids = tuple(f"r{i}" for i in range(args.rows))
     lists: list[list[int]] = [[] for _ in request_ids]
     for request_id, tokens in zip(request_ids, lists, strict=True):
@@ -191,6 +197,7 @@ def main() -> None:
         json.dumps(
             {
                 "rows": args.rows,
+                "summary_field": args.summary_field,
                 "mask_threads": threads,
                 "accept": "batched" if batched else "one at a time",
                 "engine_python_ms": args.engine_python_ms,

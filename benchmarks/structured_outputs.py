@@ -50,11 +50,14 @@ SCHEMA: dict[str, Any] = {
 }
 
 
-def long_output_schema() -> dict[str, Any]:
+def long_output_schema(bounded: bool = True) -> dict[str, Any]:
     """SCHEMA with a last free-text field no output finishes within a few hundred tokens, so that with
-    ignore_eos every token of a fixed-length run is generated under a live grammar."""
+    ignore_eos every token of a fixed-length run is generated under a live grammar. bounded: the field
+    has "minLength": 4000, so it cannot end; otherwise it is a plain string, which a random model
+    rarely closes (few tokens of a large vocabulary end a JSON string) but llguidance masks far more
+    cheaply (its precomputed string slices apply only without a length bound)."""
     schema = json.loads(json.dumps(SCHEMA))
-    schema["properties"]["summary"] = {"type": "string", "minLength": 4000}
+    schema["properties"]["summary"] = {"type": "string", "minLength": 4000} if bounded else {"type": "string"}
     schema["required"].append("summary")
     return schema
 
