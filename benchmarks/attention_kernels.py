@@ -49,11 +49,14 @@ def copy_bandwidth_gbs() -> float:
     return 2 * src.numel() / ms / 1e6  # bytes read + written
 
 
-def paged_setup(batch: int, context: int, kv_heads: int, head_dim: int, block_size: int):
+def paged_setup(
+    batch: int, context: int, kv_heads: int, head_dim: int, block_size: int, cache_dtype: torch.dtype = DTYPE
+):
     """A cache holding `batch` contexts on shuffled blocks, with their tables and lengths."""
     per_seq = math.ceil(context / block_size)
     num_blocks = batch * per_seq
     cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, device="cuda", dtype=DTYPE)
+    cache = cache.to(cache_dtype)
     tables = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(batch, per_seq)
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
     return cache, tables.contiguous(), seq_lens
@@ -84,12 +87,20 @@ def decode_sweep(batch: int) -> list[DecodeVariant]:
 
 
 def bench_decode(
-    batch: int, context: int, peak: float, sweep: bool, heads: int = 32, kv_heads: int = 8, head_dim: int = 64
+    batch: int,
+    context: int,
+    peak: float,
+    sweep: bool,
+    heads: int = 32,
+    kv_heads: int = 8,
+    head_dim: int = 64,
+    cache_dtype: torch.dtype = DTYPE,
 ) -> list[Row]:
-    cache, tables, seq_lens = paged_setup(batch, context, kv_heads, head_dim, 16)
+    cache, tables, seq_lens = paged_setup(batch, context, kv_heads, head_dim, 16, cache_dtype)
     query = torch.randn(batch, heads, head_dim, device="cuda", dtype=DTYPE)
     out = torch.empty_like(query)
-    kv_bytes = 2 * batch * context * kv_heads * head_dim * ELEM
+    kv_bytes = 2 * batch * context * kv_heads * head_dim * cache.element_size()
+    dtype_label = "" if cache_dtype == DTYPE else f" {str(cache_dtype).removeprefix('torch.')} cache"
     auto = choose_num_splits(batch, kv_heads, tables.shape[1] * 16, sm_count(query.device))
     variants: list[DecodeVariant] = [(f"default (splits={auto})", DecodeConfig(), None)]
     variants += decode_sweep(batch) if sweep else []
@@ -100,10 +111,12 @@ def bench_decode(
         )
         ms = graph_ms(fn)
         gbs = kv_bytes / ms / 1e6
-        rows.append(Row(f"decode B={batch} ctx={context} {label}", ms, gbs, "GB/s", gbs / peak))
+        name = f"decode B={batch} ctx={context} D={head_dim}{dtype_label} {label}"
+        rows.append(Row(name, ms, gbs, "GB/s", gbs / peak))
     ms = median_ms(lambda: paged_decode_attention(query, cache, seq_lens, tables, 0.125, out=out))
     gbs = kv_bytes / ms / 1e6
-    rows.append(Row(f"decode B={batch} ctx={context} default, eager launch", ms, gbs, "GB/s", gbs / peak))
+    name = f"decode B={batch} ctx={context} D={head_dim}{dtype_label} default, eager launch"
+    rows.append(Row(name, ms, gbs, "GB/s", gbs / peak))
     return rows
 
 
@@ -178,6 +191,9 @@ def main() -> None:
     rows = [Row("d2d copy 1 GiB", 0.0, peak, "GB/s", 1.0)]
     rows += bench_decode(256, 768, peak, args.sweep)
     rows += bench_decode(1, 32768, peak, args.sweep)
+    # W2's decode (Llama-3.1-8B heads, 512 requests at ~1,500 tokens): a bf16 cache against an FP8 one.
+    for cache_dtype in (DTYPE, torch.float8_e4m3fn):
+        rows += bench_decode(512, 1500, peak, False, head_dim=128, cache_dtype=cache_dtype)
     if args.sweep:  # calibrate the split heuristic on mid-size batches
         for batch, context in ((4, 8192), (16, 4096), (32, 2048), (64, 2048)):
             rows += bench_decode(batch, context, peak, sweep=True)

@@ -91,11 +91,18 @@ def test_fp8_kv_write_compiles() -> None:
 def test_decode_over_an_fp8_cache_compiles() -> None:
     types = {"q_ptr": "*bf16", "cache_ptr": "*fp8e4nv", "block_table_ptr": "*i32", "seq_lens_ptr": "*i32"}
     types |= {"out_ptr": "*bf16", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "qk_scale": "fp32"}
+    config = paged_decode.FP8_DECODE_CONFIG
     constants = {
-        "BLOCK_SIZE": 16, "GROUP": 4, "BLOCK_G": 16, "HEAD_DIM": 128, "BLOCK_N": 64, "NUM_SPLITS": 4,
-        "DOT_PRECISION": "tf32",
+        "BLOCK_SIZE": 16, "GROUP": 4, "BLOCK_G": 16, "HEAD_DIM": 128, "BLOCK_N": config.block_n,
+        "NUM_SPLITS": 4, "DOT_PRECISION": "tf32", "FP16_DOTS": True,
     }  # fmt: skip
-    compile_for_hopper(paged_decode._decode_kernel, types, constants, num_warps=4, num_stages=2)
+    compile_for_hopper(
+        paged_decode._decode_kernel,
+        types,
+        constants,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
 
 
 def test_prefill_over_an_fp8_cache_compiles() -> None:

@@ -158,3 +158,29 @@ def test_fp8_cache_decode_replays_in_cuda_graph() -> None:
             0.125,
         )
         torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=0.0)
+
+
+@pytest.mark.skipif(
+    INTERPRET, reason="the attention kernels' loops fail in Triton 3.6's interpreter with NumPy 2.4"
+)
+@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("query_magnitude", [1.0, 1e5])
+def test_fp8_cache_decode_takes_queries_past_fp16_range(query_magnitude: float, num_splits: int) -> None:
+    """Decode over an FP8 cache multiplies in fp16: queries beyond fp16's largest value (65504) are
+    scaled into range first, so they give the reference's output, not inf or NaN."""
+    from batchlm.kernels.paged_decode import paged_decode_attention
+
+    torch.manual_seed(3)
+    contexts, max_blocks = [300, 17, 64], 24
+    meta = metadata(contexts, [1] * len(contexts), len(contexts), max_blocks)
+    _, narrow = filled_caches(len(contexts) * max_blocks, 1.0, 1.0)
+    query = (torch.randn(len(contexts), HEADS, HEAD_DIM, device=DEVICE) * query_magnitude).to(DTYPE)
+    scale = HEAD_DIM**-0.5 / query_magnitude  # keeps the scores of both magnitudes alike
+    out = paged_decode_attention(
+        query, narrow, meta.seq_lens, meta.block_tables, scale, num_splits=num_splits
+    )
+    ref = paged_attention_reference(
+        query, narrow.float(), list(range(len(contexts) + 1)), meta.seq_lens_cpu, meta.block_tables, scale
+    )
+    assert bool(out.isfinite().all())
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=0.0)

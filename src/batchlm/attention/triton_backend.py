@@ -9,7 +9,12 @@ import torch
 from batchlm.attention.backend import AttentionBackend, AttentionMetadata, AttentionSpec
 from batchlm.kernels.fp8_types import FP8_DTYPE
 from batchlm.kernels.kv_write import write_kv_cache
-from batchlm.kernels.paged_decode import DecodeConfig, choose_num_splits, paged_decode_attention
+from batchlm.kernels.paged_decode import (
+    DecodeConfig,
+    choose_num_splits,
+    default_decode_config,
+    paged_decode_attention,
+)
 from batchlm.kernels.paged_prefill import paged_prefill_attention, prefill_configs
 from batchlm.kernels.shapes import check_paged_inputs, sm_count
 
@@ -26,7 +31,8 @@ class TritonAttentionBackend(AttentionBackend):
     name = "triton"
 
     def __init__(self, decode_config: DecodeConfig | None = None) -> None:
-        self.decode_config = decode_config or DecodeConfig()
+        # None: each cache dtype's default (paged_decode.default_decode_config).
+        self.decode_config = decode_config
         # Per-layer FP8 scales, by the cache tensor's data pointer; caches not listed use 1.0.
         self._kv_scales: dict[int, tuple[float, float]] = {}
 
@@ -122,9 +128,8 @@ class TritonAttentionBackend(AttentionBackend):
                 window=spec.sliding_window, softcap=spec.logit_softcap,
             )  # fmt: skip
         max_context = max_blocks_per_seq * shape.block_size
-        most_splits = choose_num_splits(
-            1, shape.num_kv_heads, max_context, sm_count(device), self.decode_config.programs_per_sm
-        )
+        programs_per_sm = (self.decode_config or default_decode_config(kv_cache.dtype)).programs_per_sm
+        most_splits = choose_num_splits(1, shape.num_kv_heads, max_context, sm_count(device), programs_per_sm)
         splits = 1
         while splits <= most_splits:
             paged_decode_attention(

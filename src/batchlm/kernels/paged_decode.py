@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from batchlm.kernels.fp8_types import FP8_DTYPE
 from batchlm.kernels.paged_tile import MASK_RANGE, attend_range
 from batchlm.kernels.shapes import LOG2_E, check_paged_inputs, dot_precision, next_power_of_2, sm_count
 from batchlm.kernels.specialization import unspecialized
@@ -34,6 +35,14 @@ class DecodeConfig:
     num_stages: int = 2
     # Aim for this many programs per SM when choosing the number of splits.
     programs_per_sm: int = 4
+
+
+# An FP8 tile is half the bytes of a bf16 one: twice the tokens keep as many bytes in flight.
+FP8_DECODE_CONFIG = DecodeConfig(block_n=128)
+
+
+def default_decode_config(cache_dtype: torch.dtype) -> DecodeConfig:
+    return FP8_DECODE_CONFIG if cache_dtype == FP8_DTYPE else DecodeConfig()
 
 
 def choose_num_splits(
@@ -70,6 +79,7 @@ def _decode_kernel(
     BLOCK_SIZE: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
+    FP16_DOTS: tl.constexpr,
 ):  # fmt: skip
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -94,6 +104,13 @@ def _decode_kernel(
         mask=head_mask[:, None],
         other=0.0,
     )  # [BLOCK_G, HEAD_DIM]
+    if FP16_DOTS:
+        # An FP8 cache widens exactly to fp16 (one conversion per pair), not to bf16, so the tiles
+        # meet fp16 queries: scaled by a power of two into fp16's range, undone in qk_scale.
+        q32 = q.to(tl.float32)
+        shift = tl.maximum(tl.ceil(tl.log2(tl.max(tl.max(tl.abs(q32), 1), 0) / 16384.0)), 0.0)
+        q = (q32 * tl.exp2(-shift)).to(tl.float16)
+        qk_scale = qk_scale * tl.exp2(shift)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
     row_max = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -184,7 +201,7 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     """Attention of each request's single query token over its paged context (or window of it)."""
     shape = check_paged_inputs(query, kv_cache)
-    cfg = config or DecodeConfig()
+    cfg = config or default_decode_config(kv_cache.dtype)
     batch = query.shape[0]
     if seq_lens.shape[0] < batch or block_tables.shape[0] < batch:
         raise ValueError(f"seq_lens / block_tables cover fewer than the {batch} decode rows")
@@ -212,7 +229,7 @@ def paged_decode_attention(
         GROUP=shape.group_size, BLOCK_G=max(16, next_power_of_2(shape.group_size)),
         HEAD_DIM=shape.head_dim, BLOCK_N=cfg.block_n, NUM_SPLITS=num_splits,
         DOT_PRECISION=dot_precision(query.dtype), WINDOWED=window is not None, SOFTCAP=softcap is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        FP16_DOTS=kv_cache.dtype == FP8_DTYPE, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if num_splits > 1:
         _reduce_kernel[(batch, shape.num_heads)](
