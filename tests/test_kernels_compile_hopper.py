@@ -88,21 +88,30 @@ def test_fp8_kv_write_compiles() -> None:
     compile_for_hopper(kv_write._write_kv_kernel, types, constants, num_warps=4)
 
 
-def test_decode_over_an_fp8_cache_compiles() -> None:
+@pytest.mark.parametrize("in_registers", [False, True])
+def test_decode_over_an_fp8_cache_compiles(in_registers: bool) -> None:
     types = {"q_ptr": "*bf16", "cache_ptr": "*fp8e4nv", "block_table_ptr": "*i32", "seq_lens_ptr": "*i32"}
     types |= {"out_ptr": "*bf16", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "qk_scale": "fp32"}
     config = paged_decode.FP8_DECODE_CONFIG
     constants = {
         "BLOCK_SIZE": 16, "GROUP": 4, "BLOCK_G": 16, "HEAD_DIM": 128, "BLOCK_N": config.block_n,
-        "NUM_SPLITS": 4, "DOT_PRECISION": "tf32", "FP16_DOTS": True,
+        "NUM_SPLITS": 4, "DOT_PRECISION": "tf32", "FP16_DOTS": True, "FP8_IN_REGISTERS": in_registers,
+        "WINDOWED": False, "SOFTCAP": False,
     }  # fmt: skip
-    compile_for_hopper(
+    compiled = compile_for_hopper(
         paged_decode._decode_kernel,
         types,
         constants,
+        aligned=True,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
+    ptx = compiled.asm["ptx"]
+    assert "cvt.rn.f16x2.e4m3x2" in ptx  # e4m3 widened to fp16 by the hardware's paired conversion
+    if in_registers:
+        # The tiles reach the tensor cores as fp16 by ldmatrix, never read from shared memory bytewise.
+        assert "ld.shared.b8" not in ptx
+        assert "ldmatrix" in ptx
 
 
 def test_prefill_over_an_fp8_cache_compiles() -> None:

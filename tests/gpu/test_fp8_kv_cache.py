@@ -14,6 +14,7 @@ round-to-nearest exactly.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -163,12 +164,16 @@ def test_fp8_cache_decode_replays_in_cuda_graph() -> None:
 @pytest.mark.skipif(
     INTERPRET, reason="the attention kernels' loops fail in Triton 3.6's interpreter with NumPy 2.4"
 )
+@pytest.mark.parametrize("in_registers", [False, True])
 @pytest.mark.parametrize("num_splits", [1, 4])
 @pytest.mark.parametrize("query_magnitude", [1.0, 1e5])
-def test_fp8_cache_decode_takes_queries_past_fp16_range(query_magnitude: float, num_splits: int) -> None:
+def test_fp8_cache_decode_takes_queries_past_fp16_range(
+    query_magnitude: float, num_splits: int, in_registers: bool
+) -> None:
     """Decode over an FP8 cache multiplies in fp16: queries beyond fp16's largest value (65504) are
-    scaled into range first, so they give the reference's output, not inf or NaN."""
-    from batchlm.kernels.paged_decode import paged_decode_attention
+    scaled into range first, so they give the reference's output, not inf or NaN. Both ways of
+    widening the tiles (a cast, or the inline conversion in registers) give it."""
+    from batchlm.kernels.paged_decode import FP8_DECODE_CONFIG, paged_decode_attention
 
     torch.manual_seed(3)
     contexts, max_blocks = [300, 17, 64], 24
@@ -176,8 +181,9 @@ def test_fp8_cache_decode_takes_queries_past_fp16_range(query_magnitude: float, 
     _, narrow = filled_caches(len(contexts) * max_blocks, 1.0, 1.0)
     query = (torch.randn(len(contexts), HEADS, HEAD_DIM, device=DEVICE) * query_magnitude).to(DTYPE)
     scale = HEAD_DIM**-0.5 / query_magnitude  # keeps the scores of both magnitudes alike
+    config = replace(FP8_DECODE_CONFIG, fp8_in_registers=in_registers)
     out = paged_decode_attention(
-        query, narrow, meta.seq_lens, meta.block_tables, scale, num_splits=num_splits
+        query, narrow, meta.seq_lens, meta.block_tables, scale, num_splits=num_splits, config=config
     )
     ref = paged_attention_reference(
         query, narrow.float(), list(range(len(contexts) + 1)), meta.seq_lens_cpu, meta.block_tables, scale

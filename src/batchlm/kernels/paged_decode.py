@@ -35,10 +35,12 @@ class DecodeConfig:
     num_stages: int = 2
     # Aim for this many programs per SM when choosing the number of splits.
     programs_per_sm: int = 4
+    # FP8 cache: widen tiles in registers before shared memory (paged_tile.widen_e4m3).
+    fp8_in_registers: bool = False
 
 
 # An FP8 tile is half the bytes of a bf16 one: twice the tokens keep as many bytes in flight.
-FP8_DECODE_CONFIG = DecodeConfig(block_n=128)
+FP8_DECODE_CONFIG = DecodeConfig(block_n=128, fp8_in_registers=True)
 
 
 def default_decode_config(cache_dtype: torch.dtype) -> DecodeConfig:
@@ -79,7 +81,7 @@ def _decode_kernel(
     BLOCK_SIZE: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
-    FP16_DOTS: tl.constexpr,
+    FP16_DOTS: tl.constexpr, FP8_IN_REGISTERS: tl.constexpr,
 ):  # fmt: skip
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -120,7 +122,7 @@ def _decode_kernel(
         acc, row_max, row_sum = attend_range(
             q, acc, row_max, row_sum, seq_len, kv_base, block_row, start, end, end, qk_scale, window, softcap,
             stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
-            HEAD_DIM, BLOCK_N, MASK_RANGE, DOT_PRECISION, SOFTCAP,
+            HEAD_DIM, BLOCK_N, MASK_RANGE, DOT_PRECISION, SOFTCAP, FP8_IN_REGISTERS,
         )  # fmt: skip
         # Padding rows (seq_len 0) saw nothing: row_sum 0, output zeros.
         result = acc / tl.where(row_sum > 0.0, row_sum, 1.0)[:, None]
@@ -131,7 +133,7 @@ def _decode_kernel(
             acc, row_max, row_sum = attend_range(
                 q, acc, row_max, row_sum, seq_len, kv_base, block_row, start, end, end, qk_scale, window, softcap,
                 stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
-                HEAD_DIM, BLOCK_N, MASK_RANGE, DOT_PRECISION, SOFTCAP,
+                HEAD_DIM, BLOCK_N, MASK_RANGE, DOT_PRECISION, SOFTCAP, FP8_IN_REGISTERS,
             )  # fmt: skip
             # Each slice stores its normalised result and its log2-sum-exp weight.
             row = (seq.to(tl.int64) * num_heads + heads) * NUM_SPLITS + split  # [BLOCK_G]
@@ -217,6 +219,7 @@ def paged_decode_attention(
             batch, shape.num_kv_heads, max_context, sm_count(query.device), cfg.programs_per_sm
         )
     num_splits = max(1, min(num_splits, MAX_SPLITS))
+    fp8_cache = kv_cache.dtype == FP8_DTYPE
     part_out = part_lse = out  # placeholders: the single-split kernel never touches them
     if num_splits > 1:
         part_out = query.new_empty((batch, shape.num_heads, num_splits, shape.head_dim), dtype=torch.float32)
@@ -229,7 +232,8 @@ def paged_decode_attention(
         GROUP=shape.group_size, BLOCK_G=max(16, next_power_of_2(shape.group_size)),
         HEAD_DIM=shape.head_dim, BLOCK_N=cfg.block_n, NUM_SPLITS=num_splits,
         DOT_PRECISION=dot_precision(query.dtype), WINDOWED=window is not None, SOFTCAP=softcap is not None,
-        FP16_DOTS=kv_cache.dtype == FP8_DTYPE, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        FP16_DOTS=fp8_cache, FP8_IN_REGISTERS=fp8_cache and cfg.fp8_in_registers,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if num_splits > 1:
         _reduce_kernel[(batch, shape.num_heads)](

@@ -29,6 +29,26 @@ def soft_cap(scores, cap):
 
 
 @triton.jit
+def widen_e4m3(codes):
+    """e4m3 codes -> fp16, four at a time, by an inline conversion Triton cannot move past the load:
+    the tile then goes to shared memory as fp16 and to the tensor cores by ldmatrix, where a plain
+    cast is applied after shared memory and reads it a byte at a time in the dot's operand layout."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b16 lo, hi;
+        mov.b32 {lo, hi}, $2;
+        cvt.rn.f16x2.e4m3x2 $0, lo;
+        cvt.rn.f16x2.e4m3x2 $1, hi;
+        }""",
+        constraints="=r,=r,r",
+        args=[codes.to(tl.int8, bitcast=True)],
+        dtype=tl.float16,
+        is_pure=False,  # a pure op would be moved to the dot's operand, as a plain cast is
+        pack=4,
+    )
+
+
+@triton.jit
 def attend_tile(
     q,  # [BLOCK_M, HEAD_DIM] query rows
     acc,  # [BLOCK_M, HEAD_DIM] fp32 running numerator
@@ -44,7 +64,7 @@ def attend_tile(
     softcap,  # soft-cap * log2(e) (read only with SOFTCAP)
     stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SOFTCAP: tl.constexpr,
+    SOFTCAP: tl.constexpr, FP8_IN_REGISTERS: tl.constexpr = False,  # widen an FP8 tile with widen_e4m3
 ):  # fmt: skip
     tokens = tile_start + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
@@ -59,7 +79,10 @@ def attend_tile(
         k = tl.load(k_ptrs)
     else:
         k = tl.load(k_ptrs, mask=in_range[:, None], other=0.0)
-    k = k.to(q.dtype)  # no-op unless the cache is FP8
+    if FP8_IN_REGISTERS:
+        k = widen_e4m3(k)
+    else:
+        k = k.to(q.dtype)  # no-op unless the cache is FP8
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
     if SOFTCAP:
         scores = soft_cap(scores, softcap)
@@ -81,7 +104,10 @@ def attend_tile(
         v = tl.load(k_ptrs + stride_c_kv)
     else:
         v = tl.load(k_ptrs + stride_c_kv, mask=in_range[:, None], other=0.0)
-    v = v.to(q.dtype)
+    if FP8_IN_REGISTERS:
+        v = widen_e4m3(v)
+    else:
+        v = v.to(q.dtype)
     acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, new_max, row_sum
 
@@ -94,12 +120,12 @@ def attend_range(
     kv_end,  # tokens at or past it are hidden (MASK_RANGE / MASK_CAUSAL / MASK_WINDOW)
     qk_scale, window, softcap, stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SOFTCAP: tl.constexpr,
+    SOFTCAP: tl.constexpr, FP8_IN_REGISTERS: tl.constexpr = False,
 ):  # fmt: skip
     for tile_start in range(kv_start, kv_stop, BLOCK_N):
         acc, row_max, row_sum = attend_tile(
             q, acc, row_max, row_sum, q_pos, kv_base, block_row, tile_start, kv_end, qk_scale, window, softcap,
             stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
-            HEAD_DIM, BLOCK_N, MASK_MODE, DOT_PRECISION, SOFTCAP,
+            HEAD_DIM, BLOCK_N, MASK_MODE, DOT_PRECISION, SOFTCAP, FP8_IN_REGISTERS,
         )  # fmt: skip
     return acc, row_max, row_sum
