@@ -35,12 +35,12 @@ class DecodeConfig:
     num_stages: int = 2
     # Aim for this many programs per SM when choosing the number of splits.
     programs_per_sm: int = 4
-    # FP8 cache: widen tiles in registers before shared memory (paged_tile.widen_e4m3).
+    # FP8 cache: widen value tiles in registers before shared memory (paged_tile.widen_e4m3).
     fp8_in_registers: bool = False
 
 
 # An FP8 tile is half the bytes of a bf16 one: twice the tokens keep as many bytes in flight.
-FP8_DECODE_CONFIG = DecodeConfig(block_n=128, fp8_in_registers=True)
+FP8_DECODE_CONFIG = DecodeConfig(block_n=128, num_stages=3, fp8_in_registers=True)
 
 
 def default_decode_config(cache_dtype: torch.dtype) -> DecodeConfig:

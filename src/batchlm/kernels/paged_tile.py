@@ -64,7 +64,7 @@ def attend_tile(
     softcap,  # soft-cap * log2(e) (read only with SOFTCAP)
     stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SOFTCAP: tl.constexpr, FP8_IN_REGISTERS: tl.constexpr = False,  # widen an FP8 tile with widen_e4m3
+    SOFTCAP: tl.constexpr, FP8_IN_REGISTERS: tl.constexpr = False,  # widen FP8 values with widen_e4m3
 ):  # fmt: skip
     tokens = tile_start + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
@@ -79,10 +79,7 @@ def attend_tile(
         k = tl.load(k_ptrs)
     else:
         k = tl.load(k_ptrs, mask=in_range[:, None], other=0.0)
-    if FP8_IN_REGISTERS:
-        k = widen_e4m3(k)
-    else:
-        k = k.to(q.dtype)  # no-op unless the cache is FP8
+    k = k.to(q.dtype)  # no-op unless the cache is FP8
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
     if SOFTCAP:
         scores = soft_cap(scores, softcap)
@@ -105,6 +102,9 @@ def attend_tile(
     else:
         v = tl.load(k_ptrs + stride_c_kv, mask=in_range[:, None], other=0.0)
     if FP8_IN_REGISTERS:
+        # Values feed the dot along their token axis, which a byte-wide tile cannot be read along
+        # from shared memory in wide loads; keys feed it along the contiguous head dim, so a cast is
+        # cheaper for them.
         v = widen_e4m3(v)
     else:
         v = v.to(q.dtype)
