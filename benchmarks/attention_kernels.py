@@ -20,7 +20,12 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from batchlm.kernels.kv_write import write_kv_cache
-from batchlm.kernels.paged_decode import DecodeConfig, choose_num_splits, paged_decode_attention
+from batchlm.kernels.paged_decode import (
+    DecodeConfig,
+    choose_num_splits,
+    default_decode_config,
+    paged_decode_attention,
+)
 from batchlm.kernels.paged_prefill import PrefillConfig, paged_prefill_attention
 from batchlm.kernels.shapes import sm_count
 
@@ -76,11 +81,16 @@ def graph_ms(fn: Callable[[], object]) -> float:
     return median_ms(graph.replay)
 
 
-def decode_sweep(batch: int) -> list[DecodeVariant]:
-    """Tile, warp and stage variants; split counts where the batch alone cannot fill the GPU."""
+def decode_sweep(batch: int, cache_dtype: torch.dtype = DTYPE) -> list[DecodeVariant]:
+    """Tile, warp and stage variants (for an FP8 cache, also with its values widened by a cast or in
+    registers); split counts where the batch alone cannot fill the GPU."""
     variants: list[DecodeVariant] = []
     for n, w, st in ((64, 4, 3), (32, 4, 2), (128, 8, 2), (128, 4, 3)):
         variants.append((f"n{n}w{w}s{st}", DecodeConfig(n, w, st), None))
+    if cache_dtype == torch.float8_e4m3fn:
+        for st, in_registers in ((2, False), (3, False), (2, True), (3, True)):
+            label = f"n128w4s{st} values widened {'in registers' if in_registers else 'by a cast'}"
+            variants.append((label, DecodeConfig(128, 4, st, fp8_in_registers=in_registers), None))
     if batch * 8 < 528:  # fewer programs than 4 per SM: splits matter
         variants += [(f"splits={splits}", DecodeConfig(), splits) for splits in (1, 2, 4, 8, 16, 32, 64, 128)]
     return variants
@@ -102,8 +112,8 @@ def bench_decode(
     kv_bytes = 2 * batch * context * kv_heads * head_dim * cache.element_size()
     dtype_label = "" if cache_dtype == DTYPE else f" {str(cache_dtype).removeprefix('torch.')} cache"
     auto = choose_num_splits(batch, kv_heads, tables.shape[1] * 16, sm_count(query.device))
-    variants: list[DecodeVariant] = [(f"default (splits={auto})", DecodeConfig(), None)]
-    variants += decode_sweep(batch) if sweep else []
+    variants: list[DecodeVariant] = [(f"default (splits={auto})", default_decode_config(cache_dtype), None)]
+    variants += decode_sweep(batch, cache_dtype) if sweep else []
     rows = []
     for label, cfg, splits_override in variants:
         fn = lambda c=cfg, s=splits_override: paged_decode_attention(  # noqa: E731
@@ -193,7 +203,7 @@ def main() -> None:
     rows += bench_decode(1, 32768, peak, args.sweep)
     # W2's decode (Llama-3.1-8B heads, 512 requests at ~1,500 tokens): a bf16 cache against an FP8 one.
     for cache_dtype in (DTYPE, torch.float8_e4m3fn):
-        rows += bench_decode(512, 1500, peak, False, head_dim=128, cache_dtype=cache_dtype)
+        rows += bench_decode(512, 1500, peak, args.sweep, head_dim=128, cache_dtype=cache_dtype)
     if args.sweep:  # calibrate the split heuristic on mid-size batches
         for batch, context in ((4, 8192), (16, 4096), (32, 2048), (64, 2048)):
             rows += bench_decode(batch, context, peak, sweep=True)
