@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mlx_vs_mlx_lm_server import pad_tokenizer_vocab
-from structured_outputs import long_output_schema
+from structured_outputs import SUMMARY_FIELDS, long_output_schema
 
 from batchlm.core.step_io import PLACEHOLDER_TOKEN_ID
 from batchlm.runner.grammar import StepMasks
@@ -144,7 +144,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--summary-field",
-        choices=["bounded", "free"],
+        choices=sorted(SUMMARY_FIELDS),
         default="bounded",
         help="the schema's last, long text field has minLength 4000 or no bound",
     )
@@ -161,7 +161,7 @@ def main() -> None:
     llguidance_calls = TimedExecutor(backend._executor)
     backend._executor = llguidance_calls  # type: ignore[assignment]
     sequences = ConstrainedSequences(lambda eos: backend)
-    spec = StructuredOutputs(json=json.dumps(long_output_schema(args.summary_field == "bounded")))
+    spec = StructuredOutputs(json=json.dumps(long_output_schema(args.summary_field)))
     request_ids = tuple(f"r{i}" for i in range(args.rows))
     lists: list[list[int]] = [[] for _ in request_ids]
     for request_id, tokens in zip(request_ids, lists, strict=True):

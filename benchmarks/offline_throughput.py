@@ -31,6 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from model_shapes import SHAPES, write_config_only, write_random_weights
+from structured_outputs import SUMMARY_FIELDS, long_output_schema
 from throughput_floor import workload_floor
 
 
@@ -68,11 +69,9 @@ def run_batchlm(args: argparse.Namespace, model_dir: Path, prompts: list[list[in
     )
     kinds = {"plain": params}
     if args.structured:
-        from structured_outputs import long_output_schema
-
         from batchlm.sampling_params import StructuredOutputs
 
-        spec = StructuredOutputs(json=json.dumps(long_output_schema(args.summary_field == "bounded")))
+        spec = StructuredOutputs(json=json.dumps(long_output_schema(args.summary_field)))
         kinds["structured"] = params.clone(structured_outputs=spec)
     for warm_up in kinds.values():
         llm.generate(prompts[: min(4, len(prompts))], warm_up)  # warm-up (lazy init, autotuning, grammar)
@@ -190,7 +189,7 @@ def main() -> None:
     parser.add_argument("--structured", action="store_true", help="also time runs under a JSON schema")
     parser.add_argument(
         "--summary-field",
-        choices=["bounded", "free"],
+        choices=sorted(SUMMARY_FIELDS),
         default="bounded",
         help="with --structured: the schema's last, long text field has minLength 4000 or no bound",
     )

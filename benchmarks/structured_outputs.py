@@ -50,14 +50,21 @@ SCHEMA: dict[str, Any] = {
 }
 
 
-def long_output_schema(bounded: bool = True) -> dict[str, Any]:
+# The last field of long_output_schema, by the name the benchmarks' --summary-field takes.
+SUMMARY_FIELDS: dict[str, dict[str, Any]] = {
+    "bounded": {"type": "string", "minLength": 4000},
+    "free": {"type": "string"},
+}
+
+
+def long_output_schema(summary_field: str = "bounded") -> dict[str, Any]:
     """SCHEMA with a last free-text field no output finishes within a few hundred tokens, so that with
-    ignore_eos every token of a fixed-length run is generated under a live grammar. bounded: the field
-    has "minLength": 4000, so it cannot end; otherwise it is a plain string, which a random model
+    ignore_eos every token of a fixed-length run is generated under a live grammar. "bounded": the
+    field has "minLength": 4000, so it cannot end; "free": a plain string, which a random model
     rarely closes (few tokens of a large vocabulary end a JSON string) but llguidance masks far more
     cheaply (its precomputed string slices apply only without a length bound)."""
     schema = json.loads(json.dumps(SCHEMA))
-    schema["properties"]["summary"] = {"type": "string", "minLength": 4000} if bounded else {"type": "string"}
+    schema["properties"]["summary"] = dict(SUMMARY_FIELDS[summary_field])
     schema["required"].append("summary")
     return schema
 
