@@ -1,6 +1,10 @@
-"""GPU kernel-time breakdown of decode-heavy steps (torch.profiler), and how many steps replayed a CUDA graph.
+"""GPU kernel-time breakdown of decode steps (torch.profiler), and how many of them replayed a CUDA graph.
 
-python benchmarks/profile_kernels.py --shape llama-3.2-1b --num-requests 256 --input-len 512 --output-len 32
+python benchmarks/profile_kernels.py --shape llama-3.2-1b --num-requests 256 --input-len 512
+python benchmarks/profile_kernels.py --shape llama-3.1-8b --num-requests 512 --input-len 1000 \
+    --quantization fp8 --kv-cache-dtype fp8
+
+Every request is prefilled first (not profiled); then --decode-steps steps of the whole batch are.
 """
 
 from __future__ import annotations
@@ -8,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -19,31 +24,51 @@ from offline_throughput import make_prompts
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--shape", default="llama-3.2-1b")
     parser.add_argument("--num-requests", type=int, default=256)
     parser.add_argument("--input-len", type=int, default=512)
-    parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--decode-steps", type=int, default=32, help="decode steps profiled")
+    parser.add_argument("--quantization", default=None, help="as `batchlm serve --quantization`")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="as `batchlm serve --kv-cache-dtype`")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--top", type=int, default=18)
     args = parser.parse_args()
     from batchlm import LLM, SamplingParams
+    from batchlm.request import EngineCoreRequest
 
     model_dir = write_config_only(args.shape, Path(tempfile.gettempdir()) / f"batchlm-bench-{args.shape}")
+    # Room for the warm-up's and the profiled steps' tokens, and a few more.
+    output_len = 2 * args.decode_steps + 8
     llm = LLM(
         model=str(model_dir),
         load_format="dummy",
-        max_model_len=args.input_len + args.output_len + 16,
+        max_model_len=args.input_len + output_len + 16,
         max_num_seqs=args.num_requests,
         enable_prefix_caching=False,
         enforce_eager=args.enforce_eager,
+        quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     prompts = make_prompts(args.num_requests, args.input_len, llm.info.vocab_size, 0)
-    params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=1.0, detokenize=False)
-    llm.generate(prompts, params)  # warm-up: every prefill and decode shape once
-    runner = llm.engine_core.executor
+    params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=1.0, detokenize=False)
+    core = llm.engine_core
+    tokens = {f"r{i}": 0 for i in range(len(prompts))}
+    for request_id, prompt in zip(tokens, prompts, strict=True):
+        core.add_request(EngineCoreRequest(request_id, tuple(prompt), params, (), time.time()))
+
+    def step() -> None:
+        for output in core.step():
+            tokens[output.request_id] += len(output.new_token_ids)
+
+    # Prefill, then decode steps until every request has its graph shape warm.
+    while min(tokens.values()) < args.decode_steps // 2:
+        step()
+    runner = core.executor
     graphs = getattr(runner, "decode_graphs", None)
-    replays = {"graph": 0, "eager": 0}
+    replays = {"graph": 0}
     if graphs is not None:
         original = graphs.run
 
@@ -52,13 +77,26 @@ def main() -> None:
             return original(*a, **k)
 
         graphs.run = counted
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        llm.generate(prompts, params)
-        torch.cuda.synchronize()
-    print(f"steps {llm.engine_core.num_steps}, graph replays in the profiled run: {replays['graph']}")
+    on_gpu = torch.cuda.is_available()
+    synchronize = torch.cuda.synchronize if on_gpu else (lambda: None)
+    activity = torch.profiler.ProfilerActivity.CUDA if on_gpu else torch.profiler.ProfilerActivity.CPU
+    synchronize()
+    with torch.profiler.profile(activities=[activity]) as prof:
+        started = time.perf_counter()
+        for _ in range(args.decode_steps):
+            step()
+        synchronize()
+        elapsed = time.perf_counter() - started
+    core.abort_requests(list(tokens))
+    print(
+        f"{args.decode_steps} decode steps of {len(prompts)} requests, {1e3 * elapsed / args.decode_steps:.2f} ms "
+        f"a step (profiler on); graph replays: {replays['graph']}"
+    )
     print(
         prof.key_averages().table(
-            sort_by="self_cuda_time_total", row_limit=args.top, max_name_column_width=70
+            sort_by="self_cuda_time_total" if on_gpu else "self_cpu_time_total",
+            row_limit=args.top,
+            max_name_column_width=70,
         )
     )
 
