@@ -126,7 +126,11 @@ def main() -> None:
     fold_in = timed("process", lambda outputs: processor.process(outputs, delta=False, finished_only=True))
     hand_off = fold_in if args.offline else pack
     for index in range(args.num_requests):
-        core.add_request(EngineCoreRequest(f"r{index}", prompt, params, (0,), time.time()))
+        # As batchlm.LLM makes them: reported once, at the finish, unless the text is made per token.
+        final_only = args.offline and args.detokenize != "per-token"
+        core.add_request(
+            EngineCoreRequest(f"r{index}", prompt, params, (0,), time.time(), final_output_only=final_only)
+        )
         processor.add_request(f"r{index}", None, list(prompt), params, time.time())
     while scheduler.stats().num_waiting or scheduler.num_inflight_steps == 0:
         hand_off(core.step())  # prefill (not measured)

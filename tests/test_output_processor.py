@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from batchlm.engine.input_processor import ValidatedRequest
 from batchlm.engine.output_processor import OutputProcessor
 from batchlm.outputs import EngineCoreOutput, FinishReason, TokenLogprobs
 from batchlm.sampling_params import SamplingParams
@@ -185,3 +186,32 @@ def test_text_made_at_the_finish_is_the_text_made_token_by_token(
     assert texts["eos-shown", 0].endswith(tiny_tokenizer.decode([eos], skip_special_tokens=False))
     assert texts["two", 1] == texts["two", 0] == texts["eos", 0]
     assert texts["stop-string", 0] == tiny_tokenizer.decode(words).split("wörld")[0]
+
+
+def test_offline_sequences_are_reported_only_at_the_finish_unless_they_need_each_step(
+    tiny_tokenizer: Tokenizer,
+) -> None:
+    """Offline (text made at the finish), a sequence is sent to the core as final_output_only unless
+    its stop strings or logprobs need every step's output; a front end that streams never asks it."""
+    requests = {
+        "plain": (SamplingParams(max_tokens=9, n=2), True),
+        "stop-string": (SamplingParams(max_tokens=9, stop=["x"]), False),
+        "logprobs": (SamplingParams(max_tokens=9, logprobs=0), False),
+    }
+    offline = OutputProcessor(tiny_tokenizer, text_when_finished=True)
+    streaming = OutputProcessor(tiny_tokenizer)
+    for rid, (params, final_only) in requests.items():
+        request = ValidatedRequest(PROMPT, params)
+        made = offline.add_validated(rid, request, (2,))
+        assert [r.final_output_only for r in made] == [final_only] * params.n
+        assert not any(r.final_output_only for r in streaming.add_validated(rid, request, (2,)))
+
+
+def test_a_final_output_carries_the_time_of_its_first_token(tiny_tokenizer: Tokenizer) -> None:
+    processor = OutputProcessor(tiny_tokenizer, text_when_finished=True)
+    (core_id,) = processor.add_request("r", None, PROMPT, SamplingParams(max_tokens=3), 0.0)
+    final = EngineCoreOutput(core_id, (11, 12, 13), finish_reason=FinishReason.LENGTH, first_token_time=5.0)
+    [result], _ = processor.process([final], delta=False, finished_only=True)
+    assert result.metrics is not None and result.metrics.first_token_time == 5.0
+    assert result.metrics.last_token_time is not None and result.metrics.last_token_time > 5.0
+    assert result.outputs[0].token_ids == [11, 12, 13]

@@ -163,6 +163,18 @@ def test_preemption_and_resume_give_the_same_tokens() -> None:
     assert driver.scheduler.num_free_blocks == driver.scheduler.num_total_blocks
 
 
+def test_preempted_final_output_only_requests_report_all_their_tokens_once() -> None:
+    prompts = {f"r{i}": prompt_of(6, seed=i) for i in range(4)}
+    driver = Driver(config(num_blocks=10, max_num_batched_tokens=16))
+    for request_id, prompt in prompts.items():
+        driver.add(replace(make_request(request_id, prompt, max_tokens=14), final_output_only=True))
+    driver.run()
+    assert driver.scheduler.stats().num_preemptions > 0
+    assert_reference_outputs(driver, {request_id: 14 for request_id in prompts}, prompts)
+    # The first output of each request is its last: it finished there, with every token.
+    assert all(output.finished for output in driver.trace.first_outputs.values())
+
+
 def test_the_most_recently_admitted_request_is_preempted() -> None:
     driver = Driver(config(num_blocks=4, max_num_batched_tokens=64))
     driver.add(make_request("old", prompt_of(7), max_tokens=9))  # grows to 15 tokens = all 4 blocks

@@ -3,6 +3,7 @@ contract on sampled tokens. Tokens are fed by hand so each stop condition is hit
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -29,15 +30,18 @@ def feed(scheduler: Scheduler, tokens: dict[str, int]) -> tuple[SchedulerOutput,
     return scheduled, scheduler.update_from_output(scheduled, result)
 
 
-def run_script(tokens: Sequence[int], max_model_len: int = 64, **params: object) -> list[EngineCoreOutput]:
+def run_script(
+    tokens: Sequence[int], max_model_len: int = 64, final_output_only: bool = False, **params: object
+) -> list[EngineCoreOutput]:
     """Feed one request the scripted tokens until it finishes; returns its outputs."""
     scheduler = Scheduler(replace(CONFIG, max_model_len=max_model_len))
-    scheduler.add_request(make_request("r", [20, 21, 22], eos=(EOS,), stop_token_ids=[STOP], **params))
+    request = make_request("r", [20, 21, 22], eos=(EOS,), stop_token_ids=[STOP], **params)
+    scheduler.add_request(replace(request, final_output_only=final_output_only))
     outputs: list[EngineCoreOutput] = []
     for token in tokens:
         _, step_outputs = feed(scheduler, {"r": token})
         outputs.extend(step_outputs)
-        if outputs[-1].finished:
+        if outputs and outputs[-1].finished:
             assert not scheduler.has_unfinished_requests()
             assert scheduler.num_free_blocks == scheduler.num_total_blocks
             return outputs
@@ -74,6 +78,38 @@ def test_max_tokens_finishes_with_length() -> None:
 def test_context_limit_finishes_with_length() -> None:
     outputs = run_script([5] * 9, max_model_len=6, max_tokens=None)
     assert len(outputs) == 3 and outputs[-1].finish_reason is FinishReason.LENGTH
+
+
+@pytest.mark.parametrize(
+    ("tokens", "params"),
+    [
+        ([5, 6, EOS, 9], {}),
+        ([5, STOP, 9], {}),
+        ([EOS, STOP, EOS], {"min_tokens": 2}),
+        ([5] * 9, {"max_tokens": 3}),
+        ([5] * 9, {"max_model_len": 6, "max_tokens": None}),
+        ([5], {"max_tokens": 1}),
+    ],
+)
+def test_final_output_only_reports_every_token_at_once_when_it_finishes(
+    tokens: list[int], params: dict[str, object]
+) -> None:
+    step_by_step = run_script(tokens, **params)  # type: ignore[arg-type]
+    before = time.time()
+    [final] = run_script(tokens, final_output_only=True, **params)  # type: ignore[arg-type]
+    assert final.new_token_ids == tuple(t for o in step_by_step for t in o.new_token_ids)
+    last = step_by_step[-1]
+    assert (final.finish_reason, final.stop_token_id) == (last.finish_reason, last.stop_token_id)
+    if len(tokens) > 1 and len(step_by_step) > 1:
+        assert final.first_token_time is not None and before <= final.first_token_time <= time.time()
+
+
+def test_abort_of_a_final_output_only_request_hands_over_its_tokens() -> None:
+    scheduler = Scheduler(CONFIG)
+    scheduler.add_request(replace(make_request("r", [1, 2, 3]), final_output_only=True))
+    assert feed(scheduler, {"r": 5})[1] == [] and feed(scheduler, {"r": 6})[1] == []
+    [output] = scheduler.abort_requests(["r"])
+    assert output == EngineCoreOutput("r", (5, 6), finish_reason=FinishReason.ABORT)
 
 
 def test_logprobs_ride_along_with_their_token() -> None:

@@ -50,6 +50,9 @@ class EngineCoreOutput:
     error: str | None = None
     # time.time() when the request was first scheduled (set on its first output only; queue-time metric).
     scheduled_time: float | None = None
+    # time.time() when its first token was sampled, on an output that reports it later
+    # (EngineCoreRequest.final_output_only); None: the output's arrival is the time.
+    first_token_time: float | None = None
 
     @property
     def finished(self) -> bool:

@@ -41,6 +41,8 @@ class RequestState:
     num_cached_tokens: int | None = None
     # True until the first token has been reported (num_cached_tokens rides on that output).
     first_output_pending: bool = True
+    # When its first token was sampled, kept for a request that reports only at the finish.
+    first_token_time: float | None = None
     # True when the runner must be sent NewRequestData (first schedule, and again after preemption).
     needs_runner_setup: bool = True
     # True while the runner holds state for this request (sent, and not since dropped).
@@ -66,8 +68,9 @@ class RequestState:
         self.token_limit = min(limits, default=sys.maxsize)
         eos = () if params.ignore_eos else self.request.eos_token_ids
         self.stop_token_set = frozenset((*params.stop_token_ids, *eos))
-        # A plain attribute, not a property: it is read several times per request per step.
+        # Plain attributes, not properties: they are read once or more per request per step.
         self.request_id: str = self.request.request_id
+        self.final_output_only: bool = self.request.final_output_only
 
     @property
     def sampling_params(self) -> SamplingParams:

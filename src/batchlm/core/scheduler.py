@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterable
 
@@ -95,7 +96,8 @@ class Scheduler:
             else:
                 self._waiting.remove(state)
             self._finish(state, FinishReason.ABORT)
-            outputs.append(EngineCoreOutput(request_id, (), finish_reason=FinishReason.ABORT))
+            held_back = tuple(state.output_token_ids) if state.final_output_only else ()
+            outputs.append(EngineCoreOutput(request_id, held_back, finish_reason=FinishReason.ABORT))
         return outputs
 
     def has_unfinished_requests(self) -> bool:
@@ -306,7 +308,9 @@ class Scheduler:
                 continue
             state.num_inflight_samples -= 1
             token_id, logprobs = sampled[chunk.request_id]
-            outputs.append(self._append_token(state, token_id, logprobs))
+            output = self._append_token(state, token_id, logprobs)
+            if output is not None:
+                outputs.append(output)
             finished_any = finished_any or state.is_finished
         if finished_any:
             self._running = [state for state in self._running if not state.is_finished]
@@ -340,30 +344,42 @@ class Scheduler:
 
     def _append_token(
         self, state: RequestState, token_id: int, logprobs: TokenLogprobs | None
-    ) -> EngineCoreOutput:
+    ) -> EngineCoreOutput | None:
+        """The token's output; None while a final_output_only request holds its tokens back."""
         all_token_ids = state.all_token_ids
         all_token_ids.append(token_id)
         self._generation_tokens_total += 1
         if len(all_token_ids) < state.token_limit and token_id not in state.stop_token_set:
             # The common case, decided without check_stop: no limit reached, not a stop token.
+            if state.final_output_only:
+                _note_first_token(state)
+                return None
             if logprobs is None and not state.first_output_pending:
                 return EngineCoreOutput(state.request_id, (token_id,))
             decision = None
         else:
             decision = check_stop(state)
+            if decision is None and state.final_output_only:
+                _note_first_token(state)
+                return None
         num_cached = 0
         if state.first_output_pending:
             state.first_output_pending = False
             num_cached = state.num_cached_tokens or 0
         if decision is not None:
             self._finish(state, decision.reason)
+        if state.final_output_only:  # finished: every token it held back
+            new_token_ids, first_token_time = tuple(state.output_token_ids), state.first_token_time
+        else:
+            new_token_ids, first_token_time = (token_id,), None
         return EngineCoreOutput(
             request_id=state.request_id,
-            new_token_ids=(token_id,),
+            new_token_ids=new_token_ids,
             new_logprobs=(logprobs,) if logprobs is not None else (),
             finish_reason=decision.reason if decision else None,
             stop_token_id=decision.stop_token_id if decision else None,
             num_cached_tokens=num_cached,
+            first_token_time=first_token_time,
         )
 
     def _finish(self, state: RequestState, reason: FinishReason) -> None:
@@ -381,3 +397,9 @@ class Scheduler:
 
 
 _PLACEHOLDER_CHUNK = (PLACEHOLDER_TOKEN_ID,)
+
+
+def _note_first_token(state: RequestState) -> None:
+    """A final_output_only request holds its tokens back: the time of its first is kept for the finish."""
+    if state.first_token_time is None:
+        state.first_token_time = time.time()

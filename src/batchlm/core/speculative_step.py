@@ -12,7 +12,7 @@ from batchlm.core.step_builder import StepBuilder
 from batchlm.core.step_io import AcceptedDrafts, ScheduledChunk
 from batchlm.outputs import EngineCoreOutput, TokenLogprobs
 
-AppendToken = Callable[[RequestState, int, "TokenLogprobs | None"], EngineCoreOutput]
+AppendToken = Callable[[RequestState, int, "TokenLogprobs | None"], "EngineCoreOutput | None"]
 # The blocks of a request's table not yet sent to the runner (marking them sent).
 NewBlockIdsOf = Callable[[RequestState], tuple[int, ...]]
 
@@ -74,7 +74,8 @@ class SpeculativeSteps:
     ) -> list[EngineCoreOutput]:
         """Advance the request past the accepted drafts and the sampled token. Rejected drafts' KV slots
         are simply not counted as computed: the next step overwrites them, in blocks the request keeps.
-        One output per token, so a stop string found after any of them keeps the rest out. The caller
+        One output per token (none while final_output_only holds them back), so a stop string found
+        after any of them keeps the rest out. The caller
         commits the newly computed blocks to the prefix cache if the request is still running."""
         self.in_flight.discard(state.request_id)
         num_accepted = len(accepted.token_ids)
@@ -91,7 +92,9 @@ class SpeculativeSteps:
         self.speculator.note_verified(state, chunk.num_draft_tokens, num_accepted)
         outputs = []
         for token_id, logprobs in (*zip(accepted.token_ids, accepted.logprobs, strict=True), sampled):
-            outputs.append(append_token(state, token_id, logprobs))
+            output = append_token(state, token_id, logprobs)
+            if output is not None:
+                outputs.append(output)
             if state.is_finished:
                 break  # a stop token or the limit among the accepted drafts
         return outputs

@@ -34,6 +34,7 @@ def make_core_requests(
     eos_token_ids: tuple[int, ...],
     arrival_time: float,
     group_id: str = "",
+    final_output_only: bool = False,
 ) -> list[EngineCoreRequest]:
     """One engine-core request per completion; seeded children get distinct, reproducible seeds. The
     children share an admission group: `group_id` when given, else the request (when n > 1)."""
@@ -47,6 +48,7 @@ def make_core_requests(
             arrival_time=arrival_time,
             seed=None if params.seed is None else params.seed + index,
             group_id=group_id or (request_id if params.n > 1 else ""),
+            final_output_only=final_output_only,
         )
         for index, core_id in enumerate(child_request_ids(request_id, params.n))
     ]
@@ -144,7 +146,10 @@ class OutputProcessor:
         now = time.time()
         self.add_request(request_id, request.prompt, request.prompt_token_ids, request.params, now)
         ids, params = request.prompt_token_ids, request.params
-        return make_core_requests(request_id, ids, params, eos_token_ids, now, group_id)
+        # Read only at the finish, a sequence whose text needs no stop-string search and that asks no
+        # logprobs is reported once, by the core, when it finishes.
+        final_only = self._text_when_finished and not params.stop and params.logprobs is None
+        return make_core_requests(request_id, ids, params, eos_token_ids, now, group_id, final_only)
 
     def has_request(self, request_id: str) -> bool:
         return request_id in self._requests
@@ -203,7 +208,7 @@ class OutputProcessor:
             metrics.first_scheduled_time = output.scheduled_time
         if new_token_ids:
             if metrics.first_token_time is None:
-                metrics.first_token_time = now
+                metrics.first_token_time = output.first_token_time or now
             metrics.last_token_time = now
         state.num_cached_tokens = max(state.num_cached_tokens, output.num_cached_tokens)
         completion.changed = True

@@ -91,6 +91,7 @@ def _carries_more(output: EngineCoreOutput) -> bool:
         or bool(output.new_logprobs)
         or bool(output.num_cached_tokens)
         or output.scheduled_time is not None
+        or output.first_token_time is not None
         or output.error is not None
         or output.stop_token_id is not None
     )
