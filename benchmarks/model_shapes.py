@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batchlm.models.random_model import ARCHITECTURES
+
+if TYPE_CHECKING:
+    from batchlm import LLM
 
 SHAPES: dict[str, dict[str, Any]] = {
     "tiny": {
@@ -175,6 +179,23 @@ def write_config_only(shape: str, directory: Path) -> Path:
     if not (directory / "tokenizer.json").exists():
         build_tokenizer(directory)
     return directory
+
+
+def dummy_llm(shape: str, num_requests: int, max_model_len: int, **config: Any) -> LLM:
+    """An in-process engine of this shape with random weights made on the device (no prefix caching:
+    the benchmarks' prompts are random), for `num_requests` running at once. `config`: more
+    EngineConfig fields."""
+    from batchlm import LLM
+
+    model_dir = write_config_only(shape, Path(tempfile.gettempdir()) / f"batchlm-bench-{shape}")
+    return LLM(
+        model=str(model_dir),
+        load_format="dummy",
+        max_model_len=max_model_len,
+        max_num_seqs=num_requests,
+        enable_prefix_caching=False,
+        **config,
+    )
 
 
 def write_random_weights(shape: str, directory: Path, seed: int = 0) -> Path:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from model_shapes import write_config_only
+from model_shapes import dummy_llm
 from offline_throughput import make_prompts
 
 
@@ -36,18 +35,15 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--top", type=int, default=18)
     args = parser.parse_args()
-    from batchlm import LLM, SamplingParams
+    from batchlm import SamplingParams
     from batchlm.request import EngineCoreRequest
 
-    model_dir = write_config_only(args.shape, Path(tempfile.gettempdir()) / f"batchlm-bench-{args.shape}")
     # Room for the warm-up's and the profiled steps' tokens, and a few more.
     output_len = 2 * args.decode_steps + 8
-    llm = LLM(
-        model=str(model_dir),
-        load_format="dummy",
-        max_model_len=args.input_len + output_len + 16,
-        max_num_seqs=args.num_requests,
-        enable_prefix_caching=False,
+    llm = dummy_llm(
+        args.shape,
+        args.num_requests,
+        args.input_len + output_len + 16,
         enforce_eager=args.enforce_eager,
         quantization=args.quantization,
         kv_cache_dtype=args.kv_cache_dtype,

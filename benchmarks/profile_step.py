@@ -18,7 +18,6 @@ import argparse
 import collections
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from model_shapes import write_config_only
+from model_shapes import dummy_llm
 from offline_throughput import make_prompts
 
 # (phase, kind of the step last scheduled: "decode" when every chunk is one token, else "mixed") -> seconds.
@@ -239,15 +238,12 @@ def main() -> None:
     )
     parser.add_argument("--sync", action="store_true", help="synchronize around each phase (exact GPU split)")
     args = parser.parse_args()
-    from batchlm import LLM, SamplingParams
+    from batchlm import SamplingParams
 
-    model_dir = write_config_only(args.shape, Path(tempfile.gettempdir()) / f"batchlm-bench-{args.shape}")
-    llm = LLM(
-        model=str(model_dir),
-        load_format="dummy",
-        max_model_len=args.input_len + args.output_len + 16,
-        max_num_seqs=args.num_requests,
-        enable_prefix_caching=False,
+    llm = dummy_llm(
+        args.shape,
+        args.num_requests,
+        args.input_len + args.output_len + 16,
         async_scheduling=args.async_scheduling,
     )
     if args.sync and llm.engine_core.async_scheduling:
