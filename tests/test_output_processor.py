@@ -192,7 +192,8 @@ def test_offline_sequences_are_reported_only_at_the_finish_unless_they_need_each
     tiny_tokenizer: Tokenizer,
 ) -> None:
     """Offline (text made at the finish), a sequence is sent to the core as final_output_only unless
-    its stop strings or logprobs need every step's output; a front end that streams never asks it."""
+    its stop strings or logprobs need every step's output; a front end asks it for the requests whose
+    sampling params say they are read only at the finish."""
     requests = {
         "plain": (SamplingParams(max_tokens=9, n=2), True),
         "stop-string": (SamplingParams(max_tokens=9, stop=["x"]), False),
@@ -205,6 +206,10 @@ def test_offline_sequences_are_reported_only_at_the_finish_unless_they_need_each
         made = offline.add_validated(rid, request, (2,))
         assert [r.final_output_only for r in made] == [final_only] * params.n
         assert not any(r.final_output_only for r in streaming.add_validated(rid, request, (2,)))
+        # A server response that is not streamed is read only when it finishes, as offline.
+        unstreamed = ValidatedRequest(PROMPT, params.clone(final_output_only=True))
+        made = streaming.add_validated(f"{rid}-unstreamed", unstreamed, (2,))
+        assert [r.final_output_only for r in made] == [final_only] * params.n
 
 
 def test_a_final_output_carries_the_time_of_its_first_token(tiny_tokenizer: Tokenizer) -> None:

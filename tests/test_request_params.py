@@ -32,6 +32,11 @@ def test_an_omitted_field_gives_the_sampling_default() -> None:
         assert getattr(params, name) == getattr(default, name), name
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_response_that_is_not_streamed_is_read_only_when_it_finishes(stream: bool) -> None:
+    assert _params(CompletionRequest(prompt="hi", stream=stream)).final_output_only is not stream
+
+
 def test_a_given_field_is_passed_as_it_is() -> None:
     body = ChatCompletionRequest.model_validate(
         {

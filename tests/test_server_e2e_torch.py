@@ -91,6 +91,34 @@ def test_32_concurrent_streams_each_correct(server: BackgroundServer, offline_gr
     assert all(usage is not None and usage.completion_tokens == 8 for _, usage in results)
 
 
+def test_32_concurrent_unstreamed_requests_each_correct_and_timed(
+    server: BackgroundServer, offline_greedy: list[str]
+) -> None:
+    """A response that is not streamed gets its tokens from the core all at once, when it finishes:
+    the same texts, and the metrics still count one inter-token gap per token after the first."""
+
+    async def one(client: openai.AsyncOpenAI, prompt: str) -> str:
+        response = await client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=8, temperature=0.0, extra_body={"ignore_eos": True}
+        )
+        assert response.usage is not None and response.usage.completion_tokens == 8
+        return response.choices[0].text
+
+    async def all_requests() -> list[str]:
+        async with openai.AsyncOpenAI(
+            base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0
+        ) as client:
+            return await asyncio.gather(*(one(client, p) for p in PROMPTS))
+
+    def gaps_counted() -> float:
+        text = httpx.get(f"{server.base_url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
+        return metric_value(text, "batchlm_inter_token_latency_seconds_count") or 0.0
+
+    before = gaps_counted()
+    assert asyncio.run(all_requests()) == offline_greedy
+    assert gaps_counted() - before == len(PROMPTS) * 7
+
+
 def test_exact_max_tokens_n_and_logprobs(client: Any) -> None:
     response = client.chat.completions.create(
         model="tiny",

@@ -112,6 +112,22 @@ def test_histograms_use_the_engine_timestamps() -> None:
     assert recorder.completion_tokens == 3
 
 
+def test_a_delta_with_every_token_spreads_the_gaps_after_the_first() -> None:
+    """A response that is not streamed arrives as one delta holding all its tokens."""
+    metrics = ServerMetrics(FakeEngine())
+    recorder = RequestRecorder(metrics, "r1", prompt_tokens=3)
+    timing = RequestMetrics(arrival_time=100.0, first_token_time=100.5, last_token_time=102.5)
+    completion = CompletionOutput(0, "abcde", [5, 6, 7, 8, 9], finish_reason="length")
+    recorder.observe(RequestOutput("r1", None, [1, 2, 3], [completion], True, metrics=timing))
+
+    def sample(name: str) -> float | None:
+        return metrics.registry.get_sample_value(name)
+
+    assert sample("batchlm_time_to_first_token_seconds_sum") == pytest.approx(0.5)
+    assert sample("batchlm_inter_token_latency_seconds_count") == 4
+    assert sample("batchlm_inter_token_latency_seconds_sum") == pytest.approx(2.0)
+
+
 def test_stats_line_reports_throughput_and_stays_silent_when_idle(caplog: Any) -> None:
     engine = FakeEngine(cached_tokens=1)
     stats_logger = StatsLogger(engine, interval_s=5.0)

@@ -103,6 +103,9 @@ class SamplingParams:
     structured_outputs: StructuredOutputs | None = None
     # Keep only the prompt's last k tokens (left truncation, done by the input processor); None = all.
     truncate_prompt_tokens: int | None = None
+    # The caller reads only the finished output (a response that is not streamed): without stop strings
+    # or logprobs, the engine may then hold the tokens back and deliver them all when it finishes.
+    final_output_only: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -148,7 +148,8 @@ class OutputProcessor:
         ids, params = request.prompt_token_ids, request.params
         # Read only at the finish, a sequence whose text needs no stop-string search and that asks no
         # logprobs is reported once, by the core, when it finishes.
-        final_only = self._text_when_finished and not params.stop and params.logprobs is None
+        read_at_finish = self._text_when_finished or params.final_output_only
+        final_only = read_at_finish and not params.stop and params.logprobs is None
         return make_core_requests(request_id, ids, params, eos_token_ids, now, group_id, final_only)
 
     def has_request(self, request_id: str) -> bool:

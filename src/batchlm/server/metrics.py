@@ -216,16 +216,22 @@ class RequestRecorder:
         if new_tokens == 0:
             return
         now = (timing.last_token_time if timing else None) or time.time()
+        # A delta can carry several tokens (a lagging stream's merged deltas, or the whole of a response
+        # that is not streamed): the gaps between them are spread evenly over the time they took.
         if self._last_token is None:
             self._first_token = (timing.first_token_time if timing else None) or now
             self._metrics.ttft.observe(max(0.0, self._first_token - self._arrival))
+            self._observe_gaps(now - self._first_token, new_tokens - 1)
         else:
-            # A delta can carry several tokens (a lagging stream's deltas are merged): spread the gap.
-            gap = max(0.0, now - self._last_token) / new_tokens
-            for _ in range(new_tokens):
-                self._metrics.itl.observe(gap)
+            self._observe_gaps(now - self._last_token, new_tokens)
         self._last_token = now
         self.completion_tokens += new_tokens
+
+    def _observe_gaps(self, span: float, count: int) -> None:
+        if count > 0:
+            gap = max(0.0, span) / count
+            for _ in range(count):
+                self._metrics.itl.observe(gap)
 
     def finish(self, outcome: str) -> None:
         """Count the outcome, observe end-to-end and queue time, and log the request at DEBUG."""

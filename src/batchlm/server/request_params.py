@@ -137,6 +137,7 @@ def build_sampling_params(
             logprobs=logprobs,
             logit_bias=_parse_logit_bias(request.logit_bias),
             structured_outputs=None if constraint is None else constraint[1],
+            final_output_only=not request.stream,
             **given,
         )
     except SamplingParamsError as error:
