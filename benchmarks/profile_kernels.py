@@ -4,7 +4,8 @@ python benchmarks/profile_kernels.py --shape llama-3.2-1b --num-requests 256 --i
 python benchmarks/profile_kernels.py --shape llama-3.1-8b --num-requests 512 --input-len 1000 \
     --quantization fp8 --kv-cache-dtype fp8
 
-Every request is prefilled first (not profiled); then --decode-steps steps of the whole batch are.
+Every request is prefilled first (not profiled); then --decode-steps steps of the whole batch are,
+at a context of about --input-len.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from model_shapes import dummy_llm
 from offline_throughput import make_prompts
+
+# Prompt tokens a prefill step takes (the GPU engine's default).
+PREFILL_CHUNK = 8192
 
 
 def main() -> None:
@@ -38,12 +42,15 @@ def main() -> None:
     from batchlm import SamplingParams
     from batchlm.request import EngineCoreRequest
 
-    # Room for the warm-up's and the profiled steps' tokens, and a few more.
-    output_len = 2 * args.decode_steps + 8
+    # The first requests decode while the last ones prefill (PREFILL_CHUNK tokens a step): none may
+    # finish before the profiled steps end.
+    prefill_steps = -(-args.num_requests * args.input_len // PREFILL_CHUNK)
+    output_len = prefill_steps + args.decode_steps + 8
     llm = dummy_llm(
         args.shape,
         args.num_requests,
         args.input_len + output_len + 16,
+        max_num_batched_tokens=PREFILL_CHUNK,
         enforce_eager=args.enforce_eager,
         quantization=args.quantization,
         kv_cache_dtype=args.kv_cache_dtype,
@@ -59,9 +66,12 @@ def main() -> None:
         for output in core.step():
             tokens[output.request_id] += len(output.new_token_ids)
 
-    # Prefill, then decode steps until every request has its graph shape warm.
-    while min(tokens.values()) < args.decode_steps // 2:
+    # Prefill, then two decode steps of the whole batch (its graph warm).
+    while min(tokens.values()) < 2:
         step()
+    running = core.scheduler.stats().num_running
+    if running != len(prompts):
+        raise SystemExit(f"only {running} of {len(prompts)} requests are running: the KV cache is too small")
     runner = core.executor
     graphs = getattr(runner, "decode_graphs", None)
     replays = {"graph": 0}
