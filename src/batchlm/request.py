@@ -28,7 +28,8 @@ class EngineCoreRequest:
     # The API request this sequence belongs to (its n siblings share it); "" = its own request_id.
     # The scheduler admits sequences fairly across these groups.
     group_id: str = ""
-    # The front end reads this sequence only once it has finished (offline generation without stop
-    # strings or logprobs): the core may hold its tokens back and report them all in one output, so
-    # that a decode step makes no output for it. A core may also ignore this.
+    # The front end reads this sequence only once it has finished (offline generation, or a response
+    # that is not streamed, without stop strings or logprobs): the core may hold its tokens back and
+    # report them all in one output, so that a decode step makes no output for it. A core may also
+    # ignore this.
     final_output_only: bool = False

@@ -75,8 +75,8 @@ class SpeculativeSteps:
         """Advance the request past the accepted drafts and the sampled token. Rejected drafts' KV slots
         are simply not counted as computed: the next step overwrites them, in blocks the request keeps.
         One output per token (none while final_output_only holds them back), so a stop string found
-        after any of them keeps the rest out. The caller
-        commits the newly computed blocks to the prefix cache if the request is still running."""
+        after any of them keeps the rest out. The caller commits the newly computed blocks to the
+        prefix cache if the request is still running."""
         self.in_flight.discard(state.request_id)
         num_accepted = len(accepted.token_ids)
         if (
