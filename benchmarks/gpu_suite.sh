@@ -36,7 +36,7 @@ for step in $steps; do
   echo "=== $step $(date -u +%H:%M:%S)"
   case "$step" in
     tests)
-      # The whole GPU suite takes over 200 s on an H200 (one call of the device tool allows 600).
+      # The whole GPU suite takes over 200 s on an H200.
       timeout 480 python3 -m pytest -m gpu tests/gpu tests/test_sampler.py -q -p no:cacheprovider -o addopts="" 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt" ;;
     w1)
       timeout 240 python3 benchmarks/offline_throughput.py --shape llama-3.2-1b --dummy --num-requests 256 \
