@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from batchlm.attention.backend import AttentionBackend, AttentionMetadata
+from batchlm.layers.embedding import ParallelLMHead
 from batchlm.layers.quantization.base import LoadedWeight
 from batchlm.models.model_config import ModelConfig, read_model_config
 
@@ -25,6 +26,10 @@ class CausalLM(nn.Module):
     """
 
     config: ModelConfig
+    # The decoder stack (embedding, layers, final norm; HF's `model.` prefix) and the LM head, which
+    # a family builds in its __init__.
+    model: nn.Module
+    lm_head: ParallelLMHead
     stacked_params: ClassVar[tuple[StackedParam, ...]] = ()
     # Checkpoint tensors that are expected but carry nothing we need (e.g. cached RoPE buffers).
     ignored_suffixes: ClassVar[tuple[str, ...]] = ("rotary_emb.inv_freq",)
@@ -42,15 +47,16 @@ class CausalLM(nn.Module):
         meta: AttentionMetadata,
         attn: AttentionBackend,
     ) -> torch.Tensor:  # [T, hidden]
-        raise NotImplementedError
+        hidden: torch.Tensor = self.model(input_ids, positions, kv_caches, meta, attn)
+        return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] -> [N, vocab] float32."""
-        raise NotImplementedError
+        """[N, hidden] -> [N, vocab] float32 (a family that caps or scales its logits overrides this)."""
+        return self.lm_head.compute_logits(hidden)
 
     @property
     def tie_word_embeddings(self) -> bool:
-        return False
+        return self.config.tie_word_embeddings
 
     def checkpoint_tensors(
         self, weights: Iterable[tuple[str, LoadedWeight]]

@@ -112,6 +112,7 @@ class GemmaModel(nn.Module):
 class Gemma2ForCausalLM(CausalLM):
     """Gemma 2: soft-capped attention scores and final logits, alternating window and global layers."""
 
+    model: GemmaModel
     stacked_params: ClassVar[tuple[StackedParam, ...]] = LLAMA_STACKED
     qk_norm: ClassVar[bool] = False
 
@@ -122,21 +123,6 @@ class Gemma2ForCausalLM(CausalLM):
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
         if self.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)
-
-    @property
-    def tie_word_embeddings(self) -> bool:
-        return self.config.tie_word_embeddings
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        kv_caches: list[torch.Tensor],
-        meta: AttentionMetadata,
-        attn: AttentionBackend,
-    ) -> torch.Tensor:
-        hidden: torch.Tensor = self.model(input_ids, positions, kv_caches, meta, attn)
-        return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head.compute_logits(hidden)

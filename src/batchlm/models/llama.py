@@ -179,6 +179,7 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(CausalLM):
     """Llama with an LM head (tied to the embedding when the config says so)."""
 
+    model: LlamaModel
     stacked_params: ClassVar[tuple[StackedParam, ...]] = LLAMA_STACKED
 
     def __init__(self, config: ModelConfig, tp: TensorParallelGroup = SINGLE_RANK) -> None:
@@ -197,24 +198,6 @@ class LlamaForCausalLM(CausalLM):
     def block_options(cls, config: ModelConfig) -> BlockOptions:
         """Biases (and q/k norms) of this family's decoder blocks."""
         return BlockOptions(config.attention_bias, config.attention_bias, config.mlp_bias)
-
-    @property
-    def tie_word_embeddings(self) -> bool:
-        return self.config.tie_word_embeddings
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        kv_caches: list[torch.Tensor],
-        meta: AttentionMetadata,
-        attn: AttentionBackend,
-    ) -> torch.Tensor:
-        hidden: torch.Tensor = self.model(input_ids, positions, kv_caches, meta, attn)
-        return hidden
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head.compute_logits(hidden)
 
 
 class MistralForCausalLM(LlamaForCausalLM):
