@@ -125,9 +125,9 @@ def main() -> None:
     )
     fold_in = timed("process", lambda outputs: processor.process(outputs, delta=False, finished_only=True))
     hand_off = fold_in if args.offline else pack
+    # As batchlm.LLM makes them: reported once, at the finish, unless the text is made per token.
+    final_only = args.offline and args.detokenize != "per-token"
     for index in range(args.num_requests):
-        # As batchlm.LLM makes them: reported once, at the finish, unless the text is made per token.
-        final_only = args.offline and args.detokenize != "per-token"
         core.add_request(
             EngineCoreRequest(f"r{index}", prompt, params, (0,), time.time(), final_output_only=final_only)
         )
