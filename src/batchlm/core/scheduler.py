@@ -141,14 +141,18 @@ class Scheduler:
     def _schedule_running(self, step: StepBuilder) -> None:
         """Runs once per running request per step: kept to plain attribute arithmetic."""
         block_size, running, index = self.config.block_size, self._running, 0
-        speculative = self._speculative_this_step()
+        speculative = self._speculative
+        if speculative is not None and not speculative.active(len(running)):
+            speculative = None
         while index < len(running) and step.budget > 0:
             state = running[index]
             num_expected = len(state.all_token_ids) + state.num_inflight_samples
             if state.num_inflight_samples and num_expected >= state.token_limit:
                 index += 1  # its last token is being sampled: it finishes when that result arrives
                 continue
-            if speculative is not None and self._schedule_speculative(speculative, step, state):
+            if speculative is not None and speculative.schedule(
+                step, state, len(running), self._new_block_ids
+            ):
                 index += 1
                 continue
             scheduled_end = state.num_computed_tokens + state.num_inflight_tokens
@@ -169,35 +173,7 @@ class Scheduler:
     def needs_step_in_flight(self) -> bool:
         """Async scheduling: whether the next step should wait for the one in flight, because a
         request has a verify chunk in it or would propose drafts once its last token is known."""
-        speculative = self._speculative
-        if speculative is None:
-            return False
-        if speculative.in_flight:
-            return True
-        speculator = speculative.speculator
-        if not speculator.step_allows(len(self._running)):
-            return False
-        return any(speculator.likely_to_propose(state) for state in self._running)
-
-    def _speculative_this_step(self) -> SpeculativeSteps | None:
-        """The speculative path when this step may use it (or must: a verify chunk is in flight)."""
-        speculative = self._speculative
-        if speculative is None:
-            return None
-        if speculative.in_flight or speculative.speculator.step_allows(len(self._running)):
-            return speculative
-        return None
-
-    def _schedule_speculative(
-        self, speculative: SpeculativeSteps, step: StepBuilder, state: RequestState
-    ) -> bool:
-        """True when the request's chunk this step is a verify chunk, or it sits out the step (its
-        verify chunk is in flight, or it waits for the token it needs to propose)."""
-        if state.request_id in speculative.in_flight:
-            return True
-        if not speculative.speculator.step_allows(len(self._running)):
-            return False
-        return speculative.schedule(step, state, self._new_block_ids)
+        return self._speculative is not None and self._speculative.needs_step_in_flight(self._running)
 
     def _admit_waiting(self, step: StepBuilder) -> None:
         while self._waiting and step.budget > 0 and len(self._running) < self.config.max_num_seqs:

@@ -3,7 +3,7 @@ tokens, every position sampled), and its result advances the request by the acce
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from batchlm.core.kv_cache_manager import KVCacheManager
 from batchlm.core.request_state import RequestState
@@ -28,10 +28,30 @@ class SpeculativeSteps:
         # Requests with a verify chunk in a step not yet folded in.
         self.in_flight: set[str] = set()
 
-    def schedule(self, step: StepBuilder, state: RequestState, new_block_ids_of: NewBlockIdsOf) -> bool:
+    def needs_step_in_flight(self, running: Sequence[RequestState]) -> bool:
+        """Async scheduling: whether the next step should wait for the one in flight, because a
+        request has a verify chunk in it or would propose drafts once its last token is known."""
+        if self.in_flight:
+            return True
+        if not self.speculator.step_allows(len(running)):
+            return False
+        return any(self.speculator.likely_to_propose(state) for state in running)
+
+    def active(self, num_running: int) -> bool:
+        """Whether a step may take the speculative path (or must: a verify chunk is in flight)."""
+        return bool(self.in_flight) or self.speculator.step_allows(num_running)
+
+    def schedule(
+        self, step: StepBuilder, state: RequestState, num_running: int, new_block_ids_of: NewBlockIdsOf
+    ) -> bool:
         """Try to make this step's chunk for a decoding request a verify chunk. True when the request
-        is handled for this step: a verify chunk was added, or it waits for its in-flight token (async
-        scheduling) because its recent proposals matched; False leaves it to the plain decode path."""
+        is handled for this step: a verify chunk was added, it sits out the step (its verify chunk is
+        in flight), or it waits for its in-flight token (async scheduling) because its recent
+        proposals matched; False leaves it to the plain decode path."""
+        if state.request_id in self.in_flight:
+            return True
+        if not self.speculator.step_allows(num_running):
+            return False
         if not self.speculator.wants(state):
             self.speculator.note_plain_decode(state)
             return False
