@@ -74,11 +74,12 @@ def build_step(
 
 @torch.no_grad()
 def run_step(model: CausalLM, kv_caches: list[torch.Tensor], chunks: Sequence[Chunk]) -> torch.Tensor:
-    """Logits [B, vocab] of each chunk's last token."""
+    """Logits [B, vocab] of each chunk's last token, widened to float32 (the model makes them in its
+    own dtype)."""
     input_ids, positions, meta = build_step(chunks, kv_caches[0].shape[2])
     hidden = model(input_ids, positions, kv_caches, meta, TorchAttentionBackend())
     last_rows = torch.tensor(meta.query_start_loc_cpu[1:]) - 1
-    return model.compute_logits(hidden[last_rows])
+    return model.compute_logits(hidden[last_rows]).float()
 
 
 def assert_mixed_batch_matches_requests_alone(loaded: LoadedModel) -> None:

@@ -24,6 +24,7 @@ from batchlm.kernels import (  # noqa: E402
     w4a16_gemv,
 )
 from batchlm.kernels.decode_plans import GemvConfig  # noqa: E402
+from batchlm.sampling import race_kernel  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 # Shared memory per block on an H100/H200 (227 KiB).
@@ -161,3 +162,16 @@ def test_w4a16_one_row_candidates_compile_to_16_byte_word_loads(config: GemvConf
         w4a16_gemv._w4a16_gemv_kernel, types, constants, aligned=True, num_warps=config.num_warps
     )
     assert "ld.global.v4.b32" in compiled.asm["ptx"]
+
+
+@pytest.mark.parametrize("logits", ["fp32", "bf16", "fp16"])
+def test_race_draws_philox_once_per_four_columns(logits: str) -> None:
+    # Each thread holds BLOCK / threads columns; one Philox draw (10 rounds, two mul.hi each) must
+    # serve four of them, not one (tl.rand's way) or four threads' worth (a replicated layout).
+    types = {"logits_ptr": f"*{logits}", "temperature_ptr": "*fp32", "score_ptr": "*fp32", "col_ptr": "*i32"}
+    num_warps = 8
+    compiled = compile_for_hopper(
+        race_kernel._race_kernel, types | {"seed": "i64"}, {"BLOCK": 2048}, num_warps=num_warps
+    )
+    columns_per_thread = 2048 // (32 * num_warps)
+    assert compiled.asm["ptx"].count("mul.hi") <= 20 * columns_per_thread // 4

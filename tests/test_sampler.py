@@ -261,6 +261,32 @@ def test_caller_logits_are_not_modified() -> None:
     assert torch.equal(logits, before)
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.9),
+        SamplingParams(temperature=0.9, top_k=5, top_p=0.8),
+        SamplingParams(temperature=0.0, logit_bias={3: 2.5}),
+        SamplingParams(temperature=0.7, repetition_penalty=1.3, logprobs=2),
+    ],
+    ids=["greedy", "random", "filtered", "biased", "penalized-logprobs"],
+)
+def test_half_precision_logits_sample_as_their_float32_widening(params: SamplingParams) -> None:
+    # A model's bf16 logits reach the sampler as they are: rows that need no processing are read
+    # raw, the rest widened first. Either way the draw is that of the widened logits.
+    logits = (torch.randn(6, 40, generator=torch.Generator().manual_seed(8)) * 4).bfloat16()
+    before = logits.clone()
+
+    def draw(batch: torch.Tensor) -> tuple[list[int], list[object]]:
+        states = [make_state(params, seed=row if row % 2 else None, outputs=(3, 5)) for row in range(6)]
+        out = Sampler(40, CPU, seed=1)(batch, states)
+        return out.token_ids_cpu, [None if lp is None else (lp.logprob, lp.top) for lp in out.logprobs]
+
+    assert draw(logits) == draw(logits.float())
+    assert torch.equal(logits, before)
+
+
 def test_shape_and_device_errors_name_the_problem() -> None:
     sampler = Sampler(10, CPU)
     with pytest.raises(ValueError, match="num_states=2"):

@@ -96,3 +96,44 @@ def test_vocabulary_splits_do_not_change_the_draw() -> None:
         assert alone.item() == race(batch, temperature, seed=seed)[0].item()
     greedy = torch.zeros(2, device=CUDA)
     assert race(batch[:2], greedy, seed=9).tolist() == [7, 7]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_logits_race_as_their_float32_widening(dtype: torch.dtype) -> None:
+    # The model's logits are read as they are and widened in registers: the draws are those of the
+    # widened copy, greedy rows (temperature 0) included.
+    generator = torch.Generator(CUDA).manual_seed(4)
+    logits = (torch.randn(70, 50_001, device=CUDA, generator=generator) * 3).to(dtype)
+    temperature = torch.rand(70, device=CUDA, generator=generator) * 2
+    temperature[::7] = 0.0
+    for seed in (1, 2):
+        assert torch.equal(race(logits, temperature, seed), race(logits.float(), temperature, seed))
+
+
+def test_sampler_races_half_precision_logits_without_widening_them() -> None:
+    vocab = 32_000
+    logits = torch.randn(16, vocab + 64, device=CUDA, generator=torch.Generator(CUDA).manual_seed(2)) * 3
+    logits = logits.bfloat16()
+
+    def states() -> list[SamplingState]:
+        return [
+            SamplingState.create(
+                SamplingParams(temperature=0.0 if row % 5 == 0 else 0.8),
+                300 + row if row % 3 == 0 else None,
+                (1,),
+                (),
+                (0,),
+                CUDA,
+            )
+            for row in range(16)
+        ]
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        raw, _ = Sampler(vocab, CUDA, seed=5).sample_on_device(logits, states())
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    widened, _ = Sampler(vocab, CUDA, seed=5).sample_on_device(logits.float(), states())
+    assert torch.equal(raw, widened)
+    assert int(raw.max()) < vocab  # the padding columns are never read

@@ -105,10 +105,11 @@ class ParallelLMHead(VocabParallelEmbedding):
         return self.process_weights_after_loading()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # hidden: [N, hidden] -> logits [N, vocab] float32 (padding columns of the last rank dropped)
+        # hidden: [N, hidden] -> logits [N, vocab] in the model's dtype (padding columns of the last
+        # rank dropped); the sampler widens them only where it must.
         logits = self.method.apply(self, hidden, None)
         logits = self.tp.all_gather(logits, dim=-1)
-        return logits[..., : self.vocab_size].float()
+        return logits[..., : self.vocab_size]
 
 
 def use_cpu_lm_head(model: nn.Module) -> bool:

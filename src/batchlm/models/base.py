@@ -51,7 +51,8 @@ class CausalLM(nn.Module):
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] -> [N, vocab] float32 (a family that caps or scales its logits overrides this)."""
+        """[N, hidden] -> [N, vocab] in the model's dtype (a family that caps or scales its logits
+        overrides this)."""
         return self.lm_head.compute_logits(hidden)
 
     @property

@@ -125,7 +125,7 @@ class Gemma2ForCausalLM(CausalLM):
             self.lm_head.tie_to(self.model.embed_tokens)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head.compute_logits(hidden)
+        logits = self.lm_head.compute_logits(hidden).float()  # capped in float32
         cap = self.config.final_logit_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
 

@@ -12,10 +12,24 @@ import torch
 import triton
 import triton.language as tl
 
-# Philox offsets are row * vocab + column in int32.
+# Philox counters are row * ceil(vocab / 4) + column // 4 in int32.
 MAX_ELEMENTS = 2**31 - 1
 # The largest float32 below 1: a uniform draw rounded up to 1.0 would give noise 0 and an infinite score.
 _BELOW_ONE = tl.constexpr(0.99999994)
+
+
+@triton.jit
+def _challenge(row_start, cols, end, uniform, temperature, best, best_col):
+    """Race columns `cols` (one per slot) against each slot's best so far; returns the new bests."""
+    inside = cols < end
+    logit = tl.load(row_start + cols, mask=inside, other=float("-inf")).to(tl.float32)
+    # E = -log(U) ~ Exponential(1); argmax(logit - T * log E) draws from softmax(logit / T).
+    # U == 0 gives E = inf: that token never wins, as an infinitely late arrival should.
+    uniform = tl.minimum(uniform, _BELOW_ONE)
+    score = tl.where(temperature > 0, logit - temperature * tl.log(-tl.log(uniform)), logit)
+    score = tl.where(inside, score, float("-inf"))
+    better = score > best  # strict: a slot visits its columns in order and keeps its first maximum
+    return tl.where(better, score, best), tl.where(better, cols, best_col)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -27,6 +41,7 @@ def _race_kernel(
     col_ptr,
     seed,
     vocab,
+    groups_per_row,
     cols_per_split,
     BLOCK: tl.constexpr,
 ):
@@ -38,21 +53,19 @@ def _race_kernel(
     end = tl.minimum(begin + cols_per_split, vocab)
     temperature = tl.load(temperature_ptr + row)
     row_start = logits_ptr + row.to(tl.int64) * row_stride
-    best = tl.full([BLOCK], float("-inf"), tl.float32)
-    best_col = tl.zeros([BLOCK], tl.int32)
+    # One Philox draw gives four uniforms (tl.rand would keep one and pay for all four): a tile is
+    # BLOCK // 4 groups of four neighbouring columns, visited a column of each group at a time, so
+    # that every thread draws only for the groups it holds.
+    group = tl.arange(0, BLOCK // 4)
+    best = tl.full([BLOCK // 4], float("-inf"), tl.float32)
+    best_col = tl.zeros([BLOCK // 4], tl.int32)
     for start in range(begin, end, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        inside = cols < end
-        logit = tl.load(row_start + cols, mask=inside, other=float("-inf"))
-        # The noise of (row, column) does not depend on the split count.
-        uniform = tl.minimum(tl.rand(seed, row * vocab + cols), _BELOW_ONE)
-        # E = -log(U) ~ Exponential(1); argmax(logit - T * log E) draws from softmax(logit / T).
-        # U == 0 gives E = inf: that token never wins, as an infinitely late arrival should.
-        score = tl.where(temperature > 0, logit - temperature * tl.log(-tl.log(uniform)), logit)
-        score = tl.where(inside, score, float("-inf"))
-        better = score > best  # strict: each lane keeps its first maximum
-        best = tl.where(better, score, best)
-        best_col = tl.where(better, cols, best_col)
+        # The draw's counter is the group's place in the row, so a column's noise does not depend
+        # on the split count (splits start at multiples of BLOCK: start // 4 is exact).
+        uniforms = tl.rand4x(seed, row * groups_per_row + start // 4 + group)
+        for lane in tl.static_range(4):
+            cols = start + group * 4 + lane
+            best, best_col = _challenge(row_start, cols, end, uniforms[lane], temperature, best, best_col)
     top = tl.max(best, axis=0)
     winner = tl.min(tl.where(best == top, best_col, vocab), axis=0)  # the split's first maximum
     tl.store(score_ptr + row * num_splits + split, top)
@@ -67,8 +80,8 @@ _BLOCK = 2048
 
 def race(logits: torch.Tensor, temperature: torch.Tensor, seed: int) -> torch.Tensor:
     """Token ids [B] int64: per row, argmax(logits - T * log E) with E ~ Exponential(1) drawn from
-    Philox(seed); rows with T == 0 take the plain argmax (first maximum). logits [B, V] float32 (row
-    stride free, columns contiguous); temperature [B] float32 on the same device. Small batches split
+    Philox(seed); rows with T == 0 take the plain argmax (first maximum). logits [B, V] float32,
+    bfloat16 or float16 (row stride free, columns contiguous; read once, widened in registers); temperature [B] float32 on the same device. Small batches split
     each row's vocabulary over several programs and pick the best split afterwards."""
     rows, vocab = logits.shape
     if logits.stride(1) != 1:
@@ -89,6 +102,7 @@ def race(logits: torch.Tensor, temperature: torch.Tensor, seed: int) -> torch.Te
         cols,
         seed,
         vocab,
+        -(-vocab // 4),
         cols_per_split,
         BLOCK=_BLOCK,
         num_warps=8,

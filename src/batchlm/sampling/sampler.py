@@ -78,11 +78,14 @@ class Sampler:
         self._staging: BitmaskStaging | None = None
 
     def warm_up(self, logits: torch.Tensor) -> None:
-        """Compile the race kernel at start-up (else the first sampled step waits for it). logits:
-        [1, >= vocab_size] float32, laid out as the model's logits are."""
+        """Compile the race kernel at start-up (else the first sampled step waits for it), for the
+        raw logits and for processed (float32) ones. logits: [1, >= vocab_size], as the model makes
+        them."""
         if self._race is not None:
             view = logits[:, : self.vocab_size]
-            self._race(view, torch.ones(1, dtype=torch.float32, device=self.device), 1 << 62)
+            temperature = torch.ones(1, dtype=torch.float32, device=self.device)
+            for dtype in {view.dtype, torch.float32}:
+                self._race(view.to(dtype), temperature, 1 << 62)
 
     def __call__(
         self, logits: torch.Tensor, states: Sequence[SamplingState], grammar: GrammarMasks | None = None
@@ -106,17 +109,27 @@ class Sampler:
         """Everything but the host copy: token ids [B] int64 and, when any row wants logprobs, the
         packed logprob tensor (see logprobs.pack_logprobs). Never waits on the device.
 
-        logits_are_scratch: the caller will not read `logits` again, so they may be overwritten
-        (saves a full copy of the batch's logits). grammar: the constrained rows' masks, applied
-        first, so logprobs and every later processor see the masked distribution."""
-        # Non-float32 logits are converted into a new tensor, which is ours to overwrite.
-        owned = logits_are_scratch or logits.dtype != torch.float32
+        logits: the model's dtype; they are widened to float32 only when a processor, logprobs or a
+        grammar must see them (greedy rows and the race read them as they are). logits_are_scratch:
+        the caller will not read `logits` again, so they may be overwritten (saves a full copy of the
+        batch's logits). grammar: the constrained rows' masks, applied first, so logprobs and every
+        later processor see the masked distribution."""
         logits = self._checked_view(logits, states)
-        if grammar is not None and grammar.rows:
+        plan, knobs = self._plan(states)
+        constrained = grammar is not None and bool(grammar.rows)
+        if not (constrained or plan.changes_logits or plan.max_logprobs is not None):
+            if knobs is None:  # every row greedy
+                return logits.argmax(dim=-1), None
+            if self._races(logits, plan):
+                return self._fused_race(logits, states, plan, knobs), None
+        # A widened copy is ours to overwrite.
+        owned = logits_are_scratch or logits.dtype != torch.float32
+        logits = logits.float()
+        if constrained:
+            assert grammar is not None
             if not owned:
                 logits, owned = logits.clone(), True
             apply_grammar_masks(logits, grammar, self.grammar_staging(grammar.bitmask.shape[1]))
-        plan, knobs = self._plan(states)
         if plan.is_plain_greedy:
             return logits.argmax(dim=-1), None
         raw_logprobs = None if plan.max_logprobs is None else logits.log_softmax(dim=-1)
@@ -137,7 +150,7 @@ class Sampler:
     def process_logits(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
         """The logits after logit_bias, the min_tokens ban and the penalties: a new [B, vocab_size]
         tensor, the distribution that temperature and the filters then act on."""
-        logits = self._checked_view(logits, states)
+        logits = self._checked_view(logits, states).float()
         return self._process(logits, states, plan_batch(states, self.vocab_size), copy=True)
 
     def _plan(self, states: Sequence[SamplingState]) -> tuple[SamplingPlan, torch.Tensor | None]:
@@ -162,7 +175,7 @@ class Sampler:
         if logits.device != self.device:
             raise ValueError(f"logits are on {logits.device} but the sampler was built for {self.device}")
         # Columns past the tokenizer's vocabulary are padding: cut them off so they are never chosen.
-        return logits[:, : self.vocab_size].float()  # [B, V]
+        return logits[:, : self.vocab_size]  # [B, V]
 
     def _process(
         self, logits: torch.Tensor, states: Sequence[SamplingState], plan: SamplingPlan, copy: bool
@@ -186,9 +199,8 @@ class Sampler:
         num_rows = processed.shape[0]
         greedy = None if len(plan.random_rows) == num_rows else processed.argmax(dim=-1)  # [B]
         temperature, top_k, top_p, min_p, is_random = knobs.unbind(1)  # [B] each
-        filtered = plan.max_top_k > 0 or plan.any_top_p or plan.any_min_p
-        if self._race is not None and not filtered and processed.numel() <= MAX_RACE_ELEMENTS:
-            return self._fused_race(processed, states, plan, temperature * is_random)
+        if self._races(processed, plan):
+            return self._fused_race(processed, states, plan, knobs)
         noise_scale = None
         if plan.any_top_p or plan.any_min_p:
             # These filters act on the tempered distribution.
@@ -233,22 +245,29 @@ class Sampler:
             raise ValueError(f"row {row}'s generator is on {generator.device}, logits on {self.device}")
         return generator
 
+    def _races(self, logits: torch.Tensor, plan: SamplingPlan) -> bool:
+        """Whether the race kernel draws this batch: no row filters its distribution."""
+        filtered = plan.max_top_k > 0 or plan.any_top_p or plan.any_min_p
+        return self._race is not None and not filtered and logits.numel() <= MAX_RACE_ELEMENTS
+
     def _fused_race(
         self,
         processed: torch.Tensor,
         states: Sequence[SamplingState],
         plan: SamplingPlan,
-        temperature: torch.Tensor,
+        knobs: torch.Tensor,
     ) -> torch.Tensor:
         """The race in one kernel pass (greedy rows have temperature 0: a plain argmax); seeded rows
-        are then raced again on their own generators' noise, exactly as the torch path races them."""
+        are then raced again on their own generators' noise, exactly as the torch path races them.
+        processed: float32, or the model's raw logits (widened in the kernel's registers)."""
         assert self._race is not None
+        temperature = knobs[:, 0] * knobs[:, 4]  # [B]: 0 for greedy rows
         seed = seed_for_step(self._seed, self._num_races) | (1 << 62)  # always a 64-bit kernel argument
         self._num_races += 1
         token_ids = self._race(processed, temperature, seed)  # [B]
         if plan.seeded_rows:
             rows = to_device(plan.seeded_rows, torch.int64, self.device)  # [S]
-            seeded = processed.index_select(0, rows)  # [S, V]
+            seeded = processed.index_select(0, rows).float()  # [S, V]
             seeded_plan = SamplingPlan(seeded_rows=list(range(len(plan.seeded_rows))))
             seeded_states = [states[row] for row in plan.seeded_rows]
             scale = temperature.index_select(0, rows).unsqueeze(1)  # [S, 1]
