@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +13,7 @@ from batchlm.engine.client import RequestRejectedError
 from batchlm.engine.input_processor import InputProcessor
 from batchlm.sampling import Sampler, SamplingState
 from batchlm.sampling_params import SamplingParams
+from batchlm.structured.sequences import GrammarMasks
 
 EOS = 2
 CPU = torch.device("cpu")
@@ -272,19 +274,29 @@ def test_caller_logits_are_not_modified() -> None:
     ],
     ids=["greedy", "random", "filtered", "biased", "penalized-logprobs"],
 )
-def test_half_precision_logits_sample_as_their_float32_widening(params: SamplingParams) -> None:
+@pytest.mark.parametrize("constrained", [False, True], ids=["free", "masked"])
+def test_half_precision_logits_sample_as_their_float32_widening(
+    params: SamplingParams, constrained: bool
+) -> None:
     # A model's bf16 logits reach the sampler as they are: rows that need no processing are read
     # raw, the rest widened first. Either way the draw is that of the widened logits.
     logits = (torch.randn(6, 40, generator=torch.Generator().manual_seed(8)) * 4).bfloat16()
     before = logits.clone()
+    # Rows 1 and 4 may take only tokens 0-7 and 33-39.
+    allowed = np.zeros((2, 2), dtype=np.int32)
+    allowed[:, 0], allowed[:, 1] = 0xFF, np.int32(-2)  # bits 0-7; bits 1-31
+    grammar = GrammarMasks((1, 4), allowed) if constrained else None
 
     def draw(batch: torch.Tensor) -> tuple[list[int], list[object]]:
         states = [make_state(params, seed=row if row % 2 else None, outputs=(3, 5)) for row in range(6)]
-        out = Sampler(40, CPU, seed=1)(batch, states)
+        out = Sampler(40, CPU, seed=1)(batch, states, grammar)
         return out.token_ids_cpu, [None if lp is None else (lp.logprob, lp.top) for lp in out.logprobs]
 
-    assert draw(logits) == draw(logits.float())
+    tokens, logprobs = draw(logits)
+    assert (tokens, logprobs) == draw(logits.float())
     assert torch.equal(logits, before)
+    if constrained:
+        assert all(tokens[row] < 8 or tokens[row] >= 33 for row in (1, 4))
 
 
 def test_shape_and_device_errors_name_the_problem() -> None:

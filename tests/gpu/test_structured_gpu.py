@@ -37,8 +37,9 @@ SCHEMA = {
 
 @pytest.mark.parametrize("rows", [(0, 1, 2, 3, 4, 5), (1, 4), (5,)])
 @pytest.mark.parametrize("vocab_size", [1000, 128256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_masks_equal_cpu_masks_and_leave_other_rows_alone(
-    rows: tuple[int, ...], vocab_size: int
+    rows: tuple[int, ...], vocab_size: int, dtype: torch.dtype
 ) -> None:
     generator = np.random.default_rng(0)
     words = (vocab_size + 31) // 32
@@ -48,9 +49,9 @@ def test_cuda_masks_equal_cpu_masks_and_leave_other_rows_alone(
     logits = torch.randn(6, vocab_size, generator=torch.Generator().manual_seed(1))
     on_cpu = logits.clone()
     apply_grammar_masks(on_cpu, GrammarMasks(rows, bitmask))
-    on_gpu = logits.cuda()
+    on_gpu = logits.to("cuda", dtype)  # a bf16 model's logits are masked as they are
     apply_grammar_masks(on_gpu, GrammarMasks(rows, bitmask))
-    assert torch.equal(on_gpu.cpu(), on_cpu)
+    assert torch.equal(on_gpu.cpu(), on_cpu.to(dtype))
     for row in set(range(6)) - set(rows):
         assert torch.equal(on_cpu[row], logits[row])
 

@@ -16,7 +16,7 @@ BLOCK_WORDS = 128
 
 @triton.jit
 def _apply_bitmask_kernel(
-    logits_ptr,  # [B, V] float32
+    logits_ptr,  # [B, V] float32, bfloat16 or float16
     words_ptr,  # [R, W] int32: bit t % 32 of word t // 32 set when token t is allowed
     rows_ptr,  # [R] int64: the logits row of each bitmask row (read unless ALL_ROWS)
     stride_logits,
@@ -44,9 +44,9 @@ def _apply_bitmask_kernel(
 
 def apply_bitmask(logits: torch.Tensor, words: torch.Tensor, rows: torch.Tensor | None) -> None:
     """Set logits[rows[r], t] = -inf wherever bit t of words[r] is clear, in place.
-    logits: [B, V] float32; words: [R, W] int32 (W * 32 >= V); rows: [R] int64 on the device, or None
-    when R == B and bitmask row r is logits row r. Other logits are left untouched."""
-    assert logits.dtype == torch.float32 and logits.stride(1) == 1
+    logits: [B, V] float32, bfloat16 or float16; words: [R, W] int32 (W * 32 >= V); rows: [R] int64 on
+    the device, or None when R == B and bitmask row r is logits row r. Other logits are left untouched."""
+    assert logits.is_floating_point() and logits.stride(1) == 1  # -inf is stored in the logits' dtype
     assert words.dtype == torch.int32 and words.stride(1) == 1
     num_rows, num_words = words.shape
     assert num_words * 32 >= logits.shape[1]
@@ -70,7 +70,7 @@ def apply_bitmask(logits: torch.Tensor, words: torch.Tensor, rows: torch.Tensor 
 
 def warm_up(logits: torch.Tensor) -> None:
     """Compile both variants at start-up (else the first constrained step waits for them). logits:
-    [1, vocab] float32, laid out as the model's logits are; every bit is set, so nothing is written."""
+    [1, vocab] of one dtype, laid out as the model's logits are; every bit is set, so nothing is written."""
     words = torch.full((1, triton.cdiv(logits.shape[1], 32)), -1, dtype=torch.int32, device=logits.device)
     apply_bitmask(logits, words, None)
     apply_bitmask(logits, words, torch.zeros(1, dtype=torch.int64, device=logits.device))

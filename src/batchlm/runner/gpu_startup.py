@@ -91,7 +91,7 @@ class GpuStartup:
         hidden = torch.zeros((1, self.shape.hidden_size), dtype=self.dtype, device=self.device)
         logits = self.model.compute_logits(hidden)
         self.sampler.warm_up(logits)
-        warm_up_grammar_masks(logits[:, : self.shape.vocab_size].float())
+        warm_up_grammar_masks(logits[:, : self.shape.vocab_size])
         warm_up_experts(self.model)
         tune_decode_linears(self.model, self.dtype)
         torch.cuda.synchronize(self.device)

@@ -93,9 +93,10 @@ def forbidden_on_device(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
 def apply_grammar_masks(
     logits: torch.Tensor, masks: GrammarMasks, staging: BitmaskStaging | None = None
 ) -> None:
-    """Set forbidden tokens of the constrained rows to -inf, in place. logits: [B, V] float32.
-    Other rows are not written at all, so their logits stay bit-identical. staging: the device's
-    pinned ring (one is made for the call when None)."""
+    """Set forbidden tokens of the constrained rows to -inf, in place. logits: [B, V], of a dtype
+    `masks_in_place` accepts. Other rows are not written at all, so their logits stay bit-identical.
+    staging: the device's pinned ring (one is made for the call when None)."""
+    assert masks_in_place(logits), f"{logits.dtype} logits on {logits.device} take no masks in place"
     vocab_size = logits.shape[1]
     if logits.device.type == "cpu":
         # numpy's single pass per row: torch's masked_fill on the CPU spends more in threading than work.
@@ -122,12 +123,25 @@ def apply_grammar_masks(
     logits.index_copy_(0, rows, constrained)
 
 
-def warm_up_grammar_masks(logits: torch.Tensor) -> None:
-    """Compile the device's mask kernel, if it has one. logits: [1, vocab] float32 as the model's."""
-    if logits.device.type == "cuda" and _bitmask_kernel_fits(logits):
-        from batchlm.kernels.grammar_bitmask import warm_up
+def masks_in_place(logits: torch.Tensor) -> bool:
+    """Whether `apply_grammar_masks` takes logits of this dtype on this device: float32 on the CPU
+    (numpy has no bfloat16), the floating dtypes the mask kernel writes on an accelerator."""
+    if logits.device.type == "cpu":
+        return logits.dtype == torch.float32
+    return logits.dtype in (torch.float32, torch.bfloat16, torch.float16)
 
-        warm_up(logits)
+
+def warm_up_grammar_masks(logits: torch.Tensor) -> None:
+    """Compile the device's mask kernel, if it has one, for the model's logits and for float32 ones.
+    logits: [1, vocab] as the model makes them."""
+    if logits.device.type != "cuda":
+        return
+    for dtype in {logits.dtype, torch.float32}:
+        widened = logits.to(dtype)
+        if _bitmask_kernel_fits(widened):
+            from batchlm.kernels.grammar_bitmask import warm_up
+
+            warm_up(widened)
 
 
 def _rows_on_device(rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -136,7 +150,7 @@ def _rows_on_device(rows: tuple[int, ...], device: torch.device) -> torch.Tensor
 
 def _bitmask_kernel_fits(logits: torch.Tensor) -> bool:
     """The Triton kernel (one launch, allowed logits untouched) applies when Triton is there."""
-    return logits.dtype == torch.float32 and logits.stride(1) == 1 and _has_triton()
+    return logits.stride(1) == 1 and _has_triton()
 
 
 @functools.cache

@@ -48,11 +48,6 @@ class SamplingPlan:
         tokens are generated); everything else in a plan is fixed by the requests' parameters."""
         return bool(self.banned_rows)
 
-    @property
-    def is_plain_greedy(self) -> bool:
-        """True when a bare argmax of the raw logits is the whole answer."""
-        return self.all_greedy and not self.changes_logits and self.max_logprobs is None
-
     def add(self, row: int, state: SamplingState, vocab_size: int) -> None:
         params = state.params
         if not params.greedy:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 # Philox counters are row * ceil(vocab / 4) + column // 4 in int32.
 MAX_ELEMENTS = 2**31 - 1
@@ -24,9 +25,11 @@ def _challenge(row_start, cols, end, uniform, temperature, best, best_col):
     inside = cols < end
     logit = tl.load(row_start + cols, mask=inside, other=float("-inf")).to(tl.float32)
     # E = -log(U) ~ Exponential(1); argmax(logit - T * log E) draws from softmax(logit / T).
-    # U == 0 gives E = inf: that token never wins, as an infinitely late arrival should.
+    # U == 0 gives E = inf: that token never wins, as an infinitely late arrival should. E needs a
+    # precise log (U near 1 makes it small, and only relative accuracy keeps it so); log E only an
+    # absolute error far below a float32 score's own rounding, which the hardware's fast log gives.
     uniform = tl.minimum(uniform, _BELOW_ONE)
-    score = tl.where(temperature > 0, logit - temperature * tl.log(-tl.log(uniform)), logit)
+    score = tl.where(temperature > 0, logit - temperature * libdevice.fast_logf(-tl.log(uniform)), logit)
     score = tl.where(inside, score, float("-inf"))
     better = score > best  # strict: a slot visits its columns in order and keeps its first maximum
     return tl.where(better, score, best), tl.where(better, cols, best_col)

@@ -13,7 +13,7 @@ import torch
 from batchlm.kernels import cpu_sampling
 from batchlm.outputs import TokenLogprobs
 from batchlm.sampling.filters import apply_min_p, apply_top_k_top_p
-from batchlm.sampling.grammar_mask import BitmaskStaging, apply_grammar_masks
+from batchlm.sampling.grammar_mask import BitmaskStaging, apply_grammar_masks, masks_in_place
 from batchlm.sampling.logprobs import MAX_PACKED_VOCAB, pack_logprobs, unpack_logprobs
 from batchlm.sampling.penalties import apply_logit_bias, apply_min_tokens_ban, apply_penalties
 from batchlm.sampling.plan import SamplingPlan, plan_batch, to_device
@@ -109,29 +109,27 @@ class Sampler:
         """Everything but the host copy: token ids [B] int64 and, when any row wants logprobs, the
         packed logprob tensor (see logprobs.pack_logprobs). Never waits on the device.
 
-        logits: the model's dtype; they are widened to float32 only when a processor, logprobs or a
-        grammar must see them (greedy rows and the race read them as they are). logits_are_scratch:
+        logits: the model's dtype; they are widened to float32 only when a processor or logprobs
+        must see them (masks, greedy rows and the race take them as they are). logits_are_scratch:
         the caller will not read `logits` again, so they may be overwritten (saves a full copy of the
         batch's logits). grammar: the constrained rows' masks, applied first, so logprobs and every
         later processor see the masked distribution."""
         logits = self._checked_view(logits, states)
         plan, knobs = self._plan(states)
-        constrained = grammar is not None and bool(grammar.rows)
-        if not (constrained or plan.changes_logits or plan.max_logprobs is not None):
+        owned = logits_are_scratch
+        if grammar is not None and grammar.rows:
+            if not masks_in_place(logits):
+                logits, owned = logits.float(), True
+            elif not owned:
+                logits, owned = logits.clone(), True
+            apply_grammar_masks(logits, grammar, self.grammar_staging(grammar.bitmask.shape[1]))
+        if not (plan.changes_logits or plan.max_logprobs is not None):
             if knobs is None:  # every row greedy
                 return logits.argmax(dim=-1), None
             if self._races(logits, plan):
                 return self._fused_race(logits, states, plan, knobs), None
-        # A widened copy is ours to overwrite.
-        owned = logits_are_scratch or logits.dtype != torch.float32
-        logits = logits.float()
-        if constrained:
-            assert grammar is not None
-            if not owned:
-                logits, owned = logits.clone(), True
-            apply_grammar_masks(logits, grammar, self.grammar_staging(grammar.bitmask.shape[1]))
-        if plan.is_plain_greedy:
-            return logits.argmax(dim=-1), None
+        if logits.dtype != torch.float32:
+            logits, owned = logits.float(), True  # a widened copy is ours to overwrite
         raw_logprobs = None if plan.max_logprobs is None else logits.log_softmax(dim=-1)
         processed = self._process(logits, states, plan, copy=not owned)
         token_ids = self._choose_tokens(processed, states, plan, knobs)
