@@ -84,8 +84,9 @@ _BLOCK = 2048
 def race(logits: torch.Tensor, temperature: torch.Tensor, seed: int) -> torch.Tensor:
     """Token ids [B] int64: per row, argmax(logits - T * log E) with E ~ Exponential(1) drawn from
     Philox(seed); rows with T == 0 take the plain argmax (first maximum). logits [B, V] float32,
-    bfloat16 or float16 (row stride free, columns contiguous; read once, widened in registers); temperature [B] float32 on the same device. Small batches split
-    each row's vocabulary over several programs and pick the best split afterwards."""
+    bfloat16 or float16 (row stride free, columns contiguous; read once, widened in registers);
+    temperature [B] float32 on the same device. Small batches split each row's vocabulary over
+    several programs and pick the best split afterwards."""
     rows, vocab = logits.shape
     if logits.stride(1) != 1:
         raise ValueError("race() needs logits with contiguous columns")

@@ -53,9 +53,9 @@ class Sampler:
 
     Order: grammar masks (constrained rows); logprobs from those logits; logit_bias; min_tokens ban;
     repetition penalty; presence and frequency penalties; then greedy rows take the argmax and the
-    others go through temperature, top-k, top-p, min-p and an exponential race. Logits columns past `vocab_size`
-    (vocabulary padding) are never sampled. The caller's logits are never modified unless it says
-    they are scratch.
+    others go through temperature, top-k, top-p, min-p and an exponential race. Logits columns past
+    `vocab_size` (vocabulary padding) are never sampled. The caller's logits are never modified
+    unless it says they are scratch.
 
     A batch of the same states as the previous call reuses that call's plan and per-row knobs (a
     decode batch is usually unchanged from step to step), unless a min_tokens ban is still active.
