@@ -96,7 +96,7 @@ def test_decode_over_an_fp8_cache_compiles(in_registers: bool) -> None:
     config = paged_decode.FP8_DECODE_CONFIG
     constants = {
         "BLOCK_SIZE": 16, "GROUP": 4, "BLOCK_G": 16, "HEAD_DIM": 128, "BLOCK_N": config.block_n,
-        "NUM_SPLITS": 4, "DOT_PRECISION": "tf32", "FP16_DOTS": True, "FP8_IN_REGISTERS": in_registers,
+        "NUM_SPLITS": 4, "DOT_PRECISION": "tf32", "FP8_IN_REGISTERS": in_registers,
         "WINDOWED": False, "SOFTCAP": False,
     }  # fmt: skip
     compiled = compile_for_hopper(

@@ -81,7 +81,7 @@ def _decode_kernel(
     BLOCK_SIZE: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
-    FP16_DOTS: tl.constexpr, FP8_IN_REGISTERS: tl.constexpr,
+    FP8_IN_REGISTERS: tl.constexpr,
 ):  # fmt: skip
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -106,7 +106,7 @@ def _decode_kernel(
         mask=head_mask[:, None],
         other=0.0,
     )  # [BLOCK_G, HEAD_DIM]
-    if FP16_DOTS:
+    if cache_ptr.dtype.element_ty == tl.float8e4nv:
         # e4m3 is exact in fp16 as in bf16, and its tiles widen to fp16 faster (BENCHMARKS.md), so
         # they meet fp16 queries: scaled by a power of two into fp16's range, undone in qk_scale.
         q32 = q.to(tl.float32)
@@ -232,7 +232,7 @@ def paged_decode_attention(
         GROUP=shape.group_size, BLOCK_G=max(16, next_power_of_2(shape.group_size)),
         HEAD_DIM=shape.head_dim, BLOCK_N=cfg.block_n, NUM_SPLITS=num_splits,
         DOT_PRECISION=dot_precision(query.dtype), WINDOWED=window is not None, SOFTCAP=softcap is not None,
-        FP16_DOTS=fp8_cache, FP8_IN_REGISTERS=fp8_cache and cfg.fp8_in_registers,
+        FP8_IN_REGISTERS=fp8_cache and cfg.fp8_in_registers,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if num_splits > 1:
