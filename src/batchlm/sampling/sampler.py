@@ -194,11 +194,11 @@ class Sampler:
         """Token ids [B]: argmax for greedy rows, a random draw for the others."""
         if plan.all_greedy or knobs is None:
             return processed.argmax(dim=-1)
+        if self._races(processed, plan):  # greedy rows race at temperature 0: no argmax pass of their own
+            return self._fused_race(processed, states, plan, knobs)
         num_rows = processed.shape[0]
         greedy = None if len(plan.random_rows) == num_rows else processed.argmax(dim=-1)  # [B]
         temperature, top_k, top_p, min_p, is_random = knobs.unbind(1)  # [B] each
-        if self._races(processed, plan):
-            return self._fused_race(processed, states, plan, knobs)
         noise_scale = None
         if plan.any_top_p or plan.any_min_p:
             # These filters act on the tempered distribution.
