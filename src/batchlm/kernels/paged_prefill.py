@@ -113,7 +113,9 @@ def _prefill_kernel(
     WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
 ):  # fmt: skip
     req = tl.program_id(0)
-    tile = tl.program_id(1)
+    # Causal tiles further down the chunk see more keys: they start first, so that the short ones
+    # fill the end of the launch instead of a few long ones running on alone.
+    tile = tl.num_programs(1) - 1 - tl.program_id(1)
     kv_head = tl.program_id(2)
     q_start = tl.load(query_start_ptr + req)
     q_len = tl.load(query_start_ptr + req + 1) - q_start

@@ -2,7 +2,7 @@
 
 Query rows are [BLOCK_M, HEAD_DIM] (query heads of one KV group, possibly of several tokens); the
 tile is BLOCK_N consecutive context tokens gathered through the block table. Scores live in the log2
-domain (qk_scale already holds log2(e)), so exp2 replaces exp. An FP8 cache's tiles are widened to the
+domain (qk_scale already holds log2(e)), so exp2 replaces exp; the running max is kept scaled. An FP8 cache's tiles are widened to the
 query dtype as they load (its value tiles, with FP8_IN_REGISTERS, to fp16 in registers); its k_scale
 is folded into qk_scale and its v_scale applied by the caller. A soft-cap cap * tanh(s / cap) reads the
 same in the log2 domain with the cap times log2(e) (`softcap`, used when SOFTCAP is set).
@@ -81,9 +81,9 @@ def attend_tile(
     else:
         k = tl.load(k_ptrs, mask=in_range[:, None], other=0.0)
     k = k.to(q.dtype)  # no-op unless the cache is FP8
-    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N], unscaled
     if SOFTCAP:
-        scores = soft_cap(scores, softcap)
+        scores = soft_cap(scores * qk_scale, softcap)
     if MASK_MODE == 1:
         scores = tl.where(in_range[None, :], scores, float("-inf"))
     if MASK_MODE == 2:
@@ -94,9 +94,15 @@ def attend_tile(
         visible = in_range[None, :] & (distance >= 0) & (distance < window)
         scores = tl.where(visible, scores, float("-inf"))
     # row_max starts finite (-1e30), so a row with nothing visible yet never computes inf - inf.
-    new_max = tl.maximum(row_max, tl.max(scores, 1))
+    if SOFTCAP:
+        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        probs = tl.exp2(scores - new_max[:, None])  # [BLOCK_M, BLOCK_N]
+    else:
+        # The scale (positive) commutes with the max, so it joins the subtraction in one FMA a score:
+        # at head dim 64 the softmax's per-score instructions, not the dots, bound the prefill kernel.
+        new_max = tl.maximum(row_max, tl.max(scores, 1) * qk_scale)
+        probs = tl.exp2(scores * qk_scale - new_max[:, None])
     rescale = tl.exp2(row_max - new_max)
-    probs = tl.exp2(scores - new_max[:, None])  # [BLOCK_M, BLOCK_N]
     row_sum = row_sum * rescale + tl.sum(probs, 1)
     if MASK_MODE == 0:
         v = tl.load(k_ptrs + stride_c_kv)
