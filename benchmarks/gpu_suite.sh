@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: GPU tests, offline W1/W2, single-stream latency, online W1, start-up time.
-# Usage: bash benchmarks/gpu_suite.sh [tests] [w1] [single] [w2] [online] [online_servers] [online_clients]
+# Usage: bash benchmarks/gpu_suite.sh [tests] [w1] [single] [long_prefill] [w2] [online] [online_servers] [online_clients]
 #        [online_profile] [startup] [startup_profile] [quant_tests] [quant_kernels] [quant_single] [quant_w2]
 # (default: all but startup_profile). startup: command-to-ready of `batchlm serve` three times, the first
 # with an empty Triton cache (as on a fresh machine), with the server's `startup:` breakdown;
@@ -44,6 +44,11 @@ for step in $steps; do
     single)
       timeout 100 python3 benchmarks/offline_throughput.py --shape llama-3.2-1b --dummy --num-requests 1 \
         --input-len 512 --output-len 256 --runs 3 --json-out "$OUT/single.json" 2>&1 | grep -v Loading | tail -5 ;;
+    long_prefill)
+      # 64 prompts of 8,000 tokens, 64 out each: the prefill kernel at long context (total tok/s).
+      timeout 240 python3 benchmarks/offline_throughput.py --shape llama-3.2-1b --dummy --num-requests 64 \
+        --input-len 8000 --output-len 64 --runs 3 --json-out "$OUT/long_prefill.json" 2>&1 | grep -v Loading | tail -5
+      python3 benchmarks/throughput_floor.py --shape llama-3.2-1b --num-requests 64 --input-len 8000 --output-len 64 ;;
     w2)
       timeout 560 python3 benchmarks/offline_throughput.py --shape llama-3.1-8b --dummy --num-requests 512 \
         --input-len 1000 --output-len 1000 --runs 3 --json-out "$OUT/w2.json" 2>&1 | grep -v Loading | tail -5 ;;

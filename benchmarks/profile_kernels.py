@@ -5,7 +5,9 @@ python benchmarks/profile_kernels.py --shape llama-3.1-8b --num-requests 512 --i
     --quantization fp8 --kv-cache-dtype fp8
 
 Every request is prefilled first (not profiled); then --decode-steps steps of the whole batch are,
-at a context of about --input-len.
+at a context of about --input-len. With --prefill, the prefill steps themselves are profiled instead
+(each request asks for one token), e.g. the long prefill:
+python benchmarks/profile_kernels.py --shape llama-3.2-1b --num-requests 8 --input-len 8000 --prefill
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,6 +40,7 @@ def main() -> None:
     parser.add_argument("--quantization", default=None, help="as `batchlm serve --quantization`")
     parser.add_argument("--kv-cache-dtype", default="auto", help="as `batchlm serve --kv-cache-dtype`")
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--prefill", action="store_true", help="profile the prefill steps, not decode")
     parser.add_argument("--top", type=int, default=18)
     args = parser.parse_args()
     from batchlm import SamplingParams
@@ -45,7 +49,7 @@ def main() -> None:
     # The first requests decode while the last ones prefill (PREFILL_CHUNK tokens a step): none may
     # finish before the profiled steps end.
     prefill_steps = -(-args.num_requests * args.input_len // PREFILL_CHUNK)
-    output_len = prefill_steps + args.decode_steps + 8
+    output_len = 1 if args.prefill else prefill_steps + args.decode_steps + 8
     llm = dummy_llm(
         args.shape,
         args.num_requests,
@@ -66,6 +70,9 @@ def main() -> None:
         for output in core.step():
             tokens[output.request_id] += len(output.new_token_ids)
 
+    if args.prefill:
+        profile_prefill(llm, prompts, params, args.top)
+        return
     # Prefill, then two decode steps of the whole batch (its graph warm).
     while min(tokens.values()) < 2:
         step()
@@ -105,6 +112,42 @@ def main() -> None:
             max_name_column_width=70,
         )
     )
+
+
+def profile_prefill(llm: Any, prompts: list[list[int]], params: Any, top: int) -> None:
+    """One warm pass of the same prompts (its compiles and caches), then every step of a second."""
+    from batchlm.request import EngineCoreRequest
+
+    core = llm.engine_core
+
+    def run(tag: str) -> int:
+        pending = {f"{tag}{i}" for i in range(len(prompts))}
+        for request_id, prompt in zip(sorted(pending), prompts, strict=True):
+            core.add_request(EngineCoreRequest(request_id, tuple(prompt), params, (), time.time()))
+        steps = 0
+        while pending:
+            steps += 1
+            for output in core.step():
+                if output.finished:
+                    pending.discard(output.request_id)
+        return steps
+
+    on_gpu = torch.cuda.is_available()
+    synchronize = torch.cuda.synchronize if on_gpu else (lambda: None)
+    activity = torch.profiler.ProfilerActivity.CUDA if on_gpu else torch.profiler.ProfilerActivity.CPU
+    run("warm")
+    synchronize()
+    with torch.profiler.profile(activities=[activity]) as prof:
+        started = time.perf_counter()
+        steps = run("r")
+        synchronize()
+        elapsed = time.perf_counter() - started
+    tokens = sum(len(p) for p in prompts)
+    print(
+        f"{steps} steps prefilled {tokens} prompt tokens in {elapsed:.3f} s ({tokens / elapsed:,.0f} tok/s, profiler on)"
+    )
+    sort_by = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=top, max_name_column_width=70))
 
 
 if __name__ == "__main__":
