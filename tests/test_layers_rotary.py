@@ -155,6 +155,21 @@ def test_fused_qkv_split_rotates_exactly_like_separate_tensors() -> None:
     assert torch.equal(joint_q[1], q[1]) and torch.equal(joint_k[1], k[1])
 
 
+def test_one_token_split_rotates_jointly() -> None:
+    # One token (a single-stream decode step): view() gives q and k different row strides, which
+    # must not send them down the per-tensor path.
+    rope = get_rope(_hf_config("default"), HEAD_DIM, 64)
+    qkv = torch.randn(1, (4 + 2 + 2) * HEAD_DIM)
+    q, k, _ = qkv.split([4 * HEAD_DIM, 2 * HEAD_DIM, 2 * HEAD_DIM], dim=-1)
+    q, k = q.view(-1, 4, HEAD_DIM), k.view(-1, 2, HEAD_DIM)
+    both = _adjacent_heads(q, k)
+    assert both is not None and both.shape == (1, 6, HEAD_DIM)
+    assert torch.equal(both[:, 4:], k) and torch.equal(both[:, :4], q)
+    joint_q, joint_k = rope(torch.tensor([9]), q, k)
+    alone_q, alone_k = rope(torch.tensor([9]), q.clone(), k.clone())
+    assert torch.equal(joint_q, alone_q) and torch.equal(joint_k, alone_k)
+
+
 def test_key_not_following_query_takes_the_separate_path() -> None:
     rope = get_rope(_hf_config("default"), HEAD_DIM, 64)
     positions = torch.tensor([1, 2])

@@ -81,7 +81,12 @@ def _adjacent_heads(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | No
     memory with the same strides (the split of a fused qkv projection); otherwise None."""
     if query.untyped_storage().data_ptr() != key.untyped_storage().data_ptr():
         return None
-    if query.dtype != key.dtype or query.stride() != key.stride() or query.stride(2) != 1:
+    # A single token's views may differ in their row stride (view() picks any for a dimension of
+    # size 1), which no row step ever uses.
+    same_rows = query.shape[0] == 1 or query.stride(0) == key.stride(0)
+    if query.dtype != key.dtype or not same_rows or query.stride()[1:] != key.stride()[1:]:
+        return None
+    if query.stride(2) != 1:
         return None
     if query.stride(1) != query.shape[2] or query.shape[0] != key.shape[0]:
         return None
