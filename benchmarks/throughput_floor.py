@@ -9,6 +9,11 @@ whole context, so for sliding-window layers the real floor is lower. Defaults: a
 copy rate and its dense bf16 peak.
 
     python benchmarks/throughput_floor.py --shape qwen3-30b-a3b --num-requests 256 --input-len 512 --output-len 256
+
+That floor holds every request's cache at once. With --kv-capacity-tokens the steps are instead the
+ones batchlm's scheduler makes when the cache holds that many tokens (chunked prefill, preemption by
+recompute, --max-num-seqs), each costed the same way: what a cache too small for the whole batch costs
+in the floor's own terms, and which admission limit costs least.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 BYTES_PER_VALUE = 2  # bf16
@@ -121,6 +127,82 @@ def workload_floor(
     }
 
 
+class _InstantExecutor:
+    """Samples token 0 for every sampled chunk at once, and costs each step as it is launched."""
+
+    def __init__(self, cost: ShapeCost, bandwidth: float, flops: float) -> None:
+        self.cost, self.bandwidth, self.flops = cost, bandwidth, flops
+        self.seconds = 0.0
+        self.prefill_tokens = 0
+        self.steps = 0
+
+    def execute_async(self, scheduled: Any) -> Any:
+        from batchlm.core.step_io import ModelRunnerOutput
+
+        tokens = kv_tokens = pairs = 0
+        sampled = []
+        for chunk in scheduled.chunks:
+            new = len(chunk.token_ids)
+            tokens += new
+            kv_tokens += chunk.start_position
+            pairs += new * chunk.start_position + new * (new + 1) // 2
+            self.prefill_tokens += new if new > 1 else 0
+            if chunk.sample:
+                sampled.append(chunk.request_id)
+        if scheduled.chunks:
+            self.steps += 1
+            self.seconds += step_seconds(self.cost, tokens, kv_tokens, pairs, self.bandwidth, self.flops)
+        output = ModelRunnerOutput(tuple(sampled), (0,) * len(sampled), (None,) * len(sampled))
+        return SimpleNamespace(result=lambda: output)
+
+
+def scheduled_floor(
+    config: dict[str, Any],
+    num_requests: int,
+    input_len: int,
+    output_len: int,
+    kv_capacity_tokens: int,
+    max_num_seqs: int | None = None,
+    max_num_batched_tokens: int = 8192,
+    block_size: int = 16,
+    bandwidth: float = H200_BANDWIDTH,
+    flops: float = H200_BF16_FLOPS,
+) -> dict[str, float]:
+    """The floor of the steps the scheduler makes with a cache of kv_capacity_tokens (all requests
+    arrive at once; prefix caching off, as in the offline benchmarks)."""
+    from batchlm.core.engine_core import EngineCore
+    from batchlm.core.scheduler import Scheduler
+    from batchlm.core.scheduler_config import SchedulerConfig
+    from batchlm.request import EngineCoreRequest
+    from batchlm.sampling_params import SamplingParams
+
+    scheduler = Scheduler(
+        SchedulerConfig(
+            max_num_seqs=max_num_seqs or num_requests,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_model_len=input_len + output_len + block_size,
+            block_size=block_size,
+            num_blocks=kv_capacity_tokens // block_size,
+            enable_prefix_caching=False,
+        )
+    )
+    executor = _InstantExecutor(shape_cost(config), bandwidth, flops)
+    core = EngineCore(scheduler, executor, async_scheduling=True)  # type: ignore[arg-type]
+    params = SamplingParams(max_tokens=output_len, ignore_eos=True, detokenize=False)
+    prompt = tuple(range(1, input_len + 1))
+    for index in range(num_requests):
+        core.add_request(EngineCoreRequest(f"r{index}", prompt, params, (0,), 0.0, final_output_only=True))
+    while core.has_work():
+        core.step()
+    return {
+        "floor_s": round(executor.seconds, 3),
+        "floor_output_tok_s": round(num_requests * output_len / executor.seconds, 1),
+        "steps": executor.steps,
+        "prefill_tokens": executor.prefill_tokens,
+        "preemptions": scheduler.stats().num_preemptions,
+    }
+
+
 def main() -> None:
     from model_shapes import SHAPES
 
@@ -131,8 +213,27 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=256)
     parser.add_argument("--input-len", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument(
+        "--kv-capacity-tokens",
+        type=int,
+        default=None,
+        help="cost the scheduler's steps with a cache this large",
+    )
+    parser.add_argument("--max-num-seqs", type=int, default=None, help="with --kv-capacity-tokens")
     args = parser.parse_args()
-    floor = workload_floor(SHAPES[args.shape], args.num_requests, args.input_len, args.output_len)
+    config = SHAPES[args.shape]
+    floor = workload_floor(config, args.num_requests, args.input_len, args.output_len)
+    if args.kv_capacity_tokens:
+        scheduled = scheduled_floor(
+            config,
+            args.num_requests,
+            args.input_len,
+            args.output_len,
+            args.kv_capacity_tokens,
+            args.max_num_seqs,
+        )
+        floor |= {f"scheduled_{key}": value for key, value in scheduled.items()}
+        floor |= {"kv_capacity_tokens": args.kv_capacity_tokens, "max_num_seqs": args.max_num_seqs}
     print(json.dumps({"shape": args.shape, **floor}))
 
 

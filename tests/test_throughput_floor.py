@@ -1,0 +1,44 @@
+"""benchmarks/throughput_floor.py: the floor of the steps the scheduler makes with a bounded KV cache
+agrees with the closed form when the cache holds everything, and pays for preemption when it does not."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def floor(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import throughput_floor
+
+    yield throughput_floor
+    sys.modules.pop("throughput_floor", None)
+
+
+def test_a_cache_holding_every_request_gives_the_closed_form(floor) -> None:  # type: ignore[no-untyped-def]
+    from model_shapes import SHAPES
+
+    config = SHAPES["llama-3.2-1b"]
+    closed = floor.workload_floor(config, 64, 256, 64)
+    scheduled = floor.scheduled_floor(config, 64, 256, 64, kv_capacity_tokens=64 * 400)
+    assert scheduled["preemptions"] == 0 and scheduled["prefill_tokens"] == 64 * 256
+    # Chunked prefill costs each chunk's step alone; the closed form costs one pass over all prompts.
+    assert scheduled["floor_s"] == pytest.approx(closed["floor_s"], rel=0.05)
+
+
+def test_a_small_cache_preempts_and_recomputes(floor) -> None:  # type: ignore[no-untyped-def]
+    from model_shapes import SHAPES
+
+    config = SHAPES["llama-3.2-1b"]
+    ample = floor.scheduled_floor(config, 64, 256, 64, kv_capacity_tokens=64 * 400)
+    small = floor.scheduled_floor(config, 64, 256, 64, kv_capacity_tokens=40 * 336)
+    assert small["preemptions"] > 0 and small["prefill_tokens"] > 64 * 256
+    assert small["floor_s"] > ample["floor_s"]
+    # An admission limit that fits the cache avoids the recompute: only the prompts are prefilled.
+    limited = floor.scheduled_floor(config, 64, 256, 64, kv_capacity_tokens=40 * 336, max_num_seqs=40)
+    assert limited["preemptions"] == 0 and limited["prefill_tokens"] == 64 * 256
