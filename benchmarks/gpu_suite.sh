@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: GPU tests, offline W1/W2, single-stream latency, online W1, start-up time.
+# One call on the GPU machine: GPU tests, offline W1/W2, single-stream latency, long prefill, online W1, start-up time.
 # Usage: bash benchmarks/gpu_suite.sh [tests] [w1] [single] [long_prefill] [w2] [online] [online_servers] [online_clients]
 #        [online_profile] [startup] [startup_profile] [quant_tests] [quant_kernels] [quant_single] [quant_w2]
 # (default: all but startup_profile). startup: command-to-ready of `batchlm serve` three times, the first
@@ -16,7 +16,7 @@ set -u
 export PYTHONPATH="${PYTHONPATH:-}:$(pwd)/src" PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/batchlm-gpu}"
 mkdir -p "$OUT"
-steps="${*:-tests w1 single w2 online startup}"
+steps="${*:-tests w1 single long_prefill w2 online startup}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)' | tee -a "$OUT/gpu.txt"
 # online_ab ROUNDS FLAG VIA VALUE...: the online run once per VALUE of `--FLAG`, passed to the server
