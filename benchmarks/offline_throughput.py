@@ -76,8 +76,12 @@ def run_batchlm(args: argparse.Namespace, model_dir: Path, prompts: list[list[in
     for warm_up in kinds.values():
         llm.generate(prompts[: min(4, len(prompts))], warm_up)  # warm-up (lazy init, autotuning, grammar)
     results = []
+    scheduler = llm.engine_core.scheduler
+    # What the cache holds bounds how many requests run at once (see throughput_floor.py).
+    kv_cache_tokens = scheduler.num_total_blocks * scheduler.config.block_size
     for run, kind in ((run, kind) for run in range(args.runs) for kind in kinds):
         params = kinds[kind]
+        preempted_before = scheduler.stats().num_preemptions
         _sync()
         started = time.perf_counter()
         outputs = llm.generate(prompts, params)
@@ -103,6 +107,8 @@ def run_batchlm(args: argparse.Namespace, model_dir: Path, prompts: list[list[in
                 "total_tok_s": round((generated + sum(map(len, prompts))) / elapsed, 1),
                 # Mean gap between a request's tokens after its first (its inter-token latency), median over requests.
                 "itl_ms_median": round(1000 * statistics.median(itls), 3) if itls else None,
+                "kv_cache_tokens": kv_cache_tokens,
+                "preemptions": scheduler.stats().num_preemptions - preempted_before,
             }
         )
         print(json.dumps(results[-1]), flush=True)
