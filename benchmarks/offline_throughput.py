@@ -71,6 +71,12 @@ def run_batchlm(args: argparse.Namespace, model_dir: Path, prompts: list[list[in
     if args.structured:
         from batchlm.sampling_params import StructuredOutputs
 
+        if args.mask_threads:
+            import batchlm.structured.factory as factory
+
+            threads = args.mask_threads
+            factory.mask_threads = lambda on_accelerator=False: threads
+
         spec = StructuredOutputs(json=json.dumps(long_output_schema(args.summary_field)))
         kinds["structured"] = params.clone(structured_outputs=spec)
     for warm_up in kinds.values():
@@ -198,6 +204,12 @@ def main() -> None:
         choices=sorted(SUMMARY_FIELDS),
         default="bounded",
         help="with --structured: the schema's last, long text field has minLength 4000 or no bound",
+    )
+    parser.add_argument(
+        "--mask-threads",
+        type=int,
+        default=None,
+        help="with --structured: llguidance's threads (default: the engine's)",
     )
     parser.add_argument("--model-dir", type=Path, default=None, help="where to write/reuse the random model")
     parser.add_argument("--seed", type=int, default=0)
