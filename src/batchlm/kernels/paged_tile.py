@@ -74,7 +74,10 @@ def attend_tile(
     else:
         in_range = tokens < kv_end
         blocks = tl.load(block_row + tokens // BLOCK_SIZE, mask=in_range, other=0)
-    rows = blocks.to(tl.int64) * stride_c_block + (tokens % BLOCK_SIZE) * stride_c_tok  # [BLOCK_N]
+    # Block ids are never negative: widened unsigned, each takes one 32 x 32 -> 64-bit multiply,
+    # where a signed 64-bit product takes four instructions (the loop is bound by issue slots).
+    block_starts = blocks.to(tl.uint32, bitcast=True).to(tl.uint64) * stride_c_block.to(tl.uint64)
+    rows = block_starts + (tokens % BLOCK_SIZE) * stride_c_tok  # [BLOCK_N]
     k_ptrs = kv_base + rows[:, None] + dims[None, :]  # [BLOCK_N, HEAD_DIM]
     if MASK_MODE == 0:
         k = tl.load(k_ptrs)
