@@ -2,7 +2,8 @@
 # One call on the GPU machine: GPU tests, offline W1/W2, single-stream latency, long prefill, online W1, start-up time.
 # Usage: bash benchmarks/gpu_suite.sh [tests] [w1] [single] [long_prefill] [w2] [online] [online_servers] [online_clients]
 #        [online_profile] [startup] [startup_profile] [quant_tests] [quant_kernels] [quant_single] [quant_w2]
-# (default: all but startup_profile). startup: command-to-ready of `batchlm serve` three times, the first
+#        [structured_threads]
+# (default: tests w1 single long_prefill w2 online startup). startup: command-to-ready of `batchlm serve` three times, the first
 # with an empty Triton cache (as on a fresh machine), with the server's `startup:` breakdown;
 # startup_profile: the engine core's start-up in one process (every Triton compile, every graph
 # capture), cold then warm, and what padding decode batches to coarser graph sizes costs.
@@ -104,6 +105,15 @@ for step in $steps; do
           --json-out "$OUT/w2_$variant.json" 2>&1 | grep '^{' | tail -1 | sed "s/^/[$variant] /"
       done
       python3 -c "import json,sys; a,b=(json.load(open(p))['summary']['batchlm median output tok/s'] for p in sys.argv[1:]); print('W2 fp8 weights + fp8 KV over bf16:', round(b/a,2))" "$OUT/w2_bf16.json" "$OUT/w2_fp8.json" ;;
+    structured_threads)
+      # W1 under the JSON schema with llguidance's threads at each of MASK_THREADS (default 4 8 12),
+      # interleaved: whether the engine thread gains more from free cores than the masks lose.
+      for threads in ${MASK_THREADS:-4 8 12}; do
+        timeout 150 python3 benchmarks/offline_throughput.py --shape llama-3.2-1b --dummy --num-requests 256 \
+          --input-len 512 --output-len 256 --runs 3 --structured --mask-threads "$threads" 2>&1 \
+          | grep -E '^\{"engine"' | grep -oE '"engine": "[a-z-]+"|"output_tok_s": [0-9.]+' | paste -sd' ' \
+          | sed "s/^/[mask threads $threads] /"
+      done ;;
     startup_profile)
       cache="$(mktemp -d)"
       TRITON_CACHE_DIR="$cache" timeout 150 python3 benchmarks/startup_profile.py --json-out "$OUT/startup_cold.json"
