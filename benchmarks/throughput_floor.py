@@ -10,7 +10,9 @@ copy rate and its dense bf16 peak.
 
     python benchmarks/throughput_floor.py --shape qwen3-30b-a3b --num-requests 256 --input-len 512 --output-len 256
 
-That floor holds every request's cache at once. With --kv-capacity-tokens the steps are instead the
+The floor lets a step's attention bytes overlap its linears' FLOPs; `in_turn_floor_*` costs them one
+after the other, each at its own floor, as kernels that run in turn do. That floor holds every
+request's cache at once. With --kv-capacity-tokens the steps are instead the
 ones batchlm's scheduler makes when the cache holds that many tokens (chunked prefill, preemption by
 recompute, --max-num-seqs), each costed the same way: what a cache too small for the whole batch costs
 in the floor's own terms, and which admission limit costs least.
@@ -84,20 +86,33 @@ def active_experts(cost: ShapeCost, tokens: int) -> float:
 
 
 def step_seconds(
-    cost: ShapeCost, tokens: int, kv_tokens: int, pairs: int, bandwidth: float, flops: float
+    cost: ShapeCost,
+    tokens: int,
+    kv_tokens: int,
+    pairs: int,
+    bandwidth: float,
+    flops: float,
+    overlap: bool = True,
 ) -> float:
-    """One forward over `tokens` new tokens that attend to `kv_tokens` cached ones (`pairs` query-key pairs)."""
+    """One forward over `tokens` new tokens that attend to `kv_tokens` cached ones (`pairs` query-key
+    pairs). overlap=False: the attention and the linears each at their own floor, one after the other
+    (as kernels that run in turn take them), instead of all bytes and all FLOPs overlapping."""
     weights = (
         cost.dense_params
         + cost.lm_head_params
         + cost.sparse_layers * active_experts(cost, tokens) * cost.expert_params
     )
-    memory = (weights + kv_tokens * cost.kv_values_per_token) * BYTES_PER_VALUE
     active_per_token = (
         cost.dense_params + cost.lm_head_params + cost.sparse_layers * cost.top_k * cost.expert_params
     )
-    compute = 2 * tokens * active_per_token + pairs * cost.attention_flops_per_pair
-    return max(memory / bandwidth, compute / flops)
+    cache_bytes = kv_tokens * cost.kv_values_per_token * BYTES_PER_VALUE
+    attention_flops = pairs * cost.attention_flops_per_pair
+    linear_flops = 2 * tokens * active_per_token
+    if not overlap:
+        linears = max(weights * BYTES_PER_VALUE / bandwidth, linear_flops / flops)
+        return linears + max(cache_bytes / bandwidth, attention_flops / flops)
+    memory = weights * BYTES_PER_VALUE + cache_bytes
+    return max(memory / bandwidth, (linear_flops + attention_flops) / flops)
 
 
 def workload_floor(
@@ -107,14 +122,17 @@ def workload_floor(
     output_len: int,
     bandwidth: float = H200_BANDWIDTH,
     flops: float = H200_BF16_FLOPS,
+    overlap: bool = True,
 ) -> dict[str, float]:
     """Floor time and output tokens/s for N requests of input_len prompt tokens and output_len outputs,
     all running at once (the first output token comes from the prefill)."""
     cost = shape_cost(config)
     prefill_pairs = num_requests * input_len * (input_len + 1) // 2
-    prefill = step_seconds(cost, num_requests * input_len, 0, prefill_pairs, bandwidth, flops)
+    prefill = step_seconds(cost, num_requests * input_len, 0, prefill_pairs, bandwidth, flops, overlap)
     decode = sum(
-        step_seconds(cost, num_requests, num_requests * context, num_requests * context, bandwidth, flops)
+        step_seconds(
+            cost, num_requests, num_requests * context, num_requests * context, bandwidth, flops, overlap
+        )
         for context in range(input_len + 1, input_len + output_len)
     )
     total = prefill + decode
@@ -133,6 +151,7 @@ class _InstantExecutor:
     def __init__(self, cost: ShapeCost, bandwidth: float, flops: float) -> None:
         self.cost, self.bandwidth, self.flops = cost, bandwidth, flops
         self.seconds = 0.0
+        self.in_turn_seconds = 0.0
         self.prefill_tokens = 0
         self.steps = 0
 
@@ -152,6 +171,9 @@ class _InstantExecutor:
         if scheduled.chunks:
             self.steps += 1
             self.seconds += step_seconds(self.cost, tokens, kv_tokens, pairs, self.bandwidth, self.flops)
+            self.in_turn_seconds += step_seconds(
+                self.cost, tokens, kv_tokens, pairs, self.bandwidth, self.flops, overlap=False
+            )
         output = ModelRunnerOutput(tuple(sampled), (0,) * len(sampled), (None,) * len(sampled))
         return SimpleNamespace(result=lambda: output)
 
@@ -197,6 +219,8 @@ def scheduled_floor(
     return {
         "floor_s": round(executor.seconds, 3),
         "floor_output_tok_s": round(num_requests * output_len / executor.seconds, 1),
+        "in_turn_floor_s": round(executor.in_turn_seconds, 3),
+        "in_turn_floor_output_tok_s": round(num_requests * output_len / executor.in_turn_seconds, 1),
         "steps": executor.steps,
         "prefill_tokens": executor.prefill_tokens,
         "preemptions": scheduler.stats().num_preemptions,
@@ -223,6 +247,12 @@ def main() -> None:
     args = parser.parse_args()
     config = SHAPES[args.shape]
     floor = workload_floor(config, args.num_requests, args.input_len, args.output_len)
+    # The same workload with attention and linears each at their own floor in turn, not overlapped.
+    in_turn = workload_floor(config, args.num_requests, args.input_len, args.output_len, overlap=False)
+    floor |= {
+        "in_turn_floor_s": in_turn["floor_s"],
+        "in_turn_floor_output_tok_s": in_turn["floor_output_tok_s"],
+    }
     if args.kv_capacity_tokens:
         scheduled = scheduled_floor(
             config,

@@ -42,3 +42,19 @@ def test_a_small_cache_preempts_and_recomputes(floor) -> None:  # type: ignore[n
     # An admission limit that fits the cache avoids the recompute: only the prompts are prefilled.
     limited = floor.scheduled_floor(config, 64, 256, 64, kv_capacity_tokens=40 * 336, max_num_seqs=40)
     assert limited["preemptions"] == 0 and limited["prefill_tokens"] == 64 * 256
+
+
+def test_kernels_in_turn_cost_at_least_the_overlapped_floor(floor) -> None:  # type: ignore[no-untyped-def]
+    from model_shapes import SHAPES
+
+    config = SHAPES["llama-3.1-8b"]
+    # Many long decodes: attention's cache reads and the linears' FLOPs both matter, so running them
+    # in turn costs more than overlapping them.
+    overlapped = floor.workload_floor(config, 256, 512, 32)
+    in_turn = floor.workload_floor(config, 256, 512, 32, overlap=False)
+    assert in_turn["floor_s"] > overlapped["floor_s"]
+    # One request: every step is bound by the weights alone, so the two agree.
+    single = floor.workload_floor(config, 1, 512, 32)
+    assert floor.workload_floor(config, 1, 512, 32, overlap=False)["floor_s"] == pytest.approx(
+        single["floor_s"], rel=1e-3
+    )
