@@ -2,10 +2,11 @@
 
 Query rows are [BLOCK_M, HEAD_DIM] (query heads of one KV group, possibly of several tokens); the
 tile is BLOCK_N consecutive context tokens gathered through the block table. Scores live in the log2
-domain (qk_scale already holds log2(e)), so exp2 replaces exp; the running max is kept scaled. An FP8 cache's tiles are widened to the
-query dtype as they load (its value tiles, with FP8_IN_REGISTERS, to fp16 in registers); its k_scale
-is folded into qk_scale and its v_scale applied by the caller. A soft-cap cap * tanh(s / cap) reads the
-same in the log2 domain with the cap times log2(e) (`softcap`, used when SOFTCAP is set).
+domain (qk_scale already holds log2(e)), so exp2 replaces exp; the running max is kept scaled. An FP8
+cache's tiles are widened to the query dtype as they load (its value tiles, with FP8_IN_REGISTERS, to
+fp16 in registers); its k_scale is folded into qk_scale and its v_scale applied by the caller. A
+soft-cap cap * tanh(s / cap) reads the same in the log2 domain with the cap times log2(e) (`softcap`,
+used when SOFTCAP is set).
 """
 
 from __future__ import annotations
