@@ -259,7 +259,8 @@ class Sampler:
         are then raced again on their own generators' noise, exactly as the torch path races them.
         processed: float32, or the model's raw logits (widened in the kernel's registers)."""
         assert self._race is not None
-        temperature = knobs[:, 0] * knobs[:, 4]  # [B]: 0 for greedy rows
+        temperature, _, _, _, is_random = knobs.unbind(1)
+        temperature = temperature * is_random  # [B]: 0 for greedy rows
         seed = seed_for_step(self._seed, self._num_races) | (1 << 62)  # always a 64-bit kernel argument
         self._num_races += 1
         token_ids = self._race(processed, temperature, seed)  # [B]
