@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,9 +91,7 @@ def main() -> None:
             return original(*a, **k)
 
         graphs.run = counted
-    on_gpu = torch.cuda.is_available()
-    synchronize = torch.cuda.synchronize if on_gpu else (lambda: None)
-    activity = torch.profiler.ProfilerActivity.CUDA if on_gpu else torch.profiler.ProfilerActivity.CPU
+    synchronize, activity, sort_by = profiling_mode()
     synchronize()
     with torch.profiler.profile(activities=[activity]) as prof:
         started = time.perf_counter()
@@ -105,13 +104,15 @@ def main() -> None:
         f"{args.decode_steps} decode steps of {len(prompts)} requests, {1e3 * elapsed / args.decode_steps:.2f} ms "
         f"a step (profiler on); graph replays: {replays['graph']}"
     )
-    print(
-        prof.key_averages().table(
-            sort_by="self_cuda_time_total" if on_gpu else "self_cpu_time_total",
-            row_limit=args.top,
-            max_name_column_width=70,
-        )
-    )
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=args.top, max_name_column_width=70))
+
+
+def profiling_mode() -> tuple[Callable[[], None], torch.profiler.ProfilerActivity, str]:
+    """How to profile on this machine: the GPU's kernels when there is one, else the CPU's ops
+    (synchronize, the profiler's activity, the column to sort its table by)."""
+    if torch.cuda.is_available():
+        return torch.cuda.synchronize, torch.profiler.ProfilerActivity.CUDA, "self_cuda_time_total"
+    return (lambda: None), torch.profiler.ProfilerActivity.CPU, "self_cpu_time_total"
 
 
 def profile_prefill(llm: Any, prompts: list[list[int]], params: Any, top: int) -> None:
@@ -132,9 +133,7 @@ def profile_prefill(llm: Any, prompts: list[list[int]], params: Any, top: int) -
                     pending.discard(output.request_id)
         return steps
 
-    on_gpu = torch.cuda.is_available()
-    synchronize = torch.cuda.synchronize if on_gpu else (lambda: None)
-    activity = torch.profiler.ProfilerActivity.CUDA if on_gpu else torch.profiler.ProfilerActivity.CPU
+    synchronize, activity, sort_by = profiling_mode()
     run("warm")
     synchronize()
     with torch.profiler.profile(activities=[activity]) as prof:
@@ -146,7 +145,6 @@ def profile_prefill(llm: Any, prompts: list[list[int]], params: Any, top: int) -
     print(
         f"{steps} steps prefilled {tokens} prompt tokens in {elapsed:.3f} s ({tokens / elapsed:,.0f} tok/s, profiler on)"
     )
-    sort_by = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort_by, row_limit=top, max_name_column_width=70))
 
 

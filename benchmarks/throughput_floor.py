@@ -11,11 +11,11 @@ copy rate and its dense bf16 peak.
     python benchmarks/throughput_floor.py --shape qwen3-30b-a3b --num-requests 256 --input-len 512 --output-len 256
 
 The floor lets a step's attention bytes overlap its linears' FLOPs; `in_turn_floor_*` costs them one
-after the other, each at its own floor, as kernels that run in turn do. That floor holds every
-request's cache at once. With --kv-capacity-tokens the steps are instead the
-ones batchlm's scheduler makes when the cache holds that many tokens (chunked prefill, preemption by
-recompute, --max-num-seqs), each costed the same way: what a cache too small for the whole batch costs
-in the floor's own terms, and which admission limit costs least.
+after the other, each at its own floor, as kernels that run in turn do. Both hold every request's
+cache at once. With --kv-capacity-tokens the steps are instead the ones batchlm's scheduler makes
+when the cache holds that many tokens (chunked prefill, preemption by recompute, --max-num-seqs),
+each costed both ways: what a cache too small for the whole batch costs in the floor's own terms,
+and which admission limit costs least.
 """
 
 from __future__ import annotations
