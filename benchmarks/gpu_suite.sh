@@ -2,7 +2,7 @@
 # One call on the GPU machine: GPU tests, offline W1/W2, single-stream latency, long prefill, online W1, start-up time.
 # Usage: bash benchmarks/gpu_suite.sh [tests] [w1] [single] [long_prefill] [w2] [online] [online_servers] [online_clients]
 #        [online_profile] [startup] [startup_profile] [quant_tests] [quant_kernels] [quant_single] [quant_w2]
-#        [structured_threads]
+#        [structured_threads] [structured_switch]
 # (default: tests w1 single long_prefill w2 online startup). startup: command-to-ready of `batchlm serve` three times, the first
 # with an empty Triton cache (as on a fresh machine), with the server's `startup:` breakdown;
 # startup_profile: the engine core's start-up in one process (every Triton compile, every graph
@@ -113,6 +113,17 @@ for step in $steps; do
           --input-len 512 --output-len 256 --runs 3 --structured --mask-threads "$threads" 2>&1 \
           | grep -E '^\{"engine"' | grep -oE '"engine": "[a-z-]+"|"output_tok_s": [0-9.]+' | paste -sd' ' \
           | sed "s/^/[mask threads $threads] /"
+      done ;;
+    structured_switch)
+      # W1 under the JSON schema with Python's GIL switch interval at each of SWITCH_MS (default
+      # 0.2 1 5, ms; the engine sets 0.2 once constrained requests run), interleaved: whether the
+      # engine thread, which holds a constrained step, loses more to forced GIL hand-overs than
+      # the mask worker gains from them.
+      for interval in ${SWITCH_MS:-0.2 1 5}; do
+        timeout 150 python3 benchmarks/offline_throughput.py --shape llama-3.2-1b --dummy --num-requests 256 \
+          --input-len 512 --output-len 256 --runs 3 --structured --switch-interval-ms "$interval" 2>&1 \
+          | grep -E '^\{"engine"' | grep -oE '"engine": "[a-z-]+"|"output_tok_s": [0-9.]+' | paste -sd' ' \
+          | sed "s/^/[switch interval $interval ms] /"
       done ;;
     startup_profile)
       cache="$(mktemp -d)"

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mlx_vs_mlx_lm_server import pad_tokenizer_vocab
 from structured_outputs import SUMMARY_FIELDS, long_output_schema
 
+import batchlm.structured.sequences as structured_sequences
 from batchlm.core.step_io import PLACEHOLDER_TOKEN_ID
 from batchlm.runner.grammar import StepMasks
 from batchlm.sampling_params import StructuredOutputs
@@ -141,6 +142,11 @@ def main() -> None:
     parser.add_argument("--mask-threads", type=int, help="llguidance threads (default: the engine's choice)")
     parser.add_argument("--engine-python-ms", type=float, default=1.5)
     parser.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        help="Python's GIL switch interval while the worker runs (default: the engine's choice)",
+    )
+    parser.add_argument(
         "--accept", choices=["one", "batched"], help="advance matchers one call per token or batched"
     )
     parser.add_argument(
@@ -167,6 +173,9 @@ def main() -> None:
     backend = LLGuidanceBackend.from_hf(hf, args.vocab_size, (0,), threads=threads, batched_accept=batched)
     llguidance_calls = TimedExecutor(backend._executor)
     backend._executor = llguidance_calls  # type: ignore[assignment]
+    if args.switch_interval_ms is not None:
+        interval = args.switch_interval_ms / 1e3
+        structured_sequences.hand_over_the_gil_sooner = lambda: sys.setswitchinterval(interval)
     sequences = ConstrainedSequences(lambda eos: backend)
     spec = StructuredOutputs(json=json.dumps(long_output_schema(args.summary_field)))
     busy_python(args.engine_python_ms / 1e3)  # calibrated alone, before the worker runs
@@ -183,6 +192,7 @@ def main() -> None:
                     "mask_threads": threads,
                     "accept": "batched" if batched else "one at a time",
                     "engine_python_ms": args.engine_python_ms,
+                    "switch_interval_ms": round(sys.getswitchinterval() * 1e3, 3),
                     # That fixed work's wall time beside the worker: more than engine_python_ms by
                     # what the worker took from the engine thread (the GIL, or the core).
                     "engine_python_took_ms_median": round(statistics.median(timings["engine_work"][warm]), 3),

@@ -76,6 +76,11 @@ def run_batchlm(args: argparse.Namespace, model_dir: Path, prompts: list[list[in
 
             threads = args.mask_threads
             factory.mask_threads = lambda on_accelerator=False: threads
+        if args.switch_interval_ms is not None:
+            import batchlm.structured.sequences as structured_sequences
+
+            interval = args.switch_interval_ms / 1e3
+            structured_sequences.hand_over_the_gil_sooner = lambda: sys.setswitchinterval(interval)
 
         spec = StructuredOutputs(json=json.dumps(long_output_schema(args.summary_field)))
         kinds["structured"] = params.clone(structured_outputs=spec)
@@ -210,6 +215,13 @@ def main() -> None:
         type=int,
         default=None,
         help="with --structured: llguidance's threads (default: the engine's)",
+    )
+    parser.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        default=None,
+        help="with --structured: Python's GIL switch interval once constrained requests run "
+        "(default: the engine's)",
     )
     parser.add_argument("--model-dir", type=Path, default=None, help="where to write/reuse the random model")
     parser.add_argument("--seed", type=int, default=0)
