@@ -174,8 +174,8 @@ class LLGuidanceBackend:
         batched_accept: bool = False,
     ) -> None:
         """batched_accept: advance the matchers on the executor's threads, without the GIL, instead of
-        one call per token (BENCHMARKS.md: slower on a 2-core CPU, but one at a time cost 4.5 us a
-        token beside a GPU, where the engine thread holds the GIL for most of the step)."""
+        one call per token (BENCHMARKS.md: no faster on a 2-core CPU; beside a GPU the engine thread
+        holds the GIL for most of the step, and each of those calls was measured waiting for it)."""
         self.tokenizer = tokenizer
         self.batched_accept = batched_accept
         self.eos_token_ids = tuple(eos_token_ids)
