@@ -198,6 +198,8 @@ def main() -> None:
         max_model_len=args.input_len + args.output_len + 64,
         served_model_name="bench",
         enable_prefix_caching=False,
+        # The simulated executor samples one token a row and verifies no drafts.
+        speculative="off",
     )
     offline = statistics.median(run_offline(config, timing, vocab_size, args) for _ in range(2))
     print(json.dumps({"offline_output_tok_s": round(offline)}), flush=True)
