@@ -8,10 +8,17 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry, Histogram
 
 from batchlm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from batchlm.server.background import BackgroundServer
-from batchlm.server.metrics import RequestRecorder, ServerMetrics, StatsLogger
+from batchlm.server.metrics import (
+    LATENCY_BUCKETS,
+    RepeatableHistogram,
+    RequestRecorder,
+    ServerMetrics,
+    StatsLogger,
+)
 from fake_engine import FakeEngine, FakeTokenizer, metric_value, openai_client, wait_until
 
 USER = [{"role": "user", "content": "hi"}]
@@ -126,6 +133,27 @@ def test_a_delta_with_every_token_spreads_the_gaps_after_the_first() -> None:
     assert sample("batchlm_time_to_first_token_seconds_sum") == pytest.approx(0.5)
     assert sample("batchlm_inter_token_latency_seconds_count") == 4
     assert sample("batchlm_inter_token_latency_seconds_sum") == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("gap", [0.0, 0.0005, 0.001, 0.004, 0.1, 0.25, 59.0, 60.0, 61.0])
+def test_a_gap_observed_n_times_at_once_records_what_n_observations_do(gap: float) -> None:
+    # On a bound (0.001, 0.1, 60.0) the value falls in that bound's bucket, as observe() puts it.
+    registry = CollectorRegistry()
+    one_at_a_time = Histogram("one", "", buckets=LATENCY_BUCKETS, registry=registry)
+    at_once = RepeatableHistogram("at_once", "", buckets=LATENCY_BUCKETS, registry=registry)
+    for _ in range(7):
+        one_at_a_time.observe(gap)
+    at_once.observe_repeated(gap, 7)
+
+    def samples(histogram: Histogram, name: str) -> list[tuple[str, dict[str, str], float]]:
+        (family,) = histogram.collect()
+        return [
+            (s.name.removeprefix(name), s.labels, s.value) for s in family.samples if "_created" not in s.name
+        ]
+
+    expected, got = samples(one_at_a_time, "one"), samples(at_once, "at_once")
+    assert [(name, labels) for name, labels, _ in got] == [(name, labels) for name, labels, _ in expected]
+    assert [value for *_, value in got] == pytest.approx([value for *_, value in expected])
 
 
 def test_stats_line_reports_throughput_and_stays_silent_when_idle(caplog: Any) -> None:
