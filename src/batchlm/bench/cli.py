@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 from batchlm.bench import config as cfg
 from batchlm.bench.datasets import DATASET_ALIASES, DATASET_NAMES
@@ -207,6 +209,17 @@ def _add_output_arguments(out: argparse._ArgumentGroup) -> None:
     out.add_argument("--disable-tqdm", action="store_true", help="no progress line")
 
 
+def _run_event_loop(main: Coroutine[Any, Any, int]) -> int:
+    """On uvloop where it is installed (a dependency but on Windows): a client reading hundreds of
+    streams spends less CPU per event on it, so it holds the measured server back less."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    result: int = uvloop.run(main)
+    return result
+
+
 def run(args: argparse.Namespace) -> int:
     """Runs the benchmark; returns 0 when at least one request succeeded, 1 when none did, 2 on bad flags
     or a failed set-up, 130 when interrupted."""
@@ -218,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
     from batchlm.bench.runner import main_async
 
     try:
-        return asyncio.run(main_async(config))
+        return _run_event_loop(main_async(config))
     except KeyboardInterrupt:
         print("\nbatchlm bench: interrupted; no report for the unfinished run", file=sys.stderr)
         return 130
