@@ -183,3 +183,24 @@ def hf_reference(gguf_path: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(
         str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
     ).eval()
+
+
+def assert_reads_like_the_gguf_package(path: Path) -> None:
+    """batchlm's GGUFFile gives every metadata value and every tensor (name, type, GGML shape, numpy
+    view and bytes) that the `gguf` package's own reader gives for `path`."""
+    from gguf import GGUFReader
+
+    from batchlm.models.gguf_reader import GGUFFile
+
+    ours, theirs = GGUFFile(path), GGUFReader(str(path), "r")
+    keys = [key for key in theirs.fields if not key.startswith("GGUF.")]  # the header's own counts
+    for key in keys:
+        expected = theirs.fields[key].contents()
+        assert ours.metadata(key) == expected, key
+        assert type(ours.metadata(key)) is type(expected), key
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for mine, reference in zip(ours.tensors, theirs.tensors, strict=True):
+        assert mine.tensor_type == reference.tensor_type, mine.name
+        assert mine.shape == tuple(int(d) for d in reference.shape), mine.name
+        assert (mine.data.shape, mine.data.dtype) == (reference.data.shape, reference.data.dtype), mine.name
+        assert np.array_equal(mine.data, reference.data), mine.name

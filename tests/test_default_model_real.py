@@ -28,6 +28,7 @@ from batchlm.models.model_source import load_tokenizer
 from batchlm.server.background import BackgroundServer
 from batchlm.server.state import ServerSettings
 from fake_engine import openai_client
+from gguf_builder import assert_reads_like_the_gguf_package
 from models_harness import greedy_generate
 
 pytestmark = pytest.mark.slow
@@ -76,6 +77,11 @@ def server(default_gguf: Path) -> Iterator[BackgroundServer]:
 @pytest.fixture(scope="module")
 def client(server: BackgroundServer) -> Any:
     return openai_client(server.base_url)
+
+
+def test_batchlms_gguf_reader_reads_the_file_as_the_gguf_package_does(default_gguf: Path) -> None:
+    # Its whole vocabulary and merge list included (the metadata arrays the loader skips).
+    assert_reads_like_the_gguf_package(default_gguf)
 
 
 def test_models_lists_the_default_model(client: Any) -> None:

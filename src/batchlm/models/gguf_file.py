@@ -1,5 +1,5 @@
 """Read a llama.cpp GGUF file: its model config (as an HF config.json dict) and its tensors under HF
-names, quantized ones kept as raw blocks. Parsing is the `gguf` package's (llama.cpp's own)."""
+names, quantized ones kept as raw blocks. The file is parsed by gguf_reader.GGUFFile."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from gguf import GGUFReader, ReaderTensor
+from batchlm.models.gguf_reader import GGUFFile, GGUFTensor
 
+if TYPE_CHECKING:
     from batchlm.layers.quantization.base import LoadedWeight
 
 # general.architecture -> (HF model_type, HF architecture class).
@@ -46,19 +46,16 @@ _BLOCK_NAMES = {
 _BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
-def open_gguf(path: Path) -> GGUFReader:
+def open_gguf(path: Path) -> GGUFFile:
     """The file memory-mapped read-only; ValueError naming it when it is not a GGUF file."""
-    from gguf import GGUFReader
-
     try:
-        return GGUFReader(str(path), "r")
-    except Exception as err:  # the reader raises ValueError, struct errors, ... on a damaged file
+        return GGUFFile(path)
+    except OSError as err:
         raise ValueError(f"{path} is not a readable GGUF file: {err}") from err
 
 
-def metadata(reader: GGUFReader, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
+def metadata(reader: GGUFFile, key: str, default: Any = None) -> Any:
+    return reader.metadata(key, default)
 
 
 def hf_tensor_name(gguf_name: str) -> str:
@@ -73,7 +70,7 @@ def hf_tensor_name(gguf_name: str) -> str:
     raise ValueError(f"unsupported GGUF tensor {gguf_name!r}: batchlm has no place for it in the model")
 
 
-def check_supported(reader: GGUFReader, path: Path) -> str:
+def check_supported(reader: GGUFFile, path: Path) -> str:
     """The file's architecture, after checking it and every tensor's type are ones we load."""
     arch = str(metadata(reader, "general.architecture", ""))
     if arch not in GGUF_ARCHITECTURES:
@@ -95,7 +92,7 @@ def _round_float32(value: Any) -> float:
     return float(str(np.float32(value)))
 
 
-def hf_config(reader: GGUFReader, path: Path) -> dict[str, Any]:
+def hf_config(reader: GGUFFile, path: Path) -> dict[str, Any]:
     """config.json for the file's model (sizes, RoPE, norm epsilon, tying, special token ids)."""
     arch = check_supported(reader, path)
     model_type, architecture = GGUF_ARCHITECTURES[arch]
@@ -128,18 +125,18 @@ def hf_config(reader: GGUFReader, path: Path) -> dict[str, Any]:
     return config
 
 
-def _check_rope_scaling(reader: GGUFReader, arch: str, path: Path) -> None:
+def _check_rope_scaling(reader: GGUFFile, arch: str, path: Path) -> None:
     scaling = str(metadata(reader, f"{arch}.rope.scaling.type", "none"))
     if scaling != "none" or any(t.name == "rope_freqs.weight" for t in reader.tensors):
         raise ValueError(f"{path}: GGUF RoPE scaling ({scaling}, rope_freqs) is not supported yet")
 
 
-def tensor_types(reader: GGUFReader) -> dict[str, str]:
+def tensor_types(reader: GGUFFile) -> dict[str, str]:
     """HF tensor name -> GGML type name, for choosing each layer's weight method before loading."""
     return {hf_tensor_name(t.name): t.tensor_type.name for t in reader.tensors}
 
 
-def iter_gguf_tensors(reader: GGUFReader) -> Iterator[tuple[str, LoadedWeight]]:
+def iter_gguf_tensors(reader: GGUFFile) -> Iterator[tuple[str, LoadedWeight]]:
     """(HF name, tensor) for every tensor: F32/F16/BF16 as dense CPU tensors, block types as
     QuantizedTensor. Llama q/k rows are put back in HF order (see unpermute_rows)."""
     arch = str(metadata(reader, "general.architecture", ""))
@@ -155,7 +152,7 @@ def iter_gguf_tensors(reader: GGUFReader) -> Iterator[tuple[str, LoadedWeight]]:
         yield name, loaded
 
 
-def _as_loaded(tensor: ReaderTensor) -> LoadedWeight:
+def _as_loaded(tensor: GGUFTensor) -> LoadedWeight:
     # torch is imported here, not at the top: the API server reads GGUF metadata and needs no torch.
     import torch
     from gguf import GGML_QUANT_SIZES
