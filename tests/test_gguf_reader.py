@@ -54,3 +54,37 @@ def test_a_truncated_file_is_refused_by_name(tmp_path: Path, keep: float) -> Non
     path.write_bytes(whole[: int(keep * len(whole)) if keep < 1 else int(keep)])
     with pytest.raises(ValueError, match=r"truncated\.gguf"):
         GGUFFile(path)
+
+
+def gguf_bytes(fields: list[bytes], tensors: list[bytes]) -> bytes:
+    """A GGUF v3 file of these encoded metadata entries and tensor-table entries, no data."""
+    return b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(fields)) + b"".join(fields) + b"".join(tensors)
+
+
+def gguf_string(text: str) -> bytes:
+    return struct.pack("<Q", len(text)) + text.encode()
+
+
+def test_a_zero_alignment_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "aligned.gguf"
+    path.write_bytes(gguf_bytes([gguf_string("general.alignment") + struct.pack("<II", 4, 0)], []))
+    with pytest.raises(ValueError, match=r"general\.alignment is 0"):
+        GGUFFile(path)
+
+
+def test_rows_that_are_not_whole_blocks_are_refused(tmp_path: Path) -> None:
+    q8_0 = 8  # GGML type code: blocks of 32 values
+    entry = gguf_string("token_embd.weight") + struct.pack("<I", 2) + struct.pack("<QQ", 33, 4)
+    path = tmp_path / "blocks.gguf"
+    path.write_bytes(gguf_bytes([], [entry + struct.pack("<IQ", q8_0, 0)]))
+    with pytest.raises(
+        ValueError, match=r"'token_embd\.weight' has rows of 33 values, not whole Q8_0 blocks"
+    ):
+        GGUFFile(path)
+
+
+def test_a_file_of_metadata_alone_reads(tmp_path: Path) -> None:
+    path = tmp_path / "metadata.gguf"
+    path.write_bytes(gguf_bytes([gguf_string("general.name") + struct.pack("<I", 8) + gguf_string("x")], []))
+    gguf = GGUFFile(path)
+    assert (gguf.metadata("general.name"), gguf.tensors) == ("x", [])

@@ -96,6 +96,8 @@ class GGUFFile:
             self._metadata[key] = cursor.value(cursor.uint32())
         entries = [cursor.tensor_entry() for _ in range(tensor_count)]
         alignment = int(self.metadata("general.alignment", DEFAULT_ALIGNMENT))
+        if alignment <= 0:
+            raise ValueError(f"{self.path} is not a readable GGUF file: general.alignment is {alignment}")
         data_start = -(-cursor.offset // alignment) * alignment
         self.tensors = [self._tensor(data_start, *entry) for entry in entries]
 
@@ -115,6 +117,11 @@ class GGUFFile:
             count, view_shape = elements, (*rows, dims[0])
         else:  # block types, and BF16 (which numpy lacks): their bytes, a row of them at a time
             block_size, block_bytes = GGML_QUANT_SIZES[tensor_type]
+            if dims[0] % block_size:
+                raise ValueError(
+                    f"{self.path}: tensor {name!r} has rows of {dims[0]} values, not whole "
+                    f"{tensor_type.name} blocks of {block_size}"
+                )
             dtype, count = np.dtype(np.uint8), elements // block_size * block_bytes
             view_shape = (*rows, dims[0] // block_size * block_bytes)
         start = data_start + offset
