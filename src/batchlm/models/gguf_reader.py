@@ -24,23 +24,26 @@ MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 
-# GGUF value types: scalar type -> struct format (little-endian).
+# GGUF value types: scalar type -> its little-endian layout.
 _SCALARS = {
-    0: "<B",  # uint8
-    1: "<b",  # int8
-    2: "<H",  # uint16
-    3: "<h",  # int16
-    4: "<I",  # uint32
-    5: "<i",  # int32
-    6: "<f",  # float32
-    7: "<?",  # bool
-    10: "<Q",  # uint64
-    11: "<q",  # int64
-    12: "<d",  # float64
+    code: struct.Struct(fmt)
+    for code, fmt in {
+        0: "<B",  # uint8
+        1: "<b",  # int8
+        2: "<H",  # uint16
+        3: "<h",  # int16
+        4: "<I",  # uint32
+        5: "<i",  # int32
+        6: "<f",  # float32
+        7: "<?",  # bool
+        10: "<Q",  # uint64
+        11: "<q",  # int64
+        12: "<d",  # float64
+    }.items()
 }
-_STRING, _ARRAY = 8, 9
+_UINT32, _STRING, _ARRAY, _UINT64 = 4, 8, 9, 10
 # The numpy dtype of each scalar type, for arrays of them.
-_ARRAY_DTYPES = {code: np.dtype(fmt) for code, fmt in _SCALARS.items()}
+_ARRAY_DTYPES = {code: np.dtype(layout.format) for code, layout in _SCALARS.items()}
 
 
 @dataclass(frozen=True)
@@ -142,15 +145,13 @@ _PLAIN_DTYPES: dict[str, np.dtype[Any]] = {
     "I64": np.dtype(np.int64),
 }
 
-_LENGTH = struct.Struct("<Q")
-
 
 def _skip_strings(buffer: mmap.mmap, offset: int, count: int) -> int:
     """The offset just past `count` GGUF strings starting at `offset`."""
-    unpack = _LENGTH.unpack_from
+    length = _SCALARS[_UINT64]
     for _ in range(count):
-        (size,) = unpack(buffer, offset)
-        offset += 8 + size
+        (size,) = length.unpack_from(buffer, offset)
+        offset += length.size + size
     if offset > len(buffer):
         raise IndexError("a string array runs past the end of the file")
     return offset
@@ -164,14 +165,16 @@ class _Cursor:
         self.offset = offset
 
     def uint32(self) -> int:
-        (value,) = struct.unpack_from("<I", self.buffer, self.offset)
-        self.offset += 4
-        return int(value)
+        return int(self._scalar(_UINT32))
 
     def uint64(self) -> int:
-        (value,) = struct.unpack_from("<Q", self.buffer, self.offset)
-        self.offset += 8
-        return int(value)
+        return int(self._scalar(_UINT64))
+
+    def _scalar(self, code: int) -> Any:
+        layout = _SCALARS[code]
+        (value,) = layout.unpack_from(self.buffer, self.offset)
+        self.offset += layout.size
+        return value
 
     def string(self) -> str:
         size = self.uint64()
@@ -186,10 +189,7 @@ class _Cursor:
             return self.string()
         if code == _ARRAY:
             return self._array()
-        fmt = _SCALARS[code]
-        (value,) = struct.unpack_from(fmt, self.buffer, self.offset)
-        self.offset += struct.calcsize(fmt)
-        return value
+        return self._scalar(code)
 
     def _array(self) -> Callable[[], list[Any]]:
         code, count = self.uint32(), self.uint64()
