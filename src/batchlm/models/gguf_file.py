@@ -54,10 +54,6 @@ def open_gguf(path: Path) -> GGUFFile:
         raise ValueError(f"{path} is not a readable GGUF file: {err}") from err
 
 
-def metadata(reader: GGUFFile, key: str, default: Any = None) -> Any:
-    return reader.metadata(key, default)
-
-
 def hf_tensor_name(gguf_name: str) -> str:
     """The HF checkpoint name of a GGUF tensor; ValueError naming a tensor we have no place for."""
     stem, _, kind = gguf_name.rpartition(".")
@@ -72,7 +68,7 @@ def hf_tensor_name(gguf_name: str) -> str:
 
 def check_supported(reader: GGUFFile, path: Path) -> str:
     """The file's architecture, after checking it and every tensor's type are ones we load."""
-    arch = str(metadata(reader, "general.architecture", ""))
+    arch = str(reader.metadata("general.architecture", ""))
     if arch not in GGUF_ARCHITECTURES:
         raise ValueError(
             f"{path}: unsupported GGUF architecture {arch!r}; batchlm loads {', '.join(sorted(GGUF_ARCHITECTURES))}"
@@ -96,28 +92,28 @@ def hf_config(reader: GGUFFile, path: Path) -> dict[str, Any]:
     """config.json for the file's model (sizes, RoPE, norm epsilon, tying, special token ids)."""
     arch = check_supported(reader, path)
     model_type, architecture = GGUF_ARCHITECTURES[arch]
-    heads = int(metadata(reader, f"{arch}.attention.head_count"))
-    hidden = int(metadata(reader, f"{arch}.embedding_length"))
+    heads = int(reader.metadata(f"{arch}.attention.head_count"))
+    hidden = int(reader.metadata(f"{arch}.embedding_length"))
     embedding_rows = next(int(t.shape[-1]) for t in reader.tensors if t.name == "token_embd.weight")
     config: dict[str, Any] = {
         "model_type": model_type,
         "architectures": [architecture],
         "vocab_size": embedding_rows,
         "hidden_size": hidden,
-        "intermediate_size": int(metadata(reader, f"{arch}.feed_forward_length")),
-        "num_hidden_layers": int(metadata(reader, f"{arch}.block_count")),
+        "intermediate_size": int(reader.metadata(f"{arch}.feed_forward_length")),
+        "num_hidden_layers": int(reader.metadata(f"{arch}.block_count")),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(metadata(reader, f"{arch}.attention.head_count_kv", heads)),
-        "head_dim": int(metadata(reader, f"{arch}.attention.key_length", hidden // heads)),
-        "max_position_embeddings": int(metadata(reader, f"{arch}.context_length")),
-        "rms_norm_eps": _round_float32(metadata(reader, f"{arch}.attention.layer_norm_rms_epsilon")),
-        "rope_theta": _round_float32(metadata(reader, f"{arch}.rope.freq_base", 10000.0)),
+        "num_key_value_heads": int(reader.metadata(f"{arch}.attention.head_count_kv", heads)),
+        "head_dim": int(reader.metadata(f"{arch}.attention.key_length", hidden // heads)),
+        "max_position_embeddings": int(reader.metadata(f"{arch}.context_length")),
+        "rms_norm_eps": _round_float32(reader.metadata(f"{arch}.attention.layer_norm_rms_epsilon")),
+        "rope_theta": _round_float32(reader.metadata(f"{arch}.rope.freq_base", 10000.0)),
         "hidden_act": "silu",
         "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
         "attention_bias": False,
         "mlp_bias": False,
-        "bos_token_id": metadata(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": metadata(reader, "tokenizer.ggml.eos_token_id"),
+        "bos_token_id": reader.metadata("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": reader.metadata("tokenizer.ggml.eos_token_id"),
     }
     if model_type in ("qwen2", "qwen3"):
         config["use_sliding_window"] = False
@@ -126,7 +122,7 @@ def hf_config(reader: GGUFFile, path: Path) -> dict[str, Any]:
 
 
 def _check_rope_scaling(reader: GGUFFile, arch: str, path: Path) -> None:
-    scaling = str(metadata(reader, f"{arch}.rope.scaling.type", "none"))
+    scaling = str(reader.metadata(f"{arch}.rope.scaling.type", "none"))
     if scaling != "none" or any(t.name == "rope_freqs.weight" for t in reader.tensors):
         raise ValueError(f"{path}: GGUF RoPE scaling ({scaling}, rope_freqs) is not supported yet")
 
@@ -139,9 +135,9 @@ def tensor_types(reader: GGUFFile) -> dict[str, str]:
 def iter_gguf_tensors(reader: GGUFFile) -> Iterator[tuple[str, LoadedWeight]]:
     """(HF name, tensor) for every tensor: F32/F16/BF16 as dense CPU tensors, block types as
     QuantizedTensor. Llama q/k rows are put back in HF order (see unpermute_rows)."""
-    arch = str(metadata(reader, "general.architecture", ""))
-    heads = int(metadata(reader, f"{arch}.attention.head_count", 0))
-    kv_heads = int(metadata(reader, f"{arch}.attention.head_count_kv", heads))
+    arch = str(reader.metadata("general.architecture", ""))
+    heads = int(reader.metadata(f"{arch}.attention.head_count", 0))
+    kv_heads = int(reader.metadata(f"{arch}.attention.head_count_kv", heads))
     for tensor in reader.tensors:
         name = hf_tensor_name(tensor.name)
         loaded = _as_loaded(tensor)

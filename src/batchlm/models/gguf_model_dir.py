@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from batchlm.config import cache_root
-from batchlm.models.gguf_file import hf_config, metadata, open_gguf
+from batchlm.models.gguf_file import hf_config, open_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def _write_derived(gguf_path: Path, out: Path) -> None:
     _write_json(out / "config.json", config)
     eos = config["eos_token_id"]
     _write_json(out / "generation_config.json", {"bos_token_id": config["bos_token_id"], "eos_token_id": eos})
-    if metadata(reader, "tokenizer.ggml.model") is None:
+    if reader.metadata("tokenizer.ggml.model") is None:
         raise ValueError(f"{gguf_path} carries no tokenizer (tokenizer.ggml.* metadata)")
     del reader  # the tokenizer conversion maps the file again
     _write_tokenizer(gguf_path, out)
