@@ -33,6 +33,18 @@ online_ab() {
     done
   done
 }
+# structured_ab LABEL FLAG VALUE...: W1 with every request under the JSON schema, alternating with
+# unconstrained runs, once per VALUE of `offline_throughput.py --FLAG`; one line of tok/s per value.
+structured_ab() {
+  local label="$1" flag="$2"
+  shift 2
+  for value in "$@"; do
+    timeout 150 python3 benchmarks/offline_throughput.py --shape llama-3.2-1b --dummy --num-requests 256 \
+      --input-len 512 --output-len 256 --runs 3 --structured "--$flag" "$value" 2>&1 \
+      | grep -E '^\{"engine"' | grep -oE '"engine": "[a-z-]+"|"output_tok_s": [0-9.]+' | paste -sd' ' \
+      | sed "s/^/[$label $value] /"
+  done
+}
 for step in $steps; do
   echo "=== $step $(date -u +%H:%M:%S)"
   case "$step" in
@@ -106,25 +118,14 @@ for step in $steps; do
       done
       python3 -c "import json,sys; a,b=(json.load(open(p))['summary']['batchlm median output tok/s'] for p in sys.argv[1:]); print('W2 fp8 weights + fp8 KV over bf16:', round(b/a,2))" "$OUT/w2_bf16.json" "$OUT/w2_fp8.json" ;;
     structured_threads)
-      # W1 under the JSON schema with llguidance's threads at each of MASK_THREADS (default 4 8 12),
-      # interleaved: whether the engine thread gains more from free cores than the masks lose.
-      for threads in ${MASK_THREADS:-4 8 12}; do
-        timeout 150 python3 benchmarks/offline_throughput.py --shape llama-3.2-1b --dummy --num-requests 256 \
-          --input-len 512 --output-len 256 --runs 3 --structured --mask-threads "$threads" 2>&1 \
-          | grep -E '^\{"engine"' | grep -oE '"engine": "[a-z-]+"|"output_tok_s": [0-9.]+' | paste -sd' ' \
-          | sed "s/^/[mask threads $threads] /"
-      done ;;
+      # llguidance's threads at each of MASK_THREADS: whether the engine thread gains more from free
+      # cores than the masks lose.
+      structured_ab "mask threads" mask-threads ${MASK_THREADS:-4 8 12} ;;
     structured_switch)
-      # W1 under the JSON schema with Python's GIL switch interval at each of SWITCH_MS (default
-      # 0.2 1 5, ms; the engine sets 0.2 once constrained requests run), interleaved: whether the
-      # engine thread, which holds a constrained step, loses more to forced GIL hand-overs than
-      # the mask worker gains from them.
-      for interval in ${SWITCH_MS:-0.2 1 5}; do
-        timeout 150 python3 benchmarks/offline_throughput.py --shape llama-3.2-1b --dummy --num-requests 256 \
-          --input-len 512 --output-len 256 --runs 3 --structured --switch-interval-ms "$interval" 2>&1 \
-          | grep -E '^\{"engine"' | grep -oE '"engine": "[a-z-]+"|"output_tok_s": [0-9.]+' | paste -sd' ' \
-          | sed "s/^/[switch interval $interval ms] /"
-      done ;;
+      # Python's GIL switch interval at each of SWITCH_MS (ms; the engine sets 0.2 once constrained
+      # requests run): whether the engine thread, which holds a constrained step, loses more to
+      # forced GIL hand-overs than the mask worker gains from them.
+      structured_ab "switch interval (ms)" switch-interval-ms ${SWITCH_MS:-0.2 1 5} ;;
     startup_profile)
       cache="$(mktemp -d)"
       TRITON_CACHE_DIR="$cache" timeout 150 python3 benchmarks/startup_profile.py --json-out "$OUT/startup_cold.json"
