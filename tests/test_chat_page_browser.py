@@ -2,17 +2,15 @@
 streams replies from the tiny random-weight model, keeps conversations across a reload, shows model
 markup as text, works with a keyed server, and says when the server is loading, overloaded or gone.
 
-Without /usr/bin/chromium (or $BATCHLM_CHROMIUM) these tests skip, except under CI ($CI set, or
-$BATCHLM_REQUIRE_BROWSER, which .ci/run sets), where a missing browser is a failure."""
+The browser and its pages are conftest.py's `browser` and `page` fixtures (they skip without Chromium,
+except under CI); the Markdown renderer's own tests are in test_chat_page_markdown.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import httpx
 import pytest
@@ -22,7 +20,6 @@ from batchlm.engine.async_engine import AsyncLLMEngine
 from batchlm.server.background import BackgroundServer
 from batchlm.server.state import ServerSettings
 from fake_engine import FakeEngine, wait_until
-from headless_chromium import CHROMIUM, CHROMIUM_ARGS
 
 pytestmark = pytest.mark.slow
 
@@ -31,50 +28,6 @@ HOSTILE_REPLY = (
     'Careful: <script>window.__injected = "script"</script> and '
     '<img src="x" onerror="window.__injected = \'img\'"> stay text. **Bold** and `code<b>`.'
 )
-WAIT_MS = 60_000
-
-
-def _unavailable(reason: str) -> NoReturn:
-    required = (os.environ.get(name, "").lower() for name in ("CI", "BATCHLM_REQUIRE_BROWSER"))
-    if any(value not in ("", "0", "false") for value in required):
-        pytest.fail(f"{reason} (CI must run the browser tests; .ci/run installs Debian's chromium)")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    executable = shutil.which(CHROMIUM)
-    if executable is None:
-        _unavailable(f"no Chromium at {CHROMIUM}")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _unavailable("playwright is not installed (it is in the dev extra)")
-    with sync_playwright() as playwright:
-        # Playwright gives each launch a new empty profile directory of its own.
-        launched = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        yield launched
-        launched.close()
-
-
-def _note_policy_violation(text: str, errors: list[str]) -> None:
-    """The page's own code must run under its Content-Security-Policy."""
-    if "Content Security Policy" in text:
-        errors.append(text)
-
-
-@pytest.fixture
-def page(browser: Any) -> Iterator[Any]:
-    """A fresh browser context (its own localStorage); fails the test on any uncaught page error."""
-    context = browser.new_context(viewport={"width": 1100, "height": 760})
-    context.set_default_timeout(WAIT_MS)
-    opened = context.new_page()
-    errors: list[str] = []
-    opened.on("pageerror", lambda error: errors.append(str(error)))
-    opened.on("console", lambda message: _note_policy_violation(message.text, errors))
-    yield opened
-    context.close()
-    assert errors == []
 
 
 @pytest.fixture(scope="module")
@@ -342,94 +295,3 @@ def test_loading_then_unreachable_are_reported(page: Any) -> None:
         server.stop()
     page.wait_for_selector("#server-status[data-state='unreachable']")
     assert "Cannot reach the server" in page.text_content("#banner")
-
-
-# -- the Markdown renderer as a pure function, evaluated in the page -----------------------------
-
-RENDERED = [
-    ("plain <b>bold</b> & 'quotes'", "<p>plain &lt;b&gt;bold&lt;/b&gt; &amp; &#39;quotes&#39;</p>"),
-    (
-        "**a** *b* _c_ ~~d~~ `e<f>`",
-        "<p><strong>a</strong> <em>b</em> <em>c</em> <del>d</del> <code>e&lt;f&gt;</code></p>",
-    ),
-    ("snake_case_name and 2*3*4", "<p>snake_case_name and 2*3*4</p>"),
-    ("# Title\nline one\nline two", "<h1>Title</h1>\n<p>line one<br>line two</p>"),
-    (
-        "- a\n- b\n  - c\n\n3. x\n4. y",
-        '<ul><li>a</li><li>b\n<ul><li>c</li></ul></li></ul>\n<ol start="3"><li>x</li><li>y</li></ol>',
-    ),
-    ("> quoted **b**\n\n---", "<blockquote><p>quoted <strong>b</strong></p></blockquote>\n<hr>"),
-    (
-        "[site](https://example.org/?a=1&b=2)",
-        '<p><a href="https://example.org/?a=1&amp;b=2" target="_blank" rel="noopener noreferrer">site</a></p>',
-    ),
-    ("[bad](javascript:alert(1))", "<p>[bad](javascript:alert(1))</p>"),
-]
-CODE_BLOCK = (
-    '<div class="code-block"><div class="code-header"><span class="code-language">{lang}</span>'
-    '<button type="button" class="copy-code" title="Copy code">Copy</button></div>'
-    '<pre><code class="language-{lang}">{code}</code></pre></div>'
-)
-RENDERED += [
-    (
-        "```html\n<script>x()</script>\n**not bold**\n```",
-        CODE_BLOCK.format(lang="html", code="&lt;script&gt;x()&lt;/script&gt;\n**not bold**"),
-    ),
-    ("```py\nstill streaming <i>", CODE_BLOCK.format(lang="py", code="still streaming &lt;i&gt;")),
-]
-HOSTILE = [
-    "<script>alert(1)</script>",
-    "<img src=x onerror=alert(1)>",
-    '[x](https://a.org/"onmouseover="alert(1))',
-    "[x](javascript:alert(1)) [y](JAVASCRIPT:alert(1)) [z](data:text/html,<b>)",
-    '```"><img src=x onerror=alert(1)>\ncode\n```',
-    "``` onerror=alert(1)\ncode\n```",
-    "`<svg onload=alert(1)>` **<iframe src=x>** _<a href=x>_",
-    "\u0000 0 \u0000 <u>\u00000\u0000</u>",
-    "> <style>*{}</style>\n- <form><input></form>\n# <h1 onclick=x>",
-]
-BLOCK_TAGS = {"P", "BR", "UL", "OL", "LI", "BLOCKQUOTE", "HR", "PRE", "DIV"}
-INLINE_TAGS = {"STRONG", "EM", "DEL", "CODE", "A", "SPAN", "BUTTON"}
-ALLOWED_TAGS = BLOCK_TAGS | INLINE_TAGS | {f"H{level}" for level in range(1, 7)}
-ALLOWED_ATTRIBUTES = {"class", "href", "target", "rel", "type", "title", "start"}
-
-
-def render_in_page(page: Any, sources: list[str]) -> list[str]:
-    script = "async (sources) => { const md = await import('/ui/markdown.js'); return sources.map(md.renderMarkdown); }"
-    return page.evaluate(script, sources)
-
-
-def test_markdown_renders_its_subset(page: Any, keyed_server: BackgroundServer) -> None:
-    page.goto(f"{keyed_server.base_url}/")
-    rendered = render_in_page(page, [source for source, _ in RENDERED])
-    for (source, expected), html in zip(RENDERED, rendered, strict=True):
-        assert html == expected, source
-
-
-def test_markdown_never_makes_markup_from_the_text(page: Any, keyed_server: BackgroundServer) -> None:
-    """Rendered hostile text yields only the renderer's own tags and attributes, and links only to
-    http(s) or mailto URLs."""
-    page.goto(f"{keyed_server.base_url}/")
-    found = page.evaluate(
-        """async (sources) => {
-            const md = await import('/ui/markdown.js');
-            return sources.map((source) => {
-                const box = document.createElement('template');
-                box.innerHTML = md.renderMarkdown(source);
-                return [...box.content.querySelectorAll('*')].map((node) => ({
-                    tag: node.tagName,
-                    attributes: [...node.attributes].map((a) => [a.name, a.value]),
-                }));
-            });
-        }""",
-        HOSTILE,
-    )
-    for source, nodes in zip(HOSTILE, found, strict=True):
-        for node in nodes:
-            assert node["tag"] in ALLOWED_TAGS, source
-            for name, value in node["attributes"]:
-                assert name in ALLOWED_ATTRIBUTES, source
-                if name == "href":
-                    assert value.startswith(("https://", "http://", "mailto:")) and '"' not in value, source
-                if name == "class":
-                    assert " " not in value.strip() and "=" not in value, source
