@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import statistics
 import sys
 import time
@@ -32,6 +33,8 @@ from offline_throughput import make_prompts
 # (phase, kind of the step last scheduled: "decode" when every chunk is one token, else "mixed") -> seconds.
 TIMES: dict[tuple[str, str], float] = collections.defaultdict(float)
 STEPS: dict[str, int] = collections.defaultdict(int)
+# (seconds, phase, number of the step last scheduled) of every timed call, for --worst.
+CALLS: list[tuple[float, str, int]] = []
 CURRENT = {"kind": "mixed"}
 
 
@@ -43,7 +46,9 @@ def timed(name: str, fn: Any, sync: bool = False) -> Any:
         result = fn(*args, **kwargs)
         if sync:
             torch.cuda.synchronize()
-        TIMES[name, CURRENT["kind"]] += time.perf_counter() - started
+        took = time.perf_counter() - started
+        TIMES[name, CURRENT["kind"]] += took
+        CALLS.append((took, name, sum(STEPS.values())))
         return result
 
     return wrapper
@@ -58,7 +63,9 @@ def timed_schedule(fn: Any) -> Any:
         if scheduled.chunks:
             CURRENT["kind"] = "decode" if all(len(c.token_ids) == 1 for c in scheduled.chunks) else "mixed"
             STEPS[CURRENT["kind"]] += 1
-        TIMES["schedule", CURRENT["kind"]] += time.perf_counter() - started
+        took = time.perf_counter() - started
+        TIMES["schedule", CURRENT["kind"]] += took
+        CALLS.append((took, "schedule", sum(STEPS.values())))
         return scheduled
 
     return wrapper
@@ -128,6 +135,43 @@ class StepEvents:
             "total_gap_s": (sum(gaps[True]) + sum(gaps[False])) / 1000,
         }
         return figures
+
+    def largest_gaps(self, count: int) -> list[tuple[float, int, str]]:
+        """(gap ms, number of the step after it, its kind and its predecessor's) of the longest idle gaps."""
+        kinds = {True: "decode", False: "mixed"}
+        gaps = [
+            (
+                self.ends[index - 1].elapsed_time(self.begins[index]),
+                index,
+                f"{kinds[self.decode_only[index - 1]]} -> {kinds[decode_only]}",
+            )
+            for index, decode_only in enumerate(self.decode_only[: len(self.ends)])
+            if index > 0
+        ]
+        return sorted(gaps, reverse=True)[:count]
+
+
+class GcPauses:
+    """Python's cyclic collections during the measured pass: count and total pause by generation."""
+
+    def __init__(self) -> None:
+        self.pauses: dict[int, list[float]] = collections.defaultdict(list)
+        self._started = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            took = time.perf_counter() - self._started
+            self.pauses[info["generation"]].append(took)
+            CALLS.append((took, f"gc gen{info['generation']}", sum(STEPS.values())))
+
+    def summary(self) -> str:
+        return " ".join(
+            f"gen{gen}: {len(times)} x, {1000 * sum(times):.1f} ms (max {1000 * max(times):.2f})"
+            for gen, times in sorted(self.pauses.items())
+        )
 
 
 def _event() -> torch.cuda.Event:
@@ -237,6 +281,9 @@ def main() -> None:
         "--default-switch-interval", action="store_true", help="keep Python's GIL switch interval (5 ms)"
     )
     parser.add_argument("--sync", action="store_true", help="synchronize around each phase (exact GPU split)")
+    parser.add_argument(
+        "--worst", type=int, default=0, help="also list the N slowest phase calls and the N longest idle gaps"
+    )
     args = parser.parse_args()
     from batchlm import SamplingParams
 
@@ -271,6 +318,8 @@ def main() -> None:
     # A whole warm-up pass: every kernel shape the measured pass meets is compiled and tuned first.
     llm.generate(prompts, params)
     events = instrument(llm, args.sync and torch.cuda.is_available())
+    CALLS.clear()
+    pauses = GcPauses()
     core = llm.engine_core
     started = time.perf_counter()
     steps_before = core.num_steps
@@ -291,6 +340,21 @@ def main() -> None:
     if events is not None:
         figures = events.report()
         print("device, decode-only steps:", " ".join(f"{k}={v:.3f}" for k, v in figures.items()))
+    print("garbage collections:", pauses.summary() or "none")
+    if args.worst:
+        # Waits and worker phases overlap the device by design; the rest is the host's own work.
+        own = [call for call in CALLS if "wait" not in call[1] and "worker" not in call[1]]
+        print(f"the {args.worst} slowest host phase calls (ms, phase, steps scheduled by then):")
+        for took, name, step in sorted(own, reverse=True)[: args.worst]:
+            print(f"  {1000 * took:8.3f}  {name:12s} {step}")
+        if events is not None:
+            print(
+                f"the {args.worst} longest idle gaps (ms, launch number of the step after, kinds), each with"
+            )
+            print("the host calls made while that step and the one before were scheduled (ms):")
+            for gap, index, kinds in events.largest_gaps(args.worst):
+                near = [f"{name} {1000 * took:.2f}" for took, name, step in own if step in (index, index + 1)]
+                print(f"  {gap:8.3f}  {index:4d}  {kinds}: {', '.join(near)}")
 
 
 if __name__ == "__main__":
