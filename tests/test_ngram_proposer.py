@@ -103,3 +103,50 @@ def test_auto_shortens_drafts_while_acceptance_is_low() -> None:
         assert len(speculator.propose(state, 50)) == lengths[0]
         speculator.note_verified(state, 8, 0)  # rate 0.25
         assert len(speculator.propose(state, 50)) == lengths[1]
+
+
+def _brute_force(tokens: list[int], min_n: int, max_n: int, max_tokens: int) -> tuple[int, ...]:
+    """The longest n-gram ending the sequence, at its latest earlier occurrence, by scanning."""
+    end = len(tokens)
+    for n in range(min(max_n, end - 1), min_n - 1, -1):
+        ends = [p for p in range(n - 1, end - 1) if tokens[p - n + 1 : p + 1] == tokens[end - n :]]
+        if ends:
+            return tuple(tokens[ends[-1] + 1 : min(ends[-1] + 1 + max_tokens, end)])
+    return ()
+
+
+@pytest.mark.parametrize("vocab", [2, 5, 40])
+@pytest.mark.parametrize(("min_n", "max_n"), [(1, 4), (2, 3), (3, 3)])
+def test_proposals_follow_appends_like_a_brute_force_scan(vocab: int, min_n: int, max_n: int) -> None:
+    import random
+
+    rng = random.Random(vocab * 100 + min_n * 10 + max_n)
+    tokens = [rng.randrange(vocab) for _ in range(30)]  # a "prompt", packed at once
+    index = NgramIndex(min_n=min_n, max_n=max_n)
+    while len(tokens) < 150:
+        assert index.propose(tokens, 4) == _brute_force(tokens, min_n, max_n, 4), len(tokens)
+        tokens += [rng.randrange(vocab) for _ in range(rng.choice((1, 1, 1, 3)))]
+
+
+def test_a_match_straddling_two_tokens_bytes_is_not_a_match() -> None:
+    """Token ids are searched as packed bytes: the bytes of one id found across two neighbours (at an
+    offset that is not a token boundary) must be skipped, and the real occurrence further back found."""
+    from array import array
+
+    from batchlm.core.ngram_proposer import TOKEN_BYTES, TOKEN_CODE
+
+    ids = array(TOKEN_CODE, [0x11223344, 0x55667788]).tobytes()
+    # The bytes of ids at offset 2, read as one token: it straddles the two.
+    straddling = array(TOKEN_CODE, ids[2 : 2 + TOKEN_BYTES])[0]
+    tokens = [straddling, 9, 0x11223344, 0x55667788, 7, straddling]
+    index = NgramIndex(min_n=1, max_n=2)
+    assert index.propose(tokens, 3) == (9, 0x11223344, 0x55667788)
+    assert index.propose(tokens, 3) == _brute_force(tokens, 1, 2, 3)
+
+
+def test_large_token_ids_and_a_sequence_that_restarts() -> None:
+    index = NgramIndex(min_n=1, max_n=2)
+    big = 2**31 - 1
+    assert index.propose([big, 5, 6, big], 2) == (5, 6)
+    # A shorter, different sequence (not an extension of the packed one) is packed afresh.
+    assert index.propose([3, 4, 3], 2) == (4, 3)

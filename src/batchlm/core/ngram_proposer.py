@@ -3,45 +3,75 @@ propose the tokens that followed them there (no draft model)."""
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+# Token ids packed as 32-bit ints: an n-gram is a byte string, found by bytes' own search, in C.
+TOKEN_CODE = "i"
+TOKEN_BYTES = array(TOKEN_CODE).itemsize
 
 
 @dataclass
 class NgramIndex:
-    """For one sequence: every n-gram (min_n <= n <= max_n) that ends before the last token, mapped to
-    where its most recent occurrence ends. Extended incrementally as tokens are appended, so a lookup
-    costs O(max_n) instead of a scan of the whole sequence."""
+    """For one sequence: its tokens packed into bytes, searched from the end for the n-grams
+    (min_n <= n <= max_n) that end it. Packing is extended as tokens are appended; nothing is
+    indexed per n-gram, so a long prompt costs one conversion instead of a dictionary entry per
+    n-gram and position (which stalled the engine thread for milliseconds per thousand tokens)."""
 
     min_n: int
     max_n: int
-    # n-gram -> index of its last token, for occurrences ending before `num_indexed`.
-    last_end: dict[tuple[int, ...], int] = field(default_factory=dict)
-    # Positions 0 .. num_indexed - 1 are indexed as n-gram ends.
-    num_indexed: int = 0
+    # The sequence's first `num_packed` tokens, TOKEN_BYTES each.
+    packed: bytearray = field(default_factory=bytearray)
+    num_packed: int = 0
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_n <= self.max_n:
             raise ValueError(f"n-gram sizes must satisfy 1 <= min <= max, got {self.min_n}..{self.max_n}")
 
     def propose(self, tokens: Sequence[int], max_tokens: int) -> tuple[int, ...]:
-        """Up to `max_tokens` tokens predicted to follow `tokens`: the longest n-gram (max_n first)
-        that ends the sequence and occurred before is looked up, and what followed its most recent
-        occurrence is proposed. Empty when nothing matches or max_tokens < 1."""
-        self._extend(tokens)
+        """Up to `max_tokens` tokens predicted to follow `tokens`: the longest n-gram that ends the
+        sequence and occurred before is found, and what followed its most recent occurrence is
+        proposed. Empty when nothing matches or max_tokens < 1. `tokens` only grows between calls."""
+        self._pack(tokens)
         if max_tokens < 1:
             return ()
         end = len(tokens)
-        for n in range(min(self.max_n, end - 1), self.min_n - 1, -1):
-            match_end = self.last_end.get(tuple(tokens[end - n : end]))
-            if match_end is not None:
-                return tuple(tokens[match_end + 1 : min(match_end + 1 + max_tokens, end)])
-        return ()
+        match_end = self._longest_match_end(end)
+        if match_end is None:
+            return ()
+        return tuple(tokens[match_end + 1 : min(match_end + 1 + max_tokens, end)])
 
-    def _extend(self, tokens: Sequence[int]) -> None:
-        """Index the n-grams ending at every position but the last (whose n-grams are the query)."""
-        last = len(tokens) - 1
-        for position in range(self.num_indexed, last):
-            for n in range(self.min_n, min(self.max_n, position + 1) + 1):
-                self.last_end[tuple(tokens[position - n + 1 : position + 1])] = position
-        self.num_indexed = max(self.num_indexed, last)
+    def _longest_match_end(self, end: int) -> int | None:
+        """Where the most recent earlier occurrence of the longest matching n-gram ends.
+
+        Shortest first: the latest occurrence of an (n+1)-gram ends no later than the latest of its
+        last n tokens, so each search starts where the last one matched, and at most one of them (the
+        first that fails) scans to the start of the sequence."""
+        found = None
+        limit = end - 2  # an earlier occurrence ends before the last token
+        for n in range(self.min_n, min(self.max_n, end - 1) + 1):
+            match_end = self._latest_end(end, n, limit)
+            if match_end is None:
+                break
+            found = limit = match_end
+        return found
+
+    def _latest_end(self, end: int, n: int, limit: int) -> int | None:
+        """The last position (at most `limit`) where the sequence's final n tokens also end, or None."""
+        gram = self.packed[(end - n) * TOKEN_BYTES : end * TOKEN_BYTES]
+        stop = (limit + 1) * TOKEN_BYTES
+        while True:
+            offset = self.packed.rfind(gram, 0, stop)
+            if offset < 0:
+                return None
+            if offset % TOKEN_BYTES == 0:
+                return offset // TOKEN_BYTES + n - 1
+            stop = offset + len(gram) - 1  # straddles two tokens: look further back
+
+    def _pack(self, tokens: Sequence[int]) -> None:
+        if len(tokens) < self.num_packed:  # not the sequence packed so far: start again
+            self.packed, self.num_packed = bytearray(), 0
+        if len(tokens) > self.num_packed:
+            self.packed += array(TOKEN_CODE, tokens[self.num_packed :]).tobytes()
+            self.num_packed = len(tokens)
