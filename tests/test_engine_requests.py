@@ -85,3 +85,18 @@ def test_truncation_keeps_the_last_tokens_and_drops_the_text() -> None:
     assert request.params.max_tokens == 3  # the room the truncated prompt leaves
     short = processor.process([1, 2], SamplingParams(max_tokens=None, truncate_prompt_tokens=5), prompt="hi")
     assert short.prompt_token_ids == [1, 2] and short.prompt == "hi" and short.params.max_tokens == 6
+
+
+def test_offline_prompt_ids_become_plain_ints_whatever_integers_they_were() -> None:
+    import numpy as np
+
+    from batchlm.engine.llm import _token_id_list
+
+    converted = _token_id_list(np.array([3, 7, 11], dtype=np.int32))
+    assert converted == [3, 7, 11] and all(type(t) is int for t in converted)
+    assert _token_id_list((np.int64(5), True, 9)) == [5, 1, 9]
+    # What int() accepts is still accepted; the range check then refuses what no vocabulary holds.
+    assert _token_id_list([2.0, 4]) == [2, 4]
+    assert _token_id_list([2**70]) == [2**70]
+    with pytest.raises(RequestRejectedError, match="out of range"):
+        InputProcessor(ModelFacts(10, 50)).process(_token_id_list([1, 2**70]), SamplingParams())
