@@ -2,7 +2,7 @@
 # One call on the GPU machine: GPU tests, offline W1/W2, single-stream latency, long prefill, online W1, start-up time.
 # Usage: bash benchmarks/gpu_suite.sh [tests] [w1] [single] [long_prefill] [w2] [online] [online_servers] [online_clients]
 #        [online_profile] [startup] [startup_profile] [quant_tests] [quant_kernels] [quant_single] [quant_w2]
-#        [structured_threads] [structured_switch]
+#        [structured_threads] [structured_templates] [structured_switch]
 # (default: tests w1 single long_prefill w2 online startup). startup: command-to-ready of `batchlm serve` three times, the first
 # with an empty Triton cache (as on a fresh machine), with the server's `startup:` breakdown;
 # startup_profile: the engine core's start-up in one process (every Triton compile, every graph
@@ -34,13 +34,14 @@ online_ab() {
   done
 }
 # structured_ab LABEL FLAG VALUE...: W1 with every request under the JSON schema, alternating with
-# unconstrained runs, once per VALUE of `offline_throughput.py --FLAG`; one line of tok/s per value.
+# unconstrained runs (STRUCTURED_RUNS of each, 3 by default), once per VALUE of
+# `offline_throughput.py --FLAG`; one line of tok/s per value.
 structured_ab() {
   local label="$1" flag="$2"
   shift 2
   for value in "$@"; do
     timeout 150 python3 benchmarks/offline_throughput.py --shape llama-3.2-1b --dummy --num-requests 256 \
-      --input-len 512 --output-len 256 --runs 3 --structured "--$flag" "$value" 2>&1 \
+      --input-len 512 --output-len 256 --runs "${STRUCTURED_RUNS:-3}" --structured "--$flag" "$value" 2>&1 \
       | grep -E '^\{"engine"' | grep -oE '"engine": "[a-z-]+"|"output_tok_s": [0-9.]+' | paste -sd' ' \
       | sed "s/^/[$label $value] /"
   done
@@ -121,6 +122,10 @@ for step in $steps; do
       # llguidance's threads at each of MASK_THREADS: whether the engine thread gains more from free
       # cores than the masks lose.
       structured_ab "mask threads" mask-threads ${MASK_THREADS:-4 8 12} ;;
+    structured_templates)
+      # Compiled copies of the grammar per mask thread, at each of TEMPLATES (more copies: less waiting
+      # on a shared lexer, more of them to warm up).
+      structured_ab "templates per thread" templates-per-thread ${TEMPLATES:-2 4} ;;
     structured_switch)
       # Python's GIL switch interval at each of SWITCH_MS (ms; the engine sets 0.2 once constrained
       # requests run): whether the engine thread, which holds a constrained step, loses more to

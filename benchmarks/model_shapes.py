@@ -181,13 +181,20 @@ def write_config_only(shape: str, directory: Path) -> Path:
     return directory
 
 
-def dummy_llm(shape: str, num_requests: int, max_model_len: int, **config: Any) -> LLM:
+def dummy_llm(
+    shape: str, num_requests: int, max_model_len: int, full_vocab_tokenizer: bool = False, **config: Any
+) -> LLM:
     """An in-process engine of this shape with random weights made on the device (no prefix caching:
-    the benchmarks' prompts are random), for `num_requests` running at once. `config`: more
-    EngineConfig fields."""
+    the benchmarks' prompts are random), for `num_requests` running at once. full_vocab_tokenizer: the
+    tokenizer padded to the model's vocabulary (grammar masks then cost what they cost with a real
+    tokenizer of that size). `config`: more EngineConfig fields."""
     from batchlm import LLM
 
     model_dir = write_config_only(shape, Path(tempfile.gettempdir()) / f"batchlm-bench-{shape}")
+    if full_vocab_tokenizer:
+        from mlx_vs_mlx_lm_server import pad_tokenizer_vocab
+
+        pad_tokenizer_vocab(model_dir / "tokenizer.json", SHAPES[shape]["vocab_size"])
     return LLM(
         model=str(model_dir),
         load_format="dummy",

@@ -76,6 +76,10 @@ def run_batchlm(args: argparse.Namespace, model_dir: Path, prompts: list[list[in
 
             threads = args.mask_threads
             factory.mask_threads = lambda on_accelerator=False: threads
+        if args.templates_per_thread:
+            import batchlm.structured.llguidance_backend as llguidance_backend
+
+            llguidance_backend.TEMPLATES_PER_THREAD = args.templates_per_thread
         if args.switch_interval_ms is not None:
             import batchlm.structured.sequences as structured_sequences
 
@@ -215,6 +219,12 @@ def main() -> None:
         type=int,
         default=None,
         help="with --structured: llguidance's threads (default: the engine's)",
+    )
+    parser.add_argument(
+        "--templates-per-thread",
+        type=int,
+        default=None,
+        help="with --structured: compiled copies of the schema's grammar per mask thread (default: the engine's)",
     )
     parser.add_argument(
         "--switch-interval-ms",

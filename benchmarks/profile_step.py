@@ -291,6 +291,7 @@ def main() -> None:
         args.shape,
         args.num_requests,
         args.input_len + args.output_len + 16,
+        full_vocab_tokenizer=args.structured,
         async_scheduling=args.async_scheduling,
     )
     if args.sync and llm.engine_core.async_scheduling:
