@@ -4,16 +4,24 @@ question asked again, the same boilerplate in every answer)."""
 
 from __future__ import annotations
 
+from array import array
 from collections import deque
 from collections.abc import Sequence
 
+from batchlm.core.ngram_proposer import TOKEN_BYTES, TOKEN_CODE, latest_aligned
+
 # Shorter n-grams recur by chance across unrelated requests: only matches this long are used.
 POOL_MIN_NGRAM = 3
+# Packed after each sequence: no token has this id, so no match spans two sequences.
+SEPARATOR_ID = -1
+_SEPARATOR = array(TOKEN_CODE, [SEPARATOR_ID]).tobytes()
 
 
 class NgramPool:
     """Finished requests' token sequences, at most `capacity_tokens` tokens in all (the oldest go
-    first), with every n-gram (POOL_MIN_NGRAM <= n <= max_n) mapped to its latest occurrence."""
+    first), packed one after another as in NgramIndex; a proposal searches them from the newest end.
+    Adding or evicting a sequence copies its bytes and nothing more (a dictionary of every n-gram, the
+    earlier form, cost the engine thread milliseconds per thousand tokens at each finish)."""
 
     def __init__(self, max_n: int, capacity_tokens: int) -> None:
         if capacity_tokens < 1:
@@ -21,56 +29,47 @@ class NgramPool:
         self.min_n = POOL_MIN_NGRAM
         self.max_n = max(max_n, POOL_MIN_NGRAM)
         self.capacity_tokens = capacity_tokens
-        self._sequences: deque[tuple[int, tuple[int, ...]]] = deque()  # (serial, tokens), oldest first
-        self._index: dict[tuple[int, ...], tuple[int, int]] = {}  # n-gram -> (serial, its last position)
-        self._live: dict[int, tuple[int, ...]] = {}
-        self._next_serial = 0
+        self._packed = bytearray()  # each sequence, then _SEPARATOR; oldest first
+        self._lengths: deque[int] = deque()  # tokens of each sequence, oldest first
         self.num_tokens = 0
 
     def add(self, tokens: Sequence[int]) -> None:
         """Remember a finished request's tokens (a sequence longer than the capacity keeps its end)."""
-        kept = tuple(tokens[-self.capacity_tokens :])
+        kept = tokens[-self.capacity_tokens :]
         if len(kept) <= self.min_n:
             return
-        serial, self._next_serial = self._next_serial, self._next_serial + 1
-        self._sequences.append((serial, kept))
-        self._live[serial] = kept
+        self._packed += array(TOKEN_CODE, kept).tobytes()
+        self._packed += _SEPARATOR
+        self._lengths.append(len(kept))
         self.num_tokens += len(kept)
-        for end, gram in self._grams(kept):
-            self._index[gram] = (serial, end)
         while self.num_tokens > self.capacity_tokens:
-            self._evict_oldest()
+            length = self._lengths.popleft()
+            del self._packed[: (length + 1) * TOKEN_BYTES]
+            self.num_tokens -= length
 
     def propose(self, tokens: Sequence[int], max_tokens: int) -> tuple[int, ...]:
         """Up to max_tokens tokens that followed the longest n-gram ending `tokens` in a remembered
-        sequence (its latest occurrence); empty when none matches."""
-        if max_tokens < 1:
+        sequence (its latest occurrence; a shorter n-gram's when nothing follows that one); empty when
+        none matches. Shortest first, as NgramIndex searches: the latest occurrence of a longer n-gram
+        ends no later than the shorter one's, so at most one search scans the whole pool."""
+        if max_tokens < 1 or not self._packed:
             return ()
-        for n in range(min(self.max_n, len(tokens)), self.min_n - 1, -1):
-            hit = self._index.get(tuple(tokens[len(tokens) - n :]))
-            if hit is None:
-                continue
-            serial, end = hit
-            following = self._live[serial][end + 1 : end + 1 + max_tokens]
+        ends: list[int] = []  # byte offset just past the latest occurrence, for n = min_n, min_n + 1, ...
+        stop = len(self._packed)
+        for n in range(self.min_n, min(self.max_n, len(tokens)) + 1):
+            gram = array(TOKEN_CODE, tokens[len(tokens) - n :]).tobytes()
+            offset = latest_aligned(self._packed, gram, stop)
+            if offset is None:
+                break
+            stop = offset + len(gram)
+            ends.append(stop)
+        for start in reversed(ends):
+            following = array(TOKEN_CODE, self._packed[start : start + max_tokens * TOKEN_BYTES])
+            if SEPARATOR_ID in following:
+                del following[following.index(SEPARATOR_ID) :]
             if following:
-                return following
+                return tuple(following)
         return ()
 
     def __len__(self) -> int:
-        return len(self._sequences)
-
-    def _grams(self, tokens: tuple[int, ...]) -> list[tuple[int, tuple[int, ...]]]:
-        """(position of its last token, n-gram) for every n-gram of the sequence."""
-        return [
-            (end, tokens[end - n + 1 : end + 1])
-            for end in range(len(tokens))
-            for n in range(self.min_n, min(self.max_n, end + 1) + 1)
-        ]
-
-    def _evict_oldest(self) -> None:
-        serial, tokens = self._sequences.popleft()
-        del self._live[serial]
-        self.num_tokens -= len(tokens)
-        for _, gram in self._grams(tokens):
-            if self._index.get(gram, (None, 0))[0] == serial:
-                del self._index[gram]
+        return len(self._lengths)

@@ -12,6 +12,17 @@ TOKEN_CODE = "i"
 TOKEN_BYTES = array(TOKEN_CODE).itemsize
 
 
+def latest_aligned(packed: bytearray, gram: bytes | bytearray, stop: int) -> int | None:
+    """The byte offset of the last occurrence of `gram` that starts on a token and ends by `stop`."""
+    while True:
+        offset = packed.rfind(gram, 0, stop)
+        if offset < 0:
+            return None
+        if offset % TOKEN_BYTES == 0:
+            return offset
+        stop = offset + len(gram) - 1  # it straddles two tokens: look further back
+
+
 @dataclass
 class NgramIndex:
     """For one sequence: its tokens packed into bytes, searched from the end for the n-grams
@@ -60,14 +71,8 @@ class NgramIndex:
     def _latest_end(self, end: int, n: int, limit: int) -> int | None:
         """The last position (at most `limit`) where the sequence's final n tokens also end, or None."""
         gram = self.packed[(end - n) * TOKEN_BYTES : end * TOKEN_BYTES]
-        stop = (limit + 1) * TOKEN_BYTES
-        while True:
-            offset = self.packed.rfind(gram, 0, stop)
-            if offset < 0:
-                return None
-            if offset % TOKEN_BYTES == 0:
-                return offset // TOKEN_BYTES + n - 1
-            stop = offset + len(gram) - 1  # straddles two tokens: look further back
+        offset = latest_aligned(self.packed, gram, (limit + 1) * TOKEN_BYTES)
+        return None if offset is None else offset // TOKEN_BYTES + n - 1
 
     def _pack(self, tokens: Sequence[int]) -> None:
         if len(tokens) < self.num_packed:  # not the sequence packed so far: start again

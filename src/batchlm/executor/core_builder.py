@@ -82,8 +82,7 @@ SPECULATIVE_MAX_BATCH = {"cpu": 4, "cuda": CUDA_SPECULATIVE_MAX_BATCH}
 # matmul kernels' 4-row blocks (measured against 3 and 4 in BENCHMARKS.md).
 SPECULATIVE_TOKENS = {"cpu": 7, "cuda": 4}
 # Tokens of finished requests kept to draft from (core/ngram_pool.py). CPU: measured with the default
-# model (BENCHMARKS.md); CUDA: off, since every finished request's n-grams are indexed on the engine
-# thread and that cost at large batches was not measured there.
+# model (BENCHMARKS.md); CUDA: off, not measured there (a proposal that misses scans the whole pool).
 SPECULATIVE_POOL_TOKENS = {"cpu": 65536, "cuda": 0}
 
 
