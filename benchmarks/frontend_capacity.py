@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mlx_vs_mlx_lm_server import free_port
 from model_shapes import SHAPES, write_config_only
+from serve_gpu import histogram_totals, server_means
 
 from batchlm.config import EngineConfig
 from batchlm.core.engine_core import EngineCore
@@ -219,6 +220,7 @@ def main() -> None:
         result_path = Path(tempfile.gettempdir()) / f"frontend_capacity_run{run}.json"
         cpu_before = resource.getrusage(resource.RUSAGE_SELF)
         client_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        histograms_before = histogram_totals(port)
         subprocess.run(
             [
                 sys.executable,
@@ -264,6 +266,7 @@ def main() -> None:
                     "ratio_to_offline": round(result["output_throughput"] / offline, 3),
                     "median_ttft_ms": round(result["median_ttft_ms"], 1),
                     "median_tpot_ms": round(result["median_tpot_ms"], 2),
+                    **server_means(histograms_before, histogram_totals(port)),
                     "front_end_cpu_us_per_token": round(cpu_s / tokens * 1e6, 1),
                     "client_cpu_us_per_token": round(client_cpu_s / tokens * 1e6, 1),
                 }
