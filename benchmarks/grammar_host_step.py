@@ -34,9 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mlx_vs_mlx_lm_server import pad_tokenizer_vocab
-from structured_outputs import SUMMARY_FIELDS, long_output_schema
+from structured_outputs import SUMMARY_FIELDS, long_output_schema, override_grammar_settings
 
-import batchlm.structured.sequences as structured_sequences
 from batchlm.core.step_io import PLACEHOLDER_TOKEN_ID
 from batchlm.runner.grammar import StepMasks
 from batchlm.sampling_params import StructuredOutputs
@@ -173,9 +172,7 @@ def main() -> None:
     backend = LLGuidanceBackend.from_hf(hf, args.vocab_size, (0,), threads=threads, batched_accept=batched)
     llguidance_calls = TimedExecutor(backend._executor)
     backend._executor = llguidance_calls  # type: ignore[assignment]
-    if args.switch_interval_ms is not None:
-        interval = args.switch_interval_ms / 1e3
-        structured_sequences.hand_over_the_gil_sooner = lambda: sys.setswitchinterval(interval)
+    override_grammar_settings(switch_interval_ms=args.switch_interval_ms)
     sequences = ConstrainedSequences(lambda eos: backend)
     spec = StructuredOutputs(json=json.dumps(long_output_schema(args.summary_field)))
     busy_python(args.engine_python_ms / 1e3)  # calibrated alone, before the worker runs

@@ -31,7 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from model_shapes import SHAPES, write_config_only, write_random_weights
-from structured_outputs import SUMMARY_FIELDS, long_output_schema
+from structured_outputs import SUMMARY_FIELDS, long_output_schema, override_grammar_settings
 from throughput_floor import workload_floor
 
 
@@ -71,21 +71,7 @@ def run_batchlm(args: argparse.Namespace, model_dir: Path, prompts: list[list[in
     if args.structured:
         from batchlm.sampling_params import StructuredOutputs
 
-        if args.mask_threads:
-            import batchlm.structured.factory as factory
-
-            threads = args.mask_threads
-            factory.mask_threads = lambda on_accelerator=False: threads
-        if args.templates_per_thread:
-            import batchlm.structured.llguidance_backend as llguidance_backend
-
-            llguidance_backend.TEMPLATES_PER_THREAD = args.templates_per_thread
-        if args.switch_interval_ms is not None:
-            import batchlm.structured.sequences as structured_sequences
-
-            interval = args.switch_interval_ms / 1e3
-            structured_sequences.hand_over_the_gil_sooner = lambda: sys.setswitchinterval(interval)
-
+        override_grammar_settings(args.mask_threads, args.templates_per_thread, args.switch_interval_ms)
         spec = StructuredOutputs(json=json.dumps(long_output_schema(args.summary_field)))
         kinds["structured"] = params.clone(structured_outputs=spec)
     for warm_up in kinds.values():

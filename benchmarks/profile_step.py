@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from model_shapes import dummy_llm
 from offline_throughput import make_prompts
+from structured_outputs import long_output_schema, override_grammar_settings
 
 # (phase, kind of the step last scheduled: "decode" when every chunk is one token, else "mixed") -> seconds.
 TIMES: dict[tuple[str, str], float] = collections.defaultdict(float)
@@ -36,6 +37,12 @@ STEPS: dict[str, int] = collections.defaultdict(int)
 # (seconds, phase, number of the step last scheduled) of every timed call, for --worst.
 CALLS: list[tuple[float, str, int]] = []
 CURRENT = {"kind": "mixed"}
+
+
+def record(name: str, seconds: float) -> None:
+    """One timed call of a phase, charged to the kind of step last scheduled."""
+    TIMES[name, CURRENT["kind"]] += seconds
+    CALLS.append((seconds, name, sum(STEPS.values())))
 
 
 def timed(name: str, fn: Any, sync: bool = False) -> Any:
@@ -46,9 +53,7 @@ def timed(name: str, fn: Any, sync: bool = False) -> Any:
         result = fn(*args, **kwargs)
         if sync:
             torch.cuda.synchronize()
-        took = time.perf_counter() - started
-        TIMES[name, CURRENT["kind"]] += took
-        CALLS.append((took, name, sum(STEPS.values())))
+        record(name, time.perf_counter() - started)
         return result
 
     return wrapper
@@ -63,9 +68,7 @@ def timed_schedule(fn: Any) -> Any:
         if scheduled.chunks:
             CURRENT["kind"] = "decode" if all(len(c.token_ids) == 1 for c in scheduled.chunks) else "mixed"
             STEPS[CURRENT["kind"]] += 1
-        took = time.perf_counter() - started
-        TIMES["schedule", CURRENT["kind"]] += took
-        CALLS.append((took, "schedule", sum(STEPS.values())))
+        record("schedule", time.perf_counter() - started)
         return scheduled
 
     return wrapper
@@ -300,18 +303,11 @@ def main() -> None:
     params = SamplingParams(
         max_tokens=args.output_len, ignore_eos=True, temperature=args.temperature, detokenize=False
     )
-    if args.default_switch_interval:
-        import batchlm.structured.sequences as sequences
-
-        sequences.hand_over_the_gil_sooner = lambda: None
-    if args.mask_threads:
-        import batchlm.structured.factory as factory
-
-        factory.mask_threads = lambda on_accelerator=False: args.mask_threads
+    # --default-switch-interval: the interval the interpreter has now (Python's 5 ms) stays.
+    default_interval_ms = 1e3 * sys.getswitchinterval() if args.default_switch_interval else None
+    override_grammar_settings(mask_threads=args.mask_threads, switch_interval_ms=default_interval_ms)
     if args.structured:
         import json
-
-        from structured_outputs import long_output_schema
 
         from batchlm.sampling_params import StructuredOutputs
 

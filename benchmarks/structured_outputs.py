@@ -69,6 +69,29 @@ def long_output_schema(summary_field: str = "bounded") -> dict[str, Any]:
     return schema
 
 
+def override_grammar_settings(
+    mask_threads: int | None = None,
+    templates_per_thread: int | None = None,
+    switch_interval_ms: float | None = None,
+) -> None:
+    """Replace the engine's own grammar settings for a benchmark run (None keeps the engine's): the
+    llguidance threads, the compiled copies of a grammar per thread, and the GIL switch interval set
+    once constrained requests run. Call it before the engine builds its grammar backend."""
+    if mask_threads:
+        import batchlm.structured.factory as factory
+
+        factory.mask_threads = lambda on_accelerator=False: mask_threads
+    if templates_per_thread:
+        import batchlm.structured.llguidance_backend as llguidance_backend
+
+        llguidance_backend.TEMPLATES_PER_THREAD = templates_per_thread
+    if switch_interval_ms is not None:
+        import batchlm.structured.sequences as structured_sequences
+
+        interval = switch_interval_ms / 1e3
+        structured_sequences.hand_over_the_gil_sooner = lambda: sys.setswitchinterval(interval)
+
+
 def prepare_model(shape: str, tokenizer: Path | None) -> Path:
     """Random weights of `shape`; the tokenizer padded to the model's vocabulary, or --tokenizer's files."""
     directory = (
