@@ -8,7 +8,7 @@ from array import array
 from collections import deque
 from collections.abc import Sequence
 
-from batchlm.core.ngram_proposer import TOKEN_BYTES, TOKEN_CODE, latest_aligned
+from batchlm.core.ngram_proposer import TOKEN_BYTES, TOKEN_CODE, latest_match_ends
 
 # Shorter n-grams recur by chance across unrelated requests: only matches this long are used.
 POOL_MIN_NGRAM = 3
@@ -50,19 +50,14 @@ class NgramPool:
     def propose(self, tokens: Sequence[int], max_tokens: int) -> tuple[int, ...]:
         """Up to max_tokens tokens that followed the longest n-gram ending `tokens` in a remembered
         sequence (its latest occurrence; a shorter n-gram's when nothing follows that one); empty when
-        none matches. Shortest first, as NgramIndex searches: the latest occurrence of a longer n-gram
-        ends no later than the shorter one's, so at most one search scans the whole pool."""
+        none matches. At most one search scans the whole pool (latest_match_ends)."""
         if max_tokens < 1 or not self._packed:
             return ()
-        ends: list[int] = []  # byte offset just past the latest occurrence, for n = min_n, min_n + 1, ...
-        stop = len(self._packed)
-        for n in range(self.min_n, min(self.max_n, len(tokens)) + 1):
-            gram = array(TOKEN_CODE, tokens[len(tokens) - n :]).tobytes()
-            offset = latest_aligned(self._packed, gram, stop)
-            if offset is None:
-                break
-            stop = offset + len(gram)
-            ends.append(stop)
+        sizes = range(self.min_n, min(self.max_n, len(tokens)) + 1)
+        if not sizes:
+            return ()
+        tail = array(TOKEN_CODE, tokens[len(tokens) - sizes[-1] :]).tobytes()
+        ends = latest_match_ends(self._packed, tail, sizes, len(self._packed))
         for start in reversed(ends):
             following = array(TOKEN_CODE, self._packed[start : start + max_tokens * TOKEN_BYTES])
             if SEPARATOR_ID in following:

@@ -23,6 +23,23 @@ def latest_aligned(packed: bytearray, gram: bytes | bytearray, stop: int) -> int
         stop = offset + len(gram) - 1  # it straddles two tokens: look further back
 
 
+def latest_match_ends(packed: bytearray, tail: bytes | bytearray, sizes: range, stop: int) -> list[int]:
+    """For n in `sizes` (ascending), while one is found: the byte offset just past the latest
+    occurrence, ending by `stop`, of the last n tokens of `tail` (packed tokens, at least
+    sizes[-1] of them). Shortest first: the latest occurrence of an (n+1)-gram ends no later than
+    the latest of its last n tokens, so each search starts where the last one matched, and at most
+    one of them (the first that fails) scans to the start of `packed`."""
+    ends: list[int] = []
+    for n in sizes:
+        gram = tail[len(tail) - n * TOKEN_BYTES :]
+        offset = latest_aligned(packed, gram, stop)
+        if offset is None:
+            break
+        stop = offset + len(gram)
+        ends.append(stop)
+    return ends
+
+
 @dataclass
 class NgramIndex:
     """For one sequence: its tokens packed into bytes, searched from the end for the n-grams
@@ -54,25 +71,14 @@ class NgramIndex:
         return tuple(tokens[match_end + 1 : min(match_end + 1 + max_tokens, end)])
 
     def _longest_match_end(self, end: int) -> int | None:
-        """Where the most recent earlier occurrence of the longest matching n-gram ends.
-
-        Shortest first: the latest occurrence of an (n+1)-gram ends no later than the latest of its
-        last n tokens, so each search starts where the last one matched, and at most one of them (the
-        first that fails) scans to the start of the sequence."""
-        found = None
-        limit = end - 2  # an earlier occurrence ends before the last token
-        for n in range(self.min_n, min(self.max_n, end - 1) + 1):
-            match_end = self._latest_end(end, n, limit)
-            if match_end is None:
-                break
-            found = limit = match_end
-        return found
-
-    def _latest_end(self, end: int, n: int, limit: int) -> int | None:
-        """The last position (at most `limit`) where the sequence's final n tokens also end, or None."""
-        gram = self.packed[(end - n) * TOKEN_BYTES : end * TOKEN_BYTES]
-        offset = latest_aligned(self.packed, gram, (limit + 1) * TOKEN_BYTES)
-        return None if offset is None else offset // TOKEN_BYTES + n - 1
+        """Where the most recent earlier occurrence of the longest matching n-gram ends."""
+        sizes = range(self.min_n, min(self.max_n, end - 1) + 1)
+        if not sizes:
+            return None
+        tail = self.packed[(end - sizes[-1]) * TOKEN_BYTES : end * TOKEN_BYTES]
+        # An earlier occurrence ends before the last token.
+        ends = latest_match_ends(self.packed, tail, sizes, (end - 1) * TOKEN_BYTES)
+        return ends[-1] // TOKEN_BYTES - 1 if ends else None
 
     def _pack(self, tokens: Sequence[int]) -> None:
         if len(tokens) < self.num_packed:  # not the sequence packed so far: start again
