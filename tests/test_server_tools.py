@@ -7,32 +7,21 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import openai
 import pytest
 from pydantic import BaseModel
 
 from batchlm.server.background import BackgroundServer
-from batchlm.server.state import ServerSettings
 from fake_engine import FakeEngine, openai_client
-
-USER = [{"role": "user", "content": "What is the weather in Paris?"}]
-WEATHER_PARAMETERS = {
-    "type": "object",
-    "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
-    "required": ["city"],
-}
-TIME_PARAMETERS = {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]}
-TOOLS = [
-    {
-        "type": "function",
-        "function": {"name": "get_weather", "description": "Weather now", "parameters": WEATHER_PARAMETERS},
-    },
-    {"type": "function", "function": {"name": "get_time", "parameters": TIME_PARAMETERS}},
-]
-PARIS = '{"city": "Paris", "unit": "celsius"}'
-HERMES_REPLY = f'Let me look.\n<tool_call>\n{{"name": "get_weather", "arguments": {PARIS}}}\n</tool_call>'
-MARKUP = ("<tool_call>", "</tool_call>", '"name"')
+from tools_harness import (
+    HERMES_REPLY,
+    MARKUP,
+    PARIS,
+    TOOLS,
+    USER,
+    WEATHER_PARAMETERS,
+    prompt_of,
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +38,6 @@ def server(engine: FakeEngine) -> Iterator[BackgroundServer]:
 @pytest.fixture(scope="module")
 def client(server: BackgroundServer) -> Any:
     return openai_client(server.base_url)
-
-
-def prompt_of(engine: FakeEngine) -> str:
-    return bytes(t - 3 for t in engine.calls[-1].prompt_token_ids).decode()
 
 
 def satisfies(value: Any, schema: dict[str, Any]) -> bool:
@@ -210,118 +195,6 @@ def test_tool_choice_none_parses_nothing_and_prompts_for_no_calls(client: Any, e
     assert response.choices[0].finish_reason == "stop"
     assert engine.tokenizer.last_chat["kwargs"]["tools"] == TOOLS
     assert "<tools>" not in prompt_of(engine)
-
-
-HISTORY = [
-    *USER,
-    {
-        "role": "assistant",
-        "content": None,
-        "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": PARIS}}
-        ],
-    },
-    {"role": "tool", "tool_call_id": "call_1", "content": "21 degrees"},
-]
-
-
-def test_tool_history_reaches_a_tool_aware_template(client: Any, engine: FakeEngine) -> None:
-    engine.reply = "It is 21 degrees."
-    engine.tokenizer.chat_template = "{% for tool in tools %}{{ tool }}{% endfor %}"
-    try:
-        response = client.chat.completions.create(model="fake-model", messages=HISTORY, tools=TOOLS)
-    finally:
-        del engine.tokenizer.chat_template
-    assert response.choices[0].message.content == "It is 21 degrees."
-    messages = engine.tokenizer.last_chat["messages"]
-    assert messages[1]["tool_calls"][0]["function"] == {
-        "name": "get_weather",
-        "arguments": {"city": "Paris", "unit": "celsius"},
-    }
-    assert messages[2] == {"role": "tool", "content": "21 degrees", "tool_call_id": "call_1"}
-    assert len(messages) == 3  # no generic tools prompt for a template that renders tools itself
-
-
-def test_tool_history_becomes_text_for_a_template_without_tools(client: Any, engine: FakeEngine) -> None:
-    engine.reply = "It is 21 degrees."
-    client.chat.completions.create(model="fake-model", messages=HISTORY, tools=TOOLS)
-    messages = engine.tokenizer.last_chat["messages"]
-    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
-    assert messages[2]["content"].startswith("<tool_call>\n") and '"get_weather"' in messages[2]["content"]
-    assert messages[3]["content"] == "<tool_response>\n21 degrees\n</tool_response>"
-
-
-def post(server: BackgroundServer, body: dict[str, Any]) -> httpx.Response:
-    return httpx.post(f"{server.base_url}/v1/chat/completions", json={"messages": USER, **body}, timeout=30)
-
-
-@pytest.mark.parametrize(
-    ("body", "param", "words"),
-    [
-        (
-            {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
-            "tool_choice",
-            "nope",
-        ),
-        ({"tool_choice": "required"}, "tool_choice", "tools"),
-        ({"tools": [{"type": "retrieval", "function": {"name": "f"}}]}, "tools[0].type", "function"),
-        ({"tools": [{"type": "function", "function": {"name": "a" * 65}}]}, "tools[0].function.name", "64"),
-        ({"tools": [TOOLS[0], TOOLS[0]]}, "tools[1]", "twice"),
-        (
-            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
-            "tools[0].function.parameters",
-            "object",
-        ),
-        ({"tool_choice": "sometimes", "tools": TOOLS}, "tool_choice", "tool_choice"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id", "tool_call_id"),
-        (
-            {"messages": [{"role": "user", "content": "x", "tool_call_id": "c"}]},
-            "messages[0].tool_call_id",
-            "tool",
-        ),
-        (
-            {
-                "messages": [
-                    {
-                        "role": "assistant",
-                        "tool_calls": [
-                            {"id": "c", "type": "function", "function": {"name": "f", "arguments": "[1"}}
-                        ],
-                    }
-                ]
-            },
-            "messages[0].tool_calls[0].function.arguments",
-            "JSON object",
-        ),
-    ],
-)
-def test_bad_tool_requests_are_400_naming_the_field(
-    server: BackgroundServer, body: dict[str, Any], param: str, words: str
-) -> None:
-    response = post(server, body)
-    assert response.status_code == 400, response.text
-    error = response.json()["error"]
-    assert error["param"] == param and words in error["message"]
-
-
-def test_a_chosen_parser_reads_its_family_and_keeps_special_tokens() -> None:
-    engine = FakeEngine(
-        max_model_len=4096, reply=f'[TOOL_CALLS][{{"name": "get_weather", "arguments": {PARIS}}}]'
-    )
-    with BackgroundServer(engine, ServerSettings(tool_call_parser="mistral")) as running:
-        body = post(running, {"tools": TOOLS}).json()
-    [call] = body["choices"][0]["message"]["tool_calls"]
-    assert call["function"] == {"name": "get_weather", "arguments": PARIS}
-    assert engine.calls[-1].params.skip_special_tokens is False
-
-
-def test_auto_without_a_parser_is_refused() -> None:
-    with BackgroundServer(FakeEngine(max_model_len=4096), ServerSettings(tool_call_parser="none")) as running:
-        response = post(running, {"tools": TOOLS})
-        assert (
-            response.status_code == 400 and "--tool-call-parser none" in response.json()["error"]["message"]
-        )
-        assert post(running, {"tools": TOOLS, "tool_choice": "required"}).status_code == 200
 
 
 def sse_payloads(events: Any) -> list[dict[str, Any]]:
