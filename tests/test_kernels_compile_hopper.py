@@ -15,9 +15,10 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from batchlm.kernels import (  # noqa: E402
-    fp8_gemv,
     fp8_quant,
+    fused_ops,
     kv_write,
+    one_row_gemv,
     paged_decode,
     paged_prefill,
     w4a16_gemm,
@@ -85,6 +86,7 @@ def test_fp8_kv_write_compiles() -> None:
         "BLOCK_H": 8,
         "QUANTIZE": True,
         "FP8_LIMIT": 448.0,
+        "PDL": False,
     }
     compile_for_hopper(kv_write._write_kv_kernel, types, constants, num_warps=4)
 
@@ -97,7 +99,7 @@ def test_decode_over_an_fp8_cache_compiles(in_registers: bool) -> None:
     constants = {
         "BLOCK_SIZE": 16, "GROUP": 4, "BLOCK_G": 16, "HEAD_DIM": 128, "BLOCK_N": config.block_n,
         "NUM_SPLITS": 4, "DOT_PRECISION": "tf32", "FP8_IN_REGISTERS": in_registers,
-        "WINDOWED": False, "SOFTCAP": False,
+        "WINDOWED": False, "SOFTCAP": False, "PDL": False,
     }  # fmt: skip
     compiled = compile_for_hopper(
         paged_decode._decode_kernel,
@@ -129,39 +131,129 @@ def one_row_constants(config: GemvConfig) -> dict[str, Any]:
     return {"HAS_BIAS": True, "BLOCK_N": config.block_n, "SPLIT_K": config.split_k}
 
 
-@pytest.mark.parametrize("config", fp8_gemv.candidate_configs(True), ids=repr)
-def test_fp8_one_row_candidates_compile_to_16_byte_weight_loads(config: GemvConfig) -> None:
-    types = {
-        "x_ptr": "*bf16",
-        "w_ptr": "*fp8e4nv",
-        "scale_ptr": "*fp32",
-        "bias_ptr": "*bf16",
-        "out_ptr": "*bf16",
-    }
+def gemv_ptx(
+    kernel: Any, types: dict[str, str], constants: dict[str, Any], config: GemvConfig, pdl: bool
+) -> str:
+    """The PTX of a one-row GEMV launched on whole weight rows (launched with PDL when `pdl`)."""
+    compiled = compile_for_hopper(
+        kernel, types, constants, aligned=True, num_warps=config.num_warps, launch_pdl=pdl
+    )
+    return str(compiled.asm["ptx"])
+
+
+def one_row_gemv_ptx(config: GemvConfig, weight: str, pdl: bool) -> str:
+    types = {"x_ptr": "*bf16", "w_ptr": weight, "scale_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16"}
     types |= {"partial_ptr": "*fp32", "arrivals_ptr": "*i32"}
     k_per_split = -(-4096 // (config.split_k * config.block_k)) * config.block_k
     constants = one_row_constants(config) | {
         "K": 4096, "K_PER_SPLIT": k_per_split, "BLOCK_K": config.block_k, "X_VECTOR": config.x_vector,
+        "HAS_SCALE": weight == "*fp8e4nv", "PDL": pdl,
     }  # fmt: skip
-    compiled = compile_for_hopper(
-        fp8_gemv._fp8_one_row_kernel, types, constants, aligned=True, num_warps=config.num_warps
+    return gemv_ptx(one_row_gemv._one_row_kernel, types, constants, config, pdl)
+
+
+@pytest.mark.parametrize(
+    ("config", "weight"),
+    [(c, "*fp8e4nv") for c in one_row_gemv.one_row_configs(1)]
+    + [(c, "*bf16") for c in one_row_gemv.one_row_configs(2)],
+    ids=repr,
+)
+def test_one_row_candidates_compile_to_16_byte_weight_loads(config: GemvConfig, weight: str) -> None:
+    assert "ld.global.v4.b32" in one_row_gemv_ptx(config, weight, pdl=False)
+
+
+@pytest.mark.parametrize("weight", ["*fp8e4nv", "*bf16"])
+def test_one_row_gemv_reads_its_first_weights_before_waiting_for_the_previous_kernel(weight: str) -> None:
+    config = one_row_gemv.one_row_configs(1 if weight == "*fp8e4nv" else 2)[0]
+    lines = memory_lines(one_row_gemv_ptx(config, weight, pdl=True))
+    assert lines[0].startswith("griddepcontrol.launch_dependents")
+    (wait,) = [i for i, line in enumerate(lines) if line.startswith("griddepcontrol.wait")]
+    # The first tile's weight reads (16-byte vectors), and nothing else, precede the wait.
+    assert wait > 1 and all("ld.global.v4.b32" in line for line in lines[1:wait])
+    assert any("st.global" in line for line in lines[wait:])
+    assert "griddep" not in one_row_gemv_ptx(config, weight, pdl=False)
+
+
+def memory_lines(ptx: str) -> list[str]:
+    return [
+        line.strip()
+        for line in ptx.splitlines()
+        if "ld.global" in line or "st.global" in line or "griddep" in line
+    ]
+
+
+def prologue_kernels() -> list[tuple[Any, dict[str, str], dict[str, Any], int]]:
+    """(kernel, argument types, constants, warps) of the decode-path kernels that start with pdl_prologue."""
+    norm = {"x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "out_ptr": "*bf16"}
+    norm |= {"residual_out_ptr": "*bf16", "eps": "fp32"}
+    rope = {"qk_ptr": "*bf16", "positions_ptr": "*i64", "cache_ptr": "*fp32"}
+    kv = {"key_ptr": "*bf16", "value_ptr": "*bf16", "cache_ptr": "*bf16", "slot_ptr": "*i64"}
+    kv |= {"inv_k_scale": "fp32", "inv_v_scale": "fp32"}
+    reduce = {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "seq_lens_ptr": "*i32", "out_ptr": "*bf16"}
+    return [
+        (fused_ops._rms_norm_kernel, norm, {"HAS_RESIDUAL": True, "BLOCK": 2048}, 8),
+        (fused_ops._silu_and_mul_kernel, {"x_ptr": "*bf16", "out_ptr": "*bf16"}, {"BLOCK": 1024}, 4),
+        (fused_ops._rope_kernel, rope, {"HALF": 32, "HEADS_BLOCK": 32}, 4),
+        (
+            kv_write._write_kv_kernel,
+            kv,
+            {
+                "BLOCK_SIZE": 16,
+                "KV_HEADS": 8,
+                "HEAD_DIM": 64,
+                "BLOCK_H": 8,
+                "QUANTIZE": False,
+                "FP8_LIMIT": 448.0,
+            },
+            1,
+        ),
+        (
+            paged_decode._reduce_kernel,
+            reduce,
+            {"HEAD_DIM": 64, "BLOCK_N": 64, "NUM_SPLITS": 4, "BLOCK_S": 4, "CHUNK": 4, "WINDOWED": False},
+            4,
+        ),
+    ]
+
+
+@pytest.mark.parametrize("case", prologue_kernels(), ids=lambda case: case[0].fn.__name__)
+def test_decode_path_kernels_signal_then_wait_before_any_memory_access_only_with_pdl(case: Any) -> None:
+    kernel, types, constants, warps = case
+    plain = memory_lines(
+        compile_for_hopper(kernel, types, constants | {"PDL": False}, num_warps=warps).asm["ptx"]
     )
-    assert "ld.global.v4.b32" in compiled.asm["ptx"]
+    assert not any("griddep" in line for line in plain)
+    lines = memory_lines(
+        compile_for_hopper(kernel, types, constants | {"PDL": True}, num_warps=warps, launch_pdl=True).asm[
+            "ptx"
+        ]
+    )
+    assert lines[0].startswith("griddepcontrol.launch_dependents")
+    assert lines[1].startswith("griddepcontrol.wait")
+    assert not any("griddep" in line for line in lines[2:])
 
 
-@pytest.mark.parametrize("config", w4a16_gemv.ONE_ROW_CONFIGS, ids=repr)
-def test_w4a16_one_row_candidates_compile_to_16_byte_word_loads(config: GemvConfig) -> None:
+def w4a16_gemv_ptx(config: GemvConfig, pdl: bool) -> str:
     types = {"x_ptr": "*bf16", "qweight_ptr": "*i32", "scales_ptr": "*bf16", "zeros_ptr": "*bf16"}
     types |= {"bias_ptr": "*bf16", "out_ptr": "*bf16", "partial_ptr": "*fp32", "arrivals_ptr": "*i32"}
     groups = 4096 // 128
     constants = one_row_constants(config) | {
         "GROUPS": groups, "GROUPS_PER_SPLIT": -(-groups // config.split_k), "WORDS_PER_GROUP": 16,
-        "BLOCK_KW": w4a16_gemv.words_per_step(config.block_k, 128),
+        "BLOCK_KW": w4a16_gemv.words_per_step(config.block_k, 128), "PDL": pdl,
     }  # fmt: skip
-    compiled = compile_for_hopper(
-        w4a16_gemv._w4a16_gemv_kernel, types, constants, aligned=True, num_warps=config.num_warps
-    )
-    assert "ld.global.v4.b32" in compiled.asm["ptx"]
+    return gemv_ptx(w4a16_gemv._w4a16_gemv_kernel, types, constants, config, pdl)
+
+
+@pytest.mark.parametrize("config", w4a16_gemv.ONE_ROW_CONFIGS, ids=repr)
+def test_w4a16_one_row_candidates_compile_to_16_byte_word_loads(config: GemvConfig) -> None:
+    assert "ld.global.v4.b32" in w4a16_gemv_ptx(config, pdl=False)
+
+
+def test_w4a16_gemv_reads_its_first_words_before_waiting_for_the_previous_kernel() -> None:
+    lines = memory_lines(w4a16_gemv_ptx(w4a16_gemv.ONE_ROW_CONFIGS[0], pdl=True))
+    assert lines[0].startswith("griddepcontrol.launch_dependents")
+    (wait,) = [i for i, line in enumerate(lines) if line.startswith("griddepcontrol.wait")]
+    assert wait > 1 and all("ld.global.v4.b32" in line for line in lines[1:wait])
 
 
 @pytest.mark.parametrize("logits", ["fp32", "bf16", "fp16"])

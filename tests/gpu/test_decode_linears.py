@@ -29,13 +29,17 @@ from int4_cases import random_packed as random_packed_with_codes  # noqa: E402
 
 from batchlm.kernels.decode_plans import GemvConfig, PlanKey  # noqa: E402
 from batchlm.kernels.fp8_gemv import candidate_configs, fp8_small_m  # noqa: E402
+from batchlm.kernels.fused_ops import rms_norm, silu_and_mul  # noqa: E402
 from batchlm.kernels.int4_pack import PackedInt4, dequantize_packed  # noqa: E402
+from batchlm.kernels.one_row_gemv import one_row_configs, one_row_linear  # noqa: E402
+from batchlm.kernels.pdl import ENV_FLAG, pdl_enabled  # noqa: E402
 from batchlm.kernels.split_k import SCRATCH  # noqa: E402
 from batchlm.kernels.w4a16_gemm import W4A16Config, w4a16_matmul  # noqa: E402
 from batchlm.kernels.w4a16_gemv import candidate_plans, w4a16_gemv  # noqa: E402
 from batchlm.layers.linear import RowParallelLinear  # noqa: E402
 from batchlm.layers.quantization.base import LinearMethod  # noqa: E402
 from batchlm.layers.quantization.decode_tuning import tune_decode_linears  # noqa: E402
+from batchlm.layers.quantization.dense import DENSE, DENSE_PLANS, dense_plan_key  # noqa: E402
 from batchlm.layers.quantization.forms import quantize_fp8_rows  # noqa: E402
 from batchlm.layers.quantization.fp8 import FP8, FP8_PLANS  # noqa: E402
 from batchlm.layers.quantization.int4 import INT4  # noqa: E402
@@ -112,6 +116,24 @@ def test_fp8_kernel_rejects_too_many_rows_and_a_wrong_width() -> None:
         fp8_small_m(torch.zeros(17, 64, device=DEVICE, dtype=HALF), data, scale)
     with pytest.raises(ValueError, match="must be"):
         fp8_small_m(torch.zeros(1, 32, device=DEVICE, dtype=HALF), data, scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, HALF])
+@pytest.mark.parametrize(("out_features", "in_features"), [(72, 300), (200, 1000), (130, 2056)])
+def test_one_row_kernel_on_16_and_32_bit_weights_matches_the_product(
+    dtype: torch.dtype, out_features: int, in_features: int
+) -> None:
+    generator = torch.Generator().manual_seed(out_features)
+    weight = (torch.randn(out_features, in_features, generator=generator) * 0.05).to(DEVICE, dtype)
+    x = torch.randn(1, in_features, generator=generator).to(DEVICE, dtype)
+    bias = torch.randn(out_features, generator=generator).to(DEVICE, dtype)
+    ref = x.float() @ weight.float().t() + bias.float()
+    for config in one_row_configs(weight.element_size()):
+        out = one_row_linear(x, weight, None, bias, config)
+        assert out.dtype == dtype and out.shape == (1, out_features)
+        assert_relative(out, ref, TOLERANCE[dtype])
+    with pytest.raises(ValueError, match="must be"):
+        one_row_linear(torch.zeros(2, in_features, device=DEVICE, dtype=dtype), weight, None, None, config)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, HALF])
@@ -253,3 +275,71 @@ def test_decode_kernels_replay_in_a_cuda_graph() -> None:
         torch.cuda.synchronize()
         for run, out in zip(runs, outs, strict=True):
             torch.testing.assert_close(out, run(), atol=0, rtol=0)
+
+
+@ON_GPU
+def test_dense_layers_time_cublas_against_the_one_row_kernel_and_apply_the_choice() -> None:
+    layers = torch.nn.ModuleList([quantized_layer(DENSE, 384, 512) for _ in range(3)])
+    assert tune_decode_linears(layers, torch.bfloat16) == 1
+    key = dense_plan_key(layers[0])
+    assert key in DENSE_PLANS.chosen
+    try:
+        for plan in (None, one_row_configs(2)[0]):
+            DENSE_PLANS.chosen[key] = plan
+            for layer in layers:
+                for rows in (1, 3):
+                    x = torch.randn(rows, 512, device=DEVICE, dtype=torch.bfloat16)
+                    ref = x.float() @ layer.weight.float().t() + layer.bias.float()
+                    assert_relative(layer(x), ref, 1e-2)
+    finally:
+        del DENSE_PLANS.chosen[key]
+
+
+@ON_GPU
+def test_a_chain_launched_with_pdl_in_a_cuda_graph_equals_it_launched_plainly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # RMSNorm and SiLU-and-mul signal the linears after them, which read their weights before waiting:
+    # any read of an activation before its writer finished would change the bits.
+    hidden, inter = 2048, 4096
+    generator = torch.Generator().manual_seed(3)
+
+    def weight(rows: int, cols: int) -> torch.Tensor:
+        return (torch.randn(rows, cols, generator=generator) * cols**-0.5).to(DEVICE, torch.bfloat16)
+
+    norm = torch.ones(hidden, device=DEVICE, dtype=torch.bfloat16)
+    gate_up, down = weight(2 * inter, hidden), weight(hidden, inter)
+    fp8, fp8_scale, _ = fp8_case(2 * inter, hidden, seed=4)
+    x = torch.randn(1, hidden, device=DEVICE, dtype=torch.bfloat16)
+    configs = one_row_configs(2)
+
+    def chain() -> torch.Tensor:
+        h = x
+        for layer in range(4):
+            normed, _ = rms_norm(h, norm, 1e-5)
+            if layer % 2:
+                up = fp8_small_m(normed, fp8, fp8_scale)
+            else:
+                up = one_row_linear(normed, gate_up, None, None, configs[layer % len(configs)])
+            h = one_row_linear(silu_and_mul(up), down, None, None, configs[(layer + 1) % len(configs)])
+        return h
+
+    monkeypatch.setenv(ENV_FLAG, "0")
+    assert not pdl_enabled(x.device)
+    plain = chain()
+    monkeypatch.delenv(ENV_FLAG)
+    chain()  # compiled outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain()
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, plain, atol=0, rtol=0)
+    x.copy_(torch.randn_like(x))
+    monkeypatch.setenv(ENV_FLAG, "0")
+    plain = chain()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, plain, atol=0, rtol=0)

@@ -1,4 +1,4 @@
-"""Which launch serves a quantized linear at decode sizes, chosen per weight shape by timing a few
+"""Which launch serves a linear at decode sizes, chosen per weight shape by timing a few
 candidates at start-up.
 
 A plan is keyed on the weight's shape and on the row bucket: one row (the GEMV kernels) or 2..16 rows
@@ -10,6 +10,7 @@ launches captured in CUDA graphs never wait on timing; an untimed shape uses the
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -27,6 +28,7 @@ TIMING_LAYERS = 16
 QUEUE_CYCLES = 20_000_000
 
 Plan = TypeVar("Plan")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,12 @@ class PlanTable(Generic[Plan]):
         """Time every candidate for `key` (make_launches: one launch per layer of the shape) and
         keep the fastest; timed again on every call, since a dry compile pass times nothing real."""
         timings = [(timer(make_launches(plan)), index) for index, plan in enumerate(self.candidates(key))]
-        best = self.candidates(key)[min(timings)[1]]
+        best_us, best_index = min(timings)
+        best = self.candidates(key)[best_index]
         self.chosen[key] = best
+        logger.debug(
+            "decode plan for %s: %s (%.1f us; the first candidate %.1f us)", key, best, best_us, timings[0][0]
+        )
         return best
 
 

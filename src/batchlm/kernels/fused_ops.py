@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from batchlm.kernels.pdl import pdl_launch, pdl_prologue
+
 
 @triton.jit
 def _rms_norm_kernel(
@@ -27,7 +29,9 @@ def _rms_norm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_prologue(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -68,6 +72,7 @@ def rms_norm(
         HAS_RESIDUAL=residual is not None,
         BLOCK=block,
         num_warps=min(max(block // 256, 1), 8),
+        **pdl_launch(x.device),
     )
     return out, new_residual
 
@@ -83,7 +88,8 @@ def rms_norm_reference(
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, inter, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, inter, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_prologue(PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -101,7 +107,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if rows == 0:
         return out
     block = 1024
-    _silu_and_mul_kernel[(rows, triton.cdiv(inter, block))](x, out, x.stride(0), inter, BLOCK=block)
+    _silu_and_mul_kernel[(rows, triton.cdiv(inter, block))](
+        x, out, x.stride(0), inter, BLOCK=block, **pdl_launch(x.device)
+    )
     return out
 
 
@@ -120,7 +128,9 @@ def _rope_kernel(
     num_heads,
     HALF: tl.constexpr,
     HEADS_BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_prologue(PDL)
     row = tl.program_id(0)
     position = tl.load(positions_ptr + row)
     offsets = tl.arange(0, HALF)
@@ -153,6 +163,7 @@ def rotary_embedding_(positions: torch.Tensor, heads: torch.Tensor, cos_sin_cach
         num_heads,
         HALF=head_dim // 2,
         HEADS_BLOCK=triton.next_power_of_2(num_heads),
+        **pdl_launch(heads.device),
     )
 
 

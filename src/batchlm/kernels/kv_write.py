@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from batchlm.kernels.fp8_types import FP8_DTYPE, FP8_MAX
+from batchlm.kernels.pdl import pdl_launch, pdl_prologue
 from batchlm.kernels.shapes import check_kv_cache, next_power_of_2
 
 
@@ -35,7 +36,9 @@ def _write_kv_kernel(
     BLOCK_H: tl.constexpr,
     QUANTIZE: tl.constexpr,  # the cache is FP8: scale and clamp before the cast
     FP8_LIMIT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_prologue(PDL)
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token).to(tl.int64)
     # Padding rows (CUDA-graph batches) carry slot -1: they own no cache slot.
@@ -91,5 +94,5 @@ def write_kv_cache(
         BLOCK_H=next_power_of_2(num_kv_heads),
         QUANTIZE=kv_cache.dtype == FP8_DTYPE,
         FP8_LIMIT=FP8_MAX,
-        num_warps=1 if num_kv_heads * head_dim <= 512 else 4,
+        num_warps=1 if num_kv_heads * head_dim <= 512 else 4, **pdl_launch(key.device),
     )  # fmt: skip

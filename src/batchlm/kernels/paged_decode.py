@@ -17,6 +17,7 @@ import triton.language as tl
 
 from batchlm.kernels.fp8_types import FP8_DTYPE
 from batchlm.kernels.paged_tile import MASK_RANGE, attend_range
+from batchlm.kernels.pdl import pdl_launch, pdl_prologue
 from batchlm.kernels.shapes import LOG2_E, check_paged_inputs, dot_precision, next_power_of_2, sm_count
 from batchlm.kernels.specialization import unspecialized
 
@@ -81,8 +82,9 @@ def _decode_kernel(
     BLOCK_SIZE: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
-    FP8_IN_REGISTERS: tl.constexpr,
+    FP8_IN_REGISTERS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_prologue(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -157,7 +159,9 @@ def _reduce_kernel(
     BLOCK_S: tl.constexpr,  # NUM_SPLITS rounded up to a power of two
     CHUNK: tl.constexpr,
     WINDOWED: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_prologue(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -220,6 +224,7 @@ def paged_decode_attention(
         )
     num_splits = max(1, min(num_splits, MAX_SPLITS))
     fp8_cache = kv_cache.dtype == FP8_DTYPE
+    pdl = pdl_launch(query.device)
     part_out = part_lse = out  # placeholders: the single-split kernel never touches them
     if num_splits > 1:
         part_out = query.new_empty((batch, shape.num_heads, num_splits, shape.head_dim), dtype=torch.float32)
@@ -232,7 +237,7 @@ def paged_decode_attention(
         GROUP=shape.group_size, BLOCK_G=max(16, next_power_of_2(shape.group_size)),
         HEAD_DIM=shape.head_dim, BLOCK_N=cfg.block_n, NUM_SPLITS=num_splits,
         DOT_PRECISION=dot_precision(query.dtype), WINDOWED=window is not None, SOFTCAP=softcap is not None,
-        FP8_IN_REGISTERS=fp8_cache and cfg.fp8_in_registers,
+        FP8_IN_REGISTERS=fp8_cache and cfg.fp8_in_registers, **pdl,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if num_splits > 1:
@@ -240,6 +245,6 @@ def paged_decode_attention(
             part_out, part_lse, seq_lens, out, window or 0, out.stride(0), out.stride(1),
             HEAD_DIM=shape.head_dim, BLOCK_N=cfg.block_n, NUM_SPLITS=num_splits,
             BLOCK_S=next_power_of_2(num_splits), CHUNK=min(16, next_power_of_2(num_splits)),
-            WINDOWED=window is not None, num_warps=4,
+            WINDOWED=window is not None, num_warps=4, **pdl,
         )  # fmt: skip
     return out

@@ -25,6 +25,7 @@ import triton.language as tl
 
 from batchlm.kernels.decode_plans import GemvConfig
 from batchlm.kernels.int4_pack import CODES_PER_WORD, PackedInt4
+from batchlm.kernels.pdl import let_next_kernel_start, pdl_launch, wait_for_previous_kernel
 from batchlm.kernels.split_k import finish_split, split_buffers
 from batchlm.kernels.w4a16_gemm import W4A16Config
 
@@ -36,6 +37,18 @@ def _add_nibble(dot, x_sum, word, x_ptr, k, k_ok, P: tl.constexpr):
     x = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
     code = (word & (0xF << (4 * P))).to(tl.float32, bitcast=True)  # code * 2^(4P - 149), exact
     return dot + code * (x * (2.0 ** (85 - 4 * P)))[:, None], x_sum + x
+
+
+@triton.jit
+def _word_tile(qweight_ptr, first_row, cols, col_ok, N, ROWS_END, BLOCK_KW: tl.constexpr):
+    """[BLOCK_KW, BLOCK_N] packed words from word row `first_row` on (rows from ROWS_END on read as 0)."""
+    word_rows = first_row + tl.arange(0, BLOCK_KW)
+    row_ok = word_rows < ROWS_END
+    return tl.load(
+        qweight_ptr + word_rows.to(tl.int64)[:, None] * N + cols[None, :],
+        mask=row_ok[:, None] & col_ok[None, :],
+        other=0,
+    )
 
 
 @triton.jit
@@ -53,11 +66,18 @@ def _w4a16_gemv_kernel(
     GROUPS_PER_SPLIT: tl.constexpr,  # the last split's tail past GROUPS is masked
     WORDS_PER_GROUP: tl.constexpr,  # g / 8, a multiple of BLOCK_KW
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    let_next_kernel_start(PDL)
     tile = tl.program_id(0)
     split = tl.program_id(1)
     cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
+    # Each group's first word tile is read a group ahead; the first group's before the wait (PDL),
+    # as no kernel writes the weights.
+    first_words = _word_tile(qweight_ptr, split * GROUPS_PER_SPLIT * WORDS_PER_GROUP, cols, col_ok, N,
+                             GROUPS * WORDS_PER_GROUP, BLOCK_KW)  # fmt: skip
+    wait_for_previous_kernel(PDL)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for step in range(0, GROUPS_PER_SPLIT):
         group = split * GROUPS_PER_SPLIT + step
@@ -68,14 +88,13 @@ def _w4a16_gemv_kernel(
         # The group's sums: codes times activations (times 2^-64), and the activations alone.
         dot = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float32)
         x_sum = tl.zeros([BLOCK_KW], dtype=tl.float32)
+        words = first_words
         for first in range(0, WORDS_PER_GROUP, BLOCK_KW):
             word_rows = group * WORDS_PER_GROUP + first + tl.arange(0, BLOCK_KW)
             row_ok = word_rows < GROUPS * WORDS_PER_GROUP
-            words = tl.load(
-                qweight_ptr + word_rows.to(tl.int64)[:, None] * N + cols[None, :],
-                mask=row_ok[:, None] & col_ok[None, :],
-                other=0,
-            )
+            if first > 0:
+                words = _word_tile(qweight_ptr, group * WORDS_PER_GROUP + first, cols, col_ok, N,
+                                   GROUPS * WORDS_PER_GROUP, BLOCK_KW)  # fmt: skip
             k = word_rows * 8
             high = words >> 16  # nibbles 6-7 moved to bits 8-15
             dot, x_sum = _add_nibble(dot, x_sum, words, x_ptr, k, row_ok, 0)
@@ -86,6 +105,9 @@ def _w4a16_gemv_kernel(
             dot, x_sum = _add_nibble(dot, x_sum, words, x_ptr, k + 5, row_ok, 5)
             dot, x_sum = _add_nibble(dot, x_sum, high, x_ptr, k + 6, row_ok, 2)
             dot, x_sum = _add_nibble(dot, x_sum, high, x_ptr, k + 7, row_ok, 3)
+        first_words = _word_tile(qweight_ptr, (group + 1) * WORDS_PER_GROUP, cols, col_ok, N,
+                                 tl.minimum(GROUPS, split * GROUPS_PER_SPLIT + GROUPS_PER_SPLIT) * WORDS_PER_GROUP,
+                                 BLOCK_KW)  # fmt: skip
         # Folded to one value per column each group: the word rows a thread holds add up in its
         # registers, and only [BLOCK_N] sums stay live across groups.
         acc += scale * (tl.sum(dot, axis=0) - zero * (tl.sum(x_sum) * (2.0**-64)))
@@ -158,5 +180,6 @@ def w4a16_gemv(
         GROUPS=groups, GROUPS_PER_SPLIT=triton.cdiv(groups, cfg.split_k),
         WORDS_PER_GROUP=packed.group_size // CODES_PER_WORD, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n,
         BLOCK_KW=block_kw, SPLIT_K=cfg.split_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **pdl_launch(x.device),
     )  # fmt: skip
     return out

@@ -1,4 +1,4 @@
-"""Start-up timing of the quantized linears' decode launches: every distinct weight shape of a model
+"""Start-up timing of the linears' decode launches: every distinct weight shape of a model
 once (layers of a shape share the chosen launch), before the decode CUDA graphs are captured."""
 
 from __future__ import annotations
@@ -41,5 +41,5 @@ def tune_decode_linears(model: nn.Module, dtype: torch.dtype) -> int:
             method.tune_decode(layers, dtype)
             timed += 1
     if timed:
-        logger.info("quantized linears: decode launches timed for %d weight shapes", timed)
+        logger.info("linears: decode launches timed for %d weight shapes", timed)
     return timed

@@ -4,10 +4,16 @@ On the CPU in float32, post-load processing moves the weight to our C GEMM kerne
 (kernels/cpu_gemm.py). A linear then drops its dense copy; a layer that must keep it (an LM head,
 whose weight a tied embedding still looks rows up in) keeps both, and where the kernel is missing
 an LM head gets a oneDNN copy instead (layers/onednn.py).
+
+On a GPU one row (a single sequence's decode step) may take our GEMV kernel instead of cuBLAS
+(kernels/one_row_gemv.py, launched with PDL on Hopper): start-up times both per weight shape
+(kernels/decode_plans.py) and keeps the faster; an untimed shape stays on cuBLAS.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -15,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from batchlm.kernels.cpu_gemm import can_pack, pack_weight, packed_linear
+from batchlm.kernels.decode_plans import GemvConfig, PlanKey, PlanTable, bias_of, takes_decode_kernel
 from batchlm.layers.onednn import onednn_linear, to_onednn_weight
 from batchlm.layers.quantization.base import LinearMethod, LoadedWeight, QuantizedTensor, RowSlice
 
@@ -62,7 +69,26 @@ class DenseLinearMethod(LinearMethod):
         onednn_weight = getattr(layer, "onednn_weight", None)
         if onednn_weight is not None and bias is None and x.dim() == 2 and x.shape[0] > 0:
             return onednn_linear(x.float(), onednn_weight)
+        if x.is_cuda and x.numel() == x.shape[-1] and x.dtype == layer.weight.dtype:
+            row = x.reshape(1, -1)
+            plan = DENSE_PLANS.plan_for(dense_plan_key(layer)) if takes_decode_kernel(row) else None
+            if plan is not None:
+                return one_row_dense(layer, row.contiguous(), bias, plan).reshape(*x.shape[:-1], -1)
         return F.linear(x, layer.weight, bias)
+
+    def tune_decode(self, layers: Sequence[MethodLayer], dtype: torch.dtype) -> None:
+        """Time one row of these layers' (common) shape: cuBLAS against our GEMV's launch shapes."""
+        linears = [layer for layer in layers if getattr(layer, "role", "linear") != "embedding"]
+        if not linears or linears[0].weight.dtype != dtype or linears[0].weight.numel() == 0:
+            return
+        x = torch.randn(1, linears[0].weight.shape[1], dtype=dtype, device=linears[0].weight.device)
+
+        def launches(plan: GemvConfig | None) -> list[functools.partial[torch.Tensor]]:
+            if plan is None:
+                return [functools.partial(F.linear, x, layer.weight, bias_of(layer)) for layer in linears]
+            return [functools.partial(one_row_dense, layer, x, bias_of(layer), plan) for layer in linears]
+
+        DENSE_PLANS.tune(dense_plan_key(linears[0]), launches)
 
     def embed(self, layer: MethodLayer, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, layer.weight)
@@ -78,6 +104,29 @@ class DequantizeLinearMethod(DenseLinearMethod):
             copy_rows(layer, rows, where)
             return
         super().load_rows(layer, name, loaded, where)
+
+
+def dense_candidates(key: PlanKey) -> list[GemvConfig | None]:
+    """cuBLAS first (what an untimed shape gets), then our kernel's launch shapes for 16-bit weights."""
+    from batchlm.kernels.one_row_gemv import one_row_configs
+
+    return [None, *one_row_configs(weight_bytes=2)]
+
+
+DENSE_PLANS: PlanTable[GemvConfig | None] = PlanTable(dense_candidates)
+
+
+def dense_plan_key(layer: MethodLayer) -> PlanKey:
+    rows, cols = layer.weight.shape
+    return PlanKey("dense", rows, cols, one_row=True)
+
+
+def one_row_dense(
+    layer: MethodLayer, row: torch.Tensor, bias: torch.Tensor | None, plan: GemvConfig
+) -> torch.Tensor:
+    from batchlm.kernels.one_row_gemv import one_row_linear
+
+    return one_row_linear(row, layer.weight, None, bias, plan)
 
 
 def copy_rows(layer: MethodLayer, part: torch.Tensor, where: RowSlice) -> None:
