@@ -26,7 +26,22 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    TRITON_HAS_PDL = True
+except ImportError:  # Triton before 3.3: the flag stays off, so these are never compiled in
+    TRITON_HAS_PDL = False
+
+    @triton.jit
+    def gdc_launch_dependents() -> None:
+        pass
+
+    @triton.jit
+    def gdc_wait() -> None:
+        pass
+
 
 # Set to 0 to launch every kernel plainly (a driver or tool that mishandles PDL in CUDA graphs).
 ENV_FLAG = "BATCHLM_PDL"
@@ -34,12 +49,13 @@ ENV_FLAG = "BATCHLM_PDL"
 
 @functools.lru_cache(maxsize=16)
 def _capable(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) >= (9, 0)
+    """An NVIDIA GPU of compute capability 9.0 or later (ROCm reports its own numbers here)."""
+    return torch.version.hip is None and torch.cuda.get_device_capability(index) >= (9, 0)
 
 
 def pdl_enabled(device: torch.device) -> bool:
     """Whether kernels on `device` are launched with PDL and compiled with its instructions."""
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    if device.type != "cuda" or not TRITON_HAS_PDL or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     if os.environ.get(ENV_FLAG, "1") == "0":
         return False
