@@ -141,13 +141,13 @@ def gemv_ptx(
     return str(compiled.asm["ptx"])
 
 
-def one_row_gemv_ptx(config: GemvConfig, weight: str, pdl: bool) -> str:
+def one_row_gemv_ptx(config: GemvConfig, weight: str, pdl: bool, gated: bool = False) -> str:
     types = {"x_ptr": "*bf16", "w_ptr": weight, "scale_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16"}
     types |= {"partial_ptr": "*fp32", "arrivals_ptr": "*i32"}
     k_per_split = -(-4096 // (config.split_k * config.block_k)) * config.block_k
     constants = one_row_constants(config) | {
         "K": 4096, "K_PER_SPLIT": k_per_split, "BLOCK_K": config.block_k, "X_VECTOR": config.x_vector,
-        "HAS_SCALE": weight == "*fp8e4nv", "PDL": pdl,
+        "HAS_SCALE": weight == "*fp8e4nv", "GATED": gated, "PDL": pdl,
     }  # fmt: skip
     return gemv_ptx(one_row_gemv._one_row_kernel, types, constants, config, pdl)
 
@@ -162,10 +162,14 @@ def test_one_row_candidates_compile_to_16_byte_weight_loads(config: GemvConfig, 
     assert "ld.global.v4.b32" in one_row_gemv_ptx(config, weight, pdl=False)
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "silu-gated"])
 @pytest.mark.parametrize("weight", ["*fp8e4nv", "*bf16"])
-def test_one_row_gemv_reads_its_first_weights_before_waiting_for_the_previous_kernel(weight: str) -> None:
+def test_one_row_gemv_reads_its_first_weights_before_waiting_for_the_previous_kernel(
+    weight: str, gated: bool
+) -> None:
+    # A gated input ([gate | up], written by the GEMV before) is read only after the wait too.
     config = one_row_gemv.one_row_configs(1 if weight == "*fp8e4nv" else 2)[0]
-    lines = memory_lines(one_row_gemv_ptx(config, weight, pdl=True))
+    lines = memory_lines(one_row_gemv_ptx(config, weight, pdl=True, gated=gated))
     assert lines[0].startswith("griddepcontrol.launch_dependents")
     (wait,) = [i for i, line in enumerate(lines) if line.startswith("griddepcontrol.wait")]
     # The first tile's weight reads (16-byte vectors), and nothing else, precede the wait.

@@ -16,7 +16,9 @@ from batchlm.layers.linear import QKVParallelLinear, RowParallelLinear
 from batchlm.layers.quantization import registry
 from batchlm.layers.quantization.base import QuantizedTensor
 from batchlm.layers.quantization.dense import DEQUANTIZE, DenseLinearMethod
+from batchlm.layers.quantization.layer import MethodLayer
 from batchlm.layers.quantization.registry import GGUF_FORMAT, WeightSpec, choose_linear_method
+from batchlm.models.llama import LlamaMLP
 from batchlm.models.model_config import read_model_config
 from batchlm.models.random_model import TINY_CONFIG
 from batchlm.models.registry import get_model_class
@@ -132,3 +134,33 @@ def test_a_registered_chooser_gets_each_layer_with_its_tensor_types(recording: R
     assert model.model.layers[0].mlp.down_proj.method is DEQUANTIZE
     dense_spec = WeightSpec("dense", (), "linear", torch.device("cpu"), torch.float32)
     assert isinstance(choose_linear_method(dense_spec), DenseLinearMethod)
+
+
+class SiluInProductMethod(DenseLinearMethod):
+    """A method whose product makes silu(gate) * up itself (as the GPU's one-row GEMVs do)."""
+
+    def __init__(self) -> None:
+        self.gated_calls = 0
+
+    def apply_silu_gated(
+        self, layer: MethodLayer, gate_up: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        self.gated_calls += 1
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.apply(layer, torch.nn.functional.silu(gate) * up, bias)
+
+
+def test_a_gated_mlp_hands_its_down_projection_gate_and_up_where_the_method_takes_them() -> None:
+    config = read_model_config(SimpleNamespace(**TINY_CONFIG))
+    mlp = LlamaMLP(config, bias=True, tp=TensorParallelGroup(0, 1))
+    for param in mlp.parameters():
+        torch.nn.init.normal_(param, std=0.1, generator=GEN)
+    x = torch.randn(3, config.hidden_size, generator=GEN)
+    unfused = mlp(x)  # the dense method has no such path: SiLU-and-mul, then the product
+    assert DenseLinearMethod().apply_silu_gated(mlp.down_proj, x, None) is None
+    weight = mlp.down_proj.weight.detach().clone()
+    method = SiluInProductMethod()
+    mlp.down_proj.set_method(method)
+    mlp.down_proj.load_weight("w", "weight", weight)
+    torch.testing.assert_close(mlp(x), unfused)
+    assert method.gated_calls == 1

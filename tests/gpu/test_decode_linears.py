@@ -136,6 +136,41 @@ def test_one_row_kernel_on_16_and_32_bit_weights_matches_the_product(
         one_row_linear(torch.zeros(2, in_features, device=DEVICE, dtype=dtype), weight, None, None, config)
 
 
+@pytest.mark.parametrize("weight_kind", ["16-bit", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, HALF])
+def test_a_gated_input_gives_the_bits_of_silu_and_mul_then_the_product(
+    dtype: torch.dtype, weight_kind: str
+) -> None:
+    # The kernel makes silu(gate) * up as SiLU-and-mul does, rounded to the activations' dtype, so the
+    # fused down projection changes no bit of the unfused one, for every launch shape.
+    out_features, inter = 130, 1000
+    generator = torch.Generator().manual_seed(11)
+    gate_up = (torch.randn(1, 2 * inter, generator=generator) * 3).to(DEVICE, dtype)
+    bias = torch.randn(out_features, generator=generator).to(DEVICE, dtype)
+    if weight_kind == "fp8":
+        weight, scale, _ = fp8_case(out_features, inter, seed=12)
+        configs = [*ONE_ROW_FP8_CONFIGS, GemvConfig(16, 512, 4, 1, x_vector=True)]
+    else:
+        weight = (torch.randn(out_features, inter, generator=generator) * 0.05).to(DEVICE, dtype)
+        scale, configs = None, [*one_row_configs(weight.element_size()), GemvConfig(4, 256, 2, 1, split_k=3)]
+    activated = silu_and_mul(gate_up)
+    for config in configs:
+        unfused = one_row_linear(activated, weight, scale, bias, config)
+        fused = one_row_linear(gate_up, weight, scale, bias, config, gated=True)
+        torch.testing.assert_close(fused, unfused, atol=0, rtol=0, msg=repr(config))
+    if weight_kind == "fp8":
+        torch.testing.assert_close(
+            fp8_small_m(gate_up, weight, scale, bias, gated=True),
+            fp8_small_m(activated, weight, scale, bias),
+            atol=0,
+            rtol=0,
+        )
+        with pytest.raises(ValueError, match="one row"):
+            fp8_small_m(gate_up.expand(2, -1).contiguous(), weight, scale, bias, gated=True)
+    with pytest.raises(ValueError, match="must be"):
+        one_row_linear(activated, weight, scale, bias, configs[0], gated=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, HALF])
 @pytest.mark.parametrize(
     ("out_features", "in_features", "group"),
@@ -296,6 +331,36 @@ def test_dense_layers_time_cublas_against_the_one_row_kernel_and_apply_the_choic
 
 
 @ON_GPU
+@pytest.mark.parametrize("method", [DENSE, FP8, INT4], ids=["bf16", "fp8", "w4a16"])
+def test_a_down_projection_makes_the_silu_itself_only_on_the_one_row_gemv(method: LinearMethod) -> None:
+    layer = quantized_layer(method, 384, 512)
+    tune_decode_linears(torch.nn.ModuleList([layer]), torch.bfloat16)
+    gate_up = torch.randn(1, 1024, device=DEVICE, dtype=torch.bfloat16)
+    fused = layer.forward_silu_gated(gate_up)
+    if method is INT4:
+        # Its kernel has no instructions to spare for the activation (BENCHMARKS.md): no fused path.
+        assert fused is None
+        return
+    plans, key = (
+        (DENSE_PLANS, dense_plan_key(layer))
+        if method is DENSE
+        else (FP8_PLANS, PlanKey("fp8", 384, 512, True))
+    )
+    try:
+        if plans.chosen.get(key) is None:
+            plans.chosen[key] = one_row_configs(1 if method is FP8 else 2)[0]
+            fused = layer.forward_silu_gated(gate_up)
+        assert fused is not None
+        torch.testing.assert_close(fused, layer(silu_and_mul(gate_up)), atol=0, rtol=0)
+        # Several rows, or cuBLAS chosen for this shape: the caller applies the activation itself.
+        assert layer.forward_silu_gated(gate_up.expand(3, -1).contiguous()) is None
+        plans.chosen[key] = None
+        assert layer.forward_silu_gated(gate_up) is None
+    finally:
+        del plans.chosen[key]
+
+
+@ON_GPU
 def test_a_chain_launched_with_pdl_in_a_cuda_graph_equals_it_launched_plainly(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -321,7 +386,11 @@ def test_a_chain_launched_with_pdl_in_a_cuda_graph_equals_it_launched_plainly(
                 up = fp8_small_m(normed, fp8, fp8_scale)
             else:
                 up = one_row_linear(normed, gate_up, None, None, configs[layer % len(configs)])
-            h = one_row_linear(silu_and_mul(up), down, None, None, configs[(layer + 1) % len(configs)])
+            config = configs[(layer + 1) % len(configs)]
+            if layer < 2:
+                h = one_row_linear(silu_and_mul(up), down, None, None, config)
+            else:  # the activation made by the down projection as it loads its input
+                h = one_row_linear(up, down, None, None, config, gated=True)
         return h
 
     monkeypatch.setenv(ENV_FLAG, "0")

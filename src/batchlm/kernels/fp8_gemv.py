@@ -84,10 +84,16 @@ def fp8_small_m(
     weight_scale: torch.Tensor,  # [1, N] or [N] float32
     bias: torch.Tensor | None = None,
     config: GemvConfig | None = None,
+    gated: bool = False,
 ) -> torch.Tensor:
-    """[M, N] in x's dtype: x (weight * scale[:, None])^T + bias, accumulated in fp32."""
+    """[M, N] in x's dtype: x (weight * scale[:, None])^T + bias, accumulated in fp32. `gated` (one
+    row only): x is [1, 2K], gate then up, and the input is silu(gate) * up."""
     rows, in_features = x.shape
     out_features = weight.shape[0]
+    if gated:
+        if rows != 1:
+            raise ValueError(f"a gated input is one row, got {rows}")
+        return one_row_linear(x, weight, weight_scale, bias, config or candidate_configs(True)[0], gated=True)
     if rows > MAX_ROWS or weight.shape[1] != in_features or x.stride(-1) != 1 or weight.stride(-1) != 1:
         raise ValueError(
             f"x must be [<= {MAX_ROWS}, {weight.shape[1]}] and contiguous in K, got {tuple(x.shape)}"

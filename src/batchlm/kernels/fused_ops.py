@@ -93,10 +93,17 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, inter, BLOCK: tl.constexpr, P
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
-    gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
     up = tl.load(x_ptr + row * x_stride + inter + cols, mask=mask, other=0.0)
-    activated = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
-    tl.store(out_ptr + row * inter + cols, activated * up, mask=mask)
+    tl.store(out_ptr + row * inter + cols, silu_times(gate, up), mask=mask)
+
+
+@triton.jit
+def silu_times(gate, up):
+    """silu(gate) * up in up's dtype, rounded as the unfused model rounds (silu in fp32, rounded, then
+    the product): the one-row GEMVs that take [gate | up] compute their input with it too."""
+    gate = gate.to(tl.float32)
+    return (gate / (1.0 + tl.exp(-gate))).to(up.dtype) * up
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,9 @@ registers; its scale, constant along K, multiplies the finished sum once.
 
 With programmatic dependent launch (kernels/pdl.py) a program reads its first weight tile before
 waiting for the kernel that wrote x, so the first reads overlap that kernel's end.
+
+A gated MLP's down projection may take [gate | up] and make silu(gate) * up as it loads it: the
+SiLU-and-mul launch between the two GEMVs, a wait on the one before at one row, goes away.
 """
 
 from __future__ import annotations
@@ -19,19 +22,30 @@ import triton
 import triton.language as tl
 
 from batchlm.kernels.decode_plans import GemvConfig
+from batchlm.kernels.fused_ops import silu_times
 from batchlm.kernels.pdl import let_next_kernel_start, pdl_launch, wait_for_previous_kernel
 from batchlm.kernels.split_k import finish_split, split_buffers
 
 
 @triton.jit
-def _row_times_tile(x_ptr, w, ks, k_ok, cols, X_VECTOR: tl.constexpr):
+def _activations(x_ptr, at, ok, K: tl.constexpr, GATED: tl.constexpr):
+    """x[at], or with GATED (x_ptr is [gate | up], 2K long) silu(gate[at]) * up[at]."""
+    if GATED:
+        return silu_times(
+            tl.load(x_ptr + at, mask=ok, other=0.0), tl.load(x_ptr + K + at, mask=ok, other=0.0)
+        )
+    return tl.load(x_ptr + at, mask=ok, other=0.0)
+
+
+@triton.jit
+def _row_times_tile(x_ptr, w, ks, k_ok, cols, K: tl.constexpr, X_VECTOR: tl.constexpr, GATED: tl.constexpr):
     """[BLOCK_N] fp32: the weight tile w [BLOCK_N, BLOCK_K] times x[ks], summed over the tile's K."""
     if X_VECTOR:
-        x = tl.load(x_ptr + ks, mask=k_ok, other=0.0)[None, :]
+        x = _activations(x_ptr, ks, k_ok, K, GATED)[None, :]
     else:
         # Each thread loads the activations of its own tile elements (L1 hits): no layout change
         # through shared memory, at the price of one load per weight row a thread holds.
-        x = tl.load(x_ptr + (cols * 0)[:, None] + ks[None, :], mask=k_ok[None, :], other=0.0)
+        x = _activations(x_ptr, (cols * 0)[:, None] + ks[None, :], k_ok[None, :], K, GATED)
     # Summed over K every step: only [BLOCK_N] sums stay live, so wide tiles (many bytes in
     # flight per thread) keep their registers for the loads.
     return tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)
@@ -39,7 +53,7 @@ def _row_times_tile(x_ptr, w, ks, k_ok, cols, X_VECTOR: tl.constexpr):
 
 @triton.jit
 def _one_row_kernel(
-    x_ptr,  # [K] activations (bf16 / fp16 / fp32)
+    x_ptr,  # [K] activations (bf16 / fp16 / fp32); with GATED [2K], gate then up
     w_ptr,  # [N, K] in the activations' dtype, or float8_e4m3fn
     scale_ptr,  # [N] float32 per-output-channel scales (read when HAS_SCALE)
     bias_ptr,  # [N] (read when HAS_BIAS)
@@ -50,7 +64,7 @@ def _one_row_kernel(
     K: tl.constexpr,  # static per layer: constant loop bounds (and Triton's interpreter needs them)
     K_PER_SPLIT: tl.constexpr,  # a multiple of BLOCK_K; the last split's tail past K is masked
     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, X_VECTOR: tl.constexpr, PDL: tl.constexpr,
+    SPLIT_K: tl.constexpr, X_VECTOR: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     let_next_kernel_start(PDL)
     tile = tl.program_id(0)
@@ -63,12 +77,12 @@ def _one_row_kernel(
     # The first step's weights: no kernel writes them, so they may be read before the wait.
     w = tl.load(w_rows + offs_k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
     wait_for_previous_kernel(PDL)
-    acc = _row_times_tile(x_ptr, w, offs_k, k_ok, cols, X_VECTOR)
+    acc = _row_times_tile(x_ptr, w, offs_k, k_ok, cols, K, X_VECTOR, GATED)
     for k0 in range(BLOCK_K, K_PER_SPLIT, BLOCK_K):
         ks = k0 + offs_k
         k_ok = ks < K
         w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += _row_times_tile(x_ptr, w, ks, k_ok, cols, X_VECTOR)
+        acc += _row_times_tile(x_ptr, w, ks, k_ok, cols, K, X_VECTOR, GATED)
     if HAS_SCALE:
         acc *= tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
     finish_split(
@@ -103,17 +117,20 @@ def one_row_configs(weight_bytes: int) -> list[GemvConfig]:
 
 
 def one_row_linear(
-    x: torch.Tensor,  # [1, K], contiguous in K
+    x: torch.Tensor,  # [1, K] contiguous in K; with `gated`, [1, 2K]: gate then up
     weight: torch.Tensor,  # [N, K] in x's dtype, or float8_e4m3fn with `scale`
     scale: torch.Tensor | None,  # [1, N] or [N] float32 per-output-channel scales
     bias: torch.Tensor | None,
     config: GemvConfig,
     out: torch.Tensor | None = None,  # [1, N] in x's dtype
+    gated: bool = False,
 ) -> torch.Tensor:
-    """[1, N]: x (weight * scale[:, None])^T + bias, accumulated in fp32."""
+    """[1, N]: x (weight * scale[:, None])^T + bias, accumulated in fp32. With `gated` the input is
+    silu(gate) * up, made in the kernel as SiLU-and-mul makes it (one launch fewer a layer)."""
     out_features, in_features = weight.shape
-    if x.shape != (1, in_features) or x.stride(-1) != 1 or weight.stride(-1) != 1:
-        raise ValueError(f"x must be [1, {in_features}] and contiguous in K, got {tuple(x.shape)}")
+    width = 2 * in_features if gated else in_features
+    if x.shape != (1, width) or x.stride(-1) != 1 or weight.stride(-1) != 1:
+        raise ValueError(f"x must be [1, {width}] and contiguous, got {tuple(x.shape)}")
     if out is None:
         out = torch.empty((1, out_features), dtype=x.dtype, device=x.device)
     tiles = triton.cdiv(out_features, config.block_n)
@@ -125,6 +142,6 @@ def one_row_linear(
         out_features, weight.stride(0),
         K=in_features, K_PER_SPLIT=k_per_split, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k, X_VECTOR=config.x_vector,
-        num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch(x.device),
+        GATED=gated, num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch(x.device),
     )  # fmt: skip
     return out

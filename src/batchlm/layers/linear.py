@@ -45,6 +45,10 @@ class LinearLayer(MethodLayer):
         """x @ W^T (+ bias) through the layer's method."""
         return self.method.apply(self, x, bias)
 
+    def matmul_silu_gated(self, gate_up: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """silu(gate) * up @ W^T (+ bias) in one product where the method can (see LinearMethod)."""
+        return self.method.apply_silu_gated(self, gate_up, bias)
+
 
 class ColumnParallelLinear(LinearLayer):
     """y = x W^T + b with W's output rows split across ranks; each rank returns its slice of y
@@ -213,6 +217,17 @@ class RowParallelLinear(LinearLayer):
         if self.tp.is_single:
             return self.matmul(x, self.bias)
         y = self.tp.all_reduce(self.matmul(x, None))
+        return y if self.bias is None else y + self.bias
+
+    def forward_silu_gated(self, gate_up: torch.Tensor) -> torch.Tensor | None:
+        """forward(silu(gate) * up) for gate_up [T, 2 * input_size_per_rank] ([gate | up]), with the
+        activation made inside the product; None where the weight's method cannot (see LinearMethod)."""
+        if self.tp.is_single:
+            return self.matmul_silu_gated(gate_up, self.bias)
+        partial = self.matmul_silu_gated(gate_up, None)
+        if partial is None:
+            return None
+        y = self.tp.all_reduce(partial)
         return y if self.bias is None else y + self.bias
 
     def load_weight(

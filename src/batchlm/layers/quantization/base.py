@@ -131,6 +131,15 @@ class LinearMethod(ABC):
     def apply(self, layer: MethodLayer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x [T, cols] @ W^T (+ bias) -> [T, rows]."""
 
+    def apply_silu_gated(
+        self, layer: MethodLayer, gate_up: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """silu(gate) * up @ W^T (+ bias) for gate_up [T, 2 * cols] ([gate | up]), the activation made
+        inside the product; None where the method has no such path for this input (the caller then
+        applies SiLU-and-mul, then apply())."""
+        del layer, gate_up, bias
+        return None
+
     def tune_decode(self, layers: Sequence[MethodLayer], dtype: torch.dtype) -> None:
         """Time decode-sized launches for `layers` (one weight shape, on a GPU); most methods have none."""
         del layers, dtype

@@ -69,12 +69,20 @@ class DenseLinearMethod(LinearMethod):
         onednn_weight = getattr(layer, "onednn_weight", None)
         if onednn_weight is not None and bias is None and x.dim() == 2 and x.shape[0] > 0:
             return onednn_linear(x.float(), onednn_weight)
-        if x.is_cuda and x.numel() == x.shape[-1] and x.dtype == layer.weight.dtype:
-            row = x.reshape(1, -1)
-            plan = DENSE_PLANS.plan_for(dense_plan_key(layer)) if takes_decode_kernel(row) else None
-            if plan is not None:
-                return one_row_dense(layer, row.contiguous(), bias, plan).reshape(*x.shape[:-1], -1)
+        plan = one_row_plan(layer, x)
+        if plan is not None:
+            return one_row_dense(layer, x.reshape(1, -1).contiguous(), bias, plan).reshape(*x.shape[:-1], -1)
         return F.linear(x, layer.weight, bias)
+
+    def apply_silu_gated(
+        self, layer: MethodLayer, gate_up: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """One row on our GEMV: the activation is made as the kernel loads its input."""
+        plan = one_row_plan(layer, gate_up)
+        if plan is None:
+            return None
+        row = gate_up.reshape(1, -1).contiguous()
+        return one_row_dense(layer, row, bias, plan, gated=True).reshape(*gate_up.shape[:-1], -1)
 
     def tune_decode(self, layers: Sequence[MethodLayer], dtype: torch.dtype) -> None:
         """Time one row of these layers' (common) shape: cuBLAS against our GEMV's launch shapes."""
@@ -121,12 +129,20 @@ def dense_plan_key(layer: MethodLayer) -> PlanKey:
     return PlanKey("dense", rows, cols, one_row=True)
 
 
+def one_row_plan(layer: MethodLayer, x: torch.Tensor) -> GemvConfig | None:
+    """Our GEMV's launch shape for x when x is one row on a GPU and start-up timing chose our GEMV
+    for this weight shape; None for cuBLAS."""
+    if not (x.is_cuda and x.numel() == x.shape[-1] and x.dtype == layer.weight.dtype):
+        return None
+    return DENSE_PLANS.plan_for(dense_plan_key(layer)) if takes_decode_kernel(x.reshape(1, -1)) else None
+
+
 def one_row_dense(
-    layer: MethodLayer, row: torch.Tensor, bias: torch.Tensor | None, plan: GemvConfig
+    layer: MethodLayer, row: torch.Tensor, bias: torch.Tensor | None, plan: GemvConfig, gated: bool = False
 ) -> torch.Tensor:
     from batchlm.kernels.one_row_gemv import one_row_linear
 
-    return one_row_linear(row, layer.weight, None, bias, plan)
+    return one_row_linear(row, layer.weight, None, bias, plan, gated=gated)
 
 
 def copy_rows(layer: MethodLayer, part: torch.Tensor, where: RowSlice) -> None:

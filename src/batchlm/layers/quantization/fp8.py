@@ -83,6 +83,19 @@ class Fp8LinearMethod(LinearMethod):
                 return out.reshape(*x.shape[:-1], out.shape[-1])
         return fp8_linear(x, layer.weight, scale_of(layer), input_scale_of(layer), bias)
 
+    def apply_silu_gated(
+        self, layer: MethodLayer, gate_up: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """One row on the one-row GEMV: the activation is made as the kernel loads its input."""
+        row = gate_up.reshape(-1, gate_up.shape[-1])
+        if row.shape[0] != 1 or not takes_decode_kernel(row):
+            return None
+        plan = FP8_PLANS.plan_for(plan_key(layer, one_row=True))
+        if plan is None:
+            return None
+        out = decode_linear(layer, row.contiguous(), bias, plan, gated=True)
+        return out.reshape(*gate_up.shape[:-1], out.shape[-1])
+
     def tune_decode(self, layers: Sequence[MethodLayer], dtype: torch.dtype) -> None:
         """Time the decode plans for these layers' (common) shape, one row and 2..16 rows."""
         device = layers[0].weight.device
@@ -124,11 +137,11 @@ def plan_key(layer: MethodLayer, one_row: bool) -> PlanKey:
 
 
 def decode_linear(
-    layer: MethodLayer, rows: torch.Tensor, bias: torch.Tensor | None, plan: GemvConfig
+    layer: MethodLayer, rows: torch.Tensor, bias: torch.Tensor | None, plan: GemvConfig, gated: bool = False
 ) -> torch.Tensor:
     from batchlm.kernels.fp8_gemv import fp8_small_m
 
-    return fp8_small_m(rows, layer.weight, scale_of(layer), bias, plan)
+    return fp8_small_m(rows, layer.weight, scale_of(layer), bias, plan, gated=gated)
 
 
 def scale_of(layer: MethodLayer) -> torch.Tensor:
