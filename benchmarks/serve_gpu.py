@@ -120,8 +120,9 @@ def prepare_model_dir(shape: str) -> Path:
 def print_startup_lines(log: Path) -> None:
     """The server's start-up breakdown: its `startup:` log lines, without the timestamp prefix."""
     for line in log.read_text(errors="replace").splitlines():
-        if "startup:" in line:
-            print("  " + line[line.index("startup:") :], flush=True)
+        # After the logger's name, which may hold the word too (`gpu_startup: startup: ...`).
+        if ": startup:" in line:
+            print("  " + line[line.index(": startup:") + 2 :], flush=True)
 
 
 def main() -> None:
