@@ -243,7 +243,7 @@ def w4a16_gemv_ptx(config: GemvConfig, pdl: bool) -> str:
     groups = 4096 // 128
     constants = one_row_constants(config) | {
         "GROUPS": groups, "GROUPS_PER_SPLIT": -(-groups // config.split_k), "WORDS_PER_GROUP": 16,
-        "BLOCK_KW": w4a16_gemv.words_per_step(config.block_k, 128), "PDL": pdl,
+        "BLOCK_KW": w4a16_gemv.words_per_step(config.block_k, 128), "LATE_SUM": config.late_sum, "PDL": pdl,
     }  # fmt: skip
     return gemv_ptx(w4a16_gemv._w4a16_gemv_kernel, types, constants, config, pdl)
 
@@ -253,11 +253,37 @@ def test_w4a16_one_row_candidates_compile_to_16_byte_word_loads(config: GemvConf
     assert "ld.global.v4.b32" in w4a16_gemv_ptx(config, pdl=False)
 
 
-def test_w4a16_gemv_reads_its_first_words_before_waiting_for_the_previous_kernel() -> None:
-    lines = memory_lines(w4a16_gemv_ptx(w4a16_gemv.ONE_ROW_CONFIGS[0], pdl=True))
+LATE_SUM = GemvConfig(256, 128, 4, 1, split_k=16, late_sum=True)
+
+
+@pytest.mark.parametrize("late_sum", [False, True], ids=["sum-per-group", "late-sum"])
+def test_w4a16_gemv_reads_its_first_words_before_waiting_for_the_previous_kernel(late_sum: bool) -> None:
+    config = LATE_SUM if late_sum else w4a16_gemv.ONE_ROW_CONFIGS[0]
+    assert config in w4a16_gemv.ONE_ROW_CONFIGS
+    lines = memory_lines(w4a16_gemv_ptx(config, pdl=True))
     assert lines[0].startswith("griddepcontrol.launch_dependents")
     (wait,) = [i for i, line in enumerate(lines) if line.startswith("griddepcontrol.wait")]
-    assert wait > 1 and all("ld.global.v4.b32" in line for line in lines[1:wait])
+    before = lines[1:wait]
+    # The first group's words (16-byte loads), and with late sums its scales and zero points too
+    # (two bf16 a thread, one 32-bit load each); no activation (16-bit loads) and no store.
+    words = [line for line in before if "ld.global.v4.b32" in line]
+    scales = [line for line in before if "ld.global.b32" in line]
+    assert words and len(scales) == (2 if late_sum else 0) and len(words) + len(scales) == len(before)
+
+
+def test_w4a16_gemv_late_sum_loop_waits_on_no_load_at_a_barrier() -> None:
+    # Scales read in the loop cross to the sums' layout through shared memory: the value a barrier
+    # waits for was loaded a group earlier (a register carried round the loop), never just before.
+    ptx = w4a16_gemv_ptx(LATE_SUM, pdl=False).splitlines()
+    header = next(i for i, line in enumerate(ptx) if "Loop Header" in line)
+    back = next(i for i, line in enumerate(ptx) if i > header and "bra" in line and "BB0_" in line)
+    body = [line.strip() for line in ptx[header:back]]
+    loaded = {line.split("{")[1].split("}")[0].strip() for line in body if "ld.global.b32" in line}
+    stored = [line for line in body if line.startswith("st.shared")]
+    assert loaded and stored
+    assert not any(register in line for line in stored for register in loaded)
+    # One sum across threads, after the loop: none inside it.
+    assert not any("shfl" in line for line in body)
 
 
 @pytest.mark.parametrize("logits", ["fp32", "bf16", "fp16"])

@@ -195,8 +195,14 @@ def test_every_w4a16_decode_plan_agrees(one_row: bool) -> None:
     rows = 1 if one_row else 11
     x = torch.randn(rows, 1152, device=DEVICE).to(HALF)
     ref = x.float() @ dequantize_packed(packed).t()
-    # Beside the candidates: more splits than groups (some splits sum nothing), one warp.
-    extra = [GemvConfig(64, 128, 2, 1, split_k=16), GemvConfig(32, 64, 1, 1, split_k=2)] if one_row else []
+    # Beside the candidates: more splits than groups (some splits sum nothing), one warp; each with
+    # sums per group and late.
+    extra = [
+        GemvConfig(n, k, warps, 1, split_k=split, late_sum=late)
+        for n, k, warps, split in ((64, 128, 2, 16), (32, 64, 1, 2))
+        for late in (False, True)
+    ]
+    extra = extra if one_row else []
     for plan in [*candidate_plans(one_row, 128), *extra]:
         out = (
             w4a16_gemv(x, packed, None, plan)

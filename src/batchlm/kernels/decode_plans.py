@@ -36,7 +36,8 @@ class GemvConfig:
     """One launch shape of a decode kernel: output features and inputs per program step, warps,
     pipeline stages, and the programs K is split across (the one-row kernels). x_vector: the FP8
     one-row kernel loads a step's activations once as a vector (handed to the tile's threads through
-    shared memory) rather than each thread those of its own tile elements."""
+    shared memory) rather than each thread those of its own tile elements. late_sum: the W4A16
+    one-row kernel sums across threads once, after its loop over groups, rather than every group."""
 
     block_n: int
     block_k: int
@@ -44,6 +45,7 @@ class GemvConfig:
     num_stages: int
     split_k: int = 1
     x_vector: bool = False
+    late_sum: bool = False
 
 
 @dataclass(frozen=True)

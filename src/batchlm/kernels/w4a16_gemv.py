@@ -11,7 +11,10 @@ instructions to matter, so a code costs one integer and one float instruction:
   row, so every product is c * x * 2^-64, normal for any activation of interest, and the sum is
   scaled back once at the end;
 - programs step through whole groups, so a group's scales and zero points are one [BLOCK_N] row each,
-  applied once per group: s * (sum_k c_k x_k - z * sum_k x_k).
+  applied once per group: s * (sum_k c_k x_k - z * sum_k x_k). Folded to one sum per column each
+  group, or (`late_sum` launch shapes) applied per word row a thread holds, the sums meeting across
+  threads once at the end and the scales read a group ahead, so that no step of the loop waits on
+  memory at a barrier: start-up timing picks per weight shape (BENCHMARKS.md).
 Programs split N (words are contiguous along N, so a [BLOCK_KW, BLOCK_N] tile reads whole rows of
 BLOCK_N words) and, where N alone gives too few programs to keep enough reads in flight, K (the
 splits' sums meet in the same launch, kernels/split_k.py).
@@ -52,6 +55,42 @@ def _word_tile(qweight_ptr, first_row, cols, col_ok, N, ROWS_END, BLOCK_KW: tl.c
 
 
 @triton.jit
+def _group_scales(scales_ptr, zeros_ptr, group, cols, col_ok, N, GROUPS_END):
+    """[BLOCK_N] scales and zero points of `group` as stored (groups from GROUPS_END on read as 0)."""
+    ok = col_ok & (group < GROUPS_END)
+    at = group.to(tl.int64) * N + cols
+    return tl.load(scales_ptr + at, mask=ok, other=0.0), tl.load(zeros_ptr + at, mask=ok, other=0.0)
+
+
+@triton.jit
+def _group_sums(x_ptr, qweight_ptr, words, group, cols, col_ok, N, groups_end,
+                GROUPS: tl.constexpr, WORDS_PER_GROUP: tl.constexpr, BLOCK_KW: tl.constexpr):  # fmt: skip
+    """One group's [BLOCK_KW, BLOCK_N] sums of codes times activations (times 2^-64) and [BLOCK_KW]
+    sums of the activations, from its first word tile `words`; and the next group's first word tile."""
+    dot = tl.zeros([BLOCK_KW, cols.shape[0]], dtype=tl.float32)
+    x_sum = tl.zeros([BLOCK_KW], dtype=tl.float32)
+    for first in range(0, WORDS_PER_GROUP, BLOCK_KW):
+        word_rows = group * WORDS_PER_GROUP + first + tl.arange(0, BLOCK_KW)
+        row_ok = word_rows < GROUPS * WORDS_PER_GROUP
+        if first > 0:
+            words = _word_tile(qweight_ptr, group * WORDS_PER_GROUP + first, cols, col_ok, N,
+                               GROUPS * WORDS_PER_GROUP, BLOCK_KW)  # fmt: skip
+        k = word_rows * 8
+        high = words >> 16  # nibbles 6-7 moved to bits 8-15
+        dot, x_sum = _add_nibble(dot, x_sum, words, x_ptr, k, row_ok, 0)
+        dot, x_sum = _add_nibble(dot, x_sum, words, x_ptr, k + 1, row_ok, 1)
+        dot, x_sum = _add_nibble(dot, x_sum, words, x_ptr, k + 2, row_ok, 2)
+        dot, x_sum = _add_nibble(dot, x_sum, words, x_ptr, k + 3, row_ok, 3)
+        dot, x_sum = _add_nibble(dot, x_sum, words, x_ptr, k + 4, row_ok, 4)
+        dot, x_sum = _add_nibble(dot, x_sum, words, x_ptr, k + 5, row_ok, 5)
+        dot, x_sum = _add_nibble(dot, x_sum, high, x_ptr, k + 6, row_ok, 2)
+        dot, x_sum = _add_nibble(dot, x_sum, high, x_ptr, k + 7, row_ok, 3)
+    next_words = _word_tile(qweight_ptr, (group + 1) * WORDS_PER_GROUP, cols, col_ok, N,
+                            groups_end * WORDS_PER_GROUP, BLOCK_KW)  # fmt: skip
+    return dot, x_sum, next_words
+
+
+@triton.jit
 def _w4a16_gemv_kernel(
     x_ptr,  # [K] activations
     qweight_ptr,  # [K / 8, N] int32
@@ -66,51 +105,52 @@ def _w4a16_gemv_kernel(
     GROUPS_PER_SPLIT: tl.constexpr,  # the last split's tail past GROUPS is masked
     WORDS_PER_GROUP: tl.constexpr,  # g / 8, a multiple of BLOCK_KW
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr,
-    PDL: tl.constexpr,
+    LATE_SUM: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     let_next_kernel_start(PDL)
     tile = tl.program_id(0)
     split = tl.program_id(1)
     cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
+    first_group = split * GROUPS_PER_SPLIT
+    groups_end = tl.minimum(GROUPS, first_group + GROUPS_PER_SPLIT)
     # Each group's first word tile is read a group ahead; the first group's before the wait (PDL),
     # as no kernel writes the weights.
-    first_words = _word_tile(qweight_ptr, split * GROUPS_PER_SPLIT * WORDS_PER_GROUP, cols, col_ok, N,
-                             GROUPS * WORDS_PER_GROUP, BLOCK_KW)  # fmt: skip
-    wait_for_previous_kernel(PDL)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for step in range(0, GROUPS_PER_SPLIT):
-        group = split * GROUPS_PER_SPLIT + step
-        group_ok = col_ok & (group < GROUPS)
-        at_group = group.to(tl.int64) * N + cols
-        scale = tl.load(scales_ptr + at_group, mask=group_ok, other=0.0).to(tl.float32)
-        zero = tl.load(zeros_ptr + at_group, mask=group_ok, other=0.0).to(tl.float32)
-        # The group's sums: codes times activations (times 2^-64), and the activations alone.
-        dot = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float32)
-        x_sum = tl.zeros([BLOCK_KW], dtype=tl.float32)
-        words = first_words
-        for first in range(0, WORDS_PER_GROUP, BLOCK_KW):
-            word_rows = group * WORDS_PER_GROUP + first + tl.arange(0, BLOCK_KW)
-            row_ok = word_rows < GROUPS * WORDS_PER_GROUP
-            if first > 0:
-                words = _word_tile(qweight_ptr, group * WORDS_PER_GROUP + first, cols, col_ok, N,
-                                   GROUPS * WORDS_PER_GROUP, BLOCK_KW)  # fmt: skip
-            k = word_rows * 8
-            high = words >> 16  # nibbles 6-7 moved to bits 8-15
-            dot, x_sum = _add_nibble(dot, x_sum, words, x_ptr, k, row_ok, 0)
-            dot, x_sum = _add_nibble(dot, x_sum, words, x_ptr, k + 1, row_ok, 1)
-            dot, x_sum = _add_nibble(dot, x_sum, words, x_ptr, k + 2, row_ok, 2)
-            dot, x_sum = _add_nibble(dot, x_sum, words, x_ptr, k + 3, row_ok, 3)
-            dot, x_sum = _add_nibble(dot, x_sum, words, x_ptr, k + 4, row_ok, 4)
-            dot, x_sum = _add_nibble(dot, x_sum, words, x_ptr, k + 5, row_ok, 5)
-            dot, x_sum = _add_nibble(dot, x_sum, high, x_ptr, k + 6, row_ok, 2)
-            dot, x_sum = _add_nibble(dot, x_sum, high, x_ptr, k + 7, row_ok, 3)
-        first_words = _word_tile(qweight_ptr, (group + 1) * WORDS_PER_GROUP, cols, col_ok, N,
-                                 tl.minimum(GROUPS, split * GROUPS_PER_SPLIT + GROUPS_PER_SPLIT) * WORDS_PER_GROUP,
-                                 BLOCK_KW)  # fmt: skip
-        # Folded to one value per column each group: the word rows a thread holds add up in its
-        # registers, and only [BLOCK_N] sums stay live across groups.
-        acc += scale * (tl.sum(dot, axis=0) - zero * (tl.sum(x_sum) * (2.0**-64)))
+    words = _word_tile(qweight_ptr, first_group * WORDS_PER_GROUP, cols, col_ok, N, GROUPS * WORDS_PER_GROUP,
+                       BLOCK_KW)  # fmt: skip
+    if LATE_SUM:
+        # Scales and zero points a group ahead too: they reach the sums' layout through shared
+        # memory, and a barrier there would otherwise wait for their load.
+        scale, zero = _group_scales(scales_ptr, zeros_ptr, first_group, cols, col_ok, N, groups_end)
+        wait_for_previous_kernel(PDL)
+        # Each thread's scaled sums of its own word rows, summed across threads once, after the
+        # loop: no sum across warps (and its barriers) per group.
+        sums = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float32)
+        for step in range(0, GROUPS_PER_SPLIT):
+            group = first_group + step
+            next_scale, next_zero = _group_scales(
+                scales_ptr, zeros_ptr, group + 1, cols, col_ok, N, groups_end
+            )
+            dot, x_sum, words = _group_sums(x_ptr, qweight_ptr, words, group, cols, col_ok, N, groups_end,
+                                            GROUPS, WORDS_PER_GROUP, BLOCK_KW)  # fmt: skip
+            zero_f = zero.to(tl.float32)[None, :]
+            sums += scale.to(tl.float32)[None, :] * (dot - zero_f * (x_sum * (2.0**-64))[:, None])
+            scale, zero = next_scale, next_zero
+        acc = tl.sum(sums, axis=0)
+    else:
+        wait_for_previous_kernel(PDL)
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for step in range(0, GROUPS_PER_SPLIT):
+            group = first_group + step
+            group_ok = col_ok & (group < GROUPS)
+            at_group = group.to(tl.int64) * N + cols
+            scale = tl.load(scales_ptr + at_group, mask=group_ok, other=0.0).to(tl.float32)
+            zero = tl.load(zeros_ptr + at_group, mask=group_ok, other=0.0).to(tl.float32)
+            dot, x_sum, words = _group_sums(x_ptr, qweight_ptr, words, group, cols, col_ok, N, groups_end,
+                                            GROUPS, WORDS_PER_GROUP, BLOCK_KW)  # fmt: skip
+            # Folded to one value per column each group: the word rows a thread holds add up in its
+            # registers, and only [BLOCK_N] sums stay live across groups.
+            acc += scale * (tl.sum(dot, axis=0) - zero * (tl.sum(x_sum) * (2.0**-64)))
     finish_split(
         acc * (2.0**64), tile, split, cols, col_ok, N, partial_ptr, arrivals_ptr, bias_ptr, out_ptr,
         HAS_BIAS, SPLIT_K,
@@ -122,10 +162,15 @@ def _w4a16_gemv_kernel(
 # per thread; split-K (whole groups per split) makes up the programs that N alone leaves short: 16-32
 # splits for the 2k-6k wide layers and the long-K down projection, 4-8 for gate/up and the LM head.
 # Wider N tiles (8 columns per thread) load and convert each activation for twice the codes.
+# Sums across threads after the loop (late_sum) pay off where splits are many groups long (the long-K
+# down projection); they cost registers, which the wide-N layers' tiles want.
 ONE_ROW_CONFIGS = [
     GemvConfig(256, 128, 4, 1, split_k=16),
+    GemvConfig(256, 128, 4, 1, split_k=16, late_sum=True),
     GemvConfig(256, 128, 4, 1, split_k=32),
+    GemvConfig(256, 128, 4, 1, split_k=32, late_sum=True),
     GemvConfig(128, 128, 4, 1, split_k=32),
+    GemvConfig(128, 128, 4, 1, split_k=32, late_sum=True),
     GemvConfig(256, 128, 4, 1, split_k=4),
     GemvConfig(512, 64, 4, 1, split_k=8),
     GemvConfig(512, 32, 2, 1, split_k=16),
@@ -179,7 +224,7 @@ def w4a16_gemv(
         out_features,
         GROUPS=groups, GROUPS_PER_SPLIT=triton.cdiv(groups, cfg.split_k),
         WORDS_PER_GROUP=packed.group_size // CODES_PER_WORD, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n,
-        BLOCK_KW=block_kw, SPLIT_K=cfg.split_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **pdl_launch(x.device),
+        BLOCK_KW=block_kw, SPLIT_K=cfg.split_k, LATE_SUM=cfg.late_sum, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **pdl_launch(x.device),
     )  # fmt: skip
     return out
