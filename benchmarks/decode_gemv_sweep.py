@@ -84,9 +84,15 @@ def fp8_grid(quick: bool) -> list[GemvConfig]:
 
 
 def w4a16_grid(quick: bool) -> list[GemvConfig]:
-    """One-row W4A16 launch shapes, split-K 1-32 (a split takes whole groups)."""
+    """One-row W4A16 launch shapes, split-K 1-32 (a split takes whole groups), each summing across
+    threads per group and late (after the loop over groups)."""
     splits = (4, 16) if quick else (1, 4, 8, 16, 32)
-    return [GemvConfig(n, k, w, 1, split) for n, k, w in W4A16_TILES for split in splits]
+    return [
+        GemvConfig(n, k, w, 1, split, late_sum=late)
+        for n, k, w in W4A16_TILES
+        for split in splits
+        for late in (False, True)
+    ]
 
 
 def fits(config: GemvConfig, in_features: int, fmt: str) -> bool:
@@ -162,7 +168,10 @@ def label(plan: Plan) -> str:
     if isinstance(plan, W4A16Config):
         return f"gemm {plan.block_m}x{plan.block_n}x{plan.block_k} sk{plan.split_k} w{plan.num_warps}"
     vector = " xv" if plan.x_vector else ""
-    return f"{plan.block_n}x{plan.block_k} w{plan.num_warps} st{plan.num_stages} sk{plan.split_k}{vector}"
+    late = " late" if plan.late_sum else ""
+    return (
+        f"{plan.block_n}x{plan.block_k} w{plan.num_warps} st{plan.num_stages} sk{plan.split_k}{vector}{late}"
+    )
 
 
 def plans_for(fmt: str, k: int, grid: list[GemvConfig]) -> tuple[list[Plan], list[Plan]]:
