@@ -97,7 +97,7 @@ for step in $steps; do
       done ;;
     quant_tests)
       timeout 240 python3 -m pytest -m gpu tests/gpu/test_quant_kernels.py tests/gpu/test_fp8_kv_cache.py \
-        tests/gpu/test_decode_linears.py tests/gpu/test_quantized_models_gpu.py -q -p no:cacheprovider \
+        tests/gpu/test_decode_linears.py tests/gpu/test_decode_linear_layers.py tests/gpu/test_quantized_models_gpu.py -q -p no:cacheprovider \
         -o addopts="" 2>&1 | tail -15 \
         | tee "$OUT/quant_tests.txt" ;;
     quant_kernels)

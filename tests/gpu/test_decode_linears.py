@@ -1,7 +1,7 @@
 """The decode-sized quantized linears (1..16 rows): the FP8 kernel that reads 16-bit activations
 (kernels/fp8_gemv.py) and the one-row W4A16 GEMV (kernels/w4a16_gemv.py), every launch shape start-up
-may pick, against float32 products with the dequantized weight; the layer methods' dispatch by row
-count, and the kernels inside a CUDA graph.
+may pick, against float32 products with the dequantized weight, and the kernels inside a CUDA graph
+(the layer methods' dispatch by row count: test_decode_linear_layers.py).
 
 GPU only (marked `gpu`); TRITON_INTERPRET=1 runs the kernel cases on the CPU in fp32 and fp16 (the
 interpreter's bf16 dot is broken); the dispatch and graph cases need a GPU.
@@ -27,7 +27,7 @@ if not torch.cuda.is_available() and not INTERPRET:
 from int4_cases import DEVICE, assert_relative  # noqa: E402
 from int4_cases import random_packed as random_packed_with_codes  # noqa: E402
 
-from batchlm.kernels.decode_plans import GemvConfig, PlanKey  # noqa: E402
+from batchlm.kernels.decode_plans import GemvConfig  # noqa: E402
 from batchlm.kernels.fp8_gemv import candidate_configs, fp8_small_m  # noqa: E402
 from batchlm.kernels.fused_ops import rms_norm, silu_and_mul  # noqa: E402
 from batchlm.kernels.int4_pack import PackedInt4, dequantize_packed  # noqa: E402
@@ -36,13 +36,7 @@ from batchlm.kernels.pdl import ENV_FLAG, pdl_enabled  # noqa: E402
 from batchlm.kernels.split_k import SCRATCH  # noqa: E402
 from batchlm.kernels.w4a16_gemm import W4A16Config, w4a16_matmul  # noqa: E402
 from batchlm.kernels.w4a16_gemv import candidate_plans, w4a16_gemv  # noqa: E402
-from batchlm.layers.linear import RowParallelLinear  # noqa: E402
-from batchlm.layers.quantization.base import LinearMethod  # noqa: E402
-from batchlm.layers.quantization.decode_tuning import tune_decode_linears  # noqa: E402
-from batchlm.layers.quantization.dense import DENSE, DENSE_PLANS, dense_plan_key  # noqa: E402
 from batchlm.layers.quantization.forms import quantize_fp8_rows  # noqa: E402
-from batchlm.layers.quantization.fp8 import FP8, FP8_PLANS  # noqa: E402
-from batchlm.layers.quantization.int4 import INT4  # noqa: E402
 
 HALF = torch.float16 if INTERPRET else torch.bfloat16
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -244,52 +238,7 @@ def test_few_row_plans_fit_small_groups() -> None:
         assert isinstance(plan, W4A16Config) and 32 % plan.block_k == 0
 
 
-# --- on a GPU: the layer methods' dispatch and CUDA graphs ---------------------------------------
-
-
-def quantized_layer(method: LinearMethod, out_features: int, in_features: int) -> RowParallelLinear:
-    """A bf16 layer with a bias (built as a model builds its layers) whose weight `method` quantizes."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(DEVICE):
-            layer = RowParallelLinear(in_features, out_features, bias=True)
-    finally:
-        torch.set_default_dtype(previous)
-    layer.set_method(method)
-    layer.load_weight("w", "weight", torch.randn(out_features, in_features, device=DEVICE) * 0.05)
-    layer.load_weight("b", "bias", torch.randn(out_features, device=DEVICE))
-    layer.process_weights_after_loading()
-    return layer
-
-
-@ON_GPU
-@pytest.mark.parametrize("method", [FP8, INT4], ids=["fp8", "w4a16"])
-def test_tuned_layers_match_their_dequantized_weight_at_every_row_count(method: LinearMethod) -> None:
-    layers = torch.nn.ModuleList([quantized_layer(method, 384, 512) for _ in range(3)])
-    assert tune_decode_linears(layers, torch.bfloat16) == 1
-    for layer in layers:
-        dense = layer.method.dequantized(layer)
-        for rows in (1, 3, 16, 40):
-            x = torch.randn(rows, 512, device=DEVICE, dtype=torch.bfloat16)
-            # FP8 above 16 rows quantizes the activations too (1/16 of each value at most).
-            tolerance = 1e-2 if rows <= 16 or method is INT4 else 6e-2
-            assert_relative(layer(x), x.float() @ dense.t() + layer.bias.float(), tolerance)
-
-
-@ON_GPU
-def test_a_tuned_plan_is_the_one_applied() -> None:
-    layer = quantized_layer(FP8, 256, 512)
-    key = PlanKey("fp8", 256, 512, True)
-    FP8_PLANS.chosen[key] = None  # the scaled-matmul plan: the activations are quantized
-    x = torch.randn(1, 512, device=DEVICE, dtype=torch.bfloat16)
-    quantized = layer(x)
-    FP8_PLANS.chosen[key] = candidate_configs(True)[0]
-    unquantized = layer(x)
-    del FP8_PLANS.chosen[key]
-    ref = x.float() @ layer.method.dequantized(layer).t() + layer.bias.float()
-    assert_relative(unquantized, ref, 1e-2)
-    assert not torch.equal(quantized, unquantized)
+# --- on a GPU: the kernels inside CUDA graphs ----------------------------------------------------
 
 
 @ON_GPU
@@ -316,54 +265,6 @@ def test_decode_kernels_replay_in_a_cuda_graph() -> None:
         torch.cuda.synchronize()
         for run, out in zip(runs, outs, strict=True):
             torch.testing.assert_close(out, run(), atol=0, rtol=0)
-
-
-@ON_GPU
-def test_dense_layers_time_cublas_against_the_one_row_kernel_and_apply_the_choice() -> None:
-    layers = torch.nn.ModuleList([quantized_layer(DENSE, 384, 512) for _ in range(3)])
-    assert tune_decode_linears(layers, torch.bfloat16) == 1
-    key = dense_plan_key(layers[0])
-    assert key in DENSE_PLANS.chosen
-    try:
-        for plan in (None, one_row_configs(2)[0]):
-            DENSE_PLANS.chosen[key] = plan
-            for layer in layers:
-                for rows in (1, 3):
-                    x = torch.randn(rows, 512, device=DEVICE, dtype=torch.bfloat16)
-                    ref = x.float() @ layer.weight.float().t() + layer.bias.float()
-                    assert_relative(layer(x), ref, 1e-2)
-    finally:
-        del DENSE_PLANS.chosen[key]
-
-
-@ON_GPU
-@pytest.mark.parametrize("method", [DENSE, FP8, INT4], ids=["bf16", "fp8", "w4a16"])
-def test_a_down_projection_makes_the_silu_itself_only_on_the_one_row_gemv(method: LinearMethod) -> None:
-    layer = quantized_layer(method, 384, 512)
-    tune_decode_linears(torch.nn.ModuleList([layer]), torch.bfloat16)
-    gate_up = torch.randn(1, 1024, device=DEVICE, dtype=torch.bfloat16)
-    fused = layer.forward_silu_gated(gate_up)
-    if method is INT4:
-        # Its kernel has no instructions to spare for the activation (BENCHMARKS.md): no fused path.
-        assert fused is None
-        return
-    plans, key = (
-        (DENSE_PLANS, dense_plan_key(layer))
-        if method is DENSE
-        else (FP8_PLANS, PlanKey("fp8", 384, 512, True))
-    )
-    try:
-        if plans.chosen.get(key) is None:
-            plans.chosen[key] = one_row_configs(1 if method is FP8 else 2)[0]
-            fused = layer.forward_silu_gated(gate_up)
-        assert fused is not None
-        torch.testing.assert_close(fused, layer(silu_and_mul(gate_up)), atol=0, rtol=0)
-        # Several rows, or cuBLAS chosen for this shape: the caller applies the activation itself.
-        assert layer.forward_silu_gated(gate_up.expand(3, -1).contiguous()) is None
-        plans.chosen[key] = None
-        assert layer.forward_silu_gated(gate_up) is None
-    finally:
-        del plans.chosen[key]
 
 
 @ON_GPU
