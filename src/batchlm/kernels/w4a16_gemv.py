@@ -142,10 +142,8 @@ def _w4a16_gemv_kernel(
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for step in range(0, GROUPS_PER_SPLIT):
             group = first_group + step
-            group_ok = col_ok & (group < GROUPS)
-            at_group = group.to(tl.int64) * N + cols
-            scale = tl.load(scales_ptr + at_group, mask=group_ok, other=0.0).to(tl.float32)
-            zero = tl.load(zeros_ptr + at_group, mask=group_ok, other=0.0).to(tl.float32)
+            scale, zero = _group_scales(scales_ptr, zeros_ptr, group, cols, col_ok, N, GROUPS)
+            scale, zero = scale.to(tl.float32), zero.to(tl.float32)
             dot, x_sum, words = _group_sums(x_ptr, qweight_ptr, words, group, cols, col_ok, N, groups_end,
                                             GROUPS, WORDS_PER_GROUP, BLOCK_KW)  # fmt: skip
             # Folded to one value per column each group: the word rows a thread holds add up in its

@@ -216,8 +216,7 @@ class RowParallelLinear(LinearLayer):
         # x: [T, input_size_per_rank] -> [T, output_size]
         if self.tp.is_single:
             return self.matmul(x, self.bias)
-        y = self.tp.all_reduce(self.matmul(x, None))
-        return y if self.bias is None else y + self.bias
+        return self._sum_ranks(self.matmul(x, None))
 
     def forward_silu_gated(self, gate_up: torch.Tensor) -> torch.Tensor | None:
         """forward(silu(gate) * up) for gate_up [T, 2 * input_size_per_rank] ([gate | up]), with the
@@ -225,8 +224,10 @@ class RowParallelLinear(LinearLayer):
         if self.tp.is_single:
             return self.matmul_silu_gated(gate_up, self.bias)
         partial = self.matmul_silu_gated(gate_up, None)
-        if partial is None:
-            return None
+        return None if partial is None else self._sum_ranks(partial)
+
+    def _sum_ranks(self, partial: torch.Tensor) -> torch.Tensor:
+        """This rank's product summed across ranks, the bias added once, after the sum."""
         y = self.tp.all_reduce(partial)
         return y if self.bias is None else y + self.bias
 
