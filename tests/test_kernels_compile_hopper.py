@@ -147,7 +147,7 @@ def one_row_gemv_ptx(config: GemvConfig, weight: str, pdl: bool, gated: bool = F
     k_per_split = -(-4096 // (config.split_k * config.block_k)) * config.block_k
     constants = one_row_constants(config) | {
         "K": 4096, "K_PER_SPLIT": k_per_split, "BLOCK_K": config.block_k, "X_VECTOR": config.x_vector,
-        "HAS_SCALE": weight == "*fp8e4nv", "GATED": gated, "PDL": pdl,
+        "LATE_SUM": config.late_sum, "HAS_SCALE": weight == "*fp8e4nv", "GATED": gated, "PDL": pdl,
     }  # fmt: skip
     return gemv_ptx(one_row_gemv._one_row_kernel, types, constants, config, pdl)
 
@@ -162,13 +162,15 @@ def test_one_row_candidates_compile_to_16_byte_weight_loads(config: GemvConfig, 
     assert "ld.global.v4.b32" in one_row_gemv_ptx(config, weight, pdl=False)
 
 
+@pytest.mark.parametrize("late_sum", [False, True], ids=["sum-per-step", "late-sum"])
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "silu-gated"])
 @pytest.mark.parametrize("weight", ["*fp8e4nv", "*bf16"])
 def test_one_row_gemv_reads_its_first_weights_before_waiting_for_the_previous_kernel(
-    weight: str, gated: bool
+    weight: str, gated: bool, late_sum: bool
 ) -> None:
     # A gated input ([gate | up], written by the GEMV before) is read only after the wait too.
-    config = one_row_gemv.one_row_configs(1 if weight == "*fp8e4nv" else 2)[0]
+    configs = one_row_gemv.one_row_configs(1 if weight == "*fp8e4nv" else 2)
+    config = next(c for c in configs if c.late_sum == late_sum)
     lines = memory_lines(one_row_gemv_ptx(config, weight, pdl=True, gated=gated))
     assert lines[0].startswith("griddepcontrol.launch_dependents")
     (wait,) = [i for i, line in enumerate(lines) if line.startswith("griddepcontrol.wait")]

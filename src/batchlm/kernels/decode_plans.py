@@ -36,8 +36,8 @@ class GemvConfig:
     """One launch shape of a decode kernel: output features and inputs per program step, warps,
     pipeline stages, and the programs K is split across (the one-row kernels). x_vector: the FP8
     one-row kernel loads a step's activations once as a vector (handed to the tile's threads through
-    shared memory) rather than each thread those of its own tile elements. late_sum: the W4A16
-    one-row kernel sums across threads once, after its loop over groups, rather than every group."""
+    shared memory) rather than each thread those of its own tile elements. late_sum: a one-row
+    kernel (dense, FP8, W4A16) sums across threads once, after its loop, rather than every step."""
 
     block_n: int
     block_k: int

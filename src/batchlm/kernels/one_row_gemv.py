@@ -17,6 +17,8 @@ SiLU-and-mul launch between the two GEMVs, a wait on the one before at one row, 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import triton
 import triton.language as tl
@@ -38,17 +40,24 @@ def _activations(x_ptr, at, ok, K: tl.constexpr, GATED: tl.constexpr):
 
 
 @triton.jit
-def _row_times_tile(x_ptr, w, ks, k_ok, cols, K: tl.constexpr, X_VECTOR: tl.constexpr, GATED: tl.constexpr):
-    """[BLOCK_N] fp32: the weight tile w [BLOCK_N, BLOCK_K] times x[ks], summed over the tile's K."""
+def _x_operand(x_ptr, ks, k_ok, cols, K: tl.constexpr, X_VECTOR: tl.constexpr, GATED: tl.constexpr):
+    """The activations x[ks] for a [BLOCK_N, BLOCK_K] weight tile: [BLOCK_K] with X_VECTOR, else
+    [BLOCK_N, BLOCK_K]."""
     if X_VECTOR:
-        x = _activations(x_ptr, ks, k_ok, K, GATED)[None, :]
+        x = _activations(x_ptr, ks, k_ok, K, GATED)
     else:
         # Each thread loads the activations of its own tile elements (L1 hits): no layout change
         # through shared memory, at the price of one load per weight row a thread holds.
         x = _activations(x_ptr, (cols * 0)[:, None] + ks[None, :], k_ok[None, :], K, GATED)
-    # Summed over K every step: only [BLOCK_N] sums stay live, so wide tiles (many bytes in
-    # flight per thread) keep their registers for the loads.
-    return tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)
+    return x
+
+
+@triton.jit
+def _products(w, x, X_VECTOR: tl.constexpr):
+    """[BLOCK_N, BLOCK_K] fp32: the weight tile times the activations of `_x_operand`."""
+    if X_VECTOR:
+        x = x[None, :]
+    return w.to(tl.float32) * x.to(tl.float32)
 
 
 @triton.jit
@@ -64,7 +73,8 @@ def _one_row_kernel(
     K: tl.constexpr,  # static per layer: constant loop bounds (and Triton's interpreter needs them)
     K_PER_SPLIT: tl.constexpr,  # a multiple of BLOCK_K; the last split's tail past K is masked
     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, X_VECTOR: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr,
+    SPLIT_K: tl.constexpr, X_VECTOR: tl.constexpr, LATE_SUM: tl.constexpr, GATED: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     let_next_kernel_start(PDL)
     tile = tl.program_id(0)
@@ -77,12 +87,30 @@ def _one_row_kernel(
     # The first step's weights: no kernel writes them, so they may be read before the wait.
     w = tl.load(w_rows + offs_k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
     wait_for_previous_kernel(PDL)
-    acc = _row_times_tile(x_ptr, w, offs_k, k_ok, cols, K, X_VECTOR, GATED)
-    for k0 in range(BLOCK_K, K_PER_SPLIT, BLOCK_K):
-        ks = k0 + offs_k
-        k_ok = ks < K
-        w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += _row_times_tile(x_ptr, w, ks, k_ok, cols, K, X_VECTOR, GATED)
+    x = _x_operand(x_ptr, offs_k, k_ok, cols, K, X_VECTOR, GATED)
+    if LATE_SUM:
+        # Products kept per thread across steps and summed across threads once, after the loop;
+        # the next step's weights and activations are read before this step's multiply.
+        sums = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(BLOCK_K, K_PER_SPLIT + BLOCK_K, BLOCK_K):
+            ks = k0 + offs_k
+            k_ok = (ks < K) & (k0 < K_PER_SPLIT)
+            next_w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            next_x = _x_operand(x_ptr, ks, k_ok, cols, K, X_VECTOR, GATED)
+            sums += _products(w, x, X_VECTOR)
+            w = next_w
+            x = next_x
+        acc = tl.sum(sums, axis=1)
+    else:
+        # Summed over K every step: only [BLOCK_N] sums stay live, so wide tiles (many bytes in
+        # flight per thread) keep their registers for the loads.
+        acc = tl.sum(_products(w, x, X_VECTOR), axis=1)
+        for k0 in range(BLOCK_K, K_PER_SPLIT, BLOCK_K):
+            ks = k0 + offs_k
+            k_ok = ks < K
+            w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            x = _x_operand(x_ptr, ks, k_ok, cols, K, X_VECTOR, GATED)
+            acc += tl.sum(_products(w, x, X_VECTOR), axis=1)
     if HAS_SCALE:
         acc *= tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
     finish_split(
@@ -97,7 +125,9 @@ def one_row_configs(weight_bytes: int) -> list[GemvConfig]:
     2-8 for the 2k-6k wide layers and the long-K down projection. Mostly with the activations loaded
     as a vector: converted once per column a thread holds rather than once per weight element,
     which matters as the kernel issues about as many instructions as the memory rate allows; the
-    narrow unsplit tile serves as before. 16-bit weights take half the K per step of FP8."""
+    narrow unsplit tile serves as before. Two unsplit shapes also come late-summed (their sums meet
+    across threads once, after the loop, and each step's reads are issued a step ahead), which
+    some 16-bit shapes prefer. 16-bit weights take half the K per step of FP8."""
     configs = [
         GemvConfig(16, 1024, 4, 1, split_k=2, x_vector=True),
         GemvConfig(16, 1024, 4, 1, x_vector=True),
@@ -107,13 +137,10 @@ def one_row_configs(weight_bytes: int) -> list[GemvConfig]:
         GemvConfig(32, 512, 4, 1, split_k=4, x_vector=True),
         GemvConfig(8, 512, 4, 1, split_k=4),
         GemvConfig(4, 1024, 4, 1),
+        GemvConfig(4, 1024, 4, 1, x_vector=True, late_sum=True),
+        GemvConfig(16, 1024, 4, 1, x_vector=True, late_sum=True),
     ]
-    if weight_bytes == 1:
-        return configs
-    return [
-        GemvConfig(c.block_n, c.block_k // weight_bytes, c.num_warps, c.num_stages, c.split_k, c.x_vector)
-        for c in configs
-    ]
+    return [replace(c, block_k=c.block_k // weight_bytes) for c in configs]
 
 
 def one_row_linear(
@@ -142,6 +169,6 @@ def one_row_linear(
         out_features, weight.stride(0),
         K=in_features, K_PER_SPLIT=k_per_split, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k, X_VECTOR=config.x_vector,
-        GATED=gated, num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch(x.device),
+        LATE_SUM=config.late_sum, GATED=gated, num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch(x.device),
     )  # fmt: skip
     return out
