@@ -72,14 +72,15 @@ W4A16_TILES = [
 
 
 def fp8_grid(quick: bool) -> list[GemvConfig]:
-    """One-row FP8 launch shapes, split-K 1-8, activations per tile element or as a vector;
-    num_stages stays 1 (Triton does not pipeline loads that feed no dot: stages change nothing)."""
+    """One-row FP8 launch shapes, split-K 1-8, activations per tile element or as a vector, the
+    vector form also late-summed; num_stages stays 1 (Triton does not pipeline loads that feed no
+    dot: stages change nothing)."""
     splits = (1, 4) if quick else (1, 2, 4, 8)
     return [
-        GemvConfig(n, k, w, 1, split, x_vector)
+        GemvConfig(n, k, w, 1, split, x_vector, late_sum=late)
         for n, k, w in FP8_TILES
         for split in splits
-        for x_vector in (False, True)
+        for x_vector, late in ((False, False), (True, False), (True, True))
     ]
 
 
