@@ -105,7 +105,13 @@ def rejections_as_400() -> Iterator[None]:
         raise _rejection(error) from None
 
 
-def error_response(error: APIError) -> JSONResponse:
+# Called with the status of every error response, for the /metrics outcome counter.
+ErrorObserver = Callable[[int], None]
+
+
+def error_response(error: APIError, observe: ErrorObserver) -> JSONResponse:
+    """The error's JSON response, counted by `observe`."""
+    observe(error.status)
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers or None)
 
 
@@ -113,32 +119,26 @@ class ClientDisconnected(Exception):
     """The client went away before the response was complete (nothing more can be sent)."""
 
 
-# Called with the status of every error response, for the /metrics outcome counter.
-ErrorObserver = Callable[[int], None]
-
-
 def install_error_handlers(app: FastAPI, observe: ErrorObserver) -> None:
     """Route every failure to an OpenAI-shaped response; tracebacks go to the log, never to the client."""
 
-    def respond(error: APIError) -> JSONResponse:
-        observe(error.status)
-        return error_response(error)
-
     async def on_api_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, APIError)
-        return respond(exc)
+        return error_response(exc, observe)
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        return respond(validation_error_to_api_error(exc.errors(), required_body_fields(request)))
+        error = validation_error_to_api_error(exc.errors(), required_body_fields(request))
+        return error_response(error, observe)
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        return respond(http_error_to_api_error(request, exc))
+        return error_response(http_error_to_api_error(request, exc), observe)
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error serving %s %s", request.method, request.url.path)
-        return respond(APIError(500, "The server had an internal error while processing your request."))
+        error = APIError(500, "The server had an internal error while processing your request.")
+        return error_response(error, observe)
 
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)

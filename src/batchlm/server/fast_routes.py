@@ -61,8 +61,7 @@ class FastGenerationRoutes:
         try:
             response = await handler(request, parsed)
         except APIError as error:
-            self._observe(error.status)
-            response = error_response(error)
+            response = error_response(error, self._observe)
         await response(scope, receive, send)
 
 

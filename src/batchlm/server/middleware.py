@@ -39,8 +39,8 @@ class APIKeyMiddleware:
             )
         else:
             message = "Incorrect API key provided."
-        self._observe(401)
-        await error_response(APIError(401, message, code="invalid_api_key"))(scope, receive, send)
+        error = APIError(401, message, code="invalid_api_key")
+        await error_response(error, self._observe)(scope, receive, send)
 
 
 def _bearer_token(authorization: bytes) -> bytes:
@@ -80,9 +80,8 @@ class BodySizeLimitMiddleware:
         await self.app(scope, replay_body(body, receive), send)
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self._observe(413)
         error = APIError(413, f"The request body is larger than the limit of {self._max_bytes} bytes.")
-        await error_response(error)(scope, receive, send)
+        await error_response(error, self._observe)(scope, receive, send)
 
 
 class BodyTooLarge(Exception):
