@@ -256,11 +256,9 @@ async def run_until_disconnect(request: Request, work: Awaitable[T]) -> T:
         for pending in (task, watcher):
             pending.cancel()
         await asyncio.gather(task, watcher, return_exceptions=True)
-    if not task.cancelled() and task.exception() is None:
-        return task.result()
     if task.cancelled():
         raise ClientDisconnected()
-    raise task.exception()  # type: ignore[misc]
+    return task.result()  # raises the work's own error, if it failed
 
 
 async def _wait_for_disconnect(request: Request) -> None:
