@@ -162,11 +162,8 @@ class ServerMetrics:
         self.ttft = self._histogram(
             "batchlm_time_to_first_token_seconds", "Arrival to first token.", LATENCY_BUCKETS
         )
-        self.itl = RepeatableHistogram(
-            "batchlm_inter_token_latency_seconds",
-            "Time between a request's outputs.",
-            buckets=LATENCY_BUCKETS,
-            registry=reg,
+        self.itl = self._histogram(
+            "batchlm_inter_token_latency_seconds", "Time between a request's outputs.", LATENCY_BUCKETS
         )
         self.e2e = self._histogram("batchlm_e2e_request_latency_seconds", "Arrival to finish.", E2E_BUCKETS)
         self.queue_time = self._histogram(
@@ -179,8 +176,8 @@ class ServerMetrics:
         )
         reg.register(self._engine_stats)
 
-    def _histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-        return Histogram(name, doc, buckets=buckets, registry=self.registry)
+    def _histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> RepeatableHistogram:
+        return RepeatableHistogram(name, doc, buckets=buckets, registry=self.registry)
 
     def count_outcome(self, outcome: str) -> None:
         self.requests.labels(outcome=outcome).inc()
