@@ -20,7 +20,6 @@ from batchlm.config import EngineConfig
 from batchlm.core.facts import ModelFacts
 from batchlm.engine.client import EngineDeadError, EngineStats, RequestRejectedError
 from batchlm.engine.front_end import StepResult, StreamingFrontEnd
-from batchlm.engine.output_processor import OutputProcessor
 from batchlm.executor.core_messages import (
     AbortRequests,
     AddRequests,
@@ -141,7 +140,6 @@ class AsyncLLMEngine(StreamingFrontEnd[CoreEvent]):
         except BaseException:
             self._stop_core_now()
             raise
-        self._processor = OutputProcessor(self.tokenizer)
         first = await self._loop.run_in_executor(None, self._recv_or_eof)
         if not isinstance(first, CoreReady):
             reason = first.reason if isinstance(first, CoreFailed) else f"unexpected {type(first).__name__}"

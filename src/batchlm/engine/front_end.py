@@ -129,6 +129,7 @@ class StreamingFrontEnd(EngineClient, Generic[MessageT]):
 
     def _serve(self, facts: ModelFacts, model_dir: Path) -> None:
         """Ready to take requests for the loaded model, named as the config and its directory say."""
+        self._processor = OutputProcessor(self.tokenizer)
         self.input_processor = InputProcessor(facts, self.tokenizer.max_chars_per_token)
         name = served_model_name(self.config, model_dir)
         self.model_info = ServedModel(

@@ -16,7 +16,6 @@ from batchlm.config import EngineConfig
 from batchlm.core.facts import ModelFacts
 from batchlm.engine.client import EngineDeadError, EngineStats
 from batchlm.engine.front_end import StreamingFrontEnd
-from batchlm.engine.output_processor import OutputProcessor
 from batchlm.executor.core_messages import CoreFailed
 from batchlm.request import EngineCoreRequest
 from batchlm.tokenizer.tokenizer import Tokenizer
@@ -53,7 +52,6 @@ class MLXEngine(StreamingFrontEnd[WorkerEvent]):
         except (OSError, ValueError) as exc:
             self._dead_reason = str(exc)
             raise EngineDeadError(f"the mlx engine failed to start: {exc}") from exc
-        self._processor = OutputProcessor(self.tokenizer)
         self._started = self._loop.create_future()
         self._worker = GenerationWorker(self.config, model_dir, self._post_threadsafe)
         self._worker.start()
