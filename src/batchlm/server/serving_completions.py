@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from batchlm.engine.input_processor import InputProcessor, ValidatedRequest
-from batchlm.outputs import RequestOutput
+from batchlm.outputs import RequestOutput, TokenLogprobs
 from batchlm.server.errors import APIError, rejections_as_400
 from batchlm.server.logprobs import CompletionLogprobsBuilder
 from batchlm.server.prompts import encode_text
@@ -25,7 +25,7 @@ from batchlm.server.responding import (
     finish_reason,
     respond,
 )
-from batchlm.server.responses import CompletionChoice, CompletionResponse
+from batchlm.server.responses import CompletionChoice, CompletionLogprobs, CompletionResponse
 from batchlm.server.state import get_state
 from batchlm.tokenizer.tokenizer import Tokenizer
 
@@ -42,12 +42,17 @@ class CompletionContext(ResponseContext):
         # OpenAI orders a batch's choices prompt by prompt, n per prompt.
         return position * self.n + index
 
-    def builder(self, position: int, index: int) -> CompletionLogprobsBuilder:
+    def logprobs_of(
+        self, position: int, index: int, token_ids: Sequence[int], logprobs: Sequence[TokenLogprobs]
+    ) -> CompletionLogprobs | None:
+        """These tokens' logprobs (None when not asked for), text offsets continuing the choice's."""
+        if self.logprobs is None:
+            return None
         key = (position, index)
         if key not in self.builders:
             offset = len(self.echo_texts[position])
-            self.builders[key] = CompletionLogprobsBuilder(self.tokenizer, self.logprobs or 0, offset)
-        return self.builders[key]
+            self.builders[key] = CompletionLogprobsBuilder(self.tokenizer, self.logprobs, offset)
+        return self.builders[key].add(token_ids, logprobs)
 
 
 async def create_completion(request: Request, body: CompletionRequest) -> Response:
@@ -88,13 +93,12 @@ async def _tokenize_prompts(
         raise APIError(
             400, "The prompt is empty: send a string, a list of strings, or token ids.", param="prompt"
         )
-    prompts: list[tuple[str | None, list[int]]] = []
-    for item in items:
-        if isinstance(item, str):
-            prompts.append((item, await encode_text(tokenizer, item, add_special_tokens, processor)))
-        else:
-            prompts.append((None, list(item)))
-    return prompts
+    return [
+        (item, await encode_text(tokenizer, item, add_special_tokens, processor))
+        if isinstance(item, str)
+        else (None, list(item))
+        for item in items
+    ]
 
 
 def _echo_text(tokenizer: Tokenizer, prompt: ValidatedRequest) -> str:
@@ -112,20 +116,15 @@ class CompletionFormatter(ResponseFormatter[CompletionContext]):
 
     def choices(self, results: ChoiceResults) -> list[CompletionChoice]:
         context = self.context
-        choices = []
-        for (position, index), result in sorted(results.items()):
-            logprobs = None
-            if context.logprobs is not None:
-                logprobs = context.builder(position, index).add(result.token_ids, result.logprobs)
-            choices.append(
-                CompletionChoice(
-                    index=context.choice_index(position, index),
-                    text=context.echo_texts[position] + result.text,
-                    logprobs=logprobs,
-                    finish_reason=finish_reason(result.finish_reason, called=False),
-                )
+        return [
+            CompletionChoice(
+                index=context.choice_index(position, index),
+                text=context.echo_texts[position] + result.text,
+                logprobs=context.logprobs_of(position, index, result.token_ids, result.logprobs),
+                finish_reason=finish_reason(result.finish_reason, called=False),
             )
-        return choices
+            for (position, index), result in sorted(results.items())
+        ]
 
     def opening(self) -> Iterable[bytes]:
         context = self.context
@@ -140,10 +139,9 @@ class CompletionFormatter(ResponseFormatter[CompletionContext]):
         context = self.context
         for completion in output.outputs:
             logprobs = None
-            if context.logprobs is not None and completion.logprobs:
-                logprobs = context.builder(position, completion.index).add(
-                    completion.token_ids, completion.logprobs
-                )
+            if completion.logprobs:
+                index, ids = completion.index, completion.token_ids
+                logprobs = context.logprobs_of(position, index, ids, completion.logprobs)
             if completion.text or logprobs or completion.finish_reason:
                 choice = CompletionChoice(
                     index=context.choice_index(position, completion.index),
