@@ -161,6 +161,7 @@ def _parse_logit_bias(raw: dict[str, float] | None) -> dict[int, float]:
 
 
 RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
+CONSTRAINT_KINDS = ("json", "json_object", "regex", "choice", "grammar")
 
 
 def structured_outputs_of(request: SamplingFields) -> tuple[str, StructuredOutputs] | None:
@@ -186,14 +187,8 @@ def structured_outputs_of(request: SamplingFields) -> tuple[str, StructuredOutpu
 
 
 def _kinds(json_: Any, json_object: bool | None, regex: Any, choice: Any, grammar: Any) -> dict[str, Any]:
-    given = {
-        "json": json_,
-        "json_object": json_object or None,
-        "regex": regex,
-        "choice": choice,
-        "grammar": grammar,
-    }
-    return {kind: value for kind, value in given.items() if value is not None}
+    given = zip(CONSTRAINT_KINDS, (json_, json_object or None, regex, choice, grammar), strict=True)
+    return {kind: value for kind, value in given if value is not None}
 
 
 def _spec(param: str, kinds: dict[str, Any]) -> StructuredOutputs:
