@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -34,6 +35,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503)
 }
 router = APIRouter()
+
+
+def _generation_responses(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    return {200: {"model": model, "description": "JSON, or SSE chunks with stream"}, **ERRORS}
 
 
 @router.get(
@@ -82,25 +87,13 @@ async def retrieve_model(request: Request, model_id: str) -> ModelCard:
     return _model_card(get_state(request), model_id)
 
 
-@router.post(
-    "/v1/chat/completions",
-    responses={
-        200: {"model": ChatCompletionResponse, "description": "JSON, or SSE chunks with stream"},
-        **ERRORS,
-    },
-)
+@router.post("/v1/chat/completions", responses=_generation_responses(ChatCompletionResponse))
 async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
     check_unicode(body)
     return await create_chat_completion(request, body)
 
 
-@router.post(
-    "/v1/completions",
-    responses={
-        200: {"model": CompletionResponse, "description": "JSON, or SSE chunks with stream"},
-        **ERRORS,
-    },
-)
+@router.post("/v1/completions", responses=_generation_responses(CompletionResponse))
 async def completions(request: Request, body: CompletionRequest) -> Response:
     check_unicode(body)
     return await create_completion(request, body)
