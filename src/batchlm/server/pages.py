@@ -22,11 +22,8 @@ CONTENT_SECURITY_POLICY = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
-PAGE_HEADERS = {
-    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
-    "X-Content-Type-Options": "nosniff",
-    "Cache-Control": "no-cache",
-}
+FILE_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
+PAGE_HEADERS = {"Content-Security-Policy": CONTENT_SECURITY_POLICY, **FILE_HEADERS}
 
 
 class RevalidatedFiles(StaticFiles):
@@ -37,8 +34,7 @@ class RevalidatedFiles(StaticFiles):
         self, full_path: PathLike, stat_result: os.stat_result, scope: Scope, status_code: int = 200
     ) -> Response:
         response = super().file_response(full_path, stat_result, scope, status_code)
-        response.headers["Cache-Control"] = "no-cache"
-        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers.update(FILE_HEADERS)
         return response
 
 
