@@ -200,9 +200,8 @@ def param_from_loc(loc: Sequence[Any]) -> str | None:
 def http_error_to_api_error(request: Request, exc: StarletteHTTPException) -> APIError:
     if exc.status_code == 404:
         return APIError(404, f"Unknown route: {request.method} {request.url.path}", code="unknown_url")
-    headers = dict(exc.headers or {})
     if exc.status_code == 405:
-        return APIError(
-            405, f"Method {request.method} is not allowed for {request.url.path}.", headers=headers
-        )
-    return APIError(exc.status_code, str(exc.detail), headers=headers)
+        message = f"Method {request.method} is not allowed for {request.url.path}."
+    else:
+        message = str(exc.detail)
+    return APIError(exc.status_code, message, headers=dict(exc.headers or {}))

@@ -173,7 +173,7 @@ def _check_continuation(
 async def tokenize(state: ServerState, body: TokenizeRequest) -> TokenizeResponse:
     """Token ids of a text prompt, or of messages rendered with the chat template (exactly one of them)."""
     info = state.ready_model(body.model)
-    tokenizer = state.engine.tokenizer
+    tokenizer, processor = state.engine.tokenizer, state.engine.input_processor
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "Send exactly one of 'prompt' (text) or 'messages' (chat).", param="prompt")
     if body.messages is not None:
@@ -185,10 +185,9 @@ async def tokenize(state: ServerState, body: TokenizeRequest) -> TokenizeRespons
             add_generation_prompt=body.add_generation_prompt,
             continue_final_message=body.continue_final_message,
             chat_template_kwargs=body.chat_template_kwargs,
-            processor=state.engine.input_processor,
+            processor=processor,
         )
     else:
-        processor = state.engine.input_processor
         tokens = await encode_text(tokenizer, body.prompt or "", body.add_special_tokens, processor)
     return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=info.facts.max_model_len)
 

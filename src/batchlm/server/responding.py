@@ -112,8 +112,7 @@ class ResponseFormatter(ABC, Generic[ContextT]):
     def delta(self, position: int, output: RequestOutput) -> Iterable[bytes]: ...
 
     @abstractmethod
-    def choices(self, results: ChoiceResults) -> list[Any]:
-        """The non-streaming response's choices."""
+    def choices(self, results: ChoiceResults) -> list[Any]: ...
 
     def closing(self, usage: UsageInfo) -> Iterable[bytes]:
         return [self._chunk([], usage)] if self.context.include_usage else []
