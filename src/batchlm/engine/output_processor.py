@@ -95,7 +95,7 @@ class _RequestState:
 class OutputProcessor:
     """Turns EngineCoreOutputs into RequestOutputs. Not thread-safe: one owner calls it."""
 
-    def __init__(self, tokenizer: Tokenizer | None, text_when_finished: bool = False) -> None:
+    def __init__(self, tokenizer: Tokenizer, text_when_finished: bool = False) -> None:
         """text_when_finished: the caller reads cumulative outputs of finished requests only
         (process(delta=False, finished_only=True), as offline generation does), so a sequence without
         stop strings is detokenized once, when it finishes, instead of token by token each step: the
@@ -120,7 +120,7 @@ class OutputProcessor:
         completions = []
         for index in range(params.n):
             detokenizer = None
-            if params.detokenize and self.tokenizer is not None:
+            if params.detokenize:
                 detokenizer = IncrementalDetokenizer(
                     self.tokenizer,
                     prompt_token_ids,

@@ -30,19 +30,19 @@ def _this_task_is_cancelled() -> bool:
 class InFlight:
     """Generations being served, so that a shutdown can abort the ones that outlive the drain period."""
 
-    def __init__(self, gauge: Gauge | None = None) -> None:
+    def __init__(self, gauge: Gauge) -> None:
         self._generations: dict[str, Generation] = {}
         # Kept equal to len(self); counted up and down (not read at scrape time) so that the
         # gauges of several API-server processes add up.
         self._gauge = gauge
 
     def add(self, generation: Generation) -> None:
-        if generation.request_id not in self._generations and self._gauge is not None:
+        if generation.request_id not in self._generations:
             self._gauge.inc()
         self._generations[generation.request_id] = generation
 
     def discard(self, generation: Generation) -> None:
-        if self._generations.pop(generation.request_id, None) is not None and self._gauge is not None:
+        if self._generations.pop(generation.request_id, None) is not None:
             self._gauge.dec()
 
     def __len__(self) -> int:

@@ -62,7 +62,7 @@ class ServerState:
     engine: EngineClient
     settings: ServerSettings
     metrics: ServerMetrics
-    in_flight: InFlight = field(default_factory=InFlight)
+    in_flight: InFlight
     # Set when a graceful shutdown starts: /health turns 503 so balancers stop sending work.
     shutting_down: bool = False
     started_at: int = field(default_factory=lambda: int(time.time()))
