@@ -50,9 +50,8 @@ class LLM:
         prompt_list = _as_prompt_list(prompts)
         params_list = _as_params_list(sampling_params, len(prompt_list))
         processor = OutputProcessor(self.tokenizer, text_when_finished=True)
-        order: list[str] = []
-        for prompt, params in zip(prompt_list, params_list, strict=True):
-            order.append(self._submit(processor, prompt, params))
+        pairs = zip(prompt_list, params_list, strict=True)
+        order = [self._submit(processor, prompt, params) for prompt, params in pairs]
         results = self._run(processor)
         return [results[request_id] for request_id in order]
 
