@@ -2,7 +2,7 @@
 # One call on the GPU machine: GPU tests, offline W1/W2, single-stream latency, long prefill, online W1, start-up time.
 # Usage: bash benchmarks/gpu_suite.sh [tests] [w1] [single] [long_prefill] [w2] [online] [online_servers] [online_clients]
 #        [online_profile] [startup] [startup_profile] [quant_tests] [quant_kernels] [quant_single] [quant_w2]
-#        [structured_threads] [structured_templates] [structured_switch]
+#        [structured_threads] [structured_templates] [structured_switch] [ablation]
 # (default: tests w1 single long_prefill w2 online startup). startup: command-to-ready of `batchlm serve` three times, the first
 # with an empty Triton cache (as on a fresh machine), with the server's `startup:` breakdown;
 # startup_profile: the engine core's start-up in one process (every Triton compile, every graph
@@ -11,7 +11,8 @@
 # shapes, decode kernels against the GEMM paths (benchmarks/quant_kernels.py); quant_single:
 # single-stream 8B ITL, bf16 vs --quantization fp8 vs w4a16 (random weights quantized at load);
 # quant_w2: a short W2 (512 x 1000 in / 256 out), bf16 vs fp8 weights + fp8 KV cache
-# (QUANT_W2_OUT=1000 for the full one).
+# (QUANT_W2_OUT=1000 for the full one). ablation: single-stream 1B ITL with the decode attention, the
+# KV write and RoPE left out of decode steps in turn (benchmarks/decode_step_ablation.py).
 # Needs $OUT (results folder); PYTHONPATH=src (the package is not installed there).
 set -u
 export PYTHONPATH="${PYTHONPATH:-}:$(pwd)/src" PYTHONUNBUFFERED=1
@@ -63,6 +64,12 @@ for step in $steps; do
       timeout 240 python3 benchmarks/offline_throughput.py --shape llama-3.2-1b --dummy --num-requests 64 \
         --input-len 8000 --output-len 64 --runs 3 --json-out "$OUT/long_prefill.json" 2>&1 | grep -v Loading | tail -5
       python3 benchmarks/throughput_floor.py --shape llama-3.2-1b --num-requests 64 --input-len 8000 --output-len 64 ;;
+    ablation)
+      for parts in "" attn kv rope attn,kv,rope; do
+        BATCHLM_ABLATE="$parts" timeout 100 python3 benchmarks/decode_step_ablation.py --shape llama-3.2-1b --dummy \
+          --num-requests 1 --input-len 512 --output-len 256 --runs 3 2>&1 | grep -oE '"itl_ms_median": [0-9.]+' \
+          | paste -sd' ' | sed "s/^/[left out: ${parts:-nothing}] /"
+      done ;;
     w2)
       timeout 560 python3 benchmarks/offline_throughput.py --shape llama-3.1-8b --dummy --num-requests 512 \
         --input-len 1000 --output-len 1000 --runs 3 --json-out "$OUT/w2.json" 2>&1 | grep -v Loading | tail -5 ;;
