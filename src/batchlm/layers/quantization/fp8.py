@@ -76,11 +76,10 @@ class Fp8LinearMethod(LinearMethod):
 
     def apply(self, layer: MethodLayer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        if takes_decode_kernel(rows):
-            plan = FP8_PLANS.plan_for(plan_key(layer, rows.shape[0] == 1))
-            if plan is not None:
-                out = decode_linear(layer, rows.contiguous(), bias, plan)
-                return out.reshape(*x.shape[:-1], out.shape[-1])
+        plan = decode_plan(layer, rows)
+        if plan is not None:
+            out = decode_linear(layer, rows.contiguous(), bias, plan)
+            return out.reshape(*x.shape[:-1], out.shape[-1])
         return fp8_linear(x, layer.weight, scale_of(layer), input_scale_of(layer), bias)
 
     def apply_silu_gated(
@@ -88,9 +87,7 @@ class Fp8LinearMethod(LinearMethod):
     ) -> torch.Tensor | None:
         """One row on the one-row GEMV: the activation is made as the kernel loads its input."""
         row = gate_up.reshape(-1, gate_up.shape[-1])
-        if row.shape[0] != 1 or not takes_decode_kernel(row):
-            return None
-        plan = FP8_PLANS.plan_for(plan_key(layer, one_row=True))
+        plan = decode_plan(layer, row) if row.shape[0] == 1 else None
         if plan is None:
             return None
         out = decode_linear(layer, row.contiguous(), bias, plan, gated=True)
@@ -134,6 +131,14 @@ FP8_PLANS: PlanTable[GemvConfig | None] = PlanTable(fp8_candidates)
 def plan_key(layer: MethodLayer, one_row: bool) -> PlanKey:
     rows, cols = layer.weight.shape
     return PlanKey("fp8", rows, cols, one_row)
+
+
+def decode_plan(layer: MethodLayer, rows: torch.Tensor) -> GemvConfig | None:
+    """The decode kernel's launch shape for these rows where start-up timing chose it for this
+    weight shape; None for the scaled-matmul path."""
+    if not takes_decode_kernel(rows):
+        return None
+    return FP8_PLANS.plan_for(plan_key(layer, rows.shape[0] == 1))
 
 
 def decode_linear(
