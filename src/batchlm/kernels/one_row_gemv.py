@@ -3,7 +3,8 @@ with one scale per output channel): the decode step of a single sequence.
 
 One row is bound by reading the weight, and its time is the chain of weight reads each program
 waits on in turn. So a program reads wide [BLOCK_N, BLOCK_K] tiles (many bytes in flight per thread,
-summed over K at every step so that the sums hold few registers), and K may be split across
+summed over K at every step so that the sums hold few registers, or with `late_sum` kept per
+thread and summed across threads once, after the loop), and K may be split across
 programs (their sums meet in the same launch, kernels/split_k.py): few steps per program, and
 enough programs to fill every SM even where N is small. An FP8 tile is widened to float in
 registers; its scale, constant along K, multiplies the finished sum once.
