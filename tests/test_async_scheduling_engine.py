@@ -135,7 +135,7 @@ def _core_outputs(core: EngineCore, abort_after: int | None) -> dict[str, list[i
     for step in range(1000):
         if not core.has_work():
             break
-        outputs: list[EngineCoreOutput] = core.step()
+        outputs: list[EngineCoreOutput] = list(core.step())
         if step == abort_after:
             outputs += core.abort_requests(["r1"])
         for output in outputs:

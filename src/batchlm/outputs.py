@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 
@@ -57,6 +58,90 @@ class EngineCoreOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+def carries_more(output: EngineCoreOutput) -> bool:
+    """Whether an output is more than its request id and new token ids."""
+    return (
+        output.finish_reason is not None
+        or bool(output.new_logprobs)
+        or bool(output.num_cached_tokens)
+        or output.scheduled_time is not None
+        or output.first_token_time is not None
+        or output.error is not None
+        or output.stop_token_id is not None
+    )
+
+
+@dataclass(slots=True, eq=False)
+class CoreOutputs:
+    """What engine steps produced, in order, as columns: each output's request id and new token ids.
+
+    Most outputs of a decode step are one new token and nothing else. Those stay two column entries,
+    which cost a fraction of an object each to make, route and pickle on the core's step loop. The
+    few that carry more (a finish, logprobs, cached tokens, an error, a time, a stop token) are also
+    kept whole, by position. Iterating gives every output as an EngineCoreOutput, and two are equal
+    (a list of outputs too) when they give the same outputs."""
+
+    request_ids: list[str] = field(default_factory=list)
+    token_ids: list[tuple[int, ...]] = field(default_factory=list)
+    # Position -> the output, for those that carry more than their tokens.
+    whole: dict[int, EngineCoreOutput] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, outputs: Iterable[EngineCoreOutput]) -> CoreOutputs:
+        packed = cls()
+        for output in outputs:
+            packed.append(output)
+        return packed
+
+    def add_token(self, request_id: str, token_id: int) -> None:
+        """An output of one new token and nothing else."""
+        self.request_ids.append(request_id)
+        self.token_ids.append((token_id,))
+
+    def append(self, output: EngineCoreOutput) -> None:
+        if carries_more(output):
+            self.whole[len(self.request_ids)] = output
+        self.request_ids.append(output.request_id)
+        self.token_ids.append(output.new_token_ids)
+
+    def extend(self, other: CoreOutputs) -> None:
+        offset = len(self.request_ids)
+        self.whole.update((offset + index, output) for index, output in other.whole.items())
+        self.request_ids.extend(other.request_ids)
+        self.token_ids.extend(other.token_ids)
+
+    def set_scheduled_time(self, index: int, scheduled_time: float) -> None:
+        """Stamp the output at `index` with its request's first scheduling time."""
+        output = self.whole.get(index) or EngineCoreOutput(self.request_ids[index], self.token_ids[index])
+        self.whole[index] = replace(output, scheduled_time=scheduled_time)
+
+    def select(self, indices: list[int]) -> CoreOutputs:
+        """The outputs at these positions, in that order."""
+        whole = self.whole
+        return CoreOutputs(
+            [self.request_ids[index] for index in indices],
+            [self.token_ids[index] for index in indices],
+            {position: whole[index] for position, index in enumerate(indices) if index in whole},
+        )
+
+    def finished_request_ids(self) -> list[str]:
+        return [output.request_id for output in self.whole.values() if output.finish_reason is not None]
+
+    def __len__(self) -> int:
+        return len(self.request_ids)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, CoreOutputs | list):
+            return list(self) == list(other)
+        return NotImplemented
+
+    def __iter__(self) -> Iterator[EngineCoreOutput]:
+        whole = self.whole
+        for index, (request_id, token_ids) in enumerate(zip(self.request_ids, self.token_ids, strict=True)):
+            output = whole.get(index)
+            yield output if output is not None else EngineCoreOutput(request_id, token_ids)
 
 
 @dataclass

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Iterable
@@ -12,7 +11,7 @@ from typing import Protocol
 from batchlm.core.facts import EngineStats
 from batchlm.core.scheduler import Scheduler
 from batchlm.core.step_io import ModelRunnerOutput, SchedulerOutput
-from batchlm.outputs import EngineCoreOutput
+from batchlm.outputs import CoreOutputs, EngineCoreOutput
 from batchlm.request import EngineCoreRequest
 
 logger = logging.getLogger(__name__)
@@ -71,22 +70,22 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_unfinished_requests() or self._in_flight is not None
 
-    def step(self) -> list[EngineCoreOutput]:
+    def step(self) -> CoreOutputs:
         if self.async_scheduling:
             return self._step_async()
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty and not scheduled.finished_request_ids:
-            return []
+            return CoreOutputs()
         self._note_first_scheduled(scheduled)
         result = self.executor.execute(scheduled)
         self.num_steps += 1
         return self._update(scheduled, result)
 
-    def _step_async(self) -> list[EngineCoreOutput]:
+    def _step_async(self) -> CoreOutputs:
         """Launch the next step, then fold in the one launched by the previous call. When speculating
         requests need the step in flight (their last tokens to propose from, or a verify result), it
         is folded in first: otherwise they would sit out every other step."""
-        outputs: list[EngineCoreOutput] = []
+        outputs = CoreOutputs()
         if self._in_flight is not None and self.scheduler.needs_step_in_flight():
             (previous_scheduled, previous_pending), self._in_flight = self._in_flight, None
             outputs = self._update(previous_scheduled, previous_pending.result())
@@ -100,26 +99,23 @@ class EngineCore:
         previous = self._in_flight
         # A step with no chunks (only requests to drop) has no output to wait for.
         self._in_flight = (scheduled, launched) if launched is not None and not scheduled.is_empty else None
-        if previous is None:
-            return outputs
-        return outputs + self._update(previous[0], previous[1].result())
+        if previous is not None:
+            outputs.extend(self._update(previous[0], previous[1].result()))
+        return outputs
 
     def _note_first_scheduled(self, scheduled: SchedulerOutput) -> None:
         now = time.time()
         for new in scheduled.new_requests:
             self._first_scheduled.setdefault(new.request_id, now)
 
-    def _update(self, scheduled: SchedulerOutput, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
+    def _update(self, scheduled: SchedulerOutput, result: ModelRunnerOutput) -> CoreOutputs:
         outputs = self.scheduler.update_from_output(scheduled, result)
         if self._first_scheduled:
-            outputs = [self._with_scheduled_time(o) for o in outputs]
+            for index, request_id in enumerate(outputs.request_ids):
+                scheduled_at = self._first_scheduled.pop(request_id, None)
+                if scheduled_at is not None:
+                    outputs.set_scheduled_time(index, scheduled_at)
         return outputs
-
-    def _with_scheduled_time(self, output: EngineCoreOutput) -> EngineCoreOutput:
-        scheduled_at = self._first_scheduled.pop(output.request_id, None)
-        if scheduled_at is None:
-            return output
-        return dataclasses.replace(output, scheduled_time=scheduled_at)
 
     def stats(self) -> EngineStats:
         return self.scheduler.stats()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterable
+from functools import partial
 
 from batchlm.core.admission import AdmissionTickets
 from batchlm.core.facts import EngineStats
@@ -16,7 +17,7 @@ from batchlm.core.speculative_step import SpeculativeSteps
 from batchlm.core.step_builder import InflightStep, StepBuilder, new_request_data, sampled_by_request
 from batchlm.core.step_io import PLACEHOLDER_TOKEN_ID, ModelRunnerOutput, ScheduledChunk, SchedulerOutput
 from batchlm.core.stop_checker import check_stop
-from batchlm.outputs import EngineCoreOutput, FinishReason, TokenLogprobs
+from batchlm.outputs import CoreOutputs, EngineCoreOutput, FinishReason, TokenLogprobs
 from batchlm.request import EngineCoreRequest
 
 
@@ -252,17 +253,15 @@ class Scheduler:
         self._waiting.appendleft(state)
         self._num_preemptions += 1
 
-    def update_from_output(
-        self, scheduled: SchedulerOutput, result: ModelRunnerOutput
-    ) -> list[EngineCoreOutput]:
+    def update_from_output(self, scheduled: SchedulerOutput, result: ModelRunnerOutput) -> CoreOutputs:
         """Advance the scheduled requests, append sampled tokens, and finish those that must stop.
         Returns one output per request that got a token or finished. Steps are updated in the order
         they were scheduled."""
+        outputs = CoreOutputs()
         if scheduled.is_empty:
-            return []
+            return outputs
         sampled = sampled_by_request(scheduled, result)
         record = self._pop_inflight(scheduled)
-        outputs: list[EngineCoreOutput] = []
         finished_any = False
         commit = self.kv.commit_computed if self.config.enable_prefix_caching else None
         for chunk, state, preemptions in zip(
@@ -272,7 +271,7 @@ class Scheduler:
                 # Finished, aborted or preempted while the step was in flight: its work is dropped.
                 continue
             if chunk.num_draft_tokens:
-                outputs.extend(self._fold_verified(chunk, state, result, sampled))
+                self._fold_verified(chunk, state, result, sampled, outputs)
                 finished_any = finished_any or state.is_finished
                 continue
             num_tokens = len(chunk.token_ids)
@@ -284,9 +283,7 @@ class Scheduler:
                 continue
             state.num_inflight_samples -= 1
             token_id, logprobs = sampled[chunk.request_id]
-            output = self._append_token(state, token_id, logprobs)
-            if output is not None:
-                outputs.append(output)
+            self._append_token(outputs, state, token_id, logprobs)
             finished_any = finished_any or state.is_finished
         if finished_any:
             self._running = [state for state in self._running if not state.is_finished]
@@ -298,17 +295,17 @@ class Scheduler:
         state: RequestState,
         result: ModelRunnerOutput,
         sampled: dict[str, tuple[int, TokenLogprobs | None]],
-    ) -> list[EngineCoreOutput]:
+        outputs: CoreOutputs,
+    ) -> None:
         assert self._speculative is not None, "a verify chunk without speculation"
         accepted = result.accepted_drafts.get(chunk.request_id)
         if accepted is None:
             raise RuntimeError(f"the model runner returned no verification for request {chunk.request_id!r}")
-        outputs = self._speculative.fold(
-            state, chunk, accepted, sampled[chunk.request_id], self._append_token
+        self._speculative.fold(
+            state, chunk, accepted, sampled[chunk.request_id], partial(self._append_token, outputs)
         )
         if self.config.enable_prefix_caching and not state.is_finished:
             self.kv.commit_computed(state)
-        return outputs
 
     def _pop_inflight(self, scheduled: SchedulerOutput) -> InflightStep:
         if not self._inflight or self._inflight[0].scheduled is not scheduled:
@@ -319,9 +316,10 @@ class Scheduler:
         return self._inflight.popleft()
 
     def _append_token(
-        self, state: RequestState, token_id: int, logprobs: TokenLogprobs | None
-    ) -> EngineCoreOutput | None:
-        """The token's output; None while a final_output_only request holds its tokens back."""
+        self, outputs: CoreOutputs, state: RequestState, token_id: int, logprobs: TokenLogprobs | None
+    ) -> None:
+        """Append the token to its request, and its output to `outputs` (none while a
+        final_output_only request holds its tokens back)."""
         all_token_ids = state.all_token_ids
         all_token_ids.append(token_id)
         self._generation_tokens_total += 1
@@ -329,15 +327,16 @@ class Scheduler:
             # The common case, decided without check_stop: no limit reached, not a stop token.
             if state.final_output_only:
                 _note_first_token(state)
-                return None
+                return
             if logprobs is None and not state.first_output_pending:
-                return EngineCoreOutput(state.request_id, (token_id,))
+                outputs.add_token(state.request_id, token_id)
+                return
             decision = None
         else:
             decision = check_stop(state)
             if decision is None and state.final_output_only:
                 _note_first_token(state)
-                return None
+                return
         num_cached = 0
         if state.first_output_pending:
             state.first_output_pending = False
@@ -348,14 +347,16 @@ class Scheduler:
             new_token_ids, first_token_time = tuple(state.output_token_ids), state.first_token_time
         else:
             new_token_ids, first_token_time = (token_id,), None
-        return EngineCoreOutput(
-            request_id=state.request_id,
-            new_token_ids=new_token_ids,
-            new_logprobs=(logprobs,) if logprobs is not None else (),
-            finish_reason=decision.reason if decision else None,
-            stop_token_id=decision.stop_token_id if decision else None,
-            num_cached_tokens=num_cached,
-            first_token_time=first_token_time,
+        outputs.append(
+            EngineCoreOutput(
+                request_id=state.request_id,
+                new_token_ids=new_token_ids,
+                new_logprobs=(logprobs,) if logprobs is not None else (),
+                finish_reason=decision.reason if decision else None,
+                stop_token_id=decision.stop_token_id if decision else None,
+                num_cached_tokens=num_cached,
+                first_token_time=first_token_time,
+            )
         )
 
     def _finish(self, state: RequestState, reason: FinishReason) -> None:

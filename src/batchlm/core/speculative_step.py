@@ -10,9 +10,9 @@ from batchlm.core.request_state import RequestState
 from batchlm.core.speculation import Speculator
 from batchlm.core.step_builder import StepBuilder
 from batchlm.core.step_io import AcceptedDrafts, ScheduledChunk
-from batchlm.outputs import EngineCoreOutput, TokenLogprobs
+from batchlm.outputs import TokenLogprobs
 
-AppendToken = Callable[[RequestState, int, "TokenLogprobs | None"], "EngineCoreOutput | None"]
+AppendToken = Callable[[RequestState, int, "TokenLogprobs | None"], None]
 # The blocks of a request's table not yet sent to the runner (marking them sent).
 NewBlockIdsOf = Callable[[RequestState], tuple[int, ...]]
 
@@ -91,11 +91,11 @@ class SpeculativeSteps:
         accepted: AcceptedDrafts,
         sampled: tuple[int, TokenLogprobs | None],
         append_token: AppendToken,
-    ) -> list[EngineCoreOutput]:
+    ) -> None:
         """Advance the request past the accepted drafts and the sampled token. Rejected drafts' KV slots
         are simply not counted as computed: the next step overwrites them, in blocks the request keeps.
-        One output per token (none while final_output_only holds them back), so a stop string found
-        after any of them keeps the rest out. The caller commits the newly computed blocks to the
+        append_token makes one output per token (none while final_output_only holds them back), so a
+        stop string found after any of them keeps the rest out. The caller commits the newly computed blocks to the
         prefix cache if the request is still running."""
         self.in_flight.discard(state.request_id)
         num_accepted = len(accepted.token_ids)
@@ -110,14 +110,10 @@ class SpeculativeSteps:
         state.num_inflight_samples -= 1
         state.num_computed_tokens += 1 + num_accepted
         self.speculator.note_verified(state, chunk.num_draft_tokens, num_accepted)
-        outputs = []
         for token_id, logprobs in (*zip(accepted.token_ids, accepted.logprobs, strict=True), sampled):
-            output = append_token(state, token_id, logprobs)
-            if output is not None:
-                outputs.append(output)
+            append_token(state, token_id, logprobs)
             if state.is_finished:
                 break  # a stop token or the limit among the accepted drafts
-        return outputs
 
     def forget(self, request_id: str) -> None:
         """The request finished or was preempted: results in flight for it are dropped."""

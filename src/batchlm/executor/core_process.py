@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import assert_never
@@ -35,7 +35,7 @@ from batchlm.executor.core_messages import (
     StepOutputs,
     ToCore,
 )
-from batchlm.outputs import EngineCoreOutput
+from batchlm.outputs import CoreOutputs, EngineCoreOutput
 from batchlm.request import EngineCoreRequest
 
 logger = logging.getLogger(__name__)
@@ -147,27 +147,31 @@ class CoreLoop:
         if wait_for_one and not self.core.has_work():
             self._check_executor()
             # Keep the stats fresh for /metrics while idle.
-            self._send_outputs([], everyone=True)
+            self._send_outputs(CoreOutputs(), everyone=True)
 
-    def _send_outputs(self, outputs: list[EngineCoreOutput], everyone: bool = False) -> None:
+    def _send_outputs(
+        self, outputs: CoreOutputs | Iterable[EngineCoreOutput], everyone: bool = False
+    ) -> None:
         """Each front end gets its requests' outputs and the stats; with several front ends, one
         without outputs gets the stats only every STATS_REFRESH_S, or now when `everyone`."""
+        if not isinstance(outputs, CoreOutputs):
+            outputs = CoreOutputs.of(outputs)
         stats = self.core.stats()
         if len(self._conns) == 1:
-            self.conn.send(StepOutputs.pack(outputs, stats))
+            self.conn.send(StepOutputs(outputs, stats))
             return
-        routed: list[list[EngineCoreOutput]] = [[] for _ in self._conns]
-        for output in outputs:
-            routed[self._owner.get(output.request_id, 0)].append(output)
-            if output.finish_reason is not None:
-                self._owner.pop(output.request_id, None)
+        owner_of = self._owner.get
+        owners = [owner_of(request_id, 0) for request_id in outputs.request_ids]
+        for request_id in outputs.finished_request_ids():
+            self._owner.pop(request_id, None)
         now = time.monotonic()
         for client, conn in enumerate(self._conns):
+            mine = [index for index, owner in enumerate(owners) if owner == client]
             stale = everyone or now - self._last_sent[client] >= STATS_REFRESH_S
-            if conn is None or not (routed[client] or stale):
+            if conn is None or not (mine or stale):
                 continue
             self._last_sent[client] = now
-            self._send_to(client, StepOutputs.pack(routed[client], stats))
+            self._send_to(client, StepOutputs(outputs.select(mine), stats))
 
     def _send_to(self, client: int, message: FromCore) -> None:
         """Send to one front end; a secondary whose pipe broke is detached (the primary's error stops
