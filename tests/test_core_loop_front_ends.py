@@ -14,7 +14,7 @@ from typing import TypeVar
 from batchlm.core.facts import EngineStats
 from batchlm.executor.core_messages import AddRequests, RequestRejected, Shutdown, StepOutputs
 from batchlm.executor.core_process import CoreLoop
-from batchlm.outputs import EngineCoreOutput, FinishReason
+from batchlm.outputs import CoreOutputs, EngineCoreOutput, FinishReason
 from batchlm.request import EngineCoreRequest
 from batchlm.sampling_params import SamplingParams
 from fake_engine import wait_until
@@ -48,10 +48,10 @@ class CountingCore:
     def has_work(self) -> bool:
         return bool(self.remaining)
 
-    def step(self) -> list[EngineCoreOutput]:
+    def step(self) -> CoreOutputs:
+        outputs = CoreOutputs()
         if not self.step_gate.wait(0.01):
-            return []  # held: no progress, while the loop goes on taking messages between steps
-        outputs = []
+            return outputs  # held: no progress, while the loop goes on taking messages between steps
         for request_id in list(self.remaining):
             self.remaining[request_id] -= 1
             done = self.remaining[request_id] == 0

@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import assert_never
@@ -35,7 +35,7 @@ from batchlm.executor.core_messages import (
     StepOutputs,
     ToCore,
 )
-from batchlm.outputs import CoreOutputs, EngineCoreOutput
+from batchlm.outputs import CoreOutputs
 from batchlm.request import EngineCoreRequest
 
 logger = logging.getLogger(__name__)
@@ -149,24 +149,23 @@ class CoreLoop:
             # Keep the stats fresh for /metrics while idle.
             self._send_outputs(CoreOutputs(), everyone=True)
 
-    def _send_outputs(
-        self, outputs: CoreOutputs | Iterable[EngineCoreOutput], everyone: bool = False
-    ) -> None:
+    def _send_outputs(self, outputs: CoreOutputs, everyone: bool = False) -> None:
         """Each front end gets its requests' outputs and the stats; with several front ends, one
         without outputs gets the stats only every STATS_REFRESH_S, or now when `everyone`."""
-        if not isinstance(outputs, CoreOutputs):
-            outputs = CoreOutputs.of(outputs)
         stats = self.core.stats()
         if len(self._conns) == 1:
             self.conn.send(StepOutputs(outputs, stats))
             return
+        # Positions of each front end's outputs, routed in one pass.
+        routed: list[list[int]] = [[] for _ in self._conns]
         owner_of = self._owner.get
-        owners = [owner_of(request_id, 0) for request_id in outputs.request_ids]
+        for index, request_id in enumerate(outputs.request_ids):
+            routed[owner_of(request_id, 0)].append(index)
         for request_id in outputs.finished_request_ids():
             self._owner.pop(request_id, None)
         now = time.monotonic()
         for client, conn in enumerate(self._conns):
-            mine = [index for index, owner in enumerate(owners) if owner == client]
+            mine = routed[client]
             stale = everyone or now - self._last_sent[client] >= STATS_REFRESH_S
             if conn is None or not (mine or stale):
                 continue
@@ -214,7 +213,7 @@ class CoreLoop:
             case AbortRequests(request_ids):
                 outputs = self.core.abort_requests(request_ids)
                 if outputs:
-                    self._send_outputs(outputs)
+                    self._send_outputs(CoreOutputs.of(outputs))
             case Shutdown():
                 if client == 0:
                     self.running = False
