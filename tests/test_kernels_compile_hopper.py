@@ -117,6 +117,35 @@ def test_decode_over_an_fp8_cache_compiles(in_registers: bool) -> None:
         assert "ldmatrix" in ptx
 
 
+@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("cache", ["*bf16", "*fp8e4nv"])
+def test_decode_reads_its_first_tile_before_waiting_and_the_query_after(cache: str, num_splits: int) -> None:
+    # Lengths, block ids and the first key/value tile come before the wait (no kernel of the step
+    # writes them, but for the newest row); the query, written by the kernel before, after it.
+    types = {"q_ptr": "*bf16", "cache_ptr": cache, "block_table_ptr": "*i32", "seq_lens_ptr": "*i32"}
+    types |= {"out_ptr": "*bf16", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "qk_scale": "fp32"}
+    constants = {
+        "BLOCK_SIZE": 16, "GROUP": 4, "BLOCK_G": 16, "HEAD_DIM": 64, "BLOCK_N": 64, "NUM_SPLITS": num_splits,
+        "DOT_PRECISION": "tf32", "FP8_IN_REGISTERS": cache == "*fp8e4nv", "WINDOWED": False, "SOFTCAP": False,
+    }  # fmt: skip
+
+    def lines(pdl: bool) -> list[str]:
+        compiled = compile_for_hopper(
+            paged_decode._decode_kernel, types, constants | {"PDL": pdl}, aligned=True, num_warps=4,
+            num_stages=2, launch_pdl=pdl,
+        )  # fmt: skip
+        return memory_lines(compiled.asm["ptx"])
+
+    assert not any("griddep" in line for line in lines(False))
+    memory = lines(True)
+    assert memory[0].startswith("griddepcontrol.launch_dependents")
+    (wait,) = [i for i, line in enumerate(memory) if line.startswith("griddepcontrol.wait")]
+    early = memory[1:wait]
+    assert all(line.startswith(("ld.global", "@")) and "st.global" not in line for line in early)
+    assert sum("ld.global.v4" in line for line in early) >= 2  # keys and values
+    assert any("ld.global" in line for line in memory[wait + 1 :])  # the query, the newest row
+
+
 def test_prefill_over_an_fp8_cache_compiles() -> None:
     types = {"q_ptr": "*bf16", "cache_ptr": "*fp8e4nv", "block_table_ptr": "*i32", "seq_lens_ptr": "*i32"}
     types |= {"query_start_ptr": "*i32", "out_ptr": "*bf16", "qk_scale": "fp32"}

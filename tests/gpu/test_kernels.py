@@ -214,6 +214,51 @@ def test_decode_replays_in_cuda_graph_with_new_lengths() -> None:
         assert_close(out, ref, torch.bfloat16)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("num_splits", [1, 8])
+def test_decode_sees_the_newest_token_written_just_before_it_in_the_same_graph(num_splits: int) -> None:
+    # Under PDL the kernel reads its first tile before the KV write ahead of it has finished; the
+    # newest token's row must still be the one that write stores. Lengths put that row in the first
+    # tile of its split (read again after the wait) and in a later tile (read only after it).
+    torch.manual_seed(8)
+    block_size, head_dim, batch, max_blocks = 16, 64, 4, 64
+    cache = random_cache(batch * max_blocks, block_size, head_dim, torch.bfloat16)
+    query = torch.randn(batch, 8, head_dim, device=DEVICE).bfloat16()
+    key, value = (torch.randn(batch, NUM_KV_HEADS, head_dim, device=DEVICE).bfloat16() for _ in "kv")
+    seq_lens = torch.ones(batch, dtype=torch.int32, device=DEVICE)
+    slots = torch.zeros(batch, dtype=torch.int64, device=DEVICE)
+    tables = torch.zeros(batch, max_blocks, dtype=torch.int32, device=DEVICE)
+    out = torch.empty_like(query)
+
+    def step() -> None:
+        write_kv_cache(key, value, cache, slots)
+        paged_decode_attention(query, cache, seq_lens, tables, 0.125, out=out, num_splits=num_splits)
+
+    step()  # compiled outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for lengths in ([1, 40, 64, 700], [65, 16, 1000, 129]):
+        new_tables = random_block_tables(lengths, block_size, cache.shape[1], extra=0)
+        tables.zero_()
+        tables[:, : new_tables.shape[1]] = new_tables
+        seq_lens.copy_(int32(lengths))
+        newest = [
+            tables[row, (n - 1) // block_size] * block_size + (n - 1) % block_size
+            for row, n in enumerate(lengths)
+        ]
+        slots.copy_(torch.stack(newest))
+        for _ in range(2):
+            for tensor in (query, key, value):
+                tensor.copy_(torch.randn_like(tensor))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(cache[0].reshape(-1, NUM_KV_HEADS, head_dim)[slots], key)
+            ref = paged_attention_reference(query, cache, list(range(batch + 1)), lengths, tables, 0.125)
+            assert_close(out, ref, torch.bfloat16)
+
+
 # ---------------------------------------------------------------- prefill
 
 

@@ -4,7 +4,8 @@ Grid (batch, kv_heads, splits): a program holds all query heads of one KV group,
 read once per group; with splits > 1 each program covers a slice of the context and a second kernel
 merges the slices by log-sum-exp (flash-decoding). The grid depends only on the (padded) batch size
 and static configuration; context lengths come from the device `seq_lens`, so the launch can be
-captured in a CUDA graph and replayed with new lengths and block tables.
+captured in a CUDA graph and replayed with new lengths and block tables. With PDL a program reads
+its first tile before waiting for the kernel before it (kernels/pdl.py).
 """
 
 from __future__ import annotations
@@ -16,8 +17,15 @@ import triton
 import triton.language as tl
 
 from batchlm.kernels.fp8_types import FP8_DTYPE
-from batchlm.kernels.paged_tile import MASK_RANGE, attend_range
-from batchlm.kernels.pdl import pdl_launch, pdl_prologue
+from batchlm.kernels.paged_tile import (
+    MASK_RANGE,
+    attend_range,
+    load_rows,
+    softmax_update,
+    tile_addresses,
+    values_update,
+)
+from batchlm.kernels.pdl import let_next_kernel_start, pdl_launch, pdl_prologue, wait_for_previous_kernel
 from batchlm.kernels.shapes import LOG2_E, check_paged_inputs, dot_precision, next_power_of_2, sm_count
 from batchlm.kernels.specialization import unspecialized
 
@@ -84,7 +92,7 @@ def _decode_kernel(
     NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
     FP8_IN_REGISTERS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    pdl_prologue(PDL)
+    let_next_kernel_start(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -98,6 +106,21 @@ def _decode_kernel(
     tokens_per_split = tl.cdiv(tl.cdiv(seq_len - first, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = first + split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, seq_len)
+    kv_base = cache_ptr + kv_head * stride_c_head
+    block_row = block_table_ptr + seq.to(tl.int64) * stride_bt
+    # The first tile is read before waiting for the kernel before (PDL): the lengths and block
+    # tables come from the host before the step, and this step writes only each request's newest
+    # token into the cache, so only that row is read again after the wait.
+    tokens, in_range, offsets = tile_addresses(
+        block_row, start, end, stride_c_block, stride_c_tok, BLOCK_SIZE, HEAD_DIM, BLOCK_N, MASK_RANGE
+    )
+    k_ptrs = kv_base + offsets
+    k = load_rows(k_ptrs, in_range, MASK_RANGE)
+    v = load_rows(k_ptrs + stride_c_kv, in_range, MASK_RANGE)
+    wait_for_previous_kernel(PDL)
+    newest = (in_range & (tokens == seq_len - 1))[:, None]
+    k = tl.load(k_ptrs, mask=newest, other=k)
+    v = tl.load(k_ptrs + stride_c_kv, mask=newest, other=v)
 
     groups = tl.arange(0, BLOCK_G)
     dims = tl.arange(0, HEAD_DIM)
@@ -118,25 +141,25 @@ def _decode_kernel(
     acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
     row_max = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_G], dtype=tl.float32)
-    kv_base = cache_ptr + kv_head * stride_c_head
-    block_row = block_table_ptr + seq.to(tl.int64) * stride_bt
+    # The first tile, then the rest of the range as the prefill kernel walks it. An empty range (a
+    # padding row, a split past the context) leaves the sums as they started.
+    probs, rescale, row_max, row_sum = softmax_update(
+        q, k, row_max, row_sum, seq_len, tokens, in_range, qk_scale, window, softcap,
+        MASK_RANGE, DOT_PRECISION, SOFTCAP,
+    )  # fmt: skip
+    acc = values_update(acc, probs, rescale, v, q.dtype, DOT_PRECISION, FP8_IN_REGISTERS)
+    acc, row_max, row_sum = attend_range(
+        q, acc, row_max, row_sum, seq_len, kv_base, block_row, start + BLOCK_N, end, end, qk_scale, window, softcap,
+        stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
+        HEAD_DIM, BLOCK_N, MASK_RANGE, DOT_PRECISION, SOFTCAP, FP8_IN_REGISTERS,
+    )  # fmt: skip
     if NUM_SPLITS == 1:
-        acc, row_max, row_sum = attend_range(
-            q, acc, row_max, row_sum, seq_len, kv_base, block_row, start, end, end, qk_scale, window, softcap,
-            stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
-            HEAD_DIM, BLOCK_N, MASK_RANGE, DOT_PRECISION, SOFTCAP, FP8_IN_REGISTERS,
-        )  # fmt: skip
         # Padding rows (seq_len 0) saw nothing: row_sum 0, output zeros.
         result = acc / tl.where(row_sum > 0.0, row_sum, 1.0)[:, None]
         out = out_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + dims[None, :]
         tl.store(out, result.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
     else:
         if start < end:
-            acc, row_max, row_sum = attend_range(
-                q, acc, row_max, row_sum, seq_len, kv_base, block_row, start, end, end, qk_scale, window, softcap,
-                stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
-                HEAD_DIM, BLOCK_N, MASK_RANGE, DOT_PRECISION, SOFTCAP, FP8_IN_REGISTERS,
-            )  # fmt: skip
             # Each slice stores its normalised result and its log2-sum-exp weight.
             row = (seq.to(tl.int64) * num_heads + heads) * NUM_SPLITS + split  # [BLOCK_G]
             part = part_out_ptr + row[:, None] * HEAD_DIM + dims[None, :]

@@ -51,39 +51,43 @@ def widen_e4m3(codes):
 
 
 @triton.jit
-def attend_tile(
-    q,  # [BLOCK_M, HEAD_DIM] query rows
-    acc,  # [BLOCK_M, HEAD_DIM] fp32 running numerator
-    row_max,  # [BLOCK_M] fp32 running max score (log2 domain)
-    row_sum,  # [BLOCK_M] fp32 running denominator
-    q_pos,  # [BLOCK_M] int32 absolute positions (read only with MASK_CAUSAL / MASK_WINDOW)
-    kv_base,  # pointer: cache + kv_head * stride_c_head (keys; values at + stride_c_kv)
-    block_row,  # pointer: this request's block-table row
-    tile_start,
-    kv_end,
-    qk_scale,
-    window,  # sliding window (read only with MASK_WINDOW)
-    softcap,  # soft-cap * log2(e) (read only with SOFTCAP)
-    stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SOFTCAP: tl.constexpr, FP8_IN_REGISTERS: tl.constexpr = False,  # widen FP8 values with widen_e4m3
+def tile_addresses(
+    block_row, tile_start, kv_end, stride_c_block, stride_c_tok, BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_MODE: tl.constexpr,
 ):  # fmt: skip
+    """(tokens [BLOCK_N], in_range [BLOCK_N], key offsets from kv_base [BLOCK_N, HEAD_DIM]) of the tile
+    from `tile_start`, its block ids read from the request's block-table row."""
     tokens = tile_start + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
+    in_range = tokens < kv_end
     if MASK_MODE == 0:
         blocks = tl.load(block_row + tokens // BLOCK_SIZE)
     else:
-        in_range = tokens < kv_end
         blocks = tl.load(block_row + tokens // BLOCK_SIZE, mask=in_range, other=0)
     # Block ids are never negative: widened unsigned, each takes one 32 x 32 -> 64-bit multiply,
     # where a signed 64-bit product takes four instructions (the loop is bound by issue slots).
     block_starts = blocks.to(tl.uint32, bitcast=True).to(tl.uint64) * stride_c_block.to(tl.uint64)
     rows = block_starts + (tokens % BLOCK_SIZE) * stride_c_tok  # [BLOCK_N]
-    k_ptrs = kv_base + rows[:, None] + dims[None, :]  # [BLOCK_N, HEAD_DIM]
+    return tokens, in_range, rows[:, None] + dims[None, :]
+
+
+@triton.jit
+def load_rows(ptrs, in_range, MASK_MODE: tl.constexpr):
+    """A [BLOCK_N, HEAD_DIM] key or value tile; rows out of range read as zeros."""
     if MASK_MODE == 0:
-        k = tl.load(k_ptrs)
+        tile = tl.load(ptrs)
     else:
-        k = tl.load(k_ptrs, mask=in_range[:, None], other=0.0)
+        tile = tl.load(ptrs, mask=in_range[:, None], other=0.0)
+    return tile
+
+
+@triton.jit
+def softmax_update(
+    q, k, row_max, row_sum, q_pos, tokens, in_range, qk_scale, window, softcap,
+    MASK_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+):  # fmt: skip
+    """The tile's probabilities [BLOCK_M, BLOCK_N], the factor rescaling what was summed before, and
+    the new running max and denominator."""
     k = k.to(q.dtype)  # no-op unless the cache is FP8
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N], unscaled
     if SOFTCAP:
@@ -108,19 +112,55 @@ def attend_tile(
         probs = tl.exp2(scores * qk_scale - new_max[:, None])
     rescale = tl.exp2(row_max - new_max)
     row_sum = row_sum * rescale + tl.sum(probs, 1)
-    if MASK_MODE == 0:
-        v = tl.load(k_ptrs + stride_c_kv)
-    else:
-        v = tl.load(k_ptrs + stride_c_kv, mask=in_range[:, None], other=0.0)
+    return probs, rescale, new_max, row_sum
+
+
+@triton.jit
+def values_update(
+    acc, probs, rescale, v, q_dtype: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FP8_IN_REGISTERS: tl.constexpr,
+):  # fmt: skip
+    """acc rescaled, plus the tile's probabilities times its values."""
     if FP8_IN_REGISTERS:
         # Values feed the dot along their token axis, which a byte-wide tile cannot be read along
         # from shared memory in wide loads; keys feed it along the contiguous head dim, so a cast is
         # cheaper for them.
         v = widen_e4m3(v)
     else:
-        v = v.to(q.dtype)
-    acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return acc, new_max, row_sum
+        v = v.to(q_dtype)
+    return acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def attend_tile(
+    q,  # [BLOCK_M, HEAD_DIM] query rows
+    acc,  # [BLOCK_M, HEAD_DIM] fp32 running numerator
+    row_max,  # [BLOCK_M] fp32 running max score (log2 domain)
+    row_sum,  # [BLOCK_M] fp32 running denominator
+    q_pos,  # [BLOCK_M] int32 absolute positions (read only with MASK_CAUSAL / MASK_WINDOW)
+    kv_base,  # pointer: cache + kv_head * stride_c_head (keys; values at + stride_c_kv)
+    block_row,  # pointer: this request's block-table row
+    tile_start,
+    kv_end,
+    qk_scale,
+    window,  # sliding window (read only with MASK_WINDOW)
+    softcap,  # soft-cap * log2(e) (read only with SOFTCAP)
+    stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, FP8_IN_REGISTERS: tl.constexpr = False,  # widen FP8 values with widen_e4m3
+):  # fmt: skip
+    tokens, in_range, offsets = tile_addresses(
+        block_row, tile_start, kv_end, stride_c_block, stride_c_tok, BLOCK_SIZE, HEAD_DIM, BLOCK_N, MASK_MODE
+    )
+    k_ptrs = kv_base + offsets
+    k = load_rows(k_ptrs, in_range, MASK_MODE)
+    probs, rescale, row_max, row_sum = softmax_update(
+        q, k, row_max, row_sum, q_pos, tokens, in_range, qk_scale, window, softcap,
+        MASK_MODE, DOT_PRECISION, SOFTCAP,
+    )  # fmt: skip
+    v = load_rows(k_ptrs + stride_c_kv, in_range, MASK_MODE)
+    acc = values_update(acc, probs, rescale, v, q.dtype, DOT_PRECISION, FP8_IN_REGISTERS)
+    return acc, row_max, row_sum
 
 
 @triton.jit

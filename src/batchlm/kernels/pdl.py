@@ -11,7 +11,11 @@ Our decode-path kernels take a PDL flag: with it they signal at their start, so 
 programs are resident by the time they finish, and wait before touching activations. Rules that keep
 this safe, for every kernel launched with PDL:
 - nothing it reads from an earlier kernel, and nothing it writes, comes before the wait;
-- only memory no kernel writes while serving (weights, scales) is read before it.
+- only memory no kernel writes while serving (weights, scales) is read before it. The one
+  exception is the decode attention: its lengths and block ids come from the host's copies of the
+  step's inputs, which order every step fully after the one before, and the cache rows it reads
+  early were written in earlier steps; the newest row, written by the step's own KV write, it reads
+  again after the wait.
 A kernel's wait returns once the kernel before it has completed, which itself waited for the one
 before, so the order of the whole stream holds. A signal has no effect on a following kernel
 launched without PDL (torch's and cuBLAS's). Both instructions need sm_90; elsewhere (and in
