@@ -146,6 +146,20 @@ def test_decode_reads_its_first_tile_before_waiting_and_the_query_after(cache: s
     assert any("ld.global" in line for line in memory[wait + 1 :])  # the query, the newest row
 
 
+def test_decode_reduce_reads_the_length_before_waiting_and_the_splits_after() -> None:
+    types = {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "seq_lens_ptr": "*i32", "out_ptr": "*bf16"}
+    constants = {
+        "HEAD_DIM": 64, "BLOCK_N": 64, "NUM_SPLITS": 64, "BLOCK_S": 64, "CHUNK": 16, "WINDOWED": False, "PDL": True,
+    }  # fmt: skip
+    compiled = compile_for_hopper(paged_decode._reduce_kernel, types, constants, num_warps=4, launch_pdl=True)
+    memory = memory_lines(compiled.asm["ptx"])
+    assert memory[0].startswith("griddepcontrol.launch_dependents")
+    (wait,) = [i for i, line in enumerate(memory) if line.startswith("griddepcontrol.wait")]
+    assert wait == 2 and "ld.global.b32" in memory[1]  # the length, from the host
+    assert sum("ld.global" in line for line in memory[wait + 1 :]) >= 2  # the splits' weights and outputs
+    assert not any("griddep" in line for line in memory[wait + 1 :])
+
+
 def test_prefill_over_an_fp8_cache_compiles() -> None:
     types = {"q_ptr": "*bf16", "cache_ptr": "*fp8e4nv", "block_table_ptr": "*i32", "seq_lens_ptr": "*i32"}
     types |= {"query_start_ptr": "*i32", "out_ptr": "*bf16", "qk_scale": "fp32"}
@@ -224,7 +238,6 @@ def prologue_kernels() -> list[tuple[Any, dict[str, str], dict[str, Any], int]]:
     rope = {"qk_ptr": "*bf16", "positions_ptr": "*i64", "cache_ptr": "*fp32"}
     kv = {"key_ptr": "*bf16", "value_ptr": "*bf16", "cache_ptr": "*bf16", "slot_ptr": "*i64"}
     kv |= {"inv_k_scale": "fp32", "inv_v_scale": "fp32"}
-    reduce = {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "seq_lens_ptr": "*i32", "out_ptr": "*bf16"}
     return [
         (fused_ops._rms_norm_kernel, norm, {"HAS_RESIDUAL": True, "BLOCK": 2048}, 8),
         (fused_ops._silu_and_mul_kernel, {"x_ptr": "*bf16", "out_ptr": "*bf16"}, {"BLOCK": 1024}, 4),
@@ -241,12 +254,6 @@ def prologue_kernels() -> list[tuple[Any, dict[str, str], dict[str, Any], int]]:
                 "FP8_LIMIT": 448.0,
             },
             1,
-        ),
-        (
-            paged_decode._reduce_kernel,
-            reduce,
-            {"HEAD_DIM": 64, "BLOCK_N": 64, "NUM_SPLITS": 4, "BLOCK_S": 4, "CHUNK": 4, "WINDOWED": False},
-            4,
         ),
     ]
 

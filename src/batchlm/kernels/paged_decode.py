@@ -25,7 +25,7 @@ from batchlm.kernels.paged_tile import (
     tile_addresses,
     values_update,
 )
-from batchlm.kernels.pdl import let_next_kernel_start, pdl_launch, pdl_prologue, wait_for_previous_kernel
+from batchlm.kernels.pdl import let_next_kernel_start, pdl_launch, wait_for_previous_kernel
 from batchlm.kernels.shapes import LOG2_E, check_paged_inputs, dot_precision, next_power_of_2, sm_count
 from batchlm.kernels.specialization import unspecialized
 
@@ -184,9 +184,10 @@ def _reduce_kernel(
     WINDOWED: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl_prologue(PDL)
+    let_next_kernel_start(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
+    # The length comes from the host before the step: read before the wait (kernels/pdl.py).
     seq_len = tl.load(seq_lens_ptr + seq)
     span = seq_len
     if WINDOWED:
@@ -195,23 +196,31 @@ def _reduce_kernel(
     # Only splits that started inside the visible span wrote anything.
     used_splits = tl.cdiv(span, tl.maximum(tokens_per_split, 1))
     base = (seq.to(tl.int64) * tl.num_programs(1) + head) * NUM_SPLITS
-    splits = tl.arange(0, BLOCK_S)
-    lse = tl.load(part_lse_ptr + base + splits, mask=splits < used_splits, other=float("-inf"))
-    top = tl.max(lse, 0)
-    top = tl.where(top == float("-inf"), 0.0, top)  # seq_len 0: every weight 0, output 0
-    total = tl.sum(tl.exp2(lse - top), 0)
     dims = tl.arange(0, HEAD_DIM)
+    wait_for_previous_kernel(PDL)
+    # One pass over chunks of CHUNK splits (bounding the registers a [splits, HEAD_DIM] tile would
+    # take), merged by a running max: a chunk's weights and outputs load together, so the usual
+    # case (every used split in the first chunk) waits on memory once.
+    top = tl.full([1], -1.0e30, dtype=tl.float32)
+    total = tl.zeros([1], dtype=tl.float32)
     acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    # Chunks of CHUNK splits bound the registers a [splits, HEAD_DIM] tile would take.
     for first in range(0, NUM_SPLITS, CHUNK):
-        chunk = first + tl.arange(0, CHUNK)
-        valid = chunk < used_splits
-        weights = tl.exp2(tl.load(part_lse_ptr + base + chunk, mask=valid, other=float("-inf")) - top)
-        parts = tl.load(
-            part_out_ptr + (base + chunk)[:, None] * HEAD_DIM + dims[None, :], mask=valid[:, None], other=0.0
-        )
-        acc += tl.sum(parts * weights[:, None], 0)
-    result = acc / tl.where(total > 0.0, total, 1.0)  # [HEAD_DIM]
+        if first < used_splits:
+            chunk = first + tl.arange(0, CHUNK)
+            valid = chunk < used_splits
+            lse = tl.load(part_lse_ptr + base + chunk, mask=valid, other=float("-inf"))
+            parts = tl.load(
+                part_out_ptr + (base + chunk)[:, None] * HEAD_DIM + dims[None, :],
+                mask=valid[:, None],
+                other=0.0,
+            )
+            new_top = tl.maximum(top, tl.max(lse, 0))
+            rescale = tl.exp2(top - new_top)
+            weights = tl.exp2(lse - new_top)  # 0 for splits that wrote nothing
+            total = total * rescale + tl.sum(weights, 0)
+            acc = acc * rescale + tl.sum(parts * weights[:, None], 0)
+            top = new_top
+    result = acc / tl.where(total > 0.0, total, 1.0)  # [HEAD_DIM]; seq_len 0: zeros
     out = out_ptr + seq.to(tl.int64) * stride_ob + head * stride_oh + dims
     tl.store(out, result.to(out_ptr.dtype.element_ty))
 
