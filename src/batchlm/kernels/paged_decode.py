@@ -5,7 +5,7 @@ read once per group; with splits > 1 each program covers a slice of the context 
 merges the slices by log-sum-exp (flash-decoding). The grid depends only on the (padded) batch size
 and static configuration; context lengths come from the device `seq_lens`, so the launch can be
 captured in a CUDA graph and replayed with new lengths and block tables. With PDL a program reads
-its first tile before waiting for the kernel before it (kernels/pdl.py).
+its first tile before waiting for the kernel before it (kernels/pdl.py) when the context is split.
 """
 
 from __future__ import annotations
@@ -93,6 +93,12 @@ def _decode_kernel(
     FP8_IN_REGISTERS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     let_next_kernel_start(PDL)
+    # Only a split context (a small batch, where a program's first wait on memory is the step's
+    # latency) reads its first tile early; a full batch waits first, as every other kernel does:
+    # there the early tile's registers cost more than it hides (BENCHMARKS.md).
+    EARLY_TILE: tl.constexpr = NUM_SPLITS > 1
+    if not EARLY_TILE:
+        wait_for_previous_kernel(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -108,19 +114,20 @@ def _decode_kernel(
     end = tl.minimum(start + tokens_per_split, seq_len)
     kv_base = cache_ptr + kv_head * stride_c_head
     block_row = block_table_ptr + seq.to(tl.int64) * stride_bt
-    # The first tile is read before waiting for the kernel before (PDL): the lengths and block
-    # tables come from the host before the step, and this step writes only each request's newest
-    # token into the cache, so only that row is read again after the wait.
-    tokens, in_range, offsets = tile_addresses(
-        block_row, start, end, stride_c_block, stride_c_tok, BLOCK_SIZE, HEAD_DIM, BLOCK_N, MASK_RANGE
-    )
-    k_ptrs = kv_base + offsets
-    k = load_rows(k_ptrs, in_range, MASK_RANGE)
-    v = load_rows(k_ptrs + stride_c_kv, in_range, MASK_RANGE)
-    wait_for_previous_kernel(PDL)
-    newest = (in_range & (tokens == seq_len - 1))[:, None]
-    k = tl.load(k_ptrs, mask=newest, other=k)
-    v = tl.load(k_ptrs + stride_c_kv, mask=newest, other=v)
+    if EARLY_TILE:
+        # The first tile is read before waiting for the kernel before (PDL): the lengths and block
+        # tables come from the host before the step, and this step writes only each request's
+        # newest token into the cache, so only that row is read again after the wait.
+        tokens, in_range, offsets = tile_addresses(
+            block_row, start, end, stride_c_block, stride_c_tok, BLOCK_SIZE, HEAD_DIM, BLOCK_N, MASK_RANGE
+        )
+        k_ptrs = kv_base + offsets
+        k = load_rows(k_ptrs, in_range, MASK_RANGE)
+        v = load_rows(k_ptrs + stride_c_kv, in_range, MASK_RANGE)
+        wait_for_previous_kernel(PDL)
+        newest = (in_range & (tokens == seq_len - 1))[:, None]
+        k = tl.load(k_ptrs, mask=newest, other=k)
+        v = tl.load(k_ptrs + stride_c_kv, mask=newest, other=v)
 
     groups = tl.arange(0, BLOCK_G)
     dims = tl.arange(0, HEAD_DIM)
@@ -141,15 +148,18 @@ def _decode_kernel(
     acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
     row_max = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_G], dtype=tl.float32)
-    # The first tile, then the rest of the range as the prefill kernel walks it. An empty range (a
-    # padding row, a split past the context) leaves the sums as they started.
-    probs, rescale, row_max, row_sum = softmax_update(
-        q, k, row_max, row_sum, seq_len, tokens, in_range, qk_scale, window, softcap,
-        MASK_RANGE, DOT_PRECISION, SOFTCAP,
-    )  # fmt: skip
-    acc = values_update(acc, probs, rescale, v, q.dtype, DOT_PRECISION, FP8_IN_REGISTERS)
+    rest = start
+    if EARLY_TILE:
+        # The first tile, then the rest of the range as the prefill kernel walks it. An empty range
+        # (a padding row, a split past the context) leaves the sums as they started.
+        probs, rescale, row_max, row_sum = softmax_update(
+            q, k, row_max, row_sum, seq_len, tokens, in_range, qk_scale, window, softcap,
+            MASK_RANGE, DOT_PRECISION, SOFTCAP,
+        )  # fmt: skip
+        acc = values_update(acc, probs, rescale, v, q.dtype, DOT_PRECISION, FP8_IN_REGISTERS)
+        rest = start + BLOCK_N
     acc, row_max, row_sum = attend_range(
-        q, acc, row_max, row_sum, seq_len, kv_base, block_row, start + BLOCK_N, end, end, qk_scale, window, softcap,
+        q, acc, row_max, row_sum, seq_len, kv_base, block_row, rest, end, end, qk_scale, window, softcap,
         stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
         HEAD_DIM, BLOCK_N, MASK_RANGE, DOT_PRECISION, SOFTCAP, FP8_IN_REGISTERS,
     )  # fmt: skip
