@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Two source trees against each other in one call on the GPU machine, runs interleaved (machines differ
+# by up to 15%, and one host drifts within a call, so only pairs taken side by side compare).
+# Usage: bash benchmarks/gpu_ab.sh OLD_SRC NEW_SRC [single1b] [single8b] [w1] [online]
+#   OLD_SRC, NEW_SRC: folders holding the `batchlm` package (e.g. `git archive REV src | tar -x -C
+#   /tmp/old` gives /tmp/old/src). The benchmark scripts are this tree's; only the package differs.
+#   ROUNDS (default 2): rounds per workload; each round runs both trees, the order swapped every round.
+# Prints one line per process (its runs' medians) and, per workload, the median of each tree's runs
+# and new / old. single*: ITL in ms (lower is better); w1, online: output tok/s (higher is better).
+# Needs $OUT (results folder).
+set -u
+old="$1" new="$2"
+shift 2
+workloads="${*:-single1b single8b w1}"
+OUT="${OUT:-/tmp/batchlm-gpu-ab}"
+mkdir -p "$OUT"
+S="--dummy --input-len 512 --output-len 256 --runs 3"
+
+# run TREE WORKLOAD FILE: one process of the workload on TREE, its output in FILE.
+run() {
+  local tree="$1" workload="$2" file="$3"
+  case "$workload" in
+    single1b) PYTHONPATH="$tree" timeout 90 python3 benchmarks/offline_throughput.py --shape llama-3.2-1b $S --num-requests 1 ;;
+    single8b) PYTHONPATH="$tree" timeout 120 python3 benchmarks/offline_throughput.py --shape llama-3.1-8b $S --num-requests 1 ;;
+    w1) PYTHONPATH="$tree" timeout 120 python3 benchmarks/offline_throughput.py --shape llama-3.2-1b $S --num-requests 256 ;;
+    online)
+      PYTHONPATH="$tree" timeout 200 python3 benchmarks/serve_gpu.py --shape llama-3.2-1b --requests 256 \
+        --input-len 512 --output-len 256 --runs 3 --out-dir "$OUT/serve" ;;
+    *) echo "unknown workload: $workload" >&2; return 2 ;;
+  esac >"$file" 2>&1
+}
+
+# values WORKLOAD FILE: the figure of each run in FILE, one per line.
+values() {
+  case "$1" in
+    single1b | single8b) grep -oE '"itl_ms_median": [0-9.]+' "$2" | grep -oE '[0-9.]+$' ;;
+    w1) grep -E '^\{"engine"' "$2" | grep -oE '"output_tok_s": [0-9.]+' | grep -oE '[0-9.]+$' ;;
+    online) grep -oE '"output_throughput": [0-9.]+' "$2" | grep -oE '[0-9.]+$' ;;
+  esac
+}
+
+for workload in $workloads; do
+  : >"$OUT/ab_${workload}_old.txt"
+  : >"$OUT/ab_${workload}_new.txt"
+  for round in $(seq "${ROUNDS:-2}"); do
+    order="old new"
+    [ $((round % 2)) -eq 0 ] && order="new old"
+    for which in $order; do
+      tree="$old"
+      [ "$which" = new ] && tree="$new"
+      log="$OUT/ab_${workload}_${which}_$round.log"
+      run "$tree" "$workload" "$log"
+      figures="$(values "$workload" "$log" | paste -sd' ')"
+      echo "[$workload round $round $which] ${figures:-no result (see $log)}"
+      values "$workload" "$log" >>"$OUT/ab_${workload}_$which.txt"
+    done
+  done
+  python3 - "$workload" "$OUT/ab_${workload}_old.txt" "$OUT/ab_${workload}_new.txt" <<'EOF'
+import statistics, sys
+workload, old_file, new_file = sys.argv[1:]
+old = [float(x) for x in open(old_file).read().split()]
+new = [float(x) for x in open(new_file).read().split()]
+if old and new:
+    a, b = statistics.median(old), statistics.median(new)
+    unit = "ms ITL" if workload.startswith("single") else "output tok/s"
+    print(f"[{workload}] median of {len(old)} / {len(new)} runs: old {a:g}, new {b:g} {unit}; new / old {b / a:.4f}")
+else:
+    print(f"[{workload}] missing runs: old {len(old)}, new {len(new)}")
+EOF
+done
