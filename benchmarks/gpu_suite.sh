@@ -13,7 +13,8 @@
 # quant_w2: a short W2 (512 x 1000 in / 256 out), bf16 vs fp8 weights + fp8 KV cache
 # (QUANT_W2_OUT=1000 for the full one). ablation: single-stream 1B ITL with the decode attention, the
 # KV write and RoPE left out of decode steps in turn (benchmarks/decode_step_ablation.py).
-# Needs $OUT (results folder); PYTHONPATH=src (the package is not installed there).
+# Needs $OUT (results folder); PYTHONPATH=src (the package is not installed there). To compare two
+# source trees in one call, runs interleaved, see benchmarks/gpu_ab.sh.
 set -u
 export PYTHONPATH="${PYTHONPATH:-}:$(pwd)/src" PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/batchlm-gpu}"
