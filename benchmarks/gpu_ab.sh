@@ -19,12 +19,15 @@ S="--dummy --input-len 512 --output-len 256 --runs 3"
 # run TREE WORKLOAD FILE: one process of the workload on TREE, its output in FILE.
 run() {
   local tree="$1" workload="$2" file="$3"
+  # The tree first, ahead of whatever the caller's path holds (the carried wheels).
+  local PYTHONPATH="$tree${PYTHONPATH:+:$PYTHONPATH}"
+  export PYTHONPATH
   case "$workload" in
-    single1b) PYTHONPATH="$tree" timeout 90 python3 benchmarks/offline_throughput.py --shape llama-3.2-1b $S --num-requests 1 ;;
-    single8b) PYTHONPATH="$tree" timeout 120 python3 benchmarks/offline_throughput.py --shape llama-3.1-8b $S --num-requests 1 ;;
-    w1) PYTHONPATH="$tree" timeout 120 python3 benchmarks/offline_throughput.py --shape llama-3.2-1b $S --num-requests 256 ;;
+    single1b) timeout 90 python3 benchmarks/offline_throughput.py --shape llama-3.2-1b $S --num-requests 1 ;;
+    single8b) timeout 120 python3 benchmarks/offline_throughput.py --shape llama-3.1-8b $S --num-requests 1 ;;
+    w1) timeout 120 python3 benchmarks/offline_throughput.py --shape llama-3.2-1b $S --num-requests 256 ;;
     online)
-      PYTHONPATH="$tree" timeout 200 python3 benchmarks/serve_gpu.py --shape llama-3.2-1b --requests 256 \
+      timeout 200 python3 benchmarks/serve_gpu.py --shape llama-3.2-1b --requests 256 \
         --input-len 512 --output-len 256 --runs 3 --out-dir "$OUT/serve" ;;
     *) echo "unknown workload: $workload" >&2; return 2 ;;
   esac >"$file" 2>&1

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STAND_IN = """#!/bin/bash
 if [ "$1" = "-" ]; then exec {python} "$@"; fi
 echo "$PYTHONPATH $*" >> "$CALLS"
-base=$([ "$PYTHONPATH" = new-tree ] && echo 2 || echo 1)
+base=$([ "${{PYTHONPATH%%:*}}" = new-tree ] && echo 2 || echo 1)
 for run in 0 1 2; do
   echo "{{\\"engine\\": \\"batchlm\\", \\"run\\": $run, \\"output_tok_s\\": $((100 * base + run)), \\"itl_ms_median\\": $base.$run}}"
 done
@@ -40,6 +40,7 @@ def test_trees_alternate_and_the_ratio_is_of_their_medians(tmp_path: Path) -> No
         "CALLS": str(calls),
     }
     env["ROUNDS"] = "3"
+    env["PYTHONPATH"] = "carried-wheels"
     result = subprocess.run(
         ["bash", "benchmarks/gpu_ab.sh", "old-tree", "new-tree", "single1b", "w1"],
         cwd=ROOT,
@@ -56,6 +57,7 @@ def test_trees_alternate_and_the_ratio_is_of_their_medians(tmp_path: Path) -> No
     ]
     assert "[single1b] median of 9 / 9 runs: old 1.1, new 2.1 ms ITL; new / old 1.9091" in lines
     assert "[w1] median of 9 / 9 runs: old 101, new 201 output tok/s; new / old 1.9901" in lines
-    trees = [line.split()[0] for line in calls.read_text().splitlines()]
-    assert trees == ["old-tree", "new-tree", "new-tree", "old-tree", "old-tree", "new-tree"] * 2
+    paths = [line.split()[0] for line in calls.read_text().splitlines()]
+    order = ["old-tree", "new-tree", "new-tree", "old-tree", "old-tree", "new-tree"] * 2
+    assert paths == [f"{tree}:carried-wheels" for tree in order]
     assert all("--num-requests 256" in line for line in calls.read_text().splitlines()[6:])
