@@ -5,9 +5,9 @@
 #   OLD_SRC, NEW_SRC: folders holding the `batchlm` package (e.g. `git archive REV src | tar -x -C
 #   /tmp/old` gives /tmp/old/src). The benchmark scripts are this tree's; only the package differs.
 #   ROUNDS (default 2): rounds per workload; each round runs both trees, the order swapped every round.
-# Prints one line per process (its runs' medians) and, per workload, the median of each tree's runs
+# Prints one line per process (the figure of each of its runs) and, per workload, the median of each tree's runs
 # and new / old. single*: ITL in ms (lower is better); w1, online: output tok/s (higher is better).
-# Needs $OUT (results folder).
+# Needs $OUT (results folder), and on PYTHONPATH the wheels the machine lacks (each tree goes ahead of them).
 set -u
 old="$1" new="$2"
 shift 2
