@@ -153,7 +153,7 @@ def test_a_split_decode_reads_its_first_tile_before_waiting(cache: str, num_spli
 def test_decode_reduce_reads_the_length_before_waiting_and_the_splits_after() -> None:
     types = {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "seq_lens_ptr": "*i32", "out_ptr": "*bf16"}
     constants = {
-        "HEAD_DIM": 64, "BLOCK_N": 64, "NUM_SPLITS": 64, "BLOCK_S": 64, "CHUNK": 16, "WINDOWED": False, "PDL": True,
+        "HEAD_DIM": 64, "BLOCK_N": 64, "NUM_SPLITS": 64, "CHUNK": 16, "WINDOWED": False, "PDL": True,
     }  # fmt: skip
     compiled = compile_for_hopper(paged_decode._reduce_kernel, types, constants, num_warps=4, launch_pdl=True)
     memory = memory_lines(compiled.asm["ptx"])

@@ -189,7 +189,6 @@ def _reduce_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr,  # NUM_SPLITS rounded up to a power of two
     CHUNK: tl.constexpr,
     WINDOWED: tl.constexpr,
     PDL: tl.constexpr,
@@ -286,7 +285,7 @@ def paged_decode_attention(
         _reduce_kernel[(batch, shape.num_heads)](
             part_out, part_lse, seq_lens, out, window or 0, out.stride(0), out.stride(1),
             HEAD_DIM=shape.head_dim, BLOCK_N=cfg.block_n, NUM_SPLITS=num_splits,
-            BLOCK_S=next_power_of_2(num_splits), CHUNK=min(16, next_power_of_2(num_splits)),
+            CHUNK=min(16, next_power_of_2(num_splits)),
             WINDOWED=window is not None, num_warps=4, **pdl,
         )  # fmt: skip
     return out
