@@ -11,7 +11,7 @@ from batchlm.engine.async_engine import AsyncLLMEngine
 from batchlm.engine.front_end import StepResult
 from batchlm.engine.output_collector import RequestOutputCollector
 from batchlm.executor.core_messages import CoreFailed, RequestRejected
-from batchlm.outputs import EngineCoreOutput, FinishReason
+from batchlm.outputs import CoreOutputs, EngineCoreOutput, FinishReason
 
 
 class RecordingEngine(AsyncLLMEngine):
@@ -109,7 +109,7 @@ def test_the_reader_thread_unpacks_step_outputs_and_refuses_a_second_ready() -> 
         EngineCoreOutput("b", (6,), finish_reason=FinishReason.LENGTH),
     ]
     stats = EngineStats(num_running=2)
-    assert _for_front_end(StepOutputs.pack(outputs, stats)) == StepResult(outputs, stats)
+    assert _for_front_end(StepOutputs(CoreOutputs.of(outputs), stats)) == StepResult(outputs, stats)
     rejected = RequestRejected("c", "prompt too long")
     assert _for_front_end(rejected) is rejected
     assert _for_front_end(CoreFailed("gone")) == CoreFailed("gone")

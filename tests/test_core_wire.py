@@ -20,7 +20,7 @@ def test_pack_round_trips_every_field_through_pickle() -> None:
         EngineCoreOutput("failed", (), finish_reason=FinishReason.ERROR, error="out of memory"),
     ]
     stats = EngineStats(num_running=7)
-    packed = pickle.loads(pickle.dumps(StepOutputs.pack(outputs, stats)))
+    packed = pickle.loads(pickle.dumps(StepOutputs(CoreOutputs.of(outputs), stats)))
     assert packed.unpack() == outputs
     assert packed.stats == stats
     # Only outputs with more than ids and tokens travel whole.
@@ -28,7 +28,7 @@ def test_pack_round_trips_every_field_through_pickle() -> None:
 
 
 def test_an_empty_step_packs_to_empty_columns() -> None:
-    assert StepOutputs.pack([], EngineStats()).unpack() == []
+    assert StepOutputs(CoreOutputs(), EngineStats()).unpack() == []
 
 
 def test_core_outputs_keep_their_order_through_extend_select_and_stamping() -> None:

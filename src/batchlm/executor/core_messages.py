@@ -7,7 +7,6 @@ the type checker makes every dispatch handle.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from batchlm.core.facts import EngineStats, ModelFacts
@@ -59,10 +58,6 @@ class StepOutputs:
 
     outputs: CoreOutputs
     stats: EngineStats
-
-    @classmethod
-    def pack(cls, outputs: CoreOutputs | Iterable[EngineCoreOutput], stats: EngineStats) -> StepOutputs:
-        return cls(outputs if isinstance(outputs, CoreOutputs) else CoreOutputs.of(outputs), stats)
 
     def unpack(self) -> list[EngineCoreOutput]:
         return list(self.outputs)
