@@ -116,7 +116,7 @@ def main() -> None:
     core = EngineCore(scheduler, InstantExecutor(args.block_size, 0), async_scheduling=True)  # type: ignore[arg-type]
     scheduler.schedule = timed("schedule", scheduler.schedule)  # type: ignore[method-assign]
     scheduler.update_from_output = timed("update", scheduler.update_from_output)  # type: ignore[method-assign]
-    pack = timed("pack", lambda outputs: StepOutputs.pack(outputs, EngineStats()))
+    pack = timed("pack", lambda outputs: StepOutputs(outputs, EngineStats()))
     detokenize = args.detokenize != "no"
     params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, detokenize=detokenize)
     prompt = tuple(range(1, args.input_len + 1))

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from batchlm.core.facts import EngineStats
 from batchlm.executor.core_messages import StepOutputs
-from batchlm.outputs import EngineCoreOutput, FinishReason
+from batchlm.outputs import CoreOutputs, EngineCoreOutput, FinishReason
 
 
 def step_outputs(sequences: int) -> list[EngineCoreOutput]:
@@ -27,8 +27,8 @@ def step_outputs(sequences: int) -> list[EngineCoreOutput]:
 
 
 def as_tuple(outputs: list[EngineCoreOutput], stats: EngineStats) -> object:
-    message = StepOutputs.pack(outputs, stats)
-    return ("outputs", ((list(message.request_ids), list(message.token_ids), list(message.whole)), stats))
+    columns = CoreOutputs.of(outputs)
+    return ("outputs", ((columns.request_ids, columns.token_ids, list(columns.whole.items())), stats))
 
 
 def round_trip_us(build: Callable[[], object], repeats: int) -> float:
@@ -54,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     outputs, stats = step_outputs(args.sequences), EngineStats(num_running=args.sequences)
     variants: dict[str, Callable[[], object]] = {
-        "StepOutputs message": lambda: StepOutputs.pack(outputs, stats),
+        "StepOutputs message": lambda: StepOutputs(CoreOutputs.of(outputs), stats),
         "bare tuple of the same columns": lambda: as_tuple(outputs, stats),
         "one object per sequence": lambda: ("outputs", (outputs, stats)),
     }
