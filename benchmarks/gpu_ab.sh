@@ -53,9 +53,8 @@ for workload in $workloads; do
       [ "$which" = new ] && tree="$new"
       log="$OUT/ab_${workload}_${which}_$round.log"
       run "$tree" "$workload" "$log"
-      figures="$(values "$workload" "$log" | paste -sd' ')"
+      figures="$(values "$workload" "$log" | tee -a "$OUT/ab_${workload}_$which.txt" | paste -sd' ')"
       echo "[$workload round $round $which] ${figures:-no result (see $log)}"
-      values "$workload" "$log" >>"$OUT/ab_${workload}_$which.txt"
     done
   done
   python3 - "$workload" "$OUT/ab_${workload}_old.txt" "$OUT/ab_${workload}_new.txt" <<'EOF'
