@@ -56,11 +56,23 @@ class StubOptions:
     max_model_len: int | None = None
 
 
+@dataclass
+class StubStats:
+    """What the stub saw (for tests of the client's connection use)."""
+
+    connections: int = 0
+    # Completion requests that were the first request on their connection.
+    completions_on_new_connections: int = 0
+    completions: int = 0
+
+
 class _Connection(asyncio.Protocol):
     """One HTTP/1.1 keep-alive connection: parses requests, writes responses."""
 
-    def __init__(self, options: StubOptions) -> None:
+    def __init__(self, options: StubOptions, stats: StubStats) -> None:
         self.options = options
+        self.stats = stats
+        self.requests = 0
         self.buffer = b""
         self.transport: asyncio.Transport | None = None
         self.busy = False
@@ -70,6 +82,7 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        self.stats.connections += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -98,6 +111,10 @@ class _Connection(asyncio.Protocol):
         body = self.buffer[head_end + 4 : head_end + 4 + length]
         self.buffer = self.buffer[head_end + 4 + length :]
         method, path, _ = head[0].split(" ", 2)
+        if path in ("/v1/chat/completions", "/v1/completions"):
+            self.stats.completions += 1
+            self.stats.completions_on_new_connections += self.requests == 0
+        self.requests += 1
         self.busy = True
         asyncio.get_running_loop().create_task(self._serve(method, path, body))
 
@@ -282,9 +299,17 @@ async def _finish(conn: _Connection, head: str, chat: bool, usage: dict[str, int
     await conn.write_chunk(b"")
 
 
-async def serve(host: str, port: int, options: StubOptions) -> asyncio.Server:
+# Pending connections the listening socket queues: asyncio's default (100) drops the SYNs of a larger
+# burst, whose clients then retry a second later.
+LISTEN_BACKLOG = 4096
+
+
+async def serve(host: str, port: int, options: StubOptions, stats: StubStats | None = None) -> asyncio.Server:
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: _Connection(options), host, port, reuse_address=True)
+    seen = stats if stats is not None else StubStats()
+    return await loop.create_server(
+        lambda: _Connection(options, seen), host, port, reuse_address=True, backlog=LISTEN_BACKLOG
+    )
 
 
 class StubServerThread:
@@ -292,6 +317,7 @@ class StubServerThread:
 
     def __init__(self, options: StubOptions | None = None, host: str = "127.0.0.1") -> None:
         self.options = options or StubOptions()
+        self.stats = StubStats()
         self.host = host
         self.port = 0
         self._loop = asyncio.new_event_loop()
@@ -304,7 +330,7 @@ class StubServerThread:
 
     def __enter__(self) -> StubServerThread:
         self._thread.start()
-        future = asyncio.run_coroutine_threadsafe(serve(self.host, 0, self.options), self._loop)
+        future = asyncio.run_coroutine_threadsafe(serve(self.host, 0, self.options, self.stats), self._loop)
         self._server = future.result(timeout=10)
         self.port = self._server.sockets[0].getsockname()[1]
         return self

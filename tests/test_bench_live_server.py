@@ -178,6 +178,8 @@ def test_two_client_processes_send_the_whole_workload_once(live_server: str) -> 
     # Re-numbered into the workload's order: every request exactly once.
     assert sorted(r.index for r in level.outcome.results) == list(range(12))
     assert level.check.lag_samples > 0 and level.check.cpu_s > 0
+    # Each process opened its share of the in-flight cap (3 of 6) before the common start.
+    assert level.outcome.warm_connections == 6
 
 
 def test_editing_dataset_reports_the_servers_draft_acceptance(live_server: str) -> None:

@@ -261,3 +261,32 @@ def test_warmups_are_sent_but_not_measured(
     run = asyncio.run(run_benchmark(config, echo=True))
     assert "Warm-up: 2/2 requests succeeded" in capsys.readouterr().out
     assert run.levels[0].metrics.completed == 3
+
+
+def test_each_level_opens_its_connections_before_it_starts() -> None:
+    # Every request waits before its first token, so each level's requests are all in flight at once.
+    with StubServerThread(StubOptions(ttft_s=0.05)) as server:
+        run = bench(server.base_url, *FAST, "--requests", "6", "--concurrency", "2,4", "--output-len", "2")
+        assert [level.metrics.completed for level in run.levels] == [6, 6]
+        assert [level.outcome.warm_connections for level in run.levels] == [2, 4]
+        # No measured request waited for a TCP connect: each went out on a connection opened before.
+        assert (server.stats.completions, server.stats.completions_on_new_connections) == (12, 0)
+
+
+def test_without_warm_connections_a_burst_opens_them_itself() -> None:
+    with StubServerThread(StubOptions(ttft_s=0.05)) as server:
+        argv = [*FAST, "--requests", "8", "--max-concurrency", "8", "--output-len", "2"]
+        run = bench(server.base_url, *argv, "--no-warm-connections")
+        [level] = run.levels
+        assert (level.metrics.completed, level.outcome.warm_connections) == (8, 0)
+        assert server.stats.completions_on_new_connections > 0
+        first_burst = server.stats.completions_on_new_connections
+        # The same burst with its connections opened first (the default): none of them new.
+        run = bench(server.base_url, *argv)
+        assert run.levels[0].outcome.warm_connections == 8
+        assert server.stats.completions_on_new_connections == first_burst
+
+
+def test_an_open_loop_without_a_cap_warms_at_most_one_connection_per_request(stub: StubServerThread) -> None:
+    run = bench(stub.base_url, *FAST, "--requests", "3", "--request-rate", "inf", "--output-len", "2")
+    assert run.levels[0].outcome.warm_connections == 3

@@ -133,6 +133,14 @@ def _add_load_arguments(load: argparse._ArgumentGroup) -> None:
         "load), for servers that stream faster than one client event loop reads (see the self-check); "
         "no progress line then",
     )
+    load.add_argument(
+        "--no-warm-connections",
+        action="store_true",
+        help="do not open each level's connections before it starts; by default as many GETs of "
+        "{base-url}/models as the level can have requests in flight (at most one per request, 256 "
+        "without a limit) open kept-alive connections first, so that a burst measures the server and "
+        "not the client's own TCP connects",
+    )
 
 
 def _add_prompt_arguments(data: argparse._ArgumentGroup) -> None:

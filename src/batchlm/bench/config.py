@@ -64,6 +64,8 @@ class BenchConfig:
     metadata: dict[str, str] = field(default_factory=dict)
     # Processes each load level is sent from (bench/workers.py); 1 = this process.
     client_processes: int = 1
+    # Open each level's connections before it starts (LoadGenerator.open_connections).
+    warm_connections: bool = True
 
 
 def parse_list(text: str, kind: type, flag: str) -> list[Any]:
@@ -124,6 +126,7 @@ def from_args(args: argparse.Namespace) -> BenchConfig:
         show_progress=not args.disable_tqdm,
         metadata=dict(_key_values(args.metadata or [], "metadata")),
         client_processes=_at_least(args.client_processes, 1, "client-processes"),
+        warm_connections=not args.no_warm_connections,
     )
 
 

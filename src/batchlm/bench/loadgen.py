@@ -19,6 +19,10 @@ from batchlm.bench.openai_format import EndpointConfig
 from batchlm.bench.progress import Progress
 from batchlm.bench.records import RequestResult, RequestSpec
 
+# Connections opened ahead of a level that has no in-flight limit (open loop without
+# --max-concurrency), at most; with a limit, that many (never more than the level's requests).
+MAX_WARM_CONNECTIONS = 256
+
 
 @dataclass(frozen=True)
 class LoadConfig:
@@ -57,6 +61,8 @@ class LoadOutcome:
     duration_s: float
     # Open loop without a cap: the latest a request was sent after its scheduled arrival.
     max_dispatch_delay_s: float
+    # Connections opened before the level started (LoadGenerator.open_connections).
+    warm_connections: int = 0
 
 
 def arrival_gaps(request_rate: float, burstiness: float, rng: random.Random) -> Iterator[float]:
@@ -81,6 +87,7 @@ class LoadGenerator:
         endpoint: EndpointConfig,
         specs: list[RequestSpec],
         progress: Progress | None = None,
+        warm_url: str | None = None,
     ) -> None:
         if not specs:
             raise ValueError("the workload has no requests")
@@ -88,7 +95,33 @@ class LoadGenerator:
         self._endpoint = endpoint
         self._specs = specs
         self._progress = progress
+        # GET before a level to open its connections (the server's /v1/models); None: not done.
+        self._warm_url = warm_url
+        self._warm_connections = 0
         self._results: list[RequestResult] = []
+
+    async def open_connections(self, load: LoadConfig) -> int:
+        """Opens the connections the level can use at once before it starts: that many concurrent GETs
+        of the warm URL, whose kept-alive connections the pool then hands to the level's requests.
+        Without them, a burst of N requests first waits for N TCP connects made one after another on
+        this event loop, so the client, not the server, paces the burst's arrival. Returns how many
+        GETs were answered (a server without keep-alive closes those connections again); failures are
+        left for the level itself to report."""
+        if self._warm_url is None:
+            return 0
+        limit = load.in_flight_limit
+        count = min(len(self._specs), MAX_WARM_CONNECTIONS if limit is None else limit)
+        answered = await asyncio.gather(*(self._touch(self._warm_url) for _ in range(count)))
+        self._warm_connections = sum(answered)
+        return self._warm_connections
+
+    async def _touch(self, url: str) -> bool:
+        try:
+            async with self._session.get(url, headers=self._endpoint.headers) as response:
+                await response.read()
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            return False
+        return True
 
     async def run(self, load: LoadConfig) -> LoadOutcome:
         self._results = []
@@ -101,7 +134,9 @@ class LoadGenerator:
             dispatch_delay = 0.0
         else:
             dispatch_delay = await self._open_loop(load, run_start, deadline)
-        return LoadOutcome(self._results, run_start, perf_counter() - run_start, dispatch_delay)
+        return LoadOutcome(
+            self._results, run_start, perf_counter() - run_start, dispatch_delay, self._warm_connections
+        )
 
     async def _user(self, counter: Iterator[int], deadline: float | None) -> None:
         """A simulated user: think, send, wait for the whole answer, repeat."""

@@ -254,6 +254,7 @@ def _batchlm_keys(level: LevelReport, info: RunInfo) -> dict[str, Any]:
         "client_loop_lag_max_ms": check.loop_lag_max_s * 1e3,
         "client_max_dispatch_delay_ms": check.max_dispatch_delay_s * 1e3,
         "client_bound": check.client_bound,
+        "client_warm_connections": level.outcome.warm_connections,
     }
 
 

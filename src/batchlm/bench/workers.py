@@ -54,6 +54,8 @@ class WorkerTask:
     specs: list[RequestSpec]
     load: LoadConfig
     request_timeout_s: float
+    # GET to open the process's connections before the start (None: not done).
+    warm_url: str | None = None
 
 
 def share_of(load: LoadConfig, index: int, count: int) -> LoadConfig | None:
@@ -83,6 +85,7 @@ def run_in_processes(
     load: LoadConfig,
     count: int,
     request_timeout_s: float,
+    warm_url: str | None = None,
 ) -> tuple[LoadOutcome, ClientCheck]:
     """Run one load level from `count` processes (blocking); the merged outcome and self-check."""
     tasks = []
@@ -90,7 +93,7 @@ def run_in_processes(
         share = share_of(load, index, count)
         part = specs[index::count]
         if share is not None and part:
-            tasks.append(WorkerTask(index, count, endpoint, part, share, request_timeout_s))
+            tasks.append(WorkerTask(index, count, endpoint, part, share, request_timeout_s, warm_url))
     context = multiprocessing.get_context("spawn")
     started: list[tuple[WorkerTask, BaseProcess, Connection]] = []
     try:
@@ -152,6 +155,7 @@ def merge(replies: list[WorkerReply]) -> tuple[LoadOutcome, ClientCheck]:
     starts: list[float] = []
     ends: list[float] = []
     delays: list[float] = []
+    warm = 0
     checks: list[ClientCheck] = []
     for reply in replies:
         index, count, outcome, check = reply
@@ -161,12 +165,13 @@ def merge(replies: list[WorkerReply]) -> tuple[LoadOutcome, ClientCheck]:
         starts.append(outcome.run_start)
         ends.append(outcome.run_start + outcome.duration_s)
         delays.append(outcome.max_dispatch_delay_s)
+        warm += outcome.warm_connections
         checks.append(check)
     if not checks:
         raise ClientWorkerError("no client process had any work")
     results.sort(key=lambda result: result.end)
     run_start = min(starts)
-    outcome = LoadOutcome(results, run_start, max(ends) - run_start, max(delays))
+    outcome = LoadOutcome(results, run_start, max(ends) - run_start, max(delays), warm)
     check = ClientCheck(
         cpu_percent=max(c.cpu_percent for c in checks),
         cpu_s=sum(c.cpu_s for c in checks),
@@ -193,7 +198,8 @@ async def _run(task: WorkerTask, conn: Connection) -> None:
     connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0, keepalive_timeout=60)
     timeout = aiohttp.ClientTimeout(total=task.request_timeout_s)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        generator = LoadGenerator(session, task.endpoint, task.specs)
+        generator = LoadGenerator(session, task.endpoint, task.specs, warm_url=task.warm_url)
+        await generator.open_connections(task.load)
         conn.send(("ready", None))
         kind, start_at = await asyncio.get_running_loop().run_in_executor(None, conn.recv)
         if kind != "start":
