@@ -4,13 +4,15 @@ because a streamed token costs the front end less CPU on them (BENCHMARKS.md, fr
 from __future__ import annotations
 
 import asyncio
+import gc
+import socket
 import sys
 
 import pytest
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from batchlm.server.app import build_app
-from batchlm.server.launcher import GracefulServer, run_event_loop
+from batchlm.server.launcher import GracefulServer, run_event_loop, serve
 from batchlm.server.state import ServerSettings
 from fake_engine import FakeEngine
 
@@ -29,3 +31,33 @@ def test_the_server_loop_is_uvloop() -> None:
         return asyncio.get_running_loop()
 
     assert isinstance(run_event_loop(running_loop()), uvloop.Loop)
+
+
+class _RecordingServer(GracefulServer):
+    """Serves nothing: notes the GC's frozen object count once the start-up has had its turns."""
+
+    frozen_at_serve = -1
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        for _ in range(50):  # let the engine start (a task beside serving) run to its end
+            await asyncio.sleep(0)
+        self.frozen_at_serve = gc.get_freeze_count()
+
+
+@pytest.mark.parametrize("engine_started_by_caller", [True, False])
+def test_start_up_objects_are_frozen_before_serving(engine_started_by_caller: bool) -> None:
+    # An API server beside the primary gets its engine started before serve(); the primary starts it
+    # inside. Either way a full collection while serving must not walk the start-up objects.
+    engine = FakeEngine()
+    server = _RecordingServer(build_app(engine, ServerSettings()))
+
+    async def start_engine() -> None:
+        return None
+
+    gc.unfreeze()
+    try:
+        start = None if engine_started_by_caller else start_engine
+        assert run_event_loop(serve(server, engine, start_engine=start)) == 0
+        assert server.frozen_at_serve > 0
+    finally:
+        gc.unfreeze()
