@@ -142,6 +142,7 @@ def main() -> None:
         "--server-log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR")
     )
     args = parser.parse_args()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
 
     model_dir = prepare_model_dir(args.shape)
     port = free_port()
