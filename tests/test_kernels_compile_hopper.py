@@ -91,6 +91,24 @@ def test_fp8_kv_write_compiles() -> None:
     compile_for_hopper(kv_write._write_kv_kernel, types, constants, num_warps=4)
 
 
+@pytest.mark.parametrize("cache", ["*bf16", "*fp8e4nv"])
+def test_rope_folded_kv_write_compiles_and_waits_before_reading(cache: str) -> None:
+    types = {"q_ptr": "*bf16", "key_ptr": "*bf16", "value_ptr": "*bf16", "positions_ptr": "*i64"}
+    types |= {"table_ptr": "*fp32", "cache_ptr": cache, "slot_ptr": "*i64", "inv_k_scale": "fp32"}
+    types |= {"inv_v_scale": "fp32"}
+    constants = {
+        "NUM_HEADS": 32, "HEADS_BLOCK": 32, "KV_HEADS": 8, "KV_BLOCK": 8, "HALF": 64, "BLOCK_SIZE": 16,
+        "QUANTIZE": cache == "*fp8e4nv", "FP8_LIMIT": 448.0, "PDL": True,
+    }  # fmt: skip
+    compiled = compile_for_hopper(
+        kv_write._rotate_write_kv_kernel, types, constants, num_warps=4, launch_pdl=True
+    )
+    memory = memory_lines(compiled.asm["ptx"])
+    # Everything it reads (positions, the query written by the GEMV before) comes after the wait.
+    assert memory[0].startswith("griddepcontrol.launch_dependents")
+    assert memory[1].startswith("griddepcontrol.wait")
+
+
 @pytest.mark.parametrize("in_registers", [False, True])
 def test_decode_over_an_fp8_cache_compiles(in_registers: bool) -> None:
     types = {"q_ptr": "*bf16", "cache_ptr": "*fp8e4nv", "block_table_ptr": "*i32", "seq_lens_ptr": "*i32"}

@@ -11,8 +11,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
+from batchlm.attention.backend import AttentionBackend, AttentionSpec
 from batchlm.layers.rope_scaling import read_rope_parameters
-from batchlm.layers.rotary import _adjacent_heads, get_rope
+from batchlm.layers.rotary import RotaryEmbedding, _adjacent_heads, get_rope
 from batchlm.models.loader import load_model
 from batchlm.models.random_model import TINY_CONFIG, write_random_model
 from models_harness import greedy_generate, hf_greedy
@@ -180,3 +181,35 @@ def test_key_not_following_query_takes_the_separate_path() -> None:
     ours_q, ours_k = rope(positions, q, v_as_key)
     expected_q, expected_k = rope(positions, q.clone(), v_as_key.clone())
     assert torch.equal(ours_q, expected_q) and torch.equal(ours_k, expected_k)
+
+
+def test_only_a_whole_power_of_two_head_on_a_gpu_may_be_rotated_by_a_fused_kernel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import batchlm.layers.rotary as rotary
+
+    whole = RotaryEmbedding(16, torch.randn(64, 16))
+    partial = RotaryEmbedding(16, torch.randn(64, 8))  # Phi-3 style: half the head turns
+    odd = RotaryEmbedding(24, torch.randn(64, 24))
+    query = torch.randn(2, 4, 16)
+    assert whole.fusable_table(query) is None  # a CPU tensor: no fused kernels
+    monkeypatch.setattr(rotary, "fused_ops_for", lambda x: object())
+    assert whole.fusable_table(query) is whole.cos_sin_cache
+    assert partial.fusable_table(query) is None and odd.fusable_table(torch.randn(2, 4, 24)) is None
+
+
+def test_a_backend_that_does_not_fold_rope_rotates_then_attends() -> None:
+    rope = get_rope(_hf_config("default"), HEAD_DIM, 64)
+    seen: dict[str, torch.Tensor] = {}
+
+    class Recording(AttentionBackend):
+        def forward(self, query, key, value, kv_cache, meta, spec):  # type: ignore[no-untyped-def]
+            seen.update(query=query, key=key, value=value)
+            return query
+
+    positions = torch.tensor([5, 9])
+    q, k, v = torch.randn(2, 4, HEAD_DIM), torch.randn(2, 2, HEAD_DIM), torch.randn(2, 2, HEAD_DIM)
+    expected_q, expected_k = rope(positions, q.clone(), k.clone())
+    Recording().forward_rotating(positions, rope, q, k, v, torch.empty(0), None, AttentionSpec(1.0))  # type: ignore[arg-type]
+    assert torch.equal(seen["query"], expected_q) and torch.equal(seen["key"], expected_k)
+    assert seen["value"] is v

@@ -19,7 +19,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not torch.cuda.is_available() and not INTERPRET:
     pytest.skip("needs a CUDA GPU (or TRITON_INTERPRET=1)", allow_module_level=True)
 
-from batchlm.kernels.kv_write import write_kv_cache  # noqa: E402
+from batchlm.kernels.fused_ops import rotary_embedding_  # noqa: E402
+from batchlm.kernels.kv_write import rotate_and_write_kv_cache, write_kv_cache  # noqa: E402
 from batchlm.kernels.paged_decode import DecodeConfig, paged_decode_attention  # noqa: E402
 from batchlm.kernels.paged_prefill import PrefillConfig, paged_prefill_attention  # noqa: E402
 from batchlm.kernels.reference import (  # noqa: E402
@@ -97,6 +98,47 @@ def test_write_kv_scatters_to_slots_and_skips_padding(dtype: torch.dtype, block_
     assert torch.equal(cache, expected)
     flat = cache.view(2, -1, NUM_KV_HEADS, 64)
     assert torch.equal(flat[0, slots[1]], key[1]) and torch.equal(flat[1, slots[1]], value[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(32, 8, 64), (9, 3, 128), (4, 1, 16)])
+def test_rope_folded_into_the_kv_write_matches_rope_then_write(
+    dtype: torch.dtype, fp8: bool, heads: int, kv_heads: int, head_dim: int
+) -> None:
+    skip_if_interpreted(dtype)
+    torch.manual_seed(0)
+    rows, slot_rows, block_size, num_blocks = 37, 33, 16, 8
+    # q, k and v as views of one fused projection output; rows past the slots are graph padding.
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim, device=DEVICE).to(dtype)
+    table = torch.randn(512, head_dim, device=DEVICE)
+    positions = torch.randint(0, 512, (rows,), device=DEVICE)
+    slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:slot_rows]
+    slots[::5] = -1
+    cache_dtype = torch.float8_e4m3fn if fp8 else dtype
+    cache = torch.zeros(2, num_blocks, block_size, kv_heads, head_dim, device=DEVICE).to(cache_dtype)
+    expected_cache = cache.clone()
+    scales = (0.5, 2.0) if fp8 else (1.0, 1.0)
+
+    def split(fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q = fused[:, : heads * head_dim].view(rows, heads, head_dim)
+        k = fused[:, heads * head_dim : (heads + kv_heads) * head_dim].view(rows, kv_heads, head_dim)
+        v = fused[:, (heads + kv_heads) * head_dim :].view(rows, kv_heads, head_dim)
+        return q, k, v
+
+    expected_qkv = qkv.clone()
+    q, k, v = split(expected_qkv)
+    rotary_embedding_(positions, q, table)
+    rotary_embedding_(positions, k, table)
+    write_kv_cache(k[:slot_rows], v[:slot_rows], expected_cache, slots, *scales)
+    q_before_rotation, k_before = split(qkv)[0].clone(), split(qkv)[1].clone()
+    q, k, v = split(qkv)
+    rotate_and_write_kv_cache(positions, table, q, k, v, cache, slots, *scales)
+    assert torch.equal(q, split(expected_qkv)[0])
+    assert not torch.equal(q, q_before_rotation)
+    assert torch.equal(k, k_before)  # the keys themselves are left unrotated
+    assert torch.equal(cache.view(torch.uint8), expected_cache.view(torch.uint8))
+    assert bool(cache.view(torch.uint8).any())
 
 
 def test_write_kv_rejects_mismatched_shapes() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -59,6 +60,21 @@ class AttentionMetadata:
         return self.query_start_loc_cpu[-1]
 
 
+class QueryKeyRotation(Protocol):
+    """A layer's rotary embedding as a backend sees it (layers/rotary.RotaryEmbedding)."""
+
+    def rotate(
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query, key) rotated by their positions (possibly in place)."""
+        ...
+
+    def fusable_table(self, query: torch.Tensor) -> torch.Tensor | None:
+        """The [max_position, head_dim] float32 cos | sin table when a kernel may rotate these queries
+        and their keys itself (every dimension turns, "rotate half" layout, on a GPU); else None."""
+        ...
+
+
 class AttentionBackend(ABC):
     """Writes the new keys/values into the paged cache, then attends over each request's context."""
 
@@ -75,6 +91,22 @@ class AttentionBackend(ABC):
         spec: AttentionSpec,
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         """Causal attention of each new token over its request's context (its window, if any)."""
+
+    def forward_rotating(
+        self,
+        positions: torch.Tensor,  # [T]
+        rotation: QueryKeyRotation,
+        query: torch.Tensor,  # [T, num_heads, head_dim], not yet rotated
+        key: torch.Tensor,  # [T, num_kv_heads, head_dim], not yet rotated
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        spec: AttentionSpec,
+    ) -> torch.Tensor:
+        """forward() on queries and keys before RoPE: rotated here, then attended. A backend may fold
+        the rotation into its cache write (query and key are then left as the backend chooses)."""
+        query, key = rotation.rotate(positions, query, key)
+        return self.forward(query, key, value, kv_cache, meta, spec)
 
     def warm_up(
         self,

@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
-from batchlm.attention.backend import AttentionBackend, AttentionMetadata, AttentionSpec
+from batchlm.attention.backend import AttentionBackend, AttentionMetadata, AttentionSpec, QueryKeyRotation
 from batchlm.kernels.fp8_types import FP8_DTYPE
-from batchlm.kernels.kv_write import write_kv_cache
+from batchlm.kernels.kv_write import rotate_and_write_kv_cache, write_kv_cache
 from batchlm.kernels.paged_decode import (
     DecodeConfig,
     choose_num_splits,
@@ -49,10 +49,46 @@ class TritonAttentionBackend(AttentionBackend):
         meta: AttentionMetadata,
         spec: AttentionSpec,
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
-        k_scale, v_scale = 1.0, 1.0
-        if kv_cache.dtype == FP8_DTYPE:
-            k_scale, v_scale = self._kv_scales.get(kv_cache.data_ptr(), (1.0, 1.0))
+        k_scale, v_scale = self._scales(kv_cache)
         write_kv_cache(key, value, kv_cache, meta.slot_mapping, k_scale, v_scale)
+        return self._attend(query, kv_cache, meta, spec, k_scale, v_scale)
+
+    def forward_rotating(
+        self,
+        positions: torch.Tensor,
+        rotation: QueryKeyRotation,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        spec: AttentionSpec,
+    ) -> torch.Tensor:
+        """RoPE folded into the KV write (one launch a layer fewer): queries rotate in place, keys on
+        their way into the cache; `key` keeps its unrotated values."""
+        table = rotation.fusable_table(query)
+        if table is None:
+            return super().forward_rotating(positions, rotation, query, key, value, kv_cache, meta, spec)
+        k_scale, v_scale = self._scales(kv_cache)
+        rotate_and_write_kv_cache(
+            positions, table, query, key, value, kv_cache, meta.slot_mapping, k_scale, v_scale
+        )
+        return self._attend(query, kv_cache, meta, spec, k_scale, v_scale)
+
+    def _scales(self, kv_cache: torch.Tensor) -> tuple[float, float]:
+        if kv_cache.dtype != FP8_DTYPE:
+            return 1.0, 1.0
+        return self._kv_scales.get(kv_cache.data_ptr(), (1.0, 1.0))
+
+    def _attend(
+        self,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        spec: AttentionSpec,
+        k_scale: float,
+        v_scale: float,
+    ) -> torch.Tensor:
         scale = spec.scale * k_scale  # the cache holds key / k_scale
         out = torch.empty_like(query)
         num_decodes = meta.num_decodes

@@ -1,4 +1,5 @@
-"""Triton kernel that scatters new keys/values into the paged KV cache (padding slots -1 skipped).
+"""Triton kernels that scatter new keys/values into the paged KV cache (padding slots -1 skipped), the
+second with RoPE on queries and keys folded in (one launch where RoPE and the write took two).
 
 An FP8 (e4m3) cache stores key / k_scale and value / v_scale, clamped to e4m3's range (+-448: a
 value past it would become NaN, e4m3 has no infinity); the attention kernels multiply back."""
@@ -12,6 +13,7 @@ import triton.language as tl
 from batchlm.kernels.fp8_types import FP8_DTYPE, FP8_MAX
 from batchlm.kernels.pdl import pdl_launch, pdl_prologue
 from batchlm.kernels.shapes import check_kv_cache, next_power_of_2
+from batchlm.kernels.specialization import unspecialized
 
 
 @triton.jit
@@ -95,4 +97,111 @@ def write_kv_cache(
         QUANTIZE=kv_cache.dtype == FP8_DTYPE,
         FP8_LIMIT=FP8_MAX,
         num_warps=1 if num_kv_heads * head_dim <= 512 else 4, **pdl_launch(key.device),
+    )  # fmt: skip
+
+
+# The slot count follows the step's token count: unspecialised, so no step compiles a new variant.
+@triton.jit(**unspecialized(ints=["num_slots"]))
+def _rotate_write_kv_kernel(
+    q_ptr,  # [T, NUM_HEADS, 2 * HALF], rotated in place
+    key_ptr,  # [T, KV_HEADS, 2 * HALF], read (rotated on the way into the cache)
+    value_ptr,  # [T, KV_HEADS, 2 * HALF]
+    positions_ptr,  # [T]
+    table_ptr,  # [max_position, 2 * HALF] float32: cos in the first half of each row, sin in the second
+    cache_ptr,  # [2, num_blocks, block_size, KV_HEADS, 2 * HALF]
+    slot_ptr,  # [num_slots] int64
+    num_slots,
+    inv_k_scale,
+    inv_v_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_c_kv, stride_c_block, stride_c_tok, stride_c_head,
+    NUM_HEADS: tl.constexpr, HEADS_BLOCK: tl.constexpr, KV_HEADS: tl.constexpr, KV_BLOCK: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, QUANTIZE: tl.constexpr, FP8_LIMIT: tl.constexpr,
+    PDL: tl.constexpr,
+):  # fmt: skip
+    pdl_prologue(PDL)
+    row = tl.program_id(0)
+    position = tl.load(positions_ptr + row)
+    dims = tl.arange(0, HALF)
+    cos = tl.load(table_ptr + position * (2 * HALF) + dims)
+    sin = tl.load(table_ptr + position * (2 * HALF) + HALF + dims)
+    # The same products and sums as fused_ops' RoPE kernel, so the bits match it.
+    heads = tl.arange(0, HEADS_BLOCK)
+    q_mask = heads[:, None] < NUM_HEADS
+    q_base = q_ptr + row.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + dims[None, :]
+    x1 = tl.load(q_base, mask=q_mask, other=0.0)
+    x2 = tl.load(q_base + HALF, mask=q_mask, other=0.0)
+    cos_h = cos.to(x1.dtype)[None, :]
+    sin_h = sin.to(x1.dtype)[None, :]
+    tl.store(q_base, x1 * cos_h - x2 * sin_h, mask=q_mask)
+    tl.store(q_base + HALF, x2 * cos_h + x1 * sin_h, mask=q_mask)
+    # Rows past the slots (a graph's padded queries) and padding slots (-1) own no cache slot.
+    slot = tl.load(slot_ptr + row, mask=row < num_slots, other=-1).to(tl.int64)
+    if slot >= 0:
+        kv_heads = tl.arange(0, KV_BLOCK)
+        kv_mask = kv_heads[:, None] < KV_HEADS
+        k_base = key_ptr + row.to(tl.int64) * stride_kt + kv_heads[:, None] * stride_kh + dims[None, :]
+        v_base = value_ptr + row.to(tl.int64) * stride_vt + kv_heads[:, None] * stride_vh + dims[None, :]
+        k1 = tl.load(k_base, mask=kv_mask)
+        k2 = tl.load(k_base + HALF, mask=kv_mask)
+        v1 = tl.load(v_base, mask=kv_mask)
+        v2 = tl.load(v_base + HALF, mask=kv_mask)
+        r1 = k1 * cos_h - k2 * sin_h
+        r2 = k2 * cos_h + k1 * sin_h
+        dst = cache_ptr + (slot // BLOCK_SIZE) * stride_c_block + (slot % BLOCK_SIZE) * stride_c_tok
+        dst = dst + kv_heads[:, None] * stride_c_head + dims[None, :]
+        if QUANTIZE:
+            r1 = tl.minimum(tl.maximum(r1.to(tl.float32) * inv_k_scale, -FP8_LIMIT), FP8_LIMIT)
+            r2 = tl.minimum(tl.maximum(r2.to(tl.float32) * inv_k_scale, -FP8_LIMIT), FP8_LIMIT)
+            v1 = tl.minimum(tl.maximum(v1.to(tl.float32) * inv_v_scale, -FP8_LIMIT), FP8_LIMIT)
+            v2 = tl.minimum(tl.maximum(v2.to(tl.float32) * inv_v_scale, -FP8_LIMIT), FP8_LIMIT)
+        element = cache_ptr.dtype.element_ty
+        tl.store(dst, r1.to(element), mask=kv_mask)
+        tl.store(dst + HALF, r2.to(element), mask=kv_mask)
+        tl.store(dst + stride_c_kv, v1.to(element), mask=kv_mask)
+        tl.store(dst + stride_c_kv + HALF, v2.to(element), mask=kv_mask)
+
+
+def rotate_and_write_kv_cache(
+    positions: torch.Tensor,  # [T]
+    cos_sin_table: torch.Tensor,  # [max_position, head_dim] float32, cos | sin per row
+    query: torch.Tensor,  # [T, num_heads, head_dim], rotated in place
+    key: torch.Tensor,  # [T, num_kv_heads, head_dim], left as it is
+    value: torch.Tensor,  # [T, num_kv_heads, head_dim]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [<= T] int64; -1 = padding row
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> None:
+    """RoPE ("rotate half", every dimension) on queries and keys, and the KV write, in one launch:
+    fused_ops.rotary_embedding_ on both, then write_kv_cache, bit for bit, except that `key` itself
+    stays unrotated (only the cache gets the rotated keys)."""
+    check_kv_cache(kv_cache)
+    tokens, num_heads, head_dim = query.shape
+    _, _, block_size, num_kv_heads, cache_head_dim = kv_cache.shape
+    if cache_head_dim != head_dim or head_dim & (head_dim - 1) or head_dim < 2:
+        raise ValueError(f"head_dim must be a power of two matching the cache, got {head_dim}")
+    if cos_sin_table.shape[-1] != head_dim or not cos_sin_table.is_contiguous():
+        raise ValueError("the cos/sin table must be contiguous, one head_dim-wide row per position")
+    for name, tensor in (("query", query), ("key", key), ("value", value)):
+        if tensor.stride(-1) != 1 or tensor.shape[-1] != head_dim:
+            raise ValueError(f"{name} must be contiguous in head_dim ({head_dim})")
+    for name, tensor in (("key", key), ("value", value)):
+        if tuple(tensor.shape) != (tokens, num_kv_heads, head_dim):
+            raise ValueError(
+                f"{name} must be [{tokens}, {num_kv_heads}, {head_dim}], got {tuple(tensor.shape)}"
+            )
+    if slot_mapping.shape[0] > tokens:
+        raise ValueError(f"{slot_mapping.shape[0]} slots for {tokens} query rows")
+    if tokens == 0:
+        return
+    _rotate_write_kv_kernel[(tokens,)](
+        query, key, value, positions, cos_sin_table, kv_cache, slot_mapping, slot_mapping.shape[0],
+        1.0 / k_scale, 1.0 / v_scale,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        NUM_HEADS=num_heads, HEADS_BLOCK=next_power_of_2(num_heads),
+        KV_HEADS=num_kv_heads, KV_BLOCK=next_power_of_2(num_kv_heads),
+        HALF=head_dim // 2, BLOCK_SIZE=block_size, QUANTIZE=kv_cache.dtype == FP8_DTYPE, FP8_LIMIT=FP8_MAX,
+        **pdl_launch(query.device),
     )  # fmt: skip

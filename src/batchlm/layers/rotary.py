@@ -66,6 +66,19 @@ class RotaryEmbedding(nn.Module):
         rotated = _rotate(both, cos, sin)  # [T, H + H_kv, D]
         return rotated[:, : query.shape[1]], rotated[:, query.shape[1] :]
 
+    def rotate(
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward(), as the attention backends call it (attention/backend.QueryKeyRotation)."""
+        return self.forward(positions, query, key)
+
+    def fusable_table(self, query: torch.Tensor) -> torch.Tensor | None:
+        """The cos | sin table when a GPU kernel may rotate these queries and their keys as the
+        in-place kernel does (every dimension turns, a power-of-two head); else None."""
+        if self.rotary_dim < self.head_dim or self.head_dim & (self.head_dim - 1):
+            return None
+        return self.cos_sin_cache if fused_ops_for(query) is not None else None
+
     def _rotate_leading(
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -104,8 +104,7 @@ class LlamaAttention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
-        out = attn.forward(q, k, v, kv_cache, meta, self.spec)
+        out = attn.forward_rotating(positions, self.rotary_emb, q, k, v, kv_cache, meta, self.spec)
         projected: torch.Tensor = self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
         return projected
 
