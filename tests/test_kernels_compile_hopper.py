@@ -104,9 +104,12 @@ def test_rope_folded_kv_write_compiles_and_waits_before_reading(cache: str) -> N
         kv_write._rotate_write_kv_kernel, types, constants, num_warps=4, launch_pdl=True
     )
     memory = memory_lines(compiled.asm["ptx"])
-    # Everything it reads (positions, the query written by the GEMV before) comes after the wait.
+    # Everything it reads (positions, the query written by the GEMV before) comes after the wait,
+    # and every load before the first store (q, k and v share one buffer: a later load would wait).
     assert memory[0].startswith("griddepcontrol.launch_dependents")
     assert memory[1].startswith("griddepcontrol.wait")
+    first_store = next(i for i, line in enumerate(memory) if "st.global" in line)
+    assert not any("ld.global" in line for line in memory[first_store:])
 
 
 @pytest.mark.parametrize("in_registers", [False, True])

@@ -121,45 +121,46 @@ def _rotate_write_kv_kernel(
 ):  # fmt: skip
     pdl_prologue(PDL)
     row = tl.program_id(0)
+    # Every load is issued before any store: the stores go where the compiler cannot rule out the
+    # loads' addresses (q, k and v are views of one buffer), so a load after a store would wait
+    # for it. Rows past the slots (a graph's padded queries) and padding slots (-1) own no slot.
     position = tl.load(positions_ptr + row)
+    slot = tl.load(slot_ptr + row, mask=row < num_slots, other=-1).to(tl.int64)
     dims = tl.arange(0, HALF)
     cos = tl.load(table_ptr + position * (2 * HALF) + dims)
     sin = tl.load(table_ptr + position * (2 * HALF) + HALF + dims)
-    # The same products and sums as fused_ops' RoPE kernel, so the bits match it.
     heads = tl.arange(0, HEADS_BLOCK)
     q_mask = heads[:, None] < NUM_HEADS
     q_base = q_ptr + row.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + dims[None, :]
     x1 = tl.load(q_base, mask=q_mask, other=0.0)
     x2 = tl.load(q_base + HALF, mask=q_mask, other=0.0)
+    kv_heads = tl.arange(0, KV_BLOCK)
+    kv_mask = (kv_heads[:, None] < KV_HEADS) & (slot >= 0)
+    k_base = key_ptr + row.to(tl.int64) * stride_kt + kv_heads[:, None] * stride_kh + dims[None, :]
+    k1 = tl.load(k_base, mask=kv_mask, other=0.0)
+    k2 = tl.load(k_base + HALF, mask=kv_mask, other=0.0)
+    head_dims = tl.arange(0, 2 * HALF)
+    v_base = value_ptr + row.to(tl.int64) * stride_vt + kv_heads[:, None] * stride_vh + head_dims[None, :]
+    v = tl.load(v_base, mask=kv_mask, other=0.0)
+    # The same products and sums as fused_ops' RoPE kernel, so the bits match it.
     cos_h = cos.to(x1.dtype)[None, :]
     sin_h = sin.to(x1.dtype)[None, :]
+    r1 = k1 * cos_h - k2 * sin_h
+    r2 = k2 * cos_h + k1 * sin_h
+    if QUANTIZE:
+        r1 = tl.minimum(tl.maximum(r1.to(tl.float32) * inv_k_scale, -FP8_LIMIT), FP8_LIMIT)
+        r2 = tl.minimum(tl.maximum(r2.to(tl.float32) * inv_k_scale, -FP8_LIMIT), FP8_LIMIT)
+        v = tl.minimum(tl.maximum(v.to(tl.float32) * inv_v_scale, -FP8_LIMIT), FP8_LIMIT)
     tl.store(q_base, x1 * cos_h - x2 * sin_h, mask=q_mask)
     tl.store(q_base + HALF, x2 * cos_h + x1 * sin_h, mask=q_mask)
-    # Rows past the slots (a graph's padded queries) and padding slots (-1) own no cache slot.
-    slot = tl.load(slot_ptr + row, mask=row < num_slots, other=-1).to(tl.int64)
-    if slot >= 0:
-        kv_heads = tl.arange(0, KV_BLOCK)
-        kv_mask = kv_heads[:, None] < KV_HEADS
-        k_base = key_ptr + row.to(tl.int64) * stride_kt + kv_heads[:, None] * stride_kh + dims[None, :]
-        v_base = value_ptr + row.to(tl.int64) * stride_vt + kv_heads[:, None] * stride_vh + dims[None, :]
-        k1 = tl.load(k_base, mask=kv_mask)
-        k2 = tl.load(k_base + HALF, mask=kv_mask)
-        v1 = tl.load(v_base, mask=kv_mask)
-        v2 = tl.load(v_base + HALF, mask=kv_mask)
-        r1 = k1 * cos_h - k2 * sin_h
-        r2 = k2 * cos_h + k1 * sin_h
-        dst = cache_ptr + (slot // BLOCK_SIZE) * stride_c_block + (slot % BLOCK_SIZE) * stride_c_tok
-        dst = dst + kv_heads[:, None] * stride_c_head + dims[None, :]
-        if QUANTIZE:
-            r1 = tl.minimum(tl.maximum(r1.to(tl.float32) * inv_k_scale, -FP8_LIMIT), FP8_LIMIT)
-            r2 = tl.minimum(tl.maximum(r2.to(tl.float32) * inv_k_scale, -FP8_LIMIT), FP8_LIMIT)
-            v1 = tl.minimum(tl.maximum(v1.to(tl.float32) * inv_v_scale, -FP8_LIMIT), FP8_LIMIT)
-            v2 = tl.minimum(tl.maximum(v2.to(tl.float32) * inv_v_scale, -FP8_LIMIT), FP8_LIMIT)
-        element = cache_ptr.dtype.element_ty
-        tl.store(dst, r1.to(element), mask=kv_mask)
-        tl.store(dst + HALF, r2.to(element), mask=kv_mask)
-        tl.store(dst + stride_c_kv, v1.to(element), mask=kv_mask)
-        tl.store(dst + stride_c_kv + HALF, v2.to(element), mask=kv_mask)
+    slot = tl.maximum(slot, 0)
+    row_start = cache_ptr + (slot // BLOCK_SIZE) * stride_c_block + (slot % BLOCK_SIZE) * stride_c_tok
+    k_dst = row_start + kv_heads[:, None] * stride_c_head + dims[None, :]
+    element = cache_ptr.dtype.element_ty
+    tl.store(k_dst, r1.to(element), mask=kv_mask)
+    tl.store(k_dst + HALF, r2.to(element), mask=kv_mask)
+    v_dst = row_start + stride_c_kv + kv_heads[:, None] * stride_c_head + head_dims[None, :]
+    tl.store(v_dst, v.to(element), mask=kv_mask)
 
 
 def rotate_and_write_kv_cache(
