@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import http.server
 import itertools
 import json
 import random
 import statistics
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
-from batchlm.bench.loadgen import arrival_gaps
+from batchlm.bench.loadgen import LoadConfig, LoadGenerator, arrival_gaps
+from batchlm.bench.openai_format import EndpointConfig
 from batchlm.bench.plot import latency_panels_ms
+from batchlm.bench.records import RequestSpec
 from batchlm.bench.runner import main_async, run_benchmark, write_outputs
 from bench_stub import StubOptions, StubServerThread, bench, config_for
 
@@ -290,3 +295,41 @@ def test_without_warm_connections_a_burst_opens_them_itself() -> None:
 def test_an_open_loop_without_a_cap_warms_at_most_one_connection_per_request(stub: StubServerThread) -> None:
     run = bench(stub.base_url, *FAST, "--requests", "3", "--request-rate", "inf", "--output-len", "2")
     assert run.levels[0].outcome.warm_connections == 3
+
+
+class _ClosingModelsHandler(http.server.BaseHTTPRequestHandler):
+    """GET /v1/models over HTTP/1.0: every answer closes its connection."""
+
+    def do_GET(self) -> None:
+        body = b'{"object": "list", "data": [{"id": "m"}]}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        return None
+
+
+def _warm(base_url: str, concurrency: int) -> int:
+    async def go() -> int:
+        async with aiohttp.ClientSession() as session:
+            specs = [RequestSpec(prompt="p", max_tokens=1)] * 8
+            endpoint = EndpointConfig(url=base_url + "/completions", chat=False, model="m", stream=True)
+            generator = LoadGenerator(session, endpoint, specs, warm_url=base_url + "/models")
+            return await generator.open_connections(LoadConfig(concurrency=concurrency))
+
+    return asyncio.run(go())
+
+
+def test_warm_connections_count_only_those_the_server_keeps_open(stub: StubServerThread) -> None:
+    assert _warm(stub.base_url, 3) == 3
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ClosingModelsHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert _warm(f"http://127.0.0.1:{server.server_address[1]}/v1", 3) == 0
+    finally:
+        server.shutdown()
+        server.server_close()

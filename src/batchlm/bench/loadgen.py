@@ -105,8 +105,8 @@ class LoadGenerator:
         of the warm URL, whose kept-alive connections the pool then hands to the level's requests.
         Without them, a burst of N requests first waits for N TCP connects made one after another on
         this event loop, so the client, not the server, paces the burst's arrival. Returns how many
-        GETs were answered (a server without keep-alive closes those connections again); failures are
-        left for the level itself to report."""
+        answers kept their connection open (none from a server without keep-alive); failures are left
+        for the level itself to report."""
         if self._warm_url is None:
             return 0
         limit = load.in_flight_limit
@@ -116,12 +116,15 @@ class LoadGenerator:
         return self._warm_connections
 
     async def _touch(self, url: str) -> bool:
+        """GET `url`; True when the answer leaves its connection open for the pool."""
         try:
             async with self._session.get(url, headers=self._endpoint.headers) as response:
                 await response.read()
+                closes = response.headers.get("Connection", "").lower() == "close"
+                version = response.version
+                return version is not None and version >= aiohttp.HttpVersion11 and not closes
         except (aiohttp.ClientError, OSError, TimeoutError):
             return False
-        return True
 
     async def run(self, load: LoadConfig) -> LoadOutcome:
         self._results = []
