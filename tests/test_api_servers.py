@@ -216,6 +216,8 @@ def test_two_api_servers_share_the_port_the_engine_and_the_metrics(
     wait_until(engine_totals_reached_every_process, timeout_s=60, what="the token totals in every process")
     # One stats line writer: only the primary logs the periodic stats.
     assert "[api-server-1] batchlm.server.stats" not in server.log
+    # The second process, like the primary, froze its start-up objects out of the cyclic GC.
+    assert re.search(r"\[api-server-1\] batchlm\.gc_tuning: \d+ start-up objects frozen", server.log)
 
 
 @linux_only

@@ -44,10 +44,9 @@ class _RecordingServer(GracefulServer):
         self.frozen_at_serve = gc.get_freeze_count()
 
 
-@pytest.mark.parametrize("engine_started_by_caller", [True, False])
-def test_start_up_objects_are_frozen_before_serving(engine_started_by_caller: bool) -> None:
-    # An API server beside the primary gets its engine started before serve(); the primary starts it
-    # inside. Either way a full collection while serving must not walk the start-up objects.
+def test_start_up_objects_are_frozen_once_the_engine_is_up() -> None:
+    # A full collection while serving must not walk the start-up objects (API servers beside the
+    # primary freeze theirs before they report serving: tests/test_api_servers.py).
     engine = FakeEngine()
     server = _RecordingServer(build_app(engine, ServerSettings()))
 
@@ -56,8 +55,7 @@ def test_start_up_objects_are_frozen_before_serving(engine_started_by_caller: bo
 
     gc.unfreeze()
     try:
-        start = None if engine_started_by_caller else start_engine
-        assert run_event_loop(serve(server, engine, start_engine=start)) == 0
+        assert run_event_loop(serve(server, engine, start_engine=start_engine)) == 0
         assert server.frozen_at_serve > 0
     finally:
         gc.unfreeze()

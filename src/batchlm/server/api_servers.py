@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from batchlm.config import EngineConfig
+from batchlm.gc_tuning import freeze_startup_objects
 from batchlm.server.state import ServerSettings
 
 if TYPE_CHECKING:
@@ -263,6 +264,9 @@ async def _serve_attached(spec: ApiServerSpec, tokenizer: concurrent.futures.Fut
         _report(spec.status, ApiServerFailed(f"{type(error).__name__}: {error}"))
         await engine.shutdown()
         return 1
+    # As the primary does once its engine is up, and before this process counts as serving: a full
+    # collection while serving would otherwise walk transformers' and the tokenizer's objects.
+    freeze_startup_objects()
     server = GracefulServer(app)
     watchdog = asyncio.ensure_future(_exit_when_engine_stops(engine, server, spec.index))
     _report(spec.status, ApiServerStarted(os.getpid()))

@@ -143,13 +143,7 @@ async def serve(
         log_uptime(logger, "front end: ready")
         logger.info("engine ready, serving model %r", engine.model_info.served_model_name)
 
-    starting = None
-    if start_engine is not None:
-        starting = asyncio.ensure_future(start())
-    else:
-        # The caller started the engine (an API server beside the primary): what it loaded for that
-        # (the tokenizer, transformers) is start-up state too.
-        freeze_startup_objects()
+    starting = asyncio.ensure_future(start()) if start_engine is not None else None
     try:
         await server.serve(sockets=sockets)
     finally:
