@@ -67,6 +67,11 @@ class BenchConfig:
     # Open each level's connections before it starts (LoadGenerator.open_connections).
     warm_connections: bool = True
 
+    @property
+    def warm_url(self) -> str | None:
+        """What the client GETs to open a level's connections (None: it does not)."""
+        return self.base_url + "/models" if self.warm_connections else None
+
 
 def parse_list(text: str, kind: type, flag: str) -> list[Any]:
     """Parses a comma-separated flag value ("1,4,16"); raises ValueError naming the flag."""

@@ -217,8 +217,7 @@ async def _measure_level(
         return LevelReport(label, load, outcome, metrics, check)
     total = None if load.duration_s is not None else len(workload.specs)
     progress = Progress(total, load.duration_s) if config.show_progress and echo else None
-    warm_url = config.base_url + "/models" if config.warm_connections else None
-    generator = LoadGenerator(session, endpoint, workload.specs, progress, warm_url)
+    generator = LoadGenerator(session, endpoint, workload.specs, progress, config.warm_url)
     await generator.open_connections(load)
     gc.collect()
     gc.freeze()  # keep the collector from walking the workload during the run (fewer pauses)
@@ -249,7 +248,7 @@ async def _run_level_in_processes(
             load,
             config.client_processes,
             config.request_timeout_s,
-            config.base_url + "/models" if config.warm_connections else None,
+            config.warm_url,
         )
     except ClientWorkerError as error:
         raise SetupError(str(error)) from None
