@@ -17,6 +17,12 @@ from batchlm.kernels.specialization import unspecialized
 
 
 @triton.jit
+def _fp8_range(x, inverse_scale, FP8_LIMIT: tl.constexpr):
+    """x / scale in float32, clamped to e4m3's finite range before the cast to the cache."""
+    return tl.minimum(tl.maximum(x.to(tl.float32) * inverse_scale, -FP8_LIMIT), FP8_LIMIT)
+
+
+@triton.jit
 def _write_kv_kernel(
     key_ptr,  # [T, KV_HEADS, HEAD_DIM]
     value_ptr,  # [T, KV_HEADS, HEAD_DIM]
@@ -57,8 +63,8 @@ def _write_kv_kernel(
         k = tl.load(src_k, mask=mask)
         v = tl.load(src_v, mask=mask)
         if QUANTIZE:
-            k = tl.minimum(tl.maximum(k.to(tl.float32) * inv_k_scale, -FP8_LIMIT), FP8_LIMIT)
-            v = tl.minimum(tl.maximum(v.to(tl.float32) * inv_v_scale, -FP8_LIMIT), FP8_LIMIT)
+            k = _fp8_range(k, inv_k_scale, FP8_LIMIT)
+            v = _fp8_range(v, inv_v_scale, FP8_LIMIT)
         tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
         tl.store(dst + stride_c_kv, v.to(cache_ptr.dtype.element_ty), mask=mask)
 
@@ -148,9 +154,9 @@ def _rotate_write_kv_kernel(
     r1 = k1 * cos_h - k2 * sin_h
     r2 = k2 * cos_h + k1 * sin_h
     if QUANTIZE:
-        r1 = tl.minimum(tl.maximum(r1.to(tl.float32) * inv_k_scale, -FP8_LIMIT), FP8_LIMIT)
-        r2 = tl.minimum(tl.maximum(r2.to(tl.float32) * inv_k_scale, -FP8_LIMIT), FP8_LIMIT)
-        v = tl.minimum(tl.maximum(v.to(tl.float32) * inv_v_scale, -FP8_LIMIT), FP8_LIMIT)
+        r1 = _fp8_range(r1, inv_k_scale, FP8_LIMIT)
+        r2 = _fp8_range(r2, inv_k_scale, FP8_LIMIT)
+        v = _fp8_range(v, inv_v_scale, FP8_LIMIT)
     tl.store(q_base, x1 * cos_h - x2 * sin_h, mask=q_mask)
     tl.store(q_base + HALF, x2 * cos_h + x1 * sin_h, mask=q_mask)
     slot = tl.maximum(slot, 0)
