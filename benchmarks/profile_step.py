@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from model_shapes import dummy_llm
 from offline_throughput import make_prompts
-from structured_outputs import long_output_schema, override_grammar_settings
+from structured_outputs import SUMMARY_FIELDS, long_output_schema, override_grammar_settings
 
 # (phase, kind of the step last scheduled: "decode" when every chunk is one token, else "mixed") -> seconds.
 TIMES: dict[tuple[str, str], float] = collections.defaultdict(float)
@@ -279,6 +279,12 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--async-scheduling", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--structured", action="store_true", help="every request under a JSON schema")
+    parser.add_argument(
+        "--summary-field",
+        choices=sorted(SUMMARY_FIELDS),
+        default="bounded",
+        help="with --structured: the schema's last, long text field has minLength 4000 or no bound",
+    )
     parser.add_argument("--mask-threads", type=int, help="llguidance threads (default: the engine's choice)")
     parser.add_argument(
         "--default-switch-interval", action="store_true", help="keep Python's GIL switch interval (5 ms)"
@@ -311,7 +317,9 @@ def main() -> None:
 
         from batchlm.sampling_params import StructuredOutputs
 
-        params = params.clone(structured_outputs=StructuredOutputs(json=json.dumps(long_output_schema())))
+        params = params.clone(
+            structured_outputs=StructuredOutputs(json=json.dumps(long_output_schema(args.summary_field)))
+        )
     # A whole warm-up pass: every kernel shape the measured pass meets is compiled and tuned first.
     llm.generate(prompts, params)
     events = instrument(llm, args.sync and torch.cuda.is_available())
