@@ -289,3 +289,45 @@ def test_extra_templates_are_bounded_in_all_and_come_back_on_eviction(tiny_token
     assert [one_cached.matcher(first).family for _ in range(3)] == [0, 1, 2]
     # The cache holds one grammar: `first` is evicted and its extra templates go back to the budget.
     assert [one_cached.matcher(second).family for _ in range(3)] == [0, 1, 2]
+
+
+def test_the_backend_s_token_slices_leave_every_mask_as_llguidance_s_own_slices_make_it(
+    backend, tiny_tokenizer
+) -> None:
+    """Slices only spare work: along random walks through strings of several length bounds (where the
+    shorter slices apply near each bound), every mask equals the one llguidance's general slices give."""
+    import llguidance
+    import llguidance.hf
+
+    general = llguidance.LLTokenizer.general_slices()
+    assert f"{llguidance_backend.JSON_STRING_CHAR}{{1,10}}" in general  # our spelling is llguidance's
+    assert set(general) < set(llguidance_backend.token_slices())
+    plain_tokenizer = llguidance.hf.from_tokenizer(
+        tiny_tokenizer.hf, n_vocab=2080, eos_token=list(EOS), slices=general
+    )
+    plain = LLGuidanceBackend(plain_tokenizer, EOS)
+    bounds = (3, 7, 13, 22, 40)
+    properties = {f"s{n}": {"type": "string", "maxLength": n} for n in bounds} | {"free": {"type": "string"}}
+    schema = {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties),
+        "additionalProperties": False,
+    }
+    spec = StructuredOutputs(json=json.dumps(schema))
+    rng = np.random.default_rng(0)
+    ours_row = np.empty(backend.bitmask_words, dtype=np.int32)
+    theirs_row = np.empty(plain.bitmask_words, dtype=np.int32)
+    masks = 0
+    for _ in range(6):
+        ours, theirs = backend.matcher(spec), plain.matcher(spec)
+        for _ in range(150):
+            ours.fill_bitmask(ours_row)
+            theirs.fill_bitmask(theirs_row)
+            assert np.array_equal(ours_row, theirs_row)
+            masks += 1
+            if ours.is_terminated:
+                break
+            token = int(rng.choice(allowed_tokens(ours_row, 2080)))
+            assert ours.accept(token) and theirs.accept(token)
+    assert masks > 300

@@ -31,6 +31,22 @@ TEMPLATES_PER_THREAD = 4
 # not multiply the compiled-grammar memory without bound.
 EXTRA_TEMPLATES = 256
 
+# Characters of a JSON string, as llguidance's own string slices spell them.
+JSON_STRING_CHAR = r'[^"\\\x00-\x1F\x7F]'
+# Lengths of the JSON-string slices added between llguidance's (at most 10 and 30 characters). Inside a
+# string with a maxLength, a mask allows a whole slice at once only while the string may still hold that
+# many characters; otherwise it walks the slice's tokens one by one. Near the bound, shorter slices
+# keep most of the vocabulary out of that walk (BENCHMARKS.md, "W1 structured").
+EXTRA_STRING_SLICE_LENGTHS = (2, 4, 6, 8, 12, 15, 20, 25)
+
+
+def token_slices() -> list[str]:
+    """llguidance's general slices and the shorter JSON-string slices (masks are the same either way)."""
+    general = llguidance.LLTokenizer.general_slices()
+    extra = [f"{JSON_STRING_CHAR}{{1,{n}}}" for n in EXTRA_STRING_SLICE_LENGTHS]
+    return [*general, *(s for s in extra if s not in general)]
+
+
 # Grammar texts validated in this process (API edge and engine alike), by StructuredOutputs.key.
 _validated: LRUCache[tuple[str, str], str] = LRUCache(CACHE_SIZE)
 _validated_lock = threading.Lock()
@@ -201,7 +217,7 @@ class LLGuidanceBackend:
 
         n_vocab = max(vocab_size, len(hf))
         eos = list(eos_token_ids) or None
-        tokenizer = llguidance.hf.from_tokenizer(hf, n_vocab=n_vocab, eos_token=eos)  # type: ignore[arg-type]
+        tokenizer = llguidance.hf.from_tokenizer(hf, n_vocab=n_vocab, eos_token=eos, slices=token_slices())  # type: ignore[arg-type]
         return cls(tokenizer, eos_token_ids or tokenizer.eos_tokens, threads, batched_accept)
 
     @property
