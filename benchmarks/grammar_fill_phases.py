@@ -5,14 +5,15 @@ short fields (steps 0-63), the ends of its length-bounded strings (64-127, on th
 tokenizer) and the long last field (160-255).
 
     python benchmarks/grammar_fill_phases.py --configs 1x1 12x48 12x12 12x256
-    python benchmarks/grammar_fill_phases.py --configs 1x1 --slices short   # shorter string slices
+    python benchmarks/grammar_fill_phases.py --configs 1x1 --slices llguidance   # its own slices only
     python benchmarks/grammar_fill_phases.py --configs 1x1 --tokenizer DIR  # a real tokenizer's files
 
 A config is THREADSxTEMPLATES: llguidance's threads and the compiled copies of the grammar the
 sequences are spread over (the engine uses 4 per thread beside a GPU). The tokenizer is the
 benchmarks' byte-level BPE padded with plain words to 128,256 ids (as in the GPU W1 runs), or
---tokenizer's. --slices short adds string slices of at most 1..8 characters before llguidance's
-general ones (its masks skip the token walk for a slice the lexer state allows whole).
+--tokenizer's. --slices picks the token slices (a mask allows a slice's tokens whole when the lexer state
+takes any of them, and walks them one by one otherwise): the engine's, llguidance's general ones alone,
+or those with other JSON-string slice lengths added (EXTRA_SLICE_LENGTHS).
 Prints one JSON line per config: medians in ms per step, and the whole walk's fill time in s.
 """
 
@@ -36,21 +37,32 @@ from mlx_vs_mlx_lm_server import pad_tokenizer_vocab
 from structured_outputs import SUMMARY_FIELDS, long_output_schema
 
 from batchlm.sampling_params import StructuredOutputs
-from batchlm.structured.llguidance_backend import LLGuidanceBackend
+from batchlm.structured.llguidance_backend import (
+    EXTRA_STRING_SLICE_LENGTHS,
+    JSON_STRING_CHAR,
+    LLGuidanceBackend,
+    grammar_text,
+    validated_grammar,
+)
 from batchlm.tokenizer.builder import build_tokenizer
 from batchlm.tokenizer.hf_loading import load_hf_tokenizer
 
 PADDED_VOCAB = 128256
 STEPS = 256
-# JSON string characters, as llguidance's own string slices spell them.
-STRING_CHAR = '[^"\\\\\\x00-\\x1F\\x7F]'
+# Lengths of the JSON-string slices each --slices kind adds to llguidance's general ones ("engine":
+# the backend's own choice, token_slices()).
+EXTRA_SLICE_LENGTHS: dict[str, tuple[int, ...]] = {
+    "llguidance": (),
+    "short": tuple(range(1, 9)),
+    "mid": (15, 20, 25),
+    "engine": EXTRA_STRING_SLICE_LENGTHS,
+    "dense": (2, 3, 4, 5, 6, 7, 8, 9, 12, 14, 17, 20, 24, 27),
+}
 
 
 def slices(kind: str) -> list[str]:
     general = llguidance.LLTokenizer.general_slices()
-    if kind == "general":
-        return general
-    return [general[0]] + [f"{STRING_CHAR}{{1,{n}}}" for n in range(1, 9)] + general[1:]
+    return [*general, *(f"{JSON_STRING_CHAR}{{1,{n}}}" for n in EXTRA_SLICE_LENGTHS[kind])]
 
 
 def padded_tokenizer_dir() -> Path:
@@ -93,6 +105,47 @@ def walk(backend: LLGuidanceBackend, spec: StructuredOutputs, rows: int, vocab: 
     }
 
 
+# Grammars besides JSON schemas, for --probe: what the string slices cost where they never apply.
+PROBE_SPECS = {
+    "regex": StructuredOutputs(regex=r"[0-9]{1,5}(,[0-9]{1,5}){0,20}"),
+    "choice": StructuredOutputs(choice=["positive", "negative", "neutral"]),
+    "lark": StructuredOutputs(grammar='start: "SELECT " NAME " FROM " NAME\nNAME: /[a-z_]{1,12}/'),
+    "json_object": StructuredOutputs(json_object=True),
+}
+
+
+def probe(plain: LLGuidanceBackend, kind: str, spec: StructuredOutputs, vocab: int) -> dict[str, Any]:
+    """The slices' one-time costs (building them, compiling the schema's grammar) and the mean mask
+    time of the other grammars over a 40-token random walk (each mask the best of three copies)."""
+    started = time.perf_counter()
+    tokenizer = plain.tokenizer.with_slices(slices(kind))
+    result: dict[str, Any] = {"slices_build_s": round(time.perf_counter() - started, 3)}
+    started = time.perf_counter()
+    for _ in range(16):
+        llguidance.LLMatcher(tokenizer, validated_grammar(spec), log_level=0)
+    result["schema_compile_ms"] = round(1e3 * (time.perf_counter() - started) / 16, 2)
+    row = np.zeros(plain.bitmask_words, dtype=np.int32)
+    for name, other in PROBE_SPECS.items():
+        rng = np.random.default_rng(0)
+        matcher = llguidance.LLMatcher(tokenizer, grammar_text(other), log_level=0)
+        times = []
+        for _ in range(40):
+            if matcher.is_stopped():
+                break
+            best = float("inf")
+            for _ in range(3):
+                copy = matcher.deep_copy()
+                started = time.perf_counter()
+                copy.unsafe_compute_mask_ptr(row.ctypes.data, row.nbytes)
+                best = min(best, time.perf_counter() - started)
+            times.append(best)
+            matcher.unsafe_compute_mask_ptr(row.ctypes.data, row.nbytes)
+            allowed = np.flatnonzero(np.unpackbits(row.view(np.uint8), bitorder="little")[:vocab])
+            matcher.consume_token(int(allowed[rng.integers(len(allowed))]))
+        result[f"{name}_mask_us"] = round(1e6 * statistics.mean(times), 1)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -100,8 +153,13 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--configs", nargs="+", default=["1x1", "12x48"], help="THREADSxTEMPLATES")
     parser.add_argument("--summary-field", choices=sorted(SUMMARY_FIELDS), default="free")
-    parser.add_argument("--slices", choices=["general", "short"], default="general")
+    parser.add_argument("--slices", choices=sorted(EXTRA_SLICE_LENGTHS), default="engine")
     parser.add_argument("--tokenizer", type=Path, default=None, help="a tokenizer's directory")
+    parser.add_argument(
+        "--probe",
+        action="store_true",
+        help="instead of the walks: the slices' one-time costs and other grammars' masks",
+    )
     args = parser.parse_args()
     started = time.perf_counter()
     hf = load_hf_tokenizer(args.tokenizer or padded_tokenizer_dir())
@@ -109,6 +167,10 @@ def main() -> None:
     eos = [hf.eos_token_id or 0]
     spec = StructuredOutputs(json=json.dumps(long_output_schema(args.summary_field)))
     print(json.dumps({"tokenizer_s": round(time.perf_counter() - started, 1), "vocab": vocab}), flush=True)
+    if args.probe:
+        plain = LLGuidanceBackend.from_hf(hf, vocab, eos)
+        print(json.dumps({"slices": args.slices} | probe(plain, args.slices, spec, vocab)), flush=True)
+        return
     for config in args.configs:
         threads, templates = map(int, config.split("x"))
         plain = LLGuidanceBackend.from_hf(hf, vocab, eos, threads)
