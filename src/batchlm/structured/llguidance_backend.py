@@ -35,8 +35,8 @@ EXTRA_TEMPLATES = 256
 JSON_STRING_CHAR = r'[^"\\\x00-\x1F\x7F]'
 # Lengths of the JSON-string slices added between llguidance's (at most 10 and 30 characters). Inside a
 # string with a maxLength, a mask allows a whole slice at once only while the string may still hold that
-# many characters; otherwise it walks the slice's tokens one by one. Near the bound, shorter slices
-# keep most of the vocabulary out of that walk (BENCHMARKS.md, "W1 structured").
+# many characters; otherwise it walks the slice's tokens one by one. Lengths in between let more of the
+# vocabulary be allowed whole as the bound nears (BENCHMARKS.md, "Token slices between llguidance's own").
 EXTRA_STRING_SLICE_LENGTHS = (2, 4, 6, 8, 12, 15, 20, 25)
 
 
