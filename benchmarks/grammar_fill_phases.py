@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -57,6 +58,7 @@ EXTRA_SLICE_LENGTHS: dict[str, tuple[int, ...]] = {
     "mid": (15, 20, 25),
     "engine": EXTRA_STRING_SLICE_LENGTHS,
     "dense": (2, 3, 4, 5, 6, 7, 8, 9, 12, 14, 17, 20, 24, 27),
+    "lean": (4, 8, 15, 20),
 }
 
 
@@ -114,12 +116,23 @@ PROBE_SPECS = {
 }
 
 
+def resident_mb() -> float:
+    """This process's resident memory (Linux)."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def probe(plain: LLGuidanceBackend, kind: str, spec: StructuredOutputs, vocab: int) -> dict[str, Any]:
     """The slices' one-time costs (building them, compiling the schema's grammar) and the mean mask
     time of the other grammars over a 40-token random walk (each mask the best of three copies)."""
+    bare = plain.tokenizer.with_slices([])
+    rss_before = resident_mb()
     started = time.perf_counter()
-    tokenizer = plain.tokenizer.with_slices(slices(kind))
-    result: dict[str, Any] = {"slices_build_s": round(time.perf_counter() - started, 3)}
+    tokenizer = bare.with_slices(slices(kind))
+    result: dict[str, Any] = {
+        "slices_build_s": round(time.perf_counter() - started, 3),
+        "slices_rss_mb": round(resident_mb() - rss_before, 1),
+    }
     started = time.perf_counter()
     for _ in range(16):
         llguidance.LLMatcher(tokenizer, validated_grammar(spec), log_level=0)
