@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import llguidance
+import llguidance.hf
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,9 +41,9 @@ from structured_outputs import SUMMARY_FIELDS, long_output_schema
 from batchlm.sampling_params import StructuredOutputs
 from batchlm.structured.llguidance_backend import (
     EXTRA_STRING_SLICE_LENGTHS,
-    JSON_STRING_CHAR,
     LLGuidanceBackend,
     grammar_text,
+    token_slices,
     validated_grammar,
 )
 from batchlm.tokenizer.builder import build_tokenizer
@@ -60,11 +61,6 @@ EXTRA_SLICE_LENGTHS: dict[str, tuple[int, ...]] = {
     "dense": (2, 3, 4, 5, 6, 7, 8, 9, 12, 14, 17, 20, 24, 27),
     "lean": (4, 8, 15, 20),
 }
-
-
-def slices(kind: str) -> list[str]:
-    general = llguidance.LLTokenizer.general_slices()
-    return [*general, *(f"{JSON_STRING_CHAR}{{1,{n}}}" for n in EXTRA_SLICE_LENGTHS[kind])]
 
 
 def padded_tokenizer_dir() -> Path:
@@ -122,13 +118,13 @@ def resident_mb() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def probe(plain: LLGuidanceBackend, kind: str, spec: StructuredOutputs, vocab: int) -> dict[str, Any]:
-    """The slices' one-time costs (building them, compiling the schema's grammar) and the mean mask
-    time of the other grammars over a 40-token random walk (each mask the best of three copies)."""
-    bare = plain.tokenizer.with_slices([])
+def probe(bare: llguidance.LLTokenizer, kind: str, spec: StructuredOutputs, vocab: int) -> dict[str, Any]:
+    """The slices' one-time costs (building them on a tokenizer without any, compiling the schema's
+    grammar) and the mean mask time of the other grammars over a 40-token random walk (each mask the
+    best of three copies)."""
     rss_before = resident_mb()
     started = time.perf_counter()
-    tokenizer = bare.with_slices(slices(kind))
+    tokenizer = bare.with_slices(token_slices(EXTRA_SLICE_LENGTHS[kind]))
     result: dict[str, Any] = {
         "slices_build_s": round(time.perf_counter() - started, 3),
         "slices_rss_mb": round(resident_mb() - rss_before, 1),
@@ -137,7 +133,7 @@ def probe(plain: LLGuidanceBackend, kind: str, spec: StructuredOutputs, vocab: i
     for _ in range(16):
         llguidance.LLMatcher(tokenizer, validated_grammar(spec), log_level=0)
     result["schema_compile_ms"] = round(1e3 * (time.perf_counter() - started) / 16, 2)
-    row = np.zeros(plain.bitmask_words, dtype=np.int32)
+    row = np.zeros((vocab + 31) // 32, dtype=np.int32)
     for name, other in PROBE_SPECS.items():
         rng = np.random.default_rng(0)
         matcher = llguidance.LLMatcher(tokenizer, grammar_text(other), log_level=0)
@@ -180,19 +176,15 @@ def main() -> None:
     eos = [hf.eos_token_id or 0]
     spec = StructuredOutputs(json=json.dumps(long_output_schema(args.summary_field)))
     print(json.dumps({"tokenizer_s": round(time.perf_counter() - started, 1), "vocab": vocab}), flush=True)
+    # The llguidance tokenizer once, without slices; each run adds the slices asked for.
+    bare = llguidance.hf.from_tokenizer(hf, n_vocab=vocab, eos_token=eos, slices=[])  # type: ignore[arg-type]
     if args.probe:
-        plain = LLGuidanceBackend.from_hf(hf, vocab, eos)
-        print(json.dumps({"slices": args.slices} | probe(plain, args.slices, spec, vocab)), flush=True)
+        print(json.dumps({"slices": args.slices} | probe(bare, args.slices, spec, vocab)), flush=True)
         return
     for config in args.configs:
         threads, templates = map(int, config.split("x"))
-        plain = LLGuidanceBackend.from_hf(hf, vocab, eos, threads)
-        backend = LLGuidanceBackend(
-            plain.tokenizer.with_slices(slices(args.slices)),
-            plain.eos_token_ids,
-            threads,
-            batched_accept=True,
-        )
+        tokenizer = bare.with_slices(token_slices(EXTRA_SLICE_LENGTHS[args.slices]))
+        backend = LLGuidanceBackend(tokenizer, eos, threads, batched_accept=True)
         backend.templates_per_grammar = templates
         result = walk(backend, spec, args.rows, vocab)
         line = {

@@ -40,10 +40,11 @@ JSON_STRING_CHAR = r'[^"\\\x00-\x1F\x7F]'
 EXTRA_STRING_SLICE_LENGTHS = (2, 4, 6, 8, 12, 15, 20, 25)
 
 
-def token_slices() -> list[str]:
-    """llguidance's general slices and the shorter JSON-string slices (masks are the same either way)."""
+def token_slices(string_lengths: Sequence[int] = EXTRA_STRING_SLICE_LENGTHS) -> list[str]:
+    """llguidance's general slices and JSON-string slices of at most each of `string_lengths`
+    characters (masks are the same with any slices; only their cost changes)."""
     general = llguidance.LLTokenizer.general_slices()
-    extra = [f"{JSON_STRING_CHAR}{{1,{n}}}" for n in EXTRA_STRING_SLICE_LENGTHS]
+    extra = [f"{JSON_STRING_CHAR}{{1,{n}}}" for n in string_lengths]
     return [*general, *(s for s in extra if s not in general)]
 
 
