@@ -61,3 +61,44 @@ def test_trees_alternate_and_the_ratio_is_of_their_medians(tmp_path: Path) -> No
     order = ["old-tree", "new-tree", "new-tree", "old-tree", "old-tree", "new-tree"] * 2
     assert paths == [f"{tree}:carried-wheels" for tree in order]
     assert all("--num-requests 256" in line for line in calls.read_text().splitlines()[6:])
+
+
+# The structured W1 summary: each structured run over the plain run before it, by tree.
+STRUCTURED_STAND_IN = """#!/bin/bash
+if [ "$1" = "-" ]; then exec {python} "$@"; fi
+echo "$*" >> "$CALLS"
+pairs=$([ "${{PYTHONPATH%%:*}}" = new-tree ] && echo "0.85, 0.9, 0.8" || echo "0.7, 0.75, 0.65")
+echo "{{\\"engine\\": \\"batchlm-structured-first-pass\\", \\"run\\": -1, \\"output_tok_s\\": 5.0}}"
+echo "{{\\"shape\\": \\"summary\\", \\"structured_over_plain\\": 0.1, \\"structured_over_plain_pairs\\": [$pairs]}}"
+"""
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_structured_workloads_compare_the_trees_by_their_structured_over_plain_pairs(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stand_in = bin_dir / "python3"
+    stand_in.write_text(STRUCTURED_STAND_IN.format(python=sys.executable))
+    stand_in.chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out")}
+    env.update(CALLS=str(calls), ROUNDS="1", PYTHONPATH="carried-wheels")
+    result = subprocess.run(
+        ["bash", "benchmarks/gpu_ab.sh", "old-tree", "new-tree", "w1_structured", "w1_structured_free"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lines = result.stdout.splitlines()
+    assert "[w1_structured round 1 old] 0.7 0.75 0.65" in lines
+    assert "[w1_structured round 1 new] 0.85 0.9 0.8" in lines
+    for workload in ("w1_structured", "w1_structured_free"):
+        assert (
+            f"[{workload}] median of 3 / 3 runs: old 0.7, new 0.85 structured / plain; new / old 1.2143"
+            in lines
+        )
+    commands = calls.read_text().splitlines()
+    assert len(commands) == 4 and all("--structured" in command for command in commands)
+    assert ["--summary-field free" in command for command in commands] == [False, False, True, True]
