@@ -8,8 +8,9 @@ The model is a random-weight SmolLM2-135M shape (float32). Its tokenizer is our 
 plain words up to the model's 49152 ids (a real-size vocabulary built offline), or --tokenizer's files.
 Mask time: one matcher walks the 10-field schema below (random allowed tokens), each mask timed alone;
 then the 16-row masks of one step (computed together) and their application to [16, V] logits.
-Throughput: 16 requests at once, the constrained ones under the schema, the unconstrained ones with
-max_tokens set to the constrained runs' mean length. Prints one JSON line per run and a summary of medians.
+Throughput: 16 requests at once, the constrained ones under the schema; each unconstrained request
+generates as many tokens as its counterpart did in the constrained run before it. Prints one JSON line
+per run and a summary of medians.
 """
 
 from __future__ import annotations
@@ -170,19 +171,25 @@ def time_throughput(model_dir: Path, args: argparse.Namespace) -> list[dict[str,
     )
     llm.generate([[0, 5, 6]] * 2, constrained)  # warm-up, grammar backend built
     results: list[dict[str, Any]] = []
-    mean_len = args.max_tokens
+    # Each unconstrained request is as long as its counterpart in the constrained run before it, so
+    # both runs drain the batch alike: constrained outputs end where their JSON does, and a run of
+    # equal lengths would keep all rows busy to the end where the constrained run's batch thins out.
+    lengths_to_match = [args.max_tokens] * args.concurrency
     for run in range(args.runs):
         for kind in ("structured", "plain"):
             prompts = [
                 [rng.randrange(16, vocab) for _ in range(args.input_len)] for _ in range(args.concurrency)
             ]
-            plain = SamplingParams(temperature=1.0, max_tokens=mean_len, ignore_eos=True, detokenize=False)
+            plain = [
+                SamplingParams(temperature=1.0, max_tokens=length, ignore_eos=True, detokenize=False)
+                for length in lengths_to_match
+            ]
             started = time.perf_counter()
             outputs = llm.generate(prompts, constrained if kind == "structured" else plain)
             elapsed = time.perf_counter() - started
             lengths = [len(o.outputs[0].token_ids) for o in outputs]
             if kind == "structured":
-                mean_len = max(1, round(statistics.mean(lengths)))
+                lengths_to_match = lengths
             results.append({"run": run, "kind": kind, "elapsed_s": round(elapsed, 3), "output_tokens": sum(lengths),
                             "output_tok_s": round(sum(lengths) / elapsed, 1)})  # fmt: skip
             print(json.dumps(results[-1]), flush=True)
