@@ -24,7 +24,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mlx_vs_mlx_lm_server import pad_tokenizer_vocab
+from grammar_host_step import tokenizer_dir
 from structured_outputs import SUMMARY_FIELDS, long_output_schema
 
 from batchlm.sampling_params import StructuredOutputs
@@ -46,7 +45,6 @@ from batchlm.structured.llguidance_backend import (
     token_slices,
     validated_grammar,
 )
-from batchlm.tokenizer.builder import build_tokenizer
 from batchlm.tokenizer.hf_loading import load_hf_tokenizer
 
 PADDED_VOCAB = 128256
@@ -61,15 +59,6 @@ EXTRA_SLICE_LENGTHS: dict[str, tuple[int, ...]] = {
     "dense": (2, 3, 4, 5, 6, 7, 8, 9, 12, 14, 17, 20, 24, 27),
     "lean": (4, 8, 15, 20),
 }
-
-
-def padded_tokenizer_dir() -> Path:
-    directory = Path(tempfile.gettempdir()) / "batchlm-grammar-fill-tokenizer"
-    if not (directory / "tokenizer.json").exists():
-        directory.mkdir(exist_ok=True)
-        build_tokenizer(directory)
-        pad_tokenizer_vocab(directory / "tokenizer.json", PADDED_VOCAB)
-    return directory
 
 
 def walk(backend: LLGuidanceBackend, spec: StructuredOutputs, rows: int, vocab: int) -> dict[str, Any]:
@@ -171,19 +160,19 @@ def main() -> None:
     )
     args = parser.parse_args()
     started = time.perf_counter()
-    hf = load_hf_tokenizer(args.tokenizer or padded_tokenizer_dir())
+    hf = load_hf_tokenizer(args.tokenizer or tokenizer_dir(PADDED_VOCAB))
     vocab = len(hf) if args.tokenizer else PADDED_VOCAB
     eos = [hf.eos_token_id or 0]
     spec = StructuredOutputs(json=json.dumps(long_output_schema(args.summary_field)))
     print(json.dumps({"tokenizer_s": round(time.perf_counter() - started, 1), "vocab": vocab}), flush=True)
-    # The llguidance tokenizer once, without slices; each run adds the slices asked for.
+    # The llguidance tokenizer once, without slices, to which --probe or the walks add the slices asked for.
     bare = llguidance.hf.from_tokenizer(hf, n_vocab=vocab, eos_token=eos, slices=[])  # type: ignore[arg-type]
     if args.probe:
         print(json.dumps({"slices": args.slices} | probe(bare, args.slices, spec, vocab)), flush=True)
         return
+    tokenizer = bare.with_slices(token_slices(EXTRA_SLICE_LENGTHS[args.slices]))
     for config in args.configs:
         threads, templates = map(int, config.split("x"))
-        tokenizer = bare.with_slices(token_slices(EXTRA_SLICE_LENGTHS[args.slices]))
         backend = LLGuidanceBackend(tokenizer, eos, threads, batched_accept=True)
         backend.templates_per_grammar = templates
         result = walk(backend, spec, args.rows, vocab)
