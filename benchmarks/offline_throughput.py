@@ -32,6 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from host_contention import BUSY_KINDS, busy_processes, pin_calling_thread_apart
 from model_shapes import SHAPES, write_config_only, write_random_weights
 from structured_outputs import SUMMARY_FIELDS, long_output_schema, override_grammar_settings
 from throughput_floor import workload_floor
@@ -114,6 +115,8 @@ def run_batchlm(args: argparse.Namespace, model_dir: Path, prompts: list[list[in
         print(json.dumps(result), flush=True)
         return result
 
+    if args.pin_engine_thread is not None:
+        print(json.dumps({"pinned": pin_calling_thread_apart(args.pin_engine_thread)}), flush=True)
     results = []
     if args.structured:
         # The schema's first pass over the whole batch, reported apart from the medians: llguidance
@@ -122,6 +125,10 @@ def run_batchlm(args: argparse.Namespace, model_dir: Path, prompts: list[list[in
         results.append(timed_run(-1, "batchlm-structured-first-pass", kinds["structured"]))
     for run, kind in ((run, kind) for run in range(args.runs) for kind in kinds):
         results.append(timed_run(run, "batchlm" if kind == "plain" else "batchlm-structured", kinds[kind]))
+    if args.busy_processes:
+        with busy_processes(args.busy_processes, args.busy_kind):
+            for run in range(args.runs):
+                results.append(timed_run(run, "batchlm-beside-busy-cores", kinds["plain"]))
     return results
 
 
@@ -228,6 +235,21 @@ def main() -> None:
         help="with --structured: Python's GIL switch interval once constrained requests run "
         "(default: the engine's)",
     )
+    parser.add_argument(
+        "--pin-engine-thread",
+        type=int,
+        default=None,
+        metavar="CORE",
+        help="after the warm-up, the engine thread on this core alone and the process's other threads off it",
+    )
+    parser.add_argument(
+        "--busy-processes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="then also time plain runs while N processes keep other cores busy (batchlm-beside-busy-cores)",
+    )
+    parser.add_argument("--busy-kind", choices=sorted(BUSY_KINDS), default="spin", help="what they do")
     parser.add_argument("--model-dir", type=Path, default=None, help="where to write/reuse the random model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--speculative", choices=["auto", "off", "ngram"], default="auto")

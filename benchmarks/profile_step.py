@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from host_contention import BUSY_KINDS, busy_processes, threads_cpu_seconds
 from model_shapes import dummy_llm
 from offline_throughput import make_prompts
 from structured_outputs import SUMMARY_FIELDS, long_output_schema, override_grammar_settings
@@ -36,12 +37,16 @@ TIMES: dict[tuple[str, str], float] = collections.defaultdict(float)
 STEPS: dict[str, int] = collections.defaultdict(int)
 # (seconds, phase, number of the step last scheduled) of every timed call, for --worst.
 CALLS: list[tuple[float, str, int]] = []
+# (phase, kind) -> CPU seconds of the calling thread in that phase: below the wall time when the thread
+# waited (for the GIL, a lock, the device) or was descheduled, equal when it ran all along.
+CPU_TIMES: dict[tuple[str, str], float] = collections.defaultdict(float)
 CURRENT = {"kind": "mixed"}
 
 
-def record(name: str, seconds: float) -> None:
+def record(name: str, seconds: float, cpu_seconds: float) -> None:
     """One timed call of a phase, charged to the kind of step last scheduled."""
     TIMES[name, CURRENT["kind"]] += seconds
+    CPU_TIMES[name, CURRENT["kind"]] += cpu_seconds
     CALLS.append((seconds, name, sum(STEPS.values())))
 
 
@@ -49,11 +54,11 @@ def timed(name: str, fn: Any, sync: bool = False) -> Any:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if sync:
             torch.cuda.synchronize()
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.thread_time()
         result = fn(*args, **kwargs)
         if sync:
             torch.cuda.synchronize()
-        record(name, time.perf_counter() - started)
+        record(name, time.perf_counter() - started, time.thread_time() - cpu_started)
         return result
 
     return wrapper
@@ -63,12 +68,12 @@ def timed_schedule(fn: Any) -> Any:
     """Times schedule() and notes what kind of step it produced (the phases after it are charged to it)."""
 
     def wrapper() -> Any:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.thread_time()
         scheduled = fn()
         if scheduled.chunks:
             CURRENT["kind"] = "decode" if all(len(c.token_ids) == 1 for c in scheduled.chunks) else "mixed"
             STEPS[CURRENT["kind"]] += 1
-        record("schedule", time.perf_counter() - started)
+        record("schedule", time.perf_counter() - started, time.thread_time() - cpu_started)
         return scheduled
 
     return wrapper
@@ -198,6 +203,7 @@ def instrument(llm: Any, sync: bool) -> StepEvents | None:
     PendingStepOutput.result = timed("wait tokens", PendingStepOutput.result)  # type: ignore[method-assign]
     runner._resolve_outputs = timed("resolve", runner._resolve_outputs)
     instrument_grammar(runner.grammars)
+    instrument_step_masks(runner)
     llm_module.OutputProcessor.process = timed("process", llm_module.OutputProcessor.process)  # type: ignore[method-assign]
     if not torch.cuda.is_available():
         return None
@@ -207,6 +213,18 @@ def instrument(llm: Any, sync: bool) -> StepEvents | None:
     runner.execute_async = events.wrap_launch(runner.execute_async)
     runner._sample = events.wrap_sample(runner._sample)
     return events
+
+
+def instrument_step_masks(runner: Any) -> None:
+    """The engine thread's own structured-output work, nested in the phases above: the runner's
+    StepMasks calls (their waits are timed apart as well) and applying the masks to the logits."""
+    import batchlm.sampling.sampler as sampler_module
+
+    masks = runner.masks
+    masks.start = timed("  masks: start", masks.start)
+    masks.result = timed("  masks: result", masks.result)
+    masks.prefetch = timed("  masks: prefetch", masks.prefetch)
+    sampler_module.apply_grammar_masks = timed("  masks: applied", sampler_module.apply_grammar_masks)
 
 
 def instrument_grammar(grammars: Any) -> None:
@@ -291,6 +309,14 @@ def main() -> None:
     )
     parser.add_argument("--sync", action="store_true", help="synchronize around each phase (exact GPU split)")
     parser.add_argument(
+        "--busy-processes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N processes keep other cores busy during the measured pass (see --busy-kind)",
+    )
+    parser.add_argument("--busy-kind", choices=sorted(BUSY_KINDS), default="spin")
+    parser.add_argument(
         "--worst", type=int, default=0, help="also list the N slowest phase calls and the N longest idle gaps"
     )
     args = parser.parse_args()
@@ -326,10 +352,14 @@ def main() -> None:
     CALLS.clear()
     pauses = GcPauses()
     core = llm.engine_core
-    started = time.perf_counter()
-    steps_before = core.num_steps
-    llm.generate(prompts, params)
-    elapsed = time.perf_counter() - started
+    with busy_processes(args.busy_processes, args.busy_kind):
+        threads_before = threads_cpu_seconds()
+        started = time.perf_counter()
+        steps_before = core.num_steps
+        llm.generate(prompts, params)
+        elapsed = time.perf_counter() - started
+        threads_cpu = threads_cpu_seconds()
+        threads_cpu.subtract(threads_before)
     steps = core.num_steps - steps_before
     mode = "on" if core.async_scheduling else "off"
     print(
@@ -339,13 +369,22 @@ def main() -> None:
         if not STEPS[kind]:
             continue
         phases = {name: total for (name, step_kind), total in TIMES.items() if step_kind == kind}
-        print(f"host time per {kind} step ({STEPS[kind]} steps; mixed = with prefill chunks):")
+        print(f"host time per {kind} step ({STEPS[kind]} steps; mixed = with prefill chunks), wall and")
+        print("the calling thread's CPU time (lower when it waited or was descheduled):")
         for name, total in sorted(phases.items(), key=lambda kv: -kv[1]):
-            print(f"  {name:12s} {1000 * total / STEPS[kind]:7.3f} ms")
+            cpu = CPU_TIMES.get((name, kind))
+            cpu_column = f" {1000 * cpu / STEPS[kind]:7.3f} ms cpu" if cpu is not None else ""
+            print(f"  {name:12s} {1000 * total / STEPS[kind]:7.3f} ms{cpu_column}")
     if events is not None:
         figures = events.report()
         print("device, decode-only steps:", " ".join(f"{k}={v:.3f}" for k, v in figures.items()))
     print("garbage collections:", pauses.summary() or "none")
+    busy = [(name, seconds) for name, seconds in threads_cpu.most_common() if seconds > 0]
+    print(
+        f"CPU time of this process's threads over the pass, by name ({sum(threads_cpu.values()):.2f} s in all; "
+        f"cores busy on average: {sum(threads_cpu.values()) / elapsed:.2f}):"
+    )
+    print("  " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in busy))
     if args.worst:
         # Waits and worker phases overlap the device by design; the rest is the host's own work.
         own = [call for call in CALLS if "wait" not in call[1] and "worker" not in call[1]]
