@@ -234,7 +234,7 @@ def run_pass(
         timings["engine_work"].append(1e3 * busy_python(args.engine_python_ms / 1e3))
         prefetched = masks._prefetched
         assert prefetched is not None
-        prefetched.result()
+        prefetched.future.result()
         timings["ready"].append(1e3 * (time.perf_counter() - landing.landed_at))
         for tokens, position, token in zip(lists, landing.positions, landing._tokens, strict=True):
             tokens[position] = token

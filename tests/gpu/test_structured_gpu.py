@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from batchlm import LLM, SamplingParams
+from batchlm.runner.host_flag import stream_flag
 from batchlm.sampling.grammar_mask import STAGING_SLOTS, BitmaskStaging, apply_grammar_masks
 from batchlm.sampling_params import StructuredOutputs
 from batchlm.structured.sequences import GrammarMasks
@@ -127,3 +128,24 @@ def test_cuda_deferred_sampling_gives_the_tokens_of_the_synchronous_engine(
     }
     assert engines["on"].engine_core.async_scheduling
     assert tokens["on"] == tokens["off"]
+    # Most constrained steps were sampled behind the stream's wait for their masks.
+    assert engines["on"].engine_core.executor.masks.steps_handed_to_device > 10
+
+
+def test_the_stream_waits_for_the_host_flag_and_then_reads_what_the_host_wrote() -> None:
+    flag = stream_flag(torch.device("cuda"))
+    assert flag is not None, "the driver takes 32-bit stream waits"
+    source = torch.zeros(4, dtype=torch.int32, pin_memory=True)
+    try:
+        flag.wait_on_device(1)
+        copied = source.to("cuda", non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        assert not done.query(), "the copy is held behind the wait"
+        source[:] = 7  # written after the copy was queued, before the release
+    finally:
+        flag.release(1)  # never leave the stream blocked for the tests after this one
+    done.synchronize()
+    assert copied.tolist() == [7, 7, 7, 7]
+    flag.wait_on_device(1)  # a ticket already released: nothing waits
+    torch.cuda.synchronize()

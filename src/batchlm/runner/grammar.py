@@ -3,6 +3,7 @@ they are, and when each step's masks are computed."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from batchlm.config import EngineConfig
+from batchlm.runner.host_flag import StreamFlag
 from batchlm.runner.step_output import PendingStepOutput
 from batchlm.sampling.sampler import Sampler
 from batchlm.structured.factory import backend_factory
@@ -85,6 +87,24 @@ def merge_masks(
     return GrammarMasks(batch_rows, gathered)
 
 
+@dataclass
+class PrefetchJob:
+    """Masks being computed ahead of a step on the mask worker, and what the engine thread knows of
+    them without waiting."""
+
+    future: Future[PrefetchedMasks]
+    # The sequences in mask-row order, and where each one's token lands.
+    request_ids: tuple[str, ...]
+    positions: tuple[int, ...]
+    # Where the worker writes them: [len(request_ids), words] int32 (pinned on a GPU).
+    bitmask: np.ndarray
+    # The flag value the worker releases once `bitmask` is written (0: no flag).
+    ticket: int
+    # Every sequence is advanced through its sampled token, so row i is request_ids[i]'s mask: known
+    # from the job before it (the same sequences, each one token on) or seen in this job's result.
+    complete: bool
+
+
 @dataclass(frozen=True)
 class StartedMasks:
     """A step's masks as they stood before its forward pass."""
@@ -93,19 +113,35 @@ class StartedMasks:
     rows: list[tuple[int, str]]
     # Started now, the rows' tokens being known; or prefetched by the previous step.
     started: Future[GrammarMasks] | None
-    prefetched: Future[PrefetchedMasks] | None
+    prefetched: PrefetchJob | None
+
+    @property
+    def request_ids(self) -> tuple[str, ...]:
+        return tuple(request_id for _, request_id in self.rows)
 
 
 class StepMasks:
     """When a step's grammar masks are computed, so they overlap the forward pass: started before it
     when the rows' tokens are known; under async scheduling, prefetched by the previous step as soon
     as its tokens land (`ConstrainedSequences.prefetch_masks`); the rows neither covers, after
-    waiting for their tokens."""
+    waiting for their tokens.
 
-    def __init__(self, sequences: ConstrainedSequences, buffer: MaskBuffer) -> None:
+    With a stream flag (a GPU), a step whose masks are a complete prefetch of the same sequences is
+    sampled without the engine thread waiting for them: its mask upload and sampling are queued behind
+    a wait on the flag, which the worker releases once the masks are written."""
+
+    def __init__(
+        self, sequences: ConstrainedSequences, buffer: MaskBuffer, flag: StreamFlag | None = None
+    ) -> None:
         self.sequences = sequences
         self._buffer = buffer
-        self._prefetched: Future[PrefetchedMasks] | None = None
+        self._flag = flag
+        self._prefetched: PrefetchJob | None = None
+        self._last_ticket = 0
+        # Jobs whose masks the device waits for, not yet seen to finish (their failures raise later).
+        self._handed_to_device: list[PrefetchJob] = []
+        # Steps sampled behind the flag so far.
+        self.steps_handed_to_device = 0
 
     def start(self, request_ids: tuple[str, ...]) -> StartedMasks:
         """Before the forward pass. Takes the previous step's prefetch, if any."""
@@ -113,12 +149,27 @@ class StepMasks:
         prefetched, self._prefetched = self._prefetched, None
         started = None
         if rows and prefetched is None and self.sequences.tokens_known([rid for _, rid in rows]):
+            self.settle()  # the matchers must be the worker's no longer
             started = self.sequences.start_masks(rows)
         return StartedMasks(rows, started, prefetched)
 
     def result(self, step: StartedMasks, wait_for_tokens: Callable[[], None]) -> GrammarMasks | None:
-        """The step's masks; `wait_for_tokens` makes every launched step's tokens real."""
-        ahead = step.prefetched.result() if step.prefetched is not None else None  # before any matcher
+        """The step's masks; `wait_for_tokens` makes every launched step's tokens real. With a flag and
+        a complete prefetch, the masks' buffer as the worker will fill it, behind a wait queued on the
+        device's stream."""
+        job = step.prefetched
+        flag = self._flag
+        if flag is not None and job is not None and job.complete and job.request_ids == step.request_ids:
+            flag.wait_on_device(job.ticket)
+            self._handed_to_device.append(job)
+            self.steps_handed_to_device += 1
+            self._check_finished()
+            batch_rows = tuple(row for row, _ in step.rows)
+            return GrammarMasks(batch_rows, job.bitmask, written_later=not flag.waits_on_host)
+        self.settle()  # before any matcher
+        ahead = job.future.result() if job is not None else None
+        if job is not None and ahead is not None:
+            job.complete = ahead.complete
         if not step.rows:
             return None
         if step.started is not None:
@@ -135,4 +186,38 @@ class StepMasks:
         """After the step's sampling is queued: the next step's masks, computed once its tokens land."""
         constrained = sampled_rows(step.rows, pending.positions)
         buffer = self._buffer(len(constrained.rows))
-        self._prefetched = self.sequences.prefetch_masks(constrained, pending.peek_token_ids, buffer)
+        request_ids = tuple(constrained.request_ids)
+        positions = tuple(constrained.positions)
+        before = step.prefetched
+        complete = (
+            before is not None
+            and before.complete
+            and before.request_ids == request_ids
+            and all(now == then + 1 for now, then in zip(positions, before.positions, strict=True))
+            and self.sequences.holds_all(request_ids)
+        )
+        ticket, written = 0, None
+        if self._flag is not None:
+            self._last_ticket = ticket = self._last_ticket + 1
+            written = functools.partial(self._flag.release, ticket)
+        future = self.sequences.prefetch_masks(constrained, pending.peek_token_ids, buffer, written)
+        bitmask = buffer[: len(request_ids)]
+        self._prefetched = PrefetchJob(future, request_ids, positions, bitmask, ticket, complete)
+
+    def settle(self) -> None:
+        """Wait for every job handed to the device, raising the first failure."""
+        handed, self._handed_to_device = self._handed_to_device, []
+        for job in handed:
+            _check_complete(job)
+
+    def _check_finished(self) -> None:
+        """Raise the failure of any job handed to the device that has finished, without waiting."""
+        while self._handed_to_device and self._handed_to_device[0].future.done():
+            _check_complete(self._handed_to_device.pop(0))
+
+
+def _check_complete(job: PrefetchJob) -> None:
+    """A job whose masks the device used: it must have finished well and advanced every sequence."""
+    masks = job.future.result()  # the job's own failure, if it failed
+    if not masks.complete:
+        raise RuntimeError("the device used grammar masks of a prefetch that did not advance every sequence")

@@ -25,6 +25,7 @@ from batchlm.runner.fused_decode import MAX_VERIFY_ROWS, FusedDecode, build_fuse
 from batchlm.runner.gpu_startup import GpuStartup
 from batchlm.runner.grammar import MaskBuffers, StepMasks, constrained_sequences
 from batchlm.runner.heap import trim_heap
+from batchlm.runner.host_flag import stream_flag
 from batchlm.runner.inputs import StepInputBuilder, StepInputs
 from batchlm.runner.kv_cache import (
     allocate_kv_caches,
@@ -127,7 +128,9 @@ class ModelRunner:
         self.grammars = constrained_sequences(
             config, model_dir, self.shape.vocab_size, on_accelerator=self.device.type != "cpu"
         )
-        self.masks = StepMasks(self.grammars, MaskBuffers(self.sampler, self.grammars))
+        self.masks = StepMasks(
+            self.grammars, MaskBuffers(self.sampler, self.grammars), stream_flag(self.device)
+        )
         # The last step's sampled tokens (fill the next step's placeholders) and outputs not yet read.
         self._previous: PreviousTokens | None = None
         self._unresolved: list[PendingStepOutput] = []

@@ -42,11 +42,14 @@ class BitmaskStaging:
             self._uploaded[slot] = None
         return self._buffers[slot][:rows].numpy()
 
-    def upload(self, bitmask: np.ndarray) -> torch.Tensor:
-        """bitmask [R, words] int32 -> the same on the device, queued without blocking the host."""
+    def upload(self, bitmask: np.ndarray, in_place: bool = False) -> torch.Tensor:
+        """bitmask [R, words] int32 -> the same on the device, queued without blocking the host.
+        in_place: the bitmask is not written yet, so it must be one of the ring's buffers (no copy)."""
         rows = bitmask.shape[0]
         slot = self._slot_of(bitmask)
         if slot is None:
+            if in_place:
+                raise RuntimeError("masks still being written must be in the pinned ring to be uploaded")
             staged = self.buffer(rows)
             np.copyto(staged, bitmask)
             slot = self._slot_of(staged)
@@ -99,6 +102,7 @@ def apply_grammar_masks(
     assert masks_in_place(logits), f"{logits.dtype} logits on {logits.device} take no masks in place"
     vocab_size = logits.shape[1]
     if logits.device.type == "cpu":
+        assert not masks.written_later, "a CPU engine reads its masks once they are written"
         # numpy's single pass per row: torch's masked_fill on the CPU spends more in threading than work.
         forbidden = forbidden_on_host(masks.bitmask, vocab_size)
         values = logits.numpy()
@@ -107,7 +111,7 @@ def apply_grammar_masks(
         return
     if staging is None:
         staging = BitmaskStaging(logits.device, masks.bitmask.shape[1])
-    words = staging.upload(masks.bitmask)  # [R, W] int32 on the device
+    words = staging.upload(masks.bitmask, in_place=masks.written_later)  # [R, W] int32 on the device
     all_rows = len(masks.rows) == logits.shape[0]
     rows = None if all_rows else _rows_on_device(masks.rows, logits.device)
     if _bitmask_kernel_fits(logits):

@@ -3,6 +3,7 @@ output tokens, and each step's bitmask computed on a worker thread while the mod
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -28,6 +29,9 @@ class GrammarMasks:
     rows: tuple[int, ...]
     # [len(rows), words] int32: bit t % 32 of word t // 32 set when token t is allowed.
     bitmask: np.ndarray
+    # The mask worker writes bitmask later, and the device's stream waits for it: only a copy queued
+    # on the stream (from the pinned buffer itself) may read it.
+    written_later: bool = False
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,8 @@ class PrefetchedMasks:
     index: dict[str, int]
     # [len(index), words] int32, the same layout as GrammarMasks.bitmask.
     bitmask: np.ndarray
+    # Every sequence was advanced through its sampled token, so mask row i is sequence i's.
+    complete: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,14 @@ class SampledRows:
             [self.rows[i] for i in kept],
             [self.positions[i] for i in kept],
         )
+
+
+def _then(job: Callable[..., T], written: Callable[[], None], *args: object) -> T:
+    """Run a mask job, then say so (also when it fails: a device may be waiting for it)."""
+    try:
+        return job(*args)
+    finally:
+        written()
 
 
 def advance(backend: GrammarBackend, matchers: list[GrammarMatcher], new_tokens: list[list[int]]) -> None:
@@ -163,6 +177,11 @@ class ConstrainedSequences:
         assert self._backend is not None
         return self._backend.bitmask_words
 
+    def holds_all(self, request_ids: Sequence[str]) -> bool:
+        """Whether every one of these sequences is still here (none dropped)."""
+        known = self._sequences
+        return all(request_id in known for request_id in request_ids)
+
     def tokens_known(self, request_ids: Sequence[str]) -> bool:
         """True when none of these sequences waits for a token still being sampled."""
         for request_id in request_ids:
@@ -202,11 +221,13 @@ class ConstrainedSequences:
         sampled_rows: SampledRows,
         sampled: Callable[[], Sequence[int] | None],
         out: np.ndarray,
+        written: Callable[[], None] | None = None,
     ) -> Future[PrefetchedMasks]:
         """Compute the next step's masks for these sequences on the worker thread, as soon as
         `sampled()` (called there; it waits for the launched step) gives the step's token ids, so that
         the masks overlap the host's scheduling and the device's next forward pass instead of
-        following them. out: [>= rows, words] int32 to fill (pinned memory on a GPU).
+        following them. out: [>= rows, words] int32 to fill (pinned memory on a GPU). written: called
+        on the worker thread once `out` holds the masks, or once the job has failed.
 
         Until the result is read, no other method may be called for these sequences."""
         assert self._backend is not None
@@ -215,7 +236,10 @@ class ConstrainedSequences:
         sequences = [seq for seq in found if seq is not None]
         if len(sequences) < len(found):  # dropped since the step was launched
             sampled_rows = sampled_rows.only([i for i, seq in enumerate(found) if seq is not None])
-        return self._submit(self._prefetch, self._backend, sampled_rows, sequences, sampled, out)
+        job = self._prefetch
+        if written is not None:
+            job = functools.partial(_then, self._prefetch, written)
+        return self._submit(job, self._backend, sampled_rows, sequences, sampled, out)
 
     def _prefetch(
         self,
@@ -249,7 +273,7 @@ class ConstrainedSequences:
         bitmask = out[: len(matchers)]
         if matchers:
             backend.fill_bitmasks(matchers, bitmask)
-        return PrefetchedMasks(index, bitmask)
+        return PrefetchedMasks(index, bitmask, complete=len(matchers) == len(sequences))
 
     def _prefetch_one_each(
         self,
@@ -272,7 +296,7 @@ class ConstrainedSequences:
         bitmask = out[: len(sequences)]
         if sequences:
             batch.matchers.fill(bitmask)
-        return PrefetchedMasks(batch.index, bitmask)
+        return PrefetchedMasks(batch.index, bitmask, complete=True)
 
     def _submit(self, job: Callable[..., T], *args: object) -> Future[T]:
         """Run a mask job on the one worker thread (jobs run in submission order)."""

@@ -1,0 +1,167 @@
+"""Grammar masks handed to the device: once a prefetch is known to advance every sequence of the next
+step by its one token, the engine thread queues the step's sampling behind a flag the mask worker
+releases, instead of waiting for the masks. A ThreadFlag stands in for the CUDA stream here: its wait
+blocks the caller until the release, as the stream would."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import numpy as np
+import pytest
+
+import batchlm.runner.model_runner as model_runner_module
+from batchlm import LLM, SamplingParams
+from batchlm.core.step_io import PLACEHOLDER_TOKEN_ID
+from batchlm.runner.grammar import StepMasks
+from batchlm.runner.host_flag import ThreadFlag
+from batchlm.sampling_params import StructuredOutputs
+from batchlm.structured.llguidance_backend import LLGuidanceBackend
+from batchlm.structured.sequences import ConstrainedSequences, SampledRows
+
+EOS = (1, 3)
+SPEC = StructuredOutputs(regex="[a-z]{1,80}")
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_tokenizer) -> LLGuidanceBackend:
+    return LLGuidanceBackend.from_hf(tiny_tokenizer.hf, 2080, EOS)
+
+
+class CountingFlag(ThreadFlag):
+    def __init__(self) -> None:
+        super().__init__()
+        self.waited: list[int] = []
+
+    def wait_on_device(self, ticket: int) -> None:
+        self.waited.append(ticket)
+        super().wait_on_device(ticket)
+
+
+class LandingStep:
+    """A launched step's tokens as the runner's PendingStepOutput shows them: a placeholder appended
+    to each sampled sequence now, the token ids readable by the worker, written in by land()."""
+
+    def __init__(self, lists: list[list[int]], tokens: list[int]) -> None:
+        self._lists, self._tokens = lists, tokens
+        self.positions = tuple(len(tokens_so_far) for tokens_so_far in lists)
+        for tokens_so_far in lists:
+            tokens_so_far.append(PLACEHOLDER_TOKEN_ID)
+
+    def peek_token_ids(self) -> list[int]:
+        return list(self._tokens)
+
+    def land(self) -> None:
+        for tokens_so_far, position, token in zip(self._lists, self.positions, self._tokens, strict=True):
+            tokens_so_far[position] = token
+
+
+def expected_mask(backend: LLGuidanceBackend, spec: StructuredOutputs, tokens: list[int]) -> np.ndarray:
+    matcher, row = backend.matcher(spec), np.empty(backend.bitmask_words, dtype=np.int32)
+    for token in tokens:
+        assert matcher.accept(token)
+    matcher.fill_bitmask(row)
+    return row
+
+
+def test_steady_steps_hand_their_masks_to_the_device_and_changes_wait_on_the_host(
+    backend, tiny_tokenizer
+) -> None:
+    letter = {c: tiny_tokenizer.encode(c, add_special_tokens=False)[0] for c in "abc"}
+    # Each sequence spells its own cycle, so each one's mask tells it from the others.
+    cycles = {"r0": "abc", "r1": "bca", "r2": "cab"}
+    specs = {rid: StructuredOutputs(regex=f"({cycle}){{1,40}}") for rid, cycle in cycles.items()}
+    sequences = ConstrainedSequences(lambda eos: backend)
+    flag = CountingFlag()
+    masks = StepMasks(sequences, lambda rows: np.empty((rows, backend.bitmask_words), dtype=np.int32), flag)
+    request_ids = ("r0", "r1", "r2")
+    lists: dict[str, list[int]] = {rid: [] for rid in request_ids}
+    for request_id, tokens in lists.items():
+        sequences.add(request_id, specs[request_id], tokens, EOS)
+    waits_by_step = []
+
+    for number in range(6):
+        if number == 4:  # r1 leaves: the batch changes, so the host takes the masks again
+            sequences.drop(["r1"])
+            request_ids = ("r0", "r2")
+        started = masks.start(request_ids)
+        grammar = masks.result(started, lambda: None)
+        assert grammar is not None
+        waits_by_step.append(len(flag.waited))
+        for row, rid in enumerate(request_ids):
+            expected = expected_mask(backend, specs[rid], lists[rid])
+            assert np.array_equal(grammar.bitmask[row], expected), (number, rid)
+        rows = [lists[rid] for rid in request_ids]
+        sampled = [letter[cycles[rid][len(lists[rid]) % 3]] for rid in request_ids]
+        landing = LandingStep(rows, sampled)
+        masks.prefetch(started, landing)  # type: ignore[arg-type]
+        landing.land()
+    # Computed at once, then a prefetch seen to be complete, then complete by induction: the device.
+    assert waits_by_step == [0, 0, 1, 2, 2, 2]
+    last = masks.result(masks.start(request_ids), lambda: None)  # the sixth prefetch, by the device too
+    assert last is not None and len(flag.waited) == 3
+    for row, rid in enumerate(request_ids):
+        assert np.array_equal(last.bitmask[row], expected_mask(backend, specs[rid], lists[rid]))
+    masks.settle()
+    assert flag.value == 6, "every prefetch released its own ticket"
+    sequences.close()
+
+
+def test_a_failed_prefetch_releases_its_flag_and_fails_the_next_settle(backend) -> None:
+    sequences = ConstrainedSequences(lambda eos: backend)
+    flag = ThreadFlag()
+    tokens: list[int] = []
+    sequences.add("r0", SPEC, tokens, EOS)
+
+    def lost() -> list[int]:
+        raise RuntimeError("the device is gone")
+
+    out = np.empty((1, backend.bitmask_words), dtype=np.int32)
+    future = sequences.prefetch_masks(SampledRows(["r0"], [0], [0]), lost, out, lambda: flag.release(7))
+    assert isinstance(future.exception(), RuntimeError)
+    assert flag.value == 7, "a device waiting for the failed job must not wait forever"
+    sequences.close()
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "level": {"type": "integer", "minimum": 1, "maximum": 5},
+        "tags": {"type": "array", "items": {"enum": ["x", "y"]}, "maxItems": 3},
+    },
+    "required": ["name", "level", "tags"],
+    "additionalProperties": False,
+}
+
+
+def test_an_engine_handing_masks_to_its_stream_samples_the_tokens_of_one_that_waits(
+    tiny_model_dir, monkeypatch
+) -> None:
+    """The async CPU engine with a flag gives the tokens of the synchronous engine, constrained rows
+    (greedy and seeded) valid and unconstrained ones beside them unchanged, with most steps' masks
+    handed over."""
+    model_dir = tiny_model_dir("llama")
+    spec = StructuredOutputs(json=json.dumps(SCHEMA))
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=80, structured_outputs=spec),
+        SamplingParams(temperature=1.0, seed=3, max_tokens=80, structured_outputs=spec),
+        SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True),
+        SamplingParams(temperature=1.0, seed=4, max_tokens=80, structured_outputs=spec),
+    ]
+    prompts = ["Describe a player:", "JSON:", "plain text", "another one"]
+    reference = LLM(model=str(model_dir), device="cpu").generate(prompts, params)
+    flags: list[CountingFlag] = []
+    monkeypatch.setattr(
+        model_runner_module, "stream_flag", lambda device: flags.append(CountingFlag()) or flags[-1]
+    )
+    handing = LLM(model=str(model_dir), device="cpu", async_scheduling="on")
+    assert handing.engine_core.async_scheduling
+    outputs = handing.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in reference]
+    for index in (0, 1, 3):
+        jsonschema.validate(json.loads(outputs[index].outputs[0].text), SCHEMA)
+    steps = max(len(o.outputs[0].token_ids) for o in outputs)
+    assert len(flags) == 1 and len(flags[0].waited) >= steps // 2, (len(flags[0].waited), steps)
+    assert handing.engine_core.executor.masks.steps_handed_to_device == len(flags[0].waited)
