@@ -38,6 +38,7 @@ from structured_outputs import SUMMARY_FIELDS, long_output_schema, override_gram
 
 from batchlm.core.step_io import PLACEHOLDER_TOKEN_ID
 from batchlm.runner.grammar import StepMasks
+from batchlm.runner.host_flag import ThreadFlag
 from batchlm.sampling_params import StructuredOutputs
 from batchlm.structured.llguidance_backend import LLGuidanceBackend
 from batchlm.structured.sequences import ConstrainedSequences
@@ -155,6 +156,11 @@ def main() -> None:
         help="the schema's last, long text field has minLength 4000 or no bound",
     )
     parser.add_argument(
+        "--hand-to-device",
+        action="store_true",
+        help="give StepMasks a flag, as on a GPU, so steady steps take the masks without waiting for them",
+    )
+    parser.add_argument(
         "--passes",
         type=int,
         default=1,
@@ -189,6 +195,7 @@ def main() -> None:
                     "mask_threads": threads,
                     "accept": "batched" if batched else "one at a time",
                     "engine_python_ms": args.engine_python_ms,
+                    "hand_to_device": args.hand_to_device,
                     "switch_interval_ms": round(sys.getswitchinterval() * 1e3, 3),
                     # That fixed work's wall time beside the worker: more than engine_python_ms by
                     # what the worker took from the engine thread (the GIL, or the core).
@@ -217,7 +224,8 @@ def run_pass(
     lists: list[list[int]] = [[] for _ in request_ids]
     for request_id, tokens in zip(request_ids, lists, strict=True):
         sequences.add(request_id, spec, tokens, (0,))
-    masks = StepMasks(sequences, lambda rows: np.empty((rows, words), dtype=np.int32))
+    flag = ThreadFlag() if args.hand_to_device else None
+    masks = StepMasks(sequences, lambda rows: np.empty((rows, words), dtype=np.int32), flag)
     rng = np.random.default_rng(run)
     timings: dict[str, list[float]] = {"engine": [], "ready": [], "engine_work": []}
     for _ in range(args.steps):

@@ -48,6 +48,8 @@ def test_without_prefetched_masks_the_computed_ones_are_the_step_masks() -> None
 
 
 def test_sampled_rows_name_each_rows_position_in_its_sequence() -> None:
-    constrained = sampled_rows([(1, "b"), (3, "d")], positions=(5, 9, 2, 7))
+    constrained = sampled_rows([1, 3], ["b", "d"], positions=(5, 9, 2, 7))
     assert constrained == SampledRows(["b", "d"], [1, 3], [9, 7])
     assert constrained.only([1]) == SampledRows(["d"], [3], [7])
+    every_row = sampled_rows([0, 1], ["a", "b"], positions=(4, 6))
+    assert every_row == SampledRows(["a", "b"], [0, 1], [4, 6])

@@ -4,6 +4,8 @@ they are, and when each step's masks are computed."""
 from __future__ import annotations
 
 import functools
+import itertools
+import operator
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -44,19 +46,25 @@ def constrained_sequences(
     return ConstrainedSequences(backend_factory(config, model_dir, vocab_size, on_accelerator))
 
 
-def constrained_rows(sequences: ConstrainedSequences, request_ids: tuple[str, ...]) -> list[tuple[int, str]]:
-    """(batch row, request id) of the constrained sequences among a step's sampled rows."""
+def constrained_rows(
+    sequences: ConstrainedSequences, request_ids: tuple[str, ...]
+) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """The batch rows and request ids of the constrained sequences among a step's sampled rows."""
     if not len(sequences):
-        return []
-    return [(row, request_id) for row, request_id in enumerate(request_ids) if request_id in sequences]
+        return (), ()
+    rows = sequences.rows_among(request_ids)
+    if len(rows) == len(request_ids):
+        return tuple(rows), request_ids
+    return tuple(rows), tuple(request_ids[row] for row in rows)
 
 
-def sampled_rows(rows: Sequence[tuple[int, str]], positions: Sequence[int]) -> SampledRows:
+def sampled_rows(
+    batch_rows: Sequence[int], request_ids: Sequence[str], positions: Sequence[int]
+) -> SampledRows:
     """The constrained rows of a launched step, with where each row's token lands in its sequence."""
-    batch_rows = [row for row, _ in rows]
-    return SampledRows(
-        [request_id for _, request_id in rows], batch_rows, [positions[row] for row in batch_rows]
-    )
+    if len(batch_rows) == len(positions):  # every sampled row is constrained: rows 0..n-1
+        return SampledRows(list(request_ids), list(batch_rows), list(positions))
+    return SampledRows(list(request_ids), list(batch_rows), [positions[row] for row in batch_rows])
 
 
 def merge_masks(
@@ -109,15 +117,17 @@ class PrefetchJob:
 class StartedMasks:
     """A step's masks as they stood before its forward pass."""
 
-    # (batch row, request id) of the step's constrained rows.
-    rows: list[tuple[int, str]]
+    # The step's constrained rows (ascending) and their request ids.
+    batch_rows: tuple[int, ...]
+    request_ids: tuple[str, ...]
     # Started now, the rows' tokens being known; or prefetched by the previous step.
     started: Future[GrammarMasks] | None
     prefetched: PrefetchJob | None
 
     @property
-    def request_ids(self) -> tuple[str, ...]:
-        return tuple(request_id for _, request_id in self.rows)
+    def rows(self) -> list[tuple[int, str]]:
+        """(batch row, request id) pairs."""
+        return list(zip(self.batch_rows, self.request_ids, strict=True))
 
 
 class StepMasks:
@@ -145,13 +155,13 @@ class StepMasks:
 
     def start(self, request_ids: tuple[str, ...]) -> StartedMasks:
         """Before the forward pass. Takes the previous step's prefetch, if any."""
-        rows = constrained_rows(self.sequences, request_ids)
+        batch_rows, constrained = constrained_rows(self.sequences, request_ids)
         prefetched, self._prefetched = self._prefetched, None
         started = None
-        if rows and prefetched is None and self.sequences.tokens_known([rid for _, rid in rows]):
+        if constrained and prefetched is None and self.sequences.tokens_known(constrained):
             self.settle()  # the matchers must be the worker's no longer
-            started = self.sequences.start_masks(rows)
-        return StartedMasks(rows, started, prefetched)
+            started = self.sequences.start_masks(list(zip(batch_rows, constrained, strict=True)))
+        return StartedMasks(batch_rows, constrained, started, prefetched)
 
     def result(self, step: StartedMasks, wait_for_tokens: Callable[[], None]) -> GrammarMasks | None:
         """The step's masks; `wait_for_tokens` makes every launched step's tokens real. With a flag and
@@ -164,36 +174,36 @@ class StepMasks:
             self._handed_to_device.append(job)
             self.steps_handed_to_device += 1
             self._check_finished()
-            batch_rows = tuple(row for row, _ in step.rows)
-            return GrammarMasks(batch_rows, job.bitmask, written_later=not flag.waits_on_host)
+            return GrammarMasks(step.batch_rows, job.bitmask, written_later=not flag.waits_on_host)
         self.settle()  # before any matcher
         ahead = job.future.result() if job is not None else None
         if job is not None and ahead is not None:
             job.complete = ahead.complete
-        if not step.rows:
+        if not step.request_ids:
             return None
         if step.started is not None:
             return step.started.result()
-        missing = [(row, rid) for row, rid in step.rows if ahead is None or rid not in ahead.index]
+        rows = step.rows
+        missing = [(row, rid) for row, rid in rows if ahead is None or rid not in ahead.index]
         computed = None
         if missing:
             if not self.sequences.tokens_known([rid for _, rid in missing]):
                 wait_for_tokens()  # grammars need real token ids, not placeholders
             computed = self.sequences.start_masks(missing).result()
-        return merge_masks(step.rows, ahead, computed, self._buffer(len(step.rows)))
+        return merge_masks(rows, ahead, computed, self._buffer(len(rows)))
 
     def prefetch(self, step: StartedMasks, pending: PendingStepOutput) -> None:
         """After the step's sampling is queued: the next step's masks, computed once its tokens land."""
-        constrained = sampled_rows(step.rows, pending.positions)
-        buffer = self._buffer(len(constrained.rows))
-        request_ids = tuple(constrained.request_ids)
+        constrained = sampled_rows(step.batch_rows, step.request_ids, pending.positions)
+        request_ids = step.request_ids
+        buffer = self._buffer(len(request_ids))
         positions = tuple(constrained.positions)
         before = step.prefetched
         complete = (
             before is not None
             and before.complete
             and before.request_ids == request_ids
-            and all(now == then + 1 for now, then in zip(positions, before.positions, strict=True))
+            and all(map(operator.eq, positions, map(operator.add, before.positions, itertools.repeat(1))))
             and self.sequences.holds_all(request_ids)
         )
         ticket, written = 0, None

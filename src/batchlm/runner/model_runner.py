@@ -287,7 +287,7 @@ class ModelRunner:
             return PendingStepOutput.ready()
         token_rows = {request_id: row for row, request_id in enumerate(request_ids)}
         forward = LaunchedForward(scheduled, request_ids, token_rows, inputs.has_drafts, logits, masks)
-        if not masks.rows:
+        if not masks.request_ids:
             return self._sample(forward)
         self._deferred = DeferredStepOutput(lambda: self._sample(forward), token_rows)
         return self._deferred
@@ -325,7 +325,7 @@ class ModelRunner:
         self._previous = PreviousTokens(token_ids, forward.token_rows)
         self._unresolved = [p for p in self._unresolved if not p.is_resolved]
         self._unresolved.append(pending)
-        if forward.masks.rows and packed is None and verification is None:
+        if forward.masks.request_ids and packed is None and verification is None:
             self.masks.prefetch(forward.masks, pending)
         return pending
 

@@ -177,6 +177,11 @@ class ConstrainedSequences:
         assert self._backend is not None
         return self._backend.bitmask_words
 
+    def rows_among(self, request_ids: Sequence[str]) -> list[int]:
+        """The indexes of the request ids that are constrained sequences here."""
+        known = self._sequences
+        return [row for row, request_id in enumerate(request_ids) if request_id in known]
+
     def holds_all(self, request_ids: Sequence[str]) -> bool:
         """Whether every one of these sequences is still here (none dropped)."""
         known = self._sequences
