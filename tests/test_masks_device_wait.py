@@ -6,6 +6,7 @@ blocks the caller until the release, as the stream would."""
 from __future__ import annotations
 
 import json
+from concurrent.futures import Future
 
 import jsonschema
 import numpy as np
@@ -14,11 +15,11 @@ import pytest
 import batchlm.runner.model_runner as model_runner_module
 from batchlm import LLM, SamplingParams
 from batchlm.core.step_io import PLACEHOLDER_TOKEN_ID
-from batchlm.runner.grammar import StepMasks
+from batchlm.runner.grammar import PrefetchJob, StartedMasks, StepMasks
 from batchlm.runner.host_flag import ThreadFlag
 from batchlm.sampling_params import StructuredOutputs
 from batchlm.structured.llguidance_backend import LLGuidanceBackend
-from batchlm.structured.sequences import ConstrainedSequences, SampledRows
+from batchlm.structured.sequences import ConstrainedSequences, PrefetchedMasks, SampledRows
 
 EOS = (1, 3)
 SPEC = StructuredOutputs(regex="[a-z]{1,80}")
@@ -165,3 +166,46 @@ def test_an_engine_handing_masks_to_its_stream_samples_the_tokens_of_one_that_wa
     steps = max(len(o.outputs[0].token_ids) for o in outputs)
     assert len(flags) == 1 and len(flags[0].waited) >= steps // 2, (len(flags[0].waited), steps)
     assert handing.engine_core.executor.masks.steps_handed_to_device == len(flags[0].waited)
+
+
+def _handing_masks() -> StepMasks:
+    flag = ThreadFlag()
+    flag.release(1)
+    return StepMasks(ConstrainedSequences(lambda eos: None), lambda rows: np.empty((rows, 2), np.int32), flag)
+
+
+def _hand(masks: StepMasks, future: Future[PrefetchedMasks]) -> np.ndarray:
+    """Hand StepMasks a prefetch of one sequence known to be complete; the bitmask it was given."""
+    bitmask = np.zeros((1, 2), dtype=np.int32)
+    job = PrefetchJob(future, ("r0",), (5,), bitmask, ticket=1, complete=True)
+    grammar = masks.result(StartedMasks((0,), ("r0",), None, job), lambda: None)
+    assert grammar is not None and grammar.bitmask is bitmask
+    return bitmask
+
+
+FAILED = RuntimeError("llguidance failed")
+SKIPPED_ONE = PrefetchedMasks({}, np.zeros((0, 2), dtype=np.int32), complete=False)
+
+
+@pytest.mark.parametrize("outcome", [FAILED, SKIPPED_ONE])
+def test_a_handed_job_that_failed_or_skipped_a_sequence_raises(outcome) -> None:
+    pattern = r"llguidance failed|did not advance every sequence"
+    # Finished before it is handed over: checked at once.
+    finished: Future[PrefetchedMasks] = Future()
+    if isinstance(outcome, BaseException):
+        finished.set_exception(outcome)
+    else:
+        finished.set_result(outcome)
+    with pytest.raises(RuntimeError, match=pattern):
+        _hand(_handing_masks(), finished)
+    # Still running when handed over: checked when the matchers are needed again.
+    masks, running = _handing_masks(), Future()
+    _hand(masks, running)
+    assert masks.steps_handed_to_device == 1
+    if isinstance(outcome, BaseException):
+        running.set_exception(outcome)
+    else:
+        running.set_result(outcome)
+    with pytest.raises(RuntimeError, match=pattern):
+        masks.settle()
+    masks.settle()  # reported once
