@@ -6,6 +6,7 @@ blocks the caller until the release, as the stream would."""
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import Future
 
 import jsonschema
@@ -15,6 +16,7 @@ import pytest
 import batchlm.runner.model_runner as model_runner_module
 from batchlm import LLM, SamplingParams
 from batchlm.core.step_io import PLACEHOLDER_TOKEN_ID
+from batchlm.request import EngineCoreRequest
 from batchlm.runner.grammar import PrefetchJob, StartedMasks, StepMasks
 from batchlm.runner.host_flag import ThreadFlag
 from batchlm.sampling_params import StructuredOutputs
@@ -209,3 +211,49 @@ def test_a_handed_job_that_failed_or_skipped_a_sequence_raises(outcome) -> None:
     with pytest.raises(RuntimeError, match=pattern):
         masks.settle()
     masks.settle()  # reported once
+
+
+@pytest.fixture
+def handing_engine(tiny_model_dir, monkeypatch):
+    """An async CPU engine whose masks go through a ThreadFlag, as a GPU engine's go through its stream."""
+    monkeypatch.setattr(model_runner_module, "stream_flag", lambda device: ThreadFlag())
+
+    def make(**kwargs) -> LLM:
+        llm = LLM(model=str(tiny_model_dir("llama")), device="cpu", async_scheduling="on", **kwargs)
+        assert llm.engine_core.async_scheduling
+        return llm
+
+    return make
+
+
+def test_preemption_under_handed_masks_keeps_the_tokens(tiny_model_dir, handing_engine) -> None:
+    spec = StructuredOutputs(json=json.dumps(SCHEMA))
+    params = SamplingParams(temperature=1.0, seed=9, max_tokens=80, structured_outputs=spec)
+    prompts = [f"person {i}" + " again" * i for i in range(6)]
+    reference = LLM(model=str(tiny_model_dir("llama")), device="cpu").generate(prompts, params)
+    # 40 blocks of 4 tokens: some requests are preempted and recomputed while others decode.
+    small = handing_engine(block_size=4, num_gpu_blocks_override=40)
+    outputs = small.generate(prompts, params)
+    assert small.engine_core.stats().num_preemptions > 0
+    assert small.engine_core.executor.masks.steps_handed_to_device > 0
+    assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in reference]
+    for output in outputs:
+        jsonschema.validate(json.loads(output.outputs[0].text), SCHEMA)
+
+
+def test_aborts_under_handed_masks_free_their_matchers(handing_engine) -> None:
+    llm = handing_engine()
+    core, runner = llm.engine_core, llm.engine_core.executor
+    spec = StructuredOutputs(json=json.dumps(SCHEMA))
+    eos = llm.tokenizer.eos_token_ids
+    for index in range(3):
+        params = SamplingParams(temperature=1.0, seed=index, max_tokens=80, structured_outputs=spec)
+        core.add_request(EngineCoreRequest(f"abort-{index}", (0, 5, 6 + index), params, eos, time.time()))
+    for _ in range(6):
+        core.step()
+    assert runner.masks.steps_handed_to_device > 0, "steady steps hand their masks over"
+    core.abort_requests(["abort-0", "abort-2"])
+    while core.has_work():
+        core.step()
+    core.step()  # the finished request's drop reaches the runner with the next step
+    assert len(runner.grammars) == 0
