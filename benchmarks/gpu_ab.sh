@@ -2,12 +2,13 @@
 # Two source trees against each other in one call on the GPU machine, runs interleaved (machines differ
 # by up to 15%, and one host drifts within a call, so only pairs taken side by side compare).
 # Usage: bash benchmarks/gpu_ab.sh OLD_SRC NEW_SRC [single1b] [single8b] [w1] [online] [w1_structured]
-#        [w1_structured_free]
+#        [w1_structured_free] [online_structured]
 #   OLD_SRC, NEW_SRC: folders holding the `batchlm` package (e.g. `git archive REV src | tar -x -C
 #   /tmp/old` gives /tmp/old/src). The benchmark scripts are this tree's; only the package differs.
 #   ROUNDS (default 2): rounds per workload; each round runs both trees, the order swapped every round.
 # Prints one line per process (the figure of each of its runs) and, per workload, the median of each tree's runs
-# and new / old. single*: ITL in ms (lower is better); w1, online: output tok/s (higher is better);
+# and new / old. single*: ITL in ms (lower is better); w1, online*: output tok/s (higher is better;
+# online_structured: every request under the bounded schema);
 # w1_structured*: W1 under offline_throughput.py's JSON schema (bounded or free last field), each
 # structured run over the plain run before it in the same engine (higher is better).
 # Needs $OUT (results folder), and on PYTHONPATH the wheels the machine lacks (each tree goes ahead of them).
@@ -36,6 +37,9 @@ run() {
     online)
       timeout 200 python3 benchmarks/serve_gpu.py --shape llama-3.2-1b --requests 256 \
         --input-len 512 --output-len 256 --runs 3 --out-dir "$OUT/serve" ;;
+    online_structured)
+      timeout 200 python3 benchmarks/serve_gpu.py --shape llama-3.2-1b --requests 256 \
+        --input-len 512 --output-len 256 --runs 3 --out-dir "$OUT/serve" --structured bounded ;;
     *) echo "unknown workload: $workload" >&2; return 2 ;;
   esac >"$file" 2>&1
 }
@@ -45,7 +49,7 @@ values() {
   case "$1" in
     single1b | single8b) grep -oE '"itl_ms_median": [0-9.]+' "$2" | grep -oE '[0-9.]+$' ;;
     w1) grep -E '^\{"engine"' "$2" | grep -oE '"output_tok_s": [0-9.]+' | grep -oE '[0-9.]+$' ;;
-    online) grep -oE '"output_throughput": [0-9.]+' "$2" | grep -oE '[0-9.]+$' ;;
+    online*) grep -oE '"output_throughput": [0-9.]+' "$2" | grep -oE '[0-9.]+$' ;;
     w1_structured*) grep -oE '"structured_over_plain_pairs": \[[0-9., ]+\]' "$2" | grep -oE '[0-9]+\.[0-9]+' ;;
   esac
 }

@@ -4,6 +4,7 @@ command until /health is 200, then run `batchlm bench` in fixed-length mode (all
     python benchmarks/serve_gpu.py --shape llama-3.2-1b --requests 256 --input-len 512 --output-len 256
     python benchmarks/serve_gpu.py --runs 0 --server-log start.log --server-log-level INFO  # start-up only
 Prints the startup time and the bench JSON summary (vLLM keys); --out-dir keeps the JSON files.
+--structured bounded|free puts every request under offline_throughput.py's JSON schema (issue 17, online).
 With --server-log the server's output goes to that file, and its `startup:` lines (INFO) are printed.
 
 The model's tokenizer is the small built-in byte-level BPE padded with plain words up to the model's
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mlx_vs_mlx_lm_server import free_port, pad_tokenizer_vocab
 from model_shapes import SHAPES, write_config_only
+from structured_outputs import SUMMARY_FIELDS, long_output_schema
 
 
 def wait_healthy(port: int, process: subprocess.Popen[bytes], timeout_s: float) -> float:
@@ -117,6 +119,14 @@ def prepare_model_dir(shape: str) -> Path:
     return model_dir
 
 
+def structured_body(summary_field: str | None) -> list[str]:
+    """`batchlm bench` arguments that put every request under the schema (none without one)."""
+    if summary_field is None:
+        return []
+    schema = json.dumps(long_output_schema(summary_field))
+    return ["--extra-body", json.dumps({"structured_outputs": {"json": schema}})]
+
+
 def print_startup_lines(log: Path) -> None:
     """The server's start-up breakdown: its `startup:` log lines, without the timestamp prefix."""
     for line in log.read_text(errors="replace").splitlines():
@@ -137,6 +147,13 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--serve-arg", action="append", default=[], help="extra `batchlm serve` argument")
     parser.add_argument("--bench-arg", action="append", default=[], help="extra `batchlm bench` argument")
+    parser.add_argument(
+        "--structured",
+        choices=sorted(SUMMARY_FIELDS),
+        default=None,
+        help="every request under offline_throughput.py's ~10-field JSON schema (its last, long field "
+        "bounded or free), sent as `structured_outputs`",
+    )
     parser.add_argument("--server-log", type=Path, help="write the server's output here (default: inherit)")
     parser.add_argument(
         "--server-log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR")
@@ -214,6 +231,7 @@ def main() -> None:
                     "--save-result",
                     str(result_path),
                     "--disable-tqdm",
+                    *structured_body(args.structured),
                     *args.bench_arg,
                 ],
                 check=True,
