@@ -66,8 +66,16 @@ def threads_cpu_seconds() -> Counter[str]:
             open(f"{task}/comm") as comm,
             open(f"{task}/stat") as stat,
         ):
-            name = comm.read().strip()
-            # Fields after the parenthesised name: utime and stime are the 12th and 13th of them.
-            fields = stat.read().rsplit(")", 1)[1].split()
-            totals[name] += (int(fields[11]) + int(fields[12])) / tick
+            totals[comm.read().strip()] += stat_cpu_ticks(stat_fields(stat.read())) / tick
     return totals
+
+
+def stat_fields(stat: str) -> list[str]:
+    """The fields of a /proc/<pid>/stat (or task) line after the parenthesised command name, which may
+    itself hold spaces and parentheses: the state first, then the parent pid, and so on."""
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def stat_cpu_ticks(fields: list[str]) -> int:
+    """User plus system time, in clock ticks, from stat_fields (its 12th and 13th entries)."""
+    return int(fields[11]) + int(fields[12])

@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from host_contention import stat_cpu_ticks, stat_fields
 from mlx_vs_mlx_lm_server import free_port, pad_tokenizer_vocab
 from model_shapes import SHAPES, write_config_only
 from structured_outputs import SUMMARY_FIELDS, long_output_schema
@@ -95,9 +96,9 @@ def server_cpu_seconds(root_pid: int) -> dict[int, float]:
             stat = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()
+        fields = stat_fields(stat)
         parents[int(entry)] = int(fields[1])
-        cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / ticks
+        cpu[int(entry)] = stat_cpu_ticks(fields) / ticks
     tree = {root_pid}
     grown = True
     while grown:
