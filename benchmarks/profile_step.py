@@ -356,6 +356,7 @@ def main() -> None:
         threads_before = threads_cpu_seconds()
         started = time.perf_counter()
         steps_before = core.num_steps
+        handed_before = core.executor.masks.steps_handed_to_device
         llm.generate(prompts, params)
         elapsed = time.perf_counter() - started
         threads_cpu = threads_cpu_seconds()
@@ -375,6 +376,9 @@ def main() -> None:
             cpu = CPU_TIMES.get((name, kind))
             cpu_column = f" {1000 * cpu / STEPS[kind]:7.3f} ms cpu" if cpu is not None else ""
             print(f"  {name:12s} {1000 * total / STEPS[kind]:7.3f} ms{cpu_column}")
+    if args.structured:
+        handed = core.executor.masks.steps_handed_to_device - handed_before
+        print(f"steps whose masks the device waited for, the engine thread going on: {handed} of {steps}")
     if events is not None:
         figures = events.report()
         print("device, decode-only steps:", " ".join(f"{k}={v:.3f}" for k, v in figures.items()))

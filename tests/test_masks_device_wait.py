@@ -22,6 +22,7 @@ from batchlm.runner.host_flag import ThreadFlag
 from batchlm.sampling_params import StructuredOutputs
 from batchlm.structured.llguidance_backend import LLGuidanceBackend
 from batchlm.structured.sequences import ConstrainedSequences, PrefetchedMasks, SampledRows
+from staggered_requests import REQUESTS, Served, serve_staggered
 
 EOS = (1, 3)
 SPEC = StructuredOutputs(regex="[a-z]{1,80}")
@@ -257,3 +258,26 @@ def test_aborts_under_handed_masks_free_their_matchers(handing_engine) -> None:
         core.step()
     core.step()  # the finished request's drop reaches the runner with the next step
     assert len(runner.grammars) == 0
+
+
+def test_staggered_requests_under_handed_masks_keep_the_tokens(tiny_model_dir, monkeypatch) -> None:
+    """Requests arriving every few steps and ending at different lengths, as a server sees them: the
+    batch's constrained sequences change most steps, each change going back to the host, and the runs
+    of steady steps between are handed over; the tokens are those of the same engine without a flag."""
+    spec = StructuredOutputs(json=json.dumps(SCHEMA))
+
+    def serve(flag: CountingFlag | None) -> tuple[Served, LLM]:
+        monkeypatch.setattr(model_runner_module, "stream_flag", lambda device: flag)
+        llm = LLM(model=str(tiny_model_dir("llama")), device="cpu", async_scheduling="on")
+        return serve_staggered(llm, spec), llm
+
+    flag = CountingFlag()
+    waiting, _ = serve(None)
+    handing, llm = serve(flag)
+    assert handing.tokens == waiting.tokens
+    assert len(handing.finish_reasons) == REQUESTS
+    for request_id, reason in handing.finish_reasons.items():
+        if reason == "stop":
+            jsonschema.validate(json.loads(llm.tokenizer.decode(handing.tokens[request_id])), SCHEMA)
+    handed = llm.engine_core.executor.masks.steps_handed_to_device
+    assert 0 < handed == len(flag.waited), (handed, handing.steps)

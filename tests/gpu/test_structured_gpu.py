@@ -5,6 +5,7 @@ and unconstrained tokens unchanged."""
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,12 +15,15 @@ import pytest
 import torch
 
 from batchlm import LLM, SamplingParams
-from batchlm.runner.host_flag import stream_flag
+from batchlm.runner.host_flag import DEVICE_WAIT_ENV, stream_flag
 from batchlm.sampling.grammar_mask import STAGING_SLOTS, BitmaskStaging, apply_grammar_masks
 from batchlm.sampling_params import StructuredOutputs
 from batchlm.structured.sequences import GrammarMasks
 
 pytestmark = pytest.mark.gpu
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from staggered_requests import REQUESTS, serve_staggered  # noqa: E402
 
 if not torch.cuda.is_available():  # pragma: no cover - CPU machines
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
@@ -149,3 +153,36 @@ def test_the_stream_waits_for_the_host_flag_and_then_reads_what_the_host_wrote()
     assert copied.tolist() == [7, 7, 7, 7]
     flag.wait_on_device(1)  # a ticket already released: nothing waits
     torch.cuda.synchronize()
+
+
+def test_cuda_staggered_requests_under_handed_masks_keep_the_tokens(
+    tiny_model_dir: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests joining and leaving every few steps: the steps the stream waits for and those the
+    engine thread gathers on the host mix, with the tokens of the engine thread waiting for every mask
+    itself (float32, the same batches)."""
+    spec = StructuredOutputs(json=json.dumps(SCHEMA))
+
+    def engine() -> LLM:
+        return LLM(
+            model=str(tiny_model_dir("llama")),
+            device="cuda",
+            dtype="float32",
+            async_scheduling="on",
+            num_gpu_blocks_override=256,
+        )
+
+    monkeypatch.setenv(DEVICE_WAIT_ENV, "0")
+    waiting_engine = engine()
+    waiting = serve_staggered(waiting_engine, spec)
+    assert waiting_engine.engine_core.executor.masks.steps_handed_to_device == 0
+    monkeypatch.delenv(DEVICE_WAIT_ENV)
+    handing_engine = engine()
+    handing = serve_staggered(handing_engine, spec)
+    assert handing.tokens == waiting.tokens
+    assert len(handing.finish_reasons) == REQUESTS
+    for request_id, reason in handing.finish_reasons.items():
+        if reason == "stop":
+            text = handing_engine.tokenizer.decode(handing.tokens[request_id])
+            jsonschema.validate(json.loads(text), SCHEMA)
+    assert handing_engine.engine_core.executor.masks.steps_handed_to_device > 0
