@@ -62,9 +62,9 @@ def sampled_rows(
     batch_rows: Sequence[int], request_ids: Sequence[str], positions: Sequence[int]
 ) -> SampledRows:
     """The constrained rows of a launched step, with where each row's token lands in its sequence."""
-    if len(batch_rows) == len(positions):  # every sampled row is constrained: rows 0..n-1
-        return SampledRows(list(request_ids), list(batch_rows), list(positions))
-    return SampledRows(list(request_ids), list(batch_rows), [positions[row] for row in batch_rows])
+    if len(batch_rows) < len(positions):  # else every sampled row is constrained: rows 0..n-1
+        positions = [positions[row] for row in batch_rows]
+    return SampledRows(list(request_ids), list(batch_rows), list(positions))
 
 
 def merge_masks(
