@@ -64,6 +64,20 @@ class LandingTokens:
         self.landed.set()
 
 
+class TimedFlag(ThreadFlag):
+    """A ThreadFlag noting when each ticket is released: the moment the worker has written the masks,
+    which a device waiting on the flag would see (the calling thread may notice later, once its own
+    Python is done)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.released_at: dict[int, float] = {}
+
+    def release(self, ticket: int) -> None:
+        self.released_at[ticket] = time.perf_counter()
+        super().release(ticket)
+
+
 class TimedExecutor:
     """llguidance's executor with its batched calls ("fill", "advance") timed alone, apart from the
     Python around them; each call's seconds go to `record` (by default, to `seconds`, in order)."""
@@ -201,7 +215,18 @@ def main() -> None:
                     # what the worker took from the engine thread (the GIL, or the core).
                     "engine_python_took_ms_median": round(statistics.median(timings["engine_work"][warm]), 3),
                     "engine_grammar_ms_median": round(statistics.median(timings["engine"][warm]), 3),
+                    # Seen by the calling thread (after its own Python), and written by the worker
+                    # (with --hand-to-device: the flag's release, what a device would wait for).
                     "masks_ready_after_tokens_ms_median": round(statistics.median(timings["ready"][warm]), 3),
+                    **(
+                        {
+                            "masks_written_after_tokens_ms_median": round(
+                                statistics.median(timings["written"][warm]), 3
+                            )
+                        }
+                        if timings["written"]
+                        else {}
+                    ),
                     # Every step, the first fifth included: what a pass's start costs.
                     "masks_ready_after_tokens_ms_mean_all_steps": round(
                         statistics.fmean(timings["ready"]), 3
@@ -224,10 +249,10 @@ def run_pass(
     lists: list[list[int]] = [[] for _ in request_ids]
     for request_id, tokens in zip(request_ids, lists, strict=True):
         sequences.add(request_id, spec, tokens, (0,))
-    flag = ThreadFlag() if args.hand_to_device else None
+    flag = TimedFlag() if args.hand_to_device else None
     masks = StepMasks(sequences, lambda rows: np.empty((rows, words), dtype=np.int32), flag)
     rng = np.random.default_rng(run)
-    timings: dict[str, list[float]] = {"engine": [], "ready": [], "engine_work": []}
+    timings: dict[str, list[float]] = {"engine": [], "ready": [], "written": [], "engine_work": []}
     for _ in range(args.steps):
         started = time.perf_counter()
         step = masks.start(request_ids)
@@ -244,6 +269,8 @@ def run_pass(
         assert prefetched is not None
         prefetched.future.result()
         timings["ready"].append(1e3 * (time.perf_counter() - landing.landed_at))
+        if flag is not None:
+            timings["written"].append(1e3 * (flag.released_at.pop(prefetched.ticket) - landing.landed_at))
         for tokens, position, token in zip(lists, landing.positions, landing._tokens, strict=True):
             tokens[position] = token
     sequences.drop(request_ids)
