@@ -1,13 +1,24 @@
 """CPU KV-cache sizing: by default no more than the running requests can fill (max_num_seqs requests of
-max_model_len tokens, rounded up to whole blocks) and never above the 2 GiB cap; --cpu-kv-cache-gib wins."""
+max_model_len tokens, rounded up to whole blocks) and never above the 2 GiB cap; --cpu-kv-cache-gib wins.
+Its allocation: zeros the process holds only once written."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 
 from batchlm.config import EngineConfig
 from batchlm.models.loader import ModelShape
-from batchlm.runner.kv_cache import DEFAULT_CPU_KV_CACHE_GIB, GIB, bytes_per_block, num_blocks_for
+from batchlm.runner.kv_cache import (
+    DEFAULT_CPU_KV_CACHE_GIB,
+    GIB,
+    allocate_kv_caches,
+    bytes_per_block,
+    num_blocks_for,
+)
 
 CPU = torch.device("cpu")
 # 4 layers x 2 KV heads x 64 dims, float32: 2 * 4 * 16 * 2 * 64 * 4 = 64 KiB per 16-token block.
@@ -51,3 +62,42 @@ def test_the_default_never_exceeds_the_cap() -> None:
 def test_an_explicit_size_wins_even_when_larger_than_needed() -> None:
     per_block = bytes_per_block(SHAPE, 16, torch.float32)
     assert blocks(EngineConfig(max_num_seqs=1, cpu_kv_cache_gib=0.5), 64) == GIB // 2 // per_block
+
+
+def test_the_cpu_caches_are_zeros_one_tensor_per_layer() -> None:
+    caches = allocate_kv_caches(SHAPE, 8, 16, torch.bfloat16, CPU)
+    assert len(caches) == SHAPE.num_layers
+    for cache in caches:
+        assert cache.shape == (2, 8, 16, SHAPE.num_kv_heads, SHAPE.head_dim)
+        assert cache.dtype == torch.bfloat16 and cache.is_contiguous()
+        assert not cache.any()
+    caches[0][1, 3].fill_(2.0)  # each layer has storage of its own
+    assert caches[0].sum().item() == 2.0 * 16 * SHAPE.num_kv_heads * SHAPE.head_dim
+    assert not caches[1].any()
+    assert allocate_kv_caches(SHAPE, 0, 16, torch.float32, CPU)[0].numel() == 0
+
+
+def _resident_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_a_cpu_cache_is_resident_only_where_written() -> None:
+    before = _resident_kib()
+    wide = ModelShape(
+        num_layers=1,
+        num_heads=8,
+        num_kv_heads=8,
+        head_dim=128,
+        hidden_size=1024,
+        vocab_size=1000,
+        max_model_len=2048,
+    )
+    (cache,) = allocate_kv_caches(wide, 4096, 16, torch.float32, CPU)  # 2 x 4096 x 64 KiB: 512 MiB of zeros
+    assert _resident_kib() - before < 64 * 1024
+    cache[0, :1024].fill_(1.0)  # 64 MiB written
+    assert _resident_kib() - before >= 48 * 1024
+    assert cache[0, :1024].all() and not cache[1].any()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import mmap
 
 import torch
 
@@ -113,9 +115,26 @@ def allocate_kv_caches(
 ) -> list[torch.Tensor]:
     """One [2, num_blocks, block_size, num_kv_heads, head_dim] tensor per layer, zeroed so that padding
     slots never hold NaNs that a masked matmul could spread."""
-    return [
-        torch.zeros(
-            (2, num_blocks, block_size, shape.num_kv_heads, shape.head_dim), dtype=dtype, device=device
-        )
-        for _ in range(shape.num_layers)
-    ]
+    size = (2, num_blocks, block_size, shape.num_kv_heads, shape.head_dim)
+    if device.type == "cpu":
+        return [zeroed_host_tensor(size, dtype) for _ in range(shape.num_layers)]
+    return [torch.zeros(size, dtype=dtype, device=device) for _ in range(shape.num_layers)]
+
+
+def zeroed_host_tensor(size: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of zeros in fresh anonymous memory, which the kernel zeroes page by page as it is first
+    touched: writing a CPU cache's zeros up front was most of the engine's start-up (BENCHMARKS.md), and
+    the process holds only the blocks it has used."""
+    count = math.prod(size)
+    if count == 0:
+        return torch.zeros(size, dtype=dtype)
+    nbytes = count * dtype.itemsize
+    private = getattr(mmap, "MAP_PRIVATE", None)
+    if private is None:  # Windows: its anonymous mappings are private and zeroed as well
+        buffer = mmap.mmap(-1, nbytes)
+    else:
+        buffer = mmap.mmap(-1, nbytes, flags=private)  # no file: Python adds MAP_ANONYMOUS
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            buffer.madvise(mmap.MADV_HUGEPAGE)  # fewer page faults and TLB misses over a large cache
+    # The tensor keeps the mapping alive; it is unmapped once the tensor is freed.
+    return torch.frombuffer(buffer, dtype=dtype, count=count).view(size)
