@@ -5,6 +5,7 @@ sampled tokens "landing" at a moment this script picks, as a device would delive
     python benchmarks/grammar_host_step.py --rows 256 --steps 60 --engine-python-ms 1.5
     python benchmarks/grammar_host_step.py ... --accept one   # one consume_token call per token
     python benchmarks/grammar_host_step.py ... --passes 2     # a second batch of requests, same grammar
+    python benchmarks/grammar_host_step.py ... --engine-python-ms 0 --busy-processes 1  # a busy core, no GIL
 
 Threads and the way matchers advance default to the engine's choice on this host (beside a GPU when
 one is visible).
@@ -33,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from host_contention import BUSY_KINDS, busy_processes
 from mlx_vs_mlx_lm_server import pad_tokenizer_vocab
 from structured_outputs import SUMMARY_FIELDS, long_output_schema, override_grammar_settings
 
@@ -175,6 +177,15 @@ def main() -> None:
         help="give StepMasks a flag, as on a GPU, so steady steps take the masks without waiting for them",
     )
     parser.add_argument(
+        "--busy-processes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N other processes keep cores busy meanwhile (cores taken without the GIL: against "
+        "--engine-python-ms, which takes a core and the GIL)",
+    )
+    parser.add_argument("--busy-kind", choices=sorted(BUSY_KINDS), default="spin")
+    parser.add_argument(
         "--passes",
         type=int,
         default=1,
@@ -198,7 +209,8 @@ def main() -> None:
     busy_python(args.engine_python_ms / 1e3)  # calibrated alone, before the worker runs
     for run in range(args.passes):
         llguidance_calls.seconds = {"fill": [], "advance": []}
-        timings = run_pass(sequences, backend.bitmask_words, spec, args, run)
+        with busy_processes(args.busy_processes, args.busy_kind):
+            timings = run_pass(sequences, backend.bitmask_words, spec, args, run)
         warm = slice(args.steps // 5, None)
         print(
             json.dumps(
@@ -209,6 +221,7 @@ def main() -> None:
                     "mask_threads": threads,
                     "accept": "batched" if batched else "one at a time",
                     "engine_python_ms": args.engine_python_ms,
+                    "busy_processes": args.busy_processes,
                     "hand_to_device": args.hand_to_device,
                     "switch_interval_ms": round(sys.getswitchinterval() * 1e3, 3),
                     # That fixed work's wall time beside the worker: more than engine_python_ms by
