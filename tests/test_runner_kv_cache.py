@@ -1,9 +1,11 @@
 """CPU KV-cache sizing: by default no more than the running requests can fill (max_num_seqs requests of
 max_model_len tokens, rounded up to whole blocks) and never above the 2 GiB cap; --cpu-kv-cache-gib wins.
-Its allocation: zeros the process holds only once written."""
+Its allocation: zeros the process holds only once written, so its size is checked against the memory
+available at start."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -12,13 +14,16 @@ import torch
 
 from batchlm.config import EngineConfig
 from batchlm.models.loader import ModelShape
+from batchlm.runner import kv_cache
 from batchlm.runner.kv_cache import (
     DEFAULT_CPU_KV_CACHE_GIB,
     GIB,
     allocate_kv_caches,
     bytes_per_block,
+    fit_host_memory,
     num_blocks_for,
 )
+from batchlm.runner.kv_cache import available_host_bytes as read_available_host_bytes
 
 CPU = torch.device("cpu")
 # 4 layers x 2 KV heads x 64 dims, float32: 2 * 4 * 16 * 2 * 64 * 4 = 64 KiB per 16-token block.
@@ -31,6 +36,12 @@ SHAPE = ModelShape(
     vocab_size=1000,
     max_model_len=2048,
 )
+
+
+@pytest.fixture(autouse=True)
+def plenty_of_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sizing tests do not depend on this machine's free memory (the tests of that set their own)."""
+    monkeypatch.setattr(kv_cache, "available_host_bytes", lambda: None)
 
 
 def blocks(config: EngineConfig, max_model_len: int, shape: ModelShape = SHAPE) -> int:
@@ -62,6 +73,33 @@ def test_the_default_never_exceeds_the_cap() -> None:
 def test_an_explicit_size_wins_even_when_larger_than_needed() -> None:
     per_block = bytes_per_block(SHAPE, 16, torch.float32)
     assert blocks(EngineConfig(max_num_seqs=1, cpu_kv_cache_gib=0.5), 64) == GIB // 2 // per_block
+
+
+def test_the_default_takes_at_most_half_of_the_memory_available(monkeypatch: pytest.MonkeyPatch) -> None:
+    per_block = bytes_per_block(SHAPE, 16, torch.float32)  # 64 KiB
+    monkeypatch.setattr(kv_cache, "available_host_bytes", lambda: 100 * per_block)
+    assert blocks(EngineConfig(max_num_seqs=32, block_size=16), 2048) == 50
+    # Under half of it: unchanged.
+    assert blocks(EngineConfig(max_num_seqs=1, block_size=16), 640) == 40
+
+
+def test_an_explicit_size_beyond_the_memory_available_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kv_cache, "available_host_bytes", lambda: GIB)
+    assert blocks(EngineConfig(cpu_kv_cache_gib=0.75), 2048) == int(0.75 * GIB) // (64 * 1024)
+    with pytest.raises(ValueError, match=r"--cpu-kv-cache-gib 1\.5 is more than the 1\.0 GiB"):
+        blocks(EngineConfig(cpu_kv_cache_gib=1.5), 2048)
+
+
+def test_unknown_available_memory_leaves_the_size_as_it_is() -> None:
+    assert fit_host_memory(EngineConfig(), 10_000, 1 << 20, None) == 10_000
+    assert fit_host_memory(EngineConfig(cpu_kv_cache_gib=64.0), 10_000, 1 << 20, None) == 10_000
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/meminfo")
+def test_the_memory_available_is_linux_s_mem_available() -> None:
+    available = read_available_host_bytes()  # the module's function, before the fixture replaced it
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert available is not None and 0 < available <= total
 
 
 def test_the_cpu_caches_are_zeros_one_tensor_per_layer() -> None:

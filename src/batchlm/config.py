@@ -60,7 +60,8 @@ class EngineConfig:
     # Fraction of total GPU memory the engine may use (weights + activations + KV cache).
     gpu_memory_utilization: float = 0.90
     # KV-cache size on CPU, in GiB; None = what max_num_seqs requests of max_model_len tokens can use,
-    # at most 2 GiB.
+    # at most 2 GiB and half the memory available once the model is loaded. A size beyond the memory
+    # available is refused at start.
     cpu_kv_cache_gib: float | None = None
     # Force a number of KV blocks (tests); overrides the memory budget.
     num_gpu_blocks_override: int | None = None

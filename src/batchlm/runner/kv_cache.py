@@ -18,6 +18,8 @@ GIB = 1 << 30
 # The CPU KV cache when --cpu-kv-cache-gib is not given is at most this (and no more than the running
 # requests can fill).
 DEFAULT_CPU_KV_CACHE_GIB = 2.0
+# The default CPU KV cache takes no more than this share of the memory available after the model loads.
+DEFAULT_SHARE_OF_AVAILABLE = 0.5
 
 
 def resolve_kv_cache_dtype(
@@ -104,10 +106,50 @@ def num_blocks_for(
             "no memory is left for the KV cache after loading the model: raise --gpu-memory-utilization "
             "(GPU) or --cpu-kv-cache-gib (CPU), or lower --max-num-batched-tokens"
         )
-    if device.type != "cuda" and config.cpu_kv_cache_gib is None:
-        # CPU memory is the host's too: take no more than the running requests can fill.
-        num_blocks = min(num_blocks, blocks_in_use_at_most(config, max_model_len))
+    if device.type != "cuda":
+        if config.cpu_kv_cache_gib is None:
+            # CPU memory is the host's too: take no more than the running requests can fill.
+            num_blocks = min(num_blocks, blocks_in_use_at_most(config, max_model_len))
+        num_blocks = fit_host_memory(config, num_blocks, per_block, available_host_bytes())
     return int(num_blocks)
+
+
+def available_host_bytes() -> int | None:
+    """Memory new allocations can take without swapping (Linux's MemAvailable); None where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def fit_host_memory(config: EngineConfig, num_blocks: int, per_block: int, available: int | None) -> int:
+    """A CPU cache's pages are taken only as its blocks fill (zeroed_host_tensor), so one larger than the
+    memory left would fail mid-serving, not at start: an explicit --cpu-kv-cache-gib beyond what is
+    available is refused here, and the default is lowered to DEFAULT_SHARE_OF_AVAILABLE of it."""
+    if available is None or num_blocks * per_block <= available * DEFAULT_SHARE_OF_AVAILABLE:
+        return num_blocks
+    if config.cpu_kv_cache_gib is not None:
+        if num_blocks * per_block <= available:
+            return num_blocks
+        raise ValueError(
+            f"--cpu-kv-cache-gib {config.cpu_kv_cache_gib:g} is more than the {available / GIB:.1f} GiB of "
+            "memory available after loading the model; lower it"
+        )
+    fitted = max(1, int(available * DEFAULT_SHARE_OF_AVAILABLE) // per_block)
+    logger.warning(
+        "KV cache: %d blocks (%.2f GiB, %.0f%% of the %.1f GiB of memory available) instead of %d; "
+        "--cpu-kv-cache-gib sets its size",
+        fitted,
+        fitted * per_block / GIB,
+        100 * DEFAULT_SHARE_OF_AVAILABLE,
+        available / GIB,
+        num_blocks,
+    )
+    return min(num_blocks, fitted)
 
 
 def allocate_kv_caches(
