@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -16,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from batchlm.engine.client import EngineDeadError
 from batchlm.server.background import BackgroundServer
 from batchlm.server.state import ServerSettings
 from fake_engine import FakeEngine, metric_value, wait_until
@@ -69,6 +71,31 @@ def test_engine_that_fails_to_start_stops_the_server_with_status_1() -> None:
         server.wait_until_ready()
     assert server.stop() == 1
     assert engine.shut_down
+
+
+@pytest.mark.parametrize(
+    ("error", "logged"),
+    [
+        (RuntimeError("no such model"), "the engine failed to start: no such model"),
+        (
+            EngineDeadError("the engine failed to start: ValueError: --cpu-kv-cache-gib 9 is too much"),
+            "the engine failed to start: ValueError: --cpu-kv-cache-gib 9 is too much",
+        ),
+    ],
+)
+def test_a_start_failure_is_logged_once_with_its_reason(
+    error: Exception, logged: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = FakeEngine(ready=False)
+    engine.start_error = error
+    with caplog.at_level(logging.ERROR, logger="batchlm.server.launcher"):
+        server = BackgroundServer(engine, start_engine=engine.start).start()
+        with pytest.raises(RuntimeError, match="did not start"):
+            server.wait_until_ready()
+        assert server.stop() == 1
+    assert [record.getMessage() for record in caplog.records if record.name == "batchlm.server.launcher"] == [
+        logged
+    ]
 
 
 def test_engine_death_ends_streams_with_an_error_event_and_fails_health() -> None:

@@ -16,7 +16,7 @@ from typing import Any, Protocol, TypeVar
 import uvicorn
 from fastapi import FastAPI
 
-from batchlm.engine.client import EngineClient
+from batchlm.engine.client import EngineClient, EngineDeadError
 from batchlm.gc_tuning import freeze_startup_objects
 from batchlm.server.state import ServerState
 from batchlm.startup_log import log_phase, log_uptime
@@ -132,7 +132,10 @@ async def serve(
                 await api_servers.wait_ready()
                 server.state.starting_api_servers = False
         except Exception as error:
-            logger.error("the engine failed to start: %s", error, exc_info=logger.isEnabledFor(logging.DEBUG))
+            # An engine's own start-up error already says that it failed to start.
+            said = isinstance(error, EngineDeadError)
+            message = str(error) if said else f"the engine failed to start: {error}"
+            logger.error("%s", message, exc_info=logger.isEnabledFor(logging.DEBUG))
             failed = True
             server.should_exit = True
             return
