@@ -175,8 +175,8 @@ def zeroed_host_tensor(size: tuple[int, ...], dtype: torch.dtype) -> torch.Tenso
     if private is None:  # Windows: its anonymous mappings are private and zeroed as well
         buffer = mmap.mmap(-1, nbytes)
     else:
-        buffer = mmap.mmap(-1, nbytes, flags=private)  # no file: Python adds MAP_ANONYMOUS
-        if hasattr(mmap, "MADV_HUGEPAGE"):
-            buffer.madvise(mmap.MADV_HUGEPAGE)  # fewer page faults and TLB misses over a large cache
+        # No file: Python adds MAP_ANONYMOUS. Not advised into huge pages: a request's first block of
+        # each layer would then zero 2 MB (BENCHMARKS.md).
+        buffer = mmap.mmap(-1, nbytes, flags=private)
     # The tensor keeps the mapping alive; it is unmapped once the tensor is freed.
     return torch.frombuffer(buffer, dtype=dtype, count=count).view(size)
