@@ -90,6 +90,14 @@ def test_an_explicit_size_beyond_the_memory_available_is_refused(monkeypatch: py
         blocks(EngineConfig(cpu_kv_cache_gib=1.5), 2048)
 
 
+def test_tensor_parallel_ranks_share_the_memory_available() -> None:
+    two_ranks = EngineConfig(tensor_parallel_size=2)
+    assert fit_host_memory(two_ranks, 1000, 1 << 20, 4000 << 20) == 1000  # 1000 MiB of each rank's 2000
+    assert fit_host_memory(two_ranks, 1500, 1 << 20, 4000 << 20) == 1000
+    with pytest.raises(ValueError, match="for each of 2 ranks"):
+        fit_host_memory(EngineConfig(tensor_parallel_size=2, cpu_kv_cache_gib=3.0), 3072, 1 << 20, 4 * GIB)
+
+
 def test_unknown_available_memory_leaves_the_size_as_it_is() -> None:
     assert fit_host_memory(EngineConfig(), 10_000, 1 << 20, None) == 10_000
     assert fit_host_memory(EngineConfig(cpu_kv_cache_gib=64.0), 10_000, 1 << 20, None) == 10_000

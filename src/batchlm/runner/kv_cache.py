@@ -129,15 +129,24 @@ def available_host_bytes() -> int | None:
 def fit_host_memory(config: EngineConfig, num_blocks: int, per_block: int, available: int | None) -> int:
     """A CPU cache's pages are taken only as its blocks fill (zeroed_host_tensor), so one larger than the
     memory left would fail mid-serving, not at start: an explicit --cpu-kv-cache-gib beyond what is
-    available is refused here, and the default is lowered to DEFAULT_SHARE_OF_AVAILABLE of it."""
-    if available is None or num_blocks * per_block <= available * DEFAULT_SHARE_OF_AVAILABLE:
+    available is refused here, and the default is lowered to DEFAULT_SHARE_OF_AVAILABLE of it. Each
+    tensor-parallel rank (a process on this host) holds a cache of its own, so each gets its share."""
+    if available is None:
+        return num_blocks
+    available //= max(1, config.tensor_parallel_size)
+    if num_blocks * per_block <= available * DEFAULT_SHARE_OF_AVAILABLE:
         return num_blocks
     if config.cpu_kv_cache_gib is not None:
         if num_blocks * per_block <= available:
             return num_blocks
+        ranks = (
+            ""
+            if config.tensor_parallel_size <= 1
+            else f" (a share for each of {config.tensor_parallel_size} ranks)"
+        )
         raise ValueError(
             f"--cpu-kv-cache-gib {config.cpu_kv_cache_gib:g} is more than the {available / GIB:.1f} GiB of "
-            "memory available after loading the model; lower it"
+            f"memory available after loading the model{ranks}; lower it"
         )
     fitted = max(1, int(available * DEFAULT_SHARE_OF_AVAILABLE) // per_block)
     logger.warning(
