@@ -2,7 +2,7 @@
 # One call on the GPU machine: GPU tests, offline W1/W2, single-stream latency, long prefill, online W1, start-up time.
 # Usage: bash benchmarks/gpu_suite.sh [tests] [w1] [single] [long_prefill] [w2] [online] [online_servers] [online_clients]
 #        [online_profile] [startup] [startup_profile] [quant_tests] [quant_kernels] [quant_single] [quant_w2]
-#        [structured_threads] [structured_templates] [structured_switch] [ablation]
+#        [structured_threads] [structured_templates] [structured_switch] [mask_process] [ablation]
 # (default: tests w1 single long_prefill w2 online startup). startup: command-to-ready of `batchlm serve` three times, the first
 # with an empty Triton cache (as on a fresh machine), with the server's `startup:` breakdown;
 # startup_profile: the engine core's start-up in one process (every Triton compile, every graph
@@ -126,6 +126,16 @@ for step in $steps; do
           --json-out "$OUT/w2_$variant.json" 2>&1 | grep '^{' | tail -1 | sed "s/^/[$variant] /"
       done
       python3 -c "import json,sys; a,b=(json.load(open(p))['summary']['batchlm median output tok/s'] for p in sys.argv[1:]); print('W2 fp8 weights + fp8 KV over bf16:', round(b/a,2))" "$OUT/w2_bf16.json" "$OUT/w2_fp8.json" ;;
+    mask_process)
+      # A constrained step's masks without a model (256 rows, warm passes): from a thread beside 3 ms
+      # of engine Python against a process of their own, then the flag's release beside that Python
+      # (it takes the GIL) and beside one busy core (it does not).
+      timeout 300 python3 benchmarks/grammar_mask_process.py --rows 256 --steps 128 --passes 3 \
+        --engine-python-ms 0 3.0 2>&1 | grep '^{'
+      for contention in "--engine-python-ms 3.0" "--engine-python-ms 0 --busy-processes 1"; do
+        timeout 200 python3 benchmarks/grammar_host_step.py --rows 256 --steps 256 --hand-to-device --passes 3 \
+          $contention 2>&1 | grep '^{'
+      done ;;
     structured_threads)
       # llguidance's threads at each of MASK_THREADS: whether the engine thread gains more from free
       # cores than the masks lose.
