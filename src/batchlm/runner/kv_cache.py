@@ -11,6 +11,7 @@ import torch
 from batchlm.config import EngineConfig
 from batchlm.layers.quantization.forms import check_fp8_device
 from batchlm.models.loader import ModelShape
+from batchlm.runner.host_memory import available_host_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -112,18 +113,6 @@ def num_blocks_for(
             num_blocks = min(num_blocks, blocks_in_use_at_most(config, max_model_len))
         num_blocks = fit_host_memory(config, num_blocks, per_block, available_host_bytes())
     return int(num_blocks)
-
-
-def available_host_bytes() -> int | None:
-    """Memory new allocations can take without swapping (Linux's MemAvailable); None where unknown."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 def fit_host_memory(config: EngineConfig, num_blocks: int, per_block: int, available: int | None) -> int:
