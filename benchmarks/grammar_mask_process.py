@@ -33,6 +33,7 @@ from grammar_host_step import busy_python, pick_tokens, tokenizer_dir
 from structured_outputs import SUMMARY_FIELDS, long_output_schema
 
 from batchlm.sampling_params import StructuredOutputs
+from batchlm.structured.backend import bitmask_words
 from batchlm.structured.factory import mask_threads
 from batchlm.structured.llguidance_backend import LLGuidanceBackend
 from batchlm.structured.sequences import hand_over_the_gil_sooner
@@ -80,10 +81,15 @@ def child_main(conn: Connection, rows: int, threads: int, summary_field: str, sh
     shared.close()
 
 
+def _shared_bytes(rows: int, words: int) -> int:
+    """The shared memory's layout: tokens [rows] int64, masks [rows, words] int32, the write time."""
+    return 8 * rows + 4 * rows * words + 8
+
+
 def _views(shared: SharedMemory, rows: int, words: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     tokens = np.ndarray((rows,), dtype=np.int64, buffer=shared.buf, offset=0)
     masks = np.ndarray((rows, words), dtype=np.int32, buffer=shared.buf, offset=8 * rows)
-    written = np.ndarray((1,), dtype=np.float64, buffer=shared.buf, offset=8 * rows + 4 * rows * words)
+    written = np.ndarray((1,), dtype=np.float64, buffer=shared.buf, offset=_shared_bytes(rows, words) - 8)
     return tokens, masks, written
 
 
@@ -91,8 +97,8 @@ class ProcessSide:
     """The masks computed by a child process, through shared memory and a pipe."""
 
     def __init__(self, args: argparse.Namespace, threads: int) -> None:
-        words = (VOCAB + 31) // 32
-        self.shared = SharedMemory(create=True, size=8 * args.rows + 4 * args.rows * words + 8)
+        words = bitmask_words(VOCAB)
+        self.shared = SharedMemory(create=True, size=_shared_bytes(args.rows, words))
         self.tokens, self.masks, self.written = _views(self.shared, args.rows, words)
         context = multiprocessing.get_context("spawn")
         self.conn, child = context.Pipe()
