@@ -34,7 +34,7 @@ class MaskBuffers:
 
     def __call__(self, rows: int) -> np.ndarray:
         words = self._sequences.bitmask_words
-        staging = self._sampler.grammar_staging(words)
+        staging = self._sampler.grammar_staging(words, self._sequences.shared_arrays)
         if staging is None:
             return np.empty((rows, words), dtype=np.int32)
         return staging.buffer(rows)

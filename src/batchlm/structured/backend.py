@@ -46,6 +46,10 @@ class MatcherBatch(Protocol):
         """Fill bitmask[i] ([rows, words] int32, C-contiguous) for row i's matcher."""
         ...
 
+    def step(self, token_ids: list[int], bitmask: np.ndarray) -> list[bool]:
+        """advance_one, then fill: one call, for a backend whose calls cross a process boundary."""
+        ...
+
 
 class GrammarBackend(Protocol):
     """Compiles specs for one tokenizer and makes matchers from them."""
@@ -70,6 +74,12 @@ class GrammarBackend(Protocol):
     def advance(self, matchers: list[GrammarMatcher], new_tokens: list[list[int]]) -> list[bool]:
         """Advance matchers[i] over new_tokens[i] (a backend may spread them over threads); per
         matcher, False if its grammar rejected one of them."""
+        ...
+
+    def advance_and_fill(
+        self, matchers: list[GrammarMatcher], new_tokens: list[list[int]], bitmask: np.ndarray
+    ) -> list[bool]:
+        """advance, then fill_bitmasks: one call, for a backend whose calls cross a process boundary."""
         ...
 
 
@@ -113,6 +123,23 @@ def allowed_tokens(row: np.ndarray, vocab_size: int) -> np.ndarray:
     """The token ids a bitmask row allows ([words] int32 -> sorted ids below vocab_size)."""
     bits = np.unpackbits(np.ascontiguousarray(row).view(np.uint8), bitorder="little")[:vocab_size]
     return np.flatnonzero(bits)
+
+
+class EndingMatcher:
+    """Stands in for a grammar that failed to compile in the engine: the sequence ends at once."""
+
+    def __init__(self, eos_token_ids: tuple[int, ...]) -> None:
+        self._eos_token_ids = eos_token_ids
+
+    def fill_bitmask(self, row: np.ndarray) -> None:
+        fill_eos_only(row, self._eos_token_ids)
+
+    def accept(self, token_id: int) -> bool:
+        return token_id in self._eos_token_ids
+
+    @property
+    def is_terminated(self) -> bool:
+        return True
 
 
 def fill_eos_only(row: np.ndarray, eos_token_ids: tuple[int, ...] | list[int]) -> None:

@@ -11,10 +11,13 @@ from pathlib import Path
 
 from batchlm.config import EngineConfig
 from batchlm.structured.backend import GrammarBackend
+from batchlm.structured.mask_process import BackendSpec, ProcessBackend
 
 logger = logging.getLogger(__name__)
 
 BackendFactory = Callable[[tuple[int, ...]], GrammarBackend]
+# BATCHLM_GRAMMAR_PROCESS=1 runs the matchers in a process of their own (structured.mask_process).
+OWN_PROCESS_ENV = "BATCHLM_GRAMMAR_PROCESS"
 
 
 def tokenizer_dir(config: EngineConfig, model_dir: Path) -> Path:
@@ -36,22 +39,39 @@ def mask_threads(on_accelerator: bool = False) -> int:
 
 
 def backend_factory(
-    config: EngineConfig, model_dir: Path, vocab_size: int, on_accelerator: bool = False
+    config: EngineConfig,
+    model_dir: Path,
+    vocab_size: int,
+    on_accelerator: bool = False,
+    own_process: bool | None = None,
 ) -> BackendFactory:
     """A function of the engine's EOS ids making the backend; vocab_size is the model's logits width;
-    on_accelerator: the model runs on a GPU (more cores are free for the masks)."""
+    on_accelerator: the model runs on a GPU (more cores are free for the masks); own_process: the
+    matchers in a child process (None: as OWN_PROCESS_ENV says)."""
+    if own_process is None:
+        own_process = os.environ.get(OWN_PROCESS_ENV) == "1"
 
     def make(eos_token_ids: tuple[int, ...]) -> GrammarBackend:
-        from batchlm.structured.llguidance_backend import LLGuidanceBackend
-        from batchlm.tokenizer.hf_loading import load_hf_tokenizer
-
-        started = time.perf_counter()
-        hf = load_hf_tokenizer(tokenizer_dir(config, model_dir), config.trust_remote_code)
-        threads = mask_threads(on_accelerator)
-        backend = LLGuidanceBackend.from_hf(
-            hf, vocab_size, eos_token_ids, threads, batched_accept=on_accelerator
-        )
-        logger.info("structured outputs: grammar backend ready in %.2f s", time.perf_counter() - started)
-        return backend
+        log_level = logging.getLogger("batchlm").getEffectiveLevel()
+        spec = BackendSpec(config, model_dir, vocab_size, on_accelerator, eos_token_ids, log_level)
+        if own_process:
+            return ProcessBackend(spec, local_backend)
+        return local_backend(spec)
 
     return make
+
+
+def local_backend(spec: BackendSpec) -> GrammarBackend:
+    """llguidance over the model's Hugging Face tokenizer, in this process."""
+    from batchlm.structured.llguidance_backend import LLGuidanceBackend
+    from batchlm.tokenizer.hf_loading import load_hf_tokenizer
+
+    started = time.perf_counter()
+    config = spec.config
+    hf = load_hf_tokenizer(tokenizer_dir(config, spec.model_dir), config.trust_remote_code)
+    threads = mask_threads(spec.on_accelerator)
+    backend = LLGuidanceBackend.from_hf(
+        hf, spec.vocab_size, spec.eos_token_ids, threads, batched_accept=spec.on_accelerator
+    )
+    logger.info("structured outputs: grammar backend ready in %.2f s", time.perf_counter() - started)
+    return backend

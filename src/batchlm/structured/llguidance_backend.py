@@ -247,6 +247,13 @@ class LLGuidanceBackend:
         """bitmask: [rows, bitmask_words] int32, C-contiguous; row i for matchers[i]."""
         self.batch(matchers).fill(bitmask)
 
+    def advance_and_fill(
+        self, matchers: Sequence[GrammarMatcher], new_tokens: Sequence[Sequence[int]], bitmask: np.ndarray
+    ) -> list[bool]:
+        accepted = self.advance(matchers, new_tokens)
+        self.fill_bitmasks(matchers, bitmask)
+        return accepted
+
     def advance(self, matchers: Sequence[GrammarMatcher], new_tokens: Sequence[Sequence[int]]) -> list[bool]:
         """matchers[i] over new_tokens[i]; per matcher, False if its grammar rejected a token. One
         batch per token depth, of the matchers with a token there (a matcher at most once per call)."""
@@ -302,6 +309,11 @@ class LLGuidanceBatch:
                 self._prepare()  # the rejecting matchers are in error now: they leave the executor's rows
         for row in self._others:
             accepted[row] = self.matchers[row].accept(token_ids[row]) and accepted[row]
+        return accepted
+
+    def step(self, token_ids: list[int], bitmask: np.ndarray) -> list[bool]:
+        accepted = self.advance_one(token_ids)
+        self.fill(bitmask)
         return accepted
 
     def fill(self, bitmask: np.ndarray) -> None:

@@ -15,7 +15,8 @@ import numpy as np
 
 from batchlm.core.step_io import PLACEHOLDER_TOKEN_ID
 from batchlm.sampling_params import StructuredOutputs
-from batchlm.structured.backend import GrammarBackend, GrammarError, GrammarMatcher, fill_eos_only
+from batchlm.structured.backend import EndingMatcher, GrammarBackend, GrammarError, GrammarMatcher
+from batchlm.structured.mask_process import ProcessBackend
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -73,28 +74,11 @@ def _then(job: Callable[..., T], written: Callable[[], None], *args: object) -> 
         written()
 
 
-def advance(backend: GrammarBackend, matchers: list[GrammarMatcher], new_tokens: list[list[int]]) -> None:
-    """Advance matchers[i] over new_tokens[i] (the backend may spread them over its threads)."""
-    for tokens, accepted in zip(new_tokens, backend.advance(matchers, new_tokens), strict=True):
-        if not accepted:
+def warn_rejected(accepted: list[bool], new_tokens: Sequence[object]) -> None:
+    """Log the rows whose grammar rejected a sampled token (their matchers now allow only EOS)."""
+    for tokens, ok in zip(new_tokens, accepted, strict=True):
+        if not ok:
             logger.warning("a constrained sequence sampled a token its grammar rejects (among %s)", tokens)
-
-
-class _EndingMatcher:
-    """Stands in for a grammar that failed to compile in the engine: the sequence ends at once."""
-
-    def __init__(self, eos_token_ids: tuple[int, ...]) -> None:
-        self._eos_token_ids = eos_token_ids
-
-    def fill_bitmask(self, row: np.ndarray) -> None:
-        fill_eos_only(row, self._eos_token_ids)
-
-    def accept(self, token_id: int) -> bool:
-        return token_id in self._eos_token_ids
-
-    @property
-    def is_terminated(self) -> bool:
-        return True
 
 
 @dataclass(eq=False)
@@ -164,7 +148,7 @@ class ConstrainedSequences:
         except GrammarError as exc:
             # The API edge compiles every spec first; this is a grammar only this tokenizer rejects.
             logger.error("request %s: its grammar does not compile (%s); it ends now", request_id, exc)
-            matcher = _EndingMatcher(backend.eos_token_ids)
+            matcher = EndingMatcher(backend.eos_token_ids)
         self._sequences[request_id] = _Sequence(matcher, output_token_ids)
 
     def drop(self, request_ids: Sequence[str] | frozenset[str]) -> None:
@@ -176,6 +160,13 @@ class ConstrainedSequences:
         """The width of a bitmask row (once a sequence has been added)."""
         assert self._backend is not None
         return self._backend.bitmask_words
+
+    @property
+    def shared_arrays(self) -> Callable[[int], np.ndarray] | None:
+        """rows -> a [rows, words] mask buffer the backend fills without a copy (a mask process's shared
+        memory); None when any buffer will do."""
+        backend = self._backend
+        return backend.shared_array if isinstance(backend, ProcessBackend) else None
 
     def rows_among(self, request_ids: Sequence[str]) -> list[int]:
         """The indexes of the request ids that are constrained sequences here."""
@@ -216,9 +207,8 @@ class ConstrainedSequences:
     ) -> GrammarMasks:
         self._batch = None  # its matchers move here: a failure here would not reach its prepared rows
         matchers = [seq.matcher for seq in sequences]
-        advance(backend, matchers, new_tokens)
         bitmask = np.empty((len(rows), backend.bitmask_words), dtype=np.int32)
-        backend.fill_bitmasks(matchers, bitmask)
+        warn_rejected(backend.advance_and_fill(matchers, new_tokens, bitmask), new_tokens)
         return GrammarMasks(rows, bitmask)
 
     def prefetch_masks(
@@ -274,10 +264,9 @@ class ConstrainedSequences:
             seq.num_accepted = position + 1
             index[request_id] = len(matchers)
             matchers.append(seq.matcher)
-        advance(backend, matchers, new_tokens)
         bitmask = out[: len(matchers)]
         if matchers:
-            backend.fill_bitmasks(matchers, bitmask)
+            warn_rejected(backend.advance_and_fill(matchers, new_tokens, bitmask), new_tokens)
         return PrefetchedMasks(index, bitmask, complete=len(matchers) == len(sequences))
 
     def _prefetch_one_each(
@@ -295,12 +284,9 @@ class ConstrainedSequences:
             batch = self._batch = _PreparedBatch(backend, sampled_rows.request_ids, sequences)
         for seq in sequences:
             seq.num_accepted += 1
-        for accepted, token_id in zip(batch.matchers.advance_one(tokens), tokens, strict=True):
-            if not accepted:
-                logger.warning("a constrained sequence sampled a token its grammar rejects (%d)", token_id)
         bitmask = out[: len(sequences)]
         if sequences:
-            batch.matchers.fill(bitmask)
+            warn_rejected(batch.matchers.step(tokens, bitmask), tokens)
         return PrefetchedMasks(batch.index, bitmask, complete=True)
 
     def _submit(self, job: Callable[..., T], *args: object) -> Future[T]:
@@ -323,3 +309,5 @@ class ConstrainedSequences:
         if self._worker is not None:
             self._worker.shutdown(wait=True)
             self._worker = None
+        if isinstance(self._backend, ProcessBackend):
+            self._backend.close()

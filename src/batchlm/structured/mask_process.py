@@ -1,0 +1,529 @@
+"""A grammar backend whose matchers live in a child process: the engine's process keeps stand-ins and
+each call is a typed message on a pipe, so neither side's Python waits for the other's GIL
+(BENCHMARKS.md, "A process of their own"). The child writes masks straight into shared memory when the
+caller's buffer is there (`shared_array`), else into a scratch segment copied out after its answer.
+
+The child exits when its pipe closes, so it never outlives the engine."""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import contextlib
+import itertools
+import logging
+import mmap
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
+
+import numpy as np
+
+from batchlm.config import EngineConfig
+from batchlm.sampling_params import StructuredOutputs
+from batchlm.structured.backend import (
+    EndingMatcher,
+    GrammarBackend,
+    GrammarError,
+    GrammarMatcher,
+    MatcherBatch,
+)
+
+logger = logging.getLogger(__name__)
+
+STOP_GRACE_S = 5.0
+# How long a failed call waits for a dead child's exit code, to name it.
+EXIT_CODE_WAIT_S = 1.0
+CHILD_COMMAND = "from batchlm.structured.mask_process import main; main()"
+# Where POSIX shared memory segments appear as files (Linux).
+SHARED_MEMORY_DIR = "/dev/shm"
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """What building the engine's grammar backend takes (structured.factory's arguments)."""
+
+    config: EngineConfig
+    model_dir: Path
+    vocab_size: int
+    on_accelerator: bool
+    eos_token_ids: tuple[int, ...]
+    log_level: int
+
+
+# Builds the real backend in the child: a module-level function, which travels by its name.
+BuildBackend = Callable[[BackendSpec], GrammarBackend]
+
+
+@dataclass(frozen=True)
+class Start:
+    """The child's first message."""
+
+    spec: BackendSpec
+    build: BuildBackend
+
+
+# Messages to the child. Only a Call is answered; the others take effect in order before later calls.
+
+
+@dataclass(frozen=True)
+class NewMatcher:
+    """A matcher at the start of `spec`'s grammar (one that does not compile ends its sequence)."""
+
+    matcher_id: int
+    spec: StructuredOutputs
+
+
+@dataclass(frozen=True)
+class NewBatch:
+    """These matchers prepared as the rows of a decode batch."""
+
+    batch_id: int
+    matcher_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Forget:
+    """Stand-ins gone on the engine's side, and shared segments it no longer writes through."""
+
+    matcher_ids: tuple[int, ...] = ()
+    batch_ids: tuple[int, ...] = ()
+    segments: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class MaskTarget:
+    """Where to write [rows, words] int32 masks: a byte offset into a shared segment."""
+
+    segment: str
+    offset: int
+    rows: int
+
+
+@dataclass(frozen=True)
+class Call:
+    """Advance, then fill, then report: rows are a prepared batch (batch_id, one token each in
+    `one_each`) or matchers by id (`new_tokens`, any number each)."""
+
+    batch_id: int | None = None
+    matcher_ids: tuple[int, ...] = ()
+    one_each: list[int] | None = None
+    new_tokens: list[list[int]] | None = None
+    fill: MaskTarget | None = None
+    ask_terminated: bool = False
+
+
+@dataclass(frozen=True)
+class Stop:
+    pass
+
+
+ToChild = NewMatcher | NewBatch | Forget | Call | Stop
+
+
+# Messages from the child.
+
+
+@dataclass(frozen=True)
+class Ready:
+    bitmask_words: int
+    eos_token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The call's rows (by index) whose grammar rejected a token, and (if asked) whether each row's
+    grammar is done."""
+
+    rows: int
+    rejected: tuple[int, ...] = ()
+    terminated: tuple[bool, ...] = ()
+
+    @property
+    def accepted(self) -> list[bool]:
+        accepted = [True] * self.rows
+        for row in self.rejected:
+            accepted[row] = False
+        return accepted
+
+
+@dataclass(frozen=True)
+class Failed:
+    message: str
+
+
+FromChild = Ready | Answer | Failed
+
+
+class MaskProcessError(RuntimeError):
+    """The mask process failed a call, or is gone."""
+
+
+class RemoteMatcher:
+    """The engine's stand-in for a matcher in the child."""
+
+    def __init__(self, backend: ProcessBackend, matcher_id: int) -> None:
+        self._backend = backend
+        self.matcher_id = matcher_id
+
+    def __del__(self) -> None:
+        self._backend.forgotten_matchers.append(self.matcher_id)
+
+    def fill_bitmask(self, row: np.ndarray) -> None:
+        self._backend.fill_bitmasks([self], row.reshape(1, -1))
+
+    def accept(self, token_id: int) -> bool:
+        return self._backend.advance([self], [[token_id]])[0]
+
+    @property
+    def is_terminated(self) -> bool:
+        return self._backend.call(Call(matcher_ids=(self.matcher_id,), ask_terminated=True)).terminated[0]
+
+
+class RemoteBatch:
+    """The engine's stand-in for a prepared batch in the child. Keeps its matchers' stand-ins alive:
+    the child's batch uses their matchers."""
+
+    def __init__(self, backend: ProcessBackend, batch_id: int, matchers: list[RemoteMatcher]) -> None:
+        self._backend = backend
+        self.batch_id = batch_id
+        self.matchers = matchers
+
+    def __del__(self) -> None:
+        self._backend.forgotten_batches.append(self.batch_id)
+
+    def advance_one(self, token_ids: list[int]) -> list[bool]:
+        return self._backend.call(Call(batch_id=self.batch_id, one_each=list(token_ids))).accepted
+
+    def fill(self, bitmask: np.ndarray) -> None:
+        self._backend.call_filling(Call(batch_id=self.batch_id), bitmask)
+
+    def step(self, token_ids: list[int], bitmask: np.ndarray) -> list[bool]:
+        return self._backend.call_filling(Call(batch_id=self.batch_id, one_each=list(token_ids)), bitmask)
+
+
+class ProcessBackend:
+    """A GrammarBackend run by a child process (started here; it builds the real backend with
+    `build(spec)`)."""
+
+    def __init__(self, spec: BackendSpec, build: BuildBackend) -> None:
+        # A fresh interpreter, not multiprocessing's spawn, which would import the caller's __main__.
+        ours, theirs = socket.socketpair()
+        command = [sys.executable, "-c", CHILD_COMMAND, str(theirs.fileno())]
+        self._process = subprocess.Popen(command, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+        theirs.close()
+        self._conn = Connection(ours.detach())
+        self._conn.send(Start(spec, build))
+        # Sends from any thread; a call's send and answer stay together.
+        self._send_lock = threading.Lock()
+        self._call_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        # Stand-ins collected on any thread, told to the child with the next message (deque: atomic).
+        self.forgotten_matchers: collections.deque[int] = collections.deque()
+        self.forgotten_batches: collections.deque[int] = collections.deque()
+        self._segments: dict[str, tuple[SharedMemory, int]] = {}  # name -> segment, its address
+        self._scratch: SharedMemory | None = None
+        self._closed = False
+        # Segments unlinked and the child stopped at exit too (an engine is seldom closed).
+        atexit.register(self.close)
+        ready = self._receive()
+        if not isinstance(ready, Ready):
+            self.close()
+            raise MaskProcessError(f"the grammar mask process did not start: {_failure(ready)}")
+        self.bitmask_words = ready.bitmask_words
+        self.eos_token_ids = ready.eos_token_ids
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def matcher(self, spec: StructuredOutputs) -> RemoteMatcher:
+        """Never raises GrammarError: the API edge compiled the spec, and a grammar only this
+        tokenizer rejects ends its sequence in the child (which logs why)."""
+        matcher_id = next(self._ids)
+        self._send(NewMatcher(matcher_id, spec))
+        return RemoteMatcher(self, matcher_id)
+
+    def batch(self, matchers: Sequence[GrammarMatcher]) -> RemoteBatch:
+        ours = self._ours(matchers)
+        batch_id = next(self._ids)
+        self._send(NewBatch(batch_id, tuple(m.matcher_id for m in ours)))
+        return RemoteBatch(self, batch_id, ours)
+
+    def fill_bitmasks(self, matchers: Sequence[GrammarMatcher], bitmask: np.ndarray) -> None:
+        self.call_filling(Call(matcher_ids=self._ids_of(matchers)), bitmask)
+
+    def advance(self, matchers: Sequence[GrammarMatcher], new_tokens: Sequence[Sequence[int]]) -> list[bool]:
+        tokens = [list(t) for t in new_tokens]
+        return self.call(Call(matcher_ids=self._ids_of(matchers), new_tokens=tokens)).accepted
+
+    def advance_and_fill(
+        self, matchers: Sequence[GrammarMatcher], new_tokens: Sequence[Sequence[int]], bitmask: np.ndarray
+    ) -> list[bool]:
+        tokens = [list(t) for t in new_tokens]
+        return self.call_filling(Call(matcher_ids=self._ids_of(matchers), new_tokens=tokens), bitmask)
+
+    def shared_array(self, rows: int) -> np.ndarray:
+        """[rows, bitmask_words] int32 in shared memory: masks filled into it need no copy. It lives
+        until close()."""
+        segment = SharedMemory(create=True, size=max(1, rows * self.bitmask_words * 4))
+        array = np.ndarray((rows, self.bitmask_words), dtype=np.int32, buffer=segment.buf)
+        self._segments[segment.name] = (segment, array.ctypes.data)
+        return array
+
+    def call_filling(self, call: Call, bitmask: np.ndarray) -> list[bool]:
+        """A call that fills `bitmask` ([rows, words] int32, C-contiguous): in place when it lies in
+        shared memory from here, else through the scratch segment."""
+        assert bitmask.dtype == np.int32 and bitmask.flags["C_CONTIGUOUS"]
+        assert bitmask.ndim == 2 and bitmask.shape[1] == self.bitmask_words
+        rows = bitmask.shape[0]
+        target = self._shared_target(bitmask)
+        if target is not None:
+            return self.call(_with_fill(call, target)).accepted
+        with self._call_lock:  # the scratch segment is read before another call writes it
+            scratch = self._scratch_for(rows * self.bitmask_words * 4)
+            answer = self._call_locked(_with_fill(call, MaskTarget(scratch.name, 0, rows)))
+            np.copyto(bitmask, np.ndarray(bitmask.shape, dtype=np.int32, buffer=scratch.buf))
+        return answer.accepted
+
+    def call(self, call: Call) -> Answer:
+        with self._call_lock:
+            return self._call_locked(call)
+
+    def _call_locked(self, call: Call) -> Answer:
+        self._send(call)
+        answer = self._receive()
+        if not isinstance(answer, Answer):
+            raise MaskProcessError(f"the grammar mask process failed: {_failure(answer)}")
+        return answer
+
+    def _shared_target(self, bitmask: np.ndarray) -> MaskTarget | None:
+        address = bitmask.ctypes.data
+        for name, (segment, base) in self._segments.items():
+            if base <= address and address + bitmask.nbytes <= base + segment.size:
+                return MaskTarget(name, address - base, bitmask.shape[0])
+        return None
+
+    def _scratch_for(self, nbytes: int) -> SharedMemory:
+        scratch = self._scratch
+        if scratch is not None and scratch.size >= nbytes:
+            return scratch
+        self._scratch = SharedMemory(
+            create=True, size=max(nbytes, 2 * (scratch.size if scratch else 0), 4096)
+        )
+        if scratch is not None:
+            self._send(Forget(segments=(scratch.name,)))
+            _release(scratch)
+        return self._scratch
+
+    def _ours(self, matchers: Sequence[GrammarMatcher]) -> list[RemoteMatcher]:
+        ours = [m for m in matchers if isinstance(m, RemoteMatcher)]
+        if len(ours) != len(matchers):
+            raise TypeError("a process backend's calls take only its own matchers")
+        return ours
+
+    def _ids_of(self, matchers: Sequence[GrammarMatcher]) -> tuple[int, ...]:
+        return tuple(m.matcher_id for m in self._ours(matchers))
+
+    def _send(self, message: ToChild) -> None:
+        with self._send_lock:
+            forgotten = _drain(self.forgotten_matchers), _drain(self.forgotten_batches)
+            try:
+                if forgotten[0] or forgotten[1]:
+                    self._conn.send(Forget(forgotten[0], forgotten[1]))
+                self._conn.send(message)
+            except (BrokenPipeError, OSError) as exc:
+                raise MaskProcessError(f"the grammar mask process is gone ({exc})") from None
+
+    def _receive(self) -> FromChild:
+        try:
+            message: FromChild = self._conn.recv()
+        except (EOFError, OSError):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._process.wait(timeout=EXIT_CODE_WAIT_S)
+            raise MaskProcessError(
+                f"the grammar mask process exited (exit code {self._process.returncode})"
+            ) from None
+        return message
+
+    def close(self) -> None:
+        """Stop the child and free the shared segments (arrays from shared_array must be unused)."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.close)
+        with contextlib.suppress(MaskProcessError):
+            self._send(Stop())
+        try:
+            self._process.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._conn.close()
+        for segment, _ in self._segments.values():
+            _release(segment)
+        self._segments.clear()
+        if self._scratch is not None:
+            _release(self._scratch)
+            self._scratch = None
+
+
+def _with_fill(call: Call, target: MaskTarget) -> Call:
+    return Call(call.batch_id, call.matcher_ids, call.one_each, call.new_tokens, target, call.ask_terminated)
+
+
+def _drain(ids: collections.deque[int]) -> tuple[int, ...]:
+    drained: list[int] = []
+    with contextlib.suppress(IndexError):
+        while True:
+            drained.append(ids.popleft())
+    return tuple(drained)
+
+
+def _failure(message: FromChild) -> str:
+    return message.message if isinstance(message, Failed) else f"unexpected {type(message).__name__}"
+
+
+def _release(segment: SharedMemory) -> None:
+    # Views into it may outlive the segment's name: the memory goes with the last of them.
+    with contextlib.suppress(BufferError):
+        segment.close()
+    with contextlib.suppress(FileNotFoundError):
+        segment.unlink()
+
+
+# The child.
+
+
+class _Child:
+    """The real backend and its matchers and batches, by the ids the engine's side gave them."""
+
+    def __init__(self, backend: GrammarBackend) -> None:
+        self.backend = backend
+        self.matchers: dict[int, GrammarMatcher] = {}
+        self.batches: dict[int, MatcherBatch] = {}
+        self.segments: dict[str, mmap.mmap] = {}
+        # A failure of a message nobody waits for, told with the next call's answer.
+        self.failure: str | None = None
+
+    def handle(self, message: ToChild) -> FromChild | None:
+        try:
+            if isinstance(message, Call):
+                return self._call(message)
+            self._apply(message)
+        except Exception as exc:  # told to the engine, whose step fails with it
+            logger.exception("grammar mask process: %s failed", type(message).__name__)
+            failure = f"{type(message).__name__}: {exc}"
+            if isinstance(message, Call):
+                return Failed(failure)
+            self.failure = self.failure or failure
+        return None
+
+    def _apply(self, message: ToChild) -> None:
+        if isinstance(message, NewMatcher):
+            self.matchers[message.matcher_id] = self._matcher(message)
+        elif isinstance(message, NewBatch):
+            matchers = [self.matchers[i] for i in message.matcher_ids]
+            self.batches[message.batch_id] = self.backend.batch(matchers)
+        elif isinstance(message, Forget):
+            for matcher_id in message.matcher_ids:
+                self.matchers.pop(matcher_id, None)
+            for batch_id in message.batch_ids:
+                self.batches.pop(batch_id, None)
+            for name in message.segments:
+                segment = self.segments.pop(name, None)
+                if segment is not None:
+                    with contextlib.suppress(BufferError):  # a view of it still alive: freed with it
+                        segment.close()
+
+    def _matcher(self, message: NewMatcher) -> GrammarMatcher:
+        try:
+            return self.backend.matcher(message.spec)
+        except GrammarError as exc:
+            logger.error("a grammar does not compile in the engine (%s); its sequence ends now", exc)
+            return EndingMatcher(self.backend.eos_token_ids)
+
+    def _call(self, call: Call) -> FromChild:
+        if self.failure is not None:
+            failure, self.failure = self.failure, None
+            return Failed(failure)
+        bitmask = self._view(call.fill) if call.fill is not None else None
+        if call.batch_id is not None:
+            batch = self.batches[call.batch_id]
+            accepted: list[bool] = []
+            if call.one_each is not None:
+                accepted = batch.advance_one(call.one_each)
+            if bitmask is not None:
+                batch.fill(bitmask)
+            return Answer(len(accepted), _rejected(accepted))
+        matchers = [self.matchers[i] for i in call.matcher_ids]
+        accepted = [True] * len(matchers)
+        if call.new_tokens is not None:
+            accepted = self.backend.advance(matchers, call.new_tokens)
+        if bitmask is not None:
+            self.backend.fill_bitmasks(matchers, bitmask)
+        terminated = tuple(m.is_terminated for m in matchers) if call.ask_terminated else ()
+        return Answer(len(matchers), _rejected(accepted), terminated)
+
+    def _view(self, target: MaskTarget) -> np.ndarray:
+        segment = self.segments.get(target.segment)
+        if segment is None:
+            segment = self.segments[target.segment] = _attach(target.segment)
+        shape = (target.rows, self.backend.bitmask_words)
+        return np.ndarray(shape, dtype=np.int32, buffer=segment, offset=target.offset)
+
+
+def _rejected(accepted: list[bool]) -> tuple[int, ...]:
+    if all(accepted):
+        return ()
+    return tuple(row for row, ok in enumerate(accepted) if not ok)
+
+
+def _attach(name: str) -> mmap.mmap:
+    """A segment the engine's side made (and will unlink), mapped through its file: attaching through
+    SharedMemory would start a resource tracker here that claims the segment as this process's."""
+    fd = os.open(os.path.join(SHARED_MEMORY_DIR, name), os.O_RDWR)
+    try:
+        return mmap.mmap(fd, 0)
+    finally:
+        os.close(fd)
+
+
+def main() -> None:
+    """The mask process (CHILD_COMMAND): build the backend as Start says, answer Ready, then serve
+    messages until Stop or the socket's end."""
+    conn = Connection(int(sys.argv[1]))
+    # Ctrl-C reaches the whole process group; the engine decides when this process stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        start: Start = conn.recv()
+    except (EOFError, OSError):
+        return
+    level = start.spec.log_level
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        backend = start.build(start.spec)
+    except Exception as exc:
+        logger.exception("grammar mask process: the backend did not build")
+        conn.send(Failed(f"the grammar backend did not build: {exc}"))
+        return
+    conn.send(Ready(backend.bitmask_words, backend.eos_token_ids))
+    child = _Child(backend)
+    while True:
+        try:
+            message: ToChild = conn.recv()
+        except (EOFError, OSError):
+            return
+        if isinstance(message, Stop):
+            return
+        answer = child.handle(message)
+        if answer is not None:
+            conn.send(answer)
