@@ -6,6 +6,7 @@ sampled tokens "landing" at a moment this script picks, as a device would delive
     python benchmarks/grammar_host_step.py ... --accept one   # one consume_token call per token
     python benchmarks/grammar_host_step.py ... --passes 2     # a second batch of requests, same grammar
     python benchmarks/grammar_host_step.py ... --engine-python-ms 0 --busy-processes 1  # a busy core, no GIL
+    python benchmarks/grammar_host_step.py ... --grammar-process  # the matchers in a process of their own
 
 Threads and the way matchers advance default to the engine's choice on this host (beside a GPU when
 one is visible).
@@ -19,7 +20,9 @@ processing it does then), so the GIL is contended as in a serving engine.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import logging
 import statistics
 import sys
 import tempfile
@@ -38,11 +41,14 @@ from host_contention import BUSY_KINDS, busy_processes
 from mlx_vs_mlx_lm_server import pad_tokenizer_vocab
 from structured_outputs import SUMMARY_FIELDS, long_output_schema, override_grammar_settings
 
+from batchlm.config import EngineConfig
 from batchlm.core.step_io import PLACEHOLDER_TOKEN_ID
 from batchlm.runner.grammar import StepMasks
 from batchlm.runner.host_flag import ThreadFlag
 from batchlm.sampling_params import StructuredOutputs
+from batchlm.structured.backend import GrammarBackend
 from batchlm.structured.llguidance_backend import LLGuidanceBackend
+from batchlm.structured.mask_process import BackendSpec, ProcessBackend
 from batchlm.structured.sequences import ConstrainedSequences
 
 
@@ -191,18 +197,36 @@ def main() -> None:
         default=1,
         help="runs of --steps steps, each with new requests under the grammar compiled by the first",
     )
+    parser.add_argument(
+        "--grammar-process",
+        action="store_true",
+        help="the matchers in a process of their own (structured.mask_process), the masks written into "
+        "shared memory; llguidance's threads and advance as the engine chooses, its calls not timed",
+    )
     args = parser.parse_args()
+    if args.grammar_process and (args.mask_threads or args.accept):
+        parser.error("--mask-threads and --accept do not reach a grammar process")
     from transformers import AutoTokenizer
 
-    from batchlm.structured.factory import mask_threads
+    from batchlm.structured.factory import local_backend, mask_threads
 
     beside_gpu = torch.cuda.is_available()
     threads = args.mask_threads or mask_threads(beside_gpu)
     batched = args.accept == "batched" if args.accept else beside_gpu
-    hf = AutoTokenizer.from_pretrained(tokenizer_dir(args.vocab_size))
-    backend = LLGuidanceBackend.from_hf(hf, args.vocab_size, (0,), threads=threads, batched_accept=batched)
-    llguidance_calls = TimedExecutor(backend._executor)
-    backend._executor = llguidance_calls  # type: ignore[assignment]
+    backend: GrammarBackend
+    llguidance_calls = TimedExecutor(None)
+    if args.grammar_process:
+        directory = tokenizer_dir(args.vocab_size)
+        log_level = logging.getLogger("batchlm").getEffectiveLevel()
+        config = EngineConfig(model=str(directory))
+        backend_spec = BackendSpec(config, directory, args.vocab_size, beside_gpu, (0,), log_level)
+        backend = ProcessBackend(backend_spec, local_backend)
+    else:
+        hf = AutoTokenizer.from_pretrained(tokenizer_dir(args.vocab_size))
+        local = LLGuidanceBackend.from_hf(hf, args.vocab_size, (0,), threads=threads, batched_accept=batched)
+        llguidance_calls = TimedExecutor(local._executor)
+        local._executor = llguidance_calls  # type: ignore[assignment]
+        backend = local
     override_grammar_settings(switch_interval_ms=args.switch_interval_ms)
     sequences = ConstrainedSequences(lambda eos: backend)
     spec = StructuredOutputs(json=json.dumps(long_output_schema(args.summary_field)))
@@ -220,6 +244,7 @@ def main() -> None:
                     "summary_field": args.summary_field,
                     "mask_threads": threads,
                     "accept": "batched" if batched else "one at a time",
+                    "grammar_process": args.grammar_process,
                     "engine_python_ms": args.engine_python_ms,
                     "busy_processes": args.busy_processes,
                     "hand_to_device": args.hand_to_device,
@@ -252,6 +277,15 @@ def main() -> None:
     sequences.close()
 
 
+def mask_buffers(sequences: ConstrainedSequences, rows: int, words: int) -> Callable[[int], np.ndarray]:
+    """The runner's MaskBuffer without a GPU: a ring of four, in the grammar process's shared memory
+    when there is one (as the GPU's staging ring then is), so its masks are written in place."""
+    shared = sequences.shared_arrays
+    ring = [shared(rows) if shared else np.empty((rows, words), dtype=np.int32) for _ in range(4)]
+    turn = itertools.count()
+    return lambda wanted: ring[next(turn) % len(ring)][:wanted]
+
+
 def run_pass(
     sequences: ConstrainedSequences, words: int, spec: StructuredOutputs, args: argparse.Namespace, run: int
 ) -> dict[str, list[float]]:
@@ -263,7 +297,7 @@ def run_pass(
     for request_id, tokens in zip(request_ids, lists, strict=True):
         sequences.add(request_id, spec, tokens, (0,))
     flag = TimedFlag() if args.hand_to_device else None
-    masks = StepMasks(sequences, lambda rows: np.empty((rows, words), dtype=np.int32), flag)
+    masks = StepMasks(sequences, mask_buffers(sequences, args.rows, words), flag)
     rng = np.random.default_rng(run)
     timings: dict[str, list[float]] = {"engine": [], "ready": [], "written": [], "engine_work": []}
     for _ in range(args.steps):
