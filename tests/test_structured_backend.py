@@ -331,3 +331,23 @@ def test_the_backend_s_token_slices_leave_every_mask_as_llguidance_s_own_slices_
             token = int(rng.choice(allowed_tokens(ours_row, 2080)))
             assert ours.accept(token) and theirs.accept(token)
     assert masks > 300
+
+
+def test_a_prefetch_without_token_ids_leaves_its_sequences_as_they_were(backend, tiny_tokenizer) -> None:
+    """Tokens that travel packed with logprobs reach no prefetch: the steady path, whose bookkeeping is
+    done before the tokens land, undoes it, and the next prefetch's masks follow every token."""
+    spec = StructuredOutputs(regex="[a-z]{2}")
+    letter = tiny_tokenizer.encode("k", add_special_tokens=False)[0]
+    sequences = ConstrainedSequences(lambda eos: backend)
+    tokens: list[int] = []
+    sequences.add("a", spec, tokens, EOS)
+    out = np.empty((1, backend.bitmask_words), dtype=np.int32)
+    tokens.append(PLACEHOLDER_TOKEN_ID)
+    nothing = sequences.prefetch_masks(SampledRows(["a"], [0], [0]), lambda: None, out).result()
+    assert nothing.index == {} and not nothing.complete
+    tokens[0] = letter
+    tokens.append(PLACEHOLDER_TOKEN_ID)
+    masks = sequences.prefetch_masks(SampledRows(["a"], [0], [1]), lambda: [letter], out).result()
+    assert masks.index == {"a": 0}
+    assert set(allowed_tokens(masks.bitmask[0], 2080).tolist()) == set(EOS), "both letters accepted"
+    sequences.close()

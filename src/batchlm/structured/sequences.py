@@ -244,12 +244,12 @@ class ConstrainedSequences:
         sampled: Callable[[], Sequence[int] | None],
         out: np.ndarray,
     ) -> PrefetchedMasks:
+        if [seq.num_accepted for seq in sequences] == sampled_rows.positions:
+            return self._prefetch_one_each(backend, sampled_rows, sequences, sampled, out)
         token_ids = sampled()
         if token_ids is None:
             return PrefetchedMasks({}, out[:0])
         tokens = [token_ids[row] for row in sampled_rows.rows]
-        if [seq.num_accepted for seq in sequences] == sampled_rows.positions:
-            return self._prefetch_one_each(backend, sampled_rows, sequences, tokens, out)
         self._batch = None
         index: dict[str, int] = {}
         matchers: list[GrammarMatcher] = []
@@ -274,16 +274,26 @@ class ConstrainedSequences:
         backend: GrammarBackend,
         sampled_rows: SampledRows,
         sequences: list[_Sequence],
-        tokens: list[int],
+        sampled: Callable[[], Sequence[int] | None],
         out: np.ndarray,
     ) -> PrefetchedMasks:
         """_prefetch where every sequence takes exactly the one token sampled for it, as in steady
-        decoding: the batch of matchers prepared last time serves again while the sequences stay the same."""
+        decoding: the batch of matchers prepared last time serves again while the sequences stay the
+        same. All but the step itself is done before the tokens land (the worker would wait anyway), so
+        that after they land only the backend's call holds up the masks."""
         batch = self._batch
         if batch is None or batch.sequences != sequences:
             batch = self._batch = _PreparedBatch(backend, sampled_rows.request_ids, sequences)
+        rows = sampled_rows.rows
+        leading = rows == list(range(len(rows)))  # the sampled rows' first tokens, in order
         for seq in sequences:
             seq.num_accepted += 1
+        token_ids = sampled()
+        if token_ids is None:  # they travel packed with logprobs: the step computes its masks itself
+            for seq in sequences:
+                seq.num_accepted -= 1
+            return PrefetchedMasks({}, out[:0])
+        tokens = list(token_ids[: len(rows)]) if leading else [token_ids[row] for row in rows]
         bitmask = out[: len(sequences)]
         if sequences:
             warn_rejected(batch.matchers.step(tokens, bitmask), tokens)
