@@ -20,9 +20,16 @@ from batchlm.config import EngineConfig
 from batchlm.core.step_io import PLACEHOLDER_TOKEN_ID
 from batchlm.sampling_params import StructuredOutputs
 from batchlm.structured.backend import allowed_tokens
-from batchlm.structured.factory import OWN_PROCESS_ENV, backend_factory
+from batchlm.structured.factory import OWN_PROCESS_ENV, backend_factory, local_backend
 from batchlm.structured.llguidance_backend import LLGuidanceBackend
-from batchlm.structured.mask_process import SHARED_MEMORY_DIR, MaskProcessError, ProcessBackend
+from batchlm.structured.mask_process import (
+    SHARED_MEMORY_DIR,
+    BackendSpec,
+    MaskProcessError,
+    ProcessBackend,
+    RemoteBatch,
+    SharedWords,
+)
 from batchlm.structured.sequences import ConstrainedSequences, SampledRows
 
 EOS = (1, 3)
@@ -152,6 +159,59 @@ def test_the_child_exits_when_the_engine_is_gone(remote: ProcessBackend) -> None
     assert remote._process.wait(timeout=60) == 0  # a hang guard, far above the exit's time
 
 
+@pytest.fixture
+def with_words(llama_dir: Path) -> Iterator[tuple[ProcessBackend, SharedWords]]:
+    words = SharedWords()
+    spec = BackendSpec(EngineConfig(model=str(llama_dir)), llama_dir, VOCAB, False, EOS, 30)
+    backend = ProcessBackend(spec, local_backend, words, landing_timeout_s=2.0)
+    yield backend, words
+    backend.close()
+
+
+def test_the_child_waits_for_landed_tokens_and_releases_the_written_word(
+    local: LLGuidanceBackend, with_words: tuple[ProcessBackend, SharedWords]
+) -> None:
+    """Tokens the engine lands in the ring (here late, from another thread, in scrambled rows) are the
+    ones the child advances by; it sets WRITTEN to the call's ticket once the masks are written."""
+    remote, words = with_words
+    ours = [local.matcher(spec) for spec in SPECS]
+    theirs = [remote.matcher(spec) for spec in SPECS]
+    batch_ours, batch_theirs = local.batch(ours), remote.batch(theirs)
+    assert isinstance(batch_theirs, RemoteBatch)
+    expected = np.empty((len(SPECS), local.bitmask_words), np.int32)
+    batch_ours.fill(expected)
+    shared = remote.shared_array(len(SPECS))
+    rng = np.random.default_rng(1)
+    token_rows = (4, 0, 2)  # the step sampled five rows; ours are these
+    for step in range(1, 10):
+        tokens = walk_tokens(expected, rng, forbidden_every=4, step=step)
+        landing = remote.landing(5)
+        sampled = [7, 7, 7, 7, 7]
+        for row, token in zip(token_rows, tokens, strict=True):
+            sampled[row] = token
+
+        def land(landing=landing, sampled=sampled) -> None:
+            landing.tokens[:] = sampled
+            words.publish(SharedWords.LANDED, landing.where.ticket)
+
+        threading.Timer(0.05, land).start()  # the call goes out before the tokens are there
+        accepted = batch_theirs.step_landed(landing.where, token_rows, shared, release=100 + step)
+        assert accepted == batch_ours.step(tokens, expected)
+        np.testing.assert_array_equal(shared, expected)
+        assert int(words.words[SharedWords.WRITTEN]) == 100 + step
+    assert landing.where.ticket > 4, "the ring's slots come round again"
+
+
+def test_tokens_that_never_land_fail_the_call(with_words: tuple[ProcessBackend, SharedWords]) -> None:
+    remote, _ = with_words
+    batch = remote.batch([remote.matcher(SPECS[1])])
+    assert isinstance(batch, RemoteBatch)
+    out = np.empty((1, remote.bitmask_words), np.int32)
+    with pytest.raises(MaskProcessError, match="never landed"):
+        batch.step_landed(remote.landing(1).where, (0,), out, release=None)
+    batch.fill(out)  # the child serves on
+
+
 @pytest.mark.parametrize("async_scheduling", ["off", "on"])
 def test_an_engine_samples_the_same_tokens(
     llama_dir: Path, monkeypatch: pytest.MonkeyPatch, async_scheduling: str
@@ -170,7 +230,9 @@ def test_an_engine_samples_the_same_tokens(
         monkeypatch.setenv(OWN_PROCESS_ENV, "1" if own_process else "0")
         llm = LLM(model=str(llama_dir), device="cpu", async_scheduling=async_scheduling)
         results[own_process] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-        grammars = llm.engine_core.executor.grammars  # type: ignore[attr-defined]
-        assert isinstance(grammars._backend, ProcessBackend) == own_process
-        grammars.close()
+        runner = llm.engine_core.executor  # type: ignore[attr-defined]
+        assert isinstance(runner.grammars._backend, ProcessBackend) == own_process
+        # With the process, steady steps' tokens went to it directly (ConstrainedSequences.token_landing).
+        assert (runner.masks.steps_landed > 10) == own_process
+        runner.grammars.close()
     assert results[True] == results[False]

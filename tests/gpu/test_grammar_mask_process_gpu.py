@@ -88,5 +88,8 @@ def test_a_cuda_engine_with_the_mask_process_samples_the_same_tokens(
         runner = llm.engine_core.executor
         assert isinstance(runner.grammars._backend, ProcessBackend) == own_process
         assert runner.masks.steps_handed_to_device > 10
+        # With the process, the stream lands steady steps' tokens in its ring and it releases the
+        # stream's flag itself.
+        assert (runner.masks.steps_landed > 10) == own_process
         runner.grammars.close()
     assert tokens[True] == tokens[False]

@@ -12,12 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from batchlm.config import EngineConfig
-from batchlm.runner.host_flag import StreamFlag
+from batchlm.runner.host_flag import StreamFlag, StreamWord, shared_stream_words
 from batchlm.runner.step_output import PendingStepOutput
+from batchlm.sampling.grammar_mask import register_host_memory
 from batchlm.sampling.sampler import Sampler
 from batchlm.structured.factory import backend_factory
+from batchlm.structured.mask_process import SharedWords, TokenLanding
 from batchlm.structured.sequences import ConstrainedSequences, GrammarMasks, PrefetchedMasks, SampledRows
 
 # Rows -> scratch of that many bitmask rows (pinned memory on a GPU, so the upload needs no copy).
@@ -41,9 +44,61 @@ class MaskBuffers:
 
 
 def constrained_sequences(
-    config: EngineConfig, model_dir: Path, vocab_size: int, on_accelerator: bool
+    config: EngineConfig,
+    model_dir: Path,
+    vocab_size: int,
+    on_accelerator: bool,
+    words: SharedWords | None = None,
 ) -> ConstrainedSequences:
-    return ConstrainedSequences(backend_factory(config, model_dir, vocab_size, on_accelerator))
+    return ConstrainedSequences(backend_factory(config, model_dir, vocab_size, on_accelerator, words=words))
+
+
+class TokenLander:
+    """Puts a step's sampled token ids where the grammar mask process takes them itself
+    (ConstrainedSequences.token_landing): on a GPU a copy into the page-locked token ring and a write
+    of the LANDED counter, both queued on the stream; on a CPU both done at once."""
+
+    def __init__(self, words: SharedWords, landed: StreamWord | None = None) -> None:
+        self._words = words
+        self._landed = landed
+        self._ring: np.ndarray | None = None
+        self._ring_tensor: torch.Tensor | None = None
+
+    def land(self, landing: TokenLanding, token_ids: torch.Tensor) -> None:
+        """token_ids: [count] int64, the step's sampled tokens (on the device, or sampled on the CPU)."""
+        if token_ids.device.type == "cpu":
+            landing.tokens[:] = token_ids.numpy()
+            self._words.publish(SharedWords.LANDED, landing.where.ticket)
+            return
+        assert self._landed is not None
+        self._page_locked(landing).copy_(token_ids, non_blocking=True)
+        self._landed.write_on_device(landing.where.ticket)
+
+    def _page_locked(self, landing: TokenLanding) -> torch.Tensor:
+        """The landing's slot as a tensor over the ring, which is page-locked once (a grown ring
+        replaces it; the old one stays locked, copies into it may be in flight)."""
+        if self._ring is not landing.ring:
+            tensor = torch.from_numpy(landing.ring)
+            register_host_memory(tensor)
+            self._ring, self._ring_tensor = landing.ring, tensor
+        assert self._ring_tensor is not None
+        start = (landing.tokens.ctypes.data - landing.ring.ctypes.data) // landing.ring.itemsize
+        return self._ring_tensor.view(-1)[start : start + landing.where.count]
+
+
+def process_mask_signals(
+    device: torch.device, words: SharedWords, flag: StreamFlag | None
+) -> tuple[StreamFlag | None, TokenLander | None]:
+    """With a grammar mask process: the lander of each step's tokens, and the flag a GPU's stream
+    waits on for the masks, over the shared counters where the driver takes stream writes (the
+    process then sees the tokens land and releases the stream itself). Otherwise `flag` and no lander."""
+    if device.type != "cuda":
+        return flag, TokenLander(words)
+    shared = shared_stream_words(device, words)
+    if shared is None:
+        return flag, None
+    shared_flag, landed = shared
+    return shared_flag, TokenLander(words, landed)
 
 
 def constrained_rows(
@@ -141,11 +196,20 @@ class StepMasks:
     a wait on the flag, which the worker releases once the masks are written."""
 
     def __init__(
-        self, sequences: ConstrainedSequences, buffer: MaskBuffer, flag: StreamFlag | None = None
+        self,
+        sequences: ConstrainedSequences,
+        buffer: MaskBuffer,
+        flag: StreamFlag | None = None,
+        lander: TokenLander | None = None,
     ) -> None:
+        """lander: with a grammar mask process, puts each step's tokens where it takes them; flag is
+        then over the counter that process releases (process_mask_signals)."""
         self.sequences = sequences
         self._buffer = buffer
         self._flag = flag
+        self._lander = lander
+        # Steps whose tokens went to the mask process directly.
+        self.steps_landed = 0
         self._prefetched: PrefetchJob | None = None
         self._last_ticket = 0
         # Jobs whose masks the device waits for, not yet seen to finish (their failures raise later).
@@ -192,8 +256,12 @@ class StepMasks:
             computed = self.sequences.start_masks(missing).result()
         return merge_masks(rows, ahead, computed, self._buffer(len(rows)))
 
-    def prefetch(self, step: StartedMasks, pending: PendingStepOutput) -> None:
-        """After the step's sampling is queued: the next step's masks, computed once its tokens land."""
+    def prefetch(
+        self, step: StartedMasks, pending: PendingStepOutput, token_ids: torch.Tensor | None = None
+    ) -> None:
+        """After the step's sampling is queued: the next step's masks, computed once its tokens land.
+        token_ids: the step's sampled tokens [S] int64 (where they are sampled), for a mask process
+        to take itself."""
         constrained = sampled_rows(step.batch_rows, step.request_ids, pending.positions)
         request_ids = step.request_ids
         buffer = self._buffer(len(request_ids))
@@ -210,7 +278,16 @@ class StepMasks:
         if self._flag is not None:
             self._last_ticket = ticket = self._last_ticket + 1
             written = functools.partial(self._flag.release, ticket)
-        future = self.sequences.prefetch_masks(constrained, pending.peek_token_ids, buffer, written)
+        landing = None
+        if self._lander is not None and token_ids is not None:
+            landing = self.sequences.token_landing(token_ids.shape[0])
+            if landing is not None:
+                self._lander.land(landing, token_ids)
+                self.steps_landed += 1
+        release = ticket if landing is not None and self._flag is not None else None
+        future = self.sequences.prefetch_masks(
+            constrained, pending.peek_token_ids, buffer, written, landing, release
+        )
         bitmask = buffer[: len(request_ids)]
         self._prefetched = PrefetchJob(future, request_ids, positions, bitmask, ticket, complete)
 

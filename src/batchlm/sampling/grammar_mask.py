@@ -96,11 +96,12 @@ class BitmaskStaging:
         return tensor
 
 
-def register_host_memory(tensor: torch.Tensor) -> None:
-    """Page-lock a CPU tensor's memory in place, so copies from it to the device are asynchronous DMA."""
+def register_host_memory(tensor: torch.Tensor, mapped: bool = False) -> None:
+    """Page-lock a CPU tensor's memory in place, so copies between it and the device are asynchronous
+    DMA; mapped: the device may also address it (stream waits and writes)."""
     nbytes = tensor.numel() * tensor.element_size()
-    # Flag 1, portable: pinned for every CUDA context.
-    error = int(torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), nbytes, 1))
+    # cudaHostRegisterPortable (1): for every CUDA context; cudaHostRegisterMapped (2).
+    error = int(torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), nbytes, 3 if mapped else 1))
     if error != 0:
         raise RuntimeError(f"cudaHostRegister failed with CUDA error {error}")
 

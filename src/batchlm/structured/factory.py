@@ -11,7 +11,7 @@ from pathlib import Path
 
 from batchlm.config import EngineConfig
 from batchlm.structured.backend import GrammarBackend
-from batchlm.structured.mask_process import BackendSpec, ProcessBackend
+from batchlm.structured.mask_process import BackendSpec, ProcessBackend, SharedWords
 
 logger = logging.getLogger(__name__)
 
@@ -44,21 +44,28 @@ def backend_factory(
     vocab_size: int,
     on_accelerator: bool = False,
     own_process: bool | None = None,
+    words: SharedWords | None = None,
 ) -> BackendFactory:
     """A function of the engine's EOS ids making the backend; vocab_size is the model's logits width;
     on_accelerator: the model runs on a GPU (more cores are free for the masks); own_process: the
-    matchers in a child process (None: as OWN_PROCESS_ENV says)."""
+    matchers in a child process (None: as OWN_PROCESS_ENV says); words: the counters it shares with
+    the engine, for tokens it waits for itself (ProcessBackend.landing)."""
     if own_process is None:
-        own_process = os.environ.get(OWN_PROCESS_ENV) == "1"
+        own_process = in_own_process()
 
     def make(eos_token_ids: tuple[int, ...]) -> GrammarBackend:
         log_level = logging.getLogger("batchlm").getEffectiveLevel()
         spec = BackendSpec(config, model_dir, vocab_size, on_accelerator, eos_token_ids, log_level)
         if own_process:
-            return ProcessBackend(spec, local_backend)
+            return ProcessBackend(spec, local_backend, words)
         return local_backend(spec)
 
     return make
+
+
+def in_own_process() -> bool:
+    """Whether the engine's grammar backend runs in a process of its own (OWN_PROCESS_ENV)."""
+    return os.environ.get(OWN_PROCESS_ENV) == "1"
 
 
 def local_backend(spec: BackendSpec) -> GrammarBackend:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
+import dataclasses
 import itertools
 import logging
 import mmap
@@ -19,6 +20,8 @@ import socket
 import subprocess
 import sys
 import threading
+import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -43,6 +46,15 @@ STOP_GRACE_S = 5.0
 # How long a failed call waits for a dead child's exit code, to name it.
 EXIT_CODE_WAIT_S = 1.0
 CHILD_COMMAND = "from batchlm.structured.mask_process import main; main()"
+# SharedWords' layout: LANDED and WRITTEN (uint32), then WRITTEN's time (float64).
+SHARED_WORDS_BYTES = 16
+# Slots of the token ring (see ProcessBackend.landing).
+TOKEN_SLOTS = 4
+# Waiting for landed tokens: spins first beside an accelerator (its cores are free), then polls.
+LANDING_SPINS = 20_000
+LANDING_POLL_S = 50e-6
+# Tokens that have not landed by then never will: the call fails.
+LANDING_TIMEOUT_S = 60.0
 # Where POSIX shared memory segments appear as files (Linux).
 SHARED_MEMORY_DIR = "/dev/shm"
 
@@ -65,10 +77,12 @@ BuildBackend = Callable[[BackendSpec], GrammarBackend]
 
 @dataclass(frozen=True)
 class Start:
-    """The child's first message."""
+    """The child's first message; words: the SharedWords segment, if the engine made one."""
 
     spec: BackendSpec
     build: BuildBackend
+    words: str | None = None
+    landing_timeout_s: float = LANDING_TIMEOUT_S
 
 
 # Messages to the child. Only a Call is answered; the others take effect in order before later calls.
@@ -109,6 +123,17 @@ class MaskTarget:
 
 
 @dataclass(frozen=True)
+class LandedTokens:
+    """A step's sampled token ids, int64 [count] at a byte offset of a shared segment, there once
+    SharedWords' LANDED word reaches `ticket`."""
+
+    segment: str
+    offset: int
+    count: int
+    ticket: int
+
+
+@dataclass(frozen=True)
 class Call:
     """Advance, then fill, then report: rows are a prepared batch (batch_id, one token each in
     `one_each`) or matchers by id (`new_tokens`, any number each)."""
@@ -119,6 +144,11 @@ class Call:
     new_tokens: list[list[int]] | None = None
     fill: MaskTarget | None = None
     ask_terminated: bool = False
+    # A batch's tokens to wait for instead of one_each: those at `token_rows` of the landed ones.
+    landed: LandedTokens | None = None
+    token_rows: tuple[int, ...] = ()
+    # Set SharedWords' WRITTEN word to this once the masks are written (a device's stream waits for it).
+    release: int | None = None
 
 
 @dataclass(frozen=True)
@@ -161,6 +191,54 @@ class Failed:
 
 
 FromChild = Ready | Answer | Failed
+
+
+# Whether one 32-bit counter has reached a ticket, as CUDA's stream waits compare (the counter may wrap).
+def reached(counter: int, ticket: int) -> bool:
+    return ((counter - ticket) & 0xFFFFFFFF) < 0x80000000
+
+
+class SharedWords:
+    """Two 32-bit counters in shared memory between the engine and its mask process: LANDED, the ticket
+    of the latest step whose tokens are in the token ring (written by the device's stream, or by the
+    engine on a CPU), and WRITTEN, the ticket of the latest masks written (by the mask process; a
+    device's stream waits for it). Made by the engine before the mask process, which attaches to it."""
+
+    LANDED = 0
+    WRITTEN = 1
+
+    def __init__(self) -> None:
+        self.segment = SharedMemory(create=True, size=SHARED_WORDS_BYTES)
+        # Both words, as one array: a device registers them at once.
+        self.words = np.ndarray((2,), dtype=np.uint32, buffer=self.segment.buf)
+        self.words[:] = 0
+        # When the mask process last set WRITTEN (time.perf_counter, one clock for all processes on
+        # Linux): what benchmarks read to time the masks as a device would see them.
+        self.written_at = np.ndarray((1,), dtype=np.float64, buffer=self.segment.buf, offset=8)
+        self.written_at[0] = 0.0
+        self._fence = threading.Lock()
+        weakref.finalize(self, _release, self.segment)
+
+    @property
+    def name(self) -> str:
+        return self.segment.name
+
+    def publish(self, index: int, ticket: int) -> None:
+        """Set a word once the writes before it (tokens, masks) are visible: taking and dropping a lock
+        is a full memory barrier, which weakly ordered hosts (arm64) need."""
+        with self._fence:
+            pass
+        self.words[index] = ticket & 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class TokenLanding:
+    """Where the engine puts a step's sampled token ids for the mask process: write `tokens`, then set
+    LANDED to `where.ticket`. ring: the whole segment's array (a device page-locks it once)."""
+
+    tokens: np.ndarray
+    ring: np.ndarray
+    where: LandedTokens
 
 
 class MaskProcessError(RuntimeError):
@@ -209,19 +287,34 @@ class RemoteBatch:
     def step(self, token_ids: list[int], bitmask: np.ndarray) -> list[bool]:
         return self._backend.call_filling(Call(batch_id=self.batch_id, one_each=list(token_ids)), bitmask)
 
+    def step_landed(
+        self, landed: LandedTokens, token_rows: tuple[int, ...], bitmask: np.ndarray, release: int | None
+    ) -> list[bool]:
+        """step with the tokens the child waits for itself (TokenLanding), row i's at token_rows[i];
+        with `release`, the child also sets WRITTEN to it once the masks are written."""
+        call = Call(batch_id=self.batch_id, landed=landed, token_rows=token_rows, release=release)
+        return self._backend.call_filling(call, bitmask)
+
 
 class ProcessBackend:
     """A GrammarBackend run by a child process (started here; it builds the real backend with
     `build(spec)`)."""
 
-    def __init__(self, spec: BackendSpec, build: BuildBackend) -> None:
+    def __init__(
+        self,
+        spec: BackendSpec,
+        build: BuildBackend,
+        words: SharedWords | None = None,
+        landing_timeout_s: float = LANDING_TIMEOUT_S,
+    ) -> None:
         # A fresh interpreter, not multiprocessing's spawn, which would import the caller's __main__.
         ours, theirs = socket.socketpair()
         command = [sys.executable, "-c", CHILD_COMMAND, str(theirs.fileno())]
         self._process = subprocess.Popen(command, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
         theirs.close()
         self._conn = Connection(ours.detach())
-        self._conn.send(Start(spec, build))
+        self._conn.send(Start(spec, build, words.name if words is not None else None, landing_timeout_s))
+        self.words = words
         # Sends from any thread; a call's send and answer stay together.
         self._send_lock = threading.Lock()
         self._call_lock = threading.Lock()
@@ -231,6 +324,11 @@ class ProcessBackend:
         self.forgotten_batches: collections.deque[int] = collections.deque()
         self._segments: dict[str, tuple[SharedMemory, int]] = {}  # name -> segment, its address
         self._scratch: SharedMemory | None = None
+        # The token ring: TOKEN_SLOTS rows of int64 token ids, in turn (grown as batches grow).
+        self._ring: SharedMemory | None = None
+        self._ring_tokens: np.ndarray | None = None
+        self._landed_tickets = itertools.count(1)
+        self._retired: list[SharedMemory] = []
         self._closed = False
         # Segments unlinked and the child stopped at exit too (an engine is seldom closed).
         atexit.register(self.close)
@@ -278,6 +376,29 @@ class ProcessBackend:
         array = np.ndarray((rows, self.bitmask_words), dtype=np.int32, buffer=segment.buf)
         self._segments[segment.name] = (segment, array.ctypes.data)
         return array
+
+    def landing(self, count: int) -> TokenLanding:
+        """The next slot of the token ring for a step's `count` token ids, and its ticket. A slot is
+        written again TOKEN_SLOTS landings later, when the masks made from it were long used."""
+        assert self.words is not None, "landing tokens takes the engine's SharedWords"
+        ticket = next(self._landed_tickets)
+        ring = self._ring_tokens
+        if ring is None or ring.shape[1] < count:
+            ring = self._grow_ring(count)
+        assert self._ring is not None
+        slot = ticket % TOKEN_SLOTS
+        offset = slot * ring.shape[1] * 8
+        return TokenLanding(ring[slot, :count], ring, LandedTokens(self._ring.name, offset, count, ticket))
+
+    def _grow_ring(self, count: int) -> np.ndarray:
+        old = self._ring
+        width = max(count, 2 * (self._ring_tokens.shape[1] if self._ring_tokens is not None else 0), 64)
+        self._ring = SharedMemory(create=True, size=TOKEN_SLOTS * width * 8)
+        self._ring_tokens = np.ndarray((TOKEN_SLOTS, width), dtype=np.int64, buffer=self._ring.buf)
+        if old is not None:
+            self._send(Forget(segments=(old.name,)))
+            self._retired.append(old)  # freed at close: a device may hold it page-locked
+        return self._ring_tokens
 
     def call_filling(self, call: Call, bitmask: np.ndarray) -> list[bool]:
         """A call that fills `bitmask` ([rows, words] int32, C-contiguous): in place when it lies in
@@ -371,13 +492,15 @@ class ProcessBackend:
         for segment, _ in self._segments.values():
             _release(segment)
         self._segments.clear()
-        if self._scratch is not None:
-            _release(self._scratch)
-            self._scratch = None
+        for retired in (self._scratch, self._ring, *self._retired):
+            if retired is not None:
+                _release(retired)
+        self._scratch = self._ring = None
+        self._retired.clear()
 
 
 def _with_fill(call: Call, target: MaskTarget) -> Call:
-    return Call(call.batch_id, call.matcher_ids, call.one_each, call.new_tokens, target, call.ask_terminated)
+    return dataclasses.replace(call, fill=target)
 
 
 def _drain(ids: collections.deque[int]) -> tuple[int, ...]:
@@ -406,8 +529,19 @@ def _release(segment: SharedMemory) -> None:
 class _Child:
     """The real backend and its matchers and batches, by the ids the engine's side gave them."""
 
-    def __init__(self, backend: GrammarBackend) -> None:
+    def __init__(
+        self,
+        backend: GrammarBackend,
+        words: np.ndarray | None = None,
+        spin: bool = False,
+        landing_timeout_s: float = LANDING_TIMEOUT_S,
+    ) -> None:
         self.backend = backend
+        self._landing_timeout_s = landing_timeout_s
+        # SharedWords' two counters, if the engine made them; spin: wait for tokens busily at first.
+        self.words = words
+        self._spins = LANDING_SPINS if spin else 0
+        self._fence = threading.Lock()
         self.matchers: dict[int, GrammarMatcher] = {}
         self.batches: dict[int, MatcherBatch] = {}
         self.segments: dict[str, mmap.mmap] = {}
@@ -459,10 +593,13 @@ class _Child:
         if call.batch_id is not None:
             batch = self.batches[call.batch_id]
             accepted: list[bool] = []
-            if call.one_each is not None:
-                accepted = batch.advance_one(call.one_each)
+            tokens = call.one_each if call.landed is None else self._landed(call.landed, call.token_rows)
+            if tokens is not None:
+                accepted = batch.advance_one(tokens)
             if bitmask is not None:
                 batch.fill(bitmask)
+            if call.release is not None:
+                self._publish_written(call.release)
             return Answer(len(accepted), _rejected(accepted))
         matchers = [self.matchers[i] for i in call.matcher_ids]
         accepted = [True] * len(matchers)
@@ -474,11 +611,44 @@ class _Child:
         return Answer(len(matchers), _rejected(accepted), terminated)
 
     def _view(self, target: MaskTarget) -> np.ndarray:
-        segment = self.segments.get(target.segment)
-        if segment is None:
-            segment = self.segments[target.segment] = _attach(target.segment)
         shape = (target.rows, self.backend.bitmask_words)
-        return np.ndarray(shape, dtype=np.int32, buffer=segment, offset=target.offset)
+        return np.ndarray(shape, dtype=np.int32, buffer=self._segment(target.segment), offset=target.offset)
+
+    def _segment(self, name: str) -> mmap.mmap:
+        segment = self.segments.get(name)
+        if segment is None:
+            segment = self.segments[name] = _attach(name)
+        return segment
+
+    def _landed(self, landed: LandedTokens, rows: tuple[int, ...]) -> list[int]:
+        """The tokens of a step, once the LANDED word says they are there."""
+        words = self.words
+        if words is None:
+            raise MaskProcessError("landed tokens without the engine's shared words")
+        spins, deadline = self._spins, 0.0
+        while not reached(int(words[SharedWords.LANDED]), landed.ticket):
+            if spins:
+                spins -= 1
+                continue
+            now = time.monotonic()
+            if not deadline:
+                deadline = now + self._landing_timeout_s
+            elif now > deadline:
+                raise MaskProcessError(f"the tokens of landing {landed.ticket} never landed")
+            time.sleep(LANDING_POLL_S)
+        with self._fence:  # the word was read before the tokens (arm64 may reorder loads)
+            pass
+        segment = self._segment(landed.segment)
+        tokens = np.ndarray((landed.count,), dtype=np.int64, buffer=segment, offset=landed.offset)
+        picked: list[int] = tokens[list(rows)].tolist()
+        return picked
+
+    def _publish_written(self, ticket: int) -> None:
+        assert self.words is not None
+        self.words[2:4].view(np.float64)[0] = time.perf_counter()
+        with self._fence:  # the masks before the word (arm64)
+            pass
+        self.words[SharedWords.WRITTEN] = ticket & 0xFFFFFFFF
 
 
 def _rejected(accepted: list[bool]) -> tuple[int, ...]:
@@ -516,7 +686,10 @@ def main() -> None:
         conn.send(Failed(f"the grammar backend did not build: {exc}"))
         return
     conn.send(Ready(backend.bitmask_words, backend.eos_token_ids))
-    child = _Child(backend)
+    words = None
+    if start.words is not None:
+        words = np.ndarray((SHARED_WORDS_BYTES // 4,), dtype=np.uint32, buffer=_attach(start.words))
+    child = _Child(backend, words, start.spec.on_accelerator, start.landing_timeout_s)
     while True:
         try:
             message: ToChild = conn.recv()

@@ -16,7 +16,7 @@ import numpy as np
 from batchlm.core.step_io import PLACEHOLDER_TOKEN_ID
 from batchlm.sampling_params import StructuredOutputs
 from batchlm.structured.backend import EndingMatcher, GrammarBackend, GrammarError, GrammarMatcher
-from batchlm.structured.mask_process import ProcessBackend
+from batchlm.structured.mask_process import ProcessBackend, RemoteBatch, TokenLanding
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -74,11 +74,12 @@ def _then(job: Callable[..., T], written: Callable[[], None], *args: object) -> 
         written()
 
 
-def warn_rejected(accepted: list[bool], new_tokens: Sequence[object]) -> None:
-    """Log the rows whose grammar rejected a sampled token (their matchers now allow only EOS)."""
-    for tokens, ok in zip(new_tokens, accepted, strict=True):
+def warn_rejected(accepted: list[bool], rows: Sequence[object]) -> None:
+    """Log the rows (their tokens or request ids) whose grammar rejected a sampled token (their
+    matchers now allow only EOS)."""
+    for row, ok in zip(rows, accepted, strict=True):
         if not ok:
-            logger.warning("a constrained sequence sampled a token its grammar rejects (among %s)", tokens)
+            logger.warning("a constrained sequence sampled a token its grammar rejects (%s)", row)
 
 
 @dataclass(eq=False)
@@ -168,6 +169,14 @@ class ConstrainedSequences:
         backend = self._backend
         return backend.shared_array if isinstance(backend, ProcessBackend) else None
 
+    def token_landing(self, count: int) -> TokenLanding | None:
+        """Where to put a step's `count` sampled token ids so that the mask process takes them itself
+        (prefetch_masks' `landing`); None when the backend is in this process or has no shared words."""
+        backend = self._backend
+        if isinstance(backend, ProcessBackend) and backend.words is not None:
+            return backend.landing(count)
+        return None
+
     def rows_among(self, request_ids: Sequence[str]) -> list[int]:
         """The indexes of the request ids that are constrained sequences here."""
         known = self._sequences
@@ -217,6 +226,8 @@ class ConstrainedSequences:
         sampled: Callable[[], Sequence[int] | None],
         out: np.ndarray,
         written: Callable[[], None] | None = None,
+        landing: TokenLanding | None = None,
+        release: int | None = None,
     ) -> Future[PrefetchedMasks]:
         """Compute the next step's masks for these sequences on the worker thread, as soon as
         `sampled()` (called there; it waits for the launched step) gives the step's token ids, so that
@@ -231,9 +242,9 @@ class ConstrainedSequences:
         sequences = [seq for seq in found if seq is not None]
         if len(sequences) < len(found):  # dropped since the step was launched
             sampled_rows = sampled_rows.only([i for i, seq in enumerate(found) if seq is not None])
-        job = self._prefetch
+        job = functools.partial(self._prefetch, landing=landing, release=release)
         if written is not None:
-            job = functools.partial(_then, self._prefetch, written)
+            job = functools.partial(_then, job, written)
         return self._submit(job, self._backend, sampled_rows, sequences, sampled, out)
 
     def _prefetch(
@@ -243,9 +254,11 @@ class ConstrainedSequences:
         sequences: list[_Sequence],
         sampled: Callable[[], Sequence[int] | None],
         out: np.ndarray,
+        landing: TokenLanding | None = None,
+        release: int | None = None,
     ) -> PrefetchedMasks:
         if [seq.num_accepted for seq in sequences] == sampled_rows.positions:
-            return self._prefetch_one_each(backend, sampled_rows, sequences, sampled, out)
+            return self._prefetch_one_each(backend, sampled_rows, sequences, sampled, out, landing, release)
         token_ids = sampled()
         if token_ids is None:
             return PrefetchedMasks({}, out[:0])
@@ -276,11 +289,15 @@ class ConstrainedSequences:
         sequences: list[_Sequence],
         sampled: Callable[[], Sequence[int] | None],
         out: np.ndarray,
+        landing: TokenLanding | None = None,
+        release: int | None = None,
     ) -> PrefetchedMasks:
         """_prefetch where every sequence takes exactly the one token sampled for it, as in steady
         decoding: the batch of matchers prepared last time serves again while the sequences stay the
         same. All but the step itself is done before the tokens land (the worker would wait anyway), so
-        that after they land only the backend's call holds up the masks."""
+        that after they land only the backend's call holds up the masks. With a landing, a mask process
+        waits for the tokens itself and (given `release`) releases the device's flag: this process takes
+        no part between the tokens' landing and the masks."""
         batch = self._batch
         if batch is None or batch.sequences != sequences:
             batch = self._batch = _PreparedBatch(backend, sampled_rows.request_ids, sequences)
@@ -288,13 +305,17 @@ class ConstrainedSequences:
         leading = rows == list(range(len(rows)))  # the sampled rows' first tokens, in order
         for seq in sequences:
             seq.num_accepted += 1
+        bitmask = out[: len(sequences)]
+        if landing is not None and isinstance(batch.matchers, RemoteBatch) and sequences:
+            accepted = batch.matchers.step_landed(landing.where, tuple(rows), bitmask, release)
+            warn_rejected(accepted, sampled_rows.request_ids)
+            return PrefetchedMasks(batch.index, bitmask, complete=True)
         token_ids = sampled()
         if token_ids is None:  # they travel packed with logprobs: the step computes its masks itself
             for seq in sequences:
                 seq.num_accepted -= 1
             return PrefetchedMasks({}, out[:0])
         tokens = list(token_ids[: len(rows)]) if leading else [token_ids[row] for row in rows]
-        bitmask = out[: len(sequences)]
         if sequences:
             warn_rejected(batch.matchers.step(tokens, bitmask), tokens)
         return PrefetchedMasks(batch.index, bitmask, complete=True)
