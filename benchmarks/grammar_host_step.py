@@ -43,12 +43,12 @@ from structured_outputs import SUMMARY_FIELDS, long_output_schema, override_gram
 
 from batchlm.config import EngineConfig
 from batchlm.core.step_io import PLACEHOLDER_TOKEN_ID
-from batchlm.runner.grammar import StepMasks
+from batchlm.runner.grammar import StepMasks, TokenLander
 from batchlm.runner.host_flag import ThreadFlag
 from batchlm.sampling_params import StructuredOutputs
 from batchlm.structured.backend import GrammarBackend
 from batchlm.structured.llguidance_backend import LLGuidanceBackend
-from batchlm.structured.mask_process import BackendSpec, ProcessBackend
+from batchlm.structured.mask_process import BackendSpec, ProcessBackend, SharedWords, TokenLanding
 from batchlm.structured.sequences import ConstrainedSequences
 
 
@@ -70,6 +70,25 @@ class LandingTokens:
     def land(self) -> None:
         self.landed_at = time.perf_counter()
         self.landed.set()
+
+
+class LandLater(TokenLander):
+    """The runner's lander of tokens for a mask process, holding each step's landing until the tokens
+    "land" (LandingTokens.land), as a device's stream would write them."""
+
+    def __init__(self, words: SharedWords) -> None:
+        super().__init__(words)
+        self.words = words
+        self.held: tuple[TokenLanding, torch.Tensor] | None = None
+
+    def land(self, landing: TokenLanding, token_ids: torch.Tensor) -> None:
+        self.held = (landing, token_ids)
+
+    def now(self) -> None:
+        if self.held is not None:
+            landing, token_ids = self.held
+            self.held = None
+            super().land(landing, token_ids)
 
 
 class TimedFlag(ThreadFlag):
@@ -215,12 +234,16 @@ def main() -> None:
     batched = args.accept == "batched" if args.accept else beside_gpu
     backend: GrammarBackend
     llguidance_calls = TimedExecutor(None)
+    shared_words = None
     if args.grammar_process:
+        # As the runner does: the process takes the tokens itself once they land, and with
+        # --hand-to-device sets the shared WRITTEN counter (and its time) when the masks are written.
+        shared_words = SharedWords()
         directory = tokenizer_dir(args.vocab_size)
         log_level = logging.getLogger("batchlm").getEffectiveLevel()
         config = EngineConfig(model=str(directory))
         backend_spec = BackendSpec(config, directory, args.vocab_size, beside_gpu, (0,), log_level)
-        backend = ProcessBackend(backend_spec, local_backend)
+        backend = ProcessBackend(backend_spec, local_backend, shared_words)
     else:
         hf = AutoTokenizer.from_pretrained(tokenizer_dir(args.vocab_size))
         local = LLGuidanceBackend.from_hf(hf, args.vocab_size, (0,), threads=threads, batched_accept=batched)
@@ -234,7 +257,7 @@ def main() -> None:
     for run in range(args.passes):
         llguidance_calls.seconds = {"fill": [], "advance": []}
         with busy_processes(args.busy_processes, args.busy_kind):
-            timings = run_pass(sequences, backend.bitmask_words, spec, args, run)
+            timings = run_pass(sequences, backend.bitmask_words, spec, args, run, shared_words)
         warm = slice(args.steps // 5, None)
         print(
             json.dumps(
@@ -265,6 +288,16 @@ def main() -> None:
                         if timings["written"]
                         else {}
                     ),
+                    # The mask process's own write of WRITTEN, what a device waits for with it.
+                    **(
+                        {
+                            "masks_written_by_process_after_tokens_ms_median": round(
+                                statistics.median(timings["child_written"][warm]), 3
+                            )
+                        }
+                        if timings["child_written"]
+                        else {}
+                    ),
                     # Every step, the first fifth included: what a pass's start costs.
                     "masks_ready_after_tokens_ms_mean_all_steps": round(
                         statistics.fmean(timings["ready"]), 3
@@ -287,7 +320,12 @@ def mask_buffers(sequences: ConstrainedSequences, rows: int, words: int) -> Call
 
 
 def run_pass(
-    sequences: ConstrainedSequences, words: int, spec: StructuredOutputs, args: argparse.Namespace, run: int
+    sequences: ConstrainedSequences,
+    words: int,
+    spec: StructuredOutputs,
+    args: argparse.Namespace,
+    run: int,
+    shared_words: SharedWords | None = None,
 ) -> dict[str, list[float]]:
     """`args.steps` decode steps of `args.rows` new requests under `spec` (the grammar compiled by an
     earlier pass is reused, as a later batch of requests reuses it); per step, ms: the engine thread's
@@ -297,20 +335,30 @@ def run_pass(
     for request_id, tokens in zip(request_ids, lists, strict=True):
         sequences.add(request_id, spec, tokens, (0,))
     flag = TimedFlag() if args.hand_to_device else None
-    masks = StepMasks(sequences, mask_buffers(sequences, args.rows, words), flag)
+    lander = LandLater(shared_words) if shared_words is not None else None
+    masks = StepMasks(sequences, mask_buffers(sequences, args.rows, words), flag, lander)
     rng = np.random.default_rng(run)
-    timings: dict[str, list[float]] = {"engine": [], "ready": [], "written": [], "engine_work": []}
+    timings: dict[str, list[float]] = {
+        "engine": [],
+        "ready": [],
+        "written": [],
+        "engine_work": [],
+        "child_written": [],
+    }
     for _ in range(args.steps):
         started = time.perf_counter()
         step = masks.start(request_ids)
         grammar = masks.result(step, lambda: None)
         assert grammar is not None
         taken = time.perf_counter() - started
-        landing = LandingTokens(lists, pick_tokens(grammar.bitmask, rng))
+        picked = pick_tokens(grammar.bitmask, rng)
+        landing = LandingTokens(lists, picked)
         started = time.perf_counter()
-        masks.prefetch(step, landing)  # type: ignore[arg-type]
+        masks.prefetch(step, landing, torch.tensor(picked))  # type: ignore[arg-type]
         timings["engine"].append(1e3 * (taken + time.perf_counter() - started))
         landing.land()
+        if lander is not None:
+            lander.now()
         timings["engine_work"].append(1e3 * busy_python(args.engine_python_ms / 1e3))
         prefetched = masks._prefetched
         assert prefetched is not None
@@ -318,6 +366,8 @@ def run_pass(
         timings["ready"].append(1e3 * (time.perf_counter() - landing.landed_at))
         if flag is not None:
             timings["written"].append(1e3 * (flag.released_at.pop(prefetched.ticket) - landing.landed_at))
+        if shared_words is not None and flag is not None:
+            timings["child_written"].append(1e3 * (float(shared_words.written_at[0]) - landing.landed_at))
         for tokens, position, token in zip(lists, landing.positions, landing._tokens, strict=True):
             tokens[position] = token
     sequences.drop(request_ids)
