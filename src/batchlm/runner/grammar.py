@@ -50,7 +50,11 @@ def constrained_sequences(
     on_accelerator: bool,
     words: SharedWords | None = None,
 ) -> ConstrainedSequences:
-    return ConstrainedSequences(backend_factory(config, model_dir, vocab_size, on_accelerator, words=words))
+    """The runner's constrained sequences; with `words` (SharedWords), their matchers in a process of their own."""
+    own_process = words is not None
+    return ConstrainedSequences(
+        backend_factory(config, model_dir, vocab_size, on_accelerator, own_process, words)
+    )
 
 
 class TokenLander:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -64,8 +65,13 @@ def backend_factory(
 
 
 def in_own_process() -> bool:
-    """Whether the engine's grammar backend runs in a process of its own (OWN_PROCESS_ENV)."""
-    return os.environ.get(OWN_PROCESS_ENV) == "1"
+    """Whether the engine's grammar backend runs in a process of its own (OWN_PROCESS_ENV; Linux only)."""
+    if os.environ.get(OWN_PROCESS_ENV) != "1":
+        return False
+    if not sys.platform.startswith("linux"):
+        logger.warning("%s=1 is for Linux; the grammar backend runs in the engine's process", OWN_PROCESS_ENV)
+        return False
+    return True
 
 
 def local_backend(spec: BackendSpec) -> GrammarBackend:

@@ -1,9 +1,12 @@
 """A grammar backend whose matchers live in a child process: the engine's process keeps stand-ins and
-each call is a typed message on a pipe, so neither side's Python waits for the other's GIL
+each call is a typed message on a socket pair, so neither side's Python waits for the other's GIL
 (BENCHMARKS.md, "A process of their own"). The child writes masks straight into shared memory when the
 caller's buffer is there (`shared_array`), else into a scratch segment copied out after its answer.
+With SharedWords, it also takes a step's tokens from its token ring once they land and says when the
+masks are written, without the engine's process in between (`TokenLanding`, `RemoteBatch.step_landed`).
 
-The child exits when its pipe closes, so it never outlives the engine."""
+The child exits when its socket closes, so it never outlives the engine. Linux only (shared memory is
+attached through /dev/shm)."""
 
 from __future__ import annotations
 
