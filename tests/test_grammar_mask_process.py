@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -155,7 +156,9 @@ def test_close_ends_the_child_and_leaves_no_segment(remote: ProcessBackend) -> N
 
 
 def test_the_child_exits_when_the_engine_is_gone(remote: ProcessBackend) -> None:
-    remote._conn.close()  # what the engine's exit does to the child's end of the socket
+    # What the engine's exit does to the socket (closing this end here would not: the answers'
+    # reader is blocked on it).
+    socket.socket(fileno=os.dup(remote._conn.fileno())).shutdown(socket.SHUT_RDWR)
     assert remote._process.wait(timeout=60) == 0  # a hang guard, far above the exit's time
 
 
@@ -200,6 +203,36 @@ def test_the_child_waits_for_landed_tokens_and_releases_the_written_word(
         np.testing.assert_array_equal(shared, expected)
         assert int(words.words[SharedWords.WRITTEN]) == 100 + step
     assert landing.where.ticket > 4, "the ring's slots come round again"
+
+
+def test_calls_in_flight_together_are_answered_in_order(
+    local: LLGuidanceBackend, with_words: tuple[ProcessBackend, SharedWords]
+) -> None:
+    """Two steps' calls posted before either step's tokens land (as the engine's worker does once a
+    step is queued): each waits for its own landing, and each answer resolves its own call."""
+    remote, words = with_words
+    spec = StructuredOutputs(regex="[a-z]{3}")
+    ours, theirs = local.matcher(spec), remote.matcher(spec)
+    batch = remote.batch([theirs])
+    assert isinstance(batch, RemoteBatch)
+    expected = np.empty((1, local.bitmask_words), np.int32)
+    ours.fill_bitmask(expected[0])
+    letter = int(allowed_tokens(expected[0], VOCAB)[0])
+    first, second = remote.shared_array(1), remote.shared_array(1)
+    landings = [remote.landing(1), remote.landing(1)]
+    answers = [
+        batch.post_landed(landing.where, (0,), out, release=None)
+        for landing, out in zip(landings, (first, second), strict=True)
+    ]
+    assert not any(answer.done() for answer in answers), "nothing has landed"
+    for landing in landings:
+        landing.tokens[:] = [letter]
+        words.publish(SharedWords.LANDED, landing.where.ticket)
+    assert [answer.result(timeout=60).accepted for answer in answers] == [[True], [True]]
+    for out in (first, second):
+        assert ours.accept(letter)
+        ours.fill_bitmask(expected[0])
+        np.testing.assert_array_equal(out, expected)
 
 
 def test_tokens_that_never_land_fail_the_call(with_words: tuple[ProcessBackend, SharedWords]) -> None:

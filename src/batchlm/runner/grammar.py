@@ -17,7 +17,7 @@ import torch
 from batchlm.config import EngineConfig
 from batchlm.runner.host_flag import StreamFlag, StreamWord, shared_stream_words
 from batchlm.runner.step_output import PendingStepOutput
-from batchlm.sampling.grammar_mask import register_host_memory
+from batchlm.sampling.grammar_mask import STAGING_SLOTS, register_host_memory
 from batchlm.sampling.sampler import Sampler
 from batchlm.structured.factory import backend_factory
 from batchlm.structured.mask_process import SharedWords, TokenLanding
@@ -34,13 +34,24 @@ class MaskBuffers:
     def __init__(self, sampler: Sampler, sequences: ConstrainedSequences) -> None:
         self._sampler = sampler
         self._sequences = sequences
+        # On a CPU with a mask process: a ring in its shared memory, as the GPU's staging ring is.
+        self._host_ring: list[np.ndarray] = []
+        self._next = 0
 
     def __call__(self, rows: int) -> np.ndarray:
         words = self._sequences.bitmask_words
-        staging = self._sampler.grammar_staging(words, self._sequences.shared_arrays)
-        if staging is None:
+        shared = self._sequences.shared_arrays
+        staging = self._sampler.grammar_staging(words, shared)
+        if staging is not None:
+            return staging.buffer(rows)
+        if shared is None:
             return np.empty((rows, words), dtype=np.int32)
-        return staging.buffer(rows)
+        ring = self._host_ring
+        if not ring or ring[0].shape[0] < rows or ring[0].shape[1] != words:
+            size = max(rows, 2 * ring[0].shape[0]) if ring else rows
+            ring[:] = [shared(size) for _ in range(STAGING_SLOTS)]
+        self._next = (self._next + 1) % STAGING_SLOTS
+        return ring[self._next][:rows]
 
 
 def constrained_sequences(

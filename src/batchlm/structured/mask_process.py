@@ -26,6 +26,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
@@ -298,6 +299,14 @@ class RemoteBatch:
         call = Call(batch_id=self.batch_id, landed=landed, token_rows=token_rows, release=release)
         return self._backend.call_filling(call, bitmask)
 
+    def post_landed(
+        self, landed: LandedTokens, token_rows: tuple[int, ...], bitmask: np.ndarray, release: int | None
+    ) -> Future[Answer]:
+        """step_landed without waiting for the answer; `bitmask` must be shared memory from the
+        backend (ProcessBackend.holds)."""
+        call = Call(batch_id=self.batch_id, landed=landed, token_rows=token_rows, release=release)
+        return self._backend.post_filling(call, bitmask)
+
 
 class ProcessBackend:
     """A GrammarBackend run by a child process (started here; it builds the real backend with
@@ -318,9 +327,12 @@ class ProcessBackend:
         self._conn = Connection(ours.detach())
         self._conn.send(Start(spec, build, words.name if words is not None else None, landing_timeout_s))
         self.words = words
-        # Sends from any thread; a call's send and answer stay together.
+        # Sends from any thread, in order; the answers' futures, oldest first (see post).
         self._send_lock = threading.Lock()
-        self._call_lock = threading.Lock()
+        self._answers: collections.deque[Future[Answer]] = collections.deque()
+        self._gone: MaskProcessError | None = None
+        self._scratch_lock = threading.Lock()
+        self._reader: threading.Thread | None = None
         self._ids = itertools.count(1)
         # Stand-ins collected on any thread, told to the child with the next message (deque: atomic).
         self.forgotten_matchers: collections.deque[int] = collections.deque()
@@ -341,6 +353,8 @@ class ProcessBackend:
             raise MaskProcessError(f"the grammar mask process did not start: {_failure(ready)}")
         self.bitmask_words = ready.bitmask_words
         self.eos_token_ids = ready.eos_token_ids
+        self._reader = threading.Thread(target=self._read_answers, name="grammar-mask-answers", daemon=True)
+        self._reader.start()
 
     @property
     def pid(self) -> int:
@@ -406,28 +420,72 @@ class ProcessBackend:
     def call_filling(self, call: Call, bitmask: np.ndarray) -> list[bool]:
         """A call that fills `bitmask` ([rows, words] int32, C-contiguous): in place when it lies in
         shared memory from here, else through the scratch segment."""
-        assert bitmask.dtype == np.int32 and bitmask.flags["C_CONTIGUOUS"]
-        assert bitmask.ndim == 2 and bitmask.shape[1] == self.bitmask_words
+        self._check_mask_shape(bitmask)
         rows = bitmask.shape[0]
         target = self._shared_target(bitmask)
         if target is not None:
             return self.call(_with_fill(call, target)).accepted
-        with self._call_lock:  # the scratch segment is read before another call writes it
+        with self._scratch_lock:  # the scratch segment is read before another call writes it
             scratch = self._scratch_for(rows * self.bitmask_words * 4)
-            answer = self._call_locked(_with_fill(call, MaskTarget(scratch.name, 0, rows)))
+            answer = self.call(_with_fill(call, MaskTarget(scratch.name, 0, rows)))
             np.copyto(bitmask, np.ndarray(bitmask.shape, dtype=np.int32, buffer=scratch.buf))
         return answer.accepted
 
-    def call(self, call: Call) -> Answer:
-        with self._call_lock:
-            return self._call_locked(call)
+    def post_filling(self, call: Call, bitmask: np.ndarray) -> Future[Answer]:
+        """call_filling without waiting: `bitmask` must be shared memory from here (shared_array)."""
+        self._check_mask_shape(bitmask)
+        target = self._shared_target(bitmask)
+        if target is None:
+            raise ValueError("a posted call fills shared memory from this backend only")
+        return self.post(_with_fill(call, target))
 
-    def _call_locked(self, call: Call) -> Answer:
-        self._send(call)
-        answer = self._receive()
-        if not isinstance(answer, Answer):
-            raise MaskProcessError(f"the grammar mask process failed: {_failure(answer)}")
-        return answer
+    def holds(self, bitmask: np.ndarray) -> bool:
+        """Whether masks filled into `bitmask` are written in place (shared memory from here)."""
+        return self._shared_target(bitmask) is not None
+
+    def call(self, call: Call) -> Answer:
+        return self.post(call).result()
+
+    def post(self, call: Call) -> Future[Answer]:
+        """Send a call; its answer (or the child's failure) resolves the future. Answers come in the
+        order of the calls, read by one thread, so calls may be in flight from several."""
+        future: Future[Answer] = Future()
+        with self._send_lock:
+            if self._gone is not None:
+                future.set_exception(self._gone)
+                return future
+            self._answers.append(future)
+            self._send_locked(call)
+        return future
+
+    def _read_answers(self) -> None:
+        """The answers' one reader: each resolves the oldest call's future; at the socket's end every
+        call still waiting fails."""
+        while True:
+            try:
+                message: FromChild = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            future = self._answers.popleft()
+            if isinstance(message, Answer):
+                future.set_result(message)
+            else:
+                future.set_exception(
+                    MaskProcessError(f"the grammar mask process failed: {_failure(message)}")
+                )
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._process.wait(timeout=EXIT_CODE_WAIT_S)
+        gone = MaskProcessError(f"the grammar mask process exited (exit code {self._process.returncode})")
+        with self._send_lock:
+            self._gone = gone
+            waiting = list(self._answers)
+            self._answers.clear()
+        for future in waiting:
+            future.set_exception(gone)
+
+    def _check_mask_shape(self, bitmask: np.ndarray) -> None:
+        assert bitmask.dtype == np.int32 and bitmask.flags["C_CONTIGUOUS"]
+        assert bitmask.ndim == 2 and bitmask.shape[1] == self.bitmask_words
 
     def _shared_target(self, bitmask: np.ndarray) -> MaskTarget | None:
         address = bitmask.ctypes.data
@@ -459,13 +517,18 @@ class ProcessBackend:
 
     def _send(self, message: ToChild) -> None:
         with self._send_lock:
-            forgotten = _drain(self.forgotten_matchers), _drain(self.forgotten_batches)
-            try:
-                if forgotten[0] or forgotten[1]:
-                    self._conn.send(Forget(forgotten[0], forgotten[1]))
-                self._conn.send(message)
-            except (BrokenPipeError, OSError) as exc:
-                raise MaskProcessError(f"the grammar mask process is gone ({exc})") from None
+            if self._gone is not None:
+                raise self._gone
+            self._send_locked(message)
+
+    def _send_locked(self, message: ToChild) -> None:
+        forgotten = _drain(self.forgotten_matchers), _drain(self.forgotten_batches)
+        try:
+            if forgotten[0] or forgotten[1]:
+                self._conn.send(Forget(forgotten[0], forgotten[1]))
+            self._conn.send(message)
+        except (BrokenPipeError, OSError) as exc:
+            raise MaskProcessError(f"the grammar mask process is gone ({exc})") from None
 
     def _receive(self) -> FromChild:
         try:
@@ -492,6 +555,8 @@ class ProcessBackend:
             self._process.kill()
             self._process.wait()
         self._conn.close()
+        if self._reader is not None:
+            self._reader.join(timeout=STOP_GRACE_S)
         for segment, _ in self._segments.values():
             _release(segment)
         self._segments.clear()

@@ -16,7 +16,7 @@ import numpy as np
 from batchlm.core.step_io import PLACEHOLDER_TOKEN_ID
 from batchlm.sampling_params import StructuredOutputs
 from batchlm.structured.backend import EndingMatcher, GrammarBackend, GrammarError, GrammarMatcher
-from batchlm.structured.mask_process import ProcessBackend, RemoteBatch, TokenLanding
+from batchlm.structured.mask_process import Answer, ProcessBackend, RemoteBatch, TokenLanding
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -66,12 +66,45 @@ class SampledRows:
         )
 
 
-def _then(job: Callable[..., T], written: Callable[[], None], *args: object) -> T:
-    """Run a mask job, then say so (also when it fails: a device may be waiting for it)."""
+@dataclass(frozen=True)
+class _Posted:
+    """A prefetch whose masks a mask process writes after the job returns: its call's answer, the
+    masks it will have written, and the rows' request ids."""
+
+    answer: Future[Answer]
+    masks: PrefetchedMasks
+    request_ids: list[str]
+
+
+def _posted_answered(
+    posted: _Posted,
+    result: Future[PrefetchedMasks],
+    written: Callable[[], None] | None,
+    answer: Future[Answer],
+) -> None:
+    exception = answer.exception()
+    if exception is None:
+        warn_rejected(answer.result().accepted, posted.request_ids)
+    _resolve(result, written, posted.masks, exception)
+
+
+def _resolve(
+    result: Future[PrefetchedMasks],
+    written: Callable[[], None] | None,
+    masks: PrefetchedMasks | None = None,
+    exception: BaseException | None = None,
+) -> None:
+    """Say the masks are written (also when the job failed: a device may be waiting for them), then
+    resolve the job's future."""
     try:
-        return job(*args)
+        if written is not None:
+            written()
     finally:
-        written()
+        if exception is not None:
+            result.set_exception(exception)
+        else:
+            assert masks is not None
+            result.set_result(masks)
 
 
 def warn_rejected(accepted: list[bool], rows: Sequence[object]) -> None:
@@ -242,10 +275,35 @@ class ConstrainedSequences:
         sequences = [seq for seq in found if seq is not None]
         if len(sequences) < len(found):  # dropped since the step was launched
             sampled_rows = sampled_rows.only([i for i, seq in enumerate(found) if seq is not None])
-        job = functools.partial(self._prefetch, landing=landing, release=release)
-        if written is not None:
-            job = functools.partial(_then, job, written)
-        return self._submit(job, self._backend, sampled_rows, sequences, sampled, out)
+        result: Future[PrefetchedMasks] = Future()
+        job = functools.partial(self._prefetch_into, result, written)
+        self._submit(job, self._backend, sampled_rows, sequences, sampled, out, landing, release)
+        return result
+
+    def _prefetch_into(
+        self,
+        result: Future[PrefetchedMasks],
+        written: Callable[[], None] | None,
+        backend: GrammarBackend,
+        sampled_rows: SampledRows,
+        sequences: list[_Sequence],
+        sampled: Callable[[], Sequence[int] | None],
+        out: np.ndarray,
+        landing: TokenLanding | None,
+        release: int | None,
+    ) -> None:
+        """_prefetch on the worker, resolving `result` after calling `written` (also on failure): at
+        once, or when a mask process answers the call it was posted (the worker moves on meanwhile,
+        so the next step's call goes out before these masks' answer has come back)."""
+        try:
+            outcome = self._prefetch(backend, sampled_rows, sequences, sampled, out, landing, release)
+        except Exception as exc:  # the future carries it to StepMasks, which raises it
+            _resolve(result, written, exception=exc)
+            return
+        if isinstance(outcome, _Posted):
+            outcome.answer.add_done_callback(functools.partial(_posted_answered, outcome, result, written))
+        else:
+            _resolve(result, written, outcome)
 
     def _prefetch(
         self,
@@ -256,7 +314,7 @@ class ConstrainedSequences:
         out: np.ndarray,
         landing: TokenLanding | None = None,
         release: int | None = None,
-    ) -> PrefetchedMasks:
+    ) -> PrefetchedMasks | _Posted:
         if [seq.num_accepted for seq in sequences] == sampled_rows.positions:
             return self._prefetch_one_each(backend, sampled_rows, sequences, sampled, out, landing, release)
         token_ids = sampled()
@@ -291,7 +349,7 @@ class ConstrainedSequences:
         out: np.ndarray,
         landing: TokenLanding | None = None,
         release: int | None = None,
-    ) -> PrefetchedMasks:
+    ) -> PrefetchedMasks | _Posted:
         """_prefetch where every sequence takes exactly the one token sampled for it, as in steady
         decoding: the batch of matchers prepared last time serves again while the sequences stay the
         same. All but the step itself is done before the tokens land (the worker would wait anyway), so
@@ -307,9 +365,13 @@ class ConstrainedSequences:
             seq.num_accepted += 1
         bitmask = out[: len(sequences)]
         if landing is not None and isinstance(batch.matchers, RemoteBatch) and sequences:
+            masks = PrefetchedMasks(batch.index, bitmask, complete=True)
+            if isinstance(backend, ProcessBackend) and backend.holds(bitmask):
+                answer = batch.matchers.post_landed(landing.where, tuple(rows), bitmask, release)
+                return _Posted(answer, masks, sampled_rows.request_ids)
             accepted = batch.matchers.step_landed(landing.where, tuple(rows), bitmask, release)
             warn_rejected(accepted, sampled_rows.request_ids)
-            return PrefetchedMasks(batch.index, bitmask, complete=True)
+            return masks
         token_ids = sampled()
         if token_ids is None:  # they travel packed with logprobs: the step computes its masks itself
             for seq in sequences:
