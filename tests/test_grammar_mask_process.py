@@ -23,14 +23,9 @@ from batchlm.sampling_params import StructuredOutputs
 from batchlm.structured.backend import allowed_tokens
 from batchlm.structured.factory import OWN_PROCESS_ENV, backend_factory, local_backend
 from batchlm.structured.llguidance_backend import LLGuidanceBackend
-from batchlm.structured.mask_process import (
-    SHARED_MEMORY_DIR,
-    BackendSpec,
-    MaskProcessError,
-    ProcessBackend,
-    RemoteBatch,
-    SharedWords,
-)
+from batchlm.structured.mask_process import MaskProcessError, ProcessBackend, RemoteBatch, SharedWords
+from batchlm.structured.mask_process_child import SHARED_MEMORY_DIR
+from batchlm.structured.process_messages import BackendSpec
 from batchlm.structured.sequences import ConstrainedSequences, SampledRows
 
 EOS = (1, 3)

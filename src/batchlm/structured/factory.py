@@ -12,7 +12,8 @@ from pathlib import Path
 
 from batchlm.config import EngineConfig
 from batchlm.structured.backend import GrammarBackend
-from batchlm.structured.mask_process import BackendSpec, ProcessBackend, SharedWords
+from batchlm.structured.mask_process import ProcessBackend, SharedWords
+from batchlm.structured.process_messages import BackendSpec
 
 logger = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ caller's buffer is there (`shared_array`), else into a scratch segment copied ou
 With SharedWords, it also takes a step's tokens from its token ring once they land and says when the
 masks are written, without the engine's process in between (`TokenLanding`, `RemoteBatch.step_landed`).
 
-The child exits when its socket closes, so it never outlives the engine. Linux only (shared memory is
-attached through /dev/shm)."""
+The child (structured.mask_process_child) exits when its socket closes, so it never outlives the
+engine. Linux only (it attaches shared memory through /dev/shm)."""
 
 from __future__ import annotations
 
@@ -16,32 +16,42 @@ import contextlib
 import dataclasses
 import itertools
 import logging
-import mmap
-import os
-import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
-from pathlib import Path
 
 import numpy as np
 
-from batchlm.config import EngineConfig
 from batchlm.sampling_params import StructuredOutputs
-from batchlm.structured.backend import (
-    EndingMatcher,
-    GrammarBackend,
-    GrammarError,
-    GrammarMatcher,
-    MatcherBatch,
+from batchlm.structured.backend import GrammarMatcher
+from batchlm.structured.mask_process_child import CHILD_COMMAND
+from batchlm.structured.process_messages import (
+    LANDED_WORD,
+    LANDING_TIMEOUT_S,
+    SHARED_WORDS_BYTES,
+    WRITTEN_WORD,
+    Answer,
+    BackendSpec,
+    BuildBackend,
+    Call,
+    Failed,
+    Forget,
+    FromChild,
+    LandedTokens,
+    MaskTarget,
+    NewBatch,
+    NewMatcher,
+    Ready,
+    Start,
+    Stop,
+    ToChild,
 )
 
 logger = logging.getLogger(__name__)
@@ -49,157 +59,8 @@ logger = logging.getLogger(__name__)
 STOP_GRACE_S = 5.0
 # How long a failed call waits for a dead child's exit code, to name it.
 EXIT_CODE_WAIT_S = 1.0
-CHILD_COMMAND = "from batchlm.structured.mask_process import main; main()"
-# SharedWords' layout: LANDED and WRITTEN (uint32), then WRITTEN's time (float64).
-SHARED_WORDS_BYTES = 16
 # Slots of the token ring (see ProcessBackend.landing).
 TOKEN_SLOTS = 4
-# Waiting for landed tokens: spins first beside an accelerator (its cores are free), then polls.
-LANDING_SPINS = 20_000
-LANDING_POLL_S = 50e-6
-# Tokens that have not landed by then never will: the call fails.
-LANDING_TIMEOUT_S = 60.0
-# Where POSIX shared memory segments appear as files (Linux).
-SHARED_MEMORY_DIR = "/dev/shm"
-
-
-@dataclass(frozen=True)
-class BackendSpec:
-    """What building the engine's grammar backend takes (structured.factory's arguments)."""
-
-    config: EngineConfig
-    model_dir: Path
-    vocab_size: int
-    on_accelerator: bool
-    eos_token_ids: tuple[int, ...]
-    log_level: int
-
-
-# Builds the real backend in the child: a module-level function, which travels by its name.
-BuildBackend = Callable[[BackendSpec], GrammarBackend]
-
-
-@dataclass(frozen=True)
-class Start:
-    """The child's first message; words: the SharedWords segment, if the engine made one."""
-
-    spec: BackendSpec
-    build: BuildBackend
-    words: str | None = None
-    landing_timeout_s: float = LANDING_TIMEOUT_S
-
-
-# Messages to the child. Only a Call is answered; the others take effect in order before later calls.
-
-
-@dataclass(frozen=True)
-class NewMatcher:
-    """A matcher at the start of `spec`'s grammar (one that does not compile ends its sequence)."""
-
-    matcher_id: int
-    spec: StructuredOutputs
-
-
-@dataclass(frozen=True)
-class NewBatch:
-    """These matchers prepared as the rows of a decode batch."""
-
-    batch_id: int
-    matcher_ids: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Forget:
-    """Stand-ins gone on the engine's side, and shared segments it no longer writes through."""
-
-    matcher_ids: tuple[int, ...] = ()
-    batch_ids: tuple[int, ...] = ()
-    segments: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class MaskTarget:
-    """Where to write [rows, words] int32 masks: a byte offset into a shared segment."""
-
-    segment: str
-    offset: int
-    rows: int
-
-
-@dataclass(frozen=True)
-class LandedTokens:
-    """A step's sampled token ids, int64 [count] at a byte offset of a shared segment, there once
-    SharedWords' LANDED word reaches `ticket`."""
-
-    segment: str
-    offset: int
-    count: int
-    ticket: int
-
-
-@dataclass(frozen=True)
-class Call:
-    """Advance, then fill, then report: rows are a prepared batch (batch_id, one token each in
-    `one_each`) or matchers by id (`new_tokens`, any number each)."""
-
-    batch_id: int | None = None
-    matcher_ids: tuple[int, ...] = ()
-    one_each: list[int] | None = None
-    new_tokens: list[list[int]] | None = None
-    fill: MaskTarget | None = None
-    ask_terminated: bool = False
-    # A batch's tokens to wait for instead of one_each: those at `token_rows` of the landed ones.
-    landed: LandedTokens | None = None
-    token_rows: tuple[int, ...] = ()
-    # Set SharedWords' WRITTEN word to this once the masks are written (a device's stream waits for it).
-    release: int | None = None
-
-
-@dataclass(frozen=True)
-class Stop:
-    pass
-
-
-ToChild = NewMatcher | NewBatch | Forget | Call | Stop
-
-
-# Messages from the child.
-
-
-@dataclass(frozen=True)
-class Ready:
-    bitmask_words: int
-    eos_token_ids: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Answer:
-    """The call's rows (by index) whose grammar rejected a token, and (if asked) whether each row's
-    grammar is done."""
-
-    rows: int
-    rejected: tuple[int, ...] = ()
-    terminated: tuple[bool, ...] = ()
-
-    @property
-    def accepted(self) -> list[bool]:
-        accepted = [True] * self.rows
-        for row in self.rejected:
-            accepted[row] = False
-        return accepted
-
-
-@dataclass(frozen=True)
-class Failed:
-    message: str
-
-
-FromChild = Ready | Answer | Failed
-
-
-# Whether one 32-bit counter has reached a ticket, as CUDA's stream waits compare (the counter may wrap).
-def reached(counter: int, ticket: int) -> bool:
-    return ((counter - ticket) & 0xFFFFFFFF) < 0x80000000
 
 
 class SharedWords:
@@ -208,8 +69,8 @@ class SharedWords:
     engine on a CPU), and WRITTEN, the ticket of the latest masks written (by the mask process; a
     device's stream waits for it). Made by the engine before the mask process, which attaches to it."""
 
-    LANDED = 0
-    WRITTEN = 1
+    LANDED = LANDED_WORD
+    WRITTEN = WRITTEN_WORD
 
     def __init__(self) -> None:
         self.segment = SharedMemory(create=True, size=SHARED_WORDS_BYTES)
@@ -589,182 +450,3 @@ def _release(segment: SharedMemory) -> None:
         segment.close()
     with contextlib.suppress(FileNotFoundError):
         segment.unlink()
-
-
-# The child.
-
-
-class _Child:
-    """The real backend and its matchers and batches, by the ids the engine's side gave them."""
-
-    def __init__(
-        self,
-        backend: GrammarBackend,
-        words: np.ndarray | None = None,
-        spin: bool = False,
-        landing_timeout_s: float = LANDING_TIMEOUT_S,
-    ) -> None:
-        self.backend = backend
-        self._landing_timeout_s = landing_timeout_s
-        # SharedWords' two counters, if the engine made them; spin: wait for tokens busily at first.
-        self.words = words
-        self._spins = LANDING_SPINS if spin else 0
-        self._fence = threading.Lock()
-        self.matchers: dict[int, GrammarMatcher] = {}
-        self.batches: dict[int, MatcherBatch] = {}
-        self.segments: dict[str, mmap.mmap] = {}
-        # A failure of a message nobody waits for, told with the next call's answer.
-        self.failure: str | None = None
-
-    def handle(self, message: ToChild) -> FromChild | None:
-        try:
-            if isinstance(message, Call):
-                return self._call(message)
-            self._apply(message)
-        except Exception as exc:  # told to the engine, whose step fails with it
-            logger.exception("grammar mask process: %s failed", type(message).__name__)
-            failure = f"{type(message).__name__}: {exc}"
-            if isinstance(message, Call):
-                return Failed(failure)
-            self.failure = self.failure or failure
-        return None
-
-    def _apply(self, message: ToChild) -> None:
-        if isinstance(message, NewMatcher):
-            self.matchers[message.matcher_id] = self._matcher(message)
-        elif isinstance(message, NewBatch):
-            matchers = [self.matchers[i] for i in message.matcher_ids]
-            self.batches[message.batch_id] = self.backend.batch(matchers)
-        elif isinstance(message, Forget):
-            for matcher_id in message.matcher_ids:
-                self.matchers.pop(matcher_id, None)
-            for batch_id in message.batch_ids:
-                self.batches.pop(batch_id, None)
-            for name in message.segments:
-                segment = self.segments.pop(name, None)
-                if segment is not None:
-                    with contextlib.suppress(BufferError):  # a view of it still alive: freed with it
-                        segment.close()
-
-    def _matcher(self, message: NewMatcher) -> GrammarMatcher:
-        try:
-            return self.backend.matcher(message.spec)
-        except GrammarError as exc:
-            logger.error("a grammar does not compile in the engine (%s); its sequence ends now", exc)
-            return EndingMatcher(self.backend.eos_token_ids)
-
-    def _call(self, call: Call) -> FromChild:
-        if self.failure is not None:
-            failure, self.failure = self.failure, None
-            return Failed(failure)
-        bitmask = self._view(call.fill) if call.fill is not None else None
-        if call.batch_id is not None:
-            batch = self.batches[call.batch_id]
-            accepted: list[bool] = []
-            tokens = call.one_each if call.landed is None else self._landed(call.landed, call.token_rows)
-            if tokens is not None:
-                accepted = batch.advance_one(tokens)
-            if bitmask is not None:
-                batch.fill(bitmask)
-            if call.release is not None:
-                self._publish_written(call.release)
-            return Answer(len(accepted), _rejected(accepted))
-        matchers = [self.matchers[i] for i in call.matcher_ids]
-        accepted = [True] * len(matchers)
-        if call.new_tokens is not None:
-            accepted = self.backend.advance(matchers, call.new_tokens)
-        if bitmask is not None:
-            self.backend.fill_bitmasks(matchers, bitmask)
-        terminated = tuple(m.is_terminated for m in matchers) if call.ask_terminated else ()
-        return Answer(len(matchers), _rejected(accepted), terminated)
-
-    def _view(self, target: MaskTarget) -> np.ndarray:
-        shape = (target.rows, self.backend.bitmask_words)
-        return np.ndarray(shape, dtype=np.int32, buffer=self._segment(target.segment), offset=target.offset)
-
-    def _segment(self, name: str) -> mmap.mmap:
-        segment = self.segments.get(name)
-        if segment is None:
-            segment = self.segments[name] = _attach(name)
-        return segment
-
-    def _landed(self, landed: LandedTokens, rows: tuple[int, ...]) -> list[int]:
-        """The tokens of a step, once the LANDED word says they are there."""
-        words = self.words
-        if words is None:
-            raise MaskProcessError("landed tokens without the engine's shared words")
-        spins, deadline = self._spins, 0.0
-        while not reached(int(words[SharedWords.LANDED]), landed.ticket):
-            if spins:
-                spins -= 1
-                continue
-            now = time.monotonic()
-            if not deadline:
-                deadline = now + self._landing_timeout_s
-            elif now > deadline:
-                raise MaskProcessError(f"the tokens of landing {landed.ticket} never landed")
-            time.sleep(LANDING_POLL_S)
-        with self._fence:  # the word was read before the tokens (arm64 may reorder loads)
-            pass
-        segment = self._segment(landed.segment)
-        tokens = np.ndarray((landed.count,), dtype=np.int64, buffer=segment, offset=landed.offset)
-        picked: list[int] = tokens[list(rows)].tolist()
-        return picked
-
-    def _publish_written(self, ticket: int) -> None:
-        assert self.words is not None
-        self.words[2:4].view(np.float64)[0] = time.perf_counter()
-        with self._fence:  # the masks before the word (arm64)
-            pass
-        self.words[SharedWords.WRITTEN] = ticket & 0xFFFFFFFF
-
-
-def _rejected(accepted: list[bool]) -> tuple[int, ...]:
-    if all(accepted):
-        return ()
-    return tuple(row for row, ok in enumerate(accepted) if not ok)
-
-
-def _attach(name: str) -> mmap.mmap:
-    """A segment the engine's side made (and will unlink), mapped through its file: attaching through
-    SharedMemory would start a resource tracker here that claims the segment as this process's."""
-    fd = os.open(os.path.join(SHARED_MEMORY_DIR, name), os.O_RDWR)
-    try:
-        return mmap.mmap(fd, 0)
-    finally:
-        os.close(fd)
-
-
-def main() -> None:
-    """The mask process (CHILD_COMMAND): build the backend as Start says, answer Ready, then serve
-    messages until Stop or the socket's end."""
-    conn = Connection(int(sys.argv[1]))
-    # Ctrl-C reaches the whole process group; the engine decides when this process stops.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        start: Start = conn.recv()
-    except (EOFError, OSError):
-        return
-    level = start.spec.log_level
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        backend = start.build(start.spec)
-    except Exception as exc:
-        logger.exception("grammar mask process: the backend did not build")
-        conn.send(Failed(f"the grammar backend did not build: {exc}"))
-        return
-    conn.send(Ready(backend.bitmask_words, backend.eos_token_ids))
-    words = None
-    if start.words is not None:
-        words = np.ndarray((SHARED_WORDS_BYTES // 4,), dtype=np.uint32, buffer=_attach(start.words))
-    child = _Child(backend, words, start.spec.on_accelerator, start.landing_timeout_s)
-    while True:
-        try:
-            message: ToChild = conn.recv()
-        except (EOFError, OSError):
-            return
-        if isinstance(message, Stop):
-            return
-        answer = child.handle(message)
-        if answer is not None:
-            conn.send(answer)
