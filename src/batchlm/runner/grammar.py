@@ -97,7 +97,7 @@ class TokenLander:
             register_host_memory(tensor)
             self._ring, self._ring_tensor = landing.ring, tensor
         assert self._ring_tensor is not None
-        start = (landing.tokens.ctypes.data - landing.ring.ctypes.data) // landing.ring.itemsize
+        start = landing.where.offset // landing.ring.itemsize
         return self._ring_tensor.view(-1)[start : start + landing.where.count]
 
 

@@ -334,9 +334,7 @@ class ProcessBackend:
                 future.set_exception(
                     MaskProcessError(f"the grammar mask process failed: {_failure(message)}")
                 )
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self._process.wait(timeout=EXIT_CODE_WAIT_S)
-        gone = MaskProcessError(f"the grammar mask process exited (exit code {self._process.returncode})")
+        gone = self._exited()
         with self._send_lock:
             self._gone = gone
             waiting = list(self._answers)
@@ -395,12 +393,14 @@ class ProcessBackend:
         try:
             message: FromChild = self._conn.recv()
         except (EOFError, OSError):
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._process.wait(timeout=EXIT_CODE_WAIT_S)
-            raise MaskProcessError(
-                f"the grammar mask process exited (exit code {self._process.returncode})"
-            ) from None
+            raise self._exited() from None
         return message
+
+    def _exited(self) -> MaskProcessError:
+        """The error of a child whose socket has ended, naming its exit code once it has one."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._process.wait(timeout=EXIT_CODE_WAIT_S)
+        return MaskProcessError(f"the grammar mask process exited (exit code {self._process.returncode})")
 
     def close(self) -> None:
         """Stop the child and free the shared segments (arrays from shared_array must be unused)."""

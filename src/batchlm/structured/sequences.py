@@ -361,7 +361,6 @@ class ConstrainedSequences:
         if batch is None or batch.sequences != sequences:
             batch = self._batch = _PreparedBatch(backend, sampled_rows.request_ids, sequences)
         rows = sampled_rows.rows
-        leading = rows == list(range(len(rows)))  # the sampled rows' first tokens, in order
         for seq in sequences:
             seq.num_accepted += 1
         bitmask = out[: len(sequences)]
@@ -373,6 +372,7 @@ class ConstrainedSequences:
             accepted = batch.matchers.step_landed(landing.where, tuple(rows), bitmask, release)
             warn_rejected(accepted, sampled_rows.request_ids)
             return masks
+        leading = rows == list(range(len(rows)))  # the sampled rows' first tokens, in order
         token_ids = sampled()
         if token_ids is None:  # they travel packed with logprobs: the step computes its masks itself
             for seq in sequences:
