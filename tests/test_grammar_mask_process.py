@@ -25,7 +25,7 @@ from batchlm.structured.factory import OWN_PROCESS_ENV, backend_factory, local_b
 from batchlm.structured.llguidance_backend import LLGuidanceBackend
 from batchlm.structured.mask_process import MaskProcessError, ProcessBackend, RemoteBatch, SharedWords
 from batchlm.structured.mask_process_child import SHARED_MEMORY_DIR
-from batchlm.structured.process_messages import BackendSpec
+from batchlm.structured.process_messages import LANDING_TIMEOUT_S, BackendSpec
 from batchlm.structured.sequences import ConstrainedSequences, SampledRows
 
 EOS = (1, 3)
@@ -157,11 +157,17 @@ def test_the_child_exits_when_the_engine_is_gone(remote: ProcessBackend) -> None
     assert remote._process.wait(timeout=60) == 0  # a hang guard, far above the exit's time
 
 
-@pytest.fixture
-def with_words(llama_dir: Path) -> Iterator[tuple[ProcessBackend, SharedWords]]:
+def process_with_words(llama_dir: Path, landing_timeout_s: float) -> tuple[ProcessBackend, SharedWords]:
     words = SharedWords()
     spec = BackendSpec(EngineConfig(model=str(llama_dir)), llama_dir, VOCAB, False, EOS, 30)
-    backend = ProcessBackend(spec, local_backend, words, landing_timeout_s=2.0)
+    return ProcessBackend(spec, local_backend, words, landing_timeout_s), words
+
+
+@pytest.fixture
+def with_words(llama_dir: Path) -> Iterator[tuple[ProcessBackend, SharedWords]]:
+    """A process whose calls wait for landed tokens as long as the engine's do (a slow machine's late
+    landing is still a landing)."""
+    backend, words = process_with_words(llama_dir, LANDING_TIMEOUT_S)
     yield backend, words
     backend.close()
 
@@ -230,14 +236,17 @@ def test_calls_in_flight_together_are_answered_in_order(
         np.testing.assert_array_equal(out, expected)
 
 
-def test_tokens_that_never_land_fail_the_call(with_words: tuple[ProcessBackend, SharedWords]) -> None:
-    remote, _ = with_words
-    batch = remote.batch([remote.matcher(SPECS[1])])
-    assert isinstance(batch, RemoteBatch)
-    out = np.empty((1, remote.bitmask_words), np.int32)
-    with pytest.raises(MaskProcessError, match="never landed"):
-        batch.step_landed(remote.landing(1).where, (0,), out, release=None)
-    batch.fill(out)  # the child serves on
+def test_tokens_that_never_land_fail_the_call(llama_dir: Path) -> None:
+    remote, _ = process_with_words(llama_dir, landing_timeout_s=2.0)
+    try:
+        batch = remote.batch([remote.matcher(SPECS[1])])
+        assert isinstance(batch, RemoteBatch)
+        out = np.empty((1, remote.bitmask_words), np.int32)
+        with pytest.raises(MaskProcessError, match="never landed"):
+            batch.step_landed(remote.landing(1).where, (0,), out, release=None)
+        batch.fill(out)  # the child serves on
+    finally:
+        remote.close()
 
 
 @pytest.mark.parametrize("async_scheduling", ["off", "on"])
