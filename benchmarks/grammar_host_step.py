@@ -48,9 +48,10 @@ from batchlm.runner.host_flag import ThreadFlag
 from batchlm.sampling_params import StructuredOutputs
 from batchlm.structured.backend import GrammarBackend
 from batchlm.structured.llguidance_backend import LLGuidanceBackend
-from batchlm.structured.mask_process import ProcessBackend, SharedWords, TokenLanding
+from batchlm.structured.mask_process import ProcessBackend
 from batchlm.structured.process_messages import BackendSpec
 from batchlm.structured.sequences import ConstrainedSequences
+from batchlm.structured.shared_words import SharedWords, TokenLanding
 
 
 class LandingTokens:

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from batchlm.sampling.grammar_mask import register_host_memory
-from batchlm.structured.mask_process import SharedWords
 from batchlm.structured.process_messages import reached
+from batchlm.structured.shared_words import SharedWords
 
 logger = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ from batchlm.sampling.plan import has_penalty
 from batchlm.sampling.sampler import Sampler
 from batchlm.sampling.state import SamplingState
 from batchlm.structured.factory import in_own_process
-from batchlm.structured.mask_process import SharedWords
+from batchlm.structured.shared_words import SharedWords
 
 logger = logging.getLogger(__name__)
 

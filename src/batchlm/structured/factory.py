@@ -12,8 +12,9 @@ from pathlib import Path
 
 from batchlm.config import EngineConfig
 from batchlm.structured.backend import GrammarBackend
-from batchlm.structured.mask_process import ProcessBackend, SharedWords
+from batchlm.structured.mask_process import ProcessBackend
 from batchlm.structured.process_messages import BackendSpec
+from batchlm.structured.shared_words import SharedWords
 
 logger = logging.getLogger(__name__)
 

@@ -20,10 +20,8 @@ import socket
 import subprocess
 import sys
 import threading
-import weakref
 from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
 
@@ -33,10 +31,7 @@ from batchlm.sampling_params import StructuredOutputs
 from batchlm.structured.backend import GrammarMatcher
 from batchlm.structured.mask_process_child import CHILD_COMMAND
 from batchlm.structured.process_messages import (
-    LANDED_WORD,
     LANDING_TIMEOUT_S,
-    SHARED_WORDS_BYTES,
-    WRITTEN_WORD,
     Answer,
     BackendSpec,
     BuildBackend,
@@ -53,6 +48,7 @@ from batchlm.structured.process_messages import (
     Stop,
     ToChild,
 )
+from batchlm.structured.shared_words import SharedWords, TokenLanding, release_segment
 
 logger = logging.getLogger(__name__)
 
@@ -61,49 +57,6 @@ STOP_GRACE_S = 5.0
 EXIT_CODE_WAIT_S = 1.0
 # Slots of the token ring (see ProcessBackend.landing).
 TOKEN_SLOTS = 4
-
-
-class SharedWords:
-    """Two 32-bit counters in shared memory between the engine and its mask process: LANDED, the ticket
-    of the latest step whose tokens are in the token ring (written by the device's stream, or by the
-    engine on a CPU), and WRITTEN, the ticket of the latest masks written (by the mask process; a
-    device's stream waits for it). Made by the engine before the mask process, which attaches to it."""
-
-    LANDED = LANDED_WORD
-    WRITTEN = WRITTEN_WORD
-
-    def __init__(self) -> None:
-        self.segment = SharedMemory(create=True, size=SHARED_WORDS_BYTES)
-        # Both words, as one array: a device registers them at once.
-        self.words = np.ndarray((2,), dtype=np.uint32, buffer=self.segment.buf)
-        self.words[:] = 0
-        # When the mask process last set WRITTEN (time.perf_counter, one clock for all processes on
-        # Linux): what benchmarks read to time the masks as a device would see them.
-        self.written_at = np.ndarray((1,), dtype=np.float64, buffer=self.segment.buf, offset=8)
-        self.written_at[0] = 0.0
-        self._fence = threading.Lock()
-        weakref.finalize(self, _release, self.segment)
-
-    @property
-    def name(self) -> str:
-        return self.segment.name
-
-    def publish(self, index: int, ticket: int) -> None:
-        """Set a word once the writes before it (tokens, masks) are visible: taking and dropping a lock
-        is a full memory barrier, which weakly ordered hosts (arm64) need."""
-        with self._fence:
-            pass
-        self.words[index] = ticket & 0xFFFFFFFF
-
-
-@dataclass(frozen=True)
-class TokenLanding:
-    """Where the engine puts a step's sampled token ids for the mask process: write `tokens`, then set
-    LANDED to `where.ticket`. ring: the whole segment's array (a device page-locks it once)."""
-
-    tokens: np.ndarray
-    ring: np.ndarray
-    where: LandedTokens
 
 
 class MaskProcessError(RuntimeError):
@@ -362,7 +315,7 @@ class ProcessBackend:
         )
         if scratch is not None:
             self._send(Forget(segments=(scratch.name,)))
-            _release(scratch)
+            release_segment(scratch)
         return self._scratch
 
     def _ours(self, matchers: Sequence[GrammarMatcher]) -> list[RemoteMatcher]:
@@ -419,11 +372,11 @@ class ProcessBackend:
         if self._reader is not None:
             self._reader.join(timeout=STOP_GRACE_S)
         for segment, _ in self._segments.values():
-            _release(segment)
+            release_segment(segment)
         self._segments.clear()
         for retired in (self._scratch, self._ring, *self._retired):
             if retired is not None:
-                _release(retired)
+                release_segment(retired)
         self._scratch = self._ring = None
         self._retired.clear()
 
@@ -442,11 +395,3 @@ def _drain(ids: collections.deque[int]) -> tuple[int, ...]:
 
 def _failure(message: FromChild) -> str:
     return message.message if isinstance(message, Failed) else f"unexpected {type(message).__name__}"
-
-
-def _release(segment: SharedMemory) -> None:
-    # Views into it may outlive the segment's name: the memory goes with the last of them.
-    with contextlib.suppress(BufferError):
-        segment.close()
-    with contextlib.suppress(FileNotFoundError):
-        segment.unlink()

@@ -16,8 +16,9 @@ import numpy as np
 from batchlm.core.step_io import PLACEHOLDER_TOKEN_ID
 from batchlm.sampling_params import StructuredOutputs
 from batchlm.structured.backend import EndingMatcher, GrammarBackend, GrammarError, GrammarMatcher
-from batchlm.structured.mask_process import ProcessBackend, RemoteBatch, TokenLanding
+from batchlm.structured.mask_process import ProcessBackend, RemoteBatch
 from batchlm.structured.process_messages import Answer
+from batchlm.structured.shared_words import TokenLanding
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
