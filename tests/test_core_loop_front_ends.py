@@ -1,6 +1,7 @@
 """The engine core serving several front ends (API-server processes), one pipe each: each gets only
 its own requests' outputs, a secondary leaving is detached (its requests aborted) while the primary's
-pipe closing stops the core, and an id in use from another front end is rejected."""
+pipe closing stops the core, an id in use from another front end is rejected, and a crash reaches
+the front end as one line."""
 
 from __future__ import annotations
 
@@ -9,10 +10,21 @@ import time
 from collections.abc import Iterator
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import TypeVar
 
-from batchlm.core.facts import EngineStats
-from batchlm.executor.core_messages import AddRequests, RequestRejected, Shutdown, StepOutputs
+import pytest
+
+from batchlm.config import EngineConfig
+from batchlm.core.facts import EngineStats, ModelFacts
+from batchlm.executor.core_messages import (
+    AddRequests,
+    CoreFailed,
+    CoreReady,
+    RequestRejected,
+    Shutdown,
+    StepOutputs,
+)
 from batchlm.executor.core_process import CoreLoop
 from batchlm.outputs import CoreOutputs, EngineCoreOutput, FinishReason
 from batchlm.request import EngineCoreRequest
@@ -194,3 +206,36 @@ def test_an_id_in_use_by_another_front_end_is_rejected_to_the_sender_only() -> N
     assert {o.request_id for o in wire.outputs_until_finished(0, {"same"})} == {"same"}
     wire.front[0].send(Shutdown())
     wire.thread.join(30)
+
+
+class CrashingCore(CountingCore):
+    def step(self) -> CoreOutputs:
+        raise RuntimeError("the device went away\nsecond line of detail")
+
+
+def test_a_crash_while_serving_reaches_the_front_end_as_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The traceback stays in the core's log: the reason is what clients read in their 503s."""
+    from batchlm.executor import core_builder, core_process
+
+    monkeypatch.setattr(core_process, "prefer_passive_waiting", lambda device: None)
+    monkeypatch.setattr(core_process, "configure_child_threads", lambda: None)
+    monkeypatch.setattr(
+        core_builder, "build_engine_core", lambda config, model_dir: (CrashingCore(), ModelFacts(64, 100))
+    )
+    front, core_end = Pipe()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            core_process.engine_core_main(EngineConfig(model="unused"), Path("unused"), core_end)
+        except BaseException as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert front.poll(30) and isinstance(front.recv(), CoreReady)
+    front.send(AddRequests((core_request("doomed"),)))
+    failed = next(messages_of(front, CoreFailed, within_s=30))
+    thread.join(30)
+    assert failed == CoreFailed("RuntimeError: the device went away")
+    assert [type(error) for error in errors] == [RuntimeError]

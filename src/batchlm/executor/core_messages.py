@@ -44,6 +44,13 @@ class CoreFailed:
 
     reason: str
 
+    @classmethod
+    def after(cls, exc: BaseException) -> CoreFailed:
+        """A crash while serving, in one line: the exception's type and its message's first line. The
+        traceback stays in the core's log; the reason reaches clients in their 503s."""
+        lines = str(exc).strip().splitlines()
+        return cls(f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__)
+
 
 @dataclass(frozen=True)
 class RequestRejected:

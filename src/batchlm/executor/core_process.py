@@ -80,10 +80,12 @@ def engine_core_main(
         CoreLoop(core, conns).run()
     except (EOFError, BrokenPipeError, ConnectionResetError):
         logger.info("front end went away; engine core exiting")
-    except Exception:
+    except Exception as exc:
+        # The traceback goes to this process's log; the front ends, and through them the clients'
+        # 503s, get one line.
         logger.error("engine core crashed:\n%s", traceback.format_exc())
         for each in conns:
-            _send(each, CoreFailed(traceback.format_exc(limit=5)))
+            _send(each, CoreFailed.after(exc))
         raise
 
 

@@ -85,7 +85,7 @@ class GenerationWorker:
             self._serve(loop)
         except Exception as exc:  # a bug outside a model step: nothing can be trusted any more
             logger.exception("the mlx generation thread failed")
-            self._post(CoreFailed(f"{type(exc).__name__}: {exc}"))
+            self._post(CoreFailed.after(exc))
         finally:
             loop.close()
 
