@@ -21,7 +21,7 @@ import torch
 
 from batchlm.kernels.grammar_bitmask import apply_bitmask, warm_up
 from batchlm.sampling.grammar_mask import BitmaskStaging, apply_grammar_masks
-from batchlm.structured.sequences import GrammarMasks
+from batchlm.structured.step_masks import GrammarMasks
 
 
 def host_cost(fn: Callable[[], object], calls: int = 300, rounds: int = 5) -> dict[str, float]:

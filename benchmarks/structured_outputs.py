@@ -117,7 +117,7 @@ def time_masks(model_dir: Path, vocab_size: int, rows: int, seed: int) -> dict[s
     from batchlm.sampling_params import StructuredOutputs
     from batchlm.structured.backend import allowed_tokens
     from batchlm.structured.factory import backend_factory
-    from batchlm.structured.sequences import GrammarMasks
+    from batchlm.structured.step_masks import GrammarMasks
 
     started = time.perf_counter()
     backend = backend_factory(EngineConfig(model=str(model_dir)), model_dir, vocab_size)((0,))

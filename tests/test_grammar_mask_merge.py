@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from batchlm.runner.grammar import merge_masks, sampled_rows
-from batchlm.structured.sequences import GrammarMasks, PrefetchedMasks, SampledRows
+from batchlm.structured.step_masks import GrammarMasks, PrefetchedMasks, SampledRows
 
 WORDS = 3
 

@@ -26,8 +26,9 @@ from batchlm.structured.llguidance_backend import LLGuidanceBackend
 from batchlm.structured.mask_process import MaskProcessError, ProcessBackend, RemoteBatch
 from batchlm.structured.mask_process_child import SHARED_MEMORY_DIR
 from batchlm.structured.process_messages import LANDING_TIMEOUT_S, BackendSpec
-from batchlm.structured.sequences import ConstrainedSequences, SampledRows
+from batchlm.structured.sequences import ConstrainedSequences
 from batchlm.structured.shared_words import SharedWords
+from batchlm.structured.step_masks import SampledRows
 
 EOS = (1, 3)
 VOCAB = 2080  # the tiny tokenizer's 2048 ids, padded as a model's logits are

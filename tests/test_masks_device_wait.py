@@ -21,7 +21,8 @@ from batchlm.runner.grammar import PrefetchJob, StartedMasks, StepMasks
 from batchlm.runner.host_flag import ThreadFlag
 from batchlm.sampling_params import StructuredOutputs
 from batchlm.structured.llguidance_backend import LLGuidanceBackend
-from batchlm.structured.sequences import ConstrainedSequences, PrefetchedMasks, SampledRows
+from batchlm.structured.sequences import ConstrainedSequences
+from batchlm.structured.step_masks import PrefetchedMasks, SampledRows
 from staggered_requests import REQUESTS, Served, serve_staggered
 
 EOS = (1, 3)

@@ -13,7 +13,7 @@ from batchlm.engine.client import RequestRejectedError
 from batchlm.engine.input_processor import InputProcessor
 from batchlm.sampling import Sampler, SamplingState
 from batchlm.sampling_params import SamplingParams
-from batchlm.structured.sequences import GrammarMasks
+from batchlm.structured.step_masks import GrammarMasks
 
 EOS = 2
 CPU = torch.device("cpu")

@@ -18,7 +18,8 @@ from batchlm.structured.llguidance_backend import (
     validated_cache,
     validated_grammar,
 )
-from batchlm.structured.sequences import ConstrainedSequences, PrefetchedMasks, SampledRows
+from batchlm.structured.sequences import ConstrainedSequences
+from batchlm.structured.step_masks import PrefetchedMasks, SampledRows
 
 EOS = (1, 3)
 

@@ -18,7 +18,7 @@ from batchlm import LLM, SamplingParams
 from batchlm.runner.host_flag import DEVICE_WAIT_ENV, stream_flag
 from batchlm.sampling.grammar_mask import STAGING_SLOTS, BitmaskStaging, apply_grammar_masks
 from batchlm.sampling_params import StructuredOutputs
-from batchlm.structured.sequences import GrammarMasks
+from batchlm.structured.step_masks import GrammarMasks
 
 pytestmark = pytest.mark.gpu
 

@@ -20,8 +20,9 @@ from batchlm.runner.step_output import PendingStepOutput
 from batchlm.sampling.grammar_mask import STAGING_SLOTS, register_host_memory
 from batchlm.sampling.sampler import Sampler
 from batchlm.structured.factory import backend_factory
-from batchlm.structured.sequences import ConstrainedSequences, GrammarMasks, PrefetchedMasks, SampledRows
+from batchlm.structured.sequences import ConstrainedSequences
 from batchlm.structured.shared_words import SharedWords, TokenLanding
+from batchlm.structured.step_masks import GrammarMasks, PrefetchedMasks, SampledRows
 
 # Rows -> scratch of that many bitmask rows (pinned memory on a GPU, so the upload needs no copy).
 MaskBuffer = Callable[[int], np.ndarray]

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from batchlm.structured.sequences import GrammarMasks
+from batchlm.structured.step_masks import GrammarMasks
 
 _BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
 # Pinned buffers in the ring: a buffer is written again only after the uploads of the steps between

@@ -18,7 +18,7 @@ from batchlm.sampling.logprobs import MAX_PACKED_VOCAB, pack_logprobs, unpack_lo
 from batchlm.sampling.penalties import apply_logit_bias, apply_min_tokens_ban, apply_penalties
 from batchlm.sampling.plan import SamplingPlan, plan_batch, to_device
 from batchlm.sampling.state import SamplingState, resolve_device, seed_for_step
-from batchlm.structured.sequences import GrammarMasks
+from batchlm.structured.step_masks import GrammarMasks
 
 # Above this many logits per call the race kernel's int32 noise offsets would overflow: torch path.
 MAX_RACE_ELEMENTS = 2**31 - 1
