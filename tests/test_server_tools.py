@@ -57,6 +57,8 @@ def satisfies(value: Any, schema: dict[str, Any]) -> bool:
         if any(key not in value for key in schema.get("required", ())):
             return False
         properties = schema.get("properties", {})
+        if schema.get("additionalProperties") is False and not set(value) <= set(properties):
+            return False
         return all(satisfies(v, properties[k]) for k, v in value.items() if k in properties)
     return True
 
@@ -138,6 +140,7 @@ def test_required_decodes_under_a_schema_that_forces_a_call(client: Any, engine:
     assert not satisfies([{"name": "get_weather", "parameters": {"zone": "UTC"}}], schema)
     assert not satisfies([{"name": "launch", "parameters": {}}], schema)
     assert all(option["additionalProperties"] is False for option in schema["items"]["anyOf"])
+    assert not satisfies([{"name": "get_time", "parameters": {"zone": "UTC", "extra": 1}}], schema)
 
 
 def test_required_without_parallel_calls_allows_one(client: Any, engine: FakeEngine) -> None:
@@ -158,7 +161,8 @@ def test_a_named_function_streams_its_arguments(client: Any, engine: FakeEngine)
             model="fake-model", messages=USER, tools=TOOLS, tool_choice=choice, stream=True
         )
     )
-    assert json.loads(engine.calls[-1].params.structured_outputs.json) == WEATHER_PARAMETERS
+    schema = json.loads(engine.calls[-1].params.structured_outputs.json)
+    assert schema == {**WEATHER_PARAMETERS, "additionalProperties": False}
     pieces = [piece for c in chunks for piece in c.choices[0].delta.tool_calls or ()]
     assert pieces[0].function.name == "get_weather" and pieces[0].id.startswith("call_")
     assert "".join(p.function.arguments for p in pieces) == PARIS
@@ -274,3 +278,4 @@ def test_a_function_without_parameters_is_forced_to_an_empty_object(client: Any,
     schema = json.loads(engine.calls[-1].params.structured_outputs.json)
     assert schema == {"type": "object", "properties": {}, "additionalProperties": False}
     assert engine.tokenizer.last_chat["kwargs"]["tools"][0]["function"]["parameters"] == schema
+

@@ -67,6 +67,20 @@ def test_json_schema_output_follows_the_schema(backend, tiny_tokenizer) -> None:
     assert json.loads(text) == {"name": "ab", "n": 42}
 
 
+def test_a_forced_call_from_an_open_parameters_schema_writes_only_declared_keys(
+    backend, tiny_tokenizer
+) -> None:
+    from batchlm.tools.closed_schema import closed_objects
+
+    parameters = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    wanted = '{"a":1,"zz":2}'
+    open_text = greedy_walk(backend, StructuredOutputs(json=json.dumps(parameters)), tiny_tokenizer, wanted)
+    assert json.loads(open_text) == {"a": 1, "zz": 2}, "the open schema takes the extra key"
+    spec = StructuredOutputs(json=json.dumps(closed_objects(parameters)))
+    # Once "zz" cannot follow, the walk takes the lowest allowed ids: digits, then the object's end.
+    assert set(json.loads(greedy_walk(backend, spec, tiny_tokenizer, wanted))) == {"a"}
+
+
 def test_bitmask_forbids_what_the_grammar_cannot_take(backend, tiny_tokenizer) -> None:
     matcher = backend.matcher(StructuredOutputs(regex="[0-9]+"))
     row = np.empty(backend.bitmask_words, dtype=np.int32)

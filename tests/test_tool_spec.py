@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import pytest
 
+from batchlm.tools.closed_schema import closed_objects
 from batchlm.tools.spec import ToolUseError, tool_plan
 from batchlm.tools.use import chat_tool_use
 
@@ -54,7 +55,7 @@ def test_a_named_choice_from_plain_objects_is_decoded_under_its_parameters_schem
     assert plan is not None and plan.mode == "named"
     constraint = plan.structured_outputs()
     assert constraint is not None and constraint.json is not None
-    assert json.loads(constraint.json) == WEATHER.parameters
+    assert json.loads(constraint.json) == {**WEATHER.parameters, "additionalProperties": False}
 
 
 @pytest.mark.parametrize(
@@ -77,3 +78,46 @@ def test_auto_without_a_parser_is_refused_as_a_tool_choice_error() -> None:
     with pytest.raises(ToolUseError) as refused:
         chat_tool_use(ToolFields([Tool(WEATHER)], "auto"), "none", None)
     assert refused.value.param == "tool_choice"
+
+
+def test_a_forced_call_s_objects_are_closed_to_keys_they_do_not_declare() -> None:
+    address = {"type": "object", "properties": {"zip": {"type": "string"}}}
+    schema = {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string"},
+            "address": address,
+            "stops": {"type": "array", "items": address},
+            "either": {"anyOf": [address, {"type": "string"}]},
+            "free": {"type": "object"},
+            "tags": {"type": "object", "properties": {"a": {}}, "additionalProperties": {"type": "string"}},
+            "merged": {"allOf": [address, {"properties": {"plus4": {}}}]},
+            "ref": {"$ref": "#/$defs/place"},
+        },
+        "$defs": {"place": {"type": ["object", "null"], "properties": {"name": {}}}},
+    }
+    closed = closed_objects(schema)
+    closed_address = {**address, "additionalProperties": False}
+    assert closed["additionalProperties"] is False
+    properties = closed["properties"]
+    assert properties["address"] == closed_address
+    assert properties["stops"]["items"] == closed_address
+    assert properties["either"]["anyOf"] == [closed_address, {"type": "string"}]
+    # Said otherwise or left to other schemas: as they were.
+    assert properties["free"] == {"type": "object"}
+    assert properties["tags"] == schema["properties"]["tags"]
+    assert properties["merged"] == schema["properties"]["merged"]
+    assert properties["ref"] == {"$ref": "#/$defs/place"}
+    assert closed["$defs"]["place"]["additionalProperties"] is False
+    assert "additionalProperties" not in schema and "additionalProperties" not in address  # a copy
+
+
+def test_required_calls_close_each_function_s_arguments() -> None:
+    plan = tool_plan(ToolFields([Tool(WEATHER)], "required"))
+    assert plan is not None
+    constraint = plan.structured_outputs()
+    assert constraint is not None and constraint.json is not None
+    (option,) = json.loads(constraint.json)["items"]["anyOf"]
+    assert option["properties"]["parameters"] == {**WEATHER.parameters, "additionalProperties": False}
+    # The chat template still sees the tool as the client declared it.
+    assert plan.template_tools()[0]["function"]["parameters"] == WEATHER.parameters

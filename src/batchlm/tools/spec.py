@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from batchlm.sampling_params import StructuredOutputs
+from batchlm.tools.closed_schema import closed_objects
 from batchlm.tools.forced import NamedFunctionParser, RequiredCallsParser
 from batchlm.tools.parser import ToolParser
 
@@ -91,10 +92,11 @@ class ToolPlan:
         return [{"type": "function", "function": _function_dict(tool)} for tool in self.tools]
 
     def structured_outputs(self) -> StructuredOutputs | None:
-        """The JSON schema a forced choice is decoded under, so the call always parses."""
+        """The JSON schema a forced choice is decoded under, so the call always parses. The arguments'
+        objects are closed to keys they do not declare (tools.closed_schema)."""
         if self.mode == "named":
             tool = next(t for t in self.tools if t.name == self.named)
-            return StructuredOutputs(json=json.dumps(tool.parameters or NO_PARAMETERS))
+            return StructuredOutputs(json=json.dumps(_arguments_schema(tool)))
         if self.mode == "required":
             return StructuredOutputs(json=json.dumps(self._required_schema()))
         return None
@@ -113,7 +115,7 @@ class ToolPlan:
             {
                 "properties": {
                     "name": {"type": "string", "enum": [tool.name]},
-                    "parameters": tool.parameters or NO_PARAMETERS,
+                    "parameters": _arguments_schema(tool),
                 },
                 "required": ["name", "parameters"],
                 # Without this a small model may keep adding keys until max_tokens.
@@ -182,6 +184,10 @@ def _check_unique_names(tools: tuple[FunctionTool, ...]) -> None:
                 f"tools[{i}]: the function name '{tool.name}' is used twice.", param=f"tools[{i}]"
             )
         seen.add(tool.name)
+
+
+def _arguments_schema(tool: FunctionTool) -> dict[str, Any]:
+    return closed_objects(tool.parameters) if tool.parameters is not None else NO_PARAMETERS
 
 
 def _function_dict(tool: FunctionTool) -> dict[str, Any]:
