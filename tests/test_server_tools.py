@@ -279,3 +279,25 @@ def test_a_function_without_parameters_is_forced_to_an_empty_object(client: Any,
     assert schema == {"type": "object", "properties": {}, "additionalProperties": False}
     assert engine.tokenizer.last_chat["kwargs"]["tools"][0]["function"]["parameters"] == schema
 
+
+def test_a_forced_call_cut_short_answers_as_its_stream_does(client: Any, engine: FakeEngine) -> None:
+    """max_tokens ends the second call mid-arguments: the reply carries both calls, the second as far as
+    it got, with finish_reason "length", whether streamed or not."""
+    cut = f'[{{"name": "get_weather", "parameters": {PARIS}}}, {{"name": "get_time", "parameters": {{"zo'
+    engine.reply = cut + 'ne": "UTC"}}]'
+    fields = {"model": "fake-model", "messages": USER, "tools": TOOLS, "tool_choice": "required"}
+    budget = len(cut.encode())  # the fake tokenizer: a token a byte
+    response = client.chat.completions.create(**fields, max_tokens=budget)
+    choice = response.choices[0]
+    calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls]
+    assert calls == [("get_weather", PARIS), ("get_time", '{"zo')]
+    assert choice.message.content is None and choice.finish_reason == "length"
+    chunks = list(client.chat.completions.create(**fields, max_tokens=budget, stream=True))
+    pieces = [piece for c in chunks for piece in c.choices[0].delta.tool_calls or ()]
+    streamed: dict[int, list[str]] = {}
+    for piece in pieces:
+        if piece.id is not None:
+            streamed[piece.index] = [piece.function.name, ""]
+        streamed[piece.index][1] += piece.function.arguments or ""
+    assert [tuple(streamed[i]) for i in sorted(streamed)] == calls
+    assert chunks[-1].choices[0].finish_reason == "length"

@@ -192,6 +192,39 @@ def test_a_call_cut_short_adds_no_markup_to_a_stream() -> None:
     assert content == "" and calls == [("f", '{"a": 1')]
 
 
+# Outputs max_tokens cut short, each with the calls a stream of it sends (the last as far as it got).
+CUT_SHORT: list[tuple[ToolParser, str, list[tuple[str, str]]]] = [
+    (HermesParser(), '<tool_call>{"name": "f", "arguments": {"a": 1', [("f", '{"a": 1')]),
+    (HermesParser(), 'Cut <tool_call>{"name": "f", "argu', []),
+    (Llama3JsonParser(), '{"name": "get_weather", "parameters": {"ci', [("get_weather", '{"ci')]),
+    (MistralParser(), '[TOOL_CALLS][{"name": "get_weather", "arguments": {"ci', [("get_weather", '{"ci')]),
+    (NamedFunctionParser("get_weather"), '{"city": "Par', [("get_weather", '{"city": "Par')]),
+    (
+        RequiredCallsParser(),
+        f'[{{"name": "get_weather", "parameters": {WEATHER}}}, {{"name": "get_time", "parameters": {{"zo',
+        [("get_weather", WEATHER), ("get_time", '{"zo')],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("parser", "output", "calls"), CUT_SHORT, ids=[type(c[0]).__name__ for c in CUT_SHORT]
+)
+def test_an_output_cut_short_gives_what_its_stream_sent(
+    parser: ToolParser, output: str, calls: list[tuple[str, str]]
+) -> None:
+    parsed = parser.extract(output, cut_short=True)
+    assert calls_of(parsed.tool_calls) == calls
+    assert all(id_format(parser).fullmatch(call.id) for call in parsed.tool_calls)
+    for split in range(len(output) + 1):
+        streamed_content, streamed_calls, _ = stream(parser, [output[:split], output[split:]])
+        assert (streamed_content, streamed_calls) == (parsed.content or "", calls)
+    if calls:
+        assert parsed.content is None or not any(
+            marker in parsed.content for marker in ("<tool_call>", "[TOOL_CALLS]")
+        )
+
+
 @pytest.mark.parametrize(
     ("template", "name"),
     [

@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from batchlm.engine.input_processor import FieldNames
-from batchlm.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+from batchlm.outputs import CompletionOutput, FinishReason, RequestOutput, TokenLogprobs
 from batchlm.sampling_params import SamplingParams
 from batchlm.server.errors import rejections_as_400
 from batchlm.server.logprobs import chat_logprobs
@@ -115,7 +115,10 @@ class ChatFormatter(ResponseFormatter[ChatContext]):
 
     def _choice(self, index: int, result: ChoiceResult) -> ChatChoice:
         parser = self.context.tool_use.parser
-        parsed = parser.extract(result.text) if parser is not None else ParsedMessage(result.text, ())
+        cut_short = result.finish_reason is FinishReason.LENGTH
+        parsed = (
+            parser.extract(result.text, cut_short) if parser is not None else ParsedMessage(result.text, ())
+        )
         message = ChatResponseMessage(
             content=parsed.content, tool_calls=response_tool_calls(parsed.tool_calls)
         )

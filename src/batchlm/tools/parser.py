@@ -24,8 +24,13 @@ class ToolParser(ABC):
     def scan(self, text: str, final: bool) -> Scan:
         """Content and calls of `text`, as far as they are settled (all of it when `final`)."""
 
-    def extract(self, text: str) -> ParsedMessage:
-        """A complete output's content and calls. Markup that does not parse stays in the content."""
+    def extract(self, text: str, cut_short: bool = False) -> ParsedMessage:
+        """A complete output's content and calls. Markup that does not parse stays in the content,
+        unless max_tokens cut the output short: then it is what a stream of it sends, a call cut
+        off keeping its arguments as far as they got (as OpenAI answers it, with finish_reason
+        "length")."""
+        if cut_short:
+            return self._as_streamed(text)
         scan = self.scan(text, final=True)
         calls = [ToolCall(self.new_id(), c.name, c.arguments) for c in scan.calls if c.name is not None]
         calls = calls[: self.max_calls]
@@ -35,6 +40,22 @@ class ToolParser(ABC):
 
     def stream(self) -> ToolCallStream:
         return ToolCallStream(self)
+
+    def _as_streamed(self, text: str) -> ParsedMessage:
+        stream = self.stream()
+        pieces = (stream.feed(text), stream.finish())
+        calls: list[ToolCall] = []
+        for piece in (call for delta in pieces for call in delta.tool_calls):
+            if piece.id is not None:
+                assert piece.name is not None
+                calls.append(ToolCall(piece.id, piece.name, piece.arguments))
+            else:
+                last = calls[piece.index]
+                calls[piece.index] = ToolCall(last.id, last.name, last.arguments + piece.arguments)
+        content = "".join(delta.content for delta in pieces)
+        if not calls:
+            return ParsedMessage(content, ())
+        return ParsedMessage(content or None, tuple(calls))
 
 
 class ToolCallStream:
