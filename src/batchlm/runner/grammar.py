@@ -103,16 +103,16 @@ class TokenLander:
 
 
 def process_mask_signals(
-    device: torch.device, words: SharedWords, flag: StreamFlag | None
+    device: torch.device, words: SharedWords
 ) -> tuple[StreamFlag | None, TokenLander | None]:
-    """With a grammar mask process: the lander of each step's tokens, and the flag a GPU's stream
-    waits on for the masks, over the shared counters where the driver takes stream writes (the
-    process then sees the tokens land and releases the stream itself). Otherwise `flag` and no lander."""
+    """With a grammar mask process: the lander of each step's tokens, and on a GPU the flag its
+    stream waits on for the masks, over the shared counters (the process then sees the tokens land and
+    releases the stream itself). No flag on a CPU; neither where the driver takes no stream writes."""
     if device.type != "cuda":
-        return flag, TokenLander(words)
+        return None, TokenLander(words)
     shared = shared_stream_words(device, words)
     if shared is None:
-        return flag, None
+        return None, None
     shared_flag, landed = shared
     return shared_flag, TokenLander(words, landed)
 

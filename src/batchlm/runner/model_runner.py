@@ -132,10 +132,12 @@ class ModelRunner:
         self.grammars = constrained_sequences(
             config, model_dir, self.shape.vocab_size, self.device.type != "cpu", words
         )
-        flag: StreamFlag | None = stream_flag(self.device)
+        flag: StreamFlag | None = None
         lander = None
         if words is not None:
-            flag, lander = process_mask_signals(self.device, words, flag)
+            flag, lander = process_mask_signals(self.device, words)
+        if flag is None:
+            flag = stream_flag(self.device)
         self.masks = StepMasks(self.grammars, MaskBuffers(self.sampler, self.grammars), flag, lander)
         # The last step's sampled tokens (fill the next step's placeholders) and outputs not yet read.
         self._previous: PreviousTokens | None = None
