@@ -1,6 +1,6 @@
 """A forced call's arguments schema with its objects closed: an object schema that lists its properties
-and says nothing of others gets `additionalProperties: false`, as xgrammar's strict mode (vLLM's default)
-and OpenAI's strict function calling have it. Decoded under an open schema, a small model may keep
+and says nothing of others gets `additionalProperties: false`, as xgrammar's strict mode and OpenAI's
+strict function calling have it. Decoded under an open schema, a small model may keep
 inventing keys until max_tokens, and a function gets arguments it never declared."""
 
 from __future__ import annotations
