@@ -20,6 +20,7 @@ from tools_harness import (
     TOOLS,
     USER,
     WEATHER_PARAMETERS,
+    post,
     prompt_of,
 )
 
@@ -301,3 +302,23 @@ def test_a_forced_call_cut_short_answers_as_its_stream_does(client: Any, engine:
         streamed[piece.index][1] += piece.function.arguments or ""
     assert [tuple(streamed[i]) for i in sorted(streamed)] == calls
     assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_auto_with_a_strict_function_holds_the_model_s_calls_to_its_schema(
+    client: Any, engine: FakeEngine, server: BackgroundServer
+) -> None:
+    engine.reply = HERMES_REPLY
+    strict = [{**TOOLS[0], "function": {**TOOLS[0]["function"], "strict": True}}, TOOLS[1]]
+    response = client.chat.completions.create(model="fake-model", messages=USER, tools=strict)
+    calls = response.choices[0].message.tool_calls
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("get_weather", json.loads(PARIS))
+    ]
+    grammar = engine.calls[-1].params.structured_outputs.grammar
+    assert grammar is not None and '"<tool_call>"' in grammar
+    client.chat.completions.create(model="fake-model", messages=USER, tools=TOOLS)
+    assert engine.calls[-1].params.structured_outputs is None, "no strict function: the model is free"
+    broken = {"type": "function", "function": {"name": "f", "strict": True, "parameters": {"type": "strin"}}}
+    refused = post(server, {"model": "fake-model", "tools": [broken]})
+    assert refused.status_code == 400
+    assert refused.json()["error"]["param"] == "tools[0].function.parameters"

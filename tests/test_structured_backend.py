@@ -81,6 +81,65 @@ def test_a_forced_call_from_an_open_parameters_schema_writes_only_declared_keys(
     assert set(json.loads(greedy_walk(backend, spec, tiny_tokenizer, wanted))) == {"a"}
 
 
+def test_a_strict_function_s_calls_in_free_text_are_held_to_the_tools(backend, tiny_tokenizer) -> None:
+    from batchlm.tools.function_tool import FunctionTool
+    from batchlm.tools.hermes import HermesParser
+
+    strict = FunctionTool("f", None, {"type": "object", "properties": {"a": {"type": "integer"}}}, True)
+    free = FunctionTool("g", None, {"type": "object"}, False)
+    spec = StructuredOutputs(grammar=HermesParser().calls_grammar([strict, free], frozenset()))
+
+    def walk(prefer: str) -> str:
+        return greedy_walk(backend, spec, tiny_tokenizer, prefer)
+
+    assert walk("no call at all") == "no call at all"
+    allowed = 'Ok <tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call> then <tool_call>{"name": "g", "arguments": {"any": 2}}</tool_call> done'
+    assert walk(allowed) == allowed
+    # An undeclared key in a strict function's arguments, or a function not offered: the walk leaves
+    # the wanted text where the grammar refuses it.
+    extra = walk('<tool_call>{"name": "f", "arguments": {"a": 1, "zz": 2}}</tool_call>')
+    assert extra.startswith('<tool_call>{"name": "f", "arguments": {"a": 1') and '"zz"' not in extra
+    unknown = walk('<tool_call>{"name": "launch", "arguments": {}}</tool_call>')
+    assert '"launch"' not in unknown
+    assert HermesParser().scan(extra, final=True).calls[0].name == "f"
+
+
+def test_strict_calls_where_the_markers_are_tokens_of_their_own(tiny_tokenizer) -> None:
+    import copy
+
+    from batchlm.tools.function_tool import FunctionTool
+    from batchlm.tools.hermes import END, START, HermesParser
+
+    hf = copy.deepcopy(tiny_tokenizer.hf)
+    hf.add_tokens([START, END])  # added, not special: the detokenized text keeps them (Qwen's kind)
+    start, end = hf.convert_tokens_to_ids(START), hf.convert_tokens_to_ids(END)
+    vocab = len(hf)
+    backend = LLGuidanceBackend.from_hf(hf, vocab, EOS)
+    strict = FunctionTool("f", None, {"type": "object", "properties": {"a": {"type": "integer"}}}, True)
+    spec = StructuredOutputs(grammar=HermesParser().calls_grammar([strict], frozenset({START, END})))
+    matcher = backend.matcher(spec)
+    row = np.empty(backend.bitmask_words, dtype=np.int32)
+
+    def allowed() -> set[int]:
+        matcher.fill_bitmask(row)
+        return set(allowed_tokens(row, vocab).tolist())
+
+    def feed(text: str) -> bool:
+        return all(matcher.accept(t) for t in hf.encode(text, add_special_tokens=False))
+
+    assert feed("Let me look.") and start in allowed() and set(EOS) <= allowed()
+    assert matcher.accept(start) and not set(EOS) & allowed(), "a call opened must be finished"
+    assert feed('{"name": "f", "arguments": {"a": 1}}') and end in allowed()
+    assert matcher.accept(end) and feed(" Done.") and set(EOS) <= allowed()
+    # The text may not spell a marker out to slip past the grammar.
+    spelled = backend.matcher(spec)
+    pieces = [
+        *hf.encode("Hi <tool_", add_special_tokens=False),
+        *hf.encode("call>", add_special_tokens=False),
+    ]
+    assert start not in pieces and not all(spelled.accept(t) for t in pieces)
+
+
 def test_bitmask_forbids_what_the_grammar_cannot_take(backend, tiny_tokenizer) -> None:
     matcher = backend.matcher(StructuredOutputs(regex="[0-9]+"))
     row = np.empty(backend.bitmask_words, dtype=np.int32)

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import pytest
 
+from batchlm.sampling_params import SamplingParams, StructuredOutputs
+from batchlm.structured.llguidance_backend import validated_grammar
 from batchlm.tools.closed_schema import closed_objects
 from batchlm.tools.spec import ToolUseError, tool_plan
 from batchlm.tools.use import chat_tool_use
@@ -19,6 +22,7 @@ class Function:
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None
+    strict: bool | None = None
 
 
 @dataclass
@@ -121,3 +125,50 @@ def test_required_calls_close_each_function_s_arguments() -> None:
     assert option["properties"]["parameters"] == {**WEATHER.parameters, "additionalProperties": False}
     # The chat template still sees the tool as the client declared it.
     assert plan.template_tools()[0]["function"]["parameters"] == WEATHER.parameters
+
+
+STRICT_WEATHER = Function(
+    "get_weather",
+    parameters={"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    strict=True,
+)
+
+
+def test_auto_with_a_strict_function_decodes_the_family_s_calls_under_a_grammar() -> None:
+    use = chat_tool_use(
+        ToolFields([Tool(STRICT_WEATHER), Tool(Function("get_time"))], "auto"), "hermes", None
+    )
+    constraint = use.sampling_params(SamplingParams()).structured_outputs
+    assert constraint is not None and constraint.grammar is not None
+    assert '"<tool_call>"' in constraint.grammar and "%json" in constraint.grammar
+    validated_grammar(constraint)  # compiles
+    # Where the tokenizer has the markers as tokens of their own, the grammar names those tokens.
+    markers = frozenset({"<tool_call>", "</tool_call>"})
+    with_tokens = chat_tool_use(ToolFields([Tool(STRICT_WEATHER)], "auto"), "hermes", None, markers)
+    token_grammar = with_tokens.sampling_params(SamplingParams()).structured_outputs
+    assert token_grammar is not None and token_grammar.grammar is not None
+    assert "(<tool_call> call </tool_call> TEXT)*" in token_grammar.grammar
+    validated_grammar(token_grammar)
+    # No strict function, a family whose markers are special tokens, or the client's own constraint:
+    # nothing is added.
+    plain = chat_tool_use(ToolFields([Tool(WEATHER)], "auto"), "hermes", None)
+    assert plain.sampling_params(SamplingParams()).structured_outputs is None
+    mistral = chat_tool_use(ToolFields([Tool(STRICT_WEATHER)], "auto"), "mistral", None)
+    assert mistral.sampling_params(SamplingParams()).structured_outputs is None
+    own = StructuredOutputs(json_object=True)
+    assert use.sampling_params(SamplingParams(structured_outputs=own)).structured_outputs == own
+
+
+def test_a_decoded_schema_that_does_not_compile_is_refused_naming_its_tool() -> None:
+    broken = Function("f", parameters={"type": "object", "properties": {"x": {"type": "strin"}}})
+    for fields in (
+        ToolFields([Tool(WEATHER), Tool(dataclasses.replace(broken, strict=True))]),
+        ToolFields([Tool(WEATHER), Tool(broken)], "required"),
+        ToolFields([Tool(WEATHER), Tool(broken)], NamedChoice(Named("f"))),
+    ):
+        with pytest.raises(ToolUseError) as refused:
+            tool_plan(fields)
+        assert refused.value.param == "tools[1].function.parameters"
+        assert "strin" in str(refused.value)
+    # Not decoded under its schema (auto, not strict): the model reads it, nothing compiles it.
+    assert tool_plan(ToolFields([Tool(broken)])) is not None

@@ -57,7 +57,10 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest) 
     tokenizer, processor = state.engine.tokenizer, state.engine.input_processor
     with rejections_as_400():
         tool_use = chat_tool_use(
-            body, state.settings.tool_call_parser, getattr(tokenizer, "chat_template", None)
+            body,
+            state.settings.tool_call_parser,
+            getattr(tokenizer, "chat_template", None),
+            getattr(tokenizer, "added_tokens", frozenset()),
         )
         prompt_ids = await render_chat(
             tokenizer,

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from batchlm.sampling_params import StructuredOutputs
-from batchlm.tools.closed_schema import closed_objects
+from batchlm.structured.backend import GrammarError
+from batchlm.structured.llguidance_backend import validated_grammar
 from batchlm.tools.forced import NamedFunctionParser, RequiredCallsParser
+from batchlm.tools.function_tool import NO_PARAMETERS, FunctionTool, arguments_schema
 from batchlm.tools.parser import ToolParser
 
 FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
-# OpenAI: a function without `parameters` takes none.
-NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
 
 ToolMode = Literal["none", "auto", "required", "named"]
 
@@ -40,6 +40,8 @@ class FunctionDeclaration(Protocol):
     def description(self) -> str | None: ...
     @property
     def parameters(self) -> dict[str, Any] | None: ...
+    @property
+    def strict(self) -> bool | None: ...
 
 
 class ToolDeclaration(Protocol):
@@ -71,14 +73,6 @@ class ToolRequest(Protocol):
 
 
 @dataclass(frozen=True)
-class FunctionTool:
-    name: str
-    description: str | None
-    # The arguments' JSON schema (an object schema); None: the function takes no arguments.
-    parameters: dict[str, Any] | None
-
-
-@dataclass(frozen=True)
 class ToolPlan:
     tools: tuple[FunctionTool, ...]
     # "auto" parses the model's own markup; "required" and "named" constrain the output to a call.
@@ -91,12 +85,16 @@ class ToolPlan:
         """The tools as chat templates take them (transformers' apply_chat_template(tools=...))."""
         return [{"type": "function", "function": _function_dict(tool)} for tool in self.tools]
 
+    @property
+    def has_strict_tools(self) -> bool:
+        return any(tool.strict for tool in self.tools)
+
     def structured_outputs(self) -> StructuredOutputs | None:
         """The JSON schema a forced choice is decoded under, so the call always parses. The arguments'
         objects are closed to keys they do not declare (tools.closed_schema)."""
         if self.mode == "named":
             tool = next(t for t in self.tools if t.name == self.named)
-            return StructuredOutputs(json=json.dumps(_arguments_schema(tool)))
+            return StructuredOutputs(json=json.dumps(arguments_schema(tool)))
         if self.mode == "required":
             return StructuredOutputs(json=json.dumps(self._required_schema()))
         return None
@@ -115,7 +113,7 @@ class ToolPlan:
             {
                 "properties": {
                     "name": {"type": "string", "enum": [tool.name]},
-                    "parameters": _arguments_schema(tool),
+                    "parameters": arguments_schema(tool),
                 },
                 "required": ["name", "parameters"],
                 # Without this a small model may keep adding keys until max_tokens.
@@ -146,15 +144,32 @@ def tool_plan(request: ToolRequest) -> ToolPlan | None:
         return None
     parallel = request.parallel_tool_calls is not False
     if choice is None or isinstance(choice, str):
-        return ToolPlan(tools, choice or "auto", None, parallel)
-    if choice.type != "function":
-        raise ToolUseError("'tool_choice.type' must be 'function'.", param="tool_choice.type")
-    name = choice.function.name
-    if name not in {tool.name for tool in tools}:
-        raise ToolUseError(
-            f"'tool_choice' names the function '{name}', which is not in 'tools'.", param="tool_choice"
-        )
-    return ToolPlan(tools, "named", name, parallel)
+        plan = ToolPlan(tools, choice or "auto", None, parallel)
+    else:
+        if choice.type != "function":
+            raise ToolUseError("'tool_choice.type' must be 'function'.", param="tool_choice.type")
+        name = choice.function.name
+        if name not in {tool.name for tool in tools}:
+            raise ToolUseError(
+                f"'tool_choice' names the function '{name}', which is not in 'tools'.", param="tool_choice"
+            )
+        plan = ToolPlan(tools, "named", name, parallel)
+    _check_decoded_schemas(plan)
+    return plan
+
+
+def _check_decoded_schemas(plan: ToolPlan) -> None:
+    """Each function whose arguments are decoded under their schema (forced, or strict): a schema that
+    does not compile is the client's error, named by the tool it came from."""
+    for i, tool in enumerate(plan.tools):
+        decoded = plan.mode == "required" or tool.name == plan.named or (plan.mode == "auto" and tool.strict)
+        if not decoded or tool.parameters is None:
+            continue
+        try:
+            validated_grammar(StructuredOutputs(json=json.dumps(arguments_schema(tool))))
+        except GrammarError as error:
+            where = f"tools[{i}].function.parameters"
+            raise ToolUseError(f"{where}: {error}", param=where) from None
 
 
 def _checked_tool(tool: ToolDeclaration, where: str) -> FunctionTool:
@@ -173,7 +188,7 @@ def _checked_tool(tool: ToolDeclaration, where: str) -> FunctionTool:
             f"{where}.function.parameters must be a JSON schema of an object.",
             param=f"{where}.function.parameters",
         )
-    return FunctionTool(function.name, function.description, parameters)
+    return FunctionTool(function.name, function.description, parameters, bool(function.strict))
 
 
 def _check_unique_names(tools: tuple[FunctionTool, ...]) -> None:
@@ -184,10 +199,6 @@ def _check_unique_names(tools: tuple[FunctionTool, ...]) -> None:
                 f"tools[{i}]: the function name '{tool.name}' is used twice.", param=f"tools[{i}]"
             )
         seen.add(tool.name)
-
-
-def _arguments_schema(tool: FunctionTool) -> dict[str, Any]:
-    return closed_objects(tool.parameters) if tool.parameters is not None else NO_PARAMETERS
 
 
 def _function_dict(tool: FunctionTool) -> dict[str, Any]:

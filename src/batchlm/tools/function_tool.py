@@ -1,0 +1,38 @@
+"""A function a request offers as a tool, as the tools package reads it, and the schemas its calls are
+decoded under."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from batchlm.tools.closed_schema import closed_objects
+
+# OpenAI: a function without `parameters` takes none.
+NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+@dataclass(frozen=True)
+class FunctionTool:
+    name: str
+    description: str | None
+    # The arguments' JSON schema (an object schema); None: the function takes no arguments.
+    parameters: dict[str, Any] | None
+    # OpenAI's `strict`: its calls must fit `parameters`, also when the model chooses to call it.
+    strict: bool = False
+
+    def call_schema(self, argument_key: str) -> dict[str, Any]:
+        """One call of this function as the JSON object a model writes: its name, and under
+        `argument_key` its arguments (their schema if strict, else any object)."""
+        arguments = arguments_schema(self) if self.strict else {"type": "object"}
+        return {
+            "type": "object",
+            "properties": {"name": {"const": self.name}, argument_key: arguments},
+            "required": ["name", argument_key],
+            "additionalProperties": False,
+        }
+
+
+def arguments_schema(tool: FunctionTool) -> dict[str, Any]:
+    """The schema a forced or strict call's arguments are decoded under (its objects closed)."""
+    return closed_objects(tool.parameters) if tool.parameters is not None else NO_PARAMETERS
