@@ -87,7 +87,7 @@ def test_a_strict_function_s_calls_in_free_text_are_held_to_the_tools(backend, t
 
     strict = FunctionTool("f", None, {"type": "object", "properties": {"a": {"type": "integer"}}}, True)
     free = FunctionTool("g", None, {"type": "object"}, False)
-    spec = StructuredOutputs(grammar=HermesParser().calls_grammar([strict, free], frozenset()))
+    spec = StructuredOutputs(grammar=HermesParser().calls_grammar([strict, free], {}))
 
     def walk(prefer: str) -> str:
         return greedy_walk(backend, spec, tiny_tokenizer, prefer)
@@ -116,7 +116,7 @@ def test_strict_calls_where_the_markers_are_tokens_of_their_own(tiny_tokenizer) 
     vocab = len(hf)
     backend = LLGuidanceBackend.from_hf(hf, vocab, EOS)
     strict = FunctionTool("f", None, {"type": "object", "properties": {"a": {"type": "integer"}}}, True)
-    spec = StructuredOutputs(grammar=HermesParser().calls_grammar([strict], frozenset({START, END})))
+    spec = StructuredOutputs(grammar=HermesParser().calls_grammar([strict], {START: start, END: end}))
     matcher = backend.matcher(spec)
     row = np.empty(backend.bitmask_words, dtype=np.int32)
 
@@ -138,6 +138,63 @@ def test_strict_calls_where_the_markers_are_tokens_of_their_own(tiny_tokenizer) 
         *hf.encode("call>", add_special_tokens=False),
     ]
     assert start not in pieces and not all(spelled.accept(t) for t in pieces)
+
+
+STRICT_FAMILIES = [
+    # (parser, tokens the tokenizer gets, a valid output: text pieces and [token names])
+    ("hermes", [], ['Ok <tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>']),
+    ("llama3_json", ["<|python_tag|>"], [["<|python_tag|>"], '{"name": "f", "parameters": {"a": 1}}']),
+    ("llama3_json", [], ['{"name": "f", "parameters": {"a": 1}}; {"name": "f", "parameters": {}}']),
+    ("mistral", ["[TOOL_CALLS]"], ["Sure.", ["[TOOL_CALLS]"], '[{"name": "f", "arguments": {"a": 1}}]']),
+    ("mistral", ["[TOOL_CALLS]", "[ARGS]"], [["[TOOL_CALLS]"], "f", ["[ARGS]"], '{"a": 1}']),
+]
+
+
+@pytest.mark.parametrize(("family", "tokens", "output"), STRICT_FAMILIES)
+def test_each_family_s_strict_calls_fit_the_schema_and_plain_text_stays_free(
+    tiny_tokenizer, family, tokens, output
+) -> None:
+    import copy
+
+    from batchlm.tools.function_tool import FunctionTool
+    from batchlm.tools.registry import PARSERS
+
+    hf = copy.deepcopy(tiny_tokenizer.hf)
+    hf.add_tokens(tokens, special_tokens=True)
+    added = {token: hf.convert_tokens_to_ids(token) for token in tokens}
+    backend = LLGuidanceBackend.from_hf(hf, len(hf), EOS)
+    strict = FunctionTool("f", None, {"type": "object", "properties": {"a": {"type": "integer"}}}, True)
+    grammar = PARSERS[family]().calls_grammar([strict], added)
+    assert grammar is not None
+    spec = StructuredOutputs(grammar=grammar)
+    row = np.empty(backend.bitmask_words, dtype=np.int32)
+
+    def ids(pieces: list) -> list[int]:
+        return [
+            i
+            for piece in pieces
+            for i in (
+                [added[piece[0]]] if isinstance(piece, list) else hf.encode(piece, add_special_tokens=False)
+            )
+        ]
+
+    def takes(pieces: list, then_ends: bool = True) -> bool:
+        matcher = backend.matcher(spec)
+        if not all(matcher.accept(i) for i in ids(pieces)):
+            return False
+        matcher.fill_bitmask(row)
+        return not then_ends or bool(set(EOS) & set(allowed_tokens(row, len(hf)).tolist()))
+
+    assert takes(["No call, just text."])
+    assert takes(output)
+    last = output[-1]
+    cut = [*output[:-1], last[: last.rindex('{"a": 1}') + len('{"a": 1')]]  # inside the arguments
+    assert takes(cut, then_ends=False)
+    assert not takes([*cut[:-1], cut[-1] + ', "zz": 2'], then_ends=False), "an undeclared key"
+    renamed = [
+        ("launch" if p == "f" else p.replace('"f"', '"launch"')) if isinstance(p, str) else p for p in cut
+    ]
+    assert not takes(renamed, then_ends=False), "a function not offered"
 
 
 def test_bitmask_forbids_what_the_grammar_cannot_take(backend, tiny_tokenizer) -> None:

@@ -143,14 +143,14 @@ def test_auto_with_a_strict_function_decodes_the_family_s_calls_under_a_grammar(
     assert '"<tool_call>"' in constraint.grammar and "%json" in constraint.grammar
     validated_grammar(constraint)  # compiles
     # Where the tokenizer has the markers as tokens of their own, the grammar names those tokens.
-    markers = frozenset({"<tool_call>", "</tool_call>"})
+    markers = {"<tool_call>": 151657, "</tool_call>": 151658}
     with_tokens = chat_tool_use(ToolFields([Tool(STRICT_WEATHER)], "auto"), "hermes", None, markers)
     token_grammar = with_tokens.sampling_params(SamplingParams()).structured_outputs
     assert token_grammar is not None and token_grammar.grammar is not None
-    assert "(<tool_call> call </tool_call> TEXT)*" in token_grammar.grammar
+    assert "(<[151657]> call <[151658]> TEXT)*" in token_grammar.grammar
     validated_grammar(token_grammar)
-    # No strict function, a family whose markers are special tokens, or the client's own constraint:
-    # nothing is added.
+    # No strict function, Mistral's family with a tokenizer that lacks its marker token, or the client's
+    # own constraint: nothing is added.
     plain = chat_tool_use(ToolFields([Tool(WEATHER)], "auto"), "hermes", None)
     assert plain.sampling_params(SamplingParams()).structured_outputs is None
     mistral = chat_tool_use(ToolFields([Tool(STRICT_WEATHER)], "auto"), "mistral", None)

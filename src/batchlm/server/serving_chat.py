@@ -60,7 +60,7 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest) 
             body,
             state.settings.tool_call_parser,
             getattr(tokenizer, "chat_template", None),
-            getattr(tokenizer, "added_tokens", frozenset()),
+            getattr(tokenizer, "added_tokens", None),
         )
         prompt_ids = await render_chat(
             tokenizer,

@@ -53,8 +53,8 @@ class Tokenizer:
         self.eos_token_ids: tuple[int, ...] = _unique_ids([*eos_token_ids, hf.eos_token_id])
         # The Jinja template apply_chat_template renders (the override, else the tokenizer's own).
         self.chat_template: str | None = chat_template or _own_chat_template(hf)
-        # Tokens added to the base vocabulary (special or not): markers like Qwen's <tool_call>.
-        self.added_tokens: frozenset[str] = frozenset(hf.get_added_vocab())
+        # Tokens added to the base vocabulary (special or not), by text: markers like Qwen's <tool_call>.
+        self.added_tokens: Mapping[str, int] = dict(hf.get_added_vocab())
         self._backend = _exact_backend(hf)
         self._encode_backend = _exact_encode_backend(hf)
         self._adds_bos = self._tokenizer_adds_bos()

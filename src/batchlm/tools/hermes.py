@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Mapping, Sequence
 
-from batchlm.tools.function_tool import FunctionTool
+from batchlm.tools.function_tool import FunctionTool, calls_json, token_rule
 from batchlm.tools.json_scan import scan_object, skip_whitespace
 from batchlm.tools.parser import ToolParser
 from batchlm.tools.scan import MarkedRegion, Scan, call_from_object, scan_marked_calls
@@ -16,26 +16,20 @@ START, END = "<tool_call>", "</tool_call>"
 ARGUMENT_KEYS = ("arguments", "parameters")
 
 
-# The calls' JSON as these models write it (json.dumps' separators), one optional space at most where
-# JSON allows whitespace: a weak model cannot spend its budget on blanks.
-CALL_JSON_FORMAT = {"whitespace_flexible": True, "whitespace_pattern": " ?"}
-
-
 class HermesParser(ToolParser):
     def scan(self, text: str, final: bool) -> Scan:
         return scan_marked_calls(text, START, _region, final)
 
-    def calls_grammar(self, tools: Sequence[FunctionTool], added_tokens: Collection[str]) -> str | None:
+    def calls_grammar(self, tools: Sequence[FunctionTool], added_tokens: Mapping[str, int]) -> str | None:
         """Free text; from a `<tool_call>` on, one call of the tools and its `</tool_call>`, then text
         again. Where the markers are tokens of the tokenizer (Qwen's), the grammar names those tokens and
         the text may not spell a marker out; otherwise the text before a call ends at its first marker."""
-        calls = [tool.call_schema(ARGUMENT_KEYS[0]) for tool in tools]
-        schema = {"anyOf": calls, "x-guidance": CALL_JSON_FORMAT}
-        call = f"call: BLANK %json {json.dumps(schema)} BLANK"
+        call = f"call: BLANK {calls_json(tools, ARGUMENT_KEYS[0])} BLANK"
         calls_allowed = "?" if self.max_calls == 1 else "*"
-        if START in added_tokens and END in added_tokens:
+        start, end = token_rule(START, added_tokens), token_rule(END, added_tokens)
+        if start is not None and end is not None:
             rules = [
-                f"start: TEXT ({START} call {END} TEXT){calls_allowed}",
+                f"start: TEXT ({start} call {end} TEXT){calls_allowed}",
                 f"TEXT: /(?s:.*)/ & ~/(?s:.*){re.escape(START)}(?s:.*)/",
                 call,
             ]

@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping, Sequence
+
+from batchlm.tools.function_tool import FunctionTool, calls_json, token_rule
 from batchlm.tools.json_scan import scan_object, skip_whitespace
 from batchlm.tools.parser import ToolParser
 from batchlm.tools.scan import Scan, ScanBuilder, call_from_object
@@ -12,6 +16,21 @@ ARGUMENT_KEYS = ("parameters", "arguments")
 
 
 class Llama3JsonParser(ToolParser):
+    def calls_grammar(self, tools: Sequence[FunctionTool], added_tokens: Mapping[str, int]) -> str | None:
+        """Text that does not open with `{` (nor the tag), or the calls: `<|python_tag|>` first where the
+        tokenizer has it as a token, then one call of the tools, or several joined by `;`."""
+        tag_token = token_rule(PYTHON_TAG, added_tokens)
+        tag = f"{tag_token}? " if tag_token is not None else ""
+        more = "" if self.max_calls == 1 else ' (";" BLANK call)*'
+        return "\n".join(
+            [
+                f"start: TEXT | {tag}BLANK call{more} BLANK",
+                f"TEXT: /(?s:.*)/ & ~/\\s*(\\{{|{re.escape(PYTHON_TAG)})(?s:.*)/",
+                f"call: {calls_json(tools, ARGUMENT_KEYS[0])}",
+                "BLANK: /[ \\n]{0,2}/",
+            ]
+        )
+
     def scan(self, text: str, final: bool) -> Scan:
         builder = ScanBuilder(final)
         pos = skip_whitespace(text, 0)

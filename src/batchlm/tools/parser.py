@@ -4,7 +4,7 @@ complete output (`extract`) and a stream (`ToolCallStream`), so the two cannot d
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Sequence
+from collections.abc import Mapping, Sequence
 
 from batchlm.tools.calls import ParsedMessage, StreamDelta, ToolCall, ToolCallDelta, new_call_id
 from batchlm.tools.function_tool import FunctionTool
@@ -22,12 +22,12 @@ class ToolParser(ABC):
     def new_id(self) -> str:
         return new_call_id()
 
-    def calls_grammar(self, tools: Sequence[FunctionTool], added_tokens: Collection[str]) -> str | None:
+    def calls_grammar(self, tools: Sequence[FunctionTool], added_tokens: Mapping[str, int]) -> str | None:
         """A Lark grammar (llguidance's, with `%json`) under which text stays free but every call the
         model opens in this family's markup is a call of one of `tools`, its arguments fitting the
         schema of a strict one; max_calls bounds the calls. added_tokens: the tokenizer's added
-        tokens (a marker among them is one token, named as such in the grammar). None where the
-        family has no such grammar yet."""
+        tokens by text (a marker among them is one token, named by its id in the grammar). None
+        where the family has no such grammar yet."""
         return None
 
     @abstractmethod

@@ -3,7 +3,8 @@ constraint; special tokens kept for parsers that read them) and the parser of th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from batchlm.sampling_params import SamplingParams, StructuredOutputs
@@ -17,8 +18,8 @@ class ChatToolUse:
     plan: ToolPlan | None
     # Reads calls out of each choice's output; None: the output is all content.
     parser: ToolParser | None
-    # The tokenizer's added tokens (call markers may be among them).
-    added_tokens: frozenset[str] = frozenset()
+    # The tokenizer's added tokens by text (call markers may be among them).
+    added_tokens: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def template_tools(self) -> list[dict[str, Any]] | None:
@@ -61,7 +62,7 @@ def chat_tool_use(
     request: ToolRequest,
     parser_setting: str,
     chat_template: str | None,
-    added_tokens: frozenset[str] = frozenset(),
+    added_tokens: Mapping[str, int] | None = None,
 ) -> ChatToolUse:
     """added_tokens: the tokenizer's added tokens (see ToolParser.calls_grammar)."""
     plan = tool_plan(request)
@@ -77,4 +78,4 @@ def chat_tool_use(
             "send tool_choice 'required', a named function or 'none'.",
             param="tool_choice",
         )
-    return ChatToolUse(plan, found(max_calls=None if plan.parallel else 1), added_tokens)
+    return ChatToolUse(plan, found(max_calls=None if plan.parallel else 1), added_tokens or {})
