@@ -322,3 +322,20 @@ def test_auto_with_a_strict_function_holds_the_model_s_calls_to_its_schema(
     refused = post(server, {"model": "fake-model", "tools": [broken]})
     assert refused.status_code == 400
     assert refused.json()["error"]["param"] == "tools[0].function.parameters"
+
+
+def test_with_a_response_format_the_model_may_still_call_a_tool(client: Any, engine: FakeEngine) -> None:
+    """As in OpenAI's API (and agent frameworks with a typed final output): the answer follows the
+    schema, or the model calls tools instead."""
+    answer = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
+    response_format = {"type": "json_schema", "json_schema": {"name": "final", "schema": answer}}
+    fields = {"model": "fake-model", "messages": USER, "tools": TOOLS, "response_format": response_format}
+    engine.reply = '{"answer": 42}'
+    reply = client.chat.completions.create(**fields)
+    assert reply.choices[0].message.content == '{"answer": 42}' and not reply.choices[0].message.tool_calls
+    grammar = engine.calls[-1].params.structured_outputs.grammar
+    assert grammar is not None and grammar.startswith("start: answer | ") and '"answer"' in grammar
+    engine.reply = f'<tool_call>{{"name": "get_weather", "arguments": {PARIS}}}</tool_call>'
+    reply = client.chat.completions.create(**fields)
+    assert [c.function.name for c in reply.choices[0].message.tool_calls] == ["get_weather"]
+    assert reply.choices[0].finish_reason == "tool_calls"

@@ -197,6 +197,46 @@ def test_each_family_s_strict_calls_fit_the_schema_and_plain_text_stays_free(
     assert not takes(renamed, then_ends=False), "a function not offered"
 
 
+@pytest.mark.parametrize(("family", "tokens", "output"), STRICT_FAMILIES)
+def test_with_json_asked_for_each_family_answers_in_it_or_calls(
+    tiny_tokenizer, family, tokens, output
+) -> None:
+    """response_format beside tools under auto: the output is the answer or calls, never free text."""
+    import copy
+
+    from batchlm.tools.function_tool import FunctionTool
+    from batchlm.tools.registry import PARSERS
+
+    hf = copy.deepcopy(tiny_tokenizer.hf)
+    hf.add_tokens(tokens, special_tokens=True)
+    added = {token: hf.convert_tokens_to_ids(token) for token in tokens}
+    backend = LLGuidanceBackend.from_hf(hf, len(hf), EOS)
+    loose = FunctionTool("f", None, {"type": "object", "properties": {"a": {"type": "integer"}}}, False)
+    answer = '%json {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}'
+    grammar = PARSERS[family]().calls_grammar([loose], added, answer)
+    assert grammar is not None
+    spec = StructuredOutputs(grammar=grammar)
+
+    def takes(pieces: list) -> bool:
+        matcher = backend.matcher(spec)
+        ids = [
+            i
+            for piece in pieces
+            for i in (
+                [added[piece[0]]] if isinstance(piece, list) else hf.encode(piece, add_special_tokens=False)
+            )
+        ]
+        return all(matcher.accept(i) for i in ids)
+
+    assert takes(['{"answer": 42}'])
+    assert not takes(['{"answer": "forty-two"}'])
+    assert not takes(["Some text."])
+    calls = [piece for piece in output if piece not in ("Ok ", "Sure.")]
+    if isinstance(calls[0], str) and calls[0].startswith("Ok "):  # Hermes: the call without the text
+        calls = [calls[0].removeprefix("Ok ")]
+    assert takes(calls)
+
+
 def test_bitmask_forbids_what_the_grammar_cannot_take(backend, tiny_tokenizer) -> None:
     matcher = backend.matcher(StructuredOutputs(regex="[0-9]+"))
     row = np.empty(backend.bitmask_words, dtype=np.int32)

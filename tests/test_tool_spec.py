@@ -149,14 +149,29 @@ def test_auto_with_a_strict_function_decodes_the_family_s_calls_under_a_grammar(
     assert token_grammar is not None and token_grammar.grammar is not None
     assert "(<[151657]> call <[151658]> TEXT)*" in token_grammar.grammar
     validated_grammar(token_grammar)
-    # No strict function, Mistral's family with a tokenizer that lacks its marker token, or the client's
-    # own constraint: nothing is added.
+    # No strict function, or Mistral's family with a tokenizer that lacks its marker token: nothing.
     plain = chat_tool_use(ToolFields([Tool(WEATHER)], "auto"), "hermes", None)
     assert plain.sampling_params(SamplingParams()).structured_outputs is None
     mistral = chat_tool_use(ToolFields([Tool(STRICT_WEATHER)], "auto"), "mistral", None)
     assert mistral.sampling_params(SamplingParams()).structured_outputs is None
-    own = StructuredOutputs(json_object=True)
-    assert use.sampling_params(SamplingParams(structured_outputs=own)).structured_outputs == own
+    # A regex of the client's own stays as it is; with JSON asked for, the answer takes the free
+    # text's place beside the calls, strict function or not (test_structured_backend walks it).
+    regex = StructuredOutputs(regex="[a-z]+")
+    assert use.sampling_params(SamplingParams(structured_outputs=regex)).structured_outputs == regex
+    schema = StructuredOutputs(
+        json=json.dumps({"type": "object", "properties": {"answer": {"type": "integer"}}})
+    )
+    combined = plain.sampling_params(SamplingParams(structured_outputs=schema)).structured_outputs
+    assert combined is not None and combined.grammar is not None
+    assert (
+        combined.grammar.startswith("start: answer | ")
+        and '"answer": {"type": "integer"}' in combined.grammar
+    )
+    validated_grammar(combined)
+    broken = StructuredOutputs(json='{"type": "strin"}')
+    with pytest.raises(ToolUseError) as refused:
+        plain.sampling_params(SamplingParams(structured_outputs=broken), "response_format")
+    assert refused.value.param == "response_format"
 
 
 def test_a_decoded_schema_that_does_not_compile_is_refused_naming_its_tool() -> None:

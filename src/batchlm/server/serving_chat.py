@@ -73,7 +73,8 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest) 
             tool_prompt=tool_use.tool_prompt,
         )
         params, names = _sampling_params(body)
-        engine_request = processor.process(prompt_ids, tool_use.sampling_params(params), None, names)
+        params = tool_use.sampling_params(params, names.structured_outputs)
+        engine_request = processor.process(prompt_ids, params, None, names)
     context = ChatContext(
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
         created=int(time.time()),

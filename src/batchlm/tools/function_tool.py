@@ -13,6 +13,8 @@ from batchlm.tools.closed_schema import closed_objects
 # A call's JSON as models write it (json.dumps' separators or compact), at most one space where JSON
 # allows whitespace: a weak model cannot spend its budget on blanks.
 CALL_JSON_FORMAT = {"whitespace_flexible": True, "whitespace_pattern": " ?"}
+# Blanks around a call's markup, at most two: a weak model cannot spend its budget on them.
+BLANK = "BLANK: /[ \\n]{0,2}/"
 # A function that is not strict takes whatever arguments object the model writes.
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 # OpenAI: a function without `parameters` takes none.

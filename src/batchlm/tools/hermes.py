@@ -7,9 +7,9 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 
-from batchlm.tools.function_tool import FunctionTool, calls_json, token_rule
+from batchlm.tools.function_tool import BLANK, FunctionTool, calls_json, token_rule
 from batchlm.tools.json_scan import scan_object, skip_whitespace
-from batchlm.tools.parser import ToolParser
+from batchlm.tools.parser import ToolParser, optional_calls
 from batchlm.tools.scan import MarkedRegion, Scan, call_from_object, scan_marked_calls
 
 START, END = "<tool_call>", "</tool_call>"
@@ -20,27 +20,32 @@ class HermesParser(ToolParser):
     def scan(self, text: str, final: bool) -> Scan:
         return scan_marked_calls(text, START, _region, final)
 
-    def calls_grammar(self, tools: Sequence[FunctionTool], added_tokens: Mapping[str, int]) -> str | None:
-        """Free text; from a `<tool_call>` on, one call of the tools and its `</tool_call>`, then text
-        again. Where the markers are tokens of the tokenizer (Qwen's), the grammar names those tokens and
-        the text may not spell a marker out; otherwise the text before a call ends at its first marker."""
+    def calls_grammar(
+        self, tools: Sequence[FunctionTool], added_tokens: Mapping[str, int], answer: str | None = None
+    ) -> str | None:
+        """Free text (or `answer`); from a `<tool_call>` on, one call of the tools and its `</tool_call>`.
+        Where the markers are tokens of the tokenizer (Qwen's), the grammar names those tokens and the
+        text may not spell a marker out; otherwise the text before a call ends at its first marker."""
         call = f"call: BLANK {calls_json(tools, ARGUMENT_KEYS[0])} BLANK"
-        calls_allowed = "?" if self.max_calls == 1 else "*"
         start, end = token_rule(START, added_tokens), token_rule(END, added_tokens)
-        if start is not None and end is not None:
+        if answer is not None:
+            opened = f"{start or json.dumps(START)} call {end or json.dumps(END)} BLANK"
+            calls = opened if self.max_calls == 1 else f"({opened})+"
+            rules = [f"start: answer | {calls}", f"answer: {answer}", call]
+        elif start is not None and end is not None:
             rules = [
-                f"start: TEXT ({start} call {end} TEXT){calls_allowed}",
+                f"start: TEXT ({start} call {end} TEXT){optional_calls(self.max_calls)}",
                 f"TEXT: /(?s:.*)/ & ~/(?s:.*){re.escape(START)}(?s:.*)/",
                 call,
             ]
         else:
             rules = [
-                f"start: (call_head call {json.dumps(END)}){calls_allowed} TEXT",
+                f"start: (call_head call {json.dumps(END)}){optional_calls(self.max_calls)} TEXT",
                 f"call_head[lazy]: TEXT {json.dumps(START)}",
                 "TEXT: /(.|\\n)*/",
                 call,
             ]
-        return "\n".join([*rules, "BLANK: /[ \\n]{0,2}/"])
+        return "\n".join([*rules, BLANK])
 
 
 def _region(text: str, pos: int, final: bool) -> MarkedRegion | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from batchlm.tools.function_tool import FunctionTool, calls_json, token_rule
+from batchlm.tools.function_tool import BLANK, FunctionTool, calls_json, token_rule
 from batchlm.tools.json_scan import scan_object, skip_whitespace
 from batchlm.tools.parser import ToolParser
 from batchlm.tools.scan import Scan, ScanBuilder, call_from_object
@@ -16,20 +16,23 @@ ARGUMENT_KEYS = ("parameters", "arguments")
 
 
 class Llama3JsonParser(ToolParser):
-    def calls_grammar(self, tools: Sequence[FunctionTool], added_tokens: Mapping[str, int]) -> str | None:
-        """Text that does not open with `{` (nor the tag), or the calls: `<|python_tag|>` first where the
-        tokenizer has it as a token, then one call of the tools, or several joined by `;`."""
+    def calls_grammar(
+        self, tools: Sequence[FunctionTool], added_tokens: Mapping[str, int], answer: str | None = None
+    ) -> str | None:
+        """Text that does not open with `{` (nor the tag), or `answer`; or the calls: `<|python_tag|>`
+        first where the tokenizer has it as a token, then one call of the tools, or several joined by
+        `;`. (An answer and a call both open with `{`: llguidance reads them as one JSON lexeme class.)"""
         tag_token = token_rule(PYTHON_TAG, added_tokens)
         tag = f"{tag_token}? " if tag_token is not None else ""
         more = "" if self.max_calls == 1 else ' (";" BLANK call)*'
-        return "\n".join(
-            [
+        if answer is not None:
+            first = [f"start: answer | {tag}BLANK call{more} BLANK", f"answer: {answer}"]
+        else:
+            first = [
                 f"start: TEXT | {tag}BLANK call{more} BLANK",
                 f"TEXT: /(?s:.*)/ & ~/\\s*(\\{{|{re.escape(PYTHON_TAG)})(?s:.*)/",
-                f"call: {calls_json(tools, ARGUMENT_KEYS[0])}",
-                "BLANK: /[ \\n]{0,2}/",
             ]
-        )
+        return "\n".join([*first, f"call: {calls_json(tools, ARGUMENT_KEYS[0])}", BLANK])
 
     def scan(self, text: str, final: bool) -> Scan:
         builder = ScanBuilder(final)

@@ -9,9 +9,9 @@ import re
 from collections.abc import Mapping, Sequence
 
 from batchlm.tools.calls import random_alphanumerics
-from batchlm.tools.function_tool import FunctionTool, arguments_json, calls_json, token_rule
+from batchlm.tools.function_tool import BLANK, FunctionTool, arguments_json, calls_json, token_rule
 from batchlm.tools.json_scan import skip_whitespace, value_end
-from batchlm.tools.parser import ToolParser
+from batchlm.tools.parser import ToolParser, optional_calls
 from batchlm.tools.scan import CallScan, MarkedRegion, Scan, scan_call_array, scan_marked_calls
 
 MARKER, ARGS = "[TOOL_CALLS]", "[ARGS]"
@@ -22,24 +22,31 @@ _NAME = re.compile(r"[A-Za-z0-9_.-]*")
 class MistralParser(ToolParser):
     keeps_special_tokens = True
 
-    def calls_grammar(self, tools: Sequence[FunctionTool], added_tokens: Mapping[str, int]) -> str | None:
-        """Text, then the calls in the form the tokenizer's tokens say: `[TOOL_CALLS]name[ARGS]{...}`
-        per call where `[ARGS]` is a token, else one `[TOOL_CALLS]` and an array of calls. The text may
-        not spell the marker out. None for a tokenizer without the marker token."""
+    def calls_grammar(
+        self, tools: Sequence[FunctionTool], added_tokens: Mapping[str, int], answer: str | None = None
+    ) -> str | None:
+        """Text (or `answer`), then the calls in the form the tokenizer's tokens say:
+        `[TOOL_CALLS]name[ARGS]{...}` per call where `[ARGS]` is a token, else one `[TOOL_CALLS]` and an
+        array of calls. The text may not spell the marker out. None for a tokenizer without the marker."""
         marker, args = token_rule(MARKER, added_tokens), token_rule(ARGS, added_tokens)
         if marker is None:
             return None
-        text = f"TEXT: /(?s:.*)/ & ~/(?s:.*){re.escape(MARKER)}(?s:.*)/"
         if args is None:
             most = 1 if self.max_calls == 1 else 0
-            calls = f"calls: {calls_json(tools, ARGUMENT_KEYS[0], array_of=most)}"
-            return "\n".join([f"start: TEXT ({marker} BLANK calls)?", calls, text, "BLANK: /[ \\n]{0,2}/"])
-        calls_allowed = "?" if self.max_calls == 1 else "*"
-        named = [
-            f"call_{i}: {json.dumps(tool.name)} {args} {arguments_json(tool)}" for i, tool in enumerate(tools)
-        ]
-        choice = " | ".join(f"call_{i}" for i in range(len(tools)))
-        return "\n".join([f"start: TEXT ({marker} call){calls_allowed}", f"call: {choice}", *named, text])
+            calls = [f"calls: BLANK {calls_json(tools, ARGUMENT_KEYS[0], array_of=most)}", BLANK]
+            after_text = f"({marker} calls)?"
+            only_calls = f"{marker} calls"
+        else:
+            named = [
+                f"call_{i}: {json.dumps(t.name)} {args} {arguments_json(t)}" for i, t in enumerate(tools)
+            ]
+            calls = [f"call: {' | '.join(f'call_{i}' for i in range(len(tools)))}", *named]
+            after_text = f"({marker} call){optional_calls(self.max_calls)}"
+            only_calls = f"{marker} call" if self.max_calls == 1 else f"({marker} call)+"
+        if answer is not None:
+            return "\n".join([f"start: answer | {only_calls}", f"answer: {answer}", *calls])
+        text = f"TEXT: /(?s:.*)/ & ~/(?s:.*){re.escape(MARKER)}(?s:.*)/"
+        return "\n".join([f"start: TEXT {after_text}", text, *calls])
 
     def new_id(self) -> str:
         """Mistral's chat templates refuse history whose call ids are not 9 alphanumerics."""

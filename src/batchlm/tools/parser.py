@@ -22,12 +22,15 @@ class ToolParser(ABC):
     def new_id(self) -> str:
         return new_call_id()
 
-    def calls_grammar(self, tools: Sequence[FunctionTool], added_tokens: Mapping[str, int]) -> str | None:
+    def calls_grammar(
+        self, tools: Sequence[FunctionTool], added_tokens: Mapping[str, int], answer: str | None = None
+    ) -> str | None:
         """A Lark grammar (llguidance's, with `%json`) under which text stays free but every call the
         model opens in this family's markup is a call of one of `tools`, its arguments fitting the
         schema of a strict one; max_calls bounds the calls. added_tokens: the tokenizer's added
-        tokens by text (a marker among them is one token, named by its id in the grammar). None
-        where the family has no such grammar yet."""
+        tokens by text (a marker among them is one token, named by its id in the grammar). answer:
+        a Lark rule body (the client's response_format as `%json`) the output is instead of free text
+        when it makes no call. None where the family has no such grammar."""
         return None
 
     @abstractmethod
@@ -109,3 +112,8 @@ class ToolCallStream:
                 deltas.append(ToolCallDelta(index, None, None, fragment))
                 self._arguments_sent[index] = len(call.arguments)
         return StreamDelta(content, tuple(deltas))
+
+
+def optional_calls(max_calls: int | None) -> str:
+    """How often a grammar's optional call may come: at most once, or any number of times."""
+    return "?" if max_calls == 1 else "*"

@@ -3,11 +3,15 @@ constraint; special tokens kept for parsers that read them) and the parser of th
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from batchlm.sampling_params import SamplingParams, StructuredOutputs
+from batchlm.structured.backend import GrammarError
+from batchlm.structured.llguidance_backend import validated_grammar
+from batchlm.tools.function_tool import ANY_OBJECT, CALL_JSON_FORMAT
 from batchlm.tools.parser import ToolParser
 from batchlm.tools.registry import parser_class
 from batchlm.tools.spec import ToolPlan, ToolRequest, ToolUseError, tool_plan
@@ -31,7 +35,10 @@ class ChatToolUse:
         """Whether a template without tool support gets the generic tools prompt (not for "none")."""
         return self.plan is not None and self.plan.mode != "none"
 
-    def sampling_params(self, params: SamplingParams) -> SamplingParams:
+    def sampling_params(
+        self, params: SamplingParams, constraint_field: str = "structured_outputs"
+    ) -> SamplingParams:
+        """constraint_field: the request field params.structured_outputs came from (errors name it)."""
         forced = self.plan.structured_outputs() if self.plan is not None else None
         if forced is not None:
             if params.structured_outputs is not None:
@@ -41,20 +48,29 @@ class ChatToolUse:
                     param="tool_choice",
                 )
             params = params.clone(structured_outputs=forced)
-        elif params.structured_outputs is None and (calls := self._strict_calls()) is not None:
+        elif (calls := self._auto_calls(params.structured_outputs, constraint_field)) is not None:
             params = params.clone(structured_outputs=calls)
         if self.parser is not None and self.parser.keeps_special_tokens:
             params = params.clone(skip_special_tokens=False)
         return params
 
-    def _strict_calls(self) -> StructuredOutputs | None:
-        """With tool_choice "auto" and a strict function among the tools: the family's grammar that
-        leaves text free and holds every call to the tools (a strict one's arguments to its schema).
-        None where the family's markup has no such grammar."""
+    def _auto_calls(self, own: StructuredOutputs | None, field: str) -> StructuredOutputs | None:
+        """With tool_choice "auto", the family's grammar for the calls the model may make: beside free
+        text when a function is strict; beside the answer when the client asked for JSON
+        (response_format), so that the model may still call a tool, as in OpenAI's API. None leaves
+        the client's constraint (or none) as it is."""
         plan, parser = self.plan, self.parser
-        if plan is None or plan.mode != "auto" or not plan.has_strict_tools or parser is None:
+        if plan is None or plan.mode != "auto" or parser is None:
             return None
-        grammar = parser.calls_grammar(plan.tools, self.added_tokens)
+        if own is None:
+            answer = None
+            if not plan.has_strict_tools:
+                return None
+        else:
+            answer = _json_answer(own, field)
+            if answer is None:
+                return None
+        grammar = parser.calls_grammar(plan.tools, self.added_tokens, answer)
         return StructuredOutputs(grammar=grammar) if grammar is not None else None
 
 
@@ -79,3 +95,21 @@ def chat_tool_use(
             param="tool_choice",
         )
     return ChatToolUse(plan, found(max_calls=None if plan.parallel else 1), added_tokens or {})
+
+
+def _json_answer(own: StructuredOutputs, field: str) -> str | None:
+    """The client's JSON constraint as a Lark `%json` rule body; None for a regex, choice or grammar.
+    A schema that does not compile is the client's error, named by its field."""
+    if own.json_object:
+        schema: object = dict(ANY_OBJECT)
+    elif own.json is not None:
+        try:
+            validated_grammar(own)
+        except GrammarError as error:
+            raise ToolUseError(f"Invalid '{field}': {error}", param=field) from None
+        schema = json.loads(own.json)
+    else:
+        return None
+    if not isinstance(schema, dict):
+        return None
+    return f"%json {json.dumps({'x-guidance': CALL_JSON_FORMAT, **schema})}"
