@@ -111,10 +111,12 @@ def test_extract_splits_content_and_calls(
         assert isinstance(json.loads(arguments), dict)
 
 
-def stream(parser: ToolParser, chunks: list[str]) -> tuple[str, list[tuple[str, str]], list[StreamDelta]]:
+def stream(
+    parser: ToolParser, chunks: list[str], cut_short: bool = False
+) -> tuple[str, list[tuple[str, str]], list[StreamDelta]]:
     """Feed `chunks`, then check OpenAI's delta shape and return (content, calls, deltas)."""
     session = parser.stream()
-    deltas = [session.feed(chunk) for chunk in chunks] + [session.finish()]
+    deltas = [session.feed(chunk) for chunk in chunks] + [session.finish(cut_short)]
     content = "".join(d.content for d in deltas)
     names: dict[int, str] = {}
     arguments: dict[int, str] = {}
@@ -193,31 +195,46 @@ def test_a_call_cut_short_adds_no_markup_to_a_stream() -> None:
 
 
 # Outputs max_tokens cut short, each with the calls a stream of it sends (the last as far as it got).
-CUT_SHORT: list[tuple[ToolParser, str, list[tuple[str, str]]]] = [
-    (HermesParser(), '<tool_call>{"name": "f", "arguments": {"a": 1', [("f", '{"a": 1')]),
-    (HermesParser(), 'Cut <tool_call>{"name": "f", "argu', []),
-    (Llama3JsonParser(), '{"name": "get_weather", "parameters": {"ci', [("get_weather", '{"ci')]),
-    (MistralParser(), '[TOOL_CALLS][{"name": "get_weather", "arguments": {"ci', [("get_weather", '{"ci')]),
-    (NamedFunctionParser("get_weather"), '{"city": "Par', [("get_weather", '{"city": "Par')]),
+# Outputs max_tokens cut short, each with its content and the calls a stream of it sends (the last as
+# far as it got). Markup cut off before it could be read as a call is not content.
+CUT_SHORT: list[tuple[ToolParser, str, str | None, list[tuple[str, str]]]] = [
+    (HermesParser(), '<tool_call>{"name": "f", "arguments": {"a": 1', None, [("f", '{"a": 1')]),
+    (HermesParser(), 'Cut <tool_call>{"name": "f", "argu', "Cut", []),
+    (
+        HermesParser(),
+        '<tool_call>{"name": "f", "arguments": {}}</tool_call>\n<tool_call>\n{"name',
+        None,
+        [("f", "{}")],
+    ),
+    (Llama3JsonParser(), '{"name": "get_weather", "parameters": {"ci', None, [("get_weather", '{"ci')]),
+    (
+        MistralParser(),
+        '[TOOL_CALLS][{"name": "get_weather", "arguments": {"ci',
+        None,
+        [("get_weather", '{"ci')],
+    ),
+    (NamedFunctionParser("get_weather"), '{"city": "Par', None, [("get_weather", '{"city": "Par')]),
     (
         RequiredCallsParser(),
         f'[{{"name": "get_weather", "parameters": {WEATHER}}}, {{"name": "get_time", "parameters": {{"zo',
+        None,
         [("get_weather", WEATHER), ("get_time", '{"zo')],
     ),
 ]
 
 
 @pytest.mark.parametrize(
-    ("parser", "output", "calls"), CUT_SHORT, ids=[type(c[0]).__name__ for c in CUT_SHORT]
+    ("parser", "output", "content", "calls"), CUT_SHORT, ids=[type(c[0]).__name__ for c in CUT_SHORT]
 )
 def test_an_output_cut_short_gives_what_its_stream_sent(
-    parser: ToolParser, output: str, calls: list[tuple[str, str]]
+    parser: ToolParser, output: str, content: str | None, calls: list[tuple[str, str]]
 ) -> None:
     parsed = parser.extract(output, cut_short=True)
-    assert calls_of(parsed.tool_calls) == calls
+    assert (parsed.content, calls_of(parsed.tool_calls)) == (content, calls)
     assert all(id_format(parser).fullmatch(call.id) for call in parsed.tool_calls)
     for split in range(len(output) + 1):
-        streamed_content, streamed_calls, _ = stream(parser, [output[:split], output[split:]])
+        chunks = [output[:split], output[split:]]
+        streamed_content, streamed_calls, _ = stream(parser, chunks, cut_short=True)
         assert (streamed_content, streamed_calls) == (parsed.content or "", calls)
     if calls:
         assert parsed.content is None or not any(

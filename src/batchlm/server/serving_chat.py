@@ -162,7 +162,7 @@ class ChatFormatter(ResponseFormatter[ChatContext]):
             stream = self._tool_streams[completion.index] = parser.stream()
         settled = stream.feed(completion.text)
         if completion.finish_reason is not None:
-            rest = stream.finish()
+            rest = stream.finish(cut_short=completion.finish_reason is FinishReason.LENGTH)
             settled = StreamDelta(settled.content + rest.content, settled.tool_calls + rest.tool_calls)
         logprobs = self._merge_held(completion.index, self._delta_logprobs(completion))
         if settled.content:

@@ -56,7 +56,7 @@ class ToolParser(ABC):
 
     def _as_streamed(self, text: str) -> ParsedMessage:
         stream = self.stream()
-        pieces = (stream.feed(text), stream.finish())
+        pieces = (stream.feed(text), stream.finish(cut_short=True))
         calls: list[ToolCall] = []
         for piece in (call for delta in pieces for call in delta.tool_calls):
             if piece.id is not None:
@@ -90,7 +90,11 @@ class ToolCallStream:
         self._text += delta
         return self._difference(self._parser.scan(self._text, final=False))
 
-    def finish(self) -> StreamDelta:
+    def finish(self, cut_short: bool = False) -> StreamDelta:
+        """The rest, once the output has ended. cut_short (max_tokens ended it): what was held back
+        stays unsent, since it may be markup cut off before it could be read as a call."""
+        if cut_short:
+            return StreamDelta("", ())
         scan = self._parser.scan(self._text, final=True)
         if len(scan.calls) < len(self._ids):  # a call cut short: what was sent of it stands
             return StreamDelta("", ())
