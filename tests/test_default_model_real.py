@@ -12,6 +12,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 import httpx
+import openai
+import pydantic
 import pytest
 import torch
 
@@ -134,3 +136,41 @@ def test_completion_with_the_openai_client(client: Any) -> None:
         model=DEFAULT_MODEL_NAME, prompt="The capital of France is", temperature=0, max_tokens=8
     )
     assert "Paris" in reply.choices[0].text
+
+
+def test_an_agent_s_typed_answer_or_its_strict_calls_always_parse(client: Any) -> None:
+    """A typed final output (response_format) beside a strict tool, as agent frameworks send them: every
+    reply is the answer in its schema or calls whose arguments fit the tool's, whatever the model."""
+
+    class Final(pydantic.BaseModel):
+        city: str
+        temperature_c: int
+
+    class Weather(pydantic.BaseModel):
+        city: str
+
+    tool = openai.pydantic_function_tool(Weather, name="get_weather")
+    messages = [{"role": "user", "content": "What is the weather in Paris? Use get_weather."}]
+    complete = 0
+    for seed in range(3):
+        reply = client.beta.chat.completions.parse(
+            model=DEFAULT_MODEL_NAME,
+            messages=messages,
+            tools=[tool],
+            response_format=Final,
+            temperature=1.0,
+            seed=seed,
+            max_tokens=96,
+        )
+        choice = reply.choices[0]
+        if choice.finish_reason == "length":
+            continue  # cut short: neither need be complete
+        complete += 1
+        if choice.message.tool_calls:
+            assert choice.finish_reason == "tool_calls"
+            for call in choice.message.tool_calls:
+                assert call.function.name == "get_weather"
+                Weather.model_validate_json(call.function.arguments)
+        else:
+            assert isinstance(choice.message.parsed, Final)
+    assert complete, "every reply was cut short: nothing was checked"
