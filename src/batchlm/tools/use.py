@@ -1,5 +1,6 @@
 """What one chat request's tool use changes: the prompt's tools, the sampling parameters (a forced call's
-constraint; special tokens kept for parsers that read them) and the parser of the output."""
+constraint, or under auto the grammar of the calls the model may make; special tokens kept for parsers
+that read them) and the parser of the output."""
 
 from __future__ import annotations
 
