@@ -159,5 +159,29 @@ def test_response_format_through_the_mlx_server(model_dir: Path) -> None:
         )
         assert reply.choices[0].finish_reason == "stop"
         jsonschema.validate(json.loads(reply.choices[0].message.content), SCHEMA)
+        # Beside a strict tool: the answer in its schema, or a call whose arguments fit the tool's (one
+        # call, bounded arguments: a random model's reply ends within max_tokens either way).
+        bounded = {"type": "integer", "minimum": 0, "maximum": 99}
+        arguments = {"type": "object", "properties": {"n": bounded}, "required": ["n"]}
+        tool = {"type": "function", "function": {"name": "f", "strict": True, "parameters": arguments}}
+        for seed in range(3):
+            reply = client.chat.completions.create(
+                model="tiny",
+                messages=[{"role": "user", "content": "JSON or a call"}],
+                max_tokens=100,
+                response_format=response_format,
+                tools=[tool],
+                parallel_tool_calls=False,
+                seed=seed,
+                temperature=1.0,
+            )
+            choice = reply.choices[0]
+            assert choice.finish_reason in ("stop", "tool_calls"), "100 tokens hold an answer or a call"
+            for call in choice.message.tool_calls or ():
+                jsonschema.validate(
+                    json.loads(call.function.arguments), {**arguments, "additionalProperties": False}
+                )
+            if not choice.message.tool_calls:
+                jsonschema.validate(json.loads(choice.message.content), SCHEMA)
     finally:
         assert running.stop() == 0
