@@ -32,14 +32,17 @@ class FunctionTool:
 
     def call_schema(self, argument_key: str) -> dict[str, Any]:
         """One call of this function as the JSON object a model writes: its name, and under
-        `argument_key` its arguments (their schema if strict, else any object)."""
-        arguments = arguments_schema(self) if self.strict else ANY_OBJECT
+        `argument_key` its arguments."""
         return {
             "type": "object",
-            "properties": {"name": {"const": self.name}, argument_key: arguments},
+            "properties": {"name": {"const": self.name}, argument_key: self.chosen_arguments()},
             "required": ["name", argument_key],
             "additionalProperties": False,
         }
+
+    def chosen_arguments(self) -> dict[str, Any]:
+        """The arguments of a call the model chose to make: their schema if strict, else any object."""
+        return arguments_schema(self) if self.strict else ANY_OBJECT
 
 
 def arguments_schema(tool: FunctionTool) -> dict[str, Any]:
@@ -66,5 +69,4 @@ def calls_json(tools: Sequence[FunctionTool], argument_key: str, array_of: int |
 
 def arguments_json(tool: FunctionTool) -> str:
     """A Lark `%json` nonterminal: the arguments of a call of `tool` (their schema if it is strict)."""
-    arguments = arguments_schema(tool) if tool.strict else ANY_OBJECT
-    return f"%json {json.dumps({**arguments, 'x-guidance': CALL_JSON_FORMAT})}"
+    return f"%json {json.dumps({**tool.chosen_arguments(), 'x-guidance': CALL_JSON_FORMAT})}"
