@@ -150,51 +150,61 @@ STRICT_FAMILIES = [
 ]
 
 
+class FamilyGrammar:
+    """A parser family's calls grammar over the tiny tokenizer with `tokens` added (as special tokens),
+    and whether it takes an output: text pieces, and [token] for an added token."""
+
+    def __init__(
+        self, tiny_tokenizer, family: str, tokens: list[str], strict: bool, answer: str | None
+    ) -> None:
+        import copy
+
+        from batchlm.tools.function_tool import FunctionTool
+        from batchlm.tools.registry import PARSERS
+
+        self.hf = copy.deepcopy(tiny_tokenizer.hf)
+        self.hf.add_tokens(tokens, special_tokens=True)
+        self.added = {token: self.hf.convert_tokens_to_ids(token) for token in tokens}
+        self.backend = LLGuidanceBackend.from_hf(self.hf, len(self.hf), EOS)
+        tool = FunctionTool("f", None, {"type": "object", "properties": {"a": {"type": "integer"}}}, strict)
+        grammar = PARSERS[family]().calls_grammar([tool], self.added, answer)
+        assert grammar is not None
+        self.spec = StructuredOutputs(grammar=grammar)
+
+    def takes(self, pieces: list, then_ends: bool = False) -> bool:
+        """Every token accepted (and with then_ends, EOS allowed after them)."""
+        matcher = self.backend.matcher(self.spec)
+        ids = [
+            i
+            for piece in pieces
+            for i in (
+                [self.added[piece[0]]]
+                if isinstance(piece, list)
+                else self.hf.encode(piece, add_special_tokens=False)
+            )
+        ]
+        if not all(matcher.accept(i) for i in ids):
+            return False
+        row = np.empty(self.backend.bitmask_words, dtype=np.int32)
+        matcher.fill_bitmask(row)
+        return not then_ends or bool(set(EOS) & set(allowed_tokens(row, len(self.hf)).tolist()))
+
+
 @pytest.mark.parametrize(("family", "tokens", "output"), STRICT_FAMILIES)
 def test_each_family_s_strict_calls_fit_the_schema_and_plain_text_stays_free(
     tiny_tokenizer, family, tokens, output
 ) -> None:
-    import copy
-
-    from batchlm.tools.function_tool import FunctionTool
-    from batchlm.tools.registry import PARSERS
-
-    hf = copy.deepcopy(tiny_tokenizer.hf)
-    hf.add_tokens(tokens, special_tokens=True)
-    added = {token: hf.convert_tokens_to_ids(token) for token in tokens}
-    backend = LLGuidanceBackend.from_hf(hf, len(hf), EOS)
-    strict = FunctionTool("f", None, {"type": "object", "properties": {"a": {"type": "integer"}}}, True)
-    grammar = PARSERS[family]().calls_grammar([strict], added)
-    assert grammar is not None
-    spec = StructuredOutputs(grammar=grammar)
-    row = np.empty(backend.bitmask_words, dtype=np.int32)
-
-    def ids(pieces: list) -> list[int]:
-        return [
-            i
-            for piece in pieces
-            for i in (
-                [added[piece[0]]] if isinstance(piece, list) else hf.encode(piece, add_special_tokens=False)
-            )
-        ]
-
-    def takes(pieces: list, then_ends: bool = True) -> bool:
-        matcher = backend.matcher(spec)
-        if not all(matcher.accept(i) for i in ids(pieces)):
-            return False
-        matcher.fill_bitmask(row)
-        return not then_ends or bool(set(EOS) & set(allowed_tokens(row, len(hf)).tolist()))
-
-    assert takes(["No call, just text."])
-    assert takes(output)
+    grammar = FamilyGrammar(tiny_tokenizer, family, tokens, strict=True, answer=None)
+    assert grammar.takes(["No call, just text."], then_ends=True)
+    assert grammar.takes(output, then_ends=True)
     last = output[-1]
     cut = [*output[:-1], last[: last.rindex('{"a": 1}') + len('{"a": 1')]]  # inside the arguments
-    assert takes(cut, then_ends=False)
-    assert not takes([*cut[:-1], cut[-1] + ', "zz": 2'], then_ends=False), "an undeclared key"
+    assert grammar.takes(cut)
+    assert not grammar.takes([*cut[:-1], cut[-1] + ', "zz": 2']), "an undeclared key"
     renamed = [
         ("launch" if p == "f" else p.replace('"f"', '"launch"')) if isinstance(p, str) else p for p in cut
     ]
-    assert not takes(renamed, then_ends=False), "a function not offered"
+    assert not grammar.takes(renamed), "a function not offered"
 
 
 @pytest.mark.parametrize(("family", "tokens", "output"), STRICT_FAMILIES)
@@ -202,39 +212,15 @@ def test_with_json_asked_for_each_family_answers_in_it_or_calls(
     tiny_tokenizer, family, tokens, output
 ) -> None:
     """response_format beside tools under auto: the output is the answer or calls, never free text."""
-    import copy
-
-    from batchlm.tools.function_tool import FunctionTool
-    from batchlm.tools.registry import PARSERS
-
-    hf = copy.deepcopy(tiny_tokenizer.hf)
-    hf.add_tokens(tokens, special_tokens=True)
-    added = {token: hf.convert_tokens_to_ids(token) for token in tokens}
-    backend = LLGuidanceBackend.from_hf(hf, len(hf), EOS)
-    loose = FunctionTool("f", None, {"type": "object", "properties": {"a": {"type": "integer"}}}, False)
     answer = '%json {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}'
-    grammar = PARSERS[family]().calls_grammar([loose], added, answer)
-    assert grammar is not None
-    spec = StructuredOutputs(grammar=grammar)
-
-    def takes(pieces: list) -> bool:
-        matcher = backend.matcher(spec)
-        ids = [
-            i
-            for piece in pieces
-            for i in (
-                [added[piece[0]]] if isinstance(piece, list) else hf.encode(piece, add_special_tokens=False)
-            )
-        ]
-        return all(matcher.accept(i) for i in ids)
-
-    assert takes(['{"answer": 42}'])
-    assert not takes(['{"answer": "forty-two"}'])
-    assert not takes(["Some text."])
-    calls = [piece for piece in output if piece not in ("Ok ", "Sure.")]
+    grammar = FamilyGrammar(tiny_tokenizer, family, tokens, strict=False, answer=answer)
+    assert grammar.takes(['{"answer": 42}'], then_ends=True)
+    assert not grammar.takes(['{"answer": "forty-two"}'])
+    assert not grammar.takes(["Some text."])
+    calls = [piece for piece in output if piece != "Sure."]
     if isinstance(calls[0], str) and calls[0].startswith("Ok "):  # Hermes: the call without the text
         calls = [calls[0].removeprefix("Ok ")]
-    assert takes(calls)
+    assert grammar.takes(calls, then_ends=True)
 
 
 def test_bitmask_forbids_what_the_grammar_cannot_take(backend, tiny_tokenizer) -> None:
