@@ -187,3 +187,14 @@ def test_a_decoded_schema_that_does_not_compile_is_refused_naming_its_tool() -> 
         assert "strin" in str(refused.value)
     # Not decoded under its schema (auto, not strict): the model reads it, nothing compiles it.
     assert tool_plan(ToolFields([Tool(broken)])) is not None
+
+
+def test_a_forced_call_takes_the_place_of_a_response_format_and_refuses_other_constraints() -> None:
+    use = chat_tool_use(ToolFields([Tool(WEATHER)], "required"), "hermes", None)
+    answer = StructuredOutputs(json=json.dumps({"type": "object"}))
+    forced = use.sampling_params(SamplingParams(structured_outputs=answer), "response_format")
+    assert forced.structured_outputs is not None and forced.structured_outputs.json is not None
+    assert json.loads(forced.structured_outputs.json)["type"] == "array"  # the calls' schema
+    with pytest.raises(ToolUseError) as refused:
+        use.sampling_params(SamplingParams(structured_outputs=answer), "structured_outputs")
+    assert refused.value.param == "tool_choice" and "'structured_outputs'" in str(refused.value)

@@ -42,10 +42,11 @@ class ChatToolUse:
         """constraint_field: the request field params.structured_outputs came from (errors name it)."""
         forced = self.plan.structured_outputs() if self.plan is not None else None
         if forced is not None:
-            if params.structured_outputs is not None:
+            # response_format shapes a text reply, which a forced call leaves none of (as in OpenAI's
+            # API, where agents send both); an explicit constraint of vLLM's fields conflicts.
+            if params.structured_outputs is not None and constraint_field != "response_format":
                 raise ToolUseError(
-                    "A forced 'tool_choice' cannot be combined with another output constraint "
-                    "('response_format' or 'structured_outputs').",
+                    f"A forced 'tool_choice' cannot be combined with '{constraint_field}'.",
                     param="tool_choice",
                 )
             params = params.clone(structured_outputs=forced)
