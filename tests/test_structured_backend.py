@@ -111,12 +111,14 @@ def test_strict_calls_where_the_markers_are_tokens_of_their_own(tiny_tokenizer) 
     from batchlm.tools.hermes import END, START, HermesParser
 
     hf = copy.deepcopy(tiny_tokenizer.hf)
-    hf.add_tokens([START, END])  # added, not special: the detokenized text keeps them (Qwen's kind)
-    start, end = hf.convert_tokens_to_ids(START), hf.convert_tokens_to_ids(END)
+    # Added, not special: the detokenized text keeps them (Qwen's kind, reasoning tokens included).
+    hf.add_tokens([START, END, "<think>", "</think>"])
+    added = {token: hf.convert_tokens_to_ids(token) for token in (START, END, "<think>", "</think>")}
+    start, end, think = added[START], added[END], added["<think>"]
     vocab = len(hf)
     backend = LLGuidanceBackend.from_hf(hf, vocab, EOS)
     strict = FunctionTool("f", None, {"type": "object", "properties": {"a": {"type": "integer"}}}, True)
-    spec = StructuredOutputs(grammar=HermesParser().calls_grammar([strict], {START: start, END: end}))
+    spec = StructuredOutputs(grammar=HermesParser().calls_grammar([strict], added))
     matcher = backend.matcher(spec)
     row = np.empty(backend.bitmask_words, dtype=np.int32)
 
@@ -127,8 +129,12 @@ def test_strict_calls_where_the_markers_are_tokens_of_their_own(tiny_tokenizer) 
     def feed(text: str) -> bool:
         return all(matcher.accept(t) for t in hf.encode(text, add_special_tokens=False))
 
+    # A reasoning model's own tokens stay free in the text; inside a call they are not.
+    assert think in allowed() and matcher.accept(think) and feed("I should look.")
+    assert matcher.accept(added["</think>"])
     assert feed("Let me look.") and start in allowed() and set(EOS) <= allowed()
     assert matcher.accept(start) and not set(EOS) & allowed(), "a call opened must be finished"
+    assert think not in allowed()
     assert feed('{"name": "f", "arguments": {"a": 1}}') and end in allowed()
     assert matcher.accept(end) and feed(" Done.") and set(EOS) <= allowed()
     # The text may not spell a marker out to slip past the grammar.

@@ -147,7 +147,7 @@ def test_auto_with_a_strict_function_decodes_the_family_s_calls_under_a_grammar(
     with_tokens = chat_tool_use(ToolFields([Tool(STRICT_WEATHER)], "auto"), "hermes", None, markers)
     token_grammar = with_tokens.sampling_params(SamplingParams()).structured_outputs
     assert token_grammar is not None and token_grammar.grammar is not None
-    assert "(<[151657]> call <[151658]> TEXT)*" in token_grammar.grammar
+    assert "start: free (<[151657]> call <[151658]> free)*" in token_grammar.grammar
     validated_grammar(token_grammar)
     # No strict function, or Mistral's family with a tokenizer that lacks its marker token: nothing.
     plain = chat_tool_use(ToolFields([Tool(WEATHER)], "auto"), "hermes", None)
@@ -198,3 +198,12 @@ def test_a_forced_call_takes_the_place_of_a_response_format_and_refuses_other_co
     with pytest.raises(ToolUseError) as refused:
         use.sampling_params(SamplingParams(structured_outputs=answer), "structured_outputs")
     assert refused.value.param == "tool_choice" and "'structured_outputs'" in str(refused.value)
+
+
+def test_free_text_takes_the_tokenizer_s_other_added_tokens_as_ranges() -> None:
+    from batchlm.tools.call_grammar import free_text
+
+    added = {"<tool_call>": 7, "</tool_call>": 8, "<think>": 3, "</think>": 4, "<x>": 5, "<y>": 9}
+    rules = free_text(added, ("<tool_call>", "</tool_call>"))
+    assert rules[0] == "free: TEXT? (<[3-5,9]> TEXT?)*"
+    assert free_text({"<tool_call>": 7}, ("<tool_call>",))[0] == "free: TEXT?"

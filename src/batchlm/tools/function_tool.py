@@ -3,18 +3,11 @@ decoded under."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from batchlm.tools.closed_schema import closed_objects
 
-# A call's JSON as models write it (json.dumps' separators or compact), at most one space where JSON
-# allows whitespace: a weak model cannot spend its budget on blanks.
-CALL_JSON_FORMAT = {"whitespace_flexible": True, "whitespace_pattern": " ?"}
-# Blanks around a call's markup, at most two: a weak model cannot spend its budget on them.
-BLANK = "BLANK: /[ \\n]{0,2}/"
 # A function that is not strict takes whatever arguments object the model writes.
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 # OpenAI: a function without `parameters` takes none.
@@ -48,25 +41,3 @@ class FunctionTool:
 def arguments_schema(tool: FunctionTool) -> dict[str, Any]:
     """The schema a forced or strict call's arguments are decoded under (its objects closed)."""
     return closed_objects(tool.parameters) if tool.parameters is not None else NO_PARAMETERS
-
-
-def token_rule(text: str, added_tokens: Mapping[str, int]) -> str | None:
-    """A Lark reference to the tokenizer's own token for `text` (by id: names may hold brackets), or
-    None when the tokenizer has no such token."""
-    token_id = added_tokens.get(text)
-    return None if token_id is None else f"<[{token_id}]>"
-
-
-def calls_json(tools: Sequence[FunctionTool], argument_key: str, array_of: int | None = None) -> str:
-    """A Lark `%json` nonterminal (llguidance's): one call of any of `tools`; with `array_of`, a JSON
-    array of such calls (at least one, at most array_of where it is not 0)."""
-    one: dict[str, Any] = {"anyOf": [tool.call_schema(argument_key) for tool in tools]}
-    schema = one if array_of is None else {"type": "array", "items": one, "minItems": 1}
-    if array_of:
-        schema["maxItems"] = array_of
-    return f"%json {json.dumps({**schema, 'x-guidance': CALL_JSON_FORMAT})}"
-
-
-def arguments_json(tool: FunctionTool) -> str:
-    """A Lark `%json` nonterminal: the arguments of a call of `tool` (their schema if it is strict)."""
-    return f"%json {json.dumps({**tool.chosen_arguments(), 'x-guidance': CALL_JSON_FORMAT})}"

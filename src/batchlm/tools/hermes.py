@@ -4,10 +4,10 @@ them, with text before, between and after."""
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
 
-from batchlm.tools.function_tool import BLANK, FunctionTool, calls_json, token_rule
+from batchlm.tools.call_grammar import BLANK, calls_json, free_text, token_rule
+from batchlm.tools.function_tool import FunctionTool
 from batchlm.tools.json_scan import scan_object, skip_whitespace
 from batchlm.tools.parser import ToolParser, optional_calls
 from batchlm.tools.scan import MarkedRegion, Scan, call_from_object, scan_marked_calls
@@ -34,8 +34,8 @@ class HermesParser(ToolParser):
             rules = [f"start: answer | {calls}", f"answer: {answer}", call]
         elif start is not None and end is not None:
             rules = [
-                f"start: TEXT ({start} call {end} TEXT){optional_calls(self.max_calls)}",
-                f"TEXT: /(?s:.*)/ & ~/(?s:.*){re.escape(START)}(?s:.*)/",
+                f"start: free ({start} call {end} free){optional_calls(self.max_calls)}",
+                *free_text(added_tokens, (START, END)),
                 call,
             ]
         else:

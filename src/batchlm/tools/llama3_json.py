@@ -6,7 +6,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from batchlm.tools.function_tool import BLANK, FunctionTool, calls_json, token_rule
+from batchlm.tools.call_grammar import BLANK, calls_json, token_rule
+from batchlm.tools.function_tool import FunctionTool
 from batchlm.tools.json_scan import scan_object, skip_whitespace
 from batchlm.tools.parser import ToolParser
 from batchlm.tools.scan import Scan, ScanBuilder, call_from_object

@@ -8,8 +8,9 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 
+from batchlm.tools.call_grammar import BLANK, arguments_json, calls_json, free_text, token_rule
 from batchlm.tools.calls import random_alphanumerics
-from batchlm.tools.function_tool import BLANK, FunctionTool, arguments_json, calls_json, token_rule
+from batchlm.tools.function_tool import FunctionTool
 from batchlm.tools.json_scan import skip_whitespace, value_end
 from batchlm.tools.parser import ToolParser, optional_calls
 from batchlm.tools.scan import CallScan, MarkedRegion, Scan, scan_call_array, scan_marked_calls
@@ -45,8 +46,7 @@ class MistralParser(ToolParser):
             only_calls = f"{marker} call" if self.max_calls == 1 else f"({marker} call)+"
         if answer is not None:
             return "\n".join([f"start: answer | {only_calls}", f"answer: {answer}", *calls])
-        text = f"TEXT: /(?s:.*)/ & ~/(?s:.*){re.escape(MARKER)}(?s:.*)/"
-        return "\n".join([f"start: TEXT {after_text}", text, *calls])
+        return "\n".join([f"start: free {after_text}", *free_text(added_tokens, (MARKER, ARGS)), *calls])
 
     def new_id(self) -> str:
         """Mistral's chat templates refuse history whose call ids are not 9 alphanumerics."""

@@ -12,7 +12,8 @@ from typing import Any
 from batchlm.sampling_params import SamplingParams, StructuredOutputs
 from batchlm.structured.backend import GrammarError
 from batchlm.structured.llguidance_backend import validated_grammar
-from batchlm.tools.function_tool import ANY_OBJECT, CALL_JSON_FORMAT
+from batchlm.tools.call_grammar import CALL_JSON_FORMAT
+from batchlm.tools.function_tool import ANY_OBJECT
 from batchlm.tools.parser import ToolParser
 from batchlm.tools.registry import parser_class
 from batchlm.tools.spec import ToolPlan, ToolRequest, ToolUseError, tool_plan
