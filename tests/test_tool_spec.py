@@ -207,3 +207,15 @@ def test_free_text_takes_the_tokenizer_s_other_added_tokens_as_ranges() -> None:
     rules = free_text(added, ("<tool_call>", "</tool_call>"))
     assert rules[0] == "free: TEXT? (<[3-5,9]> TEXT?)*"
     assert free_text({"<tool_call>": 7}, ("<tool_call>",))[0] == "free: TEXT?"
+
+
+def test_the_answer_beside_the_calls_takes_the_calls_json_format() -> None:
+    from batchlm.tools.call_grammar import CALL_JSON_FORMAT
+
+    use = chat_tool_use(ToolFields([Tool(WEATHER)], "auto"), "llama3_json", None)
+    own = {"type": "object", "x-guidance": {"whitespace_flexible": False}}
+    params = use.sampling_params(SamplingParams(structured_outputs=StructuredOutputs(json=json.dumps(own))))
+    grammar = params.structured_outputs.grammar if params.structured_outputs else None
+    assert grammar is not None
+    answer = next(line for line in grammar.splitlines() if line.startswith("answer: %json "))
+    assert json.loads(answer.removeprefix("answer: %json "))["x-guidance"] == CALL_JSON_FORMAT

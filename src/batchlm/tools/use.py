@@ -115,4 +115,6 @@ def _json_answer(own: StructuredOutputs, field: str) -> str | None:
         return None
     if not isinstance(schema, dict):
         return None
-    return f"%json {json.dumps({'x-guidance': CALL_JSON_FORMAT, **schema})}"
+    # The calls' format, also over the client's own: llguidance reads an answer and a call that both
+    # open with `{` (Llama 3's markup) as one JSON only when their formats are the same.
+    return f"%json {json.dumps({**schema, 'x-guidance': CALL_JSON_FORMAT})}"
