@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from batchlm.tools.function_tool import FunctionTool
+from batchlm.tools.function_tool import FunctionTool, calls_array_schema
 
 # A call's JSON as models write it (json.dumps' separators or compact), at most one space where JSON
 # allows whitespace: a weak model cannot spend its budget on blanks.
@@ -24,31 +24,36 @@ def token_rule(text: str, added_tokens: Mapping[str, int]) -> str | None:
     return None if token_id is None else f"<[{token_id}]>"
 
 
-def calls_json(tools: Sequence[FunctionTool], argument_key: str, array_of: int | None = None) -> str:
-    """A Lark `%json` nonterminal (llguidance's): one call of any of `tools`; with `array_of`, a JSON
-    array of such calls (at least one, at most array_of where it is not 0)."""
-    one: dict[str, Any] = {"anyOf": [tool.call_schema(argument_key) for tool in tools]}
-    schema = one if array_of is None else {"type": "array", "items": one, "minItems": 1}
-    if array_of:
-        schema["maxItems"] = array_of
-    return f"%json {json.dumps({**schema, 'x-guidance': CALL_JSON_FORMAT})}"
+def calls_json(tools: Sequence[FunctionTool], argument_key: str) -> str:
+    """A Lark `%json` nonterminal (llguidance's): one call of any of `tools`."""
+    return _json_rule({"anyOf": [tool.call_schema(argument_key) for tool in tools]})
+
+
+def calls_array_json(tools: Sequence[FunctionTool], argument_key: str, max_items: int | None) -> str:
+    """A Lark `%json` nonterminal: a non-empty JSON array of calls of `tools` (at most max_items)."""
+    return _json_rule(calls_array_schema(tools, argument_key, max_items))
 
 
 def arguments_json(tool: FunctionTool) -> str:
     """A Lark `%json` nonterminal: the arguments of a call of `tool` (their schema if it is strict)."""
-    return f"%json {json.dumps({**tool.chosen_arguments(), 'x-guidance': CALL_JSON_FORMAT})}"
+    return _json_rule(tool.chosen_arguments())
 
 
-def free_text(added_tokens: Mapping[str, int], markers: Collection[str]) -> list[str]:
+def free_text(added_tokens: Mapping[str, int], markers: Sequence[str]) -> list[str]:
     """Rules for `free`: text that does not spell out the first marker, with the tokenizer's added tokens
     other than the markers between (a reasoning model's <think>, for one: text alone would refuse them)."""
     others = sorted(token_id for text, token_id in added_tokens.items() if text not in markers)
-    opener = re.escape(next(iter(markers)))
+    opener = re.escape(markers[0])
     rules = [f"TEXT: /(?s:.+)/ & ~/(?s:.*){opener}(?s:.*)/"]
     if not others:
         return ["free: TEXT?", *rules]
     # One text lexeme between tokens: two in a row could spell a marker out between them.
     return [f"free: TEXT? (<[{_id_ranges(others)}]> TEXT?)*", *rules]
+
+
+def _json_rule(schema: dict[str, Any]) -> str:
+    """A Lark `%json` nonterminal for `schema`, in the calls' JSON format."""
+    return f"%json {json.dumps({**schema, 'x-guidance': CALL_JSON_FORMAT})}"
 
 
 def _id_ranges(ids: Sequence[int]) -> str:

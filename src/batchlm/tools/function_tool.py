@@ -3,6 +3,7 @@ decoded under."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,13 +24,15 @@ class FunctionTool:
     # OpenAI's `strict`: its calls must fit `parameters`, also when the model chooses to call it.
     strict: bool = False
 
-    def call_schema(self, argument_key: str) -> dict[str, Any]:
+    def call_schema(self, argument_key: str, forced: bool = False) -> dict[str, Any]:
         """One call of this function as the JSON object a model writes: its name, and under
-        `argument_key` its arguments."""
+        `argument_key` its arguments (their schema when the call is forced, else chosen_arguments)."""
+        arguments = arguments_schema(self) if forced else self.chosen_arguments()
         return {
             "type": "object",
-            "properties": {"name": {"const": self.name}, argument_key: self.chosen_arguments()},
+            "properties": {"name": {"type": "string", "enum": [self.name]}, argument_key: arguments},
             "required": ["name", argument_key],
+            # Without this a small model may keep adding keys until max_tokens.
             "additionalProperties": False,
         }
 
@@ -41,3 +44,14 @@ class FunctionTool:
 def arguments_schema(tool: FunctionTool) -> dict[str, Any]:
     """The schema a forced or strict call's arguments are decoded under (its objects closed)."""
     return closed_objects(tool.parameters) if tool.parameters is not None else NO_PARAMETERS
+
+
+def calls_array_schema(
+    tools: Sequence[FunctionTool], argument_key: str, max_items: int | None, forced: bool = False
+) -> dict[str, Any]:
+    """A non-empty JSON array of calls of `tools` (at most max_items), each FunctionTool.call_schema."""
+    calls = [tool.call_schema(argument_key, forced) for tool in tools]
+    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": calls}}
+    if max_items is not None:
+        schema["maxItems"] = max_items
+    return schema

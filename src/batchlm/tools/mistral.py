@@ -8,7 +8,7 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 
-from batchlm.tools.call_grammar import BLANK, arguments_json, calls_json, free_text, token_rule
+from batchlm.tools.call_grammar import BLANK, arguments_json, calls_array_json, free_text, token_rule
 from batchlm.tools.calls import random_alphanumerics
 from batchlm.tools.function_tool import FunctionTool
 from batchlm.tools.json_scan import skip_whitespace, value_end
@@ -33,8 +33,7 @@ class MistralParser(ToolParser):
         if marker is None:
             return None
         if args is None:
-            most = 1 if self.max_calls == 1 else 0
-            calls = [f"calls: BLANK {calls_json(tools, ARGUMENT_KEYS[0], array_of=most)}", BLANK]
+            calls = [f"calls: BLANK {calls_array_json(tools, ARGUMENT_KEYS[0], self.max_calls)}", BLANK]
             after_text = f"({marker} calls)?"
             only_calls = f"{marker} calls"
         else:

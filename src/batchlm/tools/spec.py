@@ -14,7 +14,7 @@ from batchlm.sampling_params import StructuredOutputs
 from batchlm.structured.backend import GrammarError
 from batchlm.structured.llguidance_backend import validated_grammar
 from batchlm.tools.forced import NamedFunctionParser, RequiredCallsParser
-from batchlm.tools.function_tool import NO_PARAMETERS, FunctionTool, arguments_schema
+from batchlm.tools.function_tool import NO_PARAMETERS, FunctionTool, arguments_schema, calls_array_schema
 from batchlm.tools.parser import ToolParser
 
 FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
@@ -109,26 +109,7 @@ class ToolPlan:
 
     def _required_schema(self) -> dict[str, Any]:
         """A non-empty array of calls, each {"name": <a tool's name>, "parameters": <its arguments>}."""
-        one_of_each = [
-            {
-                "properties": {
-                    "name": {"type": "string", "enum": [tool.name]},
-                    "parameters": arguments_schema(tool),
-                },
-                "required": ["name", "parameters"],
-                # Without this a small model may keep adding keys until max_tokens.
-                "additionalProperties": False,
-            }
-            for tool in self.tools
-        ]
-        schema: dict[str, Any] = {
-            "type": "array",
-            "minItems": 1,
-            "items": {"type": "object", "anyOf": one_of_each},
-        }
-        if not self.parallel:
-            schema["maxItems"] = 1
-        return schema
+        return calls_array_schema(self.tools, "parameters", None if self.parallel else 1, forced=True)
 
 
 def tool_plan(request: ToolRequest) -> ToolPlan | None:
