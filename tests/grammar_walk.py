@@ -1,0 +1,41 @@
+"""What the grammar tests share: the tiny tokenizer's backend and a greedy walk through a grammar."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from batchlm.sampling_params import StructuredOutputs
+from batchlm.structured.backend import allowed_tokens
+from batchlm.structured.llguidance_backend import LLGuidanceBackend
+
+EOS = (1, 3)
+# The tiny tokenizer has 2048 tokens; its model pads the vocabulary to 2080.
+VOCAB = 2080
+
+
+def tiny_backend(tiny_tokenizer) -> LLGuidanceBackend:
+    return LLGuidanceBackend.from_hf(tiny_tokenizer.hf, VOCAB, EOS)
+
+
+def greedy_walk(backend: LLGuidanceBackend, spec: StructuredOutputs, tokenizer, prefer: str) -> str:
+    """Drive a matcher to the end, each step taking the allowed token whose text best continues
+    `prefer` (else the lowest allowed id); returns the text produced."""
+    matcher = backend.matcher(spec)
+    row = np.empty(backend.bitmask_words, dtype=np.int32)
+    text = ""
+    for _ in range(200):
+        matcher.fill_bitmask(row)
+        allowed = allowed_tokens(row, VOCAB)
+        assert len(allowed), "a live grammar always allows something"
+        if matcher.is_terminated:
+            assert set(allowed.tolist()) == set(EOS)
+            return text
+        rest = prefer[len(text) :]
+        pieces = {int(t): tokenizer.decode([int(t)]) for t in allowed if int(t) not in EOS}
+        fitting = [t for t, piece in pieces.items() if piece and rest.startswith(piece)]
+        token = max(fitting, key=lambda t: len(pieces[t])) if fitting else int(allowed[0])
+        if token in EOS:
+            return text
+        assert matcher.accept(token)
+        text += pieces[token]
+    raise AssertionError("the grammar never finished")

@@ -1,0 +1,172 @@
+"""Tool calls decoded under grammars: a forced call's closed arguments, and each parser family's grammar
+for the calls a model may make under tool_choice auto (strict functions, or beside a JSON answer),
+walked over the tiny tokenizer."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+
+from batchlm.sampling_params import StructuredOutputs
+from batchlm.structured.backend import allowed_tokens
+from batchlm.structured.llguidance_backend import LLGuidanceBackend
+from batchlm.tools.closed_schema import closed_objects
+from batchlm.tools.function_tool import FunctionTool
+from batchlm.tools.hermes import END, START, HermesParser
+from batchlm.tools.registry import PARSERS
+from grammar_walk import EOS, greedy_walk, tiny_backend
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_tokenizer) -> LLGuidanceBackend:
+    return tiny_backend(tiny_tokenizer)
+
+
+def test_a_forced_call_from_an_open_parameters_schema_writes_only_declared_keys(
+    backend, tiny_tokenizer
+) -> None:
+    parameters = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    wanted = '{"a":1,"zz":2}'
+    open_text = greedy_walk(backend, StructuredOutputs(json=json.dumps(parameters)), tiny_tokenizer, wanted)
+    assert json.loads(open_text) == {"a": 1, "zz": 2}, "the open schema takes the extra key"
+    spec = StructuredOutputs(json=json.dumps(closed_objects(parameters)))
+    # Once "zz" cannot follow, the walk takes the lowest allowed ids: digits, then the object's end.
+    assert set(json.loads(greedy_walk(backend, spec, tiny_tokenizer, wanted))) == {"a"}
+
+
+def test_a_strict_function_s_calls_in_free_text_are_held_to_the_tools(backend, tiny_tokenizer) -> None:
+    strict = FunctionTool("f", None, {"type": "object", "properties": {"a": {"type": "integer"}}}, True)
+    free = FunctionTool("g", None, {"type": "object"}, False)
+    spec = StructuredOutputs(grammar=HermesParser().calls_grammar([strict, free], {}))
+
+    def walk(prefer: str) -> str:
+        return greedy_walk(backend, spec, tiny_tokenizer, prefer)
+
+    assert walk("no call at all") == "no call at all"
+    allowed = 'Ok <tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call> then <tool_call>{"name": "g", "arguments": {"any": 2}}</tool_call> done'
+    assert walk(allowed) == allowed
+    # An undeclared key in a strict function's arguments, or a function not offered: the walk leaves
+    # the wanted text where the grammar refuses it.
+    extra = walk('<tool_call>{"name": "f", "arguments": {"a": 1, "zz": 2}}</tool_call>')
+    assert extra.startswith('<tool_call>{"name": "f", "arguments": {"a": 1') and '"zz"' not in extra
+    unknown = walk('<tool_call>{"name": "launch", "arguments": {}}</tool_call>')
+    assert '"launch"' not in unknown
+    assert HermesParser().scan(extra, final=True).calls[0].name == "f"
+
+
+def test_strict_calls_where_the_markers_are_tokens_of_their_own(tiny_tokenizer) -> None:
+    hf = copy.deepcopy(tiny_tokenizer.hf)
+    # Added, not special: the detokenized text keeps them (Qwen's kind, reasoning tokens included).
+    hf.add_tokens([START, END, "<think>", "</think>"])
+    added = {token: hf.convert_tokens_to_ids(token) for token in (START, END, "<think>", "</think>")}
+    start, end, think = added[START], added[END], added["<think>"]
+    vocab = len(hf)
+    backend = LLGuidanceBackend.from_hf(hf, vocab, EOS)
+    strict = FunctionTool("f", None, {"type": "object", "properties": {"a": {"type": "integer"}}}, True)
+    spec = StructuredOutputs(grammar=HermesParser().calls_grammar([strict], added))
+    matcher = backend.matcher(spec)
+    row = np.empty(backend.bitmask_words, dtype=np.int32)
+
+    def allowed() -> set[int]:
+        matcher.fill_bitmask(row)
+        return set(allowed_tokens(row, vocab).tolist())
+
+    def feed(text: str) -> bool:
+        return all(matcher.accept(t) for t in hf.encode(text, add_special_tokens=False))
+
+    # A reasoning model's own tokens stay free in the text; inside a call they are not.
+    assert think in allowed() and matcher.accept(think) and feed("I should look.")
+    assert matcher.accept(added["</think>"])
+    assert feed("Let me look.") and start in allowed() and set(EOS) <= allowed()
+    assert matcher.accept(start) and not set(EOS) & allowed(), "a call opened must be finished"
+    assert think not in allowed()
+    assert feed('{"name": "f", "arguments": {"a": 1}}') and end in allowed()
+    assert matcher.accept(end) and feed(" Done.") and set(EOS) <= allowed()
+    # The text may not spell a marker out to slip past the grammar.
+    spelled = backend.matcher(spec)
+    pieces = [
+        *hf.encode("Hi <tool_", add_special_tokens=False),
+        *hf.encode("call>", add_special_tokens=False),
+    ]
+    assert start not in pieces and not all(spelled.accept(t) for t in pieces)
+
+
+STRICT_FAMILIES = [
+    # (parser, tokens the tokenizer gets, a valid output: text pieces and [token names])
+    ("hermes", [], ['Ok <tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>']),
+    ("llama3_json", ["<|python_tag|>"], [["<|python_tag|>"], '{"name": "f", "parameters": {"a": 1}}']),
+    ("llama3_json", [], ['{"name": "f", "parameters": {"a": 1}}; {"name": "f", "parameters": {}}']),
+    ("mistral", ["[TOOL_CALLS]"], ["Sure.", ["[TOOL_CALLS]"], '[{"name": "f", "arguments": {"a": 1}}]']),
+    ("mistral", ["[TOOL_CALLS]", "[ARGS]"], [["[TOOL_CALLS]"], "f", ["[ARGS]"], '{"a": 1}']),
+]
+
+
+class FamilyGrammar:
+    """A parser family's calls grammar over the tiny tokenizer with `tokens` added (as special tokens),
+    and whether it takes an output: text pieces, and [token] for an added token."""
+
+    def __init__(
+        self, tiny_tokenizer, family: str, tokens: list[str], strict: bool, answer: str | None
+    ) -> None:
+        self.hf = copy.deepcopy(tiny_tokenizer.hf)
+        self.hf.add_tokens(tokens, special_tokens=True)
+        self.added = {token: self.hf.convert_tokens_to_ids(token) for token in tokens}
+        self.backend = LLGuidanceBackend.from_hf(self.hf, len(self.hf), EOS)
+        tool = FunctionTool("f", None, {"type": "object", "properties": {"a": {"type": "integer"}}}, strict)
+        grammar = PARSERS[family]().calls_grammar([tool], self.added, answer)
+        assert grammar is not None
+        self.spec = StructuredOutputs(grammar=grammar)
+
+    def takes(self, pieces: list, then_ends: bool = False) -> bool:
+        """Every token accepted (and with then_ends, EOS allowed after them)."""
+        matcher = self.backend.matcher(self.spec)
+        ids = [
+            i
+            for piece in pieces
+            for i in (
+                [self.added[piece[0]]]
+                if isinstance(piece, list)
+                else self.hf.encode(piece, add_special_tokens=False)
+            )
+        ]
+        if not all(matcher.accept(i) for i in ids):
+            return False
+        row = np.empty(self.backend.bitmask_words, dtype=np.int32)
+        matcher.fill_bitmask(row)
+        return not then_ends or bool(set(EOS) & set(allowed_tokens(row, len(self.hf)).tolist()))
+
+
+@pytest.mark.parametrize(("family", "tokens", "output"), STRICT_FAMILIES)
+def test_each_family_s_strict_calls_fit_the_schema_and_plain_text_stays_free(
+    tiny_tokenizer, family, tokens, output
+) -> None:
+    grammar = FamilyGrammar(tiny_tokenizer, family, tokens, strict=True, answer=None)
+    assert grammar.takes(["No call, just text."], then_ends=True)
+    assert grammar.takes(output, then_ends=True)
+    last = output[-1]
+    cut = [*output[:-1], last[: last.rindex('{"a": 1}') + len('{"a": 1')]]  # inside the arguments
+    assert grammar.takes(cut)
+    assert not grammar.takes([*cut[:-1], cut[-1] + ', "zz": 2']), "an undeclared key"
+    renamed = [
+        ("launch" if p == "f" else p.replace('"f"', '"launch"')) if isinstance(p, str) else p for p in cut
+    ]
+    assert not grammar.takes(renamed), "a function not offered"
+
+
+@pytest.mark.parametrize(("family", "tokens", "output"), STRICT_FAMILIES)
+def test_with_json_asked_for_each_family_answers_in_it_or_calls(
+    tiny_tokenizer, family, tokens, output
+) -> None:
+    """response_format beside tools under auto: the output is the answer or calls, never free text."""
+    answer = '%json {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}'
+    grammar = FamilyGrammar(tiny_tokenizer, family, tokens, strict=False, answer=answer)
+    assert grammar.takes(['{"answer": 42}'], then_ends=True)
+    assert not grammar.takes(['{"answer": "forty-two"}'])
+    assert not grammar.takes(["Some text."])
+    calls = [piece for piece in output if piece != "Sure."]
+    if isinstance(calls[0], str) and calls[0].startswith("Ok "):  # Hermes: the call without the text
+        calls = [calls[0].removeprefix("Ok ")]
+    assert grammar.takes(calls, then_ends=True)
