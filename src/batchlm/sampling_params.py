@@ -35,6 +35,9 @@ class StructuredOutputs:
     choice: tuple[str, ...] | None = None
     # A Lark grammar (GBNF is converted to Lark at the edge).
     grammar: str | None = None
+    # Lark rules defining `preamble`: what may come before the constrained text (a reasoning model's
+    # thinking block), itself unconstrained by it. Set by the edge, beside one of the fields above.
+    preamble: str | None = None
 
     def __post_init__(self) -> None:
         kinds = [self.json is not None, self.json_object, self.regex is not None]
@@ -50,6 +53,13 @@ class StructuredOutputs:
     @property
     def key(self) -> tuple[str, str]:
         """(kind, text): identifies the compiled grammar in the backend's cache."""
+        kind, text = self._constraint_key
+        if self.preamble is None:
+            return kind, text
+        return f"{kind}+preamble", f"{self.preamble}\x00{text}"
+
+    @property
+    def _constraint_key(self) -> tuple[str, str]:
         if self.json is not None:
             return ("json", self.json)
         if self.json_object:

@@ -65,6 +65,20 @@ def lark_from_user_grammar(text: str) -> str:
 
 def grammar_text(spec: StructuredOutputs) -> str:
     """llguidance's grammar for a spec (not yet checked). Raises GrammarError for a schema that is not JSON."""
+    constraint = _constraint_text(spec)
+    if spec.preamble is None:
+        return constraint
+    # Two grammars in one: the preamble's Lark rules, then the constraint, which Lark names by `@answer`.
+    answer = (
+        json.loads(constraint)["grammars"] if constraint.startswith("{") else [{"lark_grammar": constraint}]
+    )
+    if len(answer) != 1:
+        raise GrammarError("a constraint of several grammars cannot follow a preamble")
+    opening = {"lark_grammar": f"start: preamble @answer\n{spec.preamble}"}
+    return json.dumps({"grammars": [opening, {**answer[0], "name": "answer"}]})
+
+
+def _constraint_text(spec: StructuredOutputs) -> str:
     try:
         if spec.json is not None:
             return llguidance.LLMatcher.grammar_from_json_schema(spec.json, defaults=JSON_OPTIONS)
@@ -102,7 +116,7 @@ def validated_cache() -> LRUCache[tuple[str, str], str]:
 
 
 def _kind_name(spec: StructuredOutputs) -> str:
-    kind = spec.key[0]
+    kind = spec.key[0].removesuffix("+preamble")
     return {"json": "JSON schema", "json_object": "JSON grammar", "choice": "choice grammar"}.get(kind, kind)
 
 

@@ -43,7 +43,8 @@ def free_text(added_tokens: Mapping[str, int], markers: Sequence[str]) -> list[s
     """Rules for `free`: text that does not spell out the first marker, with the tokenizer's added tokens
     other than the markers between (a reasoning model's <think>, for one: text alone would refuse them)."""
     others = sorted(token_id for text, token_id in added_tokens.items() if text not in markers)
-    opener = re.escape(markers[0])
+    # Lark ends a regex at an unescaped slash.
+    opener = re.escape(markers[0]).replace("/", "\\/")
     rules = [f"TEXT: /(?s:.+)/ & ~/(?s:.*){opener}(?s:.*)/"]
     if not others:
         return ["free: TEXT?", *rules]

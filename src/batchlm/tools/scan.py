@@ -116,7 +116,7 @@ class ScanBuilder:
         if self._after_call:
             text = text.lstrip()
         if not self.final:
-            text = text[: len(text) - _partial_marker_length(text, markers)].rstrip()
+            text = text[: len(text) - partial_marker_length(text, markers)].rstrip()
         self._content.append(text)
 
     def _add(self, text: str) -> None:
@@ -150,7 +150,7 @@ def scan_marked_calls(text: str, marker: str, read_region: RegionReader, final: 
     return builder.build()
 
 
-def _partial_marker_length(text: str, markers: tuple[str, ...]) -> int:
+def partial_marker_length(text: str, markers: tuple[str, ...]) -> int:
     """Length of the longest end of `text` that begins one of `markers`."""
     longest = 0
     for marker in markers:
