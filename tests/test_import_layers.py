@@ -34,7 +34,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"kernels", "parallel", "tokenizer"}),
     frozenset({"attention", "layers"}),
     frozenset({"models"}),
-    frozenset({"structured", "tools"}),
+    frozenset({"structured", "tools", "reasoning"}),
     frozenset({"sampling"}),
     frozenset({"runner"}),
     frozenset({"executor"}),

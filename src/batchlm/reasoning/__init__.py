@@ -1,0 +1,1 @@
+"""A reasoning model's thinking, split from its answer."""

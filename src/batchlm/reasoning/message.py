@@ -1,0 +1,79 @@
+"""An assistant message read out of a model's output: the thinking first (a reasoning parser), then the
+tool calls in what follows it (a tool parser), for a whole output or a stream of it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from batchlm.reasoning.split import ReasoningParser, ReasoningStream
+from batchlm.tools.calls import ParsedMessage, StreamDelta, ToolCall, ToolCallDelta
+from batchlm.tools.parser import ToolCallStream, ToolParser
+
+
+@dataclass(frozen=True)
+class AssistantMessage:
+    reasoning: str | None
+    # None when the message holds only thinking or calls.
+    content: str | None
+    tool_calls: tuple[ToolCall, ...]
+
+
+@dataclass(frozen=True)
+class MessageDelta:
+    reasoning: str
+    content: str
+    tool_calls: tuple[ToolCallDelta, ...]
+
+
+class MessageReader:
+    def __init__(self, reasoning: ReasoningParser | None, tools: ToolParser | None) -> None:
+        self.reasoning = reasoning
+        self.tools = tools
+
+    def read(self, text: str, cut_short: bool = False) -> AssistantMessage:
+        """cut_short: max_tokens ended the output (see ToolParser.extract)."""
+        reasoning = None
+        if self.reasoning is not None:
+            split = self.reasoning.split(text, final=True)
+            reasoning, text = split.reasoning, split.content
+        parsed = self.tools.extract(text, cut_short) if self.tools is not None else ParsedMessage(text, ())
+        content = parsed.content if parsed.content or reasoning is None else None
+        return AssistantMessage(reasoning, content, parsed.tool_calls)
+
+    def stream(self) -> MessageStream:
+        return MessageStream(self)
+
+
+class MessageStream:
+    """Fed an output's text deltas; answers the thinking, content and call pieces each one settles."""
+
+    def __init__(self, reader: MessageReader) -> None:
+        self._reasoning: ReasoningStream | None = None
+        self._tools: ToolCallStream | None = None
+        if reader.reasoning is not None:
+            self._reasoning = reader.reasoning.stream()
+        if reader.tools is not None:
+            self._tools = reader.tools.stream()
+
+    @property
+    def called(self) -> bool:
+        return self._tools is not None and self._tools.called
+
+    def feed(self, delta: str) -> MessageDelta:
+        reasoning = ""
+        if self._reasoning is not None:
+            piece = self._reasoning.feed(delta)
+            reasoning, delta = piece.reasoning, piece.content
+        settled = self._tools.feed(delta) if self._tools is not None else StreamDelta(delta, ())
+        return MessageDelta(reasoning, settled.content, settled.tool_calls)
+
+    def finish(self, cut_short: bool = False) -> MessageDelta:
+        """The rest, once the output has ended (cut_short: see ToolCallStream.finish)."""
+        reasoning, content = "", ""
+        if self._reasoning is not None:
+            piece = self._reasoning.finish()
+            reasoning, content = piece.reasoning, piece.content
+        if self._tools is None:
+            return MessageDelta(reasoning, content, ())
+        fed, rest = self._tools.feed(content), self._tools.finish(cut_short)
+        return MessageDelta(reasoning, fed.content + rest.content, fed.tool_calls + rest.tool_calls)

@@ -1,0 +1,195 @@
+"""A reasoning model's thinking split from its answer: whole outputs and streams at every split point,
+beside tool calls, the parser `auto` picks from a chat template, and the grammar under which a
+constraint holds from the end of the thinking on."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+
+from batchlm.reasoning.message import MessageReader
+from batchlm.reasoning.registry import reasoning_markers, reasoning_parser
+from batchlm.reasoning.split import ReasoningParser, ThinkMarkers, prompt_opens_thinking
+from batchlm.sampling_params import SamplingParams, StructuredOutputs
+from batchlm.structured.backend import allowed_tokens
+from batchlm.structured.llguidance_backend import LLGuidanceBackend
+from batchlm.tools.hermes import HermesParser
+from grammar_walk import EOS
+
+THINK = ThinkMarkers("<think>", "</think>")
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+# (opened by the prompt, output, reasoning, content)
+CASES = [
+    (
+        False,
+        "<think>\nThe user asks.\nParis.\n</think>\n\nIt is Paris.",
+        "The user asks.\nParis.",
+        "It is Paris.",
+    ),
+    (True, "The user asks.\n</think>\n\nIt is Paris.", "The user asks.", "It is Paris."),
+    (False, "It is Paris.", None, "It is Paris."),
+    (
+        False,
+        "\n<think>a < b, </thinking> is no marker</think>Yes.",
+        "a < b, </thinking> is no marker",
+        "Yes.",
+    ),
+    (False, "<thing> is text", None, "<thing> is text"),
+    (False, "Not at the start: <think>x</think>", None, "Not at the start: <think>x</think>"),
+    (False, "<think></think>\n\n", "", ""),
+    (True, "Only thinking, cut off by max_tokens </thi", "Only thinking, cut off by max_tokens </thi", ""),
+]
+
+
+@pytest.mark.parametrize(("opened", "output", "reasoning", "content"), CASES)
+def test_split_and_its_stream_at_every_split_point(
+    opened: bool, output: str, reasoning: str | None, content: str
+) -> None:
+    parser = ReasoningParser(THINK, opened)
+    split = parser.split(output, final=True)
+    assert (split.reasoning, split.content) == (reasoning, content)
+    for at in range(len(output) + 1):
+        stream = parser.stream()
+        pieces = [stream.feed(output[:at]), stream.feed(output[at:]), stream.finish()]
+        assert "".join(p.reasoning for p in pieces) == (reasoning or ""), at
+        assert "".join(p.content for p in pieces) == content, at
+
+
+def test_a_stream_holds_back_what_may_be_a_marker() -> None:
+    stream = ReasoningParser(THINK).stream()
+    assert stream.feed("<thi").content == "" and stream.feed("nk>").reasoning == ""
+    assert stream.feed("Hm. </thi").reasoning == "Hm."
+    assert stream.feed("nk> ").reasoning == "" and stream.feed("Answer").content == "Answer"
+    stream = ReasoningParser(THINK).stream()
+    assert stream.feed("<thi").content == "" and stream.feed("s is text").content == "<this is text"
+
+
+def test_markers_as_a_mistral_model_writes_them() -> None:
+    split = ReasoningParser(ThinkMarkers("[THINK]", "[/THINK]")).split("[THINK]plan[/THINK]Done.", final=True)
+    assert (split.reasoning, split.content) == ("plan", "Done.")
+
+
+def test_thinking_then_calls_at_every_split_point() -> None:
+    reader = MessageReader(ReasoningParser(THINK), HermesParser())
+    output = f"<think>\nI should call get_weather. <tool_call> is how.\n</think>\n\nLet me look.\n{CALL}"
+    message = reader.read(output)
+    assert message.reasoning == "I should call get_weather. <tool_call> is how."
+    assert message.content == "Let me look."
+    assert [(c.name, c.arguments) for c in message.tool_calls] == [("get_weather", '{"city": "Paris"}')]
+    for at in range(len(output) + 1):
+        stream = reader.stream()
+        pieces = [stream.feed(output[:at]), stream.feed(output[at:]), stream.finish()]
+        assert "".join(p.reasoning for p in pieces) == message.reasoning, at
+        assert "".join(p.content for p in pieces) == message.content, at
+        assert [c.name for p in pieces for c in p.tool_calls if c.name] == ["get_weather"], at
+        assert stream.called
+
+
+def test_a_message_of_thinking_alone_has_no_content() -> None:
+    message = MessageReader(ReasoningParser(THINK, True), None).read("Thinking on and on", cut_short=True)
+    assert (message.reasoning, message.content) == ("Thinking on and on", None)
+    plain = MessageReader(ReasoningParser(THINK), None).read("")
+    assert (plain.reasoning, plain.content) == (None, "")
+
+
+@pytest.mark.parametrize(
+    ("setting", "template", "markers"),
+    [
+        ("auto", "{{ message.content.split('</think>')[-1] }}<|im_start|>assistant\n", THINK),
+        ("auto", "[THINK]{{ thinking }}[/THINK]", ThinkMarkers("[THINK]", "[/THINK]")),
+        ("auto", "{% for m in messages %}<|im_start|>{{ m.role }}{% endfor %}", None),
+        ("auto", None, None),
+        ("none", "</think>", None),
+        ("qwen3", None, THINK),
+        ("deepseek_r1", None, THINK),
+    ],
+)
+def test_the_parser_a_setting_picks(setting: str, template: str | None, markers: ThinkMarkers | None) -> None:
+    assert reasoning_markers(setting, template) == markers
+
+
+def test_the_prompt_says_whether_thinking_is_open() -> None:
+    assert prompt_opens_thinking("<|Assistant|><think>\n", THINK)
+    assert not prompt_opens_thinking("<|im_start|>assistant\n<think>\n\n</think>\n\n", THINK)
+    assert not prompt_opens_thinking("<|im_start|>assistant\n", THINK)
+    opened = reasoning_parser("auto", "</think>", lambda: "assistant\n<think>\n")
+    assert opened is not None and opened.opened_by_prompt
+    assert reasoning_parser("none", "</think>", lambda: pytest.fail("the prompt is not read")) is None
+
+
+@pytest.fixture(scope="module")
+def thinking_tokenizer(tiny_tokenizer):
+    """The tiny tokenizer with Qwen3's thinking markers as added tokens."""
+    hf = copy.deepcopy(tiny_tokenizer.hf)
+    hf.add_tokens(["<think>", "</think>"])
+    return hf
+
+
+class Walk:
+    """One matcher of `spec` over the thinking tokenizer, fed text and tokens."""
+
+    def __init__(self, hf, spec: StructuredOutputs) -> None:
+        self.hf, self.vocab = hf, len(hf)
+        backend = LLGuidanceBackend.from_hf(hf, self.vocab, EOS)
+        self.matcher = backend.matcher(spec)
+        self.row = np.empty(backend.bitmask_words, dtype=np.int32)
+        self.think, self.end = hf.convert_tokens_to_ids(["<think>", "</think>"])
+
+    def allowed(self) -> set[int]:
+        self.matcher.fill_bitmask(self.row)
+        return set(allowed_tokens(self.row, self.vocab).tolist())
+
+    def feed(self, text: str) -> bool:
+        return all(self.matcher.accept(t) for t in self.hf.encode(text, add_special_tokens=False))
+
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+
+
+def constrained(opened: bool, hf) -> StructuredOutputs:
+    added = {"<think>": hf.convert_tokens_to_ids("<think>"), "</think>": hf.convert_tokens_to_ids("</think>")}
+    params = SamplingParams(structured_outputs=StructuredOutputs(json=json.dumps(SCHEMA)))
+    spec = ReasoningParser(THINK, opened).constrained_after_thinking(params, added).structured_outputs
+    assert spec is not None and spec.preamble is not None
+    return spec
+
+
+def test_a_schema_holds_after_the_thinking_the_model_opens(thinking_tokenizer) -> None:
+    walk = Walk(thinking_tokenizer, constrained(False, thinking_tokenizer))
+    assert walk.think in walk.allowed() and walk.matcher.accept(walk.think)
+    # Inside the block any text goes, JSON-looking or not, but not the end marker spelled out.
+    assert walk.feed("I need {a: 1}, so") and not set(EOS) & walk.allowed()
+    pieces = [
+        *walk.hf.encode("</thi", add_special_tokens=False),
+        *walk.hf.encode("nk>", add_special_tokens=False),
+    ]
+    assert walk.end not in pieces and not all(walk.matcher.accept(t) for t in pieces)
+    walk = Walk(thinking_tokenizer, constrained(False, thinking_tokenizer))
+    assert walk.matcher.accept(walk.think) and walk.feed("plan") and walk.matcher.accept(walk.end)
+    assert walk.feed("\n\n") and not walk.feed("Sure")
+    walk = Walk(thinking_tokenizer, constrained(False, thinking_tokenizer))
+    assert walk.matcher.accept(walk.think) and walk.feed("plan") and walk.matcher.accept(walk.end)
+    assert walk.feed('\n{"a":1}') and set(EOS) <= walk.allowed()
+
+
+def test_without_thinking_the_schema_holds_from_the_first_token(thinking_tokenizer) -> None:
+    walk = Walk(thinking_tokenizer, constrained(False, thinking_tokenizer))
+    assert walk.end not in walk.allowed() and not walk.feed("Sure")
+    walk = Walk(thinking_tokenizer, constrained(False, thinking_tokenizer))
+    assert walk.feed('{"a":2}') and set(EOS) <= walk.allowed()
+
+
+def test_a_block_the_prompt_opened_must_close_before_the_answer(thinking_tokenizer) -> None:
+    walk = Walk(thinking_tokenizer, constrained(True, thinking_tokenizer))
+    assert walk.think not in walk.allowed() and walk.end in walk.allowed()
+    assert walk.feed('{"a": 1}') and not set(EOS) & walk.allowed(), "JSON here is still thinking"
+    assert walk.matcher.accept(walk.end) and walk.feed('{"a":1}') and set(EOS) <= walk.allowed()
+
+
+def test_no_constraint_gets_no_grammar() -> None:
+    params = SamplingParams()
+    assert ReasoningParser(THINK).constrained_after_thinking(params, {}) is params
