@@ -208,6 +208,7 @@ def sse_payloads(events: Any) -> list[dict[str, Any]]:
 
 def test_one_delta_holding_two_complete_calls_streams_both() -> None:
     from batchlm.outputs import CompletionOutput, RequestOutput
+    from batchlm.reasoning.message import MessageReader
     from batchlm.server.protocol import ChatCompletionRequest
     from batchlm.server.serving_chat import ChatContext, ChatFormatter
     from batchlm.tools.use import chat_tool_use
@@ -215,7 +216,7 @@ def test_one_delta_holding_two_complete_calls_streams_both() -> None:
     request = ChatCompletionRequest.model_validate({"messages": USER, "tools": TOOLS})
     context = ChatContext(
         request_id="chatcmpl-1", created=0, model="m", tokenizer=None, n=1, include_usage=False,
-        top_logprobs=None, tool_use=chat_tool_use(request, "hermes", None),
+        top_logprobs=None, reader=MessageReader(None, chat_tool_use(request, "hermes", None).parser),
     )  # fmt: skip
     text = (
         f'<tool_call>{{"name": "get_weather", "arguments": {PARIS}}}</tool_call>'

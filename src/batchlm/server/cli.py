@@ -12,6 +12,7 @@ from batchlm.backends import BACKEND_CHOICES, create_engine, resolve_backend
 from batchlm.config import EngineConfig
 from batchlm.flags import add_dataclass_arguments, add_engine_arguments, dataclass_from_args
 from batchlm.logging_setup import LOG_LEVELS, configure_logging
+from batchlm.reasoning.registry import REASONING_PARSER_CHOICES
 from batchlm.server.state import ServerSettings
 from batchlm.tools.registry import TOOL_CALL_PARSER_CHOICES
 
@@ -38,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "log_level": list(LOG_LEVELS),
             "backend": list(BACKEND_CHOICES),
             "tool_call_parser": list(TOOL_CALL_PARSER_CHOICES),
+            "reasoning_parser": list(REASONING_PARSER_CHOICES),
         },
         help_notes=SERVER_HELP_NOTES,
     )

@@ -45,7 +45,8 @@ async def encode_text(
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Messages as the chat template expects them ({role, content[, name][, tool_calls][, tool_call_id]});
+    """Messages as the chat template expects them ({role, content[, name][, tool_calls][, tool_call_id]
+    [, reasoning_content]});
     400 for what we cannot serve."""
     converted = []
     for i, message in enumerate(messages):
@@ -65,6 +66,8 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
                 entry["tool_calls"] = template_tool_calls(message.tool_calls, where)
         if message.tool_call_id is not None:
             entry["tool_call_id"] = message.tool_call_id
+        if message.reasoning_content is not None:
+            entry["reasoning_content"] = message.reasoning_content
         converted.append(entry)
     return converted
 
@@ -79,8 +82,9 @@ def _message_problem(message: ChatMessage) -> tuple[str, str] | None:
     for name in ("function_call", "audio"):
         if getattr(message, name):
             return f"'{name}' is not supported (send tool_calls; no audio).", name
-    if message.tool_calls and role != "assistant":
-        return "only assistant messages carry 'tool_calls'.", "tool_calls"
+    for name in ("tool_calls", "reasoning_content"):
+        if getattr(message, name) and role != "assistant":
+            return f"only assistant messages carry '{name}'.", name
     if role == "tool" and not message.tool_call_id:
         return "a 'tool' message needs the 'tool_call_id' it answers.", "tool_call_id"
     if role != "tool" and message.tool_call_id is not None:

@@ -60,6 +60,8 @@ class ChatMessage(StrictModel):
     # An assistant message's calls, and a tool message's answer to one of them.
     tool_calls: list[MessageToolCall] | None = None
     tool_call_id: str | None = None
+    # An earlier assistant message's thinking, as responses carry it (templates that keep it read it).
+    reasoning_content: str | None = None
     function_call: Any = None
     refusal: str | None = None
     audio: Any = None

@@ -53,12 +53,15 @@ class ChatResponseMessage(BaseModel):
     refusal: str | None = None
     # Present only when the model called tools, as in OpenAI's responses.
     tool_calls: list[ResponseToolCall] | None = None
+    # A reasoning model's thinking (DeepSeek's and vLLM's field); present only when it thought.
+    reasoning_content: str | None = None
 
     @model_serializer(mode="wrap")
-    def _without_absent_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+    def _without_absent_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data: dict[str, Any] = handler(self)
-        if data.get("tool_calls") is None:
-            data.pop("tool_calls", None)
+        for name in ("tool_calls", "reasoning_content"):
+            if data.get(name) is None:
+                data.pop(name, None)
         return data
 
 

@@ -13,6 +13,8 @@ from starlette.responses import Response
 
 from batchlm.engine.input_processor import FieldNames
 from batchlm.outputs import CompletionOutput, FinishReason, RequestOutput, TokenLogprobs
+from batchlm.reasoning.message import AssistantMessage, MessageDelta, MessageReader, MessageStream
+from batchlm.reasoning.registry import reasoning_parser
 from batchlm.sampling_params import SamplingParams
 from batchlm.server.errors import rejections_as_400
 from batchlm.server.logprobs import chat_logprobs
@@ -38,16 +40,19 @@ from batchlm.server.responses import (
     ResponseToolCall,
 )
 from batchlm.server.state import get_state
-from batchlm.tools.calls import ParsedMessage, StreamDelta, ToolCall, ToolCallDelta
-from batchlm.tools.parser import ToolCallStream
-from batchlm.tools.use import ChatToolUse, chat_tool_use
+from batchlm.tools.calls import ToolCall, ToolCallDelta
+from batchlm.tools.use import chat_tool_use
+
+# The prompt's last tokens, whose text says whether the template opened a thinking block.
+PROMPT_TAIL_TOKENS = 8
 
 
 @dataclass
 class ChatContext(ResponseContext):
     # Top log-probabilities per token, or None when logprobs were not asked for.
     top_logprobs: int | None
-    tool_use: ChatToolUse
+    # Reads thinking and tool calls out of each choice's output; None: the output is all content.
+    reader: MessageReader | None
 
 
 async def create_chat_completion(request: Request, body: ChatCompletionRequest) -> Response:
@@ -55,13 +60,10 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest) 
     info = state.admit(body)
     check_chat_request(body)
     tokenizer, processor = state.engine.tokenizer, state.engine.input_processor
+    chat_template = getattr(tokenizer, "chat_template", None)
+    added_tokens = getattr(tokenizer, "added_tokens", None) or {}
     with rejections_as_400():
-        tool_use = chat_tool_use(
-            body,
-            state.settings.tool_call_parser,
-            getattr(tokenizer, "chat_template", None),
-            getattr(tokenizer, "added_tokens", None),
-        )
+        tool_use = chat_tool_use(body, state.settings.tool_call_parser, chat_template, added_tokens)
         prompt_ids = await render_chat(
             tokenizer,
             body.messages,
@@ -74,6 +76,13 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest) 
         )
         params, names = _sampling_params(body)
         params = tool_use.sampling_params(params, names.structured_outputs)
+        reasoning = reasoning_parser(
+            state.settings.reasoning_parser,
+            chat_template,
+            lambda: tokenizer.decode(prompt_ids[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False),
+        )
+        if reasoning is not None:
+            params = reasoning.constrained_after_thinking(params, added_tokens)
         engine_request = processor.process(prompt_ids, params, None, names)
     context = ChatContext(
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
@@ -82,7 +91,7 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest) 
         tokenizer=tokenizer,
         n=body.n,
         top_logprobs=engine_request.params.logprobs,
-        tool_use=tool_use,
+        reader=MessageReader(reasoning, tool_use.parser) if reasoning or tool_use.parser else None,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
     )
     return await respond(request, [engine_request], ChatFormatter(context), body.stream)
@@ -110,21 +119,22 @@ class ChatFormatter(ResponseFormatter[ChatContext]):
 
     def __init__(self, context: ChatContext) -> None:
         super().__init__(context)
-        # Per choice: its tool-call stream, and log-probabilities of text it holds back.
-        self._tool_streams: dict[int, ToolCallStream] = {}
+        # Per choice: its message stream, and log-probabilities of text it holds back.
+        self._streams: dict[int, MessageStream] = {}
         self._held_logprobs: dict[int, ChatChoiceLogprobs] = {}
 
     def choices(self, results: ChoiceResults) -> list[ChatChoice]:
         return [self._choice(index, result) for (_, index), result in sorted(results.items())]
 
     def _choice(self, index: int, result: ChoiceResult) -> ChatChoice:
-        parser = self.context.tool_use.parser
+        reader = self.context.reader
         cut_short = result.finish_reason is FinishReason.LENGTH
-        parsed = (
-            parser.extract(result.text, cut_short) if parser is not None else ParsedMessage(result.text, ())
-        )
+        read = reader.read(result.text, cut_short) if reader is not None else None
+        parsed = read or AssistantMessage(None, result.text, ())
         message = ChatResponseMessage(
-            content=parsed.content, tool_calls=response_tool_calls(parsed.tool_calls)
+            content=parsed.content,
+            tool_calls=response_tool_calls(parsed.tool_calls),
+            reasoning_content=parsed.reasoning,
         )
         return ChatChoice(
             index=index,
@@ -139,13 +149,13 @@ class ChatFormatter(ResponseFormatter[ChatContext]):
 
     def delta(self, position: int, output: RequestOutput) -> Iterator[bytes]:
         for completion in output.outputs:
-            if self.context.tool_use.parser is not None:
-                yield from self._tool_deltas(completion)
+            if self.context.reader is not None:
+                yield from self._read_deltas(completion, self.context.reader)
             elif completion.text or completion.logprobs:
                 logprobs = self._delta_logprobs(completion)
                 yield self._chunk([self._content_choice(completion.index, completion.text, logprobs)])
             if completion.finish_reason is not None:
-                stream = self._tool_streams.get(completion.index)
+                stream = self._streams.get(completion.index)
                 reason = finish_reason(completion.finish_reason, stream is not None and stream.called)
                 held = self._held_logprobs.pop(completion.index, None)
                 finish = ChatChunkChoice(
@@ -153,23 +163,28 @@ class ChatFormatter(ResponseFormatter[ChatContext]):
                 )
                 yield self._chunk([finish])
 
-    def _tool_deltas(self, completion: CompletionOutput) -> Iterator[bytes]:
-        """Content and call pieces the parser settles; log-probabilities ride on the next piece sent."""
-        parser = self.context.tool_use.parser
-        assert parser is not None
-        stream = self._tool_streams.get(completion.index)
+    def _read_deltas(self, completion: CompletionOutput, reader: MessageReader) -> Iterator[bytes]:
+        """Thinking, content and call pieces the reader settles; log-probabilities ride on the next
+        piece sent."""
+        stream = self._streams.get(completion.index)
         if stream is None:
-            stream = self._tool_streams[completion.index] = parser.stream()
+            stream = self._streams[completion.index] = reader.stream()
         settled = stream.feed(completion.text)
         if completion.finish_reason is not None:
             rest = stream.finish(cut_short=completion.finish_reason is FinishReason.LENGTH)
-            settled = StreamDelta(settled.content + rest.content, settled.tool_calls + rest.tool_calls)
+            settled = MessageDelta(
+                settled.reasoning + rest.reasoning,
+                settled.content + rest.content,
+                settled.tool_calls + rest.tool_calls,
+            )
         logprobs = self._merge_held(completion.index, self._delta_logprobs(completion))
+        deltas: list[dict[str, Any]] = []
+        if settled.reasoning:
+            deltas.append({"reasoning_content": settled.reasoning})
         if settled.content:
-            yield self._chunk([self._content_choice(completion.index, settled.content, logprobs)])
-            logprobs = None
-        for piece in settled.tool_calls:
-            delta = {"tool_calls": [delta_tool_call(piece)]}
+            deltas.append({"content": settled.content})
+        deltas.extend({"tool_calls": [delta_tool_call(piece)]} for piece in settled.tool_calls)
+        for delta in deltas:
             yield self._chunk([ChatChunkChoice(index=completion.index, delta=delta, logprobs=logprobs)])
             logprobs = None
         if logprobs is not None:

@@ -48,6 +48,12 @@ class ServerSettings:
     # model's chat template (Hermes/Qwen <tool_call>, Mistral [TOOL_CALLS], Llama 3 JSON; Hermes when it
     # teaches none), or one family by name; "none" refuses tool_choice "auto".
     tool_call_parser: str = "auto"
+    # How a reasoning model's thinking is read from its output into `reasoning_content`: "auto" reads
+    # it where the chat template closes thinking blocks (`</think>`: Qwen3, DeepSeek-R1, SmolLM3;
+    # `[/THINK]`: Magistral), or markers by name ("think", also as vLLM's "qwen3" and
+    # "deepseek_r1"; "mistral"); "none" leaves it in the content. A constraint (response_format,
+    # structured_outputs, a forced tool call) then holds from the end of the thinking on.
+    reasoning_parser: str = "auto"
     # Engine backend: "auto" (MLX on Apple Silicon when mlx-lm is installed, else PyTorch), "torch" or "mlx".
     backend: str = "auto"
     # Log level: DEBUG adds one line per request and the access log.

@@ -1,0 +1,121 @@
+"""A reasoning model's thinking through the official openai client: `reasoning_content` beside the
+answer, streamed and not, beside tool calls and under a response_format, on a live server whose fake
+engine replies with a thinking block."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from batchlm.server.background import BackgroundServer
+from batchlm.server.state import ServerSettings
+from fake_engine import FakeEngine, openai_client
+from tools_harness import HERMES_REPLY, PARIS, TOOLS, USER
+
+THOUGHT = "The user wants Paris.\nSo: Paris."
+REPLY = f"<think>\n{THOUGHT}\n</think>\n\nIt is Paris."
+
+
+@pytest.fixture(scope="module")
+def engine() -> FakeEngine:
+    return FakeEngine(max_model_len=4096)
+
+
+@pytest.fixture(scope="module")
+def server(engine: FakeEngine) -> Iterator[BackgroundServer]:
+    with BackgroundServer(engine, ServerSettings(reasoning_parser="think")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server: BackgroundServer) -> Any:
+    return openai_client(server.base_url)
+
+
+def test_the_thinking_comes_as_reasoning_content(client: Any, engine: FakeEngine) -> None:
+    engine.reply = REPLY
+    [choice] = client.chat.completions.create(model="fake-model", messages=USER).choices
+    assert choice.message.reasoning_content == THOUGHT
+    assert choice.message.content == "It is Paris."
+    assert choice.finish_reason == "stop"
+
+
+def test_a_stream_sends_the_thinking_then_the_answer(client: Any, engine: FakeEngine) -> None:
+    engine.reply = REPLY
+    chunks = list(client.chat.completions.create(model="fake-model", messages=USER, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    reasoning = [d.reasoning_content for d in deltas if getattr(d, "reasoning_content", None)]
+    content = [d.content for d in deltas if d.content]
+    assert "".join(reasoning) == THOUGHT and "".join(content) == "It is Paris."
+    assert len(reasoning) > 1, "the thinking streams as it arrives"
+    first_content = next(i for i, d in enumerate(deltas) if d.content)
+    assert all(not getattr(d, "reasoning_content", None) for d in deltas[first_content:])
+
+
+def test_calls_after_the_thinking(client: Any, engine: FakeEngine) -> None:
+    engine.reply = f"<think>{THOUGHT}</think>{HERMES_REPLY}"
+    [choice] = client.chat.completions.create(model="fake-model", messages=USER, tools=TOOLS).choices
+    assert choice.message.reasoning_content == THOUGHT
+    assert choice.message.content == "Let me look."
+    [call] = choice.message.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", json.loads(PARIS))
+    assert choice.finish_reason == "tool_calls"
+    stream = client.chat.completions.create(model="fake-model", messages=USER, tools=TOOLS, stream=True)
+    deltas = [c.choices[0].delta for c in stream if c.choices]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == THOUGHT
+    assert "".join(d.content or "" for d in deltas) == "Let me look."
+    assert [c.function.name for d in deltas for c in d.tool_calls or [] if c.function.name] == ["get_weather"]
+
+
+def test_a_response_format_holds_after_the_thinking(client: Any, engine: FakeEngine) -> None:
+    engine.reply = f"<think>{THOUGHT}</think>" + '{"city": "Paris"}'
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    response_format = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    [choice] = client.chat.completions.create(
+        model="fake-model", messages=USER, response_format=response_format
+    ).choices
+    assert choice.message.reasoning_content == THOUGHT
+    assert json.loads(choice.message.content) == {"city": "Paris"}
+    constraint = engine.calls[-1].params.structured_outputs
+    assert constraint is not None and json.loads(constraint.json) == schema
+    # The prompt does not open a block: the thinking is optional, and begins with the start marker.
+    assert constraint.preamble is not None and constraint.preamble.startswith('preamble: ("<think>" free')
+
+
+def test_a_thinking_cut_short_is_all_reasoning(client: Any, engine: FakeEngine) -> None:
+    engine.reply = REPLY
+    [choice] = client.chat.completions.create(model="fake-model", messages=USER, max_tokens=16).choices
+    assert choice.finish_reason == "length"
+    assert choice.message.reasoning_content == "The user"
+    assert choice.message.content is None
+
+
+def test_history_carries_the_thinking_to_the_template(client: Any, engine: FakeEngine) -> None:
+    engine.reply = "Fine."
+    messages = [*USER, {"role": "assistant", "content": "Paris.", "reasoning_content": THOUGHT}]
+    messages.append({"role": "user", "content": "Thanks"})
+    [choice] = client.chat.completions.create(model="fake-model", messages=messages).choices
+    assert choice.message.content == "Fine." and getattr(choice.message, "reasoning_content", None) is None
+    assert engine.tokenizer.last_chat["messages"][1]["reasoning_content"] == THOUGHT
+
+
+def test_only_assistant_messages_carry_thinking(server: BackgroundServer) -> None:
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": "Hi", "reasoning_content": "x"}]}
+    response = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "messages[0].reasoning_content"
+
+
+def test_a_template_that_does_not_think_leaves_the_output_alone(engine: FakeEngine) -> None:
+    # The fake has no chat template of its own, so `auto` finds no thinking markers in it.
+    with BackgroundServer(engine) as running:
+        engine.reply = REPLY
+        [choice] = (
+            openai_client(running.base_url).chat.completions.create(model="fake-model", messages=USER).choices
+        )
+    assert choice.message.content == REPLY
+    assert getattr(choice.message, "reasoning_content", None) is None
