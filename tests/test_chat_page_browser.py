@@ -151,6 +151,36 @@ def test_model_markup_is_shown_as_text(page: Any, keyed_server: BackgroundServer
     assert page.evaluate("window.__injected") is None
 
 
+THOUGHT = "Plan: <b>this</b> stays text."
+
+
+@pytest.fixture(scope="module")
+def thinking_server() -> Iterator[BackgroundServer]:
+    engine = FakeEngine(reply=f"<think>\n{THOUGHT}\n</think>\n\nThe **answer**.")
+    with BackgroundServer(engine, ServerSettings(reasoning_parser="think")) as running:
+        yield running
+
+
+def test_a_reasoning_models_thinking_is_folded_above_its_answer(
+    page: Any, thinking_server: BackgroundServer
+) -> None:
+    open_chat(page, thinking_server)
+    send(page, "Think first")
+    reply = wait_for_reply(page)
+    thinking = reply.locator(".thinking")
+    assert thinking.locator("summary").text_content() == "Thought"
+    assert not thinking.evaluate("node => node.open")
+    assert thinking.locator(".thinking-text").text_content() == THOUGHT
+    assert thinking.locator("b").count() == 0
+    assert reply.locator(".content strong").text_content() == "answer"
+    assert "<think>" not in reply.locator(".content").text_content()
+    thinking.locator("summary").click()
+    assert thinking.evaluate("node => node.open")
+    page.reload()
+    kept = wait_for_reply(page).locator(".thinking .thinking-text")
+    assert kept.text_content() == THOUGHT, "the thinking is kept with the conversation"
+
+
 def test_copy_buttons_copy_the_code_and_the_whole_reply(page: Any, keyed_server: BackgroundServer) -> None:
     engine = keyed_server.engine
     assert isinstance(engine, FakeEngine)

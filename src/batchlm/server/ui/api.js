@@ -59,7 +59,8 @@ export async function listModels(apiKey) {
   return body.data.map((card) => card.id);
 }
 
-// Streams one chat completion. onDelta(text) gets each piece of the reply as it arrives; the result is
+// Streams one chat completion. onDelta(text, field) gets each piece of the reply as it arrives, field
+// "content" or "reasoning" (a reasoning model's thinking); the result is
 // { finishReason, usage, firstTokenAt, endedAt } (times from performance.now()).
 export async function streamChat({ model, messages, settings, signal, onDelta }) {
   const body = {
@@ -88,10 +89,11 @@ function takeChunk(chunk, result, onDelta) {
   if (chunk.usage) result.usage = chunk.usage;
   const choice = chunk.choices && chunk.choices[0];
   if (!choice) return;
-  const text = choice.delta && choice.delta.content;
-  if (text) {
+  const delta = choice.delta || {};
+  for (const [field, text] of [["reasoning", delta.reasoning_content], ["content", delta.content]]) {
+    if (!text) continue;
     result.firstTokenAt = result.firstTokenAt ?? performance.now();
-    onDelta(text);
+    onDelta(text, field);
   }
   if (choice.finish_reason) result.finishReason = choice.finish_reason;
 }

@@ -171,8 +171,8 @@ async function generate() {
       messages,
       settings,
       signal: streaming.controller.signal,
-      onDelta: (text) => {
-        message.content += text;
+      onDelta: (text, field) => {
+        message[field] = (message[field] || "") + text;
         renderStreamingMessage();
       },
     });

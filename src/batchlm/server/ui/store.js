@@ -1,7 +1,7 @@
 // Conversations and settings, kept in the browser's localStorage (nothing is stored on the server).
 //
 // A conversation: { id, title, systemPrompt, createdAt, updatedAt, messages: [message] }
-// A message:      { role: "user" | "assistant", content, stats?, error? }
+// A message:      { role: "user" | "assistant", content, reasoning?, stats?, error? }
 // The export file: { format: "batchlm-chat", version: 1, conversations: [conversation] }
 
 const CONVERSATIONS_KEY = "batchlm.conversations";
@@ -142,6 +142,7 @@ function normalize(raw) {
     .map((m) => ({
       role: m.role,
       content: m.content,
+      ...(typeof m.reasoning === "string" ? { reasoning: m.reasoning } : {}),
       ...(m.stats && typeof m.stats === "object" ? { stats: m.stats } : {}),
       ...(typeof m.error === "string" ? { error: m.error } : {}),
     }));

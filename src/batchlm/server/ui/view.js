@@ -69,8 +69,22 @@ export function fillContent(content, message) {
     content.textContent = message.content;
   } else {
     content.innerHTML = renderMarkdown(message.content);
+    if (message.reasoning) content.prepend(thinkingElement(message));
   }
   if (message.error) content.append(element("div", "message-error", message.error));
+}
+
+// A reasoning model's thinking, folded away above its answer; it stays open or closed across the
+// re-renders of a stream as the user left it.
+function thinkingElement(message) {
+  const details = element("details", "thinking");
+  details.open = Boolean(message.thinkingOpen);
+  details.addEventListener("toggle", () => {
+    message.thinkingOpen = details.open;
+  });
+  const summary = message.content ? "Thought" : "Thinking…";
+  details.append(element("summary", null, summary), element("div", "thinking-text", message.reasoning));
+  return details;
 }
 
 function statsText(stats) {
