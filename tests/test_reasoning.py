@@ -69,7 +69,9 @@ def test_a_stream_holds_back_what_may_be_a_marker() -> None:
 
 
 def test_markers_as_a_mistral_model_writes_them() -> None:
-    split = ReasoningParser(ThinkMarkers("[THINK]", "[/THINK]")).split("[THINK]plan[/THINK]Done.", final=True)
+    split = ReasoningParser(ThinkMarkers("[THINK]", "[/THINK]", True)).split(
+        "[THINK]plan[/THINK]Done.", final=True
+    )
     assert (split.reasoning, split.content) == ("plan", "Done.")
 
 
@@ -100,7 +102,7 @@ def test_a_message_of_thinking_alone_has_no_content() -> None:
     ("setting", "template", "markers"),
     [
         ("auto", "{{ message.content.split('</think>')[-1] }}<|im_start|>assistant\n", THINK),
-        ("auto", "[THINK]{{ thinking }}[/THINK]", ThinkMarkers("[THINK]", "[/THINK]")),
+        ("auto", "[THINK]{{ thinking }}[/THINK]", ThinkMarkers("[THINK]", "[/THINK]", special=True)),
         ("auto", "{% for m in messages %}<|im_start|>{{ m.role }}{% endfor %}", None),
         ("auto", None, None),
         ("none", "</think>", None),
@@ -153,7 +155,7 @@ SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required"
 def constrained(opened: bool, hf) -> StructuredOutputs:
     added = {"<think>": hf.convert_tokens_to_ids("<think>"), "</think>": hf.convert_tokens_to_ids("</think>")}
     params = SamplingParams(structured_outputs=StructuredOutputs(json=json.dumps(SCHEMA)))
-    spec = ReasoningParser(THINK, opened).constrained_after_thinking(params, added).structured_outputs
+    spec = ReasoningParser(THINK, opened).sampling_params(params, added).structured_outputs
     assert spec is not None and spec.preamble is not None
     return spec
 
@@ -192,4 +194,11 @@ def test_a_block_the_prompt_opened_must_close_before_the_answer(thinking_tokeniz
 
 def test_no_constraint_gets_no_grammar() -> None:
     params = SamplingParams()
-    assert ReasoningParser(THINK).constrained_after_thinking(params, {}) is params
+    assert ReasoningParser(THINK).sampling_params(params, {}) is params
+
+
+def test_special_markers_are_kept_in_the_text() -> None:
+    mistral = reasoning_markers("mistral", None)
+    assert mistral is not None and mistral.special
+    assert not ReasoningParser(mistral).sampling_params(SamplingParams(), {}).skip_special_tokens
+    assert ReasoningParser(THINK).sampling_params(SamplingParams(), {}).skip_special_tokens

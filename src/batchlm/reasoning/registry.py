@@ -7,7 +7,7 @@ from collections.abc import Callable
 from batchlm.reasoning.split import ReasoningParser, ThinkMarkers, prompt_opens_thinking
 
 THINK = ThinkMarkers("<think>", "</think>")
-MISTRAL_THINK = ThinkMarkers("[THINK]", "[/THINK]")
+MISTRAL_THINK = ThinkMarkers("[THINK]", "[/THINK]", special=True)
 # vLLM's names for the <think> families are accepted beside ours, so its command lines carry over.
 MARKERS: dict[str, ThinkMarkers] = {
     "think": THINK,

@@ -21,6 +21,8 @@ from batchlm.tools.scan import partial_marker_length
 class ThinkMarkers:
     start: str
     end: str
+    # The markers are special tokens (Mistral's control tokens), which the detokenizer must keep.
+    special: bool = False
 
 
 @dataclass(frozen=True)
@@ -66,12 +68,12 @@ class ReasoningParser:
     def stream(self) -> ReasoningStream:
         return ReasoningStream(self)
 
-    def constrained_after_thinking(
-        self, params: SamplingParams, added_tokens: Mapping[str, int]
-    ) -> SamplingParams:
+    def sampling_params(self, params: SamplingParams, added_tokens: Mapping[str, int]) -> SamplingParams:
         """params with their constraint (if any) holding from the end of the thinking block on: the model
         thinks freely first (a JSON constraint from the first token would leave it no room to), as
-        vLLM's reasoning parsers do."""
+        vLLM's reasoning parsers do; special markers kept in the text."""
+        if self.markers.special:
+            params = params.clone(skip_special_tokens=False)
         constraint = params.structured_outputs
         if constraint is None:
             return params

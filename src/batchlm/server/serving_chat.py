@@ -82,7 +82,7 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest) 
             lambda: tokenizer.decode(prompt_ids[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False),
         )
         if reasoning is not None:
-            params = reasoning.constrained_after_thinking(params, added_tokens)
+            params = reasoning.sampling_params(params, added_tokens)
         engine_request = processor.process(prompt_ids, params, None, names)
     context = ChatContext(
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
