@@ -110,12 +110,29 @@ def test_only_assistant_messages_carry_thinking(server: BackgroundServer) -> Non
     assert response.json()["error"]["param"] == "messages[0].reasoning_content"
 
 
-def test_a_template_that_does_not_think_leaves_the_output_alone(engine: FakeEngine) -> None:
+def test_a_template_that_does_not_think_leaves_the_output_alone() -> None:
     # The fake has no chat template of its own, so `auto` finds no thinking markers in it.
-    with BackgroundServer(engine) as running:
-        engine.reply = REPLY
+    with BackgroundServer(FakeEngine(reply=REPLY, max_model_len=4096)) as running:
         [choice] = (
             openai_client(running.base_url).chat.completions.create(model="fake-model", messages=USER).choices
         )
     assert choice.message.content == REPLY
     assert getattr(choice.message, "reasoning_content", None) is None
+
+
+def test_a_forced_call_after_the_thinking(client: Any, engine: FakeEngine) -> None:
+    engine.reply = f"<think>{THOUGHT}</think>\n{PARIS}"
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for stream in (False, True):
+        response = client.chat.completions.create(
+            model="fake-model", messages=USER, tools=TOOLS, tool_choice=named, stream=stream
+        )
+        if stream:
+            deltas = [c.choices[0].delta for c in response if c.choices]
+            reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
+            arguments = "".join(c.function.arguments or "" for d in deltas for c in d.tool_calls or [])
+        else:
+            message = response.choices[0].message
+            reasoning, arguments = message.reasoning_content, message.tool_calls[0].function.arguments
+        assert reasoning == THOUGHT and json.loads(arguments) == json.loads(PARIS)
+    assert engine.calls[-1].params.structured_outputs.preamble is not None
