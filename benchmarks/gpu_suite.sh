@@ -2,8 +2,7 @@
 # One call on the GPU machine: GPU tests, offline W1/W2, single-stream latency, long prefill, online W1, start-up time.
 # Usage: bash benchmarks/gpu_suite.sh [tests] [w1] [single] [long_prefill] [w2] [online] [online_servers] [online_clients]
 #        [online_profile] [startup] [startup_profile] [quant_tests] [quant_kernels] [quant_single] [quant_w2]
-#        [structured_threads] [structured_templates] [structured_switch] [mask_process] [structured_process]
-#        [online_structured_process] [ablation]
+#        [structured_threads] [structured_templates] [structured_switch] [mask_process] [ablation]
 # (default: tests w1 single long_prefill w2 online startup). startup: command-to-ready of `batchlm serve` three times, the first
 # with an empty Triton cache (as on a fresh machine), with the server's `startup:` breakdown;
 # startup_profile: the engine core's start-up in one process (every Triton compile, every graph
@@ -137,32 +136,6 @@ for step in $steps; do
         timeout 200 python3 benchmarks/grammar_host_step.py --rows 256 --steps 256 --hand-to-device --passes 3 \
           $contention 2>&1 | grep '^{'
       done ;;
-    structured_process)
-      # W1 under the schema with the matchers in the engine's process (thread) and in a process of
-      # their own (BATCHLM_GRAMMAR_PROCESS=1), STRUCTURED_ROUNDS rounds (3) in alternating order.
-      for round in $(seq "${STRUCTURED_ROUNDS:-3}"); do
-        modes="thread process"; [ $((round % 2)) -eq 0 ] && modes="process thread"
-        for mode in $modes; do
-          flag=(); [ "$mode" = process ] && flag=(--grammar-process)
-          timeout 150 python3 benchmarks/offline_throughput.py --shape llama-3.2-1b --dummy --num-requests 256 \
-            --input-len 512 --output-len 256 --runs "${STRUCTURED_RUNS:-3}" --structured "${flag[@]}" 2>&1 \
-            | grep -E '^\{"engine"' | grep -oE '"engine": "[a-z-]+"|"output_tok_s": [0-9.]+' | paste -sd' ' \
-            | sed "s/^/[round $round, $mode] /"
-        done
-      done ;;
-    online_structured_process)
-      # W1 online, every request under the schema, the server's matchers in its engine's process and in
-      # a process of their own, two rounds; then a plain server for the ratio.
-      for round in 1 2; do
-        for mode in thread process; do
-          env_flag=0; [ "$mode" = process ] && env_flag=1
-          BATCHLM_GRAMMAR_PROCESS=$env_flag timeout 200 python3 benchmarks/serve_gpu.py --shape llama-3.2-1b \
-            --requests 256 --input-len 512 --output-len 256 --runs 3 --structured bounded --out-dir "$OUT" 2>&1 \
-            | grep '^{' | sed "s/^/[round $round, $mode] /"
-        done
-      done
-      timeout 200 python3 benchmarks/serve_gpu.py --shape llama-3.2-1b --requests 256 --input-len 512 \
-        --output-len 256 --runs 3 --out-dir "$OUT" 2>&1 | grep '^{' | sed "s/^/[plain] /" ;;
     structured_threads)
       # llguidance's threads at each of MASK_THREADS: whether the engine thread gains more from free
       # cores than the masks lose.

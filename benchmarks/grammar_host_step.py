@@ -6,7 +6,6 @@ sampled tokens "landing" at a moment this script picks, as a device would delive
     python benchmarks/grammar_host_step.py ... --accept one   # one consume_token call per token
     python benchmarks/grammar_host_step.py ... --passes 2     # a second batch of requests, same grammar
     python benchmarks/grammar_host_step.py ... --engine-python-ms 0 --busy-processes 1  # a busy core, no GIL
-    python benchmarks/grammar_host_step.py ... --grammar-process  # the matchers in a process of their own
 
 Threads and the way matchers advance default to the engine's choice on this host (beside a GPU when
 one is visible).
@@ -22,7 +21,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import logging
 import statistics
 import sys
 import tempfile
@@ -41,17 +39,12 @@ from host_contention import BUSY_KINDS, busy_processes
 from mlx_vs_mlx_lm_server import pad_tokenizer_vocab
 from structured_outputs import SUMMARY_FIELDS, long_output_schema, override_grammar_settings
 
-from batchlm.config import EngineConfig
 from batchlm.core.step_io import PLACEHOLDER_TOKEN_ID
-from batchlm.runner.grammar import StepMasks, TokenLander
+from batchlm.runner.grammar import StepMasks
 from batchlm.runner.host_flag import ThreadFlag
 from batchlm.sampling_params import StructuredOutputs
-from batchlm.structured.backend import GrammarBackend
 from batchlm.structured.llguidance_backend import LLGuidanceBackend
-from batchlm.structured.mask_process import ProcessBackend
-from batchlm.structured.process_messages import BackendSpec
 from batchlm.structured.sequences import ConstrainedSequences
-from batchlm.structured.shared_words import SharedWords, TokenLanding
 
 
 class LandingTokens:
@@ -72,25 +65,6 @@ class LandingTokens:
     def land(self) -> None:
         self.landed_at = time.perf_counter()
         self.landed.set()
-
-
-class LandLater(TokenLander):
-    """The runner's lander of tokens for a mask process, holding each step's landing until the tokens
-    "land" (LandingTokens.land), as a device's stream would write them."""
-
-    def __init__(self, words: SharedWords) -> None:
-        super().__init__(words)
-        self.words = words
-        self.held: tuple[TokenLanding, torch.Tensor] | None = None
-
-    def land(self, landing: TokenLanding, token_ids: torch.Tensor) -> None:
-        self.held = (landing, token_ids)
-
-    def now(self) -> None:
-        if self.held is not None:
-            landing, token_ids = self.held
-            self.held = None
-            super().land(landing, token_ids)
 
 
 class TimedFlag(ThreadFlag):
@@ -218,40 +192,18 @@ def main() -> None:
         default=1,
         help="runs of --steps steps, each with new requests under the grammar compiled by the first",
     )
-    parser.add_argument(
-        "--grammar-process",
-        action="store_true",
-        help="the matchers in a process of their own (structured.mask_process), the masks written into "
-        "shared memory; llguidance's threads and advance as the engine chooses, its calls not timed",
-    )
     args = parser.parse_args()
-    if args.grammar_process and (args.mask_threads or args.accept):
-        parser.error("--mask-threads and --accept do not reach a grammar process")
     from transformers import AutoTokenizer
 
-    from batchlm.structured.factory import local_backend, mask_threads
+    from batchlm.structured.factory import mask_threads
 
     beside_gpu = torch.cuda.is_available()
     threads = args.mask_threads or mask_threads(beside_gpu)
     batched = args.accept == "batched" if args.accept else beside_gpu
-    backend: GrammarBackend
-    llguidance_calls = TimedExecutor(None)
-    shared_words = None
-    if args.grammar_process:
-        # As the runner does: the process takes the tokens itself once they land, and with
-        # --hand-to-device sets the shared WRITTEN counter (and its time) when the masks are written.
-        shared_words = SharedWords()
-        directory = tokenizer_dir(args.vocab_size)
-        log_level = logging.getLogger("batchlm").getEffectiveLevel()
-        config = EngineConfig(model=str(directory))
-        backend_spec = BackendSpec(config, directory, args.vocab_size, beside_gpu, (0,), log_level)
-        backend = ProcessBackend(backend_spec, local_backend, shared_words)
-    else:
-        hf = AutoTokenizer.from_pretrained(tokenizer_dir(args.vocab_size))
-        local = LLGuidanceBackend.from_hf(hf, args.vocab_size, (0,), threads=threads, batched_accept=batched)
-        llguidance_calls = TimedExecutor(local._executor)
-        local._executor = llguidance_calls  # type: ignore[assignment]
-        backend = local
+    hf = AutoTokenizer.from_pretrained(tokenizer_dir(args.vocab_size))
+    backend = LLGuidanceBackend.from_hf(hf, args.vocab_size, (0,), threads=threads, batched_accept=batched)
+    llguidance_calls = TimedExecutor(backend._executor)
+    backend._executor = llguidance_calls  # type: ignore[assignment]
     override_grammar_settings(switch_interval_ms=args.switch_interval_ms)
     sequences = ConstrainedSequences(lambda eos: backend)
     spec = StructuredOutputs(json=json.dumps(long_output_schema(args.summary_field)))
@@ -259,7 +211,7 @@ def main() -> None:
     for run in range(args.passes):
         llguidance_calls.seconds = {"fill": [], "advance": []}
         with busy_processes(args.busy_processes, args.busy_kind):
-            timings = run_pass(sequences, backend.bitmask_words, spec, args, run, shared_words)
+            timings = run_pass(sequences, backend.bitmask_words, spec, args, run)
         warm = slice(args.steps // 5, None)
         print(
             json.dumps(
@@ -269,7 +221,6 @@ def main() -> None:
                     "summary_field": args.summary_field,
                     "mask_threads": threads,
                     "accept": "batched" if batched else "one at a time",
-                    "grammar_process": args.grammar_process,
                     "engine_python_ms": args.engine_python_ms,
                     "busy_processes": args.busy_processes,
                     "hand_to_device": args.hand_to_device,
@@ -290,16 +241,6 @@ def main() -> None:
                         if timings["written"]
                         else {}
                     ),
-                    # The mask process's own write of WRITTEN, what a device waits for with it.
-                    **(
-                        {
-                            "masks_written_by_process_after_tokens_ms_median": round(
-                                statistics.median(timings["child_written"][warm]), 3
-                            )
-                        }
-                        if timings["child_written"]
-                        else {}
-                    ),
                     # Every step, the first fifth included: what a pass's start costs.
                     "masks_ready_after_tokens_ms_mean_all_steps": round(
                         statistics.fmean(timings["ready"]), 3
@@ -312,11 +253,9 @@ def main() -> None:
     sequences.close()
 
 
-def mask_buffers(sequences: ConstrainedSequences, rows: int, words: int) -> Callable[[int], np.ndarray]:
-    """The runner's MaskBuffer without a GPU: a ring of four, in the grammar process's shared memory
-    when there is one (as the GPU's staging ring then is), so its masks are written in place."""
-    shared = sequences.shared_arrays
-    ring = [shared(rows) if shared else np.empty((rows, words), dtype=np.int32) for _ in range(4)]
+def mask_buffers(rows: int, words: int) -> Callable[[int], np.ndarray]:
+    """The runner's MaskBuffer without a GPU: a ring of four."""
+    ring = [np.empty((rows, words), dtype=np.int32) for _ in range(4)]
     turn = itertools.count()
     return lambda wanted: ring[next(turn) % len(ring)][:wanted]
 
@@ -327,7 +266,6 @@ def run_pass(
     spec: StructuredOutputs,
     args: argparse.Namespace,
     run: int,
-    shared_words: SharedWords | None = None,
 ) -> dict[str, list[float]]:
     """`args.steps` decode steps of `args.rows` new requests under `spec` (the grammar compiled by an
     earlier pass is reused, as a later batch of requests reuses it); per step, ms: the engine thread's
@@ -337,15 +275,13 @@ def run_pass(
     for request_id, tokens in zip(request_ids, lists, strict=True):
         sequences.add(request_id, spec, tokens, (0,))
     flag = TimedFlag() if args.hand_to_device else None
-    lander = LandLater(shared_words) if shared_words is not None else None
-    masks = StepMasks(sequences, mask_buffers(sequences, args.rows, words), flag, lander)
+    masks = StepMasks(sequences, mask_buffers(args.rows, words), flag)
     rng = np.random.default_rng(run)
     timings: dict[str, list[float]] = {
         "engine": [],
         "ready": [],
         "written": [],
         "engine_work": [],
-        "child_written": [],
     }
     for _ in range(args.steps):
         started = time.perf_counter()
@@ -356,11 +292,9 @@ def run_pass(
         picked = pick_tokens(grammar.bitmask, rng)
         landing = LandingTokens(lists, picked)
         started = time.perf_counter()
-        masks.prefetch(step, landing, torch.tensor(picked))  # type: ignore[arg-type]
+        masks.prefetch(step, landing)  # type: ignore[arg-type]
         timings["engine"].append(1e3 * (taken + time.perf_counter() - started))
         landing.land()
-        if lander is not None:
-            lander.now()
         timings["engine_work"].append(1e3 * busy_python(args.engine_python_ms / 1e3))
         prefetched = masks._prefetched
         assert prefetched is not None
@@ -368,8 +302,6 @@ def run_pass(
         timings["ready"].append(1e3 * (time.perf_counter() - landing.landed_at))
         if flag is not None:
             timings["written"].append(1e3 * (flag.released_at.pop(prefetched.ticket) - landing.landed_at))
-        if shared_words is not None and flag is not None:
-            timings["child_written"].append(1e3 * (float(shared_words.written_at[0]) - landing.landed_at))
         for tokens, position, token in zip(lists, landing.positions, landing._tokens, strict=True):
             tokens[position] = token
     sequences.drop(request_ids)

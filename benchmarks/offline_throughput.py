@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -237,11 +236,6 @@ def main() -> None:
         "(default: the engine's)",
     )
     parser.add_argument(
-        "--grammar-process",
-        action="store_true",
-        help="with --structured: the matchers in a process of their own (BATCHLM_GRAMMAR_PROCESS=1)",
-    )
-    parser.add_argument(
         "--pin-engine-thread",
         type=int,
         default=None,
@@ -261,13 +255,6 @@ def main() -> None:
     parser.add_argument("--speculative", choices=["auto", "off", "ngram"], default="auto")
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args()
-    if args.grammar_process:
-        from batchlm.structured.factory import OWN_PROCESS_ENV
-
-        if args.mask_threads or args.templates_per_thread:
-            parser.error("--mask-threads and --templates-per-thread do not reach a grammar process")
-        os.environ[OWN_PROCESS_ENV] = "1"  # read when the engine builds its grammar backend
-
     model_dir = args.model_dir or Path(tempfile.gettempdir()) / f"batchlm-bench-{args.shape}"
     if args.dummy:
         write_config_only(args.shape, model_dir)

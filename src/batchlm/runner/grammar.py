@@ -12,16 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from batchlm.config import EngineConfig
-from batchlm.runner.host_flag import StreamFlag, StreamWord, shared_stream_words
+from batchlm.runner.host_flag import StreamFlag
 from batchlm.runner.step_output import PendingStepOutput
-from batchlm.sampling.grammar_mask import STAGING_SLOTS, register_host_memory
 from batchlm.sampling.sampler import Sampler
 from batchlm.structured.factory import backend_factory
 from batchlm.structured.sequences import ConstrainedSequences
-from batchlm.structured.shared_words import SharedWords, TokenLanding
 from batchlm.structured.step_masks import GrammarMasks, PrefetchedMasks, SampledRows
 
 # Rows -> scratch of that many bitmask rows (pinned memory on a GPU, so the upload needs no copy).
@@ -35,86 +32,19 @@ class MaskBuffers:
     def __init__(self, sampler: Sampler, sequences: ConstrainedSequences) -> None:
         self._sampler = sampler
         self._sequences = sequences
-        # On a CPU with a mask process: a ring in its shared memory, as the GPU's staging ring is.
-        self._host_ring: list[np.ndarray] = []
-        self._next = 0
 
     def __call__(self, rows: int) -> np.ndarray:
         words = self._sequences.bitmask_words
-        shared = self._sequences.shared_arrays
-        staging = self._sampler.grammar_staging(words, shared)
-        if staging is not None:
-            return staging.buffer(rows)
-        if shared is None:
+        staging = self._sampler.grammar_staging(words)
+        if staging is None:
             return np.empty((rows, words), dtype=np.int32)
-        ring = self._host_ring
-        if not ring or ring[0].shape[0] < rows or ring[0].shape[1] != words:
-            size = max(rows, 2 * ring[0].shape[0]) if ring else rows
-            ring[:] = [shared(size) for _ in range(STAGING_SLOTS)]
-        self._next = (self._next + 1) % STAGING_SLOTS
-        return ring[self._next][:rows]
+        return staging.buffer(rows)
 
 
 def constrained_sequences(
-    config: EngineConfig,
-    model_dir: Path,
-    vocab_size: int,
-    on_accelerator: bool,
-    words: SharedWords | None = None,
+    config: EngineConfig, model_dir: Path, vocab_size: int, on_accelerator: bool
 ) -> ConstrainedSequences:
-    """The runner's constrained sequences; with `words` (SharedWords), their matchers in a process of their own."""
-    own_process = words is not None
-    return ConstrainedSequences(
-        backend_factory(config, model_dir, vocab_size, on_accelerator, own_process, words)
-    )
-
-
-class TokenLander:
-    """Puts a step's sampled token ids where the grammar mask process takes them itself
-    (ConstrainedSequences.token_landing): on a GPU a copy into the page-locked token ring and a write
-    of the LANDED counter, both queued on the stream; on a CPU both done at once."""
-
-    def __init__(self, words: SharedWords, landed: StreamWord | None = None) -> None:
-        self._words = words
-        self._landed = landed
-        self._ring: np.ndarray | None = None
-        self._ring_tensor: torch.Tensor | None = None
-
-    def land(self, landing: TokenLanding, token_ids: torch.Tensor) -> None:
-        """token_ids: [count] int64, the step's sampled tokens (on the device, or sampled on the CPU)."""
-        if token_ids.device.type == "cpu":
-            landing.tokens[:] = token_ids.numpy()
-            self._words.publish(SharedWords.LANDED, landing.where.ticket)
-            return
-        assert self._landed is not None
-        self._page_locked(landing).copy_(token_ids, non_blocking=True)
-        self._landed.write_on_device(landing.where.ticket)
-
-    def _page_locked(self, landing: TokenLanding) -> torch.Tensor:
-        """The landing's slot as a tensor over the ring, which is page-locked once (a grown ring
-        replaces it; the old one stays locked, copies into it may be in flight)."""
-        if self._ring is not landing.ring:
-            tensor = torch.from_numpy(landing.ring)
-            register_host_memory(tensor)
-            self._ring, self._ring_tensor = landing.ring, tensor
-        assert self._ring_tensor is not None
-        start = landing.where.offset // landing.ring.itemsize
-        return self._ring_tensor.view(-1)[start : start + landing.where.count]
-
-
-def process_mask_signals(
-    device: torch.device, words: SharedWords
-) -> tuple[StreamFlag | None, TokenLander | None]:
-    """With a grammar mask process: the lander of each step's tokens, and on a GPU the flag its
-    stream waits on for the masks, over the shared counters (the process then sees the tokens land and
-    releases the stream itself). No flag on a CPU; neither where the driver takes no stream writes."""
-    if device.type != "cuda":
-        return None, TokenLander(words)
-    shared = shared_stream_words(device, words)
-    if shared is None:
-        return None, None
-    shared_flag, landed = shared
-    return shared_flag, TokenLander(words, landed)
+    return ConstrainedSequences(backend_factory(config, model_dir, vocab_size, on_accelerator))
 
 
 def constrained_rows(
@@ -216,16 +146,10 @@ class StepMasks:
         sequences: ConstrainedSequences,
         buffer: MaskBuffer,
         flag: StreamFlag | None = None,
-        lander: TokenLander | None = None,
     ) -> None:
-        """lander: with a grammar mask process, puts each step's tokens where it takes them; flag is
-        then over the counter that process releases (process_mask_signals)."""
         self.sequences = sequences
         self._buffer = buffer
         self._flag = flag
-        self._lander = lander
-        # Steps whose tokens went to the mask process directly.
-        self.steps_landed = 0
         self._prefetched: PrefetchJob | None = None
         self._last_ticket = 0
         # Jobs whose masks the device waits for, not yet seen to finish (their failures raise later).
@@ -272,12 +196,8 @@ class StepMasks:
             computed = self.sequences.start_masks(missing).result()
         return merge_masks(rows, ahead, computed, self._buffer(len(rows)))
 
-    def prefetch(
-        self, step: StartedMasks, pending: PendingStepOutput, token_ids: torch.Tensor | None = None
-    ) -> None:
-        """After the step's sampling is queued: the next step's masks, computed once its tokens land.
-        token_ids: the step's sampled tokens [S] int64 (where they are sampled), for a mask process
-        to take itself."""
+    def prefetch(self, step: StartedMasks, pending: PendingStepOutput) -> None:
+        """After the step's sampling is queued: the next step's masks, computed once its tokens land."""
         constrained = sampled_rows(step.batch_rows, step.request_ids, pending.positions)
         request_ids = step.request_ids
         buffer = self._buffer(len(request_ids))
@@ -294,16 +214,7 @@ class StepMasks:
         if self._flag is not None:
             self._last_ticket = ticket = self._last_ticket + 1
             written = functools.partial(self._flag.release, ticket)
-        landing = None
-        if self._lander is not None and token_ids is not None:
-            landing = self.sequences.token_landing(token_ids.shape[0])
-            if landing is not None:
-                self._lander.land(landing, token_ids)
-                self.steps_landed += 1
-        release = ticket if landing is not None and self._flag is not None else None
-        future = self.sequences.prefetch_masks(
-            constrained, pending.peek_token_ids, buffer, written, landing, release
-        )
+        future = self.sequences.prefetch_masks(constrained, pending.peek_token_ids, buffer, written)
         bitmask = buffer[: len(request_ids)]
         self._prefetched = PrefetchJob(future, request_ids, positions, bitmask, ticket, complete)
 

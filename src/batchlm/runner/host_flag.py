@@ -14,10 +14,6 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from batchlm.sampling.grammar_mask import register_host_memory
-from batchlm.structured.process_messages import reached
-from batchlm.structured.shared_words import SharedWords
-
 logger = logging.getLogger(__name__)
 
 # cuStreamWaitValue32's flag: wait until (int32)(*address - value) >= 0, so the counter may wrap.
@@ -42,11 +38,9 @@ class HostFlag:
 
     waits_on_host = False
 
-    def __init__(self, device: torch.device, driver: ctypes.CDLL, word: torch.Tensor | None = None) -> None:
-        """word: a 32-bit host word the device can address (page-locked and mapped), when another
-        process releases it too (the grammar mask process); None: a pinned word of its own."""
+    def __init__(self, device: torch.device, driver: ctypes.CDLL) -> None:
         self.device = device
-        self._word = torch.zeros(1, dtype=torch.int32, pin_memory=True) if word is None else word
+        self._word = torch.zeros(1, dtype=torch.int32, pin_memory=True)
         self._view = self._word.numpy().view(np.uint32)
         self._fence = threading.Lock()
         self._wait = driver.cuStreamWaitValue32_v2
@@ -65,25 +59,7 @@ class HostFlag:
         which weakly ordered hosts (arm64) need before the word's store."""
         with self._fence:
             pass
-        if not reached(int(self._view[0]), ticket):  # another process may have released it already
-            self._view[0] = ticket & 0xFFFFFFFF
-
-
-class StreamWord:
-    """A 32-bit host word the device's stream writes: work queued before `write_on_device(n)` has
-    finished (its copies landed) when the host sees n."""
-
-    def __init__(self, device: torch.device, driver: ctypes.CDLL, word: torch.Tensor) -> None:
-        self.device = device
-        self._write = driver.cuStreamWriteValue32_v2
-        self._write.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
-        self._write.restype = ctypes.c_int
-        self._word = word
-        self._address = device_address(driver, word)
-
-    def write_on_device(self, value: int) -> None:
-        stream = torch.cuda.current_stream(self.device).cuda_stream
-        _check(self._write(stream, self._address, value & 0xFFFFFFFF, 0), "cuStreamWriteValue32")
+        self._view[0] = ticket & 0xFFFFFFFF
 
 
 def device_address(driver: ctypes.CDLL, word: torch.Tensor) -> int:
@@ -93,25 +69,6 @@ def device_address(driver: ctypes.CDLL, word: torch.Tensor) -> int:
     get_pointer.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p, ctypes.c_uint]
     _check(get_pointer(ctypes.byref(address), word.data_ptr(), 0), "cuMemHostGetDevicePointer")
     return address.value
-
-
-def shared_stream_words(device: torch.device, words: SharedWords) -> tuple[HostFlag, StreamWord] | None:
-    """The grammar mask process's counters on a CUDA device: a HostFlag over WRITTEN (the process
-    releases the stream itself) and a StreamWord over LANDED (the stream says the tokens are there);
-    None where stream_flag would be None."""
-    if device.type != "cuda" or os.environ.get(DEVICE_WAIT_ENV, "1") == "0":
-        return None
-    try:
-        driver = ctypes.CDLL("libcuda.so.1")
-        counters = torch.from_numpy(words.words.view(np.int32))
-        register_host_memory(counters, mapped=True)
-        flag = HostFlag(device, driver, counters[SharedWords.WRITTEN :][:1])
-        flag.wait_on_device(0)
-        landed = StreamWord(device, driver, counters[SharedWords.LANDED :][:1])
-    except (OSError, AttributeError, RuntimeError) as exc:
-        logger.info("grammar masks: the mask process does not take the tokens itself (%s)", exc)
-        return None
-    return flag, landed
 
 
 class ThreadFlag:

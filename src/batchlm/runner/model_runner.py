@@ -23,9 +23,9 @@ from batchlm.runner.device import dtype_name, resolve_device, resolve_dtype
 from batchlm.runner.draft_verify import Verification, row_states, verify_groups
 from batchlm.runner.fused_decode import MAX_VERIFY_ROWS, FusedDecode, build_fused_decode
 from batchlm.runner.gpu_startup import GpuStartup
-from batchlm.runner.grammar import MaskBuffers, StepMasks, constrained_sequences, process_mask_signals
+from batchlm.runner.grammar import MaskBuffers, StepMasks, constrained_sequences
 from batchlm.runner.heap import trim_heap
-from batchlm.runner.host_flag import StreamFlag, stream_flag
+from batchlm.runner.host_flag import stream_flag
 from batchlm.runner.inputs import StepInputBuilder, StepInputs
 from batchlm.runner.kv_cache import (
     allocate_kv_caches,
@@ -39,8 +39,6 @@ from batchlm.runner.step_output import PendingStepOutput, PreviousTokens
 from batchlm.sampling.plan import has_penalty
 from batchlm.sampling.sampler import Sampler
 from batchlm.sampling.state import SamplingState
-from batchlm.structured.factory import in_own_process
-from batchlm.structured.shared_words import SharedWords
 
 logger = logging.getLogger(__name__)
 
@@ -127,18 +125,12 @@ class ModelRunner:
         # Requests with a repetition/presence/frequency penalty: their sampling needs real token ids.
         self._penalized_ids: set[str] = set()
         # Requests under a grammar (structured outputs): their matchers, by request id.
-        # With the grammar backend in a process of its own, the counters it shares with this one.
-        words = SharedWords() if in_own_process() else None
         self.grammars = constrained_sequences(
-            config, model_dir, self.shape.vocab_size, self.device.type != "cpu", words
+            config, model_dir, self.shape.vocab_size, on_accelerator=self.device.type != "cpu"
         )
-        flag: StreamFlag | None = None
-        lander = None
-        if words is not None:
-            flag, lander = process_mask_signals(self.device, words)
-        if flag is None:
-            flag = stream_flag(self.device)
-        self.masks = StepMasks(self.grammars, MaskBuffers(self.sampler, self.grammars), flag, lander)
+        self.masks = StepMasks(
+            self.grammars, MaskBuffers(self.sampler, self.grammars), stream_flag(self.device)
+        )
         # The last step's sampled tokens (fill the next step's placeholders) and outputs not yet read.
         self._previous: PreviousTokens | None = None
         self._unresolved: list[PendingStepOutput] = []
@@ -334,7 +326,7 @@ class ModelRunner:
         self._unresolved = [p for p in self._unresolved if not p.is_resolved]
         self._unresolved.append(pending)
         if forward.masks.request_ids and packed is None and verification is None:
-            self.masks.prefetch(forward.masks, pending, token_ids)
+            self.masks.prefetch(forward.masks, pending)
         return pending
 
     def _row_states(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -14,8 +13,6 @@ _BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
 # Pinned buffers in the ring: a buffer is written again only after the uploads of the steps between
 # have been queued, and its last upload is waited for first.
 STAGING_SLOTS = 4
-# rows -> a [rows, words] int32 host array the staging pins in place (memory another process writes).
-HostArrays = Callable[[int], np.ndarray]
 
 
 class BitmaskStaging:
@@ -23,15 +20,11 @@ class BitmaskStaging:
 
     Pinning a fresh buffer per step costs the host more than computing the masks; so the matchers
     write straight into a buffer from here (`buffer`), and `upload` sends it without another copy.
-    A bitmask that lives elsewhere is copied into the next buffer first.
+    A bitmask that lives elsewhere is copied into the next buffer first."""
 
-    host_arrays: where the buffers live, pinned here with cudaHostRegister (shared memory that the
-    grammar mask process fills); None: torch's pinned memory."""
-
-    def __init__(self, device: torch.device, words: int, host_arrays: HostArrays | None = None) -> None:
+    def __init__(self, device: torch.device, words: int) -> None:
         self.device = device
         self.words = words
-        self.host_arrays = host_arrays
         self._rows = 0
         self._buffers: list[torch.Tensor] = []  # [rows, words] int32, pinned
         self._uploaded: list[torch.cuda.Event | None] = []
@@ -79,37 +72,10 @@ class BitmaskStaging:
             if event is not None:
                 event.synchronize()
         self._rows = max(rows, 2 * self._rows)
-        if self.host_arrays is not None:
-            for old in self._buffers:
-                unregister_host_memory(old)
-        self._buffers = [self._pinned(self._rows) for _ in range(STAGING_SLOTS)]
+        shape = (self._rows, self.words)
+        self._buffers = [torch.empty(shape, dtype=torch.int32, pin_memory=True) for _ in range(STAGING_SLOTS)]
         self._uploaded = [None] * STAGING_SLOTS
         self._next = 0
-
-    def _pinned(self, rows: int) -> torch.Tensor:
-        if self.host_arrays is None:
-            return torch.empty((rows, self.words), dtype=torch.int32, pin_memory=True)
-        array = self.host_arrays(rows)
-        assert array.shape == (rows, self.words) and array.dtype == np.int32 and array.flags["C_CONTIGUOUS"]
-        tensor = torch.from_numpy(array)
-        register_host_memory(tensor)
-        return tensor
-
-
-def register_host_memory(tensor: torch.Tensor, mapped: bool = False) -> None:
-    """Page-lock a CPU tensor's memory in place, so copies between it and the device are asynchronous
-    DMA; mapped: the device may also address it (stream waits and writes)."""
-    nbytes = tensor.numel() * tensor.element_size()
-    # cudaHostRegisterPortable (1): for every CUDA context; cudaHostRegisterMapped (2).
-    error = int(torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), nbytes, 3 if mapped else 1))
-    if error != 0:
-        raise RuntimeError(f"cudaHostRegister failed with CUDA error {error}")
-
-
-def unregister_host_memory(tensor: torch.Tensor) -> None:
-    error = int(torch.cuda.cudart().cudaHostUnregister(tensor.data_ptr()))
-    if error != 0:
-        raise RuntimeError(f"cudaHostUnregister failed with CUDA error {error}")
 
 
 def forbidden_on_host(bitmask: np.ndarray, vocab_size: int) -> np.ndarray:

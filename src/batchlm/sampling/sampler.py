@@ -13,7 +13,7 @@ import torch
 from batchlm.kernels import cpu_sampling
 from batchlm.outputs import TokenLogprobs
 from batchlm.sampling.filters import apply_min_p, apply_top_k_top_p
-from batchlm.sampling.grammar_mask import BitmaskStaging, HostArrays, apply_grammar_masks, masks_in_place
+from batchlm.sampling.grammar_mask import BitmaskStaging, apply_grammar_masks, masks_in_place
 from batchlm.sampling.logprobs import MAX_PACKED_VOCAB, pack_logprobs, unpack_logprobs
 from batchlm.sampling.penalties import apply_logit_bias, apply_min_tokens_ban, apply_penalties
 from batchlm.sampling.plan import SamplingPlan, plan_batch, to_device
@@ -137,15 +137,13 @@ class Sampler:
             return token_ids, None
         return token_ids, pack_logprobs(raw_logprobs, token_ids, plan.max_logprobs)
 
-    def grammar_staging(self, words: int, host_arrays: HostArrays | None = None) -> BitmaskStaging | None:
-        """The pinned ring that bitmasks of this width travel through to a GPU (None on the CPU);
-        host_arrays: the memory its buffers live in (BitmaskStaging)."""
+    def grammar_staging(self, words: int) -> BitmaskStaging | None:
+        """The pinned ring that bitmasks of this width travel through to a GPU (None on the CPU)."""
         if self.device.type != "cuda":
             return None
-        staging = self._staging
-        if staging is None or staging.words != words or staging.host_arrays != host_arrays:
-            self._staging = staging = BitmaskStaging(self.device, words, host_arrays)
-        return staging
+        if self._staging is None or self._staging.words != words:
+            self._staging = BitmaskStaging(self.device, words)
+        return self._staging
 
     def process_logits(self, logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
         """The logits after logit_bias, the min_tokens ban and the penalties: a new [B, vocab_size]

@@ -47,7 +47,7 @@ class MatcherBatch(Protocol):
         ...
 
     def step(self, token_ids: list[int], bitmask: np.ndarray) -> list[bool]:
-        """advance_one, then fill: one call, for a backend whose calls cross a process boundary."""
+        """advance_one, then fill: the steady decode step in one call."""
         ...
 
 
@@ -79,7 +79,7 @@ class GrammarBackend(Protocol):
     def advance_and_fill(
         self, matchers: list[GrammarMatcher], new_tokens: list[list[int]], bitmask: np.ndarray
     ) -> list[bool]:
-        """advance, then fill_bitmasks: one call, for a backend whose calls cross a process boundary."""
+        """advance, then fill_bitmasks: a step's grammar work in one call."""
         ...
 
 

@@ -16,35 +16,10 @@ import numpy as np
 from batchlm.core.step_io import PLACEHOLDER_TOKEN_ID
 from batchlm.sampling_params import StructuredOutputs
 from batchlm.structured.backend import EndingMatcher, GrammarBackend, GrammarError, GrammarMatcher
-from batchlm.structured.mask_process import ProcessBackend, RemoteBatch
-from batchlm.structured.process_messages import Answer
-from batchlm.structured.shared_words import TokenLanding
 from batchlm.structured.step_masks import GrammarMasks, PrefetchedMasks, SampledRows
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class _Posted:
-    """A prefetch whose masks a mask process writes after the job returns: its call's answer, the
-    masks it will have written, and the rows' request ids."""
-
-    answer: Future[Answer]
-    masks: PrefetchedMasks
-    request_ids: list[str]
-
-
-def _posted_answered(
-    posted: _Posted,
-    result: Future[PrefetchedMasks],
-    written: Callable[[], None] | None,
-    answer: Future[Answer],
-) -> None:
-    exception = answer.exception()
-    if exception is None:
-        warn_rejected(answer.result().accepted, posted.request_ids)
-    _resolve(result, written, posted.masks, exception)
 
 
 def _resolve(
@@ -154,21 +129,6 @@ class ConstrainedSequences:
         assert self._backend is not None
         return self._backend.bitmask_words
 
-    @property
-    def shared_arrays(self) -> Callable[[int], np.ndarray] | None:
-        """rows -> a [rows, words] mask buffer the backend fills without a copy (a mask process's shared
-        memory); None when any buffer will do."""
-        backend = self._backend
-        return backend.shared_array if isinstance(backend, ProcessBackend) else None
-
-    def token_landing(self, count: int) -> TokenLanding | None:
-        """Where to put a step's `count` sampled token ids so that the mask process takes them itself
-        (prefetch_masks' `landing`); None when the backend is in this process or has no shared words."""
-        backend = self._backend
-        if isinstance(backend, ProcessBackend) and backend.words is not None:
-            return backend.landing(count)
-        return None
-
     def rows_among(self, request_ids: Sequence[str]) -> list[int]:
         """The indexes of the request ids that are constrained sequences here."""
         known = self._sequences
@@ -218,8 +178,6 @@ class ConstrainedSequences:
         sampled: Callable[[], Sequence[int] | None],
         out: np.ndarray,
         written: Callable[[], None] | None = None,
-        landing: TokenLanding | None = None,
-        release: int | None = None,
     ) -> Future[PrefetchedMasks]:
         """Compute the next step's masks for these sequences on the worker thread, as soon as
         `sampled()` (called there; it waits for the launched step) gives the step's token ids, so that
@@ -236,7 +194,7 @@ class ConstrainedSequences:
             sampled_rows = sampled_rows.only([i for i, seq in enumerate(found) if seq is not None])
         result: Future[PrefetchedMasks] = Future()
         job = functools.partial(self._prefetch_into, result, written)
-        self._submit(job, self._backend, sampled_rows, sequences, sampled, out, landing, release)
+        self._submit(job, self._backend, sampled_rows, sequences, sampled, out)
         return result
 
     def _prefetch_into(
@@ -248,21 +206,14 @@ class ConstrainedSequences:
         sequences: list[_Sequence],
         sampled: Callable[[], Sequence[int] | None],
         out: np.ndarray,
-        landing: TokenLanding | None,
-        release: int | None,
     ) -> None:
-        """_prefetch on the worker, resolving `result` after calling `written` (also on failure): at
-        once, or when a mask process answers the call it was posted (the worker moves on meanwhile,
-        so the next step's call goes out before these masks' answer has come back)."""
+        """_prefetch on the worker, resolving `result` after calling `written` (also on failure)."""
         try:
-            outcome = self._prefetch(backend, sampled_rows, sequences, sampled, out, landing, release)
+            outcome = self._prefetch(backend, sampled_rows, sequences, sampled, out)
         except Exception as exc:  # the future carries it to StepMasks, which raises it
             _resolve(result, written, exception=exc)
             return
-        if isinstance(outcome, _Posted):
-            outcome.answer.add_done_callback(functools.partial(_posted_answered, outcome, result, written))
-        else:
-            _resolve(result, written, outcome)
+        _resolve(result, written, outcome)
 
     def _prefetch(
         self,
@@ -271,11 +222,9 @@ class ConstrainedSequences:
         sequences: list[_Sequence],
         sampled: Callable[[], Sequence[int] | None],
         out: np.ndarray,
-        landing: TokenLanding | None = None,
-        release: int | None = None,
-    ) -> PrefetchedMasks | _Posted:
+    ) -> PrefetchedMasks:
         if [seq.num_accepted for seq in sequences] == sampled_rows.positions:
-            return self._prefetch_one_each(backend, sampled_rows, sequences, sampled, out, landing, release)
+            return self._prefetch_one_each(backend, sampled_rows, sequences, sampled, out)
         token_ids = sampled()
         if token_ids is None:
             return PrefetchedMasks({}, out[:0])
@@ -306,15 +255,11 @@ class ConstrainedSequences:
         sequences: list[_Sequence],
         sampled: Callable[[], Sequence[int] | None],
         out: np.ndarray,
-        landing: TokenLanding | None = None,
-        release: int | None = None,
-    ) -> PrefetchedMasks | _Posted:
+    ) -> PrefetchedMasks:
         """_prefetch where every sequence takes exactly the one token sampled for it, as in steady
         decoding: the batch of matchers prepared last time serves again while the sequences stay the
         same. All but the step itself is done before the tokens land (the worker would wait anyway), so
-        that after they land only the backend's call holds up the masks. With a landing, a mask process
-        waits for the tokens itself and (given `release`) releases the device's flag: this process takes
-        no part between the tokens' landing and the masks."""
+        that after they land only the backend's call holds up the masks."""
         batch = self._batch
         if batch is None or batch.sequences != sequences:
             batch = self._batch = _PreparedBatch(backend, sampled_rows.request_ids, sequences)
@@ -322,14 +267,6 @@ class ConstrainedSequences:
         for seq in sequences:
             seq.num_accepted += 1
         bitmask = out[: len(sequences)]
-        if landing is not None and isinstance(batch.matchers, RemoteBatch) and sequences:
-            masks = PrefetchedMasks(batch.index, bitmask, complete=True)
-            if isinstance(backend, ProcessBackend) and backend.holds(bitmask):
-                answer = batch.matchers.post_landed(landing.where, tuple(rows), bitmask, release)
-                return _Posted(answer, masks, sampled_rows.request_ids)
-            accepted = batch.matchers.step_landed(landing.where, tuple(rows), bitmask, release)
-            warn_rejected(accepted, sampled_rows.request_ids)
-            return masks
         leading = rows == list(range(len(rows)))  # the sampled rows' first tokens, in order
         token_ids = sampled()
         if token_ids is None:  # they travel packed with logprobs: the step computes its masks itself
@@ -361,5 +298,3 @@ class ConstrainedSequences:
         if self._worker is not None:
             self._worker.shutdown(wait=True)
             self._worker = None
-        if isinstance(self._backend, ProcessBackend):
-            self._backend.close()
