@@ -16,6 +16,7 @@ from batchlm.reasoning.split import ReasoningParser, ThinkMarkers, prompt_opens_
 from batchlm.sampling_params import SamplingParams, StructuredOutputs
 from batchlm.structured.backend import allowed_tokens
 from batchlm.structured.llguidance_backend import LLGuidanceBackend
+from batchlm.tools.function_tool import FunctionTool
 from batchlm.tools.hermes import HermesParser
 from grammar_walk import EOS
 
@@ -202,3 +203,21 @@ def test_special_markers_are_kept_in_the_text() -> None:
     assert mistral is not None and mistral.special
     assert not ReasoningParser(mistral).sampling_params(SamplingParams(), {}).skip_special_tokens
     assert ReasoningParser(THINK).sampling_params(SamplingParams(), {}).skip_special_tokens
+
+
+def test_strict_calls_hold_after_the_thinking(thinking_tokenizer) -> None:
+    hf = thinking_tokenizer
+    added = {"<think>": hf.convert_tokens_to_ids("<think>"), "</think>": hf.convert_tokens_to_ids("</think>")}
+    strict = FunctionTool("f", None, {"type": "object", "properties": {"a": {"type": "integer"}}}, True)
+    calls = StructuredOutputs(grammar=HermesParser().calls_grammar([strict], added))
+    params = ReasoningParser(THINK).sampling_params(SamplingParams(structured_outputs=calls), added)
+    assert params.structured_outputs is not None
+
+    def walk() -> Walk:
+        walked = Walk(hf, params.structured_outputs)
+        assert walked.matcher.accept(walked.think) and walked.feed("I will call f.")
+        assert walked.matcher.accept(walked.end) and walked.feed("\n\nSure. ")
+        return walked
+
+    assert walk().feed('<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>')
+    assert not walk().feed('<tool_call>{"name": "g", "arguments": {}}</tool_call>'), "only the tools"
