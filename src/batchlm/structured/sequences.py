@@ -22,23 +22,13 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def _resolve(
-    result: Future[PrefetchedMasks],
-    written: Callable[[], None] | None,
-    masks: PrefetchedMasks | None = None,
-    exception: BaseException | None = None,
-) -> None:
-    """Say the masks are written (also when the job failed: a device may be waiting for them), then
-    resolve the job's future."""
+def _then(job: Callable[..., T], written: Callable[[], None], *args: object) -> T:
+    """Run a mask job, then say the masks are written (also when it fails: a device may be waiting for
+    them), before the job's future resolves."""
     try:
-        if written is not None:
-            written()
+        return job(*args)
     finally:
-        if exception is not None:
-            result.set_exception(exception)
-        else:
-            assert masks is not None
-            result.set_result(masks)
+        written()
 
 
 def warn_rejected(accepted: list[bool], rows: Sequence[object]) -> None:
@@ -192,28 +182,10 @@ class ConstrainedSequences:
         sequences = [seq for seq in found if seq is not None]
         if len(sequences) < len(found):  # dropped since the step was launched
             sampled_rows = sampled_rows.only([i for i, seq in enumerate(found) if seq is not None])
-        result: Future[PrefetchedMasks] = Future()
-        job = functools.partial(self._prefetch_into, result, written)
-        self._submit(job, self._backend, sampled_rows, sequences, sampled, out)
-        return result
-
-    def _prefetch_into(
-        self,
-        result: Future[PrefetchedMasks],
-        written: Callable[[], None] | None,
-        backend: GrammarBackend,
-        sampled_rows: SampledRows,
-        sequences: list[_Sequence],
-        sampled: Callable[[], Sequence[int] | None],
-        out: np.ndarray,
-    ) -> None:
-        """_prefetch on the worker, resolving `result` after calling `written` (also on failure)."""
-        try:
-            outcome = self._prefetch(backend, sampled_rows, sequences, sampled, out)
-        except Exception as exc:  # the future carries it to StepMasks, which raises it
-            _resolve(result, written, exception=exc)
-            return
-        _resolve(result, written, outcome)
+        job = self._prefetch
+        if written is not None:
+            job = functools.partial(_then, self._prefetch, written)
+        return self._submit(job, self._backend, sampled_rows, sequences, sampled, out)
 
     def _prefetch(
         self,
