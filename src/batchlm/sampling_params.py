@@ -53,13 +53,14 @@ class StructuredOutputs:
     @property
     def key(self) -> tuple[str, str]:
         """(kind, text): identifies the compiled grammar in the backend's cache."""
-        kind, text = self._constraint_key
+        kind, text = self.constraint_key
         if self.preamble is None:
             return kind, text
         return f"{kind}+preamble", f"{self.preamble}\x00{text}"
 
     @property
-    def _constraint_key(self) -> tuple[str, str]:
+    def constraint_key(self) -> tuple[str, str]:
+        """(kind, text) of the constraint itself, without the preamble."""
         if self.json is not None:
             return ("json", self.json)
         if self.json_object:

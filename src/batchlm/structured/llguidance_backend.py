@@ -116,7 +116,7 @@ def validated_cache() -> LRUCache[tuple[str, str], str]:
 
 
 def _kind_name(spec: StructuredOutputs) -> str:
-    kind = spec.key[0].removesuffix("+preamble")
+    kind = spec.constraint_key[0]
     return {"json": "JSON schema", "json_object": "JSON grammar", "choice": "choice grammar"}.get(kind, kind)
 
 
