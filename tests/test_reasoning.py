@@ -60,6 +60,27 @@ def test_split_and_its_stream_at_every_split_point(
         assert "".join(p.content for p in pieces) == content, at
 
 
+@pytest.mark.parametrize(("opened", "output", "reasoning", "content"), CASES)
+def test_the_thinking_tokens_end_with_the_token_that_closes_the_block(
+    opened: bool, output: str, reasoning: str | None, content: str
+) -> None:
+    pieces, position = [], 0
+    while position < len(output):  # tokens of 1-3 characters, so that markers span tokens
+        size = 1 + len(pieces) % 3
+        pieces.append(output[position : position + size])
+        position += size
+    parser = ReasoningParser(THINK, opened_by_prompt=opened)
+    counted = parser.thinking_tokens(list(range(len(pieces))), lambda ids: "".join(pieces[i] for i in ids))
+    if reasoning is None:
+        assert counted == 0
+    elif "</think>" in output:
+        # The counted tokens spell the end marker out; one fewer does not.
+        assert "</think>" in "".join(pieces[:counted])
+        assert "</think>" not in "".join(pieces[: counted - 1])
+    else:  # cut short inside the block: every token is thinking
+        assert counted == len(pieces)
+
+
 def test_a_stream_holds_back_what_may_be_a_marker() -> None:
     stream = ReasoningParser(THINK).stream()
     assert stream.feed("<thi").content == "" and stream.feed("nk>").reasoning == ""

@@ -56,6 +56,25 @@ def test_a_stream_sends_the_thinking_then_the_answer(client: Any, engine: FakeEn
     assert all(not getattr(d, "reasoning_content", None) for d in deltas[first_content:])
 
 
+def test_usage_counts_the_thinking_tokens(client: Any, engine: FakeEngine) -> None:
+    engine.reply = REPLY
+    # The fake spells a byte a token: the thinking is the block, markers included.
+    thinking = len(f"<think>\n{THOUGHT}\n</think>".encode())
+    response = client.chat.completions.create(model="fake-model", messages=USER)
+    assert response.usage.completion_tokens == len(REPLY.encode())
+    assert response.usage.completion_tokens_details.reasoning_tokens == thinking
+    stream = client.chat.completions.create(
+        model="fake-model", messages=USER, stream=True, stream_options={"include_usage": True}
+    )
+    [usage] = [chunk.usage for chunk in stream if chunk.usage is not None]
+    assert usage.completion_tokens_details.reasoning_tokens == thinking
+    cut_short = client.chat.completions.create(model="fake-model", messages=USER, max_tokens=16)
+    assert cut_short.usage.completion_tokens_details.reasoning_tokens == 16
+    engine.reply = "No thinking here."
+    plain = client.chat.completions.create(model="fake-model", messages=USER, n=2)
+    assert plain.usage.completion_tokens_details.reasoning_tokens == 0
+
+
 def test_calls_after_the_thinking(client: Any, engine: FakeEngine) -> None:
     engine.reply = f"<think>{THOUGHT}</think>{HERMES_REPLY}"
     [choice] = client.chat.completions.create(model="fake-model", messages=USER, tools=TOOLS).choices

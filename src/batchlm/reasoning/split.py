@@ -9,7 +9,7 @@ reports only ever grows as the output grows, so the pieces add up to the split o
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from batchlm.sampling_params import SamplingParams
@@ -64,6 +64,30 @@ class ReasoningParser:
             return ReasoningSplit(body.strip(), "")
         # The answer's leading blank lines belong to the template's layout, not to the answer.
         return ReasoningSplit(text[body_at:end_at].strip(), text[end_at + len(end) :].lstrip())
+
+    def thinking_tokens(self, token_ids: Sequence[int], decode: Callable[[Sequence[int]], str]) -> int:
+        """How many of an output's tokens its thinking took, end marker included (usage's
+        `reasoning_tokens`): the shortest prefix whose text closes the block, found by halving, since
+        a prefix that closes it stays closed as tokens are added; all of them when it never closes,
+        none for an output without thinking."""
+        if self.split(decode(token_ids), final=True).reasoning is None:
+            return 0
+        low, high = 0, len(token_ids)  # the block is open after `low` tokens; closed or ended at `high`
+        while high - low > 1:
+            middle = (low + high) // 2
+            if self._closed(decode(token_ids[:middle])):
+                high = middle
+            else:
+                low = middle
+        return high
+
+    def _closed(self, text: str) -> bool:
+        if self.opened_by_prompt:
+            return self.markers.end in text
+        opening = text.lstrip()
+        return (
+            opening.startswith(self.markers.start) and self.markers.end in opening[len(self.markers.start) :]
+        )
 
     def stream(self) -> ReasoningStream:
         return ReasoningStream(self)

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -36,8 +37,10 @@ from batchlm.server.responses import (
     ChatCompletionChunk,
     ChatCompletionResponse,
     ChatResponseMessage,
+    CompletionTokensDetails,
     ResponseFunctionCall,
     ResponseToolCall,
+    UsageInfo,
 )
 from batchlm.server.state import get_state
 from batchlm.tools.calls import ToolCall, ToolCallDelta
@@ -122,9 +125,29 @@ class ChatFormatter(ResponseFormatter[ChatContext]):
         # Per choice: its message stream, and log-probabilities of text it holds back.
         self._streams: dict[int, MessageStream] = {}
         self._held_logprobs: dict[int, ChatChoiceLogprobs] = {}
+        # Per choice of a reasoning model's stream with usage: its token ids, to count its thinking.
+        self._streamed_ids: dict[int, list[int]] = {}
 
     def choices(self, results: ChoiceResults) -> list[ChatChoice]:
         return [self._choice(index, result) for (_, index), result in sorted(results.items())]
+
+    def response(self, results: ChoiceResults, usage: UsageInfo) -> BaseModel:
+        thinking = sum(self._thinking_tokens(result.token_ids) for result in results.values())
+        return super().response(results, _with_reasoning_tokens(usage, thinking))
+
+    def closing(self, usage: UsageInfo) -> Iterable[bytes]:
+        thinking = sum(self._thinking_tokens(ids) for ids in self._streamed_ids.values())
+        return super().closing(_with_reasoning_tokens(usage, thinking))
+
+    def _thinking_tokens(self, token_ids: Sequence[int]) -> int:
+        reader = self.context.reader
+        if reader is None or reader.reasoning is None:
+            return 0
+        parser, tokenizer = reader.reasoning, self.context.tokenizer
+        skip_special = not parser.markers.special
+        return parser.thinking_tokens(
+            token_ids, lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special)
+        )
 
     def _choice(self, index: int, result: ChoiceResult) -> ChatChoice:
         reader = self.context.reader
@@ -169,6 +192,8 @@ class ChatFormatter(ResponseFormatter[ChatContext]):
         stream = self._streams.get(completion.index)
         if stream is None:
             stream = self._streams[completion.index] = reader.stream()
+        if reader.reasoning is not None and self.context.include_usage:
+            self._streamed_ids.setdefault(completion.index, []).extend(completion.token_ids)
         settled = stream.feed(completion.text)
         if completion.finish_reason is not None:
             rest = stream.finish(cut_short=completion.finish_reason is FinishReason.LENGTH)
@@ -207,6 +232,14 @@ class ChatFormatter(ResponseFormatter[ChatContext]):
 
     def _content_choice(self, index: int, text: str, logprobs: ChatChoiceLogprobs | None) -> ChatChunkChoice:
         return ChatChunkChoice(index=index, delta={"content": text}, logprobs=logprobs)
+
+
+def _with_reasoning_tokens(usage: UsageInfo, thinking: int) -> UsageInfo:
+    if not thinking:
+        return usage
+    return usage.model_copy(
+        update={"completion_tokens_details": CompletionTokensDetails(reasoning_tokens=thinking)}
+    )
 
 
 def response_tool_calls(calls: tuple[ToolCall, ...]) -> list[ResponseToolCall] | None:
