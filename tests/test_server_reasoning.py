@@ -75,6 +75,40 @@ def test_usage_counts_the_thinking_tokens(client: Any, engine: FakeEngine) -> No
     assert plain.usage.completion_tokens_details.reasoning_tokens == 0
 
 
+def test_reasoning_effort_reaches_the_template(
+    client: Any, engine: FakeEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine.reply = REPLY
+    client.chat.completions.create(model="fake-model", messages=USER, reasoning_effort="low")
+    assert engine.tokenizer.last_chat["kwargs"] == {"reasoning_effort": "low"}
+    # "none" switches thinking off where the template has Qwen3's switch, unless the client set it.
+    client.chat.completions.create(model="fake-model", messages=USER, reasoning_effort="none")
+    assert engine.tokenizer.last_chat["kwargs"] == {"reasoning_effort": "none"}
+    monkeypatch.setattr(engine.tokenizer, "chat_template", "{% if enable_thinking %}", raising=False)
+    client.chat.completions.create(model="fake-model", messages=USER, reasoning_effort="none")
+    assert engine.tokenizer.last_chat["kwargs"] == {"reasoning_effort": "none", "enable_thinking": False}
+    kept = {"enable_thinking": True}
+    client.chat.completions.create(
+        model="fake-model", messages=USER, reasoning_effort="none", extra_body={"chat_template_kwargs": kept}
+    )
+    assert engine.tokenizer.last_chat["kwargs"] == {"reasoning_effort": "none", "enable_thinking": True}
+
+
+def test_reasoning_effort_is_refused_where_it_cannot_apply(server: BackgroundServer) -> None:
+    def post(base_url: str, effort: str) -> httpx.Response:
+        body = {"model": "fake-model", "messages": USER, "reasoning_effort": effort}
+        return httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=30)
+
+    wrong = post(server.base_url, "extreme")
+    assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "reasoning_effort"
+    # The fake has no chat template, so `auto` finds no reasoning model to apply the effort to.
+    with BackgroundServer(FakeEngine(reply=REPLY, max_model_len=4096)) as running:
+        refused = post(running.base_url, "high")
+    assert refused.status_code == 400
+    assert refused.json()["error"]["param"] == "reasoning_effort"
+    assert "does not reason" in refused.json()["error"]["message"]
+
+
 def test_calls_after_the_thinking(client: Any, engine: FakeEngine) -> None:
     engine.reply = f"<think>{THOUGHT}</think>{HERMES_REPLY}"
     [choice] = client.chat.completions.create(model="fake-model", messages=USER, tools=TOOLS).choices

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from batchlm.reasoning.split import ReasoningParser, ThinkMarkers, prompt_opens_thinking
 
@@ -39,3 +40,21 @@ def reasoning_parser(
     if markers is None:
         return None
     return ReasoningParser(markers, prompt_opens_thinking(prompt_tail(), markers))
+
+
+# OpenAI's reasoning_effort values.
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
+# The chat-template variable by which Qwen3's and SmolLM3's templates turn thinking on or off.
+THINKING_SWITCH = "enable_thinking"
+
+
+def effort_template_kwargs(
+    effort: str, chat_template: str | None, template_kwargs: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """The chat template's variables for a request's `reasoning_effort`: the effort itself as
+    `reasoning_effort` (the name gpt-oss's templates read), and for "none" thinking switched off where
+    the template has a switch for it, unless the client's chat_template_kwargs set the switch."""
+    kwargs = {"reasoning_effort": effort, **(template_kwargs or {})}
+    if effort == "none" and THINKING_SWITCH in (chat_template or ""):
+        kwargs.setdefault(THINKING_SWITCH, False)
+    return kwargs

@@ -140,12 +140,13 @@ class ChatCompletionRequest(SamplingFields):
     store: bool | None = None
     metadata: dict[str, Any] | None = None
     service_tier: str | None = None
-    reasoning_effort: str | None = None
     web_search_options: Any = None
     # Chat-template controls.
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    # Reasoning models only; reaches the chat template (batchlm.reasoning.registry.effort_template_kwargs).
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
 
 
 # A prompt: text, a batch of texts, token ids, or a batch of token-id lists.

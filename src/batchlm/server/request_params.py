@@ -29,7 +29,6 @@ CHAT_UNSUPPORTED: tuple[UnsupportedRule, ...] = (
     ("store", lambda v: v in (None, False), "stored completions are not supported"),
     ("metadata", lambda v: not v, "metadata is only used with stored completions, which are not supported"),
     ("service_tier", lambda v: v in (None, "auto", "default"), "there is one service tier"),
-    ("reasoning_effort", lambda v: v is None, "reasoning effort is not supported"),
     ("web_search_options", lambda v: v is None, "web search is not supported"),
 )
 

@@ -15,9 +15,9 @@ from starlette.responses import Response
 from batchlm.engine.input_processor import FieldNames
 from batchlm.outputs import CompletionOutput, FinishReason, RequestOutput, TokenLogprobs
 from batchlm.reasoning.message import AssistantMessage, MessageDelta, MessageReader, MessageStream
-from batchlm.reasoning.registry import reasoning_parser
+from batchlm.reasoning.registry import effort_template_kwargs, reasoning_markers, reasoning_parser
 from batchlm.sampling_params import SamplingParams
-from batchlm.server.errors import rejections_as_400
+from batchlm.server.errors import APIError, rejections_as_400
 from batchlm.server.logprobs import chat_logprobs
 from batchlm.server.prompts import render_chat
 from batchlm.server.protocol import ChatCompletionRequest
@@ -65,6 +65,14 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest) 
     tokenizer, processor = state.engine.tokenizer, state.engine.input_processor
     chat_template = getattr(tokenizer, "chat_template", None)
     added_tokens = getattr(tokenizer, "added_tokens", None) or {}
+    template_kwargs = body.chat_template_kwargs
+    if body.reasoning_effort is not None:
+        if reasoning_markers(state.settings.reasoning_parser, chat_template) is None:
+            why = "the model does not reason (see --reasoning-parser)"
+            raise APIError(
+                400, f"'reasoning_effort' is not supported with this model: {why}.", "reasoning_effort"
+            )
+        template_kwargs = effort_template_kwargs(body.reasoning_effort, chat_template, template_kwargs)
     with rejections_as_400():
         tool_use = chat_tool_use(body, state.settings.tool_call_parser, chat_template, added_tokens)
         prompt_ids = await render_chat(
@@ -72,7 +80,7 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest) 
             body.messages,
             add_generation_prompt=body.add_generation_prompt,
             continue_final_message=body.continue_final_message,
-            chat_template_kwargs=body.chat_template_kwargs,
+            chat_template_kwargs=template_kwargs,
             processor=None if body.truncate_prompt_tokens else processor,
             tools=tool_use.template_tools,
             tool_prompt=tool_use.tool_prompt,
