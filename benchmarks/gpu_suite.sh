@@ -2,7 +2,7 @@
 # One call on the GPU machine: GPU tests, offline W1/W2, single-stream latency, long prefill, online W1, start-up time.
 # Usage: bash benchmarks/gpu_suite.sh [tests] [w1] [single] [long_prefill] [w2] [online] [online_servers] [online_clients]
 #        [online_profile] [startup] [startup_profile] [quant_tests] [quant_kernels] [quant_single] [quant_w2]
-#        [structured_threads] [structured_templates] [structured_switch] [mask_process] [ablation]
+#        [structured_threads] [structured_templates] [structured_switch] [mask_process] [ablation] [decode_splits]
 # (default: tests w1 single long_prefill w2 online startup). startup: command-to-ready of `batchlm serve` three times, the first
 # with an empty Triton cache (as on a fresh machine), with the server's `startup:` breakdown;
 # startup_profile: the engine core's start-up in one process (every Triton compile, every graph
@@ -65,6 +65,19 @@ for step in $steps; do
       timeout 240 python3 benchmarks/offline_throughput.py --shape llama-3.2-1b --dummy --num-requests 64 \
         --input-len 8000 --output-len 64 --runs 3 --json-out "$OUT/long_prefill.json" 2>&1 | grep -v Loading | tail -5
       python3 benchmarks/throughput_floor.py --shape llama-3.2-1b --num-requests 64 --input-len 8000 --output-len 64 ;;
+    decode_splits)
+      # Single-stream ITL with the one-request decode attention's split count and tile set by hand
+      # (benchmarks/decode_split_sweep.py); DECODE_SHAPES_1B / DECODE_SHAPES_8B: ';'-separated settings.
+      for model in 1b 8b; do
+        if [ "$model" = 1b ]; then shape=llama-3.2-1b; shapes="${DECODE_SHAPES_1B:-;splits=1;splits=4;splits=8;splits=16;}"
+        else shape=llama-3.1-8b; shapes="${DECODE_SHAPES_8B:-;splits=16;}"; fi
+        IFS=';' read -ra settings <<< "$shapes"
+        for setting in "${settings[@]}" ""; do
+          BATCHLM_DECODE_SHAPE="$setting" timeout 150 python3 benchmarks/decode_split_sweep.py --shape "$shape" \
+            --dummy --num-requests 1 --input-len 512 --output-len 256 --runs 3 2>&1 \
+            | grep -oE '"itl_ms_median": [0-9.]+' | paste -sd' ' | sed "s/^/[$model, ${setting:-engine}] /"
+        done
+      done ;;
     ablation)
       for parts in "" attn kv rope attn,kv,rope; do
         BATCHLM_ABLATE="$parts" timeout 100 python3 benchmarks/decode_step_ablation.py --shape llama-3.2-1b --dummy \
