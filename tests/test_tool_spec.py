@@ -219,3 +219,18 @@ def test_the_answer_beside_the_calls_takes_the_calls_json_format() -> None:
     assert grammar is not None
     answer = next(line for line in grammar.splitlines() if line.startswith("answer: %json "))
     assert json.loads(answer.removeprefix("answer: %json "))["x-guidance"] == CALL_JSON_FORMAT
+
+
+def test_a_strict_tool_s_closed_schema_is_built_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import batchlm.tools.function_tool as function_tool
+
+    built: list[dict[str, Any]] = []
+    monkeypatch.setattr(
+        function_tool, "closed_objects", lambda schema: built.append(schema) or closed_objects(schema)
+    )
+    for choice in ("auto", "required", NamedChoice(Named("get_weather"))):
+        built.clear()
+        use = chat_tool_use(ToolFields([Tool(STRICT_WEATHER)], choice), "hermes", None)
+        constraint = use.sampling_params(SamplingParams()).structured_outputs
+        assert constraint is not None
+        assert built == [STRICT_WEATHER.parameters], choice

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from batchlm.tools.closed_schema import closed_objects
@@ -40,10 +41,15 @@ class FunctionTool:
         """The arguments of a call the model chose to make: their schema if strict, else any object."""
         return arguments_schema(self) if self.strict else ANY_OBJECT
 
+    @cached_property
+    def closed_parameters(self) -> dict[str, Any]:
+        # Built once per tool: a strict request validates it, then writes it into one or more grammars.
+        return closed_objects(self.parameters) if self.parameters is not None else NO_PARAMETERS
+
 
 def arguments_schema(tool: FunctionTool) -> dict[str, Any]:
     """The schema a forced or strict call's arguments are decoded under (its objects closed)."""
-    return closed_objects(tool.parameters) if tool.parameters is not None else NO_PARAMETERS
+    return tool.closed_parameters
 
 
 def calls_array_schema(
