@@ -156,3 +156,34 @@ def test_truncate_prompt_tokens_must_be_positive(server: BackgroundServer) -> No
     response = httpx.post(f"{server.base_url}/v1/completions", json=body)
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "truncate_prompt_tokens"
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_a_text_chunk_is_the_pydantic_chunk_byte_for_byte(include_usage: bool) -> None:
+    from batchlm.outputs import CompletionOutput, FinishReason, RequestOutput
+    from batchlm.server.responses import CompletionChoice
+    from batchlm.server.serving_completions import CompletionContext, CompletionFormatter
+
+    context = CompletionContext(
+        request_id="cmpl-1", created=7, model='a "quoted" model', tokenizer=TOKENIZER, n=2,
+        include_usage=include_usage, logprobs=None, echo_texts=["", ""],
+    )  # fmt: skip
+    formatter = CompletionFormatter(context)
+    texts = ["Hi", "", 'quote " and \\ slash', "line\nbreak\ttab\x01", "é ü 中文 \u2028 😀", "</s>"]
+    reasons = [None, FinishReason.STOP, FinishReason.LENGTH]
+    for position in (0, 1):
+        for index in (0, 1):
+            for text in texts:
+                for reason in reasons:
+                    completion = CompletionOutput(index=index, text=text, token_ids=[5], finish_reason=reason)
+                    output = RequestOutput("r", None, [], [completion], finished=reason is not None)
+                    fast = list(formatter.delta(position, output))
+                    if not text and reason is None:
+                        assert fast == []
+                        continue
+                    choice = CompletionChoice(
+                        index=position * 2 + index,
+                        text=text,
+                        finish_reason=None if reason is None else reason.value,
+                    )
+                    assert fast == [formatter._chunk([choice])]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -28,6 +29,9 @@ from batchlm.server.responding import (
 from batchlm.server.responses import CompletionChoice, CompletionLogprobs, CompletionResponse
 from batchlm.server.state import get_state
 from batchlm.tokenizer.tokenizer import Tokenizer
+
+# A chunk's choice of text alone, as pydantic writes CompletionChoice(index=0, text="").
+_SAMPLE_CHOICE = '"index":0,"text":"","logprobs":null,"finish_reason":null'
 
 
 @dataclass
@@ -114,6 +118,11 @@ class CompletionFormatter(ResponseFormatter[CompletionContext]):
     # OpenAI uses one shape for both.
     chunk_type = response_type = CompletionResponse
 
+    def __init__(self, context: CompletionContext) -> None:
+        super().__init__(context)
+        # The SSE event of a text chunk around its one choice (see _text_chunk).
+        self._text_chunk_frame: tuple[str, str] | None = None
+
     def choices(self, results: ChoiceResults) -> list[CompletionChoice]:
         context = self.context
         return [
@@ -143,10 +152,25 @@ class CompletionFormatter(ResponseFormatter[CompletionContext]):
                 index, ids = completion.index, completion.token_ids
                 logprobs = context.logprobs_of(position, index, ids, completion.logprobs)
             if completion.text or logprobs or completion.finish_reason:
+                index = context.choice_index(position, completion.index)
+                reason = finish_reason(completion.finish_reason, called=False)
+                if logprobs is None:
+                    yield self._text_chunk(index, completion.text, reason)
+                    continue
                 choice = CompletionChoice(
-                    index=context.choice_index(position, completion.index),
-                    text=completion.text,
-                    logprobs=logprobs,
-                    finish_reason=finish_reason(completion.finish_reason, called=False),
+                    index=index, text=completion.text, logprobs=logprobs, finish_reason=reason
                 )
                 yield self._chunk([choice])
+
+    def _text_chunk(self, index: int, text: str, reason: str | None) -> bytes:
+        """A chunk of text alone, the event every streamed token makes, written without building its
+        pydantic model: the pydantic chunk's bytes with this index, text and finish_reason in place
+        (tests/test_server_completions.py pins the two equal)."""
+        if self._text_chunk_frame is None:
+            sample = self._chunk([CompletionChoice(index=0, text="")]).decode()
+            head, tail = sample.split(_SAMPLE_CHOICE)
+            self._text_chunk_frame = (head, tail)
+        head, tail = self._text_chunk_frame
+        reason_json = "null" if reason is None else f'"{reason}"'
+        choice = f'"index":{index},"text":{json.dumps(text, ensure_ascii=False)},"logprobs":null,"finish_reason":{reason_json}'
+        return f"{head}{choice}{tail}".encode()
