@@ -235,3 +235,40 @@ def test_template_controls_are_passed_through(client: Any, engine: FakeEngine) -
 def test_placeholder_names_and_aliases_are_accepted(client: Any, name: str) -> None:
     response = client.chat.completions.create(model=name, messages=USER, max_tokens=1)
     assert response.model == "fake-model"
+
+
+TEXTS = ["Hi", 'quote " and \\ slash', "line\nbreak\ttab\x01", "é ü 中文 \u2028 😀", "</s>"]
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_a_text_delta_is_the_pydantic_chunk_byte_for_byte(include_usage: bool) -> None:
+    from batchlm.outputs import CompletionOutput, RequestOutput
+    from batchlm.reasoning.message import MessageReader
+    from batchlm.reasoning.split import ReasoningParser, ThinkMarkers
+    from batchlm.server.responses import ChatChunkChoice
+    from batchlm.server.serving_chat import ChatContext, ChatFormatter
+
+    def formatter(reader: MessageReader | None) -> ChatFormatter:
+        context = ChatContext(
+            request_id="chatcmpl-1", created=7, model='a "quoted" model', tokenizer=FakeTokenizer(), n=2,
+            include_usage=include_usage, top_logprobs=None, reader=reader,
+        )  # fmt: skip
+        return ChatFormatter(context)
+
+    def output(index: int, text: str) -> RequestOutput:
+        return RequestOutput("r", None, [], [CompletionOutput(index=index, text=text, token_ids=[5])], False)
+
+    plain = formatter(None)
+    for index in (0, 1):
+        for text in TEXTS:
+            expected = plain._chunk([ChatChunkChoice(index=index, delta={"content": text})])
+            assert list(plain.delta(0, output(index, text))) == [expected]
+    # A reasoning model's stream: its thinking, then its answer, each a delta of its own key.
+    thinking = formatter(MessageReader(ReasoningParser(ThinkMarkers("<think>", "</think>")), None))
+    for index in (0, 1):
+        assert list(thinking.delta(0, output(index, "<think>"))) == []
+        for text in TEXTS:
+            expected = thinking._chunk([ChatChunkChoice(index=index, delta={"reasoning_content": text})])
+            assert list(thinking.delta(0, output(index, text))) == [expected]
+        answer = thinking._chunk([ChatChunkChoice(index=index, delta={"content": "Yes."})])
+        assert list(thinking.delta(0, output(index, "</think>Yes."))) == [answer]

@@ -98,12 +98,16 @@ class ResponseFormatter(ABC, Generic[ContextT]):
     # The endpoint's chunk object, and its non-streaming response object.
     chunk_type: ClassVar[type[BaseModel]]
     response_type: ClassVar[type[BaseModel]]
+    # A choice of a chunk (index 0, nothing in it), whose JSON _framed_chunk cuts chunks around.
+    sample_choice: ClassVar[BaseModel]
 
     def __init__(self, context: ContextT) -> None:
         self.context = context
         self.request_id = context.request_id
         # Without include_usage OpenAI's chunks carry no "usage" key at all.
         self._exclude = None if context.include_usage else {"usage"}
+        # The SSE event of a chunk around its one choice (see _framed_chunk).
+        self._frame: tuple[str, str] | None = None
 
     def opening(self) -> Iterable[bytes]:
         return []
@@ -124,11 +128,27 @@ class ResponseFormatter(ABC, Generic[ContextT]):
         chunk = self._wrap(self.chunk_type, choices, usage)
         return sse_event(chunk.model_dump_json(exclude=self._exclude))
 
+    def _framed_chunk(self, choice_json: str) -> bytes:
+        """A chunk of one choice whose JSON the caller wrote, for the events every streamed token makes:
+        the pydantic chunk's own bytes, cut once around a sample choice, with this one in place of it
+        (tests pin the two equal)."""
+        if self._frame is None:
+            head, tail = (
+                self._chunk([self.sample_choice]).decode().split(self.sample_choice.model_dump_json()[1:-1])
+            )
+            self._frame = (head, tail)
+        return f"{self._frame[0]}{choice_json}{self._frame[1]}".encode()
+
     def _wrap(self, kind: type[BaseModel], choices: Sequence[Any], usage: UsageInfo | None) -> BaseModel:
         context = self.context
         return kind(
             id=context.request_id, created=context.created, model=context.model, choices=choices, usage=usage
         )
+
+
+def json_text(text: str) -> str:
+    """`text` as a JSON string, escaped as pydantic escapes it."""
+    return json.dumps(text, ensure_ascii=False)
 
 
 def finish_reason(reason: FinishReason | None, called: bool) -> str | None:

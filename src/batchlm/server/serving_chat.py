@@ -28,6 +28,7 @@ from batchlm.server.responding import (
     ResponseContext,
     ResponseFormatter,
     finish_reason,
+    json_text,
     respond,
 )
 from batchlm.server.responses import (
@@ -127,6 +128,7 @@ class ChatFormatter(ResponseFormatter[ChatContext]):
 
     chunk_type = ChatCompletionChunk
     response_type = ChatCompletionResponse
+    sample_choice = ChatChunkChoice(index=0, delta={})
 
     def __init__(self, context: ChatContext) -> None:
         super().__init__(context)
@@ -184,7 +186,7 @@ class ChatFormatter(ResponseFormatter[ChatContext]):
                 yield from self._read_deltas(completion, self.context.reader)
             elif completion.text or completion.logprobs:
                 logprobs = self._delta_logprobs(completion)
-                yield self._chunk([self._content_choice(completion.index, completion.text, logprobs)])
+                yield self._text_chunk(completion.index, "content", completion.text, logprobs)
             if completion.finish_reason is not None:
                 stream = self._streams.get(completion.index)
                 reason = finish_reason(completion.finish_reason, stream is not None and stream.called)
@@ -211,13 +213,13 @@ class ChatFormatter(ResponseFormatter[ChatContext]):
                 settled.tool_calls + rest.tool_calls,
             )
         logprobs = self._merge_held(completion.index, self._delta_logprobs(completion))
-        deltas: list[dict[str, Any]] = []
-        if settled.reasoning:
-            deltas.append({"reasoning_content": settled.reasoning})
-        if settled.content:
-            deltas.append({"content": settled.content})
-        deltas.extend({"tool_calls": [delta_tool_call(piece)]} for piece in settled.tool_calls)
-        for delta in deltas:
+        texts = [("reasoning_content", settled.reasoning), ("content", settled.content)]
+        for key, text in texts:
+            if text:
+                yield self._text_chunk(completion.index, key, text, logprobs)
+                logprobs = None
+        for piece in settled.tool_calls:
+            delta = {"tool_calls": [delta_tool_call(piece)]}
             yield self._chunk([ChatChunkChoice(index=completion.index, delta=delta, logprobs=logprobs)])
             logprobs = None
         if logprobs is not None:
@@ -238,8 +240,13 @@ class ChatFormatter(ResponseFormatter[ChatContext]):
         top = self.context.top_logprobs
         return None if top is None else chat_logprobs(self.context.tokenizer, token_ids, logprobs, top)
 
-    def _content_choice(self, index: int, text: str, logprobs: ChatChoiceLogprobs | None) -> ChatChunkChoice:
-        return ChatChunkChoice(index=index, delta={"content": text}, logprobs=logprobs)
+    def _text_chunk(self, index: int, key: str, text: str, logprobs: ChatChoiceLogprobs | None) -> bytes:
+        """A delta of content or thinking alone; without log-probabilities (every streamed token's
+        case) written around the pydantic chunk's bytes."""
+        if logprobs is not None:
+            return self._chunk([ChatChunkChoice(index=index, delta={key: text}, logprobs=logprobs)])
+        delta = f'{{"{key}":{json_text(text)}}}'
+        return self._framed_chunk(f'"index":{index},"delta":{delta},"logprobs":null,"finish_reason":null')
 
 
 def _with_reasoning_tokens(usage: UsageInfo, thinking: int) -> UsageInfo:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -24,14 +23,12 @@ from batchlm.server.responding import (
     ResponseContext,
     ResponseFormatter,
     finish_reason,
+    json_text,
     respond,
 )
 from batchlm.server.responses import CompletionChoice, CompletionLogprobs, CompletionResponse
 from batchlm.server.state import get_state
 from batchlm.tokenizer.tokenizer import Tokenizer
-
-# A chunk's choice of text alone, as pydantic writes CompletionChoice(index=0, text="").
-_SAMPLE_CHOICE = '"index":0,"text":"","logprobs":null,"finish_reason":null'
 
 
 @dataclass
@@ -118,10 +115,7 @@ class CompletionFormatter(ResponseFormatter[CompletionContext]):
     # OpenAI uses one shape for both.
     chunk_type = response_type = CompletionResponse
 
-    def __init__(self, context: CompletionContext) -> None:
-        super().__init__(context)
-        # The SSE event of a text chunk around its one choice (see _text_chunk).
-        self._text_chunk_frame: tuple[str, str] | None = None
+    sample_choice = CompletionChoice(index=0, text="")
 
     def choices(self, results: ChoiceResults) -> list[CompletionChoice]:
         context = self.context
@@ -163,14 +157,7 @@ class CompletionFormatter(ResponseFormatter[CompletionContext]):
                 yield self._chunk([choice])
 
     def _text_chunk(self, index: int, text: str, reason: str | None) -> bytes:
-        """A chunk of text alone, the event every streamed token makes, written without building its
-        pydantic model: the pydantic chunk's bytes with this index, text and finish_reason in place
-        (tests/test_server_completions.py pins the two equal)."""
-        if self._text_chunk_frame is None:
-            sample = self._chunk([CompletionChoice(index=0, text="")]).decode()
-            head, tail = sample.split(_SAMPLE_CHOICE)
-            self._text_chunk_frame = (head, tail)
-        head, tail = self._text_chunk_frame
         reason_json = "null" if reason is None else f'"{reason}"'
-        choice = f'"index":{index},"text":{json.dumps(text, ensure_ascii=False)},"logprobs":null,"finish_reason":{reason_json}'
-        return f"{head}{choice}{tail}".encode()
+        return self._framed_chunk(
+            f'"index":{index},"text":{json_text(text)},"logprobs":null,"finish_reason":{reason_json}'
+        )
