@@ -22,12 +22,11 @@ from triton.testing import do_bench
 from batchlm.kernels.kv_write import write_kv_cache
 from batchlm.kernels.paged_decode import (
     DecodeConfig,
-    choose_num_splits,
     default_decode_config,
     paged_decode_attention,
 )
 from batchlm.kernels.paged_prefill import PrefillConfig, paged_prefill_attention
-from batchlm.kernels.shapes import sm_count
+from batchlm.kernels.shapes import choose_num_splits, sm_count
 
 DTYPE = torch.bfloat16
 ELEM = 2  # bytes per bf16 element

@@ -1,13 +1,11 @@
-"""How many slices a decode request's context is split into (kernels/paged_decode.choose_num_splits):
+"""How many slices a decode request's context is split into (kernels/shapes.choose_num_splits):
 from static quantities only, so that CUDA graphs replay one grid, and a power of two."""
 
 from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("triton")
-
-from batchlm.kernels.paged_decode import MAX_SPLITS, choose_num_splits
+from batchlm.kernels.shapes import MAX_SPLITS, choose_num_splits
 
 H200_SMS = 132
 

@@ -11,12 +11,11 @@ from batchlm.kernels.fp8_types import FP8_DTYPE
 from batchlm.kernels.kv_write import rotate_and_write_kv_cache, write_kv_cache
 from batchlm.kernels.paged_decode import (
     DecodeConfig,
-    choose_num_splits,
     default_decode_config,
     paged_decode_attention,
 )
 from batchlm.kernels.paged_prefill import paged_prefill_attention, prefill_configs
-from batchlm.kernels.shapes import check_paged_inputs, sm_count
+from batchlm.kernels.shapes import check_paged_inputs, choose_num_splits, sm_count
 
 
 class TritonAttentionBackend(AttentionBackend):

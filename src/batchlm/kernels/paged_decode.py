@@ -26,15 +26,16 @@ from batchlm.kernels.paged_tile import (
     values_update,
 )
 from batchlm.kernels.pdl import let_next_kernel_start, pdl_launch, wait_for_previous_kernel
-from batchlm.kernels.shapes import LOG2_E, check_paged_inputs, dot_precision, next_power_of_2, sm_count
+from batchlm.kernels.shapes import (
+    LOG2_E,
+    MAX_SPLITS,
+    check_paged_inputs,
+    choose_num_splits,
+    dot_precision,
+    next_power_of_2,
+    sm_count,
+)
 from batchlm.kernels.specialization import unspecialized
-
-# Upper bound on splits per request (bounds the workspace and the reduce's work).
-MAX_SPLITS = 256
-# A split shorter than this spends more on its own overhead than it saves in parallelism: one tile.
-# At one request a program's wait on memory is the step's latency, so more, shorter splits win
-# down to a tile each (BENCHMARKS.md, "Single stream: splits of one tile").
-MIN_TOKENS_PER_SPLIT = 64
 
 
 @dataclass(frozen=True)
@@ -56,22 +57,6 @@ FP8_DECODE_CONFIG = DecodeConfig(block_n=128, num_stages=3, fp8_in_registers=Tru
 
 def default_decode_config(cache_dtype: torch.dtype) -> DecodeConfig:
     return FP8_DECODE_CONFIG if cache_dtype == FP8_DTYPE else DecodeConfig()
-
-
-def choose_num_splits(
-    batch_size: int, num_kv_heads: int, max_context: int, sm_count: int, programs_per_sm: int = 4
-) -> int:
-    """Splits per request from static quantities only (so CUDA-graph replays keep the same grid).
-
-    Rounded down to a power of two: the split count is a compile-time constant of the kernels, and
-    eager steps (decodes beside prefill chunks) come in every batch size and context length, so
-    exact counts would compile a new kernel pair for many of them while serving. Powers of two are
-    the few variants the start-up graph captures have already compiled."""
-    programs = batch_size * num_kv_heads
-    wanted = triton.cdiv(sm_count * programs_per_sm, max(programs, 1))
-    useful = triton.cdiv(max_context, MIN_TOKENS_PER_SPLIT)
-    splits = max(1, min(wanted, useful, MAX_SPLITS))
-    return 1 << (splits.bit_length() - 1)
 
 
 @triton.jit(**unspecialized(ints=["stride_bt"], pointers=["block_table_ptr", "seq_lens_ptr"]))

@@ -1,4 +1,5 @@
-"""Shape and dtype checks shared by the paged-attention kernel launchers (plain torch, no triton)."""
+"""Shape and dtype checks and the decode split count, shared by the paged-attention kernel launchers (plain
+torch, no triton)."""
 
 from __future__ import annotations
 
@@ -76,3 +77,27 @@ def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 8  # Triton's CPU interpreter (tests without a GPU): any small number will do
     return int(torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+# Upper bound on splits per request (bounds the workspace and the reduce's work).
+MAX_SPLITS = 256
+# A split shorter than this spends more on its own overhead than it saves in parallelism: one tile.
+# At one request a program's wait on memory is the step's latency, so more, shorter splits win
+# down to a tile each (BENCHMARKS.md, "Single stream: splits of one tile").
+MIN_TOKENS_PER_SPLIT = 64
+
+
+def choose_num_splits(
+    batch_size: int, num_kv_heads: int, max_context: int, sm_count: int, programs_per_sm: int = 4
+) -> int:
+    """Splits per request from static quantities only (so CUDA-graph replays keep the same grid).
+
+    Rounded down to a power of two: the split count is a compile-time constant of the kernels, and
+    eager steps (decodes beside prefill chunks) come in every batch size and context length, so
+    exact counts would compile a new kernel pair for many of them while serving. Powers of two are
+    the few variants the start-up graph captures have already compiled."""
+    programs = batch_size * num_kv_heads
+    wanted = -(-sm_count * programs_per_sm // max(programs, 1))
+    useful = -(-max_context // MIN_TOKENS_PER_SPLIT)
+    splits = max(1, min(wanted, useful, MAX_SPLITS))
+    return 1 << (splits.bit_length() - 1)
