@@ -340,3 +340,24 @@ def test_with_a_response_format_the_model_may_still_call_a_tool(client: Any, eng
     reply = client.chat.completions.create(**fields)
     assert [c.function.name for c in reply.choices[0].message.tool_calls] == ["get_weather"]
     assert reply.choices[0].finish_reason == "tool_calls"
+
+
+def test_with_a_regex_or_choice_the_model_may_still_call_a_tool(client: Any, engine: FakeEngine) -> None:
+    engine.reply = f'<tool_call>{{"name": "get_weather", "arguments": {PARIS}}}</tool_call>'
+    for constraint, rule in [
+        ({"regex": "[a-z]+"}, "answer: /[a-z]+/"),
+        ({"choice": ["yes", "no"]}, 'answer: "yes" | "no"'),
+    ]:
+        reply = client.chat.completions.create(
+            model="fake-model", messages=USER, tools=TOOLS, extra_body={"structured_outputs": constraint}
+        )
+        assert [c.function.name for c in reply.choices[0].message.tool_calls] == ["get_weather"]
+        grammar = engine.calls[-1].params.structured_outputs.grammar
+        assert grammar.startswith("start: answer | ") and rule in grammar.splitlines()
+    # A Lark grammar of the client's own has no place for calls: it holds alone.
+    engine.reply = "yes"
+    lark = 'start: "yes" | "no"'
+    client.chat.completions.create(
+        model="fake-model", messages=USER, tools=TOOLS, extra_body={"structured_outputs": {"grammar": lark}}
+    )
+    assert engine.calls[-1].params.structured_outputs.grammar == lark

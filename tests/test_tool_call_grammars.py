@@ -170,3 +170,24 @@ def test_with_json_asked_for_each_family_answers_in_it_or_calls(
     if isinstance(calls[0], str) and calls[0].startswith("Ok "):  # Hermes: the call without the text
         calls = [calls[0].removeprefix("Ok ")]
     assert grammar.takes(calls, then_ends=True)
+
+
+@pytest.mark.parametrize(("family", "tokens", "output"), STRICT_FAMILIES)
+@pytest.mark.parametrize(
+    ("answer", "taken", "refused"),
+    [
+        ("/[A-Z][a-z]+ [0-9]+/", "Paris 75", "paris 75"),
+        ('"yes" | "no"', "no", "maybe"),
+    ],
+)
+def test_with_a_regex_or_choice_asked_for_each_family_answers_in_it_or_calls(
+    tiny_tokenizer, family, tokens, output, answer, taken, refused
+) -> None:
+    """structured_outputs' regex or choice beside tools under auto: the answer or calls."""
+    grammar = FamilyGrammar(tiny_tokenizer, family, tokens, strict=False, answer=answer)
+    assert grammar.takes([taken], then_ends=True)
+    assert not grammar.takes([refused])
+    calls = [piece for piece in output if piece != "Sure."]
+    if isinstance(calls[0], str) and calls[0].startswith("Ok "):  # Hermes: the call without the text
+        calls = [calls[0].removeprefix("Ok ")]
+    assert grammar.takes(calls, then_ends=True)

@@ -154,10 +154,21 @@ def test_auto_with_a_strict_function_decodes_the_family_s_calls_under_a_grammar(
     assert plain.sampling_params(SamplingParams()).structured_outputs is None
     mistral = chat_tool_use(ToolFields([Tool(STRICT_WEATHER)], "auto"), "mistral", None)
     assert mistral.sampling_params(SamplingParams()).structured_outputs is None
-    # A regex of the client's own stays as it is; with JSON asked for, the answer takes the free
-    # text's place beside the calls, strict function or not (test_structured_backend walks it).
-    regex = StructuredOutputs(regex="[a-z]+")
-    assert use.sampling_params(SamplingParams(structured_outputs=regex)).structured_outputs == regex
+    # A Lark grammar of the client's own stays as it is; with JSON, a regex or a choice asked for, the
+    # answer takes the free text's place beside the calls, strict function or not
+    # (test_tool_call_grammars walks them).
+    lark = StructuredOutputs(grammar='start: "yes" | "no"')
+    assert use.sampling_params(SamplingParams(structured_outputs=lark)).structured_outputs == lark
+    for own, rule in [
+        (StructuredOutputs(regex="[a-z]+/[0-9]"), "answer: /[a-z]+\\/[0-9]/"),
+        (StructuredOutputs(choice=("yes", 'a "no"')), 'answer: "yes" | "a \\"no\\""'),
+    ]:
+        beside = plain.sampling_params(SamplingParams(structured_outputs=own)).structured_outputs
+        assert beside is not None and beside.grammar is not None and rule in beside.grammar.splitlines()
+        validated_grammar(beside)
+    with pytest.raises(ToolUseError) as bad_regex:
+        plain.sampling_params(SamplingParams(structured_outputs=StructuredOutputs(regex="(")))
+    assert bad_regex.value.param == "structured_outputs"
     schema = StructuredOutputs(
         json=json.dumps({"type": "object", "properties": {"answer": {"type": "integer"}}})
     )

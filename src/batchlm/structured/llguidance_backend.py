@@ -89,11 +89,19 @@ def _constraint_text(spec: StructuredOutputs) -> str:
     if spec.regex is not None:
         return llguidance.LLMatcher.grammar_from_regex(spec.regex)
     if spec.choice is not None:
-        return llguidance.LLMatcher.grammar_from_lark(
-            "start: " + " | ".join(json.dumps(c) for c in spec.choice)
-        )
+        return llguidance.LLMatcher.grammar_from_lark(f"start: {lark_terminal(spec)}")
     assert spec.grammar is not None
     return llguidance.LLMatcher.grammar_from_lark(spec.grammar)
+
+
+def lark_terminal(spec: StructuredOutputs) -> str | None:
+    """A regex or choice constraint as one Lark rule body (a regex as a `/.../` terminal, choices as
+    alternatives), for grammars that take it among other rules; None for the other kinds."""
+    if spec.regex is not None:
+        return f"/{llguidance.regex_to_lark(spec.regex, '')}/"
+    if spec.choice is not None:
+        return " | ".join(json.dumps(c) for c in spec.choice)
+    return None
 
 
 def validated_grammar(spec: StructuredOutputs) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 
 from batchlm.sampling_params import SamplingParams, StructuredOutputs
 from batchlm.structured.backend import GrammarError
-from batchlm.structured.llguidance_backend import validated_grammar
+from batchlm.structured.llguidance_backend import lark_terminal, validated_grammar
 from batchlm.tools.call_grammar import CALL_JSON_FORMAT
 from batchlm.tools.function_tool import ANY_OBJECT
 from batchlm.tools.parser import ToolParser
@@ -59,9 +59,10 @@ class ChatToolUse:
 
     def _auto_calls(self, own: StructuredOutputs | None, field: str) -> StructuredOutputs | None:
         """With tool_choice "auto", the family's grammar for the calls the model may make: beside free
-        text when a function is strict; beside the answer when the client asked for JSON
-        (response_format), so that the model may still call a tool, as in OpenAI's API. None leaves
-        the client's constraint (or none) as it is."""
+        text when a function is strict; beside the answer when the client constrained it (JSON from
+        response_format, or a regex or choice), so that the model may still call a tool, as in
+        OpenAI's API. None leaves the client's constraint (or none) as it is: a Lark grammar of its
+        own, which has no place for the calls."""
         plan, parser = self.plan, self.parser
         if plan is None or plan.mode != "auto" or parser is None:
             return None
@@ -70,7 +71,7 @@ class ChatToolUse:
             if not plan.has_strict_tools:
                 return None
         else:
-            answer = _json_answer(own, field)
+            answer = _answer(own, field)
             if answer is None:
                 return None
         grammar = parser.calls_grammar(plan.tools, self.added_tokens, answer)
@@ -100,19 +101,24 @@ def chat_tool_use(
     return ChatToolUse(plan, found(max_calls=None if plan.parallel else 1), added_tokens or {})
 
 
-def _json_answer(own: StructuredOutputs, field: str) -> str | None:
-    """The client's JSON constraint as a Lark `%json` rule body; None for a regex, choice or grammar.
-    A schema that does not compile is the client's error, named by its field."""
-    if own.json_object:
-        schema: object = dict(ANY_OBJECT)
-    elif own.json is not None:
+def _answer(own: StructuredOutputs, field: str) -> str | None:
+    """The client's constraint as a Lark rule body: JSON as `%json`, a regex or choice as a terminal;
+    None for a grammar. A constraint that does not compile is the client's error, named by its field."""
+    if own.grammar is not None:
+        return None
+    if not own.json_object:
         try:
             validated_grammar(own)
         except GrammarError as error:
             raise ToolUseError(f"Invalid '{field}': {error}", param=field) from None
-        schema = json.loads(own.json)
+    terminal = lark_terminal(own)
+    if terminal is not None:
+        return terminal
+    if own.json_object:
+        schema: object = dict(ANY_OBJECT)
     else:
-        return None
+        assert own.json is not None
+        schema = json.loads(own.json)
     if not isinstance(schema, dict):
         return None
     # The calls' format, also over the client's own: llguidance reads an answer and a call that both
