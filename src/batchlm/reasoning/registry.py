@@ -42,8 +42,6 @@ def reasoning_parser(
     return ReasoningParser(markers, prompt_opens_thinking(prompt_tail(), markers))
 
 
-# OpenAI's reasoning_effort values.
-REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
 # The chat-template variable by which Qwen3's and SmolLM3's templates turn thinking on or off.
 THINKING_SWITCH = "enable_thinking"
 
