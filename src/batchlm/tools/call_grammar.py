@@ -26,17 +26,17 @@ def token_rule(text: str, added_tokens: Mapping[str, int]) -> str | None:
 
 def calls_json(tools: Sequence[FunctionTool], argument_key: str) -> str:
     """A Lark `%json` nonterminal (llguidance's): one call of any of `tools`."""
-    return _json_rule({"anyOf": [tool.call_schema(argument_key) for tool in tools]})
+    return json_rule({"anyOf": [tool.call_schema(argument_key) for tool in tools]})
 
 
 def calls_array_json(tools: Sequence[FunctionTool], argument_key: str, max_items: int | None) -> str:
     """A Lark `%json` nonterminal: a non-empty JSON array of calls of `tools` (at most max_items)."""
-    return _json_rule(calls_array_schema(tools, argument_key, max_items))
+    return json_rule(calls_array_schema(tools, argument_key, max_items))
 
 
 def arguments_json(tool: FunctionTool) -> str:
     """A Lark `%json` nonterminal: the arguments of a call of `tool` (their schema if it is strict)."""
-    return _json_rule(tool.chosen_arguments())
+    return json_rule(tool.chosen_arguments())
 
 
 def free_text(added_tokens: Mapping[str, int], markers: Sequence[str]) -> list[str]:
@@ -52,7 +52,7 @@ def free_text(added_tokens: Mapping[str, int], markers: Sequence[str]) -> list[s
     return [f"free: TEXT? (<[{_id_ranges(others)}]> TEXT?)*", *rules]
 
 
-def _json_rule(schema: dict[str, Any]) -> str:
+def json_rule(schema: dict[str, Any]) -> str:
     """A Lark `%json` nonterminal for `schema`, in the calls' JSON format."""
     return f"%json {json.dumps({**schema, 'x-guidance': CALL_JSON_FORMAT})}"
 

@@ -12,7 +12,7 @@ from typing import Any
 from batchlm.sampling_params import SamplingParams, StructuredOutputs
 from batchlm.structured.backend import GrammarError
 from batchlm.structured.llguidance_backend import lark_terminal, validated_grammar
-from batchlm.tools.call_grammar import CALL_JSON_FORMAT
+from batchlm.tools.call_grammar import json_rule
 from batchlm.tools.function_tool import ANY_OBJECT
 from batchlm.tools.parser import ToolParser
 from batchlm.tools.registry import parser_class
@@ -123,4 +123,4 @@ def _answer(own: StructuredOutputs, field: str) -> str | None:
         return None
     # The calls' format, also over the client's own: llguidance reads an answer and a call that both
     # open with `{` (Llama 3's markup) as one JSON only when their formats are the same.
-    return f"%json {json.dumps({**schema, 'x-guidance': CALL_JSON_FORMAT})}"
+    return json_rule(schema)
