@@ -46,16 +46,12 @@ class ReasoningParser:
     def split(self, text: str, final: bool) -> ReasoningSplit:
         """The thinking and the answer of `text`, as far as they are settled (all of it when `final`):
         text that may still turn out to be a marker is held back."""
-        start, end = self.markers.start, self.markers.end
-        body_at = 0
-        if not self.opened_by_prompt:
-            opening = text.lstrip()
-            if opening.startswith(start):
-                body_at = len(text) - len(opening) + len(start)
-            elif not final and start.startswith(opening):
+        end = self.markers.end
+        body_at = self._body_at(text)
+        if body_at is None:
+            if not final and self.markers.start.startswith(text.lstrip()):
                 return ReasoningSplit(None, "")
-            else:
-                return ReasoningSplit(None, text)
+            return ReasoningSplit(None, text)
         end_at = text.find(end, body_at)
         if end_at < 0:
             body = text[body_at:]
@@ -70,7 +66,7 @@ class ReasoningParser:
         `reasoning_tokens`): the shortest prefix whose text closes the block, found by halving, since
         a prefix that closes it stays closed as tokens are added; all of them when it never closes,
         none for an output without thinking."""
-        if self.split(decode(token_ids), final=True).reasoning is None:
+        if self._body_at(decode(token_ids)) is None:
             return 0
         low, high = 0, len(token_ids)  # the block is open after `low` tokens; closed or ended at `high`
         while high - low > 1:
@@ -81,13 +77,19 @@ class ReasoningParser:
                 low = middle
         return high
 
-    def _closed(self, text: str) -> bool:
+    def _body_at(self, text: str) -> int | None:
+        """Where the thinking begins in `text`: at once when the prompt opened the block, after the
+        output's start marker, or None when the output does not open with one."""
         if self.opened_by_prompt:
-            return self.markers.end in text
+            return 0
         opening = text.lstrip()
-        return (
-            opening.startswith(self.markers.start) and self.markers.end in opening[len(self.markers.start) :]
-        )
+        if not opening.startswith(self.markers.start):
+            return None
+        return len(text) - len(opening) + len(self.markers.start)
+
+    def _closed(self, text: str) -> bool:
+        body_at = self._body_at(text)
+        return body_at is not None and text.find(self.markers.end, body_at) >= 0
 
     def stream(self) -> ReasoningStream:
         return ReasoningStream(self)
