@@ -100,6 +100,8 @@ class ResponseFormatter(ABC, Generic[ContextT]):
     response_type: ClassVar[type[BaseModel]]
     # A choice of a chunk (index 0, nothing in it), whose JSON _framed_chunk cuts chunks around.
     sample_choice: ClassVar[BaseModel]
+    # The stream's last event.
+    end_of_stream: ClassVar[bytes] = SSE_DONE
 
     def __init__(self, context: ContextT) -> None:
         self.context = context
@@ -120,6 +122,10 @@ class ResponseFormatter(ABC, Generic[ContextT]):
 
     def closing(self, usage: UsageInfo) -> Iterable[bytes]:
         return [self._chunk([], usage)] if self.context.include_usage else []
+
+    def failure(self, error: APIError) -> Iterable[bytes]:
+        """The events of an error that ended the stream after it started."""
+        return [sse_event(error.body())]
 
     def response(self, results: ChoiceResults, usage: UsageInfo) -> BaseModel:
         return self._wrap(self.response_type, self.choices(results), usage)
@@ -237,14 +243,15 @@ async def _stream_events(
                     yield event
             for event in formatter.closing(usage_of(generations)):
                 yield event
-        except APIError as error:
+        except Exception as error:
+            if not isinstance(error, APIError):
+                logger.exception("a streaming response failed")
+                error = APIError(500, "The server had an internal error while streaming.")
             metrics.count_error(error.status)
-            yield sse_event(error.body())
-        except Exception:
-            logger.exception("a streaming response failed")
-            metrics.count_error(500)
-            yield sse_event(APIError(500, "The server had an internal error while streaming.").body())
-        yield SSE_DONE
+            for event in formatter.failure(error):
+                yield event
+        if formatter.end_of_stream:
+            yield formatter.end_of_stream
     finally:
         # Also runs when the client disconnects and the stream is cancelled: abort what is left.
         with anyio.CancelScope(shield=True):

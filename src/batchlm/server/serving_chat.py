@@ -12,10 +12,11 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 
-from batchlm.engine.input_processor import FieldNames
+from batchlm.engine.input_processor import FieldNames, ValidatedRequest
 from batchlm.outputs import CompletionOutput, FinishReason, RequestOutput, TokenLogprobs
 from batchlm.reasoning.message import AssistantMessage, MessageDelta, MessageReader, MessageStream
 from batchlm.reasoning.registry import effort_template_kwargs, reasoning_markers, reasoning_parser
+from batchlm.reasoning.split import ReasoningParser
 from batchlm.sampling_params import SamplingParams
 from batchlm.server.errors import APIError, rejections_as_400
 from batchlm.server.logprobs import chat_logprobs
@@ -43,7 +44,7 @@ from batchlm.server.responses import (
     ResponseToolCall,
     UsageInfo,
 )
-from batchlm.server.state import get_state
+from batchlm.server.state import ServerState, get_state
 from batchlm.tools.calls import ToolCall, ToolCallDelta
 from batchlm.tools.use import chat_tool_use
 
@@ -60,7 +61,15 @@ class ChatContext(ResponseContext):
 
 
 async def create_chat_completion(request: Request, body: ChatCompletionRequest) -> Response:
-    state = get_state(request)
+    engine_request, context = await prepare_chat(get_state(request), body, f"chatcmpl-{uuid.uuid4().hex}")
+    return await respond(request, [engine_request], ChatFormatter(context), body.stream)
+
+
+async def prepare_chat(
+    state: ServerState, body: ChatCompletionRequest, request_id: str
+) -> tuple[ValidatedRequest, ChatContext]:
+    """The engine request of a chat request (prompt rendered with its tools, sampling parameters with
+    its constraint, validated) and what its answer is read and shaped with."""
     info = state.admit(body)
     check_chat_request(body)
     tokenizer, processor = state.engine.tokenizer, state.engine.input_processor
@@ -97,7 +106,7 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest) 
             params = reasoning.sampling_params(params, added_tokens)
         engine_request = processor.process(prompt_ids, params, None, names)
     context = ChatContext(
-        request_id=f"chatcmpl-{uuid.uuid4().hex}",
+        request_id=request_id,
         created=int(time.time()),
         model=info.served_model_name,
         tokenizer=tokenizer,
@@ -106,7 +115,7 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest) 
         reader=MessageReader(reasoning, tool_use.parser) if reasoning or tool_use.parser else None,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
     )
-    return await respond(request, [engine_request], ChatFormatter(context), body.stream)
+    return engine_request, context
 
 
 def _sampling_params(body: ChatCompletionRequest) -> tuple[SamplingParams, FieldNames]:
@@ -122,6 +131,67 @@ def _sampling_params(body: ChatCompletionRequest) -> tuple[SamplingParams, Field
     )
 
 
+class AssistantMessages:
+    """Each choice's assistant message (thinking, content, tool calls) read out of its text: whole for
+    a response, settled piece by piece for a stream; and the tokens it spent thinking, for the usage."""
+
+    def __init__(self, context: ChatContext) -> None:
+        self._reader = context.reader
+        self._tokenizer = context.tokenizer
+        self._count_streamed = context.include_usage and self._reasoning is not None
+        self._streams: dict[int, MessageStream] = {}
+        # Per streamed choice of a reasoning model, when its usage is reported: its token ids.
+        self._streamed_ids: dict[int, list[int]] = {}
+
+    @property
+    def _reasoning(self) -> ReasoningParser | None:
+        return self._reader.reasoning if self._reader is not None else None
+
+    def whole(self, result: ChoiceResult) -> AssistantMessage:
+        if self._reader is None:
+            return AssistantMessage(None, result.text, ())
+        return self._reader.read(result.text, cut_short=result.finish_reason is FinishReason.LENGTH)
+
+    def settle(self, completion: CompletionOutput) -> MessageDelta:
+        """What this delta of the choice settles (with the rest of the message once it finishes)."""
+        if self._reader is None:
+            return MessageDelta("", completion.text, ())
+        stream = self._streams.get(completion.index)
+        if stream is None:
+            stream = self._streams[completion.index] = self._reader.stream()
+        if self._count_streamed:
+            self._streamed_ids.setdefault(completion.index, []).extend(completion.token_ids)
+        settled = stream.feed(completion.text)
+        if completion.finish_reason is None:
+            return settled
+        rest = stream.finish(cut_short=completion.finish_reason is FinishReason.LENGTH)
+        return MessageDelta(
+            settled.reasoning + rest.reasoning,
+            settled.content + rest.content,
+            settled.tool_calls + rest.tool_calls,
+        )
+
+    def called(self, index: int) -> bool:
+        """Whether the streamed choice has called a tool."""
+        stream = self._streams.get(index)
+        return stream is not None and stream.called
+
+    def thinking_tokens(self, results: ChoiceResults) -> int:
+        return sum(self._thinking(result.token_ids) for result in results.values())
+
+    def streamed_thinking_tokens(self) -> int:
+        return sum(self._thinking(ids) for ids in self._streamed_ids.values())
+
+    def _thinking(self, token_ids: Sequence[int]) -> int:
+        parser = self._reasoning
+        if parser is None:
+            return 0
+        tokenizer, skip_special = self._tokenizer, not parser.markers.special
+        return parser.thinking_tokens(
+            token_ids, lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special)
+        )
+
+
 class ChatFormatter(ResponseFormatter[ChatContext]):
     """chat.completion, or its chunks: a role chunk per choice, content deltas, a finish chunk per
     choice, and with include_usage a last chunk with the usage and no choices."""
@@ -132,38 +202,23 @@ class ChatFormatter(ResponseFormatter[ChatContext]):
 
     def __init__(self, context: ChatContext) -> None:
         super().__init__(context)
-        # Per choice: its message stream, and log-probabilities of text it holds back.
-        self._streams: dict[int, MessageStream] = {}
+        self._messages = AssistantMessages(context)
+        # Per choice: log-probabilities of text its message stream holds back.
         self._held_logprobs: dict[int, ChatChoiceLogprobs] = {}
-        # Per choice of a reasoning model's stream with usage: its token ids, to count its thinking.
-        self._streamed_ids: dict[int, list[int]] = {}
 
     def choices(self, results: ChoiceResults) -> list[ChatChoice]:
         return [self._choice(index, result) for (_, index), result in sorted(results.items())]
 
     def response(self, results: ChoiceResults, usage: UsageInfo) -> BaseModel:
-        thinking = sum(self._thinking_tokens(result.token_ids) for result in results.values())
+        thinking = self._messages.thinking_tokens(results)
         return super().response(results, _with_reasoning_tokens(usage, thinking))
 
     def closing(self, usage: UsageInfo) -> Iterable[bytes]:
-        thinking = sum(self._thinking_tokens(ids) for ids in self._streamed_ids.values())
+        thinking = self._messages.streamed_thinking_tokens()
         return super().closing(_with_reasoning_tokens(usage, thinking))
 
-    def _thinking_tokens(self, token_ids: Sequence[int]) -> int:
-        reader = self.context.reader
-        if reader is None or reader.reasoning is None:
-            return 0
-        parser, tokenizer = reader.reasoning, self.context.tokenizer
-        skip_special = not parser.markers.special
-        return parser.thinking_tokens(
-            token_ids, lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special)
-        )
-
     def _choice(self, index: int, result: ChoiceResult) -> ChatChoice:
-        reader = self.context.reader
-        cut_short = result.finish_reason is FinishReason.LENGTH
-        read = reader.read(result.text, cut_short) if reader is not None else None
-        parsed = read or AssistantMessage(None, result.text, ())
+        parsed = self._messages.whole(result)
         message = ChatResponseMessage(
             content=parsed.content,
             tool_calls=response_tool_calls(parsed.tool_calls),
@@ -183,35 +238,22 @@ class ChatFormatter(ResponseFormatter[ChatContext]):
     def delta(self, position: int, output: RequestOutput) -> Iterator[bytes]:
         for completion in output.outputs:
             if self.context.reader is not None:
-                yield from self._read_deltas(completion, self.context.reader)
+                yield from self._read_deltas(completion)
             elif completion.text or completion.logprobs:
                 logprobs = self._delta_logprobs(completion)
                 yield self._text_chunk(completion.index, "content", completion.text, logprobs)
             if completion.finish_reason is not None:
-                stream = self._streams.get(completion.index)
-                reason = finish_reason(completion.finish_reason, stream is not None and stream.called)
+                reason = finish_reason(completion.finish_reason, self._messages.called(completion.index))
                 held = self._held_logprobs.pop(completion.index, None)
                 finish = ChatChunkChoice(
                     index=completion.index, delta={}, logprobs=held, finish_reason=reason
                 )
                 yield self._chunk([finish])
 
-    def _read_deltas(self, completion: CompletionOutput, reader: MessageReader) -> Iterator[bytes]:
+    def _read_deltas(self, completion: CompletionOutput) -> Iterator[bytes]:
         """Thinking, content and call pieces the reader settles; log-probabilities ride on the next
         piece sent."""
-        stream = self._streams.get(completion.index)
-        if stream is None:
-            stream = self._streams[completion.index] = reader.stream()
-        if reader.reasoning is not None and self.context.include_usage:
-            self._streamed_ids.setdefault(completion.index, []).extend(completion.token_ids)
-        settled = stream.feed(completion.text)
-        if completion.finish_reason is not None:
-            rest = stream.finish(cut_short=completion.finish_reason is FinishReason.LENGTH)
-            settled = MessageDelta(
-                settled.reasoning + rest.reasoning,
-                settled.content + rest.content,
-                settled.tool_calls + rest.tool_calls,
-            )
+        settled = self._messages.settle(completion)
         logprobs = self._merge_held(completion.index, self._delta_logprobs(completion))
         texts = [("reasoning_content", settled.reasoning), ("content", settled.content)]
         for key, text in texts:
