@@ -4,6 +4,7 @@ official openai client. Skipped only where the package index cannot be reached, 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from collections.abc import Iterator
@@ -174,3 +175,36 @@ def test_an_agent_s_typed_answer_or_its_strict_calls_always_parse(client: Any) -
         else:
             assert isinstance(choice.message.parsed, Final)
     assert complete, "every reply was cut short: nothing was checked"
+
+
+def test_the_responses_api_answers_and_forces_a_call(client: Any) -> None:
+    """The README's Responses API example: an answer, then a forced call whose arguments fit."""
+    reply = client.responses.create(
+        model=DEFAULT_MODEL_NAME, input=QUESTION[0]["content"], temperature=0, max_output_tokens=32
+    )
+    assert "Paris" in reply.output_text
+    weather = {
+        "type": "function",
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["city"],
+            "properties": {"city": {"type": "string"}},
+        },
+        "strict": True,
+    }
+    reply = client.responses.create(
+        model=DEFAULT_MODEL_NAME,
+        input="What is the weather like in Paris today?",
+        tools=[weather],
+        tool_choice="required",
+        temperature=0,
+        max_output_tokens=64,
+    )
+    calls = [item for item in reply.output if item.type == "function_call"]
+    assert calls and reply.output[-1] is calls[-1]
+    for call in calls:
+        assert call.name == "get_weather" and call.call_id.startswith("call_")
+        assert isinstance(json.loads(call.arguments)["city"], str)

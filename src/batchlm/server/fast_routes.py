@@ -1,13 +1,13 @@
-"""The two generation endpoints dispatched straight from ASGI to their handlers.
+"""The generation endpoints dispatched straight from ASGI to their handlers.
 
 A burst of requests is bounded by the event loop's own work per request. Through FastAPI that is
 routing over every route, dependency solving, a JSON parse, model validation and four more ASGI
 layers on the way in, plus a wrapper around every SSE chunk on the way out (docs/architecture.md,
-"Front-end budget under a burst"). For POST /v1/completions and /v1/chat/completions with a JSON body this
-middleware validates the body in one pydantic call and calls the same handler the route would.
-Anything it does not take cleanly, including every malformed or invalid body, continues to FastAPI
-with the body replayed, so error responses stay exactly FastAPI's (and the OpenAPI schema still
-lists both routes).
+"Front-end budget under a burst"). For POST /v1/completions, /v1/chat/completions and /v1/responses
+with a JSON body this middleware validates the body in one pydantic call and calls the same handler
+the route would. Anything it does not take cleanly, including every malformed or invalid body,
+continues to FastAPI with the body replayed, so error responses stay exactly FastAPI's (and the
+OpenAPI schema still lists the routes).
 """
 
 from __future__ import annotations
@@ -24,13 +24,16 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from batchlm.server.errors import APIError, ErrorObserver, error_response
 from batchlm.server.middleware import read_body, replay_body
 from batchlm.server.protocol import ChatCompletionRequest, CompletionRequest
+from batchlm.server.protocol_responses import ResponsesRequest
 from batchlm.server.serving_chat import create_chat_completion
 from batchlm.server.serving_completions import create_completion
+from batchlm.server.serving_responses import create_response
 
 Handler = Callable[[Request, Any], Awaitable[Response]]
 ROUTES: dict[str, tuple[type[BaseModel], Handler]] = {
     "/v1/completions": (CompletionRequest, create_completion),
     "/v1/chat/completions": (ChatCompletionRequest, create_chat_completion),
+    "/v1/responses": (ResponsesRequest, create_response),
 }
 
 

@@ -17,6 +17,7 @@ from batchlm.server.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
+from batchlm.server.protocol_responses import ResponseObject, ResponsesRequest
 from batchlm.server.request_params import check_unicode
 from batchlm.server.responses import (
     ChatCompletionResponse,
@@ -29,6 +30,7 @@ from batchlm.server.responses import (
 )
 from batchlm.server.serving_chat import create_chat_completion
 from batchlm.server.serving_completions import create_completion
+from batchlm.server.serving_responses import create_response
 from batchlm.server.state import ServerState, get_state
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -97,6 +99,12 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Res
 async def completions(request: Request, body: CompletionRequest) -> Response:
     check_unicode(body)
     return await create_completion(request, body)
+
+
+@router.post("/v1/responses", responses=_generation_responses(ResponseObject))
+async def responses(request: Request, body: ResponsesRequest) -> Response:
+    check_unicode(body)
+    return await create_response(request, body)
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)

@@ -1,0 +1,182 @@
+"""Bodies of POST /v1/responses (OpenAI's Responses API), field for field as OpenAI names them: the
+request, the response object and its output items. Input items, tools and the tool choice stay plain
+JSON here: serving_responses reads them, so that a 400 names the exact item and field at fault."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from batchlm.server.protocol import StrictModel
+
+
+class TextFormat(StrictModel):
+    """`text.format`: plain text, any JSON object, or JSON under a schema."""
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: str | None = None
+    description: str | None = None
+    # The schema of a json_schema format.
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class TextConfig(StrictModel):
+    format: TextFormat | None = None
+    # How long-winded the answer should be; the model's own choice here (accepted, not acted on).
+    verbosity: Literal["low", "medium", "high"] | None = None
+
+
+class ReasoningConfig(StrictModel):
+    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    # Summaries of the thinking are not written; reasoning items carry the thinking itself.
+    summary: Literal["auto", "concise", "detailed"] | None = None
+    generate_summary: Literal["auto", "concise", "detailed"] | None = None
+
+
+class ResponsesRequest(StrictModel):
+    """POST /v1/responses. Stateless: every request carries the whole conversation in `input`."""
+
+    model: str | None = Field(None, description="Served model name or alias; omitted = the served model.")
+    # Text (one user message) or a list of items: messages, function calls and their outputs, reasoning.
+    input: str | list[dict[str, Any]]
+    # A system message put before the input.
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, description="Omitted = up to the context limit.")
+    temperature: float | None = None
+    top_p: float | None = None
+    stream: bool = False
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    text: TextConfig | None = None
+    reasoning: ReasoningConfig | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = Field(None, description="Accepted and ignored.")
+    safety_identifier: str | None = Field(None, description="Accepted and ignored.")
+    prompt_cache_key: str | None = Field(
+        None, description="Accepted and ignored (prefix caching is automatic)."
+    )
+    # Nothing is stored: accepted, and every response says store false.
+    store: bool | None = None
+    include: list[str] | None = None
+    stream_options: dict[str, Any] | None = None
+    # Known OpenAI fields batchlm does not serve: a 400 names them unless they hold a neutral value.
+    previous_response_id: str | None = None
+    conversation: Any = None
+    prompt: Any = None
+    background: bool | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    top_logprobs: int | None = None
+    max_tool_calls: int | None = None
+    service_tier: str | None = None
+    # batchlm (vLLM-style) extras.
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class OutputText(BaseModel):
+    type: Literal["output_text"] = "output_text"
+    text: str
+    annotations: list[Any] = Field(default_factory=list)
+    logprobs: list[Any] = Field(default_factory=list)
+
+
+class ReasoningText(BaseModel):
+    type: Literal["reasoning_text"] = "reasoning_text"
+    text: str
+
+
+ItemStatus = Literal["in_progress", "completed", "incomplete"]
+
+
+class OutputMessage(BaseModel):
+    id: str
+    type: Literal["message"] = "message"
+    status: ItemStatus
+    role: Literal["assistant"] = "assistant"
+    content: list[OutputText]
+
+
+class ReasoningItem(BaseModel):
+    id: str
+    type: Literal["reasoning"] = "reasoning"
+    status: ItemStatus
+    summary: list[Any] = Field(default_factory=list)
+    content: list[ReasoningText]
+
+
+class FunctionCallItem(BaseModel):
+    id: str
+    type: Literal["function_call"] = "function_call"
+    status: ItemStatus
+    call_id: str
+    name: str
+    # A JSON object, as text.
+    arguments: str
+
+
+OutputItem = OutputMessage | ReasoningItem | FunctionCallItem
+
+
+class InputTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class OutputTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    output_tokens_details: OutputTokensDetails
+    total_tokens: int
+
+
+class IncompleteDetails(BaseModel):
+    reason: Literal["max_output_tokens"]
+
+
+class ResponseError(BaseModel):
+    code: str
+    message: str
+
+
+class ResponseObject(BaseModel):
+    """The response, as POST /v1/responses returns it and its stream's lifecycle events carry it."""
+
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int
+    completed_at: int | None = None
+    status: Literal["in_progress", "completed", "incomplete", "failed"]
+    error: ResponseError | None = None
+    incomplete_details: IncompleteDetails | None = None
+    model: str
+    output: list[OutputItem]
+    usage: ResponseUsage | None = None
+    # The request's settings, echoed as OpenAI echoes them.
+    instructions: str | None
+    max_output_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    tools: list[dict[str, Any]]
+    tool_choice: str | dict[str, Any]
+    parallel_tool_calls: bool
+    text: dict[str, Any]
+    reasoning: dict[str, Any]
+    metadata: dict[str, str]
+    user: str | None
+    previous_response_id: None = None
+    store: Literal[False] = False
+    background: Literal[False] = False
+    truncation: Literal["disabled"] = "disabled"
+    service_tier: str = "default"

@@ -1,0 +1,304 @@
+"""A Responses API request read as the chat request it stands for: input items -> chat messages,
+flat function tools -> chat tools, `text.format` -> `response_format`; fields that cannot be served
+are refused here, and errors the chat path raises are renamed back to the fields the client sent."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from batchlm.server.errors import APIError
+from batchlm.server.protocol import ChatCompletionRequest
+from batchlm.server.protocol_responses import ResponsesRequest
+from batchlm.server.request_params import UnsupportedRule
+
+UNSUPPORTED: tuple[UnsupportedRule, ...] = (
+    ("previous_response_id", lambda v: v is None, "no response is stored; send the whole conversation in 'input'"),
+    ("conversation", lambda v: v is None, "no conversation is stored; send the whole conversation in 'input'"),
+    ("prompt", lambda v: v is None, "stored prompts are not supported"),
+    ("background", lambda v: not v, "background responses are not supported"),
+    ("truncation", lambda v: v in (None, "disabled"), "an input longer than the context is refused, not cut"),
+    ("top_logprobs", lambda v: not v, "log-probabilities are served by /v1/chat/completions"),
+    ("max_tool_calls", lambda v: v is None, "bound the calls with 'parallel_tool_calls'"),
+    ("service_tier", lambda v: v in (None, "auto", "default"), "there is one service tier"),
+)  # fmt: skip
+# What an `include` may ask for that needs more than the response already holds.
+UNSERVED_INCLUDES = {"message.output_text.logprobs": "log-probabilities are served by /v1/chat/completions"}
+# Fields the chat request has under the same name and meaning.
+SAME_NAMED_FIELDS = (
+    "model", "temperature", "top_p", "parallel_tool_calls", "user", "top_k", "min_p", "repetition_penalty",
+    "presence_penalty", "frequency_penalty", "seed", "chat_template_kwargs",
+)  # fmt: skip
+INPUT_ROLES = ("user", "system", "developer", "assistant")
+TEXT_PARTS = ("input_text", "output_text")
+# Chat field -> the Responses field it came from, for errors the chat path raises.
+RENAMED_FIELDS = {
+    "max_completion_tokens": "max_output_tokens",
+    # SamplingParams' own name for the budget, in its messages.
+    "max_tokens": "max_output_tokens",
+    "response_format": "text.format",
+    "reasoning_effort": "reasoning.effort",
+    "tool_choice.function": "tool_choice",
+    # The conversation as a whole (a prompt too long), as a param or quoted in a message.
+    "messages": "input",
+    "'messages'": "'input'",
+}
+# A message's index (mapped through the origins), a tool's, or one of the names above: a bare
+# `messages` only as the whole param, since messages also say "messages" in prose.
+_CHAT_PATH = re.compile(
+    r"messages\[(\d+)\]|tools\[(\d+)\]\.function|^messages$|"
+    + "|".join(re.escape(name) for name in RENAMED_FIELDS if name != "messages")
+)
+
+
+@dataclass
+class ChatForm:
+    """The chat request, and for each of its messages the input item it came from (for errors)."""
+
+    request: ChatCompletionRequest
+    origins: list[str]
+
+    @contextmanager
+    def errors_renamed(self) -> Iterator[None]:
+        """APIErrors raised inside name the Responses fields, not the chat fields they became."""
+        try:
+            yield
+        except APIError as error:
+            error.message = self.rename(error.message)
+            error.param = None if error.param is None else self.rename(error.param)
+            raise
+
+    def rename(self, text: str) -> str:
+        return _renamed(text, self.origins)
+
+
+def _renamed(text: str, origins: list[str]) -> str:
+    """`text` with the chat fields in it spelled as the Responses fields they came from."""
+
+    def replace(match: re.Match[str]) -> str:
+        message, tool = match.group(1), match.group(2)
+        if message is not None:
+            return origins[int(message)] if int(message) < len(origins) else "input"
+        if tool is not None:
+            return f"tools[{tool}]"
+        return RENAMED_FIELDS[match.group(0)]
+
+    return _CHAT_PATH.sub(replace, text)
+
+
+def chat_form(body: ResponsesRequest) -> ChatForm:
+    """The chat request a Responses request stands for. 400 for what cannot be served."""
+    _check_unsupported(body)
+    conversation = _Conversation()
+    if body.instructions is not None:
+        conversation.add({"role": "system", "content": body.instructions}, "instructions")
+    if isinstance(body.input, str):
+        conversation.add({"role": "user", "content": body.input}, "input")
+    else:
+        for i, item in enumerate(body.input):
+            conversation.read(item, f"input[{i}]")
+    conversation.end_turn()
+    if not conversation.messages:
+        raise APIError(400, "'input' must hold at least one item.", param="input")
+    chat: dict[str, Any] = {
+        "messages": conversation.messages,
+        "stream": body.stream,
+        "max_completion_tokens": body.max_output_tokens,
+        "tools": _chat_tools(body.tools),
+        "tool_choice": _chat_tool_choice(body.tool_choice),
+        "response_format": _response_format(body),
+        "reasoning_effort": body.reasoning.effort if body.reasoning is not None else None,
+    }
+    if body.stream:  # the stream's last event reports the usage, thinking tokens included
+        chat["stream_options"] = {"include_usage": True}
+    chat.update({name: getattr(body, name) for name in SAME_NAMED_FIELDS})
+    origins = conversation.origins
+    try:
+        request = ChatCompletionRequest.model_validate({k: v for k, v in chat.items() if v is not None})
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"])[1:]
+        raise APIError(400, _renamed(f"{where}: {first['msg']}", origins), _renamed(where, origins)) from None
+    return ChatForm(request, origins)
+
+
+def _check_unsupported(body: ResponsesRequest) -> None:
+    for name, accepted, why in UNSUPPORTED:
+        if not accepted(getattr(body, name)):
+            raise APIError(400, f"'{name}' is not supported by this server: {why}.", param=name)
+    for wanted in body.include or ():
+        if wanted in UNSERVED_INCLUDES:
+            why = UNSERVED_INCLUDES[wanted]
+            raise APIError(400, f"'include' of '{wanted}' is not supported: {why}.", param="include")
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "'stream_options' is only allowed when 'stream' is true.", param="stream_options")
+
+
+@dataclass
+class _Turn:
+    """An assistant turn being gathered from consecutive items: its thinking, text and calls."""
+
+    origin: str
+    reasoning: list[str] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    calls: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _Conversation:
+    """Chat messages from input items. Consecutive reasoning, assistant message and function call
+    items are one assistant turn (one chat message, as the model wrote them)."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict[str, Any]] = []
+        self.origins: list[str] = []
+        self._turn: _Turn | None = None
+
+    def add(self, message: dict[str, Any], origin: str) -> None:
+        self.end_turn()
+        self.messages.append(message)
+        self.origins.append(origin)
+
+    def read(self, item: Any, where: str) -> None:
+        if not isinstance(item, dict):
+            raise APIError(400, f"{where}: an input item must be an object.", param=where)
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role not in INPUT_ROLES:
+                expected = ", ".join(f"'{r}'" for r in INPUT_ROLES)
+                raise APIError(
+                    400, f"{where}: invalid role {role!r}; expected one of {expected}.", f"{where}.role"
+                )
+            text = _text(item.get("content"), f"{where}.content")
+            if role != "assistant":
+                self.add({"role": role, "content": text}, where)
+                return
+            turn = self._assistant(where)
+            if turn.calls:  # text after calls is the model's next turn
+                turn = self._assistant(where, new=True)
+            turn.text.append(text)
+        elif kind == "function_call":
+            function = {"name": _string(item, "name", where), "arguments": _string(item, "arguments", where)}
+            call = {"id": _string(item, "call_id", where), "type": "function", "function": function}
+            self._assistant(where).calls.append(call)
+        elif kind == "function_call_output":
+            output = _text(item.get("output"), f"{where}.output")
+            self.add(
+                {"role": "tool", "tool_call_id": _string(item, "call_id", where), "content": output}, where
+            )
+        elif kind == "reasoning":
+            self._assistant(where).reasoning.append(_reasoning_text(item, where))
+        else:
+            served = "'message', 'function_call', 'function_call_output' and 'reasoning'"
+            raise APIError(
+                400, f"{where}: items of type {kind!r} are not supported ({served} are).", f"{where}.type"
+            )
+
+    def end_turn(self) -> None:
+        turn, self._turn = self._turn, None
+        if turn is None:
+            return
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(turn.text) if turn.text else None}
+        if turn.calls:
+            message["tool_calls"] = turn.calls
+        if turn.reasoning:
+            message["reasoning_content"] = "".join(turn.reasoning)
+        self.messages.append(message)
+        self.origins.append(turn.origin)
+
+    def _assistant(self, where: str, new: bool = False) -> _Turn:
+        if new:
+            self.end_turn()
+        if self._turn is None:
+            self._turn = _Turn(where)
+        return self._turn
+
+
+def _string(item: dict[str, Any], name: str, where: str) -> str:
+    value = item.get(name)
+    if not isinstance(value, str):
+        raise APIError(400, f"{where}: '{name}' must be a string.", param=f"{where}.{name}")
+    return value
+
+
+def _text(content: Any, where: str) -> str:
+    """A message's content (or a function call's output): a string or a list of text parts."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise APIError(400, f"{where}: must be a string or a list of text parts.", param=where)
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "refusal" and isinstance(part.get("refusal"), str):
+            texts.append(part["refusal"])
+        elif kind in TEXT_PARTS and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind in TEXT_PARTS:
+            raise APIError(
+                400, f"{where}[{j}]: a text part needs a string 'text'.", param=f"{where}[{j}].text"
+            )
+        else:
+            raise APIError(
+                400,
+                f"{where}[{j}]: parts of type {kind!r} are not supported (this server serves text only).",
+                param=f"{where}[{j}].type",
+            )
+    return "".join(texts)
+
+
+def _reasoning_text(item: dict[str, Any], where: str) -> str:
+    """An earlier turn's thinking: its text, else its summary (encrypted content has none to read)."""
+    for name, part_type in (("content", "reasoning_text"), ("summary", "summary_text")):
+        parts = item.get(name)
+        if isinstance(parts, list) and parts:
+            texts = [p.get("text") for p in parts if isinstance(p, dict) and p.get("type") == part_type]
+            if all(isinstance(t, str) for t in texts):
+                return "".join(str(t) for t in texts)
+            raise APIError(400, f"{where}: '{name}' parts need a string 'text'.", param=f"{where}.{name}")
+    return ""
+
+
+def _chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    return None if tools is None else [_chat_tool(tool, f"tools[{i}]") for i, tool in enumerate(tools)]
+
+
+def _chat_tool(tool: Any, where: str) -> dict[str, Any]:
+    kind = tool.get("type") if isinstance(tool, dict) else None
+    if kind != "function":
+        raise APIError(
+            400,
+            f"{where}: tools of type {kind!r} are not supported (only 'function' tools are).",
+            f"{where}.type",
+        )
+    function = {key: value for key, value in tool.items() if key != "type"}
+    return {"type": "function", "function": function}
+
+
+def _chat_tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+    if not isinstance(choice, dict):
+        return choice
+    if choice.get("type") != "function" or not isinstance(choice.get("name"), str) or len(choice) != 2:
+        raise APIError(
+            400,
+            "'tool_choice' must be 'none', 'auto', 'required' or {'type': 'function', 'name': <string>}.",
+            param="tool_choice",
+        )
+    return {"type": "function", "function": {"name": choice["name"]}}
+
+
+def _response_format(body: ResponsesRequest) -> dict[str, Any] | None:
+    text_format = body.text.format if body.text is not None else None
+    if text_format is None or text_format.type == "text":
+        return None
+    if text_format.type == "json_object":
+        return {"type": "json_object"}
+    json_schema: dict[str, Any] = {"name": text_format.name or "response", "strict": text_format.strict}
+    if text_format.json_schema is not None:
+        json_schema["schema"] = text_format.json_schema
+    return {"type": "json_schema", "json_schema": json_schema}

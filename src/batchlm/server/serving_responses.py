@@ -1,0 +1,314 @@
+"""POST /v1/responses: OpenAI's Responses API over the chat path. The request is read as the chat
+request it stands for (responses_input), runs as one, and its assistant message (thinking, text, tool
+calls) is shaped as the response's output items; a stream sends Responses' typed events."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel
+from starlette.requests import Request
+from starlette.responses import Response
+
+from batchlm.outputs import FinishReason, RequestOutput
+from batchlm.reasoning.message import AssistantMessage
+from batchlm.server.errors import APIError
+from batchlm.server.protocol_responses import (
+    FunctionCallItem,
+    IncompleteDetails,
+    InputTokensDetails,
+    ItemStatus,
+    OutputItem,
+    OutputMessage,
+    OutputText,
+    OutputTokensDetails,
+    ReasoningItem,
+    ReasoningText,
+    ResponseError,
+    ResponseObject,
+    ResponsesRequest,
+    ResponseUsage,
+)
+from batchlm.server.responding import ChoiceResults, ResponseFormatter, respond
+from batchlm.server.responses import UsageInfo
+from batchlm.server.responses_input import chat_form
+from batchlm.server.serving_chat import AssistantMessages, ChatContext, prepare_chat
+from batchlm.server.state import get_state
+from batchlm.tools.calls import ToolCallDelta
+
+ResponseStatus = Literal["in_progress", "completed", "incomplete", "failed"]
+
+
+async def create_response(request: Request, body: ResponsesRequest) -> Response:
+    form = chat_form(body)
+    with form.errors_renamed():
+        engine_request, context = await prepare_chat(
+            get_state(request), form.request, f"resp_{uuid.uuid4().hex}"
+        )
+    return await respond(request, [engine_request], ResponsesFormatter(context, body), body.stream)
+
+
+def item_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+@dataclass
+class _OpenItem:
+    """The output item a stream is writing: its kind, id, place, and what it holds so far."""
+
+    kind: Literal["message", "reasoning", "function_call"]
+    id: str
+    output_index: int
+    parts: list[str] = field(default_factory=list)
+    # A function call's id, name and the index the tool parser gave it.
+    call_id: str = ""
+    name: str = ""
+    call_index: int = -1
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+class ResponsesFormatter(ResponseFormatter[ChatContext]):
+    """A response object, or its stream: response.created and .in_progress; per output item its added
+    event, its content's deltas and done events; then response.completed (or .incomplete when
+    max_output_tokens cut it short, .failed after an error event)."""
+
+    end_of_stream = b""
+
+    def __init__(self, context: ChatContext, body: ResponsesRequest) -> None:
+        super().__init__(context)
+        self._body = body
+        self._messages = AssistantMessages(context)
+        self._sequence = 0
+        # A stream's finished items, and the one being written.
+        self._items: list[OutputItem] = []
+        self._open: _OpenItem | None = None
+        self._cut_short = False
+
+    def choices(self, results: ChoiceResults) -> list[OutputItem]:
+        """The output items of the (only) choice."""
+        ((_, result),) = results.items()
+        status: ItemStatus = "incomplete" if result.finish_reason is FinishReason.LENGTH else "completed"
+        return output_items(self._messages.whole(result), status)
+
+    def response(self, results: ChoiceResults, usage: UsageInfo) -> BaseModel:
+        items = self.choices(results)
+        thinking = self._messages.thinking_tokens(results)
+        return self._response(items[-1].status, items, usage, thinking)
+
+    def opening(self) -> Iterable[bytes]:
+        snapshot = self._response("in_progress", [])
+        return [
+            self._event("response.created", response=snapshot),
+            self._event("response.in_progress", response=snapshot),
+        ]
+
+    def delta(self, position: int, output: RequestOutput) -> Iterator[bytes]:
+        for completion in output.outputs:
+            settled = self._messages.settle(completion)
+            if settled.reasoning:
+                yield from self._text("reasoning", settled.reasoning)
+            if settled.content:
+                yield from self._text("message", settled.content)
+            for piece in settled.tool_calls:
+                yield from self._call_piece(piece)
+            if completion.finish_reason is not None:
+                self._cut_short = completion.finish_reason is FinishReason.LENGTH
+                if self._open is None and not self._items:  # an empty answer is an empty message
+                    yield from self._start("message")
+                yield from self._close()
+
+    def closing(self, usage: UsageInfo) -> Iterable[bytes]:
+        status: ResponseStatus = "incomplete" if self._cut_short else "completed"
+        thinking = self._messages.streamed_thinking_tokens()
+        final = self._response(status, self._items, usage, thinking)
+        return [self._event(f"response.{status}", response=final)]
+
+    def failure(self, error: APIError) -> Iterable[bytes]:
+        code = error.code or ("server_error" if error.status >= 500 else "invalid_request_error")
+        failed = self._response("failed", self._items, error=ResponseError(code=code, message=error.message))
+        return [
+            self._event("error", code=code, message=error.message, param=error.param),
+            self._event("response.failed", response=failed),
+        ]
+
+    def _text(self, kind: Literal["message", "reasoning"], text: str) -> Iterator[bytes]:
+        if self._open is None or self._open.kind != kind:
+            yield from self._close()
+            yield from self._start(kind)
+        assert self._open is not None
+        self._open.parts.append(text)
+        if kind == "message":
+            yield self._event("response.output_text.delta", **self._where(), delta=text, logprobs=[])
+        else:
+            yield self._event("response.reasoning_text.delta", **self._where(), delta=text)
+
+    def _start(self, kind: Literal["message", "reasoning"]) -> Iterator[bytes]:
+        self._open = _OpenItem(kind, item_id("msg" if kind == "message" else "rs"), len(self._items))
+        yield self._event(
+            "response.output_item.added", output_index=self._open.output_index, item=self._item("in_progress")
+        )
+        part = OutputText(text="") if kind == "message" else ReasoningText(text="")
+        yield self._event("response.content_part.added", **self._where(), part=part)
+
+    def _call_piece(self, piece: ToolCallDelta) -> Iterator[bytes]:
+        if piece.id is not None:
+            yield from self._close()
+            self._open = _OpenItem(
+                "function_call", item_id("fc"), len(self._items), [], piece.id, piece.name or "", piece.index
+            )
+            yield self._event(
+                "response.output_item.added",
+                output_index=self._open.output_index,
+                item=self._item("in_progress"),
+            )
+        assert self._open is not None and self._open.call_index == piece.index
+        if piece.arguments:
+            self._open.parts.append(piece.arguments)
+            yield self._event(
+                "response.function_call_arguments.delta", **self._where(), delta=piece.arguments
+            )
+
+    def _close(self) -> Iterator[bytes]:
+        """The done events of the item being written, which joins the finished ones."""
+        current = self._open
+        if current is None:
+            return
+        status: ItemStatus = "incomplete" if self._cut_short else "completed"
+        item = self._item(status)
+        if current.kind == "function_call":
+            yield self._event(
+                "response.function_call_arguments.done",
+                **self._where(),
+                name=current.name,
+                arguments=current.text,
+            )
+        elif current.kind == "message":
+            yield self._event("response.output_text.done", **self._where(), text=current.text, logprobs=[])
+            yield self._event(
+                "response.content_part.done", **self._where(), part=OutputText(text=current.text)
+            )
+        else:
+            yield self._event("response.reasoning_text.done", **self._where(), text=current.text)
+            yield self._event(
+                "response.content_part.done", **self._where(), part=ReasoningText(text=current.text)
+            )
+        yield self._event("response.output_item.done", output_index=current.output_index, item=item)
+        self._items.append(item)
+        self._open = None
+
+    def _where(self) -> dict[str, Any]:
+        """Where an event of the item being written points: the item, and its one content part."""
+        current = self._open
+        assert current is not None
+        where: dict[str, Any] = {"item_id": current.id, "output_index": current.output_index}
+        if current.kind != "function_call":
+            where["content_index"] = 0
+        return where
+
+    def _item(self, status: ItemStatus) -> OutputItem:
+        """The item being written, as it stands."""
+        current = self._open
+        assert current is not None
+        # An item just added holds nothing yet; a finished one, all it was given.
+        text = None if status == "in_progress" else current.text
+        if current.kind == "message":
+            return OutputMessage(
+                id=current.id, status=status, content=[] if text is None else [OutputText(text=text)]
+            )
+        if current.kind == "reasoning":
+            content = [] if text is None else [ReasoningText(text=text)]
+            return ReasoningItem(id=current.id, status=status, content=content)
+        return FunctionCallItem(
+            id=current.id, status=status, call_id=current.call_id, name=current.name, arguments=text or ""
+        )
+
+    def _event(self, kind: str, **fields: Any) -> bytes:
+        """One SSE event of the stream, named by its type and numbered in sequence."""
+        payload = {
+            "type": kind,
+            **{k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for k, v in fields.items()},
+        }
+        payload["sequence_number"] = self._sequence
+        self._sequence += 1
+        return f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
+
+    def _response(
+        self,
+        status: ResponseStatus,
+        output: list[OutputItem],
+        usage: UsageInfo | None = None,
+        thinking: int = 0,
+        error: ResponseError | None = None,
+    ) -> ResponseObject:
+        body = self._body
+        text_format = body.text.format if body.text is not None and body.text.format is not None else None
+        return ResponseObject(
+            id=self.request_id,
+            created_at=self.context.created,
+            completed_at=int(time.time()) if status == "completed" else None,
+            status=status,
+            error=error,
+            incomplete_details=IncompleteDetails(reason="max_output_tokens")
+            if status == "incomplete"
+            else None,
+            model=self.context.model,
+            output=list(output),
+            usage=None if usage is None else response_usage(usage, thinking),
+            instructions=body.instructions,
+            max_output_tokens=body.max_output_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            tools=body.tools or [],
+            tool_choice=body.tool_choice or ("auto" if body.tools else "none"),
+            parallel_tool_calls=body.parallel_tool_calls is not False,
+            text={
+                "format": text_format.model_dump(by_alias=True, exclude_none=True)
+                if text_format
+                else {"type": "text"}
+            },
+            reasoning={"effort": body.reasoning.effort if body.reasoning else None, "summary": None},
+            metadata=body.metadata or {},
+            user=body.user,
+        )
+
+
+def output_items(message: AssistantMessage, status: ItemStatus) -> list[OutputItem]:
+    """A whole assistant message as output items: its thinking, its text, then its calls, the last item
+    with `status`, as a stream closes them. A message of nothing at all is one empty text item."""
+    items: list[OutputItem] = []
+    if message.reasoning:
+        content = [ReasoningText(text=message.reasoning)]
+        items.append(ReasoningItem(id=item_id("rs"), status="completed", content=content))
+    if message.content or not (message.tool_calls or message.reasoning):
+        text = OutputText(text=message.content or "")
+        items.append(OutputMessage(id=item_id("msg"), status="completed", content=[text]))
+    for call in message.tool_calls:
+        items.append(
+            FunctionCallItem(
+                id=item_id("fc"),
+                status="completed",
+                call_id=call.id,
+                name=call.name,
+                arguments=call.arguments,
+            )
+        )
+    items[-1].status = status
+    return items
+
+
+def response_usage(usage: UsageInfo, thinking: int) -> ResponseUsage:
+    return ResponseUsage(
+        input_tokens=usage.prompt_tokens,
+        input_tokens_details=InputTokensDetails(cached_tokens=usage.prompt_tokens_details.cached_tokens),
+        output_tokens=usage.completion_tokens,
+        output_tokens_details=OutputTokensDetails(reasoning_tokens=thinking),
+        total_tokens=usage.total_tokens,
+    )
