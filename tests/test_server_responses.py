@@ -55,7 +55,10 @@ def events_of(server: BackgroundServer, body: dict[str, Any]) -> list[tuple[str,
         text = response.read().decode()
     for block in text.split("\n\n")[:-1]:
         name_line, data_line = block.split("\n")
-        events.append((name_line.removeprefix("event: "), json.loads(data_line.removeprefix("data: "))))
+        payload = json.loads(data_line.removeprefix("data: "))
+        # Every event is its payload's compact JSON, key order included (delta events are framed).
+        assert data_line == "data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+        events.append((name_line.removeprefix("event: "), payload))
     assert text.endswith("\n\n") and "[DONE]" not in text
     return events
 
@@ -122,6 +125,13 @@ def test_a_stream_gives_what_the_response_gives(
     assert all(payload["type"] == name for name, payload in events)
     ids = {payload["item_id"] for _, payload in events if "item_id" in payload}
     assert len(ids) == 1 and events[0][1]["response"]["status"] == "in_progress"
+
+
+def test_streamed_text_that_json_escapes_arrives_whole(server: BackgroundServer, engine: FakeEngine) -> None:
+    engine.reply = 'Ünïcødé "quoted" \\ back\nslash\t\u2028 😀 </tool_call>'
+    events = events_of(server, {"input": "hi"})
+    assert "".join(p["delta"] for name, p in events if name == "response.output_text.delta") == engine.reply
+    assert events[-1][1]["response"]["output"][0]["content"][0]["text"] == engine.reply
 
 
 def test_a_stream_cut_short_ends_incomplete(server: BackgroundServer, engine: FakeEngine) -> None:

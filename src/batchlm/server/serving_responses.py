@@ -34,7 +34,7 @@ from batchlm.server.protocol_responses import (
     ResponsesRequest,
     ResponseUsage,
 )
-from batchlm.server.responding import ChoiceResults, ResponseFormatter, respond
+from batchlm.server.responding import ChoiceResults, ResponseFormatter, json_text, respond
 from batchlm.server.responses import UsageInfo
 from batchlm.server.responses_input import chat_form
 from batchlm.server.serving_chat import AssistantMessages, ChatContext, prepare_chat
@@ -42,6 +42,12 @@ from batchlm.server.state import get_state
 from batchlm.tools.calls import ToolCallDelta
 
 ResponseStatus = Literal["in_progress", "completed", "incomplete", "failed"]
+# The event that carries a piece of each kind of item.
+DELTA_EVENTS = {
+    "message": "response.output_text.delta",
+    "reasoning": "response.reasoning_text.delta",
+    "function_call": "response.function_call_arguments.delta",
+}
 
 
 async def create_response(request: Request, body: ResponsesRequest) -> Response:
@@ -69,6 +75,8 @@ class _OpenItem:
     call_id: str = ""
     name: str = ""
     call_index: int = -1
+    # Its delta event's bytes before the delta's text, and between it and the sequence number.
+    delta_frame: tuple[str, str] | None = None
 
     @property
     def text(self) -> str:
@@ -144,11 +152,7 @@ class ResponsesFormatter(ResponseFormatter[ChatContext]):
             yield from self._close()
             yield from self._start(kind)
         assert self._open is not None
-        self._open.parts.append(text)
-        if kind == "message":
-            yield self._event("response.output_text.delta", **self._where(), delta=text, logprobs=[])
-        else:
-            yield self._event("response.reasoning_text.delta", **self._where(), delta=text)
+        yield self._delta(text)
 
     def _start(self, kind: Literal["message", "reasoning"]) -> Iterator[bytes]:
         self._open = _OpenItem(kind, item_id("msg" if kind == "message" else "rs"), len(self._items))
@@ -171,10 +175,7 @@ class ResponsesFormatter(ResponseFormatter[ChatContext]):
             )
         assert self._open is not None and self._open.call_index == piece.index
         if piece.arguments:
-            self._open.parts.append(piece.arguments)
-            yield self._event(
-                "response.function_call_arguments.delta", **self._where(), delta=piece.arguments
-            )
+            yield self._delta(piece.arguments)
 
     def _close(self) -> Iterator[bytes]:
         """The done events of the item being written, which joins the finished ones."""
@@ -203,6 +204,21 @@ class ResponsesFormatter(ResponseFormatter[ChatContext]):
         yield self._event("response.output_item.done", output_index=current.output_index, item=item)
         self._items.append(item)
         self._open = None
+
+    def _delta(self, text: str) -> bytes:
+        """The delta event of the item being written (every streamed token makes one): the bytes _event
+        would write, framed once per item around the text (tests pin the two equal)."""
+        current = self._open
+        assert current is not None
+        current.parts.append(text)
+        if current.delta_frame is None:
+            kind = DELTA_EVENTS[current.kind]
+            head = json.dumps({"type": kind, **self._where()}, separators=(",", ":"))[:-1]
+            logprobs = ',"logprobs":[]' if current.kind == "message" else ""
+            current.delta_frame = (f'event: {kind}\ndata: {head},"delta":', f'{logprobs},"sequence_number":')
+        head, tail = current.delta_frame
+        self._sequence += 1
+        return f"{head}{json_text(text)}{tail}{self._sequence - 1}}}\n\n".encode()
 
     def _where(self) -> dict[str, Any]:
         """Where an event of the item being written points: the item, and its one content part."""
