@@ -187,7 +187,7 @@ def main() -> None:
     parser.add_argument("--step-base-ms", type=float, default=2.0)
     parser.add_argument("--decode-row-us", type=float, default=13.0)
     parser.add_argument("--prefill-token-us", type=float, default=3.0)
-    parser.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
+    parser.add_argument("--endpoint", choices=("completions", "chat", "responses"), default="completions")
     args = parser.parse_args()
 
     timing = StepTiming(args.step_base_ms, args.decode_row_us, args.prefill_token_us)
@@ -232,7 +232,9 @@ def main() -> None:
                 "--model",
                 "bench",
                 "--backend",
-                "openai-chat" if args.endpoint == "chat" else "openai",
+                {"completions": "openai", "chat": "openai-chat", "responses": "openai-responses"}[
+                    args.endpoint
+                ],
                 "--stream",
                 "--requests",
                 str(args.requests),

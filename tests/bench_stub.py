@@ -15,7 +15,7 @@ import aiohttp
 from batchlm.bench import cli
 from batchlm.bench.client import send_request
 from batchlm.bench.config import BenchConfig, from_args
-from batchlm.bench.openai_format import EndpointConfig
+from batchlm.bench.openai_format import API_PATHS, Api, EndpointConfig
 from batchlm.bench.records import RequestResult, RequestSpec
 from batchlm.bench.runner import BenchRun, run_benchmark
 from batchlm.bench.tokencount import TokenCounter
@@ -40,9 +40,8 @@ StubServerThread = stub.StubServerThread
 StubOptions = stub.StubOptions
 
 
-def endpoint_for(base_url: str, chat: bool = True, stream: bool = True, **changes: Any) -> EndpointConfig:
-    path = "/chat/completions" if chat else "/completions"
-    return EndpointConfig(url=base_url + path, chat=chat, model="stub", stream=stream, **changes)
+def endpoint_for(base_url: str, api: Api = "chat", stream: bool = True, **changes: Any) -> EndpointConfig:
+    return EndpointConfig(url=base_url + API_PATHS[api], api=api, model="stub", stream=stream, **changes)
 
 
 def send_one(endpoint: EndpointConfig, prompt: str = "hello there", max_tokens: int = 8) -> RequestResult:

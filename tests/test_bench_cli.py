@@ -28,7 +28,7 @@ def test_no_flags_means_the_seed_clients_simulated_users() -> None:
     assert config.request_url == "http://localhost:8080/v1/chat/completions"
     assert config.tokenize_url == "http://localhost:8080/tokenize"
     assert config.headers["Authorization"] == "Bearer EMPTY"
-    assert (config.model, config.stream, config.chat) == ("default_model", False, True)
+    assert (config.model, config.stream, config.api) == ("default_model", False, "chat")
     [load] = config.levels
     assert (load.concurrency, load.request_rate, load.duration_s) == (4, None, None)
     w = config.workload

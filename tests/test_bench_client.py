@@ -62,7 +62,7 @@ def test_cumulative_usage_in_every_chunk_gives_exact_chunk_sizes() -> None:
 
 
 def test_completions_endpoint_reads_text_field(stub: StubServerThread) -> None:
-    result = send_one(endpoint_for(stub.base_url, chat=False, keep_text=True), max_tokens=4)
+    result = send_one(endpoint_for(stub.base_url, api="completions", keep_text=True), max_tokens=4)
     assert result.ok, result.error
     assert (len(result.chunk_times), result.usage_prompt_tokens, result.generated_text) == (4, 2, " tok" * 4)
 

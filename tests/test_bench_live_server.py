@@ -199,3 +199,26 @@ def test_editing_dataset_reports_the_servers_draft_acceptance(live_server: str) 
     # The server (speculative "auto" by default, one request at a time) verified drafts.
     assert level.spec is not None
     assert level.spec.proposed > 0 and 0 <= level.spec.accepted <= level.spec.proposed
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_responses_run_counts_tokens_from_its_usage(live_server: str, stream: bool) -> None:
+    run = bench(
+        live_server,
+        *(["--stream"] if stream else []),
+        "--backend",
+        "openai-responses",
+        "--input-len",
+        "16",
+        "--output-len",
+        "5",
+        "--requests",
+        "4",
+        "--max-concurrency",
+        "2",
+    )
+    assert run.info.backend == "openai-responses"
+    m = run.levels[0].metrics
+    assert (m.completed, m.failed) == (4, 0), m.failure_reasons
+    assert m.total_output_tokens == 4 * 5 and m.output_token_sources == {"usage": 4}
+    assert m.ttft.empty is not stream

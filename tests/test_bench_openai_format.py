@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from batchlm.bench.openai_format import EndpointConfig, build_body, http_error_reason, read_object
+from batchlm.bench.openai_format import ChunkView, EndpointConfig, build_body, http_error_reason, read_object
 from batchlm.bench.records import RequestSpec
 
 SPEC = RequestSpec(prompt="Hi there", max_tokens=7)
@@ -12,7 +12,7 @@ SPEC = RequestSpec(prompt="Hi there", max_tokens=7)
 
 def body(**changes: object) -> dict[str, object]:
     endpoint = EndpointConfig(
-        **{"url": "http://x/v1/chat/completions", "chat": True, "model": "m", "stream": True, **changes}
+        **{"url": "http://x/v1/chat/completions", "api": "chat", "model": "m", "stream": True, **changes}
     )  # type: ignore[arg-type]
     return json.loads(build_body(endpoint, SPEC))
 
@@ -30,7 +30,7 @@ def test_chat_body_asks_for_usage_when_streaming() -> None:
 def test_usage_switch_non_streaming_and_completions_bodies() -> None:
     assert "stream_options" not in body(include_usage=False)
     assert "stream_options" not in body(stream=False)  # OpenAI rejects stream_options without stream
-    completions = body(chat=False)
+    completions = body(api="completions")
     assert completions["prompt"] == "Hi there" and "messages" not in completions
 
 
@@ -40,29 +40,29 @@ def test_ignore_eos_and_extra_body_override_last() -> None:
 
 
 def test_read_object_chat_delta_message_reasoning_and_completions_text() -> None:
-    assert read_object({"choices": [{"delta": {"content": "a"}}]}, chat=True).text == "a"
-    assert read_object({"choices": [{"message": {"content": "whole"}}]}, chat=True).text == "whole"
+    assert read_object({"choices": [{"delta": {"content": "a"}}]}, api="chat").text == "a"
+    assert read_object({"choices": [{"message": {"content": "whole"}}]}, api="chat").text == "whole"
     assert (
-        read_object({"choices": [{"delta": {"reasoning_content": "r", "content": "c"}}]}, chat=True).text
+        read_object({"choices": [{"delta": {"reasoning_content": "r", "content": "c"}}]}, api="chat").text
         == "cr"
     )
-    assert read_object({"choices": [{"delta": {"role": "assistant", "content": ""}}]}, chat=True).text == ""
-    assert read_object({"choices": [{"text": "t"}]}, chat=False).text == "t"
+    assert read_object({"choices": [{"delta": {"role": "assistant", "content": ""}}]}, api="chat").text == ""
+    assert read_object({"choices": [{"text": "t"}]}, api="completions").text == "t"
 
 
 def test_read_object_usage_only_chunk() -> None:
-    view = read_object({"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 9}}, chat=True)
+    view = read_object({"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 9}}, api="chat")
     assert (view.text, view.prompt_tokens, view.completion_tokens, view.error) == ("", 4, 9, None)
 
 
 def test_read_object_in_band_errors() -> None:
-    assert read_object({"error": {"message": "boom"}}, chat=True).error == "in-band error: boom"
+    assert read_object({"error": {"message": "boom"}}, api="chat").error == "in-band error: boom"
     assert (
-        read_object({"object": "error", "message": "vllm style"}, chat=True).error
+        read_object({"object": "error", "message": "vllm style"}, api="chat").error
         == "in-band error: vllm style"
     )
-    assert read_object({"error": "plain"}, chat=True).error == "in-band error: plain"
-    assert read_object([1, 2], chat=True).error == "malformed response: expected a JSON object, got [1, 2]"
+    assert read_object({"error": "plain"}, api="chat").error == "in-band error: plain"
+    assert read_object([1, 2], api="chat").error == "malformed response: expected a JSON object, got [1, 2]"
 
 
 def test_http_error_reasons() -> None:
@@ -72,3 +72,48 @@ def test_http_error_reasons() -> None:
     assert http_error_reason(422, b'{"detail": [{"msg": "bad"}]}') == 'HTTP 422: [{"msg": "bad"}]'
     long = http_error_reason(500, b"x" * 500)
     assert len(long) == len("HTTP 500: ") + 200 and long.endswith("...")
+
+
+def test_responses_body_and_events() -> None:
+    sent = body(api="responses", url="http://x/v1/responses", ignore_eos=True)
+    assert sent == {
+        "model": "m",
+        "stream": True,
+        "input": "Hi there",
+        "max_output_tokens": 7,
+        "ignore_eos": True,
+    }
+    delta = {"type": "response.output_text.delta", "item_id": "msg_1", "delta": "Hel", "sequence_number": 4}
+    assert read_object(delta, api="responses") == ChunkView("Hel", None, None, None)
+    thinking = {**delta, "type": "response.reasoning_text.delta", "delta": "hmm"}
+    assert read_object(thinking, api="responses").text == "hmm"
+    assert read_object({"type": "response.output_item.added", "item": {}}, api="responses") == ChunkView(
+        "", None, None, None
+    )
+    usage = {"input_tokens": 3, "output_tokens": 8, "total_tokens": 11}
+    completed = {
+        "type": "response.completed",
+        "response": {"status": "completed", "output": [], "usage": usage},
+    }
+    assert read_object(completed, api="responses") == ChunkView("", 8, 3, None, final=True)
+    cut = {"type": "response.incomplete", "response": {"status": "incomplete", "usage": usage}}
+    assert read_object(cut, api="responses").final
+    error = {"type": "error", "code": "server_error", "message": "boom", "sequence_number": 9}
+    assert read_object(error, api="responses").error == "in-band error: boom"
+    failed = {"type": "response.failed", "response": {"status": "failed", "error": {"message": "it broke"}}}
+    assert read_object(failed, api="responses").error == "in-band error: it broke"
+
+
+def test_a_whole_response_object_gives_its_text_and_usage() -> None:
+    response = {
+        "object": "response",
+        "status": "completed",
+        "output": [
+            {"type": "reasoning", "content": [{"type": "reasoning_text", "text": "think "}]},
+            {"type": "message", "content": [{"type": "output_text", "text": "answer"}]},
+            {"type": "function_call", "arguments": "{}"},
+        ],
+        "usage": {"input_tokens": 2, "output_tokens": 5},
+    }
+    assert read_object(response, api="responses") == ChunkView("think answer", 5, 2, None)
+    assert read_object({"error": {"message": "bad"}}, api="responses").error == "in-band error: bad"

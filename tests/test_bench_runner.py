@@ -316,7 +316,9 @@ def _warm(base_url: str, concurrency: int) -> int:
     async def go() -> int:
         async with aiohttp.ClientSession() as session:
             specs = [RequestSpec(prompt="p", max_tokens=1)] * 8
-            endpoint = EndpointConfig(url=base_url + "/completions", chat=False, model="m", stream=True)
+            endpoint = EndpointConfig(
+                url=base_url + "/completions", api="completions", model="m", stream=True
+            )
             generator = LoadGenerator(session, endpoint, specs, warm_url=base_url + "/models")
             return await generator.open_connections(LoadConfig(concurrency=concurrency))
 

@@ -182,8 +182,8 @@ def _add_api_arguments(api: argparse._ArgumentGroup) -> None:
     api.add_argument(
         "--backend",
         default="openai-chat",
-        choices=["openai-chat", "openai"],
-        help="openai-chat: /chat/completions (default); openai: /completions",
+        choices=["openai-chat", "openai", "openai-responses"],
+        help="openai-chat: /chat/completions (default); openai: /completions; openai-responses: /responses",
     )
     api.add_argument("--endpoint", default=None, help="path after --base-url (default: from --backend)")
     api.add_argument(

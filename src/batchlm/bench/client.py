@@ -7,9 +7,23 @@ from time import perf_counter
 
 import aiohttp
 
-from batchlm.bench.openai_format import EndpointConfig, build_body, http_error_reason, read_object
+from batchlm.bench.openai_format import (
+    Api,
+    ChunkView,
+    EndpointConfig,
+    build_body,
+    http_error_reason,
+    read_object,
+)
 from batchlm.bench.records import RequestResult
 from batchlm.bench.sse import DONE_SENTINEL, SSEParser
+
+# What ends a stream of each API.
+_END: dict[Api, str] = {
+    "completions": "data: [DONE]",
+    "chat": "data: [DONE]",
+    "responses": "response.completed or response.incomplete",
+}
 
 
 async def send_request(
@@ -40,7 +54,7 @@ async def _read_stream(
     response: aiohttp.ClientResponse, endpoint: EndpointConfig, result: RequestResult
 ) -> None:
     if response.content_type == "application/json":
-        result.error = _json_instead_of_stream(await response.read(), endpoint.chat)
+        result.error = _json_instead_of_stream(await response.read(), endpoint.api)
         return
     parser = SSEParser()
     text_parts: list[str] | None = [] if endpoint.keep_text else None
@@ -54,22 +68,28 @@ async def _read_stream(
                 done = True
                 result.end = arrival
                 break
-            if not _record_event(event.event, event.data, arrival, endpoint.chat, result, text_parts):
+            view = _record_event(event.event, event.data, arrival, endpoint.api, result, text_parts)
+            if view is None:
                 return  # an error: leaving the context closes the connection
+            if view.final:
+                done = True
+                result.end = arrival
+                break
     if text_parts is not None:
         result.generated_text = "".join(text_parts)
     if not done:
         result.error = (
-            f"truncated stream: ended without data: [DONE] after {len(result.chunk_times)} content chunks"
+            f"truncated stream: ended without {_END[endpoint.api]} after "
+            f"{len(result.chunk_times)} content chunks"
         )
     elif not result.chunk_times:
-        result.error = "empty stream: data: [DONE] arrived without any generated text"
+        result.error = f"empty stream: {_END[endpoint.api]} arrived without any generated text"
 
 
-def _json_instead_of_stream(raw: bytes, chat: bool) -> str:
+def _json_instead_of_stream(raw: bytes, api: Api) -> str:
     """A JSON body where a stream was asked for: the server's error if it is one, else a clear reason."""
     try:
-        view = read_object(json.loads(raw), chat)
+        view = read_object(json.loads(raw), api)
     except ValueError:
         return f"malformed response: body is not JSON: {raw[:80]!r}"
     return view.error or "not a stream: the server answered stream=true with one JSON response"
@@ -79,22 +99,22 @@ def _record_event(
     event_name: str,
     data: str,
     arrival: float,
-    chat: bool,
+    api: Api,
     result: RequestResult,
     text_parts: list[str] | None,
-) -> bool:
-    """Folds one SSE event into the result; False when the event is a failure."""
+) -> ChunkView | None:
+    """Folds one SSE event into the result; what it said, or None when the event is a failure."""
     try:
         payload = json.loads(data)
     except ValueError:
         payload = None
         if event_name != "error":
             result.error = f"malformed stream: data is not JSON: {data[:80]!r}"
-            return False
-    view = read_object(payload, chat) if payload is not None else None
+            return None
+    view = read_object(payload, api) if payload is not None else None
     if event_name == "error" or (view is not None and view.error is not None):
         result.error = (view.error if view is not None else None) or f"in-band error: {data[:200]}"
-        return False
+        return None
     assert view is not None
     if view.completion_tokens is not None:
         result.usage_completion_tokens = view.completion_tokens
@@ -106,7 +126,7 @@ def _record_event(
         result.generated_chars += len(view.text)
         if text_parts is not None:
             text_parts.append(view.text)
-    return True
+    return view
 
 
 async def _read_whole(
@@ -119,7 +139,7 @@ async def _read_whole(
     except ValueError:
         result.error = f"malformed response: body is not JSON: {raw[:80]!r}"
         return
-    view = read_object(payload, endpoint.chat)
+    view = read_object(payload, endpoint.api)
     if view.error is not None:
         result.error = view.error
         return

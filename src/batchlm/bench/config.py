@@ -10,6 +10,7 @@ from typing import Any
 
 from batchlm.bench.datasets import DATASET_ALIASES, DATASET_NAMES
 from batchlm.bench.loadgen import LoadConfig
+from batchlm.bench.openai_format import API_PATHS, BACKENDS, Api
 from batchlm.bench.workload import WorkloadConfig
 
 # The seed client's defaults for flags whose CLI default is None (None lets us see what was typed).
@@ -39,8 +40,8 @@ class BenchConfig:
     request_url: str
     # URL of the server's /tokenize (the base URL without /v1).
     tokenize_url: str
-    # True for /chat/completions, False for /completions.
-    chat: bool
+    # The API spoken (--backend).
+    api: Api
     # Model name sent; "auto" = the first model the server lists.
     model: str
     stream: bool
@@ -105,14 +106,14 @@ def from_args(args: argparse.Namespace) -> BenchConfig:
     """Validates the parsed flags and resolves their defaults; raises ValueError with the flag at fault."""
     sweeps, sweep_name = _sweeps(args)
     base_url = _normalize_base_url(args.base_url)
-    chat = args.backend == "openai-chat"
-    endpoint_path = args.endpoint or ("/chat/completions" if chat else "/completions")
+    api = BACKENDS[args.backend]
+    endpoint_path = args.endpoint or API_PATHS[api]
     root = base_url[: -len("/v1")] if base_url.endswith("/v1") else base_url
     return BenchConfig(
         base_url=base_url,
         request_url=base_url + endpoint_path,
         tokenize_url=root + "/tokenize",
-        chat=chat,
+        api=api,
         model=args.model,
         stream=args.stream,
         include_usage=not args.no_include_usage,

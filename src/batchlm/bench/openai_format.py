@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from batchlm.bench.records import RequestSpec
 
 _ERROR_SNIPPET_CHARS = 200
+
+# The API a run speaks, by --backend: /completions (prompt, text), /chat/completions (messages,
+# delta.content) or /responses (input, typed events).
+Api = Literal["completions", "chat", "responses"]
+BACKENDS: dict[str, Api] = {"openai": "completions", "openai-chat": "chat", "openai-responses": "responses"}
+API_PATHS: dict[Api, str] = {
+    "completions": "/completions",
+    "chat": "/chat/completions",
+    "responses": "/responses",
+}
+# The Responses events that carry generated text, and those that end a stream.
+RESPONSES_TEXT_EVENTS = ("response.output_text.delta", "response.reasoning_text.delta")
+RESPONSES_END_EVENTS = ("response.completed", "response.incomplete")
 
 
 @dataclass(frozen=True)
@@ -17,8 +30,7 @@ class EndpointConfig:
 
     # Full URL the requests are POSTed to.
     url: str
-    # True: /chat/completions (messages, delta.content); False: /completions (prompt, text).
-    chat: bool
+    api: Api
     # The "model" field of every request.
     model: str
     # Send stream=true and time every chunk.
@@ -46,29 +58,38 @@ class ChunkView:
     prompt_tokens: int | None
     # An error the server reported in-band; None when there is none.
     error: str | None
+    # The stream's last event (Responses' response.completed; the others end with data: [DONE]).
+    final: bool = False
 
 
 def build_body(endpoint: EndpointConfig, spec: RequestSpec) -> bytes:
     """The JSON body of one request."""
-    body: dict[str, Any] = {"model": endpoint.model, "max_tokens": spec.max_tokens, "stream": endpoint.stream}
-    if endpoint.chat:
-        body["messages"] = [{"role": "user", "content": spec.prompt}]
+    body: dict[str, Any] = {"model": endpoint.model, "stream": endpoint.stream}
+    if endpoint.api == "responses":
+        # Its streams always end with the usage.
+        body.update(input=spec.prompt, max_output_tokens=spec.max_tokens)
     else:
-        body["prompt"] = spec.prompt
-    if endpoint.stream and endpoint.include_usage:
-        body["stream_options"] = {"include_usage": True}
+        body["max_tokens"] = spec.max_tokens
+        if endpoint.api == "chat":
+            body["messages"] = [{"role": "user", "content": spec.prompt}]
+        else:
+            body["prompt"] = spec.prompt
+        if endpoint.stream and endpoint.include_usage:
+            body["stream_options"] = {"include_usage": True}
     if endpoint.ignore_eos:
         body["ignore_eos"] = True
     body.update(endpoint.extra_body)
     return json.dumps(body).encode()
 
 
-def read_object(payload: Any, chat: bool) -> ChunkView:
-    """Interprets one decoded JSON object from the server (a stream chunk or a whole response)."""
+def read_object(payload: Any, api: Api) -> ChunkView:
+    """Interprets one decoded JSON object from the server (a stream chunk or event, or a whole response)."""
     if not isinstance(payload, dict):
         return ChunkView(
             "", None, None, f"malformed response: expected a JSON object, got {_snippet(payload)}"
         )
+    if api == "responses":
+        return _read_responses_object(payload)
     error = _inband_error(payload)
     if error is not None:
         return ChunkView("", None, None, error)
@@ -77,7 +98,43 @@ def read_object(payload: Any, chat: bool) -> ChunkView:
     if isinstance(usage, dict):
         completion_tokens = usage.get("completion_tokens")
         prompt_tokens = usage.get("prompt_tokens")
-    return ChunkView(_choices_text(payload.get("choices"), chat), completion_tokens, prompt_tokens, None)
+    return ChunkView(
+        _choices_text(payload.get("choices"), api == "chat"), completion_tokens, prompt_tokens, None
+    )
+
+
+def _read_responses_object(payload: dict[str, Any]) -> ChunkView:
+    """A Responses stream event, or a whole response object (its output's text and thinking)."""
+    kind = payload.get("type")
+    if kind == "error":
+        return ChunkView("", None, None, f"in-band error: {_snippet(payload.get('message') or payload)}")
+    if kind in RESPONSES_TEXT_EVENTS:
+        return ChunkView(str(payload.get("delta") or ""), None, None, None)
+    response = payload.get("response") if kind is not None else payload
+    if not isinstance(response, dict):
+        return ChunkView("", None, None, _inband_error(payload))
+    if kind == "response.failed" or response.get("status") == "failed":
+        error = response.get("error")
+        message = error.get("message") if isinstance(error, dict) else None
+        return ChunkView("", None, None, f"in-band error: {_snippet(message or 'the response failed')}")
+    usage = response.get("usage")
+    output_tokens = input_tokens = None
+    if isinstance(usage, dict):
+        output_tokens, input_tokens = usage.get("output_tokens"), usage.get("input_tokens")
+    # A stream's text came in its deltas; a whole response holds it in its output items.
+    text = "" if kind is not None else _output_text(response.get("output"))
+    return ChunkView(
+        text, output_tokens, input_tokens, _inband_error(response), final=kind in RESPONSES_END_EVENTS
+    )
+
+
+def _output_text(items: Any) -> str:
+    parts: list[str] = []
+    for item in items if isinstance(items, list) else ():
+        for part in item.get("content") or () if isinstance(item, dict) else ():
+            if isinstance(part, dict) and part.get("type") in ("output_text", "reasoning_text"):
+                parts.append(str(part.get("text") or ""))
+    return "".join(parts)
 
 
 def _choices_text(choices: Any, chat: bool) -> str:

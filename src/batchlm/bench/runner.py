@@ -16,7 +16,7 @@ from batchlm.bench.config import BenchConfig
 from batchlm.bench.datasets import DatasetError
 from batchlm.bench.loadgen import LoadConfig, LoadGenerator, LoadOutcome
 from batchlm.bench.metrics import compute_metrics
-from batchlm.bench.openai_format import EndpointConfig
+from batchlm.bench.openai_format import BACKENDS, EndpointConfig
 from batchlm.bench.progress import Progress, shown
 from batchlm.bench.records import RequestSpec
 from batchlm.bench.report import (
@@ -71,7 +71,7 @@ async def run_benchmark(config: BenchConfig, echo: bool = True) -> BenchRun:
         endpoint = await _endpoint(config, served)
         workload = await _workload(session, config, endpoint, _context_length(served, endpoint.model))
         info = RunInfo(
-            backend="openai-chat" if config.chat else "openai",
+            backend=next(name for name, api in BACKENDS.items() if api == config.api),
             model_id=endpoint.model,
             base_url=config.base_url,
             stream=config.stream,
@@ -109,7 +109,7 @@ async def _endpoint(config: BenchConfig, served: list[dict[str, Any]] | str) -> 
         model = str(served[0]["id"])
     return EndpointConfig(
         url=config.request_url,
-        chat=config.chat,
+        api=config.api,
         model=model,
         stream=config.stream,
         include_usage=config.include_usage,

@@ -78,6 +78,7 @@ class ResponsesRequest(StrictModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     seed: int | None = None
+    ignore_eos: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
 
 

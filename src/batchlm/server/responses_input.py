@@ -32,7 +32,7 @@ UNSERVED_INCLUDES = {"message.output_text.logprobs": "log-probabilities are serv
 # Fields the chat request has under the same name and meaning.
 SAME_NAMED_FIELDS = (
     "model", "temperature", "top_p", "parallel_tool_calls", "user", "top_k", "min_p", "repetition_penalty",
-    "presence_penalty", "frequency_penalty", "seed", "chat_template_kwargs",
+    "presence_penalty", "frequency_penalty", "seed", "ignore_eos", "chat_template_kwargs",
 )  # fmt: skip
 INPUT_ROLES = ("user", "system", "developer", "assistant")
 TEXT_PARTS = ("input_text", "output_text")
