@@ -105,6 +105,20 @@ def test_streaming_matches_the_non_streaming_text(client: Any) -> None:
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+def test_the_responses_api_gives_the_chat_text_streamed_and_not(client: Any) -> None:
+    chat = client.chat.completions.create(model="tiny", messages=USER, max_tokens=6, **GREEDY)
+    whole = client.responses.create(model="tiny", input=USER[0]["content"], max_output_tokens=6, **GREEDY)
+    assert whole.output_text == chat.choices[0].message.content
+    assert (whole.status, whole.usage.output_tokens) == ("incomplete", 6)
+    assert whole.usage.input_tokens == chat.usage.prompt_tokens
+    with client.responses.stream(
+        model="tiny", input=USER[0]["content"], max_output_tokens=6, **GREEDY
+    ) as stream:
+        events = list(stream)
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == whole.output_text
+    assert events[-1].type == "response.incomplete"
+
+
 def test_repeated_prompt_reports_cached_tokens(client: Any) -> None:
     first = client.chat.completions.create(model="tiny", messages=LONG_USER, max_tokens=3, **GREEDY)
     second = client.chat.completions.create(model="tiny", messages=LONG_USER, max_tokens=3, **GREEDY)
