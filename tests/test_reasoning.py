@@ -242,3 +242,18 @@ def test_strict_calls_hold_after_the_thinking(thinking_tokenizer) -> None:
 
     assert walk().feed('<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>')
     assert not walk().feed('<tool_call>{"name": "g", "arguments": {}}</tool_call>'), "only the tools"
+
+
+def test_a_grammar_with_sub_grammars_holds_after_the_thinking(thinking_tokenizer) -> None:
+    """A tool-call grammar that holds a client's own grammar by reference keeps it after a preamble."""
+    hf = thinking_tokenizer
+    added = {"<think>": hf.convert_tokens_to_ids("<think>"), "</think>": hf.convert_tokens_to_ids("</think>")}
+    own = StructuredOutputs(
+        grammar='start: "yes" | "no" | @client', subgrammars=(("client", 'start: "maybe"'),)
+    )
+    spec = ReasoningParser(THINK, False).sampling_params(SamplingParams(structured_outputs=own), added)
+    assert spec.structured_outputs is not None and spec.structured_outputs.subgrammars == own.subgrammars
+    for answer, taken in [("maybe", True), ("no", True), ("perhaps", False)]:
+        walk = Walk(hf, spec.structured_outputs)
+        assert walk.matcher.accept(walk.think) and walk.feed("hmm") and walk.matcher.accept(walk.end)
+        assert (walk.feed(answer) and set(EOS) <= walk.allowed()) is taken

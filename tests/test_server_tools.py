@@ -354,10 +354,32 @@ def test_with_a_regex_or_choice_the_model_may_still_call_a_tool(client: Any, eng
         assert [c.function.name for c in reply.choices[0].message.tool_calls] == ["get_weather"]
         grammar = engine.calls[-1].params.structured_outputs.grammar
         assert grammar.startswith("start: answer | ") and rule in grammar.splitlines()
-    # A Lark grammar of the client's own has no place for calls: it holds alone.
-    engine.reply = "yes"
+
+
+def test_with_a_grammar_of_its_own_the_model_may_still_call_a_tool(
+    client: Any, engine: FakeEngine, server: BackgroundServer
+) -> None:
+    """A Lark (or GBNF) grammar in structured_outputs takes the answer's place, a sub-grammar of the
+    calls' grammar; one that does not compile is a 400 naming the field."""
     lark = 'start: "yes" | "no"'
+    for reply in ("yes", f'<tool_call>{{"name": "get_weather", "arguments": {PARIS}}}</tool_call>'):
+        engine.reply = reply
+        answer = client.chat.completions.create(
+            model="fake-model",
+            messages=USER,
+            tools=TOOLS,
+            extra_body={"structured_outputs": {"grammar": lark}},
+        )
+        constraint = engine.calls[-1].params.structured_outputs
+        assert constraint.grammar.startswith("start: answer | ") and "answer: @client" in constraint.grammar
+        assert constraint.subgrammars == (("client", lark),)
+    assert [c.function.name for c in answer.choices[0].message.tool_calls] == ["get_weather"]
+    gbnf = 'root ::= "yes" | "no"'
     client.chat.completions.create(
-        model="fake-model", messages=USER, tools=TOOLS, extra_body={"structured_outputs": {"grammar": lark}}
+        model="fake-model", messages=USER, tools=TOOLS, extra_body={"structured_outputs": {"grammar": gbnf}}
     )
-    assert engine.calls[-1].params.structured_outputs.grammar == lark
+    assert engine.calls[-1].params.structured_outputs.subgrammars[0][0] == "client"
+    refused = post(
+        server, {"model": "fake-model", "tools": TOOLS, "structured_outputs": {"grammar": "start: nope"}}
+    )
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "structured_outputs"

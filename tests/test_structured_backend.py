@@ -98,6 +98,12 @@ def test_specs_are_well_formed() -> None:
         StructuredOutputs(regex="a", json_object=True)
     with pytest.raises(SamplingParamsError):
         StructuredOutputs(choice=())
+    with pytest.raises(SamplingParamsError, match="subgrammars"):
+        StructuredOutputs(regex="a", subgrammars=(("client", 'start: "a"'),))
+    # Sub-grammars are part of what identifies a compiled grammar.
+    named = StructuredOutputs(grammar='start: "a" @x', subgrammars=(("x", 'start: "b"'),))
+    other = StructuredOutputs(grammar='start: "a" @x', subgrammars=(("x", 'start: "c"'),))
+    assert named.key != other.key and named.key[0] == "grammar+subgrammars"
 
 
 def test_compiled_grammars_are_cached_by_key(backend) -> None:

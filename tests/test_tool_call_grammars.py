@@ -109,7 +109,13 @@ class FamilyGrammar:
     and whether it takes an output: text pieces, and [token] for an added token."""
 
     def __init__(
-        self, tiny_tokenizer, family: str, tokens: list[str], strict: bool, answer: str | None
+        self,
+        tiny_tokenizer,
+        family: str,
+        tokens: list[str],
+        strict: bool,
+        answer: str | None,
+        subgrammars: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self.hf = copy.deepcopy(tiny_tokenizer.hf)
         self.hf.add_tokens(tokens, special_tokens=True)
@@ -118,7 +124,7 @@ class FamilyGrammar:
         tool = FunctionTool("f", None, {"type": "object", "properties": {"a": {"type": "integer"}}}, strict)
         grammar = PARSERS[family]().calls_grammar([tool], self.added, answer)
         assert grammar is not None
-        self.spec = StructuredOutputs(grammar=grammar)
+        self.spec = StructuredOutputs(grammar=grammar, subgrammars=subgrammars)
 
     def takes(self, pieces: list, then_ends: bool = False) -> bool:
         """Every token accepted (and with then_ends, EOS allowed after them)."""
@@ -187,6 +193,30 @@ def test_with_a_regex_or_choice_asked_for_each_family_answers_in_it_or_calls(
     grammar = FamilyGrammar(tiny_tokenizer, family, tokens, strict=False, answer=answer)
     assert grammar.takes([taken], then_ends=True)
     assert not grammar.takes([refused])
+    calls = [piece for piece in output if piece != "Sure."]
+    if isinstance(calls[0], str) and calls[0].startswith("Ok "):  # Hermes: the call without the text
+        calls = [calls[0].removeprefix("Ok ")]
+    assert grammar.takes(calls, then_ends=True)
+
+
+@pytest.mark.parametrize(("family", "tokens", "output"), STRICT_FAMILIES)
+@pytest.mark.parametrize(
+    ("lark", "taken", "refused"),
+    [
+        ('start: "Paris " NUM\nNUM: /[0-9]+/', "Paris 75", "paris 75"),
+        ('start: "[" WORD "]"\nWORD: /[a-z]+/', "[yes]", "[Yes]"),
+    ],
+)
+def test_with_a_grammar_of_the_client_s_each_family_answers_in_it_or_calls(
+    tiny_tokenizer, family, tokens, output, lark, taken, refused
+) -> None:
+    """A Lark grammar in structured_outputs beside tools under auto: its sentences, or calls."""
+    grammar = FamilyGrammar(
+        tiny_tokenizer, family, tokens, strict=False, answer="@client", subgrammars=(("client", lark),)
+    )
+    assert grammar.takes([taken], then_ends=True)
+    assert not grammar.takes([refused])
+    assert not grammar.takes(["Some text."])
     calls = [piece for piece in output if piece != "Sure."]
     if isinstance(calls[0], str) and calls[0].startswith("Ok "):  # Hermes: the call without the text
         calls = [calls[0].removeprefix("Ok ")]

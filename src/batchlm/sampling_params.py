@@ -38,6 +38,9 @@ class StructuredOutputs:
     # Lark rules defining `preamble`: what may come before the constrained text (a reasoning model's
     # thinking block), itself unconstrained by it. Set by the edge, beside one of the fields above.
     preamble: str | None = None
+    # (name, Lark grammar) of the grammars `grammar` refers to as `@name` (a client's own grammar in
+    # the answer's place of a tool-call grammar). Set by the edge.
+    subgrammars: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         kinds = [self.json is not None, self.json_object, self.regex is not None]
@@ -49,6 +52,8 @@ class StructuredOutputs:
             )
         if self.choice is not None and not self.choice:
             raise SamplingParamsError("structured_outputs.choice must not be empty", "structured_outputs")
+        if self.subgrammars and self.grammar is None:
+            raise SamplingParamsError("structured_outputs.subgrammars need a grammar", "structured_outputs")
 
     @property
     def key(self) -> tuple[str, str]:
@@ -70,7 +75,10 @@ class StructuredOutputs:
         if self.choice is not None:
             return ("choice", "\x00".join(self.choice))
         assert self.grammar is not None
-        return ("grammar", self.grammar)
+        if not self.subgrammars:
+            return ("grammar", self.grammar)
+        named = "".join(f"\x00{name}\x00{text}" for name, text in self.subgrammars)
+        return ("grammar+subgrammars", f"{self.grammar}{named}")
 
 
 @dataclass

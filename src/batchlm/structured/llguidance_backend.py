@@ -69,13 +69,12 @@ def grammar_text(spec: StructuredOutputs) -> str:
     if spec.preamble is None:
         return constraint
     # Two grammars in one: the preamble's Lark rules, then the constraint, which Lark names by `@answer`.
+    # The constraint's own grammars (its sub-grammars) keep their names after it.
     answer = (
         json.loads(constraint)["grammars"] if constraint.startswith("{") else [{"lark_grammar": constraint}]
     )
-    if len(answer) != 1:
-        raise GrammarError("a constraint of several grammars cannot follow a preamble")
     opening = {"lark_grammar": f"start: preamble @answer\n{spec.preamble}"}
-    return json.dumps({"grammars": [opening, {**answer[0], "name": "answer"}]})
+    return json.dumps({"grammars": [opening, {**answer[0], "name": "answer"}, *answer[1:]]})
 
 
 def _constraint_text(spec: StructuredOutputs) -> str:
@@ -91,7 +90,10 @@ def _constraint_text(spec: StructuredOutputs) -> str:
     if spec.choice is not None:
         return llguidance.LLMatcher.grammar_from_lark(f"start: {lark_terminal(spec)}")
     assert spec.grammar is not None
-    return llguidance.LLMatcher.grammar_from_lark(spec.grammar)
+    if not spec.subgrammars:
+        return llguidance.LLMatcher.grammar_from_lark(spec.grammar)
+    named = [{"name": name, "lark_grammar": text} for name, text in spec.subgrammars]
+    return json.dumps({"grammars": [{"lark_grammar": spec.grammar}, *named]})
 
 
 def lark_terminal(spec: StructuredOutputs) -> str | None:

@@ -18,6 +18,9 @@ from batchlm.tools.parser import ToolParser
 from batchlm.tools.registry import parser_class
 from batchlm.tools.spec import ToolPlan, ToolRequest, ToolUseError, tool_plan
 
+# The name of a client's own grammar inside the calls' grammar.
+CLIENT_GRAMMAR = "client"
+
 
 @dataclass(frozen=True)
 class ChatToolUse:
@@ -60,9 +63,9 @@ class ChatToolUse:
     def _auto_calls(self, own: StructuredOutputs | None, field: str) -> StructuredOutputs | None:
         """With tool_choice "auto", the family's grammar for the calls the model may make: beside free
         text when a function is strict; beside the answer when the client constrained it (JSON from
-        response_format, or a regex or choice), so that the model may still call a tool, as in
-        OpenAI's API. None leaves the client's constraint (or none) as it is: a Lark grammar of its
-        own, which has no place for the calls."""
+        response_format, a regex, a choice or a grammar of its own), so that the model may still call
+        a tool, as in OpenAI's API. None leaves the client's constraint (or none) as it is: where the
+        family has no calls grammar."""
         plan, parser = self.plan, self.parser
         if plan is None or plan.mode != "auto" or parser is None:
             return None
@@ -75,7 +78,11 @@ class ChatToolUse:
             if answer is None:
                 return None
         grammar = parser.calls_grammar(plan.tools, self.added_tokens, answer)
-        return StructuredOutputs(grammar=grammar) if grammar is not None else None
+        if grammar is None:
+            return None
+        if own is not None and own.grammar is not None:
+            return StructuredOutputs(grammar=grammar, subgrammars=((CLIENT_GRAMMAR, own.grammar),))
+        return StructuredOutputs(grammar=grammar)
 
 
 def chat_tool_use(
@@ -102,15 +109,16 @@ def chat_tool_use(
 
 
 def _answer(own: StructuredOutputs, field: str) -> str | None:
-    """The client's constraint as a Lark rule body: JSON as `%json`, a regex or choice as a terminal;
-    None for a grammar. A constraint that does not compile is the client's error, named by its field."""
-    if own.grammar is not None:
-        return None
+    """The client's constraint as a Lark rule body: JSON as `%json`, a regex or choice as a terminal,
+    its own grammar by reference (`@client`, a sub-grammar of the calls' grammar). A constraint that
+    does not compile is the client's error, named by its field."""
     if not own.json_object:
         try:
             validated_grammar(own)
         except GrammarError as error:
             raise ToolUseError(f"Invalid '{field}': {error}", param=field) from None
+    if own.grammar is not None:
+        return f"@{CLIENT_GRAMMAR}"
     terminal = lark_terminal(own)
     if terminal is not None:
         return terminal
