@@ -104,6 +104,14 @@ STRICT_FAMILIES = [
 ]
 
 
+def calls_alone(output: list) -> list:
+    """A family's example output without its text before the calls."""
+    calls = [piece for piece in output if piece != "Sure."]
+    if isinstance(calls[0], str) and calls[0].startswith("Ok "):  # Hermes: the call without the text
+        calls = [calls[0].removeprefix("Ok ")]
+    return calls
+
+
 class FamilyGrammar:
     """A parser family's calls grammar over the tiny tokenizer with `tokens` added (as special tokens),
     and whether it takes an output: text pieces, and [token] for an added token."""
@@ -172,10 +180,7 @@ def test_with_json_asked_for_each_family_answers_in_it_or_calls(
     assert grammar.takes(['{"answer": 42}'], then_ends=True)
     assert not grammar.takes(['{"answer": "forty-two"}'])
     assert not grammar.takes(["Some text."])
-    calls = [piece for piece in output if piece != "Sure."]
-    if isinstance(calls[0], str) and calls[0].startswith("Ok "):  # Hermes: the call without the text
-        calls = [calls[0].removeprefix("Ok ")]
-    assert grammar.takes(calls, then_ends=True)
+    assert grammar.takes(calls_alone(output), then_ends=True)
 
 
 @pytest.mark.parametrize(("family", "tokens", "output"), STRICT_FAMILIES)
@@ -193,10 +198,7 @@ def test_with_a_regex_or_choice_asked_for_each_family_answers_in_it_or_calls(
     grammar = FamilyGrammar(tiny_tokenizer, family, tokens, strict=False, answer=answer)
     assert grammar.takes([taken], then_ends=True)
     assert not grammar.takes([refused])
-    calls = [piece for piece in output if piece != "Sure."]
-    if isinstance(calls[0], str) and calls[0].startswith("Ok "):  # Hermes: the call without the text
-        calls = [calls[0].removeprefix("Ok ")]
-    assert grammar.takes(calls, then_ends=True)
+    assert grammar.takes(calls_alone(output), then_ends=True)
 
 
 @pytest.mark.parametrize(("family", "tokens", "output"), STRICT_FAMILIES)
@@ -217,7 +219,4 @@ def test_with_a_grammar_of_the_client_s_each_family_answers_in_it_or_calls(
     assert grammar.takes([taken], then_ends=True)
     assert not grammar.takes([refused])
     assert not grammar.takes(["Some text."])
-    calls = [piece for piece in output if piece != "Sure."]
-    if isinstance(calls[0], str) and calls[0].startswith("Ok "):  # Hermes: the call without the text
-        calls = [calls[0].removeprefix("Ok ")]
-    assert grammar.takes(calls, then_ends=True)
+    assert grammar.takes(calls_alone(output), then_ends=True)
