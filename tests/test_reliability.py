@@ -83,6 +83,7 @@ def fuzz_client(fake_server: BackgroundServer) -> Iterator[httpx.Client]:
 VALID_BODIES = {
     "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
     "/v1/completions": {"prompt": "hi", "max_tokens": 4},
+    "/v1/responses": {"input": "hi", "max_output_tokens": 4},
     "/tokenize": {"prompt": "hi"},
     "/detokenize": {"tokens": [70, 71]},
 }
@@ -138,7 +139,7 @@ def engine_server(tiny_model_dir: Callable[..., Path]) -> Iterator[BackgroundSer
     running.stop()
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/responses"])
 def test_generated_bodies_against_the_real_engine(engine_server: BackgroundServer, path: str) -> None:
     """Fewer cases than against the fake (each one served runs the model), but through the real
     sampling parameters, sampler and detokenizer."""
@@ -166,9 +167,10 @@ def bounded(body: Any) -> Any:
     a body without max_tokens would run to the end of the context (the fake-engine run covers that)."""
     if not isinstance(body, dict):
         return body
-    requested = body.get("max_tokens")
+    budget = "max_output_tokens" if "input" in body else "max_tokens"
+    requested = body.get(budget)
     if requested is None or (isinstance(requested, int) and 8 < requested < 1000):
-        return {**body, "max_tokens": 8}
+        return {**body, budget: 8}
     return body
 
 

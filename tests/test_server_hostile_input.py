@@ -55,8 +55,11 @@ def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
         ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "model": %s}', "model"),
         ("/v1/completions", b'{"prompt": "hi", "stop": [%s]}', "stop[0]"),
         ("/tokenize", b'{"prompt": %s}', "prompt"),
+        ("/v1/responses", b'{"input": %s}', "input"),
+        ("/v1/responses", b'{"input": [{"role": "user", "content": [{"type": "input_text", "text": %s}]}]}',
+         "input[0].content[0].text"),
     ],
-)
+)  # fmt: skip
 def test_lone_surrogates_are_400_naming_the_field(
     server: BackgroundServer, path: str, body: bytes, param: str
 ) -> None:
@@ -88,6 +91,7 @@ def test_error_bodies_encode_whatever_text_they_echo() -> None:
          "presence_penalty"),
         ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"7": %s}}',
          "logit_bias.7"),
+        ("/v1/responses", b'{"input": "hi", "temperature": %s}', "temperature"),
     ],
 )  # fmt: skip
 def test_non_finite_numbers_are_400(
