@@ -154,11 +154,16 @@ def test_auto_with_a_strict_function_decodes_the_family_s_calls_under_a_grammar(
     assert plain.sampling_params(SamplingParams()).structured_outputs is None
     mistral = chat_tool_use(ToolFields([Tool(STRICT_WEATHER)], "auto"), "mistral", None)
     assert mistral.sampling_params(SamplingParams()).structured_outputs is None
-    # A Lark grammar of the client's own stays as it is; with JSON, a regex or a choice asked for, the
-    # answer takes the free text's place beside the calls, strict function or not
-    # (test_tool_call_grammars walks them).
+    # With JSON, a regex, a choice or a Lark grammar of the client's own asked for, the answer takes the
+    # free text's place beside the calls, strict function or not (test_tool_call_grammars walks them);
+    # a grammar as a sub-grammar. Where the family has no calls grammar, the client's stays as it is.
     lark = StructuredOutputs(grammar='start: "yes" | "no"')
-    assert use.sampling_params(SamplingParams(structured_outputs=lark)).structured_outputs == lark
+    beside_lark = plain.sampling_params(SamplingParams(structured_outputs=lark)).structured_outputs
+    assert beside_lark is not None and beside_lark.grammar is not None
+    assert "answer: @client" in beside_lark.grammar.splitlines()
+    assert beside_lark.subgrammars == (("client", lark.grammar),)
+    validated_grammar(beside_lark)
+    assert mistral.sampling_params(SamplingParams(structured_outputs=lark)).structured_outputs == lark
     for own, rule in [
         (StructuredOutputs(regex="[a-z]+/[0-9]"), "answer: /[a-z]+\\/[0-9]/"),
         (StructuredOutputs(choice=("yes", 'a "no"')), 'answer: "yes" | "a \\"no\\""'),
