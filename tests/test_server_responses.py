@@ -144,6 +144,40 @@ def test_a_stream_cut_short_ends_incomplete(server: BackgroundServer, engine: Fa
     assert last["response"]["output"][0]["content"][0]["text"] == REPLY[:4]
 
 
+def test_logprobs_come_with_the_include_streamed_and_not(client: Any, engine: FakeEngine) -> None:
+    engine.reply = REPLY
+    include = ["message.output_text.logprobs"]
+    plain = client.responses.create(model="fake-model", input="hi", top_logprobs=2)
+    assert plain.output[0].content[0].logprobs == [], "top_logprobs alone asks for none, as in OpenAI's API"
+    assert engine.calls[-1].params.logprobs is None
+    whole = client.responses.create(model="fake-model", input="hi", top_logprobs=2, include=include)
+    logprobs = whole.output[0].content[0].logprobs
+    assert [entry.token for entry in logprobs] == list(REPLY)
+    assert all(len(entry.top_logprobs) == 2 and entry.bytes for entry in logprobs)
+    assert logprobs[0].logprob == pytest.approx(-0.25)
+    with client.responses.stream(model="fake-model", input="hi", top_logprobs=2, include=include) as stream:
+        events = list(stream)
+    streamed = [entry for e in events if e.type == "response.output_text.delta" for entry in e.logprobs]
+    assert [entry.token for entry in streamed] == list(REPLY)
+    [done] = [e for e in events if e.type == "response.output_text.done"]
+    assert [entry.token for entry in done.logprobs] == list(REPLY)
+    # Without thinking held back, each delta carries its own token's.
+    assert all(len(e.logprobs) == 1 for e in events if e.type == "response.output_text.delta")
+
+
+def test_logprobs_of_held_back_text_ride_on_the_next_delta(client: Any, engine: FakeEngine) -> None:
+    engine.reply = THINKING_REPLY
+    include = ["message.output_text.logprobs"]
+    with client.responses.stream(model="fake-model", input="hi", include=include) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    assert len(deltas[0].logprobs) > 1, "the thinking's tokens come with the answer's first delta"
+    assert sum(len(e.logprobs) for e in deltas) == len(THINKING_REPLY) == final.usage.output_tokens
+    whole = client.responses.create(model="fake-model", input="hi", include=include)
+    assert len(whole.output[-1].content[0].logprobs) == len(THINKING_REPLY)
+
+
 def test_thinking_comes_as_a_reasoning_item(
     client: Any, server: BackgroundServer, engine: FakeEngine
 ) -> None:
@@ -329,9 +363,8 @@ def test_message_parts_and_roles_are_read_as_chat_messages(client: Any, engine: 
         ({"input": []}, "input", "at least one item"),
         ({"previous_response_id": "resp_1"}, "previous_response_id", "whole conversation"),
         ({"truncation": "auto"}, "truncation", "not supported"),
-        ({"top_logprobs": 2}, "top_logprobs", "/v1/chat/completions"),
-        ({"include": ["message.output_text.logprobs"]}, "include", "/v1/chat/completions"),
         ({"background": True}, "background", "not supported"),
+        ({"top_logprobs": 21}, "top_logprobs", "20"),
         ({"stream_options": {"include_obfuscation": False}}, "stream_options", "'stream'"),
         (
             {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]},

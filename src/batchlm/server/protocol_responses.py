@@ -8,7 +8,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from batchlm.sampling_params import MAX_TOP_LOGPROBS
 from batchlm.server.protocol import StrictModel
+from batchlm.server.responses import ChatTokenLogprob
 
 
 class TextFormat(StrictModel):
@@ -60,7 +62,9 @@ class ResponsesRequest(StrictModel):
     )
     # Nothing is stored: accepted, and every response says store false.
     store: bool | None = None
+    # "message.output_text.logprobs" adds the tokens' log-probabilities (top_logprobs alternatives each).
     include: list[str] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     stream_options: dict[str, Any] | None = None
     # Known OpenAI fields batchlm does not serve: a 400 names them unless they hold a neutral value.
     previous_response_id: str | None = None
@@ -68,7 +72,6 @@ class ResponsesRequest(StrictModel):
     prompt: Any = None
     background: bool | None = None
     truncation: Literal["auto", "disabled"] | None = None
-    top_logprobs: int | None = None
     max_tool_calls: int | None = None
     service_tier: str | None = None
     # batchlm (vLLM-style) extras.
@@ -86,7 +89,8 @@ class OutputText(BaseModel):
     type: Literal["output_text"] = "output_text"
     text: str
     annotations: list[Any] = Field(default_factory=list)
-    logprobs: list[Any] = Field(default_factory=list)
+    # Chat's per-token entries (token, logprob, bytes, top_logprobs), with include's logprobs.
+    logprobs: list[ChatTokenLogprob] = Field(default_factory=list)
 
 
 class ReasoningText(BaseModel):

@@ -23,12 +23,11 @@ UNSUPPORTED: tuple[UnsupportedRule, ...] = (
     ("prompt", lambda v: v is None, "stored prompts are not supported"),
     ("background", lambda v: not v, "background responses are not supported"),
     ("truncation", lambda v: v in (None, "disabled"), "an input longer than the context is refused, not cut"),
-    ("top_logprobs", lambda v: not v, "log-probabilities are served by /v1/chat/completions"),
     ("max_tool_calls", lambda v: v is None, "bound the calls with 'parallel_tool_calls'"),
     ("service_tier", lambda v: v in (None, "auto", "default"), "there is one service tier"),
 )  # fmt: skip
-# What an `include` may ask for that needs more than the response already holds.
-UNSERVED_INCLUDES = {"message.output_text.logprobs": "log-probabilities are served by /v1/chat/completions"}
+# The `include` that asks for the output text's log-probabilities.
+INCLUDE_LOGPROBS = "message.output_text.logprobs"
 # Fields the chat request has under the same name and meaning.
 SAME_NAMED_FIELDS = (
     "model", "temperature", "top_p", "parallel_tool_calls", "user", "top_k", "min_p", "repetition_penalty",
@@ -116,6 +115,8 @@ def chat_form(body: ResponsesRequest) -> ChatForm:
     }
     if body.stream:  # the stream's last event reports the usage, thinking tokens included
         chat["stream_options"] = {"include_usage": True}
+    if INCLUDE_LOGPROBS in (body.include or ()):  # as in OpenAI's API, top_logprobs alone asks for none
+        chat.update(logprobs=True, top_logprobs=body.top_logprobs or 0)
     chat.update({name: getattr(body, name) for name in SAME_NAMED_FIELDS})
     origins = conversation.origins
     try:
@@ -131,10 +132,6 @@ def _check_unsupported(body: ResponsesRequest) -> None:
     for name, accepted, why in UNSUPPORTED:
         if not accepted(getattr(body, name)):
             raise APIError(400, f"'{name}' is not supported by this server: {why}.", param=name)
-    for wanted in body.include or ():
-        if wanted in UNSERVED_INCLUDES:
-            why = UNSERVED_INCLUDES[wanted]
-            raise APIError(400, f"'include' of '{wanted}' is not supported: {why}.", param="include")
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "'stream_options' is only allowed when 'stream' is true.", param="stream_options")
 

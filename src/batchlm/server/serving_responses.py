@@ -7,17 +7,19 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
 from starlette.requests import Request
 from starlette.responses import Response
 
-from batchlm.outputs import FinishReason, RequestOutput
+from batchlm.outputs import FinishReason, RequestOutput, TokenLogprobs
 from batchlm.reasoning.message import AssistantMessage
 from batchlm.server.errors import APIError
+from batchlm.server.logprobs import chat_logprobs
 from batchlm.server.protocol_responses import (
     FunctionCallItem,
     IncompleteDetails,
@@ -35,7 +37,7 @@ from batchlm.server.protocol_responses import (
     ResponseUsage,
 )
 from batchlm.server.responding import ChoiceResults, ResponseFormatter, json_text, respond
-from batchlm.server.responses import UsageInfo
+from batchlm.server.responses import ChatTokenLogprob, UsageInfo
 from batchlm.server.responses_input import chat_form
 from batchlm.server.serving_chat import AssistantMessages, ChatContext, prepare_chat
 from batchlm.server.state import get_state
@@ -77,6 +79,8 @@ class _OpenItem:
     call_index: int = -1
     # Its delta event's bytes before the delta's text, and between it and the sequence number.
     delta_frame: tuple[str, str] | None = None
+    # A message's tokens' log-probabilities, when they were asked for.
+    logprobs: list[ChatTokenLogprob] = field(default_factory=list)
 
     @property
     def text(self) -> str:
@@ -99,12 +103,17 @@ class ResponsesFormatter(ResponseFormatter[ChatContext]):
         self._items: list[OutputItem] = []
         self._open: _OpenItem | None = None
         self._cut_short = False
+        # Log-probabilities of tokens whose text no message delta has carried yet (thinking, text the
+        # tool parser holds back): they ride on the next one, as chat's do.
+        self._pending_logprobs: list[ChatTokenLogprob] = []
 
     def choices(self, results: ChoiceResults) -> list[OutputItem]:
         """The output items of the (only) choice."""
         ((_, result),) = results.items()
         status: ItemStatus = "incomplete" if result.finish_reason is FinishReason.LENGTH else "completed"
-        return output_items(self._messages.whole(result), status)
+        return output_items(
+            self._messages.whole(result), status, self._logprobs(result.token_ids, result.logprobs)
+        )
 
     def response(self, results: ChoiceResults, usage: UsageInfo) -> BaseModel:
         items = self.choices(results)
@@ -120,6 +129,8 @@ class ResponsesFormatter(ResponseFormatter[ChatContext]):
 
     def delta(self, position: int, output: RequestOutput) -> Iterator[bytes]:
         for completion in output.outputs:
+            if completion.logprobs:
+                self._pending_logprobs += self._logprobs(completion.token_ids, completion.logprobs)
             settled = self._messages.settle(completion)
             if settled.reasoning:
                 yield from self._text("reasoning", settled.reasoning)
@@ -131,6 +142,8 @@ class ResponsesFormatter(ResponseFormatter[ChatContext]):
                 self._cut_short = completion.finish_reason is FinishReason.LENGTH
                 if self._open is None and not self._items:  # an empty answer is an empty message
                     yield from self._start("message")
+                if self._open is not None and self._open.kind == "message":
+                    self._open.logprobs += self._pending_logprobs
                 yield from self._close()
 
     def closing(self, usage: UsageInfo) -> Iterable[bytes]:
@@ -192,7 +205,9 @@ class ResponsesFormatter(ResponseFormatter[ChatContext]):
                 arguments=current.text,
             )
         elif current.kind == "message":
-            yield self._event("response.output_text.done", **self._where(), text=current.text, logprobs=[])
+            yield self._event(
+                "response.output_text.done", **self._where(), text=current.text, logprobs=current.logprobs
+            )
             yield self._event(
                 "response.content_part.done", **self._where(), part=OutputText(text=current.text)
             )
@@ -211,6 +226,10 @@ class ResponsesFormatter(ResponseFormatter[ChatContext]):
         current = self._open
         assert current is not None
         current.parts.append(text)
+        if current.kind == "message" and self._pending_logprobs:
+            carried, self._pending_logprobs = self._pending_logprobs, []
+            current.logprobs += carried
+            return self._event(DELTA_EVENTS["message"], **self._where(), delta=text, logprobs=carried)
         if current.delta_frame is None:
             kind = DELTA_EVENTS[current.kind]
             head = json.dumps({"type": kind, **self._where()}, separators=(",", ":"))[:-1]
@@ -219,6 +238,14 @@ class ResponsesFormatter(ResponseFormatter[ChatContext]):
         head, tail = current.delta_frame
         self._sequence += 1
         return f"{head}{json_text(text)}{tail}{self._sequence - 1}}}\n\n".encode()
+
+    def _logprobs(
+        self, token_ids: Sequence[int], logprobs: Sequence[TokenLogprobs]
+    ) -> list[ChatTokenLogprob]:
+        top = self.context.top_logprobs
+        if top is None:
+            return []
+        return chat_logprobs(self.context.tokenizer, token_ids, logprobs, top).content or []
 
     def _where(self) -> dict[str, Any]:
         """Where an event of the item being written points: the item, and its one content part."""
@@ -236,22 +263,18 @@ class ResponsesFormatter(ResponseFormatter[ChatContext]):
         # An item just added holds nothing yet; a finished one, all it was given.
         text = None if status == "in_progress" else current.text
         if current.kind == "message":
-            return OutputMessage(
-                id=current.id, status=status, content=[] if text is None else [OutputText(text=text)]
-            )
+            parts = [] if text is None else [OutputText(text=text, logprobs=current.logprobs)]
+            return OutputMessage(id=current.id, status=status, content=parts)
         if current.kind == "reasoning":
-            content = [] if text is None else [ReasoningText(text=text)]
-            return ReasoningItem(id=current.id, status=status, content=content)
+            thinking = [] if text is None else [ReasoningText(text=text)]
+            return ReasoningItem(id=current.id, status=status, content=thinking)
         return FunctionCallItem(
             id=current.id, status=status, call_id=current.call_id, name=current.name, arguments=text or ""
         )
 
     def _event(self, kind: str, **fields: Any) -> bytes:
         """One SSE event of the stream, named by its type and numbered in sequence."""
-        payload = {
-            "type": kind,
-            **{k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for k, v in fields.items()},
-        }
+        payload = {"type": kind, **to_jsonable_python(fields)}
         payload["sequence_number"] = self._sequence
         self._sequence += 1
         return f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
@@ -296,15 +319,18 @@ class ResponsesFormatter(ResponseFormatter[ChatContext]):
         )
 
 
-def output_items(message: AssistantMessage, status: ItemStatus) -> list[OutputItem]:
-    """A whole assistant message as output items: its thinking, its text, then its calls, the last item
-    with `status`, as a stream closes them. A message of nothing at all is one empty text item."""
+def output_items(
+    message: AssistantMessage, status: ItemStatus, logprobs: list[ChatTokenLogprob]
+) -> list[OutputItem]:
+    """A whole assistant message as output items: its thinking, its text (with the log-probabilities
+    of all the tokens, as chat gives them), then its calls, the last item with `status`, as a stream
+    closes them. A message of nothing at all is one empty text item."""
     items: list[OutputItem] = []
     if message.reasoning:
         content = [ReasoningText(text=message.reasoning)]
         items.append(ReasoningItem(id=item_id("rs"), status="completed", content=content))
     if message.content or not (message.tool_calls or message.reasoning):
-        text = OutputText(text=message.content or "")
+        text = OutputText(text=message.content or "", logprobs=logprobs)
         items.append(OutputMessage(id=item_id("msg"), status="completed", content=[text]))
     for call in message.tool_calls:
         items.append(
