@@ -132,11 +132,16 @@ class ResponsesFormatter(ResponseFormatter[ChatContext]):
             if completion.logprobs:
                 self._pending_logprobs += self._logprobs(completion.token_ids, completion.logprobs)
             settled = self._messages.settle(completion)
+            # A delta gives its text and call pieces apart: the pieces that go on with the call being
+            # written came before any of its text, calls opened in it may come after.
+            pieces = list(settled.tool_calls)
+            while pieces and pieces[0].id is None:
+                yield from self._call_piece(pieces.pop(0))
             if settled.reasoning:
                 yield from self._text("reasoning", settled.reasoning)
             if settled.content:
                 yield from self._text("message", settled.content)
-            for piece in settled.tool_calls:
+            for piece in pieces:
                 yield from self._call_piece(piece)
             if completion.finish_reason is not None:
                 self._cut_short = completion.finish_reason is FinishReason.LENGTH

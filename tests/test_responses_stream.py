@@ -1,0 +1,100 @@
+"""The Responses stream of every tool-call parser's outputs, cut at every split point: its events are
+well formed and in order, and the response they end with holds the calls and text the parser reads out
+of the whole output (the chat stream's own checks are in test_tool_parsers)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from batchlm.outputs import CompletionOutput, FinishReason, RequestOutput
+from batchlm.reasoning.message import MessageReader
+from batchlm.server.protocol_responses import ResponsesRequest
+from batchlm.server.responses import UsageInfo
+from batchlm.server.serving_chat import ChatContext
+from batchlm.server.serving_responses import ResponsesFormatter
+from batchlm.tools.parser import ToolParser
+from fake_engine import FakeTokenizer
+from test_tool_parsers import CASES, IDS
+
+
+def events_of(parser: ToolParser, chunks: list[str]) -> list[dict[str, Any]]:
+    context = ChatContext(
+        request_id="resp_test",
+        created=0,
+        model="m",
+        tokenizer=FakeTokenizer(),
+        n=1,
+        include_usage=True,
+        top_logprobs=None,
+        reader=MessageReader(None, parser),
+    )
+    formatter = ResponsesFormatter(context, ResponsesRequest(input="hi"))
+    raw = list(formatter.opening())
+    for i, chunk in enumerate(chunks):
+        last = i == len(chunks) - 1
+        completion = CompletionOutput(0, chunk, [1], finish_reason=FinishReason.STOP if last else None)
+        raw += formatter.delta(0, RequestOutput("r", None, [], [completion], finished=last))
+    raw += formatter.closing(
+        UsageInfo(prompt_tokens=1, completion_tokens=len(chunks), total_tokens=1 + len(chunks))
+    )
+    events = []
+    for block in b"".join(raw).decode().split("\n\n")[:-1]:
+        name, data = block.split("\n")
+        payload = json.loads(data.removeprefix("data: "))
+        assert name == f"event: {payload['type']}"
+        assert data == "data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+        events.append(payload)
+    return events
+
+
+def check_order(events: list[dict[str, Any]]) -> None:
+    """Items added in output order, each finished before the next starts; deltas only inside one."""
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    open_item: dict[str, Any] | None = None
+    next_index = 0
+    for event in events[2:-1]:
+        kind = event["type"]
+        if kind == "response.output_item.added":
+            assert open_item is None and event["output_index"] == next_index
+            open_item = event["item"]
+        elif kind == "response.output_item.done":
+            assert open_item is not None and event["item"]["id"] == open_item["id"]
+            open_item, next_index = None, next_index + 1
+        else:
+            assert open_item is not None and event["item_id"] == open_item["id"], kind
+
+
+@pytest.mark.parametrize(("parser", "output", "content", "calls"), CASES, ids=IDS)
+def test_every_split_ends_with_the_parsers_calls_and_text(
+    parser: ToolParser, output: str, content: str | None, calls: list[tuple[str, str]]
+) -> None:
+    for split in range(len(output) + 1):
+        events = events_of(parser, [output[:split], output[split:]])
+        check_order(events)
+        final = events[-1]["response"]
+        assert events[-1]["type"] == "response.completed" and final["status"] == "completed"
+        items = final["output"]
+        assert [(i["name"], i["arguments"]) for i in items if i["type"] == "function_call"] == calls
+        text = "".join(i["content"][0]["text"] for i in items if i["type"] == "message")
+        assert text == (content or "")
+        streamed = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+        assert streamed == text
+        for item in items:
+            if item["type"] == "function_call":
+                done = [e for e in events if e["type"] == "response.function_call_arguments.done"]
+                assert item["arguments"] in [e["arguments"] for e in done]
+
+
+@pytest.mark.parametrize(("parser", "output", "content", "calls"), CASES, ids=IDS)
+def test_one_character_at_a_time_leaks_no_markup(
+    parser: ToolParser, output: str, content: str | None, calls: list[tuple[str, str]]
+) -> None:
+    events = events_of(parser, list(output) or [""])
+    check_order(events)
+    items = events[-1]["response"]["output"]
+    assert [(i["name"], i["arguments"]) for i in items if i["type"] == "function_call"] == calls
+    streamed = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    assert streamed == (content or "")
