@@ -11,16 +11,21 @@ import pytest
 
 from batchlm.outputs import CompletionOutput, FinishReason, RequestOutput
 from batchlm.reasoning.message import MessageReader
+from batchlm.reasoning.registry import THINK
+from batchlm.reasoning.split import ReasoningParser
 from batchlm.server.protocol_responses import ResponsesRequest
 from batchlm.server.responses import UsageInfo
 from batchlm.server.serving_chat import ChatContext
 from batchlm.server.serving_responses import ResponsesFormatter
+from batchlm.tools.hermes import HermesParser
 from batchlm.tools.parser import ToolParser
 from fake_engine import FakeTokenizer
 from test_tool_parsers import CASES, IDS
 
 
-def events_of(parser: ToolParser, chunks: list[str]) -> list[dict[str, Any]]:
+def events_of(
+    parser: ToolParser | None, chunks: list[str], reasoning: ReasoningParser | None = None
+) -> list[dict[str, Any]]:
     context = ChatContext(
         request_id="resp_test",
         created=0,
@@ -29,7 +34,7 @@ def events_of(parser: ToolParser, chunks: list[str]) -> list[dict[str, Any]]:
         n=1,
         include_usage=True,
         top_logprobs=None,
-        reader=MessageReader(None, parser),
+        reader=MessageReader(reasoning, parser),
     )
     formatter = ResponsesFormatter(context, ResponsesRequest(input="hi"))
     raw = list(formatter.opening())
@@ -98,3 +103,16 @@ def test_one_character_at_a_time_leaks_no_markup(
     assert [(i["name"], i["arguments"]) for i in items if i["type"] == "function_call"] == calls
     streamed = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
     assert streamed == (content or "")
+
+
+def test_thinking_then_text_then_a_call_at_every_split() -> None:
+    call = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    output = f"<think>\nPlan: call it.\n</think>\n\nLet me look.<tool_call>{call}</tool_call>"
+    for split in range(len(output) + 1):
+        events = events_of(HermesParser(), [output[:split], output[split:]], ReasoningParser(THINK, False))
+        check_order(events)
+        items = events[-1]["response"]["output"]
+        assert [item["type"] for item in items] == ["reasoning", "message", "function_call"]
+        assert items[0]["content"][0]["text"] == "Plan: call it."
+        assert items[1]["content"][0]["text"] == "Let me look."
+        assert json.loads(items[2]["arguments"]) == {"city": "Paris"}
