@@ -21,6 +21,7 @@ from agents import (
 from pydantic import BaseModel
 
 from batchlm.server.background import BackgroundServer
+from batchlm.server.state import ServerSettings
 from fake_engine import FakeEngine
 
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
@@ -54,9 +55,11 @@ def no_tracing() -> None:
     set_tracing_disabled(True)
 
 
-def serve(replies: list[str]) -> tuple[ScriptedEngine, BackgroundServer]:
+def serve(
+    replies: list[str], settings: ServerSettings | None = None
+) -> tuple[ScriptedEngine, BackgroundServer]:
     engine = ScriptedEngine(replies, max_model_len=4096)
-    return engine, BackgroundServer(engine)
+    return engine, BackgroundServer(engine, settings or ServerSettings())
 
 
 def prompts(engine: FakeEngine) -> list[str]:
@@ -118,3 +121,16 @@ def test_an_agent_with_a_typed_output_gets_it_parsed() -> None:
             city="Paris", temperature_c=21
         )
     assert engine.calls[-1].params.structured_outputs is not None
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_reasoning_model_s_agent_gets_its_thinking_back_as_items(stream: bool) -> None:
+    """The SDK sends the reasoning items of a turn back with the next; they reach the template."""
+    thinking = "<think>\nI should call get_weather.\n</think>\n\n"
+    engine, server = serve(
+        [thinking + CALL, "<think>\nDone.\n</think>\n\n" + ANSWER], ServerSettings(reasoning_parser="think")
+    )
+    with server:
+        assert run_agent(server, "responses", stream) == ANSWER
+    history = engine.tokenizer.last_chat["messages"]
+    assert any(m.get("reasoning_content") == "I should call get_weather." for m in history)

@@ -108,3 +108,16 @@ def test_tool_choice_none_adds_no_tools_prompt(tiny_tokenizer: Tokenizer) -> Non
     tokenizer = Tokenizer(tiny_tokenizer.hf, tiny_tokenizer.eos_token_ids, chat_template=SMOLLM2_TEMPLATE)
     text = rendered(tokenizer, {"tools": TOOLS, "tool_choice": "none"})
     assert "You can call functions" not in text and "named SmolLM" in text
+
+
+def test_history_as_text_keeps_an_assistant_turn_s_thinking() -> None:
+    from batchlm.tools.prompting import with_generic_tool_prompt
+
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    turn = {"role": "assistant", "content": "", "tool_calls": [call], "reasoning_content": "plan"}
+    [converted] = with_generic_tool_prompt([turn], None)
+    assert converted == {
+        "role": "assistant",
+        "content": '<tool_call>\n{"name": "f", "arguments": "{}"}\n</tool_call>',
+        "reasoning_content": "plan",
+    }

@@ -83,4 +83,6 @@ def _as_text(message: dict[str, Any]) -> dict[str, Any]:
     for call in calls:
         body = {"name": call["function"]["name"], "arguments": call["function"]["arguments"]}
         blocks.append(f"<tool_call>\n{json.dumps(body)}\n</tool_call>")
-    return {"role": message["role"], "content": "\n".join(blocks)}
+    # The rest of the message (its thinking, for a template that reads it) stays as it is.
+    rest = {key: value for key, value in message.items() if key != "tool_calls"}
+    return {**rest, "content": "\n".join(blocks)}
