@@ -58,11 +58,23 @@ def assert_well_formed(response: httpx.Response) -> None:
         response.json()
         return
     payloads = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+    if response.request.url.path.endswith("/responses"):
+        assert_responses_stream([json.loads(payload) for payload in payloads])
+        return
     assert payloads and payloads[-1] == "[DONE]"
     for payload in payloads[:-1]:
         event = json.loads(payload)
         if "error" in event:
             assert_error_shape(event)
+
+
+def assert_responses_stream(events: list[Any]) -> None:
+    """Typed events numbered in order, the last one ending the response; an error event in its shape."""
+    assert events and [event["sequence_number"] for event in events] == list(range(len(events)))
+    assert events[-1]["type"] in ("response.completed", "response.incomplete", "response.failed")
+    for event in events:
+        if event["type"] == "error":
+            assert isinstance(event["message"], str) and event["message"] and "code" in event
 
 
 # -- fuzz: generated bodies against a fast fake engine ------------------------------------------------
@@ -109,6 +121,14 @@ def test_generated_bodies_never_get_a_5xx(
     # The cases reach past validation too: some are served, not only refused.
     assert statuses[200] > 0 and statuses[400] > 0, statuses
     assert fuzz_client.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("path", list(VALID_BODIES)[:3])
+def test_a_stream_of_each_generation_endpoint_is_well_formed(fuzz_client: httpx.Client, path: str) -> None:
+    """The fuzz draws `stream` at random; each endpoint's stream is checked here whatever it draws."""
+    response = fuzz_client.post(path, json={**VALID_BODIES[path], "stream": True})
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    assert_well_formed(response)
 
 
 @FUZZ
