@@ -200,11 +200,11 @@ def test_the_responses_api_answers_and_forces_a_call(client: Any) -> None:
         input="What is the weather like in Paris today?",
         tools=[weather],
         tool_choice="required",
+        parallel_tool_calls=False,
         temperature=0,
         max_output_tokens=64,
     )
-    calls = [item for item in reply.output if item.type == "function_call"]
-    assert calls and reply.output[-1] is calls[-1]
-    for call in calls:
-        assert call.name == "get_weather" and call.call_id.startswith("call_")
-        assert isinstance(json.loads(call.arguments)["city"], str)
+    [call] = reply.output
+    assert call.type == "function_call" and call.status == "completed"
+    assert call.name == "get_weather" and call.call_id.startswith("call_")
+    assert isinstance(json.loads(call.arguments)["city"], str)
