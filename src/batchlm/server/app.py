@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fastapi import FastAPI
 
@@ -16,6 +18,7 @@ from batchlm.server.generation import InFlight
 from batchlm.server.metrics import ServerMetrics, StatsLogger
 from batchlm.server.middleware import APIKeyMiddleware, ArrivalStampMiddleware, BodySizeLimitMiddleware
 from batchlm.server.pages import install_chat_page, install_docs_pages
+from batchlm.server.response_store import ResponseStore
 from batchlm.server.routes import router
 from batchlm.server.state import ServerSettings, ServerState
 
@@ -34,16 +37,22 @@ def build_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        if not log_stats:
-            yield
-            return
-        stats_task = asyncio.ensure_future(StatsLogger(engine, settings.stats_log_interval_s).run())
-        try:
-            yield
-        finally:
-            stats_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await stats_task
+        with contextlib.ExitStack() as cleanup:
+            if settings.stored_responses > 0:
+                directory = settings.responses_dir or cleanup.enter_context(
+                    tempfile.TemporaryDirectory(prefix="batchlm-responses-")
+                )
+                state.responses = ResponseStore(Path(directory), settings.stored_responses)
+            if not log_stats:
+                yield
+                return
+            stats_task = asyncio.ensure_future(StatsLogger(engine, settings.stats_log_interval_s).run())
+            try:
+                yield
+            finally:
+                stats_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await stats_task
 
     app = FastAPI(
         title="batchlm",

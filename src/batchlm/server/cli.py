@@ -141,6 +141,11 @@ def _run_several(settings: ServerSettings, config: EngineConfig, count: int) -> 
         logger.error("cannot listen on %s:%d: %s", settings.host, settings.port, error)
         return 1
     settings = replace(settings, port=sock.getsockname()[1])
+    # A response stored by one API server is continued through whichever one a connection lands on.
+    responses_dir = None
+    if settings.stored_responses > 0 and settings.responses_dir is None:
+        responses_dir = tempfile.mkdtemp(prefix="batchlm-responses-")
+        settings = replace(settings, responses_dir=responses_dir)
     # Before any metric exists: /metrics then sums the request metrics of every API server.
     metrics_dir = tempfile.mkdtemp(prefix="batchlm-metrics-")
     from batchlm.engine.async_engine import AsyncLLMEngine
@@ -160,3 +165,5 @@ def _run_several(settings: ServerSettings, config: EngineConfig, count: int) -> 
         return run_server(app, engine, start_engine=engine.start, sockets=[sock], api_servers=pool)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+        if responses_dir is not None:
+            shutil.rmtree(responses_dir, ignore_errors=True)

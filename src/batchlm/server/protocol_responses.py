@@ -38,7 +38,7 @@ class ReasoningConfig(StrictModel):
 
 
 class ResponsesRequest(StrictModel):
-    """POST /v1/responses. Stateless: every request carries the whole conversation in `input`."""
+    """POST /v1/responses: the whole conversation in `input`, or its new turn after a stored response."""
 
     model: str | None = Field(None, description="Served model name or alias; omitted = the served model.")
     # Text (one user message) or a list of items: messages, function calls and their outputs, reasoning.
@@ -60,14 +60,15 @@ class ResponsesRequest(StrictModel):
     prompt_cache_key: str | None = Field(
         None, description="Accepted and ignored (prefix caching is automatic)."
     )
-    # Nothing is stored: accepted, and every response says store false.
+    # Keep the response for previous_response_id and GET (default true, unless --stored-responses 0).
     store: bool | None = None
     # "message.output_text.logprobs" adds the tokens' log-probabilities (top_logprobs alternatives each).
     include: list[str] | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     stream_options: dict[str, Any] | None = None
-    # Known OpenAI fields batchlm does not serve: a 400 names them unless they hold a neutral value.
+    # A stored response this one continues: its conversation comes before `input` (not its instructions).
     previous_response_id: str | None = None
+    # Known OpenAI fields batchlm does not serve: a 400 names them unless they hold a neutral value.
     conversation: Any = None
     prompt: Any = None
     background: bool | None = None
@@ -180,8 +181,9 @@ class ResponseObject(BaseModel):
     reasoning: dict[str, Any]
     metadata: dict[str, str]
     user: str | None
-    previous_response_id: None = None
-    store: Literal[False] = False
+    previous_response_id: str | None = None
+    # Whether it is kept (GET /v1/responses/{id}, previous_response_id).
+    store: bool = False
     background: Literal[False] = False
     truncation: Literal["disabled"] = "disabled"
     service_tier: str = "default"

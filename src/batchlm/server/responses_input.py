@@ -18,8 +18,7 @@ from batchlm.server.protocol_responses import ResponsesRequest
 from batchlm.server.request_params import UnsupportedRule
 
 UNSUPPORTED: tuple[UnsupportedRule, ...] = (
-    ("previous_response_id", lambda v: v is None, "no response is stored; send the whole conversation in 'input'"),
-    ("conversation", lambda v: v is None, "no conversation is stored; send the whole conversation in 'input'"),
+    ("conversation", lambda v: v is None, "continue a response by 'previous_response_id', or send it all in 'input'"),
     ("prompt", lambda v: v is None, "stored prompts are not supported"),
     ("background", lambda v: not v, "background responses are not supported"),
     ("truncation", lambda v: v in (None, "disabled"), "an input longer than the context is refused, not cut"),
@@ -90,12 +89,15 @@ def _renamed(text: str, origins: list[str]) -> str:
     return _CHAT_PATH.sub(replace, text)
 
 
-def chat_form(body: ResponsesRequest) -> ChatForm:
-    """The chat request a Responses request stands for. 400 for what cannot be served."""
+def chat_form(body: ResponsesRequest, history: list[dict[str, Any]] | None = None) -> ChatForm:
+    """The chat request a Responses request stands for, continuing `history` (the stored items of the
+    response it names as previous). 400 for what cannot be served."""
     _check_unsupported(body)
     conversation = _Conversation()
     if body.instructions is not None:
         conversation.add({"role": "system", "content": body.instructions}, "instructions")
+    for item in history or ():
+        conversation.read(item, "previous_response_id")
     if isinstance(body.input, str):
         conversation.add({"role": "user", "content": body.input}, "input")
     else:
@@ -126,6 +128,11 @@ def chat_form(body: ResponsesRequest) -> ChatForm:
         where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"])[1:]
         raise APIError(400, _renamed(f"{where}: {first['msg']}", origins), _renamed(where, origins)) from None
     return ChatForm(request, origins)
+
+
+def input_items(body: ResponsesRequest) -> list[dict[str, Any]]:
+    """The request's input as items (text as one user message)."""
+    return [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
 
 
 def _check_unsupported(body: ResponsesRequest) -> None:

@@ -37,10 +37,11 @@ from batchlm.server.protocol_responses import (
     ResponseUsage,
 )
 from batchlm.server.responding import ChoiceResults, ResponseFormatter, json_text, respond
+from batchlm.server.response_store import ResponseStore, StoredResponse
 from batchlm.server.responses import ChatTokenLogprob, UsageInfo
-from batchlm.server.responses_input import chat_form
+from batchlm.server.responses_input import chat_form, input_items
 from batchlm.server.serving_chat import AssistantMessages, ChatContext, prepare_chat
-from batchlm.server.state import get_state
+from batchlm.server.state import ServerState, get_state
 from batchlm.tools.calls import ToolCallDelta
 
 ResponseStatus = Literal["in_progress", "completed", "incomplete", "failed"]
@@ -53,12 +54,41 @@ DELTA_EVENTS = {
 
 
 async def create_response(request: Request, body: ResponsesRequest) -> Response:
-    form = chat_form(body)
+    state = get_state(request)
+    form = chat_form(body, _history(state.responses, body.previous_response_id))
     with form.errors_renamed():
-        engine_request, context = await prepare_chat(
-            get_state(request), form.request, f"resp_{uuid.uuid4().hex}"
+        engine_request, context = await prepare_chat(state, form.request, f"resp_{uuid.uuid4().hex}")
+    store = state.responses if body.store is not False else None
+    formatter = ResponsesFormatter(context, body, store)
+    return await respond(request, [engine_request], formatter, body.stream)
+
+
+def stored_response(state: ServerState, response_id: str) -> StoredResponse:
+    """A stored response, or 404."""
+    stored = state.responses.get(response_id) if state.responses is not None else None
+    if stored is None:
+        raise APIError(
+            404, f"No response with id '{response_id}' is stored.", param="response_id", code="not_found"
         )
-    return await respond(request, [engine_request], ResponsesFormatter(context, body), body.stream)
+    return stored
+
+
+def _history(store: ResponseStore | None, previous_id: str | None) -> list[dict[str, Any]] | None:
+    """The stored conversation a request continues. 400 when it is not stored."""
+    if previous_id is None:
+        return None
+    if store is None:
+        why = "this server keeps no responses (--stored-responses 0); send the whole conversation in 'input'"
+        raise APIError(400, f"'previous_response_id' is not supported: {why}.", param="previous_response_id")
+    history = store.conversation(previous_id)
+    if history is None:
+        raise APIError(
+            400,
+            f"Previous response with id '{previous_id}' not found.",
+            param="previous_response_id",
+            code="previous_response_not_found",
+        )
+    return history
 
 
 def item_id(prefix: str) -> str:
@@ -94,9 +124,13 @@ class ResponsesFormatter(ResponseFormatter[ChatContext]):
 
     end_of_stream = b""
 
-    def __init__(self, context: ChatContext, body: ResponsesRequest) -> None:
+    def __init__(
+        self, context: ChatContext, body: ResponsesRequest, store: ResponseStore | None = None
+    ) -> None:
         super().__init__(context)
         self._body = body
+        # Where the finished response is kept; None: it is not.
+        self._store = store
         self._messages = AssistantMessages(context)
         self._sequence = 0
         # A stream's finished items, and the one being written.
@@ -118,7 +152,7 @@ class ResponsesFormatter(ResponseFormatter[ChatContext]):
     def response(self, results: ChoiceResults, usage: UsageInfo) -> BaseModel:
         items = self.choices(results)
         thinking = self._messages.thinking_tokens(results)
-        return self._response(items[-1].status, items, usage, thinking)
+        return self._kept(self._response(items[-1].status, items, usage, thinking))
 
     def opening(self) -> Iterable[bytes]:
         snapshot = self._response("in_progress", [])
@@ -154,7 +188,7 @@ class ResponsesFormatter(ResponseFormatter[ChatContext]):
     def closing(self, usage: UsageInfo) -> Iterable[bytes]:
         status: ResponseStatus = "incomplete" if self._cut_short else "completed"
         thinking = self._messages.streamed_thinking_tokens()
-        final = self._response(status, self._items, usage, thinking)
+        final = self._kept(self._response(status, self._items, usage, thinking))
         return [self._event(f"response.{status}", response=final)]
 
     def failure(self, error: APIError) -> Iterable[bytes]:
@@ -164,6 +198,14 @@ class ResponsesFormatter(ResponseFormatter[ChatContext]):
             self._event("error", code=code, message=error.message, param=error.param),
             self._event("response.failed", response=failed),
         ]
+
+    def _kept(self, final: ResponseObject) -> ResponseObject:
+        """The finished response, stored first when it is to be (before the client can name it)."""
+        if self._store is not None:
+            items = input_items(self._body) + [item.model_dump(mode="json") for item in final.output]
+            stored = StoredResponse(self._body.previous_response_id, items, final.model_dump(mode="json"))
+            self._store.put(final.id, stored)
+        return final
 
     def _text(self, kind: Literal["message", "reasoning"], text: str) -> Iterator[bytes]:
         if self._open is None or self._open.kind != kind:
@@ -321,6 +363,8 @@ class ResponsesFormatter(ResponseFormatter[ChatContext]):
             reasoning={"effort": body.reasoning.effort if body.reasoning else None, "summary": None},
             metadata=body.metadata or {},
             user=body.user,
+            previous_response_id=body.previous_response_id,
+            store=self._store is not None,
         )
 
 

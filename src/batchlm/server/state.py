@@ -12,6 +12,7 @@ from batchlm.server.errors import APIError
 from batchlm.server.generation import InFlight
 from batchlm.server.metrics import ServerMetrics
 from batchlm.server.protocol import SamplingFields
+from batchlm.server.response_store import ResponseStore
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 # The seed README's examples send these; they name the one served model.
@@ -61,6 +62,12 @@ class ServerSettings:
     # The built-in web chat page at / (a static page that talks to /v1/chat/completions); the API
     # stays as it is without it.
     ui: bool = True
+    # Responses of /v1/responses kept for `previous_response_id` and GET /v1/responses/{id} (`store`,
+    # true unless the request says false), the oldest removed beyond; 0 keeps none.
+    stored_responses: int = 1000
+    # Directory of the stored responses (their conversations, in clear); None: a private temporary
+    # one, removed when the server stops.
+    responses_dir: str | None = None
 
 
 @dataclass
@@ -74,6 +81,8 @@ class ServerState:
     started_at: int = field(default_factory=lambda: int(time.time()))
     # Set while the other API-server processes start: /health says "loading" until all of them serve.
     starting_api_servers: bool = False
+    # Stored responses of /v1/responses; None with --stored-responses 0.
+    responses: ResponseStore | None = None
 
     def ready_model(self, requested: str | None = None) -> ServedModel:
         """The served model's info, or 503 while the engine is loading, after it died, or once a
