@@ -188,6 +188,7 @@ def main() -> None:
     parser.add_argument("--decode-row-us", type=float, default=13.0)
     parser.add_argument("--prefill-token-us", type=float, default=3.0)
     parser.add_argument("--endpoint", choices=("completions", "chat", "responses"), default="completions")
+    parser.add_argument("--bench-arg", action="append", default=[], help="extra `batchlm bench` argument")
     args = parser.parse_args()
 
     timing = StepTiming(args.step_base_ms, args.decode_row_us, args.prefill_token_us)
@@ -249,6 +250,7 @@ def main() -> None:
                 "--save-result",
                 str(result_path),
                 "--disable-tqdm",
+                *args.bench_arg,
             ],
             check=True,
             stdout=subprocess.DEVNULL,

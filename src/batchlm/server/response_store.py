@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +20,9 @@ logger = logging.getLogger(__name__)
 
 # The ids this server gives responses; anything else never names a file.
 RESPONSE_ID = re.compile(r"resp_[0-9a-f]{32}")
-# Writes between two sweeps for the oldest files beyond the capacity (a sweep lists the directory).
-SWEEP_EVERY = 32
+# Writes between two sweeps for the oldest files beyond the capacity (a sweep lists the directory),
+# at most: an eighth of the capacity for a small one.
+SWEEP_EVERY = 128
 
 
 @dataclass(frozen=True)
@@ -52,9 +52,10 @@ class ResponseStore:
             {"previous_id": stored.previous_id, "items": stored.items, "response": stored.response},
             ensure_ascii=False,
         )
-        # Whole or not at all: another process may read it the moment it exists.
-        handle, temporary = tempfile.mkstemp(dir=self.directory, prefix=".writing-")
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
+        # Whole or not at all: another process may read it the moment it exists. The id is new, so
+        # its temporary name is no other writer's.
+        temporary = self.directory / f".writing-{response_id}"
+        with open(temporary, "x", encoding="utf-8") as file:
             file.write(text)
         self._last_mtime_ns = max(time.time_ns(), self._last_mtime_ns + 1)
         os.utime(temporary, ns=(self._last_mtime_ns, self._last_mtime_ns))
@@ -102,9 +103,10 @@ class ResponseStore:
     def _sweep(self) -> None:
         """Remove the oldest stored responses beyond the capacity."""
         try:
-            entries = [
-                (e.stat().st_mtime_ns, e.path) for e in os.scandir(self.directory) if e.name[:5] == "resp_"
-            ]
+            found = [entry for entry in os.scandir(self.directory) if entry.name[:5] == "resp_"]
+            if len(found) <= self.capacity:
+                return
+            entries = [(entry.stat().st_mtime_ns, entry.path) for entry in found]
         except OSError:  # a file removed while listing: the next sweep sees the rest
             logger.debug("sweeping the stored responses failed", exc_info=True)
             return
