@@ -1,12 +1,14 @@
 """The stored responses of /v1/responses: a chain read back oldest first, the oldest removed beyond the
-capacity, ids that are not the server's never naming a file, and two stores (two API-server
-processes) on one directory."""
+capacity, ids that are not the server's never looked up, and two stores (two API-server processes) on
+one directory."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from pathlib import Path
 
-from batchlm.server.response_store import ResponseStore, StoredResponse
+from batchlm.server.response_store import BatchedWrites, NewResponse, ResponseStore, StoredResponse
 
 
 def rid(n: int) -> str:
@@ -14,18 +16,23 @@ def rid(n: int) -> str:
 
 
 def turn(n: int, previous: int | None = None) -> StoredResponse:
-    items = [
-        {"role": "user", "content": f"q{n}"},
-        {"type": "message", "role": "assistant", "content": f"a{n}"},
-    ]
-    return StoredResponse(None if previous is None else rid(previous), items, {"id": rid(n)})
+    output = [{"type": "message", "role": "assistant", "content": f"a{n}"}]
+    previous_id = None if previous is None else rid(previous)
+    return StoredResponse(
+        previous_id, [{"role": "user", "content": f"q{n}"}], {"id": rid(n), "output": output}
+    )
+
+
+def put(store: ResponseStore, n: int, previous: int | None = None) -> None:
+    stored = turn(n, previous)
+    store.put([NewResponse(rid(n), stored.previous_id, stored.input_items, json.dumps(stored.response))])
 
 
 def test_a_chain_reads_back_oldest_first(tmp_path: Path) -> None:
     store = ResponseStore(tmp_path, capacity=10)
-    store.put(rid(1), turn(1))
-    store.put(rid(2), turn(2, previous=1))
-    store.put(rid(3), turn(3, previous=2))
+    put(store, 1)
+    put(store, 2, previous=1)
+    put(store, 3, previous=2)
     conversation = store.conversation(rid(3))
     assert conversation is not None
     assert [item["content"] for item in conversation] == ["q1", "a1", "q2", "a2", "q3", "a3"]
@@ -37,24 +44,61 @@ def test_a_chain_reads_back_oldest_first(tmp_path: Path) -> None:
 def test_the_oldest_beyond_the_capacity_are_removed(tmp_path: Path) -> None:
     store = ResponseStore(tmp_path, capacity=3)
     for n in range(10):
-        store.put(rid(n), turn(n))
-        assert len(list(tmp_path.glob("resp_*.json"))) == min(n + 1, 3)
-    assert [store.get(rid(n)) is not None for n in range(10)] == [False] * 7 + [True] * 3
-    assert not list(tmp_path.glob(".writing-*")), "no partial file is left behind"
+        put(store, n)
+        kept = [m for m in range(n + 1) if store.get(rid(m)) is not None]
+        assert kept == list(range(max(0, n - 2), n + 1))
 
 
-def test_ids_that_are_not_the_servers_never_name_a_file(tmp_path: Path) -> None:
-    inner = tmp_path / "store"
-    store = ResponseStore(inner, capacity=10)
-    (tmp_path / "secret.json").write_text('{"previous_id": null, "items": [], "response": {}}')
-    for bad in ("../secret", "resp_../../secret", "secret", "resp_" + "0" * 31 + "/"):
+def test_ids_that_are_not_the_servers_are_never_looked_up(tmp_path: Path) -> None:
+    store = ResponseStore(tmp_path, capacity=10)
+    put(store, 1)
+    for bad in ("../secret", "resp_../../secret", "secret", "resp_" + "0" * 31 + "/", "' OR 1=1 --"):
         assert store.get(bad) is None and store.conversation(bad) is None and not store.delete(bad)
-    assert (tmp_path / "secret.json").exists()
+    assert store.get(rid(1)) is not None
 
 
 def test_two_stores_on_one_directory_read_each_other(tmp_path: Path) -> None:
-    first, second = ResponseStore(tmp_path, capacity=10), ResponseStore(tmp_path, capacity=10)
-    first.put(rid(1), turn(1))
-    second.put(rid(2), turn(2, previous=1))
+    first, second = ResponseStore(tmp_path, capacity=2), ResponseStore(tmp_path, capacity=2)
+    put(first, 1)
+    put(second, 2, previous=1)
     conversation = first.conversation(rid(2))
     assert conversation is not None and [item["content"] for item in conversation][:2] == ["q1", "a1"]
+    # The capacity counts the responses of every process: the oldest go, whoever wrote them.
+    put(first, 3)
+    assert first.get(rid(1)) is None and second.get(rid(2)) is not None
+    assert second.delete(rid(2)) and first.get(rid(2)) is None
+    first.close()
+    second.close()
+
+
+def test_responses_finishing_together_are_written_together(tmp_path: Path) -> None:
+    store = ResponseStore(tmp_path, capacity=100)
+    transactions: list[int] = []
+    write = store.put
+
+    def counted(responses: list[NewResponse]) -> None:
+        transactions.append(len(responses))
+        write(responses)
+
+    store.put = counted  # type: ignore[method-assign]
+    writes = BatchedWrites(store)
+
+    async def finish_all() -> None:
+        await asyncio.gather(*(writes.put(NewResponse(rid(n), None, [], "{}")) for n in range(20)))
+
+    asyncio.run(finish_all())
+    assert all(store.get(rid(n)) is not None for n in range(20))
+    assert sum(transactions) == 20 and len(transactions) < 20, transactions
+
+
+def test_a_failed_write_fails_every_response_waiting_on_it(tmp_path: Path) -> None:
+    store = ResponseStore(tmp_path, capacity=100)
+    store.close()  # every write now raises
+    writes = BatchedWrites(store)
+
+    async def finish_two() -> list[object]:
+        return await asyncio.gather(
+            *(writes.put(NewResponse(rid(n), None, [], "{}")) for n in range(2)), return_exceptions=True
+        )
+
+    assert all(isinstance(result, Exception) for result in asyncio.run(finish_two()))

@@ -123,6 +123,10 @@ class ResponseFormatter(ABC, Generic[ContextT]):
     def closing(self, usage: UsageInfo) -> Iterable[bytes]:
         return [self._chunk([], usage)] if self.context.include_usage else []
 
+    async def settle(self) -> None:
+        """Work that must end before the response's last bytes go out (closing's events, or the
+        body), done off the response's own building, which stays synchronous."""
+
     def failure(self, error: APIError) -> Iterable[bytes]:
         """The events of an error that ended the stream after it started."""
         return [sse_event(error.body())]
@@ -195,6 +199,7 @@ async def respond(
             events = _stream_events(generations, formatter, state.metrics)
             return EventStreamResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
         body = formatter.response(await collect_choices(generations), usage_of(generations))
+        await formatter.settle()
         return Response(body.model_dump_json(), media_type="application/json")
 
     handed_over = False
@@ -241,7 +246,9 @@ async def _stream_events(
             async for position, output in merge_outputs(generations):
                 for event in formatter.delta(position, output):
                     yield event
-            for event in formatter.closing(usage_of(generations)):
+            closing = list(formatter.closing(usage_of(generations)))
+            await formatter.settle()
+            for event in closing:
                 yield event
         except Exception as error:
             if not isinstance(error, APIError):

@@ -1,78 +1,106 @@
 """Stored responses of /v1/responses (`store`, true by default as in OpenAI's API), so that a request
-may continue one by `previous_response_id` and GET /v1/responses/{id} may read it back. One JSON file a
-response in a directory that every API-server process of `--api-servers N` shares (a connection lands
-on any of them), written whole before the response's last event is sent; the oldest beyond the
-capacity are removed."""
+may continue one by `previous_response_id` and GET /v1/responses/{id} may read it back. One SQLite
+database in a directory that every API-server process of `--api-servers N` shares (a connection lands
+on any of them), written before the response's last event is sent; the oldest beyond the capacity are
+removed as new ones come. Nothing is synced to disk: the store lives as long as the server."""
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import json
-import logging
-import os
 import re
-import time
+import sqlite3
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-logger = logging.getLogger(__name__)
-
-# The ids this server gives responses; anything else never names a file.
+# The ids this server gives responses; no other is looked up.
 RESPONSE_ID = re.compile(r"resp_[0-9a-f]{32}")
-# Writes between two sweeps for the oldest files beyond the capacity (a sweep lists the directory),
-# at most: an eighth of the capacity for a small one.
-SWEEP_EVERY = 128
+DATABASE_NAME = "responses.sqlite3"
+# Seconds a process waits for another one's write to the database before failing.
+LOCK_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class NewResponse:
+    """A finished response to store."""
+
+    id: str
+    previous_id: str | None
+    input_items: list[dict[str, Any]]
+    response_json: str
 
 
 @dataclass(frozen=True)
 class StoredResponse:
     # The response it continued, if any.
     previous_id: str | None
-    # This turn's input items (its instructions aside, which a continuation does not inherit), then
-    # its output items: what a continuation reads as the conversation so far.
-    items: list[dict[str, Any]]
+    # This turn's input items (its instructions aside, which a continuation does not inherit).
+    input_items: list[dict[str, Any]]
     # The response object as it was answered.
     response: dict[str, Any]
 
+    @property
+    def items(self) -> list[dict[str, Any]]:
+        """What a continuation reads of this turn: its input, then its output items."""
+        output: list[dict[str, Any]] = self.response.get("output") or []
+        return [*self.input_items, *output]
+
 
 class ResponseStore:
+    """Safe to use from several threads (one connection, one lock) and several processes (SQLite's
+    own locking, in write-ahead-log mode)."""
+
     def __init__(self, directory: Path, capacity: int) -> None:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.directory = directory
         self.capacity = capacity
-        self._writes = 0
-        # The last modification time given, so that files order by it even within one clock tick.
-        self._last_mtime_ns = 0
-
-    def put(self, response_id: str, stored: StoredResponse) -> None:
-        path = self._path(response_id)
-        assert path is not None, response_id
-        text = json.dumps(
-            {"previous_id": stored.previous_id, "items": stored.items, "response": stored.response},
-            ensure_ascii=False,
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(
+            directory / DATABASE_NAME, timeout=LOCK_TIMEOUT_S, isolation_level=None, check_same_thread=False
         )
-        # Whole or not at all: another process may read it the moment it exists. The id is new, so
-        # its temporary name is no other writer's.
-        temporary = self.directory / f".writing-{response_id}"
-        with open(temporary, "x", encoding="utf-8") as file:
-            file.write(text)
-        self._last_mtime_ns = max(time.time_ns(), self._last_mtime_ns + 1)
-        os.utime(temporary, ns=(self._last_mtime_ns, self._last_mtime_ns))
-        os.replace(temporary, path)
-        self._writes += 1
-        if self._writes == 1 or self._writes % max(1, min(SWEEP_EVERY, self.capacity // 8)) == 0:
-            self._sweep()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=OFF")
+            # seq orders the responses across processes: the oldest go first.
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS responses (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
+                "id TEXT UNIQUE NOT NULL, previous_id TEXT, body TEXT NOT NULL)"
+            )
+
+    def put(self, responses: Sequence[NewResponse]) -> None:
+        """Store responses, in one transaction (a burst of finishing requests writes once)."""
+        rows = []
+        for new in responses:
+            assert RESPONSE_ID.fullmatch(new.id), new.id
+            # The response as answered, its JSON text not parsed or written again.
+            items = json.dumps(new.input_items, ensure_ascii=False)
+            rows.append(
+                (new.id, new.previous_id, f'{{"input_items":{items},"response":{new.response_json}}}')
+            )
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany("INSERT INTO responses (id, previous_id, body) VALUES (?, ?, ?)", rows)
+                newest = self._db.execute("SELECT max(seq) FROM responses").fetchone()[0]
+                self._db.execute("DELETE FROM responses WHERE seq <= ?", (newest - self.capacity,))
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def get(self, response_id: str) -> StoredResponse | None:
-        path = self._path(response_id)
-        if path is None:
+        if not RESPONSE_ID.fullmatch(response_id):
             return None
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT previous_id, body FROM responses WHERE id = ?", (response_id,)
+            ).fetchone()
+        if row is None:
             return None
-        return StoredResponse(data["previous_id"], data["items"], data["response"])
+        data = json.loads(row[1])
+        return StoredResponse(row[0], data["input_items"], data["response"])
 
     def conversation(self, response_id: str) -> list[dict[str, Any]] | None:
         """The items of the response and of those it continued, oldest first; None when any of them is
@@ -88,29 +116,43 @@ class ResponseStore:
         return [item for stored in reversed(chain) for item in stored.items]
 
     def delete(self, response_id: str) -> bool:
-        path = self._path(response_id)
-        if path is None:
+        if not RESPONSE_ID.fullmatch(response_id):
             return False
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            return False
-        return True
+        with self._lock:
+            return self._db.execute("DELETE FROM responses WHERE id = ?", (response_id,)).rowcount > 0
 
-    def _path(self, response_id: str) -> Path | None:
-        return self.directory / f"{response_id}.json" if RESPONSE_ID.fullmatch(response_id) else None
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
 
-    def _sweep(self) -> None:
-        """Remove the oldest stored responses beyond the capacity."""
+
+class BatchedWrites:
+    """Stores the responses of one event loop, each awaited until it is written: those that finish
+    while a write is under way go together in the next one, in a thread."""
+
+    def __init__(self, store: ResponseStore) -> None:
+        self.store = store
+        self._pending: list[tuple[NewResponse, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def put(self, response: NewResponse) -> None:
+        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((response, written))
+        if self._writer is None:
+            self._writer = asyncio.ensure_future(self._write_all())
+        await asyncio.shield(written)
+
+    async def _write_all(self) -> None:
         try:
-            found = [entry for entry in os.scandir(self.directory) if entry.name[:5] == "resp_"]
-            if len(found) <= self.capacity:
-                return
-            entries = [(entry.stat().st_mtime_ns, entry.path) for entry in found]
-        except OSError:  # a file removed while listing: the next sweep sees the rest
-            logger.debug("sweeping the stored responses failed", exc_info=True)
-            return
-        entries.sort()
-        for _, path in entries[: max(0, len(entries) - self.capacity)]:
-            with contextlib.suppress(FileNotFoundError):  # another process removed it first
-                os.unlink(path)
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    await asyncio.to_thread(self.store.put, [response for response, _ in batch])
+                except Exception as error:  # each waiting response answers with it
+                    for _, written in batch:
+                        written.set_exception(error)
+                else:
+                    for _, written in batch:
+                        written.set_result(None)
+        finally:
+            self._writer = None

@@ -37,7 +37,7 @@ from batchlm.server.protocol_responses import (
     ResponseUsage,
 )
 from batchlm.server.responding import ChoiceResults, ResponseFormatter, json_text, respond
-from batchlm.server.response_store import ResponseStore, StoredResponse
+from batchlm.server.response_store import BatchedWrites, NewResponse, ResponseStore, StoredResponse
 from batchlm.server.responses import ChatTokenLogprob, UsageInfo
 from batchlm.server.responses_input import chat_form, input_items
 from batchlm.server.serving_chat import AssistantMessages, ChatContext, prepare_chat
@@ -58,7 +58,7 @@ async def create_response(request: Request, body: ResponsesRequest) -> Response:
     form = chat_form(body, _history(state.responses, body.previous_response_id))
     with form.errors_renamed():
         engine_request, context = await prepare_chat(state, form.request, f"resp_{uuid.uuid4().hex}")
-    store = state.responses if body.store is not False else None
+    store = state.response_writes if body.store is not False else None
     formatter = ResponsesFormatter(context, body, store)
     return await respond(request, [engine_request], formatter, body.stream)
 
@@ -125,12 +125,13 @@ class ResponsesFormatter(ResponseFormatter[ChatContext]):
     end_of_stream = b""
 
     def __init__(
-        self, context: ChatContext, body: ResponsesRequest, store: ResponseStore | None = None
+        self, context: ChatContext, body: ResponsesRequest, store: BatchedWrites | None = None
     ) -> None:
         super().__init__(context)
         self._body = body
         # Where the finished response is kept; None: it is not.
         self._store = store
+        self._finished: ResponseObject | None = None
         self._messages = AssistantMessages(context)
         self._sequence = 0
         # A stream's finished items, and the one being written.
@@ -200,12 +201,19 @@ class ResponsesFormatter(ResponseFormatter[ChatContext]):
         ]
 
     def _kept(self, final: ResponseObject) -> ResponseObject:
-        """The finished response, stored first when it is to be (before the client can name it)."""
+        """The finished response, to be stored (by settle) when it is to be."""
         if self._store is not None:
-            items = input_items(self._body) + [item.model_dump(mode="json") for item in final.output]
-            stored = StoredResponse(self._body.previous_response_id, items, final.model_dump(mode="json"))
-            self._store.put(final.id, stored)
+            self._finished = final
         return final
+
+    async def settle(self) -> None:
+        """Store the finished response before its last event or body goes out (the client may name it
+        next)."""
+        final = self._finished
+        if self._store is not None and final is not None:
+            body = self._body
+            new = NewResponse(final.id, body.previous_response_id, input_items(body), final.model_dump_json())
+            await self._store.put(new)
 
     def _text(self, kind: Literal["message", "reasoning"], text: str) -> Iterator[bytes]:
         if self._open is None or self._open.kind != kind:
