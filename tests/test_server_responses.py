@@ -221,6 +221,16 @@ def test_calls_come_as_function_call_items(client: Any, engine: FakeEngine) -> N
     assert engine.tokenizer.last_chat["messages"][-1] == {"role": "user", "content": "Weather in Paris?"}
 
 
+def test_a_response_holds_the_items_its_stream_would(client: Any, engine: FakeEngine) -> None:
+    engine.reply = f"Let me look.\n{HERMES_REPLY.removeprefix('Let me look.')}\nDone."
+    whole = client.responses.create(model="fake-model", input="Weather?", tools=FLAT_TOOLS)
+    with client.responses.stream(model="fake-model", input="Weather?", tools=FLAT_TOOLS) as stream:
+        streamed = stream.get_final_response()
+    assert [item.type for item in whole.output] == ["message", "function_call", "message"]
+    assert [item.type for item in streamed.output] == [item.type for item in whole.output]
+    assert whole.output_text == streamed.output_text == "Let me look.Done."
+
+
 def test_a_streamed_call_arrives_as_argument_deltas(
     client: Any, server: BackgroundServer, engine: FakeEngine
 ) -> None:

@@ -16,8 +16,7 @@ from pydantic_core import to_jsonable_python
 from starlette.requests import Request
 from starlette.responses import Response
 
-from batchlm.outputs import FinishReason, RequestOutput, TokenLogprobs
-from batchlm.reasoning.message import AssistantMessage
+from batchlm.outputs import CompletionOutput, FinishReason, RequestOutput, TokenLogprobs
 from batchlm.server.errors import APIError
 from batchlm.server.logprobs import chat_logprobs
 from batchlm.server.protocol_responses import (
@@ -143,17 +142,30 @@ class ResponsesFormatter(ResponseFormatter[ChatContext]):
         self._pending_logprobs: list[ChatTokenLogprob] = []
 
     def choices(self, results: ChoiceResults) -> list[OutputItem]:
-        """The output items of the (only) choice."""
+        """The output items of the (only) choice: its output read again in the deltas it came in, so
+        that a response holds the items its stream would (text after calls in an item of its own)."""
         ((_, result),) = results.items()
-        status: ItemStatus = "incomplete" if result.finish_reason is FinishReason.LENGTH else "completed"
-        return output_items(
-            self._messages.whole(result), status, self._logprobs(result.token_ids, result.logprobs)
-        )
+        parts = result.text_parts or [""]
+        for i, text in enumerate(parts):
+            last = i == len(parts) - 1
+            # The tokens' log-probabilities all at once: they ride on the message's first text, as a
+            # stream's held ones do.
+            delta = CompletionOutput(
+                0,
+                text,
+                result.token_ids if i == 0 else [],
+                logprobs=(result.logprobs or None) if i == 0 else None,
+                finish_reason=(result.finish_reason or FinishReason.STOP) if last else None,
+            )
+            for _ in self.delta(0, RequestOutput(self.request_id, None, [], [delta], finished=last)):
+                pass  # a stream's events; a response keeps the items they close
+        return self._items
 
     def response(self, results: ChoiceResults, usage: UsageInfo) -> BaseModel:
         items = self.choices(results)
         thinking = self._messages.thinking_tokens(results)
-        return self._kept(self._response(items[-1].status, items, usage, thinking))
+        status: ResponseStatus = "incomplete" if self._cut_short else "completed"
+        return self._kept(self._response(status, items, usage, thinking))
 
     def opening(self) -> Iterable[bytes]:
         snapshot = self._response("in_progress", [])
@@ -374,33 +386,6 @@ class ResponsesFormatter(ResponseFormatter[ChatContext]):
             previous_response_id=body.previous_response_id,
             store=self._store is not None,
         )
-
-
-def output_items(
-    message: AssistantMessage, status: ItemStatus, logprobs: list[ChatTokenLogprob]
-) -> list[OutputItem]:
-    """A whole assistant message as output items: its thinking, its text (with the log-probabilities
-    of all the tokens, as chat gives them), then its calls, the last item with `status`, as a stream
-    closes them. A message of nothing at all is one empty text item."""
-    items: list[OutputItem] = []
-    if message.reasoning:
-        content = [ReasoningText(text=message.reasoning)]
-        items.append(ReasoningItem(id=item_id("rs"), status="completed", content=content))
-    if message.content or not (message.tool_calls or message.reasoning):
-        text = OutputText(text=message.content or "", logprobs=logprobs)
-        items.append(OutputMessage(id=item_id("msg"), status="completed", content=[text]))
-    for call in message.tool_calls:
-        items.append(
-            FunctionCallItem(
-                id=item_id("fc"),
-                status="completed",
-                call_id=call.id,
-                name=call.name,
-                arguments=call.arguments,
-            )
-        )
-    items[-1].status = status
-    return items
 
 
 def response_usage(usage: UsageInfo, thinking: int) -> ResponseUsage:
