@@ -503,8 +503,8 @@ def test_a_prompt_longer_than_the_context_names_input(server: BackgroundServer) 
     assert error.status_code == 400 and error.json()["error"]["param"] == "input"
 
 
-def test_reasoning_effort_without_a_reasoning_model_names_the_field(engine: FakeEngine) -> None:
-    with BackgroundServer(engine) as plain:
+def test_reasoning_effort_without_a_reasoning_model_names_the_field() -> None:
+    with BackgroundServer(FakeEngine()) as plain:  # its own engine: a server stops its engine at exit
         error = post(plain, {"reasoning": {"effort": "high"}}).json()["error"]
     assert error["param"] == "reasoning.effort" and "'reasoning.effort'" in error["message"]
 
@@ -549,3 +549,22 @@ def test_a_full_queue_is_openais_rate_limit_error() -> None:
 def test_the_schema_of_the_route_is_documented(server: BackgroundServer) -> None:
     schema = httpx.get(f"{server.base_url}/openapi.json").json()
     assert "/v1/responses" in schema["paths"]
+
+
+def test_a_store_that_fails_still_answers(client: Any, server: BackgroundServer, engine: FakeEngine) -> None:
+    """Storing is logged when it fails; the answer itself still goes out, streamed or not."""
+    engine.reply = REPLY
+    store = server.state.responses
+    assert store is not None
+    real_put = store.put
+
+    def failing(_: Any) -> None:
+        raise OSError("disk full")
+
+    store.put = failing  # type: ignore[method-assign]
+    try:
+        assert client.responses.create(model="fake-model", input="hi").output_text == REPLY
+        with client.responses.stream(model="fake-model", input="hi") as stream:
+            assert stream.get_final_response().output_text == REPLY
+    finally:
+        store.put = real_put  # type: ignore[method-assign]

@@ -5,6 +5,7 @@ calls) is shaped as the response's output items; a stream sends Responses' typed
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -42,6 +43,8 @@ from batchlm.server.responses_input import chat_form, input_items
 from batchlm.server.serving_chat import AssistantMessages, ChatContext, prepare_chat
 from batchlm.server.state import ServerState, get_state
 from batchlm.tools.calls import ToolCallDelta
+
+logger = logging.getLogger(__name__)
 
 ResponseStatus = Literal["in_progress", "completed", "incomplete", "failed"]
 # The event that carries a piece of each kind of item.
@@ -220,12 +223,16 @@ class ResponsesFormatter(ResponseFormatter[ChatContext]):
 
     async def settle(self) -> None:
         """Store the finished response before its last event or body goes out (the client may name it
-        next)."""
+        next). A store that fails is logged: the answer still goes out (continuing it will say that
+        it is not found)."""
         final = self._finished
         if self._store is not None and final is not None:
             body = self._body
             new = NewResponse(final.id, body.previous_response_id, input_items(body), final.model_dump_json())
-            await self._store.put(new)
+            try:
+                await self._store.put(new)
+            except Exception:
+                logger.exception("storing response %s failed", final.id)
 
     def _text(self, kind: Literal["message", "reasoning"], text: str) -> Iterator[bytes]:
         if self._open is None or self._open.kind != kind:
