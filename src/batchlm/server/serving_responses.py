@@ -199,6 +199,7 @@ class ResponsesFormatter(ResponseFormatter[ChatContext]):
                     yield from self._start("message")
                 if self._open is not None and self._open.kind == "message":
                     self._open.logprobs += self._pending_logprobs
+                self._pending_logprobs = []
                 yield from self._close()
 
     def closing(self, usage: UsageInfo) -> Iterable[bytes]:
