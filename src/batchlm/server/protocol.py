@@ -6,6 +6,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# OpenAI's reasoning efforts (chat's `reasoning_effort`, the Responses API's `reasoning.effort`).
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
+
 
 class StrictModel(BaseModel):
     """Unknown fields are an error (OpenAI answers 'Unrecognized request argument'), never ignored; so
@@ -146,7 +149,7 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     # Reasoning models only; reaches the chat template (batchlm.reasoning.registry.effort_template_kwargs).
-    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    reasoning_effort: ReasoningEffort | None = None
 
 
 # A prompt: text, a batch of texts, token ids, or a batch of token-id lists.

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from batchlm.sampling_params import MAX_TOP_LOGPROBS
-from batchlm.server.protocol import StrictModel
+from batchlm.server.protocol import ReasoningEffort, StrictModel
 from batchlm.server.responses import ChatTokenLogprob
 
 
@@ -31,7 +31,7 @@ class TextConfig(StrictModel):
 
 
 class ReasoningConfig(StrictModel):
-    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    effort: ReasoningEffort | None = None
     # Summaries of the thinking are not written; reasoning items carry the thinking itself.
     summary: Literal["auto", "concise", "detailed"] | None = None
     generate_summary: Literal["auto", "concise", "detailed"] | None = None

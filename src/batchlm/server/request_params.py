@@ -67,11 +67,16 @@ def _first_invalid_text(value: Any, path: str) -> str | None:
     return None
 
 
+def refuse_unsupported(body: BaseModel, rules: tuple[UnsupportedRule, ...]) -> None:
+    """400 naming the first known field of `body` that holds a value batchlm does not serve."""
+    for name, accepted, why in rules:
+        if not accepted(getattr(body, name)):
+            raise APIError(400, f"'{name}' is not supported by this server: {why}.", param=name)
+
+
 def check_chat_request(request: ChatCompletionRequest) -> None:
     """Reject chat requests batchlm cannot honour, before any work is done."""
-    for name, accepted, why in CHAT_UNSUPPORTED:
-        if not accepted(getattr(request, name)):
-            raise APIError(400, f"'{name}' is not supported by this server: {why}.", param=name)
+    refuse_unsupported(request, CHAT_UNSUPPORTED)
     _check_stream_options(request)
     if request.top_logprobs is not None and not request.logprobs:
         raise APIError(400, "'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")

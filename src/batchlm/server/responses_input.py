@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from batchlm.server.errors import APIError
 from batchlm.server.protocol import ChatCompletionRequest
 from batchlm.server.protocol_responses import ResponsesRequest
-from batchlm.server.request_params import UnsupportedRule
+from batchlm.server.request_params import UnsupportedRule, refuse_unsupported
 
 UNSUPPORTED: tuple[UnsupportedRule, ...] = (
     ("conversation", lambda v: v is None, "continue a response by 'previous_response_id', or send it all in 'input'"),
@@ -136,9 +136,7 @@ def input_items(body: ResponsesRequest) -> list[dict[str, Any]]:
 
 
 def _check_unsupported(body: ResponsesRequest) -> None:
-    for name, accepted, why in UNSUPPORTED:
-        if not accepted(getattr(body, name)):
-            raise APIError(400, f"'{name}' is not supported by this server: {why}.", param=name)
+    refuse_unsupported(body, UNSUPPORTED)
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "'stream_options' is only allowed when 'stream' is true.", param="stream_options")
 
