@@ -8,7 +8,7 @@ import asyncio
 import json
 from pathlib import Path
 
-from batchlm.server.response_store import BatchedWrites, NewResponse, ResponseStore, StoredResponse
+from batchlm.server.response_store import NewResponse, ResponseStore, StoredResponse
 
 
 def rid(n: int) -> str:
@@ -81,7 +81,7 @@ def test_responses_finishing_together_are_written_together(tmp_path: Path) -> No
         write(responses)
 
     store.put = counted  # type: ignore[method-assign]
-    writes = BatchedWrites(store)
+    writes = store.writes
 
     async def finish_all() -> None:
         await asyncio.gather(*(writes.put(NewResponse(rid(n), None, [], "{}")) for n in range(20)))
@@ -94,7 +94,7 @@ def test_responses_finishing_together_are_written_together(tmp_path: Path) -> No
 def test_a_failed_write_fails_every_response_waiting_on_it(tmp_path: Path) -> None:
     store = ResponseStore(tmp_path, capacity=100)
     store.close()  # every write now raises
-    writes = BatchedWrites(store)
+    writes = store.writes
 
     async def finish_two() -> list[object]:
         return await asyncio.gather(

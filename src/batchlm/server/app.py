@@ -18,7 +18,7 @@ from batchlm.server.generation import InFlight
 from batchlm.server.metrics import ServerMetrics, StatsLogger
 from batchlm.server.middleware import APIKeyMiddleware, ArrivalStampMiddleware, BodySizeLimitMiddleware
 from batchlm.server.pages import install_chat_page, install_docs_pages
-from batchlm.server.response_store import BatchedWrites, ResponseStore
+from batchlm.server.response_store import ResponseStore
 from batchlm.server.routes import router
 from batchlm.server.state import ServerSettings, ServerState
 
@@ -43,7 +43,6 @@ def build_app(
                     tempfile.TemporaryDirectory(prefix="batchlm-responses-")
                 )
                 state.responses = ResponseStore(Path(directory), settings.stored_responses)
-                state.response_writes = BatchedWrites(state.responses)
                 cleanup.callback(state.responses.close)
             if not log_stats:
                 yield

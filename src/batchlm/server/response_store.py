@@ -56,6 +56,8 @@ class ResponseStore:
     def __init__(self, directory: Path, capacity: int) -> None:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.capacity = capacity
+        # The writes of the event loop this store serves (one store a loop: one an API server).
+        self.writes = BatchedWrites(self)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(
             directory / DATABASE_NAME, timeout=LOCK_TIMEOUT_S, isolation_level=None, check_same_thread=False

@@ -30,7 +30,7 @@ from batchlm.server.responses import (
 )
 from batchlm.server.serving_chat import create_chat_completion
 from batchlm.server.serving_completions import create_completion
-from batchlm.server.serving_responses import create_response, stored_response
+from batchlm.server.serving_responses import create_response, delete_stored_response, stored_response
 from batchlm.server.state import ServerState, get_state
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -114,10 +114,7 @@ async def retrieve_response(request: Request, response_id: str) -> JSONResponse:
 
 @router.delete("/v1/responses/{response_id}", responses=ERRORS, summary="Delete a stored response")
 async def delete_response(request: Request, response_id: str) -> JSONResponse:
-    state = get_state(request)
-    stored_response(state, response_id)
-    if state.responses is not None:
-        state.responses.delete(response_id)
+    delete_stored_response(get_state(request), response_id)
     return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
 
 

@@ -60,7 +60,7 @@ async def create_response(request: Request, body: ResponsesRequest) -> Response:
     form = chat_form(body, _history(state.responses, body.previous_response_id))
     with form.errors_renamed():
         engine_request, context = await prepare_chat(state, form.request, f"resp_{uuid.uuid4().hex}")
-    store = state.response_writes if body.store is not False else None
+    store = state.responses.writes if state.responses is not None and body.store is not False else None
     formatter = ResponsesFormatter(context, body, store)
     return await respond(request, [engine_request], formatter, body.stream)
 
@@ -69,10 +69,20 @@ def stored_response(state: ServerState, response_id: str) -> StoredResponse:
     """A stored response, or 404."""
     stored = state.responses.get(response_id) if state.responses is not None else None
     if stored is None:
-        raise APIError(
-            404, f"No response with id '{response_id}' is stored.", param="response_id", code="not_found"
-        )
+        raise _not_stored(response_id)
     return stored
+
+
+def delete_stored_response(state: ServerState, response_id: str) -> None:
+    """Delete a stored response, or 404."""
+    if state.responses is None or not state.responses.delete(response_id):
+        raise _not_stored(response_id)
+
+
+def _not_stored(response_id: str) -> APIError:
+    return APIError(
+        404, f"No response with id '{response_id}' is stored.", param="response_id", code="not_found"
+    )
 
 
 def _history(store: ResponseStore | None, previous_id: str | None) -> list[dict[str, Any]] | None:

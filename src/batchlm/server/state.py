@@ -12,7 +12,7 @@ from batchlm.server.errors import APIError
 from batchlm.server.generation import InFlight
 from batchlm.server.metrics import ServerMetrics
 from batchlm.server.protocol import SamplingFields
-from batchlm.server.response_store import BatchedWrites, ResponseStore
+from batchlm.server.response_store import ResponseStore
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 # The seed README's examples send these; they name the one served model.
@@ -81,10 +81,8 @@ class ServerState:
     started_at: int = field(default_factory=lambda: int(time.time()))
     # Set while the other API-server processes start: /health says "loading" until all of them serve.
     starting_api_servers: bool = False
-    # Stored responses of /v1/responses, and this event loop's writes to them; None with
-    # --stored-responses 0.
+    # Stored responses of /v1/responses; None with --stored-responses 0.
     responses: ResponseStore | None = None
-    response_writes: BatchedWrites | None = None
 
     def ready_model(self, requested: str | None = None) -> ServedModel:
         """The served model's info, or 503 while the engine is loading, after it died, or once a
