@@ -185,36 +185,22 @@ def test_with_json_asked_for_each_family_answers_in_it_or_calls(
 
 @pytest.mark.parametrize(("family", "tokens", "output"), STRICT_FAMILIES)
 @pytest.mark.parametrize(
-    ("answer", "taken", "refused"),
+    ("answer", "lark", "taken", "refused"),
     [
-        ("/[A-Z][a-z]+ [0-9]+/", "Paris 75", "paris 75"),
-        ('"yes" | "no"', "no", "maybe"),
+        ("/[A-Z][a-z]+ [0-9]+/", None, "Paris 75", "paris 75"),
+        ('"yes" | "no"', None, "no", "maybe"),
+        # A Lark grammar of the client's, as a sub-grammar of the calls' grammar.
+        ("@client", 'start: "Paris " NUM\nNUM: /[0-9]+/', "Paris 75", "paris 75"),
+        ("@client", 'start: "[" WORD "]"\nWORD: /[a-z]+/', "[yes]", "[Yes]"),
     ],
 )
-def test_with_a_regex_or_choice_asked_for_each_family_answers_in_it_or_calls(
-    tiny_tokenizer, family, tokens, output, answer, taken, refused
+def test_with_a_regex_choice_or_grammar_asked_for_each_family_answers_in_it_or_calls(
+    tiny_tokenizer, family, tokens, output, answer, lark, taken, refused
 ) -> None:
-    """structured_outputs' regex or choice beside tools under auto: the answer or calls."""
-    grammar = FamilyGrammar(tiny_tokenizer, family, tokens, strict=False, answer=answer)
-    assert grammar.takes([taken], then_ends=True)
-    assert not grammar.takes([refused])
-    assert grammar.takes(calls_alone(output), then_ends=True)
-
-
-@pytest.mark.parametrize(("family", "tokens", "output"), STRICT_FAMILIES)
-@pytest.mark.parametrize(
-    ("lark", "taken", "refused"),
-    [
-        ('start: "Paris " NUM\nNUM: /[0-9]+/', "Paris 75", "paris 75"),
-        ('start: "[" WORD "]"\nWORD: /[a-z]+/', "[yes]", "[Yes]"),
-    ],
-)
-def test_with_a_grammar_of_the_client_s_each_family_answers_in_it_or_calls(
-    tiny_tokenizer, family, tokens, output, lark, taken, refused
-) -> None:
-    """A Lark grammar in structured_outputs beside tools under auto: its sentences, or calls."""
+    """structured_outputs' regex, choice or Lark grammar beside tools under auto: the answer or calls."""
+    subgrammars = () if lark is None else (("client", lark),)
     grammar = FamilyGrammar(
-        tiny_tokenizer, family, tokens, strict=False, answer="@client", subgrammars=(("client", lark),)
+        tiny_tokenizer, family, tokens, strict=False, answer=answer, subgrammars=subgrammars
     )
     assert grammar.takes([taken], then_ends=True)
     assert not grammar.takes([refused])
