@@ -2,7 +2,8 @@
 may continue one by `previous_response_id` and GET /v1/responses/{id} may read it back. One SQLite
 database in a directory that every API-server process of `--api-servers N` shares (a connection lands
 on any of them), written before the response's last event is sent; the oldest beyond the capacity are
-removed as new ones come. Nothing is synced to disk: the store lives as long as the server."""
+removed as new ones come. Nothing is synced to disk: the store lives as long as the server. The
+lookups the routes make answer a missing response with its HTTP error."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from batchlm.server.errors import APIError
 
 # The ids this server gives responses; no other is looked up.
 RESPONSE_ID = re.compile(r"resp_[0-9a-f]{32}")
@@ -126,6 +129,44 @@ class ResponseStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def stored_response(store: ResponseStore | None, response_id: str) -> StoredResponse:
+    """A stored response, or 404."""
+    stored = store.get(response_id) if store is not None else None
+    if stored is None:
+        raise _not_stored(response_id)
+    return stored
+
+
+def delete_stored_response(store: ResponseStore | None, response_id: str) -> None:
+    """Delete a stored response, or 404."""
+    if store is None or not store.delete(response_id):
+        raise _not_stored(response_id)
+
+
+def stored_conversation(store: ResponseStore | None, previous_id: str | None) -> list[dict[str, Any]] | None:
+    """The stored conversation a request continues (None when it names none). 400 when it is not stored."""
+    if previous_id is None:
+        return None
+    if store is None:
+        why = "this server keeps no responses (--stored-responses 0); send the whole conversation in 'input'"
+        raise APIError(400, f"'previous_response_id' is not supported: {why}.", param="previous_response_id")
+    history = store.conversation(previous_id)
+    if history is None:
+        raise APIError(
+            400,
+            f"Previous response with id '{previous_id}' not found.",
+            param="previous_response_id",
+            code="previous_response_not_found",
+        )
+    return history
+
+
+def _not_stored(response_id: str) -> APIError:
+    return APIError(
+        404, f"No response with id '{response_id}' is stored.", param="response_id", code="not_found"
+    )
 
 
 class BatchedWrites:

@@ -19,6 +19,7 @@ from batchlm.server.protocol import (
 )
 from batchlm.server.protocol_responses import ResponseObject, ResponsesRequest
 from batchlm.server.request_params import check_unicode
+from batchlm.server.response_store import delete_stored_response, stored_response
 from batchlm.server.responses import (
     ChatCompletionResponse,
     CompletionResponse,
@@ -30,7 +31,7 @@ from batchlm.server.responses import (
 )
 from batchlm.server.serving_chat import create_chat_completion
 from batchlm.server.serving_completions import create_completion
-from batchlm.server.serving_responses import create_response, delete_stored_response, stored_response
+from batchlm.server.serving_responses import create_response
 from batchlm.server.state import ServerState, get_state
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -109,12 +110,12 @@ async def responses(request: Request, body: ResponsesRequest) -> Response:
 
 @router.get("/v1/responses/{response_id}", responses=ERRORS, summary="A stored response")
 async def retrieve_response(request: Request, response_id: str) -> JSONResponse:
-    return JSONResponse(stored_response(get_state(request), response_id).response)
+    return JSONResponse(stored_response(get_state(request).responses, response_id).response)
 
 
 @router.delete("/v1/responses/{response_id}", responses=ERRORS, summary="Delete a stored response")
 async def delete_response(request: Request, response_id: str) -> JSONResponse:
-    delete_stored_response(get_state(request), response_id)
+    delete_stored_response(get_state(request).responses, response_id)
     return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
 
 

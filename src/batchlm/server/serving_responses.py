@@ -37,11 +37,11 @@ from batchlm.server.protocol_responses import (
     ResponseUsage,
 )
 from batchlm.server.responding import ChoiceResults, ResponseFormatter, json_text, respond
-from batchlm.server.response_store import BatchedWrites, NewResponse, ResponseStore, StoredResponse
+from batchlm.server.response_store import BatchedWrites, NewResponse, stored_conversation
 from batchlm.server.responses import ChatTokenLogprob, UsageInfo
 from batchlm.server.responses_input import chat_form, input_items
 from batchlm.server.serving_chat import AssistantMessages, ChatContext, prepare_chat
-from batchlm.server.state import ServerState, get_state
+from batchlm.server.state import get_state
 from batchlm.tools.calls import ToolCallDelta
 
 logger = logging.getLogger(__name__)
@@ -57,50 +57,12 @@ DELTA_EVENTS = {
 
 async def create_response(request: Request, body: ResponsesRequest) -> Response:
     state = get_state(request)
-    form = chat_form(body, _history(state.responses, body.previous_response_id))
+    form = chat_form(body, stored_conversation(state.responses, body.previous_response_id))
     with form.errors_renamed():
         engine_request, context = await prepare_chat(state, form.request, f"resp_{uuid.uuid4().hex}")
     store = state.responses.writes if state.responses is not None and body.store is not False else None
     formatter = ResponsesFormatter(context, body, store)
     return await respond(request, [engine_request], formatter, body.stream)
-
-
-def stored_response(state: ServerState, response_id: str) -> StoredResponse:
-    """A stored response, or 404."""
-    stored = state.responses.get(response_id) if state.responses is not None else None
-    if stored is None:
-        raise _not_stored(response_id)
-    return stored
-
-
-def delete_stored_response(state: ServerState, response_id: str) -> None:
-    """Delete a stored response, or 404."""
-    if state.responses is None or not state.responses.delete(response_id):
-        raise _not_stored(response_id)
-
-
-def _not_stored(response_id: str) -> APIError:
-    return APIError(
-        404, f"No response with id '{response_id}' is stored.", param="response_id", code="not_found"
-    )
-
-
-def _history(store: ResponseStore | None, previous_id: str | None) -> list[dict[str, Any]] | None:
-    """The stored conversation a request continues. 400 when it is not stored."""
-    if previous_id is None:
-        return None
-    if store is None:
-        why = "this server keeps no responses (--stored-responses 0); send the whole conversation in 'input'"
-        raise APIError(400, f"'previous_response_id' is not supported: {why}.", param="previous_response_id")
-    history = store.conversation(previous_id)
-    if history is None:
-        raise APIError(
-            400,
-            f"Previous response with id '{previous_id}' not found.",
-            param="previous_response_id",
-            code="previous_response_not_found",
-        )
-    return history
 
 
 def item_id(prefix: str) -> str:
