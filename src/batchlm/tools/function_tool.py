@@ -28,7 +28,7 @@ class FunctionTool:
     def call_schema(self, argument_key: str, forced: bool = False) -> dict[str, Any]:
         """One call of this function as the JSON object a model writes: its name, and under
         `argument_key` its arguments (their schema when the call is forced, else chosen_arguments)."""
-        arguments = arguments_schema(self) if forced else self.chosen_arguments()
+        arguments = self.closed_parameters if forced else self.chosen_arguments()
         return {
             "type": "object",
             "properties": {"name": {"type": "string", "enum": [self.name]}, argument_key: arguments},
@@ -39,17 +39,13 @@ class FunctionTool:
 
     def chosen_arguments(self) -> dict[str, Any]:
         """The arguments of a call the model chose to make: their schema if strict, else any object."""
-        return arguments_schema(self) if self.strict else ANY_OBJECT
+        return self.closed_parameters if self.strict else ANY_OBJECT
 
     @cached_property
     def closed_parameters(self) -> dict[str, Any]:
+        """The schema a forced or strict call's arguments are decoded under (its objects closed)."""
         # Built once per tool: a strict request validates it, then writes it into one or more grammars.
         return closed_objects(self.parameters) if self.parameters is not None else NO_PARAMETERS
-
-
-def arguments_schema(tool: FunctionTool) -> dict[str, Any]:
-    """The schema a forced or strict call's arguments are decoded under (its objects closed)."""
-    return tool.closed_parameters
 
 
 def calls_array_schema(

@@ -14,7 +14,7 @@ from batchlm.sampling_params import StructuredOutputs
 from batchlm.structured.backend import GrammarError
 from batchlm.structured.llguidance_backend import validated_grammar
 from batchlm.tools.forced import NamedFunctionParser, RequiredCallsParser
-from batchlm.tools.function_tool import NO_PARAMETERS, FunctionTool, arguments_schema, calls_array_schema
+from batchlm.tools.function_tool import NO_PARAMETERS, FunctionTool, calls_array_schema
 from batchlm.tools.parser import ToolParser
 
 FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
@@ -94,7 +94,7 @@ class ToolPlan:
         objects are closed to keys they do not declare (tools.closed_schema)."""
         if self.mode == "named":
             tool = next(t for t in self.tools if t.name == self.named)
-            return StructuredOutputs(json=json.dumps(arguments_schema(tool)))
+            return StructuredOutputs(json=json.dumps(tool.closed_parameters))
         if self.mode == "required":
             return StructuredOutputs(json=json.dumps(self._required_schema()))
         return None
@@ -147,7 +147,7 @@ def _check_decoded_schemas(plan: ToolPlan) -> None:
         if not decoded or tool.parameters is None:
             continue
         try:
-            validated_grammar(StructuredOutputs(json=json.dumps(arguments_schema(tool))))
+            validated_grammar(StructuredOutputs(json=json.dumps(tool.closed_parameters)))
         except GrammarError as error:
             where = f"tools[{i}].function.parameters"
             raise ToolUseError(f"{where}: {error}", param=where) from None
