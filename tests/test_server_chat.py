@@ -147,6 +147,12 @@ def test_sampling_fields_map_onto_sampling_params(client: Any, engine: FakeEngin
         max_completion_tokens=4,
         max_tokens=9,
         user="someone",
+        # Hints with nothing to act on: accepted, and no sampling field moves.
+        safety_identifier="someone",
+        prompt_cache_key="conversation-1",
+        prompt_cache_retention="24h",
+        prompt_cache_options={"mode": "explicit", "ttl": "30m"},
+        verbosity="low",
         extra_body={
             "top_k": 5,
             "min_p": 0.1,
@@ -198,7 +204,13 @@ def test_streamed_logprobs_follow_each_content_delta(client: Any) -> None:
 def test_text_parts_system_and_developer_roles_reach_the_template(client: Any, engine: FakeEngine) -> None:
     messages = [
         {"role": "developer", "content": "be brief"},
-        {"role": "user", "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "one", "prompt_cache_breakpoint": {"mode": "explicit"}},
+                {"type": "text", "text": "two"},
+            ],
+        },
         {"role": "assistant", "content": "ok", "name": "bot"},
         {"role": "user", "content": "again"},
     ]

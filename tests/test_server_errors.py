@@ -106,6 +106,8 @@ def test_invalid_chat_values_are_400_naming_the_field(
         ({"tools": [{"type": "function", "function": {"name": "f g"}}]}, "tools[0].function.name"),
         ({"tool_choice": "auto"}, "tool_choice"),
         ({"functions": [{"name": "f"}]}, "functions"),
+        ({"function_call": {"name": "f"}}, "function_call"),
+        ({"moderation": {"model": "omni-moderation-latest"}}, "moderation"),
         ({"modalities": ["text", "audio"]}, "modalities"),
         ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
         ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
@@ -128,6 +130,11 @@ def test_unsupported_chat_features_are_400_naming_the_field(
     error = error_of(post(server, "/v1/chat/completions", {**CHAT, **extra}), 400)
     assert error["param"] == param
     assert param.split("[")[0].split(".")[0] in error["message"]
+
+
+def test_the_deprecated_functions_point_at_tools(server: BackgroundServer) -> None:
+    error = error_of(post(server, "/v1/chat/completions", {**CHAT, "functions": [{"name": "f"}]}), 400)
+    assert "'tools'" in error["message"] and "'tool_choice'" in error["message"]
 
 
 def test_neutral_values_of_unsupported_fields_are_accepted(server: BackgroundServer) -> None:

@@ -412,6 +412,8 @@ def test_message_parts_and_roles_are_read_as_chat_messages(client: Any, engine: 
         ({"reasoning": {"effort": "extreme"}}, "reasoning.effort", "xhigh"),
         ({"unknown_field": 1}, "unknown_field", "Unrecognized"),
         ({"temperature": -1}, "temperature", "temperature"),
+        ({"moderation": {"model": "omni-moderation-latest"}}, "moderation", "no moderation model"),
+        ({"prompt_cache_options": {"mode": "sometimes"}}, "prompt_cache_options.mode", "mode"),
     ],
 )
 def test_bad_requests_are_400s_naming_the_responses_field(
@@ -423,6 +425,28 @@ def test_bad_requests_are_400s_naming_the_responses_field(
     assert (error["type"], error["param"]) == ("invalid_request_error", param)
     assert says in error["message"]
     assert "messages" not in error["message"] and "max_completion_tokens" not in error["message"]
+
+
+def test_hints_with_nothing_to_act_on_are_accepted(client: Any, engine: FakeEngine) -> None:
+    engine.reply = REPLY
+    response = client.responses.create(
+        model="fake-model",
+        input=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_text", "text": "hi", "prompt_cache_breakpoint": {"mode": "explicit"}}
+                ],
+            }
+        ],
+        safety_identifier="someone",
+        prompt_cache_key="conversation-1",
+        prompt_cache_retention="24h",
+        prompt_cache_options={"mode": "explicit", "ttl": "30m"},
+        text={"verbosity": "low"},
+    )
+    assert response.output_text == REPLY
+    assert engine.tokenizer.last_chat["messages"] == [{"role": "user", "content": "hi"}]
 
 
 def test_a_prompt_longer_than_the_context_names_input(server: BackgroundServer) -> None:

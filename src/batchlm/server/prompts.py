@@ -108,7 +108,8 @@ def _text_content(content: str | list[dict[str, Any]] | None, where: str) -> str
                 param=f"{where}.content[{j}].type",
             )
         text = part.get("text")
-        extra = set(part) - {"type", "text"}
+        # A prompt-cache breakpoint is a caching hint (PromptCacheOptions): accepted, not acted on.
+        extra = set(part) - {"type", "text", "prompt_cache_breakpoint"}
         if not isinstance(text, str) or extra:
             raise APIError(
                 400,

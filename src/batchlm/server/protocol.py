@@ -70,6 +70,14 @@ class ChatMessage(StrictModel):
     audio: Any = None
 
 
+class PromptCacheOptions(StrictModel):
+    """OpenAI's prompt-caching hints. Accepted and not acted on: the prefix cache keeps every prompt's
+    blocks while the KV cache has room, with no breakpoints or lifetimes to set."""
+
+    mode: Literal["implicit", "explicit"] | None = None
+    ttl: str | None = None
+
+
 class StreamOptions(StrictModel):
     # Send a last chunk with the token usage (and empty choices) before [DONE].
     include_usage: bool | None = None
@@ -144,6 +152,15 @@ class ChatCompletionRequest(SamplingFields):
     metadata: dict[str, Any] | None = None
     service_tier: str | None = None
     web_search_options: Any = None
+    moderation: Any = None
+    safety_identifier: str | None = Field(None, description="Accepted and ignored.")
+    prompt_cache_key: str | None = Field(
+        None, description="Accepted and ignored (prefix caching is automatic)."
+    )
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+    prompt_cache_options: PromptCacheOptions | None = None
+    # How long-winded the answer should be: the model's own choice here (accepted, not acted on).
+    verbosity: Literal["low", "medium", "high"] | None = None
     # Chat-template controls.
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True

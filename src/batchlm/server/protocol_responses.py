@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from batchlm.sampling_params import MAX_TOP_LOGPROBS
-from batchlm.server.protocol import ReasoningEffort, StrictModel
+from batchlm.server.protocol import PromptCacheOptions, ReasoningEffort, StrictModel
 from batchlm.server.responses import ChatTokenLogprob
 
 
@@ -60,6 +60,8 @@ class ResponsesRequest(StrictModel):
     prompt_cache_key: str | None = Field(
         None, description="Accepted and ignored (prefix caching is automatic)."
     )
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+    prompt_cache_options: PromptCacheOptions | None = None
     # Keep the response for previous_response_id and GET (default true, unless --stored-responses 0).
     store: bool | None = None
     # "message.output_text.logprobs" adds the tokens' log-probabilities (top_logprobs alternatives each).
@@ -75,6 +77,7 @@ class ResponsesRequest(StrictModel):
     truncation: Literal["auto", "disabled"] | None = None
     max_tool_calls: int | None = None
     service_tier: str | None = None
+    moderation: Any = None
     # batchlm (vLLM-style) extras.
     top_k: int | None = None
     min_p: float | None = None

@@ -20,9 +20,17 @@ from batchlm.structured.llguidance_backend import lark_from_user_grammar
 # (field, accepted value test, why it is refused): known OpenAI fields that batchlm does not serve.
 UnsupportedRule = tuple[str, Callable[[Any], bool], str]
 
+# OpenAI's deprecated form of tool calling: the same functions are served as `tools`.
+_LEGACY_FUNCTIONS = (
+    "the deprecated 'functions' and 'function_call' are not served; send each function as a tool "
+    "({'type': 'function', 'function': {...}}) in 'tools', and choose with 'tool_choice'"
+)
+
+MODERATION = "no moderation model runs here"
+
 CHAT_UNSUPPORTED: tuple[UnsupportedRule, ...] = (
-    ("functions", lambda v: not v, "function calling is not supported"),
-    ("function_call", lambda v: v in (None, "none"), "function calling is not supported"),
+    ("functions", lambda v: not v, _LEGACY_FUNCTIONS),
+    ("function_call", lambda v: v in (None, "none"), _LEGACY_FUNCTIONS),
     ("audio", lambda v: v is None, "audio output is not supported"),
     ("modalities", lambda v: v in (None, ["text"]), "only the 'text' modality is supported"),
     ("prediction", lambda v: v is None, "predicted outputs are not supported"),
@@ -30,6 +38,7 @@ CHAT_UNSUPPORTED: tuple[UnsupportedRule, ...] = (
     ("metadata", lambda v: not v, "metadata is only used with stored completions, which are not supported"),
     ("service_tier", lambda v: v in (None, "auto", "default"), "there is one service tier"),
     ("web_search_options", lambda v: v is None, "web search is not supported"),
+    ("moderation", lambda v: v is None, MODERATION),
 )
 
 

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from batchlm.server.errors import APIError
 from batchlm.server.protocol import ChatCompletionRequest
 from batchlm.server.protocol_responses import ResponsesRequest
-from batchlm.server.request_params import UnsupportedRule, refuse_unsupported
+from batchlm.server.request_params import MODERATION, UnsupportedRule, refuse_unsupported
 
 UNSUPPORTED: tuple[UnsupportedRule, ...] = (
     ("conversation", lambda v: v is None, "continue a response by 'previous_response_id', or send it all in 'input'"),
@@ -24,6 +24,7 @@ UNSUPPORTED: tuple[UnsupportedRule, ...] = (
     ("truncation", lambda v: v in (None, "disabled"), "an input longer than the context is refused, not cut"),
     ("max_tool_calls", lambda v: v is None, "bound the calls with 'parallel_tool_calls'"),
     ("service_tier", lambda v: v in (None, "auto", "default"), "there is one service tier"),
+    ("moderation", lambda v: v is None, MODERATION),
 )  # fmt: skip
 # The `include` that asks for the output text's log-probabilities.
 INCLUDE_LOGPROBS = "message.output_text.logprobs"
