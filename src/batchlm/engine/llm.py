@@ -7,7 +7,7 @@ from array import array
 from collections.abc import Sequence
 from typing import Any
 
-from batchlm.config import EngineConfig
+from batchlm.config import DEMO_MODEL, EngineConfig
 from batchlm.cpu_wait_policy import prefer_passive_waiting
 from batchlm.engine.input_processor import InputProcessor
 from batchlm.engine.output_processor import OutputProcessor
@@ -26,7 +26,7 @@ class LLM:
     Keyword arguments are EngineConfig fields (max_model_len, dtype, device, tensor_parallel_size, ...).
     """
 
-    def __init__(self, model: str = "demo", **kwargs: Any) -> None:
+    def __init__(self, model: str = DEMO_MODEL, **kwargs: Any) -> None:
         unknown = set(kwargs) - set(EngineConfig.field_names())
         if unknown:
             raise TypeError(f"unknown LLM arguments: {', '.join(sorted(unknown))}")

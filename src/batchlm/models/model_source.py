@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from batchlm.config import DEMO_MODEL, EngineConfig
+from batchlm.config import EngineConfig
 from batchlm.tokenizer.tokenizer import Tokenizer
 
 
 def prepare_model_dir(config: EngineConfig) -> Path:
     """The local directory of the model: the built-in default, a GGUF file's derived directory, a
     local path, or a hub download."""
-    if config.model == DEMO_MODEL:
+    if config.built_in_model:
         from batchlm.models.default_model import ensure_default_model
 
         return ensure_default_model()
@@ -43,7 +43,7 @@ def served_model_name(config: EngineConfig, model_dir: Path | None = None) -> st
     back, the random demo: `model_dir` tells which), else --model as given."""
     if config.served_model_name:
         return config.served_model_name
-    if config.model == DEMO_MODEL:
+    if config.built_in_model:
         from batchlm.models.default_model import default_model_name
 
         return default_model_name(model_dir)

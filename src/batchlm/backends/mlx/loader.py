@@ -10,7 +10,7 @@ from typing import Any
 
 from batchlm.backends.mlx.config_names import older_field_names
 from batchlm.backends.mlx.families import apply_sliding_window, mlx_lm_overrides, window_context_cap
-from batchlm.config import DEMO_MODEL, EngineConfig
+from batchlm.config import EngineConfig
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def resolve_model_dir(config: EngineConfig) -> Path:
     from batchlm.models.gguf_model_dir import find_gguf_file
     from batchlm.models.model_source import prepare_model_dir
 
-    if config.model == DEMO_MODEL:
+    if config.built_in_model:
         from batchlm.models.demo import ensure_demo_model
 
         logger.warning(
