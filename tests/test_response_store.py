@@ -1,5 +1,5 @@
-"""The stored responses of /v1/responses: a chain read back oldest first, the oldest removed beyond the
-capacity, ids that are not the server's never looked up, and two stores (two API-server processes) on
+"""The stored responses of /v1/responses: a chain read back oldest first, the conversations continued
+least recently removed whole beyond the capacity, branches, ids that are not the server's never looked up, and two stores (two API-server processes) on
 one directory."""
 
 from __future__ import annotations
@@ -58,17 +58,63 @@ def test_ids_that_are_not_the_servers_are_never_looked_up(tmp_path: Path) -> Non
 
 
 def test_two_stores_on_one_directory_read_each_other(tmp_path: Path) -> None:
-    first, second = ResponseStore(tmp_path, capacity=2), ResponseStore(tmp_path, capacity=2)
+    first, second = ResponseStore(tmp_path, capacity=3), ResponseStore(tmp_path, capacity=3)
     put(first, 1)
     put(second, 2, previous=1)
     conversation = first.conversation(rid(2))
     assert conversation is not None and [item["content"] for item in conversation][:2] == ["q1", "a1"]
-    # The capacity counts the responses of every process: the oldest go, whoever wrote them.
+    # The capacity counts the responses of every process: the least recent go, whoever wrote them.
     put(first, 3)
-    assert first.get(rid(1)) is None and second.get(rid(2)) is not None
-    assert second.delete(rid(2)) and first.get(rid(2)) is None
+    put(second, 4)
+    assert first.get(rid(1)) is None and first.get(rid(2)) is None
+    assert second.get(rid(3)) is not None and second.delete(rid(3)) and first.get(rid(3)) is None
     first.close()
     second.close()
+
+
+def contents(store: ResponseStore, n: int) -> list[str] | None:
+    conversation = store.conversation(rid(n))
+    return None if conversation is None else [item["content"] for item in conversation]
+
+
+def test_a_conversation_that_goes_on_outlives_the_capacity_while_idle_ones_go_whole(tmp_path: Path) -> None:
+    store = ResponseStore(tmp_path, capacity=4)
+    put(store, 100)
+    put(store, 101, previous=100)  # an idle conversation of two
+    put(store, 1)
+    for n in range(2, 10):  # an agent's session, longer than the capacity
+        put(store, n, previous=n - 1)
+        assert contents(store, n) == [text for m in range(1, n + 1) for text in (f"q{m}", f"a{m}")]
+    assert store.get(rid(100)) is None and store.get(rid(101)) is None
+    # Another conversation begins: the long one, now the least recent, goes whole.
+    put(store, 200)
+    assert (
+        store.get(rid(9)) is None and store.get(rid(1)) is None and contents(store, 200) == ["q200", "a200"]
+    )
+
+
+def test_the_least_recently_continued_conversation_goes_first(tmp_path: Path) -> None:
+    store = ResponseStore(tmp_path, capacity=4)
+    put(store, 1)
+    put(store, 10)
+    put(store, 2, previous=1)  # the older conversation goes on
+    put(store, 20)
+    put(store, 30)
+    assert store.get(rid(10)) is None, "the idle one went, though it began later"
+    assert contents(store, 2) == ["q1", "a1", "q2", "a2"] and store.get(rid(20)) is not None
+
+
+def test_branches_of_one_conversation_read_their_own_chains(tmp_path: Path) -> None:
+    store = ResponseStore(tmp_path, capacity=10)
+    put(store, 1)
+    put(store, 2, previous=1)
+    put(store, 3, previous=1)  # the same turn asked again
+    put(store, 4, previous=3)
+    assert contents(store, 2) == ["q1", "a1", "q2", "a2"]
+    assert contents(store, 4) == ["q1", "a1", "q3", "a3", "q4", "a4"]
+    assert store.delete(rid(3)) and store.conversation(rid(4)) is None and contents(store, 2) is not None
+    put(store, 5, previous=3)  # its previous deleted meanwhile: a conversation of its own
+    assert contents(store, 5) is None and store.get(rid(5)) is not None
 
 
 def test_responses_finishing_together_are_written_together(tmp_path: Path) -> None:

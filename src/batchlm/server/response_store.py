@@ -1,9 +1,11 @@
 """Stored responses of /v1/responses (`store`, true by default as in OpenAI's API), so that a request
 may continue one by `previous_response_id` and GET /v1/responses/{id} may read it back. One SQLite
 database in a directory that every API-server process of `--api-servers N` shares (a connection lands
-on any of them), written before the response's last event is sent; the oldest beyond the capacity are
-removed as new ones come. Nothing is synced to disk: the store lives as long as the server. The
-lookups the routes make answer a missing response with its HTTP error."""
+on any of them), written before the response's last event is sent. Responses are kept by conversation
+(a response and all that continue it): beyond the capacity, the conversations continued least recently
+go whole, so that a long agent session is never cut at its oldest turn while it goes on. Nothing is
+synced to disk: the store lives as long as the server. The lookups the routes make run off the event
+loop and answer a missing response with its HTTP error."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from batchlm.server.errors import APIError
 # The ids this server gives responses; no other is looked up.
 RESPONSE_ID = re.compile(r"resp_[0-9a-f]{32}")
 DATABASE_NAME = "responses.sqlite3"
+TABLE = "stored_responses"
 # Seconds a process waits for another one's write to the database before failing.
 LOCK_TIMEOUT_S = 10.0
 
@@ -68,14 +71,18 @@ class ResponseStore:
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=OFF")
-            # seq orders the responses across processes: the oldest go first.
+            # seq orders the responses across processes; `conversation` is the id of the response the
+            # chain began with, so a conversation is read and removed whole.
             self._db.execute(
-                "CREATE TABLE IF NOT EXISTS responses (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
-                "id TEXT UNIQUE NOT NULL, previous_id TEXT, body TEXT NOT NULL)"
+                f"CREATE TABLE IF NOT EXISTS {TABLE} (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
+                "id TEXT UNIQUE NOT NULL, previous_id TEXT, conversation TEXT NOT NULL, body TEXT NOT NULL)"
             )
+            self._db.execute(f"CREATE INDEX IF NOT EXISTS {TABLE}_conversation ON {TABLE} (conversation)")
 
     def put(self, responses: Sequence[NewResponse]) -> None:
-        """Store responses, in one transaction (a burst of finishing requests writes once)."""
+        """Store responses, in one transaction (a burst of finishing requests writes once); then remove
+        the conversations continued least recently while more than the capacity is kept (never the
+        one continued last, however long)."""
         rows = []
         for new in responses:
             assert RESPONSE_ID.fullmatch(new.id), new.id
@@ -87,9 +94,19 @@ class ResponseStore:
         with self._lock:
             self._db.execute("BEGIN")
             try:
-                self._db.executemany("INSERT INTO responses (id, previous_id, body) VALUES (?, ?, ?)", rows)
-                newest = self._db.execute("SELECT max(seq) FROM responses").fetchone()[0]
-                self._db.execute("DELETE FROM responses WHERE seq <= ?", (newest - self.capacity,))
+                for response_id, previous_id, body in rows:
+                    # A chain whose start is gone (deleted) begins anew here.
+                    self._db.execute(
+                        f"INSERT INTO {TABLE} (id, previous_id, conversation, body) VALUES (?1, ?2, "
+                        f"coalesce((SELECT conversation FROM {TABLE} WHERE id = ?2), ?1), ?3)",
+                        (response_id, previous_id, body),
+                    )
+                self._db.execute(
+                    f"DELETE FROM {TABLE} WHERE conversation IN (SELECT conversation FROM ("
+                    f"SELECT conversation, max(seq) AS last, sum(count(*)) OVER (ORDER BY max(seq) DESC) AS kept "
+                    f"FROM {TABLE} GROUP BY conversation) WHERE kept > ? AND last < (SELECT max(seq) FROM {TABLE}))",
+                    (self.capacity,),
+                )
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
@@ -100,59 +117,77 @@ class ResponseStore:
             return None
         with self._lock:
             row = self._db.execute(
-                "SELECT previous_id, body FROM responses WHERE id = ?", (response_id,)
+                f"SELECT previous_id, body FROM {TABLE} WHERE id = ?", (response_id,)
             ).fetchone()
-        if row is None:
-            return None
-        data = json.loads(row[1])
-        return StoredResponse(row[0], data["input_items"], data["response"])
+        return None if row is None else _stored(row[0], row[1])
 
     def conversation(self, response_id: str) -> list[dict[str, Any]] | None:
         """The items of the response and of those it continued, oldest first; None when any of them is
-        not stored (never was, deleted, or removed as the oldest)."""
+        not stored (never was, or deleted)."""
+        if not RESPONSE_ID.fullmatch(response_id):
+            return None
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT id, previous_id, body FROM {TABLE} WHERE conversation = "
+                f"(SELECT conversation FROM {TABLE} WHERE id = ?)",
+                (response_id,),
+            ).fetchall()
+        # The conversation's responses, of every branch: follow this one's links back.
+        links = {row[0]: (row[1], row[2]) for row in rows}
         chain: list[StoredResponse] = []
         current: str | None = response_id
-        while current is not None and len(chain) <= self.capacity:
-            stored = self.get(current)
-            if stored is None:
+        while current is not None:
+            if current not in links:
                 return None
-            chain.append(stored)
-            current = stored.previous_id
+            previous_id, body = links.pop(current)  # popped: a chain visits each response once
+            chain.append(_stored(previous_id, body))
+            current = previous_id
         return [item for stored in reversed(chain) for item in stored.items]
 
     def delete(self, response_id: str) -> bool:
         if not RESPONSE_ID.fullmatch(response_id):
             return False
         with self._lock:
-            return self._db.execute("DELETE FROM responses WHERE id = ?", (response_id,)).rowcount > 0
+            return self._db.execute(f"DELETE FROM {TABLE} WHERE id = ?", (response_id,)).rowcount > 0
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
 
-def stored_response(store: ResponseStore | None, response_id: str) -> StoredResponse:
+def _stored(previous_id: str | None, body: str) -> StoredResponse:
+    data = json.loads(body)
+    return StoredResponse(previous_id, data["input_items"], data["response"])
+
+
+# The routes' lookups run in a thread: the store's lock may be held by a batch being written, and a
+# long conversation takes a while to read.
+
+
+async def stored_response(store: ResponseStore | None, response_id: str) -> StoredResponse:
     """A stored response, or 404."""
-    stored = store.get(response_id) if store is not None else None
+    stored = await asyncio.to_thread(store.get, response_id) if store is not None else None
     if stored is None:
         raise _not_stored(response_id)
     return stored
 
 
-def delete_stored_response(store: ResponseStore | None, response_id: str) -> None:
+async def delete_stored_response(store: ResponseStore | None, response_id: str) -> None:
     """Delete a stored response, or 404."""
-    if store is None or not store.delete(response_id):
+    if store is None or not await asyncio.to_thread(store.delete, response_id):
         raise _not_stored(response_id)
 
 
-def stored_conversation(store: ResponseStore | None, previous_id: str | None) -> list[dict[str, Any]] | None:
+async def stored_conversation(
+    store: ResponseStore | None, previous_id: str | None
+) -> list[dict[str, Any]] | None:
     """The stored conversation a request continues (None when it names none). 400 when it is not stored."""
     if previous_id is None:
         return None
     if store is None:
         why = "this server keeps no responses (--stored-responses 0); send the whole conversation in 'input'"
         raise APIError(400, f"'previous_response_id' is not supported: {why}.", param="previous_response_id")
-    history = store.conversation(previous_id)
+    history = await asyncio.to_thread(store.conversation, previous_id)
     if history is None:
         raise APIError(
             400,

@@ -110,12 +110,12 @@ async def responses(request: Request, body: ResponsesRequest) -> Response:
 
 @router.get("/v1/responses/{response_id}", responses=ERRORS, summary="A stored response")
 async def retrieve_response(request: Request, response_id: str) -> JSONResponse:
-    return JSONResponse(stored_response(get_state(request).responses, response_id).response)
+    return JSONResponse((await stored_response(get_state(request).responses, response_id)).response)
 
 
 @router.delete("/v1/responses/{response_id}", responses=ERRORS, summary="Delete a stored response")
 async def delete_response(request: Request, response_id: str) -> JSONResponse:
-    delete_stored_response(get_state(request).responses, response_id)
+    await delete_stored_response(get_state(request).responses, response_id)
     return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
 
 

@@ -57,7 +57,7 @@ DELTA_EVENTS = {
 
 async def create_response(request: Request, body: ResponsesRequest) -> Response:
     state = get_state(request)
-    form = chat_form(body, stored_conversation(state.responses, body.previous_response_id))
+    form = chat_form(body, await stored_conversation(state.responses, body.previous_response_id))
     with form.errors_renamed():
         engine_request, context = await prepare_chat(state, form.request, f"resp_{uuid.uuid4().hex}")
     store = state.responses.writes if state.responses is not None and body.store is not False else None

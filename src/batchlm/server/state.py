@@ -63,7 +63,8 @@ class ServerSettings:
     # stays as it is without it.
     ui: bool = True
     # Responses of /v1/responses kept for `previous_response_id` and GET /v1/responses/{id} (`store`,
-    # true unless the request says false), the oldest removed beyond; 0 keeps none.
+    # true unless the request says false); beyond, the conversations continued least recently are
+    # removed whole (never the one continued last); 0 keeps none.
     stored_responses: int = 1000
     # Directory of the stored responses' database (their conversations, in clear); None: a private
     # temporary one, removed when the server stops.
