@@ -118,6 +118,6 @@ def test_history_as_text_keeps_an_assistant_turn_s_thinking() -> None:
     [converted] = with_generic_tool_prompt([turn], None)
     assert converted == {
         "role": "assistant",
-        "content": '<tool_call>\n{"name": "f", "arguments": "{}"}\n</tool_call>',
+        "content": '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>',
         "reasoning_content": "plan",
     }

@@ -62,8 +62,7 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         if message.name:
             entry["name"] = message.name
         if message.tool_calls:
-            with rejections_as_400():
-                entry["tool_calls"] = template_tool_calls(message.tool_calls, where)
+            entry["tool_calls"] = template_tool_calls(message.tool_calls)
         if message.tool_call_id is not None:
             entry["tool_call_id"] = message.tool_call_id
         if message.reasoning_content is not None:

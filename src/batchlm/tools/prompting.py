@@ -8,8 +8,6 @@ import json
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from batchlm.tools.spec import ToolUseError
-
 TOOLS_PROMPT = (
     "You can call functions to answer the user. These are the functions, as JSON schemas:\n"
     "<tools>\n{tools}\n</tools>\n"
@@ -38,20 +36,20 @@ def template_knows_tools(chat_template: str | None) -> bool:
     return chat_template is not None and "tools" in chat_template
 
 
-def template_tool_calls(calls: Sequence[HistoryCall], where: str) -> list[dict[str, Any]]:
-    """An assistant message's calls with their arguments as objects, as templates render them."""
+def template_tool_calls(calls: Sequence[HistoryCall]) -> list[dict[str, Any]]:
+    """An assistant message's calls with their arguments as objects, as templates render them. Arguments
+    that are not a JSON object (a call that max_tokens cut short, which an agent sends back as it got it)
+    stay the text they are, as OpenAI takes them: the template writes that text."""
     converted = []
-    for j, call in enumerate(calls):
+    for call in calls:
         try:
             arguments = json.loads(call.function.arguments)
         except ValueError:
             arguments = None
-        if not isinstance(arguments, dict):
-            raise ToolUseError(
-                f"{where}.tool_calls[{j}].function.arguments must be a JSON object encoded as a string.",
-                param=f"{where}.tool_calls[{j}].function.arguments",
-            )
-        function = {"name": call.function.name, "arguments": arguments}
+        function = {
+            "name": call.function.name,
+            "arguments": arguments if isinstance(arguments, dict) else call.function.arguments,
+        }
         converted.append({"id": call.id, "type": "function", "function": function})
     return converted
 
@@ -81,8 +79,13 @@ def _as_text(message: dict[str, Any]) -> dict[str, Any]:
         return message
     blocks = [message["content"]] if message["content"] else []
     for call in calls:
-        body = {"name": call["function"]["name"], "arguments": call["function"]["arguments"]}
-        blocks.append(f"<tool_call>\n{json.dumps(body)}\n</tool_call>")
+        name, arguments = call["function"]["name"], call["function"]["arguments"]
+        if isinstance(arguments, str):  # not a JSON object: the text as the model wrote it
+            blocks.append(
+                f'<tool_call>\n{{"name": {json.dumps(name)}, "arguments": {arguments}}}\n</tool_call>'
+            )
+        else:
+            blocks.append(f"<tool_call>\n{json.dumps({'name': name, 'arguments': arguments})}\n</tool_call>")
     # The rest of the message (its thinking, for a template that reads it) stays as it is.
     rest = {key: value for key, value in message.items() if key != "tool_calls"}
     return {**rest, "content": "\n".join(blocks)}
