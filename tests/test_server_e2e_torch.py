@@ -54,6 +54,32 @@ def offline_greedy(model_dir: Path) -> list[str]:
     return [out.outputs[0].text for out in llm.generate(PROMPTS, params)]
 
 
+def test_echo_with_logprobs_scores_the_prompt(client: Any, model_dir: Path) -> None:
+    prompt = PROMPTS[3]
+    llm = LLM(model=str(model_dir), device="cpu")
+    [offline] = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=2))
+    assert offline.prompt_logprobs is not None
+    expected = [None] + [entry.logprob for entry in offline.prompt_logprobs[1:] if entry is not None]
+    size = len(offline.prompt_token_ids)
+    # lm-evaluation-harness scores a continuation so: echo, logprobs, one token.
+    reply = client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=1, temperature=0.0, echo=True, logprobs=2
+    )
+    [choice] = reply.choices
+    logprobs = choice.logprobs
+    assert choice.text.startswith(prompt) and len(logprobs.tokens) == size + 1
+    assert logprobs.token_logprobs[:size] == pytest.approx(expected, abs=1e-4)
+    assert logprobs.top_logprobs[0] is None and all(len(top) == 2 for top in logprobs.top_logprobs[1:])
+    assert logprobs.text_offset[0] == 0 and logprobs.text_offset[size] == len(prompt)
+    stream = client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=1, temperature=0.0, echo=True, logprobs=2, stream=True
+    )
+    first, *rest = list(stream)
+    assert first.choices[0].text == prompt
+    assert first.choices[0].logprobs.token_logprobs == pytest.approx(expected, abs=1e-4)
+    assert "".join(chunk.choices[0].text for chunk in rest) == choice.text[len(prompt) :]
+
+
 def test_api_key_is_enforced(server: BackgroundServer) -> None:
     bad = openai_client(server.base_url, api_key="wrong")
     with pytest.raises(openai.AuthenticationError):

@@ -54,6 +54,9 @@ class EngineCoreOutput:
     # time.time() when its first token was sampled, on an output that reports it later
     # (EngineCoreRequest.final_output_only); None: the output's arrival is the time.
     first_token_time: float | None = None
+    # On the first output of a request that asked SamplingParams.prompt_logprobs: one entry per prompt
+    # token after the first.
+    prompt_logprobs: tuple[TokenLogprobs, ...] = ()
 
     @property
     def finished(self) -> bool:
@@ -65,6 +68,7 @@ def carries_more(output: EngineCoreOutput) -> bool:
     return (
         output.finish_reason is not None
         or bool(output.new_logprobs)
+        or bool(output.prompt_logprobs)
         or bool(output.num_cached_tokens)
         or output.scheduled_time is not None
         or output.first_token_time is not None
@@ -189,4 +193,7 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     # Set when the engine failed this request.
     error: str | None = None
+    # With SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (nothing comes
+    # before it); on the first output of a stream, and on every cumulative one.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
     extra: dict[str, object] = field(default_factory=dict)

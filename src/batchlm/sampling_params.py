@@ -111,6 +111,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     # Number of top log-probabilities per output token (None = no logprobs; 0 = only the sampled one).
     logprobs: int | None = None
+    # The same for every prompt token after the first (what the model gave it, given the tokens before):
+    # None = none. Such a prompt is computed whole (no prefix-cache hits), as each token's logits are read.
+    prompt_logprobs: int | None = None
     # Token id -> additive bias on the logits, applied before sampling.
     logit_bias: dict[int, float] = field(default_factory=dict)
     # Detokenize the output (False gives token ids only).
@@ -174,6 +177,11 @@ class SamplingParams:
             )
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             fail(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}", "logprobs")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
+            fail(
+                f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.prompt_logprobs}",
+                "prompt_logprobs",
+            )
         if any(not s for s in self.stop):
             fail("stop strings must be non-empty", "stop")
         if len(self.stop) > 16:

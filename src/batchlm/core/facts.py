@@ -23,6 +23,8 @@ class ModelFacts:
     dtype: str = ""
     # Bits per KV-cache element: 8 for an FP8 cache, else the model dtype's.
     kv_cache_bits: int = 0
+    # Whether the engine reads the logits of every prompt token (SamplingParams.prompt_logprobs).
+    computes_prompt_logprobs: bool = False
 
 
 @dataclass(frozen=True)

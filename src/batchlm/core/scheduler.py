@@ -283,7 +283,8 @@ class Scheduler:
                 continue
             state.num_inflight_samples -= 1
             token_id, logprobs = sampled[chunk.request_id]
-            self._append_token(outputs, state, token_id, logprobs)
+            prompt_logprobs = result.prompt_logprobs.get(chunk.request_id, ())
+            self._append_token(outputs, state, token_id, logprobs, prompt_logprobs)
             finished_any = finished_any or state.is_finished
         if finished_any:
             self._running = [state for state in self._running if not state.is_finished]
@@ -316,10 +317,15 @@ class Scheduler:
         return self._inflight.popleft()
 
     def _append_token(
-        self, outputs: CoreOutputs, state: RequestState, token_id: int, logprobs: TokenLogprobs | None
+        self,
+        outputs: CoreOutputs,
+        state: RequestState,
+        token_id: int,
+        logprobs: TokenLogprobs | None,
+        prompt_logprobs: tuple[TokenLogprobs, ...] = (),
     ) -> None:
         """Append the token to its request, and its output to `outputs` (none while a
-        final_output_only request holds its tokens back)."""
+        final_output_only request holds its tokens back). The prompt's logprobs come with a first token."""
         all_token_ids = state.all_token_ids
         all_token_ids.append(token_id)
         self._generation_tokens_total += 1
@@ -356,6 +362,7 @@ class Scheduler:
                 stop_token_id=decision.stop_token_id if decision else None,
                 num_cached_tokens=num_cached,
                 first_token_time=first_token_time,
+                prompt_logprobs=prompt_logprobs,
             )
         )
 

@@ -96,3 +96,6 @@ class ModelRunnerOutput:
     # Verify chunks: request id -> the drafts accepted before its sampled token (every verify chunk
     # has an entry, possibly empty).
     accepted_drafts: Mapping[str, AcceptedDrafts] = field(default_factory=dict)
+    # Requests that asked SamplingParams.prompt_logprobs and sampled their first token this step:
+    # request id -> one entry per prompt token after the first.
+    prompt_logprobs: Mapping[str, tuple[TokenLogprobs, ...]] = field(default_factory=dict)

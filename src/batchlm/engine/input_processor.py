@@ -25,6 +25,8 @@ class FieldNames:
     # The field named when prompt + max_tokens overflow the context.
     budget: str = "max_tokens"
     structured_outputs: str = "structured_outputs"
+    # The field that asked for the prompt's logprobs (completions: "echo", with "logprobs").
+    prompt_logprobs: str = "prompt_logprobs"
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,11 @@ class InputProcessor:
         self._check_kv_room(len(prompt_token_ids), params)
         if params.structured_outputs is not None:
             _check_structured_outputs(params, names.structured_outputs)
+        if params.prompt_logprobs is not None and not self.facts.computes_prompt_logprobs:
+            raise RequestRejectedError(
+                "Prompt log-probabilities are not computed by this engine (the torch backend computes them).",
+                names.prompt_logprobs,
+            )
         return ValidatedRequest(list(prompt_token_ids), params, prompt)
 
     def _check_room(self, prompt_len: int, names: FieldNames) -> None:

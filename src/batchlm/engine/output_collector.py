@@ -67,4 +67,6 @@ def merge_into(waiting: RequestOutput, later: RequestOutput) -> None:
     waiting.num_cached_tokens = max(waiting.num_cached_tokens, later.num_cached_tokens)
     waiting.metrics = later.metrics or waiting.metrics
     waiting.error = later.error or waiting.error
+    if waiting.prompt_logprobs is None:
+        waiting.prompt_logprobs = later.prompt_logprobs
     waiting.extra.update(later.extra)

@@ -82,6 +82,10 @@ class _RequestState:
     metrics: RequestMetrics
     num_cached_tokens: int = 0
     error: str | None = None
+    # With SamplingParams.prompt_logprobs, once the first output brought them (None for the first token).
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    # A delta carried them already.
+    prompt_logprobs_reported: bool = False
 
     @property
     def finished(self) -> bool:
@@ -150,6 +154,7 @@ class OutputProcessor:
         # logprobs is reported once, by the core, when it finishes.
         read_at_finish = self._text_when_finished or params.final_output_only
         final_only = read_at_finish and not params.stop and params.logprobs is None
+        final_only = final_only and params.prompt_logprobs is None
         return make_core_requests(request_id, ids, params, eos_token_ids, now, group_id, final_only)
 
     def has_request(self, request_id: str) -> bool:
@@ -212,6 +217,9 @@ class OutputProcessor:
                 metrics.first_token_time = output.first_token_time or now
             metrics.last_token_time = now
         state.num_cached_tokens = max(state.num_cached_tokens, output.num_cached_tokens)
+        if state.prompt_logprobs is None and state.params.prompt_logprobs is not None and new_token_ids:
+            # Every sequence of the request brings the same: the first to come is kept.
+            state.prompt_logprobs = [None, *output.prompt_logprobs]
         completion.changed = True
         completion.token_ids.extend(new_token_ids)
         if completion.logprobs is not None and new_logprobs:
@@ -249,6 +257,9 @@ class OutputProcessor:
 
     def _make_output(self, state: _RequestState, delta: bool) -> RequestOutput:
         completions = [_report(c, delta) for c in state.completions if c.changed or not delta]
+        prompt_logprobs = None
+        if state.prompt_logprobs is not None and not (delta and state.prompt_logprobs_reported):
+            prompt_logprobs, state.prompt_logprobs_reported = state.prompt_logprobs, True
         return RequestOutput(
             request_id=state.request_id,
             prompt=state.prompt,
@@ -258,6 +269,7 @@ class OutputProcessor:
             num_cached_tokens=state.num_cached_tokens,
             metrics=state.metrics,
             error=state.error,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def _forget(self, state: _RequestState) -> None:

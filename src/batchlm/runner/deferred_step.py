@@ -5,12 +5,13 @@ are computed."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
 from batchlm.core.step_io import ModelRunnerOutput, SchedulerOutput
+from batchlm.outputs import TokenLogprobs
 from batchlm.runner.grammar import StartedMasks
 from batchlm.runner.step_output import PendingStepOutput
 
@@ -28,6 +29,8 @@ class LaunchedForward:
     # [rows, vocab] float32 on the device (scratch the sampler may overwrite).
     logits: torch.Tensor
     masks: StartedMasks
+    # Requests sampling their first token whose prompt's logprobs were asked: request id -> them.
+    prompt_logprobs: Mapping[str, tuple[TokenLogprobs, ...]]
 
 
 class DeferredStepOutput:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -41,9 +41,11 @@ class PendingStepOutput:
         token_ids: torch.Tensor,
         packed_logprobs: torch.Tensor | None,
         verification: Verification | None = None,
+        prompt_logprobs: Mapping[str, tuple[TokenLogprobs, ...]] | None = None,
     ) -> None:
         self._request_ids = request_ids
         self._verification = verification
+        self._prompt_logprobs = prompt_logprobs
         self._states = list(states)
         # Where each state's placeholder sits in its output_token_ids (appended now, filled by result()).
         self._slots = []
@@ -109,5 +111,9 @@ class PendingStepOutput:
         self._states = []  # the states may be dropped by the runner now; hold no references
         if self._verification is not None:
             verification, self._verification = self._verification, None
-            return verification.output(self._request_ids, token_ids, logprobs)
-        return ModelRunnerOutput(self._request_ids, tuple(token_ids), tuple(logprobs))
+            output = verification.output(self._request_ids, token_ids, logprobs)
+        else:
+            output = ModelRunnerOutput(self._request_ids, tuple(token_ids), tuple(logprobs))
+        if self._prompt_logprobs:
+            output = replace(output, prompt_logprobs=self._prompt_logprobs)
+        return output

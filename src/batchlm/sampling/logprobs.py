@@ -53,3 +53,8 @@ def _token_logprobs(row: list[float], wanted: int) -> TokenLogprobs:
     values = row[_FIXED_COLUMNS + num_top : _FIXED_COLUMNS + num_top + wanted]
     top = tuple((int(token_id), value) for token_id, value in zip(ids, values, strict=True))
     return TokenLogprobs(logprob=row[1], rank=int(row[2]), top=top)
+
+
+def target_logprobs(raw_logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: int) -> list[TokenLogprobs]:
+    """TokenLogprobs of given tokens (a prompt's next tokens) under rows of raw logprobs, on the host."""
+    return [_token_logprobs(row, num_top) for row in pack_logprobs(raw_logprobs, token_ids, num_top).tolist()]

@@ -51,16 +51,33 @@ class CompletionLogprobsBuilder:
         self._top_n = top_n
         self._offset = start_offset
 
-    def add(self, token_ids: Sequence[int], logprobs: Sequence[TokenLogprobs]) -> CompletionLogprobs:
-        """The logprobs of these new tokens alone (a streaming chunk's worth)."""
+    def add(self, token_ids: Sequence[int], logprobs: Sequence[TokenLogprobs | None]) -> CompletionLogprobs:
+        """The logprobs of these new tokens alone (a streaming chunk's worth); None for a token that has
+        none (a prompt's first)."""
         result = CompletionLogprobs()
         for token_id, entry in zip(token_ids, logprobs, strict=True):
             text = self._tokenizer.token_to_text(token_id)
             result.tokens.append(text)
-            result.token_logprobs.append(_finite(entry.logprob))
-            result.top_logprobs.append(
-                {self._tokenizer.token_to_text(alt): _finite(lp) for alt, lp in entry.top[: self._top_n]}
-            )
+            if entry is None:
+                result.token_logprobs.append(None)
+                result.top_logprobs.append(None)
+            else:
+                result.token_logprobs.append(_finite(entry.logprob))
+                result.top_logprobs.append(
+                    {self._tokenizer.token_to_text(alt): _finite(lp) for alt, lp in entry.top[: self._top_n]}
+                )
             result.text_offset.append(self._offset)
             self._offset += len(text)
         return result
+
+
+def joined(first: CompletionLogprobs, second: CompletionLogprobs | None) -> CompletionLogprobs:
+    """One choice's logprobs, `first`'s tokens then `second`'s (an echoed prompt's, then the completion's)."""
+    if second is None:
+        return first
+    return CompletionLogprobs(
+        tokens=first.tokens + second.tokens,
+        token_logprobs=first.token_logprobs + second.token_logprobs,
+        top_logprobs=first.top_logprobs + second.top_logprobs,
+        text_offset=first.text_offset + second.text_offset,
+    )

@@ -103,12 +103,6 @@ def check_completion_request(request: CompletionRequest) -> None:
             f"'best_of' must equal 'n' ({request.n}): server-side best-of is not supported.",
             param="best_of",
         )
-    if request.echo and request.logprobs is not None:
-        raise APIError(
-            400,
-            "'echo' with 'logprobs' is not supported: prompt log-probabilities are not computed.",
-            param="echo",
-        )
 
 
 def _check_stream_options(request: SamplingFields) -> None:

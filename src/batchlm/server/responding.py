@@ -81,6 +81,8 @@ class ChoiceResult:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    # Its request's prompt logprobs, when they were asked (RequestOutput.prompt_logprobs).
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @property
     def text(self) -> str:
@@ -268,13 +270,18 @@ async def _stream_events(
 async def collect_choices(generations: Sequence[Generation]) -> ChoiceResults:
     """What each completion produced, once all have finished."""
     results: ChoiceResults = {}
+    prompt_logprobs: dict[int, list[TokenLogprobs | None]] = {}
     async for position, output in merge_outputs(generations):
+        if output.prompt_logprobs is not None:
+            prompt_logprobs.setdefault(position, output.prompt_logprobs)
         for completion in output.outputs:
             result = results.setdefault((position, completion.index), ChoiceResult())
             result.text_parts.append(completion.text)
             result.token_ids.extend(completion.token_ids)
             result.logprobs.extend(completion.logprobs or ())
             result.finish_reason = completion.finish_reason or result.finish_reason
+    for (position, _), result in results.items():
+        result.prompt_logprobs = prompt_logprobs.get(position)
     return results
 
 

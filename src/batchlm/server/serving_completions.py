@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from starlette.requests import Request
@@ -14,7 +14,7 @@ from starlette.responses import Response
 from batchlm.engine.input_processor import InputProcessor, ValidatedRequest
 from batchlm.outputs import RequestOutput, TokenLogprobs
 from batchlm.server.errors import APIError, rejections_as_400
-from batchlm.server.logprobs import CompletionLogprobsBuilder
+from batchlm.server.logprobs import CompletionLogprobsBuilder, joined
 from batchlm.server.prompts import encode_text
 from batchlm.server.protocol import CompletionRequest, PromptInput
 from batchlm.server.request_params import build_sampling_params, check_completion_request
@@ -37,6 +37,8 @@ class CompletionContext(ResponseContext):
     logprobs: int | None
     # Per prompt, the text echoed before its completions ("" without echo).
     echo_texts: list[str]
+    # Per prompt, its token ids when the echo carries their logprobs (echo with logprobs), else None.
+    echoed_ids: list[list[int]] | None = None
     builders: dict[tuple[int, int], CompletionLogprobsBuilder] = field(default_factory=dict)
 
     def choice_index(self, position: int, index: int) -> int:
@@ -55,6 +57,15 @@ class CompletionContext(ResponseContext):
             self.builders[key] = CompletionLogprobsBuilder(self.tokenizer, self.logprobs, offset)
         return self.builders[key].add(token_ids, logprobs)
 
+    def echoed_logprobs(
+        self, position: int, prompt_logprobs: Sequence[TokenLogprobs | None] | None
+    ) -> CompletionLogprobs | None:
+        """The echoed prompt's logprobs (its first token has none), when they were asked and came."""
+        if self.echoed_ids is None or self.logprobs is None or prompt_logprobs is None:
+            return None
+        builder = CompletionLogprobsBuilder(self.tokenizer, self.logprobs)
+        return builder.add(self.echoed_ids[position], prompt_logprobs)
+
 
 async def create_completion(request: Request, body: CompletionRequest) -> Response:
     state = get_state(request)
@@ -67,6 +78,9 @@ async def create_completion(request: Request, body: CompletionRequest) -> Respon
     params, names = build_sampling_params(
         body, max_tokens=body.max_tokens, logprobs=body.logprobs, param_names={}, prompt_field="prompt"
     )
+    echo_logprobs = body.echo and body.logprobs is not None
+    if echo_logprobs:  # the echoed prompt comes with its tokens' logprobs
+        params, names = params.clone(prompt_logprobs=body.logprobs), replace(names, prompt_logprobs="echo")
     # Every prompt is validated before any starts, so that a bad one fails the batch with nothing to undo.
     with rejections_as_400():
         engine_requests = [processor.process(ids, params, text, names) for text, ids in prompts]
@@ -79,6 +93,7 @@ async def create_completion(request: Request, body: CompletionRequest) -> Respon
         logprobs=body.logprobs,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         echo_texts=[_echo_text(tokenizer, r) if body.echo else "" for r in engine_requests],
+        echoed_ids=[r.prompt_token_ids for r in engine_requests] if echo_logprobs else None,
     )
     return await respond(request, engine_requests, CompletionFormatter(context), body.stream)
 
@@ -117,29 +132,50 @@ class CompletionFormatter(ResponseFormatter[CompletionContext]):
 
     sample_choice = CompletionChoice(index=0, text="")
 
+    def __init__(self, context: CompletionContext) -> None:
+        super().__init__(context)
+        # Prompts whose echo (with its logprobs, which come with the first output) is still to be sent.
+        self._echo_pending = set(range(len(context.echo_texts))) if context.echoed_ids is not None else set()
+
     def choices(self, results: ChoiceResults) -> list[CompletionChoice]:
         context = self.context
-        return [
-            CompletionChoice(
-                index=context.choice_index(position, index),
-                text=context.echo_texts[position] + result.text,
-                logprobs=context.logprobs_of(position, index, result.token_ids, result.logprobs),
-                finish_reason=finish_reason(result.finish_reason, called=False),
+        choices = []
+        for (position, index), result in sorted(results.items()):
+            logprobs = context.logprobs_of(position, index, result.token_ids, result.logprobs)
+            echoed = context.echoed_logprobs(position, result.prompt_logprobs)
+            choices.append(
+                CompletionChoice(
+                    index=context.choice_index(position, index),
+                    text=context.echo_texts[position] + result.text,
+                    logprobs=logprobs if echoed is None else joined(echoed, logprobs),
+                    finish_reason=finish_reason(result.finish_reason, called=False),
+                )
             )
-            for (position, index), result in sorted(results.items())
-        ]
+        return choices
 
     def opening(self) -> Iterable[bytes]:
-        context = self.context
         return [
-            self._chunk([CompletionChoice(index=context.choice_index(position, i), text=text)])
-            for position, text in enumerate(context.echo_texts)
-            if text
-            for i in range(context.n)
+            event
+            for position in range(len(self.context.echo_texts))
+            if position not in self._echo_pending
+            for event in self._echo(position, None)
         ]
+
+    def _echo(self, position: int, logprobs: CompletionLogprobs | None) -> Iterator[bytes]:
+        context = self.context
+        text = context.echo_texts[position]
+        if text:
+            for i in range(context.n):
+                choice = CompletionChoice(
+                    index=context.choice_index(position, i), text=text, logprobs=logprobs
+                )
+                yield self._chunk([choice])
 
     def delta(self, position: int, output: RequestOutput) -> Iterator[bytes]:
         context = self.context
+        if position in self._echo_pending and (output.prompt_logprobs is not None or output.finished):
+            self._echo_pending.discard(position)
+            yield from self._echo(position, context.echoed_logprobs(position, output.prompt_logprobs))
         for completion in output.outputs:
             logprobs = None
             if completion.logprobs:

@@ -1,0 +1,154 @@
+"""A prompt's log-probabilities (SamplingParams.prompt_logprobs): each prompt token after the first, as
+transformers scores it given the tokens before, however the prompt is scheduled (whole, in chunks,
+batched, after its prefix was cached, preempted), and only once per request."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from batchlm import LLM, SamplingParams
+from batchlm.core.facts import ModelFacts
+from batchlm.engine.client import RequestRejectedError
+from batchlm.engine.input_processor import FieldNames, InputProcessor
+from batchlm.outputs import RequestOutput, TokenLogprobs
+
+TOP = 3
+ASK = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, prompt_logprobs=TOP)
+
+
+def _prompts(vocab: int = 300) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(5)
+    return [torch.randint(10, vocab, (n,), generator=generator).tolist() for n in (37, 9, 1, 50)]
+
+
+def _llm(model_dir: Path, **kwargs: Any) -> LLM:
+    return LLM(model=str(model_dir), device="cpu", **kwargs)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tiny_model_dir: Callable[..., Path]) -> Path:
+    return tiny_model_dir("llama")
+
+
+@pytest.fixture(scope="module")
+def expected(llama_dir: Path) -> list[list[TokenLogprobs | None]]:
+    """transformers' log-softmax over each prompt's logits, read at the next prompt token."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    scored: list[list[TokenLogprobs | None]] = []
+    for prompt in _prompts():
+        with torch.no_grad():
+            logits = hf(torch.tensor([prompt])).logits[0].float()
+        raw = torch.log_softmax(logits, dim=-1)
+        entries: list[TokenLogprobs | None] = [None]
+        for position in range(1, len(prompt)):
+            row, token = raw[position - 1], prompt[position]
+            top_values, top_ids = row.topk(TOP)
+            rank = int((row > row[token]).sum()) + 1
+            top = tuple(zip(top_ids.tolist(), top_values.tolist(), strict=True))
+            entries.append(TokenLogprobs(float(row[token]), rank, top))
+        scored.append(entries)
+    return scored
+
+
+def assert_close(got: list[TokenLogprobs | None] | None, want: list[TokenLogprobs | None]) -> None:
+    assert got is not None and len(got) == len(want)
+    for entry, reference in zip(got, want, strict=True):
+        if reference is None:
+            assert entry is None
+            continue
+        assert entry is not None
+        assert math.isclose(entry.logprob, reference.logprob, abs_tol=1e-4)
+        assert entry.rank == reference.rank
+        assert [token for token, _ in entry.top] == [token for token, _ in reference.top]
+        assert all(
+            math.isclose(a, b, abs_tol=1e-4) for (_, a), (_, b) in zip(entry.top, reference.top, strict=True)
+        )
+
+
+def _prompt_logprobs(outputs: list[RequestOutput]) -> list[list[TokenLogprobs | None] | None]:
+    return [output.prompt_logprobs for output in outputs]
+
+
+def test_every_prompt_token_is_scored_as_transformers_scores_it(
+    llama_dir: Path, expected: list[list[TokenLogprobs | None]]
+) -> None:
+    outputs = _llm(llama_dir).generate(_prompts(), ASK)
+    for got, want in zip(_prompt_logprobs(outputs), expected, strict=True):
+        assert_close(got, want)
+    # The generated tokens are those of a request that asks nothing.
+    plain = _llm(llama_dir).generate(_prompts(), ASK.clone(prompt_logprobs=None))
+    assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in plain]
+    assert _prompt_logprobs(plain) == [None] * len(plain)
+
+
+def test_chunked_batched_and_mixed_prompts_give_the_same(
+    llama_dir: Path, expected: list[list[TokenLogprobs | None]]
+) -> None:
+    # Chunks of 8 tokens split every long prompt; only some requests ask.
+    llm = _llm(llama_dir, max_num_batched_tokens=8, max_num_seqs=4)
+    params = [ASK, ASK.clone(prompt_logprobs=None), ASK, ASK.clone(prompt_logprobs=0)]
+    outputs = llm.generate(_prompts(), params)
+    assert_close(outputs[0].prompt_logprobs, expected[0])
+    assert outputs[1].prompt_logprobs is None
+    assert_close(outputs[2].prompt_logprobs, expected[2])
+    zero_top = outputs[3].prompt_logprobs
+    assert zero_top is not None and all(entry is None or entry.top == () for entry in zero_top)
+    assert [entry and entry.logprob for entry in zero_top] == pytest.approx(
+        [entry and entry.logprob for entry in expected[3]], abs=1e-4
+    )
+
+
+def test_a_cached_prefix_is_computed_again_for_the_prompt_s_logprobs(
+    llama_dir: Path, expected: list[list[TokenLogprobs | None]]
+) -> None:
+    llm = _llm(llama_dir, block_size=4)
+    prompt = _prompts()[3]
+    llm.generate([prompt], ASK.clone(prompt_logprobs=None))  # its blocks are now cached
+    [again] = llm.generate([prompt], ASK)
+    assert again.num_cached_tokens == 0
+    assert_close(again.prompt_logprobs, expected[3])
+    [cached] = llm.generate([prompt], ASK.clone(prompt_logprobs=None))
+    assert cached.num_cached_tokens > 0, "a request that asks nothing still takes the cache"
+
+
+def test_n_sequences_and_preemption_report_the_prompt_once(
+    llama_dir: Path, expected: list[list[TokenLogprobs | None]]
+) -> None:
+    # 20 blocks of 4 tokens hold one long request but not all of them: some are preempted and recomputed,
+    # in 8-token chunks, the longest prompt several times before its first token (and its logprobs).
+    llm = _llm(
+        llama_dir,
+        block_size=4,
+        num_gpu_blocks_override=20,
+        enable_prefix_caching=False,
+        max_num_batched_tokens=8,
+    )
+    outputs = llm.generate(_prompts(), ASK.clone(max_tokens=24, n=2, temperature=1.0, seed=1))
+    assert llm.engine_core.stats().num_preemptions > 0
+    for got, want in zip(_prompt_logprobs(outputs), expected, strict=True):
+        assert_close(got, want)
+
+
+def test_an_engine_that_does_not_compute_them_refuses_naming_the_field() -> None:
+    processor = InputProcessor(ModelFacts(max_model_len=64, vocab_size=100))
+    with pytest.raises(RequestRejectedError) as refused:
+        processor.process([1, 2, 3], ASK, names=FieldNames(prompt_logprobs="echo"))
+    assert refused.value.param == "echo" and "prompt log-probabilities" in str(refused.value).lower()
+    computed = InputProcessor(ModelFacts(max_model_len=64, vocab_size=100, computes_prompt_logprobs=True))
+    assert computed.process([1, 2, 3], ASK).params.prompt_logprobs == TOP
+
+
+def test_the_count_asked_is_bounded() -> None:
+    from batchlm.sampling_params import SamplingParamsError
+
+    with pytest.raises(SamplingParamsError) as bad:
+        SamplingParams(prompt_logprobs=21)
+    assert bad.value.param == "prompt_logprobs"
