@@ -17,6 +17,7 @@ from batchlm.core.facts import ModelFacts
 from batchlm.engine.client import RequestRejectedError
 from batchlm.engine.input_processor import FieldNames, InputProcessor
 from batchlm.outputs import RequestOutput, TokenLogprobs
+from batchlm.runner import model_runner
 
 TOP = 3
 ASK = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, prompt_logprobs=TOP)
@@ -87,6 +88,14 @@ def test_every_prompt_token_is_scored_as_transformers_scores_it(
     plain = _llm(llama_dir).generate(_prompts(), ASK.clone(prompt_logprobs=None))
     assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in plain]
     assert _prompt_logprobs(plain) == [None] * len(plain)
+
+
+def test_rows_read_a_few_at_a_time_give_the_same(
+    llama_dir: Path, expected: list[list[TokenLogprobs | None]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(model_runner, "PROMPT_LOGPROB_ROWS", 4)
+    for got, want in zip(_prompt_logprobs(_llm(llama_dir).generate(_prompts(), ASK)), expected, strict=True):
+        assert_close(got, want)
 
 
 def test_chunked_batched_and_mixed_prompts_give_the_same(

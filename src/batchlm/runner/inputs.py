@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -14,6 +14,16 @@ from batchlm.runner.block_tables import BlockTableRows
 from batchlm.runner.decode_rows import all_decode_or_verify, as_decode_rows
 from batchlm.runner.step_output import PreviousTokens
 from batchlm.runner.upload import StepUploader
+
+
+@dataclass(frozen=True)
+class PromptLogprobRows:
+    """Rows of a step's tokens whose logits give a prompt's logprobs: each predicts the next prompt token."""
+
+    request_id: str
+    first_row: int
+    # The prompt tokens the rows predict, in order (one a row).
+    targets: list[int]
 
 
 @dataclass
@@ -32,6 +42,8 @@ class StepInputs:
     sample_request_ids: list[str]
     # True when some chunk verifies draft tokens (it samples several rows).
     has_drafts: bool = False
+    # Rows whose logits give prompt logprobs (set by the runner, which knows who asked).
+    prompt_logprob_rows: list[PromptLogprobRows] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,7 +27,7 @@ from batchlm.runner.gpu_startup import GpuStartup
 from batchlm.runner.grammar import MaskBuffers, StepMasks, constrained_sequences
 from batchlm.runner.heap import trim_heap
 from batchlm.runner.host_flag import stream_flag
-from batchlm.runner.inputs import StepInputBuilder, StepInputs
+from batchlm.runner.inputs import PromptLogprobRows, StepInputBuilder, StepInputs
 from batchlm.runner.kv_cache import (
     allocate_kv_caches,
     kv_cache_dtype_name,
@@ -49,18 +48,9 @@ logger = logging.getLogger(__name__)
 # Verify steps of more rows than this (and than max_num_seqs) run eagerly: capturing graphs for every
 # batch up to max_num_seqs x (1 + drafts) would add a graph per 16 rows to start-up.
 MAX_VERIFY_GRAPH_ROWS = 256
-# Prompt rows whose logits are made at once for their logprobs: [rows, vocab] float32 stays bounded.
-PROMPT_LOGPROB_ROWS = 512
-
-
-@dataclass(frozen=True)
-class PromptLogprobRows:
-    """Rows of a step's tokens whose logits give a prompt's logprobs: each predicts the next prompt token."""
-
-    request_id: str
-    first_row: int
-    # The prompt tokens the rows predict, in order (one a row).
-    targets: list[int]
+# Prompt rows whose logits are made at once for their logprobs: [rows, vocab] float32 (twice, with the
+# log-softmax) stays within what the start-up profile left beside the KV cache, at 128k-token vocabularies.
+PROMPT_LOGPROB_ROWS = 128
 
 
 def default_max_num_batched_tokens(device: torch.device) -> int:
@@ -299,7 +289,8 @@ class ModelRunner:
             inputs = self.input_builder.build(scheduled, self._previous)
         request_ids = tuple(inputs.sample_request_ids)
         masks = self.masks.start(request_ids)
-        logits = self._forward(inputs, self._prompt_logprob_rows(scheduled))
+        inputs.prompt_logprob_rows = self._prompt_logprob_rows(scheduled)
+        logits = self._forward(inputs)
         if not request_ids:
             self.masks.result(masks, self._resolve_outputs)  # the matchers are free again
             self._previous = None
@@ -373,8 +364,9 @@ class ModelRunner:
             pending.result()
         self._unresolved = []
 
-    def _forward(self, inputs: StepInputs, prompt_rows: list[PromptLogprobRows]) -> torch.Tensor:
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
         """The sampled rows' logits; rows of prompts whose logprobs were asked also give those (eagerly)."""
+        prompt_rows = inputs.prompt_logprob_rows
         if not prompt_rows and self.fused_decode is not None and self.fused_decode.can_run(inputs):
             return self.fused_decode.run(inputs)
         if not prompt_rows and self.decode_graphs is not None and self.decode_graphs.can_run(inputs.meta):
