@@ -200,6 +200,30 @@ def test_logprobs_are_ranked_and_come_from_the_raw_distribution(loaded: LoadedMo
     assert entry.rank > 1 and entry.logprob < plain[0].new_logprobs[0].logprob and entry.top == ()
 
 
+def test_prompt_logprobs_score_each_prompt_token_as_transformers(
+    loaded: LoadedModel, tiny_model_dir: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from batchlm.backends.mlx import loop as mlx_loop
+
+    monkeypatch.setattr(mlx_loop, "PROMPT_SCORE_ROWS", 5)  # the prompt's 12 positions in three forwards
+    prompt = PROMPTS[0]
+    outputs = run(make_loop(loaded), [request("p", prompt, prompt_logprobs=2, max_tokens=3)])["p"]
+    first, *rest = outputs
+    assert len(first.prompt_logprobs) == len(prompt) - 1 and all(o.prompt_logprobs == () for o in rest)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), dtype=torch.float32)
+    with torch.no_grad():
+        raw = torch.log_softmax(model(torch.tensor([prompt])).logits[0], dim=-1)
+    for position, entry in enumerate(first.prompt_logprobs):
+        row = raw[position]
+        assert entry.logprob == pytest.approx(float(row[prompt[position + 1]]), abs=1e-3)
+        assert [token for token, _ in entry.top] == row.topk(2).indices.tolist()
+    plain = run(make_loop(loaded), [request("p", prompt, max_tokens=3)])["p"]
+    assert tokens(plain) == tokens(outputs) and plain[0].prompt_logprobs == ()
+
+
 def test_seeded_sampling_ignores_batch_mates(loaded: LoadedModel) -> None:
     seeded = request("s", PROMPTS[1], seed=42, temperature=1.0, max_tokens=12)
     alone = tokens(run(make_loop(loaded), [seeded])["s"])

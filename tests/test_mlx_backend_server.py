@@ -119,6 +119,25 @@ def test_the_responses_api_gives_the_chat_text_streamed_and_not(client: Any) -> 
     assert events[-1].type == "response.incomplete"
 
 
+def test_echo_with_logprobs_scores_the_prompt_as_transformers(
+    client: Any, tiny_model_dir: Callable[..., Path]
+) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    prompt = [0, 15, 92, 7, 41, 33, 120, 8]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), dtype=torch.float32)
+    with torch.no_grad():
+        raw = torch.log_softmax(model(torch.tensor([prompt])).logits[0], dim=-1)
+    expected = [None] + [float(raw[i - 1, prompt[i]]) for i in range(1, len(prompt))]
+    response = client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=1, echo=True, logprobs=1, **GREEDY
+    )
+    logprobs = response.choices[0].logprobs
+    assert logprobs.token_logprobs[: len(prompt)] == pytest.approx(expected, abs=1e-3)
+    assert len(logprobs.tokens) == len(prompt) + 1
+
+
 def test_repeated_prompt_reports_cached_tokens(client: Any) -> None:
     first = client.chat.completions.create(model="tiny", messages=LONG_USER, max_tokens=3, **GREEDY)
     second = client.chat.completions.create(model="tiny", messages=LONG_USER, max_tokens=3, **GREEDY)

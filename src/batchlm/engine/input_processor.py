@@ -86,7 +86,7 @@ class InputProcessor:
             _check_structured_outputs(params, names.structured_outputs)
         if params.prompt_logprobs is not None and not self.facts.computes_prompt_logprobs:
             raise RequestRejectedError(
-                "Prompt log-probabilities are not computed by this engine (the torch backend computes them).",
+                "Prompt log-probabilities are not computed by this engine.",
                 names.prompt_logprobs,
             )
         return ValidatedRequest(list(prompt_token_ids), params, prompt)

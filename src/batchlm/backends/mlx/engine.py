@@ -61,7 +61,7 @@ class MLXEngine(StreamingFrontEnd[WorkerEvent]):
             await self._loop.run_in_executor(None, self._worker.stop, SHUTDOWN_TIMEOUT_S)
             raise
         self.info = info
-        self._serve(ModelFacts(info.max_model_len, info.vocab_size), model_dir)
+        self._serve(ModelFacts(info.max_model_len, info.vocab_size, computes_prompt_logprobs=True), model_dir)
         logger.info(
             "mlx engine ready: %s (max_model_len %d)", self.model_info.served_model_name, info.max_model_len
         )

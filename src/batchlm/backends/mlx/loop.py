@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 
 from batchlm.backends.mlx.grammar import MLXGrammars
@@ -27,6 +28,8 @@ from batchlm.structured.factory import BackendFactory
 
 # How often the KV byte count (a walk over every layer's cache) is refreshed for stats().
 KV_USAGE_REFRESH_S = 0.25
+# Prompt tokens a forward of their own scores at once for their logprobs ([rows, vocab] stays bounded).
+PROMPT_SCORE_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,8 @@ class _Running:
     scheduled_time: float
     recorder: RawLogprobsRecorder | None = None
     reported: bool = False
+    # SamplingParams.prompt_logprobs: the prompt's, sent with the first output.
+    prompt_logprobs: tuple[TokenLogprobs, ...] = ()
 
 
 class GenerationLoop:
@@ -218,8 +223,29 @@ class GenerationLoop:
         )
         now = time.time()
         for request, lookup, recorder, uid in zip(requests, lookups, recorders, uids, strict=True):
-            self._running[uid] = _Running(request, uid, lookup.num_cached, now, recorder)
+            running = _Running(request, uid, lookup.num_cached, now, recorder)
+            if request.sampling_params.prompt_logprobs is not None:
+                running.prompt_logprobs = self._score_prompt(request)
+            self._running[uid] = running
             self._uid_of[request.request_id] = uid
+
+    def _score_prompt(self, request: EngineCoreRequest) -> tuple[TokenLogprobs, ...]:
+        """The logprobs of each prompt token after the first, from a forward of the prompt's own (the
+        generator keeps only the last position's logits), a slice of positions at a time."""
+        from mlx_lm.models.cache import make_prompt_cache
+
+        prompt, num_top = request.prompt_token_ids, request.sampling_params.prompt_logprobs
+        assert num_top is not None
+        cache = make_prompt_cache(self.model)
+        scored: list[TokenLogprobs] = []
+        for start in range(0, len(prompt) - 1, PROMPT_SCORE_ROWS):
+            rows = prompt[start : min(start + PROMPT_SCORE_ROWS, len(prompt) - 1)]
+            logits = self.model(mx.array([rows]), cache=cache)[0].astype(mx.float32)
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            targets = prompt[start + 1 : start + 1 + len(rows)]
+            queries = [LogprobsQuery(logprobs[i], token, num_top) for i, token in enumerate(targets)]
+            scored += token_logprobs(queries)
+        return tuple(scored)
 
     def _grammar_processors_of(self, request: EngineCoreRequest) -> list[Any]:
         if request.sampling_params.structured_outputs is None:
@@ -278,6 +304,7 @@ class GenerationLoop:
             stop_token_id=stop_token_id,
             num_cached_tokens=running.num_cached_tokens,
             scheduled_time=running.scheduled_time if first else None,
+            prompt_logprobs=running.prompt_logprobs if first else (),
         )
 
     def _finish(self, running: _Running, response: Any) -> None:
