@@ -144,6 +144,20 @@ def test_tp2_matches_tp1_with_grouped_query_attention(llama_engines: tuple[LLM, 
 
 
 @pytest.mark.slow
+def test_tp2_scores_prompts_as_tp1(llama_engines: tuple[LLM, LLM]) -> None:
+    # Every rank reads the same prompt rows' logits (the LM head gathers the vocabulary across ranks).
+    tp1, tp2 = llama_engines
+    params = SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=2)
+    for got, expected in zip(tp2.generate(_prompts(), params), tp1.generate(_prompts(), params), strict=True):
+        assert got.prompt_logprobs is not None and expected.prompt_logprobs is not None
+        assert len(got.prompt_logprobs) == len(expected.prompt_logprobs) == len(got.prompt_token_ids)
+        for a, b in zip(got.prompt_logprobs[1:], expected.prompt_logprobs[1:], strict=True):
+            assert a is not None and b is not None
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+            assert [token for token, _ in a.top] == [token for token, _ in b.top]
+
+
+@pytest.mark.slow
 def test_killed_worker_raises_and_stops_the_others(llama_engines: tuple[LLM, LLM]) -> None:
     """Runs after the test above: it kills a worker of the shared TP=2 engine."""
     executor = _executor(llama_engines[1])
