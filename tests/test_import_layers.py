@@ -40,7 +40,9 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"executor"}),
     frozenset({"engine"}),
     frozenset({"backends"}),
-    frozenset({"server", "cli", "generate_cli", "bench", ""}),  # "" is the batchlm package's own __init__
+    frozenset(
+        {"server", "cli", "generate_cli", "run_batch", "bench", ""}
+    ),  # "" is the batchlm package's own __init__
 )
 
 ImportGraph = dict[str, set[str]]

@@ -1,4 +1,4 @@
-"""The `batchlm` command: `serve`, `generate` and `bench` subcommands."""
+"""The `batchlm` command: `serve`, `generate`, `bench` and `run-batch` subcommands."""
 
 from __future__ import annotations
 
@@ -15,6 +15,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "Generate completions offline for prompts given on the command line.",
     ),
     "bench": ("batchlm.bench.cli", "Benchmark any OpenAI-compatible server over HTTP."),
+    "run-batch": (
+        "batchlm.run_batch",
+        "Run a file of requests in OpenAI's Batch API format (JSONL) against a model, offline.",
+    ),
 }
 
 
@@ -34,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="batchlm: continuous-batching LLM inference with an OpenAI-compatible API.",
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = parser.add_subparsers(dest="command", metavar="{serve,generate,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
     chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
