@@ -3,6 +3,7 @@ order, lines that cannot run and requests the server refuses each reported on th
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from collections.abc import Callable
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from batchlm.cli import main
-from batchlm.run_batch import OrderedWriter, parse_line
+from batchlm.run_batch import OrderedWriter, parse_line, run_lines
 
 SCHEMA = {
     "type": "object",
@@ -57,7 +58,7 @@ def test_a_batch_runs_every_line_and_answers_in_input_order(
     source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     source.write_text("\n".join(lines) + "\n\n")
     model = str(tiny_model_dir("llama"))
-    flags = ["--model", model, "--device", "cpu", "--max-concurrency", "8", "--log-level", "WARNING"]
+    flags = ["--model", model, "--device", "cpu", "--max-concurrency", "3", "--log-level", "WARNING"]
     assert main(["run-batch", "-i", str(source), "-o", str(target), *flags]) == 0
     results = [json.loads(text) for text in target.read_text().splitlines()]
     assert [r["custom_id"] for r in results] == [
@@ -108,6 +109,17 @@ def test_lines_are_checked_before_they_run() -> None:
     for text, code in refusals.items():
         refused = parse_line(text, seen)
         assert isinstance(refused, dict) and refused["error"]["code"] == code and refused["response"] is None
+
+
+def test_a_server_that_went_away_fails_each_line_on_its_own() -> None:
+    lines = [line(f"r{i}", "/v1/completions", {"prompt": "x"}) for i in range(5)] + ["{}"]
+    out = io.StringIO()
+    # The discard port: every connection is refused.
+    progress = asyncio.run(run_lines("http://127.0.0.1:9", lines, out, 2, 60.0))
+    results = [json.loads(text) for text in out.getvalue().splitlines()]
+    assert [r["custom_id"] for r in results] == ["r0", "r1", "r2", "r3", "r4", None]
+    assert [r["error"]["code"] for r in results] == ["request_failed"] * 5 + ["invalid_request"]
+    assert (progress.done, progress.failed, progress.invalid) == (6, 5, 1)
 
 
 def test_results_are_written_in_input_order() -> None:

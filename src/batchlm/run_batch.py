@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TextIO, cast
 
 from batchlm.backends import BACKEND_CHOICES
@@ -128,13 +129,14 @@ class OrderedWriter:
     def __init__(self, out: TextIO) -> None:
         self._out = out
         self._waiting: dict[int, dict[str, Any]] = {}
-        self._next = 0
+        # The first line not written yet.
+        self.next = 0
 
     def put(self, index: int, line: dict[str, Any]) -> None:
         self._waiting[index] = line
-        while self._next in self._waiting:
-            self._out.write(json.dumps(self._waiting.pop(self._next), ensure_ascii=False) + "\n")
-            self._next += 1
+        while self.next in self._waiting:
+            self._out.write(json.dumps(self._waiting.pop(self.next), ensure_ascii=False) + "\n")
+            self.next += 1
         self._out.flush()
 
 
@@ -154,19 +156,23 @@ async def run_lines(
         logger.info(
             "the requests name %s: they run on the model served here", sorted(map(str, renamed - {None}))
         )
-    slots = asyncio.Semaphore(max_concurrency)
+    # At most max_concurrency requests in flight, started in input order, and never further ahead of
+    # the first unwritten line than the window: memory stays bounded however long the file is.
+    window = 4 * max_concurrency
+    room = asyncio.Condition()
+    in_flight: set[asyncio.Task[None]] = set()
     limits = httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency)
 
     async with httpx.AsyncClient(base_url=base_url, timeout=None, limits=limits) as client:
 
-        async def run_one(index: int, entry: tuple[str, str, dict[str, Any]] | dict[str, Any]) -> None:
-            if isinstance(entry, dict):
-                progress.invalid += 1
-                line = entry
-            else:
-                custom_id, url, body = entry
-                async with slots:
+        async def run_one(index: int, custom_id: str, url: str, body: dict[str, Any]) -> None:
+            try:
+                try:
                     response = await client.post(url, json={**body, "model": "default"})
+                except httpx.HTTPError as error:  # the server went away: each line says so
+                    progress.failed += 1
+                    done(index, error_line(custom_id, "request_failed", f"{type(error).__name__}: {error}"))
+                    return
                 try:
                     answer = response.json()
                 except ValueError:
@@ -178,9 +184,18 @@ async def run_lines(
                     progress.completion_tokens += int(
                         usage.get("completion_tokens") or usage.get("output_tokens") or 0
                     )
-                line = result_line(custom_id, response.status_code, answer)
+                done(index, result_line(custom_id, response.status_code, answer))
+            finally:
+                in_flight.discard(asyncio.current_task())  # type: ignore[arg-type]
+                async with room:
+                    room.notify_all()
+
+        def done(index: int, line: dict[str, Any]) -> None:
             progress.done += 1
             writer.put(index, line)
+
+        def has_room(index: int) -> bool:
+            return len(in_flight) < max_concurrency and index - writer.next < window
 
         async def report() -> None:
             while True:
@@ -189,9 +204,22 @@ async def run_lines(
 
         reporter = asyncio.ensure_future(report())
         try:
-            await asyncio.gather(*(run_one(index, entry) for index, entry in enumerate(parsed)))
+            for index, entry in enumerate(parsed):
+                if isinstance(entry, dict):  # a line that cannot run: its error, in its place
+                    progress.invalid += 1
+                    done(index, entry)
+                    continue
+                async with room:
+                    await room.wait_for(partial(has_room, index))
+                task = asyncio.ensure_future(run_one(index, *entry))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+            if in_flight:
+                await asyncio.gather(*in_flight)
         finally:
             reporter.cancel()
+            for task in in_flight:
+                task.cancel()
     return progress
 
 
