@@ -374,7 +374,6 @@ def test_message_parts_and_roles_are_read_as_chat_messages(client: Any, engine: 
         ({"previous_response_id": "resp_1"}, "previous_response_id", "not found"),
         ({"previous_response_id": "../../etc/passwd"}, "previous_response_id", "not found"),
         ({"conversation": "conv_1"}, "conversation", "previous_response_id"),
-        ({"truncation": "auto"}, "truncation", "not supported"),
         ({"background": True}, "background", "not supported"),
         ({"top_logprobs": 21}, "top_logprobs", "20"),
         ({"stream_options": {"include_obfuscation": False}}, "stream_options", "'stream'"),
@@ -447,6 +446,46 @@ def test_hints_with_nothing_to_act_on_are_accepted(client: Any, engine: FakeEngi
     )
     assert response.output_text == REPLY
     assert engine.tokenizer.last_chat["messages"] == [{"role": "user", "content": "hi"}]
+
+
+def test_truncation_auto_drops_the_oldest_turns_until_the_conversation_fits(
+    server: BackgroundServer, engine: FakeEngine
+) -> None:
+    engine.reply = REPLY
+    # Bytes are tokens here: the whole conversation overflows the 4,096-token context.
+    turns = [
+        {"role": "user", "content": "a" * 1500},
+        {"role": "assistant", "content": "b" * 1500},
+        {"role": "user", "content": "c" * 1500},
+        {"role": "assistant", "content": "d" * 100},
+        {"role": "user", "content": "e" * 100},
+    ]
+    body = {"input": turns, "instructions": "Be brief."}
+    assert post(server, body).json()["error"]["code"] == "context_length_exceeded"
+    reply = post(server, {**body, "truncation": "auto"})
+    assert reply.status_code == 200 and reply.json()["truncation"] == "auto"
+    kept = engine.tokenizer.last_chat["messages"]
+    assert [m["content"][0] for m in kept] == ["B", "c", "d", "e"], "the instructions stay"
+    # The last item alone does not fit: nothing can be dropped to make it.
+    error = post(server, {"input": "x" * 5000, "truncation": "auto"}).json()["error"]
+    assert (error["param"], error["code"]) == ("input", "context_length_exceeded")
+
+
+def test_truncation_auto_cuts_an_agent_s_session_between_its_calls(
+    server: BackgroundServer, engine: FakeEngine
+) -> None:
+    engine.reply = REPLY
+    items: list[dict[str, Any]] = [{"role": "user", "content": "Read the files."}]
+    for n in range(4):
+        call = {"type": "function_call", "call_id": f"c{n}", "name": "read", "arguments": "{}"}
+        items += [call, {"type": "function_call_output", "call_id": f"c{n}", "output": str(n) * 1200}]
+    reply = post(server, {"input": items, "tools": FLAT_TOOLS, "truncation": "auto"})
+    assert reply.status_code == 200, reply.text
+    kept = engine.tokenizer.last_chat["messages"]
+    # It begins at the earliest call that lets the rest fit (calls and results as text for this template).
+    roles = [m["role"] for m in kept if m["role"] != "system"]
+    assert roles[0] == "assistant" and "<tool_call>" in kept[1]["content"]
+    assert all("0" * 1200 not in str(m) for m in kept) and any("3" * 1200 in str(m) for m in kept)
 
 
 def test_a_prompt_longer_than_the_context_names_input(server: BackgroundServer) -> None:

@@ -74,6 +74,7 @@ class ResponsesRequest(StrictModel):
     conversation: Any = None
     prompt: Any = None
     background: bool | None = None
+    # "auto": a conversation longer than the context loses its oldest items until it fits.
     truncation: Literal["auto", "disabled"] | None = None
     max_tool_calls: int | None = None
     service_tier: str | None = None
@@ -188,5 +189,5 @@ class ResponseObject(BaseModel):
     # Whether it is kept (GET /v1/responses/{id}, previous_response_id).
     store: bool = False
     background: Literal[False] = False
-    truncation: Literal["disabled"] = "disabled"
+    truncation: Literal["auto", "disabled"] = "disabled"
     service_tier: str = "default"

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from batchlm.server.errors import APIError
-from batchlm.server.protocol import ChatCompletionRequest
+from batchlm.server.protocol import ChatCompletionRequest, ChatMessage
 from batchlm.server.protocol_responses import ResponsesRequest
 from batchlm.server.request_params import MODERATION, UnsupportedRule, refuse_unsupported
 
@@ -21,7 +21,6 @@ UNSUPPORTED: tuple[UnsupportedRule, ...] = (
     ("conversation", lambda v: v is None, "continue a response by 'previous_response_id', or send it all in 'input'"),
     ("prompt", lambda v: v is None, "stored prompts are not supported"),
     ("background", lambda v: not v, "background responses are not supported"),
-    ("truncation", lambda v: v in (None, "disabled"), "an input longer than the context is refused, not cut"),
     ("max_tool_calls", lambda v: v is None, "bound the calls with 'parallel_tool_calls'"),
     ("service_tier", lambda v: v in (None, "auto", "default"), "there is one service tier"),
     ("moderation", lambda v: v is None, MODERATION),
@@ -74,6 +73,29 @@ class ChatForm:
 
     def rename(self, text: str) -> str:
         return _renamed(text, self.origins)
+
+    def truncation_cuts(self) -> tuple[list[int], list[int]]:
+        """Where the conversation may begin instead (`truncation: "auto"`), earliest first: at a user
+        message, then at an assistant one too (an agent's session is one user message and its calls).
+        The leading system messages stay, and so does the last message; a tool result keeps its call."""
+        messages = self.request.messages
+        kept = _leading_system_messages(messages)
+        users = [j for j in range(kept + 1, len(messages)) if messages[j].role == "user"]
+        turns = [j for j in range(kept + 1, len(messages)) if messages[j].role in ("user", "assistant")]
+        return users, turns
+
+    def dropping_until(self, first_kept: int) -> ChatForm:
+        """This form without the messages between the leading system ones and `first_kept`."""
+        messages, kept = self.request.messages, _leading_system_messages(self.request.messages)
+        request = self.request.model_copy(update={"messages": [*messages[:kept], *messages[first_kept:]]})
+        return ChatForm(request, [*self.origins[:kept], *self.origins[first_kept:]])
+
+
+def _leading_system_messages(messages: list[ChatMessage]) -> int:
+    count = 0
+    while count < len(messages) and messages[count].role in ("system", "developer"):
+        count += 1
+    return count
 
 
 def _renamed(text: str, origins: list[str]) -> str:

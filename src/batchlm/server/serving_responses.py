@@ -17,6 +17,7 @@ from pydantic_core import to_jsonable_python
 from starlette.requests import Request
 from starlette.responses import Response
 
+from batchlm.engine.input_processor import CONTEXT_LENGTH_EXCEEDED, ValidatedRequest
 from batchlm.outputs import CompletionOutput, FinishReason, RequestOutput, TokenLogprobs
 from batchlm.server.errors import APIError
 from batchlm.server.logprobs import chat_logprobs
@@ -39,9 +40,9 @@ from batchlm.server.protocol_responses import (
 from batchlm.server.responding import ChoiceResults, ResponseFormatter, json_text, respond
 from batchlm.server.response_store import BatchedWrites, NewResponse, stored_conversation
 from batchlm.server.responses import ChatTokenLogprob, UsageInfo
-from batchlm.server.responses_input import chat_form, input_items
+from batchlm.server.responses_input import ChatForm, chat_form, input_items
 from batchlm.server.serving_chat import AssistantMessages, ChatContext, prepare_chat
-from batchlm.server.state import get_state
+from batchlm.server.state import ServerState, get_state
 from batchlm.tools.calls import ToolCallDelta
 
 logger = logging.getLogger(__name__)
@@ -58,11 +59,37 @@ DELTA_EVENTS = {
 async def create_response(request: Request, body: ResponsesRequest) -> Response:
     state = get_state(request)
     form = chat_form(body, await stored_conversation(state.responses, body.previous_response_id))
-    with form.errors_renamed():
-        engine_request, context = await prepare_chat(state, form.request, f"resp_{uuid.uuid4().hex}")
+    request_id = f"resp_{uuid.uuid4().hex}"
+    try:
+        with form.errors_renamed():
+            engine_request, context = await prepare_chat(state, form.request, request_id)
+    except APIError as too_long:
+        if body.truncation != "auto" or too_long.code != CONTEXT_LENGTH_EXCEEDED:
+            raise
+        engine_request, context = await _truncated(state, form, request_id, too_long)
     store = state.responses.writes if state.responses is not None and body.store is not False else None
     formatter = ResponsesFormatter(context, body, store)
     return await respond(request, [engine_request], formatter, body.stream)
+
+
+async def _truncated(
+    state: ServerState, form: ChatForm, request_id: str, too_long: APIError
+) -> tuple[ValidatedRequest, ChatContext]:
+    """`truncation: "auto"`: the conversation from the earliest place it may begin at (a user
+    message, else an assistant one) where it fits the context, found by halving; `too_long` when none."""
+    for cuts in form.truncation_cuts():
+        fitting = None
+        low, high = 0, len(cuts) - 1
+        while low <= high:
+            middle = (low + high) // 2
+            try:
+                fitting = await prepare_chat(state, form.dropping_until(cuts[middle]).request, request_id)
+                high = middle - 1
+            except APIError:  # too long still (or a template that cannot begin there)
+                low = middle + 1
+        if fitting is not None:
+            return fitting
+    raise too_long
 
 
 def item_id(prefix: str) -> str:
@@ -365,6 +392,7 @@ class ResponsesFormatter(ResponseFormatter[ChatContext]):
             user=body.user,
             previous_response_id=body.previous_response_id,
             store=self._store is not None,
+            truncation=body.truncation or "disabled",
         )
 
 
