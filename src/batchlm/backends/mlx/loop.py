@@ -14,7 +14,7 @@ from mlx_lm.generate import BatchGenerator, StopSequences
 
 from batchlm.backends.mlx.grammar import MLXGrammars
 from batchlm.backends.mlx.logprobs import LogprobsQuery, token_logprobs
-from batchlm.backends.mlx.prompt_cache import PromptCache
+from batchlm.backends.mlx.prompt_cache import CacheLookup, PromptCache
 from batchlm.backends.mlx.sampling import (
     RawLogprobsRecorder,
     SamplerFactory,
@@ -193,7 +193,17 @@ class GenerationLoop:
         return processors, failed
 
     def _insert(self, requests: list[EngineCoreRequest], grammars: dict[str, list[Any]]) -> None:
-        lookups = [self.prompt_cache.lookup(r.prompt_token_ids) for r in requests]
+        # A prompt whose logprobs were asked is scored first; the generator goes on from that forward's
+        # cache, so the prompt runs once (its last token, which gives the first output, in the generator).
+        scores: dict[str, tuple[TokenLogprobs, ...]] = {}
+        lookups = []
+        for request in requests:
+            if request.sampling_params.prompt_logprobs is None or len(request.prompt_token_ids) < 2:
+                lookups.append(self.prompt_cache.lookup(request.prompt_token_ids))
+                continue
+            scored, cache = self._score_prompt(request)
+            scores[request.request_id] = scored
+            lookups.append(CacheLookup(cache, len(request.prompt_token_ids) - 1))
         # None asks the generator for a fresh cache.
         caches: list[Any] = [lookup.cache for lookup in lookups]
         recorders: list[RawLogprobsRecorder | None] = []
@@ -223,15 +233,16 @@ class GenerationLoop:
         )
         now = time.time()
         for request, lookup, recorder, uid in zip(requests, lookups, recorders, uids, strict=True):
-            running = _Running(request, uid, lookup.num_cached, now, recorder)
-            if request.sampling_params.prompt_logprobs is not None:
-                running.prompt_logprobs = self._score_prompt(request)
+            num_cached = 0 if request.request_id in scores else lookup.num_cached
+            running = _Running(request, uid, num_cached, now, recorder)
+            running.prompt_logprobs = scores.get(request.request_id, ())
             self._running[uid] = running
             self._uid_of[request.request_id] = uid
 
-    def _score_prompt(self, request: EngineCoreRequest) -> tuple[TokenLogprobs, ...]:
-        """The logprobs of each prompt token after the first, from a forward of the prompt's own (the
-        generator keeps only the last position's logits), a slice of positions at a time."""
+    def _score_prompt(self, request: EngineCoreRequest) -> tuple[tuple[TokenLogprobs, ...], list[Any]]:
+        """The logprobs of each prompt token after the first, from a forward of all but the last prompt
+        token (the generator keeps only the last position's logits), a slice of positions at a time;
+        and the KV cache that forward filled."""
         from mlx_lm.models.cache import make_prompt_cache
 
         prompt, num_top = request.prompt_token_ids, request.sampling_params.prompt_logprobs
@@ -245,7 +256,7 @@ class GenerationLoop:
             targets = prompt[start + 1 : start + 1 + len(rows)]
             queries = [LogprobsQuery(logprobs[i], token, num_top) for i, token in enumerate(targets)]
             scored += token_logprobs(queries)
-        return tuple(scored)
+        return tuple(scored), cache
 
     def _grammar_processors_of(self, request: EngineCoreRequest) -> list[Any]:
         if request.sampling_params.structured_outputs is None:
