@@ -18,6 +18,7 @@ from batchlm.engine.client import RequestRejectedError
 from batchlm.engine.input_processor import FieldNames, InputProcessor
 from batchlm.outputs import RequestOutput, TokenLogprobs
 from batchlm.runner import model_runner
+from batchlm.sampling_params import StructuredOutputs
 
 TOP = 3
 ASK = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, prompt_logprobs=TOP)
@@ -144,6 +145,16 @@ def test_n_sequences_and_preemption_report_the_prompt_once(
     assert llm.engine_core.stats().num_preemptions > 0
     for got, want in zip(_prompt_logprobs(outputs), expected, strict=True):
         assert_close(got, want)
+
+
+def test_a_constrained_request_scores_its_prompt_too(
+    llama_dir: Path, expected: list[list[TokenLogprobs | None]]
+) -> None:
+    # Its sampling waits for its grammar's mask; the prompt's logprobs travel with that step's output.
+    choice = StructuredOutputs(choice=("yes", "no"))
+    [output] = _llm(llama_dir).generate([_prompts()[0]], ASK.clone(structured_outputs=choice, max_tokens=8))
+    assert output.outputs[0].text in ("yes", "no")
+    assert_close(output.prompt_logprobs, expected[0])
 
 
 def test_an_engine_that_does_not_compute_them_refuses_naming_the_field() -> None:
