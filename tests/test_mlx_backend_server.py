@@ -138,6 +138,16 @@ def test_echo_with_logprobs_scores_the_prompt_as_transformers(
     assert len(logprobs.tokens) == len(prompt) + 1
 
 
+def test_tokenizer_info_lets_a_client_tokenize_as_the_server(server: BackgroundServer) -> None:
+    info = httpx.get(f"{server.base_url}/tokenizer_info").json()
+    assert info["model_max_length"] > 0 and info["chat_template"] and info["eos_token"]
+    # What lm-evaluation-harness's remote tokenizer does with it: the EOS text encodes to one token.
+    tokens = httpx.post(
+        f"{server.base_url}/tokenize", json={"prompt": info["eos_token"], "add_special_tokens": False}
+    ).json()["tokens"]
+    assert len(tokens) == 1
+
+
 def test_repeated_prompt_reports_cached_tokens(client: Any) -> None:
     first = client.chat.completions.create(model="tiny", messages=LONG_USER, max_tokens=3, **GREEDY)
     second = client.chat.completions.create(model="tiny", messages=LONG_USER, max_tokens=3, **GREEDY)

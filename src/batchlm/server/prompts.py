@@ -1,6 +1,6 @@
 """API input to token ids: chat messages through the chat template, text prompts through the tokenizer
 (long texts through the tokenizer's BatchedEncoder, `tokenizer/batched_encoder.py`); and both ways
-exposed to clients, POST /tokenize and /detokenize."""
+exposed to clients, POST /tokenize and /detokenize, and GET /tokenizer_info."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 from batchlm.engine.input_processor import InputProcessor
 from batchlm.server.errors import APIError, rejections_as_400
 from batchlm.server.protocol import ChatMessage, DetokenizeRequest, TokenizeRequest
-from batchlm.server.responses import DetokenizeResponse, TokenizeResponse
+from batchlm.server.responses import DetokenizeResponse, TokenizeResponse, TokenizerInfo
 from batchlm.server.state import ServerState
 from batchlm.tokenizer.batched_encoder import batched_encoder
 from batchlm.tokenizer.tokenizer import Tokenizer
@@ -209,3 +209,24 @@ async def detokenize(state: ServerState, body: DetokenizeRequest) -> DetokenizeR
 
     long = len(body.tokens) > DECODE_OFFLOAD_TOKENS
     return DetokenizeResponse(prompt=await asyncio.to_thread(decode) if long else decode())
+
+
+def tokenizer_info(state: ServerState) -> TokenizerInfo:
+    """The served tokenizer's special tokens and chat template."""
+    info = state.ready_model()
+    tokenizer = state.engine.tokenizer
+    hf = getattr(tokenizer, "hf", None)
+
+    def special(name: str) -> str | None:
+        value = getattr(hf, name, None)
+        return value if isinstance(value, str) else None
+
+    return TokenizerInfo(
+        tokenizer_class=type(hf if hf is not None else tokenizer).__name__,
+        eos_token=special("eos_token"),
+        bos_token=special("bos_token"),
+        pad_token=special("pad_token"),
+        unk_token=special("unk_token"),
+        chat_template=getattr(tokenizer, "chat_template", None),
+        model_max_length=info.facts.max_model_len,
+    )

@@ -155,6 +155,19 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
+class TokenizerInfo(BaseModel):
+    """GET /tokenizer_info (vLLM's): what a client needs to tokenize and template as the server does
+    (lm-evaluation-harness's remote tokenizer reads it)."""
+
+    tokenizer_class: str
+    eos_token: str | None = None
+    bos_token: str | None = None
+    pad_token: str | None = None
+    unk_token: str | None = None
+    chat_template: str | None = None
+    model_max_length: int
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str

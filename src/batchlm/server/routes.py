@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from batchlm import __version__
-from batchlm.server.prompts import detokenize, tokenize
+from batchlm.server.prompts import detokenize, tokenize, tokenizer_info
 from batchlm.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -28,6 +28,7 @@ from batchlm.server.responses import (
     ModelCard,
     ModelList,
     TokenizeResponse,
+    TokenizerInfo,
 )
 from batchlm.server.serving_chat import create_chat_completion
 from batchlm.server.serving_completions import create_completion
@@ -129,3 +130,8 @@ async def tokenize_route(request: Request, body: TokenizeRequest) -> TokenizeRes
 async def detokenize_route(request: Request, body: DetokenizeRequest) -> DetokenizeResponse:
     check_unicode(body)
     return await detokenize(get_state(request), body)
+
+
+@router.get("/tokenizer_info", response_model=TokenizerInfo, responses=ERRORS)
+async def tokenizer_info_route(request: Request) -> TokenizerInfo:
+    return tokenizer_info(get_state(request))

@@ -27,7 +27,7 @@ class ServerSettings:
     host: str = "127.0.0.1"
     # TCP port to listen on.
     port: int = 8080
-    # Bearer key required on /v1/*, /tokenize and /detokenize; None leaves them open.
+    # Bearer key required on /v1/*, /tokenize, /detokenize and /tokenizer_info; None leaves them open.
     api_key: str | None = None
     # Waiting requests beyond which new ones are refused with 429; None = no limit.
     max_queue: int | None = 1024
