@@ -75,9 +75,10 @@ class BatchProgress:
         )
 
 
-def result_line(custom_id: str | None, status: int, body: dict[str, Any]) -> dict[str, Any]:
+def result_line(custom_id: str | None, status: int, body: Any) -> dict[str, Any]:
     """A request that ran: its HTTP status and body, as the Batch API writes them."""
-    request_id = body.get("id") if isinstance(body.get("id"), str) else f"req_{uuid.uuid4().hex}"
+    given = body.get("id") if isinstance(body, dict) else None
+    request_id = given if isinstance(given, str) else f"req_{uuid.uuid4().hex}"
     response = {"status_code": status, "request_id": request_id, "body": body}
     return {
         "id": f"batch_req_{uuid.uuid4().hex}",
@@ -144,7 +145,7 @@ async def run_lines(
     base_url: str, lines: list[str], out: TextIO, max_concurrency: int, progress_interval: float
 ) -> BatchProgress:
     """Run every line against the server at `base_url`; results go to `out` in input order."""
-    import httpx
+    import aiohttp
 
     progress = BatchProgress(total=len(lines))
     writer = OrderedWriter(out)
@@ -161,30 +162,32 @@ async def run_lines(
     window = 4 * max_concurrency
     room = asyncio.Condition()
     in_flight: set[asyncio.Task[None]] = set()
-    limits = httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency)
+    connector = aiohttp.TCPConnector(limit=max_concurrency)
+    timeout = aiohttp.ClientTimeout(total=None)
 
-    async with httpx.AsyncClient(base_url=base_url, timeout=None, limits=limits) as client:
+    async with aiohttp.ClientSession(base_url, connector=connector, timeout=timeout) as client:
 
         async def run_one(index: int, custom_id: str, url: str, body: dict[str, Any]) -> None:
             try:
                 try:
-                    response = await client.post(url, json={**body, "model": "default"})
-                except httpx.HTTPError as error:  # the server went away: each line says so
+                    async with client.post(url, json={**body, "model": "default"}) as response:
+                        status, text = response.status, await response.text()
+                except aiohttp.ClientError as error:  # the server went away: each line says so
                     progress.failed += 1
                     done(index, error_line(custom_id, "request_failed", f"{type(error).__name__}: {error}"))
                     return
                 try:
-                    answer = response.json()
+                    answer = json.loads(text)
                 except ValueError:
-                    answer = {"error": {"message": response.text, "type": "server_error"}}
-                if response.status_code != 200:
+                    answer = {"error": {"message": text, "type": "server_error"}}
+                if status != 200:
                     progress.failed += 1
                 usage = answer.get("usage") if isinstance(answer, dict) else None
                 if isinstance(usage, dict):
                     progress.completion_tokens += int(
                         usage.get("completion_tokens") or usage.get("output_tokens") or 0
                     )
-                done(index, result_line(custom_id, response.status_code, answer))
+                done(index, result_line(custom_id, status, answer))
             finally:
                 in_flight.discard(asyncio.current_task())  # type: ignore[arg-type]
                 async with room:
@@ -234,7 +237,6 @@ def _opened(path: str, mode: str) -> Iterator[TextIO]:
 
 def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     if args.max_concurrency < 1:
         logger.error("--max-concurrency must be at least 1, got %d", args.max_concurrency)
         return 2
