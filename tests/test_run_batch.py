@@ -91,6 +91,18 @@ def test_an_empty_or_missing_input_is_an_error(tmp_path: Path) -> None:
     out = str(tmp_path / "out.jsonl")
     assert main(["run-batch", "-i", str(empty), "-o", out, "--log-level", "ERROR"]) == 2
     assert main(["run-batch", "-i", str(tmp_path / "absent.jsonl"), "-o", out, "--log-level", "ERROR"]) == 2
+    source = tmp_path / "in.jsonl"
+    source.write_text(line("a", "/v1/completions", {"prompt": "x"}) + "\n")
+    nowhere = str(tmp_path / "no" / "such" / "out.jsonl")
+    assert main(["run-batch", "-i", str(source), "-o", nowhere, "--log-level", "ERROR"]) == 2
+
+
+def test_an_engine_that_does_not_start_fails_the_run_with_no_output(tmp_path: Path) -> None:
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text(line("a", "/v1/completions", {"prompt": "x"}) + "\n")
+    flags = ["--model", str(tmp_path / "missing-model"), "--device", "cpu", "--log-level", "ERROR"]
+    assert main(["run-batch", "-i", str(source), "-o", str(target), *flags]) == 1
+    assert not target.exists()
 
 
 def test_lines_are_checked_before_they_run() -> None:

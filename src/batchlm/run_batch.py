@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 import uuid
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any, TextIO, cast
 
 from batchlm.backends import BACKEND_CHOICES
@@ -249,6 +251,10 @@ def run(args: argparse.Namespace) -> int:
     if not lines:
         logger.error("%s holds no requests", args.input_file)
         return 2
+    target = Path(args.output_file).resolve().parent
+    if args.output_file != "-" and not (target.is_dir() and os.access(target, os.W_OK)):
+        logger.error("cannot write %s: %s is not a writable directory", args.output_file, target)
+        return 2
     from batchlm.backends import create_engine
     from batchlm.config import EngineConfig
     from batchlm.server.background import BackgroundServer
@@ -272,10 +278,15 @@ def run(args: argparse.Namespace) -> int:
     logger.info("run-batch: %d requests from %s", len(lines), args.input_file)
     # Every backend's engine loads in start(), which is not part of the EngineClient interface.
     server = BackgroundServer(engine, settings, start_engine=engine.start)  # type: ignore[attr-defined]
-    with server, _opened(args.output_file, "w") as out:
-        server.wait_until_ready(timeout_s=3600)
-        progress = asyncio.run(
-            run_lines(server.base_url, lines, out, args.max_concurrency, args.progress_interval)
-        )
+    with server:
+        try:
+            server.wait_until_ready(timeout_s=3600)
+        except (RuntimeError, TimeoutError) as error:  # why is logged where the engine failed
+            logger.error("run-batch: %s; no request ran", error)
+            return 1
+        with _opened(args.output_file, "w") as out:
+            progress = asyncio.run(
+                run_lines(server.base_url, lines, out, args.max_concurrency, args.progress_interval)
+            )
     logger.info("run-batch: %s; results in %s", progress.line(), args.output_file)
     return 0
