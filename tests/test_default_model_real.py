@@ -122,6 +122,30 @@ def test_kernels_follow_the_dequantized_model(default_gguf: Path, monkeypatch: p
     assert "Paris" in tokenizer.decode(tokens)
 
 
+@pytest.mark.skipif(quant_library() is None, reason="no AVX2 CPU or C compiler here")
+def test_echo_scores_the_prompt_as_the_dequantized_model(
+    client: Any, default_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every prompt row's logits through the quantized kernels (the server), against the same file
+    dequantized to float32 (in this process), as lm-evaluation-harness reads them."""
+    from batchlm import LLM, SamplingParams
+
+    prompt = "The capital of France is Paris, and the capital of Italy is Rome."
+    reply = client.completions.create(
+        model=DEFAULT_MODEL_NAME, prompt=prompt, max_tokens=1, temperature=0, echo=True, logprobs=1
+    )
+    monkeypatch.setattr(registry, "kernels_available", lambda: False)
+    model_dir = prepare_gguf_model_dir(default_gguf)
+    dequantized = LLM(model=str(model_dir), device="cpu", cpu_kv_cache_gib=0.05)
+    [reference] = dequantized.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=1))
+    assert reference.prompt_logprobs is not None
+    size = len(reference.prompt_logprobs)
+    got = reply.choices[0].logprobs.token_logprobs[:size]
+    assert got[0] is None and len(reply.choices[0].logprobs.tokens) == size + 1
+    want = [entry.logprob for entry in reference.prompt_logprobs[1:] if entry is not None]
+    assert max(abs(a - b) for a, b in zip(got[1:], want, strict=True)) <= KERNEL_LOGPROB_TOLERANCE
+
+
 def test_streaming_with_the_openai_client(client: Any) -> None:
     stream = client.chat.completions.create(
         model=DEFAULT_MODEL_NAME, messages=QUESTION, temperature=0, max_tokens=32, stream=True
