@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: GPU tests, offline W1/W2, single-stream latency, long prefill, online W1, start-up time.
-# Usage: bash benchmarks/gpu_suite.sh [tests] [w1] [single] [long_prefill] [w2] [online] [online_servers] [online_clients] [online_endpoints]
+# Usage: bash benchmarks/gpu_suite.sh [tests] [w1] [single] [long_prefill] [w2] [online] [online_servers] [online_clients] [online_endpoints] [scoring]
 #        [online_profile] [startup] [startup_profile] [quant_tests] [quant_kernels] [quant_single] [quant_w2]
 #        [structured_threads] [structured_templates] [structured_switch] [mask_process] [ablation] [decode_splits]
 # (default: tests w1 single long_prefill w2 online startup). startup: command-to-ready of `batchlm serve` three times, the first
@@ -99,6 +99,10 @@ for step in $steps; do
       # The online run with the bench client in 1 and 2 processes (`batchlm bench --client-processes`),
       # each against a fresh server: how much the single-process client holds the figure down.
       online_ab "${ROUNDS:-1}" client-processes --bench-arg 1 2 ;;
+    scoring)
+      # What prompt logprobs (echo with logprobs: lm-evaluation-harness's scoring) cost a prefill.
+      timeout 300 python3 benchmarks/prompt_logprobs_cost.py --shape llama-3.2-1b --device cuda --prompts 64 \
+        --prompt-len 512 --runs 3 2>&1 | grep -v Loading | tail -2 ;;
     online_endpoints)
       # The online run through each API: /completions, /chat/completions and /responses (`batchlm
       # bench --backend`), interleaved over ROUNDS rounds.

@@ -2,6 +2,7 @@
 the same prompts prefilled for one token each, with and without their prompt's logprobs, in one process.
 
     python benchmarks/prompt_logprobs_cost.py --model default --prompts 8 --prompt-len 512 --runs 3
+    python benchmarks/prompt_logprobs_cost.py --shape llama-3.2-1b --device cuda --prompts 64 --runs 3
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ import argparse
 import json
 import random
 import statistics
+import sys
 import time
+from pathlib import Path
 
 from batchlm import LLM, SamplingParams
 
@@ -20,6 +23,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="default")
+    parser.add_argument(
+        "--shape", help="a benchmarks/model_shapes.py shape with random weights, instead of --model"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=512)
@@ -27,7 +33,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
 
-    llm = LLM(model=args.model, device=args.device)
+    if args.shape:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from model_shapes import dummy_llm
+
+        llm = dummy_llm(args.shape, args.prompts, args.prompt_len + 8, device=args.device)
+    else:
+        llm = LLM(model=args.model, device=args.device)
     vocab = llm.info.vocab_size
     rng = random.Random(0)
     # Distinct prompts: no run reads another's blocks from the prefix cache.
