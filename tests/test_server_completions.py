@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from batchlm.server.background import BackgroundServer
@@ -86,6 +87,28 @@ def test_echo_prepends_the_prompt(client: Any) -> None:
     assert response.choices[0].text == "Say: " + REPLY[:5]
     by_ids = client.completions.create(model="fake-model", prompt=[1, 86, 100], max_tokens=1, echo=True)
     assert by_ids.choices[0].text == "<s>Sa" + REPLY[:1]
+
+
+def test_echo_with_no_tokens_to_generate_is_the_echo_alone(client: Any) -> None:
+    # The legacy way to score (or just render) a prompt: nothing completed, nothing counted.
+    response = client.completions.create(model="fake-model", prompt="Say: ", max_tokens=0, echo=True, n=2)
+    assert [(c.text, c.finish_reason) for c in response.choices] == [("Say: ", "length")] * 2
+    assert response.usage.completion_tokens == 0
+    assert response.usage.total_tokens == response.usage.prompt_tokens
+    stream = client.completions.create(
+        model="fake-model",
+        prompt="Say: ",
+        max_tokens=0,
+        echo=True,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "Say: "
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 0
+    with pytest.raises(openai.BadRequestError):  # without echo there is nothing to answer
+        client.completions.create(model="fake-model", prompt="Say: ", max_tokens=0)
 
 
 def test_logprobs_in_completions_format(client: Any) -> None:

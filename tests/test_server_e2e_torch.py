@@ -78,6 +78,14 @@ def test_echo_with_logprobs_scores_the_prompt(client: Any, model_dir: Path) -> N
     assert first.choices[0].text == prompt
     assert first.choices[0].logprobs.token_logprobs == pytest.approx(expected, abs=1e-4)
     assert "".join(chunk.choices[0].text for chunk in rest) == choice.text[len(prompt) :]
+    # Older clients score with max_tokens 0: the same logprobs, the echo alone.
+    scored = client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=0, temperature=0.0, echo=True, logprobs=2
+    )
+    [only] = scored.choices
+    assert only.text == prompt and len(only.logprobs.tokens) == size
+    assert only.logprobs.token_logprobs == pytest.approx(expected, abs=1e-4)
+    assert scored.usage.completion_tokens == 0
 
 
 def test_api_key_is_enforced(server: BackgroundServer) -> None:

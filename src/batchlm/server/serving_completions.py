@@ -8,11 +8,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 
 from batchlm.engine.input_processor import InputProcessor, ValidatedRequest
-from batchlm.outputs import RequestOutput, TokenLogprobs
+from batchlm.outputs import FinishReason, RequestOutput, TokenLogprobs
 from batchlm.server.errors import APIError, rejections_as_400
 from batchlm.server.logprobs import CompletionLogprobsBuilder, joined
 from batchlm.server.prompts import encode_text
@@ -26,7 +27,7 @@ from batchlm.server.responding import (
     json_text,
     respond,
 )
-from batchlm.server.responses import CompletionChoice, CompletionLogprobs, CompletionResponse
+from batchlm.server.responses import CompletionChoice, CompletionLogprobs, CompletionResponse, UsageInfo
 from batchlm.server.state import get_state
 from batchlm.tokenizer.tokenizer import Tokenizer
 
@@ -39,6 +40,8 @@ class CompletionContext(ResponseContext):
     echo_texts: list[str]
     # Per prompt, its token ids when the echo carries their logprobs (echo with logprobs), else None.
     echoed_ids: list[list[int]] | None = None
+    # `echo` with max_tokens 0 (the legacy way to score a prompt): the answer is the echo alone.
+    echo_only: bool = False
     builders: dict[tuple[int, int], CompletionLogprobsBuilder] = field(default_factory=dict)
 
     def choice_index(self, position: int, index: int) -> int:
@@ -75,8 +78,11 @@ async def create_completion(request: Request, body: CompletionRequest) -> Respon
     # A prompt to be truncated cannot be judged by its length before it is tokenized.
     length_check = None if body.truncate_prompt_tokens else processor
     prompts = await _tokenize_prompts(tokenizer, body.prompt, body.add_special_tokens, length_check)
+    # The engine samples one token for an echo with max_tokens 0; the answer leaves it out.
+    echo_only = body.echo and body.max_tokens == 0
+    max_tokens = 1 if echo_only else body.max_tokens
     params, names = build_sampling_params(
-        body, max_tokens=body.max_tokens, logprobs=body.logprobs, param_names={}, prompt_field="prompt"
+        body, max_tokens=max_tokens, logprobs=body.logprobs, param_names={}, prompt_field="prompt"
     )
     echo_logprobs = body.echo and body.logprobs is not None
     if echo_logprobs:  # the echoed prompt comes with its tokens' logprobs
@@ -94,6 +100,7 @@ async def create_completion(request: Request, body: CompletionRequest) -> Respon
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         echo_texts=[_echo_text(tokenizer, r) if body.echo else "" for r in engine_requests],
         echoed_ids=[r.prompt_token_ids for r in engine_requests] if echo_logprobs else None,
+        echo_only=echo_only,
     )
     return await respond(request, engine_requests, CompletionFormatter(context), body.stream)
 
@@ -141,17 +148,36 @@ class CompletionFormatter(ResponseFormatter[CompletionContext]):
         context = self.context
         choices = []
         for (position, index), result in sorted(results.items()):
-            logprobs = context.logprobs_of(position, index, result.token_ids, result.logprobs)
             echoed = context.echoed_logprobs(position, result.prompt_logprobs)
+            reason: str | None
+            if context.echo_only:
+                text, logprobs, reason = context.echo_texts[position], echoed, FinishReason.LENGTH.value
+            else:
+                text = context.echo_texts[position] + result.text
+                logprobs = context.logprobs_of(position, index, result.token_ids, result.logprobs)
+                logprobs = logprobs if echoed is None else joined(echoed, logprobs)
+                reason = finish_reason(result.finish_reason, called=False)
             choices.append(
                 CompletionChoice(
                     index=context.choice_index(position, index),
-                    text=context.echo_texts[position] + result.text,
-                    logprobs=logprobs if echoed is None else joined(echoed, logprobs),
-                    finish_reason=finish_reason(result.finish_reason, called=False),
+                    text=text,
+                    logprobs=logprobs,
+                    finish_reason=reason,
                 )
             )
         return choices
+
+    def response(self, results: ChoiceResults, usage: UsageInfo) -> BaseModel:
+        return super().response(results, self._counted(usage))
+
+    def closing(self, usage: UsageInfo) -> Iterable[bytes]:
+        return super().closing(self._counted(usage))
+
+    def _counted(self, usage: UsageInfo) -> UsageInfo:
+        """The usage as the answer has it: an echo alone completed nothing."""
+        if not self.context.echo_only:
+            return usage
+        return usage.model_copy(update={"completion_tokens": 0, "total_tokens": usage.prompt_tokens})
 
     def opening(self) -> Iterable[bytes]:
         return [
@@ -176,6 +202,12 @@ class CompletionFormatter(ResponseFormatter[CompletionContext]):
         if position in self._echo_pending and (output.prompt_logprobs is not None or output.finished):
             self._echo_pending.discard(position)
             yield from self._echo(position, context.echoed_logprobs(position, output.prompt_logprobs))
+        if context.echo_only:  # no completion: each choice only finishes
+            for completion in output.outputs:
+                if completion.finish_reason is not None:
+                    index = context.choice_index(position, completion.index)
+                    yield self._text_chunk(index, "", FinishReason.LENGTH.value)
+            return
         for completion in output.outputs:
             logprobs = None
             if completion.logprobs:
