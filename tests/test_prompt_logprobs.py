@@ -17,7 +17,7 @@ from batchlm.core.facts import ModelFacts
 from batchlm.engine.client import RequestRejectedError
 from batchlm.engine.input_processor import FieldNames, InputProcessor
 from batchlm.outputs import RequestOutput, TokenLogprobs
-from batchlm.runner import model_runner
+from batchlm.runner import prompt_logprobs
 from batchlm.sampling_params import StructuredOutputs
 
 TOP = 3
@@ -94,7 +94,7 @@ def test_every_prompt_token_is_scored_as_transformers_scores_it(
 def test_rows_read_a_few_at_a_time_give_the_same(
     llama_dir: Path, expected: list[list[TokenLogprobs | None]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(model_runner, "PROMPT_LOGPROB_ROWS", 4)
+    monkeypatch.setattr(prompt_logprobs, "PROMPT_LOGPROB_ROWS", 4)
     for got, want in zip(_prompt_logprobs(_llm(llama_dir).generate(_prompts(), ASK)), expected, strict=True):
         assert_close(got, want)
 

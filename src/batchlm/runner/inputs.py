@@ -12,18 +12,9 @@ from batchlm.attention.backend import AttentionMetadata
 from batchlm.core.step_io import PLACEHOLDER_TOKEN_ID, ScheduledChunk, SchedulerOutput
 from batchlm.runner.block_tables import BlockTableRows
 from batchlm.runner.decode_rows import all_decode_or_verify, as_decode_rows
+from batchlm.runner.prompt_logprobs import PromptLogprobRows
 from batchlm.runner.step_output import PreviousTokens
 from batchlm.runner.upload import StepUploader
-
-
-@dataclass(frozen=True)
-class PromptLogprobRows:
-    """Rows of a step's tokens whose logits give a prompt's logprobs: each predicts the next prompt token."""
-
-    request_id: str
-    first_row: int
-    # The prompt tokens the rows predict, in order (one a row).
-    targets: list[int]
 
 
 @dataclass

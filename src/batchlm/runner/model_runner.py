@@ -15,7 +15,6 @@ from batchlm.core.step_io import ModelRunnerOutput, SchedulerOutput
 from batchlm.layers.embedding import use_cpu_lm_head
 from batchlm.layers.linear import pack_linears_for_cpu
 from batchlm.models.loader import LoadedModel, ModelShape, load_model
-from batchlm.outputs import TokenLogprobs
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
 from batchlm.runner.cpu_threads import cap_cpu_threads
 from batchlm.runner.cuda_graph import DecodeGraphs
@@ -27,7 +26,7 @@ from batchlm.runner.gpu_startup import GpuStartup
 from batchlm.runner.grammar import MaskBuffers, StepMasks, constrained_sequences
 from batchlm.runner.heap import trim_heap
 from batchlm.runner.host_flag import stream_flag
-from batchlm.runner.inputs import PromptLogprobRows, StepInputBuilder, StepInputs
+from batchlm.runner.inputs import StepInputBuilder, StepInputs
 from batchlm.runner.kv_cache import (
     allocate_kv_caches,
     kv_cache_dtype_name,
@@ -36,8 +35,8 @@ from batchlm.runner.kv_cache import (
     resolve_kv_cache_dtype,
     start_peak_measurement,
 )
+from batchlm.runner.prompt_logprobs import PromptLogprobs
 from batchlm.runner.step_output import PendingStepOutput, PreviousTokens
-from batchlm.sampling.logprobs import target_logprobs
 from batchlm.sampling.plan import has_penalty
 from batchlm.sampling.sampler import Sampler
 from batchlm.sampling.state import SamplingState
@@ -48,9 +47,6 @@ logger = logging.getLogger(__name__)
 # Verify steps of more rows than this (and than max_num_seqs) run eagerly: capturing graphs for every
 # batch up to max_num_seqs x (1 + drafts) would add a graph per 16 rows to start-up.
 MAX_VERIFY_GRAPH_ROWS = 256
-# Prompt rows whose logits are made at once for their logprobs: [rows, vocab] float32 (twice, with the
-# log-softmax) stays within what the start-up profile left beside the KV cache, at 128k-token vocabularies.
-PROMPT_LOGPROB_ROWS = 128
 
 
 def default_max_num_batched_tokens(device: torch.device) -> int:
@@ -141,9 +137,8 @@ class ModelRunner:
         self._unresolved: list[PendingStepOutput] = []
         # The last launched step, while its sampling waits for its grammar masks.
         self._deferred: DeferredStepOutput | None = None
-        # Requests that asked for their prompt's logprobs and have not sampled a token yet: those
-        # gathered so far, chunk by chunk.
-        self._prompt_logprobs: dict[str, list[TokenLogprobs]] = {}
+        # Requests gathering their prompt's logprobs until they sample their first token.
+        self.prompt_logprobs = PromptLogprobs()
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self.decode_graphs: DecodeGraphs | None = None
@@ -289,18 +284,14 @@ class ModelRunner:
             inputs = self.input_builder.build(scheduled, self._previous)
         request_ids = tuple(inputs.sample_request_ids)
         masks = self.masks.start(request_ids)
-        inputs.prompt_logprob_rows = self._prompt_logprob_rows(scheduled)
+        inputs.prompt_logprob_rows = self.prompt_logprobs.rows(scheduled, self.states)
         logits = self._forward(inputs)
         if not request_ids:
             self.masks.result(masks, self._resolve_outputs)  # the matchers are free again
             self._previous = None
             return PendingStepOutput.ready()
         token_rows = {request_id: row for row, request_id in enumerate(request_ids)}
-        prompt_logprobs = {
-            request_id: tuple(self._prompt_logprobs.pop(request_id))
-            for request_id in token_rows
-            if request_id in self._prompt_logprobs
-        }
+        prompt_logprobs = self.prompt_logprobs.finished(token_rows)
         forward = LaunchedForward(
             scheduled, request_ids, token_rows, inputs.has_drafts, logits, masks, prompt_logprobs
         )
@@ -376,43 +367,14 @@ class ModelRunner:
             return logits if every_row_samples else logits[inputs.sample_indices]
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, self.attn)
         for rows in prompt_rows:
-            self._read_prompt_logprobs(hidden, rows)
+            self.prompt_logprobs.read(hidden, rows, self.model.compute_logits)
         return self.model.compute_logits(hidden[inputs.sample_indices])
-
-    def _prompt_logprob_rows(self, scheduled: SchedulerOutput) -> list[PromptLogprobRows]:
-        """The step's rows that predict a prompt token of a request gathering its prompt's logprobs."""
-        found: list[PromptLogprobRows] = []
-        if not self._prompt_logprobs:
-            return found
-        first_row = 0
-        for chunk in scheduled.chunks:
-            if chunk.request_id in self._prompt_logprobs:
-                start, prompt = chunk.start_position, self.states[chunk.request_id].prompt_token_ids
-                count = min(len(chunk.token_ids), len(prompt) - 1 - start)
-                if count > 0:
-                    found.append(
-                        PromptLogprobRows(chunk.request_id, first_row, prompt[start + 1 : start + 1 + count])
-                    )
-            first_row += len(chunk.token_ids)
-        return found
-
-    def _read_prompt_logprobs(self, hidden: torch.Tensor, rows: PromptLogprobRows) -> None:
-        """Add the logprobs of the prompt tokens these rows predict to the request's, a slice at a time."""
-        num_top = self.states[rows.request_id].params.prompt_logprobs
-        assert num_top is not None
-        gathered = self._prompt_logprobs[rows.request_id]
-        for offset in range(0, len(rows.targets), PROMPT_LOGPROB_ROWS):
-            targets = rows.targets[offset : offset + PROMPT_LOGPROB_ROWS]
-            first = rows.first_row + offset
-            logits = self.model.compute_logits(hidden[first : first + len(targets)])
-            raw = torch.log_softmax(logits.float(), dim=-1)
-            gathered += target_logprobs(raw, torch.tensor(targets, device=raw.device), num_top)
 
     def _update_states(self, scheduled: SchedulerOutput) -> None:
         for request_id in scheduled.finished_request_ids:
             self.states.pop(request_id, None)
             self._penalized_ids.discard(request_id)
-            self._prompt_logprobs.pop(request_id, None)
+        self.prompt_logprobs.drop(scheduled.finished_request_ids)
         self.input_builder.drop(scheduled.finished_request_ids)
         if len(self.grammars):
             self.grammars.drop(scheduled.finished_request_ids)
@@ -427,9 +389,7 @@ class ModelRunner:
             )
             if has_penalty(state):
                 self._penalized_ids.add(new.request_id)
-            # A request recomputed after its first token has reported its prompt's logprobs already.
-            if new.sampling_params.prompt_logprobs is not None and not new.output_token_ids:
-                self._prompt_logprobs[new.request_id] = []
+            self.prompt_logprobs.start(new)
             spec = new.sampling_params.structured_outputs
             if spec is not None:
                 self.grammars.add(new.request_id, spec, state.output_token_ids, new.eos_token_ids)
