@@ -146,9 +146,12 @@ class CompletionFormatter(ResponseFormatter[CompletionContext]):
 
     def choices(self, results: ChoiceResults) -> list[CompletionChoice]:
         context = self.context
+        # A prompt's echo is the same in each of its n choices: its logprobs are built once.
+        prompts = {position: result.prompt_logprobs for (position, _), result in results.items()}
+        echoes = {position: context.echoed_logprobs(position, scores) for position, scores in prompts.items()}
         choices = []
         for (position, index), result in sorted(results.items()):
-            echoed = context.echoed_logprobs(position, result.prompt_logprobs)
+            echoed = echoes[position]
             reason: str | None
             if context.echo_only:
                 text, logprobs, reason = context.echo_texts[position], echoed, FinishReason.LENGTH.value
