@@ -158,7 +158,7 @@ async def run_lines(
     seen: set[str] = set()
     parsed = [parse_line(text, seen) for text in lines]
     # The model is the one this process serves, whatever a line names (a file written for another API).
-    renamed = {body.get("model") for entry in parsed if isinstance(entry, tuple) for body in [entry[2]]}
+    renamed = {entry[2].get("model") for entry in parsed if isinstance(entry, tuple)}
     if renamed - {None, "default"}:
         logger.info(
             "the requests name %s: they run on the model served here", sorted(map(str, renamed - {None}))
