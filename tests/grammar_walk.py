@@ -39,3 +39,15 @@ def greedy_walk(backend: LLGuidanceBackend, spec: StructuredOutputs, tokenizer, 
         assert matcher.accept(token)
         text += pieces[token]
     raise AssertionError("the grammar never finished")
+
+
+def takes(
+    backend: LLGuidanceBackend, spec: StructuredOutputs, token_ids: list[int], then_ends: bool = False
+) -> bool:
+    """Whether a fresh matcher of `spec` accepts every token (and with then_ends, allows EOS after them)."""
+    matcher = backend.matcher(spec)
+    if not all(matcher.accept(i) for i in token_ids):
+        return False
+    row = np.empty(backend.bitmask_words, dtype=np.int32)
+    matcher.fill_bitmask(row)
+    return not then_ends or bool(set(EOS) & set(allowed_tokens(row, backend.tokenizer.vocab_size).tolist()))

@@ -174,7 +174,8 @@ def test_a_template_that_does_not_think_leaves_the_output_alone() -> None:
 
 
 def test_a_forced_call_after_the_thinking(client: Any, engine: FakeEngine) -> None:
-    engine.reply = f"<think>{THOUGHT}</think>\n{PARIS}"
+    call = f'<tool_call>\n{{"name": "get_weather", "arguments": {PARIS}}}\n</tool_call>'
+    engine.reply = f"<think>{THOUGHT}</think>\n{call}"
     named = {"type": "function", "function": {"name": "get_weather"}}
     for stream in (False, True):
         response = client.chat.completions.create(

@@ -292,7 +292,7 @@ def test_output_items_sent_back_are_the_chat_conversation(
 
 
 def test_a_named_function_forces_its_call(client: Any, engine: FakeEngine) -> None:
-    engine.reply = PARIS
+    engine.reply = f'<tool_call>\n{{"name": "get_weather", "arguments": {PARIS}}}\n</tool_call>'
     response = client.responses.create(
         model="fake-model",
         input="Weather?",
@@ -301,7 +301,8 @@ def test_a_named_function_forces_its_call(client: Any, engine: FakeEngine) -> No
     )
     [call] = response.output
     assert call.name == "get_weather" and json.loads(call.arguments) == json.loads(PARIS)
-    assert engine.calls[-1].params.structured_outputs is not None
+    constraint = engine.calls[-1].params.structured_outputs
+    assert constraint is not None and constraint.grammar is not None and '"get_weather"' in constraint.grammar
     assert (response.tool_choice.type, response.tool_choice.name) == ("function", "get_weather")
 
 

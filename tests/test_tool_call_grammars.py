@@ -17,7 +17,7 @@ from batchlm.tools.closed_schema import closed_objects
 from batchlm.tools.function_tool import FunctionTool
 from batchlm.tools.hermes import END, START, HermesParser
 from batchlm.tools.registry import PARSERS
-from grammar_walk import EOS, greedy_walk, tiny_backend
+from grammar_walk import EOS, greedy_walk, takes, tiny_backend
 
 
 @pytest.fixture(scope="module")
@@ -124,19 +124,26 @@ class FamilyGrammar:
         strict: bool,
         answer: str | None,
         subgrammars: tuple[tuple[str, str], ...] = (),
+        forced: bool = False,
     ) -> None:
+        """forced: the family's grammar of a forced tool_choice (calls alone) instead of its calls
+        grammar under auto."""
         self.hf = copy.deepcopy(tiny_tokenizer.hf)
         self.hf.add_tokens(tokens, special_tokens=True)
         self.added = {token: self.hf.convert_tokens_to_ids(token) for token in tokens}
         self.backend = LLGuidanceBackend.from_hf(self.hf, len(self.hf), EOS)
         tool = FunctionTool("f", None, {"type": "object", "properties": {"a": {"type": "integer"}}}, strict)
-        grammar = PARSERS[family]().calls_grammar([tool], self.added, answer)
+        parser = PARSERS[family]()
+        grammar = (
+            parser.forced_grammar([tool], self.added)
+            if forced
+            else parser.calls_grammar([tool], self.added, answer)
+        )
         assert grammar is not None
         self.spec = StructuredOutputs(grammar=grammar, subgrammars=subgrammars)
 
     def takes(self, pieces: list, then_ends: bool = False) -> bool:
         """Every token accepted (and with then_ends, EOS allowed after them)."""
-        matcher = self.backend.matcher(self.spec)
         ids = [
             i
             for piece in pieces
@@ -146,11 +153,7 @@ class FamilyGrammar:
                 else self.hf.encode(piece, add_special_tokens=False)
             )
         ]
-        if not all(matcher.accept(i) for i in ids):
-            return False
-        row = np.empty(self.backend.bitmask_words, dtype=np.int32)
-        matcher.fill_bitmask(row)
-        return not then_ends or bool(set(EOS) & set(allowed_tokens(row, len(self.hf)).tolist()))
+        return takes(self.backend, self.spec, ids, then_ends)
 
 
 @pytest.mark.parametrize(("family", "tokens", "output"), STRICT_FAMILIES)
@@ -166,6 +169,43 @@ def test_each_family_s_strict_calls_fit_the_schema_and_plain_text_stays_free(
     assert not grammar.takes([*cut[:-1], cut[-1] + ', "zz": 2']), "an undeclared key"
     renamed = [
         ("launch" if p == "f" else p.replace('"f"', '"launch"')) if isinstance(p, str) else p for p in cut
+    ]
+    assert not grammar.takes(renamed), "a function not offered"
+
+
+FORCED_FAMILIES = [
+    # (parser, tokens the tokenizer gets, calls laid out as chat templates render them)
+    ("hermes", [], ['<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>']),
+    (
+        "hermes",
+        ["<tool_call>", "</tool_call>"],
+        [["<tool_call>"], '\n{"name": "f", "arguments": {"a": 1}}\n', ["</tool_call>"]],
+    ),
+    ("llama3_json", ["<|python_tag|>"], [["<|python_tag|>"], '{"name": "f", "parameters": {"a": 1}}']),
+    ("llama3_json", [], ['{"name": "f", "parameters": {}}; {"name": "f", "parameters": {"a": 1}}']),
+    ("mistral", ["[TOOL_CALLS]"], [["[TOOL_CALLS]"], '[{"name": "f", "arguments": {"a": 1}}]']),
+    ("mistral", ["[TOOL_CALLS]", "[ARGS]"], [["[TOOL_CALLS]"], "f", ["[ARGS]"], '{"a": 1}']),
+]
+
+
+@pytest.mark.parametrize(("family", "tokens", "output"), FORCED_FAMILIES)
+def test_each_family_s_forced_calls_are_its_markup_alone_fitting_the_schema(
+    tiny_tokenizer, family, tokens, output
+) -> None:
+    """A forced tool_choice: calls alone, in the family's markup and in the JSON layout its templates
+    render (json.dumps' separators); their arguments fit the schema even of a function not strict."""
+    grammar = FamilyGrammar(tiny_tokenizer, family, tokens, strict=False, answer=None, forced=True)
+    assert grammar.takes(output, then_ends=True)
+    assert not grammar.takes([], then_ends=True), "no call at all"
+    assert not grammar.takes(["No call, just text."])
+    at = max(i for i, piece in enumerate(output) if isinstance(piece, str) and '"a": 1' in piece)
+    head = output[at][: output[at].rindex('"a": 1') + len('"a": 1')]  # inside the arguments
+    assert grammar.takes([*output[:at], head])
+    assert not grammar.takes([*output[:at], head + ', "zz": 2']), "an undeclared key"
+    assert not grammar.takes([*output[:at], head.replace('"a": 1', '"a":1')]), "another JSON layout"
+    renamed = [
+        ("launch" if p == "f" else p.replace('"f"', '"launch"')) if isinstance(p, str) else p
+        for p in [*output[:at], head]
     ]
     assert not grammar.takes(renamed), "a function not offered"
 

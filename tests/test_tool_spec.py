@@ -209,8 +209,8 @@ def test_a_forced_call_takes_the_place_of_a_response_format_and_refuses_other_co
     use = chat_tool_use(ToolFields([Tool(WEATHER)], "required"), "hermes", None)
     answer = StructuredOutputs(json=json.dumps({"type": "object"}))
     forced = use.sampling_params(SamplingParams(structured_outputs=answer), "response_format")
-    assert forced.structured_outputs is not None and forced.structured_outputs.json is not None
-    assert json.loads(forced.structured_outputs.json)["type"] == "array"  # the calls' schema
+    assert forced.structured_outputs is not None and forced.structured_outputs.grammar is not None
+    assert forced.structured_outputs.grammar.startswith('start: block ("\\n" block)*')  # the calls alone
     with pytest.raises(ToolUseError) as refused:
         use.sampling_params(SamplingParams(structured_outputs=answer), "structured_outputs")
     assert refused.value.param == "tool_choice" and "'structured_outputs'" in str(refused.value)
@@ -250,3 +250,45 @@ def test_a_strict_tool_s_closed_schema_is_built_once(monkeypatch: pytest.MonkeyP
         constraint = use.sampling_params(SamplingParams()).structured_outputs
         assert constraint is not None
         assert built == [STRICT_WEATHER.parameters], choice
+
+
+@pytest.mark.parametrize(
+    ("choice", "parallel", "starts"),
+    [
+        (
+            "required",
+            None,
+            'start: block ("\\n" block)*\nblock: "<tool_call>" "\\n" call "\\n" "</tool_call>"',
+        ),
+        ("required", False, 'start: block\nblock: "<tool_call>"'),
+        (NamedChoice(Named("get_weather")), None, 'start: block\nblock: "<tool_call>"'),
+    ],
+)
+def test_a_forced_choice_is_decoded_in_the_family_s_markup_and_read_by_its_parser(
+    choice: Any, parallel: bool | None, starts: str
+) -> None:
+    tools = [Tool(WEATHER), Tool(Function("get_time"))]
+    use = chat_tool_use(ToolFields(tools, choice, parallel), "auto", None)
+    constraint = use.sampling_params(SamplingParams()).structured_outputs
+    assert constraint is not None and constraint.grammar is not None
+    assert constraint.grammar.startswith(starts)
+    validated_grammar(constraint)
+    assert ('"get_time"' in constraint.grammar) == (choice == "required")
+    assert use.parser is not None
+    reply = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    parsed = use.parser.extract(reply)
+    [call] = parsed.tool_calls
+    assert parsed.content is None
+    assert (call.name, json.loads(call.arguments)) == ("get_weather", {"city": "Paris"})
+
+
+@pytest.mark.parametrize("choice", ["required", NamedChoice(Named("get_weather"))])
+def test_without_a_parser_or_a_family_grammar_a_forced_choice_is_plain_json(choice: Any) -> None:
+    """--tool-call-parser none, or a family whose tokenizer lacks its markers (Mistral's without
+    [TOOL_CALLS]): the calls as a JSON array (vLLM's form), or the named function's arguments."""
+    for setting in ("none", "mistral"):
+        use = chat_tool_use(ToolFields([Tool(WEATHER)], choice), setting, None)
+        constraint = use.sampling_params(SamplingParams()).structured_outputs
+        assert constraint is not None and constraint.json is not None
+        schema = json.loads(constraint.json)
+        assert schema["type"] == ("array" if choice == "required" else "object")

@@ -13,6 +13,9 @@ from batchlm.tools.function_tool import FunctionTool, calls_array_schema
 # A call's JSON as models write it (json.dumps' separators or compact), at most one space where JSON
 # allows whitespace: a weak model cannot spend its budget on blanks.
 CALL_JSON_FORMAT = {"whitespace_flexible": True, "whitespace_pattern": " ?"}
+# A forced call's JSON as chat templates render calls in history (Jinja's tojson, json.dumps' separators):
+# what models are trained to write, and the next turn's prompt then repeats the sampled tokens.
+RENDERED_JSON_FORMAT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 # Blanks around a call's markup, at most two: a weak model cannot spend its budget on them.
 BLANK = "BLANK: /[ \\n]{0,2}/"
 
@@ -24,19 +27,22 @@ def token_rule(text: str, added_tokens: Mapping[str, int]) -> str | None:
     return None if token_id is None else f"<[{token_id}]>"
 
 
-def calls_json(tools: Sequence[FunctionTool], argument_key: str) -> str:
-    """A Lark `%json` nonterminal (llguidance's): one call of any of `tools`."""
-    return json_rule({"anyOf": [tool.call_schema(argument_key) for tool in tools]})
+def calls_json(tools: Sequence[FunctionTool], argument_key: str, forced: bool = False) -> str:
+    """A Lark `%json` nonterminal (llguidance's): one call of any of `tools` (FunctionTool.call_schema)."""
+    return json_rule({"anyOf": [tool.call_schema(argument_key, forced) for tool in tools]}, forced)
 
 
-def calls_array_json(tools: Sequence[FunctionTool], argument_key: str, max_items: int | None) -> str:
+def calls_array_json(
+    tools: Sequence[FunctionTool], argument_key: str, max_items: int | None, forced: bool = False
+) -> str:
     """A Lark `%json` nonterminal: a non-empty JSON array of calls of `tools` (at most max_items)."""
-    return json_rule(calls_array_schema(tools, argument_key, max_items))
+    return json_rule(calls_array_schema(tools, argument_key, max_items, forced), forced)
 
 
-def arguments_json(tool: FunctionTool) -> str:
-    """A Lark `%json` nonterminal: the arguments of a call of `tool` (their schema if it is strict)."""
-    return json_rule(tool.chosen_arguments())
+def arguments_json(tool: FunctionTool, forced: bool = False) -> str:
+    """A Lark `%json` nonterminal: the arguments of a call of `tool` (their schema if the call is forced
+    or the function strict)."""
+    return json_rule(tool.closed_parameters if forced else tool.chosen_arguments(), forced)
 
 
 def free_text(added_tokens: Mapping[str, int], markers: Sequence[str]) -> list[str]:
@@ -52,9 +58,10 @@ def free_text(added_tokens: Mapping[str, int], markers: Sequence[str]) -> list[s
     return [f"free: TEXT? (<[{_id_ranges(others)}]> TEXT?)*", *rules]
 
 
-def json_rule(schema: dict[str, Any]) -> str:
-    """A Lark `%json` nonterminal for `schema`, in the calls' JSON format."""
-    return f"%json {json.dumps({**schema, 'x-guidance': CALL_JSON_FORMAT})}"
+def json_rule(schema: dict[str, Any], rendered: bool = False) -> str:
+    """A Lark `%json` nonterminal for `schema`, in the calls' JSON format (rendered: a forced call's)."""
+    form = RENDERED_JSON_FORMAT if rendered else CALL_JSON_FORMAT
+    return f"%json {json.dumps({**schema, 'x-guidance': form})}"
 
 
 def _id_ranges(ids: Sequence[int]) -> str:

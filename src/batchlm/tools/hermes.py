@@ -13,6 +13,7 @@ from batchlm.tools.parser import ToolParser, optional_calls
 from batchlm.tools.scan import MarkedRegion, Scan, call_from_object, scan_marked_calls
 
 START, END = "<tool_call>", "</tool_call>"
+NEWLINE = json.dumps("\n")  # a Lark string literal
 ARGUMENT_KEYS = ("arguments", "parameters")
 
 
@@ -26,12 +27,10 @@ class HermesParser(ToolParser):
         """Free text (or `answer`); from a `<tool_call>` on, one call of the tools and its `</tool_call>`.
         Where the markers are tokens of the tokenizer (Qwen's), the grammar names those tokens and the
         text may not spell a marker out; otherwise the text before a call ends at its first marker."""
-        call = f"call: BLANK {calls_json(tools, ARGUMENT_KEYS[0])} BLANK"
+        call = _call_rule(tools, forced=False)
         start, end = token_rule(START, added_tokens), token_rule(END, added_tokens)
         if answer is not None:
-            opened = f"{start or json.dumps(START)} call {end or json.dumps(END)} BLANK"
-            calls = opened if self.max_calls == 1 else f"({opened})+"
-            rules = [f"start: answer | {calls}", f"answer: {answer}", call]
+            rules = [f"start: answer | {self._calls_alone(added_tokens)}", f"answer: {answer}", call]
         elif start is not None and end is not None:
             rules = [
                 f"start: free ({start} call {end} free){optional_calls(self.max_calls)}",
@@ -46,6 +45,25 @@ class HermesParser(ToolParser):
                 call,
             ]
         return "\n".join([*rules, BLANK])
+
+    def forced_grammar(self, tools: Sequence[FunctionTool], added_tokens: Mapping[str, int]) -> str | None:
+        """The calls alone, laid out as chat templates render them (Qwen's, the generic tools prompt):
+        `<tool_call>`, a newline, the call, a newline, `</tool_call>`; calls a newline apart."""
+        start, end = token_rule(START, added_tokens), token_rule(END, added_tokens)
+        block = f"{start or json.dumps(START)} {NEWLINE} call {NEWLINE} {end or json.dumps(END)}"
+        calls = "block" if self.max_calls == 1 else f"block ({NEWLINE} block)*"
+        call = f"call: {calls_json(tools, ARGUMENT_KEYS[0], forced=True)}"
+        return "\n".join([f"start: {calls}", f"block: {block}", call])
+
+    def _calls_alone(self, added_tokens: Mapping[str, int]) -> str:
+        """A Lark rule body: the output's calls, each in its markers, with no text around them."""
+        start, end = token_rule(START, added_tokens), token_rule(END, added_tokens)
+        opened = f"{start or json.dumps(START)} call {end or json.dumps(END)} BLANK"
+        return opened if self.max_calls == 1 else f"({opened})+"
+
+
+def _call_rule(tools: Sequence[FunctionTool], forced: bool) -> str:
+    return f"call: BLANK {calls_json(tools, ARGUMENT_KEYS[0], forced)} BLANK"
 
 
 def _region(text: str, pos: int, final: bool) -> MarkedRegion | None:

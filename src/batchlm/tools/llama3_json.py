@@ -23,17 +23,29 @@ class Llama3JsonParser(ToolParser):
         """Text that does not open with `{` (nor the tag), or `answer`; or the calls: `<|python_tag|>`
         first where the tokenizer has it as a token, then one call of the tools, or several joined by
         `;`. (An answer and a call both open with `{`: llguidance reads them as one JSON lexeme class.)"""
-        tag_token = token_rule(PYTHON_TAG, added_tokens)
-        tag = f"{tag_token}? " if tag_token is not None else ""
-        more = "" if self.max_calls == 1 else ' (";" BLANK call)*'
+        calls = self._calls_alone(added_tokens)
         if answer is not None:
-            first = [f"start: answer | {tag}BLANK call{more} BLANK", f"answer: {answer}"]
+            first = [f"start: answer | {calls}", f"answer: {answer}"]
         else:
             first = [
-                f"start: TEXT | {tag}BLANK call{more} BLANK",
+                f"start: TEXT | {calls}",
                 f"TEXT: /(?s:.*)/ & ~/\\s*(\\{{|{re.escape(PYTHON_TAG)})(?s:.*)/",
             ]
         return "\n".join([*first, f"call: {calls_json(tools, ARGUMENT_KEYS[0])}", BLANK])
+
+    def forced_grammar(self, tools: Sequence[FunctionTool], added_tokens: Mapping[str, int]) -> str | None:
+        rules = [
+            f"start: {self._calls_alone(added_tokens)}",
+            f"call: {calls_json(tools, ARGUMENT_KEYS[0], True)}",
+        ]
+        return "\n".join([*rules, BLANK])
+
+    def _calls_alone(self, added_tokens: Mapping[str, int]) -> str:
+        """A Lark rule body: the tag where the tokenizer has it as a token (optional), then the calls."""
+        tag_token = token_rule(PYTHON_TAG, added_tokens)
+        tag = f"{tag_token}? " if tag_token is not None else ""
+        more = "" if self.max_calls == 1 else ' (";" BLANK call)*'
+        return f"{tag}BLANK call{more} BLANK"
 
     def scan(self, text: str, final: bool) -> Scan:
         builder = ScanBuilder(final)

@@ -29,23 +29,47 @@ class MistralParser(ToolParser):
         """Text (or `answer`), then the calls in the form the tokenizer's tokens say:
         `[TOOL_CALLS]name[ARGS]{...}` per call where `[ARGS]` is a token, else one `[TOOL_CALLS]` and an
         array of calls. The text may not spell the marker out. None for a tokenizer without the marker."""
-        marker, args = token_rule(MARKER, added_tokens), token_rule(ARGS, added_tokens)
+        marker = token_rule(MARKER, added_tokens)
         if marker is None:
             return None
-        if args is None:
-            calls = [f"calls: BLANK {calls_array_json(tools, ARGUMENT_KEYS[0], self.max_calls)}", BLANK]
-            after_text = f"({marker} calls)?"
-            only_calls = f"{marker} calls"
-        else:
-            named = [
-                f"call_{i}: {json.dumps(t.name)} {args} {arguments_json(t)}" for i, t in enumerate(tools)
-            ]
-            calls = [f"call: {' | '.join(f'call_{i}' for i in range(len(tools)))}", *named]
-            after_text = f"({marker} call){optional_calls(self.max_calls)}"
-            only_calls = f"{marker} call" if self.max_calls == 1 else f"({marker} call)+"
+        rules = self._call_rules(tools, added_tokens, forced=False)
         if answer is not None:
-            return "\n".join([f"start: answer | {only_calls}", f"answer: {answer}", *calls])
-        return "\n".join([f"start: free {after_text}", *free_text(added_tokens, (MARKER, ARGS)), *calls])
+            return "\n".join(
+                [f"start: answer | {self._calls_alone(added_tokens)}", f"answer: {answer}", *rules]
+            )
+        if token_rule(ARGS, added_tokens) is None:
+            after_text = f"({marker} calls)?"
+        else:
+            after_text = f"({marker} call){optional_calls(self.max_calls)}"
+        return "\n".join([f"start: free {after_text}", *free_text(added_tokens, (MARKER, ARGS)), *rules])
+
+    def forced_grammar(self, tools: Sequence[FunctionTool], added_tokens: Mapping[str, int]) -> str | None:
+        if token_rule(MARKER, added_tokens) is None:
+            return None
+        rules = self._call_rules(tools, added_tokens, forced=True)
+        return "\n".join([f"start: {self._calls_alone(added_tokens)}", *rules])
+
+    def _calls_alone(self, added_tokens: Mapping[str, int]) -> str:
+        """A Lark rule body: the output's calls alone (the tokenizer has the marker)."""
+        marker = token_rule(MARKER, added_tokens)
+        if token_rule(ARGS, added_tokens) is None:
+            return f"{marker} calls"
+        return f"{marker} call" if self.max_calls == 1 else f"({marker} call)+"
+
+    def _call_rules(
+        self, tools: Sequence[FunctionTool], added_tokens: Mapping[str, int], forced: bool
+    ) -> list[str]:
+        """`calls` (an array after one marker) or `call` (`name[ARGS]{...}`), as the tokenizer has them."""
+        args = token_rule(ARGS, added_tokens)
+        if args is None:
+            return [
+                f"calls: BLANK {calls_array_json(tools, ARGUMENT_KEYS[0], self.max_calls, forced)}",
+                BLANK,
+            ]
+        named = [
+            f"call_{i}: {json.dumps(t.name)} {args} {arguments_json(t, forced)}" for i, t in enumerate(tools)
+        ]
+        return [f"call: {' | '.join(f'call_{i}' for i in range(len(tools)))}", *named]
 
     def new_id(self) -> str:
         """Mistral's chat templates refuse history whose call ids are not 9 alphanumerics."""

@@ -33,6 +33,13 @@ class ToolParser(ABC):
         when it makes no call. None where the family has no such grammar."""
         return None
 
+    def forced_grammar(self, tools: Sequence[FunctionTool], added_tokens: Mapping[str, int]) -> str | None:
+        """A Lark grammar under which the output is calls alone, in this family's markup: at least one,
+        at most max_calls, each of one of `tools` with arguments that fit its schema (a forced
+        tool_choice). The model writes its calls as its chat template shows them, so that they read
+        back into the next turn's prompt as written. None where the family has no such grammar."""
+        return None
+
     @abstractmethod
     def scan(self, text: str, final: bool) -> Scan:
         """Content and calls of `text`, as far as they are settled (all of it when `final`)."""

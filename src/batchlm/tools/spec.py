@@ -89,9 +89,23 @@ class ToolPlan:
     def has_strict_tools(self) -> bool:
         return any(tool.strict for tool in self.tools)
 
+    @property
+    def forced_tools(self) -> tuple[FunctionTool, ...]:
+        """The functions a forced choice calls: the one it names, or any (required)."""
+        if self.mode == "named":
+            return tuple(tool for tool in self.tools if tool.name == self.named)
+        return self.tools
+
+    @property
+    def max_calls(self) -> int | None:
+        """How many calls the output may hold: a named function is called once (OpenAI's "exactly one"),
+        and parallel_tool_calls=false allows one."""
+        return 1 if self.mode == "named" or not self.parallel else None
+
     def structured_outputs(self) -> StructuredOutputs | None:
-        """The JSON schema a forced choice is decoded under, so the call always parses. The arguments'
-        objects are closed to keys they do not declare (tools.closed_schema)."""
+        """The JSON a forced choice is decoded under where the model's family has no grammar of its call
+        markup (tools.use): the named function's arguments, or for required an array of calls. The
+        arguments' objects are closed to keys they do not declare (tools.closed_schema)."""
         if self.mode == "named":
             tool = next(t for t in self.tools if t.name == self.named)
             return StructuredOutputs(json=json.dumps(tool.closed_parameters))
@@ -104,12 +118,12 @@ class ToolPlan:
             assert self.named is not None
             return NamedFunctionParser(self.named)
         if self.mode == "required":
-            return RequiredCallsParser(max_calls=None if self.parallel else 1)
+            return RequiredCallsParser(self.max_calls)
         return None
 
     def _required_schema(self) -> dict[str, Any]:
         """A non-empty array of calls, each {"name": <a tool's name>, "parameters": <its arguments>}."""
-        return calls_array_schema(self.tools, "parameters", None if self.parallel else 1, forced=True)
+        return calls_array_schema(self.tools, "parameters", self.max_calls, forced=True)
 
 
 def tool_plan(request: ToolRequest) -> ToolPlan | None:

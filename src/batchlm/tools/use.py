@@ -29,6 +29,8 @@ class ChatToolUse:
     parser: ToolParser | None
     # The tokenizer's added tokens by text (call markers may be among them).
     added_tokens: Mapping[str, int] = field(default_factory=dict)
+    # What a forced tool_choice decodes under (the family's markup, else plain JSON); None under auto.
+    forced: StructuredOutputs | None = None
 
     @property
     def template_tools(self) -> list[dict[str, Any]] | None:
@@ -44,7 +46,7 @@ class ChatToolUse:
         self, params: SamplingParams, constraint_field: str = "structured_outputs"
     ) -> SamplingParams:
         """constraint_field: the request field params.structured_outputs came from (errors name it)."""
-        forced = self.plan.structured_outputs() if self.plan is not None else None
+        forced = self.forced
         if forced is not None:
             # response_format shapes a text reply, which a forced call leaves none of (as in OpenAI's
             # API, where agents send both); an explicit constraint of vLLM's fields conflicts.
@@ -95,17 +97,24 @@ def chat_tool_use(
     plan = tool_plan(request)
     if plan is None or plan.mode == "none":
         return ChatToolUse(plan, None)
-    forced = plan.forced_parser()
-    if forced is not None:
-        return ChatToolUse(plan, forced)
+    added = added_tokens or {}
     found = parser_class(parser_setting, chat_template)
-    if found is None:
+    family = found(max_calls=plan.max_calls) if found is not None else None
+    if plan.mode != "auto":
+        # A forced call in the model's own markup, as its chat template renders calls: in
+        # distribution for the model, and the next turn's prompt repeats the tokens it sampled (its
+        # cached blocks serve that prompt). Plain JSON where the family has no such grammar.
+        grammar = family.forced_grammar(plan.forced_tools, added) if family is not None else None
+        if family is not None and grammar is not None:
+            return ChatToolUse(plan, family, added, StructuredOutputs(grammar=grammar))
+        return ChatToolUse(plan, plan.forced_parser(), added, plan.structured_outputs())
+    if family is None:
         raise ToolUseError(
             "tool_choice 'auto' needs a tool-call parser, and this server runs with --tool-call-parser none; "
             "send tool_choice 'required', a named function or 'none'.",
             param="tool_choice",
         )
-    return ChatToolUse(plan, found(max_calls=None if plan.parallel else 1), added_tokens or {})
+    return ChatToolUse(plan, family, added)
 
 
 def _answer(own: StructuredOutputs, field: str) -> str | None:
