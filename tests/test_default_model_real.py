@@ -232,3 +232,32 @@ def test_the_responses_api_answers_and_forces_a_call(client: Any) -> None:
     assert call.type == "function_call" and call.status == "completed"
     assert call.name == "get_weather" and call.call_id.startswith("call_")
     assert isinstance(json.loads(call.arguments)["city"], str)
+
+
+def test_a_forced_call_sent_back_as_history_is_served_from_the_cache(client: Any) -> None:
+    """tool_choice "required" decodes the call as the model's chat template renders calls, so the agent's
+    next turn (the call and its results sent back) finds the first turn's prompt and the call's first
+    blocks cached (a JSON array call, rendered back as `<tool_call>` markup, shared only the prompt).
+    Past them the re-rendered text may tokenize otherwise than the model sampled it."""
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+    messages: list[Any] = [{"role": "user", "content": "What is the weather like in Oslo today?"}]
+    fields = {"model": DEFAULT_MODEL_NAME, "tools": [weather], "temperature": 0, "max_tokens": 64}
+    first = client.chat.completions.create(messages=messages, tool_choice="required", **fields)
+    assert first.choices[0].finish_reason == "tool_calls"
+    results = [
+        {"role": "tool", "tool_call_id": call.id, "content": "4 C, rain"}
+        for call in first.choices[0].message.tool_calls
+    ]
+    messages += [first.choices[0].message, *results]
+    second = client.chat.completions.create(messages=messages, tool_choice="auto", **fields)
+    assert second.usage.prompt_tokens_details.cached_tokens > first.usage.prompt_tokens
