@@ -41,23 +41,26 @@ def llama_dir(tiny_model_dir: Callable[..., Path]) -> Path:
 @pytest.fixture(scope="module")
 def expected(llama_dir: Path) -> list[list[TokenLogprobs | None]]:
     """transformers' log-softmax over each prompt's logits, read at the next prompt token."""
+    return [_transformers_logprobs(llama_dir, prompt) for prompt in _prompts()]
+
+
+def _transformers_logprobs(model_dir: Path, prompt: list[int]) -> list[TokenLogprobs | None]:
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
-    scored: list[list[TokenLogprobs | None]] = []
-    for prompt in _prompts():
-        with torch.no_grad():
-            logits = hf(torch.tensor([prompt])).logits[0].float()
-        raw = torch.log_softmax(logits, dim=-1)
-        entries: list[TokenLogprobs | None] = [None]
-        for position in range(1, len(prompt)):
-            row, token = raw[position - 1], prompt[position]
-            top_values, top_ids = row.topk(TOP)
-            rank = int((row > row[token]).sum()) + 1
-            top = tuple(zip(top_ids.tolist(), top_values.tolist(), strict=True))
-            entries.append(TokenLogprobs(float(row[token]), rank, top))
-        scored.append(entries)
-    return scored
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        raw = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), dim=-1)
+    entries: list[TokenLogprobs | None] = [None]
+    for position in range(1, len(prompt)):
+        row, token = raw[position - 1], prompt[position]
+        top_values, top_ids = row.topk(TOP)
+        rank = int((row > row[token]).sum()) + 1
+        entries.append(
+            TokenLogprobs(
+                float(row[token]), rank, tuple(zip(top_ids.tolist(), top_values.tolist(), strict=True))
+            )
+        )
+    return entries
 
 
 def assert_close(got: list[TokenLogprobs | None] | None, want: list[TokenLogprobs | None]) -> None:
@@ -116,17 +119,76 @@ def test_chunked_batched_and_mixed_prompts_give_the_same(
     )
 
 
-def test_a_cached_prefix_is_computed_again_for_the_prompt_s_logprobs(
+def test_a_prefix_cached_without_its_logprobs_is_computed_again(
     llama_dir: Path, expected: list[list[TokenLogprobs | None]]
 ) -> None:
     llm = _llm(llama_dir, block_size=4)
     prompt = _prompts()[3]
-    llm.generate([prompt], ASK.clone(prompt_logprobs=None))  # its blocks are now cached
+    llm.generate([prompt], ASK.clone(prompt_logprobs=None))  # its blocks are now cached, not their logprobs
     [again] = llm.generate([prompt], ASK)
     assert again.num_cached_tokens == 0
     assert_close(again.prompt_logprobs, expected[3])
     [cached] = llm.generate([prompt], ASK.clone(prompt_logprobs=None))
     assert cached.num_cached_tokens > 0, "a request that asks nothing still takes the cache"
+
+
+def test_a_prefix_scored_before_is_served_from_the_cache_with_its_logprobs(
+    llama_dir: Path, expected: list[list[TokenLogprobs | None]]
+) -> None:
+    """Choices scored after a shared context (an eval's multiple choice): the context's blocks and their
+    logprobs come from the cache, the rest is computed, and every entry is transformers'."""
+    llm = _llm(llama_dir, block_size=4)
+    prompt = _prompts()[3]  # 50 tokens: 12 blocks of 4 may be hits
+    [first] = llm.generate([prompt], ASK)
+    assert first.num_cached_tokens == 0
+    assert_close(first.prompt_logprobs, expected[3])
+    [again] = llm.generate([prompt], ASK)
+    assert again.num_cached_tokens == 48
+    assert_close(again.prompt_logprobs, expected[3])
+    # Fewer alternatives are served from entries that list more; the first choice of the context
+    # differs after 30 tokens: 7 blocks are hits (the 8th block's last row predicts the changed token).
+    [fewer] = llm.generate([prompt], ASK.clone(prompt_logprobs=1))
+    assert fewer.num_cached_tokens == 48 and fewer.prompt_logprobs is not None
+    assert [e and (e.logprob, e.rank, e.top) for e in fewer.prompt_logprobs] == [
+        e and (e.logprob, e.rank, e.top[:1]) for e in again.prompt_logprobs or []
+    ]
+    other = [*prompt[:30], *[(token + 1) % 300 for token in prompt[30:]]]
+    want = _transformers_logprobs(llama_dir, other)
+    [choice] = llm.generate([other], ASK)
+    assert choice.num_cached_tokens == 28
+    assert_close(choice.prompt_logprobs, want)
+    # More alternatives than were kept: computed again.
+    [more] = llm.generate([prompt], ASK.clone(prompt_logprobs=TOP + 1))
+    assert more.num_cached_tokens == 0
+
+
+def test_choices_sent_together_wait_for_their_context_and_take_it_from_the_cache(llama_dir: Path) -> None:
+    """An eval's choices arrive together: the first computes the shared context, the others wait for its
+    blocks (and their logprobs) instead of computing the context again."""
+    context = _prompts()[3][:40]
+    choices = [[*context, 11 + i, 12 + i, 13 + i] for i in range(4)]
+    llm = _llm(llama_dir, block_size=4)
+    outputs = llm.generate(choices, ASK)
+    # 10 blocks of context; the 10th block's last row predicts the choice's first token, which differs.
+    assert [output.num_cached_tokens for output in outputs] == [0, 36, 36, 36]
+    for output, prompt in zip(outputs, choices, strict=True):
+        assert_close(output.prompt_logprobs, _transformers_logprobs(llama_dir, prompt))
+
+
+def test_kept_logprobs_are_bounded_and_the_oldest_go_first(
+    llama_dir: Path, expected: list[list[TokenLogprobs | None]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batchlm.core import prompt_logprob_cache
+
+    monkeypatch.setattr(prompt_logprob_cache, "PROMPT_LOGPROB_CACHE_TOKENS", 48)
+    llm = _llm(llama_dir, block_size=4)
+    long, short = _prompts()[3], _prompts()[0]  # 12 and 9 blocks kept of 12 allowed
+    llm.generate([long], ASK)
+    llm.generate([short], ASK)
+    assert len(llm.engine_core.scheduler.prompt_logprobs) == 12
+    [long_again] = llm.generate([long], ASK)
+    assert long_again.num_cached_tokens == 0, "its first blocks' logprobs went first"
+    assert_close(long_again.prompt_logprobs, expected[3])
 
 
 def test_n_sequences_and_preemption_report_the_prompt_once(

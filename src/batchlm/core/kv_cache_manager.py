@@ -68,14 +68,11 @@ class KVCacheManager:
 
     def find_cached_prefix(self, state: RequestState) -> list[int]:
         """Block ids of the longest run of cached full blocks that starts the request's tokens.
-        The run stops before the last token, which must be computed to get logits. A request that asks
-        for its prompt's logprobs computes the whole prompt (until its first output has them)."""
+        The run stops before the last token, which must be computed to get logits."""
         if not self.enable_prefix_caching:
             return []
         max_blocks = (state.num_tokens - 1) // self.block_size
         self._extend_hashes(state, max_blocks)
-        if not _reads_cache(state):
-            return []
         hits: list[int] = []
         for index in range(max_blocks):
             block = self.pool.lookup(state.block_hashes[index])
@@ -89,7 +86,7 @@ class KVCacheManager:
         computing it right now: admitting later lets the request share it instead of recomputing."""
         if not self._pending or num_cached_blocks >= (state.num_tokens - 1) // self.block_size:
             return False
-        return _reads_cache(state) and state.block_hashes[num_cached_blocks] in self._pending
+        return state.block_hashes[num_cached_blocks] in self._pending
 
     def admit(self, state: RequestState, cached_blocks: list[int], num_new_tokens: int) -> bool:
         """Give a waiting request a table: the shared cached blocks plus fresh blocks for the
@@ -170,9 +167,3 @@ class KVCacheManager:
             index = len(hashes)
             parent = hashes[-1] if hashes else self._root_hash
             hashes.append(hash_block(parent, tokens[index * size : (index + 1) * size]))
-
-
-def _reads_cache(state: RequestState) -> bool:
-    """Whether cached blocks may stand in for the request's tokens: not while it still has to read every
-    prompt token's logits for their logprobs (it reports them with its first output)."""
-    return not (state.first_output_pending and state.request.sampling_params.prompt_logprobs is not None)

@@ -7,7 +7,7 @@ import sys
 from dataclasses import InitVar, dataclass, field
 
 from batchlm.core.block_pool import BlockHash
-from batchlm.outputs import FinishReason
+from batchlm.outputs import FinishReason, TokenLogprobs
 from batchlm.request import EngineCoreRequest
 from batchlm.sampling_params import SamplingParams
 
@@ -41,6 +41,9 @@ class RequestState:
     num_cached_tokens: int | None = None
     # True until the first token has been reported (num_cached_tokens rides on that output).
     first_output_pending: bool = True
+    # With SamplingParams.prompt_logprobs, those of the prompt's prefix-cache hits, taken at admission
+    # (core/prompt_logprob_cache.py); the runner computes the rest.
+    cached_prompt_logprobs: tuple[TokenLogprobs, ...] = ()
     # When its first token was sampled, kept for a request that reports only at the finish.
     first_token_time: float | None = None
     # True when the runner must be sent NewRequestData (first schedule, and again after preemption).

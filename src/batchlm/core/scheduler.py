@@ -10,6 +10,7 @@ from functools import partial
 from batchlm.core.admission import AdmissionTickets
 from batchlm.core.facts import EngineStats
 from batchlm.core.kv_cache_manager import KVCacheManager
+from batchlm.core.prompt_logprob_cache import PromptLogprobCache, gathers_prompt_logprobs
 from batchlm.core.request_state import RequestState, RequestStatus
 from batchlm.core.scheduler_config import SchedulerConfig
 from batchlm.core.speculation import Speculator
@@ -37,6 +38,7 @@ class Scheduler:
         self.kv = KVCacheManager(
             config.num_blocks, config.block_size, config.enable_prefix_caching, config.prefix_cache_salt
         )
+        self.prompt_logprobs = PromptLogprobCache(config.block_size)
         self._requests: dict[str, RequestState] = {}
         self._tickets = AdmissionTickets()
         self._waiting: deque[RequestState] = deque()
@@ -180,6 +182,9 @@ class Scheduler:
         while self._waiting and step.budget > 0 and len(self._running) < self.config.max_num_seqs:
             state = self._next_to_admit()
             cached_blocks = self.kv.find_cached_prefix(state)
+            if gathers_prompt_logprobs(state):
+                # Hits stand in for rows whose logprobs it reports: only as far as those are kept.
+                cached_blocks = cached_blocks[: self.prompt_logprobs.take(state, len(cached_blocks))]
             if self.kv.waits_on_pending_block(state, len(cached_blocks)):
                 return  # nobody overtakes a request waiting for its prefix to be computed
             num_cached_tokens = len(cached_blocks) * self.config.block_size
@@ -283,8 +288,10 @@ class Scheduler:
                 continue
             state.num_inflight_samples -= 1
             token_id, logprobs = sampled[chunk.request_id]
-            prompt_logprobs = result.prompt_logprobs.get(chunk.request_id, ())
-            self._append_token(outputs, state, token_id, logprobs, prompt_logprobs)
+            prompt_logprobs = result.prompt_logprobs.get(chunk.request_id)
+            if prompt_logprobs is not None and self.config.enable_prefix_caching:
+                prompt_logprobs = self.prompt_logprobs.complete(state, prompt_logprobs)
+            self._append_token(outputs, state, token_id, logprobs, prompt_logprobs or ())
             finished_any = finished_any or state.is_finished
         if finished_any:
             self._running = [state for state in self._running if not state.is_finished]
