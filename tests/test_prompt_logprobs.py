@@ -180,7 +180,10 @@ def test_kept_logprobs_are_bounded_and_the_oldest_go_first(
 ) -> None:
     from batchlm.core import prompt_logprob_cache
 
-    monkeypatch.setattr(prompt_logprob_cache, "PROMPT_LOGPROB_CACHE_TOKENS", 48)
+    # Room for 12 blocks of 4 entries.
+    monkeypatch.setattr(
+        prompt_logprob_cache, "PROMPT_LOGPROB_CACHE_BYTES", 48 * prompt_logprob_cache.entry_bytes(TOP)
+    )
     llm = _llm(llama_dir, block_size=4)
     long, short = _prompts()[3], _prompts()[0]  # 12 and 9 blocks kept of 12 allowed
     llm.generate([long], ASK)

@@ -17,9 +17,14 @@ from batchlm.core.block_pool import BlockHash
 from batchlm.core.request_state import RequestState
 from batchlm.outputs import TokenLogprobs
 
-# Entries kept, counted in tokens: a Python object of a few hundred bytes each, so a bound on the host's
-# memory rather than on the KV cache's blocks (whose eviction this cache does not follow).
-PROMPT_LOGPROB_CACHE_TOKENS = 1 << 18
+# The host memory the kept entries may take, estimated (entry_bytes): a bound of its own, as this cache
+# does not follow the KV cache's evictions. An eval's shared contexts take a small part of it.
+PROMPT_LOGPROB_CACHE_BYTES = 64 << 20
+
+
+def entry_bytes(num_top: int) -> int:
+    """About what one kept entry takes: a TokenLogprobs with num_top alternatives (measured in CPython)."""
+    return 152 + 121 * num_top
 
 
 @dataclass(frozen=True)
@@ -35,9 +40,10 @@ def gathers_prompt_logprobs(state: RequestState) -> bool:
 
 
 class PromptLogprobCache:
-    def __init__(self, block_size: int, capacity_tokens: int | None = None) -> None:
+    def __init__(self, block_size: int, capacity_bytes: int | None = None) -> None:
         self.block_size = block_size
-        self.capacity_blocks = max(1, (capacity_tokens or PROMPT_LOGPROB_CACHE_TOKENS) // block_size)
+        self.capacity_bytes = capacity_bytes or PROMPT_LOGPROB_CACHE_BYTES
+        self.num_bytes = 0
         self._blocks: OrderedDict[tuple[BlockHash, int], _BlockEntries] = OrderedDict()
 
     def __len__(self) -> int:
@@ -77,8 +83,12 @@ class PromptLogprobCache:
             key = (state.block_hashes[index], tokens[(index + 1) * size])
             kept = self._blocks.get(key)
             if kept is None or kept.num_top < num_top:
+                if kept is not None:
+                    self.num_bytes -= size * entry_bytes(kept.num_top)
                 self._blocks[key] = _BlockEntries(num_top, entries[index * size : (index + 1) * size])
+                self.num_bytes += size * entry_bytes(num_top)
             self._blocks.move_to_end(key)
-        while len(self._blocks) > self.capacity_blocks:
-            self._blocks.popitem(last=False)
+        while self.num_bytes > self.capacity_bytes and self._blocks:
+            _, oldest = self._blocks.popitem(last=False)
+            self.num_bytes -= size * entry_bytes(oldest.num_top)
         return entries
