@@ -18,13 +18,18 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from mlx_vs_mlx_lm_server import free_port, wait_healthy
 
 COUNTRIES = [
     ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
@@ -99,32 +104,13 @@ async def run_all(
     return answers
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(model: str, extra: list[str]) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(model: str, extra: list[str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     command = [sys.executable, "-m", "batchlm.cli", "serve", "--model", model, "--port", str(port), *extra]
-    process = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited with {process.returncode}")
-        try:
-            import urllib.request
-
-            with urllib.request.urlopen(f"{base}/health", timeout=5) as reply:
-                if reply.status == 200:
-                    return process, base
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError("the server did not become ready")
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_healthy(port, process, log)
+    return process, f"http://127.0.0.1:{port}"
 
 
 def served_model(base_url: str) -> str:
@@ -151,7 +137,8 @@ def main() -> None:
     answers: dict[str, list[int]] = {}
     for run in range(args.runs):
         for name, extra in settings.items():  # a fresh server a run, alternating: nothing cached before
-            process, base = start_server(args.model, [*extra, *args.serve_arg])
+            log = Path(tempfile.gettempdir()) / f"eval_scoring_{os.getpid()}.log"
+            process, base = start_server(args.model, [*extra, *args.serve_arg], log)
             try:
                 started = time.perf_counter()
                 got = asyncio.run(run_all(base, served_model(base), items, args.concurrency))
