@@ -224,6 +224,35 @@ def test_prompt_logprobs_score_each_prompt_token_as_transformers(
     assert tokens(plain) == tokens(outputs) and plain[0].prompt_logprobs == ()
 
 
+def test_a_prefix_scored_before_is_reused_with_its_logprobs(
+    loaded: LoadedModel, tiny_model_dir: Callable[..., Path]
+) -> None:
+    """An eval's choices after one context: the second scores only past the shared tokens, from the
+    prompt cache's KV and the kept logprobs, and every entry is transformers'."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), dtype=torch.float32)
+    context = PROMPTS[0]
+    loop = make_loop(loaded)
+    for round_, choice in enumerate(([70, 71, 72], [80, 81], [70, 71, 72])):
+        prompt = [*context, *choice]
+        [first, *_] = run(loop, [request(f"c{round_}", prompt, prompt_logprobs=2, max_tokens=2)])[
+            f"c{round_}"
+        ]
+        # Round 0 scores it all; round 1 shares the context (13 tokens: 12 entries and their KV); round
+        # 2 repeats round 0's prompt (all but the last token).
+        assert first.num_cached_tokens == [0, len(context) - 1, len(prompt) - 1][round_]
+        with torch.no_grad():
+            raw = torch.log_softmax(model(torch.tensor([prompt])).logits[0], dim=-1)
+        assert len(first.prompt_logprobs) == len(prompt) - 1
+        for position, entry in enumerate(first.prompt_logprobs):
+            assert entry.logprob == pytest.approx(float(raw[position][prompt[position + 1]]), abs=1e-3)
+            assert [token for token, _ in entry.top] == raw[position].topk(2).indices.tolist()
+    more = run(loop, [request("more", [*context, 70, 71, 72], prompt_logprobs=3, max_tokens=1)])["more"]
+    assert more[0].num_cached_tokens == 0, "more alternatives than were kept: scored again"
+
+
 def test_seeded_sampling_ignores_batch_mates(loaded: LoadedModel) -> None:
     seeded = request("s", PROMPTS[1], seed=42, temperature=1.0, max_tokens=12)
     alone = tokens(run(make_loop(loaded), [seeded])["s"])

@@ -15,6 +15,7 @@ from mlx_lm.generate import BatchGenerator, StopSequences
 from batchlm.backends.mlx.grammar import MLXGrammars
 from batchlm.backends.mlx.logprobs import LogprobsQuery, token_logprobs
 from batchlm.backends.mlx.prompt_cache import CacheLookup, PromptCache
+from batchlm.backends.mlx.prompt_scores import PromptScores
 from batchlm.backends.mlx.sampling import (
     RawLogprobsRecorder,
     SamplerFactory,
@@ -83,6 +84,7 @@ class GenerationLoop:
         self._samplers = SamplerFactory(vocab_size)
         self._stop_automata: dict[Any, StopSequences] = {}
         self.prompt_cache = PromptCache(model_key, settings.kv_budget_bytes, settings.enable_prefix_caching)
+        self.prompt_scores = PromptScores(settings.enable_prefix_caching)
         self._waiting: OrderedDict[str, EngineCoreRequest] = OrderedDict()
         self._running: dict[int, _Running] = {}
         self._uid_of: dict[str, int] = {}
@@ -196,14 +198,21 @@ class GenerationLoop:
         # A prompt whose logprobs were asked is scored first; the generator goes on from that forward's
         # cache, so the prompt runs once (its last token, which gives the first output, in the generator).
         scores: dict[str, tuple[TokenLogprobs, ...]] = {}
-        lookups = []
+        lookups, num_cached = [], []
         for request in requests:
-            if request.sampling_params.prompt_logprobs is None or len(request.prompt_token_ids) < 2:
-                lookups.append(self.prompt_cache.lookup(request.prompt_token_ids))
+            prompt, num_top = request.prompt_token_ids, request.sampling_params.prompt_logprobs
+            if num_top is None or len(prompt) < 2:
+                lookups.append(self.prompt_cache.lookup(prompt))
+                num_cached.append(lookups[-1].num_cached)
                 continue
-            scored, cache = self._score_prompt(request)
+            # Reused KV stands in for rows whose logprobs it reports: only as far as those are kept.
+            kept = self.prompt_scores.covered(prompt, num_top)
+            reused = self.prompt_cache.lookup(prompt, max_cached=len(kept))
+            scored, cache = self._score_prompt(request, reused, kept[: reused.num_cached])
+            self.prompt_scores.keep(prompt, num_top, scored)
             scores[request.request_id] = scored
-            lookups.append(CacheLookup(cache, len(request.prompt_token_ids) - 1))
+            lookups.append(CacheLookup(cache, len(prompt) - 1))
+            num_cached.append(reused.num_cached)
         # None asks the generator for a fresh cache.
         caches: list[Any] = [lookup.cache for lookup in lookups]
         recorders: list[RawLogprobsRecorder | None] = []
@@ -232,24 +241,26 @@ class GenerationLoop:
             ],
         )
         now = time.time()
-        for request, lookup, recorder, uid in zip(requests, lookups, recorders, uids, strict=True):
-            num_cached = 0 if request.request_id in scores else lookup.num_cached
-            running = _Running(request, uid, num_cached, now, recorder)
+        for request, cached, recorder, uid in zip(requests, num_cached, recorders, uids, strict=True):
+            running = _Running(request, uid, cached, now, recorder)
             running.prompt_logprobs = scores.get(request.request_id, ())
             self._running[uid] = running
             self._uid_of[request.request_id] = uid
 
-    def _score_prompt(self, request: EngineCoreRequest) -> tuple[tuple[TokenLogprobs, ...], list[Any]]:
-        """The logprobs of each prompt token after the first, from a forward of all but the last prompt
-        token (the generator keeps only the last position's logits), a slice of positions at a time;
-        and the KV cache that forward filled."""
+    def _score_prompt(
+        self, request: EngineCoreRequest, reused: CacheLookup, kept: tuple[TokenLogprobs, ...]
+    ) -> tuple[tuple[TokenLogprobs, ...], list[Any]]:
+        """The logprobs of each prompt token after the first: `kept` for the tokens 1..k whose KV
+        `reused` holds (the tokens 0..k-1), then from a forward of the rest but the last prompt token
+        (the generator keeps only the last position's logits), a slice of positions at a time; and the
+        KV cache that forward filled."""
         from mlx_lm.models.cache import make_prompt_cache
 
         prompt, num_top = request.prompt_token_ids, request.sampling_params.prompt_logprobs
-        assert num_top is not None
-        cache = make_prompt_cache(self.model)
-        scored: list[TokenLogprobs] = []
-        for start in range(0, len(prompt) - 1, PROMPT_SCORE_ROWS):
+        assert num_top is not None and len(kept) == reused.num_cached
+        cache = reused.cache if reused.cache is not None else make_prompt_cache(self.model)
+        scored = list(kept)
+        for start in range(reused.num_cached, len(prompt) - 1, PROMPT_SCORE_ROWS):
             rows = prompt[start : min(start + PROMPT_SCORE_ROWS, len(prompt) - 1)]
             logits = self.model(mx.array([rows]), cache=cache)[0].astype(mx.float32)
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)

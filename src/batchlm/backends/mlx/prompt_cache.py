@@ -40,21 +40,23 @@ class PromptCache:
     def nbytes(self) -> int:
         return int(self._lru.nbytes)
 
-    def lookup(self, prompt: Sequence[int]) -> CacheLookup:
+    def lookup(self, prompt: Sequence[int], max_cached: int | None = None) -> CacheLookup:
         """The longest reusable prefix of `prompt`, always leaving at least one token to compute (the
-        last prompt token must run through the model to give the first output's logits)."""
+        last prompt token must run through the model to give the first output's logits), and at most
+        max_cached tokens long."""
         self.queries += len(prompt)
-        if not self.enabled:
+        limit = len(prompt) - 1 if max_cached is None else min(max_cached, len(prompt) - 1)
+        if not self.enabled or limit <= 0:
             return CacheLookup(None, 0)
         cache, rest = self._lru.fetch_nearest_cache(self.model_key, list(prompt))
         if cache is None:
             return CacheLookup(None, 0)
-        if not rest:
+        excess = len(prompt) - len(rest) - limit
+        if excess > 0:
             if not can_trim_prompt_cache(cache):
                 return CacheLookup(None, 0)
-            trim_prompt_cache(cache, 1)
-            rest = list(prompt[-1:])
-        num_cached = len(prompt) - len(rest)
+            trim_prompt_cache(cache, excess)
+        num_cached = len(prompt) - len(rest) - max(excess, 0)
         self.hits += num_cached
         return CacheLookup(cache, num_cached)
 

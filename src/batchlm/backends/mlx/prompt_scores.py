@@ -1,0 +1,71 @@
+"""Prompt logprobs the MLX loop scored, kept so that a prompt sharing a prefix with one scored before (an
+eval's choices after one context) scores only the rest, from the prompt cache's KV of that prefix. The
+logprob of token j holds for any prompt whose tokens 0..j are the same, so of a kept prompt sharing s
+tokens, the entries of tokens 1..s-1 serve."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import replace
+
+from batchlm.core.prompt_logprob_cache import PROMPT_LOGPROB_CACHE_BYTES, entry_bytes
+from batchlm.outputs import TokenLogprobs
+
+# Scored prompts kept at most (the byte bound usually binds first for long prompts).
+MAX_SCORED_PROMPTS = 64
+
+
+def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens a and b have in common."""
+    count = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        count += 1
+    return count
+
+
+class PromptScores:
+    """Not thread-safe: the generation thread owns it."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.num_bytes = 0
+        # Prompt -> (alternatives listed per entry, the logprobs of its tokens 1..n-1).
+        self._kept: OrderedDict[tuple[int, ...], tuple[int, tuple[TokenLogprobs, ...]]] = OrderedDict()
+
+    def covered(self, prompt: Sequence[int], num_top: int) -> tuple[TokenLogprobs, ...]:
+        """The kept entries that hold for `prompt` (its tokens 1..m, the longest such run), listing
+        num_top alternatives each."""
+        if not self.enabled:
+            return ()
+        best: tuple[TokenLogprobs, ...] = ()
+        best_key = None
+        for tokens, (kept_top, entries) in self._kept.items():
+            usable = min(shared_prefix(tokens, prompt) - 1, len(entries))
+            if kept_top >= num_top and usable > len(best):
+                best, best_key = entries[:usable], tokens
+        if best_key is None:
+            return ()
+        self._kept.move_to_end(best_key)
+        if self._kept[best_key][0] == num_top:
+            return best
+        return tuple(replace(entry, top=entry.top[:num_top]) for entry in best)
+
+    def keep(self, prompt: Sequence[int], num_top: int, entries: tuple[TokenLogprobs, ...]) -> None:
+        if not self.enabled or not entries:
+            return
+        key = tuple(prompt)
+        old = self._kept.pop(key, None)
+        if old is not None:
+            self.num_bytes -= len(old[1]) * entry_bytes(old[0])
+            if old[0] > num_top:
+                num_top, entries = old
+        self._kept[key] = (num_top, entries)
+        self.num_bytes += len(entries) * entry_bytes(num_top)
+        while self._kept and (
+            len(self._kept) > MAX_SCORED_PROMPTS or self.num_bytes > PROMPT_LOGPROB_CACHE_BYTES
+        ):
+            _, (top, dropped) = self._kept.popitem(last=False)
+            self.num_bytes -= len(dropped) * entry_bytes(top)
