@@ -175,6 +175,23 @@ def test_choices_sent_together_wait_for_their_context_and_take_it_from_the_cache
         assert_close(output.prompt_logprobs, _transformers_logprobs(llama_dir, prompt))
 
 
+def test_speculative_steps_leave_the_prompt_s_logprobs_alone(
+    llama_dir: Path, expected: list[list[TokenLogprobs | None]]
+) -> None:
+    # Drafts from the prompt's own n-grams verified every step; the prompt, scored twice, from the
+    # cache the second time.
+    llm = _llm(llama_dir, block_size=4, speculative="ngram")
+    prompt = [*_prompts()[3][:20], *_prompts()[3][:20]]  # repeats itself: drafts are found
+    want = _transformers_logprobs(llama_dir, prompt)
+    for _ in range(2):
+        [output] = llm.generate([prompt], ASK.clone(max_tokens=12))
+        assert_close(output.prompt_logprobs, want)
+    assert output.num_cached_tokens == 36
+    assert llm.engine_core.stats().spec_proposed_tokens_total > 0
+    plain = _llm(llama_dir, speculative="off").generate([prompt], ASK.clone(max_tokens=12))
+    assert output.outputs[0].token_ids == plain[0].outputs[0].token_ids
+
+
 def test_kept_logprobs_are_bounded_and_the_oldest_go_first(
     llama_dir: Path, expected: list[list[TokenLogprobs | None]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
