@@ -4,6 +4,7 @@ template with tools expects it, or as text for one without; --tool-call-parser p
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -130,6 +131,35 @@ def test_a_chosen_parser_reads_its_family_and_keeps_special_tokens() -> None:
     [call] = body["choices"][0]["message"]["tool_calls"]
     assert call["function"] == {"name": "get_weather", "arguments": PARIS}
     assert engine.calls[-1].params.skip_special_tokens is False
+
+
+def test_qwen3_coder_calls_are_read_with_their_parameters_typed_by_the_schema() -> None:
+    search = {
+        "type": "function",
+        "function": {
+            "name": "search",
+            "parameters": {
+                "type": "object",
+                "properties": {"query": {"type": "string"}, "limit": {"type": "integer"}},
+            },
+        },
+    }
+    reply = (
+        "<tool_call>\n<function=search>\n<parameter=query>\n10\n</parameter>\n"
+        "<parameter=limit>\n10\n</parameter>\n</function>\n</tool_call>"
+    )
+    engine = FakeEngine(max_model_len=4096, reply=reply)
+    with BackgroundServer(engine, ServerSettings(tool_call_parser="qwen3_coder")) as running:
+        body = post(running, {"tools": [search]}).json()
+        [call] = body["choices"][0]["message"]["tool_calls"]
+        assert call["function"] == {"name": "search", "arguments": '{"query": "10", "limit": 10}'}
+        assert body["choices"][0]["finish_reason"] == "tool_calls"
+        # No grammar of this markup: a forced call is plain JSON, which fits the schema.
+        engine.reply = '[{"name": "search", "parameters": {"query": "x", "limit": 3}}]'
+        forced = post(running, {"tools": [search], "tool_choice": "required"}).json()
+        [call] = forced["choices"][0]["message"]["tool_calls"]
+        assert json.loads(call["function"]["arguments"]) == {"query": "x", "limit": 3}
+        assert engine.calls[-1].params.structured_outputs.json is not None
 
 
 def test_auto_without_a_parser_is_refused() -> None:

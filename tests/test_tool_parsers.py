@@ -9,10 +9,12 @@ import pytest
 
 from batchlm.tools.calls import StreamDelta, ToolCall
 from batchlm.tools.forced import NamedFunctionParser, RequiredCallsParser
+from batchlm.tools.function_tool import FunctionTool
 from batchlm.tools.hermes import HermesParser
 from batchlm.tools.llama3_json import Llama3JsonParser
 from batchlm.tools.mistral import MistralParser
 from batchlm.tools.parser import ToolParser
+from batchlm.tools.qwen3_coder import Qwen3CoderParser
 from batchlm.tools.registry import detect_parser_name
 
 WEATHER = '{"city": "Paris", "unit": "celsius"}'
@@ -20,6 +22,50 @@ SMOLLM2_NAMED = '{\n  "city": "Paris",\n  "unit": "celsius"\n}'
 SMOLLM2_PARAMETERS = '{\n        "city": "Paris",\n        "unit": "celsius"\n    }'
 SMOLLM2_REQUIRED = f'[\n{{\n    "name": "get_weather",\n    "parameters": {SMOLLM2_PARAMETERS}\n}}\n]'
 TIME = '{"zone": "CET {x}", "quote": "a \\"b\\" </tool_call>"}'
+
+# Qwen3-Coder's parameters are raw text, typed by the function's schema.
+CODER_TOOLS = (
+    FunctionTool(
+        "get_weather",
+        None,
+        {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string"}}},
+    ),
+    FunctionTool(
+        "search",
+        None,
+        {
+            "type": "object",
+            "properties": {
+                "query": {"type": "string"},
+                "limit": {"type": "integer"},
+                "exact": {"type": ["boolean", "null"]},
+                "filters": {"type": "object"},
+                "score": {"anyOf": [{"type": "number"}, {"type": "null"}]},
+            },
+        },
+    ),
+)
+CODER = Qwen3CoderParser(tools=CODER_TOOLS)
+CODER_WEATHER = (
+    "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
+    "<parameter=unit>\ncelsius\n</parameter>\n</function>\n</tool_call>"
+)
+CODER_SEARCH = (
+    '<tool_call>\n<function=search>\n<parameter=query>\n42 </tool_call> "quoted"\nline two\n</parameter>\n'
+    "<parameter=limit>\n 5 \n</parameter>\n<parameter=exact>\nTrue\n</parameter>\n"
+    '<parameter=filters>\n{"lang": "en"}\n</parameter>\n<parameter=score>\nhigh\n</parameter>\n'
+    "<parameter=extra>\n7\n</parameter>\n</function>\n</tool_call>"
+)
+SEARCH_ARGUMENTS = json.dumps(
+    {
+        "query": '42 </tool_call> "quoted"\nline two',
+        "limit": 5,
+        "exact": True,
+        "filters": {"lang": "en"},
+        "score": "high",
+        "extra": "7",
+    }
+)
 
 # (parser, model output, expected content, expected (name, arguments) calls)
 CASES: list[tuple[ToolParser, str, str | None, list[tuple[str, str]]]] = [
@@ -71,6 +117,16 @@ CASES: list[tuple[ToolParser, str, str | None, list[tuple[str, str]]]] = [
         [("get_weather", WEATHER), ("get_time", TIME)],
     ),
     (MistralParser(), "[TOOL bar] [TOOL_CALLS", "[TOOL bar] [TOOL_CALLS", []),
+    (CODER, "No call <function=x> here.", "No call <function=x> here.", []),
+    (CODER, CODER_WEATHER, None, [("get_weather", WEATHER)]),
+    (
+        CODER,
+        f"Looking.\n{CODER_WEATHER}\n{CODER_SEARCH}\nDone.",
+        "Looking.Done.",
+        [("get_weather", WEATHER), ("search", SEARCH_ARGUMENTS)],
+    ),
+    (CODER, "<tool_call>\n<function=ping>\n</function>\n</tool_call>", None, [("ping", "{}")]),
+    (CODER, "<tool_call> not a function </tool_call>", "<tool_call> not a function </tool_call>", []),
     (NamedFunctionParser("get_weather"), f" {WEATHER} ", None, [("get_weather", WEATHER)]),
     # SmolLM2-135M-Instruct's greedy outputs under the named and required schemas (llguidance).
     (NamedFunctionParser("get_weather"), SMOLLM2_NAMED, None, [("get_weather", SMOLLM2_NAMED)]),
@@ -151,7 +207,16 @@ def test_streaming_one_character_at_a_time_leaks_no_markup(
     streamed_content, streamed_calls, _ = stream(parser, list(output))
     assert streamed_calls == calls
     if calls:
-        for marker in ("<tool_call>", "</tool_call>", "[TOOL_CALLS]", "[ARGS]", "<|python_tag|>", '"name"'):
+        markers = (
+            "<tool_call>",
+            "</tool_call>",
+            "[TOOL_CALLS]",
+            "[ARGS]",
+            "<|python_tag|>",
+            '"name"',
+            "<function=",
+        )
+        for marker in markers:
             assert marker not in streamed_content
 
 
@@ -215,6 +280,12 @@ CUT_SHORT: list[tuple[ToolParser, str, str | None, list[tuple[str, str]]]] = [
     ),
     (NamedFunctionParser("get_weather"), '{"city": "Par', None, [("get_weather", '{"city": "Par')]),
     (
+        CODER,
+        "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=unit>\ncel",
+        None,
+        [("get_weather", '{"city": "Paris"')],
+    ),
+    (
         RequiredCallsParser(),
         f'[{{"name": "get_weather", "parameters": {WEATHER}}}, {{"name": "get_time", "parameters": {{"zo',
         None,
@@ -251,6 +322,7 @@ def test_an_output_cut_short_gives_what_its_stream_sent(
         ("{{ '<|python_tag|>' }}", "llama3_json"),
         ("{% for m in messages %}<|im_start|>{{ m.content }}{% endfor %}", "hermes"),
         (None, "hermes"),
+        ("{{- '<tool_call>\\n<function=' + name + '>' }}{{- '<parameter=' + key + '>' }}", "qwen3_coder"),
     ],
 )
 def test_auto_detection_follows_the_chat_template(template: str | None, name: str) -> None:

@@ -15,7 +15,9 @@ class ToolParser(ABC):
     # The family's call markers are special tokens, which the detokenizer must keep in the text.
     keeps_special_tokens = False
 
-    def __init__(self, max_calls: int | None = None) -> None:
+    def __init__(self, max_calls: int | None = None, tools: Sequence[FunctionTool] = ()) -> None:
+        """tools: the request's functions, for a family whose markup needs their schemas to read a call
+        (Qwen3-Coder's raw-text parameter values)."""
         # parallel_tool_calls=false keeps the first call only.
         self.max_calls = max_calls
 

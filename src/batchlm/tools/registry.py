@@ -6,11 +6,13 @@ from batchlm.tools.hermes import HermesParser
 from batchlm.tools.llama3_json import Llama3JsonParser
 from batchlm.tools.mistral import MistralParser
 from batchlm.tools.parser import ToolParser
+from batchlm.tools.qwen3_coder import Qwen3CoderParser
 
 PARSERS: dict[str, type[ToolParser]] = {
     "hermes": HermesParser,
     "llama3_json": Llama3JsonParser,
     "mistral": MistralParser,
+    "qwen3_coder": Qwen3CoderParser,
 }
 AUTO, NO_PARSER = "auto", "none"
 TOOL_CALL_PARSER_CHOICES = (AUTO, *PARSERS, NO_PARSER)
@@ -22,6 +24,8 @@ def detect_parser_name(chat_template: str | None) -> str:
     template = chat_template or ""
     if "[TOOL_CALLS]" in template:
         return "mistral"
+    if "<function=" in template and "<parameter=" in template:
+        return "qwen3_coder"
     if "<tool_call>" in template:
         return "hermes"
     if "<|python_tag|>" in template or '"parameters"' in template:

@@ -99,7 +99,7 @@ def chat_tool_use(
         return ChatToolUse(plan, None)
     added = added_tokens or {}
     found = parser_class(parser_setting, chat_template)
-    family = found(max_calls=plan.max_calls) if found is not None else None
+    family = found(max_calls=plan.max_calls, tools=plan.tools) if found is not None else None
     if plan.mode != "auto":
         # A forced call in the model's own markup, as its chat template renders calls: in
         # distribution for the model, and the next turn's prompt repeats the tokens it sampled (its
