@@ -154,7 +154,14 @@ def test_qwen3_coder_calls_are_read_with_their_parameters_typed_by_the_schema() 
         [call] = body["choices"][0]["message"]["tool_calls"]
         assert call["function"] == {"name": "search", "arguments": '{"query": "10", "limit": 10}'}
         assert body["choices"][0]["finish_reason"] == "tool_calls"
-        # No grammar of this markup: a forced call is plain JSON, which fits the schema.
+        # Forced: the same markup, under a grammar that types each value by the schema.
+        forced = post(running, {"tools": [search], "tool_choice": "required"}).json()
+        [call] = forced["choices"][0]["message"]["tool_calls"]
+        assert json.loads(call["function"]["arguments"]) == {"query": "10", "limit": 10}
+        grammar = engine.calls[-1].params.structured_outputs.grammar
+        assert grammar is not None and '"<parameter=limit>\\n"' in grammar
+        # A string pattern raw text cannot carry: plain JSON, which the grammar holds to the schema.
+        search["function"]["parameters"]["properties"]["query"]["pattern"] = "^[a-z]+$"
         engine.reply = '[{"name": "search", "parameters": {"query": "x", "limit": 3}}]'
         forced = post(running, {"tools": [search], "tool_choice": "required"}).json()
         [call] = forced["choices"][0]["message"]["tool_calls"]

@@ -246,3 +246,66 @@ def test_with_a_regex_choice_or_grammar_asked_for_each_family_answers_in_it_or_c
     assert not grammar.takes([refused])
     assert not grammar.takes(["Some text."])
     assert grammar.takes(calls_alone(output), then_ends=True)
+
+
+CODER_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "query": {"type": "string"},
+        "limit": {"type": "integer"},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+        "filters": {"type": "object", "properties": {"lang": {"type": "string"}}},
+    },
+    "required": ["query", "limit"],
+}
+
+
+def coder_call(*parameters: tuple[str, str], name: str = "search") -> str:
+    body = "".join(f"<parameter={key}>\n{value}\n</parameter>\n" for key, value in parameters)
+    return f"<tool_call>\n<function={name}>\n{body}</function>\n</tool_call>"
+
+
+def test_qwen3_coder_forced_calls_are_its_markup_typed_by_the_schema(backend, tiny_tokenizer) -> None:
+    from batchlm.tools.qwen3_coder import Qwen3CoderParser
+
+    tool = FunctionTool("search", None, CODER_SCHEMA)
+    grammar = Qwen3CoderParser(max_calls=1, tools=[tool]).forced_grammar([tool], {})
+    assert grammar is not None
+    spec = StructuredOutputs(grammar=grammar)
+
+    def taken(text: str, then_ends: bool = True) -> bool:
+        return takes(backend, spec, tiny_tokenizer.hf.encode(text, add_special_tokens=False), then_ends)
+
+    full = coder_call(
+        ("query", "two lines\nof text"), ("limit", "5"), ("unit", "celsius"), ("filters", '{"lang": "en"}')
+    )
+    assert taken(full)
+    assert taken(coder_call(("query", "x"), ("limit", "-3")))
+    parsed = Qwen3CoderParser(tools=[tool]).extract(full).tool_calls[0]
+    assert json.loads(parsed.arguments) == {
+        "query": "two lines\nof text",
+        "limit": 5,
+        "unit": "celsius",
+        "filters": {"lang": "en"},
+    }
+    assert not taken(coder_call(("query", "x")), then_ends=False), "a required parameter left out"
+    assert not taken(coder_call(("query", "x"), ("limit", "five")), then_ends=False), "not an integer"
+    assert not taken(coder_call(("query", "x"), ("limit", "5"), ("unit", "kelvin")), then_ends=False)
+    assert not taken(coder_call(("query", "x"), ("limit", "5"), ("zz", "1")), then_ends=False), "undeclared"
+    assert not taken(coder_call(("query", "x"), ("limit", "5"), name="launch"), then_ends=False)
+    assert not taken(full + "\n" + full, then_ends=False), "one call at most"
+    walked = greedy_walk(backend, spec, tiny_tokenizer, full)
+    assert walked == full
+
+
+def test_qwen3_coder_forces_plain_json_where_raw_text_cannot_carry_the_schema() -> None:
+    from batchlm.tools.qwen3_coder import Qwen3CoderParser
+
+    for parameters in (
+        {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}$"}}},
+        {"type": "object", "properties": {"when": {"type": "string", "format": "date"}}},
+        {"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}}, "$defs": {"A": {"type": "string"}}},
+        {"type": "object", "additionalProperties": True},
+    ):
+        tool = FunctionTool("f", None, parameters)
+        assert Qwen3CoderParser(tools=[tool]).forced_grammar([tool], {}) is None, parameters

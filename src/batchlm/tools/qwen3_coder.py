@@ -16,9 +16,10 @@ one parameter at a time."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from batchlm.tools.call_grammar import json_rule, token_rule
 from batchlm.tools.function_tool import FunctionTool
 from batchlm.tools.json_scan import skip_whitespace
 from batchlm.tools.parser import ToolParser
@@ -38,6 +39,14 @@ class Qwen3CoderParser(ToolParser):
 
     def scan(self, text: str, final: bool) -> Scan:
         return scan_marked_calls(text, START, self._region, final)
+
+    def forced_grammar(self, tools: Sequence[FunctionTool], added_tokens: Mapping[str, int]) -> str | None:
+        """The calls as the chat template renders them: each function's parameters in its schema's
+        order (the required ones always), a string's value as raw text, any other value as JSON, so
+        that the arguments read back fit the schema. None for a schema whose constraints raw text
+        cannot carry (a string's pattern, format or length; references; open objects): the forced
+        call is then plain JSON."""
+        return _forced_calls_grammar(tools, added_tokens, self.max_calls)
 
     def _region(self, text: str, pos: int, final: bool) -> MarkedRegion | None:
         pos = skip_whitespace(text, pos)
@@ -118,3 +127,75 @@ def _json_value(value: str, types: set[str] | None) -> str:
         return json.dumps(json.loads(text), ensure_ascii=False)
     except ValueError:
         return json.dumps(value, ensure_ascii=False)
+
+
+# Keys an arguments schema may hold beside its properties; any other asks for what the layout cannot say.
+_TOP_KEYS = frozenset(
+    {"type", "properties", "required", "additionalProperties", "title", "description", "$schema"}
+)
+# A string parameter with any of these is held to more than raw text can be checked for here.
+_STRING_CONSTRAINTS = ("pattern", "format", "minLength", "maxLength", "const")
+NEWLINE = json.dumps("\n")
+
+
+def _forced_calls_grammar(
+    tools: Sequence[FunctionTool], added_tokens: Mapping[str, int], max_calls: int | None
+) -> str | None:
+    rules: list[str] = []
+    functions: list[str] = []
+    for index, tool in enumerate(tools):
+        parameters = _parameter_rules(tool.closed_parameters, f"f{index}")
+        if parameters is None:
+            return None
+        body, more = parameters
+        head = json.dumps(f"<function={tool.name}>\n")
+        rules += [f"f{index}: {head} {body} {json.dumps('</function>')}", *more]
+        functions.append(f"f{index}")
+    start, end = token_rule(START, added_tokens), token_rule(END, added_tokens)
+    block = (
+        f"{start or json.dumps(START)} {NEWLINE} ({' | '.join(functions)}) {NEWLINE} {end or json.dumps(END)}"
+    )
+    calls = "block" if max_calls == 1 else f"block ({NEWLINE} block)*"
+    return "\n".join([f"start: {calls}", f"block: {block}", *rules])
+
+
+def _parameter_rules(schema: dict[str, Any], prefix: str) -> tuple[str, list[str]] | None:
+    """The rule body of a call's parameters, and the rules it refers to; None where unsupported."""
+    if set(schema) - _TOP_KEYS or schema.get("additionalProperties", True) is not False:
+        return None
+    if "$ref" in json.dumps(schema):
+        return None
+    properties = schema.get("properties", {})
+    required = set(schema.get("required", ()))
+    if not isinstance(properties, dict):
+        return None
+    parts: list[str] = []
+    rules: list[str] = []
+    for position, (key, prop) in enumerate(properties.items()):
+        if not isinstance(prop, dict):
+            return None
+        name = f"{prefix}_p{position}"
+        value = _value_rule(prop, f"{name}_v")
+        if value is None:
+            return None
+        opening = json.dumps(f"<parameter={key}>\n")
+        rules += [f"{name}: {opening} {value[0]}", *value[1]]
+        parts.append(name if key in required else f"{name}?")
+    return " ".join(parts) or '""', rules
+
+
+def _value_rule(prop: dict[str, Any], name: str) -> tuple[str, list[str]] | None:
+    """A parameter's value and its closing tag, as the parser reads it back into the declared type."""
+    closing = json.dumps("\n</parameter>\n")
+    types = _types_of(prop)
+    if types & JSON_TYPES and "string" not in types:
+        return f"{name} {closing}", [f"{name}: {json_rule(prop, rendered=True)}"]
+    if any(key in prop for key in _STRING_CONSTRAINTS):
+        return None
+    if "enum" in prop:
+        choices = prop["enum"]
+        if not choices or not all(isinstance(choice, str) and "\n" not in choice for choice in choices):
+            return None
+        return f"({' | '.join(json.dumps(choice) for choice in choices)}) {closing}", []
+    # Raw text up to the first closing tag: one lazy lexeme, which ends where the tag first appears.
+    return name, [f"{name}[lazy]: /(?s:.*)/ {closing}"]
