@@ -309,3 +309,37 @@ def test_qwen3_coder_forces_plain_json_where_raw_text_cannot_carry_the_schema() 
     ):
         tool = FunctionTool("f", None, parameters)
         assert Qwen3CoderParser(tools=[tool]).forced_grammar([tool], {}) is None, parameters
+
+
+@pytest.mark.parametrize("marker_tokens", [False, True])
+def test_qwen3_coder_strict_calls_in_free_text_and_beside_an_answer(tiny_tokenizer, marker_tokens) -> None:
+    from batchlm.tools.qwen3_coder import END as CODER_END
+    from batchlm.tools.qwen3_coder import START as CODER_START
+    from batchlm.tools.qwen3_coder import Qwen3CoderParser
+
+    hf = copy.deepcopy(tiny_tokenizer.hf)
+    markers = [CODER_START, CODER_END] if marker_tokens else []
+    hf.add_tokens(markers)
+    added = {token: hf.convert_tokens_to_ids(token) for token in markers}
+    backend = LLGuidanceBackend.from_hf(hf, len(hf), EOS)
+    strict = FunctionTool("f", None, {"type": "object", "properties": {"a": {"type": "integer"}}}, True)
+    free = FunctionTool("g", None, {"type": "object"}, False)
+
+    def taken(spec: StructuredOutputs, text: str, then_ends: bool = True) -> bool:
+        return takes(backend, spec, hf.encode(text, add_special_tokens=False), then_ends)
+
+    def call(name: str, *parameters: tuple[str, str]) -> str:
+        body = "".join(f"<parameter={key}>\n{value}\n</parameter>\n" for key, value in parameters)
+        return f"<tool_call>\n<function={name}>\n{body}</function>\n</tool_call>"
+
+    spec = StructuredOutputs(grammar=Qwen3CoderParser().calls_grammar([strict, free], added))
+    assert taken(spec, "No call, just text.")
+    assert taken(spec, f"Ok {call('f', ('a', '1'))} then {call('g', ('any', 'thing'), ('n', '2'))} done")
+    assert not taken(spec, call("f", ("a", "one")), then_ends=False), "a strict function's integer"
+    assert not taken(spec, call("f", ("zz", "1")), then_ends=False), "a strict function's undeclared key"
+    assert not taken(spec, call("launch"), then_ends=False), "a function not offered"
+    answer = '%json {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}'
+    beside = StructuredOutputs(grammar=Qwen3CoderParser().calls_grammar([strict, free], added, answer))
+    assert taken(beside, '{"answer": 42}')
+    assert taken(beside, call("f", ("a", "1")))
+    assert not taken(beside, "Some text.", then_ends=False)

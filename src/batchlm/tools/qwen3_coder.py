@@ -19,10 +19,10 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from batchlm.tools.call_grammar import json_rule, token_rule
+from batchlm.tools.call_grammar import free_text, json_rule, token_rule
 from batchlm.tools.function_tool import FunctionTool
 from batchlm.tools.json_scan import skip_whitespace
-from batchlm.tools.parser import ToolParser
+from batchlm.tools.parser import ToolParser, optional_calls
 from batchlm.tools.scan import CallScan, MarkedRegion, Scan, scan_marked_calls
 
 START, END = "<tool_call>", "</tool_call>"
@@ -40,13 +40,45 @@ class Qwen3CoderParser(ToolParser):
     def scan(self, text: str, final: bool) -> Scan:
         return scan_marked_calls(text, START, self._region, final)
 
+    def calls_grammar(
+        self, tools: Sequence[FunctionTool], added_tokens: Mapping[str, int], answer: str | None = None
+    ) -> str | None:
+        """Free text (or `answer`); from a `<tool_call>` on, one call of the tools in the template's
+        layout and its `</tool_call>`: a strict function's parameters typed as a forced call's are (where
+        its schema allows), any other function's free. Where the markers are tokens of the tokenizer
+        (Qwen's), the grammar names them and the text may not spell a marker out."""
+        functions, rules = _function_rules(tools, forced=False) or ([], [])
+        start, end = token_rule(START, added_tokens), token_rule(END, added_tokens)
+        if answer is not None:
+            head = [f"start: answer | {self._calls_alone(added_tokens)}", f"answer: {answer}"]
+        elif start is not None and end is not None:
+            calls = f"({start} call {end} free){optional_calls(self.max_calls)}"
+            head = [f"start: free {calls}", *free_text(added_tokens, (START, END))]
+        else:
+            head = [
+                f"start: (call_head call {json.dumps(END)}){optional_calls(self.max_calls)} TEXT",
+                f"call_head[lazy]: TEXT {json.dumps(START)}",
+                "TEXT: /(.|\\n)*/",
+            ]
+        return "\n".join([*head, _call_rule(functions), *rules])
+
     def forced_grammar(self, tools: Sequence[FunctionTool], added_tokens: Mapping[str, int]) -> str | None:
-        """The calls as the chat template renders them: each function's parameters in its schema's
-        order (the required ones always), a string's value as raw text, any other value as JSON, so
-        that the arguments read back fit the schema. None for a schema whose constraints raw text
-        cannot carry (a string's pattern, format or length; references; open objects): the forced
+        """The calls alone, laid out as the chat template renders them: each function's parameters in
+        its schema's order (the required ones always), a string's value as raw text, any other value as
+        JSON, so that the arguments read back fit the schema. None for a schema whose constraints raw
+        text cannot carry (a string's pattern, format or length; references; open objects): the forced
         call is then plain JSON."""
-        return _forced_calls_grammar(tools, added_tokens, self.max_calls)
+        built = _function_rules(tools, forced=True)
+        if built is None:
+            return None
+        functions, rules = built
+        return "\n".join([f"start: {self._calls_alone(added_tokens)}", _call_rule(functions), *rules])
+
+    def _calls_alone(self, added_tokens: Mapping[str, int]) -> str:
+        """A Lark rule body: the output's calls alone, a newline apart."""
+        start, end = token_rule(START, added_tokens), token_rule(END, added_tokens)
+        block = f"{start or json.dumps(START)} call {end or json.dumps(END)}"
+        return block if self.max_calls == 1 else f"{block} ({NEWLINE} {block})*"
 
     def _region(self, text: str, pos: int, final: bool) -> MarkedRegion | None:
         pos = skip_whitespace(text, pos)
@@ -138,25 +170,37 @@ _STRING_CONSTRAINTS = ("pattern", "format", "minLength", "maxLength", "const")
 NEWLINE = json.dumps("\n")
 
 
-def _forced_calls_grammar(
-    tools: Sequence[FunctionTool], added_tokens: Mapping[str, int], max_calls: int | None
-) -> str | None:
+# Parameters of a function whose calls are not held to its schema: any names, raw values.
+FREE_PARAMETER_RULES = [
+    f'free_parameter: {json.dumps(PARAMETER)} PARAMETER_NAME ">\\n" free_value',
+    "PARAMETER_NAME: /[^>\\n]+/",
+    'free_value[lazy]: /(?s:.*)/ "\\n</parameter>\\n"',
+]
+
+
+def _call_rule(functions: list[str]) -> str:
+    """`call`: what comes between the call's markers, one of the functions' rules."""
+    return f"call: {NEWLINE} ({' | '.join(functions)}) {NEWLINE}"
+
+
+def _function_rules(tools: Sequence[FunctionTool], forced: bool) -> tuple[list[str], list[str]] | None:
+    """The name of each function's rule, and the rules. Forced: every function's parameters typed
+    (None where a schema does not allow it); else a strict function's where its schema allows, the
+    others free."""
+    names: list[str] = []
     rules: list[str] = []
-    functions: list[str] = []
+    free = False
     for index, tool in enumerate(tools):
-        parameters = _parameter_rules(tool.closed_parameters, f"f{index}")
-        if parameters is None:
-            return None
-        body, more = parameters
+        typed = _parameter_rules(tool.closed_parameters, f"f{index}") if forced or tool.strict else None
+        if typed is None:
+            if forced:
+                return None
+            typed, free = ("free_parameter*", []), True
+        body, more = typed
         head = json.dumps(f"<function={tool.name}>\n")
-        rules += [f"f{index}: {head} {body} {json.dumps('</function>')}", *more]
-        functions.append(f"f{index}")
-    start, end = token_rule(START, added_tokens), token_rule(END, added_tokens)
-    block = (
-        f"{start or json.dumps(START)} {NEWLINE} ({' | '.join(functions)}) {NEWLINE} {end or json.dumps(END)}"
-    )
-    calls = "block" if max_calls == 1 else f"block ({NEWLINE} block)*"
-    return "\n".join([f"start: {calls}", f"block: {block}", *rules])
+        rules += [f"f{index}: {head} {body} {json.dumps(FUNCTION_END)}", *more]
+        names.append(f"f{index}")
+    return names, rules + (FREE_PARAMETER_RULES if free else [])
 
 
 def _parameter_rules(schema: dict[str, Any], prefix: str) -> tuple[str, list[str]] | None:
