@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from batchlm.core.step_io import ScheduledChunk, SchedulerOutput
-from batchlm.runner.draft_verify import Verification, num_accepted, row_states, verify_groups
+from batchlm.core.token_runs import common_prefix_length
+from batchlm.runner.draft_verify import Verification, row_states, verify_groups
 from batchlm.sampling.sampler import Sampler
 from batchlm.sampling.state import SamplingState
 from batchlm.sampling_params import SamplingParams
@@ -18,10 +19,10 @@ def _state(params: SamplingParams, seed: int | None = None) -> SamplingState:
     return SamplingState.create(params, seed, [1, 2], [3], (), "cpu")
 
 
-def test_num_accepted_counts_the_matching_prefix() -> None:
-    assert num_accepted([4, 5, 6], [4, 5]) == 2
-    assert num_accepted([4, 9, 6], [4, 5]) == 1
-    assert num_accepted([9, 5, 6], [4, 5]) == 0
+def test_accepted_drafts_are_the_matching_prefix() -> None:
+    assert common_prefix_length([4, 5, 6], [4, 5]) == 2
+    assert common_prefix_length([4, 9, 6], [4, 5]) == 1
+    assert common_prefix_length([9, 5, 6], [4, 5]) == 0
 
 
 def test_groups_rows_and_output() -> None:

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from batchlm.core.step_io import AcceptedDrafts, ModelRunnerOutput, SchedulerOutput
+from batchlm.core.token_runs import common_prefix_length
 from batchlm.outputs import TokenLogprobs
 from batchlm.sampling.state import SamplingState
 
@@ -56,16 +57,6 @@ def row_states(
     return result
 
 
-def num_accepted(sampled: Sequence[int], drafts: Sequence[int]) -> int:
-    """How many leading drafts equal the tokens sampled at their positions."""
-    count = 0
-    for token_id, draft in zip(sampled, drafts, strict=False):
-        if token_id != draft:
-            break
-        count += 1
-    return count
-
-
 @dataclass(frozen=True)
 class Verification:
     """Turns a step's per-row samples into its ModelRunnerOutput, and gives each verified request's
@@ -92,7 +83,8 @@ class Verification:
             count = 0
             if group is not None:
                 num_rows = 1 + len(group.draft_token_ids)
-                count = num_accepted(token_ids[row : row + num_rows], group.draft_token_ids)
+                # The leading drafts equal to the tokens sampled at their positions.
+                count = common_prefix_length(token_ids[row : row + num_rows], group.draft_token_ids)
                 accepted[group.request_id] = AcceptedDrafts(
                     tuple(token_ids[row : row + count]), tuple(logprobs[row : row + count])
                 )

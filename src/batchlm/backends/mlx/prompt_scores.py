@@ -10,20 +10,11 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from batchlm.core.prompt_logprob_cache import PROMPT_LOGPROB_CACHE_BYTES, entry_bytes
+from batchlm.core.token_runs import common_prefix_length
 from batchlm.outputs import TokenLogprobs
 
 # Scored prompts kept at most (the byte bound usually binds first for long prompts).
 MAX_SCORED_PROMPTS = 64
-
-
-def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading tokens a and b have in common."""
-    count = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        count += 1
-    return count
 
 
 class PromptScores:
@@ -43,7 +34,7 @@ class PromptScores:
         best: tuple[TokenLogprobs, ...] = ()
         best_key = None
         for tokens, (kept_top, entries) in self._kept.items():
-            usable = min(shared_prefix(tokens, prompt) - 1, len(entries))
+            usable = min(common_prefix_length(tokens, prompt) - 1, len(entries))
             if kept_top >= num_top and usable > len(best):
                 best, best_key = entries[:usable], tokens
         if best_key is None:
