@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from batchlm.tools.function_tool import FunctionTool, calls_array_schema
+from batchlm.tools.parser import optional_calls
 
 # A call's JSON as models write it (json.dumps' separators or compact), at most one space where JSON
 # allows whitespace: a weak model cannot spend its budget on blanks.
@@ -56,6 +57,34 @@ def free_text(added_tokens: Mapping[str, int], markers: Sequence[str]) -> list[s
         return ["free: TEXT?", *rules]
     # One text lexeme between tokens: two in a row could spell a marker out between them.
     return [f"free: TEXT? (<[{_id_ranges(others)}]> TEXT?)*", *rules]
+
+
+def marked_calls_start(
+    markers: tuple[str, str],
+    added_tokens: Mapping[str, int],
+    max_calls: int | None,
+    answer: str | None,
+    calls_alone: str,
+) -> list[str]:
+    """The `start` rule, and the rules it needs, of a family whose calls each sit between an opening
+    and a closing marker (`<tool_call>` ... `</tool_call>`), what lies between them named `call`: free
+    text with calls in it, or `answer` or else the calls alone (`calls_alone`, a rule body). Where the
+    markers are tokens of the tokenizer, the grammar names them and the text may not spell one out;
+    otherwise the text before a call ends at its first opening marker."""
+    opening, closing = markers
+    start, end = token_rule(opening, added_tokens), token_rule(closing, added_tokens)
+    if answer is not None:
+        return [f"start: answer | {calls_alone}", f"answer: {answer}"]
+    if start is not None and end is not None:
+        return [
+            f"start: free ({start} call {end} free){optional_calls(max_calls)}",
+            *free_text(added_tokens, markers),
+        ]
+    return [
+        f"start: (call_head call {json.dumps(closing)}){optional_calls(max_calls)} TEXT",
+        f"call_head[lazy]: TEXT {json.dumps(opening)}",
+        "TEXT: /(.|\\n)*/",
+    ]
 
 
 def json_rule(schema: dict[str, Any], rendered: bool = False) -> str:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 
-from batchlm.tools.call_grammar import BLANK, calls_json, free_text, token_rule
+from batchlm.tools.call_grammar import BLANK, calls_json, marked_calls_start, token_rule
 from batchlm.tools.function_tool import FunctionTool
 from batchlm.tools.json_scan import scan_object, skip_whitespace
-from batchlm.tools.parser import ToolParser, optional_calls
+from batchlm.tools.parser import ToolParser
 from batchlm.tools.scan import MarkedRegion, Scan, call_from_object, scan_marked_calls
 
 START, END = "<tool_call>", "</tool_call>"
@@ -27,24 +27,10 @@ class HermesParser(ToolParser):
         """Free text (or `answer`); from a `<tool_call>` on, one call of the tools and its `</tool_call>`.
         Where the markers are tokens of the tokenizer (Qwen's), the grammar names those tokens and the
         text may not spell a marker out; otherwise the text before a call ends at its first marker."""
-        call = _call_rule(tools, forced=False)
-        start, end = token_rule(START, added_tokens), token_rule(END, added_tokens)
-        if answer is not None:
-            rules = [f"start: answer | {self._calls_alone(added_tokens)}", f"answer: {answer}", call]
-        elif start is not None and end is not None:
-            rules = [
-                f"start: free ({start} call {end} free){optional_calls(self.max_calls)}",
-                *free_text(added_tokens, (START, END)),
-                call,
-            ]
-        else:
-            rules = [
-                f"start: (call_head call {json.dumps(END)}){optional_calls(self.max_calls)} TEXT",
-                f"call_head[lazy]: TEXT {json.dumps(START)}",
-                "TEXT: /(.|\\n)*/",
-                call,
-            ]
-        return "\n".join([*rules, BLANK])
+        head = marked_calls_start(
+            (START, END), added_tokens, self.max_calls, answer, self._calls_alone(added_tokens)
+        )
+        return "\n".join([*head, _call_rule(tools, forced=False), BLANK])
 
     def forced_grammar(self, tools: Sequence[FunctionTool], added_tokens: Mapping[str, int]) -> str | None:
         """The calls alone, laid out as chat templates render them (Qwen's, the generic tools prompt):

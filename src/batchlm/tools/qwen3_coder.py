@@ -19,10 +19,10 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from batchlm.tools.call_grammar import free_text, json_rule, token_rule
+from batchlm.tools.call_grammar import json_rule, marked_calls_start, token_rule
 from batchlm.tools.function_tool import FunctionTool
 from batchlm.tools.json_scan import skip_whitespace
-from batchlm.tools.parser import ToolParser, optional_calls
+from batchlm.tools.parser import ToolParser
 from batchlm.tools.scan import CallScan, MarkedRegion, Scan, scan_marked_calls
 
 START, END = "<tool_call>", "</tool_call>"
@@ -48,18 +48,9 @@ class Qwen3CoderParser(ToolParser):
         its schema allows), any other function's free. Where the markers are tokens of the tokenizer
         (Qwen's), the grammar names them and the text may not spell a marker out."""
         functions, rules = _function_rules(tools, forced=False) or ([], [])
-        start, end = token_rule(START, added_tokens), token_rule(END, added_tokens)
-        if answer is not None:
-            head = [f"start: answer | {self._calls_alone(added_tokens)}", f"answer: {answer}"]
-        elif start is not None and end is not None:
-            calls = f"({start} call {end} free){optional_calls(self.max_calls)}"
-            head = [f"start: free {calls}", *free_text(added_tokens, (START, END))]
-        else:
-            head = [
-                f"start: (call_head call {json.dumps(END)}){optional_calls(self.max_calls)} TEXT",
-                f"call_head[lazy]: TEXT {json.dumps(START)}",
-                "TEXT: /(.|\\n)*/",
-            ]
+        head = marked_calls_start(
+            (START, END), added_tokens, self.max_calls, answer, self._calls_alone(added_tokens)
+        )
         return "\n".join([*head, _call_rule(functions), *rules])
 
     def forced_grammar(self, tools: Sequence[FunctionTool], added_tokens: Mapping[str, int]) -> str | None:
