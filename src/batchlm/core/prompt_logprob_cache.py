@@ -55,20 +55,21 @@ class PromptLogprobCache:
         output (state.cached_prompt_logprobs)."""
         num_top = state.sampling_params.prompt_logprobs
         assert num_top is not None
-        tokens, size = state.all_token_ids, self.block_size
         found: list[TokenLogprobs] = []
+        num_taken = 0
         for index in range(num_cached_blocks):
-            kept = self._blocks.get((state.block_hashes[index], tokens[(index + 1) * size]))
+            key = self._key(state, index)
+            kept = self._blocks.get(key)
             if kept is None or kept.num_top < num_top:
-                state.cached_prompt_logprobs = tuple(found)
-                return index
-            self._blocks.move_to_end((state.block_hashes[index], tokens[(index + 1) * size]))
+                break
+            self._blocks.move_to_end(key)
             if kept.num_top == num_top:
                 found += kept.entries
             else:
                 found += (replace(entry, top=entry.top[:num_top]) for entry in kept.entries)
+            num_taken += 1
         state.cached_prompt_logprobs = tuple(found)
-        return num_cached_blocks
+        return num_taken
 
     def complete(self, state: RequestState, computed: Sequence[TokenLogprobs]) -> tuple[TokenLogprobs, ...]:
         """The request's prompt logprobs (positions 1 .. n-1): the entries taken at admission, then those
@@ -77,10 +78,10 @@ class PromptLogprobCache:
         state.cached_prompt_logprobs = ()
         num_top = state.sampling_params.prompt_logprobs
         assert num_top is not None
-        size, tokens = self.block_size, state.all_token_ids
+        size = self.block_size
         # Block i needs the token after it, at position (i + 1) * size <= len(entries).
         for index in range(min(len(entries) // size, len(state.block_hashes))):
-            key = (state.block_hashes[index], tokens[(index + 1) * size])
+            key = self._key(state, index)
             kept = self._blocks.get(key)
             if kept is None or kept.num_top < num_top:
                 if kept is not None:
@@ -92,3 +93,7 @@ class PromptLogprobCache:
             _, oldest = self._blocks.popitem(last=False)
             self.num_bytes -= size * entry_bytes(oldest.num_top)
         return entries
+
+    def _key(self, state: RequestState, index: int) -> tuple[BlockHash, int]:
+        """Block `index`'s key: its hash and the token after it, which its last row predicts."""
+        return state.block_hashes[index], state.all_token_ids[(index + 1) * self.block_size]

@@ -107,7 +107,7 @@ class ToolPlan:
         markup (tools.use): the named function's arguments, or for required an array of calls. The
         arguments' objects are closed to keys they do not declare (tools.closed_schema)."""
         if self.mode == "named":
-            tool = next(t for t in self.tools if t.name == self.named)
+            [tool] = self.forced_tools
             return StructuredOutputs(json=json.dumps(tool.closed_parameters))
         if self.mode == "required":
             return StructuredOutputs(json=json.dumps(self._required_schema()))
