@@ -4,6 +4,7 @@ batched, after its prefix was cached, preempted), and only once per request."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -44,10 +45,16 @@ def expected(llama_dir: Path) -> list[list[TokenLogprobs | None]]:
     return [_transformers_logprobs(llama_dir, prompt) for prompt in _prompts()]
 
 
-def _transformers_logprobs(model_dir: Path, prompt: list[int]) -> list[TokenLogprobs | None]:
+@functools.cache
+def _transformers_model(model_dir: Path) -> Any:
+    """Loaded once per directory: every reference in this file scores with the same model."""
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def _transformers_logprobs(model_dir: Path, prompt: list[int]) -> list[TokenLogprobs | None]:
+    hf = _transformers_model(model_dir)
     with torch.no_grad():
         raw = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), dim=-1)
     entries: list[TokenLogprobs | None] = [None]
