@@ -81,10 +81,10 @@ def sm_count(device: torch.device) -> int:
 
 # Upper bound on splits per request (bounds the workspace and the reduce's work).
 MAX_SPLITS = 256
-# A split shorter than this spends more on its own overhead than it saves in parallelism: one tile.
-# At one request a program's wait on memory is the step's latency, so more, shorter splits win
-# down to a tile each (BENCHMARKS.md, "Single stream: splits of one tile").
-MIN_TOKENS_PER_SPLIT = 64
+# A split shorter than this spends more on its own overhead than it saves in parallelism: half a
+# tile. At one request a program's wait on memory is the step's latency, so more, shorter splits win
+# until one program a multiprocessor (BENCHMARKS.md, "Single stream: splits of half a tile").
+MIN_TOKENS_PER_SPLIT = 32
 
 
 def choose_num_splits(
