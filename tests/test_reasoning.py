@@ -110,7 +110,7 @@ def test_thinking_then_calls_at_every_split_point() -> None:
         assert "".join(p.reasoning for p in pieces) == message.reasoning, at
         assert "".join(p.content for p in pieces) == message.content, at
         assert [c.name for p in pieces for c in p.tool_calls if c.name] == ["get_weather"], at
-        assert stream.called
+        assert stream.ends_in_calls
 
 
 def test_a_message_of_thinking_alone_has_no_content() -> None:

@@ -20,6 +20,7 @@ from tools_harness import (
     USER,
     post,
     prompt_of,
+    reply_of,
 )
 
 
@@ -254,3 +255,25 @@ def test_with_a_grammar_of_its_own_the_model_may_still_call_a_tool(
         server, {"model": "fake-model", "tools": TOOLS, "structured_outputs": {"grammar": "start: nope"}}
     )
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "structured_outputs"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stop_string_inside_a_call_cuts_it_off(client: Any, engine: FakeEngine, stream: bool) -> None:
+    # The client's stop string ends the output inside the call: no markup becomes content, the call
+    # keeps its arguments as far as they got, and the reply does not finish with "tool_calls", whether
+    # streamed or not.
+    engine.reply = HERMES_REPLY
+    content, calls, reason = reply_of(client, stream, stop=['"unit"'])
+    assert engine.calls[-1].params.stop == ['"unit"']
+    assert content == "Let me look." and reason == "stop"
+    [(name, arguments)] = calls
+    assert name == "get_weather" and arguments.startswith('{"city": "Paris"')
+    with pytest.raises(ValueError):
+        json.loads(arguments)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stop_string_after_a_call_leaves_it_whole(client: Any, engine: FakeEngine, stream: bool) -> None:
+    engine.reply = HERMES_REPLY + "\nAnything after the call."
+    content, calls, reason = reply_of(client, stream, stop=["</tool_call>"])
+    assert (content, calls, reason) == ("Let me look.", [("get_weather", PARIS)], "tool_calls")

@@ -17,7 +17,7 @@ from batchlm.server.background import BackgroundServer
 from batchlm.server.state import ServerSettings
 from fake_engine import FakeEngine, openai_client
 from grammar_walk import takes, tiny_backend
-from tools_harness import PARIS, TOOLS, USER, WEATHER_PARAMETERS, prompt_of
+from tools_harness import PARIS, TOOLS, USER, WEATHER_PARAMETERS, prompt_of, reply_of
 
 
 @pytest.fixture(scope="module")
@@ -293,3 +293,13 @@ def test_a_forced_call_in_markup_cut_short_answers_as_its_stream_does(
     assert [tuple(streamed[i]) for i in sorted(streamed)] == calls
     assert all(c.choices[0].delta.content in (None, "") for c in chunks)
     assert chunks[-1].choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_strings_do_not_cut_a_forced_call(client: Any, engine: FakeEngine, stream: bool) -> None:
+    # A forced output is calls alone, which a stop string could only cut off: the engine gets none, so
+    # the call is whole (OpenAI's stop sequences end text, not calls).
+    engine.reply = hermes_call("get_weather", PARIS)
+    content, calls, reason = reply_of(client, stream, tool_choice="required", stop=["}", "Paris"])
+    assert engine.calls[-1].params.stop == []
+    assert (content, calls, reason) == ("", [("get_weather", PARIS)], "tool_calls")

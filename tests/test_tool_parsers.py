@@ -185,7 +185,8 @@ def stream(
         else:
             assert piece.id is None and piece.name is None and piece.arguments
             arguments[piece.index] += piece.arguments
-    assert session.called == bool(names)
+    # A whole output's calls end it (finish_reason "tool_calls") unless one was cut off.
+    assert session.ends_in_calls == (bool(names) and not session.call_cut_off)
     return content, [(names[i], arguments[i]) for i in sorted(names)], deltas
 
 
@@ -259,9 +260,8 @@ def test_a_call_cut_short_adds_no_markup_to_a_stream() -> None:
     assert content == "" and calls == [("f", '{"a": 1')]
 
 
-# Outputs max_tokens cut short, each with the calls a stream of it sends (the last as far as it got).
-# Outputs max_tokens cut short, each with its content and the calls a stream of it sends (the last as
-# far as it got). Markup cut off before it could be read as a call is not content.
+# Outputs cut short (by max_tokens or a stop string), each with its content and the calls a stream of it
+# sends (the last as far as it got). Markup cut off before it could be read as a call is not content.
 CUT_SHORT: list[tuple[ToolParser, str, str | None, list[tuple[str, str]]]] = [
     (HermesParser(), '<tool_call>{"name": "f", "arguments": {"a": 1', None, [("f", '{"a": 1')]),
     (HermesParser(), 'Cut <tool_call>{"name": "f", "argu', "Cut", []),
@@ -303,6 +303,15 @@ def test_an_output_cut_short_gives_what_its_stream_sent(
     parsed = parser.extract(output, cut_short=True)
     assert (parsed.content, calls_of(parsed.tool_calls)) == (content, calls)
     assert all(id_format(parser).fullmatch(call.id) for call in parsed.tool_calls)
+    # The last call is cut off where its arguments are not yet JSON; the message then does not finish
+    # with "tool_calls", streamed or not.
+    assert parsed.call_cut_off == (bool(calls) and not _is_json(calls[-1][1]))
+    session = parser.stream()
+    session.feed(output), session.finish(cut_short=True)
+    assert (session.call_cut_off, session.ends_in_calls) == (
+        parsed.call_cut_off,
+        bool(calls) and not parsed.call_cut_off,
+    )
     for split in range(len(output) + 1):
         chunks = [output[:split], output[split:]]
         streamed_content, streamed_calls, _ = stream(parser, chunks, cut_short=True)
@@ -327,3 +336,11 @@ def test_an_output_cut_short_gives_what_its_stream_sent(
 )
 def test_auto_detection_follows_the_chat_template(template: str | None, name: str) -> None:
     assert detect_parser_name(template) == name
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True

@@ -36,3 +36,22 @@ def prompt_of(engine: FakeEngine) -> str:
 
 def post(server: BackgroundServer, body: dict[str, Any]) -> httpx.Response:
     return httpx.post(f"{server.base_url}/v1/chat/completions", json={"messages": USER, **body}, timeout=30)
+
+
+def reply_of(client: Any, stream: bool, **request: Any) -> tuple[str, list[tuple[str, str]], str]:
+    """The content, calls (name, arguments) and finish_reason of a one-choice chat reply, streamed or
+    not, through the openai client."""
+    body = {"model": "fake-model", "messages": USER, "tools": TOOLS, **request}
+    if not stream:
+        [choice] = client.chat.completions.create(**body).choices
+        calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or ()]
+        return choice.message.content or "", calls, choice.finish_reason
+    chunks = [c for c in client.chat.completions.create(**body, stream=True) if c.choices]
+    content = "".join(c.choices[0].delta.content or "" for c in chunks)
+    streamed: list[tuple[str, str]] = []
+    for piece in (p for c in chunks for p in c.choices[0].delta.tool_calls or ()):
+        if piece.id is not None:
+            streamed.append((piece.function.name, ""))
+        name, arguments = streamed[piece.index]
+        streamed[piece.index] = (name, arguments + (piece.function.arguments or ""))
+    return content, streamed, chunks[-1].choices[0].finish_reason

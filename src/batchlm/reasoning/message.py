@@ -16,6 +16,13 @@ class AssistantMessage:
     # None when the message holds only thinking or calls.
     content: str | None
     tool_calls: tuple[ToolCall, ...]
+    # The output ended inside its last call (see ParsedMessage).
+    call_cut_off: bool = False
+
+    @property
+    def ends_in_calls(self) -> bool:
+        """Whether it finishes with "tool_calls": it made calls, none of them cut off."""
+        return bool(self.tool_calls) and not self.call_cut_off
 
 
 @dataclass(frozen=True)
@@ -31,14 +38,14 @@ class MessageReader:
         self.tools = tools
 
     def read(self, text: str, cut_short: bool = False) -> AssistantMessage:
-        """cut_short: max_tokens ended the output (see ToolParser.extract)."""
+        """cut_short: max_tokens or a stop string ended the output (see ToolParser.extract)."""
         reasoning = None
         if self.reasoning is not None:
             split = self.reasoning.split(text, final=True)
             reasoning, text = split.reasoning, split.content
         parsed = self.tools.extract(text, cut_short) if self.tools is not None else ParsedMessage(text, ())
         content = parsed.content if parsed.content or reasoning is None else None
-        return AssistantMessage(reasoning, content, parsed.tool_calls)
+        return AssistantMessage(reasoning, content, parsed.tool_calls, parsed.call_cut_off)
 
     def stream(self) -> MessageStream:
         return MessageStream(self)
@@ -56,8 +63,8 @@ class MessageStream:
             self._tools = reader.tools.stream()
 
     @property
-    def called(self) -> bool:
-        return self._tools is not None and self._tools.called
+    def ends_in_calls(self) -> bool:
+        return self._tools is not None and self._tools.ends_in_calls
 
     def feed(self, delta: str) -> MessageDelta:
         reasoning = ""

@@ -81,6 +81,8 @@ class ChoiceResult:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    # The client's stop string or stop token id that ended it, if any.
+    stop_reason: str | int | None = None
     # Its request's prompt logprobs, when they were asked (RequestOutput.prompt_logprobs).
     prompt_logprobs: list[TokenLogprobs | None] | None = None
 
@@ -163,12 +165,12 @@ def json_text(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def finish_reason(reason: FinishReason | None, called: bool) -> str | None:
-    """The finish_reason a response sends: a chat completion that ended on its own after calling tools
-    finishes with "tool_calls"."""
+def finish_reason(reason: FinishReason | None, ends_in_calls: bool) -> str | None:
+    """The finish_reason a response sends: a chat completion that stopped after calls, none of them cut
+    off, finishes with "tool_calls"."""
     if reason is None:
         return None
-    return "tool_calls" if called and reason == FinishReason.STOP else FinishReason(reason).value
+    return "tool_calls" if ends_in_calls and reason == FinishReason.STOP else FinishReason(reason).value
 
 
 def usage_of(generations: Sequence[Generation]) -> UsageInfo:
@@ -280,6 +282,7 @@ async def collect_choices(generations: Sequence[Generation]) -> ChoiceResults:
             result.token_ids.extend(completion.token_ids)
             result.logprobs.extend(completion.logprobs or ())
             result.finish_reason = completion.finish_reason or result.finish_reason
+            result.stop_reason = completion.stop_reason if completion.finished else result.stop_reason
     for (position, _), result in results.items():
         result.prompt_logprobs = prompt_logprobs.get(position)
     return results

@@ -131,6 +131,12 @@ def _sampling_params(body: ChatCompletionRequest) -> tuple[SamplingParams, Field
     )
 
 
+def _cut_short(reason: FinishReason | None, stop_reason: str | int | None) -> bool:
+    """Whether the output ended before the model ended it: at max_tokens, or at one of the client's stop
+    strings (a call it was writing is then cut off, not text to show)."""
+    return reason is FinishReason.LENGTH or isinstance(stop_reason, str)
+
+
 class AssistantMessages:
     """Each choice's assistant message (thinking, content, tool calls) read out of its text: whole for
     a response, settled piece by piece for a stream; and the tokens it spent thinking, for the usage."""
@@ -150,7 +156,7 @@ class AssistantMessages:
     def whole(self, result: ChoiceResult) -> AssistantMessage:
         if self._reader is None:
             return AssistantMessage(None, result.text, ())
-        return self._reader.read(result.text, cut_short=result.finish_reason is FinishReason.LENGTH)
+        return self._reader.read(result.text, cut_short=_cut_short(result.finish_reason, result.stop_reason))
 
     def settle(self, completion: CompletionOutput) -> MessageDelta:
         """What this delta of the choice settles (with the rest of the message once it finishes)."""
@@ -164,17 +170,17 @@ class AssistantMessages:
         settled = stream.feed(completion.text)
         if completion.finish_reason is None:
             return settled
-        rest = stream.finish(cut_short=completion.finish_reason is FinishReason.LENGTH)
+        rest = stream.finish(cut_short=_cut_short(completion.finish_reason, completion.stop_reason))
         return MessageDelta(
             settled.reasoning + rest.reasoning,
             settled.content + rest.content,
             settled.tool_calls + rest.tool_calls,
         )
 
-    def called(self, index: int) -> bool:
-        """Whether the streamed choice has called a tool."""
+    def ends_in_calls(self, index: int) -> bool:
+        """Whether the streamed choice made calls, none of them cut off."""
         stream = self._streams.get(index)
-        return stream is not None and stream.called
+        return stream is not None and stream.ends_in_calls
 
     def thinking_tokens(self, results: ChoiceResults) -> int:
         return sum(self._thinking(result.token_ids) for result in results.values())
@@ -228,7 +234,7 @@ class ChatFormatter(ResponseFormatter[ChatContext]):
             index=index,
             message=message,
             logprobs=self._logprobs(result.token_ids, result.logprobs),
-            finish_reason=finish_reason(result.finish_reason, bool(parsed.tool_calls)),
+            finish_reason=finish_reason(result.finish_reason, parsed.ends_in_calls),
         )
 
     def opening(self) -> Iterable[bytes]:
@@ -243,7 +249,9 @@ class ChatFormatter(ResponseFormatter[ChatContext]):
                 logprobs = self._delta_logprobs(completion)
                 yield self._text_chunk(completion.index, "content", completion.text, logprobs)
             if completion.finish_reason is not None:
-                reason = finish_reason(completion.finish_reason, self._messages.called(completion.index))
+                reason = finish_reason(
+                    completion.finish_reason, self._messages.ends_in_calls(completion.index)
+                )
                 held = self._held_logprobs.pop(completion.index, None)
                 finish = ChatChunkChoice(
                     index=completion.index, delta={}, logprobs=held, finish_reason=reason

@@ -159,7 +159,7 @@ class CompletionFormatter(ResponseFormatter[CompletionContext]):
                 text = context.echo_texts[position] + result.text
                 logprobs = context.logprobs_of(position, index, result.token_ids, result.logprobs)
                 logprobs = logprobs if echoed is None else joined(echoed, logprobs)
-                reason = finish_reason(result.finish_reason, called=False)
+                reason = finish_reason(result.finish_reason, ends_in_calls=False)
             choices.append(
                 CompletionChoice(
                     index=context.choice_index(position, index),
@@ -218,7 +218,7 @@ class CompletionFormatter(ResponseFormatter[CompletionContext]):
                 logprobs = context.logprobs_of(position, index, ids, completion.logprobs)
             if completion.text or logprobs or completion.finish_reason:
                 index = context.choice_index(position, completion.index)
-                reason = finish_reason(completion.finish_reason, called=False)
+                reason = finish_reason(completion.finish_reason, ends_in_calls=False)
                 if logprobs is None:
                     yield self._text_chunk(index, completion.text, reason)
                     continue

@@ -158,6 +158,7 @@ class ResponsesFormatter(ResponseFormatter[ChatContext]):
                 result.token_ids if i == 0 else [],
                 logprobs=(result.logprobs or None) if i == 0 else None,
                 finish_reason=(result.finish_reason or FinishReason.STOP) if last else None,
+                stop_reason=result.stop_reason if last else None,
             )
             for _ in self.delta(0, RequestOutput(self.request_id, None, [], [delta], finished=last)):
                 pass  # a stream's events; a response keeps the items they close

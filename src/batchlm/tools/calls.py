@@ -33,6 +33,9 @@ class ParsedMessage:
 
     content: str | None
     tool_calls: tuple[ToolCall, ...]
+    # The output ended inside its last call (max_tokens or a stop string): its arguments are as far
+    # as they got, and the message does not finish with "tool_calls".
+    call_cut_off: bool = False
 
 
 @dataclass(frozen=True)

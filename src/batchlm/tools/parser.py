@@ -48,9 +48,9 @@ class ToolParser(ABC):
 
     def extract(self, text: str, cut_short: bool = False) -> ParsedMessage:
         """A complete output's content and calls. Markup that does not parse stays in the content,
-        unless max_tokens cut the output short: then it is what a stream of it sends, a call cut
-        off keeping its arguments as far as they got (as OpenAI answers it, with finish_reason
-        "length")."""
+        unless the output was cut short (max_tokens, or one of the client's stop strings, ended it
+        before the model did): then it is what a stream of it sends, a call cut off keeping its
+        arguments as far as they got (as OpenAI answers it, with finish_reason "length")."""
         if cut_short:
             return self._as_streamed(text)
         scan = self.scan(text, final=True)
@@ -77,7 +77,7 @@ class ToolParser(ABC):
         content = "".join(delta.content for delta in pieces)
         if not calls:
             return ParsedMessage(content, ())
-        return ParsedMessage(content or None, tuple(calls))
+        return ParsedMessage(content or None, tuple(calls), call_cut_off=stream.call_cut_off)
 
 
 class ToolCallStream:
@@ -90,22 +90,26 @@ class ToolCallStream:
         self._content_sent = 0
         self._ids: list[str] = []
         self._arguments_sent: list[int] = []
+        # Set by finish: a call it sent did not complete.
+        self.call_cut_off = False
 
     @property
-    def called(self) -> bool:
-        return bool(self._ids)
+    def ends_in_calls(self) -> bool:
+        """Whether the output made calls, none of them cut off (a finish_reason of "tool_calls")."""
+        return bool(self._ids) and not self.call_cut_off
 
     def feed(self, delta: str) -> StreamDelta:
         self._text += delta
         return self._difference(self._parser.scan(self._text, final=False))
 
     def finish(self, cut_short: bool = False) -> StreamDelta:
-        """The rest, once the output has ended. cut_short (max_tokens ended it): what was held back
-        stays unsent, since it may be markup cut off before it could be read as a call."""
-        if cut_short:
-            return StreamDelta("", ())
+        """The rest, once the output has ended. cut_short (max_tokens or a stop string ended it): what
+        was held back stays unsent, since it may be markup cut off before it could be read as a call."""
         scan = self._parser.scan(self._text, final=True)
-        if len(scan.calls) < len(self._ids):  # a call cut short: what was sent of it stands
+        complete = [call for call in scan.calls[: self._parser.max_calls] if call.name is not None]
+        # A call that does not read whole at the end was cut off: what was sent of it stands.
+        self.call_cut_off = len(complete) < len(self._ids)
+        if cut_short or self.call_cut_off:
             return StreamDelta("", ())
         return self._difference(scan)
 

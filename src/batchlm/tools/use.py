@@ -55,7 +55,9 @@ class ChatToolUse:
                     f"A forced 'tool_choice' cannot be combined with '{constraint_field}'.",
                     param="tool_choice",
                 )
-            params = params.clone(structured_outputs=forced)
+            # The output is then the calls alone, which a stop string could only cut off: stop
+            # strings end text, as OpenAI's stop sequences do, and the grammar ends the calls.
+            params = params.clone(structured_outputs=forced, stop=[])
         elif (calls := self._auto_calls(params.structured_outputs, constraint_field)) is not None:
             params = params.clone(structured_outputs=calls)
         if self.parser is not None and self.parser.keeps_special_tokens:
