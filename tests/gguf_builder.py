@@ -64,8 +64,10 @@ def write_tiny_gguf(
     tied: bool = False,
     seed: int = 0,
     overrides: dict[str, Any] | None = None,
+    metadata: dict[str, int | float] | None = None,
 ) -> Path:
-    """Write `path` (a .gguf file) and return it; the HF model it came from is in path.parent / "hf"."""
+    """Write `path` (a .gguf file) and return it; the HF model it came from is in path.parent / "hf".
+    metadata: more keys, an int as int32 and a float as float32 (as llama.cpp writes general.sampling)."""
     hf_dir = write_model_dir(
         path.parent / "hf",
         model_type,
@@ -76,6 +78,8 @@ def write_tiny_gguf(
     writer = GGUFWriter(str(path), model_type)
     _add_model_metadata(writer, model_type, config)
     _add_tokenizer(writer, hf_dir)
+    for key, value in (metadata or {}).items():
+        (writer.add_int32 if isinstance(value, int) else writer.add_float32)(key, value)
     rng = np.random.default_rng(seed)
     for name, tensor in sorted(load_file(str(hf_dir / "model.safetensors")).items()):
         gguf_name = gguf_tensor_name(name)

@@ -20,6 +20,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset(
         {
             "sampling_params",
+            "sampling_defaults",
             "outputs",
             "request",
             "config",

@@ -6,15 +6,18 @@ import dataclasses
 
 import pytest
 
+from batchlm.sampling_defaults import SamplingDefaults
 from batchlm.sampling_params import SamplingParams
 from batchlm.server.errors import APIError
 from batchlm.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from batchlm.server.request_params import SAME_NAMED_FIELDS, build_sampling_params
 
+NO_DEFAULTS = SamplingDefaults()
 
-def _params(body: SamplingFields) -> SamplingParams:
+
+def _params(body: SamplingFields, defaults: SamplingDefaults = NO_DEFAULTS) -> SamplingParams:
     params, _ = build_sampling_params(
-        body, max_tokens=None, logprobs=None, param_names={}, prompt_field="prompt"
+        body, max_tokens=None, logprobs=None, param_names={}, prompt_field="prompt", defaults=defaults
     )
     return params
 
@@ -30,6 +33,19 @@ def test_an_omitted_field_gives_the_sampling_default() -> None:
     default = SamplingParams(max_tokens=None)
     for name in SAME_NAMED_FIELDS:
         assert getattr(params, name) == getattr(default, name), name
+
+
+def test_an_omitted_field_takes_the_model_s_recommended_value_and_a_given_one_wins() -> None:
+    model = SamplingDefaults(temperature=0.6, top_p=0.95, top_k=20, min_p=0.05, repetition_penalty=1.1)
+    params = _params(CompletionRequest(prompt="hi"), model)
+    assert (params.temperature, params.top_p, params.top_k, params.min_p, params.repetition_penalty) == (
+        0.6, 0.95, 20, 0.05, 1.1,
+    )  # fmt: skip
+    params = _params(CompletionRequest(prompt="hi", temperature=0, top_k=-1), model)
+    assert (params.temperature, params.top_p, params.top_k, params.min_p) == (0.0, 0.95, 0, 0.05)
+    # Fields the model recommends nothing for keep SamplingParams' defaults.
+    params = _params(CompletionRequest(prompt="hi"), SamplingDefaults(temperature=0.7))
+    assert (params.temperature, params.top_p, params.top_k) == (0.7, 1.0, 0)
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -61,5 +77,5 @@ def test_an_invalid_value_is_a_400_naming_the_field_as_the_client_spelled_it() -
     names = {"logprobs": "top_logprobs"}
     with pytest.raises(APIError) as caught:
         build_sampling_params(body.model_copy(update={"top_p": None}), max_tokens=None, logprobs=99,
-                              param_names=names, prompt_field="messages")  # fmt: skip
+                              param_names=names, prompt_field="messages", defaults=NO_DEFAULTS)  # fmt: skip
     assert caught.value.status == 400 and caught.value.param == "top_logprobs"

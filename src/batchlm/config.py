@@ -76,6 +76,11 @@ class EngineConfig:
     seed: int = 0
     # Jinja chat template (file path or literal) overriding the tokenizer's.
     chat_template: str | None = None
+    # Sampling values a request leaves out: "auto" takes those the model recommends (temperature, top_p,
+    # top_k, min_p and repetition_penalty of its generation_config.json, or of a GGUF file's
+    # general.sampling metadata), "none" leaves OpenAI's (temperature 1, no top-p, top-k or min-p), or
+    # a directory holding the generation_config.json to take them from.
+    generation_config: str = "auto"
     # Allow custom code from the model repo (tokenizers only; we never run remote model code).
     trust_remote_code: bool = False
     # Number of GPUs (or CPU processes) the model is split across.

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from batchlm.core.facts import EngineStats as EngineStats  # the type EngineClient.stats returns
 from batchlm.core.facts import ModelFacts
 from batchlm.outputs import RequestOutput
+from batchlm.sampling_defaults import SamplingDefaults
 from batchlm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -45,6 +46,8 @@ class ServedModel:
     facts: ModelFacts
     # Aliases also accepted in the `model` field (e.g. the model path).
     aliases: tuple[str, ...] = field(default_factory=tuple)
+    # What a request's sampling fields default to (--generation-config).
+    sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
 
 
 class EngineClient(ABC):

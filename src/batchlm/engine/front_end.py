@@ -32,6 +32,7 @@ from batchlm.engine.output_processor import OutputProcessor
 from batchlm.models.model_source import served_model_name
 from batchlm.outputs import EngineCoreOutput, RequestOutput
 from batchlm.request import EngineCoreRequest
+from batchlm.sampling_defaults import sampling_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -132,9 +133,9 @@ class StreamingFrontEnd(EngineClient, Generic[MessageT]):
         self._processor = OutputProcessor(self.tokenizer)
         self.input_processor = InputProcessor(facts, self.tokenizer.max_chars_per_token)
         name = served_model_name(self.config, model_dir)
-        self.model_info = ServedModel(
-            name, facts, tuple(sorted({self.config.model, str(model_dir)} - {name}))
-        )
+        aliases = tuple(sorted({self.config.model, str(model_dir)} - {name}))
+        defaults = sampling_defaults(self.config.generation_config, model_dir)
+        self.model_info = ServedModel(name, facts, aliases, defaults)
         self._ready = True
 
     def _add(self, request: ValidatedRequest, request_id: str, group_id: str) -> RequestOutputCollector:

@@ -14,6 +14,7 @@ from batchlm.engine.output_processor import OutputProcessor
 from batchlm.executor.core_builder import build_engine_core
 from batchlm.models.model_source import load_tokenizer, prepare_model_dir
 from batchlm.outputs import RequestOutput
+from batchlm.sampling_defaults import check_generation_config, sampling_defaults
 from batchlm.sampling_params import SamplingParams
 from batchlm.tokenizer.tokenizer import Tokenizer
 
@@ -31,15 +32,22 @@ class LLM:
         if unknown:
             raise TypeError(f"unknown LLM arguments: {', '.join(sorted(unknown))}")
         self.config = EngineConfig(model=model, **kwargs)
+        check_generation_config(self.config.generation_config)
         prefer_passive_waiting(self.config.device)  # takes effect if torch is not loaded yet
         model_dir = prepare_model_dir(self.config)
         self.tokenizer = load_tokenizer(self.config, model_dir)
         self.engine_core, self.info = build_engine_core(self.config, model_dir)
         self.input_processor = InputProcessor(self.info)
+        self.sampling_defaults = sampling_defaults(self.config.generation_config, model_dir)
         self._counter = itertools.count()
 
     def get_tokenizer(self) -> Tokenizer:
         return self.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What generate() and chat() sample with when given no SamplingParams: the model's recommended
+        values (--generation-config), SamplingParams' defaults for the rest."""
+        return self.sampling_defaults.params()
 
     def generate(
         self,
@@ -48,7 +56,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); results come back in prompt order."""
         prompt_list = _as_prompt_list(prompts)
-        params_list = _as_params_list(sampling_params, len(prompt_list))
+        params_list = _as_params_list(sampling_params or self.get_default_sampling_params(), len(prompt_list))
         processor = OutputProcessor(self.tokenizer, text_when_finished=True)
         pairs = zip(prompt_list, params_list, strict=True)
         order = [self._submit(processor, prompt, params) for prompt, params in pairs]
@@ -108,11 +116,7 @@ def _as_prompt_list(prompts: PromptInput | Sequence[PromptInput]) -> list[Prompt
     return items  # type: ignore[return-value]
 
 
-def _as_params_list(
-    params: SamplingParams | Sequence[SamplingParams] | None, count: int
-) -> list[SamplingParams]:
-    if params is None:
-        return [SamplingParams() for _ in range(count)]
+def _as_params_list(params: SamplingParams | Sequence[SamplingParams], count: int) -> list[SamplingParams]:
     if isinstance(params, SamplingParams):
         return [params] * count
     params_list = list(params)

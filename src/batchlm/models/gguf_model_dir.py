@@ -24,7 +24,16 @@ logger = logging.getLogger(__name__)
 # The pointer file: {"gguf_file": absolute path}.
 GGUF_SOURCE_FILE = "gguf_source.json"
 # Bump when what is derived changes, so stale cache entries are not reused.
-DERIVED_VERSION = "gguf-v1"
+DERIVED_VERSION = "gguf-v2"
+# The sampling values a GGUF file may recommend (llama.cpp's general.sampling keys), as
+# generation_config.json names them.
+_SAMPLING_KEYS = {
+    "general.sampling.temp": "temperature",
+    "general.sampling.top_p": "top_p",
+    "general.sampling.top_k": "top_k",
+    "general.sampling.min_p": "min_p",
+    "general.sampling.penalty_repeat": "repetition_penalty",
+}
 _DERIVED_FILES = ("config.json", "generation_config.json", "tokenizer.json", GGUF_SOURCE_FILE)
 
 
@@ -80,8 +89,11 @@ def _write_derived(gguf_path: Path, out: Path) -> None:
     reader = open_gguf(gguf_path)
     config = hf_config(reader, gguf_path)
     _write_json(out / "config.json", config)
-    eos = config["eos_token_id"]
-    _write_json(out / "generation_config.json", {"bos_token_id": config["bos_token_id"], "eos_token_id": eos})
+    generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
+    for key, name in _SAMPLING_KEYS.items():
+        if (value := reader.metadata(key)) is not None:
+            generation[name] = value
+    _write_json(out / "generation_config.json", generation)
     if reader.metadata("tokenizer.ggml.model") is None:
         raise ValueError(f"{gguf_path} carries no tokenizer (tokenizer.ggml.* metadata)")
     del reader  # the tokenizer conversion maps the file again

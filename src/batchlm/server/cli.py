@@ -13,6 +13,7 @@ from batchlm.config import EngineConfig
 from batchlm.flags import add_dataclass_arguments, add_engine_arguments, dataclass_from_args
 from batchlm.logging_setup import LOG_LEVELS, configure_logging
 from batchlm.reasoning.registry import REASONING_PARSER_CHOICES
+from batchlm.sampling_defaults import check_generation_config
 from batchlm.server.state import ServerSettings
 from batchlm.tools.registry import TOOL_CALL_PARSER_CHOICES
 
@@ -67,6 +68,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if settings.max_n < 1:
         logger.error("--max-n must be at least 1, got %d", settings.max_n)
+        return 2
+    try:
+        check_generation_config(config.generation_config)
+    except ValueError as error:
+        logger.error("%s", error)
         return 2
     settings = replace(settings, api_servers=count)
     if count > 1:

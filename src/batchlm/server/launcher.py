@@ -145,6 +145,12 @@ async def serve(
         freeze_startup_objects()
         log_uptime(logger, "front end: ready")
         logger.info("engine ready, serving model %r", engine.model_info.served_model_name)
+        if defaults := engine.model_info.sampling_defaults.describe():
+            logger.info(
+                "sampling defaults the model recommends: %s (a request's own values win; "
+                "--generation-config none leaves OpenAI's)",
+                defaults,
+            )
 
     starting = asyncio.ensure_future(start()) if start_engine is not None else None
     try:

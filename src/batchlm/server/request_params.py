@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from batchlm.engine.input_processor import FieldNames
+from batchlm.sampling_defaults import SamplingDefaults
 from batchlm.sampling_params import SamplingParams, SamplingParamsError, StructuredOutputs
 from batchlm.server.errors import APIError, encodes
 from batchlm.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
@@ -129,12 +130,15 @@ def build_sampling_params(
     logprobs: int | None,
     param_names: dict[str, str],
     prompt_field: str,
+    defaults: SamplingDefaults,
 ) -> tuple[SamplingParams, FieldNames]:
     """Map OpenAI (and extra) sampling fields onto SamplingParams, and say how the request spells the
     fields the input processor may name. Invalid values are a 400 naming the field as the client
-    spelled it (`param_names` renames SamplingParams fields, e.g. logprobs)."""
+    spelled it (`param_names` renames SamplingParams fields, e.g. logprobs). A sampling field the
+    request leaves out takes the model's recommended value (`defaults`), if it has one."""
     constraint = structured_outputs_of(request)
-    given = {name: value for name in SAME_NAMED_FIELDS if (value := getattr(request, name)) is not None}
+    given = defaults.given()
+    given.update((name, value) for name in SAME_NAMED_FIELDS if (value := getattr(request, name)) is not None)
     try:
         params = SamplingParams(
             n=request.n,

@@ -17,6 +17,7 @@ from batchlm.outputs import CompletionOutput, FinishReason, RequestOutput, Token
 from batchlm.reasoning.message import AssistantMessage, MessageDelta, MessageReader, MessageStream
 from batchlm.reasoning.registry import effort_template_kwargs, reasoning_markers, reasoning_parser
 from batchlm.reasoning.split import ReasoningParser
+from batchlm.sampling_defaults import SamplingDefaults
 from batchlm.sampling_params import SamplingParams
 from batchlm.server.errors import APIError, rejections_as_400
 from batchlm.server.logprobs import chat_logprobs
@@ -95,7 +96,7 @@ async def prepare_chat(
             tools=tool_use.template_tools,
             tool_prompt=tool_use.tool_prompt,
         )
-        params, names = _sampling_params(body)
+        params, names = _sampling_params(body, info.sampling_defaults)
         params = tool_use.sampling_params(params, names.structured_outputs)
         reasoning = reasoning_parser(
             state.settings.reasoning_parser,
@@ -118,7 +119,9 @@ async def prepare_chat(
     return engine_request, context
 
 
-def _sampling_params(body: ChatCompletionRequest) -> tuple[SamplingParams, FieldNames]:
+def _sampling_params(
+    body: ChatCompletionRequest, defaults: SamplingDefaults
+) -> tuple[SamplingParams, FieldNames]:
     # max_completion_tokens replaced the deprecated max_tokens; errors name whichever the client sent.
     budget_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -128,6 +131,7 @@ def _sampling_params(body: ChatCompletionRequest) -> tuple[SamplingParams, Field
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         param_names={"logprobs": "top_logprobs", "max_tokens": budget_field},
         prompt_field="messages",
+        defaults=defaults,
     )
 
 

@@ -82,7 +82,12 @@ async def create_completion(request: Request, body: CompletionRequest) -> Respon
     echo_only = body.echo and body.max_tokens == 0
     max_tokens = 1 if echo_only else body.max_tokens
     params, names = build_sampling_params(
-        body, max_tokens=max_tokens, logprobs=body.logprobs, param_names={}, prompt_field="prompt"
+        body,
+        max_tokens=max_tokens,
+        logprobs=body.logprobs,
+        param_names={},
+        prompt_field="prompt",
+        defaults=info.sampling_defaults,
     )
     echo_logprobs = body.echo and body.logprobs is not None
     if echo_logprobs:  # the echoed prompt comes with its tokens' logprobs

@@ -1,0 +1,98 @@
+"""Sampling values a model's authors recommend (its generation_config.json), used where a request gives
+none, as transformers' `generate` and vLLM do: a model tuned to sample at temperature 0.6 and top_p
+0.95 is served that way unless the request says otherwise."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from batchlm.sampling_params import SamplingParams, SamplingParamsError
+
+logger = logging.getLogger(__name__)
+
+GENERATION_CONFIG_FILE = "generation_config.json"
+# --generation-config values besides a directory: the model's own file, or none at all.
+FROM_MODEL, NO_DEFAULTS = "auto", "none"
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """The recommended values; None where the model recommends nothing (SamplingParams' default)."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+
+    def given(self) -> dict[str, Any]:
+        """The recommended values by SamplingParams field name."""
+        return {name: value for name, value in asdict(self).items() if value is not None}
+
+    def params(self) -> SamplingParams:
+        """SamplingParams with these values and every other field at its default."""
+        return SamplingParams(**self.given())
+
+    def describe(self) -> str:
+        return ", ".join(f"{name}={value:g}" for name, value in self.given().items())
+
+
+def sampling_defaults(source: str, model_dir: Path) -> SamplingDefaults:
+    """The defaults `--generation-config` names: "auto" reads the model directory's
+    generation_config.json, "none" gives none, anything else is a directory holding such a file.
+    A value that is not a valid sampling parameter is left out, with a warning."""
+    check_generation_config(source)
+    if source == NO_DEFAULTS:
+        return SamplingDefaults()
+    file = (model_dir if source == FROM_MODEL else Path(source).expanduser()) / GENERATION_CONFIG_FILE
+    if not file.is_file():
+        return SamplingDefaults()
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{file} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} must hold a JSON object")
+    return SamplingDefaults(**_valid_values(config, file))
+
+
+def check_generation_config(source: str) -> None:
+    """ValueError unless `source` is a --generation-config value (checked before the model loads)."""
+    if source not in (FROM_MODEL, NO_DEFAULTS) and not Path(source).expanduser().is_dir():
+        raise ValueError(
+            f"--generation-config must be 'auto', 'none' or a directory holding {GENERATION_CONFIG_FILE}; "
+            f"{source!r} is not a directory"
+        )
+
+
+def _valid_values(config: dict[str, object], file: Path) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name in SamplingDefaults.__dataclass_fields__:
+        value = config.get(name)
+        if value is None:
+            continue
+        problem = _problem(name, value)
+        if problem is not None:
+            logger.warning("%s: %s left out of the sampling defaults (%s)", file, name, problem)
+            continue
+        assert isinstance(value, int | float)
+        values[name] = int(value) if name == "top_k" else float(value)
+    return values
+
+
+def _problem(name: str, value: object) -> str | None:
+    """Why `value` cannot be the default of SamplingParams' `name`; None when it can."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return f"expected a finite number, got {value!r}"
+    if name == "top_k" and value != int(value):
+        return f"expected an integer, got {value!r}"
+    try:
+        SamplingParams(**{name: int(value) if name == "top_k" else float(value)})  # type: ignore[arg-type]
+    except SamplingParamsError as error:
+        return str(error)
+    return None
