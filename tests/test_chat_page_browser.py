@@ -223,6 +223,17 @@ def test_a_keyed_server_needs_and_takes_the_key(page: Any, keyed_server: Backgro
     assert engine.tokenizer.decode(engine.calls[-1].prompt_token_ids) == "<|user|>Hi\n<|assistant|>"
 
 
+def test_by_default_the_page_leaves_sampling_to_the_model(page: Any, keyed_server: BackgroundServer) -> None:
+    # Without a temperature or top p of the user's, the server samples as the model recommends.
+    open_chat(page, keyed_server, API_KEY)
+    with page.expect_request("**/v1/chat/completions") as sent:
+        send(page, "Hello")
+    wait_for_reply(page)
+    assert not {"temperature", "top_p", "max_tokens"} & set(sent.value.post_data_json)
+    page.click("#open-settings")
+    assert [page.input_value(f"#{field}") for field in ("temperature", "top-p", "max-tokens")] == ["", "", ""]
+
+
 def test_settings_shape_the_request_and_are_kept(page: Any, keyed_server: BackgroundServer) -> None:
     open_chat(page, keyed_server, API_KEY)
     values = {"#temperature": "0.3", "#top-p": "0.9", "#max-tokens": "400", "#system-prompt": "Be kind."}

@@ -68,9 +68,10 @@ export async function streamChat({ model, messages, settings, signal, onDelta })
     messages,
     stream: true,
     stream_options: { include_usage: true },
-    temperature: settings.temperature,
-    top_p: settings.topP,
   };
+  // Left unset, the server samples as the model recommends (its generation_config.json).
+  if (settings.temperature != null) body.temperature = settings.temperature;
+  if (settings.topP != null) body.top_p = settings.topP;
   if (settings.maxTokens) body.max_tokens = settings.maxTokens;
   const init = { method: "POST", headers: headers(settings.apiKey), body: JSON.stringify(body), signal };
   const response = await send("/v1/chat/completions", init);

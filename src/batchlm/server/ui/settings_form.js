@@ -7,20 +7,21 @@ export function fillSettingsForm(settings, systemPrompt, models, current) {
   $("system-prompt").value = systemPrompt;
   const names = models.length ? models : [current].filter(Boolean);
   $("model").replaceChildren(...names.map((name) => new Option(name, name, false, name === current)));
-  $("temperature").value = settings.temperature;
-  $("top-p").value = settings.topP;
+  $("temperature").value = settings.temperature ?? "";
+  $("top-p").value = settings.topP ?? "";
   $("max-tokens").value = settings.maxTokens ?? "";
   $("api-key").value = settings.apiKey;
 }
 
-// The settings as the form now has them; a value out of range is clamped, one left empty or not a
-// number keeps its previous value (an empty max tokens means no limit).
+// The settings as the form now has them; a value out of range is clamped, one not a number keeps its
+// previous value. An empty temperature or top p leaves the model's recommended value (the server's
+// default), an empty max tokens no limit.
 export function readSettingsForm(settings) {
   return {
     ...settings,
     model: $("model").value || settings.model,
-    temperature: numberIn("temperature", 0, 2, settings.temperature),
-    topP: numberIn("top-p", 0.01, 1, settings.topP),
+    temperature: $("temperature").value === "" ? null : numberIn("temperature", 0, 2, settings.temperature),
+    topP: $("top-p").value === "" ? null : numberIn("top-p", 0.01, 1, settings.topP),
     maxTokens: $("max-tokens").value === "" ? null : Math.round(numberIn("max-tokens", 1, 1e9, 1)),
     apiKey: $("api-key").value.trim(),
     systemPrompt: $("system-prompt").value,

@@ -11,8 +11,8 @@ export const EXPORT_FORMAT = "batchlm-chat";
 
 export const DEFAULT_SETTINGS = Object.freeze({
   model: "",
-  temperature: 0.7,
-  topP: 1.0,
+  temperature: null, // null: not sent, so the server samples as the model recommends
+  topP: null,
   maxTokens: null, // null: the server's limit (up to the context length)
   apiKey: "",
   systemPrompt: "",
