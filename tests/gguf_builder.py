@@ -10,12 +10,13 @@ random blocks with small scales, so the model is random either way and the test 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, RopeScalingType
 from gguf.quants import quantize
 from safetensors.torch import load_file
 
@@ -80,6 +81,7 @@ def write_tiny_gguf(
     _add_tokenizer(writer, hf_dir)
     for key, value in (metadata or {}).items():
         (writer.add_int32 if isinstance(value, int) else writer.add_float32)(key, value)
+    _add_rope_scaling(writer, config)
     rng = np.random.default_rng(seed)
     for name, tensor in sorted(load_file(str(hf_dir / "model.safetensors")).items()):
         gguf_name = gguf_tensor_name(name)
@@ -131,6 +133,30 @@ def _add_model_metadata(writer: GGUFWriter, arch: str, config: dict[str, Any]) -
     writer.add_rope_freq_base(config.get("rope_theta", 10000.0))
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(config["vocab_size"])
+
+
+def _add_rope_scaling(writer: GGUFWriter, config: dict[str, Any]) -> None:
+    """Llama 3's scaling as llama.cpp's converter writes it, a divisor per frequency in `rope_freqs`;
+    linear scaling as metadata."""
+    scaling = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(scaling["factor"])
+    elif kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        original = scaling["original_max_position_embeddings"]
+        divisors = []
+        for i in range(0, config["head_dim"], 2):
+            wavelength = 2 * math.pi * config.get("rope_theta", 10000.0) ** (i / config["head_dim"])
+            if wavelength < original / high:
+                divisors.append(1.0)
+            elif wavelength > original / low:
+                divisors.append(factor)
+            else:
+                weight = (original / wavelength - low) / (high - low)
+                divisors.append(1 / ((1 - weight) / factor + weight))
+        writer.add_tensor("rope_freqs.weight", np.array(divisors, dtype=np.float32))
 
 
 def _add_tokenizer(writer: GGUFWriter, hf_dir: Path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -36,8 +37,10 @@ PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11] * 3 + list(range(100, 121)), [9] * 1
 PROMPTS += [[(7 * r + j) % 200 + 3 for j in range(3 + r % 16)] for r in range(len(PROMPTS), MAX_ROWS)]
 
 
-def _model(tmp_path: Path, qtype: str, tied: bool, model_type: str = "llama") -> LoadedModel:
-    gguf = write_tiny_gguf(tmp_path / "tiny.gguf", model_type, qtype, tied)
+def _model(
+    tmp_path: Path, qtype: str, tied: bool, model_type: str = "llama", overrides: dict[str, Any] | None = None
+) -> LoadedModel:
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf", model_type, qtype, tied, overrides=overrides)
     return load_model(prepare_gguf_model_dir(gguf, tmp_path / "c"), torch.float32, CPU, progress=False)
 
 
@@ -83,6 +86,15 @@ def test_fused_steps_match_the_model(tmp_path: Path, qtype: str, tied: bool) -> 
 @pytest.mark.parametrize("rows", [1, 2, 3])
 def test_fused_steps_match_the_model_at_fewer_rows(tmp_path: Path, rows: int) -> None:
     _assert_steps_agree(_model(tmp_path, "Q4_1", True), rows)
+
+
+def test_fused_steps_with_llama3_rope_scaling(tmp_path: Path) -> None:
+    # A Llama 3.x GGUF (rope_freqs): a band these prompts' positions reach, so the scaling shows.
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    overrides = {"rope_scaling": {**scaling, "original_max_position_embeddings": 64}}
+    loaded = _model(tmp_path, "Q4_K", False, overrides=overrides)
+    assert loaded.model.config.layers[0].rope.params["rope_type"] == "llama3"
+    _assert_steps_agree(loaded, 3)
 
 
 def test_fused_steps_with_qkv_biases(tmp_path: Path) -> None:

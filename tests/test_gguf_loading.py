@@ -4,18 +4,23 @@ template from the metadata; clear errors for what we do not load."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFWriter
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from batchlm import LLM, SamplingParams
 from batchlm.layers.quantization import registry
 from batchlm.layers.quantization.base import QuantizedTensor
 from batchlm.models.gguf_file import unpermute_rows
 from batchlm.models.gguf_model_dir import find_gguf_file, gguf_source, prepare_gguf_model_dir
+from batchlm.models.gguf_reader import GGUFFile
+from batchlm.models.gguf_rope import llama3_divisors, llama3_parameters, rope_scaling
 from batchlm.models.loader import LoadedModel, load_model
 from batchlm.tokenizer.tokenizer import Tokenizer
 from gguf_builder import hf_reference, permute_like_llama_cpp, write_tiny_gguf
@@ -87,6 +92,57 @@ def test_qwen3_with_its_q_k_norms_matches_transformers(tmp_path: Path) -> None:
     theirs, their_logprobs = hf_greedy(hf_reference(gguf_path), PROMPTS[1], NEW_TOKENS)
     assert ours == theirs
     torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+
+
+LLAMA3_BAND = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+
+
+@pytest.mark.parametrize(
+    ("scaling", "reached"),
+    [
+        # Llama 3.2's: its band lies beyond these prompts' positions; the parameters read are pinned.
+        ({**LLAMA3_BAND, "factor": 32.0, "original_max_position_embeddings": 8192}, False),
+        # A band short prompts reach: most frequencies are scaled or interpolated.
+        ({**LLAMA3_BAND, "factor": 8.0, "original_max_position_embeddings": 64}, True),
+        ({"rope_type": "linear", "factor": 4.0}, True),
+    ],
+    ids=["llama3.2", "llama3-short-band", "linear"],
+)
+def test_rope_scaling_reads_back_and_matches_transformers(
+    tmp_path: Path, scaling: dict[str, Any], reached: bool
+) -> None:
+    # llama.cpp writes Llama 3's scaling as per-frequency divisors (rope_freqs), linear as metadata.
+    gguf_path = write_tiny_gguf(
+        tmp_path / "tiny.gguf", "llama", "F32", overrides={"rope_scaling": dict(scaling)}
+    )
+    model_dir = prepare_gguf_model_dir(gguf_path, tmp_path / "cache")
+    assert json.loads((model_dir / "config.json").read_text())["rope_scaling"] == scaling
+    loaded = _load_gguf(gguf_path, tmp_path / "cache")
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    ours, our_logprobs = greedy_generate(loaded, PROMPTS[1], NEW_TOKENS)
+    theirs, their_logprobs = hf_greedy(hf, PROMPTS[1], NEW_TOKENS)
+    assert ours == theirs
+    torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+    if reached:  # the same weights without the scaling answer otherwise: the comparison can fail
+        unscaled = AutoConfig.from_pretrained(str(tmp_path / "hf"))
+        unscaled.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+        plain = AutoModelForCausalLM.from_pretrained(
+            str(tmp_path / "hf"), config=unscaled, dtype=torch.float32
+        )
+        _, plain_logprobs = hf_greedy(plain.eval(), PROMPTS[1], NEW_TOKENS)
+        assert (plain_logprobs - their_logprobs).abs().max() > 100 * LOGPROB_ATOL
+
+
+def test_rope_freqs_of_another_form_are_refused(tmp_path: Path) -> None:
+    scaling = {**LLAMA3_BAND, "factor": 8.0, "original_max_position_embeddings": 64}
+    gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf", overrides={"rope_scaling": dict(scaling)})
+    reader = GGUFFile(gguf_path)
+    [freqs] = [t for t in reader.tensors if t.name == "rope_freqs.weight"]
+    divisors = np.array(freqs.data, dtype=np.float64)
+    assert np.allclose(divisors, llama3_divisors(10000.0, 64, 8.0, 1.0, 4.0, 64), rtol=1e-6)
+    assert rope_scaling(reader, "llama", 64, 10000.0, gguf_path) == scaling
+    # Divisors no Llama 3 band gives (here, rising past the slow end) are named, not guessed.
+    assert llama3_parameters(divisors * np.linspace(1, 2, divisors.size), 10000.0, 64) is None
 
 
 def test_batched_step_gives_each_prompt_its_own_logits(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from batchlm.models.gguf_reader import GGUFFile, GGUFTensor
+from batchlm.models.gguf_rope import ROPE_FREQS, rope_scaling
 
 if TYPE_CHECKING:
     from batchlm.layers.quantization.base import LoadedWeight
@@ -79,8 +80,14 @@ def check_supported(reader: GGUFFile, path: Path) -> str:
                 f"{path}: tensor {tensor.name!r} has GGML type {tensor.tensor_type.name}, which batchlm does not "
                 f"load (supported: {', '.join(sorted(SUPPORTED_TYPES))})"
             )
+    for tensor in weight_tensors(reader):
         hf_tensor_name(tensor.name)
     return arch
+
+
+def weight_tensors(reader: GGUFFile) -> list[GGUFTensor]:
+    """The model's weights: every tensor but the RoPE divisors, which the config states (gguf_rope)."""
+    return [tensor for tensor in reader.tensors if tensor.name != ROPE_FREQS]
 
 
 def _round_float32(value: Any) -> float:
@@ -117,19 +124,15 @@ def hf_config(reader: GGUFFile, path: Path) -> dict[str, Any]:
     }
     if model_type in ("qwen2", "qwen3"):
         config["use_sliding_window"] = False
-    _check_rope_scaling(reader, arch, path)
+    scaling = rope_scaling(reader, arch, config["head_dim"], config["rope_theta"], path)
+    if scaling is not None:
+        config["rope_scaling"] = scaling
     return config
-
-
-def _check_rope_scaling(reader: GGUFFile, arch: str, path: Path) -> None:
-    scaling = str(reader.metadata(f"{arch}.rope.scaling.type", "none"))
-    if scaling != "none" or any(t.name == "rope_freqs.weight" for t in reader.tensors):
-        raise ValueError(f"{path}: GGUF RoPE scaling ({scaling}, rope_freqs) is not supported yet")
 
 
 def tensor_types(reader: GGUFFile) -> dict[str, str]:
     """HF tensor name -> GGML type name, for choosing each layer's weight method before loading."""
-    return {hf_tensor_name(t.name): t.tensor_type.name for t in reader.tensors}
+    return {hf_tensor_name(t.name): t.tensor_type.name for t in weight_tensors(reader)}
 
 
 def iter_gguf_tensors(reader: GGUFFile) -> Iterator[tuple[str, LoadedWeight]]:
@@ -138,7 +141,7 @@ def iter_gguf_tensors(reader: GGUFFile) -> Iterator[tuple[str, LoadedWeight]]:
     arch = str(reader.metadata("general.architecture", ""))
     heads = int(reader.metadata(f"{arch}.attention.head_count", 0))
     kv_heads = int(reader.metadata(f"{arch}.attention.head_count_kv", heads))
-    for tensor in reader.tensors:
+    for tensor in weight_tensors(reader):
         name = hf_tensor_name(tensor.name)
         loaded = _as_loaded(tensor)
         if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
