@@ -56,6 +56,15 @@ _HF_TO_GGUF = {
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
+# Gemma's four norms a layer.
+_GEMMA_HF_TO_GGUF = {
+    **_HF_TO_GGUF,
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+}
+# HF model_type -> GGUF general.architecture, where they differ.
+_GGUF_ARCH = {"gemma3_text": "gemma3"}
 
 
 def write_tiny_gguf(
@@ -76,19 +85,22 @@ def write_tiny_gguf(
         seed,
     )
     config = json.loads((hf_dir / "config.json").read_text())
-    writer = GGUFWriter(str(path), model_type)
-    _add_model_metadata(writer, model_type, config)
+    arch = _GGUF_ARCH.get(model_type, model_type)
+    writer = GGUFWriter(str(path), arch)
+    _add_model_metadata(writer, arch, config)
     _add_tokenizer(writer, hf_dir)
     for key, value in (metadata or {}).items():
         (writer.add_int32 if isinstance(value, int) else writer.add_float32)(key, value)
     _add_rope_scaling(writer, config)
     rng = np.random.default_rng(seed)
     for name, tensor in sorted(load_file(str(hf_dir / "model.safetensors")).items()):
-        gguf_name = gguf_tensor_name(name)
+        gguf_name = gguf_tensor_name(name, arch)
         values = tensor.float().numpy()
         if model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
             values = permute_like_llama_cpp(values, heads)
+        if arch.startswith("gemma") and name.endswith("norm.weight"):
+            values = values + 1  # llama.cpp's converter: its RMSNorm scales by the weight, Gemma's by 1 + it
         _add_tensor(writer, gguf_name, values, qtype if values.ndim == 2 else "F32", rng)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -97,7 +109,7 @@ def write_tiny_gguf(
     return path
 
 
-def gguf_tensor_name(hf_name: str) -> str:
+def gguf_tensor_name(hf_name: str, arch: str = "llama") -> str:
     module, _, kind = hf_name.rpartition(".")
     if module == "model.embed_tokens":
         return f"token_embd.{kind}"
@@ -106,7 +118,8 @@ def gguf_tensor_name(hf_name: str) -> str:
     if module == "lm_head":
         return f"output.{kind}"
     _, _, layer, rest = module.split(".", 3)
-    return f"blk.{layer}.{_HF_TO_GGUF[rest]}.{kind}"
+    names = _GEMMA_HF_TO_GGUF if arch.startswith("gemma") else _HF_TO_GGUF
+    return f"blk.{layer}.{names[rest]}.{kind}"
 
 
 def permute_like_llama_cpp(weights: np.ndarray, heads: int) -> np.ndarray:
@@ -130,15 +143,26 @@ def _add_model_metadata(writer: GGUFWriter, arch: str, config: dict[str, Any]) -
     writer.add_key_length(config["head_dim"])
     writer.add_value_length(config["head_dim"])
     writer.add_rope_dimension_count(config["head_dim"])
-    writer.add_rope_freq_base(config.get("rope_theta", 10000.0))
+    writer.add_rope_freq_base(_global_rope(config).get("rope_theta", config.get("rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(config["vocab_size"])
+    if arch.startswith("gemma"):
+        writer.add_sliding_window(config["sliding_window"])
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if config.get(key) is not None:
+            writer.add_float32(f"{arch}.{key}", config[key])
+
+
+def _global_rope(config: dict[str, Any]) -> dict[str, Any]:
+    """The RoPE parameters of the full-attention layers (Gemma 3's config has one entry a layer type)."""
+    params: dict[str, Any] = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    return params.get("full_attention", params)
 
 
 def _add_rope_scaling(writer: GGUFWriter, config: dict[str, Any]) -> None:
     """Llama 3's scaling as llama.cpp's converter writes it, a divisor per frequency in `rope_freqs`;
     linear scaling as metadata."""
-    scaling = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    scaling = _global_rope(config)
     kind = scaling.get("rope_type", "default")
     if kind == "linear":
         writer.add_rope_scaling_type(RopeScalingType.LINEAR)
@@ -148,7 +172,7 @@ def _add_rope_scaling(writer: GGUFWriter, config: dict[str, Any]) -> None:
         original = scaling["original_max_position_embeddings"]
         divisors = []
         for i in range(0, config["head_dim"], 2):
-            wavelength = 2 * math.pi * config.get("rope_theta", 10000.0) ** (i / config["head_dim"])
+            wavelength = 2 * math.pi * scaling.get("rope_theta", 10000.0) ** (i / config["head_dim"])
             if wavelength < original / high:
                 divisors.append(1.0)
             elif wavelength > original / low:

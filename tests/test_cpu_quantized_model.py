@@ -59,13 +59,21 @@ def _assert_close_logits(ours: torch.Tensor, reference: torch.Tensor, fraction: 
 
 
 @pytest.mark.parametrize(
-    ("qtype", "tied"), [("Q8_0", False), ("Q4_0", True), ("Q4_K", True), ("Q6_K", False)]
+    ("qtype", "tied", "model_type"),
+    [
+        ("Q8_0", False, "llama"),
+        ("Q4_0", True, "llama"),
+        ("Q4_K", True, "llama"),
+        ("Q6_K", False, "llama"),
+        ("Q4_K", True, "gemma3_text"),
+    ],
 )
 def test_gguf_kernels_match_the_dequantized_model(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, qtype: str, tied: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, qtype: str, tied: bool, model_type: str
 ) -> None:
+    overrides = {"num_hidden_layers": 6, "sliding_window": 8} if model_type == "gemma3_text" else None
     model_dir = prepare_gguf_model_dir(
-        write_tiny_gguf(tmp_path / "tiny.gguf", "llama", qtype, tied), tmp_path / "c"
+        write_tiny_gguf(tmp_path / "tiny.gguf", model_type, qtype, tied, overrides=overrides), tmp_path / "c"
     )
     quantized = load_model(model_dir, torch.float32, CPU, progress=False)
     assert "CpuQuantizedLinearMethod" in _methods(quantized)

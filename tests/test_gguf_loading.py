@@ -145,6 +145,37 @@ def test_rope_freqs_of_another_form_are_refused(tmp_path: Path) -> None:
     assert llama3_parameters(divisors * np.linspace(1, 2, divisors.size), 10000.0, 64) is None
 
 
+# Gemma 3 as its 4B-27B are (global layers at base 1e6, linearly scaled; local ones at 1e4), and
+# Gemma 2 with its soft-caps; windows of 8 tokens, so these prompts reach past them.
+GEMMA_CASES = {
+    "gemma3_text": {
+        "num_hidden_layers": 6,
+        "rope_parameters": {
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+    },
+    "gemma2": {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(GEMMA_CASES))
+def test_gemma_matches_transformers(tmp_path: Path, model_type: str) -> None:
+    # The file as llama.cpp writes it: norm weights plus one, the windows and caps as metadata.
+    overrides = {**GEMMA_CASES[model_type], "sliding_window": 8, "query_pre_attn_scalar": 64}
+    gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf", model_type, "F32", True, overrides=overrides)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    theirs, their_logprobs = hf_greedy(hf, PROMPTS[1], NEW_TOKENS)
+    ours, our_logprobs = greedy_generate(_load_gguf(gguf_path, tmp_path / "cache"), PROMPTS[1], NEW_TOKENS)
+    assert ours == theirs
+    torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+    # And through the engine (paged KV cache, windowed attention), greedy. (transformers converts a
+    # Gemma file's tokenizer as SentencePiece, which this byte-level test vocabulary is not.)
+    llm = LLM(model=str(gguf_path), tokenizer=str(tmp_path / "hf"), device="cpu")
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    assert list(llm.generate([PROMPTS[1]], params)[0].outputs[0].token_ids) == theirs
+
+
 def test_batched_step_gives_each_prompt_its_own_logits(tmp_path: Path) -> None:
     loaded = _load_gguf(write_tiny_gguf(tmp_path / "tiny.gguf", "llama", "Q4_K"), tmp_path / "cache")
     caches = make_kv_caches(loaded, 16)

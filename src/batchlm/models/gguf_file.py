@@ -21,7 +21,10 @@ GGUF_ARCHITECTURES = {
     "llama": ("llama", "LlamaForCausalLM"),
     "qwen2": ("qwen2", "Qwen2ForCausalLM"),
     "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+    "gemma2": ("gemma2", "Gemma2ForCausalLM"),
+    "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
 }
+GEMMA_ARCHITECTURES = frozenset({"gemma2", "gemma3"})
 # GGML tensor types we load: floats as they are, block types dequantized or kept by a kernel.
 SUPPORTED_TYPES = frozenset(
     {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
@@ -44,6 +47,13 @@ _BLOCK_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Gemma's four norms a layer: before and after attention, before and after the MLP.
+_GEMMA_BLOCK_NAMES = {
+    **_BLOCK_NAMES,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
 _BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
@@ -55,15 +65,16 @@ def open_gguf(path: Path) -> GGUFFile:
         raise ValueError(f"{path} is not a readable GGUF file: {err}") from err
 
 
-def hf_tensor_name(gguf_name: str) -> str:
+def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str:
     """The HF checkpoint name of a GGUF tensor; ValueError naming a tensor we have no place for."""
     stem, _, kind = gguf_name.rpartition(".")
     if stem in _GLOBAL_NAMES and kind in ("weight", "bias"):
         return f"{_GLOBAL_NAMES[stem]}.{kind}"
+    block_names = _GEMMA_BLOCK_NAMES if arch in GEMMA_ARCHITECTURES else _BLOCK_NAMES
     match = _BLOCK_TENSOR.fullmatch(gguf_name)
-    if match and match.group(2) in _BLOCK_NAMES:
+    if match and match.group(2) in block_names:
         layer, part, kind = match.groups()
-        return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"
+        return f"model.layers.{layer}.{block_names[part]}.{kind}"
     raise ValueError(f"unsupported GGUF tensor {gguf_name!r}: batchlm has no place for it in the model")
 
 
@@ -81,7 +92,7 @@ def check_supported(reader: GGUFFile, path: Path) -> str:
                 f"load (supported: {', '.join(sorted(SUPPORTED_TYPES))})"
             )
     for tensor in weight_tensors(reader):
-        hf_tensor_name(tensor.name)
+        hf_tensor_name(tensor.name, arch)
     return arch
 
 
@@ -124,15 +135,42 @@ def hf_config(reader: GGUFFile, path: Path) -> dict[str, Any]:
     }
     if model_type in ("qwen2", "qwen3"):
         config["use_sliding_window"] = False
+    if arch in GEMMA_ARCHITECTURES:
+        config.update(_gemma_config(reader, arch, config))
     scaling = rope_scaling(reader, arch, config["head_dim"], config["rope_theta"], path)
     if scaling is not None:
         config["rope_scaling"] = scaling
     return config
 
 
+def _gemma_config(reader: GGUFFile, arch: str, config: dict[str, Any]) -> dict[str, Any]:
+    """What Gemma adds: the sliding window (every other layer in Gemma 2, five of six in Gemma 3, as
+    their HF configs default and llama.cpp assumes), logit soft-caps, and the query scale, which the
+    file does not store: 1/sqrt(head_dim), but 1/sqrt(hidden/heads) for the 27B models, as llama.cpp
+    sets it (their HF configs say query_pre_attn_scalar 144 and 168)."""
+    hidden, heads, layers = config["hidden_size"], config["num_attention_heads"], config["num_hidden_layers"]
+    is_27b = (arch, layers, hidden) in (("gemma2", 46, 4608), ("gemma3", 62, 5376))
+    extra: dict[str, Any] = {
+        "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_act": "gelu_pytorch_tanh",
+        "sliding_window": int(reader.metadata(f"{arch}.attention.sliding_window")),
+        "query_pre_attn_scalar": hidden // heads if is_27b else config["head_dim"],
+        "tie_word_embeddings": True,
+    }
+    if arch == "gemma2":
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            value = reader.metadata(f"{arch}.{key}")
+            extra[key] = _round_float32(value) if value is not None else None
+    else:
+        # Gemma 3's local layers rotate at base 10000 (llama.cpp's fixed value too), unscaled.
+        extra["rope_local_base_freq"] = 10000.0
+    return extra
+
+
 def tensor_types(reader: GGUFFile) -> dict[str, str]:
     """HF tensor name -> GGML type name, for choosing each layer's weight method before loading."""
-    return {hf_tensor_name(t.name): t.tensor_type.name for t in weight_tensors(reader)}
+    arch = str(reader.metadata("general.architecture", ""))
+    return {hf_tensor_name(t.name, arch): t.tensor_type.name for t in weight_tensors(reader)}
 
 
 def iter_gguf_tensors(reader: GGUFFile) -> Iterator[tuple[str, LoadedWeight]]:
@@ -142,13 +180,25 @@ def iter_gguf_tensors(reader: GGUFFile) -> Iterator[tuple[str, LoadedWeight]]:
     heads = int(reader.metadata(f"{arch}.attention.head_count", 0))
     kv_heads = int(reader.metadata(f"{arch}.attention.head_count_kv", heads))
     for tensor in weight_tensors(reader):
-        name = hf_tensor_name(tensor.name)
+        name = hf_tensor_name(tensor.name, arch)
         loaded = _as_loaded(tensor)
+        if arch in GEMMA_ARCHITECTURES and name.endswith("norm.weight"):
+            loaded = _gemma_norm(loaded, tensor.name)
         if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
             loaded = unpermute_rows(loaded, heads)
         elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
             loaded = unpermute_rows(loaded, kv_heads)
         yield name, loaded
+
+
+def _gemma_norm(weight: LoadedWeight, name: str) -> LoadedWeight:
+    """HF's Gemma norm weight: llama.cpp's converter stores it plus one (Gemma's RMSNorm scales by
+    1 + weight, llama.cpp's by the weight)."""
+    import torch
+
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"GGUF tensor {name!r}: a block-quantized norm weight is not supported")
+    return weight - 1
 
 
 def _as_loaded(tensor: GGUFTensor) -> LoadedWeight:
