@@ -63,6 +63,8 @@ _GEMMA_HF_TO_GGUF = {
     "pre_feedforward_layernorm": "ffn_norm",
     "post_feedforward_layernorm": "post_ffw_norm",
 }
+# Phi-3's fused projections.
+_PHI3_HF_TO_GGUF = {**_HF_TO_GGUF, "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
 # HF model_type -> GGUF general.architecture, where they differ.
 _GGUF_ARCH = {"gemma3_text": "gemma3"}
 
@@ -118,7 +120,9 @@ def gguf_tensor_name(hf_name: str, arch: str = "llama") -> str:
     if module == "lm_head":
         return f"output.{kind}"
     _, _, layer, rest = module.split(".", 3)
-    names = _GEMMA_HF_TO_GGUF if arch.startswith("gemma") else _HF_TO_GGUF
+    names = (
+        _GEMMA_HF_TO_GGUF if arch.startswith("gemma") else _PHI3_HF_TO_GGUF if arch == "phi3" else _HF_TO_GGUF
+    )
     return f"blk.{layer}.{names[rest]}.{kind}"
 
 
@@ -142,11 +146,12 @@ def _add_model_metadata(writer: GGUFWriter, arch: str, config: dict[str, Any]) -
     writer.add_head_count_kv(config["num_key_value_heads"])
     writer.add_key_length(config["head_dim"])
     writer.add_value_length(config["head_dim"])
-    writer.add_rope_dimension_count(config["head_dim"])
+    partial = _global_rope(config).get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    writer.add_rope_dimension_count(int(config["head_dim"] * partial))
     writer.add_rope_freq_base(_global_rope(config).get("rope_theta", config.get("rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(config["vocab_size"])
-    if arch.startswith("gemma"):
+    if arch.startswith("gemma") or (arch == "phi3" and config.get("sliding_window")):
         writer.add_sliding_window(config["sliding_window"])
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
         if config.get(key) is not None:
@@ -167,6 +172,13 @@ def _add_rope_scaling(writer: GGUFWriter, config: dict[str, Any]) -> None:
     if kind == "linear":
         writer.add_rope_scaling_type(RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(scaling["factor"])
+    elif kind == "longrope":  # Phi-3's: its factors as two tensors, the original length as metadata
+        writer.add_tensor("rope_factors_long.weight", np.array(scaling["long_factor"], dtype=np.float32))
+        writer.add_tensor("rope_factors_short.weight", np.array(scaling["short_factor"], dtype=np.float32))
+        original = (
+            config.get("original_max_position_embeddings") or scaling["original_max_position_embeddings"]
+        )
+        writer.add_rope_scaling_orig_ctx_len(original)
     elif kind == "llama3":
         factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
         original = scaling["original_max_position_embeddings"]

@@ -66,12 +66,16 @@ def _assert_close_logits(ours: torch.Tensor, reference: torch.Tensor, fraction: 
         ("Q4_K", True, "llama"),
         ("Q6_K", False, "llama"),
         ("Q4_K", True, "gemma3_text"),
+        ("Q4_0", True, "phi3"),
     ],
 )
 def test_gguf_kernels_match_the_dequantized_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, qtype: str, tied: bool, model_type: str
 ) -> None:
-    overrides = {"num_hidden_layers": 6, "sliding_window": 8} if model_type == "gemma3_text" else None
+    overrides = {
+        "gemma3_text": {"num_hidden_layers": 6, "sliding_window": 8},
+        "phi3": {"pad_token_id": 0, "sliding_window": 6},  # fused q/k/v and gate/up rows
+    }.get(model_type)
     model_dir = prepare_gguf_model_dir(
         write_tiny_gguf(tmp_path / "tiny.gguf", model_type, qtype, tied, overrides=overrides), tmp_path / "c"
     )

@@ -38,6 +38,8 @@ CPU = torch.device("cpu")
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11] * 3 + list(range(100, 121))]
 NEW_TOKENS = 12
 LOGPROB_ATOL = 1e-4
+# Q8_0 weights against the float ones they were rounded from.
+Q8_LOGPROB_ATOL = 2e-2
 
 
 @pytest.fixture(autouse=True)
@@ -174,6 +176,41 @@ def test_gemma_matches_transformers(tmp_path: Path, model_type: str) -> None:
     llm = LLM(model=str(gguf_path), tokenizer=str(tmp_path / "hf"), device="cpu")
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     assert list(llm.generate([PROMPTS[1]], params)[0].outputs[0].token_ids) == theirs
+
+
+# Phi-4-mini's shape: LongRoPE over half of each head, a window, fused q/k/v and gate/up rows. These
+# prompts stay below the original length (see tests/test_models_phi3.py).
+PHI4_MINI = {
+    "pad_token_id": 0,
+    "sliding_window": 6,
+    "original_max_position_embeddings": 64,
+    "rope_parameters": {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "partial_rotary_factor": 0.5,
+        "short_factor": [1.0, 1.3, 2.1, 3.7] * 4,
+        "long_factor": [1.5, 4.0, 9.0, 20.0] * 4,
+    },
+}
+
+
+def test_phi3_matches_transformers(tmp_path: Path) -> None:
+    gguf_path = write_tiny_gguf(tmp_path / "f32" / "tiny.gguf", "phi3", "F32", True, overrides=PHI4_MINI)
+    config = json.loads((prepare_gguf_model_dir(gguf_path, tmp_path / "cache") / "config.json").read_text())
+    for key in ("long_factor", "short_factor"):
+        assert config["rope_scaling"][key] == PHI4_MINI["rope_parameters"][key]
+    assert (config["partial_rotary_factor"], config["original_max_position_embeddings"]) == (0.5, 64)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "f32" / "hf"), dtype=torch.float32).eval()
+    theirs, their_logprobs = hf_greedy(hf, PROMPTS[1], NEW_TOKENS)
+    ours, our_logprobs = greedy_generate(_load_gguf(gguf_path, tmp_path / "cache"), PROMPTS[1], NEW_TOKENS)
+    assert ours == theirs
+    torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+    # Q8_0 rows of the fused q/k/v and gate/up tensors, split by their bytes: the same model within
+    # Q8_0's rounding.
+    q8_path = write_tiny_gguf(tmp_path / "q8" / "tiny.gguf", "phi3", "Q8_0", True, overrides=PHI4_MINI)
+    q8, q8_logprobs = greedy_generate(_load_gguf(q8_path, tmp_path / "cache"), PROMPTS[1], NEW_TOKENS)
+    assert q8 == theirs
+    torch.testing.assert_close(q8_logprobs, their_logprobs, atol=Q8_LOGPROB_ATOL, rtol=0)
 
 
 def test_batched_step_gives_each_prompt_its_own_logits(tmp_path: Path) -> None:

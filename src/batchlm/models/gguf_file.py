@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from batchlm.models.gguf_reader import GGUFFile, GGUFTensor
-from batchlm.models.gguf_rope import ROPE_FREQS, rope_scaling
+from batchlm.models.gguf_rope import ROPE_TENSORS, rope_scaling
 
 if TYPE_CHECKING:
     from batchlm.layers.quantization.base import LoadedWeight
@@ -23,6 +23,7 @@ GGUF_ARCHITECTURES = {
     "qwen3": ("qwen3", "Qwen3ForCausalLM"),
     "gemma2": ("gemma2", "Gemma2ForCausalLM"),
     "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
+    "phi3": ("phi3", "Phi3ForCausalLM"),
 }
 GEMMA_ARCHITECTURES = frozenset({"gemma2", "gemma3"})
 # GGML tensor types we load: floats as they are, block types dequantized or kept by a kernel.
@@ -54,6 +55,9 @@ _GEMMA_BLOCK_NAMES = {
     "ffn_norm": "pre_feedforward_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
 }
+# Phi-3's fused projections, as its HF checkpoints hold them too.
+_PHI3_BLOCK_NAMES = {**_BLOCK_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
+_BLOCK_NAMES_OF = {"gemma2": _GEMMA_BLOCK_NAMES, "gemma3": _GEMMA_BLOCK_NAMES, "phi3": _PHI3_BLOCK_NAMES}
 _BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
@@ -70,7 +74,7 @@ def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str:
     stem, _, kind = gguf_name.rpartition(".")
     if stem in _GLOBAL_NAMES and kind in ("weight", "bias"):
         return f"{_GLOBAL_NAMES[stem]}.{kind}"
-    block_names = _GEMMA_BLOCK_NAMES if arch in GEMMA_ARCHITECTURES else _BLOCK_NAMES
+    block_names = _BLOCK_NAMES_OF.get(arch, _BLOCK_NAMES)
     match = _BLOCK_TENSOR.fullmatch(gguf_name)
     if match and match.group(2) in block_names:
         layer, part, kind = match.groups()
@@ -98,7 +102,7 @@ def check_supported(reader: GGUFFile, path: Path) -> str:
 
 def weight_tensors(reader: GGUFFile) -> list[GGUFTensor]:
     """The model's weights: every tensor but the RoPE divisors, which the config states (gguf_rope)."""
-    return [tensor for tensor in reader.tensors if tensor.name != ROPE_FREQS]
+    return [tensor for tensor in reader.tensors if tensor.name not in ROPE_TENSORS]
 
 
 def _round_float32(value: Any) -> float:
@@ -137,6 +141,8 @@ def hf_config(reader: GGUFFile, path: Path) -> dict[str, Any]:
         config["use_sliding_window"] = False
     if arch in GEMMA_ARCHITECTURES:
         config.update(_gemma_config(reader, arch, config))
+    if arch == "phi3":
+        config.update(_phi3_config(reader, config))
     scaling = rope_scaling(reader, arch, config["head_dim"], config["rope_theta"], path)
     if scaling is not None:
         config["rope_scaling"] = scaling
@@ -164,6 +170,20 @@ def _gemma_config(reader: GGUFFile, arch: str, config: dict[str, Any]) -> dict[s
     else:
         # Gemma 3's local layers rotate at base 10000 (llama.cpp's fixed value too), unscaled.
         extra["rope_local_base_freq"] = 10000.0
+    return extra
+
+
+def _phi3_config(reader: GGUFFile, config: dict[str, Any]) -> dict[str, Any]:
+    """Phi-3's partial rotary width (Phi-4-mini's), its window and LongRoPE's original length."""
+    extra: dict[str, Any] = {}
+    rotary = int(reader.metadata("phi3.rope.dimension_count", config["head_dim"]))
+    if rotary != config["head_dim"]:
+        extra["partial_rotary_factor"] = rotary / config["head_dim"]
+    window = reader.metadata("phi3.attention.sliding_window")
+    extra["sliding_window"] = int(window) if window else None
+    original = reader.metadata("phi3.rope.scaling.original_context_length")
+    if original is not None:
+        extra["original_max_position_embeddings"] = int(original)
     return extra
 
 

@@ -17,6 +17,10 @@ import numpy as np
 from batchlm.models.gguf_reader import GGUFFile
 
 ROPE_FREQS = "rope_freqs.weight"
+# Phi-3's LongRoPE: a factor per frequency for contexts up to the original length, and beyond it.
+LONGROPE_FACTORS = {"short_factor": "rope_factors_short.weight", "long_factor": "rope_factors_long.weight"}
+# Tensors that state RoPE, not weights.
+ROPE_TENSORS = frozenset({ROPE_FREQS, *LONGROPE_FACTORS.values()})
 # Llama 3.1-3.3's band (low_freq_factor, high_freq_factor, original_max_position_embeddings).
 LLAMA3_BAND = (1.0, 4.0, 8192)
 _RTOL = 1e-4
@@ -28,7 +32,11 @@ def rope_scaling(
     """The config's rope_scaling for the file, None without scaling; ValueError naming a kind we do
     not read."""
     kind = str(reader.metadata(f"{arch}.rope.scaling.type", "none"))
-    freqs = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
+    tensors = {t.name: t for t in reader.tensors if t.name in ROPE_TENSORS}
+    if all(name in tensors for name in LONGROPE_FACTORS.values()):
+        factors = {key: _float32_list(tensors[name].data) for key, name in LONGROPE_FACTORS.items()}
+        return {"rope_type": "longrope", **factors}
+    freqs = tensors.get(ROPE_FREQS)
     if freqs is not None and kind in ("none", "llama3"):
         divisors = np.asarray(freqs.data, dtype=np.float64).reshape(-1)
         if divisors.shape != (head_dim // 2,):
@@ -44,6 +52,11 @@ def rope_scaling(
     if freqs is None and kind == "linear":
         return {"rope_type": "linear", "factor": float(reader.metadata(f"{arch}.rope.scaling.factor"))}
     raise ValueError(f"{path}: GGUF RoPE scaling {kind!r} is not supported (batchlm reads llama3 and linear)")
+
+
+def _float32_list(values: Any) -> list[float]:
+    # GGUF stores float32: 1.3 reads back as 1.29999995; keep the value the converter was given.
+    return [float(str(value)) for value in np.asarray(values, dtype=np.float32).reshape(-1)]
 
 
 def llama3_divisors(

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from batchlm.layers.quantization.base import LoadedWeight
+from batchlm.layers.quantization.base import LoadedWeight, QuantizedTensor
 from batchlm.models.llama import LlamaForCausalLM
 from batchlm.models.model_config import ModelConfig
 
@@ -51,10 +51,13 @@ def split_fused_tensors(
             yield name, tensor
 
 
-def _rows(name: str, tensor: LoadedWeight, sizes: list[int]) -> tuple[torch.Tensor, ...]:
-    if not isinstance(tensor, torch.Tensor):
-        raise ValueError(f"{name}: fused Phi-3 tensors load from dense checkpoints only")
+def _rows(name: str, tensor: LoadedWeight, sizes: list[int]) -> tuple[LoadedWeight, ...]:
+    """The tensor's row ranges: dense rows, or a GGUF file's block-quantized rows as their bytes."""
+    if not isinstance(tensor, torch.Tensor | QuantizedTensor):
+        raise ValueError(f"{name}: fused Phi-3 tensors load from dense or GGUF checkpoints only")
     if tensor.shape[0] != sum(sizes):
         raise ValueError(f"{name} has {tensor.shape[0]} rows; the config needs {sum(sizes)} ({sizes})")
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    if isinstance(tensor, QuantizedTensor):
+        return tuple(tensor.narrow_rows(start, size) for start, size in zip(starts, sizes, strict=True))
     return tuple(tensor.narrow(0, start, size) for start, size in zip(starts, sizes, strict=True))
