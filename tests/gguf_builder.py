@@ -172,6 +172,10 @@ def _add_rope_scaling(writer: GGUFWriter, config: dict[str, Any]) -> None:
     if kind == "linear":
         writer.add_rope_scaling_type(RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(scaling["factor"])
+    elif kind == "yarn":
+        writer.add_rope_scaling_type(RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(scaling["factor"])
+        writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
     elif kind == "longrope":  # Phi-3's: its factors as two tensors, the original length as metadata
         writer.add_tensor("rope_factors_long.weight", np.array(scaling["long_factor"], dtype=np.float32))
         writer.add_tensor("rope_factors_short.weight", np.array(scaling["short_factor"], dtype=np.float32))

@@ -107,8 +107,10 @@ LLAMA3_BAND = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor"
         # A band short prompts reach: most frequencies are scaled or interpolated.
         ({**LLAMA3_BAND, "factor": 8.0, "original_max_position_embeddings": 64}, True),
         ({"rope_type": "linear", "factor": 4.0}, True),
+        # Qwen's long-context setting, over an original length these prompts pass.
+        ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}, True),
     ],
-    ids=["llama3.2", "llama3-short-band", "linear"],
+    ids=["llama3.2", "llama3-short-band", "linear", "yarn"],
 )
 def test_rope_scaling_reads_back_and_matches_transformers(
     tmp_path: Path, scaling: dict[str, Any], reached: bool

@@ -50,13 +50,40 @@ def rope_scaling(
     if freqs is None and kind == "none":
         return None
     if freqs is None and kind == "linear":
-        return {"rope_type": "linear", "factor": float(reader.metadata(f"{arch}.rope.scaling.factor"))}
-    raise ValueError(f"{path}: GGUF RoPE scaling {kind!r} is not supported (batchlm reads llama3 and linear)")
+        return {"rope_type": "linear", "factor": _float32(reader.metadata(f"{arch}.rope.scaling.factor"))}
+    if freqs is None and kind == "yarn":
+        return _yarn(reader, arch, path)
+    raise ValueError(
+        f"{path}: GGUF RoPE scaling {kind!r} is not supported (batchlm reads llama3, linear, yarn and longrope)"
+    )
+
+
+def _yarn(reader: GGUFFile, arch: str, path: Path) -> dict[str, Any]:
+    """YaRN as Qwen's configs state it: a factor over the original length, the ramp's betas where the
+    file has them. An attention factor of llama.cpp's own, which HF configs do not state, is refused."""
+    key = f"{arch}.rope.scaling"
+    if reader.metadata(f"{key}.yarn_attn_factor") is not None or reader.metadata(
+        f"{key}.yarn_log_multiplier"
+    ):
+        raise ValueError(f"{path}: YaRN with llama.cpp's own attention factor is not supported")
+    scaling: dict[str, Any] = {
+        "rope_type": "yarn",
+        "factor": _float32(reader.metadata(f"{key}.factor")),
+        "original_max_position_embeddings": int(reader.metadata(f"{key}.original_context_length")),
+    }
+    for name in ("beta_fast", "beta_slow"):
+        if (value := reader.metadata(f"{key}.yarn_{name}")) is not None:
+            scaling[name] = _float32(value)
+    return scaling
+
+
+def _float32(value: Any) -> float:
+    return float(str(np.float32(value)))
 
 
 def _float32_list(values: Any) -> list[float]:
     # GGUF stores float32: 1.3 reads back as 1.29999995; keep the value the converter was given.
-    return [float(str(value)) for value in np.asarray(values, dtype=np.float32).reshape(-1)]
+    return [_float32(value) for value in np.asarray(values, dtype=np.float32).reshape(-1)]
 
 
 def llama3_divisors(
