@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ _HF_TO_GGUF = {
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
+    "mlp.gate": "ffn_gate_inp",  # a mixture-of-experts layer's router
 }
 # Gemma's four norms a layer.
 _GEMMA_HF_TO_GGUF = {
@@ -66,7 +68,7 @@ _GEMMA_HF_TO_GGUF = {
 # Phi-3's fused projections.
 _PHI3_HF_TO_GGUF = {**_HF_TO_GGUF, "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
 # HF model_type -> GGUF general.architecture, where they differ.
-_GGUF_ARCH = {"gemma3_text": "gemma3"}
+_GGUF_ARCH = {"gemma3_text": "gemma3", "qwen3_moe": "qwen3moe"}
 
 
 def write_tiny_gguf(
@@ -95,20 +97,39 @@ def write_tiny_gguf(
         (writer.add_int32 if isinstance(value, int) else writer.add_float32)(key, value)
     _add_rope_scaling(writer, config)
     rng = np.random.default_rng(seed)
-    for name, tensor in sorted(load_file(str(hf_dir / "model.safetensors")).items()):
+    tensors = {
+        name: tensor.float().numpy() for name, tensor in load_file(str(hf_dir / "model.safetensors")).items()
+    }
+    for name, values in sorted(_stack_experts(tensors).items()):
         gguf_name = gguf_tensor_name(name, arch)
-        values = tensor.float().numpy()
         if model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
             values = permute_like_llama_cpp(values, heads)
         if arch.startswith("gemma") and name.endswith("norm.weight"):
             values = values + 1  # llama.cpp's converter: its RMSNorm scales by the weight, Gemma's by 1 + it
-        _add_tensor(writer, gguf_name, values, qtype if values.ndim == 2 else "F32", rng)
+        # llama-quantize leaves 1-D tensors and a mixture-of-experts router in F32.
+        kept = values.ndim == 1 or gguf_name.endswith("ffn_gate_inp.weight")
+        _add_tensor(writer, gguf_name, values, "F32" if kept else qtype, rng)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def _stack_experts(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-expert projections stacked as llama.cpp's converter stacks them: one [experts, rows, cols]
+    tensor a layer and projection, named `...mlp.experts.<projection>.weight` here."""
+    stacks: dict[str, dict[int, np.ndarray]] = {}
+    others: dict[str, np.ndarray] = {}
+    for name, values in tensors.items():
+        match = re.fullmatch(r"(.+\.mlp\.experts)\.(\d+)\.(\w+)\.weight", name)
+        if match is None:
+            others[name] = values
+            continue
+        stacks.setdefault(f"{match[1]}.{match[3]}.weight", {})[int(match[2])] = values
+    stacked = {name: np.stack([experts[e] for e in sorted(experts)]) for name, experts in stacks.items()}
+    return {**others, **stacked}
 
 
 def gguf_tensor_name(hf_name: str, arch: str = "llama") -> str:
@@ -120,6 +141,8 @@ def gguf_tensor_name(hf_name: str, arch: str = "llama") -> str:
     if module == "lm_head":
         return f"output.{kind}"
     _, _, layer, rest = module.split(".", 3)
+    if rest.startswith("mlp.experts."):
+        return f"blk.{layer}.ffn_{rest.removeprefix('mlp.experts.').removesuffix('_proj')}_exps.{kind}"
     names = (
         _GEMMA_HF_TO_GGUF if arch.startswith("gemma") else _PHI3_HF_TO_GGUF if arch == "phi3" else _HF_TO_GGUF
     )
@@ -151,6 +174,10 @@ def _add_model_metadata(writer: GGUFWriter, arch: str, config: dict[str, Any]) -
     writer.add_rope_freq_base(_global_rope(config).get("rope_theta", config.get("rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(config["vocab_size"])
+    if "num_experts" in config or "num_local_experts" in config:
+        writer.add_expert_count(config.get("num_experts") or config["num_local_experts"])
+        writer.add_expert_used_count(config["num_experts_per_tok"])
+        writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
     if arch.startswith("gemma") or (arch == "phi3" and config.get("sliding_window")):
         writer.add_sliding_window(config["sliding_window"])
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
@@ -222,6 +249,15 @@ def _add_tokenizer(writer: GGUFWriter, hf_dir: Path) -> None:
 def _add_tensor(
     writer: GGUFWriter, name: str, values: np.ndarray, qtype: str, rng: np.random.Generator
 ) -> None:
+    if values.ndim == 3 and qtype not in ("F32", "F16"):  # an expert stack: quantized as its rows
+        rows = values.reshape(-1, values.shape[-1])
+        if qtype in K_QUANT_SCALES:
+            blocks = random_k_quant_blocks(rows.shape, qtype, rng)
+        else:
+            blocks = quantize(rows, GGMLQuantizationType[qtype])
+        raw = blocks.reshape(*values.shape[:2], -1)
+        writer.add_tensor(name, raw, raw_dtype=GGMLQuantizationType[qtype])
+        return
     ggml_type = GGMLQuantizationType[qtype]
     if qtype == "F32":
         writer.add_tensor(name, values.astype(np.float32))

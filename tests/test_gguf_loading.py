@@ -215,6 +215,32 @@ def test_phi3_matches_transformers(tmp_path: Path) -> None:
     torch.testing.assert_close(q8_logprobs, their_logprobs, atol=Q8_LOGPROB_ATOL, rtol=0)
 
 
+# Qwen3-30B-A3B's kind: 8 experts, 2 a token, renormalized; every layer sparse.
+QWEN3_MOE = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 256, "norm_topk_prob": True}
+
+
+def test_qwen3_moe_matches_transformers(tmp_path: Path) -> None:
+    # Experts stacked a projection and layer in one tensor, as llama.cpp writes them.
+    gguf_path = write_tiny_gguf(tmp_path / "f32" / "tiny.gguf", "qwen3_moe", "F32", overrides=QWEN3_MOE)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "f32" / "hf"), dtype=torch.float32).eval()
+    theirs, their_logprobs = hf_greedy(hf, PROMPTS[1], NEW_TOKENS)
+    ours, our_logprobs = greedy_generate(_load_gguf(gguf_path, tmp_path / "cache"), PROMPTS[1], NEW_TOKENS)
+    assert ours == theirs
+    torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+    # Quantized stacks split into experts by their rows' bytes: each expert's weights are the HF
+    # expert's within Q8_0's rounding (half a step of 1/127 of its block's largest value).
+    q8_path = write_tiny_gguf(tmp_path / "q8" / "tiny.gguf", "qwen3_moe", "Q8_0", overrides=QWEN3_MOE)
+    experts = _load_gguf(q8_path, tmp_path / "cache").model.model.layers[1].mlp.experts
+    reference = hf.model.layers[1].mlp.experts  # transformers' stacked experts, in the same layout
+    for ours_stack, theirs_stack in (
+        (experts.gate_up_proj, reference.gate_up_proj),
+        (experts.down_proj, reference.down_proj),
+    ):
+        for expert in range(QWEN3_MOE["num_experts"]):
+            step = theirs_stack[expert].abs().max() / 127
+            assert (ours_stack[expert] - theirs_stack[expert]).abs().max() <= step
+
+
 def test_batched_step_gives_each_prompt_its_own_logits(tmp_path: Path) -> None:
     loaded = _load_gguf(write_tiny_gguf(tmp_path / "tiny.gguf", "llama", "Q4_K"), tmp_path / "cache")
     caches = make_kv_caches(loaded, 16)

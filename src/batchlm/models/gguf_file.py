@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +15,9 @@ from batchlm.models.gguf_reader import GGUFFile, GGUFTensor
 from batchlm.models.gguf_rope import ROPE_TENSORS, rope_scaling
 
 if TYPE_CHECKING:
-    from batchlm.layers.quantization.base import LoadedWeight
+    import torch
+
+    from batchlm.layers.quantization.base import LoadedWeight, QuantizedTensor
 
 # general.architecture -> (HF model_type, HF architecture class).
 GGUF_ARCHITECTURES = {
@@ -24,6 +27,7 @@ GGUF_ARCHITECTURES = {
     "gemma2": ("gemma2", "Gemma2ForCausalLM"),
     "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
     "phi3": ("phi3", "Phi3ForCausalLM"),
+    "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
 }
 GEMMA_ARCHITECTURES = frozenset({"gemma2", "gemma3"})
 # GGML tensor types we load: floats as they are, block types dequantized or kept by a kernel.
@@ -55,9 +59,18 @@ _GEMMA_BLOCK_NAMES = {
     "ffn_norm": "pre_feedforward_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
 }
+# A mixture-of-experts layer: the router, and each projection of every expert stacked in one tensor
+# [experts, rows, cols] (the loader hands the experts on one by one, under their HF names).
+_MOE_BLOCK_NAMES = {**_BLOCK_NAMES, "ffn_gate_inp": "mlp.gate"}
+EXPERT_STACKS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 # Phi-3's fused projections, as its HF checkpoints hold them too.
 _PHI3_BLOCK_NAMES = {**_BLOCK_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
-_BLOCK_NAMES_OF = {"gemma2": _GEMMA_BLOCK_NAMES, "gemma3": _GEMMA_BLOCK_NAMES, "phi3": _PHI3_BLOCK_NAMES}
+_BLOCK_NAMES_OF = {
+    "gemma2": _GEMMA_BLOCK_NAMES,
+    "gemma3": _GEMMA_BLOCK_NAMES,
+    "phi3": _PHI3_BLOCK_NAMES,
+    "qwen3moe": _MOE_BLOCK_NAMES,
+}
 _BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
@@ -79,6 +92,10 @@ def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str:
     if match and match.group(2) in block_names:
         layer, part, kind = match.groups()
         return f"model.layers.{layer}.{block_names[part]}.{kind}"
+    if match and block_names is _MOE_BLOCK_NAMES and match.group(2) in EXPERT_STACKS:
+        # The stack as a whole; iter_gguf_tensors names each expert of it.
+        layer, part, kind = match.groups()
+        return f"model.layers.{layer}.mlp.experts.{EXPERT_STACKS[part]}.{kind}"
     raise ValueError(f"unsupported GGUF tensor {gguf_name!r}: batchlm has no place for it in the model")
 
 
@@ -143,6 +160,8 @@ def hf_config(reader: GGUFFile, path: Path) -> dict[str, Any]:
         config.update(_gemma_config(reader, arch, config))
     if arch == "phi3":
         config.update(_phi3_config(reader, config))
+    if arch == "qwen3moe":
+        config.update(_moe_config(reader, arch))
     scaling = rope_scaling(reader, arch, config["head_dim"], config["rope_theta"], path)
     if scaling is not None:
         config["rope_scaling"] = scaling
@@ -173,6 +192,19 @@ def _gemma_config(reader: GGUFFile, arch: str, config: dict[str, Any]) -> dict[s
     return extra
 
 
+def _moe_config(reader: GGUFFile, arch: str) -> dict[str, Any]:
+    """Qwen3-MoE's experts: every layer sparse, the kept routing weights renormalized (as llama.cpp
+    runs this architecture and Qwen's configs say)."""
+    return {
+        "num_experts": int(reader.metadata(f"{arch}.expert_count")),
+        "num_experts_per_tok": int(reader.metadata(f"{arch}.expert_used_count")),
+        "moe_intermediate_size": int(reader.metadata(f"{arch}.expert_feed_forward_length")),
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+    }
+
+
 def _phi3_config(reader: GGUFFile, config: dict[str, Any]) -> dict[str, Any]:
     """Phi-3's partial rotary width (Phi-4-mini's), its window and LongRoPE's original length."""
     extra: dict[str, Any] = {}
@@ -201,7 +233,10 @@ def iter_gguf_tensors(reader: GGUFFile) -> Iterator[tuple[str, LoadedWeight]]:
     kv_heads = int(reader.metadata(f"{arch}.attention.head_count_kv", heads))
     for tensor in weight_tensors(reader):
         name = hf_tensor_name(tensor.name, arch)
-        loaded = _as_loaded(tensor)
+        if ".mlp.experts." in name:
+            yield from _experts(name, tensor)
+            continue
+        loaded: LoadedWeight = _as_loaded(tensor)
         if arch in GEMMA_ARCHITECTURES and name.endswith("norm.weight"):
             loaded = _gemma_norm(loaded, tensor.name)
         if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
@@ -209,6 +244,24 @@ def iter_gguf_tensors(reader: GGUFFile) -> Iterator[tuple[str, LoadedWeight]]:
         elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
             loaded = unpermute_rows(loaded, kv_heads)
         yield name, loaded
+
+
+def _experts(stack_name: str, tensor: GGUFTensor) -> Iterator[tuple[str, LoadedWeight]]:
+    """Each expert's [rows, cols] slice of a stacked expert tensor, under its HF name (a view: quantized
+    rows stay bytes)."""
+    from batchlm.layers.quantization.base import QuantizedTensor
+
+    stacked = _as_loaded(tensor)
+    prefix, _, leaf = stack_name.rpartition(".")
+    module, _, projection = prefix.rpartition(".")
+    data = stacked.data if isinstance(stacked, QuantizedTensor) else stacked
+    assert data.dim() == 3, f"{tensor.name}: an expert stack is [experts, rows, cols]"
+    for expert in range(data.shape[0]):
+        name = f"{module}.{expert}.{projection}.{leaf}"
+        if isinstance(stacked, QuantizedTensor):
+            yield name, replace(stacked, data=stacked.data[expert])
+        else:
+            yield name, stacked[expert]
 
 
 def _gemma_norm(weight: LoadedWeight, name: str) -> LoadedWeight:
@@ -221,7 +274,7 @@ def _gemma_norm(weight: LoadedWeight, name: str) -> LoadedWeight:
     return weight - 1
 
 
-def _as_loaded(tensor: GGUFTensor) -> LoadedWeight:
+def _as_loaded(tensor: GGUFTensor) -> torch.Tensor | QuantizedTensor:
     # torch is imported here, not at the top: the API server reads GGUF metadata and needs no torch.
     import torch
     from gguf import GGML_QUANT_SIZES
