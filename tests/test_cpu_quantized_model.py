@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from batchlm.kernels.cpu_quant import quant_library
+from batchlm.layers.moe import FusedMoE
 from batchlm.layers.quantization import registry
 from batchlm.layers.quantization.cpu_quantized import CPU_QUANTIZED
 from batchlm.layers.quantization.layer import MethodLayer
@@ -40,6 +41,10 @@ def _logits(loaded: LoadedModel) -> torch.Tensor:
 
 def _without_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(registry, "kernels_available", lambda: False)
+
+
+def _experts(loaded: LoadedModel) -> list[FusedMoE]:
+    return [m for m in loaded.model.modules() if isinstance(m, FusedMoE)]
 
 
 def _methods(loaded: LoadedModel) -> set[str]:
@@ -67,6 +72,8 @@ def _assert_close_logits(ours: torch.Tensor, reference: torch.Tensor, fraction: 
         ("Q6_K", False, "llama"),
         ("Q4_K", True, "gemma3_text"),
         ("Q4_0", True, "phi3"),
+        ("Q8_0", False, "qwen3_moe"),  # expert stacks too (layers/moe_quantized.py)
+        ("Q4_K", False, "qwen3_moe"),
     ],
 )
 def test_gguf_kernels_match_the_dequantized_model(
@@ -75,25 +82,32 @@ def test_gguf_kernels_match_the_dequantized_model(
     overrides = {
         "gemma3_text": {"num_hidden_layers": 6, "sliding_window": 8},
         "phi3": {"pad_token_id": 0, "sliding_window": 6},  # fused q/k/v and gate/up rows
+        "qwen3_moe": {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 256},
     }.get(model_type)
     model_dir = prepare_gguf_model_dir(
         write_tiny_gguf(tmp_path / "tiny.gguf", model_type, qtype, tied, overrides=overrides), tmp_path / "c"
     )
     quantized = load_model(model_dir, torch.float32, CPU, progress=False)
     assert "CpuQuantizedLinearMethod" in _methods(quantized)
+    assert all(experts.quantized is not None for experts in _experts(quantized))
     _without_kernels(monkeypatch)
     dequantized = load_model(model_dir, torch.float32, CPU, progress=False)
     assert "CpuQuantizedLinearMethod" not in _methods(dequantized)
+    assert all(experts.quantized is None for experts in _experts(dequantized))
     fraction = REQUANTIZED_WEIGHTS if qtype == "Q6_K" else EXACT_WEIGHTS
     _assert_close_logits(_logits(quantized), _logits(dequantized), fraction)
 
 
-def test_int8_quantizes_a_dense_checkpoint_at_load(tmp_path: Path) -> None:
-    model_dir = write_random_model(tmp_path, "llama", seed=3)
+@pytest.mark.parametrize("model_type", ["llama", "qwen3_moe"])
+def test_int8_quantizes_a_dense_checkpoint_at_load(tmp_path: Path, model_type: str) -> None:
+    # The MoE model's experts too, where their sizes are whole blocks of 32.
+    overrides = {"moe_intermediate_size": 64} if model_type == "qwen3_moe" else None
+    model_dir = write_random_model(tmp_path, model_type, overrides, seed=3)
     dense = load_model(model_dir, torch.float32, CPU, progress=False)
     int8 = load_model(model_dir, torch.float32, CPU, progress=False, quantization="int8")
     layers = [m for m in int8.model.modules() if isinstance(m, MethodLayer)]
     assert layers and all(m.method is CPU_QUANTIZED for m in layers)
+    assert all(experts.quantized is not None for experts in _experts(int8))
     _assert_close_logits(_logits(int8), _logits(dense), REQUANTIZED_WEIGHTS)
 
 

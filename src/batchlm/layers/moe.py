@@ -18,12 +18,15 @@ from torch import nn
 
 from batchlm.layers.activation import get_gated_activation
 from batchlm.layers.linear import check_shape
+
+# The three projections of an expert (GATE, UP, DOWN), numbered where the quantized experts live.
+from batchlm.layers.moe_quantized import DOWN as DOWN
+from batchlm.layers.moe_quantized import GATE as GATE
+from batchlm.layers.moe_quantized import UP as UP
+from batchlm.layers.moe_quantized import QuantizedExperts
 from batchlm.layers.moe_routing import RoutingChoice, align_to_blocks, route_top_k
 from batchlm.layers.quantization.base import LoadedWeight, as_dense
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
-
-# The three projections of an expert, in the order of `ExpertPart.index`.
-GATE, UP, DOWN = 0, 1, 2
 
 
 @functools.cache
@@ -70,6 +73,20 @@ class FusedMoE(nn.Module):
         self.act_fn = get_gated_activation(spec.hidden_act)
         # (expert, part) pairs loaded so far, to name what a checkpoint lacks.
         self.loaded_parts: set[tuple[int, int]] = set()
+        # The experts as quantized blocks for the CPU kernels, instead of the dense stacks.
+        self.quantized: QuantizedExperts | None = None
+
+    def quantize_experts(self) -> None:
+        """Keep the experts as quantized blocks on the CPU kernels (a GGUF file's experts, or dense
+        ones under --quantization int8); call before loading. One rank only: a quantized expert's
+        down projection cannot be split by columns at any boundary."""
+        if self.tp.size != 1:
+            raise ValueError("quantized experts run on one rank")
+        spec = self.spec
+        self.quantized = QuantizedExperts(spec.num_experts, spec.hidden_size, spec.intermediate_size)
+        empty = torch.empty(0, dtype=self.gate_up_proj.dtype)
+        self.gate_up_proj = nn.Parameter(empty, requires_grad=False)
+        self.down_proj = nn.Parameter(empty.clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor, choice: RoutingChoice) -> torch.Tensor:
         # x: [T, hidden] -> [T, hidden]
@@ -109,8 +126,11 @@ class FusedMoE(nn.Module):
             if count == 0:
                 continue
             end = start + count
-            activated = self.act_fn(picked[start:end] @ self.gate_up_proj[expert].t())
-            torch.mm(activated, self.down_proj[expert].t(), out=rows[start:end])
+            if self.quantized is not None:
+                rows[start:end] = self.quantized.run(expert, picked[start:end], self.act_fn)
+            else:
+                activated = self.act_fn(picked[start:end] @ self.gate_up_proj[expert].t())
+                torch.mm(activated, self.down_proj[expert].t(), out=rows[start:end])
             start = end
         rows *= choice.weights.reshape(-1)[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, tokens, rows)
@@ -137,6 +157,11 @@ class FusedMoE(nn.Module):
             )
         hidden, inter, share = self.spec.hidden_size, self.spec.intermediate_size, self.inter_per_rank
         start = self.tp.rank * share
+        if self.quantized is not None:
+            check_shape(name, (hidden, inter) if part == DOWN else (inter, hidden), loaded.shape)
+            self.quantized.put(expert, part, loaded)
+            self.loaded_parts.add((expert, part))
+            return
         if part == DOWN:
             check_shape(name, (hidden, inter), loaded.shape)
             dense = as_dense(loaded, self.down_proj.dtype).narrow(1, start, share)

@@ -7,8 +7,11 @@ from collections.abc import Mapping
 
 import torch
 
+from batchlm.kernels.quant_blocks import BLOCK
 from batchlm.layers.embedding import ParallelLMHead
+from batchlm.layers.moe import FusedMoE
 from batchlm.layers.quantization.base import RowSlice
+from batchlm.layers.quantization.cpu_quantized import CPU_QUANTIZED
 from batchlm.layers.quantization.int4 import Int4LinearMethod
 from batchlm.layers.quantization.layer import MethodLayer
 from batchlm.layers.quantization.registry import DENSE_FORMAT, WeightSpec, choose_linear_method
@@ -30,6 +33,8 @@ def assign_weight_methods(
     chosen: Counter[str] = Counter()
     tied_heads: list[ParallelLMHead] = []
     for path, module in model.named_modules():
+        if isinstance(module, FusedMoE):
+            _assign_experts_method(module, path, weight_format, qtypes, device, dtype, quantization, chosen)
         if not isinstance(module, MethodLayer):
             continue
         if isinstance(module, ParallelLMHead) and module.tied_embedding is not None:
@@ -52,6 +57,27 @@ def assign_weight_methods(
         assert head.tied_embedding is not None
         head.tie_to(head.tied_embedding)
     return chosen
+
+
+def _assign_experts_method(
+    experts: FusedMoE,
+    path: str,
+    weight_format: str,
+    qtypes: Mapping[str, str],
+    device: torch.device,
+    dtype: torch.dtype,
+    quantization: str | None,
+    chosen: Counter[str],
+) -> None:
+    """Experts go where a linear of their GGML types would: to the quantized CPU kernels (a GGUF file's
+    expert stacks, dense experts under --quantization int8), or dense stacks."""
+    names = [f"{path}.{projection}.weight" for projection in ("gate_proj", "up_proj", "down_proj")]
+    types = tuple(qtypes[name] for name in names if name in qtypes)
+    spec = WeightSpec(weight_format, types, "linear", device, dtype, quantization)
+    whole_blocks = experts.spec.hidden_size % BLOCK == 0 and experts.spec.intermediate_size % BLOCK == 0
+    if choose_linear_method(spec) is CPU_QUANTIZED and experts.tp.size == 1 and whole_blocks:
+        experts.quantize_experts()
+        chosen["quantized experts"] += 1
 
 
 @torch.no_grad()
