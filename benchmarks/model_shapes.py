@@ -114,6 +114,28 @@ SHAPES: dict[str, dict[str, Any]] = {
         },
         "rope_theta": 500000.0,
     },
+    # Qwen3-30B-A3B's proportions at ~1B parameters (~0.2B active: 8 of 64 experts a token) and
+    # SmolLM2's vocabulary: CPU serving of a quantized MoE GGUF against llama-server.
+    "cpu-moe": {
+        "model_type": "qwen3_moe",
+        "hidden_size": 1024,
+        "intermediate_size": 3072,
+        "moe_intermediate_size": 384,
+        "num_experts": 64,
+        "num_experts_per_tok": 8,
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "num_hidden_layers": 12,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 4,
+        "head_dim": 64,
+        "vocab_size": 49152,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": False,
+    },
     "qwen3-30b-a3b": {
         "model_type": "qwen3_moe",
         "hidden_size": 2048,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,3 +48,23 @@ def test_generate_rejects_bad_sampling_and_missing_prompts(capsys: pytest.Captur
     assert "temperature" in capsys.readouterr().err
     assert main(["generate"]) == 2
     assert "no prompts" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("generation_config", "same"), [("auto", False), ("none", True)])
+def test_generate_samples_as_the_model_recommends_unless_told_otherwise(
+    tiny_model_dir: Callable[..., Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    generation_config: str,
+    same: bool,
+) -> None:
+    # The model recommends temperature 1: two completions of one prompt then differ (a random tiny
+    # model's next-token distribution is near uniform); without its recommendation, both are greedy.
+    model = shutil.copytree(tiny_model_dir("llama"), tmp_path / "model")
+    (model / "generation_config.json").write_text(json.dumps({"temperature": 1.0, "eos_token_id": 2}))
+    args = ["generate", "--model", str(model), "--device", "cpu", "--json", "--max-tokens", "8"]
+    args += ["--ignore-eos", "--n", "2", "--generation-config", generation_config, "hello"]
+    assert main(args) == 0
+    [line] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    first, second = (c["token_ids"] for c in line["completions"])
+    assert (first == second) is same

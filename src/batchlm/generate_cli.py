@@ -27,9 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument(
         "--max-tokens", type=int, default=64, help="new tokens per completion (default: 64)"
     )
-    sampling.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
-    sampling.add_argument("--top-p", type=float, default=1.0)
-    sampling.add_argument("--top-k", type=int, default=0)
+    model_default = "default: the model's recommended value (--generation-config), else %s"
+    sampling.add_argument(
+        "--temperature", type=float, default=None, help="0 = greedy (" + model_default % "0, greedy)"
+    )
+    sampling.add_argument("--top-p", type=float, default=None, help="(" + model_default % "1)")
+    sampling.add_argument("--top-k", type=int, default=None, help="0 = off (" + model_default % "0)")
     sampling.add_argument("--n", type=int, default=1, help="completions per prompt")
     sampling.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     sampling.add_argument("--sampling-seed", type=int, default=None, help="per-request sampling seed")
@@ -57,12 +60,18 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    # The fields given here; the model's recommendations fill the others once it has loaded.
+    given = {
+        name: value
+        for name, value in (("temperature", args.temperature), ("top_p", args.top_p), ("top_k", args.top_k))
+        if value is not None
+    }
     try:
         params = SamplingParams(
             n=args.n,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
+            temperature=given.get("temperature", 0.0),
+            top_p=given.get("top_p", 1.0),
+            top_k=given.get("top_k", 0),
             max_tokens=args.max_tokens,
             stop=args.stop,
             seed=args.sampling_seed,
@@ -76,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = dataclass_from_args(EngineConfig, args)
     llm = LLM(**config.__dict__)
+    recommended = llm.sampling_defaults.given()
+    params = params.clone(**{name: value for name, value in recommended.items() if name not in given})
     started = time.perf_counter()
     if args.chat:
         outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
