@@ -206,4 +206,11 @@ def stack_library() -> ctypes.CDLL | None:
         ctypes.c_int, ctypes.c_int, ctypes.c_long, pointer,  # threads, avx512, spin ns, waits
     ]  # fmt: skip
     library.batchlm_decode_stack.restype = ctypes.c_int
+    library.batchlm_moe_experts.argtypes = [
+        pointer, ctypes.c_long, ctypes.c_long, ctypes.c_long,  # x, rows, hidden, expert intermediate
+        ctypes.c_int, pointer,  # active experts, their first rows (+ the end)
+        pointer, pointer, pointer, pointer,  # gate/up weights and bits == 4, down weights and bits == 4
+        pointer, ctypes.c_int, ctypes.c_int, ctypes.c_long, pointer,  # y, threads, avx512, spin ns, waits
+    ]  # fmt: skip
+    library.batchlm_moe_experts.restype = ctypes.c_int
     return library

@@ -83,7 +83,9 @@ class FusedMoE(nn.Module):
         if self.tp.size != 1:
             raise ValueError("quantized experts run on one rank")
         spec = self.spec
-        self.quantized = QuantizedExperts(spec.num_experts, spec.hidden_size, spec.intermediate_size)
+        self.quantized = QuantizedExperts(
+            spec.num_experts, spec.hidden_size, spec.intermediate_size, silu=spec.hidden_act == "silu"
+        )
         empty = torch.empty(0, dtype=self.gate_up_proj.dtype)
         self.gate_up_proj = nn.Parameter(empty, requires_grad=False)
         self.down_proj = nn.Parameter(empty.clone(), requires_grad=False)
@@ -120,18 +122,18 @@ class FusedMoE(nn.Module):
         counts = torch.bincount(flat, minlength=self.spec.num_experts).tolist()
         tokens = order // top_k
         picked = x[tokens]  # [T * k, hidden], grouped by expert
-        rows = torch.empty_like(picked)
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            end = start + count
-            if self.quantized is not None:
-                rows[start:end] = self.quantized.run(expert, picked[start:end], self.act_fn)
-            else:
+        if self.quantized is not None:
+            rows = self.quantized.run(picked, counts, self.act_fn)
+        else:
+            rows = torch.empty_like(picked)
+            start = 0
+            for expert, count in enumerate(counts):
+                if count == 0:
+                    continue
+                end = start + count
                 activated = self.act_fn(picked[start:end] @ self.gate_up_proj[expert].t())
                 torch.mm(activated, self.down_proj[expert].t(), out=rows[start:end])
-            start = end
+                start = end
         rows *= choice.weights.reshape(-1)[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, tokens, rows)
 

@@ -1,0 +1,59 @@
+"""A mixture-of-experts layer's routed experts on packed quantized weights in one call
+(batchlm_moe_experts in cpu_decode_stack.c): every active expert's gate/up, SiLU * up and down in a
+single parallel region, where calling the kernels expert by expert starts two parallel regions a
+matmul and, with OpenMP's passive waiting, wakes the threads each time."""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+
+import torch
+
+from batchlm.kernels.barrier_spin import spin_from_env
+from batchlm.kernels.cpu_decode_stack import stack_library
+from batchlm.kernels.cpu_quant import QuantizedWeight, use_avx512
+
+
+def experts_kernel_available() -> bool:
+    return stack_library() is not None
+
+
+class ExpertsKernel:
+    """Runs the experts of one layer's step; its barrier spin adapts across calls (barrier_spin.py)."""
+
+    def __init__(self) -> None:
+        library = stack_library()
+        if library is None:
+            raise RuntimeError("the fused CPU kernels are not available on this machine")
+        self._library = library
+        self.spin = spin_from_env()
+        self._waits = (ctypes.c_int * 2)()
+
+    def run(
+        self,
+        x: torch.Tensor,
+        starts: Sequence[int],
+        weights: Sequence[tuple[QuantizedWeight, QuantizedWeight]],
+    ) -> torch.Tensor:
+        """x: float32 [R, hidden] contiguous, its rows grouped by expert: rows [starts[i], starts[i + 1])
+        go to the experts whose (gate/up, down) weights are weights[i]. Returns y [R, hidden]."""
+        rows, hidden = x.shape
+        active = len(weights)
+        inter = weights[0][1].in_features
+        y = torch.empty(rows, hidden, dtype=torch.float32)
+        pointers = ctypes.c_void_p * active
+        bits = ctypes.c_int * active
+        spin_ns = self.spin.budget_ns()
+        status = self._library.batchlm_moe_experts(
+            x.data_ptr(), rows, hidden, inter, active, (ctypes.c_long * (active + 1))(*starts),
+            pointers(*(gate_up.data.data_ptr() for gate_up, _ in weights)),
+            bits(*(int(gate_up.bits == 4) for gate_up, _ in weights)),
+            pointers(*(down.data.data_ptr() for _, down in weights)),
+            bits(*(int(down.bits == 4) for _, down in weights)),
+            y.data_ptr(), torch.get_num_threads(), use_avx512(), spin_ns, self._waits,
+        )  # fmt: skip
+        if status != 0:
+            raise MemoryError("no memory for the experts' scratch")
+        self.spin.record(spin_ns, self._waits[0], self._waits[1])
+        return y
