@@ -1,5 +1,6 @@
-"""A MoE layer's experts in one kernel call (kernels/cpu_moe.py, batchlm_moe_experts in
-cpu_decode_stack.c) against the same packed experts run one quantized matmul at a time."""
+"""A MoE layer's quantized experts in one kernel call (kernels/cpu_moe.py, batchlm_moe_experts in
+cpu_decode_stack.c: gather, every expert, routing weights and each token's sum) against the same
+packed experts run one quantized matmul at a time, and against dense float experts."""
 
 from __future__ import annotations
 
@@ -9,23 +10,26 @@ import torch
 from batchlm.kernels.cpu_moe import ExpertsKernel, experts_kernel_available
 from batchlm.layers.activation import get_gated_activation
 from batchlm.layers.moe_quantized import DOWN, GATE, UP, QuantizedExperts
+from batchlm.layers.moe_routing import RoutingChoice, route_top_k
 from batchlm.layers.quantization.base import QuantizedTensor
 
 pytestmark = pytest.mark.skipif(not experts_kernel_available(), reason="no AVX2 CPU or C compiler here")
 HIDDEN, INTER, EXPERTS = 256, 96, 6
+SILU = get_gated_activation("silu")
 
 
-def _experts(dense: bool, seed: int) -> QuantizedExperts:
-    """Random experts: float weights (Q8_0 of them, 8-bit panels) or Q4_0 blocks (4-bit panels)."""
+def _experts(four_bit: bool, seed: int) -> tuple[QuantizedExperts, list[torch.Tensor]]:
+    """Random experts as Q8_0 of float weights (8-bit panels) or Q4_0 blocks (4-bit panels), with
+    each expert's float [gate; up] and down for a reference."""
     generator = torch.Generator().manual_seed(seed)
     experts = QuantizedExperts(EXPERTS, HIDDEN, INTER, silu=True)
+    dense: list[torch.Tensor] = []
     for expert in range(EXPERTS):
         for part, shape in ((GATE, (INTER, HIDDEN)), (UP, (INTER, HIDDEN)), (DOWN, (HIDDEN, INTER))):
             weight = torch.randn(shape, generator=generator) * 0.05
-            if not dense:
-                weight = _q4_0(weight)
-            experts.put(expert, part, weight)
-    return experts
+            experts.put(expert, part, _q4_0(weight) if four_bit else weight)
+            dense.append(weight)
+    return experts, dense
 
 
 def _q4_0(weight: torch.Tensor) -> QuantizedTensor:
@@ -37,14 +41,36 @@ def _q4_0(weight: torch.Tensor) -> QuantizedTensor:
     return QuantizedTensor("Q4_0", torch.from_numpy(blocks), weight.shape[1], size, nbytes)
 
 
-@pytest.mark.parametrize("dense", [True, False], ids=["8-bit", "4-bit"])
-@pytest.mark.parametrize("counts", [[1, 0, 0, 1, 0, 0], [0, 3, 1, 0, 5, 2], [40, 0, 17, 1, 0, 64]])
-def test_one_call_equals_expert_by_expert(dense: bool, counts: list[int]) -> None:
-    experts = _experts(dense, seed=sum(counts))
+def _choice(tokens: int, top_k: int, seed: int) -> RoutingChoice:
+    logits = torch.randn(tokens, EXPERTS, generator=torch.Generator().manual_seed(seed))
+    return route_top_k(logits, top_k, renormalize=True)
+
+
+@pytest.mark.parametrize("four_bit", [False, True], ids=["8-bit", "4-bit"])
+@pytest.mark.parametrize(("tokens", "top_k"), [(1, 2), (3, 2), (40, 4), (130, 1)])
+def test_one_call_equals_expert_by_expert(four_bit: bool, tokens: int, top_k: int) -> None:
+    experts, _ = _experts(four_bit, seed=tokens)
     assert isinstance(experts.kernel, ExpertsKernel)
-    rows = torch.randn(sum(counts), HIDDEN, generator=torch.Generator().manual_seed(1))
-    fused = experts.run(rows, counts, get_gated_activation("silu"))
+    x = torch.randn(tokens, HIDDEN, generator=torch.Generator().manual_seed(1))
+    choice = _choice(tokens, top_k, seed=tokens + top_k)
+    fused = experts.forward(x, choice, SILU)
     experts.kernel = None  # the same experts, one quantized matmul at a time
-    reference = experts.run(rows, counts, get_gated_activation("silu"))
-    assert fused.shape == reference.shape == (sum(counts), HIDDEN)
+    reference = experts.forward(x, choice, SILU)
+    assert fused.shape == reference.shape == (tokens, HIDDEN)
     torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-5 * reference.abs().max().item())
+
+
+def test_one_call_follows_the_float_experts() -> None:
+    # Q8_0 weights and 8-bit activations: within a percent of the float experts' output.
+    experts, dense = _experts(four_bit=False, seed=7)
+    x = torch.randn(5, HIDDEN, generator=torch.Generator().manual_seed(2))
+    choice = _choice(5, 2, seed=3)
+    expected = torch.zeros(5, HIDDEN)
+    for token in range(5):
+        for weight, expert in zip(
+            choice.weights[token].tolist(), choice.experts[token].tolist(), strict=True
+        ):
+            gate, up, down = dense[3 * expert : 3 * expert + 3]
+            expected[token] += weight * (SILU(x[token : token + 1] @ torch.cat((gate, up)).t()) @ down.t())[0]
+    fused = experts.forward(x, choice, SILU)
+    assert (fused - expected).abs().max() <= 0.01 * expected.abs().max()

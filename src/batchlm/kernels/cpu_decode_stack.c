@@ -322,25 +322,30 @@ int batchlm_decode_stack(const DecodeShape *shape, const DecodeLayer *layers, co
 /* ---------------------------------------------------------------------------------------------------
  * One mixture-of-experts layer's routed experts on packed weights, in one parallel region (a decode
  * step gives each expert a row or a few, and a parallel region per small GEMM waits longer for its
- * threads than it computes). Rows [starts[e], starts[e + 1]) of x [R, K] go through the e-th of the
- * `active` experts listed:
- *     y[rows] = down_e(silu(gate_e(x[rows])) * up_e(x[rows]))
+ * threads than it computes). The routed slots come grouped by expert: slots [starts[e], starts[e + 1])
+ * go to the e-th of the `active` experts listed, slot s carrying token tokens[s] of x [T, K] with
+ * routing weight weights[s]; out [T, K] receives each token's weighted sum over its slots:
+ *     out[t] = sum over t's slots s of weights[s] * down_e(silu(gate_e(x[t])) * up_e(x[t]))
  * gate_up[e] holds the expert's [2I, K] weight (gate rows, then up rows) and down[e] its [K, I]
- * weight, both packed. Every expert's gate/up panels are shared out among the threads as one list;
- * after one barrier so are the down panels, each thread first making SiLU * up of the rows it needs
- * (a few rows: cheaper to repeat than to wait for). */
-int batchlm_moe_experts(const float *x, long R, long K, long I, int active, const long *starts,
-                        const uint8_t *const *gate_up, const int *gate_up_bits4, const uint8_t *const *down,
-                        const int *down_bits4, float *y, int threads, int avx512, long spin_ns, int *waits) {
+ * weight, both packed. The experts' gate/up panels are shared out among the threads as one list;
+ * after one barrier each thread takes a range of output columns through every expert (so no two
+ * threads add into the same place), first making SiLU * up of each expert's rows itself (a few rows:
+ * cheaper to repeat than to wait for). */
+int batchlm_moe_experts(const float *x, long T, long K, long I, int active, const long *starts,
+                        const int64_t *tokens, const float *weights, const uint8_t *const *gate_up,
+                        const int *gate_up_bits4, const uint8_t *const *down, const int *down_bits4, float *out,
+                        int threads, int avx512, long spin_ns, int *waits) {
     if (threads < 1) threads = 1;
+    const long R = starts[active];
     const long gate_panels = (2 * I + QPANEL - 1) / QPANEL, down_panels = (K + QPANEL - 1) / QPANEL;
     const long widest = K > I ? K : I;
     long most_rows = 1;
     for (int e = 0; e < active; e++)
         most_rows = starts[e + 1] - starts[e] > most_rows ? starts[e + 1] - starts[e] : most_rows;
-    /* Shared: gate/up outputs [R, 2I]. Each thread's: SiLU * up rows, then the input's scales. */
+    /* Shared: gate/up outputs [R, 2I]. Each thread's: an expert's gathered input rows (then its down
+     * outputs), SiLU * up rows, and the quantized activations' scales. */
     const size_t shared = (size_t)R * 2 * (size_t)I;
-    const size_t own = (size_t)most_rows * (size_t)I + 3 * (size_t)most_rows * (size_t)widest / QBLOCK + 16;
+    const size_t own = (size_t)most_rows * (size_t)(K + I) + 3 * (size_t)most_rows * (size_t)widest / QBLOCK + 16;
     const size_t own_codes = 2 * (size_t)most_rows * (size_t)widest;
     float *floats = (float *)malloc(sizeof(float) * (shared + own * (size_t)threads));
     int8_t *codes = (int8_t *)malloc(own_codes * (size_t)threads);
@@ -350,12 +355,13 @@ int batchlm_moe_experts(const float *x, long R, long K, long I, int active, cons
         return -1;
     }
     float *gu = floats;
+    memset(out, 0, sizeof(float) * (size_t)(T * K));
     StageBarrier barrier;
     stage_barrier_init(&barrier, threads, spin_ns);
 #pragma omp parallel num_threads(threads)
     {
         const long me = omp_get_thread_num(), team = omp_get_num_threads();
-        float *act = floats + shared + own * (size_t)me;
+        float *rows_k = floats + shared + own * (size_t)me, *act = rows_k + most_rows * K;
         float *scales = act + most_rows * I;
         const ThreadScratch s = {NULL, NULL, codes + own_codes * (size_t)me, scales,
                                  scales + 2 * most_rows * widest / QBLOCK, NULL};
@@ -365,19 +371,26 @@ int batchlm_moe_experts(const float *x, long R, long K, long I, int active, cons
             const long lo = first > e * gate_panels ? first : e * gate_panels;
             const long hi = last < (e + 1) * gate_panels ? last : (e + 1) * gate_panels;
             if (lo >= hi) continue;
-            own_panels(x + starts[e] * K, starts[e + 1] - starts[e], K, gate_up[e], gate_up_bits4[e], NULL,
-                       gu + starts[e] * 2 * I, 2 * I, lo - e * gate_panels, hi - e * gate_panels, &s, avx512);
+            const long rows = starts[e + 1] - starts[e];
+            for (long r = 0; r < rows; r++)
+                memcpy(rows_k + r * K, x + tokens[starts[e] + r] * K, sizeof(float) * (size_t)K);
+            own_panels(rows_k, rows, K, gate_up[e], gate_up_bits4[e], NULL, gu + starts[e] * 2 * I, 2 * I,
+                       lo - e * gate_panels, hi - e * gate_panels, &s, avx512);
         }
         stage_barrier_wait(&barrier);
-        share(active * down_panels, me, team, &first, &last);
-        for (long e = 0; e < active; e++) {
-            const long lo = first > e * down_panels ? first : e * down_panels;
-            const long hi = last < (e + 1) * down_panels ? last : (e + 1) * down_panels;
-            if (lo >= hi) continue;
+        share(down_panels, me, team, &first, &last);
+        const long from = first * QPANEL, to = last * QPANEL < K ? last * QPANEL : K;
+        for (long e = 0; e < active && first < last; e++) {
             const long rows = starts[e + 1] - starts[e];
             silu_mul_columns(gu + starts[e] * 2 * I, act, rows, I, 0, (I + QPANEL - 1) / QPANEL);
-            own_panels(act, rows, I, down[e], down_bits4[e], NULL, y + starts[e] * K, K, lo - e * down_panels,
-                       hi - e * down_panels, &s, avx512);
+            own_panels(act, rows, I, down[e], down_bits4[e], NULL, rows_k, K, first, last, &s, avx512);
+            for (long r = 0; r < rows; r++) {
+                const long slot = starts[e] + r;
+                const float w = weights[slot];
+                float *o = out + tokens[slot] * K;
+                const float *v = rows_k + r * K;
+                for (long c = from; c < to; c++) o[c] += w * v[c];
+            }
         }
     }
     waits[0] = atomic_load(&barrier.waits);

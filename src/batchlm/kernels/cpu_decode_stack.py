@@ -207,8 +207,8 @@ def stack_library() -> ctypes.CDLL | None:
     ]  # fmt: skip
     library.batchlm_decode_stack.restype = ctypes.c_int
     library.batchlm_moe_experts.argtypes = [
-        pointer, ctypes.c_long, ctypes.c_long, ctypes.c_long,  # x, rows, hidden, expert intermediate
-        ctypes.c_int, pointer,  # active experts, their first rows (+ the end)
+        pointer, ctypes.c_long, ctypes.c_long, ctypes.c_long,  # x, tokens, hidden, expert intermediate
+        ctypes.c_int, pointer, pointer, pointer,  # active experts, their first slots (+ the end), slot tokens, weights
         pointer, pointer, pointer, pointer,  # gate/up weights and bits == 4, down weights and bits == 4
         pointer, ctypes.c_int, ctypes.c_int, ctypes.c_long, pointer,  # y, threads, avx512, spin ns, waits
     ]  # fmt: skip

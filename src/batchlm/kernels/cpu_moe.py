@@ -1,7 +1,8 @@
 """A mixture-of-experts layer's routed experts on packed quantized weights in one call
-(batchlm_moe_experts in cpu_decode_stack.c): every active expert's gate/up, SiLU * up and down in a
-single parallel region, where calling the kernels expert by expert starts two parallel regions a
-matmul and, with OpenMP's passive waiting, wakes the threads each time."""
+(batchlm_moe_experts in cpu_decode_stack.c): every active expert's gate/up, SiLU * up and down, the
+routing weights and each token's sum over its experts, in a single parallel region. Calling the
+kernels expert by expert starts two parallel regions a matmul and, with OpenMP's passive waiting,
+wakes the threads each time."""
 
 from __future__ import annotations
 
@@ -34,26 +35,31 @@ class ExpertsKernel:
         self,
         x: torch.Tensor,
         starts: Sequence[int],
+        slot_tokens: torch.Tensor,
+        slot_weights: torch.Tensor,
         weights: Sequence[tuple[QuantizedWeight, QuantizedWeight]],
     ) -> torch.Tensor:
-        """x: float32 [R, hidden] contiguous, its rows grouped by expert: rows [starts[i], starts[i + 1])
-        go to the experts whose (gate/up, down) weights are weights[i]. Returns y [R, hidden]."""
-        rows, hidden = x.shape
+        """x: float32 [T, hidden] contiguous. The routed slots come grouped by expert: slots
+        [starts[i], starts[i + 1]) go to the expert whose (gate/up, down) weights are weights[i], slot
+        s carrying token slot_tokens[s] (int64) with routing weight slot_weights[s] (float32). Returns
+        each token's routing-weighted sum of its experts' outputs, [T, hidden]."""
+        tokens, hidden = x.shape
         active = len(weights)
         inter = weights[0][1].in_features
-        y = torch.empty(rows, hidden, dtype=torch.float32)
+        out = torch.empty(tokens, hidden, dtype=torch.float32)
         pointers = ctypes.c_void_p * active
         bits = ctypes.c_int * active
         spin_ns = self.spin.budget_ns()
         status = self._library.batchlm_moe_experts(
-            x.data_ptr(), rows, hidden, inter, active, (ctypes.c_long * (active + 1))(*starts),
+            x.data_ptr(), tokens, hidden, inter, active, (ctypes.c_long * (active + 1))(*starts),
+            slot_tokens.data_ptr(), slot_weights.data_ptr(),
             pointers(*(gate_up.data.data_ptr() for gate_up, _ in weights)),
             bits(*(int(gate_up.bits == 4) for gate_up, _ in weights)),
             pointers(*(down.data.data_ptr() for _, down in weights)),
             bits(*(int(down.bits == 4) for _, down in weights)),
-            y.data_ptr(), torch.get_num_threads(), use_avx512(), spin_ns, self._waits,
+            out.data_ptr(), torch.get_num_threads(), use_avx512(), spin_ns, self._waits,
         )  # fmt: skip
         if status != 0:
             raise MemoryError("no memory for the experts' scratch")
         self.spin.record(spin_ns, self._waits[0], self._waits[1])
-        return y
+        return out

@@ -95,6 +95,8 @@ class FusedMoE(nn.Module):
         kernels = _moe_kernels() if x.is_cuda else None
         if kernels is not None:
             out = self._forward_grouped_gemm(kernels, x, choice)
+        elif self.quantized is not None:
+            out = self.quantized.forward(x, choice, self.act_fn)
         else:
             out = self._forward_per_expert(x, choice)
         return self.tp.all_reduce(out)
@@ -122,18 +124,15 @@ class FusedMoE(nn.Module):
         counts = torch.bincount(flat, minlength=self.spec.num_experts).tolist()
         tokens = order // top_k
         picked = x[tokens]  # [T * k, hidden], grouped by expert
-        if self.quantized is not None:
-            rows = self.quantized.run(picked, counts, self.act_fn)
-        else:
-            rows = torch.empty_like(picked)
-            start = 0
-            for expert, count in enumerate(counts):
-                if count == 0:
-                    continue
-                end = start + count
-                activated = self.act_fn(picked[start:end] @ self.gate_up_proj[expert].t())
-                torch.mm(activated, self.down_proj[expert].t(), out=rows[start:end])
-                start = end
+        rows = torch.empty_like(picked)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            end = start + count
+            activated = self.act_fn(picked[start:end] @ self.gate_up_proj[expert].t())
+            torch.mm(activated, self.down_proj[expert].t(), out=rows[start:end])
+            start = end
         rows *= choice.weights.reshape(-1)[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, tokens, rows)
 

@@ -9,12 +9,13 @@ load-time code arrays of one expert at a time are resident rather than the whole
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 
 from batchlm.kernels.cpu_moe import ExpertsKernel, experts_kernel_available
 from batchlm.kernels.cpu_quant import quant_linear
+from batchlm.layers.moe_routing import RoutingChoice
 from batchlm.layers.quantization.base import LoadedWeight
 from batchlm.layers.quantization.cpu_quantized import QuantizedStore, code_blocks
 
@@ -42,21 +43,31 @@ class QuantizedExperts:
             self.gate_up[expert].finish()
             self.down[expert].finish()
 
-    def run(
-        self, grouped: torch.Tensor, counts: Sequence[int], act_fn: Callable[[torch.Tensor], torch.Tensor]
+    def forward(
+        self, x: torch.Tensor, choice: RoutingChoice, act_fn: Callable[[torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:
-        """down(act(gate_up(rows))) for float32 rows [n, H] grouped by expert, counts[e] of them for
-        expert e, in that order."""
+        """Each token's routing-weighted sum of its chosen experts' down(act(gate_up(x))), [T, H]."""
+        top_k = choice.experts.shape[1]
+        flat = choice.experts.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # the routed slots, grouped by expert
+        counts = torch.bincount(flat, minlength=len(self.gate_up)).tolist()
+        slot_tokens = order // top_k
+        slot_weights = choice.weights.reshape(-1)[order].float()
         used = [(expert, count) for expert, count in enumerate(counts) if count]
         if self.kernel is not None:
             starts = list(itertools.accumulate((count for _, count in used), initial=0))
             weights = [(self.gate_up[e].finish(), self.down[e].finish()) for e, _ in used]
-            return self.kernel.run(grouped.float().contiguous(), starts, weights).to(grouped.dtype)
-        out = torch.empty_like(grouped)
+            out = self.kernel.run(
+                x.float().contiguous(), starts, slot_tokens, slot_weights.contiguous(), weights
+            )
+            return out.to(x.dtype)
+        rows = x[slot_tokens].float()
+        out = torch.zeros_like(x)
         start = 0
         for expert, count in used:
-            rows = grouped[start : start + count]
-            activated = act_fn(quant_linear(rows, self.gate_up[expert].finish()))
-            out[start : start + count] = quant_linear(activated, self.down[expert].finish())
-            start += count
+            end = start + count
+            activated = act_fn(quant_linear(rows[start:end], self.gate_up[expert].finish()))
+            part = quant_linear(activated, self.down[expert].finish()) * slot_weights[start:end, None]
+            out.index_add_(0, slot_tokens[start:end], part.to(x.dtype))
+            start = end
         return out
