@@ -268,6 +268,16 @@ static void decode_layer(const DecodeShape *shape, const DecodeLayer *layer, con
  * region, logits[B, head_n] = final_norm(h) @ head^T, sparing a second region's wake-up.
  * waits[0] and waits[1] receive how many stage-barrier waits there were and how many of them slept.
  * Returns 0, or -1 when scratch memory could not be allocated. */
+/* A call's float and int8 scratch; nonzero (nothing allocated) when either cannot be had. */
+static int alloc_scratch(size_t float_count, size_t code_count, float **floats, int8_t **codes) {
+    *floats = (float *)malloc(sizeof(float) * float_count);
+    *codes = (int8_t *)malloc(code_count);
+    if (*floats && *codes) return 0;
+    free(*floats);
+    free(*codes);
+    return -1;
+}
+
 int batchlm_decode_stack(const DecodeShape *shape, const DecodeLayer *layers, const DecodeBatch *batch, float *h,
                          const uint8_t *head, int head_bits4, long head_n, float *logits, int threads, int avx512,
                          long spin_ns, int *waits) {
@@ -282,13 +292,9 @@ int batchlm_decode_stack(const DecodeShape *shape, const DecodeLayer *layers, co
     const size_t own =
         (size_t)B * (size_t)n + group * (size_t)longest + 5 * (size_t)B * (size_t)widest / QBLOCK + 64 + (size_t)D;
     const size_t own_codes = 2 * (size_t)B * (size_t)widest;
-    float *floats = (float *)malloc(sizeof(float) * (shared + own * (size_t)threads));
-    int8_t *codes = (int8_t *)malloc(own_codes * (size_t)threads);
-    if (!floats || !codes) {
-        free(floats);
-        free(codes);
-        return -1;
-    }
+    float *floats;
+    int8_t *codes;
+    if (alloc_scratch(shared + own * (size_t)threads, own_codes * (size_t)threads, &floats, &codes)) return -1;
     const StepBuffers buf = {floats, floats + B * qkv_n, floats + B * (qkv_n + attn_n),
                              floats + B * (qkv_n + attn_n + n), floats + B * (qkv_n + attn_n + n + 2 * I)};
     StageBarrier barrier;
@@ -347,13 +353,9 @@ int batchlm_moe_experts(const float *x, long T, long K, long I, int active, cons
     const size_t shared = (size_t)R * 2 * (size_t)I;
     const size_t own = (size_t)most_rows * (size_t)(K + I) + 3 * (size_t)most_rows * (size_t)widest / QBLOCK + 16;
     const size_t own_codes = 2 * (size_t)most_rows * (size_t)widest;
-    float *floats = (float *)malloc(sizeof(float) * (shared + own * (size_t)threads));
-    int8_t *codes = (int8_t *)malloc(own_codes * (size_t)threads);
-    if (!floats || !codes) {
-        free(floats);
-        free(codes);
-        return -1;
-    }
+    float *floats;
+    int8_t *codes;
+    if (alloc_scratch(shared + own * (size_t)threads, own_codes * (size_t)threads, &floats, &codes)) return -1;
     float *gu = floats;
     memset(out, 0, sizeof(float) * (size_t)(T * K));
     StageBarrier barrier;
