@@ -97,6 +97,14 @@ def test_fused_steps_with_llama3_rope_scaling(tmp_path: Path) -> None:
     _assert_steps_agree(loaded, 3)
 
 
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K"])
+def test_fused_steps_with_qwen3_head_norms(tmp_path: Path, qtype: str) -> None:
+    # Qwen3's per-head RMSNorm of the queries and keys, before their rotation.
+    loaded = _model(tmp_path, qtype, True, "qwen3")
+    assert loaded.model.model.layers[0].self_attn.q_norm is not None
+    _assert_steps_agree(loaded, 3)
+
+
 def test_fused_steps_with_qkv_biases(tmp_path: Path) -> None:
     _assert_steps_agree(_model(tmp_path, "Q8_0", False, "qwen2"), 2)
 
@@ -127,6 +135,13 @@ def test_models_off_the_kernels_keep_the_generic_path(
     caches = make_kv_caches(quantized, 4, BLOCK_SIZE)
     monkeypatch.setenv(fused_decode.DISABLE_ENV, "0")
     assert build_fused_decode(quantized.model, caches, TorchAttentionBackend()) is None
+    monkeypatch.delenv(fused_decode.DISABLE_ENV)
+    # Head norms the stack would not compute as the model does (here another epsilon) keep it off.
+    qwen3 = _model(tmp_path / "q3", "Q4_0", True, "qwen3")
+    caches = make_kv_caches(qwen3, 4, BLOCK_SIZE)
+    assert build_fused_decode(qwen3.model, caches, TorchAttentionBackend()) is not None
+    qwen3.model.model.layers[1].self_attn.k_norm.eps = 1e-3
+    assert build_fused_decode(qwen3.model, caches, TorchAttentionBackend()) is None
 
 
 @torch.inference_mode()

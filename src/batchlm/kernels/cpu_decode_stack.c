@@ -30,6 +30,7 @@ typedef struct {
     int qkv_bits4, o_bits4, gate_up_bits4, down_bits4;
     const float *qkv_bias, *o_bias, *gate_up_bias, *down_bias; /* or NULL */
     float *k_cache, *v_cache; /* [num_blocks, block_size, kv_heads, head_dim] each */
+    const float *q_norm, *k_norm; /* [head_dim] RMSNorm weights of each query and key head (Qwen3), or NULL */
 } DecodeLayer;
 
 /* The model's sizes. */
@@ -235,6 +236,16 @@ static void decode_layer(const DecodeShape *shape, const DecodeLayer *layer, con
     share((qkv_n + QPANEL - 1) / QPANEL, me, team, &first, &last);
     own_panels(s->normed, B, n, layer->qkv, layer->qkv_bits4, layer->qkv_bias, buf->qkv, qkv_n, first, last, s, avx512);
     stage_done(barrier, team);
+    if (layer->q_norm) { /* each query and key head normed in place, before its rotation */
+        const long normed_heads = shape->heads + shape->kv_heads;
+        share(B * normed_heads, me, team, &first, &last);
+        for (long item = first; item < last; item++) {
+            const long b = item / normed_heads, j = item % normed_heads;
+            float *head = buf->qkv + b * qkv_n + j * D;
+            rms_norm_rows(head, j < shape->heads ? layer->q_norm : layer->k_norm, head, 1, D, shape->eps);
+        }
+        stage_done(barrier, team);
+    }
     if (batch->shared_context) {
         share(B * shape->kv_heads, me, team, &first, &last);
         for (long item = first; item < last; item++)
@@ -262,12 +273,6 @@ static void decode_layer(const DecodeShape *shape, const DecodeLayer *layer, con
     stage_done(barrier, team);
 }
 
-/* h[B, hidden]: the token embeddings in, the final norm of the residual stream out. Sizes must be
- * multiples of 32 (hidden, heads * head_dim, intermediate) and head_dim of 8; the Python side checks.
- * With `head` (packed like the layers' weights, head_n outputs) the LM head runs in the same parallel
- * region, logits[B, head_n] = final_norm(h) @ head^T, sparing a second region's wake-up.
- * waits[0] and waits[1] receive how many stage-barrier waits there were and how many of them slept.
- * Returns 0, or -1 when scratch memory could not be allocated. */
 /* A call's float and int8 scratch; nonzero (nothing allocated) when either cannot be had. */
 static int alloc_scratch(size_t float_count, size_t code_count, float **floats, int8_t **codes) {
     *floats = (float *)malloc(sizeof(float) * float_count);
@@ -278,6 +283,12 @@ static int alloc_scratch(size_t float_count, size_t code_count, float **floats, 
     return -1;
 }
 
+/* h[B, hidden]: the token embeddings in, the final norm of the residual stream out. Sizes must be
+ * multiples of 32 (hidden, heads * head_dim, intermediate) and head_dim of 8; the Python side checks.
+ * With `head` (packed like the layers' weights, head_n outputs) the LM head runs in the same parallel
+ * region, logits[B, head_n] = final_norm(h) @ head^T, sparing a second region's wake-up.
+ * waits[0] and waits[1] receive how many stage-barrier waits there were and how many of them slept.
+ * Returns 0, or -1 when scratch memory could not be allocated. */
 int batchlm_decode_stack(const DecodeShape *shape, const DecodeLayer *layers, const DecodeBatch *batch, float *h,
                          const uint8_t *head, int head_bits4, long head_n, float *logits, int threads, int avx512,
                          long spin_ns, int *waits) {

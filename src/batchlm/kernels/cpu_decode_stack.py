@@ -62,6 +62,9 @@ class StackLayer:
     gate_up_bias: torch.Tensor | None
     down_bias: torch.Tensor | None
     kv_cache: torch.Tensor  # [2, num_blocks, block_size, kv_heads, head_dim] float32
+    # Per-head RMSNorm weights [head_dim] of the queries and keys (Qwen3), or None.
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
 
 
 class _Layer(ctypes.Structure):
@@ -82,6 +85,8 @@ class _Layer(ctypes.Structure):
         ("down_bias", ctypes.c_void_p),
         ("k_cache", ctypes.c_void_p),
         ("v_cache", ctypes.c_void_p),
+        ("q_norm", ctypes.c_void_p),
+        ("k_norm", ctypes.c_void_p),
     ]
 
 
@@ -182,7 +187,7 @@ def _layer(layer: StackLayer) -> _Layer:
         layer.input_norm.data_ptr(), layer.post_norm.data_ptr(),
         *(weight.data.data_ptr() for weight in weights), *(int(weight.bits == 4) for weight in weights),
         _pointer(layer.qkv_bias), _pointer(layer.o_bias), _pointer(layer.gate_up_bias), _pointer(layer.down_bias),
-        keys.data_ptr(), values.data_ptr(),
+        keys.data_ptr(), values.data_ptr(), _pointer(layer.q_norm), _pointer(layer.k_norm),
     )  # fmt: skip
 
 

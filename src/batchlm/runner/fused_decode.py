@@ -20,6 +20,7 @@ from batchlm.attention.torch_backend import TorchAttentionBackend
 from batchlm.kernels.cpu_decode_stack import DecodeStack, StackLayer, StackShape, fits, stack_library
 from batchlm.kernels.cpu_quant import QuantizedWeight
 from batchlm.layers.activation import SiluAndMul
+from batchlm.layers.norm import RMSNorm
 from batchlm.layers.quantization.cpu_quantized import CPU_QUANTIZED, store
 from batchlm.layers.quantization.layer import MethodLayer
 from batchlm.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
@@ -113,8 +114,10 @@ def _unsupported(model: torch.nn.Module, kv_caches: list[torch.Tensor], attn: At
         linears = (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj)
         if not all(isinstance(m, MethodLayer) and m.method is CPU_QUANTIZED for m in linears):
             return "not every linear runs on the quantized CPU kernels"
-        if attention.q_norm is not None or not isinstance(mlp.act_fn, SiluAndMul):
-            return "q/k norms or an activation other than SiLU"
+        if not isinstance(mlp.act_fn, SiluAndMul):
+            return "an activation other than SiLU"
+        if attention.q_norm is not None and not _plain_head_norms(attention, layer.input_layernorm.eps):
+            return "q/k norms other than plain RMSNorm at the layers' epsilon"
         if not attention.qkv_proj.tp.is_single:
             return "tensor parallel"
     return None
@@ -153,7 +156,22 @@ def _layer(layer: torch.nn.Module, kv_cache: torch.Tensor) -> StackLayer:
         gate_up_bias=_optional(mlp.gate_up_proj.bias),
         down_bias=_optional(mlp.down_proj.bias),
         kv_cache=kv_cache,
+        q_norm=_norm_weight(attention.q_norm),
+        k_norm=_norm_weight(attention.k_norm),
     )
+
+
+def _norm_weight(norm: torch.nn.Module | None) -> torch.Tensor | None:
+    if norm is None:
+        return None
+    assert isinstance(norm, RMSNorm)
+    return _float32(norm.weight)
+
+
+def _plain_head_norms(attention: torch.nn.Module, eps: float) -> bool:
+    """Qwen3's q/k norms: RMSNorm (weight * x / rms, not Gemma's 1 + weight) at the layers' epsilon."""
+    norms = (getattr(attention, "q_norm", None), getattr(attention, "k_norm", None))
+    return all(type(norm) is RMSNorm and norm.eps == eps for norm in norms)
 
 
 def _head(model: LlamaForCausalLM) -> QuantizedWeight | None:
