@@ -24,7 +24,7 @@ from batchlm.layers.moe_quantized import DOWN as DOWN
 from batchlm.layers.moe_quantized import GATE as GATE
 from batchlm.layers.moe_quantized import UP as UP
 from batchlm.layers.moe_quantized import QuantizedExperts
-from batchlm.layers.moe_routing import RoutingChoice, align_to_blocks, route_top_k
+from batchlm.layers.moe_routing import RoutingChoice, align_to_blocks, route_top_k, sort_by_expert
 from batchlm.layers.quantization.base import LoadedWeight, as_dense
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
 
@@ -118,23 +118,19 @@ class FusedMoE(nn.Module):
     def _forward_per_expert(self, x: torch.Tensor, choice: RoutingChoice) -> torch.Tensor:
         """Slots sorted by expert; one matmul pair per expert that has tokens, on its run of rows.
         Gathering and weighting happen once for all rows, so each expert costs four ops."""
-        top_k = choice.experts.shape[1]
-        flat = choice.experts.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.spec.num_experts).tolist()
-        tokens = order // top_k
-        picked = x[tokens]  # [T * k, hidden], grouped by expert
+        runs = sort_by_expert(choice, self.spec.num_experts)
+        picked = x[runs.tokens]  # [T * k, hidden], grouped by expert
         rows = torch.empty_like(picked)
         start = 0
-        for expert, count in enumerate(counts):
+        for expert, count in enumerate(runs.counts):
             if count == 0:
                 continue
             end = start + count
             activated = self.act_fn(picked[start:end] @ self.gate_up_proj[expert].t())
             torch.mm(activated, self.down_proj[expert].t(), out=rows[start:end])
             start = end
-        rows *= choice.weights.reshape(-1)[order, None].to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, tokens, rows)
+        rows *= runs.weights[:, None].to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, runs.tokens, rows)
 
     @torch.no_grad()
     def warm_up(self) -> None:

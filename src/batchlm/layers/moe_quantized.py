@@ -15,7 +15,7 @@ import torch
 
 from batchlm.kernels.cpu_moe import ExpertsKernel, experts_kernel_available
 from batchlm.kernels.cpu_quant import quant_linear
-from batchlm.layers.moe_routing import RoutingChoice
+from batchlm.layers.moe_routing import RoutingChoice, sort_by_expert
 from batchlm.layers.quantization.base import LoadedWeight
 from batchlm.layers.quantization.cpu_quantized import QuantizedStore, code_blocks
 
@@ -47,13 +47,9 @@ class QuantizedExperts:
         self, x: torch.Tensor, choice: RoutingChoice, act_fn: Callable[[torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:
         """Each token's routing-weighted sum of its chosen experts' down(act(gate_up(x))), [T, H]."""
-        top_k = choice.experts.shape[1]
-        flat = choice.experts.reshape(-1)
-        order = torch.argsort(flat, stable=True)  # the routed slots, grouped by expert
-        counts = torch.bincount(flat, minlength=len(self.gate_up)).tolist()
-        slot_tokens = order // top_k
-        slot_weights = choice.weights.reshape(-1)[order].float()
-        used = [(expert, count) for expert, count in enumerate(counts) if count]
+        runs = sort_by_expert(choice, len(self.gate_up))
+        slot_tokens, slot_weights = runs.tokens, runs.weights.float()
+        used = [(expert, count) for expert, count in enumerate(runs.counts) if count]
         if self.kernel is not None:
             starts = list(itertools.accumulate((count for _, count in used), initial=0))
             weights = [(self.gate_up[e].finish(), self.down[e].finish()) for e, _ in used]

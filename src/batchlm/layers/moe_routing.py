@@ -1,6 +1,7 @@
 """Top-k expert routing, and the sort of (token, expert) pairs into expert-aligned blocks that the
 grouped GEMM walks. Plain torch ops with shapes fixed by the token count, so a decode step that runs
-them can be captured in a CUDA graph (no host sync, no data-dependent sizes)."""
+them can be captured in a CUDA graph (no host sync, no data-dependent sizes). The CPU paths take the
+unpadded sort (`sort_by_expert`), whose per-expert counts come to the host."""
 
 from __future__ import annotations
 
@@ -30,6 +31,26 @@ def route_top_k(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> R
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return RoutingChoice(weights, experts)
+
+
+@dataclass(frozen=True)
+class ExpertRuns:
+    """The T * top_k (token, expert) slots sorted by expert (stably), unpadded: the host's form, for
+    one matmul pair (or one kernel call) per expert that has tokens."""
+
+    # [T * top_k] int64 / float32: each sorted slot's token and routing weight.
+    tokens: torch.Tensor
+    weights: torch.Tensor
+    # Slots of each expert, in expert order (runs of the sorted slots).
+    counts: list[int]
+
+
+def sort_by_expert(choice: RoutingChoice, num_experts: int) -> ExpertRuns:
+    top_k = choice.experts.shape[1]
+    flat = choice.experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    return ExpertRuns(order // top_k, choice.weights.reshape(-1)[order], counts)
 
 
 @dataclass(frozen=True)
