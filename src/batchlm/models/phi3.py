@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from batchlm.layers.quantization.base import LoadedWeight, QuantizedTensor
+from batchlm.layers.quantization.base import LoadedWeight, QuantizedTensor, narrow_rows
 from batchlm.models.llama import LlamaForCausalLM
 from batchlm.models.model_config import ModelConfig
 
@@ -58,6 +58,4 @@ def _rows(name: str, tensor: LoadedWeight, sizes: list[int]) -> tuple[LoadedWeig
     if tensor.shape[0] != sum(sizes):
         raise ValueError(f"{name} has {tensor.shape[0]} rows; the config needs {sum(sizes)} ({sizes})")
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    if isinstance(tensor, QuantizedTensor):
-        return tuple(tensor.narrow_rows(start, size) for start, size in zip(starts, sizes, strict=True))
-    return tuple(tensor.narrow(0, start, size) for start, size in zip(starts, sizes, strict=True))
+    return tuple(narrow_rows(tensor, start, size) for start, size in zip(starts, sizes, strict=True))
