@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from batchlm.models.gguf_reader import GGUFFile, GGUFTensor
+from batchlm.models.gguf_reader import GGUFFile, GGUFTensor, round_float32
 from batchlm.models.gguf_rope import ROPE_TENSORS, rope_scaling
 
 if TYPE_CHECKING:
@@ -89,13 +89,13 @@ def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str:
         return f"{_GLOBAL_NAMES[stem]}.{kind}"
     block_names = _BLOCK_NAMES_OF.get(arch, _BLOCK_NAMES)
     match = _BLOCK_TENSOR.fullmatch(gguf_name)
-    if match and match.group(2) in block_names:
+    if match:
         layer, part, kind = match.groups()
-        return f"model.layers.{layer}.{block_names[part]}.{kind}"
-    if match and block_names is _MOE_BLOCK_NAMES and match.group(2) in EXPERT_STACKS:
-        # The stack as a whole; iter_gguf_tensors names each expert of it.
-        layer, part, kind = match.groups()
-        return f"model.layers.{layer}.mlp.experts.{EXPERT_STACKS[part]}.{kind}"
+        if part in block_names:
+            return f"model.layers.{layer}.{block_names[part]}.{kind}"
+        if block_names is _MOE_BLOCK_NAMES and part in EXPERT_STACKS:
+            # The stack as a whole; iter_gguf_tensors names each expert of it.
+            return f"model.layers.{layer}.mlp.experts.{EXPERT_STACKS[part]}.{kind}"
     raise ValueError(f"unsupported GGUF tensor {gguf_name!r}: batchlm has no place for it in the model")
 
 
@@ -122,11 +122,6 @@ def weight_tensors(reader: GGUFFile) -> list[GGUFTensor]:
     return [tensor for tensor in reader.tensors if tensor.name not in ROPE_TENSORS]
 
 
-def _round_float32(value: Any) -> float:
-    # GGUF stores float32: 1e-05 reads back as 9.99999974e-06; keep the value the converter was given.
-    return float(str(np.float32(value)))
-
-
 def hf_config(reader: GGUFFile, path: Path) -> dict[str, Any]:
     """config.json for the file's model (sizes, RoPE, norm epsilon, tying, special token ids)."""
     arch = check_supported(reader, path)
@@ -145,8 +140,8 @@ def hf_config(reader: GGUFFile, path: Path) -> dict[str, Any]:
         "num_key_value_heads": int(reader.metadata(f"{arch}.attention.head_count_kv", heads)),
         "head_dim": int(reader.metadata(f"{arch}.attention.key_length", hidden // heads)),
         "max_position_embeddings": int(reader.metadata(f"{arch}.context_length")),
-        "rms_norm_eps": _round_float32(reader.metadata(f"{arch}.attention.layer_norm_rms_epsilon")),
-        "rope_theta": _round_float32(reader.metadata(f"{arch}.rope.freq_base", 10000.0)),
+        "rms_norm_eps": round_float32(reader.metadata(f"{arch}.attention.layer_norm_rms_epsilon")),
+        "rope_theta": round_float32(reader.metadata(f"{arch}.rope.freq_base", 10000.0)),
         "hidden_act": "silu",
         "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
         "attention_bias": False,
@@ -185,7 +180,7 @@ def _gemma_config(reader: GGUFFile, arch: str, config: dict[str, Any]) -> dict[s
     if arch == "gemma2":
         for key in ("attn_logit_softcapping", "final_logit_softcapping"):
             value = reader.metadata(f"{arch}.{key}")
-            extra[key] = _round_float32(value) if value is not None else None
+            extra[key] = round_float32(value) if value is not None else None
     else:
         # Gemma 3's local layers rotate at base 10000 (llama.cpp's fixed value too), unscaled.
         extra["rope_local_base_freq"] = 10000.0

@@ -46,6 +46,12 @@ _UINT32, _STRING, _ARRAY, _UINT64 = 4, 8, 9, 10
 _ARRAY_DTYPES = {code: np.dtype(layout.format) for code, layout in _SCALARS.items()}
 
 
+def round_float32(value: Any) -> float:
+    """A float GGUF stores as float32, as the converter was given it: 1e-05 reads back as
+    9.99999974e-06, the shortest decimal of that float32 is 1e-05 again."""
+    return float(str(np.float32(value)))
+
+
 @dataclass(frozen=True)
 class GGUFTensor:
     """One entry of the tensor table. `shape` is GGML's (the row length first); `data` is numpy's view

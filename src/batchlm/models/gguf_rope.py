@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from batchlm.models.gguf_reader import GGUFFile
+from batchlm.models.gguf_reader import GGUFFile, round_float32
 
 ROPE_FREQS = "rope_freqs.weight"
 # Phi-3's LongRoPE: a factor per frequency for contexts up to the original length, and beyond it.
@@ -50,7 +50,10 @@ def rope_scaling(
     if freqs is None and kind == "none":
         return None
     if freqs is None and kind == "linear":
-        return {"rope_type": "linear", "factor": _float32(reader.metadata(f"{arch}.rope.scaling.factor"))}
+        return {
+            "rope_type": "linear",
+            "factor": round_float32(reader.metadata(f"{arch}.rope.scaling.factor")),
+        }
     if freqs is None and kind == "yarn":
         return _yarn(reader, arch, path)
     raise ValueError(
@@ -68,29 +71,24 @@ def _yarn(reader: GGUFFile, arch: str, path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: YaRN with llama.cpp's own attention factor is not supported")
     scaling: dict[str, Any] = {
         "rope_type": "yarn",
-        "factor": _float32(reader.metadata(f"{key}.factor")),
+        "factor": round_float32(reader.metadata(f"{key}.factor")),
         "original_max_position_embeddings": int(reader.metadata(f"{key}.original_context_length")),
     }
     for name in ("beta_fast", "beta_slow"):
         if (value := reader.metadata(f"{key}.yarn_{name}")) is not None:
-            scaling[name] = _float32(value)
+            scaling[name] = round_float32(value)
     return scaling
 
 
-def _float32(value: Any) -> float:
-    return float(str(np.float32(value)))
-
-
 def _float32_list(values: Any) -> list[float]:
-    # GGUF stores float32: 1.3 reads back as 1.29999995; keep the value the converter was given.
-    return [_float32(value) for value in np.asarray(values, dtype=np.float32).reshape(-1)]
+    return [round_float32(value) for value in np.asarray(values, dtype=np.float32).reshape(-1)]
 
 
 def llama3_divisors(
     theta: float, head_dim: int, factor: float, low: float, high: float, original: float
 ) -> np.ndarray:
     """What each frequency is divided by under Llama 3's scaling."""
-    wavelength = 2 * math.pi * theta ** (np.arange(0, head_dim, 2) / head_dim)
+    wavelength = _wavelengths(theta, head_dim)
     smooth = (original / wavelength - low) / (high - low)
     divisors = 1 / ((1 - smooth) / factor + smooth)
     divisors = np.where(wavelength > original / low, factor, divisors)
@@ -123,7 +121,7 @@ def _band_of(
     if inside.size < 2:
         return []
     first, last = inside[0], inside[-1]
-    inverse_wavelength = 1 / (2 * math.pi * theta ** (np.arange(0, head_dim, 2) / head_dim))
+    inverse_wavelength = 1 / _wavelengths(theta, head_dim)
     weight = (1 / divisors - 1 / factor) / (1 - 1 / factor)
     slope = (weight[last] - weight[first]) / (inverse_wavelength[last] - inverse_wavelength[first])
     offset = weight[first] - slope * inverse_wavelength[first]
@@ -132,3 +130,8 @@ def _band_of(
     low = 1.0
     high = round(low - 1 / offset, 4)
     return [(low, high, round(slope * (high - low)))]
+
+
+def _wavelengths(theta: float, head_dim: int) -> np.ndarray:
+    """Each RoPE frequency's wavelength in positions, 2 pi theta^(2i/d)."""
+    return 2 * math.pi * theta ** (np.arange(0, head_dim, 2) / head_dim)
