@@ -146,17 +146,23 @@ class Weather(BaseModel):
     unit: str
 
 
-def test_parse_gives_typed_arguments(plain_client: Any, plain_engine: FakeEngine) -> None:
-    plain_engine.reply = PARIS
-    tool = openai.pydantic_function_tool(Weather)
-    response = plain_client.chat.completions.parse(
+def parse_weather(client: Any) -> None:
+    """The openai client's `parse` with the Weather tool forced gives one call whose arguments parse
+    into the Weather the fake engine wrote."""
+    response = client.chat.completions.parse(
         model="fake-model",
         messages=USER,
-        tools=[tool],
+        tools=[openai.pydantic_function_tool(Weather)],
         tool_choice={"type": "function", "function": {"name": "Weather"}},
     )
     [call] = response.choices[0].message.tool_calls
     assert call.function.parsed_arguments == Weather(city="Paris", unit="celsius")
+
+
+def test_parse_gives_typed_arguments(plain_client: Any, plain_engine: FakeEngine) -> None:
+    plain_engine.reply = PARIS
+    parse_weather(plain_client)
+    tool = openai.pydantic_function_tool(Weather)
     assert json.loads(plain_engine.calls[-1].params.structured_outputs.json) == tool["function"]["parameters"]
 
 
@@ -260,15 +266,7 @@ def test_a_named_function_streams_its_call_from_the_model_s_markup(
 
 def test_parse_gives_typed_arguments_from_the_model_s_markup(client: Any, engine: FakeEngine) -> None:
     engine.reply = hermes_call("Weather", PARIS)
-    tool = openai.pydantic_function_tool(Weather)
-    response = client.chat.completions.parse(
-        model="fake-model",
-        messages=USER,
-        tools=[tool],
-        tool_choice={"type": "function", "function": {"name": "Weather"}},
-    )
-    [call] = response.choices[0].message.tool_calls
-    assert call.function.parsed_arguments == Weather(city="Paris", unit="celsius")
+    parse_weather(client)
 
 
 def test_a_forced_call_in_markup_cut_short_answers_as_its_stream_does(
