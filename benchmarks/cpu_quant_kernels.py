@@ -3,8 +3,9 @@ linear of all layers (distinct weights, streamed as a forward pass streams them)
 at decode and prefill row counts.
 
 - f32 packed: our float32 panel GEMM (cpu_gemm.py), the dense baseline.
-- w8 / w4 (ours): cpu_quant.py, 8-bit (Q8_0) and 4-bit (Q4_0/Q4_1/Q4_K) codes, AVX-512 VNNI path
-  where present (and the AVX2 path with --isa avx2).
+- w8 / w4 (ours): cpu_quant.py, 8-bit (Q8_0) and 4-bit (Q4_0/Q4_1/Q4_K) codes, on the CPU's best path:
+  AMX tiles for 8 rows or more where present, else AVX-512 VNNI where present, else AVX2 (--isa
+  avx512 or avx2 forces one).
 - torch int8pack: aten._weight_int8pack_mm (int8 weight, one scale per output row: cannot hold Q8_0's
   per-32 scales, so only an upper bound for what torch offers).
 - torch int4pack: aten._weight_int4pack_mm_for_cpu (4-bit, per-32 group scales and zeros in bfloat16,
@@ -134,13 +135,13 @@ def main() -> None:
     parser.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES))
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16, 128])
     parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--isa", choices=["auto", "avx2"], default="auto")
+    parser.add_argument("--isa", choices=["auto", "avx512", "avx2"], default="auto")
     args = parser.parse_args()
-    if args.isa == "avx2":
-        os.environ[cpu_quant.ISA_ENV] = "avx2"
+    if args.isa != "auto":
+        os.environ[cpu_quant.ISA_ENV] = args.isa
     if cpu_quant.quant_library() is None:
         parser.error("the quantized CPU kernels are not available here")
-    print(json.dumps({"shape": args.shape, "threads": torch.get_num_threads(), "avx512_vnni": cpu_quant.use_avx512(),
+    print(json.dumps({"shape": args.shape, "threads": torch.get_num_threads(), "avx512_vnni": cpu_quant.use_avx512(), "amx": cpu_quant.use_amx(),
                       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}))  # fmt: skip
     run(SHAPES[args.shape], args.rows, args.repeats)
 

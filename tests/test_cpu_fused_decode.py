@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from batchlm.attention.torch_backend import TorchAttentionBackend
+from batchlm.kernels import cpu_quant
 from batchlm.kernels.cpu_decode_stack import stack_library
 from batchlm.models.gguf_model_dir import prepare_gguf_model_dir
 from batchlm.models.loader import LoadedModel, load_model
@@ -26,6 +27,7 @@ from batchlm.models.random_model import write_random_model
 from batchlm.runner import fused_decode
 from batchlm.runner.fused_decode import MAX_ROWS, MAX_VERIFY_ROWS, FusedDecode, build_fused_decode
 from batchlm.runner.inputs import StepInputs
+from cpu_isa import kernel_path
 from gguf_builder import write_tiny_gguf
 from models_harness import Chunk, build_step, make_kv_caches, run_step
 
@@ -103,6 +105,35 @@ def test_fused_steps_with_qwen3_head_norms(tmp_path: Path, qtype: str) -> None:
     loaded = _model(tmp_path, qtype, True, "qwen3")
     assert loaded.model.model.layers[0].self_attn.q_norm is not None
     _assert_steps_agree(loaded, 3)
+
+
+@pytest.mark.skipif(not cpu_quant.use_amx(), reason="no AMX tiles on this CPU (or OS)")
+@pytest.mark.parametrize("rows", [8, 13])
+def test_fused_steps_on_amx_tiles_give_the_vnni_paths_bits(tmp_path: Path, rows: int) -> None:
+    # Steps of 8 rows or more run their matmuls on the tile unit: the same logits and caches, bit for
+    # bit, as on AVX-512 VNNI (13 rows: the tiles' last rows are padding).
+    loaded = _model(tmp_path, "Q4_K", True, "qwen3")
+    prompts = PROMPTS[:rows]
+    results = {}
+    for path in ("auto", "avx512"):
+        caches = make_kv_caches(loaded, 4 * len(PROMPTS), BLOCK_SIZE)
+        run_step(loaded.model, caches, [Chunk(prompt, 0, _blocks(r)) for r, prompt in enumerate(prompts)])
+        fused = build_fused_decode(loaded.model, caches, TorchAttentionBackend())
+        assert isinstance(fused, FusedDecode)
+        tokens = [3 + r for r in range(rows)]
+        steps = []
+        with kernel_path(path):
+            assert cpu_quant.quant_isa() == (cpu_quant.ISA_AMX if path == "auto" else cpu_quant.ISA_AVX512)
+            for step in range(2):
+                chunks = [
+                    Chunk([tokens[r]], len(prompt) + step, _blocks(r)) for r, prompt in enumerate(prompts)
+                ]
+                steps.append(fused.run(_inputs(chunks)))
+                tokens = steps[-1].argmax(-1).tolist()
+        results[path] = (steps, caches)
+    (tile_steps, tile_caches), (vnni_steps, vnni_caches) = results["auto"], results["avx512"]
+    assert all(torch.equal(a, b) for a, b in zip(tile_steps, vnni_steps, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(tile_caches, vnni_caches, strict=True))
 
 
 def test_fused_steps_with_qkv_biases(tmp_path: Path) -> None:

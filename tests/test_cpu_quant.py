@@ -13,7 +13,6 @@ output's spread here; the test allows 1e-3 of the largest output (one int8 pass 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -22,6 +21,7 @@ import torch
 
 from batchlm.kernels import cpu_native, cpu_quant
 from batchlm.kernels.quant_blocks import CodeBlocks, dequantize, from_dense_q8, from_gguf
+from cpu_isa import kernel_path
 
 gguf = pytest.importorskip("gguf")
 needs_kernel = pytest.mark.skipif(cpu_quant.quant_library() is None, reason="no AVX2 CPU or C compiler here")
@@ -72,23 +72,17 @@ def test_pack_round_trips(bits: int) -> None:
     assert torch.equal(cpu_quant.dequantize_packed(packed), torch.from_numpy(dequantize(blocks)))
 
 
-@pytest.fixture(params=["auto", "avx2"])
+@pytest.fixture(params=["auto", "avx512", "avx2"])
 def isa(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Each kernel test runs on the CPU's best path and on the AVX2 path."""
-    saved = os.environ.get(cpu_quant.ISA_ENV)
-    os.environ[cpu_quant.ISA_ENV] = request.param
-    cpu_quant.use_avx512.cache_clear()
-    yield request.param
-    if saved is None:
-        os.environ.pop(cpu_quant.ISA_ENV)
-    else:
-        os.environ[cpu_quant.ISA_ENV] = saved
-    cpu_quant.use_avx512.cache_clear()
+    """Each kernel test runs on the CPU's best path (AMX tiles where it has them), on AVX-512 VNNI
+    without tiles, and on the AVX2 path."""
+    with kernel_path(request.param):
+        yield request.param
 
 
 @needs_kernel
 @pytest.mark.parametrize("type_name", GGUF_TYPES)
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 70])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 70])
 @pytest.mark.parametrize("out_features,in_features", [(16, 256), (37, 512), (5, 1536)])
 def test_matmul_matches_dequantized(
     isa: str, type_name: str, rows: int, out_features: int, in_features: int
@@ -110,6 +104,31 @@ def test_matmul_matches_dequantized(
     assert (error <= tight + one_step).all()
     float_path = x @ dense.t() + bias
     assert (out - float_path).abs().max() <= 1e-3 * float_path.abs().max()
+
+
+needs_amx = pytest.mark.skipif(
+    cpu_quant.quant_library() is None or not cpu_quant.use_amx(), reason="no AMX tiles on this CPU (or OS)"
+)
+
+
+@needs_amx
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("rows", [8, 9, 16, 23, 64, 300])
+def test_amx_tiles_give_the_vnni_paths_bits(bits: int, rows: int) -> None:
+    """The tile path sums the same integers and runs the VNNI path's float epilogue, so its outputs are
+    the same bits; rows past a whole tile (8 activation rows) and past a 256-row block are padding."""
+    codes = RNG.integers(0, 2**bits, (53, 1024), dtype=np.uint8)
+    scales = RNG.uniform(-0.02, 0.02, (53, 32)).astype(np.float16)
+    biases = RNG.uniform(-0.02, 0.02, (53, 32)).astype(np.float16)
+    weight = cpu_quant.pack(CodeBlocks(codes, scales, biases, bits))
+    x, bias = torch.randn(rows, 1024) * 3, torch.randn(53)
+    with kernel_path("auto"):
+        assert cpu_quant.quant_isa() == cpu_quant.ISA_AMX
+        tiles = cpu_quant.quant_linear(x, weight, bias), cpu_quant.quant_linear(x, weight)
+    with kernel_path("avx512"):
+        assert cpu_quant.quant_isa() == cpu_quant.ISA_AVX512
+        vnni = cpu_quant.quant_linear(x, weight, bias), cpu_quant.quant_linear(x, weight)
+    assert torch.equal(tiles[0], vnni[0]) and torch.equal(tiles[1], vnni[1])
 
 
 @needs_kernel
@@ -135,12 +154,13 @@ def test_disabled_kernels_leave_no_library(monkeypatch: pytest.MonkeyPatch) -> N
         cpu_quant._raw_library,
         cpu_quant.quant_library,
         cpu_quant.use_avx512,
+        cpu_quant.use_amx,
     )
     monkeypatch.setenv(cpu_native.DISABLE_ENV, "0")
     for cached in caches:
         cached.cache_clear()
     try:
-        assert cpu_quant.quant_library() is None and not cpu_quant.use_avx512()
+        assert cpu_quant.quant_library() is None and not cpu_quant.use_avx512() and not cpu_quant.use_amx()
         with pytest.raises(RuntimeError, match="not available"):
             cpu_quant.quant_linear(
                 torch.randn(1, 32), cpu_quant.pack(from_dense_q8(np.ones((1, 32), np.float32)))

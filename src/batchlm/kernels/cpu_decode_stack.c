@@ -181,11 +181,28 @@ static inline void share(long count, long me, long team, long *first, long *last
     *last = count * (me + 1) / team;
 }
 
-/* x @ W^T for this thread's panels of W, its input quantized by this thread. */
-static void own_panels(const float *x, long B, long K, const uint8_t *w, int bits4, const float *bias, float *out,
-                       long N, long first, long last, const ThreadScratch *s, int avx512) {
+/* x [B, K] quantized into this thread's scratch (for the tile path, zero rows up to whole tiles). */
+static void quantize_own(const float *x, long B, long K, const ThreadScratch *s, int isa) {
     batchlm_quantize_rows_q8(x, K, s->xq, s->xd, s->xb, B, K, 1);
-    quant_gemm_panels(w, bits4, s->xq, s->xd, s->xb, bias, out, N, B, N, K, first, last, avx512);
+    if (takes_amx(isa, B)) zero_tile_padding(s->xq, s->xd, s->xb, B, K);
+}
+
+/* This thread's panels [first, last) of W against its quantized input: on AMX tiles where `isa` and
+ * the rows allow (and the tile path's scratch could be had), else VNNI or AVX2. */
+static void thread_panels(const uint8_t *w, int bits4, const ThreadScratch *s, const float *bias, float *out,
+                          long ldo, long B, long N, long K, long first, long last, int isa) {
+    if (takes_amx(isa, B) && quant_gemm_panels_amx(w, bits4, s->xq, s->xd, s->xb, bias, out, ldo, B, N, K, first,
+                                                   last) == 0)
+        return;
+    quant_gemm_panels(w, bits4, s->xq, s->xd, s->xb, bias, out, ldo, B, N, K, first, last, isa != ISA_AVX2);
+}
+
+/* x @ W^T for this thread's panels of W, its input quantized by this thread. isa: as batchlm_quant_gemm
+ * takes it (the scratch holds whole tiles' rows where it may be ISA_AMX). */
+static void own_panels(const float *x, long B, long K, const uint8_t *w, int bits4, const float *bias, float *out,
+                       long N, long first, long last, const ThreadScratch *s, int isa) {
+    quantize_own(x, B, K, s, isa);
+    thread_panels(w, bits4, s, bias, out, N, B, N, K, first, last, isa);
 }
 
 /* h[:, panels first..last) += out[:, same] */
@@ -227,14 +244,14 @@ static inline void stage_done(StageBarrier *barrier, long team) {
 }
 
 static void decode_layer(const DecodeShape *shape, const DecodeLayer *layer, const DecodeBatch *batch, float *h,
-                         const StepBuffers *buf, const ThreadScratch *s, long me, long team, int avx512,
+                         const StepBuffers *buf, const ThreadScratch *s, long me, long team, int isa,
                          StageBarrier *barrier) {
     const long B = batch->B, n = shape->hidden, I = shape->intermediate, D = shape->head_dim;
     const long qkv_n = (shape->heads + 2 * shape->kv_heads) * D, attn_n = shape->heads * D;
     long first, last;
     rms_norm_rows(h, layer->input_norm, s->normed, B, n, shape->eps);
     share((qkv_n + QPANEL - 1) / QPANEL, me, team, &first, &last);
-    own_panels(s->normed, B, n, layer->qkv, layer->qkv_bits4, layer->qkv_bias, buf->qkv, qkv_n, first, last, s, avx512);
+    own_panels(s->normed, B, n, layer->qkv, layer->qkv_bits4, layer->qkv_bias, buf->qkv, qkv_n, first, last, s, isa);
     stage_done(barrier, team);
     if (layer->q_norm) { /* each query and key head normed in place, before its rotation */
         const long normed_heads = shape->heads + shape->kv_heads;
@@ -256,19 +273,19 @@ static void decode_layer(const DecodeShape *shape, const DecodeLayer *layer, con
     attend_items(shape, layer, batch, buf->qkv, buf->attn, first, last, s);
     stage_done(barrier, team);
     share((n + QPANEL - 1) / QPANEL, me, team, &first, &last);
-    own_panels(buf->attn, B, attn_n, layer->o, layer->o_bits4, layer->o_bias, buf->out, n, first, last, s, avx512);
+    own_panels(buf->attn, B, attn_n, layer->o, layer->o_bits4, layer->o_bias, buf->out, n, first, last, s, isa);
     add_columns(h, buf->out, B, n, first, last);
     stage_done(barrier, team);
     rms_norm_rows(h, layer->post_norm, s->normed, B, n, shape->eps);
-    batchlm_quantize_rows_q8(s->normed, n, s->xq, s->xd, s->xb, B, n, 1);
+    quantize_own(s->normed, B, n, s, isa);
     share(I / QPANEL, me, team, &first, &last);
     for (long half = 0; half < 2; half++)
-        quant_gemm_panels(layer->gate_up, layer->gate_up_bits4, s->xq, s->xd, s->xb, layer->gate_up_bias, buf->gu,
-                          2 * I, B, 2 * I, n, first + half * I / QPANEL, last + half * I / QPANEL, avx512);
+        thread_panels(layer->gate_up, layer->gate_up_bits4, s, layer->gate_up_bias, buf->gu, 2 * I, B, 2 * I, n,
+                      first + half * I / QPANEL, last + half * I / QPANEL, isa);
     silu_mul_columns(buf->gu, buf->act, B, I, first, last);
     stage_done(barrier, team);
     share((n + QPANEL - 1) / QPANEL, me, team, &first, &last);
-    own_panels(buf->act, B, I, layer->down, layer->down_bits4, layer->down_bias, buf->out, n, first, last, s, avx512);
+    own_panels(buf->act, B, I, layer->down, layer->down_bits4, layer->down_bias, buf->out, n, first, last, s, isa);
     add_columns(h, buf->out, B, n, first, last);
     stage_done(barrier, team);
 }
@@ -290,7 +307,7 @@ static int alloc_scratch(size_t float_count, size_t code_count, float **floats, 
  * waits[0] and waits[1] receive how many stage-barrier waits there were and how many of them slept.
  * Returns 0, or -1 when scratch memory could not be allocated. */
 int batchlm_decode_stack(const DecodeShape *shape, const DecodeLayer *layers, const DecodeBatch *batch, float *h,
-                         const uint8_t *head, int head_bits4, long head_n, float *logits, int threads, int avx512,
+                         const uint8_t *head, int head_bits4, long head_n, float *logits, int threads, int isa,
                          long spin_ns, int *waits) {
     const long B = batch->B, n = shape->hidden, I = shape->intermediate, D = shape->head_dim;
     const long qkv_n = (shape->heads + 2 * shape->kv_heads) * D, attn_n = shape->heads * D;
@@ -300,9 +317,11 @@ int batchlm_decode_stack(const DecodeShape *shape, const DecodeLayer *layers, co
     if (threads < 1) threads = 1;
     const size_t shared = (size_t)B * (size_t)(qkv_n + attn_n + n + 3 * I);
     const size_t group = (size_t)(shape->heads / shape->kv_heads);
-    const size_t own =
-        (size_t)B * (size_t)n + group * (size_t)longest + 5 * (size_t)B * (size_t)widest / QBLOCK + 64 + (size_t)D;
-    const size_t own_codes = 2 * (size_t)B * (size_t)widest;
+    /* Quantized activations hold whole tiles' rows where the tile path may run. */
+    const long code_rows = takes_amx(isa, B) ? amx_rows(B) : B;
+    const size_t own = (size_t)B * (size_t)n + group * (size_t)longest + 5 * (size_t)code_rows * (size_t)widest / QBLOCK +
+                       64 + (size_t)D;
+    const size_t own_codes = 2 * (size_t)code_rows * (size_t)widest;
     float *floats;
     int8_t *codes;
     if (alloc_scratch(shared + own * (size_t)threads, own_codes * (size_t)threads, &floats, &codes)) return -1;
@@ -314,16 +333,16 @@ int batchlm_decode_stack(const DecodeShape *shape, const DecodeLayer *layers, co
     {
         const long me = omp_get_thread_num(), team = omp_get_num_threads();
         float *mine = floats + shared + own * (size_t)me;
-        const long blocks = B * widest / QBLOCK;
+        const long blocks = code_rows * widest / QBLOCK;
         const ThreadScratch s = {mine, mine + B * n, codes + own_codes * (size_t)me,
                                  mine + B * n + group * longest, mine + B * n + group * longest + 2 * blocks,
                                  mine + own - D};
-        for (long l = 0; l < shape->num_layers; l++) decode_layer(shape, layers + l, batch, h, &buf, &s, me, team, avx512, &barrier);
+        for (long l = 0; l < shape->num_layers; l++) decode_layer(shape, layers + l, batch, h, &buf, &s, me, team, isa, &barrier);
         if (head) {
             long first, last;
             rms_norm_rows(h, shape->final_norm, s.normed, B, n, shape->eps);
             share((head_n + QPANEL - 1) / QPANEL, me, team, &first, &last);
-            own_panels(s.normed, B, n, head, head_bits4, NULL, logits, head_n, first, last, &s, avx512);
+            own_panels(s.normed, B, n, head, head_bits4, NULL, logits, head_n, first, last, &s, isa);
         }
     }
     waits[0] = atomic_load(&barrier.waits);

@@ -22,7 +22,7 @@ import torch
 from batchlm.kernels.barrier_spin import spin_from_env
 from batchlm.kernels.cpu_decode_attention import decode_library
 from batchlm.kernels.cpu_native import SOURCE, build_library
-from batchlm.kernels.cpu_quant import QUANT_FLAGS, SOURCE_PATH, QuantizedWeight, quant_library, use_avx512
+from batchlm.kernels.cpu_quant import QUANT_FLAGS, SOURCE_PATH, QuantizedWeight, quant_isa, quant_library
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class DecodeStack:
             ctypes.byref(self._shape), self._layers, ctypes.byref(batch), hidden.data_ptr(),
             None if head is None else head.data.data_ptr(), head is not None and head.bits == 4,
             0 if head is None else head.out_features, _pointer(logits),
-            torch.get_num_threads(), use_avx512(), spin_ns, self._waits,
+            torch.get_num_threads(), quant_isa(), spin_ns, self._waits,
         )  # fmt: skip
         if status != 0:
             raise MemoryError("no memory for the fused decode step's scratch")
@@ -208,7 +208,7 @@ def stack_library() -> ctypes.CDLL | None:
     library.batchlm_decode_stack.argtypes = [
         pointer, pointer, pointer, pointer,  # shape, layers, batch, hidden
         pointer, ctypes.c_int, ctypes.c_long, pointer,  # LM head or NULL, its bits == 4, outputs, logits
-        ctypes.c_int, ctypes.c_int, ctypes.c_long, pointer,  # threads, avx512, spin ns, waits
+        ctypes.c_int, ctypes.c_int, ctypes.c_long, pointer,  # threads, isa, spin ns, waits
     ]  # fmt: skip
     library.batchlm_decode_stack.restype = ctypes.c_int
     library.batchlm_moe_experts.argtypes = [

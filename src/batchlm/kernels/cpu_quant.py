@@ -4,8 +4,9 @@ A weight in code blocks (quant_blocks.py: 8- or 4-bit codes, float16 scale and b
 is packed once into 16-row panels (`pack`), and stays that size in memory: 36 bytes per 32 weights
 for 8-bit codes (Q8_0: 34), 20 for 4-bit (Q4_1: 20, Q4_0 and Q4_K: 18). `quant_linear` quantizes
 the activation rows to int8 per block of 32, twice (the codes, then the codes of what they left over)
-and multiplies with integer dot products (AVX-512 VNNI where the CPU has it, else AVX2); `quant_rows`
-reads rows back in float32 (embedding lookups).
+and multiplies with integer dot products (AVX-512 VNNI where the CPU has it, else AVX2; a prompt's
+16 rows or more on AMX tiles where the CPU has them, with the same results); `quant_rows` reads rows
+back in float32 (embedding lookups).
 
 Activation quantization makes the result approximate: each block of x is rounded to about 1/64,000
 of its largest magnitude (tests/test_cpu_quant.py states the bounds). Against the same x rounded that
@@ -35,7 +36,10 @@ logger = logging.getLogger(__name__)
 QPANEL = 16  # output rows per panel; must match QPANEL in cpu_quant_kernels.c
 SCALE_BYTES = 64  # 16 float16 scales + 16 float16 biases per panel block
 SOURCE_PATH = Path(__file__).with_name("cpu_quant_kernels.c")
-ISA_ENV = "BATCHLM_CPU_QUANT_ISA"  # "avx2" forces the AVX2 path (tests, A/B runs)
+# "avx2" forces the AVX2 path, "avx512" the AVX-512 VNNI path without AMX tiles (tests, A/B runs).
+ISA_ENV = "BATCHLM_CPU_QUANT_ISA"
+# The C kernels' `isa` argument.
+ISA_AVX2, ISA_AVX512, ISA_AMX = 0, 1, 2
 QUANT_FLAGS = (*COMPILE_FLAGS, "-mf16c")
 
 
@@ -125,7 +129,7 @@ def _gemm(
         status = library.batchlm_quant_linear(
             rows.data_ptr(), rows.stride(0), weight.data.data_ptr(), weight.bits == 4,
             bias.data_ptr() if bias is not None else None, out.data_ptr(), m, weight.out_features, k,
-            torch.get_num_threads(), use_avx512(),
+            torch.get_num_threads(), quant_isa(),
         )  # fmt: skip
         if status != 0:
             raise MemoryError("no memory for the quantized activations")
@@ -146,13 +150,34 @@ def quant_rows(weight: QuantizedWeight, ids: torch.Tensor) -> torch.Tensor:
     return out.view(*ids.shape, weight.in_features)
 
 
+def _forced_isa() -> str:
+    return os.environ.get(ISA_ENV, "").strip().lower()
+
+
 @functools.cache
 def use_avx512() -> bool:
     """Whether the AVX-512 VNNI path runs (this CPU has it, and BATCHLM_CPU_QUANT_ISA is not avx2)."""
     library = _raw_library()
-    if library is None or os.environ.get(ISA_ENV, "").strip().lower() == "avx2":
+    if library is None or _forced_isa() == "avx2":
         return False
     return bool(library.batchlm_quant_has_avx512_vnni())
+
+
+@functools.cache
+def use_amx() -> bool:
+    """Whether prompts of 16 rows or more run on AMX tiles: this CPU has AMX-INT8, the OS grants this
+    process the tile state, and BATCHLM_CPU_QUANT_ISA does not force another path."""
+    library = _raw_library()
+    if library is None or not use_avx512() or _forced_isa() == "avx512":
+        return False
+    return bool(library.batchlm_quant_has_amx())
+
+
+def quant_isa() -> int:
+    """The kernels' `isa` argument for this CPU."""
+    if use_amx():
+        return ISA_AMX
+    return ISA_AVX512 if use_avx512() else ISA_AVX2
 
 
 @functools.cache
@@ -177,8 +202,9 @@ def _raw_library() -> ctypes.CDLL | None:
         logger.warning("quantized CPU kernels unavailable (%s); dequantizing weights instead", error)
         return None
     size, pointer = ctypes.c_long, ctypes.c_void_p
-    library.batchlm_quant_has_avx512_vnni.argtypes = []
-    library.batchlm_quant_has_avx512_vnni.restype = ctypes.c_int
+    for probe in (library.batchlm_quant_has_avx512_vnni, library.batchlm_quant_has_amx):
+        probe.argtypes = []
+        probe.restype = ctypes.c_int
     library.batchlm_quantize_rows_q8.argtypes = [
         pointer,
         size,
@@ -193,12 +219,12 @@ def _raw_library() -> ctypes.CDLL | None:
     library.batchlm_quant_gemm.argtypes = [
         pointer, ctypes.c_int, pointer, pointer, pointer,  # weight, 4-bit?, codes, scales, scale * sums
         pointer, pointer, size,  # bias or NULL, out, its row stride
-        size, size, size, ctypes.c_int, ctypes.c_int,  # M, N, K, threads, AVX-512 path
+        size, size, size, ctypes.c_int, ctypes.c_int,  # M, N, K, threads, isa
     ]  # fmt: skip
-    library.batchlm_quant_gemm.restype = None
+    library.batchlm_quant_gemm.restype = ctypes.c_int
     library.batchlm_quant_linear.argtypes = [
         pointer, size, pointer, ctypes.c_int, pointer, pointer,  # x, its row stride, weight, 4-bit?, bias, out
-        size, size, size, ctypes.c_int, ctypes.c_int,  # M, N, K, threads, AVX-512 path
+        size, size, size, ctypes.c_int, ctypes.c_int,  # M, N, K, threads, isa
     ]  # fmt: skip
     library.batchlm_quant_linear.restype = ctypes.c_int
     library.batchlm_quant_rows.argtypes = [pointer, ctypes.c_int, pointer, size, pointer, size, size]

@@ -19,13 +19,19 @@
  * each weight block from registers (prefill); a decode step reads every weight once.
  *
  * AVX-512 VNNI where the CPU has it (checked at run time), else AVX2 (maddubs; w8 codes are re-centred
- * to signed so the 16-bit pair sums cannot saturate).
+ * to signed so the 16-bit pair sums cannot saturate). Where the CPU also has AMX (Intel's tile unit)
+ * and the OS grants its state, prompts of 16 rows or more take it: the same layout feeds its tiles.
  */
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__linux__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #define QPANEL 16
 #define QBLOCK 32
@@ -38,6 +44,14 @@
 #ifndef QPREFETCH
 #define QPREFETCH 2048 /* bytes of the weight stream fetched ahead of the block in use */
 #endif
+/* The matmul paths (the `isa` argument). */
+#define ISA_AVX2 0
+#define ISA_AVX512 1
+#define ISA_AMX 2 /* AVX-512 VNNI below AMX_MIN_ROWS activation rows */
+#define AMX_ROWS 8 /* activation rows per tile product (each row's two passes: 16 tile rows) */
+#define AMX_MIN_ROWS 8 /* below one tile product's rows the VNNI path is faster */
+#define AMX_AHEAD 2 /* blocks summed ahead of the one in the float epilogue */
+#define AMX_ROW_BLOCK 256 /* activation rows whose codes stay in this core's cache while every panel passes */
 
 typedef int32_t __attribute__((may_alias, aligned(1))) unaligned_i32;
 
@@ -242,6 +256,165 @@ static void panel_row_avx2(int bits4, const uint8_t *panel, long Kb, long K, con
 }
 
 /* ---------------------------------------------------------------------------------------------------
+ * AMX: AMX_ROWS activation rows against one panel per tile product. xq holds each row's pass-1 codes,
+ * then its pass-2 codes, so one tile of 16 rows x 32 signed bytes (row stride K) is both passes of 8
+ * rows. It meets the block's weight codes (8 rows of 16 x 4 unsigned bytes: a panel block's code
+ * vectors already lie as the tile product takes its second operand) in one TDPBSUD: the int32 sums
+ * dpbsud gives. The float epilogue is the VNNI path's, operation for operation, so both paths give
+ * the same bits. The tiles' sums reach the vector registers only through memory, and that epilogue
+ * per block is what bounds the path: a block's tile product runs AMX_AHEAD blocks ahead of it.
+ */
+#define AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma,avx2")))
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* 1 when this CPU has AMX-INT8 besides AVX-512 VNNI and the OS lets this process use the tiles, else 0.
+ * Linux hands the tile state only to a process that asks for it (arch_prctl ARCH_REQ_XCOMP_PERM for
+ * XTILEDATA), once; the grant covers its threads. */
+int batchlm_quant_has_amx(void) {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+    unsigned a, b, c, d;
+    if (!batchlm_quant_has_avx512_vnni() || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    if (!((d >> 24) & 1u) || !((d >> 25) & 1u)) return 0; /* AMX-TILE, AMX-INT8 */
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+#else
+    return 0;
+#endif
+}
+
+/* Two sets of tiles, so that a block's tile product runs while the block before goes through the float
+ * epilogue: set 0 is tiles 0 (sums), 1 (activation codes), 2 (weight codes); set 1 is tiles 3-5. */
+AMX static void amx_configure(void) {
+    tile_config config;
+    memset(&config, 0, sizeof config);
+    config.palette = 1;
+    for (int set = 0; set < 6; set += 3) {
+        config.rows[set] = 2 * AMX_ROWS;
+        config.colsb[set] = QPANEL * 4;
+        config.rows[set + 1] = 2 * AMX_ROWS;
+        config.colsb[set + 1] = QBLOCK;
+        config.rows[set + 2] = QBLOCK / 4;
+        config.colsb[set + 2] = QPANEL * 4;
+    }
+    _tile_loadconfig(&config);
+}
+
+/* Block kb's sums into `to` [8 rows x (pass 1, pass 2), 16] through tile set (C, A, B): the activation
+ * tile's rows are xq's rows as they lie, each row's pass-1 codes, then its pass-2 codes. */
+#define AMX_BLOCK_SUMS(C, A, B, kb, to)                              \
+    do {                                                            \
+        _tile_loadd(A, xq + (kb) * QBLOCK, K);                      \
+        _tile_loadd(B, codes + (kb) * code_stride, QPANEL * 4);     \
+        _tile_zero(C);                                              \
+        _tile_dpbsud(C, A, B);                                      \
+        _tile_stored(C, (to), QPANEL * 4);                          \
+    } while (0)
+
+/* AMX_ROWS activation rows (xq, xd, xb at the first of them; rows past M are zero padding) against
+ * one panel: block kb's weight codes at codes + kb * code_stride. `sums`: 1,024 int32 of scratch. */
+AMX static void panel_tile_amx(const uint8_t *panel, int bits4, long Kb, const uint8_t *codes, long code_stride,
+                               const int8_t *xq, long K, const float *xd, const float *xb, const float *bias,
+                               float *out, long ldo, long rows, long cols, int32_t *sums) {
+    const long bytes = block_bytes(bits4);
+    const long set_size = 2 * AMX_ROWS * QPANEL;
+    const __mmask16 mask = (__mmask16)((1u << cols) - 1u);
+    const __m512 bias_v = bias ? _mm512_maskz_loadu_ps(mask, bias) : _mm512_setzero_ps();
+    __m512 acc[AMX_ROWS];
+    for (int r = 0; r < AMX_ROWS; r++) acc[r] = bias_v;
+    /* Blocks are summed AMX_AHEAD ahead of the epilogue, into a ring of AMX_AHEAD + 1 buffers. */
+    AMX_BLOCK_SUMS(0, 1, 2, 0, sums);
+    if (Kb > 1) AMX_BLOCK_SUMS(3, 4, 5, 1, sums + set_size);
+    for (long kb = 0; kb < Kb; kb++) {
+        const long next = kb + AMX_AHEAD;
+        const int32_t *block = sums + (kb % (AMX_AHEAD + 1)) * set_size;
+        const uint8_t *blk = panel + kb * bytes;
+        const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
+        const __m512 b = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 32)));
+        for (int r = 0; r < AMX_ROWS; r++) {
+            if (r == AMX_ROWS / 2 && next < Kb) {
+                if (next & 1)
+                    AMX_BLOCK_SUMS(3, 4, 5, next, sums + (next % (AMX_AHEAD + 1)) * set_size);
+                else
+                    AMX_BLOCK_SUMS(0, 1, 2, next, sums + (next % (AMX_AHEAD + 1)) * set_size);
+            }
+            const __m512i dot = _mm512_loadu_si512(block + 2 * r * QPANEL);
+            const __m512i rest = _mm512_loadu_si512(block + (2 * r + 1) * QPANEL);
+            const long at = r * Kb + kb;
+            const __m512 both = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(xd[2 * at]),
+                                                _mm512_mul_ps(_mm512_cvtepi32_ps(rest), _mm512_set1_ps(xd[2 * at + 1])));
+            acc[r] = _mm512_fmadd_ps(both, s, acc[r]);
+            acc[r] = _mm512_fmadd_ps(b, _mm512_set1_ps(xb[at]), acc[r]);
+        }
+    }
+    for (int r = 0; r < rows; r++) _mm512_mask_storeu_ps(out + r * ldo, mask, acc[r]);
+}
+
+/* A 4-bit panel's codes as the tile product reads them, 8 x 64 bytes a block (the 8-bit ones already are). */
+AMX static void unpack_w4_panel(const uint8_t *panel, long Kb, uint8_t *codes) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    const long bytes = block_bytes(1);
+    for (long kb = 0; kb < Kb; kb++) {
+        const uint8_t *blk = panel + kb * bytes + SB_BYTES;
+        uint8_t *to = codes + kb * W8_BYTES;
+        for (int h = 0; h < 4; h++) {
+            const __m512i v = _mm512_loadu_si512(blk + 64 * h);
+            _mm512_storeu_si512(to + 64 * h, _mm512_and_si512(v, low4));
+            _mm512_storeu_si512(to + 64 * (h + 4), _mm512_and_si512(_mm512_srli_epi16(v, 4), low4));
+        }
+    }
+}
+
+/* Per-thread scratch of the AMX path: unpacked 4-bit panel codes, then the tile sums. */
+static __thread void *amx_scratch = 0;
+static __thread size_t amx_scratch_bytes = 0;
+
+/* quant_gemm_panels on the tile unit; xq, xd and xb hold M rounded up to AMX_ROWS rows (zero padding).
+ * Returns -1 without writing when the scratch cannot be had. */
+AMX static int quant_gemm_panels_amx(const uint8_t *w, int bits4, const int8_t *xq, const float *xd,
+                                     const float *xb, const float *bias, float *out, long ldo, long M, long N,
+                                     long K, long first, long last) {
+    const long Kb = K / QBLOCK;
+    const long panel_bytes = Kb * block_bytes(bits4);
+    const size_t sums_bytes = (AMX_AHEAD + 1) * 2 * AMX_ROWS * QPANEL * sizeof(int32_t);
+    const size_t need = (bits4 ? (size_t)Kb * W8_BYTES : 0) + sums_bytes + 64;
+    if (need > amx_scratch_bytes) {
+        free(amx_scratch);
+        amx_scratch = aligned_alloc(64, (need + 63) & ~(size_t)63);
+        amx_scratch_bytes = amx_scratch ? need : 0;
+        if (!amx_scratch) return -1;
+    }
+    uint8_t *unpacked = (uint8_t *)amx_scratch;
+    int32_t *sums = (int32_t *)(unpacked + (bits4 ? (size_t)Kb * W8_BYTES : 0));
+    amx_configure();
+    for (long m0 = 0; m0 < M; m0 += AMX_ROW_BLOCK) {
+        const long block_rows = M - m0 < AMX_ROW_BLOCK ? M - m0 : AMX_ROW_BLOCK;
+        for (long p = first; p < last; p++) {
+            const long n = p * QPANEL;
+            const long cols = N - n < QPANEL ? N - n : QPANEL;
+            const uint8_t *panel = w + p * panel_bytes;
+            const uint8_t *codes = panel + SB_BYTES;
+            long code_stride = block_bytes(bits4);
+            if (bits4) {
+                unpack_w4_panel(panel, Kb, unpacked);
+                codes = unpacked;
+                code_stride = W8_BYTES;
+            }
+            for (long t = 0; t < block_rows; t += AMX_ROWS) {
+                const long m = m0 + t, rows = M - m < AMX_ROWS ? M - m : AMX_ROWS;
+                panel_tile_amx(panel, bits4, Kb, codes, code_stride, xq + 2 * m * K, K, xd + 2 * m * Kb, xb + m * Kb,
+                               bias ? bias + n : 0, out + m * ldo + n, ldo, rows, cols, sums);
+            }
+        }
+    }
+    _tile_release();
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------
  * Panels [first, last) of out[M, N] (row stride ldo) = x @ W^T (+ bias[N] or NULL), x given as
  * batchlm_quantize_rows_q8's output, W as ceil(N/16) panels of K/32 blocks. `avx512` picks the VNNI
  * path (only where batchlm_quant_has_avx512_vnni() said so). One thread's share of a GEMM.
@@ -270,19 +443,42 @@ static void quant_gemm_panels(const uint8_t *w, int bits4, const int8_t *xq, con
     }
 }
 
-/* The whole GEMM; threads split the panels. */
-void batchlm_quant_gemm(const uint8_t *w, int bits4, const int8_t *xq, const float *xd, const float *xb,
-                        const float *bias, float *out, long ldo, long M, long N, long K, int threads,
-                        int avx512) {
+/* Whether a GEMM of M activation rows runs on the tile unit. */
+static inline int takes_amx(int isa, long M) { return isa == ISA_AMX && M >= AMX_MIN_ROWS; }
+
+/* M rounded up to whole tiles: the rows the tile path reads. */
+static inline long amx_rows(long M) { return (M + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS; }
+
+/* Zero the rows past M of quantized activations (xq[rows, 2, K], xd[rows, K/32, 2], xb[rows, K/32])
+ * up to whole tiles, which the tile path reads along with the real ones. */
+static void zero_tile_padding(int8_t *xq, float *xd, float *xb, long M, long K) {
+    const long pad = amx_rows(M) - M, Kb = K / QBLOCK;
+    if (pad <= 0) return;
+    memset(xq + 2 * M * K, 0, 2 * (size_t)pad * K);
+    memset(xd + 2 * M * Kb, 0, 2 * (size_t)pad * Kb * sizeof(float));
+    memset(xb + M * Kb, 0, (size_t)pad * Kb * sizeof(float));
+}
+
+/* The whole GEMM; threads split the panels. isa: ISA_AVX2, ISA_AVX512 or ISA_AMX (as the CPU allows);
+ * where the AMX path runs, xq, xd and xb hold M rounded up to AMX_ROWS rows, the extra rows zero. Returns
+ * -1 when a thread's scratch memory could not be had (the output is then incomplete). */
+int batchlm_quant_gemm(const uint8_t *w, int bits4, const int8_t *xq, const float *xd, const float *xb,
+                       const float *bias, float *out, long ldo, long M, long N, long K, int threads, int isa) {
     const long panels = (N + QPANEL - 1) / QPANEL;
+    const int amx = takes_amx(isa, M);
+    int failed = 0;
     if (threads < 1) threads = 1;
     if (threads > panels) threads = (int)panels;
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(threads) reduction(| : failed)
     {
         const long team = omp_get_num_threads(), me = omp_get_thread_num();
-        quant_gemm_panels(w, bits4, xq, xd, xb, bias, out, ldo, M, N, K, panels * me / team,
-                          panels * (me + 1) / team, avx512);
+        const long first = panels * me / team, last = panels * (me + 1) / team;
+        if (amx)
+            failed |= quant_gemm_panels_amx(w, bits4, xq, xd, xb, bias, out, ldo, M, N, K, first, last) != 0;
+        else
+            quant_gemm_panels(w, bits4, xq, xd, xb, bias, out, ldo, M, N, K, first, last, isa != ISA_AVX2);
     }
+    return failed ? -1 : 0;
 }
 
 /* ---------------------------------------------------------------------------------------------------
@@ -322,9 +518,10 @@ static __thread void *scratch = 0;
 static __thread size_t scratch_bytes = 0;
 
 int batchlm_quant_linear(const float *x, long ldx, const uint8_t *w, int bits4, const float *bias, float *out,
-                         long M, long N, long K, int threads, int avx512) {
+                         long M, long N, long K, int threads, int isa) {
     const long Kb = K / QBLOCK;
-    const size_t codes = 2 * (size_t)M * K, need = codes + 3 * (size_t)M * Kb * sizeof(float) + 64;
+    const long rows = takes_amx(isa, M) ? amx_rows(M) : M;
+    const size_t codes = 2 * (size_t)rows * K, need = codes + 3 * (size_t)rows * Kb * sizeof(float) + 64;
     if (need > scratch_bytes) {
         free(scratch);
         scratch = malloc(need);
@@ -333,8 +530,8 @@ int batchlm_quant_linear(const float *x, long ldx, const uint8_t *w, int bits4, 
     }
     int8_t *xq = (int8_t *)scratch;
     float *xd = (float *)(((uintptr_t)scratch + codes + 63) & ~(uintptr_t)63);
-    float *xb = xd + 2 * M * Kb;
+    float *xb = xd + 2 * rows * Kb;
     batchlm_quantize_rows_q8(x, ldx, xq, xd, xb, M, K, threads);
-    batchlm_quant_gemm(w, bits4, xq, xd, xb, bias, out, N, M, N, K, threads, avx512);
-    return 0;
+    if (rows > M) zero_tile_padding(xq, xd, xb, M, K);
+    return batchlm_quant_gemm(w, bits4, xq, xd, xb, bias, out, N, M, N, K, threads, isa);
 }
