@@ -139,16 +139,18 @@ static void attend_head(const DecodeShape *shape, const DecodeLayer *layer, cons
     const int32_t *table = batch->block_tables + b * batch->table_stride;
     rope_head(q, shape->cos_sin + batch->positions[b] * D, D);
     for (long t = 0; t < cached; t++) {
-        const float *k = walk_token(layer->k_cache, table, t, cached, shape->block_size, block_stride, token_stride);
-        scores[t] = dot_head(q, k + g * D, D, shape->scale);
+        const float *k = walk_head(layer->k_cache, table, t, cached, shape->block_size, block_stride, token_stride,
+                                   g * D, D);
+        scores[t] = dot_head(q, k, D, shape->scale);
     }
     if (key) scores[length - 1] = dot_head(q, key, D, shape->scale);
     softmax_in_place(scores, length);
     float *out = attn + b * H * D + h * D;
     for (long d = 0; d < D; d++) out[d] = 0.0f;
     for (long t = 0; t < cached; t++) {
-        const float *v = walk_token(layer->v_cache, table, t, cached, shape->block_size, block_stride, token_stride);
-        add_scaled(out, v + g * D, scores[t], D);
+        const float *v = walk_head(layer->v_cache, table, t, cached, shape->block_size, block_stride, token_stride,
+                                   g * D, D);
+        add_scaled(out, v, scores[t], D);
     }
     if (value) add_scaled(out, value, scores[length - 1], D);
 }

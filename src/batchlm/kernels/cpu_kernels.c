@@ -186,6 +186,17 @@ static inline const float *walk_token(const float *cache, const int32_t *table, 
     return token;
 }
 
+/* walk_token for one KV head's slice of each token (`floats` floats from `offset`): what a walk that
+ * attends with one head reads, and all it prefetches. */
+static inline const float *walk_head(const float *cache, const int32_t *table, long t, long length, long block_size,
+                                     long block_stride, long token_stride, long offset, long floats) {
+    const float *slice = cached_token(cache, table, t, block_size, block_stride, token_stride) + offset;
+    if (t + PREFETCH_TOKENS < length)
+        prefetch_token(cached_token(cache, table, t + PREFETCH_TOKENS, block_size, block_stride, token_stride) + offset,
+                       floats);
+    return slice;
+}
+
 /* One request, every head, over its tokens first..length-1 (first > 0 on a sliding-window layer). The
  * cache keeps a block's tokens (all KV heads) contiguous, so walking the request's blocks in order reads
  * memory sequentially; the next token is prefetched while the current one is used. Scores become
