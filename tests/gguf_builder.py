@@ -68,7 +68,14 @@ _GEMMA_HF_TO_GGUF = {
 # Phi-3's fused projections.
 _PHI3_HF_TO_GGUF = {**_HF_TO_GGUF, "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
 # HF model_type -> GGUF general.architecture, where they differ.
-_GGUF_ARCH = {"gemma3_text": "gemma3", "qwen3_moe": "qwen3moe"}
+_GGUF_ARCH = {"gemma3_text": "gemma3", "qwen3_moe": "qwen3moe", "mixtral": "llama"}
+# Mixtral's HF expert names, as llama.cpp's converter reads them (w1 gate, w3 up, w2 down).
+_MIXTRAL_RENAMES = {
+    ".block_sparse_moe.": ".mlp.",
+    ".w1.": ".gate_proj.",
+    ".w3.": ".up_proj.",
+    ".w2.": ".down_proj.",
+}
 
 
 def write_tiny_gguf(
@@ -98,11 +105,12 @@ def write_tiny_gguf(
     _add_rope_scaling(writer, config)
     rng = np.random.default_rng(seed)
     tensors = {
-        name: tensor.float().numpy() for name, tensor in load_file(str(hf_dir / "model.safetensors")).items()
+        _renamed(name, model_type): tensor.float().numpy()
+        for name, tensor in load_file(str(hf_dir / "model.safetensors")).items()
     }
     for name, values in sorted(_stack_experts(tensors).items()):
         gguf_name = gguf_tensor_name(name, arch)
-        if model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
             values = permute_like_llama_cpp(values, heads)
         if arch.startswith("gemma") and name.endswith("norm.weight"):
@@ -115,6 +123,14 @@ def write_tiny_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def _renamed(name: str, model_type: str) -> str:
+    """An HF tensor name in the gate/up/down spelling the GGUF names below are written from."""
+    if model_type == "mixtral":
+        for theirs, ours in _MIXTRAL_RENAMES.items():
+            name = name.replace(theirs, ours)
+    return name
 
 
 def _stack_experts(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -177,7 +193,8 @@ def _add_model_metadata(writer: GGUFWriter, arch: str, config: dict[str, Any]) -
     if "num_experts" in config or "num_local_experts" in config:
         writer.add_expert_count(config.get("num_experts") or config["num_local_experts"])
         writer.add_expert_used_count(config["num_experts_per_tok"])
-        writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
+        if "moe_intermediate_size" in config:  # Mixtral's experts are feed_forward_length wide
+            writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
     if arch.startswith("gemma") or (arch == "phi3" and config.get("sliding_window")):
         writer.add_sliding_window(config["sliding_window"])
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):

@@ -217,6 +217,7 @@ def test_phi3_matches_transformers(tmp_path: Path) -> None:
 
 # Qwen3-30B-A3B's kind: 8 experts, 2 a token, renormalized; every layer sparse.
 QWEN3_MOE = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 256, "norm_topk_prob": True}
+MIXTRAL = {"num_local_experts": 8, "num_experts_per_tok": 2, "sliding_window": None}
 
 
 def test_qwen3_moe_matches_transformers(tmp_path: Path) -> None:
@@ -237,6 +238,32 @@ def test_qwen3_moe_matches_transformers(tmp_path: Path) -> None:
         (experts.down_proj, reference.down_proj),
     ):
         for expert in range(QWEN3_MOE["num_experts"]):
+            step = theirs_stack[expert].abs().max() / 127
+            assert (ours_stack[expert] - theirs_stack[expert]).abs().max() <= step
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+def test_mixtral_as_llama_with_experts_matches_transformers(tmp_path: Path, qtype: str) -> None:
+    # llama.cpp writes Mixtral as a "llama" file whose layers hold a router and expert stacks.
+    gguf_path = write_tiny_gguf(tmp_path / "f" / "tiny.gguf", "mixtral", qtype, overrides=MIXTRAL)
+    loaded = _load_gguf(gguf_path, tmp_path / "cache")
+    assert type(loaded.model).__name__ == "MixtralForCausalLM"
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "f" / "hf"), dtype=torch.float32).eval()
+    if qtype == "F32":
+        theirs, their_logprobs = hf_greedy(hf, PROMPTS[1], NEW_TOKENS)
+        ours, our_logprobs = greedy_generate(loaded, PROMPTS[1], NEW_TOKENS)
+        assert ours == theirs
+        torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+        return
+    # Quantized: each expert's gate, up and down weights are the HF expert's (w1, w3, w2) within Q8_0's
+    # rounding, in transformers' stacked layout.
+    experts = loaded.model.model.layers[1].mlp.experts
+    reference = hf.model.layers[1].mlp.experts
+    for ours_stack, theirs_stack in (
+        (experts.gate_up_proj, reference.gate_up_proj),
+        (experts.down_proj, reference.down_proj),
+    ):
+        for expert in range(MIXTRAL["num_local_experts"]):
             step = theirs_stack[expert].abs().max() / 127
             assert (ours_stack[expert] - theirs_stack[expert]).abs().max() <= step
 

@@ -29,6 +29,9 @@ GGUF_ARCHITECTURES = {
     "phi3": ("phi3", "Phi3ForCausalLM"),
     "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
 }
+# llama.cpp writes Mixtral as a "llama" file with experts; read as this layout (gguf_layout).
+MIXTRAL_LAYOUT = "mixtral"
+_LAYOUT_FAMILIES = {**GGUF_ARCHITECTURES, MIXTRAL_LAYOUT: ("mixtral", "MixtralForCausalLM")}
 GEMMA_ARCHITECTURES = frozenset({"gemma2", "gemma3"})
 # GGML tensor types we load: floats as they are, block types dequantized or kept by a kernel.
 SUPPORTED_TYPES = frozenset(
@@ -62,7 +65,11 @@ _GEMMA_BLOCK_NAMES = {
 # A mixture-of-experts layer: the router, and each projection of every expert stacked in one tensor
 # [experts, rows, cols] (the loader hands the experts on one by one, under their HF names).
 _MOE_BLOCK_NAMES = {**_BLOCK_NAMES, "ffn_gate_inp": "mlp.gate"}
-EXPERT_STACKS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
+# Each stack's expert projection under the family's HF name (Mixtral's w1, w3, w2 are gate, up, down).
+_EXPERT_STACKS_OF = {
+    "qwen3moe": {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"},
+    MIXTRAL_LAYOUT: {"ffn_gate_exps": "w1", "ffn_up_exps": "w3", "ffn_down_exps": "w2"},
+}
 # Phi-3's fused projections, as its HF checkpoints hold them too.
 _PHI3_BLOCK_NAMES = {**_BLOCK_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
 _BLOCK_NAMES_OF = {
@@ -70,6 +77,7 @@ _BLOCK_NAMES_OF = {
     "gemma3": _GEMMA_BLOCK_NAMES,
     "phi3": _PHI3_BLOCK_NAMES,
     "qwen3moe": _MOE_BLOCK_NAMES,
+    MIXTRAL_LAYOUT: _MOE_BLOCK_NAMES,
 }
 _BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
@@ -82,20 +90,31 @@ def open_gguf(path: Path) -> GGUFFile:
         raise ValueError(f"{path} is not a readable GGUF file: {err}") from err
 
 
-def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str:
-    """The HF checkpoint name of a GGUF tensor; ValueError naming a tensor we have no place for."""
+def gguf_layout(reader: GGUFFile) -> str:
+    """How the file's tensors and config read: its architecture, or MIXTRAL_LAYOUT for a "llama"
+    file with experts."""
+    arch = str(reader.metadata("general.architecture", ""))
+    if arch == "llama" and int(reader.metadata("llama.expert_count", 0) or 0) > 0:
+        return MIXTRAL_LAYOUT
+    return arch
+
+
+def hf_tensor_name(gguf_name: str, layout: str = "llama") -> str:
+    """The HF checkpoint name of a GGUF tensor in a file of this layout (gguf_layout); ValueError
+    naming a tensor we have no place for."""
     stem, _, kind = gguf_name.rpartition(".")
     if stem in _GLOBAL_NAMES and kind in ("weight", "bias"):
         return f"{_GLOBAL_NAMES[stem]}.{kind}"
-    block_names = _BLOCK_NAMES_OF.get(arch, _BLOCK_NAMES)
+    block_names = _BLOCK_NAMES_OF.get(layout, _BLOCK_NAMES)
+    expert_stacks = _EXPERT_STACKS_OF.get(layout, {})
     match = _BLOCK_TENSOR.fullmatch(gguf_name)
     if match:
         layer, part, kind = match.groups()
         if part in block_names:
             return f"model.layers.{layer}.{block_names[part]}.{kind}"
-        if block_names is _MOE_BLOCK_NAMES and part in EXPERT_STACKS:
+        if part in expert_stacks:
             # The stack as a whole; iter_gguf_tensors names each expert of it.
-            return f"model.layers.{layer}.mlp.experts.{EXPERT_STACKS[part]}.{kind}"
+            return f"model.layers.{layer}.mlp.experts.{expert_stacks[part]}.{kind}"
     raise ValueError(f"unsupported GGUF tensor {gguf_name!r}: batchlm has no place for it in the model")
 
 
@@ -112,8 +131,9 @@ def check_supported(reader: GGUFFile, path: Path) -> str:
                 f"{path}: tensor {tensor.name!r} has GGML type {tensor.tensor_type.name}, which batchlm does not "
                 f"load (supported: {', '.join(sorted(SUPPORTED_TYPES))})"
             )
+    layout = gguf_layout(reader)
     for tensor in weight_tensors(reader):
-        hf_tensor_name(tensor.name, arch)
+        hf_tensor_name(tensor.name, layout)
     return arch
 
 
@@ -125,7 +145,8 @@ def weight_tensors(reader: GGUFFile) -> list[GGUFTensor]:
 def hf_config(reader: GGUFFile, path: Path) -> dict[str, Any]:
     """config.json for the file's model (sizes, RoPE, norm epsilon, tying, special token ids)."""
     arch = check_supported(reader, path)
-    model_type, architecture = GGUF_ARCHITECTURES[arch]
+    layout = gguf_layout(reader)
+    model_type, architecture = _LAYOUT_FAMILIES[layout]
     heads = int(reader.metadata(f"{arch}.attention.head_count"))
     hidden = int(reader.metadata(f"{arch}.embedding_length"))
     embedding_rows = next(int(t.shape[-1]) for t in reader.tensors if t.name == "token_embd.weight")
@@ -157,6 +178,8 @@ def hf_config(reader: GGUFFile, path: Path) -> dict[str, Any]:
         config.update(_phi3_config(reader, config))
     if arch == "qwen3moe":
         config.update(_moe_config(reader, arch))
+    if layout == MIXTRAL_LAYOUT:
+        config.update(_mixtral_config(reader, arch))
     scaling = rope_scaling(reader, arch, config["head_dim"], config["rope_theta"], path)
     if scaling is not None:
         config["rope_scaling"] = scaling
@@ -200,6 +223,17 @@ def _moe_config(reader: GGUFFile, arch: str) -> dict[str, Any]:
     }
 
 
+def _mixtral_config(reader: GGUFFile, arch: str) -> dict[str, Any]:
+    """Mixtral's experts: every layer sparse, each expert feed_forward_length wide (the config's
+    intermediate_size), the kept routing weights renormalized (as HF's Mixtral and llama.cpp run it);
+    no sliding window."""
+    return {
+        "num_local_experts": int(reader.metadata(f"{arch}.expert_count")),
+        "num_experts_per_tok": int(reader.metadata(f"{arch}.expert_used_count")),
+        "sliding_window": None,
+    }
+
+
 def _phi3_config(reader: GGUFFile, config: dict[str, Any]) -> dict[str, Any]:
     """Phi-3's partial rotary width (Phi-4-mini's), its window and LongRoPE's original length."""
     extra: dict[str, Any] = {}
@@ -216,8 +250,8 @@ def _phi3_config(reader: GGUFFile, config: dict[str, Any]) -> dict[str, Any]:
 
 def tensor_types(reader: GGUFFile) -> dict[str, str]:
     """HF tensor name -> GGML type name, for choosing each layer's weight method before loading."""
-    arch = str(reader.metadata("general.architecture", ""))
-    return {hf_tensor_name(t.name, arch): t.tensor_type.name for t in weight_tensors(reader)}
+    layout = gguf_layout(reader)
+    return {hf_tensor_name(t.name, layout): t.tensor_type.name for t in weight_tensors(reader)}
 
 
 def iter_gguf_tensors(reader: GGUFFile) -> Iterator[tuple[str, LoadedWeight]]:
@@ -226,8 +260,9 @@ def iter_gguf_tensors(reader: GGUFFile) -> Iterator[tuple[str, LoadedWeight]]:
     arch = str(reader.metadata("general.architecture", ""))
     heads = int(reader.metadata(f"{arch}.attention.head_count", 0))
     kv_heads = int(reader.metadata(f"{arch}.attention.head_count_kv", heads))
+    layout = gguf_layout(reader)
     for tensor in weight_tensors(reader):
-        name = hf_tensor_name(tensor.name, arch)
+        name = hf_tensor_name(tensor.name, layout)
         if ".mlp.experts." in name:
             yield from _experts(name, tensor)
             continue
