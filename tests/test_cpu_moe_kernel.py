@@ -7,11 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from batchlm.kernels import cpu_quant
 from batchlm.kernels.cpu_moe import ExpertsKernel, experts_kernel_available
 from batchlm.layers.activation import get_gated_activation
 from batchlm.layers.moe_quantized import DOWN, GATE, UP, QuantizedExperts
 from batchlm.layers.moe_routing import RoutingChoice, route_top_k
 from batchlm.layers.quantization.base import QuantizedTensor
+from cpu_isa import kernel_path
 
 pytestmark = pytest.mark.skipif(not experts_kernel_available(), reason="no AVX2 CPU or C compiler here")
 HIDDEN, INTER, EXPERTS = 256, 96, 6
@@ -58,6 +60,22 @@ def test_one_call_equals_expert_by_expert(four_bit: bool, tokens: int, top_k: in
     reference = experts.forward(x, choice, SILU)
     assert fused.shape == reference.shape == (tokens, HIDDEN)
     torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-5 * reference.abs().max().item())
+
+
+@pytest.mark.skipif(not cpu_quant.use_amx(), reason="no AMX tiles on this CPU (or OS)")
+@pytest.mark.parametrize("four_bit", [False, True], ids=["8-bit", "4-bit"])
+def test_experts_on_amx_tiles_give_the_vnni_paths_bits(four_bit: bool) -> None:
+    # 40 tokens to 4 of 6 experts: every expert has 8 rows or more, which take the tile unit.
+    experts, _ = _experts(four_bit, seed=11)
+    x = torch.randn(40, HIDDEN, generator=torch.Generator().manual_seed(4))
+    choice = _choice(40, 4, seed=5)
+    assert min(torch.bincount(choice.experts.flatten(), minlength=EXPERTS).tolist()) >= 8
+    with kernel_path("auto"):
+        assert cpu_quant.quant_isa() == cpu_quant.ISA_AMX
+        tiles = experts.forward(x, choice, SILU)
+    with kernel_path("avx512"):
+        vnni = experts.forward(x, choice, SILU)
+    assert torch.equal(tiles, vnni)
 
 
 def test_one_call_follows_the_float_experts() -> None:

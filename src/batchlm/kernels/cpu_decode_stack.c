@@ -372,7 +372,7 @@ int batchlm_decode_stack(const DecodeShape *shape, const DecodeLayer *layers, co
 int batchlm_moe_experts(const float *x, long T, long K, long I, int active, const long *starts,
                         const int64_t *tokens, const float *weights, const uint8_t *const *gate_up,
                         const int *gate_up_bits4, const uint8_t *const *down, const int *down_bits4, float *out,
-                        int threads, int avx512, long spin_ns, int *waits) {
+                        int threads, int isa, long spin_ns, int *waits) {
     if (threads < 1) threads = 1;
     const long R = starts[active];
     const long gate_panels = (2 * I + QPANEL - 1) / QPANEL, down_panels = (K + QPANEL - 1) / QPANEL;
@@ -383,8 +383,11 @@ int batchlm_moe_experts(const float *x, long T, long K, long I, int active, cons
     /* Shared: gate/up outputs [R, 2I]. Each thread's: an expert's gathered input rows (then its down
      * outputs), SiLU * up rows, and the quantized activations' scales. */
     const size_t shared = (size_t)R * 2 * (size_t)I;
-    const size_t own = (size_t)most_rows * (size_t)(K + I) + 3 * (size_t)most_rows * (size_t)widest / QBLOCK + 16;
-    const size_t own_codes = 2 * (size_t)most_rows * (size_t)widest;
+    /* Quantized activations hold whole tiles' rows where the tile path may run (an expert of 8 rows
+     * or more: a prompt's, or a popular expert's in a batch). */
+    const long code_rows = takes_amx(isa, most_rows) ? amx_rows(most_rows) : most_rows;
+    const size_t own = (size_t)most_rows * (size_t)(K + I) + 3 * (size_t)code_rows * (size_t)widest / QBLOCK + 16;
+    const size_t own_codes = 2 * (size_t)code_rows * (size_t)widest;
     float *floats;
     int8_t *codes;
     if (alloc_scratch(shared + own * (size_t)threads, own_codes * (size_t)threads, &floats, &codes)) return -1;
@@ -398,7 +401,7 @@ int batchlm_moe_experts(const float *x, long T, long K, long I, int active, cons
         float *rows_k = floats + shared + own * (size_t)me, *act = rows_k + most_rows * K;
         float *scales = act + most_rows * I;
         const ThreadScratch s = {NULL, NULL, codes + own_codes * (size_t)me, scales,
-                                 scales + 2 * most_rows * widest / QBLOCK, NULL};
+                                 scales + 2 * code_rows * widest / QBLOCK, NULL};
         long first, last;
         share(active * gate_panels, me, team, &first, &last);
         for (long e = 0; e < active; e++) {
@@ -409,7 +412,7 @@ int batchlm_moe_experts(const float *x, long T, long K, long I, int active, cons
             for (long r = 0; r < rows; r++)
                 memcpy(rows_k + r * K, x + tokens[starts[e] + r] * K, sizeof(float) * (size_t)K);
             own_panels(rows_k, rows, K, gate_up[e], gate_up_bits4[e], NULL, gu + starts[e] * 2 * I, 2 * I,
-                       lo - e * gate_panels, hi - e * gate_panels, &s, avx512);
+                       lo - e * gate_panels, hi - e * gate_panels, &s, isa);
         }
         stage_barrier_wait(&barrier);
         share(down_panels, me, team, &first, &last);
@@ -417,7 +420,7 @@ int batchlm_moe_experts(const float *x, long T, long K, long I, int active, cons
         for (long e = 0; e < active && first < last; e++) {
             const long rows = starts[e + 1] - starts[e];
             silu_mul_columns(gu + starts[e] * 2 * I, act, rows, I, 0, (I + QPANEL - 1) / QPANEL);
-            own_panels(act, rows, I, down[e], down_bits4[e], NULL, rows_k, K, first, last, &s, avx512);
+            own_panels(act, rows, I, down[e], down_bits4[e], NULL, rows_k, K, first, last, &s, isa);
             for (long r = 0; r < rows; r++) {
                 const long slot = starts[e] + r;
                 const float w = weights[slot];

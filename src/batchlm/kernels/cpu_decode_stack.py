@@ -215,7 +215,7 @@ def stack_library() -> ctypes.CDLL | None:
         pointer, ctypes.c_long, ctypes.c_long, ctypes.c_long,  # x, tokens, hidden, expert intermediate
         ctypes.c_int, pointer, pointer, pointer,  # active experts, their first slots (+ the end), slot tokens, weights
         pointer, pointer, pointer, pointer,  # gate/up weights and bits == 4, down weights and bits == 4
-        pointer, ctypes.c_int, ctypes.c_int, ctypes.c_long, pointer,  # y, threads, avx512, spin ns, waits
+        pointer, ctypes.c_int, ctypes.c_int, ctypes.c_long, pointer,  # y, threads, isa, spin ns, waits
     ]  # fmt: skip
     library.batchlm_moe_experts.restype = ctypes.c_int
     return library

@@ -13,7 +13,7 @@ import torch
 
 from batchlm.kernels.barrier_spin import spin_from_env
 from batchlm.kernels.cpu_decode_stack import stack_library
-from batchlm.kernels.cpu_quant import QuantizedWeight, use_avx512
+from batchlm.kernels.cpu_quant import QuantizedWeight, quant_isa
 
 
 def experts_kernel_available() -> bool:
@@ -57,7 +57,7 @@ class ExpertsKernel:
             bits(*(int(gate_up.bits == 4) for gate_up, _ in weights)),
             pointers(*(down.data.data_ptr() for _, down in weights)),
             bits(*(int(down.bits == 4) for _, down in weights)),
-            out.data_ptr(), torch.get_num_threads(), use_avx512(), spin_ns, self._waits,
+            out.data_ptr(), torch.get_num_threads(), quant_isa(), spin_ns, self._waits,
         )  # fmt: skip
         if status != 0:
             raise MemoryError("no memory for the experts' scratch")
