@@ -258,7 +258,6 @@ def instrument_grammar(grammars: Any) -> None:
     grammars._prefetch = lambda backend, rows, sequences, sampled, out: timed("prefetch (worker)", prefetch)(
         backend, rows, sequences, timed("  tokens wait", sampled), out
     )
-    import batchlm.structured.sequences as sequences
     from batchlm.structured.llguidance_backend import LLGuidanceBackend
 
     LLGuidanceBackend.fill_bitmasks = timed("  fill", LLGuidanceBackend.fill_bitmasks)  # type: ignore[method-assign]
@@ -272,7 +271,7 @@ def instrument_grammar(grammars: Any) -> None:
     if isinstance(grammars._backend, LLGuidanceBackend):  # built by the warm-up already
         grammars._backend._executor = timed_llguidance(grammars._backend._executor)
         grammars._batch = None
-    sequences.advance = timed("  accept", sequences.advance)
+    LLGuidanceBackend.advance = timed("  accept", LLGuidanceBackend.advance)  # type: ignore[method-assign]
 
 
 def timed_llguidance(executor: Any) -> Any:
