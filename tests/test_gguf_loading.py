@@ -231,13 +231,19 @@ def test_qwen3_moe_matches_transformers(tmp_path: Path) -> None:
     # Quantized stacks split into experts by their rows' bytes: each expert's weights are the HF
     # expert's within Q8_0's rounding (half a step of 1/127 of its block's largest value).
     q8_path = write_tiny_gguf(tmp_path / "q8" / "tiny.gguf", "qwen3_moe", "Q8_0", overrides=QWEN3_MOE)
-    experts = _load_gguf(q8_path, tmp_path / "cache").model.model.layers[1].mlp.experts
-    reference = hf.model.layers[1].mlp.experts  # transformers' stacked experts, in the same layout
+    _assert_experts_within_a_q8_step(_load_gguf(q8_path, tmp_path / "cache"), hf)
+
+
+def _assert_experts_within_a_q8_step(loaded: LoadedModel, hf: torch.nn.Module) -> None:
+    """Layer 1's experts, in transformers' stacked layout, are the HF experts' within Q8_0's rounding
+    (half a step of 1/127 of a block's largest value, bounded by a whole step of the expert's)."""
+    experts = loaded.model.model.layers[1].mlp.experts
+    reference = hf.model.layers[1].mlp.experts
     for ours_stack, theirs_stack in (
         (experts.gate_up_proj, reference.gate_up_proj),
         (experts.down_proj, reference.down_proj),
     ):
-        for expert in range(QWEN3_MOE["num_experts"]):
+        for expert in range(theirs_stack.shape[0]):
             step = theirs_stack[expert].abs().max() / 127
             assert (ours_stack[expert] - theirs_stack[expert]).abs().max() <= step
 
@@ -255,17 +261,8 @@ def test_mixtral_as_llama_with_experts_matches_transformers(tmp_path: Path, qtyp
         assert ours == theirs
         torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
         return
-    # Quantized: each expert's gate, up and down weights are the HF expert's (w1, w3, w2) within Q8_0's
-    # rounding, in transformers' stacked layout.
-    experts = loaded.model.model.layers[1].mlp.experts
-    reference = hf.model.layers[1].mlp.experts
-    for ours_stack, theirs_stack in (
-        (experts.gate_up_proj, reference.gate_up_proj),
-        (experts.down_proj, reference.down_proj),
-    ):
-        for expert in range(MIXTRAL["num_local_experts"]):
-            step = theirs_stack[expert].abs().max() / 127
-            assert (ours_stack[expert] - theirs_stack[expert]).abs().max() <= step
+    # Quantized: each expert's gate, up and down (w1, w3, w2) are the HF expert's within Q8_0's rounding.
+    _assert_experts_within_a_q8_step(loaded, hf)
 
 
 def test_batched_step_gives_each_prompt_its_own_logits(tmp_path: Path) -> None:

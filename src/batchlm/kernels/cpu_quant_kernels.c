@@ -143,6 +143,17 @@ void batchlm_quantize_rows_q8(const float *x, long ldx, int8_t *xq, float *xd, f
  */
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma,avx2")))
 
+/* One activation row's share of a block: acc + s * (d * dot + e * rest) + b * bsum, for the row's pass
+ * scales xd[2 at], xd[2 at + 1] and bias term xb[at] (the VNNI and tile paths both, for the same bits). */
+AVX512 static inline __attribute__((always_inline)) __m512 add_block(__m512 acc, __m512i dot, __m512i rest,
+                                                                     const float *xd, const float *xb, long at,
+                                                                     __m512 s, __m512 b) {
+    const __m512 sums = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(xd[2 * at]),
+                                        _mm512_mul_ps(_mm512_cvtepi32_ps(rest), _mm512_set1_ps(xd[2 * at + 1])));
+    acc = _mm512_fmadd_ps(sums, s, acc);
+    return _mm512_fmadd_ps(b, _mm512_set1_ps(xb[at]), acc);
+}
+
 AVX512 static inline __attribute__((always_inline)) void panel_rows_512(
     const int R, const int bits4, const uint8_t *panel, long Kb, const int8_t *xq, long K, const float *xd,
     const float *xb, const float *bias, float *out, long ldo, long cols) {
@@ -176,11 +187,7 @@ AVX512 static inline __attribute__((always_inline)) void panel_rows_512(
                 dot = _mm512_dpbusd_epi32(dot, w[g], _mm512_set1_epi32(x4[g]));
                 rest = _mm512_dpbusd_epi32(rest, w[g], _mm512_set1_epi32(r4[g]));
             }
-            const long at = r * Kb + kb;
-            const __m512 sums = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(xd[2 * at]),
-                                                _mm512_mul_ps(_mm512_cvtepi32_ps(rest), _mm512_set1_ps(xd[2 * at + 1])));
-            acc[r] = _mm512_fmadd_ps(sums, s, acc[r]);
-            acc[r] = _mm512_fmadd_ps(b, _mm512_set1_ps(xb[at]), acc[r]);
+            acc[r] = add_block(acc[r], dot, rest, xd, xb, r * Kb + kb, s, b);
         }
     }
     for (int r = 0; r < R; r++) _mm512_mask_storeu_ps(out + r * ldo, mask, acc[r]);
@@ -343,11 +350,7 @@ AMX static void panel_tile_amx(const uint8_t *panel, int bits4, long Kb, const u
             }
             const __m512i dot = _mm512_loadu_si512(block + 2 * r * QPANEL);
             const __m512i rest = _mm512_loadu_si512(block + (2 * r + 1) * QPANEL);
-            const long at = r * Kb + kb;
-            const __m512 both = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(xd[2 * at]),
-                                                _mm512_mul_ps(_mm512_cvtepi32_ps(rest), _mm512_set1_ps(xd[2 * at + 1])));
-            acc[r] = _mm512_fmadd_ps(both, s, acc[r]);
-            acc[r] = _mm512_fmadd_ps(b, _mm512_set1_ps(xb[at]), acc[r]);
+            acc[r] = add_block(acc[r], dot, rest, xd, xb, r * Kb + kb, s, b);
         }
     }
     for (int r = 0; r < rows; r++) _mm512_mask_storeu_ps(out + r * ldo, mask, acc[r]);
