@@ -132,6 +132,29 @@ def test_amx_tiles_give_the_vnni_paths_bits(bits: int, rows: int) -> None:
 
 
 @needs_kernel
+def test_a_compiler_without_amx_intrinsics_builds_the_other_paths(tmp_path) -> None:
+    # GCC before 11 and clang before 12 have no AMX intrinsics: the library builds without the tile
+    # path (as -DBATCHLM_NO_AMX makes any compiler do here), says it has none, and still multiplies.
+    import ctypes
+
+    path = cpu_native.build_library(
+        tmp_path, cpu_quant.SOURCE_PATH, (*cpu_quant.QUANT_FLAGS, "-DBATCHLM_NO_AMX")
+    )
+    library = ctypes.CDLL(str(path))
+    assert library.batchlm_quant_has_amx() == 0
+    weight = cpu_quant.pack(from_dense_q8(RNG.standard_normal((19, 64)).astype(np.float32)))
+    x = torch.randn(16, 64)
+    out = torch.empty(16, 19)
+    assert library.batchlm_quant_linear(
+        ctypes.c_void_p(x.data_ptr()), ctypes.c_long(64), ctypes.c_void_p(weight.data.data_ptr()), 0, None,
+        ctypes.c_void_p(out.data_ptr()), ctypes.c_long(16), ctypes.c_long(19), ctypes.c_long(64), 1,
+        cpu_quant.ISA_AVX512 if cpu_quant.use_avx512() else cpu_quant.ISA_AVX2,
+    ) == 0  # fmt: skip
+    with kernel_path("avx512" if cpu_quant.use_avx512() else "avx2"):
+        assert torch.equal(out, cpu_quant.quant_linear(x, weight))
+
+
+@needs_kernel
 def test_matmul_keeps_leading_dims_and_empty_batches(isa: str) -> None:
     weight = cpu_quant.pack(from_dense_q8(RNG.standard_normal((19, 64)).astype(np.float32)))
     assert cpu_quant.quant_linear(torch.randn(2, 3, 64), weight).shape == (2, 3, 19)

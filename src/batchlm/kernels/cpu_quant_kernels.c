@@ -271,6 +271,15 @@ static void panel_row_avx2(int bits4, const uint8_t *panel, long Kb, long K, con
  * the same bits. The tiles' sums reach the vector registers only through memory, and that epilogue
  * per block is what bounds the path: a block's tile product runs AMX_AHEAD blocks ahead of it.
  */
+/* AMX intrinsics came with GCC 11 and clang 12; an older compiler builds the other paths alone. */
+#if defined(__clang__)
+#if __clang_major__ >= 12
+#define BATCHLM_AMX 1
+#endif
+#elif defined(__GNUC__) && __GNUC__ >= 11
+#define BATCHLM_AMX 1
+#endif
+#if defined(BATCHLM_AMX) && !defined(BATCHLM_NO_AMX)
 #define AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma,avx2")))
 
 typedef struct {
@@ -278,20 +287,6 @@ typedef struct {
     uint16_t colsb[16];
     uint8_t rows[16];
 } tile_config;
-
-/* 1 when this CPU has AMX-INT8 besides AVX-512 VNNI and the OS lets this process use the tiles, else 0.
- * Linux hands the tile state only to a process that asks for it (arch_prctl ARCH_REQ_XCOMP_PERM for
- * XTILEDATA), once; the grant covers its threads. */
-int batchlm_quant_has_amx(void) {
-#if defined(__linux__) && defined(SYS_arch_prctl)
-    unsigned a, b, c, d;
-    if (!batchlm_quant_has_avx512_vnni() || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
-    if (!((d >> 24) & 1u) || !((d >> 25) & 1u)) return 0; /* AMX-TILE, AMX-INT8 */
-    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-#else
-    return 0;
-#endif
-}
 
 /* Two sets of tiles, so that a block's tile product runs while the block before goes through the float
  * epilogue: set 0 is tiles 0 (sums), 1 (activation codes), 2 (weight codes); set 1 is tiles 3-5. */
@@ -416,6 +411,16 @@ AMX static int quant_gemm_panels_amx(const uint8_t *w, int bits4, const int8_t *
     _tile_release();
     return 0;
 }
+#else
+/* A compiler without AMX intrinsics: no tile path (batchlm_quant_has_amx says 0, so none is asked for). */
+static int quant_gemm_panels_amx(const uint8_t *w, int bits4, const int8_t *xq, const float *xd, const float *xb,
+                                 const float *bias, float *out, long ldo, long M, long N, long K, long first,
+                                 long last) {
+    (void)w, (void)bits4, (void)xq, (void)xd, (void)xb, (void)bias, (void)out, (void)ldo, (void)M, (void)N,
+        (void)K, (void)first, (void)last;
+    return -1;
+}
+#endif
 
 /* ---------------------------------------------------------------------------------------------------
  * Panels [first, last) of out[M, N] (row stride ldo) = x @ W^T (+ bias[N] or NULL), x given as
@@ -444,6 +449,20 @@ static void quant_gemm_panels(const uint8_t *w, int bits4, const int8_t *xq, con
                                out + m * ldo + n, cols);
         }
     }
+}
+
+/* 1 when this CPU has AMX-INT8 besides AVX-512 VNNI and the OS lets this process use the tiles, else 0.
+ * Linux hands the tile state only to a process that asks for it (arch_prctl ARCH_REQ_XCOMP_PERM for
+ * XTILEDATA), once; the grant covers its threads. */
+int batchlm_quant_has_amx(void) {
+#if defined(__linux__) && defined(SYS_arch_prctl) && defined(AMX)
+    unsigned a, b, c, d;
+    if (!batchlm_quant_has_avx512_vnni() || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    if (!((d >> 24) & 1u) || !((d >> 25) & 1u)) return 0; /* AMX-TILE, AMX-INT8 */
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+#else
+    return 0;
+#endif
 }
 
 /* Whether a GEMM of M activation rows runs on the tile unit. */
