@@ -74,6 +74,7 @@ def _assert_close_logits(ours: torch.Tensor, reference: torch.Tensor, fraction: 
         ("Q4_0", True, "phi3"),
         ("Q8_0", False, "qwen3_moe"),  # expert stacks too (layers/moe_quantized.py)
         ("Q4_K", False, "qwen3_moe"),
+        ("Q8_0", False, "mixtral"),  # Mixtral's expert stacks (w1, w3, w2) as well
     ],
 )
 def test_gguf_kernels_match_the_dequantized_model(
@@ -83,6 +84,7 @@ def test_gguf_kernels_match_the_dequantized_model(
         "gemma3_text": {"num_hidden_layers": 6, "sliding_window": 8},
         "phi3": {"pad_token_id": 0, "sliding_window": 6},  # fused q/k/v and gate/up rows
         "qwen3_moe": {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 256},
+        "mixtral": {"num_local_experts": 8, "num_experts_per_tok": 2, "sliding_window": None},
     }.get(model_type)
     model_dir = prepare_gguf_model_dir(
         write_tiny_gguf(tmp_path / "tiny.gguf", model_type, qtype, tied, overrides=overrides), tmp_path / "c"

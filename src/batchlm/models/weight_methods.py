@@ -16,6 +16,7 @@ from batchlm.layers.quantization.int4 import Int4LinearMethod
 from batchlm.layers.quantization.layer import MethodLayer
 from batchlm.layers.quantization.registry import DENSE_FORMAT, WeightSpec, choose_linear_method
 from batchlm.models.base import CausalLM
+from batchlm.models.moe import MoEForCausalLM
 from batchlm.models.weights import hf_module_names
 
 
@@ -33,8 +34,11 @@ def assign_weight_methods(
     chosen: Counter[str] = Counter()
     tied_heads: list[ParallelLMHead] = []
     for path, module in model.named_modules():
-        if isinstance(module, FusedMoE):
-            _assign_experts_method(module, path, weight_format, qtypes, device, dtype, quantization, chosen)
+        if isinstance(module, FusedMoE) and isinstance(model, MoEForCausalLM):
+            parts = tuple(model.expert_part_names)  # the checkpoint's names of each expert projection
+            _assign_experts_method(
+                module, path, parts, weight_format, qtypes, device, dtype, quantization, chosen
+            )
         if not isinstance(module, MethodLayer):
             continue
         if isinstance(module, ParallelLMHead) and module.tied_embedding is not None:
@@ -62,6 +66,7 @@ def assign_weight_methods(
 def _assign_experts_method(
     experts: FusedMoE,
     path: str,
+    parts: tuple[str, ...],
     weight_format: str,
     qtypes: Mapping[str, str],
     device: torch.device,
@@ -71,7 +76,7 @@ def _assign_experts_method(
 ) -> None:
     """Experts go where a linear of their GGML types would: to the quantized CPU kernels (a GGUF file's
     expert stacks, dense experts under --quantization int8), or dense stacks."""
-    names = [f"{path}.{projection}.weight" for projection in ("gate_proj", "up_proj", "down_proj")]
+    names = [f"{path}.{projection}.weight" for projection in parts]
     types = tuple(qtypes[name] for name in names if name in qtypes)
     spec = WeightSpec(weight_format, types, "linear", device, dtype, quantization)
     whole_blocks = experts.spec.hidden_size % BLOCK == 0 and experts.spec.intermediate_size % BLOCK == 0
