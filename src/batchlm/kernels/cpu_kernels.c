@@ -176,18 +176,8 @@ static inline void prefetch_token(const float *p, long floats) {
     for (long f = 0; f < floats; f += 16) _mm_prefetch((const char *)(p + f), _MM_HINT_T0);
 }
 
-/* Token t of a request (length tokens) in the cache, with token t + PREFETCH_TOKENS prefetched. */
-static inline const float *walk_token(const float *cache, const int32_t *table, long t, long length,
-                                      long block_size, long block_stride, long token_stride) {
-    const float *token = cached_token(cache, table, t, block_size, block_stride, token_stride);
-    if (t + PREFETCH_TOKENS < length)
-        prefetch_token(cached_token(cache, table, t + PREFETCH_TOKENS, block_size, block_stride, token_stride),
-                       token_stride);
-    return token;
-}
-
-/* walk_token for one KV head's slice of each token (`floats` floats from `offset`): what a walk that
- * attends with one head reads, and all it prefetches. */
+/* One KV head's slice of token t (`floats` floats from `offset`) in the cache, with the same slice of
+ * token t + PREFETCH_TOKENS prefetched: what a walk that attends with one head reads. */
 static inline const float *walk_head(const float *cache, const int32_t *table, long t, long length, long block_size,
                                      long block_stride, long token_stride, long offset, long floats) {
     const float *slice = cached_token(cache, table, t, block_size, block_stride, token_stride) + offset;
@@ -195,6 +185,13 @@ static inline const float *walk_head(const float *cache, const int32_t *table, l
         prefetch_token(cached_token(cache, table, t + PREFETCH_TOKENS, block_size, block_stride, token_stride) + offset,
                        floats);
     return slice;
+}
+
+/* Token t of a request (length tokens) in the cache, every KV head, with token t + PREFETCH_TOKENS
+ * prefetched. */
+static inline const float *walk_token(const float *cache, const int32_t *table, long t, long length,
+                                      long block_size, long block_stride, long token_stride) {
+    return walk_head(cache, table, t, length, block_size, block_stride, token_stride, 0, token_stride);
 }
 
 /* One request, every head, over its tokens first..length-1 (first > 0 on a sliding-window layer). The

@@ -4,8 +4,8 @@ A weight in code blocks (quant_blocks.py: 8- or 4-bit codes, float16 scale and b
 is packed once into 16-row panels (`pack`), and stays that size in memory: 36 bytes per 32 weights
 for 8-bit codes (Q8_0: 34), 20 for 4-bit (Q4_1: 20, Q4_0 and Q4_K: 18). `quant_linear` quantizes
 the activation rows to int8 per block of 32, twice (the codes, then the codes of what they left over)
-and multiplies with integer dot products (AVX-512 VNNI where the CPU has it, else AVX2; a prompt's
-16 rows or more on AMX tiles where the CPU has them, with the same results); `quant_rows` reads rows
+and multiplies with integer dot products (AVX-512 VNNI where the CPU has it, else AVX2; 8 activation
+rows or more on AMX tiles where the CPU has them, with the same results); `quant_rows` reads rows
 back in float32 (embedding lookups).
 
 Activation quantization makes the result approximate: each block of x is rounded to about 1/64,000
@@ -165,8 +165,8 @@ def use_avx512() -> bool:
 
 @functools.cache
 def use_amx() -> bool:
-    """Whether prompts of 16 rows or more run on AMX tiles: this CPU has AMX-INT8, the OS grants this
-    process the tile state, and BATCHLM_CPU_QUANT_ISA does not force another path."""
+    """Whether matmuls of 8 activation rows or more run on AMX tiles: this CPU has AMX-INT8, the OS
+    grants this process the tile state, and BATCHLM_CPU_QUANT_ISA does not force another path."""
     library = _raw_library()
     if library is None or not use_avx512() or _forced_isa() == "avx512":
         return False

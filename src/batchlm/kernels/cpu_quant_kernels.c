@@ -20,7 +20,7 @@
  *
  * AVX-512 VNNI where the CPU has it (checked at run time), else AVX2 (maddubs; w8 codes are re-centred
  * to signed so the 16-bit pair sums cannot saturate). Where the CPU also has AMX (Intel's tile unit)
- * and the OS grants its state, prompts of 16 rows or more take it: the same layout feeds its tiles.
+ * and the OS grants its state, matmuls of AMX_MIN_ROWS rows or more take it: the same layout feeds its tiles.
  */
 #include <immintrin.h>
 #include <omp.h>
@@ -316,8 +316,19 @@ AMX static void amx_configure(void) {
         _tile_stored(C, (to), QPANEL * 4);                          \
     } while (0)
 
+/* Block kb's sums into its buffer of the ring, through the tile set of its parity. */
+#define AMX_START(kb)                                                                       \
+    do {                                                                                    \
+        int32_t *to_ = sums + ((kb) % (AMX_AHEAD + 1)) * set_size;                          \
+        if ((kb) & 1)                                                                       \
+            AMX_BLOCK_SUMS(3, 4, 5, kb, to_);                                               \
+        else                                                                                \
+            AMX_BLOCK_SUMS(0, 1, 2, kb, to_);                                               \
+    } while (0)
+
 /* AMX_ROWS activation rows (xq, xd, xb at the first of them; rows past M are zero padding) against
- * one panel: block kb's weight codes at codes + kb * code_stride. `sums`: 1,024 int32 of scratch. */
+ * one panel: block kb's weight codes at codes + kb * code_stride. `sums`: a ring of AMX_AHEAD + 1
+ * blocks' sums, 256 int32 each. */
 AMX static void panel_tile_amx(const uint8_t *panel, int bits4, long Kb, const uint8_t *codes, long code_stride,
                                const int8_t *xq, long K, const float *xd, const float *xb, const float *bias,
                                float *out, long ldo, long rows, long cols, int32_t *sums) {
@@ -327,9 +338,8 @@ AMX static void panel_tile_amx(const uint8_t *panel, int bits4, long Kb, const u
     const __m512 bias_v = bias ? _mm512_maskz_loadu_ps(mask, bias) : _mm512_setzero_ps();
     __m512 acc[AMX_ROWS];
     for (int r = 0; r < AMX_ROWS; r++) acc[r] = bias_v;
-    /* Blocks are summed AMX_AHEAD ahead of the epilogue, into a ring of AMX_AHEAD + 1 buffers. */
-    AMX_BLOCK_SUMS(0, 1, 2, 0, sums);
-    if (Kb > 1) AMX_BLOCK_SUMS(3, 4, 5, 1, sums + set_size);
+    /* Blocks are summed AMX_AHEAD ahead of the epilogue. */
+    for (long kb = 0; kb < AMX_AHEAD && kb < Kb; kb++) AMX_START(kb);
     for (long kb = 0; kb < Kb; kb++) {
         const long next = kb + AMX_AHEAD;
         const int32_t *block = sums + (kb % (AMX_AHEAD + 1)) * set_size;
@@ -337,12 +347,7 @@ AMX static void panel_tile_amx(const uint8_t *panel, int bits4, long Kb, const u
         const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
         const __m512 b = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 32)));
         for (int r = 0; r < AMX_ROWS; r++) {
-            if (r == AMX_ROWS / 2 && next < Kb) {
-                if (next & 1)
-                    AMX_BLOCK_SUMS(3, 4, 5, next, sums + (next % (AMX_AHEAD + 1)) * set_size);
-                else
-                    AMX_BLOCK_SUMS(0, 1, 2, next, sums + (next % (AMX_AHEAD + 1)) * set_size);
-            }
+            if (r == AMX_ROWS / 2 && next < Kb) AMX_START(next);
             const __m512i dot = _mm512_loadu_si512(block + 2 * r * QPANEL);
             const __m512i rest = _mm512_loadu_si512(block + (2 * r + 1) * QPANEL);
             acc[r] = add_block(acc[r], dot, rest, xd, xb, r * Kb + kb, s, b);
