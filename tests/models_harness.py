@@ -28,10 +28,13 @@ class Chunk:
     blocks: list[int]
 
 
-def make_kv_caches(loaded: LoadedModel, num_blocks: int, block_size: int = BLOCK_SIZE) -> list[torch.Tensor]:
+def make_kv_caches(
+    loaded: LoadedModel, num_blocks: int, block_size: int = BLOCK_SIZE, dtype: torch.dtype | None = None
+) -> list[torch.Tensor]:
+    """Zeroed caches of every layer, in the model's dtype unless `dtype` is given."""
     s = loaded.shape
     return [
-        torch.zeros(2, num_blocks, block_size, s.num_kv_heads, s.head_dim, dtype=loaded.dtype)
+        torch.zeros(2, num_blocks, block_size, s.num_kv_heads, s.head_dim, dtype=dtype or loaded.dtype)
         for _ in range(s.num_layers)
     ]
 

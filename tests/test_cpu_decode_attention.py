@@ -17,12 +17,19 @@ from models_harness import Chunk, build_step
 needs_kernel = pytest.mark.skipif(decode_library() is None, reason="no AVX2 CPU or C compiler here")
 
 
-def _paged(lengths: list[int], block_size: int, kv_heads: int, head_dim: int, seed: int = 0):
+def _paged(
+    lengths: list[int],
+    block_size: int,
+    kv_heads: int,
+    head_dim: int,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+):
     """A cache holding each request's context in shuffled blocks, and the requests' block tables."""
     gen = torch.Generator().manual_seed(seed)
     blocks_each = [-(-length // block_size) for length in lengths]
     order = torch.randperm(sum(blocks_each) + 3, generator=gen).tolist()  # spare blocks stay unused
-    cache = torch.randn(2, len(order), block_size, kv_heads, head_dim, generator=gen)
+    cache = torch.randn(2, len(order), block_size, kv_heads, head_dim, generator=gen).to(dtype)
     tables = torch.zeros(len(lengths), max(blocks_each), dtype=torch.int32)
     taken = 0
     for row, count in enumerate(blocks_each):
@@ -47,9 +54,13 @@ def _reference(query, cache, tables, lengths, scale):
 @pytest.mark.parametrize("head_dim", [8, 64, 128, 256])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (9, 3), (8, 2), (8, 1)])
 @pytest.mark.parametrize("block_size", [1, 16])
-def test_matches_reference(head_dim: int, heads: int, kv_heads: int, block_size: int) -> None:
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_matches_reference(
+    head_dim: int, heads: int, kv_heads: int, block_size: int, cache_dtype: torch.dtype
+) -> None:
+    # A float16 cache's values are exact in the float64 reference: the kernel must widen them exactly.
     lengths = [1, 7, 16, 17, 150, 33]
-    cache, tables = _paged(lengths, block_size, kv_heads, head_dim)
+    cache, tables = _paged(lengths, block_size, kv_heads, head_dim, dtype=cache_dtype)
     query = torch.randn(len(lengths), heads, head_dim, generator=torch.Generator().manual_seed(1))
     scale = 1 / math.sqrt(head_dim)
     out = torch.full_like(query, float("nan"))
@@ -58,9 +69,10 @@ def test_matches_reference(head_dim: int, heads: int, kv_heads: int, block_size:
 
 
 @needs_kernel
-def test_long_context_and_large_scores() -> None:
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_long_context_and_large_scores(cache_dtype: torch.dtype) -> None:
     lengths = [32768, 4000]
-    cache, tables = _paged(lengths, 16, 2, 64)
+    cache, tables = _paged(lengths, 16, 2, 64, dtype=cache_dtype)
     query = 30 * torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(2))  # peaked softmax
     out = torch.empty_like(query)
     paged_decode_attention(query, cache, tables, torch.tensor(lengths, dtype=torch.int32), 0.125, out)
@@ -88,22 +100,27 @@ def test_empty_context_gives_zeros_and_empty_batch_is_a_no_op() -> None:
     paged_decode_attention(query[:0], cache, tables[:0], torch.zeros(0, dtype=torch.int32), 1.0, out[:0])
 
 
-def test_supports_only_float32_with_head_dim_a_multiple_of_8() -> None:
+def test_supports_float32_queries_over_float32_or_float16_caches_with_head_dim_a_multiple_of_8() -> None:
     cache = torch.zeros(2, 3, 4, 1, 12)
     assert not supports(torch.zeros(1, 2, 12), cache)
     assert not supports(torch.zeros(1, 2, 16, dtype=torch.bfloat16), torch.zeros(2, 3, 4, 1, 16))
     assert not supports(torch.zeros(1, 2, 16), torch.zeros(2, 3, 4, 1, 16, dtype=torch.bfloat16))
     assert not supports(torch.zeros(1, 2, 16), torch.zeros(2, 3, 4, 1, 32)[..., :16])  # not contiguous
+    if decode_library() is not None:
+        assert supports(torch.zeros(1, 2, 16), torch.zeros(2, 3, 4, 1, 16, dtype=torch.float16))
 
 
 @needs_kernel
-def test_backend_gives_the_same_outputs_with_and_without_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_backend_gives_the_same_outputs_with_and_without_the_kernel(
+    monkeypatch: pytest.MonkeyPatch, cache_dtype: torch.dtype
+) -> None:
     block = 4
     chunks = [Chunk([0], start, [i * 5 + j for j in range(5)]) for i, start in enumerate([1, 11, 5, 19, 3])]
     chunks.append(Chunk([0] * 6, 4, [30, 31, 32]))  # a prefill chunk over cached context after them
     _, _, meta = build_step(chunks, block)
     gen = torch.Generator().manual_seed(4)
-    cache = torch.randn(2, 40, block, 2, 64, generator=gen)
+    cache = torch.randn(2, 40, block, 2, 64, generator=gen).to(cache_dtype)
     query = torch.randn(meta.num_tokens, 6, 64, generator=gen)
     key = torch.randn(meta.num_tokens, 2, 64, generator=gen)
     value = torch.randn(meta.num_tokens, 2, 64, generator=gen)

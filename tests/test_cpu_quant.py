@@ -138,7 +138,7 @@ def test_a_compiler_without_amx_intrinsics_builds_the_other_paths(tmp_path) -> N
     import ctypes
 
     path = cpu_native.build_library(
-        tmp_path, cpu_quant.SOURCE_PATH, (*cpu_quant.QUANT_FLAGS, "-DBATCHLM_NO_AMX")
+        tmp_path, cpu_quant.SOURCE_PATH, (*cpu_native.COMPILE_FLAGS, "-DBATCHLM_NO_AMX")
     )
     library = ctypes.CDLL(str(path))
     assert library.batchlm_quant_has_amx() == 0

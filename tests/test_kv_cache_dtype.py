@@ -3,11 +3,14 @@ the block count and /metrics (the FP8 kernels themselves: tests/gpu/test_fp8_kv_
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 
+from batchlm import LLM, SamplingParams
 from batchlm.engine.client import EngineStats
 from batchlm.models.loader import ModelShape
 from batchlm.runner.kv_cache import (
@@ -16,6 +19,7 @@ from batchlm.runner.kv_cache import (
     layer_kv_scales,
     resolve_kv_cache_dtype,
 )
+from batchlm.runner.model_runner import ModelRunner
 from batchlm.server.metrics import EngineStatsCollector
 
 CUDA = torch.device("cuda")
@@ -79,3 +83,41 @@ def test_metrics_report_blocks_by_bits_per_element() -> None:
     assert sample.labels == {"bits": "8"} and sample.value == 2048
     unknown = {m.name for m in EngineStatsCollector(StatsOnly(EngineStats())).collect()}  # type: ignore[arg-type]
     assert "batchlm_kv_cache_blocks" not in unknown
+
+
+def test_fp16_is_float16_on_the_cpu_and_refused_on_a_gpu() -> None:
+    assert resolve_kv_cache_dtype("fp16", torch.float32, torch.device("cpu"), "torch") == torch.float16
+    assert kv_cache_dtype_name(torch.float16) == "float16"
+    with pytest.raises(ValueError, match="--kv-cache-dtype fp16 is for the CPU"):
+        resolve_kv_cache_dtype("fp16", torch.bfloat16, CUDA, "triton")
+
+
+def test_a_float16_block_takes_half_a_float32_blocks_bytes() -> None:
+    assert bytes_per_block(SHAPE, 16, torch.float16) * 2 == bytes_per_block(SHAPE, 16, torch.float32)
+
+
+def test_the_cpu_engine_over_a_float16_cache(tiny_model_dir: Callable[..., Path]) -> None:
+    """Decodes, prompts after cached context and prefix-cache hits read the half cache; the greedy tokens
+    and their log-probabilities stay those of a float32 cache within half's rounding."""
+    model = str(tiny_model_dir("llama"))
+    half = LLM(model=model, device="cpu", kv_cache_dtype="fp16", max_num_batched_tokens=32)
+    full = LLM(model=model, device="cpu", max_num_batched_tokens=32)
+    runner = half.engine_core.executor
+    assert isinstance(runner, ModelRunner)
+    assert {cache.dtype for cache in runner.kv_caches} == {torch.float16}
+    generator = torch.Generator().manual_seed(5)
+    # 5 tokens; 70 (prefilled in chunks of 32, the later ones after cached context); the 70 again
+    # (its first 64 from the prefix cache).
+    prompts = [torch.randint(10, 300, (n,), generator=generator).tolist() for n in (5, 70)]
+    prompts.append(prompts[1])
+    params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=0)
+    cached = []
+    for prompt in prompts:
+        result = half.generate([prompt], params)[0]
+        cached.append(result.num_cached_tokens)
+        ours, theirs = result.outputs[0], full.generate([prompt], params)[0].outputs[0]
+        assert ours.token_ids == theirs.token_ids
+        assert ours.logprobs is not None and theirs.logprobs is not None
+        for mine, reference in zip(ours.logprobs, theirs.logprobs, strict=True):
+            assert abs(mine.logprob - reference.logprob) < 1e-3
+    assert cached == [0, 0, 64]

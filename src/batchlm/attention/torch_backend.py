@@ -46,7 +46,7 @@ class TorchAttentionBackend(AttentionBackend):
     one request at a time through SDPA (causal, or with an offset mask over cached context). Rows past
     meta.num_tokens (padding a runner may add) are ignored and come back as zeros.
 
-    On x86-64 CPUs with AVX2 and a float32 cache, decodes instead go through our C kernel, which reads
+    On x86-64 CPUs with AVX2 and a float32 or float16 cache, decodes instead go through our C kernel, which reads
     each request's blocks in place (kernels/cpu_decode_attention.py), from the first key of the
     layer's window. Soft-capped layers compute their scores explicitly elsewhere (SDPA has no cap).
 
@@ -212,8 +212,10 @@ def _prefill_attention(
     context_len = meta.seq_lens_cpu[request]
     query_len = end - start
     if query_len == context_len:
-        # Nothing cached before this chunk: attend to the new keys directly, no gather.
-        keys, values = key[start:end], value[start:end]
+        # Nothing cached before this chunk: attend to the new keys directly, no gather, as the cache
+        # holds them (rounded to a 16-bit cache's dtype), so that a prompt attends alike in one chunk or
+        # several, and with its prefix cached or not.
+        keys, values = key[start:end].to(kv_cache.dtype), value[start:end].to(kv_cache.dtype)
     else:
         keys = gather_context(kv_cache[0], meta.block_tables[request], context_len)
         values = gather_context(kv_cache[1], meta.block_tables[request], context_len)

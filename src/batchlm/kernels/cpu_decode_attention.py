@@ -1,5 +1,5 @@
-"""Decode attention on x86-64 CPUs straight from the paged float32 KV cache (cpu_kernels.c, see
-cpu_native.py): one query token per request, no gathered and padded copy of the contexts.
+"""Decode attention on x86-64 CPUs straight from the paged KV cache, float32 or float16 (cpu_kernels.c,
+see cpu_native.py): one query token per request, no gathered and padded copy of the contexts.
 
 torch's path gathers every decode request's context into a padded [B, L, H_kv, D] copy and runs a
 masked SDPA over it, several times slower than this kernel (BENCHMARKS.md, "CPU: serving against
@@ -16,14 +16,17 @@ import torch
 
 from batchlm.kernels.cpu_native import probed
 
+# The cache dtypes the kernel reads (float16 widened as it goes).
+CACHE_DTYPES = (torch.float32, torch.float16)
+
 
 def supports(query: torch.Tensor, kv_cache: torch.Tensor) -> bool:
-    """Whether paged_decode_attention can serve this layer's decodes (float32 on the CPU, head_dim a
-    multiple of 8, a contiguous cache, the library present)."""
+    """Whether paged_decode_attention can serve this layer's decodes (float32 queries on the CPU, a
+    contiguous float32 or float16 cache, head_dim a multiple of 8, the library present)."""
     return (
         query.device.type == "cpu"
         and query.dtype == torch.float32
-        and kv_cache.dtype == torch.float32
+        and kv_cache.dtype in CACHE_DTYPES
         and kv_cache.is_contiguous()
         and query.shape[-1] % 8 == 0
         and decode_library() is not None
@@ -32,7 +35,7 @@ def supports(query: torch.Tensor, kv_cache: torch.Tensor) -> bool:
 
 def paged_decode_attention(
     query: torch.Tensor,  # [B, H, D]: one query per request
-    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, H_kv, D]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, H_kv, D] float32 or float16
     block_tables: torch.Tensor,  # [B, max_blocks] int32
     seq_lens: torch.Tensor,  # [B] int32: context length per request, this step's token included
     scale: float,
@@ -57,7 +60,7 @@ def paged_decode_attention(
         tables = tables.contiguous()
     lens = seq_lens.to(torch.int32).contiguous()
     _, _, block_size, kv_heads, _ = kv_cache.shape
-    status = library.batchlm_paged_decode_f32(
+    status = library.batchlm_paged_decode(
         query.data_ptr(),
         query.stride(0),
         kv_cache[0].data_ptr(),
@@ -76,6 +79,7 @@ def paged_decode_attention(
         torch.get_num_threads(),
         window or 0,
         softcap or 0.0,
+        kv_cache.dtype == torch.float16,
     )
     if status != 0:
         raise MemoryError("the CPU decode-attention kernel could not allocate its scratch memory")
@@ -84,36 +88,50 @@ def paged_decode_attention(
 @functools.cache
 def decode_library() -> ctypes.CDLL | None:
     """The kernel library once its decode attention agreed with torch on a probe; None otherwise."""
-    return probed("batchlm_paged_decode_f32", _decode_agrees)
+    return probed("batchlm_paged_decode", _decode_agrees)
 
 
 def _decode_agrees(library: ctypes.CDLL) -> bool:
-    # Plain, then with a 5-token window and a soft-cap: both must match torch.
-    return _probe_case(library, 0, 0.0) and _probe_case(library, 5, 2.0)
+    # Plain, with a 5-token window and a soft-cap, and over a float16 cache: each must match torch.
+    return (
+        _probe_case(library, 0, 0.0, torch.float32)
+        and _probe_case(library, 5, 2.0, torch.float32)
+        and _probe_case(library, 0, 0.0, torch.float16)
+    )
 
 
-def _probe_case(library: ctypes.CDLL, window: int, cap: float) -> bool:
+def _probe_case(library: ctypes.CDLL, window: int, cap: float, cache_dtype: torch.dtype) -> bool:
     generator = torch.Generator().manual_seed(0)
     block_size, kv_heads, heads, head_dim = 4, 2, 6, 16
-    kv_cache = torch.randn(2, 9, block_size, kv_heads, head_dim, generator=generator)
+    kv_cache = torch.randn(2, 9, block_size, kv_heads, head_dim, generator=generator).to(cache_dtype)
     tables = torch.tensor([[3, 1, 7, 0], [5, 2, 0, 0]], dtype=torch.int32)
     lens = [13, 6]
     lens_tensor = torch.tensor(lens, dtype=torch.int32)  # held: a temporary's data_ptr would dangle
     query = torch.randn(2, heads, head_dim, generator=generator)
     out = torch.empty_like(query)
-    status = library.batchlm_paged_decode_f32(
+    status = library.batchlm_paged_decode(
         query.data_ptr(), heads * head_dim, kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
         tables.data_ptr(), 4, lens_tensor.data_ptr(), out.data_ptr(),
         heads * head_dim, 2, heads, kv_heads, head_dim, block_size, ctypes.c_float(0.25), 1,
-        window, ctypes.c_float(cap),
+        window, ctypes.c_float(cap), cache_dtype == torch.float16,
     )  # fmt: skip
     if status != 0:
         return False
     for row, length in enumerate(lens):
         blocks = tables[row, : -(-length // block_size)].long()
         first = max(0, length - window) if window else 0
-        keys = kv_cache[0, blocks].flatten(0, 1)[first:length].repeat_interleave(heads // kv_heads, dim=1)
-        values = kv_cache[1, blocks].flatten(0, 1)[first:length].repeat_interleave(heads // kv_heads, dim=1)
+        keys = (
+            kv_cache[0, blocks]
+            .flatten(0, 1)[first:length]
+            .repeat_interleave(heads // kv_heads, dim=1)
+            .float()
+        )
+        values = (
+            kv_cache[1, blocks]
+            .flatten(0, 1)[first:length]
+            .repeat_interleave(heads // kv_heads, dim=1)
+            .float()
+        )
         scores = torch.einsum("hd,lhd->hl", query[row], keys) * 0.25
         if cap:
             scores = torch.tanh(scores / cap) * cap

@@ -29,13 +29,14 @@ typedef struct {
     const uint8_t *qkv, *o, *gate_up, *down; /* packed panels */
     int qkv_bits4, o_bits4, gate_up_bits4, down_bits4;
     const float *qkv_bias, *o_bias, *gate_up_bias, *down_bias; /* or NULL */
-    float *k_cache, *v_cache; /* [num_blocks, block_size, kv_heads, head_dim] each */
+    void *k_cache, *v_cache; /* [num_blocks, block_size, kv_heads, head_dim] each, float32 or half */
     const float *q_norm, *k_norm; /* [head_dim] RMSNorm weights of each query and key head (Qwen3), or NULL */
 } DecodeLayer;
 
 /* The model's sizes. */
 typedef struct {
     long hidden, heads, kv_heads, head_dim, intermediate, block_size, num_layers;
+    long kv_half; /* the KV caches hold half values (else float32) */
     float eps, scale;
     const float *cos_sin; /* [max_position, head_dim]: cos in the first half of a row, sin in the second */
     const float *final_norm; /* [hidden] */
@@ -53,11 +54,11 @@ typedef struct {
 } DecodeBatch;
 
 /* Per-thread scratch: the normed rows, the quantized activations of one matmul's input, one head's
- * attention scores and a rotated copy of a new key. */
+ * attention scores, and a new key (rotated) and value as the cache holds them. */
 typedef struct {
     float *normed, *scores;
     int8_t *xq;
-    float *xd, *xb, *key;
+    float *xd, *xb, *key, *value;
 } ThreadScratch;
 
 static void rms_norm_rows(const float *x, const float *weight, float *out, long B, long n, float eps) {
@@ -83,23 +84,43 @@ static void rope_head(float *x, const float *cos_sin, long D) {
     }
 }
 
+/* Row b's key and value of KV head g into the cache at the row's slot. */
+static void store_slot(const DecodeShape *shape, const DecodeLayer *layer, const DecodeBatch *batch, long b, long g,
+                       const float *key, const float *value) {
+    const long D = shape->head_dim, at = (batch->slots[b] * shape->kv_heads + g) * D * kv_bytes((int)shape->kv_half);
+    kv_store((char *)layer->k_cache + at, key, D, (int)shape->kv_half);
+    kv_store((char *)layer->v_cache + at, value, D, (int)shape->kv_half);
+}
+
 /* Stage 2a for one (row b, KV head g): rotate its key and store the key and value at the row's slot. */
 static void store_group(const DecodeShape *shape, const DecodeLayer *layer, const DecodeBatch *batch, float *qkv,
                         long b, long g) {
     const long D = shape->head_dim, H = shape->heads, G = shape->kv_heads;
     float *k = qkv + b * (H + 2 * G) * D + H * D + g * D, *v = k + G * D;
     rope_head(k, shape->cos_sin + batch->positions[b] * D, D);
-    memcpy(layer->k_cache + batch->slots[b] * G * D + g * D, k, sizeof(float) * (size_t)D);
-    memcpy(layer->v_cache + batch->slots[b] * G * D + g * D, v, sizeof(float) * (size_t)D);
+    store_slot(shape, layer, batch, b, g, k, v);
 }
 
-/* Row b's new key of KV head g, rotated, into `key`: a thread attending with one of the group's
- * query heads has it without waiting for the thread that stores it. */
-static void rotated_key(const DecodeShape *shape, const DecodeBatch *batch, const float *qkv, long b, long g,
-                        float *key) {
+/* x rounded to half and back, in place: what a half cache would give back for it. */
+static void round_through_half(float *x, long D) {
+    for (long d = 0; d < D; d += 8)
+        _mm256_storeu_ps(x + d, _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_loadu_ps(x + d), _MM_FROUND_TO_NEAREST_INT)));
+}
+
+/* Row b's new key of KV head g, rotated, and its value into `key` and `value`, as the cache holds them
+ * once stored (rounded when half): a thread attending with one of the group's query heads has them
+ * without waiting for the thread that stores them, and attends as the cache-reading paths do. */
+static void new_key_value(const DecodeShape *shape, const DecodeBatch *batch, const float *qkv, long b, long g,
+                          float *key, float *value) {
     const long D = shape->head_dim, H = shape->heads, G = shape->kv_heads;
-    memcpy(key, qkv + b * (H + 2 * G) * D + H * D + g * D, sizeof(float) * (size_t)D);
+    const float *k = qkv + b * (H + 2 * G) * D + H * D + g * D;
+    memcpy(key, k, sizeof(float) * (size_t)D);
+    memcpy(value, k + G * D, sizeof(float) * (size_t)D);
     rope_head(key, shape->cos_sin + batch->positions[b] * D, D);
+    if (shape->kv_half) {
+        round_through_half(key, D);
+        round_through_half(value, D);
+    }
 }
 
 /* scores[0..length) -> their softmax. The exponentials go 8 at a time (lane by lane the same as one at
@@ -115,21 +136,10 @@ static void softmax_in_place(float *scores, long length) {
     for (t = 0; t < length; t++) scores[t] /= total;
 }
 
-static inline float dot_head(const float *q, const float *key, long D, float scale) {
-    __m256 sum = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(key));
-    for (long d = 8; d < D; d += 8) sum = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(key + d), sum);
-    return hsum256(sum) * scale;
-}
-
-static inline void add_scaled(float *out, const float *value, float p, long D) {
-    const __m256 pv = _mm256_set1_ps(p);
-    for (long d = 0; d < D; d += 8)
-        _mm256_storeu_ps(out + d, _mm256_fmadd_ps(pv, _mm256_loadu_ps(value + d), _mm256_loadu_ps(out + d)));
-}
-
 /* Stage 2b for row b's query head h: rotate it and attend over the row's context. With `key` (and
  * `value`) given, the row's last token is read from them rather than from the cache, which another
- * thread may still be writing; else every token comes from the cache. */
+ * thread may still be writing (new_key_value made them as the cache holds them); else every token comes
+ * from the cache. */
 static void attend_head(const DecodeShape *shape, const DecodeLayer *layer, const DecodeBatch *batch, float *qkv,
                         float *attn, long b, long h, float *scores, const float *key, const float *value) {
     const long D = shape->head_dim, H = shape->heads, G = shape->kv_heads, g = h / (H / G);
@@ -137,22 +147,23 @@ static void attend_head(const DecodeShape *shape, const DecodeLayer *layer, cons
     const long token_stride = G * D, block_stride = shape->block_size * token_stride;
     const long length = batch->seq_lens[b], cached = key ? length - 1 : length;
     const int32_t *table = batch->block_tables + b * batch->table_stride;
+    const int half = (int)shape->kv_half;
     rope_head(q, shape->cos_sin + batch->positions[b] * D, D);
     for (long t = 0; t < cached; t++) {
-        const float *k = walk_head(layer->k_cache, table, t, cached, shape->block_size, block_stride, token_stride,
-                                   g * D, D);
-        scores[t] = dot_head(q, k, D, shape->scale);
+        const void *k = walk_head(layer->k_cache, table, t, cached, shape->block_size, block_stride, token_stride,
+                                  g * D, D, half);
+        scores[t] = dot_cached(q, k, D, shape->scale, half);
     }
-    if (key) scores[length - 1] = dot_head(q, key, D, shape->scale);
+    if (key) scores[length - 1] = dot_cached(q, key, D, shape->scale, 0);
     softmax_in_place(scores, length);
     float *out = attn + b * H * D + h * D;
     for (long d = 0; d < D; d++) out[d] = 0.0f;
     for (long t = 0; t < cached; t++) {
-        const float *v = walk_head(layer->v_cache, table, t, cached, shape->block_size, block_stride, token_stride,
-                                   g * D, D);
-        add_scaled(out, v, scores[t], D);
+        const void *v = walk_head(layer->v_cache, table, t, cached, shape->block_size, block_stride, token_stride,
+                                  g * D, D, half);
+        add_cached(out, v, scores[t], D, half);
     }
-    if (value) add_scaled(out, value, scores[length - 1], D);
+    if (value) add_cached(out, value, scores[length - 1], D, 0);
 }
 
 /* Stage 2 for this thread's (row, query head) items [first, last). Rows of one request (shared
@@ -160,20 +171,16 @@ static void attend_head(const DecodeShape *shape, const DecodeLayer *layer, cons
  * head stores the group's new key and value, and every thread attends with its own rotated copy. */
 static void attend_items(const DecodeShape *shape, const DecodeLayer *layer, const DecodeBatch *batch, float *qkv,
                          float *attn, long first, long last, const ThreadScratch *s) {
-    const long H = shape->heads, G = shape->kv_heads, D = shape->head_dim, group = H / G;
+    const long H = shape->heads, group = H / shape->kv_heads;
     for (long item = first; item < last; item++) {
         const long b = item / H, h = item % H, g = h / group;
         if (batch->shared_context) {
             attend_head(shape, layer, batch, qkv, attn, b, h, s->scores, NULL, NULL);
             continue;
         }
-        const float *value = qkv + b * (H + 2 * G) * D + (H + G + g) * D;
-        rotated_key(shape, batch, qkv, b, g, s->key);
-        if (h % group == 0) {
-            memcpy(layer->k_cache + batch->slots[b] * G * D + g * D, s->key, sizeof(float) * (size_t)D);
-            memcpy(layer->v_cache + batch->slots[b] * G * D + g * D, value, sizeof(float) * (size_t)D);
-        }
-        attend_head(shape, layer, batch, qkv, attn, b, h, s->scores, s->key, value);
+        new_key_value(shape, batch, qkv, b, g, s->key, s->value);
+        if (h % group == 0) store_slot(shape, layer, batch, b, g, s->key, s->value);
+        attend_head(shape, layer, batch, qkv, attn, b, h, s->scores, s->key, s->value);
     }
 }
 
@@ -322,7 +329,7 @@ int batchlm_decode_stack(const DecodeShape *shape, const DecodeLayer *layers, co
     /* Quantized activations hold whole tiles' rows where the tile path may run. */
     const long code_rows = takes_amx(isa, B) ? amx_rows(B) : B;
     const size_t own = (size_t)B * (size_t)n + group * (size_t)longest + 5 * (size_t)code_rows * (size_t)widest / QBLOCK +
-                       64 + (size_t)D;
+                       64 + 2 * (size_t)D;
     const size_t own_codes = 2 * (size_t)code_rows * (size_t)widest;
     float *floats;
     int8_t *codes;
@@ -338,7 +345,7 @@ int batchlm_decode_stack(const DecodeShape *shape, const DecodeLayer *layers, co
         const long blocks = code_rows * widest / QBLOCK;
         const ThreadScratch s = {mine, mine + B * n, codes + own_codes * (size_t)me,
                                  mine + B * n + group * longest, mine + B * n + group * longest + 2 * blocks,
-                                 mine + own - D};
+                                 mine + own - 2 * D, mine + own - D};
         for (long l = 0; l < shape->num_layers; l++) decode_layer(shape, layers + l, batch, h, &buf, &s, me, team, isa, &barrier);
         if (head) {
             long first, last;
@@ -401,7 +408,7 @@ int batchlm_moe_experts(const float *x, long T, long K, long I, int active, cons
         float *rows_k = floats + shared + own * (size_t)me, *act = rows_k + most_rows * K;
         float *scales = act + most_rows * I;
         const ThreadScratch s = {NULL, NULL, codes + own_codes * (size_t)me, scales,
-                                 scales + 2 * code_rows * widest / QBLOCK, NULL};
+                                 scales + 2 * code_rows * widest / QBLOCK, NULL, NULL};
         long first, last;
         share(active * gate_panels, me, team, &first, &last);
         for (long e = 0; e < active; e++) {

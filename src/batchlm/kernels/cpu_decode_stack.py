@@ -21,8 +21,8 @@ import torch
 
 from batchlm.kernels.barrier_spin import spin_from_env
 from batchlm.kernels.cpu_decode_attention import decode_library
-from batchlm.kernels.cpu_native import SOURCE, build_library
-from batchlm.kernels.cpu_quant import QUANT_FLAGS, SOURCE_PATH, QuantizedWeight, quant_isa, quant_library
+from batchlm.kernels.cpu_native import COMPILE_FLAGS, SOURCE, build_library
+from batchlm.kernels.cpu_quant import SOURCE_PATH, QuantizedWeight, quant_isa, quant_library
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class StackLayer:
     o_bias: torch.Tensor | None
     gate_up_bias: torch.Tensor | None
     down_bias: torch.Tensor | None
-    kv_cache: torch.Tensor  # [2, num_blocks, block_size, kv_heads, head_dim] float32
+    kv_cache: torch.Tensor  # [2, num_blocks, block_size, kv_heads, head_dim] float32 or float16
     # Per-head RMSNorm weights [head_dim] of the queries and keys (Qwen3), or None.
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
@@ -95,6 +95,7 @@ class _Shape(ctypes.Structure):
         *((name, ctypes.c_long) for name in ("hidden", "heads", "kv_heads", "head_dim", "intermediate")),
         ("block_size", ctypes.c_long),
         ("num_layers", ctypes.c_long),
+        ("kv_half", ctypes.c_long),
         ("eps", ctypes.c_float),
         ("scale", ctypes.c_float),
         ("cos_sin", ctypes.c_void_p),
@@ -114,12 +115,24 @@ class _Batch(ctypes.Structure):
     ]
 
 
-def fits(shape: StackShape) -> str | None:
-    """Why the kernel cannot run this shape, or None when it can."""
+# The KV-cache dtypes the kernel reads and writes.
+CACHE_DTYPES = (torch.float32, torch.float16)
+
+
+def fits(shape: StackShape, kv_caches: list[torch.Tensor]) -> str | None:
+    """Why the kernel cannot run this shape over these caches, or None when it can."""
     if shape.hidden % BLOCK or (shape.heads * shape.head_dim) % BLOCK or shape.intermediate % BLOCK:
         return f"hidden, attention and MLP sizes must be multiples of {BLOCK}"
     if shape.head_dim % 8 or shape.heads % shape.kv_heads:
         return "head_dim must be a multiple of 8 and the query heads whole groups of KV heads"
+    if (
+        not kv_caches
+        or len({cache.dtype for cache in kv_caches}) != 1
+        or kv_caches[0].dtype not in CACHE_DTYPES
+    ):
+        return "the KV caches must be all float32 or all float16"
+    if not all(cache.is_contiguous() for cache in kv_caches):
+        return "the KV caches must be contiguous"
     return None
 
 
@@ -131,7 +144,7 @@ class DecodeStack:
         self, shape: StackShape, layers: list[StackLayer], head: QuantizedWeight | None = None
     ) -> None:
         library = stack_library()
-        reason = fits(shape)
+        reason = fits(shape, [layer.kv_cache for layer in layers])
         if library is None or reason is not None:
             raise ValueError(reason or "the fused CPU decode kernel is not available on this machine")
         self._library = library
@@ -139,7 +152,8 @@ class DecodeStack:
         self.head = head
         self._shape = _Shape(
             shape.hidden, shape.heads, shape.kv_heads, shape.head_dim, shape.intermediate, shape.block_size,
-            len(layers), shape.eps, shape.scale, shape.cos_sin.data_ptr(), shape.final_norm.data_ptr(),
+            len(layers), int(layers[0].kv_cache.dtype == torch.float16), shape.eps, shape.scale,
+            shape.cos_sin.data_ptr(), shape.final_norm.data_ptr(),
         )  # fmt: skip
         self._layers = (_Layer * len(layers))(*(_layer(layer) for layer in layers))
         self.hidden = shape.hidden
@@ -198,7 +212,7 @@ def stack_library() -> ctypes.CDLL | None:
         return None
     try:
         path = build_library(
-            source_path=STACK_SOURCE, flags=QUANT_FLAGS, includes=(SOURCE, SOURCE_PATH, BARRIER_SOURCE)
+            source_path=STACK_SOURCE, flags=COMPILE_FLAGS, includes=(SOURCE, SOURCE_PATH, BARRIER_SOURCE)
         )
         library = ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:

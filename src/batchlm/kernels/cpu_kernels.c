@@ -1,6 +1,6 @@
-/* float32 kernels for x86-64 CPUs with AVX2 and FMA, built at run time by batchlm/kernels/cpu_native.py:
- * a GEMM over panel-packed weights (batchlm_gemm_f32) and decode attention straight from the paged KV
- * cache (batchlm_paged_decode_f32).
+/* float32 kernels for x86-64 CPUs with AVX2, FMA and F16C, built at run time by
+ * batchlm/kernels/cpu_native.py: a GEMM over panel-packed weights (batchlm_gemm_f32) and decode attention
+ * straight from the paged KV cache, float32 or half (batchlm_paged_decode).
  *
  * GEMM: out[M, N] = x[M, K] @ W^T (+ bias). Decode steps multiply a few rows (one per running
  * request) by every weight; torch's BLAS packs the weight on each such call and reaches about half the
@@ -164,34 +164,74 @@ static inline float hsum256(__m256 v) {
 #define PREFETCH_TOKENS 4 /* how many tokens ahead the cache walk prefetches (DRAM latency x bandwidth) */
 #endif
 
+/* A paged KV cache holds float32 values or, with `half`, IEEE half ones (--kv-cache-dtype fp16): half
+ * the bytes for a walk to read, widened 8 at a time by F16C as they are used. Offsets into a cache
+ * count elements. */
+static inline long kv_bytes(int half) { return half ? 2 : 4; }
+
+/* Elements i..i+7 of a cache slice, as float32. */
+static inline __m256 kv_load8(const void *slice, long i, int half) {
+    if (half) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)slice + i)));
+    return _mm256_loadu_ps((const float *)slice + i);
+}
+
+/* n float32 values (n a multiple of 8) into a cache slot, rounded to nearest even when half. */
+static inline void kv_store(void *slot, const float *values, long n, int half) {
+    if (!half) {
+        for (long i = 0; i < n; i++) ((float *)slot)[i] = values[i];
+        return;
+    }
+    for (long i = 0; i < n; i += 8)
+        _mm_storeu_si128((__m128i *)((uint16_t *)slot + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(values + i), _MM_FROUND_TO_NEAREST_INT));
+}
+
 /* Token t of a request in one paged cache: its keys (or values) of every KV head, contiguous. */
-static inline const float *cached_token(const float *cache, const int32_t *table, long t, long block_size,
-                                        long block_stride, long token_stride) {
+static inline const char *cached_token(const void *cache, const int32_t *table, long t, long block_size,
+                                       long block_stride, long token_stride, int half) {
     const long blk = t / block_size;
-    return cache + (long)table[blk] * block_stride + (t - blk * block_size) * token_stride;
+    return (const char *)cache +
+           ((long)table[blk] * block_stride + (t - blk * block_size) * token_stride) * kv_bytes(half);
 }
 
-/* Prefetch one token's keys (or values) of every KV head: kv_heads * D floats from p. */
-static inline void prefetch_token(const float *p, long floats) {
-    for (long f = 0; f < floats; f += 16) _mm_prefetch((const char *)(p + f), _MM_HINT_T0);
+/* Prefetch `bytes` bytes from p: one token's keys (or values) of one or every KV head. */
+static inline void prefetch_token(const char *p, long bytes) {
+    for (long f = 0; f < bytes; f += 64) _mm_prefetch(p + f, _MM_HINT_T0);
 }
 
-/* One KV head's slice of token t (`floats` floats from `offset`) in the cache, with the same slice of
- * token t + PREFETCH_TOKENS prefetched: what a walk that attends with one head reads. */
-static inline const float *walk_head(const float *cache, const int32_t *table, long t, long length, long block_size,
-                                     long block_stride, long token_stride, long offset, long floats) {
-    const float *slice = cached_token(cache, table, t, block_size, block_stride, token_stride) + offset;
+/* One KV head's slice of token t (`count` elements from element `offset`) in the cache, with the same
+ * slice of token t + PREFETCH_TOKENS prefetched: what a walk that attends with one head reads. */
+static inline const void *walk_head(const void *cache, const int32_t *table, long t, long length, long block_size,
+                                    long block_stride, long token_stride, long offset, long count, int half) {
+    const long bytes = kv_bytes(half);
+    const char *slice = cached_token(cache, table, t, block_size, block_stride, token_stride, half) + offset * bytes;
     if (t + PREFETCH_TOKENS < length)
-        prefetch_token(cached_token(cache, table, t + PREFETCH_TOKENS, block_size, block_stride, token_stride) + offset,
-                       floats);
+        prefetch_token(
+            cached_token(cache, table, t + PREFETCH_TOKENS, block_size, block_stride, token_stride, half) +
+                offset * bytes,
+            count * bytes);
     return slice;
 }
 
 /* Token t of a request (length tokens) in the cache, every KV head, with token t + PREFETCH_TOKENS
  * prefetched. */
-static inline const float *walk_token(const float *cache, const int32_t *table, long t, long length,
-                                      long block_size, long block_stride, long token_stride) {
-    return walk_head(cache, table, t, length, block_size, block_stride, token_stride, 0, token_stride);
+static inline const char *walk_token(const void *cache, const int32_t *table, long t, long length,
+                                     long block_size, long block_stride, long token_stride, int half) {
+    return walk_head(cache, table, t, length, block_size, block_stride, token_stride, 0, token_stride, half);
+}
+
+/* q . k * scale over D elements (a multiple of 8), k a cache slice. */
+static inline float dot_cached(const float *q, const void *k, long D, float scale, int half) {
+    __m256 sum = _mm256_mul_ps(_mm256_loadu_ps(q), kv_load8(k, 0, half));
+    for (long d = 8; d < D; d += 8) sum = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), kv_load8(k, d, half), sum);
+    return hsum256(sum) * scale;
+}
+
+/* out += p * v over D elements (a multiple of 8), v a cache slice. */
+static inline void add_cached(float *out, const void *v, float p, long D, int half) {
+    const __m256 pv = _mm256_set1_ps(p);
+    for (long d = 0; d < D; d += 8)
+        _mm256_storeu_ps(out + d, _mm256_fmadd_ps(pv, kv_load8(v, d, half), _mm256_loadu_ps(out + d)));
 }
 
 /* One request, every head, over its tokens first..length-1 (first > 0 on a sliding-window layer). The
@@ -199,24 +239,21 @@ static inline const float *walk_token(const float *cache, const int32_t *table, 
  * memory sequentially; the next token is prefetched while the current one is used. Scores become
  * cap * tanh(score / cap) when cap > 0. scores: heads * length floats; acc: heads * D floats (scratch).
  * D is a multiple of 8. */
-static void decode_request(const float *q, const float *k_cache, const float *v_cache, const int32_t *table,
+static void decode_request(const float *q, const void *k_cache, const void *v_cache, const int32_t *table,
                            long first, long length, long block_size, long heads, long kv_heads, long D, float scale,
-                           float cap, float *out, float *scores, float *acc) {
+                           float cap, int half, float *out, float *scores, float *acc) {
     const long group = heads / kv_heads;
     const long token_stride = kv_heads * D;
     const long block_stride = block_size * token_stride;
+    const long head_bytes = D * kv_bytes(half);
     if (length <= 0) {
         for (long i = 0; i < heads * D; i++) out[i] = 0.0f;
         return;
     }
     for (long t = first; t < length; t++) {
-        const float *token = walk_token(k_cache, table, t, length, block_size, block_stride, token_stride);
+        const char *token = walk_token(k_cache, table, t, length, block_size, block_stride, token_stride, half);
         for (long h = 0; h < heads; h++) {
-            const float *k = token + (h / group) * D;
-            const float *qh = q + h * D;
-            __m256 sum = _mm256_mul_ps(_mm256_loadu_ps(qh), _mm256_loadu_ps(k));
-            for (long d = 8; d < D; d += 8) sum = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(k + d), sum);
-            const float score = hsum256(sum) * scale;
+            const float score = dot_cached(q + h * D, token + (h / group) * head_bytes, D, scale, half);
             scores[h * length + t] = cap > 0.0f ? cap * tanhf(score / cap) : score;
         }
     }
@@ -244,13 +281,9 @@ static void decode_request(const float *q, const float *k_cache, const float *v_
     }
     for (long i = 0; i < heads * D; i++) acc[i] = 0.0f;
     for (long t = first; t < length; t++) {
-        const float *token = walk_token(v_cache, table, t, length, block_size, block_stride, token_stride);
-        for (long h = 0; h < heads; h++) {
-            const float *v = token + (h / group) * D;
-            const __m256 p = _mm256_set1_ps(scores[h * length + t]);
-            float *ah = acc + h * D;
-            for (long d = 0; d < D; d += 8) _mm256_storeu_ps(ah + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(v + d), _mm256_loadu_ps(ah + d)));
-        }
+        const char *token = walk_token(v_cache, table, t, length, block_size, block_stride, token_stride, half);
+        for (long h = 0; h < heads; h++)
+            add_cached(acc + h * D, token + (h / group) * head_bytes, scores[h * length + t], D, half);
     }
     for (long i = 0; i < heads * D; i++) out[i] = acc[i];
 }
@@ -259,11 +292,12 @@ static void decode_request(const float *q, const float *k_cache, const float *v_
  * seq_lens[b] tokens of request b in the paged caches ([num_blocks, block_size, kv_heads, D] each), only
  * the last `window` of them when window > 0, with scores soft-capped at `cap` when cap > 0.
  * q rows are q_row_stride apart with heads D apart; out is [B, heads, D] with rows out_row_stride apart.
- * Requests with an empty context get zeros. Returns 0, or -1 if scratch memory could not be allocated. */
-int batchlm_paged_decode_f32(const float *q, long q_row_stride, const float *k_cache, const float *v_cache,
-                             const int32_t *block_tables, long table_stride, const int32_t *seq_lens,
-                             float *out, long out_row_stride, long B, long heads, long kv_heads, long D,
-                             long block_size, float scale, int threads, long window, float cap) {
+ * The caches hold half values when `half`, else float32. Requests with an empty context get zeros.
+ * Returns 0, or -1 if scratch memory could not be allocated. */
+int batchlm_paged_decode(const float *q, long q_row_stride, const void *k_cache, const void *v_cache,
+                         const int32_t *block_tables, long table_stride, const int32_t *seq_lens, float *out,
+                         long out_row_stride, long B, long heads, long kv_heads, long D, long block_size, float scale,
+                         int threads, long window, float cap, int half) {
     long longest = 1;
     for (long b = 0; b < B; b++) longest = seq_lens[b] > longest ? seq_lens[b] : longest;
     if (threads < 1) threads = 1;
@@ -280,7 +314,7 @@ int batchlm_paged_decode_f32(const float *q, long q_row_stride, const float *k_c
             float *o = out + b * out_row_stride;
             const long first = window > 0 && seq_lens[b] > window ? seq_lens[b] - window : 0;
             decode_request(q + b * q_row_stride, k_cache, v_cache, block_tables + b * table_stride, first,
-                           seq_lens[b], block_size, heads, kv_heads, D, scale, cap, o, scores, acc);
+                           seq_lens[b], block_size, heads, kv_heads, D, scale, cap, half, o, scores, acc);
         }
     }
     free(scratch);

@@ -29,7 +29,8 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 PANEL = 16  # output columns per packed GEMM panel; must match PANEL in cpu_kernels.c
 DISABLE_ENV = "BATCHLM_CPU_KERNELS"
-COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+# F16C (half <-> float32) comes with every AVX2 CPU.
+COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 COMPILE_TIMEOUT_S = 120.0
 
 
@@ -133,7 +134,7 @@ def _load(path: Path) -> ctypes.CDLL:
         ctypes.c_int,  # threads
     ]  # fmt: skip
     function.restype = None
-    function = library.batchlm_paged_decode_f32
+    function = library.batchlm_paged_decode
     function.argtypes = [
         ctypes.c_void_p, size,  # q, its row stride
         ctypes.c_void_p, ctypes.c_void_p,  # key cache, value cache
@@ -143,6 +144,7 @@ def _load(path: Path) -> ctypes.CDLL:
         size, size, size, size, size,  # B, heads, kv_heads, D, block_size
         ctypes.c_float, ctypes.c_int,  # scale, threads
         size, ctypes.c_float,  # sliding window (0: none), soft-cap (0: none)
+        ctypes.c_int,  # the caches hold half values (else float32)
     ]  # fmt: skip
     function.restype = ctypes.c_int
     function = library.batchlm_sample_f32

@@ -40,7 +40,6 @@ SOURCE_PATH = Path(__file__).with_name("cpu_quant_kernels.c")
 ISA_ENV = "BATCHLM_CPU_QUANT_ISA"
 # The C kernels' `isa` argument.
 ISA_AVX2, ISA_AVX512, ISA_AMX = 0, 1, 2
-QUANT_FLAGS = (*COMPILE_FLAGS, "-mf16c")
 
 
 @dataclass(frozen=True)
@@ -197,7 +196,7 @@ def _raw_library() -> ctypes.CDLL | None:
     if native_library() is None:  # disabled, no AVX2, or no compiler (already logged)
         return None
     try:
-        library = ctypes.CDLL(str(build_library(source_path=SOURCE_PATH, flags=QUANT_FLAGS)))
+        library = ctypes.CDLL(str(build_library(source_path=SOURCE_PATH, flags=COMPILE_FLAGS)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         logger.warning("quantized CPU kernels unavailable (%s); dequantizing weights instead", error)
         return None

@@ -86,7 +86,7 @@ def build_fused_decode(
         return None
     assert isinstance(model, LlamaForCausalLM)
     shape = _shape(model, kv_caches[0])
-    reason = fits(shape)
+    reason = fits(shape, kv_caches)
     if reason is not None:
         logger.info("CPU decode: layer by layer (%s)", reason)
         return None
@@ -98,8 +98,6 @@ def build_fused_decode(
 def _unsupported(model: torch.nn.Module, kv_caches: list[torch.Tensor], attn: AttentionBackend) -> str | None:
     if not isinstance(model, LlamaForCausalLM) or not isinstance(attn, TorchAttentionBackend):
         return "not a Llama-style model on the CPU attention backend"
-    if not kv_caches or any(c.dtype != torch.float32 or not c.is_contiguous() for c in kv_caches):
-        return "the KV cache is not contiguous float32"
     first_rope = None
     for layer in model.model.layers:
         assert isinstance(layer, LlamaDecoderLayer)

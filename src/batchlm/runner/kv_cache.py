@@ -26,11 +26,20 @@ DEFAULT_SHARE_OF_AVAILABLE = 0.5
 def resolve_kv_cache_dtype(
     name: str, model_dtype: torch.dtype, device: torch.device, backend: str
 ) -> torch.dtype:
-    """--kv-cache-dtype: "auto" is the model dtype; "fp8" is e4m3, read by the Triton kernels only."""
+    """--kv-cache-dtype: "auto" is the model dtype; "fp16" is float16 on the CPU (half of a float32
+    model's cache, read by the C kernels and torch's path alike); "fp8" is e4m3, read by the Triton
+    kernels only."""
     if name == "auto":
         return model_dtype
+    if name == "fp16":
+        if device.type != "cpu":
+            raise ValueError(
+                f"--kv-cache-dtype fp16 is for the CPU (here: {device.type}); on a GPU auto keeps the model's "
+                "16-bit dtype and fp8 halves it"
+            )
+        return torch.float16
     if name != "fp8":
-        raise ValueError(f"unknown --kv-cache-dtype {name!r}; choose auto or fp8")
+        raise ValueError(f"unknown --kv-cache-dtype {name!r}; choose auto, fp16 or fp8")
     if device.type != "cuda" or backend != "triton":
         raise ValueError(
             f"--kv-cache-dtype fp8 needs a CUDA GPU and the Triton attention kernels (here: {device.type}, "
