@@ -5,6 +5,7 @@ the process's CPU time per step (all threads; with one thread, a figure that
 other work on the machine disturbs less) and a digest of the generated token ids so that two source trees can be checked for identical output.
 
     python benchmarks/cpu_fused_decode.py --model smollm2-135m-q8_0.gguf --tokens 128 --rounds 5
+    python benchmarks/cpu_fused_decode.py --model qwen3-0.6b-q4_k_m.gguf --words 3000 --kv-cache-dtype fp16
 
 Run it from two trees alternately (PYTHONPATH=tree/src) to compare builds in the same sitting.
 """
@@ -48,8 +49,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--words", type=int, default=140)
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "fp16"], default="auto")
     args = parser.parse_args()
-    llm = LLM(model=args.model, device="cpu", speculative="off", enable_prefix_caching=False)
+    llm = LLM(
+        model=args.model,
+        device="cpu",
+        speculative="off",
+        enable_prefix_caching=False,
+        kv_cache_dtype=args.kv_cache_dtype,
+    )
     prompt = prompt_of(args.words)
     timed(llm, prompt, 8)  # warm-up: library load, first allocations
     per_token: list[float] = []

@@ -105,12 +105,13 @@ def attention(
     repeats: int,
     window: int | None = None,
     softcap: float | None = None,
+    kv_dtype: torch.dtype = torch.float32,
 ) -> None:
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     head_dim = config.get("head_dim", config["hidden_size"] // heads)
     block_size = 16
     per_request = -(-context // block_size)
-    cache = torch.randn(2, batch * per_request + 8, block_size, kv_heads, head_dim)
+    cache = torch.randn(2, batch * per_request + 8, block_size, kv_heads, head_dim).to(kv_dtype)
     tables = torch.randperm(cache.shape[1])[: batch * per_request].view(batch, per_request).int()
     lens = torch.full((batch,), context, dtype=torch.int32)
     query = torch.randn(batch, heads, head_dim)
@@ -144,7 +145,7 @@ def attention(
         for evicted in (False, True):
             ms = median_ms(fn, repeats, before=evict.sum if evicted else None)
             print(json.dumps({"op": f"decode attention {name}", "batch": batch, "context": context,
-                              "window": window, "softcap": softcap,
+                              "window": window, "softcap": softcap, "kv_dtype": str(kv_dtype)[6:],
                               "cache": "evicted" if evicted else "warm", "ms": round(ms, 3)}))  # fmt: skip
 
 
@@ -175,6 +176,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--window", type=int, default=None, help="sliding window of the attention layer")
     parser.add_argument("--softcap", type=float, default=None, help="attention logit soft-cap")
+    parser.add_argument("--kv-dtype", choices=["float32", "float16"], default="float32",
+                        help="the attention's cache dtype (float16: --kv-cache-dtype fp16)")  # fmt: skip
     parser.add_argument("--ops", nargs="+", choices=["gemm", "attention", "sampling"],
                         default=["gemm", "attention", "sampling"])  # fmt: skip
     args = parser.parse_args()
@@ -188,7 +191,15 @@ def main() -> None:
     if "gemm" in args.ops:
         gemm(config, args.rows, args.repeats)
     if "attention" in args.ops:
-        attention(config, args.batch, args.context, args.repeats, args.window, args.softcap)
+        attention(
+            config,
+            args.batch,
+            args.context,
+            args.repeats,
+            args.window,
+            args.softcap,
+            getattr(torch, args.kv_dtype),
+        )
     if "sampling" in args.ops:
         sampling(config, args.batch, args.repeats)
 

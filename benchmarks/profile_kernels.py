@@ -8,6 +8,10 @@ Every request is prefilled first (not profiled); then --decode-steps steps of th
 at a context of about --input-len. With --prefill, the prefill steps themselves are profiled instead
 (each request asks for one token), e.g. the long prefill:
 python benchmarks/profile_kernels.py --shape llama-3.2-1b --num-requests 8 --input-len 8000 --prefill
+With --output-len N as well, each request asks for N tokens and every step of the run is profiled:
+the decodes of the requests already prefilled ride along with the later prompts' chunks, so the same
+command at N = 1 and at N = 64 says by kernel what those decodes cost (the long prefill's 64 x 8000
+in, 64 out: `--num-requests 64 --input-len 8000 --prefill --output-len 64`).
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ def main() -> None:
     parser.add_argument("--kv-cache-dtype", default="auto", help="as `batchlm serve --kv-cache-dtype`")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--prefill", action="store_true", help="profile the prefill steps, not decode")
+    parser.add_argument(
+        "--output-len", type=int, default=1, help="with --prefill: tokens each request asks for"
+    )
     parser.add_argument("--top", type=int, default=18)
     args = parser.parse_args()
     from batchlm import SamplingParams
@@ -50,7 +57,7 @@ def main() -> None:
     # The first requests decode while the last ones prefill (PREFILL_CHUNK tokens a step): none may
     # finish before the profiled steps end.
     prefill_steps = -(-args.num_requests * args.input_len // PREFILL_CHUNK)
-    output_len = 1 if args.prefill else prefill_steps + args.decode_steps + 8
+    output_len = args.output_len if args.prefill else prefill_steps + args.decode_steps + 8
     llm = dummy_llm(
         args.shape,
         args.num_requests,
@@ -143,7 +150,8 @@ def profile_prefill(llm: Any, prompts: list[list[int]], params: Any, top: int) -
         elapsed = time.perf_counter() - started
     tokens = sum(len(p) for p in prompts)
     print(
-        f"{steps} steps prefilled {tokens} prompt tokens in {elapsed:.3f} s ({tokens / elapsed:,.0f} tok/s, profiler on)"
+        f"{steps} steps prefilled {tokens} prompt tokens and sampled {params.max_tokens} a request in "
+        f"{elapsed:.3f} s ({tokens / elapsed:,.0f} prompt tok/s, profiler on)"
     )
     print(prof.key_averages().table(sort_by=sort_by, row_limit=top, max_name_column_width=70))
 
