@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--words", type=int, default=140)
-    parser.add_argument("--kv-cache-dtype", choices=["auto", "fp16"], default="auto")
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "fp16", "fp32"], default="auto")
     args = parser.parse_args()
     llm = LLM(
         model=args.model,

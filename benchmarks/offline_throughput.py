@@ -206,7 +206,7 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the model is split across")
     parser.add_argument("--quantization", choices=["int8", "fp8", "w4a16"], default=None)
-    parser.add_argument("--kv-cache-dtype", choices=["auto", "fp16", "fp8"], default="auto")
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "fp16", "fp32", "fp8"], default="auto")
     parser.add_argument("--dummy", action="store_true", help="random weights made on the device (GPU shapes)")
     parser.add_argument("--compare-hf", action="store_true", help="also time transformers' generate")
     parser.add_argument("--structured", action="store_true", help="also time runs under a JSON schema")

@@ -21,6 +21,7 @@ from batchlm.runner.kv_cache import (
 )
 from batchlm.runner.model_runner import ModelRunner
 from batchlm.server.metrics import EngineStatsCollector
+from gguf_builder import write_tiny_gguf
 
 CUDA = torch.device("cuda")
 SHAPE = ModelShape(32, 32, 8, 128, 4096, 128256, 8192)
@@ -98,7 +99,8 @@ def test_a_float16_block_takes_half_a_float32_blocks_bytes() -> None:
 
 def test_the_cpu_engine_over_a_float16_cache(tiny_model_dir: Callable[..., Path]) -> None:
     """Decodes, prompts after cached context and prefix-cache hits read the half cache; the greedy tokens
-    and their log-probabilities stay those of a float32 cache within half's rounding."""
+    and their log-probabilities stay those of a float32 cache (a float model's default) within half's
+    rounding."""
     model = str(tiny_model_dir("llama"))
     half = LLM(model=model, device="cpu", kv_cache_dtype="fp16", max_num_batched_tokens=32)
     full = LLM(model=model, device="cpu", max_num_batched_tokens=32)
@@ -121,3 +123,31 @@ def test_the_cpu_engine_over_a_float16_cache(tiny_model_dir: Callable[..., Path]
         for mine, reference in zip(ours.logprobs, theirs.logprobs, strict=True):
             assert abs(mine.logprob - reference.logprob) < 1e-3
     assert cached == [0, 0, 64]
+
+
+def test_auto_on_the_cpu_is_float16_for_quantized_weights_and_fp32_asks_for_float32() -> None:
+    cpu = torch.device("cpu")
+    assert (
+        resolve_kv_cache_dtype("auto", torch.float32, cpu, "torch", quantized_weights=True) == torch.float16
+    )
+    assert resolve_kv_cache_dtype("auto", torch.float32, cpu, "torch") == torch.float32
+    assert (
+        resolve_kv_cache_dtype("fp32", torch.float32, cpu, "torch", quantized_weights=True) == torch.float32
+    )
+    # A GPU's auto stays the model's dtype whatever its weights.
+    assert (
+        resolve_kv_cache_dtype("auto", torch.bfloat16, CUDA, "triton", quantized_weights=True)
+        == torch.bfloat16
+    )
+    with pytest.raises(ValueError, match="--kv-cache-dtype fp32 is for the CPU"):
+        resolve_kv_cache_dtype("fp32", torch.bfloat16, CUDA, "triton")
+
+
+def test_a_gguf_models_cpu_cache_is_float16_unless_asked_for_float32(tmp_path: Path) -> None:
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf", "llama", "Q8_0", True)
+    for kv_cache_dtype, expected in (("auto", torch.float16), ("fp32", torch.float32)):
+        llm = LLM(model=str(gguf), device="cpu", kv_cache_dtype=kv_cache_dtype, cpu_kv_cache_gib=0.01)
+        runner = llm.engine_core.executor
+        assert isinstance(runner, ModelRunner)
+        assert {cache.dtype for cache in runner.kv_caches} == {expected}
+        assert len(llm.generate([[5, 17, 42]], SamplingParams(max_tokens=4))[0].outputs[0].token_ids) == 4

@@ -127,7 +127,7 @@ ENGINE_CHOICES = {
     "dtype": ["auto", "float32", "bfloat16", "float16"],
     "load_format": ["auto", "dummy"],
     "quantization": ["int8", "fp8", "w4a16"],
-    "kv_cache_dtype": ["auto", "fp16", "fp8"],
+    "kv_cache_dtype": ["auto", "fp16", "fp32", "fp8"],
     "async_scheduling": ["auto", "on", "off"],
     "speculative": ["auto", "off", "ngram"],
 }

@@ -19,27 +19,34 @@ GIB = 1 << 30
 # The CPU KV cache when --cpu-kv-cache-gib is not given is at most this (and no more than the running
 # requests can fill).
 DEFAULT_CPU_KV_CACHE_GIB = 2.0
+# --kv-cache-dtype names of the CPU caches' dtypes.
+CPU_CACHE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 # The default CPU KV cache takes no more than this share of the memory available after the model loads.
 DEFAULT_SHARE_OF_AVAILABLE = 0.5
 
 
 def resolve_kv_cache_dtype(
-    name: str, model_dtype: torch.dtype, device: torch.device, backend: str
+    name: str, model_dtype: torch.dtype, device: torch.device, backend: str, quantized_weights: bool = False
 ) -> torch.dtype:
-    """--kv-cache-dtype: "auto" is the model dtype; "fp16" is float16 on the CPU (half of a float32
-    model's cache, read by the C kernels and torch's path alike); "fp8" is e4m3, read by the Triton
-    kernels only."""
+    """--kv-cache-dtype: "auto" is the model dtype, except float16 for a float32 model on the CPU whose
+    weights are quantized (GGUF files, --quantization int8), as llama.cpp keeps its cache: their
+    outputs already depart from the float model's more than half-precision keys and values move them,
+    while a float checkpoint keeps the float32 cache its exactness against transformers rests on.
+    "fp16" and "fp32" are float16 and float32 on the CPU (read by the C kernels and torch's path
+    alike); "fp8" is e4m3, read by the Triton kernels only."""
     if name == "auto":
+        if device.type == "cpu" and quantized_weights and model_dtype == torch.float32:
+            return torch.float16
         return model_dtype
-    if name == "fp16":
+    if name in CPU_CACHE_DTYPES:
         if device.type != "cpu":
             raise ValueError(
-                f"--kv-cache-dtype fp16 is for the CPU (here: {device.type}); on a GPU auto keeps the model's "
-                "16-bit dtype and fp8 halves it"
+                f"--kv-cache-dtype {name} is for the CPU (here: {device.type}); on a GPU auto keeps the "
+                "model's 16-bit dtype and fp8 halves it"
             )
-        return torch.float16
+        return CPU_CACHE_DTYPES[name]
     if name != "fp8":
-        raise ValueError(f"unknown --kv-cache-dtype {name!r}; choose auto, fp16 or fp8")
+        raise ValueError(f"unknown --kv-cache-dtype {name!r}; choose auto, fp16, fp32 or fp8")
     if device.type != "cuda" or backend != "triton":
         raise ValueError(
             f"--kv-cache-dtype fp8 needs a CUDA GPU and the Triton attention kernels (here: {device.type}, "

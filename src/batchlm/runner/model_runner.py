@@ -14,6 +14,7 @@ from batchlm.core.facts import ModelFacts
 from batchlm.core.step_io import ModelRunnerOutput, SchedulerOutput
 from batchlm.layers.embedding import use_cpu_lm_head
 from batchlm.layers.linear import pack_linears_for_cpu
+from batchlm.layers.quantization.layer import has_quantized_layers
 from batchlm.models.loader import LoadedModel, ModelShape, load_model
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
 from batchlm.runner.cpu_threads import cap_cpu_threads
@@ -119,7 +120,9 @@ class ModelRunner:
             self.device
         )
         self.attn = choose_attention_backend(self.device)
-        self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype, self.device, self.attn.name)
+        self.kv_dtype = resolve_kv_cache_dtype(
+            config.kv_cache_dtype, self.dtype, self.device, self.attn.name, has_quantized_layers(self.model)
+        )
         self.sampler = Sampler(self.shape.vocab_size, self.device, seed=config.seed)
         self.states: dict[str, SamplingState] = {}
         self.input_builder = StepInputBuilder(config.block_size, self.device)

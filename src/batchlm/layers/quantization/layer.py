@@ -42,3 +42,8 @@ class MethodLayer(nn.Module):
     def process_weights_after_loading(self) -> bool:
         """Called once the weights are final; True when the method changed their form."""
         return self.method.process_after_loading(self)
+
+
+def has_quantized_layers(model: nn.Module) -> bool:
+    """Whether any layer of `model` holds its weight in a quantized form (a method other than dense)."""
+    return any(isinstance(module, MethodLayer) and module.method is not DENSE for module in model.modules())
