@@ -130,3 +130,30 @@ def test_backend_gives_the_same_outputs_with_and_without_the_kernel(
     monkeypatch.setattr(cpu_decode_attention, "supports", lambda query, kv_cache: False)
     without = TorchAttentionBackend().forward(query, key, value, cache.clone(), meta, AttentionSpec(0.125))
     torch.testing.assert_close(with_kernel, without, atol=2e-5, rtol=1e-4)
+
+
+@needs_kernel
+def test_a_half_cache_saturates_outsized_keys_and_values_alike_on_both_paths(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A key or value past float16's range is stored as +-65504 (not infinity, whose NaNs would spread
+    # through the softmax), by torch's write and read alike with and without the kernel.
+    block = 4
+    chunks = [Chunk([0], start, [i * 5 + j for j in range(5)]) for i, start in enumerate([1, 11, 5])]
+    _, _, meta = build_step(chunks, block)
+    gen = torch.Generator().manual_seed(6)
+    cache = torch.randn(2, 20, block, 2, 64, generator=gen).half()
+    query = torch.randn(meta.num_tokens, 6, 64, generator=gen) * 1e-4
+    key = torch.randn(meta.num_tokens, 2, 64, generator=gen)
+    value = torch.randn(meta.num_tokens, 2, 64, generator=gen)
+    key[0, 0, :4] = torch.tensor([1e6, -1e6, 7e4, -7e4])
+    value[1, 1, :2] = torch.tensor([1e9, -1e9])
+    caches = [cache.clone(), cache.clone()]
+    with_kernel = TorchAttentionBackend().forward(query, key, value, caches[0], meta, AttentionSpec(0.125))
+    monkeypatch.setattr(cpu_decode_attention, "supports", lambda query, kv_cache: False)
+    without = TorchAttentionBackend().forward(query, key, value, caches[1], meta, AttentionSpec(0.125))
+    assert torch.isfinite(with_kernel).all()
+    torch.testing.assert_close(with_kernel, without, atol=2e-5, rtol=1e-4)
+    stored_key = caches[0][0].flatten(0, 1)[meta.slot_mapping[0], 0, :4]
+    assert stored_key.tolist() == [65504.0, -65504.0, 65504.0, -65504.0]
+    assert caches[0][1].flatten(0, 1)[meta.slot_mapping[1], 1, :2].tolist() == [65504.0, -65504.0]

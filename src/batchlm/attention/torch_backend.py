@@ -111,13 +111,25 @@ class TorchAttentionBackend(AttentionBackend):
         return self._groups
 
 
+# The largest finite float16: a half cache saturates there (as the C kernels do), so that one outsized
+# key or value gives a wrong score rather than an infinity whose NaNs would spread through the softmax.
+HALF_MAX = 65504.0
+
+
+def as_cached(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
+    """x as a cache of `cache_dtype` holds it."""
+    if cache_dtype == torch.float16 and x.dtype != torch.float16:
+        x = x.clamp(-HALF_MAX, HALF_MAX)
+    return x.to(cache_dtype)
+
+
 def write_kv_cache(
     kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor
 ) -> None:
     """Store each token's key/value at its flat slot (block_id * block_size + offset)."""
     # kv_cache[i]: [num_blocks, block_size, H_kv, D] -> flat view [num_blocks * block_size, H_kv, D]
-    kv_cache[0].flatten(0, 1).index_copy_(0, slots, key.to(kv_cache.dtype))
-    kv_cache[1].flatten(0, 1).index_copy_(0, slots, value.to(kv_cache.dtype))
+    kv_cache[0].flatten(0, 1).index_copy_(0, slots, as_cached(key, kv_cache.dtype))
+    kv_cache[1].flatten(0, 1).index_copy_(0, slots, as_cached(value, kv_cache.dtype))
 
 
 def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -215,7 +227,7 @@ def _prefill_attention(
         # Nothing cached before this chunk: attend to the new keys directly, no gather, as the cache
         # holds them (rounded to a 16-bit cache's dtype), so that a prompt attends alike in one chunk or
         # several, and with its prefix cached or not.
-        keys, values = key[start:end].to(kv_cache.dtype), value[start:end].to(kv_cache.dtype)
+        keys, values = as_cached(key[start:end], kv_cache.dtype), as_cached(value[start:end], kv_cache.dtype)
     else:
         keys = gather_context(kv_cache[0], meta.block_tables[request], context_len)
         values = gather_context(kv_cache[1], meta.block_tables[request], context_len)

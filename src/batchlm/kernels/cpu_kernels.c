@@ -175,15 +175,24 @@ static inline __m256 kv_load8(const void *slice, long i, int half) {
     return _mm256_loadu_ps((const float *)slice + i);
 }
 
-/* n float32 values (n a multiple of 8) into a cache slot, rounded to nearest even when half. */
+/* 8 float32 values as half: rounded to nearest even and saturated at half's largest finite value, so
+ * that one outsized key or value gives a wrong score rather than an infinity whose NaNs would spread
+ * through the softmax (torch's path clamps the same way). */
+static inline __m128i to_half8(__m256 x) {
+    const __m256 limit = _mm256_set1_ps(65504.0f);
+    /* min/max return their second operand when either is NaN: a NaN stays NaN, as torch's clamp keeps it. */
+    x = _mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), limit), _mm256_min_ps(limit, x));
+    return _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT);
+}
+
+/* n float32 values (n a multiple of 8) into a cache slot, as half (to_half8) when `half`. */
 static inline void kv_store(void *slot, const float *values, long n, int half) {
     if (!half) {
         for (long i = 0; i < n; i++) ((float *)slot)[i] = values[i];
         return;
     }
     for (long i = 0; i < n; i += 8)
-        _mm_storeu_si128((__m128i *)((uint16_t *)slot + i),
-                         _mm256_cvtps_ph(_mm256_loadu_ps(values + i), _MM_FROUND_TO_NEAREST_INT));
+        _mm_storeu_si128((__m128i *)((uint16_t *)slot + i), to_half8(_mm256_loadu_ps(values + i)));
 }
 
 /* Token t of a request in one paged cache: its keys (or values) of every KV head, contiguous. */
