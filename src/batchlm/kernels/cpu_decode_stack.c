@@ -10,7 +10,7 @@
  *     h += down(silu(gate(rmsnorm(h))) * up(rmsnorm(h)))
  *
  * Each thread takes a fixed share of every matmul's 16-row panels (gate and up panels in pairs, so
- * the SiLU product needs no exchange) and of the (request, query head) attention items; threads meet
+ * the SiLU product needs no exchange) and of the (request, KV group) attention items; threads meet
  * at one barrier after each of the five stages (six when rows share a request's context), a barrier
  * that spins briefly before it sleeps (cpu_stage_barrier.c). The small row-wise work a stage starts
  * with (a norm, quantizing the activations, rotating a new key) every thread does for itself rather
@@ -101,10 +101,9 @@ static void store_group(const DecodeShape *shape, const DecodeLayer *layer, cons
     store_slot(shape, layer, batch, b, g, k, v);
 }
 
-/* x rounded to half and back, in place: what a half cache would give back for it. */
+/* x through half and back, in place: what a half cache would give back for it. */
 static void round_through_half(float *x, long D) {
-    for (long d = 0; d < D; d += 8)
-        _mm256_storeu_ps(x + d, _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_loadu_ps(x + d), _MM_FROUND_TO_NEAREST_INT)));
+    for (long d = 0; d < D; d += 8) _mm256_storeu_ps(x + d, _mm256_cvtph_ps(to_half8(_mm256_loadu_ps(x + d))));
 }
 
 /* Row b's new key of KV head g, rotated, and its value into `key` and `value`, as the cache holds them
@@ -136,51 +135,63 @@ static void softmax_in_place(float *scores, long length) {
     for (t = 0; t < length; t++) scores[t] /= total;
 }
 
-/* Stage 2b for row b's query head h: rotate it and attend over the row's context. With `key` (and
- * `value`) given, the row's last token is read from them rather than from the cache, which another
- * thread may still be writing (new_key_value made them as the cache holds them); else every token comes
- * from the cache. */
-static void attend_head(const DecodeShape *shape, const DecodeLayer *layer, const DecodeBatch *batch, float *qkv,
-                        float *attn, long b, long h, float *scores, const float *key, const float *value) {
-    const long D = shape->head_dim, H = shape->heads, G = shape->kv_heads, g = h / (H / G);
-    float *q = qkv + b * (H + 2 * G) * D + h * D;
+/* Stage 2b for row b's query heads [h0, h1) of one KV group: rotate them and attend over the row's
+ * context, walking the group's keys and values once for all of them. With `key` (and `value`) given,
+ * the row's last token is read from them rather than from the cache, which another thread may still be
+ * writing (new_key_value made them as the cache holds them); else every token comes from the cache.
+ * scores: (h1 - h0) * length floats. */
+static void attend_heads(const DecodeShape *shape, const DecodeLayer *layer, const DecodeBatch *batch, float *qkv,
+                         float *attn, long b, long h0, long h1, float *scores, const float *key, const float *value) {
+    const long D = shape->head_dim, H = shape->heads, G = shape->kv_heads, g = h0 / (H / G), n = h1 - h0;
+    float *q = qkv + b * (H + 2 * G) * D + h0 * D; /* the heads' queries, D apart */
     const long token_stride = G * D, block_stride = shape->block_size * token_stride;
     const long length = batch->seq_lens[b], cached = key ? length - 1 : length;
     const int32_t *table = batch->block_tables + b * batch->table_stride;
     const int half = (int)shape->kv_half;
-    rope_head(q, shape->cos_sin + batch->positions[b] * D, D);
+    for (long j = 0; j < n; j++) rope_head(q + j * D, shape->cos_sin + batch->positions[b] * D, D);
     for (long t = 0; t < cached; t++) {
         const void *k = walk_head(layer->k_cache, table, t, cached, shape->block_size, block_stride, token_stride,
                                   g * D, D, half);
-        scores[t] = dot_cached(q, k, D, shape->scale, half);
+        for (long j = 0; j < n; j++) scores[j * length + t] = dot_cached(q + j * D, k, D, shape->scale, half);
     }
-    if (key) scores[length - 1] = dot_cached(q, key, D, shape->scale, 0);
-    softmax_in_place(scores, length);
-    float *out = attn + b * H * D + h * D;
-    for (long d = 0; d < D; d++) out[d] = 0.0f;
+    for (long j = 0; j < n; j++) {
+        if (key) scores[j * length + length - 1] = dot_cached(q + j * D, key, D, shape->scale, 0);
+        softmax_in_place(scores + j * length, length);
+    }
+    float *out = attn + b * H * D + h0 * D;
+    for (long d = 0; d < n * D; d++) out[d] = 0.0f;
     for (long t = 0; t < cached; t++) {
         const void *v = walk_head(layer->v_cache, table, t, cached, shape->block_size, block_stride, token_stride,
                                   g * D, D, half);
-        add_cached(out, v, scores[t], D, half);
+        for (long j = 0; j < n; j++) add_cached(out + j * D, v, scores[j * length + t], D, half);
     }
-    if (value) add_cached(out, value, scores[length - 1], D, 0);
+    if (value)
+        for (long j = 0; j < n; j++) add_cached(out + j * D, value, scores[j * length + length - 1], D, 0);
 }
 
-/* Stage 2 for this thread's (row, query head) items [first, last). Rows of one request (shared
- * context) had every key stored in a stage of its own; else the thread holding a group's first query
- * head stores the group's new key and value, and every thread attends with its own rotated copy. */
+/* Items of the attention stage: a (row, KV group) each, whose walk of the cache serves the group's
+ * query heads together, unless the rows' groups are too few to share among the threads (B * kv_heads <
+ * 2 * team), where each query head is an item of its own. */
+static long attention_item_heads(const DecodeShape *shape, long B, long team) {
+    return B * shape->kv_heads < 2 * team ? 1 : shape->heads / shape->kv_heads;
+}
+
+/* Stage 2 for this thread's items [first, last), `per_item` query heads each (attention_item_heads).
+ * Rows of one request (shared context) had every key stored in a stage of its own; else the item
+ * holding a group's first query head stores the group's new key and value, and every item attends
+ * with its own copy of them. */
 static void attend_items(const DecodeShape *shape, const DecodeLayer *layer, const DecodeBatch *batch, float *qkv,
-                         float *attn, long first, long last, const ThreadScratch *s) {
-    const long H = shape->heads, group = H / shape->kv_heads;
+                         float *attn, long first, long last, long per_item, const ThreadScratch *s) {
+    const long H = shape->heads, group = H / shape->kv_heads, items_per_row = H / per_item;
     for (long item = first; item < last; item++) {
-        const long b = item / H, h = item % H, g = h / group;
+        const long b = item / items_per_row, h0 = (item % items_per_row) * per_item, g = h0 / group;
         if (batch->shared_context) {
-            attend_head(shape, layer, batch, qkv, attn, b, h, s->scores, NULL, NULL);
+            attend_heads(shape, layer, batch, qkv, attn, b, h0, h0 + per_item, s->scores, NULL, NULL);
             continue;
         }
         new_key_value(shape, batch, qkv, b, g, s->key, s->value);
-        if (h % group == 0) store_slot(shape, layer, batch, b, g, s->key, s->value);
-        attend_head(shape, layer, batch, qkv, attn, b, h, s->scores, s->key, s->value);
+        if (h0 % group == 0) store_slot(shape, layer, batch, b, g, s->key, s->value);
+        attend_heads(shape, layer, batch, qkv, attn, b, h0, h0 + per_item, s->scores, s->key, s->value);
     }
 }
 
@@ -278,8 +289,9 @@ static void decode_layer(const DecodeShape *shape, const DecodeLayer *layer, con
             store_group(shape, layer, batch, buf->qkv, item / shape->kv_heads, item % shape->kv_heads);
         stage_done(barrier, team);
     }
-    share(B * shape->heads, me, team, &first, &last);
-    attend_items(shape, layer, batch, buf->qkv, buf->attn, first, last, s);
+    const long per_item = attention_item_heads(shape, B, team);
+    share(B * shape->heads / per_item, me, team, &first, &last);
+    attend_items(shape, layer, batch, buf->qkv, buf->attn, first, last, per_item, s);
     stage_done(barrier, team);
     share((n + QPANEL - 1) / QPANEL, me, team, &first, &last);
     own_panels(buf->attn, B, attn_n, layer->o, layer->o_bits4, layer->o_bias, buf->out, n, first, last, s, isa);
