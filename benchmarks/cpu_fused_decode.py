@@ -33,12 +33,13 @@ def prompt_of(words: int) -> str:
     return " ".join(text) + "\nSummarise the passage above in detail."
 
 
-def timed(llm: LLM, prompt: str, tokens: int) -> tuple[float, float, list[int]]:
-    """Wall and process CPU seconds of one generation, and its token ids."""
+def timed(llm: LLM, prompt: str, tokens: int) -> tuple[float, float, list[int], int]:
+    """Wall and process CPU seconds of one generation, its token ids and the prompt's length in tokens."""
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
     start, cpu_start = time.perf_counter(), time.process_time()
     output = llm.generate(prompt, params)[0]
-    return time.perf_counter() - start, time.process_time() - cpu_start, list(output.outputs[0].token_ids)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return wall, cpu, list(output.outputs[0].token_ids), len(output.prompt_token_ids)
 
 
 def main() -> None:
@@ -63,9 +64,10 @@ def main() -> None:
     per_token: list[float] = []
     cpu_per_token: list[float] = []
     digest = ""
+    prompt_tokens = 0
     for _ in range(args.rounds):
-        full, full_cpu, ids = timed(llm, prompt, args.tokens)
-        start, start_cpu, _ = timed(llm, prompt, 1)
+        full, full_cpu, ids, prompt_tokens = timed(llm, prompt, args.tokens)
+        start, start_cpu, _, _ = timed(llm, prompt, 1)
         per_token.append((full - start) / (args.tokens - 1) * 1e3)
         cpu_per_token.append((full_cpu - start_cpu) / (args.tokens - 1) * 1e3)
         digest = hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:12]
@@ -73,7 +75,8 @@ def main() -> None:
     rounds = " ".join(f"{ms:.2f}" for ms in per_token)
     print(
         f"ms/token median {statistics.median(per_token):.2f} (rounds {rounds}) "
-        f"cpu ms/token {statistics.median(cpu_per_token):.2f} tokens {digest} load {load:.2f}"
+        f"cpu ms/token {statistics.median(cpu_per_token):.2f} tokens {digest} load {load:.2f} "
+        f"prompt tokens {prompt_tokens}"
     )
 
 
