@@ -101,6 +101,15 @@ def test_fused_steps_over_a_float16_cache_match_the_model(
     _assert_steps_agree(_model(tmp_path, qtype, True, model_type), rows, torch.float16)
 
 
+def test_fused_steps_saturate_outsized_keys_in_a_float16_cache_as_the_model_does(tmp_path: Path) -> None:
+    # Qwen3's key norm scaled past float16's range: both paths store those keys as +-65504, and the
+    # stack attends with its new keys saturated alike, so the logits still agree and stay finite.
+    loaded = _model(tmp_path, "Q8_0", True, "qwen3")
+    norm = loaded.model.model.layers[0].self_attn.k_norm
+    norm.weight.data.mul_(1e6)
+    _assert_steps_agree(loaded, 3, torch.float16)
+
+
 def test_fused_steps_with_llama3_rope_scaling(tmp_path: Path) -> None:
     # A Llama 3.x GGUF (rope_freqs): a band these prompts' positions reach, so the scaling shows.
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
