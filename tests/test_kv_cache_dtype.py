@@ -143,8 +143,10 @@ def test_auto_on_the_cpu_is_float16_for_quantized_weights_and_fp32_asks_for_floa
         resolve_kv_cache_dtype("fp32", torch.bfloat16, CUDA, "triton")
 
 
-def test_a_gguf_models_cpu_cache_is_float16_unless_asked_for_float32(tmp_path: Path) -> None:
-    gguf = write_tiny_gguf(tmp_path / "tiny.gguf", "llama", "Q8_0", True)
+@pytest.mark.parametrize("qtype", ["Q8_0", "F32"])
+def test_a_gguf_models_cpu_cache_is_float16_unless_asked_for_float32(tmp_path: Path, qtype: str) -> None:
+    # Any GGUF file, quantized or not, as llama.cpp keeps its cache.
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf", "llama", qtype, True)
     for kv_cache_dtype, expected in (("auto", torch.float16), ("fp32", torch.float32)):
         llm = LLM(model=str(gguf), device="cpu", kv_cache_dtype=kv_cache_dtype, cpu_kv_cache_gib=0.01)
         runner = llm.engine_core.executor

@@ -97,7 +97,7 @@ class EngineConfig:
     # embedding and LM head to Q8_0 blocks at load (CPU only). "fp8" / "w4a16": quantize its linears to
     # per-channel FP8 or 4-bit groups of 128 at load (for NVIDIA GPUs; elsewhere emulated, slowly).
     quantization: str | None = None
-    # KV-cache dtype: "auto" (the model dtype; on a CPU float16 when the weights are quantized, as
+    # KV-cache dtype: "auto" (the model dtype; on a CPU float16 for GGUF files and quantized weights, as
     # llama.cpp keeps GGUF models' caches), "fp16" / "fp32" (CPU: float16 takes half a float32 cache's
     # bytes, so twice the blocks and half the reads of a decode's attention) or "fp8" (e4m3 with
     # per-layer scales from the checkpoint, else 1.0: twice the blocks; CUDA with the Triton attention

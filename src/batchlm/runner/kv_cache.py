@@ -28,10 +28,11 @@ DEFAULT_SHARE_OF_AVAILABLE = 0.5
 def resolve_kv_cache_dtype(
     name: str, model_dtype: torch.dtype, device: torch.device, backend: str, quantized_weights: bool = False
 ) -> torch.dtype:
-    """--kv-cache-dtype: "auto" is the model dtype, except float16 for a float32 model on the CPU whose
-    weights are quantized (GGUF files, --quantization int8), as llama.cpp keeps its cache: their
-    outputs already depart from the float model's more than half-precision keys and values move them,
-    while a float checkpoint keeps the float32 cache its exactness against transformers rests on.
+    """--kv-cache-dtype: "auto" is the model dtype, except float16 for a float32 model on the CPU from a
+    GGUF file or with quantized weights (--quantization int8), as llama.cpp keeps a GGUF model's cache:
+    quantized outputs already depart from the float model's more than half-precision keys and values
+    move them, while a dense checkpoint keeps the float32 cache its exactness against transformers
+    rests on.
     "fp16" and "fp32" are float16 and float32 on the CPU (read by the C kernels and torch's path
     alike); "fp8" is e4m3, read by the Triton kernels only."""
     if name == "auto":

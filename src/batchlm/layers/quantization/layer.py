@@ -45,5 +45,6 @@ class MethodLayer(nn.Module):
 
 
 def has_quantized_layers(model: nn.Module) -> bool:
-    """Whether any layer of `model` holds its weight in a quantized form (a method other than dense)."""
+    """Whether any layer of `model` holds its weight other than as a dense checkpoint's: quantized, or
+    from a GGUF file (dequantized as it loaded, whatever its type)."""
     return any(isinstance(module, MethodLayer) and module.method is not DENSE for module in model.modules())
