@@ -133,6 +133,8 @@ def test_max_model_len_falls_back_when_the_model_states_none() -> None:
         ({"device": "cuda"}, "device"),
         ({"dtype": "float64"}, "dtype"),
         ({"load_format": "dummy"}, "load_format"),
+        ({"kv_cache_dtype": "fp16"}, "kv_cache_dtype"),
+        ({"quantization": "int8"}, "quantization"),
     ],
 )
 def test_unsupported_settings_are_refused_by_name(change: dict[str, object], named: str) -> None:

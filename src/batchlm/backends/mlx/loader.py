@@ -52,6 +52,16 @@ def check_config(config: EngineConfig) -> None:
         raise ValueError(
             f"the mlx backend loads safetensors checkpoints only: load_format must be 'auto', got {config.load_format!r}"
         )
+    if config.kv_cache_dtype != "auto":
+        raise ValueError(
+            f"the mlx backend keeps mlx-lm's KV cache in the model's dtype: kv_cache_dtype must be 'auto', got "
+            f"{config.kv_cache_dtype!r}"
+        )
+    if config.quantization is not None:
+        raise ValueError(
+            f"the mlx backend serves a checkpoint's weights as they are (mlx-community's quantized ones "
+            f"included): quantization must be unset, got {config.quantization!r}"
+        )
 
 
 def resolve_model_dir(config: EngineConfig) -> Path:
