@@ -1,5 +1,8 @@
-"""--kv-cache-dtype: which dtype the runner allocates, where fp8 is refused, and how its size shows in
-the block count and /metrics (the FP8 kernels themselves: tests/gpu/test_fp8_kv_cache.py)."""
+"""--kv-cache-dtype: which dtype the runner allocates (auto's float16 on a CPU for GGUF files and
+quantized weights), where fp8, fp16 and fp32 are refused, how its size shows in the block count and
+/metrics, and the CPU engine over a float16 cache against a float32 one (the FP8 kernels themselves:
+tests/gpu/test_fp8_kv_cache.py; the CPU kernels over a float16 cache: tests/test_cpu_decode_attention.py
+and tests/test_cpu_fused_decode.py)."""
 
 from __future__ import annotations
 
