@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from batchlm.kernels.barrier_spin import spin_from_env
-from batchlm.kernels.cpu_decode_attention import decode_library
+from batchlm.kernels.cpu_decode_attention import CACHE_DTYPES, decode_library
 from batchlm.kernels.cpu_native import COMPILE_FLAGS, SOURCE, build_library
 from batchlm.kernels.cpu_quant import SOURCE_PATH, QuantizedWeight, quant_isa, quant_library
 
@@ -115,12 +115,9 @@ class _Batch(ctypes.Structure):
     ]
 
 
-# The KV-cache dtypes the kernel reads and writes.
-CACHE_DTYPES = (torch.float32, torch.float16)
-
-
 def fits(shape: StackShape, kv_caches: list[torch.Tensor]) -> str | None:
-    """Why the kernel cannot run this shape over these caches, or None when it can."""
+    """Why the kernel cannot run this shape over these caches (of the dtypes the decode-attention
+    kernel, whose cache walk it shares, reads), or None when it can."""
     if shape.hidden % BLOCK or (shape.heads * shape.head_dim) % BLOCK or shape.intermediate % BLOCK:
         return f"hidden, attention and MLP sizes must be multiples of {BLOCK}"
     if shape.head_dim % 8 or shape.heads % shape.kv_heads:

@@ -18,6 +18,7 @@
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define PANEL 16
 #define ROWS 6
@@ -188,7 +189,7 @@ static inline __m128i to_half8(__m256 x) {
 /* n float32 values (n a multiple of 8) into a cache slot, as half (to_half8) when `half`. */
 static inline void kv_store(void *slot, const float *values, long n, int half) {
     if (!half) {
-        for (long i = 0; i < n; i++) ((float *)slot)[i] = values[i];
+        memcpy(slot, values, sizeof(float) * (size_t)n);
         return;
     }
     for (long i = 0; i < n; i += 8)
