@@ -19,8 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from batchlm.kernels import cpu_native, cpu_quant
+from batchlm.kernels import cpu_native, cpu_quant, quant_blocks
 from batchlm.kernels.quant_blocks import CodeBlocks, dequantize, from_dense_q8, from_gguf
+from batchlm.layers.quantization.base import QuantizedTensor
+from batchlm.layers.quantization.cpu_quantized import code_blocks
 from cpu_isa import kernel_path
 
 gguf = pytest.importorskip("gguf")
@@ -60,6 +62,46 @@ def test_dense_q8_matches_gguf_q8_0() -> None:
     ours = dequantize(from_dense_q8(weight))
     q8_0 = gguf.quants.quantize(weight, gguf.GGMLQuantizationType.Q8_0)
     assert np.array_equal(ours, reference("Q8_0", q8_0, 7, 96))
+
+
+@pytest.mark.parametrize("chunk_values", [96, 200, 1 << 19])
+def test_dense_q8_in_row_chunks_matches_gguf_q8_0(monkeypatch: pytest.MonkeyPatch, chunk_values: int) -> None:
+    """One row, two rows and a remainder, and the whole weight a chunk: the same codes and scales."""
+    monkeypatch.setattr(quant_blocks, "CHUNK_VALUES", chunk_values)
+    weight = RNG.standard_normal((7, 96)).astype(np.float32)
+    weight[3] = 0.0  # an all-zero row: scale 0, codes 128
+    q8_0 = gguf.quants.quantize(weight, gguf.GGMLQuantizationType.Q8_0)
+    assert np.array_equal(dequantize(from_dense_q8(weight)), reference("Q8_0", q8_0, 7, 96))
+
+
+def test_an_unread_gguf_type_becomes_q8_0_row_chunk_by_row_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A type the kernels do not read (Q6_K: Q4_K_M files hold it) is dequantized and requantized a
+    few rows at a time; the result is the Q8_0 of the whole tensor's values."""
+    monkeypatch.setattr(quant_blocks, "CHUNK_VALUES", 512)
+    rows, cols = 9, 256
+    qtype = gguf.GGMLQuantizationType.Q6_K
+    block_size, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    blocks = RNG.integers(0, 256, (rows * cols // block_size, block_bytes), dtype=np.uint8)
+    # A Q6_K block ends with its float16 scale d: small and finite.
+    blocks[:, -2:] = RNG.uniform(-0.01, 0.01, (len(blocks), 1)).astype(np.float16).view(np.uint8)
+    raw = blocks.reshape(rows, -1)
+    tensor = QuantizedTensor("Q6_K", torch.from_numpy(raw), cols, *gguf.GGML_QUANT_SIZES[qtype])
+    blocks = code_blocks(tensor)
+    whole = from_dense_q8(gguf.quants.dequantize(raw, qtype).reshape(rows, cols))
+    assert np.array_equal(blocks.codes, whole.codes) and np.array_equal(blocks.scales, whole.scales)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("pack_panels", [1, 2, 16])
+def test_packing_panel_chunks_gives_the_same_bytes(
+    monkeypatch: pytest.MonkeyPatch, bits: int, pack_panels: int
+) -> None:
+    codes = RNG.integers(0, 2**bits, (37, 64), dtype=np.uint8)
+    scales = RNG.uniform(0, 1, (37, 2)).astype(np.float16)
+    blocks = CodeBlocks(codes, scales, -scales, bits)
+    whole = cpu_quant.pack(blocks)
+    monkeypatch.setattr(cpu_quant, "PACK_PANELS", pack_panels)
+    assert torch.equal(cpu_quant.pack(blocks).data, whole.data)
 
 
 @pytest.mark.parametrize("bits", [8, 4])

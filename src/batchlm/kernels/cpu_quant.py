@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 QPANEL = 16  # output rows per panel; must match QPANEL in cpu_quant_kernels.c
 SCALE_BYTES = 64  # 16 float16 scales + 16 float16 biases per panel block
+# Panels packed at a time (16 output rows each): 256 rows of a 1,024-wide weight is 256 KB of codes.
+PACK_PANELS = 16
 SOURCE_PATH = Path(__file__).with_name("cpu_quant_kernels.c")
 # "avx2" forces the AVX2 path, "avx512" the AVX-512 VNNI path without AMX tiles (tests, A/B runs).
 ISA_ENV = "BATCHLM_CPU_QUANT_ISA"
@@ -58,27 +60,41 @@ class QuantizedWeight:
 
 
 def pack(blocks: CodeBlocks) -> QuantizedWeight:
-    """Panel-major copy of code blocks (rows past out_features are zero: scale and bias 0)."""
+    """Panel-major copy of code blocks (rows past out_features are zero: scale and bias 0), packed
+    PACK_PANELS panels at a time so that each chunk's reshuffles stay in cache."""
     rows, cols = blocks.codes.shape
     panels, kb = -(-rows // QPANEL), cols // BLOCK
+    body_bytes = QPANEL * BLOCK // 2 if blocks.bits == 4 else QPANEL * BLOCK
+    data = np.empty((panels, kb, SCALE_BYTES + body_bytes), dtype=np.uint8)
+    for first in range(0, panels, PACK_PANELS):
+        last = min(panels, first + PACK_PANELS)
+        data[first:last] = _packed_panels(blocks, first * QPANEL, min(rows, last * QPANEL), last - first)
+    return QuantizedWeight(torch.from_numpy(data), blocks.bits, rows, cols)
+
+
+def _packed_panels(blocks: CodeBlocks, start: int, stop: int, panels: int) -> np.ndarray:
+    """Rows [start, stop) of the blocks as `panels` whole panels [panels, kb, scale bytes + body]."""
+    cols = blocks.codes.shape[1]
+    kb = cols // BLOCK
+    rows = stop - start
     codes = np.zeros((panels * QPANEL, cols), dtype=np.uint8)
-    codes[:rows] = blocks.codes
+    codes[:rows] = blocks.codes[start:stop]
     scale_bias = np.zeros((panels * QPANEL, kb, 2), dtype=np.float16)
-    scale_bias[:rows, :, 0] = blocks.scales
-    scale_bias[:rows, :, 1] = blocks.biases
+    scale_bias[:rows, :, 0] = blocks.scales[start:stop]
+    scale_bias[:rows, :, 1] = blocks.biases[start:stop]
     # [p, j, kb, s|b] -> [p, kb, s|b, j]: 16 scales then 16 biases per panel block.
     head = (
         scale_bias.reshape(panels, QPANEL, kb, 2).transpose(0, 2, 3, 1).reshape(panels, kb, -1).view(np.uint8)
     )
     grouped = codes.reshape(panels, QPANEL, kb, BLOCK)
+    body: np.ndarray
     if blocks.bits == 4:
         # [p, j, kb, half, h, t] -> [p, kb, h, j, t]; half 0 in the low nibble, half 1 in the high one.
         quads = grouped.reshape(panels, QPANEL, kb, 2, 4, 4).transpose(0, 2, 3, 4, 1, 5)
         body = (quads[:, :, 0] | (quads[:, :, 1] << 4)).reshape(panels, kb, -1)
     else:
         body = grouped.reshape(panels, QPANEL, kb, 8, 4).transpose(0, 2, 3, 1, 4).reshape(panels, kb, -1)
-    data = np.concatenate([head, body], axis=2)
-    return QuantizedWeight(torch.from_numpy(np.ascontiguousarray(data)), blocks.bits, rows, cols)
+    return np.concatenate([head, body], axis=2)
 
 
 def dequantize_packed(weight: QuantizedWeight) -> torch.Tensor:

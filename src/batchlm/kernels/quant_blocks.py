@@ -8,11 +8,14 @@ float16 (relative error <= 2^-11, far below the 4-bit step). Pure numpy: no torc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 BLOCK = 32
+# Values converted at a time by q8_from_row_chunks (2 MB of float32).
+CHUNK_VALUES = 1 << 19
 # Bytes per block (per super-block of 256 for Q4_K) of each GGUF type read here.
 GGUF_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q4_K": 144}
 GGUF_BLOCK_SIZE = {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q4_K": 256}
@@ -48,13 +51,31 @@ def from_dense_q8(weight: np.ndarray) -> CodeBlocks:
     """Q8_0 quantization of a float [rows, cols] weight (cols a multiple of 32), as llama.cpp does it:
     per block d = max |w| / 127, codes round(w / d) (halves away from zero) + 128, scale float16(d)."""
     rows, cols = weight.shape
+    return q8_from_row_chunks(rows, cols, lambda start, stop: weight[start:stop])
+
+
+def q8_from_row_chunks(rows: int, cols: int, values: Callable[[int, int], np.ndarray]) -> CodeBlocks:
+    """from_dense_q8 of the [rows, cols] weight whose rows [start, stop) `values(start, stop)` gives,
+    taken CHUNK_VALUES at a time: a chunk's intermediate arrays stay in cache, where a whole
+    embedding's would each stream through memory (BENCHMARKS.md), and a weight that is not float
+    (quantized, half) is never widened whole."""
+    codes = np.empty((rows, cols), dtype=np.uint8)
+    scales = np.empty((rows, cols // BLOCK), dtype=np.float16)
+    step = max(1, CHUNK_VALUES // max(cols, 1))
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        codes[start:stop], scales[start:stop] = _q8_codes(values(start, stop))
+    return CodeBlocks(codes, scales, _offset(scales, -128.0), 8)
+
+
+def _q8_codes(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    rows, cols = weight.shape
     blocks = weight.astype(np.float32).reshape(rows, cols // BLOCK, BLOCK)
     d = (np.abs(blocks).max(axis=-1, keepdims=True) / 127).astype(np.float32)
     inverse = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d > 0)
     scaled = blocks * inverse
     codes = np.sign(scaled) * np.floor(np.abs(scaled) + 0.5) + 128
-    scales = d[..., 0].astype(np.float16)
-    return CodeBlocks(codes.astype(np.uint8).reshape(rows, cols), scales, _offset(scales, -128.0), 8)
+    return codes.astype(np.uint8).reshape(rows, cols), d[..., 0].astype(np.float16)
 
 
 def dequantize(blocks: CodeBlocks) -> np.ndarray:

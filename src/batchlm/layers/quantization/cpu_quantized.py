@@ -68,11 +68,18 @@ def code_blocks(loaded: LoadedWeight) -> CodeBlocks:
     """A loaded tensor's rows as code blocks: exact for the GGUF types the kernels read, Q8_0 of the
     float values otherwise."""
     if isinstance(loaded, QuantizedTensor):
-        rows = loaded.shape[0]
+        rows, cols = loaded.shape
         if quant_blocks.supported(loaded.qtype):
-            return quant_blocks.from_gguf(loaded.qtype, loaded.data.contiguous().numpy(), rows, loaded.cols)
-        return quant_blocks.from_dense_q8(loaded.dequantize(torch.float32).numpy())
-    return quant_blocks.from_dense_q8(as_dense(loaded, torch.float32).detach().float().cpu().numpy())
+            return quant_blocks.from_gguf(loaded.qtype, loaded.data.contiguous().numpy(), rows, cols)
+        quantized = loaded
+        return quant_blocks.q8_from_row_chunks(
+            rows, cols, lambda start, stop: quantized.narrow_rows(start, stop - start).dequantize().numpy()
+        )
+    dense = as_dense(loaded, torch.float32).detach()
+    rows, cols = dense.shape
+    return quant_blocks.q8_from_row_chunks(
+        rows, cols, lambda start, stop: dense[start:stop].float().cpu().numpy()
+    )
 
 
 class CpuQuantizedLinearMethod(LinearMethod):
