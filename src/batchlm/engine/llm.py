@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import itertools
 from array import array
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from batchlm.config import DEMO_MODEL, EngineConfig
 from batchlm.cpu_wait_policy import prefer_passive_waiting
-from batchlm.engine.input_processor import InputProcessor
+from batchlm.engine.input_processor import InputProcessor, ValidatedRequest
 from batchlm.engine.output_processor import OutputProcessor
 from batchlm.executor.core_builder import build_engine_core
 from batchlm.models.model_source import load_tokenizer, prepare_model_dir
@@ -18,7 +18,10 @@ from batchlm.sampling_defaults import check_generation_config, sampling_defaults
 from batchlm.sampling_params import SamplingParams
 from batchlm.tokenizer.tokenizer import Tokenizer
 
-PromptInput = str | Sequence[int]
+# Text, token ids, or vLLM's prompt dicts: {"prompt": text} and {"prompt_token_ids": ids} (with an
+# optional "prompt" beside the ids, kept as the output's prompt text).
+PromptInput = str | Sequence[int] | Mapping[str, Any]
+PROMPT_DICT_KEYS = ("prompt", "prompt_token_ids")
 
 
 class LLM:
@@ -54,12 +57,16 @@ class LLM:
         prompts: PromptInput | Sequence[PromptInput],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (text or token ids); results come back in prompt order."""
+        """Generate for every prompt (text, token ids, or a {"prompt": ...} / {"prompt_token_ids": ...}
+        dict); results come back in prompt order."""
         prompt_list = _as_prompt_list(prompts)
         params_list = _as_params_list(sampling_params or self.get_default_sampling_params(), len(prompt_list))
         processor = OutputProcessor(self.tokenizer, text_when_finished=True)
         pairs = zip(prompt_list, params_list, strict=True)
-        order = [self._submit(processor, prompt, params) for prompt, params in pairs]
+        # Every prompt is validated before any is queued: one bad prompt fails the call with nothing
+        # left running in the engine.
+        requests = [self._validated(prompt, params) for prompt, params in pairs]
+        order = [self._submit(processor, request) for request in requests]
         results = self._run(processor)
         return [results[request_id] for request_id in order]
 
@@ -77,10 +84,12 @@ class LLM:
         ]
         return self.generate(prompts, sampling_params)
 
-    def _submit(self, processor: OutputProcessor, prompt: PromptInput, params: SamplingParams) -> str:
-        text = prompt if isinstance(prompt, str) else None
-        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else _token_id_list(prompt)
-        request = self.input_processor.process(token_ids, params, text)
+    def _validated(self, prompt: PromptInput, params: SamplingParams) -> ValidatedRequest:
+        text, ids = _prompt_parts(prompt)
+        token_ids = ids if ids is not None else self.tokenizer.encode(text or "")
+        return self.input_processor.process(token_ids, params, text)
+
+    def _submit(self, processor: OutputProcessor, request: ValidatedRequest) -> str:
         request_id = str(next(self._counter))
         for core_request in processor.add_validated(request_id, request, self.tokenizer.eos_token_ids):
             self.engine_core.add_request(core_request)
@@ -107,8 +116,30 @@ def _token_id_list(prompt: Sequence[int]) -> list[int]:
         return [int(t) for t in prompt]
 
 
+def _prompt_parts(prompt: PromptInput) -> tuple[str | None, list[int] | None]:
+    """(text, token ids) of one prompt; the ids are None where the text is to be tokenized."""
+    if isinstance(prompt, str):
+        return prompt, None
+    if isinstance(prompt, Mapping):
+        unknown = sorted(set(prompt) - set(PROMPT_DICT_KEYS))
+        if unknown:
+            raise ValueError(
+                f"a prompt dict takes {' or '.join(map(repr, PROMPT_DICT_KEYS))}; {', '.join(map(repr, unknown))} "
+                "is not supported (this engine serves text models)"
+            )
+        text, ids = prompt.get("prompt"), prompt.get("prompt_token_ids")
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"a prompt dict's 'prompt' must be text, got {type(text).__name__}")
+        if ids is not None:
+            return text, _token_id_list(ids)
+        if text is None:
+            raise ValueError("a prompt dict needs 'prompt' (text) or 'prompt_token_ids'")
+        return text, None
+    return None, _token_id_list(prompt)
+
+
 def _as_prompt_list(prompts: PromptInput | Sequence[PromptInput]) -> list[PromptInput]:
-    if isinstance(prompts, str):
+    if isinstance(prompts, str | Mapping):
         return [prompts]
     items = list(prompts)
     if items and all(isinstance(t, int) for t in items):
