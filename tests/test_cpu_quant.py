@@ -91,6 +91,27 @@ def test_an_unread_gguf_type_becomes_q8_0_row_chunk_by_row_chunk(monkeypatch: py
     assert np.array_equal(blocks.codes, whole.codes) and np.array_equal(blocks.scales, whole.scales)
 
 
+@needs_kernel
+def test_q6_k_converts_natively_to_the_numpy_q8_0_bit_for_bit() -> None:
+    """The native Q6_K -> Q8_0 pass gives the codes and float16 steps of dequantizing (gguf's reference)
+    and quantizing in numpy: random blocks, one all-zero block, one with the largest float16 d."""
+    rows, cols = 6, 512
+    qtype = gguf.GGMLQuantizationType.Q6_K
+    block_size, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    blocks = RNG.integers(0, 256, (rows * cols // block_size, block_bytes), dtype=np.uint8)
+    blocks[:, -2:] = RNG.uniform(-0.01, 0.01, (len(blocks), 1)).astype(np.float16).view(np.uint8)
+    blocks[3, -2:] = 0  # d = 0: every value 0, step 0, codes 128
+    blocks[5, -2:] = np.array([65504.0], dtype=np.float16).view(np.uint8)  # steps beyond float16: inf
+    raw = blocks.reshape(rows, -1)
+    native = cpu_quant.q6_k_as_q8(raw, rows, cols)
+    assert native is not None
+    with np.errstate(over="ignore"):  # the last block's steps overflow float16 on purpose
+        expected = from_dense_q8(gguf.quants.dequantize(raw, qtype).reshape(rows, cols))
+    assert np.array_equal(native.codes, expected.codes)
+    assert np.array_equal(native.scales.view(np.uint16), expected.scales.view(np.uint16))
+    assert np.array_equal(native.biases.view(np.uint16), expected.biases.view(np.uint16))
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("pack_panels", [1, 2, 16])
 def test_packing_panel_chunks_gives_the_same_bytes(

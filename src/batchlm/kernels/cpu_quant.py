@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from batchlm.kernels.cpu_native import COMPILE_FLAGS, build_library, native_library
-from batchlm.kernels.quant_blocks import BLOCK, CodeBlocks, dequantize, from_dense_q8
+from batchlm.kernels.quant_blocks import BLOCK, CodeBlocks, dequantize, from_dense_q8, q8_biases
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,8 @@ QPANEL = 16  # output rows per panel; must match QPANEL in cpu_quant_kernels.c
 SCALE_BYTES = 64  # 16 float16 scales + 16 float16 biases per panel block
 # Panels packed at a time (16 output rows each): 256 rows of a 1,024-wide weight is 256 KB of codes.
 PACK_PANELS = 16
+# A Q6_K super-block: 256 values in 210 bytes.
+Q6_K_VALUES, Q6_K_BYTES = 256, 210
 SOURCE_PATH = Path(__file__).with_name("cpu_quant_kernels.c")
 # "avx2" forces the AVX2 path, "avx512" the AVX-512 VNNI path without AMX tiles (tests, A/B runs).
 ISA_ENV = "BATCHLM_CPU_QUANT_ISA"
@@ -244,7 +246,29 @@ def _raw_library() -> ctypes.CDLL | None:
     library.batchlm_quant_linear.restype = ctypes.c_int
     library.batchlm_quant_rows.argtypes = [pointer, ctypes.c_int, pointer, size, pointer, size, size]
     library.batchlm_quant_rows.restype = None
+    library.batchlm_q6_k_to_q8.argtypes = [pointer, size, pointer, pointer, ctypes.c_int]
+    library.batchlm_q6_k_to_q8.restype = None
     return library
+
+
+def q6_k_as_q8(raw: np.ndarray, rows: int, cols: int) -> CodeBlocks | None:
+    """A Q6_K tensor's raw bytes (uint8, rows * row bytes) as Q8_0 code blocks, equal to
+    from_dense_q8 of its dequantized values, in one native pass; None without the native kernels."""
+    library = quant_library()
+    if library is None or cols % Q6_K_VALUES:
+        return None
+    blocks = np.ascontiguousarray(raw, dtype=np.uint8)
+    n_blocks = rows * cols // Q6_K_VALUES
+    if blocks.size != n_blocks * Q6_K_BYTES:
+        raise ValueError(
+            f"a Q6_K tensor of {rows} x {cols} values holds {n_blocks * Q6_K_BYTES} bytes, not {blocks.size}"
+        )
+    codes = np.empty((rows, cols), dtype=np.uint8)
+    scales = np.empty((rows, cols // BLOCK), dtype=np.float16)
+    library.batchlm_q6_k_to_q8(
+        blocks.ctypes.data, n_blocks, codes.ctypes.data, scales.ctypes.data, torch.get_num_threads()
+    )
+    return CodeBlocks(codes, scales, q8_biases(scales), 8)
 
 
 def quantized_activations(x: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@
  * and the OS grants its state, matmuls of AMX_MIN_ROWS rows or more take it: the same layout feeds its tiles.
  */
 #include <immintrin.h>
+#include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -561,4 +562,51 @@ int batchlm_quant_linear(const float *x, long ldx, const uint8_t *w, int bits4, 
     batchlm_quantize_rows_q8(x, ldx, xq, xd, xb, M, K, threads);
     if (rows > M) zero_tile_padding(xq, xd, xb, M, K);
     return batchlm_quant_gemm(w, bits4, xq, xd, xb, bias, out, N, M, N, K, threads, isa);
+}
+
+/* Q6_K super-blocks as Q8_0 blocks, for the layers that read Q8_0 (quant_blocks.py reads Q6_K no other
+ * way). A super-block is 256 values: 128 bytes of low nibbles, 64 of high bit pairs, 16 int8 scales of
+ * 16 values each and a float16 d; a value is (d * scale) * (q - 32) in float32, then each 32 become
+ * Q8_0 as from_dense_q8 makes them: step max|v| / 127, codes floor(|v / step| + 0.5) with the sign,
+ * plus 128, and the step as float16. The same operations in the same order as gguf's dequantization
+ * and our numpy quantizer, so the codes and steps equal theirs bit for bit (tests/test_cpu_quant.py). */
+__attribute__((optimize("fp-contract=off"))) static void q6_k_block_to_q8(const uint8_t *block, uint8_t *codes,
+                                                                           uint16_t *steps) {
+    const uint8_t *ql = block, *qh = block + 128;
+    const int8_t *sc = (const int8_t *)(block + 192);
+    const float d = _cvtsh_ss((uint16_t)(block[208] | (block[209] << 8)));
+    float v[256];
+    for (int half = 0; half < 2; half++) {
+        const uint8_t *l = ql + 64 * half, *h = qh + 32 * half;
+        const int8_t *s = sc + 8 * half;
+        float *out = v + 128 * half;
+        for (int i = 0; i < 32; i++) {
+            const int is = i / 16;
+            out[i] = (d * (float)s[is]) * (float)((int)((l[i] & 0xF) | ((h[i] & 3) << 4)) - 32);
+            out[i + 32] = (d * (float)s[is + 2]) * (float)((int)((l[i + 32] & 0xF) | (((h[i] >> 2) & 3) << 4)) - 32);
+            out[i + 64] = (d * (float)s[is + 4]) * (float)((int)((l[i] >> 4) | (((h[i] >> 4) & 3) << 4)) - 32);
+            out[i + 96] = (d * (float)s[is + 6]) * (float)((int)((l[i + 32] >> 4) | (((h[i] >> 6) & 3) << 4)) - 32);
+        }
+    }
+    for (int b = 0; b < 256 / QBLOCK; b++) {
+        const float *x = v + QBLOCK * b;
+        float amax = 0.0f;
+        for (int i = 0; i < QBLOCK; i++) {
+            const float a = x[i] < 0.0f ? -x[i] : x[i];
+            amax = a > amax ? a : amax;
+        }
+        const float step = amax / 127.0f;
+        const float inverse = step > 0.0f ? 1.0f / step : 0.0f;
+        for (int i = 0; i < QBLOCK; i++) {
+            const float scaled = x[i] * inverse;
+            const float magnitude = floorf((scaled < 0.0f ? -scaled : scaled) + 0.5f);
+            codes[QBLOCK * b + i] = (uint8_t)(scaled > 0.0f ? 128.0f + magnitude : scaled < 0.0f ? 128.0f - magnitude : 128.0f);
+        }
+        steps[b] = _cvtss_sh(step, _MM_FROUND_TO_NEAREST_INT);
+    }
+}
+
+void batchlm_q6_k_to_q8(const uint8_t *blocks, long n_blocks, uint8_t *codes, uint16_t *steps, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long b = 0; b < n_blocks; b++) q6_k_block_to_q8(blocks + 210 * b, codes + 256 * b, steps + 8 * b);
 }

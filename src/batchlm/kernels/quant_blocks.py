@@ -65,7 +65,12 @@ def q8_from_row_chunks(rows: int, cols: int, values: Callable[[int, int], np.nda
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         codes[start:stop], scales[start:stop] = _q8_codes(values(start, stop))
-    return CodeBlocks(codes, scales, _offset(scales, -128.0), 8)
+    return CodeBlocks(codes, scales, q8_biases(scales), 8)
+
+
+def q8_biases(scales: np.ndarray) -> np.ndarray:
+    """The biases of Q8_0 blocks with these scales: their codes are stored plus 128."""
+    return _offset(scales, -128.0)
 
 
 def _q8_codes(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -19,7 +19,14 @@ import torch
 from torch import nn
 
 from batchlm.kernels import quant_blocks
-from batchlm.kernels.cpu_quant import QuantizedWeight, pack, quant_library, quant_linear, quant_rows
+from batchlm.kernels.cpu_quant import (
+    QuantizedWeight,
+    pack,
+    q6_k_as_q8,
+    quant_library,
+    quant_linear,
+    quant_rows,
+)
 from batchlm.kernels.quant_blocks import BLOCK, CodeBlocks
 from batchlm.layers.quantization.base import (
     LinearMethod,
@@ -71,6 +78,8 @@ def code_blocks(loaded: LoadedWeight) -> CodeBlocks:
         rows, cols = loaded.shape
         if quant_blocks.supported(loaded.qtype):
             return quant_blocks.from_gguf(loaded.qtype, loaded.data.contiguous().numpy(), rows, cols)
+        if loaded.qtype == "Q6_K" and (native := q6_k_as_q8(loaded.data.numpy(), rows, cols)) is not None:
+            return native
         quantized = loaded
         return quant_blocks.q8_from_row_chunks(
             rows, cols, lambda start, stop: quantized.narrow_rows(start, stop - start).dequantize().numpy()
