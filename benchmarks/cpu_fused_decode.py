@@ -37,7 +37,7 @@ def timed(llm: LLM, prompt: str, tokens: int) -> tuple[float, float, list[int], 
     """Wall and process CPU seconds of one generation, its token ids and the prompt's length in tokens."""
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
     start, cpu_start = time.perf_counter(), time.process_time()
-    output = llm.generate(prompt, params)[0]
+    output = llm.generate(prompt, params, use_tqdm=False)[0]
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     return wall, cpu, list(output.outputs[0].token_ids), len(output.prompt_token_ids)
 

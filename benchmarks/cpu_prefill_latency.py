@@ -23,16 +23,18 @@ def main() -> None:
     llm = LLM(model=args.model, enable_prefix_caching=False, max_model_len=4096)
     ids = [1000 + (i * 7) % 5000 for i in range(args.input_len)]
     one = SamplingParams(max_tokens=1, temperature=0)
-    llm.generate([ids], one)  # warm-up
+    llm.generate([ids], one, use_tqdm=False)  # warm-up
     prefills = []
     for run in range(7):
         started = time.perf_counter()
-        llm.generate([[i + run for i in ids]], one)
+        llm.generate([[i + run for i in ids]], one, use_tqdm=False)
         prefills.append(time.perf_counter() - started)
     itls = []
     for run in range(3):
         (out,) = llm.generate(
-            [[5 + run, 6, 7, 8]], SamplingParams(max_tokens=65, temperature=0, ignore_eos=True)
+            [[5 + run, 6, 7, 8]],
+            SamplingParams(max_tokens=65, temperature=0, ignore_eos=True),
+            use_tqdm=False,
         )
         metrics = out.metrics
         assert metrics is not None and metrics.first_token_time and metrics.last_token_time

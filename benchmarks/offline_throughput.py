@@ -78,7 +78,9 @@ def run_batchlm(args: argparse.Namespace, model_dir: Path, prompts: list[list[in
         spec = StructuredOutputs(json=json.dumps(long_output_schema(args.summary_field)))
         kinds["structured"] = params.clone(structured_outputs=spec)
     for warm_up in kinds.values():
-        llm.generate(prompts[: min(4, len(prompts))], warm_up)  # warm-up (lazy init, autotuning, grammar)
+        llm.generate(
+            prompts[: min(4, len(prompts))], warm_up, use_tqdm=False
+        )  # warm-up (lazy init, autotuning, grammar)
     scheduler = llm.engine_core.scheduler
     # What the cache holds bounds how many requests run at once (see throughput_floor.py).
     kv_cache_tokens = scheduler.num_total_blocks * scheduler.config.block_size
@@ -87,7 +89,7 @@ def run_batchlm(args: argparse.Namespace, model_dir: Path, prompts: list[list[in
         preempted_before = scheduler.stats().num_preemptions
         _sync()
         started = time.perf_counter()
-        outputs = llm.generate(prompts, params)
+        outputs = llm.generate(prompts, params, use_tqdm=False)
         _sync()
         elapsed = time.perf_counter() - started
         generated = sum(len(o.outputs[0].token_ids) for o in outputs)

@@ -346,7 +346,7 @@ def main() -> None:
             structured_outputs=StructuredOutputs(json=json.dumps(long_output_schema(args.summary_field)))
         )
     # A whole warm-up pass: every kernel shape the measured pass meets is compiled and tuned first.
-    llm.generate(prompts, params)
+    llm.generate(prompts, params, use_tqdm=False)
     events = instrument(llm, args.sync and torch.cuda.is_available())
     CALLS.clear()
     pauses = GcPauses()
@@ -356,7 +356,7 @@ def main() -> None:
         started = time.perf_counter()
         steps_before = core.num_steps
         handed_before = core.executor.masks.steps_handed_to_device
-        llm.generate(prompts, params)
+        llm.generate(prompts, params, use_tqdm=False)
         elapsed = time.perf_counter() - started
         threads_cpu = threads_cpu_seconds()
         threads_cpu.subtract(threads_before)

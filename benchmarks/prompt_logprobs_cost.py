@@ -52,7 +52,7 @@ def main() -> None:
             ]
             params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=top)
             started = time.perf_counter()
-            llm.generate(prompts, params)
+            llm.generate(prompts, params, use_tqdm=False)
             timings[str(top)].append(time.perf_counter() - started)
             print(
                 json.dumps({"run": run, "prompt_logprobs": top, "seconds": round(timings[str(top)][-1], 3)})

@@ -32,7 +32,7 @@ def generate(model: str, max_tokens: int) -> list[list[int]]:
     llm = LLM(model=model, device="cpu")
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
     messages = [[{"role": "user", "content": prompt}] for prompt in PROMPTS]
-    outputs = llm.chat(messages, params)
+    outputs = llm.chat(messages, params, use_tqdm=False)
     return [list(output.outputs[0].token_ids) for output in outputs]
 
 

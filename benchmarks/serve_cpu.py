@@ -179,9 +179,9 @@ def run_offline(model_dir: Path, args: argparse.Namespace, prompt_len: int, seed
     vocab = SHAPES[args.shape]["vocab_size"]
     prompts = [[rng.randrange(16, vocab) for _ in range(prompt_len)] for _ in range(args.requests)]
     params = SamplingParams(max_tokens=args.output_len, ignore_eos=True)
-    llm.generate(prompts[: args.warmups or 1], params)
+    llm.generate(prompts[: args.warmups or 1], params, use_tqdm=False)
     started = time.perf_counter()
-    outputs = llm.generate(prompts, params)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - started
     tokens = sum(len(output.outputs[0].token_ids) for output in outputs)
     return {"output_throughput": tokens / elapsed, "duration": elapsed, "total_output_tokens": tokens,

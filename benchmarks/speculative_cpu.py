@@ -62,7 +62,7 @@ def run_once(
     tokens, started, outputs = 0, time.perf_counter(), []
     for first in range(0, len(prompts), batch):
         conversations = [[{"role": "user", "content": p}] for p in prompts[first : first + batch]]
-        for output in llm.chat(conversations, params):
+        for output in llm.chat(conversations, params, use_tqdm=False):
             tokens += len(output.outputs[0].token_ids)
             outputs.append(list(output.outputs[0].token_ids))
     seconds = time.perf_counter() - started

@@ -113,7 +113,7 @@ def run(llm: Any, workload: Workload, batch: int, output_len: int) -> dict[str, 
     before, steps_before = core.scheduler.stats(), core.num_steps
     tokens, outputs, started = 0, [], time.perf_counter()
     for first in range(0, len(workload.prompts), batch):
-        for output in llm.generate(workload.prompts[first : first + batch], params):
+        for output in llm.generate(workload.prompts[first : first + batch], params, use_tqdm=False):
             tokens += len(output.outputs[0].token_ids)
             outputs.append(list(output.outputs[0].token_ids))
     seconds = time.perf_counter() - started

@@ -169,7 +169,7 @@ def time_throughput(model_dir: Path, args: argparse.Namespace) -> list[dict[str,
     constrained = SamplingParams(
         temperature=1.0, max_tokens=args.max_tokens, structured_outputs=spec, detokenize=False
     )
-    llm.generate([[0, 5, 6]] * 2, constrained)  # warm-up, grammar backend built
+    llm.generate([[0, 5, 6]] * 2, constrained, use_tqdm=False)  # warm-up, grammar backend built
     results: list[dict[str, Any]] = []
     # Each unconstrained request is as long as its counterpart in the constrained run before it, so
     # both runs drain the batch alike: constrained outputs end where their JSON does, and a run of
@@ -185,7 +185,7 @@ def time_throughput(model_dir: Path, args: argparse.Namespace) -> list[dict[str,
                 for length in lengths_to_match
             ]
             started = time.perf_counter()
-            outputs = llm.generate(prompts, constrained if kind == "structured" else plain)
+            outputs = llm.generate(prompts, constrained if kind == "structured" else plain, use_tqdm=False)
             elapsed = time.perf_counter() - started
             lengths = [len(o.outputs[0].token_ids) for o in outputs]
             if kind == "structured":

@@ -1,6 +1,7 @@
 """`LLM.generate` takes the prompt forms vLLM's offline API takes: text, token ids, and the dicts
 {"prompt": text} and {"prompt_token_ids": ids}, alone or in a list, mixed. A dict with another key
-is refused by name rather than read as a list of its keys."""
+is refused by name rather than read as a list of its keys. Like vLLM's, it shows a progress bar
+(`use_tqdm`), here only once a call has run a moment."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from batchlm import LLM, SamplingParams
+from batchlm.engine import llm as llm_module
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
@@ -60,3 +62,24 @@ def test_one_bad_prompt_fails_the_call_with_nothing_left_running(llm: LLM) -> No
     assert not llm.engine_core.has_work()
     (output,) = llm.generate(["hello"], GREEDY)
     assert output.finished and len(output.outputs[0].token_ids) == 6
+
+
+def test_a_progress_bar_counts_prompts_and_tokens_once_a_call_runs_long(
+    llm: LLM, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(llm_module, "PROGRESS_DELAY_S", 0.0)
+    llm.generate(["one", "two", "three"], GREEDY)
+    bar = capsys.readouterr().err
+    assert "Processed prompts" in bar and "3/3" in bar and "output" in bar and "tok/s" in bar
+    llm.generate(["one", "two", "three"], GREEDY, use_tqdm=False)
+    assert capsys.readouterr().err == ""
+    llm.chat([{"role": "user", "content": "hi"}], GREEDY, use_tqdm=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_no_progress_shows_before_its_delay(
+    llm: LLM, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(llm_module, "PROGRESS_DELAY_S", 1e9)
+    llm.generate(["one", "two"], GREEDY)
+    assert "Processed prompts" not in capsys.readouterr().err

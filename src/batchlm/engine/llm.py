@@ -7,6 +7,8 @@ from array import array
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from batchlm.config import DEMO_MODEL, EngineConfig
 from batchlm.cpu_wait_policy import prefer_passive_waiting
 from batchlm.engine.input_processor import InputProcessor, ValidatedRequest
@@ -22,6 +24,8 @@ from batchlm.tokenizer.tokenizer import Tokenizer
 # optional "prompt" beside the ids, kept as the output's prompt text).
 PromptInput = str | Sequence[int] | Mapping[str, Any]
 PROMPT_DICT_KEYS = ("prompt", "prompt_token_ids")
+# generate()'s progress bar shows once a call has run this long: short calls print nothing.
+PROGRESS_DELAY_S = 1.0
 
 
 class LLM:
@@ -56,9 +60,12 @@ class LLM:
         self,
         prompts: PromptInput | Sequence[PromptInput],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text, token ids, or a {"prompt": ...} / {"prompt_token_ids": ...}
-        dict); results come back in prompt order."""
+        dict); results come back in prompt order. use_tqdm: a progress bar on stderr (prompts done,
+        tokens a second) once the call has run PROGRESS_DELAY_S seconds."""
         prompt_list = _as_prompt_list(prompts)
         params_list = _as_params_list(sampling_params or self.get_default_sampling_params(), len(prompt_list))
         processor = OutputProcessor(self.tokenizer, text_when_finished=True)
@@ -67,7 +74,14 @@ class LLM:
         # left running in the engine.
         requests = [self._validated(prompt, params) for prompt, params in pairs]
         order = [self._submit(processor, request) for request in requests]
-        results = self._run(processor)
+        with tqdm(
+            total=len(order),
+            desc="Processed prompts",
+            unit="prompt",
+            delay=PROGRESS_DELAY_S,
+            disable=not use_tqdm,
+        ) as progress:
+            results = self._run(processor, progress)
         return [results[request_id] for request_id in order]
 
     def chat(
@@ -75,6 +89,8 @@ class LLM:
         messages: list[dict[str, Any]] | Sequence[list[dict[str, Any]]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
+        *,
+        use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Apply the chat template to one conversation or a list of them, then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
@@ -82,7 +98,7 @@ class LLM:
             self.tokenizer.apply_chat_template(list(conv), chat_template_kwargs=chat_template_kwargs)  # type: ignore[arg-type]
             for conv in conversations
         ]
-        return self.generate(prompts, sampling_params)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def _validated(self, prompt: PromptInput, params: SamplingParams) -> ValidatedRequest:
         text, ids = _prompt_parts(prompt)
@@ -95,8 +111,9 @@ class LLM:
             self.engine_core.add_request(core_request)
         return request_id
 
-    def _run(self, processor: OutputProcessor) -> dict[str, RequestOutput]:
+    def _run(self, processor: OutputProcessor, progress: tqdm) -> dict[str, RequestOutput]:
         results: dict[str, RequestOutput] = {}
+        prompt_tokens = output_tokens = 0
         while self.engine_core.has_work():
             outputs, to_abort = processor.process(self.engine_core.step(), delta=False, finished_only=True)
             if to_abort:
@@ -104,6 +121,16 @@ class LLM:
             for output in outputs:
                 if output.finished:
                     results[output.request_id] = output
+                    if progress.disable:
+                        continue
+                    prompt_tokens += len(output.prompt_token_ids)
+                    output_tokens += sum(len(completion.token_ids) for completion in output.outputs)
+                    elapsed = max(progress.format_dict["elapsed"], 1e-9)
+                    progress.set_postfix_str(
+                        f"input {prompt_tokens / elapsed:.1f} tok/s, output {output_tokens / elapsed:.1f} tok/s",
+                        refresh=False,
+                    )
+                    progress.update(1)
         return results
 
 
