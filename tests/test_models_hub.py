@@ -24,6 +24,8 @@ def test_missing_local_paths_are_not_sent_to_the_hub(tmp_path: Path, monkeypatch
         resolve_model_dir(str(tmp_path / "absent"))
     with pytest.raises(ValueError, match="does not exist"):
         resolve_model_dir("./models/absent/model")
+    with pytest.raises(ValueError, match=r"model file .* does not exist"):
+        resolve_model_dir(str(tmp_path / "absent.Q4_K_M.gguf"))
     (tmp_path / "file.bin").write_text("x")
     with pytest.raises(ValueError, match="is a file"):
         resolve_model_dir(str(tmp_path / "file.bin"))

@@ -32,7 +32,8 @@ def resolve_model_dir(model: str, revision: str | None = None) -> Path:
     if path.exists():
         raise ValueError(f"model path {model!r} is a file; give the directory that holds config.json")
     if _looks_like_path(model):
-        raise ValueError(f"model directory {model!r} does not exist")
+        kind = "model file" if path.suffix.lower() == ".gguf" else "model directory"
+        raise ValueError(f"{kind} {model!r} does not exist")
     return _download(model, revision)
 
 
