@@ -598,9 +598,9 @@ __attribute__((optimize("fp-contract=off"))) static void q6_k_block_to_q8(const 
         const float step = amax / 127.0f;
         const float inverse = step > 0.0f ? 1.0f / step : 0.0f;
         for (int i = 0; i < QBLOCK; i++) {
+            /* 128 + sign * magnitude: copysign gives +-0 for a zero, and 128 +- 0 is 128, as numpy's sign(0) = 0 */
             const float scaled = x[i] * inverse;
-            const float magnitude = floorf((scaled < 0.0f ? -scaled : scaled) + 0.5f);
-            codes[QBLOCK * b + i] = (uint8_t)(scaled > 0.0f ? 128.0f + magnitude : scaled < 0.0f ? 128.0f - magnitude : 128.0f);
+            codes[QBLOCK * b + i] = (uint8_t)(int)(128.0f + copysignf(floorf(fabsf(scaled) + 0.5f), scaled));
         }
         steps[b] = _cvtss_sh(step, _MM_FROUND_TO_NEAREST_INT);
     }
