@@ -22,7 +22,7 @@ import torch
 from batchlm.kernels import cpu_native, cpu_quant, quant_blocks
 from batchlm.kernels.quant_blocks import CodeBlocks, dequantize, from_dense_q8, from_gguf
 from batchlm.layers.quantization.base import QuantizedTensor
-from batchlm.layers.quantization.cpu_quantized import code_blocks
+from batchlm.layers.quantization.cpu_quantized import QuantizedStore, code_blocks
 from cpu_isa import kernel_path
 
 gguf = pytest.importorskip("gguf")
@@ -110,6 +110,25 @@ def test_q6_k_converts_natively_to_the_numpy_q8_0_bit_for_bit() -> None:
     assert np.array_equal(native.codes, expected.codes)
     assert np.array_equal(native.scales.view(np.uint16), expected.scales.view(np.uint16))
     assert np.array_equal(native.biases.view(np.uint16), expected.biases.view(np.uint16))
+
+
+def test_a_weight_loaded_whole_keeps_its_blocks_and_packs_as_one_loaded_in_parts() -> None:
+    codes = RNG.integers(0, 16, (40, 64), dtype=np.uint8)
+    scales = RNG.uniform(0, 1, (40, 2)).astype(np.float16)
+    blocks = CodeBlocks(codes, scales, -scales, 4)
+    whole = QuantizedStore(40, 64)
+    whole.put(0, blocks)
+    assert whole.codes is not None and np.shares_memory(whole.codes, codes)  # no copy of the codes
+    parts = QuantizedStore(40, 64)
+    for start, stop in ((0, 16), (16, 40)):
+        parts.put(start, CodeBlocks(codes[start:stop], scales[start:stop], -scales[start:stop], 4))
+    assert torch.equal(whole.finish().data, parts.finish().data)
+    assert whole.codes is None  # released once packed
+    # Rows no shard wrote stay zero: scale and bias 0.
+    half = QuantizedStore(40, 64)
+    half.put(8, CodeBlocks(codes[8:24], scales[8:24], -scales[8:24], 4))
+    values = cpu_quant.dequantize_packed(half.finish())
+    assert torch.count_nonzero(values[:8]) == 0 and torch.count_nonzero(values[24:40]) == 0
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -49,25 +49,40 @@ class QuantizedStore:
         if cols % BLOCK:
             raise ValueError(f"quantized CPU weights need a multiple of {BLOCK} inputs, not {cols}")
         self.rows, self.cols = rows, cols
-        self.codes = np.zeros((rows, cols), dtype=np.uint8)
-        self.scales = np.zeros((rows, cols // BLOCK), dtype=np.float16)
-        self.biases = np.zeros((rows, cols // BLOCK), dtype=np.float16)
+        # Allocated at the first put that covers only part of the rows; a weight loaded in one piece
+        # keeps that piece's arrays (no copy of an embedding's codes).
+        self.codes: np.ndarray | None = None
+        self.scales: np.ndarray | None = None
+        self.biases: np.ndarray | None = None
         self.all_four_bit = True
         self.packed: QuantizedWeight | None = None
 
     def put(self, start: int, blocks: CodeBlocks) -> None:
         end = start + blocks.codes.shape[0]
-        self.codes[start:end] = blocks.codes
-        self.scales[start:end] = blocks.scales
-        self.biases[start:end] = blocks.biases
         self.all_four_bit &= blocks.bits == 4
+        if self.codes is None and start == 0 and blocks.codes.shape == (self.rows, self.cols):
+            self.codes = np.ascontiguousarray(blocks.codes, dtype=np.uint8)
+            self.scales = np.ascontiguousarray(blocks.scales, dtype=np.float16)
+            self.biases = np.ascontiguousarray(blocks.biases, dtype=np.float16)
+            return
+        codes, scales, biases = self._arrays()
+        codes[start:end] = blocks.codes
+        scales[start:end] = blocks.scales
+        biases[start:end] = blocks.biases
+
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self.codes is None or self.scales is None or self.biases is None:
+            self.codes = np.zeros((self.rows, self.cols), dtype=np.uint8)
+            self.scales = np.zeros((self.rows, self.cols // BLOCK), dtype=np.float16)
+            self.biases = np.zeros((self.rows, self.cols // BLOCK), dtype=np.float16)
+        return self.codes, self.scales, self.biases
 
     def finish(self) -> QuantizedWeight:
         """The packed weight (packed on the first call; the load-time arrays are released)."""
         if self.packed is None:
             bits = 4 if self.all_four_bit else 8
-            self.packed = pack(CodeBlocks(self.codes, self.scales, self.biases, bits))
-            del self.codes, self.scales, self.biases
+            self.packed = pack(CodeBlocks(*self._arrays(), bits))
+            self.codes = self.scales = self.biases = None
         return self.packed
 
 
