@@ -75,17 +75,18 @@ def test_dense_q8_in_row_chunks_matches_gguf_q8_0(monkeypatch: pytest.MonkeyPatc
 
 
 def test_an_unread_gguf_type_becomes_q8_0_row_chunk_by_row_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A type the kernels do not read (Q6_K: Q4_K_M files hold it) is dequantized and requantized a
-    few rows at a time; the result is the Q8_0 of the whole tensor's values."""
+    """A type the kernels do not read and no native pass converts (Q5_K; Q6_K has its own, tested
+    below) is dequantized and requantized a few rows at a time; the result is the Q8_0 of the whole
+    tensor's values."""
     monkeypatch.setattr(quant_blocks, "CHUNK_VALUES", 512)
     rows, cols = 9, 256
-    qtype = gguf.GGMLQuantizationType.Q6_K
+    qtype = gguf.GGMLQuantizationType.Q5_K
     block_size, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
     blocks = RNG.integers(0, 256, (rows * cols // block_size, block_bytes), dtype=np.uint8)
-    # A Q6_K block ends with its float16 scale d: small and finite.
-    blocks[:, -2:] = RNG.uniform(-0.01, 0.01, (len(blocks), 1)).astype(np.float16).view(np.uint8)
+    # A Q5_K block starts with its float16 scales d and dmin: small and finite.
+    blocks[:, :4] = RNG.uniform(-0.01, 0.01, (len(blocks), 2)).astype(np.float16).view(np.uint8)
     raw = blocks.reshape(rows, -1)
-    tensor = QuantizedTensor("Q6_K", torch.from_numpy(raw), cols, *gguf.GGML_QUANT_SIZES[qtype])
+    tensor = QuantizedTensor("Q5_K", torch.from_numpy(raw), cols, *gguf.GGML_QUANT_SIZES[qtype])
     blocks = code_blocks(tensor)
     whole = from_dense_q8(gguf.quants.dequantize(raw, qtype).reshape(rows, cols))
     assert np.array_equal(blocks.codes, whole.codes) and np.array_equal(blocks.scales, whole.scales)
