@@ -13,6 +13,7 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ _SAMPLING_KEYS = {
     "general.sampling.min_p": "min_p",
     "general.sampling.penalty_repeat": "repetition_penalty",
 }
+# general.architecture -> the model type transformers' GGUF loading names, where the two differ.
+_TRANSFORMERS_MODEL_TYPES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
 _DERIVED_FILES = ("config.json", "generation_config.json", "tokenizer.json", GGUF_SOURCE_FILE)
 
 
@@ -96,17 +99,56 @@ def _write_derived(gguf_path: Path, out: Path) -> None:
     _write_json(out / "generation_config.json", generation)
     if reader.metadata("tokenizer.ggml.model") is None:
         raise ValueError(f"{gguf_path} carries no tokenizer (tokenizer.ggml.* metadata)")
+    model_type = transformers_model_type(
+        str(reader.metadata("general.architecture")), reader.metadata("general.name")
+    )
     del reader  # the tokenizer conversion maps the file again
-    _write_tokenizer(gguf_path, out)
+    _write_tokenizer(gguf_path, out, model_type)
     _write_json(out / GGUF_SOURCE_FILE, {"gguf_file": str(gguf_path)})
 
 
-def _write_tokenizer(gguf_path: Path, out: Path) -> None:
+def transformers_model_type(architecture: str, name: object) -> str:
+    """The model type transformers' GGUF loading gives a file of this architecture and general.name
+    (its tokenizer class follows from it)."""
+    if architecture == "llama" and name == "mistral":
+        return "mistral"
+    return _TRANSFORMERS_MODEL_TYPES.get(architecture, architecture)
+
+
+@contextlib.contextmanager
+def _model_type_known(gguf_path: Path, model_type: str) -> Iterator[None]:
+    """AutoTokenizer reads a GGUF file's whole metadata through the gguf package's reader only to
+    learn its model type, which picks the tokenizer class: seconds for a vocabulary of 150k tokens.
+    While this is open, that read of this file answers with the model type already known; every
+    other call goes through as before."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    original = getattr(gguf_utils, "load_gguf_checkpoint", None)
+    if original is None:
+        yield
+        return
+
+    def answered(
+        path: Any, return_tensors: Any = False, model_to_load: Any = None, torch_dtype: Any = None
+    ) -> Any:
+        if not return_tensors and model_to_load is None and Path(str(path)).resolve() == gguf_path:
+            return {"config": {"model_type": model_type}}
+        return original(path, return_tensors, model_to_load, torch_dtype)
+
+    gguf_utils.load_gguf_checkpoint = answered
+    try:
+        yield
+    finally:
+        gguf_utils.load_gguf_checkpoint = original
+
+
+def _write_tokenizer(gguf_path: Path, out: Path, model_type: str) -> None:
     # transformers builds a fast tokenizer (and its chat template) from the GGUF metadata.
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        with _model_type_known(gguf_path, model_type):
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     except Exception as err:  # unknown tokenizer models and damaged metadata raise many types
         raise ValueError(f"could not build a tokenizer from the metadata of {gguf_path}: {err}") from err
     tokenizer.save_pretrained(str(out))

@@ -1,0 +1,73 @@
+"""A GGUF file's tokenizer, derived once into the cache: AutoTokenizer with its model-type read
+answered from our own reader gives the files AutoTokenizer gives on its own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import transformers.modeling_gguf_pytorch_utils as gguf_utils
+from transformers import AutoTokenizer
+
+from batchlm.models.gguf_model_dir import prepare_gguf_model_dir, transformers_model_type
+from gguf_builder import write_tiny_gguf
+from test_gguf_loading import MIXTRAL, PHI4_MINI, QWEN3_MOE
+
+CASES: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "qwen2": {},
+    "qwen3": {},
+    "phi3": PHI4_MINI,
+    "qwen3_moe": QWEN3_MOE,
+    "mixtral": MIXTRAL,
+    "gemma2": {},
+    "gemma3_text": {},
+}
+
+
+def saved_files(directory: Path) -> dict[str, bytes]:
+    return {
+        path.name: path.read_bytes()
+        for path in sorted(directory.iterdir())
+        if path.name
+        in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+    }
+
+
+@pytest.mark.parametrize("model_type", sorted(CASES))
+def test_the_derived_tokenizer_is_autotokenizers_own(
+    tmp_path: Path, model_type: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf", model_type, "F32", overrides=CASES[model_type])
+    reads: list[str] = []
+    slow_read = gguf_utils.load_gguf_checkpoint
+
+    def counting(path: str, *args: Any, **kwargs: Any) -> Any:
+        reads.append(str(path))
+        return slow_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf_utils, "load_gguf_checkpoint", counting)
+    try:
+        expected = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="tiny.gguf")
+    except Exception as failure:  # a tokenizer transformers cannot convert: ours must fail too
+        with pytest.raises(ValueError, match="could not build a tokenizer"):
+            prepare_gguf_model_dir(gguf_path, tmp_path / "cache")
+        pytest.skip(f"transformers builds no tokenizer from this file: {failure}")
+    expected.save_pretrained(str(tmp_path / "expected"))
+    assert reads  # on its own, AutoTokenizer reads the whole metadata for the model type
+
+    reads.clear()
+    derived = prepare_gguf_model_dir(gguf_path, tmp_path / "cache")
+    assert reads == []  # that read was answered, not made
+    assert gguf_utils.load_gguf_checkpoint is counting  # and the function put back
+    assert saved_files(derived) == saved_files(tmp_path / "expected")
+    assert "tokenizer.json" in saved_files(derived)
+
+
+def test_model_types_as_transformers_names_them() -> None:
+    assert transformers_model_type("qwen3moe", "Qwen3-30B-A3B") == "qwen3_moe"
+    assert transformers_model_type("qwen2moe", None) == "qwen2_moe"
+    assert transformers_model_type("llama", "mistral") == "mistral"
+    assert transformers_model_type("llama", "Mistral-7B-Instruct") == "llama"  # only the exact name
+    assert transformers_model_type("gemma3", "gemma-3-4b") == "gemma3"
