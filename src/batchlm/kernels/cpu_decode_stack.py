@@ -21,13 +21,14 @@ import torch
 
 from batchlm.kernels.barrier_spin import spin_from_env
 from batchlm.kernels.cpu_decode_attention import CACHE_DTYPES, decode_library
-from batchlm.kernels.cpu_native import COMPILE_FLAGS, SOURCE, build_library
+from batchlm.kernels.cpu_native import SOURCE, LibrarySource
 from batchlm.kernels.cpu_quant import SOURCE_PATH, QuantizedWeight, quant_isa, quant_library
 
 logger = logging.getLogger(__name__)
 
 STACK_SOURCE = Path(__file__).with_name("cpu_decode_stack.c")
 BARRIER_SOURCE = Path(__file__).with_name("cpu_stage_barrier.c")
+STACK_KERNELS = LibrarySource(STACK_SOURCE, includes=(SOURCE, SOURCE_PATH, BARRIER_SOURCE))
 BLOCK = 32  # sizes the kernels quantize must be whole blocks of this
 
 
@@ -208,9 +209,7 @@ def stack_library() -> ctypes.CDLL | None:
     if quant_library() is None or decode_library() is None:
         return None
     try:
-        path = build_library(
-            source_path=STACK_SOURCE, flags=COMPILE_FLAGS, includes=(SOURCE, SOURCE_PATH, BARRIER_SOURCE)
-        )
+        path = STACK_KERNELS.build()
         library = ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         logger.warning("fused CPU decode kernel unavailable (%s); decoding layer by layer", error)

@@ -9,6 +9,7 @@ None (logged once) and callers keep torch's ops. Each function is probed against
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -17,7 +18,9 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,11 +43,20 @@ def cpu_supports_kernel() -> bool:
     return capability.startswith("AVX2") or capability.startswith("AVX512")
 
 
+def disabled_by_environment() -> bool:
+    return os.environ.get(DISABLE_ENV, "").strip().lower() in ("0", "false", "off", "no")
+
+
+def kernels_wanted() -> bool:
+    """Whether the kernels are to be built here: not turned off, and a CPU they run on."""
+    return not disabled_by_environment() and cpu_supports_kernel()
+
+
 @functools.cache
 def native_library() -> ctypes.CDLL | None:
     """The compiled and loaded kernel library, or None where it cannot be used (logged once). Callers
     probe the function they use (`probed`) before trusting it."""
-    if os.environ.get(DISABLE_ENV, "").strip().lower() in ("0", "false", "off", "no"):
+    if disabled_by_environment():
         logger.info("CPU kernels disabled by %s; using torch's ops", DISABLE_ENV)
         return None
     if not cpu_supports_kernel():
@@ -54,13 +66,13 @@ def native_library() -> ctypes.CDLL | None:
         )
         return None
     try:
-        path = build_library()
+        path = KERNELS.build()
         try:
             return _load(path)
         except OSError:
             # A damaged cache entry (a crash or a full disk while it was written): build it once more.
             path.unlink(missing_ok=True)
-            return _load(build_library())
+            return _load(KERNELS.build())
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         logger.warning("CPU kernels unavailable (%s); using torch's slower ops", error)
         return None
@@ -76,6 +88,33 @@ def probed(name: str, agrees: Callable[[ctypes.CDLL], bool]) -> ctypes.CDLL | No
         logger.warning("CPU kernel %s disagrees with torch on a probe; using torch's ops", name)
         return None
     return library
+
+
+@dataclass(frozen=True)
+class LibrarySource:
+    """One kernel library: its C file, compile flags and the files it #includes."""
+
+    path: Path
+    flags: tuple[str, ...] = COMPILE_FLAGS
+    includes: tuple[Path, ...] = ()
+
+    def build(self, cache_dir: Path | None = None) -> Path:
+        return build_library(cache_dir, self.path, self.flags, self.includes)
+
+
+KERNELS = LibrarySource(SOURCE)
+
+
+def build_libraries(sources: Sequence[LibrarySource]) -> None:
+    """Build the libraries not yet in the cache side by side (one compiler process each), where the
+    first start would otherwise compile them one after another as loading reaches each. A failure is
+    left for that library's own loader to report when it builds it again."""
+    if not kernels_wanted():
+        return
+    with ThreadPoolExecutor(max_workers=len(sources)) as pool:
+        for future in [pool.submit(source.build) for source in sources]:
+            with contextlib.suppress(OSError, RuntimeError, subprocess.SubprocessError):
+                future.result()
 
 
 def build_library(

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from batchlm.kernels.cpu_native import COMPILE_FLAGS, build_library, native_library
+from batchlm.kernels.cpu_native import LibrarySource, native_library
 from batchlm.kernels.quant_blocks import BLOCK, CodeBlocks, dequantize, from_dense_q8, q8_biases
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ PACK_PANELS = 16
 # A Q6_K super-block: 256 values in 210 bytes.
 Q6_K_VALUES, Q6_K_BYTES = 256, 210
 SOURCE_PATH = Path(__file__).with_name("cpu_quant_kernels.c")
+QUANT_KERNELS = LibrarySource(SOURCE_PATH)
 # "avx2" forces the AVX2 path, "avx512" the AVX-512 VNNI path without AMX tiles (tests, A/B runs).
 ISA_ENV = "BATCHLM_CPU_QUANT_ISA"
 # The C kernels' `isa` argument.
@@ -214,7 +215,7 @@ def _raw_library() -> ctypes.CDLL | None:
     if native_library() is None:  # disabled, no AVX2, or no compiler (already logged)
         return None
     try:
-        library = ctypes.CDLL(str(build_library(source_path=SOURCE_PATH, flags=COMPILE_FLAGS)))
+        library = ctypes.CDLL(str(QUANT_KERNELS.build()))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         logger.warning("quantized CPU kernels unavailable (%s); dequantizing weights instead", error)
         return None

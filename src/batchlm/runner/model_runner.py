@@ -17,6 +17,7 @@ from batchlm.layers.linear import pack_linears_for_cpu
 from batchlm.layers.quantization.layer import has_quantized_layers
 from batchlm.models.loader import LoadedModel, ModelShape, load_model
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
+from batchlm.runner.cpu_kernel_builds import build_cpu_kernels
 from batchlm.runner.cpu_threads import cap_cpu_threads
 from batchlm.runner.cuda_graph import DecodeGraphs
 from batchlm.runner.deferred_step import DeferredStepOutput, LaunchedForward
@@ -91,6 +92,7 @@ class ModelRunner:
             torch.cuda.set_device(self.device)
         else:
             cap_cpu_threads()
+            build_cpu_kernels()
         started = time.perf_counter()
         self.loaded: LoadedModel = load_model(
             model_dir,

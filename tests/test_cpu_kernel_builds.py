@@ -1,0 +1,70 @@
+"""A CPU engine's kernel libraries, compiled together before the model loads: into the cache
+entries each library's own loader then finds, so nothing compiles twice."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchlm.kernels import cpu_native
+from batchlm.kernels.cpu_decode_stack import STACK_KERNELS
+from batchlm.kernels.cpu_native import KERNELS
+from batchlm.kernels.cpu_quant import QUANT_KERNELS
+from batchlm.runner.cpu_kernel_builds import build_cpu_kernels
+
+needs_kernel = pytest.mark.skipif(not cpu_native.kernels_wanted(), reason="no AVX2 CPU here")
+
+
+def counting_compiles(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    compiles: list[list[str]] = []
+    run = subprocess.run
+
+    def counted(command: list[str], *args: Any, **kwargs: Any) -> Any:
+        compiles.append(command)
+        return run(command, *args, **kwargs)
+
+    monkeypatch.setattr(cpu_native.subprocess, "run", counted)
+    return compiles
+
+
+@needs_kernel
+def test_every_library_is_built_once_into_its_loaders_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BATCHLM_CACHE", str(tmp_path))
+    compiles = counting_compiles(monkeypatch)
+    build_cpu_kernels()
+    assert sorted(Path(command[-3]).name for command in compiles) == sorted(
+        source.path.name for source in (KERNELS, QUANT_KERNELS, STACK_KERNELS)
+    )
+    built = {path.name for path in (tmp_path / "kernels").iterdir()}
+    assert len(built) == 3 and not any(name.endswith(".partial") for name in built)
+    # What each loader asks for is there: no compile the second time.
+    assert {source.build().name for source in (KERNELS, QUANT_KERNELS, STACK_KERNELS)} == built
+    build_cpu_kernels()
+    assert len(compiles) == 3
+
+
+@pytest.mark.parametrize("value", ["0", "off"])
+def test_nothing_is_built_with_the_kernels_turned_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("BATCHLM_CACHE", str(tmp_path))
+    monkeypatch.setenv(cpu_native.DISABLE_ENV, value)
+    compiles = counting_compiles(monkeypatch)
+    build_cpu_kernels()
+    assert compiles == [] and not (tmp_path / "kernels").exists()
+
+
+def test_a_failed_compile_is_left_to_the_loader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_native, "cpu_supports_kernel", lambda: True)
+    monkeypatch.setenv("BATCHLM_CACHE", str(tmp_path))
+    fake = tmp_path / "fakecc"
+    fake.write_text("#!/bin/sh\necho 'error: unsupported flag' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    build_cpu_kernels()  # does not raise: each library's loader reports its own failure
+    assert not list((tmp_path / "kernels").glob("*.so"))
