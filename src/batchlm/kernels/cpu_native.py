@@ -2,7 +2,9 @@
 x86-64 CPUs with AVX2 and FMA, compiled once per machine and loaded through ctypes.
 
 The library is compiled with the machine's C compiler (`$CC`, else cc, gcc or clang) into the batchlm
-cache (`$BATCHLM_CACHE`, else ~/.cache/batchlm) the first time it is needed, about a second. Without a
+cache (`$BATCHLM_CACHE`, else ~/.cache/batchlm) the first time it is needed, about a second; a CPU
+engine builds it and the other kernel libraries side by side before its model loads
+(`build_libraries`). Without a
 compiler, AVX2/FMA or OpenMP, or with BATCHLM_CPU_KERNELS=0 (or false/off/no), `native_library()` is
 None (logged once) and callers keep torch's ops. Each function is probed against torch before use.
 """
