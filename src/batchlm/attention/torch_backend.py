@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from batchlm.attention.backend import AttentionBackend, AttentionMetadata, AttentionSpec
 from batchlm.kernels import cpu_decode_attention
+from batchlm.kernels.cpu_kv_write import write_kv_native
 
 # Soft-capped scores are materialised: at most this many at once (64 MiB of float32).
 SOFTCAP_SCORE_ELEMENTS = 1 << 24
@@ -127,6 +128,8 @@ def write_kv_cache(
     kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor
 ) -> None:
     """Store each token's key/value at its flat slot (block_id * block_size + offset)."""
+    if write_kv_native(kv_cache, key, value, slots):  # the same values, in one pass (x86-64 CPUs)
+        return
     # kv_cache[i]: [num_blocks, block_size, H_kv, D] -> flat view [num_blocks * block_size, H_kv, D]
     kv_cache[0].flatten(0, 1).index_copy_(0, slots, as_cached(key, kv_cache.dtype))
     kv_cache[1].flatten(0, 1).index_copy_(0, slots, as_cached(value, kv_cache.dtype))

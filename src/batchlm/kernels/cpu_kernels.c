@@ -331,6 +331,55 @@ int batchlm_paged_decode(const float *q, long q_row_stride, const void *k_cache,
     return 0;
 }
 
+/* The cache write of a step's tokens (keys and values after RoPE), in one pass: token t's `row` keys
+ * (every KV head, contiguous; a multiple of 8) from keys + t * key_stride, and its values likewise, to
+ * flat slot slots[t] of each cache (skipped when negative), as half when `half` (kv_store: rounded to
+ * nearest even and saturated as torch's clamp-then-convert path does, so the two agree bit for bit). */
+void batchlm_write_kv(void *k_cache, void *v_cache, const float *keys, long key_stride, const float *values,
+                      long value_stride, const int64_t *slots, long n, long row, int half, int threads) {
+    if (threads < 1) threads = 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long t = 0; t < n; t++) {
+        if (slots[t] < 0) continue;
+        const long at = (long)slots[t] * row * kv_bytes(half);
+        kv_store((char *)k_cache + at, keys + t * key_stride, row, half);
+        kv_store((char *)v_cache + at, values + t * value_stride, row, half);
+    }
+}
+
+/* RoPE in the NeoX "rotate half" form for n tokens of `heads` heads of D values: token t's heads from
+ * x + t * x_stride (heads D apart) rotated by the cos | sin row positions[t] of `table` (rows
+ * table_stride apart) into out + t * out_stride. Each product, then the difference or sum, is rounded
+ * on its own (no fused multiply-add), as torch's mul, mul and sub/add are, so the results are
+ * transformers' bit for bit. */
+__attribute__((optimize("fp-contract=off"))) void batchlm_rope(const float *x, long x_stride, float *out,
+                                                                long out_stride, const float *table,
+                                                                long table_stride, const int64_t *positions,
+                                                                long n, long heads, long D, int threads) {
+    const long half = D / 2, vectors = half / 8 * 8;
+    if (threads < 1) threads = 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long t = 0; t < n; t++) {
+        const float *cos_row = table + positions[t] * table_stride, *sin_row = cos_row + half;
+        for (long h = 0; h < heads; h++) {
+            const float *x1 = x + t * x_stride + h * D, *x2 = x1 + half;
+            float *o1 = out + t * out_stride + h * D, *o2 = o1 + half;
+            for (long i = 0; i < vectors; i += 8) {
+                const __m256 c = _mm256_loadu_ps(cos_row + i), s = _mm256_loadu_ps(sin_row + i);
+                const __m256 a = _mm256_loadu_ps(x1 + i), b = _mm256_loadu_ps(x2 + i);
+                _mm256_storeu_ps(o1 + i, _mm256_sub_ps(_mm256_mul_ps(a, c), _mm256_mul_ps(b, s)));
+                _mm256_storeu_ps(o2 + i, _mm256_add_ps(_mm256_mul_ps(b, c), _mm256_mul_ps(a, s)));
+            }
+            for (long i = vectors; i < half; i++) {
+                const float a = x1[i], b = x2[i], c = cos_row[i], s = sin_row[i];
+                const float ac = a * c, bs = b * s, bc = b * c, as = a * s;
+                o1[i] = ac - bs;
+                o2[i] = bc + as;
+            }
+        }
+    }
+}
+
 /* ---------------------------------------------------------------------------------------------------
  * Sampling: one draw per row from softmax(logits / temperature) by inverse CDF, given one uniform
  * u in [0, 1) per row. torch's CPU path races Exponential noise over the whole vocabulary (a float64

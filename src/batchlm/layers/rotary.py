@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from batchlm.kernels.cpu_rope import rotate_native
 from batchlm.kernels.dispatch import fused_ops_for
 from batchlm.layers.rope_scaling import (
     dynamic_ntk_inv_freq,
@@ -58,8 +59,11 @@ class RotaryEmbedding(nn.Module):
             for heads in (both,) if both is not None else (query, key):
                 fused.rotary_embedding_(positions, heads, self.cos_sin_cache)
             return query, key
-        cos, sin = self.cos_sin_cache.index_select(0, positions).unsqueeze(1).chunk(2, dim=-1)  # [T, 1, D/2]
         both = _adjacent_heads(query, key)
+        native = _rotate_native(both, query, key, self.cos_sin_cache, positions)
+        if native is not None:  # x86-64 CPUs: the same values in one pass
+            return native
+        cos, sin = self.cos_sin_cache.index_select(0, positions).unsqueeze(1).chunk(2, dim=-1)  # [T, 1, D/2]
         if both is None:
             return _rotate(query, cos, sin), _rotate(key, cos, sin)
         # q and k are neighbours in the fused qkv output: rotate them with one set of ops.
@@ -107,6 +111,25 @@ def _adjacent_heads(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | No
         return None
     heads = query.shape[1] + key.shape[1]
     return query.as_strided((query.shape[0], heads, query.shape[2]), query.stride())
+
+
+def _rotate_native(
+    both: torch.Tensor | None,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    table: torch.Tensor,
+    positions: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """query and key rotated by the CPU kernel (both at once when adjacent); None where it does not
+    take them."""
+    if query.device.type != "cpu":
+        return None
+    if both is not None:
+        rotated = rotate_native(both, table, positions)
+        return None if rotated is None else (rotated[:, : query.shape[1]], rotated[:, query.shape[1] :])
+    rotated_query = rotate_native(query, table, positions)
+    rotated_key = rotate_native(key, table, positions) if rotated_query is not None else None
+    return None if rotated_query is None or rotated_key is None else (rotated_query, rotated_key)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
