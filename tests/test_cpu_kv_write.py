@@ -63,3 +63,10 @@ def test_tensors_it_does_not_take_are_left_to_torch() -> None:
         cache[:, :, :, :, :4], torch.randn(3, 2, 4), torch.randn(3, 2, 4), torch.arange(3)
     )
     assert torch.count_nonzero(cache) == 0
+
+
+@needs_kernel
+def test_a_slot_past_the_cache_raises_as_torch_does() -> None:
+    cache = torch.zeros(2, 2, 4, 2, 8)  # 8 slots
+    with pytest.raises(IndexError, match="past the cache's 8 slots"):
+        write_kv_native(cache, torch.randn(2, 2, 8), torch.randn(2, 2, 8), torch.tensor([3, 8]))

@@ -61,3 +61,9 @@ def test_tensors_it_does_not_take_are_left_to_torch() -> None:
     assert rotate_native(torch.randn(3, 2, 16, dtype=torch.float64), table, positions) is None
     assert rotate_native(torch.randn(3, 2, 8), table, positions) is None  # a partial rotation
     assert rotate_native(torch.randn(2, 3, 16).transpose(0, 1), table, positions) is None
+
+
+@needs_kernel
+def test_a_position_past_the_table_raises_as_torch_does() -> None:
+    with pytest.raises(IndexError, match="past the RoPE table's 8 rows"):
+        rotate_native(torch.randn(2, 2, 16), torch.randn(8, 16), torch.tensor([1, 8]))

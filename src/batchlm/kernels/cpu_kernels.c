@@ -334,32 +334,46 @@ int batchlm_paged_decode(const float *q, long q_row_stride, const void *k_cache,
 /* The cache write of a step's tokens (keys and values after RoPE), in one pass: token t's `row` keys
  * (every KV head, contiguous; a multiple of 8) from keys + t * key_stride, and its values likewise, to
  * flat slot slots[t] of each cache (skipped when negative), as half when `half` (kv_store: rounded to
- * nearest even and saturated as torch's clamp-then-convert path does, so the two agree bit for bit). */
-void batchlm_write_kv(void *k_cache, void *v_cache, const float *keys, long key_stride, const float *values,
-                      long value_stride, const int64_t *slots, long n, long row, int half, int threads) {
+ * nearest even and saturated as torch's clamp-then-convert path does, so the two agree bit for bit).
+ * Returns how many slots lay past the caches' `capacity` slots (those are not written). */
+long batchlm_write_kv(void *k_cache, void *v_cache, const float *keys, long key_stride, const float *values,
+                      long value_stride, const int64_t *slots, long n, long row, long capacity, int half,
+                      int threads) {
+    long outside = 0;
     if (threads < 1) threads = 1;
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : outside)
     for (long t = 0; t < n; t++) {
         if (slots[t] < 0) continue;
+        if (slots[t] >= capacity) {
+            outside++;
+            continue;
+        }
         const long at = (long)slots[t] * row * kv_bytes(half);
         kv_store((char *)k_cache + at, keys + t * key_stride, row, half);
         kv_store((char *)v_cache + at, values + t * value_stride, row, half);
     }
+    return outside;
 }
 
 /* RoPE in the NeoX "rotate half" form for n tokens of `heads` heads of D values: token t's heads from
  * x + t * x_stride (heads D apart) rotated by the cos | sin row positions[t] of `table` (rows
  * table_stride apart) into out + t * out_stride. Each product, then the difference or sum, is rounded
  * on its own (no fused multiply-add), as torch's mul, mul and sub/add are, so the results are
- * transformers' bit for bit. */
-__attribute__((optimize("fp-contract=off"))) void batchlm_rope(const float *x, long x_stride, float *out,
-                                                                long out_stride, const float *table,
+ * transformers' bit for bit. Returns how many positions lay past the table's `rows` (their tokens are
+ * not written). */
+__attribute__((optimize("fp-contract=off"))) long batchlm_rope(const float *x, long x_stride, float *out,
+                                                                long out_stride, const float *table, long rows,
                                                                 long table_stride, const int64_t *positions,
                                                                 long n, long heads, long D, int threads) {
     const long half = D / 2, vectors = half / 8 * 8;
+    long outside = 0;
     if (threads < 1) threads = 1;
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : outside)
     for (long t = 0; t < n; t++) {
+        if (positions[t] < 0 || positions[t] >= rows) {
+            outside++;
+            continue;
+        }
         const float *cos_row = table + positions[t] * table_stride, *sin_row = cos_row + half;
         for (long h = 0; h < heads; h++) {
             const float *x1 = x + t * x_stride + h * D, *x2 = x1 + half;
@@ -378,6 +392,7 @@ __attribute__((optimize("fp-contract=off"))) void batchlm_rope(const float *x, l
             }
         }
     }
+    return outside;
 }
 
 /* ---------------------------------------------------------------------------------------------------

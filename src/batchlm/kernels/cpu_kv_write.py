@@ -40,7 +40,8 @@ def write_kv_native(
     slots = (
         slots if slots.dtype == torch.int64 and slots.is_contiguous() else slots.to(torch.int64).contiguous()
     )
-    library.batchlm_write_kv(
+    capacity = kv_cache.shape[1] * kv_cache.shape[2]
+    outside = library.batchlm_write_kv(
         kv_cache[0].data_ptr(),
         kv_cache[1].data_ptr(),
         key.data_ptr(),
@@ -50,9 +51,12 @@ def write_kv_native(
         slots.data_ptr(),
         tokens,
         key.shape[1] * key.shape[2],
+        capacity,
         kv_cache.dtype == torch.float16,
         torch.get_num_threads() if tokens >= MIN_PARALLEL_TOKENS else 1,
     )
+    if outside:
+        raise IndexError(f"{outside} KV-cache slot(s) past the cache's {capacity} slots")
     return True
 
 
@@ -82,7 +86,7 @@ def _write_agrees(library: ctypes.CDLL) -> bool:
         ours = torch.zeros(2, 4, 4, 2, 16, dtype=dtype)
         library.batchlm_write_kv(
             ours[0].data_ptr(), ours[1].data_ptr(), key.data_ptr(), key.stride(0), value.data_ptr(),
-            value.stride(0), slots.data_ptr(), 6, 32, dtype == torch.float16, 2,
+            value.stride(0), slots.data_ptr(), 6, 32, 16, dtype == torch.float16, 2,
         )  # fmt: skip
         theirs = torch.zeros_like(ours)
         for cache, x in ((theirs[0], key), (theirs[1], value)):

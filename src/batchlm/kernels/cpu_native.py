@@ -193,16 +193,16 @@ def _load(path: Path) -> ctypes.CDLL:
         ctypes.c_void_p, ctypes.c_void_p,  # key cache, value cache
         ctypes.c_void_p, size, ctypes.c_void_p, size,  # keys, their row stride, values, their row stride
         ctypes.c_void_p, size, size,  # slots (int64), tokens, elements a token (KV heads x head dim)
-        ctypes.c_int, ctypes.c_int,  # the caches hold half values (else float32), threads
+        size, ctypes.c_int, ctypes.c_int,  # slots a cache holds, half values (else float32), threads
     ]  # fmt: skip
-    function.restype = None
+    function.restype = size  # slots past the caches (not written)
     function = library.batchlm_rope
     function.argtypes = [
         ctypes.c_void_p, size, ctypes.c_void_p, size,  # x, its token stride, out, its token stride
-        ctypes.c_void_p, size, ctypes.c_void_p,  # cos | sin table, its row stride, positions (int64)
+        ctypes.c_void_p, size, size, ctypes.c_void_p,  # cos | sin table, its rows, row stride, positions
         size, size, size, ctypes.c_int,  # tokens, heads, head dim, threads
     ]  # fmt: skip
-    function.restype = None
+    function.restype = size  # positions past the table (their tokens not written)
     function = library.batchlm_sample_f32
     function.argtypes = [
         ctypes.c_void_p, size, size, size,  # logits, their row stride, B, V

@@ -40,11 +40,13 @@ def rotate_native(x: torch.Tensor, table: torch.Tensor, positions: torch.Tensor)
         else positions.to(torch.int64).contiguous()
     )
     out = torch.empty(x.shape, dtype=x.dtype)
-    library.batchlm_rope(
-        x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), table.data_ptr(), table.stride(0),
-        positions.data_ptr(), tokens, heads, head_dim,
+    outside = library.batchlm_rope(
+        x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), table.data_ptr(), table.shape[0],
+        table.stride(0), positions.data_ptr(), tokens, heads, head_dim,
         torch.get_num_threads() if tokens >= MIN_PARALLEL_TOKENS else 1,
     )  # fmt: skip
+    if outside:
+        raise IndexError(f"{outside} position(s) past the RoPE table's {table.shape[0]} rows")
     return out
 
 
@@ -57,7 +59,7 @@ def _rope_agrees(library: ctypes.CDLL) -> bool:
     positions = torch.tensor([3, 0, 15, 7, 7])
     ours = torch.empty_like(x)
     library.batchlm_rope(
-        x.data_ptr(), x.stride(0), ours.data_ptr(), ours.stride(0), table.data_ptr(), table.stride(0),
+        x.data_ptr(), x.stride(0), ours.data_ptr(), ours.stride(0), table.data_ptr(), 16, table.stride(0),
         positions.data_ptr(), 5, 3, 40, 2,
     )  # fmt: skip
     cos, sin = table.index_select(0, positions).unsqueeze(1).chunk(2, dim=-1)
