@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from batchlm.attention.torch_backend import as_cached
-from batchlm.kernels.cpu_kv_write import kv_write_library, write_kv_native
+from batchlm.kernels.cpu_kv_write import as_cached, kv_write_library, write_kv_native
 
 needs_kernel = pytest.mark.skipif(kv_write_library() is None, reason="no AVX2 CPU or C compiler here")
 

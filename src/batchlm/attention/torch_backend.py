@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from batchlm.attention.backend import AttentionBackend, AttentionMetadata, AttentionSpec
 from batchlm.kernels import cpu_decode_attention
-from batchlm.kernels.cpu_kv_write import write_kv_native
+from batchlm.kernels.cpu_kv_write import as_cached, write_kv_native
 
 # Soft-capped scores are materialised: at most this many at once (64 MiB of float32).
 SOFTCAP_SCORE_ELEMENTS = 1 << 24
@@ -110,18 +110,6 @@ class TorchAttentionBackend(AttentionBackend):
             ]
             self._groups_meta = meta
         return self._groups
-
-
-# The largest finite float16: a half cache saturates there (as the C kernels do), so that one outsized
-# key or value gives a wrong score rather than an infinity whose NaNs would spread through the softmax.
-HALF_MAX = 65504.0
-
-
-def as_cached(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
-    """x as a cache of `cache_dtype` holds it."""
-    if cache_dtype == torch.float16 and x.dtype != torch.float16:
-        x = x.clamp(-HALF_MAX, HALF_MAX)
-    return x.to(cache_dtype)
 
 
 def write_kv_cache(

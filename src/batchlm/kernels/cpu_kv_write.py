@@ -13,10 +13,18 @@ import functools
 
 import torch
 
-from batchlm.kernels.cpu_native import probed
+from batchlm.kernels.cpu_native import probed, threads_for_rows
 
-# Below this many tokens (a decode step's rows) one thread writes: waking the others costs more.
-MIN_PARALLEL_TOKENS = 64
+# The largest finite float16: a half cache saturates there (as the C kernels do), so that one outsized
+# key or value gives a wrong score rather than an infinity whose NaNs would spread through the softmax.
+HALF_MAX = 65504.0
+
+
+def as_cached(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
+    """x as a cache of `cache_dtype` holds it (torch's path, and what the kernel must match)."""
+    if cache_dtype == torch.float16 and x.dtype != torch.float16:
+        x = x.clamp(-HALF_MAX, HALF_MAX)
+    return x.to(cache_dtype)
 
 
 @functools.cache
@@ -37,9 +45,7 @@ def write_kv_native(
     if library is None:
         return False
     tokens = key.shape[0]
-    slots = (
-        slots if slots.dtype == torch.int64 and slots.is_contiguous() else slots.to(torch.int64).contiguous()
-    )
+    slots = slots.to(torch.int64).contiguous()  # itself when it already is
     capacity = kv_cache.shape[1] * kv_cache.shape[2]
     outside = library.batchlm_write_kv(
         kv_cache[0].data_ptr(),
@@ -53,7 +59,7 @@ def write_kv_native(
         key.shape[1] * key.shape[2],
         capacity,
         kv_cache.dtype == torch.float16,
-        torch.get_num_threads() if tokens >= MIN_PARALLEL_TOKENS else 1,
+        threads_for_rows(tokens),
     )
     if outside:
         raise IndexError(f"{outside} KV-cache slot(s) past the cache's {capacity} slots")
@@ -76,8 +82,8 @@ def _takes(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots
 
 
 def _write_agrees(library: ctypes.CDLL) -> bool:
-    # A float32 and a half cache, with values past half's range: each must equal torch's write
-    # (clamped to half's largest finite value, then converted), bit for bit.
+    # A float32 and a half cache, with values past half's range: each must equal torch's write, bit
+    # for bit.
     generator = torch.Generator().manual_seed(0)
     key = torch.randn(6, 2, 16, generator=generator) * 3e4
     value = torch.randn(6, 2, 16, generator=generator)
@@ -90,9 +96,7 @@ def _write_agrees(library: ctypes.CDLL) -> bool:
         )  # fmt: skip
         theirs = torch.zeros_like(ours)
         for cache, x in ((theirs[0], key), (theirs[1], value)):
-            if dtype == torch.float16:
-                x = x.clamp(-65504.0, 65504.0)
-            cache.flatten(0, 1).index_copy_(0, slots, x.to(dtype))
+            cache.flatten(0, 1).index_copy_(0, slots, as_cached(x, dtype))
         if not torch.equal(ours.view(bits), theirs.view(bits)):
             return False
     return True

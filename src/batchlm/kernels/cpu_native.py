@@ -37,12 +37,20 @@ DISABLE_ENV = "BATCHLM_CPU_KERNELS"
 # F16C (half <-> float32) comes with every AVX2 CPU.
 COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 COMPILE_TIMEOUT_S = 120.0
+# Rows from which a row-parallel pass (the cache write, RoPE) takes every thread.
+MIN_PARALLEL_ROWS = 64
 
 
 def cpu_supports_kernel() -> bool:
     """x86-64 with AVX2 (which torch's CPU dispatch reports only alongside FMA)."""
     capability = str(torch.backends.cpu.get_cpu_capability())
     return capability.startswith("AVX2") or capability.startswith("AVX512")
+
+
+def threads_for_rows(rows: int) -> int:
+    """Threads for a pass over `rows` independent rows: all of torch's, or one below MIN_PARALLEL_ROWS
+    (a decode step's rows), where waking the others costs more than they save."""
+    return torch.get_num_threads() if rows >= MIN_PARALLEL_ROWS else 1
 
 
 def disabled_by_environment() -> bool:

@@ -10,8 +10,7 @@ import functools
 
 import torch
 
-from batchlm.kernels.cpu_kv_write import MIN_PARALLEL_TOKENS
-from batchlm.kernels.cpu_native import probed
+from batchlm.kernels.cpu_native import probed, threads_for_rows
 
 
 @functools.cache
@@ -34,16 +33,12 @@ def rotate_native(x: torch.Tensor, table: torch.Tensor, positions: torch.Tensor)
     library = rope_library()
     if library is None:
         return None
-    positions = (
-        positions
-        if positions.dtype == torch.int64 and positions.is_contiguous()
-        else positions.to(torch.int64).contiguous()
-    )
+    positions = positions.to(torch.int64).contiguous()  # itself when it already is
     out = torch.empty(x.shape, dtype=x.dtype)
     outside = library.batchlm_rope(
         x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), table.data_ptr(), table.shape[0],
         table.stride(0), positions.data_ptr(), tokens, heads, head_dim,
-        torch.get_num_threads() if tokens >= MIN_PARALLEL_TOKENS else 1,
+        threads_for_rows(tokens),
     )  # fmt: skip
     if outside:
         raise IndexError(f"{outside} position(s) past the RoPE table's {table.shape[0]} rows")
