@@ -151,8 +151,40 @@ def test_pack_round_trips(bits: int) -> None:
     scales = RNG.uniform(0, 1, (37, 2)).astype(np.float16)
     blocks = CodeBlocks(codes, scales, -scales, bits)
     packed = cpu_quant.pack(blocks)
-    assert packed.data.shape == (3, 2, 64 + (512 if bits == 8 else 256))
+    assert packed.data.shape == (3, 2 * (64 + (512 if bits == 8 else 256)))
     assert torch.equal(cpu_quant.dequantize_packed(packed), torch.from_numpy(dequantize(blocks)))
+
+
+@pytest.mark.parametrize(
+    "type_name,zero", [("Q8_0", 128), ("Q4_0", 8), ("Q5_0", 16), ("Q4_1", 0), ("Q5_1", 0), ("Q4_K", 0)]
+)
+def test_symmetric_formats_pack_their_scales_alone(type_name: str, zero: int) -> None:
+    blocks = from_gguf(type_name, random_gguf(type_name, 37, 512), 37, 512)
+    packed, stored = cpu_quant.pack(blocks), cpu_quant.pack(blocks, omit_biases=False)
+    assert packed.zero == zero and stored.zero == 0
+    code_bytes = 16 * 32 // (2 if blocks.bits == 4 else 1)
+    panel_bytes = 16 * 32 + 16 * code_bytes if zero else 16 * (64 + code_bytes)  # 16 blocks a panel
+    assert packed.data.shape == (3, panel_bytes)
+    if zero:
+        assert packed.nbytes == stored.nbytes - 3 * 16 * 32
+    for weight in (packed, stored):
+        assert torch.equal(cpu_quant.dequantize_packed(weight), torch.from_numpy(dequantize(blocks)))
+
+
+def test_biases_the_scales_do_not_give_bit_for_bit_are_stored() -> None:
+    codes = RNG.integers(0, 256, (20, 96), dtype=np.uint8)
+    scales = RNG.uniform(0.001, 0.02, (20, 3)).astype(np.float16)
+    biases = (scales.astype(np.float32) * -128).astype(np.float16)
+    assert cpu_quant.pack(CodeBlocks(codes, scales, biases, 8)).zero == 128
+    off_by_an_ulp = biases.copy()
+    off_by_an_ulp.view(np.uint16)[7, 1] += 1
+    assert cpu_quant.pack(CodeBlocks(codes, scales, off_by_an_ulp, 8)).zero == 0
+    # -128 * 600 overflows float16: the stored bias is -inf, the computed one finite.
+    large = np.full((20, 3), 600, dtype=np.float16)
+    assert cpu_quant.pack(CodeBlocks(codes, large, np.full_like(large, -np.inf), 8)).zero == 0
+    # Padding rows (scale and bias 0) fit any zero point; a width of 3 blocks pads the scale rows.
+    packed = cpu_quant.pack(CodeBlocks(codes, scales, biases, 8))
+    assert packed.data.shape == (2, 128 + 3 * 512)
 
 
 @pytest.fixture(params=["auto", "avx512", "avx2"])
@@ -189,6 +221,19 @@ def test_matmul_matches_dequantized(
     assert (out - float_path).abs().max() <= 1e-3 * float_path.abs().max()
 
 
+@needs_kernel
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q5_0"])
+@pytest.mark.parametrize("rows", [1, 3, 8, 70])
+def test_panels_without_biases_give_the_bits_of_panels_with_them(isa: str, type_name: str, rows: int) -> None:
+    blocks = from_gguf(type_name, random_gguf(type_name, 37, 512), 37, 512)
+    packed, stored = cpu_quant.pack(blocks), cpu_quant.pack(blocks, omit_biases=False)
+    assert packed.zero and not stored.zero
+    x, bias = torch.randn(rows, 512) * 3, torch.randn(37)
+    assert torch.equal(cpu_quant.quant_linear(x, packed, bias), cpu_quant.quant_linear(x, stored, bias))
+    ids = torch.tensor([0, 15, 16, 36])
+    assert torch.equal(cpu_quant.quant_rows(packed, ids), cpu_quant.quant_rows(stored, ids))
+
+
 needs_amx = pytest.mark.skipif(
     cpu_quant.quant_library() is None or not cpu_quant.use_amx(), reason="no AMX tiles on this CPU (or OS)"
 )
@@ -197,13 +242,17 @@ needs_amx = pytest.mark.skipif(
 @needs_amx
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("rows", [8, 9, 16, 23, 64, 300])
-def test_amx_tiles_give_the_vnni_paths_bits(bits: int, rows: int) -> None:
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_amx_tiles_give_the_vnni_paths_bits(bits: int, rows: int, symmetric: bool) -> None:
     """The tile path sums the same integers and runs the VNNI path's float epilogue, so its outputs are
     the same bits; rows past a whole tile (8 activation rows) and past a 256-row block are padding."""
     codes = RNG.integers(0, 2**bits, (53, 1024), dtype=np.uint8)
     scales = RNG.uniform(-0.02, 0.02, (53, 32)).astype(np.float16)
     biases = RNG.uniform(-0.02, 0.02, (53, 32)).astype(np.float16)
+    if symmetric:
+        biases = (scales.astype(np.float32) * -8).astype(np.float16)
     weight = cpu_quant.pack(CodeBlocks(codes, scales, biases, bits))
+    assert weight.zero == (8 if symmetric else 0)
     x, bias = torch.randn(rows, 1024) * 3, torch.randn(53)
     with kernel_path("auto"):
         assert cpu_quant.quant_isa() == cpu_quant.ISA_AMX
@@ -229,7 +278,7 @@ def test_a_compiler_without_amx_intrinsics_builds_the_other_paths(tmp_path) -> N
     x = torch.randn(16, 64)
     out = torch.empty(16, 19)
     assert library.batchlm_quant_linear(
-        ctypes.c_void_p(x.data_ptr()), ctypes.c_long(64), ctypes.c_void_p(weight.data.data_ptr()), 0, None,
+        ctypes.c_void_p(x.data_ptr()), ctypes.c_long(64), ctypes.c_void_p(weight.data.data_ptr()), weight.layout, None,
         ctypes.c_void_p(out.data_ptr()), ctypes.c_long(16), ctypes.c_long(19), ctypes.c_long(64), 1,
         cpu_quant.ISA_AVX512 if cpu_quant.use_avx512() else cpu_quant.ISA_AVX2,
     ) == 0  # fmt: skip

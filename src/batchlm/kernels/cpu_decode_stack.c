@@ -27,7 +27,7 @@
 typedef struct {
     const float *input_norm, *post_norm;   /* [hidden] */
     const uint8_t *qkv, *o, *gate_up, *down; /* packed panels */
-    int qkv_bits4, o_bits4, gate_up_bits4, down_bits4;
+    int qkv_layout, o_layout, gate_up_layout, down_layout;
     const float *qkv_bias, *o_bias, *gate_up_bias, *down_bias; /* or NULL */
     void *k_cache, *v_cache; /* [num_blocks, block_size, kv_heads, head_dim] each, float32 or half */
     const float *q_norm, *k_norm; /* [head_dim] RMSNorm weights of each query and key head (Qwen3), or NULL */
@@ -209,20 +209,20 @@ static void quantize_own(const float *x, long B, long K, const ThreadScratch *s,
 
 /* This thread's panels [first, last) of W against its quantized input: on AMX tiles where `isa` and
  * the rows allow (and the tile path's scratch could be had), else VNNI or AVX2. */
-static void thread_panels(const uint8_t *w, int bits4, const ThreadScratch *s, const float *bias, float *out,
+static void thread_panels(const uint8_t *w, int layout, const ThreadScratch *s, const float *bias, float *out,
                           long ldo, long B, long N, long K, long first, long last, int isa) {
-    if (takes_amx(isa, B) && quant_gemm_panels_amx(w, bits4, s->xq, s->xd, s->xb, bias, out, ldo, B, N, K, first,
+    if (takes_amx(isa, B) && quant_gemm_panels_amx(w, layout, s->xq, s->xd, s->xb, bias, out, ldo, B, N, K, first,
                                                    last) == 0)
         return;
-    quant_gemm_panels(w, bits4, s->xq, s->xd, s->xb, bias, out, ldo, B, N, K, first, last, isa != ISA_AVX2);
+    quant_gemm_panels(w, layout, s->xq, s->xd, s->xb, bias, out, ldo, B, N, K, first, last, isa != ISA_AVX2);
 }
 
 /* x @ W^T for this thread's panels of W, its input quantized by this thread. isa: as batchlm_quant_gemm
  * takes it (the scratch holds whole tiles' rows where it may be ISA_AMX). */
-static void own_panels(const float *x, long B, long K, const uint8_t *w, int bits4, const float *bias, float *out,
+static void own_panels(const float *x, long B, long K, const uint8_t *w, int layout, const float *bias, float *out,
                        long N, long first, long last, const ThreadScratch *s, int isa) {
     quantize_own(x, B, K, s, isa);
-    thread_panels(w, bits4, s, bias, out, N, B, N, K, first, last, isa);
+    thread_panels(w, layout, s, bias, out, N, B, N, K, first, last, isa);
 }
 
 /* h[:, panels first..last) += out[:, same] */
@@ -271,7 +271,7 @@ static void decode_layer(const DecodeShape *shape, const DecodeLayer *layer, con
     long first, last;
     rms_norm_rows(h, layer->input_norm, s->normed, B, n, shape->eps);
     share((qkv_n + QPANEL - 1) / QPANEL, me, team, &first, &last);
-    own_panels(s->normed, B, n, layer->qkv, layer->qkv_bits4, layer->qkv_bias, buf->qkv, qkv_n, first, last, s, isa);
+    own_panels(s->normed, B, n, layer->qkv, layer->qkv_layout, layer->qkv_bias, buf->qkv, qkv_n, first, last, s, isa);
     stage_done(barrier, team);
     if (layer->q_norm) { /* each query and key head normed in place, before its rotation */
         const long normed_heads = shape->heads + shape->kv_heads;
@@ -294,19 +294,19 @@ static void decode_layer(const DecodeShape *shape, const DecodeLayer *layer, con
     attend_items(shape, layer, batch, buf->qkv, buf->attn, first, last, per_item, s);
     stage_done(barrier, team);
     share((n + QPANEL - 1) / QPANEL, me, team, &first, &last);
-    own_panels(buf->attn, B, attn_n, layer->o, layer->o_bits4, layer->o_bias, buf->out, n, first, last, s, isa);
+    own_panels(buf->attn, B, attn_n, layer->o, layer->o_layout, layer->o_bias, buf->out, n, first, last, s, isa);
     add_columns(h, buf->out, B, n, first, last);
     stage_done(barrier, team);
     rms_norm_rows(h, layer->post_norm, s->normed, B, n, shape->eps);
     quantize_own(s->normed, B, n, s, isa);
     share(I / QPANEL, me, team, &first, &last);
     for (long half = 0; half < 2; half++)
-        thread_panels(layer->gate_up, layer->gate_up_bits4, s, layer->gate_up_bias, buf->gu, 2 * I, B, 2 * I, n,
+        thread_panels(layer->gate_up, layer->gate_up_layout, s, layer->gate_up_bias, buf->gu, 2 * I, B, 2 * I, n,
                       first + half * I / QPANEL, last + half * I / QPANEL, isa);
     silu_mul_columns(buf->gu, buf->act, B, I, first, last);
     stage_done(barrier, team);
     share((n + QPANEL - 1) / QPANEL, me, team, &first, &last);
-    own_panels(buf->act, B, I, layer->down, layer->down_bits4, layer->down_bias, buf->out, n, first, last, s, isa);
+    own_panels(buf->act, B, I, layer->down, layer->down_layout, layer->down_bias, buf->out, n, first, last, s, isa);
     add_columns(h, buf->out, B, n, first, last);
     stage_done(barrier, team);
 }
@@ -328,7 +328,7 @@ static int alloc_scratch(size_t float_count, size_t code_count, float **floats, 
  * waits[0] and waits[1] receive how many stage-barrier waits there were and how many of them slept.
  * Returns 0, or -1 when scratch memory could not be allocated. */
 int batchlm_decode_stack(const DecodeShape *shape, const DecodeLayer *layers, const DecodeBatch *batch, float *h,
-                         const uint8_t *head, int head_bits4, long head_n, float *logits, int threads, int isa,
+                         const uint8_t *head, int head_layout, long head_n, float *logits, int threads, int isa,
                          long spin_ns, int *waits) {
     const long B = batch->B, n = shape->hidden, I = shape->intermediate, D = shape->head_dim;
     const long qkv_n = (shape->heads + 2 * shape->kv_heads) * D, attn_n = shape->heads * D;
@@ -363,7 +363,7 @@ int batchlm_decode_stack(const DecodeShape *shape, const DecodeLayer *layers, co
             long first, last;
             rms_norm_rows(h, shape->final_norm, s.normed, B, n, shape->eps);
             share((head_n + QPANEL - 1) / QPANEL, me, team, &first, &last);
-            own_panels(s.normed, B, n, head, head_bits4, NULL, logits, head_n, first, last, &s, isa);
+            own_panels(s.normed, B, n, head, head_layout, NULL, logits, head_n, first, last, &s, isa);
         }
     }
     waits[0] = atomic_load(&barrier.waits);
@@ -390,7 +390,7 @@ int batchlm_decode_stack(const DecodeShape *shape, const DecodeLayer *layers, co
  * cheaper to repeat than to wait for). */
 int batchlm_moe_experts(const float *x, long T, long K, long I, int active, const long *starts,
                         const int64_t *tokens, const float *weights, const uint8_t *const *gate_up,
-                        const int *gate_up_bits4, const uint8_t *const *down, const int *down_bits4, float *out,
+                        const int *gate_up_layout, const uint8_t *const *down, const int *down_layout, float *out,
                         int threads, int isa, long spin_ns, int *waits) {
     if (threads < 1) threads = 1;
     const long R = starts[active];
@@ -430,7 +430,7 @@ int batchlm_moe_experts(const float *x, long T, long K, long I, int active, cons
             const long rows = starts[e + 1] - starts[e];
             for (long r = 0; r < rows; r++)
                 memcpy(rows_k + r * K, x + tokens[starts[e] + r] * K, sizeof(float) * (size_t)K);
-            own_panels(rows_k, rows, K, gate_up[e], gate_up_bits4[e], NULL, gu + starts[e] * 2 * I, 2 * I,
+            own_panels(rows_k, rows, K, gate_up[e], gate_up_layout[e], NULL, gu + starts[e] * 2 * I, 2 * I,
                        lo - e * gate_panels, hi - e * gate_panels, &s, isa);
         }
         stage_barrier_wait(&barrier);
@@ -439,7 +439,7 @@ int batchlm_moe_experts(const float *x, long T, long K, long I, int active, cons
         for (long e = 0; e < active && first < last; e++) {
             const long rows = starts[e + 1] - starts[e];
             silu_mul_columns(gu + starts[e] * 2 * I, act, rows, I, 0, (I + QPANEL - 1) / QPANEL);
-            own_panels(act, rows, I, down[e], down_bits4[e], NULL, rows_k, K, first, last, &s, isa);
+            own_panels(act, rows, I, down[e], down_layout[e], NULL, rows_k, K, first, last, &s, isa);
             for (long r = 0; r < rows; r++) {
                 const long slot = starts[e] + r;
                 const float w = weights[slot];

@@ -76,10 +76,10 @@ class _Layer(ctypes.Structure):
         ("o", ctypes.c_void_p),
         ("gate_up", ctypes.c_void_p),
         ("down", ctypes.c_void_p),
-        ("qkv_bits4", ctypes.c_int),
-        ("o_bits4", ctypes.c_int),
-        ("gate_up_bits4", ctypes.c_int),
-        ("down_bits4", ctypes.c_int),
+        ("qkv_layout", ctypes.c_int),
+        ("o_layout", ctypes.c_int),
+        ("gate_up_layout", ctypes.c_int),
+        ("down_layout", ctypes.c_int),
         ("qkv_bias", ctypes.c_void_p),
         ("o_bias", ctypes.c_void_p),
         ("gate_up_bias", ctypes.c_void_p),
@@ -178,7 +178,7 @@ class DecodeStack:
         spin_ns = self.spin.budget_ns()
         status = self._library.batchlm_decode_stack(
             ctypes.byref(self._shape), self._layers, ctypes.byref(batch), hidden.data_ptr(),
-            None if head is None else head.data.data_ptr(), head is not None and head.bits == 4,
+            None if head is None else head.data.data_ptr(), 0 if head is None else head.layout,
             0 if head is None else head.out_features, _pointer(logits),
             torch.get_num_threads(), quant_isa(), spin_ns, self._waits,
         )  # fmt: skip
@@ -197,7 +197,7 @@ def _layer(layer: StackLayer) -> _Layer:
     weights = (layer.qkv, layer.o, layer.gate_up, layer.down)
     return _Layer(
         layer.input_norm.data_ptr(), layer.post_norm.data_ptr(),
-        *(weight.data.data_ptr() for weight in weights), *(int(weight.bits == 4) for weight in weights),
+        *(weight.data.data_ptr() for weight in weights), *(weight.layout for weight in weights),
         _pointer(layer.qkv_bias), _pointer(layer.o_bias), _pointer(layer.gate_up_bias), _pointer(layer.down_bias),
         keys.data_ptr(), values.data_ptr(), _pointer(layer.q_norm), _pointer(layer.k_norm),
     )  # fmt: skip
@@ -217,14 +217,14 @@ def stack_library() -> ctypes.CDLL | None:
     pointer = ctypes.c_void_p
     library.batchlm_decode_stack.argtypes = [
         pointer, pointer, pointer, pointer,  # shape, layers, batch, hidden
-        pointer, ctypes.c_int, ctypes.c_long, pointer,  # LM head or NULL, its bits == 4, outputs, logits
+        pointer, ctypes.c_int, ctypes.c_long, pointer,  # LM head or NULL, its layout, outputs, logits
         ctypes.c_int, ctypes.c_int, ctypes.c_long, pointer,  # threads, isa, spin ns, waits
     ]  # fmt: skip
     library.batchlm_decode_stack.restype = ctypes.c_int
     library.batchlm_moe_experts.argtypes = [
         pointer, ctypes.c_long, ctypes.c_long, ctypes.c_long,  # x, tokens, hidden, expert intermediate
         ctypes.c_int, pointer, pointer, pointer,  # active experts, their first slots (+ the end), slot tokens, weights
-        pointer, pointer, pointer, pointer,  # gate/up weights and bits == 4, down weights and bits == 4
+        pointer, pointer, pointer, pointer,  # gate/up weights and layouts, down weights and layouts
         pointer, ctypes.c_int, ctypes.c_int, ctypes.c_long, pointer,  # y, threads, isa, spin ns, waits
     ]  # fmt: skip
     library.batchlm_moe_experts.restype = ctypes.c_int

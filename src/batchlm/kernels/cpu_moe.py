@@ -48,15 +48,15 @@ class ExpertsKernel:
         inter = weights[0][1].in_features
         out = torch.empty(tokens, hidden, dtype=torch.float32)
         pointers = ctypes.c_void_p * active
-        bits = ctypes.c_int * active
+        layouts = ctypes.c_int * active
         spin_ns = self.spin.budget_ns()
         status = self._library.batchlm_moe_experts(
             x.data_ptr(), tokens, hidden, inter, active, (ctypes.c_long * (active + 1))(*starts),
             slot_tokens.data_ptr(), slot_weights.data_ptr(),
             pointers(*(gate_up.data.data_ptr() for gate_up, _ in weights)),
-            bits(*(int(gate_up.bits == 4) for gate_up, _ in weights)),
+            layouts(*(gate_up.layout for gate_up, _ in weights)),
             pointers(*(down.data.data_ptr() for _, down in weights)),
-            bits(*(int(down.bits == 4) for _, down in weights)),
+            layouts(*(down.layout for _, down in weights)),
             out.data_ptr(), torch.get_num_threads(), quant_isa(), spin_ns, self._waits,
         )  # fmt: skip
         if status != 0:

@@ -1,8 +1,9 @@
 """Matmuls with quantized weights on x86-64 CPUs (cpu_quant_kernels.c, built like cpu_kernels.c).
 
 A weight in code blocks (quant_blocks.py: 8- or 4-bit codes, float16 scale and bias per 32 inputs)
-is packed once into 16-row panels (`pack`), and stays that size in memory: 36 bytes per 32 weights
-for 8-bit codes (Q8_0: 34), 20 for 4-bit (Q4_1: 20, Q4_0 and Q4_K: 18). `quant_linear` quantizes
+is packed once into 16-row panels (`pack`), and stays about that size in memory: 36 bytes per 32
+weights for 8-bit codes, 20 for 4-bit, and 2 fewer where every bias is a fixed multiple of its scale
+(Q8_0 and Q6_K read as Q8_0: 34, as in the file; Q4_0: 18, as in the file; Q4_1: 20; Q4_K: 18). `quant_linear` quantizes
 the activation rows to int8 per block of 32, twice (the codes, then the codes of what they left over)
 and multiplies with integer dot products (AVX-512 VNNI where the CPU has it, else AVX2; 8 activation
 rows or more on AMX tiles where the CPU has them, with the same results); `quant_rows` reads rows
@@ -35,6 +36,9 @@ logger = logging.getLogger(__name__)
 
 QPANEL = 16  # output rows per panel; must match QPANEL in cpu_quant_kernels.c
 SCALE_BYTES = 64  # 16 float16 scales + 16 float16 biases per panel block
+# Zero points of the symmetric formats (Q8_0 and Q6_K's Q8_0: 128; Q5_0: 16; Q4_0 in 4 or 8 bits: 8):
+# where every bias is -zero * its scale, panels hold only the scales (cpu_quant_kernels.c).
+SYMMETRIC_ZEROS = (128, 16, 8)
 # Panels packed at a time (16 output rows each): 256 rows of a 1,024-wide weight is 256 KB of codes.
 PACK_PANELS = 16
 # A Q6_K super-block: 256 values in 210 bytes.
@@ -49,34 +53,66 @@ ISA_AVX2, ISA_AVX512, ISA_AMX = 0, 1, 2
 
 @dataclass(frozen=True)
 class QuantizedWeight:
-    """A [out_features, in_features] weight packed for the kernels: data[p, kb] is panel p's block kb
-    (scales, biases, then the codes of its 16 rows); see cpu_quant_kernels.c for the byte layout."""
+    """A [out_features, in_features] weight packed for the kernels, data[p] panel p (16 output rows):
+    where biases are stored, its blocks one after another (16 scales, 16 biases, the codes); where
+    `zero` gives them, every block's scales, then every block's codes. See cpu_quant_kernels.c for the
+    byte layout."""
 
-    data: torch.Tensor  # uint8 [ceil(out / 16), in / 32, 64 + 512 (8-bit) or 64 + 256 (4-bit)]
+    data: torch.Tensor  # uint8 [ceil(out / 16), panel bytes]
     bits: int
     out_features: int
     in_features: int
+    # The codes' zero point where every bias is -zero * its scale and none is stored; 0: stored.
+    zero: int = 0
 
     @property
     def nbytes(self) -> int:
         return self.data.numel()
 
+    @property
+    def layout(self) -> int:
+        """The kernels' `layout` argument: bit 0 for 4-bit codes, bits 1-3 log2 of the zero point."""
+        zero_log2 = self.zero.bit_length() - 1 if self.zero else 0
+        return int(self.bits == 4) | zero_log2 << 1
 
-def pack(blocks: CodeBlocks) -> QuantizedWeight:
+
+def scale_rows_bytes(blocks: int) -> int:
+    """Bytes of a panel's scales where no biases are stored: 16 halves a block, padded to whole
+    cache lines (as the kernels' scale_rows_bytes)."""
+    return -(-blocks * QPANEL * 2 // 64) * 64
+
+
+def symmetric_zero(blocks: CodeBlocks) -> int:
+    """The zero point z of SYMMETRIC_ZEROS for which every bias is -z times its scale, as the kernels
+    compute it (float32, bit for bit), else 0."""
+    scales = blocks.scales.astype(np.float32)
+    biases = blocks.biases.astype(np.float32).view(np.uint32)
+    for zero in SYMMETRIC_ZEROS:
+        if np.array_equal(biases, (scales * np.float32(-zero)).view(np.uint32)):
+            return zero
+    return 0
+
+
+def pack(blocks: CodeBlocks, *, omit_biases: bool = True) -> QuantizedWeight:
     """Panel-major copy of code blocks (rows past out_features are zero: scale and bias 0), packed
-    PACK_PANELS panels at a time so that each chunk's reshuffles stay in cache."""
+    PACK_PANELS panels at a time so that each chunk's reshuffles stay in cache. With omit_biases, the
+    biases are left out where symmetric_zero finds them all given by the scales."""
     rows, cols = blocks.codes.shape
     panels, kb = -(-rows // QPANEL), cols // BLOCK
+    zero = symmetric_zero(blocks) if omit_biases else 0
     body_bytes = QPANEL * BLOCK // 2 if blocks.bits == 4 else QPANEL * BLOCK
-    data = np.empty((panels, kb, SCALE_BYTES + body_bytes), dtype=np.uint8)
+    panel_bytes = scale_rows_bytes(kb) + kb * body_bytes if zero else kb * (SCALE_BYTES + body_bytes)
+    data = np.empty((panels, panel_bytes), dtype=np.uint8)
     for first in range(0, panels, PACK_PANELS):
         last = min(panels, first + PACK_PANELS)
-        data[first:last] = _packed_panels(blocks, first * QPANEL, min(rows, last * QPANEL), last - first)
-    return QuantizedWeight(torch.from_numpy(data), blocks.bits, rows, cols)
+        data[first:last] = _packed_panels(
+            blocks, first * QPANEL, min(rows, last * QPANEL), last - first, zero
+        )
+    return QuantizedWeight(torch.from_numpy(data), blocks.bits, rows, cols, zero)
 
 
-def _packed_panels(blocks: CodeBlocks, start: int, stop: int, panels: int) -> np.ndarray:
-    """Rows [start, stop) of the blocks as `panels` whole panels [panels, kb, scale bytes + body]."""
+def _packed_panels(blocks: CodeBlocks, start: int, stop: int, panels: int, zero: int) -> np.ndarray:
+    """Rows [start, stop) of the blocks as `panels` whole panels [panels, panel bytes]."""
     cols = blocks.codes.shape[1]
     kb = cols // BLOCK
     rows = stop - start
@@ -86,9 +122,8 @@ def _packed_panels(blocks: CodeBlocks, start: int, stop: int, panels: int) -> np
     scale_bias[:rows, :, 0] = blocks.scales[start:stop]
     scale_bias[:rows, :, 1] = blocks.biases[start:stop]
     # [p, j, kb, s|b] -> [p, kb, s|b, j]: 16 scales then 16 biases per panel block.
-    head = (
-        scale_bias.reshape(panels, QPANEL, kb, 2).transpose(0, 2, 3, 1).reshape(panels, kb, -1).view(np.uint8)
-    )
+    ordered = scale_bias.reshape(panels, QPANEL, kb, 2).transpose(0, 2, 3, 1)
+    head = np.ascontiguousarray(ordered[:, :, :1] if zero else ordered).reshape(panels, kb, -1).view(np.uint8)
     grouped = codes.reshape(panels, QPANEL, kb, BLOCK)
     body: np.ndarray
     if blocks.bits == 4:
@@ -97,15 +132,25 @@ def _packed_panels(blocks: CodeBlocks, start: int, stop: int, panels: int) -> np
         body = (quads[:, :, 0] | (quads[:, :, 1] << 4)).reshape(panels, kb, -1)
     else:
         body = grouped.reshape(panels, QPANEL, kb, 8, 4).transpose(0, 2, 3, 1, 4).reshape(panels, kb, -1)
-    return np.concatenate([head, body], axis=2)
+    if not zero:
+        return np.concatenate([head, body], axis=2).reshape(panels, -1)
+    padding = np.zeros((panels, scale_rows_bytes(kb) - head[0].size), dtype=np.uint8)
+    return np.concatenate([head.reshape(panels, -1), padding, body.reshape(panels, -1)], axis=1)
 
 
 def dequantize_packed(weight: QuantizedWeight) -> torch.Tensor:
     """float32 [out, in] of a packed weight (the fallback path and the kernels' reference)."""
     data = weight.data.numpy()
-    panels, kb, _ = data.shape
-    head = data[:, :, :SCALE_BYTES].copy().view(np.float16).reshape(panels, kb, 2, QPANEL)
-    body = data[:, :, SCALE_BYTES:]
+    panels, kb = data.shape[0], weight.in_features // BLOCK
+    if weight.zero:
+        start = scale_rows_bytes(kb)
+        scales = data[:, : kb * QPANEL * 2].copy().view(np.float16).reshape(panels, kb, 1, QPANEL)
+        biases = (scales.astype(np.float32) * -weight.zero).astype(np.float16)
+        head, body = np.concatenate([scales, biases], axis=2), data[:, start:].reshape(panels, kb, -1)
+    else:
+        by_block = data.reshape(panels, kb, -1)
+        head = by_block[:, :, :SCALE_BYTES].copy().view(np.float16).reshape(panels, kb, 2, QPANEL)
+        body = by_block[:, :, SCALE_BYTES:]
     if weight.bits == 4:
         quads = body.reshape(panels, kb, 4, QPANEL, 4)
         halves = np.stack([quads & 0x0F, quads >> 4], axis=2)  # [p, kb, half, h, j, t]
@@ -145,7 +190,7 @@ def _gemm(
         if bias is not None:
             bias = bias.float().contiguous()
         status = library.batchlm_quant_linear(
-            rows.data_ptr(), rows.stride(0), weight.data.data_ptr(), weight.bits == 4,
+            rows.data_ptr(), rows.stride(0), weight.data.data_ptr(), weight.layout,
             bias.data_ptr() if bias is not None else None, out.data_ptr(), m, weight.out_features, k,
             torch.get_num_threads(), quant_isa(),
         )  # fmt: skip
@@ -162,7 +207,7 @@ def quant_rows(weight: QuantizedWeight, ids: torch.Tensor) -> torch.Tensor:
     flat = ids.reshape(-1).to(torch.int64).contiguous()
     out = torch.empty(flat.shape[0], weight.in_features, dtype=torch.float32)
     library.batchlm_quant_rows(
-        weight.data.data_ptr(), weight.bits == 4, flat.data_ptr(), flat.shape[0], out.data_ptr(),
+        weight.data.data_ptr(), weight.layout, flat.data_ptr(), flat.shape[0], out.data_ptr(),
         weight.in_features, weight.in_features,
     )  # fmt: skip
     return out.view(*ids.shape, weight.in_features)
@@ -235,13 +280,13 @@ def _raw_library() -> ctypes.CDLL | None:
     ]
     library.batchlm_quantize_rows_q8.restype = None
     library.batchlm_quant_gemm.argtypes = [
-        pointer, ctypes.c_int, pointer, pointer, pointer,  # weight, 4-bit?, codes, scales, scale * sums
+        pointer, ctypes.c_int, pointer, pointer, pointer,  # weight, its layout, codes, scales, scale * sums
         pointer, pointer, size,  # bias or NULL, out, its row stride
         size, size, size, ctypes.c_int, ctypes.c_int,  # M, N, K, threads, isa
     ]  # fmt: skip
     library.batchlm_quant_gemm.restype = ctypes.c_int
     library.batchlm_quant_linear.argtypes = [
-        pointer, size, pointer, ctypes.c_int, pointer, pointer,  # x, its row stride, weight, 4-bit?, bias, out
+        pointer, size, pointer, ctypes.c_int, pointer, pointer,  # x, its row stride, weight, its layout, bias, out
         size, size, size, ctypes.c_int, ctypes.c_int,  # M, N, K, threads, isa
     ]  # fmt: skip
     library.batchlm_quant_linear.restype = ctypes.c_int
@@ -294,7 +339,10 @@ def _quant_agrees(library: ctypes.CDLL) -> bool:
     weight = torch.randn(21, 64, generator=generator)
     nibbles = torch.randint(0, 16, (21, 64), dtype=torch.uint8, generator=generator).numpy()
     scales = np.full((21, 2), 0.25, dtype=np.float16)
-    for packed in (pack(from_dense_q8(weight.numpy())), pack(CodeBlocks(nibbles, scales, -2 * scales, 4))):
+    # Q8_0 (no biases stored), 4-bit codes with biases stored, and Q4_0 (none stored).
+    probes = [from_dense_q8(weight.numpy()), CodeBlocks(nibbles, scales, -2 * scales, 4)]
+    probes.append(CodeBlocks(nibbles, scales, -8 * scales, 4))
+    for packed in map(pack, probes):
         reference = quantized_activations(x) @ dequantize_packed(packed).t()
         if not torch.allclose(_gemm(library, x, packed, None), reference, atol=1e-3, rtol=1e-4):
             return False

@@ -18,6 +18,13 @@
  * block ends with 16 row sums in one register: no horizontal reductions. Several activation rows reuse
  * each weight block from registers (prefill); a decode step reads every weight once.
  *
+ * Where every block's bias is -z times its scale for one power of two z (Q8_0, Q4_0, Q5_0: codes stored
+ * plus a fixed zero point), no bias is stored and the kernels make each as s * -z: the same float the
+ * stored half would give, so the same results. Such a panel holds its blocks' 16 scales each (32
+ * bytes a block, padded to a whole cache line), then their codes, so the code vectors stay on cache
+ * line boundaries. The `layout` argument says which: bit 0 set for 4-bit codes, bits 1-3 log2 z (0:
+ * biases stored).
+ *
  * AVX-512 VNNI where the CPU has it (checked at run time), else AVX2 (maddubs; w8 codes are re-centred
  * to signed so the 16-bit pair sums cannot saturate). Where the CPU also has AMX (Intel's tile unit)
  * and the OS grants its state, matmuls of AMX_MIN_ROWS rows or more take it: the same layout feeds its tiles.
@@ -56,7 +63,44 @@
 
 typedef int32_t __attribute__((may_alias, aligned(1))) unaligned_i32;
 
-static inline long block_bytes(int bits4) { return SB_BYTES + (bits4 ? W4_BYTES : W8_BYTES); }
+#define LAYOUT_4BIT 1
+
+static inline int layout_zero_log2(int layout) { return (layout >> 1) & 7; }
+
+static inline long code_bytes(int layout) { return (layout & LAYOUT_4BIT) ? W4_BYTES : W8_BYTES; }
+
+/* A panel's scales with no biases stored: 16 halves a block, padded to whole cache lines. */
+static inline long scale_rows_bytes(long Kb) { return (Kb * QPANEL * 2 + 63) & ~63L; }
+
+static inline long panel_bytes(int layout, long Kb) {
+    return layout_zero_log2(layout) ? scale_rows_bytes(Kb) + Kb * code_bytes(layout) : Kb * (SB_BYTES + code_bytes(layout));
+}
+
+/* Where a panel's blocks keep their scales (each block's biases, where stored, follow its scales) and
+ * codes: block kb's at scales + kb * scale_stride and codes + kb * code_stride. */
+typedef struct {
+    const uint8_t *scales, *codes;
+    long scale_stride, code_stride;
+} PanelStreams;
+
+static inline PanelStreams panel_streams(const uint8_t *panel, int layout, long Kb) {
+    PanelStreams p;
+    p.scales = panel;
+    if (layout_zero_log2(layout)) {
+        p.scale_stride = QPANEL * 2;
+        p.codes = panel + scale_rows_bytes(Kb);
+        p.code_stride = code_bytes(layout);
+    } else {
+        p.scale_stride = p.code_stride = SB_BYTES + code_bytes(layout);
+        p.codes = panel + SB_BYTES;
+    }
+    return p;
+}
+
+/* The 16 row biases of a panel block whose scales are s, as float (AVX-512 and AMX paths). */
+#define BLOCK_BIASES_512(layout, sc, s)                                                          \
+    (layout_zero_log2(layout) ? _mm512_mul_ps((s), _mm512_set1_ps(-(float)(1 << layout_zero_log2(layout)))) \
+                              : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((sc) + 32))))
 
 /* 1 when this CPU (and OS) runs the AVX-512 VNNI path, else 0. */
 int batchlm_quant_has_avx512_vnni(void) {
@@ -155,30 +199,34 @@ AVX512 static inline __attribute__((always_inline)) __m512 add_block(__m512 acc,
     return _mm512_fmadd_ps(b, _mm512_set1_ps(xb[at]), acc);
 }
 
+/* bits4 and symmetric (no biases stored; `zero` is then -z in every lane) are constants at each call,
+ * so that the block strides are too. */
 AVX512 static inline __attribute__((always_inline)) void panel_rows_512(
-    const int R, const int bits4, const uint8_t *panel, long Kb, const int8_t *xq, long K, const float *xd,
-    const float *xb, const float *bias, float *out, long ldo, long cols) {
-    const long bytes = block_bytes(bits4);
+    const int R, const int bits4, const int symmetric, const __m512 zero, const uint8_t *panel, long Kb,
+    const int8_t *xq, long K, const float *xd, const float *xb, const float *bias, float *out, long ldo, long cols) {
+    const long code_stride = (bits4 ? W4_BYTES : W8_BYTES) + (symmetric ? 0 : SB_BYTES);
+    const long scale_stride = symmetric ? QPANEL * 2 : code_stride;
+    const uint8_t *const codes = panel + (symmetric ? scale_rows_bytes(Kb) : SB_BYTES);
     const __mmask16 mask = (__mmask16)((1u << cols) - 1u);
     const __m512i low4 = _mm512_set1_epi8(0x0F);
     const __m512 bias_v = bias ? _mm512_maskz_loadu_ps(mask, bias) : _mm512_setzero_ps();
     __m512 acc[QROWS];
     for (int r = 0; r < R; r++) acc[r] = bias_v;
     for (long kb = 0; kb < Kb; kb++) {
-        const uint8_t *blk = panel + kb * bytes;
+        const uint8_t *sc = panel + kb * scale_stride, *blk = codes + kb * code_stride;
         /* The weight stream runs across 4 KiB pages, where the hardware prefetcher stops: fetch ahead. */
-        for (long line = 0; line < bytes; line += 64) _mm_prefetch((const char *)blk + QPREFETCH + line, _MM_HINT_T0);
-        const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
-        const __m512 b = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 32)));
+        for (long line = 0; line < code_stride; line += 64) _mm_prefetch((const char *)blk + QPREFETCH + line, _MM_HINT_T0);
+        const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sc));
+        const __m512 b = symmetric ? _mm512_mul_ps(s, zero) : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + 32)));
         __m512i w[8];
         if (bits4) {
             for (int h = 0; h < 4; h++) {
-                const __m512i v = _mm512_loadu_si512(blk + SB_BYTES + 64 * h);
+                const __m512i v = _mm512_loadu_si512(blk + 64 * h);
                 w[h] = _mm512_and_si512(v, low4);
                 w[h + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
             }
         } else {
-            for (int g = 0; g < 8; g++) w[g] = _mm512_loadu_si512(blk + SB_BYTES + 64 * g);
+            for (int g = 0; g < 8; g++) w[g] = _mm512_loadu_si512(blk + 64 * g);
         }
         for (int r = 0; r < R; r++) {
             const unaligned_i32 *x4 = (const unaligned_i32 *)(xq + 2 * r * K + kb * QBLOCK);
@@ -194,20 +242,38 @@ AVX512 static inline __attribute__((always_inline)) void panel_rows_512(
     for (int r = 0; r < R; r++) _mm512_mask_storeu_ps(out + r * ldo, mask, acc[r]);
 }
 
-AVX512 static void panel_all_rows_512(int bits4, const uint8_t *panel, long Kb, const int8_t *xq, long K,
-                                      const float *xd, const float *xb, const float *bias, float *out,
-                                      long ldo, long M, long cols) {
+AVX512 static inline __attribute__((always_inline)) void panel_all_rows_512_as(
+    const int bits4, const int symmetric, const __m512 zero, const uint8_t *panel, long Kb, const int8_t *xq, long K,
+    const float *xd, const float *xb, const float *bias, float *out, long ldo, long M, long cols) {
     for (long m = 0; m < M; m += QROWS) {
         const long rows = M - m < QROWS ? M - m : QROWS;
         const int8_t *q = xq + 2 * m * K;
         const float *d = xd + 2 * m * Kb, *b = xb + m * Kb;
         float *o = out + m * ldo;
         switch (rows) {
-            case 4: panel_rows_512(4, bits4, panel, Kb, q, K, d, b, bias, o, ldo, cols); break;
-            case 3: panel_rows_512(3, bits4, panel, Kb, q, K, d, b, bias, o, ldo, cols); break;
-            case 2: panel_rows_512(2, bits4, panel, Kb, q, K, d, b, bias, o, ldo, cols); break;
-            default: panel_rows_512(1, bits4, panel, Kb, q, K, d, b, bias, o, ldo, cols); break;
+            case 4: panel_rows_512(4, bits4, symmetric, zero, panel, Kb, q, K, d, b, bias, o, ldo, cols); break;
+            case 3: panel_rows_512(3, bits4, symmetric, zero, panel, Kb, q, K, d, b, bias, o, ldo, cols); break;
+            case 2: panel_rows_512(2, bits4, symmetric, zero, panel, Kb, q, K, d, b, bias, o, ldo, cols); break;
+            default: panel_rows_512(1, bits4, symmetric, zero, panel, Kb, q, K, d, b, bias, o, ldo, cols); break;
         }
+    }
+}
+
+AVX512 static void panel_all_rows_512(int layout, const uint8_t *panel, long Kb, const int8_t *xq, long K,
+                                      const float *xd, const float *xb, const float *bias, float *out,
+                                      long ldo, long M, long cols) {
+    const int zero_log2 = layout_zero_log2(layout);
+    const __m512 zero = _mm512_set1_ps(-(float)(1 << zero_log2));
+    if (layout & LAYOUT_4BIT) {
+        if (zero_log2)
+            panel_all_rows_512_as(1, 1, zero, panel, Kb, xq, K, xd, xb, bias, out, ldo, M, cols);
+        else
+            panel_all_rows_512_as(1, 0, zero, panel, Kb, xq, K, xd, xb, bias, out, ldo, M, cols);
+    } else {
+        if (zero_log2)
+            panel_all_rows_512_as(0, 1, zero, panel, Kb, xq, K, xd, xb, bias, out, ldo, M, cols);
+        else
+            panel_all_rows_512_as(0, 0, zero, panel, Kb, xq, K, xd, xb, bias, out, ldo, M, cols);
     }
 }
 
@@ -224,19 +290,22 @@ static inline __m256i dot_quad_avx2(__m256i w, __m256i x, int bits4) {
     return _mm256_madd_epi16(pairs, ones);
 }
 
-static void panel_row_avx2(int bits4, const uint8_t *panel, long Kb, long K, const int8_t *xq, const float *xd,
+static void panel_row_avx2(int layout, const uint8_t *panel, long Kb, long K, const int8_t *xq, const float *xd,
                            const float *xb, const float *bias, float *out, long cols) {
-    const long bytes = block_bytes(bits4);
+    const PanelStreams st = panel_streams(panel, layout, Kb);
+    const int bits4 = layout & LAYOUT_4BIT, zero_log2 = layout_zero_log2(layout);
     const __m256i low4 = _mm256_set1_epi8(0x0F);
     float result[QPANEL];
     for (int half = 0; half < 2; half++) {
         __m256 acc = _mm256_setzero_ps();
         for (long kb = 0; kb < Kb; kb++) {
-            const uint8_t *blk = panel + kb * bytes;
+            const uint8_t *sc = st.scales + kb * st.scale_stride, *blk = st.codes + kb * st.code_stride;
             if (half == 0)  /* the second half reads the panel again, from cache */
-                for (long line = 0; line < bytes; line += 64) _mm_prefetch((const char *)blk + QPREFETCH + line, _MM_HINT_T0);
-            const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16 * half)));
-            __m256 b = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 32 + 16 * half)));
+                for (long line = 0; line < st.code_stride; line += 64)
+                    _mm_prefetch((const char *)blk + QPREFETCH + line, _MM_HINT_T0);
+            const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + 16 * half)));
+            __m256 b = zero_log2 ? _mm256_mul_ps(s, _mm256_set1_ps(-(float)(1 << zero_log2)))
+                                 : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + 32 + 16 * half)));
             /* w8's signed products miss 128 * sum(q) per block: fold it into the bias. */
             if (!bits4) b = _mm256_fmadd_ps(s, _mm256_set1_ps(128.0f), b);
             const unaligned_i32 *x4 = (const unaligned_i32 *)(xq + kb * QBLOCK);
@@ -245,10 +314,10 @@ static void panel_row_avx2(int bits4, const uint8_t *panel, long Kb, long K, con
             for (int g = 0; g < 8; g++) {
                 __m256i w;
                 if (bits4) {
-                    const __m256i v = _mm256_loadu_si256((const __m256i *)(blk + SB_BYTES + 64 * (g & 3) + 32 * half));
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 64 * (g & 3) + 32 * half));
                     w = g < 4 ? _mm256_and_si256(v, low4) : _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
                 } else {
-                    w = _mm256_loadu_si256((const __m256i *)(blk + SB_BYTES + 64 * g + 32 * half));
+                    w = _mm256_loadu_si256((const __m256i *)(blk + 64 * g + 32 * half));
                 }
                 dot = _mm256_add_epi32(dot, dot_quad_avx2(w, _mm256_set1_epi32(x4[g]), bits4));
                 rest = _mm256_add_epi32(rest, dot_quad_avx2(w, _mm256_set1_epi32(r4[g]), bits4));
@@ -330,10 +399,10 @@ AMX static void amx_configure(void) {
 /* AMX_ROWS activation rows (xq, xd, xb at the first of them; rows past M are zero padding) against
  * one panel: block kb's weight codes at codes + kb * code_stride. `sums`: a ring of AMX_AHEAD + 1
  * blocks' sums, 256 int32 each. */
-AMX static void panel_tile_amx(const uint8_t *panel, int bits4, long Kb, const uint8_t *codes, long code_stride,
+AMX static void panel_tile_amx(const uint8_t *panel, int layout, long Kb, const uint8_t *codes, long code_stride,
                                const int8_t *xq, long K, const float *xd, const float *xb, const float *bias,
                                float *out, long ldo, long rows, long cols, int32_t *sums) {
-    const long bytes = block_bytes(bits4);
+    const PanelStreams st = panel_streams(panel, layout, Kb);
     const long set_size = 2 * AMX_ROWS * QPANEL;
     const __mmask16 mask = (__mmask16)((1u << cols) - 1u);
     const __m512 bias_v = bias ? _mm512_maskz_loadu_ps(mask, bias) : _mm512_setzero_ps();
@@ -344,9 +413,9 @@ AMX static void panel_tile_amx(const uint8_t *panel, int bits4, long Kb, const u
     for (long kb = 0; kb < Kb; kb++) {
         const long next = kb + AMX_AHEAD;
         const int32_t *block = sums + (kb % (AMX_AHEAD + 1)) * set_size;
-        const uint8_t *blk = panel + kb * bytes;
-        const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
-        const __m512 b = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 32)));
+        const uint8_t *sc = st.scales + kb * st.scale_stride;
+        const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sc));
+        const __m512 b = BLOCK_BIASES_512(layout, sc, s);
         for (int r = 0; r < AMX_ROWS; r++) {
             if (r == AMX_ROWS / 2 && next < Kb) AMX_START(next);
             const __m512i dot = _mm512_loadu_si512(block + 2 * r * QPANEL);
@@ -358,11 +427,11 @@ AMX static void panel_tile_amx(const uint8_t *panel, int bits4, long Kb, const u
 }
 
 /* A 4-bit panel's codes as the tile product reads them, 8 x 64 bytes a block (the 8-bit ones already are). */
-AMX static void unpack_w4_panel(const uint8_t *panel, long Kb, uint8_t *codes) {
+AMX static void unpack_w4_panel(const uint8_t *panel, int layout, long Kb, uint8_t *codes) {
     const __m512i low4 = _mm512_set1_epi8(0x0F);
-    const long bytes = block_bytes(1);
+    const PanelStreams st = panel_streams(panel, layout, Kb);
     for (long kb = 0; kb < Kb; kb++) {
-        const uint8_t *blk = panel + kb * bytes + SB_BYTES;
+        const uint8_t *blk = st.codes + kb * st.code_stride;
         uint8_t *to = codes + kb * W8_BYTES;
         for (int h = 0; h < 4; h++) {
             const __m512i v = _mm512_loadu_si512(blk + 64 * h);
@@ -378,11 +447,12 @@ static __thread size_t amx_scratch_bytes = 0;
 
 /* quant_gemm_panels on the tile unit; xq, xd and xb hold M rounded up to AMX_ROWS rows (zero padding).
  * Returns -1 without writing when the scratch cannot be had. */
-AMX static int quant_gemm_panels_amx(const uint8_t *w, int bits4, const int8_t *xq, const float *xd,
+AMX static int quant_gemm_panels_amx(const uint8_t *w, int layout, const int8_t *xq, const float *xd,
                                      const float *xb, const float *bias, float *out, long ldo, long M, long N,
                                      long K, long first, long last) {
     const long Kb = K / QBLOCK;
-    const long panel_bytes = Kb * block_bytes(bits4);
+    const long bytes = panel_bytes(layout, Kb);
+    const int bits4 = layout & LAYOUT_4BIT;
     const size_t sums_bytes = (AMX_AHEAD + 1) * 2 * AMX_ROWS * QPANEL * sizeof(int32_t);
     const size_t need = (bits4 ? (size_t)Kb * W8_BYTES : 0) + sums_bytes + 64;
     if (need > amx_scratch_bytes) {
@@ -399,17 +469,18 @@ AMX static int quant_gemm_panels_amx(const uint8_t *w, int bits4, const int8_t *
         for (long p = first; p < last; p++) {
             const long n = p * QPANEL;
             const long cols = N - n < QPANEL ? N - n : QPANEL;
-            const uint8_t *panel = w + p * panel_bytes;
-            const uint8_t *codes = panel + SB_BYTES;
-            long code_stride = block_bytes(bits4);
+            const uint8_t *panel = w + p * bytes;
+            const PanelStreams st = panel_streams(panel, layout, Kb);
+            const uint8_t *codes = st.codes;
+            long code_stride = st.code_stride;
             if (bits4) {
-                unpack_w4_panel(panel, Kb, unpacked);
+                unpack_w4_panel(panel, layout, Kb, unpacked);
                 codes = unpacked;
                 code_stride = W8_BYTES;
             }
             for (long t = 0; t < block_rows; t += AMX_ROWS) {
                 const long m = m0 + t, rows = M - m < AMX_ROWS ? M - m : AMX_ROWS;
-                panel_tile_amx(panel, bits4, Kb, codes, code_stride, xq + 2 * m * K, K, xd + 2 * m * Kb, xb + m * Kb,
+                panel_tile_amx(panel, layout, Kb, codes, code_stride, xq + 2 * m * K, K, xd + 2 * m * Kb, xb + m * Kb,
                                bias ? bias + n : 0, out + m * ldo + n, ldo, rows, cols, sums);
             }
         }
@@ -419,10 +490,10 @@ AMX static int quant_gemm_panels_amx(const uint8_t *w, int bits4, const int8_t *
 }
 #else
 /* A compiler without AMX intrinsics: no tile path (batchlm_quant_has_amx says 0, so none is asked for). */
-static int quant_gemm_panels_amx(const uint8_t *w, int bits4, const int8_t *xq, const float *xd, const float *xb,
+static int quant_gemm_panels_amx(const uint8_t *w, int layout, const int8_t *xq, const float *xd, const float *xb,
                                  const float *bias, float *out, long ldo, long M, long N, long K, long first,
                                  long last) {
-    (void)w, (void)bits4, (void)xq, (void)xd, (void)xb, (void)bias, (void)out, (void)ldo, (void)M, (void)N,
+    (void)w, (void)layout, (void)xq, (void)xd, (void)xb, (void)bias, (void)out, (void)ldo, (void)M, (void)N,
         (void)K, (void)first, (void)last;
     return -1;
 }
@@ -433,25 +504,25 @@ static int quant_gemm_panels_amx(const uint8_t *w, int bits4, const int8_t *xq, 
  * batchlm_quantize_rows_q8's output, W as ceil(N/16) panels of K/32 blocks. `avx512` picks the VNNI
  * path (only where batchlm_quant_has_avx512_vnni() said so). One thread's share of a GEMM.
  */
-static void quant_gemm_panels(const uint8_t *w, int bits4, const int8_t *xq, const float *xd, const float *xb,
+static void quant_gemm_panels(const uint8_t *w, int layout, const int8_t *xq, const float *xd, const float *xb,
                               const float *bias, float *out, long ldo, long M, long N, long K, long first,
                               long last, int avx512) {
     const long Kb = K / QBLOCK;
-    const long panel_bytes = Kb * block_bytes(bits4);
+    const long bytes = panel_bytes(layout, Kb);
     for (long m0 = 0; m0 < M; m0 += QROW_BLOCK) {
         const long rows = M - m0 < QROW_BLOCK ? M - m0 : QROW_BLOCK;
         for (long p = first; p < last; p++) {
             const long n = p * QPANEL;
             const long cols = N - n < QPANEL ? N - n : QPANEL;
-            const uint8_t *panel = w + p * panel_bytes;
+            const uint8_t *panel = w + p * bytes;
             const float *bias_p = bias ? bias + n : 0;
             if (avx512) {
-                panel_all_rows_512(bits4, panel, Kb, xq + 2 * m0 * K, K, xd + 2 * m0 * Kb, xb + m0 * Kb, bias_p,
+                panel_all_rows_512(layout, panel, Kb, xq + 2 * m0 * K, K, xd + 2 * m0 * Kb, xb + m0 * Kb, bias_p,
                                    out + m0 * ldo + n, ldo, rows, cols);
                 continue;
             }
             for (long m = m0; m < m0 + rows; m++)
-                panel_row_avx2(bits4, panel, Kb, K, xq + 2 * m * K, xd + 2 * m * Kb, xb + m * Kb, bias_p,
+                panel_row_avx2(layout, panel, Kb, K, xq + 2 * m * K, xd + 2 * m * Kb, xb + m * Kb, bias_p,
                                out + m * ldo + n, cols);
         }
     }
@@ -490,7 +561,7 @@ static void zero_tile_padding(int8_t *xq, float *xd, float *xb, long M, long K) 
 /* The whole GEMM; threads split the panels. isa: ISA_AVX2, ISA_AVX512 or ISA_AMX (as the CPU allows);
  * where the AMX path runs, xq, xd and xb hold M rounded up to AMX_ROWS rows, the extra rows zero. Returns
  * -1 when a thread's scratch memory could not be had (the output is then incomplete). */
-int batchlm_quant_gemm(const uint8_t *w, int bits4, const int8_t *xq, const float *xd, const float *xb,
+int batchlm_quant_gemm(const uint8_t *w, int layout, const int8_t *xq, const float *xd, const float *xb,
                        const float *bias, float *out, long ldo, long M, long N, long K, int threads, int isa) {
     const long panels = (N + QPANEL - 1) / QPANEL;
     const int amx = takes_amx(isa, M);
@@ -502,9 +573,9 @@ int batchlm_quant_gemm(const uint8_t *w, int bits4, const int8_t *xq, const floa
         const long team = omp_get_num_threads(), me = omp_get_thread_num();
         const long first = panels * me / team, last = panels * (me + 1) / team;
         if (amx)
-            failed |= quant_gemm_panels_amx(w, bits4, xq, xd, xb, bias, out, ldo, M, N, K, first, last) != 0;
+            failed |= quant_gemm_panels_amx(w, layout, xq, xd, xb, bias, out, ldo, M, N, K, first, last) != 0;
         else
-            quant_gemm_panels(w, bits4, xq, xd, xb, bias, out, ldo, M, N, K, first, last, isa != ISA_AVX2);
+            quant_gemm_panels(w, layout, xq, xd, xb, bias, out, ldo, M, N, K, first, last, isa != ISA_AVX2);
     }
     return failed ? -1 : 0;
 }
@@ -512,20 +583,22 @@ int batchlm_quant_gemm(const uint8_t *w, int bits4, const int8_t *xq, const floa
 /* ---------------------------------------------------------------------------------------------------
  * Rows of W in float32 (an embedding lookup on the quantized table): out[t, :] = W[ids[t], :].
  */
-void batchlm_quant_rows(const uint8_t *w, int bits4, const int64_t *ids, long T, float *out, long ldo, long K) {
+void batchlm_quant_rows(const uint8_t *w, int layout, const int64_t *ids, long T, float *out, long ldo, long K) {
     const long Kb = K / QBLOCK;
-    const long bytes = block_bytes(bits4);
+    const long bytes = panel_bytes(layout, Kb);
+    const int bits4 = layout & LAYOUT_4BIT, zero_log2 = layout_zero_log2(layout);
     for (long t = 0; t < T; t++) {
         const long n = ids[t], j = n % QPANEL;
-        const uint8_t *panel = w + (n / QPANEL) * Kb * bytes;
+        const PanelStreams st = panel_streams(w + (n / QPANEL) * bytes, layout, Kb);
         float *o = out + t * ldo;
         for (long kb = 0; kb < Kb; kb++) {
-            const uint8_t *blk = panel + kb * bytes;
-            uint16_t half_s, half_b;
-            memcpy(&half_s, blk + 2 * j, 2);
-            memcpy(&half_b, blk + 32 + 2 * j, 2);
-            const float s = _cvtsh_ss(half_s), b = _cvtsh_ss(half_b);
-            const uint8_t *codes = blk + SB_BYTES + 4 * j;
+            const uint8_t *sc = st.scales + kb * st.scale_stride;
+            uint16_t half_s, half_b = 0;
+            memcpy(&half_s, sc + 2 * j, 2);
+            if (!zero_log2) memcpy(&half_b, sc + 32 + 2 * j, 2);
+            const float s = _cvtsh_ss(half_s);
+            const float b = zero_log2 ? s * -(float)(1 << zero_log2) : _cvtsh_ss(half_b);
+            const uint8_t *codes = st.codes + kb * st.code_stride + 4 * j;
             for (int k = 0; k < QBLOCK; k++) {
                 int u;
                 if (bits4)
@@ -545,7 +618,7 @@ void batchlm_quant_rows(const uint8_t *w, int bits4, const int64_t *ids, long T,
 static __thread void *scratch = 0;
 static __thread size_t scratch_bytes = 0;
 
-int batchlm_quant_linear(const float *x, long ldx, const uint8_t *w, int bits4, const float *bias, float *out,
+int batchlm_quant_linear(const float *x, long ldx, const uint8_t *w, int layout, const float *bias, float *out,
                          long M, long N, long K, int threads, int isa) {
     const long Kb = K / QBLOCK;
     const long rows = takes_amx(isa, M) ? amx_rows(M) : M;
@@ -561,7 +634,7 @@ int batchlm_quant_linear(const float *x, long ldx, const uint8_t *w, int bits4, 
     float *xb = xd + 2 * rows * Kb;
     batchlm_quantize_rows_q8(x, ldx, xq, xd, xb, M, K, threads);
     if (rows > M) zero_tile_padding(xq, xd, xb, M, K);
-    return batchlm_quant_gemm(w, bits4, xq, xd, xb, bias, out, N, M, N, K, threads, isa);
+    return batchlm_quant_gemm(w, layout, xq, xd, xb, bias, out, N, M, N, K, threads, isa);
 }
 
 /* Q6_K super-blocks as Q8_0 blocks, for the layers that read Q8_0 (quant_blocks.py reads Q6_K no other
