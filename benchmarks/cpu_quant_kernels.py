@@ -3,9 +3,11 @@ linear of all layers (distinct weights, streamed as a forward pass streams them)
 at decode and prefill row counts.
 
 - f32 packed: our float32 panel GEMM (cpu_gemm.py), the dense baseline.
-- w8 / w4 (ours): cpu_quant.py, 8-bit (Q8_0) and 4-bit (Q4_0/Q4_1/Q4_K) codes, on the CPU's best path:
+- w8 / w4 (ours): cpu_quant.py, 8-bit (Q8_0) and 4-bit (Q4_1) codes, on the CPU's best path:
   AMX tiles for 8 rows or more where present, else AVX-512 VNNI where present, else AVX2 (--isa
-  avx512 or avx2 forces one).
+  avx512 or avx2 forces one). Q8_0's biases follow from its scales, so its panels store none; "w8
+  ours, biases stored" packs the same blocks with them, as other 8-bit weights are. "w4 ours, Q4_0"
+  is 4-bit codes of a symmetric format (no biases stored).
 - torch int8pack: aten._weight_int8pack_mm (int8 weight, one scale per output row: cannot hold Q8_0's
   per-32 scales, so only an upper bound for what torch offers).
 - torch int4pack: aten._weight_int4pack_mm_for_cpu (4-bit, per-32 group scales and zeros in bfloat16,
@@ -69,6 +71,21 @@ def random_w4(weight: torch.Tensor) -> CodeBlocks:
     return CodeBlocks(codes.reshape(rows, cols), scales, low.astype(np.float16), 4)
 
 
+def random_q4_0(weight: torch.Tensor) -> CodeBlocks:
+    """Q4_0 as llama.cpp makes it: per block d = the value of largest magnitude / -8, codes round(w / d)
+    + 8 clipped to 15, bias -8 d."""
+    rows, cols = weight.shape
+    blocks = weight.reshape(rows, cols // 32, 32).numpy()
+    extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)[..., 0]
+    scales = (extreme / -8).astype(np.float16)
+    wide = scales.astype(np.float32)[..., None]
+    safe = np.where(wide == 0, 1, wide)
+    codes = np.clip(np.rint(blocks / safe) + 8, 0, 15).astype(np.uint8)
+    return CodeBlocks(
+        codes.reshape(rows, cols), scales, (scales.astype(np.float32) * -8).astype(np.float16), 4
+    )
+
+
 def torch_int8(weight: torch.Tensor) -> Matmul:
     scales = weight.abs().amax(dim=1) / 127
     codes = torch.round(weight / scales[:, None]).to(torch.int8)
@@ -93,12 +110,15 @@ def torch_int4(weight: torch.Tensor) -> Matmul | None:
 
 def methods(weight: torch.Tensor) -> dict[str, Matmul | None]:
     f32 = pack_weight(weight)
-    w8 = cpu_quant.pack(from_dense_q8(weight.numpy()))
-    w4 = cpu_quant.pack(random_w4(weight))
+    q8 = from_dense_q8(weight.numpy())
+    w8, w8_stored = cpu_quant.pack(q8), cpu_quant.pack(q8, omit_biases=False)
+    w4, w4_q4_0 = cpu_quant.pack(random_w4(weight)), cpu_quant.pack(random_q4_0(weight))
     return {
         "f32 packed": lambda x: packed_linear(x, f32),
         "w8 ours": lambda x: cpu_quant.quant_linear(x, w8),
+        "w8 ours, biases stored": lambda x: cpu_quant.quant_linear(x, w8_stored),
         "w4 ours": lambda x: cpu_quant.quant_linear(x, w4),
+        "w4 ours, Q4_0": lambda x: cpu_quant.quant_linear(x, w4_q4_0),
         "torch int8pack": torch_int8(weight),
         "torch int4pack": torch_int4(weight),
     }
