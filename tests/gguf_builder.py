@@ -86,9 +86,12 @@ def write_tiny_gguf(
     seed: int = 0,
     overrides: dict[str, Any] | None = None,
     metadata: dict[str, int | float] | None = None,
+    tensor_types: dict[str, str] | None = None,
 ) -> Path:
     """Write `path` (a .gguf file) and return it; the HF model it came from is in path.parent / "hf".
-    metadata: more keys, an int as int32 and a float as float32 (as llama.cpp writes general.sampling)."""
+    metadata: more keys, an int as int32 and a float as float32 (as llama.cpp writes general.sampling).
+    tensor_types: the type of the tensors whose GGUF names end with a key, instead of qtype (a
+    Q4_K_M-like mix: {"attn_v.weight": "Q6_K"})."""
     hf_dir = write_model_dir(
         path.parent / "hf",
         model_type,
@@ -117,7 +120,8 @@ def write_tiny_gguf(
             values = values + 1  # llama.cpp's converter: its RMSNorm scales by the weight, Gemma's by 1 + it
         # llama-quantize leaves 1-D tensors and a mixture-of-experts router in F32.
         kept = values.ndim == 1 or gguf_name.endswith("ffn_gate_inp.weight")
-        _add_tensor(writer, gguf_name, values, "F32" if kept else qtype, rng)
+        chosen = next((kind for end, kind in (tensor_types or {}).items() if gguf_name.endswith(end)), qtype)
+        _add_tensor(writer, gguf_name, values, "F32" if kept else chosen, rng)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

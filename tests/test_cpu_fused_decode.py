@@ -21,6 +21,7 @@ import torch
 from batchlm.attention.torch_backend import TorchAttentionBackend
 from batchlm.kernels import cpu_quant
 from batchlm.kernels.cpu_decode_stack import stack_library
+from batchlm.layers.quantization.cpu_quantized import store
 from batchlm.models.gguf_model_dir import prepare_gguf_model_dir
 from batchlm.models.loader import LoadedModel, load_model
 from batchlm.models.random_model import write_random_model
@@ -40,9 +41,16 @@ PROMPTS += [[(7 * r + j) % 200 + 3 for j in range(3 + r % 16)] for r in range(le
 
 
 def _model(
-    tmp_path: Path, qtype: str, tied: bool, model_type: str = "llama", overrides: dict[str, Any] | None = None
+    tmp_path: Path,
+    qtype: str,
+    tied: bool,
+    model_type: str = "llama",
+    overrides: dict[str, Any] | None = None,
+    tensor_types: dict[str, str] | None = None,
 ) -> LoadedModel:
-    gguf = write_tiny_gguf(tmp_path / "tiny.gguf", model_type, qtype, tied, overrides=overrides)
+    gguf = write_tiny_gguf(
+        tmp_path / "tiny.gguf", model_type, qtype, tied, overrides=overrides, tensor_types=tensor_types
+    )
     return load_model(prepare_gguf_model_dir(gguf, tmp_path / "c"), torch.float32, CPU, progress=False)
 
 
@@ -85,6 +93,17 @@ def _assert_steps_agree(loaded: LoadedModel, rows: int, cache_dtype: torch.dtype
 @pytest.mark.parametrize(("qtype", "tied"), [("Q4_0", True), ("Q8_0", False), ("Q4_K", True)])
 def test_fused_steps_match_the_model(tmp_path: Path, qtype: str, tied: bool) -> None:
     _assert_steps_agree(_model(tmp_path, qtype, tied), MAX_ROWS)
+
+
+@pytest.mark.parametrize("rows", [1, MAX_ROWS])
+def test_fused_steps_over_layers_packed_in_parts_match_the_model(tmp_path: Path, rows: int) -> None:
+    # As a Q4_K_M file: the values (and the down projections) in Q6_K, read as 8-bit codes, beside
+    # 4-bit queries and keys; q/k/v packs as two parts.
+    loaded = _model(tmp_path, "Q4_K", True, tensor_types={"attn_v.weight": "Q6_K", "ffn_down.weight": "Q6_K"})
+    qkv = store(loaded.model.model.layers[0].self_attn.qkv_proj).finish()
+    assert isinstance(qkv, cpu_quant.PartedWeight)
+    assert [(part.bits, part.out_features) for part in qkv.parts] == [(4, 384), (8, 128)]
+    _assert_steps_agree(loaded, rows)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3])

@@ -13,6 +13,7 @@ output's spread here; the test allows 1e-3 of the largest output (one int8 pass 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import numpy as np
@@ -234,6 +235,54 @@ def test_panels_without_biases_give_the_bits_of_panels_with_them(isa: str, type_
     assert torch.equal(cpu_quant.quant_rows(packed, ids), cpu_quant.quant_rows(stored, ids))
 
 
+def _shards(widths: list[tuple[int, int]]) -> list[CodeBlocks]:
+    """Random code blocks of (rows, bits) each, 512 inputs wide."""
+    shards = []
+    for rows, bits in widths:
+        codes = RNG.integers(0, 2**bits, (rows, 512), dtype=np.uint8)
+        scales = RNG.uniform(0.001, 0.02, (rows, 16)).astype(np.float16)
+        shards.append(CodeBlocks(codes, scales, RNG.uniform(-0.1, 0.1, (rows, 16)).astype(np.float16), bits))
+    return shards
+
+
+def _stored(shards: list[CodeBlocks], keep_parts: bool) -> QuantizedStore:
+    starts = list(itertools.accumulate((shard.codes.shape[0] for shard in shards), initial=0))
+    weight = QuantizedStore(starts[-1], 512, keep_parts=keep_parts)
+    for start, shard in reversed(list(zip(starts[:-1], shards, strict=True))):  # loads come in any order
+        weight.put(start, shard)
+    return weight
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 5, 70])
+def test_a_fused_weight_of_two_code_widths_packs_as_parts_with_the_widened_results(
+    isa: str, rows: int
+) -> None:
+    # q and k in 4 bits, v in 8 (a Q4_K_M file's Q6_K values): two parts, no 4-bit codes widened.
+    shards = _shards([(64, 4), (32, 4), (48, 8)])
+    parted, widened = _stored(shards, True).finish(), _stored(shards, False).finish()
+    assert isinstance(parted, cpu_quant.PartedWeight) and isinstance(widened, cpu_quant.QuantizedWeight)
+    assert [(part.bits, part.out_features) for part in parted.parts] == [(4, 96), (8, 48)]
+    assert parted.out_features == 144 and parted.nbytes < widened.nbytes
+    x, bias = torch.randn(rows, 512) * 3, torch.randn(144)
+    ours, theirs = cpu_quant.quant_linear(x, parted, bias), cpu_quant.quant_linear(x, widened, bias)
+    if isa == "avx2":  # its 8-bit path re-centres the codes and folds 128 * scale into the bias
+        assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
+    else:  # the same integer sums and epilogue
+        assert torch.equal(ours, theirs)
+
+
+def test_shards_off_the_panels_or_too_many_widen_to_one_form() -> None:
+    off_panel = _stored(_shards([(40, 4), (24, 8)]), True).finish()
+    assert isinstance(off_panel, cpu_quant.QuantizedWeight) and off_panel.bits == 8
+    too_many = _stored(_shards([(16, 4), (16, 8), (16, 4), (16, 8)]), True).finish()
+    assert isinstance(too_many, cpu_quant.QuantizedWeight) and too_many.bits == 8
+    same_width = _stored(_shards([(16, 4), (32, 4)]), True).finish()
+    assert isinstance(same_width, cpu_quant.QuantizedWeight) and same_width.bits == 4
+    with pytest.raises(TypeError):
+        _stored(_shards([(16, 4), (16, 8)]), True).finish_whole()
+
+
 needs_amx = pytest.mark.skipif(
     cpu_quant.quant_library() is None or not cpu_quant.use_amx(), reason="no AMX tiles on this CPU (or OS)"
 )
@@ -278,7 +327,7 @@ def test_a_compiler_without_amx_intrinsics_builds_the_other_paths(tmp_path) -> N
     x = torch.randn(16, 64)
     out = torch.empty(16, 19)
     assert library.batchlm_quant_linear(
-        ctypes.c_void_p(x.data_ptr()), ctypes.c_long(64), ctypes.c_void_p(weight.data.data_ptr()), weight.layout, None,
+        ctypes.c_void_p(x.data_ptr()), ctypes.c_long(64), ctypes.byref(cpu_quant.parts_of(weight)), None,
         ctypes.c_void_p(out.data_ptr()), ctypes.c_long(16), ctypes.c_long(19), ctypes.c_long(64), 1,
         cpu_quant.ISA_AVX512 if cpu_quant.use_avx512() else cpu_quant.ISA_AVX2,
     ) == 0  # fmt: skip

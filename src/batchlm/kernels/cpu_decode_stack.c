@@ -26,8 +26,7 @@
 /* One decoder layer's weights (packed as cpu_quant.py packs them) and its KV cache. */
 typedef struct {
     const float *input_norm, *post_norm;   /* [hidden] */
-    const uint8_t *qkv, *o, *gate_up, *down; /* packed panels */
-    int qkv_layout, o_layout, gate_up_layout, down_layout;
+    PackedParts qkv, o, gate_up, down;
     const float *qkv_bias, *o_bias, *gate_up_bias, *down_bias; /* or NULL */
     void *k_cache, *v_cache; /* [num_blocks, block_size, kv_heads, head_dim] each, float32 or half */
     const float *q_norm, *k_norm; /* [head_dim] RMSNorm weights of each query and key head (Qwen3), or NULL */
@@ -201,6 +200,25 @@ static inline void share(long count, long me, long team, long *first, long *last
     *last = count * (me + 1) / team;
 }
 
+/* The first panel of w from which `bytes` of its K-input panels lie before (rounded to the nearest). */
+static long panel_at(const PackedParts *w, long K, long bytes) {
+    for (long i = 0; i < w->parts; i++) {
+        const long size = panel_bytes(w->layout[i], K / QBLOCK), count = w->start[i + 1] - w->start[i];
+        if (bytes < size * count) return w->start[i] + (bytes + size / 2) / size;
+        bytes -= size * count;
+    }
+    return w->start[w->parts];
+}
+
+/* This thread's share [first, last) of w's panels, even in bytes read rather than in panels: the parts
+ * of a weight differ in bytes a panel. */
+static void share_bytes(const PackedParts *w, long K, long me, long team, long *first, long *last) {
+    long total = 0;
+    for (long i = 0; i < w->parts; i++) total += (w->start[i + 1] - w->start[i]) * panel_bytes(w->layout[i], K / QBLOCK);
+    *first = panel_at(w, K, total * me / team);
+    *last = panel_at(w, K, total * (me + 1) / team);
+}
+
 /* x [B, K] quantized into this thread's scratch (for the tile path, zero rows up to whole tiles). */
 static void quantize_own(const float *x, long B, long K, const ThreadScratch *s, int isa) {
     batchlm_quantize_rows_q8(x, K, s->xq, s->xd, s->xb, B, K, 1);
@@ -217,12 +235,26 @@ static void thread_panels(const uint8_t *w, int layout, const ThreadScratch *s, 
     quant_gemm_panels(w, layout, s->xq, s->xd, s->xb, bias, out, ldo, B, N, K, first, last, isa != ISA_AVX2);
 }
 
+/* This thread's panels [first, last) of the whole weight w (N outputs, row stride ldo), each through
+ * its part. */
+static void thread_parts(const PackedParts *w, const ThreadScratch *s, const float *bias, float *out, long ldo,
+                         long B, long N, long K, long first, long last, int isa) {
+    for (long i = 0; i < w->parts; i++) {
+        const long lo = first > w->start[i] ? first : w->start[i];
+        const long hi = last < w->start[i + 1] ? last : w->start[i + 1];
+        if (lo >= hi) continue;
+        const long row = part_row(w, i);
+        thread_panels(w->data[i], w->layout[i], s, bias ? bias + row : 0, out + row, ldo, B, part_rows(w, i, N), K,
+                      lo - w->start[i], hi - w->start[i], isa);
+    }
+}
+
 /* x @ W^T for this thread's panels of W, its input quantized by this thread. isa: as batchlm_quant_gemm
  * takes it (the scratch holds whole tiles' rows where it may be ISA_AMX). */
-static void own_panels(const float *x, long B, long K, const uint8_t *w, int layout, const float *bias, float *out,
-                       long N, long first, long last, const ThreadScratch *s, int isa) {
+static void own_panels(const float *x, long B, long K, const PackedParts *w, const float *bias, float *out, long N,
+                       long first, long last, const ThreadScratch *s, int isa) {
     quantize_own(x, B, K, s, isa);
-    thread_panels(w, layout, s, bias, out, N, B, N, K, first, last, isa);
+    thread_parts(w, s, bias, out, N, B, N, K, first, last, isa);
 }
 
 /* h[:, panels first..last) += out[:, same] */
@@ -270,8 +302,8 @@ static void decode_layer(const DecodeShape *shape, const DecodeLayer *layer, con
     const long qkv_n = (shape->heads + 2 * shape->kv_heads) * D, attn_n = shape->heads * D;
     long first, last;
     rms_norm_rows(h, layer->input_norm, s->normed, B, n, shape->eps);
-    share((qkv_n + QPANEL - 1) / QPANEL, me, team, &first, &last);
-    own_panels(s->normed, B, n, layer->qkv, layer->qkv_layout, layer->qkv_bias, buf->qkv, qkv_n, first, last, s, isa);
+    share_bytes(&layer->qkv, n, me, team, &first, &last);
+    own_panels(s->normed, B, n, &layer->qkv, layer->qkv_bias, buf->qkv, qkv_n, first, last, s, isa);
     stage_done(barrier, team);
     if (layer->q_norm) { /* each query and key head normed in place, before its rotation */
         const long normed_heads = shape->heads + shape->kv_heads;
@@ -294,19 +326,19 @@ static void decode_layer(const DecodeShape *shape, const DecodeLayer *layer, con
     attend_items(shape, layer, batch, buf->qkv, buf->attn, first, last, per_item, s);
     stage_done(barrier, team);
     share((n + QPANEL - 1) / QPANEL, me, team, &first, &last);
-    own_panels(buf->attn, B, attn_n, layer->o, layer->o_layout, layer->o_bias, buf->out, n, first, last, s, isa);
+    own_panels(buf->attn, B, attn_n, &layer->o, layer->o_bias, buf->out, n, first, last, s, isa);
     add_columns(h, buf->out, B, n, first, last);
     stage_done(barrier, team);
     rms_norm_rows(h, layer->post_norm, s->normed, B, n, shape->eps);
     quantize_own(s->normed, B, n, s, isa);
     share(I / QPANEL, me, team, &first, &last);
     for (long half = 0; half < 2; half++)
-        thread_panels(layer->gate_up, layer->gate_up_layout, s, layer->gate_up_bias, buf->gu, 2 * I, B, 2 * I, n,
-                      first + half * I / QPANEL, last + half * I / QPANEL, isa);
+        thread_parts(&layer->gate_up, s, layer->gate_up_bias, buf->gu, 2 * I, B, 2 * I, n, first + half * I / QPANEL,
+                     last + half * I / QPANEL, isa);
     silu_mul_columns(buf->gu, buf->act, B, I, first, last);
     stage_done(barrier, team);
     share((n + QPANEL - 1) / QPANEL, me, team, &first, &last);
-    own_panels(buf->act, B, I, layer->down, layer->down_layout, layer->down_bias, buf->out, n, first, last, s, isa);
+    own_panels(buf->act, B, I, &layer->down, layer->down_bias, buf->out, n, first, last, s, isa);
     add_columns(h, buf->out, B, n, first, last);
     stage_done(barrier, team);
 }
@@ -328,7 +360,7 @@ static int alloc_scratch(size_t float_count, size_t code_count, float **floats, 
  * waits[0] and waits[1] receive how many stage-barrier waits there were and how many of them slept.
  * Returns 0, or -1 when scratch memory could not be allocated. */
 int batchlm_decode_stack(const DecodeShape *shape, const DecodeLayer *layers, const DecodeBatch *batch, float *h,
-                         const uint8_t *head, int head_layout, long head_n, float *logits, int threads, int isa,
+                         const PackedParts *head, long head_n, float *logits, int threads, int isa,
                          long spin_ns, int *waits) {
     const long B = batch->B, n = shape->hidden, I = shape->intermediate, D = shape->head_dim;
     const long qkv_n = (shape->heads + 2 * shape->kv_heads) * D, attn_n = shape->heads * D;
@@ -363,7 +395,7 @@ int batchlm_decode_stack(const DecodeShape *shape, const DecodeLayer *layers, co
             long first, last;
             rms_norm_rows(h, shape->final_norm, s.normed, B, n, shape->eps);
             share((head_n + QPANEL - 1) / QPANEL, me, team, &first, &last);
-            own_panels(s.normed, B, n, head, head_layout, NULL, logits, head_n, first, last, &s, isa);
+            own_panels(s.normed, B, n, head, NULL, logits, head_n, first, last, &s, isa);
         }
     }
     waits[0] = atomic_load(&barrier.waits);
@@ -430,8 +462,9 @@ int batchlm_moe_experts(const float *x, long T, long K, long I, int active, cons
             const long rows = starts[e + 1] - starts[e];
             for (long r = 0; r < rows; r++)
                 memcpy(rows_k + r * K, x + tokens[starts[e] + r] * K, sizeof(float) * (size_t)K);
-            own_panels(rows_k, rows, K, gate_up[e], gate_up_layout[e], NULL, gu + starts[e] * 2 * I, 2 * I,
-                       lo - e * gate_panels, hi - e * gate_panels, &s, isa);
+            const PackedParts expert = one_part(gate_up[e], gate_up_layout[e], 2 * I);
+            own_panels(rows_k, rows, K, &expert, NULL, gu + starts[e] * 2 * I, 2 * I, lo - e * gate_panels,
+                       hi - e * gate_panels, &s, isa);
         }
         stage_barrier_wait(&barrier);
         share(down_panels, me, team, &first, &last);
@@ -439,7 +472,8 @@ int batchlm_moe_experts(const float *x, long T, long K, long I, int active, cons
         for (long e = 0; e < active && first < last; e++) {
             const long rows = starts[e + 1] - starts[e];
             silu_mul_columns(gu + starts[e] * 2 * I, act, rows, I, 0, (I + QPANEL - 1) / QPANEL);
-            own_panels(act, rows, I, down[e], down_layout[e], NULL, rows_k, K, first, last, &s, isa);
+            const PackedParts expert = one_part(down[e], down_layout[e], K);
+            own_panels(act, rows, I, &expert, NULL, rows_k, K, first, last, &s, isa);
             for (long r = 0; r < rows; r++) {
                 const long slot = starts[e] + r;
                 const float w = weights[slot];

@@ -22,7 +22,14 @@ import torch
 from batchlm.kernels.barrier_spin import spin_from_env
 from batchlm.kernels.cpu_decode_attention import CACHE_DTYPES, decode_library
 from batchlm.kernels.cpu_native import SOURCE, LibrarySource
-from batchlm.kernels.cpu_quant import SOURCE_PATH, QuantizedWeight, quant_isa, quant_library
+from batchlm.kernels.cpu_quant import (
+    SOURCE_PATH,
+    PackedParts,
+    PackedWeight,
+    parts_of,
+    quant_isa,
+    quant_library,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +61,10 @@ class StackLayer:
 
     input_norm: torch.Tensor
     post_norm: torch.Tensor
-    qkv: QuantizedWeight
-    o: QuantizedWeight
-    gate_up: QuantizedWeight
-    down: QuantizedWeight
+    qkv: PackedWeight
+    o: PackedWeight
+    gate_up: PackedWeight
+    down: PackedWeight
     qkv_bias: torch.Tensor | None
     o_bias: torch.Tensor | None
     gate_up_bias: torch.Tensor | None
@@ -72,14 +79,10 @@ class _Layer(ctypes.Structure):
     _fields_ = [
         ("input_norm", ctypes.c_void_p),
         ("post_norm", ctypes.c_void_p),
-        ("qkv", ctypes.c_void_p),
-        ("o", ctypes.c_void_p),
-        ("gate_up", ctypes.c_void_p),
-        ("down", ctypes.c_void_p),
-        ("qkv_layout", ctypes.c_int),
-        ("o_layout", ctypes.c_int),
-        ("gate_up_layout", ctypes.c_int),
-        ("down_layout", ctypes.c_int),
+        ("qkv", PackedParts),
+        ("o", PackedParts),
+        ("gate_up", PackedParts),
+        ("down", PackedParts),
         ("qkv_bias", ctypes.c_void_p),
         ("o_bias", ctypes.c_void_p),
         ("gate_up_bias", ctypes.c_void_p),
@@ -138,9 +141,7 @@ class DecodeStack:
     """A model's decode step in one call, with the LM head when one is given (quantized like the
     layers). Tensors handed in are referenced, not copied."""
 
-    def __init__(
-        self, shape: StackShape, layers: list[StackLayer], head: QuantizedWeight | None = None
-    ) -> None:
+    def __init__(self, shape: StackShape, layers: list[StackLayer], head: PackedWeight | None = None) -> None:
         library = stack_library()
         reason = fits(shape, [layer.kv_cache for layer in layers])
         if library is None or reason is not None:
@@ -154,6 +155,7 @@ class DecodeStack:
             shape.cos_sin.data_ptr(), shape.final_norm.data_ptr(),
         )  # fmt: skip
         self._layers = (_Layer * len(layers))(*(_layer(layer) for layer in layers))
+        self._head_parts = None if head is None else parts_of(head)
         self.hidden = shape.hidden
         self.spin = spin_from_env()
         self._waits = (ctypes.c_int * 2)()
@@ -178,7 +180,7 @@ class DecodeStack:
         spin_ns = self.spin.budget_ns()
         status = self._library.batchlm_decode_stack(
             ctypes.byref(self._shape), self._layers, ctypes.byref(batch), hidden.data_ptr(),
-            None if head is None else head.data.data_ptr(), 0 if head is None else head.layout,
+            None if self._head_parts is None else ctypes.byref(self._head_parts),
             0 if head is None else head.out_features, _pointer(logits),
             torch.get_num_threads(), quant_isa(), spin_ns, self._waits,
         )  # fmt: skip
@@ -197,7 +199,7 @@ def _layer(layer: StackLayer) -> _Layer:
     weights = (layer.qkv, layer.o, layer.gate_up, layer.down)
     return _Layer(
         layer.input_norm.data_ptr(), layer.post_norm.data_ptr(),
-        *(weight.data.data_ptr() for weight in weights), *(weight.layout for weight in weights),
+        *(parts_of(weight) for weight in weights),
         _pointer(layer.qkv_bias), _pointer(layer.o_bias), _pointer(layer.gate_up_bias), _pointer(layer.down_bias),
         keys.data_ptr(), values.data_ptr(), _pointer(layer.q_norm), _pointer(layer.k_norm),
     )  # fmt: skip
@@ -217,7 +219,7 @@ def stack_library() -> ctypes.CDLL | None:
     pointer = ctypes.c_void_p
     library.batchlm_decode_stack.argtypes = [
         pointer, pointer, pointer, pointer,  # shape, layers, batch, hidden
-        pointer, ctypes.c_int, ctypes.c_long, pointer,  # LM head or NULL, its layout, outputs, logits
+        pointer, ctypes.c_long, pointer,  # the LM head's parts or NULL, outputs, logits
         ctypes.c_int, ctypes.c_int, ctypes.c_long, pointer,  # threads, isa, spin ns, waits
     ]  # fmt: skip
     library.batchlm_decode_stack.restype = ctypes.c_int

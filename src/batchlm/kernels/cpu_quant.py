@@ -76,6 +76,66 @@ class QuantizedWeight:
         return int(self.bits == 4) | zero_log2 << 1
 
 
+# Most parts of a weight packed in different forms (cpu_quant_kernels.c's MAX_PARTS): q, k and v.
+MAX_PARTS = 3
+
+
+class PackedParts(ctypes.Structure):
+    """The kernels' view of a weight: its consecutive row parts, each in its own layout (part i holds
+    panels [start[i], start[i + 1]) of the whole)."""
+
+    _fields_ = [
+        ("data", ctypes.c_void_p * MAX_PARTS),
+        ("layout", ctypes.c_int * MAX_PARTS),
+        ("start", ctypes.c_long * (MAX_PARTS + 1)),
+        ("parts", ctypes.c_long),
+    ]
+
+
+@dataclass(frozen=True)
+class PartedWeight:
+    """A fused layer's weight whose shards came in different forms (say q and k in 4 bits, v in 8), as
+    consecutive row parts packed apart rather than all widened to the widest; every part but the last
+    a whole number of panels."""
+
+    parts: tuple[QuantizedWeight, ...]
+
+    @property
+    def out_features(self) -> int:
+        return sum(part.out_features for part in self.parts)
+
+    @property
+    def in_features(self) -> int:
+        return self.parts[0].in_features
+
+    @property
+    def nbytes(self) -> int:
+        return sum(part.nbytes for part in self.parts)
+
+
+# A linear's packed weight: one form, or parts in several.
+PackedWeight = QuantizedWeight | PartedWeight
+
+
+def parts_of(weight: PackedWeight) -> PackedParts:
+    """The kernels' descriptor of a packed weight (it points into the weight's data: keep the weight)."""
+    parts = weight.parts if isinstance(weight, PartedWeight) else (weight,)
+    if len(parts) > MAX_PARTS:
+        raise ValueError(f"a weight of {len(parts)} parts; the kernels take at most {MAX_PARTS}")
+    descriptor = PackedParts()
+    panel = 0
+    for i, part in enumerate(parts):
+        if i + 1 < len(parts) and part.out_features % QPANEL:
+            raise ValueError("every part of a weight but the last must be a whole number of panels")
+        descriptor.data[i] = part.data.data_ptr()
+        descriptor.layout[i] = part.layout
+        descriptor.start[i] = panel
+        panel += -(-part.out_features // QPANEL)
+    descriptor.start[len(parts)] = panel
+    descriptor.parts = len(parts)
+    return descriptor
+
+
 def scale_rows_bytes(blocks: int) -> int:
     """Bytes of a panel's scales where no biases are stored: 16 halves a block, padded to whole
     cache lines (as the kernels' scale_rows_bytes)."""
@@ -167,7 +227,7 @@ def dequantize_packed(weight: QuantizedWeight) -> torch.Tensor:
     return torch.from_numpy(dequantize(blocks)[: weight.out_features])
 
 
-def quant_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+def quant_linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W^T + bias for float32 CPU x [..., in_features]; needs quant_library() (not None)."""
     library = quant_library()
     if library is None:
@@ -176,7 +236,7 @@ def quant_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | 
 
 
 def _gemm(
-    library: ctypes.CDLL, x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None
+    library: ctypes.CDLL, x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None
 ) -> torch.Tensor:
     k = weight.in_features
     rows = x.reshape(-1, k)
@@ -190,7 +250,7 @@ def _gemm(
         if bias is not None:
             bias = bias.float().contiguous()
         status = library.batchlm_quant_linear(
-            rows.data_ptr(), rows.stride(0), weight.data.data_ptr(), weight.layout,
+            rows.data_ptr(), rows.stride(0), ctypes.byref(parts_of(weight)),
             bias.data_ptr() if bias is not None else None, out.data_ptr(), m, weight.out_features, k,
             torch.get_num_threads(), quant_isa(),
         )  # fmt: skip
@@ -286,7 +346,7 @@ def _raw_library() -> ctypes.CDLL | None:
     ]  # fmt: skip
     library.batchlm_quant_gemm.restype = ctypes.c_int
     library.batchlm_quant_linear.argtypes = [
-        pointer, size, pointer, ctypes.c_int, pointer, pointer,  # x, its row stride, weight, its layout, bias, out
+        pointer, size, pointer, pointer, pointer,  # x, its row stride, the weight's parts, bias, out
         size, size, size, ctypes.c_int, ctypes.c_int,  # M, N, K, threads, isa
     ]  # fmt: skip
     library.batchlm_quant_linear.restype = ctypes.c_int

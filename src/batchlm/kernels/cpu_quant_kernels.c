@@ -97,6 +97,34 @@ static inline PanelStreams panel_streams(const uint8_t *panel, int layout, long 
     return p;
 }
 
+/* A weight packed as consecutive row parts, each in its own layout (a fused layer whose shards come in
+ * different formats keeps each as it came): part i holds the whole's panels [start[i], start[i + 1])
+ * at data[i]. A weight of one layout is one part. */
+#define MAX_PARTS 3
+typedef struct {
+    const uint8_t *data[MAX_PARTS];
+    int layout[MAX_PARTS];
+    long start[MAX_PARTS + 1];
+    long parts;
+} PackedParts;
+
+static inline PackedParts one_part(const uint8_t *w, int layout, long N) {
+    PackedParts p;
+    memset(&p, 0, sizeof p);
+    p.data[0] = w;
+    p.layout[0] = layout;
+    p.start[1] = (N + QPANEL - 1) / QPANEL;
+    p.parts = 1;
+    return p;
+}
+
+/* Part i's first output row and its row count, of a weight of N outputs. */
+static inline long part_row(const PackedParts *w, long i) { return w->start[i] * QPANEL; }
+static inline long part_rows(const PackedParts *w, long i, long N) {
+    const long end = w->start[i + 1] * QPANEL;
+    return (end < N ? end : N) - part_row(w, i);
+}
+
 /* The 16 row biases of a panel block whose scales are s, as float (AVX-512 and AMX paths). */
 #define BLOCK_BIASES_512(layout, sc, s)                                                          \
     (layout_zero_log2(layout) ? _mm512_mul_ps((s), _mm512_set1_ps(-(float)(1 << layout_zero_log2(layout)))) \
@@ -613,13 +641,13 @@ void batchlm_quant_rows(const uint8_t *w, int layout, const int64_t *ids, long T
 
 /* ---------------------------------------------------------------------------------------------------
  * The whole linear in one call (one crossing from Python per layer): quantize x[M, K] (row stride ldx)
- * into scratch owned by the calling thread, then batchlm_quant_gemm.
+ * into scratch owned by the calling thread, then batchlm_quant_gemm for each part of the weight.
  */
 static __thread void *scratch = 0;
 static __thread size_t scratch_bytes = 0;
 
-int batchlm_quant_linear(const float *x, long ldx, const uint8_t *w, int layout, const float *bias, float *out,
-                         long M, long N, long K, int threads, int isa) {
+int batchlm_quant_linear(const float *x, long ldx, const PackedParts *w, const float *bias, float *out, long M,
+                         long N, long K, int threads, int isa) {
     const long Kb = K / QBLOCK;
     const long rows = takes_amx(isa, M) ? amx_rows(M) : M;
     const size_t codes = 2 * (size_t)rows * K, need = codes + 3 * (size_t)rows * Kb * sizeof(float) + 64;
@@ -634,7 +662,13 @@ int batchlm_quant_linear(const float *x, long ldx, const uint8_t *w, int layout,
     float *xb = xd + 2 * rows * Kb;
     batchlm_quantize_rows_q8(x, ldx, xq, xd, xb, M, K, threads);
     if (rows > M) zero_tile_padding(xq, xd, xb, M, K);
-    return batchlm_quant_gemm(w, layout, xq, xd, xb, bias, out, N, M, N, K, threads, isa);
+    int failed = 0;
+    for (long i = 0; i < w->parts; i++) {
+        const long row = part_row(w, i);
+        failed |= batchlm_quant_gemm(w->data[i], w->layout[i], xq, xd, xb, bias ? bias + row : 0, out + row, N, M,
+                                     part_rows(w, i, N), K, threads, isa);
+    }
+    return failed;
 }
 
 /* Q6_K super-blocks as Q8_0 blocks, for the layers that read Q8_0 (quant_blocks.py reads Q6_K no other

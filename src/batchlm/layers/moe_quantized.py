@@ -28,8 +28,13 @@ class QuantizedExperts:
         self.inter = intermediate_size
         # All of a step's experts in one kernel call (SiLU-gated experts only), else one expert a call.
         self.kernel = ExpertsKernel() if silu and experts_kernel_available() else None
-        self.gate_up = [QuantizedStore(2 * intermediate_size, hidden_size) for _ in range(num_experts)]
-        self.down = [QuantizedStore(hidden_size, intermediate_size) for _ in range(num_experts)]
+        # The experts' kernel takes each weight in one form: a gate/up of two widths widens.
+        self.gate_up = [
+            QuantizedStore(2 * intermediate_size, hidden_size, keep_parts=False) for _ in range(num_experts)
+        ]
+        self.down = [
+            QuantizedStore(hidden_size, intermediate_size, keep_parts=False) for _ in range(num_experts)
+        ]
         self._loaded: list[set[int]] = [set() for _ in range(num_experts)]
 
     def put(self, expert: int, part: int, loaded: LoadedWeight) -> None:
@@ -52,7 +57,7 @@ class QuantizedExperts:
         used = [(expert, count) for expert, count in enumerate(runs.counts) if count]
         if self.kernel is not None:
             starts = list(itertools.accumulate((count for _, count in used), initial=0))
-            weights = [(self.gate_up[e].finish(), self.down[e].finish()) for e, _ in used]
+            weights = [(self.gate_up[e].finish_whole(), self.down[e].finish_whole()) for e, _ in used]
             out = self.kernel.run(
                 x.float().contiguous(), starts, slot_tokens, slot_weights.contiguous(), weights
             )

@@ -18,7 +18,7 @@ import torch
 from batchlm.attention.backend import AttentionBackend
 from batchlm.attention.torch_backend import TorchAttentionBackend
 from batchlm.kernels.cpu_decode_stack import DecodeStack, StackLayer, StackShape, fits, stack_library
-from batchlm.kernels.cpu_quant import QuantizedWeight
+from batchlm.kernels.cpu_quant import PackedWeight
 from batchlm.layers.activation import SiluAndMul
 from batchlm.layers.norm import RMSNorm
 from batchlm.layers.quantization.cpu_quantized import CPU_QUANTIZED, store
@@ -172,7 +172,7 @@ def _plain_head_norms(attention: torch.nn.Module, eps: float) -> bool:
     return all(type(norm) is RMSNorm and norm.eps == eps for norm in norms)
 
 
-def _head(model: LlamaForCausalLM) -> QuantizedWeight | None:
+def _head(model: LlamaForCausalLM) -> PackedWeight | None:
     """The LM head's packed weight where it runs on the quantized kernels (the fused call then computes
     the logits too), else None."""
     head = model.lm_head

@@ -6,8 +6,11 @@ packed data, so a tied LM head and its embedding hold one copy.
 As shards load, each becomes per-32 code blocks (quant_blocks.py): Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and
 Q4_K exactly; other GGML types (Q6_K, Q5_K, Q2_K, Q3_K) and dense tensors are requantized to Q8_0
 from their float values (8-bit blocks add an error about 1/4 of a Q6_K step). A fused layer (q/k/v,
-gate/up) whose shards are all 4-bit keeps 4-bit codes; otherwise its 4-bit shards widen to 8 bits,
-losslessly. Once loading is done the blocks are packed into the kernels' panel layout.
+gate/up) whose shards come in different code widths (a Q4_K_M file's Q4_K queries and keys beside
+its Q6_K values) packs each run of one width apart, as parts of one weight (cpu_quant.PartedWeight);
+where its shard boundaries do not fall on the kernels' 16-row panels, or parts are not wanted (a
+mixture-of-experts layer's experts), its 4-bit shards widen to 8 bits instead, losslessly. Once
+loading is done the blocks are packed into the kernels' panel layout.
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ from torch import nn
 
 from batchlm.kernels import quant_blocks
 from batchlm.kernels.cpu_quant import (
+    MAX_PARTS,
+    QPANEL,
+    PackedWeight,
+    PartedWeight,
     QuantizedWeight,
     pack,
     q6_k_as_q8,
@@ -43,9 +50,10 @@ if TYPE_CHECKING:
 
 class QuantizedStore:
     """One weight's code blocks while it loads, then its packed form. Shared by reference between a
-    tied LM head and its embedding (whichever finishes first packs it for both)."""
+    tied LM head and its embedding (whichever finishes first packs it for both). keep_parts: a fused
+    weight whose shards differ in code width may pack as parts (else it widens to one form)."""
 
-    def __init__(self, rows: int, cols: int) -> None:
+    def __init__(self, rows: int, cols: int, *, keep_parts: bool = True) -> None:
         if cols % BLOCK:
             raise ValueError(f"quantized CPU weights need a multiple of {BLOCK} inputs, not {cols}")
         self.rows, self.cols = rows, cols
@@ -55,11 +63,14 @@ class QuantizedStore:
         self.scales: np.ndarray | None = None
         self.biases: np.ndarray | None = None
         self.all_four_bit = True
-        self.packed: QuantizedWeight | None = None
+        self.keep_parts = keep_parts
+        self.shards: list[tuple[int, int, int]] = []  # (first row, end row, code width) of each put
+        self.packed: PackedWeight | None = None
 
     def put(self, start: int, blocks: CodeBlocks) -> None:
         end = start + blocks.codes.shape[0]
         self.all_four_bit &= blocks.bits == 4
+        self.shards.append((start, end, blocks.bits))
         if self.codes is None and start == 0 and blocks.codes.shape == (self.rows, self.cols):
             self.codes = np.ascontiguousarray(blocks.codes, dtype=np.uint8)
             self.scales = np.ascontiguousarray(blocks.scales, dtype=np.float16)
@@ -77,13 +88,41 @@ class QuantizedStore:
             self.biases = np.zeros((self.rows, self.cols // BLOCK), dtype=np.float16)
         return self.codes, self.scales, self.biases
 
-    def finish(self) -> QuantizedWeight:
+    def finish(self) -> PackedWeight:
         """The packed weight (packed on the first call; the load-time arrays are released)."""
         if self.packed is None:
-            bits = 4 if self.all_four_bit else 8
-            self.packed = pack(CodeBlocks(*self._arrays(), bits))
+            codes, scales, biases = self._arrays()
+            runs = self._width_runs() if self.keep_parts else None
+            if runs is not None and len(runs) > 1:
+                self.packed = PartedWeight(
+                    tuple(pack(CodeBlocks(codes[a:b], scales[a:b], biases[a:b], bits)) for a, b, bits in runs)
+                )
+            else:
+                self.packed = pack(CodeBlocks(codes, scales, biases, 4 if self.all_four_bit else 8))
             self.codes = self.scales = self.biases = None
         return self.packed
+
+    def finish_whole(self) -> QuantizedWeight:
+        """finish() of a weight that packs in one form (keep_parts off, or one code width)."""
+        packed = self.finish()
+        if not isinstance(packed, QuantizedWeight):
+            raise TypeError("this weight was packed as parts; its users take one form")
+        return packed
+
+    def _width_runs(self) -> list[tuple[int, int, int]] | None:
+        """The rows as runs [first, end) of one code width, where the shards cover every row once,
+        every run but the first starts on a panel and there are at most MAX_PARTS; else None."""
+        runs: list[tuple[int, int, int]] = []
+        for start, end, bits in sorted(self.shards):
+            if start != (runs[-1][1] if runs else 0):
+                return None  # a gap or an overlap
+            if runs and runs[-1][2] == bits:
+                runs[-1] = (runs[-1][0], end, bits)
+            else:
+                runs.append((start, end, bits))
+        if not runs or runs[-1][1] != self.rows or len(runs) > MAX_PARTS:
+            return None
+        return runs if all(start % QPANEL == 0 for start, _, _ in runs) else None
 
 
 def code_blocks(loaded: LoadedWeight) -> CodeBlocks:
@@ -130,7 +169,7 @@ class CpuQuantizedLinearMethod(LinearMethod):
         return out if x.dtype == torch.float32 else out.to(x.dtype)
 
     def embed(self, layer: MethodLayer, ids: torch.Tensor) -> torch.Tensor:
-        rows = quant_rows(store(layer).finish(), ids)
+        rows = quant_rows(store(layer).finish_whole(), ids)
         return rows if layer.params_dtype == torch.float32 else rows.to(layer.params_dtype)
 
     def share_weights(self, source: MethodLayer, target: MethodLayer) -> None:
