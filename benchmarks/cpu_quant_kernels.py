@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from model_shapes import SHAPES
 
-from batchlm.kernels import cpu_quant
+from batchlm.kernels import cpu_quant, quant_panels
 from batchlm.kernels.cpu_gemm import pack_weight, packed_linear
 from batchlm.kernels.quant_blocks import CodeBlocks, from_dense_q8
 
@@ -111,8 +111,8 @@ def torch_int4(weight: torch.Tensor) -> Matmul | None:
 def methods(weight: torch.Tensor) -> dict[str, Matmul | None]:
     f32 = pack_weight(weight)
     q8 = from_dense_q8(weight.numpy())
-    w8, w8_stored = cpu_quant.pack(q8), cpu_quant.pack(q8, omit_biases=False)
-    w4, w4_q4_0 = cpu_quant.pack(random_w4(weight)), cpu_quant.pack(random_q4_0(weight))
+    w8, w8_stored = quant_panels.pack(q8), quant_panels.pack(q8, omit_biases=False)
+    w4, w4_q4_0 = quant_panels.pack(random_w4(weight)), quant_panels.pack(random_q4_0(weight))
     return {
         "f32 packed": lambda x: packed_linear(x, f32),
         "w8 ours": lambda x: cpu_quant.quant_linear(x, w8),

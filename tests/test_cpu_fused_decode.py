@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from batchlm.attention.torch_backend import TorchAttentionBackend
-from batchlm.kernels import cpu_quant
+from batchlm.kernels import cpu_quant, quant_panels
 from batchlm.kernels.cpu_decode_stack import stack_library
 from batchlm.layers.quantization.cpu_quantized import store
 from batchlm.models.gguf_model_dir import prepare_gguf_model_dir
@@ -101,7 +101,7 @@ def test_fused_steps_over_layers_packed_in_parts_match_the_model(tmp_path: Path,
     # 4-bit queries and keys; q/k/v packs as two parts.
     loaded = _model(tmp_path, "Q4_K", True, tensor_types={"attn_v.weight": "Q6_K", "ffn_down.weight": "Q6_K"})
     qkv = store(loaded.model.model.layers[0].self_attn.qkv_proj).finish()
-    assert isinstance(qkv, cpu_quant.PartedWeight)
+    assert isinstance(qkv, quant_panels.PartedWeight)
     assert [(part.bits, part.out_features) for part in qkv.parts] == [(4, 384), (8, 128)]
     _assert_steps_agree(loaded, rows)
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from batchlm.kernels import cpu_native, cpu_quant, quant_blocks
+from batchlm.kernels import cpu_native, cpu_quant, quant_blocks, quant_panels
 from batchlm.kernels.quant_blocks import CodeBlocks, dequantize, from_dense_q8, from_gguf
 from batchlm.layers.quantization.base import QuantizedTensor
 from batchlm.layers.quantization.cpu_quantized import QuantizedStore, code_blocks
@@ -129,7 +129,7 @@ def test_a_weight_loaded_whole_keeps_its_blocks_and_packs_as_one_loaded_in_parts
     # Rows no shard wrote stay zero: scale and bias 0.
     half = QuantizedStore(40, 64)
     half.put(8, CodeBlocks(codes[8:24], scales[8:24], -scales[8:24], 4))
-    values = cpu_quant.dequantize_packed(half.finish())
+    values = quant_panels.dequantize_packed(half.finish())
     assert torch.count_nonzero(values[:8]) == 0 and torch.count_nonzero(values[24:40]) == 0
 
 
@@ -141,9 +141,9 @@ def test_packing_panel_chunks_gives_the_same_bytes(
     codes = RNG.integers(0, 2**bits, (37, 64), dtype=np.uint8)
     scales = RNG.uniform(0, 1, (37, 2)).astype(np.float16)
     blocks = CodeBlocks(codes, scales, -scales, bits)
-    whole = cpu_quant.pack(blocks)
-    monkeypatch.setattr(cpu_quant, "PACK_PANELS", pack_panels)
-    assert torch.equal(cpu_quant.pack(blocks).data, whole.data)
+    whole = quant_panels.pack(blocks)
+    monkeypatch.setattr(quant_panels, "PACK_PANELS", pack_panels)
+    assert torch.equal(quant_panels.pack(blocks).data, whole.data)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -151,9 +151,9 @@ def test_pack_round_trips(bits: int) -> None:
     codes = RNG.integers(0, 2**bits, (37, 64), dtype=np.uint8)
     scales = RNG.uniform(0, 1, (37, 2)).astype(np.float16)
     blocks = CodeBlocks(codes, scales, -scales, bits)
-    packed = cpu_quant.pack(blocks)
+    packed = quant_panels.pack(blocks)
     assert packed.data.shape == (3, 2 * (64 + (512 if bits == 8 else 256)))
-    assert torch.equal(cpu_quant.dequantize_packed(packed), torch.from_numpy(dequantize(blocks)))
+    assert torch.equal(quant_panels.dequantize_packed(packed), torch.from_numpy(dequantize(blocks)))
 
 
 @pytest.mark.parametrize(
@@ -161,7 +161,7 @@ def test_pack_round_trips(bits: int) -> None:
 )
 def test_symmetric_formats_pack_their_scales_alone(type_name: str, zero: int) -> None:
     blocks = from_gguf(type_name, random_gguf(type_name, 37, 512), 37, 512)
-    packed, stored = cpu_quant.pack(blocks), cpu_quant.pack(blocks, omit_biases=False)
+    packed, stored = quant_panels.pack(blocks), quant_panels.pack(blocks, omit_biases=False)
     assert packed.zero == zero and stored.zero == 0
     code_bytes = 16 * 32 // (2 if blocks.bits == 4 else 1)
     panel_bytes = 16 * 32 + 16 * code_bytes if zero else 16 * (64 + code_bytes)  # 16 blocks a panel
@@ -169,22 +169,22 @@ def test_symmetric_formats_pack_their_scales_alone(type_name: str, zero: int) ->
     if zero:
         assert packed.nbytes == stored.nbytes - 3 * 16 * 32
     for weight in (packed, stored):
-        assert torch.equal(cpu_quant.dequantize_packed(weight), torch.from_numpy(dequantize(blocks)))
+        assert torch.equal(quant_panels.dequantize_packed(weight), torch.from_numpy(dequantize(blocks)))
 
 
 def test_biases_the_scales_do_not_give_bit_for_bit_are_stored() -> None:
     codes = RNG.integers(0, 256, (20, 96), dtype=np.uint8)
     scales = RNG.uniform(0.001, 0.02, (20, 3)).astype(np.float16)
     biases = (scales.astype(np.float32) * -128).astype(np.float16)
-    assert cpu_quant.pack(CodeBlocks(codes, scales, biases, 8)).zero == 128
+    assert quant_panels.pack(CodeBlocks(codes, scales, biases, 8)).zero == 128
     off_by_an_ulp = biases.copy()
     off_by_an_ulp.view(np.uint16)[7, 1] += 1
-    assert cpu_quant.pack(CodeBlocks(codes, scales, off_by_an_ulp, 8)).zero == 0
+    assert quant_panels.pack(CodeBlocks(codes, scales, off_by_an_ulp, 8)).zero == 0
     # -128 * 600 overflows float16: the stored bias is -inf, the computed one finite.
     large = np.full((20, 3), 600, dtype=np.float16)
-    assert cpu_quant.pack(CodeBlocks(codes, large, np.full_like(large, -np.inf), 8)).zero == 0
+    assert quant_panels.pack(CodeBlocks(codes, large, np.full_like(large, -np.inf), 8)).zero == 0
     # Padding rows (scale and bias 0) fit any zero point; a width of 3 blocks pads the scale rows.
-    packed = cpu_quant.pack(CodeBlocks(codes, scales, biases, 8))
+    packed = quant_panels.pack(CodeBlocks(codes, scales, biases, 8))
     assert packed.data.shape == (2, 128 + 3 * 512)
 
 
@@ -204,13 +204,13 @@ def test_matmul_matches_dequantized(
     isa: str, type_name: str, rows: int, out_features: int, in_features: int
 ) -> None:
     raw = random_gguf(type_name, out_features, in_features)
-    weight = cpu_quant.pack(from_gguf(type_name, raw, out_features, in_features))
+    weight = quant_panels.pack(from_gguf(type_name, raw, out_features, in_features))
     dense = torch.from_numpy(reference(type_name, raw, out_features, in_features))
     x = torch.randn(rows, in_features, dtype=torch.float32) * 3
     bias = torch.randn(out_features)
     out = cpu_quant.quant_linear(x, weight, bias)
     assert out.shape == (rows, out_features)
-    activations, dequantized = cpu_quant.quantized_activations(x), cpu_quant.dequantize_packed(weight)
+    activations, dequantized = cpu_quant.quantized_activations(x), quant_panels.dequantize_packed(weight)
     exact = activations @ dequantized.t() + bias
     # float32 rounding of a sum scales with the sum of the magnitudes of its terms
     tight = 1e-5 * (activations.abs() @ dequantized.abs().t() + bias.abs()) + 1e-6
@@ -227,7 +227,7 @@ def test_matmul_matches_dequantized(
 @pytest.mark.parametrize("rows", [1, 3, 8, 70])
 def test_panels_without_biases_give_the_bits_of_panels_with_them(isa: str, type_name: str, rows: int) -> None:
     blocks = from_gguf(type_name, random_gguf(type_name, 37, 512), 37, 512)
-    packed, stored = cpu_quant.pack(blocks), cpu_quant.pack(blocks, omit_biases=False)
+    packed, stored = quant_panels.pack(blocks), quant_panels.pack(blocks, omit_biases=False)
     assert packed.zero and not stored.zero
     x, bias = torch.randn(rows, 512) * 3, torch.randn(37)
     assert torch.equal(cpu_quant.quant_linear(x, packed, bias), cpu_quant.quant_linear(x, stored, bias))
@@ -261,7 +261,7 @@ def test_a_fused_weight_of_two_code_widths_packs_as_parts_with_the_widened_resul
     # q and k in 4 bits, v in 8 (a Q4_K_M file's Q6_K values): two parts, no 4-bit codes widened.
     shards = _shards([(64, 4), (32, 4), (48, 8)])
     parted, widened = _stored(shards, True).finish(), _stored(shards, False).finish()
-    assert isinstance(parted, cpu_quant.PartedWeight) and isinstance(widened, cpu_quant.QuantizedWeight)
+    assert isinstance(parted, quant_panels.PartedWeight) and isinstance(widened, quant_panels.QuantizedWeight)
     assert [(part.bits, part.out_features) for part in parted.parts] == [(4, 96), (8, 48)]
     assert parted.out_features == 144 and parted.nbytes < widened.nbytes
     x, bias = torch.randn(rows, 512) * 3, torch.randn(144)
@@ -274,11 +274,11 @@ def test_a_fused_weight_of_two_code_widths_packs_as_parts_with_the_widened_resul
 
 def test_shards_off_the_panels_or_too_many_widen_to_one_form() -> None:
     off_panel = _stored(_shards([(40, 4), (24, 8)]), True).finish()
-    assert isinstance(off_panel, cpu_quant.QuantizedWeight) and off_panel.bits == 8
+    assert isinstance(off_panel, quant_panels.QuantizedWeight) and off_panel.bits == 8
     too_many = _stored(_shards([(16, 4), (16, 8), (16, 4), (16, 8)]), True).finish()
-    assert isinstance(too_many, cpu_quant.QuantizedWeight) and too_many.bits == 8
+    assert isinstance(too_many, quant_panels.QuantizedWeight) and too_many.bits == 8
     same_width = _stored(_shards([(16, 4), (32, 4)]), True).finish()
-    assert isinstance(same_width, cpu_quant.QuantizedWeight) and same_width.bits == 4
+    assert isinstance(same_width, quant_panels.QuantizedWeight) and same_width.bits == 4
     with pytest.raises(TypeError):
         _stored(_shards([(16, 4), (16, 8)]), True).finish_whole()
 
@@ -300,7 +300,7 @@ def test_amx_tiles_give_the_vnni_paths_bits(bits: int, rows: int, symmetric: boo
     biases = RNG.uniform(-0.02, 0.02, (53, 32)).astype(np.float16)
     if symmetric:
         biases = (scales.astype(np.float32) * -8).astype(np.float16)
-    weight = cpu_quant.pack(CodeBlocks(codes, scales, biases, bits))
+    weight = quant_panels.pack(CodeBlocks(codes, scales, biases, bits))
     assert weight.zero == (8 if symmetric else 0)
     x, bias = torch.randn(rows, 1024) * 3, torch.randn(53)
     with kernel_path("auto"):
@@ -323,11 +323,11 @@ def test_a_compiler_without_amx_intrinsics_builds_the_other_paths(tmp_path) -> N
     )
     library = ctypes.CDLL(str(path))
     assert library.batchlm_quant_has_amx() == 0
-    weight = cpu_quant.pack(from_dense_q8(RNG.standard_normal((19, 64)).astype(np.float32)))
+    weight = quant_panels.pack(from_dense_q8(RNG.standard_normal((19, 64)).astype(np.float32)))
     x = torch.randn(16, 64)
     out = torch.empty(16, 19)
     assert library.batchlm_quant_linear(
-        ctypes.c_void_p(x.data_ptr()), ctypes.c_long(64), ctypes.byref(cpu_quant.parts_of(weight)), None,
+        ctypes.c_void_p(x.data_ptr()), ctypes.c_long(64), ctypes.byref(quant_panels.parts_of(weight)), None,
         ctypes.c_void_p(out.data_ptr()), ctypes.c_long(16), ctypes.c_long(19), ctypes.c_long(64), 1,
         cpu_quant.ISA_AVX512 if cpu_quant.use_avx512() else cpu_quant.ISA_AVX2,
     ) == 0  # fmt: skip
@@ -337,7 +337,7 @@ def test_a_compiler_without_amx_intrinsics_builds_the_other_paths(tmp_path) -> N
 
 @needs_kernel
 def test_matmul_keeps_leading_dims_and_empty_batches(isa: str) -> None:
-    weight = cpu_quant.pack(from_dense_q8(RNG.standard_normal((19, 64)).astype(np.float32)))
+    weight = quant_panels.pack(from_dense_q8(RNG.standard_normal((19, 64)).astype(np.float32)))
     assert cpu_quant.quant_linear(torch.randn(2, 3, 64), weight).shape == (2, 3, 19)
     assert cpu_quant.quant_linear(torch.randn(0, 64), weight).shape == (0, 19)
 
@@ -346,10 +346,10 @@ def test_matmul_keeps_leading_dims_and_empty_batches(isa: str) -> None:
 @pytest.mark.parametrize("type_name", ["Q8_0", "Q4_K", "Q5_1"])
 def test_rows_are_the_dequantized_rows(type_name: str) -> None:
     raw = random_gguf(type_name, 40, 256)
-    weight = cpu_quant.pack(from_gguf(type_name, raw, 40, 256))
+    weight = quant_panels.pack(from_gguf(type_name, raw, 40, 256))
     ids = torch.tensor([[0, 39], [17, 17]])
     rows = cpu_quant.quant_rows(weight, ids)
-    assert torch.equal(rows, cpu_quant.dequantize_packed(weight)[ids])
+    assert torch.equal(rows, quant_panels.dequantize_packed(weight)[ids])
 
 
 def test_disabled_kernels_leave_no_library(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -367,7 +367,7 @@ def test_disabled_kernels_leave_no_library(monkeypatch: pytest.MonkeyPatch) -> N
         assert cpu_quant.quant_library() is None and not cpu_quant.use_avx512() and not cpu_quant.use_amx()
         with pytest.raises(RuntimeError, match="not available"):
             cpu_quant.quant_linear(
-                torch.randn(1, 32), cpu_quant.pack(from_dense_q8(np.ones((1, 32), np.float32)))
+                torch.randn(1, 32), quant_panels.pack(from_dense_q8(np.ones((1, 32), np.float32)))
             )
     finally:
         monkeypatch.delenv(cpu_native.DISABLE_ENV)

@@ -22,14 +22,8 @@ import torch
 from batchlm.kernels.barrier_spin import spin_from_env
 from batchlm.kernels.cpu_decode_attention import CACHE_DTYPES, decode_library
 from batchlm.kernels.cpu_native import SOURCE, LibrarySource
-from batchlm.kernels.cpu_quant import (
-    SOURCE_PATH,
-    PackedParts,
-    PackedWeight,
-    parts_of,
-    quant_isa,
-    quant_library,
-)
+from batchlm.kernels.cpu_quant import SOURCE_PATH, quant_isa, quant_library
+from batchlm.kernels.quant_panels import PackedParts, PackedWeight, parts_of
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,8 @@ import torch
 
 from batchlm.kernels.barrier_spin import spin_from_env
 from batchlm.kernels.cpu_decode_stack import stack_library
-from batchlm.kernels.cpu_quant import QuantizedWeight, quant_isa
+from batchlm.kernels.cpu_quant import quant_isa
+from batchlm.kernels.quant_panels import QuantizedWeight
 
 
 def experts_kernel_available() -> bool:

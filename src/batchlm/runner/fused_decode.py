@@ -18,7 +18,7 @@ import torch
 from batchlm.attention.backend import AttentionBackend
 from batchlm.attention.torch_backend import TorchAttentionBackend
 from batchlm.kernels.cpu_decode_stack import DecodeStack, StackLayer, StackShape, fits, stack_library
-from batchlm.kernels.cpu_quant import PackedWeight
+from batchlm.kernels.quant_panels import PackedWeight
 from batchlm.layers.activation import SiluAndMul
 from batchlm.layers.norm import RMSNorm
 from batchlm.layers.quantization.cpu_quantized import CPU_QUANTIZED, store

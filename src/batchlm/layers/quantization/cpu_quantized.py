@@ -7,7 +7,7 @@ As shards load, each becomes per-32 code blocks (quant_blocks.py): Q8_0, Q4_0, Q
 Q4_K exactly; other GGML types (Q6_K, Q5_K, Q2_K, Q3_K) and dense tensors are requantized to Q8_0
 from their float values (8-bit blocks add an error about 1/4 of a Q6_K step). A fused layer (q/k/v,
 gate/up) whose shards come in different code widths (a Q4_K_M file's Q4_K queries and keys beside
-its Q6_K values) packs each run of one width apart, as parts of one weight (cpu_quant.PartedWeight);
+its Q6_K values) packs each run of one width apart, as parts of one weight (quant_panels.PartedWeight);
 where its shard boundaries do not fall on the kernels' 16-row panels, or parts are not wanted (a
 mixture-of-experts layer's experts), its 4-bit shards widen to 8 bits instead, losslessly. Once
 loading is done the blocks are packed into the kernels' panel layout.
@@ -23,18 +23,13 @@ from torch import nn
 
 from batchlm.kernels import quant_blocks
 from batchlm.kernels.cpu_quant import (
-    MAX_PARTS,
-    QPANEL,
-    PackedWeight,
-    PartedWeight,
-    QuantizedWeight,
-    pack,
     q6_k_as_q8,
     quant_library,
     quant_linear,
     quant_rows,
 )
 from batchlm.kernels.quant_blocks import BLOCK, CodeBlocks
+from batchlm.kernels.quant_panels import MAX_PARTS, QPANEL, PackedWeight, PartedWeight, QuantizedWeight, pack
 from batchlm.layers.quantization.base import (
     LinearMethod,
     LoadedWeight,
