@@ -70,7 +70,7 @@ def q8_from_row_chunks(rows: int, cols: int, values: Callable[[int, int], np.nda
 
 def q8_biases(scales: np.ndarray) -> np.ndarray:
     """The biases of Q8_0 blocks with these scales: their codes are stored plus 128."""
-    return _offset(scales, -128.0)
+    return scaled_halves(scales, -128.0)
 
 
 def _q8_codes(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -91,7 +91,8 @@ def dequantize(blocks: CodeBlocks) -> np.ndarray:
     return (codes * scales + blocks.biases.astype(np.float32)[..., None]).reshape(rows, cols)
 
 
-def _offset(scales: np.ndarray, times: float) -> np.ndarray:
+def scaled_halves(scales: np.ndarray, times: float) -> np.ndarray:
+    """float16 scales * times, multiplied in float32 (the biases of codes stored plus a zero point)."""
     # times is a power of two or small integer, so float16 holds scale * times exactly (no overflow
     # for GGUF scales, which are float16 already).
     return (scales.astype(np.float32) * times).astype(np.float16)
@@ -114,12 +115,12 @@ def _high_bits(qh_bytes: np.ndarray) -> np.ndarray:
 def _q8_0(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     scales = _halves(blocks, 0)
     codes = (blocks[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
-    return codes, scales, _offset(scales, -128.0), 8
+    return codes, scales, scaled_halves(scales, -128.0), 8
 
 
 def _q4_0(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     scales = _halves(blocks, 0)
-    return _nibbles(blocks[:, 2:]), scales, _offset(scales, -8.0), 4
+    return _nibbles(blocks[:, 2:]), scales, scaled_halves(scales, -8.0), 4
 
 
 def _q4_1(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -129,7 +130,7 @@ def _q4_1(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
 def _q5_0(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     scales = _halves(blocks, 0)
     codes = _nibbles(blocks[:, 6:]) | (_high_bits(blocks[:, 2:6]) << 4)
-    return codes, scales, _offset(scales, -16.0), 8
+    return codes, scales, scaled_halves(scales, -16.0), 8
 
 
 def _q5_1(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from batchlm.kernels.quant_blocks import BLOCK, CodeBlocks, dequantize
+from batchlm.kernels.quant_blocks import BLOCK, CodeBlocks, dequantize, scaled_halves
 
 QPANEL = 16  # output rows per panel; must match QPANEL in cpu_quant_kernels.c
 SCALE_BYTES = 64  # 16 float16 scales + 16 float16 biases per panel block
@@ -180,7 +180,7 @@ def dequantize_packed(weight: QuantizedWeight) -> torch.Tensor:
     if weight.zero:
         start = scale_rows_bytes(kb)
         scales = data[:, : kb * QPANEL * 2].copy().view(np.float16).reshape(panels, kb, 1, QPANEL)
-        biases = (scales.astype(np.float32) * -weight.zero).astype(np.float16)
+        biases = scaled_halves(scales, -weight.zero)
         head, body = np.concatenate([scales, biases], axis=2), data[:, start:].reshape(panels, kb, -1)
     else:
         by_block = data.reshape(panels, kb, -1)

@@ -57,14 +57,12 @@ class QuantizedStore:
         self.codes: np.ndarray | None = None
         self.scales: np.ndarray | None = None
         self.biases: np.ndarray | None = None
-        self.all_four_bit = True
         self.keep_parts = keep_parts
         self.shards: list[tuple[int, int, int]] = []  # (first row, end row, code width) of each put
         self.packed: PackedWeight | None = None
 
     def put(self, start: int, blocks: CodeBlocks) -> None:
         end = start + blocks.codes.shape[0]
-        self.all_four_bit &= blocks.bits == 4
         self.shards.append((start, end, blocks.bits))
         if self.codes is None and start == 0 and blocks.codes.shape == (self.rows, self.cols):
             self.codes = np.ascontiguousarray(blocks.codes, dtype=np.uint8)
@@ -93,7 +91,8 @@ class QuantizedStore:
                     tuple(pack(CodeBlocks(codes[a:b], scales[a:b], biases[a:b], bits)) for a, b, bits in runs)
                 )
             else:
-                self.packed = pack(CodeBlocks(codes, scales, biases, 4 if self.all_four_bit else 8))
+                four_bit = all(bits == 4 for _, _, bits in self.shards)
+                self.packed = pack(CodeBlocks(codes, scales, biases, 4 if four_bit else 8))
             self.codes = self.scales = self.biases = None
         return self.packed
 
