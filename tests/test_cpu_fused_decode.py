@@ -147,11 +147,15 @@ def test_fused_steps_with_qwen3_head_norms(tmp_path: Path, qtype: str) -> None:
 
 
 @pytest.mark.skipif(not cpu_quant.use_amx(), reason="no AMX tiles on this CPU (or OS)")
-@pytest.mark.parametrize("rows", [8, 13])
-def test_fused_steps_on_amx_tiles_give_the_vnni_paths_bits(tmp_path: Path, rows: int) -> None:
+@pytest.mark.parametrize(("rows", "model_type"), [(8, "qwen3"), (13, "qwen3"), (MAX_ROWS, "qwen3_moe")])
+def test_fused_steps_on_amx_tiles_give_the_vnni_paths_bits(
+    tmp_path: Path, rows: int, model_type: str
+) -> None:
     # Steps of 8 rows or more run their matmuls on the tile unit: the same logits and caches, bit for
-    # bit, as on AVX-512 VNNI (13 rows: the tiles' last rows are padding).
-    loaded = _model(tmp_path, "Q4_K", True, "qwen3")
+    # bit, as on AVX-512 VNNI (13 rows: the tiles' last rows are padding; 32 rows over 8 experts,
+    # 2 a row: some experts get 8 rows or more, some fewer).
+    overrides = QWEN3_MOE if model_type == "qwen3_moe" else None
+    loaded = _model(tmp_path, "Q4_K", True, model_type, overrides)
     prompts = PROMPTS[:rows]
     results = {}
     for path in ("auto", "avx512"):
@@ -173,6 +177,39 @@ def test_fused_steps_on_amx_tiles_give_the_vnni_paths_bits(tmp_path: Path, rows:
     (tile_steps, tile_caches), (vnni_steps, vnni_caches) = results["auto"], results["avx512"]
     assert all(torch.equal(a, b) for a, b in zip(tile_steps, vnni_steps, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(tile_caches, vnni_caches, strict=True))
+
+
+# Mixture-of-experts files as llama.cpp writes them (experts stacked, routers in F32).
+QWEN3_MOE = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 256, "norm_topk_prob": True}
+MIXTRAL = {"num_local_experts": 8, "num_experts_per_tok": 2, "sliding_window": None}
+
+
+@pytest.mark.parametrize(
+    ("model_type", "qtype", "overrides", "rows"),
+    [
+        ("qwen3_moe", "Q4_K", QWEN3_MOE, MAX_ROWS),
+        ("qwen3_moe", "Q8_0", {**QWEN3_MOE, "norm_topk_prob": False, "num_experts_per_tok": 3}, 1),
+        ("mixtral", "Q8_0", MIXTRAL, 3),
+    ],
+)
+def test_fused_steps_through_experts_match_the_model(
+    tmp_path: Path, model_type: str, qtype: str, overrides: dict[str, Any], rows: int
+) -> None:
+    # Each row's routing (softmax, top k, Qwen3-MoE's optional rescaling; Mixtral's always) and the
+    # routed experts run inside the stack, as the model's layer-by-layer path runs them.
+    loaded = _model(tmp_path, qtype, True, model_type, overrides)
+    _assert_steps_agree(loaded, rows)
+
+
+def test_fused_steps_over_dense_and_expert_layers_match_the_model(tmp_path: Path) -> None:
+    # Qwen3-MoE with a dense MLP in layer 1 (mlp_only_layers), every linear and expert quantized at
+    # load (--quantization int8).
+    config = {**QWEN3_MOE, "moe_intermediate_size": 64, "mlp_only_layers": [1]}
+    path = write_random_model(tmp_path, "qwen3_moe", config, seed=5)
+    loaded = load_model(path, torch.float32, CPU, progress=False, quantization="int8")
+    kinds = [type(layer.mlp).__name__ for layer in loaded.model.model.layers]
+    assert "LlamaMLP" in kinds and "SparseMoeBlock" in kinds
+    _assert_steps_agree(loaded, 5)
 
 
 def test_fused_steps_with_qkv_biases(tmp_path: Path) -> None:

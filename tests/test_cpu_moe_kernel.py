@@ -1,5 +1,5 @@
 """A MoE layer's quantized experts in one kernel call (kernels/cpu_moe.py, batchlm_moe_experts in
-cpu_decode_stack.c: gather, every expert, routing weights and each token's sum) against the same
+cpu_decode_experts.c: gather, every expert, routing weights and each token's sum) against the same
 packed experts run one quantized matmul at a time, and against dense float experts."""
 
 from __future__ import annotations

@@ -9,12 +9,14 @@
  *     h += o_proj(attention(rope(qkv(rmsnorm(h)))))      (the new key and value written to the cache)
  *     h += down(silu(gate(rmsnorm(h))) * up(rmsnorm(h)))
  *
+ * or, in a mixture-of-experts layer, h += the routed experts' weighted sum (cpu_decode_experts.c).
+ *
  * Each thread takes a fixed share of every matmul's 16-row panels (gate and up panels in pairs, so
  * the SiLU product needs no exchange) and of the (request, KV group) attention items; threads meet
- * at one barrier after each of the five stages (six when rows share a request's context), a barrier
- * that spins briefly before it sleeps (cpu_stage_barrier.c). The small row-wise work a stage starts
- * with (a norm, quantizing the activations, rotating a new key) every thread does for itself rather
- * than wait for one that did it.
+ * at one barrier after each of the five stages (one more for an experts' layer, one more when rows
+ * share a request's context), a barrier that spins briefly before it sleeps (cpu_stage_barrier.c).
+ * The small row-wise work a stage starts with (a norm, quantizing the activations, rotating a new
+ * key, routing the rows) every thread does for itself rather than wait for one that did it.
  *
  * The matmuls and the activation quantization are those of cpu_quant_kernels.c, the exp and the
  * cache walk those of cpu_kernels.c (both compiled into this library).
@@ -30,12 +32,23 @@ typedef struct {
     const float *qkv_bias, *o_bias, *gate_up_bias, *down_bias; /* or NULL */
     void *k_cache, *v_cache; /* [num_blocks, block_size, kv_heads, head_dim] each, float32 or half */
     const float *q_norm, *k_norm; /* [head_dim] RMSNorm weights of each query and key head (Qwen3), or NULL */
+    /* A mixture-of-experts layer: the router [experts, hidden] (float32) and each expert's packed
+     * gate/up [2 * expert_inter, hidden] and down [hidden, expert_inter] weights, in place of the dense
+     * MLP's; router NULL for a dense layer. */
+    const float *router;
+    const uint8_t *const *expert_gate_up;
+    const int *expert_gate_up_layout;
+    const uint8_t *const *expert_down;
+    const int *expert_down_layout;
 } DecodeLayer;
 
 /* The model's sizes. */
 typedef struct {
     long hidden, heads, kv_heads, head_dim, intermediate, block_size, num_layers;
     long kv_half; /* the KV caches hold half values (else float32) */
+    /* Mixture-of-experts layers: experts, chosen a row, each one's intermediate size, and
+     * whether the chosen weights are rescaled to sum to 1 (all 0 where every layer is dense). */
+    long experts, top_k, expert_inter, renormalize;
     float eps, scale;
     const float *cos_sin; /* [max_position, head_dim]: cos in the first half of a row, sin in the second */
     const float *final_norm; /* [hidden] */
@@ -53,11 +66,14 @@ typedef struct {
 } DecodeBatch;
 
 /* Per-thread scratch: the normed rows, the quantized activations of one matmul's input, one head's
- * attention scores, and a new key (rotated) and value as the cache holds them. */
+ * attention scores, and a new key (rotated) and value as the cache holds them; for experts, the rows
+ * of one expert ([B, hidden]), their SiLU * up ([B, expert_inter]) and the routing (routing_longs). */
 typedef struct {
     float *normed, *scores;
     int8_t *xq;
     float *xd, *xb, *key, *value;
+    float *rows_k, *act;
+    long *routing;
 } ThreadScratch;
 
 static void rms_norm_rows(const float *x, const float *weight, float *out, long B, long n, float eps) {
@@ -280,9 +296,9 @@ static void silu_mul_columns(const float *gu, float *act, long B, long I, long f
     }
 }
 
-/* Shared buffers of one call. */
+/* Shared buffers of one call: the router's logits [B, experts] where layers have experts. */
 typedef struct {
-    float *qkv, *attn, *out, *gu, *act;
+    float *qkv, *attn, *out, *gu, *act, *logits;
 } StepBuffers;
 
 /* The end of a stage: every thread's share of it is done. OpenMP's barrier where the team is not the
@@ -295,10 +311,76 @@ static inline void stage_done(StageBarrier *barrier, long team) {
 #pragma omp barrier
 }
 
+/* A call's float and int8 scratch; nonzero (nothing allocated) when either cannot be had. */
+static int alloc_scratch(size_t float_count, size_t code_count, float **floats, int8_t **codes) {
+    *floats = (float *)malloc(sizeof(float) * float_count);
+    *codes = (int8_t *)malloc(code_count);
+    if (*floats && *codes) return 0;
+    free(*floats);
+    free(*codes);
+    return -1;
+}
+
+#include "cpu_decode_experts.c"
+
+/* logits[:, e] = x @ router[e] for this thread's experts [first, last) (float32 dot products). */
+static void router_logits(const float *x, long B, long n, const float *router, long E, long first, long last,
+                          float *logits) {
+    for (long e = first; e < last; e++) {
+        const float *w = router + e * n;
+        for (long b = 0; b < B; b++) {
+            const float *row = x + b * n;
+            __m256 sum = _mm256_setzero_ps();
+            for (long i = 0; i < n; i += 8) sum = _mm256_fmadd_ps(_mm256_loadu_ps(row + i), _mm256_loadu_ps(w + i), sum);
+            logits[b * E + e] = hsum256(sum);
+        }
+    }
+}
+
+/* h += down(silu(gate(x)) * up(x)) for x the normed rows in s->normed: two stages. */
+static void dense_mlp(const DecodeShape *shape, const DecodeLayer *layer, long B, float *h, const StepBuffers *buf,
+                      const ThreadScratch *s, long me, long team, int isa, StageBarrier *barrier) {
+    const long n = shape->hidden, I = shape->intermediate;
+    long first, last;
+    quantize_own(s->normed, B, n, s, isa);
+    share(I / QPANEL, me, team, &first, &last);
+    for (long half = 0; half < 2; half++)
+        thread_parts(&layer->gate_up, s, layer->gate_up_bias, buf->gu, 2 * I, B, 2 * I, n, first + half * I / QPANEL,
+                     last + half * I / QPANEL, isa);
+    silu_mul_columns(buf->gu, buf->act, B, I, first, last);
+    stage_done(barrier, team);
+    share((n + QPANEL - 1) / QPANEL, me, team, &first, &last);
+    own_panels(buf->act, B, I, &layer->down, layer->down_bias, buf->out, n, first, last, s, isa);
+    add_columns(h, buf->out, B, n, first, last);
+    stage_done(barrier, team);
+}
+
+/* h += the routed experts' weighted sum for the normed rows in s->normed: three stages (the router's
+ * logits, a share of each expert's experts' gate/up panels, a range of columns through every expert).
+ * Every thread routes every row for itself from the shared logits. */
+static void expert_mlp(const DecodeShape *shape, const DecodeLayer *layer, long B, float *h, const StepBuffers *buf,
+                       const ThreadScratch *s, long me, long team, int isa, StageBarrier *barrier) {
+    const long n = shape->hidden, E = shape->experts, I = shape->expert_inter;
+    const ExpertWeights w = {layer->expert_gate_up, layer->expert_gate_up_layout, layer->expert_down,
+                             layer->expert_down_layout};
+    long first, last;
+    share(E, me, team, &first, &last);
+    router_logits(s->normed, B, n, layer->router, E, first, last, buf->logits);
+    stage_done(barrier, team);
+    ExpertRuns runs;
+    route_rows(buf->logits, B, E, shape->top_k, (int)shape->renormalize, s->routing, &runs);
+    expert_gate_up_share(s->normed, n, I, &runs, &w, buf->gu, s->rows_k, s, me, team, isa);
+    stage_done(barrier, team);
+    expert_down_share(B, n, I, &runs, &w, buf->gu, s->act, s->rows_k, buf->out, s, me, team, isa);
+    share((n + QPANEL - 1) / QPANEL, me, team, &first, &last);
+    add_columns(h, buf->out, B, n, first, last);
+    stage_done(barrier, team);
+}
+
 static void decode_layer(const DecodeShape *shape, const DecodeLayer *layer, const DecodeBatch *batch, float *h,
                          const StepBuffers *buf, const ThreadScratch *s, long me, long team, int isa,
                          StageBarrier *barrier) {
-    const long B = batch->B, n = shape->hidden, I = shape->intermediate, D = shape->head_dim;
+    const long B = batch->B, n = shape->hidden, D = shape->head_dim;
     const long qkv_n = (shape->heads + 2 * shape->kv_heads) * D, attn_n = shape->heads * D;
     long first, last;
     rms_norm_rows(h, layer->input_norm, s->normed, B, n, shape->eps);
@@ -330,56 +412,50 @@ static void decode_layer(const DecodeShape *shape, const DecodeLayer *layer, con
     add_columns(h, buf->out, B, n, first, last);
     stage_done(barrier, team);
     rms_norm_rows(h, layer->post_norm, s->normed, B, n, shape->eps);
-    quantize_own(s->normed, B, n, s, isa);
-    share(I / QPANEL, me, team, &first, &last);
-    for (long half = 0; half < 2; half++)
-        thread_parts(&layer->gate_up, s, layer->gate_up_bias, buf->gu, 2 * I, B, 2 * I, n, first + half * I / QPANEL,
-                     last + half * I / QPANEL, isa);
-    silu_mul_columns(buf->gu, buf->act, B, I, first, last);
-    stage_done(barrier, team);
-    share((n + QPANEL - 1) / QPANEL, me, team, &first, &last);
-    own_panels(buf->act, B, I, &layer->down, layer->down_bias, buf->out, n, first, last, s, isa);
-    add_columns(h, buf->out, B, n, first, last);
-    stage_done(barrier, team);
+    if (layer->router)
+        expert_mlp(shape, layer, B, h, buf, s, me, team, isa, barrier);
+    else
+        dense_mlp(shape, layer, B, h, buf, s, me, team, isa, barrier);
 }
 
-/* A call's float and int8 scratch; nonzero (nothing allocated) when either cannot be had. */
-static int alloc_scratch(size_t float_count, size_t code_count, float **floats, int8_t **codes) {
-    *floats = (float *)malloc(sizeof(float) * float_count);
-    *codes = (int8_t *)malloc(code_count);
-    if (*floats && *codes) return 0;
-    free(*floats);
-    free(*codes);
-    return -1;
-}
+static inline long longest_of(long a, long b) { return a > b ? a : b; }
 
 /* h[B, hidden]: the token embeddings in, the final norm of the residual stream out. Sizes must be
- * multiples of 32 (hidden, heads * head_dim, intermediate) and head_dim of 8; the Python side checks.
- * With `head` (packed like the layers' weights, head_n outputs) the LM head runs in the same parallel
- * region, logits[B, head_n] = final_norm(h) @ head^T, sparing a second region's wake-up.
+ * multiples of 32 (hidden, heads * head_dim, intermediate, expert_inter) and head_dim of 8; the Python
+ * side checks. With `head` (packed like the layers' weights, head_n outputs) the LM head runs in the
+ * same parallel region, logits[B, head_n] = final_norm(h) @ head^T, sparing a second region's wake-up.
  * waits[0] and waits[1] receive how many stage-barrier waits there were and how many of them slept.
  * Returns 0, or -1 when scratch memory could not be allocated. */
 int batchlm_decode_stack(const DecodeShape *shape, const DecodeLayer *layers, const DecodeBatch *batch, float *h,
                          const PackedParts *head, long head_n, float *logits, int threads, int isa,
                          long spin_ns, int *waits) {
     const long B = batch->B, n = shape->hidden, I = shape->intermediate, D = shape->head_dim;
+    const long E = shape->experts, k = shape->top_k, I_e = shape->expert_inter;
     const long qkv_n = (shape->heads + 2 * shape->kv_heads) * D, attn_n = shape->heads * D;
-    const long widest = I > attn_n ? (I > n ? I : n) : (attn_n > n ? attn_n : n);
+    const long widest = longest_of(longest_of(I, I_e), longest_of(attn_n, n));
     long longest = 1;
     for (long b = 0; b < B; b++) longest = batch->seq_lens[b] > longest ? batch->seq_lens[b] : longest;
     if (threads < 1) threads = 1;
-    const size_t shared = (size_t)B * (size_t)(qkv_n + attn_n + n + 3 * I);
+    const long gu_n = longest_of(B * 2 * I, B * k * 2 * I_e);
+    const size_t shared = (size_t)(B * (qkv_n + attn_n + n + I) + gu_n + B * E);
     const size_t group = (size_t)(shape->heads / shape->kv_heads);
     /* Quantized activations hold whole tiles' rows where the tile path may run. */
     const long code_rows = takes_amx(isa, B) ? amx_rows(B) : B;
+    const size_t experts_own = E ? (size_t)(B * n + B * I_e) + 2 * (size_t)routing_longs(B, E, k) + 2 : 0;
     const size_t own = (size_t)B * (size_t)n + group * (size_t)longest + 5 * (size_t)code_rows * (size_t)widest / QBLOCK +
-                       64 + 2 * (size_t)D;
+                       64 + 2 * (size_t)D + experts_own;
     const size_t own_codes = 2 * (size_t)code_rows * (size_t)widest;
     float *floats;
     int8_t *codes;
     if (alloc_scratch(shared + own * (size_t)threads, own_codes * (size_t)threads, &floats, &codes)) return -1;
-    const StepBuffers buf = {floats, floats + B * qkv_n, floats + B * (qkv_n + attn_n),
-                             floats + B * (qkv_n + attn_n + n), floats + B * (qkv_n + attn_n + n + 2 * I)};
+    float *at = floats;
+    StepBuffers buf;
+    buf.qkv = at, at += B * qkv_n;
+    buf.attn = at, at += B * attn_n;
+    buf.out = at, at += B * n;
+    buf.act = at, at += B * I;
+    buf.gu = at, at += gu_n;
+    buf.logits = at;
     StageBarrier barrier;
     stage_barrier_init(&barrier, threads, spin_ns);
 #pragma omp parallel num_threads(threads)
@@ -387,9 +463,17 @@ int batchlm_decode_stack(const DecodeShape *shape, const DecodeLayer *layers, co
         const long me = omp_get_thread_num(), team = omp_get_num_threads();
         float *mine = floats + shared + own * (size_t)me;
         const long blocks = code_rows * widest / QBLOCK;
-        const ThreadScratch s = {mine, mine + B * n, codes + own_codes * (size_t)me,
-                                 mine + B * n + group * longest, mine + B * n + group * longest + 2 * blocks,
-                                 mine + own - 2 * D, mine + own - D};
+        float *scores = mine + B * n, *xd = scores + group * longest, *experts = mine + own - 2 * D - experts_own;
+        const ThreadScratch s = {.normed = mine,
+                                 .scores = scores,
+                                 .xq = codes + own_codes * (size_t)me,
+                                 .xd = xd,
+                                 .xb = xd + 2 * blocks,
+                                 .key = mine + own - 2 * D,
+                                 .value = mine + own - D,
+                                 .rows_k = E ? experts : NULL,
+                                 .act = E ? experts + B * n : NULL,
+                                 .routing = E ? (long *)(((uintptr_t)(experts + B * n + B * I_e) + 7) & ~(uintptr_t)7) : NULL};
         for (long l = 0; l < shape->num_layers; l++) decode_layer(shape, layers + l, batch, h, &buf, &s, me, team, isa, &barrier);
         if (head) {
             long first, last;
@@ -403,88 +487,6 @@ int batchlm_decode_stack(const DecodeShape *shape, const DecodeLayer *layers, co
     float *normed = buf.out;
     rms_norm_rows(h, shape->final_norm, normed, B, n, shape->eps);
     memcpy(h, normed, sizeof(float) * (size_t)(B * n));
-    free(floats);
-    free(codes);
-    return 0;
-}
-
-/* ---------------------------------------------------------------------------------------------------
- * One mixture-of-experts layer's routed experts on packed weights, in one parallel region (a decode
- * step gives each expert a row or a few, and a parallel region per small GEMM waits longer for its
- * threads than it computes). The routed slots come grouped by expert: slots [starts[e], starts[e + 1])
- * go to the e-th of the `active` experts listed, slot s carrying token tokens[s] of x [T, K] with
- * routing weight weights[s]; out [T, K] receives each token's weighted sum over its slots:
- *     out[t] = sum over t's slots s of weights[s] * down_e(silu(gate_e(x[t])) * up_e(x[t]))
- * gate_up[e] holds the expert's [2I, K] weight (gate rows, then up rows) and down[e] its [K, I]
- * weight, both packed. The experts' gate/up panels are shared out among the threads as one list;
- * after one barrier each thread takes a range of output columns through every expert (so no two
- * threads add into the same place), first making SiLU * up of each expert's rows itself (a few rows:
- * cheaper to repeat than to wait for). */
-int batchlm_moe_experts(const float *x, long T, long K, long I, int active, const long *starts,
-                        const int64_t *tokens, const float *weights, const uint8_t *const *gate_up,
-                        const int *gate_up_layout, const uint8_t *const *down, const int *down_layout, float *out,
-                        int threads, int isa, long spin_ns, int *waits) {
-    if (threads < 1) threads = 1;
-    const long R = starts[active];
-    const long gate_panels = (2 * I + QPANEL - 1) / QPANEL, down_panels = (K + QPANEL - 1) / QPANEL;
-    const long widest = K > I ? K : I;
-    long most_rows = 1;
-    for (int e = 0; e < active; e++)
-        most_rows = starts[e + 1] - starts[e] > most_rows ? starts[e + 1] - starts[e] : most_rows;
-    /* Shared: gate/up outputs [R, 2I]. Each thread's: an expert's gathered input rows (then its down
-     * outputs), SiLU * up rows, and the quantized activations' scales. */
-    const size_t shared = (size_t)R * 2 * (size_t)I;
-    /* Quantized activations hold whole tiles' rows where the tile path may run (an expert of 8 rows
-     * or more: a prompt's, or a popular expert's in a batch). */
-    const long code_rows = takes_amx(isa, most_rows) ? amx_rows(most_rows) : most_rows;
-    const size_t own = (size_t)most_rows * (size_t)(K + I) + 3 * (size_t)code_rows * (size_t)widest / QBLOCK + 16;
-    const size_t own_codes = 2 * (size_t)code_rows * (size_t)widest;
-    float *floats;
-    int8_t *codes;
-    if (alloc_scratch(shared + own * (size_t)threads, own_codes * (size_t)threads, &floats, &codes)) return -1;
-    float *gu = floats;
-    memset(out, 0, sizeof(float) * (size_t)(T * K));
-    StageBarrier barrier;
-    stage_barrier_init(&barrier, threads, spin_ns);
-#pragma omp parallel num_threads(threads)
-    {
-        const long me = omp_get_thread_num(), team = omp_get_num_threads();
-        float *rows_k = floats + shared + own * (size_t)me, *act = rows_k + most_rows * K;
-        float *scales = act + most_rows * I;
-        const ThreadScratch s = {NULL, NULL, codes + own_codes * (size_t)me, scales,
-                                 scales + 2 * code_rows * widest / QBLOCK, NULL, NULL};
-        long first, last;
-        share(active * gate_panels, me, team, &first, &last);
-        for (long e = 0; e < active; e++) {
-            const long lo = first > e * gate_panels ? first : e * gate_panels;
-            const long hi = last < (e + 1) * gate_panels ? last : (e + 1) * gate_panels;
-            if (lo >= hi) continue;
-            const long rows = starts[e + 1] - starts[e];
-            for (long r = 0; r < rows; r++)
-                memcpy(rows_k + r * K, x + tokens[starts[e] + r] * K, sizeof(float) * (size_t)K);
-            const PackedParts expert = one_part(gate_up[e], gate_up_layout[e], 2 * I);
-            own_panels(rows_k, rows, K, &expert, NULL, gu + starts[e] * 2 * I, 2 * I, lo - e * gate_panels,
-                       hi - e * gate_panels, &s, isa);
-        }
-        stage_barrier_wait(&barrier);
-        share(down_panels, me, team, &first, &last);
-        const long from = first * QPANEL, to = last * QPANEL < K ? last * QPANEL : K;
-        for (long e = 0; e < active && first < last; e++) {
-            const long rows = starts[e + 1] - starts[e];
-            silu_mul_columns(gu + starts[e] * 2 * I, act, rows, I, 0, (I + QPANEL - 1) / QPANEL);
-            const PackedParts expert = one_part(down[e], down_layout[e], K);
-            own_panels(act, rows, I, &expert, NULL, rows_k, K, first, last, &s, isa);
-            for (long r = 0; r < rows; r++) {
-                const long slot = starts[e] + r;
-                const float w = weights[slot];
-                float *o = out + tokens[slot] * K;
-                const float *v = rows_k + r * K;
-                for (long c = from; c < to; c++) o[c] += w * v[c];
-            }
-        }
-    }
-    waits[0] = atomic_load(&barrier.waits);
-    waits[1] = atomic_load(&barrier.slept);
     free(floats);
     free(codes);
     return 0;

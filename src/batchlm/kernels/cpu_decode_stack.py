@@ -1,6 +1,7 @@
 """A whole decode step of a Llama-style decoder with quantized weights in one C call
-(cpu_decode_stack.c): every layer's norms, matmuls, rotary, KV-cache write, attention, SiLU and
-residual adds, then the final norm and optionally the LM head, with no torch op or Python in between.
+(cpu_decode_stack.c): every layer's norms, matmuls, rotary, KV-cache write, attention, SiLU (or a
+mixture-of-experts layer's routing and routed experts, cpu_decode_experts.c) and residual adds, then
+the final norm and optionally the LM head, with no torch op or Python in between.
 
 `DecodeStack` holds the C-side description of a model (pointers into its packed weights, norms and
 KV caches, which must stay alive and in place); `run` takes one step's rows. The library is built
@@ -23,13 +24,14 @@ from batchlm.kernels.barrier_spin import spin_from_env
 from batchlm.kernels.cpu_decode_attention import CACHE_DTYPES, decode_library
 from batchlm.kernels.cpu_native import SOURCE, LibrarySource
 from batchlm.kernels.cpu_quant import SOURCE_PATH, quant_isa, quant_library
-from batchlm.kernels.quant_panels import PackedParts, PackedWeight, parts_of
+from batchlm.kernels.quant_panels import PackedParts, PackedWeight, QuantizedWeight, parts_of
 
 logger = logging.getLogger(__name__)
 
 STACK_SOURCE = Path(__file__).with_name("cpu_decode_stack.c")
 BARRIER_SOURCE = Path(__file__).with_name("cpu_stage_barrier.c")
-STACK_KERNELS = LibrarySource(STACK_SOURCE, includes=(SOURCE, SOURCE_PATH, BARRIER_SOURCE))
+EXPERTS_SOURCE = Path(__file__).with_name("cpu_decode_experts.c")
+STACK_KERNELS = LibrarySource(STACK_SOURCE, includes=(SOURCE, SOURCE_PATH, BARRIER_SOURCE, EXPERTS_SOURCE))
 BLOCK = 32  # sizes the kernels quantize must be whole blocks of this
 
 
@@ -47,18 +49,35 @@ class StackShape:
     scale: float
     cos_sin: torch.Tensor  # [max_position, head_dim]
     final_norm: torch.Tensor  # [hidden]
+    # Mixture-of-experts layers (StackExperts): the routing rule and each expert's intermediate size;
+    # experts 0 where every layer is dense.
+    experts: int = 0
+    top_k: int = 0
+    expert_inter: int = 0
+    renormalize: bool = False
+
+
+@dataclass(frozen=True)
+class StackExperts:
+    """A mixture-of-experts layer's router (float32 [experts, hidden]) and its experts' packed gate/up
+    ([2 * expert_inter, hidden], gate rows first) and down ([hidden, expert_inter]) weights."""
+
+    router: torch.Tensor
+    gate_up: tuple[QuantizedWeight, ...]
+    down: tuple[QuantizedWeight, ...]
 
 
 @dataclass(frozen=True)
 class StackLayer:
-    """One decoder layer: its norms, packed weights, optional biases and its KV cache."""
+    """One decoder layer: its norms, packed weights, optional biases and its KV cache; a dense MLP's
+    gate_up and down, or a mixture-of-experts layer's experts."""
 
     input_norm: torch.Tensor
     post_norm: torch.Tensor
     qkv: PackedWeight
     o: PackedWeight
-    gate_up: PackedWeight
-    down: PackedWeight
+    gate_up: PackedWeight | None
+    down: PackedWeight | None
     qkv_bias: torch.Tensor | None
     o_bias: torch.Tensor | None
     gate_up_bias: torch.Tensor | None
@@ -67,6 +86,7 @@ class StackLayer:
     # Per-head RMSNorm weights [head_dim] of the queries and keys (Qwen3), or None.
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
+    experts: StackExperts | None = None
 
 
 class _Layer(ctypes.Structure):
@@ -85,6 +105,11 @@ class _Layer(ctypes.Structure):
         ("v_cache", ctypes.c_void_p),
         ("q_norm", ctypes.c_void_p),
         ("k_norm", ctypes.c_void_p),
+        ("router", ctypes.c_void_p),
+        ("expert_gate_up", ctypes.c_void_p),
+        ("expert_gate_up_layout", ctypes.c_void_p),
+        ("expert_down", ctypes.c_void_p),
+        ("expert_down_layout", ctypes.c_void_p),
     ]
 
 
@@ -94,6 +119,7 @@ class _Shape(ctypes.Structure):
         ("block_size", ctypes.c_long),
         ("num_layers", ctypes.c_long),
         ("kv_half", ctypes.c_long),
+        *((name, ctypes.c_long) for name in ("experts", "top_k", "expert_inter", "renormalize")),
         ("eps", ctypes.c_float),
         ("scale", ctypes.c_float),
         ("cos_sin", ctypes.c_void_p),
@@ -116,8 +142,11 @@ class _Batch(ctypes.Structure):
 def fits(shape: StackShape, kv_caches: list[torch.Tensor]) -> str | None:
     """Why the kernel cannot run this shape over these caches (of the dtypes the decode-attention
     kernel, whose cache walk it shares, reads), or None when it can."""
-    if shape.hidden % BLOCK or (shape.heads * shape.head_dim) % BLOCK or shape.intermediate % BLOCK:
-        return f"hidden, attention and MLP sizes must be multiples of {BLOCK}"
+    sizes = (shape.hidden, shape.heads * shape.head_dim, shape.intermediate, shape.expert_inter)
+    if any(size % BLOCK for size in sizes):
+        return f"hidden, attention, MLP and expert sizes must be multiples of {BLOCK}"
+    if shape.experts and not 0 < shape.top_k <= shape.experts:
+        return "experts chosen a row must be at least one and at most all"
     if shape.head_dim % 8 or shape.heads % shape.kv_heads:
         return "head_dim must be a multiple of 8 and the query heads whole groups of KV heads"
     if (
@@ -131,13 +160,25 @@ def fits(shape: StackShape, kv_caches: list[torch.Tensor]) -> str | None:
     return None
 
 
+def _mlps_fit(shape: StackShape, layers: list[StackLayer]) -> str | None:
+    for layer in layers:
+        experts = layer.experts
+        if experts is None and (layer.gate_up is None or layer.down is None):
+            return "a layer has neither a dense MLP nor experts"
+        if experts is not None and not (
+            len(experts.gate_up) == len(experts.down) == shape.experts == experts.router.shape[0]
+        ):
+            return "a layer's experts do not match the shape's count"
+    return None
+
+
 class DecodeStack:
     """A model's decode step in one call, with the LM head when one is given (quantized like the
     layers). Tensors handed in are referenced, not copied."""
 
     def __init__(self, shape: StackShape, layers: list[StackLayer], head: PackedWeight | None = None) -> None:
         library = stack_library()
-        reason = fits(shape, [layer.kv_cache for layer in layers])
+        reason = fits(shape, [layer.kv_cache for layer in layers]) or _mlps_fit(shape, layers)
         if library is None or reason is not None:
             raise ValueError(reason or "the fused CPU decode kernel is not available on this machine")
         self._library = library
@@ -145,10 +186,14 @@ class DecodeStack:
         self.head = head
         self._shape = _Shape(
             shape.hidden, shape.heads, shape.kv_heads, shape.head_dim, shape.intermediate, shape.block_size,
-            len(layers), int(layers[0].kv_cache.dtype == torch.float16), shape.eps, shape.scale,
+            len(layers), int(layers[0].kv_cache.dtype == torch.float16),
+            shape.experts, shape.top_k, shape.expert_inter, int(shape.renormalize), shape.eps, shape.scale,
             shape.cos_sin.data_ptr(), shape.final_norm.data_ptr(),
         )  # fmt: skip
-        self._layers = (_Layer * len(layers))(*(_layer(layer) for layer in layers))
+        self._expert_tables = [
+            None if layer.experts is None else _ExpertTables(layer.experts) for layer in layers
+        ]
+        self._layers = (_Layer * len(layers))(*map(_layer, layers, self._expert_tables))
         self._head_parts = None if head is None else parts_of(head)
         self.hidden = shape.hidden
         self.spin = spin_from_env()
@@ -188,14 +233,38 @@ def _pointer(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
-def _layer(layer: StackLayer) -> _Layer:
+class _ExpertTables:
+    """The C arrays of a layer's experts' weight pointers and layouts (kept alive with the stack)."""
+
+    def __init__(self, experts: StackExperts) -> None:
+        count = len(experts.gate_up)
+        pointers, layouts = ctypes.c_void_p * count, ctypes.c_int * count
+        self.gate_up = pointers(*(weight.data.data_ptr() for weight in experts.gate_up))
+        self.gate_up_layout = layouts(*(weight.layout for weight in experts.gate_up))
+        self.down = pointers(*(weight.data.data_ptr() for weight in experts.down))
+        self.down_layout = layouts(*(weight.layout for weight in experts.down))
+        self.router = experts.router.data_ptr()
+
+
+def _parts(weight: PackedWeight | None) -> PackedParts:
+    return PackedParts() if weight is None else parts_of(weight)
+
+
+def _layer(layer: StackLayer, experts: _ExpertTables | None) -> _Layer:
     keys, values = layer.kv_cache[0], layer.kv_cache[1]
     weights = (layer.qkv, layer.o, layer.gate_up, layer.down)
+    address = ctypes.addressof
     return _Layer(
         layer.input_norm.data_ptr(), layer.post_norm.data_ptr(),
-        *(parts_of(weight) for weight in weights),
+        *(_parts(weight) for weight in weights),
         _pointer(layer.qkv_bias), _pointer(layer.o_bias), _pointer(layer.gate_up_bias), _pointer(layer.down_bias),
         keys.data_ptr(), values.data_ptr(), _pointer(layer.q_norm), _pointer(layer.k_norm),
+        *(
+            (None,) * 5 if experts is None else (
+                experts.router, address(experts.gate_up), address(experts.gate_up_layout),
+                address(experts.down), address(experts.down_layout),
+            )
+        ),
     )  # fmt: skip
 
 

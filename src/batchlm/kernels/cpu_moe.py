@@ -1,5 +1,5 @@
 """A mixture-of-experts layer's routed experts on packed quantized weights in one call
-(batchlm_moe_experts in cpu_decode_stack.c): every active expert's gate/up, SiLU * up and down, the
+(batchlm_moe_experts in cpu_decode_experts.c): every active expert's gate/up, SiLU * up and down, the
 routing weights and each token's sum over its experts, in a single parallel region. Calling the
 kernels expert by expert starts two parallel regions a matmul and, with OpenMP's passive waiting,
 wakes the threads each time."""

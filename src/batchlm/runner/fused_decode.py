@@ -1,7 +1,7 @@
 """The CPU runner's fused decode path: steps that only decode, for up to MAX_ROWS requests, of a Llama-style
-model whose linears all run on the quantized CPU kernels go through one C call for the whole stack
-(kernels/cpu_decode_stack.py) instead of the model's forward. Every other step, model or device keeps
-the generic path.
+model whose linears all run on the quantized CPU kernels (a mixture-of-experts model's experts
+included) go through one C call for the whole stack (kernels/cpu_decode_stack.py) instead of the
+model's forward. Every other step, model or device keeps the generic path.
 
 At one or a few requests a decode step of a small model is mostly per-layer overhead between the
 matmuls (BENCHMARKS.md, "CPU: quantized GGUF models against llama-server"); the more rows, the more the
@@ -17,9 +17,17 @@ import torch
 
 from batchlm.attention.backend import AttentionBackend
 from batchlm.attention.torch_backend import TorchAttentionBackend
-from batchlm.kernels.cpu_decode_stack import DecodeStack, StackLayer, StackShape, fits, stack_library
+from batchlm.kernels.cpu_decode_stack import (
+    DecodeStack,
+    StackExperts,
+    StackLayer,
+    StackShape,
+    fits,
+    stack_library,
+)
 from batchlm.kernels.quant_panels import PackedWeight
 from batchlm.layers.activation import SiluAndMul
+from batchlm.layers.moe import MoESpec, SparseMoeBlock
 from batchlm.layers.norm import RMSNorm
 from batchlm.layers.quantization.cpu_quantized import CPU_QUANTIZED, store
 from batchlm.layers.quantization.layer import MethodLayer
@@ -99,21 +107,30 @@ def _unsupported(model: torch.nn.Module, kv_caches: list[torch.Tensor], attn: At
     if not isinstance(model, LlamaForCausalLM) or not isinstance(attn, TorchAttentionBackend):
         return "not a Llama-style model on the CPU attention backend"
     first_rope = None
+    moe_specs: set[MoESpec] = set()
     for layer in model.model.layers:
         assert isinstance(layer, LlamaDecoderLayer)
         attention, mlp = layer.self_attn, layer.mlp
-        if not isinstance(mlp, LlamaMLP):
-            return "a mixture-of-experts or other non-dense MLP"
+        if isinstance(mlp, SparseMoeBlock):
+            if (reason := _unsupported_experts(mlp)) is not None:
+                return reason
+            moe_specs.add(mlp.spec)
+        elif not isinstance(mlp, LlamaMLP):
+            return "an MLP other than the dense or mixture-of-experts one"
+        if len(moe_specs) > 1:
+            return "mixture-of-experts layers of different shapes"
         if attention.spec.sliding_window is not None or attention.spec.logit_softcap is not None:
             return "a sliding window or soft-capped attention"
         first_rope = first_rope or attention.rotary_emb
         if attention.rotary_emb is not first_rope or first_rope.rotary_dim != attention.head_dim:
             return "per-layer or partial rotary embeddings"
-        linears = (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        linears = [attention.qkv_proj, attention.o_proj]
+        if isinstance(mlp, LlamaMLP):
+            linears += [mlp.gate_up_proj, mlp.down_proj]
+            if not isinstance(mlp.act_fn, SiluAndMul):
+                return "an activation other than SiLU"
         if not all(isinstance(m, MethodLayer) and m.method is CPU_QUANTIZED for m in linears):
             return "not every linear runs on the quantized CPU kernels"
-        if not isinstance(mlp.act_fn, SiluAndMul):
-            return "an activation other than SiLU"
         if attention.q_norm is not None and not _plain_head_norms(attention, layer.input_layernorm.eps):
             return "q/k norms other than plain RMSNorm at the layers' epsilon"
         if not attention.qkv_proj.tp.is_single:
@@ -121,41 +138,70 @@ def _unsupported(model: torch.nn.Module, kv_caches: list[torch.Tensor], attn: At
     return None
 
 
+def _unsupported_experts(block: SparseMoeBlock) -> str | None:
+    experts = block.experts.quantized
+    if experts is None or experts.kernel is None:
+        return "mixture-of-experts layers whose experts are not quantized SiLU experts on the CPU kernels"
+    if block.gate.bias is not None:
+        return "a router with a bias"
+    return None
+
+
 def _shape(model: LlamaForCausalLM, kv_cache: torch.Tensor) -> StackShape:
-    first = model.model.layers[0]
-    assert isinstance(first, LlamaDecoderLayer) and isinstance(first.mlp, LlamaMLP)
+    layers = model.model.layers
+    first = layers[0]
+    assert isinstance(first, LlamaDecoderLayer)
     attention = first.self_attn
+    dense = [layer.mlp for layer in layers if isinstance(layer.mlp, LlamaMLP)]
+    sparse: list[MoESpec] = [layer.mlp.spec for layer in layers if isinstance(layer.mlp, SparseMoeBlock)]
+    spec = sparse[0] if sparse else None
     return StackShape(
         hidden=model.model.norm.weight.shape[0],
         heads=attention.num_heads,
         kv_heads=attention.num_kv_heads,
         head_dim=attention.head_dim,
-        intermediate=first.mlp.down_proj.input_size_per_rank,
+        intermediate=dense[0].down_proj.input_size_per_rank if dense else 0,
         block_size=kv_cache.shape[2],
         eps=float(first.input_layernorm.eps),
         scale=float(attention.spec.scale),
         cos_sin=_float32(attention.rotary_emb.cos_sin_cache),
         final_norm=_float32(model.model.norm.weight),
+        experts=spec.num_experts if spec else 0,
+        top_k=spec.top_k if spec else 0,
+        expert_inter=spec.intermediate_size if spec else 0,
+        renormalize=spec.renormalize if spec else False,
     )
 
 
 def _layer(layer: torch.nn.Module, kv_cache: torch.Tensor) -> StackLayer:
-    assert isinstance(layer, LlamaDecoderLayer) and isinstance(layer.mlp, LlamaMLP)
+    assert isinstance(layer, LlamaDecoderLayer)
     attention, mlp = layer.self_attn, layer.mlp
+    dense = mlp if isinstance(mlp, LlamaMLP) else None
     return StackLayer(
         input_norm=_float32(layer.input_layernorm.weight),
         post_norm=_float32(layer.post_attention_layernorm.weight),
         qkv=store(attention.qkv_proj).finish(),
         o=store(attention.o_proj).finish(),
-        gate_up=store(mlp.gate_up_proj).finish(),
-        down=store(mlp.down_proj).finish(),
+        gate_up=store(dense.gate_up_proj).finish() if dense else None,
+        down=store(dense.down_proj).finish() if dense else None,
         qkv_bias=_optional(attention.qkv_proj.bias),
         o_bias=_optional(attention.o_proj.bias),
-        gate_up_bias=_optional(mlp.gate_up_proj.bias),
-        down_bias=_optional(mlp.down_proj.bias),
+        gate_up_bias=_optional(dense.gate_up_proj.bias) if dense else None,
+        down_bias=_optional(dense.down_proj.bias) if dense else None,
         kv_cache=kv_cache,
         q_norm=_norm_weight(attention.q_norm),
         k_norm=_norm_weight(attention.k_norm),
+        experts=_experts(mlp) if isinstance(mlp, SparseMoeBlock) else None,
+    )
+
+
+def _experts(block: SparseMoeBlock) -> StackExperts:
+    experts = block.experts.quantized
+    assert experts is not None
+    return StackExperts(
+        router=_float32(block.gate.weight),
+        gate_up=tuple(store.finish_whole() for store in experts.gate_up),
+        down=tuple(store.finish_whole() for store in experts.down),
     )
 
 
