@@ -6,6 +6,7 @@ other work on the machine disturbs less) and a digest of the generated token ids
 
     python benchmarks/cpu_fused_decode.py --model smollm2-135m-q8_0.gguf --tokens 128 --rounds 5
     python benchmarks/cpu_fused_decode.py --model qwen3-0.6b-q4_k_m.gguf --words 3000 --kv-cache-dtype fp16
+    python benchmarks/cpu_fused_decode.py --model gemma-3-1b-q4_k_m.gguf --tokenizer gemma-3-1b-random
 
 Run it from two trees alternately (PYTHONPATH=tree/src) to compare builds in the same sitting.
 """
@@ -51,9 +52,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--words", type=int, default=140)
     parser.add_argument("--kv-cache-dtype", choices=["auto", "fp16", "fp32"], default="auto")
+    parser.add_argument(
+        "--tokenizer",
+        help="a tokenizer directory instead of the file's own (gguf_shapes.py's Gemma files: the random "
+        "checkpoint's directory, whose byte-level vocabulary the GGUF's SentencePiece reading does not fit)",
+    )
     args = parser.parse_args()
     llm = LLM(
         model=args.model,
+        tokenizer=args.tokenizer,
         device="cpu",
         speculative="off",
         enable_prefix_caching=False,

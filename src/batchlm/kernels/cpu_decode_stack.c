@@ -27,7 +27,11 @@
 
 /* One decoder layer's weights (packed as cpu_quant.py packs them) and its KV cache. */
 typedef struct {
-    const float *input_norm, *post_norm;   /* [hidden] */
+    const float *input_norm, *post_norm;   /* [hidden]: before the attention, before the MLP */
+    /* Gemma's norms of the attention's and the MLP's outputs before each residual add, or NULL. */
+    const float *attn_out_norm, *mlp_out_norm;
+    const float *cos_sin; /* [max_position, head_dim]: cos in the first half of a row, sin in the second */
+    long window; /* a sliding-window layer attends to its rows' last `window` tokens; 0: to all */
     PackedParts qkv, o, gate_up, down;
     const float *qkv_bias, *o_bias, *gate_up_bias, *down_bias; /* or NULL */
     void *k_cache, *v_cache; /* [num_blocks, block_size, kv_heads, head_dim] each, float32 or half */
@@ -49,8 +53,8 @@ typedef struct {
     /* Mixture-of-experts layers: experts, chosen a row, each one's intermediate size, and
      * whether the chosen weights are rescaled to sum to 1 (all 0 where every layer is dense). */
     long experts, top_k, expert_inter, renormalize;
+    long gelu; /* the dense MLP's gate: 0 SiLU, 1 GELU (tanh approximation) */
     float eps, scale;
-    const float *cos_sin; /* [max_position, head_dim]: cos in the first half of a row, sin in the second */
     const float *final_norm; /* [hidden] */
 } DecodeShape;
 
@@ -65,10 +69,11 @@ typedef struct {
     long shared_context;
 } DecodeBatch;
 
-/* Per-thread scratch: the normed rows, the quantized activations of one matmul's input, one head's
+/* Per-thread scratch: the residual stream, the normed rows, the quantized activations of one matmul's input, one head's
  * attention scores, and a new key (rotated) and value as the cache holds them; for experts, the rows
  * of one expert ([B, hidden]), their SiLU * up ([B, expert_inter]) and the routing (routing_longs). */
 typedef struct {
+    float *h, *row; /* this thread's copy of the residual stream [B, hidden], a row's scratch [hidden] */
     float *normed, *scores;
     int8_t *xq;
     float *xd, *xb, *key, *value;
@@ -112,7 +117,7 @@ static void store_group(const DecodeShape *shape, const DecodeLayer *layer, cons
                         long b, long g) {
     const long D = shape->head_dim, H = shape->heads, G = shape->kv_heads;
     float *k = qkv + b * (H + 2 * G) * D + H * D + g * D, *v = k + G * D;
-    rope_head(k, shape->cos_sin + batch->positions[b] * D, D);
+    rope_head(k, layer->cos_sin + batch->positions[b] * D, D);
     store_slot(shape, layer, batch, b, g, k, v);
 }
 
@@ -124,13 +129,13 @@ static void round_through_half(float *x, long D) {
 /* Row b's new key of KV head g, rotated, and its value into `key` and `value`, as the cache holds them
  * once stored (rounded when half): a thread attending with one of the group's query heads has them
  * without waiting for the thread that stores them, and attends as the cache-reading paths do. */
-static void new_key_value(const DecodeShape *shape, const DecodeBatch *batch, const float *qkv, long b, long g,
-                          float *key, float *value) {
+static void new_key_value(const DecodeShape *shape, const DecodeLayer *layer, const DecodeBatch *batch,
+                          const float *qkv, long b, long g, float *key, float *value) {
     const long D = shape->head_dim, H = shape->heads, G = shape->kv_heads;
     const float *k = qkv + b * (H + 2 * G) * D + H * D + g * D;
     memcpy(key, k, sizeof(float) * (size_t)D);
     memcpy(value, k + G * D, sizeof(float) * (size_t)D);
-    rope_head(key, shape->cos_sin + batch->positions[b] * D, D);
+    rope_head(key, layer->cos_sin + batch->positions[b] * D, D);
     if (shape->kv_half) {
         round_through_half(key, D);
         round_through_half(value, D);
@@ -151,37 +156,39 @@ static void softmax_in_place(float *scores, long length) {
 }
 
 /* Stage 2b for row b's query heads [h0, h1) of one KV group: rotate them and attend over the row's
- * context, walking the group's keys and values once for all of them. With `key` (and `value`) given,
- * the row's last token is read from them rather than from the cache, which another thread may still be
- * writing (new_key_value made them as the cache holds them); else every token comes from the cache.
- * scores: (h1 - h0) * length floats. */
+ * context (its last layer->window tokens on a sliding-window layer), walking the group's keys and
+ * values once for all of them. With `key` (and `value`) given, the row's last token is read from them
+ * rather than from the cache, which another thread may still be writing (new_key_value made them as
+ * the cache holds them); else every token comes from the cache. scores: (h1 - h0) * length floats. */
 static void attend_heads(const DecodeShape *shape, const DecodeLayer *layer, const DecodeBatch *batch, float *qkv,
                          float *attn, long b, long h0, long h1, float *scores, const float *key, const float *value) {
     const long D = shape->head_dim, H = shape->heads, G = shape->kv_heads, g = h0 / (H / G), n = h1 - h0;
     float *q = qkv + b * (H + 2 * G) * D + h0 * D; /* the heads' queries, D apart */
     const long token_stride = G * D, block_stride = shape->block_size * token_stride;
     const long length = batch->seq_lens[b], cached = key ? length - 1 : length;
+    const long first = layer->window > 0 && length > layer->window ? length - layer->window : 0;
+    const long span = length - first; /* scores[j * span + t - first]: query head h0 + j, token t */
     const int32_t *table = batch->block_tables + b * batch->table_stride;
     const int half = (int)shape->kv_half;
-    for (long j = 0; j < n; j++) rope_head(q + j * D, shape->cos_sin + batch->positions[b] * D, D);
-    for (long t = 0; t < cached; t++) {
+    for (long j = 0; j < n; j++) rope_head(q + j * D, layer->cos_sin + batch->positions[b] * D, D);
+    for (long t = first; t < cached; t++) {
         const void *k = walk_head(layer->k_cache, table, t, cached, shape->block_size, block_stride, token_stride,
                                   g * D, D, half);
-        for (long j = 0; j < n; j++) scores[j * length + t] = dot_cached(q + j * D, k, D, shape->scale, half);
+        for (long j = 0; j < n; j++) scores[j * span + t - first] = dot_cached(q + j * D, k, D, shape->scale, half);
     }
     for (long j = 0; j < n; j++) {
-        if (key) scores[j * length + length - 1] = dot_cached(q + j * D, key, D, shape->scale, 0);
-        softmax_in_place(scores + j * length, length);
+        if (key) scores[j * span + span - 1] = dot_cached(q + j * D, key, D, shape->scale, 0);
+        softmax_in_place(scores + j * span, span);
     }
     float *out = attn + b * H * D + h0 * D;
     for (long d = 0; d < n * D; d++) out[d] = 0.0f;
-    for (long t = 0; t < cached; t++) {
+    for (long t = first; t < cached; t++) {
         const void *v = walk_head(layer->v_cache, table, t, cached, shape->block_size, block_stride, token_stride,
                                   g * D, D, half);
-        for (long j = 0; j < n; j++) add_cached(out + j * D, v, scores[j * length + t], D, half);
+        for (long j = 0; j < n; j++) add_cached(out + j * D, v, scores[j * span + t - first], D, half);
     }
     if (value)
-        for (long j = 0; j < n; j++) add_cached(out + j * D, value, scores[j * length + length - 1], D, 0);
+        for (long j = 0; j < n; j++) add_cached(out + j * D, value, scores[j * span + span - 1], D, 0);
 }
 
 /* Items of the attention stage: a (row, KV group) each, whose walk of the cache serves the group's
@@ -204,7 +211,7 @@ static void attend_items(const DecodeShape *shape, const DecodeLayer *layer, con
             attend_heads(shape, layer, batch, qkv, attn, b, h0, h0 + per_item, s->scores, NULL, NULL);
             continue;
         }
-        new_key_value(shape, batch, qkv, b, g, s->key, s->value);
+        new_key_value(shape, layer, batch, qkv, b, g, s->key, s->value);
         if (h0 % group == 0) store_slot(shape, layer, batch, b, g, s->key, s->value);
         attend_heads(shape, layer, batch, qkv, attn, b, h0, h0 + per_item, s->scores, s->key, s->value);
     }
@@ -273,27 +280,62 @@ static void own_panels(const float *x, long B, long K, const PackedParts *w, con
     thread_parts(w, s, bias, out, N, B, N, K, first, last, isa);
 }
 
-/* h[:, panels first..last) += out[:, same] */
-static void add_columns(float *h, const float *out, long B, long n, long first, long last) {
-    const long from = first * QPANEL, to = last * QPANEL < n ? last * QPANEL : n;
-    for (long b = 0; b < B; b++)
-        for (long c = from; c < to; c++) h[b * n + c] += out[b * n + c];
+/* The residual add at the end of a block: h[B, n] += out, or (Gemma) += rmsnorm(out) * norm. Every
+ * thread keeps its own copy of h and adds every column (a few rows: cheaper than another barrier),
+ * scratch [n] floats. */
+static void add_rows(float *h, const float *out, const float *norm, long B, long n, float eps, float *scratch) {
+    for (long b = 0; b < B; b++) {
+        const float *o = out + b * n;
+        if (norm) {
+            rms_norm_rows(o, norm, scratch, 1, n, eps);
+            o = scratch;
+        }
+        for (long c = 0; c < n; c++) h[b * n + c] += o[c];
+    }
 }
 
-/* act[:, c] = silu(gu[:, c]) * gu[:, I + c] for this thread's columns. */
-static void silu_mul_columns(const float *gu, float *act, long B, long I, long first, long last) {
+/* tanh(x) = 1 - 2 / (exp(2x) + 1): exact at the ends (exp overflowing to inf gives 1, to 0 gives -1). */
+static inline __m256 tanh256(__m256 x) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    const __m256 e = exp256(_mm256_add_ps(x, x));
+    return _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, one)));
+}
+
+/* GELU, tanh approximation: x / 2 * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 x^3))). */
+static inline __m256 gelu_tanh256(__m256 x) {
+    const __m256 inner = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f),
+                                       _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), x),
+                                                       _mm256_mul_ps(x, x), x));
+    return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), _mm256_add_ps(_mm256_set1_ps(1.0f), tanh256(inner)));
+}
+
+static inline float gelu_tanh(float x) {
+    return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+}
+
+/* act[:, c] = gate(gu[:, c]) * gu[:, I + c] for this thread's columns, the gate SiLU or (gelu) GELU. */
+static void gate_mul_columns(const float *gu, float *act, long B, long I, long first, long last, int gelu) {
     const long from = first * QPANEL, to = last * QPANEL < I ? last * QPANEL : I;
     for (long b = 0; b < B; b++) {
         const float *gate = gu + b * 2 * I, *up = gate + I;
         long c = from;
         for (; c + 8 <= to; c += 8) {
             const __m256 g = _mm256_loadu_ps(gate + c);
-            const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), g));
-            const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
-            _mm256_storeu_ps(act + b * I + c, _mm256_mul_ps(silu, _mm256_loadu_ps(up + c)));
+            __m256 gated;
+            if (gelu) {
+                gated = gelu_tanh256(g);
+            } else {
+                const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), g));
+                gated = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+            }
+            _mm256_storeu_ps(act + b * I + c, _mm256_mul_ps(gated, _mm256_loadu_ps(up + c)));
         }
-        for (; c < to; c++) act[b * I + c] = gate[c] / (1.0f + expf(-gate[c])) * up[c];
+        for (; c < to; c++) act[b * I + c] = (gelu ? gelu_tanh(gate[c]) : gate[c] / (1.0f + expf(-gate[c]))) * up[c];
     }
+}
+
+static void silu_mul_columns(const float *gu, float *act, long B, long I, long first, long last) {
+    gate_mul_columns(gu, act, B, I, first, last, 0);
 }
 
 /* Shared buffers of one call: the router's logits [B, experts] where layers have experts. */
@@ -337,8 +379,8 @@ static void router_logits(const float *x, long B, long n, const float *router, l
     }
 }
 
-/* h += down(silu(gate(x)) * up(x)) for x the normed rows in s->normed: two stages. */
-static void dense_mlp(const DecodeShape *shape, const DecodeLayer *layer, long B, float *h, const StepBuffers *buf,
+/* out = down(gate(x) * up(x)) for x the normed rows in s->normed: two stages. */
+static void dense_mlp(const DecodeShape *shape, const DecodeLayer *layer, long B, const StepBuffers *buf,
                       const ThreadScratch *s, long me, long team, int isa, StageBarrier *barrier) {
     const long n = shape->hidden, I = shape->intermediate;
     long first, last;
@@ -347,18 +389,17 @@ static void dense_mlp(const DecodeShape *shape, const DecodeLayer *layer, long B
     for (long half = 0; half < 2; half++)
         thread_parts(&layer->gate_up, s, layer->gate_up_bias, buf->gu, 2 * I, B, 2 * I, n, first + half * I / QPANEL,
                      last + half * I / QPANEL, isa);
-    silu_mul_columns(buf->gu, buf->act, B, I, first, last);
+    gate_mul_columns(buf->gu, buf->act, B, I, first, last, (int)shape->gelu);
     stage_done(barrier, team);
     share((n + QPANEL - 1) / QPANEL, me, team, &first, &last);
     own_panels(buf->act, B, I, &layer->down, layer->down_bias, buf->out, n, first, last, s, isa);
-    add_columns(h, buf->out, B, n, first, last);
     stage_done(barrier, team);
 }
 
-/* h += the routed experts' weighted sum for the normed rows in s->normed: three stages (the router's
+/* out = the routed experts' weighted sum for the normed rows in s->normed: three stages (the router's
  * logits, a share of each expert's experts' gate/up panels, a range of columns through every expert).
  * Every thread routes every row for itself from the shared logits. */
-static void expert_mlp(const DecodeShape *shape, const DecodeLayer *layer, long B, float *h, const StepBuffers *buf,
+static void expert_mlp(const DecodeShape *shape, const DecodeLayer *layer, long B, const StepBuffers *buf,
                        const ThreadScratch *s, long me, long team, int isa, StageBarrier *barrier) {
     const long n = shape->hidden, E = shape->experts, I = shape->expert_inter;
     const ExpertWeights w = {layer->expert_gate_up, layer->expert_gate_up_layout, layer->expert_down,
@@ -372,14 +413,14 @@ static void expert_mlp(const DecodeShape *shape, const DecodeLayer *layer, long 
     expert_gate_up_share(s->normed, n, I, &runs, &w, buf->gu, s->rows_k, s, me, team, isa);
     stage_done(barrier, team);
     expert_down_share(B, n, I, &runs, &w, buf->gu, s->act, s->rows_k, buf->out, s, me, team, isa);
-    share((n + QPANEL - 1) / QPANEL, me, team, &first, &last);
-    add_columns(h, buf->out, B, n, first, last);
     stage_done(barrier, team);
 }
 
-static void decode_layer(const DecodeShape *shape, const DecodeLayer *layer, const DecodeBatch *batch, float *h,
+/* One layer over this thread's copy of the residual stream, s->h. */
+static void decode_layer(const DecodeShape *shape, const DecodeLayer *layer, const DecodeBatch *batch,
                          const StepBuffers *buf, const ThreadScratch *s, long me, long team, int isa,
                          StageBarrier *barrier) {
+    float *h = s->h;
     const long B = batch->B, n = shape->hidden, D = shape->head_dim;
     const long qkv_n = (shape->heads + 2 * shape->kv_heads) * D, attn_n = shape->heads * D;
     long first, last;
@@ -409,13 +450,14 @@ static void decode_layer(const DecodeShape *shape, const DecodeLayer *layer, con
     stage_done(barrier, team);
     share((n + QPANEL - 1) / QPANEL, me, team, &first, &last);
     own_panels(buf->attn, B, attn_n, &layer->o, layer->o_bias, buf->out, n, first, last, s, isa);
-    add_columns(h, buf->out, B, n, first, last);
     stage_done(barrier, team);
+    add_rows(h, buf->out, layer->attn_out_norm, B, n, shape->eps, s->row);
     rms_norm_rows(h, layer->post_norm, s->normed, B, n, shape->eps);
     if (layer->router)
-        expert_mlp(shape, layer, B, h, buf, s, me, team, isa, barrier);
+        expert_mlp(shape, layer, B, buf, s, me, team, isa, barrier);
     else
-        dense_mlp(shape, layer, B, h, buf, s, me, team, isa, barrier);
+        dense_mlp(shape, layer, B, buf, s, me, team, isa, barrier);
+    add_rows(h, buf->out, layer->mlp_out_norm, B, n, shape->eps, s->row);
 }
 
 static inline long longest_of(long a, long b) { return a > b ? a : b; }
@@ -441,9 +483,10 @@ int batchlm_decode_stack(const DecodeShape *shape, const DecodeLayer *layers, co
     const size_t group = (size_t)(shape->heads / shape->kv_heads);
     /* Quantized activations hold whole tiles' rows where the tile path may run. */
     const long code_rows = takes_amx(isa, B) ? amx_rows(B) : B;
+    const long blocks = code_rows * widest / QBLOCK;
     const size_t experts_own = E ? (size_t)(B * n + B * I_e) + 2 * (size_t)routing_longs(B, E, k) + 2 : 0;
-    const size_t own = (size_t)B * (size_t)n + group * (size_t)longest + 5 * (size_t)code_rows * (size_t)widest / QBLOCK +
-                       64 + 2 * (size_t)D + experts_own;
+    const size_t own = 2 * (size_t)B * (size_t)n + (size_t)n + group * (size_t)longest + 5 * (size_t)blocks +
+                       2 * (size_t)D + experts_own + 64;
     const size_t own_codes = 2 * (size_t)code_rows * (size_t)widest;
     float *floats;
     int8_t *codes;
@@ -462,22 +505,26 @@ int batchlm_decode_stack(const DecodeShape *shape, const DecodeLayer *layers, co
     {
         const long me = omp_get_thread_num(), team = omp_get_num_threads();
         float *mine = floats + shared + own * (size_t)me;
-        const long blocks = code_rows * widest / QBLOCK;
-        float *scores = mine + B * n, *xd = scores + group * longest, *experts = mine + own - 2 * D - experts_own;
-        const ThreadScratch s = {.normed = mine,
-                                 .scores = scores,
-                                 .xq = codes + own_codes * (size_t)me,
-                                 .xd = xd,
-                                 .xb = xd + 2 * blocks,
-                                 .key = mine + own - 2 * D,
-                                 .value = mine + own - D,
-                                 .rows_k = E ? experts : NULL,
-                                 .act = E ? experts + B * n : NULL,
-                                 .routing = E ? (long *)(((uintptr_t)(experts + B * n + B * I_e) + 7) & ~(uintptr_t)7) : NULL};
-        for (long l = 0; l < shape->num_layers; l++) decode_layer(shape, layers + l, batch, h, &buf, &s, me, team, isa, &barrier);
+        ThreadScratch s;
+        s.h = mine, mine += B * n;
+        s.row = mine, mine += n;
+        s.normed = mine, mine += B * n;
+        s.scores = mine, mine += group * longest;
+        s.xd = mine, mine += 2 * blocks;
+        s.xb = mine, mine += 3 * blocks;
+        s.key = mine, mine += D;
+        s.value = mine, mine += D;
+        s.xq = codes + own_codes * (size_t)me;
+        s.rows_k = E ? mine : NULL;
+        s.act = E ? mine + B * n : NULL;
+        s.routing = E ? (long *)(((uintptr_t)(mine + B * n + B * I_e) + 7) & ~(uintptr_t)7) : NULL;
+        memcpy(s.h, h, sizeof(float) * (size_t)(B * n));
+        for (long l = 0; l < shape->num_layers; l++) decode_layer(shape, layers + l, batch, &buf, &s, me, team, isa, &barrier);
+        /* Every thread read h before the first layer's first barrier. */
+        if (me == 0) memcpy(h, s.h, sizeof(float) * (size_t)(B * n));
         if (head) {
             long first, last;
-            rms_norm_rows(h, shape->final_norm, s.normed, B, n, shape->eps);
+            rms_norm_rows(s.h, shape->final_norm, s.normed, B, n, shape->eps);
             share((head_n + QPANEL - 1) / QPANEL, me, team, &first, &last);
             own_panels(s.normed, B, n, head, NULL, logits, head_n, first, last, &s, isa);
         }

@@ -47,7 +47,6 @@ class StackShape:
     block_size: int
     eps: float
     scale: float
-    cos_sin: torch.Tensor  # [max_position, head_dim]
     final_norm: torch.Tensor  # [hidden]
     # Mixture-of-experts layers (StackExperts): the routing rule and each expert's intermediate size;
     # experts 0 where every layer is dense.
@@ -55,6 +54,8 @@ class StackShape:
     top_k: int = 0
     expert_inter: int = 0
     renormalize: bool = False
+    # The dense MLP's gate: GELU, tanh approximation (Gemma), else SiLU.
+    gelu: bool = False
 
 
 @dataclass(frozen=True)
@@ -69,11 +70,13 @@ class StackExperts:
 
 @dataclass(frozen=True)
 class StackLayer:
-    """One decoder layer: its norms, packed weights, optional biases and its KV cache; a dense MLP's
-    gate_up and down, or a mixture-of-experts layer's experts."""
+    """One decoder layer: its norms, RoPE table, packed weights, optional biases and its KV cache; a
+    dense MLP's gate_up and down, or a mixture-of-experts layer's experts. Norm weights are the factors
+    the normed values are multiplied by (Gemma's 1 + weight)."""
 
-    input_norm: torch.Tensor
-    post_norm: torch.Tensor
+    input_norm: torch.Tensor  # before the attention
+    post_norm: torch.Tensor  # before the MLP
+    cos_sin: torch.Tensor  # [max_position, head_dim]
     qkv: PackedWeight
     o: PackedWeight
     gate_up: PackedWeight | None
@@ -87,12 +90,20 @@ class StackLayer:
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
     experts: StackExperts | None = None
+    # Gemma: the attention's and the MLP's outputs normed before each residual add.
+    attn_out_norm: torch.Tensor | None = None
+    mlp_out_norm: torch.Tensor | None = None
+    window: int = 0  # a sliding-window layer attends to a row's last `window` tokens
 
 
 class _Layer(ctypes.Structure):
     _fields_ = [
         ("input_norm", ctypes.c_void_p),
         ("post_norm", ctypes.c_void_p),
+        ("attn_out_norm", ctypes.c_void_p),
+        ("mlp_out_norm", ctypes.c_void_p),
+        ("cos_sin", ctypes.c_void_p),
+        ("window", ctypes.c_long),
         ("qkv", PackedParts),
         ("o", PackedParts),
         ("gate_up", PackedParts),
@@ -119,10 +130,9 @@ class _Shape(ctypes.Structure):
         ("block_size", ctypes.c_long),
         ("num_layers", ctypes.c_long),
         ("kv_half", ctypes.c_long),
-        *((name, ctypes.c_long) for name in ("experts", "top_k", "expert_inter", "renormalize")),
+        *((name, ctypes.c_long) for name in ("experts", "top_k", "expert_inter", "renormalize", "gelu")),
         ("eps", ctypes.c_float),
         ("scale", ctypes.c_float),
-        ("cos_sin", ctypes.c_void_p),
         ("final_norm", ctypes.c_void_p),
     ]
 
@@ -187,8 +197,8 @@ class DecodeStack:
         self._shape = _Shape(
             shape.hidden, shape.heads, shape.kv_heads, shape.head_dim, shape.intermediate, shape.block_size,
             len(layers), int(layers[0].kv_cache.dtype == torch.float16),
-            shape.experts, shape.top_k, shape.expert_inter, int(shape.renormalize), shape.eps, shape.scale,
-            shape.cos_sin.data_ptr(), shape.final_norm.data_ptr(),
+            shape.experts, shape.top_k, shape.expert_inter, int(shape.renormalize), int(shape.gelu),
+            shape.eps, shape.scale, shape.final_norm.data_ptr(),
         )  # fmt: skip
         self._expert_tables = [
             None if layer.experts is None else _ExpertTables(layer.experts) for layer in layers
@@ -256,6 +266,7 @@ def _layer(layer: StackLayer, experts: _ExpertTables | None) -> _Layer:
     address = ctypes.addressof
     return _Layer(
         layer.input_norm.data_ptr(), layer.post_norm.data_ptr(),
+        _pointer(layer.attn_out_norm), _pointer(layer.mlp_out_norm), layer.cos_sin.data_ptr(), layer.window,
         *(_parts(weight) for weight in weights),
         _pointer(layer.qkv_bias), _pointer(layer.o_bias), _pointer(layer.gate_up_bias), _pointer(layer.down_bias),
         keys.data_ptr(), values.data_ptr(), _pointer(layer.q_norm), _pointer(layer.k_norm),

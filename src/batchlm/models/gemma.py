@@ -91,6 +91,13 @@ class GemmaModel(nn.Module):
         )
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The scaled token embeddings [T, hidden] the first layer takes."""
+        hidden: torch.Tensor = self.embed_tokens(input_ids)
+        # HF rounds the scale to the activation dtype before multiplying (a host-side rounding here,
+        # so a CUDA-graph capture sees a plain scalar).
+        return hidden * float(torch.tensor(self.embed_scale, dtype=hidden.dtype))
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -99,10 +106,7 @@ class GemmaModel(nn.Module):
         meta: AttentionMetadata,
         attn: AttentionBackend,
     ) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)  # [T, hidden]
-        # HF rounds the scale to the activation dtype before multiplying (a host-side rounding here,
-        # so a CUDA-graph capture sees a plain scalar).
-        hidden = hidden * float(torch.tensor(self.embed_scale, dtype=hidden.dtype))
+        hidden = self.embed(input_ids)  # [T, hidden]
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden = layer(positions, hidden, kv_cache, meta, attn)
         normed: torch.Tensor = self.norm(hidden)

@@ -165,6 +165,11 @@ class LlamaModel(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The token embeddings [T, hidden] the first layer takes."""
+        hidden: torch.Tensor = self.embed_tokens(input_ids)
+        return hidden
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -173,7 +178,7 @@ class LlamaModel(nn.Module):
         meta: AttentionMetadata,
         attn: AttentionBackend,
     ) -> torch.Tensor:
-        hidden: torch.Tensor = self.embed_tokens(input_ids)  # [T, hidden]
+        hidden: torch.Tensor = self.embed(input_ids)  # [T, hidden]
         residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(positions, hidden, residual, kv_cache, meta, attn)

@@ -1,6 +1,6 @@
 """The CPU runner's fused decode path: steps that only decode, for up to MAX_ROWS requests, of a Llama-style
-model whose linears all run on the quantized CPU kernels (a mixture-of-experts model's experts
-included) go through one C call for the whole stack (kernels/cpu_decode_stack.py) instead of the
+or Gemma 3 model whose linears all run on the quantized CPU kernels (a mixture-of-experts model's
+experts included) go through one C call for the whole stack (kernels/cpu_decode_stack.py) instead of the
 model's forward. Every other step, model or device keeps the generic path.
 
 At one or a few requests a decode step of a small model is mostly per-layer overhead between the
@@ -14,6 +14,7 @@ import logging
 import os
 
 import torch
+from torch import nn
 
 from batchlm.attention.backend import AttentionBackend
 from batchlm.attention.torch_backend import TorchAttentionBackend
@@ -26,11 +27,12 @@ from batchlm.kernels.cpu_decode_stack import (
     stack_library,
 )
 from batchlm.kernels.quant_panels import PackedWeight
-from batchlm.layers.activation import SiluAndMul
+from batchlm.layers.activation import GeluTanhAndMul, SiluAndMul
 from batchlm.layers.moe import MoESpec, SparseMoeBlock
 from batchlm.layers.norm import RMSNorm
 from batchlm.layers.quantization.cpu_quantized import CPU_QUANTIZED, store
 from batchlm.layers.quantization.layer import MethodLayer
+from batchlm.models.gemma import Gemma2ForCausalLM, GemmaDecoderLayer, GemmaRMSNorm
 from batchlm.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
 from batchlm.runner.inputs import StepInputs
 
@@ -46,7 +48,7 @@ MAX_VERIFY_ROWS = 8
 class FusedDecode:
     """Runs eligible steps through a DecodeStack; `can_run` says which."""
 
-    def __init__(self, model: LlamaForCausalLM, stack: DecodeStack) -> None:
+    def __init__(self, model: LlamaForCausalLM | Gemma2ForCausalLM, stack: DecodeStack) -> None:
         self.model = model
         self.stack = stack
 
@@ -64,7 +66,7 @@ class FusedDecode:
     def run(self, inputs: StepInputs) -> torch.Tensor:
         """Logits [B, vocab] of a step that can_run accepted."""
         meta = inputs.meta
-        hidden = self.model.model.embed_tokens(inputs.input_ids).float().contiguous()
+        hidden = self.model.model.embed(inputs.input_ids).float().contiguous()
         tables = meta.block_tables if meta.block_tables.stride(-1) == 1 else meta.block_tables.contiguous()
         logits = self.stack.run(
             hidden,
@@ -92,7 +94,7 @@ def build_fused_decode(
     if reason is not None:
         logger.info("CPU decode: layer by layer (%s)", reason)
         return None
-    assert isinstance(model, LlamaForCausalLM)
+    assert isinstance(model, (LlamaForCausalLM, Gemma2ForCausalLM))
     shape = _shape(model, kv_caches[0])
     reason = fits(shape, kv_caches)
     if reason is not None:
@@ -104,12 +106,14 @@ def build_fused_decode(
 
 
 def _unsupported(model: torch.nn.Module, kv_caches: list[torch.Tensor], attn: AttentionBackend) -> str | None:
-    if not isinstance(model, LlamaForCausalLM) or not isinstance(attn, TorchAttentionBackend):
-        return "not a Llama-style model on the CPU attention backend"
-    first_rope = None
+    if not isinstance(model, (LlamaForCausalLM, Gemma2ForCausalLM)) or not isinstance(
+        attn, TorchAttentionBackend
+    ):
+        return "not a Llama- or Gemma-style model on the CPU attention backend"
     moe_specs: set[MoESpec] = set()
+    epsilons = {_epsilon(model.model.norm)}
     for layer in model.model.layers:
-        assert isinstance(layer, LlamaDecoderLayer)
+        assert isinstance(layer, (LlamaDecoderLayer, GemmaDecoderLayer))
         attention, mlp = layer.self_attn, layer.mlp
         if isinstance(mlp, SparseMoeBlock):
             if (reason := _unsupported_experts(mlp)) is not None:
@@ -119,22 +123,28 @@ def _unsupported(model: torch.nn.Module, kv_caches: list[torch.Tensor], attn: At
             return "an MLP other than the dense or mixture-of-experts one"
         if len(moe_specs) > 1:
             return "mixture-of-experts layers of different shapes"
-        if attention.spec.sliding_window is not None or attention.spec.logit_softcap is not None:
-            return "a sliding window or soft-capped attention"
-        first_rope = first_rope or attention.rotary_emb
-        if attention.rotary_emb is not first_rope or first_rope.rotary_dim != attention.head_dim:
-            return "per-layer or partial rotary embeddings"
+        if attention.spec.logit_softcap is not None:
+            return "soft-capped attention"
+        if attention.rotary_emb.rotary_dim != attention.head_dim:
+            return "partial rotary embeddings"
         linears = [attention.qkv_proj, attention.o_proj]
         if isinstance(mlp, LlamaMLP):
             linears += [mlp.gate_up_proj, mlp.down_proj]
-            if not isinstance(mlp.act_fn, SiluAndMul):
-                return "an activation other than SiLU"
+            if not isinstance(mlp.act_fn, (SiluAndMul, GeluTanhAndMul)):
+                return "an activation other than SiLU or GELU (tanh)"
         if not all(isinstance(m, MethodLayer) and m.method is CPU_QUANTIZED for m in linears):
             return "not every linear runs on the quantized CPU kernels"
-        if attention.q_norm is not None and not _plain_head_norms(attention, layer.input_layernorm.eps):
-            return "q/k norms other than plain RMSNorm at the layers' epsilon"
+        norms = [*_block_norms(layer), attention.q_norm, attention.k_norm]
+        if any(norm is not None and _norm_factor(norm) is None for norm in norms):
+            return "a norm other than RMSNorm"
+        epsilons |= {_epsilon(norm) for norm in norms if norm is not None}
         if not attention.qkv_proj.tp.is_single:
             return "tensor parallel"
+    if len(epsilons) > 1:
+        return "norms of different epsilons"
+    activations = {type(layer.mlp.act_fn) for layer in model.model.layers if isinstance(layer.mlp, LlamaMLP)}
+    if len(activations) > 1:
+        return "dense MLPs of different activations"
     return None
 
 
@@ -147,39 +157,80 @@ def _unsupported_experts(block: SparseMoeBlock) -> str | None:
     return None
 
 
-def _shape(model: LlamaForCausalLM, kv_cache: torch.Tensor) -> StackShape:
+def _block_norms(layer: LlamaDecoderLayer | GemmaDecoderLayer) -> tuple[nn.Module, ...]:
+    """The layer's norms in the stack's order: before the attention, before the MLP and (Gemma) of the
+    attention's and the MLP's outputs."""
+    if isinstance(layer, GemmaDecoderLayer):
+        return (
+            layer.input_layernorm,
+            layer.pre_feedforward_layernorm,
+            layer.post_attention_layernorm,
+            layer.post_feedforward_layernorm,
+        )
+    return layer.input_layernorm, layer.post_attention_layernorm
+
+
+def _norm_factor(norm: nn.Module) -> torch.Tensor | None:
+    """What an RMSNorm multiplies the normed values by (float32): its weight, or Gemma's 1 + weight;
+    None for another kind of norm."""
+    if type(norm) is RMSNorm:
+        return _float32(norm.weight)
+    if type(norm) is GemmaRMSNorm:
+        return (1.0 + norm.weight.float()).contiguous()
+    return None
+
+
+def _factor(norm: nn.Module | None) -> torch.Tensor | None:
+    if norm is None:
+        return None
+    factor = _norm_factor(norm)
+    assert factor is not None
+    return factor
+
+
+def _epsilon(norm: nn.Module) -> float:
+    assert isinstance(norm, (RMSNorm, GemmaRMSNorm))
+    return float(norm.eps)
+
+
+def _shape(model: LlamaForCausalLM | Gemma2ForCausalLM, kv_cache: torch.Tensor) -> StackShape:
     layers = model.model.layers
     first = layers[0]
-    assert isinstance(first, LlamaDecoderLayer)
+    assert isinstance(first, (LlamaDecoderLayer, GemmaDecoderLayer))
     attention = first.self_attn
     dense = [layer.mlp for layer in layers if isinstance(layer.mlp, LlamaMLP)]
     sparse: list[MoESpec] = [layer.mlp.spec for layer in layers if isinstance(layer.mlp, SparseMoeBlock)]
     spec = sparse[0] if sparse else None
+    final_norm = _factor(model.model.norm)
+    assert final_norm is not None
     return StackShape(
-        hidden=model.model.norm.weight.shape[0],
+        hidden=final_norm.shape[0],
         heads=attention.num_heads,
         kv_heads=attention.num_kv_heads,
         head_dim=attention.head_dim,
         intermediate=dense[0].down_proj.input_size_per_rank if dense else 0,
         block_size=kv_cache.shape[2],
-        eps=float(first.input_layernorm.eps),
+        eps=_epsilon(model.model.norm),
         scale=float(attention.spec.scale),
-        cos_sin=_float32(attention.rotary_emb.cos_sin_cache),
-        final_norm=_float32(model.model.norm.weight),
+        final_norm=final_norm,
         experts=spec.num_experts if spec else 0,
         top_k=spec.top_k if spec else 0,
         expert_inter=spec.intermediate_size if spec else 0,
         renormalize=spec.renormalize if spec else False,
+        gelu=bool(dense) and isinstance(dense[0].act_fn, GeluTanhAndMul),
     )
 
 
 def _layer(layer: torch.nn.Module, kv_cache: torch.Tensor) -> StackLayer:
-    assert isinstance(layer, LlamaDecoderLayer)
+    assert isinstance(layer, (LlamaDecoderLayer, GemmaDecoderLayer))
     attention, mlp = layer.self_attn, layer.mlp
     dense = mlp if isinstance(mlp, LlamaMLP) else None
+    before_attention, before_mlp, *after = map(_factor, _block_norms(layer))
+    assert before_attention is not None and before_mlp is not None
     return StackLayer(
-        input_norm=_float32(layer.input_layernorm.weight),
-        post_norm=_float32(layer.post_attention_layernorm.weight),
+        input_norm=before_attention,
+        post_norm=before_mlp,
+        cos_sin=_float32(attention.rotary_emb.cos_sin_cache),
         qkv=store(attention.qkv_proj).finish(),
         o=store(attention.o_proj).finish(),
         gate_up=store(dense.gate_up_proj).finish() if dense else None,
@@ -189,9 +240,12 @@ def _layer(layer: torch.nn.Module, kv_cache: torch.Tensor) -> StackLayer:
         gate_up_bias=_optional(dense.gate_up_proj.bias) if dense else None,
         down_bias=_optional(dense.down_proj.bias) if dense else None,
         kv_cache=kv_cache,
-        q_norm=_norm_weight(attention.q_norm),
-        k_norm=_norm_weight(attention.k_norm),
+        q_norm=_factor(attention.q_norm),
+        k_norm=_factor(attention.k_norm),
         experts=_experts(mlp) if isinstance(mlp, SparseMoeBlock) else None,
+        attn_out_norm=after[0] if after else None,
+        mlp_out_norm=after[1] if after else None,
+        window=attention.spec.sliding_window or 0,
     )
 
 
@@ -205,24 +259,14 @@ def _experts(block: SparseMoeBlock) -> StackExperts:
     )
 
 
-def _norm_weight(norm: torch.nn.Module | None) -> torch.Tensor | None:
-    if norm is None:
-        return None
-    assert isinstance(norm, RMSNorm)
-    return _float32(norm.weight)
-
-
-def _plain_head_norms(attention: torch.nn.Module, eps: float) -> bool:
-    """Qwen3's q/k norms: RMSNorm (weight * x / rms, not Gemma's 1 + weight) at the layers' epsilon."""
-    norms = (getattr(attention, "q_norm", None), getattr(attention, "k_norm", None))
-    return all(type(norm) is RMSNorm and norm.eps == eps for norm in norms)
-
-
-def _head(model: LlamaForCausalLM) -> PackedWeight | None:
+def _head(model: LlamaForCausalLM | Gemma2ForCausalLM) -> PackedWeight | None:
     """The LM head's packed weight where it runs on the quantized kernels (the fused call then computes
     the logits too), else None."""
     head = model.lm_head
-    plain_logits = type(model).compute_logits is LlamaForCausalLM.compute_logits  # no soft-cap or scaling
+    if isinstance(model, Gemma2ForCausalLM):
+        plain_logits = model.config.final_logit_softcap is None
+    else:
+        plain_logits = type(model).compute_logits is LlamaForCausalLM.compute_logits  # no scaling
     if not plain_logits or head.method is not CPU_QUANTIZED or not head.tp.is_single:
         return None
     return store(head).finish()
