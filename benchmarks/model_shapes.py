@@ -151,6 +151,24 @@ SHAPES: dict[str, dict[str, Any]] = {
         "rope_theta": 1000000.0,
         "tie_word_embeddings": True,
     },
+    # Phi-3-mini's proportions (fused q/k/v and gate/up in its files, 32,064-token vocabulary) at a
+    # third of its width and layers. llama.cpp's converter wants a SentencePiece tokenizer for phi3,
+    # so its GGUF comes from the tests' writer (tests/gguf_builder.py; BENCHMARKS.md has the command).
+    "phi3-small": {
+        "model_type": "phi3",
+        "architecture": "Phi3ForCausalLM",
+        "hidden_size": 1024,
+        "intermediate_size": 2816,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "vocab_size": 32064,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "pad_token_id": 0,
+    },
     "qwen3-30b-a3b": {
         "model_type": "qwen3_moe",
         "hidden_size": 2048,

@@ -254,6 +254,29 @@ def test_fused_steps_with_a_sliding_window_match_the_model(tmp_path: Path) -> No
     _assert_steps_agree(loaded, 4)
 
 
+# Phi-4-mini's shape: LongRoPE over half of each head, a window; fused q/k/v and gate/up in the file.
+PHI4_MINI = {
+    "pad_token_id": 0,
+    "sliding_window": 6,
+    "original_max_position_embeddings": 64,
+    "rope_parameters": {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "partial_rotary_factor": 0.5,
+        "short_factor": [1.0, 1.3, 2.1, 3.7] * 4,
+        "long_factor": [1.5, 4.0, 9.0, 20.0] * 4,
+    },
+}
+
+
+@pytest.mark.parametrize("overrides", [{"pad_token_id": 0}, PHI4_MINI], ids=["phi3", "phi4-mini"])
+def test_fused_steps_of_phi3_match_the_model(tmp_path: Path, overrides: dict[str, Any]) -> None:
+    loaded = _model(tmp_path, "Q8_0", True, "phi3", overrides)
+    rope = loaded.model.model.layers[0].self_attn.rotary_emb
+    assert (rope.rotary_dim < rope.head_dim) == ("rope_parameters" in overrides)
+    _assert_steps_agree(loaded, 3)
+
+
 def test_fused_steps_with_qkv_biases(tmp_path: Path) -> None:
     _assert_steps_agree(_model(tmp_path, "Q8_0", False, "qwen2"), 2)
 

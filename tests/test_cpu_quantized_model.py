@@ -90,7 +90,8 @@ def test_gguf_kernels_match_the_dequantized_model(
         write_tiny_gguf(tmp_path / "tiny.gguf", model_type, qtype, tied, overrides=overrides), tmp_path / "c"
     )
     quantized = load_model(model_dir, torch.float32, CPU, progress=False)
-    assert "CpuQuantizedLinearMethod" in _methods(quantized)
+    # Every layer, Phi-3's fused q/k/v and gate/up (typed under their fused names) included.
+    assert _methods(quantized) == {"CpuQuantizedLinearMethod"}
     assert all(experts.quantized is not None for experts in _experts(quantized))
     _without_kernels(monkeypatch)
     dequantized = load_model(model_dir, torch.float32, CPU, progress=False)

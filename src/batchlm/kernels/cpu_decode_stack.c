@@ -30,7 +30,7 @@ typedef struct {
     const float *input_norm, *post_norm;   /* [hidden]: before the attention, before the MLP */
     /* Gemma's norms of the attention's and the MLP's outputs before each residual add, or NULL. */
     const float *attn_out_norm, *mlp_out_norm;
-    const float *cos_sin; /* [max_position, head_dim]: cos in the first half of a row, sin in the second */
+    const float *cos_sin; /* [max_position, rotary_dim]: cos in the first half of a row, sin in the second */
     long window; /* a sliding-window layer attends to its rows' last `window` tokens; 0: to all */
     PackedParts qkv, o, gate_up, down;
     const float *qkv_bias, *o_bias, *gate_up_bias, *down_bias; /* or NULL */
@@ -54,6 +54,7 @@ typedef struct {
      * whether the chosen weights are rescaled to sum to 1 (all 0 where every layer is dense). */
     long experts, top_k, expert_inter, renormalize;
     long gelu; /* the dense MLP's gate: 0 SiLU, 1 GELU (tanh approximation) */
+    long rotary_dim; /* the leading dimensions of each head that RoPE turns (head_dim, or fewer) */
     float eps, scale;
     const float *final_norm; /* [hidden] */
 } DecodeShape;
@@ -93,9 +94,10 @@ static void rms_norm_rows(const float *x, const float *weight, float *out, long 
     }
 }
 
-/* Rotate one head in place by the cos/sin row of its position (the NeoX "rotate half" form). */
-static void rope_head(float *x, const float *cos_sin, long D) {
-    const long half = D / 2;
+/* Rotate the first R dimensions of one head in place by the cos/sin row of its position (the NeoX
+ * "rotate half" form); the rest of the head (partial rotary) stays as it is. */
+static void rope_head(float *x, const float *cos_sin, long R) {
+    const long half = R / 2;
     for (long i = 0; i < half; i++) {
         const float c = cos_sin[i], s = cos_sin[half + i];
         const float x1 = x[i], x2 = x[half + i];
@@ -117,7 +119,7 @@ static void store_group(const DecodeShape *shape, const DecodeLayer *layer, cons
                         long b, long g) {
     const long D = shape->head_dim, H = shape->heads, G = shape->kv_heads;
     float *k = qkv + b * (H + 2 * G) * D + H * D + g * D, *v = k + G * D;
-    rope_head(k, layer->cos_sin + batch->positions[b] * D, D);
+    rope_head(k, layer->cos_sin + batch->positions[b] * shape->rotary_dim, shape->rotary_dim);
     store_slot(shape, layer, batch, b, g, k, v);
 }
 
@@ -135,7 +137,7 @@ static void new_key_value(const DecodeShape *shape, const DecodeLayer *layer, co
     const float *k = qkv + b * (H + 2 * G) * D + H * D + g * D;
     memcpy(key, k, sizeof(float) * (size_t)D);
     memcpy(value, k + G * D, sizeof(float) * (size_t)D);
-    rope_head(key, layer->cos_sin + batch->positions[b] * D, D);
+    rope_head(key, layer->cos_sin + batch->positions[b] * shape->rotary_dim, shape->rotary_dim);
     if (shape->kv_half) {
         round_through_half(key, D);
         round_through_half(value, D);
@@ -170,7 +172,8 @@ static void attend_heads(const DecodeShape *shape, const DecodeLayer *layer, con
     const long span = length - first; /* scores[j * span + t - first]: query head h0 + j, token t */
     const int32_t *table = batch->block_tables + b * batch->table_stride;
     const int half = (int)shape->kv_half;
-    for (long j = 0; j < n; j++) rope_head(q + j * D, layer->cos_sin + batch->positions[b] * D, D);
+    const float *cos_sin = layer->cos_sin + batch->positions[b] * shape->rotary_dim;
+    for (long j = 0; j < n; j++) rope_head(q + j * D, cos_sin, shape->rotary_dim);
     for (long t = first; t < cached; t++) {
         const void *k = walk_head(layer->k_cache, table, t, cached, shape->block_size, block_stride, token_stride,
                                   g * D, D, half);

@@ -56,6 +56,8 @@ class StackShape:
     renormalize: bool = False
     # The dense MLP's gate: GELU, tanh approximation (Gemma), else SiLU.
     gelu: bool = False
+    # The leading dimensions of each head that RoPE turns (Phi-4-mini: part of the head); 0: all.
+    rotary_dim: int = 0
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,7 @@ class StackLayer:
 
     input_norm: torch.Tensor  # before the attention
     post_norm: torch.Tensor  # before the MLP
-    cos_sin: torch.Tensor  # [max_position, head_dim]
+    cos_sin: torch.Tensor  # [max_position, rotary dimensions]
     qkv: PackedWeight
     o: PackedWeight
     gate_up: PackedWeight | None
@@ -130,7 +132,10 @@ class _Shape(ctypes.Structure):
         ("block_size", ctypes.c_long),
         ("num_layers", ctypes.c_long),
         ("kv_half", ctypes.c_long),
-        *((name, ctypes.c_long) for name in ("experts", "top_k", "expert_inter", "renormalize", "gelu")),
+        *(
+            (name, ctypes.c_long)
+            for name in ("experts", "top_k", "expert_inter", "renormalize", "gelu", "rotary_dim")
+        ),
         ("eps", ctypes.c_float),
         ("scale", ctypes.c_float),
         ("final_norm", ctypes.c_void_p),
@@ -159,6 +164,8 @@ def fits(shape: StackShape, kv_caches: list[torch.Tensor]) -> str | None:
         return "experts chosen a row must be at least one and at most all"
     if shape.head_dim % 8 or shape.heads % shape.kv_heads:
         return "head_dim must be a multiple of 8 and the query heads whole groups of KV heads"
+    if shape.rotary_dim % 2 or shape.rotary_dim > shape.head_dim:
+        return "the rotary dimensions must be even and within a head"
     if (
         not kv_caches
         or len({cache.dtype for cache in kv_caches}) != 1
@@ -198,6 +205,7 @@ class DecodeStack:
             shape.hidden, shape.heads, shape.kv_heads, shape.head_dim, shape.intermediate, shape.block_size,
             len(layers), int(layers[0].kv_cache.dtype == torch.float16),
             shape.experts, shape.top_k, shape.expert_inter, int(shape.renormalize), int(shape.gelu),
+            shape.rotary_dim or shape.head_dim,
             shape.eps, shape.scale, shape.final_norm.data_ptr(),
         )  # fmt: skip
         self._expert_tables = [

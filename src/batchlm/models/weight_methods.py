@@ -44,7 +44,9 @@ def assign_weight_methods(
         if isinstance(module, ParallelLMHead) and module.tied_embedding is not None:
             tied_heads.append(module)
             continue
-        names = [f"{name}.weight" for name in hf_module_names(model, path)]
+        # The HF names it loads from, and its own where a checkpoint stores it fused (Phi-3's q/k/v
+        # and gate/up, split only as they load).
+        names = [f"{name}.weight" for name in dict.fromkeys((*hf_module_names(model, path), path))]
         spec = WeightSpec(
             weight_format,
             tuple(qtypes[n] for n in names if n in qtypes),

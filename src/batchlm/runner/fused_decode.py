@@ -111,6 +111,7 @@ def _unsupported(model: torch.nn.Module, kv_caches: list[torch.Tensor], attn: At
     ):
         return "not a Llama- or Gemma-style model on the CPU attention backend"
     moe_specs: set[MoESpec] = set()
+    rotary_dims: set[int] = set()
     epsilons = {_epsilon(model.model.norm)}
     for layer in model.model.layers:
         assert isinstance(layer, (LlamaDecoderLayer, GemmaDecoderLayer))
@@ -125,8 +126,7 @@ def _unsupported(model: torch.nn.Module, kv_caches: list[torch.Tensor], attn: At
             return "mixture-of-experts layers of different shapes"
         if attention.spec.logit_softcap is not None:
             return "soft-capped attention"
-        if attention.rotary_emb.rotary_dim != attention.head_dim:
-            return "partial rotary embeddings"
+        rotary_dims.add(attention.rotary_emb.rotary_dim)
         linears = [attention.qkv_proj, attention.o_proj]
         if isinstance(mlp, LlamaMLP):
             linears += [mlp.gate_up_proj, mlp.down_proj]
@@ -142,6 +142,8 @@ def _unsupported(model: torch.nn.Module, kv_caches: list[torch.Tensor], attn: At
             return "tensor parallel"
     if len(epsilons) > 1:
         return "norms of different epsilons"
+    if len(rotary_dims) > 1:
+        return "layers rotating different numbers of dimensions"
     activations = {type(layer.mlp.act_fn) for layer in model.model.layers if isinstance(layer.mlp, LlamaMLP)}
     if len(activations) > 1:
         return "dense MLPs of different activations"
@@ -218,6 +220,7 @@ def _shape(model: LlamaForCausalLM | Gemma2ForCausalLM, kv_cache: torch.Tensor) 
         expert_inter=spec.intermediate_size if spec else 0,
         renormalize=spec.renormalize if spec else False,
         gelu=bool(dense) and isinstance(dense[0].act_fn, GeluTanhAndMul),
+        rotary_dim=attention.rotary_emb.rotary_dim,
     )
 
 
