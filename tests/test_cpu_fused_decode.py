@@ -245,6 +245,16 @@ def test_fused_steps_of_gemma3_match_the_model(
     _assert_steps_agree(loaded, rows, cache_dtype, tolerance=1e-3)
 
 
+def test_fused_steps_of_gemma2_match_the_model(tmp_path: Path) -> None:
+    # Gemma 2: soft-capped attention scores in the stack, the capped logits after it; every other
+    # layer within a window.
+    caps = {"attn_logit_softcapping": 1.0, "final_logit_softcapping": 30.0}  # a cap these scores reach
+    overrides = {**caps, "sliding_window": 8, "query_pre_attn_scalar": 64}
+    loaded = _model(tmp_path, "Q8_0", True, "gemma2", overrides)
+    assert loaded.model.model.layers[0].self_attn.spec.logit_softcap == 1.0
+    _assert_steps_agree(loaded, 3, tolerance=1e-3)
+
+
 def test_fused_steps_with_a_sliding_window_match_the_model(tmp_path: Path) -> None:
     # Mistral's window over every layer (its checkpoint quantized at load): the 24-token prompt's rows
     # attend to their last 8 tokens.

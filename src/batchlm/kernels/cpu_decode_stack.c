@@ -32,6 +32,7 @@ typedef struct {
     const float *attn_out_norm, *mlp_out_norm;
     const float *cos_sin; /* [max_position, rotary_dim]: cos in the first half of a row, sin in the second */
     long window; /* a sliding-window layer attends to its rows' last `window` tokens; 0: to all */
+    float softcap; /* Gemma 2: scores soft-capped to cap * tanh(score / cap); 0: not */
     PackedParts qkv, o, gate_up, down;
     const float *qkv_bias, *o_bias, *gate_up_bias, *down_bias; /* or NULL */
     void *k_cache, *v_cache; /* [num_blocks, block_size, kv_heads, head_dim] each, float32 or half */
@@ -180,8 +181,11 @@ static void attend_heads(const DecodeShape *shape, const DecodeLayer *layer, con
         for (long j = 0; j < n; j++) scores[j * span + t - first] = dot_cached(q + j * D, k, D, shape->scale, half);
     }
     for (long j = 0; j < n; j++) {
-        if (key) scores[j * span + span - 1] = dot_cached(q + j * D, key, D, shape->scale, 0);
-        softmax_in_place(scores + j * span, span);
+        float *row = scores + j * span;
+        if (key) row[span - 1] = dot_cached(q + j * D, key, D, shape->scale, 0);
+        if (layer->softcap > 0.0f)
+            for (long t = 0; t < span; t++) row[t] = layer->softcap * tanhf(row[t] / layer->softcap);
+        softmax_in_place(row, span);
     }
     float *out = attn + b * H * D + h0 * D;
     for (long d = 0; d < n * D; d++) out[d] = 0.0f;

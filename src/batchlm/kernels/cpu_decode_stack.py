@@ -96,6 +96,7 @@ class StackLayer:
     attn_out_norm: torch.Tensor | None = None
     mlp_out_norm: torch.Tensor | None = None
     window: int = 0  # a sliding-window layer attends to a row's last `window` tokens
+    softcap: float = 0.0  # Gemma 2: attention scores capped to softcap * tanh(score / softcap)
 
 
 class _Layer(ctypes.Structure):
@@ -106,6 +107,7 @@ class _Layer(ctypes.Structure):
         ("mlp_out_norm", ctypes.c_void_p),
         ("cos_sin", ctypes.c_void_p),
         ("window", ctypes.c_long),
+        ("softcap", ctypes.c_float),
         ("qkv", PackedParts),
         ("o", PackedParts),
         ("gate_up", PackedParts),
@@ -275,6 +277,7 @@ def _layer(layer: StackLayer, experts: _ExpertTables | None) -> _Layer:
     return _Layer(
         layer.input_norm.data_ptr(), layer.post_norm.data_ptr(),
         _pointer(layer.attn_out_norm), _pointer(layer.mlp_out_norm), layer.cos_sin.data_ptr(), layer.window,
+        layer.softcap,
         *(_parts(weight) for weight in weights),
         _pointer(layer.qkv_bias), _pointer(layer.o_bias), _pointer(layer.gate_up_bias), _pointer(layer.down_bias),
         keys.data_ptr(), values.data_ptr(), _pointer(layer.q_norm), _pointer(layer.k_norm),

@@ -1,5 +1,5 @@
 """The CPU runner's fused decode path: steps that only decode, for up to MAX_ROWS requests, of a Llama-style
-or Gemma 3 model whose linears all run on the quantized CPU kernels (a mixture-of-experts model's
+or Gemma model whose linears all run on the quantized CPU kernels (a mixture-of-experts model's
 experts included) go through one C call for the whole stack (kernels/cpu_decode_stack.py) instead of the
 model's forward. Every other step, model or device keeps the generic path.
 
@@ -124,8 +124,6 @@ def _unsupported(model: torch.nn.Module, kv_caches: list[torch.Tensor], attn: At
             return "an MLP other than the dense or mixture-of-experts one"
         if len(moe_specs) > 1:
             return "mixture-of-experts layers of different shapes"
-        if attention.spec.logit_softcap is not None:
-            return "soft-capped attention"
         rotary_dims.add(attention.rotary_emb.rotary_dim)
         linears = [attention.qkv_proj, attention.o_proj]
         if isinstance(mlp, LlamaMLP):
@@ -249,6 +247,7 @@ def _layer(layer: torch.nn.Module, kv_cache: torch.Tensor) -> StackLayer:
         attn_out_norm=after[0] if after else None,
         mlp_out_norm=after[1] if after else None,
         window=attention.spec.sliding_window or 0,
+        softcap=attention.spec.logit_softcap or 0.0,
     )
 
 
