@@ -372,12 +372,23 @@ static int alloc_scratch(size_t float_count, size_t code_count, float **floats, 
 
 #include "cpu_decode_experts.c"
 
-/* logits[:, e] = x @ router[e] for this thread's experts [first, last) (float32 dot products). */
+/* logits[:, e] = x @ router[e] for this thread's experts [first, last) (float32 dot products; four rows
+ * at a time share each load of the router's row, every row summed in the same order). */
 static void router_logits(const float *x, long B, long n, const float *router, long E, long first, long last,
                           float *logits) {
     for (long e = first; e < last; e++) {
         const float *w = router + e * n;
-        for (long b = 0; b < B; b++) {
+        long b = 0;
+        for (; b + 4 <= B; b += 4) {
+            const float *row = x + b * n;
+            __m256 sum[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+            for (long i = 0; i < n; i += 8) {
+                const __m256 weights = _mm256_loadu_ps(w + i);
+                for (int r = 0; r < 4; r++) sum[r] = _mm256_fmadd_ps(_mm256_loadu_ps(row + r * n + i), weights, sum[r]);
+            }
+            for (int r = 0; r < 4; r++) logits[(b + r) * E + e] = hsum256(sum[r]);
+        }
+        for (; b < B; b++) {
             const float *row = x + b * n;
             __m256 sum = _mm256_setzero_ps();
             for (long i = 0; i < n; i += 8) sum = _mm256_fmadd_ps(_mm256_loadu_ps(row + i), _mm256_loadu_ps(w + i), sum);
