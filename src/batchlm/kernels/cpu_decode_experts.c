@@ -1,5 +1,5 @@
 /* Mixture-of-experts layers on packed quantized weights, #included by cpu_decode_stack.c after its
- * helpers: the routing of a step's rows, the two stages that run the routed experts (every thread a
+ * helpers: the router's logits and the routing of a step's rows, the two stages that run the routed experts (every thread a
  * share of the experts' gate/up panels; after one barrier, every thread a range of output columns
  * through every expert), and batchlm_moe_experts, which runs those stages in a parallel region of its
  * own for the layer-by-layer path. The fused decode stack runs the same stages inside its region.
@@ -135,6 +135,31 @@ static void route_rows(const float *logits, long B, long E, long k, int renormal
     runs->starts = starts;
     runs->tokens = tokens;
     runs->weights = weights;
+}
+
+/* logits[:, e] = x @ router[e] for this thread's experts [first, last) (float32 dot products; four rows
+ * at a time share each load of the router's row, every row summed in the same order). */
+static void router_logits(const float *x, long B, long n, const float *router, long E, long first, long last,
+                          float *logits) {
+    for (long e = first; e < last; e++) {
+        const float *w = router + e * n;
+        long b = 0;
+        for (; b + 4 <= B; b += 4) {
+            const float *row = x + b * n;
+            __m256 sum[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+            for (long i = 0; i < n; i += 8) {
+                const __m256 weights = _mm256_loadu_ps(w + i);
+                for (int r = 0; r < 4; r++) sum[r] = _mm256_fmadd_ps(_mm256_loadu_ps(row + r * n + i), weights, sum[r]);
+            }
+            for (int r = 0; r < 4; r++) logits[(b + r) * E + e] = hsum256(sum[r]);
+        }
+        for (; b < B; b++) {
+            const float *row = x + b * n;
+            __m256 sum = _mm256_setzero_ps();
+            for (long i = 0; i < n; i += 8) sum = _mm256_fmadd_ps(_mm256_loadu_ps(row + i), _mm256_loadu_ps(w + i), sum);
+            logits[b * E + e] = hsum256(sum);
+        }
+    }
 }
 
 /* ---------------------------------------------------------------------------------------------------

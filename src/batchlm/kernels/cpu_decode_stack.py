@@ -30,8 +30,10 @@ logger = logging.getLogger(__name__)
 
 STACK_SOURCE = Path(__file__).with_name("cpu_decode_stack.c")
 BARRIER_SOURCE = Path(__file__).with_name("cpu_stage_barrier.c")
-EXPERTS_SOURCE = Path(__file__).with_name("cpu_decode_experts.c")
-STACK_KERNELS = LibrarySource(STACK_SOURCE, includes=(SOURCE, SOURCE_PATH, BARRIER_SOURCE, EXPERTS_SOURCE))
+STAGE_SOURCES = tuple(
+    Path(__file__).with_name(name) for name in ("cpu_decode_attend.c", "cpu_decode_experts.c")
+)
+STACK_KERNELS = LibrarySource(STACK_SOURCE, includes=(SOURCE, SOURCE_PATH, BARRIER_SOURCE, *STAGE_SOURCES))
 BLOCK = 32  # sizes the kernels quantize must be whole blocks of this
 
 
