@@ -110,6 +110,8 @@ def _unsupported(model: torch.nn.Module, kv_caches: list[torch.Tensor], attn: At
         attn, TorchAttentionBackend
     ):
         return "not a Llama- or Gemma-style model on the CPU attention backend"
+    if _norm_factor(model.model.norm) is None:
+        return "a final norm other than RMSNorm"
     moe_specs: set[MoESpec] = set()
     rotary_dims: set[int] = set()
     epsilons = {_epsilon(model.model.norm)}
