@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from batchlm import LLM
+from batchlm import LLM, SamplingParams
 from batchlm.config import EngineConfig
 from batchlm.engine.async_engine import AsyncLLMEngine
 from batchlm.models.gguf_model_dir import prepare_gguf_model_dir
@@ -33,16 +33,19 @@ def _with_generation_config(directory: Path, config: dict[str, Any]) -> Path:
     return directory
 
 
-def test_the_model_s_file_gives_the_five_sampling_fields(tmp_path: Path) -> None:
+def test_the_model_s_file_gives_the_five_sampling_fields_and_a_length(tmp_path: Path) -> None:
     _with_generation_config(tmp_path, {**QWEN_LIKE, "eos_token_id": [1, 2], "max_new_tokens": 9, "min_p": 0})
     defaults = sampling_defaults("auto", tmp_path)
     assert defaults == SamplingDefaults(
-        temperature=0.7, top_p=0.8, top_k=20, min_p=0.0, repetition_penalty=1.05
+        temperature=0.7, top_p=0.8, top_k=20, min_p=0.0, repetition_penalty=1.05, max_new_tokens=9
     )
-    assert defaults.describe() == "temperature=0.7, top_p=0.8, top_k=20, min_p=0, repetition_penalty=1.05"
+    assert defaults.describe() == (
+        "temperature=0.7, top_p=0.8, top_k=20, min_p=0, repetition_penalty=1.05, max_new_tokens=9"
+    )
     params = defaults.params()
     assert (params.temperature, params.top_p, params.top_k, params.repetition_penalty) == (0.7, 0.8, 20, 1.05)
-    assert params.max_tokens == 16  # only sampling fields come from the model
+    # The length is no SamplingParams default: the input processor applies it where a request sets none.
+    assert params.max_tokens == 16
     assert sampling_defaults("none", tmp_path) == SamplingDefaults()
 
 
@@ -56,12 +59,14 @@ def test_a_value_that_is_no_valid_default_is_left_out_with_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     config = {"temperature": "hot", "top_p": 0, "top_k": 2.5, "min_p": 0.1, "repetition_penalty": True}
-    _with_generation_config(tmp_path, config)
+    _with_generation_config(tmp_path, {**config, "max_new_tokens": 0})
     with caplog.at_level(logging.WARNING, logger="batchlm.sampling_defaults"):
         assert sampling_defaults("auto", tmp_path) == SamplingDefaults(min_p=0.1)
     warned = caplog.text
-    for name in ("temperature", "top_p", "top_k", "repetition_penalty"):
+    for name in ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens"):
         assert f"{name} left out" in warned
+    _with_generation_config(tmp_path, {"max_new_tokens": 12.5})
+    assert sampling_defaults("auto", tmp_path) == SamplingDefaults()
     # A whole number written as a float is an integer top_k.
     _with_generation_config(tmp_path, {"top_k": 40.0})
     assert sampling_defaults("auto", tmp_path).top_k == 40
@@ -106,22 +111,50 @@ def test_llm_samples_with_the_model_s_values_unless_given_params(
     assert (plain.temperature, plain.top_p, plain.top_k, plain.repetition_penalty) == (1.0, 1.0, 0, 1.0)
 
 
+def test_the_model_s_length_serves_requests_that_set_none(
+    tiny_model_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    # As transformers' generate: max_new_tokens where the request sets no length, cut to the room the
+    # context leaves (not refused); a request's own max_tokens wins.
+    model_dir = _with_generation_config(
+        Path(shutil.copytree(tiny_model_dir("llama"), tmp_path / "model")), {"max_new_tokens": 9}
+    )
+    llm = LLM(model=str(model_dir), device="cpu", max_model_len=64)
+    unset = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=None)
+
+    def lengths(prompt_len: int, params: SamplingParams) -> int:
+        prompt = {"prompt_token_ids": [5 + i % 50 for i in range(prompt_len)]}
+        return len(llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids)
+
+    assert lengths(8, unset) == 9
+    assert lengths(60, unset) == 4
+    assert lengths(8, unset.clone(max_tokens=12)) == 12
+    plain = LLM(model=str(model_dir), device="cpu", max_model_len=64, generation_config="none")
+    prompt = {"prompt_token_ids": [5 + i for i in range(8)]}
+    assert len(plain.generate(prompt, unset, use_tqdm=False)[0].outputs[0].token_ids) == 56
+
+
 def test_the_served_model_carries_the_defaults(tiny_model_dir: Callable[..., Path], tmp_path: Path) -> None:
     model_dir = _with_generation_config(
-        Path(shutil.copytree(tiny_model_dir("llama"), tmp_path / "model")), {"temperature": 0.4}
+        Path(shutil.copytree(tiny_model_dir("llama"), tmp_path / "model")),
+        {"temperature": 0.4, "max_new_tokens": 7},
     )
 
-    async def served(generation_config: str) -> SamplingDefaults:
+    async def served(generation_config: str) -> tuple[SamplingDefaults, int | None]:
         config = EngineConfig(model=str(model_dir), device="cpu", generation_config=generation_config)
         engine = AsyncLLMEngine(config, multiprocess=False)
         await engine.start()
         try:
-            return engine.model_info.sampling_defaults
+            # What the HTTP front end's validation makes of a 3-token prompt that sets no length.
+            request = engine.input_processor.process([5, 6, 7], SamplingParams(max_tokens=None))
+            room = engine.model_info.facts.max_model_len - 3
+            length = request.params.max_tokens
+            return engine.model_info.sampling_defaults, None if length == room else length
         finally:
             await engine.shutdown()
 
-    assert asyncio.run(served("auto")) == SamplingDefaults(temperature=0.4)
-    assert asyncio.run(served("none")) == SamplingDefaults()
+    assert asyncio.run(served("auto")) == (SamplingDefaults(temperature=0.4, max_new_tokens=7), 7)
+    assert asyncio.run(served("none")) == (SamplingDefaults(), None)  # all the room the context leaves
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """Sampling values a model's authors recommend (its generation_config.json), used where a request gives
 none, as transformers' `generate` and vLLM do: a model tuned to sample at temperature 0.6 and top_p
-0.95 is served that way unless the request says otherwise."""
+0.95 is served that way unless the request says otherwise. Its max_new_tokens is the length of a
+completion whose request sets none (capped at the room the context leaves: engine/input_processor.py)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 FROM_MODEL, NO_DEFAULTS = "auto", "none"
 
 
+# Fields whose values are whole numbers (a JSON float such as 40.0 is taken as one).
+WHOLE_NUMBERS = ("top_k", "max_new_tokens")
+
+
 @dataclass(frozen=True)
 class SamplingDefaults:
     """The recommended values; None where the model recommends nothing (SamplingParams' default)."""
@@ -29,17 +34,22 @@ class SamplingDefaults:
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
+    # The completion length where a request sets none; not a SamplingParams field.
+    max_new_tokens: int | None = None
 
     def given(self) -> dict[str, Any]:
-        """The recommended values by SamplingParams field name."""
-        return {name: value for name, value in asdict(self).items() if value is not None}
+        """The recommended sampling values by SamplingParams field name."""
+        values = asdict(self)
+        del values["max_new_tokens"]
+        return {name: value for name, value in values.items() if value is not None}
 
     def params(self) -> SamplingParams:
         """SamplingParams with these values and every other field at its default."""
         return SamplingParams(**self.given())
 
     def describe(self) -> str:
-        return ", ".join(f"{name}={value:g}" for name, value in self.given().items())
+        length = {} if self.max_new_tokens is None else {"max_new_tokens": self.max_new_tokens}
+        return ", ".join(f"{name}={value:g}" for name, value in {**self.given(), **length}.items())
 
 
 def sampling_defaults(source: str, model_dir: Path) -> SamplingDefaults:
@@ -81,16 +91,19 @@ def _valid_values(config: dict[str, object], file: Path) -> dict[str, Any]:
             logger.warning("%s: %s left out of the sampling defaults (%s)", file, name, problem)
             continue
         assert isinstance(value, int | float)
-        values[name] = int(value) if name == "top_k" else float(value)
+        values[name] = int(value) if name in WHOLE_NUMBERS else float(value)
     return values
 
 
 def _problem(name: str, value: object) -> str | None:
-    """Why `value` cannot be the default of SamplingParams' `name`; None when it can."""
+    """Why `value` cannot be the default of SamplingParams' `name` (or of max_new_tokens); None when it
+    can."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         return f"expected a finite number, got {value!r}"
-    if name == "top_k" and value != int(value):
+    if name in WHOLE_NUMBERS and value != int(value):
         return f"expected an integer, got {value!r}"
+    if name == "max_new_tokens":
+        return None if value >= 1 else f"expected at least 1, got {value!r}"
     try:
         SamplingParams(**{name: int(value) if name == "top_k" else float(value)})  # type: ignore[arg-type]
     except SamplingParamsError as error:

@@ -131,10 +131,12 @@ class StreamingFrontEnd(EngineClient, Generic[MessageT]):
     def _serve(self, facts: ModelFacts, model_dir: Path) -> None:
         """Ready to take requests for the loaded model, named as the config and its directory say."""
         self._processor = OutputProcessor(self.tokenizer)
-        self.input_processor = InputProcessor(facts, self.tokenizer.max_chars_per_token)
+        defaults = sampling_defaults(self.config.generation_config, model_dir)
+        self.input_processor = InputProcessor(
+            facts, self.tokenizer.max_chars_per_token, defaults.max_new_tokens
+        )
         name = served_model_name(self.config, model_dir)
         aliases = tuple(sorted({self.config.model, str(model_dir)} - {name}))
-        defaults = sampling_defaults(self.config.generation_config, model_dir)
         self.model_info = ServedModel(name, facts, aliases, defaults)
         self._ready = True
 

@@ -42,10 +42,15 @@ class ValidatedRequest:
 class InputProcessor:
     """Raises RequestRejectedError (a client error, HTTP 400) naming the field at fault."""
 
-    def __init__(self, facts: ModelFacts, max_chars_per_token: int | None = None) -> None:
+    def __init__(
+        self, facts: ModelFacts, max_chars_per_token: int | None = None, default_max_tokens: int | None = None
+    ) -> None:
         self.facts = facts
         # The most characters one token stands for (tokenizer/text_bound.py); None when unknown.
         self.max_chars_per_token = max_chars_per_token
+        # The completion length of a request that sets none (the model's max_new_tokens), at most the
+        # room the context leaves; None: all of that room.
+        self.default_max_tokens = default_max_tokens
 
     def check_text_length(self, chars: int, param: str) -> None:
         """Refuse a text whose length alone shows it cannot fit the context, before tokenizing it: with
@@ -103,11 +108,13 @@ class InputProcessor:
             )
 
     def _with_budget(self, prompt_len: int, params: SamplingParams, names: FieldNames) -> SamplingParams:
-        """`params` with max_tokens set: as asked, or all the room the context leaves."""
+        """`params` with max_tokens set: as asked, or the default length (else all the room the context
+        leaves), cut to that room."""
         max_len = self.facts.max_model_len
         room = max_len - prompt_len
         if params.max_tokens is None:
-            return params.clone(max_tokens=room, min_tokens=min(params.min_tokens, room))
+            budget = min(room, self.default_max_tokens or room)
+            return params.clone(max_tokens=budget, min_tokens=min(params.min_tokens, budget))
         if params.max_tokens > room:
             raise RequestRejectedError(
                 f"This model's maximum context length is {max_len} tokens. However, you requested "

@@ -44,8 +44,10 @@ class LLM:
         model_dir = prepare_model_dir(self.config)
         self.tokenizer = load_tokenizer(self.config, model_dir)
         self.engine_core, self.info = build_engine_core(self.config, model_dir)
-        self.input_processor = InputProcessor(self.info)
         self.sampling_defaults = sampling_defaults(self.config.generation_config, model_dir)
+        self.input_processor = InputProcessor(
+            self.info, default_max_tokens=self.sampling_defaults.max_new_tokens
+        )
         self._counter = itertools.count()
 
     def get_tokenizer(self) -> Tokenizer:
