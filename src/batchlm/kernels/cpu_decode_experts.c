@@ -1,8 +1,9 @@
 /* Mixture-of-experts layers on packed quantized weights, #included by cpu_decode_stack.c after its
- * helpers: the router's logits and the routing of a step's rows, the two stages that run the routed experts (every thread a
- * share of the experts' gate/up panels; after one barrier, every thread a range of output columns
- * through every expert), and batchlm_moe_experts, which runs those stages in a parallel region of its
- * own for the layer-by-layer path. The fused decode stack runs the same stages inside its region.
+ * helpers: the router's logits and the routing of a step's rows, the two stages that run the routed
+ * experts (every thread a share of the experts' gate/up panels; after one barrier, every thread a
+ * range of output columns through every expert), and batchlm_moe_experts, which runs those stages in
+ * a parallel region of its own for the layer-by-layer path. The fused decode stack runs the same
+ * stages inside its region.
  */
 
 /* A step's routed slots grouped by expert: slots [starts[i], starts[i + 1]) go to expert ids[i] (or

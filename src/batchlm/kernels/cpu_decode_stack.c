@@ -25,7 +25,8 @@
 #include "cpu_quant_kernels.c"
 #include "cpu_stage_barrier.c"
 
-/* One decoder layer's weights (packed as cpu_quant.py packs them) and its KV cache. */
+/* One decoder layer's weights (packed as cpu_quant.py packs them) and its KV cache. Norm weights are
+ * the factors the normed values are multiplied by (Gemma's 1 + weight). */
 typedef struct {
     const float *input_norm, *post_norm;   /* [hidden]: before the attention, before the MLP */
     /* Gemma's norms of the attention's and the MLP's outputs before each residual add, or NULL. */
@@ -36,7 +37,7 @@ typedef struct {
     PackedParts qkv, o, gate_up, down;
     const float *qkv_bias, *o_bias, *gate_up_bias, *down_bias; /* or NULL */
     void *k_cache, *v_cache; /* [num_blocks, block_size, kv_heads, head_dim] each, float32 or half */
-    const float *q_norm, *k_norm; /* [head_dim] RMSNorm weights of each query and key head (Qwen3), or NULL */
+    const float *q_norm, *k_norm; /* [head_dim] norms of each query and key head (Qwen3, Gemma 3), or NULL */
     /* A mixture-of-experts layer: the router [experts, hidden] (float32) and each expert's packed
      * gate/up [2 * expert_inter, hidden] and down [hidden, expert_inter] weights, in place of the dense
      * MLP's; router NULL for a dense layer. */
@@ -71,9 +72,10 @@ typedef struct {
     long shared_context;
 } DecodeBatch;
 
-/* Per-thread scratch: the residual stream, the normed rows, the quantized activations of one matmul's input, one head's
- * attention scores, and a new key (rotated) and value as the cache holds them; for experts, the rows
- * of one expert ([B, hidden]), their SiLU * up ([B, expert_inter]) and the routing (routing_longs). */
+/* Per-thread scratch: the residual stream, the normed rows, the quantized activations of one matmul's
+ * input, one head's attention scores, and a new key (rotated) and value as the cache holds them; for
+ * experts, the rows of one expert ([B, hidden]), their SiLU * up ([B, expert_inter]) and the routing
+ * (routing_longs). */
 typedef struct {
     float *h, *row; /* this thread's copy of the residual stream [B, hidden], a row's scratch [hidden] */
     float *normed, *scores;
@@ -397,7 +399,8 @@ int batchlm_decode_stack(const DecodeShape *shape, const DecodeLayer *layers, co
         s.act = E ? mine + B * n : NULL;
         s.routing = E ? (long *)(((uintptr_t)(mine + B * n + B * I_e) + 7) & ~(uintptr_t)7) : NULL;
         memcpy(s.h, h, sizeof(float) * (size_t)(B * n));
-        for (long l = 0; l < shape->num_layers; l++) decode_layer(shape, layers + l, batch, &buf, &s, me, team, isa, &barrier);
+        for (long l = 0; l < shape->num_layers; l++)
+            decode_layer(shape, layers + l, batch, &buf, &s, me, team, isa, &barrier);
         /* Every thread read h before the first layer's first barrier. */
         if (me == 0) memcpy(h, s.h, sizeof(float) * (size_t)(B * n));
         if (head) {
