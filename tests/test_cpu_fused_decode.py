@@ -149,13 +149,13 @@ def test_fused_steps_with_qwen3_head_norms(tmp_path: Path, qtype: str) -> None:
 
 
 @pytest.mark.skipif(not cpu_quant.use_amx(), reason="no AMX tiles on this CPU (or OS)")
-@pytest.mark.parametrize(("rows", "model_type"), [(8, "qwen3"), (13, "qwen3"), (MAX_ROWS, "qwen3_moe")])
+@pytest.mark.parametrize(("rows", "model_type"), [(8, "qwen3"), (21, "qwen3"), (MAX_ROWS, "qwen3_moe")])
 def test_fused_steps_on_amx_tiles_give_the_vnni_paths_bits(
     tmp_path: Path, rows: int, model_type: str
 ) -> None:
-    # Steps of 8 rows or more run their matmuls on the tile unit: the same logits and caches, bit for
-    # bit, as on AVX-512 VNNI (13 rows: the tiles' last rows are padding; 32 rows over 8 experts,
-    # 2 a row: some experts get 8 rows or more, some fewer).
+    # Steps of 8 rows or more run their 8-bit matmuls on the tile unit, of 16 or more their 4-bit ones:
+    # the same logits and caches, bit for bit, as on AVX-512 VNNI (21 rows: the tiles' last rows are
+    # padding; 32 rows over 8 experts, 2 a row: experts of 8 rows or more, and fewer).
     overrides = QWEN3_MOE if model_type == "qwen3_moe" else None
     loaded = _model(tmp_path, "Q4_K", True, model_type, overrides)
     prompts = PROMPTS[:rows]

@@ -142,12 +142,12 @@ static void quantize_own(const float *x, long B, long K, const ThreadScratch *s,
     if (takes_amx(isa, B)) zero_tile_padding(s->xq, s->xd, s->xb, B, K);
 }
 
-/* This thread's panels [first, last) of W against its quantized input: on AMX tiles where `isa` and
- * the rows allow (and the tile path's scratch could be had), else VNNI or AVX2. */
+/* This thread's panels [first, last) of W against its quantized input: on AMX tiles where `isa`, the
+ * rows and the code width allow (and the tile path's scratch could be had), else VNNI or AVX2. */
 static void thread_panels(const uint8_t *w, int layout, const ThreadScratch *s, const float *bias, float *out,
                           long ldo, long B, long N, long K, long first, long last, int isa) {
-    if (takes_amx(isa, B) && quant_gemm_panels_amx(w, layout, s->xq, s->xd, s->xb, bias, out, ldo, B, N, K, first,
-                                                   last) == 0)
+    if (runs_amx(isa, B, layout) &&
+        quant_gemm_panels_amx(w, layout, s->xq, s->xd, s->xb, bias, out, ldo, B, N, K, first, last) == 0)
         return;
     quant_gemm_panels(w, layout, s->xq, s->xd, s->xb, bias, out, ldo, B, N, K, first, last, isa != ISA_AVX2);
 }

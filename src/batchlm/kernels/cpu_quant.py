@@ -6,7 +6,7 @@ is packed once into 16-row panels (quant_panels.py), and stays about that size i
 (Q8_0 and Q6_K read as Q8_0: 34, as in the file; Q4_0: 18, as in the file; Q4_1: 20; Q4_K: 18). `quant_linear` quantizes
 the activation rows to int8 per block of 32, twice (the codes, then the codes of what they left over)
 and multiplies with integer dot products (AVX-512 VNNI where the CPU has it, else AVX2; 8 activation
-rows or more on AMX tiles where the CPU has them, with the same results); `quant_rows` reads rows
+rows or more, 16 for 4-bit codes, on AMX tiles where the CPU has them, with the same results); `quant_rows` reads rows
 back in float32 (embedding lookups).
 
 Activation quantization makes the result approximate: each block of x is rounded to about 1/64,000
@@ -105,7 +105,7 @@ def use_avx512() -> bool:
 
 @functools.cache
 def use_amx() -> bool:
-    """Whether matmuls of 8 activation rows or more run on AMX tiles: this CPU has AMX-INT8, the OS
+    """Whether matmuls of 8 activation rows or more (16 for 4-bit codes) run on AMX tiles: this CPU has AMX-INT8, the OS
     grants this process the tile state, and BATCHLM_CPU_QUANT_ISA does not force another path."""
     library = _raw_library()
     if library is None or not use_avx512() or _forced_isa() == "avx512":

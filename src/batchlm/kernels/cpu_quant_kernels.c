@@ -27,7 +27,8 @@
  *
  * AVX-512 VNNI where the CPU has it (checked at run time), else AVX2 (maddubs; w8 codes are re-centred
  * to signed so the 16-bit pair sums cannot saturate). Where the CPU also has AMX (Intel's tile unit)
- * and the OS grants its state, matmuls of AMX_MIN_ROWS rows or more take it: the same layout feeds its tiles.
+ * and the OS grants its state, matmuls of AMX_MIN_ROWS rows or more take it (of AMX_MIN_ROWS_W4 for 4-bit
+ * codes): the same layout feeds its tiles.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -58,6 +59,9 @@
 #define ISA_AMX 2 /* AVX-512 VNNI below AMX_MIN_ROWS activation rows */
 #define AMX_ROWS 8 /* activation rows per tile product (each row's two passes: 16 tile rows) */
 #define AMX_MIN_ROWS 8 /* below one tile product's rows the VNNI path is faster */
+/* 4-bit codes are unpacked to bytes a panel at a time for the tiles, which VNNI does not need: below
+ * this many rows it stays the faster path for them (BENCHMARKS.md). */
+#define AMX_MIN_ROWS_W4 16
 #define AMX_AHEAD 2 /* blocks summed ahead of the one in the float epilogue */
 #define AMX_ROW_BLOCK 256 /* activation rows whose codes stay in this core's cache while every panel passes */
 
@@ -570,8 +574,12 @@ int batchlm_quant_has_amx(void) {
 #endif
 }
 
-/* Whether a GEMM of M activation rows runs on the tile unit. */
+/* Whether a GEMM of M activation rows may run on the tile unit (its activations are then padded to
+ * whole tiles), and whether one of weights in `layout` does. */
 static inline int takes_amx(int isa, long M) { return isa == ISA_AMX && M >= AMX_MIN_ROWS; }
+static inline int runs_amx(int isa, long M, int layout) {
+    return takes_amx(isa, M) && M >= ((layout & LAYOUT_4BIT) ? AMX_MIN_ROWS_W4 : AMX_MIN_ROWS);
+}
 
 /* M rounded up to whole tiles: the rows the tile path reads. */
 static inline long amx_rows(long M) { return (M + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS; }
@@ -592,7 +600,7 @@ static void zero_tile_padding(int8_t *xq, float *xd, float *xb, long M, long K) 
 int batchlm_quant_gemm(const uint8_t *w, int layout, const int8_t *xq, const float *xd, const float *xb,
                        const float *bias, float *out, long ldo, long M, long N, long K, int threads, int isa) {
     const long panels = (N + QPANEL - 1) / QPANEL;
-    const int amx = takes_amx(isa, M);
+    const int amx = runs_amx(isa, M, layout);
     int failed = 0;
     if (threads < 1) threads = 1;
     if (threads > panels) threads = (int)panels;
