@@ -31,6 +31,7 @@ from batchlm.runner.inputs import StepInputs
 from cpu_isa import kernel_path
 from gguf_builder import write_tiny_gguf
 from models_harness import Chunk, build_step, make_kv_caches, run_step
+from test_gguf_loading import MIXTRAL, PHI4_MINI, QWEN3_MOE
 
 pytestmark = pytest.mark.skipif(stack_library() is None, reason="no AVX2 CPU or C compiler here")
 CPU = torch.device("cpu")
@@ -181,11 +182,6 @@ def test_fused_steps_on_amx_tiles_give_the_vnni_paths_bits(
     assert all(torch.equal(a, b) for a, b in zip(tile_caches, vnni_caches, strict=True))
 
 
-# Mixture-of-experts files as llama.cpp writes them (experts stacked, routers in F32).
-QWEN3_MOE = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 256, "norm_topk_prob": True}
-MIXTRAL = {"num_local_experts": 8, "num_experts_per_tok": 2, "sliding_window": None}
-
-
 @pytest.mark.parametrize(
     ("model_type", "qtype", "overrides", "rows"),
     [
@@ -264,23 +260,9 @@ def test_fused_steps_with_a_sliding_window_match_the_model(tmp_path: Path) -> No
     _assert_steps_agree(loaded, 4)
 
 
-# Phi-4-mini's shape: LongRoPE over half of each head, a window; fused q/k/v and gate/up in the file.
-PHI4_MINI = {
-    "pad_token_id": 0,
-    "sliding_window": 6,
-    "original_max_position_embeddings": 64,
-    "rope_parameters": {
-        "rope_type": "longrope",
-        "rope_theta": 10000.0,
-        "partial_rotary_factor": 0.5,
-        "short_factor": [1.0, 1.3, 2.1, 3.7] * 4,
-        "long_factor": [1.5, 4.0, 9.0, 20.0] * 4,
-    },
-}
-
-
 @pytest.mark.parametrize("overrides", [{"pad_token_id": 0}, PHI4_MINI], ids=["phi3", "phi4-mini"])
 def test_fused_steps_of_phi3_match_the_model(tmp_path: Path, overrides: dict[str, Any]) -> None:
+    # Phi-4-mini's shape: LongRoPE over half of each head, a window; fused q/k/v and gate/up in the file.
     loaded = _model(tmp_path, "Q8_0", True, "phi3", overrides)
     rope = loaded.model.model.layers[0].self_attn.rotary_emb
     assert (rope.rotary_dim < rope.head_dim) == ("rope_parameters" in overrides)
