@@ -67,7 +67,7 @@ static void expert_down_share(long T, long K, long I, const ExpertRuns *runs, co
         for (long c = from; c < to; c++) out[t * K + c] = 0.0f;
     for (long i = 0; i < runs->active && first < last; i++) {
         const long rows = runs->starts[i + 1] - runs->starts[i], e = run_expert(runs, i);
-        silu_mul_columns(gu + runs->starts[i] * 2 * I, act, rows, I, 0, (I + QPANEL - 1) / QPANEL);
+        gate_mul_columns(gu + runs->starts[i] * 2 * I, act, rows, I, 0, (I + QPANEL - 1) / QPANEL, 0); /* SiLU */
         const PackedParts expert = one_part(w->down[e], w->down_layout[e], K);
         own_panels(act, rows, I, &expert, NULL, rows_k, K, first, last, s, isa);
         for (long r = 0; r < rows; r++) {

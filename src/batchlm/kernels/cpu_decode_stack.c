@@ -228,10 +228,6 @@ static void gate_mul_columns(const float *gu, float *act, long B, long I, long f
     }
 }
 
-static void silu_mul_columns(const float *gu, float *act, long B, long I, long first, long last) {
-    gate_mul_columns(gu, act, B, I, first, last, 0);
-}
-
 /* Shared buffers of one call: the router's logits [B, experts] where layers have experts. */
 typedef struct {
     float *qkv, *attn, *out, *gu, *act, *logits;
@@ -277,7 +273,7 @@ static void dense_mlp(const DecodeShape *shape, const DecodeLayer *layer, long B
 }
 
 /* out = the routed experts' weighted sum for the normed rows in s->normed: three stages (the router's
- * logits, a share of each expert's experts' gate/up panels, a range of columns through every expert).
+ * logits, a share of the routed experts' gate/up panels, a range of columns through every expert).
  * Every thread routes every row for itself from the shared logits. */
 static void expert_mlp(const DecodeShape *shape, const DecodeLayer *layer, long B, const StepBuffers *buf,
                        const ThreadScratch *s, long me, long team, int isa, StageBarrier *barrier) {

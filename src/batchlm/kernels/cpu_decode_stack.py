@@ -90,7 +90,7 @@ class StackLayer:
     gate_up_bias: torch.Tensor | None
     down_bias: torch.Tensor | None
     kv_cache: torch.Tensor  # [2, num_blocks, block_size, kv_heads, head_dim] float32 or float16
-    # Per-head RMSNorm weights [head_dim] of the queries and keys (Qwen3), or None.
+    # Per-head norms [head_dim] of the queries and keys (Qwen3, Gemma 3), or None.
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
     experts: StackExperts | None = None

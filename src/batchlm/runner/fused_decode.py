@@ -110,7 +110,7 @@ def _unsupported(model: torch.nn.Module, kv_caches: list[torch.Tensor], attn: At
         attn, TorchAttentionBackend
     ):
         return "not a Llama- or Gemma-style model on the CPU attention backend"
-    if _norm_factor(model.model.norm) is None:
+    if not _is_rms_norm(model.model.norm):
         return "a final norm other than RMSNorm"
     moe_specs: set[MoESpec] = set()
     rotary_dims: set[int] = set()
@@ -135,7 +135,7 @@ def _unsupported(model: torch.nn.Module, kv_caches: list[torch.Tensor], attn: At
         if not all(isinstance(m, MethodLayer) and m.method is CPU_QUANTIZED for m in linears):
             return "not every linear runs on the quantized CPU kernels"
         norms = [*_block_norms(layer), attention.q_norm, attention.k_norm]
-        if any(norm is not None and _norm_factor(norm) is None for norm in norms):
+        if any(norm is not None and not _is_rms_norm(norm) for norm in norms):
             return "a norm other than RMSNorm"
         epsilons |= {_epsilon(norm) for norm in norms if norm is not None}
         if not attention.qkv_proj.tp.is_single:
@@ -172,22 +172,19 @@ def _block_norms(layer: LlamaDecoderLayer | GemmaDecoderLayer) -> tuple[nn.Modul
     return layer.input_layernorm, layer.post_attention_layernorm
 
 
-def _norm_factor(norm: nn.Module) -> torch.Tensor | None:
-    """What an RMSNorm multiplies the normed values by (float32): its weight, or Gemma's 1 + weight;
-    None for another kind of norm."""
-    if type(norm) is RMSNorm:
-        return _float32(norm.weight)
-    if type(norm) is GemmaRMSNorm:
-        return (1.0 + norm.weight.float()).contiguous()
-    return None
+def _is_rms_norm(norm: nn.Module) -> bool:
+    """A norm the stack computes: RMSNorm, or Gemma's with its 1 + weight (subclasses may differ)."""
+    return type(norm) in (RMSNorm, GemmaRMSNorm)
 
 
 def _factor(norm: nn.Module | None) -> torch.Tensor | None:
+    """What a norm _is_rms_norm accepts multiplies the normed values by (float32): its weight, or
+    Gemma's 1 + weight."""
     if norm is None:
         return None
-    factor = _norm_factor(norm)
-    assert factor is not None
-    return factor
+    assert isinstance(norm, (RMSNorm, GemmaRMSNorm)) and _is_rms_norm(norm)
+    weight = _float32(norm.weight)
+    return (1.0 + weight).contiguous() if isinstance(norm, GemmaRMSNorm) else weight
 
 
 def _epsilon(norm: nn.Module) -> float:
