@@ -254,6 +254,7 @@ static int alloc_scratch(size_t float_count, size_t code_count, float **floats, 
 }
 
 #include "cpu_decode_experts.c"
+#include "cpu_row_ops.c"
 
 /* out = down(gate(x) * up(x)) for x the normed rows in s->normed: two stages. */
 static void dense_mlp(const DecodeShape *shape, const DecodeLayer *layer, long B, const StepBuffers *buf,

@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 STACK_SOURCE = Path(__file__).with_name("cpu_decode_stack.c")
 BARRIER_SOURCE = Path(__file__).with_name("cpu_stage_barrier.c")
 STAGE_SOURCES = tuple(
-    Path(__file__).with_name(name) for name in ("cpu_decode_attend.c", "cpu_decode_experts.c")
+    Path(__file__).with_name(name)
+    for name in ("cpu_decode_attend.c", "cpu_decode_experts.c", "cpu_row_ops.c")
 )
 STACK_KERNELS = LibrarySource(STACK_SOURCE, includes=(SOURCE, SOURCE_PATH, BARRIER_SOURCE, *STAGE_SOURCES))
 BLOCK = 32  # sizes the kernels quantize must be whole blocks of this
@@ -202,7 +203,7 @@ class DecodeStack:
         reason = fits(shape, [layer.kv_cache for layer in layers]) or _mlps_fit(shape, layers)
         if library is None or reason is not None:
             raise ValueError(reason or "the fused CPU decode kernel is not available on this machine")
-        self._library = library
+        self.library = library
         self._tensors = (shape, layers, head)  # keeps every pointer below alive
         self.head = head
         self._shape = _Shape(
@@ -239,7 +240,7 @@ class DecodeStack:
             block_tables.stride(0), int(shared_context),
         )  # fmt: skip
         spin_ns = self.spin.budget_ns()
-        status = self._library.batchlm_decode_stack(
+        status = self.library.batchlm_decode_stack(
             ctypes.byref(self._shape), self._layers, ctypes.byref(batch), hidden.data_ptr(),
             None if self._head_parts is None else ctypes.byref(self._head_parts),
             0 if head is None else head.out_features, _pointer(logits),
@@ -317,4 +318,12 @@ def stack_library() -> ctypes.CDLL | None:
         pointer, ctypes.c_int, ctypes.c_int, ctypes.c_long, pointer,  # y, threads, isa, spin ns, waits
     ]  # fmt: skip
     library.batchlm_moe_experts.restype = ctypes.c_int
+    floats, long, int_ = ctypes.c_float, ctypes.c_long, ctypes.c_int
+    library.batchlm_rows_rms_norm.argtypes = [
+        pointer, long, pointer, pointer, pointer,  # x, its token stride, residual, sum, factor
+        floats, pointer, long, long, long, int_,  # eps, out, tokens, rows a token, n, threads
+    ]  # fmt: skip
+    library.batchlm_rows_rms_norm.restype = None
+    library.batchlm_rows_gate_mul.argtypes = [pointer, long, pointer, long, long, int_, int_]
+    library.batchlm_rows_gate_mul.restype = None
     return library

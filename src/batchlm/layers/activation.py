@@ -6,14 +6,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from batchlm.kernels.cpu_row_ops import StackRowOps
 from batchlm.kernels.dispatch import fused_ops_for
 
 
 class SiluAndMul(nn.Module):
     """silu(gate) * up, where the input is the concatenation [gate | up] along the last dim."""
 
+    # A quantized model on a CPU: the fused decode stack's row operations (kernels/cpu_row_ops.py).
+    row_ops: StackRowOps | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, 2 * intermediate] -> [T, intermediate]
+        gated = None if self.row_ops is None else self.row_ops.gate_mul(x, gelu=False)
+        if gated is not None:
+            return gated
         fused = fused_ops_for(x) if x.dim() == 2 else None
         if fused is not None:
             out: torch.Tensor = fused.silu_and_mul(x)
@@ -25,8 +32,13 @@ class SiluAndMul(nn.Module):
 class GeluTanhAndMul(nn.Module):
     """gelu(gate, tanh approximation) * up (Gemma's `gelu_pytorch_tanh`), on [gate | up]."""
 
+    row_ops: StackRowOps | None = None  # as SiluAndMul's
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, 2 * intermediate] -> [T, intermediate]
+        gated = None if self.row_ops is None else self.row_ops.gate_mul(x, gelu=True)
+        if gated is not None:
+            return gated
         half = x.shape[-1] // 2
         return F.gelu(x[..., :half], approximate="tanh") * x[..., half:]
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from batchlm.kernels.cpu_row_ops import StackRowOps
 from batchlm.kernels.dispatch import fused_ops_for
 
 
@@ -17,6 +18,9 @@ class RMSNorm(nn.Module):
     `norm(x)` returns the normed tensor; `norm(x, residual)` first forms x + residual and returns
     (normed, new_residual), which lets decoder layers carry the residual stream without extra adds.
     """
+
+    # A quantized model on a CPU: the fused decode stack's row operations (kernels/cpu_row_ops.py).
+    row_ops: StackRowOps | None = None
 
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -44,6 +48,11 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.row_ops is not None:
+            done = self.row_ops.rms_norm(x, self.weight, self.eps, residual)
+            if done is not None:
+                normed, total = done
+                return normed if total is None else (normed, total)
         fused = fused_ops_for(x) if x.dim() == 2 else None
         if fused is not None:
             # GPU: residual add and norm in one kernel.

@@ -1,7 +1,8 @@
 """The CPU runner's fused decode path: steps that only decode, for up to MAX_ROWS requests, of a Llama-style
 or Gemma model whose linears all run on the quantized CPU kernels (a mixture-of-experts model's
 experts included) go through one C call for the whole stack (kernels/cpu_decode_stack.py) instead of the
-model's forward. Every other step, model or device keeps the generic path.
+model's forward. Every other step, model or device keeps the generic path; for such a model that path
+takes the stack's own norms and gated activations (kernels/cpu_row_ops.py).
 
 At one or a few requests a decode step of a small model is mostly per-layer overhead between the
 matmuls (BENCHMARKS.md, "CPU: quantized GGUF models against llama-server"); the more rows, the more the
@@ -26,6 +27,7 @@ from batchlm.kernels.cpu_decode_stack import (
     fits,
     stack_library,
 )
+from batchlm.kernels.cpu_row_ops import StackRowOps
 from batchlm.kernels.quant_panels import PackedWeight
 from batchlm.layers.activation import GeluTanhAndMul, SiluAndMul
 from batchlm.layers.moe import MoESpec, SparseMoeBlock
@@ -80,6 +82,14 @@ class FusedDecode:
         if logits is None:
             return self.model.compute_logits(hidden)
         return logits[:, : self.model.lm_head.vocab_size]
+
+    def share_row_ops(self) -> None:
+        """The model's RMS norms (not Gemma's, which scale by 1 + weight) and gated activations compute
+        as the stack computes them in the steps it does not take too (prompts, bigger batches)."""
+        ops = StackRowOps(self.stack.library)
+        for module in self.model.modules():
+            if isinstance(module, (RMSNorm, SiluAndMul, GeluTanhAndMul)):
+                module.row_ops = ops
 
 
 def build_fused_decode(

@@ -211,6 +211,7 @@ class ModelRunner:
             self.fused_decode = build_fused_decode(self.model, self.kv_caches, self.attn)
             if self.fused_decode is not None:  # verify steps take the fused stack too, as decode rows
                 self.input_builder.max_decode_rows = MAX_VERIFY_ROWS
+                self.fused_decode.share_row_ops()
             trim_heap()  # what loading freed would otherwise stay resident
         if self.device.type == "cuda":
             self._gpu_startup().warm_up_kernels(self.kv_caches[0])
