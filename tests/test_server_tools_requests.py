@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
+import httpx
+import openai
 import pytest
+from pydantic import BaseModel
 
 from batchlm.server.background import BackgroundServer
 from batchlm.server.state import ServerSettings
 from fake_engine import FakeEngine, openai_client
-from tools_harness import PARIS, TOOLS, USER, post
+from tools_harness import PARIS, TOOLS, USER, post, prompt_of
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +33,10 @@ def server(engine: FakeEngine) -> Iterator[BackgroundServer]:
 @pytest.fixture(scope="module")
 def client(server: BackgroundServer) -> Any:
     return openai_client(server.base_url)
+
+
+class Weather(BaseModel):
+    city: str
 
 
 HISTORY = [
@@ -176,3 +183,98 @@ def test_auto_without_a_parser_is_refused() -> None:
             response.status_code == 400 and "--tool-call-parser none" in response.json()["error"]["message"]
         )
         assert post(running, {"tools": TOOLS, "tool_choice": "required"}).status_code == 200
+
+
+def test_the_openai_client_s_own_message_objects_come_back_as_history(
+    client: Any, engine: FakeEngine
+) -> None:
+    """OpenAI's function-calling guide appends `completion.choices[0].message` to the messages as it came;
+    the client then sends the fields its objects carry beside the API's (annotations, the parse helpers'
+    `parsed` and `parsed_arguments`, a streamed call's `index`), which are history, not a 400."""
+    weather = openai.pydantic_function_tool(Weather, name="get_weather")
+    engine.reply = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    parsed = client.chat.completions.parse(
+        model="fake-model", messages=USER, tools=[weather], tool_choice="required", parallel_tool_calls=False
+    )
+    with client.chat.completions.stream(
+        model="fake-model", messages=USER, tools=[weather], tool_choice="required", parallel_tool_calls=False
+    ) as stream:
+        streamed = stream.get_final_completion()
+    engine.reply = "Sunny."
+    for message in (parsed.choices[0].message, streamed.choices[0].message):
+        for sent in (message, message.model_dump()):
+            answer = {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": "sunny"}
+            reply = client.chat.completions.create(
+                model="fake-model", messages=[*USER, sent, answer], tools=[weather]
+            )
+            assert reply.choices[0].message.content == "Sunny."
+    assert message.model_dump()["annotations"] is None and message.tool_calls[0].index == 0
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "responses"])
+def test_an_allowed_tools_choice_forces_a_call_of_its_tools_alone(
+    server: BackgroundServer, engine: FakeEngine, endpoint: str
+) -> None:
+    """OpenAI's allowed_tools tool_choice (pydantic-ai's for a step that may call some tools): chat's
+    form, and the Responses API's flat one."""
+    engine.reply = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>'
+    if endpoint == "chat":
+        choice = {"type": "function", "function": {"name": "get_time"}}
+        response = post(
+            server,
+            {
+                "tools": TOOLS,
+                "tool_choice": {
+                    "type": "allowed_tools",
+                    "allowed_tools": {"mode": "required", "tools": [choice]},
+                },
+            },
+        )
+        assert response.status_code == 200, response.text
+        [call] = response.json()["choices"][0]["message"]["tool_calls"]
+        name = call["function"]["name"]
+    else:
+        flat = [{"type": "function", **cast(dict[str, Any], tool["function"])} for tool in TOOLS]
+        body = {
+            "input": "What time is it?",
+            "tools": flat,
+            "tool_choice": {
+                "type": "allowed_tools",
+                "mode": "required",
+                "tools": [{"type": "function", "name": "get_time"}],
+            },
+        }
+        response = httpx.post(f"{server.base_url}/v1/responses", json=body, timeout=30)
+        assert response.status_code == 200, response.text
+        [call] = response.json()["output"]
+        name = call["name"]
+    assert name == "get_time"
+    constraint = engine.calls[-1].params.structured_outputs
+    assert constraint is not None and constraint.grammar is not None
+    assert '"get_time"' in constraint.grammar and '"get_weather"' not in constraint.grammar
+    assert "get_weather" in prompt_of(engine)  # the prompt still offers every tool
+
+
+@pytest.mark.parametrize(
+    ("choice", "param"),
+    [
+        (
+            {"type": "allowed_tools", "mode": "required", "tools": [{"type": "function", "name": "nope"}]},
+            "tool_choice.tools[0]",
+        ),
+        ({"type": "allowed_tools", "mode": "sometimes", "tools": []}, "tool_choice.mode"),
+        (
+            {"type": "allowed_tools", "mode": "auto", "tools": [{"type": "mcp", "server_label": "x"}]},
+            "tool_choice.tools[0]",
+        ),
+        ("sometimes", "tool_choice"),
+    ],
+)
+def test_a_responses_tool_choice_that_cannot_be_served_is_400_naming_the_field(
+    server: BackgroundServer, choice: Any, param: str
+) -> None:
+    flat = [{"type": "function", **cast(dict[str, Any], tool["function"])} for tool in TOOLS]
+    body = {"input": "What time is it?", "tools": flat, "tool_choice": choice}
+    response = httpx.post(f"{server.base_url}/v1/responses", json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param

@@ -22,6 +22,8 @@ class FunctionCall(StrictModel):
     name: str
     # The arguments as a JSON string, as responses carry them.
     arguments: str
+    # The openai client's parse helpers add the arguments parsed, and send the call back with them.
+    parsed_arguments: Any = None
 
 
 class MessageToolCall(StrictModel):
@@ -30,6 +32,8 @@ class MessageToolCall(StrictModel):
     id: str
     type: str = "function"
     function: FunctionCall
+    # A call accumulated from a stream (the openai client's stream helpers) keeps its index.
+    index: int | None = None
 
 
 class FunctionDefinition(StrictModel):
@@ -54,6 +58,19 @@ class NamedToolChoice(StrictModel):
     function: FunctionName
 
 
+class AllowedTools(StrictModel):
+    mode: Literal["auto", "required"]
+    # Each {"type": "function", "function": {"name": ...}}.
+    tools: list[NamedToolChoice]
+
+
+class AllowedToolsChoice(StrictModel):
+    """OpenAI's {"type": "allowed_tools", ...}: the model may call only these tools (batchlm.tools.spec)."""
+
+    type: Literal["allowed_tools"]
+    allowed_tools: AllowedTools
+
+
 class ChatMessage(StrictModel):
     """One message of a conversation. Content is a string or a list of parts; only text parts are served."""
 
@@ -68,6 +85,11 @@ class ChatMessage(StrictModel):
     function_call: Any = None
     refusal: str | None = None
     audio: Any = None
+    # What the openai client's message objects also carry when sent back as they came (the Function
+    # calling guide's `messages.append(completion.choices[0].message)`): url citations, and the parse
+    # helpers' parsed content. Both are read from the content, so they are accepted and not used.
+    annotations: list[Any] | None = None
+    parsed: Any = None
 
 
 class PromptCacheOptions(StrictModel):
@@ -139,7 +161,7 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = None
     tools: list[ChatTool] | None = None
     # Omitted: "auto" with tools, "none" without.
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | AllowedToolsChoice | None = None
     parallel_tool_calls: bool | None = None
     # Known OpenAI fields batchlm does not serve: a 400 names them unless they hold a neutral value.
     functions: list[Any] | None = None

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from batchlm.server.errors import APIError
+from batchlm.server.errors import APIError, param_from_loc
 from batchlm.server.protocol import ChatCompletionRequest, ChatMessage
 from batchlm.server.protocol_responses import ResponsesRequest
 from batchlm.server.request_params import MODERATION, UnsupportedRule, refuse_unsupported
@@ -42,6 +42,7 @@ RENAMED_FIELDS = {
     "response_format": "text.format",
     "reasoning_effort": "reasoning.effort",
     "tool_choice.function": "tool_choice",
+    "tool_choice.allowed_tools": "tool_choice",
     # The conversation as a whole (a prompt too long), as a param or quoted in a message.
     "messages": "input",
     "'messages'": "'input'",
@@ -148,7 +149,8 @@ def chat_form(body: ResponsesRequest, history: list[dict[str, Any]] | None = Non
         request = ChatCompletionRequest.model_validate({k: v for k, v in chat.items() if v is not None})
     except ValidationError as error:
         first = error.errors()[0]
-        where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"])[1:]
+        # As for a body the route validates: union members' tags (`literal[...]`, `str`) left out.
+        where = param_from_loc(first["loc"]) or "input"
         raise APIError(400, _renamed(f"{where}: {first['msg']}", origins), _renamed(where, origins)) from None
     return ChatForm(request, origins)
 
@@ -305,16 +307,42 @@ def _chat_tool(tool: Any, where: str) -> dict[str, Any]:
     return {"type": "function", "function": function}
 
 
+_TOOL_CHOICE_FORMS = (
+    "'tool_choice' must be 'none', 'auto', 'required', {'type': 'function', 'name': <string>} or "
+    "{'type': 'allowed_tools', 'mode': 'auto' | 'required', 'tools': [{'type': 'function', 'name': <string>}, ...]}."
+)
+
+
 def _chat_tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
     if not isinstance(choice, dict):
         return choice
+    if choice.get("type") == "allowed_tools":
+        return _chat_allowed_tools(choice)
     if choice.get("type") != "function" or not isinstance(choice.get("name"), str) or len(choice) != 2:
-        raise APIError(
-            400,
-            "'tool_choice' must be 'none', 'auto', 'required' or {'type': 'function', 'name': <string>}.",
-            param="tool_choice",
-        )
+        raise APIError(400, _TOOL_CHOICE_FORMS, param="tool_choice")
     return {"type": "function", "function": {"name": choice["name"]}}
+
+
+def _chat_allowed_tools(choice: dict[str, Any]) -> dict[str, Any]:
+    """The Responses API's flat {"type": "allowed_tools", "mode", "tools": [{"type", "name"}]} as chat's
+    {"type": "allowed_tools", "allowed_tools": {"mode", "tools": [{"type", "function": {"name"}}]}}."""
+    tools = choice.get("tools")
+    if set(choice) != {"type", "mode", "tools"} or not isinstance(tools, list):
+        raise APIError(400, _TOOL_CHOICE_FORMS, param="tool_choice")
+    if choice["mode"] not in ("auto", "required"):
+        raise APIError(400, "'tool_choice.mode' must be 'auto' or 'required'.", param="tool_choice.mode")
+    named = []
+    for i, tool in enumerate(tools):
+        where = f"tool_choice.tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            raise APIError(
+                400, f"{where}: tools of type {kind!r} are not supported (only 'function' tools are).", where
+            )
+        if set(tool) != {"type", "name"} or not isinstance(tool["name"], str):
+            raise APIError(400, f"{where} must be {{'type': 'function', 'name': <string>}}.", where)
+        named.append({"type": "function", "function": {"name": tool["name"]}})
+    return {"type": "allowed_tools", "allowed_tools": {"mode": choice["mode"], "tools": named}}
 
 
 def _response_format(body: ResponsesRequest) -> dict[str, Any] | None:

@@ -8,7 +8,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from batchlm.tools.function_tool import FunctionTool, calls_array_schema
+from batchlm.tools.function_tool import FunctionTool, calls_array_schema, calls_schema
 from batchlm.tools.parser import optional_calls
 
 # A call's JSON as models write it (json.dumps' separators or compact), at most one space where JSON
@@ -30,7 +30,7 @@ def token_rule(text: str, added_tokens: Mapping[str, int]) -> str | None:
 
 def calls_json(tools: Sequence[FunctionTool], argument_key: str, forced: bool = False) -> str:
     """A Lark `%json` nonterminal (llguidance's): one call of any of `tools` (FunctionTool.call_schema)."""
-    return json_rule({"anyOf": [tool.call_schema(argument_key, forced) for tool in tools]}, forced)
+    return json_rule(calls_schema(tools, argument_key, forced), forced)
 
 
 def calls_array_json(

@@ -27,8 +27,13 @@ class FunctionTool:
 
     def call_schema(self, argument_key: str, forced: bool = False) -> dict[str, Any]:
         """One call of this function as the JSON object a model writes: its name, and under
-        `argument_key` its arguments (their schema when the call is forced, else chosen_arguments)."""
+        `argument_key` its arguments (their schema when the call is forced, else chosen_arguments).
+        Arguments whose schema refers into itself ($ref "#/$defs/...", as pydantic writes a nested
+        model) refer to their place in the root's `$defs` instead (root_defs), where a schema that
+        holds this call schema must put them: a pointer is read from the root of the whole schema."""
         arguments = self.closed_parameters if forced else self.chosen_arguments()
+        if _has_local_refs(arguments):
+            arguments = {"$ref": f"#/$defs/{self._defs_key}"}
         return {
             "type": "object",
             "properties": {"name": {"type": "string", "enum": [self.name]}, argument_key: arguments},
@@ -36,6 +41,19 @@ class FunctionTool:
             # Without this a small model may keep adding keys until max_tokens.
             "additionalProperties": False,
         }
+
+    def root_defs(self, forced: bool = False) -> dict[str, Any]:
+        """What call_schema's arguments refer to, for the root's `$defs`: the arguments' schema under
+        this function's key, its own pointers made to start there (none when it has none)."""
+        arguments = self.closed_parameters if forced else self.chosen_arguments()
+        if not _has_local_refs(arguments):
+            return {}
+        return {self._defs_key: _refs_moved(arguments, f"#/$defs/{self._defs_key}")}
+
+    @property
+    def _defs_key(self) -> str:
+        # Function names are letters, digits, "_" and "-" (tools.spec): safe in a JSON pointer as they are.
+        return f"batchlm-arguments-{self.name}"
 
     def chosen_arguments(self) -> dict[str, Any]:
         """The arguments of a call the model chose to make: their schema if strict, else any object."""
@@ -56,4 +74,50 @@ def calls_array_schema(
     schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": calls}}
     if max_items is not None:
         schema["maxItems"] = max_items
-    return schema
+    return with_root_defs(schema, tools, forced)
+
+
+def calls_schema(tools: Sequence[FunctionTool], argument_key: str, forced: bool = False) -> dict[str, Any]:
+    """One call of any of `tools` (FunctionTool.call_schema)."""
+    schema = {"anyOf": [tool.call_schema(argument_key, forced) for tool in tools]}
+    return with_root_defs(schema, tools, forced)
+
+
+def with_root_defs(schema: dict[str, Any], tools: Sequence[FunctionTool], forced: bool) -> dict[str, Any]:
+    """`schema`, a root that holds calls of `tools`, with the `$defs` their arguments refer to."""
+    defs: dict[str, Any] = {}
+    for tool in tools:
+        defs.update(tool.root_defs(forced))
+    return {"$defs": defs, **schema} if defs else schema
+
+
+# Keywords whose values are data, not schemas: a "$ref" key inside them is no reference.
+_DATA_KEYWORDS = ("enum", "const", "default", "examples")
+
+
+def _has_local_refs(schema: Any) -> bool:
+    if isinstance(schema, list):
+        return any(_has_local_refs(member) for member in schema)
+    if not isinstance(schema, dict):
+        return False
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#"):
+        return True
+    return any(_has_local_refs(value) for key, value in schema.items() if key not in _DATA_KEYWORDS)
+
+
+def _refs_moved(schema: Any, base: str) -> Any:
+    """A copy of `schema` whose local pointers ("#", "#/...") start at `base` instead of the root."""
+    if isinstance(schema, list):
+        return [_refs_moved(member, base) for member in schema]
+    if not isinstance(schema, dict):
+        return schema
+    moved: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+            moved[key] = base if value in ("#", "#/") else base + value[1:]
+        elif key in _DATA_KEYWORDS:
+            moved[key] = value
+        else:
+            moved[key] = _refs_moved(value, base)
+    return moved

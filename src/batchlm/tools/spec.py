@@ -8,7 +8,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 from batchlm.sampling_params import StructuredOutputs
 from batchlm.structured.backend import GrammarError
@@ -63,11 +63,28 @@ class NamedChoice(Protocol):
     def function(self) -> FunctionNamed: ...
 
 
+class AllowedTools(Protocol):
+    @property
+    def mode(self) -> str: ...
+    @property
+    def tools(self) -> Sequence[NamedChoice]: ...
+
+
+class AllowedChoice(Protocol):
+    """OpenAI's {"type": "allowed_tools", "allowed_tools": {"mode", "tools"}}: the model may call only
+    these of the request's tools, under "auto" or "required", while its prompt shows them all."""
+
+    @property
+    def type(self) -> str: ...
+    @property
+    def allowed_tools(self) -> AllowedTools: ...
+
+
 class ToolRequest(Protocol):
     @property
     def tools(self) -> Sequence[ToolDeclaration] | None: ...
     @property
-    def tool_choice(self) -> Literal["none", "auto", "required"] | NamedChoice | None: ...
+    def tool_choice(self) -> Literal["none", "auto", "required"] | NamedChoice | AllowedChoice | None: ...
     @property
     def parallel_tool_calls(self) -> bool | None: ...
 
@@ -80,21 +97,31 @@ class ToolPlan:
     # The function tool_choice names (mode "named").
     named: str | None
     parallel: bool
+    # The functions an allowed_tools choice lets the model call (a strict subset of tools); None: all.
+    allowed: frozenset[str] | None = None
 
     def template_tools(self) -> list[dict[str, Any]]:
         """The tools as chat templates take them (transformers' apply_chat_template(tools=...))."""
         return [{"type": "function", "function": _function_dict(tool)} for tool in self.tools]
 
     @property
+    def callable_tools(self) -> tuple[FunctionTool, ...]:
+        """The functions the model may call: those an allowed_tools choice names, else all of them (the
+        template still sees them all, as OpenAI's prompt does, so the prefix cache keeps serving it)."""
+        if self.allowed is None:
+            return self.tools
+        return tuple(tool for tool in self.tools if tool.name in self.allowed)
+
+    @property
     def has_strict_tools(self) -> bool:
-        return any(tool.strict for tool in self.tools)
+        return any(tool.strict for tool in self.callable_tools)
 
     @property
     def forced_tools(self) -> tuple[FunctionTool, ...]:
-        """The functions a forced choice calls: the one it names, or any (required)."""
+        """The functions a forced choice calls: the one it names, or any it may call (required)."""
         if self.mode == "named":
             return tuple(tool for tool in self.tools if tool.name == self.named)
-        return self.tools
+        return self.callable_tools
 
     @property
     def max_calls(self) -> int | None:
@@ -123,7 +150,7 @@ class ToolPlan:
 
     def _required_schema(self) -> dict[str, Any]:
         """A non-empty array of calls, each {"name": <a tool's name>, "parameters": <its arguments>}."""
-        return calls_array_schema(self.tools, "parameters", self.max_calls, forced=True)
+        return calls_array_schema(self.callable_tools, "parameters", self.max_calls, forced=True)
 
 
 def tool_plan(request: ToolRequest) -> ToolPlan | None:
@@ -140,10 +167,14 @@ def tool_plan(request: ToolRequest) -> ToolPlan | None:
     parallel = request.parallel_tool_calls is not False
     if choice is None or isinstance(choice, str):
         plan = ToolPlan(tools, choice or "auto", None, parallel)
+    elif choice.type == "allowed_tools":
+        plan = _allowed_plan(tools, cast(AllowedChoice, choice).allowed_tools, parallel)
     else:
         if choice.type != "function":
-            raise ToolUseError("'tool_choice.type' must be 'function'.", param="tool_choice.type")
-        name = choice.function.name
+            raise ToolUseError(
+                "'tool_choice.type' must be 'function' or 'allowed_tools'.", param="tool_choice.type"
+            )
+        name = cast(NamedChoice, choice).function.name
         if name not in {tool.name for tool in tools}:
             raise ToolUseError(
                 f"'tool_choice' names the function '{name}', which is not in 'tools'.", param="tool_choice"
@@ -153,11 +184,39 @@ def tool_plan(request: ToolRequest) -> ToolPlan | None:
     return plan
 
 
+def _allowed_plan(tools: tuple[FunctionTool, ...], allowed: AllowedTools, parallel: bool) -> ToolPlan:
+    """An allowed_tools choice: "auto" or "required" over the functions it names."""
+    where = "tool_choice.allowed_tools"
+    if allowed.mode not in ("auto", "required"):
+        raise ToolUseError(f"'{where}.mode' must be 'auto' or 'required'.", param=f"{where}.mode")
+    if not allowed.tools:
+        raise ToolUseError(f"'{where}.tools' must name at least one function.", param=f"{where}.tools")
+    declared = {tool.name for tool in tools}
+    names: set[str] = set()
+    for i, entry in enumerate(allowed.tools):
+        if entry.type != "function":
+            raise ToolUseError(
+                f"'{where}.tools[{i}].type' must be 'function'.", param=f"{where}.tools[{i}].type"
+            )
+        name = entry.function.name
+        if name not in declared:
+            raise ToolUseError(
+                f"'{where}.tools[{i}]' names the function '{name}', which is not in 'tools'.",
+                param=f"{where}.tools[{i}]",
+            )
+        names.add(name)
+    mode: ToolMode = "auto" if allowed.mode == "auto" else "required"
+    return ToolPlan(tools, mode, None, parallel, None if names == declared else frozenset(names))
+
+
 def _check_decoded_schemas(plan: ToolPlan) -> None:
     """Each function whose arguments are decoded under their schema (forced, or strict): a schema that
     does not compile is the client's error, named by the tool it came from."""
+    callable_names = {tool.name for tool in plan.callable_tools}
     for i, tool in enumerate(plan.tools):
-        decoded = plan.mode == "required" or tool.name == plan.named or (plan.mode == "auto" and tool.strict)
+        decoded = tool.name in callable_names and (
+            plan.mode == "required" or tool.name == plan.named or (plan.mode == "auto" and tool.strict)
+        )
         if not decoded or tool.parameters is None:
             continue
         try:

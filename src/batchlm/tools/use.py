@@ -75,13 +75,15 @@ class ChatToolUse:
             return None
         if own is None:
             answer = None
-            if not plan.has_strict_tools:
+            # The grammar holds a call to the tools it may make: needed for a strict function's
+            # arguments, and for an allowed_tools choice's names.
+            if not plan.has_strict_tools and plan.allowed is None:
                 return None
         else:
             answer = _answer(own, field)
             if answer is None:
                 return None
-        grammar = parser.calls_grammar(plan.tools, self.added_tokens, answer)
+        grammar = parser.calls_grammar(plan.callable_tools, self.added_tokens, answer)
         if grammar is None:
             return None
         if own is not None and own.grammar is not None:
