@@ -126,3 +126,29 @@ def test_bfloat16_matches_float32_loosely() -> None:
     out = TorchAttentionBackend().forward(*bf16[:3], bf16[3], meta, AttentionSpec(SCALE))
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=3e-2)
+
+
+def test_a_steps_chunk_masks_are_built_once_for_all_layers(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two chunks after cached context, attended by three layers (calls with one metadata object):
+    # each distinct mask is built once, the results are those of masks built afresh, and the next
+    # step's metadata builds them again.
+    from batchlm.attention import torch_backend
+
+    built: list[tuple[int, int]] = []
+    original = torch_backend._chunk_mask
+
+    def counting(query_len: int, context_len: int, window: int | None, device: torch.device) -> torch.Tensor:
+        built.append((query_len, context_len))
+        return original(query_len, context_len, window, device)
+
+    monkeypatch.setattr(torch_backend, "_chunk_mask", counting)
+    # Longer than the chunks that attend as decode rows (MAX_CHUNK_AS_DECODES).
+    chunks = [Chunk([1] * 20, 6, list(range(7))), Chunk([2] * 20, 6, list(range(7, 14)))]
+    query, key, value, cache, meta, _ = _scenario(chunks)
+    backend = TorchAttentionBackend()
+    outs = [backend.forward(query, key, value, cache, meta, AttentionSpec(SCALE)) for _ in range(3)]
+    assert built == [(20, 26)]  # both requests' chunks have the same shape: one mask
+    fresh = TorchAttentionBackend().forward(query, key, value, cache, meta, AttentionSpec(SCALE))
+    assert all(torch.equal(out, fresh) for out in outs)
+    _check(chunks, backend)  # a new step (new metadata): built again, and right
+    assert built == [(20, 26)] * 3

@@ -52,8 +52,9 @@ class TorchAttentionBackend(AttentionBackend):
     layer's window. Soft-capped layers compute their scores explicitly elsewhere (SDPA has no cap).
 
     Gathers copy whole blocks with index_select (a memcpy per block); advanced indexing of the cache
-    costs several times more on CPU. The decode groups depend only on the step's metadata, so they
-    are built by the first layer and reused by the others.
+    costs several times more on CPU. The decode groups and the prefill chunks' masks depend only on
+    the step's metadata (and a layer's window), so they are built by the first layer and reused by
+    the others.
     """
 
     name = "torch"
@@ -62,6 +63,8 @@ class TorchAttentionBackend(AttentionBackend):
         self.decode_group_size = decode_group_size
         self._groups_meta: AttentionMetadata | None = None
         self._groups: list[DecodeGroup] = []
+        self._masks_meta: AttentionMetadata | None = None
+        self._masks: dict[tuple[int, int, int | None], torch.Tensor] = {}
 
     def forward(
         self,
@@ -98,8 +101,22 @@ class TorchAttentionBackend(AttentionBackend):
             if as_decodes and _short_chunk_after_context(meta, request):
                 _chunk_as_decodes(query, kv_cache, meta, request, spec, out)
             elif end > start:
-                out[start:end] = _prefill_attention(query, key, value, kv_cache, meta, request, spec)
+                mask = self._chunk_mask(meta, end - start, meta.seq_lens_cpu[request], spec.sliding_window)
+                out[start:end] = _prefill_attention(query, key, value, kv_cache, meta, request, spec, mask)
         return out
+
+    def _chunk_mask(
+        self, meta: AttentionMetadata, query_len: int, context_len: int, window: int | None
+    ) -> torch.Tensor:
+        """_chunk_mask's, built by the first layer that needs it in a step and reused by the others."""
+        if self._masks_meta is not meta:
+            self._masks.clear()
+            self._masks_meta = meta
+        key = (query_len, context_len, window)
+        mask = self._masks.get(key)
+        if mask is None:
+            mask = self._masks[key] = _chunk_mask(query_len, context_len, window, meta.slot_mapping.device)
+        return mask
 
     def _decode_groups(self, meta: AttentionMetadata, block_size: int) -> list[DecodeGroup]:
         # Identity, not equality: the runner builds a new metadata object every step.
@@ -209,8 +226,11 @@ def _prefill_attention(
     meta: AttentionMetadata,
     request: int,
     spec: AttentionSpec,
+    mask: torch.Tensor,
 ) -> torch.Tensor:
-    """Causal attention of one request's query chunk over its cached and new keys (its window)."""
+    """Causal attention of one request's query chunk over its cached and new keys (its window); `mask`
+    is the chunk's _chunk_mask, used where the chunk follows cached context or the layer has a window
+    or a soft-cap."""
     start, end = meta.query_start_loc_cpu[request], meta.query_start_loc_cpu[request + 1]
     context_len = meta.seq_lens_cpu[request]
     query_len = end - start
@@ -229,7 +249,7 @@ def _prefill_attention(
     if query_len == context_len and spec.sliding_window is None and spec.logit_softcap is None:
         out = _sdpa(q, k, v, spec.scale, causal=True)
     else:
-        out = _attend(q, k, v, spec, _chunk_mask(query_len, context_len, spec.sliding_window, q.device))
+        out = _attend(q, k, v, spec, mask)
     return out[0].transpose(0, 1)  # [q_len, H, D]
 
 
