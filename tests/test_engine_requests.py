@@ -55,7 +55,7 @@ def test_fan_out_gives_distinct_reproducible_seeds() -> None:
     [
         (10, {"max_model_len": 10}, 4, "maximum context length is 10 tokens.*10 tokens, leaving no room"),
         (9, {"num_blocks": 2}, 1, "needs up to 3 KV-cache blocks .* the whole cache has 2 blocks"),
-        (4, {"num_blocks": 2, "max_model_len": 64}, None, "needs up to 16 KV-cache blocks"),
+        (9, {"num_blocks": 2, "max_model_len": 64}, None, "needs up to 3 KV-cache blocks"),
         (0, {}, 4, "is empty"),
     ],
 )
@@ -66,6 +66,26 @@ def test_requests_that_can_never_run_are_rejected(
     model = ModelFacts(**{"max_model_len": 32, "vocab_size": 50, "block_size": 4, **limits})
     with pytest.raises(RequestRejectedError, match=message):
         InputProcessor(model).process([1] * prompt_len, SamplingParams(max_tokens=max_tokens))
+
+
+def test_an_unset_max_tokens_is_cut_to_the_room_the_kv_cache_leaves() -> None:
+    # A cache smaller than the context (--cpu-kv-cache-gib, a GPU's memory): a request that sets no
+    # length gets what the cache can hold (its last token takes no slot), not a 400.
+    model = ModelFacts(max_model_len=64, vocab_size=50, num_blocks=2, block_size=4)
+    params = InputProcessor(model).process([1] * 4, SamplingParams(max_tokens=None, min_tokens=9)).params
+    assert (params.max_tokens, params.min_tokens) == (5, 5)
+    # An explicit max_tokens beyond the cache is still refused, as before.
+    with pytest.raises(RequestRejectedError, match="needs up to 3 KV-cache blocks"):
+        InputProcessor(model).process([1] * 4, SamplingParams(max_tokens=6))
+    # The model's own default length and the context still cut it where they are shorter.
+    roomy = ModelFacts(max_model_len=16, vocab_size=50, num_blocks=100, block_size=4)
+    assert InputProcessor(roomy).process([1] * 4, SamplingParams(max_tokens=None)).params.max_tokens == 12
+    assert (
+        InputProcessor(roomy, default_max_tokens=3)
+        .process([1] * 4, SamplingParams(max_tokens=None))
+        .params.max_tokens
+        == 3
+    )
 
 
 def test_a_text_is_refused_by_its_length_only_where_the_tokenizer_bounds_it() -> None:

@@ -138,3 +138,20 @@ def test_a_cpu_cache_is_resident_only_where_written() -> None:
     cache[0, :1024].fill_(1.0)  # 64 MiB written
     assert _resident_kib() - before >= 48 * 1024
     assert cache[0, :1024].all() and not cache[1].any()
+
+
+def test_start_up_warns_when_the_cache_holds_less_than_the_context(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from batchlm.models.random_model import write_random_model
+    from batchlm.runner.model_runner import ModelRunner
+
+    model_dir = write_random_model(tmp_path / "m", overrides={"max_position_embeddings": 512})
+    for gib, warned in ((0.0001, True), (None, False)):  # ~200 tokens of its cache; the default
+        caplog.clear()
+        runner = ModelRunner(EngineConfig(model=str(model_dir), cpu_kv_cache_gib=gib), model_dir)
+        with caplog.at_level("WARNING", logger="batchlm.runner.model_runner"):
+            facts = runner.initialize_kv_cache()
+        held = facts.num_blocks * facts.block_size
+        assert (held < 512) == warned
+        assert any("fewer than the context of 512" in r.getMessage() for r in caplog.records) == warned

@@ -175,3 +175,43 @@ def test_n_is_capped_by_max_n() -> None:
         assert error["param"] == "n" and "--max-n" in error["message"]
         chat = {"messages": [{"role": "user", "content": "hi"}], "n": 5}
         assert error_of(httpx.post(f"{server.base_url}/v1/chat/completions", json=chat), 400)["param"] == "n"
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        (
+            "/v1/chat/completions",
+            {
+                "messages": [{"role": "user", "content": "hi"}],
+                "n": None,
+                "stream": None,
+                "logprobs": None,
+                "min_tokens": None,
+                "ignore_eos": None,
+            },
+        ),
+        (
+            "/v1/completions",
+            {"prompt": "hi", "n": None, "stream": None, "echo": None, "skip_special_tokens": None},
+        ),
+        ("/v1/responses", {"input": "hi", "stream": None}),
+        ("/tokenize", {"prompt": "hi", "add_special_tokens": None}),
+    ],
+)
+def test_null_optional_fields_take_their_defaults(
+    server: BackgroundServer, path: str, body: dict[str, Any]
+) -> None:
+    # OpenAI declares these "integer or null" / "boolean or null"; clients that write every unset field
+    # send null, which means the default (one choice, not streamed, no logprobs), never a 400.
+    body = {**body, "max_tokens": 4} if path in ("/v1/chat/completions", "/v1/completions") else body
+    response = httpx.post(f"{server.base_url}{path}", json=body, timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    choices = response.json().get("choices")
+    assert choices is None or len(choices) == 1
+
+
+def test_null_still_fails_a_required_field(server: BackgroundServer) -> None:
+    error = error_of(httpx.post(f"{server.base_url}/v1/chat/completions", json={"messages": None}), 400)
+    assert error["param"] == "messages"

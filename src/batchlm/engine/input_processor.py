@@ -109,11 +109,14 @@ class InputProcessor:
 
     def _with_budget(self, prompt_len: int, params: SamplingParams, names: FieldNames) -> SamplingParams:
         """`params` with max_tokens set: as asked, or the default length (else all the room the context
-        leaves), cut to that room."""
+        leaves), cut to that room and to the room the whole KV cache leaves (which may hold fewer tokens
+        than the context: a request that sets no length is then cut short, not refused)."""
         max_len = self.facts.max_model_len
         room = max_len - prompt_len
         if params.max_tokens is None:
-            budget = min(room, self.default_max_tokens or room)
+            budget = min(room, self._kv_room(prompt_len), self.default_max_tokens or room)
+            # At least one token: a prompt the cache cannot hold is refused by _check_kv_room.
+            budget = max(1, budget)
             return params.clone(max_tokens=budget, min_tokens=min(params.min_tokens, budget))
         if params.max_tokens > room:
             raise RequestRejectedError(
@@ -125,6 +128,14 @@ class InputProcessor:
                 CONTEXT_LENGTH_EXCEEDED,
             )
         return params
+
+    def _kv_room(self, prompt_len: int) -> int:
+        """The most tokens a request of this prompt can generate in the whole KV cache (its last token
+        takes no slot); the context length when the engine has no fixed cache."""
+        num_blocks, block_size = self.facts.num_blocks, self.facts.block_size
+        if not num_blocks:
+            return self.facts.max_model_len
+        return num_blocks * block_size + 1 - prompt_len
 
     def _check_kv_room(self, prompt_len: int, params: SamplingParams) -> None:
         """A request must fit the whole KV cache alone, or it could never run. The last generated token

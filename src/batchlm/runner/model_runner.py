@@ -206,6 +206,14 @@ class ModelRunner:
             self.num_blocks * self.config.block_size,
             kv_cache_dtype_name(self.kv_dtype),
         )
+        if self.num_blocks * self.config.block_size < self.max_model_len:
+            logger.warning(
+                "The KV cache holds %d tokens, fewer than the context of %d: requests without max_tokens "
+                "are cut to what it holds, and those whose prompt and max_tokens exceed it are refused (a larger "
+                "cache, or a shorter --max-model-len, changes that)",
+                self.num_blocks * self.config.block_size,
+                self.max_model_len,
+            )
         max_blocks_per_seq = self._max_blocks_per_seq()
         if self.device.type == "cpu":
             self.fused_decode = build_fused_decode(self.model, self.kv_caches, self.attn)

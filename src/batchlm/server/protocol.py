@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import types
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # OpenAI's reasoning efforts (chat's `reasoning_effort`, the Responses API's `reasoning.effort`).
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
@@ -16,6 +17,41 @@ class StrictModel(BaseModel):
     bound, so range checks alone would let it through)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _admits_none(annotation: Any) -> bool:
+    return annotation is None or (
+        get_origin(annotation) in (Union, types.UnionType) and type(None) in get_args(annotation)
+    )
+
+
+class NullMeansDefault(StrictModel):
+    """A request body whose optional fields take their default when sent as JSON null, as OpenAI's API
+    declares them ("boolean or null", "integer or null": `n`, `stream`, `logprobs`, `echo`, ...) and as
+    clients that write every unset field send them. Fields whose type takes None keep the null."""
+
+    # The keys (aliases where set) of the fields with a default whose type does not take None.
+    _null_means_default: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        cls._null_means_default = frozenset(
+            field.alias or name
+            for name, field in cls.model_fields.items()
+            if not field.is_required() and field.default is not None and not _admits_none(field.annotation)
+        )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_nulls_of_defaulted_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict) and any(data.get(key, 0) is None for key in cls._null_means_default):
+            return {
+                key: value
+                for key, value in data.items()
+                if value is not None or key not in cls._null_means_default
+            }
+        return data
 
 
 class FunctionCall(StrictModel):
@@ -117,7 +153,7 @@ class StructuredOutputsField(StrictModel):
     grammar: str | None = None
 
 
-class SamplingFields(StrictModel):
+class SamplingFields(NullMeansDefault):
     """Sampling fields shared by chat and completions (OpenAI names, then batchlm's extras)."""
 
     model: str | None = Field(None, description="Served model name or alias; omitted = the served model.")
@@ -207,7 +243,7 @@ class CompletionRequest(SamplingFields):
     add_special_tokens: bool = Field(True, description="Add the tokenizer's BOS etc. to text prompts.")
 
 
-class TokenizeRequest(StrictModel):
+class TokenizeRequest(NullMeansDefault):
     """POST /tokenize: either `prompt` (text) or `messages` (rendered with the chat template)."""
 
     model: str | None = None

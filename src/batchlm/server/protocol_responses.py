@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from batchlm.sampling_params import MAX_TOP_LOGPROBS
-from batchlm.server.protocol import PromptCacheOptions, ReasoningEffort, StrictModel
+from batchlm.server.protocol import NullMeansDefault, PromptCacheOptions, ReasoningEffort, StrictModel
 from batchlm.server.responses import ChatTokenLogprob
 
 
@@ -37,7 +37,7 @@ class ReasoningConfig(StrictModel):
     generate_summary: Literal["auto", "concise", "detailed"] | None = None
 
 
-class ResponsesRequest(StrictModel):
+class ResponsesRequest(NullMeansDefault):
     """POST /v1/responses: the whole conversation in `input`, or its new turn after a stored response."""
 
     model: str | None = Field(None, description="Served model name or alias; omitted = the served model.")
