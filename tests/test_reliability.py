@@ -278,3 +278,18 @@ def test_hostile_requests_are_4xx_in_openai_shape(
     assert response.status_code == status, response.text
     assert_error_shape(response.json())
     assert httpx.get(f"{engine_server.base_url}/health").status_code == 200
+
+
+def test_a_prompt_batch_the_server_can_never_hold_whole_is_a_400(engine_server: BackgroundServer) -> None:
+    # At most MAX_NUM_SEQS running plus MAX_QUEUE waiting: a bigger batch would get a 429 on an idle
+    # server, and a client that retries on 429 would retry it forever.
+    most = MAX_NUM_SEQS + MAX_QUEUE
+    with httpx.Client(base_url=engine_server.base_url, timeout=120) as client:
+        too_many = client.post("/v1/completions", json={"prompt": ["a"] * (most + 1), "max_tokens": 2})
+        assert too_many.status_code == 400, too_many.text
+        error = too_many.json()["error"]
+        assert error["param"] == "prompt" and f"at most {most}" in error["message"]
+        whole = client.post("/v1/completions", json={"prompt": ["a"] * most, "max_tokens": 2})
+        assert whole.status_code == 200, whole.text
+        assert len(whole.json()["choices"]) == most
+    wait_until(lambda: engine_is_idle(engine_server), 60, "the engine to finish the batch")

@@ -106,6 +106,11 @@ class EngineClient(ABC):
     @abstractmethod
     async def shutdown(self) -> None: ...
 
+    def most_requests_at_once(self) -> int | None:
+        """The most requests this engine holds at once, running and queued (None: no limit). A batch
+        of prompts beyond it could never be admitted whole, however long its client waited."""
+        return None
+
     def begin_loading(self) -> None:
         """A head start, called before the server sets itself up: an engine may begin its slow
         loading here, to overlap the server's own start-up; its start() does the rest. By default

@@ -158,6 +158,11 @@ class StreamingFrontEnd(EngineClient, Generic[MessageT]):
             raise EngineDeadError("the engine is not running")
         return collector
 
+    def most_requests_at_once(self) -> int | None:
+        if self.max_queue is None:
+            return None
+        return self.config.max_num_seqs + self.max_queue
+
     def _check_queue_room(self) -> None:
         if self.max_queue is None:
             return

@@ -95,6 +95,15 @@ async def create_completion(request: Request, body: CompletionRequest) -> Respon
     # Every prompt is validated before any starts, so that a bad one fails the batch with nothing to undo.
     with rejections_as_400():
         engine_requests = [processor.process(ids, params, text, names) for text, ids in prompts]
+    most = state.engine.most_requests_at_once()
+    if most is not None and len(engine_requests) > most:
+        # A 429 would have the client retry a batch that can never be taken whole.
+        raise APIError(
+            400,
+            f"{len(engine_requests)} prompts in one request are more than this server holds at once "
+            f"({most}: --batch-size plus --max-queue); send at most {most} a request",
+            param="prompt",
+        )
     context = CompletionContext(
         request_id=f"cmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
