@@ -147,3 +147,13 @@ def test_an_unavailable_backend_is_an_error_not_a_crash(monkeypatch: Any, caplog
     assert "mlx" in caplog.text
     with pytest.raises(SystemExit):
         parse("--backend", "tpu")
+
+
+def test_python_dash_m_batchlm_is_the_command() -> None:
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, "-m", "batchlm", "serve", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--max-queue" in result.stdout

@@ -1,0 +1,5 @@
+"""`python -m batchlm ...`: the `batchlm` command."""
+
+from batchlm.cli import main
+
+raise SystemExit(main())
