@@ -113,6 +113,12 @@ def test_branches_of_one_conversation_read_their_own_chains(tmp_path: Path) -> N
     assert contents(store, 2) == ["q1", "a1", "q2", "a2"]
     assert contents(store, 4) == ["q1", "a1", "q3", "a3", "q4", "a4"]
     assert store.delete(rid(3)) and store.conversation(rid(4)) is None and contents(store, 2) is not None
+    # Which link went: the deleted turn, for the one after it; the response itself, where it is gone.
+    assert (store.missing_link(rid(4)), store.missing_link(rid(3)), store.missing_link(rid(2))) == (
+        rid(3),
+        rid(3),
+        None,
+    )
     put(store, 5, previous=3)  # its previous deleted meanwhile: a conversation of its own
     assert contents(store, 5) is None and store.get(rid(5)) is not None
 

@@ -71,6 +71,19 @@ def test_a_stored_response_is_read_back_and_deleted(client: Any, engine: FakeEng
     assert refused.value.body["code"] == "previous_response_not_found"
 
 
+def test_continuing_past_a_deleted_turn_names_the_turn(client: Any, engine: FakeEngine) -> None:
+    engine.reply = REPLY
+    first = client.responses.create(model="fake-model", input="hi")
+    second = client.responses.create(model="fake-model", input="more", previous_response_id=first.id)
+    client.responses.delete(first.id)
+    assert client.responses.retrieve(second.id).id == second.id  # itself still stored
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model="fake-model", input="again", previous_response_id=second.id)
+    body = refused.value.body
+    assert body["code"] == "previous_response_not_found" and body["param"] == "previous_response_id"
+    assert f"continues response '{first.id}', which is no longer stored" in body["message"]
+
+
 def test_store_false_keeps_nothing(client: Any, server: BackgroundServer, engine: FakeEngine) -> None:
     engine.reply = REPLY
     created = client.responses.create(model="fake-model", input="hi", store=False)

@@ -124,8 +124,21 @@ class ResponseStore:
     def conversation(self, response_id: str) -> list[dict[str, Any]] | None:
         """The items of the response and of those it continued, oldest first; None when any of them is
         not stored (never was, or deleted)."""
-        if not RESPONSE_ID.fullmatch(response_id):
+        chain, missing = self._chain(response_id)
+        if missing is not None:
             return None
+        return [item for stored in reversed(chain) for item in stored.items]
+
+    def missing_link(self, response_id: str) -> str | None:
+        """Which response of this one's chain is not stored (itself, or one it continued); None when
+        the whole chain is."""
+        return self._chain(response_id)[1]
+
+    def _chain(self, response_id: str) -> tuple[list[StoredResponse], str | None]:
+        """The response and those it continued, newest first, up to the first that is not stored
+        (returned too; None when every one is)."""
+        if not RESPONSE_ID.fullmatch(response_id):
+            return [], response_id
         with self._lock:
             rows = self._db.execute(
                 f"SELECT id, previous_id, body FROM {TABLE} WHERE conversation = "
@@ -138,11 +151,11 @@ class ResponseStore:
         current: str | None = response_id
         while current is not None:
             if current not in links:
-                return None
+                return chain, current
             previous_id, body = links.pop(current)  # popped: a chain visits each response once
             chain.append(_stored(previous_id, body))
             current = previous_id
-        return [item for stored in reversed(chain) for item in stored.items]
+        return chain, None
 
     def delete(self, response_id: str) -> bool:
         if not RESPONSE_ID.fullmatch(response_id):
@@ -189,6 +202,15 @@ async def stored_conversation(
         raise APIError(400, f"'previous_response_id' is not supported: {why}.", param="previous_response_id")
     history = await asyncio.to_thread(store.conversation, previous_id)
     if history is None:
+        missing = await asyncio.to_thread(store.missing_link, previous_id)
+        if missing is not None and missing != previous_id:
+            raise APIError(
+                400,
+                f"Previous response '{previous_id}' continues response '{missing}', which is no longer "
+                "stored (deleted); send the conversation in 'input' instead.",
+                param="previous_response_id",
+                code="previous_response_not_found",
+            )
         raise APIError(
             400,
             f"Previous response with id '{previous_id}' not found.",
