@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
@@ -79,3 +80,32 @@ def test_an_invalid_value_is_a_400_naming_the_field_as_the_client_spelled_it() -
         build_sampling_params(body.model_copy(update={"top_p": None}), max_tokens=None, logprobs=99,
                               param_names=names, prompt_field="messages", defaults=NO_DEFAULTS)  # fmt: skip
     assert caught.value.status == 400 and caught.value.param == "top_logprobs"
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+
+
+def _schema_of(response_format: dict[str, object]) -> object:
+    body = ChatCompletionRequest(
+        messages=[{"role": "user", "content": "hi"}], response_format=response_format
+    )
+    constraint = _params(body).structured_outputs
+    assert constraint is not None and constraint.json is not None
+    return json.loads(constraint.json)
+
+
+def test_a_schema_beside_json_object_is_honoured() -> None:
+    """llama.cpp's, Fireworks' and Together's form (instructor sends it): the schema is not dropped."""
+    assert _schema_of({"type": "json_object", "schema": PERSON}) == PERSON
+
+
+def test_a_strict_json_schema_closes_its_objects_and_a_loose_one_does_not() -> None:
+    nested = {"type": "object", "properties": {"who": PERSON}, "required": ["who"]}
+    strict = _schema_of(
+        {"type": "json_schema", "json_schema": {"name": "p", "schema": nested, "strict": True}}
+    )
+    assert strict["additionalProperties"] is False
+    assert strict["properties"]["who"]["additionalProperties"] is False
+    for loose in ({"strict": False}, {}):
+        json_schema = {"name": "p", "schema": nested, **loose}
+        assert _schema_of({"type": "json_schema", "json_schema": json_schema}) == nested

@@ -218,7 +218,7 @@ def test_with_a_regex_or_choice_the_model_may_still_call_a_tool(client: Any, eng
     engine.reply = f'<tool_call>{{"name": "get_weather", "arguments": {PARIS}}}</tool_call>'
     for constraint, rule in [
         ({"regex": "[a-z]+"}, "answer: /[a-z]+/"),
-        ({"choice": ["yes", "no"]}, 'answer: "yes" | "no"'),
+        ({"choice": ["yes", "no"]}, "answer: /(?:yes|no)/"),
     ]:
         reply = client.chat.completions.create(
             model="fake-model", messages=USER, tools=TOOLS, extra_body={"structured_outputs": constraint}

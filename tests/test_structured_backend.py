@@ -332,3 +332,18 @@ def test_a_prefetch_without_token_ids_leaves_its_sequences_as_they_were(backend,
     assert masks.index == {"a": 0}
     assert set(allowed_tokens(masks.bitmask[0], 2080).tolist()) == set(EOS), "both letters accepted"
     sequences.close()
+
+
+def test_a_long_choice_list_is_followed_to_its_end(backend, tiny_tokenizer) -> None:
+    """Past 2000 choices, alternatives of one rule overflowed llguidance's parser row on the first
+    token, and the sequence ended there, its output matching none of them."""
+    choice = StructuredOutputs(choice=tuple(f"c{i}" for i in range(2500)))
+    assert greedy_walk(backend, choice, tiny_tokenizer, "c2499") == "c2499"
+
+
+def test_choices_with_regex_characters_are_taken_literally(backend, tiny_tokenizer) -> None:
+    choices = ("a.b", "(x|y)*", "1+1=2", "a/b", "[~]", 'q"\\', "a", "ab")
+    spec = StructuredOutputs(choice=choices)
+    for text in choices:
+        assert greedy_walk(backend, spec, tiny_tokenizer, text) == text
+    assert greedy_walk(backend, spec, tiny_tokenizer, "axb") == "a"

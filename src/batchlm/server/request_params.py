@@ -17,6 +17,7 @@ from batchlm.server.errors import APIError, encodes
 from batchlm.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from batchlm.structured.backend import GrammarError
 from batchlm.structured.llguidance_backend import lark_from_user_grammar
+from batchlm.tools.closed_schema import closed_objects
 
 # (field, accepted value test, why it is refused): known OpenAI fields that batchlm does not serve.
 UnsupportedRule = tuple[str, Callable[[Any], bool], str]
@@ -224,8 +225,10 @@ def _spec(param: str, kinds: dict[str, Any]) -> StructuredOutputs:
         raise APIError(400, f"Invalid '{param}': {error}", param=param) from None
 
 
-def _schema_text(schema: Any, param: str) -> str:
-    """A schema given as an object or as JSON text, serialized (key order kept: it orders the output)."""
+def _schema_text(schema: Any, param: str, strict: bool = False) -> str:
+    """A schema given as an object or as JSON text, serialized (key order kept: it orders the output).
+    strict: its objects that list their properties take no others unless they say so, as in OpenAI's
+    strict mode (which requires `additionalProperties: false` on each) and xgrammar's."""
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
@@ -235,6 +238,8 @@ def _schema_text(schema: Any, param: str) -> str:
             ) from None
     if not isinstance(schema, dict | bool):
         raise APIError(400, f"Invalid '{param}': a JSON schema must be an object.", param=param)
+    if strict and isinstance(schema, dict):
+        schema = closed_objects(schema)
     return json.dumps(schema, ensure_ascii=False, separators=(",", ":"))
 
 
@@ -250,6 +255,10 @@ def _from_response_format(response_format: dict[str, Any]) -> StructuredOutputs 
     if kind == "text":
         return None
     if kind == "json_object":
+        # llama.cpp, Fireworks and Together take a schema beside json_object (instructor and others
+        # send it so): it is honoured rather than dropped for any object.
+        if (schema := response_format.get("schema")) is not None:
+            return StructuredOutputs(json=_schema_text(schema, "response_format"))
         return StructuredOutputs(json_object=True)
     json_schema = response_format.get("json_schema")
     if not isinstance(json_schema, dict):
@@ -261,4 +270,5 @@ def _from_response_format(response_format: dict[str, Any]) -> StructuredOutputs 
     schema = json_schema.get("schema")
     if schema is None:
         return StructuredOutputs(json_object=True)  # OpenAI allows a schema-less json_schema format
-    return StructuredOutputs(json=_schema_text(schema, "response_format"))
+    strict = json_schema.get("strict") is True
+    return StructuredOutputs(json=_schema_text(schema, "response_format", strict))

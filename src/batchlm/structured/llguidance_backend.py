@@ -96,13 +96,25 @@ def _constraint_text(spec: StructuredOutputs) -> str:
     return json.dumps({"grammars": [{"lark_grammar": spec.grammar}, *named]})
 
 
+# The characters Rust's regex syntax gives a meaning (regex_syntax::is_meta_character).
+REGEX_META = frozenset("\\.+*?()|[]{}^$#&-~")
+
+
+def literal_regex(text: str) -> str:
+    """A regex matching exactly `text` (Rust syntax, which escapes only its meta characters)."""
+    return "".join(f"\\{c}" if c in REGEX_META else c for c in text)
+
+
 def lark_terminal(spec: StructuredOutputs) -> str | None:
-    """A regex or choice constraint as one Lark rule body (a regex as a `/.../` terminal, choices as
-    alternatives), for grammars that take it among other rules; None for the other kinds."""
+    """A regex or choice constraint as one Lark rule body, a `/.../` terminal, for grammars that take
+    it among other rules; None for the other kinds. The choices are one terminal, not alternatives of
+    the rule: the parser holds an item per alternative still open, and past llguidance's 2000 a row
+    (a choice list that long) it fails on the first token, its sequence ending there."""
     if spec.regex is not None:
         return f"/{llguidance.regex_to_lark(spec.regex, '')}/"
     if spec.choice is not None:
-        return " | ".join(json.dumps(c) for c in spec.choice)
+        alternatives = "|".join(literal_regex(c) for c in spec.choice)
+        return f"/{llguidance.regex_to_lark(f'(?:{alternatives})', '')}/"
     return None
 
 
