@@ -196,6 +196,13 @@ def test_max_tokens_cut_is_length(client: Any) -> None:
         ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema"),
         ({"structured_outputs": {"regex": "a[b"}}, "structured_outputs", "unclosed character class"),
         ({"structured_outputs": {"grammar": "start: nothing_here"}}, "structured_outputs", "nothing_here"),
+        # Tokens the model's tokenizer lacks: only a check against the tokenizer finds them.
+        (
+            {"structured_outputs": {"grammar": 'start: "a" <|nonexistent|>'}},
+            "structured_outputs",
+            "<|nonexistent|>",
+        ),
+        ({"structured_outputs": {"grammar": 'start: "a" <[99999999]>'}}, "structured_outputs", "99999999"),
         ({"structured_outputs": {"json": "{oops"}}, "structured_outputs", "not valid JSON"),
         ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs", "exactly one"),
         ({"structured_outputs": {"choice": []}}, "structured_outputs", "empty"),
@@ -221,3 +228,17 @@ def test_bad_grammar_on_completions_is_a_400(client: Any) -> None:
         client.completions.create(
             model="tiny", prompt="x", extra_body={"response_format": {"type": "json_object"}}
         )
+
+
+def test_a_grammar_naming_the_tokenizers_own_special_token_is_served(client: Any) -> None:
+    # <|im_end|> is one of the tiny tokenizer's special tokens (tokenizer/builder.py).
+    reply = client.completions.create(
+        model="tiny",
+        prompt="x",
+        max_tokens=5,
+        extra_body={
+            "structured_outputs": {"grammar": 'start: "ab" <|im_end|>'},
+            "skip_special_tokens": False,
+        },
+    )
+    assert reply.choices[0].text.startswith("ab")

@@ -33,6 +33,7 @@ from batchlm.models.model_source import served_model_name
 from batchlm.outputs import EngineCoreOutput, RequestOutput
 from batchlm.request import EngineCoreRequest
 from batchlm.sampling_defaults import sampling_defaults
+from batchlm.structured.factory import tokenizer_grammar_check
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +134,10 @@ class StreamingFrontEnd(EngineClient, Generic[MessageT]):
         self._processor = OutputProcessor(self.tokenizer)
         defaults = sampling_defaults(self.config.generation_config, model_dir)
         self.input_processor = InputProcessor(
-            facts, self.tokenizer.max_chars_per_token, defaults.max_new_tokens
+            facts,
+            self.tokenizer.max_chars_per_token,
+            defaults.max_new_tokens,
+            tokenizer_grammar_check(self.tokenizer.hf, facts.vocab_size),
         )
         name = served_model_name(self.config, model_dir)
         aliases = tuple(sorted({self.config.model, str(model_dir)} - {name}))

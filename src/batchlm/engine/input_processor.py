@@ -5,12 +5,12 @@ ValidatedRequest, which the engine core and runner take as given (they only asse
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from batchlm.core.facts import ModelFacts
 from batchlm.engine.client import RequestRejectedError
-from batchlm.sampling_params import SamplingParams
+from batchlm.sampling_params import SamplingParams, StructuredOutputs
 
 CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
 
@@ -43,9 +43,16 @@ class InputProcessor:
     """Raises RequestRejectedError (a client error, HTTP 400) naming the field at fault."""
 
     def __init__(
-        self, facts: ModelFacts, max_chars_per_token: int | None = None, default_max_tokens: int | None = None
+        self,
+        facts: ModelFacts,
+        max_chars_per_token: int | None = None,
+        default_max_tokens: int | None = None,
+        grammar_check: Callable[[StructuredOutputs], None] | None = None,
     ) -> None:
         self.facts = facts
+        # Checks a constraint against the model's tokenizer (the tokens a grammar names); raises
+        # GrammarError. None: only the tokenizer-free checks.
+        self.grammar_check = grammar_check
         # The most characters one token stands for (tokenizer/text_bound.py); None when unknown.
         self.max_chars_per_token = max_chars_per_token
         # The completion length of a request that sets none (the model's max_new_tokens), at most the
@@ -88,7 +95,7 @@ class InputProcessor:
         params = self._with_budget(len(prompt_token_ids), params, names)
         self._check_kv_room(len(prompt_token_ids), params)
         if params.structured_outputs is not None:
-            _check_structured_outputs(params, names.structured_outputs)
+            _check_structured_outputs(params, names.structured_outputs, self.grammar_check)
         if params.prompt_logprobs is not None and not self.facts.computes_prompt_logprobs:
             raise RequestRejectedError(
                 "Prompt log-probabilities are not computed by this engine.",
@@ -161,8 +168,11 @@ class InputProcessor:
             )
 
 
-def _check_structured_outputs(params: SamplingParams, param: str) -> None:
-    """A constraint must compile (its error names the problem), and leave EOS allowed when it is done."""
+def _check_structured_outputs(
+    params: SamplingParams, param: str, grammar_check: Callable[[StructuredOutputs], None] | None
+) -> None:
+    """A constraint must compile, against the tokenizer too where a check is given (its error names the
+    problem), and leave EOS allowed when it is done."""
     from batchlm.structured.backend import GrammarError
     from batchlm.structured.llguidance_backend import validated_grammar
 
@@ -174,5 +184,7 @@ def _check_structured_outputs(params: SamplingParams, param: str) -> None:
         )
     try:
         validated_grammar(params.structured_outputs)
+        if grammar_check is not None:
+            grammar_check(params.structured_outputs)
     except GrammarError as exc:
         raise RequestRejectedError(f"Invalid '{param}': {exc}", param) from None

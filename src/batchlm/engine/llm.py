@@ -18,6 +18,7 @@ from batchlm.models.model_source import load_tokenizer, prepare_model_dir
 from batchlm.outputs import RequestOutput
 from batchlm.sampling_defaults import check_generation_config, sampling_defaults
 from batchlm.sampling_params import SamplingParams
+from batchlm.structured.factory import tokenizer_grammar_check
 from batchlm.tokenizer.tokenizer import Tokenizer
 
 # Text, token ids, or vLLM's prompt dicts: {"prompt": text} and {"prompt_token_ids": ids} (with an
@@ -46,7 +47,9 @@ class LLM:
         self.engine_core, self.info = build_engine_core(self.config, model_dir)
         self.sampling_defaults = sampling_defaults(self.config.generation_config, model_dir)
         self.input_processor = InputProcessor(
-            self.info, default_max_tokens=self.sampling_defaults.max_new_tokens
+            self.info,
+            default_max_tokens=self.sampling_defaults.max_new_tokens,
+            grammar_check=tokenizer_grammar_check(self.tokenizer.hf, self.info.vocab_size),
         )
         self._counter = itertools.count()
 

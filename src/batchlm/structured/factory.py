@@ -8,8 +8,10 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from batchlm.config import EngineConfig
+from batchlm.sampling_params import StructuredOutputs
 from batchlm.structured.backend import GrammarBackend
 
 logger = logging.getLogger(__name__)
@@ -55,3 +57,21 @@ def backend_factory(
         return backend
 
     return make
+
+
+def tokenizer_grammar_check(hf: Any, vocab_size: int) -> Callable[[StructuredOutputs], None]:
+    """The API edge's check of the tokens a user's grammar names (llguidance_backend.GrammarTokenCheck),
+    importing llguidance on the first grammar, not at start-up."""
+    check: Callable[[StructuredOutputs], None] | None = None
+
+    def run(spec: StructuredOutputs) -> None:
+        nonlocal check
+        if spec.grammar is None:
+            return
+        if check is None:
+            from batchlm.structured.llguidance_backend import GrammarTokenCheck
+
+            check = GrammarTokenCheck(hf, vocab_size)
+        check(spec)
+
+    return run

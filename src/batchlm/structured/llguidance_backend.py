@@ -4,6 +4,7 @@ grammar form, with masks computed by its Rust matcher (the GIL is released while
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Callable, Sequence
 from operator import itemgetter
@@ -131,6 +132,40 @@ def validated_grammar(spec: StructuredOutputs) -> str:
 
     with _validated_lock:
         return _validated.get_or_make(spec.key, make)
+
+
+# How a Lark grammar names tokens of the tokenizer: <|special|>, <[id]> or <[first-last]>.
+TOKEN_REFERENCE = re.compile(r"<\||<\[")
+
+
+class GrammarTokenCheck:
+    """The tokens a user's grammar names (special tokens, token ids) checked against the model's
+    tokenizer, as validated_grammar cannot: a grammar naming one the tokenizer lacks is then a 400, not
+    a request the engine ends at once. llguidance's view of the tokenizer is built on the first such
+    grammar (a fraction of a second for a large vocabulary); other grammars never need it."""
+
+    def __init__(self, hf: PreTrainedTokenizerBase, vocab_size: int) -> None:
+        self._hf = hf
+        self._vocab_size = vocab_size
+        self._tokenizer: llguidance.LLTokenizer | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, spec: StructuredOutputs) -> None:
+        """Raises GrammarError naming the token the tokenizer lacks."""
+        if spec.grammar is None or not TOKEN_REFERENCE.search(spec.grammar):
+            return
+        error = llguidance.LLMatcher.validate_grammar(validated_grammar(spec), self._llguidance_tokenizer())
+        if error:
+            raise GrammarError(f"the {_kind_name(spec)} does not compile: {error.strip()}")
+
+    def _llguidance_tokenizer(self) -> llguidance.LLTokenizer:
+        with self._lock:
+            if self._tokenizer is None:
+                import llguidance.hf
+
+                n_vocab = max(self._vocab_size, len(self._hf))
+                self._tokenizer = llguidance.hf.from_tokenizer(self._hf, n_vocab=n_vocab)  # type: ignore[arg-type]
+            return self._tokenizer
 
 
 def validated_cache() -> LRUCache[tuple[str, str], str]:
