@@ -42,7 +42,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"engine"}),
     frozenset({"backends"}),
     frozenset(
-        {"server", "cli", "generate_cli", "run_batch", "bench", ""}
+        {"server", "cli", "__main__", "generate_cli", "run_batch", "bench", ""}
     ),  # "" is the batchlm package's own __init__
 )
 
