@@ -68,3 +68,13 @@ def test_generate_samples_as_the_model_recommends_unless_told_otherwise(
     [line] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     first, second = (c["token_ids"] for c in line["completions"])
     assert (first == second) is same
+
+
+def test_generate_reports_a_prompt_the_model_cannot_take(
+    tiny_model_dir: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = str(tiny_model_dir("llama"))
+    assert main(["generate", "--model", model, "--device", "cpu", "--max-tokens", "100000", "hi"]) == 2
+    assert "maximum context length" in capsys.readouterr().err
+    assert main(["generate", "--model", str(Path(model) / "missing"), "hi"]) == 2
+    assert "does not exist" in capsys.readouterr().err

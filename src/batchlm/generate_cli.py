@@ -84,14 +84,24 @@ def run(args: argparse.Namespace) -> int:
     from batchlm.engine.llm import LLM
 
     config = dataclass_from_args(EngineConfig, args)
-    llm = LLM(**config.__dict__)
+    # A model that cannot load and a prompt the model cannot take (too long for its context, a chat
+    # template that fails) are the user's to fix: one line saying why, not a traceback.
+    try:
+        llm = LLM(**config.__dict__)
+    except ValueError as error:
+        print(f"batchlm generate: {error}", file=sys.stderr)
+        return 2
     recommended = llm.sampling_defaults.given()
     params = params.clone(**{name: value for name, value in recommended.items() if name not in given})
     started = time.perf_counter()
-    if args.chat:
-        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
-    else:
-        outputs = llm.generate(prompts, params)
+    try:
+        if args.chat:
+            outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
+        else:
+            outputs = llm.generate(prompts, params)
+    except ValueError as error:
+        print(f"batchlm generate: {error}", file=sys.stderr)
+        return 2
     elapsed = time.perf_counter() - started
     for prompt, output in zip(prompts, outputs, strict=True):
         _print_output(prompt, output, as_json=args.json)

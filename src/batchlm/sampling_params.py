@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json as _json
+import math
+import numbers
+import operator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -43,6 +47,24 @@ class StructuredOutputs:
     subgrammars: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
+        # vLLM's StructuredOutputsParams takes a schema as an object too (a pydantic model's
+        # model_json_schema()); it is kept as JSON text, the form the grammar cache keys on.
+        if self.json is not None and not isinstance(self.json, str):
+            if not isinstance(self.json, dict | bool):
+                raise SamplingParamsError(
+                    f"structured_outputs.json must be a JSON schema (an object or its JSON text), "
+                    f"got {type(self.json).__name__}",
+                    "structured_outputs",
+                )
+            text = _json.dumps(self.json, ensure_ascii=False, separators=(",", ":"))
+            object.__setattr__(self, "json", text)
+        if self.choice is not None and not isinstance(self.choice, tuple):
+            if isinstance(self.choice, str):
+                raise SamplingParamsError(
+                    "structured_outputs.choice must be a list of strings, not one string",
+                    "structured_outputs",
+                )
+            object.__setattr__(self, "choice", tuple(self.choice))
         kinds = [self.json is not None, self.json_object, self.regex is not None]
         kinds += [self.choice is not None, self.grammar is not None]
         if sum(kinds) != 1:
@@ -79,6 +101,32 @@ class StructuredOutputs:
             return ("grammar", self.grammar)
         named = "".join(f"\x00{name}\x00{text}" for name, text in self.subgrammars)
         return ("grammar+subgrammars", f"{self.grammar}{named}")
+
+
+# vLLM's name for the same parameters.
+StructuredOutputsParams = StructuredOutputs
+
+# Fields that take a whole number (None allowed where the default is None) or a real number. They are
+# checked and normalized (numpy scalars to Python numbers) on construction: a value of the wrong type
+# would otherwise pass the range checks and fail later inside the engine's step, which cannot recover.
+_INTEGER_FIELDS = (
+    "n",
+    "top_k",
+    "seed",
+    "max_tokens",
+    "min_tokens",
+    "logprobs",
+    "prompt_logprobs",
+    "truncate_prompt_tokens",
+)
+_REAL_FIELDS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+)
 
 
 @dataclass
@@ -130,14 +178,41 @@ class SamplingParams:
     final_output_only: bool = False
 
     def __post_init__(self) -> None:
+        self._normalize_numbers()
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
+        bad_stop = next((s for s in self.stop if not isinstance(s, str)), None)
+        if bad_stop is not None:
+            raise SamplingParamsError(f"stop must be strings, got {bad_stop!r}", "stop")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputs):
+            raise SamplingParamsError(
+                "structured_outputs must be a StructuredOutputs (batchlm.sampling_params), got "
+                f"{type(self.structured_outputs).__name__}",
+                "structured_outputs",
+            )
         self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
         self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
         if self.top_k == -1:
             self.top_k = 0
         self.validate()
+
+    def _normalize_numbers(self) -> None:
+        for name in _INTEGER_FIELDS:
+            value = getattr(self, name)
+            if value is None and name not in ("n", "top_k", "min_tokens"):
+                continue
+            try:
+                if isinstance(value, bool):
+                    raise TypeError
+                setattr(self, name, operator.index(value))
+            except TypeError:
+                raise SamplingParamsError(f"{name} must be an integer, got {value!r}", name) from None
+        for name in _REAL_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise SamplingParamsError(f"{name} must be a finite number, got {value!r}", name)
+            setattr(self, name, float(value))
 
     def validate(self) -> None:
         def fail(message: str, param: str) -> None:

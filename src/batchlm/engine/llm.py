@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import itertools
 from array import array
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from os import PathLike, fspath
+from typing import Any, cast
 
 from tqdm.auto import tqdm
 
@@ -20,6 +21,7 @@ from batchlm.sampling_defaults import check_generation_config, sampling_defaults
 from batchlm.sampling_params import SamplingParams
 from batchlm.structured.factory import tokenizer_grammar_check
 from batchlm.tokenizer.tokenizer import Tokenizer
+from batchlm.tools.prompting import template_knows_tools, with_generic_tool_prompt
 
 # Text, token ids, or vLLM's prompt dicts: {"prompt": text} and {"prompt_token_ids": ids} (with an
 # optional "prompt" beside the ids, kept as the output's prompt text).
@@ -35,7 +37,13 @@ class LLM:
     Keyword arguments are EngineConfig fields (max_model_len, dtype, device, tensor_parallel_size, ...).
     """
 
-    def __init__(self, model: str = DEMO_MODEL, **kwargs: Any) -> None:
+    def __init__(self, model: str | None = DEMO_MODEL, **kwargs: Any) -> None:
+        """model: a model directory, GGUF file, hub id, or None / "demo" / "default" for the built-in one."""
+        if model is None:
+            model = DEMO_MODEL
+        if not isinstance(model, str | PathLike):
+            raise TypeError(f"model must be a path or a name, got {type(model).__name__}")
+        model = fspath(model)
         unknown = set(kwargs) - set(EngineConfig.field_names())
         if unknown:
             raise TypeError(f"unknown LLM arguments: {', '.join(sorted(unknown))}")
@@ -72,13 +80,24 @@ class LLM:
         dict); results come back in prompt order. use_tqdm: a progress bar on stderr (prompts done,
         tokens a second) once the call has run PROGRESS_DELAY_S seconds."""
         prompt_list = _as_prompt_list(prompts)
-        params_list = _as_params_list(sampling_params or self.get_default_sampling_params(), len(prompt_list))
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
+        params_list = _as_params_list(sampling_params, len(prompt_list))
         processor = OutputProcessor(self.tokenizer, text_when_finished=True)
         pairs = zip(prompt_list, params_list, strict=True)
         # Every prompt is validated before any is queued: one bad prompt fails the call with nothing
         # left running in the engine.
         requests = [self._validated(prompt, params) for prompt, params in pairs]
-        order = [self._submit(processor, request) for request in requests]
+        order: list[str] = []
+        try:
+            for request in requests:
+                order.append(self._submit(processor, request))
+        except BaseException:
+            # Nothing of a failed call stays queued to run with the next one.
+            self.engine_core.abort_requests(
+                [core_id for request_id in order for core_id in processor.core_ids_of(request_id)]
+            )
+            raise
         with tqdm(
             total=len(order),
             desc="Processed prompts",
@@ -96,13 +115,27 @@ class LLM:
         chat_template_kwargs: dict[str, Any] | None = None,
         *,
         use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[RequestOutput]:
-        """Apply the chat template to one conversation or a list of them, then generate."""
+        """Apply the chat template to one conversation or a list of them, then generate. As in vLLM,
+        each output's `prompt` is the rendered template; `tools` reach the template as its `tools`
+        variable (a template that does not use them gets them in a system prompt)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [
-            self.tokenizer.apply_chat_template(list(conv), chat_template_kwargs=chat_template_kwargs)  # type: ignore[arg-type]
-            for conv in conversations
-        ]
+        prompts: list[PromptInput] = []
+        for conversation in conversations:
+            converted = cast(list[dict[str, Any]], list(conversation))
+            kwargs = chat_template_kwargs
+            if tools is not None:
+                if not template_knows_tools(self.tokenizer.chat_template):
+                    converted = with_generic_tool_prompt(converted, tools)
+                kwargs = {**(chat_template_kwargs or {}), "tools": tools}
+            text = self.tokenizer.render_chat_template(
+                converted, add_generation_prompt, kwargs, continue_final_message
+            )
+            ids = self.tokenizer.chat_ids(self.tokenizer.encode(text, add_special_tokens=False))
+            prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def _validated(self, prompt: PromptInput, params: SamplingParams) -> ValidatedRequest:
@@ -167,12 +200,21 @@ def _prompt_parts(prompt: PromptInput) -> tuple[str | None, list[int] | None]:
         if text is None:
             raise ValueError("a prompt dict needs 'prompt' (text) or 'prompt_token_ids'")
         return text, None
-    return None, _token_id_list(prompt)
+    if not isinstance(prompt, Iterable) or isinstance(prompt, bytes | bytearray):
+        raise TypeError(
+            "each prompt must be text, a list of token ids, or a dict with 'prompt' or 'prompt_token_ids'; "
+            f"got {type(prompt).__name__}"
+        )
+    return None, _token_id_list(prompt)  # type: ignore[arg-type]
 
 
 def _as_prompt_list(prompts: PromptInput | Sequence[PromptInput]) -> list[PromptInput]:
     if isinstance(prompts, str | Mapping):
         return [prompts]
+    if not isinstance(prompts, Iterable) or isinstance(prompts, bytes | bytearray):
+        raise TypeError(
+            f"prompts must be text, token ids, a prompt dict, or a list of them; got {type(prompts).__name__}"
+        )
     items = list(prompts)
     if items and all(isinstance(t, int) for t in items):
         return [items]  # type: ignore[list-item]
@@ -182,7 +224,16 @@ def _as_prompt_list(prompts: PromptInput | Sequence[PromptInput]) -> list[Prompt
 def _as_params_list(params: SamplingParams | Sequence[SamplingParams], count: int) -> list[SamplingParams]:
     if isinstance(params, SamplingParams):
         return [params] * count
+    if not isinstance(params, Sequence) or isinstance(params, str):
+        raise TypeError(
+            f"sampling_params must be a SamplingParams or a list of them, got {type(params).__name__}"
+        )
     params_list = list(params)
+    wrong = next((p for p in params_list if not isinstance(p, SamplingParams)), None)
+    if wrong is not None:
+        raise TypeError(
+            f"sampling_params must be a SamplingParams or a list of them, got a {type(wrong).__name__} in the list"
+        )
     if len(params_list) != count:
         raise ValueError(f"got {len(params_list)} SamplingParams for {count} prompts")
     return params_list

@@ -1,0 +1,155 @@
+"""What a vLLM offline script passes `LLM` and `SamplingParams` either works as there or fails at once
+with an error naming the argument, and a failed call leaves the engine as it was: a value of the wrong
+type used to pass the range checks and break the engine's step for every later call."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from batchlm import LLM, SamplingParams
+from batchlm.engine.output_processor import OutputProcessor
+from batchlm.sampling_params import SamplingParamsError, StructuredOutputs, StructuredOutputsParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+CONVERSATION = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir: Callable[..., Path]) -> LLM:
+    return LLM(model=str(tiny_model_dir("llama")), device="cpu")
+
+
+def token_ids(llm: LLM, params: SamplingParams = GREEDY) -> list[int]:
+    return list(llm.generate("hello", params, use_tqdm=False)[0].outputs[0].token_ids)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("seed", 1.5),
+        ("seed", "7"),
+        ("logprobs", 1.5),
+        ("max_tokens", 3.5),
+        ("min_tokens", 1.5),
+        ("n", True),
+        ("top_k", 2.0),
+        ("temperature", "0.5"),
+        ("temperature", float("nan")),
+        ("top_p", None),
+    ],
+)
+def test_wrongly_typed_numbers_are_refused_by_name(field: str, value: Any) -> None:
+    with pytest.raises(SamplingParamsError, match=field) as caught:
+        SamplingParams(**{field: value})
+    assert caught.value.param == field
+
+
+def test_numpy_numbers_are_taken_as_python_numbers() -> None:
+    params = SamplingParams(seed=np.int64(3), max_tokens=np.int32(5), temperature=np.float32(0.5))
+    assert type(params.seed) is int and type(params.max_tokens) is int and type(params.temperature) is float
+    assert params.clone(top_k=np.int64(2)).top_k == 2
+
+
+def test_stop_strings_and_constraints_are_checked_on_construction() -> None:
+    with pytest.raises(SamplingParamsError, match="stop must be strings"):
+        SamplingParams(stop=[5])  # type: ignore[list-item]
+    with pytest.raises(SamplingParamsError, match="must be a StructuredOutputs"):
+        SamplingParams(structured_outputs={"choice": ["a"]})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", [{"seed": 1.5}, {"logprobs": 1.5}, {"stop": [5]}, {"seed": "x"}])
+def test_a_refused_call_leaves_the_engine_working(llm: LLM, bad: dict[str, Any]) -> None:
+    before = token_ids(llm)
+    with pytest.raises(SamplingParamsError):
+        llm.generate(["ok", "bad"], [GREEDY, SamplingParams(max_tokens=3, **bad)], use_tqdm=False)
+    assert not llm.engine_core.has_work()
+    assert token_ids(llm) == before
+
+
+def test_a_call_failing_while_queueing_leaves_nothing_queued(
+    llm: LLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    add = OutputProcessor.add_validated
+    calls = []
+
+    def failing_second(self: OutputProcessor, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("queueing failed")
+        return add(self, *args, **kwargs)
+
+    monkeypatch.setattr(OutputProcessor, "add_validated", failing_second)
+    with pytest.raises(RuntimeError, match="queueing failed"):
+        llm.generate(["one", "two"], SamplingParams(n=2, max_tokens=3), use_tqdm=False)
+    assert not llm.engine_core.has_work()
+
+
+def test_sampling_params_of_the_wrong_kind_are_refused(llm: LLM) -> None:
+    with pytest.raises(ValueError, match="got 0 SamplingParams for 2 prompts"):
+        llm.generate(["a", "b"], [], use_tqdm=False)
+    with pytest.raises(TypeError, match="sampling_params must be a SamplingParams"):
+        llm.generate("a", {"max_tokens": 3}, use_tqdm=False)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="sampling_params must be a SamplingParams"):
+        llm.generate(["a"], [{"max_tokens": 3}], use_tqdm=False)  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize(
+    ("prompts", "message"),
+    [(None, "prompts must be"), (5, "prompts must be"), (["a", None], "each prompt must be")],
+)
+def test_prompts_of_the_wrong_kind_are_refused(llm: LLM, prompts: Any, message: str) -> None:
+    with pytest.raises(TypeError, match=message):
+        llm.generate(prompts, GREEDY, use_tqdm=False)
+
+
+def test_a_schema_object_constrains_as_its_text_does(llm: LLM) -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    as_object = StructuredOutputsParams(json=schema)  # vLLM's name, and vLLM's form of the schema
+    assert as_object == StructuredOutputs(json=json.dumps(schema, separators=(",", ":")))
+    params = SamplingParams(temperature=0, max_tokens=40, structured_outputs=as_object)
+    text = llm.generate("x", params, use_tqdm=False)[0].outputs[0].text
+    assert isinstance(json.loads(text)["a"], int)
+    assert StructuredOutputs(choice=["a", "b"]).choice == ("a", "b")
+    with pytest.raises(SamplingParamsError, match=r"structured_outputs\.json"):
+        StructuredOutputs(json=5)  # type: ignore[arg-type]
+
+
+def test_chat_outputs_carry_the_rendered_prompt(llm: LLM) -> None:
+    (output,) = llm.chat(CONVERSATION, GREEDY, use_tqdm=False)
+    tokenizer = llm.get_tokenizer()
+    assert output.prompt == tokenizer.render_chat_template(CONVERSATION)
+    assert output.prompt_token_ids == tokenizer.apply_chat_template(CONVERSATION)
+
+
+def test_chat_takes_vllms_template_arguments(llm: LLM) -> None:
+    tokenizer = llm.get_tokenizer()
+    (plain,) = llm.chat(CONVERSATION, GREEDY, use_tqdm=False, add_generation_prompt=False)
+    assert plain.prompt == tokenizer.render_chat_template(CONVERSATION, add_generation_prompt=False)
+    started = [*CONVERSATION, {"role": "assistant", "content": "Sure"}]
+    (continued,) = llm.chat(
+        started, GREEDY, use_tqdm=False, add_generation_prompt=False, continue_final_message=True
+    )
+    assert continued.prompt is not None and continued.prompt.endswith("Sure")
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    (with_tools,) = llm.chat(CONVERSATION, GREEDY, use_tqdm=False, tools=tools)
+    assert with_tools.prompt is not None and "get_weather" in with_tools.prompt
+
+
+def test_model_none_is_the_built_in_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    from batchlm.engine import llm as llm_module
+
+    def prepared(config: Any) -> Path:
+        assert config.built_in_model
+        raise LookupError("stop before loading")
+
+    monkeypatch.setattr(llm_module, "prepare_model_dir", prepared)
+    with pytest.raises(LookupError, match="stop before loading"):
+        LLM(model=None)
+    with pytest.raises(TypeError, match="model must be a path or a name"):
+        LLM(model=5)  # type: ignore[arg-type]
