@@ -125,6 +125,15 @@ def check_supported(reader: GGUFFile, path: Path) -> str:
         raise ValueError(
             f"{path}: unsupported GGUF architecture {arch!r}; batchlm loads {', '.join(sorted(GGUF_ARCHITECTURES))}"
         )
+    shards = int(reader.metadata("split.count", 1) or 1)
+    if shards > 1:
+        shard = int(reader.metadata("split.no", 0) or 0) + 1
+        raise ValueError(
+            f"{path} is shard {shard} of a GGUF file split in {shards}; batchlm loads single files: merge the "
+            "shards first (llama.cpp's `llama-gguf-split --merge <first shard> <merged>.gguf`)"
+        )
+    if not any(tensor.name == "token_embd.weight" for tensor in reader.tensors):
+        raise ValueError(f"{path}: the file has no token embedding tensor (token_embd.weight)")
     for tensor in reader.tensors:
         if tensor.tensor_type.name not in SUPPORTED_TYPES:
             raise ValueError(
@@ -147,22 +156,24 @@ def hf_config(reader: GGUFFile, path: Path) -> dict[str, Any]:
     arch = check_supported(reader, path)
     layout = gguf_layout(reader)
     model_type, architecture = _LAYOUT_FAMILIES[layout]
-    heads = int(reader.metadata(f"{arch}.attention.head_count"))
-    hidden = int(reader.metadata(f"{arch}.embedding_length"))
+    heads = required_int(reader, f"{arch}.attention.head_count", path)
+    hidden = required_int(reader, f"{arch}.embedding_length", path)
     embedding_rows = next(int(t.shape[-1]) for t in reader.tensors if t.name == "token_embd.weight")
     config: dict[str, Any] = {
         "model_type": model_type,
         "architectures": [architecture],
         "vocab_size": embedding_rows,
         "hidden_size": hidden,
-        "intermediate_size": int(reader.metadata(f"{arch}.feed_forward_length")),
-        "num_hidden_layers": int(reader.metadata(f"{arch}.block_count")),
+        "intermediate_size": required_int(reader, f"{arch}.feed_forward_length", path),
+        "num_hidden_layers": required_int(reader, f"{arch}.block_count", path),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(reader.metadata(f"{arch}.attention.head_count_kv", heads)),
-        "head_dim": int(reader.metadata(f"{arch}.attention.key_length", hidden // heads)),
-        "max_position_embeddings": int(reader.metadata(f"{arch}.context_length")),
-        "rms_norm_eps": round_float32(reader.metadata(f"{arch}.attention.layer_norm_rms_epsilon")),
-        "rope_theta": round_float32(reader.metadata(f"{arch}.rope.freq_base", 10000.0)),
+        "num_key_value_heads": kv_head_count(reader, arch, heads, path),
+        "head_dim": required_int(reader, f"{arch}.attention.key_length", path, hidden // heads),
+        "max_position_embeddings": required_int(reader, f"{arch}.context_length", path),
+        "rms_norm_eps": round_float32(
+            required(reader, f"{arch}.attention.layer_norm_rms_epsilon", path, float)
+        ),
+        "rope_theta": round_float32(required(reader, f"{arch}.rope.freq_base", path, float, 10000.0)),
         "hidden_act": "silu",
         "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
         "attention_bias": False,
@@ -173,20 +184,57 @@ def hf_config(reader: GGUFFile, path: Path) -> dict[str, Any]:
     if model_type in ("qwen2", "qwen3"):
         config["use_sliding_window"] = False
     if arch in GEMMA_ARCHITECTURES:
-        config.update(_gemma_config(reader, arch, config))
+        config.update(_gemma_config(reader, arch, config, path))
     if arch == "phi3":
         config.update(_phi3_config(reader, config))
     if arch == "qwen3moe":
-        config.update(_moe_config(reader, arch))
+        config.update(_moe_config(reader, arch, path))
     if layout == MIXTRAL_LAYOUT:
-        config.update(_mixtral_config(reader, arch))
+        config.update(_mixtral_config(reader, arch, path))
     scaling = rope_scaling(reader, arch, config["head_dim"], config["rope_theta"], path)
     if scaling is not None:
         config["rope_scaling"] = scaling
     return config
 
 
-def _gemma_config(reader: GGUFFile, arch: str, config: dict[str, Any]) -> dict[str, Any]:
+def required(reader: GGUFFile, key: str, path: Path, kind: type, default: Any = None) -> Any:
+    """A metadata value of this Python kind (int or float: a number), or `default` when the file lacks
+    it; ValueError naming the key when it is missing without a default or is not a number."""
+    value = reader.metadata(key, default)
+    if value is None:
+        raise ValueError(f"{path}: the GGUF metadata lacks {key!r}, which batchlm needs to load the model")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{path}: GGUF metadata {key!r} is {value!r}, where a number was expected")
+    return kind(value)
+
+
+def required_int(reader: GGUFFile, key: str, path: Path, default: int | None = None) -> int:
+    value = required(reader, key, path, float, default)
+    if value != int(value) or value <= 0:
+        raise ValueError(f"{path}: GGUF metadata {key!r} is {value!r}, where a positive integer was expected")
+    return int(value)
+
+
+def kv_head_count(reader: GGUFFile, arch: str, heads: int, path: Path) -> int:
+    """The KV head count (all heads without the key, as llama.cpp reads it). Some converters write one
+    a layer: the same for every layer reads as that number; differing counts are refused."""
+    key = f"{arch}.attention.head_count_kv"
+    value = reader.metadata(key)
+    if isinstance(value, list):
+        if len(set(value)) != 1:
+            raise ValueError(
+                f"{path}: GGUF metadata {key!r} gives layers different KV head counts ({sorted(set(value))}), "
+                "which batchlm does not load"
+            )
+        value = value[0]
+    if value is None:
+        return heads
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{path}: GGUF metadata {key!r} is {value!r}, where a positive integer was expected")
+    return value
+
+
+def _gemma_config(reader: GGUFFile, arch: str, config: dict[str, Any], path: Path) -> dict[str, Any]:
     """What Gemma adds: the sliding window (every other layer in Gemma 2, five of six in Gemma 3, as
     their HF configs default and llama.cpp assumes), logit soft-caps, and the query scale, which the
     file does not store: 1/sqrt(head_dim), but 1/sqrt(hidden/heads) for the 27B models, as llama.cpp
@@ -196,7 +244,7 @@ def _gemma_config(reader: GGUFFile, arch: str, config: dict[str, Any]) -> dict[s
     extra: dict[str, Any] = {
         "hidden_activation": "gelu_pytorch_tanh",
         "hidden_act": "gelu_pytorch_tanh",
-        "sliding_window": int(reader.metadata(f"{arch}.attention.sliding_window")),
+        "sliding_window": required_int(reader, f"{arch}.attention.sliding_window", path),
         "query_pre_attn_scalar": hidden // heads if is_27b else config["head_dim"],
         "tie_word_embeddings": True,
     }
@@ -210,26 +258,26 @@ def _gemma_config(reader: GGUFFile, arch: str, config: dict[str, Any]) -> dict[s
     return extra
 
 
-def _moe_config(reader: GGUFFile, arch: str) -> dict[str, Any]:
+def _moe_config(reader: GGUFFile, arch: str, path: Path) -> dict[str, Any]:
     """Qwen3-MoE's experts: every layer sparse, the kept routing weights renormalized (as llama.cpp
     runs this architecture and Qwen's configs say)."""
     return {
-        "num_experts": int(reader.metadata(f"{arch}.expert_count")),
-        "num_experts_per_tok": int(reader.metadata(f"{arch}.expert_used_count")),
-        "moe_intermediate_size": int(reader.metadata(f"{arch}.expert_feed_forward_length")),
+        "num_experts": required_int(reader, f"{arch}.expert_count", path),
+        "num_experts_per_tok": required_int(reader, f"{arch}.expert_used_count", path),
+        "moe_intermediate_size": required_int(reader, f"{arch}.expert_feed_forward_length", path),
         "norm_topk_prob": True,
         "decoder_sparse_step": 1,
         "mlp_only_layers": [],
     }
 
 
-def _mixtral_config(reader: GGUFFile, arch: str) -> dict[str, Any]:
+def _mixtral_config(reader: GGUFFile, arch: str, path: Path) -> dict[str, Any]:
     """Mixtral's experts: every layer sparse, each expert feed_forward_length wide (the config's
     intermediate_size), the kept routing weights renormalized (as HF's Mixtral and llama.cpp run it);
     no sliding window."""
     return {
-        "num_local_experts": int(reader.metadata(f"{arch}.expert_count")),
-        "num_experts_per_tok": int(reader.metadata(f"{arch}.expert_used_count")),
+        "num_local_experts": required_int(reader, f"{arch}.expert_count", path),
+        "num_experts_per_tok": required_int(reader, f"{arch}.expert_used_count", path),
         "sliding_window": None,
     }
 
@@ -259,7 +307,7 @@ def iter_gguf_tensors(reader: GGUFFile) -> Iterator[tuple[str, LoadedWeight]]:
     QuantizedTensor. Llama q/k rows are put back in HF order (see unpermute_rows)."""
     arch = str(reader.metadata("general.architecture", ""))
     heads = int(reader.metadata(f"{arch}.attention.head_count", 0))
-    kv_heads = int(reader.metadata(f"{arch}.attention.head_count_kv", heads))
+    kv_heads = kv_head_count(reader, arch, heads, reader.path)
     layout = gguf_layout(reader)
     for tensor in weight_tensors(reader):
         name = hf_tensor_name(tensor.name, layout)

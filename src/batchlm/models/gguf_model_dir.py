@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -19,13 +20,14 @@ from typing import Any
 
 from batchlm.config import cache_root
 from batchlm.models.gguf_file import hf_config, open_gguf
+from batchlm.models.gguf_reader import GGUFFile
 
 logger = logging.getLogger(__name__)
 
 # The pointer file: {"gguf_file": absolute path}.
 GGUF_SOURCE_FILE = "gguf_source.json"
 # Bump when what is derived changes, so stale cache entries are not reused.
-DERIVED_VERSION = "gguf-v2"
+DERIVED_VERSION = "gguf-v3"
 # The sampling values a GGUF file may recommend (llama.cpp's general.sampling keys), as
 # generation_config.json names them.
 _SAMPLING_KEYS = {
@@ -37,6 +39,25 @@ _SAMPLING_KEYS = {
 }
 # general.architecture -> the model type transformers' GGUF loading names, where the two differ.
 _TRANSFORMERS_MODEL_TYPES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+# Tokens llama.cpp ends a generation at by their text (llama-vocab.cpp), beside the ids the file states.
+_END_OF_GENERATION_TOKENS = frozenset(
+    {
+        "<|eot_id|>",
+        "<|im_end|>",
+        "<|end|>",
+        "<|return|>",
+        "<|call|>",
+        "<end_of_turn>",
+        "<|endoftext|>",
+        "<|eom_id|>",
+        "<EOT>",
+        "_<EOT>",
+        "<|end_of_text|>",
+        "<end_of_utterance>",
+    }
+)
+# llama.cpp's split shards: model-00001-of-00003.gguf.
+_SPLIT_SHARD = re.compile(r"-\d{5}-of-\d{5}\.gguf$", re.IGNORECASE)
 _DERIVED_FILES = ("config.json", "generation_config.json", "tokenizer.json", GGUF_SOURCE_FILE)
 
 
@@ -50,6 +71,11 @@ def find_gguf_file(path: Path) -> Path | None:
     found = sorted(path.glob("*.gguf"))
     if len(found) > 1:
         names = ", ".join(p.name for p in found)
+        if all(_SPLIT_SHARD.search(p.name) for p in found):
+            raise ValueError(
+                f"{path} holds the shards of a split GGUF file ({names}); batchlm loads single files: merge "
+                "them first (llama.cpp's `llama-gguf-split --merge <first shard> <merged>.gguf`)"
+            )
         raise ValueError(f"{path} holds several GGUF files ({names}); pass the one to serve")
     return found[0] if found else None
 
@@ -92,19 +118,52 @@ def _write_derived(gguf_path: Path, out: Path) -> None:
     reader = open_gguf(gguf_path)
     config = hf_config(reader, gguf_path)
     _write_json(out / "config.json", config)
-    generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
+    generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": end_of_generation_ids(reader)}
     for key, name in _SAMPLING_KEYS.items():
         if (value := reader.metadata(key)) is not None:
             generation[name] = value
     _write_json(out / "generation_config.json", generation)
-    if reader.metadata("tokenizer.ggml.model") is None:
-        raise ValueError(f"{gguf_path} carries no tokenizer (tokenizer.ggml.* metadata)")
+    _check_tokenizer_metadata(reader, gguf_path, config["vocab_size"])
     model_type = transformers_model_type(
         str(reader.metadata("general.architecture")), reader.metadata("general.name")
     )
     del reader  # the tokenizer conversion maps the file again
     _write_tokenizer(gguf_path, out, model_type)
     _write_json(out / GGUF_SOURCE_FILE, {"gguf_file": str(gguf_path)})
+
+
+def end_of_generation_ids(reader: GGUFFile) -> int | list[int] | None:
+    """The ids that end a generation, as llama.cpp takes them: the file's EOS, EOT (end of turn: Llama
+    3's <|eot_id|>, Phi-3's <|end|>) and EOM ids, and every token named as one of the turn ends
+    llama.cpp recognizes by name (Gemma's <end_of_turn>, ChatML's <|im_end|>), which converters often
+    do not record. One id as an int, several as a list (generation_config.json's two forms)."""
+    stated = [reader.metadata(f"tokenizer.ggml.{kind}_token_id") for kind in ("eos", "eot", "eom")]
+    tokens = reader.metadata("tokenizer.ggml.tokens") or []
+    named = [token_id for token_id, token in enumerate(tokens) if token in _END_OF_GENERATION_TOKENS]
+    unique = list(dict.fromkeys(int(i) for i in [*stated, *named] if i is not None))
+    if not unique:
+        return None
+    return unique[0] if len(unique) == 1 else unique
+
+
+def _check_tokenizer_metadata(reader: GGUFFile, gguf_path: Path, embedding_rows: int) -> None:
+    """ValueError naming what the tokenizer metadata lacks or contradicts, before transformers' own
+    conversion fails on it less clearly."""
+    model = reader.metadata("tokenizer.ggml.model")
+    if model is None:
+        raise ValueError(f"{gguf_path} carries no tokenizer (tokenizer.ggml.* metadata)")
+    tokens = reader.metadata("tokenizer.ggml.tokens")
+    if not tokens:
+        raise ValueError(f"{gguf_path}: its tokenizer metadata has no token list (tokenizer.ggml.tokens)")
+    if model == "gpt2" and not reader.metadata("tokenizer.ggml.merges"):
+        raise ValueError(
+            f"{gguf_path}: its BPE tokenizer (tokenizer.ggml.model 'gpt2') has no merges (tokenizer.ggml.merges)"
+        )
+    if len(tokens) > embedding_rows:
+        raise ValueError(
+            f"{gguf_path}: its tokenizer has {len(tokens)} tokens but token_embd.weight only {embedding_rows} "
+            "rows; the file's vocabulary and weights do not match"
+        )
 
 
 def transformers_model_type(architecture: str, name: object) -> str:

@@ -18,7 +18,14 @@ def _hub_offline() -> bool:
 
 def _looks_like_path(model: str) -> bool:
     # A hub id is "name" or "owner/name"; anything else with separators is meant as a path.
-    return model.startswith((".", "/", "~", "\\")) or model.count("/") > 1 or "\\" in model or ":" in model
+    # A name ending in .gguf means a local GGUF file, not a hub repository.
+    return (
+        model.startswith((".", "/", "~", "\\"))
+        or model.count("/") > 1
+        or "\\" in model
+        or ":" in model
+        or model.lower().endswith(".gguf")
+    )
 
 
 def resolve_model_dir(model: str, revision: str | None = None) -> Path:
