@@ -204,6 +204,11 @@ def test_max_tokens_cut_is_length(client: Any) -> None:
         ),
         ({"structured_outputs": {"grammar": 'start: "a" <[99999999]>'}}, "structured_outputs", "99999999"),
         ({"structured_outputs": {"json": "{oops"}}, "structured_outputs", "not valid JSON"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": False}}},
+            "response_format",
+            "no value satisfies",
+        ),
         ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs", "exactly one"),
         ({"structured_outputs": {"choice": []}}, "structured_outputs", "empty"),
         ({"guided_regex": "a", "structured_outputs": {"regex": "b"}}, "guided_regex", "Only one"),
@@ -242,3 +247,14 @@ def test_a_grammar_naming_the_tokenizers_own_special_token_is_served(client: Any
         },
     )
     assert reply.choices[0].text.startswith("ab")
+
+
+def test_the_schema_true_allows_any_json_value(client: Any) -> None:
+    response_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": True}}
+    reply = client.chat.completions.create(
+        model="tiny", messages=USER, max_tokens=12, extra_body={"response_format": response_format}
+    )
+    choice = reply.choices[0]
+    assert choice.finish_reason in ("stop", "length")
+    if choice.finish_reason == "stop":
+        json.loads(choice.message.content)

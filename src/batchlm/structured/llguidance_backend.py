@@ -79,13 +79,12 @@ def grammar_text(spec: StructuredOutputs) -> str:
 
 
 def _constraint_text(spec: StructuredOutputs) -> str:
-    try:
-        if spec.json is not None:
-            return llguidance.LLMatcher.grammar_from_json_schema(spec.json, defaults=JSON_OPTIONS)
-        if spec.json_object:
-            return llguidance.LLMatcher.grammar_from_json_schema(ANY_JSON_OBJECT, defaults=JSON_OPTIONS)
-    except ValueError as exc:
-        raise GrammarError(f"the JSON schema is not valid JSON: {exc}") from None
+    if spec.json is not None or spec.json_object:
+        schema = ANY_JSON_OBJECT if spec.json is None else _object_schema(spec.json)
+        try:
+            return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+        except ValueError as exc:
+            raise GrammarError(f"the JSON schema cannot be used: {exc}") from None
     if spec.regex is not None:
         return llguidance.LLMatcher.grammar_from_regex(spec.regex)
     if spec.choice is not None:
@@ -95,6 +94,20 @@ def _constraint_text(spec: StructuredOutputs) -> str:
         return llguidance.LLMatcher.grammar_from_lark(spec.grammar)
     named = [{"name": name, "lark_grammar": text} for name, text in spec.subgrammars]
     return json.dumps({"grammars": [{"lark_grammar": spec.grammar}, *named]})
+
+
+def _object_schema(text: str) -> str:
+    """A schema's JSON text as llguidance takes it: an object. The boolean schemas are JSON Schema's
+    "any value" (true, as {}) and "no value" (false, refused)."""
+    try:
+        schema = json.loads(text)
+    except ValueError as exc:
+        raise GrammarError(f"the JSON schema is not valid JSON: {exc}") from None
+    if schema is True:
+        return "{}"
+    if schema is False:
+        raise GrammarError("the JSON schema is `false`, which no value satisfies")
+    return text
 
 
 # The characters Rust's regex syntax gives a meaning (regex_syntax::is_meta_character).
