@@ -140,3 +140,57 @@ def test_max_model_len_falls_back_when_the_model_states_none() -> None:
 def test_unsupported_settings_are_refused_by_name(change: dict[str, object], named: str) -> None:
     with pytest.raises(ValueError, match=named):
         check_config(EngineConfig(**change))  # type: ignore[arg-type]
+
+
+# transformers 5's form of RoPE scaling (config.json's rope_parameters, no rope_scaling).
+SCALED_ROPE = {
+    "linear": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+        "rope_theta": 500000.0,
+    },
+    "yarn": {
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 128,
+        "rope_theta": 10000.0,
+    },
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SCALED_ROPE))
+def test_rope_scaling_in_rope_parameters_gives_transformers_logits(
+    kind: str, tiny_model_dir: Callable[..., Path]
+) -> None:
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tiny_model_dir("llama", rope_parameters=SCALED_ROPE[kind])
+    prompt = list(range(10, 200))
+    loaded = load_model(EngineConfig(), model_dir)
+    ours = np.array(loaded.model(mx.array([prompt]))[0].astype(mx.float32))  # [T, V]
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        expected = reference(torch.tensor([prompt])).logits[0].numpy()  # [T, V]
+    assert np.abs(ours - expected).max() < 1e-4
+
+
+@pytest.mark.parametrize(("kind", "limit"), [("linear", 1024), ("llama3", 512), ("yarn", 512)])
+def test_max_model_len_is_the_rope_scaled_context_as_on_torch(
+    kind: str, limit: int, tiny_model_dir: Callable[..., Path]
+) -> None:
+    # The torch backend's limit: models/hf_config.context_length (512 positions in TINY_CONFIG).
+    model_dir = tiny_model_dir("llama", rope_parameters=SCALED_ROPE[kind])
+    assert load_model(EngineConfig(), model_dir).max_model_len == limit
+    old_form = {"max_position_embeddings": 4096, "rope_scaling": {"type": "yarn", "factor": 4.0}}
+    assert resolve_max_model_len(EngineConfig(), old_form) == 16384
+
+
+def test_max_model_len_above_the_models_context_is_refused_as_on_torch() -> None:
+    with pytest.raises(ValueError, match="--max-model-len 1000 exceeds the model's context length 512"):
+        resolve_max_model_len(EngineConfig(max_model_len=1000), {"max_position_embeddings": 512})

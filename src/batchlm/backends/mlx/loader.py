@@ -160,8 +160,9 @@ def family_overrides(model_dir: Path) -> dict[str, Any]:
 
 
 def resolve_max_model_len(config: EngineConfig, model_config: dict[str, Any]) -> int:
-    """The configured limit, else the model's max_position_embeddings, else a stated fallback; within
-    a sliding window that is not applied for the model (families.window_context_cap)."""
+    """The configured limit (ValueError above the model's), else the model's RoPE-scaled
+    max_position_embeddings, else a stated fallback; within a sliding window that is not applied for
+    the model (families.window_context_cap)."""
     limit = _configured_or_stated_limit(config, model_config)
     cap = window_context_cap(model_config)
     if cap is not None and limit > cap:
@@ -177,15 +178,12 @@ def resolve_max_model_len(config: EngineConfig, model_config: dict[str, Any]) ->
 
 
 def _configured_or_stated_limit(config: EngineConfig, model_config: dict[str, Any]) -> int:
-    model_limit = _text_config(model_config).get("max_position_embeddings") or model_config.get(
-        "max_position_embeddings"
-    )
+    model_limit = model_context_length(model_config)
     if config.max_model_len is not None:
         if model_limit is not None and config.max_model_len > model_limit:
-            logger.warning(
-                "max_model_len %d exceeds the model's max_position_embeddings %d",
-                config.max_model_len,
-                model_limit,
+            raise ValueError(
+                f"--max-model-len {config.max_model_len} exceeds the model's context length {model_limit} "
+                "(from its config)"
             )
         return config.max_model_len
     if model_limit is None:
@@ -193,7 +191,36 @@ def _configured_or_stated_limit(config: EngineConfig, model_config: dict[str, An
             "the model states no max_position_embeddings: using max_model_len %d", FALLBACK_MAX_MODEL_LEN
         )
         return FALLBACK_MAX_MODEL_LEN
-    return int(model_limit)
+    return model_limit
+
+
+def model_context_length(model_config: dict[str, Any]) -> int | None:
+    """The RoPE-scaled position limit, as the torch backend computes it (models/hf_config.context_length,
+    layers/rope_scaling.scaled_max_position, which import torch): linear and dynamic scaling stretch
+    max_position_embeddings by `factor`, YaRN its original length; llama3 and longrope configs state
+    theirs. None when the config states no max_position_embeddings."""
+    text = _text_config(model_config)
+    stated = text.get("max_position_embeddings") or model_config.get("max_position_embeddings")
+    if stated is None:
+        return None
+    limit = int(stated)
+    scaling = text.get("rope_parameters") or text.get("rope_scaling")
+    if not isinstance(scaling, dict) or any(isinstance(value, dict) for value in scaling.values()):
+        return limit  # plain RoPE, or per-layer-type parameters, which state the scaled length already
+    rope_type = scaling.get("rope_type") or scaling.get("type")
+    factor = scaling.get("factor")
+    if rope_type in ("linear", "dynamic") and factor:
+        return int(limit * factor)
+    if (
+        rope_type == "yarn" and factor and "short_factor" not in scaling
+    ):  # with short_factor: Phi-3's longrope
+        original = (
+            scaling.get("original_max_position_embeddings")
+            or text.get("original_max_position_embeddings")
+            or limit
+        )
+        return max(limit, int(original * factor))
+    return limit
 
 
 def model_vocab_size(model_config: dict[str, Any]) -> int:
