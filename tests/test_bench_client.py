@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
+import aiohttp
 import pytest
 
 from batchlm.bench.accounting import account_tokens
-from batchlm.bench.records import ChunkCountMethod, TokenSource
+from batchlm.bench.client import send_request
+from batchlm.bench.records import ChunkCountMethod, RequestResult, RequestSpec, TokenSource
 from bench_stub import StubOptions, StubServerThread, endpoint_for, send_one
 
 
@@ -112,3 +115,90 @@ def test_error_event_with_plain_text_data_is_an_in_band_error() -> None:
     result = RequestResult(index=0, spec=RequestSpec("p", 1))
     assert not _record_event("error", "engine overloaded", 1.0, True, result, None)
     assert result.error == "in-band error: engine overloaded"
+
+
+class _FirstPostDisconnects:
+    """A session whose first POST dies unanswered, as on a kept-alive connection the server already
+    closed (llama-server closes one after every stream while announcing Keep-Alive)."""
+
+    def __init__(self, session: object, error: Exception | None) -> None:
+        self._session = session
+        self._error = error
+        self.posts = 0
+
+    def post(self, *args: object, **kwargs: object) -> object:
+        self.posts += 1
+        if self.posts == 1 and self._error is not None:
+            error = self._error
+
+            class _Dead:
+                async def __aenter__(self) -> None:
+                    raise error
+
+                async def __aexit__(self, *exc: object) -> None:
+                    return None
+
+            return _Dead()
+        return self._session.post(*args, **kwargs)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        aiohttp.ServerDisconnectedError(),
+        aiohttp.ClientOSError(None, "Can not write request body for http://x/v1/chat/completions"),
+    ],
+)
+def test_an_unanswered_request_on_a_stale_connection_is_sent_again(
+    stub: StubServerThread, error: Exception
+) -> None:
+    async def go() -> tuple[RequestResult, int]:
+        async with aiohttp.ClientSession() as session:
+            flaky = _FirstPostDisconnects(session, error)
+            result = RequestResult(index=0, spec=RequestSpec(prompt="hello", max_tokens=3))
+            await send_request(flaky, endpoint_for(stub.base_url), result)  # type: ignore[arg-type]
+            return result, flaky.posts
+
+    result, posts = asyncio.run(go())
+    assert result.ok, result.error
+    assert posts == 2
+    assert account_tokens(result).output_tokens == 3
+
+
+def test_a_refused_connection_is_not_sent_again() -> None:
+    async def go() -> int:
+        async with aiohttp.ClientSession() as session:
+            flaky = _FirstPostDisconnects(session, None)  # only counts the POSTs
+            result = RequestResult(index=0, spec=RequestSpec(prompt="hello", max_tokens=3))
+            await send_request(flaky, endpoint_for("http://127.0.0.1:9/v1"), result)  # type: ignore[arg-type]
+            assert result.error is not None and result.error.startswith("transport: ClientConnectorError")
+            return flaky.posts
+
+    assert asyncio.run(go()) == 1
+
+
+def test_a_stream_ending_with_done_but_no_blank_line_is_complete() -> None:
+    """`data: [DONE]\\n` then the end of the body: the server did send [DONE] (the OpenAI SDK takes it);
+    it was reported as "truncated stream: ended without data: [DONE]"."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n')
+        await response.write(b"data: [DONE]\n")
+        await response.write_eof()
+        return response
+
+    async def go() -> RequestResult:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", chat)
+        async with TestServer(app) as server, aiohttp.ClientSession() as session:
+            result = RequestResult(index=0, spec=RequestSpec(prompt="hello", max_tokens=1))
+            await send_request(session, endpoint_for(str(server.make_url("/v1"))), result)
+            return result
+
+    result = asyncio.run(go())
+    assert result.ok, result.error
+    assert len(result.chunk_times) == 1 and result.end >= result.chunk_times[0]

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import math
 import random
 import statistics
 
+import aiohttp
 import pytest
 
-from batchlm.bench.loadgen import LoadConfig, arrival_gaps
+from batchlm.bench.loadgen import LoadConfig, LoadGenerator, arrival_gaps
+from batchlm.bench.records import RequestSpec
+from bench_stub import StubServerThread, endpoint_for
 
 
 def gaps(rate: float, burstiness: float, n: int, seed: str = "0") -> list[float]:
@@ -55,3 +59,22 @@ def test_load_config_needs_exactly_one_mode() -> None:
     assert LoadConfig(concurrency=3).in_flight_limit == 3
     assert LoadConfig(request_rate=1.0, max_concurrency=5).in_flight_limit == 5
     assert LoadConfig(request_rate=1.0).in_flight_limit is None
+
+
+def test_open_loop_sends_the_first_request_at_the_start_not_one_gap_later() -> None:
+    """The duration runs from the first request sent; an arrival gap before it would be idle time
+    counted in it (at 0.5 req/s, 3 requests took 6.4 s instead of 4.2 s). Timing-free: `scheduled`
+    is computed from `run_start`, not measured."""
+
+    async def go(base_url: str) -> tuple[float, list[float]]:
+        async with aiohttp.ClientSession() as session:
+            specs = [RequestSpec(prompt="hello", max_tokens=2)] * 3
+            generator = LoadGenerator(session, endpoint_for(base_url), specs)
+            outcome = await generator.run(LoadConfig(request_rate=1000.0, burstiness=math.inf))
+        return outcome.run_start, sorted(r.scheduled for r in outcome.results)
+
+    with StubServerThread() as server:
+        run_start, scheduled = asyncio.run(go(server.base_url))
+    assert scheduled[0] == run_start
+    assert scheduled[1] == pytest.approx(run_start + 0.001)
+    assert scheduled[2] == pytest.approx(run_start + 0.002)

@@ -19,6 +19,7 @@ from batchlm.bench.loadgen import LoadConfig, LoadGenerator, arrival_gaps
 from batchlm.bench.openai_format import EndpointConfig
 from batchlm.bench.plot import latency_panels_ms
 from batchlm.bench.records import RequestSpec
+from batchlm.bench.report import format_table
 from batchlm.bench.runner import main_async, run_benchmark, write_outputs
 from bench_stub import StubOptions, StubServerThread, bench, config_for
 
@@ -84,9 +85,9 @@ def test_open_loop_follows_the_seeded_arrival_schedule(stub: StubServerThread) -
         "7",
     )
     outcome = run.levels[0].outcome
-    expected = list(
-        itertools.accumulate(itertools.islice(arrival_gaps(200, 0.5, random.Random("7:arrivals")), 10))
-    )
+    # The first request at the start, then one gap before each next one (as vLLM sends).
+    gaps = itertools.islice(arrival_gaps(200, 0.5, random.Random("7:arrivals")), 9)
+    expected = list(itertools.accumulate(gaps, initial=0.0))
     scheduled = sorted(r.scheduled - outcome.run_start for r in outcome.results)
     assert scheduled == pytest.approx(expected, abs=1e-9)
     assert all(r.start >= r.scheduled for r in outcome.results)
@@ -125,6 +126,9 @@ def test_random_prompts_fall_back_to_usage_calibration() -> None:
         run = bench(server.base_url, *FAST, "--input-len", "25", "--output-len", "2", "--requests", "3")
     assert run.info.prompt_length_method == "usage calibration"
     assert all(len(r.spec.prompt.split()) == 25 for r in run.levels[0].outcome.results)
+    # BENCHMARKS.md: "the report and the JSON (prompt_length_method) say which was used".
+    assert "prompt lengths counted by:" in format_table(run.levels[0], run.info)
+    assert format_table(run.levels[0], run.info).count("usage calibration") == 1
 
 
 def test_sharegpt_prompts_and_reply_lengths(stub: StubServerThread, tmp_path: Path) -> None:

@@ -75,3 +75,11 @@ def test_utf8_split_inside_a_character_is_reassembled() -> None:
     cut = payload.index("✓".encode()) + 1
     events, _ = feed_all([payload[:cut], payload[cut:]])
     assert events == [SSEEvent("héllo ✓")]
+
+
+def test_finish_hands_over_a_last_event_the_body_ended_without_a_blank_line() -> None:
+    parser = SSEParser()
+    assert parser.feed(b'data: {"a": 1}\n\ndata: [DONE]\n') == [SSEEvent('{"a": 1}')]
+    assert parser.finish() == [SSEEvent("[DONE]")]
+    assert parser.pending_bytes == 0
+    assert parser.finish() == []  # nothing twice, and a body that ended cleanly has nothing left

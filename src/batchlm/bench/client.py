@@ -16,7 +16,7 @@ from batchlm.bench.openai_format import (
     read_object,
 )
 from batchlm.bench.records import RequestResult
-from batchlm.bench.sse import DONE_SENTINEL, SSEParser
+from batchlm.bench.sse import DONE_SENTINEL, SSEEvent, SSEParser
 
 # What ends a stream of each API.
 _END: dict[Api, str] = {
@@ -33,21 +33,42 @@ async def send_request(
     is recorded as `result.error`, so it stays out of the latency statistics."""
     body = build_body(endpoint, result.spec)
     result.streamed = endpoint.stream
-    result.start = perf_counter()
-    try:
-        async with session.post(endpoint.url, data=body, headers=endpoint.headers) as response:
-            if not 200 <= response.status < 300:
-                result.error = http_error_reason(response.status, await response.read())
-            elif endpoint.stream:
-                await _read_stream(response, endpoint, result)
-            else:
-                await _read_whole(response, endpoint, result)
-    except TimeoutError:
-        result.error = "timeout: the response did not complete within --request-timeout"
-    except (aiohttp.ClientError, OSError) as exc:
-        result.error = f"transport: {type(exc).__name__}: {exc}"
+    for attempt in range(1 + _STALE_CONNECTION_RETRIES):
+        result.start = perf_counter()
+        answered = False
+        try:
+            async with session.post(endpoint.url, data=body, headers=endpoint.headers) as response:
+                answered = True
+                if not 200 <= response.status < 300:
+                    result.error = http_error_reason(response.status, await response.read())
+                elif endpoint.stream:
+                    await _read_stream(response, endpoint, result)
+                else:
+                    await _read_whole(response, endpoint, result)
+        except TimeoutError:
+            result.error = "timeout: the response did not complete within --request-timeout"
+        except (aiohttp.ClientError, OSError) as exc:
+            if not answered and attempt < _STALE_CONNECTION_RETRIES and _stale_connection(exc):
+                continue  # sent again on a fresh connection, timed from then
+            result.error = f"transport: {type(exc).__name__}: {exc}"
+        break
     if result.end == 0.0 or result.error is not None:
         result.end = perf_counter()
+
+
+# A kept-alive connection the server closed just after its last answer (llama.cpp's llama-server closes
+# every one after a stream while announcing Keep-Alive) may be handed out again before the client has
+# seen the close; the request then dies unanswered, having never reached the server. It is sent once
+# more, as curl and aiohttp (for idempotent methods) do; a second failure is the request's.
+_STALE_CONNECTION_RETRIES = 1
+
+
+def _stale_connection(exc: BaseException) -> bool:
+    """Whether an unanswered request failed as on a connection the server had already closed (not a
+    refused connect, which is the server's own failure)."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return False
+    return isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError))
 
 
 async def _read_stream(
@@ -58,23 +79,18 @@ async def _read_stream(
         return
     parser = SSEParser()
     text_parts: list[str] | None = [] if endpoint.keep_text else None
-    done = False
+    done: bool | None = False
     async for block in response.content.iter_any():
         if done:
             continue  # drain the rest so the pooled connection can be reused
-        arrival = perf_counter()
-        for event in parser.feed(block):
-            if event.data == DONE_SENTINEL:
-                done = True
-                result.end = arrival
-                break
-            view = _record_event(event.event, event.data, arrival, endpoint.api, result, text_parts)
-            if view is None:
-                return  # an error: leaving the context closes the connection
-            if view.final:
-                done = True
-                result.end = arrival
-                break
+        done = _record_events(parser.feed(block), perf_counter(), endpoint.api, result, text_parts)
+        if done is None:
+            return  # an error: leaving the context closes the connection
+    if not done:
+        # The body ended; its last event may lack the blank line that ends an event.
+        done = _record_events(parser.finish(), perf_counter(), endpoint.api, result, text_parts)
+        if done is None:
+            return
     if text_parts is not None:
         result.generated_text = "".join(text_parts)
     if not done:
@@ -84,6 +100,24 @@ async def _read_stream(
         )
     elif not result.chunk_times:
         result.error = f"empty stream: {_END[endpoint.api]} arrived without any generated text"
+
+
+def _record_events(
+    events: list[SSEEvent], arrival: float, api: Api, result: RequestResult, text_parts: list[str] | None
+) -> bool | None:
+    """Folds events that arrived together into the result: True once the stream's last event came
+    (`result.end` is then set), False while more are due, None on a failure (`result.error` set)."""
+    for event in events:
+        if event.data == DONE_SENTINEL:
+            result.end = arrival
+            return True
+        view = _record_event(event.event, event.data, arrival, api, result, text_parts)
+        if view is None:
+            return None
+        if view.final:
+            result.end = arrival
+            return True
+    return False
 
 
 def _json_instead_of_stream(raw: bytes, api: Api) -> str:

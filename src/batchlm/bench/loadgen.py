@@ -166,7 +166,10 @@ class LoadGenerator:
         for index in itertools.count():
             if deadline is None and index >= len(self._specs):
                 break
-            due += next(gaps)
+            if index > 0:
+                # The first request goes out at the start (as vLLM's does); a gap before it would be
+                # idle time counted in the duration, which is "first request sent to last finished".
+                due += next(gaps)
             if deadline is not None and due >= deadline:
                 break
             wait = due - perf_counter()

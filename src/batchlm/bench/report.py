@@ -82,6 +82,7 @@ def format_table(level: LevelReport, info: RunInfo) -> str:
         _row("Total tokens generated:", m.total_output_tokens),
         _row("  output token source (requests):", sources),
         _row("Total input tokens:", m.total_input_tokens),
+        _row("  prompt lengths counted by:", info.prompt_length_method),
         _row("Total duration (s):", m.duration_s, ".2f"),
         _row("Throughput (TPS, output tok/s):", m.output_throughput, ".2f"),
         _row("Request throughput (req/s):", m.request_throughput, ".2f"),

@@ -55,6 +55,17 @@ class SSEParser:
                     events.append(event)
         return events
 
+    def finish(self) -> list[SSEEvent]:
+        """The body ended: the event its last lines started, when no blank line followed them (a
+        final `data: [DONE]\n` is the common case). The WHATWG rules drop it, but the OpenAI SDK and
+        every line-reading client take it, so a server that ends that way did send its last event."""
+        block, self._buffer = self._buffer, b""
+        self._skip_leading_lf = False
+        if not block.strip():
+            return []
+        event = _parse_block(block.decode("utf-8", errors="replace"))
+        return [event] if event is not None else []
+
     @property
     def pending_bytes(self) -> int:
         """Bytes of an event not yet terminated by a blank line (non-zero at EOF = truncated)."""

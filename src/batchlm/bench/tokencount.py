@@ -15,6 +15,8 @@ from batchlm.bench.words import VOCABULARY
 
 # Word counts of the two probe prompts used to fit tokens-per-word from usage.prompt_tokens.
 _PROBE_WORDS = (16, 272)
+# The text a /tokenize endpoint must count (as more than 0 tokens) before it is trusted.
+_PROBE_TEXT = "hello world"
 
 
 class TokenCountError(RuntimeError):
@@ -33,18 +35,34 @@ class TokenCounter(ABC):
 
 
 class TokenizeEndpointCounter(TokenCounter):
-    """POST {root}/tokenize {"prompt": text} -> {"count": n} (batchlm and vLLM both serve this)."""
+    """POST {root}/tokenize -> {"count": n} or {"tokens": [...]}. batchlm and vLLM read the text from
+    {"prompt": text}; llama.cpp's llama-server reads {"content": text} (with "add_special" for the BOS
+    its usage counts) and answers {"tokens": []} to the other form, so the form is chosen by a probe."""
 
     method = "tokenize endpoint"
     exact = True
 
-    def __init__(self, session: aiohttp.ClientSession, url: str, headers: dict[str, str]) -> None:
+    # The request bodies tried, in order: vLLM/batchlm, then llama.cpp.
+    FORMS: tuple[dict[str, object], ...] = ({"prompt": None}, {"content": None, "add_special": True})
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        headers: dict[str, str],
+        form: dict[str, object] | None = None,
+    ) -> None:
         self._session = session
         self._url = url
         self._headers = headers
+        self._form = form if form is not None else self.FORMS[0]
+
+    def with_form(self, form: dict[str, object]) -> TokenizeEndpointCounter:
+        return TokenizeEndpointCounter(self._session, self._url, self._headers, form)
 
     async def count(self, text: str) -> int:
-        body = json.dumps({"prompt": text}).encode()
+        request = {key: text if value is None else value for key, value in self._form.items()}
+        body = json.dumps(request).encode()
         async with self._session.post(self._url, data=body, headers=self._headers) as response:
             raw = await response.read()
             if response.status != 200:
@@ -76,12 +94,20 @@ async def make_counter(
 ) -> TokenCounter:
     """The server's /tokenize when it answers, else a fit against usage.prompt_tokens; raises
     TokenCountError naming both failures when neither works."""
-    endpoint_counter = TokenizeEndpointCounter(session, tokenize_url, endpoint.headers)
-    try:
-        await endpoint_counter.count("hello world")
-        return endpoint_counter
-    except (TokenCountError, aiohttp.ClientError, OSError, ValueError) as exc:
-        endpoint_problem = str(exc) or type(exc).__name__
+    base_counter = TokenizeEndpointCounter(session, tokenize_url, endpoint.headers)
+    problems: list[str] = []
+    for form in TokenizeEndpointCounter.FORMS:
+        counter = base_counter.with_form(form)
+        try:
+            probe = await counter.count(_PROBE_TEXT)
+        except (TokenCountError, aiohttp.ClientError, OSError, ValueError) as exc:
+            problems.append(str(exc) or type(exc).__name__)
+            continue
+        if probe > 0:
+            return counter
+        # A server that ignores the field tokenizes nothing: every text would count 0 tokens.
+        problems.append(f"{sorted(form)} counted 0 tokens in {_PROBE_TEXT!r}")
+    endpoint_problem = "; ".join(problems)
     try:
         return UsageFitCounter(await _fit_tokens_per_word(session, endpoint))
     except TokenCountError as exc:
