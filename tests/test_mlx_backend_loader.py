@@ -19,8 +19,10 @@ from mlx_lm.utils import load_model as mlx_load_model  # noqa: E402
 from batchlm.backends.mlx.loader import (  # noqa: E402
     FALLBACK_MAX_MODEL_LEN,
     check_config,
+    ignored_settings,
     load_model,
     resolve_max_model_len,
+    warn_ignored_settings,
 )
 from batchlm.config import EngineConfig  # noqa: E402
 
@@ -140,6 +142,16 @@ def test_max_model_len_falls_back_when_the_model_states_none() -> None:
 def test_unsupported_settings_are_refused_by_name(change: dict[str, object], named: str) -> None:
     with pytest.raises(ValueError, match=named):
         check_config(EngineConfig(**change))  # type: ignore[arg-type]
+
+
+def test_the_torch_engines_settings_it_ignores_are_named(caplog: pytest.LogCaptureFixture) -> None:
+    assert ignored_settings(EngineConfig()) == []
+    assert ignored_settings(EngineConfig(speculative="off", async_scheduling="auto")) == []
+    config = EngineConfig(seed=7, speculative="ngram", async_scheduling="on", enforce_eager=True)
+    assert sorted(ignored_settings(config)) == ["async_scheduling", "enforce_eager", "seed", "speculative"]
+    with caplog.at_level("WARNING", logger="batchlm.backends.mlx.loader"):
+        warn_ignored_settings(config)
+    assert "seed=7" in caplog.text and "speculative='ngram'" in caplog.text
 
 
 # transformers 5's form of RoPE scaling (config.json's rope_parameters, no rope_scaling).

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import assert_never
 
 from batchlm.backends.availability import MLX_INSTALL_HINT, mlx_available
-from batchlm.backends.mlx.loader import check_config, resolve_model_dir
+from batchlm.backends.mlx.loader import check_config, resolve_model_dir, warn_ignored_settings
 from batchlm.backends.mlx.worker import GenerationWorker, WorkerEvent, WorkerInfo
 from batchlm.config import EngineConfig
 from batchlm.core.facts import ModelFacts
@@ -35,6 +35,7 @@ class MLXEngine(StreamingFrontEnd[WorkerEvent]):
         if not mlx_available():
             raise ValueError(f"the mlx backend needs the mlx and mlx-lm packages: {MLX_INSTALL_HINT}")
         check_config(config)
+        warn_ignored_settings(config)
         super().__init__(config, max_queue)
         self.info: WorkerInfo | None = None
         self._worker: GenerationWorker | None = None

@@ -64,6 +64,39 @@ def check_config(config: EngineConfig) -> None:
         )
 
 
+# Settings of the torch engine that the mlx backend has no use for (mlx-lm keeps its own cache and
+# samples with its own random state, and there is no speculation here), at their defaults.
+_TORCH_ONLY_DEFAULTS: dict[str, object] = {
+    "block_size": 16,
+    "gpu_memory_utilization": 0.90,
+    "num_gpu_blocks_override": None,
+    "enforce_eager": False,
+    "seed": 0,
+    "async_scheduling": "auto",
+    "num_speculative_tokens": None,
+    "speculative_max_batch": None,
+    "speculative_pool_tokens": None,
+}
+
+
+def ignored_settings(config: EngineConfig) -> list[str]:
+    """The torch engine's settings given other values than their defaults, which this backend ignores
+    (`speculative` only when asked for: "auto" and "off" both mean none here)."""
+    ignored = [name for name, default in _TORCH_ONLY_DEFAULTS.items() if getattr(config, name) != default]
+    if config.speculative not in ("auto", "off"):
+        ignored.append("speculative")
+    return ignored
+
+
+def warn_ignored_settings(config: EngineConfig) -> None:
+    ignored = ignored_settings(config)
+    if ignored:
+        logger.warning(
+            "the mlx backend ignores these settings of the torch engine: %s",
+            ", ".join(f"{name}={getattr(config, name)!r}" for name in ignored),
+        )
+
+
 def resolve_model_dir(config: EngineConfig) -> Path:
     """The model's local directory: a local path or a hub download; the built-in default is a GGUF
     file, which mlx-lm does not load, so this backend serves the random demo model in its place."""
