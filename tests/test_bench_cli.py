@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -128,6 +129,11 @@ def test_extra_body_headers_and_sampling_flags_reach_the_request() -> None:
         (["--dataset-name", "sharegpt"], "needs --dataset-path"),
         (["--min-delay", "3"], "--max-delay must be >= 3"),
         (["--min-tokens", "0"], "--min-tokens must be >= 1"),
+        (
+            ["--max-tokens", "8"],
+            "--max-tokens must be >= 10 (--min-tokens's default; set --min-tokens lower)",
+        ),
+        (["--min-tokens", "20", "--max-tokens", "8"], "--max-tokens must be >= 20 (--min-tokens)"),
         (["--request-rate", "0"], "--request-rate must be > 0"),
         (["--request-rate", "2", "--min-delay", "1"], "closed-loop think times"),
         (["--concurrency", "four"], "--concurrency: expected comma-separated int"),
@@ -139,7 +145,7 @@ def test_extra_body_headers_and_sampling_flags_reach_the_request() -> None:
     ],
 )
 def test_bad_flag_combinations_are_rejected_with_the_flag_named(argv: list[str], message: str) -> None:
-    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         parse(*argv)
 
 

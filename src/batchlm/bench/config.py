@@ -186,10 +186,19 @@ def _workload(args: argparse.Namespace, open_loop: bool) -> WorkloadConfig:
         args.min_tokens if args.min_tokens is not None else SEED_MIN_TOKENS, 1, "min-tokens"
     )
     max_tokens = _at_least(
-        args.max_tokens if args.max_tokens is not None else SEED_MAX_TOKENS, min_tokens, "max-tokens"
+        args.max_tokens if args.max_tokens is not None else SEED_MAX_TOKENS,
+        min_tokens,
+        "max-tokens",
+        _bound("min-tokens", args.min_tokens),
     )
     min_delay = 0.0 if open_loop else _at_least(_or(args.min_delay, SEED_MIN_DELAY), 0.0, "min-delay")
-    max_delay = 0.0 if open_loop else _at_least(_or(args.max_delay, SEED_MAX_DELAY), min_delay, "max-delay")
+    max_delay = (
+        0.0
+        if open_loop
+        else _at_least(
+            _or(args.max_delay, SEED_MAX_DELAY), min_delay, "max-delay", _bound("min-delay", args.min_delay)
+        )
+    )
     default_requests = DURATION_POOL_SIZE if args.duration is not None else SEED_REQUESTS
     return WorkloadConfig(
         dataset_name=dataset,
@@ -276,10 +285,15 @@ def _or(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
-def _at_least(value: Any, minimum: float, flag: str) -> Any:
+def _at_least(value: Any, minimum: float, flag: str, bound: str = "") -> Any:
     if value < minimum:
-        raise ValueError(f"--{flag} must be >= {minimum}, got {value}")
+        raise ValueError(f"--{flag} must be >= {minimum}{bound}, got {value}")
     return value
+
+
+def _bound(flag: str, given: object) -> str:
+    """How an error names a bound that is another flag's value: given, or its default."""
+    return f" (--{flag})" if given is not None else f" (--{flag}'s default; set --{flag} lower)"
 
 
 def _positive(value: float, flag: str) -> float:
