@@ -283,7 +283,7 @@ def test_only_small_pure_decode_steps_take_it(tmp_path: Path) -> None:
     assert not fused.can_run(_inputs(many))
     assert fused.can_run(_inputs(many[:MAX_ROWS]))
     # A verify chunk laid out as decode rows (runner/decode_rows.py) may have up to MAX_VERIFY_ROWS.
-    verify = [Chunk([4], 3 + row, [0]) for row in range(MAX_VERIFY_ROWS + 1)]
+    verify = [Chunk([4], 3 + row, [0, 1, 2]) for row in range(MAX_VERIFY_ROWS + 1)]
     assert fused.can_run(replace(_inputs(verify[:MAX_VERIFY_ROWS]), has_drafts=True))
     assert not fused.can_run(replace(_inputs(verify), has_drafts=True))
 

@@ -149,3 +149,32 @@ def test_int8_quantized_model_gives_the_same_tokens(model_dir: Path) -> None:
     spec = _run(llm, prompts, params)
     _same_tokens(plain, spec)
     assert llm.engine_core.scheduler.stats().spec_accepted_tokens_total > 0
+
+
+def test_concurrent_verify_steps_on_the_fused_cpu_path_are_bit_exact(tmp_path: Path) -> None:
+    """On a quantized GGUF model the CPU decodes through the fused stack. Several requests verifying
+    drafts in one step (auto's largest step: 4 requests of 1 + 7 rows) must take that stack too: the
+    generic forward rounds differently, so the logprobs (and near-tie tokens) would drift from plain
+    decoding's."""
+    from batchlm.kernels.cpu_decode_stack import stack_library
+    from gguf_builder import write_tiny_gguf
+
+    if stack_library() is None:
+        pytest.skip("no AVX2 CPU or C compiler here")
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf", "llama", "Q4_1", False)
+    prompts = [LOOPING, LOOPING[1:], LOOPING[2:], LOOPING[3:]]
+    params = [SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=2)] * 4
+    limits = {"num_speculative_tokens": 7, "speculative_max_batch": 4}
+    plain = _run(LLM(model=str(gguf), device="cpu", speculative="off", **limits), prompts, params)
+    llm = LLM(model=str(gguf), device="cpu", speculative="auto", **limits)
+    spec = _run(llm, prompts, params)
+    assert llm.engine_core.scheduler.stats().spec_accepted_tokens_total > 0
+    for plain_request, spec_request in zip(plain, spec, strict=True):
+        (tokens, text, finish, logprobs), (tokens2, text2, finish2, logprobs2) = (
+            plain_request[0],
+            spec_request[0],
+        )
+        assert (tokens, text, finish) == (tokens2, text2, finish2)
+        assert [(e.logprob, e.rank, e.top) for e in logprobs] == [
+            (e.logprob, e.rank, e.top) for e in logprobs2
+        ]

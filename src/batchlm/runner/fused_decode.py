@@ -43,8 +43,10 @@ logger = logging.getLogger(__name__)
 DISABLE_ENV = "BATCHLM_CPU_FUSED_DECODE"  # 0/false/off/no: always the generic path (A/B runs)
 MAX_ROWS = 32  # decode steps of at most this many requests take the fused path
 # Verify steps laid out as decode rows (runner/decode_rows.py) of at most this many rows take it too:
-# one verify chunk of the CPU's default 1 + 7 tokens.
-MAX_VERIFY_ROWS = 8
+# as many as plain decodes, so auto's largest CPU step (4 requests of 1 + 7 rows) does. A verify step
+# left to the generic forward would round differently from the plain decodes it stands for, and
+# speculation would no longer give their very logprobs (and near-tie tokens).
+MAX_VERIFY_ROWS = MAX_ROWS
 
 
 class FusedDecode:
