@@ -156,6 +156,23 @@ def test_history_carries_the_thinking_to_the_template(client: Any, engine: FakeE
     assert engine.tokenizer.last_chat["messages"][1]["reasoning_content"] == THOUGHT
 
 
+def test_history_carries_vllms_reasoning_field_to_the_template(
+    server: BackgroundServer, engine: FakeEngine
+) -> None:
+    # vLLM renamed reasoning_content to `reasoning`; a history sent back under that name is the same.
+    engine.reply = "Fine."
+    messages = [*USER, {"role": "assistant", "content": "Paris.", "reasoning": THOUGHT}]
+    messages.append({"role": "user", "content": "Thanks"})
+    body = {"model": "fake-model", "messages": messages}
+    response = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == 200, response.text
+    assert engine.tokenizer.last_chat["messages"][1]["reasoning_content"] == THOUGHT
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": "Hi", "reasoning": "x"}]}
+    response = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "messages[0].reasoning"
+
+
 def test_only_assistant_messages_carry_thinking(server: BackgroundServer) -> None:
     body = {"model": "fake-model", "messages": [{"role": "user", "content": "Hi", "reasoning_content": "x"}]}
     response = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=30)

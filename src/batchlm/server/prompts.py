@@ -46,7 +46,7 @@ async def encode_text(
 
 def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     """Messages as the chat template expects them ({role, content[, name][, tool_calls][, tool_call_id]
-    [, reasoning_content]});
+    [, reasoning_content] (also read from vLLM's `reasoning`)});
     400 for what we cannot serve."""
     converted = []
     for i, message in enumerate(messages):
@@ -65,8 +65,9 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
             entry["tool_calls"] = template_tool_calls(message.tool_calls)
         if message.tool_call_id is not None:
             entry["tool_call_id"] = message.tool_call_id
-        if message.reasoning_content is not None:
-            entry["reasoning_content"] = message.reasoning_content
+        reasoning = message.reasoning_content if message.reasoning_content is not None else message.reasoning
+        if reasoning is not None:
+            entry["reasoning_content"] = reasoning
         converted.append(entry)
     return converted
 
@@ -81,7 +82,7 @@ def _message_problem(message: ChatMessage) -> tuple[str, str] | None:
     for name in ("function_call", "audio"):
         if getattr(message, name):
             return f"'{name}' is not supported (send tool_calls; no audio).", name
-    for name in ("tool_calls", "reasoning_content"):
+    for name in ("tool_calls", "reasoning_content", "reasoning"):
         if getattr(message, name) and role != "assistant":
             return f"only assistant messages carry '{name}'.", name
     if role == "tool" and not message.tool_call_id:

@@ -118,6 +118,8 @@ class ChatMessage(StrictModel):
     tool_call_id: str | None = None
     # An earlier assistant message's thinking, as responses carry it (templates that keep it read it).
     reasoning_content: str | None = None
+    # The same under the name vLLM now returns it by (`reasoning`, reasoning_content's successor).
+    reasoning: str | None = None
     function_call: Any = None
     refusal: str | None = None
     audio: Any = None
