@@ -22,7 +22,7 @@ import torch
 
 from batchlm.kernels.barrier_spin import spin_from_env
 from batchlm.kernels.cpu_decode_attention import CACHE_DTYPES, decode_library
-from batchlm.kernels.cpu_native import SOURCE, LibrarySource
+from batchlm.kernels.cpu_native import SOURCE, LibrarySource, pointer_of
 from batchlm.kernels.cpu_quant import SOURCE_PATH, quant_isa, quant_library
 from batchlm.kernels.quant_panels import PackedParts, PackedWeight, QuantizedWeight, parts_of
 
@@ -243,17 +243,13 @@ class DecodeStack:
         status = self.library.batchlm_decode_stack(
             ctypes.byref(self._shape), self._layers, ctypes.byref(batch), hidden.data_ptr(),
             None if self._head_parts is None else ctypes.byref(self._head_parts),
-            0 if head is None else head.out_features, _pointer(logits),
+            0 if head is None else head.out_features, pointer_of(logits),
             torch.get_num_threads(), quant_isa(), spin_ns, self._waits,
         )  # fmt: skip
         if status != 0:
             raise MemoryError("no memory for the fused decode step's scratch")
         self.spin.record(spin_ns, self._waits[0], self._waits[1])
         return logits
-
-
-def _pointer(tensor: torch.Tensor | None) -> int | None:
-    return None if tensor is None else tensor.data_ptr()
 
 
 class _ExpertTables:
@@ -279,11 +275,11 @@ def _layer(layer: StackLayer, experts: _ExpertTables | None) -> _Layer:
     address = ctypes.addressof
     return _Layer(
         layer.input_norm.data_ptr(), layer.post_norm.data_ptr(),
-        _pointer(layer.attn_out_norm), _pointer(layer.mlp_out_norm), layer.cos_sin.data_ptr(), layer.window,
+        pointer_of(layer.attn_out_norm), pointer_of(layer.mlp_out_norm), layer.cos_sin.data_ptr(), layer.window,
         layer.softcap,
         *(_parts(weight) for weight in weights),
-        _pointer(layer.qkv_bias), _pointer(layer.o_bias), _pointer(layer.gate_up_bias), _pointer(layer.down_bias),
-        keys.data_ptr(), values.data_ptr(), _pointer(layer.q_norm), _pointer(layer.k_norm),
+        pointer_of(layer.qkv_bias), pointer_of(layer.o_bias), pointer_of(layer.gate_up_bias), pointer_of(layer.down_bias),
+        keys.data_ptr(), values.data_ptr(), pointer_of(layer.q_norm), pointer_of(layer.k_norm),
         *(
             (None,) * 5 if experts is None else (
                 experts.router, address(experts.gate_up), address(experts.gate_up_layout),

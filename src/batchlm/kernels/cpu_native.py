@@ -53,6 +53,11 @@ def threads_for_rows(rows: int) -> int:
     return torch.get_num_threads() if rows >= MIN_PARALLEL_ROWS else 1
 
 
+def pointer_of(tensor: torch.Tensor | None) -> int | None:
+    """A tensor's data address for a kernel's argument, NULL for none."""
+    return None if tensor is None else tensor.data_ptr()
+
+
 def disabled_by_environment() -> bool:
     return os.environ.get(DISABLE_ENV, "").strip().lower() in ("0", "false", "off", "no")
 

@@ -11,7 +11,7 @@ import ctypes
 
 import torch
 
-from batchlm.kernels.cpu_native import threads_for_rows
+from batchlm.kernels.cpu_native import pointer_of, threads_for_rows
 
 # The kernel's norm walks rows in vectors of this many floats.
 VECTOR = 8
@@ -43,7 +43,7 @@ class StackRowOps:
         out = torch.empty(x.shape, dtype=torch.float32)
         total = None if residual is None else torch.empty(x.shape, dtype=torch.float32)
         self._library.batchlm_rows_rms_norm(
-            x.data_ptr(), x.stride(0), _pointer(residual), _pointer(total), factor.data_ptr(), eps,
+            x.data_ptr(), x.stride(0), pointer_of(residual), pointer_of(total), factor.data_ptr(), eps,
             out.data_ptr(), tokens, inner, n, threads_for_rows(tokens * inner),
         )  # fmt: skip
         return out, total
@@ -62,7 +62,3 @@ class StackRowOps:
 
 def _floats(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-
-
-def _pointer(tensor: torch.Tensor | None) -> int | None:
-    return None if tensor is None else tensor.data_ptr()
