@@ -21,7 +21,7 @@ from batchlm.sampling_defaults import check_generation_config, sampling_defaults
 from batchlm.sampling_params import SamplingParams
 from batchlm.structured.factory import tokenizer_grammar_check
 from batchlm.tokenizer.tokenizer import Tokenizer
-from batchlm.tools.prompting import template_knows_tools, with_generic_tool_prompt
+from batchlm.tools.prompting import template_inputs
 
 # Text, token ids, or vLLM's prompt dicts: {"prompt": text} and {"prompt_token_ids": ids} (with an
 # optional "prompt" beside the ids, kept as the output's prompt text).
@@ -128,13 +128,11 @@ class LLM:
             converted = cast(list[dict[str, Any]], list(conversation))
             kwargs = chat_template_kwargs
             if tools is not None:
-                if not template_knows_tools(self.tokenizer.chat_template):
-                    converted = with_generic_tool_prompt(converted, tools)
-                kwargs = {**(chat_template_kwargs or {}), "tools": tools}
-            text = self.tokenizer.render_chat_template(
+                template = self.tokenizer.chat_template
+                converted, kwargs = template_inputs(converted, tools, template, chat_template_kwargs)
+            text, ids = self.tokenizer.chat_prompt(
                 converted, add_generation_prompt, kwargs, continue_final_message
             )
-            ids = self.tokenizer.chat_ids(self.tokenizer.encode(text, add_special_tokens=False))
             prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 

@@ -14,7 +14,7 @@ from batchlm.server.responses import DetokenizeResponse, TokenizeResponse, Token
 from batchlm.server.state import ServerState
 from batchlm.tokenizer.batched_encoder import batched_encoder
 from batchlm.tokenizer.tokenizer import Tokenizer
-from batchlm.tools.prompting import template_knows_tools, template_tool_calls, with_generic_tool_prompt
+from batchlm.tools.prompting import template_inputs, template_tool_calls
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 # Texts longer than this (characters) are tokenized off the event loop; below a few hundred the
@@ -137,10 +137,9 @@ async def render_chat(
     `processor`, a rendering too long to fit the context is a 400 before tokenization."""
     converted = template_messages(messages)
     _check_continuation(converted, add_generation_prompt, continue_final_message)
-    if not template_knows_tools(getattr(tokenizer, "chat_template", None)):
-        converted = with_generic_tool_prompt(converted, tools if tool_prompt else None)
-    if tools is not None:
-        chat_template_kwargs = {**(chat_template_kwargs or {}), "tools": tools}
+    converted, chat_template_kwargs = template_inputs(
+        converted, tools, getattr(tokenizer, "chat_template", None), chat_template_kwargs, tool_prompt
+    )
 
     def render() -> str:
         return tokenizer.render_chat_template(

@@ -182,10 +182,22 @@ class Tokenizer:
         """Token ids of the rendered chat. The special tokens the template writes are encoded as such;
         BOS appears exactly once when this tokenizer adds one by default, whether or not the template
         writes it (transformers alone would leave it out when the template does not)."""
+        return self.chat_prompt(
+            messages, add_generation_prompt, chat_template_kwargs, continue_final_message
+        )[1]
+
+    def chat_prompt(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        continue_final_message: bool = False,
+    ) -> tuple[str, list[int]]:
+        """The rendered chat's text and its token ids (apply_chat_template's)."""
         text = self.render_chat_template(
             messages, add_generation_prompt, chat_template_kwargs, continue_final_message
         )
-        return self.chat_ids(self.encode(text, add_special_tokens=False))
+        return text, self.chat_ids(self.encode(text, add_special_tokens=False))
 
     def chat_ids(self, ids: list[int]) -> list[int]:
         """The ids of a rendered chat encoded without special tokens, with BOS put in front when this

@@ -54,6 +54,23 @@ def template_tool_calls(calls: Sequence[HistoryCall]) -> list[dict[str, Any]]:
     return converted
 
 
+def template_inputs(
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    chat_template: str | None,
+    chat_template_kwargs: dict[str, Any] | None,
+    tool_prompt: bool = True,
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The messages and template variables a chat template renders with `tools`: they reach the
+    template as its `tools` variable; a template that does not use them gets them in a generic system
+    prompt instead (unless not `tool_prompt`: tool_choice "none"), and tool history as text."""
+    if not template_knows_tools(chat_template):
+        messages = with_generic_tool_prompt(messages, tools if tool_prompt else None)
+    if tools is not None:
+        chat_template_kwargs = {**(chat_template_kwargs or {}), "tools": tools}
+    return messages, chat_template_kwargs
+
+
 def with_generic_tool_prompt(
     messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
 ) -> list[dict[str, Any]]:
