@@ -147,17 +147,18 @@ class InputProcessor:
     def _check_kv_room(self, prompt_len: int, params: SamplingParams) -> None:
         """A request must fit the whole KV cache alone, or it could never run. The last generated token
         is never fed back, so it needs no slot."""
-        num_blocks, block_size = self.facts.num_blocks, self.facts.block_size
         assert params.max_tokens is not None
+        if params.max_tokens <= self._kv_room(prompt_len):
+            return
+        num_blocks, block_size = self.facts.num_blocks, self.facts.block_size
         longest = prompt_len + params.max_tokens
         needed = -(-(longest - 1) // block_size)
-        if num_blocks and needed > num_blocks:
-            raise RequestRejectedError(
-                f"The request needs up to {needed} KV-cache blocks ({prompt_len} prompt tokens, up to "
-                f"{longest} tokens in all, {block_size} per block) but the whole cache has {num_blocks} "
-                "blocks; lower max_tokens or enlarge the KV cache.",
-                "max_tokens",
-            )
+        raise RequestRejectedError(
+            f"The request needs up to {needed} KV-cache blocks ({prompt_len} prompt tokens, up to "
+            f"{longest} tokens in all, {block_size} per block) but the whole cache has {num_blocks} "
+            "blocks; lower max_tokens or enlarge the KV cache.",
+            "max_tokens",
+        )
 
     def check_token_ids(self, token_ids: Iterable[int], param: str) -> None:
         vocab_size = self.facts.vocab_size
