@@ -56,8 +56,7 @@ class StructuredOutputs:
                     f"got {type(self.json).__name__}",
                     "structured_outputs",
                 )
-            text = _json.dumps(self.json, ensure_ascii=False, separators=(",", ":"))
-            object.__setattr__(self, "json", text)
+            object.__setattr__(self, "json", schema_json(self.json))
         if self.choice is not None and not isinstance(self.choice, tuple):
             if isinstance(self.choice, str):
                 raise SamplingParamsError(
@@ -101,6 +100,12 @@ class StructuredOutputs:
             return ("grammar", self.grammar)
         named = "".join(f"\x00{name}\x00{text}" for name, text in self.subgrammars)
         return ("grammar+subgrammars", f"{self.grammar}{named}")
+
+
+def schema_json(schema: dict[str, Any] | bool) -> str:
+    """A JSON schema as the compact JSON text StructuredOutputs keeps (its key order kept: it orders the
+    output); compiled grammars are cached by this text."""
+    return _json.dumps(schema, ensure_ascii=False, separators=(",", ":"))
 
 
 # vLLM's name for the same parameters.

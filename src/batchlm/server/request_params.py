@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from batchlm.engine.input_processor import FieldNames
 from batchlm.sampling_defaults import SamplingDefaults
-from batchlm.sampling_params import SamplingParams, SamplingParamsError, StructuredOutputs
+from batchlm.sampling_params import SamplingParams, SamplingParamsError, StructuredOutputs, schema_json
 from batchlm.server.errors import APIError, encodes
 from batchlm.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from batchlm.structured.backend import GrammarError
@@ -240,7 +240,7 @@ def _schema_text(schema: Any, param: str, strict: bool = False) -> str:
         raise APIError(400, f"Invalid '{param}': a JSON schema must be an object.", param=param)
     if strict and isinstance(schema, dict):
         schema = closed_objects(schema)
-    return json.dumps(schema, ensure_ascii=False, separators=(",", ":"))
+    return schema_json(schema)
 
 
 def _from_response_format(response_format: dict[str, Any]) -> StructuredOutputs | None:
