@@ -60,7 +60,7 @@ def backend_factory(
 
 
 def tokenizer_grammar_check(hf: Any, vocab_size: int) -> Callable[[StructuredOutputs], None]:
-    """The API edge's check of the tokens a user's grammar names (llguidance_backend.GrammarTokenCheck),
+    """The API edge's check of the tokens a user's grammar names (token_check.GrammarTokenCheck),
     importing llguidance on the first grammar, not at start-up."""
     check: Callable[[StructuredOutputs], None] | None = None
 
@@ -69,7 +69,7 @@ def tokenizer_grammar_check(hf: Any, vocab_size: int) -> Callable[[StructuredOut
         if spec.grammar is None:
             return
         if check is None:
-            from batchlm.structured.llguidance_backend import GrammarTokenCheck
+            from batchlm.structured.token_check import GrammarTokenCheck
 
             check = GrammarTokenCheck(hf, vocab_size)
         check(spec)

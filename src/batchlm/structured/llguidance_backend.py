@@ -4,7 +4,6 @@ grammar form, with masks computed by its Rust matcher (the GIL is released while
 from __future__ import annotations
 
 import json
-import re
 import threading
 from collections.abc import Callable, Sequence
 from operator import itemgetter
@@ -140,54 +139,37 @@ def validated_grammar(spec: StructuredOutputs) -> str:
         text = grammar_text(spec)
         error = llguidance.LLMatcher.validate_grammar(text)
         if error:
-            raise GrammarError(f"the {_kind_name(spec)} does not compile: {error.strip()}")
+            raise compile_error(spec, error)
         return text
 
     with _validated_lock:
         return _validated.get_or_make(spec.key, make)
 
 
-# How a Lark grammar names tokens of the tokenizer: <|special|>, <[id]> or <[first-last]>.
-TOKEN_REFERENCE = re.compile(r"<\||<\[")
-
-
-class GrammarTokenCheck:
-    """The tokens a user's grammar names (special tokens, token ids) checked against the model's
-    tokenizer, as validated_grammar cannot: a grammar naming one the tokenizer lacks is then a 400, not
-    a request the engine ends at once. llguidance's view of the tokenizer is built on the first such
-    grammar (a fraction of a second for a large vocabulary); other grammars never need it."""
-
-    def __init__(self, hf: PreTrainedTokenizerBase, vocab_size: int) -> None:
-        self._hf = hf
-        self._vocab_size = vocab_size
-        self._tokenizer: llguidance.LLTokenizer | None = None
-        self._lock = threading.Lock()
-
-    def __call__(self, spec: StructuredOutputs) -> None:
-        """Raises GrammarError naming the token the tokenizer lacks."""
-        if spec.grammar is None or not TOKEN_REFERENCE.search(spec.grammar):
-            return
-        error = llguidance.LLMatcher.validate_grammar(validated_grammar(spec), self._llguidance_tokenizer())
-        if error:
-            raise GrammarError(f"the {_kind_name(spec)} does not compile: {error.strip()}")
-
-    def _llguidance_tokenizer(self) -> llguidance.LLTokenizer:
-        with self._lock:
-            if self._tokenizer is None:
-                import llguidance.hf
-
-                n_vocab = max(self._vocab_size, len(self._hf))
-                self._tokenizer = llguidance.hf.from_tokenizer(self._hf, n_vocab=n_vocab)  # type: ignore[arg-type]
-            return self._tokenizer
-
-
 def validated_cache() -> LRUCache[tuple[str, str], str]:
     return _validated
 
 
-def _kind_name(spec: StructuredOutputs) -> str:
+def compile_error(spec: StructuredOutputs, error: str) -> GrammarError:
+    """The error of a spec that does not compile, naming its kind and llguidance's reason."""
     kind = spec.constraint_key[0]
-    return {"json": "JSON schema", "json_object": "JSON grammar", "choice": "choice grammar"}.get(kind, kind)
+    name = {"json": "JSON schema", "json_object": "JSON grammar", "choice": "choice grammar"}.get(kind, kind)
+    return GrammarError(f"the {name} does not compile: {error.strip()}")
+
+
+def llguidance_tokenizer(
+    hf: PreTrainedTokenizerBase,
+    vocab_size: int,
+    eos_token_ids: Sequence[int] = (),
+    slices: list[str] | None = None,
+) -> llguidance.LLTokenizer:
+    """llguidance's view of a Hugging Face tokenizer, its ids covering the model's logits width
+    (vocab_size, which may pad past the tokenizer's)."""
+    import llguidance.hf
+
+    n_vocab = max(vocab_size, len(hf))
+    eos = list(eos_token_ids) or None
+    return llguidance.hf.from_tokenizer(hf, n_vocab=n_vocab, eos_token=eos, slices=slices)  # type: ignore[arg-type]
 
 
 class LLGuidanceMatcher:
@@ -298,11 +280,7 @@ class LLGuidanceBackend:
         batched_accept: bool = False,
     ) -> LLGuidanceBackend:
         """vocab_size: the model's logits width; the masks cover at least that many ids."""
-        import llguidance.hf
-
-        n_vocab = max(vocab_size, len(hf))
-        eos = list(eos_token_ids) or None
-        tokenizer = llguidance.hf.from_tokenizer(hf, n_vocab=n_vocab, eos_token=eos, slices=token_slices())  # type: ignore[arg-type]
+        tokenizer = llguidance_tokenizer(hf, vocab_size, eos_token_ids, token_slices())
         return cls(tokenizer, eos_token_ids or tokenizer.eos_tokens, threads, batched_accept)
 
     @property
@@ -321,7 +299,7 @@ class LLGuidanceBackend:
     def _compile(self, spec: StructuredOutputs) -> llguidance.LLMatcher:
         matcher = llguidance.LLMatcher(self.tokenizer, validated_grammar(spec), log_level=0)
         if matcher.is_error():
-            raise GrammarError(f"the {_kind_name(spec)} does not compile: {matcher.get_error().strip()}")
+            raise compile_error(spec, matcher.get_error())
         return matcher
 
     def batch(self, matchers: Sequence[GrammarMatcher]) -> LLGuidanceBatch:
