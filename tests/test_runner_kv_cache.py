@@ -150,7 +150,7 @@ def test_start_up_warns_when_the_cache_holds_less_than_the_context(
     for gib, warned in ((0.0001, True), (None, False)):  # ~200 tokens of its cache; the default
         caplog.clear()
         runner = ModelRunner(EngineConfig(model=str(model_dir), cpu_kv_cache_gib=gib), model_dir)
-        with caplog.at_level("WARNING", logger="batchlm.runner.model_runner"):
+        with caplog.at_level("WARNING", logger="batchlm.runner.kv_cache"):
             facts = runner.initialize_kv_cache()
         held = facts.num_blocks * facts.block_size
         assert (held < 512) == warned

@@ -61,6 +61,26 @@ def kv_cache_dtype_name(dtype: torch.dtype) -> str:
     return "fp8_e4m3" if dtype == torch.float8_e4m3fn else str(dtype).removeprefix("torch.")
 
 
+def log_kv_cache(num_blocks: int, block_size: int, dtype: torch.dtype, max_model_len: int) -> None:
+    """The cache's size at start-up, and a warning where it holds fewer tokens than the context."""
+    tokens = num_blocks * block_size
+    logger.info(
+        "KV cache: %d blocks of %d tokens (%d tokens, %s)",
+        num_blocks,
+        block_size,
+        tokens,
+        kv_cache_dtype_name(dtype),
+    )
+    if tokens < max_model_len:
+        logger.warning(
+            "The KV cache holds %d tokens, fewer than the context of %d: requests without max_tokens "
+            "are cut to what it holds, and those whose prompt and max_tokens exceed it are refused (a larger "
+            "cache, or a shorter --max-model-len, changes that)",
+            tokens,
+            max_model_len,
+        )
+
+
 def layer_kv_scales(
     checkpoint_scales: dict[int, dict[str, float]], num_layers: int
 ) -> list[tuple[float, float]]:

@@ -31,8 +31,8 @@ from batchlm.runner.host_flag import stream_flag
 from batchlm.runner.inputs import StepInputBuilder, StepInputs
 from batchlm.runner.kv_cache import (
     allocate_kv_caches,
-    kv_cache_dtype_name,
     layer_kv_scales,
+    log_kv_cache,
     num_blocks_for,
     resolve_kv_cache_dtype,
     start_peak_measurement,
@@ -199,21 +199,7 @@ class ModelRunner:
         set_kv_scales = getattr(self.attn, "set_kv_scales", None)
         if set_kv_scales is not None:
             set_kv_scales(self.kv_caches, layer_kv_scales(self.loaded.kv_scales, self.shape.num_layers))
-        logger.info(
-            "KV cache: %d blocks of %d tokens (%d tokens, %s)",
-            self.num_blocks,
-            self.config.block_size,
-            self.num_blocks * self.config.block_size,
-            kv_cache_dtype_name(self.kv_dtype),
-        )
-        if self.num_blocks * self.config.block_size < self.max_model_len:
-            logger.warning(
-                "The KV cache holds %d tokens, fewer than the context of %d: requests without max_tokens "
-                "are cut to what it holds, and those whose prompt and max_tokens exceed it are refused (a larger "
-                "cache, or a shorter --max-model-len, changes that)",
-                self.num_blocks * self.config.block_size,
-                self.max_model_len,
-            )
+        log_kv_cache(self.num_blocks, self.config.block_size, self.kv_dtype, self.max_model_len)
         max_blocks_per_seq = self._max_blocks_per_seq()
         if self.device.type == "cpu":
             self.fused_decode = build_fused_decode(self.model, self.kv_caches, self.attn)
