@@ -31,9 +31,9 @@ class FunctionTool:
         Arguments whose schema refers into itself ($ref "#/$defs/...", as pydantic writes a nested
         model) refer to their place in the root's `$defs` instead (root_defs), where a schema that
         holds this call schema must put them: a pointer is read from the root of the whole schema."""
-        arguments = self.closed_parameters if forced else self.chosen_arguments()
+        arguments = self._arguments(forced)
         if _has_local_refs(arguments):
-            arguments = {"$ref": f"#/$defs/{self._defs_key}"}
+            arguments = {"$ref": self._defs_pointer}
         return {
             "type": "object",
             "properties": {"name": {"type": "string", "enum": [self.name]}, argument_key: arguments},
@@ -45,15 +45,22 @@ class FunctionTool:
     def root_defs(self, forced: bool = False) -> dict[str, Any]:
         """What call_schema's arguments refer to, for the root's `$defs`: the arguments' schema under
         this function's key, its own pointers made to start there (none when it has none)."""
-        arguments = self.closed_parameters if forced else self.chosen_arguments()
+        arguments = self._arguments(forced)
         if not _has_local_refs(arguments):
             return {}
-        return {self._defs_key: _refs_moved(arguments, f"#/$defs/{self._defs_key}")}
+        return {self._defs_key: _refs_moved(arguments, self._defs_pointer)}
+
+    def _arguments(self, forced: bool) -> dict[str, Any]:
+        return self.closed_parameters if forced else self.chosen_arguments()
 
     @property
     def _defs_key(self) -> str:
         # Function names are letters, digits, "_" and "-" (tools.spec): safe in a JSON pointer as they are.
         return f"batchlm-arguments-{self.name}"
+
+    @property
+    def _defs_pointer(self) -> str:
+        return f"#/$defs/{self._defs_key}"
 
     def chosen_arguments(self) -> dict[str, Any]:
         """The arguments of a call the model chose to make: their schema if strict, else any object."""
