@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from batchlm.kernels.cpu_native import PANEL, probed
+from batchlm.kernels.cpu_native import PANEL, pointer_of, probed
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def packed_linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | No
             weight.panels.data_ptr(),
             PANEL,
             PANEL * weight.in_features,
-            bias.data_ptr() if bias is not None else None,
+            pointer_of(bias),
             out.data_ptr(),
             weight.out_features,
             rows.shape[0],

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from batchlm.kernels.cpu_native import LibrarySource, native_library
+from batchlm.kernels.cpu_native import LibrarySource, native_library, pointer_of
 from batchlm.kernels.quant_blocks import BLOCK, CodeBlocks, from_dense_q8, q8_biases
 from batchlm.kernels.quant_panels import PackedWeight, QuantizedWeight, dequantize_packed, pack, parts_of
 
@@ -68,7 +68,7 @@ def _gemm(
             bias = bias.float().contiguous()
         status = library.batchlm_quant_linear(
             rows.data_ptr(), rows.stride(0), ctypes.byref(parts_of(weight)),
-            bias.data_ptr() if bias is not None else None, out.data_ptr(), m, weight.out_features, k,
+            pointer_of(bias), out.data_ptr(), m, weight.out_features, k,
             torch.get_num_threads(), quant_isa(),
         )  # fmt: skip
         if status != 0:
