@@ -203,9 +203,11 @@ class SamplingParams:
         self.validate()
 
     def _normalize_numbers(self) -> None:
+        # Every request's params are made (and cloned) this way: values already of the plain type, as
+        # the server's are, pass at the cost of a type test.
         for name in _INTEGER_FIELDS:
             value = getattr(self, name)
-            if value is None and name not in ("n", "top_k", "min_tokens"):
+            if type(value) is int or (value is None and name not in ("n", "top_k", "min_tokens")):
                 continue
             try:
                 if isinstance(value, bool):
@@ -215,6 +217,8 @@ class SamplingParams:
                 raise SamplingParamsError(f"{name} must be an integer, got {value!r}", name) from None
         for name in _REAL_FIELDS:
             value = getattr(self, name)
+            if type(value) is float and math.isfinite(value):
+                continue
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise SamplingParamsError(f"{name} must be a finite number, got {value!r}", name)
             setattr(self, name, float(value))
