@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Two source trees against each other in one call on the GPU machine, runs interleaved (machines differ
 # by up to 15%, and one host drifts within a call, so only pairs taken side by side compare).
-# Usage: bash benchmarks/gpu_ab.sh OLD_SRC NEW_SRC [single1b] [single8b] [w1] [online] [w1_structured]
-#        [w1_structured_free] [online_structured]
+# Usage: bash benchmarks/gpu_ab.sh OLD_SRC NEW_SRC [single1b] [single8b] [single8b_fp8] [single8b_w4a16] [w1]
+#        [online] [w1_structured] [w1_structured_free] [online_structured]
 #   OLD_SRC, NEW_SRC: folders holding the `batchlm` package (e.g. `git archive REV src | tar -x -C
 #   /tmp/old` gives /tmp/old/src). The benchmark scripts are this tree's; only the package differs.
 #   ROUNDS (default 2): rounds per workload; each round runs both trees, the order swapped every round.
 # Prints one line per process (the figure of each of its runs) and, per workload, the median of each tree's runs
-# and new / old. single*: ITL in ms (lower is better); w1, online*: output tok/s (higher is better;
-# online_structured: every request under the bounded schema);
+# and new / old. single*: ITL in ms (lower is better; single8b_fp8 and single8b_w4a16: the 8B quantized at
+# load); w1, online*: output tok/s (higher is better; online_structured: every request under the bounded schema);
 # w1_structured*: W1 under offline_throughput.py's JSON schema (bounded or free last field), each
 # structured run over the plain run before it in the same engine (higher is better).
 # Needs $OUT (results folder), and on PYTHONPATH the wheels the machine lacks (each tree goes ahead of them).
@@ -29,6 +29,9 @@ run() {
   case "$workload" in
     single1b) timeout 90 python3 benchmarks/offline_throughput.py --shape llama-3.2-1b $S --num-requests 1 ;;
     single8b) timeout 120 python3 benchmarks/offline_throughput.py --shape llama-3.1-8b $S --num-requests 1 ;;
+    single8b_fp8 | single8b_w4a16)
+      timeout 200 python3 benchmarks/offline_throughput.py --shape llama-3.1-8b $S --num-requests 1 \
+        --quantization "${workload#single8b_}" ;;
     w1) timeout 120 python3 benchmarks/offline_throughput.py --shape llama-3.2-1b $S --num-requests 256 ;;
     w1_structured) timeout 200 python3 benchmarks/offline_throughput.py --shape llama-3.2-1b $S --num-requests 256 \
       --structured ;;
@@ -47,7 +50,7 @@ run() {
 # values WORKLOAD FILE: the figure of each run in FILE, one per line.
 values() {
   case "$1" in
-    single1b | single8b) grep -oE '"itl_ms_median": [0-9.]+' "$2" | grep -oE '[0-9.]+$' ;;
+    single*) grep -oE '"itl_ms_median": [0-9.]+' "$2" | grep -oE '[0-9.]+$' ;;
     w1) grep -E '^\{"engine"' "$2" | grep -oE '"output_tok_s": [0-9.]+' | grep -oE '[0-9.]+$' ;;
     online*) grep -oE '"output_throughput": [0-9.]+' "$2" | grep -oE '[0-9.]+$' ;;
     w1_structured*) grep -oE '"structured_over_plain_pairs": \[[0-9., ]+\]' "$2" | grep -oE '[0-9]+\.[0-9]+' ;;
