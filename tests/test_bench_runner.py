@@ -11,6 +11,7 @@ import statistics
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -255,6 +256,52 @@ def test_sweep_gives_one_table_one_json_list_and_one_chart(
     assert [entry["concurrency"] for entry in saved] == [1, 2]
     assert all(entry["model_id"] == "stub-model" for entry in saved)
     assert png.stat().st_size > 10_000
+
+
+def test_an_interrupted_sweep_reports_and_saves_the_levels_it_finished(
+    stub: StubServerThread,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import batchlm.bench.runner as runner
+
+    real_run_level = runner._run_level
+    calls = 0
+
+    async def interrupted_second_level(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise asyncio.CancelledError  # what Ctrl-C does to the running task
+        return await real_run_level(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "_run_level", interrupted_second_level)
+    out = tmp_path / "sweep.json"
+    argv = [
+        *FAST,
+        "--requests",
+        "3",
+        "--concurrency",
+        "1,2,4",
+        "--output-len",
+        "2",
+        "--save-result",
+        str(out),
+    ]
+    config = config_for(stub.base_url, *argv)
+    assert asyncio.run(main_async(config)) == 130
+    captured = capsys.readouterr()
+    assert "interrupted; reporting the 1 finished level(s) of 3" in captured.err
+    assert "Sweep summary" in captured.out and "concurrency=1" in captured.out
+    [saved] = json.loads(out.read_text())  # a sweep's list, of the one level
+    assert saved["concurrency"] == 1 and saved["completed"] == 3
+    # Interrupted before any level finished: nothing is written, and the interruption goes on up.
+    calls = 1
+    out.unlink()
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(main_async(config_for(stub.base_url, *argv)))
+    assert not out.exists()
 
 
 def test_exit_status_is_1_when_every_request_fails(capsys: pytest.CaptureFixture[str]) -> None:

@@ -241,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _run_event_loop(main_async(config))
     except KeyboardInterrupt:
-        print("\nbatchlm bench: interrupted; no report for the unfinished run", file=sys.stderr)
+        print("\nbatchlm bench: interrupted before a load level finished; nothing to report", file=sys.stderr)
         return 130
 
 

@@ -47,12 +47,28 @@ class BenchRun:
 
 
 async def main_async(config: BenchConfig) -> int:
-    """The `batchlm bench` run; prints reports and writes requested files. Returns the exit status."""
+    """The `batchlm bench` run; prints reports and writes requested files. Returns the exit status
+    (130 when interrupted: a sweep's finished levels are still reported and saved)."""
+    finished: list[BenchRun] = []
     try:
-        bench_run = await run_benchmark(config)
+        bench_run = await run_benchmark(config, finished=finished)
     except SetupError as exc:
         print(f"batchlm bench: error: {exc}", file=sys.stderr)
         return 2
+    except asyncio.CancelledError:
+        # Ctrl-C cancels this task; levels already measured are not thrown away with the one running.
+        if not finished or not finished[0].levels:
+            raise
+        partial = finished[0]
+        print(
+            f"\nbatchlm bench: interrupted; reporting the {len(partial.levels)} finished level(s) of "
+            f"{len(config.levels)}",
+            file=sys.stderr,
+        )
+        if config.sweep_name is not None:
+            print(format_sweep_table(partial.levels))
+        write_outputs(config, partial)
+        return 130
     write_outputs(config, bench_run)
     alarms = [alarm for level in bench_run.levels if (alarm := failure_alarm(level)) is not None]
     for alarm in alarms:
@@ -60,8 +76,12 @@ async def main_async(config: BenchConfig) -> int:
     return 1 if alarms else 0
 
 
-async def run_benchmark(config: BenchConfig, echo: bool = True) -> BenchRun:
-    """Sends the workload at every load level over one pooled session and returns the measurements."""
+async def run_benchmark(
+    config: BenchConfig, echo: bool = True, finished: list[BenchRun] | None = None
+) -> BenchRun:
+    """Sends the workload at every load level over one pooled session and returns the measurements.
+    `finished` receives the run as it stands, each level added as it completes (what an interrupted
+    run can still report)."""
     limits = [load.in_flight_limit for load in config.levels]
     pool_size = 0 if any(limit is None for limit in limits) else max(int(limit or 0) for limit in limits)
     connector = aiohttp.TCPConnector(limit=pool_size, limit_per_host=0, keepalive_timeout=60)
@@ -91,7 +111,9 @@ async def run_benchmark(config: BenchConfig, echo: bool = True) -> BenchRun:
                 f"with up to {config.workload.output_len or config.workload.max_tokens} output tokens",
             )
         await _warm_up(session, endpoint, workload.specs, config, echo)
-        levels = []
+        levels: list[LevelReport] = []
+        if finished is not None:
+            finished.append(BenchRun(info, levels))
         for load in config.levels:
             level = await _run_level(session, endpoint, workload, load, config, echo)
             levels.append(level)
@@ -261,7 +283,8 @@ def write_outputs(config: BenchConfig, bench_run: BenchRun) -> None:
             result_json(level, bench_run.info, config.save_detailed, config.metadata)
             for level in bench_run.levels
         ]
-        payload = records[0] if len(records) == 1 else records
+        # A sweep's file is a list even when an interruption left one level in it.
+        payload = records if config.sweep_name is not None else records[0]
         Path(config.save_result).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
         print(f"Saved results to {config.save_result}")
     if config.plot:
