@@ -389,6 +389,9 @@ def test_message_parts_and_roles_are_read_as_chat_messages(client: Any, engine: 
             "invalid role",
         ),
         ({"input": [{"type": "item_reference", "id": "x"}]}, "input[0].type", "not supported"),
+        # Not objects: the item at fault is named, not the string `input` may also be.
+        ({"input": [{"role": "user", "content": "a"}, "b"]}, "input[1]", "must be an object"),
+        ({"input": [None]}, "input[0]", "must be an object"),
         (
             {"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]},
             "input[0].call_id",

@@ -71,6 +71,18 @@ def test_a_stored_response_is_read_back_and_deleted(client: Any, engine: FakeEng
     assert refused.value.body["code"] == "previous_response_not_found"
 
 
+def test_streaming_a_stored_response_back_is_refused(client: Any, engine: FakeEngine) -> None:
+    """Only background responses stream again; a JSON body would read as an empty stream."""
+    engine.reply = REPLY
+    created = client.responses.create(model="fake-model", input="hi")
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.retrieve(created.id, stream=True)
+    assert refused.value.body["param"] == "stream"
+    with pytest.raises(openai.BadRequestError), client.responses.stream(response_id=created.id):
+        pass
+    assert client.responses.retrieve(created.id, stream=False).output_text == REPLY
+
+
 def test_continuing_past_a_deleted_turn_names_the_turn(client: Any, engine: FakeEngine) -> None:
     engine.reply = REPLY
     first = client.responses.create(model="fake-model", input="hi")

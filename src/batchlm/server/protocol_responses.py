@@ -42,7 +42,8 @@ class ResponsesRequest(NullMeansDefault):
 
     model: str | None = Field(None, description="Served model name or alias; omitted = the served model.")
     # Text (one user message) or a list of items: messages, function calls and their outputs, reasoning.
-    input: str | list[dict[str, Any]]
+    # The items are checked one by one (responses_input), so that a 400 names the item at fault.
+    input: str | list[Any]
     # A system message put before the input.
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, description="Omitted = up to the context limit.")
@@ -137,6 +138,8 @@ OutputItem = OutputMessage | ReasoningItem | FunctionCallItem
 
 class InputTokensDetails(BaseModel):
     cached_tokens: int = 0
+    # Tokens written to a cache billed for writes; the prefix cache here is automatic and costs none.
+    cache_write_tokens: int = 0
 
 
 class OutputTokensDetails(BaseModel):
@@ -156,7 +159,7 @@ class IncompleteDetails(BaseModel):
 
 
 class ResponseError(BaseModel):
-    code: str
+    code: Literal["server_error"] = "server_error"
     message: str
 
 

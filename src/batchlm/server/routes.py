@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from batchlm import __version__
+from batchlm.server.errors import APIError
 from batchlm.server.prompts import detokenize, tokenize, tokenizer_info
 from batchlm.server.protocol import (
     ChatCompletionRequest,
@@ -110,7 +111,14 @@ async def responses(request: Request, body: ResponsesRequest) -> Response:
 
 
 @router.get("/v1/responses/{response_id}", responses=ERRORS, summary="A stored response")
-async def retrieve_response(request: Request, response_id: str) -> JSONResponse:
+async def retrieve_response(request: Request, response_id: str, stream: bool = False) -> JSONResponse:
+    if stream:  # a JSON body read as events would be an empty stream, no error
+        raise APIError(
+            400,
+            "'stream' is not supported: a stored response is read back whole (only background "
+            "responses, which this server does not run, stream again).",
+            param="stream",
+        )
     return JSONResponse((await stored_response(get_state(request).responses, response_id)).response)
 
 

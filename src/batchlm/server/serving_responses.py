@@ -210,7 +210,9 @@ class ResponsesFormatter(ResponseFormatter[ChatContext]):
 
     def failure(self, error: APIError) -> Iterable[bytes]:
         code = error.code or ("server_error" if error.status >= 500 else "invalid_request_error")
-        failed = self._response("failed", self._items, error=ResponseError(code=code, message=error.message))
+        # A response's error code is one of the few OpenAI defines (the error event keeps ours): what
+        # fails a stream after it started is the server's side.
+        failed = self._response("failed", self._items, error=ResponseError(message=error.message))
         return [
             self._event("error", code=code, message=error.message, param=error.param),
             self._event("response.failed", response=failed),
