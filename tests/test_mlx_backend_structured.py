@@ -185,3 +185,20 @@ def test_response_format_through_the_mlx_server(model_dir: Path) -> None:
                 jsonschema.validate(json.loads(choice.message.content), SCHEMA)
     finally:
         assert running.stop() == 0
+
+
+def test_a_grammar_failing_mid_generation_ends_its_request_in_an_error(
+    loaded: LoadedModel, model_dir: Path
+) -> None:
+    # Past llguidance's 2,000 items in a parser row, an object of 700 optional properties fails at its
+    # first token: the request ends in an error naming that, not as a stop with "{" for its output.
+    many = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(700)}}
+    failing = request("many", [0, 9], structured_outputs=StructuredOutputs(json=json.dumps(many)))
+    good = request("good", [0, 9], max_tokens=4)
+    outputs = run(make_loop(loaded, model_dir), [failing, good])
+    last = outputs["many"][-1]
+    assert last.finish_reason is FinishReason.ERROR
+    assert "grammar of its structured output failed" in (last.error or "") and "max is 2000" in (
+        last.error or ""
+    )
+    assert outputs["good"][-1].finish_reason is FinishReason.LENGTH

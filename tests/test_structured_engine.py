@@ -159,6 +159,34 @@ def test_async_scheduling_gives_the_same_tokens(llama_dir: Path, llm: LLM) -> No
     assert_valid(outputs[2].outputs[0].text)
 
 
+# Past llguidance's 2,000 items in a parser row: an object of 700 optional properties fails at its
+# first token, once the grammar has taken the "{".
+TOO_MANY = StructuredOutputs(
+    json=json.dumps({"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(700)}})
+)
+
+
+@pytest.mark.parametrize("scheduling", ["off", "on"])
+def test_a_grammar_failing_mid_generation_ends_in_an_error_naming_it(
+    llama_dir: Path, llm: LLM, scheduling: str
+) -> None:
+    engine = llm if scheduling == "off" else _llm(llama_dir, async_scheduling="on")
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=40, structured_outputs=TOO_MANY),
+        SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True),
+        constrained(),
+    ]
+    failed, plain, sound = engine.generate(PROMPTS[:3], params)
+    assert failed.outputs[0].finish_reason == "error"
+    assert failed.error is not None and "max is 2000" in failed.error
+    assert "grammar of its structured output failed" in failed.error
+    # Its batch goes on: the others finish as they would alone.
+    assert plain.outputs[0].finish_reason == "length" and len(plain.outputs[0].token_ids) == 20
+    assert sound.outputs[0].finish_reason == "stop"
+    assert_valid(sound.outputs[0].text)
+    assert engine.engine_core.stats().num_running == 0
+
+
 def test_32_constrained_with_32_unconstrained(llm: LLM) -> None:
     """Constrained rows are valid; the unconstrained rows sharing their batches keep exactly the tokens
     they get without them."""

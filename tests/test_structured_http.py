@@ -258,3 +258,30 @@ def test_the_schema_true_allows_any_json_value(client: Any) -> None:
     assert choice.finish_reason in ("stop", "length")
     if choice.finish_reason == "stop":
         json.loads(choice.message.content)
+
+
+def test_a_grammar_failing_mid_generation_is_an_error_that_names_it(server: BackgroundServer) -> None:
+    # 700 optional properties: past llguidance's 2,000 items in a parser row once "{" is taken. The
+    # reply is an error naming the limit, not a 200 whose content is "{".
+    many = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(700)}}
+    response_format = {"type": "json_schema", "json_schema": {"name": "many", "schema": many}}
+    payload = {"model": "tiny", "messages": USER, "max_tokens": 30, "response_format": response_format}
+    response = httpx.post(f"{server.base_url}/v1/chat/completions", json=payload, timeout=60)
+    assert response.status_code == 500, response.text
+    message = response.json()["error"]["message"]
+    assert "grammar of its structured output failed" in message and "max is 2000" in message
+    with httpx.stream(
+        "POST", f"{server.base_url}/v1/chat/completions", json={**payload, "stream": True}, timeout=60
+    ) as streamed:
+        events = [line[len("data: ") :] for line in streamed.iter_lines() if line.startswith("data: ")]
+    errors = [
+        json.loads(event)["error"] for event in events if event != "[DONE]" and "error" in json.loads(event)
+    ]
+    assert len(errors) == 1 and "max is 2000" in errors[0]["message"]
+    finishes = [
+        choice["finish_reason"]
+        for event in events
+        if event != "[DONE]" and "choices" in json.loads(event)
+        for choice in json.loads(event)["choices"]
+    ]
+    assert "stop" not in finishes

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from functools import partial
 
 from batchlm.core.admission import AdmissionTickets
@@ -89,8 +89,13 @@ class Scheduler:
 
     def abort_requests(self, request_ids: Iterable[str]) -> list[EngineCoreOutput]:
         """End requests now and free their blocks; unknown or finished ids are ignored."""
+        return self._end_now({request_id: None for request_id in request_ids}, FinishReason.ABORT)
+
+    def _end_now(self, errors: Mapping[str, str | None], reason: FinishReason) -> list[EngineCoreOutput]:
+        """End these requests now with `reason` (and each one's error text), freeing their blocks;
+        unknown or finished ids are ignored."""
         outputs = []
-        for request_id in request_ids:
+        for request_id, error in errors.items():
             state = self._requests.get(request_id)
             if state is None:
                 continue
@@ -98,9 +103,9 @@ class Scheduler:
                 self._running.remove(state)
             else:
                 self._waiting.remove(state)
-            self._finish(state, FinishReason.ABORT)
+            self._finish(state, reason)
             held_back = tuple(state.output_token_ids) if state.final_output_only else ()
-            outputs.append(EngineCoreOutput(request_id, held_back, finish_reason=FinishReason.ABORT))
+            outputs.append(EngineCoreOutput(request_id, held_back, finish_reason=reason, error=error))
         return outputs
 
     def has_unfinished_requests(self) -> bool:
@@ -265,6 +270,14 @@ class Scheduler:
         outputs = CoreOutputs()
         if scheduled.is_empty:
             return outputs
+        if result.grammar_failures:
+            # Before the step's tokens: a failed grammar's last token is only the EOS its mask forced.
+            errors = {
+                request_id: f"the grammar of its structured output failed: {why}"
+                for request_id, why in result.grammar_failures.items()
+            }
+            for output in self._end_now(errors, FinishReason.ERROR):
+                outputs.append(output)
         sampled = sampled_by_request(scheduled, result)
         record = self._pop_inflight(scheduled)
         finished_any = False

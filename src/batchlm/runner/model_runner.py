@@ -329,8 +329,9 @@ class ModelRunner:
         token_ids, packed = self.sampler.sample_on_device(
             forward.logits, states, logits_are_scratch=True, grammar=grammar
         )
+        failures = self.masks.sequences.failures.take if forward.masks.request_ids else None
         pending = PendingStepOutput(
-            forward.request_ids, states, token_ids, packed, verification, forward.prompt_logprobs
+            forward.request_ids, states, token_ids, packed, verification, forward.prompt_logprobs, failures
         )
         self._previous = PreviousTokens(token_ids, forward.token_rows)
         self._unresolved = [p for p in self._unresolved if not p.is_resolved]

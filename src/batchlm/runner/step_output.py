@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -42,8 +42,13 @@ class PendingStepOutput:
         packed_logprobs: torch.Tensor | None,
         verification: Verification | None = None,
         prompt_logprobs: Mapping[str, tuple[TokenLogprobs, ...]] | None = None,
+        grammar_failures: Callable[[], dict[str, str]] | None = None,
     ) -> None:
+        """grammar_failures: takes the constrained requests whose grammar failed (request id -> why),
+        called once the step's tokens are on the host: by then the masks it sampled under are made,
+        and so are those masks' failures."""
         self._request_ids = request_ids
+        self._grammar_failures = grammar_failures
         self._verification = verification
         self._prompt_logprobs = prompt_logprobs
         self._states = list(states)
@@ -116,4 +121,6 @@ class PendingStepOutput:
             output = ModelRunnerOutput(self._request_ids, tuple(token_ids), tuple(logprobs))
         if self._prompt_logprobs:
             output = replace(output, prompt_logprobs=self._prompt_logprobs)
+        if self._grammar_failures is not None and (failed := self._grammar_failures()):
+            output = replace(output, grammar_failures=failed)
         return output

@@ -32,6 +32,12 @@ class GrammarMatcher(Protocol):
         """True once the grammar is complete and only EOS may follow."""
         ...
 
+    @property
+    def failure(self) -> str | None:
+        """Why the grammar can follow the sequence no further (it failed, e.g. past a limit of the
+        grammar engine, and allows only EOS now); None while it is sound."""
+        ...
+
 
 class MatcherBatch(Protocol):
     """The same matchers, one per row, step after step: a decode batch of constrained sequences, each
@@ -128,8 +134,9 @@ def allowed_tokens(row: np.ndarray, vocab_size: int) -> np.ndarray:
 class EndingMatcher:
     """Stands in for a grammar that failed to compile in the engine: the sequence ends at once."""
 
-    def __init__(self, eos_token_ids: tuple[int, ...]) -> None:
+    def __init__(self, eos_token_ids: tuple[int, ...], reason: str) -> None:
         self._eos_token_ids = eos_token_ids
+        self.failure = reason
 
     def fill_bitmask(self, row: np.ndarray) -> None:
         fill_eos_only(row, self._eos_token_ids)

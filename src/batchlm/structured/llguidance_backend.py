@@ -198,6 +198,13 @@ class LLGuidanceMatcher:
     def is_terminated(self) -> bool:
         return bool(self.inner.is_stopped())
 
+    @property
+    def failure(self) -> str | None:
+        if not self.inner.is_error():
+            return None
+        # The first line: the rest is the parser's state, long and of no use to a client.
+        return str(self.inner.get_error()).strip().split("\n", 1)[0]
+
 
 class TemplateBudget:
     """How many more extra templates the backend may compile (EXTRA_TEMPLATES in all)."""

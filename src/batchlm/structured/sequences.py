@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,21 +32,46 @@ def _then(job: Callable[..., T], written: Callable[[], None], *args: object) -> 
         written()
 
 
-def warn_rejected(accepted: list[bool], rows: Sequence[object]) -> None:
-    """Log the rows (their tokens or request ids) whose grammar rejected a sampled token (their
-    matchers now allow only EOS)."""
-    for row, ok in zip(rows, accepted, strict=True):
-        if not ok:
-            logger.warning("a constrained sequence sampled a token its grammar rejects (%s)", row)
-
-
 @dataclass(eq=False)
 class _Sequence:
+    request_id: str
     matcher: GrammarMatcher
     # The sequence's output token ids (the runner's list, appended to as tokens are sampled).
     output_token_ids: list[int]
     # How many of them the matcher has accepted.
     num_accepted: int = 0
+
+
+class GrammarFailures:
+    """The sequences whose grammar failed (their matchers allow only EOS from then on), noted on the
+    worker thread as the masks are made and taken by the runner with the step those masks serve, so
+    that the request ends in an error that names the cause rather than as a plain stop."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._failed: dict[str, str] = {}
+
+    def note(self, request_id: str, reason: str) -> None:
+        logger.warning("request %s: its grammar failed (%s); it ends", request_id, reason)
+        with self._lock:
+            self._failed.setdefault(request_id, reason)
+
+    def note_rejections(
+        self, accepted: list[bool], sequences: Sequence[_Sequence], tokens: Sequence[object]
+    ) -> None:
+        """Note each sequence whose matcher did not take its new tokens (`tokens`, per row, for the
+        message when the grammar itself is sound)."""
+        if all(accepted):
+            return
+        for ok, seq, token in zip(accepted, sequences, tokens, strict=True):
+            if not ok:
+                self.note(seq.request_id, seq.matcher.failure or f"it rejected the sampled token(s) {token}")
+
+    def take(self) -> dict[str, str]:
+        """Request id -> why, for the failures noted since the last take."""
+        with self._lock:
+            failed, self._failed = self._failed, {}
+        return failed
 
 
 class _PreparedBatch:
@@ -84,6 +110,7 @@ class ConstrainedSequences:
         self._worker: ThreadPoolExecutor | None = None
         # The matchers of the last prefetch's sequences, prepared as a batch (worker thread only).
         self._batch: _PreparedBatch | None = None
+        self.failures = GrammarFailures()
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._sequences
@@ -105,9 +132,9 @@ class ConstrainedSequences:
             matcher = backend.matcher(spec)
         except GrammarError as exc:
             # The API edge compiles every spec first; this is a grammar only this tokenizer rejects.
-            logger.error("request %s: its grammar does not compile (%s); it ends now", request_id, exc)
-            matcher = EndingMatcher(backend.eos_token_ids)
-        self._sequences[request_id] = _Sequence(matcher, output_token_ids)
+            matcher = EndingMatcher(backend.eos_token_ids, str(exc))
+            self.failures.note(request_id, str(exc))
+        self._sequences[request_id] = _Sequence(request_id, matcher, output_token_ids)
 
     def drop(self, request_ids: Sequence[str] | frozenset[str]) -> None:
         for request_id in request_ids:
@@ -159,7 +186,8 @@ class ConstrainedSequences:
         self._batch = None  # its matchers move here: a failure here would not reach its prepared rows
         matchers = [seq.matcher for seq in sequences]
         bitmask = np.empty((len(rows), backend.bitmask_words), dtype=np.int32)
-        warn_rejected(backend.advance_and_fill(matchers, new_tokens, bitmask), new_tokens)
+        accepted = backend.advance_and_fill(matchers, new_tokens, bitmask)
+        self.failures.note_rejections(accepted, sequences, new_tokens)
         return GrammarMasks(rows, bitmask)
 
     def prefetch_masks(
@@ -203,7 +231,7 @@ class ConstrainedSequences:
         tokens = [token_ids[row] for row in sampled_rows.rows]
         self._batch = None
         index: dict[str, int] = {}
-        matchers: list[GrammarMatcher] = []
+        taking: list[_Sequence] = []
         new_tokens: list[list[int]] = []
         for request_id, position, seq, token_id in zip(
             sampled_rows.request_ids, sampled_rows.positions, sequences, tokens, strict=True
@@ -213,12 +241,13 @@ class ConstrainedSequences:
                 continue  # tokens still in flight before this one: the step computes its mask itself
             new_tokens.append([*earlier, token_id])
             seq.num_accepted = position + 1
-            index[request_id] = len(matchers)
-            matchers.append(seq.matcher)
-        bitmask = out[: len(matchers)]
-        if matchers:
-            warn_rejected(backend.advance_and_fill(matchers, new_tokens, bitmask), new_tokens)
-        return PrefetchedMasks(index, bitmask, complete=len(matchers) == len(sequences))
+            index[request_id] = len(taking)
+            taking.append(seq)
+        bitmask = out[: len(taking)]
+        if taking:
+            accepted = backend.advance_and_fill([seq.matcher for seq in taking], new_tokens, bitmask)
+            self.failures.note_rejections(accepted, taking, new_tokens)
+        return PrefetchedMasks(index, bitmask, complete=len(taking) == len(sequences))
 
     def _prefetch_one_each(
         self,
@@ -247,7 +276,7 @@ class ConstrainedSequences:
             return PrefetchedMasks({}, out[:0])
         tokens = list(token_ids[: len(rows)]) if leading else [token_ids[row] for row in rows]
         if sequences:
-            warn_rejected(batch.matchers.step(tokens, bitmask), tokens)
+            self.failures.note_rejections(batch.matchers.step(tokens, bitmask), sequences, tokens)
         return PrefetchedMasks(batch.index, bitmask, complete=True)
 
     def _submit(self, job: Callable[..., T], *args: object) -> Future[T]:

@@ -33,6 +33,11 @@ class GrammarProcessor:
         allowed = np.unpackbits(self._row.view(np.uint8), bitorder="little")[:vocab_size]  # [V]
         return mx.where(mx.array(allowed.astype(np.bool_))[None], logits, -float("inf"))
 
+    @property
+    def failure(self) -> str | None:
+        """Why the grammar failed (its mask then allows only EOS), or None."""
+        return self._matcher.failure
+
 
 class MLXGrammars:
     """Makes each constrained request's processor; the backend is built on the first one."""

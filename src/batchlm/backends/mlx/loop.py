@@ -12,7 +12,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 
-from batchlm.backends.mlx.grammar import MLXGrammars
+from batchlm.backends.mlx.grammar import GrammarProcessor, MLXGrammars
 from batchlm.backends.mlx.logprobs import LogprobsQuery, token_logprobs
 from batchlm.backends.mlx.prompt_cache import CacheLookup, PromptCache
 from batchlm.backends.mlx.prompt_scores import PromptScores
@@ -58,6 +58,8 @@ class _Running:
     num_cached_tokens: int
     scheduled_time: float
     recorder: RawLogprobsRecorder | None = None
+    # The grammar's processor of a constrained request.
+    grammar: GrammarProcessor | None = None
     reported: bool = False
     # SamplingParams.prompt_logprobs: the prompt's, sent with the first output.
     prompt_logprobs: tuple[TokenLogprobs, ...] = ()
@@ -179,10 +181,10 @@ class GenerationLoop:
 
     def _grammar_processors(
         self, requests: list[EngineCoreRequest]
-    ) -> tuple[dict[str, list[Any]], list[EngineCoreOutput]]:
+    ) -> tuple[dict[str, list[GrammarProcessor]], list[EngineCoreOutput]]:
         """Each request's grammar processors (none when unconstrained), and ERROR outputs for the
         requests whose grammar does not compile (only they fail)."""
-        processors: dict[str, list[Any]] = {}
+        processors: dict[str, list[GrammarProcessor]] = {}
         failed = []
         for request in requests:
             try:
@@ -194,7 +196,7 @@ class GenerationLoop:
                 )
         return processors, failed
 
-    def _insert(self, requests: list[EngineCoreRequest], grammars: dict[str, list[Any]]) -> None:
+    def _insert(self, requests: list[EngineCoreRequest], grammars: dict[str, list[GrammarProcessor]]) -> None:
         # A prompt whose logprobs were asked is scored first; the generator goes on from that forward's
         # cache, so the prompt runs once (its last token, which gives the first output, in the generator).
         scores: dict[str, tuple[TokenLogprobs, ...]] = {}
@@ -216,7 +218,7 @@ class GenerationLoop:
         # None asks the generator for a fresh cache.
         caches: list[Any] = [lookup.cache for lookup in lookups]
         recorders: list[RawLogprobsRecorder | None] = []
-        processor_lists = []
+        processor_lists: list[list[Any]] = []
         for request in requests:
             params = request.sampling_params
             processors = logits_processors(params, len(request.prompt_token_ids), request.eos_token_ids)
@@ -242,7 +244,8 @@ class GenerationLoop:
         )
         now = time.time()
         for request, cached, recorder, uid in zip(requests, num_cached, recorders, uids, strict=True):
-            running = _Running(request, uid, cached, now, recorder)
+            processor = next(iter(grammars[request.request_id]), None)  # at most one
+            running = _Running(request, uid, cached, now, recorder, processor)
             running.prompt_logprobs = scores.get(request.request_id, ())
             self._running[uid] = running
             self._uid_of[request.request_id] = uid
@@ -269,7 +272,7 @@ class GenerationLoop:
             scored += token_logprobs(queries)
         return tuple(scored), cache
 
-    def _grammar_processors_of(self, request: EngineCoreRequest) -> list[Any]:
+    def _grammar_processors_of(self, request: EngineCoreRequest) -> list[GrammarProcessor]:
         if request.sampling_params.structured_outputs is None:
             return []
         if self._grammars is None:
@@ -290,10 +293,31 @@ class GenerationLoop:
         outputs = []
         for response in generated:
             running = self._running[response.uid]
+            failure = running.grammar.failure if running.grammar is not None else None
+            if failure is not None:
+                outputs.append(self._grammar_failed(running, response, failure))
+                continue
             outputs.append(self._output(running, response, logprobs.get(response.uid)))
             if response.finish_reason is not None:
                 self._finish(running, response)
         return outputs
+
+    def _grammar_failed(self, running: _Running, response: Any, failure: str) -> EngineCoreOutput:
+        """End a sequence whose grammar failed (its last token is only the EOS its mask forced) with an
+        error that says why, as the torch engine does."""
+        if response.finish_reason is None:
+            self._generator.remove([response.uid])
+        self._finish(running, response)
+        first = not running.reported
+        return EngineCoreOutput(
+            request_id=running.request.request_id,
+            new_token_ids=(),
+            finish_reason=FinishReason.ERROR,
+            num_cached_tokens=running.num_cached_tokens,
+            error=f"the grammar of its structured output failed: {failure}",
+            scheduled_time=running.scheduled_time if first else None,
+            prompt_logprobs=running.prompt_logprobs if first else (),
+        )
 
     def _logprobs(self, generated: list[Any]) -> dict[int, TokenLogprobs]:
         """Logprobs for the sequences that asked, in one evaluation."""
