@@ -101,6 +101,39 @@ def test_cuda_engine_constrained_outputs_validate(tiny_model_dir: Callable[..., 
     assert all(len(o.outputs[0].token_ids) == 24 for o in outputs[1::2])
 
 
+def test_cuda_a_grammar_failing_in_steady_decoding_ends_in_an_error(
+    tiny_model_dir: Callable[..., Path],
+) -> None:
+    """A grammar that fails a few tokens in (700 optional properties under a key, past llguidance's
+    2,000 items in a parser row), among constrained requests decoding steadily, masks handed to the
+    device: it ends in an error naming the limit; the others stay valid."""
+    llm = LLM(model=str(tiny_model_dir("llama")), device="cuda")
+    many = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(700)}}
+    nested = {
+        "type": "object",
+        "properties": {"first": {"type": "string", "maxLength": 4}, "a": many},
+        "required": ["first", "a"],
+        "additionalProperties": False,
+    }
+    spec = StructuredOutputs(json=json.dumps(SCHEMA))
+    prompts = [f"constrained {i}" for i in range(16)] + ["failing"]
+    params = [SamplingParams(temperature=0.0, max_tokens=80, structured_outputs=spec)] * 16
+    params += [
+        SamplingParams(
+            temperature=0.0, max_tokens=80, structured_outputs=StructuredOutputs(json=json.dumps(nested))
+        )
+    ]
+    outputs = llm.generate(prompts, params)
+    failed = outputs[-1]
+    assert failed.outputs[0].finish_reason == "error"
+    assert failed.error is not None and "max is 2000" in failed.error
+    assert len(failed.outputs[0].token_ids) >= 3  # it failed while decoding, not at its first token
+    for output in outputs[:-1]:
+        assert output.outputs[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(output.outputs[0].text), SCHEMA)
+    assert llm.engine_core.executor.masks.steps_handed_to_device > 0
+
+
 def test_cuda_deferred_sampling_gives_the_tokens_of_the_synchronous_engine(
     tiny_model_dir: Callable[..., Path],
 ) -> None:
