@@ -185,6 +185,18 @@ def test_stop_string_is_held_back_then_dropped(tiny_tokenizer: Tokenizer) -> Non
     assert detokenizer.output_text == "Hello "
 
 
+@pytest.mark.parametrize("sizes", [[1], [2], [5], [1, 4]])
+def test_a_stop_string_ends_only_past_the_first_min_tokens_tokens(
+    tiny_tokenizer: Tokenizer, sizes: list[int]
+) -> None:
+    ids = tiny_tokenizer.encode("A", add_special_tokens=False) * 5
+    detokenizer = IncrementalDetokenizer(tiny_tokenizer, [0], stop=["A"], min_tokens=3)
+    deltas, tail = stream(detokenizer, ids, sizes)
+    # As vLLM has it: the 4th token's "A" is the first that may end the text.
+    assert "".join(deltas) + tail == "AAA" == detokenizer.output_text
+    assert detokenizer.stop_reason == "A"
+
+
 def test_held_back_prefix_is_released_by_finish(tiny_tokenizer: Tokenizer) -> None:
     detokenizer = IncrementalDetokenizer(tiny_tokenizer, [0], stop=["STOP"])
     assert detokenizer.update(tiny_tokenizer.encode("Go ST", add_special_tokens=False)) == "Go "

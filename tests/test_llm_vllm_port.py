@@ -50,6 +50,39 @@ def test_wrongly_typed_numbers_are_refused_by_name(field: str, value: Any) -> No
     assert caught.value.param == field
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("logit_bias", {1.5: 2.0}),
+        ("logit_bias", {"1_0": 2.0}),
+        ("logit_bias", {" 7": 2.0}),
+        ("logit_bias", {"abc": 2.0}),
+        ("logit_bias", {"9" * 5000: 2.0}),
+        ("logit_bias", {True: 2.0}),
+        ("logit_bias", {3: "x"}),
+        ("logit_bias", {3: None}),
+        ("logit_bias", [(3, 2.0)]),
+        ("stop_token_ids", [1.5]),
+        ("stop_token_ids", ["7"]),
+        ("stop_token_ids", 7),
+        ("stop", 7),
+        ("ignore_eos", "no"),
+        ("skip_special_tokens", None),
+    ],
+)
+def test_wrongly_typed_token_ids_biases_and_flags_are_refused_by_name(field: str, value: Any) -> None:
+    # int() would read 1.5 as 1, "1_0" as 10 and " 7" as 7; "no" is true.
+    with pytest.raises(SamplingParamsError, match=field) as caught:
+        SamplingParams(**{field: value})
+    assert caught.value.param == field
+
+
+def test_token_ids_as_decimal_text_and_numpy_values_are_read() -> None:
+    params = SamplingParams(logit_bias={"7": 1, np.int64(8): np.float32(-2.5)}, stop_token_ids=(np.int32(9),))
+    assert params.logit_bias == {7: 1.0, 8: -2.5} and params.stop_token_ids == [9]
+    assert all(type(key) is int and type(value) is float for key, value in params.logit_bias.items())
+
+
 def test_numpy_numbers_are_taken_as_python_numbers() -> None:
     params = SamplingParams(seed=np.int64(3), max_tokens=np.int32(5), temperature=np.float32(0.5))
     assert type(params.seed) is int and type(params.max_tokens) is int and type(params.temperature) is float
@@ -118,6 +151,15 @@ def test_a_schema_object_constrains_as_its_text_does(llm: LLM) -> None:
     assert StructuredOutputs(choice=["a", "b"]).choice == ("a", "b")
     with pytest.raises(SamplingParamsError, match=r"structured_outputs\.json"):
         StructuredOutputs(json=5)  # type: ignore[arg-type]
+
+
+def test_min_tokens_holds_back_stop_strings(llm: LLM) -> None:
+    (forced,) = llm.get_tokenizer().encode("A", add_special_tokens=False)
+    params = SamplingParams(temperature=0, max_tokens=8, logit_bias={forced: 100.0}, min_tokens=3, stop=["A"])
+    (completion,) = llm.generate("hello", params, use_tqdm=False)[0].outputs
+    # The 4th token is the first a stop string may end in, as in vLLM: "A" ends the text there.
+    assert list(completion.token_ids) == [forced] * 4
+    assert (completion.text, completion.finish_reason, completion.stop_reason) == ("AAA", "stop", "A")
 
 
 def test_chat_outputs_carry_the_rendered_prompt(llm: LLM) -> None:

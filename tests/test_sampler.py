@@ -70,6 +70,18 @@ def test_greedy_rows_take_argmax_beside_random_rows() -> None:
     assert out.token_ids[1::2].tolist() == logits[1::2].argmax(-1).tolist()
 
 
+@pytest.mark.parametrize(
+    "filters", [{}, {"top_p": 0.9}, {"min_p": 0.1}, {"top_k": 5}, {"top_p": 0.9, "logprobs": 2}]
+)
+@pytest.mark.parametrize("temperature", [1e-40, 1e-6])
+def test_a_vanishing_temperature_takes_the_argmax(temperature: float, filters: dict[str, float]) -> None:
+    # Logits divided by such a temperature overflow to infinities, whose softmax is NaN.
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(3)) * 4
+    states = [make_state(SamplingParams(temperature=temperature, **filters)) for _ in range(4)]
+    out = Sampler(300, CPU)(logits, states)
+    assert out.token_ids_cpu == logits.argmax(-1).tolist()
+
+
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
 def test_temperature_draws_follow_scaled_softmax(temperature: float) -> None:
     counts = draw_counts(SIX_LOGITS, SamplingParams(temperature=temperature), 20000)

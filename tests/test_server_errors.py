@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -86,6 +87,10 @@ def test_missing_required_field_is_named(server: BackgroundServer) -> None:
         ({"logprobs": True, "top_logprobs": 30}, "top_logprobs"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"logit_bias": {"1_0": 1}}, "logit_bias"),
+        ({"logit_bias": {" 5": 1}}, "logit_bias"),
+        ({"logit_bias": {"5.0": 1}}, "logit_bias"),
+        ({"logit_bias": {"\u0665": 1}}, "logit_bias"),
         ({"logit_bias": {"99999": 1}}, "logit_bias"),
         ({"logit_bias": {"5": 500}}, "logit_bias"),
         ({"stop_token_ids": [99999]}, "stop_token_ids"),
@@ -98,6 +103,28 @@ def test_invalid_chat_values_are_400_naming_the_field(
     server: BackgroundServer, extra: Any, param: str
 ) -> None:
     assert error_of(post(server, "/v1/chat/completions", {**CHAT, **extra}), 400)["param"] == param
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "named", "unsent"),
+    [
+        ({"logprobs": True, "top_logprobs": 30}, "top_logprobs", {"top_logprobs"}, "logprobs"),
+        ({"max_completion_tokens": 0}, "max_completion_tokens", {"max_completion_tokens"}, "max_tokens"),
+        (
+            {"max_completion_tokens": 2, "min_tokens": 3},
+            "min_tokens",
+            {"min_tokens", "max_completion_tokens"},
+            "max_tokens",
+        ),
+    ],
+)
+def test_an_invalid_value_is_described_by_the_names_the_client_sent(
+    server: BackgroundServer, extra: Any, param: str, named: set[str], unsent: str
+) -> None:
+    error = error_of(post(server, "/v1/chat/completions", {"messages": USER, **extra}), 400)
+    assert error["param"] == param
+    words = set(re.findall(r"\w+", error["message"]))
+    assert named <= words and unsent not in words, error["message"]
 
 
 @pytest.mark.parametrize(

@@ -46,6 +46,46 @@ def test_matches_the_whole_text_reference(
     assert ("".join(released), matcher.stop_reason) == expected_output(text, stops, include)
 
 
+def expected_after(text: str, stops: list[str], include: bool, quiet: int) -> tuple[str, str | None]:
+    """Reference for text whose first `quiet` characters no stop string may end in."""
+    best: tuple[int, int, str] | None = None
+    for stop in stops:
+        start = text.find(stop, max(0, quiet - len(stop) + 1))
+        if start >= 0:
+            candidate = (start + len(stop), -len(stop), stop)
+            best = candidate if best is None or candidate < best else best
+    if best is None:
+        return text, None
+    end, _, stop = best
+    return text[: end if include else end - len(stop)], stop
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    text=st.text(alphabet="abc.", max_size=30),
+    stops=st.lists(st.text(alphabet="abc.", min_size=1, max_size=4), max_size=3),
+    cuts=st.lists(st.integers(0, 40), max_size=8),
+    quiet=st.integers(0, 40),
+    include=st.booleans(),
+)
+def test_no_stop_ends_in_text_fed_as_unable_to_stop(
+    text: str, stops: list[str], cuts: list[int], quiet: int, include: bool
+) -> None:
+    quiet = min(quiet, len(text))
+    matcher = StopStringMatcher(stops, include)
+    bounds = sorted({0, quiet, len(text), *(c % (len(text) + 1) for c in cuts)})
+    released = [matcher.feed(text[a:b], can_stop=b > quiet) for a, b in itertools.pairwise(bounds)]
+    released.append(matcher.feed("", final=True))
+    assert ("".join(released), matcher.stop_reason) == expected_after(text, stops, include, quiet)
+
+
+def test_a_stop_may_start_in_text_that_could_not_stop() -> None:
+    matcher = StopStringMatcher(["STOP"])
+    assert matcher.feed("a STOP ST", can_stop=False) == "a STOP "
+    assert matcher.feed("OP b") == ""
+    assert matcher.stop_reason == "STOP"
+
+
 def test_holds_back_a_possible_stop_until_decided() -> None:
     matcher = StopStringMatcher(["STOP"])
     assert matcher.feed("hello ST") == "hello "

@@ -6,6 +6,8 @@ import json as _json
 import math
 import numbers
 import operator
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -19,6 +21,9 @@ class SamplingParamsError(ValueError):
 
 
 MAX_TOP_LOGPROBS = 20
+# Temperatures below this sample as greedy: logits divided by one overflow float32 to infinities, and
+# the distribution that is left is the argmax's anyway (vLLM takes the same bound).
+GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,64 @@ _REAL_FIELDS = (
     "frequency_penalty",
 )
 
+_BOOLEAN_FIELDS = (
+    "ignore_eos",
+    "detokenize",
+    "skip_special_tokens",
+    "include_stop_str_in_output",
+    "final_output_only",
+)
+# A token id as a JSON object key carries it (OpenAI's logit_bias): decimal digits, nothing else.
+_TOKEN_ID_TEXT = re.compile(r"-?[0-9]+")
+
+
+def _sequence(value: Any, name: str) -> Any:
+    """`value` when it is a list of items (None: empty); one bare item is an error naming the field."""
+    if type(value) is list:
+        return value
+    if value is None:
+        return ()
+    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Iterable):
+        raise SamplingParamsError(f"{name} must be a list, got {value!r}", name)
+    return value
+
+
+def _token_id(value: Any, name: str, text_allowed: bool = False) -> int:
+    """An int (a numpy integer too), or with text_allowed its decimal text; else an error naming the
+    field (int() alone would take 1.5 as 1, "1_0" as 10 and " 7" as 7)."""
+    if type(value) is int:
+        return value
+    try:
+        if text_allowed and isinstance(value, str) and _TOKEN_ID_TEXT.fullmatch(value):
+            return int(value)
+        if not isinstance(value, bool | str):
+            return operator.index(value)
+    except (TypeError, ValueError):  # ValueError: text of more digits than int() converts
+        pass
+    if text_allowed:
+        raise SamplingParamsError(
+            f"{name} keys must be token ids (integers, or their decimal text), got {value!r}", name
+        )
+    raise SamplingParamsError(f"{name} must be token ids (integers), got {value!r}", name)
+
+
+def _logit_bias(value: Any) -> dict[int, float]:
+    """Token id (an int or its decimal text, as JSON object keys carry them) -> a finite bias."""
+    if type(value) is not dict and not isinstance(value, Mapping):
+        raise SamplingParamsError(f"logit_bias must map token ids to biases, got {value!r}", "logit_bias")
+    bias: dict[int, float] = {}
+    for key, number in value.items():
+        if type(key) is not int:
+            key = _token_id(key, "logit_bias", text_allowed=True)
+        if type(number) is not float:
+            if isinstance(number, bool) or not isinstance(number, numbers.Real):
+                raise SamplingParamsError(
+                    f"logit_bias values must be numbers, got {number!r} for token {key!r}", "logit_bias"
+                )
+            number = float(number)
+        bias[key] = number
+    return bias
+
 
 @dataclass
 class SamplingParams:
@@ -140,7 +203,7 @@ class SamplingParams:
 
     # Number of completions for the prompt; they share the prompt's KV blocks.
     n: int = 1
-    # 0 means greedy.
+    # 0 (or anything below GREEDY_TEMPERATURE) means greedy.
     temperature: float = 1.0
     top_p: float = 1.0
     # 0 or -1 disables top-k.
@@ -155,7 +218,7 @@ class SamplingParams:
     seed: int | None = None
     # Max new tokens; None = up to the model's context limit.
     max_tokens: int | None = 16
-    # EOS and stop tokens are masked until this many tokens are generated.
+    # EOS and stop tokens are masked, and stop strings not matched, until this many tokens are generated.
     min_tokens: int = 0
     ignore_eos: bool = False
     # Strings that end the completion; excluded from the text.
@@ -167,7 +230,8 @@ class SamplingParams:
     # The same for every prompt token after the first (what the model gave it, given the tokens before):
     # None = none. Such a prompt is computed whole (no prefix-cache hits), as each token's logits are read.
     prompt_logprobs: int | None = None
-    # Token id -> additive bias on the logits, applied before sampling.
+    # Token id -> additive bias on the logits, applied before sampling. An id may be given as its decimal
+    # text, as OpenAI's JSON object keys carry it.
     logit_bias: dict[int, float] = field(default_factory=dict)
     # Detokenize the output (False gives token ids only).
     detokenize: bool = True
@@ -186,7 +250,7 @@ class SamplingParams:
         self._normalize_numbers()
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop or [])
+        self.stop = list(_sequence(self.stop, "stop"))
         bad_stop = next((s for s in self.stop if not isinstance(s, str)), None)
         if bad_stop is not None:
             raise SamplingParamsError(f"stop must be strings, got {bad_stop!r}", "stop")
@@ -196,8 +260,14 @@ class SamplingParams:
                 f"{type(self.structured_outputs).__name__}",
                 "structured_outputs",
             )
-        self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
-        self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+        self.stop_token_ids = [
+            _token_id(t, "stop_token_ids") for t in _sequence(self.stop_token_ids, "stop_token_ids")
+        ]
+        self.logit_bias = _logit_bias(self.logit_bias) if self.logit_bias else {}
+        for name in _BOOLEAN_FIELDS:
+            value = getattr(self, name)
+            if value is not True and value is not False:  # "no" would be true
+                raise SamplingParamsError(f"{name} must be True or False, got {value!r}", name)
         if self.top_k == -1:
             self.top_k = 0
         self.validate()
@@ -280,7 +350,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
     def clone(self, **changes: Any) -> SamplingParams:
         return replace(self, **changes)

@@ -131,6 +131,7 @@ class OutputProcessor:
                     skip_special_tokens=params.skip_special_tokens,
                     stop=params.stop,
                     include_stop_str_in_output=params.include_stop_str_in_output,
+                    min_tokens=params.min_tokens,
                 )
             completions.append(
                 _Completion(index, detokenizer, logprobs=[] if params.logprobs is not None else None)

@@ -5,8 +5,9 @@ sampling fields onto batchlm's SamplingParams, the output constraint (`response_
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from pydantic import BaseModel
 
@@ -147,29 +148,25 @@ def build_sampling_params(
             stop=[request.stop] if isinstance(request.stop, str) else list(request.stop or []),
             stop_token_ids=request.stop_token_ids or [],
             logprobs=logprobs,
-            logit_bias=_parse_logit_bias(request.logit_bias),
+            # Token ids as JSON object keys carry them (text): SamplingParams reads and checks them.
+            logit_bias=cast("dict[int, float]", request.logit_bias or {}),
             structured_outputs=None if constraint is None else constraint[1],
             final_output_only=not request.stream,
             **given,
         )
     except SamplingParamsError as error:
-        raise APIError(400, str(error), param=param_names.get(error.param, error.param)) from error
+        message = _as_spelled(str(error), param_names)
+        raise APIError(400, message, param=param_names.get(error.param, error.param)) from error
     structured_field = constraint[0] if constraint else "structured_outputs"
     return params, FieldNames(prompt_field, prompt_field, prompt_field, structured_field)
 
 
-def _parse_logit_bias(raw: dict[str, float] | None) -> dict[int, float]:
-    bias: dict[int, float] = {}
-    for key, value in (raw or {}).items():
-        try:
-            bias[int(key)] = value
-        except ValueError:
-            raise APIError(
-                400,
-                f"logit_bias keys must be token ids (integers as strings), got {key!r}.",
-                param="logit_bias",
-            ) from None
-    return bias
+def _as_spelled(message: str, param_names: dict[str, str]) -> str:
+    """A SamplingParams message with its field names as the request spells them (a client that sent
+    top_logprobs is told about top_logprobs, not logprobs)."""
+    for ours, theirs in param_names.items():
+        message = re.sub(rf"\b{re.escape(ours)}\b", theirs, message)
+    return message
 
 
 RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")

@@ -2,10 +2,11 @@
 
 Invariant: let `ids` be every id passed to `update`. Then
     "".join(all update() deltas) + finish() == tokenizer.decode(ids, skip_special_tokens)
-truncated at the first completed stop string (see StopStringMatcher), which is excluded unless
-include_stop_str_in_output; nothing after it is ever emitted. A delta never ends inside a multi-byte
-character (the tail that decodes to U+FFFD is held until it completes, or until finish()), and text that
-could be the start of a stop string is held back until decided.
+truncated at the first completed stop string (see StopStringMatcher) that ends past the text of the
+first min_tokens ids, which is excluded unless include_stop_str_in_output; nothing after it is ever
+emitted. A delta never ends inside a multi-byte character (the tail that decodes to U+FFFD is held
+until it completes, or until finish()), and text that could be the start of a stop string is held back
+until decided.
 
 For context-dependent tokenizers (SentencePiece drops the leading space of a sequence) the text is
 decoded as a continuation of the prompt, as the model produced it: a first token '▁Paris' after the
@@ -50,9 +51,14 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
         stop: Sequence[str] = (),
         include_stop_str_in_output: bool = False,
+        min_tokens: int = 0,
     ) -> None:
+        """min_tokens: a stop string must end in the text of a later token, as vLLM has it (the
+        sampler holds back EOS and stop tokens as long)."""
         self._decode = tokenizer.decoder(skip_special_tokens)
         self._stop_matcher = StopStringMatcher(stop, include_stop_str_in_output)
+        self._min_tokens = min_tokens
+        self._num_fed = 0
         # Byte-level tokenizers: each id's bytes, appended as they come (no window decodes); the
         # bytes of a character not yet complete wait in _held_bytes.
         self._pieces_of: Mapping[int, bytes] | None = tokenizer.byte_pieces(skip_special_tokens)
@@ -90,6 +96,17 @@ class IncrementalDetokenizer:
             raise RuntimeError("IncrementalDetokenizer.update() called after finish()")
         if not new_token_ids or self.stop_reason is not None:
             return ""
+        early = self._min_tokens - self._num_fed  # of these ids, how many are within min_tokens
+        self._num_fed += len(new_token_ids)
+        if early <= 0:
+            return self._update(new_token_ids, can_stop=True)
+        if len(new_token_ids) <= early:
+            return self._update(new_token_ids, can_stop=False)
+        return self._update(new_token_ids[:early], can_stop=False) + self._update(
+            new_token_ids[early:], can_stop=True
+        )
+
+    def _update(self, new_token_ids: Sequence[int], can_stop: bool) -> str:
         if self._pieces_of is not None:
             pieces = self._pieces_of
             if len(new_token_ids) == 1:  # the usual decode step: one token
@@ -101,7 +118,7 @@ class IncrementalDetokenizer:
             self._held_bytes = data[end:]
             text = data[:end].decode("utf-8", "replace")
             if text:
-                return self._release(text)
+                return self._release(text, can_stop=can_stop)
             return ""
         self._ids.extend(new_token_ids)
         window = self._decode(self._ids[self.prefix_offset :])
@@ -110,12 +127,12 @@ class IncrementalDetokenizer:
             stable_end = len(window.rstrip(REPLACEMENT_CHAR))
             new_text = window[self._window_emitted : stable_end]
             self._window_emitted = max(self._window_emitted, stable_end)
-            return self._release(new_text)
+            return self._release(new_text, can_stop=can_stop)
         new_text = window[self._window_emitted :]
         # Everything up to here is emitted: the tokens just read become the next window's context.
         self.prefix_offset, self.read_offset = self.read_offset, len(self._ids)
         self._window_emitted = len(self._decode(self._ids[self.prefix_offset :]))
-        return self._release(new_text)
+        return self._release(new_text, can_stop=can_stop)
 
     def finish(self) -> str:
         """Release all held-back text (never past a stop string). Further calls return ""."""
@@ -124,13 +141,14 @@ class IncrementalDetokenizer:
         self._finished = True
         if self.stop_reason is not None:
             return ""
+        can_stop = self._num_fed > self._min_tokens
         if self._pieces_of is not None:
-            return self._release(self._held_bytes.decode("utf-8", "replace"), final=True)
+            return self._release(self._held_bytes.decode("utf-8", "replace"), final=True, can_stop=can_stop)
         window = self._decode(self._ids[self.prefix_offset :])
-        return self._release(window[self._window_emitted :], final=True)
+        return self._release(window[self._window_emitted :], final=True, can_stop=can_stop)
 
-    def _release(self, text: str, final: bool = False) -> str:
-        released = self._stop_matcher.feed(text, final=final)
+    def _release(self, text: str, final: bool = False, can_stop: bool = True) -> str:
+        released = self._stop_matcher.feed(text, final=final, can_stop=can_stop)
         self.stop_reason = self._stop_matcher.stop_reason
         if released:
             self._pieces.append(released)

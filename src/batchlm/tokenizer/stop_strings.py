@@ -29,16 +29,24 @@ class StopStringMatcher:
         self._tail = ""
         # The stop string that ended the stream, once one did.
         self.stop_reason: str | None = None
+        # Characters fed so far, and how many of the first of them no stop string may end in.
+        self._fed = 0
+        self._no_stop_before = 0
 
-    def feed(self, text: str, final: bool = False) -> str:
-        """Take new text; return what may be shown now. `final` releases any held-back tail."""
+    def feed(self, text: str, final: bool = False, can_stop: bool = True) -> str:
+        """Take new text; return what may be shown now. `final` releases any held-back tail.
+        can_stop=False: no stop string may end in this text (it still may start in it)."""
         if self.stop_reason is not None:
             return ""
         if not self._stops:
             return text
         window = self._tail + self._held + text
         released_before = len(self._tail)  # window[:released_before] was already returned
-        match = self._first_completed(window)
+        window_start = self._fed - len(self._tail) - len(self._held)
+        self._fed += len(text)
+        if not can_stop:
+            self._no_stop_before = self._fed
+        match = self._first_completed(window, self._no_stop_before - window_start)
         if match is not None:
             start, stop = match
             self.stop_reason = stop
@@ -52,11 +60,12 @@ class StopStringMatcher:
             self._tail = window[max(0, len(window) - self._lookback) :]
         return window[released_before:cut]
 
-    def _first_completed(self, window: str) -> tuple[int, str] | None:
-        """(start, stop) of the match that ends first in `window`; ties go to the longest stop."""
+    def _first_completed(self, window: str, min_end: int) -> tuple[int, str] | None:
+        """(start, stop) of the match that ends first in `window`, past its first min_end characters;
+        ties go to the longest stop."""
         best: tuple[int, int, str] | None = None  # (end, -length, stop)
         for stop in self._stops:
-            start = window.find(stop)
+            start = window.find(stop, max(0, min_end - len(stop) + 1))
             if start < 0:
                 continue
             candidate = (start + len(stop), -len(stop), stop)
