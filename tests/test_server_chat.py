@@ -95,6 +95,20 @@ def test_stream_include_usage_adds_a_usage_chunk_with_no_choices(server: Backgro
     assert usage["total_tokens"] == usage["prompt_tokens"] + 3
 
 
+@pytest.mark.parametrize("include_obfuscation", [False, True])
+def test_stream_options_take_openais_obfuscation_switch(client: Any, include_obfuscation: bool) -> None:
+    # The openai client's typed stream options carry it; a server that pads nothing honours either value.
+    options = {"include_usage": True, "include_obfuscation": include_obfuscation}
+    chat = client.chat.completions.create(
+        model="fake-model", messages=USER, max_tokens=3, stream=True, stream_options=options
+    )
+    completion = client.completions.create(
+        model="fake-model", prompt="hi", max_tokens=3, stream=True, stream_options=options
+    )
+    for chunks in (list(chat), list(completion)):
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 3
+
+
 def test_stream_without_include_usage_has_no_usage_key(server: BackgroundServer) -> None:
     body = {"messages": USER, "max_tokens": 2, "stream": True}
     with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", json=body, timeout=30) as response:

@@ -58,6 +58,35 @@ def test_logprob_bytes_are_the_tokens_exact_bytes(server: BackgroundServer, tiny
     assert [entry.token for entry in content] == [tiny_tokenizer.token_to_text(t) for t in reply_ids]
 
 
+def _character_offsets(tokenizer: Any, token_ids: list[int]) -> list[int]:
+    """Where each token's text begins: the characters its predecessors' bytes spell in full."""
+    spelled = [b"".join(tokenizer.token_bytes(t) for t in token_ids[:i]) for i in range(len(token_ids))]
+    return [len(data.decode("utf-8", errors="ignore")) for data in spelled]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completion_text_offsets_are_positions_in_the_text(
+    server: BackgroundServer, tiny_tokenizer: Any, stream: bool
+) -> None:
+    # REPLY's "✓" is spelled by three tokens holding one or two of its bytes each.
+    client = openai_client(server.base_url)
+    reply_ids = tiny_tokenizer.encode(REPLY, add_special_tokens=False)
+    shown = [tiny_tokenizer.token_to_text(t) for t in reply_ids]
+    assert any("\\x" in token for token in shown)
+    if stream:
+        chunks = list(client.completions.create(model="fake-model", prompt="Hi", logprobs=0, stream=True))
+        text = "".join(chunk.choices[0].text for chunk in chunks)
+        offsets = [offset for chunk in chunks for offset in chunk.choices[0].logprobs.text_offset]
+    else:
+        choice = client.completions.create(model="fake-model", prompt="Hi", logprobs=0).choices[0]
+        text, offsets = choice.text, choice.logprobs.text_offset
+    assert text == REPLY
+    assert offsets == _character_offsets(tiny_tokenizer, reply_ids)
+    for token, offset in zip(shown, offsets, strict=True):
+        if "\\x" not in token:  # a token of whole characters is found where its offset points
+            assert text[offset : offset + len(token)] == token
+
+
 def test_tokenize_and_detokenize_round_trip(server: BackgroundServer, tiny_tokenizer: Any) -> None:
     tokens = httpx.post(f"{server.base_url}/tokenize", json={"prompt": REPLY}).json()["tokens"]
     assert tokens == tiny_tokenizer.encode(REPLY)

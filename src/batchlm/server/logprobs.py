@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from batchlm.outputs import TokenLogprobs
 from batchlm.server.responses import ChatChoiceLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
+from batchlm.tokenizer.detokenizer import complete_utf8_end
 from batchlm.tokenizer.tokenizer import Tokenizer
 
 # OpenAI reports impossible tokens with this floor instead of -inf (JSON has no infinities).
@@ -18,11 +19,11 @@ def _finite(logprob: float) -> float:
     return LOGPROB_FLOOR if math.isnan(logprob) or logprob < LOGPROB_FLOOR else logprob
 
 
-def _token_bytes(tokenizer: Tokenizer, token_id: int, text: str) -> list[int]:
+def _token_bytes(tokenizer: Tokenizer, token_id: int, text: str) -> bytes:
     """The exact bytes of a token (a part of a multi-byte character has no text of its own), from the
     tokenizer's token_bytes() where it has one, else the UTF-8 of its text."""
     exact = getattr(tokenizer, "token_bytes", None)
-    return list(exact(token_id)) if exact is not None else list(text.encode("utf-8", errors="replace"))
+    return bytes(exact(token_id)) if exact is not None else text.encode("utf-8", errors="replace")
 
 
 def chat_logprobs(
@@ -39,17 +40,25 @@ def chat_logprobs(
 
 def _top_logprob(tokenizer: Tokenizer, token_id: int, logprob: float) -> TopLogprob:
     text = tokenizer.token_to_text(token_id)
-    return TopLogprob(token=text, logprob=_finite(logprob), bytes=_token_bytes(tokenizer, token_id, text))
+    token_bytes = list(_token_bytes(tokenizer, token_id, text))
+    return TopLogprob(token=text, logprob=_finite(logprob), bytes=token_bytes)
 
 
 class CompletionLogprobsBuilder:
     """Builds completions-format logprobs for one choice, delta by delta; `text_offset` keeps counting
-    across deltas (and starts after an echoed prompt)."""
+    across deltas (and starts after an echoed prompt).
+
+    An offset counts the characters of the text before its token, not the length of the token strings
+    before it: a token holding part of a multi-byte character shows as \\xNN escapes, several characters
+    long, while the character it helps to spell takes one place in the text. Such a token's offset is
+    that of the character its first byte belongs to."""
 
     def __init__(self, tokenizer: Tokenizer, top_n: int, start_offset: int = 0) -> None:
         self._tokenizer = tokenizer
         self._top_n = top_n
         self._offset = start_offset
+        # Bytes of a character begun by the tokens so far and not yet complete (it starts at _offset).
+        self._partial = b""
 
     def add(self, token_ids: Sequence[int], logprobs: Sequence[TokenLogprobs | None]) -> CompletionLogprobs:
         """The logprobs of these new tokens alone (a streaming chunk's worth); None for a token that has
@@ -67,8 +76,16 @@ class CompletionLogprobsBuilder:
                     {self._tokenizer.token_to_text(alt): _finite(lp) for alt, lp in entry.top[: self._top_n]}
                 )
             result.text_offset.append(self._offset)
-            self._offset += len(text)
+            self._advance(_token_bytes(self._tokenizer, token_id, text))
         return result
+
+    def _advance(self, token_bytes: bytes) -> None:
+        """Move the offset past the characters these bytes complete (bytes that can never be one count
+        as the U+FFFD the text shows for them)."""
+        data = self._partial + token_bytes
+        end = complete_utf8_end(data)
+        self._partial = data[end:]
+        self._offset += len(data[:end].decode("utf-8", errors="replace"))
 
 
 def joined(first: CompletionLogprobs, second: CompletionLogprobs | None) -> CompletionLogprobs:

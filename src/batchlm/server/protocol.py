@@ -141,6 +141,10 @@ class PromptCacheOptions(StrictModel):
 class StreamOptions(StrictModel):
     # Send a last chunk with the token usage (and empty choices) before [DONE].
     include_usage: bool | None = None
+    # OpenAI pads its chunks with random characters against length side channels unless this is
+    # false; chunks here are never padded, which every client accepts (false's behaviour), so either
+    # value is taken and changes nothing.
+    include_obfuscation: bool | None = None
 
 
 class StructuredOutputsField(StrictModel):
