@@ -67,11 +67,28 @@ def test_engine_flags_map_onto_engine_config() -> None:
 
 
 @pytest.mark.parametrize(
-    "argv", [["--hf-overrides", "{nope"], ["--hf-overrides", "[1]"], ["--dtype", "int3"]]
+    "argv",
+    [["--hf-overrides", "{nope"], ["--hf-overrides", "[1]"], ["--dtype", "int3"], ["--max-queue", "many"]],
 )
 def test_bad_values_are_rejected_by_argparse(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
         parse(*argv)
+
+
+def test_max_queue_none_lifts_the_limit_as_its_help_says() -> None:
+    assert serve_cli.settings_from_args(parse("--max-queue", "none")).max_queue is None
+    assert serve_cli.settings_from_args(parse("--max-queue", "None")).max_queue is None
+    assert serve_cli.settings_from_args(parse("--max-queue", "0")).max_queue == 0
+    # A field whose default is None takes no such spelling: `none` there is no value at all.
+    with pytest.raises(SystemExit):
+        parse("--max-model-len", "none")
+
+
+def test_a_negative_max_queue_is_refused_at_start(monkeypatch: Any, caplog: Any) -> None:
+    monkeypatch.setattr(serve_cli, "configure_logging", lambda level: None)
+    monkeypatch.setattr(serve_cli, "raise_open_file_limit", lambda: None)
+    assert main(["serve", "--max-queue", "-1"]) == 2
+    assert "--max-queue must be at least 0" in caplog.text
 
 
 def test_every_config_field_has_a_flag_with_its_comment_as_help() -> None:

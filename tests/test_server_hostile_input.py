@@ -15,7 +15,7 @@ from batchlm.engine.client import QueueFullError
 from batchlm.server.background import BackgroundServer
 from batchlm.server.errors import engine_error_to_api_error, error_body
 from batchlm.server.state import ServerSettings
-from fake_engine import FakeEngine
+from fake_engine import FakeEngine, FakeTokenizer
 
 LONE_SURROGATES = b'"\\ud800x\\udfff"'  # as JSON escapes: Python's json module decodes them as they are
 JSON = {"content-type": "application/json"}
@@ -175,6 +175,40 @@ def test_n_is_capped_by_max_n() -> None:
         assert error["param"] == "n" and "--max-n" in error["message"]
         chat = {"messages": [{"role": "user", "content": "hi"}], "n": 5}
         assert error_of(httpx.post(f"{server.base_url}/v1/chat/completions", json=chat), 400)["param"] == "n"
+
+
+class CountingTokenizer(FakeTokenizer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoded = 0
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        self.encoded += 1
+        return super().encode(text, add_special_tokens)
+
+
+class EngineHoldingTwo(FakeEngine):
+    def most_requests_at_once(self) -> int | None:
+        return 2
+
+
+def test_a_batch_the_server_can_never_hold_is_refused_before_its_prompts_are_handled() -> None:
+    """A body of a million tiny prompts fits the size limit: it must be counted, not tokenized and
+    validated prompt by prompt on the event loop, before it is refused."""
+    tokenizer = CountingTokenizer()
+    engine = EngineHoldingTwo(tokenizer=tokenizer)
+    with BackgroundServer(engine) as server:
+        url = f"{server.base_url}/v1/completions"
+        error = error_of(httpx.post(url, json={"prompt": ["a", "b", "c"], "max_tokens": 1}), 400)
+        assert error["param"] == "prompt" and "at most 2" in error["message"]
+        assert tokenizer.encoded == 0
+        # Token-id prompts are not validated one by one either: the out-of-range id goes unread.
+        error = error_of(httpx.post(url, json={"prompt": [[5], [6], [10**9]], "max_tokens": 1}), 400)
+        assert "at most 2" in error["message"]
+        assert engine.calls == []
+        served = httpx.post(url, json={"prompt": ["a", "b"], "max_tokens": 1})
+        assert served.status_code == 200 and len(served.json()["choices"]) == 2
+        assert len(engine.calls) == 2
 
 
 @pytest.mark.parametrize(

@@ -44,14 +44,27 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
-def _scalar_type(annotation: Any) -> Any:
-    """str | None -> str; dict[...] -> a JSON-object parser; int/float/str as they are."""
+def _scalar_type(annotation: Any, default: Any) -> Any:
+    """str | None -> str; dict[...] -> a JSON-object parser; int/float/str as they are. A number whose
+    field takes None but defaults to a number also takes `none` (`--max-queue none`: no limit)."""
+    optional = False
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        optional = len(members) < len(typing.get_args(annotation))
         annotation = members[0]
     if typing.get_origin(annotation) is dict or annotation is dict:
         return _json_object
+    if optional and default is not None and annotation in (int, float):
+        return _number_or_none(annotation)
     return annotation
+
+
+def _number_or_none(number: type[int] | type[float]) -> Any:
+    def parse(text: str) -> int | float | None:
+        return None if text.lower() == "none" else number(text)
+
+    parse.__name__ = number.__name__  # argparse names the type in its error: "invalid int value"
+    return parse
 
 
 def add_dataclass_arguments(
@@ -79,7 +92,7 @@ def add_dataclass_arguments(
         parser.add_argument(
             *(flags or [f"--{name.replace('_', '-')}"]),
             dest=name,
-            type=_scalar_type(hints[name]),
+            type=_scalar_type(hints[name], default),
             default=default,
             choices=field_choices,
             metavar=None if field_choices else name.upper(),

@@ -14,6 +14,7 @@ from batchlm.flags import add_dataclass_arguments, add_engine_arguments, datacla
 from batchlm.logging_setup import LOG_LEVELS, configure_logging
 from batchlm.reasoning.registry import REASONING_PARSER_CHOICES
 from batchlm.sampling_defaults import check_generation_config
+from batchlm.server.open_files import raise_open_file_limit
 from batchlm.server.state import ServerSettings
 from batchlm.tools.registry import TOOL_CALL_PARSER_CHOICES
 
@@ -59,6 +60,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     configure_logging(settings.log_level)
+    # Before any process starts: the API servers and the engine core inherit it.
+    raise_open_file_limit()
     config = dataclass_from_args(EngineConfig, args)
     count = (
         settings.api_servers if settings.api_servers is not None else _automatic_api_servers(settings, config)
@@ -68,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if settings.max_n < 1:
         logger.error("--max-n must be at least 1, got %d", settings.max_n)
+        return 2
+    if settings.max_queue is not None and settings.max_queue < 0:
+        logger.error("--max-queue must be at least 0 (or none: no limit), got %d", settings.max_queue)
         return 2
     try:
         check_generation_config(config.generation_config)

@@ -77,7 +77,11 @@ async def create_completion(request: Request, body: CompletionRequest) -> Respon
     tokenizer, processor = state.engine.tokenizer, state.engine.input_processor
     # A prompt to be truncated cannot be judged by its length before it is tokenized.
     length_check = None if body.truncate_prompt_tokens else processor
-    prompts = await _tokenize_prompts(tokenizer, body.prompt, body.add_special_tokens, length_check)
+    items = _batch_items(body.prompt)
+    # Counted before any prompt is tokenized: a body of a million short prompts fits the size limit,
+    # and handling each of them would hold the event loop for every other request.
+    _check_batch_size(len(items), state.engine.most_requests_at_once())
+    prompts = await _tokenize_prompts(tokenizer, items, body.add_special_tokens, length_check)
     # The engine samples one token for an echo with max_tokens 0; the answer leaves it out.
     echo_only = body.echo and body.max_tokens == 0
     max_tokens = 1 if echo_only else body.max_tokens
@@ -95,15 +99,6 @@ async def create_completion(request: Request, body: CompletionRequest) -> Respon
     # Every prompt is validated before any starts, so that a bad one fails the batch with nothing to undo.
     with rejections_as_400():
         engine_requests = [processor.process(ids, params, text, names) for text, ids in prompts]
-    most = state.engine.most_requests_at_once()
-    if most is not None and len(engine_requests) > most:
-        # A 429 would have the client retry a batch that can never be taken whole.
-        raise APIError(
-            400,
-            f"{len(engine_requests)} prompts in one request are more than this server holds at once "
-            f"({most}: --batch-size plus --max-queue); send at most {most} a request",
-            param="prompt",
-        )
     context = CompletionContext(
         request_id=f"cmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
@@ -119,10 +114,8 @@ async def create_completion(request: Request, body: CompletionRequest) -> Respon
     return await respond(request, engine_requests, CompletionFormatter(context), body.stream)
 
 
-async def _tokenize_prompts(
-    tokenizer: Tokenizer, prompt: PromptInput, add_special_tokens: bool, processor: InputProcessor | None
-) -> list[tuple[str | None, list[int]]]:
-    """(text, token ids) per batch entry. A flat list of ints is one token-id prompt, not a batch."""
+def _batch_items(prompt: PromptInput) -> list[Any]:
+    """The batch's entries: a string or a flat list of ints is one prompt, not a batch."""
     items: list[Any] = (
         [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
     )
@@ -130,6 +123,24 @@ async def _tokenize_prompts(
         raise APIError(
             400, "The prompt is empty: send a string, a list of strings, or token ids.", param="prompt"
         )
+    return items
+
+
+def _check_batch_size(count: int, most: int | None) -> None:
+    if most is not None and count > most:
+        # A 429 would have the client retry a batch that can never be taken whole.
+        raise APIError(
+            400,
+            f"{count} prompts in one request are more than this server holds at once "
+            f"({most}: --batch-size plus --max-queue); send at most {most} a request",
+            param="prompt",
+        )
+
+
+async def _tokenize_prompts(
+    tokenizer: Tokenizer, items: list[Any], add_special_tokens: bool, processor: InputProcessor | None
+) -> list[tuple[str | None, list[int]]]:
+    """(text, token ids) per batch entry."""
     return [
         (item, await encode_text(tokenizer, item, add_special_tokens, processor))
         if isinstance(item, str)

@@ -29,7 +29,8 @@ class ServerSettings:
     port: int = 8080
     # Bearer key required on /v1/*, /tokenize, /detokenize and /tokenizer_info; None leaves them open.
     api_key: str | None = None
-    # Waiting requests beyond which new ones are refused with 429; None = no limit.
+    # Waiting requests beyond which new ones are refused with 429; None (`none` on the command line) = no
+    # limit.
     max_queue: int | None = 1024
     # Largest `n` (completions per prompt) a request may ask for (400 beyond). Each completion takes one
     # of the --batch-size running slots; kept below it, one request cannot fill the batch alone.

@@ -1,0 +1,122 @@
+"""`batchlm serve` raises its soft open-file limit to the hard limit, so that hundreds of concurrent
+connections are answered where the system's default soft limit (often 1024) is lower than that."""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from batchlm.server.open_files import UNLIMITED_HARD_TARGET, raise_open_file_limit
+from fake_engine import wait_until
+
+LOW_SOFT_LIMIT = 256
+# More than LOW_SOFT_LIMIT descriptors' worth of connections open at once.
+CONNECTIONS = 320
+HARD = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+EXPECTED = UNLIMITED_HARD_TARGET if HARD == resource.RLIM_INFINITY else HARD
+
+needs_room = pytest.mark.skipif(
+    EXPECTED < 4 * LOW_SOFT_LIMIT, reason="the hard open-file limit leaves nothing to raise"
+)
+
+
+def with_a_low_soft_limit(*argv: str) -> list[str]:
+    """A command that runs `python argv...` under a soft limit of LOW_SOFT_LIMIT open files (set by a
+    small exec shim: preexec_fn is unsafe in a process with threads, as pytest's may have)."""
+    shim = (
+        "import os, resource, sys\n"
+        "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({LOW_SOFT_LIMIT}, hard))\n"
+        "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])\n"
+    )
+    return [sys.executable, "-c", shim, *argv]
+
+
+@needs_room
+def test_the_soft_limit_is_raised_to_the_hard_limit() -> None:
+    script = (
+        "import resource\n"
+        "from batchlm.server.open_files import raise_open_file_limit\n"
+        "print(raise_open_file_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+    )
+    result = subprocess.run(
+        with_a_low_soft_limit("-c", script),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert result.stdout.split() == [str(EXPECTED), str(EXPECTED)]
+
+
+def test_a_limit_already_at_its_ceiling_is_left_alone() -> None:
+    before = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if before[0] < EXPECTED:
+        pytest.skip("this process's soft limit is below its hard limit")
+    assert raise_open_file_limit() == before[0]
+    assert resource.getrlimit(resource.RLIMIT_NOFILE) == before
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def server_with_a_low_soft_limit(tiny_model_dir: Callable[..., Path]) -> Iterator[int]:
+    port = free_port()
+    command = with_a_low_soft_limit("-m", "batchlm", "serve", "--model", str(tiny_model_dir("llama")),
+                                    "--port", str(port), "--max-model-len", "64", "--no-ui")  # fmt: skip
+    process = subprocess.Popen(
+        command,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+
+        def healthy() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+            except httpx.TransportError:
+                return process.poll() is not None  # exited: the assertion below says so
+
+        wait_until(healthy, timeout_s=180, what="the server process to be ready")
+        assert process.poll() is None, "the server exited during start-up"
+        yield port
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@needs_room
+@pytest.mark.slow
+def test_more_connections_than_the_inherited_soft_limit_are_all_answered(
+    server_with_a_low_soft_limit: int,
+) -> None:
+    port = server_with_a_low_soft_limit
+    connections = [socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(CONNECTIONS)]
+    try:
+        for connection in connections:
+            connection.sendall(b"GET /health HTTP/1.1\r\nHost: batchlm\r\n\r\n")
+        # Past the server's limit a connection is accepted and closed at once: its reply is empty.
+        replies = [connection.recv(64) for connection in connections]
+    finally:
+        for connection in connections:
+            connection.close()
+    answered = [reply for reply in replies if reply.startswith(b"HTTP/1.1 200")]
+    assert len(answered) == CONNECTIONS, f"{CONNECTIONS - len(answered)} connections got no answer"
