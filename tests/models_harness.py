@@ -123,10 +123,11 @@ def greedy_generate(
 
 @torch.no_grad()
 def hf_greedy(
-    hf_model: torch.nn.Module, prompt: list[int], max_new_tokens: int
+    hf_model: torch.nn.Module, prompt: list[int], max_new_tokens: int, use_cache: bool = True
 ) -> tuple[list[int], torch.Tensor]:
     """transformers' generate(do_sample=False) with EOS disabled (so it always runs max_new_tokens):
-    the tokens and the log-softmax rows [N, vocab] of its step-by-step logits."""
+    the tokens and the log-softmax rows [N, vocab] of its step-by-step logits. use_cache=False runs
+    the model over the whole sequence at every step."""
     hf_model.generation_config.eos_token_id = None
     out = hf_model.generate(
         torch.tensor([prompt]),
@@ -136,6 +137,7 @@ def hf_greedy(
         pad_token_id=0,
         output_logits=True,
         return_dict_in_generate=True,
+        use_cache=use_cache,
     )
     logprobs = torch.log_softmax(torch.cat(out.logits).float(), dim=-1)
     return out.sequences[0, len(prompt) :].tolist(), logprobs

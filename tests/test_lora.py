@@ -145,7 +145,11 @@ def test_adapter_with_mismatched_shapes(base_dir: Path, tmp_path: Path) -> None:
         ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
         ({"bias": "all"}, "trains biases"),
         ({"fan_in_fan_out": True}, "fan_in_fan_out"),
-        ({"alpha_pattern": {"q_proj": 32}}, "alpha_pattern"),
+        # PEFT writes an alpha_pattern beside the expert parameters it adapts: the parameters are what to name.
+        (
+            {"target_parameters": ["gate_up_proj"], "alpha_pattern": {".*gate_up_proj": 16}},
+            "target_parameters",
+        ),
         ({"peft_type": "IA3"}, "IA3 adapter; only LoRA"),
         ({"layer_replication": [[0, 2], [1, 2]]}, "layer_replication"),
         ({"alora_invocation_tokens": [5, 6]}, "activated LoRA"),
@@ -178,6 +182,8 @@ def test_lm_head_adapter_on_tied_embeddings_is_refused(tmp_path: Path) -> None:
 
 
 def test_adapter_directory_problems(base_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"missing is not a directory"):
+        _load(base_dir, tmp_path / "missing")
     with pytest.raises(ValueError, match=r"no adapter_config\.json"):
         _load(base_dir, tmp_path)
     write_adapter(tmp_path)
@@ -195,3 +201,86 @@ def test_module_without_its_b_matrix(base_dir: Path, tmp_path: Path) -> None:
     save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
     with pytest.raises(ValueError, match="v_proj lacks its lora_A or lora_B"):
         _load(base_dir, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("config_text", "message"),
+    [
+        ("{not json", r"adapter_config\.json is not valid JSON"),
+        ("[4, 8]", r"adapter_config\.json must hold a JSON object"),
+        (json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 8}), r"q_proj has rank 4 but adapter_config\.json says r=8"),
+        (json.dumps({"peft_type": "LORA", "r": 4, "rank_pattern": {"self_attn\\.q_proj": 2}}),
+         r"q_proj has rank 4 but adapter_config\.json says rank_pattern\['self_attn\\\\.q_proj'\]=2"),
+        (json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": "sixteen"}), r"lora_alpha must be a number, got 'sixteen'"),
+        (json.dumps({"peft_type": "LORA", "r": 0}), r"r must be a positive integer, got 0"),
+        (json.dumps({"peft_type": "LORA", "r": 4, "alpha_pattern": {"q_proj(": 2}}), r"alpha_pattern key 'q_proj\(' is not a regex"),
+    ],
+    ids=["invalid-json", "not-an-object", "rank-differs-from-r", "rank-differs-from-rank-pattern", "alpha-not-a-number",
+         "zero-rank", "pattern-not-a-regex"],
+)  # fmt: skip
+def test_adapter_config_problems_are_named(
+    base_dir: Path, tmp_path: Path, config_text: str, message: str
+) -> None:
+    write_adapter(tmp_path)
+    (tmp_path / "adapter_config.json").write_text(config_text)
+    with pytest.raises(ValueError, match=message):
+        _load(base_dir, tmp_path)
+
+
+def test_rank_pattern_ranks_are_accepted(base_dir: Path, tmp_path: Path) -> None:
+    # PEFT's rank_pattern gives some modules another rank than r: the adapter is valid.
+    patterns = {"q_proj": RANK, "v_proj": RANK, "mlp\\..*_proj": RANK}
+    pairs = write_adapter(tmp_path, config={"r": 16, "lora_alpha": 8, "rank_pattern": patterns})
+    loaded = _load(base_dir, tmp_path)
+    module = "model.layers.1.mlp.down_proj"
+    a, b = pairs[module]
+    expected = _base_tensor(base_dir, module) + ALPHA / RANK * b @ a
+    torch.testing.assert_close(loaded.model.model.layers[1].mlp.down_proj.weight, expected)
+
+
+def test_alpha_pattern_scales_the_modules_it_names(base_dir: Path, tmp_path: Path) -> None:
+    pairs = write_adapter(tmp_path, config={"alpha_pattern": {"self_attn.v_proj": 32}})
+    loaded = _load(base_dir, tmp_path)
+    qkv = loaded.model.model.layers[0].self_attn.qkv_proj.weight
+    for module, rows, alpha in (("q_proj", slice(0, 64), ALPHA), ("v_proj", slice(96, 128), 32)):
+        name = f"model.layers.0.self_attn.{module}"
+        a, b = pairs[name]
+        torch.testing.assert_close(qkv[rows], _base_tensor(base_dir, name) + alpha / RANK * b @ a)
+
+
+def test_lm_head_adapter_with_its_saved_base_layer(base_dir: Path, tmp_path: Path) -> None:
+    # PEFT saves an adapted lm_head's base weight beside its lora_A/lora_B (save_embedding_layers).
+    pairs = write_adapter(tmp_path, {"lm_head": (320, 64)})
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    base = _base_tensor(base_dir, "lm_head")
+    tensors["base_model.model.lm_head.base_layer.weight"] = base
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    a, b = pairs["lm_head"]
+    torch.testing.assert_close(_load(base_dir, tmp_path).model.lm_head.weight, base + ALPHA / RANK * b @ a)
+    tensors["base_model.model.lm_head.base_layer.weight"] = torch.zeros(330, 64)
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=r"copy of lm_head.weight is \[330, 64\].*resized vocabulary"):
+        _load(base_dir, tmp_path)
+
+
+def test_phi3_adapter_on_fused_projections_matches_transformers(tmp_path: Path) -> None:
+    # Phi-3 checkpoints (and transformers' Phi-3) fuse q/k/v and gate/up: PEFT adapters target those names.
+    base = write_random_model(tmp_path / "base", "phi3", {"pad_token_id": 0}, seed=21)
+    targets = {
+        "model.layers.0.self_attn.qkv_proj": (64 + 2 * 32, 64),
+        "model.layers.1.mlp.gate_up_proj": (2 * 128, 64),
+        "model.layers.1.self_attn.o_proj": (64, 64),
+    }
+    pairs = write_adapter(tmp_path / "adapter", targets)
+    adapted = _load(base, tmp_path / "adapter")
+    hf = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for module, (a, b) in pairs.items():
+            hf.get_submodule(module).weight += ALPHA / RANK * b @ a
+    prompt = [5, 17, 42, 99, 3, 250, 7]
+    ours, our_logprobs = greedy_generate(adapted, prompt, 12)
+    theirs, their_logprobs = hf_greedy(hf, prompt, 12)
+    assert ours == theirs
+    torch.testing.assert_close(our_logprobs, their_logprobs, atol=1e-4, rtol=0)
+    _, base_logprobs = greedy_generate(_load(base), prompt, 12)
+    assert not torch.allclose(base_logprobs, our_logprobs, atol=1e-2)  # the adapter took effect

@@ -50,10 +50,18 @@ LINEAR_GLOBAL = {**GEMMA3, "rope_parameters": {"full_attention": {"rope_type": "
                                                "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}}}  # fmt: skip
 
 
+# transformers' Gemma 3 keeps a stated attn_logit_softcapping but never applies it.
+STATED_ATTN_CAP = {**GEMMA3, "attn_logit_softcapping": 2.0, "final_logit_softcapping": 6.0}
+
+
 @pytest.mark.parametrize(
     ("model_type", "overrides", "model_class"),
-    [*FAMILIES, ("gemma3_text", LINEAR_GLOBAL, Gemma3ForCausalLM)],
-    ids=["gemma2", "gemma3", "gemma3-linear-global"],
+    [
+        *FAMILIES,
+        ("gemma3_text", LINEAR_GLOBAL, Gemma3ForCausalLM),
+        ("gemma3_text", STATED_ATTN_CAP, Gemma3ForCausalLM),
+    ],
+    ids=["gemma2", "gemma3", "gemma3-linear-global", "gemma3-stated-attn-cap"],
 )
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_greedy_matches_transformers_past_the_window(
@@ -84,6 +92,19 @@ def test_the_window_matters(tmp_path: Path, model_type: str, overrides: dict[str
         a = run_step(windowed.model, make_kv_caches(windowed, 8), chunk)
         b = run_step(wide.model, make_kv_caches(wide, 8), chunk)
         assert torch.allclose(a, b, atol=1e-5) == same
+
+
+@pytest.mark.parametrize(
+    ("model_type", "overrides"), [(t, o) for t, o, _ in FAMILIES], ids=["gemma2", "gemma3"]
+)
+def test_bidirectional_attention_is_refused(
+    tmp_path: Path, model_type: str, overrides: dict[str, Any]
+) -> None:
+    path = write_random_model(
+        tmp_path, model_type, {**overrides, "use_bidirectional_attention": True}, seed=16
+    )
+    with pytest.raises(ValueError, match="use_bidirectional_attention"):
+        load(path)
 
 
 def test_final_logits_are_soft_capped(tmp_path: Path) -> None:

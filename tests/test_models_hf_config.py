@@ -8,7 +8,13 @@ from typing import Any
 import pytest
 from transformers import AutoConfig
 
-from batchlm.models.hf_config import check_common_support, context_length, head_dim_of, num_kv_heads_of
+from batchlm.models.hf_config import (
+    check_common_support,
+    context_length,
+    head_dim_of,
+    layer_types_of,
+    num_kv_heads_of,
+)
 
 
 def _config(**fields: Any) -> SimpleNamespace:
@@ -69,3 +75,18 @@ def test_real_transformers_configs() -> None:
 def test_unsupported_activation_is_named() -> None:
     with pytest.raises(ValueError, match="hidden_act 'gelu'"):
         check_common_support(_config(hidden_act="gelu"))
+
+
+def test_layer_types_are_read_or_refused() -> None:
+    stated = ["sliding_attention", "full_attention"]
+    assert layer_types_of(_config(num_hidden_layers=2, layer_types=stated)) == stated
+    with pytest.raises(ValueError, match=r"unsupported layer type\(s\) 'chunked_attention' in layer_types"):
+        layer_types_of(_config(num_hidden_layers=2, layer_types=["chunked_attention", "full_attention"]))
+    with pytest.raises(ValueError, match="layer_types names 1 layers but num_hidden_layers is 2"):
+        layer_types_of(_config(num_hidden_layers=2, layer_types=["full_attention"]))
+
+
+def test_bidirectional_attention_is_named() -> None:
+    with pytest.raises(ValueError, match="use_bidirectional_attention"):
+        check_common_support(_config(use_bidirectional_attention=True))
+    check_common_support(_config(use_bidirectional_attention=False))

@@ -51,6 +51,27 @@ def test_greedy_matches_transformers(tmp_path: Path, model_type: str, model_clas
         torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "window_fields",
+    [{"sliding_window": 4}, {"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]}],
+    ids=["window", "window-and-layer-types"],
+)
+def test_llama_attends_past_a_stated_window_as_transformers_does(tmp_path: Path, window_fields: dict) -> None:
+    # transformers' Llama model attends to the whole context whatever its config states (only its
+    # KV cache drops keys past a stated window, so its cached generate is compared with nothing);
+    # Mistral, built on the same class, keeps its window.
+    path = write_random_model(tmp_path, "llama", window_fields, seed=7)
+    loaded = _load(path)
+    assert loaded.model.config.sliding_window is None
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ours, our_logprobs = greedy_generate(loaded, PROMPTS[1], NEW_TOKENS)
+    theirs, their_logprobs = hf_greedy(hf, PROMPTS[1], NEW_TOKENS, use_cache=False)
+    assert ours == theirs
+    torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+    mistral = _load(write_random_model(tmp_path / "mistral", "mistral", {"sliding_window": 4}, seed=7))
+    assert mistral.model.config.sliding_window == 4
+
+
 def test_qwen2_projections_have_qkv_bias_only(tmp_path: Path) -> None:
     model = _load(write_random_model(tmp_path, "qwen2")).model
     attn = model.model.layers[0].self_attn

@@ -3,14 +3,16 @@
 What sets them apart from Llama: RMSNorm scales by (1 + weight) in float32; the embedding is scaled
 by sqrt(hidden); each block norms the attention and MLP outputs again before the residual add; GeLU
 (tanh) gating; every other layer (Gemma 2) or five of six (Gemma 3) attends within a sliding window.
-Gemma 2 soft-caps attention scores and final logits; Gemma 3 norms each query and key head and gives
-its window layers their own RoPE base. All of it comes from the per-layer specs in ModelConfig.
+Gemma 2 soft-caps attention scores and final logits (Gemma 3 only its logits, where stated); Gemma 3
+norms each query and key head and gives its window layers their own RoPE base. All of it comes from
+the per-layer specs in ModelConfig.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import ClassVar
+from dataclasses import replace
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -21,7 +23,7 @@ from batchlm.layers.quantization.base import LoadedWeight
 from batchlm.layers.rotary import RotaryEmbedding, shared_ropes
 from batchlm.models.base import CausalLM, StackedParam
 from batchlm.models.llama import LLAMA_STACKED, BlockOptions, LlamaAttention, LlamaMLP
-from batchlm.models.model_config import LayerSpec, ModelConfig
+from batchlm.models.model_config import LayerSpec, ModelConfig, read_model_config
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
 
 
@@ -138,6 +140,16 @@ class Gemma3ForCausalLM(Gemma2ForCausalLM):
     """Gemma 3 text: q/k norms per head; window layers use the local RoPE base."""
 
     qk_norm: ClassVar[bool] = True
+
+    @classmethod
+    def read_config(cls, hf_config: Any) -> ModelConfig:
+        # Gemma 3 configs carry attn_logit_softcapping, but the model never caps its scores
+        # (transformers keeps the field and does not apply it).
+        config = read_model_config(hf_config)
+        layers = tuple(
+            replace(layer, attention=replace(layer.attention, logit_softcap=None)) for layer in config.layers
+        )
+        return replace(config, layers=layers)
 
 
 class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):

@@ -8,6 +8,7 @@ from typing import Any
 from batchlm.layers.rope_scaling import read_rope_parameters, scaled_max_position
 
 SLIDING = "sliding_attention"
+FULL = "full_attention"
 
 
 def field_of(config: Any, name: str, default: Any = None) -> Any:
@@ -45,11 +46,24 @@ def layer_types_of(config: Any) -> list[str]:
     num_layers = int(config.num_hidden_layers)
     stated = getattr(config, "layer_types", None)
     if stated:
-        return [str(kind) for kind in stated]
+        return _checked_layer_types([str(kind) for kind in stated], num_layers)
     if sliding_window_of(config) is None:
-        return ["full_attention"] * num_layers
+        return [FULL] * num_layers
     first_sliding = int(field_of(config, "max_window_layers", 0))
-    return [SLIDING if i >= first_sliding else "full_attention" for i in range(num_layers)]
+    return [SLIDING if i >= first_sliding else FULL for i in range(num_layers)]
+
+
+def _checked_layer_types(kinds: list[str], num_layers: int) -> list[str]:
+    # Another kind of layer (chunked or linear attention) would otherwise be served as full attention.
+    unknown = sorted(set(kinds) - {SLIDING, FULL})
+    if unknown:
+        raise ValueError(
+            f"unsupported layer type(s) {', '.join(map(repr, unknown))} in layer_types; "
+            f"batchlm implements {FULL!r} and {SLIDING!r}"
+        )
+    if len(kinds) != num_layers:
+        raise ValueError(f"layer_types names {len(kinds)} layers but num_hidden_layers is {num_layers}")
+    return kinds
 
 
 def activation_of(config: Any) -> str:
@@ -79,3 +93,10 @@ def check_common_support(config: Any) -> None:
     if act not in ACTIVATIONS:
         raise ValueError(f"unsupported hidden_act {act!r}; supported: {', '.join(sorted(ACTIVATIONS))}")
     read_rope_parameters(config)  # raises on an unsupported RoPE type
+    if field_of(config, "use_bidirectional_attention", False):
+        # Gemma's embedding variants: prompt tokens would attend to later ones, which no causal
+        # decoder over a KV cache does.
+        raise ValueError(
+            "unsupported use_bidirectional_attention=true (an encoder/embedding configuration); "
+            "batchlm serves causal language models"
+        )

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -16,8 +17,11 @@ from batchlm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear,
 from batchlm.layers.norm import RMSNorm
 from batchlm.layers.rotary import RotaryEmbedding, shared_ropes
 from batchlm.models.base import CausalLM, StackedParam
-from batchlm.models.model_config import LayerSpec, ModelConfig
+from batchlm.models.hf_config import field_of, text_config_of
+from batchlm.models.model_config import LayerSpec, ModelConfig, read_model_config
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
+
+logger = logging.getLogger(__name__)
 
 LLAMA_STACKED: tuple[StackedParam, ...] = (
     ("qkv_proj", "q_proj", "q"),
@@ -199,6 +203,18 @@ class LlamaForCausalLM(CausalLM):
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
         if self.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)
+
+    @classmethod
+    def read_config(cls, hf_config: Any) -> ModelConfig:
+        # transformers' Llama attends to the whole context even where its config states a
+        # sliding_window (or layer_types); the families built on this class (Mistral, Qwen2, Phi-3...)
+        # honour theirs.
+        windows = cls is not LlamaForCausalLM
+        if not windows and field_of(text_config_of(hf_config), "sliding_window"):
+            logger.warning(
+                "the config's sliding_window is not used by Llama models: every layer attends to its whole context"
+            )
+        return read_model_config(hf_config, windows=windows)
 
     def build_model(self, config: ModelConfig, tp: TensorParallelGroup) -> LlamaModel:
         """The decoder stack (embedding, layers, final norm) under HF's `model.` prefix."""

@@ -29,7 +29,7 @@ from batchlm.models.quantized_checkpoint import (
 )
 from batchlm.models.registry import architecture_of, get_model_class
 from batchlm.models.weight_methods import assign_weight_methods, finish_quantized, quantize_linears
-from batchlm.models.weights import expected_names, load_named_weights
+from batchlm.models.weights import load_named_weights
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
 from batchlm.startup_log import timed_phase
 
@@ -186,7 +186,8 @@ def _load_checkpoint(
     """Load the safetensors into the model; returns the KV-cache scales a quantized checkpoint holds."""
     weights = iter_safetensors(files, progress)
     if adapter is not None:
-        adapter.check_targets(expected_names(model), model.tie_word_embeddings)
+        # Deltas merge into the checkpoint's tensors as named there (before a family splits or renames them).
+        adapter.check_targets(set(checkpoint_names(files)), model.tie_word_embeddings)
         weights = merge_lora(weights, adapter)
     if scheme is None:
         load_named_weights(model, weights)

@@ -13,6 +13,7 @@ from batchlm.attention.backend import AttentionSpec
 from batchlm.layers.rope_scaling import read_rope_parameters
 from batchlm.layers.rotary import RopeSpec
 from batchlm.models.hf_config import (
+    FULL,
     SLIDING,
     activation_of,
     check_common_support,
@@ -67,20 +68,23 @@ class ModelConfig:
         return max(windows) if windows else None
 
 
-def read_model_config(hf_config: Any, architecture: str | None = None) -> ModelConfig:
+def read_model_config(hf_config: Any, architecture: str | None = None, windows: bool = True) -> ModelConfig:
     """The ModelConfig of an HF config (transformers object or ConfigView); ValueError naming what
-    batchlm does not implement."""
+    batchlm does not implement. windows=False: every layer attends to its whole context, whatever the
+    config says of sliding windows (a family whose transformers model has none)."""
     outer_architecture = architecture or str(field_of(hf_config, "architectures", ["?"])[0])
     text = text_config_of(hf_config)
     check_common_support(text)
     head_dim = head_dim_of(text)
+    num_layers = int(text.num_hidden_layers)
+    layer_types = layer_types_of(text) if windows else [FULL] * num_layers
     return ModelConfig(
         architecture=outer_architecture,
         model_type=str(field_of(text, "model_type", "")),
         vocab_size=int(text.vocab_size),
         hidden_size=int(text.hidden_size),
         intermediate_size=int(text.intermediate_size),
-        num_layers=int(text.num_hidden_layers),
+        num_layers=num_layers,
         num_heads=int(text.num_attention_heads),
         num_kv_heads=num_kv_heads_of(text),
         head_dim=head_dim,
@@ -92,7 +96,7 @@ def read_model_config(hf_config: Any, architecture: str | None = None) -> ModelC
         mlp_bias=bool(field_of(text, "mlp_bias", False)),
         tie_word_embeddings=_tied(hf_config, text),
         initializer_range=float(field_of(text, "initializer_range", 0.02)),
-        layers=tuple(_layer_spec(text, kind, head_dim) for kind in layer_types_of(text)),
+        layers=tuple(_layer_spec(text, kind, head_dim) for kind in layer_types),
         final_logit_softcap=_optional_float(field_of(text, "final_logit_softcapping")),
     )
 
