@@ -1,6 +1,7 @@
 """The web chat page in a real headless Chromium (Debian's package, driven by Playwright): it loads,
 streams replies from the tiny random-weight model, keeps conversations across a reload, shows model
-markup as text, works with a keyed server, and says when the server is loading, overloaded or gone.
+markup as text, works with a keyed server, and says when the server is loading, overloaded, hung or
+gone (in the middle of a reply too).
 
 The browser and its pages are conftest.py's `browser` and `page` fixtures (they skip without Chromium,
 except under CI); the Markdown renderer's own tests are in test_chat_page_markdown.py."""
@@ -8,6 +9,9 @@ except under CI); the Markdown renderer's own tests are in test_chat_page_markdo
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -65,6 +69,7 @@ def change_settings(page: Any, values: dict[str, str]) -> None:
     for selector, value in values.items():
         page.fill(selector, value)
     page.click("#save-settings")
+    page.wait_for_selector("#settings", state="hidden")  # saved: the dialog closed
 
 
 def send(page: Any, text: str) -> None:
@@ -81,6 +86,20 @@ def wait_for_reply(page: Any, count: int = 1) -> Any:
 
 def stored_conversations(page: Any) -> list[dict[str, Any]]:
     return json.loads(page.evaluate("localStorage.getItem('batchlm.conversations')") or "[]")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def is_healthy(base_url: str) -> bool:
+    try:
+        return httpx.get(f"{base_url}/health", timeout=30).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 # -- the page with the tiny model ----------------------------------------------------------------
@@ -181,6 +200,16 @@ def test_a_reasoning_models_thinking_is_folded_above_its_answer(
     assert kept.text_content() == THOUGHT, "the thinking is kept with the conversation"
 
 
+def test_a_reply_stopped_while_thinking_says_it_thought(page: Any, thinking_server: BackgroundServer) -> None:
+    open_chat(page, thinking_server)
+    change_settings(page, {"#max-tokens": "16"})  # "<think>\n" and 8 characters of the thought
+    send(page, "Think first")
+    reply = wait_for_reply(page)
+    assert reply.locator(".thinking-text").text_content() == THOUGHT[:8]
+    assert reply.locator(".thinking summary").text_content() == "Thought"
+    assert "stopped at max tokens" in reply.locator(".stats").text_content()
+
+
 def test_copy_buttons_copy_the_code_and_the_whole_reply(page: Any, keyed_server: BackgroundServer) -> None:
     engine = keyed_server.engine
     assert isinstance(engine, FakeEngine)
@@ -258,6 +287,53 @@ def test_settings_shape_the_request_and_are_kept(page: Any, keyed_server: Backgr
     assert page.input_value("#api-key") == API_KEY
 
 
+def test_settings_take_values_between_steps_and_clamp_the_rest(
+    page: Any, keyed_server: BackgroundServer
+) -> None:
+    # The inputs' step and range guide their arrows; they must not refuse a valid temperature.
+    open_chat(page, keyed_server, API_KEY)
+    change_settings(page, {"#temperature": "0.33", "#top-p": "1.5", "#max-tokens": "12.5"})
+    with page.expect_request("**/v1/chat/completions") as sent:
+        send(page, "Hello")
+    wait_for_reply(page)
+    body = sent.value.post_data_json
+    assert (body["temperature"], body["top_p"], body["max_tokens"]) == (0.33, 1, 13)
+
+
+def test_a_server_now_serving_another_model_is_followed(page: Any, thinking_server: BackgroundServer) -> None:
+    """The page learnt the model's name before the server was restarted with another one: the refusal
+    makes it ask again, so Regenerate works. (A server without a key: the page asks for the models
+    once, at start.)"""
+    old_list = {"object": "list", "data": [{"id": "old-model", "object": "model"}]}
+    page.route("**/v1/models", lambda route: route.fulfill(json=old_list))
+    open_chat(page, thinking_server)
+    assert page.text_content("#model-name") == "old-model"
+    page.unroute("**/v1/models")
+    send(page, "Hi")
+    assert "does not exist" in wait_for_reply(page).locator(".message-error").text_content()
+    page.wait_for_selector("#model-name:text-is('fake-model')")
+    page.locator(".message.assistant [data-action='regenerate']").click()
+    reply = wait_for_reply(page)
+    assert reply.locator(".message-error").count() == 0
+    assert reply.locator(".content strong").text_content() == "answer"
+
+
+def test_a_stream_closed_before_its_end_is_not_taken_for_a_whole_reply(
+    page: Any, keyed_server: BackgroundServer
+) -> None:
+    chunk = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "Hal"}}]}
+    cut_short = f"data: {json.dumps(chunk)}\n\n"  # no finish reason, no [DONE]
+    page.route(
+        "**/v1/chat/completions",
+        lambda route: route.fulfill(body=cut_short, headers={"Content-Type": "text/event-stream"}),
+    )
+    open_chat(page, keyed_server, API_KEY)
+    send(page, "Hello")
+    reply = wait_for_reply(page)
+    assert reply.locator(".content > p").text_content() == "Hal"
+    assert "connection to the server was lost" in reply.locator(".message-error").text_content()
+
+
 def test_stop_keeps_the_partial_reply_and_edit_sends_again(page: Any, keyed_server: BackgroundServer) -> None:
     engine = keyed_server.engine
     assert isinstance(engine, FakeEngine)
@@ -323,6 +399,46 @@ def test_an_overloaded_server_is_reported(page: Any, keyed_server: BackgroundSer
 
 
 # -- server states -------------------------------------------------------------------------------
+
+
+def test_a_server_that_dies_mid_reply_is_reported(page: Any) -> None:
+    """A server process killed while it streams: the partial reply stays, with an error that says the
+    connection was lost, and the page finds the server gone."""
+    port = free_port()
+    script = Path(__file__).with_name("fake_engine.py")
+    # A token a second: the reply is still streaming when the process is killed.
+    command = [sys.executable, str(script), "--port", str(port), "--token-delay", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: is_healthy(base_url), 60, "the server process to be ready")
+        page.goto(f"{base_url}/")
+        page.wait_for_selector("#model-name:not(:empty)")
+        send(page, "Hello")
+        page.wait_for_selector("body.streaming .message.assistant .content:not(:empty)")
+        process.kill()
+        reply = wait_for_reply(page)
+    finally:
+        process.kill()
+        process.wait()
+    assert reply.locator(".content > p").text_content().startswith("H")
+    error = reply.locator(".message-error").text_content()
+    assert (
+        error
+        == "The connection to the server was lost before the reply ended. Is batchlm serve still running?"
+    )
+    page.wait_for_selector("#server-status[data-state='unreachable']")
+
+
+def test_a_server_that_does_not_answer_is_reported(page: Any, thinking_server: BackgroundServer) -> None:
+    # A hung server (a stopped process) keeps its connections open without answering.
+    page.route("**/health", lambda route: None)
+    page.goto(f"{thinking_server.base_url}/")
+    page.wait_for_selector("#server-status[data-state='not_responding']")
+    assert "does not answer" in page.text_content("#banner")
+    page.unroute("**/health")
+    page.wait_for_selector("#server-status[data-state='ok']")
+    assert page.is_hidden("#banner")
 
 
 def test_loading_then_unreachable_are_reported(page: Any) -> None:

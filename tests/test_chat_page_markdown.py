@@ -40,6 +40,12 @@ RENDERED = [
         '<p><a href="https://example.org/?a=1&amp;b=2" target="_blank" rel="noopener noreferrer">site</a></p>',
     ),
     ("[bad](javascript:alert(1))", "<p>[bad](javascript:alert(1))</p>"),
+    (
+        "[Python](https://en.wikipedia.org/wiki/Python_(language)) (see)",
+        '<p><a href="https://en.wikipedia.org/wiki/Python_(language)" target="_blank" rel="noopener noreferrer">'
+        "Python</a> (see)</p>",
+    ),
+    ("***both*** and **b**", "<p><strong><em>both</em></strong> and <strong>b</strong></p>"),
 ]
 CODE_BLOCK = (
     '<div class="code-block"><div class="code-header"><span class="code-language">{lang}</span>'
@@ -58,6 +64,7 @@ HOSTILE = [
     "<img src=x onerror=alert(1)>",
     '[x](https://a.org/"onmouseover="alert(1))',
     "[x](javascript:alert(1)) [y](JAVASCRIPT:alert(1)) [z](data:text/html,<b>)",
+    '[x](https://a.org/("onmouseover=alert(1))) [y](javascript:(alert(1)))',
     '```"><img src=x onerror=alert(1)>\ncode\n```',
     "``` onerror=alert(1)\ncode\n```",
     "`<svg onload=alert(1)>` **<iframe src=x>** _<a href=x>_",

@@ -20,9 +20,11 @@ async function send(url, init) {
     return await fetch(url, init);
   } catch (error) {
     if (error.name === "AbortError") throw error;
-    throw new ApiError(0, "The server cannot be reached.");
+    throw new ApiError(0, "Cannot reach the server.");
   }
 }
+
+const CONNECTION_LOST = "The connection to the server was lost before the reply ended.";
 
 // The OpenAI-shaped error of a failed response, as an ApiError.
 async function errorOf(response) {
@@ -40,15 +42,19 @@ async function errorOf(response) {
   return new ApiError(response.status, message, code);
 }
 
-// "ok", "loading", "shutting_down", "dead", or "unreachable".
+// A server that takes longer than this to answer /health is hung (a stopped process, a dead link).
+const HEALTH_TIMEOUT_MS = 10000;
+
+// "ok", "loading", "shutting_down", "dead", "unreachable", or "not_responding".
 export async function checkHealth() {
   try {
-    const response = await fetch("/health", { cache: "no-store" });
+    const signal = AbortSignal.timeout(HEALTH_TIMEOUT_MS);
+    const response = await fetch("/health", { cache: "no-store", signal });
     if (response.ok) return "ok";
     const body = await response.json().catch(() => ({}));
     return body.status || "loading";
-  } catch {
-    return "unreachable";
+  } catch (error) {
+    return error.name === "TimeoutError" ? "not_responding" : "unreachable";
   }
 }
 
@@ -77,10 +83,16 @@ export async function streamChat({ model, messages, settings, signal, onDelta })
   const response = await send("/v1/chat/completions", init);
   if (!response.ok) throw await errorOf(response);
   const result = { finishReason: null, usage: null, firstTokenAt: null, endedAt: null };
+  let finished = false;
   for await (const event of serverSentEvents(response.body)) {
-    if (event === "[DONE]") break;
+    if (event === "[DONE]") {
+      finished = true;
+      break;
+    }
     takeChunk(JSON.parse(event), result, onDelta);
   }
+  // The server ends every stream with [DONE]; a stream closed without it was cut short.
+  if (!finished) throw new ApiError(0, CONNECTION_LOST);
   result.endedAt = performance.now();
   return result;
 }
@@ -104,7 +116,7 @@ async function* serverSentEvents(stream) {
   const reader = stream.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   for (;;) {
-    const { value, done } = await reader.read();
+    const { value, done } = await readOrLost(reader);
     if (done) break;
     buffer += value.replace(/\r\n?/g, "\n");
     let end;
@@ -113,6 +125,16 @@ async function* serverSentEvents(stream) {
       buffer = buffer.slice(end + 2);
       if (data !== null) yield data;
     }
+  }
+}
+
+// A read that fails other than by the user's Stop means the connection broke (the server died).
+async function readOrLost(reader) {
+  try {
+    return await reader.read();
+  } catch (error) {
+    if (error.name === "AbortError") throw error;
+    throw new ApiError(0, CONNECTION_LOST);
   }
 }
 
@@ -143,7 +165,7 @@ export function describeError(error) {
   if (!(error instanceof ApiError)) return `Something went wrong: ${error.message || error}`;
   switch (error.status) {
     case 0:
-      return "Cannot reach the server. Is batchlm serve still running?";
+      return `${error.message} Is batchlm serve still running?`;
     case 401:
       return "This server needs an API key, or the key given is wrong: enter it under Settings.";
     case 429:

@@ -23,6 +23,7 @@ const SERVER_STATES = {
   shutting_down: ["stopping", "The server is shutting down."],
   dead: ["stopped", "The server's engine has stopped; restart batchlm serve."],
   unreachable: ["offline", "Cannot reach the server. Is batchlm serve still running? Retrying…"],
+  not_responding: ["not responding", "The server does not answer. Retrying…"],
 };
 
 const store = new ConversationStore();
@@ -182,7 +183,10 @@ async function generate() {
       message.stats = { finishReason: "abort" };
     } else {
       message.error = describeError(error);
-      if (error instanceof ApiError && error.status === 0) pollHealth();
+      // A lost connection or a server-side failure may mean the server is down: say so at once.
+      if (error instanceof ApiError && (error.status === 0 || error.status >= 500)) pollHealth();
+      // The server was restarted with another model: the next send uses the one it now serves.
+      if (error instanceof ApiError && error.code === "model_not_found") loadModels();
     }
   } finally {
     streaming = null;

@@ -5,8 +5,9 @@
 //   blocks:  ``` fenced code (language label, copy button; an unclosed fence runs to the end, as while
 //            streaming), # headings (1-6), - * + bulleted and 1. 1) numbered lists (nested by indent),
 //            > quotes, --- rules, paragraphs (single newlines are line breaks)
-//   inline:  `code`, **bold** __bold__, *italic* _italic_, ~~strike~~, [text](url) for http(s) and
-//            mailto URLs only (opened in a new tab, no referrer)
+//   inline:  `code`, **bold** __bold__, *italic* _italic_, ***both***, ~~strike~~, [text](url) for
+//            http(s) and mailto URLs only (balanced parentheses allowed; opened in a new tab, no
+//            referrer)
 //
 // Anything else (raw HTML, images, tables) stays visible as the text it is.
 
@@ -161,7 +162,8 @@ function renderInline(text) {
   const stash = [];
   const keep = (html) => `${STASH}${stash.push(html) - 1}${STASH}`;
   let html = text.replace(/(`+)([^`]|[^`][\s\S]*?[^`])\1(?!`)/g, (_, __, code) => keep(`<code>${code.trim() || code}</code>`));
-  html = html.replace(/\[([^\]\n]+)\]\(([^)\s]+)\)/g, (whole, label, url) =>
+  // A URL may hold balanced parentheses, as Wikipedia's do: .../Python_(programming_language).
+  html = html.replace(/\[([^\]\n]+)\]\(((?:[^()\s]|\([^()\s]*\))+)\)/g, (whole, label, url) =>
     SAFE_URL.test(url) ? keep(`<a href="${url}" target="_blank" rel="noopener noreferrer">${emphasis(label)}</a>`) : whole,
   );
   html = emphasis(html);
@@ -170,6 +172,7 @@ function renderInline(text) {
 
 function emphasis(text) {
   return text
+    .replace(/\*\*\*(?=\S)([\s\S]*?\S)\*\*\*/g, "<strong><em>$1</em></strong>") // nested, not crossed
     .replace(/\*\*(?=\S)([\s\S]*?\S)\*\*/g, "<strong>$1</strong>")
     .replace(/(^|[^\w])__(?=\S)([\s\S]*?\S)__(?!\w)/g, "$1<strong>$2</strong>")
     .replace(/~~(?=\S)([\s\S]*?\S)~~/g, "<del>$1</del>")

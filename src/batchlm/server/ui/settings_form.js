@@ -15,7 +15,8 @@ export function fillSettingsForm(settings, systemPrompt, models, current) {
 
 // The settings as the form now has them; a value out of range is clamped, one not a number keeps its
 // previous value. An empty temperature or top p leaves the model's recommended value (the server's
-// default), an empty max tokens no limit.
+// default), an empty max tokens no limit. The form is novalidate: the inputs' step and range only
+// guide their arrows, so a value between steps (temperature 0.33) is taken as typed.
 export function readSettingsForm(settings) {
   return {
     ...settings,

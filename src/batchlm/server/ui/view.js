@@ -82,7 +82,9 @@ function thinkingElement(message) {
   details.addEventListener("toggle", () => {
     message.thinkingOpen = details.open;
   });
-  const summary = message.content ? "Thought" : "Thinking…";
+  // A reply that ended (stats or an error) while still thinking, at max tokens say, has thought.
+  const ended = message.content || message.stats || message.error;
+  const summary = ended ? "Thought" : "Thinking…";
   details.append(element("summary", null, summary), element("div", "thinking-text", message.reasoning));
   return details;
 }
