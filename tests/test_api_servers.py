@@ -276,7 +276,7 @@ def test_api_servers_must_be_at_least_one(tiny_model_dir: Callable[..., Path]) -
         timeout=120,
     )
     assert result.returncode == 2
-    assert "--api-servers must be at least 1" in result.stderr
+    assert "batchlm serve: error: argument --api-servers: must be at least 1, got 0" in result.stderr
 
 
 def test_a_scrape_skips_the_metrics_file_a_starting_process_is_creating(tmp_path: Path) -> None:

@@ -50,6 +50,22 @@ def test_generate_rejects_bad_sampling_and_missing_prompts(capsys: pytest.Captur
     assert "no prompts" in capsys.readouterr().err
 
 
+def test_a_prompts_file_that_cannot_be_read_is_one_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "missing.txt"
+    assert main(["generate", "--prompts-file", str(missing)]) == 2
+    assert capsys.readouterr().err.startswith(f"batchlm generate: cannot read --prompts-file {missing}: ")
+    binary = tmp_path / "prompts.bin"
+    binary.write_bytes(b"\xff\xfe\x00 not text\n")
+    assert main(["generate", "--prompts-file", str(binary)]) == 2
+    error = capsys.readouterr().err
+    assert (
+        error.startswith(f"batchlm generate: cannot read --prompts-file {binary}: ")
+        and error.count("\n") == 1
+    )
+
+
 @pytest.mark.parametrize(("generation_config", "same"), [("auto", False), ("none", True)])
 def test_generate_samples_as_the_model_recommends_unless_told_otherwise(
     tiny_model_dir: Callable[..., Path],

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import socket
 import sys
 import types
 from dataclasses import dataclass, fields
@@ -84,11 +86,11 @@ def test_max_queue_none_lifts_the_limit_as_its_help_says() -> None:
         parse("--max-model-len", "none")
 
 
-def test_a_negative_max_queue_is_refused_at_start(monkeypatch: Any, caplog: Any) -> None:
-    monkeypatch.setattr(serve_cli, "configure_logging", lambda level: None)
-    monkeypatch.setattr(serve_cli, "raise_open_file_limit", lambda: None)
-    assert main(["serve", "--max-queue", "-1"]) == 2
-    assert "--max-queue must be at least 0" in caplog.text
+def test_a_negative_max_queue_is_refused_at_start(capsys: Any) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--max-queue", "-1"])
+    assert exit_info.value.code == 2
+    assert "argument --max-queue: must be at least 0 (or none), got -1" in capsys.readouterr().err
 
 
 def test_every_config_field_has_a_flag_with_its_comment_as_help() -> None:
@@ -144,10 +146,9 @@ def test_serve_builds_the_engine_and_runs_the_server(monkeypatch: Any) -> None:
     monkeypatch.setattr("batchlm.server.launcher.run_server", fake_run_server)
     # Logging set-up is global state: record the level instead of reconfiguring the test session.
     monkeypatch.setattr(serve_cli, "configure_logging", lambda level: created.update(log_level=level))
-    assert (
-        main(["serve", "--batch-size", "4", "--max-queue", "7", "--api-key", "k", "--log-level", "WARNING"])
-        == 0
-    )
+    # --port 0: the port is tried before the engine loads, and 8080 may be taken on this machine.
+    argv = ["serve", "--port", "0", "--batch-size", "4", "--max-queue", "7", "--api-key", "k"]
+    assert main([*argv, "--log-level", "WARNING"]) == 0
     assert created["log_level"] == "WARNING"
     assert created["config"].max_num_seqs == 4
     assert created["max_queue"] == 7
@@ -174,3 +175,99 @@ def test_python_dash_m_batchlm_is_the_command() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "--max-queue" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--port", "70000"], "argument --port: must be from 0 to 65535, got 70000"),
+        (["--port", "-1"], "argument --port: must be from 0 to 65535, got -1"),
+        (["--port", "http"], "argument --port: expected an integer, got 'http'"),
+        (["--stats-log-interval", "0"], "argument --stats-log-interval: must be above 0, got 0"),
+        (["--shutdown-timeout", "inf"], "argument --shutdown-timeout: expected a finite number, got 'inf'"),
+        (["--shutdown-timeout", "-1"], "argument --shutdown-timeout: must be at least 0, got -1"),
+        (["--max-body-bytes", "0"], "argument --max-body-bytes: must be at least 1, got 0"),
+        (["--max-n", "0"], "argument --max-n: must be at least 1, got 0"),
+        (["--api-servers", "0"], "argument --api-servers: must be at least 1, got 0"),
+        (["--stored-responses", "-1"], "argument --stored-responses: must be at least 0, got -1"),
+        (["--batch-size", "0"], "argument --batch-size/--max-num-seqs: must be at least 1, got 0"),
+        (["--max-model-len", "0"], "argument --max-model-len: must be at least 1, got 0"),
+        (["--max-num-batched-tokens", "0"], "argument --max-num-batched-tokens: must be at least 1, got 0"),
+        (["--tensor-parallel-size", "0"], "argument --tensor-parallel-size: must be at least 1, got 0"),
+        (["--gpu-memory-utilization", "1.5"], "must be above 0 and at most 1, got 1.5"),
+        (["--gpu-memory-utilization", "nan"], "expected a finite number, got 'nan'"),
+        (["--cpu-kv-cache-gib", "0"], "argument --cpu-kv-cache-gib: must be above 0, got 0"),
+        (["--max-queue", "lots"], "argument --max-queue: expected an integer or \"none\", got 'lots'"),
+    ],
+)
+def test_out_of_range_values_are_one_line_usage_errors_before_anything_starts(
+    argv: list[str], message: str, monkeypatch: Any, capsys: Any
+) -> None:
+    def started(_: argparse.Namespace) -> int:
+        raise AssertionError(f"{argv} was accepted")
+
+    monkeypatch.setattr(serve_cli, "run", started)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", *argv])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "usage:" not in error and "Traceback" not in error, error
+    assert error.startswith("batchlm serve: error: ") and message in error, error
+
+
+def test_the_edge_values_of_each_range_are_accepted() -> None:
+    args = parse(
+        "--port", "0", "--max-queue", "0", "--shutdown-timeout", "0", "--stored-responses", "0",
+        "--gpu-memory-utilization", "1", "--speculative-max-batch", "0", "--speculative-pool-tokens", "0",
+    )  # fmt: skip
+    assert (args.port, args.max_queue, args.shutdown_timeout_s, args.stored_responses) == (0, 0, 0.0, 0)
+    assert (args.gpu_memory_utilization, args.speculative_max_batch, args.speculative_pool_tokens) == (
+        1,
+        0,
+        0,
+    )
+
+
+def test_a_responses_dir_that_cannot_be_used_is_one_error_line_before_the_engine_starts(
+    tmp_path: Any, monkeypatch: Any, caplog: Any
+) -> None:
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+
+    def create_engine(*_: Any, **__: Any) -> None:
+        raise ValueError("the engine was asked for")  # reported by `serve` as an error, exit status 2
+
+    monkeypatch.setattr(serve_cli, "create_engine", create_engine)
+    monkeypatch.setattr(serve_cli, "configure_logging", lambda level: None)
+    monkeypatch.setattr(serve_cli, "raise_open_file_limit", lambda: None)
+    with caplog.at_level(logging.ERROR):
+        assert main(["serve", "--responses-dir", str(not_a_directory / "responses")]) == 2
+    [record] = caplog.records
+    assert record.getMessage().startswith(f"--responses-dir {not_a_directory / 'responses'}: cannot keep")
+    assert record.exc_info is None
+    caplog.clear()
+    # With nothing to store, the directory is not used.
+    with caplog.at_level(logging.ERROR):
+        assert main(["serve", "--responses-dir", str(not_a_directory), "--stored-responses", "0"]) == 2
+    assert [record.getMessage() for record in caplog.records] == ["the engine was asked for"]
+
+
+def test_a_port_in_use_is_one_error_line_before_the_model_loads(monkeypatch: Any, caplog: Any) -> None:
+    class StubEngine(FakeEngine):
+        def __init__(self, config: EngineConfig, *, max_queue: int | None = None) -> None:
+            super().__init__(ready=False)
+
+        def begin_loading(self) -> None:
+            raise AssertionError("the model began loading")
+
+    stub_module = types.ModuleType("batchlm.engine.async_engine")
+    stub_module.AsyncLLMEngine = StubEngine  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "batchlm.engine.async_engine", stub_module)
+    monkeypatch.setattr(serve_cli, "configure_logging", lambda level: None)
+    monkeypatch.setattr(serve_cli, "raise_open_file_limit", lambda: None)
+    with socket.create_server(("127.0.0.1", 0)) as taken, caplog.at_level(logging.ERROR):
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 1
+    [record] = caplog.records
+    assert record.getMessage().startswith(f"cannot listen on 127.0.0.1:{port}: ")
+    assert "in use" in record.getMessage()

@@ -96,6 +96,40 @@ def test_sigterm_drain_answers_new_requests_with_503() -> None:
             process.wait()
 
 
+def test_a_second_sigint_ends_the_drain_with_abort_errors_and_no_traceback() -> None:
+    port = free_port()
+    script = Path(__file__).with_name("fake_engine.py")
+    process = subprocess.Popen(
+        [sys.executable, str(script), "--port", str(port), "--token-delay", "0.05"],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _healthy(base), timeout_s=60, what="the server process to be ready")
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=STREAM, timeout=60) as response:
+            lines = response.iter_lines()
+            data_lines(lines, count=2)
+            process.send_signal(signal.SIGINT)
+            wait_until(lambda: not _healthy(base), what="the drain to begin")
+            process.send_signal(signal.SIGINT)
+            rest = data_lines(lines)
+        assert rest[-1] == "[DONE]"
+        assert json.loads(rest[-2])["error"]["code"] == "aborted"
+        output, _ = process.communicate(timeout=60)
+        assert process.returncode == 0, output
+        assert "Traceback" not in output, output
+        # The drain said when it began, and the forced end what it cut short.
+        assert "shutting down: 1 request(s) in flight get up to 30.0 s to finish" in output, output
+        assert "aborted 1 request(s) still running: a second signal forced the exit" in output, output
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def _healthy(base: str) -> bool:
     try:
         return httpx.get(f"{base}/health", timeout=30).status_code == 200

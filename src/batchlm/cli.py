@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 # Each subcommand module exposes add_arguments(parser) and run(args) -> int; imported lazily so
 # `batchlm bench` never imports torch.
@@ -20,6 +21,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "Run a file of requests in OpenAI's Batch API format (JSONL) against a model, offline.",
     ),
 }
+
+
+class SubcommandParser(argparse.ArgumentParser):
+    """A subcommand's parser whose usage errors take one line: `serve`'s full usage runs to dozens of
+    lines and would bury the message (`--help` still prints it)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _load(
@@ -38,7 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="batchlm: continuous-batching LLM inference with an OpenAI-compatible API.",
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
+    sub = parser.add_subparsers(
+        dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}", parser_class=SubcommandParser
+    )
     chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)

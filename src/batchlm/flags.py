@@ -7,10 +7,12 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import re
 import types
 import typing
-from dataclasses import MISSING, fields
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, fields
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -44,9 +46,62 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
-def _scalar_type(annotation: Any, default: Any) -> Any:
-    """str | None -> str; dict[...] -> a JSON-object parser; int/float/str as they are. A number whose
-    field takes None but defaults to a number also takes `none` (`--max-queue none`: no limit)."""
+@dataclass(frozen=True)
+class Bounds:
+    """The values a numeric flag accepts; checked as the command line is parsed, so a bad value is a
+    usage error before anything loads."""
+
+    minimum: float | None = None  # inclusive
+    maximum: float | None = None  # inclusive
+    above: float | None = None  # exclusive lower bound
+
+    def problem(self, value: float) -> str | None:
+        """What is wrong with `value` ("must be at least 1"), or None when it is in range."""
+        too_low = (self.minimum is not None and value < self.minimum) or (
+            self.above is not None and value <= self.above
+        )
+        too_high = self.maximum is not None and value > self.maximum
+        if not (too_low or too_high):
+            return None
+        if self.minimum is not None and self.maximum is not None:
+            return f"must be from {_plain(self.minimum)} to {_plain(self.maximum)}"
+        lower = f"above {_plain(self.above)}" if self.above is not None else None
+        if lower is None and self.minimum is not None:
+            lower = f"at least {_plain(self.minimum)}"
+        upper = None if self.maximum is None else f"at most {_plain(self.maximum)}"
+        return "must be " + " and ".join(part for part in (lower, upper) if part)
+
+
+def _plain(number: float) -> str:
+    return str(int(number)) if float(number).is_integer() else str(number)
+
+
+def _number_parser(kind: type, takes_none: bool, bounds: Bounds | None) -> Callable[[str], Any]:
+    """An argparse `type` for an int or float field: `none` gives None where `takes_none`, and values
+    outside `bounds`, NaN and infinities are usage errors."""
+    expected = ("an integer" if kind is int else "a number") + (' or "none"' if takes_none else "")
+
+    def parse(text: str) -> Any:
+        if takes_none and text.strip().lower() == "none":
+            return None
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        problem = bounds.problem(value) if bounds is not None else None
+        if problem is not None:
+            raise argparse.ArgumentTypeError(f"{problem}{' (or none)' if takes_none else ''}, got {text}")
+        return value
+
+    return parse
+
+
+def _scalar_type(annotation: Any, default: Any, bounds: Bounds | None = None) -> Any:
+    """str | None -> str; dict[...] -> a JSON-object parser; int and float -> a parser checking
+    `bounds`; str as it is. A number whose field takes None but defaults to a number also takes
+    `none` (`--max-queue none`: no limit)."""
     optional = False
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         members = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -54,17 +109,9 @@ def _scalar_type(annotation: Any, default: Any) -> Any:
         annotation = members[0]
     if typing.get_origin(annotation) is dict or annotation is dict:
         return _json_object
-    if optional and default is not None and annotation in (int, float):
-        return _number_or_none(annotation)
+    if annotation in (int, float):
+        return _number_parser(annotation, optional and default is not None, bounds)
     return annotation
-
-
-def _number_or_none(number: type[int] | type[float]) -> Any:
-    def parse(text: str) -> int | float | None:
-        return None if text.lower() == "none" else number(text)
-
-    parse.__name__ = number.__name__  # argparse names the type in its error: "invalid int value"
-    return parse
 
 
 def add_dataclass_arguments(
@@ -74,9 +121,11 @@ def add_dataclass_arguments(
     flag_names: dict[str, list[str]] | None = None,
     choices: dict[str, list[str]] | None = None,
     help_notes: dict[str, str] | None = None,
+    bounds: dict[str, Bounds] | None = None,
 ) -> None:
     """One flag per field of the dataclass `cls` (dest = the field name). `flag_names` overrides a
-    field's flag spellings; a bool that defaults to True becomes `--no-<name>` (minus any `enable_`)."""
+    field's flag spellings; a bool that defaults to True becomes `--no-<name>` (minus any `enable_`);
+    `bounds` limits a numeric field's values."""
     hints = typing.get_type_hints(cls)
     comments = field_comments(cls)
     for spec in fields(cls):
@@ -92,7 +141,7 @@ def add_dataclass_arguments(
         parser.add_argument(
             *(flags or [f"--{name.replace('_', '-')}"]),
             dest=name,
-            type=_scalar_type(hints[name], default),
+            type=_scalar_type(hints[name], default, (bounds or {}).get(name)),
             default=default,
             choices=field_choices,
             metavar=None if field_choices else name.upper(),
@@ -144,6 +193,21 @@ ENGINE_CHOICES = {
     "async_scheduling": ["auto", "on", "off"],
     "speculative": ["auto", "off", "ngram"],
 }
+# What the engine would refuse only once the model is loaded, or take silently as "automatic".
+POSITIVE = Bounds(minimum=1)
+ENGINE_BOUNDS = {
+    "max_model_len": POSITIVE,
+    "max_num_seqs": POSITIVE,
+    "max_num_batched_tokens": POSITIVE,
+    "block_size": POSITIVE,
+    "gpu_memory_utilization": Bounds(above=0, maximum=1),
+    "cpu_kv_cache_gib": Bounds(above=0),
+    "num_gpu_blocks_override": POSITIVE,
+    "tensor_parallel_size": POSITIVE,
+    "num_speculative_tokens": POSITIVE,
+    "speculative_max_batch": Bounds(minimum=0),
+    "speculative_pool_tokens": Bounds(minimum=0),
+}
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -151,4 +215,6 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     from batchlm.config import EngineConfig
 
     group = parser.add_argument_group("engine (batchlm.config.EngineConfig)")
-    add_dataclass_arguments(group, EngineConfig, flag_names=ENGINE_FLAG_NAMES, choices=ENGINE_CHOICES)
+    add_dataclass_arguments(
+        group, EngineConfig, flag_names=ENGINE_FLAG_NAMES, choices=ENGINE_CHOICES, bounds=ENGINE_BOUNDS
+    )

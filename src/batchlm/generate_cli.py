@@ -33,11 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     sampling.add_argument("--top-p", type=float, default=None, help="(" + model_default % "1)")
     sampling.add_argument("--top-k", type=int, default=None, help="0 = off (" + model_default % "0)")
-    sampling.add_argument("--n", type=int, default=1, help="completions per prompt")
+    sampling.add_argument("--n", type=int, default=1, help="completions per prompt (default: 1)")
     sampling.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     sampling.add_argument("--sampling-seed", type=int, default=None, help="per-request sampling seed")
     sampling.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
-    parser.add_argument("--log-level", default="WARNING", choices=list(LOG_LEVELS))
+    parser.add_argument(
+        "--log-level", default="WARNING", choices=list(LOG_LEVELS), help="log level (default: WARNING)"
+    )
     add_engine_arguments(parser)
 
 
@@ -53,7 +55,11 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
-    prompts = _read_prompts(args)
+    try:
+        prompts = _read_prompts(args)
+    except (OSError, UnicodeDecodeError) as error:
+        print(f"batchlm generate: cannot read --prompts-file {args.prompts_file}: {error}", file=sys.stderr)
+        return 2
     if not prompts:
         print(
             "batchlm generate: no prompts given (pass them as arguments or with --prompts-file)",

@@ -50,14 +50,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     batch.add_argument(
         "--progress-interval", type=float, default=10.0, help="seconds between progress lines (default: 10)"
     )
-    batch.add_argument("--backend", default="auto", choices=list(BACKEND_CHOICES), help="as for serve")
+    batch.add_argument(
+        "--backend", default="auto", choices=list(BACKEND_CHOICES), help="as for serve (default: auto)"
+    )
     batch.add_argument(
         "--tool-call-parser", default="auto", choices=list(TOOL_CALL_PARSER_CHOICES), help="as for serve"
     )
     batch.add_argument(
         "--reasoning-parser", default="auto", choices=list(REASONING_PARSER_CHOICES), help="as for serve"
     )
-    parser.add_argument("--log-level", default="INFO", choices=list(LOG_LEVELS))
+    parser.add_argument(
+        "--log-level", default="INFO", choices=list(LOG_LEVELS), help="log level (default: INFO)"
+    )
     add_engine_arguments(parser)
 
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from batchlm.config import EngineConfig
 from batchlm.gc_tuning import freeze_startup_objects
+from batchlm.server.listener import bind_listener
 from batchlm.server.state import ServerSettings
 
 if TYPE_CHECKING:
@@ -33,8 +34,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Pending connections a listening socket queues (uvicorn's default).
-LISTEN_BACKLOG = 2048
 # How often the primary checks that the other API servers are alive.
 MONITOR_INTERVAL_S = 1.0
 # Past their drain period, API servers that have not exited are killed after this margin.
@@ -65,19 +64,7 @@ def automatic_api_servers(device: str, backend: str, cpus: int | None = None) ->
 
 def bind_shared_port(host: str, port: int) -> socket.socket:
     """A listening socket on host:port that other processes can bind too (SO_REUSEPORT)."""
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(address)
-        sock.listen(LISTEN_BACKLOG)
-    except OSError:
-        sock.close()
-        raise
-    return sock
+    return bind_listener(host, port, shared=True)
 
 
 def per_process_queue_limit(max_queue: int | None, api_servers: int) -> int | None:

@@ -10,7 +10,13 @@ from dataclasses import replace
 
 from batchlm.backends import BACKEND_CHOICES, create_engine, resolve_backend
 from batchlm.config import EngineConfig
-from batchlm.flags import add_dataclass_arguments, add_engine_arguments, dataclass_from_args
+from batchlm.flags import (
+    POSITIVE,
+    Bounds,
+    add_dataclass_arguments,
+    add_engine_arguments,
+    dataclass_from_args,
+)
 from batchlm.logging_setup import LOG_LEVELS, configure_logging
 from batchlm.reasoning.registry import REASONING_PARSER_CHOICES
 from batchlm.sampling_defaults import check_generation_config
@@ -29,6 +35,16 @@ SERVER_FLAG_NAMES = {
     "max_body_bytes": ["--max-body-bytes"],
 }
 SERVER_HELP_NOTES = {"api_key": f" (or set {API_KEY_ENV})"}
+SERVER_BOUNDS = {
+    "port": Bounds(minimum=0, maximum=65535),  # 0: a free port the system picks
+    "max_queue": Bounds(minimum=0),
+    "max_n": POSITIVE,
+    "max_body_bytes": POSITIVE,
+    "shutdown_timeout_s": Bounds(minimum=0),
+    "stats_log_interval_s": Bounds(above=0),
+    "api_servers": POSITIVE,
+    "stored_responses": Bounds(minimum=0),
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "reasoning_parser": list(REASONING_PARSER_CHOICES),
         },
         help_notes=SERVER_HELP_NOTES,
+        bounds=SERVER_BOUNDS,
     )
     add_engine_arguments(parser)
 
@@ -66,19 +83,13 @@ def run(args: argparse.Namespace) -> int:
     count = (
         settings.api_servers if settings.api_servers is not None else _automatic_api_servers(settings, config)
     )
-    if count < 1:
-        logger.error("--api-servers must be at least 1, got %d", count)
-        return 2
-    if settings.max_n < 1:
-        logger.error("--max-n must be at least 1, got %d", settings.max_n)
-        return 2
-    if settings.max_queue is not None and settings.max_queue < 0:
-        logger.error("--max-queue must be at least 0 (or none: no limit), got %d", settings.max_queue)
-        return 2
     try:
         check_generation_config(config.generation_config)
     except ValueError as error:
         logger.error("%s", error)
+        return 2
+    if (problem := _responses_dir_problem(settings)) is not None:
+        logger.error("%s", problem)
         return 2
     settings = replace(settings, api_servers=count)
     if count > 1:
@@ -88,6 +99,15 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:  # an unknown or uninstalled backend
         logger.error("%s", error)
         return 2
+    from batchlm.server.listener import bind_listener
+
+    # Tried before the model loads, so that a port in use is an error at once; uvicorn then binds it
+    # itself, on every address the host resolves to.
+    try:
+        bind_listener(settings.host, settings.port).close()
+    except OSError as error:  # the port in use, a host that does not resolve
+        logger.error("cannot listen on %s:%d: %s", settings.host, settings.port, error)
+        return 1
     # Before the server's imports, so the engine's loading overlaps them.
     engine.begin_loading()
     from batchlm.server.app import build_app
@@ -97,6 +117,23 @@ def run(args: argparse.Namespace) -> int:
     _log_serving(config, settings)
     # Every backend's engine loads in start(), which is not part of the EngineClient interface.
     return run_server(app, engine, start_engine=engine.start)  # type: ignore[attr-defined]
+
+
+def _responses_dir_problem(settings: ServerSettings) -> str | None:
+    """Why the stored responses cannot be kept in --responses-dir (None: they can), found before the
+    model loads rather than as a traceback when the app starts."""
+    if settings.responses_dir is None or settings.stored_responses == 0:
+        return None
+    import sqlite3
+    from pathlib import Path
+
+    from batchlm.server.response_store import ResponseStore
+
+    try:
+        ResponseStore(Path(settings.responses_dir), settings.stored_responses).close()
+    except (OSError, sqlite3.Error) as error:
+        return f"--responses-dir {settings.responses_dir}: cannot keep the stored responses there: {error}"
+    return None
 
 
 def _automatic_api_servers(settings: ServerSettings, config: EngineConfig) -> int:
@@ -113,9 +150,11 @@ def _log_serving(config: EngineConfig, settings: ServerSettings) -> None:
     where = f"http://{settings.host}:{settings.port}"
     count = settings.api_servers or 1
     processes = f", {count} API server processes" if count > 1 else ""
+    # "demo" is a placeholder: the model it stands for is named once the engine has loaded it.
+    model = "the built-in model" if config.built_in_model else config.model
     logger.info(
         "batchlm serving %s on %s (API key %s%s)",
-        config.model,
+        model,
         where,
         "on" if settings.api_key else "off",
         processes,

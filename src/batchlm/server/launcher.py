@@ -84,18 +84,32 @@ class GracefulServer(uvicorn.Server):
         self.state.shutting_down = True
         if self._on_shutdown is not None:
             self._on_shutdown()
+        if in_flight := len(self.state.in_flight):
+            # uvicorn says "Shutting down" only once they are done: without this line a drain is silent.
+            logger.info(
+                "shutting down: %d request(s) in flight get up to %.1f s to finish (SIGINT again: abort them now)",
+                in_flight,
+                self.state.settings.shutdown_timeout_s,
+            )
         watchdog = asyncio.ensure_future(self._abort_after_drain_period())
         try:
             await self._wait_for_in_flight()
             await super().shutdown(sockets)
+            if self.force_exit:
+                # uvicorn skips the app's shutdown when forced; left pending, it is cancelled at exit
+                # and logs a traceback. Ours only stops the stats task and closes the response store.
+                await self.lifespan.shutdown()
         finally:
             watchdog.cancel()
 
     async def _wait_for_in_flight(self) -> None:
         """Until no generation is in flight (the watchdog aborts them after the drain period), or a
-        second signal asks for a forced exit."""
+        second signal asks for a forced exit, which aborts them at once: their streams end with the
+        server's abort error rather than with the engine gone from under them."""
         while len(self.state.in_flight) and not self.force_exit:
             await asyncio.sleep(DRAIN_POLL_S)
+        if self.force_exit and (aborted := await self.state.in_flight.abort_all()):
+            logger.warning("aborted %d request(s) still running: a second signal forced the exit", aborted)
 
     async def _abort_after_drain_period(self) -> None:
         timeout = self.state.settings.shutdown_timeout_s
