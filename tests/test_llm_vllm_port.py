@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from batchlm import LLM, SamplingParams
+from batchlm.engine.client import RequestRejectedError
 from batchlm.engine.output_processor import OutputProcessor
 from batchlm.sampling_params import SamplingParamsError, StructuredOutputs, StructuredOutputsParams
 
@@ -181,6 +182,53 @@ def test_chat_takes_vllms_template_arguments(llm: LLM) -> None:
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
     (with_tools,) = llm.chat(CONVERSATION, GREEDY, use_tqdm=False, tools=tools)
     assert with_tools.prompt is not None and "get_weather" in with_tools.prompt
+
+
+# A template that adds content to strings, as most models' do (SmolLM2's among them): it cannot take
+# a list of content parts, nor tool-call arguments left as a JSON string.
+STRING_CONTENT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] + '\\n' + m['content'] }}"
+    "{% for call in m['tool_calls'] or [] %}{{ call['function']['name'] }}"
+    "{{ call['function']['arguments'] | tojson }}{% endfor %}<|im_end|>\\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\\n{% endif %}"
+)
+
+
+def test_chat_takes_messages_as_the_http_api_does(tiny_model_dir: Callable[..., Path]) -> None:
+    llm = LLM(model=str(tiny_model_dir("llama")), device="cpu", chat_template=STRING_CONTENT_TEMPLATE)
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"x": 1}'}}
+    sent = [
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "2"},
+    ]
+    # What the template is given: one string per message, "developer" as "system", arguments parsed.
+    rendered_as = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi\nthere"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{**call, "function": {"name": "add", "arguments": {"x": 1}}}],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "2"},
+    ]
+    (output,) = llm.chat(sent, GREEDY, use_tqdm=False)
+    expected = llm.get_tokenizer().hf.apply_chat_template(
+        rendered_as, chat_template=STRING_CONTENT_TEMPLATE, add_generation_prompt=True, tokenize=False
+    )
+    assert output.prompt == expected
+    assert "<|im_start|>system\nbe brief" in expected and 'add{"x": 1}' in expected
+
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+    with pytest.raises(RequestRejectedError, match="type 'image_url' are not supported") as caught:
+        llm.chat(image, GREEDY, use_tqdm=False)
+    assert caught.value.param == "messages[0].content[0].type"
+    with pytest.raises(RequestRejectedError, match="needs the last message to be from the assistant"):
+        llm.chat(sent[:2], GREEDY, use_tqdm=False, add_generation_prompt=False, continue_final_message=True)
+    with pytest.raises(RequestRejectedError, match=r"messages\[1\]\.content"):
+        llm.chat([sent[0], {"role": "user", "content": 5}], GREEDY, use_tqdm=False)
 
 
 def test_model_none_is_the_built_in_model(monkeypatch: pytest.MonkeyPatch) -> None:

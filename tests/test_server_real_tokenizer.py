@@ -96,6 +96,15 @@ def test_tokenize_and_detokenize_round_trip(server: BackgroundServer, tiny_token
     assert chat["tokens"] == tiny_tokenizer.apply_chat_template(MESSAGES)
 
 
+def test_tokenize_returns_the_token_strings_asked_for(server: BackgroundServer, tiny_tokenizer: Any) -> None:
+    for body in ({"prompt": REPLY}, {"messages": MESSAGES}):
+        answer = httpx.post(f"{server.base_url}/tokenize", json={**body, "return_token_strs": True}).json()
+        assert answer["token_strs"] == tiny_tokenizer.hf.convert_ids_to_tokens(answer["tokens"])
+        assert len(answer["token_strs"]) == answer["count"] > 1
+        plain = httpx.post(f"{server.base_url}/tokenize", json=body).json()
+        assert plain["tokens"] == answer["tokens"] and plain["token_strs"] is None
+
+
 def test_template_errors_are_400(server: BackgroundServer) -> None:
     body = {"messages": MESSAGES, "chat_template_kwargs": {"messages": []}}
     response = httpx.post(f"{server.base_url}/v1/chat/completions", json=body)

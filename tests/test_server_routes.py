@@ -44,7 +44,8 @@ def test_models_list_and_retrieve(server: BackgroundServer) -> None:
 
 def test_tokenize_a_prompt(http: httpx.Client) -> None:
     body = http.post("/tokenize", json={"prompt": "abc"}).json()
-    assert body == {"tokens": TOKENIZER.encode("abc"), "count": 4, "max_model_len": 300}
+    expected = {"tokens": TOKENIZER.encode("abc"), "count": 4, "max_model_len": 300, "token_strs": None}
+    assert body == expected
     plain = http.post("/tokenize", json={"prompt": "abc", "add_special_tokens": False}).json()
     assert plain["tokens"] == TOKENIZER.encode("abc", add_special_tokens=False)
 

@@ -6,12 +6,13 @@ import itertools
 from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from os import PathLike, fspath
-from typing import Any, cast
+from typing import Any
 
 from tqdm.auto import tqdm
 
 from batchlm.config import DEMO_MODEL, EngineConfig
 from batchlm.cpu_wait_policy import prefer_passive_waiting
+from batchlm.engine.chat_messages import parse_messages, template_conversation
 from batchlm.engine.input_processor import InputProcessor, ValidatedRequest
 from batchlm.engine.output_processor import OutputProcessor
 from batchlm.executor.core_builder import build_engine_core
@@ -119,13 +120,19 @@ class LLM:
         continue_final_message: bool = False,
         tools: list[dict[str, Any]] | None = None,
     ) -> list[RequestOutput]:
-        """Apply the chat template to one conversation or a list of them, then generate. As in vLLM,
+        """Apply the chat template to one conversation or a list of them, then generate. Messages are
+        read as the chat endpoint reads them (RequestRejectedError for one it refuses). As in vLLM,
         each output's `prompt` is the rendered template; `tools` reach the template as its `tools`
         variable (a template that does not use them gets them in a system prompt)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts: list[PromptInput] = []
         for conversation in conversations:
-            converted = cast(list[dict[str, Any]], list(conversation))
+            # Checked and converted as the HTTP API does, so both render the same prompt.
+            converted = template_conversation(
+                parse_messages(conversation),
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+            )
             kwargs = chat_template_kwargs
             if tools is not None:
                 template = self.tokenizer.chat_template

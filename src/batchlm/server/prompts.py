@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from batchlm.engine.chat_messages import template_conversation
 from batchlm.engine.input_processor import InputProcessor
 from batchlm.server.errors import APIError, rejections_as_400
 from batchlm.server.protocol import ChatMessage, DetokenizeRequest, TokenizeRequest
@@ -14,9 +15,8 @@ from batchlm.server.responses import DetokenizeResponse, TokenizeResponse, Token
 from batchlm.server.state import ServerState
 from batchlm.tokenizer.batched_encoder import batched_encoder
 from batchlm.tokenizer.tokenizer import Tokenizer
-from batchlm.tools.prompting import template_inputs, template_tool_calls
+from batchlm.tools.prompting import template_inputs
 
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 # Texts longer than this (characters) are tokenized off the event loop; below a few hundred the
 # hand-off would cost more than it frees (BENCHMARKS.md, "Figures that left the source").
 OFFLOAD_CHARS = 512
@@ -44,82 +44,6 @@ async def encode_text(
     return await batched_encoder(tokenizer).encode(text, add_special_tokens)
 
 
-def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Messages as the chat template expects them ({role, content[, name][, tool_calls][, tool_call_id]
-    [, reasoning_content] (also read from vLLM's `reasoning`)});
-    400 for what we cannot serve."""
-    converted = []
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        problem = _message_problem(message)
-        if problem is not None:
-            text, field = problem
-            raise APIError(400, f"{where}: {text}", param=f"{where}.{field}")
-        content = _text_content(message.content, where)
-        # Chat templates know "system"; OpenAI's "developer" role means the same for these models.
-        role = "system" if message.role == "developer" else message.role
-        entry: dict[str, Any] = {"role": role, "content": content or ""}
-        if message.name:
-            entry["name"] = message.name
-        if message.tool_calls:
-            entry["tool_calls"] = template_tool_calls(message.tool_calls)
-        if message.tool_call_id is not None:
-            entry["tool_call_id"] = message.tool_call_id
-        reasoning = message.reasoning_content if message.reasoning_content is not None else message.reasoning
-        if reasoning is not None:
-            entry["reasoning_content"] = reasoning
-        converted.append(entry)
-    return converted
-
-
-def _message_problem(message: ChatMessage) -> tuple[str, str] | None:
-    """Why a message cannot be served, and the field at fault; None when it can."""
-    role = message.role
-    if role == "function":
-        return "the deprecated role 'function' is not served; use 'tool'.", "role"
-    if role not in CHAT_ROLES:
-        return f"invalid role '{role}'; expected one of {list(CHAT_ROLES)}.", "role"
-    for name in ("function_call", "audio"):
-        if getattr(message, name):
-            return f"'{name}' is not supported (send tool_calls; no audio).", name
-    for name in ("tool_calls", "reasoning_content", "reasoning"):
-        if getattr(message, name) and role != "assistant":
-            return f"only assistant messages carry '{name}'.", name
-    if role == "tool" and not message.tool_call_id:
-        return "a 'tool' message needs the 'tool_call_id' it answers.", "tool_call_id"
-    if role != "tool" and message.tool_call_id is not None:
-        return "only 'tool' messages carry 'tool_call_id'.", "tool_call_id"
-    if message.content is None and role != "assistant":
-        return f"'content' is required for role '{role}'.", "content"
-    return None
-
-
-def _text_content(content: str | list[dict[str, Any]] | None, where: str) -> str | None:
-    if content is None or isinstance(content, str):
-        return content
-    texts = []
-    for j, part in enumerate(content):
-        part_type = part.get("type")
-        if part_type != "text":
-            raise APIError(
-                400,
-                f"{where}: content parts of type '{part_type}' are not supported "
-                "(this server serves text only).",
-                param=f"{where}.content[{j}].type",
-            )
-        text = part.get("text")
-        # A prompt-cache breakpoint is a caching hint (PromptCacheOptions): accepted, not acted on.
-        extra = set(part) - {"type", "text", "prompt_cache_breakpoint"}
-        if not isinstance(text, str) or extra:
-            raise APIError(
-                400,
-                f"{where}: a text part must be {{'type': 'text', 'text': <string>}}.",
-                param=f"{where}.content[{j}]",
-            )
-        texts.append(text)
-    return "\n".join(texts)
-
-
 async def render_chat(
     tokenizer: Tokenizer,
     messages: list[ChatMessage],
@@ -135,8 +59,12 @@ async def render_chat(
     as its `tools` variable; a template that does not use them gets them in a generic system prompt
     instead (unless not `tool_prompt`: tool_choice "none"), and tool history as text. With a
     `processor`, a rendering too long to fit the context is a 400 before tokenization."""
-    converted = template_messages(messages)
-    _check_continuation(converted, add_generation_prompt, continue_final_message)
+    with rejections_as_400():
+        converted = template_conversation(
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+        )
     converted, chat_template_kwargs = template_inputs(
         converted, tools, getattr(tokenizer, "chat_template", None), chat_template_kwargs, tool_prompt
     )
@@ -152,26 +80,6 @@ async def render_chat(
     except Exception as error:  # the template runs on the client's messages and kwargs: their fault
         raise APIError(400, f"Could not apply the chat template: {error}", param="messages") from error
     return tokenizer.chat_ids(await encode_text(tokenizer, text, False, processor, param="messages"))
-
-
-def _check_continuation(
-    converted: list[dict[str, Any]], add_generation_prompt: bool, continue_final_message: bool
-) -> None:
-    if not continue_final_message:
-        return
-    if add_generation_prompt:
-        raise APIError(
-            400,
-            "'continue_final_message' and 'add_generation_prompt' cannot both be true "
-            "(set add_generation_prompt to false to continue the last message).",
-            param="continue_final_message",
-        )
-    if converted[-1]["role"] != "assistant":
-        raise APIError(
-            400,
-            "'continue_final_message' needs the last message to be from the assistant.",
-            param="continue_final_message",
-        )
 
 
 async def tokenize(state: ServerState, body: TokenizeRequest) -> TokenizeResponse:
@@ -193,7 +101,10 @@ async def tokenize(state: ServerState, body: TokenizeRequest) -> TokenizeRespons
         )
     else:
         tokens = await encode_text(tokenizer, body.prompt or "", body.add_special_tokens, processor)
-    return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=info.facts.max_model_len)
+    token_strs = tokenizer.convert_ids_to_tokens(tokens) if body.return_token_strs else None
+    return TokenizeResponse(
+        tokens=tokens, count=len(tokens), max_model_len=info.facts.max_model_len, token_strs=token_strs
+    )
 
 
 async def detokenize(state: ServerState, body: DetokenizeRequest) -> DetokenizeResponse:

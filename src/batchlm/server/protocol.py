@@ -5,18 +5,17 @@ from __future__ import annotations
 import types
 from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+# The conversation's models live beside their conversion to template messages (below the engine, which
+# LLM.chat shares); request bodies build on them.
+from batchlm.engine.chat_messages import ChatMessage as ChatMessage
+from batchlm.engine.chat_messages import FunctionCall as FunctionCall
+from batchlm.engine.chat_messages import MessageToolCall as MessageToolCall
+from batchlm.engine.chat_messages import StrictModel as StrictModel
 
 # OpenAI's reasoning efforts (chat's `reasoning_effort`, the Responses API's `reasoning.effort`).
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
-
-
-class StrictModel(BaseModel):
-    """Unknown fields are an error (OpenAI answers 'Unrecognized request argument'), never ignored; so
-    are NaN and infinities in numeric fields (JSON parsers accept NaN, and it compares false with any
-    bound, so range checks alone would let it through)."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def _admits_none(annotation: Any) -> bool:
@@ -54,24 +53,6 @@ class NullMeansDefault(StrictModel):
         return data
 
 
-class FunctionCall(StrictModel):
-    name: str
-    # The arguments as a JSON string, as responses carry them.
-    arguments: str
-    # The openai client's parse helpers add the arguments parsed, and send the call back with them.
-    parsed_arguments: Any = None
-
-
-class MessageToolCall(StrictModel):
-    """A call of an earlier assistant message, sent back as history."""
-
-    id: str
-    type: str = "function"
-    function: FunctionCall
-    # A call accumulated from a stream (the openai client's stream helpers) keeps its index.
-    index: int | None = None
-
-
 class FunctionDefinition(StrictModel):
     name: str
     description: str | None = None
@@ -105,29 +86,6 @@ class AllowedToolsChoice(StrictModel):
 
     type: Literal["allowed_tools"]
     allowed_tools: AllowedTools
-
-
-class ChatMessage(StrictModel):
-    """One message of a conversation. Content is a string or a list of parts; only text parts are served."""
-
-    role: str
-    content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
-    # An assistant message's calls, and a tool message's answer to one of them.
-    tool_calls: list[MessageToolCall] | None = None
-    tool_call_id: str | None = None
-    # An earlier assistant message's thinking, as responses carry it (templates that keep it read it).
-    reasoning_content: str | None = None
-    # The same under the name vLLM now returns it by (`reasoning`, reasoning_content's successor).
-    reasoning: str | None = None
-    function_call: Any = None
-    refusal: str | None = None
-    audio: Any = None
-    # What the openai client's message objects also carry when sent back as they came (the Function
-    # calling guide's `messages.append(completion.choices[0].message)`): url citations, and the parse
-    # helpers' parsed content. Both are read from the content, so they are accepted and not used.
-    annotations: list[Any] | None = None
-    parsed: Any = None
 
 
 class PromptCacheOptions(StrictModel):
@@ -259,6 +217,8 @@ class TokenizeRequest(NullMeansDefault):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    # vLLM's: also answer each token's vocabulary string (`token_strs`).
+    return_token_strs: bool = False
 
 
 class DetokenizeRequest(StrictModel):

@@ -149,6 +149,8 @@ class TokenizeResponse(BaseModel):
     tokens: list[int]
     count: int
     max_model_len: int
+    # Each token's vocabulary string ('Ġhello' for byte-level BPE) when return_token_strs asked for them.
+    token_strs: list[str] | None = None
 
 
 class DetokenizeResponse(BaseModel):

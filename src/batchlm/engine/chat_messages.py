@@ -1,0 +1,172 @@
+"""Chat messages as OpenAI clients send them, turned into the messages a chat template renders: text
+parts joined into one string, `developer` as `system`, earlier tool calls with their arguments as
+objects. The HTTP API and the offline `LLM.chat` both go through here, so a conversation renders to
+the same prompt either way; what cannot be served is a RequestRejectedError naming the field. The
+message models are here too (the HTTP request bodies, server/protocol.py, build on them)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from batchlm.engine.client import RequestRejectedError
+from batchlm.tools.prompting import template_tool_calls
+
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class StrictModel(BaseModel):
+    """Unknown fields are an error (OpenAI answers 'Unrecognized request argument'), never ignored; so
+    are NaN and infinities in numeric fields (JSON parsers accept NaN, and it compares false with any
+    bound, so range checks alone would let it through)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class FunctionCall(StrictModel):
+    name: str
+    # The arguments as a JSON string, as responses carry them.
+    arguments: str
+    # The openai client's parse helpers add the arguments parsed, and send the call back with them.
+    parsed_arguments: Any = None
+
+
+class MessageToolCall(StrictModel):
+    """A call of an earlier assistant message, sent back as history."""
+
+    id: str
+    type: str = "function"
+    function: FunctionCall
+    # A call accumulated from a stream (the openai client's stream helpers) keeps its index.
+    index: int | None = None
+
+
+class ChatMessage(StrictModel):
+    """One message of a conversation. Content is a string or a list of parts; only text parts are served."""
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    # An assistant message's calls, and a tool message's answer to one of them.
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
+    # An earlier assistant message's thinking, as responses carry it (templates that keep it read it).
+    reasoning_content: str | None = None
+    # The same under the name vLLM now returns it by (`reasoning`, reasoning_content's successor).
+    reasoning: str | None = None
+    function_call: Any = None
+    refusal: str | None = None
+    audio: Any = None
+    # What the openai client's message objects also carry when sent back as they came (the Function
+    # calling guide's `messages.append(completion.choices[0].message)`): url citations, and the parse
+    # helpers' parsed content. Both are read from the content, so they are accepted and not used.
+    annotations: list[Any] | None = None
+    parsed: Any = None
+
+
+def parse_messages(messages: Iterable[Any]) -> list[ChatMessage]:
+    """Plain message dicts (LLM.chat's input) as the request model the HTTP API validates them with."""
+    parsed = []
+    for i, message in enumerate(messages):
+        try:
+            parsed.append(ChatMessage.model_validate(message))
+        except ValidationError as error:
+            problem = error.errors()[0]
+            field = ".".join(str(part) for part in problem["loc"])
+            where = f"messages[{i}]" + (f".{field}" if field else "")
+            raise RequestRejectedError(f"{where}: {problem['msg']}", param=where) from None
+    return parsed
+
+
+def template_conversation(
+    messages: Sequence[ChatMessage], *, add_generation_prompt: bool, continue_final_message: bool
+) -> list[dict[str, Any]]:
+    """The messages as the chat template expects them, checked against how the prompt is to end."""
+    converted = template_messages(messages)
+    if continue_final_message:
+        if add_generation_prompt:
+            raise RequestRejectedError(
+                "'continue_final_message' and 'add_generation_prompt' cannot both be true "
+                "(set add_generation_prompt to false to continue the last message).",
+                param="continue_final_message",
+            )
+        if converted[-1]["role"] != "assistant":
+            raise RequestRejectedError(
+                "'continue_final_message' needs the last message to be from the assistant.",
+                param="continue_final_message",
+            )
+    return converted
+
+
+def template_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as the chat template expects them ({role, content[, name][, tool_calls][, tool_call_id]
+    [, reasoning_content] (also read from vLLM's `reasoning`)})."""
+    converted = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        problem = _message_problem(message)
+        if problem is not None:
+            text, field = problem
+            raise RequestRejectedError(f"{where}: {text}", param=f"{where}.{field}")
+        content = _text_content(message.content, where)
+        # Chat templates know "system"; OpenAI's "developer" role means the same for these models.
+        role = "system" if message.role == "developer" else message.role
+        entry: dict[str, Any] = {"role": role, "content": content or ""}
+        if message.name:
+            entry["name"] = message.name
+        if message.tool_calls:
+            entry["tool_calls"] = template_tool_calls(message.tool_calls)
+        if message.tool_call_id is not None:
+            entry["tool_call_id"] = message.tool_call_id
+        reasoning = message.reasoning_content if message.reasoning_content is not None else message.reasoning
+        if reasoning is not None:
+            entry["reasoning_content"] = reasoning
+        converted.append(entry)
+    return converted
+
+
+def _message_problem(message: ChatMessage) -> tuple[str, str] | None:
+    """Why a message cannot be served, and the field at fault; None when it can."""
+    role = message.role
+    if role == "function":
+        return "the deprecated role 'function' is not served; use 'tool'.", "role"
+    if role not in CHAT_ROLES:
+        return f"invalid role '{role}'; expected one of {list(CHAT_ROLES)}.", "role"
+    for name in ("function_call", "audio"):
+        if getattr(message, name):
+            return f"'{name}' is not supported (send tool_calls; no audio).", name
+    for name in ("tool_calls", "reasoning_content", "reasoning"):
+        if getattr(message, name) and role != "assistant":
+            return f"only assistant messages carry '{name}'.", name
+    if role == "tool" and not message.tool_call_id:
+        return "a 'tool' message needs the 'tool_call_id' it answers.", "tool_call_id"
+    if role != "tool" and message.tool_call_id is not None:
+        return "only 'tool' messages carry 'tool_call_id'.", "tool_call_id"
+    if message.content is None and role != "assistant":
+        return f"'content' is required for role '{role}'.", "content"
+    return None
+
+
+def _text_content(content: str | list[dict[str, Any]] | None, where: str) -> str | None:
+    if content is None or isinstance(content, str):
+        return content
+    texts = []
+    for j, part in enumerate(content):
+        part_type = part.get("type")
+        if part_type != "text":
+            raise RequestRejectedError(
+                f"{where}: content parts of type '{part_type}' are not supported (only text is served).",
+                param=f"{where}.content[{j}].type",
+            )
+        text = part.get("text")
+        # A prompt-cache breakpoint is a caching hint (PromptCacheOptions): accepted, not acted on.
+        extra = set(part) - {"type", "text", "prompt_cache_breakpoint"}
+        if not isinstance(text, str) or extra:
+            raise RequestRejectedError(
+                f"{where}: a text part must be {{'type': 'text', 'text': <string>}}.",
+                param=f"{where}.content[{j}]",
+            )
+        texts.append(text)
+    return "\n".join(texts)
