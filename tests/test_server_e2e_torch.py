@@ -69,7 +69,7 @@ def test_echo_with_logprobs_scores_the_prompt(client: Any, model_dir: Path) -> N
     logprobs = choice.logprobs
     assert choice.text.startswith(prompt) and len(logprobs.tokens) == size + 1
     assert logprobs.token_logprobs[:size] == pytest.approx(expected, abs=1e-4)
-    assert logprobs.top_logprobs[0] is None and all(len(top) == 2 for top in logprobs.top_logprobs[1:])
+    assert logprobs.top_logprobs[0] is None and all(len(top) in (2, 3) for top in logprobs.top_logprobs[1:])
     assert logprobs.text_offset[0] == 0 and logprobs.text_offset[size] == len(prompt)
     stream = client.completions.create(
         model="tiny", prompt=prompt, max_tokens=1, temperature=0.0, echo=True, logprobs=2, stream=True
@@ -86,6 +86,43 @@ def test_echo_with_logprobs_scores_the_prompt(client: Any, model_dir: Path) -> N
     assert only.text == prompt and len(only.logprobs.tokens) == size
     assert only.logprobs.token_logprobs == pytest.approx(expected, abs=1e-4)
     assert scored.usage.completion_tokens == 0
+
+
+def test_echoed_text_offsets_point_into_the_echoed_text(client: Any, model_dir: Path) -> None:
+    """The tokenizer puts a BOS before a text prompt; the echo is the text as sent, without it: the
+    BOS takes no place, and every token stands in the choice's text where its offset says."""
+    prompt = PROMPTS[5]
+    reply = client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=4, temperature=0.0, echo=True, logprobs=1
+    )
+    [choice] = reply.choices
+    tokens, offsets = choice.logprobs.tokens, choice.logprobs.text_offset
+    assert choice.text.startswith(prompt) and tokens[0] == "<|begin_of_text|>"
+    assert offsets[:2] == [0, 0] and offsets == sorted(offsets)
+    for token, offset in zip(tokens[1:], offsets[1:], strict=True):
+        if "\\x" not in token:  # a token of whole characters
+            assert choice.text[offset : offset + len(token)] == token
+    # A prompt of token ids is echoed as they decode, the BOS's text included.
+    by_ids = client.completions.create(
+        model="tiny", prompt=[0, 1093, 321], max_tokens=1, temperature=0.0, echo=True, logprobs=1
+    )
+    [echoed] = by_ids.choices
+    assert echoed.text.startswith("<|begin_of_text|>Hello")
+    assert echoed.logprobs.text_offset[:3] == [0, len("<|begin_of_text|>"), len("<|begin_of_text|>Hel")]
+
+
+def test_top_logprobs_list_the_chosen_token_too(client: Any) -> None:
+    """As OpenAI's legacy format: up to logprobs + 1 entries, the chosen token's among them, so a client
+    reads each token's logprob from its entry (the random-weight model rarely ranks the prompt's first)."""
+    reply = client.completions.create(
+        model="tiny", prompt=PROMPTS[7], max_tokens=6, temperature=1.0, seed=3, echo=True, logprobs=1
+    )
+    logprobs = reply.choices[0].logprobs
+    entries = list(zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, strict=True))[1:]
+    for token, logprob, top in entries:
+        assert top[token] == logprob and len(top) in (1, 2)
+        assert (len(top) == 1) == (logprob == max(top.values()))
+    assert any(len(top) == 2 for _, _, top in entries)
 
 
 def test_api_key_is_enforced(server: BackgroundServer) -> None:

@@ -51,14 +51,22 @@ class CompletionLogprobsBuilder:
     An offset counts the characters of the text before its token, not the length of the token strings
     before it: a token holding part of a multi-byte character shows as \\xNN escapes, several characters
     long, while the character it helps to spell takes one place in the text. Such a token's offset is
-    that of the character its first byte belongs to."""
+    that of the character its first byte belongs to. A prompt echoed as the client wrote it (`spelled`)
+    does not hold the added tokens its encoding put around it (a BOS): they take no place.
 
-    def __init__(self, tokenizer: Tokenizer, top_n: int, start_offset: int = 0) -> None:
+    Each entry's `top_logprobs` lists the chosen token too where it is not among the top_n, as OpenAI's
+    legacy format does (up to top_n + 1 entries), so a client finds every token's own logprob there."""
+
+    def __init__(
+        self, tokenizer: Tokenizer, top_n: int, start_offset: int = 0, spelled: str | None = None
+    ) -> None:
         self._tokenizer = tokenizer
         self._top_n = top_n
         self._offset = start_offset
         # Bytes of a character begun by the tokens so far and not yet complete (it starts at _offset).
         self._partial = b""
+        # The text the tokens spell, where it is known.
+        self._spelled = spelled
 
     def add(self, token_ids: Sequence[int], logprobs: Sequence[TokenLogprobs | None]) -> CompletionLogprobs:
         """The logprobs of these new tokens alone (a streaming chunk's worth); None for a token that has
@@ -71,13 +79,24 @@ class CompletionLogprobsBuilder:
                 result.token_logprobs.append(None)
                 result.top_logprobs.append(None)
             else:
-                result.token_logprobs.append(_finite(entry.logprob))
-                result.top_logprobs.append(
-                    {self._tokenizer.token_to_text(alt): _finite(lp) for alt, lp in entry.top[: self._top_n]}
-                )
+                logprob = _finite(entry.logprob)
+                result.token_logprobs.append(logprob)
+                top = {
+                    self._tokenizer.token_to_text(alt): _finite(lp) for alt, lp in entry.top[: self._top_n]
+                }
+                top.setdefault(text, logprob)
+                result.top_logprobs.append(top)
             result.text_offset.append(self._offset)
-            self._advance(_token_bytes(self._tokenizer, token_id, text))
+            if self._in_text(token_id, text):
+                self._advance(_token_bytes(self._tokenizer, token_id, text))
         return result
+
+    def _in_text(self, token_id: int, text: str) -> bool:
+        """Whether the token takes its place in the text: all but an added token that the spelled text
+        does not hold where the token stands."""
+        if self._spelled is None or self._tokenizer.added_tokens.get(text) != token_id:
+            return True
+        return self._spelled.startswith(text, self._offset)
 
     def _advance(self, token_bytes: bytes) -> None:
         """Move the offset past the characters these bytes complete (bytes that can never be one count

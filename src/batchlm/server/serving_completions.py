@@ -66,7 +66,7 @@ class CompletionContext(ResponseContext):
         """The echoed prompt's logprobs (its first token has none), when they were asked and came."""
         if self.echoed_ids is None or self.logprobs is None or prompt_logprobs is None:
             return None
-        builder = CompletionLogprobsBuilder(self.tokenizer, self.logprobs)
+        builder = CompletionLogprobsBuilder(self.tokenizer, self.logprobs, spelled=self.echo_texts[position])
         return builder.add(self.echoed_ids[position], prompt_logprobs)
 
 
