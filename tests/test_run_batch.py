@@ -6,12 +6,16 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-from collections.abc import Callable
+import signal
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from batchlm.cli import main
-from batchlm.run_batch import OrderedWriter, parse_line, run_lines
+from batchlm.run_batch import BatchProgress, OrderedWriter, OutputWriteError, parse_line, run_lines
 
 SCHEMA = {
     "type": "object",
@@ -142,3 +146,193 @@ def test_results_are_written_in_input_order() -> None:
     assert out.getvalue() == ""
     writer.put(0, {"n": 0})
     assert [json.loads(text)["n"] for text in out.getvalue().splitlines()] == [0, 1, 2]
+
+
+def test_results_held_for_an_earlier_line_are_written_when_the_run_stops() -> None:
+    out = io.StringIO()
+    writer = OrderedWriter(out)
+    writer.put(3, {"n": 3})
+    writer.put(1, {"n": 1})
+    writer.write_held()
+    assert [json.loads(text)["n"] for text in out.getvalue().splitlines()] == [1, 3]
+
+
+@asynccontextmanager
+async def completions_server(
+    release: asyncio.Event, received: asyncio.Event, served: list[str] | None = None
+) -> AsyncIterator[str]:
+    """A /v1/completions stand-in: the prompt "slow" is answered once `release` is set (`received` is
+    set when it arrives), every other one at once; `served` collects the prompts."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    async def complete(request: web.Request) -> web.Response:
+        body = await request.json()
+        if served is not None:
+            served.append(body["prompt"])
+        if body["prompt"] == "slow":
+            received.set()
+            await release.wait()
+        return web.json_response({"id": f"cmpl-{body['prompt']}", "usage": {"completion_tokens": 1}})
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", complete)
+    async with TestServer(app) as server:
+        yield f"http://{server.host}:{server.port}"
+
+
+def test_an_interrupted_run_writes_every_result_that_finished() -> None:
+    """A run cancelled (Ctrl-C) while line 0 still runs: the lines after it that finished are written,
+    in input order, rather than lost behind it."""
+    lines = [line("slow", "/v1/completions", {"prompt": "slow"})]
+    lines += [line(f"fast-{i}", "/v1/completions", {"prompt": f"fast-{i}"}) for i in range(4)] + ["x"]
+    out = io.StringIO()
+
+    async def go() -> BatchProgress:
+        release, received = asyncio.Event(), asyncio.Event()
+        progress = BatchProgress(total=len(lines))
+        async with completions_server(release, received) as base_url:
+            run = asyncio.ensure_future(run_lines(base_url, lines, out, 8, 60.0, progress))
+            await received.wait()
+            while progress.done < len(lines) - 1:  # all but the slow line, which is held back
+                await asyncio.sleep(0.01)
+            run.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await run
+            release.set()
+        return progress
+
+    progress = asyncio.run(asyncio.wait_for(go(), timeout=60))
+    results = [json.loads(text) for text in out.getvalue().splitlines()]
+    assert [r["custom_id"] for r in results] == ["fast-0", "fast-1", "fast-2", "fast-3", None]
+    assert results[0]["response"]["body"]["id"] == "cmpl-fast-0"
+    assert (progress.done, progress.invalid) == (5, 1)
+
+
+def test_the_input_is_read_only_as_far_as_the_window_allows() -> None:
+    """Lines are read as they can run, not all at first: a slow line 0 holds the reading at the window
+    (4 x the concurrency), lines that cannot run included, so a file of any length runs in bounded
+    memory."""
+    concurrency = 2
+    window = 4 * concurrency
+    release, received = asyncio.Event(), asyncio.Event()
+    read_too_early: list[int] = []
+
+    def source() -> Iterator[str]:
+        for index in range(200):
+            if index > window and not release.is_set():
+                read_too_early.append(index)
+            if index == 0:
+                yield line("slow", "/v1/completions", {"prompt": "slow"})
+            elif index in (2, 4):
+                yield line(f"r{index}", "/v1/completions", {"prompt": f"p{index}"})
+            else:  # lines that cannot run are held back too: their errors wait for line 0
+                yield "not json"
+
+    out = io.StringIO()
+
+    async def go() -> BatchProgress:
+        progress = BatchProgress(total=None)
+        async with completions_server(release, received) as base_url:
+            run = asyncio.ensure_future(run_lines(base_url, source(), out, concurrency, 60.0, progress))
+            await received.wait()
+            while progress.done < window - 1:  # every line of the window but the slow one
+                await asyncio.sleep(0.01)
+            release.set()
+            return await run
+
+    progress = asyncio.run(asyncio.wait_for(go(), timeout=60))
+    assert read_too_early == []
+    assert (progress.done, progress.invalid) == (200, 197)
+    results = [json.loads(text) for text in out.getvalue().splitlines()]
+    assert [r["custom_id"] for r in results[:5]] == ["slow", None, "r2", None, "r4"] and len(results) == 200
+
+
+def test_ctrl_c_keeps_what_finished_and_exits_130(
+    tiny_model_dir: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C as the first result is written: that result stays in the output file, the other lines
+    do not run, and the command ends with one line and 130 rather than a traceback."""
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text(
+        "\n".join(line(f"a{i}", "/v1/completions", {"prompt": "x", "max_tokens": 2}) for i in range(6))
+    )
+    put = OrderedWriter.put
+
+    def put_then_interrupt(self: OrderedWriter, index: int, result: dict[str, Any]) -> None:
+        put(self, index, result)
+        signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(OrderedWriter, "put", put_then_interrupt)
+    model = str(tiny_model_dir("llama"))
+    flags = ["--model", model, "--device", "cpu", "--max-concurrency", "1", "--log-level", "WARNING"]
+    assert main(["run-batch", "-i", str(source), "-o", str(target), *flags]) == 130
+    results = [json.loads(text) for text in target.read_text().splitlines()]
+    assert [r["custom_id"] for r in results] == ["a0"] and results[0]["response"]["status_code"] == 200
+
+
+def test_a_byte_order_mark_is_accepted_and_a_line_that_is_not_utf8_is_its_own_error(
+    tiny_model_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    first = line("first", "/v1/completions", {"prompt": "x", "max_tokens": 1}).encode()
+    last = line("last", "/v1/completions", {"prompt": "y", "max_tokens": 1}).encode()
+    source.write_bytes(b"\xef\xbb\xbf" + first + b'\n{"custom_id": "caf\xe9"}\n' + last + b"\n")
+    model = str(tiny_model_dir("llama"))
+    flags = ["--model", model, "--device", "cpu", "--log-level", "WARNING"]
+    assert main(["run-batch", "-i", str(source), "-o", str(target), *flags]) == 0
+    results = [json.loads(text) for text in target.read_text().splitlines()]
+    assert [r["custom_id"] for r in results] == ["first", None, "last"]
+    assert results[0]["response"]["status_code"] == results[2]["response"]["status_code"] == 200
+    assert results[1]["error"]["code"] == "invalid_json" and "utf-8" in results[1]["error"]["message"]
+
+
+def test_an_output_that_cannot_take_the_results_is_refused_before_the_model_loads(tmp_path: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text(line("a", "/v1/completions", {"prompt": "x"}) + "\n")
+    # A model that cannot load: were the output accepted, the run would end with 1, not 2.
+    flags = ["--model", str(tmp_path / "missing-model"), "--device", "cpu", "--log-level", "ERROR"]
+    assert main(["run-batch", "-i", str(source), "-o", str(tmp_path), *flags]) == 2
+    # The input is read while the results are written: writing over it would lose the requests.
+    assert main(["run-batch", "-i", str(source), "-o", str(source), *flags]) == 2
+    assert json.loads(source.read_text())["custom_id"] == "a"
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--progress-interval", "0"), ("--max-concurrency", "0")])
+def test_out_of_range_batch_flags_are_usage_errors(
+    flag: str, value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text(line("a", "/v1/completions", {"prompt": "x"}) + "\n")
+    flags = ["--model", str(tmp_path / "missing-model"), "--log-level", "ERROR"]
+    with pytest.raises(SystemExit) as exited:
+        main(["run-batch", "-i", str(source), "-o", str(tmp_path / "out.jsonl"), flag, value, *flags])
+    assert exited.value.code == 2 and flag in capsys.readouterr().err
+
+
+class FullDisk(io.StringIO):
+    """An output that takes one line, then fails as a full disk (or a closed pipe) does."""
+
+    def write(self, text: str) -> int:
+        if self.getvalue():
+            raise OSError(28, "No space left on device")
+        return super().write(text)
+
+
+def test_an_output_that_fails_stops_the_run_at_once() -> None:
+    """A write that fails stops the run: the rest of the file is not run for results that would be
+    lost, and the failure surfaces as one error rather than a task's traceback at the end."""
+    lines = [line(f"r{i}", "/v1/completions", {"prompt": f"p{i}"}) for i in range(50)]
+    served: list[str] = []
+    out = FullDisk()
+
+    async def go() -> None:
+        release, received = asyncio.Event(), asyncio.Event()
+        release.set()
+        async with completions_server(release, received, served) as base_url:
+            await run_lines(base_url, lines, out, 2, 60.0)
+
+    with pytest.raises(OutputWriteError, match="No space left"):
+        asyncio.run(asyncio.wait_for(go(), timeout=60))
+    assert json.loads(out.getvalue())["custom_id"] == "r0"
+    assert len(served) <= 6  # the two lines written or failed, and those already in flight

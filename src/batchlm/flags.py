@@ -98,6 +98,12 @@ def _number_parser(kind: type, takes_none: bool, bounds: Bounds | None) -> Calla
     return parse
 
 
+def bounded_number(kind: type[int] | type[float], bounds: Bounds) -> Callable[[str], Any]:
+    """An argparse `type` for a numeric flag that is not a dataclass field: out of `bounds` is a usage
+    error."""
+    return _number_parser(kind, False, bounds)
+
+
 def _scalar_type(annotation: Any, default: Any, bounds: Bounds | None = None) -> Any:
     """str | None -> str; dict[...] -> a JSON-object parser; int and float -> a parser checking
     `bounds`; str as it is. A number whose field takes None but defaults to a number also takes

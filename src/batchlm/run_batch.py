@@ -1,7 +1,8 @@
 """`batchlm run-batch`: a file of requests in OpenAI's Batch API format (JSONL: `custom_id`, `method`,
 `url`, `body`) run against a model in this process. Each request goes through the same server the API
 serves, on a local port, so it is validated, templated and constrained exactly as it would be over
-HTTP; the results are written in the Batch API's output format, one line per input line, in input order."""
+HTTP; the results are written in the Batch API's output format, one line per input line, in input order.
+The file is read as the requests run, so its length is not bounded by memory."""
 
 from __future__ import annotations
 
@@ -13,15 +14,16 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator, Sized
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import chain
 from pathlib import Path
-from typing import Any, TextIO, cast
+from typing import IO, Any
 
 from batchlm.backends import BACKEND_CHOICES
-from batchlm.flags import add_engine_arguments, dataclass_from_args
+from batchlm.flags import Bounds, add_engine_arguments, bounded_number, dataclass_from_args
 from batchlm.logging_setup import LOG_LEVELS, configure_logging
 
 logger = logging.getLogger(__name__)
@@ -39,16 +41,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "-i", "--input-file", required=True, help="the requests, one JSON object a line ('-': standard input)"
     )
     batch.add_argument(
-        "-o", "--output-file", required=True, help="where the results go, one a line ('-': standard output)"
+        "-o",
+        "--output-file",
+        required=True,
+        help="where the results go, one a line in input order ('-': standard output); not the input file",
     )
     batch.add_argument(
         "--max-concurrency",
-        type=int,
+        type=bounded_number(int, Bounds(minimum=1)),
         default=256,
         help="requests in flight at once; the engine batches them (default: 256)",
     )
     batch.add_argument(
-        "--progress-interval", type=float, default=10.0, help="seconds between progress lines (default: 10)"
+        "--progress-interval",
+        type=bounded_number(float, Bounds(above=0)),
+        default=10.0,
+        help="seconds between progress lines (default: 10)",
     )
     batch.add_argument(
         "--backend", default="auto", choices=list(BACKEND_CHOICES), help="as for serve (default: auto)"
@@ -69,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class BatchProgress:
     """Counts for the progress lines and the summary."""
 
-    total: int
+    # None where the input cannot be counted before it is read (standard input).
+    total: int | None
     started: float = field(default_factory=time.monotonic)
     done: int = 0
     # Lines that ran and got an HTTP error, and lines that could not run at all.
@@ -79,8 +88,9 @@ class BatchProgress:
 
     def line(self) -> str:
         elapsed = max(time.monotonic() - self.started, 1e-9)
+        done = f"{self.done}" if self.total is None else f"{self.done}/{self.total}"
         return (
-            f"{self.done}/{self.total} requests done ({self.failed} failed, {self.invalid} invalid), "
+            f"{done} requests done ({self.failed} failed, {self.invalid} invalid), "
             f"{self.done / elapsed:.1f} requests/s, {self.completion_tokens / elapsed:.0f} output tokens/s"
         )
 
@@ -104,8 +114,10 @@ def error_line(custom_id: str | None, code: str, message: str) -> dict[str, Any]
     return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id, "response": None, "error": error}
 
 
-def parse_line(text: str, seen: set[str]) -> tuple[str, str, dict[str, Any]] | dict[str, Any]:
-    """(custom_id, url, body) of a valid line, else its error line. `seen` collects the custom ids."""
+def parse_line(text: str | bytes, seen: set[str]) -> tuple[str, str, dict[str, Any]] | dict[str, Any]:
+    """(custom_id, url, body) of a valid line, else its error line. `seen` collects the custom ids.
+    Bytes are decoded by json.loads: a UTF-8 BOM is accepted, and a line that is not UTF-8 is that
+    line's error rather than the end of the run."""
     try:
         item = json.loads(text)
     except ValueError as error:
@@ -134,41 +146,75 @@ def parse_line(text: str, seen: set[str]) -> tuple[str, str, dict[str, Any]] | d
     return custom_id, url, body
 
 
+class OutputWriteError(Exception):
+    """The results could not be written (a full disk, a closed pipe): the run stops there."""
+
+
 class OrderedWriter:
     """Writes result lines in input order as they complete out of order."""
 
-    def __init__(self, out: TextIO) -> None:
+    def __init__(self, out: IO[str]) -> None:
         self._out = out
         self._waiting: dict[int, dict[str, Any]] = {}
         # The first line not written yet.
         self.next = 0
+        # Why writing failed; from then on nothing more is written.
+        self.failure: OSError | None = None
 
     def put(self, index: int, line: dict[str, Any]) -> None:
+        if self.failure is not None:
+            return
         self._waiting[index] = line
-        while self.next in self._waiting:
-            self._out.write(json.dumps(self._waiting.pop(self.next), ensure_ascii=False) + "\n")
-            self.next += 1
+        try:
+            while self.next in self._waiting:
+                self._out.write(json.dumps(self._waiting[self.next], ensure_ascii=False) + "\n")
+                del self._waiting[self.next]
+                self.next += 1
+            self._out.flush()
+        except OSError as error:  # kept for run_lines to stop on: a request's task cannot raise to it
+            self.failure = error
+
+    def write_held(self) -> None:
+        """Writes the lines still waiting for an earlier one that will not come (the run was
+        interrupted), in input order: every finished request's result is kept."""
+        for index in sorted(self._waiting):
+            self._out.write(json.dumps(self._waiting.pop(index), ensure_ascii=False) + "\n")
         self._out.flush()
 
 
+def request_lines(source: Iterable[bytes]) -> Iterator[bytes]:
+    """The non-blank lines of a batch file, read one at a time."""
+    return (line for line in source if line.strip())
+
+
+def count_requests(path: str) -> int | None:
+    """The non-blank lines of a regular file (for the progress lines); None for a pipe or stdin."""
+    if path == "-" or not os.path.isfile(path):
+        return None
+    with open(path, "rb") as source:
+        return sum(1 for _ in request_lines(source))
+
+
 async def run_lines(
-    base_url: str, lines: list[str], out: TextIO, max_concurrency: int, progress_interval: float
+    base_url: str,
+    lines: Iterable[str | bytes],
+    out: IO[str],
+    max_concurrency: int,
+    progress_interval: float,
+    progress: BatchProgress | None = None,
 ) -> BatchProgress:
-    """Run every line against the server at `base_url`; results go to `out` in input order."""
+    """Run every line against the server at `base_url`; results go to `out` in input order. Lines are
+    read as there is room for them. Cancelled (Ctrl-C), the results that finished are written."""
     import aiohttp
 
-    progress = BatchProgress(total=len(lines))
+    if progress is None:
+        progress = BatchProgress(total=len(lines) if isinstance(lines, Sized) else None)
+    progress.started = time.monotonic()  # the rates count from the first request, not the model load
     writer = OrderedWriter(out)
     seen: set[str] = set()
-    parsed = [parse_line(text, seen) for text in lines]
-    # The model is the one this process serves, whatever a line names (a file written for another API).
-    renamed = {entry[2].get("model") for entry in parsed if isinstance(entry, tuple)}
-    if renamed - {None, "default"}:
-        logger.info(
-            "the requests name %s: they run on the model served here", sorted(map(str, renamed - {None}))
-        )
-    # At most max_concurrency requests in flight, started in input order, and never further ahead of
-    # the first unwritten line than the window: memory stays bounded however long the file is.
+    told_model = False
+    # At most max_concurrency requests in flight, started in input order, and no line read further
+    # ahead of the first unwritten one than the window: memory stays bounded however long the file is.
     window = 4 * max_concurrency
     room = asyncio.Condition()
     in_flight: set[asyncio.Task[None]] = set()
@@ -207,8 +253,14 @@ async def run_lines(
             progress.done += 1
             writer.put(index, line)
 
-        def has_room(index: int) -> bool:
-            return len(in_flight) < max_concurrency and index - writer.next < window
+        def has_room(index: int, needs_slot: bool) -> bool:
+            if writer.failure is not None:
+                return True  # to stop at once
+            return index - writer.next < window and (not needs_slot or len(in_flight) < max_concurrency)
+
+        def stop_if_unwritable() -> None:
+            if writer.failure is not None:
+                raise OutputWriteError(str(writer.failure)) from writer.failure
 
         async def report() -> None:
             while True:
@@ -217,18 +269,34 @@ async def run_lines(
 
         reporter = asyncio.ensure_future(report())
         try:
-            for index, entry in enumerate(parsed):
+            for index, text in enumerate(lines):
+                entry = parse_line(text, seen)
+                async with room:
+                    await room.wait_for(partial(has_room, index, isinstance(entry, tuple)))
+                stop_if_unwritable()
                 if isinstance(entry, dict):  # a line that cannot run: its error, in its place
                     progress.invalid += 1
                     done(index, entry)
                     continue
-                async with room:
-                    await room.wait_for(partial(has_room, index))
+                model = entry[2].get("model")
+                if not told_model and model not in (None, "default"):
+                    # A file written for another API names its model: this process serves one.
+                    logger.info("the requests name %r: they run on the model served here", model)
+                    told_model = True
                 task = asyncio.ensure_future(run_one(index, *entry))
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
-            if in_flight:
-                await asyncio.gather(*in_flight)
+            async with room:
+                await room.wait_for(lambda: not in_flight or writer.failure is not None)
+            stop_if_unwritable()
+        except asyncio.CancelledError:
+            unfinished = list(in_flight)
+            for task in unfinished:
+                task.cancel()
+            await asyncio.gather(*unfinished, return_exceptions=True)
+            if writer.failure is None:
+                writer.write_held()
+            raise
         finally:
             reporter.cancel()
             for task in in_flight:
@@ -237,32 +305,80 @@ async def run_lines(
 
 
 @contextmanager
-def _opened(path: str, mode: str) -> Iterator[TextIO]:
+def _opened(path: str, standard: IO[Any], mode: str) -> Iterator[IO[Any]]:
+    """The file at `path`, or the standard stream for '-' (left open)."""
     if path == "-":
-        yield sys.stdin if mode == "r" else sys.stdout
+        yield standard
         return
-    with open(path, mode, encoding="utf-8") as handle:
-        yield cast(TextIO, handle)
+    with open(path, mode, encoding=None if "b" in mode else "utf-8") as handle:
+        yield handle
+
+
+def output_problem(output_file: str, input_file: str) -> str | None:
+    """Why the results cannot go to `output_file`, found before the model loads; None if they can."""
+    if output_file == "-":
+        return None
+    path = Path(output_file)
+    if path.is_dir():
+        return "it is a directory"
+    if path.exists():
+        if input_file != "-" and os.path.exists(input_file) and os.path.samefile(path, input_file):
+            # The input is read while the results are written: opening it for them would empty it.
+            return "it is the input file"
+        return None if os.access(path, os.W_OK) else "it is not writable"
+    parent = path.resolve().parent
+    if not (parent.is_dir() and os.access(parent, os.W_OK)):
+        return f"{parent} is not a writable directory"
+    return None
+
+
+def _named(path: str) -> str:
+    return "standard input" if path == "-" else path
 
 
 def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
-    if args.max_concurrency < 1:
-        logger.error("--max-concurrency must be at least 1, got %d", args.max_concurrency)
-        return 2
+    with ExitStack() as stack:
+        try:
+            source = stack.enter_context(_opened(args.input_file, sys.stdin.buffer, "rb"))
+        except OSError as error:
+            logger.error("cannot read %s: %s", args.input_file, error)
+            return 2
+        try:
+            code = _run_from(args, source)
+        except KeyboardInterrupt:  # while the input was counted, before the model loaded
+            logger.warning("run-batch: interrupted; no request ran")
+            return 130
+    return code
+
+
+def _run_from(args: argparse.Namespace, source: Iterable[bytes]) -> int:
     try:
-        with _opened(args.input_file, "r") as source:
-            lines = [line for line in source if line.strip()]
+        lines = request_lines(source)
+        first = next(lines, None)
+        total = count_requests(args.input_file)
     except OSError as error:
         logger.error("cannot read %s: %s", args.input_file, error)
         return 2
-    if not lines:
-        logger.error("%s holds no requests", args.input_file)
+    if first is None:
+        logger.error("%s holds no requests", _named(args.input_file))
         return 2
-    target = Path(args.output_file).resolve().parent
-    if args.output_file != "-" and not (target.is_dir() and os.access(target, os.W_OK)):
-        logger.error("cannot write %s: %s is not a writable directory", args.output_file, target)
+    problem = output_problem(args.output_file, args.input_file)
+    if problem is not None:
+        logger.error("cannot write %s: %s", args.output_file, problem)
         return 2
+    progress = BatchProgress(total=total)
+    try:
+        return _run_served(args, chain([first], lines), progress)
+    except KeyboardInterrupt:
+        # What finished is in the output file already: run_lines writes it when cancelled.
+        written = f"their results are in {args.output_file}" if progress.done else "no request finished"
+        logger.warning("run-batch: interrupted: %s; %s", progress.line(), written)
+        return 130
+
+
+def _run_served(args: argparse.Namespace, lines: Iterable[bytes], progress: BatchProgress) -> int:
+    """Load the model behind a local server and run the lines through it."""
     from batchlm.backends import create_engine
     from batchlm.config import EngineConfig
     from batchlm.server.background import BackgroundServer
@@ -283,7 +399,8 @@ def run(args: argparse.Namespace) -> int:
         logger.error("%s", error)
         return 2
     engine.begin_loading()
-    logger.info("run-batch: %d requests from %s", len(lines), args.input_file)
+    counted = "" if progress.total is None else f"{progress.total} "
+    logger.info("run-batch: %srequests from %s", counted, _named(args.input_file))
     # Every backend's engine loads in start(), which is not part of the EngineClient interface.
     server = BackgroundServer(engine, settings, start_engine=engine.start)  # type: ignore[attr-defined]
     with server:
@@ -292,9 +409,26 @@ def run(args: argparse.Namespace) -> int:
         except (RuntimeError, TimeoutError) as error:  # why is logged where the engine failed
             logger.error("run-batch: %s; no request ran", error)
             return 1
-        with _opened(args.output_file, "w") as out:
-            progress = asyncio.run(
-                run_lines(server.base_url, lines, out, args.max_concurrency, args.progress_interval)
-            )
+        with ExitStack() as stack:
+            try:
+                out = stack.enter_context(_opened(args.output_file, sys.stdout, "w"))
+            except OSError as error:
+                logger.error("cannot write %s: %s; no request ran", args.output_file, error)
+                return 2
+            try:
+                asyncio.run(
+                    run_lines(
+                        server.base_url, lines, out, args.max_concurrency, args.progress_interval, progress
+                    )
+                )
+            except OutputWriteError as error:
+                if (
+                    args.output_file == "-"
+                ):  # a closed pipe: the interpreter's own flush at exit would fail too
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                logger.error(
+                    "run-batch: cannot write %s: %s; stopped at %s", args.output_file, error, progress.line()
+                )
+                return 1
     logger.info("run-batch: %s; results in %s", progress.line(), args.output_file)
     return 0
