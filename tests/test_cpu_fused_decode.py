@@ -149,6 +149,37 @@ def test_fused_steps_with_qwen3_head_norms(tmp_path: Path, qtype: str) -> None:
     _assert_steps_agree(loaded, 3)
 
 
+@pytest.mark.parametrize("rows", [1, 5])
+def test_fused_steps_give_the_same_bits_on_any_thread_count(tmp_path: Path, rows: int) -> None:
+    # Threads split output rows and attention items, never a sum: one thread and three give the same
+    # logits and caches (one row over three threads attends a query head an item, over one a KV group).
+    loaded = _model(tmp_path, "Q4_K", True)
+    prompts = PROMPTS[:rows]
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for team in (1, 3):
+            torch.set_num_threads(team)
+            caches = make_kv_caches(loaded, 4 * len(PROMPTS), BLOCK_SIZE)
+            chunks = [Chunk(prompt, 0, _blocks(r)) for r, prompt in enumerate(prompts)]
+            tokens = run_step(loaded.model, caches, chunks).argmax(-1).tolist()
+            fused = build_fused_decode(loaded.model, caches, TorchAttentionBackend())
+            assert isinstance(fused, FusedDecode)
+            steps = []
+            for step in range(3):
+                chunks = [
+                    Chunk([tokens[r]], len(prompt) + step, _blocks(r)) for r, prompt in enumerate(prompts)
+                ]
+                steps.append(fused.run(_inputs(chunks)))
+                tokens = steps[-1].argmax(-1).tolist()
+            results.append((steps, caches))
+    finally:
+        torch.set_num_threads(threads)
+    (one_steps, one_caches), (three_steps, three_caches) = results
+    assert all(torch.equal(a, b) for a, b in zip(one_steps, three_steps, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(one_caches, three_caches, strict=True))
+
+
 @pytest.mark.skipif(not cpu_quant.use_amx(), reason="no AMX tiles on this CPU (or OS)")
 @pytest.mark.parametrize(("rows", "model_type"), [(8, "qwen3"), (21, "qwen3"), (MAX_ROWS, "qwen3_moe")])
 def test_fused_steps_on_amx_tiles_give_the_vnni_paths_bits(

@@ -75,22 +75,42 @@ def test_dense_q8_in_row_chunks_matches_gguf_q8_0(monkeypatch: pytest.MonkeyPatc
     assert np.array_equal(dequantize(from_dense_q8(weight)), reference("Q8_0", q8_0, 7, 96))
 
 
-def test_an_unread_gguf_type_becomes_q8_0_row_chunk_by_row_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A type the kernels do not read and no native pass converts (Q5_K; Q6_K has its own, tested
-    below) is dequantized and requantized a few rows at a time; the result is the Q8_0 of the whole
-    tensor's values."""
+# Where each K-quant the kernels do not read keeps its float16 scales (d, then dmin where it has one).
+K_QUANT_SCALE_BYTES = {"Q2_K": slice(80, 84), "Q3_K": slice(108, 110), "Q5_K": slice(0, 4)}
+
+
+@pytest.mark.parametrize("type_name", sorted(K_QUANT_SCALE_BYTES))
+def test_an_unread_gguf_type_becomes_q8_0_row_chunk_by_row_chunk(
+    monkeypatch: pytest.MonkeyPatch, type_name: str
+) -> None:
+    """A type the kernels do not read and no native pass converts (Q2_K, Q3_K, Q5_K; Q6_K has its own,
+    tested below) is dequantized and requantized a few rows at a time; the result is the Q8_0 of the
+    whole tensor's values."""
     monkeypatch.setattr(quant_blocks, "CHUNK_VALUES", 512)
     rows, cols = 9, 256
-    qtype = gguf.GGMLQuantizationType.Q5_K
+    qtype = getattr(gguf.GGMLQuantizationType, type_name)
     block_size, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
     blocks = RNG.integers(0, 256, (rows * cols // block_size, block_bytes), dtype=np.uint8)
-    # A Q5_K block starts with its float16 scales d and dmin: small and finite.
-    blocks[:, :4] = RNG.uniform(-0.01, 0.01, (len(blocks), 2)).astype(np.float16).view(np.uint8)
+    scale_bytes = K_QUANT_SCALE_BYTES[type_name]
+    halves = (scale_bytes.stop - scale_bytes.start) // 2
+    # Its float16 scales small and finite.
+    blocks[:, scale_bytes] = RNG.uniform(-0.01, 0.01, (len(blocks), halves)).astype(np.float16).view(np.uint8)
     raw = blocks.reshape(rows, -1)
-    tensor = QuantizedTensor("Q5_K", torch.from_numpy(raw), cols, *gguf.GGML_QUANT_SIZES[qtype])
+    tensor = QuantizedTensor(type_name, torch.from_numpy(raw), cols, *gguf.GGML_QUANT_SIZES[qtype])
     blocks = code_blocks(tensor)
     whole = from_dense_q8(gguf.quants.dequantize(raw, qtype).reshape(rows, cols))
     assert np.array_equal(blocks.codes, whole.codes) and np.array_equal(blocks.scales, whole.scales)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_tensor_becomes_the_q8_0_of_its_values(dtype: torch.dtype) -> None:
+    """An F16 or BF16 GGUF tensor in a quantized layer (loaded as that torch dtype) becomes the Q8_0
+    of its values, exactly as gguf quantizes them."""
+    values = torch.from_numpy(RNG.standard_normal((7, 96)).astype(np.float32)).to(dtype)
+    blocks = code_blocks(values)
+    widened = values.float().numpy()
+    q8_0 = gguf.quants.quantize(widened, gguf.GGMLQuantizationType.Q8_0)
+    assert np.array_equal(dequantize(blocks), reference("Q8_0", q8_0, 7, 96))
 
 
 @needs_kernel
@@ -292,17 +312,20 @@ needs_amx = pytest.mark.skipif(
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("rows", [8, 9, 16, 23, 64, 300])
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_amx_tiles_give_the_vnni_paths_bits(bits: int, rows: int, symmetric: bool) -> None:
+@pytest.mark.parametrize("in_features", [1024, 32, 64])
+def test_amx_tiles_give_the_vnni_paths_bits(bits: int, rows: int, symmetric: bool, in_features: int) -> None:
     """The tile path sums the same integers and runs the VNNI path's float epilogue, so its outputs are
-    the same bits; rows past a whole tile (8 activation rows) and past a 256-row block are padding."""
-    codes = RNG.integers(0, 2**bits, (53, 1024), dtype=np.uint8)
-    scales = RNG.uniform(-0.02, 0.02, (53, 32)).astype(np.float16)
-    biases = RNG.uniform(-0.02, 0.02, (53, 32)).astype(np.float16)
+    the same bits; rows past a whole tile (8 activation rows) and past a 256-row block are padding,
+    and a weight of one or two blocks a row is shorter than the tile products run ahead."""
+    blocks = in_features // 32
+    codes = RNG.integers(0, 2**bits, (53, in_features), dtype=np.uint8)
+    scales = RNG.uniform(-0.02, 0.02, (53, blocks)).astype(np.float16)
+    biases = RNG.uniform(-0.02, 0.02, (53, blocks)).astype(np.float16)
     if symmetric:
         biases = (scales.astype(np.float32) * -8).astype(np.float16)
     weight = quant_panels.pack(CodeBlocks(codes, scales, biases, bits))
     assert weight.zero == (8 if symmetric else 0)
-    x, bias = torch.randn(rows, 1024) * 3, torch.randn(53)
+    x, bias = torch.randn(rows, in_features) * 3, torch.randn(53)
     with kernel_path("auto"):
         assert cpu_quant.quant_isa() == cpu_quant.ISA_AMX
         tiles = cpu_quant.quant_linear(x, weight, bias), cpu_quant.quant_linear(x, weight)
@@ -333,6 +356,27 @@ def test_a_compiler_without_amx_intrinsics_builds_the_other_paths(tmp_path) -> N
     ) == 0  # fmt: skip
     with kernel_path("avx512" if cpu_quant.use_avx512() else "avx2"):
         assert torch.equal(out, cpu_quant.quant_linear(x, weight))
+
+
+@needs_kernel
+@pytest.mark.parametrize("type_name", GGUF_TYPES)
+def test_a_rows_result_depends_on_neither_the_thread_count_nor_its_batch(isa: str, type_name: str) -> None:
+    """Threads split the output panels, never a sum, and each activation row is quantized and summed
+    on its own: any thread count and any batch around a row give that row the same bits."""
+    weight = quant_panels.pack(from_gguf(type_name, random_gguf(type_name, 37, 512), 37, 512))
+    x = torch.randn(70, 512) * 3
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = [cpu_quant.quant_linear(x[row : row + 1], weight) for row in (0, 9, 69)]
+        one_thread = cpu_quant.quant_linear(x, weight)
+        torch.set_num_threads(3)
+        three_threads = cpu_quant.quant_linear(x, weight)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one_thread, three_threads)
+    for row, result in zip((0, 9, 69), alone, strict=True):
+        assert torch.equal(result[0], one_thread[row])
 
 
 @needs_kernel
