@@ -182,6 +182,31 @@ def test_two_client_processes_send_the_whole_workload_once(live_server: str) -> 
     assert level.outcome.warm_connections == 6
 
 
+def test_more_client_processes_than_users_still_send_every_request(live_server: str) -> None:
+    """One user over two processes: the level runs from one process with the whole workload (the
+    second process, without a user, took every other request and sent none of them)."""
+    run = bench(
+        live_server,
+        "--requests",
+        "4",
+        "--concurrency",
+        "1",
+        "--min-delay",
+        "0",
+        "--max-delay",
+        "0",
+        "--output-len",
+        "3",
+        "--prompt-repeat",
+        "1",
+        "--client-processes",
+        "2",
+    )
+    level = run.levels[0]
+    assert (level.metrics.completed, level.metrics.failed) == (4, 0), level.metrics.failure_reasons
+    assert sorted(r.index for r in level.outcome.results) == [0, 1, 2, 3]
+
+
 def test_editing_dataset_reports_the_servers_draft_acceptance(live_server: str) -> None:
     run = bench(
         live_server,

@@ -9,7 +9,7 @@ import pytest
 from batchlm.bench.loadgen import LoadConfig, LoadOutcome
 from batchlm.bench.records import RequestResult, RequestSpec
 from batchlm.bench.selfcheck import ClientCheck
-from batchlm.bench.workers import merge, share_of
+from batchlm.bench.workers import merge, processes_for, share_of
 
 
 def test_users_are_dealt_out_and_a_process_without_users_gets_nothing() -> None:
@@ -17,6 +17,13 @@ def test_users_are_dealt_out_and_a_process_without_users_gets_nothing() -> None:
     assert [s.concurrency for s in shares if s is not None] == [2, 2, 1]
     assert len({s.seed for s in shares if s is not None}) == 3  # independent arrival streams
     assert share_of(LoadConfig(concurrency=1), 1, 2) is None
+
+
+def test_a_level_uses_no_more_processes_than_it_has_requests_in_flight() -> None:
+    assert processes_for(LoadConfig(concurrency=1), 4) == 1
+    assert processes_for(LoadConfig(concurrency=16), 4) == 4
+    assert processes_for(LoadConfig(request_rate=5.0, max_concurrency=2), 4) == 2
+    assert processes_for(LoadConfig(request_rate=math.inf), 4) == 4  # no cap: every process
 
 
 def test_open_loop_rate_and_cap_are_split() -> None:

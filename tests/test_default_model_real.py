@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,6 +46,7 @@ BARE_QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 # Greedy log-probabilities (the whole vocabulary, 8 steps) of the kernel path against the same file
 # dequantized to float32, in nats; measured 0.0066 at most (one int8 pass: ~0.3).
 KERNEL_LOGPROB_TOLERANCE = 0.02
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def index_reachable() -> bool:
@@ -81,6 +83,20 @@ def server(default_gguf: Path) -> Iterator[BackgroundServer]:
 @pytest.fixture(scope="module")
 def client(server: BackgroundServer) -> Any:
     return openai_client(server.base_url)
+
+
+def readme_python_blocks(section: str) -> list[str]:
+    """The ```python blocks of README.md's `## <section>`, in order."""
+    text = README.read_text(encoding="utf-8").split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", text, re.DOTALL)
+
+
+def run_readme_example(code: str, server: BackgroundServer, client: Any) -> dict[str, Any]:
+    """Runs a README example as written against `server`: the clients it makes address the README's
+    port, and the examples that make none use `client`. Returns the example's variables."""
+    variables: dict[str, Any] = {"client": client}
+    exec(code.replace("http://localhost:8080", server.base_url), variables)
+    return variables
 
 
 def test_batchlms_gguf_reader_reads_the_file_as_the_gguf_package_does(default_gguf: Path) -> None:
@@ -267,3 +283,45 @@ def test_a_forced_call_sent_back_as_history_is_served_from_the_cache(client: Any
     messages += [first.choices[0].message, *results]
     second = client.chat.completions.create(messages=messages, tool_choice="auto", **fields)
     assert second.usage.prompt_tokens_details.cached_tokens > first.usage.prompt_tokens
+
+
+def test_the_readme_structured_outputs_example_parses_and_stops(
+    server: BackgroundServer, client: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As the README writes it, with the model's own sampling: a bare `int` field let the model write
+    digits to the end of its context, so `parse` raised LengthFinishReasonError."""
+    [example] = readme_python_blocks("Structured outputs")
+    run_readme_example(example, server, client)
+    city, choice = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"name='.{1,40}' population=\d{1,8}", city), city
+    assert choice in ("red", "green")
+
+
+def test_the_readme_forced_tool_call_prints_what_its_comment_says(
+    server: BackgroundServer, client: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    forced_call = readme_python_blocks("Tool calling")[0]
+    [promised] = re.findall(r"print\(call\.function\.name, call\.function\.arguments\)  # (.*)", forced_call)
+    run_readme_example(forced_call, server, client)
+    assert capsys.readouterr().out.strip() == promised
+
+
+def test_the_readme_agent_example_answers_in_its_format_or_calls_the_tool(
+    server: BackgroundServer, client: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    agent = readme_python_blocks("Tool calling")[1]
+    variables = run_readme_example(agent, server, client)
+    message = variables["message"]
+    if message.tool_calls:
+        [call] = message.tool_calls  # parallel_tool_calls=False
+        assert isinstance(call.function.parsed_arguments, variables["Weather"])
+    else:
+        assert isinstance(message.parsed, variables["Report"])
+
+
+def test_the_readme_responses_example_answers_then_calls(server: BackgroundServer, client: Any) -> None:
+    [example] = readme_python_blocks("The Responses API")
+    variables = run_readme_example(example, server, client)
+    call = variables["call"]
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert isinstance(json.loads(call.arguments)["city"], str)

@@ -129,8 +129,8 @@ def _add_load_arguments(load: argparse._ArgumentGroup) -> None:
         "--client-processes",
         type=int,
         default=1,
-        help="send each load level from this many processes (each every N-th request and 1/N of the "
-        "load), for servers that stream faster than one client event loop reads (see the self-check); "
+        help="send each load level from this many processes, at most one per request it has in flight "
+        "(each every N-th request and 1/N of the load), for servers that stream faster than one client event loop reads (see the self-check); "
         "no progress line then",
     )
     load.add_argument(

@@ -79,6 +79,13 @@ def share_of(load: LoadConfig, index: int, count: int) -> LoadConfig | None:
     return dataclasses.replace(load, request_rate=rate, max_concurrency=cap, seed=seed)
 
 
+def processes_for(load: LoadConfig, count: int) -> int:
+    """How many of `count` client processes a level uses: no more than it has requests in flight (its
+    users, or its in-flight cap), since a process with no share could send none of its requests."""
+    limit = load.in_flight_limit
+    return count if limit is None else max(1, min(count, limit))
+
+
 def run_in_processes(
     endpoint: EndpointConfig,
     specs: list[RequestSpec],
@@ -87,7 +94,8 @@ def run_in_processes(
     request_timeout_s: float,
     warm_url: str | None = None,
 ) -> tuple[LoadOutcome, ClientCheck]:
-    """Run one load level from `count` processes (blocking); the merged outcome and self-check."""
+    """Run one load level from up to `count` processes (blocking); the merged outcome and self-check."""
+    count = processes_for(load, count)
     tasks = []
     for index in range(count):
         share = share_of(load, index, count)
