@@ -277,3 +277,15 @@ def test_a_stop_string_after_a_call_leaves_it_whole(client: Any, engine: FakeEng
     engine.reply = HERMES_REPLY + "\nAnything after the call."
     content, calls, reason = reply_of(client, stream, stop=["</tool_call>"])
     assert (content, calls, reason) == ("Let me look.", [("get_weather", PARIS)], "tool_calls")
+
+
+def test_a_malformed_call_reaches_a_streaming_client_as_its_text(client: Any, engine: FakeEngine) -> None:
+    # The whole reply has the text as content and no call; the stream had announced the call before its
+    # JSON broke, and sends no markup as its arguments.
+    engine.reply = (
+        'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": Paris}}\n</tool_call>'
+    )
+    assert reply_of(client, False) == (engine.reply, [], "stop")
+    content, calls, reason = reply_of(client, True)
+    assert (content, reason) == (engine.reply, "stop")
+    assert calls == [("get_weather", '{"city": ')]

@@ -11,6 +11,7 @@ from batchlm.tools.calls import StreamDelta, ToolCall
 from batchlm.tools.forced import NamedFunctionParser, RequiredCallsParser
 from batchlm.tools.function_tool import FunctionTool
 from batchlm.tools.hermes import HermesParser
+from batchlm.tools.json_scan import is_json_prefix
 from batchlm.tools.llama3_json import Llama3JsonParser
 from batchlm.tools.mistral import MistralParser
 from batchlm.tools.parser import ToolParser
@@ -256,8 +257,72 @@ def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
 
 
 def test_a_call_cut_short_adds_no_markup_to_a_stream() -> None:
-    content, calls, _ = stream(HermesParser(), ['<tool_call>{"name": "f", "arguments": {"a": 1'])
+    output = '<tool_call>{"name": "f", "arguments": {"a": 1'
+    content, calls, _ = stream(HermesParser(), [output], cut_short=True)
     assert content == "" and calls == [("f", '{"a": 1')]
+    # The model itself ended the output there: the markup is text, as in the whole reply.
+    content, calls, _ = stream(HermesParser(), [output])
+    assert content == output == HermesParser().extract(output).content
+    assert calls == [("f", '{"a": 1')]
+
+
+# Calls whose JSON goes wrong part way, the markup after them included: the whole output is content.
+MALFORMED: list[tuple[ToolParser, str]] = [
+    (
+        HermesParser(),
+        'Hi.<tool_call>\n{"name": "get_weather", "arguments": {"city": Paris}}\n</tool_call>',
+    ),
+    (HermesParser(), '<tool_call>{"name": "f", "arguments": {"a": 1}\n</tool_call> Bye'),
+    (HermesParser(), '<tool_call>{"name": "f", "arguments": {"a": [1,]}}</tool_call>'),
+    (Llama3JsonParser(), '{"name": "get_weather", "parameters": {"city": }}'),
+    (MistralParser(), '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": \'Paris\'}}]'),
+    (MistralParser(), "OK[TOOL_CALLS]get_weather[ARGS]{city: Paris}"),
+]
+
+
+@pytest.mark.parametrize(
+    ("parser", "output"),
+    MALFORMED,
+    ids=[f"{type(c[0]).__name__}-{i}" for i, c in enumerate(MALFORMED)],
+)
+def test_a_malformed_call_streams_as_content_and_its_arguments_stop_where_json_breaks(
+    parser: ToolParser, output: str
+) -> None:
+    assert (parser.extract(output).content, parser.extract(output).tool_calls) == (output, ())
+    for chunks in [list(output), *([output[:split], output[split:]] for split in range(len(output) + 1))]:
+        content, calls, _ = stream(parser, chunks)
+        # The text, as in the whole reply; a call announced before its JSON broke stays sent (a
+        # stream cannot take it back), its arguments no further than they were JSON.
+        assert content == output, chunks
+        for _, arguments in calls:
+            assert is_json_prefix(arguments, 0) and arguments in output, (chunks, arguments)
+        session = parser.stream()
+        session.feed(output), session.finish()
+        assert not session.ends_in_calls
+
+
+def test_json_prefixes() -> None:
+    docs = [{"a": [1, -2.5e-3, True, None, 'x\\"\u00e9'], "b": {}}, [], "s", 0, -12, [{"k": []}]]
+    for doc in docs:
+        for text in (json.dumps(doc), json.dumps(doc, indent=2), json.dumps(doc, ensure_ascii=False)):
+            assert all(is_json_prefix(text[:end], 0) for end in range(len(text) + 1)), text
+    for text in [
+        '{"a": Paris',
+        '{"a": 1}}',
+        '{"a": 1} x',
+        '{"a" 1',
+        "[1,]",
+        '{"a": 1,}',
+        "01",
+        "1.e",
+        '"\x01',
+        "[}",
+    ]:
+        assert not is_json_prefix(text, 0), text
+    assert is_json_prefix('x = {"a": nul', 4) and is_json_prefix('{"a": -Inf', 0)
+    # A control character ends a long string's chances at once (and the check does not backtrack).
+    assert not is_json_prefix('{"a": "' + "x" * 100_000 + "\x01", 0)
+    assert is_json_prefix('{"a": "' + "x" * 100_000 + "\\u00", 0)
 
 
 # Outputs cut short (by max_tokens or a stop string), each with its content and the calls a stream of it

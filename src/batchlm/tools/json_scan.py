@@ -1,7 +1,8 @@
 """The top level of a JSON call object that may still be arriving: which keys have started, where their
 values begin and (once closed) end. Values are delimited with the C JSON decoder, so rescanning the
 whole text at every delta stays cheap; an unclosed value reads as still arriving, and callers treat
-"still arriving" at the end of the output as malformed."""
+"still arriving" at the end of the output as malformed. Text that no continuation can make JSON is
+malformed at once (`is_json_prefix`), so that a stream stops reading it as a call's arguments."""
 
 from __future__ import annotations
 
@@ -51,6 +52,13 @@ def value_end(text: str, start: int, final: bool) -> int | None:
 
 def scan_object(text: str, pos: int, final: bool) -> ObjectScan:
     """Scan the object whose '{' is at text[pos]."""
+    scan = _scan_object(text, pos, final)
+    if scan.end is None and not scan.malformed and not is_json_prefix(text, pos):
+        return ObjectScan(scan.fields, None, malformed=True)
+    return scan
+
+
+def _scan_object(text: str, pos: int, final: bool) -> ObjectScan:
     fields: dict[str, ValueSpan] = {}
     pos = skip_whitespace(text, pos + 1)
     if text.startswith("}", pos):
@@ -80,3 +88,90 @@ def scan_object(text: str, pos: int, final: bool) -> ObjectScan:
         elif pos < len(text):
             return ObjectScan(fields, None, malformed=True)
     return ObjectScan(fields, None)
+
+
+# One JSON token after optional whitespace. A number must not be followed by what could extend it, so
+# that "1." at the end of the text reads as a partial number rather than "1" and a stray ".".
+_TOKEN = re.compile(
+    r"""[ \t\n\r]*(?:
+        (?P<string>"(?:[^"\\\x00-\x1f]++|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*+")
+        |(?P<number>-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?(?![0-9.eE+-]))
+        |(?P<literal>true|false|null|NaN|Infinity|-Infinity)
+        |(?P<punct>[{}\[\]:,])
+    )""",
+    re.VERBOSE,
+)
+# The end of the text may cut a string, number or literal off part way.
+_PARTIAL_STRING = re.compile(
+    r'"(?:[^"\\\x00-\x1f]++|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*+(?:\\(?:u[0-9a-fA-F]{0,3})?)?'
+)
+_PARTIAL_NUMBER = re.compile(r"-|-?(?:0|[1-9][0-9]*)(?:\.[0-9]*|(?:\.[0-9]+)?[eE][+-]?[0-9]*)?")
+# json.loads takes NaN and the infinities too.
+_LITERALS = ("true", "false", "null", "NaN", "Infinity", "-Infinity")
+
+# What the next token may be.
+_VALUE, _FIRST_ITEM, _FIRST_KEY, _KEY, _COLON, _AFTER_VALUE, _DONE = range(7)
+
+
+def is_json_prefix(text: str, start: int) -> bool:
+    """Whether text[start:] can still become one JSON value as more text arrives (a complete value
+    counts, with nothing but whitespace after it). Strict, as json.loads is: no control characters in
+    strings."""
+    # The C decoder settles the usual cases: it read everything and wanted more, or stopped inside a
+    # string that runs to the end. What it stopped at otherwise (a number or literal cut off part way,
+    # or an error) is read token by token.
+    try:
+        _, end = _DECODER.raw_decode(text, start)
+    except json.JSONDecodeError as error:
+        if skip_whitespace(text, error.pos) == len(text):
+            return True
+        if error.msg.startswith("Unterminated string"):
+            return _PARTIAL_STRING.fullmatch(text, error.pos) is not None
+    else:
+        if skip_whitespace(text, end) == len(text):
+            return True
+    return _is_json_prefix_by_tokens(text, start)
+
+
+def _is_json_prefix_by_tokens(text: str, start: int) -> bool:
+    open_containers: list[str] = []
+    expect = _VALUE
+    pos = start
+    while (match := _TOKEN.match(text, pos)) is not None:
+        pos, kind = match.end(), match.lastgroup
+        assert kind is not None
+        token = match.group(kind)
+        if expect == _COLON:
+            if token != ":":
+                return False
+            expect = _VALUE
+            continue
+        if expect in (_FIRST_KEY, _KEY) and kind == "string":
+            expect = _COLON
+            continue
+        closes = {"}": "{", "]": "["}.get(token)
+        if closes is not None and expect in (_FIRST_KEY, _FIRST_ITEM, _AFTER_VALUE):
+            if not open_containers or open_containers.pop() != closes:
+                return False
+        elif expect == _AFTER_VALUE and token == ",":
+            expect = _KEY if open_containers[-1] == "{" else _VALUE
+            continue
+        elif expect in (_VALUE, _FIRST_ITEM) and token in ("{", "["):
+            open_containers.append(token)
+            expect = _FIRST_KEY if token == "{" else _FIRST_ITEM
+            continue
+        elif not (expect in (_VALUE, _FIRST_ITEM) and kind != "punct"):
+            return False
+        expect = _AFTER_VALUE if open_containers else _DONE
+    rest = text[skip_whitespace(text, pos) :]
+    if not rest:
+        return True
+    if expect in (_FIRST_KEY, _KEY):
+        return _PARTIAL_STRING.fullmatch(rest) is not None
+    if expect in (_VALUE, _FIRST_ITEM):
+        return (
+            _PARTIAL_STRING.fullmatch(rest) is not None
+            or _PARTIAL_NUMBER.fullmatch(rest) is not None
+            or any(literal.startswith(rest) for literal in _LITERALS)
+        )
+    return False

@@ -104,12 +104,13 @@ class ToolCallStream:
 
     def finish(self, cut_short: bool = False) -> StreamDelta:
         """The rest, once the output has ended. cut_short (max_tokens or a stop string ended it): what
-        was held back stays unsent, since it may be markup cut off before it could be read as a call."""
+        was held back stays unsent, since it may be markup cut off before it could be read as a call.
+        Otherwise the model ended it: markup that does not read as a call is content, as in `extract`."""
         scan = self._parser.scan(self._text, final=True)
         complete = [call for call in scan.calls[: self._parser.max_calls] if call.name is not None]
         # A call that does not read whole at the end was cut off: what was sent of it stands.
         self.call_cut_off = len(complete) < len(self._ids)
-        if cut_short or self.call_cut_off:
+        if cut_short:
             return StreamDelta("", ())
         return self._difference(scan)
 
