@@ -67,17 +67,22 @@ def test_new_requests_get_503_while_streams_drain_then_the_listener_closes() -> 
         httpx.get(f"{server.base_url}/health")
 
 
-def test_sigterm_drain_answers_new_requests_with_503() -> None:
+def fake_server_process(token_delay_s: float) -> tuple[subprocess.Popen[str], str]:
+    """A fake-engine server in a process of its own (for signals), and its base URL."""
     port = free_port()
     script = Path(__file__).with_name("fake_engine.py")
     process = subprocess.Popen(
-        [sys.executable, str(script), "--port", str(port), "--token-delay", "0.02"],
+        [sys.executable, str(script), "--port", str(port), "--token-delay", str(token_delay_s)],
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
-    base = f"http://127.0.0.1:{port}"
+    return process, f"http://127.0.0.1:{port}"
+
+
+def test_sigterm_drain_answers_new_requests_with_503() -> None:
+    process, base = fake_server_process(0.02)
     try:
         wait_until(lambda: _healthy(base), timeout_s=60, what="the server process to be ready")
         with httpx.stream("POST", f"{base}/v1/chat/completions", json=STREAM, timeout=60) as response:
@@ -97,16 +102,7 @@ def test_sigterm_drain_answers_new_requests_with_503() -> None:
 
 
 def test_a_second_sigint_ends_the_drain_with_abort_errors_and_no_traceback() -> None:
-    port = free_port()
-    script = Path(__file__).with_name("fake_engine.py")
-    process = subprocess.Popen(
-        [sys.executable, str(script), "--port", str(port), "--token-delay", "0.05"],
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
+    process, base = fake_server_process(0.05)
     try:
         wait_until(lambda: _healthy(base), timeout_s=60, what="the server process to be ready")
         with httpx.stream("POST", f"{base}/v1/chat/completions", json=STREAM, timeout=60) as response:
