@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from batchlm.reasoning.message import MessageReader
-from batchlm.reasoning.registry import reasoning_markers, reasoning_parser
+from batchlm.reasoning.registry import MISTRAL_THINK, reasoning_markers, reasoning_parser
 from batchlm.reasoning.split import ReasoningParser, ThinkMarkers, prompt_opens_thinking
 from batchlm.sampling_params import SamplingParams, StructuredOutputs
 from batchlm.structured.backend import allowed_tokens
@@ -140,6 +140,13 @@ def test_the_prompt_says_whether_thinking_is_open() -> None:
     assert prompt_opens_thinking("<|Assistant|><think>\n", THINK)
     assert not prompt_opens_thinking("<|im_start|>assistant\n<think>\n\n</think>\n\n", THINK)
     assert not prompt_opens_thinking("<|im_start|>assistant\n", THINK)
+    # The assistant message a request continues opens a block it leaves open, beyond the prompt's
+    # last tokens; one it closes, or one that never opens, leaves the model answering.
+    tail = " see what the user wants: the"
+    assert prompt_opens_thinking(tail, THINK, continued=f"<think>\nLet me{tail}")
+    assert not prompt_opens_thinking(tail, THINK, continued=f"<think>\n\n</think>\n\nLet me{tail}")
+    assert not prompt_opens_thinking(tail, THINK, continued=f"Let me{tail}")
+    assert prompt_opens_thinking(" the", MISTRAL_THINK, continued="[THINK]Hm, the")
     opened = reasoning_parser("auto", "</think>", lambda: "assistant\n<think>\n")
     assert opened is not None and opened.opened_by_prompt
     assert reasoning_parser("none", "</think>", lambda: pytest.fail("the prompt is not read")) is None

@@ -92,6 +92,25 @@ def test_a_block_the_prompt_opened_closes_before_the_answer(
     assert json.loads(message["content"])["city"] in ("Paris", "Rome")
 
 
+def test_a_block_the_continued_message_opened_closes_before_the_answer(
+    server: BackgroundServer, thinking_model: Path
+) -> None:
+    # The client wrote the start of the thinking; the grammar holds the answer until the block closes
+    # (the model may not open another).
+    think, end = token_id(thinking_model, "<think>"), token_id(thinking_model, "</think>")
+    begun = [{"role": "user", "content": "Where?"}, {"role": "assistant", "content": "<think>\nHm"}]
+    choice = chat(
+        server,
+        messages=begun,
+        continue_final_message=True,
+        add_generation_prompt=False,
+        logit_bias={str(think): -100, str(end): 100},
+    )
+    message = choice["message"]
+    assert message["reasoning_content"] == ""
+    assert json.loads(message["content"])["city"] in ("Paris", "Rome")
+
+
 def test_without_thinking_the_answer_is_the_whole_output(
     server: BackgroundServer, thinking_model: Path
 ) -> None:

@@ -207,3 +207,41 @@ def test_a_forced_call_after_the_thinking(client: Any, engine: FakeEngine) -> No
             reasoning, arguments = message.reasoning_content, message.tool_calls[0].function.arguments
         assert reasoning == THOUGHT and json.loads(arguments) == json.loads(PARIS)
     assert engine.calls[-1].params.structured_outputs.preamble is not None
+
+
+def test_a_thinking_the_client_began_goes_on_as_thinking(client: Any, engine: FakeEngine) -> None:
+    # continue_final_message on an assistant message that opens a block: the model writes the rest
+    # of the thinking, then closes it and answers (the prompt's last tokens alone do not show it).
+    engine.reply = " wants the capital of France.\n</think>\n\nIt is Paris."
+    begun = {"role": "assistant", "content": "<think>\nThe user asks where the government sits: the user"}
+    extra = {"continue_final_message": True, "add_generation_prompt": False}
+    messages = [*USER, begun]
+    [choice] = client.chat.completions.create(model="fake-model", messages=messages, extra_body=extra).choices
+    assert choice.message.reasoning_content == "wants the capital of France."
+    assert choice.message.content == "It is Paris."
+    stream = client.chat.completions.create(
+        model="fake-model", messages=messages, extra_body=extra, stream=True
+    )
+    deltas = [c.choices[0].delta for c in stream if c.choices]
+    assert (
+        "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "wants the capital of France."
+    )
+    assert "".join(d.content or "" for d in deltas) == "It is Paris."
+    # Under a constraint the block must close before the answer, as when the prompt opened it.
+    engine.reply = ' France.</think>{"city": "Paris"}'
+    response_format = {"type": "json_object"}
+    [choice] = client.chat.completions.create(
+        model="fake-model", messages=messages, extra_body=extra, response_format=response_format
+    ).choices
+    assert json.loads(choice.message.content) == {"city": "Paris"}
+    constraint = engine.calls[-1].params.structured_outputs
+    assert constraint is not None and constraint.preamble is not None
+    assert constraint.preamble.startswith('preamble: free "</think>"')
+    # A block the message closes leaves the output all answer.
+    engine.reply = "It is Paris."
+    closed = {"role": "assistant", "content": "<think>\n\n</think>\n\n"}
+    [choice] = client.chat.completions.create(
+        model="fake-model", messages=[*USER, closed], extra_body=extra
+    ).choices
+    assert choice.message.content == "It is Paris."
+    assert getattr(choice.message, "reasoning_content", None) is None

@@ -127,6 +127,12 @@ def template_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
     return converted
 
 
+def final_message_text(messages: Sequence[ChatMessage]) -> str:
+    """The text of the last message (its text parts joined), which ends the prompt of a request that
+    continues it (continue_final_message)."""
+    return _text_content(messages[-1].content, f"messages[{len(messages) - 1}]") or ""
+
+
 def _message_problem(message: ChatMessage) -> tuple[str, str] | None:
     """Why a message cannot be served, and the field at fault; None when it can."""
     role = message.role

@@ -32,14 +32,15 @@ def reasoning_markers(setting: str, chat_template: str | None) -> ThinkMarkers |
 
 
 def reasoning_parser(
-    setting: str, chat_template: str | None, prompt_tail: Callable[[], str]
+    setting: str, chat_template: str | None, prompt_tail: Callable[[], str], continued: str | None = None
 ) -> ReasoningParser | None:
     """The reasoning parser of one chat request; prompt_tail gives the text of the prompt's last tokens
-    (special tokens kept), read only where the setting names markers."""
+    (special tokens kept), read only where the setting names markers; continued: the text of the final
+    assistant message, when the request continues it (continue_final_message)."""
     markers = reasoning_markers(setting, chat_template)
     if markers is None:
         return None
-    return ReasoningParser(markers, prompt_opens_thinking(prompt_tail(), markers))
+    return ReasoningParser(markers, prompt_opens_thinking(prompt_tail(), markers, continued))
 
 
 # The chat-template variable by which Qwen3's and SmolLM3's templates turn thinking on or off.

@@ -32,9 +32,13 @@ class ReasoningSplit:
     content: str
 
 
-def prompt_opens_thinking(prompt_tail: str, markers: ThinkMarkers) -> bool:
+def prompt_opens_thinking(prompt_tail: str, markers: ThinkMarkers, continued: str | None = None) -> bool:
     """Whether a prompt ending in `prompt_tail` (its last few tokens' text, special tokens kept) leaves
-    the model inside a thinking block, as DeepSeek-R1's generation prompt does."""
+    the model inside a thinking block: as DeepSeek-R1's generation prompt does, or as the assistant
+    message a request continues (`continued`, its text, which ends the prompt) does when it opens a
+    block it does not close (a client writing the start of the thinking for the model)."""
+    if continued is not None and continued.rfind(markers.start) > continued.rfind(markers.end):
+        return True
     return prompt_tail.rstrip().endswith(markers.start)
 
 

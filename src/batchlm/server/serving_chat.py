@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 
+from batchlm.engine.chat_messages import final_message_text
 from batchlm.engine.input_processor import FieldNames, ValidatedRequest
 from batchlm.outputs import CompletionOutput, FinishReason, RequestOutput, TokenLogprobs
 from batchlm.reasoning.message import AssistantMessage, MessageDelta, MessageReader, MessageStream
@@ -102,6 +103,7 @@ async def prepare_chat(
             state.settings.reasoning_parser,
             chat_template,
             lambda: tokenizer.decode(prompt_ids[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False),
+            final_message_text(body.messages) if body.continue_final_message else None,
         )
         if reasoning is not None:
             params = reasoning.sampling_params(params, added_tokens)
