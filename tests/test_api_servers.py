@@ -19,10 +19,15 @@ from typing import Any
 import httpx
 import pytest
 
+from batchlm.config import EngineConfig
 from batchlm.core.facts import EngineStats
+from batchlm.engine.async_engine import AsyncLLMEngine
+from batchlm.engine.client import QueueFullError
+from batchlm.engine.output_collector import RequestOutputCollector
 from batchlm.server.api_servers import (
     automatic_api_servers,
-    per_process_queue_limit,
+    bind_first_shared_port,
+    bind_shared_port,
     shared_port_unsupported_reason,
 )
 from fake_engine import wait_until
@@ -32,11 +37,30 @@ linux_only = pytest.mark.skipif(
 )
 
 
-def test_the_queue_limit_is_shared_out_between_processes() -> None:
-    assert per_process_queue_limit(None, 4) is None
-    assert per_process_queue_limit(1024, 4) == 256
-    assert per_process_queue_limit(10, 4) == 3
-    assert per_process_queue_limit(1, 4) == 1
+def test_each_process_holds_its_share_of_the_batch_and_the_queue() -> None:
+    config = EngineConfig(model="unused", device="cpu", max_num_seqs=32)
+
+    def front_end(max_queue: int | None, front_ends: int) -> AsyncLLMEngine:
+        return AsyncLLMEngine(config, multiprocess=False, max_queue=max_queue, front_ends=front_ends)
+
+    assert front_end(1024, 1).most_requests_at_once() == 32 + 1024
+    # Together the processes hold the batch plus --max-queue, not the batch each.
+    assert front_end(1024, 4).most_requests_at_once() == 8 + 256
+    assert front_end(10, 4).most_requests_at_once() == 8 + 3
+    # --max-queue 0: no request waits, whichever process takes it.
+    assert front_end(0, 2).most_requests_at_once() == 16
+    assert front_end(None, 4).most_requests_at_once() is None
+
+
+def test_a_process_refuses_past_its_share_of_the_batch_and_the_queue() -> None:
+    config = EngineConfig(model="unused", device="cpu", max_num_seqs=4)
+    engine = AsyncLLMEngine(config, multiprocess=False, max_queue=0, front_ends=2)
+    # The requests this process holds: its half of the batch.
+    engine._collectors = {f"request-{i}": RequestOutputCollector() for i in range(2)}
+    with pytest.raises(QueueFullError, match=r"share of --max-queue: 0\)"):
+        engine._check_queue_room()
+    engine._collectors.popitem()
+    engine._check_queue_room()
 
 
 @linux_only
@@ -277,6 +301,35 @@ def test_api_servers_must_be_at_least_one(tiny_model_dir: Callable[..., Path]) -
     )
     assert result.returncode == 2
     assert "batchlm serve: error: argument --api-servers: must be at least 1, got 0" in result.stderr
+
+
+@linux_only
+def test_the_primary_claims_its_port_alone_and_the_others_join_it() -> None:
+    with bind_first_shared_port("127.0.0.1", 0) as primary:
+        port = primary.getsockname()[1]
+        # Another API-server process of the same server joins the port.
+        bind_shared_port("127.0.0.1", port).close()
+        # A second server's primary finds it in use.
+        with pytest.raises(OSError):
+            bind_first_shared_port("127.0.0.1", port)
+
+
+@linux_only
+def test_a_second_server_on_the_port_is_refused_before_the_model_loads(
+    tiny_model_dir: Callable[..., Path],
+) -> None:
+    # The port held by an API-server process of another `--api-servers N` server: the kernel would let
+    # this one share it and split the connections between two servers.
+    with bind_shared_port("127.0.0.1", 0) as other_server:
+        port = other_server.getsockname()[1]
+        result = subprocess.run(
+            serve_command(tiny_model_dir(), port, "--api-servers", "2"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stdout + result.stderr
 
 
 def test_a_scrape_skips_the_metrics_file_a_starting_process_is_creating(tmp_path: Path) -> None:

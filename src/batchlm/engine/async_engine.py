@@ -57,9 +57,14 @@ class AsyncLLMEngine(StreamingFrontEnd[CoreEvent]):
     the core when they shut down."""
 
     def __init__(
-        self, config: EngineConfig, *, multiprocess: bool = True, max_queue: int | None = None
+        self,
+        config: EngineConfig,
+        *,
+        multiprocess: bool = True,
+        max_queue: int | None = None,
+        front_ends: int = 1,
     ) -> None:
-        super().__init__(config, max_queue)
+        super().__init__(config, max_queue, front_ends)
         self.multiprocess = multiprocess
         self._conn: Connection | None = None
         self._worker: multiprocessing.process.BaseProcess | threading.Thread | None = None
@@ -83,11 +88,13 @@ class AsyncLLMEngine(StreamingFrontEnd[CoreEvent]):
         model_dir: Path,
         *,
         max_queue: int | None = None,
+        front_ends: int = 1,
         tokenizer: concurrent.futures.Future[Tokenizer] | None = None,
     ) -> AsyncLLMEngine:
-        """A front end on a core that another front end started (`conn` is this one's pipe to it).
-        `tokenizer`: its load, already under way (start() waits for it instead of loading one)."""
-        engine = cls(config, max_queue=max_queue)
+        """A front end on a core that another front end started (`conn` is this one's pipe to it;
+        `front_ends` of them share the core). `tokenizer`: its load, already under way (start() waits
+        for it instead of loading one)."""
+        engine = cls(config, max_queue=max_queue, front_ends=front_ends)
         engine._conn = conn
         engine._model_dir = model_dir
         engine._tokenizer_loading = tokenizer

@@ -63,9 +63,14 @@ class StreamingFrontEnd(EngineClient, Generic[MessageT]):
     messages over with _post_threadsafe and they are handled, in order, on the loop: every StepResult
     here, every other message (a MessageT) by the subclass."""
 
-    def __init__(self, config: EngineConfig, max_queue: int | None) -> None:
+    def __init__(self, config: EngineConfig, max_queue: int | None, front_ends: int = 1) -> None:
         self.config = config
-        self.max_queue = max_queue
+        # With several front ends on one core (`--api-servers N`), each sees only its own requests:
+        # it counts its share of the batch as running and refuses past its share of the queue, so that
+        # together they hold no more than the batch plus --max-queue.
+        self.max_queue = None if max_queue is None else -(-max_queue // front_ends)
+        self._running_share = -(-config.max_num_seqs // front_ends)
+        self._front_ends = front_ends
         self._processor: OutputProcessor | None = None
         self._collectors: dict[str, RequestOutputCollector] = {}
         # The engine's stats as its last step reported them.
@@ -165,16 +170,18 @@ class StreamingFrontEnd(EngineClient, Generic[MessageT]):
     def most_requests_at_once(self) -> int | None:
         if self.max_queue is None:
             return None
-        return self.config.max_num_seqs + self.max_queue
+        return self._running_share + self.max_queue
 
     def _check_queue_room(self) -> None:
         if self.max_queue is None:
             return
-        waiting = len(self._collectors) - self.config.max_num_seqs
+        waiting = len(self._collectors) - self._running_share
         if waiting >= self.max_queue:
+            limit = f"--max-queue {self.max_queue}"
+            if self._front_ends > 1:
+                limit = f"this API server's share of --max-queue: {self.max_queue}"
             raise QueueFullError(
-                f"the server is overloaded: {waiting} requests are already waiting (--max-queue "
-                f"{self.max_queue}); retry later"
+                f"the server is overloaded: {waiting} requests are already waiting ({limit}); retry later"
             )
 
     def _abort_now(self, request_id: str) -> None:

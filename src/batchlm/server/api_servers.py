@@ -67,11 +67,14 @@ def bind_shared_port(host: str, port: int) -> socket.socket:
     return bind_listener(host, port, shared=True)
 
 
-def per_process_queue_limit(max_queue: int | None, api_servers: int) -> int | None:
-    """Each process enforces its share of --max-queue (connections are spread evenly)."""
-    if max_queue is None:
-        return None
-    return max(1, -(-max_queue // api_servers))
+def bind_first_shared_port(host: str, port: int) -> socket.socket:
+    """The primary's socket: as bind_shared_port, but refused (OSError) when anything already listens
+    on the port. The kernel lets any process of the same user that shares its port join it, so another
+    server started with --api-servers on the same port would otherwise take a share of its
+    connections; an exclusive bind first finds the port in use, as a single server's does."""
+    with bind_listener(host, port) as exclusive:
+        port = exclusive.getsockname()[1]
+    return bind_shared_port(host, port)
 
 
 @dataclass(frozen=True)
@@ -207,7 +210,7 @@ class ApiServerSpec:
     """What one API-server process other than the primary needs (sent to it at spawn)."""
 
     index: int
-    # The primary's settings, with the port it bound (never 0 here) and its share of --max-queue.
+    # The primary's settings, with the port it bound (never 0 here) and the number of API servers.
     settings: ServerSettings
     config: EngineConfig
     model_dir: Path
@@ -241,7 +244,12 @@ async def _serve_attached(spec: ApiServerSpec, tokenizer: concurrent.futures.Fut
 
     settings = spec.settings
     engine = AsyncLLMEngine.attached(
-        spec.config, spec.core, spec.model_dir, max_queue=settings.max_queue, tokenizer=tokenizer
+        spec.config,
+        spec.core,
+        spec.model_dir,
+        max_queue=settings.max_queue,
+        front_ends=settings.api_servers or 1,
+        tokenizer=tokenizer,
     )
     app = build_app(engine, settings, log_stats=False)
     try:

@@ -169,8 +169,7 @@ def _run_several(settings: ServerSettings, config: EngineConfig, count: int) -> 
 
     from batchlm.server.api_servers import (
         ApiServerPool,
-        bind_shared_port,
-        per_process_queue_limit,
+        bind_first_shared_port,
         shared_port_unsupported_reason,
     )
 
@@ -185,9 +184,8 @@ def _run_several(settings: ServerSettings, config: EngineConfig, count: int) -> 
     if unsupported is not None:
         logger.error("--api-servers %d: %s; use --api-servers 1", count, unsupported)
         return 2
-    settings = replace(settings, max_queue=per_process_queue_limit(settings.max_queue, count))
     try:
-        sock = bind_shared_port(settings.host, settings.port)
+        sock = bind_first_shared_port(settings.host, settings.port)
     except OSError as error:
         logger.error("cannot listen on %s:%d: %s", settings.host, settings.port, error)
         return 1
@@ -204,7 +202,7 @@ def _run_several(settings: ServerSettings, config: EngineConfig, count: int) -> 
 
     share_metrics_between_processes(metrics_dir)
     try:
-        engine = AsyncLLMEngine(config, max_queue=settings.max_queue)
+        engine = AsyncLLMEngine(config, max_queue=settings.max_queue, front_ends=count)
         pool = ApiServerPool(settings, config)
         engine.share_core(count - 1, pool.start)
         engine.begin_loading()
