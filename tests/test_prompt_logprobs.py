@@ -199,6 +199,23 @@ def test_speculative_steps_leave_the_prompt_s_logprobs_alone(
     assert output.outputs[0].token_ids == plain[0].outputs[0].token_ids
 
 
+def test_a_prompt_whose_last_token_comes_with_drafts_reports_its_logprobs(llama_dir: Path) -> None:
+    # Chunks of 13 tokens leave the 40-token prompt's last token alone in a step: the prompt repeats
+    # itself, so that token goes with drafts (a verify chunk), which samples the first token.
+    prompt = [*_prompts()[3][:20], *_prompts()[3][:20]]
+    want = _transformers_logprobs(llama_dir, prompt)
+    for caching in (False, True):
+        llm = _llm(
+            llama_dir,
+            speculative="ngram",
+            max_num_batched_tokens=13,
+            enable_prefix_caching=caching,
+        )
+        [output] = llm.generate([prompt], ASK.clone(max_tokens=8))
+        assert llm.engine_core.stats().spec_proposed_tokens_total > 0
+        assert_close(output.prompt_logprobs, want)
+
+
 def test_kept_logprobs_are_bounded_and_the_oldest_go_first(
     llama_dir: Path, expected: list[list[TokenLogprobs | None]], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -301,10 +301,8 @@ class Scheduler:
                 continue
             state.num_inflight_samples -= 1
             token_id, logprobs = sampled[chunk.request_id]
-            prompt_logprobs = result.prompt_logprobs.get(chunk.request_id)
-            if prompt_logprobs is not None and self.config.enable_prefix_caching:
-                prompt_logprobs = self.prompt_logprobs.complete(state, prompt_logprobs)
-            self._append_token(outputs, state, token_id, logprobs, prompt_logprobs or ())
+            prompt_logprobs = self._reported_prompt_logprobs(state, result)
+            self._append_token(outputs, state, token_id, logprobs, prompt_logprobs)
             finished_any = finished_any or state.is_finished
         if finished_any:
             self._running = [state for state in self._running if not state.is_finished]
@@ -323,10 +321,27 @@ class Scheduler:
         if accepted is None:
             raise RuntimeError(f"the model runner returned no verification for request {chunk.request_id!r}")
         self._speculative.fold(
-            state, chunk, accepted, sampled[chunk.request_id], partial(self._append_token, outputs)
+            state,
+            chunk,
+            accepted,
+            sampled[chunk.request_id],
+            partial(self._append_token, outputs),
+            self._reported_prompt_logprobs(state, result),
         )
         if self.config.enable_prefix_caching and not state.is_finished:
             self.kv.commit_computed(state)
+
+    def _reported_prompt_logprobs(
+        self, state: RequestState, result: ModelRunnerOutput
+    ) -> tuple[TokenLogprobs, ...]:
+        """The prompt's logprobs the runner reports with the request's first sampled token, behind the
+        entries its prefix-cache hits stand in for; empty when the runner reports none for it."""
+        computed = result.prompt_logprobs.get(state.request_id)
+        if computed is None:
+            return ()
+        if self.config.enable_prefix_caching:
+            return self.prompt_logprobs.complete(state, computed)
+        return computed
 
     def _pop_inflight(self, scheduled: SchedulerOutput) -> InflightStep:
         if not self._inflight or self._inflight[0].scheduled is not scheduled:

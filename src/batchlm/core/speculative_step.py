@@ -12,7 +12,8 @@ from batchlm.core.step_builder import StepBuilder
 from batchlm.core.step_io import AcceptedDrafts, ScheduledChunk
 from batchlm.outputs import TokenLogprobs
 
-AppendToken = Callable[[RequestState, int, "TokenLogprobs | None"], None]
+# (request, token, its logprobs, the prompt's logprobs: given with the first token a request reports)
+AppendToken = Callable[[RequestState, int, "TokenLogprobs | None", tuple[TokenLogprobs, ...]], None]
 # The blocks of a request's table not yet sent to the runner (marking them sent).
 NewBlockIdsOf = Callable[[RequestState], tuple[int, ...]]
 
@@ -91,11 +92,13 @@ class SpeculativeSteps:
         accepted: AcceptedDrafts,
         sampled: tuple[int, TokenLogprobs | None],
         append_token: AppendToken,
+        prompt_logprobs: tuple[TokenLogprobs, ...] = (),
     ) -> None:
         """Advance the request past the accepted drafts and the sampled token. Rejected drafts' KV slots
         are simply not counted as computed: the next step overwrites them, in blocks the request keeps.
         append_token makes one output per token (none while final_output_only holds them back), so a
-        stop string found after any of them keeps the rest out. The caller commits the newly computed blocks to the
+        stop string found after any of them keeps the rest out. A verify chunk that carries the prompt's
+        last token samples its first token: `prompt_logprobs` (when asked) go with that one. The caller commits the newly computed blocks to the
         prefix cache if the request is still running."""
         self.in_flight.discard(state.request_id)
         num_accepted = len(accepted.token_ids)
@@ -111,7 +114,8 @@ class SpeculativeSteps:
         state.num_computed_tokens += 1 + num_accepted
         self.speculator.note_verified(state, chunk.num_draft_tokens, num_accepted)
         for token_id, logprobs in (*zip(accepted.token_ids, accepted.logprobs, strict=True), sampled):
-            append_token(state, token_id, logprobs)
+            append_token(state, token_id, logprobs, prompt_logprobs)
+            prompt_logprobs = ()
             if state.is_finished:
                 break  # a stop token or the limit among the accepted drafts
 
