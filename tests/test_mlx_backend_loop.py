@@ -186,6 +186,20 @@ def test_identical_prompt_reuses_all_but_the_last_token(loaded: LoadedModel) -> 
     assert tokens(again) == tokens(first)
 
 
+def test_kv_usage_counts_running_sequences_and_not_the_prompt_cache(loaded: LoadedModel) -> None:
+    loop = make_loop(loaded)
+    seen: list[float] = []
+    run(
+        loop,
+        [request(str(i), prompt) for i, prompt in enumerate(PROMPTS)],
+        lambda s: seen.append(s.kv_cache_usage),
+    )
+    assert seen[0] > 0
+    # Idle with finished sequences' KV kept for reuse: evictable, so free (as the torch scheduler says).
+    assert loop.prompt_cache.nbytes > 0
+    assert loop.stats().kv_cache_usage == 0.0
+
+
 def test_logprobs_are_ranked_and_come_from_the_raw_distribution(loaded: LoadedModel) -> None:
     plain = run(make_loop(loaded), [request("r", PROMPTS[0], logprobs=3, max_tokens=3)])["r"]
     for output in plain:

@@ -27,7 +27,7 @@ from batchlm.outputs import EngineCoreOutput, FinishReason, TokenLogprobs
 from batchlm.request import EngineCoreRequest
 from batchlm.structured.factory import BackendFactory
 
-# How often the KV byte count (a walk over every layer's cache) is refreshed for stats().
+# How often the running batch's KV byte count (a walk over every layer's cache) is refreshed for stats().
 KV_USAGE_REFRESH_S = 0.25
 # Prompt tokens a forward of their own scores at once for their logprobs ([rows, vocab] stays bounded).
 PROMPT_SCORE_ROWS = 256
@@ -364,9 +364,13 @@ class GenerationLoop:
     # -- stats ---------------------------------------------------------------------------------------
 
     def stats(self) -> EngineStats:
+        # Only the running sequences' KV is in use: the prompt cache's entries are evictable, so they count
+        # as free (as the torch scheduler's cached blocks do), and an idle loop reports 0 at once.
         now = time.monotonic()
-        if now - self._kv_usage_time >= KV_USAGE_REFRESH_S:
-            used = self._generator.prompt_cache_nbytes + self.prompt_cache.nbytes
+        if not self._running:
+            self._kv_usage, self._kv_usage_time = 0.0, 0.0
+        elif now - self._kv_usage_time >= KV_USAGE_REFRESH_S:
+            used = self._generator.prompt_cache_nbytes
             self._kv_usage = min(1.0, used / max(1, self.settings.kv_budget_bytes))
             self._kv_usage_time = now
         return EngineStats(
