@@ -94,3 +94,15 @@ def test_generate_reports_a_prompt_the_model_cannot_take(
     assert "maximum context length" in capsys.readouterr().err
     assert main(["generate", "--model", str(Path(model) / "missing"), "hi"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_damaged_weight_file_is_one_error_line(
+    tiny_model_dir: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = shutil.copytree(tiny_model_dir("llama"), tmp_path / "model")
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert main(["generate", "--model", str(model), "--device", "cpu", "hi"]) == 2
+    error = capsys.readouterr().err
+    assert f"{weights} is not a readable safetensors file" in error
+    assert "Traceback" not in error

@@ -172,6 +172,43 @@ def test_missing_shard_file_is_named(tmp_path: Path) -> None:
         _load(path)
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda data: data[: len(data) // 2], id="truncated"),
+        pytest.param(lambda data: b"\x00" * 7, id="shorter-than-a-header"),
+        pytest.param(lambda data: b"not a safetensors file" * 8, id="not-safetensors"),
+    ],
+)
+def test_a_damaged_safetensors_file_is_named(model_dir: Path, tmp_path: Path, damage) -> None:
+    path = _copy(model_dir, tmp_path / "m")
+    weights = path / "model.safetensors"
+    weights.write_bytes(damage(weights.read_bytes()))
+    with pytest.raises(ValueError, match=f"{weights} is not a readable safetensors file"):
+        _load(path)
+
+
+def test_a_damaged_shard_index_is_named(tmp_path: Path) -> None:
+    path = write_random_model(tmp_path, "llama", seed=12, max_shard_size="40KB")
+    index = path / "model.safetensors.index.json"
+    index.write_text("{not json")
+    with pytest.raises(ValueError, match=f"{index} is not valid JSON"):
+        _load(path)
+    index.write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(ValueError, match=f'{index} has no "weight_map" object'):
+        _load(path)
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]"], ids=["invalid", "not-an-object"])
+def test_a_config_json_that_is_not_a_json_object_is_named(model_dir: Path, tmp_path: Path, text: str) -> None:
+    path = _copy(model_dir, tmp_path / "m")
+    (path / "config.json").write_text(text)
+    with pytest.raises(
+        ValueError, match=f"{path / 'config.json'} (is not valid JSON|must hold a JSON object)"
+    ):
+        _load(path)
+
+
 def test_adapter_with_random_weights_is_refused(model_dir: Path) -> None:
     with pytest.raises(ValueError, match="cannot be merged into random weights"):
         _load(model_dir, random_weights=True, adapter_path="/nonexistent")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ def load_hf_config(model_dir: Path, overrides: dict[str, Any] | None = None) -> 
         raise ValueError(
             f"{model_dir} has no config.json; a model directory needs config.json and *.safetensors"
         )
-    raw: dict[str, Any] = json.loads(path.read_text())
+    raw = read_json_object(path)
     raw.update(overrides or {})
     get_model_class(architecture_of(raw))
     model_type = str(raw.get("model_type"))
@@ -41,7 +42,9 @@ def find_safetensors(model_dir: Path) -> list[Path]:
     """The weight files: those named by the shard index, else model.safetensors, else any *.safetensors."""
     index = model_dir / INDEX_FILE
     if index.is_file():
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f'{index} has no "weight_map" object mapping tensor names to shard files')
         files = [model_dir / name for name in sorted(set(weight_map.values()))]
         absent = [f.name for f in files if not f.is_file()]
         if absent:
@@ -63,10 +66,36 @@ def find_safetensors(model_dir: Path) -> list[Path]:
 
 def iter_safetensors(files: list[Path], progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of every file, on the CPU, one file open at a time."""
-    from safetensors import safe_open
     from tqdm.auto import tqdm
 
     for path in tqdm(files, desc="Loading safetensors shards", unit="shard", disable=not progress):
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
+        with open_safetensors(path) as handle:
             for name in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
                 yield name, handle.get_tensor(name)
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object `path` holds; ValueError naming the file when it holds anything else."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError both derive from it
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a JSON object, not {type(raw).__name__}")
+    return raw
+
+
+@contextmanager
+def open_safetensors(path: Path) -> Iterator[Any]:
+    """safe_open on the CPU; a truncated or corrupted file is a ValueError naming it, not a Rust error."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except SafetensorError as error:
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({error}); it is truncated or corrupted, "
+            "download or write it again"
+        ) from None
+    with handle:
+        yield handle

@@ -23,6 +23,7 @@ from batchlm.kernels.fp8_types import FP8_DTYPE
 from batchlm.layers.quantization.base import LoadedWeight
 from batchlm.layers.quantization.forms import Fp8Weight
 from batchlm.layers.quantization.registry import FP8_QTYPE, INT4_QTYPE
+from batchlm.models.checkpoint import open_safetensors
 from batchlm.models.int4_formats import unpack_awq, unpack_compressed_int4, unpack_gptq
 
 FP8 = "fp8"  # compressed-tensors FP8 W8A8 (FP8_DYNAMIC or static per-tensor)
@@ -160,11 +161,9 @@ def quantized_weight_types(names: Iterable[str], scheme: CheckpointScheme) -> di
 
 def checkpoint_names(files: list[Path]) -> list[str]:
     """Every tensor name in the safetensors files (headers only)."""
-    from safetensors import safe_open
-
     names: list[str] = []
     for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
+        with open_safetensors(path) as handle:
             names.extend(handle.keys())
     return names
 
