@@ -73,6 +73,12 @@ def test_an_explicit_size_wins_even_when_larger_than_needed() -> None:
     assert blocks(EngineConfig(max_num_seqs=1, cpu_kv_cache_gib=0.5), 64) == GIB // 2 // per_block
 
 
+def test_an_explicit_size_below_one_block_is_refused_naming_the_block_size() -> None:
+    # 1e-6 GiB is about 1 KiB, under one 64 KiB block: the size asked for is too small, not the memory.
+    with pytest.raises(ValueError, match=r"--cpu-kv-cache-gib 1e-06 holds no KV-cache block: .* 65536 bytes"):
+        blocks(EngineConfig(cpu_kv_cache_gib=1e-6), 64)
+
+
 def test_the_default_takes_at_most_half_of_the_memory_available(monkeypatch: pytest.MonkeyPatch) -> None:
     per_block = bytes_per_block(SHAPE, 16, torch.float32)  # 64 KiB
     monkeypatch.setattr(kv_cache, "available_host_bytes", lambda: 100 * per_block)

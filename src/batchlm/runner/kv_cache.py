@@ -139,10 +139,17 @@ def num_blocks_for(
         return config.num_gpu_blocks_override
     per_block = bytes_per_block(shape, config.block_size, dtype)
     num_blocks = kv_budget_bytes(config, device) // per_block
+    if num_blocks < 1 and device.type != "cuda":
+        # A CPU budget is a size asked for, not memory left over: say how far below one block it is.
+        gib = DEFAULT_CPU_KV_CACHE_GIB if config.cpu_kv_cache_gib is None else config.cpu_kv_cache_gib
+        raise ValueError(
+            f"--cpu-kv-cache-gib {gib:g} holds no KV-cache block: one block of {config.block_size} tokens "
+            f"takes {per_block} bytes ({per_block / GIB:.2g} GiB); raise it"
+        )
     if num_blocks < 1:
         raise ValueError(
             "no memory is left for the KV cache after loading the model: raise --gpu-memory-utilization "
-            "(GPU) or --cpu-kv-cache-gib (CPU), or lower --max-num-batched-tokens"
+            "or lower --max-num-batched-tokens"
         )
     if device.type != "cuda":
         if config.cpu_kv_cache_gib is None:
