@@ -68,6 +68,8 @@ def test_benchmark_client_script_takes_exactly_the_seed_flags() -> None:
         "--max-tokens",
     ):
         assert flag in seed_help.stdout
+    # Its help names no flag it refuses.
+    assert "--duration" not in seed_help.stdout and "--request-rate" not in seed_help.stdout
     for extra in (["--request-rate", "2"], ["--num-prompts", "3"], ["--concurrency", "1,4"]):
         rejected = subprocess.run([sys.executable, str(script), *extra], capture_output=True, text=True)
         assert rejected.returncode == 2, extra

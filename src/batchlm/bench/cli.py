@@ -55,7 +55,9 @@ def add_seed_arguments(parser: argparse.ArgumentParser, seed_only: bool = False)
         dest="requests",
         type=int,
         default=None,
-        help=f"requests to send (default: {cfg.SEED_REQUESTS}; with --duration: size of the "
+        help=f"requests to send (default: {cfg.SEED_REQUESTS})"
+        if seed_only
+        else f"requests to send (default: {cfg.SEED_REQUESTS}; with --duration: size of the "
         f"prompt pool, default {cfg.DURATION_POOL_SIZE})",
     )
     parser.add_argument("--stream", action="store_true", help="stream responses (needed for TTFT and ITL)")
