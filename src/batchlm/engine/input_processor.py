@@ -65,9 +65,9 @@ class InputProcessor:
         per_token, max_len = self.max_chars_per_token, self.facts.max_model_len
         if per_token is not None and chars > max_len * per_token:
             raise RequestRejectedError(
-                f"This model's maximum context length is {max_len} tokens. However, your {param} is "
+                f"This model's maximum context length is {max_len} tokens. However, the text of '{param}' is "
                 f"{chars} characters long, more than {max_len} tokens can hold (at most {max_len * per_token} "
-                f"characters for this tokenizer). Please reduce the length of the {param}.",
+                "characters for this tokenizer). Please shorten it.",
                 param,
                 CONTEXT_LENGTH_EXCEEDED,
             )
