@@ -162,7 +162,7 @@ def _add_bool_flag(
     bare = name.removeprefix("enable_").replace("_", "-")
     if default:
         flags = flags or [f"--no-{bare}"]
-        doc = f"Turn off: {doc[:1].lower()}{doc[1:]}"
+        doc = f"On unless this flag is given: {doc[:1].lower()}{doc[1:]}"
     parser.add_argument(
         *(flags or [f"--{bare}"]),
         dest=name,

@@ -46,7 +46,7 @@ ENGINE_COUNTERS = (
      "spec_proposed_tokens_total"),
     ("batchlm_spec_accepted_tokens", "Draft tokens accepted by speculative decoding.",
      "spec_accepted_tokens_total"),
-    ("batchlm_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "prefix_cache_queries"),
+    ("batchlm_prefix_cache_queries", "Tokens looked up in the prefix cache (prompts, and a preempted request's tokens recomputed).", "prefix_cache_queries"),
     ("batchlm_prefix_cache_hits", "Prompt tokens found in the prefix cache.", "prefix_cache_hits"),
     ("batchlm_num_preemptions", "Requests preempted for lack of KV blocks.", "num_preemptions"),
 )  # fmt: skip
