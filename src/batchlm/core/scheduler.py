@@ -272,11 +272,7 @@ class Scheduler:
             return outputs
         if result.grammar_failures:
             # Before the step's tokens: a failed grammar's last token is only the EOS its mask forced.
-            errors = {
-                request_id: f"the grammar of its structured output failed: {why}"
-                for request_id, why in result.grammar_failures.items()
-            }
-            for output in self._end_now(errors, FinishReason.ERROR):
+            for output in self._end_now(result.grammar_failures, FinishReason.ERROR):
                 outputs.append(output)
         sampled = sampled_by_request(scheduled, result)
         record = self._pop_inflight(scheduled)

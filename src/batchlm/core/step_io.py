@@ -99,6 +99,6 @@ class ModelRunnerOutput:
     # Requests that asked SamplingParams.prompt_logprobs and sampled their first token this step:
     # request id -> one entry per prompt token after the first.
     prompt_logprobs: Mapping[str, tuple[TokenLogprobs, ...]] = field(default_factory=dict)
-    # Constrained requests whose grammar failed (it allows only EOS from then on): request id -> why.
-    # They end in an error that says so, whatever their token this step.
+    # Constrained requests whose grammar failed (it allows only EOS from then on): request id -> the
+    # error they end with, whatever their token this step.
     grammar_failures: Mapping[str, str] = field(default_factory=dict)

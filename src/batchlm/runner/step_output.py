@@ -44,7 +44,7 @@ class PendingStepOutput:
         prompt_logprobs: Mapping[str, tuple[TokenLogprobs, ...]] | None = None,
         grammar_failures: Callable[[], dict[str, str]] | None = None,
     ) -> None:
-        """grammar_failures: takes the constrained requests whose grammar failed (request id -> why),
+        """grammar_failures: takes the constrained requests whose grammar failed (request id -> error),
         called once the step's tokens are on the host: by then the masks it sampled under are made,
         and so are those masks' failures."""
         self._request_ids = request_ids

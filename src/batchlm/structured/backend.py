@@ -16,6 +16,12 @@ class GrammarError(ValueError):
     """A schema, regex or grammar that does not compile; the message names the problem."""
 
 
+def grammar_failure_error(reason: str) -> str:
+    """The error a request ends with when its grammar fails while generating (`reason`: the
+    matcher's failure)."""
+    return f"the grammar of its structured output failed: {reason}"
+
+
 class GrammarMatcher(Protocol):
     """One sequence's position in its grammar."""
 

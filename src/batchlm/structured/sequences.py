@@ -16,7 +16,13 @@ import numpy as np
 
 from batchlm.core.step_io import PLACEHOLDER_TOKEN_ID
 from batchlm.sampling_params import StructuredOutputs
-from batchlm.structured.backend import EndingMatcher, GrammarBackend, GrammarError, GrammarMatcher
+from batchlm.structured.backend import (
+    EndingMatcher,
+    GrammarBackend,
+    GrammarError,
+    GrammarMatcher,
+    grammar_failure_error,
+)
 from batchlm.structured.step_masks import GrammarMasks, PrefetchedMasks, SampledRows
 
 logger = logging.getLogger(__name__)
@@ -54,7 +60,7 @@ class GrammarFailures:
     def note(self, request_id: str, reason: str) -> None:
         logger.warning("request %s: its grammar failed (%s); it ends", request_id, reason)
         with self._lock:
-            self._failed.setdefault(request_id, reason)
+            self._failed.setdefault(request_id, grammar_failure_error(reason))
 
     def note_rejections(
         self, accepted: list[bool], sequences: Sequence[_Sequence], tokens: Sequence[object]
@@ -68,7 +74,7 @@ class GrammarFailures:
                 self.note(seq.request_id, seq.matcher.failure or f"it rejected the sampled token(s) {token}")
 
     def take(self) -> dict[str, str]:
-        """Request id -> why, for the failures noted since the last take."""
+        """Request id -> the error that ends it, for the failures noted since the last take."""
         with self._lock:
             failed, self._failed = self._failed, {}
         return failed

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import mlx.core as mx
@@ -25,6 +25,7 @@ from batchlm.backends.mlx.sampling import (
 from batchlm.core.facts import EngineStats
 from batchlm.outputs import EngineCoreOutput, FinishReason, TokenLogprobs
 from batchlm.request import EngineCoreRequest
+from batchlm.structured.backend import grammar_failure_error
 from batchlm.structured.factory import BackendFactory
 
 # How often the running batch's KV byte count (a walk over every layer's cache) is refreshed for stats().
@@ -308,15 +309,12 @@ class GenerationLoop:
         if response.finish_reason is None:
             self._generator.remove([response.uid])
         self._finish(running, response)
-        first = not running.reported
-        return EngineCoreOutput(
-            request_id=running.request.request_id,
+        return replace(
+            self._output(running, response, None),
             new_token_ids=(),
             finish_reason=FinishReason.ERROR,
-            num_cached_tokens=running.num_cached_tokens,
-            error=f"the grammar of its structured output failed: {failure}",
-            scheduled_time=running.scheduled_time if first else None,
-            prompt_logprobs=running.prompt_logprobs if first else (),
+            stop_token_id=None,
+            error=grammar_failure_error(failure),
         )
 
     def _logprobs(self, generated: list[Any]) -> dict[int, TokenLogprobs]:
