@@ -45,6 +45,10 @@ def _log_tail(path: Path) -> str:
     return path.read_text(errors="replace")[-1500:] if path.exists() else ""
 
 
+# The seed client's users wait between requests (a think time) unless told not to.
+NO_THINK_TIME = ["--min-delay", "0", "--max-delay", "0"]
+
+
 @pytest.fixture(scope="module")
 def live_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Base URL (with /v1) of a running `batchlm serve` on the tiny llama model."""
@@ -94,10 +98,7 @@ def test_seed_style_streaming_run_succeeds_with_server_usage(live_server: str) -
         "6",
         "--concurrency",
         "3",
-        "--min-delay",
-        "0",
-        "--max-delay",
-        "0",
+        *NO_THINK_TIME,
         "--min-tokens",
         "4",
         "--max-tokens",
@@ -141,10 +142,7 @@ def test_non_streaming_run_counts_tokens_from_usage(live_server: str) -> None:
         live_server,
         "--requests",
         "3",
-        "--min-delay",
-        "0",
-        "--max-delay",
-        "0",
+        *NO_THINK_TIME,
         "--output-len",
         "3",
         "--prompt-repeat",
@@ -191,10 +189,7 @@ def test_more_client_processes_than_users_still_send_every_request(live_server: 
         "4",
         "--concurrency",
         "1",
-        "--min-delay",
-        "0",
-        "--max-delay",
-        "0",
+        *NO_THINK_TIME,
         "--output-len",
         "3",
         "--prompt-repeat",
