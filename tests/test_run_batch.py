@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
+from batchlm.batch_file import OrderedWriter, OutputWriteError, parse_line
 from batchlm.cli import main
-from batchlm.run_batch import BatchProgress, OrderedWriter, OutputWriteError, parse_line, run_lines
+from batchlm.run_batch import BatchProgress, run_lines
 
 SCHEMA = {
     "type": "object",
