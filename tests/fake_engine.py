@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
 import sys
 import threading
 import time
@@ -339,6 +340,14 @@ def openai_client(base_url: str, api_key: str = "unused") -> Any:
     import openai
 
     return openai.OpenAI(base_url=f"{base_url}/v1", api_key=api_key, max_retries=0, timeout=60)
+
+
+def free_port() -> int:
+    """A local TCP port nothing listens on (for a server started in another process)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def wait_until(predicate: Any, timeout_s: float = 20.0, what: str = "condition") -> None:

@@ -30,7 +30,7 @@ from batchlm.server.api_servers import (
     bind_shared_port,
     shared_port_unsupported_reason,
 )
-from fake_engine import wait_until
+from fake_engine import free_port, wait_until
 
 linux_only = pytest.mark.skipif(
     shared_port_unsupported_reason() is not None, reason="needs SO_REUSEPORT (Linux)"
@@ -122,15 +122,6 @@ def serve_command(model_dir: Path, port: int, *extra: str) -> list[str]:
         "cpu",
         *extra,
     ]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class ServeProcess:

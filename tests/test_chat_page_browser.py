@@ -9,7 +9,6 @@ except under CI); the Markdown renderer's own tests are in test_chat_page_markdo
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -23,7 +22,7 @@ from batchlm.config import EngineConfig
 from batchlm.engine.async_engine import AsyncLLMEngine
 from batchlm.server.background import BackgroundServer
 from batchlm.server.state import ServerSettings
-from fake_engine import FakeEngine, wait_until
+from fake_engine import FakeEngine, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -86,13 +85,6 @@ def wait_for_reply(page: Any, count: int = 1) -> Any:
 
 def stored_conversations(page: Any) -> list[dict[str, Any]]:
     return json.loads(page.evaluate("localStorage.getItem('batchlm.conversations')") or "[]")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def is_healthy(base_url: str) -> bool:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from batchlm.server.open_files import UNLIMITED_HARD_TARGET, raise_open_file_limit
-from fake_engine import wait_until
+from fake_engine import free_port, wait_until
 
 LOW_SOFT_LIMIT = 256
 # More than LOW_SOFT_LIMIT descriptors' worth of connections open at once.
@@ -63,13 +63,6 @@ def test_a_limit_already_at_its_ceiling_is_left_alone() -> None:
         pytest.skip("this process's soft limit is below its hard limit")
     assert raise_open_file_limit() == before[0]
     assert resource.getrlimit(resource.RLIMIT_NOFILE) == before
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,7 +16,7 @@ import httpx
 import pytest
 
 from batchlm.server.background import BackgroundServer
-from fake_engine import FakeEngine, wait_until
+from fake_engine import FakeEngine, free_port, wait_until
 
 USER = [{"role": "user", "content": "hi"}]
 # Long enough to outlast the checks made while it drains (a few requests) on a loaded machine.
@@ -131,10 +130,3 @@ def _healthy(base: str) -> bool:
         return httpx.get(f"{base}/health", timeout=30).status_code == 200
     except httpx.TransportError:
         return False
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port

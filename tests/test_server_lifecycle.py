@@ -20,7 +20,7 @@ import pytest
 from batchlm.engine.client import EngineDeadError
 from batchlm.server.background import BackgroundServer
 from batchlm.server.state import ServerSettings
-from fake_engine import FakeEngine, metric_value, wait_until
+from fake_engine import FakeEngine, free_port, metric_value, wait_until
 
 USER = [{"role": "user", "content": "hi"}]
 # Generates until stopped (with a FakeEngine from long_engine()).
@@ -235,13 +235,6 @@ def test_shutdown_aborts_requests_that_outlive_the_drain_period(abort_raises_can
     assert json.loads(rest[-2])["error"]["code"] == "aborted"
     assert server.exit_code == 0
     assert len(engine.aborted) == 1
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
