@@ -279,9 +279,20 @@ def test_stats_count_prompt_and_generated_tokens_across_requests() -> None:
     driver = Driver(config())
     driver.add(make_request("a", prompt_of(5), max_tokens=3))
     driver.add(make_request("b", prompt_of(9, seed=1), max_tokens=4))
-    assert (
-        driver.scheduler.stats().prompt_tokens_total,
-        driver.scheduler.stats().generation_tokens_total,
-    ) == (14, 0)
     driver.run()
-    assert driver.scheduler.stats().generation_tokens_total == 7
+    stats = driver.scheduler.stats()
+    assert (stats.prompt_tokens_total, stats.generation_tokens_total) == (14, 7)
+
+
+def test_a_prompt_counts_once_when_it_is_first_scheduled() -> None:
+    """Not on arrival: a request aborted while it waits was never processed, and a queue filling
+    up is no prompt throughput. A preempted request's recomputation does not count it again."""
+    driver = Driver(config(max_num_seqs=1))
+    driver.add(make_request("a", prompt_of(5), max_tokens=3))
+    driver.add(make_request("b", prompt_of(9, seed=1), max_tokens=4))
+    assert driver.scheduler.stats().prompt_tokens_total == 0
+    driver.step()
+    assert driver.scheduler.stats().prompt_tokens_total == 5
+    driver.scheduler.abort_requests(["b"])
+    driver.run()
+    assert driver.scheduler.stats().prompt_tokens_total == 5

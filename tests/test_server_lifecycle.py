@@ -274,3 +274,46 @@ def test_signal_drains_in_flight_requests_and_exits_0(signum: int) -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_a_disconnect_between_the_first_token_and_the_stream_still_aborts() -> None:
+    """The client leaves after the first output arrived but before the stream's first event, and the
+    server's send() yields (e.g. paused writes): the response stops before its event generator ever
+    runs, and the request must still be aborted and counted."""
+    import asyncio
+
+    from batchlm.server.app import build_app
+
+    engine = long_engine(token_delay_s=0.01)
+    app = build_app(engine)
+    body = json.dumps({**ENDLESS, "stream": True}).encode()
+    calls = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return {"type": "http.request", "body": body, "more_body": False}
+        if calls == 2:  # the disconnect watcher while the request is primed: no news
+            await asyncio.Event().wait()
+        return {"type": "http.disconnect"}  # the response's own watcher: the client has gone
+
+    async def send(message: dict[str, Any]) -> None:
+        await asyncio.sleep(0)  # a checkpoint, where the response's cancellation lands
+
+    async def serve() -> None:
+        scope = {
+            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+            "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"",
+            "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
+            "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "state": {},
+        }  # fmt: skip
+        await app(scope, receive, send)
+
+    asyncio.run(serve())
+    assert len(engine.aborted) == 1
+    state = app.state.batchlm
+    assert len(state.in_flight) == 0
+    registry = state.metrics.registry
+    assert registry.get_sample_value("batchlm_requests_total", {"outcome": "client_disconnect"}) == 1
+    assert registry.get_sample_value("batchlm_requests_in_flight") == 0

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry, Histogram
 
-from batchlm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from batchlm.outputs import CompletionOutput, FinishReason, RequestMetrics, RequestOutput
 from batchlm.server.background import BackgroundServer
 from batchlm.server.metrics import (
     LATENCY_BUCKETS,
@@ -184,3 +184,103 @@ def test_one_debug_line_per_request(server: BackgroundServer, caplog: Any) -> No
     assert (
         f"prompt_tokens={PROMPT_LEN}" in line and "completion_tokens=3" in line and "cached_tokens=4" in line
     )
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_refused_batch_counts_its_error_once_and_no_disconnect(stream: bool) -> None:
+    """The second prompt of a batch is refused (429): the request is that one error, and its first
+    prompt, aborted with it, is no client disconnect."""
+    engine = FakeEngine(max_in_flight=1, token_delay_s=0.01)
+    with BackgroundServer(engine) as server:
+        body = {"model": "fake-model", "prompt": ["a", "b"], "max_tokens": 50, "ignore_eos": True}
+        response = httpx.post(
+            f"{server.base_url}/v1/completions", json={**body, "stream": stream}, timeout=30
+        )
+        assert response.status_code == 429
+        text = scrape(server)
+    assert metric_value(text, "batchlm_requests_total", 'outcome="error_429"') == 1
+    assert metric_value(text, "batchlm_requests_total", 'outcome="client_disconnect"') is None
+    assert metric_value(text, "batchlm_requests_in_flight") == 0
+
+
+class SecondPromptFails(FakeEngine):
+    """The batch's second prompt fails at its third step; the first one goes on."""
+
+    def _step(self, call: Any, choices: Any, timing: RequestMetrics, step: int) -> RequestOutput:
+        if call.request_id.endswith("-1") and step == 2:
+            raise RuntimeError("the second prompt failed")
+        return super()._step(call, choices, timing, step)
+
+
+def test_an_error_event_in_a_streamed_batch_counts_no_disconnect() -> None:
+    with BackgroundServer(SecondPromptFails(token_delay_s=0.01)) as server:
+        body = {"model": "fake-model", "prompt": ["a", "b"], "max_tokens": 50, "ignore_eos": True}
+        with httpx.stream(
+            "POST", f"{server.base_url}/v1/completions", json={**body, "stream": True}, timeout=30
+        ) as response:
+            events = list(response.iter_lines())
+        assert any('"error"' in line for line in events)
+        text = scrape(server)
+    assert metric_value(text, "batchlm_requests_total", 'outcome="error_500"') == 1
+    assert metric_value(text, "batchlm_requests_total", 'outcome="client_disconnect"') is None
+    assert metric_value(text, "batchlm_requests_in_flight") == 0
+
+
+def test_inter_token_gaps_are_counted_per_completion() -> None:
+    """n=2, one token each per step: each completion's gap is the whole step, not half of it."""
+    metrics = ServerMetrics(FakeEngine())
+    recorder = RequestRecorder(metrics, "r1", prompt_tokens=3)
+    timing = RequestMetrics(arrival_time=100.0, first_token_time=100.5)
+
+    def step(at: float, tokens: dict[int, int], finished: bool = False) -> None:
+        timing.last_token_time = at
+        deltas = [CompletionOutput(i, "x" * k, [7] * k) for i, k in tokens.items()]
+        recorder.observe(RequestOutput("r1", None, [1, 2, 3], deltas, finished, metrics=timing))
+
+    step(100.5, {0: 1, 1: 1})
+    step(101.5, {0: 1, 1: 1})
+    step(102.5, {0: 1, 1: 1})
+    step(104.5, {1: 2}, finished=True)  # a lagging delta: two tokens of completion 1
+
+    def sample(name: str) -> float | None:
+        return metrics.registry.get_sample_value(name)
+
+    assert sample("batchlm_time_to_first_token_seconds_count") == 1
+    assert sample("batchlm_inter_token_latency_seconds_count") == 2 + 4
+    assert sample("batchlm_inter_token_latency_seconds_sum") == pytest.approx(2 * 1.0 + 2 * 1.0 + 2.0)
+    assert recorder.completion_tokens == 8
+
+
+class EndsAtTheThirdStep(FakeEngine):
+    """Every request ends at its third step with `reason` (ABORT: the server aborted it; ERROR: the
+    engine failed it, e.g. its grammar)."""
+
+    def __init__(self, reason: FinishReason, **options: Any) -> None:
+        super().__init__(**options)
+        self.reason = reason
+
+    def _step(self, call: Any, choices: Any, timing: RequestMetrics, step: int) -> RequestOutput:
+        if step < 2:
+            return super()._step(call, choices, timing, step)
+        for choice in choices:
+            choice.finish_reason = self.reason
+        deltas = [CompletionOutput(c.index, "", [], finish_reason=self.reason) for c in choices]
+        return RequestOutput(call.request_id, call.prompt, call.prompt_token_ids, deltas, True, 0, timing)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(("reason", "status"), [(FinishReason.ABORT, 503), (FinishReason.ERROR, 500)])
+def test_a_request_ended_in_error_is_counted_as_that_error_only(
+    reason: FinishReason, status: int, stream: bool
+) -> None:
+    with BackgroundServer(EndsAtTheThirdStep(reason)) as server:
+        body = {"model": "fake-model", "prompt": "a", "max_tokens": 50, "stream": stream}
+        response = httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=30)
+        assert response.status_code == (200 if stream else status)
+        text = scrape(server)
+    outcomes = {
+        line.split('"')[1]: float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("batchlm_requests_total{")
+    }
+    assert outcomes == {f"error_{status}": 1}

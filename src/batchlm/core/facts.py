@@ -40,8 +40,9 @@ class EngineStats:
     prefix_cache_hits: int = 0
     # Requests preempted (and later recomputed), cumulative.
     num_preemptions: int = 0
-    # Prompt tokens of the requests added, and tokens sampled, cumulative (a front end's own count would
-    # miss what other front ends sharing the engine sent).
+    # Prompt tokens of the requests scheduled (the core counts each at its first admission: one aborted
+    # while it waits adds none; the MLX backend counts them on arrival), and tokens sampled, cumulative
+    # (a front end's own count would miss what other front ends sharing the engine sent).
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     # Speculative decoding: draft tokens verified and accepted, cumulative.

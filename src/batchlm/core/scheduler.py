@@ -74,7 +74,6 @@ class Scheduler:
         self._requests[request.request_id] = state
         self._tickets.add(request)
         self._waiting.append(state)
-        self._prompt_tokens_total += len(request.prompt_token_ids)
 
     def _validate(self, state: RequestState) -> None:
         """Requests arrive validated (engine/input_processor.py); these only catch a caller that skipped it."""
@@ -206,8 +205,9 @@ class Scheduler:
             state.num_computed_tokens = num_cached_tokens
             self._prefix_queries += state.num_tokens
             self._prefix_hits += num_cached_tokens
-            if state.num_cached_tokens is None:
+            if state.num_cached_tokens is None:  # its first admission (not a recomputation)
                 state.num_cached_tokens = num_cached_tokens
+                self._prompt_tokens_total += state.num_prompt_tokens
             self._add_chunk(step, state, num_new)
 
     def _next_to_admit(self) -> RequestState:

@@ -141,6 +141,11 @@ class Generation:
         self._failed = True
         return error
 
+    def mark_failed(self) -> None:
+        """The HTTP request this generation serves failed and its error was counted: closing the
+        generation then counts nothing more (a sibling's failure is no client disconnect)."""
+        self._failed = True
+
     async def abort_by_server(self) -> None:
         self._server_aborted = True
         await self._engine.abort(self.request_id)
@@ -156,14 +161,17 @@ class Generation:
             if not self._ended:
                 await self._close_stream()
                 await self._abort_quietly()
+        # A failed request was counted where its error was rendered (one that finished in error, an
+        # abort or an engine failure, among them); an unstarted one never happened.
+        if self._failed:
+            return
         if self.finished:
             reasons = self._finish_reasons.values()
             self.recorder.finish(
                 FinishReason.LENGTH.value if FinishReason.LENGTH in reasons else FinishReason.STOP.value
             )
-        elif self._started and not self._failed:
+        elif self._started:
             self.recorder.finish("client_disconnect")
-        # A failed request was counted where its error was rendered; an unstarted one never happened.
 
     async def _abort_quietly(self) -> None:
         try:
@@ -192,6 +200,11 @@ async def prime_all(generations: Sequence[Generation]) -> None:
 async def close_all(generations: Sequence[Generation]) -> None:
     for generation in generations:
         await generation.close()
+
+
+def mark_all_failed(generations: Sequence[Generation]) -> None:
+    for generation in generations:
+        generation.mark_failed()
 
 
 async def merge_outputs(generations: Sequence[Generation]) -> AsyncIterator[tuple[int, RequestOutput]]:

@@ -142,8 +142,9 @@ class RepeatableHistogram(Histogram):
 
 
 class ServerMetrics:
-    """All metrics of one app. Outcomes: a finish reason ("stop", "length"), "client_disconnect",
-    "aborted" (by the server), or "error_<status>" for error responses and streaming error events."""
+    """All metrics of one app. Outcomes: a finish reason ("stop", "length") or "client_disconnect" for
+    each engine request (each prompt of a batch), or "error_<status>" once for each error response or
+    streaming error event (a request the server aborts at shutdown is an "error_503")."""
 
     def __init__(self, engine: EngineClient) -> None:
         self.registry = CollectorRegistry()
@@ -163,7 +164,7 @@ class ServerMetrics:
             "batchlm_time_to_first_token_seconds", "Arrival to first token.", LATENCY_BUCKETS
         )
         self.itl = self._histogram(
-            "batchlm_inter_token_latency_seconds", "Time between a request's outputs.", LATENCY_BUCKETS
+            "batchlm_inter_token_latency_seconds", "Time between a completion's tokens.", LATENCY_BUCKETS
         )
         self.e2e = self._histogram("batchlm_e2e_request_latency_seconds", "Arrival to finish.", E2E_BUCKETS)
         self.queue_time = self._histogram(
@@ -210,7 +211,8 @@ class RequestRecorder:
         self.cached_tokens = 0
         self._arrival = time.time()
         self._first_token: float | None = None
-        self._last_token: float | None = None
+        # Each completion's last token time, by index: the gaps of n > 1 completions are each one's own.
+        self._last_token: dict[int, float] = {}
         self._first_scheduled: float | None = None
         self._finished_at: float | None = None
 
@@ -228,15 +230,20 @@ class RequestRecorder:
         if new_tokens == 0:
             return
         now = (timing.last_token_time if timing else None) or time.time()
-        # A delta can carry several tokens (a lagging stream's merged deltas, or the whole of a response
-        # that is not streamed): the gaps between them are spread evenly over the time they took.
-        if self._last_token is None:
+        if self._first_token is None:
             self._first_token = (timing.first_token_time if timing else None) or now
             self._metrics.ttft.observe(max(0.0, self._first_token - self._arrival))
-            self._observe_gaps(now - self._first_token, new_tokens - 1)
-        else:
-            self._observe_gaps(now - self._last_token, new_tokens)
-        self._last_token = now
+        # A delta can carry several tokens of a completion (a lagging stream's merged deltas, or the
+        # whole of a response that is not streamed): their gaps are spread evenly over the time they
+        # took, from the request's first token for a completion's first delta.
+        for completion in output.outputs:
+            if count := len(completion.token_ids):
+                last = self._last_token.get(completion.index)
+                if last is None:
+                    self._observe_gaps(now - self._first_token, count - 1)
+                else:
+                    self._observe_gaps(now - last, count)
+                self._last_token[completion.index] = now
         self.completion_tokens += new_tokens
 
     def _observe_gaps(self, span: float, count: int) -> None:

@@ -8,7 +8,7 @@ import asyncio
 import json
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -21,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 from batchlm.engine.input_processor import ValidatedRequest
 from batchlm.outputs import FinishReason, RequestOutput, TokenLogprobs
 from batchlm.server.errors import APIError, ClientDisconnected
-from batchlm.server.generation import Generation, close_all, merge_outputs, prime_all
+from batchlm.server.generation import Generation, close_all, mark_all_failed, merge_outputs, prime_all
 from batchlm.server.metrics import RequestRecorder, ServerMetrics
 from batchlm.server.middleware import received_at
 from batchlm.server.responses import PromptTokensDetails, UsageInfo
@@ -45,16 +45,24 @@ def sse_event(payload: str | dict[str, Any]) -> bytes:
 
 class EventStreamResponse(StreamingResponse):
     """A StreamingResponse that always closes its event generator, so that a disconnect noticed while
-    sending (not while generating) still aborts the request at once instead of at garbage collection."""
+    sending (not while generating) still aborts the request at once instead of at garbage collection.
+    `on_close` runs after it: a generator the response never started runs no cleanup of its own."""
+
+    def __init__(
+        self, content: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]], **kwargs: Any
+    ) -> None:
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             aclose = getattr(self.body_iterator, "aclose", None)
-            if aclose is not None:
-                with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True):
+                if aclose is not None:
                     await aclose()
+                await self._on_close()
 
 
 @dataclass
@@ -201,7 +209,9 @@ async def respond(
         if stream:
             await prime_all(generations)
             events = _stream_events(generations, formatter, state.metrics)
-            return EventStreamResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+            return EventStreamResponse(
+                events, lambda: close_all(generations), media_type="text/event-stream", headers=SSE_HEADERS
+            )
         body = formatter.response(await collect_choices(generations), usage_of(generations))
         await formatter.settle()
         return Response(body.model_dump_json(), media_type="application/json")
@@ -213,6 +223,9 @@ async def respond(
         return response
     except ClientDisconnected:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
+    except Exception:
+        mark_all_failed(generations)  # the error response counts the request, once
+        raise
     finally:
         if not handed_over:
             await close_all(generations)
@@ -259,6 +272,7 @@ async def _stream_events(
                 logger.exception("a streaming response failed")
                 error = APIError(500, "The server had an internal error while streaming.")
             metrics.count_error(error.status)
+            mark_all_failed(generations)
             for event in formatter.failure(error):
                 yield event
         if formatter.end_of_stream:
