@@ -187,6 +187,7 @@ def test_python_dash_m_batchlm_is_the_command() -> None:
         (["--shutdown-timeout", "inf"], "argument --shutdown-timeout: expected a finite number, got 'inf'"),
         (["--shutdown-timeout", "-1"], "argument --shutdown-timeout: must be at least 0, got -1"),
         (["--max-body-bytes", "0"], "argument --max-body-bytes: must be at least 1, got 0"),
+        (["--body-timeout", "0"], "argument --body-timeout: must be above 0, got 0"),
         (["--max-n", "0"], "argument --max-n: must be at least 1, got 0"),
         (["--api-servers", "0"], "argument --api-servers: must be at least 1, got 0"),
         (["--stored-responses", "-1"], "argument --stored-responses: must be at least 0, got -1"),

@@ -107,10 +107,17 @@ class StructuredOutputs:
         return ("grammar+subgrammars", f"{self.grammar}{named}")
 
 
+NON_FINITE_SCHEMA = "the JSON schema holds NaN or Infinity, which are not JSON numbers"
+
+
 def schema_json(schema: dict[str, Any] | bool) -> str:
     """A JSON schema as the compact JSON text StructuredOutputs keeps (its key order kept: it orders the
-    output); compiled grammars are cached by this text."""
-    return _json.dumps(schema, ensure_ascii=False, separators=(",", ":"))
+    output); compiled grammars are cached by this text. SamplingParamsError for NaN or an infinity in
+    it, which JSON cannot spell (the grammar compiler would report a syntax error in this text)."""
+    try:
+        return _json.dumps(schema, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        raise SamplingParamsError(NON_FINITE_SCHEMA, "structured_outputs") from None
 
 
 # vLLM's name for the same parameters.

@@ -16,9 +16,15 @@ from batchlm.server.errors import install_error_handlers
 from batchlm.server.fast_routes import FastGenerationRoutes
 from batchlm.server.generation import InFlight
 from batchlm.server.metrics import ServerMetrics, StatsLogger
-from batchlm.server.middleware import APIKeyMiddleware, ArrivalStampMiddleware, BodySizeLimitMiddleware
+from batchlm.server.middleware import (
+    APIKeyMiddleware,
+    ArrivalStampMiddleware,
+    BodySizeLimitMiddleware,
+    RequestIdEchoMiddleware,
+)
 from batchlm.server.pages import install_chat_page, install_docs_pages
 from batchlm.server.response_store import ResponseStore
+from batchlm.server.route_aliases import RouteAliases
 from batchlm.server.routes import router
 from batchlm.server.state import ServerSettings, ServerState
 
@@ -71,11 +77,17 @@ def build_app(
     install_error_handlers(app, metrics.count_error)
     # Added first = innermost: after the key and size checks, before FastAPI's routing.
     app.add_middleware(FastGenerationRoutes, observe=metrics.count_error)
+    # Outside the fast routes, so that /v1/chat/completions/ takes them too.
+    app.add_middleware(RouteAliases, routes=app.router.routes)
     # Added last = outermost: the key is checked before a large body is read.
     app.add_middleware(
-        BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes, observe=metrics.count_error
+        BodySizeLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        observe=metrics.count_error,
+        body_timeout_s=settings.body_timeout_s,
     )
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key, observe=metrics.count_error)
     app.add_middleware(ArrivalStampMiddleware)
+    app.add_middleware(RequestIdEchoMiddleware)
     return app

@@ -33,6 +33,7 @@ SERVER_FLAG_NAMES = {
     "shutdown_timeout_s": ["--shutdown-timeout"],
     "stats_log_interval_s": ["--stats-log-interval"],
     "max_body_bytes": ["--max-body-bytes"],
+    "body_timeout_s": ["--body-timeout"],
 }
 SERVER_HELP_NOTES = {"api_key": f" (or set {API_KEY_ENV})"}
 SERVER_BOUNDS = {
@@ -40,6 +41,7 @@ SERVER_BOUNDS = {
     "max_queue": Bounds(minimum=0),
     "max_n": POSITIVE,
     "max_body_bytes": POSITIVE,
+    "body_timeout_s": Bounds(above=0),
     "shutdown_timeout_s": Bounds(minimum=0),
     "stats_log_interval_s": Bounds(above=0),
     "api_servers": POSITIVE,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -202,6 +203,20 @@ def http_error_to_api_error(request: Request, exc: StarletteHTTPException) -> AP
         return APIError(404, f"Unknown route: {request.method} {request.url.path}", code="unknown_url")
     if exc.status_code == 405:
         message = f"Method {request.method} is not allowed for {request.url.path}."
+    elif exc.status_code == 400 and exc.__cause__ is not None:
+        # FastAPI's own text ("There was an error parsing the body") does not say what is wrong.
+        message = f"The request body could not be parsed as JSON: {_unparsable_reason(exc.__cause__)}."
     else:
         message = str(exc.detail)
     return APIError(exc.status_code, message, headers=dict(exc.headers or {}))
+
+
+def _unparsable_reason(cause: BaseException) -> str:
+    """Why Python's JSON parser refused a body that was not malformed JSON as such."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"it is not UTF-8 text (byte 0x{cause.object[cause.start]:02x} at position {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "its arrays or objects nest too deeply"
+    if isinstance(cause, ValueError) and "digits" in str(cause):
+        return f"a number in it has more than {sys.get_int_max_str_digits()} digits"
+    return "it could not be parsed"

@@ -1,5 +1,5 @@
-"""Pure-ASGI middleware (no per-request task, streaming-safe): API-key check, request-body size limit,
-and the arrival stamp of each request."""
+"""Pure-ASGI middleware (no per-request task, streaming-safe): API-key check, request-body intake (size
+limit, read timeout, Content-Encoding), and the arrival stamp of each request."""
 
 from __future__ import annotations
 
@@ -9,6 +9,15 @@ import time
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from batchlm.server.body_watch import BodyTimeout, BodyWatch
+from batchlm.server.content_encoding import (
+    DECODED,
+    DecodedTooLarge,
+    MalformedEncoding,
+    UnsupportedEncoding,
+    content_codings,
+    decode_body,
+)
 from batchlm.server.errors import APIError, ErrorObserver, error_response
 
 # Routes that need the API key when one is set; /health, /metrics, /version and the docs stay open.
@@ -37,16 +46,27 @@ class APIKeyMiddleware:
                 "You didn't provide an API key. You need to provide your API key in an Authorization header "
                 "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
             )
+        elif not _is_bearer(given):
+            # "Incorrect API key" would send the client looking for another key, not for the scheme.
+            message = (
+                "The Authorization header does not use Bearer auth: send your API key as "
+                "Authorization: Bearer YOUR_KEY."
+            )
         else:
             message = "Incorrect API key provided."
-        error = APIError(401, message, code="invalid_api_key")
+        # RFC 9110: a 401 names the scheme it takes.
+        error = APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
         await error_response(error, self._observe)(scope, receive, send)
 
 
 def _bearer_token(authorization: bytes) -> bytes:
     """The credentials of a Bearer Authorization header; b"" for any other scheme."""
-    scheme, _, token = authorization.strip().partition(b" ")
-    return token.strip() if scheme.lower() == b"bearer" else b""
+    return authorization.strip()[6:].strip() if _is_bearer(authorization) else b""
+
+
+def _is_bearer(authorization: bytes) -> bool:
+    scheme, _, _ = authorization.strip().partition(b" ")
+    return scheme.lower() == b"bearer"
 
 
 def _is_protected(path: str) -> bool:
@@ -54,45 +74,102 @@ def _is_protected(path: str) -> bool:
 
 
 class BodySizeLimitMiddleware:
-    """413 for bodies over `max_bytes`: announced by Content-Length, or counted while reading a chunked
-    body. The body is read here in full (the handlers need all of it anyway) and replayed to the app."""
+    """Reads the request body in full (the handlers need all of it anyway) and replays it to the app:
+    413 for bodies over `max_bytes` (announced by Content-Length, counted while reading a chunked
+    body, or once decoded), 408 for a client that stops sending its body for `body_timeout_s`, and a
+    gzip or deflate Content-Encoding decoded (415 for other codings)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, observe: ErrorObserver) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, observe: ErrorObserver, body_timeout_s: float | None = None
+    ) -> None:
         self.app = app
         self._max_bytes = max_bytes
         self._observe = observe
+        self._watch = BodyWatch(body_timeout_s) if body_timeout_s is not None else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self._max_bytes:
             await self._reject(scope, receive, send)
             return
         try:
-            body = await read_body(receive, self._max_bytes)
+            body = await read_body(receive, self._max_bytes, self._watch)
         except BodyTooLarge:
             await self._reject(scope, receive, send)
             return
+        except BodyTimeout:
+            assert self._watch is not None
+            error = APIError(
+                408,
+                f"The request body did not arrive: nothing of it was received for {self._watch.timeout_s:g} s.",
+            )
+            await self._send_error(error, scope, receive, send)
+            return
         if body is None:
             return  # the client left before sending its body: nobody to answer
+        encoding = headers.get(b"content-encoding")
+        if encoding is not None:
+            try:
+                body = decode_body(body, content_codings(encoding), self._max_bytes)
+            except DecodedTooLarge:
+                await self._reject(scope, receive, send, decoded=True)
+                return
+            except (UnsupportedEncoding, MalformedEncoding) as failure:
+                await error_response(_encoding_error(failure), self._observe)(scope, receive, send)
+                return
+            scope = _with_decoded_body_headers(scope, len(body))
         await self.app(scope, replay_body(body, receive), send)
 
-    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
-        error = APIError(413, f"The request body is larger than the limit of {self._max_bytes} bytes.")
+    async def _reject(self, scope: Scope, receive: Receive, send: Send, decoded: bool = False) -> None:
+        what = "decoded request body" if decoded else "request body"
+        error = APIError(413, f"The {what} is larger than the limit of {self._max_bytes} bytes.")
+        await self._send_error(error, scope, receive, send)
+
+    async def _send_error(self, error: APIError, scope: Scope, receive: Receive, send: Send) -> None:
+        """An error sent before the body was read in full: the rest of it would still have to be read
+        before the next request on this connection, so the connection is closed instead."""
+        error.headers.setdefault("Connection", "close")
         await error_response(error, self._observe)(scope, receive, send)
+
+
+def _encoding_error(failure: Exception) -> APIError:
+    if isinstance(failure, UnsupportedEncoding):
+        supported = ", ".join(f"'{coding}'" for coding in DECODED)
+        return APIError(
+            415,
+            f"Content-Encoding '{failure}' is not supported: send the body uncompressed or as one of {supported}.",
+            code="unsupported_content_encoding",
+        )
+    return APIError(400, f"The request body could not be decoded as its Content-Encoding says ({failure}).")
+
+
+def _with_decoded_body_headers(scope: Scope, length: int) -> Scope:
+    """`scope` with the headers of its decoded body: no Content-Encoding, its own Content-Length."""
+    headers = [
+        (name, value)
+        for name, value in scope["headers"]
+        if name not in (b"content-encoding", b"content-length")
+    ]
+    headers.append((b"content-length", str(length).encode()))
+    return {**scope, "headers": headers}
 
 
 class BodyTooLarge(Exception):
     """The request body grew past the limit while it was read."""
 
 
-async def read_body(receive: Receive, max_bytes: int | None = None) -> bytes | None:
-    """The whole request body, or None when the client left first; BodyTooLarge past `max_bytes`."""
+async def read_body(
+    receive: Receive, max_bytes: int | None = None, watch: BodyWatch | None = None
+) -> bytes | None:
+    """The whole request body, or None when the client left first; BodyTooLarge past `max_bytes`,
+    BodyTimeout when `watch` finds a read waiting past its time limit."""
     body = bytearray()
     while True:
-        message = await receive()
+        message = await (receive() if watch is None else watch.read(receive()))
         if message["type"] == "http.disconnect":
             return None
         body.extend(message.get("body", b""))
@@ -112,6 +189,37 @@ def replay_body(body: bytes, receive: Receive) -> Receive:
         return await receive()
 
     return replayed
+
+
+REQUEST_ID_HEADER = b"x-request-id"
+
+
+class RequestIdEchoMiddleware:
+    """Answers a request that carries X-Request-Id (a proxy's or client's tracing id) with the same
+    header, as vLLM does with --enable-request-id-headers: every response, errors included, can then
+    be matched to its request (the OpenAI client reports it as the response's request id)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request_id = None
+        if scope["type"] == "http":
+            for name, value in scope["headers"]:
+                if name == REQUEST_ID_HEADER:
+                    request_id = value
+                    break
+        if request_id is None:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(n, v) for n, v in message.get("headers", ()) if n.lower() != REQUEST_ID_HEADER]
+                message = {**message, "headers": [*headers, (REQUEST_ID_HEADER, request_id)]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 RECEIVED_AT = "batchlm_received_at"

@@ -237,7 +237,10 @@ def _schema_text(schema: Any, param: str, strict: bool = False) -> str:
         raise APIError(400, f"Invalid '{param}': a JSON schema must be an object.", param=param)
     if strict and isinstance(schema, dict):
         schema = closed_objects(schema)
-    return schema_json(schema)
+    try:
+        return schema_json(schema)
+    except SamplingParamsError as error:  # NaN or Infinity, which Python's JSON reader lets through
+        raise APIError(400, f"Invalid '{param}': {error}.", param=param) from None
 
 
 def _from_response_format(response_format: dict[str, Any]) -> StructuredOutputs | None:

@@ -15,6 +15,8 @@ from batchlm.server.protocol import SamplingFields
 from batchlm.server.response_store import ResponseStore
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+# As nginx's client_body_timeout: long enough for any client that is still sending.
+DEFAULT_BODY_TIMEOUT_S = 60.0
 # The seed README's examples send these; they name the one served model.
 PLACEHOLDER_MODEL_NAMES = ("default", "default_model")
 
@@ -37,6 +39,9 @@ class ServerSettings:
     max_n: int = 16
     # Largest accepted request body, in bytes (413 beyond).
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # Seconds a request body may go without any of it arriving before the request is answered 408
+    # (a client that sends its headers and then stalls would otherwise hold its request forever).
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
     # Seconds in-flight requests get to finish after SIGINT/SIGTERM before they are aborted.
     shutdown_timeout_s: float = 30.0
     # Seconds between the periodic stats log lines (written only while there is activity).

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, cast
 
-from batchlm.sampling_params import StructuredOutputs
+from batchlm.sampling_params import NON_FINITE_SCHEMA, StructuredOutputs
 from batchlm.structured.backend import GrammarError
 from batchlm.structured.llguidance_backend import validated_grammar
 from batchlm.tools.forced import NamedFunctionParser, RequiredCallsParser
@@ -219,10 +219,15 @@ def _check_decoded_schemas(plan: ToolPlan) -> None:
         )
         if not decoded or tool.parameters is None:
             continue
+        where = f"tools[{i}].function.parameters"
         try:
-            validated_grammar(StructuredOutputs(json=json.dumps(tool.closed_parameters)))
+            # NaN or Infinity would reach the compiler as a syntax error in a text the client never sent.
+            schema = json.dumps(tool.closed_parameters, allow_nan=False)
+        except ValueError:
+            raise ToolUseError(f"{where}: {NON_FINITE_SCHEMA}.", param=where) from None
+        try:
+            validated_grammar(StructuredOutputs(json=schema))
         except GrammarError as error:
-            where = f"tools[{i}].function.parameters"
             raise ToolUseError(f"{where}: {error}", param=where) from None
 
 
