@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,56 @@ def test_named_templates_use_the_default(tiny_model_dir) -> None:
     tokenizer = Tokenizer.from_pretrained(tiny_model_dir("llama"))
     tokenizer.hf.chat_template = {"default": KWARG_TEMPLATE, "tool_use": "{{ 'tools' }}"}
     assert Tokenizer(tokenizer.hf).chat_template == KWARG_TEMPLATE
+
+
+TOOL_USE_TEMPLATE = (
+    "{% for t in tools %}[{{ t['function']['name'] }}]{% endfor %}{{ messages[0]['content'] }}"
+)
+TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+
+
+@pytest.fixture
+def named_templates(tiny_model_dir) -> Tokenizer:
+    """A tokenizer naming two templates, as Hermes' and Command R's tokenizer configs do."""
+    tokenizer = Tokenizer.from_pretrained(tiny_model_dir("llama"))
+    tokenizer.hf.chat_template = {"default": KWARG_TEMPLATE, "tool_use": TOOL_USE_TEMPLATE}
+    return Tokenizer(tokenizer.hf)
+
+
+def test_a_conversation_with_tools_renders_the_tool_use_template(named_templates: Tokenizer) -> None:
+    # As transformers' apply_chat_template(tools=...) and vLLM choose.
+    with_tools = named_templates.render_chat_template(USER, False, {"tools": TOOLS})
+    assert with_tools == named_templates.hf.apply_chat_template(USER, tools=TOOLS, tokenize=False)
+    assert with_tools == "[lookup]Hi!"
+    assert named_templates.render_chat_template(USER, False, {"greeting": "Hello"}) == "Hello Hi!"
+    assert named_templates.chat_template_for(tools=True) == TOOL_USE_TEMPLATE
+
+
+def test_the_chat_endpoint_renders_tools_with_the_tool_use_template(named_templates: Tokenizer) -> None:
+    from batchlm.server.prompts import render_chat
+    from batchlm.server.protocol import ChatMessage
+
+    messages = [ChatMessage(role="user", content="Hi!")]
+    ids = asyncio.run(
+        render_chat(
+            named_templates,
+            messages,
+            add_generation_prompt=False,
+            continue_final_message=False,
+            chat_template_kwargs=None,
+            tools=TOOLS,
+        )
+    )
+    # The tool_use template shows the tools itself: no generic tools prompt is added.
+    assert named_templates.decode(ids, skip_special_tokens=True) == "[lookup]Hi!"
+
+
+def test_an_override_replaces_every_named_template(tiny_model_dir) -> None:
+    tokenizer = Tokenizer.from_pretrained(tiny_model_dir("llama"), chat_template=NO_BOS_TEMPLATE)
+    tokenizer.hf.chat_template = {"default": KWARG_TEMPLATE, "tool_use": TOOL_USE_TEMPLATE}
+    overridden = Tokenizer(tokenizer.hf, chat_template=NO_BOS_TEMPLATE)
+    assert overridden.chat_template_for(tools=True) == NO_BOS_TEMPLATE
+    assert Tokenizer(tokenizer.hf).chat_template_for(tools=False) == KWARG_TEMPLATE
 
 
 def test_resolve_chat_template(tmp_path: Path) -> None:

@@ -203,6 +203,19 @@ def test_max_model_len_is_the_rope_scaled_context_as_on_torch(
     assert resolve_max_model_len(EngineConfig(), old_form) == 16384
 
 
+@pytest.mark.parametrize("nested", [False, True])
+def test_gemma_3_s_stated_context_is_not_scaled_again(nested: bool) -> None:
+    # As transformers writes google/gemma-3-4b-it: 131072 positions is the context the linear x8
+    # scaling of its global layers gives (the torch backend, through transformers' config, says so too).
+    text = {
+        "model_type": "gemma3_text",
+        "max_position_embeddings": 131072,
+        "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+    }
+    config = {"model_type": "gemma3", "text_config": text} if nested else text
+    assert resolve_max_model_len(EngineConfig(), config) == 131072
+
+
 def test_max_model_len_above_the_models_context_is_refused_as_on_torch() -> None:
     with pytest.raises(ValueError, match="--max-model-len 1000 exceeds the model's context length 512"):
         resolve_max_model_len(EngineConfig(max_model_len=1000), {"max_position_embeddings": 512})

@@ -20,7 +20,7 @@ from batchlm import LLM, SamplingParams
 from batchlm.config import EngineConfig
 from batchlm.engine.async_engine import AsyncLLMEngine
 from batchlm.models.gguf_model_dir import prepare_gguf_model_dir
-from batchlm.sampling_defaults import SamplingDefaults, sampling_defaults
+from batchlm.sampling_defaults import SamplingDefaults, check_generation_config, sampling_defaults
 from batchlm.server.background import BackgroundServer
 from fake_engine import FakeEngine
 from gguf_builder import write_tiny_gguf
@@ -44,9 +44,17 @@ def test_the_model_s_file_gives_the_five_sampling_fields_and_a_length(tmp_path: 
     )
     params = defaults.params()
     assert (params.temperature, params.top_p, params.top_k, params.repetition_penalty) == (0.7, 0.8, 20, 1.05)
-    # The length is no SamplingParams default: the input processor applies it where a request sets none.
-    assert params.max_tokens == 16
+    # No length of their own: the input processor applies the model's where a request sets none.
+    assert params.max_tokens is None
+    assert SamplingDefaults(temperature=0.7).params().max_tokens == 16  # SamplingParams' own default
     assert sampling_defaults("none", tmp_path) == SamplingDefaults()
+
+
+def test_vllm_s_name_for_no_defaults_is_taken(tmp_path: Path) -> None:
+    # vLLM's start-up warning tells users to pass --generation-config vllm to turn the defaults off.
+    _with_generation_config(tmp_path, QWEN_LIKE)
+    check_generation_config("vllm")
+    assert sampling_defaults("vllm", tmp_path) == SamplingDefaults()
 
 
 def test_no_file_or_no_sampling_fields_give_no_defaults(tmp_path: Path) -> None:
@@ -127,6 +135,10 @@ def test_the_model_s_length_serves_requests_that_set_none(
         return len(llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids)
 
     assert lengths(8, unset) == 9
+    # generate() without SamplingParams takes the model's length too, as vLLM's LLM does (not 16).
+    default = llm.input_processor.process([5, 6, 7], llm.get_default_sampling_params())
+    assert default.params.max_tokens == 9
+    assert len(llm.generate("Once upon", use_tqdm=False)[0].outputs[0].token_ids) <= 9
     assert lengths(60, unset) == 4
     assert lengths(8, unset.clone(max_tokens=12)) == 12
     plain = LLM(model=str(model_dir), device="cpu", max_model_len=64, generation_config="none")

@@ -257,6 +257,25 @@ def test_template_controls_are_passed_through(client: Any, engine: FakeEngine) -
     assert engine.calls[-1].prompt_token_ids == expected
 
 
+def test_echo_starts_the_reply_with_the_continued_message(client: Any) -> None:
+    # vLLM's chat `echo`: the assistant message the request continues comes back before the new text.
+    messages = [*USER, {"role": "assistant", "content": "Sure, "}]
+    body = {"echo": True, "continue_final_message": True, "add_generation_prompt": False}
+    reply = client.chat.completions.create(
+        model="fake-model", messages=messages, max_tokens=5, extra_body=body
+    )
+    assert reply.choices[0].message.content == "Sure, " + REPLY[:5]
+    stream = client.chat.completions.create(
+        model="fake-model", messages=messages, max_tokens=5, stream=True, extra_body=body
+    )
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream) == "Sure, " + REPLY[:5]
+    # A last message that is not the assistant's is not echoed.
+    reply = client.chat.completions.create(
+        model="fake-model", messages=USER, max_tokens=5, extra_body={"echo": True}
+    )
+    assert reply.choices[0].message.content == REPLY[:5]
+
+
 @pytest.mark.parametrize("name", ["default", "default_model", "/models/fake"])
 def test_placeholder_names_and_aliases_are_accepted(client: Any, name: str) -> None:
     response = client.chat.completions.create(model=name, messages=USER, max_tokens=1)

@@ -281,6 +281,15 @@ def test_no_chat_template_is_400() -> None:
     assert "no chat template" in error["message"]
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/tokenize"])
+def test_a_reserved_chat_template_kwarg_is_named(server: BackgroundServer, path: str) -> None:
+    # apply_chat_template's own parameters are refused as the client's field, not as the template's failure.
+    body = {"messages": USER, "chat_template_kwargs": {"add_generation_prompt": False}}
+    error = error_of(post(server, path, body), 400)
+    assert error["param"] == "chat_template_kwargs"
+    assert "may not set add_generation_prompt" in error["message"]
+
+
 def test_api_key_is_required_on_the_api_but_not_on_health_or_metrics() -> None:
     with BackgroundServer(FakeEngine(), ServerSettings(api_key="sk-right")) as server:
         missing = error_of(post(server, "/v1/chat/completions", CHAT), 401)

@@ -135,9 +135,37 @@ def test_eos_ids_union(
     assert Tokenizer.from_pretrained(directory).eos_token_ids == expected
 
 
+def test_eos_ids_are_the_model_s_with_another_tokenizer_or_generation_config(
+    tmp_path: Path, tiny_model_dir
+) -> None:
+    from batchlm.config import EngineConfig
+    from batchlm.models.model_source import load_tokenizer
+
+    model_dir = tiny_model_dir("llama")  # its generation_config.json ends at 1 and 3
+    # A tokenizer-only directory (--tokenizer) states no EOS ids: the model's still end generation.
+    tokenizer_only = tokenizer_dir(tmp_path, model_dir, None)
+    config = EngineConfig(model=str(model_dir), tokenizer=str(tokenizer_only))
+    assert load_tokenizer(config, model_dir).eos_token_ids == (1, 3)
+    # A --generation-config directory's eos_token_id replaces the model's, as in vLLM.
+    other = tmp_path / "generation"
+    other.mkdir()
+    (other / "generation_config.json").write_text(json.dumps({"eos_token_id": [7]}))
+    config = EngineConfig(model=str(model_dir), generation_config=str(other))
+    assert load_tokenizer(config, model_dir).eos_token_ids == (7, 1)
+    (other / "generation_config.json").write_text(json.dumps({"temperature": 0.5}))
+    assert load_tokenizer(config, model_dir).eos_token_ids == (1, 3)
+
+
 def test_bad_eos_id_is_reported(tmp_path: Path, tiny_model_dir) -> None:
     directory = tokenizer_dir(tmp_path, tiny_model_dir("llama"), {"eos_token_id": "</s>"})
     with pytest.raises(ValueError, match=r"eos_token_id in .*generation_config\.json must be an int"):
+        Tokenizer.from_pretrained(directory)
+
+
+def test_a_config_file_that_is_no_object_is_named(tmp_path: Path, tiny_model_dir) -> None:
+    directory = tokenizer_dir(tmp_path, tiny_model_dir("llama"), None)
+    (directory / "generation_config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"generation_config\.json must hold a JSON object"):
         Tokenizer.from_pretrained(directory)
 
 

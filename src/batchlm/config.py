@@ -79,8 +79,8 @@ class EngineConfig:
     # Sampling values a request leaves out: "auto" takes those the model recommends (temperature, top_p,
     # top_k, min_p and repetition_penalty of its generation_config.json, or of a GGUF file's
     # general.sampling metadata, and its max_new_tokens as the length of a request that sets none),
-    # "none" leaves OpenAI's (temperature 1, no top-p, top-k or min-p), or a directory holding the
-    # generation_config.json to take them from.
+    # "none" (or vLLM's name for it, "vllm") leaves OpenAI's (temperature 1, no top-p, top-k or
+    # min-p), or a directory holding the generation_config.json to take them from.
     generation_config: str = "auto"
     # Allow custom code from the model repo (tokenizers only; we never run remote model code).
     trust_remote_code: bool = False

@@ -17,8 +17,9 @@ from batchlm.sampling_params import SamplingParams, SamplingParamsError
 logger = logging.getLogger(__name__)
 
 GENERATION_CONFIG_FILE = "generation_config.json"
-# --generation-config values besides a directory: the model's own file, or none at all.
-FROM_MODEL, NO_DEFAULTS = "auto", "none"
+# --generation-config values besides a directory: the model's own file, or none at all ("vllm" is
+# vLLM's name for none, which its start-up warning tells users to pass).
+FROM_MODEL, NO_DEFAULTS, VLLM_NO_DEFAULTS = "auto", "none", "vllm"
 
 
 # Fields whose values are whole numbers (a JSON float such as 40.0 is taken as one).
@@ -44,8 +45,11 @@ class SamplingDefaults:
         return {name: value for name, value in values.items() if value is not None}
 
     def params(self) -> SamplingParams:
-        """SamplingParams with these values and every other field at its default."""
-        return SamplingParams(**self.given())
+        """SamplingParams with these values and every other field at its default; with no length
+        (max_tokens None) where the model states one, which the input processor then applies cut to the
+        room the context leaves (as vLLM's defaults take max_new_tokens for max_tokens)."""
+        params = SamplingParams(**self.given())
+        return params if self.max_new_tokens is None else params.clone(max_tokens=None)
 
     def describe(self) -> str:
         length = {} if self.max_new_tokens is None else {"max_new_tokens": self.max_new_tokens}
@@ -54,12 +58,12 @@ class SamplingDefaults:
 
 def sampling_defaults(source: str, model_dir: Path) -> SamplingDefaults:
     """The defaults `--generation-config` names: "auto" reads the model directory's
-    generation_config.json, "none" gives none, anything else is a directory holding such a file.
-    A value that is not a valid sampling parameter is left out, with a warning."""
+    generation_config.json, "none" (or "vllm") gives none, anything else is a directory holding such a
+    file. A value that is not a valid sampling parameter is left out, with a warning."""
     check_generation_config(source)
-    if source == NO_DEFAULTS:
+    if source in (NO_DEFAULTS, VLLM_NO_DEFAULTS):
         return SamplingDefaults()
-    file = (model_dir if source == FROM_MODEL else Path(source).expanduser()) / GENERATION_CONFIG_FILE
+    file = (generation_config_dir(source) or model_dir) / GENERATION_CONFIG_FILE
     if not file.is_file():
         return SamplingDefaults()
     try:
@@ -71,9 +75,16 @@ def sampling_defaults(source: str, model_dir: Path) -> SamplingDefaults:
     return SamplingDefaults(**_valid_values(config, file))
 
 
+def generation_config_dir(source: str) -> Path | None:
+    """The directory a --generation-config value names; None for the keywords."""
+    if source in (FROM_MODEL, NO_DEFAULTS, VLLM_NO_DEFAULTS):
+        return None
+    return Path(source).expanduser()
+
+
 def check_generation_config(source: str) -> None:
     """ValueError unless `source` is a --generation-config value (checked before the model loads)."""
-    if source not in (FROM_MODEL, NO_DEFAULTS) and not Path(source).expanduser().is_dir():
+    if source not in (FROM_MODEL, NO_DEFAULTS, VLLM_NO_DEFAULTS) and not Path(source).expanduser().is_dir():
         raise ValueError(
             f"--generation-config must be 'auto', 'none' or a directory holding {GENERATION_CONFIG_FILE}; "
             f"{source!r} is not a directory"

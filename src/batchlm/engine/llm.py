@@ -135,7 +135,7 @@ class LLM:
             )
             kwargs = chat_template_kwargs
             if tools is not None:
-                template = self.tokenizer.chat_template
+                template = self.tokenizer.chat_template_for(tools=True)
                 converted, kwargs = template_inputs(converted, tools, template, chat_template_kwargs)
             text, ids = self.tokenizer.chat_prompt(
                 converted, add_generation_prompt, kwargs, continue_final_message

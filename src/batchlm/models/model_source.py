@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from batchlm.config import EngineConfig
-from batchlm.tokenizer.tokenizer import Tokenizer
+from batchlm.sampling_defaults import GENERATION_CONFIG_FILE, generation_config_dir
+from batchlm.tokenizer.tokenizer import Tokenizer, model_config_files
 
 
 def prepare_model_dir(config: EngineConfig) -> Path:
@@ -27,15 +28,29 @@ def prepare_model_dir(config: EngineConfig) -> Path:
 
 
 def load_tokenizer(config: EngineConfig, model_dir: Path) -> Tokenizer:
-    """The tokenizer from --tokenizer (a path or hub id) or the model directory, with any template override."""
+    """The tokenizer from --tokenizer (a path or hub id) or the model directory, with any template
+    override, and the model's EOS ids (eos_config_files)."""
     source = model_dir
     if config.tokenizer:
         from batchlm.models.hub import resolve_model_dir
 
         source = resolve_model_dir(config.tokenizer, config.revision)
     return Tokenizer.from_pretrained(
-        source, chat_template=config.chat_template, trust_remote_code=config.trust_remote_code
+        source,
+        chat_template=config.chat_template,
+        trust_remote_code=config.trust_remote_code,
+        eos_files=eos_config_files(config, model_dir),
     )
+
+
+def eos_config_files(config: EngineConfig, model_dir: Path) -> list[Path]:
+    """The files whose first eos_token_id ends generation beside the tokenizer's EOS: a
+    --generation-config directory's file, then the model's generation_config.json and config.json. As
+    in vLLM, the model's and not those of a --tokenizer directory, which rarely has them."""
+    files = model_config_files(model_dir)
+    if (other := generation_config_dir(config.generation_config)) is not None:
+        files.insert(0, other / GENERATION_CONFIG_FILE)
+    return files
 
 
 def served_model_name(config: EngineConfig, model_dir: Path | None = None) -> str:

@@ -14,7 +14,7 @@ from batchlm.server.protocol import ChatMessage, DetokenizeRequest, TokenizeRequ
 from batchlm.server.responses import DetokenizeResponse, TokenizeResponse, TokenizerInfo
 from batchlm.server.state import ServerState
 from batchlm.tokenizer.batched_encoder import batched_encoder
-from batchlm.tokenizer.tokenizer import Tokenizer
+from batchlm.tokenizer.tokenizer import Tokenizer, checked_template_kwargs
 from batchlm.tools.prompting import template_inputs
 
 # Texts longer than this (characters) are tokenized off the event loop; below a few hundred the
@@ -44,6 +44,13 @@ async def encode_text(
     return await batched_encoder(tokenizer).encode(text, add_special_tokens)
 
 
+def template_for(tokenizer: Tokenizer, tools: bool) -> str | None:
+    """The chat template a conversation with (or without) tools renders with (Tokenizer.chat_template_for;
+    a tokenizer without named templates has one)."""
+    choose = getattr(tokenizer, "chat_template_for", None)
+    return choose(tools) if choose is not None else getattr(tokenizer, "chat_template", None)
+
+
 async def render_chat(
     tokenizer: Tokenizer,
     messages: list[ChatMessage],
@@ -59,6 +66,12 @@ async def render_chat(
     as its `tools` variable; a template that does not use them gets them in a generic system prompt
     instead (unless not `tool_prompt`: tool_choice "none"), and tool history as text. With a
     `processor`, a rendering too long to fit the context is a 400 before tokenization."""
+    try:
+        checked_template_kwargs(chat_template_kwargs)
+    except ValueError as error:  # named as the client's field, not as a failure of the template
+        raise APIError(
+            400, f"Invalid 'chat_template_kwargs': {error}.", param="chat_template_kwargs"
+        ) from None
     with rejections_as_400():
         converted = template_conversation(
             messages,
@@ -66,7 +79,7 @@ async def render_chat(
             continue_final_message=continue_final_message,
         )
     converted, chat_template_kwargs = template_inputs(
-        converted, tools, getattr(tokenizer, "chat_template", None), chat_template_kwargs, tool_prompt
+        converted, tools, template_for(tokenizer, tools is not None), chat_template_kwargs, tool_prompt
     )
 
     def render() -> str:

@@ -187,6 +187,11 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    echo: bool = Field(
+        False,
+        description="vLLM's: the reply's content starts with the last message's text when that message is "
+        "the assistant's (with continue_final_message, the whole message so far).",
+    )
     # Reasoning models only; reaches the chat template (batchlm.reasoning.registry.effort_template_kwargs).
     reasoning_effort: ReasoningEffort | None = None
 

@@ -22,7 +22,7 @@ from batchlm.sampling_defaults import SamplingDefaults
 from batchlm.sampling_params import SamplingParams
 from batchlm.server.errors import APIError, rejections_as_400
 from batchlm.server.logprobs import chat_logprobs
-from batchlm.server.prompts import render_chat
+from batchlm.server.prompts import render_chat, template_for
 from batchlm.server.protocol import ChatCompletionRequest
 from batchlm.server.request_params import build_sampling_params, check_chat_request
 from batchlm.server.responding import (
@@ -60,6 +60,8 @@ class ChatContext(ResponseContext):
     top_logprobs: int | None
     # Reads thinking and tool calls out of each choice's output; None: the output is all content.
     reader: MessageReader | None
+    # What each choice's content starts with: the assistant message it continues, for vLLM's `echo`.
+    echoed: str = ""
 
 
 async def create_chat_completion(request: Request, body: ChatCompletionRequest) -> Response:
@@ -75,7 +77,7 @@ async def prepare_chat(
     info = state.admit(body)
     check_chat_request(body)
     tokenizer, processor = state.engine.tokenizer, state.engine.input_processor
-    chat_template = getattr(tokenizer, "chat_template", None)
+    chat_template = template_for(tokenizer, bool(body.tools))
     added_tokens = getattr(tokenizer, "added_tokens", None) or {}
     template_kwargs = body.chat_template_kwargs
     if body.reasoning_effort is not None:
@@ -117,8 +119,17 @@ async def prepare_chat(
         top_logprobs=engine_request.params.logprobs,
         reader=MessageReader(reasoning, tool_use.parser) if reasoning or tool_use.parser else None,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        echoed=_echoed(body),
     )
     return engine_request, context
+
+
+def _echoed(body: ChatCompletionRequest) -> str:
+    """vLLM's `echo`: the reply starts with the last message when it is the assistant's (the one a
+    request with continue_final_message continues); nothing otherwise."""
+    if not body.echo or body.messages[-1].role != "assistant":
+        return ""
+    return final_message_text(body.messages)
 
 
 def _sampling_params(
@@ -231,8 +242,9 @@ class ChatFormatter(ResponseFormatter[ChatContext]):
 
     def _choice(self, index: int, result: ChoiceResult) -> ChatChoice:
         parsed = self._messages.whole(result)
+        echoed = self.context.echoed
         message = ChatResponseMessage(
-            content=parsed.content,
+            content=echoed + (parsed.content or "") if echoed else parsed.content,
             tool_calls=response_tool_calls(parsed.tool_calls),
             reasoning_content=parsed.reasoning,
         )
@@ -245,7 +257,13 @@ class ChatFormatter(ResponseFormatter[ChatContext]):
 
     def opening(self) -> Iterable[bytes]:
         role = {"role": "assistant", "content": ""}
-        return [self._chunk([ChatChunkChoice(index=i, delta=dict(role))]) for i in range(self.context.n)]
+        chunks = [self._chunk([ChatChunkChoice(index=i, delta=dict(role))]) for i in range(self.context.n)]
+        if self.context.echoed:  # after the role chunks, as vLLM sends it
+            echo = {"content": self.context.echoed}
+            chunks += [
+                self._chunk([ChatChunkChoice(index=i, delta=dict(echo))]) for i in range(self.context.n)
+            ]
+        return chunks
 
     def delta(self, position: int, output: RequestOutput) -> Iterator[bytes]:
         for completion in output.outputs:

@@ -20,6 +20,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# Names of a tokenizer's templates when it has several: chat requests render the default one, and
+# those that send tools the tool_use one where it exists (transformers' get_chat_template).
+DEFAULT_TEMPLATE, TOOL_USE = "default", "tool_use"
+
 # apply_chat_template's own parameters: passing them through chat_template_kwargs would change how
 # transformers renders or tokenizes instead of reaching the template, so they are refused.
 _RESERVED_TEMPLATE_KWARGS = frozenset(
@@ -53,6 +57,9 @@ class Tokenizer:
         self.eos_token_ids: tuple[int, ...] = _unique_ids([*eos_token_ids, hf.eos_token_id])
         # The Jinja template apply_chat_template renders (the override, else the tokenizer's own).
         self.chat_template: str | None = chat_template or _own_chat_template(hf)
+        # The model's template named "tool_use" (Hermes' and Command R's tokenizer configs name several),
+        # rendered instead when a request sends tools; None with an override or a single template.
+        self.tool_use_template: str | None = None if chat_template else _own_chat_template(hf, TOOL_USE)
         # Tokens added to the base vocabulary (special or not), by text: markers like Qwen's <tool_call>.
         self.added_tokens: Mapping[str, int] = dict(hf.get_added_vocab())
         self._backend = _exact_backend(hf)
@@ -64,11 +71,17 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, chat_template: str | None = None, trust_remote_code: bool = False
+        cls,
+        path: str | Path,
+        chat_template: str | None = None,
+        trust_remote_code: bool = False,
+        eos_files: Sequence[Path] | None = None,
     ) -> Tokenizer:
         """Load from a local model directory. `chat_template` overrides the model's template and is a
-        file path or a literal Jinja string. EOS ids are the union of generation_config.json's
-        eos_token_id (int or list; config.json's when there is no generation config) and the tokenizer's."""
+        file path or a literal Jinja string. EOS ids are the union of the tokenizer's and the
+        eos_token_id (int or list) of the first of `eos_files` that states one: the model's
+        generation_config.json, then its config.json (by default those of `path`; the model's own where
+        the tokenizer comes from another directory)."""
         directory = Path(path).expanduser()
         if not directory.is_dir():
             raise FileNotFoundError(
@@ -79,7 +92,9 @@ class Tokenizer:
         except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for a bad directory
             raise ValueError(f"could not load a tokenizer from {directory}: {exc}") from exc
         template = resolve_chat_template(chat_template) if chat_template is not None else None
-        tokenizer = cls(hf, _configured_eos_ids(directory), template, str(directory))
+        if eos_files is None:
+            eos_files = model_config_files(directory)
+        tokenizer = cls(hf, _configured_eos_ids(eos_files), template, str(directory))
         tokenizer._check_template_syntax()
         tokenizer.byte_pieces(skip_special_tokens=True)  # built at load, not by the first request
         _ = tokenizer.max_chars_per_token
@@ -134,6 +149,11 @@ class Tokenizer:
         a text longer than max_model_len times this cannot fit the context."""
         return max_chars_per_token(self.hf)
 
+    def chat_template_for(self, tools: bool) -> str | None:
+        """The template a conversation renders with: the model's "tool_use" template when it sends
+        tools and the model names one, else its chat template (transformers' and vLLM's choice)."""
+        return self.tool_use_template if tools and self.tool_use_template else self.chat_template
+
     def render_chat_template(
         self,
         messages: list[dict[str, Any]],
@@ -141,14 +161,16 @@ class Tokenizer:
         chat_template_kwargs: dict[str, Any] | None = None,
         continue_final_message: bool = False,
     ) -> str:
-        """The prompt text for `messages`, rendered by transformers' sandboxed Jinja environment.
+        """The prompt text for `messages`, rendered by transformers' sandboxed Jinja environment
+        (tools in `chat_template_kwargs` choose the template: chat_template_for).
 
         Raises ValueError when there is no template, the arguments conflict, or rendering fails
         (including a template's own raise_exception).
         """
         import jinja2
 
-        if self.chat_template is None:
+        template = self.chat_template_for((chat_template_kwargs or {}).get("tools") is not None)
+        if template is None:
             raise ValueError(
                 f"the model {self.name_or_path or '(unnamed)'} has no chat template; supply one with "
                 "--chat-template (a file path or a literal Jinja string)"
@@ -157,11 +179,11 @@ class Tokenizer:
             raise ValueError("messages must contain at least one message")
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
-        kwargs = _checked_template_kwargs(chat_template_kwargs)
+        kwargs = checked_template_kwargs(chat_template_kwargs)
         try:
             rendered = self.hf.apply_chat_template(
                 messages,
-                chat_template=self.chat_template,
+                chat_template=template,
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
                 tokenize=False,
@@ -249,16 +271,23 @@ def _unique_ids(ids: Sequence[int | None]) -> tuple[int, ...]:
     return tuple(seen)
 
 
-def _configured_eos_ids(directory: Path) -> list[int]:
-    """eos_token_id of generation_config.json (else config.json), as a list; [] when neither sets it."""
-    for name in ("generation_config.json", "config.json"):
-        file = directory / name
+def model_config_files(directory: Path) -> list[Path]:
+    """The files of a model directory that may state its EOS ids, in the order they are read."""
+    return [directory / "generation_config.json", directory / "config.json"]
+
+
+def _configured_eos_ids(files: Sequence[Path]) -> list[int]:
+    """eos_token_id of the first of `files` that sets it, as a list; [] when none does."""
+    for file in files:
         if not file.is_file():
             continue
         try:
-            value = json.loads(file.read_text(encoding="utf-8")).get("eos_token_id")
+            config = json.loads(file.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise ValueError(f"{file} is not valid JSON: {exc}") from exc
+        if not isinstance(config, dict):
+            raise ValueError(f"{file} must hold a JSON object")
+        value = config.get("eos_token_id")
         if value is None:
             continue
         values = value if isinstance(value, list) else [value]
@@ -268,14 +297,18 @@ def _configured_eos_ids(directory: Path) -> list[int]:
     return []
 
 
-def _own_chat_template(hf: PreTrainedTokenizerBase) -> str | None:
+def _own_chat_template(hf: PreTrainedTokenizerBase, name: str = DEFAULT_TEMPLATE) -> str | None:
+    """The tokenizer's template of that name where it names several, else its only one (as default)."""
     template = getattr(hf, "chat_template", None)
-    if isinstance(template, Mapping):  # several named templates: the "default" one serves chat requests
-        template = template.get("default")
+    if isinstance(template, Mapping):
+        template = template.get(name)
+    elif name != DEFAULT_TEMPLATE:
+        return None
     return template if isinstance(template, str) and template else None
 
 
-def _checked_template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
+def checked_template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """A copy of `kwargs`; ValueError naming those that are apply_chat_template's own parameters."""
     kwargs = dict(kwargs or {})
     clashes = sorted(_RESERVED_TEMPLATE_KWARGS.intersection(kwargs))
     if clashes:

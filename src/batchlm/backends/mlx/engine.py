@@ -17,6 +17,7 @@ from batchlm.core.facts import ModelFacts
 from batchlm.engine.client import EngineDeadError, EngineStats
 from batchlm.engine.front_end import StreamingFrontEnd
 from batchlm.executor.core_messages import CoreFailed
+from batchlm.models.model_source import eos_config_files
 from batchlm.request import EngineCoreRequest
 from batchlm.tokenizer.tokenizer import Tokenizer
 
@@ -72,6 +73,7 @@ class MLXEngine(StreamingFrontEnd[WorkerEvent]):
             self.config.tokenizer or model_dir,
             chat_template=self.config.chat_template,
             trust_remote_code=self.config.trust_remote_code,
+            eos_files=eos_config_files(self.config, model_dir),
         )
 
     async def shutdown(self) -> None:

@@ -227,16 +227,23 @@ def _configured_or_stated_limit(config: EngineConfig, model_config: dict[str, An
     return model_limit
 
 
+# Model types whose max_position_embeddings is the RoPE-scaled context already.
+STATES_SCALED_LENGTH = frozenset({"gemma3", "gemma3_text"})
+
+
 def model_context_length(model_config: dict[str, Any]) -> int | None:
     """The RoPE-scaled position limit, as the torch backend computes it (models/hf_config.context_length,
     layers/rope_scaling.scaled_max_position, which import torch): linear and dynamic scaling stretch
     max_position_embeddings by `factor`, YaRN its original length; llama3 and longrope configs state
-    theirs. None when the config states no max_position_embeddings."""
+    theirs. None when the config states no max_position_embeddings. Gemma 3 states its scaled length
+    already: transformers reads its scaling as the global layers' alone (vLLM skips it too)."""
     text = _text_config(model_config)
     stated = text.get("max_position_embeddings") or model_config.get("max_position_embeddings")
     if stated is None:
         return None
     limit = int(stated)
+    if text.get("model_type", model_config.get("model_type")) in STATES_SCALED_LENGTH:
+        return limit
     scaling = text.get("rope_parameters") or text.get("rope_scaling")
     if not isinstance(scaling, dict) or any(isinstance(value, dict) for value in scaling.values()):
         return limit  # plain RoPE, or per-layer-type parameters, which state the scaled length already
