@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from batchlm import SamplingParams
 from batchlm.config import EngineConfig
+from batchlm.engine import async_engine
 from batchlm.engine.async_engine import AsyncLLMEngine
 
 
@@ -46,3 +52,31 @@ def test_begin_loading_waits_for_start_when_the_model_is_not_a_local_directory(t
     AsyncLLMEngine(EngineConfig(model="someone/some-model", device="cpu")).begin_loading()
     AsyncLLMEngine(EngineConfig(model=str(tmp_path / "missing"), device="cpu")).begin_loading()
     assert len(_core_processes()) == before
+
+
+def _slow_to_exit(ready: Any) -> None:
+    """A core process that outlasts any grace period, ignoring SIGTERM as the real one does."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ready.set()
+    time.sleep(600)
+
+
+def test_shutdown_stops_a_core_slower_to_exit_than_its_grace_period(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a loaded machine a core may take longer than the grace period to exit: shutdown() still
+    returns with it gone."""
+    context = multiprocessing.get_context("spawn")
+    ready = context.Event()
+    core = context.Process(target=_slow_to_exit, args=(ready,), name="slow-core", daemon=True)
+    core.start()
+    try:
+        assert ready.wait(120), "the stand-in core never started"
+        engine = AsyncLLMEngine(EngineConfig(model="unused", device="cpu"))
+        engine._worker = core
+        monkeypatch.setattr(async_engine, "CORE_EXIT_GRACE_S", 0.1)
+        asyncio.run(engine.shutdown())
+        assert not core.is_alive()
+        assert engine.is_dead
+    finally:
+        if core.is_alive():
+            core.kill()
+            core.join(60)

@@ -330,7 +330,9 @@ def test_stop_keeps_the_partial_reply_and_edit_sends_again(page: Any, keyed_serv
     engine = keyed_server.engine
     assert isinstance(engine, FakeEngine)
     open_chat(page, keyed_server, API_KEY)
-    engine.token_delay_s = 0.05  # the reply streams for seconds: time to see it grow and stop it
+    # A token a second: the reply (about 150 tokens) is still streaming when the page's Stop is clicked,
+    # however slowly a loaded machine runs the browser; the stop ends it at once.
+    engine.token_delay_s = 1.0
     try:
         send(page, "A long answer please")
         # Part of the reply is on the page while the stream is still open.
@@ -403,7 +405,7 @@ def test_a_server_that_dies_mid_reply_is_reported(page: Any) -> None:
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base_url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: is_healthy(base_url), 60, "the server process to be ready")
+        wait_until(lambda: is_healthy(base_url), 120, "the server process to be ready")
         page.goto(f"{base_url}/")
         page.wait_for_selector("#model-name:not(:empty)")
         send(page, "Hello")

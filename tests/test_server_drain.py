@@ -81,15 +81,19 @@ def fake_server_process(token_delay_s: float) -> tuple[subprocess.Popen[str], st
 
 
 def test_sigterm_drain_answers_new_requests_with_503() -> None:
-    process, base = fake_server_process(0.02)
+    # Slow (150 s for the stream) until the checks are done, then sped up (SIGUSR1): a paced stream
+    # short enough to keep the test quick would end, and the server with it, before the checks on a
+    # loaded machine (they took 3 of its 6 s at a load of 17 on 2 cores).
+    process, base = fake_server_process(0.5)
     try:
-        wait_until(lambda: _healthy(base), timeout_s=60, what="the server process to be ready")
+        wait_until(lambda: _healthy(base), timeout_s=120, what="the server process to be ready")
         with httpx.stream("POST", f"{base}/v1/chat/completions", json=STREAM, timeout=60) as response:
             lines = response.iter_lines()
             data_lines(lines, count=2)
             process.send_signal(signal.SIGTERM)
             wait_until(lambda: not _healthy(base), what="the drain to begin")
             assert_refused_while_draining(base)
+            process.send_signal(signal.SIGUSR1)
             rest = data_lines(lines)
         assert rest[-1] == "[DONE]"
         output, _ = process.communicate(timeout=60)
@@ -103,7 +107,7 @@ def test_sigterm_drain_answers_new_requests_with_503() -> None:
 def test_a_second_sigint_ends_the_drain_with_abort_errors_and_no_traceback() -> None:
     process, base = fake_server_process(0.05)
     try:
-        wait_until(lambda: _healthy(base), timeout_s=60, what="the server process to be ready")
+        wait_until(lambda: _healthy(base), timeout_s=120, what="the server process to be ready")
         with httpx.stream("POST", f"{base}/v1/chat/completions", json=STREAM, timeout=60) as response:
             lines = response.iter_lines()
             data_lines(lines, count=2)

@@ -258,7 +258,7 @@ def test_signal_drains_in_flight_requests_and_exits_0(signum: int) -> None:
             except httpx.TransportError:
                 return False
 
-        wait_until(healthy, timeout_s=60, what="the server process to be ready")
+        wait_until(healthy, timeout_s=120, what="the server process to be ready")
         body = {"messages": USER, "max_tokens": 50, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=30) as response:
             lines = response.iter_lines()

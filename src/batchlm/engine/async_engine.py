@@ -46,6 +46,10 @@ CoreSharing = Callable[[Path, list[Connection]], None]
 # The core's messages the inbox carries besides step results (the reader thread unpacks StepOutputs).
 CoreEvent = RequestRejected | CoreFailed
 
+# How long a core process told to shut down may take to exit before it is killed (a loaded 2-core
+# machine took 4 s of it for the tiny test model).
+CORE_EXIT_GRACE_S = 10.0
+
 
 class AsyncLLMEngine(StreamingFrontEnd[CoreEvent]):
     """Front end of the engine. All state here is touched only on the event loop's thread; a reader
@@ -211,10 +215,16 @@ class AsyncLLMEngine(StreamingFrontEnd[CoreEvent]):
         with contextlib.suppress(OSError, BrokenPipeError):
             self._to_core(Shutdown())
         worker = self._worker
+        loop = asyncio.get_running_loop()
         if worker is not None:
-            await asyncio.get_running_loop().run_in_executor(None, worker.join, 10.0)
+            await loop.run_in_executor(None, worker.join, CORE_EXIT_GRACE_S)
         if isinstance(worker, multiprocessing.process.BaseProcess) and worker.is_alive():
-            worker.terminate()
+            # Killed: the core ignores SIGTERM by design (engine_core_main), so terminate() would leave
+            # it running past this call, and this process's exit would wait for it (multiprocessing
+            # joins its children at exit).
+            logger.warning("the engine core did not exit within %.0f s; killing it", CORE_EXIT_GRACE_S)
+            worker.kill()
+            await loop.run_in_executor(None, worker.join, CORE_EXIT_GRACE_S)
         self._mark_dead("the engine was shut down", expected=True)
 
     # -- EngineClient ------------------------------------------------------------------------------
