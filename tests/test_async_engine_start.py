@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -80,3 +81,39 @@ def test_shutdown_stops_a_core_slower_to_exit_than_its_grace_period(monkeypatch:
         if core.is_alive():
             core.kill()
             core.join(60)
+
+
+def test_start_cancelled_while_the_model_loads_stops_the_core(
+    tiny_model_dir: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while the core loads cancels start(): the core is stopped then, not left to finish loading
+    (a core reads no message, "shutdown" included, before it is ready)."""
+    engine = AsyncLLMEngine(EngineConfig(model=str(tiny_model_dir("llama")), device="cpu"))
+    waiting, release = threading.Event(), threading.Event()
+    receive = engine._recv_or_eof
+
+    def held_receive() -> Any:
+        # Whether or not the core is ready by now, start() stays in this wait until cancelled.
+        waiting.set()
+        release.wait()
+        return receive()
+
+    monkeypatch.setattr(engine, "_recv_or_eof", held_receive)
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(engine.start())
+        await asyncio.get_running_loop().run_in_executor(None, waiting.wait)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()  # the wait's thread must end before asyncio.run() can
+
+    try:
+        asyncio.run(scenario())
+        core = engine._worker
+        assert isinstance(core, multiprocessing.process.BaseProcess)
+        core.join(timeout=60)  # a hang guard: a stopped core is gone at once
+        assert not core.is_alive()
+    finally:
+        release.set()
+        asyncio.run(engine.shutdown())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -50,8 +51,14 @@ def test_most_verify_rows_bound_the_decode_graphs() -> None:
     assert SpeculationConfig(mode="auto", num_tokens=4, max_batch=0).most_verify_rows(32) == 0
 
 
-def test_off_under_tensor_parallelism_and_bad_values() -> None:
-    assert resolve_speculation(EngineConfig(speculative="ngram", tensor_parallel_size=2), "cpu").mode == "off"
+def test_off_under_tensor_parallelism_and_bad_values(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="batchlm.executor.core_builder"):
+        resolve_speculation(EngineConfig(tensor_parallel_size=2), "cpu")
+        assert "ignored" not in caplog.text  # "auto" makes no promise to break
+        ngram = resolve_speculation(EngineConfig(speculative="ngram", tensor_parallel_size=2), "cpu")
+    assert ngram.mode == "off"
+    # Asked for by name and not done: the log says so.
+    assert "--speculative ngram is ignored with --tensor-parallel-size 2" in caplog.text
     with pytest.raises(ValueError, match="--speculative"):
         resolve_speculation(EngineConfig(speculative="eagle"), "cpu")
     with pytest.raises(ValueError, match="--num-speculative-tokens"):

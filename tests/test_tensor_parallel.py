@@ -4,6 +4,7 @@ and a dead worker stops the engine with a clear error (offline and behind the se
 from __future__ import annotations
 
 import os
+import re
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -109,6 +110,43 @@ def test_one_all_reduce_per_attention_and_mlp_block(
     assert loaded.shape.num_heads == 2 and loaded.shape.num_kv_heads == 1
 
 
+@pytest.mark.parametrize(
+    ("overrides", "size", "error"),
+    [
+        (
+            {"num_attention_heads": 3, "num_key_value_heads": 3, "hidden_size": 48},
+            2,
+            "num_attention_heads (3) is not divisible by the tensor-parallel size 2",
+        ),
+        (
+            {"intermediate_size": 129},
+            2,
+            "intermediate_size (129) is not divisible by the tensor-parallel size 2",
+        ),
+        # Fewer KV heads than ranks: each is replicated, which needs a whole number of ranks per head.
+        (
+            {"num_attention_heads": 6, "num_key_value_heads": 2, "hidden_size": 96},
+            3,
+            "num_key_value_heads (2) does not divide the tensor-parallel size 3",
+        ),
+    ],
+    ids=["heads", "intermediate", "kv-heads"],
+)
+def test_sizes_that_do_not_split_name_the_config_field(
+    tiny_model_dir: Callable[..., Path], overrides: dict[str, int], size: int, error: str
+) -> None:
+    from batchlm.models.loader import load_model
+
+    with pytest.raises(ValueError, match=re.escape(error)):
+        load_model(
+            tiny_model_dir("llama", **overrides),
+            torch.float32,
+            torch.device("cpu"),
+            tp=CountingGroup(rank=1, size=size),
+            progress=False,
+        )
+
+
 def test_worker_devices() -> None:
     assert worker_devices("cpu", 2) == ["cpu", "cpu"]
     if not torch.cuda.is_available():
@@ -119,6 +157,50 @@ def test_worker_devices() -> None:
             worker_devices("cuda:1", 2)
     with pytest.raises(ValueError, match="'mps' is not supported with tensor parallelism"):
         worker_devices("mps", 2)
+
+
+def test_cpu_ranks_share_the_cpus_this_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    import batchlm.runner.cpu_threads as cpu_threads
+    from batchlm.executor.tensor_parallel import rank_threads
+
+    # torch counts the host's 64 cores; a container's quota grants 4 CPUs.
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 64)
+    monkeypatch.setattr(cpu_threads, "available_cpus", lambda: 4)
+    assert rank_threads(2) == 2
+    assert rank_threads(8) == 1
+    # Fewer torch threads than CPUs (BATCHLM_CORE_THREADS): the threads are shared out.
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert rank_threads(2) == 1
+
+
+def test_a_failed_step_says_why_on_its_first_line() -> None:
+    """A rank's error in a step reaches clients as the first line of the reason (CoreFailed.after):
+    that line must carry the error, with the traceback after it for the log."""
+    import multiprocessing
+    import pickle
+
+    from batchlm.core.step_io import SchedulerOutput
+    from batchlm.executor.core_messages import CoreFailed
+    from batchlm.executor.messages import ExecuteStep, WorkerFailed
+    from batchlm.executor.wire import encode_step
+    from batchlm.executor.worker import serve
+
+    class FailingRunner:
+        def execute(self, scheduled: SchedulerOutput) -> None:
+            raise RuntimeError("could not allocate 12 bytes\n(more detail)")
+
+    executor_end, worker_end = multiprocessing.Pipe()
+    step = ExecuteStep(encode_step(SchedulerOutput((), (), frozenset())))
+    executor_end.send_bytes(pickle.dumps(step))
+    serve(FailingRunner(), 1, worker_end)  # type: ignore[arg-type]
+    reply = executor_end.recv()
+    assert isinstance(reply, WorkerFailed)
+    assert "Traceback" in reply.reason
+    failed = CoreFailed.after(TensorParallelError(f"tensor-parallel worker {reply.reason}"))
+    assert failed.reason == (
+        "TensorParallelError: tensor-parallel worker rank 1 failed in execute: "
+        "RuntimeError: could not allocate 12 bytes"
+    )
 
 
 # -- TP=2 engines over gloo --------------------------------------------------------------------------
@@ -206,6 +288,36 @@ def test_interrupted_step_retires_the_workers(
     with pytest.raises(TensorParallelError, match="'execute' call to the workers was interrupted"):
         qwen3_one_kv_head_engines[1].generate(_prompts(), GREEDY)
     assert not any(pid is not None and _pid_alive(pid) for pid in pids)
+
+
+@pytest.mark.slow
+def test_interrupted_start_stops_the_workers(
+    tiny_model_dir: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while the ranks load: the workers stop at once, not when the executor is collected (a
+    traceback kept for display, as here in excinfo, keeps it alive)."""
+    import batchlm.executor.tensor_parallel as tensor_parallel
+
+    spawned: list[Any] = []
+    spawn = tensor_parallel._spawn_workers
+
+    def spawn_and_keep(*args: Any) -> Any:
+        processes, conns = spawn(*args)
+        spawned.extend(processes)
+        return processes, conns
+
+    def interrupted(self: TensorParallelExecutor) -> list[Any]:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tensor_parallel, "_spawn_workers", spawn_and_keep)
+    monkeypatch.setattr(TensorParallelExecutor, "_collect", interrupted)
+    config = EngineConfig(model=str(tiny_model_dir("llama")), tensor_parallel_size=2, **ENGINE_ARGS)
+    with pytest.raises(KeyboardInterrupt) as excinfo:
+        TensorParallelExecutor(config, Path(config.model))
+    executor = excinfo.traceback[-1].frame.f_locals["self"]
+    assert len(spawned) == 2 and not any(process.is_alive() for process in spawned)
+    with pytest.raises(TensorParallelError, match="start-up was interrupted"):
+        executor.check_health()
 
 
 @pytest.mark.slow

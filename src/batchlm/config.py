@@ -64,7 +64,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.90
     # KV-cache size on CPU, in GiB; None = what max_num_seqs requests of max_model_len tokens can use,
     # at most 2 GiB and half the memory available once the model is loaded. A size beyond the memory
-    # available is refused at start.
+    # available is refused at start. With tensor parallelism, each rank's (every rank holds one).
     cpu_kv_cache_gib: float | None = None
     # Force a number of KV blocks (tests); overrides the memory budget.
     num_gpu_blocks_override: int | None = None
@@ -111,7 +111,8 @@ class EngineConfig:
     async_scheduling: str = "auto"
     # Speculative decoding with draft tokens looked up in each request's own prompt and output (n-grams):
     # "auto" speculates while the batch is small and only for requests whose drafts are mostly accepted,
-    # "ngram" whenever a draft is found, "off" never. Output is the same as without it (lossless).
+    # "ngram" whenever a draft is found, "off" never. Output is the same as without it (lossless). Off
+    # with tensor parallelism.
     speculative: str = "auto"
     # Most draft tokens verified per request per step; None = chosen from the device.
     num_speculative_tokens: int | None = None

@@ -148,10 +148,12 @@ class AsyncLLMEngine(StreamingFrontEnd[CoreEvent]):
                     self.tokenizer = await self._loop.run_in_executor(
                         None, load_tokenizer, self.config, model_dir
                     )
+            # Cancelled here (Ctrl-C while the model loads), the core is stopped now: it reads no
+            # message until it is ready, so shutdown() would wait out its grace period for it.
+            first = await self._loop.run_in_executor(None, self._recv_or_eof)
         except BaseException:
             self._stop_core_now()
             raise
-        first = await self._loop.run_in_executor(None, self._recv_or_eof)
         if not isinstance(first, CoreReady):
             reason = first.reason if isinstance(first, CoreFailed) else f"unexpected {type(first).__name__}"
             self._dead_reason = reason

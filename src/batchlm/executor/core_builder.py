@@ -102,6 +102,13 @@ def resolve_speculation(config: EngineConfig, device: str) -> SpeculationConfig:
             f"--speculative-pool-tokens must not be negative, got {config.speculative_pool_tokens}"
         )
     mode = config.speculative if config.tensor_parallel_size == 1 else "off"
+    if config.speculative == "ngram" and mode == "off":
+        # Asked for by name, so say it is not done (as the MLX backend does for what it ignores).
+        logger.warning(
+            "--speculative ngram is ignored with --tensor-parallel-size %d: tensor-parallel workers do "
+            "not verify draft tokens",
+            config.tensor_parallel_size,
+        )
     kind = "cuda" if device.startswith("cuda") else "cpu"
     max_batch = (
         config.speculative_max_batch

@@ -100,7 +100,13 @@ class TensorParallelExecutor:
         self.processes, self.conns = _spawn_workers(config, model_dir, self.devices, self._store.port)
         # Stop the workers however this object goes: explicit shutdown, garbage collection, exit.
         self._finalizer = weakref.finalize(self, _stop_workers, list(self.processes), list(self.conns))
-        self._collect()  # every rank has loaded its shard
+        try:
+            self._collect()  # every rank has loaded its shard
+        except BaseException:
+            # Interrupted while the ranks load (Ctrl-C): a traceback kept for display (a notebook's,
+            # an interactive prompt's) keeps this object alive, and with it the loading workers.
+            self._stop_all("start-up was interrupted")
+            raise
 
     @property
     def worker_pids(self) -> list[int | None]:
@@ -220,7 +226,7 @@ def _spawn_workers(
     config: EngineConfig, model_dir: Path, devices: list[str], store_port: int
 ) -> tuple[list[BaseProcess], list[Connection]]:
     context = multiprocessing.get_context("spawn")
-    threads = max(1, torch.get_num_threads() // len(devices)) if devices[0] == "cpu" else 1
+    threads = rank_threads(len(devices)) if devices[0] == "cpu" else 1
     log_level = logging.getLogger("batchlm").getEffectiveLevel()
     processes: list[BaseProcess] = []
     conns: list[Connection] = []
@@ -238,6 +244,15 @@ def _spawn_workers(
             processes.append(process)
             conns.append(parent_end)
     return processes, conns
+
+
+def rank_threads(size: int) -> int:
+    """torch threads for each of `size` CPU ranks: an equal share of this process's threads, counted
+    no higher than the CPUs it may run on (torch counts the host's cores, not a container's quota;
+    ranks whose threads together outnumber the CPUs wait on descheduled threads at every op)."""
+    from batchlm.runner.cpu_threads import available_cpus
+
+    return max(1, min(torch.get_num_threads(), available_cpus()) // size)
 
 
 @contextlib.contextmanager

@@ -148,8 +148,10 @@ def serve(runner: ModelRunner, rank: int, conn: Connection) -> None:
             return
         try:
             result = _call(runner, call)
-        except Exception:
-            _send(conn, WorkerFailed(f"rank {rank} failed in {call.name}:\n{traceback.format_exc(limit=8)}"))
+        except Exception as exc:
+            # The error on the first line: that line is all the engine's clients are told (CoreFailed).
+            first = f"rank {rank} failed in {call.name}: {type(exc).__name__}: {exc}".splitlines()[0]
+            _send(conn, WorkerFailed(f"{first}\n{traceback.format_exc(limit=8)}"))
             return
         # Every rank samples the same token (same logits, same generator state); rank 0 answers.
         _send(conn, WorkerReply(result if rank == 0 or not isinstance(call, ExecuteStep) else None))

@@ -166,7 +166,12 @@ class QKVParallelLinear(ColumnParallelLinear):
             self.num_kv_heads = _divide(num_kv_heads, tp.size, "num_key_value_heads")
             self.kv_head_start = tp.rank * self.num_kv_heads
         else:
-            replicas = _divide(tp.size, num_kv_heads, "tensor-parallel size over num_key_value_heads")
+            if tp.size % num_kv_heads:
+                raise ValueError(
+                    f"num_key_value_heads ({num_kv_heads}) does not divide the tensor-parallel size "
+                    f"{tp.size}, so the KV heads cannot be shared out among the ranks"
+                )
+            replicas = tp.size // num_kv_heads
             self.num_kv_heads = 1
             self.kv_head_start = tp.rank // replicas
         self.q_size = self.num_heads * head_dim

@@ -51,6 +51,11 @@ class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig, bias: bool, tp: TensorParallelGroup) -> None:
         super().__init__()
         hidden, inter = config.hidden_size, config.intermediate_size
+        if inter % tp.size:
+            # Checked here so that the error names the config field, not a layer's "output size".
+            raise ValueError(
+                f"intermediate_size ({inter}) is not divisible by the tensor-parallel size {tp.size}"
+            )
         self.gate_up_proj = MergedColumnParallelLinear(hidden, [inter, inter], bias, tp)
         self.down_proj = RowParallelLinear(inter, hidden, bias, tp)
         self.act_fn = get_gated_activation(config.hidden_act)
