@@ -106,8 +106,9 @@ def test_tokenize_returns_the_token_strings_asked_for(server: BackgroundServer, 
 
 
 def test_template_errors_are_400(server: BackgroundServer) -> None:
+    # "messages" is apply_chat_template's own parameter: the error names the field that sent it.
     body = {"messages": MESSAGES, "chat_template_kwargs": {"messages": []}}
     response = httpx.post(f"{server.base_url}/v1/chat/completions", json=body)
     assert response.status_code == 400
-    assert response.json()["error"]["param"] == "messages"
+    assert response.json()["error"]["param"] == "chat_template_kwargs"
     assert "chat_template_kwargs" in response.json()["error"]["message"]
