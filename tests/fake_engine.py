@@ -40,6 +40,8 @@ class FakeTokenizer:
     eos_token_ids = (EOS_ID,)
     # One token per UTF-8 byte: a token never stands for more than one character.
     max_chars_per_token = 1
+    # decode(skip_special_tokens=True) leaves out <pad>, <s> and </s>.
+    skipped_special_ids = frozenset(range(BYTE_OFFSET))
 
     def __init__(self, has_chat_template: bool = True) -> None:
         self.has_chat_template = has_chat_template

@@ -28,6 +28,21 @@ def test_top_k_keeps_ties_with_the_kth_value() -> None:
     assert kept(logits) == [[0, 1, 2]]
 
 
+def test_both_paths_keep_the_ties_of_the_kth_value() -> None:
+    # A top-k row beside a top-p row takes the sort path: it must keep what it keeps alone, or a seeded
+    # request's tokens would depend on its batch-mates.
+    row = [2.0, 1.0, 1.0, 0.0, 1.0]
+    alone = torch.tensor([row])
+    apply_top_k_top_p(alone, torch.tensor([2]), max_top_k=2, top_p=None)
+    beside = torch.tensor([row, row])
+    apply_top_k_top_p(beside, torch.tensor([2, 0]), max_top_k=2, top_p=torch.tensor([1.0, 0.5]))
+    assert kept(alone) == kept(beside[:1]) == [[0, 1, 2, 4]]
+    # top-p then acts on what top-k kept, the ties included: mass 0.48 + 0.17 of the 4 reaches 0.6.
+    both = torch.tensor([row])
+    apply_top_k_top_p(both, torch.tensor([2]), max_top_k=2, top_p=torch.tensor([0.6]))
+    assert len(kept(both)[0]) == 2 and kept(both)[0][0] == 0
+
+
 def test_sort_path_applies_top_k_then_top_p() -> None:
     probs = [0.1, 0.4, 0.05, 0.3, 0.15]
     logits = torch.tensor([[math.log(p) for p in probs]] * 3)

@@ -4,12 +4,16 @@ template) behind the fake engine: chat template, token counts, logprob bytes, to
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from batchlm.outputs import TokenLogprobs
 from batchlm.server.background import BackgroundServer
+from batchlm.server.logprobs import CompletionLogprobsBuilder
+from batchlm.tokenizer.tokenizer import Tokenizer
 from fake_engine import FakeEngine, openai_client
 
 # Multi-byte characters: some BPE tokens hold only part of a character.
@@ -112,3 +116,58 @@ def test_template_errors_are_400(server: BackgroundServer) -> None:
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "chat_template_kwargs"
     assert "chat_template_kwargs" in response.json()["error"]["message"]
+
+
+def test_a_token_after_an_unfinished_character_is_offset_past_its_replacement(tiny_tokenizer: Any) -> None:
+    # A model may follow the first bytes of a multi-byte character with a token that cannot finish it:
+    # the text shows U+FFFD for those bytes, and the next token's text comes after it.
+    by_bytes = {tiny_tokenizer.token_bytes(t): t for t in range(tiny_tokenizer.vocab_size)}
+    lead = next(t for b, t in by_bytes.items() if len(b) == 2 and b[0] >= 0xE0 and b[1] & 0xC0 == 0x80)
+    ids = [by_bytes[b"ab"] if b"ab" in by_bytes else by_bytes[b"a"], lead, by_bytes[b"x"], lead, lead]
+    text = b"".join(tiny_tokenizer.token_bytes(t) for t in ids).decode("utf-8", errors="replace")
+    assert text[-4:] == "\ufffdx\ufffd\ufffd"
+    entry = TokenLogprobs(logprob=-1.0, rank=1)
+    builder = CompletionLogprobsBuilder(tiny_tokenizer, top_n=0)
+    offsets = builder.add(ids[:3], [entry] * 3).text_offset + builder.add(ids[3:], [entry] * 2).text_offset
+    start = len(text) - 4
+    assert offsets == [0, start, start + 1, start + 2, start + 3]
+    assert text[offsets[2]] == "x"
+
+
+def test_text_offsets_leave_out_the_special_tokens_the_text_skips(tiny_tokenizer: Any) -> None:
+    # skip_special_tokens (the default) leaves <|im_start|> out of the text: it takes no place there.
+    engine = FakeEngine(tokenizer=tiny_tokenizer, reply="Hi<|im_start|> there", max_model_len=400)
+    with BackgroundServer(engine) as running:
+        client = openai_client(running.base_url)
+        choice = client.completions.create(model="fake-model", prompt="Hi", logprobs=0).choices[0]
+    tokens, offsets = choice.logprobs.tokens, choice.logprobs.text_offset
+    assert choice.text == "Hi there"
+    after = tokens.index("<|im_start|>") + 1
+    assert offsets[after] == len("Hi") and choice.text[offsets[after] :].startswith(tokens[after])
+
+
+def test_echoed_offsets_leave_out_a_sentencepiece_dummy_prefix(tmp_path: Path) -> None:
+    # Llama 2 style: the encoding puts "▁" before the text's first word, which the echoed text lacks.
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<unk>", "<s>", "</s>", "\u2581Hello", "\u2581world", "\u2581", *"Hdehlorw,"]
+    backend = Backend(models.Unigram([(piece, -1.0) for piece in pieces], unk_id=0))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(prepend_scheme="first")
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(tmp_path)
+    tokenizer = Tokenizer.from_pretrained(tmp_path)
+    text = "Hello world, hello"
+    ids = tokenizer.encode(text)
+    assert tokenizer.token_to_text(ids[1]) == " Hello" and tokenizer.decode(ids) == text
+    entry = TokenLogprobs(logprob=-1.0, rank=1)
+    echoed = CompletionLogprobsBuilder(tokenizer, top_n=0, spelled=text).add(
+        ids, [None] + [entry] * (len(ids) - 1)
+    )
+    assert echoed.text_offset[:4] == [0, 0, len("Hello"), len("Hello world")]
+    for token, offset in zip(echoed.tokens[1:], echoed.text_offset[1:], strict=True):
+        assert text[offset:].startswith(token.strip() if offset == 0 else token)

@@ -14,7 +14,7 @@ def apply_top_k_top_p(
 
     top_k [B] int64 (0 = off); max_top_k: its largest value, known on the host (0 = no row uses
     top-k). top_p [B] float (1 = off), or None when no row uses it; top-p acts on the distribution
-    left after top-k. Tokens tied with the k-th value are kept by the top-k-only path.
+    left after top-k. Tokens tied with the k-th value are kept.
     """
     if top_p is None:
         if max_top_k > 0:
@@ -23,9 +23,10 @@ def apply_top_k_top_p(
     vocab_size = logits.shape[1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V] each
     if max_top_k > 0:
-        positions = torch.arange(vocab_size, device=logits.device)  # [V]
-        keep_k = torch.where(top_k > 0, top_k, vocab_size).unsqueeze(1)  # [B, 1]
-        sorted_logits.masked_fill_(positions >= keep_k, NEG_INF)
+        # By value, as the top-k-only path: a row keeps the same tokens whichever path its batch takes.
+        last = torch.where(top_k > 0, top_k, vocab_size).clamp(max=vocab_size) - 1  # [B]
+        kth = sorted_logits.gather(1, last.unsqueeze(1))  # [B, 1]
+        sorted_logits.masked_fill_(sorted_logits < kth, NEG_INF)
     probs = sorted_logits.softmax(dim=-1)  # [B, V]
     # Keep a token while the mass of the tokens ranked above it is below p: the smallest set
     # reaching p. Rows with p == 1 keep everything (cumsum rounding could exceed 1 otherwise).

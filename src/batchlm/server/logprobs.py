@@ -3,8 +3,9 @@ and legacy completions (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset
 
 from __future__ import annotations
 
+import codecs
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from batchlm.outputs import TokenLogprobs
 from batchlm.server.responses import ChatChoiceLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
@@ -52,15 +53,23 @@ class CompletionLogprobsBuilder:
     before it: a token holding part of a multi-byte character shows as \\xNN escapes, several characters
     long, while the character it helps to spell takes one place in the text. Such a token's offset is
     that of the character its first byte belongs to. A prompt echoed as the client wrote it (`spelled`)
-    does not hold the added tokens its encoding put around it (a BOS): they take no place.
+    does not hold the added tokens its encoding put around it (a BOS): they take no place, nor do the
+    special tokens a completion's text skips (`hidden`).
 
     Each entry's `top_logprobs` lists the chosen token too where it is not among the top_n, as OpenAI's
     legacy format does (up to top_n + 1 entries), so a client finds every token's own logprob there."""
 
     def __init__(
-        self, tokenizer: Tokenizer, top_n: int, start_offset: int = 0, spelled: str | None = None
+        self,
+        tokenizer: Tokenizer,
+        top_n: int,
+        start_offset: int = 0,
+        spelled: str | None = None,
+        hidden: Collection[int] = frozenset(),
     ) -> None:
         self._tokenizer = tokenizer
+        # Ids the text leaves out (special tokens of a completion decoded with skip_special_tokens).
+        self._hidden = hidden
         self._top_n = top_n
         self._offset = start_offset
         # Bytes of a character begun by the tokens so far and not yet complete (it starts at _offset).
@@ -86,14 +95,42 @@ class CompletionLogprobsBuilder:
                 }
                 top.setdefault(text, logprob)
                 result.top_logprobs.append(top)
-            result.text_offset.append(self._offset)
             if self._in_text(token_id, text):
-                self._advance(_token_bytes(self._tokenizer, token_id, text))
+                token_bytes = self._spelled_bytes(_token_bytes(self._tokenizer, token_id, text))
+                result.text_offset.append(self._offset + self._broken_before(token_bytes))
+                self._advance(token_bytes)
+            else:
+                result.text_offset.append(self._offset)
         return result
 
+    def _spelled_bytes(self, token_bytes: bytes) -> bytes:
+        """The bytes the token takes in the spelled text: a SentencePiece tokenizer's encoding puts a
+        space before the text's first word (its dummy prefix) that the text itself does not hold."""
+        if (
+            self._spelled is None
+            or self._partial
+            or not token_bytes.startswith(b" ")
+            or self._spelled.startswith(" ", self._offset)
+        ):
+            return token_bytes
+        return token_bytes[1:]
+
+    def _broken_before(self, token_bytes: bytes) -> int:
+        """The characters (U+FFFD) that the pending bytes become when this token's first byte cannot
+        continue them: the token's text then starts after them, not where they began."""
+        if not self._partial or not token_bytes:
+            return 0
+        try:
+            codecs.getincrementaldecoder("utf-8")().decode(self._partial + token_bytes[:1])
+        except UnicodeDecodeError:
+            return len(self._partial.decode("utf-8", errors="replace"))
+        return 0
+
     def _in_text(self, token_id: int, text: str) -> bool:
-        """Whether the token takes its place in the text: all but an added token that the spelled text
-        does not hold where the token stands."""
+        """Whether the token takes its place in the text: all but a hidden one and an added token that
+        the spelled text does not hold where the token stands."""
+        if token_id in self._hidden:
+            return False
         if self._spelled is None or self._tokenizer.added_tokens.get(text) != token_id:
             return True
         return self._spelled.startswith(text, self._offset)

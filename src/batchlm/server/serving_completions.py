@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -42,6 +42,8 @@ class CompletionContext(ResponseContext):
     echoed_ids: list[list[int]] | None = None
     # `echo` with max_tokens 0 (the legacy way to score a prompt): the answer is the echo alone.
     echo_only: bool = False
+    # Token ids the completions' text leaves out (skip_special_tokens): they take no place in it.
+    hidden_ids: Collection[int] = frozenset()
     builders: dict[tuple[int, int], CompletionLogprobsBuilder] = field(default_factory=dict)
 
     def choice_index(self, position: int, index: int) -> int:
@@ -57,7 +59,9 @@ class CompletionContext(ResponseContext):
         key = (position, index)
         if key not in self.builders:
             offset = len(self.echo_texts[position])
-            self.builders[key] = CompletionLogprobsBuilder(self.tokenizer, self.logprobs, offset)
+            self.builders[key] = CompletionLogprobsBuilder(
+                self.tokenizer, self.logprobs, offset, hidden=self.hidden_ids
+            )
         return self.builders[key].add(token_ids, logprobs)
 
     def echoed_logprobs(
@@ -110,6 +114,9 @@ async def create_completion(request: Request, body: CompletionRequest) -> Respon
         echo_texts=[_echo_text(tokenizer, r) if body.echo else "" for r in engine_requests],
         echoed_ids=[r.prompt_token_ids for r in engine_requests] if echo_logprobs else None,
         echo_only=echo_only,
+        hidden_ids=tokenizer.skipped_special_ids
+        if body.logprobs is not None and params.skip_special_tokens
+        else frozenset(),
     )
     return await respond(request, engine_requests, CompletionFormatter(context), body.stream)
 

@@ -144,6 +144,13 @@ class Tokenizer:
         return self._byte_pieces[skip_special_tokens]
 
     @functools.cached_property
+    def skipped_special_ids(self) -> frozenset[int]:
+        """The ids decode(skip_special_tokens=True) leaves out of the text: added and special tokens
+        that decode to nothing alone."""
+        candidates = {*self.added_tokens.values(), *getattr(self.hf, "all_special_ids", ())}
+        return frozenset(i for i in candidates if not self.decode([i], skip_special_tokens=True))
+
+    @functools.cached_property
     def max_chars_per_token(self) -> int | None:
         """The most input characters one token can stand for (None when the pipeline gives no bound):
         a text longer than max_model_len times this cannot fit the context."""
