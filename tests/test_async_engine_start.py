@@ -18,6 +18,7 @@ from batchlm import SamplingParams
 from batchlm.config import EngineConfig
 from batchlm.engine import async_engine
 from batchlm.engine.async_engine import AsyncLLMEngine
+from batchlm.models.package_index import DownloadCancelled
 
 
 def _core_processes() -> list[multiprocessing.process.BaseProcess]:
@@ -117,3 +118,31 @@ def test_start_cancelled_while_the_model_loads_stops_the_core(
     finally:
         release.set()
         asyncio.run(engine.shutdown())
+
+
+def test_a_stop_during_the_model_download_tells_the_download_to_give_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The download runs on a worker thread the interpreter waits for at exit: unless it is told to
+    # stop, a server stopped meanwhile stays alive until the download ends.
+    preparing = threading.Event()
+    cancelled: list[bool] = []
+
+    def prepare(config: EngineConfig, cancel: threading.Event | None = None) -> Path:
+        preparing.set()
+        cancelled.append(cancel is not None and cancel.wait(timeout=300))
+        raise DownloadCancelled("stopped")
+
+    monkeypatch.setattr(async_engine, "prepare_model_dir", prepare)
+    engine = AsyncLLMEngine(EngineConfig(device="cpu"))
+
+    async def scenario() -> None:
+        starting = asyncio.ensure_future(engine.start())
+        while not preparing.is_set():
+            await asyncio.sleep(0.01)
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+
+    asyncio.run(scenario())  # waits for the worker thread on its way out
+    assert cancelled == [True]

@@ -3,6 +3,8 @@ entries each library's own loader then finds, so nothing compiles twice."""
 
 from __future__ import annotations
 
+import errno
+import logging
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -68,3 +70,30 @@ def test_a_failed_compile_is_left_to_the_loader(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setenv("CC", str(fake))
     build_cpu_kernels()  # does not raise: each library's loader reports its own failure
     assert not list((tmp_path / "kernels").glob("*.so"))
+
+
+def test_a_read_only_cache_still_gets_the_kernels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Without them a read-only cache silently ran torch's ops (GGUF weights dequantized to float32).
+    monkeypatch.setenv("BATCHLM_CACHE", str(tmp_path / "cache"))
+    fake = tmp_path / "fakecc"
+    fake.write_text('#!/bin/sh\nfor last; do :; done\necho built > "$last"\n')  # writes its -o file
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    unwritable = tmp_path / "cache" / "kernels"
+    mkstemp = cpu_native.tempfile.mkstemp
+
+    def read_only(*args: Any, **kwargs: Any) -> Any:
+        if Path(kwargs["dir"]) == unwritable:
+            raise OSError(errno.EROFS, "Read-only file system", str(unwritable))
+        return mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_native.tempfile, "mkstemp", read_only)
+    with caplog.at_level(logging.WARNING):
+        first, second = KERNELS.build(), QUANT_KERNELS.build()
+    assert first.read_text() == "built\n" and second.read_text() == "built\n"
+    assert first.parent == second.parent != unwritable  # one private directory for the process
+    assert first.parent.stat().st_mode & 0o077 == 0
+    assert caplog.text.count("cannot write the kernel cache") == 1
+    assert KERNELS.build() == first  # built once

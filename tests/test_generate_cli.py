@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from batchlm.cli import main
+from batchlm.engine import llm as llm_module
 
 
 def test_generate_json_lines(tiny_model_dir: Callable[..., Path], capsys: pytest.CaptureFixture[str]) -> None:
@@ -106,3 +107,31 @@ def test_a_damaged_weight_file_is_one_error_line(
     error = capsys.readouterr().err
     assert f"{weights} is not a readable safetensors file" in error
     assert "Traceback" not in error
+
+
+def test_an_unwritable_cache_is_one_error_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def unwritable(config: object, cancel: object = None) -> Path:
+        raise OSError("cannot write the model cache /ro; set BATCHLM_CACHE to a writable directory")
+
+    monkeypatch.setattr(llm_module, "prepare_model_dir", unwritable)
+    assert main(["generate", "--device", "cpu", "hi"]) == 1
+    assert capsys.readouterr().err == (
+        "batchlm generate: cannot write the model cache /ro; set BATCHLM_CACHE to a writable directory\n"
+    )
+
+
+def test_ctrl_c_while_the_model_loads_is_one_line_and_exit_130(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted(config: object, cancel: object = None) -> Path:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(llm_module, "prepare_model_dir", interrupted)
+    try:
+        code = main(["generate", "--device", "cpu", "hi"])
+    except KeyboardInterrupt:  # escaping, it would stop the test run itself
+        pytest.fail("KeyboardInterrupt escaped `batchlm generate`")
+    assert code == 130
+    assert capsys.readouterr().err == "batchlm generate: interrupted\n"

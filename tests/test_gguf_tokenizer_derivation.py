@@ -71,3 +71,15 @@ def test_model_types_as_transformers_names_them() -> None:
     assert transformers_model_type("llama", "mistral") == "mistral"
     assert transformers_model_type("llama", "Mistral-7B-Instruct") == "llama"  # only the exact name
     assert transformers_model_type("gemma3", "gemma-3-4b") == "gemma3"
+
+
+def test_a_derived_directory_missing_a_file_is_rebuilt(tmp_path: Path) -> None:
+    # A file deleted from the cache entry once made every later start serve the incomplete entry (the
+    # new build could not take its name) and fail on the tokenizer.
+    gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf", "llama", "F32")
+    derived = prepare_gguf_model_dir(gguf_path, tmp_path / "cache")
+    expected = saved_files(derived)
+    (derived / "tokenizer.json").unlink()
+    assert prepare_gguf_model_dir(gguf_path, tmp_path / "cache") == derived
+    assert saved_files(derived) == expected
+    assert [p.name for p in derived.parent.iterdir()] == [derived.name]  # no staging or discarded copies

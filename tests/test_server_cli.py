@@ -155,6 +155,8 @@ def test_serve_builds_the_engine_and_runs_the_server(monkeypatch: Any) -> None:
     assert created["start_engine"] == created["engine"].start
     state = created["app"].state.batchlm
     assert (state.engine, state.settings.api_key, state.settings.max_queue) == (created["engine"], "k", 7)
+    # The port the system picked for --port 0, which the start-up line names too (not ":0").
+    assert 0 < state.settings.port <= 65535
 
 
 def test_an_unavailable_backend_is_an_error_not_a_crash(monkeypatch: Any, caplog: Any) -> None:
@@ -272,3 +274,13 @@ def test_a_port_in_use_is_one_error_line_before_the_model_loads(monkeypatch: Any
     [record] = caplog.records
     assert record.getMessage().startswith(f"cannot listen on 127.0.0.1:{port}: ")
     assert "in use" in record.getMessage()
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [("127.0.0.1", "http://127.0.0.1:8080"), ("::1", "http://[::1]:8080"), ("::", "http://[::]:8080")],
+)
+def test_the_start_up_line_names_a_url_that_works(host: str, url: str, caplog: Any) -> None:
+    with caplog.at_level(logging.INFO, logger="batchlm.server.cli"):
+        serve_cli._log_serving(EngineConfig(), ServerSettings(host=host, port=8080))
+    assert f" on {url} (" in caplog.text

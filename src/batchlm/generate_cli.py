@@ -86,17 +86,31 @@ def run(args: argparse.Namespace) -> int:
     except SamplingParamsError as error:
         print(f"batchlm generate: {error}", file=sys.stderr)
         return 2
+    try:
+        return _load_and_generate(args, prompts, params, given)
+    except KeyboardInterrupt:  # Ctrl-C while the model downloads, loads or generates
+        print("batchlm generate: interrupted", file=sys.stderr)
+        return 130
+
+
+def _load_and_generate(
+    args: argparse.Namespace, prompts: list[str], params: SamplingParams, given: dict[str, float]
+) -> int:
     from batchlm.config import EngineConfig
     from batchlm.engine.llm import LLM
 
     config = dataclass_from_args(EngineConfig, args)
     # A model that cannot load and a prompt the model cannot take (too long for its context, a chat
-    # template that fails) are the user's to fix: one line saying why, not a traceback.
+    # template that fails) are the user's to fix: one line saying why, not a traceback; so is a
+    # cache directory that cannot be written.
     try:
         llm = LLM(**config.__dict__)
     except ValueError as error:
         print(f"batchlm generate: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        print(f"batchlm generate: {error}", file=sys.stderr)
+        return 1
     recommended = llm.sampling_defaults.given()
     params = params.clone(**{name: value for name, value in recommended.items() if name not in given})
     started = time.perf_counter()

@@ -137,7 +137,7 @@ class AsyncLLMEngine(StreamingFrontEnd[CoreEvent]):
         self._loop = asyncio.get_running_loop()
         model_dir = self._model_dir
         if model_dir is None:
-            model_dir = await self._loop.run_in_executor(None, prepare_model_dir, self.config)
+            model_dir = await self._prepare_model_dir()
             # The core starts first (torch import, model, CUDA graphs): the tokenizer loads meanwhile.
             self._conn = self._spawn_core(model_dir)
         try:
@@ -163,6 +163,18 @@ class AsyncLLMEngine(StreamingFrontEnd[CoreEvent]):
         self._writer = threading.Thread(target=self._write_loop, name="batchlm-engine-writer", daemon=True)
         self._writer.start()
         self._serve(first.facts, model_dir)
+
+    async def _prepare_model_dir(self) -> Path:
+        """prepare_model_dir on a worker thread (it may download). A stop while it runs tells it to
+        give up: the interpreter waits for that thread at exit, so a download left running would
+        keep a stopped server alive until the download ended."""
+        assert self._loop is not None
+        cancel = threading.Event()
+        try:
+            return await self._loop.run_in_executor(None, prepare_model_dir, self.config, cancel)
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
 
     def _spawn_core(self, model_dir: Path) -> Connection:
         log_level = logging.getLogger("batchlm").getEffectiveLevel()

@@ -11,8 +11,10 @@ None (logged once) and callers keep torch's ops. Each function is probed against
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
+import errno
 import functools
 import hashlib
 import logging
@@ -20,6 +22,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +40,10 @@ DISABLE_ENV = "BATCHLM_CPU_KERNELS"
 # F16C (half <-> float32) comes with every AVX2 CPU.
 COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 COMPILE_TIMEOUT_S = 120.0
+# Errors that say the cache directory cannot be written to.
+_UNWRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
+_PRIVATE_DIRS: dict[Path, Path] = {}
+_PRIVATE_DIRS_LOCK = threading.Lock()
 # Rows from which a row-parallel pass (the cache write, RoPE) takes every thread.
 MIN_PARALLEL_ROWS = 64
 
@@ -145,12 +152,27 @@ def build_library(
     sources = [source_path.read_bytes(), *(path.read_bytes() for path in includes)]
     key = hashlib.sha256(b"\0".join([*sources, compiler.encode(), " ".join(flags).encode()])).hexdigest()
     directory = (cache_dir or cache_root()) / "kernels"
-    target = directory / f"{source_path.stem}-{key[:16]}.so"
-    if target.exists():
-        return target
-    directory.mkdir(parents=True, exist_ok=True)
+    name = f"{source_path.stem}-{key[:16]}.so"
+    if (directory / name).exists():
+        return directory / name
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        return _compile(compiler, source_path, flags, directory / name)
+    except OSError as error:
+        if error.errno not in _UNWRITABLE:
+            raise
+        # A read-only cache (a container's, another user's) still gets the kernels, built for this
+        # process only: torch's ops instead are several times slower, and GGUF weights would be
+        # dequantized to float32.
+        private = _private_build_dir(directory, error)
+        if (private / name).exists():
+            return private / name
+        return _compile(compiler, source_path, flags, private / name)
+
+
+def _compile(compiler: str, source_path: Path, flags: tuple[str, ...], target: Path) -> Path:
     # Compile beside the target and rename: processes starting together never load a half-written file.
-    handle, partial = tempfile.mkstemp(prefix=f"{source_path.stem}-", suffix=".so.partial", dir=directory)
+    handle, partial = tempfile.mkstemp(prefix=f"{source_path.stem}-", suffix=".so.partial", dir=target.parent)
     os.close(handle)
     try:
         command = [compiler, *flags, str(source_path), "-o", partial]
@@ -163,6 +185,24 @@ def build_library(
             os.unlink(partial)
     logger.info("Built the CPU kernels: %s", target)
     return target
+
+
+def _private_build_dir(unwritable: Path, error: OSError) -> Path:
+    """A directory of this process's own (mode 0700, so no other user can place a library there),
+    removed at exit: a loaded library needs its file no longer. One per process (the libraries build
+    on several threads at once), said once."""
+    with _PRIVATE_DIRS_LOCK:
+        if unwritable not in _PRIVATE_DIRS:
+            directory = Path(tempfile.mkdtemp(prefix="batchlm-kernels-"))
+            atexit.register(shutil.rmtree, directory, ignore_errors=True)
+            logger.warning(
+                "cannot write the kernel cache %s (%s); building the CPU kernels in %s for this process",
+                unwritable,
+                error,
+                directory,
+            )
+            _PRIVATE_DIRS[unwritable] = directory
+        return _PRIVATE_DIRS[unwritable]
 
 
 def _compiler() -> str:

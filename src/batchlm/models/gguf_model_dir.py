@@ -93,7 +93,7 @@ def prepare_gguf_model_dir(gguf_path: Path, cache_dir: Path | None = None) -> Pa
     interrupted build never leaves a half directory under the real name)."""
     gguf_path = gguf_path.expanduser().resolve()
     target = Path(cache_dir or cache_root()) / DERIVED_VERSION / f"{gguf_path.stem}-{_file_key(gguf_path)}"
-    if all((target / name).is_file() for name in _DERIVED_FILES):
+    if _is_complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-building-", dir=target.parent))
@@ -101,11 +101,31 @@ def prepare_gguf_model_dir(gguf_path: Path, cache_dir: Path | None = None) -> Pa
         logger.info("reading the model config and tokenizer from %s (once; cached in %s)", gguf_path, target)
         _write_derived(gguf_path, staging)
         staging.chmod(0o755)
-        with contextlib.suppress(OSError):  # a concurrent build won the rename: its files are the same
+        _discard_incomplete(target)
+        try:
             staging.rename(target)
+        except OSError:
+            if not _is_complete(target):  # not a concurrent build that won the rename (same files)
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _is_complete(directory: Path) -> bool:
+    return all((directory / name).is_file() for name in _DERIVED_FILES)
+
+
+def _discard_incomplete(target: Path) -> None:
+    """Move a damaged entry (a file deleted from it) out of the way, so that the new build can take
+    its name: renamed first, so that a racing process never sees it half deleted."""
+    if not target.exists() or _is_complete(target):
+        return
+    logger.warning("the derived model directory %s is incomplete; replacing it", target)
+    trash = Path(tempfile.mkdtemp(prefix=f".{target.name}-discarded-", dir=target.parent))
+    with contextlib.suppress(FileNotFoundError):  # another process moved it first
+        target.rename(trash / target.name)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _file_key(path: Path) -> str:

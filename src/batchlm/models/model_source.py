@@ -3,6 +3,7 @@ a local path or a hub download), its tokenizer, and the name it is served under.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from batchlm.config import EngineConfig
@@ -10,13 +11,13 @@ from batchlm.sampling_defaults import GENERATION_CONFIG_FILE, generation_config_
 from batchlm.tokenizer.tokenizer import Tokenizer, model_config_files
 
 
-def prepare_model_dir(config: EngineConfig) -> Path:
+def prepare_model_dir(config: EngineConfig, cancel: threading.Event | None = None) -> Path:
     """The local directory of the model: the built-in default, a GGUF file's derived directory, a
-    local path, or a hub download."""
+    local path, or a hub download. Setting `cancel` stops the built-in model's download."""
     if config.built_in_model:
         from batchlm.models.default_model import ensure_default_model
 
-        return ensure_default_model()
+        return ensure_default_model(cancel=cancel)
     from batchlm.models.gguf_model_dir import find_gguf_file, prepare_gguf_model_dir
     from batchlm.models.hub import resolve_model_dir
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,17 @@ SIMPLE_JSON = "application/vnd.pypi.simple.v1+json"
 TIMEOUT_S = 30
 
 
-def download_from_json_api(package: str, version: str, filename: str, dest: Path) -> Path:
-    """Download `filename` of `package`==`version` into `dest` (with a progress bar); returns its path."""
+class DownloadCancelled(Exception):
+    """A download given up because its cancel event was set (the server is stopping)."""
+
+
+def download_from_json_api(
+    package: str, version: str, filename: str, dest: Path, cancel: threading.Event | None = None
+) -> Path:
+    """Download `filename` of `package`==`version` into `dest` (with a progress bar); returns its path.
+    Setting `cancel` ends it with DownloadCancelled."""
     url = file_url(package, version, filename)
-    return stream_download(url, dest / filename)
+    return stream_download(url, dest / filename, cancel)
 
 
 def file_url(package: str, version: str, filename: str) -> str:
@@ -44,13 +52,15 @@ def _get_json(url: str, accept: str) -> dict[str, Any]:
         return data
 
 
-def stream_download(url: str, target: Path) -> Path:
+def stream_download(url: str, target: Path, cancel: threading.Event | None = None) -> Path:
     from tqdm.auto import tqdm
 
     with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response, target.open("wb") as out:
         total = int(response.headers.get("Content-Length") or 0) or None
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"Downloading {target.name}") as progress:
             for chunk in iter(lambda: response.read(1 << 20), b""):
+                if cancel is not None and cancel.is_set():
+                    raise DownloadCancelled(f"stopped while downloading {target.name}")
                 out.write(chunk)
                 progress.update(len(chunk))
     return target

@@ -106,7 +106,9 @@ def run(args: argparse.Namespace) -> int:
     # Tried before the model loads, so that a port in use is an error at once; uvicorn then binds it
     # itself, on every address the host resolves to.
     try:
-        bind_listener(settings.host, settings.port).close()
+        with bind_listener(settings.host, settings.port) as probe:
+            # --port 0: the port the system picked, so that the logs and uvicorn name the same one.
+            settings = replace(settings, port=probe.getsockname()[1])
     except OSError as error:  # the port in use, a host that does not resolve
         logger.error("cannot listen on %s:%d: %s", settings.host, settings.port, error)
         return 1
@@ -149,7 +151,9 @@ def _automatic_api_servers(settings: ServerSettings, config: EngineConfig) -> in
 
 
 def _log_serving(config: EngineConfig, settings: ServerSettings) -> None:
-    where = f"http://{settings.host}:{settings.port}"
+    # An IPv6 address goes in brackets in a URL, as uvicorn's own line writes it.
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    where = f"http://{host}:{settings.port}"
     count = settings.api_servers or 1
     processes = f", {count} API server processes" if count > 1 else ""
     # "demo" is a placeholder: the model it stands for is named once the engine has loaded it.
