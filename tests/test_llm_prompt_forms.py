@@ -83,3 +83,27 @@ def test_no_progress_shows_before_its_delay(
     monkeypatch.setattr(llm_module, "PROGRESS_DELAY_S", 1e9)
     llm.generate(["one", "two"], GREEDY)
     assert "Processed prompts" not in capsys.readouterr().err
+
+
+def test_a_progress_bar_factory_is_used_as_vllm_uses_it(llm: LLM) -> None:
+    from tqdm import tqdm
+
+    bars: list[tqdm] = []
+
+    def quiet_bar(*args: object, **kwargs: object) -> tqdm:
+        bar = tqdm(*args, **{**kwargs, "disable": True})  # type: ignore[call-overload]
+        bars.append(bar)
+        return bar
+
+    outputs = llm.generate(["one", "two", "three"], GREEDY, use_tqdm=quiet_bar)
+    assert len(outputs) == 3 and len(bars) == 1 and bars[0].total == 3
+
+
+def test_a_numpy_array_of_ids_is_one_prompt(llm: LLM) -> None:
+    import numpy as np
+
+    ids = [1, 5, 9, 12]
+    (single,) = llm.generate(np.array(ids), GREEDY)
+    assert single.prompt_token_ids == ids
+    assert tokens([single]) == tokens(llm.generate([ids], GREEDY))
+    assert tokens(llm.generate(np.array([ids, ids]), GREEDY)) == tokens([single]) * 2

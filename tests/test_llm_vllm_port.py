@@ -170,6 +170,24 @@ def test_chat_outputs_carry_the_rendered_prompt(llm: LLM) -> None:
     assert output.prompt_token_ids == tokenizer.apply_chat_template(CONVERSATION)
 
 
+def test_the_tokenizer_takes_what_vllm_scripts_call_on_it(llm: LLM) -> None:
+    """vLLM's get_tokenizer() gives transformers' tokenizer: scripts render prompts with it."""
+    tokenizer = llm.get_tokenizer()
+    text = tokenizer.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True)
+    assert text == tokenizer.render_chat_template(CONVERSATION)
+    with_kwargs = tokenizer.apply_chat_template(CONVERSATION, tokenize=False, enable_thinking=False)
+    assert with_kwargs == tokenizer.render_chat_template(
+        CONVERSATION, chat_template_kwargs={"enable_thinking": False}
+    )
+    ids = tokenizer.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=True)
+    (output,) = llm.generate(text, GREEDY, use_tqdm=False)
+    assert ids == tokenizer.apply_chat_template(CONVERSATION)
+    assert tokenizer.eos_token_id is not None and tokenizer.eos_token_id in tokenizer.eos_token_ids
+    assert tokenizer.pad_token_id == tokenizer.hf.pad_token_id and len(tokenizer) == tokenizer.vocab_size
+    generated = output.outputs[0].token_ids
+    assert tokenizer.batch_decode([generated]) == [output.outputs[0].text]
+
+
 def test_chat_takes_vllms_template_arguments(llm: LLM) -> None:
     tokenizer = llm.get_tokenizer()
     (plain,) = llm.chat(CONVERSATION, GREEDY, use_tqdm=False, add_generation_prompt=False)
@@ -192,6 +210,17 @@ STRING_CONTENT_TEMPLATE = (
     "{{ call['function']['arguments'] | tojson }}{% endfor %}<|im_end|>\\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\\n{% endif %}"
 )
+
+
+def test_chat_takes_vllms_chat_template_argument(llm: LLM, tmp_path: Path) -> None:
+    (output,) = llm.chat(CONVERSATION, GREEDY, use_tqdm=False, chat_template=STRING_CONTENT_TEMPLATE)
+    assert output.prompt is not None and output.prompt.startswith("<|im_start|>system\nbe brief<|im_end|>")
+    template_file = tmp_path / "template.jinja"
+    template_file.write_text(STRING_CONTENT_TEMPLATE)
+    (from_file,) = llm.chat(CONVERSATION, GREEDY, use_tqdm=False, chat_template=str(template_file))
+    assert from_file.prompt == output.prompt
+    (own,) = llm.chat(CONVERSATION, GREEDY, use_tqdm=False)  # the model's template again
+    assert own.prompt == llm.get_tokenizer().render_chat_template(CONVERSATION) != output.prompt
 
 
 def test_chat_takes_messages_as_the_http_api_does(tiny_model_dir: Callable[..., Path]) -> None:

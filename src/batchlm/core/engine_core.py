@@ -67,6 +67,13 @@ class EngineCore:
             self._first_scheduled.pop(request_id, None)
         return self.scheduler.abort_requests(request_ids)
 
+    def forget_steps_in_flight(self) -> None:
+        """After a step was cut short (an error or Ctrl-C inside it) and every request aborted: the
+        steps whose results were lost are forgotten, so the next step starts from a consistent state."""
+        self._in_flight = None
+        self._first_scheduled.clear()
+        self.scheduler.forget_inflight_steps()
+
     def has_work(self) -> bool:
         return self.scheduler.has_unfinished_requests() or self._in_flight is not None
 

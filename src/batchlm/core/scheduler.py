@@ -140,6 +140,13 @@ class Scheduler:
             self._inflight.append(record)
         return scheduled
 
+    def forget_inflight_steps(self) -> None:
+        """Steps whose results will never come (a step cut short by an error or Ctrl-C) are forgotten,
+        once every request they carried has ended: the next step is then the oldest in flight."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("steps in flight can only be forgotten once every request has ended")
+        self._inflight.clear()
+
     @property
     def num_inflight_steps(self) -> int:
         """Steps scheduled whose results have not been folded in yet."""

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import signal
+import threading
 from array import array
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from numbers import Integral
 from os import PathLike, fspath
+from types import FrameType
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -21,6 +25,7 @@ from batchlm.outputs import RequestOutput
 from batchlm.sampling_defaults import check_generation_config, sampling_defaults
 from batchlm.sampling_params import SamplingParams
 from batchlm.structured.factory import tokenizer_grammar_check
+from batchlm.tokenizer.chat_template import resolve_chat_template
 from batchlm.tokenizer.tokenizer import Tokenizer
 from batchlm.tools.prompting import template_inputs
 
@@ -61,6 +66,10 @@ class LLM:
             grammar_check=tokenizer_grammar_check(self.tokenizer.hf, self.info.vocab_size),
         )
         self._counter = itertools.count()
+        self._lock = threading.Lock()
+        self._caller: int | None = None  # the thread whose call holds the lock
+        # True while an engine step runs: one cut short leaves results that never come (see generate).
+        self._stepping = False
 
     def get_tokenizer(self) -> Tokenizer:
         return self.tokenizer
@@ -75,11 +84,12 @@ class LLM:
         prompts: PromptInput | Sequence[PromptInput],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
-        use_tqdm: bool = True,
+        use_tqdm: bool | Callable[..., tqdm] = True,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text, token ids, or a {"prompt": ...} / {"prompt_token_ids": ...}
         dict); results come back in prompt order. use_tqdm: a progress bar on stderr (prompts done,
-        tokens a second) once the call has run PROGRESS_DELAY_S seconds."""
+        tokens a second) once the call has run PROGRESS_DELAY_S seconds; as in vLLM, a callable is used
+        in place of tqdm to make the bar."""
         prompt_list = _as_prompt_list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
@@ -90,23 +100,35 @@ class LLM:
         # left running in the engine.
         requests = [self._validated(prompt, params) for prompt, params in pairs]
         order: list[str] = []
-        try:
-            for request in requests:
-                order.append(self._submit(processor, request))
-        except BaseException:
-            # Nothing of a failed call stays queued to run with the next one.
-            self.engine_core.abort_requests(
-                [core_id for request_id in order for core_id in processor.core_ids_of(request_id)]
-            )
-            raise
-        with tqdm(
-            total=len(order),
-            desc="Processed prompts",
-            unit="prompt",
-            delay=PROGRESS_DELAY_S,
-            disable=not use_tqdm,
-        ) as progress:
-            results = self._run(processor, progress)
+        # The engine core is single-threaded: a call from another thread waits for this one to end.
+        if self._caller == threading.get_ident():
+            raise RuntimeError("LLM.generate/chat was called again from inside a call in progress")
+        with self._lock:
+            self._caller = threading.get_ident()
+            try:
+                for request in requests:
+                    order.append(self._submit(processor, request))
+                progress_bar = use_tqdm if callable(use_tqdm) else tqdm
+                with progress_bar(
+                    total=len(order),
+                    desc="Processed prompts",
+                    unit="prompt",
+                    delay=PROGRESS_DELAY_S,
+                    disable=not use_tqdm,
+                ) as progress:
+                    results = self._run(processor, progress)
+            except BaseException:
+                # A failed or interrupted (Ctrl-C) call leaves nothing queued or running to slow down
+                # the next one; what it had finished is dropped with it.
+                self.engine_core.abort_requests(
+                    [core_id for request_id in order for core_id in processor.core_ids_of(request_id)]
+                )
+                if self._stepping:  # the step that was cut short will never report
+                    self._stepping = False
+                    self.engine_core.forget_steps_in_flight()
+                raise
+            finally:
+                self._caller = None
         return [results[request_id] for request_id in order]
 
     def chat(
@@ -115,15 +137,18 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
         *,
-        use_tqdm: bool = True,
+        use_tqdm: bool | Callable[..., tqdm] = True,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         tools: list[dict[str, Any]] | None = None,
+        chat_template: str | None = None,
     ) -> list[RequestOutput]:
         """Apply the chat template to one conversation or a list of them, then generate. Messages are
         read as the chat endpoint reads them (RequestRejectedError for one it refuses). As in vLLM,
         each output's `prompt` is the rendered template; `tools` reach the template as its `tools`
-        variable (a template that does not use them gets them in a system prompt)."""
+        variable (a template that does not use them gets them in a system prompt); `chat_template`
+        (Jinja text or a file, as --chat-template takes) renders instead of the model's."""
+        template = resolve_chat_template(chat_template) if chat_template is not None else None
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts: list[PromptInput] = []
         for conversation in conversations:
@@ -135,10 +160,10 @@ class LLM:
             )
             kwargs = chat_template_kwargs
             if tools is not None:
-                template = self.tokenizer.chat_template_for(tools=True)
-                converted, kwargs = template_inputs(converted, tools, template, chat_template_kwargs)
+                tools_template = template or self.tokenizer.chat_template_for(tools=True)
+                converted, kwargs = template_inputs(converted, tools, tools_template, chat_template_kwargs)
             text, ids = self.tokenizer.chat_prompt(
-                converted, add_generation_prompt, kwargs, continue_final_message
+                converted, add_generation_prompt, kwargs, continue_final_message, template
             )
             prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
@@ -157,12 +182,18 @@ class LLM:
     def _run(self, processor: OutputProcessor, progress: tqdm) -> dict[str, RequestOutput]:
         results: dict[str, RequestOutput] = {}
         prompt_tokens = output_tokens = 0
-        while self.engine_core.has_work():
-            outputs, to_abort = processor.process(self.engine_core.step(), delta=False, finished_only=True)
-            if to_abort:
-                self.engine_core.abort_requests(to_abort)
-            for output in outputs:
-                if output.finished:
+        with InterruptsBetweenSteps() as interrupts:
+            while self.engine_core.has_work():
+                interrupts.stepping = self._stepping = True
+                step_outputs = self.engine_core.step()
+                interrupts.stepping = self._stepping = False
+                interrupts.raise_pending()
+                outputs, to_abort = processor.process(step_outputs, delta=False, finished_only=True)
+                if to_abort:
+                    self.engine_core.abort_requests(to_abort)
+                for output in outputs:
+                    if not output.finished:
+                        continue
                     results[output.request_id] = output
                     if progress.disable:
                         continue
@@ -175,6 +206,42 @@ class LLM:
                     )
                     progress.update(1)
         return results
+
+
+class InterruptsBetweenSteps:
+    """Ctrl-C while an engine step runs is raised once that step has ended, so that the engine's state
+    stays whole and the call can be aborted cleanly; a second Ctrl-C during the same step is raised at
+    once. Only on the main thread (the one Python delivers signals to), and only while SIGINT has
+    Python's default handler (one the caller installed is left alone)."""
+
+    def __init__(self) -> None:
+        self.stepping = False
+        self._pending = False
+        self._installed = False
+
+    def __enter__(self) -> InterruptsBetweenSteps:
+        if (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        ):
+            signal.signal(signal.SIGINT, self._on_interrupt)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self._installed = False
+
+    def _on_interrupt(self, signum: int, frame: FrameType | None) -> None:
+        if not self.stepping or self._pending:
+            raise KeyboardInterrupt
+        self._pending = True
+
+    def raise_pending(self) -> None:
+        if self._pending:
+            self._pending = False
+            raise KeyboardInterrupt
 
 
 def _token_id_list(prompt: Sequence[int]) -> list[int]:
@@ -221,7 +288,7 @@ def _as_prompt_list(prompts: PromptInput | Sequence[PromptInput]) -> list[Prompt
             f"prompts must be text, token ids, a prompt dict, or a list of them; got {type(prompts).__name__}"
         )
     items = list(prompts)
-    if items and all(isinstance(t, int) for t in items):
+    if items and all(isinstance(t, Integral) for t in items):  # numpy's integers too
         return [items]  # type: ignore[list-item]
     return items  # type: ignore[return-value]
 

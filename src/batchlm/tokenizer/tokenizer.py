@@ -7,7 +7,7 @@ import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from batchlm.tokenizer.chat_template import resolve_chat_template
 from batchlm.tokenizer.hf_loading import load_hf_tokenizer
@@ -167,16 +167,19 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict[str, Any] | None = None,
         continue_final_message: bool = False,
+        chat_template: str | None = None,
     ) -> str:
         """The prompt text for `messages`, rendered by transformers' sandboxed Jinja environment
-        (tools in `chat_template_kwargs` choose the template: chat_template_for).
+        (tools in `chat_template_kwargs` choose the template: chat_template_for), or by `chat_template`.
 
         Raises ValueError when there is no template, the arguments conflict, or rendering fails
         (including a template's own raise_exception).
         """
         import jinja2
 
-        template = self.chat_template_for((chat_template_kwargs or {}).get("tools") is not None)
+        template = chat_template or self.chat_template_for(
+            (chat_template_kwargs or {}).get("tools") is not None
+        )
         if template is None:
             raise ValueError(
                 f"the model {self.name_or_path or '(unnamed)'} has no chat template; supply one with "
@@ -201,19 +204,65 @@ class Tokenizer:
         assert isinstance(rendered, str), type(rendered)
         return rendered
 
+    @overload
     def apply_chat_template(
         self,
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict[str, Any] | None = None,
         continue_final_message: bool = False,
-    ) -> list[int]:
+        *,
+        tokenize: Literal[True] = True,
+        **template_kwargs: Any,
+    ) -> list[int]: ...
+
+    @overload
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        continue_final_message: bool = False,
+        *,
+        tokenize: Literal[False],
+        **template_kwargs: Any,
+    ) -> str: ...
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        continue_final_message: bool = False,
+        *,
+        tokenize: bool = True,
+        **template_kwargs: Any,
+    ) -> list[int] | str:
         """Token ids of the rendered chat. The special tokens the template writes are encoded as such;
         BOS appears exactly once when this tokenizer adds one by default, whether or not the template
-        writes it (transformers alone would leave it out when the template does not)."""
-        return self.chat_prompt(
-            messages, add_generation_prompt, chat_template_kwargs, continue_final_message
-        )[1]
+        writes it (transformers alone would leave it out when the template does not).
+
+        As transformers' method (which vLLM's get_tokenizer() gives): `tokenize=False` returns the
+        text, and other keyword arguments (`tools`, `enable_thinking`, ...) reach the template."""
+        kwargs = {**(chat_template_kwargs or {}), **template_kwargs} or None
+        if not tokenize:
+            return self.render_chat_template(messages, add_generation_prompt, kwargs, continue_final_message)
+        return self.chat_prompt(messages, add_generation_prompt, kwargs, continue_final_message)[1]
+
+    @property
+    def eos_token_id(self) -> int | None:
+        """The tokenizer's own EOS id (transformers' name; eos_token_ids adds the model's others)."""
+        return self.hf.eos_token_id  # type: ignore[no-any-return]
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.hf.pad_token_id  # type: ignore[no-any-return]
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def batch_decode(self, sequences: Sequence[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:
+        return [self.decode(token_ids, skip_special_tokens) for token_ids in sequences]
 
     def chat_prompt(
         self,
@@ -221,10 +270,11 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict[str, Any] | None = None,
         continue_final_message: bool = False,
+        chat_template: str | None = None,
     ) -> tuple[str, list[int]]:
         """The rendered chat's text and its token ids (apply_chat_template's)."""
         text = self.render_chat_template(
-            messages, add_generation_prompt, chat_template_kwargs, continue_final_message
+            messages, add_generation_prompt, chat_template_kwargs, continue_final_message, chat_template
         )
         return text, self.chat_ids(self.encode(text, add_special_tokens=False))
 
