@@ -149,6 +149,20 @@ def test_results_are_written_in_input_order() -> None:
     assert [json.loads(text)["n"] for text in out.getvalue().splitlines()] == [0, 1, 2]
 
 
+def test_a_custom_id_escaping_a_lone_surrogate_is_written_back_as_that_escape() -> None:
+    # json.loads takes "\ud800" in a custom_id; the UTF-8 output cannot hold it, and the run stopped
+    # there with a traceback. Its line is written in escapes, the others keep their characters.
+    raw = io.BytesIO()
+    out = io.TextIOWrapper(raw, encoding="utf-8", write_through=True)
+    writer = OrderedWriter(out)
+    ids = ["東京", json.loads('"a\\ud800"'), "b"]
+    for index, custom_id in enumerate(ids):
+        writer.put(index, {"custom_id": custom_id})
+    text = raw.getvalue().decode("utf-8")
+    assert [json.loads(entry)["custom_id"] for entry in text.splitlines()] == ids
+    assert '"東京"' in text and '"a\\ud800"' in text
+
+
 def test_results_held_for_an_earlier_line_are_written_when_the_run_stops() -> None:
     out = io.StringIO()
     writer = OrderedWriter(out)

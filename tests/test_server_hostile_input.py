@@ -56,6 +56,9 @@ def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
         ("/v1/completions", b'{"prompt": "hi", "stop": [%s]}', "stop[0]"),
         ("/tokenize", b'{"prompt": %s}', "prompt"),
         ("/v1/responses", b'{"input": %s}', "input"),
+        # Named by the field's JSON name, not batchlm's attribute for it (json_).
+        ("/v1/completions", b'{"prompt": "hi", "structured_outputs": {"json": {"const": %s}}}',
+         "structured_outputs.json.const"),
         ("/v1/responses", b'{"input": [{"role": "user", "content": [{"type": "input_text", "text": %s}]}]}',
          "input[0].content[0].text"),
     ],
@@ -66,6 +69,13 @@ def test_lone_surrogates_are_400_naming_the_field(
     error = error_of(post_raw(server, path, body % LONE_SURROGATES), 400)
     assert error["param"] == param
     assert "surrogate" in error["message"]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/v1/responses"])
+def test_a_top_level_key_with_a_lone_surrogate_is_400_saying_so(server: BackgroundServer, path: str) -> None:
+    # Not "the body must be a JSON object": it is one, with a key that is not valid Unicode.
+    error = error_of(post_raw(server, path, b'{"prompt": "hi", %s: 1}' % LONE_SURROGATES), 400)
+    assert "surrogate" in error["message"] and "JSON object" not in error["message"]
 
 
 def test_an_unknown_model_named_with_surrogates_is_404_with_an_encodable_body(

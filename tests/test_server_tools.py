@@ -8,6 +8,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 
 from batchlm.server.background import BackgroundServer
@@ -289,3 +290,27 @@ def test_a_malformed_call_reaches_a_streaming_client_as_its_text(client: Any, en
     content, calls, reason = reply_of(client, True)
     assert (content, reason) == (engine.reply, "stop")
     assert calls == [("get_weather", '{"city": ')]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_call_whose_json_escapes_a_lone_surrogate_is_answered(
+    client: Any, server: BackgroundServer, engine: FakeEngine, stream: bool
+) -> None:
+    # Arguments written as a JSON string, holding the escape "\ud800" of no character: the call comes
+    # back with the escape as written (not a 500 for text UTF-8 cannot encode), on chat and Responses.
+    engine.reply = (
+        '<tool_call>\n{"name": "get_weather", "arguments": "{\\"city\\": \\"\\ud800 東\\"}"}\n</tool_call>'
+    )
+    expected = [("get_weather", '{"city": "\\ud800 東"}')]
+    assert reply_of(client, stream)[1:] == (expected, "tool_calls")
+    tools = [{"type": "function", **tool["function"]} for tool in TOOLS]
+    body = {"model": "fake-model", "input": "Weather?", "tools": tools, "stream": stream}
+    response = httpx.post(f"{server.base_url}/v1/responses", json=body, timeout=30)
+    assert response.status_code == 200
+    if stream:
+        events = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: ")]
+        [done] = [e["response"] for e in events if e["type"] in ("response.completed", "response.failed")]
+    else:
+        done = response.json()
+    assert done["status"] == "completed"
+    assert [(item["name"], item["arguments"]) for item in done["output"]] == expected

@@ -106,6 +106,15 @@ def test_fast_decode_matches_transformers(tiny_tokenizer: Tokenizer, ids: list[i
     )
 
 
+def test_text_with_a_lone_surrogate_is_a_value_error_that_says_so(tiny_tokenizer: Tokenizer) -> None:
+    # "\ud800" (a JSON escape of no character, say) is not Unicode text: the Rust tokenizer's own
+    # TypeError ("TextEncodeInput must be Union[...]") would leave the offline caller guessing.
+    with pytest.raises(ValueError, match=r"lone UTF-16 surrogate \('\\ud800' at character 2\)"):
+        tiny_tokenizer.encode("ab\ud800")
+    with pytest.raises(ValueError, match="lone UTF-16 surrogate"):
+        tiny_tokenizer.encode_many(["fine", "x\udfff"])
+
+
 def test_decode_ignores_ids_past_the_vocabulary(tiny_tokenizer: Tokenizer) -> None:
     ids = tiny_tokenizer.encode("ok", add_special_tokens=False)
     assert tiny_tokenizer.decode([*ids, DEFAULT_VOCAB_SIZE + 5]) == "ok"

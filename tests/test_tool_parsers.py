@@ -68,6 +68,9 @@ SEARCH_ARGUMENTS = json.dumps(
     }
 )
 
+NON_ASCII = '{"city": "東京 😀", "note": "caf\\u00e9 e\u0301 שלום"}'
+LONE = '{"a": "\\ud800 東"}'
+
 # (parser, model output, expected content, expected (name, arguments) calls)
 CASES: list[tuple[ToolParser, str, str | None, list[tuple[str, str]]]] = [
     (HermesParser(), "Plain text, no call.", "Plain text, no call.", []),
@@ -88,6 +91,16 @@ CASES: list[tuple[ToolParser, str, str | None, list[tuple[str, str]]]] = [
     (HermesParser(), '<tool_call>{"name": "noop"}</tool_call>', None, [("noop", "{}")]),
     (HermesParser(), '<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}', None, [("f", '{"a": 1}')]),
     (HermesParser(), "Hi <tool_call> not json </tool_call>", "Hi <tool_call> not json </tool_call>", []),
+    # Arguments keep the characters (and the escapes) the model wrote, as OpenAI's do.
+    (HermesParser(), f'<tool_call>{{"name": "f", "arguments": {NON_ASCII}}}', None, [("f", NON_ASCII)]),
+    # JSON escapes of lone surrogates decode to text no response can encode: they stay escapes.
+    (
+        HermesParser(),
+        '<tool_call>{"name": "f", "arguments": "{\\"a\\": \\"\\ud800 東\\"}"}',
+        None,
+        [("f", LONE)],
+    ),
+    (HermesParser(), '<tool_call>{"name": "\\udfff", "arguments": {}}', None, [("\\udfff", "{}")]),
     (HermesParser(), 'Cut <tool_call>{"name": "f", "argu', 'Cut <tool_call>{"name": "f", "argu', []),
     (Llama3JsonParser(), "The answer is 4.", "The answer is 4.", []),
     (
@@ -128,6 +141,12 @@ CASES: list[tuple[ToolParser, str, str | None, list[tuple[str, str]]]] = [
     ),
     (CODER, "<tool_call>\n<function=ping>\n</function>\n</tool_call>", None, [("ping", "{}")]),
     (CODER, "<tool_call> not a function </tool_call>", "<tool_call> not a function </tool_call>", []),
+    (
+        CODER,
+        '<tool_call>\n<function=search>\n<parameter=filters>\n{"a": "\\ud800 東"}\n</parameter>\n</function>\n</tool_call>',
+        None,
+        [("search", f'{{"filters": {LONE}}}')],
+    ),
     (NamedFunctionParser("get_weather"), f" {WEATHER} ", None, [("get_weather", WEATHER)]),
     # SmolLM2-135M-Instruct's greedy outputs under the named and required schemas (llguidance).
     (NamedFunctionParser("get_weather"), SMOLLM2_NAMED, None, [("get_weather", SMOLLM2_NAMED)]),

@@ -121,3 +121,38 @@ def test_history_as_text_keeps_an_assistant_turn_s_thinking() -> None:
         "content": '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>',
         "reasoning_content": "plan",
     }
+
+
+def test_the_generic_tools_prompt_writes_non_ascii_as_it_is(tiny_tokenizer: Tokenizer) -> None:
+    # As a template's `tojson` does: "東京" as characters, not "\u6771\u4eac" escapes the model would copy.
+    tokenizer = Tokenizer(tiny_tokenizer.hf, tiny_tokenizer.eos_token_ids, chat_template=SMOLLM2_TEMPLATE)
+    tools = [{**TOOLS[0], "function": {**TOOLS[0]["function"], "description": "Wetter für 東京 ☀"}}]
+    history = [dict(m) for m in MESSAGES]
+    history[1]["tool_calls"] = [
+        {
+            "id": "call_1",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "東京"}'},
+        }
+    ]
+    text = rendered(tokenizer, {"messages": history, "tools": tools})
+    assert '"description": "Wetter für 東京 ☀"' in text
+    assert '{"name": "get_weather", "arguments": {"city": "東京"}}' in text
+    assert "\\u" not in text
+
+
+def test_history_arguments_escaping_a_lone_surrogate_render_as_their_text(tiny_tokenizer: Tokenizer) -> None:
+    # '{"city": "\ud800"}' is valid JSON whose value is not valid Unicode: as an object the template would
+    # write a prompt no tokenizer takes (a 500); the text, escape and all, is what the template gets.
+    arguments = '{"city": "\\ud800 東京"}'
+    history = [dict(m) for m in MESSAGES]
+    history[1]["tool_calls"] = [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+    ]
+    tool_template = Tokenizer(tiny_tokenizer.hf, tiny_tokenizer.eos_token_ids, chat_template=TOOL_TEMPLATE)
+    assert json.dumps(arguments, ensure_ascii=False) in rendered(
+        tool_template, {"messages": history, "tools": TOOLS}
+    )
+    generic = Tokenizer(tiny_tokenizer.hf, tiny_tokenizer.eos_token_ids, chat_template=SMOLLM2_TEMPLATE)
+    text = rendered(generic, {"messages": history, "tools": TOOLS})
+    assert f'{{"name": "get_weather", "arguments": {arguments}}}' in text

@@ -65,6 +65,18 @@ def parse_line(text: str | bytes, seen: set[str]) -> tuple[str, str, dict[str, A
     return custom_id, url, body
 
 
+def json_line(line: dict[str, Any]) -> str:
+    """`line` as one line of JSON, characters as they are; where it holds a lone UTF-16 surrogate (a
+    custom_id the input spelled "\\ud800", which json.loads takes) all of it as ASCII escapes instead,
+    since the surrogate itself cannot be written as UTF-8 and the escape reads back as the same id."""
+    text = json.dumps(line, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(line)
+    return text + "\n"
+
+
 class OutputWriteError(Exception):
     """The results could not be written (a full disk, a closed pipe): the run stops there."""
 
@@ -86,7 +98,7 @@ class OrderedWriter:
         self._waiting[index] = line
         try:
             while self.next in self._waiting:
-                self._out.write(json.dumps(self._waiting[self.next], ensure_ascii=False) + "\n")
+                self._out.write(json_line(self._waiting[self.next]))
                 del self._waiting[self.next]
                 self.next += 1
             self._out.flush()
@@ -97,7 +109,7 @@ class OrderedWriter:
         """Writes the lines still waiting for an earlier one that will not come (the run was
         interrupted), in input order: every finished request's result is kept."""
         for index in sorted(self._waiting):
-            self._out.write(json.dumps(self._waiting.pop(index), ensure_ascii=False) + "\n")
+            self._out.write(json_line(self._waiting.pop(index)))
         self._out.flush()
 
 

@@ -165,6 +165,10 @@ def validation_error_to_api_error(errors: Sequence[Any], required: Sequence[str]
     if kind == "json_invalid":
         detail = first.get("ctx", {}).get("error", "malformed JSON")
         return APIError(400, f"The request body is not valid JSON: {detail}.")
+    if kind == "string_unicode" and param is None:  # pydantic's word for a key with a lone surrogate
+        return APIError(
+            400, "A key of the request body contains a lone UTF-16 surrogate (not valid Unicode)."
+        )
     if kind == "extra_forbidden":
         return APIError(400, f"Unrecognized request argument supplied: {param}", param)
     if kind == "missing":

@@ -49,7 +49,7 @@ def check_unicode(body: BaseModel) -> None:
     """400 naming the first string of `body` (keys included) that is not valid Unicode: a lone UTF-16
     surrogate (e.g. "\\ud800") that JSON escapes allow but no tokenizer or UTF-8 encoder accepts. The
     fast path's JSON parser rejects these already; FastAPI's does not."""
-    where = _first_invalid_text(body.__dict__, "")
+    where = _first_invalid_text(body, "")
     if where is not None:
         raise APIError(
             400,
@@ -62,7 +62,12 @@ def _first_invalid_text(value: Any, path: str) -> str | None:
     if isinstance(value, str):
         return None if value.isascii() or encodes(value) else path
     if isinstance(value, BaseModel):
-        value = value.__dict__
+        # Named as the client spells them: a field's alias ("json", not the attribute json_).
+        fields = type(value).model_fields
+        value = {
+            (fields[name].alias or name) if name in fields else name: item
+            for name, item in value.__dict__.items()
+        }
     if isinstance(value, dict):
         for key, item in value.items():
             inner = f"{path}.{key}" if path else str(key)

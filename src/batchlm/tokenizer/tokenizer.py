@@ -101,7 +101,13 @@ class Tokenizer:
         return tokenizer
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+        """Token ids of `text`. Raises ValueError for text that is not valid Unicode (a lone UTF-16
+        surrogate, e.g. from a "\\ud800" JSON escape)."""
+        try:
+            return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+        except TypeError:  # what the Rust tokenizer says of a surrogate: not a str it can take
+            _check_unicode([text])
+            raise
 
     def encode_many(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
         """encode() of each text, in one call: the Rust tokenizer encodes them on all cores with the
@@ -109,10 +115,12 @@ class Tokenizer:
         backend = self._encode_backend
         if backend is None or not texts:
             return [self.encode(text, add_special_tokens) for text in texts]
-        return [
-            list(encoding.ids)
-            for encoding in backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
-        ]
+        try:
+            encodings = backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        except TypeError:
+            _check_unicode(texts)
+            raise
+        return [list(encoding.ids) for encoding in encodings]
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `token_ids`; ids outside the vocabulary decode to nothing."""
@@ -318,6 +326,18 @@ class Tokenizer:
             raise ValueError(f"the chat template is not valid Jinja: {exc}") from exc
         except Exception:  # a template may legitimately reject this probe conversation
             pass
+
+
+def _check_unicode(texts: Sequence[str]) -> None:
+    """ValueError naming the first of `texts` that UTF-8 cannot encode (a lone surrogate)."""
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(
+                f"the text contains a lone UTF-16 surrogate ({text[error.start]!a} at character "
+                f"{error.start}), which is not valid Unicode"
+            ) from None
 
 
 def _unique_ids(ids: Sequence[int | None]) -> tuple[int, ...]:

@@ -46,6 +46,8 @@ def template_tool_calls(calls: Sequence[HistoryCall]) -> list[dict[str, Any]]:
             arguments = json.loads(call.function.arguments)
         except ValueError:
             arguments = None
+        if isinstance(arguments, dict) and not _renders_as_unicode(arguments):
+            arguments = None  # a "\ud800" escape in it: the text keeps it an escape, an object would not
         function = {
             "name": call.function.name,
             "arguments": arguments if isinstance(arguments, dict) else call.function.arguments,
@@ -79,7 +81,7 @@ def with_generic_tool_prompt(
     converted = [_as_text(message) for message in messages]
     if not tools:
         return converted
-    prompt = TOOLS_PROMPT.format(tools="\n".join(json.dumps(tool) for tool in tools))
+    prompt = TOOLS_PROMPT.format(tools="\n".join(_json(tool) for tool in tools))
     if converted and converted[0]["role"] == "system":
         first = converted[0]
         converted[0] = {**first, "content": f"{first['content']}\n\n{prompt}" if first["content"] else prompt}
@@ -98,11 +100,25 @@ def _as_text(message: dict[str, Any]) -> dict[str, Any]:
     for call in calls:
         name, arguments = call["function"]["name"], call["function"]["arguments"]
         if isinstance(arguments, str):  # not a JSON object: the text as the model wrote it
-            blocks.append(
-                f'<tool_call>\n{{"name": {json.dumps(name)}, "arguments": {arguments}}}\n</tool_call>'
-            )
+            blocks.append(f'<tool_call>\n{{"name": {_json(name)}, "arguments": {arguments}}}\n</tool_call>')
         else:
-            blocks.append(f"<tool_call>\n{json.dumps({'name': name, 'arguments': arguments})}\n</tool_call>")
+            blocks.append(f"<tool_call>\n{_json({'name': name, 'arguments': arguments})}\n</tool_call>")
     # The rest of the message (its thinking, for a template that reads it) stays as it is.
     rest = {key: value for key, value in message.items() if key != "tool_calls"}
     return {**rest, "content": "\n".join(blocks)}
+
+
+def _json(value: Any) -> str:
+    """JSON with non-ASCII characters as they are, as chat templates' `tojson` writes it (transformers):
+    "東京" costs the model a few tokens and reads as text, "\\u6771\\u4eac" does neither."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _renders_as_unicode(value: Any) -> bool:
+    """False when a parsed JSON value holds a lone UTF-16 surrogate (valid as a JSON escape, not as
+    text): a template writing it out would make a prompt no tokenizer takes."""
+    try:
+        _json(value).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -21,7 +21,7 @@ from typing import Any
 
 from batchlm.tools.call_grammar import json_rule, marked_calls_start, token_rule
 from batchlm.tools.function_tool import FunctionTool
-from batchlm.tools.json_scan import skip_whitespace
+from batchlm.tools.json_scan import skip_whitespace, utf8_safe
 from batchlm.tools.parser import ToolParser
 from batchlm.tools.scan import CallScan, MarkedRegion, Scan, scan_marked_calls
 
@@ -147,7 +147,7 @@ def _json_value(value: str, types: set[str] | None) -> str:
     if "boolean" in types and text in ("True", "False"):  # Python's spelling
         text = text.lower()
     try:
-        return json.dumps(json.loads(text), ensure_ascii=False)
+        return utf8_safe(json.dumps(json.loads(text), ensure_ascii=False))
     except ValueError:
         return json.dumps(value, ensure_ascii=False)
 

@@ -10,7 +10,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from batchlm.tools.json_scan import ObjectScan, scan_object, skip_whitespace
+from batchlm.tools.json_scan import ObjectScan, scan_object, skip_whitespace, utf8_safe
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ def call_from_object(
         name = json.loads(text[name_span.start : name_span.end])
         if not isinstance(name, str):
             return None
+        name = utf8_safe(name)
     if scan.malformed or (done and name is None):
         return None
     key = next((k for k in argument_keys if k in scan.fields), None)
@@ -53,7 +54,7 @@ def call_from_object(
         return CallScan(name, partial, False)
     raw = text[span.start : span.end]
     value = json.loads(raw)
-    return CallScan(name, value if isinstance(value, str) else raw, done)
+    return CallScan(name, utf8_safe(value) if isinstance(value, str) else raw, done)
 
 
 @dataclass(frozen=True)
