@@ -59,6 +59,9 @@ def test_wrongly_typed_numbers_are_refused_by_name(field: str, value: Any) -> No
         ("logit_bias", {" 7": 2.0}),
         ("logit_bias", {"abc": 2.0}),
         ("logit_bias", {"9" * 5000: 2.0}),
+        ("logit_bias", {"\u0663": 2.0}),  # an Arabic-Indic 3: a digit to str.isdigit, not to JSON
+        ("logit_bias", {"\u00b2": 2.0}),  # a superscript 2, likewise
+        ("logit_bias", {"": 2.0}),
         ("logit_bias", {True: 2.0}),
         ("logit_bias", {3: "x"}),
         ("logit_bias", {3: None}),
@@ -79,8 +82,10 @@ def test_wrongly_typed_token_ids_biases_and_flags_are_refused_by_name(field: str
 
 
 def test_token_ids_as_decimal_text_and_numpy_values_are_read() -> None:
-    params = SamplingParams(logit_bias={"7": 1, np.int64(8): np.float32(-2.5)}, stop_token_ids=(np.int32(9),))
-    assert params.logit_bias == {7: 1.0, 8: -2.5} and params.stop_token_ids == [9]
+    params = SamplingParams(
+        logit_bias={"7": 1, np.int64(8): np.float32(-2.5), "0012": 3}, stop_token_ids=(np.int32(9),)
+    )
+    assert params.logit_bias == {7: 1.0, 8: -2.5, 12: 3.0} and params.stop_token_ids == [9]
     assert all(type(key) is int and type(value) is float for key, value in params.logit_bias.items())
 
 

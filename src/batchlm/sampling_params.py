@@ -154,6 +154,8 @@ _BOOLEAN_FIELDS = (
 )
 # A token id as a JSON object key carries it (OpenAI's logit_bias): decimal digits, nothing else.
 _TOKEN_ID_TEXT = re.compile(r"-?[0-9]+")
+# Decimal texts this short convert with int() at once (longer ones take the checked path).
+_FAST_ID_DIGITS = 18
 
 
 def _sequence(value: Any, name: str) -> Any:
@@ -192,9 +194,14 @@ def _logit_bias(value: Any) -> dict[int, float]:
         raise SamplingParamsError(f"logit_bias must map token ids to biases, got {value!r}", "logit_bias")
     bias: dict[int, float] = {}
     for key, number in value.items():
-        if type(key) is not int:
+        # Fast paths first: a whole vocabulary's bias (150k entries) is checked on the event loop.
+        if type(key) is str and len(key) <= _FAST_ID_DIGITS and key.isascii() and key.isdigit():
+            key = int(key)
+        elif type(key) is not int:
             key = _token_id(key, "logit_bias", text_allowed=True)
-        if type(number) is not float:
+        if type(number) is int:
+            number = float(number)
+        elif type(number) is not float:
             if isinstance(number, bool) or not isinstance(number, numbers.Real):
                 raise SamplingParamsError(
                     f"logit_bias values must be numbers, got {number!r} for token {key!r}", "logit_bias"

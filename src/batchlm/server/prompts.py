@@ -22,6 +22,10 @@ from batchlm.tools.prompting import template_inputs
 OFFLOAD_CHARS = 512
 # Chat messages longer than this in all are rendered through the template in a worker thread.
 RENDER_OFFLOAD_CHARS = 16_384
+# So are conversations of more messages than this, however short (each costs the template a loop
+# turn: ten thousand empty ones take a fifth of a second), and any with tools (their schemas are
+# rendered as JSON, and may be large).
+RENDER_OFFLOAD_MESSAGES = 64
 # Token lists longer than this are decoded in a worker thread, so that a long one (the body-size limit
 # allows millions) does not hold up every other request on the event loop.
 DECODE_OFFLOAD_TOKENS = 4096
@@ -89,7 +93,8 @@ async def render_chat(
 
     try:
         size = sum(len(m["content"]) for m in converted)
-        text = await asyncio.to_thread(render) if size > RENDER_OFFLOAD_CHARS else render()
+        offload = size > RENDER_OFFLOAD_CHARS or len(converted) > RENDER_OFFLOAD_MESSAGES or bool(tools)
+        text = await asyncio.to_thread(render) if offload else render()
     except Exception as error:  # the template runs on the client's messages and kwargs: their fault
         raise APIError(400, f"Could not apply the chat template: {error}", param="messages") from error
     return tokenizer.chat_ids(await encode_text(tokenizer, text, False, processor, param="messages"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -47,6 +48,7 @@ from batchlm.server.responses import (
     UsageInfo,
 )
 from batchlm.server.state import ServerState, get_state
+from batchlm.server.validation import validated_requests
 from batchlm.tools.calls import ToolCall, ToolCallDelta
 from batchlm.tools.use import chat_tool_use
 
@@ -88,7 +90,11 @@ async def prepare_chat(
             )
         template_kwargs = effort_template_kwargs(body.reasoning_effort, chat_template, template_kwargs)
     with rejections_as_400():
-        tool_use = chat_tool_use(body, state.settings.tool_call_parser, chat_template, added_tokens)
+        tool_args = (body, state.settings.tool_call_parser, chat_template, added_tokens)
+        # Tools may carry large schemas that are compiled to check them: off the event loop.
+        tool_use = (
+            await asyncio.to_thread(chat_tool_use, *tool_args) if body.tools else chat_tool_use(*tool_args)
+        )
         prompt_ids = await render_chat(
             tokenizer,
             body.messages,
@@ -109,7 +115,7 @@ async def prepare_chat(
         )
         if reasoning is not None:
             params = reasoning.sampling_params(params, added_tokens)
-        engine_request = processor.process(prompt_ids, params, None, names)
+        [engine_request] = await validated_requests(processor, [(None, prompt_ids)], params, names)
     context = ChatContext(
         request_id=request_id,
         created=int(time.time()),

@@ -29,6 +29,7 @@ from batchlm.server.responding import (
 )
 from batchlm.server.responses import CompletionChoice, CompletionLogprobs, CompletionResponse, UsageInfo
 from batchlm.server.state import get_state
+from batchlm.server.validation import validated_requests
 from batchlm.tokenizer.tokenizer import Tokenizer
 
 
@@ -102,7 +103,7 @@ async def create_completion(request: Request, body: CompletionRequest) -> Respon
         params, names = params.clone(prompt_logprobs=body.logprobs), replace(names, prompt_logprobs="echo")
     # Every prompt is validated before any starts, so that a bad one fails the batch with nothing to undo.
     with rejections_as_400():
-        engine_requests = [processor.process(ids, params, text, names) for text, ids in prompts]
+        engine_requests = await validated_requests(processor, prompts, params, names)
     context = CompletionContext(
         request_id=f"cmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
