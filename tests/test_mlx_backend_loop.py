@@ -162,6 +162,29 @@ def test_duplicate_request_ids_are_refused(loaded: LoadedModel) -> None:
         loop.add_request(request("same", PROMPTS[1]))
 
 
+def test_samplers_and_stop_automata_of_ended_requests_are_not_kept(loaded: LoadedModel) -> None:
+    """The client picks the temperature and the stop tokens: a sampler or automaton kept for every
+    value ever sent grew without bound. They are shared while a request uses them, then let go."""
+    loop = make_loop(loaded, max_num_seqs=2)
+    varied = [
+        request(f"r{i}", PROMPTS[i % len(PROMPTS)], temperature=0.5 + i / 100, stop_token_ids=[100 + i])
+        for i in range(12)
+    ]
+    run(loop, varied[:6])
+    for item in varied[6:9]:
+        loop.add_request(item)
+    loop.step()
+    loop.abort_requests([item.request_id for item in varied[6:9]])
+    for i in range(2):  # running together, with equal knobs: one sampler and one automaton
+        loop.add_request(request(f"same{i}", PROMPTS[0], temperature=0.7, stop_token_ids=[9], max_tokens=50))
+    loop.step()
+    assert len(loop._samplers._shared) == 1 and len(loop._stop_automata) == 1
+    loop.abort_requests(["same0", "same1"])
+    assert not loop.has_work()
+    assert len(loop._samplers._shared) == 0
+    assert len(loop._stop_automata) == 0
+
+
 def test_prefix_reuse_reports_cached_tokens_and_keeps_outputs(loaded: LoadedModel) -> None:
     follow_up = PROMPTS[0] + [30, 31, 32]
     warm = make_loop(loaded)

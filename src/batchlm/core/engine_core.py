@@ -75,7 +75,15 @@ class EngineCore:
         self.scheduler.forget_inflight_steps()
 
     def has_work(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
+        """Requests to run, a step in flight, or ended requests to drop from the runner: the step that
+        drops them (one with no chunks) must run before the core idles, or the runner would hold the
+        last batch's states until the next request came."""
+        scheduler = self.scheduler
+        return (
+            scheduler.has_unfinished_requests()
+            or self._in_flight is not None
+            or scheduler.has_requests_to_drop()
+        )
 
     def step(self) -> CoreOutputs:
         if self.async_scheduling:

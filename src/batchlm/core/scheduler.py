@@ -110,6 +110,11 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self._running or self._waiting)
 
+    def has_requests_to_drop(self) -> bool:
+        """Requests that ended (finished, aborted or preempted) which the runner still holds (sampling
+        state, grammar matcher, block-table row) until a step names them in finished_request_ids."""
+        return bool(self._dropped_ids)
+
     def stats(self) -> EngineStats:
         speculator = self._speculative.speculator if self._speculative is not None else None
         return EngineStats(

@@ -279,6 +279,8 @@ class ModelRunner:
         inputs = self._inputs_beside_deferred(scheduled)
         self._update_states(scheduled)
         if scheduled.is_empty:
+            # The sampler's last batch may be of requests just dropped (the core idles after this step).
+            self.sampler.forget_batch()
             return PendingStepOutput.ready()
         if inputs is None:
             inputs = self.input_builder.build(scheduled, self._previous)

@@ -151,6 +151,10 @@ class Sampler:
         logits = self._checked_view(logits, states).float()
         return self._process(logits, states, plan_batch(states, self.vocab_size), copy=True)
 
+    def forget_batch(self) -> None:
+        """Let go of the last batch's states (their penalty tensors among them): the next call plans anew."""
+        self._cached = None
+
     def _plan(self, states: Sequence[SamplingState]) -> tuple[SamplingPlan, torch.Tensor | None]:
         """The batch's plan and its random rows' knobs on the device, reused from the last call when
         the batch is the same states in the same order and the plan cannot have changed since."""

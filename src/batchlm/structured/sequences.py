@@ -145,6 +145,13 @@ class ConstrainedSequences:
     def drop(self, request_ids: Sequence[str] | frozenset[str]) -> None:
         for request_id in request_ids:
             self._sequences.pop(request_id, None)
+        if not self._sequences and self._worker is not None:
+            # The last prefetch's prepared matchers are the worker's, let go of there (after any job
+            # still running): kept, they held the ended requests' matchers while no grammar ran.
+            self._worker.submit(self._forget_batch)
+
+    def _forget_batch(self) -> None:
+        self._batch = None
 
     @property
     def bitmask_words(self) -> int:

@@ -4,6 +4,7 @@ responses into EngineCoreOutputs. Only the generation thread calls it (mlx strea
 from __future__ import annotations
 
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -85,7 +86,8 @@ class GenerationLoop:
         self.settings = settings
         self._stream = stream
         self._samplers = SamplerFactory(vocab_size)
-        self._stop_automata: dict[Any, StopSequences] = {}
+        # Shared by the running requests with the same stop tokens only: the client picks them.
+        self._stop_automata: weakref.WeakValueDictionary[Any, StopSequences] = weakref.WeakValueDictionary()
         self.prompt_cache = PromptCache(model_key, settings.kv_budget_bytes, settings.enable_prefix_caching)
         self.prompt_scores = PromptScores(settings.enable_prefix_caching)
         self._waiting: OrderedDict[str, EngineCoreRequest] = OrderedDict()

@@ -7,7 +7,8 @@ Requests with the same unseeded knobs share one sampler object, so mlx-lm sample
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any
 
 import mlx.core as mx
@@ -65,11 +66,13 @@ def make_seeded_sampler(key: SamplerKey, seed: int) -> Sampler:
 
 
 class SamplerFactory:
-    """Hands out samplers; unseeded requests with equal knobs get the very same object."""
+    """Hands out samplers; unseeded requests with equal knobs get the very same object while one of
+    them runs. Kept weakly: the knobs are the client's (any temperature), so a server kept one sampler
+    for every value it was ever sent."""
 
     def __init__(self, vocab_size: int) -> None:
         self.vocab_size = vocab_size
-        self._shared: dict[SamplerKey, Sampler] = {}
+        self._shared: weakref.WeakValueDictionary[SamplerKey, Sampler] = weakref.WeakValueDictionary()
 
     def sampler_for(self, params: SamplingParams, seed: int | None) -> Sampler:
         if params.greedy:
@@ -175,9 +178,10 @@ class RawLogprobsRecorder:
 
 
 def stop_sequences(
-    params: SamplingParams, eos_token_ids: Sequence[int], cache: dict[Any, StopSequences]
+    params: SamplingParams, eos_token_ids: Sequence[int], cache: MutableMapping[Any, StopSequences]
 ) -> StopSequences:
-    """Single-token stop sequences: EOS (unless ignore_eos) and stop_token_ids; automata are shared."""
+    """Single-token stop sequences: EOS (unless ignore_eos) and stop_token_ids; automata are shared
+    through `cache` (a WeakValueDictionary in the loop: the client picks stop_token_ids)."""
     tokens = set(params.stop_token_ids)
     if not params.ignore_eos:
         tokens.update(eos_token_ids)
