@@ -8,7 +8,8 @@ from pathlib import Path
 
 from batchlm.config import EngineConfig
 from batchlm.sampling_defaults import GENERATION_CONFIG_FILE, generation_config_dir
-from batchlm.tokenizer.tokenizer import Tokenizer, model_config_files
+from batchlm.tokenizer.eos_ids import model_config_files
+from batchlm.tokenizer.tokenizer import Tokenizer
 
 
 def prepare_model_dir(config: EngineConfig, cancel: threading.Event | None = None) -> Path:

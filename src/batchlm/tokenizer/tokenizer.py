@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 from batchlm.tokenizer.chat_template import resolve_chat_template
+from batchlm.tokenizer.eos_ids import configured_eos_ids, model_config_files, unique_ids
 from batchlm.tokenizer.hf_loading import load_hf_tokenizer
 from batchlm.tokenizer.text_bound import max_chars_per_token
 from batchlm.tokenizer.token_bytes import TokenBytes, byte_level_pieces
@@ -54,7 +54,7 @@ class Tokenizer:
         # Every id the tokenizer can produce or decode, added tokens included.
         self.vocab_size: int = len(hf)
         self.bos_token_id: int | None = hf.bos_token_id
-        self.eos_token_ids: tuple[int, ...] = _unique_ids([*eos_token_ids, hf.eos_token_id])
+        self.eos_token_ids: tuple[int, ...] = unique_ids([*eos_token_ids, hf.eos_token_id])
         # The Jinja template apply_chat_template renders (the override, else the tokenizer's own).
         self.chat_template: str | None = chat_template or _own_chat_template(hf)
         # The model's template named "tool_use" (Hermes' and Command R's tokenizer configs name several),
@@ -94,7 +94,7 @@ class Tokenizer:
         template = resolve_chat_template(chat_template) if chat_template is not None else None
         if eos_files is None:
             eos_files = model_config_files(directory)
-        tokenizer = cls(hf, _configured_eos_ids(eos_files), template, str(directory))
+        tokenizer = cls(hf, configured_eos_ids(eos_files), template, str(directory))
         tokenizer._check_template_syntax()
         tokenizer.byte_pieces(skip_special_tokens=True)  # built at load, not by the first request
         _ = tokenizer.max_chars_per_token
@@ -338,40 +338,6 @@ def _check_unicode(texts: Sequence[str]) -> None:
                 f"the text contains a lone UTF-16 surrogate ({text[error.start]!a} at character "
                 f"{error.start}), which is not valid Unicode"
             ) from None
-
-
-def _unique_ids(ids: Sequence[int | None]) -> tuple[int, ...]:
-    seen: dict[int, None] = {}
-    for token_id in ids:
-        if token_id is not None:
-            seen[int(token_id)] = None
-    return tuple(seen)
-
-
-def model_config_files(directory: Path) -> list[Path]:
-    """The files of a model directory that may state its EOS ids, in the order they are read."""
-    return [directory / "generation_config.json", directory / "config.json"]
-
-
-def _configured_eos_ids(files: Sequence[Path]) -> list[int]:
-    """eos_token_id of the first of `files` that sets it, as a list; [] when none does."""
-    for file in files:
-        if not file.is_file():
-            continue
-        try:
-            config = json.loads(file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{file} is not valid JSON: {exc}") from exc
-        if not isinstance(config, dict):
-            raise ValueError(f"{file} must hold a JSON object")
-        value = config.get("eos_token_id")
-        if value is None:
-            continue
-        values = value if isinstance(value, list) else [value]
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            raise ValueError(f"eos_token_id in {file} must be an int or a list of ints, got {value!r}")
-        return values
-    return []
 
 
 def _own_chat_template(hf: PreTrainedTokenizerBase, name: str = DEFAULT_TEMPLATE) -> str | None:
