@@ -5,13 +5,13 @@ completion whose request sets none (capped at the room the context leaves: engin
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from batchlm.json_files import read_json_object
 from batchlm.sampling_params import SamplingParams, SamplingParamsError
 
 logger = logging.getLogger(__name__)
@@ -66,13 +66,7 @@ def sampling_defaults(source: str, model_dir: Path) -> SamplingDefaults:
     file = (generation_config_dir(source) or model_dir) / GENERATION_CONFIG_FILE
     if not file.is_file():
         return SamplingDefaults()
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{file} is not valid JSON: {exc}") from exc
-    if not isinstance(config, dict):
-        raise ValueError(f"{file} must hold a JSON object")
-    return SamplingDefaults(**_valid_values(config, file))
+    return SamplingDefaults(**_valid_values(read_json_object(file), file))
 
 
 def generation_config_dir(source: str) -> Path | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Any
 
 import torch
 
+from batchlm.json_files import read_json_object
 from batchlm.models.registry import architecture_of, get_model_class
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -72,17 +72,6 @@ def iter_safetensors(files: list[Path], progress: bool = True) -> Iterator[tuple
         with open_safetensors(path) as handle:
             for name in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
                 yield name, handle.get_tensor(name)
-
-
-def read_json_object(path: Path) -> dict[str, Any]:
-    """The JSON object `path` holds; ValueError naming the file when it holds anything else."""
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError both derive from it
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path} must hold a JSON object, not {type(raw).__name__}")
-    return raw
 
 
 @contextmanager

@@ -3,9 +3,10 @@ config.json) states, an int or a list."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
+
+from batchlm.json_files import read_json_object
 
 
 def unique_ids(ids: Sequence[int | None]) -> tuple[int, ...]:
@@ -26,13 +27,7 @@ def configured_eos_ids(files: Sequence[Path]) -> list[int]:
     for file in files:
         if not file.is_file():
             continue
-        try:
-            config = json.loads(file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{file} is not valid JSON: {exc}") from exc
-        if not isinstance(config, dict):
-            raise ValueError(f"{file} must hold a JSON object")
-        value = config.get("eos_token_id")
+        value = read_json_object(file).get("eos_token_id")
         if value is None:
             continue
         values = value if isinstance(value, list) else [value]
