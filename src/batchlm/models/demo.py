@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from batchlm.config import cache_root
+from batchlm.models.cache_entry import build_entry
 from batchlm.tokenizer.builder import (
     BOS_TOKEN,
     DEFAULT_VOCAB_SIZE,
@@ -58,10 +56,12 @@ def ensure_demo_model(cache_dir: Path | None = None) -> Path:
     """Return the demo model directory (`cache_dir` or cache_root(), then DEMO_VERSION), building
     it on first use. The build goes to a private temporary directory that is renamed into place, so
     processes starting together never see a half-written model."""
-    target = Path(cache_dir or cache_root()).expanduser() / DEMO_VERSION
-    if not _is_complete(target):
-        _discard_incomplete(target)
-        _build_atomically(target)
+    target = build_entry(
+        Path(cache_dir or cache_root()).expanduser() / DEMO_VERSION,
+        _REQUIRED_FILES,
+        lambda staging: write_model_dir(staging, "llama", DEMO_CONFIG, seed=DEMO_SEED),
+        "cached demo model",
+    )
     logger.warning(
         "model %r (%s) has RANDOM weights: it serves gibberish by design; pass --model for a real model",
         DEMO_MODEL_NAME,
@@ -94,35 +94,3 @@ def write_model_dir(
     generation.update(bos_token_id=_IDS[BOS_TOKEN], eos_token_id=GENERATION_EOS_IDS)
     generation_path.write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
     return out
-
-
-def _is_complete(directory: Path) -> bool:
-    return all((directory / name).is_file() for name in _REQUIRED_FILES)
-
-
-def _discard_incomplete(target: Path) -> None:
-    """Move a damaged cache entry out of the way (renaming first, so a racing process never sees a
-    half-deleted directory under the real name)."""
-    if not target.exists():
-        return
-    logger.warning("the cached demo model at %s is incomplete; rebuilding it", target)
-    trash = Path(tempfile.mkdtemp(prefix=f".{target.name}-discarded-", dir=target.parent))
-    with contextlib.suppress(FileNotFoundError):  # another process moved it first
-        target.rename(trash / target.name)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def _build_atomically(target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-building-", dir=target.parent))
-    try:
-        write_model_dir(staging, "llama", DEMO_CONFIG, seed=DEMO_SEED)
-        staging.chmod(0o755)  # mkdtemp makes it private; the cache entry should be readable like any file
-        try:
-            staging.rename(target)
-        except OSError:
-            # A concurrent build won the rename; its files are identical (the build is deterministic).
-            if not _is_complete(target):
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

@@ -12,13 +12,12 @@ import hashlib
 import json
 import logging
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from batchlm.config import cache_root
+from batchlm.models.cache_entry import build_entry
 from batchlm.models.gguf_file import hf_config, open_gguf
 from batchlm.models.gguf_reader import GGUFFile
 
@@ -93,39 +92,12 @@ def prepare_gguf_model_dir(gguf_path: Path, cache_dir: Path | None = None) -> Pa
     interrupted build never leaves a half directory under the real name)."""
     gguf_path = gguf_path.expanduser().resolve()
     target = Path(cache_dir or cache_root()) / DERIVED_VERSION / f"{gguf_path.stem}-{_file_key(gguf_path)}"
-    if _is_complete(target):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-building-", dir=target.parent))
-    try:
+
+    def build(staging: Path) -> None:
         logger.info("reading the model config and tokenizer from %s (once; cached in %s)", gguf_path, target)
         _write_derived(gguf_path, staging)
-        staging.chmod(0o755)
-        _discard_incomplete(target)
-        try:
-            staging.rename(target)
-        except OSError:
-            if not _is_complete(target):  # not a concurrent build that won the rename (same files)
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
 
-
-def _is_complete(directory: Path) -> bool:
-    return all((directory / name).is_file() for name in _DERIVED_FILES)
-
-
-def _discard_incomplete(target: Path) -> None:
-    """Move a damaged entry (a file deleted from it) out of the way, so that the new build can take
-    its name: renamed first, so that a racing process never sees it half deleted."""
-    if not target.exists() or _is_complete(target):
-        return
-    logger.warning("the derived model directory %s is incomplete; replacing it", target)
-    trash = Path(tempfile.mkdtemp(prefix=f".{target.name}-discarded-", dir=target.parent))
-    with contextlib.suppress(FileNotFoundError):  # another process moved it first
-        target.rename(trash / target.name)
-    shutil.rmtree(trash, ignore_errors=True)
+    return build_entry(target, _DERIVED_FILES, build, "derived model directory")
 
 
 def _file_key(path: Path) -> str:
