@@ -12,6 +12,7 @@ import pytest
 
 from batchlm.server.background import BackgroundServer
 from batchlm.server.state import ServerSettings
+from error_shape import error_of
 from fake_engine import FakeEngine, metric_value, openai_client
 
 USER = [{"role": "user", "content": "hi"}]
@@ -32,16 +33,6 @@ def server(engine: FakeEngine) -> Iterator[BackgroundServer]:
 
 def post(server: BackgroundServer, path: str, body: Any) -> httpx.Response:
     return httpx.post(f"{server.base_url}{path}", json=body, timeout=30)
-
-
-def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"}
-    error: dict[str, Any] = body["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert "Traceback" not in error["message"]
-    return error
 
 
 def test_malformed_json_is_400(server: BackgroundServer) -> None:

@@ -15,6 +15,7 @@ from batchlm.engine.client import QueueFullError
 from batchlm.server.background import BackgroundServer
 from batchlm.server.errors import engine_error_to_api_error, error_body
 from batchlm.server.state import ServerSettings
+from error_shape import error_of
 from fake_engine import FakeEngine, FakeTokenizer
 
 LONE_SURROGATES = b'"\\ud800x\\udfff"'  # as JSON escapes: Python's json module decodes them as they are
@@ -31,14 +32,6 @@ def post_raw(
     server: BackgroundServer, path: str, content: bytes, headers: dict[str, str] = JSON
 ) -> httpx.Response:
     return httpx.post(f"{server.base_url}{path}", content=content, headers=headers, timeout=30)
-
-
-def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
-    error: dict[str, Any] = body["error"]
-    return error
 
 
 @pytest.mark.parametrize(

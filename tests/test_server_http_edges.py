@@ -19,6 +19,7 @@ from batchlm.sampling_params import SamplingParamsError, StructuredOutputs
 from batchlm.server.background import BackgroundServer
 from batchlm.server.body_watch import BodyTimeout, BodyWatch
 from batchlm.server.state import ServerSettings
+from error_shape import error_of
 from fake_engine import FakeEngine
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -36,14 +37,6 @@ def server() -> Iterator[BackgroundServer]:
 
 def post(server: BackgroundServer, path: str, content: bytes, headers: dict[str, str]) -> httpx.Response:
     return httpx.post(f"{server.base_url}{path}", content=content, headers={**JSON, **headers}, timeout=30)
-
-
-def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
-    error: dict[str, Any] = body["error"]
-    return error
 
 
 def exchange(port: int, request: bytes) -> bytes:
