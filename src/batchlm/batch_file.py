@@ -10,6 +10,8 @@ import uuid
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
+from batchlm.unicode_text import encodes
+
 # The endpoints a batch line may name, as OpenAI's Batch API names them.
 BATCH_URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 
@@ -70,11 +72,7 @@ def json_line(line: dict[str, Any]) -> str:
     custom_id the input spelled "\\ud800", which json.loads takes) all of it as ASCII escapes instead,
     since the surrogate itself cannot be written as UTF-8 and the escape reads back as the same id."""
     text = json.dumps(line, ensure_ascii=False)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = json.dumps(line)
-    return text + "\n"
+    return (text if encodes(text) else json.dumps(line)) + "\n"
 
 
 class OutputWriteError(Exception):

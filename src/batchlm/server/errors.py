@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from batchlm.engine.client import EngineDeadError, QueueFullError, RequestRejectedError
 from batchlm.tools.spec import ToolUseError
+from batchlm.unicode_text import encodable
 
 logger = logging.getLogger(__name__)
 
@@ -55,21 +56,6 @@ def error_body(
     error_type = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     param = None if param is None else encodable(param)
     return {"error": {"message": encodable(message), "type": error_type, "param": param, "code": code}}
-
-
-def encodes(text: str) -> bool:
-    """False for a text UTF-8 cannot encode: one with a lone UTF-16 surrogate, which JSON escapes allow."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def encodable(text: str) -> str:
-    """`text` with anything UTF-8 cannot encode (lone surrogates echoed from the client's input)
-    spelled as a backslash escape, so that an error body can always be sent."""
-    return text if encodes(text) else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def engine_error_to_api_error(error: Exception) -> APIError | None:

@@ -14,11 +14,12 @@ from pydantic import BaseModel
 from batchlm.engine.input_processor import FieldNames
 from batchlm.sampling_defaults import SamplingDefaults
 from batchlm.sampling_params import SamplingParams, SamplingParamsError, StructuredOutputs, schema_json
-from batchlm.server.errors import APIError, encodes
+from batchlm.server.errors import APIError
 from batchlm.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from batchlm.structured.backend import GrammarError
 from batchlm.structured.llguidance_backend import lark_from_user_grammar
 from batchlm.tools.closed_schema import closed_objects
+from batchlm.unicode_text import encodes
 
 # (field, accepted value test, why it is refused): known OpenAI fields that batchlm does not serve.
 UnsupportedRule = tuple[str, Callable[[Any], bool], str]
@@ -60,7 +61,7 @@ def check_unicode(body: BaseModel) -> None:
 
 def _first_invalid_text(value: Any, path: str) -> str | None:
     if isinstance(value, str):
-        return None if value.isascii() or encodes(value) else path
+        return None if encodes(value) else path
     if isinstance(value, BaseModel):
         # Named as the client spells them: a field's alias ("json", not the attribute json_).
         fields = type(value).model_fields

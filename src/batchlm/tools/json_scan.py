@@ -14,18 +14,6 @@ _DECODER = json.JSONDecoder()
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 
 
-def utf8_safe(text: str) -> str:
-    """`text` with each lone UTF-16 surrogate (what a model's "\\ud800" escape decodes to) spelled as that
-    JSON escape again: no response can encode the surrogate itself, and JSON text keeps its meaning."""
-    if text.isascii():
-        return text
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text
-
-
 def skip_whitespace(text: str, pos: int) -> int:
     match = _WHITESPACE.match(text, pos)
     assert match is not None

@@ -8,6 +8,8 @@ import json
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from batchlm.unicode_text import encodes
+
 TOOLS_PROMPT = (
     "You can call functions to answer the user. These are the functions, as JSON schemas:\n"
     "<tools>\n{tools}\n</tools>\n"
@@ -46,7 +48,7 @@ def template_tool_calls(calls: Sequence[HistoryCall]) -> list[dict[str, Any]]:
             arguments = json.loads(call.function.arguments)
         except ValueError:
             arguments = None
-        if isinstance(arguments, dict) and not _renders_as_unicode(arguments):
+        if isinstance(arguments, dict) and not encodes(_json(arguments)):
             arguments = None  # a "\ud800" escape in it: the text keeps it an escape, an object would not
         function = {
             "name": call.function.name,
@@ -112,13 +114,3 @@ def _json(value: Any) -> str:
     """JSON with non-ASCII characters as they are, as chat templates' `tojson` writes it (transformers):
     "東京" costs the model a few tokens and reads as text, "\\u6771\\u4eac" does neither."""
     return json.dumps(value, ensure_ascii=False)
-
-
-def _renders_as_unicode(value: Any) -> bool:
-    """False when a parsed JSON value holds a lone UTF-16 surrogate (valid as a JSON escape, not as
-    text): a template writing it out would make a prompt no tokenizer takes."""
-    try:
-        _json(value).encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True

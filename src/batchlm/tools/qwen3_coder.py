@@ -21,9 +21,10 @@ from typing import Any
 
 from batchlm.tools.call_grammar import json_rule, marked_calls_start, token_rule
 from batchlm.tools.function_tool import FunctionTool
-from batchlm.tools.json_scan import skip_whitespace, utf8_safe
+from batchlm.tools.json_scan import skip_whitespace
 from batchlm.tools.parser import ToolParser
 from batchlm.tools.scan import CallScan, MarkedRegion, Scan, scan_marked_calls
+from batchlm.unicode_text import encodable
 
 START, END = "<tool_call>", "</tool_call>"
 FUNCTION, FUNCTION_END = "<function=", "</function>"
@@ -147,7 +148,7 @@ def _json_value(value: str, types: set[str] | None) -> str:
     if "boolean" in types and text in ("True", "False"):  # Python's spelling
         text = text.lower()
     try:
-        return utf8_safe(json.dumps(json.loads(text), ensure_ascii=False))
+        return encodable(json.dumps(json.loads(text), ensure_ascii=False))
     except ValueError:
         return json.dumps(value, ensure_ascii=False)
 

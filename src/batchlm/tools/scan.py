@@ -10,7 +10,8 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from batchlm.tools.json_scan import ObjectScan, scan_object, skip_whitespace, utf8_safe
+from batchlm.tools.json_scan import ObjectScan, scan_object, skip_whitespace
+from batchlm.unicode_text import encodable
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ def call_from_object(
         name = json.loads(text[name_span.start : name_span.end])
         if not isinstance(name, str):
             return None
-        name = utf8_safe(name)
+        name = encodable(name)
     if scan.malformed or (done and name is None):
         return None
     key = next((k for k in argument_keys if k in scan.fields), None)
@@ -54,7 +55,7 @@ def call_from_object(
         return CallScan(name, partial, False)
     raw = text[span.start : span.end]
     value = json.loads(raw)
-    return CallScan(name, utf8_safe(value) if isinstance(value, str) else raw, done)
+    return CallScan(name, encodable(value) if isinstance(value, str) else raw, done)
 
 
 @dataclass(frozen=True)
