@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -20,6 +21,11 @@ def cache_root() -> Path:
     """$BATCHLM_CACHE, else ~/.cache/batchlm."""
     configured = os.environ.get(CACHE_ENV_VAR)
     return Path(configured).expanduser() if configured else Path.home() / ".cache" / "batchlm"
+
+
+def is_unwritable(error: OSError) -> bool:
+    """Whether `error` says its directory cannot be written to (read-only, or not ours)."""
+    return error.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def positive_int_from_env(name: str, environ: Mapping[str, str] | None = None) -> int | None:

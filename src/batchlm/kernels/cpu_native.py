@@ -14,7 +14,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
-import errno
 import functools
 import hashlib
 import logging
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from batchlm.config import cache_root
+from batchlm.config import cache_root, is_unwritable
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +39,6 @@ DISABLE_ENV = "BATCHLM_CPU_KERNELS"
 # F16C (half <-> float32) comes with every AVX2 CPU.
 COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 COMPILE_TIMEOUT_S = 120.0
-# Errors that say the cache directory cannot be written to.
-_UNWRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
 _PRIVATE_DIRS: dict[Path, Path] = {}
 _PRIVATE_DIRS_LOCK = threading.Lock()
 # Rows from which a row-parallel pass (the cache write, RoPE) takes every thread.
@@ -159,7 +156,7 @@ def build_library(
         directory.mkdir(parents=True, exist_ok=True)
         return _compile(compiler, source_path, flags, directory / name)
     except OSError as error:
-        if error.errno not in _UNWRITABLE:
+        if not is_unwritable(error):
             raise
         # A read-only cache (a container's, another user's) still gets the kernels, built for this
         # process only: torch's ops instead are several times slower, and GGUF weights would be

