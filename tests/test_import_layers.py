@@ -29,6 +29,8 @@ LAYERS: tuple[frozenset[str], ...] = (
             "logging_setup",
             "gc_tuning",
             "cpu_wait_policy",
+            "json_files",
+            "unicode_text",
         }
     ),
     frozenset({"core"}),
