@@ -284,3 +284,25 @@ def test_the_start_up_line_names_a_url_that_works(host: str, url: str, caplog: A
     with caplog.at_level(logging.INFO, logger="batchlm.server.cli"):
         serve_cli._log_serving(EngineConfig(), ServerSettings(host=host, port=8080))
     assert f" on {url} (" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("host", "api_key", "warned"),
+    [
+        ("0.0.0.0", None, True),
+        ("::", None, True),
+        ("0.0.0.0", "sk-x", False),
+        ("127.0.0.1", None, False),
+        ("localhost", None, False),
+        ("::1", None, False),
+    ],
+)
+def test_serving_other_hosts_without_a_key_is_warned_about(
+    host: str, api_key: str | None, warned: bool, caplog: Any
+) -> None:
+    with caplog.at_level(logging.INFO, logger="batchlm.server.cli"):
+        serve_cli._log_serving(EngineConfig(), ServerSettings(host=host, port=8080, api_key=api_key))
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert bool(warnings) == warned, warnings
+    if warned:
+        assert "--api-key" in warnings[0] and "BATCHLM_API_KEY" in warnings[0]

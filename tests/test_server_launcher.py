@@ -20,7 +20,7 @@ from fake_engine import FakeEngine
 def test_uvicorn_parses_http_with_httptools() -> None:
     config = GracefulServer(build_app(FakeEngine(), ServerSettings())).config
     config.load()
-    assert config.http_protocol_class is HttpToolsProtocol
+    assert issubclass(config.http_protocol_class, HttpToolsProtocol)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="uvloop does not build on Windows")

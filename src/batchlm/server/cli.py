@@ -34,6 +34,7 @@ SERVER_FLAG_NAMES = {
     "stats_log_interval_s": ["--stats-log-interval"],
     "max_body_bytes": ["--max-body-bytes"],
     "body_timeout_s": ["--body-timeout"],
+    "header_timeout_s": ["--header-timeout"],
 }
 SERVER_HELP_NOTES = {"api_key": f" (or set {API_KEY_ENV})"}
 SERVER_BOUNDS = {
@@ -42,6 +43,7 @@ SERVER_BOUNDS = {
     "max_n": POSITIVE,
     "max_body_bytes": POSITIVE,
     "body_timeout_s": Bounds(above=0),
+    "header_timeout_s": Bounds(above=0),
     "shutdown_timeout_s": Bounds(minimum=0),
     "stats_log_interval_s": Bounds(above=0),
     "api_servers": POSITIVE,
@@ -165,6 +167,26 @@ def _log_serving(config: EngineConfig, settings: ServerSettings) -> None:
         "on" if settings.api_key else "off",
         processes,
     )
+    if not settings.api_key and _reachable_from_other_hosts(settings.host):
+        logger.warning(
+            "no API key: anyone who can reach %s may use the API; set --api-key or %s",
+            where,
+            API_KEY_ENV,
+        )
+
+
+def _reachable_from_other_hosts(host: str) -> bool:
+    """Whether `host` binds an address other machines can connect to (not loopback only). A name that
+    does not resolve is left to the bind to report."""
+    import ipaddress
+    import socket
+
+    try:
+        # No host at all ("") binds every interface, as AI_PASSIVE resolves it.
+        infos = socket.getaddrinfo(host or None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return False
+    return any(not ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in infos)
 
 
 def _run_several(settings: ServerSettings, config: EngineConfig, count: int) -> int:

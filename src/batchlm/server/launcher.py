@@ -18,6 +18,7 @@ from fastapi import FastAPI
 
 from batchlm.engine.client import EngineClient, EngineDeadError
 from batchlm.gc_tuning import freeze_startup_objects
+from batchlm.server.header_deadline import header_deadline_protocol
 from batchlm.server.state import ServerState
 from batchlm.startup_log import log_phase, log_uptime
 
@@ -63,6 +64,7 @@ class GracefulServer(uvicorn.Server):
             log_config=None,
             access_log=settings.log_level.upper() == "DEBUG",
             timeout_graceful_shutdown=int(settings.shutdown_timeout_s + BACKSTOP_MARGIN_S),
+            http=header_deadline_protocol(settings.header_timeout_s) or "auto",
         )
         super().__init__(config)
 

@@ -17,6 +17,8 @@ from batchlm.server.response_store import ResponseStore
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 # As nginx's client_body_timeout: long enough for any client that is still sending.
 DEFAULT_BODY_TIMEOUT_S = 60.0
+# As nginx's client_header_timeout.
+DEFAULT_HEADER_TIMEOUT_S = 60.0
 # The seed README's examples send these; they name the one served model.
 PLACEHOLDER_MODEL_NAMES = ("default", "default_model")
 
@@ -29,7 +31,8 @@ class ServerSettings:
     host: str = "127.0.0.1"
     # TCP port to listen on.
     port: int = 8080
-    # Bearer key required on /v1/*, /tokenize, /detokenize and /tokenizer_info; None leaves them open.
+    # Bearer key required on /v1/*, /tokenize, /detokenize and /tokenizer_info (/health, /metrics,
+    # /version, the chat page's files and the API docs stay open); None leaves them open.
     api_key: str | None = None
     # Waiting requests beyond which new ones are refused with 429; None (`none` on the command line) = no
     # limit.
@@ -42,6 +45,10 @@ class ServerSettings:
     # Seconds a request body may go without any of it arriving before the request is answered 408
     # (a client that sends its headers and then stalls would otherwise hold its request forever).
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    # Seconds a connection gets to send a request's headers in full, from its opening or the end of
+    # its previous response; then it is closed (connections that send nothing, or their headers a
+    # byte at a time, would otherwise stay open for ever, each holding a file descriptor).
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
     # Seconds in-flight requests get to finish after SIGINT/SIGTERM before they are aborted.
     shutdown_timeout_s: float = 30.0
     # Seconds between the periodic stats log lines (written only while there is activity).
