@@ -313,6 +313,19 @@ def test_an_output_that_cannot_take_the_results_is_refused_before_the_model_load
     assert json.loads(source.read_text())["custom_id"] == "a"
 
 
+def test_standard_input_redirected_from_the_output_file_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `batchlm run-batch -i - -o requests.jsonl < requests.jsonl` would empty its own input.
+    source = tmp_path / "in.jsonl"
+    source.write_text(line("a", "/v1/completions", {"prompt": "x"}) + "\n")
+    flags = ["--model", str(tmp_path / "missing-model"), "--device", "cpu", "--log-level", "ERROR"]
+    with source.open() as redirected:
+        monkeypatch.setattr("sys.stdin", redirected)
+        assert main(["run-batch", "-i", "-", "-o", str(source), *flags]) == 2
+    assert json.loads(source.read_text())["custom_id"] == "a"
+
+
 @pytest.mark.parametrize(("flag", "value"), [("--progress-interval", "0"), ("--max-concurrency", "0")])
 def test_out_of_range_batch_flags_are_usage_errors(
     flag: str, value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -351,3 +364,35 @@ def test_an_output_that_fails_stops_the_run_at_once() -> None:
         asyncio.run(asyncio.wait_for(go(), timeout=60))
     assert json.loads(out.getvalue())["custom_id"] == "r0"
     assert len(served) <= 6  # the two lines written or failed, and those already in flight
+
+
+def test_the_batchs_server_answers_the_batch_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The local port the batch runs through takes no request without the run's own key: another user
+    of the machine cannot use the model while the batch runs."""
+    import httpx
+
+    import batchlm.backends
+    from batchlm import run_batch
+    from fake_engine import FakeEngine
+
+    class BatchEngine(FakeEngine):
+        def begin_loading(self) -> None:
+            pass
+
+    monkeypatch.setattr(batchlm.backends, "create_engine", lambda backend, config: BatchEngine(ready=False))
+    outsider_statuses: list[int] = []
+    real_run_lines = run_batch.run_lines
+
+    async def run_after_an_outsider(base_url: str, *args: Any, **kwargs: Any) -> BatchProgress:
+        body = {"prompt": "x", "max_tokens": 1}
+        outsider = await asyncio.to_thread(httpx.post, f"{base_url}/v1/completions", json=body, timeout=60)
+        outsider_statuses.append(outsider.status_code)
+        return await real_run_lines(base_url, *args, **kwargs)
+
+    monkeypatch.setattr(run_batch, "run_lines", run_after_an_outsider)
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text(line("a", "/v1/completions", {"prompt": "x", "max_tokens": 2}) + "\n")
+    assert main(["run-batch", "-i", str(source), "-o", str(target), "--log-level", "ERROR"]) == 0
+    assert outsider_statuses == [401]
+    [result] = [json.loads(text) for text in target.read_text().splitlines()]
+    assert result["response"]["status_code"] == 200

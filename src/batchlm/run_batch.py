@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sized
@@ -107,9 +108,11 @@ async def run_lines(
     max_concurrency: int,
     progress_interval: float,
     progress: BatchProgress | None = None,
+    api_key: str | None = None,
 ) -> BatchProgress:
-    """Run every line against the server at `base_url`; results go to `out` in input order. Lines are
-    read as there is room for them. Cancelled (Ctrl-C), the results that finished are written."""
+    """Run every line against the server at `base_url` (sending `api_key` if given); results go to `out`
+    in input order. Lines are read as there is room for them. Cancelled (Ctrl-C), the results that
+    finished are written."""
     import aiohttp
 
     if progress is None:
@@ -126,7 +129,10 @@ async def run_lines(
     connector = aiohttp.TCPConnector(limit=max_concurrency)
     timeout = aiohttp.ClientTimeout(total=None)
 
-    async with aiohttp.ClientSession(base_url, connector=connector, timeout=timeout) as client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    async with aiohttp.ClientSession(
+        base_url, connector=connector, timeout=timeout, headers=headers
+    ) as client:
 
         async def run_one(index: int, custom_id: str, url: str, body: dict[str, Any]) -> None:
             try:
@@ -227,7 +233,7 @@ def output_problem(output_file: str, input_file: str) -> str | None:
     if path.is_dir():
         return "it is a directory"
     if path.exists():
-        if input_file != "-" and os.path.exists(input_file) and os.path.samefile(path, input_file):
+        if _is_input(path, input_file):
             # The input is read while the results are written: opening it for them would empty it.
             return "it is the input file"
         return None if os.access(path, os.W_OK) else "it is not writable"
@@ -235,6 +241,17 @@ def output_problem(output_file: str, input_file: str) -> str | None:
     if not (parent.is_dir() and os.access(parent, os.W_OK)):
         return f"{parent} is not a writable directory"
     return None
+
+
+def _is_input(path: Path, input_file: str) -> bool:
+    """Whether `path` is the input file, standard input redirected from a file (`< out.jsonl`) included."""
+    if input_file != "-":
+        return os.path.exists(input_file) and os.path.samefile(path, input_file)
+    try:
+        source = os.fstat(sys.stdin.fileno())
+    except (AttributeError, OSError, ValueError):  # no standard input, or one without a descriptor
+        return False
+    return os.path.samestat(source, path.stat())
 
 
 def _named(path: str) -> str:
@@ -291,6 +308,9 @@ def _run_served(args: argparse.Namespace, lines: Iterable[bytes], progress: Batc
 
     config = dataclass_from_args(EngineConfig, args)
     settings = ServerSettings(
+        # The server listens on a local port while the batch runs: other users of this machine must
+        # not be able to use it.
+        api_key=secrets.token_urlsafe(32),
         max_queue=None,
         log_level=args.log_level,
         tool_call_parser=args.tool_call_parser,
@@ -323,7 +343,13 @@ def _run_served(args: argparse.Namespace, lines: Iterable[bytes], progress: Batc
             try:
                 asyncio.run(
                     run_lines(
-                        server.base_url, lines, out, args.max_concurrency, args.progress_interval, progress
+                        server.base_url,
+                        lines,
+                        out,
+                        args.max_concurrency,
+                        args.progress_interval,
+                        progress,
+                        api_key=settings.api_key,
                     )
                 )
             except OutputWriteError as error:
