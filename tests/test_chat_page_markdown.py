@@ -46,6 +46,12 @@ RENDERED = [
         "Python</a> (see)</p>",
     ),
     ("***both*** and **b**", "<p><strong><em>both</em></strong> and <strong>b</strong></p>"),
+    # Code in a link's label stays code; backticks in its URL are the URL's own characters.
+    (
+        "[`run()`](https://x.org/a) [b](https://x.org/`c`)",
+        '<p><a href="https://x.org/a" target="_blank" rel="noopener noreferrer"><code>run()</code></a> '
+        '<a href="https://x.org/`c`" target="_blank" rel="noopener noreferrer">b</a></p>',
+    ),
 ]
 CODE_BLOCK = (
     '<div class="code-block"><div class="code-header"><span class="code-language">{lang}</span>'
@@ -69,6 +75,7 @@ HOSTILE = [
     "``` onerror=alert(1)\ncode\n```",
     "`<svg onload=alert(1)>` **<iframe src=x>** _<a href=x>_",
     "\u0000 0 \u0000 <u>\u00000\u0000</u>",
+    '[x](https://a.org/`"onmouseover=alert(1)`) [`<b>`](https://a.org/)',
     "> <style>*{}</style>\n- <form><input></form>\n# <h1 onclick=x>",
 ]
 BLOCK_TAGS = {"P", "BR", "UL", "OL", "LI", "BLOCKQUOTE", "HR", "PRE", "DIV"}

@@ -154,3 +154,15 @@ def test_a_failed_write_fails_every_response_waiting_on_it(tmp_path: Path) -> No
         )
 
     assert all(isinstance(result, Exception) for result in asyncio.run(finish_two()))
+
+
+def test_the_database_is_readable_by_its_owner_alone(tmp_path: Path) -> None:
+    # A --responses-dir others may list and read: the conversations in it stay private.
+    tmp_path.chmod(0o755)
+    store = ResponseStore(tmp_path, capacity=10)
+    put(store, 1)
+    files = sorted(tmp_path.iterdir())
+    assert {path.name for path in files} >= {"responses.sqlite3", "responses.sqlite3-wal"}
+    for path in files:
+        assert path.stat().st_mode & 0o077 == 0, (path.name, oct(path.stat().st_mode))
+    store.close()

@@ -10,7 +10,9 @@ loop and answer a missing response with its HTTP error."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import re
 import sqlite3
 import threading
@@ -55,12 +57,21 @@ class StoredResponse:
         return [*self.input_items, *output]
 
 
+def _create_private(path: Path) -> None:
+    """Creates the database file readable by its owner alone (SQLite gives its write-ahead log and
+    shared-memory files the database's mode): a --responses-dir that others may read, or the umask's
+    0644, must not show them the conversations. An existing file is left as it is."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+
+
 class ResponseStore:
     """Safe to use from several threads (one connection, one lock) and several processes (SQLite's
     own locking, in write-ahead-log mode)."""
 
     def __init__(self, directory: Path, capacity: int) -> None:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _create_private(directory / DATABASE_NAME)
         self.capacity = capacity
         # The writes of the event loop this store serves (one store a loop: one an API server).
         self.writes = BatchedWrites(self)

@@ -158,16 +158,30 @@ function startsBlock(line) {
 // The URL is escaped text too: a quote or angle bracket in it (as an entity) makes it no link.
 const SAFE_URL = /^(https?:\/\/|mailto:)(?!.*&(quot|#39|lt|gt);)\S+$/i;
 
+// A stashed piece's place in the text.
+const MARKER = new RegExp(`${STASH}(\\d+)${STASH}`, "g");
+
 function renderInline(text) {
+  // Each stashed piece's markup, and the text it stood for.
   const stash = [];
-  const keep = (html) => `${STASH}${stash.push(html) - 1}${STASH}`;
-  let html = text.replace(/(`+)([^`]|[^`][\s\S]*?[^`])\1(?!`)/g, (_, __, code) => keep(`<code>${code.trim() || code}</code>`));
-  // A URL may hold balanced parentheses, as Wikipedia's do: .../Python_(programming_language).
-  html = html.replace(/\[([^\]\n]+)\]\(((?:[^()\s]|\([^()\s]*\))+)\)/g, (whole, label, url) =>
-    SAFE_URL.test(url) ? keep(`<a href="${url}" target="_blank" rel="noopener noreferrer">${emphasis(label)}</a>`) : whole,
+  const sources = [];
+  const keep = (html, source) => {
+    sources.push(source);
+    return `${STASH}${stash.push(html) - 1}${STASH}`;
+  };
+  const unstash = (piece, from) => piece.replace(MARKER, (_, index) => from[Number(index)]);
+  let html = text.replace(/(`+)([^`]|[^`][\s\S]*?[^`])\1(?!`)/g, (whole, __, code) =>
+    keep(`<code>${code.trim() || code}</code>`, whole),
   );
-  html = emphasis(html);
-  return html.replace(new RegExp(`${STASH}(\\d+)${STASH}`, "g"), (_, index) => stash[Number(index)]);
+  // A URL may hold balanced parentheses, as Wikipedia's do: .../Python_(programming_language).
+  // Code spans were stashed first: a label keeps its code markup, a URL its backticks as written.
+  html = html.replace(/\[([^\]\n]+)\]\(((?:[^()\s]|\([^()\s]*\))+)\)/g, (whole, label, url) => {
+    const href = unstash(url, sources);
+    if (!SAFE_URL.test(href)) return whole;
+    const inner = unstash(emphasis(label), stash);
+    return keep(`<a href="${href}" target="_blank" rel="noopener noreferrer">${inner}</a>`, whole);
+  });
+  return unstash(emphasis(html), stash);
 }
 
 function emphasis(text) {
