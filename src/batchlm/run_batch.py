@@ -12,9 +12,11 @@ import json
 import logging
 import os
 import secrets
+import signal
 import sys
+import threading
 import time
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Coroutine, Iterable, Iterator, Sized
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -258,23 +260,74 @@ def _named(path: str) -> str:
     return "standard input" if path == "-" else path
 
 
+class StopSignal:
+    """SIGTERM (a scheduler, `kill`, a container stopping) handled as Ctrl-C is: while the requests
+    run, their task is cancelled, so that what finished is written; before that, KeyboardInterrupt.
+    `exit_code` is what the stop exits with: 143 after SIGTERM, 130 after Ctrl-C."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @contextmanager
+    def installed(self) -> Iterator[StopSignal]:
+        # Python lets only its main thread set handlers (`batchlm run-batch` runs there).
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = signal.signal(signal.SIGTERM, self._handle)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    async def running(self, work: Coroutine[Any, Any, BatchProgress]) -> BatchProgress:
+        """Run `work` as the task a stop cancels."""
+        self._task, self._loop = asyncio.current_task(), asyncio.get_running_loop()
+        try:
+            return await work
+        finally:
+            self._task = None
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.received or signal.SIGINT)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is not None:
+            return  # already stopping: the results that finished are being written
+        self.received = signum
+        if self._task is None or self._loop is None:
+            raise KeyboardInterrupt
+        # As asyncio's own Ctrl-C handler does, from inside the loop this main thread runs; the
+        # call wakes a loop waiting in select() with no timeout.
+        self._task.cancel()
+        self._loop.call_soon_threadsafe(lambda: None)
+
+
 def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     with ExitStack() as stack:
+        stop = stack.enter_context(StopSignal().installed())
         try:
             source = stack.enter_context(_opened(args.input_file, sys.stdin.buffer, "rb"))
         except OSError as error:
             logger.error("cannot read %s: %s", args.input_file, error)
             return 2
         try:
-            code = _run_from(args, source)
+            code = _run_from(args, source, stop)
         except KeyboardInterrupt:  # while the input was counted, before the model loaded
-            logger.warning("run-batch: interrupted; no request ran")
-            return 130
+            logger.warning("run-batch: %s; no request ran", _stopped_by(stop))
+            return stop.exit_code
     return code
 
 
-def _run_from(args: argparse.Namespace, source: Iterable[bytes]) -> int:
+def _stopped_by(stop: StopSignal) -> str:
+    return "interrupted" if stop.received in (None, signal.SIGINT) else "stopped by SIGTERM"
+
+
+def _run_from(args: argparse.Namespace, source: Iterable[bytes], stop: StopSignal) -> int:
     try:
         lines = request_lines(source)
         first = next(lines, None)
@@ -291,15 +344,28 @@ def _run_from(args: argparse.Namespace, source: Iterable[bytes]) -> int:
         return 2
     progress = BatchProgress(total=total)
     try:
-        return _run_served(args, chain([first], lines), progress)
+        return _run_served(args, chain([first], lines), progress, stop)
     except KeyboardInterrupt:
-        # What finished is in the output file already: run_lines writes it when cancelled.
-        written = f"their results are in {args.output_file}" if progress.done else "no request finished"
-        logger.warning("run-batch: interrupted: %s; %s", progress.line(), written)
-        return 130
+        # What finished is in the output already: run_lines writes it when cancelled, whole lines only.
+        logger.warning(
+            "run-batch: %s: %s; %s", _stopped_by(stop), progress.line(), _what_to_rerun(args, progress)
+        )
+        return stop.exit_code
 
 
-def _run_served(args: argparse.Namespace, lines: Iterable[bytes], progress: BatchProgress) -> int:
+def _what_to_rerun(args: argparse.Namespace, progress: BatchProgress) -> str:
+    if not progress.done:
+        return "no request finished"
+    where = "standard output" if args.output_file == "-" else args.output_file
+    return (
+        f"their results are in {where} (complete JSONL lines, in input order); there is no resume: "
+        "run the lines whose custom_id it lacks again"
+    )
+
+
+def _run_served(
+    args: argparse.Namespace, lines: Iterable[bytes], progress: BatchProgress, stop: StopSignal
+) -> int:
     """Load the model behind a local server and run the lines through it."""
     from batchlm.backends import create_engine
     from batchlm.config import EngineConfig
@@ -340,18 +406,21 @@ def _run_served(args: argparse.Namespace, lines: Iterable[bytes], progress: Batc
             except OSError as error:
                 logger.error("cannot write %s: %s; no request ran", args.output_file, error)
                 return 2
+            work = run_lines(
+                server.base_url,
+                lines,
+                out,
+                args.max_concurrency,
+                args.progress_interval,
+                progress,
+                api_key=settings.api_key,
+            )
             try:
-                asyncio.run(
-                    run_lines(
-                        server.base_url,
-                        lines,
-                        out,
-                        args.max_concurrency,
-                        args.progress_interval,
-                        progress,
-                        api_key=settings.api_key,
-                    )
-                )
+                asyncio.run(stop.running(work))
+            except asyncio.CancelledError:
+                if stop.received is None:
+                    raise
+                raise KeyboardInterrupt from None  # SIGTERM: ends as Ctrl-C does
             except OutputWriteError as error:
                 if (
                     args.output_file == "-"
