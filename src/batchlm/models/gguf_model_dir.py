@@ -11,12 +11,14 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from batchlm.config import cache_root
+from batchlm.config import cache_root, is_unwritable
 from batchlm.models.cache_entry import build_entry
 from batchlm.models.gguf_file import hf_config, open_gguf
 from batchlm.models.gguf_reader import GGUFFile
@@ -58,6 +60,8 @@ _END_OF_GENERATION_TOKENS = frozenset(
 # llama.cpp's split shards: model-00001-of-00003.gguf.
 _SPLIT_SHARD = re.compile(r"-\d{5}-of-\d{5}\.gguf$", re.IGNORECASE)
 _DERIVED_FILES = ("config.json", "generation_config.json", "tokenizer.json", GGUF_SOURCE_FILE)
+# The chunks of tensor data a file's key reads: a file whose weights differ differs in them too.
+KEY_SAMPLES, KEY_SAMPLE_BYTES = 16, 64 * 1024
 
 
 def find_gguf_file(path: Path) -> Path | None:
@@ -91,19 +95,58 @@ def prepare_gguf_model_dir(gguf_path: Path, cache_dir: Path | None = None) -> Pa
     """The derived model directory of `gguf_path`, built on first use (atomically: a racing or
     interrupted build never leaves a half directory under the real name)."""
     gguf_path = gguf_path.expanduser().resolve()
-    target = Path(cache_dir or cache_root()) / DERIVED_VERSION / f"{gguf_path.stem}-{_file_key(gguf_path)}"
+    key = file_key(gguf_path)
+    target = Path(cache_dir or cache_root()) / DERIVED_VERSION / f"{gguf_path.stem}-{key}"
 
     def build(staging: Path) -> None:
         logger.info("reading the model config and tokenizer from %s (once; cached in %s)", gguf_path, target)
         _write_derived(gguf_path, staging)
 
-    return build_entry(target, _DERIVED_FILES, build, "derived model directory")
+    build_entry(target, _DERIVED_FILES, build, "derived model directory")
+    _point_at(target, gguf_path, key)
+    return target
 
 
-def _file_key(path: Path) -> str:
-    # The path and the file's size and modification time: a replaced file gets a new entry.
-    stat = path.stat()
-    return hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+def file_key(path: Path) -> str:
+    """The identity of a GGUF file's contents, read in milliseconds whatever its size: its size, its
+    whole header (the metadata and tensor table, all that the derived files come from) and chunks
+    sampled evenly across its tensor data. A copy or a moved file has the key of its original; a
+    file whose metadata changed never has the key of the old one."""
+    size = path.stat().st_size
+    data_start = open_gguf(path).data_start
+    digest = hashlib.sha256(f"{size}|".encode())
+    with path.open("rb") as file:
+        digest.update(file.read(data_start))
+        # From the first tensor's first bytes to the last one's last.
+        span = max(size - data_start - KEY_SAMPLE_BYTES, 0)
+        for index in range(KEY_SAMPLES):
+            file.seek(data_start + span * index // (KEY_SAMPLES - 1))
+            digest.update(file.read(KEY_SAMPLE_BYTES))
+    return digest.hexdigest()[:16]
+
+
+def _point_at(target: Path, gguf_path: Path, key: str) -> None:
+    """Make the entry's pointer name `gguf_path`: an entry made for a copy of the file elsewhere (a
+    moved cache, a copied model) names the copy, which may since have gone."""
+    if gguf_source(target) == gguf_path:
+        return
+    staging = target / f".{GGUF_SOURCE_FILE}.{os.getpid()}.{threading.get_ident()}"
+    try:
+        _write_json(staging, {"gguf_file": str(gguf_path)})
+        staging.replace(target / GGUF_SOURCE_FILE)
+    except OSError as error:
+        with contextlib.suppress(OSError):  # a read-only file system refuses even this
+            staging.unlink(missing_ok=True)
+        recorded = gguf_source(target)
+        # A cache that cannot be written (a read-only image) may still name a file of these contents.
+        if (
+            not is_unwritable(error)
+            or recorded is None
+            or not recorded.is_file()
+            or file_key(recorded) != key
+        ):
+            raise
+        logger.info("cannot point %s at %s (%s); loading its copy %s", target, gguf_path, error, recorded)
 
 
 def _write_derived(gguf_path: Path, out: Path) -> None:

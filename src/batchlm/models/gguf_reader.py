@@ -108,6 +108,8 @@ class GGUFFile:
         if alignment <= 0:
             raise ValueError(f"{self.path} is not a readable GGUF file: general.alignment is {alignment}")
         data_start = -(-cursor.offset // alignment) * alignment
+        # Where the tensor data begins: every byte before it is the header (metadata, tensor table).
+        self.data_start = data_start
         self.tensors = [self._tensor(data_start, *entry) for entry in entries]
 
     def _tensor(
