@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Iterable, Mapping
 from functools import partial
@@ -15,9 +14,10 @@ from batchlm.core.request_state import RequestState, RequestStatus
 from batchlm.core.scheduler_config import SchedulerConfig
 from batchlm.core.speculation import Speculator
 from batchlm.core.speculative_step import SpeculativeSteps
-from batchlm.core.step_builder import InflightStep, StepBuilder, new_request_data, sampled_by_request
+from batchlm.core.step_builder import InflightSteps, StepBuilder, new_request_data, sampled_by_request
 from batchlm.core.step_io import PLACEHOLDER_TOKEN_ID, ModelRunnerOutput, ScheduledChunk, SchedulerOutput
 from batchlm.core.stop_checker import check_stop
+from batchlm.core.token_output import ended_output, note_first_token, token_output
 from batchlm.outputs import CoreOutputs, EngineCoreOutput, FinishReason, TokenLogprobs
 from batchlm.request import EngineCoreRequest
 
@@ -46,8 +46,7 @@ class Scheduler:
         self._running: list[RequestState] = []
         # Requests the runner must forget at the next step (finished, aborted or preempted).
         self._dropped_ids: set[str] = set()
-        # Scheduled steps awaiting update_from_output, oldest first.
-        self._inflight: deque[InflightStep] = deque()
+        self._inflight = InflightSteps()
         self._prefix_queries = 0
         self._prefix_hits = 0
         self._num_preemptions = 0
@@ -91,8 +90,7 @@ class Scheduler:
         return self._end_now({request_id: None for request_id in request_ids}, FinishReason.ABORT)
 
     def _end_now(self, errors: Mapping[str, str | None], reason: FinishReason) -> list[EngineCoreOutput]:
-        """End these requests now with `reason` (and each one's error text), freeing their blocks;
-        unknown or finished ids are ignored."""
+        """abort_requests with `reason` (and each one's error text)."""
         outputs = []
         for request_id, error in errors.items():
             state = self._requests.get(request_id)
@@ -103,8 +101,7 @@ class Scheduler:
             else:
                 self._waiting.remove(state)
             self._finish(state, reason)
-            held_back = tuple(state.output_token_ids) if state.final_output_only else ()
-            outputs.append(EngineCoreOutput(request_id, held_back, finish_reason=reason, error=error))
+            outputs.append(ended_output(state, reason, error))
         return outputs
 
     def has_unfinished_requests(self) -> bool:
@@ -190,8 +187,7 @@ class Scheduler:
             index += 1
 
     def needs_step_in_flight(self) -> bool:
-        """Async scheduling: whether the next step should wait for the one in flight, because a
-        request has a verify chunk in it or would propose drafts once its last token is known."""
+        """Async scheduling: whether the next step should wait for the one in flight (speculation)."""
         return self._speculative is not None and self._speculative.needs_step_in_flight(self._running)
 
     def _admit_waiting(self, step: StepBuilder) -> None:
@@ -287,7 +283,7 @@ class Scheduler:
             for output in self._end_now(result.grammar_failures, FinishReason.ERROR):
                 outputs.append(output)
         sampled = sampled_by_request(scheduled, result)
-        record = self._pop_inflight(scheduled)
+        record = self._inflight.pop_oldest(scheduled)
         finished_any = False
         commit = self.kv.commit_computed if self.config.enable_prefix_caching else None
         for chunk, state, preemptions in zip(
@@ -351,14 +347,6 @@ class Scheduler:
             return self.prompt_logprobs.complete(state, computed)
         return computed
 
-    def _pop_inflight(self, scheduled: SchedulerOutput) -> InflightStep:
-        if not self._inflight or self._inflight[0].scheduled is not scheduled:
-            raise RuntimeError(
-                "update_from_output() got a step that is not the oldest one in flight; "
-                "update steps once each, in the order schedule() returned them"
-            )
-        return self._inflight.popleft()
-
     def _append_token(
         self,
         outputs: CoreOutputs,
@@ -368,14 +356,14 @@ class Scheduler:
         prompt_logprobs: tuple[TokenLogprobs, ...] = (),
     ) -> None:
         """Append the token to its request, and its output to `outputs` (none while a
-        final_output_only request holds its tokens back). The prompt's logprobs come with a first token."""
+        final_output_only request holds its tokens back)."""
         all_token_ids = state.all_token_ids
         all_token_ids.append(token_id)
         self._generation_tokens_total += 1
         if len(all_token_ids) < state.token_limit and token_id not in state.stop_token_set:
             # The common case, decided without check_stop: no limit reached, not a stop token.
             if state.final_output_only:
-                _note_first_token(state)
+                note_first_token(state)
                 return
             if logprobs is None and not state.first_output_pending:
                 outputs.add_token(state.request_id, token_id)
@@ -384,30 +372,11 @@ class Scheduler:
         else:
             decision = check_stop(state)
             if decision is None and state.final_output_only:
-                _note_first_token(state)
+                note_first_token(state)
                 return
-        num_cached = 0
-        if state.first_output_pending:
-            state.first_output_pending = False
-            num_cached = state.num_cached_tokens or 0
         if decision is not None:
             self._finish(state, decision.reason)
-        if state.final_output_only:  # finished: every token it held back
-            new_token_ids, first_token_time = tuple(state.output_token_ids), state.first_token_time
-        else:
-            new_token_ids, first_token_time = (token_id,), None
-        outputs.append(
-            EngineCoreOutput(
-                request_id=state.request_id,
-                new_token_ids=new_token_ids,
-                new_logprobs=(logprobs,) if logprobs is not None else (),
-                finish_reason=decision.reason if decision else None,
-                stop_token_id=decision.stop_token_id if decision else None,
-                num_cached_tokens=num_cached,
-                first_token_time=first_token_time,
-                prompt_logprobs=prompt_logprobs,
-            )
-        )
+        outputs.append(token_output(state, token_id, logprobs, prompt_logprobs, decision))
 
     def _finish(self, state: RequestState, reason: FinishReason) -> None:
         """Mark finished and free its blocks; the caller removes it from the running/waiting queue."""
@@ -424,9 +393,3 @@ class Scheduler:
 
 
 _PLACEHOLDER_CHUNK = (PLACEHOLDER_TOKEN_ID,)
-
-
-def _note_first_token(state: RequestState) -> None:
-    """A final_output_only request holds its tokens back: the time of its first is kept for the finish."""
-    if state.first_token_time is None:
-        state.first_token_time = time.time()

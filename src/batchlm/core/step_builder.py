@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 from batchlm.core.request_state import RequestState
@@ -19,6 +20,18 @@ class InflightStep:
     # Parallel to scheduled.chunks.
     states: tuple[RequestState, ...]
     preemption_counts: tuple[int, ...]
+
+
+class InflightSteps(deque[InflightStep]):
+    """Scheduled steps awaiting update_from_output, oldest first."""
+
+    def pop_oldest(self, scheduled: SchedulerOutput) -> InflightStep:
+        if not self or self[0].scheduled is not scheduled:
+            raise RuntimeError(
+                "update_from_output() got a step that is not the oldest one in flight; "
+                "update steps once each, in the order schedule() returned them"
+            )
+        return self.popleft()
 
 
 class StepBuilder:
