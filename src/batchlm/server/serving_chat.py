@@ -65,6 +65,13 @@ class ChatContext(ResponseContext):
     # What each choice's content starts with: the assistant message it continues, for vLLM's `echo`.
     echoed: str = ""
 
+    def logprobs(
+        self, token_ids: Sequence[int], logprobs: Sequence[TokenLogprobs]
+    ) -> ChatChoiceLogprobs | None:
+        """These tokens' entries, or None when logprobs were not asked for."""
+        top = self.top_logprobs
+        return None if top is None else chat_logprobs(self.tokenizer, token_ids, logprobs, top)
+
 
 async def create_chat_completion(request: Request, body: ChatCompletionRequest) -> Response:
     engine_request, context = await prepare_chat(get_state(request), body, f"chatcmpl-{uuid.uuid4().hex}")
@@ -257,7 +264,7 @@ class ChatFormatter(ResponseFormatter[ChatContext]):
         return ChatChoice(
             index=index,
             message=message,
-            logprobs=self._logprobs(result.token_ids, result.logprobs),
+            logprobs=self.context.logprobs(result.token_ids, result.logprobs),
             finish_reason=finish_reason(result.finish_reason, parsed.ends_in_calls),
         )
 
@@ -312,13 +319,9 @@ class ChatFormatter(ResponseFormatter[ChatContext]):
         return ChatChoiceLogprobs(content=(held.content or []) + (logprobs.content or []))
 
     def _delta_logprobs(self, completion: CompletionOutput) -> ChatChoiceLogprobs | None:
-        return self._logprobs(completion.token_ids, completion.logprobs) if completion.logprobs else None
-
-    def _logprobs(
-        self, token_ids: Sequence[int], logprobs: Sequence[TokenLogprobs]
-    ) -> ChatChoiceLogprobs | None:
-        top = self.context.top_logprobs
-        return None if top is None else chat_logprobs(self.context.tokenizer, token_ids, logprobs, top)
+        return (
+            self.context.logprobs(completion.token_ids, completion.logprobs) if completion.logprobs else None
+        )
 
     def _text_chunk(self, index: int, key: str, text: str, logprobs: ChatChoiceLogprobs | None) -> bytes:
         """A delta of content or thinking alone; without log-probabilities (every streamed token's

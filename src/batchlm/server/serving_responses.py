@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 from pydantic import BaseModel
@@ -18,26 +18,22 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from batchlm.engine.input_processor import CONTEXT_LENGTH_EXCEEDED, ValidatedRequest
-from batchlm.outputs import CompletionOutput, FinishReason, RequestOutput, TokenLogprobs
+from batchlm.outputs import CompletionOutput, FinishReason, RequestOutput
 from batchlm.server.errors import APIError
-from batchlm.server.logprobs import chat_logprobs
 from batchlm.server.protocol_responses import (
     FunctionCallItem,
-    IncompleteDetails,
-    InputTokensDetails,
     ItemStatus,
     OutputItem,
     OutputMessage,
     OutputText,
-    OutputTokensDetails,
     ReasoningItem,
     ReasoningText,
     ResponseError,
     ResponseObject,
     ResponsesRequest,
-    ResponseUsage,
 )
 from batchlm.server.responding import ChoiceResults, ResponseFormatter, json_text, respond
+from batchlm.server.response_object import ResponseStatus, response_object
 from batchlm.server.response_store import BatchedWrites, NewResponse, stored_conversation
 from batchlm.server.responses import ChatTokenLogprob, UsageInfo
 from batchlm.server.responses_input import ChatForm, chat_form, input_items
@@ -47,7 +43,6 @@ from batchlm.tools.calls import ToolCallDelta
 
 logger = logging.getLogger(__name__)
 
-ResponseStatus = Literal["in_progress", "completed", "incomplete", "failed"]
 # The event that carries a piece of each kind of item.
 DELTA_EVENTS = {
     "message": "response.output_text.delta",
@@ -133,6 +128,8 @@ class ResponsesFormatter(ResponseFormatter[ChatContext]):
         # Where the finished response is kept; None: it is not.
         self._store = store
         self._finished: ResponseObject | None = None
+        # The response object at a stage: (status, output, usage, thinking tokens, error) -> object.
+        self._response = partial(response_object, body, context, store is not None)
         self._messages = AssistantMessages(context)
         self._sequence = 0
         # A stream's finished items, and the one being written.
@@ -179,8 +176,10 @@ class ResponsesFormatter(ResponseFormatter[ChatContext]):
 
     def delta(self, position: int, output: RequestOutput) -> Iterator[bytes]:
         for completion in output.outputs:
-            if completion.logprobs:
-                self._pending_logprobs += self._logprobs(completion.token_ids, completion.logprobs)
+            if completion.logprobs and (
+                entries := self.context.logprobs(completion.token_ids, completion.logprobs)
+            ):
+                self._pending_logprobs += entries.content or []
             settled = self._messages.settle(completion)
             # A delta gives its text and call pieces apart: the pieces that go on with the call being
             # written came before any of its text, calls opened in it may come after.
@@ -245,27 +244,26 @@ class ResponsesFormatter(ResponseFormatter[ChatContext]):
         yield self._delta(text)
 
     def _start(self, kind: Literal["message", "reasoning"]) -> Iterator[bytes]:
-        self._open = _OpenItem(kind, item_id("msg" if kind == "message" else "rs"), len(self._items))
-        yield self._event(
-            "response.output_item.added", output_index=self._open.output_index, item=self._item("in_progress")
-        )
+        yield self._added(_OpenItem(kind, item_id("msg" if kind == "message" else "rs"), len(self._items)))
         part = OutputText(text="") if kind == "message" else ReasoningText(text="")
         yield self._event("response.content_part.added", **self._where(), part=part)
 
     def _call_piece(self, piece: ToolCallDelta) -> Iterator[bytes]:
         if piece.id is not None:
             yield from self._close()
-            self._open = _OpenItem(
+            call = _OpenItem(
                 "function_call", item_id("fc"), len(self._items), [], piece.id, piece.name or "", piece.index
             )
-            yield self._event(
-                "response.output_item.added",
-                output_index=self._open.output_index,
-                item=self._item("in_progress"),
-            )
+            yield self._added(call)
         assert self._open is not None and self._open.call_index == piece.index
         if piece.arguments:
             yield self._delta(piece.arguments)
+
+    def _added(self, item: _OpenItem) -> bytes:
+        self._open = item
+        return self._event(
+            "response.output_item.added", output_index=item.output_index, item=self._item("in_progress")
+        )
 
     def _close(self) -> Iterator[bytes]:
         """The done events of the item being written, which joins the finished ones."""
@@ -316,14 +314,6 @@ class ResponsesFormatter(ResponseFormatter[ChatContext]):
         self._sequence += 1
         return f"{head}{json_text(text)}{tail}{self._sequence - 1}}}\n\n".encode()
 
-    def _logprobs(
-        self, token_ids: Sequence[int], logprobs: Sequence[TokenLogprobs]
-    ) -> list[ChatTokenLogprob]:
-        top = self.context.top_logprobs
-        if top is None:
-            return []
-        return chat_logprobs(self.context.tokenizer, token_ids, logprobs, top).content or []
-
     def _where(self) -> dict[str, Any]:
         """Where an event of the item being written points: the item, and its one content part."""
         current = self._open
@@ -355,55 +345,3 @@ class ResponsesFormatter(ResponseFormatter[ChatContext]):
         payload["sequence_number"] = self._sequence
         self._sequence += 1
         return f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
-
-    def _response(
-        self,
-        status: ResponseStatus,
-        output: list[OutputItem],
-        usage: UsageInfo | None = None,
-        thinking: int = 0,
-        error: ResponseError | None = None,
-    ) -> ResponseObject:
-        body = self._body
-        text_format = body.text.format if body.text is not None and body.text.format is not None else None
-        return ResponseObject(
-            id=self.request_id,
-            created_at=self.context.created,
-            completed_at=int(time.time()) if status == "completed" else None,
-            status=status,
-            error=error,
-            incomplete_details=IncompleteDetails(reason="max_output_tokens")
-            if status == "incomplete"
-            else None,
-            model=self.context.model,
-            output=list(output),
-            usage=None if usage is None else response_usage(usage, thinking),
-            instructions=body.instructions,
-            max_output_tokens=body.max_output_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            tools=body.tools or [],
-            tool_choice=body.tool_choice or ("auto" if body.tools else "none"),
-            parallel_tool_calls=body.parallel_tool_calls is not False,
-            text={
-                "format": text_format.model_dump(by_alias=True, exclude_none=True)
-                if text_format
-                else {"type": "text"}
-            },
-            reasoning={"effort": body.reasoning.effort if body.reasoning else None, "summary": None},
-            metadata=body.metadata or {},
-            user=body.user,
-            previous_response_id=body.previous_response_id,
-            store=self._store is not None,
-            truncation=body.truncation or "disabled",
-        )
-
-
-def response_usage(usage: UsageInfo, thinking: int) -> ResponseUsage:
-    return ResponseUsage(
-        input_tokens=usage.prompt_tokens,
-        input_tokens_details=InputTokensDetails(cached_tokens=usage.prompt_tokens_details.cached_tokens),
-        output_tokens=usage.completion_tokens,
-        output_tokens_details=OutputTokensDetails(reasoning_tokens=thinking),
-        total_tokens=usage.total_tokens,
-    )
