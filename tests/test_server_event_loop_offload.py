@@ -2,14 +2,12 @@
 (/health here) are answered meanwhile: compiling a structured-output constraint or a forced tool's
 schema (a megabyte of JSON schema takes seconds), and rendering a conversation of many messages.
 
-Each test holds that work on a gate and asks /health while it waits: a server doing the work on its
-event loop could not answer (the test would then fail on its timeout, not on a measured time)."""
+Each test holds that work on a gate and asks /health while it waits (gated_work)."""
 
 from __future__ import annotations
 
-import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -19,18 +17,7 @@ from batchlm.sampling_params import StructuredOutputs
 from batchlm.server.background import BackgroundServer
 from batchlm.structured import llguidance_backend
 from fake_engine import FakeEngine, FakeTokenizer
-
-
-class Gate:
-    """Holds the gated work until the test opens it; says when the work has reached it."""
-
-    def __init__(self) -> None:
-        self.open = threading.Event()
-        self.reached = threading.Event()
-
-    def hold(self) -> None:
-        self.reached.set()
-        assert self.open.wait(60), "the test never opened the gate"
+from gated_work import Gate, answered_while_held
 
 
 @pytest.fixture
@@ -47,23 +34,6 @@ def gated_grammars(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Gate, str]
     monkeypatch.setattr(llguidance_backend, "grammar_text", gated)
     yield gate, marker
     gate.open.set()
-
-
-def answered_while_held(server: BackgroundServer, gate: Gate, send: Callable[[httpx.Client], Any]) -> Any:
-    """The answer to `send`, having checked that /health answers while its work waits on the gate."""
-    client = httpx.Client(base_url=server.base_url, timeout=60)
-    result: list[httpx.Response] = []
-    worker = threading.Thread(target=lambda: result.append(send(client)))
-    worker.start()
-    try:
-        assert gate.reached.wait(60), "the gated work never started"
-        for _ in range(3):
-            assert httpx.get(f"{server.base_url}/health", timeout=30).status_code == 200
-    finally:
-        gate.open.set()
-        worker.join(60)
-    assert result, "the request never finished"
-    return result[0]
 
 
 def schema(marker: str) -> dict[str, Any]:

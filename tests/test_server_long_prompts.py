@@ -5,7 +5,6 @@ the long texts that are tokenized are tokenized off the loop, so /health and oth
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from typing import Any
 
@@ -23,36 +22,31 @@ from batchlm.tokenizer.batched_encoder import INLINE_MAX_CHARS, BatchedEncoder
 from batchlm.tokenizer.text_bound import COMPOSITION_FACTOR, max_chars_per_token
 from batchlm.tokenizer.tokenizer import Tokenizer
 from fake_engine import FakeEngine, FakeTokenizer
+from gated_work import Gate, answered_while_held
 
 TEN_MB = 10 * 1024 * 1024
 
 
 class SpyTokenizer(FakeTokenizer):
-    """Counts the characters it is asked to tokenize; with a gate, encoding a long text waits for it."""
+    """Counts the characters it is asked to tokenize; with a gate, encoding a long text waits on it."""
 
-    def __init__(self, gate: threading.Event | None = None) -> None:
+    def __init__(self, gate: Gate | None = None) -> None:
         super().__init__()
         self.encoded_chars = 0
         self.decoded_ids = 0
         self.gate = gate
-        self.blocked = threading.Event()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         self.encoded_chars += len(text)
         if self.gate is not None and len(text) > INLINE_MAX_CHARS:
-            self._wait_for_the_gate()
+            self.gate.hold()
         return super().encode(text, add_special_tokens)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         self.decoded_ids += len(ids)
         if self.gate is not None and len(ids) > DECODE_OFFLOAD_TOKENS:
-            self._wait_for_the_gate()
+            self.gate.hold()
         return super().decode(ids, skip_special_tokens)
-
-    def _wait_for_the_gate(self) -> None:
-        assert self.gate is not None
-        self.blocked.set()
-        assert self.gate.wait(60), "the test never opened the gate"
 
 
 # -- the bound ----------------------------------------------------------------------------------------
@@ -176,49 +170,25 @@ def test_a_token_prompt_over_the_context_is_refused_before_its_ids_are_walked() 
 
 
 def test_a_long_detokenize_is_decoded_off_the_event_loop() -> None:
-    gate = threading.Event()
+    gate = Gate()
     spy = SpyTokenizer(gate)
     tokens = [70] * (4 * DECODE_OFFLOAD_TOKENS)
     with BackgroundServer(FakeEngine(tokenizer=spy)) as server:
-        client = httpx.Client(base_url=server.base_url, timeout=60)
-        result: list[httpx.Response] = []
-        worker = threading.Thread(
-            target=lambda: result.append(client.post("/detokenize", json={"tokens": tokens}))
+        response = answered_while_held(
+            server, gate, lambda client: client.post("/detokenize", json={"tokens": tokens})
         )
-        worker.start()
-        try:
-            assert spy.blocked.wait(60), "the tokens were never decoded"
-            for _ in range(5):
-                assert httpx.get(f"{server.base_url}/health", timeout=60).status_code == 200
-        finally:
-            gate.set()
-            worker.join(60)
-    assert result and result[0].json()["prompt"] == "C" * len(tokens)  # id 70 is the byte 67, "C"
+    assert response.json()["prompt"] == "C" * len(tokens)  # id 70 is the byte 67, "C"
 
 
 def test_a_long_prompt_is_tokenized_off_the_event_loop() -> None:
     """The tokenizer blocks (on a gate) while it encodes the long prompt; /health must still answer,
     which it cannot if the event loop is the thread doing the encoding."""
-    gate = threading.Event()
+    gate = Gate()
     spy = SpyTokenizer(gate)
-    prompt = "y" * (4 * INLINE_MAX_CHARS)
+    body = {"prompt": "y" * (4 * INLINE_MAX_CHARS), "max_tokens": 1}
     with BackgroundServer(FakeEngine(tokenizer=spy, max_model_len=8 * INLINE_MAX_CHARS)) as server:
-        client = httpx.Client(base_url=server.base_url, timeout=60)
-        result: list[httpx.Response] = []
-        worker = threading.Thread(
-            target=lambda: result.append(
-                client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 1})
-            )
-        )
-        worker.start()
-        try:
-            assert spy.blocked.wait(60), "the long prompt was never tokenized"
-            for _ in range(5):
-                assert httpx.get(f"{server.base_url}/health", timeout=60).status_code == 200
-        finally:
-            gate.set()
-            worker.join(60)
-    assert result and result[0].status_code == 200
+        response = answered_while_held(server, gate, lambda client: client.post("/v1/completions", json=body))
+    assert response.status_code == 200
 
 
 def test_the_inline_budget_never_takes_a_text_over_the_inline_limit() -> None:

@@ -7,9 +7,11 @@ import argparse
 import logging
 import os
 from dataclasses import replace
+from typing import Any
 
 from batchlm.backends import BACKEND_CHOICES, create_engine, resolve_backend
 from batchlm.config import EngineConfig
+from batchlm.engine.client import EngineClient
 from batchlm.flags import (
     POSITIVE,
     Bounds,
@@ -114,15 +116,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as error:  # the port in use, a host that does not resolve
         logger.error("cannot listen on %s:%d: %s", settings.host, settings.port, error)
         return 1
-    # Before the server's imports, so the engine's loading overlaps them.
-    engine.begin_loading()
-    from batchlm.server.app import build_app
-    from batchlm.server.launcher import run_server
-
-    app = build_app(engine, settings)
-    _log_serving(config, settings)
-    # Every backend's engine loads in start(), which is not part of the EngineClient interface.
-    return run_server(app, engine, start_engine=engine.start)  # type: ignore[attr-defined]
+    return _serve(engine, config, settings)
 
 
 def _responses_dir_problem(settings: ServerSettings) -> str | None:
@@ -150,6 +144,18 @@ def _automatic_api_servers(settings: ServerSettings, config: EngineConfig) -> in
     except ValueError:  # reported by create_engine
         return 1
     return automatic_api_servers(config.device, backend)
+
+
+def _serve(engine: EngineClient, config: EngineConfig, settings: ServerSettings, **launch: Any) -> int:
+    # Before the server's imports, so the engine's loading overlaps them.
+    engine.begin_loading()
+    from batchlm.server.app import build_app
+    from batchlm.server.launcher import run_server
+
+    app = build_app(engine, settings)
+    _log_serving(config, settings)
+    # Every backend's engine loads in start(), which is not part of the EngineClient interface.
+    return run_server(app, engine, start_engine=engine.start, **launch)  # type: ignore[attr-defined]
 
 
 def _log_serving(config: EngineConfig, settings: ServerSettings) -> None:
@@ -233,13 +239,7 @@ def _run_several(settings: ServerSettings, config: EngineConfig, count: int) -> 
         engine = AsyncLLMEngine(config, max_queue=settings.max_queue, front_ends=count)
         pool = ApiServerPool(settings, config)
         engine.share_core(count - 1, pool.start)
-        engine.begin_loading()
-        from batchlm.server.app import build_app
-        from batchlm.server.launcher import run_server
-
-        app = build_app(engine, settings)
-        _log_serving(config, settings)
-        return run_server(app, engine, start_engine=engine.start, sockets=[sock], api_servers=pool)
+        return _serve(engine, config, settings, sockets=[sock], api_servers=pool)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
         if responses_dir is not None:
