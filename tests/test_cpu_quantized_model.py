@@ -18,15 +18,16 @@ import pytest
 import torch
 
 from batchlm.kernels.cpu_quant import quant_library
+from batchlm.kernels.quant_panels import dequantize_packed
 from batchlm.layers.moe import FusedMoE
 from batchlm.layers.quantization import registry
-from batchlm.layers.quantization.cpu_quantized import CPU_QUANTIZED
+from batchlm.layers.quantization.cpu_quantized import CPU_QUANTIZED, store
 from batchlm.layers.quantization.layer import MethodLayer
 from batchlm.models.gguf_model_dir import prepare_gguf_model_dir
 from batchlm.models.loader import LoadedModel, load_model
 from batchlm.models.random_model import write_random_model
 from gguf_builder import write_tiny_gguf
-from models_harness import Chunk, make_kv_caches, run_step
+from models_harness import Chunk, greedy_generate, make_kv_caches, run_ranks, run_step, thread_groups
 
 pytestmark = pytest.mark.skipif(quant_library() is None, reason="no AVX2 CPU or C compiler here")
 CPU = torch.device("cpu")
@@ -101,6 +102,49 @@ def test_gguf_kernels_match_the_dequantized_model(
     _assert_close_logits(_logits(quantized), _logits(dequantized), fraction)
 
 
+# Tensor-parallel ranks against one rank on the same weights: the activations' int8 rounding (see
+# the top) turns float summation-order differences into steps of ~1e-5 of a block's largest value,
+# ~1e-4 in these logprobs; requantizing a rank's K-quant share (as once done) moved them by 2e-2.
+TP_LOGPROB_ATOL = 2e-3
+
+
+@pytest.mark.parametrize(
+    ("qtype", "tensor_types"),
+    [("Q4_K", None), ("Q6_K", None), ("Q4_K", {"attn_v.weight": "Q6_K", "ffn_down.weight": "Q6_K"})],
+)
+def test_tensor_parallel_shares_inside_k_quant_blocks_are_exact(
+    tmp_path: Path, qtype: str, tensor_types: dict[str, str] | None
+) -> None:
+    # o_proj's 256 inputs split in 128 per rank, inside the K-quants' 256-value super-blocks.
+    model_dir = prepare_gguf_model_dir(
+        write_tiny_gguf(tmp_path / "tiny.gguf", "llama", qtype, tensor_types=tensor_types), tmp_path / "c"
+    )
+    single = load_model(model_dir, torch.float32, CPU, progress=False)
+    ranks = [load_model(model_dir, torch.float32, CPU, tp=g, progress=False) for g in thread_groups(2)]
+    whole = single.model.get_submodule("model.layers.0.self_attn.o_proj")
+    shares = [rank.model.get_submodule("model.layers.0.self_attn.o_proj") for rank in ranks]
+    assert all(share.method is CPU_QUANTIZED for share in shares)
+    # Each rank holds exactly its columns of the one-rank weight, in the same code width.
+    whole_weight = store(whole).finish_whole()
+    expected = dequantize_packed(whole_weight)
+    for rank, share in enumerate(shares):
+        packed = store(share).finish_whole()
+        assert packed.bits == whole_weight.bits
+        assert torch.equal(dequantize_packed(packed), expected[:, rank * 128 : (rank + 1) * 128])
+    # So the ranks' partial products sum to the one-rank product up to float summation order.
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(0))
+    summed = sum(
+        share.method.apply(share, x[:, rank * 128 : (rank + 1) * 128], None)
+        for rank, share in enumerate(shares)
+    )
+    full = whole.method.apply(whole, x, None)
+    torch.testing.assert_close(summed, full, atol=1e-5 * float(full.abs().max()), rtol=0)
+    tokens, logprobs = greedy_generate(single, PROMPTS[0], 8)
+    for rank_tokens, rank_logprobs in run_ranks(lambda rank: greedy_generate(ranks[rank], PROMPTS[0], 8), 2):
+        assert rank_tokens == tokens
+        torch.testing.assert_close(rank_logprobs, logprobs, atol=TP_LOGPROB_ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("model_type", ["llama", "qwen3_moe"])
 def test_int8_quantizes_a_dense_checkpoint_at_load(tmp_path: Path, model_type: str) -> None:
     # The MoE model's experts too, where their sizes are whole blocks of 32.
@@ -111,6 +155,17 @@ def test_int8_quantizes_a_dense_checkpoint_at_load(tmp_path: Path, model_type: s
     layers = [m for m in int8.model.modules() if isinstance(m, MethodLayer)]
     assert layers and all(m.method is CPU_QUANTIZED for m in layers)
     assert all(experts.quantized is not None for experts in _experts(int8))
+    _assert_close_logits(_logits(int8), _logits(dense), REQUANTIZED_WEIGHTS)
+
+
+def test_int8_quantizes_a_float_gguf_at_load(tmp_path: Path) -> None:
+    model_dir = prepare_gguf_model_dir(
+        write_tiny_gguf(tmp_path / "tiny.gguf", "llama", "F16"), tmp_path / "c"
+    )
+    dense = load_model(model_dir, torch.float32, CPU, progress=False)
+    assert "CpuQuantizedLinearMethod" not in _methods(dense)
+    int8 = load_model(model_dir, torch.float32, CPU, progress=False, quantization="int8")
+    assert _methods(int8) == {"CpuQuantizedLinearMethod"}
     _assert_close_logits(_logits(int8), _logits(dense), REQUANTIZED_WEIGHTS)
 
 

@@ -14,7 +14,7 @@ from gguf.quants import quantize
 from batchlm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from batchlm.layers.linear import QKVParallelLinear, RowParallelLinear
 from batchlm.layers.quantization import registry
-from batchlm.layers.quantization.base import QuantizedTensor
+from batchlm.layers.quantization.base import QuantizedColumns, QuantizedTensor, narrow_cols
 from batchlm.layers.quantization.dense import DEQUANTIZE, DenseLinearMethod
 from batchlm.layers.quantization.layer import MethodLayer
 from batchlm.layers.quantization.registry import GGUF_FORMAT, WeightSpec, choose_linear_method
@@ -70,6 +70,18 @@ def test_row_parallel_takes_whole_blocks_of_columns() -> None:
     inside_blocks.set_method(DEQUANTIZE)
     inside_blocks.load_weight("o_proj.weight", "weight", q8_0(weight))
     torch.testing.assert_close(inside_blocks.weight, expected[:, 16:32], atol=0, rtol=0)
+
+
+def test_a_split_inside_blocks_keeps_the_covering_blocks() -> None:
+    tensor = q8_0(torch.randn(6, 128, generator=GEN))
+    full = tensor.dequantize()
+    window = narrow_cols(tensor, 48, 32)  # the second half of block 1, the first half of block 2
+    assert isinstance(window, QuantizedColumns) and window.qtype == "Q8_0" and window.shape == (6, 32)
+    assert window.blocks.cols == 64 and window.start == 16
+    torch.testing.assert_close(window.dequantize(), full[:, 48:80], atol=0, rtol=0)
+    torch.testing.assert_close(window.narrow_rows(1, 2).dequantize(), full[1:3, 48:80], atol=0, rtol=0)
+    torch.testing.assert_close(window.narrow_cols(16, 16).dequantize(), full[:, 64:80], atol=0, rtol=0)
+    assert isinstance(narrow_cols(tensor, 32, 64), QuantizedTensor)  # on block edges: a plain slice
 
 
 def test_dense_method_refuses_a_quantized_tensor_by_name() -> None:

@@ -47,6 +47,19 @@ def from_gguf(type_name: str, raw: np.ndarray, rows: int, cols: int) -> CodeBloc
     return CodeBlocks(codes.reshape(rows, cols), scales.reshape(rows, -1), biases.reshape(rows, -1), bits)
 
 
+def columns(blocks: CodeBlocks, start: int, length: int) -> CodeBlocks:
+    """Columns [start, start + length) of the blocks (both multiples of 32), copied."""
+    if start % BLOCK or length % BLOCK:
+        raise ValueError(f"code blocks split only on {BLOCK}-column edges, not at {start}..{start + length}")
+    first, count = start // BLOCK, length // BLOCK
+    return CodeBlocks(
+        np.ascontiguousarray(blocks.codes[:, start : start + length]),
+        np.ascontiguousarray(blocks.scales[:, first : first + count]),
+        np.ascontiguousarray(blocks.biases[:, first : first + count]),
+        blocks.bits,
+    )
+
+
 def from_dense_q8(weight: np.ndarray) -> CodeBlocks:
     """Q8_0 quantization of a float [rows, cols] weight (cols a multiple of 32), as llama.cpp does it:
     per block d = max |w| / 127, codes round(w / d) (halves away from zero) + 128, scale float16(d)."""

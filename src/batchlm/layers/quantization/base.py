@@ -76,9 +76,47 @@ class QuantizedTensor:
         return torch.from_numpy(values.reshape(self.shape)).to(dtype)
 
 
-# What the loader hands a layer: a dense tensor or a quantized one (GGUF blocks, or a quantized
-# safetensors weight in our layout: forms.py).
-LoadedWeight = torch.Tensor | QuantizedTensor | Fp8Weight | Int4Weight
+@dataclass(frozen=True)
+class QuantizedColumns:
+    """Columns [start, start + cols) of `blocks`, the whole blocks that cover them: a row-parallel
+    split that falls inside blocks (K-quants' 256-value super-blocks over fewer columns per rank),
+    still as the file's bytes, so a method reads the same values the unsplit tensor gives it."""
+
+    blocks: QuantizedTensor
+    start: int
+    cols: int
+
+    @property
+    def qtype(self) -> str:
+        return self.blocks.qtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.blocks.data.shape[0], self.cols))
+
+    def narrow_rows(self, start: int, length: int) -> QuantizedColumns:
+        return QuantizedColumns(self.blocks.narrow_rows(start, length), self.start, self.cols)
+
+    def narrow_cols(self, start: int, length: int) -> QuantizedTensor | QuantizedColumns:
+        return columns_of(self.blocks, self.start + start, length)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.blocks.dequantize().narrow(1, self.start, self.cols).to(dtype)
+
+
+def columns_of(tensor: QuantizedTensor, start: int, length: int) -> QuantizedTensor | QuantizedColumns:
+    """Columns [start, start + length) of a quantized tensor, its blocks kept whole: the plain slice
+    where both ends fall on block edges, else the covering blocks with the window inside them."""
+    size = tensor.block_size
+    if start % size == 0 and length % size == 0:
+        return tensor.narrow_cols(start, length)
+    first, end = start // size * size, -(-(start + length) // size) * size
+    return QuantizedColumns(tensor.narrow_cols(first, end - first), start - first, length)
+
+
+# What the loader hands a layer: a dense tensor or a quantized one (GGUF blocks, whole or a column
+# window of them, or a quantized safetensors weight in our layout: forms.py).
+LoadedWeight = torch.Tensor | QuantizedTensor | QuantizedColumns | Fp8Weight | Int4Weight
 
 
 def as_dense(loaded: LoadedWeight, dtype: torch.dtype) -> torch.Tensor:
@@ -87,14 +125,13 @@ def as_dense(loaded: LoadedWeight, dtype: torch.dtype) -> torch.Tensor:
 
 
 def narrow_cols(loaded: LoadedWeight, start: int, length: int) -> LoadedWeight:
-    """Columns [start, start + length): whole blocks of a quantized tensor stay quantized; a split inside
-    blocks (e.g. 256-value K-quant blocks over few columns per rank) comes back dequantized (float32)."""
+    """Columns [start, start + length). A GGUF tensor stays its blocks: a split inside them (e.g.
+    256-value K-quant blocks over few columns per rank) comes back as a QuantizedColumns window, which
+    each method reads as it reads the whole tensor (the quantized CPU kernels' per-32 blocks exactly)."""
     if isinstance(loaded, torch.Tensor):
         return loaded.narrow(1, start, length)
-    if not isinstance(loaded, QuantizedTensor):
-        return loaded.narrow_cols(start, length)
-    if start % loaded.block_size or length % loaded.block_size:
-        return loaded.dequantize().narrow(1, start, length)
+    if isinstance(loaded, QuantizedTensor):
+        return columns_of(loaded, start, length)
     return loaded.narrow_cols(start, length)
 
 

@@ -33,6 +33,7 @@ from batchlm.kernels.quant_panels import MAX_PARTS, QPANEL, PackedWeight, Parted
 from batchlm.layers.quantization.base import (
     LinearMethod,
     LoadedWeight,
+    QuantizedColumns,
     QuantizedTensor,
     RowSlice,
     as_dense,
@@ -122,6 +123,10 @@ class QuantizedStore:
 def code_blocks(loaded: LoadedWeight) -> CodeBlocks:
     """A loaded tensor's rows as code blocks: exact for the GGUF types the kernels read, Q8_0 of the
     float values otherwise."""
+    if isinstance(loaded, QuantizedColumns) and loaded.start % BLOCK == 0 and loaded.cols % BLOCK == 0:
+        # A tensor-parallel share inside K-quant super-blocks: the covering blocks' per-32 blocks,
+        # cut on their edges, are the very blocks one rank would hold (never requantized per rank).
+        return quant_blocks.columns(code_blocks(loaded.blocks), loaded.start, loaded.cols)
     if isinstance(loaded, QuantizedTensor):
         rows, cols = loaded.shape
         if quant_blocks.supported(loaded.qtype):

@@ -23,7 +23,13 @@ from torch import nn
 from batchlm.kernels.cpu_gemm import can_pack, pack_weight, packed_linear
 from batchlm.kernels.decode_plans import GemvConfig, PlanKey, PlanTable, bias_of, takes_decode_kernel
 from batchlm.layers.onednn import onednn_linear, to_onednn_weight
-from batchlm.layers.quantization.base import LinearMethod, LoadedWeight, QuantizedTensor, RowSlice
+from batchlm.layers.quantization.base import (
+    LinearMethod,
+    LoadedWeight,
+    QuantizedColumns,
+    QuantizedTensor,
+    RowSlice,
+)
 
 if TYPE_CHECKING:
     from batchlm.layers.quantization.layer import MethodLayer
@@ -42,7 +48,11 @@ class DenseLinearMethod(LinearMethod):
 
     def load_rows(self, layer: MethodLayer, name: str, loaded: LoadedWeight, where: RowSlice) -> None:
         if not isinstance(loaded, torch.Tensor):
-            kind = loaded.qtype if isinstance(loaded, QuantizedTensor) else type(loaded).__name__
+            kind = (
+                loaded.qtype
+                if isinstance(loaded, QuantizedTensor | QuantizedColumns)
+                else type(loaded).__name__
+            )
             raise ValueError(f"tensor {name!r} is {kind}-quantized; this layer takes dense weights")
         copy_rows(layer, loaded.narrow(0, where.src_start, where.rows), where)
 
@@ -107,7 +117,7 @@ class DequantizeLinearMethod(DenseLinearMethod):
     package reads), then everything as DenseLinearMethod: the format for types without our own kernel."""
 
     def load_rows(self, layer: MethodLayer, name: str, loaded: LoadedWeight, where: RowSlice) -> None:
-        if isinstance(loaded, QuantizedTensor):
+        if isinstance(loaded, QuantizedTensor | QuantizedColumns):
             rows = loaded.narrow_rows(where.src_start, where.rows).dequantize(layer.weight.dtype)
             copy_rows(layer, rows, where)
             return

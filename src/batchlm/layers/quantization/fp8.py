@@ -30,7 +30,13 @@ from batchlm.kernels.decode_plans import (
 )
 from batchlm.kernels.fp8_linear import fp8_linear
 from batchlm.kernels.fp8_types import FP8_DTYPE
-from batchlm.layers.quantization.base import LinearMethod, LoadedWeight, QuantizedTensor, RowSlice
+from batchlm.layers.quantization.base import (
+    LinearMethod,
+    LoadedWeight,
+    QuantizedColumns,
+    QuantizedTensor,
+    RowSlice,
+)
 from batchlm.layers.quantization.forms import (
     Fp8Weight,
     Int4Weight,
@@ -59,7 +65,7 @@ class Fp8LinearMethod(LinearMethod):
         layer.onednn_weight = None
 
     def load_rows(self, layer: MethodLayer, name: str, loaded: LoadedWeight, where: RowSlice) -> None:
-        if isinstance(loaded, (QuantizedTensor, Int4Weight)):
+        if isinstance(loaded, (QuantizedTensor, QuantizedColumns, Int4Weight)):
             raise ValueError(f"tensor {name!r} is not an FP8 or dense weight; the fp8 method cannot load it")
         part = loaded.narrow_rows(where.src_start, where.rows) if isinstance(loaded, Fp8Weight) else loaded
         device = layer.weight.device
