@@ -59,6 +59,7 @@ def _load_gguf(gguf_path: Path, cache: Path) -> LoadedModel:
     [
         ("llama", "F32", False),
         ("llama", "F16", True),
+        ("llama", "BF16", True),
         ("llama", "Q8_0", False),
         ("llama", "Q4_0", True),
         ("llama", "Q4_1", False),
@@ -276,7 +277,8 @@ def test_batched_step_gives_each_prompt_its_own_logits(tmp_path: Path) -> None:
 
 
 def test_tensor_parallel_ranks_equal_one_rank(tmp_path: Path) -> None:
-    # Q4_K's 256-value blocks do not divide o_proj's 128 columns per rank: those split dequantized.
+    # Q4_K's 256-value blocks do not divide o_proj's 128 columns per rank: those load from a window
+    # over the covering blocks (dequantized here; the kernels' case is in test_cpu_quantized_model.py).
     model_dir = prepare_gguf_model_dir(
         write_tiny_gguf(tmp_path / "tiny.gguf", "llama", "Q4_K"), tmp_path / "c"
     )
@@ -288,6 +290,29 @@ def test_tensor_parallel_ranks_equal_one_rank(tmp_path: Path) -> None:
     for tokens, logprobs in run_ranks(lambda rank: greedy_generate(ranks[rank], PROMPTS[0], 8), 2):
         assert tokens == expected
         torch.testing.assert_close(logprobs, expected_logprobs, atol=LOGPROB_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(("qtype", "tensor_types"), [("Q4_K", {"attn_v.weight": "Q6_K"}), ("Q8_0", None)])
+def test_int8_on_a_block_quantized_gguf_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, qtype: str, tensor_types: dict[str, str] | None
+) -> None:
+    # int8 quantizes float weights: on these it would silently change nothing (wherever it can run).
+    monkeypatch.setattr(registry, "kernels_available", lambda: True)
+    gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf", "llama", qtype, tensor_types=tensor_types)
+    named = "Q4_K, Q6_K" if tensor_types else qtype
+    with pytest.raises(
+        ValueError, match=rf"tiny\.gguf is already quantized \({named}\); drop --quantization int8"
+    ):
+        load_model(prepare_gguf_model_dir(gguf_path, tmp_path / "c"), torch.float32, CPU, quantization="int8")
+
+
+def test_int8_without_the_quantized_kernels_is_refused(tmp_path: Path) -> None:
+    # (The autouse fixture makes the kernels unavailable.) Loading in float would ignore the option.
+    gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf", "llama", "F16")
+    with pytest.raises(
+        ValueError, match="--quantization int8 runs on the quantized CPU kernels, which are unavailable"
+    ):
+        load_model(prepare_gguf_model_dir(gguf_path, tmp_path / "c"), torch.float32, CPU, quantization="int8")
 
 
 def test_unpermute_undoes_llama_cpp_for_dense_and_quantized_rows() -> None:

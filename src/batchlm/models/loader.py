@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from batchlm.layers.norm import RMSNorm
-from batchlm.layers.quantization.registry import DENSE_FORMAT, GGUF_FORMAT, QUANTIZE_AT_LOAD
+from batchlm.layers.quantization import registry
+from batchlm.layers.quantization.registry import DENSE_FORMAT, FLOAT_QTYPES, GGUF_FORMAT, QUANTIZE_AT_LOAD
 from batchlm.models.base import CausalLM
 from batchlm.models.checkpoint import find_safetensors, iter_safetensors, load_hf_config
 from batchlm.models.config_view import read_config_view
@@ -202,7 +203,9 @@ def _load_gguf(
     model: CausalLM, gguf_file: Path, device: torch.device, dtype: torch.dtype, quantization: str | None
 ) -> None:
     reader = open_gguf(gguf_file)
-    methods = assign_weight_methods(model, GGUF_FORMAT, tensor_types(reader), device, dtype, quantization)
+    types = tensor_types(reader)
+    check_gguf_quantization(gguf_file, types, quantization)
+    methods = assign_weight_methods(model, GGUF_FORMAT, types, device, dtype, quantization)
     logger.info("GGUF %s: layers per weight method %s", gguf_file.name, dict(methods))
     load_named_weights(model, iter_gguf_tensors(reader))
 
@@ -223,6 +226,22 @@ def check_quantization(
     if random_weights:
         raise ValueError(
             "--quantization int8 quantizes checkpoint weights; it cannot be used with random weights"
+        )
+    if not registry.int8_available():
+        # Else every layer would quietly stay in float: the memory int8 was asked to save.
+        raise ValueError(
+            "--quantization int8 runs on the quantized CPU kernels, which are unavailable here (they need "
+            "an x86-64 CPU with AVX2 and a C compiler; BATCHLM_CPU_KERNELS=0 turns them off); leave it unset"
+        )
+
+
+def check_gguf_quantization(gguf_file: Path, types: dict[str, str], quantization: str | None) -> None:
+    """ValueError for --quantization on a GGUF file whose weights are block-quantized already (int8
+    quantizes float weights; it would leave such a file as it is)."""
+    quantized = sorted({qtype for qtype in types.values() if qtype not in FLOAT_QTYPES})
+    if quantization and quantized:
+        raise ValueError(
+            f"{gguf_file.name} is already quantized ({', '.join(quantized)}); drop --quantization {quantization}"
         )
 
 

@@ -83,6 +83,11 @@ def _cpu_quantized(spec: WeightSpec) -> LinearMethod | None:
     return CPU_QUANTIZED
 
 
+def int8_available() -> bool:
+    """Whether --quantization int8 can apply here: the quantized CPU kernels built and passed their probe."""
+    return kernels_available()
+
+
 def _dequantize_gguf(spec: WeightSpec) -> LinearMethod | None:
     # Every GGUF type without a kernel of ours: dequantized to the model dtype as it loads.
     return DEQUANTIZE if spec.format == GGUF_FORMAT else None
