@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from batchlm.core.facts import EngineStats
+from batchlm.core.grammar_wait import GrammarCompiles
 from batchlm.core.scheduler import Scheduler
 from batchlm.core.step_io import ModelRunnerOutput, SchedulerOutput
 from batchlm.outputs import CoreOutputs, EngineCoreOutput
@@ -43,13 +44,22 @@ class EngineCore:
     building. Outputs then arrive one step() call later than they would synchronously.
     """
 
-    def __init__(self, scheduler: Scheduler, executor: Executor, async_scheduling: bool = False) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        executor: Executor,
+        async_scheduling: bool = False,
+        grammars: GrammarCompiles | None = None,
+    ) -> None:
+        """grammars: compiles constrained requests' grammars off this thread, the requests held back
+        until theirs is ready (None: the runner compiles each one in the step that admits it)."""
         if async_scheduling and not callable(getattr(executor, "execute_async", None)):
             name = type(executor).__name__
             raise ValueError(f"async scheduling needs an executor with execute_async; {name} has none")
         self.scheduler = scheduler
         self.executor = executor
         self.async_scheduling = async_scheduling
+        self.grammars = grammars
         self.num_steps = 0
         # Request id -> time it was first scheduled, until reported on its first output.
         self._first_scheduled: dict[str, float] = {}
@@ -58,13 +68,21 @@ class EngineCore:
 
     def add_request(self, request: EngineCoreRequest) -> None:
         """Takes the request as validated; raises ValueError for an id already in use (the caller
-        reports it to the client)."""
-        self.scheduler.add_request(request)
+        reports it to the client). A constrained request waits for its grammar, compiled meanwhile."""
+        grammars = self.grammars
+        if grammars is None or request.sampling_params.structured_outputs is None:
+            self.scheduler.add_request(request)
+            return
+        self.scheduler.add_request(request, held=True)  # first: it raises for an id in use
+        if grammars.start(request):
+            self.scheduler.release((request.request_id,))
 
     def abort_requests(self, request_ids: Iterable[str]) -> list[EngineCoreOutput]:
         request_ids = list(request_ids)
         for request_id in request_ids:
             self._first_scheduled.pop(request_id, None)
+        if self.grammars is not None:
+            self.grammars.discard(request_ids)
         return self.scheduler.abort_requests(request_ids)
 
     def forget_steps_in_flight(self) -> None:
@@ -85,16 +103,53 @@ class EngineCore:
             or scheduler.has_requests_to_drop()
         )
 
+    def can_step(self) -> bool:
+        """has_work, less requests that only wait for their grammar: a step now would make progress
+        rather than wait for a compile. A loop that also serves pipes waits on them and on
+        `grammars.wakeup` instead of stepping while this is False."""
+        scheduler = self.scheduler
+        return (
+            scheduler.has_requests_to_schedule()
+            or self._in_flight is not None
+            or scheduler.has_requests_to_drop()
+            or (self.grammars is not None and self.grammars.has_done())
+        )
+
     def step(self) -> CoreOutputs:
+        """One step. With nothing else to do but requests waiting for their grammar, it first waits
+        for one to be compiled."""
+        outputs = self._take_grammars()
         if self.async_scheduling:
-            return self._step_async()
+            outputs.extend(self._step_async())
+            return outputs
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty and not scheduled.finished_request_ids:
-            return CoreOutputs()
+            return outputs
         self._note_first_scheduled(scheduled)
         result = self.executor.execute(scheduled)
         self.num_steps += 1
-        return self._update(scheduled, result)
+        outputs.extend(self._update(scheduled, result))
+        return outputs
+
+    def _take_grammars(self) -> CoreOutputs:
+        """Admit the requests whose grammar is ready now, and end those whose grammar failed."""
+        outputs = CoreOutputs()
+        grammars = self.grammars
+        if grammars is None:
+            return outputs
+        if not self.can_step() and self.scheduler.has_unfinished_requests():
+            grammars.wait_done()
+        if not grammars.has_done():
+            return outputs
+        done = grammars.take_done()
+        self.scheduler.release(done)
+        failed = {request_id: error for request_id, error in done.items() if error is not None}
+        if failed:
+            for request_id in failed:
+                self._first_scheduled.pop(request_id, None)
+            for output in self.scheduler.end_with_errors(failed):
+                outputs.append(output)
+        return outputs
 
     def _step_async(self) -> CoreOutputs:
         """Launch the next step, then fold in the one launched by the previous call. When speculating

@@ -42,6 +42,9 @@ class Scheduler:
         self._requests: dict[str, RequestState] = {}
         self._tickets = AdmissionTickets()
         self._waiting: deque[RequestState] = deque()
+        # Waiting requests not to be admitted yet (their grammar is being compiled): the others
+        # are admitted past them.
+        self._held: set[str] = set()
         # In admission order: the last one is the first to be preempted.
         self._running: list[RequestState] = []
         # Requests the runner must forget at the next step (finished, aborted or preempted).
@@ -66,13 +69,25 @@ class Scheduler:
     def num_total_blocks(self) -> int:
         return self.kv.num_total_blocks
 
-    def add_request(self, request: EngineCoreRequest) -> None:
-        """Queue a validated request (ValueError for an id already in use)."""
+    def add_request(self, request: EngineCoreRequest, held: bool = False) -> None:
+        """Queue a validated request (ValueError for an id already in use); a `held` one is not
+        admitted until `release`d."""
         state = RequestState(request, max_model_len=self.config.max_model_len)
         self._validate(state)
         self._requests[request.request_id] = state
         self._tickets.add(request)
         self._waiting.append(state)
+        if held:
+            self._held.add(request.request_id)
+
+    def release(self, request_ids: Iterable[str]) -> None:
+        """Let held requests be admitted (in their turn, as if never held)."""
+        self._held.difference_update(request_ids)
+
+    def end_with_errors(self, errors: Mapping[str, str]) -> list[EngineCoreOutput]:
+        """End these requests now (with FinishReason.ERROR and each one's error); unknown or finished
+        ids are ignored."""
+        return self._end_now(errors, FinishReason.ERROR)
 
     def _validate(self, state: RequestState) -> None:
         """Requests arrive validated (engine/input_processor.py); these only catch a caller that skipped it."""
@@ -106,6 +121,10 @@ class Scheduler:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._running or self._waiting)
+
+    def has_requests_to_schedule(self) -> bool:
+        """Unfinished requests besides the held ones."""
+        return bool(self._running) or len(self._waiting) > len(self._held)
 
     def has_requests_to_drop(self) -> bool:
         """Requests that ended (finished, aborted or preempted) which the runner still holds (sampling
@@ -193,6 +212,8 @@ class Scheduler:
     def _admit_waiting(self, step: StepBuilder) -> None:
         while self._waiting and step.budget > 0 and len(self._running) < self.config.max_num_seqs:
             state = self._next_to_admit()
+            if state is None:
+                return  # every waiting request is held
             cached_blocks = self.kv.find_cached_prefix(state)
             if gathers_prompt_logprobs(state):
                 # Hits stand in for rows whose logprobs it reports: only as far as those are kept.
@@ -218,12 +239,18 @@ class Scheduler:
                 self._prompt_tokens_total += state.num_prompt_tokens
             self._add_chunk(step, state, num_new)
 
-    def _next_to_admit(self) -> RequestState:
+    def _next_to_admit(self) -> RequestState | None:
         """The waiting sequence whose turn it is: the lowest ticket, first come first served among
         equals. A request takes its ticket on arrival; n > 1 siblings share their request's, and it
         moves to the back of the line each time one of them is admitted. So the siblings of a
         large-n request take turns with the requests that arrived meanwhile instead of keeping them
-        all out of the batch until every sibling has run."""
+        all out of the batch until every sibling has run. Held requests are passed over (None: all are)."""
+        held = self._held
+        if held:
+            candidates = [state for state in self._waiting if state.request_id not in held]
+            if not candidates:
+                return None
+            return min(candidates, key=self._tickets.of) if self._tickets.num_groups else candidates[0]
         if not self._tickets.num_groups:
             return self._waiting[0]
         return min(self._waiting, key=self._tickets.of)
@@ -384,6 +411,7 @@ class Scheduler:
         state.status = RequestStatus.FINISHED
         state.finish_reason = reason
         del self._requests[state.request_id]
+        self._held.discard(state.request_id)
         self._tickets.finished(state.request)
         if self._speculative is not None:
             self._speculative.forget(state.request_id)

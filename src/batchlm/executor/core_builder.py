@@ -9,6 +9,7 @@ from pathlib import Path
 from batchlm.config import EngineConfig
 from batchlm.core.engine_core import EngineCore, Executor
 from batchlm.core.facts import ModelFacts
+from batchlm.core.grammar_wait import GrammarCompiles
 from batchlm.core.scheduler import Scheduler
 from batchlm.core.scheduler_config import SchedulerConfig
 from batchlm.core.speculation import SPECULATIVE_MODES, SpeculationConfig
@@ -142,6 +143,9 @@ def build_engine_core(config: EngineConfig, model_dir: Path) -> tuple[EngineCore
     """Load the model, size the KV cache, and wire the scheduler to the runner (or TP workers)."""
     check_async_scheduling(config)
     executor: Executor
+    # Grammars compiled before their requests are scheduled. Not under tensor parallelism: every
+    # worker builds its own matchers, in its own process, in the step that admits the request.
+    grammars: GrammarCompiles | None = None
     if config.tensor_parallel_size > 1:
         from batchlm.executor.tensor_parallel import build_tensor_parallel_executor
 
@@ -162,6 +166,7 @@ def build_engine_core(config: EngineConfig, model_dir: Path) -> tuple[EngineCore
         with timed_phase(logger, phases.allocation):
             info = runner.allocate_kv_cache(num_blocks)
         executor = runner
+        grammars = runner.grammars.compiles
     scheduler = build_scheduler(config, info, prefix_cache_salt=f"{model_dir}|{config.adapter_path or ''}")
     log_uptime(logger, "engine core: ready")
     async_scheduling = resolve_async_scheduling(config, info.device)
@@ -171,4 +176,4 @@ def build_engine_core(config: EngineConfig, model_dir: Path) -> tuple[EngineCore
         from batchlm.kernels.compile_watch import watch_compiles_after_startup
 
         watch_compiles_after_startup()
-    return EngineCore(scheduler, executor, async_scheduling=async_scheduling), info
+    return EngineCore(scheduler, executor, async_scheduling=async_scheduling, grammars=grammars), info

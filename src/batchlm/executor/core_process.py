@@ -16,13 +16,14 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import assert_never
 
 from batchlm.config import EngineConfig
 from batchlm.core.engine_core import EngineCore
+from batchlm.core.grammar_wait import GrammarCompiles
 from batchlm.cpu_wait_policy import prefer_passive_waiting
 from batchlm.executor.core_messages import (
     AbortRequests,
@@ -76,8 +77,9 @@ def engine_core_main(
         return
     for each in conns:
         _send(each, CoreReady(info))
+    loop = CoreLoop(core, conns)
     try:
-        CoreLoop(core, conns).run()
+        loop.run()
     except (EOFError, BrokenPipeError, ConnectionResetError):
         logger.info("front end went away; engine core exiting")
     except Exception as exc:
@@ -87,6 +89,8 @@ def engine_core_main(
         for each in conns:
             _send(each, CoreFailed.after(exc))
         raise
+    finally:
+        loop.close()
 
 
 def _send(conn: Connection, message: FromCore) -> None:
@@ -102,6 +106,9 @@ class CoreLoop:
 
     def __init__(self, core: EngineCore, conns: Connection | Sequence[Connection]) -> None:
         self.core = core
+        # Stand-in cores (tests) without grammar compiles step whenever they have work.
+        self._can_step: Callable[[], bool] = getattr(core, "can_step", core.has_work)
+        self._grammars: GrammarCompiles | None = getattr(core, "grammars", None)
         # Index = front end; None once a secondary front end has left.
         self._conns: list[Connection | None] = [conns] if isinstance(conns, Connection) else list(conns)
         self._owner: dict[str, int] = {}
@@ -118,23 +125,34 @@ class CoreLoop:
 
     def run(self) -> None:
         while self.running:
-            self._drain_messages(wait_for_one=not self.core.has_work())
+            self._drain_messages(wait_for_one=not self._can_step())
             if not self.running:
                 break
-            if self.core.has_work():
+            if self._can_step():
                 outputs = self.core.step()
                 # The last step before idling brings every front end its final stats.
                 self._send_outputs(outputs, everyone=not self.core.has_work())
+
+    def close(self) -> None:
+        """Stop compiling grammars, without waiting for one under way (its thread ends by itself)."""
+        if self._grammars is not None:
+            self._grammars.close()
 
     def _live(self) -> list[Connection]:
         return [conn for conn in self._conns if conn is not None]
 
     def _drain_messages(self, wait_for_one: bool) -> None:
         timeout = IDLE_POLL_S if wait_for_one else 0.0
-        while ready := wait(self._live(), timeout):
-            timeout = 0.0
+        # While requests wait for their grammar, a finished compile ends the wait too (the step that
+        # follows takes it; the pipe stays readable until then, so it is watched in this first wait only).
+        grammars = self._grammars
+        wakeup = [grammars.wakeup] if wait_for_one and grammars is not None else []
+        while ready := wait([*self._live(), *wakeup], timeout):
+            timeout, wakeup = 0.0, []
             for conn in ready:
                 assert isinstance(conn, Connection)
+                if conn not in self._conns:
+                    continue  # the grammars' wakeup
                 client = self._conns.index(conn)
                 try:
                     message: ToCore = conn.recv()
@@ -146,7 +164,7 @@ class CoreLoop:
                 self._handle(client, message)
                 if not self.running:
                     return
-        if wait_for_one and not self.core.has_work():
+        if wait_for_one and not self._can_step():
             self._check_executor()
             # Keep the stats fresh for /metrics while idle.
             self._send_outputs(CoreOutputs(), everyone=True)

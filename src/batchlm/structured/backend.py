@@ -109,6 +109,14 @@ class LRUCache(Generic[K, V]):
         self.hits = 0
         self.misses = 0
 
+    def get(self, key: K) -> V | None:
+        """The cached value (a hit, made the most recent), or None (not counted: get_or_make follows)."""
+        value = self._items.get(key)
+        if value is not None:
+            self.hits += 1
+            self._items.move_to_end(key)
+        return value
+
     def get_or_make(self, key: K, make: Callable[[], V]) -> V:
         if key in self._items:
             self.hits += 1
@@ -125,6 +133,9 @@ class LRUCache(Generic[K, V]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._items
 
 
 def bitmask_words(vocab_size: int) -> int:

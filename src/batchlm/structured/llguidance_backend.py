@@ -226,8 +226,9 @@ class TemplateBudget:
 class TemplatePool:
     """Pristine matchers of one grammar that new sequences deep-copy, in turn. Copies of a template
     share its lexer behind one lock, so masks of many copies of one template do not run in parallel
-    (BENCHMARKS.md): a grammar used by many sequences is compiled up to `size` times, each template
-    compiled the first time a sequence needs one, while the backend's budget allows."""
+    (BENCHMARKS.md): a grammar used by many sequences is compiled up to `size` times, while the
+    backend's budget allows: each template the first time a sequence needs one (`grow_on_copy`), or,
+    where grammars are prepared off the engine thread, one more at each `LLGuidanceBackend.prepare`."""
 
     def __init__(
         self, compile_one: Callable[[], llguidance.LLMatcher], size: int, budget: TemplateBudget
@@ -237,18 +238,39 @@ class TemplatePool:
         self.size = max(1, size)
         self.templates = [compile_one()]  # compiled now: a grammar that fails, fails at once
         self._turn = 0
+        self._released = False
 
-    def copy(self) -> tuple[llguidance.LLMatcher, int]:
+    def copy(self, grow_on_copy: bool = True) -> tuple[llguidance.LLMatcher, int]:
         """A fresh matcher and the number of the template it came from."""
         family = self._turn % self.size
         self._turn += 1
-        if family == len(self.templates) and self._budget.take():
+        if grow_on_copy and family == len(self.templates) and self._budget.take():
             self.templates.append(self._compile_one())
         family %= len(self.templates)
         return self.templates[family].deep_copy(), family
 
+    def has_room(self) -> bool:
+        return len(self.templates) < self.size and self._budget.used < self._budget.limit
+
+    def take_room(self) -> bool:
+        """Whether one more template may be compiled (its budget then taken: `add` or `give_back`)."""
+        return len(self.templates) < self.size and self._budget.take()
+
+    def compile_one(self) -> llguidance.LLMatcher:
+        return self._compile_one()
+
+    def add(self, template: llguidance.LLMatcher) -> None:
+        if self._released:  # evicted while it was compiled: its budget went back without it
+            self._budget.give_back(1)
+            return
+        self.templates.append(template)
+
+    def give_back(self) -> None:
+        self._budget.give_back(1)
+
     def release(self) -> None:
         """Evicted from the cache: its extra templates go back to the budget."""
+        self._released = True
         self._budget.give_back(len(self.templates) - 1)
 
 
@@ -275,6 +297,8 @@ class LLGuidanceBackend:
         self._budget = TemplateBudget(EXTRA_TEMPLATES)
         self._compiled: LRUCache[tuple[str, str], TemplatePool] = LRUCache(CACHE_SIZE, TemplatePool.release)
         self._lock = threading.Lock()
+        # Set once grammars are compiled ahead, off the engine thread: copies then never compile.
+        self._prepared_ahead = False
         self._executor = llguidance.LLExecutor(num_threads=threads)
 
     @classmethod
@@ -295,13 +319,59 @@ class LLGuidanceBackend:
         return self._compiled
 
     def matcher(self, spec: StructuredOutputs) -> LLGuidanceMatcher:
+        pool = self._pool(spec)
         with self._lock:
-            pool = self._compiled.get_or_make(
-                spec.key,
-                lambda: TemplatePool(lambda: self._compile(spec), self.templates_per_grammar, self._budget),
-            )
-            inner, family = pool.copy()
+            inner, family = pool.copy(grow_on_copy=not self._prepared_ahead)
         return LLGuidanceMatcher(inner, self.eos_token_ids, family)
+
+    def compiled(self, spec: StructuredOutputs) -> bool:
+        """Whether the spec's grammar is in the cache (a matcher of it is a copy)."""
+        with self._lock:
+            return spec.key in self._compiled
+
+    def can_grow(self, spec: StructuredOutputs) -> bool:
+        """Whether `prepare` would add a template to the spec's compiled grammar (room in its pool and
+        in the budget)."""
+        with self._lock:
+            pool = self._compiled.get(spec.key)
+            return pool is not None and pool.has_room()
+
+    def prepare(self, spec: StructuredOutputs) -> None:
+        """Compile the spec's grammar into the cache, or, when it is there, one more template of it (while
+        the pool and budget have room), off the engine thread (structured/compiles.py). From the first
+        call on, making a matcher never compiles an extra template: that is left to these calls, so that
+        a step never waits for a compile. Raises GrammarError."""
+        self._prepared_ahead = True
+        with self._lock:
+            pool = self._compiled.get(spec.key)
+            grows = pool is not None and pool.take_room()
+        if pool is None:
+            self._pool(spec)
+            return
+        if not grows:
+            return
+        try:
+            template = pool.compile_one()
+        except BaseException:
+            with self._lock:
+                pool.give_back()
+            raise
+        with self._lock:
+            pool.add(template)
+
+    def _pool(self, spec: StructuredOutputs) -> TemplatePool:
+        """The spec's pool of templates, compiled now if not cached. The compile runs outside the lock,
+        so that a matcher of a cached grammar is never held up by another grammar's compile."""
+        with self._lock:
+            pool = self._compiled.get(spec.key)
+        if pool is not None:
+            return pool
+        made = TemplatePool(lambda: self._compile(spec), self.templates_per_grammar, self._budget)
+        with self._lock:
+            pool = self._compiled.get_or_make(spec.key, lambda: made)
+        if pool is not made:  # compiled meanwhile by another thread: its extra templates are none
+            made.release()
+        return pool
 
     def _compile(self, spec: StructuredOutputs) -> llguidance.LLMatcher:
         matcher = llguidance.LLMatcher(self.tokenizer, validated_grammar(spec), log_level=0)

@@ -23,6 +23,7 @@ from batchlm.structured.backend import (
     GrammarMatcher,
     grammar_failure_error,
 )
+from batchlm.structured.compiles import BackgroundCompiles
 from batchlm.structured.step_masks import GrammarMasks, PrefetchedMasks, SampledRows
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,36 @@ def hand_over_the_gil_sooner() -> None:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
 
 
+class LazyBackend:
+    """The grammar backend, built by the first caller (a compile thread or the engine thread). Not a
+    method of ConstrainedSequences, so that the compiles holding it make no cycle with it."""
+
+    def __init__(
+        self,
+        make_backend: Callable[[tuple[int, ...]], GrammarBackend],
+        on_built: Callable[[], None] | None = None,
+    ) -> None:
+        """on_built: called once the backend is built."""
+        self._make_backend = make_backend
+        self._on_built = on_built
+        self._backend: GrammarBackend | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, eos_token_ids: tuple[int, ...]) -> GrammarBackend:
+        backend = self._backend
+        if backend is None:
+            with self._lock:
+                if self._backend is None:
+                    self._backend = self._make_backend(eos_token_ids)
+                    if self._on_built is not None:
+                        self._on_built()
+                backend = self._backend
+        return backend
+
+    def built(self) -> GrammarBackend | None:
+        return self._backend
+
+
 class ConstrainedSequences:
     """Matchers of the running constrained sequences, by request id.
 
@@ -110,8 +141,9 @@ class ConstrainedSequences:
     """
 
     def __init__(self, make_backend: Callable[[tuple[int, ...]], GrammarBackend]) -> None:
-        self._make_backend = make_backend
+        self._backends = LazyBackend(make_backend, hand_over_the_gil_sooner)
         self._backend: GrammarBackend | None = None
+        self._compiles: BackgroundCompiles | None = None
         self._sequences: dict[str, _Sequence] = {}
         self._worker: ThreadPoolExecutor | None = None
         # The matchers of the last prefetch's sequences, prepared as a batch (worker thread only).
@@ -304,11 +336,20 @@ class ConstrainedSequences:
 
     def _backend_for(self, eos_token_ids: tuple[int, ...]) -> GrammarBackend:
         if self._backend is None:
-            self._backend = self._make_backend(eos_token_ids)
-            hand_over_the_gil_sooner()
+            self._backend = self._backends(eos_token_ids)
         return self._backend
 
+    @property
+    def compiles(self) -> BackgroundCompiles:
+        """The compiles of the grammars of requests the engine core holds back until theirs is ready
+        (so that `add` finds it compiled)."""
+        if self._compiles is None:
+            self._compiles = BackgroundCompiles(self._backends, self._backends.built)
+        return self._compiles
+
     def close(self) -> None:
+        if self._compiles is not None:
+            self._compiles.close()
         if self._worker is not None:
             self._worker.shutdown(wait=True)
             self._worker = None
