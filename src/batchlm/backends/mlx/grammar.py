@@ -3,12 +3,16 @@ tokens its grammar forbids (mlx-lm runs processors one request at a time)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import mlx.core as mx
 import numpy as np
 
 from batchlm.request import EngineCoreRequest
-from batchlm.structured.backend import GrammarBackend, GrammarMatcher
+from batchlm.structured.backend import GrammarMatcher
+from batchlm.structured.compiles import BackgroundCompiles
 from batchlm.structured.factory import BackendFactory
+from batchlm.structured.sequences import LazyBackend
 
 
 class GrammarProcessor:
@@ -40,18 +44,18 @@ class GrammarProcessor:
 
 
 class MLXGrammars:
-    """Makes each constrained request's processor; the backend is built on the first one."""
+    """Makes each constrained request's processor; the backend is built on the first one. Grammars are
+    compiled ahead, on the compiles' threads (`compiles`), so that the loop's step only copies them."""
 
-    def __init__(self, make_backend: BackendFactory) -> None:
-        self._make_backend = make_backend
-        self._backend: GrammarBackend | None = None
+    def __init__(self, make_backend: BackendFactory, wake: Callable[[], None] | None = None) -> None:
+        self._backend = LazyBackend(make_backend)
+        self.compiles = BackgroundCompiles(self._backend, self._backend.built, notify=wake)
 
     def processors_for(self, request: EngineCoreRequest) -> list[GrammarProcessor]:
         """[] for an unconstrained request. Raises GrammarError for a grammar that does not compile."""
         spec = request.sampling_params.structured_outputs
         if spec is None:
             return []
-        if self._backend is None:
-            self._backend = self._make_backend(request.eos_token_ids)
-        matcher = self._backend.matcher(spec)
-        return [GrammarProcessor(matcher, len(request.prompt_token_ids), self._backend.bitmask_words)]
+        backend = self._backend(request.eos_token_ids)
+        matcher = backend.matcher(spec)
+        return [GrammarProcessor(matcher, len(request.prompt_token_ids), backend.bitmask_words)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -79,10 +79,15 @@ class GenerationLoop:
         model_key: Any,
         stream: Any = None,
         grammar_backend: BackendFactory | None = None,
+        wake: Callable[[], None] | None = None,
     ) -> None:
-        """grammar_backend: builds the grammar backend for structured outputs (None: refused)."""
+        """grammar_backend: builds the grammar backend for structured outputs (None: refused); wake:
+        called on another thread once a grammar compiled ahead is ready (or failed), for a caller
+        that waits for commands while requests only wait for their grammar (can_step False)."""
         self.model = model
-        self._grammars = MLXGrammars(grammar_backend) if grammar_backend is not None else None
+        self._grammars = MLXGrammars(grammar_backend, wake) if grammar_backend is not None else None
+        # Waiting requests whose grammar is being compiled: the others are admitted past them.
+        self._compiling: set[str] = set()
         self.settings = settings
         self._stream = stream
         self._samplers = SamplerFactory(vocab_size)
@@ -113,10 +118,18 @@ class GenerationLoop:
         if request.request_id in self._waiting or request.request_id in self._uid_of:
             raise ValueError(f"request id {request.request_id!r} is already running")
         self._waiting[request.request_id] = request
+        if self._grammars is None or request.sampling_params.structured_outputs is None:
+            return
+        if not self._grammars.compiles.start(request):  # not compiled before: it waits for it
+            self._compiling.add(request.request_id)
 
     def abort_requests(self, request_ids: Iterable[str]) -> list[EngineCoreOutput]:
         """Drop the requests (waiting or running); each known one gets a final ABORT output."""
         outputs, uids = [], []
+        request_ids = list(request_ids)
+        if self._grammars is not None:
+            self._grammars.compiles.discard(request_ids)
+        self._compiling.difference_update(request_ids)
         for request_id in request_ids:
             if self._waiting.pop(request_id, None) is not None:
                 outputs.append(EngineCoreOutput(request_id, (), finish_reason=FinishReason.ABORT))
@@ -130,6 +143,15 @@ class GenerationLoop:
 
     def has_work(self) -> bool:
         return bool(self._waiting or self._running)
+
+    def can_step(self) -> bool:
+        """has_work, less requests that only wait for their grammar: a step now would make progress
+        rather than wait for a compile."""
+        return (
+            bool(self._running)
+            or len(self._waiting) > len(self._compiling)
+            or (self._grammars is not None and self._grammars.compiles.has_done())
+        )
 
     def fail_running(self, message: str) -> list[EngineCoreOutput]:
         """After the generator raised: end every admitted sequence with ERROR and start a fresh generator
@@ -145,27 +167,51 @@ class GenerationLoop:
         return outputs
 
     def close(self) -> None:
+        if self._grammars is not None:
+            self._grammars.compiles.close()
         self._generator.close()
 
     # -- stepping ------------------------------------------------------------------------------------
 
     def step(self) -> list[EngineCoreOutput]:
         """Admit what fits, run one generator step, and report the tokens it produced. Raises what the
-        generator raises (the caller then calls fail_running)."""
-        outputs = self._admit()
+        generator raises (the caller then calls fail_running). With nothing else to do but requests
+        waiting for their grammar, it first waits for one to be compiled."""
+        outputs = self._take_grammars()
+        outputs += self._admit()
         if not self._running:
             return outputs
         _, generated = self._generator.next()
         return outputs + self._to_outputs(generated)
 
+    def _take_grammars(self) -> list[EngineCoreOutput]:
+        """Let the requests whose grammar is ready be admitted; ERROR outputs for those whose grammar
+        failed to compile."""
+        if self._grammars is None or not self._compiling:
+            return []
+        compiles = self._grammars.compiles
+        if not self.can_step():
+            compiles.wait_done()
+        failed = []
+        for request_id, error in compiles.take_done().items():
+            self._compiling.discard(request_id)
+            if error is not None and self._waiting.pop(request_id, None) is not None:
+                failed.append(EngineCoreOutput(request_id, (), finish_reason=FinishReason.ERROR, error=error))
+        return failed
+
     def _admit(self) -> list[EngineCoreOutput]:
-        """Move waiting requests into the generator; ERROR outputs for any it refused to take."""
+        """Move waiting requests into the generator, in order but past those whose grammar is being
+        compiled; ERROR outputs for any it refused to take."""
         room = self.settings.max_num_seqs - len(self._running)
         admitted = []
-        while room > 0 and self._waiting:
-            _, request = self._waiting.popitem(last=False)
-            admitted.append(request)
-            room -= 1
+        if room > 0 and self._compiling:
+            for request_id in [r for r in self._waiting if r not in self._compiling][:room]:
+                admitted.append(self._waiting.pop(request_id))
+        else:
+            while room > 0 and self._waiting:
+                _, request = self._waiting.popitem(last=False)
+                admitted.append(request)
+                room -= 1
         if not admitted:
             return []
         grammars, failed = self._grammar_processors(admitted)

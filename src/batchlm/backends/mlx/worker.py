@@ -72,6 +72,10 @@ class GenerationWorker:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
+    def _wake(self) -> None:
+        """A grammar compiled ahead is ready: an empty command wakes the thread to take it."""
+        self._inbox.put(AddRequests(()))
+
     # -- the thread --------------------------------------------------------------------------------------
 
     def _main(self) -> None:
@@ -109,20 +113,26 @@ class GenerationWorker:
         from batchlm.structured.factory import backend_factory
 
         grammars = backend_factory(self.config, self.model_dir, loaded.vocab_size)
-        loop = GenerationLoop(loaded.model, loaded.vocab_size, settings, model_key, stream, grammars)
+        loop = GenerationLoop(
+            loaded.model, loaded.vocab_size, settings, model_key, stream, grammars, wake=self._wake
+        )
         self._post(WorkerInfo(loaded.max_model_len, loaded.vocab_size, self.model_dir, loaded.quantized))
         return loop
 
     def _serve(self, loop: GenerationLoop) -> None:
+        # While requests only wait for their grammar, the thread waits for commands; the compile's end
+        # wakes it (the loop's `wake`). Stand-in loops without grammars step whenever they have work.
+        can_step: Callable[[], bool] = getattr(loop, "can_step", loop.has_work)
         while True:
-            commands = self._drain(block=not loop.has_work())
+            commands = self._drain(block=not can_step())
             outputs: list[EngineCoreOutput] = []
             for command in commands:
                 if isinstance(command, Shutdown):
                     return
                 outputs += _apply(loop, command)
             try:
-                outputs += loop.step()
+                if can_step():
+                    outputs += loop.step()
             except Exception as exc:
                 logger.exception("an mlx generation step failed; failing the running requests")
                 outputs += loop.fail_running(f"the generation step failed: {type(exc).__name__}: {exc}")
