@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from batchlm.server.open_files import UNLIMITED_HARD_TARGET, raise_open_file_limit
+from batchlm.server.open_files import RESERVED_FILES, UNLIMITED_HARD_TARGET, raise_open_file_limit
 from fake_engine import free_port, wait_until
 
 LOW_SOFT_LIMIT = 256
@@ -113,3 +113,11 @@ def test_more_connections_than_the_inherited_soft_limit_are_all_answered(
             connection.close()
     answered = [reply for reply in replies if reply.startswith(b"HTTP/1.1 200")]
     assert len(answered) == CONNECTIONS, f"{CONNECTIONS - len(answered)} connections got no answer"
+
+
+def test_the_connection_cap_leaves_files_in_reserve() -> None:
+    script = "from batchlm.server.open_files import connection_limit\nprint(connection_limit())\n"
+    result = subprocess.run(
+        with_a_low_soft_limit("-c", script), capture_output=True, text=True, timeout=120, check=True
+    )
+    assert int(result.stdout) == LOW_SOFT_LIMIT - RESERVED_FILES

@@ -37,6 +37,7 @@ SERVER_FLAG_NAMES = {
     "max_body_bytes": ["--max-body-bytes"],
     "body_timeout_s": ["--body-timeout"],
     "header_timeout_s": ["--header-timeout"],
+    "keep_alive_timeout_s": ["--keep-alive-timeout"],
 }
 SERVER_HELP_NOTES = {"api_key": f" (or set {API_KEY_ENV})"}
 SERVER_BOUNDS = {
@@ -46,6 +47,9 @@ SERVER_BOUNDS = {
     "max_body_bytes": POSITIVE,
     "body_timeout_s": Bounds(above=0),
     "header_timeout_s": Bounds(above=0),
+    "max_header_bytes": POSITIVE,
+    "max_connections": POSITIVE,
+    "keep_alive_timeout_s": Bounds(above=0),
     "shutdown_timeout_s": Bounds(minimum=0),
     "stats_log_interval_s": Bounds(above=0),
     "api_servers": POSITIVE,

@@ -18,7 +18,8 @@ from fastapi import FastAPI
 
 from batchlm.engine.client import EngineClient, EngineDeadError
 from batchlm.gc_tuning import freeze_startup_objects
-from batchlm.server.header_deadline import header_deadline_protocol
+from batchlm.server.http_protocol import ServerConfig
+from batchlm.server.open_files import connection_limit
 from batchlm.server.state import ServerState
 from batchlm.startup_log import log_phase, log_uptime
 
@@ -57,14 +58,20 @@ class GracefulServer(uvicorn.Server):
         # Called when the shutdown begins (the primary tells the other API servers to drain too).
         self._on_shutdown = on_shutdown
         settings = self.state.settings
-        config = uvicorn.Config(
+        config = ServerConfig(
             app,
+            observe=self.state.metrics.count_error,
+            max_header_bytes=settings.max_header_bytes,
+            header_timeout_s=settings.header_timeout_s,
+            max_connections=(
+                settings.max_connections if settings.max_connections is not None else connection_limit()
+            ),
             host=settings.host,
             port=settings.port,
             log_config=None,
             access_log=settings.log_level.upper() == "DEBUG",
+            timeout_keep_alive=settings.keep_alive_timeout_s,
             timeout_graceful_shutdown=int(settings.shutdown_timeout_s + BACKSTOP_MARGIN_S),
-            http=header_deadline_protocol(settings.header_timeout_s) or "auto",
         )
         super().__init__(config)
 

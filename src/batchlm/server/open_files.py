@@ -39,3 +39,21 @@ def raise_open_file_limit() -> int | None:
         return soft
     logger.debug("open-file limit raised from %d to %d", soft, target)
     return target
+
+
+# File descriptors kept for what is not a client connection (the listener, the engine's pipes, the
+# stored responses' database, logs): at least this many, or an eighth of the limit.
+RESERVED_FILES = 64
+
+
+def connection_limit() -> int | None:
+    """The client connections this process can hold while files still open: its open-file limit less
+    a reserve (None on a system without such a limit, or without one)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    return max(1, soft - max(RESERVED_FILES, soft // 8))

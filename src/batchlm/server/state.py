@@ -10,6 +10,7 @@ from starlette.requests import Request
 from batchlm.engine.client import EngineClient, ServedModel
 from batchlm.server.errors import APIError
 from batchlm.server.generation import InFlight
+from batchlm.server.http_protocol import DEFAULT_KEEP_ALIVE_TIMEOUT_S, DEFAULT_MAX_HEADER_BYTES
 from batchlm.server.metrics import ServerMetrics
 from batchlm.server.protocol import SamplingFields
 from batchlm.server.response_store import ResponseStore
@@ -45,10 +46,19 @@ class ServerSettings:
     # Seconds a request body may go without any of it arriving before the request is answered 408
     # (a client that sends its headers and then stalls would otherwise hold its request forever).
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
-    # Seconds a connection gets to send a request's headers in full, from its opening or the end of
-    # its previous response; then it is closed (connections that send nothing, or their headers a
-    # byte at a time, would otherwise stay open for ever, each holding a file descriptor).
+    # Seconds a connection gets to send a request's headers in full, from its opening or the first byte
+    # of the request; then it is closed (connections that send nothing, or their headers a byte at a
+    # time, would otherwise stay open for ever, each holding a file descriptor).
     header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+    # Largest accepted request line and headers together, in bytes (431 beyond).
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    # Seconds an idle keep-alive connection stays open between requests (behind a load balancer, more
+    # than the balancer's own idle timeout, so that it never reuses a connection as the server closes it).
+    keep_alive_timeout_s: float = DEFAULT_KEEP_ALIVE_TIMEOUT_S
+    # Open client connections beyond which a new one is answered 503 and closed, with a warning in the
+    # log; None (`none` on the command line) = the open-file limit less a reserve, so that files still
+    # open under a flood of connections (past the limit they would be dropped unanswered, unlogged).
+    max_connections: int | None = None
     # Seconds in-flight requests get to finish after SIGINT/SIGTERM before they are aborted.
     shutdown_timeout_s: float = 30.0
     # Seconds between the periodic stats log lines (written only while there is activity).

@@ -1,0 +1,290 @@
+"""The HTTP/1.1 connections under the app: uvicorn's httptools protocol with what a server open to any
+client needs and uvicorn leaves out.
+
+- A deadline for each request's headers, as nginx's client_header_timeout: uvicorn closes a connection
+  left idle after a response (its keep-alive timeout), but one that never sends a request, or sends
+  part of its headers and stalls (any byte of which cancels that timer), is held open for ever; one
+  client opening such connections by the thousand (slowloris) holds a file descriptor and a parser each.
+  Here a connection gets the timeout from its start, and from the first byte of each request, to send
+  the request's headers in full, or it is closed; a request being served is never cut.
+- A limit on the request line and headers (431 beyond): uvicorn keeps any amount in memory.
+- A cap on open connections (503 beyond, and a warning in the log).
+- A response of unknown length to an HTTP/1.0 client is ended by closing the connection: uvicorn sends
+  it chunked, which HTTP/1.0 does not know.
+- A request the parser refuses gets its 400 as OpenAI-shaped JSON naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import json
+import logging
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.server import ServerState
+
+from batchlm.server.errors import RETRY_AFTER_S, APIError, ErrorObserver, error_response
+
+logger = logging.getLogger(__name__)
+
+# As nginx's client_header_timeout and Node's headersTimeout.
+DEFAULT_HEADER_TIMEOUT_S = 60.0
+# Four times nginx's default buffers: no client sends more, and a connection's headers stay cheap to hold.
+DEFAULT_MAX_HEADER_BYTES = 64 * 1024
+# uvicorn's own default.
+DEFAULT_KEEP_ALIVE_TIMEOUT_S = 5.0
+# Seconds between two warnings that connections are refused for want of file descriptors.
+CAP_WARNING_INTERVAL_S = 60.0
+
+
+class HeaderWatch:
+    """Calls header_timed_out() on the connections that have waited longer than `timeout_s` for a
+    request's headers (at most half as long again): one timer for all of them, ticking every half
+    timeout, rather than a timer per connection and request."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        # Connections watched since the last tick, and those watched since before it.
+        self._new: set[GuardedHttpProtocol] = set()
+        self._old: set[GuardedHttpProtocol] = set()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, connection: GuardedHttpProtocol) -> None:
+        """Start `connection`'s wait, unless it is already waiting (its deadline stays)."""
+        if connection in self._old or connection in self._new:
+            return
+        self._new.add(connection)
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.timeout_s / 2, self._tick)
+
+    def discard(self, connection: GuardedHttpProtocol) -> None:
+        self._new.discard(connection)
+        self._old.discard(connection)
+
+    def _tick(self) -> None:
+        expired, self._old, self._new = self._old, self._new, set()
+        for connection in expired:
+            connection.header_timed_out()  # may add it again, to the new set
+        waiting = bool(self._old or self._new)
+        self._timer = (
+            asyncio.get_running_loop().call_later(self.timeout_s / 2, self._tick) if waiting else None
+        )
+
+
+class ConnectionCap:
+    """Past `limit` open connections, a new one is answered 503 and closed, with a warning at most
+    once a minute: without it, a server out of file descriptors drops new connections unanswered
+    (uvloop accepts and resets them, logging nothing), and a file it opens mid-request fails."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self._refused = 0
+        self._warned_at: float | None = None
+
+    def admits(self, open_connections: int) -> bool:
+        if self.limit is None or open_connections <= self.limit:
+            return True
+        self._refused += 1
+        now = time.monotonic()
+        if self._warned_at is None or now - self._warned_at >= CAP_WARNING_INTERVAL_S:
+            logger.warning(
+                "%d connection(s) refused with 503: %d are open, the most this server holds "
+                "(--max-connections; by default its open-file limit less a reserve)",
+                self._refused,
+                self.limit,
+            )
+            self._warned_at = now
+            self._refused = 0
+        return False
+
+
+class ServerConfig(uvicorn.Config):
+    """uvicorn's Config with the limits GuardedHttpProtocol enforces, and what its connections share."""
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        observe: ErrorObserver,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+        header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
+        max_connections: int | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(app, http=GuardedHttpProtocol, **options)
+        self.observe = observe
+        self.max_header_bytes = max_header_bytes
+        self.header_watch = HeaderWatch(header_timeout_s)
+        self.connection_cap = ConnectionCap(max_connections)
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """One client connection (see the module's description)."""
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        assert isinstance(config, ServerConfig)
+        self._observe = config.observe
+        self._max_header_bytes = config.max_header_bytes
+        self._watch = config.header_watch
+        self._cap = config.connection_cap
+        # Between the first byte of a request and the end of its headers.
+        self._reading_headers = False
+        # Whether the request being read began in the data being parsed now.
+        self._began_in_chunk = False
+        # Bytes of the unfinished header block received in earlier chunks (the chunk a request begins
+        # in is not counted: where in it the request began is unknown).
+        self._header_bytes = 0
+        # Set once an error has been sent outside a request: what the client still sends is dropped.
+        self._lingering = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if not self._cap.admits(len(self.connections)):
+            message = "The server holds as many connections as it can; retry shortly."
+            headers = {"Retry-After": RETRY_AFTER_S}
+            # Closed at once: its file descriptor is what is short.
+            self._refuse(APIError(503, message, code="too_many_connections", headers=headers), linger=False)
+            return
+        self._watch.add(self)  # a connection that never sends a request is closed in time
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._watch.discard(self)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return
+        self._began_in_chunk = False
+        super().data_received(data)
+        if self._lingering or self.transport.is_closing():
+            return
+        if self._reading_headers:
+            self._header_bytes = 0 if self._began_in_chunk else self._header_bytes + len(data)
+            if self._header_bytes > self._max_header_bytes:
+                self._refuse(self._too_large())
+                return
+            self._watch.add(self)
+        elif self.timeout_keep_alive_task is None and self._idle():
+            # Data that began no request (blank lines) stopped the keep-alive timer: this closes it instead.
+            self._watch.add(self)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._reading_headers = True
+        self._began_in_chunk = True
+        self._header_bytes = 0
+
+    def on_headers_complete(self) -> None:
+        self._reading_headers = False
+        self._watch.discard(self)
+        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        if size > self._max_header_bytes:
+            # Answered in turn as any request (after those pipelined before it), by an app that refuses it.
+            app, self.app = self.app, error_response(self._too_large(), self._observe)
+            try:
+                super().on_headers_complete()
+            finally:
+                self.app = app
+        else:
+            super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.scope is self.scope and self.scope["http_version"] == "1.0":
+            _delimit_by_close(cycle)
+
+    def send_400_response(self, msg: str) -> None:
+        # Called by uvicorn while it handles the parser's error: that error says what is wrong.
+        failure = sys.exc_info()[1]
+        detail = str(failure) if failure is not None and str(failure) else msg
+        self._refuse(APIError(400, f"Invalid HTTP request: {detail.rstrip('.')}."))
+
+    def header_timed_out(self) -> None:
+        """The header deadline passed: the connection is closed, unless a response is still being sent
+        (the late headers are a request pipelined behind it, which then gets the deadline again)."""
+        if self.transport.is_closing():
+            return
+        if not self._lingering and not self._idle():
+            self._watch.add(self)
+            return
+        self.transport.close()
+
+    def _idle(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
+
+    def _too_large(self) -> APIError:
+        return APIError(
+            431,
+            f"The request line and headers are larger than the limit of {self._max_header_bytes} bytes.",
+            headers={"Connection": "close"},
+        )
+
+    def _refuse(self, error: APIError, linger: bool = True) -> None:
+        """Answer `error` outside any request's cycle, then close: the rest of what the client sent
+        cannot be read as requests."""
+        self._observe(error.status)
+        if self._idle() or not self.cycle.response_started:
+            body = json.dumps(error.body(), separators=(",", ":")).encode()
+            phrase = http.HTTPStatus(error.status).phrase.encode()
+            head = [b"HTTP/1.1 %d %s\r\n" % (error.status, phrase)]
+            head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
+            head += [
+                f"{name.lower()}: {value}\r\n".encode("latin-1")
+                for name, value in error.headers.items()
+                if name.lower() != "connection"
+            ]
+            head.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body))
+            head.append(b"connection: close\r\n\r\n")
+            self.transport.write(b"".join(head) + body)
+        if not self._idle():
+            # The request in progress can send nothing more (uvicorn would write it after the error).
+            self.cycle.disconnected = True
+            self.cycle.message_event.set()
+        if not (linger and self.transport.can_write_eof()):
+            self.transport.close()
+            return
+        # Closed at once, the connection would be reset under a client still sending (its request too
+        # large), which then never reads the error: the rest is read and dropped until the client
+        # closes, or until the header deadline.
+        self.transport.write_eof()
+        self._lingering = True
+        self.flow.resume_reading()
+        self._watch.discard(self)
+        self._watch.add(self)
+
+
+def _delimit_by_close(cycle: RequestResponseCycle) -> None:
+    """Sends `cycle`'s response to its HTTP/1.0 client ended by closing the connection when it has no
+    Content-Length (uvicorn would chunk it; HTTP/1.0 has no chunked coding), by changing its send()."""
+    send: Callable[[Any], Awaitable[None]] = cycle.send
+    unframed = False
+
+    async def send_delimited_by_close(message: Any) -> None:
+        nonlocal unframed
+        if message["type"] == "http.response.start" and not cycle.response_started:
+            names = {name.lower() for name, _ in message.get("headers", ())}
+            unframed = (
+                b"content-length" not in names
+                and b"transfer-encoding" not in names
+                and cycle.scope["method"] != "HEAD"
+                and message["status"] not in (204, 304)
+            )
+            if unframed:
+                cycle.chunked_encoding = False  # uvicorn chooses chunks only while this is None
+        elif unframed and message["type"] == "http.response.body":
+            # uvicorn checks each piece against the Content-Length still due: here, the piece itself.
+            cycle.expected_content_length = len(message.get("body", b""))
+        await send(message)
+
+    cycle.send = send_delimited_by_close  # type: ignore[method-assign]
