@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 
 import pytest
 from hypothesis import given, settings
@@ -106,3 +107,70 @@ def test_no_stops_passes_text_through() -> None:
 def test_bad_stop_arguments(stop: object, error: type[Exception]) -> None:
     with pytest.raises(error):
         StopStringMatcher(stop)  # type: ignore[arg-type]
+
+
+def undecided_suffix(text: str, stops: list[str]) -> int:
+    """Reference: the longest suffix of `text` that is a proper prefix of some stop string."""
+    lengths = [n for stop in stops for n in range(1, len(stop)) if text.endswith(stop[:n])]
+    return max(lengths, default=0)
+
+
+def reference_releases(
+    stops: list[str], include: bool, calls: list[tuple[str, bool]]
+) -> tuple[list[str], str | None]:
+    """Reference, call by call: what the whole text fed so far allows to be shown, less what earlier
+    calls showed; and the stop string matched. The last call is final."""
+    fed, quiet, shown, releases = "", 0, 0, []
+    stop: str | None = None
+    for number, (text, can_stop) in enumerate(calls):
+        fed += text
+        if not can_stop:
+            quiet = len(fed)
+        visible, stop = expected_output(fed, stops, include, quiet)
+        if stop is None and not include and number < len(calls) - 1:
+            visible = fed[: len(fed) - undecided_suffix(fed, stops)]
+        releases.append(visible[shown:])
+        shown = len(visible)
+        if stop is not None:
+            releases.extend("" for _ in calls[number + 1 :])
+            break
+    return releases, stop
+
+
+@pytest.mark.parametrize("alphabet", ["ab", "abc.", "aé€😀\n"])
+def test_random_streams_match_the_brute_force_reference(alphabet: str) -> None:
+    """Overlapping stop sets, stops split across many deltas, unicode, text that may not stop."""
+    rng = random.Random(f"stops-{alphabet}")
+
+    def word(low: int, high: int) -> str:
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(low, high)))
+
+    for _ in range(3000):
+        stops = [word(1, 7) for _ in range(rng.randint(1, 4))]
+        include = rng.random() < 0.3
+        calls = [(word(0, rng.choice([1, 3, 9])), rng.random() < 0.8) for _ in range(rng.randint(1, 14))]
+        calls.append(("", True))
+        matcher = StopStringMatcher(stops, include)
+        released = [matcher.feed(text, can_stop=can_stop) for text, can_stop in calls[:-1]]
+        released.append(matcher.feed("", final=True))
+        assert (released, matcher.stop_reason) == reference_releases(stops, include, calls), (stops, calls)
+
+
+@pytest.mark.parametrize(
+    ("stops", "pattern"),
+    [
+        (["a" * 2000 + "b"], "a" * 3000 + "c"),  # follows a long stop, then diverges
+        (["ab" * 1000 + "x", "a" * 1500 + "y"], "ab" * 1200 + "a" * 1600 + "z"),  # two long partial matches
+        (["aab" * 500 + "q"], "aab" * 400 + "aaab" * 300),  # diverges and restarts repeatedly
+    ],
+)
+@pytest.mark.parametrize("include", [False, True])
+def test_work_is_linear_in_the_text(stops: list[str], pattern: str, include: bool) -> None:
+    """Steps are counted, not timed: each character costs O(1) per stop string, amortized, even
+    one character at a time while a long prefix of a stop string is held back."""
+    matcher = StopStringMatcher(stops, include)
+    text = pattern * 20
+    released = [matcher.feed(char) for char in text]
+    released.append(matcher.feed("", final=True))
+    assert "".join(released) == text and matcher.stop_reason is None
+    assert matcher.work <= 4 * len(text) * len(stops)
