@@ -102,6 +102,15 @@ def test_stop_strings_and_constraints_are_checked_on_construction() -> None:
         SamplingParams(structured_outputs={"choice": ["a"]})  # type: ignore[arg-type]
 
 
+def test_stop_strings_without_detokenizing_are_refused(llm: LLM) -> None:
+    """As in vLLM: stop strings are matched in the text, so without it they would be ignored silently."""
+    with pytest.raises(SamplingParamsError, match="detokenize") as caught:
+        SamplingParams(stop=["a"], detokenize=False)
+    assert caught.value.param == "stop"
+    (output,) = llm.generate("hello", GREEDY.clone(detokenize=False, stop_token_ids=[7]), use_tqdm=False)
+    assert output.outputs[0].text == "" and output.outputs[0].token_ids
+
+
 @pytest.mark.parametrize("bad", [{"seed": 1.5}, {"logprobs": 1.5}, {"stop": [5]}, {"seed": "x"}])
 def test_a_refused_call_leaves_the_engine_working(llm: LLM, bad: dict[str, Any]) -> None:
     before = token_ids(llm)

@@ -220,3 +220,19 @@ def test_a_final_output_carries_the_time_of_its_first_token(tiny_tokenizer: Toke
     assert result.metrics is not None and result.metrics.first_token_time == 5.0
     assert result.metrics.last_token_time is not None and result.metrics.last_token_time > 5.0
     assert result.outputs[0].token_ids == [11, 12, 13]
+
+
+def test_a_stop_string_completed_by_the_final_flush_ends_the_choice_as_a_stop(
+    tiny_tokenizer: Tokenizer,
+) -> None:
+    """A character left incomplete at the end shows as U+FFFD only when the sequence finishes; a stop
+    string it completes cuts the text there, and the choice says so."""
+    from test_detokenizer import single_byte_ids
+
+    processor, core_id = _processor(tiny_tokenizer, stop=["a\ufffd"])
+    steps = _steps(tiny_tokenizer, "xa", core_id)
+    (lead,) = single_byte_ids(tiny_tokenizer, "é".encode()[:1])
+    steps.append(EngineCoreOutput(core_id, (lead,), finish_reason=FinishReason.LENGTH))
+    results, _ = processor.process(steps, delta=True)
+    (completion,) = results[0].outputs
+    assert (completion.text, completion.finish_reason, completion.stop_reason) == ("x", "stop", "a\ufffd")

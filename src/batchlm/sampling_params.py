@@ -354,6 +354,9 @@ class SamplingParams:
             fail("stop strings must be non-empty", "stop")
         if len(self.stop) > 16:
             fail(f"at most 16 stop strings are supported, got {len(self.stop)}", "stop")
+        if self.stop and not self.detokenize:
+            # Stop strings are matched in the text: without it they would be ignored without a word.
+            fail("stop strings need detokenize=True (they are matched in the text)", "stop")
         if any(t < 0 for t in self.stop_token_ids):
             fail("stop_token_ids must be non-negative", "stop_token_ids")
         for token_id, bias in self.logit_bias.items():

@@ -245,10 +245,15 @@ class OutputProcessor:
                 completion.stop_reason = completion.detokenizer.stop_reason
                 stopped_by_string = not output.finished
         if output.finished and completion.finish_reason is None:
-            if completion.detokenizer is not None:
-                added += completion.detokenizer.finish()
             completion.finish_reason = output.finish_reason or FinishReason.STOP
             completion.stop_reason = output.stop_token_id
+            if completion.detokenizer is not None:
+                added += completion.detokenizer.finish()
+                ended_normally = completion.finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
+                if completion.detokenizer.stop_reason is not None and ended_normally:
+                    # The held-back tail (a character left incomplete) completed a stop string.
+                    completion.finish_reason = FinishReason.STOP
+                    completion.stop_reason = completion.detokenizer.stop_reason
             if output.error:
                 state.error = output.error
         completion.text += added
