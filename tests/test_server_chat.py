@@ -317,3 +317,17 @@ def test_a_text_delta_is_the_pydantic_chunk_byte_for_byte(include_usage: bool) -
             assert list(thinking.delta(0, output(index, text))) == [expected]
         answer = thinking._chunk([ChatChunkChoice(index=index, delta={"content": "Yes."})])
         assert list(thinking.delta(0, output(index, "</think>Yes."))) == [answer]
+
+
+def test_stop_reason_names_the_stop_string_as_vllm_does(client: Any) -> None:
+    """vLLM's `stop_reason`: the stop string that ended a choice, on its finish chunk when streamed."""
+    [choice] = client.chat.completions.create(model="fake-model", messages=USER, stop=["fake"]).choices
+    assert (choice.message.content, choice.finish_reason, choice.stop_reason) == (
+        "Hello from the ",
+        "stop",
+        "fake",
+    )
+    chunks = list(client.chat.completions.create(model="fake-model", messages=USER, stop="fake", stream=True))
+    assert [c.choices[0].stop_reason for c in chunks] == [None] * (len(chunks) - 1) + ["fake"]
+    [plain] = client.chat.completions.create(model="fake-model", messages=USER, max_tokens=3).choices
+    assert (plain.finish_reason, plain.stop_reason) == ("length", None)

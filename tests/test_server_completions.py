@@ -210,3 +210,15 @@ def test_a_text_chunk_is_the_pydantic_chunk_byte_for_byte(include_usage: bool) -
                         finish_reason=None if reason is None else reason.value,
                     )
                     assert fast == [formatter._chunk([choice])]
+
+
+@pytest.mark.parametrize("logprobs", [None, 1])
+def test_stop_reason_names_the_stop_string_as_vllm_does(client: Any, logprobs: int | None) -> None:
+    """vLLM's `stop_reason`: the stop string that ended a choice, on its last chunk when streamed."""
+    body = {"model": "fake-model", "prompt": "Say", "stop": ["fake"], "logprobs": logprobs}
+    [choice] = client.completions.create(**body).choices
+    assert (choice.text, choice.finish_reason, choice.stop_reason) == ("Hello from the ", "stop", "fake")
+    chunks = list(client.completions.create(stream=True, **body))
+    assert [c.choices[0].stop_reason for c in chunks] == [None] * (len(chunks) - 1) + ["fake"]
+    [plain] = client.completions.create(model="fake-model", prompt="Say", max_tokens=3).choices
+    assert (plain.finish_reason, plain.stop_reason) == ("length", None)

@@ -76,6 +76,9 @@ class ChatChoice(BaseModel):
     message: ChatResponseMessage
     logprobs: ChatChoiceLogprobs | None = None
     finish_reason: str | None
+    # vLLM's field: the stop string or stop_token_ids entry that ended the choice (null for EOS,
+    # a length limit, or a choice still running).
+    stop_reason: str | int | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -94,6 +97,9 @@ class ChatChunkChoice(BaseModel):
     delta: dict[str, Any]
     logprobs: ChatChoiceLogprobs | None = None
     finish_reason: str | None = None
+    # vLLM's field: the stop string or stop_token_ids entry that ended the choice (null for EOS,
+    # a length limit, or a choice still running).
+    stop_reason: str | int | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -119,6 +125,9 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    # vLLM's field: the stop string or stop_token_ids entry that ended the choice (null for EOS,
+    # a length limit, or a choice still running).
+    stop_reason: str | int | None = None
 
 
 class CompletionResponse(BaseModel):

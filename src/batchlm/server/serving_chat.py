@@ -266,6 +266,7 @@ class ChatFormatter(ResponseFormatter[ChatContext]):
             message=message,
             logprobs=self.context.logprobs(result.token_ids, result.logprobs),
             finish_reason=finish_reason(result.finish_reason, parsed.ends_in_calls),
+            stop_reason=result.stop_reason,
         )
 
     def opening(self) -> Iterable[bytes]:
@@ -291,7 +292,11 @@ class ChatFormatter(ResponseFormatter[ChatContext]):
                 )
                 held = self._held_logprobs.pop(completion.index, None)
                 finish = ChatChunkChoice(
-                    index=completion.index, delta={}, logprobs=held, finish_reason=reason
+                    index=completion.index,
+                    delta={},
+                    logprobs=held,
+                    finish_reason=reason,
+                    stop_reason=completion.stop_reason,
                 )
                 yield self._chunk([finish])
 
@@ -329,7 +334,9 @@ class ChatFormatter(ResponseFormatter[ChatContext]):
         if logprobs is not None:
             return self._chunk([ChatChunkChoice(index=index, delta={key: text}, logprobs=logprobs)])
         delta = f'{{"{key}":{json_text(text)}}}'
-        return self._framed_chunk(f'"index":{index},"delta":{delta},"logprobs":null,"finish_reason":null')
+        return self._framed_chunk(
+            f'"index":{index},"delta":{delta},"logprobs":null,"finish_reason":null,"stop_reason":null'
+        )
 
 
 def _with_reasoning_tokens(usage: UsageInfo, thinking: int) -> UsageInfo:

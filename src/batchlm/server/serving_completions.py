@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Collection, Iterable, Iterator, Sequence
@@ -186,9 +187,11 @@ class CompletionFormatter(ResponseFormatter[CompletionContext]):
         for (position, index), result in sorted(results.items()):
             echoed = echoes[position]
             reason: str | None
+            stop_reason = None
             if context.echo_only:
                 text, logprobs, reason = context.echo_texts[position], echoed, FinishReason.LENGTH.value
             else:
+                stop_reason = result.stop_reason
                 text = context.echo_texts[position] + result.text
                 logprobs = context.logprobs_of(position, index, result.token_ids, result.logprobs)
                 logprobs = logprobs if echoed is None else joined(echoed, logprobs)
@@ -199,6 +202,7 @@ class CompletionFormatter(ResponseFormatter[CompletionContext]):
                     text=text,
                     logprobs=logprobs,
                     finish_reason=reason,
+                    stop_reason=stop_reason,
                 )
             )
         return choices
@@ -253,15 +257,23 @@ class CompletionFormatter(ResponseFormatter[CompletionContext]):
                 index = context.choice_index(position, completion.index)
                 reason = finish_reason(completion.finish_reason, ends_in_calls=False)
                 if logprobs is None:
-                    yield self._text_chunk(index, completion.text, reason)
+                    yield self._text_chunk(index, completion.text, reason, completion.stop_reason)
                     continue
                 choice = CompletionChoice(
-                    index=index, text=completion.text, logprobs=logprobs, finish_reason=reason
+                    index=index,
+                    text=completion.text,
+                    logprobs=logprobs,
+                    finish_reason=reason,
+                    stop_reason=completion.stop_reason,
                 )
                 yield self._chunk([choice])
 
-    def _text_chunk(self, index: int, text: str, reason: str | None) -> bytes:
+    def _text_chunk(
+        self, index: int, text: str, reason: str | None, stop_reason: str | int | None = None
+    ) -> bytes:
         reason_json = "null" if reason is None else f'"{reason}"'
+        stop_json = json.dumps(stop_reason, ensure_ascii=False)  # null, a token id or a string
         return self._framed_chunk(
-            f'"index":{index},"text":{json_text(text)},"logprobs":null,"finish_reason":{reason_json}'
+            f'"index":{index},"text":{json_text(text)},"logprobs":null,"finish_reason":{reason_json},'
+            f'"stop_reason":{stop_json}'
         )
