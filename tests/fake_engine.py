@@ -68,6 +68,10 @@ class FakeTokenizer:
             return SPECIAL_TOKENS[token_id]
         return bytes([token_id - BYTE_OFFSET]).decode("utf-8", errors="replace")
 
+    def convert_ids_to_tokens(self, token_ids: list[int]) -> list[str]:
+        """The vocabulary's strings (/tokenize's return_token_strs): a byte as its hex escape."""
+        return [SPECIAL_TOKENS[t] if t < BYTE_OFFSET else f"<0x{t - BYTE_OFFSET:02X}>" for t in token_ids]
+
     def encode_many(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
         return [self.encode(text, add_special_tokens) for text in texts]
 

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -160,6 +161,61 @@ def test_model_markup_is_shown_as_text(page: Any, keyed_server: BackgroundServer
     assert content.locator("strong").text_content() == "Bold"
     assert content.locator("code").text_content() == "code<b>"
     assert page.evaluate("window.__injected") is None
+
+
+PREFIX = "/llm"
+
+
+@pytest.fixture(scope="module")
+def prefixed_server() -> Iterator[BackgroundServer]:
+    engine = FakeEngine(reply=HOSTILE_REPLY)
+    with BackgroundServer(engine, ServerSettings(api_key=API_KEY, root_path=PREFIX)) as running:
+        yield running
+
+
+@pytest.mark.parametrize(
+    ("path", "announced", "strips"),
+    [(f"{PREFIX}/", None, True), (PREFIX, PREFIX, True), (PREFIX, None, False), (f"{PREFIX}/", None, False)],
+    ids=["stripped", "stripped-announced", "root-path", "root-path-slash"],
+)
+def test_the_page_works_behind_a_proxy_under_a_prefix(
+    page: Any,
+    request: pytest.FixtureRequest,
+    path: str,
+    announced: str | None,
+    strips: bool,
+) -> None:
+    """A reverse proxy serving the server at /llm/ passes on only what is under /llm: stripped of it
+    (nginx's `location /llm/ { proxy_pass http://server/; }`, Traefik's StripPrefix), or as it is to
+    a server run with --root-path /llm. The page's files and calls must all go there. At /llm itself
+    (no slash) the page works where the prefix is known: --root-path, or announced in
+    X-Forwarded-Prefix (as Traefik does)."""
+    server: BackgroundServer = request.getfixturevalue("keyed_server" if strips else "prefixed_server")
+    strays: list[str] = []
+
+    def proxy(route: Any) -> None:
+        url = urlsplit(route.request.url)
+        if url.path != PREFIX and not url.path.startswith(f"{PREFIX}/"):
+            strays.append(url.path)
+            route.fulfill(status=404, body="not found")
+            return
+        forwarded = (url.path[len(PREFIX) :] or "/") if strips else url.path
+        headers = dict(route.request.headers)
+        if announced is not None:
+            headers["x-forwarded-prefix"] = announced
+        query = f"?{url.query}" if url.query else ""
+        route.fulfill(response=route.fetch(url=f"{server.base_url}{forwarded}{query}", headers=headers))
+
+    page.route("**/*", proxy)
+    page.goto(f"{server.base_url}{path}")
+    page.wait_for_selector("#server-status[data-state='ok']")
+    change_settings(page, {"#api-key": API_KEY})
+    page.wait_for_selector("#model-name:text-is('fake-model')")
+    send(page, "Hi")
+    reply = wait_for_reply(page)
+    assert reply.locator(".message-error").count() == 0
+    assert "stay text" in reply.locator(".content").text_content()
+    assert strays == []
 
 
 THOUGHT = "Plan: <b>this</b> stays text."

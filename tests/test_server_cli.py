@@ -310,3 +310,18 @@ def test_serving_other_hosts_without_a_key_is_warned_about(
     assert bool(warnings) == warned, warnings
     if warned:
         assert "--api-key" in warnings[0] and "BATCHLM_API_KEY" in warnings[0]
+
+
+def test_a_root_path_that_is_not_a_path_is_one_error_line_before_the_engine_starts(
+    monkeypatch: Any, caplog: Any
+) -> None:
+    def create_engine(*_: Any, **__: Any) -> None:
+        raise AssertionError("the engine was asked for")
+
+    monkeypatch.setattr(serve_cli, "create_engine", create_engine)
+    monkeypatch.setattr(serve_cli, "configure_logging", lambda level: None)
+    monkeypatch.setattr(serve_cli, "raise_open_file_limit", lambda: None)
+    with caplog.at_level(logging.ERROR):
+        assert main(["serve", "--root-path", "llm"]) == 2
+    [record] = caplog.records
+    assert record.getMessage().startswith("--root-path 'llm' is not a URL path prefix")

@@ -88,6 +88,102 @@ def test_echo_with_logprobs_scores_the_prompt(client: Any, model_dir: Path) -> N
     assert scored.usage.completion_tokens == 0
 
 
+def _vllm_prompt_logprobs(entries: Any, prompt_ids: list[int], top: int) -> list[dict[str, Any] | None]:
+    """What vLLM's `prompt_logprobs` holds for the offline API's entries: per token after the first,
+    by token id, the token itself with its rank, then its `top` most likely alternatives."""
+    shaped: list[dict[str, Any] | None] = [None]
+    for token_id, entry in zip(prompt_ids[1:], entries[1:], strict=True):
+        position = {str(token_id): (entry.logprob, entry.rank)}
+        for rank, (alt, logprob) in enumerate(entry.top[:top], start=1):
+            position.setdefault(str(alt), (logprob, rank))
+        shaped.append(position)
+    return shaped
+
+
+def _scores(answer: list[dict[str, dict[str, Any]] | None]) -> list[dict[str, Any] | None]:
+    return [
+        None if position is None else {k: (v["logprob"], v["rank"]) for k, v in position.items()}
+        for position in answer
+    ]
+
+
+def _assert_close(got: list[dict[str, Any] | None], expected: list[dict[str, Any] | None]) -> None:
+    assert len(got) == len(expected) and got[0] is None and expected[0] is None
+    for answer, offline in zip(got[1:], expected[1:], strict=True):
+        assert answer is not None and offline is not None
+        assert list(answer) == list(offline)  # the same tokens, the prompt's own first
+        for key, (logprob, rank) in offline.items():
+            assert answer[key][0] == pytest.approx(logprob, abs=1e-4) and answer[key][1] == rank
+
+
+def test_prompt_logprobs_are_the_offline_apis_in_vllms_shape(
+    server: BackgroundServer, model_dir: Path
+) -> None:
+    """vLLM's `prompt_logprobs` field: per completions choice (every choice of the prompt), at the top of
+    a chat response; the values the offline API gives for the same prompt."""
+    top = 3
+    prompt = PROMPTS[5]
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    llm = LLM(model=str(model_dir), device="cpu")
+    ask = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=top)
+    [text] = llm.generate([prompt], ask)
+    [chat] = llm.chat(messages, ask)
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.Client(base_url=server.base_url, headers=headers, timeout=120) as http:
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 1, "temperature": 0, "n": 2}
+        completion = http.post("/v1/completions", json={**body, "prompt_logprobs": top}).json()
+        # With echo and logprobs, each field gets as many alternatives as it asked for.
+        echoed = http.post(
+            "/v1/completions", json={**body, "prompt_logprobs": top, "echo": True, "logprobs": 1}
+        ).json()
+        replied = http.post(
+            "/v1/chat/completions",
+            json={"model": "tiny", "messages": messages, "max_tokens": 1, "prompt_logprobs": top},
+        ).json()
+        plain = http.post("/v1/completions", json=body).json()
+    expected = _vllm_prompt_logprobs(text.prompt_logprobs, text.prompt_token_ids, top)
+    for choice in completion["choices"] + echoed["choices"]:
+        _assert_close(_scores(choice["prompt_logprobs"]), expected)
+    assert all(len(top_entry) <= 2 for top_entry in echoed["choices"][0]["logprobs"]["top_logprobs"][1:])
+    decoded = [
+        entry[str(t)]["decoded_token"]
+        for t, entry in zip(
+            text.prompt_token_ids[1:], completion["choices"][0]["prompt_logprobs"][1:], strict=True
+        )
+    ]
+    assert "".join(decoded) == prompt  # after the BOS, the prompt's text token by token
+    _assert_close(
+        _scores(replied["prompt_logprobs"]),
+        _vllm_prompt_logprobs(chat.prompt_logprobs, chat.prompt_token_ids, top),
+    )
+    assert "prompt_logprobs" not in replied["choices"][0]
+    assert all("prompt_logprobs" not in choice for choice in plain["choices"])  # not asked: absent
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"prompt_logprobs": -1}, "prompt_logprobs must be in [0, 20]"),
+        ({"prompt_logprobs": 21}, "prompt_logprobs must be in [0, 20]"),
+        ({"prompt_logprobs": 1, "stream": True}, "not available when 'stream' is true"),
+    ],
+)
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_prompt_logprobs_out_of_bounds_are_400s(
+    server: BackgroundServer, route: str, extra: dict[str, Any], message: str
+) -> None:
+    body = {"model": "tiny", "max_tokens": 1, **extra}
+    body |= (
+        {"prompt": "Hi"} if route == "/v1/completions" else {"messages": [{"role": "user", "content": "Hi"}]}
+    )
+    response = httpx.post(
+        f"{server.base_url}{route}", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "prompt_logprobs" and message in error["message"]
+
+
 def test_echoed_text_offsets_point_into_the_echoed_text(client: Any, model_dir: Path) -> None:
     """The tokenizer puts a BOS before a text prompt; the echo is the text as sent, without it: the
     BOS takes no place, and every token stands in the choice's text where its offset says."""

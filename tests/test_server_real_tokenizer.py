@@ -171,3 +171,113 @@ def test_echoed_offsets_leave_out_a_sentencepiece_dummy_prefix(tmp_path: Path) -
     assert echoed.text_offset[:4] == [0, 0, len("Hello"), len("Hello world")]
     for token, offset in zip(echoed.tokens[1:], echoed.text_offset[1:], strict=True):
         assert text[offset:].startswith(token.strip() if offset == 0 else token)
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather now",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+CALLED = [
+    *MESSAGES,
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": "18 C, sunny"},
+]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"messages": MESSAGES},
+        {"messages": MESSAGES, "tools": [WEATHER_TOOL]},
+        {"messages": MESSAGES, "tools": [WEATHER_TOOL], "tool_choice": "none"},
+        {"messages": MESSAGES, "tools": [WEATHER_TOOL], "tool_choice": "required"},
+        {
+            "messages": MESSAGES,
+            "tools": [WEATHER_TOOL],
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+            "parallel_tool_calls": False,
+        },
+        {"messages": CALLED, "tools": [WEATHER_TOOL]},
+        {"messages": MESSAGES, "chat_template_kwargs": {"enable_thinking": False}},
+        {"messages": [*MESSAGES, {"role": "user", "content": "More"}], "add_generation_prompt": False},
+        {
+            "messages": [*MESSAGES, {"role": "assistant", "content": "Well,"}],
+            "continue_final_message": True,
+            "add_generation_prompt": False,
+        },
+    ],
+    ids=[
+        "plain",
+        "tools",
+        "tools-none",
+        "tools-required",
+        "tools-named",
+        "tool-history",
+        "kwargs",
+        "no-gen",
+        "continue",
+    ],
+)
+def test_tokenize_counts_what_chat_prefills(
+    server: BackgroundServer, engine: FakeEngine, body: dict[str, Any]
+) -> None:
+    """/tokenize takes chat's rendering inputs (tools, tool_choice, template controls) and renders them
+    as chat does: its tokens are the prompt the engine gets, its count chat's usage.prompt_tokens."""
+    with httpx.Client(base_url=server.base_url, timeout=30) as http:
+        tokenized = http.post("/tokenize", json=body)
+        assert tokenized.status_code == 200, tokenized.text
+        chat = http.post("/v1/chat/completions", json={**body, "max_tokens": 2})
+        assert chat.status_code == 200, chat.text
+    assert tokenized.json()["tokens"] == engine.calls[-1].prompt_token_ids
+    assert tokenized.json()["count"] == chat.json()["usage"]["prompt_tokens"]
+    # The tools are in the prompt (this template has no place for them: a generic prompt shows them,
+    # except under tool_choice "none").
+    if "tools" in body and body.get("tool_choice") != "none":
+        assert tokenized.json()["count"] > len(
+            http_tokens(server, {**body, "tools": None, "tool_choice": None})
+        )
+
+
+def http_tokens(server: BackgroundServer, body: dict[str, Any]) -> list[int]:
+    response = httpx.post(f"{server.base_url}/tokenize", json=body, timeout=30)
+    assert response.status_code == 200, response.text
+    tokens: list[int] = response.json()["tokens"]
+    return tokens
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "Hi", "tools": [WEATHER_TOOL]}, "tools"),
+        ({"messages": MESSAGES, "tool_choice": "required"}, "tool_choice"),
+        (
+            {
+                "messages": MESSAGES,
+                "tools": [WEATHER_TOOL],
+                "tool_choice": {"type": "function", "function": {"name": "nope"}},
+            },
+            "tool_choice",
+        ),
+        ({"messages": MESSAGES, "reasoning_effort": "low"}, "reasoning_effort"),
+    ],
+)
+def test_tokenize_refuses_what_chat_refuses_in_rendering(
+    server: BackgroundServer, body: dict[str, Any], param: str
+) -> None:
+    response = httpx.post(f"{server.base_url}/tokenize", json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param

@@ -249,6 +249,45 @@ def test_a_streamed_call_arrives_as_argument_deltas(
     assert added[1].call_id == call.call_id and added[1].arguments == ""
 
 
+# Calls the model began and ended the output without finishing as calls: inside the call, and with
+# arguments that stop parsing (both then read as text too, after the call item).
+UNFINISHED_CALLS = {
+    "ended-inside": 'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par',
+    "malformed": 'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": Paris}}\n</tool_call>',
+}
+
+
+@pytest.mark.parametrize("reply", UNFINISHED_CALLS.values(), ids=UNFINISHED_CALLS.keys())
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_call_that_does_not_parse_is_an_incomplete_item(
+    server: BackgroundServer, engine: FakeEngine, reply: str, stream: bool
+) -> None:
+    """The call item the model began stays (a stream announced it) but is "incomplete", as OpenAI marks
+    an item the model did not finish, so that no client runs it as a call. The model ended the
+    response, which is "completed": OpenAI's incomplete_details name only a response cut short."""
+    engine.reply = reply
+    body = {"input": "Weather?", "tools": FLAT_TOOLS}
+    if stream:
+        events = events_of(server, body)
+        [done] = [
+            p["item"]
+            for name, p in events
+            if name == "response.output_item.done" and p["item"]["type"] == "function_call"
+        ]
+        assert done["status"] == "incomplete"
+        name, last = events[-1]
+        assert name == "response.completed"
+        response = last["response"]
+    else:
+        answer = post(server, body)
+        assert answer.status_code == 200
+        response = answer.json()
+    [call] = [item for item in response["output"] if item["type"] == "function_call"]
+    assert call["status"] == "incomplete" and call["name"] == "get_weather"
+    assert (response["status"], response["incomplete_details"]) == ("completed", None)
+    assert all(item["status"] == "completed" for item in response["output"] if item is not call)
+
+
 def test_output_items_sent_back_are_the_chat_conversation(
     client: Any, server: BackgroundServer, engine: FakeEngine
 ) -> None:

@@ -66,6 +66,10 @@ class MessageStream:
     def ends_in_calls(self) -> bool:
         return self._tools is not None and self._tools.ends_in_calls
 
+    def call_reads(self, index: int) -> bool:
+        """Whether the call sent with this index reads as one so far (ToolCallStream.call_reads)."""
+        return self._tools is not None and self._tools.call_reads(index)
+
     def feed(self, delta: str) -> MessageDelta:
         reasoning = ""
         if self._reasoning is not None:

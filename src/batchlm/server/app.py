@@ -24,6 +24,7 @@ from batchlm.server.middleware import (
 )
 from batchlm.server.pages import install_chat_page, install_docs_pages
 from batchlm.server.response_store import ResponseStore
+from batchlm.server.root_path import RootPath, checked_root_path
 from batchlm.server.route_aliases import RouteAliases
 from batchlm.server.routes import router
 from batchlm.server.state import ServerSettings, ServerState
@@ -90,4 +91,7 @@ def build_app(
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key, observe=metrics.count_error)
     app.add_middleware(ArrivalStampMiddleware)
     app.add_middleware(RequestIdEchoMiddleware)
+    if root_path := checked_root_path(settings.root_path):
+        # Outermost: every layer inside sees the path as ASGI has it under the prefix.
+        app.add_middleware(RootPath, root_path=root_path)
     return app

@@ -23,6 +23,7 @@ from batchlm.logging_setup import LOG_LEVELS, configure_logging
 from batchlm.reasoning.registry import REASONING_PARSER_CHOICES
 from batchlm.sampling_defaults import check_generation_config
 from batchlm.server.open_files import raise_open_file_limit
+from batchlm.server.root_path import checked_root_path
 from batchlm.server.state import ServerSettings
 from batchlm.tools.registry import TOOL_CALL_PARSER_CHOICES
 
@@ -100,6 +101,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if (problem := _responses_dir_problem(settings)) is not None:
         logger.error("%s", problem)
+        return 2
+    try:
+        settings = replace(settings, root_path=checked_root_path(settings.root_path))
+    except ValueError as error:
+        logger.error("%s", error)
         return 2
     settings = replace(settings, api_servers=count)
     if count > 1:

@@ -25,6 +25,7 @@ from batchlm.server.errors import APIError, ErrorObserver, error_response
 from batchlm.server.middleware import read_body, replay_body
 from batchlm.server.protocol import ChatCompletionRequest, CompletionRequest
 from batchlm.server.protocol_responses import ResponsesRequest
+from batchlm.server.root_path import route_path
 from batchlm.server.serving_chat import create_chat_completion
 from batchlm.server.serving_completions import create_completion
 from batchlm.server.serving_responses import create_response
@@ -45,7 +46,8 @@ class FastGenerationRoutes:
         self._observe = observe
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route = ROUTES.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        is_post = scope["type"] == "http" and scope["method"] == "POST"
+        route = ROUTES.get(route_path(scope)) if is_post else None
         if route is None or not _json_content(scope):
             await self.app(scope, receive, send)
             return

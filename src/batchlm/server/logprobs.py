@@ -8,7 +8,14 @@ import math
 from collections.abc import Collection, Sequence
 
 from batchlm.outputs import TokenLogprobs
-from batchlm.server.responses import ChatChoiceLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
+from batchlm.server.responses import (
+    ChatChoiceLogprobs,
+    ChatTokenLogprob,
+    CompletionLogprobs,
+    PromptLogprob,
+    PromptLogprobs,
+    TopLogprob,
+)
 from batchlm.tokenizer.detokenizer import complete_utf8_end
 from batchlm.tokenizer.tokenizer import Tokenizer
 
@@ -154,3 +161,24 @@ def joined(first: CompletionLogprobs, second: CompletionLogprobs | None) -> Comp
         top_logprobs=first.top_logprobs + second.top_logprobs,
         text_offset=first.text_offset + second.text_offset,
     )
+
+
+def prompt_logprobs(
+    tokenizer: Tokenizer, token_ids: Sequence[int], entries: Sequence[TokenLogprobs | None], top_n: int
+) -> PromptLogprobs:
+    """vLLM's `prompt_logprobs`: per prompt token, by token id, the token itself (with its rank) first,
+    then its `top_n` most likely alternatives (ranks 1 to top_n); None where a token has none."""
+    result: PromptLogprobs = []
+    for token_id, entry in zip(token_ids, entries, strict=True):
+        if entry is None:
+            result.append(None)
+            continue
+        position = {token_id: _prompt_logprob(tokenizer, token_id, entry.logprob, entry.rank)}
+        for rank, (alt_id, logprob) in enumerate(entry.top[:top_n], start=1):
+            position.setdefault(alt_id, _prompt_logprob(tokenizer, alt_id, logprob, rank))
+        result.append(position)
+    return result
+
+
+def _prompt_logprob(tokenizer: Tokenizer, token_id: int, logprob: float, rank: int) -> PromptLogprob:
+    return PromptLogprob(logprob=_finite(logprob), rank=rank, decoded_token=tokenizer.token_to_text(token_id))

@@ -19,6 +19,7 @@ from batchlm.server.content_encoding import (
     decode_body,
 )
 from batchlm.server.errors import APIError, ErrorObserver, error_response
+from batchlm.server.root_path import route_path
 
 # Routes that need the API key when one is set; /health, /metrics, /version and the docs stay open.
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
@@ -34,7 +35,8 @@ class APIKeyMiddleware:
         self._observe = observe
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] == "OPTIONS" or not _is_protected(scope["path"]):
+        # The route, as routing reads it: under --root-path the path begins with the prefix.
+        if scope["type"] != "http" or scope["method"] == "OPTIONS" or not _is_protected(route_path(scope)):
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"authorization")

@@ -15,6 +15,8 @@ from starlette.responses import HTMLResponse, Response
 from starlette.staticfiles import PathLike, StaticFiles
 from starlette.types import Scope
 
+from batchlm.server.root_path import PREFIX
+
 UI_PACKAGE = ("batchlm.server", "ui")
 # Only the page's own files may load, and the page may talk only to this server: markup that ever got
 # past the Markdown renderer's escaping still could not run a script or reach another host.
@@ -23,7 +25,22 @@ CONTENT_SECURITY_POLICY = (
     "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 FILE_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
-PAGE_HEADERS = {"Content-Security-Policy": CONTENT_SECURITY_POLICY, **FILE_HEADERS}
+# The page names its files under the prefix a proxy announces: a cache must keep one copy per prefix.
+PAGE_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "Vary": "X-Forwarded-Prefix",
+    **FILE_HEADERS,
+}
+
+
+def public_prefix(request: Request) -> str:
+    """The path a reverse proxy serves this server under, without a trailing slash ("" when served at the
+    root): ASGI's root_path (--root-path), else the X-Forwarded-Prefix header that Traefik's
+    StripPrefix sends (nginx: `proxy_set_header X-Forwarded-Prefix /llm;`). The pages name their files
+    and the API under it; a malformed prefix is ignored (the page then uses relative URLs, right
+    wherever its URL ends in a slash)."""
+    given = request.scope.get("root_path") or request.headers.get("x-forwarded-prefix", "")
+    return given.rstrip("/") if PREFIX.fullmatch(given) else ""
 
 
 class RevalidatedFiles(StaticFiles):
@@ -43,8 +60,13 @@ def install_chat_page(app: FastAPI) -> None:
     package, folder = UI_PACKAGE
     page = resources.files(package).joinpath(folder).joinpath("index.html").read_text(encoding="utf-8")
 
-    async def chat_page() -> HTMLResponse:
-        return HTMLResponse(page, headers=PAGE_HEADERS)
+    async def chat_page(request: Request) -> HTMLResponse:
+        # Its files are named relative to the page, which a proxy's /llm/ serves; at /llm (no slash)
+        # they would resolve beside it, so a known prefix names them in full.
+        prefix = public_prefix(request)
+        return HTMLResponse(
+            page.replace('="ui/', f'="{prefix}/ui/') if prefix else page, headers=PAGE_HEADERS
+        )
 
     app.add_api_route("/", chat_page, methods=["GET", "HEAD"], include_in_schema=False)
     app.mount("/ui", RevalidatedFiles(packages=[UI_PACKAGE]), name="ui")
@@ -66,7 +88,7 @@ def install_docs_pages(app: FastAPI) -> None:
 
     @app.get(SWAGGER_UI_URL, include_in_schema=False)
     async def swagger_ui(request: Request) -> HTMLResponse:
-        root = request.scope.get("root_path", "")
+        root = public_prefix(request)
         return get_swagger_ui_html(
             openapi_url=f"{root}{app.openapi_url}",
             title=f"{app.title} - Swagger UI",
@@ -84,7 +106,7 @@ def install_docs_pages(app: FastAPI) -> None:
 
     @app.get(REDOC_URL, include_in_schema=False)
     async def redoc(request: Request) -> HTMLResponse:
-        root = request.scope.get("root_path", "")
+        root = public_prefix(request)
         return get_redoc_html(
             openapi_url=f"{root}{app.openapi_url}",
             title=f"{app.title} - ReDoc",

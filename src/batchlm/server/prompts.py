@@ -1,6 +1,8 @@
 """API input to token ids: chat messages through the chat template, text prompts through the tokenizer
 (long texts through the tokenizer's BatchedEncoder, `tokenizer/batched_encoder.py`); and both ways
-exposed to clients, POST /tokenize and /detokenize, and GET /tokenizer_info."""
+exposed to clients, POST /tokenize and /detokenize, and GET /tokenizer_info. /v1/chat/completions and
+/tokenize render a conversation through the same functions (render_chat_prompt), so that /tokenize
+counts exactly the tokens chat prefills."""
 
 from __future__ import annotations
 
@@ -9,13 +11,16 @@ from typing import Any
 
 from batchlm.engine.chat_messages import template_conversation
 from batchlm.engine.input_processor import InputProcessor
+from batchlm.reasoning.registry import effort_template_kwargs, reasoning_markers
 from batchlm.server.errors import APIError, rejections_as_400
-from batchlm.server.protocol import ChatMessage, DetokenizeRequest, TokenizeRequest
+from batchlm.server.protocol import ChatMessage, ChatPromptFields, DetokenizeRequest, TokenizeRequest
 from batchlm.server.responses import DetokenizeResponse, TokenizeResponse, TokenizerInfo
 from batchlm.server.state import ServerState
 from batchlm.tokenizer.batched_encoder import batched_encoder
 from batchlm.tokenizer.tokenizer import Tokenizer, checked_template_kwargs
 from batchlm.tools.prompting import template_inputs
+from batchlm.tools.spec import ToolPlan, tool_plan
+from batchlm.tools.use import template_tools, tool_prompt
 
 # Texts longer than this (characters) are tokenized off the event loop; below a few hundred the
 # hand-off would cost more than it frees (BENCHMARKS.md, "Figures that left the source").
@@ -29,6 +34,8 @@ RENDER_OFFLOAD_MESSAGES = 64
 # Token lists longer than this are decoded in a worker thread, so that a long one (the body-size limit
 # allows millions) does not hold up every other request on the event loop.
 DECODE_OFFLOAD_TOKENS = 4096
+# /tokenize fields that shape a chat rendering, meaningless for a text prompt.
+CHAT_ONLY_FIELDS = ("tools", "tool_choice", "reasoning_effort")
 
 
 async def encode_text(
@@ -100,6 +107,56 @@ async def render_chat(
     return tokenizer.chat_ids(await encode_text(tokenizer, text, False, processor, param="messages"))
 
 
+def chat_template_of(state: ServerState, body: ChatPromptFields) -> str | None:
+    """The template the request renders with (a model may have one for tools)."""
+    return template_for(state.engine.tokenizer, bool(body.tools))
+
+
+def template_kwargs_of(
+    state: ServerState, body: ChatPromptFields, chat_template: str | None
+) -> dict[str, Any] | None:
+    """The template's variables: the client's chat_template_kwargs, and its reasoning_effort (400 for a
+    model that does not reason)."""
+    if body.reasoning_effort is None:
+        return body.chat_template_kwargs
+    if reasoning_markers(state.settings.reasoning_parser, chat_template) is None:
+        why = "the model does not reason (see --reasoning-parser)"
+        raise APIError(
+            400, f"'reasoning_effort' is not supported with this model: {why}.", "reasoning_effort"
+        )
+    return effort_template_kwargs(body.reasoning_effort, chat_template, body.chat_template_kwargs)
+
+
+async def checked_tool_plan(body: ChatPromptFields) -> ToolPlan | None:
+    """The request's tools and tool_choice, checked (400 for ones chat would refuse); schemas that are
+    compiled to check them are compiled off the event loop."""
+    with rejections_as_400():
+        return await asyncio.to_thread(tool_plan, body) if body.tools else tool_plan(body)
+
+
+async def render_chat_prompt(
+    state: ServerState,
+    messages: list[ChatMessage],
+    body: ChatPromptFields,
+    *,
+    template_kwargs: dict[str, Any] | None,
+    plan: ToolPlan | None,
+    processor: InputProcessor | None,
+) -> list[int]:
+    """Token ids of the conversation as the model is prompted with it, `plan`'s tools shown as chat
+    shows them (tools.use). With a `processor`, a rendering too long for the context is a 400."""
+    return await render_chat(
+        state.engine.tokenizer,
+        messages,
+        add_generation_prompt=body.add_generation_prompt,
+        continue_final_message=body.continue_final_message,
+        chat_template_kwargs=template_kwargs,
+        processor=processor,
+        tools=template_tools(plan),
+        tool_prompt=tool_prompt(plan),
+    )
+
+
 async def tokenize(state: ServerState, body: TokenizeRequest) -> TokenizeResponse:
     """Token ids of a text prompt, or of messages rendered with the chat template (exactly one of them)."""
     info = state.ready_model(body.model)
@@ -109,15 +166,17 @@ async def tokenize(state: ServerState, body: TokenizeRequest) -> TokenizeRespons
     if body.messages is not None:
         if not body.messages:
             raise APIError(400, "'messages' must not be empty.", param="messages")
-        tokens = await render_chat(
-            tokenizer,
-            body.messages,
-            add_generation_prompt=body.add_generation_prompt,
-            continue_final_message=body.continue_final_message,
-            chat_template_kwargs=body.chat_template_kwargs,
-            processor=processor,
+        template_kwargs = template_kwargs_of(state, body, chat_template_of(state, body))
+        plan = await checked_tool_plan(body)
+        tokens = await render_chat_prompt(
+            state, body.messages, body, template_kwargs=template_kwargs, plan=plan, processor=processor
         )
     else:
+        for name in CHAT_ONLY_FIELDS:
+            if getattr(body, name) is not None:
+                raise APIError(
+                    400, f"'{name}' applies to 'messages' only, not to a text 'prompt'.", param=name
+                )
         tokens = await encode_text(tokenizer, body.prompt or "", body.add_special_tokens, processor)
     token_strs = tokenizer.convert_ids_to_tokens(tokens) if body.return_token_strs else None
     return TokenizeResponse(

@@ -144,6 +144,10 @@ class SamplingFields(NullMeansDefault):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     truncate_prompt_tokens: int | None = Field(None, description="Keep only the prompt's last k tokens.")
+    prompt_logprobs: int | None = Field(
+        None,
+        description="vLLM's: each prompt token's logprob and its k most likely alternatives (not streamed).",
+    )
     # Constrained decoding (vLLM's field, and its older guided_* fields).
     structured_outputs: StructuredOutputsField | None = None
     guided_json: dict[str, Any] | str | None = None
@@ -152,17 +156,29 @@ class SamplingFields(NullMeansDefault):
     guided_grammar: str | None = None
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatPromptFields(NullMeansDefault):
+    """What a chat request's prompt is rendered from besides its messages: chat's and /tokenize's
+    (server.prompts renders both, so that /tokenize counts what chat prefills)."""
+
+    tools: list[ChatTool] | None = None
+    # Omitted: "auto" with tools, "none" without.
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | AllowedToolsChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # Chat-template controls.
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    # Reasoning models only; reaches the chat template (batchlm.reasoning.registry.effort_template_kwargs).
+    reasoning_effort: ReasoningEffort | None = None
+
+
+class ChatCompletionRequest(SamplingFields, ChatPromptFields):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list[ChatTool] | None = None
-    # Omitted: "auto" with tools, "none" without.
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | AllowedToolsChoice | None = None
-    parallel_tool_calls: bool | None = None
     # Known OpenAI fields batchlm does not serve: a 400 names them unless they hold a neutral value.
     functions: list[Any] | None = None
     function_call: Any = None
@@ -183,17 +199,11 @@ class ChatCompletionRequest(SamplingFields):
     prompt_cache_options: PromptCacheOptions | None = None
     # How long-winded the answer should be: the model's own choice here (accepted, not acted on).
     verbosity: Literal["low", "medium", "high"] | None = None
-    # Chat-template controls.
-    chat_template_kwargs: dict[str, Any] | None = None
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
     echo: bool = Field(
         False,
         description="vLLM's: the reply's content starts with the last message's text when that message is "
         "the assistant's (with continue_final_message, the whole message so far).",
     )
-    # Reasoning models only; reaches the chat template (batchlm.reasoning.registry.effort_template_kwargs).
-    reasoning_effort: ReasoningEffort | None = None
 
 
 # A prompt: text, a batch of texts, token ids, or a batch of token-id lists.
@@ -212,16 +222,15 @@ class CompletionRequest(SamplingFields):
     add_special_tokens: bool = Field(True, description="Add the tokenizer's BOS etc. to text prompts.")
 
 
-class TokenizeRequest(NullMeansDefault):
-    """POST /tokenize: either `prompt` (text) or `messages` (rendered with the chat template)."""
+class TokenizeRequest(ChatPromptFields):
+    """POST /tokenize: either `prompt` (text) or `messages`, rendered as chat renders them (with the
+    tools, template controls and reasoning effort chat takes), so its count is chat's prompt_tokens."""
 
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    # Text prompts only: a chat template writes its own special tokens.
     add_special_tokens: bool = True
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    chat_template_kwargs: dict[str, Any] | None = None
     # vLLM's: also answer each token's vocabulary string (`token_strs`).
     return_token_strs: bool = False
 

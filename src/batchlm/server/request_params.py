@@ -121,13 +121,18 @@ def _check_stream_options(request: SamplingFields) -> None:
             "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
             param="stream_options",
         )
+    if request.prompt_logprobs is not None and request.stream:
+        # As in vLLM: the chunks have no place for them.
+        raise APIError(
+            400, "'prompt_logprobs' are not available when 'stream' is true.", param="prompt_logprobs"
+        )
 
 
 # SamplingFields that mean what the SamplingParams field of the same name means (None: its default).
 SAME_NAMED_FIELDS = (
     "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
     "seed", "min_tokens", "ignore_eos", "skip_special_tokens", "include_stop_str_in_output",
-    "truncate_prompt_tokens",
+    "truncate_prompt_tokens", "prompt_logprobs",
 )  # fmt: skip
 
 

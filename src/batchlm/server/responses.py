@@ -36,6 +36,24 @@ class ChatTokenLogprob(TopLogprob):
     top_logprobs: list[TopLogprob]
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's entry for one token of a prompt position (its `Logprob`)."""
+
+    logprob: float
+    # 1-based rank of the token in the model's distribution at that position.
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# vLLM's `prompt_logprobs`: per prompt token, the token itself and its `prompt_logprobs` most likely
+# alternatives by token id (JSON object keys, hence text); None for the first, which nothing predicts.
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
+
+
+def _absent_when_none(value: object) -> bool:
+    return value is None
+
+
 class ChatChoiceLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None
     refusal: list[ChatTokenLogprob] | None = None
@@ -88,6 +106,8 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    # vLLM's, for its `prompt_logprobs` field (the rendered conversation's tokens); absent otherwise.
+    prompt_logprobs: PromptLogprobs | None = Field(default=None, exclude_if=_absent_when_none)
 
 
 class ChatChunkChoice(BaseModel):
@@ -128,6 +148,8 @@ class CompletionChoice(BaseModel):
     # vLLM's field: the stop string or stop_token_ids entry that ended the choice (null for EOS,
     # a length limit, or a choice still running).
     stop_reason: str | int | None = None
+    # vLLM's, for its `prompt_logprobs` field (the choice's prompt); absent otherwise.
+    prompt_logprobs: PromptLogprobs | None = Field(default=None, exclude_if=_absent_when_none)
 
 
 class CompletionResponse(BaseModel):

@@ -17,13 +17,13 @@ from batchlm.engine.chat_messages import final_message_text
 from batchlm.engine.input_processor import FieldNames, ValidatedRequest
 from batchlm.outputs import CompletionOutput, FinishReason, RequestOutput, TokenLogprobs
 from batchlm.reasoning.message import AssistantMessage, MessageDelta, MessageReader, MessageStream
-from batchlm.reasoning.registry import effort_template_kwargs, reasoning_markers, reasoning_parser
+from batchlm.reasoning.registry import reasoning_parser
 from batchlm.reasoning.split import ReasoningParser
 from batchlm.sampling_defaults import SamplingDefaults
 from batchlm.sampling_params import SamplingParams
-from batchlm.server.errors import APIError, rejections_as_400
-from batchlm.server.logprobs import chat_logprobs
-from batchlm.server.prompts import render_chat, template_for
+from batchlm.server.errors import rejections_as_400
+from batchlm.server.logprobs import chat_logprobs, prompt_logprobs
+from batchlm.server.prompts import chat_template_of, render_chat_prompt, template_kwargs_of
 from batchlm.server.protocol import ChatCompletionRequest
 from batchlm.server.request_params import build_sampling_params, check_chat_request
 from batchlm.server.responding import (
@@ -64,6 +64,9 @@ class ChatContext(ResponseContext):
     reader: MessageReader | None
     # What each choice's content starts with: the assistant message it continues, for vLLM's `echo`.
     echoed: str = ""
+    # vLLM's `prompt_logprobs` (alternatives per prompt token), or None; and the prompt's token ids.
+    prompt_logprobs: int | None = None
+    prompt_ids: Sequence[int] = ()
 
     def logprobs(
         self, token_ids: Sequence[int], logprobs: Sequence[TokenLogprobs]
@@ -86,31 +89,22 @@ async def prepare_chat(
     info = state.admit(body)
     check_chat_request(body)
     tokenizer, processor = state.engine.tokenizer, state.engine.input_processor
-    chat_template = template_for(tokenizer, bool(body.tools))
+    chat_template = chat_template_of(state, body)
     added_tokens = getattr(tokenizer, "added_tokens", None) or {}
-    template_kwargs = body.chat_template_kwargs
-    if body.reasoning_effort is not None:
-        if reasoning_markers(state.settings.reasoning_parser, chat_template) is None:
-            why = "the model does not reason (see --reasoning-parser)"
-            raise APIError(
-                400, f"'reasoning_effort' is not supported with this model: {why}.", "reasoning_effort"
-            )
-        template_kwargs = effort_template_kwargs(body.reasoning_effort, chat_template, template_kwargs)
+    template_kwargs = template_kwargs_of(state, body, chat_template)
     with rejections_as_400():
         tool_args = (body, state.settings.tool_call_parser, chat_template, added_tokens)
         # Tools may carry large schemas that are compiled to check them: off the event loop.
         tool_use = (
             await asyncio.to_thread(chat_tool_use, *tool_args) if body.tools else chat_tool_use(*tool_args)
         )
-        prompt_ids = await render_chat(
-            tokenizer,
+        prompt_ids = await render_chat_prompt(
+            state,
             body.messages,
-            add_generation_prompt=body.add_generation_prompt,
-            continue_final_message=body.continue_final_message,
-            chat_template_kwargs=template_kwargs,
+            body,
+            template_kwargs=template_kwargs,
+            plan=tool_use.plan,
             processor=None if body.truncate_prompt_tokens else processor,
-            tools=tool_use.template_tools,
-            tool_prompt=tool_use.tool_prompt,
         )
         params, names = _sampling_params(body, info.sampling_defaults)
         params = tool_use.sampling_params(params, names.structured_outputs)
@@ -133,6 +127,8 @@ async def prepare_chat(
         reader=MessageReader(reasoning, tool_use.parser) if reasoning or tool_use.parser else None,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         echoed=_echoed(body),
+        prompt_logprobs=body.prompt_logprobs,
+        prompt_ids=engine_request.prompt_token_ids,
     )
     return engine_request, context
 
@@ -212,6 +208,11 @@ class AssistantMessages:
         stream = self._streams.get(index)
         return stream is not None and stream.ends_in_calls
 
+    def call_reads(self, index: int, call_index: int) -> bool:
+        """Whether the streamed choice's call reads as one so far (whole, once the choice finished)."""
+        stream = self._streams.get(index)
+        return stream is not None and stream.call_reads(call_index)
+
     def thinking_tokens(self, results: ChoiceResults) -> int:
         return sum(self._thinking(result.token_ids) for result in results.values())
 
@@ -247,7 +248,16 @@ class ChatFormatter(ResponseFormatter[ChatContext]):
 
     def response(self, results: ChoiceResults, usage: UsageInfo) -> BaseModel:
         thinking = self._messages.thinking_tokens(results)
-        return super().response(results, _with_reasoning_tokens(usage, thinking))
+        response = super().response(results, _with_reasoning_tokens(usage, thinking))
+        context = self.context
+        scores = next((r.prompt_logprobs for r in results.values() if r.prompt_logprobs is not None), None)
+        if context.prompt_logprobs is not None and scores is not None:
+            # vLLM's place for them: the response's, the n choices sharing one prompt.
+            assert isinstance(response, ChatCompletionResponse)
+            response.prompt_logprobs = prompt_logprobs(
+                context.tokenizer, context.prompt_ids, scores, context.prompt_logprobs
+            )
+        return response
 
     def closing(self, usage: UsageInfo) -> Iterable[bytes]:
         thinking = self._messages.streamed_thinking_tokens()

@@ -16,7 +16,7 @@ from starlette.responses import Response
 from batchlm.engine.input_processor import InputProcessor, ValidatedRequest
 from batchlm.outputs import FinishReason, RequestOutput, TokenLogprobs
 from batchlm.server.errors import APIError, rejections_as_400
-from batchlm.server.logprobs import CompletionLogprobsBuilder, joined
+from batchlm.server.logprobs import CompletionLogprobsBuilder, joined, prompt_logprobs
 from batchlm.server.prompts import encode_text
 from batchlm.server.protocol import CompletionRequest, PromptInput
 from batchlm.server.request_params import build_sampling_params, check_completion_request
@@ -28,7 +28,13 @@ from batchlm.server.responding import (
     json_text,
     respond,
 )
-from batchlm.server.responses import CompletionChoice, CompletionLogprobs, CompletionResponse, UsageInfo
+from batchlm.server.responses import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionResponse,
+    PromptLogprobs,
+    UsageInfo,
+)
 from batchlm.server.state import get_state
 from batchlm.server.validation import validated_requests
 from batchlm.tokenizer.tokenizer import Tokenizer
@@ -46,6 +52,9 @@ class CompletionContext(ResponseContext):
     echo_only: bool = False
     # Token ids the completions' text leaves out (skip_special_tokens): they take no place in it.
     hidden_ids: Collection[int] = frozenset()
+    # vLLM's `prompt_logprobs` (alternatives per prompt token), or None; and each prompt's token ids.
+    prompt_logprobs: int | None = None
+    prompt_ids: list[list[int]] = field(default_factory=list)
     builders: dict[tuple[int, int], CompletionLogprobsBuilder] = field(default_factory=dict)
 
     def choice_index(self, position: int, index: int) -> int:
@@ -75,6 +84,14 @@ class CompletionContext(ResponseContext):
         builder = CompletionLogprobsBuilder(self.tokenizer, self.logprobs, spelled=self.echo_texts[position])
         return builder.add(self.echoed_ids[position], prompt_logprobs)
 
+    def prompt_entries(
+        self, position: int, scores: Sequence[TokenLogprobs | None] | None
+    ) -> PromptLogprobs | None:
+        """vLLM's `prompt_logprobs` of a prompt, when they were asked and came."""
+        if self.prompt_logprobs is None or scores is None:
+            return None
+        return prompt_logprobs(self.tokenizer, self.prompt_ids[position], scores, self.prompt_logprobs)
+
 
 async def create_completion(request: Request, body: CompletionRequest) -> Response:
     state = get_state(request)
@@ -100,8 +117,11 @@ async def create_completion(request: Request, body: CompletionRequest) -> Respon
         defaults=info.sampling_defaults,
     )
     echo_logprobs = body.echo and body.logprobs is not None
-    if echo_logprobs:  # the echoed prompt comes with its tokens' logprobs
-        params, names = params.clone(prompt_logprobs=body.logprobs), replace(names, prompt_logprobs="echo")
+    if echo_logprobs:  # the echoed prompt comes with its tokens' logprobs, as many as either field asks
+        asked = max(body.logprobs or 0, body.prompt_logprobs or 0)
+        params = params.clone(prompt_logprobs=asked)
+        if body.prompt_logprobs is None:
+            names = replace(names, prompt_logprobs="echo")
     # Every prompt is validated before any starts, so that a bad one fails the batch with nothing to undo.
     with rejections_as_400():
         engine_requests = await validated_requests(processor, prompts, params, names)
@@ -115,6 +135,8 @@ async def create_completion(request: Request, body: CompletionRequest) -> Respon
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         echo_texts=[_echo_text(tokenizer, r) if body.echo else "" for r in engine_requests],
         echoed_ids=[r.prompt_token_ids for r in engine_requests] if echo_logprobs else None,
+        prompt_logprobs=body.prompt_logprobs,
+        prompt_ids=[r.prompt_token_ids for r in engine_requests],
         echo_only=echo_only,
         hidden_ids=tokenizer.skipped_special_ids
         if body.logprobs is not None and params.skip_special_tokens
@@ -183,6 +205,7 @@ class CompletionFormatter(ResponseFormatter[CompletionContext]):
         # A prompt's echo is the same in each of its n choices: its logprobs are built once.
         prompts = {position: result.prompt_logprobs for (position, _), result in results.items()}
         echoes = {position: context.echoed_logprobs(position, scores) for position, scores in prompts.items()}
+        scored = {position: context.prompt_entries(position, scores) for position, scores in prompts.items()}
         choices = []
         for (position, index), result in sorted(results.items()):
             echoed = echoes[position]
@@ -203,6 +226,7 @@ class CompletionFormatter(ResponseFormatter[CompletionContext]):
                     logprobs=logprobs,
                     finish_reason=reason,
                     stop_reason=stop_reason,
+                    prompt_logprobs=scored[position],
                 )
             )
         return choices

@@ -270,7 +270,7 @@ class ResponsesFormatter(ResponseFormatter[ChatContext]):
         current = self._open
         if current is None:
             return
-        status: ItemStatus = "incomplete" if self._cut_short else "completed"
+        status: ItemStatus = "incomplete" if self._cut_short or not self._call_read(current) else "completed"
         item = self._item(status)
         if current.kind == "function_call":
             yield self._event(
@@ -294,6 +294,13 @@ class ResponsesFormatter(ResponseFormatter[ChatContext]):
         yield self._event("response.output_item.done", output_index=current.output_index, item=item)
         self._items.append(item)
         self._open = None
+
+    def _call_read(self, current: _OpenItem) -> bool:
+        """False for a call whose markup stopped parsing (the output then shows it as text) or that the
+        output ended inside: its item is "incomplete", as OpenAI marks an item the model did not
+        finish, with the arguments sent of it. The response itself is not: the model ended it, and
+        OpenAI's incomplete_details name only a response cut short (max_output_tokens) or filtered."""
+        return current.kind != "function_call" or self._messages.call_reads(0, current.call_index)
 
     def _delta(self, text: str) -> bytes:
         """The delta event of the item being written (every streamed token makes one): the bytes _event

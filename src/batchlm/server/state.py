@@ -32,6 +32,10 @@ class ServerSettings:
     host: str = "127.0.0.1"
     # TCP port to listen on.
     port: int = 8080
+    # The path a reverse proxy serves the server under (e.g. /llm for https://host/llm/), as uvicorn's
+    # and vLLM's --root-path: requests are served whether the proxy strips it or passes it on, and
+    # the chat page and /docs name their files and the API under it. "" serves at the root.
+    root_path: str = ""
     # Bearer key required on /v1/*, /tokenize, /detokenize and /tokenizer_info (/health, /metrics,
     # /version, the chat page's files and the API docs stay open); None leaves them open.
     api_key: str | None = None
@@ -84,7 +88,7 @@ class ServerSettings:
     # Log level: DEBUG adds one line per request and the access log.
     log_level: str = "INFO"
     # The built-in web chat page at / (a static page that talks to /v1/chat/completions); the API
-    # stays as it is without it.
+    # stays as it is without it. Behind a proxy serving it under a path, see --root-path.
     ui: bool = True
     # Responses of /v1/responses kept for `previous_response_id` and GET /v1/responses/{id} (`store`,
     # true unless the request says false); beyond, the conversations continued least recently are

@@ -90,6 +90,9 @@ class ToolCallStream:
         self._content_sent = 0
         self._ids: list[str] = []
         self._arguments_sent: list[int] = []
+        # How many of the calls sent still read as calls: in the last scan, and once finished, whole.
+        # Those after them stopped parsing, or the output ended inside them.
+        self._reading = 0
         # Set by finish: a call it sent did not complete.
         self.call_cut_off = False
 
@@ -97,6 +100,12 @@ class ToolCallStream:
     def ends_in_calls(self) -> bool:
         """Whether the output made calls, none of them cut off (a finish_reason of "tool_calls")."""
         return bool(self._ids) and not self.call_cut_off
+
+    def call_reads(self, index: int) -> bool:
+        """Whether the call sent with this index reads as a call in the output so far (whole, once
+        finished): False once its markup stopped parsing (the output shows it as content then), or
+        when the output ended inside it."""
+        return index < self._reading
 
     def feed(self, delta: str) -> StreamDelta:
         self._text += delta
@@ -110,17 +119,19 @@ class ToolCallStream:
         complete = [call for call in scan.calls[: self._parser.max_calls] if call.name is not None]
         # A call that does not read whole at the end was cut off: what was sent of it stands.
         self.call_cut_off = len(complete) < len(self._ids)
-        if cut_short:
-            return StreamDelta("", ())
-        return self._difference(scan)
+        rest = StreamDelta("", ()) if cut_short else self._difference(scan)
+        self._reading = min(self._reading, len(complete))
+        return rest
 
     def _difference(self, scan: Scan) -> StreamDelta:
         content = scan.content[self._content_sent :]
         self._content_sent = max(self._content_sent, len(scan.content))
         deltas: list[ToolCallDelta] = []
+        self._reading = 0
         for index, call in enumerate(scan.calls[: self._parser.max_calls]):
             if call.name is None:
                 break
+            self._reading = index + 1
             if index == len(self._ids):
                 self._ids.append(self._parser.new_id())
                 self._arguments_sent.append(0)

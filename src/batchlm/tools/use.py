@@ -22,6 +22,17 @@ from batchlm.tools.spec import ToolPlan, ToolRequest, ToolUseError, tool_plan
 CLIENT_GRAMMAR = "client"
 
 
+def template_tools(plan: ToolPlan | None) -> list[dict[str, Any]] | None:
+    """The tools the chat template is given. As vLLM does by default, tool_choice "none" still shows
+    them to the template."""
+    return plan.template_tools() if plan is not None else None
+
+
+def tool_prompt(plan: ToolPlan | None) -> bool:
+    """Whether a template without tool support gets the generic tools prompt (not for "none")."""
+    return plan is not None and plan.mode != "none"
+
+
 @dataclass(frozen=True)
 class ChatToolUse:
     plan: ToolPlan | None
@@ -34,13 +45,11 @@ class ChatToolUse:
 
     @property
     def template_tools(self) -> list[dict[str, Any]] | None:
-        # As vLLM does by default, tool_choice "none" still shows the tools to the template.
-        return self.plan.template_tools() if self.plan is not None else None
+        return template_tools(self.plan)
 
     @property
     def tool_prompt(self) -> bool:
-        """Whether a template without tool support gets the generic tools prompt (not for "none")."""
-        return self.plan is not None and self.plan.mode != "none"
+        return tool_prompt(self.plan)
 
     def sampling_params(
         self, params: SamplingParams, constraint_field: str = "structured_outputs"

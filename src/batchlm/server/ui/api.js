@@ -1,5 +1,13 @@
 // The page's calls to this server: /health, /v1/models and streaming /v1/chat/completions.
 
+// The server's root: the folder above this module's (ui/), so that the calls reach the server
+// wherever a reverse proxy serves it (https://host/llm/ as well as https://host/).
+const ROOT = new URL("../", import.meta.url);
+
+function url(path) {
+  return new URL(path, ROOT);
+}
+
 export class ApiError extends Error {
   // status: the HTTP status, or 0 when the server could not be reached.
   constructor(status, message, code = null) {
@@ -49,7 +57,7 @@ const HEALTH_TIMEOUT_MS = 10000;
 export async function checkHealth() {
   try {
     const signal = AbortSignal.timeout(HEALTH_TIMEOUT_MS);
-    const response = await fetch("/health", { cache: "no-store", signal });
+    const response = await fetch(url("health"), { cache: "no-store", signal });
     if (response.ok) return "ok";
     const body = await response.json().catch(() => ({}));
     return body.status || "loading";
@@ -59,7 +67,7 @@ export async function checkHealth() {
 }
 
 export async function listModels(apiKey) {
-  const response = await send("/v1/models", { headers: headers(apiKey), cache: "no-store" });
+  const response = await send(url("v1/models"), { headers: headers(apiKey), cache: "no-store" });
   if (!response.ok) throw await errorOf(response);
   const body = await response.json();
   return body.data.map((card) => card.id);
@@ -80,7 +88,7 @@ export async function streamChat({ model, messages, settings, signal, onDelta })
   if (settings.topP != null) body.top_p = settings.topP;
   if (settings.maxTokens) body.max_tokens = settings.maxTokens;
   const init = { method: "POST", headers: headers(settings.apiKey), body: JSON.stringify(body), signal };
-  const response = await send("/v1/chat/completions", init);
+  const response = await send(url("v1/chat/completions"), init);
   if (!response.ok) throw await errorOf(response);
   const result = { finishReason: null, usage: null, firstTokenAt: null, endedAt: null };
   let finished = false;
