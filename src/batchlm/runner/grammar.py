@@ -112,6 +112,8 @@ class PrefetchJob:
     # Every sequence is advanced through its sampled token, so row i is request_ids[i]'s mask: known
     # from the job before it (the same sequences, each one token on) or seen in this job's result.
     complete: bool
+    # Sequences dropped (finished) since: their rows must not serve a later request of the same id.
+    dropped: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -173,7 +175,13 @@ class StepMasks:
         device's stream."""
         job = step.prefetched
         flag = self._flag
-        if flag is not None and job is not None and job.complete and job.request_ids == step.request_ids:
+        if (
+            flag is not None
+            and job is not None
+            and job.complete
+            and job.request_ids == step.request_ids
+            and (not job.dropped or job.dropped.isdisjoint(step.request_ids))
+        ):
             flag.wait_on_device(job.ticket)
             self._handed_to_device.append(job)
             self.steps_handed_to_device += 1
@@ -183,6 +191,8 @@ class StepMasks:
         ahead = job.future.result() if job is not None else None
         if job is not None and ahead is not None:
             job.complete = ahead.complete
+            if job.dropped and not job.dropped.isdisjoint(step.request_ids):
+                ahead = _without(ahead, job.dropped)
         if not step.request_ids:
             return None
         if step.started is not None:
@@ -218,6 +228,13 @@ class StepMasks:
         bitmask = buffer[: len(request_ids)]
         self._prefetched = PrefetchJob(future, request_ids, positions, bitmask, ticket, complete)
 
+    def drop(self, request_ids: frozenset[str]) -> None:
+        """Sequences that ended: the prefetch made after their last step (kept until the next step
+        that samples) must not hand their masks to new requests that reuse their ids."""
+        job = self._prefetched
+        if job is not None and request_ids and not request_ids.isdisjoint(job.request_ids):
+            job.dropped = job.dropped | request_ids
+
     def settle(self) -> None:
         """Wait for every job handed to the device, raising the first failure."""
         handed, self._handed_to_device = self._handed_to_device, []
@@ -228,6 +245,14 @@ class StepMasks:
         """Raise the failure of any job handed to the device that has finished, without waiting."""
         while self._handed_to_device and self._handed_to_device[0].future.done():
             _check_complete(self._handed_to_device.pop(0))
+
+
+def _without(ahead: PrefetchedMasks, dropped: frozenset[str]) -> PrefetchedMasks:
+    """The prefetched masks less the dropped sequences' rows (compacted: merge_masks reads row i as
+    the i-th request's when the ids come in order)."""
+    kept = [(rid, row) for rid, row in ahead.index.items() if rid not in dropped]
+    rows = [row for _, row in kept]
+    return PrefetchedMasks({rid: i for i, (rid, _) in enumerate(kept)}, ahead.bitmask[rows])
 
 
 def _check_complete(job: PrefetchJob) -> None:

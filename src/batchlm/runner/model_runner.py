@@ -381,6 +381,7 @@ class ModelRunner:
         self.input_builder.drop(scheduled.finished_request_ids)
         if len(self.grammars):
             self.grammars.drop(scheduled.finished_request_ids)
+            self.masks.drop(scheduled.finished_request_ids)
         for new in scheduled.new_requests:
             state = self.states[new.request_id] = SamplingState.create(
                 new.sampling_params,
