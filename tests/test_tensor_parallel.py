@@ -302,9 +302,9 @@ def test_interrupted_start_stops_the_workers(
     spawn = tensor_parallel._spawn_workers
 
     def spawn_and_keep(*args: Any) -> Any:
-        processes, conns = spawn(*args)
+        processes, conns, news = spawn(*args)
         spawned.extend(processes)
-        return processes, conns
+        return processes, conns, news
 
     def interrupted(self: TensorParallelExecutor) -> list[Any]:
         raise KeyboardInterrupt

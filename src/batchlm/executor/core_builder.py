@@ -143,13 +143,13 @@ def build_engine_core(config: EngineConfig, model_dir: Path) -> tuple[EngineCore
     """Load the model, size the KV cache, and wire the scheduler to the runner (or TP workers)."""
     check_async_scheduling(config)
     executor: Executor
-    # Grammars compiled before their requests are scheduled. Not under tensor parallelism: every
-    # worker builds its own matchers, in its own process, in the step that admits the request.
-    grammars: GrammarCompiles | None = None
+    # Grammars compiled before their requests are scheduled (under tensor parallelism, on every rank).
+    grammars: GrammarCompiles
     if config.tensor_parallel_size > 1:
         from batchlm.executor.tensor_parallel import build_tensor_parallel_executor
 
         executor, info = build_tensor_parallel_executor(config, model_dir)
+        grammars = executor.grammars()
     else:
         # Python's start and the imports so far (torch included) happen before this point.
         log_uptime(logger, "engine core: interpreter up, torch imported")

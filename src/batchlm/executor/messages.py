@@ -8,6 +8,7 @@ from typing import ClassVar
 
 from batchlm.core.facts import ModelFacts
 from batchlm.core.step_io import ModelRunnerOutput
+from batchlm.sampling_params import StructuredOutputs
 
 
 @dataclass(frozen=True)
@@ -38,11 +39,57 @@ class StopWorker:
     name: ClassVar[str] = "shutdown"
 
 
-WorkerCall = MeasureKVBlocks | AllocateKVCache | ExecuteStep | StopWorker
+@dataclass(frozen=True)
+class CompileGrammar:
+    """Compile a grammar on the rank's background compile threads, for the request the executor names
+    `token` (unique per compile, so that a late report never matches a later request of the same id).
+    The rank answers GrammarNews at once, without waiting for the compile."""
+
+    token: str
+    spec: StructuredOutputs
+    eos_token_ids: tuple[int, ...]
+    name: ClassVar[str] = "compile_grammar"
+
+
+@dataclass(frozen=True)
+class TakeGrammars:
+    """Report the compiles finished since the last report (the rank wrote to the news pipe)."""
+
+    name: ClassVar[str] = "take_grammars"
+
+
+@dataclass(frozen=True)
+class DiscardGrammars:
+    """Forget these compiles (their requests were aborted)."""
+
+    tokens: tuple[str, ...]
+    name: ClassVar[str] = "discard_grammars"
+
+
+WorkerCall = (
+    MeasureKVBlocks
+    | AllocateKVCache
+    | ExecuteStep
+    | StopWorker
+    | CompileGrammar
+    | TakeGrammars
+    | DiscardGrammars
+)
+
+GrammarCall = CompileGrammar | TakeGrammars | DiscardGrammars
+
+
+@dataclass(frozen=True)
+class GrammarNews:
+    """A rank's answer to a grammar call: the compiles finished on it since its last answer, token ->
+    None (compiled) or the error that ends the request."""
+
+    done: dict[str, str | None]
+
 
 # What a call returns: a block count, the model's facts, a step's sampled tokens (rank 0 only; the
-# others answer None, as they do when a rank has loaded its shard).
-WorkerResult = int | ModelFacts | ModelRunnerOutput | None
+# others answer None, as they do when a rank has loaded its shard), or a rank's finished compiles.
+WorkerResult = int | ModelFacts | ModelRunnerOutput | GrammarNews | None
 
 
 @dataclass(frozen=True)

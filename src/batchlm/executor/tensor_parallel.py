@@ -4,6 +4,9 @@ The scheduler runs once, in the engine core; every step's SchedulerOutput is enc
 see wire.py) and written to each worker's pipe. All ranks run the same step in lockstep (their collectives pair up) and sample
 the same tokens; rank 0's ModelRunnerOutput is returned. A worker that fails or exits stops them all
 and raises TensorParallelError, which ends the engine core with that message.
+
+Constrained requests' grammars compile on every rank's background threads (tp_grammars.py) before the
+core schedules them, so a large schema stalls no step.
 """
 
 from __future__ import annotations
@@ -28,12 +31,15 @@ from batchlm.executor.messages import (
     AllocateKVCache,
     ExecuteStep,
     FromWorker,
+    GrammarCall,
+    GrammarNews,
     MeasureKVBlocks,
     StopWorker,
     WorkerCall,
     WorkerReply,
     WorkerResult,
 )
+from batchlm.executor.tp_grammars import TensorParallelGrammars
 from batchlm.executor.wire import encode_step
 from batchlm.executor.worker import WorkerSpec, worker_main
 
@@ -97,9 +103,13 @@ class TensorParallelExecutor:
         self.devices = worker_devices(config.device, size)
         self._failure: str | None = None
         self._store = _start_store(size)
-        self.processes, self.conns = _spawn_workers(config, model_dir, self.devices, self._store.port)
+        self.processes, self.conns, self.grammar_news = _spawn_workers(
+            config, model_dir, self.devices, self._store.port
+        )
         # Stop the workers however this object goes: explicit shutdown, garbage collection, exit.
-        self._finalizer = weakref.finalize(self, _stop_workers, list(self.processes), list(self.conns))
+        self._finalizer = weakref.finalize(
+            self, _stop_workers, list(self.processes), [*self.conns, self.grammar_news]
+        )
         try:
             self._collect()  # every rank has loaded its shard
         except BaseException:
@@ -122,6 +132,15 @@ class TensorParallelExecutor:
     def execute(self, scheduled: SchedulerOutput) -> ModelRunnerOutput:
         # Encoded once for all ranks; block tables travel as appends (see wire.py).
         return _expect(self._call_all(ExecuteStep(encode_step(scheduled)))[0], ModelRunnerOutput)
+
+    def grammars(self) -> TensorParallelGrammars:
+        """The core's GrammarCompiles over these workers (it holds this executor, not the reverse:
+        no cycle delays the finalizer)."""
+        return TensorParallelGrammars(self, self.grammar_news)
+
+    def call_grammars(self, call: GrammarCall) -> list[GrammarNews]:
+        """A grammar call to every rank; each rank's answer, in rank order."""
+        return [_expect(result, GrammarNews) for result in self._call_all(call)]
 
     def check_health(self) -> None:
         """Raise TensorParallelError if a worker has exited (the engine core calls this while idle)."""
@@ -224,26 +243,31 @@ def _start_store(world_size: int) -> Any:
 
 def _spawn_workers(
     config: EngineConfig, model_dir: Path, devices: list[str], store_port: int
-) -> tuple[list[BaseProcess], list[Connection]]:
+) -> tuple[list[BaseProcess], list[Connection], Connection]:
+    """The workers, the pipe to each, and the read end of the grammar news pipe they all write to."""
     context = multiprocessing.get_context("spawn")
+    news, news_end = context.Pipe(duplex=False)
     threads = rank_threads(len(devices)) if devices[0] == "cpu" else 1
     log_level = logging.getLogger("batchlm").getEffectiveLevel()
     processes: list[BaseProcess] = []
     conns: list[Connection] = []
-    with _may_have_children():
+    with _may_have_children(), news_end:  # only the workers write: once all are gone, news sees EOF
         for rank, device in enumerate(devices):
             spec = WorkerSpec(
                 config, model_dir, rank, len(devices), device, store_port, os.getpid(), threads, log_level
             )
             parent_end, child_end = context.Pipe()
             process = context.Process(
-                target=worker_main, args=(spec, child_end), name=f"batchlm-tp-rank{rank}", daemon=True
+                target=worker_main,
+                args=(spec, child_end, news_end),
+                name=f"batchlm-tp-rank{rank}",
+                daemon=True,
             )
             process.start()
             child_end.close()
             processes.append(process)
             conns.append(parent_end)
-    return processes, conns
+    return processes, conns, news
 
 
 def rank_threads(size: int) -> int:

@@ -2,7 +2,9 @@
 
 Protocol (messages.py): the executor sends each WorkerCall pickled once, with send_bytes, to
 every rank; a rank answers WorkerReply or, failing, WorkerFailed. Only rank 0 returns the
-ModelRunnerOutput of an ExecuteStep; the other ranks answer WorkerReply(None).
+ModelRunnerOutput of an ExecuteStep; the other ranks answer WorkerReply(None). Grammars compile on the
+rank's background threads between calls; a finished compile writes an empty message to the news pipe
+(shared by all ranks), and the executor then asks every rank with TakeGrammars.
 """
 
 from __future__ import annotations
@@ -23,10 +25,14 @@ from typing import TYPE_CHECKING, assert_never
 from batchlm.config import EngineConfig
 from batchlm.executor.messages import (
     AllocateKVCache,
+    CompileGrammar,
+    DiscardGrammars,
     ExecuteStep,
     FromWorker,
+    GrammarNews,
     MeasureKVBlocks,
     StopWorker,
+    TakeGrammars,
     WorkerCall,
     WorkerFailed,
     WorkerReply,
@@ -36,6 +42,7 @@ from batchlm.executor.wire import decode_step
 
 if TYPE_CHECKING:
     from batchlm.runner.model_runner import ModelRunner
+    from batchlm.structured.compiles import BackgroundCompiles
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +78,9 @@ class WorkerSpec:
     log_level: int | None = None
 
 
-def worker_main(spec: WorkerSpec, conn: Connection) -> None:
-    """Entry point of a worker process: start the rank, then serve the executor until told to stop."""
+def worker_main(spec: WorkerSpec, conn: Connection, news: Connection | None = None) -> None:
+    """Entry point of a worker process: start the rank, then serve the executor until told to stop.
+    news: the pipe on which a finished grammar compile is announced (None: not announced)."""
     _prepare_process(spec)
     try:
         runner = _start_rank(spec)
@@ -82,7 +90,7 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
         return
     _send(conn, WorkerReply(None))
     try:
-        serve(runner, spec.rank, conn)
+        serve(runner, spec.rank, conn, news)
     finally:
         _leave_process_group()
 
@@ -136,9 +144,10 @@ def _start_rank(spec: WorkerSpec) -> ModelRunner:
     return ModelRunner(spec.config, spec.model_dir, tp=TensorParallelGroup.from_distributed(), device=device)
 
 
-def serve(runner: ModelRunner, rank: int, conn: Connection) -> None:
+def serve(runner: ModelRunner, rank: int, conn: Connection, news: Connection | None = None) -> None:
     """Run the executor's calls in order until StopWorker or the pipe closes. A failed call ends the
     worker: its peers are blocked in collectives it will never join, so the executor stops them all."""
+    grammars = RankGrammars(runner, news)
     while True:
         try:
             call: WorkerCall = pickle.loads(conn.recv_bytes())
@@ -147,7 +156,7 @@ def serve(runner: ModelRunner, rank: int, conn: Connection) -> None:
         if isinstance(call, StopWorker):
             return
         try:
-            result = _call(runner, call)
+            result = _call(runner, grammars, call)
         except Exception as exc:
             # The error on the first line: that line is all the engine's clients are told (CoreFailed).
             first = f"rank {rank} failed in {call.name}: {type(exc).__name__}: {exc}".splitlines()[0]
@@ -157,10 +166,55 @@ def serve(runner: ModelRunner, rank: int, conn: Connection) -> None:
         _send(conn, WorkerReply(result if rank == 0 or not isinstance(call, ExecuteStep) else None))
 
 
-def _call(runner: ModelRunner, call: WorkerCall) -> WorkerResult:
+class RankGrammars:
+    """The rank's grammar compiles (its runner's), made on first use, each finished one announced on
+    the news pipe."""
+
+    def __init__(self, runner: ModelRunner, news: Connection | None) -> None:
+        self._runner = runner
+        self._news = news
+        self._compiles: BackgroundCompiles | None = None
+
+    def compile(self, call: CompileGrammar) -> GrammarNews:
+        ready = self.compiles.start_spec(call.token, call.spec, call.eos_token_ids)
+        news = self.take()
+        if ready:
+            news.done[call.token] = None
+        return news
+
+    def discard(self, tokens: tuple[str, ...]) -> GrammarNews:
+        self.compiles.discard(tokens)
+        return self.take()
+
+    def take(self) -> GrammarNews:
+        return GrammarNews(self.compiles.take_done())
+
+    @property
+    def compiles(self) -> BackgroundCompiles:
+        if self._compiles is None:
+            self._compiles = self._runner.grammars.make_compiles(notify=self._announce)
+        return self._compiles
+
+    def _announce(self) -> None:
+        """On a compile thread. One small write: atomic on the pipe the ranks share."""
+        if self._news is None:
+            return
+        try:
+            self._news.send_bytes(b"")
+        except OSError:  # the executor went away; the rank ends with its pipe
+            logger.debug("the grammar news pipe closed")
+
+
+def _call(runner: ModelRunner, grammars: RankGrammars, call: WorkerCall) -> WorkerResult:
     match call:
         case ExecuteStep(encoded):
             return runner.execute(decode_step(encoded))
+        case CompileGrammar():
+            return grammars.compile(call)
+        case TakeGrammars():
+            return grammars.take()
+        case DiscardGrammars(tokens):
+            return grammars.discard(tokens)
         case MeasureKVBlocks():
             return runner.determine_num_blocks()
         case AllocateKVCache(num_blocks):

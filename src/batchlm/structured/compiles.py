@@ -85,6 +85,10 @@ class BackgroundCompiles:
     def start(self, request: EngineCoreRequest) -> bool:
         spec = request.sampling_params.structured_outputs
         assert spec is not None, "only a constrained request has a grammar to compile"
+        return self.start_spec(request.request_id, spec, tuple(request.eos_token_ids))
+
+    def start_spec(self, request_id: str, spec: StructuredOutputs, eos_token_ids: tuple[int, ...]) -> bool:
+        """start, given only what the compile needs (a tensor-parallel rank gets no whole request)."""
         key = spec.key
         with self._lock:
             if self._closed:
@@ -95,13 +99,13 @@ class BackgroundCompiles:
                 if key not in self._growing and backend.can_grow(spec):
                     # One more template of the grammar, for the mask threads (the request need not wait).
                     self._growing.add(key)
-                    self._enqueue(_Job(key, spec, tuple(request.eos_token_ids)))
+                    self._enqueue(_Job(key, spec, eos_token_ids))
                 return True
             if job is None:
-                job = self._jobs[key] = _Job(key, spec, tuple(request.eos_token_ids))
+                job = self._jobs[key] = _Job(key, spec, eos_token_ids)
                 self._enqueue(job)
-            job.waiting.append(request.request_id)
-            self._job_of[request.request_id] = job
+            job.waiting.append(request_id)
+            self._job_of[request_id] = job
             return False
 
     def _enqueue(self, job: _Job) -> None:

@@ -343,8 +343,12 @@ class ConstrainedSequences:
     def compiles(self) -> BackgroundCompiles:
         """The compiles of the grammars of requests the engine core holds back until theirs is ready
         (so that `add` finds it compiled)."""
+        return self.make_compiles()
+
+    def make_compiles(self, notify: Callable[[], None] | None = None) -> BackgroundCompiles:
+        """`compiles`, made on first call; notify: as BackgroundCompiles takes it (first call only)."""
         if self._compiles is None:
-            self._compiles = BackgroundCompiles(self._backends, self._backends.built)
+            self._compiles = BackgroundCompiles(self._backends, self._backends.built, notify=notify)
         return self._compiles
 
     def close(self) -> None:
