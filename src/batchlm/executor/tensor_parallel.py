@@ -203,6 +203,10 @@ class TensorParallelExecutor:
         self.processes[rank].join(timeout=1.0)
         self._fail(_exit_message(rank, self.processes[rank]))
 
+    def fail(self, reason: str) -> NoReturn:
+        """Stop every worker and raise TensorParallelError naming `reason`."""
+        self._fail(reason)
+
     def _fail(self, reason: str) -> NoReturn:
         self._stop_all(reason)
         raise TensorParallelError(self._failure)

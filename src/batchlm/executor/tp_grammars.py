@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 from batchlm.executor.messages import CompileGrammar, DiscardGrammars, GrammarCall, GrammarNews, TakeGrammars
 from batchlm.request import EngineCoreRequest
@@ -25,6 +25,8 @@ class GrammarRanks(Protocol):
     def call_grammars(self, call: GrammarCall) -> list[GrammarNews]: ...
 
     def check_health(self) -> None: ...
+
+    def fail(self, reason: str) -> NoReturn: ...
 
 
 @dataclass
@@ -133,7 +135,5 @@ class TensorParallelGrammars:
         except (EOFError, OSError):
             # Every worker has gone (only they write to it): say which.
             self._ranks.check_health()
-            from batchlm.executor.tensor_parallel import TensorParallelError
-
-            raise TensorParallelError("the tensor-parallel workers closed their grammar news pipe") from None
+            self._ranks.fail("the tensor-parallel workers closed their grammar news pipe")
         return had_news
