@@ -180,3 +180,15 @@ def blocking_worker_main(release: Any, entries: Any, *args: Any) -> None:
 
     runner_grammar.backend_factory = make_factory  # type: ignore[assignment]
     worker_main(*args)
+
+
+def first_finish_reason(front: Any) -> Any:
+    """Read a core loop's StepOutputs from `front` until one of its outputs finishes; its reason."""
+    from batchlm.executor.core_messages import StepOutputs
+
+    while True:
+        message = front.recv()
+        assert isinstance(message, StepOutputs)
+        finish = next((o.finish_reason for o in message.outputs if o.finish_reason is not None), None)
+        if finish is not None:
+            return finish

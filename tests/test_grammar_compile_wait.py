@@ -25,7 +25,14 @@ from batchlm.request import EngineCoreRequest
 from batchlm.runner import grammar as runner_grammar
 from batchlm.sampling_params import StructuredOutputs
 from batchlm.structured.llguidance_backend import LLGuidanceBackend
-from blocking_grammars import BLOCKED, FAILING, HANG_GUARD_S, Compiles, join_compile_threads
+from blocking_grammars import (
+    BLOCKED,
+    FAILING,
+    HANG_GUARD_S,
+    Compiles,
+    first_finish_reason,
+    join_compile_threads,
+)
 
 
 @pytest.fixture
@@ -174,12 +181,7 @@ def test_a_finished_compile_wakes_an_idle_core_loop(
     front.send(AddRequests((_request("constrained", 8, BLOCKED, eos),)))
     compiles.entered.wait()
     compiles.release.set()
-    finish = None
-    while finish is None:
-        message = front.recv()
-        assert isinstance(message, StepOutputs)
-        finish = next((o.finish_reason for o in message.outputs if o.finish_reason is not None), None)
-    assert finish in (FinishReason.STOP, FinishReason.LENGTH)
+    assert first_finish_reason(front) in (FinishReason.STOP, FinishReason.LENGTH)
     front.send(Shutdown())
     thread.join()
     loop.close()

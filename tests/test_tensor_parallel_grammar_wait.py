@@ -19,13 +19,13 @@ import pytest
 from batchlm import LLM, SamplingParams
 from batchlm.core.engine_core import EngineCore
 from batchlm.executor import core_process, tensor_parallel
-from batchlm.executor.core_messages import AddRequests, Shutdown, StepOutputs
+from batchlm.executor.core_messages import AddRequests, Shutdown
 from batchlm.executor.core_process import CoreLoop
 from batchlm.executor.tensor_parallel import TensorParallelError, TensorParallelExecutor
 from batchlm.outputs import CoreOutputs, FinishReason
 from batchlm.request import EngineCoreRequest
 from batchlm.sampling_params import StructuredOutputs
-from blocking_grammars import FAILING, RankCompiles
+from blocking_grammars import FAILING, RankCompiles, first_finish_reason
 
 pytestmark = pytest.mark.slow
 
@@ -159,12 +159,7 @@ def test_tp_finished_compiles_wake_an_idle_core_loop(
     front.send(AddRequests((_request("woken", StructuredOutputs(regex="[a-c]{3,6}"), eos),)))
     compiles.wait_entered(2)
     compiles.release.set()
-    finish = None
-    while finish is None:
-        message = front.recv()
-        assert isinstance(message, StepOutputs)
-        finish = next((o.finish_reason for o in message.outputs if o.finish_reason is not None), None)
-    assert finish in (FinishReason.STOP, FinishReason.LENGTH)
+    assert first_finish_reason(front) in (FinishReason.STOP, FinishReason.LENGTH)
     front.send(Shutdown())
     thread.join()
 
