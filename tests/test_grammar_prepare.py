@@ -101,3 +101,25 @@ def test_a_compiled_grammar_needs_no_wait_and_grows_a_template_in_the_background
     assert len(backend.compiled_cache.get_or_make(SLOW.key, lambda: pytest.fail()).templates) == 2
     assert not compiles.has_done()
     compiles.close()
+
+
+def test_an_abort_after_its_compile_finished_leaves_no_stale_wakeup(tiny_tokenizer) -> None:
+    # The core loop waits on `wakeup` while requests only wait for their grammar: left readable with
+    # no news to take (the finished request aborted before the core took it), it woke the loop at
+    # once, over and over, with nothing to drain it.
+    made = Compiles()
+    real = LLGuidanceBackend.from_hf(tiny_tokenizer.hf, 2080, EOS)
+    backend = BlockingBackend(real, made.release, made.entered)
+    compiles = BackgroundCompiles(lambda eos: backend, lambda: backend)
+    try:
+        assert not compiles.start(_request("a", BLOCKED))
+        made.release.set()
+        compiles.wait_done()
+        assert compiles.wakeup.poll()
+        compiles.discard(["a"])
+        assert not compiles.has_done()
+        assert not compiles.wakeup.poll(), "no news, yet the wakeup is readable"
+    finally:
+        made.release.set()
+        compiles.close()
+        join_compile_threads()

@@ -18,7 +18,7 @@ class GrammarCompiles(Protocol):
     @property
     def wakeup(self) -> Connection:
         """Readable once a compile has finished and take_done has news: a loop that waits on pipes
-        waits on this too. Drained by take_done."""
+        waits on this too. Drained by take_done, and by a discard that leaves no news."""
         ...
 
     def start(self, request: EngineCoreRequest) -> bool:

@@ -247,10 +247,11 @@ class Scheduler:
         all out of the batch until every sibling has run. Held requests are passed over (None: all are)."""
         held = self._held
         if held:
-            candidates = [state for state in self._waiting if state.request_id not in held]
-            if not candidates:
-                return None
-            return min(candidates, key=self._tickets.of) if self._tickets.num_groups else candidates[0]
+            candidates = (state for state in self._waiting if state.request_id not in held)
+            if self._tickets.num_groups:
+                return min(candidates, key=self._tickets.of, default=None)
+            # The first one not held: no scan of the whole queue for each admission.
+            return next(candidates, None)
         if not self._tickets.num_groups:
             return self._waiting[0]
         return min(self._waiting, key=self._tickets.of)

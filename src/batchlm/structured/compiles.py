@@ -37,7 +37,7 @@ class PreparingBackend(Protocol):
     def prepare(self, spec: StructuredOutputs) -> None: ...
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: two jobs of one spec are still two jobs
 class _Job:
     key: Hashable
     spec: StructuredOutputs
@@ -120,8 +120,7 @@ class BackgroundCompiles:
     def take_done(self) -> dict[str, str | None]:
         with self._lock:
             done, self._done = self._done, {}
-            while not self._closed and self._reader.poll():
-                self._reader.recv_bytes()
+            self._drain_wakeup()
         return done
 
     def wait_done(self) -> None:
@@ -140,6 +139,15 @@ class BackgroundCompiles:
                 if not job.waiting and job in self._queue:  # not started: nobody needs it now
                     self._queue.remove(job)
                     del self._jobs[job.key]
+            if not self._done:
+                # Its news were all of requests discarded now: a readable wakeup with nothing to take
+                # would wake a waiting loop at once, again and again.
+                self._drain_wakeup()
+
+    def _drain_wakeup(self) -> None:
+        """Under the lock: make `wakeup` unreadable (it is readable only while _done has news)."""
+        while not self._closed and self._reader.poll():
+            self._reader.recv_bytes()
 
     def close(self) -> None:
         with self._lock:
