@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from batchlm.server.background import BackgroundServer
+from batchlm.server.http_protocol import UVICORN_PARSER_WARNING, ParserRefusals
 from batchlm.server.state import ServerSettings
 from fake_engine import FakeEngine
 
@@ -297,3 +298,44 @@ def test_connections_past_the_cap_are_503_with_a_warning(caplog: pytest.LogCaptu
                 break
         else:
             pytest.fail("no connection was served after one closed")
+
+
+def test_a_refused_request_logs_one_throttled_warning_and_no_uvicorn_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level("WARNING"), BackgroundServer(FakeEngine()) as running:
+        for _ in range(3):
+            json_error(exchange(running.port, b"FOO / HTTP/1.1\r\nHost: x\r\n\r\n"), 400)
+    assert not [r for r in caplog.records if r.getMessage() == UVICORN_PARSER_WARNING]
+    # One line for the three (the next after a minute), naming the reason.
+    ours = [r.getMessage() for r in caplog.records if r.name == "batchlm.server.http_protocol"]
+    assert len(ours) == 1 and "refused with 400" in ours[0] and "Invalid method" in ours[0]
+
+
+def test_parser_refusals_warn_once_an_interval_with_the_count(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    refusals = ParserRefusals(interval_s=60.0, clock=lambda: now[0])
+    with caplog.at_level("WARNING", logger="batchlm.server.http_protocol"):
+        refusals.refused("Invalid method encountered", "10.0.0.1:5000")
+        refusals.refused("Invalid method encountered", "10.0.0.1:5001")
+        now[0] = 60.0
+        refusals.refused("Invalid header value char", "10.0.0.2:6000")
+    logged = [r.getMessage() for r in caplog.records]
+    assert len(logged) == 2
+    assert logged[0].startswith("1 request(s)") and "10.0.0.1:5000" in logged[0]
+    assert logged[1].startswith("2 request(s)") and "10.0.0.2:6000: Invalid header value" in logged[1]
+
+
+def test_uvicorn_warnings_other_than_the_parser_one_still_reach_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level("WARNING"), BackgroundServer(FakeEngine()) as running:
+        request = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: foo\r\n\r\n"
+        with connect(running.port) as sock:
+            sock.sendall(request)
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                chunk = sock.recv(65536)
+                assert chunk
+                answer += chunk
+    assert [r for r in caplog.records if r.getMessage() == "Unsupported upgrade request."]

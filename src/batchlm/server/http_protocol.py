@@ -11,7 +11,8 @@ client needs and uvicorn leaves out.
 - A cap on open connections (503 beyond, and a warning in the log).
 - A response of unknown length to an HTTP/1.0 client is ended by closing the connection: uvicorn sends
   it chunked, which HTTP/1.0 does not know.
-- A request the parser refuses gets its 400 as OpenAI-shaped JSON naming what is wrong.
+- A request the parser refuses gets its 400 as OpenAI-shaped JSON naming what is wrong, and a warning
+  at most once a minute in place of uvicorn's line for each (a client sending garbage fills no log).
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ DEFAULT_MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_KEEP_ALIVE_TIMEOUT_S = 5.0
 # Seconds between two warnings that connections are refused for want of file descriptors.
 CAP_WARNING_INTERVAL_S = 60.0
+# Seconds between two warnings that the HTTP parser refused requests.
+PARSER_WARNING_INTERVAL_S = 60.0
+# What uvicorn logs, unthrottled, for each request its parser refuses (ParserRefusals logs instead).
+UVICORN_PARSER_WARNING = "Invalid HTTP request received."
 
 
 class HeaderWatch:
@@ -104,6 +109,48 @@ class ConnectionCap:
         return False
 
 
+class ParserRefusals:
+    """The requests the HTTP parser refused (each answered 400), logged as one warning at most every
+    `interval_s`, with how many there were since the last and the latest's reason."""
+
+    def __init__(
+        self,
+        interval_s: float = PARSER_WARNING_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.interval_s = interval_s
+        self._clock = clock
+        self._refused = 0
+        self._warned_at: float | None = None
+
+    def refused(self, reason: str, client: str) -> None:
+        self._refused += 1
+        now = self._clock()
+        if self._warned_at is None or now - self._warned_at >= self.interval_s:
+            logger.warning(
+                "%d request(s) refused with 400: not valid HTTP (the latest, from %s: %s)",
+                self._refused,
+                client,
+                reason,
+            )
+            self._warned_at = now
+            self._refused = 0
+
+
+class _WithoutParserWarning(logging.LoggerAdapter[logging.Logger]):
+    """uvicorn's logger for a connection, less its warning for each request the parser refuses (which
+    ParserRefusals logs, throttled); every other record passes."""
+
+    @property
+    def level(self) -> int:  # uvicorn reads it to skip its trace records
+        return self.logger.level
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if level == logging.WARNING and msg == UVICORN_PARSER_WARNING:
+            return
+        super().log(level, msg, *args, **kwargs)
+
+
 class ServerConfig(uvicorn.Config):
     """uvicorn's Config with the limits GuardedHttpProtocol enforces, and what its connections share."""
 
@@ -122,6 +169,7 @@ class ServerConfig(uvicorn.Config):
         self.max_header_bytes = max_header_bytes
         self.header_watch = HeaderWatch(header_timeout_s)
         self.connection_cap = ConnectionCap(max_connections)
+        self.parser_refusals = ParserRefusals()
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
@@ -140,6 +188,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._max_header_bytes = config.max_header_bytes
         self._watch = config.header_watch
         self._cap = config.connection_cap
+        self._parser_refusals = config.parser_refusals
+        self.logger = _WithoutParserWarning(self.logger, {})  # type: ignore[assignment]
         # Between the first byte of a request and the end of its headers.
         self._reading_headers = False
         # Whether the request being read began in the data being parsed now.
@@ -208,6 +258,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         # Called by uvicorn while it handles the parser's error: that error says what is wrong.
         failure = sys.exc_info()[1]
         detail = str(failure) if failure is not None and str(failure) else msg
+        client = f"{self.client[0]}:{self.client[1]}" if self.client else "an unknown client"
+        self._parser_refusals.refused(detail.rstrip("."), client)
         self._refuse(APIError(400, f"Invalid HTTP request: {detail.rstrip('.')}."))
 
     def header_timed_out(self) -> None:
