@@ -27,8 +27,11 @@ from batchlm.engine.client import (
 from batchlm.engine.input_processor import InputProcessor, ValidatedRequest
 from batchlm.outputs import CompletionOutput, FinishReason, RequestMetrics, RequestOutput, TokenLogprobs
 from batchlm.sampling_params import SamplingParams
+from batchlm.tokenizer.tokenizer import NoChatTemplateError
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
+# Where the fake says its model lies, in errors that name it (never to be shown to clients).
+FAKE_MODEL_PATH = "/srv/models/fake-model"
 BOS_ID, EOS_ID = 1, 2
 BYTE_OFFSET = len(SPECIAL_TOKENS)
 
@@ -83,7 +86,9 @@ class FakeTokenizer:
         continue_final_message: bool = False,
     ) -> str:
         if not self.has_chat_template:
-            raise ValueError("this model has no chat template")
+            raise NoChatTemplateError(
+                f"the model {FAKE_MODEL_PATH} has no chat template; supply one with --chat-template"
+            )
         self.last_chat = {"messages": messages, "kwargs": chat_template_kwargs}
         text = "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages)
         if continue_final_message:

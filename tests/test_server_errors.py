@@ -11,9 +11,10 @@ import openai
 import pytest
 
 from batchlm.server.background import BackgroundServer
+from batchlm.server.prompts import _log_no_chat_template
 from batchlm.server.state import ServerSettings
 from error_shape import error_of
-from fake_engine import FakeEngine, metric_value, openai_client
+from fake_engine import FAKE_MODEL_PATH, FakeEngine, metric_value, openai_client
 
 USER = [{"role": "user", "content": "hi"}]
 CHAT = {"messages": USER, "max_tokens": 2}
@@ -264,12 +265,19 @@ def test_errors_are_counted_by_status(server: BackgroundServer) -> None:
     assert (metric_value(text, "batchlm_requests_total", 'outcome="error_400"') or 0) >= 1
 
 
-def test_no_chat_template_is_400() -> None:
+def test_no_chat_template_is_400_without_the_model_path(caplog: pytest.LogCaptureFixture) -> None:
+    _log_no_chat_template.cache_clear()
     engine = FakeEngine()
     engine.tokenizer.has_chat_template = False
-    with BackgroundServer(engine) as server:
-        error = error_of(post(server, "/v1/chat/completions", CHAT), 400)
-    assert "no chat template" in error["message"]
+    with caplog.at_level("WARNING", logger="batchlm.server.prompts"), BackgroundServer(engine) as server:
+        errors = [error_of(post(server, "/v1/chat/completions", CHAT), 400) for _ in range(2)]
+    for error in errors:
+        assert "no chat template" in error["message"] and "/v1/completions" in error["message"]
+        assert FAKE_MODEL_PATH not in error["message"] and "--chat-template" not in error["message"]
+        assert error["code"] == "no_chat_template"
+    # The operator's detail goes to the log, once however many requests are refused.
+    logged = [r.getMessage() for r in caplog.records if r.name == "batchlm.server.prompts"]
+    assert len(logged) == 1 and FAKE_MODEL_PATH in logged[0] and "--chat-template" in logged[0]
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/tokenize"])

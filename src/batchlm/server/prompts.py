@@ -7,6 +7,8 @@ counts exactly the tokens chat prefills."""
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 from typing import Any
 
 from batchlm.engine.chat_messages import template_conversation
@@ -17,10 +19,12 @@ from batchlm.server.protocol import ChatMessage, ChatPromptFields, DetokenizeReq
 from batchlm.server.responses import DetokenizeResponse, TokenizeResponse, TokenizerInfo
 from batchlm.server.state import ServerState
 from batchlm.tokenizer.batched_encoder import batched_encoder
-from batchlm.tokenizer.tokenizer import Tokenizer, checked_template_kwargs
+from batchlm.tokenizer.tokenizer import NoChatTemplateError, Tokenizer, checked_template_kwargs
 from batchlm.tools.prompting import template_inputs
 from batchlm.tools.spec import ToolPlan, tool_plan
 from batchlm.tools.use import template_tools, tool_prompt
+
+logger = logging.getLogger(__name__)
 
 # Texts longer than this (characters) are tokenized off the event loop; below a few hundred the
 # hand-off would cost more than it frees (BENCHMARKS.md, "Figures that left the source").
@@ -102,9 +106,24 @@ async def render_chat(
         size = sum(len(m["content"]) for m in converted)
         offload = size > RENDER_OFFLOAD_CHARS or len(converted) > RENDER_OFFLOAD_MESSAGES or bool(tools)
         text = await asyncio.to_thread(render) if offload else render()
+    except NoChatTemplateError as error:
+        _log_no_chat_template(str(error))
+        raise APIError(
+            400,
+            "The model has no chat template, so chat messages cannot be rendered: send a text prompt to "
+            "/v1/completions, or ask the server's operator to supply a template.",
+            param="messages",
+            code="no_chat_template",
+        ) from error
     except Exception as error:  # the template runs on the client's messages and kwargs: their fault
         raise APIError(400, f"Could not apply the chat template: {error}", param="messages") from error
     return tokenizer.chat_ids(await encode_text(tokenizer, text, False, processor, param="messages"))
+
+
+@functools.lru_cache(maxsize=1)
+def _log_no_chat_template(detail: str) -> None:
+    """The operator's fix (the model's path, --chat-template), logged once rather than per request."""
+    logger.warning("a chat request was refused: %s", detail)
 
 
 def chat_template_of(state: ServerState, body: ChatPromptFields) -> str | None:

@@ -35,6 +35,11 @@ _RESERVED_TEMPLATE_KWARGS = frozenset(
 )  # fmt: skip
 
 
+class NoChatTemplateError(ValueError):
+    """The model has no chat template to render messages with (the message names the model's path and
+    the operator's option: for the log and the command line, not for API clients)."""
+
+
 class Tokenizer:
     """Wraps a transformers tokenizer with what the server and engine need.
 
@@ -189,7 +194,7 @@ class Tokenizer:
             (chat_template_kwargs or {}).get("tools") is not None
         )
         if template is None:
-            raise ValueError(
+            raise NoChatTemplateError(
                 f"the model {self.name_or_path or '(unnamed)'} has no chat template; supply one with "
                 "--chat-template (a file path or a literal Jinja string)"
             )
