@@ -1,11 +1,13 @@
 """The time limit on reading a request body: one timer for every read in progress, not one per read
-(a timer per request costs the event loop more than the rest of its body handling, under a burst)."""
+(SharedDeadline)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
 from typing import TypeVar
+
+from batchlm.server.shared_deadline import SharedDeadline
 
 T = TypeVar("T")
 
@@ -15,24 +17,19 @@ class BodyTimeout(Exception):
 
 
 class BodyWatch:
-    """Cancels the reads that have waited longer than `timeout_s` (at most half as long again: the
-    shared timer ticks every half timeout, and a read is cancelled at the second tick after it began)."""
+    """Cancels the reads that have waited longer than `timeout_s` (at most half as long again: see
+    SharedDeadline)."""
 
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
-        # Reads begun since the last tick, and those begun before it.
-        self._new: set[asyncio.Task[object]] = set()
-        self._old: set[asyncio.Task[object]] = set()
         self._expired: set[asyncio.Task[object]] = set()
-        self._timer: asyncio.TimerHandle | None = None
+        self._deadline: SharedDeadline[asyncio.Task[object]] = SharedDeadline(timeout_s, self._cancel)
 
     async def read(self, receiving: Awaitable[T]) -> T:
         """`receiving`'s result; BodyTimeout when it takes too long."""
         task = asyncio.current_task()
         assert task is not None
-        self._new.add(task)
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self.timeout_s / 2, self._tick)
+        self._deadline.watch(task)
         try:
             return await receiving
         except asyncio.CancelledError:
@@ -44,15 +41,8 @@ class BodyWatch:
                 uncancel()
             raise BodyTimeout from None
         finally:
-            self._new.discard(task)
-            self._old.discard(task)
+            self._deadline.forget(task)
 
-    def _tick(self) -> None:
-        for task in self._old:
-            self._expired.add(task)
-            task.cancel()
-        self._old, self._new = self._new, set()
-        waiting = bool(self._old)
-        self._timer = (
-            asyncio.get_running_loop().call_later(self.timeout_s / 2, self._tick) if waiting else None
-        )
+    def _cancel(self, task: asyncio.Task[object]) -> None:
+        self._expired.add(task)
+        task.cancel()

@@ -31,6 +31,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 from uvicorn.server import ServerState
 
 from batchlm.server.errors import RETRY_AFTER_S, APIError, ErrorObserver, error_response
+from batchlm.server.shared_deadline import SharedDeadline
 
 logger = logging.getLogger(__name__)
 
@@ -48,38 +49,24 @@ PARSER_WARNING_INTERVAL_S = 60.0
 UVICORN_PARSER_WARNING = "Invalid HTTP request received."
 
 
-class HeaderWatch:
-    """Calls header_timed_out() on the connections that have waited longer than `timeout_s` for a
-    request's headers (at most half as long again): one timer for all of them, ticking every half
-    timeout, rather than a timer per connection and request."""
+class ThrottledWarning:
+    """Events counted and logged as one warning at most every `interval_s`: `message`'s first argument
+    is how many there were since the last warning, the rest are the latest event's."""
 
-    def __init__(self, timeout_s: float) -> None:
-        self.timeout_s = timeout_s
-        # Connections watched since the last tick, and those watched since before it.
-        self._new: set[GuardedHttpProtocol] = set()
-        self._old: set[GuardedHttpProtocol] = set()
-        self._timer: asyncio.TimerHandle | None = None
+    def __init__(self, message: str, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.message = message
+        self.interval_s = interval_s
+        self._clock = clock
+        self._count = 0
+        self._warned_at: float | None = None
 
-    def add(self, connection: GuardedHttpProtocol) -> None:
-        """Start `connection`'s wait, unless it is already waiting (its deadline stays)."""
-        if connection in self._old or connection in self._new:
-            return
-        self._new.add(connection)
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self.timeout_s / 2, self._tick)
-
-    def discard(self, connection: GuardedHttpProtocol) -> None:
-        self._new.discard(connection)
-        self._old.discard(connection)
-
-    def _tick(self) -> None:
-        expired, self._old, self._new = self._old, self._new, set()
-        for connection in expired:
-            connection.header_timed_out()  # may add it again, to the new set
-        waiting = bool(self._old or self._new)
-        self._timer = (
-            asyncio.get_running_loop().call_later(self.timeout_s / 2, self._tick) if waiting else None
-        )
+    def count(self, *args: object) -> None:
+        self._count += 1
+        now = self._clock()
+        if self._warned_at is None or now - self._warned_at >= self.interval_s:
+            logger.warning(self.message, self._count, *args)
+            self._warned_at = now
+            self._count = 0
 
 
 class ConnectionCap:
@@ -89,27 +76,20 @@ class ConnectionCap:
 
     def __init__(self, limit: int | None) -> None:
         self.limit = limit
-        self._refused = 0
-        self._warned_at: float | None = None
+        self._refusals = ThrottledWarning(
+            "%d connection(s) refused with 503: %d are open, the most this server holds "
+            "(--max-connections; by default its open-file limit less a reserve)",
+            CAP_WARNING_INTERVAL_S,
+        )
 
     def admits(self, open_connections: int) -> bool:
         if self.limit is None or open_connections <= self.limit:
             return True
-        self._refused += 1
-        now = time.monotonic()
-        if self._warned_at is None or now - self._warned_at >= CAP_WARNING_INTERVAL_S:
-            logger.warning(
-                "%d connection(s) refused with 503: %d are open, the most this server holds "
-                "(--max-connections; by default its open-file limit less a reserve)",
-                self._refused,
-                self.limit,
-            )
-            self._warned_at = now
-            self._refused = 0
+        self._refusals.count(self.limit)
         return False
 
 
-class ParserRefusals:
+class ParserRefusals(ThrottledWarning):
     """The requests the HTTP parser refused (each answered 400), logged as one warning at most every
     `interval_s`, with how many there were since the last and the latest's reason."""
 
@@ -118,23 +98,12 @@ class ParserRefusals:
         interval_s: float = PARSER_WARNING_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.interval_s = interval_s
-        self._clock = clock
-        self._refused = 0
-        self._warned_at: float | None = None
+        super().__init__(
+            "%d request(s) refused with 400: not valid HTTP (the latest, from %s: %s)", interval_s, clock
+        )
 
     def refused(self, reason: str, client: str) -> None:
-        self._refused += 1
-        now = self._clock()
-        if self._warned_at is None or now - self._warned_at >= self.interval_s:
-            logger.warning(
-                "%d request(s) refused with 400: not valid HTTP (the latest, from %s: %s)",
-                self._refused,
-                client,
-                reason,
-            )
-            self._warned_at = now
-            self._refused = 0
+        self.count(client, reason)
 
 
 class _WithoutParserWarning(logging.LoggerAdapter[logging.Logger]):
@@ -167,7 +136,9 @@ class ServerConfig(uvicorn.Config):
         super().__init__(app, http=GuardedHttpProtocol, **options)
         self.observe = observe
         self.max_header_bytes = max_header_bytes
-        self.header_watch = HeaderWatch(header_timeout_s)
+        self.header_watch: SharedDeadline[GuardedHttpProtocol] = SharedDeadline(
+            header_timeout_s, GuardedHttpProtocol.header_timed_out
+        )
         self.connection_cap = ConnectionCap(max_connections)
         self.parser_refusals = ParserRefusals()
 
@@ -208,10 +179,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             # Closed at once: its file descriptor is what is short.
             self._refuse(APIError(503, message, code="too_many_connections", headers=headers), linger=False)
             return
-        self._watch.add(self)  # a connection that never sends a request is closed in time
+        self._watch.watch(self)  # a connection that never sends a request is closed in time
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._watch.discard(self)
+        self._watch.forget(self)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -226,10 +197,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             if self._header_bytes > self._max_header_bytes:
                 self._refuse(self._too_large())
                 return
-            self._watch.add(self)
+            self._watch.watch(self)
         elif self.timeout_keep_alive_task is None and self._idle():
             # Data that began no request (blank lines) stopped the keep-alive timer: this closes it instead.
-            self._watch.add(self)
+            self._watch.watch(self)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -239,7 +210,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._reading_headers = False
-        self._watch.discard(self)
+        self._watch.forget(self)
         size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
         if size > self._max_header_bytes:
             # Answered in turn as any request (after those pipelined before it), by an app that refuses it.
@@ -268,7 +239,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         if not self._lingering and not self._idle():
-            self._watch.add(self)
+            self._watch.watch(self)
             return
         self.transport.close()
 
@@ -312,8 +283,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.transport.write_eof()
         self._lingering = True
         self.flow.resume_reading()
-        self._watch.discard(self)
-        self._watch.add(self)
+        self._watch.forget(self)
+        self._watch.watch(self)
 
 
 def _delimit_by_close(cycle: RequestResponseCycle) -> None:
