@@ -142,7 +142,6 @@ class ConstrainedSequences:
 
     def __init__(self, make_backend: Callable[[tuple[int, ...]], GrammarBackend]) -> None:
         self._backends = LazyBackend(make_backend, hand_over_the_gil_sooner)
-        self._backend: GrammarBackend | None = None
         self._compiles: BackgroundCompiles | None = None
         self._sequences: dict[str, _Sequence] = {}
         self._worker: ThreadPoolExecutor | None = None
@@ -335,9 +334,12 @@ class ConstrainedSequences:
         return self.start_masks(rows).result()
 
     def _backend_for(self, eos_token_ids: tuple[int, ...]) -> GrammarBackend:
-        if self._backend is None:
-            self._backend = self._backends(eos_token_ids)
-        return self._backend
+        return self._backends(eos_token_ids)
+
+    @property
+    def _backend(self) -> GrammarBackend | None:
+        """The backend, once built (by `add` or by a compile thread)."""
+        return self._backends.built()
 
     @property
     def compiles(self) -> BackgroundCompiles:
