@@ -44,7 +44,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"engine"}),
     frozenset({"backends"}),
     frozenset(
-        {"server", "cli", "__main__", "generate_cli", "run_batch", "batch_file", "bench", ""}
+        {"server", "cli", "__main__", "generate_cli", "run_batch", "batch_client", "batch_file", "bench", ""}
     ),  # "" is the batchlm package's own __init__
 )
 

@@ -14,7 +14,8 @@ from batchlm.server.background import BackgroundServer
 from batchlm.server.prompts import _log_no_chat_template
 from batchlm.server.state import ServerSettings
 from error_shape import error_of
-from fake_engine import FAKE_MODEL_PATH, FakeEngine, metric_value, openai_client
+from fake_engine import FakeEngine, metric_value, openai_client
+from fake_tokenizer import FAKE_MODEL_PATH
 
 USER = [{"role": "user", "content": "hi"}]
 CHAT = {"messages": USER, "max_tokens": 2}

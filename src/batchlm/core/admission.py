@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import itertools
-from collections import Counter
+from collections import Counter, deque
 from typing import Protocol
 
+from batchlm.core.request_state import RequestState
 from batchlm.request import EngineCoreRequest
 
 
@@ -36,6 +37,21 @@ class AdmissionTickets:
 
     def of(self, state: _HasRequest) -> int:
         return self._tickets[_key(state.request)]
+
+    def next_in_line(self, waiting: deque[RequestState], held: set[str]) -> RequestState | None:
+        """The waiting sequence whose turn it is: the lowest ticket, first come first served among
+        equals. So the siblings of a large-n request take turns with the requests that arrived
+        meanwhile instead of keeping them all out of the batch until every sibling has run. Held
+        requests are passed over (None: all are)."""
+        if held:
+            candidates = (state for state in waiting if state.request_id not in held)
+            if self._group_sizes:
+                return min(candidates, key=self.of, default=None)
+            # The first one not held: no scan of the whole queue for each admission.
+            return next(candidates, None)
+        if not self._group_sizes:
+            return waiting[0]
+        return min(waiting, key=self.of)
 
     def admitted(self, request: EngineCoreRequest) -> None:
         if request.group_id:

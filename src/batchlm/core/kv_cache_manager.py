@@ -63,6 +63,15 @@ class KVCacheManager:
         table = self._tables.get(request_id)
         return table.block_ids if table is not None else []
 
+    def unsent_block_ids(self, state: RequestState) -> tuple[int, ...]:
+        """The blocks of the request's table not yet sent to the runner, now marked sent. Tables only
+        grow while held, and a preemption resets the count (the runner drops its copy), so these are
+        appends."""
+        block_ids = self.block_ids(state.request_id)
+        new_block_ids = tuple(block_ids[state.num_blocks_sent :])
+        state.num_blocks_sent = len(block_ids)
+        return new_block_ids
+
     def is_pending(self, block_hash: BlockHash) -> bool:
         return block_hash in self._pending
 

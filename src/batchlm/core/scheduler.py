@@ -14,8 +14,8 @@ from batchlm.core.request_state import RequestState, RequestStatus
 from batchlm.core.scheduler_config import SchedulerConfig
 from batchlm.core.speculation import Speculator
 from batchlm.core.speculative_step import SpeculativeSteps
-from batchlm.core.step_builder import InflightSteps, StepBuilder, new_request_data, sampled_by_request
-from batchlm.core.step_io import PLACEHOLDER_TOKEN_ID, ModelRunnerOutput, ScheduledChunk, SchedulerOutput
+from batchlm.core.step_builder import InflightSteps, StepBuilder, sampled_by_request
+from batchlm.core.step_io import ModelRunnerOutput, ScheduledChunk, SchedulerOutput
 from batchlm.core.stop_checker import check_stop
 from batchlm.core.token_output import ended_output, note_first_token, token_output
 from batchlm.outputs import CoreOutputs, EngineCoreOutput, FinishReason, TokenLogprobs
@@ -148,8 +148,8 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         """Pick this step's chunks: running requests first (in admission order), then admit waiting
-        ones first-come-first-served (fairly across n > 1 siblings: _next_to_admit) while the token
-        budget, max_num_seqs and blocks allow."""
+        ones first-come-first-served (fairly across n > 1 siblings: AdmissionTickets.next_in_line)
+        while the token budget, max_num_seqs and blocks allow."""
         step = StepBuilder(self.config.max_num_batched_tokens)
         self._schedule_running(step)
         if not step.preempted:
@@ -185,9 +185,7 @@ class Scheduler:
             if state.num_inflight_samples and num_expected >= state.token_limit:
                 index += 1  # its last token is being sampled: it finishes when that result arrives
                 continue
-            if speculative is not None and speculative.schedule(
-                step, state, len(running), self._new_block_ids
-            ):
+            if speculative is not None and speculative.schedule(step, state, len(running)):
                 index += 1
                 continue
             scheduled_end = state.num_computed_tokens + state.num_inflight_tokens
@@ -202,7 +200,7 @@ class Scheduler:
                     step.preempted = True
                     if victim is state:
                         return
-            self._add_chunk(step, state, num_new, table_changed=needs_blocks)
+            step.add_tokens(state, num_new, self.kv.unsent_block_ids(state) if needs_blocks else ())
             index += 1
 
     def needs_step_in_flight(self) -> bool:
@@ -211,7 +209,7 @@ class Scheduler:
 
     def _admit_waiting(self, step: StepBuilder) -> None:
         while self._waiting and step.budget > 0 and len(self._running) < self.config.max_num_seqs:
-            state = self._next_to_admit()
+            state = self._tickets.next_in_line(self._waiting, self._held)
             if state is None:
                 return  # every waiting request is held
             cached_blocks = self.kv.find_cached_prefix(state)
@@ -237,56 +235,7 @@ class Scheduler:
             if state.num_cached_tokens is None:  # its first admission (not a recomputation)
                 state.num_cached_tokens = num_cached_tokens
                 self._prompt_tokens_total += state.num_prompt_tokens
-            self._add_chunk(step, state, num_new)
-
-    def _next_to_admit(self) -> RequestState | None:
-        """The waiting sequence whose turn it is: the lowest ticket, first come first served among
-        equals. A request takes its ticket on arrival; n > 1 siblings share their request's, and it
-        moves to the back of the line each time one of them is admitted. So the siblings of a
-        large-n request take turns with the requests that arrived meanwhile instead of keeping them
-        all out of the batch until every sibling has run. Held requests are passed over (None: all are)."""
-        held = self._held
-        if held:
-            candidates = (state for state in self._waiting if state.request_id not in held)
-            if self._tickets.num_groups:
-                return min(candidates, key=self._tickets.of, default=None)
-            # The first one not held: no scan of the whole queue for each admission.
-            return next(candidates, None)
-        if not self._tickets.num_groups:
-            return self._waiting[0]
-        return min(self._waiting, key=self._tickets.of)
-
-    def _add_chunk(
-        self, step: StepBuilder, state: RequestState, num_new: int, table_changed: bool = True
-    ) -> None:
-        start = state.num_computed_tokens + state.num_inflight_tokens
-        end = start + num_new
-        if state.needs_runner_setup:
-            step.new_requests.append(new_request_data(state))
-            state.needs_runner_setup = False
-            state.known_to_runner = True
-        num_known = len(state.all_token_ids)
-        if end <= num_known:
-            token_ids = tuple(state.all_token_ids[start:end])
-        else:
-            # Past the known tokens: the one token the step in flight is sampling for this request.
-            assert start == num_known and num_new == 1, "only the token in flight may be unknown"
-            token_ids = _PLACEHOLDER_CHUNK
-        sample = end == num_known + state.num_inflight_samples
-        new_block_ids = self._new_block_ids(state) if table_changed else ()
-        chunk = ScheduledChunk(state.request_id, token_ids, start, new_block_ids, sample)
-        state.num_inflight_tokens += num_new
-        if sample:
-            state.num_inflight_samples += 1
-        step.add(chunk, state, num_new)
-
-    def _new_block_ids(self, state: RequestState) -> tuple[int, ...]:
-        """The blocks of the request's table not yet sent to the runner. Tables only grow while held,
-        and a preemption resets the count (the runner drops its copy), so these are appends."""
-        block_ids = self.kv.block_ids(state.request_id)
-        new_block_ids = tuple(block_ids[state.num_blocks_sent :])
-        state.num_blocks_sent = len(block_ids)
-        return new_block_ids
+            step.add_tokens(state, num_new, self.kv.unsent_block_ids(state))
 
     def _preempt(self, state: RequestState) -> None:
         """Free the request's blocks and queue it first for recomputation (its tokens are kept)."""
@@ -419,6 +368,3 @@ class Scheduler:
             self._speculative.speculator.retire(state)
         if state.known_to_runner:
             self._dropped_ids.add(state.request_id)
-
-
-_PLACEHOLDER_CHUNK = (PLACEHOLDER_TOKEN_ID,)

@@ -14,8 +14,6 @@ from batchlm.outputs import TokenLogprobs
 
 # (request, token, its logprobs, the prompt's logprobs: given with the first token a request reports)
 AppendToken = Callable[[RequestState, int, "TokenLogprobs | None", tuple[TokenLogprobs, ...]], None]
-# The blocks of a request's table not yet sent to the runner (marking them sent).
-NewBlockIdsOf = Callable[[RequestState], tuple[int, ...]]
 
 
 class SpeculativeSteps:
@@ -42,9 +40,7 @@ class SpeculativeSteps:
         """Whether a step may take the speculative path (or must: a verify chunk is in flight)."""
         return bool(self.in_flight) or self.speculator.step_allows(num_running)
 
-    def schedule(
-        self, step: StepBuilder, state: RequestState, num_running: int, new_block_ids_of: NewBlockIdsOf
-    ) -> bool:
+    def schedule(self, step: StepBuilder, state: RequestState, num_running: int) -> bool:
         """Try to make this step's chunk for a decoding request a verify chunk. True when the request
         is handled for this step: a verify chunk was added, it sits out the step (its verify chunk is
         in flight), or it waits for its in-flight token (async scheduling) because its recent
@@ -74,7 +70,7 @@ class SpeculativeSteps:
         table_changed = state.num_computed_tokens + num_new > state.num_blocks_sent * self.block_size
         if table_changed and not self.kv.grow(state, num_new):
             return False  # drafts never preempt anyone: decode plainly instead
-        new_block_ids = new_block_ids_of(state) if table_changed else ()
+        new_block_ids = self.kv.unsent_block_ids(state) if table_changed else ()
         token_ids = (state.all_token_ids[-1], *drafts)
         chunk = ScheduledChunk(
             state.request_id, token_ids, state.num_computed_tokens, new_block_ids, True, len(drafts)

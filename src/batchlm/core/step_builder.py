@@ -1,4 +1,5 @@
-"""One step under construction (chunks against the token budget) and the record of a step in flight."""
+"""One step under construction (requests' chunks against the token budget) and the record of a step in
+flight."""
 
 from __future__ import annotations
 
@@ -6,7 +7,13 @@ from collections import deque
 from dataclasses import dataclass
 
 from batchlm.core.request_state import RequestState
-from batchlm.core.step_io import ModelRunnerOutput, NewRequestData, ScheduledChunk, SchedulerOutput
+from batchlm.core.step_io import (
+    PLACEHOLDER_TOKEN_ID,
+    ModelRunnerOutput,
+    NewRequestData,
+    ScheduledChunk,
+    SchedulerOutput,
+)
 from batchlm.outputs import TokenLogprobs
 
 
@@ -58,6 +65,29 @@ class StepBuilder:
             self.prefills.append(chunk)
             self.prefill_states.append(state)
 
+    def add_tokens(self, state: RequestState, num_new: int, new_block_ids: tuple[int, ...]) -> None:
+        """Schedule the request's next num_new tokens (after those in flight) as one chunk, with the
+        blocks its table gained; runs once per scheduled request per step."""
+        start = state.num_computed_tokens + state.num_inflight_tokens
+        end = start + num_new
+        if state.needs_runner_setup:
+            self.new_requests.append(new_request_data(state))
+            state.needs_runner_setup = False
+            state.known_to_runner = True
+        num_known = len(state.all_token_ids)
+        if end <= num_known:
+            token_ids = tuple(state.all_token_ids[start:end])
+        else:
+            # Past the known tokens: the one token the step in flight is sampling for this request.
+            assert start == num_known and num_new == 1, "only the token in flight may be unknown"
+            token_ids = _PLACEHOLDER_CHUNK
+        sample = end == num_known + state.num_inflight_samples
+        chunk = ScheduledChunk(state.request_id, token_ids, start, new_block_ids, sample)
+        state.num_inflight_tokens += num_new
+        if sample:
+            state.num_inflight_samples += 1
+        self.add(chunk, state, num_new)
+
     def build(self, dropped_ids: frozenset[str]) -> tuple[SchedulerOutput, InflightStep]:
         scheduled = SchedulerOutput(
             chunks=(*self.decodes, *self.prefills),
@@ -101,3 +131,6 @@ def sampled_by_request(
         if chunk.sample and chunk.request_id not in sampled:
             raise RuntimeError(f"the model runner returned no token for request {chunk.request_id!r}")
     return sampled
+
+
+_PLACEHOLDER_CHUNK = (PLACEHOLDER_TOKEN_ID,)

@@ -3,11 +3,12 @@ tokens its grammar forbids (mlx-lm runs processors one request at a time)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 import numpy as np
 
+from batchlm.outputs import EngineCoreOutput, FinishReason
 from batchlm.request import EngineCoreRequest
 from batchlm.structured.backend import GrammarMatcher
 from batchlm.structured.compiles import BackgroundCompiles
@@ -59,3 +60,26 @@ class MLXGrammars:
         backend = self._backend(request.eos_token_ids)
         matcher = backend.matcher(spec)
         return [GrammarProcessor(matcher, len(request.prompt_token_ids), backend.bitmask_words)]
+
+
+def grammar_processors(
+    grammars: MLXGrammars | None, requests: Sequence[EngineCoreRequest]
+) -> tuple[dict[str, list[GrammarProcessor]], list[EngineCoreOutput]]:
+    """Each request's grammar processors (none when unconstrained), and ERROR outputs for the requests
+    whose grammar does not compile, or that need a grammar from a loop built without a backend (only
+    they fail)."""
+    processors: dict[str, list[GrammarProcessor]] = {}
+    failed = []
+    for request in requests:
+        try:
+            if request.sampling_params.structured_outputs is not None and grammars is None:
+                raise ValueError(
+                    "structured outputs need a grammar backend, and this loop was built without one"
+                )
+            processors[request.request_id] = grammars.processors_for(request) if grammars is not None else []
+        except ValueError as exc:
+            message = f"the mlx backend could not start the request: {exc}"
+            failed.append(
+                EngineCoreOutput(request.request_id, (), finish_reason=FinishReason.ERROR, error=message)
+            )
+    return processors, failed

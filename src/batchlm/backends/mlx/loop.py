@@ -10,13 +10,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
-import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 
-from batchlm.backends.mlx.grammar import GrammarProcessor, MLXGrammars
+from batchlm.backends.mlx.grammar import GrammarProcessor, MLXGrammars, grammar_processors
 from batchlm.backends.mlx.logprobs import LogprobsQuery, token_logprobs
 from batchlm.backends.mlx.prompt_cache import CacheLookup, PromptCache
-from batchlm.backends.mlx.prompt_scores import PromptScores
+from batchlm.backends.mlx.prompt_scores import PromptScores, score_prompt
 from batchlm.backends.mlx.sampling import (
     RawLogprobsRecorder,
     SamplerFactory,
@@ -214,7 +213,7 @@ class GenerationLoop:
                 room -= 1
         if not admitted:
             return []
-        grammars, failed = self._grammar_processors(admitted)
+        grammars, failed = grammar_processors(self._grammars, admitted)
         admitted = [r for r in admitted if r.request_id in grammars]
         try:
             if admitted:
@@ -227,23 +226,6 @@ class GenerationLoop:
                 if r.request_id not in self._uid_of
             ]
         return failed
-
-    def _grammar_processors(
-        self, requests: list[EngineCoreRequest]
-    ) -> tuple[dict[str, list[GrammarProcessor]], list[EngineCoreOutput]]:
-        """Each request's grammar processors (none when unconstrained), and ERROR outputs for the
-        requests whose grammar does not compile (only they fail)."""
-        processors: dict[str, list[GrammarProcessor]] = {}
-        failed = []
-        for request in requests:
-            try:
-                processors[request.request_id] = self._grammar_processors_of(request)
-            except ValueError as exc:
-                message = f"the mlx backend could not start the request: {exc}"
-                failed.append(
-                    EngineCoreOutput(request.request_id, (), finish_reason=FinishReason.ERROR, error=message)
-                )
-        return processors, failed
 
     def _insert(self, requests: list[EngineCoreRequest], grammars: dict[str, list[GrammarProcessor]]) -> None:
         # A prompt whose logprobs were asked is scored first; the generator goes on from that forward's
@@ -259,7 +241,9 @@ class GenerationLoop:
             # Reused KV stands in for rows whose logprobs it reports: only as far as those are kept.
             kept = self.prompt_scores.covered(prompt, num_top)
             reused = self.prompt_cache.lookup(prompt, max_cached=len(kept))
-            scored, cache = self._score_prompt(request, reused, kept[: reused.num_cached])
+            scored, cache = score_prompt(
+                self.model, request, reused, kept[: reused.num_cached], PROMPT_SCORE_ROWS
+            )
             self.prompt_scores.keep(prompt, num_top, scored)
             scores[request.request_id] = scored
             lookups.append(CacheLookup(cache, len(prompt) - 1))
@@ -298,35 +282,6 @@ class GenerationLoop:
             running.prompt_logprobs = scores.get(request.request_id, ())
             self._running[uid] = running
             self._uid_of[request.request_id] = uid
-
-    def _score_prompt(
-        self, request: EngineCoreRequest, reused: CacheLookup, kept: tuple[TokenLogprobs, ...]
-    ) -> tuple[tuple[TokenLogprobs, ...], list[Any]]:
-        """The logprobs of each prompt token after the first: `kept` for the tokens 1..k whose KV
-        `reused` holds (the tokens 0..k-1), then from a forward of the rest but the last prompt token
-        (the generator keeps only the last position's logits), a slice of positions at a time; and the
-        KV cache that forward filled."""
-        from mlx_lm.models.cache import make_prompt_cache
-
-        prompt, num_top = request.prompt_token_ids, request.sampling_params.prompt_logprobs
-        assert num_top is not None and len(kept) == reused.num_cached
-        cache = reused.cache if reused.cache is not None else make_prompt_cache(self.model)
-        scored = list(kept)
-        for start in range(reused.num_cached, len(prompt) - 1, PROMPT_SCORE_ROWS):
-            rows = prompt[start : min(start + PROMPT_SCORE_ROWS, len(prompt) - 1)]
-            logits = self.model(mx.array([rows]), cache=cache)[0].astype(mx.float32)
-            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            targets = prompt[start + 1 : start + 1 + len(rows)]
-            queries = [LogprobsQuery(logprobs[i], token, num_top) for i, token in enumerate(targets)]
-            scored += token_logprobs(queries)
-        return tuple(scored), cache
-
-    def _grammar_processors_of(self, request: EngineCoreRequest) -> list[GrammarProcessor]:
-        if request.sampling_params.structured_outputs is None:
-            return []
-        if self._grammars is None:
-            raise ValueError("structured outputs need a grammar backend, and this loop was built without one")
-        return list(self._grammars.processors_for(request))
 
     @staticmethod
     def _max_tokens(request: EngineCoreRequest) -> int:
