@@ -33,7 +33,6 @@ from batchlm.models.model_source import served_model_name
 from batchlm.outputs import EngineCoreOutput, RequestOutput
 from batchlm.request import EngineCoreRequest
 from batchlm.sampling_defaults import sampling_defaults
-from batchlm.structured.factory import tokenizer_grammar_check
 
 logger = logging.getLogger(__name__)
 
@@ -138,12 +137,7 @@ class StreamingFrontEnd(EngineClient, Generic[MessageT]):
         """Ready to take requests for the loaded model, named as the config and its directory say."""
         self._processor = OutputProcessor(self.tokenizer)
         defaults = sampling_defaults(self.config.generation_config, model_dir)
-        self.input_processor = InputProcessor(
-            facts,
-            self.tokenizer.max_chars_per_token,
-            defaults.max_new_tokens,
-            tokenizer_grammar_check(self.tokenizer.hf, facts.vocab_size),
-        )
+        self.input_processor = InputProcessor.for_model(facts, self.tokenizer, defaults.max_new_tokens)
         name = served_model_name(self.config, model_dir)
         aliases = tuple(sorted({self.config.model, str(model_dir)} - {name}))
         self.model_info = ServedModel(name, facts, aliases, defaults)

@@ -7,10 +7,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from batchlm.core.facts import ModelFacts
 from batchlm.engine.client import RequestRejectedError
 from batchlm.sampling_params import SamplingParams, StructuredOutputs
+from batchlm.structured.factory import tokenizer_grammar_check
+
+if TYPE_CHECKING:
+    from batchlm.tokenizer.tokenizer import Tokenizer
 
 CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
 
@@ -58,6 +63,15 @@ class InputProcessor:
         # The completion length of a request that sets none (the model's max_new_tokens), at most the
         # room the context leaves; None: all of that room.
         self.default_max_tokens = default_max_tokens
+
+    @classmethod
+    def for_model(
+        cls, facts: ModelFacts, tokenizer: Tokenizer, default_max_tokens: int | None
+    ) -> InputProcessor:
+        """The processor of a loaded model (every front end's and LLM's): its tokenizer bounds a text's
+        tokens and checks the tokens a grammar names."""
+        grammar_check = tokenizer_grammar_check(tokenizer.hf, facts.vocab_size)
+        return cls(facts, tokenizer.max_chars_per_token, default_max_tokens, grammar_check)
 
     def check_text_length(self, chars: int, param: str) -> None:
         """Refuse a text whose length alone shows it cannot fit the context, before tokenizing it: with

@@ -24,7 +24,6 @@ from batchlm.models.model_source import load_tokenizer, prepare_model_dir
 from batchlm.outputs import RequestOutput
 from batchlm.sampling_defaults import check_generation_config, sampling_defaults
 from batchlm.sampling_params import SamplingParams
-from batchlm.structured.factory import tokenizer_grammar_check
 from batchlm.tokenizer.chat_template import resolve_chat_template
 from batchlm.tokenizer.tokenizer import Tokenizer
 from batchlm.tools.prompting import template_inputs
@@ -60,10 +59,8 @@ class LLM:
         self.tokenizer = load_tokenizer(self.config, model_dir)
         self.engine_core, self.info = build_engine_core(self.config, model_dir)
         self.sampling_defaults = sampling_defaults(self.config.generation_config, model_dir)
-        self.input_processor = InputProcessor(
-            self.info,
-            default_max_tokens=self.sampling_defaults.max_new_tokens,
-            grammar_check=tokenizer_grammar_check(self.tokenizer.hf, self.info.vocab_size),
+        self.input_processor = InputProcessor.for_model(
+            self.info, self.tokenizer, self.sampling_defaults.max_new_tokens
         )
         self._counter = itertools.count()
         self._lock = threading.Lock()

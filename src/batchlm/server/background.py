@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -13,6 +12,7 @@ from types import TracebackType
 from batchlm.engine.client import EngineClient
 from batchlm.server.app import build_app
 from batchlm.server.launcher import GracefulServer, serve
+from batchlm.server.listener import bind_listener
 from batchlm.server.state import ServerSettings, ServerState
 
 
@@ -29,9 +29,7 @@ class BackgroundServer:
         start_engine: Callable[[], Awaitable[None]] | None = None,
         startup_timeout_s: float = 60.0,
     ) -> None:
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._socket.bind(("127.0.0.1", 0))
+        self._socket = bind_listener("127.0.0.1", 0)
         self.port: int = self._socket.getsockname()[1]
         self.settings = replace(settings or ServerSettings(), host="127.0.0.1", port=self.port)
         self.engine = engine

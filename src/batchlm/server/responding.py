@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -70,12 +71,13 @@ class ResponseContext:
     """What every chunk or response of one request repeats."""
 
     request_id: str
-    created: int
     # The served model name, as responses report it.
     model: str
     tokenizer: Tokenizer
     n: int
     include_usage: bool
+    # When the request was taken (Unix seconds), as its chunks and response say.
+    created: int = field(default_factory=lambda: int(time.time()), kw_only=True)
 
 
 ContextT = TypeVar("ContextT", bound=ResponseContext, covariant=True)

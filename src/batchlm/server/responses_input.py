@@ -296,15 +296,16 @@ def _chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | No
 
 
 def _chat_tool(tool: Any, where: str) -> dict[str, Any]:
-    kind = tool.get("type") if isinstance(tool, dict) else None
-    if kind != "function":
-        raise APIError(
-            400,
-            f"{where}: tools of type {kind!r} are not supported (only 'function' tools are).",
-            f"{where}.type",
-        )
+    _check_function_tool(tool, where, f"{where}.type")
     function = {key: value for key, value in tool.items() if key != "type"}
     return {"type": "function", "function": function}
+
+
+def _check_function_tool(tool: Any, where: str, param: str) -> None:
+    kind = tool.get("type") if isinstance(tool, dict) else None
+    if kind != "function":
+        message = f"{where}: tools of type {kind!r} are not supported (only 'function' tools are)."
+        raise APIError(400, message, param)
 
 
 _TOOL_CHOICE_FORMS = (
@@ -334,11 +335,7 @@ def _chat_allowed_tools(choice: dict[str, Any]) -> dict[str, Any]:
     named = []
     for i, tool in enumerate(tools):
         where = f"tool_choice.tools[{i}]"
-        if not isinstance(tool, dict) or tool.get("type") != "function":
-            kind = tool.get("type") if isinstance(tool, dict) else None
-            raise APIError(
-                400, f"{where}: tools of type {kind!r} are not supported (only 'function' tools are).", where
-            )
+        _check_function_tool(tool, where, where)
         if set(tool) != {"type", "name"} or not isinstance(tool["name"], str):
             raise APIError(400, f"{where} must be {{'type': 'function', 'name': <string>}}.", where)
         named.append({"type": "function", "function": {"name": tool["name"]}})

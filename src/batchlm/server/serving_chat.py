@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -119,7 +118,6 @@ async def prepare_chat(
         [engine_request] = await validated_requests(processor, [(None, prompt_ids)], params, names)
     context = ChatContext(
         request_id=request_id,
-        created=int(time.time()),
         model=info.served_model_name,
         tokenizer=tokenizer,
         n=body.n,

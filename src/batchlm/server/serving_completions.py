@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -127,7 +126,6 @@ async def create_completion(request: Request, body: CompletionRequest) -> Respon
         engine_requests = await validated_requests(processor, prompts, params, names)
     context = CompletionContext(
         request_id=f"cmpl-{uuid.uuid4().hex}",
-        created=int(time.time()),
         model=info.served_model_name,
         tokenizer=tokenizer,
         n=body.n,
