@@ -4,6 +4,7 @@ type used to pass the range checks and break the engine's step for every later c
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,8 @@ from batchlm import LLM, SamplingParams
 from batchlm.engine.client import RequestRejectedError
 from batchlm.engine.output_processor import OutputProcessor
 from batchlm.sampling_params import SamplingParamsError, StructuredOutputs, StructuredOutputsParams
+from batchlm.server.prompts import render_chat
+from batchlm.server.protocol import ChatCompletionRequest
 
 GREEDY = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 CONVERSATION = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
@@ -246,23 +249,32 @@ def test_chat_takes_messages_as_the_http_api_does(tiny_model_dir: Callable[..., 
         {"role": "assistant", "content": None, "tool_calls": [call]},
         {"role": "tool", "tool_call_id": "c1", "content": "2"},
     ]
-    # What the template is given: one string per message, "developer" as "system", arguments parsed.
+    # What the template is given: one string per message, "developer" as "system"; the template
+    # names no `tools`, so the call and its result are text (as SmolLM2's ChatML needs them).
     rendered_as = [
         {"role": "system", "content": "be brief"},
         {"role": "user", "content": "hi\nthere"},
-        {
-            "role": "assistant",
-            "content": "",
-            "tool_calls": [{**call, "function": {"name": "add", "arguments": {"x": 1}}}],
-        },
-        {"role": "tool", "tool_call_id": "c1", "content": "2"},
+        {"role": "assistant", "content": '<tool_call>\n{"name": "add", "arguments": {"x": 1}}\n</tool_call>'},
+        {"role": "user", "content": "<tool_response>\n2\n</tool_response>"},
     ]
     (output,) = llm.chat(sent, GREEDY, use_tqdm=False)
     expected = llm.get_tokenizer().hf.apply_chat_template(
         rendered_as, chat_template=STRING_CONTENT_TEMPLATE, add_generation_prompt=True, tokenize=False
     )
     assert output.prompt == expected
-    assert "<|im_start|>system\nbe brief" in expected and 'add{"x": 1}' in expected
+    assert "<|im_start|>system\nbe brief" in expected and '"arguments": {"x": 1}' in expected
+    # The HTTP API renders the same conversation to the same tokens.
+    request = ChatCompletionRequest.model_validate({"messages": sent})
+    http_ids = asyncio.run(
+        render_chat(
+            llm.get_tokenizer(),
+            request.messages,
+            add_generation_prompt=True,
+            continue_final_message=False,
+            chat_template_kwargs=None,
+        )
+    )
+    assert output.prompt_token_ids == http_ids
 
     image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
     with pytest.raises(RequestRejectedError, match="type 'image_url' are not supported") as caught:

@@ -155,10 +155,9 @@ class LLM:
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
             )
-            kwargs = chat_template_kwargs
-            if tools is not None:
-                tools_template = template or self.tokenizer.chat_template_for(tools=True)
-                converted, kwargs = template_inputs(converted, tools, tools_template, chat_template_kwargs)
+            # Always, as HTTP does: a template without tool support gets earlier calls and results as text.
+            rendering_template = template or self.tokenizer.chat_template_for(tools=tools is not None)
+            converted, kwargs = template_inputs(converted, tools, rendering_template, chat_template_kwargs)
             text, ids = self.tokenizer.chat_prompt(
                 converted, add_generation_prompt, kwargs, continue_final_message, template
             )
