@@ -147,6 +147,24 @@ def test_a_thinking_cut_short_is_all_reasoning(client: Any, engine: FakeEngine) 
     assert choice.message.content is None
 
 
+@pytest.mark.parametrize("max_tokens", [16, None], ids=["cut-while-thinking", "whole"])
+def test_the_stream_helper_adds_up_the_message_create_gives(
+    client: Any, engine: FakeEngine, max_tokens: int | None
+) -> None:
+    """The client's stream helper accumulates the deltas into the message: thinking cut short leaves
+    its content null there too, not the role chunk's empty text."""
+    engine.reply = REPLY
+    fields = {"model": "fake-model", "messages": USER, "max_tokens": max_tokens}
+    whole = client.chat.completions.create(**fields).choices[0].message
+    with client.chat.completions.stream(**fields) as stream:
+        for _ in stream:
+            pass
+        streamed = stream.current_completion_snapshot.choices[0].message
+    assert streamed.content == whole.content
+    assert streamed.reasoning_content == whole.reasoning_content
+    assert (whole.content is None) == (max_tokens is not None)
+
+
 def test_history_carries_the_thinking_to_the_template(client: Any, engine: FakeEngine) -> None:
     engine.reply = "Fine."
     messages = [*USER, {"role": "assistant", "content": "Paris.", "reasoning_content": THOUGHT}]

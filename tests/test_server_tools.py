@@ -99,6 +99,39 @@ def test_stream_helper_accumulates_the_calls(client: Any, engine: FakeEngine) ->
     assert final.choices[0].finish_reason == "tool_calls"
 
 
+CALL_ALONE = HERMES_REPLY.removeprefix("Let me look.\n")
+
+
+@pytest.mark.parametrize(
+    ("reply", "tool_choice"),
+    [
+        (CALL_ALONE, "auto"),
+        (HERMES_REPLY, "auto"),
+        ("Sunny.", "auto"),
+        (CALL_ALONE, "required"),
+        ("Hi.", "none"),
+    ],
+    ids=["call-alone", "text-then-call", "text", "required", "none"],
+)
+def test_the_stream_helper_adds_up_the_message_create_gives(
+    client: Any, engine: FakeEngine, reply: str, tool_choice: str
+) -> None:
+    """The client's stream helper accumulates the deltas into the message: the same as the response's,
+    content included (null for calls alone, as OpenAI streams them: not the role chunk's empty text)."""
+    engine.reply = reply
+    fields = {"model": "fake-model", "messages": USER, "tools": TOOLS, "tool_choice": tool_choice}
+    whole = client.chat.completions.create(**fields).choices[0]
+    with client.chat.completions.stream(**fields) as stream:
+        for _ in stream:
+            pass
+        streamed = stream.get_final_completion().choices[0]
+    assert streamed.message.content == whole.message.content
+    assert (streamed.message.content is None) == (reply == CALL_ALONE)
+    calls = [(c.function.name, c.function.arguments) for c in streamed.message.tool_calls or ()]
+    assert calls == [(c.function.name, c.function.arguments) for c in whole.message.tool_calls or ()]
+    assert streamed.finish_reason == whole.finish_reason
+
+
 def test_tool_choice_none_parses_nothing_and_prompts_for_no_calls(client: Any, engine: FakeEngine) -> None:
     engine.reply = HERMES_REPLY
     response = client.chat.completions.create(

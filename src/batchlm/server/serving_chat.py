@@ -278,7 +278,9 @@ class ChatFormatter(ResponseFormatter[ChatContext]):
         )
 
     def opening(self) -> Iterable[bytes]:
-        role = {"role": "assistant", "content": ""}
+        # A reply that may have no content (calls alone, thinking alone) starts with none: null, as OpenAI
+        # streams calls. A client adding up the deltas then gets the message the response would be.
+        role = {"role": "assistant", "content": None if self.context.reader is not None else ""}
         chunks = [self._chunk([ChatChunkChoice(index=i, delta=dict(role))]) for i in range(self.context.n)]
         if self.context.echoed:  # after the role chunks, as vLLM sends it
             echo = {"content": self.context.echoed}
