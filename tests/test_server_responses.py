@@ -221,6 +221,19 @@ def test_calls_come_as_function_call_items(client: Any, engine: FakeEngine) -> N
     assert engine.tokenizer.last_chat["messages"][-1] == {"role": "user", "content": "Weather in Paris?"}
 
 
+def test_a_function_tool_s_own_fields_at_their_plain_values_are_taken(
+    client: Any, engine: FakeEngine
+) -> None:
+    """The client's FunctionToolParam declares fields chat's functions lack (deferred loading, callers,
+    asynchronous calls, an output schema): at the values of a plain function they are no error."""
+    engine.reply = HERMES_REPLY
+    plain = {"defer_loading": False, "allowed_callers": ["direct"], "async": False, "output_schema": None}
+    tools = [{**FLAT_TOOLS[0], **plain, "strict": False}]
+    response = client.responses.create(model="fake-model", input="Weather in Paris?", tools=tools)
+    assert response.output[-1].type == "function_call" and response.output[-1].name == "get_weather"
+    assert response.tools[0].defer_loading is False  # echoed as sent
+
+
 def test_a_response_holds_the_items_its_stream_would(client: Any, engine: FakeEngine) -> None:
     engine.reply = f"Let me look.\n{HERMES_REPLY.removeprefix('Let me look.')}\nDone."
     whole = client.responses.create(model="fake-model", input="Weather?", tools=FLAT_TOOLS)
@@ -443,6 +456,26 @@ def test_message_parts_and_roles_are_read_as_chat_messages(client: Any, engine: 
         ),
         ({"tools": [{"type": "web_search"}]}, "tools[0].type", "only 'function'"),
         ({"tools": [{"type": "function", "name": "f", "bogus": 1}]}, "tools[0].bogus", "Extra inputs"),
+        (
+            {"tools": [{"type": "function", "name": "f", "defer_loading": True}]},
+            "tools[0].defer_loading",
+            "tool search",
+        ),
+        (
+            {"tools": [{"type": "function", "name": "f", "allowed_callers": ["programmatic"]}]},
+            "tools[0].allowed_callers",
+            "directly",
+        ),
+        (
+            {"tools": [{"type": "function", "name": "f", "async": True}]},
+            "tools[0].async",
+            "function_call_output",
+        ),
+        (
+            {"tools": [{"type": "function", "name": "f", "output_schema": {"type": "object"}}]},
+            "tools[0].output_schema",
+            "not supported",
+        ),
         ({"tools": FLAT_TOOLS, "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice", "nope"),
         ({"tool_choice": {"type": "allowed_tools", "tools": []}}, "tool_choice", "'required'"),
         ({"max_output_tokens": 0}, "max_output_tokens", "max_output_tokens"),

@@ -295,9 +295,27 @@ def _chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | No
     return None if tools is None else [_chat_tool(tool, f"tools[{i}]") for i, tool in enumerate(tools)]
 
 
+# A Responses function tool's fields that chat's functions lack: taken at the value that asks for
+# nothing more than a plain function (the openai client's types may send it), refused otherwise.
+FUNCTION_TOOL_RULES: tuple[UnsupportedRule, ...] = (
+    ("defer_loading", lambda v: not v, "deferred tools (loaded by tool search) are not supported"),
+    ("allowed_callers", lambda v: v in (None, ["direct"]), "the model calls tools directly, by its output"),
+    ("async", lambda v: not v, "calls are answered by 'function_call_output' items, not asynchronously"),
+    ("output_schema", lambda v: v is None, "a function's output is read as the text sent back"),
+)  # fmt: skip
+RESPONSES_ONLY_FUNCTION_FIELDS = frozenset(name for name, _, _ in FUNCTION_TOOL_RULES)
+
+
 def _chat_tool(tool: Any, where: str) -> dict[str, Any]:
     _check_function_tool(tool, where, f"{where}.type")
-    function = {key: value for key, value in tool.items() if key != "type"}
+    for name, accepted, why in FUNCTION_TOOL_RULES:
+        if not accepted(tool.get(name)):
+            raise APIError(400, f"{where}.{name} is not supported by this server: {why}.", f"{where}.{name}")
+    function = {
+        key: value
+        for key, value in tool.items()
+        if key != "type" and key not in RESPONSES_ONLY_FUNCTION_FIELDS
+    }
     return {"type": "function", "function": function}
 
 
