@@ -83,6 +83,7 @@ def test_fp8_kv_write_compiles() -> None:
         "BLOCK_SIZE": 16,
         "KV_HEADS": 8,
         "HEAD_DIM": 128,
+        "BLOCK_D": 128,
         "BLOCK_H": 8,
         "QUANTIZE": True,
         "FP8_LIMIT": 448.0,
@@ -97,7 +98,8 @@ def test_rope_folded_kv_write_compiles_and_waits_before_reading(cache: str) -> N
     types |= {"table_ptr": "*fp32", "cache_ptr": cache, "slot_ptr": "*i64", "inv_k_scale": "fp32"}
     types |= {"inv_v_scale": "fp32"}
     constants = {
-        "NUM_HEADS": 32, "HEADS_BLOCK": 32, "KV_HEADS": 8, "KV_BLOCK": 8, "HALF": 64, "BLOCK_SIZE": 16,
+        "NUM_HEADS": 32, "HEADS_BLOCK": 32, "KV_HEADS": 8, "KV_BLOCK": 8, "HALF": 64, "HALF_BLOCK": 64,
+        "BLOCK_SIZE": 16,
         "QUANTIZE": cache == "*fp8e4nv", "FP8_LIMIT": 448.0, "PDL": True,
     }  # fmt: skip
     compiled = compile_for_hopper(
@@ -118,7 +120,8 @@ def test_decode_over_an_fp8_cache_compiles(in_registers: bool) -> None:
     types |= {"out_ptr": "*bf16", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "qk_scale": "fp32"}
     config = paged_decode.FP8_DECODE_CONFIG
     constants = {
-        "BLOCK_SIZE": 16, "GROUP": 4, "BLOCK_G": 16, "HEAD_DIM": 128, "BLOCK_N": config.block_n,
+        "BLOCK_SIZE": 16, "GROUP": 4, "BLOCK_G": 16, "HEAD_DIM": 128, "BLOCK_D": 128,
+        "BLOCK_N": config.block_n,
         "NUM_SPLITS": 4, "DOT_PRECISION": "tf32", "FP8_IN_REGISTERS": in_registers,
         "WINDOWED": False, "SOFTCAP": False, "PDL": False,
     }  # fmt: skip
@@ -147,7 +150,8 @@ def test_a_split_decode_reads_its_first_tile_before_waiting(cache: str, num_spli
     types = {"q_ptr": "*bf16", "cache_ptr": cache, "block_table_ptr": "*i32", "seq_lens_ptr": "*i32"}
     types |= {"out_ptr": "*bf16", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "qk_scale": "fp32"}
     constants = {
-        "BLOCK_SIZE": 16, "GROUP": 4, "BLOCK_G": 16, "HEAD_DIM": 64, "BLOCK_N": 64, "NUM_SPLITS": num_splits,
+        "BLOCK_SIZE": 16, "GROUP": 4, "BLOCK_G": 16, "HEAD_DIM": 64, "BLOCK_D": 64, "BLOCK_N": 64,
+        "NUM_SPLITS": num_splits,
         "DOT_PRECISION": "tf32", "FP8_IN_REGISTERS": cache == "*fp8e4nv", "WINDOWED": False, "SOFTCAP": False,
     }  # fmt: skip
 
@@ -174,7 +178,7 @@ def test_a_split_decode_reads_its_first_tile_before_waiting(cache: str, num_spli
 def test_decode_reduce_reads_the_length_before_waiting_and_the_splits_after() -> None:
     types = {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "seq_lens_ptr": "*i32", "out_ptr": "*bf16"}
     constants = {
-        "HEAD_DIM": 64, "BLOCK_N": 64, "NUM_SPLITS": 64, "CHUNK": 16, "WINDOWED": False, "PDL": True,
+        "HEAD_DIM": 64, "BLOCK_D": 64, "BLOCK_N": 64, "NUM_SPLITS": 64, "CHUNK": 16, "WINDOWED": False, "PDL": True,
     }  # fmt: skip
     compiled = compile_for_hopper(paged_decode._reduce_kernel, types, constants, num_warps=4, launch_pdl=True)
     memory = memory_lines(compiled.asm["ptx"])
@@ -189,7 +193,8 @@ def test_prefill_over_an_fp8_cache_compiles() -> None:
     types = {"q_ptr": "*bf16", "cache_ptr": "*fp8e4nv", "block_table_ptr": "*i32", "seq_lens_ptr": "*i32"}
     types |= {"query_start_ptr": "*i32", "out_ptr": "*bf16", "qk_scale": "fp32"}
     constants = {
-        "BLOCK_SIZE": 16, "GROUP": 4, "BLOCK_M": 128, "TOKENS_PER_TILE": 32, "HEAD_DIM": 128, "BLOCK_N": 32,
+        "BLOCK_SIZE": 16, "GROUP": 4, "BLOCK_M": 128, "TOKENS_PER_TILE": 32, "HEAD_DIM": 128, "BLOCK_D": 128,
+        "BLOCK_N": 32,
         "DOT_PRECISION": "tf32",
     }  # fmt: skip
     compile_for_hopper(paged_prefill._prefill_kernel, types, constants, num_warps=8, num_stages=2)
@@ -266,7 +271,7 @@ def prologue_kernels() -> list[tuple[Any, dict[str, str], dict[str, Any], int]]:
     return [
         (fused_ops._rms_norm_kernel, norm, {"HAS_RESIDUAL": True, "BLOCK": 2048}, 8),
         (fused_ops._silu_and_mul_kernel, {"x_ptr": "*bf16", "out_ptr": "*bf16"}, {"BLOCK": 1024}, 4),
-        (fused_ops._rope_kernel, rope, {"HALF": 32, "HEADS_BLOCK": 32}, 4),
+        (fused_ops._rope_kernel, rope, {"HALF": 32, "HALF_BLOCK": 32, "HEADS_BLOCK": 32}, 4),
         (
             kv_write._write_kv_kernel,
             kv,
@@ -274,6 +279,7 @@ def prologue_kernels() -> list[tuple[Any, dict[str, str], dict[str, Any], int]]:
                 "BLOCK_SIZE": 16,
                 "KV_HEADS": 8,
                 "HEAD_DIM": 64,
+                "BLOCK_D": 64,
                 "BLOCK_H": 8,
                 "QUANTIZE": False,
                 "FP8_LIMIT": 448.0,
@@ -360,3 +366,64 @@ def test_race_draws_philox_once_per_four_columns(logits: str) -> None:
     )
     columns_per_thread = 2048 // (32 * num_warps)
     assert compiled.asm["ptx"].count("mul.hi") <= 20 * columns_per_thread // 4
+
+
+@pytest.mark.parametrize("head_dim", [80, 96])
+@pytest.mark.parametrize("cache", ["*bf16", "*fp8e4nv"])
+def test_attention_kernels_compile_for_head_dims_that_are_not_powers_of_two(
+    cache: str, head_dim: int
+) -> None:
+    # Phi-2's 80 and Phi-3's 96 are padded to 128 (tl.arange needs a power of two), with the
+    # dimension masks compiled in; each kernel must still fit Hopper's shared memory.
+    fp8 = cache == "*fp8e4nv"
+    heads = {"HEAD_DIM": head_dim, "BLOCK_D": 128}
+    attention = {"q_ptr": "*bf16", "cache_ptr": cache, "block_table_ptr": "*i32", "seq_lens_ptr": "*i32"}
+    attention |= {"out_ptr": "*bf16", "qk_scale": "fp32", "window": "i32", "softcap": "fp32"}
+    decode = paged_decode.FP8_DECODE_CONFIG if fp8 else paged_decode.DecodeConfig()
+    decode_types = attention | {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32"}
+    decode_constants = heads | {
+        "BLOCK_SIZE": 16, "GROUP": 3, "BLOCK_G": 16, "BLOCK_N": decode.block_n, "NUM_SPLITS": 4,
+        "DOT_PRECISION": "tf32", "FP8_IN_REGISTERS": decode.fp8_in_registers, "WINDOWED": True,
+        "SOFTCAP": True, "PDL": True,
+    }  # fmt: skip
+    compile_for_hopper(
+        paged_decode._decode_kernel, decode_types, decode_constants, aligned=True,
+        num_warps=decode.num_warps, num_stages=decode.num_stages, launch_pdl=True,
+    )  # fmt: skip
+    reduce_types = {
+        "part_out_ptr": "*fp32",
+        "part_lse_ptr": "*fp32",
+        "seq_lens_ptr": "*i32",
+        "out_ptr": "*bf16",
+    }
+    reduce_constants = heads | {"BLOCK_N": 64, "NUM_SPLITS": 4, "CHUNK": 4, "WINDOWED": False, "PDL": False}
+    compile_for_hopper(paged_decode._reduce_kernel, reduce_types, reduce_constants, num_warps=4)
+    prefill_types = attention | {"query_start_ptr": "*i32"}
+    for block_m, block_n, warps, stages in ((128, 32, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3)):
+        prefill_constants = heads | {
+            "BLOCK_SIZE": 16, "GROUP": 7, "BLOCK_M": block_m, "TOKENS_PER_TILE": block_m // 7,
+            "BLOCK_N": block_n, "DOT_PRECISION": "tf32", "WINDOWED": False, "SOFTCAP": False,
+        }  # fmt: skip
+        compile_for_hopper(
+            paged_prefill._prefill_kernel, prefill_types, prefill_constants, aligned=True, num_warps=warps,
+            num_stages=stages,
+        )  # fmt: skip
+    kv = {"key_ptr": "*bf16", "value_ptr": "*bf16", "cache_ptr": cache, "slot_ptr": "*i64"}
+    kv |= {"inv_k_scale": "fp32", "inv_v_scale": "fp32"}
+    kv_constants = heads | {
+        "BLOCK_SIZE": 16,
+        "KV_HEADS": 5,
+        "BLOCK_H": 8,
+        "QUANTIZE": fp8,
+        "FP8_LIMIT": 448.0,
+    }
+    compile_for_hopper(kv_write._write_kv_kernel, kv, kv_constants | {"PDL": False}, num_warps=4)
+    rotate = kv | {"q_ptr": "*bf16", "positions_ptr": "*i64", "table_ptr": "*fp32"}
+    rotate_constants = {
+        "NUM_HEADS": 15, "HEADS_BLOCK": 16, "KV_HEADS": 5, "KV_BLOCK": 8, "HALF": head_dim // 2,
+        "HALF_BLOCK": 64, "BLOCK_SIZE": 16, "QUANTIZE": fp8, "FP8_LIMIT": 448.0, "PDL": False,
+    }  # fmt: skip
+    compile_for_hopper(kv_write._rotate_write_kv_kernel, rotate, rotate_constants, num_warps=4)
+    rope = {"qk_ptr": "*bf16", "positions_ptr": "*i64", "cache_ptr": "*fp32"}
+    rope_constants = {"HALF": head_dim // 2, "HALF_BLOCK": 64, "HEADS_BLOCK": 32, "PDL": False}
+    compile_for_hopper(fused_ops._rope_kernel, rope, rope_constants, num_warps=4)

@@ -102,7 +102,9 @@ def test_write_kv_scatters_to_slots_and_skips_padding(dtype: torch.dtype, block_
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(32, 8, 64), (9, 3, 128), (4, 1, 16)])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim"), [(32, 8, 64), (9, 3, 128), (4, 1, 16), (32, 32, 96), (14, 2, 80)]
+)
 def test_rope_folded_into_the_kv_write_matches_rope_then_write(
     dtype: torch.dtype, fp8: bool, heads: int, kv_heads: int, head_dim: int
 ) -> None:

@@ -134,17 +134,24 @@ def _rope_kernel(
     head_stride,
     num_heads,
     HALF: tl.constexpr,
+    HALF_BLOCK: tl.constexpr,  # HALF padded to a power of two (tl.arange needs one): 48 -> 64
     HEADS_BLOCK: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_prologue(PDL)
     row = tl.program_id(0)
     position = tl.load(positions_ptr + row)
-    offsets = tl.arange(0, HALF)
-    cos = tl.load(cache_ptr + position * (2 * HALF) + offsets)
-    sin = tl.load(cache_ptr + position * (2 * HALF) + HALF + offsets)
+    offsets = tl.arange(0, HALF_BLOCK)
+    if HALF == HALF_BLOCK:
+        cos = tl.load(cache_ptr + position * (2 * HALF) + offsets)
+        sin = tl.load(cache_ptr + position * (2 * HALF) + HALF + offsets)
+    else:
+        cos = tl.load(cache_ptr + position * (2 * HALF) + offsets, mask=offsets < HALF, other=0.0)
+        sin = tl.load(cache_ptr + position * (2 * HALF) + HALF + offsets, mask=offsets < HALF, other=0.0)
     heads = tl.arange(0, HEADS_BLOCK)
     mask = heads[:, None] < num_heads
+    if HALF != HALF_BLOCK:
+        mask = mask & (offsets < HALF)[None, :]
     base = qk_ptr + row * row_stride + heads[:, None] * head_stride + offsets[None, :]
     x1 = tl.load(base, mask=mask, other=0.0)
     x2 = tl.load(base + HALF, mask=mask, other=0.0)
@@ -169,6 +176,7 @@ def rotary_embedding_(positions: torch.Tensor, heads: torch.Tensor, cos_sin_cach
         heads.stride(1),
         num_heads,
         HALF=head_dim // 2,
+        HALF_BLOCK=triton.next_power_of_2(head_dim // 2),
         HEADS_BLOCK=triton.next_power_of_2(num_heads),
         **pdl_launch(heads.device),
     )

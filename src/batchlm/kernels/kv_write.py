@@ -41,6 +41,7 @@ def _write_kv_kernel(
     BLOCK_SIZE: tl.constexpr,
     KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # HEAD_DIM padded to a power of two (tl.arange needs one)
     BLOCK_H: tl.constexpr,
     QUANTIZE: tl.constexpr,  # the cache is FP8: scale and clamp before the cast
     FP8_LIMIT: tl.constexpr,
@@ -54,8 +55,10 @@ def _write_kv_kernel(
         block = slot // BLOCK_SIZE
         offset = slot % BLOCK_SIZE
         heads = tl.arange(0, BLOCK_H)
-        dims = tl.arange(0, HEAD_DIM)
+        dims = tl.arange(0, BLOCK_D)
         mask = (heads < KV_HEADS)[:, None]
+        if HEAD_DIM != BLOCK_D:
+            mask = mask & (dims < HEAD_DIM)[None, :]
         src_k = key_ptr + token.to(tl.int64) * stride_kt + heads[:, None] * stride_kh + dims[None, :]
         src_v = value_ptr + token.to(tl.int64) * stride_vt + heads[:, None] * stride_vh + dims[None, :]
         dst = cache_ptr + block * stride_c_block + offset * stride_c_tok
@@ -99,6 +102,7 @@ def write_kv_cache(
         BLOCK_SIZE=block_size,
         KV_HEADS=num_kv_heads,
         HEAD_DIM=head_dim,
+        BLOCK_D=next_power_of_2(head_dim),
         BLOCK_H=next_power_of_2(num_kv_heads),
         QUANTIZE=kv_cache.dtype == FP8_DTYPE,
         FP8_LIMIT=FP8_MAX,
@@ -122,8 +126,8 @@ def _rotate_write_kv_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_c_kv, stride_c_block, stride_c_tok, stride_c_head,
     NUM_HEADS: tl.constexpr, HEADS_BLOCK: tl.constexpr, KV_HEADS: tl.constexpr, KV_BLOCK: tl.constexpr,
-    HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, QUANTIZE: tl.constexpr, FP8_LIMIT: tl.constexpr,
-    PDL: tl.constexpr,
+    HALF: tl.constexpr, HALF_BLOCK: tl.constexpr,  # HALF padded to a power of two (tl.arange needs one)
+    BLOCK_SIZE: tl.constexpr, QUANTIZE: tl.constexpr, FP8_LIMIT: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     pdl_prologue(PDL)
     row = tl.program_id(0)
@@ -132,22 +136,33 @@ def _rotate_write_kv_kernel(
     # for it. Rows past the slots (a graph's padded queries) and padding slots (-1) own no slot.
     position = tl.load(positions_ptr + row)
     slot = tl.load(slot_ptr + row, mask=row < num_slots, other=-1).to(tl.int64)
-    dims = tl.arange(0, HALF)
-    cos = tl.load(table_ptr + position * (2 * HALF) + dims)
-    sin = tl.load(table_ptr + position * (2 * HALF) + HALF + dims)
+    dims = tl.arange(0, HALF_BLOCK)
+    if HALF == HALF_BLOCK:
+        cos = tl.load(table_ptr + position * (2 * HALF) + dims)
+        sin = tl.load(table_ptr + position * (2 * HALF) + HALF + dims)
+    else:
+        cos = tl.load(table_ptr + position * (2 * HALF) + dims, mask=dims < HALF, other=0.0)
+        sin = tl.load(table_ptr + position * (2 * HALF) + HALF + dims, mask=dims < HALF, other=0.0)
     heads = tl.arange(0, HEADS_BLOCK)
     q_mask = heads[:, None] < NUM_HEADS
+    if HALF != HALF_BLOCK:
+        q_mask = q_mask & (dims < HALF)[None, :]
     q_base = q_ptr + row.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + dims[None, :]
     x1 = tl.load(q_base, mask=q_mask, other=0.0)
     x2 = tl.load(q_base + HALF, mask=q_mask, other=0.0)
     kv_heads = tl.arange(0, KV_BLOCK)
     kv_mask = (kv_heads[:, None] < KV_HEADS) & (slot >= 0)
+    v_mask = kv_mask  # broadcast to [KV_BLOCK, 2 * HALF_BLOCK] by the value loads
+    if HALF != HALF_BLOCK:
+        kv_mask = kv_mask & (dims < HALF)[None, :]
     k_base = key_ptr + row.to(tl.int64) * stride_kt + kv_heads[:, None] * stride_kh + dims[None, :]
     k1 = tl.load(k_base, mask=kv_mask, other=0.0)
     k2 = tl.load(k_base + HALF, mask=kv_mask, other=0.0)
-    head_dims = tl.arange(0, 2 * HALF)
+    head_dims = tl.arange(0, 2 * HALF_BLOCK)
+    if HALF != HALF_BLOCK:
+        v_mask = v_mask & (head_dims < 2 * HALF)[None, :]
     v_base = value_ptr + row.to(tl.int64) * stride_vt + kv_heads[:, None] * stride_vh + head_dims[None, :]
-    v = tl.load(v_base, mask=kv_mask, other=0.0)
+    v = tl.load(v_base, mask=v_mask, other=0.0)
     # The same products and sums as fused_ops' RoPE kernel, so the bits match it.
     cos_h = cos.to(x1.dtype)[None, :]
     sin_h = sin.to(x1.dtype)[None, :]
@@ -166,7 +181,7 @@ def _rotate_write_kv_kernel(
     tl.store(k_dst, r1.to(element), mask=kv_mask)
     tl.store(k_dst + HALF, r2.to(element), mask=kv_mask)
     v_dst = row_start + stride_c_kv + kv_heads[:, None] * stride_c_head + head_dims[None, :]
-    tl.store(v_dst, v.to(element), mask=kv_mask)
+    tl.store(v_dst, v.to(element), mask=v_mask)
 
 
 def rotate_and_write_kv_cache(
@@ -186,8 +201,8 @@ def rotate_and_write_kv_cache(
     check_kv_cache(kv_cache)
     tokens, num_heads, head_dim = query.shape
     _, _, block_size, num_kv_heads, cache_head_dim = kv_cache.shape
-    if cache_head_dim != head_dim or head_dim & (head_dim - 1) or head_dim < 2:
-        raise ValueError(f"head_dim must be a power of two matching the cache, got {head_dim}")
+    if cache_head_dim != head_dim or head_dim % 2:
+        raise ValueError(f"head_dim must be even and match the cache's {cache_head_dim}, got {head_dim}")
     if cos_sin_table.shape[-1] != head_dim or not cos_sin_table.is_contiguous():
         raise ValueError("the cos/sin table must be contiguous, one head_dim-wide row per position")
     for name, tensor in (("query", query), ("key", key), ("value", value)):
@@ -209,6 +224,7 @@ def rotate_and_write_kv_cache(
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         NUM_HEADS=num_heads, HEADS_BLOCK=next_power_of_2(num_heads),
         KV_HEADS=num_kv_heads, KV_BLOCK=next_power_of_2(num_kv_heads),
-        HALF=head_dim // 2, BLOCK_SIZE=block_size, QUANTIZE=kv_cache.dtype == FP8_DTYPE, FP8_LIMIT=FP8_MAX,
+        HALF=head_dim // 2, HALF_BLOCK=next_power_of_2(head_dim // 2), BLOCK_SIZE=block_size,
+        QUANTIZE=kv_cache.dtype == FP8_DTYPE, FP8_LIMIT=FP8_MAX,
         **pdl_launch(query.device),
     )  # fmt: skip

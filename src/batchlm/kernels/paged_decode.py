@@ -75,7 +75,8 @@ def _decode_kernel(
     stride_c_kv, stride_c_block, stride_c_tok, stride_c_head,
     stride_bt,
     BLOCK_SIZE: tl.constexpr,
-    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
     FP8_IN_REGISTERS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
@@ -106,25 +107,31 @@ def _decode_kernel(
         # tables come from the host before the step, and this step writes only each request's
         # newest token into the cache, so only that row is read again after the wait.
         tokens, in_range, offsets = tile_addresses(
-            block_row, start, end, stride_c_block, stride_c_tok, BLOCK_SIZE, HEAD_DIM, BLOCK_N, MASK_RANGE
+            block_row, start, end, stride_c_block, stride_c_tok, BLOCK_SIZE, BLOCK_D, BLOCK_N, MASK_RANGE
         )
         k_ptrs = kv_base + offsets
-        k = load_rows(k_ptrs, in_range, MASK_RANGE)
-        v = load_rows(k_ptrs + stride_c_kv, in_range, MASK_RANGE)
+        k = load_rows(k_ptrs, in_range, MASK_RANGE, HEAD_DIM, BLOCK_D)
+        v = load_rows(k_ptrs + stride_c_kv, in_range, MASK_RANGE, HEAD_DIM, BLOCK_D)
         wait_for_previous_kernel(PDL)
         newest = (in_range & (tokens == seq_len - 1))[:, None]
+        if HEAD_DIM != BLOCK_D:
+            newest = newest & (tl.arange(0, BLOCK_D) < HEAD_DIM)[None, :]
         k = tl.load(k_ptrs, mask=newest, other=k)
         v = tl.load(k_ptrs + stride_c_kv, mask=newest, other=v)
 
     groups = tl.arange(0, BLOCK_G)
-    dims = tl.arange(0, HEAD_DIM)
+    dims = tl.arange(0, BLOCK_D)
     heads = kv_head * GROUP + groups  # query heads of this KV group (HF repeat_kv order)
     head_mask = groups < GROUP
+    # [BLOCK_G, BLOCK_D]: real heads, and real dims where the head dim is padded (paged_tile.py)
+    row_mask = head_mask[:, None]
+    if HEAD_DIM != BLOCK_D:
+        row_mask = row_mask & (dims < HEAD_DIM)[None, :]
     q = tl.load(
         q_ptr + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + dims[None, :],
-        mask=head_mask[:, None],
+        mask=row_mask,
         other=0.0,
-    )  # [BLOCK_G, HEAD_DIM]
+    )  # [BLOCK_G, BLOCK_D]
     if cache_ptr.dtype.element_ty == tl.float8e4nv:
         # e4m3 is exact in fp16 as in bf16, and its tiles widen to fp16 faster (BENCHMARKS.md), so
         # they meet fp16 queries: scaled by a power of two into fp16's range, undone in qk_scale.
@@ -132,7 +139,7 @@ def _decode_kernel(
         shift = tl.maximum(tl.ceil(tl.log2(tl.max(tl.max(tl.abs(q32), 1), 0) / 16384.0)), 0.0)
         q = (q32 * tl.exp2(-shift)).to(tl.float16)
         qk_scale = qk_scale * tl.exp2(shift)
-    acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     row_max = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_G], dtype=tl.float32)
     rest = start
@@ -148,19 +155,19 @@ def _decode_kernel(
     acc, row_max, row_sum = attend_range(
         q, acc, row_max, row_sum, seq_len, kv_base, block_row, rest, end, end, qk_scale, window, softcap,
         stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
-        HEAD_DIM, BLOCK_N, MASK_RANGE, DOT_PRECISION, SOFTCAP, FP8_IN_REGISTERS,
+        HEAD_DIM, BLOCK_D, BLOCK_N, MASK_RANGE, DOT_PRECISION, SOFTCAP, FP8_IN_REGISTERS,
     )  # fmt: skip
     if NUM_SPLITS == 1:
         # Padding rows (seq_len 0) saw nothing: row_sum 0, output zeros.
         result = acc / tl.where(row_sum > 0.0, row_sum, 1.0)[:, None]
         out = out_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + dims[None, :]
-        tl.store(out, result.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
+        tl.store(out, result.to(out_ptr.dtype.element_ty), mask=row_mask)
     else:
         if start < end:
             # Each slice stores its normalised result and its log2-sum-exp weight.
             row = (seq.to(tl.int64) * num_heads + heads) * NUM_SPLITS + split  # [BLOCK_G]
             part = part_out_ptr + row[:, None] * HEAD_DIM + dims[None, :]
-            tl.store(part, acc / row_sum[:, None], mask=head_mask[:, None])
+            tl.store(part, acc / row_sum[:, None], mask=row_mask)
             tl.store(part_lse_ptr + row, row_max + tl.log2(row_sum), mask=head_mask)
 
 
@@ -174,6 +181,7 @@ def _reduce_kernel(
     stride_ob,
     stride_oh,
     HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # HEAD_DIM padded to a power of two
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     CHUNK: tl.constexpr,
@@ -192,22 +200,25 @@ def _reduce_kernel(
     # Only splits that started inside the visible span wrote anything.
     used_splits = tl.cdiv(span, tl.maximum(tokens_per_split, 1))
     base = (seq.to(tl.int64) * tl.num_programs(1) + head) * NUM_SPLITS
-    dims = tl.arange(0, HEAD_DIM)
+    dims = tl.arange(0, BLOCK_D)
     wait_for_previous_kernel(PDL)
     # One pass over chunks of CHUNK splits (bounding the registers a [splits, HEAD_DIM] tile would
     # take), merged by a running max: a chunk's weights and outputs load together, so the usual
     # case (every used split in the first chunk) waits on memory once.
     top = tl.full([1], -1.0e30, dtype=tl.float32)
     total = tl.zeros([1], dtype=tl.float32)
-    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for first in range(0, NUM_SPLITS, CHUNK):
         if first < used_splits:
             chunk = first + tl.arange(0, CHUNK)
             valid = chunk < used_splits
             lse = tl.load(part_lse_ptr + base + chunk, mask=valid, other=float("-inf"))
+            part_mask = valid[:, None]
+            if HEAD_DIM != BLOCK_D:
+                part_mask = part_mask & (dims < HEAD_DIM)[None, :]
             parts = tl.load(
                 part_out_ptr + (base + chunk)[:, None] * HEAD_DIM + dims[None, :],
-                mask=valid[:, None],
+                mask=part_mask,
                 other=0.0,
             )
             new_top = tl.maximum(top, tl.max(lse, 0))
@@ -216,9 +227,12 @@ def _reduce_kernel(
             total = total * rescale + tl.sum(weights, 0)
             acc = acc * rescale + tl.sum(parts * weights[:, None], 0)
             top = new_top
-    result = acc / tl.where(total > 0.0, total, 1.0)  # [HEAD_DIM]; seq_len 0: zeros
+    result = acc / tl.where(total > 0.0, total, 1.0)  # [BLOCK_D]; seq_len 0: zeros
     out = out_ptr + seq.to(tl.int64) * stride_ob + head * stride_oh + dims
-    tl.store(out, result.to(out_ptr.dtype.element_ty))
+    if HEAD_DIM == BLOCK_D:
+        tl.store(out, result.to(out_ptr.dtype.element_ty))
+    else:
+        tl.store(out, result.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
 
 
 def paged_decode_attention(
@@ -263,16 +277,16 @@ def paged_decode_attention(
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0), BLOCK_SIZE=shape.block_size,
         GROUP=shape.group_size, BLOCK_G=max(16, next_power_of_2(shape.group_size)),
-        HEAD_DIM=shape.head_dim, BLOCK_N=cfg.block_n, NUM_SPLITS=num_splits,
-        DOT_PRECISION=dot_precision(query.dtype), WINDOWED=window is not None, SOFTCAP=softcap is not None,
+        HEAD_DIM=shape.head_dim, BLOCK_D=next_power_of_2(shape.head_dim), BLOCK_N=cfg.block_n,
+        NUM_SPLITS=num_splits, DOT_PRECISION=dot_precision(query.dtype), WINDOWED=window is not None, SOFTCAP=softcap is not None,
         FP8_IN_REGISTERS=fp8_cache and cfg.fp8_in_registers, **pdl,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if num_splits > 1:
         _reduce_kernel[(batch, shape.num_heads)](
             part_out, part_lse, seq_lens, out, window or 0, out.stride(0), out.stride(1),
-            HEAD_DIM=shape.head_dim, BLOCK_N=cfg.block_n, NUM_SPLITS=num_splits,
-            CHUNK=min(16, next_power_of_2(num_splits)),
+            HEAD_DIM=shape.head_dim, BLOCK_D=next_power_of_2(shape.head_dim), BLOCK_N=cfg.block_n,
+            NUM_SPLITS=num_splits, CHUNK=min(16, next_power_of_2(num_splits)),
             WINDOWED=window is not None, num_warps=4, **pdl,
         )  # fmt: skip
     return out

@@ -109,7 +109,7 @@ def _prefill_kernel(
     stride_bt,
     BLOCK_SIZE: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
 ):  # fmt: skip
     req = tl.program_id(0)
@@ -123,18 +123,21 @@ def _prefill_kernel(
     if first_token < q_len:
         ctx_len = tl.load(seq_lens_ptr + req) - q_len  # tokens cached before this step's chunk
         rows = tl.arange(0, BLOCK_M)
-        dims = tl.arange(0, HEAD_DIM)
+        dims = tl.arange(0, BLOCK_D)  # HEAD_DIM padded to a power of two (paged_tile.py)
         tokens = first_token + rows // GROUP  # [BLOCK_M] token index within the chunk
         heads = kv_head * GROUP + rows % GROUP
         row_ok = (rows < TOKENS_PER_TILE * GROUP) & (tokens < q_len)
+        row_mask = row_ok[:, None]
+        if HEAD_DIM != BLOCK_D:
+            row_mask = row_mask & (dims < HEAD_DIM)[None, :]
         q_rows = (q_start + tokens).to(tl.int64)
         q = tl.load(
             q_ptr + q_rows[:, None] * stride_qt + heads[:, None] * stride_qh + dims[None, :],
-            mask=row_ok[:, None],
+            mask=row_mask,
             other=0.0,
-        )  # [BLOCK_M, HEAD_DIM]
+        )  # [BLOCK_M, BLOCK_D]
         q_pos = ctx_len + tokens  # absolute positions
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         row_max = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
         row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
         kv_base = cache_ptr + kv_head * stride_c_head
@@ -146,7 +149,7 @@ def _prefill_kernel(
             acc, row_max, row_sum = attend_range(
                 q, acc, row_max, row_sum, q_pos, kv_base, block_row, window_start, kv_end, kv_end,
                 qk_scale, window, softcap, stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
-                HEAD_DIM, BLOCK_N, MASK_WINDOW, DOT_PRECISION, SOFTCAP,
+                HEAD_DIM, BLOCK_D, BLOCK_N, MASK_WINDOW, DOT_PRECISION, SOFTCAP,
             )  # fmt: skip
         else:
             # Keys at or below the first token's position are visible to every row: no mask there.
@@ -154,16 +157,16 @@ def _prefill_kernel(
             acc, row_max, row_sum = attend_range(
                 q, acc, row_max, row_sum, q_pos, kv_base, block_row, 0, unmasked_stop, kv_end,
                 qk_scale, window, softcap, stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
-                HEAD_DIM, BLOCK_N, MASK_NONE, DOT_PRECISION, SOFTCAP,
+                HEAD_DIM, BLOCK_D, BLOCK_N, MASK_NONE, DOT_PRECISION, SOFTCAP,
             )  # fmt: skip
             acc, row_max, row_sum = attend_range(
                 q, acc, row_max, row_sum, q_pos, kv_base, block_row, unmasked_stop, kv_end, kv_end,
                 qk_scale, window, softcap, stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
-                HEAD_DIM, BLOCK_N, MASK_CAUSAL, DOT_PRECISION, SOFTCAP,
+                HEAD_DIM, BLOCK_D, BLOCK_N, MASK_CAUSAL, DOT_PRECISION, SOFTCAP,
             )  # fmt: skip
         result = acc / tl.where(row_sum > 0.0, row_sum, 1.0)[:, None]
         out = out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :]
-        tl.store(out, result.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(out, result.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
 def paged_prefill_attention(
@@ -209,7 +212,8 @@ def paged_prefill_attention(
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0), BLOCK_SIZE=shape.block_size,
         GROUP=shape.group_size, BLOCK_M=cfg.block_m, TOKENS_PER_TILE=tokens_per_tile,
-        HEAD_DIM=shape.head_dim, BLOCK_N=cfg.block_n, DOT_PRECISION=dot_precision(query.dtype),
+        HEAD_DIM=shape.head_dim, BLOCK_D=next_power_of_2(shape.head_dim), BLOCK_N=cfg.block_n,
+        DOT_PRECISION=dot_precision(query.dtype),
         WINDOWED=window is not None, SOFTCAP=softcap is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip

@@ -1,12 +1,16 @@
 """The inner step shared by the decode and prefill kernels: one online-softmax update over a paged KV tile.
 
-Query rows are [BLOCK_M, HEAD_DIM] (query heads of one KV group, possibly of several tokens); the
+Query rows are [BLOCK_M, BLOCK_D] (query heads of one KV group, possibly of several tokens); the
 tile is BLOCK_N consecutive context tokens gathered through the block table. Scores live in the log2
 domain (qk_scale already holds log2(e)), so exp2 replaces exp; the running max is kept scaled. An FP8
 cache's tiles are widened to the query dtype as they load (its value tiles, with FP8_IN_REGISTERS, to
 fp16 in registers); its k_scale is folded into qk_scale and its v_scale applied by the caller. A
 soft-cap cap * tanh(s / cap) reads the same in the log2 domain with the cap times log2(e) (`softcap`,
 used when SOFTCAP is set).
+
+tl.arange needs a power of two, so a head dim that is not one (80, 96) is padded to BLOCK_D, the next
+one: the padding reads as zeros in queries, keys and values, so it adds nothing to the scores and
+its outputs are never stored. Where HEAD_DIM == BLOCK_D (64, 128) no dimension mask is compiled in.
 """
 
 from __future__ import annotations
@@ -53,12 +57,12 @@ def widen_e4m3(codes):
 @triton.jit
 def tile_addresses(
     block_row, tile_start, kv_end, stride_c_block, stride_c_tok, BLOCK_SIZE: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_MODE: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK_MODE: tl.constexpr,
 ):  # fmt: skip
-    """(tokens [BLOCK_N], in_range [BLOCK_N], key offsets from kv_base [BLOCK_N, HEAD_DIM]) of the tile
+    """(tokens [BLOCK_N], in_range [BLOCK_N], key offsets from kv_base [BLOCK_N, BLOCK_D]) of the tile
     from `tile_start`, its block ids read from the request's block-table row."""
     tokens = tile_start + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, HEAD_DIM)
+    dims = tl.arange(0, BLOCK_D)
     in_range = tokens < kv_end
     if MASK_MODE == 0:
         blocks = tl.load(block_row + tokens // BLOCK_SIZE)
@@ -72,12 +76,20 @@ def tile_addresses(
 
 
 @triton.jit
-def load_rows(ptrs, in_range, MASK_MODE: tl.constexpr):
-    """A [BLOCK_N, HEAD_DIM] key or value tile; rows out of range read as zeros."""
-    if MASK_MODE == 0:
-        tile = tl.load(ptrs)
+def load_rows(ptrs, in_range, MASK_MODE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A [BLOCK_N, BLOCK_D] key or value tile; rows out of range, and the dimensions a head dim that is
+    not a power of two is padded with, read as zeros (they add nothing to the dots)."""
+    if HEAD_DIM == BLOCK_D:
+        if MASK_MODE == 0:
+            tile = tl.load(ptrs)
+        else:
+            tile = tl.load(ptrs, mask=in_range[:, None], other=0.0)
     else:
-        tile = tl.load(ptrs, mask=in_range[:, None], other=0.0)
+        in_head = tl.arange(0, BLOCK_D) < HEAD_DIM
+        if MASK_MODE == 0:
+            tile = tl.load(ptrs, mask=in_head[None, :], other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=in_range[:, None] & in_head[None, :], other=0.0)
     return tile
 
 
@@ -133,8 +145,8 @@ def values_update(
 
 @triton.jit
 def attend_tile(
-    q,  # [BLOCK_M, HEAD_DIM] query rows
-    acc,  # [BLOCK_M, HEAD_DIM] fp32 running numerator
+    q,  # [BLOCK_M, BLOCK_D] query rows
+    acc,  # [BLOCK_M, BLOCK_D] fp32 running numerator
     row_max,  # [BLOCK_M] fp32 running max score (log2 domain)
     row_sum,  # [BLOCK_M] fp32 running denominator
     q_pos,  # [BLOCK_M] int32 absolute positions (read only with MASK_CAUSAL / MASK_WINDOW)
@@ -146,19 +158,20 @@ def attend_tile(
     window,  # sliding window (read only with MASK_WINDOW)
     softcap,  # soft-cap * log2(e) (read only with SOFTCAP)
     stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SOFTCAP: tl.constexpr, FP8_IN_REGISTERS: tl.constexpr = False,  # widen FP8 values with widen_e4m3
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK_MODE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+    FP8_IN_REGISTERS: tl.constexpr = False,  # widen FP8 values with widen_e4m3
 ):  # fmt: skip
     tokens, in_range, offsets = tile_addresses(
-        block_row, tile_start, kv_end, stride_c_block, stride_c_tok, BLOCK_SIZE, HEAD_DIM, BLOCK_N, MASK_MODE
+        block_row, tile_start, kv_end, stride_c_block, stride_c_tok, BLOCK_SIZE, BLOCK_D, BLOCK_N, MASK_MODE
     )
     k_ptrs = kv_base + offsets
-    k = load_rows(k_ptrs, in_range, MASK_MODE)
+    k = load_rows(k_ptrs, in_range, MASK_MODE, HEAD_DIM, BLOCK_D)
     probs, rescale, row_max, row_sum = softmax_update(
         q, k, row_max, row_sum, q_pos, tokens, in_range, qk_scale, window, softcap,
         MASK_MODE, DOT_PRECISION, SOFTCAP,
     )  # fmt: skip
-    v = load_rows(k_ptrs + stride_c_kv, in_range, MASK_MODE)
+    v = load_rows(k_ptrs + stride_c_kv, in_range, MASK_MODE, HEAD_DIM, BLOCK_D)
     acc = values_update(acc, probs, rescale, v, q.dtype, DOT_PRECISION, FP8_IN_REGISTERS)
     return acc, row_max, row_sum
 
@@ -170,13 +183,13 @@ def attend_range(
     kv_stop,  # loop bound: tiles start below it
     kv_end,  # tokens at or past it are hidden (MASK_RANGE / MASK_CAUSAL / MASK_WINDOW)
     qk_scale, window, softcap, stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SOFTCAP: tl.constexpr, FP8_IN_REGISTERS: tl.constexpr = False,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK_MODE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, FP8_IN_REGISTERS: tl.constexpr = False,
 ):  # fmt: skip
     for tile_start in range(kv_start, kv_stop, BLOCK_N):
         acc, row_max, row_sum = attend_tile(
             q, acc, row_max, row_sum, q_pos, kv_base, block_row, tile_start, kv_end, qk_scale, window, softcap,
             stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
-            HEAD_DIM, BLOCK_N, MASK_MODE, DOT_PRECISION, SOFTCAP, FP8_IN_REGISTERS,
+            HEAD_DIM, BLOCK_D, BLOCK_N, MASK_MODE, DOT_PRECISION, SOFTCAP, FP8_IN_REGISTERS,
         )  # fmt: skip
     return acc, row_max, row_sum

@@ -10,6 +10,7 @@ import torch
 
 LOG2_E = 1.4426950408889634  # kernels score in the log2 domain: exp(x) = exp2(x * LOG2_E)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+MIN_HEAD_DIM = 16  # tl.dot's smallest inner dimension
 MAX_HEAD_DIM = 256
 
 
@@ -42,8 +43,9 @@ def check_kv_cache(kv_cache: torch.Tensor) -> None:
     if kv_cache.stride(-1) != 1:
         raise ValueError("kv_cache must be contiguous in head_dim (stride 1 on the last axis)")
     head_dim = kv_cache.shape[-1]
-    if head_dim > MAX_HEAD_DIM or head_dim < 16 or head_dim & (head_dim - 1):
-        raise ValueError(f"head_dim must be a power of two in [16, {MAX_HEAD_DIM}], got {head_dim}")
+    # Any width in range: the kernels pad one that is not a power of two (80, 96) to the next.
+    if head_dim > MAX_HEAD_DIM or head_dim < MIN_HEAD_DIM:
+        raise ValueError(f"head_dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {head_dim}")
 
 
 def check_paged_inputs(query: torch.Tensor, kv_cache: torch.Tensor) -> PagedShape:

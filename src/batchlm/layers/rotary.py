@@ -53,7 +53,7 @@ class RotaryEmbedding(nn.Module):
         if self.rotary_dim < self.head_dim:
             return self._rotate_leading(positions, query, key)
         fused = fused_ops_for(query)
-        if fused is not None and self.head_dim & (self.head_dim - 1) == 0:
+        if fused is not None:
             # GPU: one in-place kernel over q and k (adjacent in the fused qkv output) or one each.
             both = _adjacent_heads(query, key)
             for heads in (both,) if both is not None else (query, key):
@@ -78,8 +78,8 @@ class RotaryEmbedding(nn.Module):
 
     def fusable_table(self, query: torch.Tensor) -> torch.Tensor | None:
         """The cos | sin table when a GPU kernel may rotate these queries and their keys as the
-        in-place kernel does (every dimension turns, a power-of-two head); else None."""
-        if self.rotary_dim < self.head_dim or self.head_dim & (self.head_dim - 1):
+        in-place kernel does (every dimension turns); else None."""
+        if self.rotary_dim < self.head_dim:
             return None
         return self.cos_sin_cache if fused_ops_for(query) is not None else None
 
