@@ -14,12 +14,14 @@ wherever the reference's top two are further apart than that.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from batchlm.layers.quantization.forms import Int4Weight
 from batchlm.layers.quantization.fp8 import FP8
 from batchlm.layers.quantization.int4 import INT4, quantize_int4_groups
 from batchlm.layers.quantization.layer import MethodLayer
@@ -101,9 +103,44 @@ def test_awq_unpacks_its_interleaved_order() -> None:
 def test_compressed_tensors_int4_unpacks_to_the_packed_values() -> None:
     w = random_int4(16, 96, GROUP, symmetric=True, seed=4)
     parts = compressed_int4_tensors(w)
-    got = unpack_compressed_int4(parts["weight_packed"], parts["weight_scale"], parts["weight_shape"])
+    got = unpack_compressed_int4(parts["weight_packed"], parts["weight_scale"], parts["weight_shape"], GROUP)
     assert torch.equal(got.codes, w.codes) and torch.equal(got.zeros, w.zeros) and got.group_size == GROUP
     assert torch.equal(got.dequantize(), w.dequantize())
+
+
+def _ragged_int4(rows: int, cols: int, group_size: int, symmetric: bool) -> tuple[Int4Weight, torch.Tensor]:
+    """A weight whose inputs end in a partial group (a checkpoint stores ceil(cols / g) scales a row),
+    and the dense weight it stands for: w[r, c] = (code - zero[c // g]) * scale[c // g]."""
+    groups = -(-cols // group_size)
+    whole = random_int4(rows, groups * group_size, group_size, symmetric, seed=cols)
+    ragged = Int4Weight(whole.codes[:, :cols].contiguous(), whole.scales, whole.zeros, group_size)
+    return ragged, whole.dequantize()[:, :cols].contiguous()
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "awq", "ct"])
+def test_inputs_ending_in_a_partial_group_unpack_exactly(fmt: str) -> None:
+    # SmolLM2's 576-wide layers in GPTQ's groups of 128: five scales a row, the last for 64 inputs.
+    ragged, dense = _ragged_int4(16, 576, 128, symmetric=fmt == "ct")
+    if fmt == "gptq":
+        parts = gptq_tensors(ragged)
+        got = unpack_gptq(parts["qweight"], parts["qzeros"], parts["scales"], 128, zeros_minus_one=True)
+    elif fmt == "awq":
+        parts = awq_tensors(ragged)
+        got = unpack_awq(parts["qweight"], parts["qzeros"], parts["scales"], 128)
+    else:
+        parts = compressed_int4_tensors(ragged)
+        got = unpack_compressed_int4(
+            parts["weight_packed"], parts["weight_scale"], parts["weight_shape"], 128
+        )
+    assert got.group_size == 64 and got.scales.shape == (16, 9)
+    assert torch.equal(got.dequantize(), dense)
+
+
+def test_a_scale_count_that_does_not_fit_the_groups_is_refused() -> None:
+    ragged, _ = _ragged_int4(16, 576, 128, symmetric=True)
+    parts = compressed_int4_tensors(ragged)
+    with pytest.raises(ValueError, match="576 inputs in groups of 64 needs 9 scales"):
+        unpack_compressed_int4(parts["weight_packed"], parts["weight_scale"], parts["weight_shape"], 64)
 
 
 def test_one_known_word_unpacks_slot_by_slot() -> None:
@@ -120,22 +157,34 @@ def test_one_known_word_unpacks_slot_by_slot() -> None:
 # --- whole checkpoints through the loader ----------------------------------------------------
 
 
-def _int4_checkpoint(tmp_path: Path, fmt: str) -> tuple[Path, Path, dict[str, Any]]:
+@dataclass(frozen=True)
+class _DenseReference:
+    """The values a ragged 4-bit weight stands for (Int4Weight holds whole groups only)."""
+
+    weight: torch.Tensor
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight
+
+
+def _int4_checkpoint(tmp_path: Path, fmt: str, group: int = GROUP) -> tuple[Path, Path, dict[str, Any]]:
     dense = write_random_model(tmp_path / "dense", "llama", seed=5)
     symmetric = fmt == "ct"
+    packer = {"gptq": gptq_tensors, "awq": awq_tensors, "ct": compressed_int4_tensors}[fmt]
 
     def convert(module: str, weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], Any]:
-        w = random_int4(
-            weight.shape[0], weight.shape[1], GROUP, symmetric, seed=len(module) * 7 + weight.shape[0]
-        )
-        packer = {"gptq": gptq_tensors, "awq": awq_tensors, "ct": compressed_int4_tensors}[fmt]
+        rows, cols = weight.shape
+        if cols % group:
+            ragged, values = _ragged_int4(rows, cols, group, symmetric)
+            return packer(ragged), _DenseReference(values)
+        w = random_int4(rows, cols, group, symmetric, seed=len(module) * 7 + rows)
         return packer(w), w
 
     configs = {
-        "gptq": {"quant_method": "gptq", "bits": 4, "group_size": GROUP, "desc_act": False, "sym": False},
-        "awq": {"quant_method": "awq", "bits": 4, "group_size": GROUP, "zero_point": True, "version": "gemm"},
+        "gptq": {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False, "sym": False},
+        "awq": {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm"},
         "ct": compressed_config(
-            {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": GROUP},
+            {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": group},
             None,
             "pack-quantized",
         ),
@@ -145,8 +194,11 @@ def _int4_checkpoint(tmp_path: Path, fmt: str) -> tuple[Path, Path, dict[str, An
 
 
 @pytest.mark.parametrize("fmt", ["gptq", "awq", "ct"])
-def test_int4_checkpoint_loads_exact_weights_and_matching_logits(tmp_path: Path, fmt: str) -> None:
-    dense, quantized_dir, references = _int4_checkpoint(tmp_path, fmt)
+@pytest.mark.parametrize("group", [GROUP, 48], ids=["whole-groups", "a-partial-last-group"])
+def test_int4_checkpoint_loads_exact_weights_and_matching_logits(
+    tmp_path: Path, fmt: str, group: int
+) -> None:
+    dense, quantized_dir, references = _int4_checkpoint(tmp_path, fmt, group)
     loaded = load_model(quantized_dir, torch.float32, CPU, progress=False)
     layers = _layers(loaded)
     fused = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}

@@ -14,6 +14,8 @@ different axes and orders:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from batchlm.layers.quantization.forms import Int4Weight
@@ -35,6 +37,32 @@ def _group_size(group_size: int, in_features: int) -> int:
     return in_features if group_size <= 0 else group_size
 
 
+def whole_groups(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
+) -> Int4Weight:
+    """The weight over groups that divide its inputs. A checkpoint whose inputs end in a partial group
+    (576 inputs in groups of 128: five scales, the last for 64 inputs) is re-expressed exactly in groups
+    of gcd(inputs, group size), each taking its original group's scale and zero point."""
+    in_features = codes.shape[1]
+    group_size = _group_size(group_size, in_features)
+    groups = -(-in_features // group_size)
+    if scales.shape[1] != groups or zeros.shape[1] != groups:
+        raise ValueError(
+            f"a 4-bit weight of {in_features} inputs in groups of {group_size} needs {groups} scales and zero "
+            f"points a row; the checkpoint has {scales.shape[1]} and {zeros.shape[1]}"
+        )
+    if in_features % group_size == 0:
+        return Int4Weight(codes, scales, zeros, group_size)
+    finer = math.gcd(in_features, group_size)
+    count, repeat = in_features // finer, group_size // finer
+    return Int4Weight(
+        codes,
+        scales.repeat_interleave(repeat, dim=1)[:, :count].contiguous(),
+        zeros.repeat_interleave(repeat, dim=1)[:, :count].contiguous(),
+        finer,
+    )
+
+
 def unpack_gptq(
     qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int, zeros_minus_one: bool
 ) -> Int4Weight:
@@ -42,7 +70,7 @@ def unpack_gptq(
     zeros = unpack_words(qzeros).t().contiguous()  # [out, groups]
     if zeros_minus_one:
         zeros = zeros + 1
-    return Int4Weight(codes, scales.t().contiguous(), zeros, _group_size(group_size, codes.shape[1]))
+    return whole_groups(codes, scales.t().contiguous(), zeros, group_size)
 
 
 def unpack_awq(
@@ -50,7 +78,7 @@ def unpack_awq(
 ) -> Int4Weight:
     codes = _awq_outputs(unpack_words(qweight)).t().contiguous()  # [in, out] -> [out, in]
     zeros = _awq_outputs(unpack_words(qzeros)).t().contiguous()  # [groups, out] -> [out, groups]
-    return Int4Weight(codes, scales.t().contiguous(), zeros, _group_size(group_size, codes.shape[1]))
+    return whole_groups(codes, scales.t().contiguous(), zeros, group_size)
 
 
 def _awq_outputs(slots: torch.Tensor) -> torch.Tensor:
@@ -61,7 +89,7 @@ def _awq_outputs(slots: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_compressed_int4(
-    weight_packed: torch.Tensor, weight_scale: torch.Tensor, weight_shape: torch.Tensor
+    weight_packed: torch.Tensor, weight_scale: torch.Tensor, weight_shape: torch.Tensor, group_size: int
 ) -> Int4Weight:
     out_features, in_features = (int(v) for v in weight_shape.tolist())
     codes = unpack_words(weight_packed)[:, :in_features]
@@ -71,4 +99,4 @@ def unpack_compressed_int4(
         )
     groups = weight_scale.shape[1]
     zeros = torch.full((out_features, groups), SYMMETRIC_ZERO, dtype=torch.uint8, device=codes.device)
-    return Int4Weight(codes, weight_scale.contiguous(), zeros, in_features // groups)
+    return whole_groups(codes, weight_scale.contiguous(), zeros, group_size)

@@ -223,7 +223,9 @@ class Assembler:
             )
         if kind == AWQ:
             return unpack_awq(parts["qweight"], parts["qzeros"], parts["scales"], self.scheme.group_size)
-        return unpack_compressed_int4(parts["weight_packed"], parts["weight_scale"], parts["weight_shape"])
+        return unpack_compressed_int4(
+            parts["weight_packed"], parts["weight_scale"], parts["weight_shape"], self.scheme.group_size
+        )
 
 
 def fp8_weight(weight: torch.Tensor, scale: torch.Tensor, input_scale: torch.Tensor | None) -> Fp8Weight:
