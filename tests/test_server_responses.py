@@ -440,7 +440,10 @@ def test_message_parts_and_roles_are_read_as_chat_messages(client: Any, engine: 
             "input[1].role",
             "invalid role",
         ),
-        ({"input": [{"type": "item_reference", "id": "x"}]}, "input[0].type", "not supported"),
+        # An item_reference names a stored item (tests/test_server_responses_items.py).
+        ({"input": [{"type": "item_reference", "id": "x"}]}, "input[0].id", "Item with id 'x' not found."),
+        ({"input": [{"type": "item_reference"}]}, "input[0].id", "must be a string"),
+        ({"input": [{"type": "web_search_call", "id": "ws_1"}]}, "input[0].type", "not supported"),
         # Not objects: the item at fault is named, not the string `input` may also be.
         ({"input": [{"role": "user", "content": "a"}, "b"]}, "input[1]", "must be an object"),
         ({"input": [None]}, "input[0]", "must be an object"),

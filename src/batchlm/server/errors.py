@@ -178,8 +178,10 @@ def required_body_fields(request: Request) -> list[str]:
 
 
 def param_from_loc(loc: Sequence[Any]) -> str | None:
-    """("body", "messages", 0, "content", "str") -> "messages[0].content"."""
+    """("body", "messages", 0, "content", "str") -> "messages[0].content"; ("query", "limit") -> "limit"."""
     param = ""
+    if loc and loc[0] in ("query", "path"):  # a URL's parameter is named as the client wrote it
+        loc = loc[1:]
     for part in loc:
         if isinstance(part, int):
             param += f"[{part}]"

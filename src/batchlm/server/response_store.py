@@ -5,7 +5,9 @@ on any of them), written before the response's last event is sent. Responses are
 (a response and all that continue it): beyond the capacity, the conversations continued least recently
 go whole, so that a long agent session is never cut at its oldest turn while it goes on. Nothing is
 synced to disk: the store lives as long as the server. The lookups the routes make run off the event
-loop and answer a missing response with its HTTP error."""
+loop and answer a missing response with its HTTP error. Every item of a stored response (its input
+items, each given an id, and its output items) is indexed by id beside it, for `item_reference` input
+items and GET /v1/responses/{id}/input_items; removing a response removes its items."""
 
 from __future__ import annotations
 
@@ -16,17 +18,25 @@ import os
 import re
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from batchlm.server.errors import APIError
+from batchlm.server.response_items import check_page_query, page_of, stored_input_items
 
 # The ids this server gives responses; no other is looked up.
 RESPONSE_ID = re.compile(r"resp_[0-9a-f]{32}")
 DATABASE_NAME = "responses.sqlite3"
 TABLE = "stored_responses"
+# Item id -> the item, for each item of each stored response.
+ITEMS = "stored_items"
+# The database's schema (SQLite's user_version). 0: responses alone; 1: their items indexed, and every
+# input item stored with an id. A file of an older version is upgraded in place when opened.
+SCHEMA_VERSION = 1
+# Ids looked up in one query (SQLite bounds a statement's parameters).
+LOOKUP_CHUNK = 500
 # Seconds a process waits for another one's write to the database before failing.
 LOCK_TIMEOUT_S = 10.0
 
@@ -55,6 +65,15 @@ class StoredResponse:
         """What a continuation reads of this turn: its input, then its output items."""
         output: list[dict[str, Any]] = self.response.get("output") or []
         return [*self.input_items, *output]
+
+
+def _item_rows(response_id: str, stored: StoredResponse) -> list[tuple[str, str, str]]:
+    """(item id, response id, item JSON) of each of a response's items that has an id."""
+    return [
+        (item["id"], response_id, json.dumps(item, ensure_ascii=False))
+        for item in stored.items
+        if isinstance(item, dict) and isinstance(item.get("id"), str)
+    ]
 
 
 def _create_private(path: Path) -> None:
@@ -89,19 +108,58 @@ class ResponseStore:
                 "id TEXT UNIQUE NOT NULL, previous_id TEXT, conversation TEXT NOT NULL, body TEXT NOT NULL)"
             )
             self._db.execute(f"CREATE INDEX IF NOT EXISTS {TABLE}_conversation ON {TABLE} (conversation)")
+            self._upgrade()
+
+    def _upgrade(self) -> None:
+        """Brings a database of an older schema to this one, in place and once (the processes that
+        open it together take turns: the first upgrades, the others find it done)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            # An item's id may recur (an output item sent back as input): its latest row answers.
+            self._db.execute(
+                f"CREATE TABLE IF NOT EXISTS {ITEMS} (item_id TEXT NOT NULL, response_id TEXT NOT NULL, "
+                "body TEXT NOT NULL)"
+            )
+            self._db.execute(f"CREATE INDEX IF NOT EXISTS {ITEMS}_item ON {ITEMS} (item_id)")
+            self._db.execute(f"CREATE INDEX IF NOT EXISTS {ITEMS}_response ON {ITEMS} (response_id)")
+            (version,) = self._db.execute("PRAGMA user_version").fetchone()
+            if version < 1:
+                # Responses stored before: their input items get ids, and all their items the index.
+                for response_id, previous_id, body in self._db.execute(
+                    f"SELECT id, previous_id, body FROM {TABLE}"
+                ).fetchall():
+                    old = _stored(previous_id, body)
+                    stored = StoredResponse(previous_id, stored_input_items(old.input_items), old.response)
+                    new_body = json.dumps(
+                        {"input_items": stored.input_items, "response": stored.response}, ensure_ascii=False
+                    )
+                    self._db.execute(f"UPDATE {TABLE} SET body = ? WHERE id = ?", (new_body, response_id))
+                    self._db.executemany(
+                        f"INSERT INTO {ITEMS} VALUES (?, ?, ?)", _item_rows(response_id, stored)
+                    )
+            if version < SCHEMA_VERSION:
+                self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def put(self, responses: Sequence[NewResponse]) -> None:
         """Store responses, in one transaction (a burst of finishing requests writes once); then remove
         the conversations continued least recently while more than the capacity is kept (never the
         one continued last, however long)."""
         rows = []
+        item_rows: list[tuple[str, str, str]] = []
         for new in responses:
             assert RESPONSE_ID.fullmatch(new.id), new.id
-            # The response as answered, its JSON text not parsed or written again.
-            items = json.dumps(new.input_items, ensure_ascii=False)
+            inputs = stored_input_items(new.input_items)
+            # The response as answered, its JSON text not written again.
+            items = json.dumps(inputs, ensure_ascii=False)
             rows.append(
                 (new.id, new.previous_id, f'{{"input_items":{items},"response":{new.response_json}}}')
             )
+            stored = StoredResponse(new.previous_id, inputs, json.loads(new.response_json))
+            item_rows += _item_rows(new.id, stored)
         with self._lock:
             self._db.execute("BEGIN")
             try:
@@ -112,12 +170,20 @@ class ResponseStore:
                         f"coalesce((SELECT conversation FROM {TABLE} WHERE id = ?2), ?1), ?3)",
                         (response_id, previous_id, body),
                     )
-                self._db.execute(
-                    f"DELETE FROM {TABLE} WHERE conversation IN (SELECT conversation FROM ("
+                self._db.executemany(f"INSERT INTO {ITEMS} VALUES (?, ?, ?)", item_rows)
+                gone = self._db.execute(
+                    f"SELECT conversation FROM ("
                     f"SELECT conversation, max(seq) AS last, sum(count(*)) OVER (ORDER BY max(seq) DESC) AS kept "
-                    f"FROM {TABLE} GROUP BY conversation) WHERE kept > ? AND last < (SELECT max(seq) FROM {TABLE}))",
+                    f"FROM {TABLE} GROUP BY conversation) WHERE kept > ? AND last < (SELECT max(seq) FROM {TABLE})",
                     (self.capacity,),
-                )
+                ).fetchall()
+                for conversation in gone:  # with their items
+                    self._db.execute(
+                        f"DELETE FROM {ITEMS} WHERE response_id IN "
+                        f"(SELECT id FROM {TABLE} WHERE conversation = ?)",
+                        conversation,
+                    )
+                    self._db.execute(f"DELETE FROM {TABLE} WHERE conversation = ?", conversation)
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
@@ -168,11 +234,34 @@ class ResponseStore:
             current = previous_id
         return chain, None
 
+    def items(self, item_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """The stored items of these ids (those found): the latest stored, where an id recurs."""
+        wanted = list(dict.fromkeys(item_ids))
+        found: dict[str, str] = {}
+        with self._lock:
+            for start in range(0, len(wanted), LOOKUP_CHUNK):
+                chunk = wanted[start : start + LOOKUP_CHUNK]
+                marks = ", ".join("?" * len(chunk))
+                rows = self._db.execute(
+                    f"SELECT item_id, body FROM {ITEMS} WHERE item_id IN ({marks}) ORDER BY rowid", chunk
+                ).fetchall()
+                found.update((item_id, body) for item_id, body in rows)
+        return {item_id: json.loads(body) for item_id, body in found.items()}
+
     def delete(self, response_id: str) -> bool:
+        """Delete a response and its items."""
         if not RESPONSE_ID.fullmatch(response_id):
             return False
         with self._lock:
-            return self._db.execute(f"DELETE FROM {TABLE} WHERE id = ?", (response_id,)).rowcount > 0
+            self._db.execute("BEGIN")
+            try:
+                self._db.execute(f"DELETE FROM {ITEMS} WHERE response_id = ?", (response_id,))
+                deleted = self._db.execute(f"DELETE FROM {TABLE} WHERE id = ?", (response_id,)).rowcount > 0
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            return deleted
 
     def close(self) -> None:
         with self._lock:
@@ -229,6 +318,44 @@ async def stored_conversation(
             code="previous_response_not_found",
         )
     return history
+
+
+async def stored_items(store: ResponseStore | None, references: dict[int, str]) -> dict[int, dict[str, Any]]:
+    """The stored items that `item_reference` input items name ({index in input: id} -> {index: item}).
+    400 naming the first reference whose item is not stored."""
+    if not references:
+        return {}
+    if store is None:
+        where = f"input[{next(iter(references))}]"
+        why = "this server keeps no responses (--stored-responses 0); send the item itself"
+        raise APIError(400, f"{where}: item references are not supported: {why}.", param=f"{where}.id")
+    found = await asyncio.to_thread(store.items, references.values())
+    for i, item_id in references.items():
+        if item_id not in found:
+            raise APIError(400, f"Item with id '{item_id}' not found.", param=f"input[{i}].id")
+    return {i: found[item_id] for i, item_id in references.items()}
+
+
+async def input_items_page(
+    store: ResponseStore | None, response_id: str, limit: int, order: str, after: str | None
+) -> dict[str, Any]:
+    """GET /v1/responses/{id}/input_items: a page of the response's input items (response_items.page_of).
+    404 for a response not stored; 400 naming a query parameter out of range."""
+    check_page_query(limit, order)
+    items = (await stored_response(store, response_id)).input_items
+    return page_of(items, response_id, limit, order, after)
+
+
+async def cancel_stored_response(store: ResponseStore | None, response_id: str) -> NoReturn:
+    """POST /v1/responses/{id}/cancel: OpenAI cancels background responses alone, and this server runs
+    none, so a stored response is a 400 (404 for one not stored)."""
+    await stored_response(store, response_id)
+    raise APIError(
+        400,
+        f"Response '{response_id}' cannot be cancelled: only background responses can be, and this server "
+        "runs none in the background (a response is answered, and stored, once it is finished).",
+        param="response_id",
+    )
 
 
 def _not_stored(response_id: str) -> APIError:

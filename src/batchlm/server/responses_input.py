@@ -155,6 +155,33 @@ def chat_form(body: ResponsesRequest, history: list[dict[str, Any]] | None = Non
     return ChatForm(request, origins)
 
 
+def item_references(body: ResponsesRequest) -> dict[int, str]:
+    """The input's `item_reference` items, which name an item of a stored response: {index: id}. 400
+    for one whose id is not a string."""
+    references = {}
+    for i, item in enumerate(() if isinstance(body.input, str) else body.input):
+        if isinstance(item, dict) and _is_reference(item):
+            item_id = item.get("id")
+            if not isinstance(item_id, str):
+                raise APIError(400, f"input[{i}]: 'id' must be a string.", param=f"input[{i}].id")
+            references[i] = item_id
+    return references
+
+
+def _is_reference(item: dict[str, Any]) -> bool:
+    # A reference's type is optional in OpenAI's API: an item of an id alone names a stored one.
+    kind = item.get("type")
+    return kind == "item_reference" or (kind is None and "id" in item and set(item) <= {"id", "type"})
+
+
+def with_references(body: ResponsesRequest, items: dict[int, dict[str, Any]]) -> ResponsesRequest:
+    """The request with its `item_reference` items replaced by the stored items they name, as if it
+    had sent them (and as it is stored)."""
+    if not items or isinstance(body.input, str):
+        return body
+    return body.model_copy(update={"input": [items.get(i, item) for i, item in enumerate(body.input)]})
+
+
 def input_items(body: ResponsesRequest) -> list[dict[str, Any]]:
     """The request's input as items (text as one user message)."""
     return [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input

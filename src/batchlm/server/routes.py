@@ -20,7 +20,13 @@ from batchlm.server.protocol import (
 )
 from batchlm.server.protocol_responses import ResponseObject, ResponsesRequest
 from batchlm.server.request_params import check_unicode
-from batchlm.server.response_store import delete_stored_response, stored_response
+from batchlm.server.response_items import DEFAULT_PAGE
+from batchlm.server.response_store import (
+    cancel_stored_response,
+    delete_stored_response,
+    input_items_page,
+    stored_response,
+)
 from batchlm.server.responses import (
     ChatCompletionResponse,
     CompletionResponse,
@@ -126,6 +132,32 @@ async def retrieve_response(request: Request, response_id: str, stream: bool = F
 async def delete_response(request: Request, response_id: str) -> JSONResponse:
     await delete_stored_response(get_state(request).responses, response_id)
     return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+
+
+@router.get(
+    "/v1/responses/{response_id}/input_items",
+    responses=ERRORS,
+    summary="A stored response's input items, a page at a time (`after` the last id of the page before)",
+)
+async def list_input_items(
+    request: Request,
+    response_id: str,
+    limit: int = DEFAULT_PAGE,
+    order: str = "desc",
+    after: str | None = None,
+) -> JSONResponse:
+    # `include` is accepted and adds nothing: the items are text, whole.
+    page = await input_items_page(get_state(request).responses, response_id, limit, order, after)
+    return JSONResponse(page)
+
+
+@router.post(
+    "/v1/responses/{response_id}/cancel",
+    responses=ERRORS,
+    summary="Cancel a background response: none runs here, so a stored response is a 400",
+)
+async def cancel_response(request: Request, response_id: str) -> JSONResponse:
+    await cancel_stored_response(get_state(request).responses, response_id)
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)

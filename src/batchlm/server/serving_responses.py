@@ -34,9 +34,9 @@ from batchlm.server.protocol_responses import (
 )
 from batchlm.server.responding import ChoiceResults, ResponseFormatter, json_text, respond
 from batchlm.server.response_object import ResponseStatus, response_object
-from batchlm.server.response_store import BatchedWrites, NewResponse, stored_conversation
+from batchlm.server.response_store import BatchedWrites, NewResponse, stored_conversation, stored_items
 from batchlm.server.responses import ChatTokenLogprob, UsageInfo
-from batchlm.server.responses_input import ChatForm, chat_form, input_items
+from batchlm.server.responses_input import ChatForm, chat_form, input_items, item_references, with_references
 from batchlm.server.serving_chat import AssistantMessages, ChatContext, prepare_chat
 from batchlm.server.state import ServerState, get_state
 from batchlm.tools.calls import ToolCallDelta
@@ -53,6 +53,7 @@ DELTA_EVENTS = {
 
 async def create_response(request: Request, body: ResponsesRequest) -> Response:
     state = get_state(request)
+    body = with_references(body, await stored_items(state.responses, item_references(body)))
     form = chat_form(body, await stored_conversation(state.responses, body.previous_response_id))
     request_id = f"resp_{uuid.uuid4().hex}"
     try:
