@@ -3,8 +3,9 @@
 `write_tiny_gguf` makes a random Llama, Qwen2 or Qwen3 with the built-in tokenizer (demo.write_model_dir),
 then writes its metadata, tokenizer and tensors with `gguf.GGUFWriter`: llama q/k rows permuted as
 llama.cpp's convert_hf_to_gguf.py does, 1-D tensors in F32, matrices in the asked GGML type. Types
-the gguf package can quantize are quantized from the weights; K-quants (which it only reads) get
-random blocks with small scales, so the model is random either way and the test compares loaders.
+the gguf package can quantize are quantized from the weights; K-quants, i-quants and ternary types
+(which it only reads) get random blocks with small scales, so the model is random either way and the
+test compares loaders.
 """
 
 from __future__ import annotations
@@ -35,15 +36,29 @@ TINY_GGUF_CONFIG: dict[str, Any] = {
     "rms_norm_eps": 1e-5,
     "rope_theta": 10000.0,
 }
-# Offsets and values of the float16 scale fields of each K-quant block (d, then dmin where it has one):
-# weights of std ~0.05, dmin chosen so that their mean is near zero (else every row looks alike).
-K_QUANT_SCALES: dict[str, tuple[tuple[int, float], ...]] = {
+# Offsets and values of the float16 scale fields of each block type written as random blocks (d, then
+# dmin where it has one): weights of std ~0.05, dmin chosen so that their mean is near zero (else
+# every row looks alike). IQ1_M spreads its d over the top nibbles of its last 8 bytes (offset -1).
+RANDOM_BLOCK_SCALES: dict[str, tuple[tuple[int, float], ...]] = {
     "Q2_K": ((80, 2e-3), (82, 3e-3)),
     "Q3_K": ((108, 1e-3),),
     "Q4_K": ((0, 2e-4), (2, 1.5e-3)),
     "Q5_K": ((0, 1e-4), (2, 1.55e-3)),
     "Q6_K": ((208, 2e-5),),
+    "IQ1_S": ((0, 7e-3),),
+    "IQ1_M": ((-1, 7e-3),),
+    "IQ2_XXS": ((0, 9e-4),),
+    "IQ2_XS": ((0, 9e-4),),
+    "IQ2_S": ((0, 9e-4),),
+    "IQ3_XXS": ((0, 3.5e-4),),
+    "IQ3_S": ((0, 3.5e-4),),
+    "IQ4_NL": ((0, 7e-4),),
+    "IQ4_XS": ((0, 4e-5),),
+    "TQ1_0": ((52, 6e-2),),
+    "TQ2_0": ((64, 5e-2),),
 }
+# Types whose scale is given either sign (llama.cpp's IQ4 quantizers choose one), to cover both.
+_SIGNED_SCALES = frozenset({"IQ4_NL", "IQ4_XS"})
 _HF_TO_GGUF = {
     "self_attn.q_proj": "attn_q",
     "self_attn.k_proj": "attn_k",
@@ -272,8 +287,8 @@ def _add_tensor(
 ) -> None:
     if values.ndim == 3 and qtype not in ("F32", "F16"):  # an expert stack: quantized as its rows
         rows = values.reshape(-1, values.shape[-1])
-        if qtype in K_QUANT_SCALES:
-            blocks = random_k_quant_blocks(rows.shape, qtype, rng)
+        if qtype in RANDOM_BLOCK_SCALES:
+            blocks = random_blocks(rows.shape, qtype, rng)
         else:
             blocks = quantize(rows, GGMLQuantizationType[qtype])
         raw = blocks.reshape(*values.shape[:2], -1)
@@ -284,22 +299,33 @@ def _add_tensor(
         writer.add_tensor(name, values.astype(np.float32))
     elif qtype == "F16":
         writer.add_tensor(name, values.astype(np.float16))
-    elif qtype in K_QUANT_SCALES:
-        writer.add_tensor(name, random_k_quant_blocks(values.shape, qtype, rng), raw_dtype=ggml_type)
+    elif qtype in RANDOM_BLOCK_SCALES:
+        writer.add_tensor(name, random_blocks(values.shape, qtype, rng), raw_dtype=ggml_type)
     else:
         writer.add_tensor(name, quantize(values, ggml_type), raw_dtype=ggml_type)
 
 
-def random_k_quant_blocks(shape: tuple[int, ...], qtype: str, rng: np.random.Generator) -> np.ndarray:
-    """Random bytes for a [rows, cols] K-quant tensor, its float16 scales set small (uint8 [rows, bytes])."""
+def random_blocks(shape: tuple[int, ...], qtype: str, rng: np.random.Generator) -> np.ndarray:
+    """Random bytes for a [rows, cols] tensor of a block type, its float16 scales set small (uint8
+    [rows, bytes]): valid data of every type in RANDOM_BLOCK_SCALES (TQ2_0's 2-bit codes kept to the
+    three ternary ones)."""
     block_size, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
     rows, cols = shape
     blocks = rng.integers(0, 256, size=(rows, cols // block_size, block_bytes), dtype=np.uint8)
-    for offset, scale in K_QUANT_SCALES[qtype]:
+    if qtype == "TQ2_0":
+        trits = rng.integers(0, 3, size=(rows, cols // block_size, 64, 4), dtype=np.uint8)
+        blocks[:, :, :64] = (trits << np.array([0, 2, 4, 6], dtype=np.uint8)).sum(axis=-1, dtype=np.uint8)
+    for offset, scale in RANDOM_BLOCK_SCALES[qtype]:
         jitter = rng.uniform(0.5, 1.5, size=blocks.shape[:2]).astype(np.float16)
-        blocks[:, :, offset : offset + 2] = (
-            (jitter * np.float16(scale)).astype(np.float16).view(np.uint8).reshape(rows, -1, 2)
-        )
+        if qtype in _SIGNED_SCALES:
+            jitter *= rng.choice([-1, 1], size=jitter.shape).astype(np.float16)
+        halves = (jitter * np.float16(scale)).astype(np.float16)
+        if offset < 0:  # IQ1_M: d's 16 bits in the top nibble of each of the last four uint16s
+            tail = blocks[:, :, -8:].copy().view(np.uint16)
+            bits = halves.view(np.uint16)[..., None] >> np.array([0, 4, 8, 12], dtype=np.uint16)
+            blocks[:, :, -8:] = ((tail & np.uint16(0x0FFF)) | ((bits & 0xF) << 12)).view(np.uint8)
+        else:
+            blocks[:, :, offset : offset + 2] = halves.view(np.uint8).reshape(rows, -1, 2)
     return blocks.reshape(rows, -1)
 
 
@@ -331,3 +357,26 @@ def assert_reads_like_the_gguf_package(path: Path) -> None:
         assert mine.shape == tuple(int(d) for d in reference.shape), mine.name
         assert (mine.data.shape, mine.data.dtype) == (reference.data.shape, reference.data.dtype), mine.name
         assert np.array_equal(mine.data, reference.data), mine.name
+
+
+def write_dequantized_copy(source: Path, target: Path) -> Path:
+    """`target`: the GGUF file `source` with every tensor as F32 of its gguf.quants.dequantize values
+    and the same metadata (what a loader of the quantized file must read)."""
+    from gguf import GGUFReader, GGUFValueType
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(str(source), "r")
+    writer = GGUFWriter(str(target), reader.fields["general.architecture"].contents())
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue  # the header's counts, and what the writer adds itself
+        sub_type = GGUFValueType(field.types[-1]) if field.types[0] == GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), GGUFValueType(field.types[0]), sub_type)
+    for tensor in reader.tensors:
+        values = dequantize(np.asarray(tensor.data), tensor.tensor_type).astype(np.float32)
+        writer.add_tensor(tensor.name, values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target

@@ -110,7 +110,14 @@ TP_LOGPROB_ATOL = 2e-3
 
 @pytest.mark.parametrize(
     ("qtype", "tensor_types"),
-    [("Q4_K", None), ("Q6_K", None), ("Q4_K", {"attn_v.weight": "Q6_K", "ffn_down.weight": "Q6_K"})],
+    [
+        ("Q4_K", None),
+        ("Q6_K", None),
+        ("Q4_K", {"attn_v.weight": "Q6_K", "ffn_down.weight": "Q6_K"}),
+        ("IQ4_XS", None),  # 8-bit codes from the file's blocks
+        ("IQ2_S", None),  # requantized to Q8_0 from the covering blocks' values
+        ("IQ4_XS", {"attn_v.weight": "IQ3_S", "attn_output.weight": "IQ3_XXS"}),
+    ],
 )
 def test_tensor_parallel_shares_inside_k_quant_blocks_are_exact(
     tmp_path: Path, qtype: str, tensor_types: dict[str, str] | None

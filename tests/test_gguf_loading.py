@@ -276,11 +276,13 @@ def test_batched_step_gives_each_prompt_its_own_logits(tmp_path: Path) -> None:
         torch.testing.assert_close(row, alone, atol=1e-4, rtol=0)
 
 
-def test_tensor_parallel_ranks_equal_one_rank(tmp_path: Path) -> None:
-    # Q4_K's 256-value blocks do not divide o_proj's 128 columns per rank: those load from a window
-    # over the covering blocks (dequantized here; the kernels' case is in test_cpu_quantized_model.py).
+@pytest.mark.parametrize("qtype", ["Q4_K", "IQ3_S", "IQ4_NL"])
+def test_tensor_parallel_ranks_equal_one_rank(tmp_path: Path, qtype: str) -> None:
+    # Q4_K's and IQ3_S's 256-value blocks do not divide o_proj's 128 columns per rank: those load from
+    # a window over the covering blocks (IQ4_NL's 32-value blocks split on their edges; dequantized
+    # here, the kernels' case is in test_cpu_quantized_model.py).
     model_dir = prepare_gguf_model_dir(
-        write_tiny_gguf(tmp_path / "tiny.gguf", "llama", "Q4_K"), tmp_path / "c"
+        write_tiny_gguf(tmp_path / "tiny.gguf", "llama", qtype), tmp_path / "c"
     )
     single = load_model(model_dir, torch.float32, CPU, progress=False)
     ranks = [
@@ -386,10 +388,13 @@ def test_unsupported_architecture_is_named(tmp_path: Path) -> None:
 
 
 def test_unsupported_tensor_type_is_named(tmp_path: Path) -> None:
-    raw = np.zeros((4, 66), np.uint8)  # one IQ2_XXS block of 256 values per row
-    path = _write_gguf(tmp_path / "m.gguf", "llama", GGMLQuantizationType.IQ2_XXS, raw)
-    with pytest.raises(ValueError, match=r"'token_embd\.weight' has GGML type IQ2_XXS"):
+    # MXFP4 (gpt-oss's experts), which no architecture we load uses: refused before any weight loads,
+    # naming the tensor, its type and the types that do load (the i-quants among them).
+    raw = np.zeros((4, 17), np.uint8)  # one MXFP4 block of 32 values per row
+    path = _write_gguf(tmp_path / "m.gguf", "llama", GGMLQuantizationType.MXFP4, raw)
+    with pytest.raises(ValueError, match=r"'token_embd\.weight' has GGML type MXFP4") as refused:
         prepare_gguf_model_dir(path, tmp_path / "cache")
+    assert "IQ4_XS" in str(refused.value) and "TQ2_0" in str(refused.value)
 
 
 def test_a_file_that_is_not_gguf_is_named(tmp_path: Path) -> None:

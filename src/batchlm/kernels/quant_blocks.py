@@ -3,7 +3,10 @@ scale and bias, w = scale * code + bias: the form the quantized CPU kernels run 
 
 Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 map exactly (their scales are float16 already). Q4_K's per-sub-block
 scale d * sc and offset dmin * m are products of a float16 and a 6-bit integer, rounded here to
-float16 (relative error <= 2^-11, far below the 4-bit step). Pure numpy: no torch, no gguf import.
+float16 (relative error <= 2^-11, far below the 4-bit step). IQ4_NL and IQ4_XS index a table of 16
+non-uniform int8 levels, which no 4-bit affine code holds: they become 8-bit codes (level + 128),
+IQ4_NL's exactly, IQ4_XS's sub-block scale d * (ls - 32) rounded to float16 as Q4_K's. Pure numpy:
+no torch, no gguf import.
 """
 
 from __future__ import annotations
@@ -17,8 +20,18 @@ BLOCK = 32
 # Values converted at a time by q8_from_row_chunks (2 MB of float32).
 CHUNK_VALUES = 1 << 19
 # Bytes per block (per super-block of 256 for Q4_K) of each GGUF type read here.
-GGUF_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q4_K": 144}
-GGUF_BLOCK_SIZE = {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q4_K": 256}
+GGUF_BLOCK_BYTES = {
+    **{"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q4_K": 144},
+    **{"IQ4_NL": 18, "IQ4_XS": 136},
+}
+GGUF_BLOCK_SIZE = {
+    **{"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q4_K": 256},
+    **{"IQ4_NL": 32, "IQ4_XS": 256},
+}
+# llama.cpp's IQ4_NL / IQ4_XS levels (kvalues_iq4nl), which their 4-bit indices pick.
+IQ4_LEVELS = np.array(
+    [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int16
+)
 
 
 @dataclass(frozen=True)
@@ -169,4 +182,32 @@ def _q4_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     return codes, scales, biases, 4
 
 
-_DECODERS = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q4_K": _q4_k}
+def _iq4_nl(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """d, then 16 bytes of level indices (low nibbles values 0..15, high ones 16..31): w = d * level."""
+    scales = _halves(blocks, 0)
+    return _iq4_codes(blocks[:, 2:]), scales, scaled_halves(scales, -128.0), 8
+
+
+def _iq4_xs(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Super-blocks of 8 sub-blocks of 32: d, the 6-bit scales' high 2 bits (uint16) and low 4 bits
+    (4 bytes), then 16 bytes of indices a sub-block as IQ4_NL's; w = d * (ls - 32) * level."""
+    d = _halves(blocks, 0).astype(np.float32)[:, None]
+    high = blocks[:, 2:4].copy().view(np.uint16)  # [n, 1]
+    low = blocks[:, 4:8]
+    sub = np.arange(8)
+    ls = ((low[:, sub // 2] >> (4 * (sub % 2))) & 0x0F) | (((high >> (2 * sub)) & 3) << 4).astype(np.uint8)
+    scales = (d * (ls.astype(np.float32) - 32)).astype(np.float16)  # [n, 8]
+    codes = _iq4_codes(blocks[:, 8:].reshape(-1, 16)).reshape(-1, 256)
+    return codes, scales, scaled_halves(scales, -128.0), 8
+
+
+def _iq4_codes(indices: np.ndarray) -> np.ndarray:
+    """[n, 16] bytes of 4-bit level indices -> [n, 32] codes level + 128 (1..241)."""
+    codes: np.ndarray = (IQ4_LEVELS[_nibbles(indices)] + 128).astype(np.uint8)
+    return codes
+
+
+_DECODERS = {
+    **{"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q4_K": _q4_k},
+    **{"IQ4_NL": _iq4_nl, "IQ4_XS": _iq4_xs},
+}

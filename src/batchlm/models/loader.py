@@ -13,12 +13,20 @@ import torch
 
 from batchlm.layers.norm import RMSNorm
 from batchlm.layers.quantization import registry
+from batchlm.layers.quantization.cpu_quantized import CpuQuantizedLinearMethod
 from batchlm.layers.quantization.registry import DENSE_FORMAT, FLOAT_QTYPES, GGUF_FORMAT, QUANTIZE_AT_LOAD
 from batchlm.models.base import CausalLM
 from batchlm.models.checkpoint import find_safetensors, iter_safetensors, load_hf_config
 from batchlm.models.config_view import read_config_view
-from batchlm.models.gguf_file import iter_gguf_tensors, open_gguf, tensor_types
+from batchlm.models.gguf_file import (
+    REFERENCE_TYPES,
+    SUPPORTED_TYPES,
+    iter_gguf_tensors,
+    open_gguf,
+    tensor_types,
+)
 from batchlm.models.gguf_model_dir import gguf_source
+from batchlm.models.gguf_progress import with_progress
 from batchlm.models.lora import LoraAdapter, load_lora_adapter, merge_lora
 from batchlm.models.model_config import ModelConfig
 from batchlm.models.quantized_checkpoint import (
@@ -207,7 +215,11 @@ def _load_gguf(
     check_gguf_quantization(gguf_file, types, quantization)
     methods = assign_weight_methods(model, GGUF_FORMAT, types, device, dtype, quantization)
     logger.info("GGUF %s: layers per weight method %s", gguf_file.name, dict(methods))
-    load_named_weights(model, iter_gguf_tensors(reader))
+    # Off the quantized CPU kernels every block type dequantizes through the gguf package's numpy code.
+    slow = REFERENCE_TYPES if methods[CpuQuantizedLinearMethod.__name__] else SUPPORTED_TYPES - FLOAT_QTYPES
+    load_named_weights(
+        model, with_progress(iter_gguf_tensors(reader), reader, f"GGUF {gguf_file.name}", slow)
+    )
 
 
 def check_quantization(

@@ -3,14 +3,15 @@ dense checkpoints quantized to Q8_0 at load) run through our integer-dot-product
 (kernels/cpu_quant.py) for linears and the LM head; the token embedding looks rows up in the same
 packed data, so a tied LM head and its embedding hold one copy.
 
-As shards load, each becomes per-32 code blocks (quant_blocks.py): Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and
-Q4_K exactly; other GGML types (Q6_K, Q5_K, Q2_K, Q3_K) and dense tensors are requantized to Q8_0
-from their float values (8-bit blocks add an error about 1/4 of a Q6_K step). A fused layer (q/k/v,
-gate/up) whose shards come in different code widths (a Q4_K_M file's Q4_K queries and keys beside
-its Q6_K values) packs each run of one width apart, as parts of one weight (quant_panels.PartedWeight);
-where its shard boundaries do not fall on the kernels' 16-row panels, or parts are not wanted (a
-mixture-of-experts layer's experts), its 4-bit shards widen to 8 bits instead, losslessly. Once
-loading is done the blocks are packed into the kernels' panel layout.
+As shards load, each becomes per-32 code blocks (quant_blocks.py): Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
+Q4_K, IQ4_NL and IQ4_XS from their blocks (the IQ4s as 8-bit codes of their levels); other GGML types
+(Q6_K, Q5_K, Q2_K, Q3_K, the other i-quants, TQ1_0, TQ2_0: gguf_file.SUPPORTED_TYPES) and dense
+tensors are requantized to Q8_0 from their float values (8-bit blocks add an error about 1/4 of a
+Q6_K step). A fused layer (q/k/v, gate/up) whose shards come in different code widths (a Q4_K_M
+file's Q4_K queries and keys beside its Q6_K values) packs each run of one width apart, as parts of
+one weight (quant_panels.PartedWeight); where its shard boundaries do not fall on the kernels' 16-row
+panels, or parts are not wanted (a mixture-of-experts layer's experts), its 4-bit shards widen to 8
+bits instead, losslessly. Once loading is done the blocks are packed into the kernels' panel layout.
 """
 
 from __future__ import annotations
