@@ -25,7 +25,8 @@ def read_rope_parameters(config: Any, layer_type: str | None = None) -> dict[str
         params = dict(getattr(config, "rope_scaling", None) or {})
         params.setdefault("rope_theta", getattr(config, "rope_theta", None) or DEFAULT_THETA)
     params = dict(params)
-    if any(isinstance(value, dict) for value in params.values()):
+    nested = any(isinstance(value, dict) for value in params.values())
+    if nested:
         params = _per_layer_type_entry(params, layer_type)
     # transformers 4 wrote the type as "type"; 5 writes "rope_type".
     rope_type = params.pop("type", None)
@@ -38,8 +39,12 @@ def read_rope_parameters(config: Any, layer_type: str | None = None) -> dict[str
             f"unsupported RoPE scaling type {params['rope_type']!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
     if params["rope_type"] in ("llama3", "yarn", "longrope"):
-        original = getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings
-        params.setdefault("original_max_position_embeddings", original)
+        # As transformers reads it: a flat config's own original_max_position_embeddings wins over
+        # the RoPE dict's (Phi-3 states it there); per-layer-type entries fall back to the limit.
+        stated = None if nested else getattr(config, "original_max_position_embeddings", None)
+        if stated is not None:
+            params["original_max_position_embeddings"] = stated
+        params.setdefault("original_max_position_embeddings", config.max_position_embeddings)
     if params["rope_type"] == "longrope":
         params.setdefault("max_position_embeddings", config.max_position_embeddings)
     return params

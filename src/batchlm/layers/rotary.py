@@ -159,7 +159,8 @@ def build_cos_sin_cache(
         inv_freq, scaling = inv_freq_and_scaling(params, head_dim)  # [D/2]
         angles = torch.outer(positions, inv_freq)
         if params["rope_type"] == "longrope":
-            # Past the pretraining length, LongRoPE's long factors take over (chosen per position).
+            # Past the pretraining length, LongRoPE's long factors take over (chosen per position:
+            # transformers instead rotates every position of a longer sequence with them).
             original = int(params["original_max_position_embeddings"])
             long_freq = longrope_inv_freq(params, head_dim, "long_factor")
             angles[original:] = torch.outer(positions[original:], long_freq)

@@ -96,6 +96,9 @@ def _optional_rope(raw: dict[str, Any]) -> bool:
     theta = raw.get("rope_theta")
     if theta is not None and not _positive_number(theta):
         return False
+    if raw.get("rope_scaling") is not None and raw.get("rope_parameters") is not None:
+        # transformers takes rope_scaling over rope_parameters (an old-style edit of a new config).
+        return False
     return all(
         raw.get(name) is None or isinstance(raw[name], dict) for name in ("rope_scaling", "rope_parameters")
     )

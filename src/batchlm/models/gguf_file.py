@@ -196,6 +196,7 @@ def hf_config(reader: GGUFFile, path: Path) -> dict[str, Any]:
         "bos_token_id": reader.metadata("tokenizer.ggml.bos_token_id"),
         "eos_token_id": reader.metadata("tokenizer.ggml.eos_token_id"),
     }
+    _check_full_rotation(reader, arch, config["head_dim"], path)
     if model_type in ("qwen2", "qwen3"):
         config["use_sliding_window"] = False
     if arch in GEMMA_ARCHITECTURES:
@@ -210,6 +211,18 @@ def hf_config(reader: GGUFFile, path: Path) -> dict[str, Any]:
     if scaling is not None:
         config["rope_scaling"] = scaling
     return config
+
+
+def _check_full_rotation(reader: GGUFFile, arch: str, head_dim: int, path: Path) -> None:
+    """llama.cpp rotates the first rope.dimension_count dimensions of each head; batchlm reads a
+    narrower width for Phi-3 only (_phi3_config), so elsewhere it must be the whole head."""
+    key = f"{arch}.rope.dimension_count"
+    rotary = reader.metadata(key)
+    if arch != "phi3" and rotary is not None and rotary != head_dim:
+        raise ValueError(
+            f"{path}: GGUF metadata {key!r} is {rotary!r}, a rotation of part of the {head_dim}-wide "
+            f"heads, which batchlm runs for phi3 only"
+        )
 
 
 def required(reader: GGUFFile, key: str, path: Path, kind: type, default: Any = None) -> Any:

@@ -9,6 +9,9 @@ from batchlm.layers.rope_scaling import read_rope_parameters, scaled_max_positio
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
+# The model types whose configs keep the first max_window_layers layers out of the window; other
+# families' transformers models (Qwen3-MoE's too) window every layer, whatever such a field says.
+WINDOW_LAYERS_MODEL_TYPES = ("qwen2", "qwen3")
 
 
 def field_of(config: Any, name: str, default: Any = None) -> Any:
@@ -42,14 +45,17 @@ def sliding_window_of(config: Any) -> int | None:
 
 def layer_types_of(config: Any) -> list[str]:
     """ "sliding_attention" or "full_attention" per layer. Without `layer_types`, an enabled window
-    applies to every layer (Mistral, Phi-3), or from `max_window_layers` on (older Qwen configs)."""
+    applies to every layer (Mistral, Phi-3, Qwen3-MoE), or from `max_window_layers` on (older Qwen2
+    and Qwen3 configs)."""
     num_layers = int(config.num_hidden_layers)
     stated = getattr(config, "layer_types", None)
     if stated:
         return _checked_layer_types([str(kind) for kind in stated], num_layers)
     if sliding_window_of(config) is None:
         return [FULL] * num_layers
-    first_sliding = int(field_of(config, "max_window_layers", 0))
+    first_sliding = 0
+    if field_of(config, "model_type") in WINDOW_LAYERS_MODEL_TYPES:
+        first_sliding = int(field_of(config, "max_window_layers", 0))
     return [SLIDING if i >= first_sliding else FULL for i in range(num_layers)]
 
 

@@ -26,6 +26,10 @@ from batchlm.models.hf_config import (
     text_config_of,
 )
 
+# The families whose transformers model rotates only partial_rotary_factor of each head; the others
+# turn every dimension whatever the config says, so a smaller factor there is refused.
+PARTIAL_ROTARY_ARCHITECTURES = frozenset({"Phi3ForCausalLM"})
+
 
 @dataclass(frozen=True)
 class LayerSpec:
@@ -78,6 +82,7 @@ def read_model_config(hf_config: Any, architecture: str | None = None, windows: 
     head_dim = head_dim_of(text)
     num_layers = int(text.num_hidden_layers)
     layer_types = layer_types_of(text) if windows else [FULL] * num_layers
+    partial_rotary = outer_architecture in PARTIAL_ROTARY_ARCHITECTURES
     return ModelConfig(
         architecture=outer_architecture,
         model_type=str(field_of(text, "model_type", "")),
@@ -96,22 +101,30 @@ def read_model_config(hf_config: Any, architecture: str | None = None, windows: 
         mlp_bias=bool(field_of(text, "mlp_bias", False)),
         tie_word_embeddings=_tied(hf_config, text),
         initializer_range=float(field_of(text, "initializer_range", 0.02)),
-        layers=tuple(_layer_spec(text, kind, head_dim) for kind in layer_types),
+        layers=tuple(_layer_spec(text, kind, head_dim, partial_rotary) for kind in layer_types),
         final_logit_softcap=_optional_float(field_of(text, "final_logit_softcapping")),
     )
 
 
-def _layer_spec(text: Any, layer_type: str, head_dim: int) -> LayerSpec:
+def _layer_spec(text: Any, layer_type: str, head_dim: int, partial_rotary: bool) -> LayerSpec:
     # Gemma scales scores by query_pre_attn_scalar ** -0.5 instead of head_dim ** -0.5.
     scale = float(field_of(text, "query_pre_attn_scalar", head_dim)) ** -0.5
     window = sliding_window_of(text) if layer_type == SLIDING else None
     attention = AttentionSpec(scale, window, _optional_float(field_of(text, "attn_logit_softcapping")))
-    return LayerSpec(attention, _rope_spec(text, layer_type, head_dim))
+    return LayerSpec(attention, _rope_spec(text, layer_type, head_dim, partial_rotary))
 
 
-def _rope_spec(text: Any, layer_type: str, head_dim: int) -> RopeSpec:
+def _rope_spec(text: Any, layer_type: str, head_dim: int, partial_rotary: bool) -> RopeSpec:
     params = read_rope_parameters(text, layer_type)
     partial = float(params.get("partial_rotary_factor") or field_of(text, "partial_rotary_factor", 1.0))
+    if partial != 1.0 and not partial_rotary:
+        # transformers' model of these families turns the whole head whatever the field says (or
+        # fails, with a scaled RoPE): serving either reading would be a silent guess.
+        raise ValueError(
+            f"unsupported partial_rotary_factor={partial} for model type "
+            f"{field_of(text, 'model_type', '?')!r}: batchlm rotates every head dimension in this family, "
+            "as transformers does"
+        )
     rotary_dim = int(head_dim * partial)
     if rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
         raise ValueError(f"partial_rotary_factor={partial} gives an unusable rotary width {rotary_dim}")

@@ -244,7 +244,8 @@ def model_context_length(model_config: dict[str, Any]) -> int | None:
     limit = int(stated)
     if text.get("model_type", model_config.get("model_type")) in STATES_SCALED_LENGTH:
         return limit
-    scaling = text.get("rope_parameters") or text.get("rope_scaling")
+    # transformers takes rope_scaling over rope_parameters when a config states both.
+    scaling = text.get("rope_scaling") or text.get("rope_parameters")
     if not isinstance(scaling, dict) or any(isinstance(value, dict) for value in scaling.values()):
         return limit  # plain RoPE, or per-layer-type parameters, which state the scaled length already
     rope_type = scaling.get("rope_type") or scaling.get("type")
@@ -254,9 +255,10 @@ def model_context_length(model_config: dict[str, Any]) -> int | None:
     if (
         rope_type == "yarn" and factor and "short_factor" not in scaling
     ):  # with short_factor: Phi-3's longrope
+        # The config's own field wins over the RoPE dict's, as transformers reads it.
         original = (
-            scaling.get("original_max_position_embeddings")
-            or text.get("original_max_position_embeddings")
+            text.get("original_max_position_embeddings")
+            or scaling.get("original_max_position_embeddings")
             or limit
         )
         return max(limit, int(original * factor))
