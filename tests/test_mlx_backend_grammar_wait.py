@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+import batchlm.backends.mlx  # noqa: F401  (first: it imports mlx-lm, keeping the open-file limit)
+
 pytest.importorskip("mlx_lm")
 
 from batchlm.backends.mlx.loader import LoadedModel, load_model

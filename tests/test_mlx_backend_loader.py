@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+import batchlm.backends.mlx  # noqa: F401  (first: it imports mlx-lm, keeping the open-file limit)
+
 mx = pytest.importorskip("mlx.core")
 
 import mlx.nn as nn  # noqa: E402

@@ -10,6 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import batchlm.backends.mlx  # noqa: F401  (first: it imports mlx-lm, keeping the open-file limit)
+
 mx = pytest.importorskip("mlx.core")
 
 from batchlm.backends.mlx.logprobs import LogprobsQuery, token_logprobs  # noqa: E402

@@ -14,6 +14,8 @@ import httpx
 import jsonschema
 import pytest
 
+import batchlm.backends.mlx  # noqa: F401  (first: it imports mlx-lm, keeping the open-file limit)
+
 pytest.importorskip("mlx_lm")
 
 from batchlm.backends.mlx.loader import LoadedModel, load_model
