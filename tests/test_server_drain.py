@@ -105,7 +105,9 @@ def test_sigterm_drain_answers_new_requests_with_503() -> None:
 
 
 def test_a_second_sigint_ends_the_drain_with_abort_errors_and_no_traceback() -> None:
-    process, base = fake_server_process(0.05)
+    # The stream must still be running when the second signal comes: 300 tokens 0.5 s apart outlast
+    # the 30 s drain period, past which the drain would end it anyway (0.05 s apart, it ended at 15 s).
+    process, base = fake_server_process(0.5)
     try:
         wait_until(lambda: _healthy(base), timeout_s=120, what="the server process to be ready")
         with httpx.stream("POST", f"{base}/v1/chat/completions", json=STREAM, timeout=60) as response:

@@ -119,6 +119,11 @@ class GracefulServer(uvicorn.Server):
             await asyncio.sleep(DRAIN_POLL_S)
         if self.force_exit and (aborted := await self.state.in_flight.abort_all()):
             logger.warning("aborted %d request(s) still running: a second signal forced the exit", aborted)
+            # A stream writes its abort error once the engine answers the abort (its next step): forced,
+            # uvicorn waits for no connection, and would cut the streams where they stand.
+            deadline = time.monotonic() + BACKSTOP_MARGIN_S
+            while len(self.state.in_flight) and time.monotonic() < deadline:
+                await asyncio.sleep(DRAIN_POLL_S)
 
     async def _abort_after_drain_period(self) -> None:
         timeout = self.state.settings.shutdown_timeout_s
