@@ -19,18 +19,29 @@ Fixtures other test files may rely on (session-scoped, built once under pytest's
 
 Every session gets its own $BATCHLM_CACHE, so tests never read or write the user's ~/.cache/batchlm
 (subprocesses started by tests inherit it).
+
+A test, or the import of a test module, that changes the process's open-file limits fails (see
+``leave_the_open_file_limits``): every later test, and every process it starts, would inherit them.
+The logging setup a test changes (a CLI's main() run in-process configures logging) is put back after
+it (``keep_the_logging_setup``). A server or engine (its threads, its core process) still running when
+the module that started it has ended fails that module's last test (``nothing_outlives_its_module``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import multiprocessing
 import os
 import shutil
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
+from _pytest.logging import LogCaptureHandler
 
 from headless_chromium import CHROMIUM, CHROMIUM_ARGS
 
@@ -43,6 +54,118 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TinyModelFactory = Callable[..., Path]
+
+
+# -- process-wide state a test leaves as it found it -----------------------------------------------
+
+
+def _open_file_limits() -> tuple[int, int] | None:
+    try:
+        import resource
+    except ImportError:  # Windows: no such limit
+        return None
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+# The limits every test starts from (test_open_file_limit reads them; an unprivileged process can never
+# raise its hard limit again once something lowered it, e.g. mlx_lm on import).
+_open_files_baseline = [_open_file_limits()]
+
+
+def _open_file_limits_changed() -> str | None:
+    """What changed the open-file limits since the last check (put back where the system allows), or
+    None."""
+    before, now = _open_files_baseline[0], _open_file_limits()
+    if now == before:
+        return None
+    import resource
+
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, before)
+    _open_files_baseline[0] = _open_file_limits()  # so that only the culprit fails
+    return f"the open-file limits (RLIMIT_NOFILE) changed from {before} to {now}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(
+    collector: pytest.Collector,
+) -> Generator[None, pytest.CollectReport, pytest.CollectReport]:
+    report = yield
+    problem = _open_file_limits_changed()
+    if problem is not None and report.outcome != "failed":
+        report.outcome = "failed"
+        where = collector.nodeid or "the session"
+        hint = "mlx_lm does that on import: import batchlm.backends.mlx before it"
+        report.longrepr = f"collecting {where}: {problem} ({hint})"
+    return report
+
+
+@pytest.fixture(autouse=True)
+def leave_the_open_file_limits() -> Iterator[None]:
+    yield
+    problem = _open_file_limits_changed()
+    if problem is not None:
+        pytest.fail(f"{problem}: a test must put back what it changes")
+
+
+# The loggers batchlm.logging_setup.configure_logging sets a level on, besides the root.
+_CONFIGURED_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
+
+
+def _logging_setup() -> tuple[list[int], list[logging.Handler]]:
+    """The levels configure_logging sets, and the root's handlers but pytest's per-phase captures."""
+    levels = [logging.getLogger(name).level for name in ("", *_CONFIGURED_LOGGERS)]
+    root = logging.getLogger()
+    return levels, [h for h in root.handlers if not isinstance(h, LogCaptureHandler)]
+
+
+@pytest.fixture(autouse=True)
+def keep_the_logging_setup() -> Iterator[None]:
+    """configure_logging (run by the CLIs' main(), which tests call in-process) replaces the root's
+    handlers, pytest's own included, with one on the stderr of that moment (a capture that is closed
+    later: each later warning is then a "Logging error"), and sets levels: put back what the test found."""
+    levels, handlers = _logging_setup()
+    yield
+    if _logging_setup() == (levels, handlers):
+        return
+    for name, level in zip(("", *_CONFIGURED_LOGGERS), levels, strict=True):
+        logging.getLogger(name).setLevel(level)
+    root = logging.getLogger()
+    for handler in root.handlers[:]:
+        if handler not in handlers and not isinstance(handler, LogCaptureHandler):
+            root.removeHandler(handler)
+            handler.close()
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+
+
+# The threads of a BackgroundServer and of an engine's front end.
+_SERVING_THREADS = ("batchlm-server-", "batchlm-engine-")
+# A hang guard for the threads and processes a module's teardown has just told to stop.
+_STOP_WAIT_S = 60.0
+
+
+def _serving_threads() -> set[threading.Thread]:
+    return {thread for thread in threading.enumerate() if thread.name.startswith(_SERVING_THREADS)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def nothing_outlives_its_module() -> Iterator[None]:
+    """A server or engine left running holds its port, its threads and its core process for the rest of
+    the session (and its temporary files past it): a module stops what it started."""
+    threads, processes = _serving_threads(), set(multiprocessing.active_children())
+    yield
+    left = []
+    for thread in _serving_threads() - threads:
+        thread.join(_STOP_WAIT_S)
+        if thread.is_alive():
+            left.append(f"thread {thread.name}")
+    for process in set(multiprocessing.active_children()) - processes:
+        process.join(_STOP_WAIT_S)
+        if process.is_alive():
+            left.append(f"process {process.name} (pid {process.pid})")
+    assert not left, f"still running after the module's tests: {', '.join(left)}"
 
 
 @pytest.fixture(scope="session", autouse=True)

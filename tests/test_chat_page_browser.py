@@ -9,6 +9,7 @@ except under CI); the Markdown renderer's own tests are in test_chat_page_markdo
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -451,14 +452,16 @@ def test_an_overloaded_server_is_reported(page: Any, keyed_server: BackgroundSer
 # -- server states -------------------------------------------------------------------------------
 
 
-def test_a_server_that_dies_mid_reply_is_reported(page: Any) -> None:
+def test_a_server_that_dies_mid_reply_is_reported(page: Any, tmp_path: Path) -> None:
     """A server process killed while it streams: the partial reply stays, with an error that says the
     connection was lost, and the page finds the server gone."""
     port = free_port()
     script = Path(__file__).with_name("fake_engine.py")
     # A token a second: the reply is still streaming when the process is killed.
     command = [sys.executable, str(script), "--port", str(port), "--token-delay", "1"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Killed, it leaves its temporary files (the stored responses' database): under tmp_path, not /tmp.
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     base_url = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: is_healthy(base_url), 120, "the server process to be ready")

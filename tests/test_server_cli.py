@@ -146,6 +146,8 @@ def test_serve_builds_the_engine_and_runs_the_server(monkeypatch: Any) -> None:
     monkeypatch.setattr("batchlm.server.launcher.run_server", fake_run_server)
     # Logging set-up is global state: record the level instead of reconfiguring the test session.
     monkeypatch.setattr(serve_cli, "configure_logging", lambda level: created.update(log_level=level))
+    # So is the open-file limit (it would stay raised for every later test).
+    monkeypatch.setattr(serve_cli, "raise_open_file_limit", lambda: None)
     # --port 0: the port is tried before the engine loads, and 8080 may be taken on this machine.
     argv = ["serve", "--port", "0", "--batch-size", "4", "--max-queue", "7", "--api-key", "k"]
     assert main([*argv, "--log-level", "WARNING"]) == 0
@@ -162,6 +164,7 @@ def test_serve_builds_the_engine_and_runs_the_server(monkeypatch: Any) -> None:
 def test_an_unavailable_backend_is_an_error_not_a_crash(monkeypatch: Any, caplog: Any) -> None:
     monkeypatch.setattr("batchlm.backends.mlx_available", lambda: False)
     monkeypatch.setattr(serve_cli, "configure_logging", lambda level: None)
+    monkeypatch.setattr(serve_cli, "raise_open_file_limit", lambda: None)
     assert parse("--backend", "mlx").backend == "mlx"
     assert main(["serve", "--backend", "mlx"]) == 2
     assert "mlx" in caplog.text
