@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -112,3 +113,29 @@ def test_a_built_library_is_loadable_by_other_users(tmp_path: Path, monkeypatch:
     built = cpu_native.build_library()
     assert built.parent == tmp_path / "cache" / "kernels"
     assert built.stat().st_mode & 0o777 == 0o777 & ~current_umask()
+
+
+def test_partial_outputs_of_compiles_cut_short_are_removed_once_stale(tmp_path: Path) -> None:
+    """A server stopped during its first start leaves its compiler's output under the partial name;
+    one younger than any compile may take is a live build's, and stays."""
+    stale, live = tmp_path / "cpu_kernels-abc.so.partial", tmp_path / "cpu_kernels-def.so.partial"
+    library = tmp_path / "cpu_kernels-0123456789abcdef.so"
+    for path in (stale, live, library):
+        path.write_bytes(b"\x7fELF")
+    built_at = live.stat().st_mtime
+    os.utime(stale, (built_at - cpu_native.STALE_PARTIAL_S - 1,) * 2)
+    cpu_native.remove_stale_partials(tmp_path, now=built_at + cpu_native.COMPILE_TIMEOUT_S)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, library.name])
+    cpu_native.remove_stale_partials(tmp_path, now=built_at + cpu_native.STALE_PARTIAL_S + 1)
+    assert [p.name for p in tmp_path.iterdir()] == [library.name]
+
+
+@needs_kernel
+def test_a_start_sweeps_what_an_interrupted_one_left(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_native, "_SWEPT", set())
+    left = tmp_path / "kernels" / "cpu_kernels-abc.so.partial"
+    left.parent.mkdir()
+    left.write_bytes(b"\x7fELF")
+    os.utime(left, (left.stat().st_mtime - cpu_native.STALE_PARTIAL_S - 60,) * 2)
+    KERNELS.build(tmp_path)
+    assert not left.exists()

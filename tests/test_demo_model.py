@@ -98,7 +98,8 @@ def test_incomplete_cache_entry_is_rebuilt(tmp_path: Path, demo_model_dir: Path)
     (broken / "config.json").write_text("{}")
     assert ensure_demo_model(tmp_path) == broken
     assert file_bytes(broken) == file_bytes(demo_model_dir)
-    assert [p.name for p in tmp_path.iterdir()] == [DEMO_VERSION]  # no staging or discarded dirs left
+    # No staging or discarded dirs left; beside it, the lock file processes using the version hold.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".{DEMO_VERSION}.lock", DEMO_VERSION]
 
 
 def test_concurrent_first_use_is_safe(tmp_path: Path, demo_model_dir: Path) -> None:
@@ -122,7 +123,7 @@ def test_concurrent_first_use_is_safe(tmp_path: Path, demo_model_dir: Path) -> N
         assert Path(stdout.strip()) == cache / DEMO_VERSION
         assert "RANDOM weights" in stderr
     assert file_bytes(cache / DEMO_VERSION) == file_bytes(demo_model_dir)
-    assert [p.name for p in cache.iterdir()] == [DEMO_VERSION]
+    assert sorted(p.name for p in cache.iterdir()) == [f".{DEMO_VERSION}.lock", DEMO_VERSION]
 
 
 def test_write_model_dir_vocab_checks(tmp_path: Path) -> None:

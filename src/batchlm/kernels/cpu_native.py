@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,6 +39,13 @@ DISABLE_ENV = "BATCHLM_CPU_KERNELS"
 # F16C (half <-> float32) comes with every AVX2 CPU.
 COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 COMPILE_TIMEOUT_S = 120.0
+# Age past which a compile's partial output belongs to no running build (each is killed at
+# COMPILE_TIMEOUT_S), only to one whose process ended first: a server stopped during its first start
+# leaves them, its compiler finishing alone after it.
+STALE_PARTIAL_S = 5 * COMPILE_TIMEOUT_S
+PARTIAL_SUFFIX = ".so.partial"
+# The kernel directories this process swept of such outputs (once each; under _PRIVATE_DIRS_LOCK).
+_SWEPT: set[Path] = set()
 _PRIVATE_DIRS: dict[Path, Path] = {}
 _PRIVATE_DIRS_LOCK = threading.Lock()
 # Rows from which a row-parallel pass (the cache write, RoPE) takes every thread.
@@ -149,6 +157,10 @@ def build_library(
     key = hashlib.sha256(b"\0".join([*sources, compiler.encode(), " ".join(flags).encode()])).hexdigest()
     directory = (cache_dir or cache_root()) / "kernels"
     name = f"{source_path.stem}-{key[:16]}.so"
+    with _PRIVATE_DIRS_LOCK:
+        if directory not in _SWEPT:
+            _SWEPT.add(directory)
+            remove_stale_partials(directory, time.time())
     # One this user cannot read (built private by an older version, as another user) is built again.
     if os.access(directory / name, os.R_OK):
         return directory / name
@@ -167,9 +179,27 @@ def build_library(
         return _compile(compiler, source_path, flags, private / name)
 
 
+def remove_stale_partials(directory: Path, now: float) -> None:
+    """Remove the partial outputs of compiles that ended with their process, older than
+    STALE_PARTIAL_S at `now` (a live compile's is younger)."""
+    try:
+        partials = list(directory.glob(f"*{PARTIAL_SUFFIX}"))
+    except OSError:
+        return
+    for partial in partials:
+        try:
+            if now - partial.stat().st_mtime > STALE_PARTIAL_S:
+                partial.unlink()
+                logger.info("removed %s, left by a compile that was cut short", partial)
+        except OSError:  # removed by another process meanwhile, or a cache we cannot write
+            continue
+
+
 def _compile(compiler: str, source_path: Path, flags: tuple[str, ...], target: Path) -> Path:
     # Compile beside the target and rename: processes starting together never load a half-written file.
-    handle, partial = tempfile.mkstemp(prefix=f"{source_path.stem}-", suffix=".so.partial", dir=target.parent)
+    handle, partial = tempfile.mkstemp(
+        prefix=f"{source_path.stem}-", suffix=PARTIAL_SUFFIX, dir=target.parent
+    )
     os.close(handle)
     try:
         command = [compiler, *flags, str(source_path), "-o", partial]

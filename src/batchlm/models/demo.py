@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from batchlm.config import cache_root
-from batchlm.models.cache_entry import build_entry
+from batchlm.models.cache_entry import build_entry, use_version
 from batchlm.tokenizer.builder import (
     BOS_TOKEN,
     DEFAULT_VOCAB_SIZE,
@@ -55,9 +55,12 @@ _REQUIRED_FILES = (
 def ensure_demo_model(cache_dir: Path | None = None) -> Path:
     """Return the demo model directory (`cache_dir` or cache_root(), then DEMO_VERSION), building
     it on first use. The build goes to a private temporary directory that is renamed into place, so
-    processes starting together never see a half-written model."""
+    processes starting together never see a half-written model. Older DEMO_VERSIONs that no running
+    process uses are removed first."""
+    cache = Path(cache_dir or cache_root()).expanduser()
+    use_version(cache, DEMO_VERSION)
     target = build_entry(
-        Path(cache_dir or cache_root()).expanduser() / DEMO_VERSION,
+        cache / DEMO_VERSION,
         _REQUIRED_FILES,
         lambda staging: write_model_dir(staging, "llama", DEMO_CONFIG, seed=DEMO_SEED),
         "cached demo model",

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from batchlm.config import cache_root, is_unwritable
-from batchlm.models.cache_entry import build_entry
+from batchlm.models.cache_entry import build_entry, use_version
 from batchlm.models.gguf_file import hf_config, open_gguf
 from batchlm.models.gguf_reader import GGUFFile
 
@@ -93,10 +93,13 @@ def gguf_source(model_dir: Path) -> Path | None:
 
 def prepare_gguf_model_dir(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     """The derived model directory of `gguf_path`, built on first use (atomically: a racing or
-    interrupted build never leaves a half directory under the real name)."""
+    interrupted build never leaves a half directory under the real name). The directories of older
+    DERIVED_VERSIONs that no running process uses are removed first."""
     gguf_path = gguf_path.expanduser().resolve()
     key = file_key(gguf_path)
-    target = Path(cache_dir or cache_root()) / DERIVED_VERSION / f"{gguf_path.stem}-{key}"
+    cache = Path(cache_dir or cache_root())
+    use_version(cache, DERIVED_VERSION)
+    target = cache / DERIVED_VERSION / f"{gguf_path.stem}-{key}"
 
     def build(staging: Path) -> None:
         logger.info("reading the model config and tokenizer from %s (once; cached in %s)", gguf_path, target)
