@@ -5,6 +5,8 @@ goes out when storing it fails."""
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 from collections.abc import Iterator
 from typing import Any
 
@@ -132,20 +134,56 @@ def test_no_stored_responses_refuses_previous_response_id() -> None:
         assert error["param"] == "previous_response_id" and "--stored-responses 0" in error["message"]
 
 
-def test_a_store_that_fails_still_answers(client: Any, server: BackgroundServer, engine: FakeEngine) -> None:
-    """Storing is logged when it fails; the answer itself still goes out, streamed or not."""
+def test_a_store_that_fails_still_answers(
+    client: Any, server: BackgroundServer, engine: FakeEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Storing is logged in a line when it fails (a full disk); the answer itself still goes out,
+    streamed or not, saying that it is not stored."""
     engine.reply = REPLY
     store = server.state.responses
     assert store is not None
     real_put = store.put
 
     def failing(_: Any) -> None:
-        raise OSError("disk full")
+        raise sqlite3.OperationalError("database or disk is full")
 
     store.put = failing  # type: ignore[method-assign]
     try:
-        assert client.responses.create(model="fake-model", input="hi").output_text == REPLY
-        with client.responses.stream(model="fake-model", input="hi") as stream:
-            assert stream.get_final_response().output_text == REPLY
+        with caplog.at_level(logging.WARNING, logger="batchlm.server.serving_responses"):
+            created = client.responses.create(model="fake-model", input="hi")
+            with client.responses.stream(model="fake-model", input="hi") as stream:
+                streamed = stream.get_final_response()
     finally:
         store.put = real_put  # type: ignore[method-assign]
+    assert (created.output_text, streamed.output_text) == (REPLY, REPLY)
+    assert created.store is False and streamed.store is False
+    lines = [r for r in caplog.records if "not stored" in r.getMessage()]
+    assert len(lines) == 2 and all("database or disk is full" in r.getMessage() for r in lines)
+    assert all(r.exc_info is None for r in lines), "a line, not a traceback"
+
+
+def test_a_database_that_cannot_be_read_or_changed_is_a_503(client: Any, server: BackgroundServer) -> None:
+    """A full disk, or a lock another process holds past the timeout: said, not a 500."""
+    created = client.responses.create(model="fake-model", input="hi")
+    store = server.state.responses
+    assert store is not None
+    real = store.get, store.delete, store.conversation, store.items
+
+    def failing(_: Any) -> Any:
+        raise sqlite3.OperationalError("database is locked")
+
+    store.get = store.delete = store.conversation = store.items = failing  # type: ignore[method-assign]
+    try:
+        answers = [
+            httpx.get(f"{server.base_url}/v1/responses/{created.id}"),
+            httpx.get(f"{server.base_url}/v1/responses/{created.id}/input_items"),
+            httpx.delete(f"{server.base_url}/v1/responses/{created.id}"),
+            post(server, {"previous_response_id": created.id}),
+            post(server, {"input": [{"type": "item_reference", "id": created.output[0].id}]}),
+        ]
+    finally:
+        store.get, store.delete, store.conversation, store.items = real  # type: ignore[method-assign]
+    for answer in answers:
+        assert answer.status_code == 503, answer.text
+        assert "database is locked" in answer.json()["error"]["message"]
+    assert client.responses.retrieve(created.id).id == created.id

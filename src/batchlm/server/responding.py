@@ -265,7 +265,8 @@ async def _stream_events(
             async for position, output in merge_outputs(generations):
                 for event in formatter.delta(position, output):
                     yield event
-            closing = list(formatter.closing(usage_of(generations)))
+            # Its events are read once settled: what settling finds (a response not stored) is in them.
+            closing = formatter.closing(usage_of(generations))
             await formatter.settle()
             for event in closing:
                 yield event

@@ -4,10 +4,11 @@ database in a directory that every API-server process of `--api-servers N` share
 on any of them), written before the response's last event is sent. Responses are kept by conversation
 (a response and all that continue it): beyond the capacity, the conversations continued least recently
 go whole, so that a long agent session is never cut at its oldest turn while it goes on. Nothing is
-synced to disk: the store lives as long as the server. The lookups the routes make run off the event
-loop and answer a missing response with its HTTP error. Every item of a stored response (its input
-items, each given an id, and its output items) is indexed by id beside it, for `item_reference` input
-items and GET /v1/responses/{id}/input_items; removing a response removes its items."""
+synced to disk: the store lives as long as the server. The routes look it up through stored_lookups.py
+(off the event loop, with HTTP errors). Every item of
+a stored response (its input items, each given an id, and its output items) is indexed by id beside it,
+for `item_reference` input items and GET /v1/responses/{id}/input_items; removing a response removes
+its items."""
 
 from __future__ import annotations
 
@@ -21,10 +22,9 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from batchlm.server.errors import APIError
-from batchlm.server.response_items import check_page_query, page_of, stored_input_items
+from batchlm.server.response_items import stored_input_items
 
 # The ids this server gives responses; no other is looked up.
 RESPONSE_ID = re.compile(r"resp_[0-9a-f]{32}")
@@ -91,6 +91,7 @@ class ResponseStore:
     def __init__(self, directory: Path, capacity: int) -> None:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         _create_private(directory / DATABASE_NAME)
+        self.directory = directory
         self.capacity = capacity
         # The writes of the event loop this store serves (one store a loop: one an API server).
         self.writes = BatchedWrites(self)
@@ -271,97 +272,6 @@ class ResponseStore:
 def _stored(previous_id: str | None, body: str) -> StoredResponse:
     data = json.loads(body)
     return StoredResponse(previous_id, data["input_items"], data["response"])
-
-
-# The routes' lookups run in a thread: the store's lock may be held by a batch being written, and a
-# long conversation takes a while to read.
-
-
-async def stored_response(store: ResponseStore | None, response_id: str) -> StoredResponse:
-    """A stored response, or 404."""
-    stored = await asyncio.to_thread(store.get, response_id) if store is not None else None
-    if stored is None:
-        raise _not_stored(response_id)
-    return stored
-
-
-async def delete_stored_response(store: ResponseStore | None, response_id: str) -> None:
-    """Delete a stored response, or 404."""
-    if store is None or not await asyncio.to_thread(store.delete, response_id):
-        raise _not_stored(response_id)
-
-
-async def stored_conversation(
-    store: ResponseStore | None, previous_id: str | None
-) -> list[dict[str, Any]] | None:
-    """The stored conversation a request continues (None when it names none). 400 when it is not stored."""
-    if previous_id is None:
-        return None
-    if store is None:
-        why = "this server keeps no responses (--stored-responses 0); send the whole conversation in 'input'"
-        raise APIError(400, f"'previous_response_id' is not supported: {why}.", param="previous_response_id")
-    history = await asyncio.to_thread(store.conversation, previous_id)
-    if history is None:
-        missing = await asyncio.to_thread(store.missing_link, previous_id)
-        if missing is not None and missing != previous_id:
-            raise APIError(
-                400,
-                f"Previous response '{previous_id}' continues response '{missing}', which is no longer "
-                "stored (deleted); send the conversation in 'input' instead.",
-                param="previous_response_id",
-                code="previous_response_not_found",
-            )
-        raise APIError(
-            400,
-            f"Previous response with id '{previous_id}' not found.",
-            param="previous_response_id",
-            code="previous_response_not_found",
-        )
-    return history
-
-
-async def stored_items(store: ResponseStore | None, references: dict[int, str]) -> dict[int, dict[str, Any]]:
-    """The stored items that `item_reference` input items name ({index in input: id} -> {index: item}).
-    400 naming the first reference whose item is not stored."""
-    if not references:
-        return {}
-    if store is None:
-        where = f"input[{next(iter(references))}]"
-        why = "this server keeps no responses (--stored-responses 0); send the item itself"
-        raise APIError(400, f"{where}: item references are not supported: {why}.", param=f"{where}.id")
-    found = await asyncio.to_thread(store.items, references.values())
-    for i, item_id in references.items():
-        if item_id not in found:
-            raise APIError(400, f"Item with id '{item_id}' not found.", param=f"input[{i}].id")
-    return {i: found[item_id] for i, item_id in references.items()}
-
-
-async def input_items_page(
-    store: ResponseStore | None, response_id: str, limit: int, order: str, after: str | None
-) -> dict[str, Any]:
-    """GET /v1/responses/{id}/input_items: a page of the response's input items (response_items.page_of).
-    404 for a response not stored; 400 naming a query parameter out of range."""
-    check_page_query(limit, order)
-    items = (await stored_response(store, response_id)).input_items
-    return page_of(items, response_id, limit, order, after)
-
-
-async def cancel_stored_response(store: ResponseStore | None, response_id: str) -> NoReturn:
-    """POST /v1/responses/{id}/cancel: OpenAI cancels background responses alone, and this server runs
-    none, so a stored response is a 400 (404 for one not stored)."""
-    await stored_response(store, response_id)
-    raise APIError(
-        400,
-        f"Response '{response_id}' cannot be cancelled: only background responses can be, and this server "
-        "runs none in the background (a response is answered, and stored, once it is finished).",
-        param="response_id",
-    )
-
-
-def _not_stored(response_id: str) -> APIError:
-    return APIError(
-        404, f"No response with id '{response_id}' is stored.", param="response_id", code="not_found"
-    )
 
 
 class BatchedWrites:

@@ -21,12 +21,6 @@ from batchlm.server.protocol import (
 from batchlm.server.protocol_responses import ResponseObject, ResponsesRequest
 from batchlm.server.request_params import check_unicode
 from batchlm.server.response_items import DEFAULT_PAGE
-from batchlm.server.response_store import (
-    cancel_stored_response,
-    delete_stored_response,
-    input_items_page,
-    stored_response,
-)
 from batchlm.server.responses import (
     ChatCompletionResponse,
     CompletionResponse,
@@ -41,6 +35,12 @@ from batchlm.server.serving_chat import create_chat_completion
 from batchlm.server.serving_completions import create_completion
 from batchlm.server.serving_responses import create_response
 from batchlm.server.state import ServerState, get_state
+from batchlm.server.stored_lookups import (
+    cancel_stored_response,
+    delete_stored_response,
+    input_items_page,
+    stored_response,
+)
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503)

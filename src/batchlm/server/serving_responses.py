@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -34,11 +35,12 @@ from batchlm.server.protocol_responses import (
 )
 from batchlm.server.responding import ChoiceResults, ResponseFormatter, json_text, respond
 from batchlm.server.response_object import ResponseStatus, response_object
-from batchlm.server.response_store import BatchedWrites, NewResponse, stored_conversation, stored_items
+from batchlm.server.response_store import BatchedWrites, NewResponse
 from batchlm.server.responses import ChatTokenLogprob, UsageInfo
 from batchlm.server.responses_input import ChatForm, chat_form, input_items, item_references, with_references
 from batchlm.server.serving_chat import AssistantMessages, ChatContext, prepare_chat
 from batchlm.server.state import ServerState, get_state
+from batchlm.server.stored_lookups import stored_conversation, stored_items
 from batchlm.tools.calls import ToolCallDelta
 
 logger = logging.getLogger(__name__)
@@ -206,7 +208,11 @@ class ResponsesFormatter(ResponseFormatter[ChatContext]):
         status: ResponseStatus = "incomplete" if self._cut_short else "completed"
         thinking = self._messages.streamed_thinking_tokens()
         final = self._kept(self._response(status, self._items, usage, thinking))
-        return [self._event(f"response.{status}", response=final)]
+
+        def events() -> Iterator[bytes]:  # written once settled: whether it was stored is known then
+            yield self._event(f"response.{status}", response=final)
+
+        return events()
 
     def failure(self, error: APIError) -> Iterable[bytes]:
         code = error.code or ("server_error" if error.status >= 500 else "invalid_request_error")
@@ -226,16 +232,22 @@ class ResponsesFormatter(ResponseFormatter[ChatContext]):
 
     async def settle(self) -> None:
         """Store the finished response before its last event or body goes out (the client may name it
-        next). A store that fails is logged: the answer still goes out (continuing it will say that
-        it is not found)."""
+        next). A store that fails is logged: the answer still goes out, saying `"store": false` (it
+        cannot be continued or read back)."""
         final = self._finished
         if self._store is not None and final is not None:
             body = self._body
             new = NewResponse(final.id, body.previous_response_id, input_items(body), final.model_dump_json())
             try:
                 await self._store.put(new)
+            except (sqlite3.Error, OSError) as error:  # a full disk, a lock held too long: said in a line
+                logger.warning(
+                    "response %s not stored (%s, in %s)", final.id, error, self._store.store.directory
+                )
+                final.store = False
             except Exception:
                 logger.exception("storing response %s failed", final.id)
+                final.store = False
 
     def _text(self, kind: Literal["message", "reasoning"], text: str) -> Iterator[bytes]:
         if self._open is None or self._open.kind != kind:
