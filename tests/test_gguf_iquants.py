@@ -22,17 +22,10 @@ from batchlm.layers.quantization import registry
 from batchlm.layers.quantization.base import QuantizedTensor, columns_of
 from batchlm.layers.quantization.cpu_quantized import CPU_QUANTIZED, code_blocks, store
 from batchlm.layers.quantization.layer import MethodLayer
-from batchlm.models.gguf_file import (
-    FLOAT_TYPES,
-    KERNEL_TYPES,
-    REFERENCE_TYPES,
-    SUPPORTED_TYPES,
-    iter_gguf_tensors,
-    open_gguf,
-    weight_tensors,
-)
+from batchlm.models.gguf_file import iter_gguf_tensors, open_gguf, weight_tensors
 from batchlm.models.gguf_model_dir import prepare_gguf_model_dir
 from batchlm.models.gguf_progress import stored_bytes, with_progress
+from batchlm.models.gguf_types import FLOAT_TYPES, KERNEL_TYPES, REFERENCE_TYPES, SUPPORTED_TYPES
 from batchlm.models.loader import LoadedModel, load_model
 from gguf_builder import random_blocks, write_dequantized_copy, write_tiny_gguf
 from models_harness import Chunk, greedy_generate, make_kv_caches, run_step

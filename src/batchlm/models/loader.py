@@ -18,15 +18,10 @@ from batchlm.layers.quantization.registry import DENSE_FORMAT, FLOAT_QTYPES, GGU
 from batchlm.models.base import CausalLM
 from batchlm.models.checkpoint import find_safetensors, iter_safetensors, load_hf_config
 from batchlm.models.config_view import read_config_view
-from batchlm.models.gguf_file import (
-    REFERENCE_TYPES,
-    SUPPORTED_TYPES,
-    iter_gguf_tensors,
-    open_gguf,
-    tensor_types,
-)
+from batchlm.models.gguf_file import iter_gguf_tensors, open_gguf, tensor_types
 from batchlm.models.gguf_model_dir import gguf_source
 from batchlm.models.gguf_progress import with_progress
+from batchlm.models.gguf_types import REFERENCE_TYPES, SUPPORTED_TYPES
 from batchlm.models.lora import LoraAdapter, load_lora_adapter, merge_lora
 from batchlm.models.model_config import ModelConfig
 from batchlm.models.quantized_checkpoint import (
