@@ -156,3 +156,47 @@ def test_deriving_a_gguf_file_removes_older_formats(tmp_path: Path) -> None:
     older = _entry(tmp_path / "cache" / f"gguf-v{number - 1}" / "tiny-0123456789abcdef")
     entry = prepare_gguf_model_dir(write_tiny_gguf(tmp_path / "m" / "tiny.gguf"), tmp_path / "cache")
     assert entry.is_dir() and not older.parent.exists()
+
+
+def test_a_removal_the_system_refuses_leaves_no_empty_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An older version that cannot be moved (another user's, in a sticky cache) is kept, and so is
+    nothing else: not one more empty folder beside it at each start."""
+    cache = tmp_path / "cache"
+    older = _entry(cache / "gguf-v2" / "m-0")
+    rename = Path.rename
+
+    def refuse_older(self: Path, target: Path) -> Path:
+        if self == older.parent:
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(self))
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", refuse_older)
+    with caplog.at_level(logging.WARNING, logger="batchlm.models.cache_entry"):
+        use_version(cache, "gguf-v3")
+    assert older.exists()
+    assert sorted(p.name for p in cache.iterdir()) == [".gguf-v2.lock", ".gguf-v3.lock", "gguf-v2"]
+    assert any("could not remove" in r.getMessage() for r in caplog.records)
+
+
+def test_a_removal_whose_trash_another_process_took_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another process starting meanwhile may remove the folder a removal just made to move the version
+    into (it looks like what a cut-short removal left): the version stays, and the log says so."""
+    cache = tmp_path / "cache"
+    older = _entry(cache / "gguf-v2" / "m-0")
+    rename = Path.rename
+
+    def trash_taken(self: Path, target: Path) -> Path:
+        if self == older.parent:
+            target.parent.rmdir()  # the other process's removal of the empty trash
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", trash_taken)
+    with caplog.at_level(logging.WARNING, logger="batchlm.models.cache_entry"):
+        use_version(cache, "gguf-v3")
+    assert older.exists()
+    assert any("could not remove" in r.getMessage() for r in caplog.records)
+    assert not [p for p in cache.iterdir() if "-removing-" in p.name]

@@ -166,9 +166,14 @@ def _remove(directory: Path, why: str) -> None:
     trash = Path(tempfile.mkdtemp(prefix=f".{directory.name}-removing-", dir=directory.parent))
     try:
         directory.rename(trash / directory.name)
-    except FileNotFoundError:  # another process removed it first
-        trash.rmdir()
-        return
+    except OSError as error:
+        # Refused (another user's directory), or removed by another process first: the empty trash goes,
+        # not to be found, removed and made again at every start.
+        with contextlib.suppress(FileNotFoundError):
+            trash.rmdir()
+        if isinstance(error, FileNotFoundError) and not directory.exists():
+            return
+        raise  # the trash went instead (another process took it for a cut-short removal's): said
     shutil.rmtree(trash, ignore_errors=True)
     if trash.exists():
         raise OSError(f"could not delete all of {trash}")
