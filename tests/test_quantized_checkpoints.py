@@ -136,6 +136,14 @@ def test_inputs_ending_in_a_partial_group_unpack_exactly(fmt: str) -> None:
     assert torch.equal(got.dequantize(), dense)
 
 
+def test_a_partial_group_that_would_need_tiny_groups_is_refused() -> None:
+    # 1000 inputs in groups of 128: whole groups covering them would hold 8 inputs.
+    ragged, _ = _ragged_int4(16, 1000, 128, symmetric=True)
+    parts = compressed_int4_tensors(ragged)
+    with pytest.raises(ValueError, match="would hold 8 inputs"):
+        unpack_compressed_int4(parts["weight_packed"], parts["weight_scale"], parts["weight_shape"], 128)
+
+
 def test_a_scale_count_that_does_not_fit_the_groups_is_refused() -> None:
     ragged, _ = _ragged_int4(16, 576, 128, symmetric=True)
     parts = compressed_int4_tensors(ragged)

@@ -24,6 +24,8 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 # Output j of a word sits in slot AWQ_SLOT[j].
 AWQ_SLOT = tuple(AWQ_ORDER.index(j) for j in range(8))
 SYMMETRIC_ZERO = 8
+# The smallest group the GPU 4-bit kernels tile (tl.dot needs K steps of 16).
+MIN_GROUP = 16
 
 
 def unpack_words(words: torch.Tensor) -> torch.Tensor:
@@ -54,6 +56,12 @@ def whole_groups(
     if in_features % group_size == 0:
         return Int4Weight(codes, scales, zeros, group_size)
     finer = math.gcd(in_features, group_size)
+    if finer % MIN_GROUP:
+        raise ValueError(
+            f"a 4-bit weight of {in_features} inputs in groups of {group_size} ends in a partial group, and "
+            f"whole groups that cover it would hold {finer} inputs: the 4-bit kernels take multiples of "
+            f"{MIN_GROUP}"
+        )
     count, repeat = in_features // finer, group_size // finer
     return Int4Weight(
         codes,
