@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from dataclasses import astuple
 
 import numpy as np
 import pytest
@@ -22,14 +23,15 @@ import torch
 
 from batchlm.kernels import cpu_native, cpu_quant, quant_blocks, quant_panels
 from batchlm.kernels.quant_blocks import CodeBlocks, dequantize, from_dense_q8, from_gguf
-from batchlm.layers.quantization.base import QuantizedTensor
+from batchlm.layers.quantization.base import QuantizedTensor, columns_of
 from batchlm.layers.quantization.cpu_quantized import QuantizedStore, code_blocks
 from cpu_isa import kernel_path
+from gguf_builder import RANDOM_BLOCK_SCALES, random_blocks
 
 gguf = pytest.importorskip("gguf")
 needs_kernel = pytest.mark.skipif(cpu_quant.quant_library() is None, reason="no AVX2 CPU or C compiler here")
 RNG = np.random.default_rng(0)
-GGUF_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K"]
+GGUF_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K"]
 
 
 def random_gguf(type_name: str, rows: int, cols: int) -> np.ndarray:
@@ -37,7 +39,7 @@ def random_gguf(type_name: str, rows: int, cols: int) -> np.ndarray:
     qtype = getattr(gguf.GGMLQuantizationType, type_name)
     block_size, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
     blocks = RNG.integers(0, 256, (rows * cols // block_size, block_bytes), dtype=np.uint8)
-    halves = {"Q8_0": 1, "Q4_0": 1, "Q5_0": 1, "Q4_1": 2, "Q5_1": 2, "Q4_K": 2}[type_name]
+    halves = {"Q8_0": 1, "Q4_0": 1, "Q5_0": 1, "Q4_1": 2, "Q5_1": 2, "Q4_K": 2, "Q5_K": 2}[type_name]
     scales = RNG.uniform(-0.02, 0.02, (len(blocks), halves)).astype(np.float16)
     blocks[:, : 2 * halves] = scales.view(np.uint8)
     return blocks.reshape(rows, -1)
@@ -51,11 +53,57 @@ def reference(type_name: str, raw: np.ndarray, rows: int, cols: int) -> np.ndarr
 @pytest.mark.parametrize("type_name", GGUF_TYPES)
 def test_blocks_decode_like_gguf(type_name: str) -> None:
     raw = random_gguf(type_name, 5, 512)
-    ours = dequantize(from_gguf(type_name, raw, 5, 512))
-    expected = reference(type_name, raw, 5, 512)
-    # Exact but for Q4_K, whose d * sc products are rounded to float16 (2^-11 relative).
-    tolerance = 2**-11 * np.abs(expected).max() if type_name == "Q4_K" else 0.0
-    assert np.abs(ours - expected).max() <= tolerance
+    blocks = from_gguf(type_name, raw, 5, 512)
+    ours, expected = dequantize(blocks), reference(type_name, raw, 5, 512)
+    assert blocks.codes.max() < (32 if type_name.startswith("Q5") else 16 if blocks.bits == 4 else 256)
+    if type_name in ("Q4_K", "Q5_K"):
+        assert np.all(np.abs(ours - expected) <= k_quant_rounding(blocks, expected))
+    else:
+        assert np.array_equal(ours, expected)
+
+
+def k_quant_rounding(blocks: CodeBlocks, expected: np.ndarray) -> np.ndarray:
+    """How far a K-quant's code blocks may read from the file's values: their float16 scales d * sc
+    and biases -dmin * m are within 2^-11 of the products (2^-25 where subnormal), and both sides
+    compute scale * code + bias in float32."""
+    rows, cols = blocks.codes.shape
+    codes = blocks.codes.reshape(rows, -1, 32).astype(np.float32)
+    scales = np.abs(blocks.scales.astype(np.float32))[..., None]
+    biases = np.abs(blocks.biases.astype(np.float32))[..., None]
+    bound = 2.0**-11 * (scales * codes + biases) + 2.0**-25 * (codes + 1)
+    return bound.reshape(rows, cols) + 2.0**-22 * np.abs(expected)
+
+
+@pytest.mark.parametrize("type_name", [*GGUF_TYPES, "IQ4_NL", "IQ4_XS"])
+def test_blocks_decode_the_same_a_chunk_at_a_time(monkeypatch: pytest.MonkeyPatch, type_name: str) -> None:
+    """from_gguf decodes CHUNK_VALUES at a time (a chunk's temporaries in cache): chunks of one or
+    more blocks, across rows, and a remainder give the blocks of one pass."""
+    if type_name in RANDOM_BLOCK_SCALES:
+        raw = random_blocks((5, 768), type_name, np.random.default_rng(2))
+    else:
+        raw = random_gguf(type_name, 5, 768)
+    whole = from_gguf(type_name, raw, 5, 768)
+    for chunk_values in (256, 1024):
+        monkeypatch.setattr(quant_blocks, "CHUNK_VALUES", chunk_values)
+        chunked = from_gguf(type_name, raw, 5, 768)
+        assert chunked.bits == whole.bits
+        for ours, expected in zip(astuple(chunked), astuple(whole), strict=True):
+            assert np.array_equal(ours, expected)
+
+
+def test_q5_k_blocks_hold_the_file_values_and_split_inside_super_blocks() -> None:
+    """A Q5_K_M file's main type (random blocks of realistic scales), read as 8-bit codes 0..31 with
+    Q4_K's float16 sub-block scales and biases; a tensor-parallel share inside its 256-value
+    super-blocks is those columns of the whole."""
+    rows, cols = 48, 1024
+    raw = random_blocks((rows, cols), "Q5_K", np.random.default_rng(1))
+    blocks = from_gguf("Q5_K", raw, rows, cols)
+    assert blocks.bits == 8 and blocks.codes.max() == 31
+    ours, expected = dequantize(blocks), reference("Q5_K", raw, rows, cols)
+    assert np.all(np.abs(ours - expected) <= k_quant_rounding(blocks, expected))
+    whole = QuantizedTensor("Q5_K", torch.from_numpy(raw), cols, 256, 176)
+    share = code_blocks(columns_of(whole, 160, 128))
+    assert share.bits == 8 and np.array_equal(dequantize(share), ours[:, 160:288])
 
 
 def test_dense_q8_matches_gguf_q8_0() -> None:
@@ -76,14 +124,14 @@ def test_dense_q8_in_row_chunks_matches_gguf_q8_0(monkeypatch: pytest.MonkeyPatc
 
 
 # Where each K-quant the kernels do not read keeps its float16 scales (d, then dmin where it has one).
-K_QUANT_SCALE_BYTES = {"Q2_K": slice(80, 84), "Q3_K": slice(108, 110), "Q5_K": slice(0, 4)}
+K_QUANT_SCALE_BYTES = {"Q2_K": slice(80, 84), "Q3_K": slice(108, 110)}
 
 
 @pytest.mark.parametrize("type_name", sorted(K_QUANT_SCALE_BYTES))
 def test_an_unread_gguf_type_becomes_q8_0_row_chunk_by_row_chunk(
     monkeypatch: pytest.MonkeyPatch, type_name: str
 ) -> None:
-    """A type the kernels do not read and no native pass converts (Q2_K, Q3_K, Q5_K; Q6_K has its own,
+    """A type the kernels do not read and no native pass converts (Q2_K, Q3_K; Q6_K has its own,
     tested below) is dequantized and requantized a few rows at a time; the result is the Q8_0 of the
     whole tensor's values."""
     monkeypatch.setattr(quant_blocks, "CHUNK_VALUES", 512)
@@ -177,7 +225,8 @@ def test_pack_round_trips(bits: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "type_name,zero", [("Q8_0", 128), ("Q4_0", 8), ("Q5_0", 16), ("Q4_1", 0), ("Q5_1", 0), ("Q4_K", 0)]
+    "type_name,zero",
+    [("Q8_0", 128), ("Q4_0", 8), ("Q5_0", 16), ("Q4_1", 0), ("Q5_1", 0), ("Q4_K", 0), ("Q5_K", 0)],
 )
 def test_symmetric_formats_pack_their_scales_alone(type_name: str, zero: int) -> None:
     blocks = from_gguf(type_name, random_gguf(type_name, 37, 512), 37, 512)
@@ -387,7 +436,7 @@ def test_matmul_keeps_leading_dims_and_empty_batches(isa: str) -> None:
 
 
 @needs_kernel
-@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_K", "Q5_1"])
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_K", "Q5_1", "Q5_K"])
 def test_rows_are_the_dequantized_rows(type_name: str) -> None:
     raw = random_gguf(type_name, 40, 256)
     weight = quant_panels.pack(from_gguf(type_name, raw, 40, 256))

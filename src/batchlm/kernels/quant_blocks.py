@@ -1,12 +1,12 @@
 """GGUF quantized blocks (and dense float weights) as per-32 blocks of unsigned codes with a float16
 scale and bias, w = scale * code + bias: the form the quantized CPU kernels run (cpu_quant.py).
 
-Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 map exactly (their scales are float16 already). Q4_K's per-sub-block
-scale d * sc and offset dmin * m are products of a float16 and a 6-bit integer, rounded here to
-float16 (relative error <= 2^-11, far below the 4-bit step). IQ4_NL and IQ4_XS index a table of 16
-non-uniform int8 levels, which no 4-bit affine code holds: they become 8-bit codes (level + 128),
-IQ4_NL's exactly, IQ4_XS's sub-block scale d * (ls - 32) rounded to float16 as Q4_K's. Pure numpy:
-no torch, no gguf import.
+Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 map exactly (their scales are float16 already). Q4_K's and Q5_K's
+per-sub-block scale d * sc and offset dmin * m are products of a float16 and a 6-bit integer, rounded
+here to float16 (relative error <= 2^-11, far below a 5-bit step); Q5_K's codes (0..31) take 8 bits,
+as Q5_0's and Q5_1's. IQ4_NL and IQ4_XS index a table of 16 non-uniform int8 levels, which no 4-bit
+affine code holds: they become 8-bit codes (level + 128), IQ4_NL's exactly, IQ4_XS's sub-block scale
+d * (ls - 32) rounded to float16 as Q4_K's. Pure numpy: no torch, no gguf import.
 """
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ from dataclasses import dataclass
 import numpy as np
 
 BLOCK = 32
-# Values converted at a time by q8_from_row_chunks (2 MB of float32).
+# Values converted at a time by q8_from_row_chunks (2 MB of float32) and from_gguf.
 CHUNK_VALUES = 1 << 19
-# Bytes per block (per super-block of 256 for Q4_K) of each GGUF type read here.
+# Bytes per block (per super-block of 256 for the K-quants and IQ4_XS) of each GGUF type read here.
 GGUF_BLOCK_BYTES = {
-    **{"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q4_K": 144},
+    **{"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q4_K": 144, "Q5_K": 176},
     **{"IQ4_NL": 18, "IQ4_XS": 136},
 }
 GGUF_BLOCK_SIZE = {
-    **{"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q4_K": 256},
+    **{"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q4_K": 256, "Q5_K": 256},
     **{"IQ4_NL": 32, "IQ4_XS": 256},
 }
 # llama.cpp's IQ4_NL / IQ4_XS levels (kvalues_iq4nl), which their 4-bit indices pick.
@@ -50,13 +50,27 @@ def supported(type_name: str) -> bool:
 
 
 def from_gguf(type_name: str, raw: np.ndarray, rows: int, cols: int) -> CodeBlocks:
-    """The code blocks of a GGUF tensor of `type_name` whose data is `raw` (uint8, rows * row bytes)."""
+    """The code blocks of a GGUF tensor of `type_name` whose data is `raw` (uint8, rows * row bytes),
+    decoded CHUNK_VALUES at a time so that each chunk's temporaries stay in cache."""
     if cols % GGUF_BLOCK_SIZE[type_name]:
         raise ValueError(f"{type_name} rows of {cols} values are not whole blocks")
-    per_row = cols // GGUF_BLOCK_SIZE[type_name]
-    blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(rows * per_row, GGUF_BLOCK_BYTES[type_name])
+    block_size = GGUF_BLOCK_SIZE[type_name]
+    count = rows * cols // block_size
+    blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(count, GGUF_BLOCK_BYTES[type_name])
     decode = _DECODERS[type_name]
-    codes, scales, biases, bits = decode(blocks)
+    step = max(1, CHUNK_VALUES // block_size)
+    if count <= step:
+        codes, scales, biases, bits = decode(blocks)
+    else:
+        codes = np.empty((count, block_size), dtype=np.uint8)
+        scales = np.empty((count, block_size // BLOCK), dtype=np.float16)
+        biases = np.empty_like(scales)
+        for start in range(0, count, step):
+            part = slice(start, start + step)
+            chunk_codes, chunk_scales, chunk_biases, bits = decode(blocks[part])
+            codes[part] = chunk_codes.reshape(codes[part].shape)
+            scales[part] = chunk_scales.reshape(scales[part].shape)
+            biases[part] = chunk_biases.reshape(biases[part].shape)
     return CodeBlocks(codes.reshape(rows, cols), scales.reshape(rows, -1), biases.reshape(rows, -1), bits)
 
 
@@ -165,7 +179,27 @@ def _q5_1(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
 
 
 def _q4_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Super-blocks of 8 sub-blocks of 32: 6-bit scales sc and mins m, w = d * sc * q - dmin * m."""
+    """Super-blocks of 8 sub-blocks of 32: d, dmin, 6-bit scales sc and mins m, then 4-bit codes q;
+    w = d * sc * q - dmin * m."""
+    scales, biases = _k_scales_biases(blocks)
+    return _k_low_nibbles(blocks[:, 16:]), scales, biases, 4
+
+
+def _q5_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Q4_K's super-blocks with a 5th bit a value: d, dmin, scales and mins as Q4_K's, 32 bytes of
+    high bits (bit i of byte l: value l of sub-block i), then Q4_K's nibbles. 8-bit codes 0..31, as
+    Q5_0's and Q5_1's: the kernels read codes of 4 or 8 bits."""
+    scales, biases = _k_scales_biases(blocks)
+    codes = _k_low_nibbles(blocks[:, 48:])
+    sub_blocks, qh = codes.reshape(-1, 8, 32), blocks[:, 16:48]
+    for i in range(8):  # bit i of qh moved to bit 4 of sub-block i's codes
+        sub_blocks[:, i] |= (qh << (4 - i) if i <= 4 else qh >> (i - 4)) & 0x10
+    return codes, scales, biases, 8
+
+
+def _k_scales_biases(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K's and Q5_K's sub-block scales d * sc and biases -dmin * m ([n, 8] float16 each) from the
+    super-blocks' d, dmin and 12 bytes of packed 6-bit sc and m."""
     d = _halves(blocks, 0).astype(np.float32)[:, None]
     dmin = _halves(blocks, 2).astype(np.float32)[:, None]
     packed = blocks[:, 4:16].astype(np.uint8)
@@ -175,11 +209,14 @@ def _q4_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     mins[:, :4] = packed[:, 4:8] & 63
     sc[:, 4:] = (packed[:, 8:12] & 0x0F) | ((packed[:, 0:4] >> 6) << 4)
     mins[:, 4:] = (packed[:, 8:12] >> 4) | ((packed[:, 4:8] >> 6) << 4)
-    qs = blocks[:, 16:].reshape(-1, 4, 32)  # 4 chunks of 64 values: low nibbles, then high nibbles
-    codes = np.stack([qs & 0x0F, qs >> 4], axis=2).reshape(-1, 256)
-    scales = (d * sc).astype(np.float16)
-    biases = (-dmin * mins).astype(np.float16)
-    return codes, scales, biases, 4
+    return (d * sc).astype(np.float16), (-dmin * mins).astype(np.float16)
+
+
+def _k_low_nibbles(qs: np.ndarray) -> np.ndarray:
+    """[n, 128] bytes -> [n, 256] codes: 4 chunks of 64 values, low nibbles then high nibbles."""
+    quarters = qs.reshape(-1, 4, 32)
+    codes: np.ndarray = np.stack([quarters & 0x0F, quarters >> 4], axis=2).reshape(-1, 256)
+    return codes
 
 
 def _iq4_nl(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -208,6 +245,6 @@ def _iq4_codes(indices: np.ndarray) -> np.ndarray:
 
 
 _DECODERS = {
-    **{"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q4_K": _q4_k},
-    **{"IQ4_NL": _iq4_nl, "IQ4_XS": _iq4_xs},
+    **{"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1},
+    **{"Q4_K": _q4_k, "Q5_K": _q5_k, "IQ4_NL": _iq4_nl, "IQ4_XS": _iq4_xs},
 }
