@@ -126,6 +126,20 @@ def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def rope_cos_sin(table_ptr, position, HALF: tl.constexpr, HALF_BLOCK: tl.constexpr):
+    """The cos and sin halves of `position`'s row of a [positions, 2 * HALF] table, padded to HALF_BLOCK
+    lanes (zeros past HALF), and the lanes."""
+    dims = tl.arange(0, HALF_BLOCK)
+    if HALF == HALF_BLOCK:
+        cos = tl.load(table_ptr + position * (2 * HALF) + dims)
+        sin = tl.load(table_ptr + position * (2 * HALF) + HALF + dims)
+    else:
+        cos = tl.load(table_ptr + position * (2 * HALF) + dims, mask=dims < HALF, other=0.0)
+        sin = tl.load(table_ptr + position * (2 * HALF) + HALF + dims, mask=dims < HALF, other=0.0)
+    return cos, sin, dims
+
+
+@triton.jit
 def _rope_kernel(
     qk_ptr,
     positions_ptr,
@@ -141,13 +155,7 @@ def _rope_kernel(
     pdl_prologue(PDL)
     row = tl.program_id(0)
     position = tl.load(positions_ptr + row)
-    offsets = tl.arange(0, HALF_BLOCK)
-    if HALF == HALF_BLOCK:
-        cos = tl.load(cache_ptr + position * (2 * HALF) + offsets)
-        sin = tl.load(cache_ptr + position * (2 * HALF) + HALF + offsets)
-    else:
-        cos = tl.load(cache_ptr + position * (2 * HALF) + offsets, mask=offsets < HALF, other=0.0)
-        sin = tl.load(cache_ptr + position * (2 * HALF) + HALF + offsets, mask=offsets < HALF, other=0.0)
+    cos, sin, offsets = rope_cos_sin(cache_ptr, position, HALF, HALF_BLOCK)
     heads = tl.arange(0, HEADS_BLOCK)
     mask = heads[:, None] < num_heads
     if HALF != HALF_BLOCK:

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from batchlm.kernels.fp8_types import FP8_DTYPE, FP8_MAX
+from batchlm.kernels.fused_ops import rope_cos_sin
 from batchlm.kernels.pdl import pdl_launch, pdl_prologue
 from batchlm.kernels.shapes import check_kv_cache, next_power_of_2
 from batchlm.kernels.specialization import unspecialized
@@ -136,13 +137,7 @@ def _rotate_write_kv_kernel(
     # for it. Rows past the slots (a graph's padded queries) and padding slots (-1) own no slot.
     position = tl.load(positions_ptr + row)
     slot = tl.load(slot_ptr + row, mask=row < num_slots, other=-1).to(tl.int64)
-    dims = tl.arange(0, HALF_BLOCK)
-    if HALF == HALF_BLOCK:
-        cos = tl.load(table_ptr + position * (2 * HALF) + dims)
-        sin = tl.load(table_ptr + position * (2 * HALF) + HALF + dims)
-    else:
-        cos = tl.load(table_ptr + position * (2 * HALF) + dims, mask=dims < HALF, other=0.0)
-        sin = tl.load(table_ptr + position * (2 * HALF) + HALF + dims, mask=dims < HALF, other=0.0)
+    cos, sin, dims = rope_cos_sin(table_ptr, position, HALF, HALF_BLOCK)
     heads = tl.arange(0, HEADS_BLOCK)
     q_mask = heads[:, None] < NUM_HEADS
     if HALF != HALF_BLOCK:
