@@ -12,10 +12,19 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from batchlm.models.gguf_model_dir import prepare_gguf_model_dir
-from batchlm.models.loader import load_model
+from batchlm.models.loader import LoadedModel, load_model
 from batchlm.models.random_model import write_random_model
 from gguf_builder import write_tiny_gguf
 from models_harness import greedy_generate, hf_greedy
+
+
+def assert_greedy_matches_transformers(loaded: LoadedModel, path: Path, prompt: list[int]) -> None:
+    """Four greedy tokens of `prompt`, and their logprobs, as transformers' model of `path` gives them."""
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ours, our_logprobs = greedy_generate(loaded, prompt, 4)
+    theirs, their_logprobs = hf_greedy(hf, prompt, 4)
+    assert ours == theirs
+    torch.testing.assert_close(our_logprobs, their_logprobs, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
@@ -56,12 +65,7 @@ def test_the_configs_own_original_length_wins_over_the_rope_dicts(
     (path / "config.json").write_text(json.dumps(config))
     loaded = load_model(path, torch.float32, torch.device("cpu"), progress=False)
     assert loaded.config.layers[0].rope.params["original_max_position_embeddings"] == 32
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    prompt = list(range(30, 70))
-    ours, our_logprobs = greedy_generate(loaded, prompt, 4)
-    theirs, their_logprobs = hf_greedy(hf, prompt, 4)
-    assert ours == theirs
-    torch.testing.assert_close(our_logprobs, their_logprobs, atol=1e-4, rtol=0)
+    assert_greedy_matches_transformers(loaded, path, list(range(30, 70)))
 
 
 def test_qwen3_moe_windows_every_layer_whatever_max_window_layers_says(tmp_path: Path) -> None:
@@ -70,12 +74,7 @@ def test_qwen3_moe_windows_every_layer_whatever_max_window_layers_says(tmp_path:
     path = write_random_model(tmp_path, "qwen3_moe", overrides, seed=3)
     loaded = load_model(path, torch.float32, torch.device("cpu"), progress=False)
     assert [layer.attention.sliding_window for layer in loaded.config.layers] == [4, 4]
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    prompt = list(range(30, 50))
-    ours, our_logprobs = greedy_generate(loaded, prompt, 4)
-    theirs, their_logprobs = hf_greedy(hf, prompt, 4)
-    assert ours == theirs
-    torch.testing.assert_close(our_logprobs, their_logprobs, atol=1e-4, rtol=0)
+    assert_greedy_matches_transformers(loaded, path, list(range(30, 50)))
 
 
 def test_rope_scaling_added_beside_rope_parameters_is_read_as_transformers_does(tmp_path: Path) -> None:
@@ -117,9 +116,5 @@ def test_longrope_past_the_original_length_matches_transformers(tmp_path: Path) 
     overrides = {"rope_scaling": LONGROPE, "original_max_position_embeddings": 16, "pad_token_id": 0}
     path = write_random_model(tmp_path, "phi3", overrides, seed=3)
     loaded = load_model(path, torch.float32, torch.device("cpu"), progress=False)
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    prompt = list(range(30, 54))  # 24 tokens: past the original length from the first step
-    ours, our_logprobs = greedy_generate(loaded, prompt, 4)
-    theirs, their_logprobs = hf_greedy(hf, prompt, 4)
-    assert ours == theirs
-    torch.testing.assert_close(our_logprobs, their_logprobs, atol=1e-4, rtol=0)
+    # 24 tokens: past the original length from the first step
+    assert_greedy_matches_transformers(loaded, path, list(range(30, 54)))
