@@ -99,22 +99,3 @@ def test_the_mlx_context_length_reads_the_rope_fields_as_transformers_does() -> 
     both = {**base, "rope_parameters": {"rope_type": "default"}, "rope_scaling": yarn}
     assert model_context_length(both) == 64
     assert model_context_length({**both, "original_max_position_embeddings": 32}) == 128
-
-
-# Phi-3's LongRoPE over a pretraining length of 16 (head_dim 16: 8 frequencies).
-LONGROPE = {"type": "longrope", "short_factor": [1.0, 1.1, 1.2, 1.5, 2.0, 3.0, 4.0, 6.0],
-            "long_factor": [1.5, 3.0, 5.0, 8.0, 12.0, 20.0, 30.0, 40.0]}  # fmt: skip
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="transformers rotates every position of a sequence longer than original_max_position_embeddings "
-    "with the long factors (re-prefilling when a sequence first crosses it); batchlm picks the factors "
-    "per position, so keys before that length keep the short ones",
-)
-def test_longrope_past_the_original_length_matches_transformers(tmp_path: Path) -> None:
-    overrides = {"rope_scaling": LONGROPE, "original_max_position_embeddings": 16, "pad_token_id": 0}
-    path = write_random_model(tmp_path, "phi3", overrides, seed=3)
-    loaded = load_model(path, torch.float32, torch.device("cpu"), progress=False)
-    # 24 tokens: past the original length from the first step
-    assert_greedy_matches_transformers(loaded, path, list(range(30, 54)))

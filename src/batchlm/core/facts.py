@@ -25,6 +25,9 @@ class ModelFacts:
     kv_cache_bits: int = 0
     # Whether the engine reads the logits of every prompt token (SamplingParams.prompt_logprobs).
     computes_prompt_logprobs: bool = False
+    # Phi-3's LongRoPE: a sequence of more than this many tokens rotates every position with the long
+    # factors, as transformers does (layers/rotary.LongRopeSwitch); None: the model has one rotation.
+    long_rope_after: int | None = None
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,8 @@ class KVCacheManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self._root_hash = root_block_hash(salt)
+        # Blocks of sequences under the long rotation hold other keys for the same tokens.
+        self._long_rope_root_hash = root_block_hash(salt + "\0long RoPE")
         self._tables: dict[str, _BlockTable] = {}
         # Hash -> number of running requests that will compute that block but have not yet.
         self._pending: dict[BlockHash, int] = {}
@@ -174,5 +176,8 @@ class KVCacheManager:
         hashes, tokens, size = state.block_hashes, state.all_token_ids, self.block_size
         while len(hashes) < num_blocks:
             index = len(hashes)
-            parent = hashes[-1] if hashes else self._root_hash
+            if hashes:
+                parent = hashes[-1]
+            else:
+                parent = self._long_rope_root_hash if state.long_rope else self._root_hash
             hashes.append(hash_block(parent, tokens[index * size : (index + 1) * size]))

@@ -51,6 +51,9 @@ class RequestState:
     # True while the runner holds state for this request (sent, and not since dropped).
     known_to_runner: bool = False
     num_preemptions: int = 0
+    # Its KV is computed with the model's long rotation (SchedulerConfig.long_rope_after): set at an
+    # admission with more tokens than that, kept until it finishes.
+    long_rope: bool = False
     # Blocks of its table the runner has been sent (a table only grows while held).
     num_blocks_sent: int = 0
     # The context length (tokens of prompt and output together) of the model; None: no limit here.
@@ -111,6 +114,11 @@ class RequestState:
 
     def append_token(self, token_id: int) -> None:
         self.all_token_ids.append(token_id)
+
+    def switch_to_long_rope(self) -> None:
+        """While it holds no blocks: its KV from now on is of the long rotation, so are its block hashes."""
+        self.long_rope = True
+        self.block_hashes.clear()
 
     def reset_for_recompute(self) -> None:
         """Preemption: the KV blocks are gone; generated tokens stay and are recomputed as context."""

@@ -176,6 +176,7 @@ class Scheduler:
     def _schedule_running(self, step: StepBuilder) -> None:
         """Runs once per running request per step: kept to plain attribute arithmetic."""
         block_size, running, index = self.config.block_size, self._running, 0
+        long_rope_after = self.config.long_rope_after
         speculative = self._speculative
         if speculative is not None and not speculative.active(len(running)):
             speculative = None
@@ -185,10 +186,24 @@ class Scheduler:
             if state.num_inflight_samples and num_expected >= state.token_limit:
                 index += 1  # its last token is being sampled: it finishes when that result arrives
                 continue
-            if speculative is not None and speculative.schedule(step, state, len(running)):
+            scheduled_end = state.num_computed_tokens + state.num_inflight_tokens
+            drafts = speculative
+            if long_rope_after is not None and not state.long_rope:
+                if scheduled_end >= long_rope_after:
+                    # Its next token makes it longer than the short rotation's reach: all of its KV is
+                    # recomputed with the long one, once that token is known (nothing in flight).
+                    if state.num_inflight_tokens:
+                        index += 1
+                    else:
+                        running.pop(index)
+                        self._preempt(state, counted=False)
+                        step.preempted = True  # the runner drops it this step; it returns next step
+                    continue
+                if scheduled_end + self.config.speculation.num_tokens >= long_rope_after:
+                    drafts = None  # draft tokens must not pass the switch before it happens
+            if drafts is not None and drafts.schedule(step, state, len(running)):
                 index += 1
                 continue
-            scheduled_end = state.num_computed_tokens + state.num_inflight_tokens
             num_new = min(num_expected - scheduled_end, step.budget)
             # The table sent last step still has room for most decodes: no block to allocate.
             needs_blocks = scheduled_end + num_new > state.num_blocks_sent * block_size
@@ -212,6 +227,9 @@ class Scheduler:
             state = self._tickets.next_in_line(self._waiting, self._held)
             if state is None:
                 return  # every waiting request is held
+            long_rope_after = self.config.long_rope_after
+            if long_rope_after is not None and not state.long_rope and state.num_tokens > long_rope_after:
+                state.switch_to_long_rope()
             cached_blocks = self.kv.find_cached_prefix(state)
             if gathers_prompt_logprobs(state):
                 # Hits stand in for rows whose logprobs it reports: only as far as those are kept.
@@ -237,8 +255,9 @@ class Scheduler:
                 self._prompt_tokens_total += state.num_prompt_tokens
             step.add_tokens(state, num_new, self.kv.unsent_block_ids(state))
 
-    def _preempt(self, state: RequestState) -> None:
-        """Free the request's blocks and queue it first for recomputation (its tokens are kept)."""
+    def _preempt(self, state: RequestState, counted: bool = True) -> None:
+        """Free the request's blocks and queue it first for recomputation (its tokens are kept);
+        `counted`: a preemption for want of blocks (not a switch to the long rotation)."""
         self.kv.free(state)
         if state.known_to_runner:
             self._dropped_ids.add(state.request_id)
@@ -246,7 +265,8 @@ class Scheduler:
             self._speculative.forget(state.request_id)
         state.reset_for_recompute()
         self._waiting.appendleft(state)
-        self._num_preemptions += 1
+        if counted:
+            self._num_preemptions += 1
 
     def update_from_output(self, scheduled: SchedulerOutput, result: ModelRunnerOutput) -> CoreOutputs:
         """Advance the scheduled requests, append sampled tokens, and finish those that must stop.

@@ -27,9 +27,14 @@ class SchedulerConfig:
     prefix_cache_salt: str = ""
     # Speculative decoding from n-grams of each request's own tokens (off by default).
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
+    # A sequence of more than this many tokens must have all of its KV computed with the model's long
+    # rotation (ModelFacts.long_rope_after): one that grows past it is recomputed. None: no switch.
+    long_rope_after: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size", "num_blocks"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"SchedulerConfig.{name} must be a positive integer, got {value!r}")
+        if self.long_rope_after is not None and self.long_rope_after < 1:
+            raise ValueError(f"SchedulerConfig.long_rope_after must be positive, got {self.long_rope_after}")

@@ -107,6 +107,7 @@ def new_request_data(state: RequestState) -> NewRequestData:
         sampling_params=request.sampling_params,
         seed=request.seed,
         eos_token_ids=request.eos_token_ids,
+        long_rope=state.long_rope,
     )
 
 

@@ -27,6 +27,8 @@ class NewRequestData:
     seed: int | None
     # Tokens that end generation (the sampler masks them until min_tokens are generated).
     eos_token_ids: tuple[int, ...]
+    # Rotate its tokens with the model's long rotation (SchedulerConfig.long_rope_after).
+    long_rope: bool = False
 
 
 @dataclass(slots=True)

@@ -135,6 +135,7 @@ def build_scheduler(config: EngineConfig, info: ModelFacts, prefix_cache_salt: s
             enable_prefix_caching=config.enable_prefix_caching,
             prefix_cache_salt=prefix_cache_salt,
             speculation=resolve_speculation(config, info.device),
+            long_rope_after=info.long_rope_after,
         )
     )
 

@@ -30,21 +30,32 @@ class RopeSpec:
     config_max_position: int
 
 
+@dataclass(frozen=True)
+class LongRopeSwitch:
+    """Phi-3's LongRoPE as transformers applies it: a sequence of more than `after` tokens rotates
+    every position with the long factors (transformers recomputes the cache when a sequence first
+    grows past that length), a shorter one with the short factors. The long rotation's rows follow
+    the others in the cos/sin table: a long sequence's token rotates by row position + table_offset."""
+
+    after: int
+    table_offset: int
+
+
 class RotaryEmbedding(nn.Module):
     """Rotates the first rotary_dim dimensions of queries and keys by their positions; shared by
     every layer with the same RopeSpec."""
 
-    def __init__(self, head_dim: int, cos_sin_cache: torch.Tensor) -> None:
+    def __init__(
+        self, head_dim: int, cos_sin_cache: torch.Tensor, long_switch: LongRopeSwitch | None = None
+    ) -> None:
         super().__init__()
         self.head_dim = head_dim
-        # [max_position, rotary_dim]: cos in the first half of each row, sin in the second.
+        # [rows, rotary_dim]: cos in the first half of each row, sin in the second. One row a position,
+        # then (with a long_switch) the long rotation's rows.
         self.rotary_dim = cos_sin_cache.shape[-1]
         self.register_buffer("cos_sin_cache", cos_sin_cache, persistent=False)
         self.cos_sin_cache: torch.Tensor
-
-    @property
-    def max_position(self) -> int:
-        return self.cos_sin_cache.shape[0]
+        self.long_switch = long_switch
 
     def forward(
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
@@ -159,26 +170,51 @@ def build_cos_sin_cache(
         inv_freq, scaling = inv_freq_and_scaling(params, head_dim)  # [D/2]
         angles = torch.outer(positions, inv_freq)
         if params["rope_type"] == "longrope":
-            # Past the pretraining length, LongRoPE's long factors take over (chosen per position:
-            # transformers instead rotates every position of a longer sequence with them).
+            # Past the pretraining length the long factors take over, position by position. The
+            # engine rotates a sequence that long with the long rows throughout (long_rope_table).
             original = int(params["original_max_position_embeddings"])
             long_freq = longrope_inv_freq(params, head_dim, "long_factor")
             angles[original:] = torch.outer(positions[original:], long_freq)
     return torch.cat((angles.cos() * scaling, angles.sin() * scaling), dim=-1)
 
 
+def long_rope_table(params: dict[str, Any], head_dim: int, max_position: int) -> torch.Tensor:
+    """[max_position, head_dim] float32 rows of LongRoPE's long factors at every position."""
+    positions = torch.arange(max_position, dtype=torch.float32)
+    _, scaling = inv_freq_and_scaling(params, head_dim)
+    angles = torch.outer(positions, longrope_inv_freq(params, head_dim, "long_factor"))
+    return torch.cat((angles.cos() * scaling, angles.sin() * scaling), dim=-1)
+
+
 def build_rope(spec: RopeSpec, head_dim: int, max_position: int) -> RotaryEmbedding:
-    """The rotary embedding for `spec`, with a cache covering positions < max_position."""
+    """The rotary embedding for `spec`, with a cache covering positions < max_position (twice over for
+    LongRoPE past its original length: the rows of sequences that grew past it follow)."""
+    params, switch = spec.params, None
     # The cache is computed on the CPU (deterministic, float32), then moved to the default device.
     with torch.device("cpu"):
-        cache = build_cos_sin_cache(spec.params, spec.rotary_dim, max_position, spec.config_max_position)
-    return RotaryEmbedding(head_dim, cache.to(torch.get_default_device()))
+        cache = build_cos_sin_cache(params, spec.rotary_dim, max_position, spec.config_max_position)
+        original = params.get("original_max_position_embeddings")
+        if params["rope_type"] == "longrope" and original and max_position > int(original):
+            cache = torch.cat((cache, long_rope_table(params, spec.rotary_dim, max_position)))
+            switch = LongRopeSwitch(after=int(original), table_offset=max_position)
+    return RotaryEmbedding(head_dim, cache.to(torch.get_default_device()), switch)
 
 
 def get_rope(config: Any, head_dim: int, max_position: int) -> RotaryEmbedding:
     """The rotary embedding an HF config asks for, with a cache covering positions < max_position."""
     spec = RopeSpec(read_rope_parameters(config), head_dim, int(config.max_position_embeddings))
     return build_rope(spec, head_dim, max_position)
+
+
+def long_rope_switch(model: nn.Module, max_model_len: int) -> LongRopeSwitch | None:
+    """The model's LongRoPE switch (every layer's is the same), or None when it has one rotation or
+    no sequence of `max_model_len` tokens can reach the switch."""
+    switches = {module.long_switch for module in model.modules() if isinstance(module, RotaryEmbedding)}
+    switches.discard(None)
+    if len(switches) > 1:
+        raise ValueError(f"layers disagree on LongRoPE's original length: {sorted(map(str, switches))}")
+    switch = switches.pop() if switches else None
+    return switch if switch is not None and max_model_len > switch.after else None
 
 
 def shared_ropes(specs: list[RopeSpec], head_dim: int, max_position: int) -> list[RotaryEmbedding]:

@@ -7,9 +7,7 @@ window come from ModelConfig's per-layer specs.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 import torch
 
@@ -17,28 +15,9 @@ from batchlm.layers.quantization.base import LoadedWeight, QuantizedTensor, narr
 from batchlm.models.llama import LlamaForCausalLM
 from batchlm.models.model_config import ModelConfig
 
-logger = logging.getLogger(__name__)
-
 
 class Phi3ForCausalLM(LlamaForCausalLM):
     """Phi-3 / Phi-3.5 / Phi-4-mini (Phi3ForCausalLM in config.json)."""
-
-    @classmethod
-    def read_config(cls, hf_config: Any) -> ModelConfig:
-        config = super().read_config(hf_config)
-        params = config.layers[0].rope.params
-        original = params.get("original_max_position_embeddings")
-        if params["rope_type"] == "longrope" and original and config.max_model_len > original:
-            # transformers rotates a whole sequence past that length with the long factors (cached
-            # keys recomputed); per-position factors keep the short ones on the first positions.
-            logger.warning(
-                "LongRoPE: tokens before original_max_position_embeddings=%d keep the short factors in "
-                "longer sequences, where transformers rotates every position with the long ones; "
-                "outputs of sequences past %d tokens differ from transformers'",
-                original,
-                original,
-            )
-        return config
 
     def checkpoint_tensors(
         self, weights: Iterable[tuple[str, LoadedWeight]]

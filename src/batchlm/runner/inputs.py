@@ -10,6 +10,7 @@ import torch
 
 from batchlm.attention.backend import AttentionMetadata
 from batchlm.core.step_io import PLACEHOLDER_TOKEN_ID, ScheduledChunk, SchedulerOutput
+from batchlm.layers.rotary import LongRopeSwitch
 from batchlm.runner.block_tables import BlockTableRows
 from batchlm.runner.decode_rows import all_decode_or_verify, as_decode_rows
 from batchlm.runner.prompt_logprobs import PromptLogprobRows
@@ -23,7 +24,8 @@ class StepInputs:
 
     # [T] int64 token ids, all chunks concatenated (decodes first).
     input_ids: torch.Tensor
-    # [T] int64 absolute positions.
+    # [T] int64 positions the model rotates by: absolute ones, past the LongRoPE table offset for
+    # the tokens of sequences under the long rotation.
     positions: torch.Tensor
     meta: AttentionMetadata
     # [S] int64: row of the last token of each chunk that samples (every row from the last known
@@ -66,9 +68,15 @@ class StepInputBuilder:
         # Steps of decodes and verify chunks with at most this many tokens are laid out as decode rows
         # (runner/decode_rows.py), so the runner's decode paths can take them; 0: never.
         self.max_decode_rows = 0
+        # The model's LongRoPE switch: requests under the long rotation (NewRequestData.long_rope) feed
+        # the model their positions plus its table offset, which selects the long rows.
+        self.long_rope: LongRopeSwitch | None = None
+        self._long_rope_ids: set[str] = set()
 
     def drop(self, request_ids: Iterable[str]) -> None:
         self.block_tables.drop(request_ids)
+        if self._long_rope_ids:
+            self._long_rope_ids.difference_update(request_ids)
 
     def build(self, scheduled: SchedulerOutput, previous: PreviousTokens | None = None) -> StepInputs:
         """Vectorised with numpy: Python work is O(number of chunks), not O(tokens). Placeholder token
@@ -83,6 +91,8 @@ class StepInputBuilder:
         """build(), but the placeholders are filled later (PlaceholderFill.apply, once the previous
         step's sampling is queued); previous_rows: request id -> its row among that step's tokens."""
         chunks, block_size = scheduled.chunks, self.block_size
+        if self.long_rope is not None:
+            self._long_rope_ids.update(new.request_id for new in scheduled.new_requests if new.long_rope)
         query_lens = np.fromiter((len(c.token_ids) for c in chunks), dtype=np.int64, count=len(chunks))
         starts = np.fromiter((c.start_position for c in chunks), dtype=np.int64, count=len(chunks))
         query_start_loc = np.zeros(len(chunks) + 1, dtype=np.int64)
@@ -113,6 +123,7 @@ class StepInputBuilder:
             query_start_loc, seq_lens, block_tables = rows.query_start_loc, rows.seq_lens, rows.block_tables
             query_lens, num_decodes = np.ones(num_tokens, dtype=np.int64), num_tokens
         fill_rows, fill_sources = _placeholder_sources(input_ids, request_of_token, chunks, previous_rows)
+        rotary_positions = self._rotary_positions(positions, request_of_token, chunks)
 
         slots, starts_loc, lens, tables, ids, pos, samples, fill_to, fill_from = self.uploader.upload(
             [
@@ -121,7 +132,7 @@ class StepInputBuilder:
                 seq_lens.astype(np.int32),
                 block_tables,
                 input_ids,
-                positions,
+                rotary_positions,
                 np.asarray(sample_indices, dtype=np.int64),
                 fill_rows,
                 fill_sources,
@@ -148,6 +159,18 @@ class StepInputBuilder:
             has_drafts=has_drafts,
         )
         return inputs, fill
+
+    def _rotary_positions(
+        self, positions: np.ndarray, request_of_token: np.ndarray, chunks: Sequence[ScheduledChunk]
+    ) -> np.ndarray:
+        """The positions the model rotates by: past the LongRoPE table offset for long sequences' tokens."""
+        if not self._long_rope_ids:
+            return positions
+        assert self.long_rope is not None
+        long_ids = self._long_rope_ids
+        long_chunks = np.fromiter((c.request_id in long_ids for c in chunks), dtype=bool, count=len(chunks))
+        rotary: np.ndarray = positions + long_chunks[request_of_token] * self.long_rope.table_offset
+        return rotary
 
 
 def build_step_inputs(

@@ -15,6 +15,7 @@ from batchlm.core.step_io import ModelRunnerOutput, SchedulerOutput
 from batchlm.layers.embedding import use_cpu_lm_head
 from batchlm.layers.linear import pack_linears_for_cpu
 from batchlm.layers.quantization.layer import has_quantized_layers
+from batchlm.layers.rotary import long_rope_switch
 from batchlm.models.loader import LoadedModel, ModelShape, load_model
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
 from batchlm.runner.cpu_kernel_builds import build_cpu_kernels
@@ -128,6 +129,7 @@ class ModelRunner:
         self.sampler = Sampler(self.shape.vocab_size, self.device, seed=config.seed)
         self.states: dict[str, SamplingState] = {}
         self.input_builder = StepInputBuilder(config.block_size, self.device)
+        self.input_builder.long_rope = long_rope_switch(self.model, self.max_model_len)
         # Requests with a repetition/presence/frequency penalty: their sampling needs real token ids.
         self._penalized_ids: set[str] = set()
         # Requests under a grammar (structured outputs): their matchers, by request id.
@@ -231,6 +233,7 @@ class ModelRunner:
             dtype=dtype_name(self.dtype),
             kv_cache_bits=self.kv_dtype.itemsize * 8,
             computes_prompt_logprobs=True,
+            long_rope_after=self.input_builder.long_rope.after if self.input_builder.long_rope else None,
         )
 
     def _max_blocks_per_seq(self) -> int:
