@@ -279,6 +279,9 @@ class ModelRunner:
         constrained rows returns once its forward pass is queued: its sampling, which must wait for
         the masks, is queued in the next call once that call's inputs are built (or when its output
         is read), so the host schedules and builds the next step while the masks are computed."""
+        # Before the inputs are built, and only then: an ended request's id may come back in this
+        # very step, as a new request's.
+        self.input_builder.drop(scheduled.finished_request_ids)
         inputs = self._inputs_beside_deferred(scheduled)
         self._update_states(scheduled)
         if scheduled.is_empty:
@@ -314,7 +317,6 @@ class ModelRunner:
             return None
         built = None
         if not scheduled.is_empty:
-            self.input_builder.drop(scheduled.finished_request_ids)
             built = self.input_builder.build_unfilled(scheduled, deferred.token_rows)
         deferred.sample()
         if built is None:
@@ -381,7 +383,6 @@ class ModelRunner:
             self.states.pop(request_id, None)
             self._penalized_ids.discard(request_id)
         self.prompt_logprobs.drop(scheduled.finished_request_ids)
-        self.input_builder.drop(scheduled.finished_request_ids)
         if len(self.grammars):
             self.grammars.drop(scheduled.finished_request_ids)
             self.masks.drop(scheduled.finished_request_ids)
