@@ -37,15 +37,20 @@ def prompts() -> list[list[int]]:
 
 
 def transformers_tokens(model_dir: Path, batch: list[list[int]]) -> list[list[int]]:
+    """Greedy tokens of transformers' model, each from a forward over the whole sequence so far (no
+    cache): its LongRoPE picks the factors from the sequence's length, which is what its generate()
+    does by recomputing the cache at the switch (in the versions that do)."""
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokens = []
     for prompt in batch:
-        ids = torch.tensor([prompt])
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS,
-                          min_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=0)  # fmt: skip
-        tokens.append(out[0, len(prompt) :].tolist())
+        ids = list(prompt)
+        for _ in range(MAX_TOKENS):
+            with torch.no_grad():
+                logits = hf(torch.tensor([ids]), use_cache=False).logits[0, -1]
+            ids.append(int(logits.argmax()))
+        tokens.append(ids[len(prompt) :])
     return tokens
 
 
