@@ -304,6 +304,21 @@ def test_seeded_sampling_ignores_batch_mates(loaded: LoadedModel) -> None:
     assert alone != other_seed
 
 
+def test_a_negative_or_huge_seed_is_served_and_fails_no_batch_mate(loaded: LoadedModel) -> None:
+    # The API takes any integer seed: one outside mlx's 64-bit key range raised TypeError when the
+    # request started, failing every request admitted with it.
+    seeds = {"negative": -1, "huge": 2**64 + 5, "plain": None}
+    requests = [
+        request(name, PROMPTS[1], seed=seed, temperature=1.0, max_tokens=4) for name, seed in seeds.items()
+    ]
+    outputs = run(make_loop(loaded), requests)
+    assert all(outputs[name][-1].finish_reason is FinishReason.LENGTH for name in seeds)
+    same = run(
+        make_loop(loaded), [request("negative", PROMPTS[1], seed=2**64 - 1, temperature=1.0, max_tokens=4)]
+    )
+    assert tokens(outputs["negative"]) == tokens(same["negative"])  # as the PyTorch engine: modulo 2**64
+
+
 def test_a_failed_step_fails_the_running_requests_and_the_loop_recovers(
     loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -138,6 +138,16 @@ def test_truncation_to_one_token_always_picks_the_most_likely() -> None:
         assert {sampler(logprobs).item() for _ in range(20)} == {2}
 
 
+@pytest.mark.parametrize("seed", [None, 3])
+def test_top_p_below_float32_range_picks_the_most_likely(seed: int | None) -> None:
+    # 1e-50 is a valid top_p but 0 in float32: mlx-lm's top-p then masked nothing it should keep and
+    # drew from the whole vocabulary.
+    logprobs = logprobs_of([0.1, 0.2, 0.4, 0.3])
+    for top_p in (1e-50, 5e-324):
+        sampler = SamplerFactory(4).sampler_for(SamplingParams(top_p=top_p), seed)
+        assert {sampler(logprobs).item() for _ in range(20)} == {2}
+
+
 def test_top_k_covering_the_vocabulary_is_accepted() -> None:
     sampler = SamplerFactory(4).sampler_for(SamplingParams(top_k=4), None)
     assert 0 <= sampler(logprobs_of([0.25] * 4)).item() < 4
@@ -159,6 +169,20 @@ def test_seeded_sampler_repeats_its_draws_and_seeds_differ() -> None:
 
     assert draws(7) == draws(7)
     assert draws(7) != draws(8)
+
+
+@pytest.mark.parametrize("seed", [-1, -(2**63) - 1, 2**64, 10**30])
+def test_any_integer_seed_samples_as_its_64_bit_residue(seed: int) -> None:
+    # The API takes any integer seed (the PyTorch engine mixes it in modulo 2**64); mlx's key raised
+    # TypeError outside [0, 2**64), which failed the request and every one started beside it.
+    factory = SamplerFactory(8)
+    logprobs = logprobs_of([1 / 8] * 8)
+
+    def draws(seed: int) -> list[int]:
+        sampler = factory.sampler_for(SamplingParams(temperature=1.0), seed)
+        return [sampler(logprobs).item() for _ in range(16)]
+
+    assert draws(seed) == draws(seed % 2**64)
 
 
 def test_recorder_returns_raw_logprobs_first_in_first_out() -> None:

@@ -72,3 +72,11 @@ def test_top_p_one_keeps_tokens_whose_mass_rounds_away() -> None:
     logits = torch.tensor([[20.0, 0.0, 0.0], [20.0, 0.0, 0.0]])
     apply_top_k_top_p(logits, torch.tensor([0, 0]), max_top_k=0, top_p=torch.tensor([1.0, 0.5]))
     assert kept(logits) == [[0, 1, 2], [0]]
+
+
+def test_top_p_below_float32_range_keeps_the_top_token() -> None:
+    # 1e-50 is a valid top_p (greater than 0) but 0 in a float32 tensor: the row keeps its top token
+    # (as a tiny top_p does), not nothing (which sampled token 0 whatever the logits).
+    logits = torch.tensor([[0.0, 10.0, 1.0], [3.0, 0.0, 1.0]])
+    apply_top_k_top_p(logits, torch.tensor([0, 2]), max_top_k=2, top_p=torch.tensor([1e-50, 5e-324]))
+    assert kept(logits) == [[1], [0]]

@@ -32,6 +32,9 @@ def apply_top_k_top_p(
     # reaching p. Rows with p == 1 keep everything (cumsum rounding could exceed 1 otherwise).
     mass_before = probs.cumsum(dim=-1) - probs  # [B, V]
     drop = (mass_before >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)  # [B, V]
+    # The most likely token always stays: a top_p below float32's smallest number is 0 in `top_p`,
+    # and its mass_before (0) would otherwise drop it too, leaving nothing to sample.
+    drop[:, 0] = False
     sorted_logits.masked_fill_(drop, NEG_INF)
     logits.scatter_(1, order, sorted_logits)
 

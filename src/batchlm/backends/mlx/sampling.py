@@ -22,6 +22,10 @@ from batchlm.sampling_params import SamplingParams
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 SamplerKey = tuple[float, int, float, float]
+# mx.random.key takes an unsigned 64-bit seed.
+SEED_MODULUS = 1 << 64
+# The least top_p handed to mlx-lm: a normal float32, far below any vocabulary's 1 / size.
+SMALLEST_TOP_P = 1e-30
 
 
 def greedy_sample(logprobs: mx.array) -> mx.array:
@@ -37,7 +41,10 @@ def _truncate(logprobs: mx.array, key: SamplerKey) -> mx.array:
     if top_p < 1.0:
         # Renormalise so the cumulative mass is computed on a distribution (scaled is <= 0, no overflow).
         scaled = scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
-        scaled = apply_top_p(scaled, top_p)
+        # A top_p below float32's range is 0 to mlx-lm's top-p, which then drops every token and reads
+        # its threshold past the row's end (a draw from the whole vocabulary). Any top_p below the
+        # top token's probability (at least 1 / vocabulary) keeps that token alone, as this floor does.
+        scaled = apply_top_p(scaled, max(top_p, SMALLEST_TOP_P))
     if min_p > 0.0:
         scaled = apply_min_p(scaled, min_p)
     return scaled
@@ -54,8 +61,10 @@ def make_random_sampler(key: SamplerKey) -> Sampler:
 
 def make_seeded_sampler(key: SamplerKey, seed: int) -> Sampler:
     """Draws from the request's own key chain: the same seed gives the same draws whatever the batch.
-    mlx-lm calls a request's sampler exactly once per generated token, so the chain advances in step."""
-    state = {"key": mx.random.key(seed)}
+    mlx-lm calls a request's sampler exactly once per generated token, so the chain advances in step.
+    Any int is a seed, as in the PyTorch engine: mlx's key takes 64 bits, so a negative or larger seed
+    is taken modulo 2**64 (else mx.random.key raised TypeError, failing every request started with it)."""
+    state = {"key": mx.random.key(seed % SEED_MODULUS)}
 
     def sample(logprobs: mx.array) -> mx.array:
         next_key, draw_key = mx.random.split(state["key"])
