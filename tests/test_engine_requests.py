@@ -9,7 +9,7 @@ from batchlm.core.facts import ModelFacts
 from batchlm.engine.client import RequestRejectedError
 from batchlm.engine.input_processor import InputProcessor
 from batchlm.engine.output_processor import make_core_requests
-from batchlm.sampling_params import SamplingParams
+from batchlm.sampling_params import SamplingParams, SamplingParamsError
 
 
 def validate_request(
@@ -105,6 +105,19 @@ def test_truncation_keeps_the_last_tokens_and_drops_the_text() -> None:
     assert request.params.max_tokens == 3  # the room the truncated prompt leaves
     short = processor.process([1, 2], SamplingParams(max_tokens=None, truncate_prompt_tokens=5), prompt="hi")
     assert short.prompt_token_ids == [1, 2] and short.prompt == "hi" and short.params.max_tokens == 6
+
+
+def test_truncation_to_minus_one_keeps_the_context_lengths_last_tokens() -> None:
+    # vLLM's -1: the model's context length. A prompt that fits is kept whole; a longer one keeps its
+    # last max_model_len tokens, which leave no room for a completion (the 400 vLLM gives too).
+    processor = InputProcessor(ModelFacts(max_model_len=8, vocab_size=50))
+    params = SamplingParams(max_tokens=2, truncate_prompt_tokens=-1)
+    fits = processor.process([1, 2, 3], params, prompt="abc")
+    assert fits.prompt_token_ids == [1, 2, 3] and fits.prompt == "abc"
+    with pytest.raises(RequestRejectedError, match="8 tokens, leaving no room"):
+        processor.process(list(range(20)), params)
+    with pytest.raises(SamplingParamsError, match=r"-1 \(the model's context length\) or at least 1"):
+        SamplingParams(truncate_prompt_tokens=-2)
 
 
 def test_offline_prompt_ids_become_plain_ints_whatever_integers_they_were() -> None:

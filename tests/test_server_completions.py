@@ -174,11 +174,20 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(client: Any, engin
     assert chat.usage.prompt_tokens == 4
 
 
-def test_truncate_prompt_tokens_must_be_positive(server: BackgroundServer) -> None:
-    body = {"prompt": "hi", "max_tokens": 2, "truncate_prompt_tokens": 0}
+@pytest.mark.parametrize("keep", [0, -2])
+def test_truncate_prompt_tokens_must_be_positive_or_minus_one(server: BackgroundServer, keep: int) -> None:
+    body = {"prompt": "hi", "max_tokens": 2, "truncate_prompt_tokens": keep}
     response = httpx.post(f"{server.base_url}/v1/completions", json=body)
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "truncate_prompt_tokens"
+
+
+def test_truncate_prompt_tokens_minus_one_is_the_context_length(server: BackgroundServer) -> None:
+    # vLLM clients send -1 for "truncate to the model's context": a prompt that fits is served whole.
+    body = {"prompt": "hi", "max_tokens": 2, "truncate_prompt_tokens": -1}
+    response = httpx.post(f"{server.base_url}/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["prompt_tokens"] == len(TOKENIZER.encode("hi"))
 
 
 @pytest.mark.parametrize("include_usage", [False, True])

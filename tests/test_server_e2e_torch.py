@@ -221,6 +221,39 @@ def test_top_logprobs_list_the_chosen_token_too(client: Any) -> None:
     assert any(len(top) == 2 for _, _, top in entries)
 
 
+def test_logprobs_are_the_raw_distribution_on_both_endpoints(client: Any) -> None:
+    """As vLLM's default logprobs mode (and the README): a token that logit_bias forces keeps its unbiased
+    logprob, and the alternatives are those of the plain request, on completions and chat alike."""
+
+    def completion(**extra: Any) -> tuple[float, dict[str, float]]:
+        reply = client.completions.create(
+            model="tiny", prompt=PROMPTS[9], max_tokens=1, temperature=0.0, logprobs=2, **extra
+        )
+        logprobs = reply.choices[0].logprobs
+        return logprobs.token_logprobs[0], logprobs.top_logprobs[0]
+
+    def chat(**extra: Any) -> tuple[float, dict[str, float]]:
+        messages = [{"role": "user", "content": PROMPTS[9]}]
+        reply = client.chat.completions.create(
+            model="tiny",
+            messages=messages,
+            max_tokens=1,
+            temperature=0.0,
+            logprobs=True,
+            top_logprobs=2,
+            **extra,
+        )
+        entry = reply.choices[0].logprobs.content[0]
+        return entry.logprob, {alt.token: alt.logprob for alt in entry.top_logprobs}
+
+    for first_token in (completion, chat):
+        _, top = first_token()
+        forced, biased_top = first_token(logit_bias={"5": 100})
+        assert forced < max(top.values())  # unbiased: with the bias of 100 it would be about 0
+        for token, logprob in top.items():
+            assert biased_top[token] == pytest.approx(logprob, abs=1e-4)
+
+
 def test_api_key_is_enforced(server: BackgroundServer) -> None:
     bad = openai_client(server.base_url, api_key="wrong")
     with pytest.raises(openai.AuthenticationError):

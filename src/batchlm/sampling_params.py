@@ -254,7 +254,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     # Constrained decoding (JSON schema, regex, choice, grammar); None = unconstrained.
     structured_outputs: StructuredOutputs | None = None
-    # Keep only the prompt's last k tokens (left truncation, done by the input processor); None = all.
+    # Keep only the prompt's last k tokens (left truncation, done by the input processor); -1 = the
+    # model's context length, as in vLLM; None = all.
     truncate_prompt_tokens: int | None = None
     # The caller reads only the finished output (a response that is not streamed): without stop strings
     # or logprobs, the engine may then hold the tokens back and deliver them all when it finishes.
@@ -329,9 +330,10 @@ class SamplingParams:
             fail(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}", "presence_penalty")
         if not -2 <= self.frequency_penalty <= 2:
             fail(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}", "frequency_penalty")
-        if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
+        keep = self.truncate_prompt_tokens
+        if keep is not None and keep < 1 and keep != -1:
             fail(
-                f"truncate_prompt_tokens must be at least 1, got {self.truncate_prompt_tokens}",
+                f"truncate_prompt_tokens must be -1 (the model's context length) or at least 1, got {keep}",
                 "truncate_prompt_tokens",
             )
         if self.max_tokens is not None and self.max_tokens < 1:

@@ -96,6 +96,8 @@ class InputProcessor:
         """A prompt that leaves no room is refused first, in O(1), without reading its ids. With
         truncate_prompt_tokens only the prompt's last tokens are kept (its text then no longer applies)."""
         keep = params.truncate_prompt_tokens
+        if keep == -1:  # vLLM's "the context length"
+            keep = self.facts.max_model_len
         if keep is not None and keep < len(prompt_token_ids):
             prompt_token_ids, prompt = prompt_token_ids[-keep:], None
         if not prompt_token_ids:

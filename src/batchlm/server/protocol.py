@@ -143,7 +143,9 @@ class SamplingFields(NullMeansDefault):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    truncate_prompt_tokens: int | None = Field(None, description="Keep only the prompt's last k tokens.")
+    truncate_prompt_tokens: int | None = Field(
+        None, description="Keep only the prompt's last k tokens (-1: the context length)."
+    )
     prompt_logprobs: int | None = Field(
         None,
         description="vLLM's: each prompt token's logprob and its k most likely alternatives (not streamed).",
