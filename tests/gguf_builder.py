@@ -359,17 +359,18 @@ def assert_reads_like_the_gguf_package(path: Path) -> None:
         assert np.array_equal(mine.data, reference.data), mine.name
 
 
-def write_dequantized_copy(source: Path, target: Path) -> Path:
+def write_dequantized_copy(source: Path, target: Path, drop_keys: tuple[str, ...] = ()) -> Path:
     """`target`: the GGUF file `source` with every tensor as F32 of its gguf.quants.dequantize values
-    and the same metadata (what a loader of the quantized file must read)."""
+    and the same metadata (what a loader of the quantized file must read), less the keys in
+    `drop_keys` (a file from a converter that did not write them yet)."""
     from gguf import GGUFReader, GGUFValueType
     from gguf.quants import dequantize
 
     reader = GGUFReader(str(source), "r")
     writer = GGUFWriter(str(target), reader.fields["general.architecture"].contents())
     for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue  # the header's counts, and what the writer adds itself
+        if key.startswith("GGUF.") or key == "general.architecture" or key in drop_keys:
+            continue  # the header's counts, what the writer adds itself, and the keys left out
         sub_type = GGUFValueType(field.types[-1]) if field.types[0] == GGUFValueType.ARRAY else None
         writer.add_key_value(key, field.contents(), GGUFValueType(field.types[0]), sub_type)
     for tensor in reader.tensors:

@@ -54,8 +54,8 @@ def test_fan_out_gives_distinct_reproducible_seeds() -> None:
     ("prompt_len", "limits", "max_tokens", "message"),
     [
         (10, {"max_model_len": 10}, 4, "maximum context length is 10 tokens.*10 tokens, leaving no room"),
-        (9, {"num_blocks": 2}, 1, "needs up to 3 KV-cache blocks .* the whole cache has 2 blocks"),
-        (9, {"num_blocks": 2, "max_model_len": 64}, None, "needs up to 3 KV-cache blocks"),
+        (8, {"num_blocks": 2}, 2, "needs up to 3 KV-cache blocks .* the whole cache has 2 blocks"),
+        (9, {"num_blocks": 2, "max_model_len": 64}, None, "9 tokens of the prompt need 3 KV-cache blocks"),
         (0, {}, 4, "is empty"),
     ],
 )

@@ -109,7 +109,7 @@ class InputProcessor:
         self.check_token_ids(params.stop_token_ids, "stop_token_ids")
         self.check_token_ids(params.logit_bias, "logit_bias")
         params = self._with_budget(len(prompt_token_ids), params, names)
-        self._check_kv_room(len(prompt_token_ids), params)
+        self._check_kv_room(len(prompt_token_ids), params, names)
         if params.structured_outputs is not None:
             _check_structured_outputs(params, names.structured_outputs, self.grammar_check)
         if params.prompt_logprobs is not None and not self.facts.computes_prompt_logprobs:
@@ -160,13 +160,22 @@ class InputProcessor:
             return self.facts.max_model_len
         return num_blocks * block_size + 1 - prompt_len
 
-    def _check_kv_room(self, prompt_len: int, params: SamplingParams) -> None:
+    def _check_kv_room(self, prompt_len: int, params: SamplingParams, names: FieldNames) -> None:
         """A request must fit the whole KV cache alone, or it could never run. The last generated token
         is never fed back, so it needs no slot."""
         assert params.max_tokens is not None
         if params.max_tokens <= self._kv_room(prompt_len):
             return
         num_blocks, block_size = self.facts.num_blocks, self.facts.block_size
+        if prompt_len > num_blocks * block_size:
+            # No max_tokens could make room: the prompt is what must shrink.
+            raise RequestRejectedError(
+                f"The {prompt_len} tokens of the {names.prompt} need {-(-prompt_len // block_size)} KV-cache "
+                f"blocks ({block_size} tokens per block) but the whole cache has {num_blocks} blocks "
+                f"({num_blocks * block_size} tokens); shorten the {names.prompt} or enlarge the KV cache.",
+                names.context,
+                CONTEXT_LENGTH_EXCEEDED,
+            )
         longest = prompt_len + params.max_tokens
         needed = -(-(longest - 1) // block_size)
         raise RequestRejectedError(

@@ -34,6 +34,10 @@ GGUF_ARCHITECTURES = {
 MIXTRAL_LAYOUT = "mixtral"
 _LAYOUT_FAMILIES = {**GGUF_ARCHITECTURES, MIXTRAL_LAYOUT: ("mixtral", "MixtralForCausalLM")}
 GEMMA_ARCHITECTURES = frozenset({"gemma2", "gemma3"})
+# What llama.cpp assumes for a Gemma 2 file without these keys (Gemma 2's own values): its window, and
+# soft-caps, which it always applies to Gemma 2.
+GEMMA2_WINDOW = 4096
+GEMMA2_SOFTCAPS = {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
 _GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -248,20 +252,22 @@ def _gemma_config(reader: GGUFFile, arch: str, config: dict[str, Any], path: Pat
     """What Gemma adds: the sliding window (every other layer in Gemma 2, five of six in Gemma 3, as
     their HF configs default and llama.cpp assumes), logit soft-caps, and the query scale, which the
     file does not store: 1/sqrt(head_dim), but 1/sqrt(hidden/heads) for the 27B models, as llama.cpp
-    sets it (their HF configs say query_pre_attn_scalar 144 and 168)."""
+    sets it (their HF configs say query_pre_attn_scalar 144 and 168). A Gemma 2 file that lacks the
+    window or a soft-cap (the first conversions did) gets llama.cpp's values, Gemma 2's own."""
     hidden, heads, layers = config["hidden_size"], config["num_attention_heads"], config["num_hidden_layers"]
     is_27b = (arch, layers, hidden) in (("gemma2", 46, 4608), ("gemma3", 62, 5376))
     extra: dict[str, Any] = {
         "hidden_activation": "gelu_pytorch_tanh",
         "hidden_act": "gelu_pytorch_tanh",
-        "sliding_window": required_int(reader, f"{arch}.attention.sliding_window", path),
+        "sliding_window": required_int(
+            reader, f"{arch}.attention.sliding_window", path, GEMMA2_WINDOW if arch == "gemma2" else None
+        ),
         "query_pre_attn_scalar": hidden // heads if is_27b else config["head_dim"],
         "tie_word_embeddings": True,
     }
     if arch == "gemma2":
-        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-            value = reader.metadata(f"{arch}.{key}")
-            extra[key] = round_float32(value) if value is not None else None
+        for key, default in GEMMA2_SOFTCAPS.items():
+            extra[key] = round_float32(reader.metadata(f"{arch}.{key}", default))
     else:
         # Gemma 3's local layers rotate at base 10000 (llama.cpp's fixed value too), unscaled.
         extra["rope_local_base_freq"] = 10000.0

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 # The pointer file: {"gguf_file": absolute path}.
 GGUF_SOURCE_FILE = "gguf_source.json"
 # Bump when what is derived changes, so stale cache entries are not reused.
-DERIVED_VERSION = "gguf-v3"
+DERIVED_VERSION = "gguf-v4"
 # The sampling values a GGUF file may recommend (llama.cpp's general.sampling keys), as
 # generation_config.json names them.
 _SAMPLING_KEYS = {
