@@ -31,7 +31,12 @@ from gguf_builder import RANDOM_BLOCK_SCALES, random_blocks
 gguf = pytest.importorskip("gguf")
 needs_kernel = pytest.mark.skipif(cpu_quant.quant_library() is None, reason="no AVX2 CPU or C compiler here")
 RNG = np.random.default_rng(0)
-GGUF_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K"]
+GGUF_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q3_K", "Q4_K", "Q5_K"]
+# Where each type's float16 scales lie in its block (d, then dmin where it has one): offset, count.
+SCALE_FIELDS = {
+    **{"Q8_0": (0, 1), "Q4_0": (0, 1), "Q5_0": (0, 1), "Q4_1": (0, 2), "Q5_1": (0, 2)},
+    **{"Q3_K": (108, 1), "Q4_K": (0, 2), "Q5_K": (0, 2)},
+}
 
 
 def random_gguf(type_name: str, rows: int, cols: int) -> np.ndarray:
@@ -39,9 +44,9 @@ def random_gguf(type_name: str, rows: int, cols: int) -> np.ndarray:
     qtype = getattr(gguf.GGMLQuantizationType, type_name)
     block_size, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
     blocks = RNG.integers(0, 256, (rows * cols // block_size, block_bytes), dtype=np.uint8)
-    halves = {"Q8_0": 1, "Q4_0": 1, "Q5_0": 1, "Q4_1": 2, "Q5_1": 2, "Q4_K": 2, "Q5_K": 2}[type_name]
+    at, halves = SCALE_FIELDS[type_name]
     scales = RNG.uniform(-0.02, 0.02, (len(blocks), halves)).astype(np.float16)
-    blocks[:, : 2 * halves] = scales.view(np.uint8)
+    blocks[:, at : at + 2 * halves] = scales.view(np.uint8)
     return blocks.reshape(rows, -1)
 
 
@@ -106,6 +111,32 @@ def test_q5_k_blocks_hold_the_file_values_and_split_inside_super_blocks() -> Non
     assert share.bits == 8 and np.array_equal(dequantize(share), ours[:, 160:288])
 
 
+def test_q3_k_blocks_are_the_file_values_exactly_and_split_inside_super_blocks() -> None:
+    """Q3_K as 8-bit codes 128 - (sc - 32) * q under the scale -d, biases 128 * d: bit for bit gguf's
+    values, at the ends of every field too (sc 0 and 63 with q -4 and 3; d zero, negative, subnormal,
+    the largest whose bias float16 holds, a full significand); Q8_0's zero point, so the panels keep
+    the scales alone; a tensor-parallel share inside the 256-value super-blocks is those columns of
+    the whole."""
+    rows, cols = 8, 1024
+    raw = random_blocks((rows, cols), "Q3_K", np.random.default_rng(3))
+    blocks_of = raw.reshape(-1, 110)
+    ends = np.array([0.0, -0.0, 511.75, -511.75, 2.0**-24, -(2.0**-14), 1 - 2.0**-11], dtype=np.float16)
+    blocks_of[: len(ends), 108:] = ends.view(np.uint8).reshape(-1, 2)
+    blocks_of[7:9, 96:108] = 0  # every sc 0: sc - 32 = -32
+    blocks_of[9:11, 96:108] = 0xFF  # every sc 63: 31
+    blocks_of[7, :32] = blocks_of[9, :32] = 0  # q -4 everywhere: codes 0 and 252
+    blocks_of[8, :32] = blocks_of[10, :32] = 0xFF  # ... and 3 where the low bits are 3
+    blocks_of[8, 32:96] = blocks_of[10, 32:96] = 0xFF
+    blocks = from_gguf("Q3_K", raw, rows, cols)
+    assert blocks.bits == 8 and blocks.codes.min() == 0 and blocks.codes.max() == 252
+    assert np.array_equal(dequantize(blocks), reference("Q3_K", raw, rows, cols))
+    assert quant_panels.symmetric_zero(blocks) == 128
+    whole = QuantizedTensor("Q3_K", torch.from_numpy(raw), cols, 256, 110)
+    share = code_blocks(columns_of(whole, 160, 128))
+    for ours, expected in zip(astuple(share), astuple(quant_blocks.columns(blocks, 160, 128)), strict=True):
+        assert np.array_equal(ours, expected)
+
+
 def test_dense_q8_matches_gguf_q8_0() -> None:
     weight = RNG.standard_normal((7, 96)).astype(np.float32)
     ours = dequantize(from_dense_q8(weight))
@@ -124,14 +155,14 @@ def test_dense_q8_in_row_chunks_matches_gguf_q8_0(monkeypatch: pytest.MonkeyPatc
 
 
 # Where each K-quant the kernels do not read keeps its float16 scales (d, then dmin where it has one).
-K_QUANT_SCALE_BYTES = {"Q2_K": slice(80, 84), "Q3_K": slice(108, 110)}
+K_QUANT_SCALE_BYTES = {"Q2_K": slice(80, 84)}
 
 
 @pytest.mark.parametrize("type_name", sorted(K_QUANT_SCALE_BYTES))
 def test_an_unread_gguf_type_becomes_q8_0_row_chunk_by_row_chunk(
     monkeypatch: pytest.MonkeyPatch, type_name: str
 ) -> None:
-    """A type the kernels do not read and no native pass converts (Q2_K, Q3_K; Q6_K has its own,
+    """A type the kernels do not read and no native pass converts (Q2_K; Q6_K has its own,
     tested below) is dequantized and requantized a few rows at a time; the result is the Q8_0 of the
     whole tensor's values."""
     monkeypatch.setattr(quant_blocks, "CHUNK_VALUES", 512)
@@ -226,7 +257,10 @@ def test_pack_round_trips(bits: int) -> None:
 
 @pytest.mark.parametrize(
     "type_name,zero",
-    [("Q8_0", 128), ("Q4_0", 8), ("Q5_0", 16), ("Q4_1", 0), ("Q5_1", 0), ("Q4_K", 0), ("Q5_K", 0)],
+    [
+        *[("Q8_0", 128), ("Q4_0", 8), ("Q5_0", 16), ("Q4_1", 0), ("Q5_1", 0)],
+        *[("Q3_K", 128), ("Q4_K", 0), ("Q5_K", 0)],
+    ],
 )
 def test_symmetric_formats_pack_their_scales_alone(type_name: str, zero: int) -> None:
     blocks = from_gguf(type_name, random_gguf(type_name, 37, 512), 37, 512)
@@ -292,7 +326,7 @@ def test_matmul_matches_dequantized(
 
 
 @needs_kernel
-@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q5_0"])
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q5_0", "Q3_K"])
 @pytest.mark.parametrize("rows", [1, 3, 8, 70])
 def test_panels_without_biases_give_the_bits_of_panels_with_them(isa: str, type_name: str, rows: int) -> None:
     blocks = from_gguf(type_name, random_gguf(type_name, 37, 512), 37, 512)
@@ -436,7 +470,7 @@ def test_matmul_keeps_leading_dims_and_empty_batches(isa: str) -> None:
 
 
 @needs_kernel
-@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_K", "Q5_1", "Q5_K"])
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_K", "Q5_1", "Q5_K", "Q3_K"])
 def test_rows_are_the_dequantized_rows(type_name: str) -> None:
     raw = random_gguf(type_name, 40, 256)
     weight = quant_panels.pack(from_gguf(type_name, raw, 40, 256))

@@ -66,9 +66,9 @@ def _logits(loaded: LoadedModel) -> torch.Tensor:
 
 def test_one_list_says_how_each_type_loads() -> None:
     assert set(quant_blocks.GGUF_BLOCK_BYTES) | {"Q6_K"} == KERNEL_TYPES
-    # Of the K-quants only Q2_K and Q3_K (rare) still dequantize through the reference code.
-    assert {"Q4_K", "Q5_K", "Q6_K"} <= KERNEL_TYPES
-    assert {qtype for qtype in REFERENCE_TYPES if qtype.endswith("_K")} == {"Q2_K", "Q3_K"}
+    # Of the K-quants only Q2_K (rare) still dequantizes through the reference code.
+    assert {"Q3_K", "Q4_K", "Q5_K", "Q6_K"} <= KERNEL_TYPES
+    assert {qtype for qtype in REFERENCE_TYPES if qtype.endswith("_K")} == {"Q2_K"}
     assert not KERNEL_TYPES & REFERENCE_TYPES and not FLOAT_TYPES & (KERNEL_TYPES | REFERENCE_TYPES)
     assert set(I_QUANTS + TERNARY) <= SUPPORTED_TYPES
     assert registry.FLOAT_QTYPES == FLOAT_TYPES  # its copy below the models layer

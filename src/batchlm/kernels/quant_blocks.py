@@ -4,9 +4,10 @@ scale and bias, w = scale * code + bias: the form the quantized CPU kernels run 
 Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 map exactly (their scales are float16 already). Q4_K's and Q5_K's
 per-sub-block scale d * sc and offset dmin * m are products of a float16 and a 6-bit integer, rounded
 here to float16 (relative error <= 2^-11, far below a 5-bit step); Q5_K's codes (0..31) take 8 bits,
-as Q5_0's and Q5_1's. IQ4_NL and IQ4_XS index a table of 16 non-uniform int8 levels, which no 4-bit
-affine code holds: they become 8-bit codes (level + 128), IQ4_NL's exactly, IQ4_XS's sub-block scale
-d * (ls - 32) rounded to float16 as Q4_K's. Pure numpy: no torch, no gguf import.
+as Q5_0's and Q5_1's. Q3_K's values d * (sc - 32) * q, its 16-value sub-blocks' scales folded into
+8-bit codes of Q8_0's zero point under the float16 scale -d, map exactly. IQ4_NL and IQ4_XS index a
+table of 16 non-uniform int8 levels, which no 4-bit affine code holds: they become 8-bit codes
+(level + 128), IQ4_NL's exactly, IQ4_XS's sub-block scale d * (ls - 32) rounded to float16 as Q4_K's. Pure numpy: no torch, no gguf import.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ BLOCK = 32
 CHUNK_VALUES = 1 << 19
 # Bytes per block (per super-block of 256 for the K-quants and IQ4_XS) of each GGUF type read here.
 GGUF_BLOCK_BYTES = {
-    **{"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q4_K": 144, "Q5_K": 176},
+    **{"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24},
+    **{"Q3_K": 110, "Q4_K": 144, "Q5_K": 176},
     **{"IQ4_NL": 18, "IQ4_XS": 136},
 }
 GGUF_BLOCK_SIZE = {
-    **{"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q4_K": 256, "Q5_K": 256},
+    **{"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32},
+    **{"Q3_K": 256, "Q4_K": 256, "Q5_K": 256},
     **{"IQ4_NL": 32, "IQ4_XS": 256},
 }
 # llama.cpp's IQ4_NL / IQ4_XS levels (kvalues_iq4nl), which their 4-bit indices pick.
@@ -197,6 +200,47 @@ def _q5_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     return codes, scales, biases, 8
 
 
+# Q3_K: value v of a super-block takes bits 2 * ((v % 128) // 32) of qs byte 32 * (v // 128) + v % 32
+# and bit v // 32 of hmask byte v % 32 (llama.cpp's dequantize_row_q3_K).
+_Q3_K_VALUES = np.arange(256)
+_Q3_K_LOW_SHIFTS = (2 * (_Q3_K_VALUES % 128 // 32)).astype(np.uint8)
+_Q3_K_HIGH_SHIFTS = (_Q3_K_VALUES // 32).astype(np.uint8)
+
+
+def _q3_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Super-blocks of 16 sub-blocks of 16: 32 bytes hmask (a value's 3rd bit), 64 bytes qs (its low 2
+    bits), 12 bytes of packed 6-bit scales sc, then d; w = d * (sc - 32) * q with q = low 2 bits, less 4
+    where the hmask bit is clear (q in -4..3). p = (sc - 32) * q lies in -124..128 for every sc and q,
+    so 128 - p is an 8-bit code (0..252) under the per-32 scale -d: Q8_0's zero point 128, each bias
+    128 * d, which float16 holds exactly (up to |d| = 511.75, as Q8_0's -128 * d), and the panels keep
+    the scales alone. Exact: the per-16 factors sc - 32 live in the codes, so no product is rounded to
+    float16 (Q4_K's d * sc are)."""
+    count = len(blocks)
+    # Each 32-byte run repeated to the 256 values it serves (whole runs copied at once), then shifted.
+    low = np.repeat(np.ascontiguousarray(blocks[:, 32:96]).view("V32"), 4, axis=1).view(np.uint8)
+    high = np.repeat(np.ascontiguousarray(blocks[:, :32]).view("V32"), 8, axis=1).view(np.uint8)
+    q = (low >> _Q3_K_LOW_SHIFTS) & 3
+    q |= ((high >> _Q3_K_HIGH_SHIFTS) & 1) << 2  # q + 4, 0..7
+    # 128 - p = 128 + 4 * (sc - 32) - (sc - 32) * (q + 4), in uint8 arithmetic modulo 256: the
+    # result lies in 0..252, so it is the true value.
+    sc = np.repeat(_q3_k_scales(blocks[:, 96:108]) - np.uint8(32), 16, axis=1)
+    codes = np.uint8(128) + (sc << 2)
+    codes -= sc * q
+    scales = np.repeat(-_halves(blocks, 108), 8).reshape(count, 8)
+    return codes, scales, scaled_halves(scales, -128.0), 8
+
+
+def _q3_k_scales(packed: np.ndarray) -> np.ndarray:
+    """[n, 12] bytes -> [n, 16] 6-bit scales: low 4 bits in the nibbles of bytes 0..7 (low nibbles
+    sub-blocks 0..7, high ones 8..15), high 2 bits in bytes 8..11 (bits 2k and 2k + 1 of byte 8 + i:
+    sub-block 4k + i)."""
+    count = len(packed)
+    low = (packed[:, None, :8] >> np.array([0, 4], dtype=np.uint8)[:, None]) & 0x0F
+    high = (packed[:, None, 8:] >> np.array([0, 2, 4, 6], dtype=np.uint8)[:, None]) & 3
+    scales: np.ndarray = low.reshape(count, 16) | (high.reshape(count, 16) << 4)
+    return scales
+
+
 def _k_scales_biases(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Q4_K's and Q5_K's sub-block scales d * sc and biases -dmin * m ([n, 8] float16 each) from the
     super-blocks' d, dmin and 12 bytes of packed 6-bit sc and m."""
@@ -246,5 +290,5 @@ def _iq4_codes(indices: np.ndarray) -> np.ndarray:
 
 _DECODERS = {
     **{"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1},
-    **{"Q4_K": _q4_k, "Q5_K": _q5_k, "IQ4_NL": _iq4_nl, "IQ4_XS": _iq4_xs},
+    **{"Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "IQ4_NL": _iq4_nl, "IQ4_XS": _iq4_xs},
 }

@@ -1,5 +1,5 @@
 """Progress lines while a GGUF file's weights load. Block types that only the gguf package's numpy
-code reads (gguf_types.REFERENCE_TYPES: i-quants, the other K-quants) dequantize at tens of seconds
+code reads (gguf_types.REFERENCE_TYPES: i-quants, Q2_K, TQ types) dequantize at tens of seconds
 a GB of them (an IQ3_S 8B file: minutes), and so does every block type where the quantized CPU
 kernels do not run: a start-up that said nothing that long would look hung."""
 

@@ -4,8 +4,8 @@ dense checkpoints quantized to Q8_0 at load) run through our integer-dot-product
 packed data, so a tied LM head and its embedding hold one copy.
 
 As shards load, each becomes per-32 code blocks (quant_blocks.py): Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
-Q4_K, Q5_K, IQ4_NL and IQ4_XS from their blocks (the 5-bit types and the IQ4s as 8-bit codes); other
-GGML types (Q6_K, Q2_K, Q3_K, the other i-quants, TQ1_0, TQ2_0: gguf_types.SUPPORTED_TYPES) and dense
+Q3_K, Q4_K, Q5_K, IQ4_NL and IQ4_XS from their blocks (Q3_K, the 5-bit types and the IQ4s as 8-bit
+codes); other GGML types (Q6_K, Q2_K, the other i-quants, TQ1_0, TQ2_0: gguf_types.SUPPORTED_TYPES) and dense
 tensors are requantized to Q8_0 from their float values (8-bit blocks add an error about 1/4 of a
 Q6_K step). A fused layer (q/k/v, gate/up) whose shards come in different code widths (a Q4_K_M
 file's Q4_K queries and keys beside its Q6_K values) packs each run of one width apart, as parts of
