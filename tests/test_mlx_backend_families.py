@@ -121,6 +121,31 @@ def test_window_caps_only_families_whose_window_is_not_applied() -> None:
     assert window_context_cap({"model_type": "llama"}) is None
 
 
+@pytest.mark.parametrize(
+    ("fields", "cap"),
+    [
+        ({}, None),  # transformers drops a window unless use_sliding_window is true
+        ({"use_sliding_window": True}, None),  # the first 28 layers are full, of 24
+        ({"use_sliding_window": True, "max_window_layers": 30}, None),
+        ({"use_sliding_window": True, "max_window_layers": 12}, 4096),
+        ({"use_sliding_window": True, "layer_types": ["full_attention"] * 24}, None),
+        ({"use_sliding_window": True, "layer_types": ["sliding_attention"] * 24}, 4096),
+    ],
+)
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+def test_a_qwen_window_caps_the_context_only_where_transformers_applies_it(
+    model_type: str, fields: dict[str, Any], cap: int | None
+) -> None:
+    config = {"model_type": model_type, "sliding_window": 4096, "num_hidden_layers": 24, **fields}
+    assert window_context_cap(config) == cap
+
+
+def test_qwen3_moe_windows_every_layer_once_switched_on() -> None:
+    config = {"model_type": "qwen3_moe", "sliding_window": 4096, "num_hidden_layers": 48}
+    assert window_context_cap(config) is None
+    assert window_context_cap({**config, "use_sliding_window": True}) == 4096
+
+
 def test_windowed_layers_follow_layer_types_else_the_family_pattern() -> None:
     gemma2 = {"model_type": "gemma2", "sliding_window": 8}
     assert windowed_layers(gemma2, 4) == [True, False, True, False]

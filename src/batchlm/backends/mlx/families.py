@@ -14,6 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 FULL, SLIDING = "full_attention", "sliding_attention"
+QWEN_TYPES = frozenset({"qwen2", "qwen3", "qwen3_moe"})
+# Qwen2Config's and Qwen3Config's default: the first 28 layers attend to the whole context.
+QWEN_MAX_WINDOW_LAYERS = 28
 # Families whose windowed layers get a rotating KV cache from apply_sliding_window.
 WINDOWED_BY_CACHE = frozenset({"gemma2", "phi3", "mistral"})
 # model_type -> does the mlx-lm module (or apply_sliding_window) apply the config's sliding window?
@@ -61,12 +64,29 @@ def _pattern_period(layer_types: list[str]) -> int:
 
 
 def _sliding_window(raw: dict[str, Any]) -> int | None:
+    """The window some layer of the model attends within, as transformers reads the config; None: none."""
     nested = raw.get("text_config")
     text: dict[str, Any] = nested if isinstance(nested, dict) else raw
     window = text.get("sliding_window")
     if not isinstance(window, int) or window <= 0 or text.get("use_sliding_window") is False:
         return None
+    if raw.get("model_type") in QWEN_TYPES and not _qwen_windows_a_layer(str(raw.get("model_type")), text):
+        return None
     return window
+
+
+def _qwen_windows_a_layer(model_type: str, text: dict[str, Any]) -> bool:
+    # Qwen config classes drop a window unless use_sliding_window is true; Qwen 2 and 3 then window
+    # the layers from max_window_layers (28 unless stated) on, or those layer_types names.
+    if text.get("use_sliding_window") is not True:
+        return False
+    if model_type == "qwen3_moe":
+        return True
+    layer_types = text.get("layer_types")
+    if isinstance(layer_types, list):
+        return SLIDING in layer_types
+    layers, first = text.get("num_hidden_layers"), text.get("max_window_layers", QWEN_MAX_WINDOW_LAYERS)
+    return isinstance(layers, int) and isinstance(first, int) and first < layers
 
 
 def window_context_cap(raw: dict[str, Any]) -> int | None:
