@@ -434,3 +434,14 @@ def test_sigterm_keeps_what_finished_says_so_and_exits_143(
     logged = capfd.readouterr().err
     assert "run-batch: stopped by SIGTERM: 1/6 requests done" in logged
     assert f"their results are in {target} (complete JSONL lines" in logged
+
+
+def test_a_line_in_utf16_is_not_read_as_json_would_read_it() -> None:
+    # json.loads takes UTF-16 and UTF-32 bytes too: the first line of a UTF-16 file ran, the rest failed.
+    text = line("a", "/v1/completions", {"prompt": "x"})
+    utf16 = parse_line(b"\xff\xfe" + text.encode("utf-16-le"), set())
+    assert isinstance(utf16, dict) and utf16["error"]["code"] == "invalid_json"
+    assert utf16["error"]["message"].startswith("the line is not UTF-8")
+    utf32 = parse_line(text.encode("utf-32-be"), set())  # valid UTF-8 (NULs), so not JSON
+    assert isinstance(utf32, dict) and utf32["error"]["code"] == "invalid_json"
+    assert parse_line(b"\xef\xbb\xbf" + text.encode(), set()) == ("a", "/v1/completions", {"prompt": "x"})

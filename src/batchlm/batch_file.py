@@ -37,10 +37,12 @@ def error_line(custom_id: str | None, code: str, message: str) -> dict[str, Any]
 
 def parse_line(text: str | bytes, seen: set[str]) -> tuple[str, str, dict[str, Any]] | dict[str, Any]:
     """(custom_id, url, body) of a valid line, else its error line. `seen` collects the custom ids.
-    Bytes are decoded by json.loads: a UTF-8 BOM is accepted, and a line that is not UTF-8 is that
-    line's error rather than the end of the run."""
+    Bytes are decoded as UTF-8 (a BOM accepted; not as json.loads would, which also takes UTF-16 and
+    UTF-32): a line that is not UTF-8 is that line's error rather than the end of the run."""
     try:
-        item = json.loads(text)
+        item = json.loads(text.decode("utf-8-sig") if isinstance(text, bytes) else text)
+    except UnicodeDecodeError as error:
+        return error_line(None, "invalid_json", f"the line is not UTF-8: {error}")
     except ValueError as error:
         return error_line(None, "invalid_json", f"the line is not JSON: {error}")
     if not isinstance(item, dict):
