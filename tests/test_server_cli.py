@@ -86,6 +86,16 @@ def test_max_queue_none_lifts_the_limit_as_its_help_says() -> None:
         parse("--max-model-len", "none")
 
 
+def test_a_help_that_offers_none_takes_it() -> None:
+    # --max-connections' help offered `none`, which the parser refused (its default is None).
+    parser = argparse.ArgumentParser()
+    serve_cli.add_arguments(parser)
+    offering = [action for action in parser._actions if "`none`" in (action.help or "")]
+    assert offering
+    for action in offering:
+        assert callable(action.type) and action.type("none") is None, action.option_strings
+
+
 def test_a_negative_max_queue_is_refused_at_start(capsys: Any) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["serve", "--max-queue", "-1"])

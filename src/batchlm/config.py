@@ -95,13 +95,15 @@ class EngineConfig:
     tokenizer: str | None = None
     # "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16" or "float16".
     dtype: str = "auto"
-    # "auto" (cuda when available, else cpu), "cpu" or "cuda[:N]".
+    # "auto" (cuda when available, else cpu), "cpu" or "cuda[:N]"; on the mlx backend "auto" (mlx's
+    # default device: Metal on a Mac), "cpu" or "gpu" (Metal).
     device: str = "auto"
     # Max tokens (prompt + output) of one request; None = the model's own limit.
     max_model_len: int | None = None
     # Max running requests (the seed's --batch-size).
     max_num_seqs: int = 32
-    # Per-step token budget shared by decodes and prefill chunks; None = chosen from the device.
+    # Per-step token budget shared by decodes and prefill chunks; None = 512 on a CPU, 8192 on a GPU
+    # (on the mlx backend: its prompt chunk, 2048).
     max_num_batched_tokens: int | None = None
     # Tokens per KV-cache block.
     block_size: int = 16
@@ -161,13 +163,13 @@ class EngineConfig:
     # "ngram" whenever a draft is found, "off" never. Output is the same as without it (lossless). Off
     # with tensor parallelism.
     speculative: str = "auto"
-    # Most draft tokens verified per request per step; None = chosen from the device.
+    # Most draft tokens verified per request per step; None = 7 on a CPU, 4 on a GPU.
     num_speculative_tokens: int | None = None
-    # "auto" speculates only while at most this many requests run; None = chosen from the device.
+    # "auto" speculates only while at most this many requests run; None = 4 (on a CPU and on a GPU).
     speculative_max_batch: int | None = None
     # Tokens of finished requests kept so that a request with no match in its own tokens can draft
-    # what an earlier request went on to say (a question asked again); 0 turns that off; None = chosen
-    # from the device (on for the CPU, off on a GPU).
+    # what an earlier request went on to say (a question asked again); 0 turns that off; None = 65536
+    # on a CPU, 0 on a GPU.
     speculative_pool_tokens: int | None = None
 
     def with_updates(self, **changes: Any) -> EngineConfig:

@@ -2,7 +2,7 @@
 directory that is renamed into place, so that a racing or interrupted build never leaves a half
 directory under the real name, and an entry found incomplete (a file deleted from it) is replaced.
 
-Entries live in versioned directories (gguf-v3, demo-v1) whose number goes up when what is built
+Entries live in versioned directories (gguf-v4, demo-v1) whose number goes up when what is built
 changes. Each process holds a shared lock on its version's lock file for as long as it lives (the
 system lets it go however the process ends), so that a newer version can remove the older versions'
 directories once no process uses them, and the staging directories of killed builds once no other
@@ -76,7 +76,7 @@ def _discard_incomplete(target: Path, files: Sequence[str], what: str) -> None:
 
 
 def use_version(cache: Path, version: str, now: float | None = None) -> None:
-    """Mark `cache/version` (a directory named like gguf-v3) in use by this process until it exits,
+    """Mark `cache/version` (a directory named like gguf-v4) in use by this process until it exits,
     first removing what no process can be using: when no other process uses this version, the
     staging directories that killed builds left (older than LEFTOVER_AGE_S at `now`); and the
     directories of the same family's older versions that no process uses (a newer one is never

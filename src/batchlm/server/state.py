@@ -60,8 +60,8 @@ class ServerSettings:
     # than the balancer's own idle timeout, so that it never reuses a connection as the server closes it).
     keep_alive_timeout_s: float = DEFAULT_KEEP_ALIVE_TIMEOUT_S
     # Open client connections beyond which a new one is answered 503 and closed, with a warning in the
-    # log; None (`none` on the command line) = the open-file limit less a reserve, so that files still
-    # open under a flood of connections (past the limit they would be dropped unanswered, unlogged).
+    # log; None (left unset) = the open-file limit less a reserve, so that files still open under a
+    # flood of connections (past the limit they would be dropped unanswered, unlogged).
     max_connections: int | None = None
     # Seconds in-flight requests get to finish after SIGINT/SIGTERM before they are aborted.
     shutdown_timeout_s: float = 30.0
