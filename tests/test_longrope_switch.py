@@ -27,6 +27,13 @@ LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0,
             "short_factor": [1.0, 1.1, 1.2, 1.5, 2.0, 3.0, 4.0, 6.0],
             "long_factor": [1.5, 3.0, 5.0, 8.0, 12.0, 20.0, 30.0, 40.0]}  # fmt: skip
 OVERRIDES = {"rope_parameters": LONGROPE, "original_max_position_embeddings": ORIGINAL, "pad_token_id": 0}
+# Gemma 3's per-layer-type parameters: LongRoPE on the global layer, plain RoPE on the local one.
+GLOBAL_LAYERS_ONLY = {
+    "rope_parameters": {"full_attention": {**LONGROPE, "original_max_position_embeddings": ORIGINAL},
+                        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+    "layer_types": ["sliding_attention", "full_attention"],
+    "head_dim": 16, "sliding_window": 4, "pad_token_id": 0,
+}  # fmt: skip
 
 
 def prompts() -> list[list[int]]:
@@ -91,6 +98,16 @@ def test_alone_and_batched_match_transformers(
     assert batched == expected
     # Switching to the long rotation is a recomputation, not a preemption for want of blocks.
     assert llm.engine_core.stats().num_preemptions == 0
+
+
+@pytest.mark.parametrize("fused", ["1", "0"])
+def test_longrope_on_some_layers_only_matches_transformers(
+    tiny_model_dir: Callable[..., Path], fused: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The local layer's table takes the long sequences' offset positions too (they were past its rows).
+    monkeypatch.setenv("BATCHLM_CPU_FUSED_DECODE", fused)
+    model_dir = tiny_model_dir("gemma3_text", seed=3, **GLOBAL_LAYERS_ONLY)
+    assert generate(model_dir, prompts())[1] == transformers_tokens(model_dir, prompts())
 
 
 def test_chunked_prefill_and_async_scheduling_match_transformers(phi3: tuple[Path, list[list[int]]]) -> None:
@@ -172,3 +189,20 @@ def test_without_a_switch_nothing_is_recomputed() -> None:
     for _ in range(19):
         assert _run(scheduler) == []
     assert not scheduler.has_unfinished_requests()
+
+
+def test_a_sibling_crossing_keeps_its_place_in_the_batch() -> None:
+    # One sequence of an n = 2 request runs beside "a"; "b" waits, ahead of the request's next turn.
+    # Its switch to the long rotation gives up no turn: it comes back before "b".
+    import dataclasses
+
+    scheduler = _scheduler(long_rope_after=ORIGINAL, max_num_seqs=2)
+    for index in range(2):
+        request = make_request(f"g-{index}", list(range(1, 13)), max_tokens=8)
+        scheduler.add_request(dataclasses.replace(request, group_id="g"))
+    for request_id in ("a", "b"):
+        scheduler.add_request(make_request(request_id, [1, 2, 3, 4], max_tokens=11))
+    admitted = []
+    for _ in range(8):
+        admitted += [(data.request_id, data.long_rope) for data in _run(scheduler)]
+    assert admitted == [("g-0", False), ("a", False), ("g-0", True)]

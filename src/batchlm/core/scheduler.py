@@ -45,6 +45,9 @@ class Scheduler:
         # Waiting requests not to be admitted yet (their grammar is being compiled): the others
         # are admitted past them.
         self._held: set[str] = set()
+        # Sequences recomputed for the long rotation (LongRoPE's switch): they gave up no turn, so they
+        # are admitted before the others.
+        self._switching: set[str] = set()
         # In admission order: the last one is the first to be preempted.
         self._running: list[RequestState] = []
         # Requests the runner must forget at the next step (finished, aborted or preempted).
@@ -180,6 +183,7 @@ class Scheduler:
         speculative = self._speculative
         if speculative is not None and not speculative.active(len(running)):
             speculative = None
+        draft_reach = self.config.speculation.num_tokens
         while index < len(running) and step.budget > 0:
             state = running[index]
             num_expected = len(state.all_token_ids) + state.num_inflight_samples
@@ -197,9 +201,10 @@ class Scheduler:
                     else:
                         running.pop(index)
                         self._preempt(state, counted=False)
+                        self._switching.add(state.request_id)
                         step.preempted = True  # the runner drops it this step; it returns next step
                     continue
-                if scheduled_end + self.config.speculation.num_tokens >= long_rope_after:
+                if drafts is not None and scheduled_end + draft_reach >= long_rope_after:
                     drafts = None  # draft tokens must not pass the switch before it happens
             if drafts is not None and drafts.schedule(step, state, len(running)):
                 index += 1
@@ -224,7 +229,7 @@ class Scheduler:
 
     def _admit_waiting(self, step: StepBuilder) -> None:
         while self._waiting and step.budget > 0 and len(self._running) < self.config.max_num_seqs:
-            state = self._tickets.next_in_line(self._waiting, self._held)
+            state = self._next_to_admit()
             if state is None:
                 return  # every waiting request is held
             long_rope_after = self.config.long_rope_after
@@ -245,6 +250,7 @@ class Scheduler:
             else:
                 self._waiting.remove(state)
             self._tickets.admitted(state.request)
+            self._switching.discard(state.request_id)
             self._running.append(state)
             state.status = RequestStatus.RUNNING
             state.num_computed_tokens = num_cached_tokens
@@ -254,6 +260,14 @@ class Scheduler:
                 state.num_cached_tokens = num_cached_tokens
                 self._prompt_tokens_total += state.num_prompt_tokens
             step.add_tokens(state, num_new, self.kv.unsent_block_ids(state))
+
+    def _next_to_admit(self) -> RequestState | None:
+        """A sequence back from its switch to the long rotation first, else the one whose turn it is."""
+        if self._switching:
+            for state in self._waiting:
+                if state.request_id in self._switching:
+                    return state
+        return self._tickets.next_in_line(self._waiting, self._held)
 
     def _preempt(self, state: RequestState, counted: bool = True) -> None:
         """Free the request's blocks and queue it first for recomputation (its tokens are kept);
@@ -382,6 +396,7 @@ class Scheduler:
         state.finish_reason = reason
         del self._requests[state.request_id]
         self._held.discard(state.request_id)
+        self._switching.discard(state.request_id)
         self._tickets.finished(state.request)
         if self._speculative is not None:
             self._speculative.forget(state.request_id)

@@ -57,6 +57,14 @@ class RotaryEmbedding(nn.Module):
         self.cos_sin_cache: torch.Tensor
         self.long_switch = long_switch
 
+    def follow_switch(self, switch: LongRopeSwitch) -> None:
+        """Take another layer's LongRoPE switch (a model with LongRoPE on some layers only): the
+        positions of long sequences come offset for every layer, so this table repeats after it."""
+        if self.cos_sin_cache.shape[0] != switch.table_offset:
+            raise ValueError(f"a {self.cos_sin_cache.shape[0]}-row RoPE table cannot follow {switch}")
+        self.cos_sin_cache = torch.cat((self.cos_sin_cache, self.cos_sin_cache))
+        self.long_switch = switch
+
     def forward(
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,4 +235,10 @@ def shared_ropes(specs: list[RopeSpec], head_dim: int, max_position: int) -> lis
             found = build_rope(spec, head_dim, max_position)
             built.append((spec, found))
         ropes.append(found)
+    switches = {rope.long_switch for _, rope in built if rope.long_switch is not None}
+    if len(switches) == 1:
+        switch = switches.pop()
+        for _, rope in built:
+            if rope.long_switch is None:
+                rope.follow_switch(switch)
     return ropes
