@@ -221,3 +221,41 @@ def test_gemma_3_s_stated_context_is_not_scaled_again(nested: bool) -> None:
 def test_max_model_len_above_the_models_context_is_refused_as_on_torch() -> None:
     with pytest.raises(ValueError, match="--max-model-len 1000 exceeds the model's context length 512"):
         resolve_max_model_len(EngineConfig(max_model_len=1000), {"max_position_embeddings": 512})
+
+
+# Phi-3's LongRoPE over a pretraining length of 16 (head_dim 16: 8 frequencies).
+PHI3_LONGROPE = {
+    "original_max_position_embeddings": 16,
+    "pad_token_id": 0,
+    "rope_parameters": {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "short_factor": [1.0, 1.1, 1.2, 1.5, 2.0, 3.0, 4.0, 6.0],
+        "long_factor": [1.5, 3.0, 5.0, 8.0, 12.0, 20.0, 30.0, 40.0],
+    },
+}
+
+
+def test_longrope_turns_with_the_long_factors_throughout_and_is_named(
+    tiny_model_dir: Callable[..., Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    # mlx-lm's SuScaledRoPE (kept as it is): a prompt within the original length gets other logits than
+    # transformers', which turns it with the short factors; a longer one the same.
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tiny_model_dir("phi3", seed=9, head_dim=16, **PHI3_LONGROPE)
+    with caplog.at_level("WARNING", logger="batchlm.backends.mlx.loader"):
+        loaded = load_model(EngineConfig(), model_dir)
+    assert "LongRoPE's long factors" in caplog.text and "up to 16 tokens" in caplog.text
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    for length, differs in ((10, True), (30, False)):
+        prompt = list(range(20, 20 + length))
+        ours = torch.tensor(loaded.model(mx.array([prompt]))[0, -1].astype(mx.float32).tolist())
+        with torch.no_grad():
+            theirs = hf(torch.tensor([prompt]), use_cache=False).logits[0, -1]
+        assert bool((ours - theirs).abs().max() > 1e-3) == differs
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="batchlm.backends.mlx.loader"):
+        load_model(EngineConfig(), tiny_model_dir("phi3", pad_token_id=0))
+    assert "LongRoPE" not in caplog.text

@@ -130,6 +130,7 @@ def load_model(config: EngineConfig, model_dir: Path) -> LoadedModel:
     )
     if config.adapter_path is not None:
         model = apply_adapter(model, config.adapter_path)
+    warn_long_factors_throughout(model_config)
     apply_sliding_window(model, model_config)
     if config.dtype != "auto":
         cast_floating_weights(model, config.dtype)
@@ -161,6 +162,26 @@ def apply_adapter(model: Any, adapter_path: str) -> Any:
     model = load_adapters(model, str(path))
     model.eval()
     return model
+
+
+def warn_long_factors_throughout(model_config: dict[str, Any]) -> None:
+    """mlx-lm's LongRoPE (SuScaledRoPE: Phi-3, Phi-3.5, Phi-4-mini) rotates every position with the long
+    factors whatever the sequence's length; transformers and the torch backend rotate a sequence of up
+    to original_max_position_embeddings tokens with the short ones. mlx-lm's behaviour is kept: named."""
+    text = _text_config(model_config)
+    scaling = text.get("rope_scaling")
+    if not isinstance(scaling, dict):
+        return
+    kind = scaling.get("type") or scaling.get("rope_type")
+    if kind not in ("longrope", "su") or scaling.get("short_factor") == scaling.get("long_factor"):
+        return
+    original = text.get("original_max_position_embeddings") or scaling.get("original_max_position_embeddings")
+    logger.warning(
+        "mlx-lm rotates every position with LongRoPE's long factors: sequences of up to %s tokens "
+        "(original_max_position_embeddings), which transformers rotates with the short factors, get "
+        "other logits than transformers' and --backend torch's",
+        original,
+    )
 
 
 def cast_floating_weights(model: Any, dtype_name: str) -> None:
