@@ -339,3 +339,24 @@ def test_uvicorn_warnings_other_than_the_parser_one_still_reach_the_log(
                 assert chunk
                 answer += chunk
     assert [r for r in caplog.records if r.getMessage() == "Unsupported upgrade request."]
+
+
+@pytest.mark.parametrize("declared", [True, False])
+def test_a_body_over_the_limit_gets_its_413_while_the_client_still_sends_it(declared: bool) -> None:
+    """The app answers 413 before the body has arrived (at once for a Content-Length past the limit):
+    closed then, the connection would be reset under the client still writing its body, which then
+    never reads the 413 (an SDK would report a connection error and retry the same body). The rest of
+    the body is read and dropped instead, so the client finishes sending, then reads the answer."""
+    limit = 1024
+    # Far more than the kernel's socket buffers hold: a reset would stop the sending.
+    body = b"x" * (16 * 1024 * 1024)
+    framing = b"content-length: %d\r\n" % len(body) if declared else b"transfer-encoding: chunked\r\n"
+    head = (
+        b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n" + framing + b"\r\n"
+    )
+    sent = body if declared else b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    with BackgroundServer(FakeEngine(), ServerSettings(max_body_bytes=limit)) as running:
+        with connect(running.port) as sock:
+            sock.sendall(head + sent)
+            error = json_error(read_until_closed(sock), 413)
+        assert str(limit) in error["message"]

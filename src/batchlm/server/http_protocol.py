@@ -11,6 +11,9 @@ client needs and uvicorn leaves out.
 - A cap on open connections (503 beyond, and a warning in the log).
 - A response of unknown length to an HTTP/1.0 client is ended by closing the connection: uvicorn sends
   it chunked, which HTTP/1.0 does not know.
+- An answer sent before its request's body has all arrived (413 for a body past the limit) is read by
+  the client: the rest of the body is read and dropped before the connection closes (uvicorn closes
+  at once, which resets the connection under a client still sending, and loses the answer).
 - A request the parser refuses gets its 400 as OpenAI-shaped JSON naming what is wrong, and a warning
   at most once a minute in place of uvicorn's line for each (a client sending garbage fills no log).
 """
@@ -222,8 +225,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         else:
             super().on_headers_complete()
         cycle = self.cycle
-        if cycle is not None and cycle.scope is self.scope and self.scope["http_version"] == "1.0":
-            _delimit_by_close(cycle)
+        if cycle is not None and cycle.scope is self.scope:
+            _linger_after_early_answer(self, cycle)
+            if self.scope["http_version"] == "1.0":
+                _delimit_by_close(cycle)
 
     def send_400_response(self, msg: str) -> None:
         # Called by uvicorn while it handles the parser's error: that error says what is wrong.
@@ -274,17 +279,59 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             # The request in progress can send nothing more (uvicorn would write it after the error).
             self.cycle.disconnected = True
             self.cycle.message_event.set()
-        if not (linger and self.transport.can_write_eof()):
+        if not linger:
             self.transport.close()
             return
-        # Closed at once, the connection would be reset under a client still sending (its request too
-        # large), which then never reads the error: the rest is read and dropped until the client
-        # closes, or until the header deadline.
+        self.linger()
+
+    def linger(self) -> None:
+        """Close the connection once the client has sent the rest of its request. Closed at once, it
+        would be reset under a client still sending (its request too large), which then never reads
+        the answer already written: the rest is read and dropped until the client closes, or until
+        the header deadline."""
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
         self.transport.write_eof()
         self._lingering = True
         self.flow.resume_reading()
         self._watch.forget(self)
         self._watch.watch(self)
+
+
+def _linger_after_early_answer(protocol: GuardedHttpProtocol, cycle: RequestResponseCycle) -> None:
+    """Makes a response that closes the connection before its request's body has all arrived (413 for
+    a body past the limit, 408) linger instead (GuardedHttpProtocol.linger): uvicorn closes at once,
+    which resets the connection under the client still sending its body, so that it never reads the
+    answer (an SDK reports a connection error, and retries the same body)."""
+    send: Callable[[Any], Awaitable[None]] = cycle.send
+
+    def send_then_linger(message: Any) -> Awaitable[None]:
+        # Every message of every response passes here: the common ones (a stream's chunks, answers on
+        # a kept-alive connection, a body all in) go straight to uvicorn's send, with no frame added.
+        if (
+            message.get("more_body", False)
+            or cycle.keep_alive
+            or not cycle.more_body  # the request's body has all arrived
+            or cycle.response_complete
+            or message["type"] != "http.response.body"
+        ):
+            return send(message)
+        return send_early(message)
+
+    async def send_early(message: Any) -> None:
+        cycle.keep_alive = True  # uvicorn closes a connection that is not kept alive as it ends
+        try:
+            await send(message)
+        finally:
+            cycle.keep_alive = False
+        if not protocol.transport.is_closing():
+            protocol.linger()
+
+    cycle.send = send_then_linger  # type: ignore[method-assign,assignment]
 
 
 def _delimit_by_close(cycle: RequestResponseCycle) -> None:
