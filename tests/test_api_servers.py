@@ -5,6 +5,7 @@ port (the core's side of it: tests/test_core_loop_front_ends.py)."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import re
 import signal
@@ -25,11 +26,15 @@ from batchlm.engine.async_engine import AsyncLLMEngine
 from batchlm.engine.client import QueueFullError
 from batchlm.engine.output_collector import RequestOutputCollector
 from batchlm.server.api_servers import (
+    FORCE_EXIT_SIGNAL,
+    ApiServerPool,
+    _Member,
     automatic_api_servers,
     bind_first_shared_port,
     bind_shared_port,
     shared_port_unsupported_reason,
 )
+from batchlm.server.state import ServerSettings
 from fake_engine import free_port, wait_until
 
 linux_only = pytest.mark.skipif(
@@ -392,3 +397,37 @@ def test_disconnects_in_every_process_abort_their_requests_in_the_engine(
         if processes == {True, False}:
             break
     assert processes == {True, False}, "both processes should have aborted dropped streams"
+
+
+class _Child:
+    """A process as ApiServerPool sees one of its API servers: the pool signals it by pid."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self.pid = process.pid
+        self._process = process
+
+    def is_alive(self) -> bool:
+        return self._process.poll() is None
+
+
+@linux_only
+def test_a_forced_stop_of_the_primary_reaches_every_api_server() -> None:
+    # A second Ctrl-C aborts the streams of every process at once, not only the primary's (the
+    # others would drain theirs for the rest of the drain period, holding the exit).
+    waits_for_force = (
+        "import signal, sys\n"
+        f"signal.signal({int(FORCE_EXIT_SIGNAL)}, lambda *_: sys.exit(7))\n"
+        "print('ready', flush=True)\n"
+        "signal.pause()\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", waits_for_force], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        pool = ApiServerPool(ServerSettings(), EngineConfig(model="unused"))
+        status, _ = multiprocessing.Pipe(duplex=False)
+        pool._members.append(_Member(1, _Child(child), status))  # type: ignore[arg-type]
+        pool.force_stop()
+        assert child.wait(timeout=60) == 7
+    finally:
+        if child.poll() is None:
+            child.kill()

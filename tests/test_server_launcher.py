@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import signal
 import socket
 import sys
 
@@ -59,3 +60,23 @@ def test_start_up_objects_are_frozen_once_the_engine_is_up() -> None:
         assert server.frozen_at_serve > 0
     finally:
         gc.unfreeze()
+
+
+def test_a_second_signal_forces_the_exit_and_says_so_once() -> None:
+    # The primary of --api-servers N passes the force on to the other processes (ApiServerPool.force_stop).
+    forced: list[bool] = []
+    server = GracefulServer(
+        build_app(FakeEngine(), ServerSettings()), on_force_exit=lambda: forced.append(True)
+    )
+    server.handle_exit(signal.SIGTERM, None)
+    assert (server.should_exit, server.force_exit, forced) == (True, False, [])
+    server.handle_exit(signal.SIGINT, None)
+    assert (server.force_exit, forced) == (True, [True])
+    server.handle_exit(signal.SIGINT, None)
+    assert forced == [True]
+
+
+def test_force_stops_at_once_as_a_second_signal_does() -> None:
+    server = GracefulServer(build_app(FakeEngine(), ServerSettings()))
+    server.force()
+    assert (server.should_exit, server.force_exit) == (True, True)

@@ -38,6 +38,10 @@ logger = logging.getLogger(__name__)
 MONITOR_INTERVAL_S = 1.0
 # Past their drain period, API servers that have not exited are killed after this margin.
 STOP_MARGIN_S = 10.0
+# What the primary sends an API server to stop at once, aborting its requests (its own second signal).
+# Not SIGINT after begin_stop's SIGTERM: sent together, both would be pending at once and handled
+# lowest number first, as a single request to drain.
+FORCE_EXIT_SIGNAL = signal.SIGUSR1
 
 
 def shared_port_unsupported_reason() -> str | None:
@@ -163,6 +167,15 @@ class ApiServerPool:
                 with contextlib.suppress(OSError):
                     member.process.terminate()
 
+    def force_stop(self) -> None:
+        """A second signal to the primary: every API server aborts its in-flight requests now, as the
+        primary does, instead of draining them for the rest of its drain period."""
+        self._stopping = True
+        for member in self._members:
+            if member.process.is_alive() and member.process.pid is not None:
+                with contextlib.suppress(OSError):
+                    os.kill(member.process.pid, FORCE_EXIT_SIGNAL)
+
     async def stop(self) -> None:
         """Stop them all; those still running past their drain period (plus a margin) are killed."""
         self.begin_stop()
@@ -226,6 +239,7 @@ def api_server_main(spec: ApiServerSpec) -> None:
     # The primary turns Ctrl-C into SIGTERM for this process; while it starts, SIGINT is ignored so
     # that a Ctrl-C during loading does not print a traceback here.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(FORCE_EXIT_SIGNAL, signal.SIG_IGN)  # until it serves (its default ends the process)
     configure_logging(spec.settings.log_level, tag=f"api-server-{spec.index}")
     # The tokenizer (transformers' import, then the file) is the longest part of this process's
     # start: it loads on a thread while the server's own modules import.
@@ -263,6 +277,7 @@ async def _serve_attached(spec: ApiServerSpec, tokenizer: concurrent.futures.Fut
     # collection while serving would otherwise walk transformers' and the tokenizer's objects.
     freeze_startup_objects()
     server = GracefulServer(app)
+    signal.signal(FORCE_EXIT_SIGNAL, lambda signum, frame: server.force())
     watchdog = asyncio.ensure_future(_exit_when_engine_stops(engine, server, spec.index))
     _report(spec.status, ApiServerStarted(os.getpid()))
     try:

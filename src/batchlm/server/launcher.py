@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from types import FrameType
 from typing import Any, Protocol, TypeVar
 
 import uvicorn
@@ -38,6 +39,8 @@ class ExtraApiServers(Protocol):
 
     def begin_stop(self) -> None: ...
 
+    def force_stop(self) -> None: ...
+
     async def stop(self) -> None: ...
 
 
@@ -53,10 +56,17 @@ class GracefulServer(uvicorn.Server):
     The listener stays open while they drain: a request arriving meanwhile gets a 503 in OpenAI's
     shape (a client or balancer can retry elsewhere) rather than a refused connection."""
 
-    def __init__(self, app: FastAPI, on_shutdown: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        app: FastAPI,
+        on_shutdown: Callable[[], None] | None = None,
+        on_force_exit: Callable[[], None] | None = None,
+    ) -> None:
         self.state: ServerState = app.state.batchlm
         # Called when the shutdown begins (the primary tells the other API servers to drain too).
         self._on_shutdown = on_shutdown
+        # Called when a second signal forces the exit (the primary tells the others to abort theirs too).
+        self._on_force_exit = on_force_exit
         settings = self.state.settings
         config = ServerConfig(
             app,
@@ -88,6 +98,17 @@ class GracefulServer(uvicorn.Server):
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        forced = self.force_exit
+        super().handle_exit(sig, frame)
+        if self.force_exit and not forced and self._on_force_exit is not None:
+            self._on_force_exit()
+
+    def force(self) -> None:
+        """Stop now, aborting the requests in flight: what a second signal does."""
+        self.should_exit = True
+        self.force_exit = True
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.state.shutting_down = True
@@ -222,7 +243,11 @@ def run_server(
     api_servers: ExtraApiServers | None = None,
 ) -> int:
     """Blocking entry point of `batchlm serve` (signals are handled here, in the main thread)."""
-    server = GracefulServer(app, on_shutdown=api_servers.begin_stop if api_servers is not None else None)
+    server = GracefulServer(
+        app,
+        on_shutdown=api_servers.begin_stop if api_servers is not None else None,
+        on_force_exit=api_servers.force_stop if api_servers is not None else None,
+    )
     return run_event_loop(
         serve(server, engine, start_engine=start_engine, sockets=sockets, api_servers=api_servers)
     )
