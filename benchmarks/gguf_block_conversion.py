@@ -4,7 +4,8 @@ reference values. Random blocks (random bytes, the float16 scales set to ~1e-3, 
 --shapes size.
 
 - before: the path of a type the kernels do not read, the gguf package's numpy dequantizer a few rows
-  at a time, then requantization to Q8_0 (quant_blocks.q8_from_row_chunks).
+  at a time, then requantization to Q8_0 (quant_blocks.q8_from_row_chunks), on one thread as this
+  comparison always ran (gguf_reference_threads.py measures that path on several).
 - after: cpu_quantized.code_blocks, our own decoder where quant_blocks has one for the type.
 
     python benchmarks/gguf_block_conversion.py --type Q3_K --shapes 4096x4096 4096x16384 --tensors 4
@@ -27,6 +28,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
 from batchlm.kernels import quant_blocks, quant_panels
+from batchlm.layers.quantization import reference_rows
 from batchlm.layers.quantization.base import QuantizedTensor
 from batchlm.layers.quantization.cpu_quantized import code_blocks
 
@@ -51,10 +53,7 @@ def random_tensor(type_name: str, rows: int, cols: int, rng: np.random.Generator
 
 
 def reference_path(tensor: QuantizedTensor) -> quant_blocks.CodeBlocks:
-    rows, cols = tensor.shape
-    return quant_blocks.q8_from_row_chunks(
-        rows, cols, lambda start, stop: tensor.narrow_rows(start, stop - start).dequantize().numpy()
-    )
+    return reference_rows.q8_code_blocks(tensor, threads=1)
 
 
 def main() -> None:

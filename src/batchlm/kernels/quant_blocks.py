@@ -97,17 +97,40 @@ def from_dense_q8(weight: np.ndarray) -> CodeBlocks:
     return q8_from_row_chunks(rows, cols, lambda start, stop: weight[start:stop])
 
 
-def q8_from_row_chunks(rows: int, cols: int, values: Callable[[int, int], np.ndarray]) -> CodeBlocks:
+# A chunk's Q8_0 codes and scales; how q8_from_row_chunks runs its chunks: (rows, step, produce,
+# consume) calls produce(start, stop) for every `step`-row chunk and hands each result to consume.
+Coded = tuple[np.ndarray, np.ndarray]
+ChunkMap = Callable[[int, int, Callable[[int, int], Coded], Callable[[int, int, Coded], None]], None]
+
+
+def serial_chunks(
+    rows: int, step: int, produce: Callable[[int, int], Coded], consume: Callable[[int, int, Coded], None]
+) -> None:
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        consume(start, stop, produce(start, stop))
+
+
+def q8_from_row_chunks(
+    rows: int, cols: int, values: Callable[[int, int], np.ndarray], chunks: ChunkMap = serial_chunks
+) -> CodeBlocks:
     """from_dense_q8 of the [rows, cols] weight whose rows [start, stop) `values(start, stop)` gives,
     taken CHUNK_VALUES at a time: a chunk's intermediate arrays stay in cache, where a whole
     embedding's would each stream through memory (BENCHMARKS.md), and a weight that is not float
-    (quantized, half) is never widened whole."""
+    (quantized, half) is never widened whole. `chunks` runs the chunks (in parallel: each chunk's
+    values and codes are its own, so the result is the same)."""
     codes = np.empty((rows, cols), dtype=np.uint8)
     scales = np.empty((rows, cols // BLOCK), dtype=np.float16)
-    step = max(1, CHUNK_VALUES // max(cols, 1))
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        codes[start:stop], scales[start:stop] = _q8_codes(values(start, stop))
+
+    def consume(start: int, stop: int, coded: Coded) -> None:
+        codes[start:stop], scales[start:stop] = coded
+
+    chunks(
+        rows,
+        max(1, CHUNK_VALUES // max(cols, 1)),
+        lambda start, stop: _q8_codes(values(start, stop)),
+        consume,
+    )
     return CodeBlocks(codes, scales, q8_biases(scales), 8)
 
 

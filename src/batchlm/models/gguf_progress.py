@@ -1,6 +1,7 @@
 """Progress lines while a GGUF file's weights load. Block types that only the gguf package's numpy
 code reads (gguf_types.REFERENCE_TYPES: i-quants, Q2_K, TQ types) dequantize at tens of seconds
-a GB of them (an IQ3_S 8B file: minutes), and so does every block type where the quantized CPU
+a GB of them a CPU thread (an IQ3_S 8B file: minutes; row chunks run on the engine's CPU threads:
+layers/quantization/reference_rows.py), and so does every block type where the quantized CPU
 kernels do not run: a start-up that said nothing that long would look hung."""
 
 from __future__ import annotations
@@ -48,12 +49,15 @@ def with_progress(
     )
     slow_bytes = sum(t.data.nbytes for t in tensors if t.tensor_type.name in reference_types)
     if slow_bytes >= ANNOUNCED_BYTES:
+        from batchlm.layers.quantization.reference_rows import conversion_threads
+
         logger.info(
             "%s: %.2f GB of %s tensors dequantize through the gguf package's numpy code, tens of seconds a "
-            "GB: loading takes a while (progress every %.0f s)",
+            "GB a CPU thread, here on %d threads: loading takes a while (progress every %.0f s)",
             label,
             slow_bytes / _GB,
             ", ".join(slow_types),
+            conversion_threads(),
             interval,
         )
     start = last = clock()

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from batchlm.layers.norm import RMSNorm
-from batchlm.layers.quantization import registry
+from batchlm.layers.quantization import reference_rows, registry
 from batchlm.layers.quantization.cpu_quantized import CpuQuantizedLinearMethod
 from batchlm.layers.quantization.registry import DENSE_FORMAT, FLOAT_QTYPES, GGUF_FORMAT, QUANTIZE_AT_LOAD
 from batchlm.models.base import CausalLM
@@ -212,9 +212,10 @@ def _load_gguf(
     logger.info("GGUF %s: layers per weight method %s", gguf_file.name, dict(methods))
     # Off the quantized CPU kernels every block type dequantizes through the gguf package's numpy code.
     slow = REFERENCE_TYPES if methods[CpuQuantizedLinearMethod.__name__] else SUPPORTED_TYPES - FLOAT_QTYPES
-    load_named_weights(
-        model, with_progress(iter_gguf_tensors(reader), reader, f"GGUF {gguf_file.name}", slow)
-    )
+    with reference_rows.one_pool():  # one thread pool for every tensor's dequantization
+        load_named_weights(
+            model, with_progress(iter_gguf_tensors(reader), reader, f"GGUF {gguf_file.name}", slow)
+        )
 
 
 def check_quantization(

@@ -68,12 +68,11 @@ class QuantizedTensor:
         return QuantizedTensor(self.qtype, data, length, self.block_size, self.block_bytes)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The [rows, cols] values in `dtype` (computed in float32 by the gguf package's reference code)."""
-        from gguf import GGMLQuantizationType
-        from gguf.quants import dequantize
+        """The [rows, cols] values in `dtype` (computed in float32 by the gguf package's reference code,
+        row chunks on the engine's CPU threads: reference_rows.py)."""
+        from batchlm.layers.quantization import reference_rows
 
-        values = dequantize(self.data.contiguous().numpy(), GGMLQuantizationType[self.qtype])
-        return torch.from_numpy(values.reshape(self.shape)).to(dtype)
+        return reference_rows.dequantize(self, dtype)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from batchlm.kernels.cpu_quant import (
 )
 from batchlm.kernels.quant_blocks import BLOCK, CodeBlocks
 from batchlm.kernels.quant_panels import MAX_PARTS, QPANEL, PackedWeight, PartedWeight, QuantizedWeight, pack
+from batchlm.layers.quantization import reference_rows
 from batchlm.layers.quantization.base import (
     LinearMethod,
     LoadedWeight,
@@ -134,10 +135,7 @@ def code_blocks(loaded: LoadedWeight) -> CodeBlocks:
             return quant_blocks.from_gguf(loaded.qtype, loaded.data.contiguous().numpy(), rows, cols)
         if loaded.qtype == "Q6_K" and (native := q6_k_as_q8(loaded.data.numpy(), rows, cols)) is not None:
             return native
-        quantized = loaded
-        return quant_blocks.q8_from_row_chunks(
-            rows, cols, lambda start, stop: quantized.narrow_rows(start, stop - start).dequantize().numpy()
-        )
+        return reference_rows.q8_code_blocks(loaded)
     dense = as_dense(loaded, torch.float32).detach()
     rows, cols = dense.shape
     return quant_blocks.q8_from_row_chunks(
