@@ -49,6 +49,10 @@ CoreEvent = RequestRejected | CoreFailed
 # How long a core process told to shut down may take to exit before it is killed (a loaded 2-core
 # machine took 4 s of it for the tiny test model).
 CORE_EXIT_GRACE_S = 10.0
+# A killed core goes as soon as the system runs it again, which on a loaded machine may take longer
+# than a short grace period: waited for on its own bound, which only a process stuck in the kernel
+# reaches.
+KILLED_CORE_EXIT_S = 30.0
 
 
 class AsyncLLMEngine(StreamingFrontEnd[CoreEvent]):
@@ -238,7 +242,7 @@ class AsyncLLMEngine(StreamingFrontEnd[CoreEvent]):
             # joins its children at exit).
             logger.warning("the engine core did not exit within %.0f s; killing it", CORE_EXIT_GRACE_S)
             worker.kill()
-            await loop.run_in_executor(None, worker.join, CORE_EXIT_GRACE_S)
+            await loop.run_in_executor(None, worker.join, KILLED_CORE_EXIT_S)
         self._mark_dead("the engine was shut down", expected=True)
 
     # -- EngineClient ------------------------------------------------------------------------------
