@@ -69,7 +69,7 @@ def test_older_versions_are_removed_and_the_space_freed_logged(
     older = [_entry(cache / "gguf-v1" / "m-0"), _entry(cache / "gguf-v2" / "m-1", 2 * MIB)]
     newer = _entry(cache / "gguf-v4" / "m-2")  # an older batchlm beside may still be using it
     others = [_entry(cache / "demo-v0"), _entry(cache / "default-model"), _entry(cache / "kernels")]
-    with caplog.at_level(logging.INFO, logger="batchlm.models.cache_entry"):
+    with caplog.at_level(logging.INFO, logger="batchlm"):
         use_version(cache, "gguf-v3")
     assert not any(path.parent.exists() for path in older)
     assert newer.exists() and all(path.exists() for path in others)
@@ -94,7 +94,7 @@ def test_an_older_version_a_running_process_uses_is_kept_until_it_exits(
     cache = tmp_path / "cache"
     used = _entry(cache / "gguf-v2" / "m-0")
     holder = other_process(cache, "gguf-v2")
-    with caplog.at_level(logging.INFO, logger="batchlm.models.cache_entry"):
+    with caplog.at_level(logging.INFO, logger="batchlm"):
         use_version(cache, "gguf-v3")
     assert used.exists()
     assert any("a running process uses it" in r.getMessage() for r in caplog.records)
@@ -144,7 +144,7 @@ def test_a_cache_that_cannot_be_locked_is_left_as_it_is(
     def read_only(path: Path, operation: int) -> int:
         raise OSError(errno.EROFS, "Read-only file system", str(path))
 
-    monkeypatch.setattr(cache_entry, "_locked", read_only)
+    monkeypatch.setattr(cache_entry, "lock_file", read_only)
     older = _entry(tmp_path / "cache" / "gguf-v2" / "m-0")
     use_version(tmp_path / "cache", "gguf-v3")
     assert older.exists()
@@ -173,7 +173,7 @@ def test_a_removal_the_system_refuses_leaves_no_empty_folder(
         return rename(self, target)
 
     monkeypatch.setattr(Path, "rename", refuse_older)
-    with caplog.at_level(logging.WARNING, logger="batchlm.models.cache_entry"):
+    with caplog.at_level(logging.WARNING, logger="batchlm"):
         use_version(cache, "gguf-v3")
     assert older.exists()
     assert sorted(p.name for p in cache.iterdir()) == [".gguf-v2.lock", ".gguf-v3.lock", "gguf-v2"]
@@ -195,7 +195,7 @@ def test_a_removal_whose_trash_another_process_took_says_so(
         return rename(self, target)
 
     monkeypatch.setattr(Path, "rename", trash_taken)
-    with caplog.at_level(logging.WARNING, logger="batchlm.models.cache_entry"):
+    with caplog.at_level(logging.WARNING, logger="batchlm"):
         use_version(cache, "gguf-v3")
     assert older.exists()
     assert any("could not remove" in r.getMessage() for r in caplog.records)

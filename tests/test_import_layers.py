@@ -31,6 +31,8 @@ LAYERS: tuple[frozenset[str], ...] = (
             "cpu_wait_policy",
             "json_files",
             "unicode_text",
+            "dir_locks",
+            "temp_dirs",
         }
     ),
     frozenset({"core"}),

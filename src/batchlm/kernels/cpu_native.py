@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from batchlm.config import cache_root, current_umask, is_unwritable
+from batchlm.temp_dirs import KERNELS_PREFIX, make_temp_dir, remove_temp_dir
 
 logger = logging.getLogger(__name__)
 
@@ -223,8 +224,8 @@ def _private_build_dir(unwritable: Path, error: OSError) -> Path:
     on several threads at once), said once."""
     with _PRIVATE_DIRS_LOCK:
         if unwritable not in _PRIVATE_DIRS:
-            directory = Path(tempfile.mkdtemp(prefix="batchlm-kernels-"))
-            atexit.register(shutil.rmtree, directory, ignore_errors=True)
+            directory = make_temp_dir(KERNELS_PREFIX)
+            atexit.register(remove_temp_dir, directory)
             logger.warning(
                 "cannot write the kernel cache %s (%s); building the CPU kernels in %s for this process",
                 unwritable,

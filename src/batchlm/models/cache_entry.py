@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from batchlm.config import make_shareable
+from batchlm.dir_locks import lock_file, remove_directory
 
 logger = logging.getLogger(__name__)
 
@@ -96,14 +97,14 @@ def use_version(cache: Path, version: str, now: float | None = None) -> None:
             return
         try:
             cache.mkdir(parents=True, exist_ok=True)
-            handle = _locked(lock_path, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            handle = lock_file(lock_path, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if handle is not None:  # no other process uses this version
                 with _logged_failure(cache / version):
                     for leftover in _leftovers(cache, version, time.time() if now is None else now):
-                        _remove(leftover, "left by an interrupted build")
+                        remove_directory(leftover, "left by an interrupted build")
                 fcntl.flock(handle, fcntl.LOCK_SH)
             else:
-                handle = _locked(lock_path, fcntl.LOCK_SH)
+                handle = lock_file(lock_path, fcntl.LOCK_SH)
         except OSError as error:
             logger.debug("cannot mark %s in use (%s); not removing older versions", cache / version, error)
             return
@@ -146,47 +147,19 @@ def _remove_unused(directory: Path) -> None:
     import fcntl
 
     if directory.name.startswith("."):  # what a cut-short removal left: no process uses it
-        _remove(directory, "left by an interrupted removal")
+        remove_directory(directory, "left by an interrupted removal")
         return
     lock_path = directory.parent / f".{directory.name}.lock"
-    handle = _locked(lock_path, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    handle = lock_file(lock_path, fcntl.LOCK_EX | fcntl.LOCK_NB)
     if handle is None:
         logger.info("keeping %s, an older cache format: a running process uses it", directory)
         return
     try:
-        _remove(directory, "an older cache format no longer used")
+        remove_directory(directory, "an older cache format no longer used")
         # Under the lock: a process that opened the file meanwhile finds it gone and opens a new one.
         lock_path.unlink(missing_ok=True)
     finally:
         os.close(handle)
-
-
-def _remove(directory: Path, why: str) -> None:
-    size = _size(directory)
-    trash = Path(tempfile.mkdtemp(prefix=f".{directory.name}-removing-", dir=directory.parent))
-    try:
-        directory.rename(trash / directory.name)
-    except OSError as error:
-        # Refused (another user's directory), or removed by another process first: the empty trash goes,
-        # not to be found, removed and made again at every start.
-        with contextlib.suppress(FileNotFoundError):
-            trash.rmdir()
-        if isinstance(error, FileNotFoundError) and not directory.exists():
-            return
-        raise  # the trash went instead (another process took it for a cut-short removal's): said
-    shutil.rmtree(trash, ignore_errors=True)
-    if trash.exists():
-        raise OSError(f"could not delete all of {trash}")
-    logger.info("removed %s (%s): %.1f MiB freed", directory, why, size / 2**20)
-
-
-def _size(directory: Path) -> int:
-    total = 0
-    for root, _, files in os.walk(directory):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(root, name)).st_size
-    return total
 
 
 @contextlib.contextmanager
@@ -197,27 +170,3 @@ def _logged_failure(path: Path) -> Iterator[None]:
         yield
     except OSError as error:
         logger.warning("could not remove %s from the cache: %s", path, error)
-
-
-def _locked(path: Path, operation: int) -> int | None:
-    """A descriptor of the lock file `path` (created if missing, readable by all so that another user
-    sharing the cache can lock it too), locked by `operation`; None when LOCK_NB finds it held. A
-    file removed while it was being locked is opened again."""
-    import fcntl
-
-    while True:
-        handle = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(handle, operation)
-        except BlockingIOError:
-            os.close(handle)
-            return None
-        except BaseException:
-            os.close(handle)
-            raise
-        try:
-            if os.path.samestat(os.fstat(handle), os.stat(path)):
-                return handle
-        except FileNotFoundError:
-            pass
-        os.close(handle)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from batchlm.server.root_path import RootPath, checked_root_path
 from batchlm.server.route_aliases import RouteAliases
 from batchlm.server.routes import router
 from batchlm.server.state import ServerSettings, ServerState
+from batchlm.temp_dirs import RESPONSES_PREFIX, temp_dir
 
 
 def build_app(
@@ -46,9 +46,7 @@ def build_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         with contextlib.ExitStack() as cleanup:
             if settings.stored_responses > 0:
-                directory = settings.responses_dir or cleanup.enter_context(
-                    tempfile.TemporaryDirectory(prefix="batchlm-responses-")
-                )
+                directory = settings.responses_dir or cleanup.enter_context(temp_dir(RESPONSES_PREFIX))
                 state.responses = ResponseStore(Path(directory), settings.stored_responses)
                 cleanup.callback(state.responses.close)
             if not log_stats:

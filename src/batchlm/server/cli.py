@@ -25,6 +25,13 @@ from batchlm.sampling_defaults import check_generation_config
 from batchlm.server.open_files import raise_open_file_limit
 from batchlm.server.root_path import checked_root_path
 from batchlm.server.state import ServerSettings
+from batchlm.temp_dirs import (
+    METRICS_PREFIX,
+    RESPONSES_PREFIX,
+    make_temp_dir,
+    remove_abandoned_once,
+    remove_temp_dir,
+)
 from batchlm.tools.registry import TOOL_CALL_PARSER_CHOICES
 
 logger = logging.getLogger(__name__)
@@ -108,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
         logger.error("%s", error)
         return 2
     settings = replace(settings, api_servers=count)
+    # What servers killed earlier (SIGKILL, out of memory) left under the temp dir.
+    remove_abandoned_once()
     if count > 1:
         return _run_several(settings, config, count)
     try:
@@ -208,9 +217,6 @@ def _reachable_from_other_hosts(host: str) -> bool:
 def _run_several(settings: ServerSettings, config: EngineConfig, count: int) -> int:
     """`--api-servers N` with N > 1: this process is the primary API server; it starts the engine core
     with a pipe per API server, and N - 1 more API-server processes on the same port."""
-    import shutil
-    import tempfile
-
     from batchlm.server.api_servers import (
         ApiServerPool,
         bind_first_shared_port,
@@ -237,20 +243,20 @@ def _run_several(settings: ServerSettings, config: EngineConfig, count: int) -> 
     # A response stored by one API server is continued through whichever one a connection lands on.
     responses_dir = None
     if settings.stored_responses > 0 and settings.responses_dir is None:
-        responses_dir = tempfile.mkdtemp(prefix="batchlm-responses-")
-        settings = replace(settings, responses_dir=responses_dir)
+        responses_dir = make_temp_dir(RESPONSES_PREFIX)
+        settings = replace(settings, responses_dir=str(responses_dir))
     # Before any metric exists: /metrics then sums the request metrics of every API server.
-    metrics_dir = tempfile.mkdtemp(prefix="batchlm-metrics-")
+    metrics_dir = make_temp_dir(METRICS_PREFIX)
     from batchlm.engine.async_engine import AsyncLLMEngine
     from batchlm.server.metrics import share_metrics_between_processes
 
-    share_metrics_between_processes(metrics_dir)
+    share_metrics_between_processes(str(metrics_dir))
     try:
         engine = AsyncLLMEngine(config, max_queue=settings.max_queue, front_ends=count)
         pool = ApiServerPool(settings, config)
         engine.share_core(count - 1, pool.start)
         return _serve(engine, config, settings, sockets=[sock], api_servers=pool)
     finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        remove_temp_dir(metrics_dir)
         if responses_dir is not None:
-            shutil.rmtree(responses_dir, ignore_errors=True)
+            remove_temp_dir(responses_dir)
