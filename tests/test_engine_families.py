@@ -38,15 +38,17 @@ def generate(model_dir: Path, batch: list[list[int]], **kwargs: Any) -> tuple[LL
     return llm, [list(out.outputs[0].token_ids) for out in llm.generate(batch, GREEDY)]
 
 
-def transformers_tokens(model_dir: Path, batch: list[list[int]]) -> list[list[int]]:
+def transformers_tokens(
+    model_dir: Path, batch: list[list[int]], new_tokens: int = MAX_TOKENS
+) -> list[list[int]]:
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokens = []
     for prompt in batch:
         ids = torch.tensor([prompt])
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS,
-                          min_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=0)  # fmt: skip
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
         tokens.append(out[0, len(prompt) :].tolist())
     return tokens
 

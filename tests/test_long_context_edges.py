@@ -20,6 +20,7 @@ from batchlm.models.loader import load_model
 from batchlm.outputs import FinishReason
 from gguf_builder import write_dequantized_copy, write_tiny_gguf
 from models_harness import greedy_generate, hf_greedy
+from test_engine_families import transformers_tokens
 
 WINDOW = 8
 NEW_TOKENS = 10
@@ -31,19 +32,6 @@ def _prompt(length: int, seed: int = 2) -> list[int]:
     return torch.randint(10, 300, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def _transformers_tokens(model_dir: Path, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    tokens = []
-    for prompt in prompts:
-        ids = torch.tensor([prompt])
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
-        tokens.append(out[0, len(prompt) :].tolist())
-    return tokens
-
-
 @pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
 def test_qwen_window_layers_match_transformers_across_chunks_and_cached_prefixes(
     tiny_model_dir: Callable[..., Path], model_type: str
@@ -53,7 +41,7 @@ def test_qwen_window_layers_match_transformers_across_chunks_and_cached_prefixes
     # 70 tokens in window-sized chunks (each ends at a window edge); then prompts whose cached prefix
     # (whole 4-token blocks of the first) ends 3 tokens into a window and 1 token before one.
     prompts = [base, [*base[:43], 5, 6], [*base[:23], 7]]
-    expected = _transformers_tokens(model_dir, prompts, NEW_TOKENS)
+    expected = transformers_tokens(model_dir, prompts, NEW_TOKENS)
     llm = LLM(model=str(model_dir), device="cpu", block_size=4, max_num_batched_tokens=WINDOW)
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     outputs = [llm.generate([prompt], params)[0] for prompt in prompts]
@@ -68,7 +56,7 @@ def test_requests_ending_exactly_at_max_model_len_match_transformers(
     max_len = 40
     llm = LLM(model=str(model_dir), device="cpu", max_model_len=max_len, block_size=4)
     prompts = [_prompt(max_len - 1, seed=3), _prompt(max_len - 4, seed=4)]
-    expected = _transformers_tokens(model_dir, prompts, 4)
+    expected = transformers_tokens(model_dir, prompts, 4)
     # No max_tokens: all the room the context leaves; then exactly that room, asked for.
     for max_tokens in (None, 1):
         out = llm.generate(
