@@ -8,7 +8,11 @@ reference values. Random blocks (random bytes, the float16 scales set to ~1e-3, 
   comparison always ran (gguf_reference_threads.py measures that path on several).
 - after: cpu_quantized.code_blocks, our own decoder where quant_blocks has one for the type.
 
+With --threads, only `after`, once for each thread count (torch's thread count, which a load's pool
+takes: reference_rows.one_pool()).
+
     python benchmarks/gguf_block_conversion.py --type Q3_K --shapes 4096x4096 4096x16384 --tensors 4
+    python benchmarks/gguf_block_conversion.py --type Q4_K --shapes 4096x14336 --threads 1 2
 
 Prints one JSON line per path and shape: seconds of each sitting (converting --tensors distinct
 tensors of the shape), seconds converting and packing one of them into panels (quant_panels.pack),
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -38,6 +43,7 @@ SCALE_FIELDS = {
     "Q3_K": ((108, 1e-3),),
     "Q4_K": ((0, 2e-4), (2, 1.5e-3)),
     "Q5_K": ((0, 1e-4), (2, 1.55e-3)),
+    "Q8_0": ((0, 1e-3),),
 }
 
 
@@ -56,6 +62,15 @@ def reference_path(tensor: QuantizedTensor) -> quant_blocks.CodeBlocks:
     return reference_rows.q8_code_blocks(tensor, threads=1)
 
 
+def on_threads(threads: int) -> Callable[[QuantizedTensor], quant_blocks.CodeBlocks]:
+    def convert(tensor: QuantizedTensor) -> quant_blocks.CodeBlocks:
+        torch.set_num_threads(threads)
+        with reference_rows.one_pool():
+            return code_blocks(tensor)
+
+    return convert
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -64,9 +79,15 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["4096x4096", "4096x14336", "4096x16384"])
     parser.add_argument("--sittings", type=int, default=2)
     parser.add_argument("--tensors", type=int, default=1, help="distinct tensors of each shape a sitting")
+    parser.add_argument("--threads", type=int, nargs="*", default=[], help="`after` on these thread counts")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    paths = {"before": reference_path, "after": code_blocks}
+    paths: dict[str, Callable[[QuantizedTensor], quant_blocks.CodeBlocks]] = {
+        "before": reference_path,
+        "after": code_blocks,
+    }
+    if args.threads:
+        paths = {f"after, {threads} threads": on_threads(threads) for threads in args.threads}
     for shape in args.shapes:
         rows, cols = (int(size) for size in shape.split("x"))
         tensors = [random_tensor(args.type, rows, cols, rng) for _ in range(args.tensors)]
@@ -74,7 +95,7 @@ def main() -> None:
         values = gguf_dequantize(tensor.data.numpy(), GGMLQuantizationType[args.type]).reshape(rows, cols)
         rms = float(np.sqrt(np.mean(np.square(values, dtype=np.float64))))
         for name, convert in paths.items():
-            if name == "after" and not quant_blocks.supported(args.type):
+            if name.startswith("after") and not quant_blocks.supported(args.type):
                 continue
             seconds, packed_seconds = [], []
             for _ in range(args.sittings):

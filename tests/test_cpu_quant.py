@@ -81,8 +81,8 @@ def k_quant_rounding(blocks: CodeBlocks, expected: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("type_name", [*GGUF_TYPES, "IQ4_NL", "IQ4_XS"])
 def test_blocks_decode_the_same_a_chunk_at_a_time(monkeypatch: pytest.MonkeyPatch, type_name: str) -> None:
-    """from_gguf decodes CHUNK_VALUES at a time (a chunk's temporaries in cache): chunks of one or
-    more blocks, across rows, and a remainder give the blocks of one pass."""
+    """from_gguf decodes CHUNK_VALUES at a time (a chunk's temporaries in cache), in whole rows: chunks
+    of a row (a chunk smaller than a row still takes one) give the blocks of one pass."""
     if type_name in RANDOM_BLOCK_SCALES:
         raw = random_blocks((5, 768), type_name, np.random.default_rng(2))
     else:

@@ -261,3 +261,92 @@ def test_a_tensor_of_few_chunks_is_cut_for_the_threads(pools: list[RecordingPool
     small = _tensor("IQ2_XXS", rows=48, blocks_per_row=1)
     np.testing.assert_array_equal(small.dequantize().numpy(), _whole(small))
     assert len(pools) == 1
+
+
+# The types our own decoders read (quant_blocks.from_gguf): row chunks on the same pool.
+OWN_TYPES = sorted(quant_blocks.GGUF_BLOCK_BYTES)
+
+
+# Where each type's float16 scales (d, then dmin or a Q4_1/Q5_1 minimum) sit in its blocks.
+OWN_SCALES = {"Q3_K": (108,), **{qtype: (0, 2) for qtype in ("Q4_1", "Q5_1", "Q4_K", "Q5_K")}}
+
+
+def _raw(qtype: str, rows: int, blocks_per_row: int, seed: int = 0) -> tuple[np.ndarray, int]:
+    """Random blocks of a [rows, cols] tensor of `qtype`, their scales small and finite."""
+    rng = np.random.default_rng(seed)
+    cols = blocks_per_row * quant_blocks.GGUF_BLOCK_SIZE[qtype]
+    blocks = rng.integers(
+        0, 256, (rows, blocks_per_row, quant_blocks.GGUF_BLOCK_BYTES[qtype]), dtype=np.uint8
+    )
+    for offset in OWN_SCALES.get(qtype, (0,)):
+        halves = rng.uniform(-2e-3, 2e-3, (rows, blocks_per_row)).astype(np.float16)
+        blocks[:, :, offset : offset + 2] = halves.view(np.uint8).reshape(rows, blocks_per_row, 2)
+    return blocks.reshape(rows, -1), cols
+
+
+def _arrays(blocks: quant_blocks.CodeBlocks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return blocks.codes, blocks.scales, blocks.biases
+
+
+def _same_bits(ours: quant_blocks.CodeBlocks, expected: quant_blocks.CodeBlocks) -> None:
+    assert ours.bits == expected.bits
+    for got, want in zip(_arrays(ours), _arrays(expected), strict=True):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+
+
+def _rows(blocks: quant_blocks.CodeBlocks, rows: int) -> quant_blocks.CodeBlocks:
+    return quant_blocks.CodeBlocks(
+        blocks.codes[:rows], blocks.scales[:rows], blocks.biases[:rows], blocks.bits
+    )
+
+
+@pytest.mark.parametrize("qtype", OWN_TYPES)
+def test_own_decoders_on_the_pool_are_the_serial_blocks_bit_for_bit(
+    qtype: str, pools: list[RecordingPool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw, cols = _raw(qtype, ROWS, 2)
+    whole = quant_blocks.from_gguf(qtype, raw, ROWS, cols)  # one chunk (the default size)
+    _small_chunks(monkeypatch, cols)
+    for rows in (ROWS, 21, 1):  # 5-row chunks and a short last one; one chunk
+        serial = quant_blocks.from_gguf(qtype, raw[:rows], rows, cols)
+        _same_bits(serial, _rows(whole, rows))
+        _same_bits(
+            quant_blocks.from_gguf(qtype, raw[:rows], rows, cols, reference_rows.row_chunks(cols)), serial
+        )
+    # 23 and 21 rows ran on the pool (five chunks each); the one row inline.
+    assert [pool.submitted for pool in pools] == [5, 5]
+    assert all(pool.threads for pool in pools)
+
+
+def test_own_decoders_run_their_chunks_on_the_runner_given() -> None:
+    raw, cols = _raw("Q4_K", 37, 3)
+    calls: list[tuple[int, int]] = []
+
+    def backwards(
+        rows: int, step: int, produce: Callable[[int, int], Any], consume: Callable[[int, int, Any], None]
+    ) -> None:
+        calls.append((rows, step))
+        for start in reversed(range(0, rows, 4)):  # its own chunk size and order
+            consume(start, min(rows, start + 4), produce(start, min(rows, start + 4)))
+
+    _same_bits(
+        quant_blocks.from_gguf("Q4_K", raw, 37, cols, backwards),
+        quant_blocks.from_gguf("Q4_K", raw, 37, cols),
+    )
+    assert calls == [(37, quant_blocks.CHUNK_VALUES // cols)]
+
+
+def test_loading_our_own_types_decodes_on_the_load_pool(
+    pools: list[RecordingPool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two tensors 512 values wide, eight 5-row chunks each, on the one pool of the load.
+    tensors = [_tensor("Q4_K", rows=40)]
+    raw, cols = _raw("Q8_0", 40, 16)
+    tensors.append(QuantizedTensor("Q8_0", torch.from_numpy(raw), cols, 32, 34))
+    _small_chunks(monkeypatch, 512)
+    with reference_rows.one_pool():
+        for tensor in tensors:
+            expected = quant_blocks.from_gguf(tensor.qtype, tensor.data.numpy(), 40, 512)
+            _same_bits(code_blocks(tensor), expected)
+    assert len(pools) == 1 and pools[0].submitted == 16 and pools[0].threads

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -52,29 +53,64 @@ def supported(type_name: str) -> bool:
     return type_name in GGUF_BLOCK_BYTES
 
 
-def from_gguf(type_name: str, raw: np.ndarray, rows: int, cols: int) -> CodeBlocks:
+# A chunk's Q8_0 codes and scales; a chunk's decoded blocks (codes, scales, biases, bits).
+Coded = tuple[np.ndarray, np.ndarray]
+Decoded = tuple[np.ndarray, np.ndarray, np.ndarray, int]
+T = TypeVar("T")
+
+
+class ChunkMap(Protocol):
+    """How from_gguf and q8_from_row_chunks run their chunks: (rows, step, produce, consume) calls
+    produce(start, stop) for every `step`-row chunk (or fewer rows: chunks of any size are fine) and
+    hands each result to consume; produce may run on other threads, consume only on the caller's."""
+
+    def __call__(
+        self,
+        rows: int,
+        step: int,
+        produce: Callable[[int, int], T],
+        consume: Callable[[int, int, T], None],
+    ) -> None: ...
+
+
+def serial_chunks(
+    rows: int, step: int, produce: Callable[[int, int], T], consume: Callable[[int, int, T], None]
+) -> None:
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        consume(start, stop, produce(start, stop))
+
+
+def from_gguf(
+    type_name: str, raw: np.ndarray, rows: int, cols: int, chunks: ChunkMap = serial_chunks
+) -> CodeBlocks:
     """The code blocks of a GGUF tensor of `type_name` whose data is `raw` (uint8, rows * row bytes),
-    decoded CHUNK_VALUES at a time so that each chunk's temporaries stay in cache."""
-    if cols % GGUF_BLOCK_SIZE[type_name]:
+    decoded CHUNK_VALUES at a time (in whole rows) so that each chunk's temporaries stay in cache.
+    `chunks` runs the chunks (in parallel: blocks never span rows and a chunk's decode reads only its
+    own, so the result is the same)."""
+    block_size, block_bytes = GGUF_BLOCK_SIZE[type_name], GGUF_BLOCK_BYTES[type_name]
+    if cols % block_size:
         raise ValueError(f"{type_name} rows of {cols} values are not whole blocks")
-    block_size = GGUF_BLOCK_SIZE[type_name]
-    count = rows * cols // block_size
-    blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(count, GGUF_BLOCK_BYTES[type_name])
+    blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(rows, cols // block_size * block_bytes)
     decode = _DECODERS[type_name]
-    step = max(1, CHUNK_VALUES // block_size)
-    if count <= step:
-        codes, scales, biases, bits = decode(blocks)
-    else:
-        codes = np.empty((count, block_size), dtype=np.uint8)
-        scales = np.empty((count, block_size // BLOCK), dtype=np.float16)
-        biases = np.empty_like(scales)
-        for start in range(0, count, step):
-            part = slice(start, start + step)
-            chunk_codes, chunk_scales, chunk_biases, bits = decode(blocks[part])
-            codes[part] = chunk_codes.reshape(codes[part].shape)
-            scales[part] = chunk_scales.reshape(scales[part].shape)
-            biases[part] = chunk_biases.reshape(biases[part].shape)
-    return CodeBlocks(codes.reshape(rows, cols), scales.reshape(rows, -1), biases.reshape(rows, -1), bits)
+    codes = np.empty((rows, cols), dtype=np.uint8)
+    scales = np.empty((rows, cols // BLOCK), dtype=np.float16)
+    biases = np.empty_like(scales)
+    widths: list[int] = []  # every chunk's, one value
+
+    def produce(start: int, stop: int) -> Decoded:
+        return decode(blocks[start:stop].reshape(-1, block_bytes))
+
+    def consume(start: int, stop: int, decoded: Decoded) -> None:
+        chunk_codes, chunk_scales, chunk_biases, bits = decoded
+        codes[start:stop] = chunk_codes.reshape(stop - start, cols)
+        scales[start:stop] = chunk_scales.reshape(stop - start, -1)
+        biases[start:stop] = chunk_biases.reshape(stop - start, -1)
+        widths.append(bits)
+
+    chunks(rows, max(1, CHUNK_VALUES // max(cols, 1)), produce, consume)
+    bits = widths[0] if widths else produce(0, 0)[3]  # no rows: the type's width all the same
+    return CodeBlocks(codes, scales, biases, bits)
 
 
 def columns(blocks: CodeBlocks, start: int, length: int) -> CodeBlocks:
@@ -95,20 +131,6 @@ def from_dense_q8(weight: np.ndarray) -> CodeBlocks:
     per block d = max |w| / 127, codes round(w / d) (halves away from zero) + 128, scale float16(d)."""
     rows, cols = weight.shape
     return q8_from_row_chunks(rows, cols, lambda start, stop: weight[start:stop])
-
-
-# A chunk's Q8_0 codes and scales; how q8_from_row_chunks runs its chunks: (rows, step, produce,
-# consume) calls produce(start, stop) for every `step`-row chunk and hands each result to consume.
-Coded = tuple[np.ndarray, np.ndarray]
-ChunkMap = Callable[[int, int, Callable[[int, int], Coded], Callable[[int, int, Coded], None]], None]
-
-
-def serial_chunks(
-    rows: int, step: int, produce: Callable[[int, int], Coded], consume: Callable[[int, int, Coded], None]
-) -> None:
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        consume(start, stop, produce(start, stop))
 
 
 def q8_from_row_chunks(

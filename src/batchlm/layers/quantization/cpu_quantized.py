@@ -132,7 +132,9 @@ def code_blocks(loaded: LoadedWeight) -> CodeBlocks:
     if isinstance(loaded, QuantizedTensor):
         rows, cols = loaded.shape
         if quant_blocks.supported(loaded.qtype):
-            return quant_blocks.from_gguf(loaded.qtype, loaded.data.contiguous().numpy(), rows, cols)
+            # Our own decoders, row chunks on the load's threads.
+            raw = loaded.data.contiguous().numpy()
+            return quant_blocks.from_gguf(loaded.qtype, raw, rows, cols, reference_rows.row_chunks(cols))
         if loaded.qtype == "Q6_K" and (native := q6_k_as_q8(loaded.data.numpy(), rows, cols)) is not None:
             return native
         return reference_rows.q8_code_blocks(loaded)

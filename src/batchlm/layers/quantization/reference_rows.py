@@ -9,7 +9,8 @@ the GIL in its large vectorised operations (the grids' fancy indexing included),
 code spends most of its time: one thread decoding holds the GIL for 12-27% of it (py-spy, by type),
 which bounds what threads gain to a few times however many cores (BENCHMARKS.md). At most
 IN_FLIGHT chunks per thread are decoded ahead of their consumer, so a tensor's float32 copy is
-never made whole on the way.
+never made whole on the way. Our own decoders' row chunks (quant_blocks.from_gguf) run here too,
+through row_chunks().
 """
 
 from __future__ import annotations
@@ -200,19 +201,22 @@ def cast_like_torch(values: np.ndarray, dtype: torch.dtype) -> np.ndarray:
     return rounded.view(np.int16)
 
 
+def row_chunks(cols: int, threads: int | None = None) -> quant_blocks.ChunkMap:
+    """quant_blocks' chunk runner for a tensor `cols` values wide: map_row_chunks on up to `threads`
+    threads (one_pool()'s inside it)."""
+
+    def chunks(
+        rows: int, step: int, produce: Callable[[int, int], T], consume: Callable[[int, int, T], None]
+    ) -> None:
+        map_row_chunks(rows, step, produce, consume, threads, cols)
+
+    return chunks
+
+
 def q8_code_blocks(tensor: QuantizedTensor, threads: int | None = None) -> quant_blocks.CodeBlocks:
     """quant_blocks.q8_from_row_chunks of the tensor's reference values, each chunk decoded and
     requantized on a worker thread."""
     rows, cols = tensor.shape
-
-    def chunks(
-        rows: int,
-        step: int,
-        produce: Callable[[int, int], quant_blocks.Coded],
-        consume: Callable[[int, int, quant_blocks.Coded], None],
-    ) -> None:
-        map_row_chunks(rows, step, produce, consume, threads, cols)
-
     return quant_blocks.q8_from_row_chunks(
-        rows, cols, lambda start, stop: reference_values(tensor, start, stop), chunks
+        rows, cols, lambda start, stop: reference_values(tensor, start, stop), row_chunks(cols, threads)
     )
