@@ -179,18 +179,10 @@ def build_cos_sin_cache(
         angles = torch.outer(positions, inv_freq)
         if params["rope_type"] == "longrope":
             # Past the pretraining length the long factors take over, position by position. The
-            # engine rotates a sequence that long with the long rows throughout (long_rope_table).
+            # engine rotates a sequence that long with the long rows throughout (build_rope).
             original = int(params["original_max_position_embeddings"])
             long_freq = longrope_inv_freq(params, head_dim, "long_factor")
             angles[original:] = torch.outer(positions[original:], long_freq)
-    return torch.cat((angles.cos() * scaling, angles.sin() * scaling), dim=-1)
-
-
-def long_rope_table(params: dict[str, Any], head_dim: int, max_position: int) -> torch.Tensor:
-    """[max_position, head_dim] float32 rows of LongRoPE's long factors at every position."""
-    positions = torch.arange(max_position, dtype=torch.float32)
-    _, scaling = inv_freq_and_scaling(params, head_dim)
-    angles = torch.outer(positions, longrope_inv_freq(params, head_dim, "long_factor"))
     return torch.cat((angles.cos() * scaling, angles.sin() * scaling), dim=-1)
 
 
@@ -203,7 +195,12 @@ def build_rope(spec: RopeSpec, head_dim: int, max_position: int) -> RotaryEmbedd
         cache = build_cos_sin_cache(params, spec.rotary_dim, max_position, spec.config_max_position)
         original = params.get("original_max_position_embeddings")
         if params["rope_type"] == "longrope" and original and max_position > int(original):
-            cache = torch.cat((cache, long_rope_table(params, spec.rotary_dim, max_position)))
+            # The long rows: the same LongRoPE with its long factors in place of the short ones.
+            long_params = {**params, "short_factor": params["long_factor"]}
+            long_rows = build_cos_sin_cache(
+                long_params, spec.rotary_dim, max_position, spec.config_max_position
+            )
+            cache = torch.cat((cache, long_rows))
             switch = LongRopeSwitch(after=int(original), table_offset=max_position)
     return RotaryEmbedding(head_dim, cache.to(torch.get_default_device()), switch)
 

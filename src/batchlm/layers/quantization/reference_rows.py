@@ -108,8 +108,7 @@ def map_row_chunks(
         step = min(step, max(smallest, -(-rows // (IN_FLIGHT * workers))))
     bounds = [(start, min(rows, start + step)) for start in range(0, rows, step)]
     if len(bounds) <= 1 or workers <= 1:
-        for start, stop in bounds:
-            consume(start, stop, produce(start, stop))
+        quant_blocks.serial_chunks(rows, step, produce, consume)
         return
     if shared is not None:
         _run(shared[0], workers, bounds, produce, consume)
