@@ -12,6 +12,10 @@ Fixtures other test files may rely on (session-scoped, built once under pytest's
 - ``tiny_tokenizer``: ``batchlm.tokenizer.tokenizer.Tokenizer`` loaded from the tiny llama directory
   (bos 0 ``<|begin_of_text|>``, eos 1 ``<|end_of_text|>``, 2 ``<|im_start|>``, 3 ``<|im_end|>``).
 - ``demo_model_dir``: the built-in demo model, built under the session's private cache.
+- ``server`` and ``client`` (one a module): a live ``BackgroundServer`` on the module's own ``engine``
+  fixture (a FakeEngine) with the module's ``server_settings`` (default ``ServerSettings()``), and the
+  official openai client on it. A module overrides ``server`` to serve another engine (a real one that
+  loads in the background: ``live_server.serving``), and ``client`` for another API key.
 - ``browser`` (one a module) and ``page`` (a fresh context a test): Debian's headless Chromium through
   Playwright, for the chat page's tests. Without /usr/bin/chromium (or $BATCHLM_CHROMIUM) they skip,
   except under CI ($CI set, or $BATCHLM_REQUIRE_BROWSER, which .ci/run sets), where a missing browser
@@ -46,6 +50,9 @@ from _pytest.logging import LogCaptureHandler
 from headless_chromium import CHROMIUM, CHROMIUM_ARGS
 
 if TYPE_CHECKING:
+    from batchlm.engine.client import EngineClient
+    from batchlm.server.background import BackgroundServer
+    from batchlm.server.state import ServerSettings
     from batchlm.tokenizer.tokenizer import Tokenizer
 
 # No network (Hub downloads fail in CI anyway) and no tokenizers thread pool fighting pytest for 2 cores.
@@ -214,6 +221,35 @@ def demo_model_dir(isolated_batchlm_cache: Path) -> Path:
     from batchlm.models.demo import ensure_demo_model
 
     return ensure_demo_model(isolated_batchlm_cache)
+
+
+# -- a live server on a module's engine -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server_settings() -> ServerSettings:
+    """What `server` serves with; a module overrides this fixture for other settings."""
+    from batchlm.server.state import ServerSettings
+
+    return ServerSettings()
+
+
+@pytest.fixture(scope="module")
+def server(engine: EngineClient, server_settings: ServerSettings) -> Iterator[BackgroundServer]:
+    """A live server, one a module, on the module's `engine` fixture: an engine ready at once (a
+    FakeEngine). A module whose engine still has to load defines its own (tests/live_server.py)."""
+    from batchlm.server.background import BackgroundServer
+
+    with BackgroundServer(engine, server_settings) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server: BackgroundServer) -> Any:
+    """The official openai client on the module's `server`."""
+    from fake_engine import openai_client
+
+    return openai_client(server.base_url)
 
 
 # -- the chat page's browser ----------------------------------------------------------------------

@@ -6,6 +6,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,10 +14,20 @@ import torch
 from batchlm.attention.backend import AttentionMetadata
 from batchlm.attention.torch_backend import TorchAttentionBackend
 from batchlm.models.base import CausalLM
-from batchlm.models.loader import LoadedModel
+from batchlm.models.loader import LoadedModel, load_model
 from batchlm.parallel.group import TensorParallelGroup
 
 BLOCK_SIZE = 4
+CPU = torch.device("cpu")
+# The model tests' two prompts: a short one, and one that spans several blocks.
+PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11] * 3 + list(range(100, 121))]
+# Our logprobs against transformers', fp32 on the CPU: they differ only by summation order.
+LOGPROB_ATOL = 1e-4
+
+
+def load_fp32_cpu(path: Path, **kwargs: Any) -> LoadedModel:
+    """The model at `path` as the CPU tests run it: float32, no progress bar."""
+    return load_model(path, torch.float32, CPU, progress=False, **kwargs)
 
 
 @dataclass
@@ -141,6 +152,21 @@ def hf_greedy(
     )
     logprobs = torch.log_softmax(torch.cat(out.logits).float(), dim=-1)
     return out.sequences[0, len(prompt) :].tolist(), logprobs
+
+
+def hf_generated(hf_model: Any, prompt: list[int], num_tokens: int) -> list[int]:
+    """transformers' greedy generate of exactly num_tokens after `prompt` (min_new_tokens keeps EOS
+    off until then), on the model's device."""
+    ids = torch.tensor([prompt], device=hf_model.device)
+    out = hf_model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=num_tokens,
+        min_new_tokens=num_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    return out[0, len(prompt) :].tolist()  # type: ignore[no-any-return]
 
 
 class Rendezvous:

@@ -28,11 +28,18 @@ from batchlm.models.gguf_model_dir import prepare_gguf_model_dir
 from batchlm.models.loader import LoadedModel, load_model
 from batchlm.models.random_model import write_random_model
 from gguf_builder import write_tiny_gguf
-from models_harness import Chunk, greedy_generate, make_kv_caches, run_ranks, run_step, thread_groups
+from models_harness import (
+    CPU,
+    PROMPTS,
+    Chunk,
+    greedy_generate,
+    make_kv_caches,
+    run_ranks,
+    run_step,
+    thread_groups,
+)
 
 pytestmark = pytest.mark.skipif(quant_library() is None, reason="no AVX2 CPU or C compiler here")
-CPU = torch.device("cpu")
-PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11] * 3 + list(range(100, 121))]
 
 
 def _logits(loaded: LoadedModel) -> torch.Tensor:

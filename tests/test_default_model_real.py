@@ -31,9 +31,8 @@ from batchlm.models.loader import load_model
 from batchlm.models.model_source import load_tokenizer
 from batchlm.sampling_defaults import SamplingDefaults
 from batchlm.server.background import BackgroundServer
-from batchlm.server.state import ServerSettings
-from fake_engine import openai_client
 from gguf_builder import assert_reads_like_the_gguf_package
+from live_server import serving
 from models_harness import greedy_generate
 
 pytestmark = pytest.mark.slow
@@ -73,16 +72,8 @@ def default_gguf(isolated_batchlm_cache: Path) -> Path:
 @pytest.fixture(scope="module")
 def server(default_gguf: Path) -> Iterator[BackgroundServer]:
     engine = AsyncLLMEngine(EngineConfig(device="cpu", max_num_seqs=4), multiprocess=True)
-    running = BackgroundServer(engine, ServerSettings(), start_engine=engine.start).start()
-    running.wait_until_ready(600)
-    yield running
-    # Also once a test killed the engine: else the server's threads and port outlive the module.
-    assert running.stop() == 0
-
-
-@pytest.fixture(scope="module")
-def client(server: BackgroundServer) -> Any:
-    return openai_client(server.base_url)
+    with serving(engine, ready_s=600) as running:
+        yield running
 
 
 def readme_python_blocks(section: str) -> list[str]:

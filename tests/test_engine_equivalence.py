@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from batchlm import LLM, SamplingParams
+from models_harness import hf_generated
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
@@ -76,18 +77,7 @@ def test_greedy_matches_transformers(tiny_model_dir: Callable[..., Path], model_
     model_dir = tiny_model_dir(model_type)
     prompts = _prompts()[:3]
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    expected = []
-    for prompt in prompts:
-        ids = torch.tensor([prompt])
-        out = hf.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=12,
-            min_new_tokens=12,
-            do_sample=False,
-            pad_token_id=0,
-        )
-        expected.append(out[0, len(prompt) :].tolist())
+    expected = [hf_generated(hf, prompt, 12) for prompt in prompts]
     assert _tokens(_llm(model_dir), prompts) == expected
 
 

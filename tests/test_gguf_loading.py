@@ -25,6 +25,9 @@ from batchlm.models.loader import LoadedModel, load_model
 from batchlm.tokenizer.tokenizer import Tokenizer
 from gguf_builder import hf_reference, permute_like_llama_cpp, write_tiny_gguf
 from models_harness import (
+    CPU,
+    LOGPROB_ATOL,
+    PROMPTS,
     Chunk,
     greedy_generate,
     hf_greedy,
@@ -34,10 +37,7 @@ from models_harness import (
     thread_groups,
 )
 
-CPU = torch.device("cpu")
-PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11] * 3 + list(range(100, 121))]
 NEW_TOKENS = 12
-LOGPROB_ATOL = 1e-4
 # Q8_0 weights against the float ones they were rounded from.
 Q8_LOGPROB_ATOL = 2e-2
 

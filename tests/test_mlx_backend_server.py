@@ -14,7 +14,8 @@ import batchlm.backends as backends
 from batchlm.config import EngineConfig
 from batchlm.engine.client import EngineClient
 from batchlm.server.background import BackgroundServer
-from fake_engine import metric_value, openai_client, wait_until
+from fake_engine import metric_value, wait_until
+from live_server import serving
 
 BACKENDS = [
     "torch",
@@ -40,16 +41,9 @@ def make_engine(backend: str, model_dir: Path) -> EngineClient:
 @pytest.fixture(scope="module", params=BACKENDS)
 def server(request: pytest.FixtureRequest, tiny_model_dir: Callable[..., Path]) -> Iterator[BackgroundServer]:
     engine = make_engine(request.param, tiny_model_dir("llama"))
-    running = BackgroundServer(engine, start_engine=engine.start).start()
-    wait_until(lambda: httpx.get(f"{running.base_url}/health").status_code == 200, 120, "the engine to load")
-    yield running
-    assert running.stop() == 0
+    with serving(engine, ready_s=120) as running:
+        yield running
     assert engine.is_dead
-
-
-@pytest.fixture(scope="module")
-def client(server: BackgroundServer) -> Any:
-    return openai_client(server.base_url)
 
 
 def stats_of(server: BackgroundServer) -> str:

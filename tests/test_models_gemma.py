@@ -14,6 +14,9 @@ from batchlm.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from batchlm.models.loader import LoadedModel, load_model
 from batchlm.models.random_model import TINY_CONFIG, write_random_model
 from models_harness import (
+    CPU,
+    LOGPROB_ATOL,
+    PROMPTS,
     Chunk,
     greedy_generate,
     hf_greedy,
@@ -23,12 +26,9 @@ from models_harness import (
     thread_groups,
 )
 
-CPU = torch.device("cpu")
-# The second prompt alone outgrows the window; generation takes the first one past it too.
-PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11] * 3 + list(range(100, 121))]
 NEW_TOKENS = 16
+# The second prompt alone outgrows the window; generation takes the first one past it too.
 WINDOW = 6
-LOGPROB_ATOL = 1e-4
 LAYERS = ["sliding_attention", "full_attention", "sliding_attention"]
 
 GEMMA2: dict[str, Any] = {"num_hidden_layers": 3, "layer_types": LAYERS, "sliding_window": WINDOW,

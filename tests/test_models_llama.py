@@ -9,27 +9,23 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from batchlm.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
-from batchlm.models.loader import LoadedModel, load_model
+from batchlm.models.loader import LoadedModel
 from batchlm.models.random_model import write_random_model
 from models_harness import (
+    LOGPROB_ATOL,
+    PROMPTS,
     Chunk,
     greedy_generate,
     hf_greedy,
+    load_fp32_cpu,
     make_kv_caches,
     run_ranks,
     run_step,
     thread_groups,
 )
 
-CPU = torch.device("cpu")
-PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11] * 3 + list(range(100, 121))]
 NEW_TOKENS = 20
 # fp32 on the CPU: differences come only from summation order.
-LOGPROB_ATOL = 1e-4
-
-
-def _load(path: Path, **kwargs) -> LoadedModel:
-    return load_model(path, torch.float32, CPU, progress=False, **kwargs)
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
@@ -39,7 +35,7 @@ def _load(path: Path, **kwargs) -> LoadedModel:
 )
 def test_greedy_matches_transformers(tmp_path: Path, model_type: str, model_class: type, tied: bool) -> None:
     path = write_random_model(tmp_path, model_type, {"tie_word_embeddings": tied}, seed=3)
-    loaded = _load(path)
+    loaded = load_fp32_cpu(path)
     assert type(loaded.model) is model_class
     if tied:
         assert loaded.model.lm_head.weight is loaded.model.model.embed_tokens.weight
@@ -61,19 +57,21 @@ def test_llama_attends_past_a_stated_window_as_transformers_does(tmp_path: Path,
     # KV cache drops keys past a stated window, so its cached generate is compared with nothing);
     # Mistral, built on the same class, keeps its window.
     path = write_random_model(tmp_path, "llama", window_fields, seed=7)
-    loaded = _load(path)
+    loaded = load_fp32_cpu(path)
     assert loaded.model.config.sliding_window is None
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ours, our_logprobs = greedy_generate(loaded, PROMPTS[1], NEW_TOKENS)
     theirs, their_logprobs = hf_greedy(hf, PROMPTS[1], NEW_TOKENS, use_cache=False)
     assert ours == theirs
     torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
-    mistral = _load(write_random_model(tmp_path / "mistral", "mistral", {"sliding_window": 4}, seed=7))
+    mistral = load_fp32_cpu(
+        write_random_model(tmp_path / "mistral", "mistral", {"sliding_window": 4}, seed=7)
+    )
     assert mistral.model.config.sliding_window == 4
 
 
 def test_qwen2_projections_have_qkv_bias_only(tmp_path: Path) -> None:
-    model = _load(write_random_model(tmp_path, "qwen2")).model
+    model = load_fp32_cpu(write_random_model(tmp_path, "qwen2")).model
     attn = model.model.layers[0].self_attn
     assert attn.qkv_proj.bias is not None and attn.o_proj.bias is None
     assert model.model.layers[0].mlp.gate_up_proj.bias is None
@@ -83,7 +81,7 @@ def test_explicit_head_dim_and_attention_bias(tmp_path: Path) -> None:
     # head_dim * heads != hidden_size, and Llama's optional biases on every attention projection.
     overrides = {"head_dim": 24, "attention_bias": True, "mlp_bias": True}
     path = write_random_model(tmp_path, "llama", overrides, seed=4)
-    loaded = _load(path)
+    loaded = load_fp32_cpu(path)
     assert loaded.shape.head_dim == 24
     assert loaded.model.model.layers[0].self_attn.o_proj.bias is not None
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -94,7 +92,7 @@ def test_explicit_head_dim_and_attention_bias(tmp_path: Path) -> None:
 
 
 def test_mixed_batch_matches_requests_run_alone(tmp_path: Path) -> None:
-    loaded = _load(write_random_model(tmp_path, "llama", seed=5))
+    loaded = load_fp32_cpu(write_random_model(tmp_path, "llama", seed=5))
     gen = torch.Generator().manual_seed(0)
     prompt_a, prompt_b, prompt_c, prompt_d = (
         torch.randint(3, 320, (n,), generator=gen).tolist() for n in (9, 4, 7, 11)
@@ -141,8 +139,8 @@ def _alone(loaded: LoadedModel, tokens: list[int]) -> torch.Tensor:
 def test_tensor_parallel_two_ranks_match_single_rank(tmp_path: Path, kv_heads: int) -> None:
     # vocab 321 does not divide by 2: the last rank's vocabulary shard carries a padding row.
     path = write_random_model(tmp_path, "llama", {"num_key_value_heads": kv_heads, "vocab_size": 321}, seed=6)
-    single = _load(path)
-    ranks = [_load(path, tp=group) for group in thread_groups(2)]
+    single = load_fp32_cpu(path)
+    ranks = [load_fp32_cpu(path, tp=group) for group in thread_groups(2)]
     assert ranks[1].shape.num_heads == 2 and ranks[1].shape.num_kv_heads == 1
     expected_tokens, expected_logprobs = greedy_generate(single, PROMPTS[0], 8)
     results = run_ranks(lambda rank: greedy_generate(ranks[rank], PROMPTS[0], 8), 2)

@@ -13,25 +13,21 @@ from transformers import AutoModelForCausalLM
 
 from batchlm.layers.moe import SparseMoeBlock
 from batchlm.models.llama import LlamaMLP
-from batchlm.models.loader import LoadedModel, load_model
+from batchlm.models.loader import LoadedModel
 from batchlm.models.moe import MixtralForCausalLM, Qwen3MoeForCausalLM
 from batchlm.models.random_model import write_random_model
 from models_harness import (
+    LOGPROB_ATOL,
+    PROMPTS,
     assert_mixed_batch_matches_requests_alone,
     greedy_generate,
     hf_greedy,
+    load_fp32_cpu,
     run_ranks,
     thread_groups,
 )
 
-CPU = torch.device("cpu")
-PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11] * 3 + list(range(100, 121))]
 NEW_TOKENS = 16
-LOGPROB_ATOL = 1e-4  # fp32 on the CPU
-
-
-def _load(path: Path, **kwargs: Any) -> LoadedModel:
-    return load_model(path, torch.float32, CPU, progress=False, **kwargs)
 
 
 def _hf(path: Path) -> torch.nn.Module:
@@ -39,7 +35,7 @@ def _hf(path: Path) -> torch.nn.Module:
 
 
 def _assert_greedy_matches(path: Path) -> LoadedModel:
-    loaded, hf = _load(path), _hf(path)
+    loaded, hf = load_fp32_cpu(path), _hf(path)
     for prompt in PROMPTS:
         ours, our_logprobs = greedy_generate(loaded, prompt, NEW_TOKENS)
         theirs, their_logprobs = hf_greedy(hf, prompt, NEW_TOKENS)
@@ -84,7 +80,7 @@ def test_stacked_expert_tensors_load_too(tmp_path: Path, model_type: str) -> Non
     state = {name: tensor.contiguous() for name, tensor in _hf(path).state_dict().items()}
     assert any(name.endswith("experts.gate_up_proj") for name in state)
     save_file(state, str(stacked_dir / "model.safetensors"))
-    per_expert, stacked = _load(path), _load(stacked_dir)
+    per_expert, stacked = load_fp32_cpu(path), load_fp32_cpu(stacked_dir)
     for ours, theirs in zip(per_expert.model.parameters(), stacked.model.parameters(), strict=True):
         assert torch.equal(ours, theirs)
 
@@ -97,20 +93,20 @@ def test_missing_expert_tensor_is_named(tmp_path: Path) -> None:
     del state["model.layers.1.block_sparse_moe.experts.5.w3.weight"]
     save_file(state, str(path / "model.safetensors"))
     with pytest.raises(ValueError, match=r"lacks 'model\.layers\.1\.mlp\.experts\.5\.w3\.weight'"):
-        _load(path)
+        load_fp32_cpu(path)
 
 
 def test_mixed_batch_matches_requests_run_alone(tmp_path: Path) -> None:
     # Experts see different token mixes batched and alone; each token's output must not change.
-    loaded = _load(write_random_model(tmp_path, "qwen3_moe", seed=9))
+    loaded = load_fp32_cpu(write_random_model(tmp_path, "qwen3_moe", seed=9))
     assert_mixed_batch_matches_requests_alone(loaded)
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
 def test_tensor_parallel_two_ranks_match_single_rank(tmp_path: Path, model_type: str) -> None:
     path = write_random_model(tmp_path, model_type, seed=10)
-    single = _load(path)
-    ranks = [_load(path, tp=group) for group in thread_groups(2)]
+    single = load_fp32_cpu(path)
+    ranks = [load_fp32_cpu(path, tp=group) for group in thread_groups(2)]
     expected_tokens, expected_logprobs = greedy_generate(single, PROMPTS[0], 8)
     for tokens, logprobs in run_ranks(lambda rank: greedy_generate(ranks[rank], PROMPTS[0], 8), 2):
         assert tokens == expected_tokens

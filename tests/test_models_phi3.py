@@ -15,10 +15,8 @@ from batchlm.layers.rotary import RopeSpec, build_rope
 from batchlm.models.loader import load_model
 from batchlm.models.phi3 import Phi3ForCausalLM
 from batchlm.models.random_model import TINY_CONFIG, write_random_model
-from models_harness import greedy_generate, hf_greedy, run_ranks, thread_groups
+from models_harness import CPU, PROMPTS, greedy_generate, hf_greedy, run_ranks, thread_groups
 
-CPU = torch.device("cpu")
-PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11] * 3 + list(range(100, 121))]
 NEW_TOKENS = 16
 ORIGINAL = 64  # LongRoPE's pretraining length in these configs; the tests stay below it
 # Partial rotary 0.5 of head_dim 16: 8 rotating dimensions, 4 frequencies.

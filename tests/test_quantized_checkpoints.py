@@ -29,7 +29,16 @@ from batchlm.models.int4_formats import unpack_awq, unpack_compressed_int4, unpa
 from batchlm.models.loader import LoadedModel, load_model
 from batchlm.models.quantized_checkpoint import read_checkpoint_scheme
 from batchlm.models.random_model import write_random_model
-from models_harness import Chunk, greedy_generate, make_kv_caches, run_ranks, run_step, thread_groups
+from models_harness import (
+    CPU,
+    PROMPTS,
+    Chunk,
+    greedy_generate,
+    make_kv_caches,
+    run_ranks,
+    run_step,
+    thread_groups,
+)
 from quant_checkpoints import (
     awq_tensors,
     compressed_config,
@@ -40,8 +49,6 @@ from quant_checkpoints import (
     rewrite_checkpoint,
 )
 
-CPU = torch.device("cpu")
-PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11] * 3 + list(range(100, 121))]
 # 64 inputs per group: TINY_CONFIG's 64-wide hidden size is one group, its 128-wide MLP two.
 GROUP = 32
 

@@ -17,6 +17,7 @@ from transformers import AutoTokenizer
 from batchlm.config import EngineConfig
 from batchlm.engine.async_engine import AsyncLLMEngine
 from batchlm.server.background import BackgroundServer
+from live_server import serving
 
 pytestmark = pytest.mark.slow
 
@@ -49,8 +50,7 @@ def thinking_model(tiny_model_dir: Callable[..., Path], tmp_path_factory: pytest
 @pytest.fixture(scope="module")
 def server(thinking_model: Path) -> Iterator[BackgroundServer]:
     engine = AsyncLLMEngine(EngineConfig(model=str(thinking_model), device="cpu"), multiprocess=False)
-    with BackgroundServer(engine, start_engine=engine.start) as running:
-        running.wait_until_ready(180)
+    with serving(engine) as running:
         yield running
 
 

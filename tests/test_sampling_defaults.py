@@ -9,7 +9,7 @@ import dataclasses
 import json
 import logging
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -175,12 +175,6 @@ def engine() -> FakeEngine:
     defaults = SamplingDefaults(temperature=0.6, top_p=0.95, top_k=20)
     engine.model_info = dataclasses.replace(engine.model_info, sampling_defaults=defaults)
     return engine
-
-
-@pytest.fixture(scope="module")
-def server(engine: FakeEngine) -> Iterator[BackgroundServer]:
-    with BackgroundServer(engine) as running:
-        yield running
 
 
 @pytest.mark.parametrize(

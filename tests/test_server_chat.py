@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
 from batchlm.server.background import BackgroundServer
-from fake_engine import FakeEngine, FakeTokenizer, openai_client
+from fake_engine import FakeEngine, FakeTokenizer
 
 REPLY = "Hello from the fake engine."
 USER = [{"role": "user", "content": "hi"}]
@@ -18,17 +17,6 @@ USER = [{"role": "user", "content": "hi"}]
 @pytest.fixture(scope="module")
 def engine() -> FakeEngine:
     return FakeEngine(reply=REPLY, max_model_len=256, cached_tokens=3)
-
-
-@pytest.fixture(scope="module")
-def server(engine: FakeEngine) -> Iterator[BackgroundServer]:
-    with BackgroundServer(engine) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def client(server: BackgroundServer) -> Any:
-    return openai_client(server.base_url)
 
 
 def prompt_len(messages: list[dict[str, str]]) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -11,7 +10,7 @@ import openai
 import pytest
 
 from batchlm.server.background import BackgroundServer
-from fake_engine import FakeEngine, FakeTokenizer, openai_client
+from fake_engine import FakeEngine, FakeTokenizer
 
 REPLY = "Hello from the fake engine."
 TOKENIZER = FakeTokenizer()
@@ -20,17 +19,6 @@ TOKENIZER = FakeTokenizer()
 @pytest.fixture(scope="module")
 def engine() -> FakeEngine:
     return FakeEngine(reply=REPLY, max_model_len=128)
-
-
-@pytest.fixture(scope="module")
-def server(engine: FakeEngine) -> Iterator[BackgroundServer]:
-    with BackgroundServer(engine) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def client(server: BackgroundServer) -> Any:
-    return openai_client(server.base_url)
 
 
 def test_text_prompt(client: Any, engine: FakeEngine) -> None:

@@ -20,6 +20,7 @@ from batchlm.engine.async_engine import AsyncLLMEngine
 from batchlm.server.background import BackgroundServer
 from batchlm.server.state import ServerSettings
 from fake_engine import metric_value, openai_client, wait_until
+from live_server import serving
 
 API_KEY = "test-key"
 PROMPTS = [f"Story number {i}: once upon a time" for i in range(32)]
@@ -33,12 +34,8 @@ def model_dir(tiny_model_dir: Callable[..., Path]) -> Path:
 @pytest.fixture(scope="module")
 def server(model_dir: Path) -> Iterator[BackgroundServer]:
     config = EngineConfig(model=str(model_dir), device="cpu", max_num_seqs=32, served_model_name="tiny")
-    engine = AsyncLLMEngine(config, multiprocess=True)
-    running = BackgroundServer(engine, ServerSettings(api_key=API_KEY), start_engine=engine.start).start()
-    running.wait_until_ready(180)
-    yield running
-    # Also once a test killed the engine: else the server's threads and port outlive the module.
-    assert running.stop() == 0
+    with serving(AsyncLLMEngine(config, multiprocess=True), ServerSettings(api_key=API_KEY)) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

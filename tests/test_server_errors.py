@@ -28,9 +28,8 @@ def engine() -> FakeEngine:
 
 
 @pytest.fixture(scope="module")
-def server(engine: FakeEngine) -> Iterator[BackgroundServer]:
-    with BackgroundServer(engine, ServerSettings(max_body_bytes=MAX_BODY)) as running:
-        yield running
+def server_settings() -> ServerSettings:
+    return ServerSettings(max_body_bytes=MAX_BODY)
 
 
 def post(server: BackgroundServer, path: str, body: Any) -> httpx.Response:

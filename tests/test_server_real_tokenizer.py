@@ -3,7 +3,6 @@ template) behind the fake engine: chat template, token counts, logprob bytes, to
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +23,6 @@ MESSAGES = [{"role": "system", "content": "Be terse."}, {"role": "user", "conten
 @pytest.fixture(scope="module")
 def engine(tiny_tokenizer: Any) -> FakeEngine:
     return FakeEngine(tokenizer=tiny_tokenizer, reply=REPLY, max_model_len=400)
-
-
-@pytest.fixture(scope="module")
-def server(engine: FakeEngine) -> Iterator[BackgroundServer]:
-    with BackgroundServer(engine) as running:
-        yield running
 
 
 def test_chat_uses_the_models_template_and_counts_real_tokens(

@@ -5,7 +5,6 @@ engine replies with a thinking block."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -26,14 +25,8 @@ def engine() -> FakeEngine:
 
 
 @pytest.fixture(scope="module")
-def server(engine: FakeEngine) -> Iterator[BackgroundServer]:
-    with BackgroundServer(engine, ServerSettings(reasoning_parser="think")) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def client(server: BackgroundServer) -> Any:
-    return openai_client(server.base_url)
+def server_settings() -> ServerSettings:
+    return ServerSettings(reasoning_parser="think")
 
 
 def test_the_thinking_comes_as_reasoning_content(client: Any, engine: FakeEngine) -> None:

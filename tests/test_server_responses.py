@@ -5,7 +5,6 @@ conversation read back from output items, and 400s naming the Responses fields."
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -33,14 +32,8 @@ def engine() -> FakeEngine:
 
 
 @pytest.fixture(scope="module")
-def server(engine: FakeEngine) -> Iterator[BackgroundServer]:
-    with BackgroundServer(engine, ServerSettings(reasoning_parser="think")) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def client(server: BackgroundServer) -> Any:
-    return openai_client(server.base_url)
+def server_settings() -> ServerSettings:
+    return ServerSettings(reasoning_parser="think")
 
 
 def post(server: BackgroundServer, body: dict[str, Any]) -> httpx.Response:

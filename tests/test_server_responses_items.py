@@ -5,7 +5,6 @@ deleted responses, and POST /v1/responses/{id}/cancel (no background responses h
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -28,14 +27,8 @@ def engine() -> FakeEngine:
 
 
 @pytest.fixture(scope="module")
-def server(engine: FakeEngine) -> Iterator[BackgroundServer]:
-    with BackgroundServer(engine, ServerSettings(reasoning_parser="think")) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def client(server: BackgroundServer) -> Any:
-    return openai_client(server.base_url)
+def server_settings() -> ServerSettings:
+    return ServerSettings(reasoning_parser="think")
 
 
 def rendered(engine: FakeEngine) -> tuple[Any, list[int]]:

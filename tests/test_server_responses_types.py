@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import typing
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -43,9 +42,8 @@ def engine() -> FakeEngine:
 
 
 @pytest.fixture(scope="module")
-def server(engine: FakeEngine) -> Iterator[BackgroundServer]:
-    with BackgroundServer(engine, ServerSettings(reasoning_parser="think")) as running:
-        yield running
+def server_settings() -> ServerSettings:
+    return ServerSettings(reasoning_parser="think")
 
 
 def stream_payloads(server: BackgroundServer, body: dict[str, Any]) -> list[dict[str, Any]]:

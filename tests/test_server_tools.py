@@ -5,14 +5,13 @@ none. Forced choices: tests/test_server_tools_forced.py."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
 from batchlm.server.background import BackgroundServer
-from fake_engine import FakeEngine, openai_client
+from fake_engine import FakeEngine
 from tools_harness import (
     HERMES_REPLY,
     MARKUP,
@@ -28,17 +27,6 @@ from tools_harness import (
 @pytest.fixture(scope="module")
 def engine() -> FakeEngine:
     return FakeEngine(max_model_len=4096)
-
-
-@pytest.fixture(scope="module")
-def server(engine: FakeEngine) -> Iterator[BackgroundServer]:
-    with BackgroundServer(engine) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def client(server: BackgroundServer) -> Any:
-    return openai_client(server.base_url)
 
 
 def test_auto_returns_the_calls_the_model_wrote(client: Any, engine: FakeEngine) -> None:

@@ -5,7 +5,6 @@ template with tools expects it, or as text for one without; --tool-call-parser p
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any, cast
 
 import httpx
@@ -15,24 +14,13 @@ from pydantic import BaseModel
 
 from batchlm.server.background import BackgroundServer
 from batchlm.server.state import ServerSettings
-from fake_engine import FakeEngine, openai_client
+from fake_engine import FakeEngine
 from tools_harness import PARIS, TOOLS, USER, post, prompt_of
 
 
 @pytest.fixture(scope="module")
 def engine() -> FakeEngine:
     return FakeEngine(max_model_len=4096)
-
-
-@pytest.fixture(scope="module")
-def server(engine: FakeEngine) -> Iterator[BackgroundServer]:
-    with BackgroundServer(engine) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def client(server: BackgroundServer) -> Any:
-    return openai_client(server.base_url)
 
 
 class Weather(BaseModel):

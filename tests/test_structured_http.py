@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 from batchlm.config import EngineConfig
 from batchlm.engine.async_engine import AsyncLLMEngine
 from batchlm.server.background import BackgroundServer
-from fake_engine import openai_client
+from live_server import serving
 
 USER = [{"role": "user", "content": "Describe a person as JSON."}]
 SCHEMA: dict[str, Any] = {
@@ -49,16 +49,8 @@ class Person(BaseModel):
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: Callable[..., Path]) -> Iterator[BackgroundServer]:
     config = EngineConfig(model=str(tiny_model_dir("llama")), device="cpu", served_model_name="tiny")
-    engine = AsyncLLMEngine(config, multiprocess=False)
-    running = BackgroundServer(engine, start_engine=engine.start).start()
-    running.wait_until_ready(180)
-    yield running
-    running.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server: BackgroundServer) -> Any:
-    return openai_client(server.base_url)
+    with serving(AsyncLLMEngine(config, multiprocess=False)) as running:
+        yield running
 
 
 def test_response_format_json_schema(client: Any) -> None:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
+from devices import DEVICE
 
 from batchlm.kernels.int4_pack import PackedInt4, pack_int4
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def assert_relative(out: torch.Tensor, ref: torch.Tensor, tolerance: float) -> None:

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
+from devices import require_cuda
+from engine_runs import generated_tokens, sync_and_async_engines
 
 from batchlm import LLM, SamplingParams
 
 pytestmark = pytest.mark.gpu
 
-if not torch.cuda.is_available():  # pragma: no cover - CPU machines
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+require_cuda()
 
 
 def _prompts(count: int) -> list[list[int]]:
@@ -23,27 +23,9 @@ def _prompts(count: int) -> list[list[int]]:
     return [torch.randint(10, 300, (5 + 7 * i % 40,), generator=generator).tolist() for i in range(count)]
 
 
-def _tokens(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> list[Any]:
-    outputs = llm.generate(prompts, params)
-    scheduler = llm.engine_core.scheduler
-    assert scheduler.num_free_blocks == scheduler.num_total_blocks
-    return [[(c.token_ids, c.finish_reason) for c in output.outputs] for output in outputs]
-
-
 @pytest.fixture(scope="module")
 def engines(tiny_model_dir: Callable[..., Path]) -> dict[str, LLM]:
-    model_dir = tiny_model_dir("llama")
-    return {
-        # A fixed KV cache: the second engine would otherwise count the first one's memory as taken.
-        mode: LLM(
-            model=str(model_dir),
-            device="cuda",
-            dtype="float32",
-            async_scheduling=mode,
-            num_gpu_blocks_override=256,
-        )
-        for mode in ("off", "on")
-    }
+    return sync_and_async_engines(tiny_model_dir("llama"))
 
 
 def test_lockstep_batch_same_tokens(engines: dict[str, LLM]) -> None:
@@ -55,17 +37,19 @@ def test_lockstep_batch_same_tokens(engines: dict[str, LLM]) -> None:
         SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, repetition_penalty=1.3, logprobs=2),
     ] * 8
     assert engines["on"].engine_core.async_scheduling and not engines["off"].engine_core.async_scheduling
-    assert _tokens(engines["on"], prompts, params) == _tokens(engines["off"], prompts, params)
+    assert generated_tokens(engines["on"], prompts, params) == generated_tokens(
+        engines["off"], prompts, params
+    )
 
 
 def test_mixed_batch_with_stops_same_tokens(engines: dict[str, LLM]) -> None:
     prompts = _prompts(12)
     params = [SamplingParams(temperature=0.0, max_tokens=3 + 2 * i, ignore_eos=True) for i in range(12)]
     # A token the longest request really produces early: with it as a stop, that request ends mid-batch.
-    stop = _tokens(engines["off"], prompts, params)[11][0][0][4]
+    stop = generated_tokens(engines["off"], prompts, params)[11][0][0][4]
     params = [SamplingParams(temperature=0.0, max_tokens=3 + 2 * i, stop_token_ids=[stop]) for i in range(12)]
-    off = _tokens(engines["off"], prompts, params)
-    assert _tokens(engines["on"], prompts, params) == off
+    off = generated_tokens(engines["off"], prompts, params)
+    assert generated_tokens(engines["on"], prompts, params) == off
     assert off[11][0][1] == "stop" and len(off[11][0][0]) <= 5
 
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from devices import require_cuda
 
 pytestmark = pytest.mark.gpu
 pytest.importorskip("triton")
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+require_cuda()
 
 from int4_cases import DEVICE, assert_relative  # noqa: E402
 

@@ -13,16 +13,12 @@ in fp32, so only the output's rounding and summation order differ: fp32 1e-5, fp
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from devices import HALF, require_cuda_or_interpreter
 
 pytestmark = pytest.mark.gpu
-pytest.importorskip("triton")
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not torch.cuda.is_available() and not INTERPRET:
-    pytest.skip("needs a CUDA GPU (or TRITON_INTERPRET=1)", allow_module_level=True)
+require_cuda_or_interpreter()
 
 from int4_cases import DEVICE, assert_relative  # noqa: E402
 from int4_cases import random_packed as random_packed_with_codes  # noqa: E402
@@ -38,7 +34,6 @@ from batchlm.kernels.w4a16_gemm import W4A16Config, w4a16_matmul  # noqa: E402
 from batchlm.kernels.w4a16_gemv import candidate_plans, w4a16_gemv  # noqa: E402
 from batchlm.layers.quantization.forms import quantize_fp8_rows  # noqa: E402
 
-HALF = torch.float16 if INTERPRET else torch.bfloat16
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 ON_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -8,25 +8,18 @@ GPU only (marked `gpu`); TRITON_INTERPRET=1 runs it on the CPU through Triton's 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from devices import DEVICE, HALF, HALF_ATOL, require_cuda_or_interpreter
 
 pytestmark = pytest.mark.gpu
-pytest.importorskip("triton")
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not torch.cuda.is_available() and not INTERPRET:
-    pytest.skip("needs a CUDA GPU (or TRITON_INTERPRET=1)", allow_module_level=True)
+require_cuda_or_interpreter()
 
 from batchlm.attention.backend import AttentionSpec  # noqa: E402
 from batchlm.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 from batchlm.core.step_io import ScheduledChunk, SchedulerOutput  # noqa: E402
 from batchlm.runner.inputs import StepInputBuilder, StepInputs  # noqa: E402
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-DTYPE = torch.float16 if INTERPRET else torch.bfloat16  # the interpreter's bf16 dot is broken
-ATOL = 4e-3 if INTERPRET else 2e-2
 BLOCK, KV_HEADS, HEADS, HEAD_DIM = 16, 2, 8, 64
 
 # A decode after 40 tokens, a verify chunk of 1 + 4 tokens after 29 (it crosses into a third block),
@@ -55,10 +48,10 @@ def test_decode_rows_attend_as_the_chunks_do(window: int | None) -> None:
     assert (chunked.meta.num_decodes, rows.meta.num_decodes) == (1, 9)
     tokens = rows.meta.num_tokens
     query, key, value = (
-        torch.randn(tokens, heads, HEAD_DIM, generator=gen).to(DEVICE, DTYPE)
+        torch.randn(tokens, heads, HEAD_DIM, generator=gen).to(DEVICE, HALF)
         for heads in (HEADS, KV_HEADS, KV_HEADS)
     )
-    cache = torch.randn(2, 12, BLOCK, KV_HEADS, HEAD_DIM, generator=gen).to(DEVICE, DTYPE)
+    cache = torch.randn(2, 12, BLOCK, KV_HEADS, HEAD_DIM, generator=gen).to(DEVICE, HALF)
     spec = AttentionSpec(HEAD_DIM**-0.5, sliding_window=window)
     outputs, caches = [], []
     for inputs in (chunked, rows):
@@ -66,4 +59,4 @@ def test_decode_rows_attend_as_the_chunks_do(window: int | None) -> None:
         outputs.append(TritonAttentionBackend().forward(query, key, value, written, inputs.meta, spec))
         caches.append(written)
     assert torch.equal(caches[0], caches[1])
-    torch.testing.assert_close(outputs[1].float(), outputs[0].float(), atol=ATOL, rtol=0)
+    torch.testing.assert_close(outputs[1].float(), outputs[0].float(), atol=HALF_ATOL, rtol=0)

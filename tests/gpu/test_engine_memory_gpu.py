@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from devices import require_cuda
 
 from batchlm import LLM, SamplingParams
 from batchlm.sampling_params import StructuredOutputs
 
 pytestmark = pytest.mark.gpu
 
-if not torch.cuda.is_available():  # pragma: no cover - CPU machines
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+require_cuda()
 
 
 def _blocks_after_two_requests(model_dir: Path, enforce_eager: bool) -> int:

@@ -10,15 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
+from devices import require_cuda
 
 from batchlm import LLM
 from test_engine_families import FAMILIES, GREEDY, prompts, transformers_tokens
 
 pytestmark = pytest.mark.gpu
 
-if not torch.cuda.is_available():  # pragma: no cover - CPU machines
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+require_cuda()
 
 
 # hidden_size = heads * head_dim, as in the real checkpoints.

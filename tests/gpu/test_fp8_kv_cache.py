@@ -13,25 +13,20 @@ round-to-nearest exactly.
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 
 import pytest
 import torch
+from devices import DEVICE, HALF, INTERPRET, require_cuda_or_interpreter
 
 pytestmark = pytest.mark.gpu
-pytest.importorskip("triton")
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not torch.cuda.is_available() and not INTERPRET:
-    pytest.skip("needs a CUDA GPU (or TRITON_INTERPRET=1)", allow_module_level=True)
+require_cuda_or_interpreter()
 
 from batchlm.attention.backend import AttentionMetadata, AttentionSpec  # noqa: E402
 from batchlm.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 from batchlm.kernels.kv_write import write_kv_cache  # noqa: E402
 from batchlm.kernels.reference import paged_attention_reference  # noqa: E402
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-DTYPE = torch.float16 if INTERPRET else torch.bfloat16  # the interpreter's bf16 dot is broken
 FP8 = torch.float8_e4m3fn
 KV_HEADS, HEADS, HEAD_DIM, BLOCK = 2, 8, 64, 16
 
@@ -59,7 +54,7 @@ def metadata(contexts: list[int], chunks: list[int], num_decodes: int, max_block
 
 def filled_caches(num_blocks: int, k_scale: float, v_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """A 16-bit cache of random keys/values and the FP8 cache the KV write makes of the same values."""
-    values = torch.randn(2, num_blocks * BLOCK, KV_HEADS, HEAD_DIM, device=DEVICE).to(DTYPE)
+    values = torch.randn(2, num_blocks * BLOCK, KV_HEADS, HEAD_DIM, device=DEVICE).to(HALF)
     wide = values.view(2, num_blocks, BLOCK, KV_HEADS, HEAD_DIM).clone()
     narrow = torch.zeros_like(wide, dtype=FP8)
     slots = torch.arange(num_blocks * BLOCK, device=DEVICE)
@@ -77,8 +72,8 @@ def dequantized(cache: torch.Tensor, k_scale: float, v_scale: float) -> torch.Te
 @pytest.mark.parametrize(("k_scale", "v_scale"), [(1.0, 1.0), (0.25, 2.0)])
 def test_fp8_write_scales_rounds_and_clamps(k_scale: float, v_scale: float) -> None:
     torch.manual_seed(0)
-    key = torch.randn(40, KV_HEADS, HEAD_DIM, device=DEVICE).to(DTYPE) * 4
-    value = torch.randn(40, KV_HEADS, HEAD_DIM, device=DEVICE).to(DTYPE) * 4
+    key = torch.randn(40, KV_HEADS, HEAD_DIM, device=DEVICE).to(HALF) * 4
+    value = torch.randn(40, KV_HEADS, HEAD_DIM, device=DEVICE).to(HALF) * 4
     key[0, 0, 0] = 1000.0 * k_scale  # past e4m3's 448: clamped, never NaN
     cache = torch.zeros(2, 4, BLOCK, KV_HEADS, HEAD_DIM, dtype=FP8, device=DEVICE)
     slots = torch.arange(64, device=DEVICE)[:40].clone()
@@ -109,9 +104,9 @@ def test_fp8_cache_attention_matches_reference_and_16_bit_cache(k_scale: float, 
     meta = metadata(contexts, chunks, num_decodes, max_blocks)
     wide, narrow = filled_caches(len(chunks) * max_blocks, k_scale, v_scale)
     total = sum(chunks)
-    query = torch.randn(total, HEADS, HEAD_DIM, device=DEVICE).to(DTYPE)
-    key = torch.randn(total, KV_HEADS, HEAD_DIM, device=DEVICE).to(DTYPE)
-    value = torch.randn(total, KV_HEADS, HEAD_DIM, device=DEVICE).to(DTYPE)
+    query = torch.randn(total, HEADS, HEAD_DIM, device=DEVICE).to(HALF)
+    key = torch.randn(total, KV_HEADS, HEAD_DIM, device=DEVICE).to(HALF)
+    value = torch.randn(total, KV_HEADS, HEAD_DIM, device=DEVICE).to(HALF)
     backend = TritonAttentionBackend()
     backend.set_kv_scales([narrow], [(k_scale, v_scale)])
     scale = HEAD_DIM**-0.5
@@ -135,8 +130,8 @@ def test_fp8_cache_decode_replays_in_cuda_graph() -> None:
     backend = TritonAttentionBackend()
     backend.set_kv_scales([narrow], [(k_scale, v_scale)])
     meta = metadata([1] * batch, [1] * batch, batch, max_blocks)
-    query = torch.randn(batch, HEADS, HEAD_DIM, device=DEVICE).to(DTYPE)
-    key = torch.randn(batch, KV_HEADS, HEAD_DIM, device=DEVICE).to(DTYPE)
+    query = torch.randn(batch, HEADS, HEAD_DIM, device=DEVICE).to(HALF)
+    key = torch.randn(batch, KV_HEADS, HEAD_DIM, device=DEVICE).to(HALF)
     value = torch.randn_like(key)
     backend.forward(query, key, value, narrow, meta, AttentionSpec(0.125))  # compile outside the capture
     torch.cuda.synchronize()
@@ -179,7 +174,7 @@ def test_fp8_cache_decode_takes_queries_past_fp16_range(
     contexts, max_blocks = [300, 17, 64], 24
     meta = metadata(contexts, [1] * len(contexts), len(contexts), max_blocks)
     _, narrow = filled_caches(len(contexts) * max_blocks, 1.0, 1.0)
-    query = (torch.randn(len(contexts), HEADS, HEAD_DIM, device=DEVICE) * query_magnitude).to(DTYPE)
+    query = (torch.randn(len(contexts), HEADS, HEAD_DIM, device=DEVICE) * query_magnitude).to(HALF)
     scale = HEAD_DIM**-0.5 / query_magnitude  # keeps the scores of both magnitudes alike
     config = replace(FP8_DECODE_CONFIG, fp8_in_registers=in_registers)
     out = paged_decode_attention(

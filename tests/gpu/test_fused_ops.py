@@ -3,20 +3,15 @@ model on the GPU (fused path) against transformers. GPU only (marked `gpu`)."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from devices import DEVICE, INTERPRET, require_cuda_or_interpreter
 
 pytestmark = pytest.mark.gpu
-pytest.importorskip("triton")
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not torch.cuda.is_available() and not INTERPRET:
-    pytest.skip("needs a CUDA GPU (or TRITON_INTERPRET=1)", allow_module_level=True)
+require_cuda_or_interpreter()
 
 from batchlm.kernels import fused_ops  # noqa: E402
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32] if INTERPRET else [torch.bfloat16, torch.float16, torch.float32]
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-5}
 
@@ -80,19 +75,12 @@ def test_fused_model_greedy_matches_transformers(tiny_model_dir) -> None:  # typ
     from transformers import AutoModelForCausalLM
 
     from batchlm import LLM, SamplingParams
+    from models_harness import hf_generated
 
     model_dir = tiny_model_dir("llama")
     prompt = list(range(10, 40))
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(DEVICE).eval()
-    ids = torch.tensor([prompt], device=DEVICE)
-    expected = hf.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=16,
-        min_new_tokens=16,
-        do_sample=False,
-        pad_token_id=0,
-    )[0, len(prompt) :].tolist()
+    expected = hf_generated(hf, prompt, 16)
     # A fixed KV cache: sized from free memory, it would count what earlier tests in this process hold.
     llm = LLM(model=str(model_dir), device="cuda", dtype="float32", num_gpu_blocks_override=256)
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from devices import require_cuda
 
 from batchlm import LLM, SamplingParams
 
 pytestmark = pytest.mark.gpu
 
-if not torch.cuda.is_available():  # pragma: no cover - CPU machines
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+require_cuda()
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gguf_builder import hf_reference, write_tiny_gguf  # noqa: E402

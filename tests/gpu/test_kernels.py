@@ -8,16 +8,13 @@ Tolerances, max abs error against a float32 reference on N(0, 1) inputs: bf16 2e
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
+from devices import DEVICE, INTERPRET, require_cuda_or_interpreter
 
 pytestmark = pytest.mark.gpu
-pytest.importorskip("triton")
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not torch.cuda.is_available() and not INTERPRET:
-    pytest.skip("needs a CUDA GPU (or TRITON_INTERPRET=1)", allow_module_level=True)
+require_cuda_or_interpreter()
 
 from batchlm.kernels.fused_ops import rotary_embedding_  # noqa: E402
 from batchlm.kernels.kv_write import rotate_and_write_kv_cache, write_kv_cache  # noqa: E402
@@ -28,7 +25,6 @@ from batchlm.kernels.reference import (  # noqa: E402
     write_kv_cache_reference,
 )
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ATOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}
 HALF_DTYPES = [torch.bfloat16, torch.float16]
 NUM_KV_HEADS = 2

@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
 import pytest
 import torch
+from devices import DEVICE, HALF, HALF_ATOL, require_cuda_or_interpreter
 
 pytestmark = pytest.mark.gpu
-pytest.importorskip("triton")
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not torch.cuda.is_available() and not INTERPRET:
-    pytest.skip("needs a CUDA GPU (or TRITON_INTERPRET=1)", allow_module_level=True)
+require_cuda_or_interpreter()
 
 from batchlm.attention.backend import AttentionMetadata, AttentionSpec  # noqa: E402
 from batchlm.attention.torch_backend import TorchAttentionBackend  # noqa: E402
@@ -31,9 +28,6 @@ from batchlm.kernels.paged_prefill import paged_prefill_attention  # noqa: E402
 from batchlm.kernels.reference import paged_attention_reference, write_kv_cache_reference  # noqa: E402
 from models_harness import Chunk, build_step  # noqa: E402
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-DTYPE = torch.float16 if INTERPRET else torch.bfloat16
-ATOL = 4e-3 if INTERPRET else 2e-2
 FP8 = torch.float8_e4m3fn
 BLOCK = 16
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="FP8 and compiles need a GPU")
@@ -72,8 +66,8 @@ def random_problem(
     heads, kv_heads, head_dim = shape
     generator = torch.Generator().manual_seed(seed)
     num_blocks = sum(math.ceil(s / BLOCK) for s in seq_lens) + 4
-    cache = torch.randn(2, num_blocks, BLOCK, kv_heads, head_dim, generator=generator).to(DTYPE)
-    query = torch.randn(rows, heads, head_dim, generator=generator).to(DTYPE)
+    cache = torch.randn(2, num_blocks, BLOCK, kv_heads, head_dim, generator=generator).to(HALF)
+    query = torch.randn(rows, heads, head_dim, generator=generator).to(HALF)
     return cache.to(DEVICE), block_tables(seq_lens, num_blocks, generator), query.to(DEVICE)
 
 
@@ -91,7 +85,7 @@ def test_decode_at_real_shapes(shape: tuple[int, int, int], num_splits: int | No
     paged_decode_attention(query, cache, int32(seq_lens), tables, scale, out=out, num_splits=num_splits)
     ref = paged_attention_reference(query, cache, list(range(len(seq_lens) + 1)), seq_lens, tables, scale)
     assert not out.isnan().any()
-    torch.testing.assert_close(out.float(), ref, atol=ATOL, rtol=0.0)
+    torch.testing.assert_close(out.float(), ref, atol=HALF_ATOL, rtol=0.0)
 
 
 @pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
@@ -105,18 +99,18 @@ def test_prefill_at_real_shapes(shape: tuple[int, int, int]) -> None:
     paged_prefill_attention(query, cache, int32(starts), int32(seq_lens), tables, scale, max(chunks), out=out)
     ref = paged_attention_reference(query, cache, starts, seq_lens, tables, scale)
     assert not out.isnan().any()
-    torch.testing.assert_close(out.float(), ref, atol=ATOL, rtol=0.0)
+    torch.testing.assert_close(out.float(), ref, atol=HALF_ATOL, rtol=0.0)
 
 
 @pytest.mark.parametrize("shape", list(ODD_SHAPES.values()), ids=list(ODD_SHAPES))
 def test_kv_write_at_head_dims_that_are_not_powers_of_two(shape: tuple[int, int, int]) -> None:
     _, kv_heads, head_dim = shape
     generator = torch.Generator().manual_seed(3)
-    cache = torch.randn(2, 6, BLOCK, kv_heads, head_dim, generator=generator).to(DTYPE).to(DEVICE)
+    cache = torch.randn(2, 6, BLOCK, kv_heads, head_dim, generator=generator).to(HALF).to(DEVICE)
     expected = cache.clone()
     # Keys and values as views of a fused projection output; the last slot is the cache's last row,
     # so a read or write past the head would leave the tensor.
-    fused = torch.randn(20, 3, kv_heads, head_dim, generator=generator).to(DTYPE).to(DEVICE)
+    fused = torch.randn(20, 3, kv_heads, head_dim, generator=generator).to(HALF).to(DEVICE)
     slots = torch.randperm(6 * BLOCK - 1, generator=generator)[:20].to(DEVICE)
     slots[0] = 6 * BLOCK - 1
     slots[::6] = -1
@@ -163,12 +157,12 @@ WINDOW_SHAPES = {**ODD_SHAPES, "gemma2-2b": SHAPES["gemma2-2b"]}
 @pytest.mark.parametrize("spec", WINDOW_SPECS, ids=lambda s: f"w{s.sliding_window}-cap{s.logit_softcap}")
 @pytest.mark.parametrize("shape", list(WINDOW_SHAPES.values()), ids=list(WINDOW_SHAPES))
 def test_windows_and_soft_caps_at_real_shapes(shape: tuple[int, int, int], spec: AttentionSpec) -> None:
-    cache, q, k, v = (t.to(DTYPE) for t in step_tensors(shape, seed=4))
+    cache, q, k, v = (t.to(HALF) for t in step_tensors(shape, seed=4))
     _, _, meta = build_step(WINDOW_CHUNKS, BLOCK)
     expected = TorchAttentionBackend().forward(q.float(), k.float(), v.float(), cache.float(), meta, spec)
     dev = [t.to(DEVICE) for t in (q, k, v, cache)]
     out = TritonAttentionBackend().forward(*dev, on_device(meta), spec)
-    torch.testing.assert_close(out.float().cpu(), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.float().cpu(), expected, atol=HALF_ATOL, rtol=0)
 
 
 @needs_gpu
@@ -191,11 +185,11 @@ def test_fp8_cache_at_real_shapes(shape: tuple[int, int, int], spec: AttentionSp
     backend = TritonAttentionBackend()
     fp8_cache = narrow.to(DEVICE)
     backend.set_kv_scales([fp8_cache], [(k_scale, v_scale)])
-    dev = [t.to(DTYPE).to(DEVICE) for t in (q, k, v)]
+    dev = [t.to(HALF).to(DEVICE) for t in (q, k, v)]
     out = backend.forward(*dev, fp8_cache, on_device(meta), spec)
     assert bool(out.isfinite().all())
     # bf16 queries, keys and values (exact here), and outputs up to v_scale = 2 in magnitude.
-    torch.testing.assert_close(out.float().cpu(), expected, atol=2 * ATOL, rtol=0)
+    torch.testing.assert_close(out.float().cpu(), expected, atol=2 * HALF_ATOL, rtol=0)
 
 
 # The largest tiles: a padded head dim and the 256 one, with GQA groups of 1, 2 and 4.
@@ -220,6 +214,6 @@ def test_start_up_compiles_every_attention_variant_at_real_shapes(
 
 @pytest.mark.parametrize("head_dim", [8, 512])
 def test_head_dims_out_of_range_are_refused_with_their_shape(head_dim: int) -> None:
-    cache = torch.zeros(2, 4, BLOCK, 2, head_dim, device=DEVICE, dtype=DTYPE)
+    cache = torch.zeros(2, 4, BLOCK, 2, head_dim, device=DEVICE, dtype=HALF)
     with pytest.raises(ValueError, match=f"head_dim must be in \\[16, 256\\], got {head_dim}"):
         TritonAttentionBackend().warm_up(cache, 4, 4)

@@ -8,15 +8,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
+from devices import require_cuda
 
 from batchlm import LLM
 from test_longrope_switch import GLOBAL_LAYERS_ONLY, GREEDY, OVERRIDES, prompts, transformers_tokens
 
 pytestmark = pytest.mark.gpu
 
-if not torch.cuda.is_available():  # pragma: no cover - CPU machines
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+require_cuda()
 
 
 @pytest.mark.parametrize("async_scheduling", ["on", "off"])

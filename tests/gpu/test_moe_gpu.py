@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from devices import require_cuda
 
 pytestmark = pytest.mark.gpu
 pytest.importorskip("triton")
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+require_cuda()
 
 from batchlm.layers.moe import FusedMoE, MoESpec  # noqa: E402
 from batchlm.layers.moe_routing import route_top_k  # noqa: E402
@@ -75,6 +75,7 @@ def test_moe_model_greedy_matches_transformers(tiny_model_dir: Callable[..., Pat
     from transformers import AutoModelForCausalLM
 
     from batchlm import LLM, SamplingParams
+    from models_harness import hf_generated
 
     model_dir = tiny_model_dir(model_type, num_hidden_layers=3)
     prompts = [list(range(10, 40)), [7, 300, 41, 5, 99]]
@@ -83,18 +84,7 @@ def test_moe_model_greedy_matches_transformers(tiny_model_dir: Callable[..., Pat
         .to(DEVICE)
         .eval()
     )
-    expected = []
-    for prompt in prompts:
-        ids = torch.tensor([prompt], device=DEVICE)
-        out = hf.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=16,
-            min_new_tokens=16,
-            do_sample=False,
-            pad_token_id=0,
-        )
-        expected.append(out[0, len(prompt) :].tolist())
+    expected = [hf_generated(hf, prompt, 16) for prompt in prompts]
     # A fixed KV cache: sized from free memory, it would count what earlier tests in this process hold.
     llm = LLM(model=str(model_dir), device="cuda", dtype="float32", num_gpu_blocks_override=256)
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
@@ -103,12 +93,10 @@ def test_moe_model_greedy_matches_transformers(tiny_model_dir: Callable[..., Pat
 
 def test_serving_a_moe_model_compiles_nothing_after_startup(tiny_model_dir: Callable[..., Path]) -> None:
     """Start-up warms every grouped-GEMM variant (block sizes, slot counts) that steps can meet."""
-    import random
-    import time
+    from engine_runs import one_arrival_a_step
 
-    from batchlm import LLM, SamplingParams
+    from batchlm import LLM
     from batchlm.kernels.compile_watch import compiles_after_startup
-    from batchlm.request import EngineCoreRequest
 
     # 16 experts, 4 per token: a shape no other test uses, so nothing is in Triton's in-process cache.
     model_dir = tiny_model_dir(
@@ -125,16 +113,6 @@ def test_serving_a_moe_model_compiles_nothing_after_startup(tiny_model_dir: Call
         max_model_len=1536,
         num_gpu_blocks_override=1024,
     )
-    core = llm.engine_core
     before = compiles_after_startup()
-    rng = random.Random(1)
-    for index in range(40):
-        prompt = tuple(rng.randrange(10, 300) for _ in range(rng.randrange(1, 1200)))
-        params = SamplingParams(temperature=1.0, max_tokens=rng.randrange(8, 120), ignore_eos=True)
-        core.add_request(
-            EngineCoreRequest(str(index), prompt, params, eos_token_ids=(2,), arrival_time=time.time())
-        )
-        core.step()
-    while core.has_work():
-        core.step()
+    one_arrival_a_step(llm, 40, max_tokens_below=120, seed=1)
     assert compiles_after_startup() == before

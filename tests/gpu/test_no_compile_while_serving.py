@@ -3,22 +3,19 @@ middle of a step stalls every request in the batch (seen as multi-second TTFTs i
 
 from __future__ import annotations
 
-import random
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
+from devices import require_cuda
+from engine_runs import one_arrival_a_step
 
-from batchlm import LLM, SamplingParams
+from batchlm import LLM
 from batchlm.kernels.compile_watch import compiles_after_startup
-from batchlm.request import EngineCoreRequest
 
 pytestmark = pytest.mark.gpu
 
-if not torch.cuda.is_available():  # pragma: no cover - CPU machines
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+require_cuda()
 
 
 def test_staggered_arrivals_compile_nothing_after_startup(tiny_model_dir: Callable[..., Path]) -> None:
@@ -37,18 +34,7 @@ def test_staggered_arrivals_compile_nothing_after_startup(tiny_model_dir: Callab
     )
     core = llm.engine_core
     before = compiles_after_startup()
-    rng = random.Random(0)
-    # One arrival per step: every step mixes a prefill chunk with 0..47 decodes of contexts that grow
-    # from a few tokens to ~1,400, so decode batch sizes, block-table widths and the offsets of the
-    # prefill rows all take many values, as they do under live traffic.
-    for index in range(48):
-        prompt = tuple(rng.randrange(10, 300) for _ in range(rng.randrange(1, 1200)))
-        params = SamplingParams(temperature=1.0, max_tokens=rng.randrange(8, 200), ignore_eos=True)
-        core.add_request(
-            EngineCoreRequest(str(index), prompt, params, eos_token_ids=(2,), arrival_time=time.time())
-        )
-        core.step()
-    while core.has_work():
-        core.step()
+    # Each step mixes a prefill chunk with 0..47 decodes of contexts that grow to ~1,400 tokens.
+    one_arrival_a_step(llm, 48, max_tokens_below=200, seed=0)
     assert core.scheduler.num_free_blocks == core.scheduler.num_total_blocks
     assert compiles_after_startup() == before

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from devices import require_cuda
 
 from batchlm.kernels.parallel_compile import compile_deferred, defer_compiles
 
 pytestmark = pytest.mark.gpu
 
-if not torch.cuda.is_available():  # pragma: no cover - CPU machines
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+require_cuda()
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from devices import require_cuda
 
 from batchlm import LLM, SamplingParams
 from batchlm.outputs import TokenLogprobs
 
 pytestmark = pytest.mark.gpu
 
-if not torch.cuda.is_available():  # pragma: no cover - CPU machines
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+require_cuda()
 
 ASK = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, prompt_logprobs=2)
 

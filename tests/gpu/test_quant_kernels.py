@@ -12,16 +12,12 @@ against its float32 emulation: the bf16 output's rounding, 1e-2.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from devices import HALF, INTERPRET, require_cuda_or_interpreter
 
 pytestmark = pytest.mark.gpu
-pytest.importorskip("triton")
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not torch.cuda.is_available() and not INTERPRET:
-    pytest.skip("needs a CUDA GPU (or TRITON_INTERPRET=1)", allow_module_level=True)
+require_cuda_or_interpreter()
 
 from int4_cases import DEVICE, assert_relative, random_packed  # noqa: E402
 
@@ -32,7 +28,6 @@ from batchlm.kernels.int4_pack import dequantize_packed, unpack_codes  # noqa: E
 from batchlm.kernels.w4a16_gemm import W4A16Config, choose_config, w4a16_matmul  # noqa: E402
 from batchlm.layers.quantization.forms import quantize_fp8_rows  # noqa: E402
 
-HALF = torch.float16 if INTERPRET else torch.bfloat16
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 

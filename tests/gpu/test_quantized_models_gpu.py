@@ -21,11 +21,11 @@ from typing import Any
 
 import pytest
 import torch
+from devices import require_cuda
 from safetensors.torch import load_file, save_file
 
 pytestmark = pytest.mark.gpu
-if not torch.cuda.is_available():  # pragma: no cover - CPU machines
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+require_cuda()
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from batchlm import LLM, SamplingParams  # noqa: E402

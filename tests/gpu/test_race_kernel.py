@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-pytest.importorskip("triton")
-
-from batchlm.sampling import Sampler, SamplingState
-from batchlm.sampling.race_kernel import race
-from batchlm.sampling_params import SamplingParams
+from devices import require_cuda
 
 pytestmark = pytest.mark.gpu
+# The kernel draws with CUDA generators: Triton's CPU interpreter cannot stand in.
+require_cuda()
+pytest.importorskip("triton")
+
+from batchlm.sampling import Sampler, SamplingState  # noqa: E402
+from batchlm.sampling.race_kernel import race  # noqa: E402
+from batchlm.sampling_params import SamplingParams  # noqa: E402
+
 CUDA = torch.device("cuda")
 # 99.9% quantile of chi-square with 5 degrees of freedom.
 CHI2_CRIT_DF5 = 20.5

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 import torch
+from devices import require_cuda
+from engine_runs import generated_tokens
 
 from batchlm import LLM, SamplingParams
 from batchlm.runner import model_runner
@@ -18,18 +20,10 @@ from batchlm.runner.model_runner import ModelRunner
 
 pytestmark = pytest.mark.gpu
 
-if not torch.cuda.is_available():  # pragma: no cover - CPU machines
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+require_cuda()
 
 # Random tiny models fall into cycles under greedy decoding; this prompt's output is copied a lot.
 LOOPING = [5, 6, 7, 8, 9] * 6
-
-
-def _tokens(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> list[Any]:
-    outputs = llm.generate(prompts, params)
-    scheduler = llm.engine_core.scheduler
-    assert scheduler.num_free_blocks == scheduler.num_total_blocks
-    return [[(c.token_ids, c.finish_reason) for c in output.outputs] for output in outputs]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +55,9 @@ def test_same_tokens_with_speculation(engines: dict[str, LLM], scheduling: str) 
     ]
     spec = engines[f"ngram-{scheduling}"]
     before = spec.engine_core.scheduler.stats().spec_accepted_tokens_total
-    assert _tokens(spec, prompts, params) == _tokens(engines[f"off-{scheduling}"], prompts, params)
+    assert generated_tokens(spec, prompts, params) == generated_tokens(
+        engines[f"off-{scheduling}"], prompts, params
+    )
     assert spec.engine_core.scheduler.stats().spec_accepted_tokens_total > before
     assert spec.engine_core.async_scheduling == (scheduling == "on")
 
@@ -72,7 +68,7 @@ def test_single_request_decodes_in_fewer_steps(engines: dict[str, LLM]) -> None:
     steps = {}
     for name, llm in (("spec", spec), ("plain", plain)):
         start = llm.engine_core.num_steps
-        tokens = _tokens(llm, [LOOPING], params)
+        tokens = generated_tokens(llm, [LOOPING], params)
         steps[name] = (llm.engine_core.num_steps - start, tokens)
     assert steps["spec"][1] == steps["plain"][1]
     assert steps["spec"][0] < steps["plain"][0]
@@ -123,7 +119,9 @@ def test_verify_steps_replay_the_decode_graphs(
     # No two prompts share a block, so all three are admitted in the first step (the one eager forward).
     prompts = [LOOPING, list(range(100, 140)), [(7 * i + 3) % 300 for i in range(20)] * 3]
     params = [SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True)] * 3
-    assert _tokens(spec, prompts, params) == _tokens(engines[f"off-{scheduling}"], prompts, params)
+    assert generated_tokens(spec, prompts, params) == generated_tokens(
+        engines[f"off-{scheduling}"], prompts, params
+    )
     verify = log.verify_steps()
     assert verify and not any(verify), f"{sum(verify)} of {len(verify)} verify steps ran eagerly"
     assert sum(eager for _, eager in log.steps) == 1  # the one step with the prompts
@@ -149,7 +147,9 @@ def test_verify_rows_past_the_largest_graph_run_eagerly(
     assert runner.decode_graphs is not None and runner.decode_graphs.max_batch == 4
     log = ForwardLog(runner, monkeypatch)
     params = [SamplingParams(temperature=0.0, max_tokens=80, ignore_eos=True)]
-    assert _tokens(small, [LOOPING], params) == _tokens(engines["off-off"], [LOOPING], params)
+    assert generated_tokens(small, [LOOPING], params) == generated_tokens(
+        engines["off-off"], [LOOPING], params
+    )
     verify = log.verify_steps()
     assert verify and any(verify)
 
@@ -171,5 +171,5 @@ def test_graph_steps_with_a_prompt_token_that_samples_nothing(tiny_model_dir: Ca
     ]
     prompts = [[11, 12, 13], list(range(40, 50))]
     params = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)] * 2
-    graphs, eager = (_tokens(llm, prompts, params) for llm in engines)
+    graphs, eager = (generated_tokens(llm, prompts, params) for llm in engines)
     assert graphs == eager

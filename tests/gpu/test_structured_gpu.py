@@ -13,6 +13,8 @@ import jsonschema
 import numpy as np
 import pytest
 import torch
+from devices import require_cuda
+from engine_runs import sync_and_async_engines
 
 from batchlm import LLM, SamplingParams
 from batchlm.runner.host_flag import DEVICE_WAIT_ENV, stream_flag
@@ -25,8 +27,7 @@ pytestmark = pytest.mark.gpu
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from staggered_requests import REQUESTS, serve_staggered  # noqa: E402
 
-if not torch.cuda.is_available():  # pragma: no cover - CPU machines
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+require_cuda()
 
 SCHEMA = {
     "type": "object",
@@ -140,18 +141,7 @@ def test_cuda_deferred_sampling_gives_the_tokens_of_the_synchronous_engine(
     """Under async scheduling a constrained step's sampling waits for the next runner call, and the step
     after it builds its inputs first and takes the placeholders' tokens afterwards on the device: the
     same batches as the synchronous engine, so exactly its tokens (float32)."""
-    model_dir = tiny_model_dir("llama")
-    engines = {
-        # A fixed KV cache: the second engine would otherwise count the first one's memory as taken.
-        mode: LLM(
-            model=str(model_dir),
-            device="cuda",
-            dtype="float32",
-            async_scheduling=mode,
-            num_gpu_blocks_override=256,
-        )
-        for mode in ("off", "on")
-    }
+    engines = sync_and_async_engines(tiny_model_dir("llama"))
     spec = StructuredOutputs(json=json.dumps(SCHEMA))
     prompts, params = [], []
     for i in range(16):

@@ -7,16 +7,13 @@ GPU only (marked `gpu`); TRITON_INTERPRET=1 runs it on the CPU through Triton's 
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import pytest
 import torch
+from devices import DEVICE, HALF, HALF_ATOL, require_cuda_or_interpreter
 
 pytestmark = pytest.mark.gpu
-pytest.importorskip("triton")
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not torch.cuda.is_available() and not INTERPRET:
-    pytest.skip("needs a CUDA GPU (or TRITON_INTERPRET=1)", allow_module_level=True)
+require_cuda_or_interpreter()
 
 from batchlm.attention.backend import AttentionMetadata, AttentionSpec  # noqa: E402
 from batchlm.attention.torch_backend import TorchAttentionBackend  # noqa: E402
@@ -24,9 +21,6 @@ from batchlm.attention.triton_backend import TritonAttentionBackend  # noqa: E40
 from batchlm.kernels.paged_decode import paged_decode_attention  # noqa: E402
 from models_harness import Chunk, build_step  # noqa: E402
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-DTYPE = torch.float16 if INTERPRET else torch.bfloat16
-ATOL = 4e-3 if INTERPRET else 2e-2
 BLOCK, KV_HEADS, HEADS, HEAD_DIM = 16, 2, 8, 64
 SPECS = [
     AttentionSpec(0.125, sliding_window=20),
@@ -64,11 +58,11 @@ def on_device(meta: AttentionMetadata) -> AttentionMetadata:
 def test_triton_backend_matches_torch(spec: AttentionSpec) -> None:
     cache, q, k, v = scenario()
     _, _, meta = build_step(CHUNKS, BLOCK)
-    half = [t.to(DTYPE) for t in (cache, q, k, v)]
+    half = [t.to(HALF) for t in (cache, q, k, v)]
     expected = TorchAttentionBackend().forward(*(t.float() for t in half[1:]), half[0].float(), meta, spec)
     dev = [t.to(DEVICE) for t in half]
     out = TritonAttentionBackend().forward(dev[1], dev[2], dev[3], dev[0], on_device(meta), spec)
-    torch.testing.assert_close(out.float().cpu(), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.float().cpu(), expected, atol=HALF_ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("splits", [1, 4])
@@ -77,7 +71,7 @@ def test_split_decode_covers_only_the_window(spec: AttentionSpec, splits: int) -
     cache, q, k, v = scenario(1)
     decodes = CHUNKS[:2]
     _, _, meta = build_step(decodes, BLOCK)
-    half = [t.to(DTYPE) for t in (cache, q[:2], k[:2], v[:2])]
+    half = [t.to(HALF) for t in (cache, q[:2], k[:2], v[:2])]
     expected = TorchAttentionBackend().forward(*(t.float() for t in half[1:]), half[0].float(), meta, spec)
     dev_meta = on_device(meta)
     dev_cache = half[0].to(DEVICE)
@@ -86,11 +80,11 @@ def test_split_decode_covers_only_the_window(spec: AttentionSpec, splits: int) -
         half[1].to(DEVICE), dev_cache, dev_meta.seq_lens, dev_meta.block_tables, spec.scale,
         num_splits=splits, window=spec.sliding_window, softcap=spec.logit_softcap,
     )  # fmt: skip
-    torch.testing.assert_close(out.float().cpu(), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.float().cpu(), expected, atol=HALF_ATOL, rtol=0)
 
 
 def test_warm_up_launches_each_variant_the_layers_use() -> None:
-    cache = torch.zeros(2, 4, BLOCK, KV_HEADS, HEAD_DIM, device=DEVICE, dtype=DTYPE)
+    cache = torch.zeros(2, 4, BLOCK, KV_HEADS, HEAD_DIM, device=DEVICE, dtype=HALF)
     launched: list[tuple[int | None, float | None]] = []
     backend = TritonAttentionBackend()
     original = backend._warm_up_variant

@@ -38,11 +38,18 @@ class AdmissionTickets:
     def of(self, state: _HasRequest) -> int:
         return self._tickets[_key(state.request)]
 
-    def next_in_line(self, waiting: deque[RequestState], held: set[str]) -> RequestState | None:
+    def next_in_line(
+        self, waiting: deque[RequestState], held: set[str], returning: set[str] | None = None
+    ) -> RequestState | None:
         """The waiting sequence whose turn it is: the lowest ticket, first come first served among
         equals. So the siblings of a large-n request take turns with the requests that arrived
         meanwhile instead of keeping them all out of the batch until every sibling has run. Held
-        requests are passed over (None: all are)."""
+        requests are passed over (None: all are). A `returning` one (back from its switch to the long
+        rotation: it gave up no turn) goes first."""
+        if returning:
+            for state in waiting:
+                if state.request_id in returning:
+                    return state
         if held:
             candidates = (state for state in waiting if state.request_id not in held)
             if self._group_sizes:

@@ -229,7 +229,7 @@ class Scheduler:
 
     def _admit_waiting(self, step: StepBuilder) -> None:
         while self._waiting and step.budget > 0 and len(self._running) < self.config.max_num_seqs:
-            state = self._next_to_admit()
+            state = self._tickets.next_in_line(self._waiting, self._held, self._switching)
             if state is None:
                 return  # every waiting request is held
             long_rope_after = self.config.long_rope_after
@@ -260,14 +260,6 @@ class Scheduler:
                 state.num_cached_tokens = num_cached_tokens
                 self._prompt_tokens_total += state.num_prompt_tokens
             step.add_tokens(state, num_new, self.kv.unsent_block_ids(state))
-
-    def _next_to_admit(self) -> RequestState | None:
-        """A sequence back from its switch to the long rotation first, else the one whose turn it is."""
-        if self._switching:
-            for state in self._waiting:
-                if state.request_id in self._switching:
-                    return state
-        return self._tickets.next_in_line(self._waiting, self._held)
 
     def _preempt(self, state: RequestState, counted: bool = True) -> None:
         """Free the request's blocks and queue it first for recomputation (its tokens are kept);

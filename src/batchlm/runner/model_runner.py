@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from batchlm.attention.backend import AttentionBackend
+from batchlm.attention.choice import choose_attention_backend
 from batchlm.config import EngineConfig
 from batchlm.core.facts import ModelFacts
 from batchlm.core.step_io import ModelRunnerOutput, SchedulerOutput
@@ -55,20 +55,6 @@ MAX_VERIFY_GRAPH_ROWS = 256
 def default_max_num_batched_tokens(device: torch.device) -> int:
     # CPU: a chunk of ~512 tokens keeps one step near a second on a laptop, so decodes are not starved.
     return 8192 if device.type == "cuda" else 512
-
-
-def choose_attention_backend(device: torch.device) -> AttentionBackend:
-    """Chosen once at start-up: our Triton kernels on CUDA when Triton is importable, torch otherwise."""
-    if device.type == "cuda":
-        try:
-            from batchlm.attention.triton_backend import TritonAttentionBackend
-
-            return TritonAttentionBackend()
-        except ImportError as exc:  # pragma: no cover - depends on the install
-            logger.warning("Triton attention unavailable (%s); using the torch attention backend", exc)
-    from batchlm.attention.torch_backend import TorchAttentionBackend
-
-    return TorchAttentionBackend()
 
 
 class ModelRunner:
