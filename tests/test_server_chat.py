@@ -226,6 +226,21 @@ def test_text_parts_system_and_developer_roles_reach_the_template(client: Any, e
     ]
 
 
+def test_an_assistant_s_refusal_parts_are_what_it_said(client: Any, engine: FakeEngine) -> None:
+    # OpenAI's chat API takes them in assistant messages (a history an OpenAI model refused in), as the
+    # Responses API here does.
+    messages = [
+        *USER,
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't help with that."}]},
+        {"role": "user", "content": "again"},
+    ]
+    client.chat.completions.create(model="fake-model", messages=messages, max_tokens=1)
+    assert engine.tokenizer.last_chat["messages"][1] == {
+        "role": "assistant",
+        "content": "I can't help with that.",
+    }
+
+
 def test_template_controls_are_passed_through(client: Any, engine: FakeEngine) -> None:
     messages = [*USER, {"role": "assistant", "content": "Sure, "}]
     client.chat.completions.create(

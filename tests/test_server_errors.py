@@ -140,6 +140,11 @@ def test_an_invalid_value_is_described_by_the_names_the_client_sent(
             "messages[0].content[0].type",
         ),
         ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content[0]"),
+        # Refusals are the assistant's alone.
+        (
+            {"messages": [{"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}]},
+            "messages[0].content[0].type",
+        ),
         ({"continue_final_message": True}, "continue_final_message"),
     ],
 )

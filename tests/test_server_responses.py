@@ -484,6 +484,15 @@ def test_message_parts_and_roles_are_read_as_chat_messages(client: Any, engine: 
         ({"unknown_field": 1}, "unknown_field", "Unrecognized"),
         ({"temperature": -1}, "temperature", "temperature"),
         ({"moderation": {"model": "omni-moderation-latest"}}, "moderation", "no moderation model"),
+        # OpenAI fields the openai client declares (frameworks' model settings send the first):
+        # named as not served, not as unrecognized.
+        (
+            {"context_management": [{"type": "compaction", "compact_threshold": 200000}]},
+            "context_management",
+            "'truncation': 'auto'",
+        ),
+        ({"background_options": {"completion_window": "2h"}}, "background_options", "background responses"),
+        ({"access_programs": {"cyber": "standard"}}, "access_programs", "not supported by this server"),
         ({"prompt_cache_options": {"mode": "sometimes"}}, "prompt_cache_options.mode", "mode"),
     ],
 )
@@ -515,6 +524,8 @@ def test_hints_with_nothing_to_act_on_are_accepted(client: Any, engine: FakeEngi
         prompt_cache_retention="24h",
         prompt_cache_options={"mode": "explicit", "ttl": "30m"},
         text={"verbosity": "low"},
+        # No image reaches the model, so there is none to compress.
+        extra_body={"image": {"context_compression": "auto"}},
     )
     assert response.output_text == REPLY
     assert engine.tokenizer.last_chat["messages"] == [{"role": "user", "content": "hi"}]

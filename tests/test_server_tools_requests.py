@@ -92,6 +92,20 @@ def test_tool_history_becomes_text_for_a_template_without_tools(client: Any, eng
         ),
         ({"tool_choice": "required"}, "tool_choice", "tools"),
         ({"tools": [{"type": "retrieval", "function": {"name": "f"}}]}, "tools[0].type", "function"),
+        # OpenAI's other tool kinds carry no `function`: their type is what is not served.
+        ({"tools": [{"type": "custom", "custom": {"name": "f"}}]}, "tools[0].type", "type 'custom'"),
+        ({"tools": [{"type": "web_search"}]}, "tools[0].type", "only 'function' tools"),
+        # The Responses API's flat choice, or another kind's: the forms chat takes are named.
+        (
+            {"tools": TOOLS, "tool_choice": {"type": "function", "name": "get_weather"}},
+            "tool_choice",
+            "{'type': 'function', 'function': {'name': <string>}}",
+        ),
+        (
+            {"tools": TOOLS, "tool_choice": {"type": "custom", "custom": {"name": "f"}}},
+            "tool_choice",
+            "'allowed_tools'",
+        ),
         ({"tools": [{"type": "function", "function": {"name": "a" * 65}}]}, "tools[0].function.name", "64"),
         ({"tools": [TOOLS[0], TOOLS[0]]}, "tools[1]", "twice"),
         (

@@ -44,7 +44,8 @@ class MessageToolCall(StrictModel):
 
 
 class ChatMessage(StrictModel):
-    """One message of a conversation. Content is a string or a list of parts; only text parts are served."""
+    """One message of a conversation. Content is a string or a list of parts: text parts, and an
+    assistant's refusal parts (read as its text)."""
 
     role: str
     content: str | list[dict[str, Any]] | None = None
@@ -110,7 +111,7 @@ def template_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
         if problem is not None:
             text, field = problem
             raise RequestRejectedError(f"{where}: {text}", param=f"{where}.{field}")
-        content = _text_content(message.content, where)
+        content = _text_content(message.content, where, message.role)
         # Chat templates know "system"; OpenAI's "developer" role means the same for these models.
         role = "system" if message.role == "developer" else message.role
         entry: dict[str, Any] = {"role": role, "content": content or ""}
@@ -130,7 +131,8 @@ def template_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
 def final_message_text(messages: Sequence[ChatMessage]) -> str:
     """The text of the last message (its text parts joined), which ends the prompt of a request that
     continues it (continue_final_message)."""
-    return _text_content(messages[-1].content, f"messages[{len(messages) - 1}]") or ""
+    last = messages[-1]
+    return _text_content(last.content, f"messages[{len(messages) - 1}]", last.role) or ""
 
 
 def _message_problem(message: ChatMessage) -> tuple[str, str] | None:
@@ -155,12 +157,17 @@ def _message_problem(message: ChatMessage) -> tuple[str, str] | None:
     return None
 
 
-def _text_content(content: str | list[dict[str, Any]] | None, where: str) -> str | None:
+def _text_content(content: str | list[dict[str, Any]] | None, where: str, role: str) -> str | None:
     if content is None or isinstance(content, str):
         return content
     texts = []
     for j, part in enumerate(content):
         part_type = part.get("type")
+        refusal = part.get("refusal")
+        if part_type == "refusal" and role == "assistant" and isinstance(refusal, str) and len(part) == 2:
+            # An assistant's refusal (OpenAI's reply to a request it declined) is what it said.
+            texts.append(refusal)
+            continue
         if part_type != "text":
             raise RequestRejectedError(
                 f"{where}: content parts of type '{part_type}' are not supported (only text is served).",

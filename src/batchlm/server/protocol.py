@@ -5,7 +5,8 @@ from __future__ import annotations
 import types
 from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 # The conversation's models live beside their conversion to template messages (below the engine, which
 # LLM.chat shares); request bodies build on them.
@@ -64,6 +65,19 @@ class FunctionDefinition(StrictModel):
 class ChatTool(StrictModel):
     type: str
     function: FunctionDefinition
+
+    @field_validator("type")
+    @classmethod
+    def _function_tools_only(cls, kind: str) -> str:
+        # OpenAI's other kinds (custom, web_search, ...) have no `function`: say what is not served
+        # rather than that `function` is missing.
+        if kind != "function":
+            raise PydanticCustomError(
+                "tool_type",
+                "tools of type {kind} are not supported (only 'function' tools are)",
+                {"kind": repr(kind)},
+            )
+        return kind
 
 
 class FunctionName(StrictModel):
@@ -158,6 +172,13 @@ class SamplingFields(NullMeansDefault):
     guided_grammar: str | None = None
 
 
+# The tool_choice objects chat takes, named when one of another shape comes.
+CHAT_TOOL_CHOICE_FORMS = (
+    "it must be 'none', 'auto', 'required', {'type': 'function', 'function': {'name': <string>}} or "
+    "{'type': 'allowed_tools', 'allowed_tools': {'mode': 'auto' | 'required', 'tools': [...]}}"
+)
+
+
 class ChatPromptFields(NullMeansDefault):
     """What a chat request's prompt is rendered from besides its messages: chat's and /tokenize's
     (server.prompts renders both, so that /tokenize counts what chat prefills)."""
@@ -172,6 +193,18 @@ class ChatPromptFields(NullMeansDefault):
     continue_final_message: bool = False
     # Reasoning models only; reaches the chat template (batchlm.reasoning.registry.effort_template_kwargs).
     reasoning_effort: ReasoningEffort | None = None
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _tool_choice_shape(cls, choice: Any) -> Any:
+        # Another tool type's choice, or the Responses API's flat {"type": "function", "name": ...}:
+        # the union's own complaint would name only its first member ('none', 'auto' or 'required').
+        if isinstance(choice, dict):
+            kind = choice.get("type")
+            named = kind == "function" and isinstance(choice.get("function"), dict)
+            if not named and kind != "allowed_tools":
+                raise PydanticCustomError("tool_choice", CHAT_TOOL_CHOICE_FORMS)
+        return choice
 
 
 class ChatCompletionRequest(SamplingFields, ChatPromptFields):

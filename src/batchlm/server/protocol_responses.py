@@ -75,6 +75,11 @@ class ResponsesRequest(NullMeansDefault):
     conversation: Any = None
     prompt: Any = None
     background: bool | None = None
+    background_options: dict[str, Any] | None = None
+    context_management: list[Any] | None = None
+    access_programs: dict[str, Any] | None = None
+    # Image options; accepted and not acted on (image inputs are refused, so none is compressed).
+    image: dict[str, Any] | None = None
     # "auto": a conversation longer than the context loses its oldest items until it fits.
     truncation: Literal["auto", "disabled"] | None = None
     max_tool_calls: int | None = None
