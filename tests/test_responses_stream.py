@@ -13,6 +13,7 @@ from batchlm.outputs import CompletionOutput, FinishReason, RequestOutput
 from batchlm.reasoning.message import MessageReader
 from batchlm.reasoning.registry import THINK
 from batchlm.reasoning.split import ReasoningParser
+from batchlm.sampling_params import SamplingParams
 from batchlm.server.protocol_responses import ResponsesRequest
 from batchlm.server.responses import UsageInfo
 from batchlm.server.serving_chat import ChatContext
@@ -36,7 +37,7 @@ def events_of(
         top_logprobs=None,
         reader=MessageReader(reasoning, parser),
     )
-    formatter = ResponsesFormatter(context, ResponsesRequest(input="hi"))
+    formatter = ResponsesFormatter(context, ResponsesRequest(input="hi"), SamplingParams())
     raw = list(formatter.opening())
     for i, chunk in enumerate(chunks):
         last = i == len(chunks) - 1

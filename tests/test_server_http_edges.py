@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import logging
 import math
 import socket
 import zlib
@@ -188,7 +189,57 @@ def test_x_request_id_comes_back_on_every_response(
     )
     assert response.status_code == status
     assert response.headers.get_list("x-request-id") == ["trace-42"]
-    assert "x-request-id" not in httpx.get(f"{server.base_url}/health").headers
+    # A request without one gets its own, never another request's.
+    made = httpx.get(f"{server.base_url}/health").headers.get_list("x-request-id")
+    assert len(made) == 1 and made[0].startswith("req_") and made[0] != "trace-42"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("POST", "/v1/chat/completions", CHAT),
+        ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2, "stream": True}),
+        ("POST", "/v1/chat/completions", {"messages": []}),
+        ("GET", "/nothing", None),
+    ],
+)
+def test_a_request_without_x_request_id_gets_one_made_for_it(
+    server: BackgroundServer, method: str, path: str, body: Any
+) -> None:
+    made = [
+        httpx.request(method, f"{server.base_url}{path}", json=body, timeout=30).headers.get_list(
+            "x-request-id"
+        )
+        for _ in range(2)
+    ]
+    assert all(len(ids) == 1 and ids[0].startswith("req_") for ids in made)
+    assert made[0] != made[1]
+
+
+def test_x_request_id_comes_back_on_a_500_and_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    engine = FakeEngine()
+    engine.unexpected_error = RuntimeError("an engine bug")
+    with BackgroundServer(engine) as server, caplog.at_level(logging.ERROR, "batchlm.server.errors"):
+        response = httpx.post(
+            f"{server.base_url}/v1/chat/completions", json=CHAT, headers={"X-Request-Id": "trace-500"}
+        )
+        made = httpx.post(f"{server.base_url}/v1/chat/completions", json=CHAT).headers.get("x-request-id")
+    assert response.status_code == 500 and response.headers.get_list("x-request-id") == ["trace-500"]
+    assert made is not None and made.startswith("req_")
+    logged = [record.getMessage() for record in caplog.records]
+    assert any("X-Request-Id trace-500" in line for line in logged)
+    assert any(f"X-Request-Id {made}" in line for line in logged)
+
+
+def test_a_request_s_log_line_carries_its_x_request_id(caplog: pytest.LogCaptureFixture) -> None:
+    with BackgroundServer(FakeEngine()) as server, caplog.at_level(logging.DEBUG, "batchlm.server.metrics"):
+        httpx.post(f"{server.base_url}/v1/chat/completions", json=CHAT, headers={"X-Request-Id": "trace-9"})
+    [line] = [r.getMessage() for r in caplog.records if "x_request_id" in r.getMessage()]
+    assert (
+        line.startswith("request chatcmpl-")
+        and ": length," in line
+        and line.endswith(" x_request_id=trace-9")
+    )
 
 
 def test_x_request_id_comes_back_on_a_401() -> None:

@@ -4,6 +4,7 @@ conversation read back from output items, and 400s naming the Responses fields."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -12,6 +13,7 @@ import openai
 import pytest
 from pydantic import BaseModel
 
+from batchlm.sampling_defaults import SamplingDefaults
 from batchlm.server.background import BackgroundServer
 from batchlm.server.protocol_responses import ResponsesRequest
 from batchlm.server.responses_input import chat_form
@@ -88,6 +90,30 @@ def test_max_output_tokens_leaves_the_response_incomplete(client: Any, engine: F
     assert response.incomplete_details.reason == "max_output_tokens"
     assert response.output_text == REPLY[:5] and response.output[0].status == "incomplete"
     assert engine.calls[-1].params.max_tokens == 5 and response.max_output_tokens == 5
+
+
+def test_the_sampling_settings_used_are_echoed_not_null() -> None:
+    engine = FakeEngine()
+    defaults = SamplingDefaults(temperature=0.6, top_p=0.9)
+    engine.model_info = dataclasses.replace(engine.model_info, sampling_defaults=defaults)
+    with BackgroundServer(engine) as server:
+        recommended = post(server, {}).json()
+        given = post(server, {"temperature": 0.2, "top_p": 0.5}).json()
+        created = events_of(server, {"input": "hi", "temperature": 0.3})[0][1]["response"]
+    assert (recommended["temperature"], recommended["top_p"]) == (0.6, 0.9)
+    assert (given["temperature"], given["top_p"]) == (0.2, 0.5)
+    assert (created["temperature"], created["top_p"]) == (0.3, 0.9)
+
+
+def test_openai_s_defaults_are_echoed_for_a_plain_request(server: BackgroundServer) -> None:
+    response = post(server, {}).json()
+    assert (response["temperature"], response["top_p"]) == (1.0, 1.0)
+    assert (response["tools"], response["tool_choice"], response["parallel_tool_calls"]) == ([], "auto", True)
+    assert (response["text"], response["metadata"], response["truncation"]) == (
+        {"format": {"type": "text"}},
+        {},
+        "disabled",
+    )
 
 
 def test_a_stream_gives_what_the_response_gives(

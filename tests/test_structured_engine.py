@@ -4,6 +4,7 @@ end with "length"; unconstrained requests in the same batches keep exactly their
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -18,6 +19,7 @@ import pytest
 from batchlm import LLM, SamplingParams
 from batchlm.request import EngineCoreRequest
 from batchlm.sampling_params import StructuredOutputs
+from batchlm.structured.llguidance_backend import LLGuidanceBatch
 
 # Bounded fields, so that random weights finish the object within the token budget.
 SCHEMA: dict[str, Any] = {
@@ -184,6 +186,33 @@ def test_a_grammar_failing_mid_generation_ends_in_an_error_naming_it(
     assert plain.outputs[0].finish_reason == "length" and len(plain.outputs[0].token_ids) == 20
     assert sound.outputs[0].finish_reason == "stop"
     assert_valid(sound.outputs[0].text)
+    assert engine.engine_core.stats().num_running == 0
+
+
+@pytest.mark.parametrize("scheduling", ["off", "on"])
+def test_a_grammar_engine_that_raises_ends_its_requests_and_the_engine_goes_on(
+    llama_dir: Path, scheduling: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = _llm(llama_dir, async_scheduling=scheduling)
+    plain = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    [alone] = engine.generate(["The quick brown fox"], plain)
+    steps = itertools.count()
+    advance_one = LLGuidanceBatch.advance_one
+
+    def raising_on_the_third_step(batch: LLGuidanceBatch, token_ids: list[int]) -> list[bool]:
+        if next(steps) == 2:
+            raise RuntimeError("injected matcher failure")
+        return advance_one(batch, token_ids)
+
+    monkeypatch.setattr(LLGuidanceBatch, "advance_one", raising_on_the_third_step)
+    failed, beside = engine.generate(["x", "The quick brown fox"], [constrained(), plain])
+    assert failed.outputs[0].finish_reason == "error" and failed.error is not None
+    assert "grammar engine raised RuntimeError: injected matcher failure" in failed.error
+    assert beside.outputs[0].token_ids == alone.outputs[0].token_ids
+    monkeypatch.undo()
+    [after] = engine.generate(["x"], constrained())
+    assert after.outputs[0].finish_reason == "stop"
+    assert_valid(after.outputs[0].text)
     assert engine.engine_core.stats().num_running == 0
 
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from batchlm.engine.client import EngineDeadError, QueueFullError, RequestRejectedError
+from batchlm.server.request_ids import request_id_of
 from batchlm.tools.spec import ToolUseError
 from batchlm.unicode_text import encodable
 
@@ -123,8 +124,15 @@ def install_error_handlers(app: FastAPI, observe: ErrorObserver) -> None:
         return error_response(http_error_to_api_error(request, exc), observe)
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error serving %s %s", request.method, request.url.path)
-        error = APIError(500, "The server had an internal error while processing your request.")
+        request_id = request_id_of(request)
+        logger.exception(
+            "unhandled error serving %s %s (X-Request-Id %s)", request.method, request.url.path, request_id
+        )
+        # Sent from outside every middleware (Starlette's last resort), so the id is added here.
+        headers = {"X-Request-Id": request_id} if request_id is not None else None
+        error = APIError(
+            500, "The server had an internal error while processing your request.", headers=headers
+        )
         return error_response(error, observe)
 
     app.add_exception_handler(APIError, on_api_error)

@@ -200,9 +200,16 @@ class RequestRecorder:
     (RequestOutput.metrics) and falls back on the server's clock where the engine gives none."""
 
     def __init__(
-        self, metrics: ServerMetrics, request_id: str, prompt_tokens: int, received_at: float | None = None
+        self,
+        metrics: ServerMetrics,
+        request_id: str,
+        prompt_tokens: int,
+        received_at: float | None = None,
+        trace_id: str | None = None,
     ) -> None:
         self._metrics = metrics
+        # The HTTP request's X-Request-Id, so that its log line can be found by the id the client saw.
+        self.trace_id = trace_id
         # When the HTTP request reached the server (None: unknown); intake is measured from it.
         self._received_at = received_at
         self.request_id = request_id
@@ -260,7 +267,7 @@ class RequestRecorder:
             self._metrics.queue_time.observe(max(0.0, self._first_scheduled - self._arrival))
         ttft = None if self._first_token is None else self._first_token - self._arrival
         logger.debug(
-            "request %s: %s, prompt_tokens=%d completion_tokens=%d cached_tokens=%d latency=%.3fs ttft=%s",
+            "request %s: %s, prompt_tokens=%d completion_tokens=%d cached_tokens=%d latency=%.3fs ttft=%s%s",
             self.request_id,
             outcome,
             self.prompt_tokens,
@@ -268,6 +275,7 @@ class RequestRecorder:
             self.cached_tokens,
             latency,
             "-" if ttft is None else f"{ttft:.3f}s",
+            "" if self.trace_id is None else f" x_request_id={self.trace_id}",
         )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hmac
 import time
+import uuid
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -19,6 +20,7 @@ from batchlm.server.content_encoding import (
     decode_body,
 )
 from batchlm.server.errors import APIError, ErrorObserver, error_response
+from batchlm.server.request_ids import REQUEST_ID, REQUEST_ID_HEADER
 from batchlm.server.root_path import route_path
 
 # Routes that need the API key when one is set; /health, /metrics, /version and the docs stay open.
@@ -193,27 +195,28 @@ def replay_body(body: bytes, receive: Receive) -> Receive:
     return replayed
 
 
-REQUEST_ID_HEADER = b"x-request-id"
-
-
 class RequestIdEchoMiddleware:
-    """Answers a request that carries X-Request-Id (a proxy's or client's tracing id) with the same
-    header, as vLLM does with --enable-request-id-headers: every response, errors included, can then
-    be matched to its request (the OpenAI client reports it as the response's request id)."""
+    """Answers every request with an X-Request-Id: the one it carries (a proxy's or client's tracing
+    id), else one made here, as OpenAI's API does and vLLM with --enable-request-id-headers: every
+    response, errors included, can then be matched to its request and to its log lines (the OpenAI
+    client reports it as the response's request id). The id is kept in the scope's state."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request_id = None
-        if scope["type"] == "http":
-            for name, value in scope["headers"]:
-                if name == REQUEST_ID_HEADER:
-                    request_id = value
-                    break
-        if request_id is None:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        request_id = None
+        for name, value in scope["headers"]:
+            if name == REQUEST_ID_HEADER and value:
+                request_id = value
+                break
+        if request_id is None:
+            request_id = f"req_{uuid.uuid4().hex}".encode()
+        # Header values are bytes as sent; latin-1 maps each one to a character and back.
+        scope.setdefault("state", {})[REQUEST_ID] = request_id.decode("latin-1")
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":

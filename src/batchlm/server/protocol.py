@@ -138,7 +138,11 @@ class SamplingFields(NullMeansDefault):
     temperature: float | None = None
     top_p: float | None = None
     n: int = 1
-    max_tokens: int | None = Field(None, description="Omitted = up to the context limit.")
+    max_tokens: int | None = Field(
+        None,
+        description="Omitted = the model's max_new_tokens, else up to the context limit "
+        "(on /v1/completions too: not OpenAI's legacy 16).",
+    )
     stop: str | list[str] | None = None
     seed: int | None = None
     presence_penalty: float | None = None

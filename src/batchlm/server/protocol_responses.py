@@ -46,7 +46,9 @@ class ResponsesRequest(NullMeansDefault):
     input: str | list[Any]
     # A system message put before the input.
     instructions: str | None = None
-    max_output_tokens: int | None = Field(None, description="Omitted = up to the context limit.")
+    max_output_tokens: int | None = Field(
+        None, description="Omitted = the model's max_new_tokens, else up to the context limit."
+    )
     temperature: float | None = None
     top_p: float | None = None
     stream: bool = False

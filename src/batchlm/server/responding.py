@@ -25,6 +25,7 @@ from batchlm.server.errors import APIError, ClientDisconnected
 from batchlm.server.generation import Generation, close_all, mark_all_failed, merge_outputs, prime_all
 from batchlm.server.metrics import RequestRecorder, ServerMetrics
 from batchlm.server.middleware import received_at
+from batchlm.server.request_ids import request_id_of
 from batchlm.server.responses import PromptTokensDetails, UsageInfo
 from batchlm.server.state import ServerState, get_state
 from batchlm.tokenizer.tokenizer import Tokenizer
@@ -205,7 +206,9 @@ async def respond(
     only after every generation's first output, so that errors before it (queue full, rejected, engine
     dead) still get their HTTP status. The generations are closed here unless a stream took them."""
     state = get_state(request)
-    generations = await start_generations(state, engine_requests, formatter.request_id, received_at(request))
+    generations = await start_generations(
+        state, engine_requests, formatter.request_id, received_at(request), request_id_of(request)
+    )
 
     async def answer() -> Response:
         if stream:
@@ -234,17 +237,22 @@ async def respond(
 
 
 async def start_generations(
-    state: ServerState, engine_requests: Sequence[ValidatedRequest], request_id: str, arrival: float | None
+    state: ServerState,
+    engine_requests: Sequence[ValidatedRequest],
+    request_id: str,
+    arrival: float | None,
+    trace_id: str | None = None,
 ) -> list[Generation]:
     """One generation per engine request, each in the metrics from the HTTP arrival on. A batch's
-    prompts take admission turns as one request (like n), not one turn each."""
+    prompts take admission turns as one request (like n), not one turn each. trace_id: the HTTP
+    request's X-Request-Id, for its log lines."""
     generations: list[Generation] = []
     batch = len(engine_requests) > 1
     try:
         for position, engine_request in enumerate(engine_requests):
             engine_id = f"{request_id}-{position}" if batch else request_id
             recorder = RequestRecorder(
-                state.metrics, engine_id, len(engine_request.prompt_token_ids), arrival
+                state.metrics, engine_id, len(engine_request.prompt_token_ids), arrival, trace_id
             )
             group = request_id if batch else ""
             generation = Generation(state.engine, engine_id, engine_request, recorder, state.in_flight, group)
@@ -272,7 +280,10 @@ async def _stream_events(
                 yield event
         except Exception as error:
             if not isinstance(error, APIError):
-                logger.exception("a streaming response failed")
+                trace_id = generations[0].recorder.trace_id if generations else None
+                logger.exception(
+                    "the streaming response %s failed (X-Request-Id %s)", formatter.request_id, trace_id
+                )
                 error = APIError(500, "The server had an internal error while streaming.")
             metrics.count_error(error.status)
             mark_all_failed(generations)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from typing import Literal
 
+from batchlm.sampling_params import SamplingParams
 from batchlm.server.protocol_responses import (
     IncompleteDetails,
     InputTokensDetails,
@@ -25,6 +26,7 @@ ResponseStatus = Literal["in_progress", "completed", "incomplete", "failed"]
 def response_object(
     body: ResponsesRequest,
     context: ResponseContext,
+    params: SamplingParams,
     stored: bool,
     status: ResponseStatus,
     output: list[OutputItem],
@@ -45,10 +47,12 @@ def response_object(
         usage=None if usage is None else response_usage(usage, thinking),
         instructions=body.instructions,
         max_output_tokens=body.max_output_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
+        # The values it samples with (the request's, else the model's recommended ones), as OpenAI
+        # reports the ones it used rather than null.
+        temperature=params.temperature,
+        top_p=params.top_p,
         tools=body.tools or [],
-        tool_choice=body.tool_choice or ("auto" if body.tools else "none"),
+        tool_choice=body.tool_choice or "auto",  # OpenAI's default, tools or none
         parallel_tool_calls=body.parallel_tool_calls is not False,
         text={
             "format": text_format.model_dump(by_alias=True, exclude_none=True)

@@ -20,6 +20,7 @@ from starlette.responses import Response
 
 from batchlm.engine.input_processor import CONTEXT_LENGTH_EXCEEDED, ValidatedRequest
 from batchlm.outputs import CompletionOutput, FinishReason, RequestOutput
+from batchlm.sampling_params import SamplingParams
 from batchlm.server.errors import APIError
 from batchlm.server.protocol_responses import (
     FunctionCallItem,
@@ -66,7 +67,7 @@ async def create_response(request: Request, body: ResponsesRequest) -> Response:
             raise
         engine_request, context = await _truncated(state, form, request_id, too_long)
     store = state.responses.writes if state.responses is not None and body.store is not False else None
-    formatter = ResponsesFormatter(context, body, store)
+    formatter = ResponsesFormatter(context, body, engine_request.params, store)
     return await respond(request, [engine_request], formatter, body.stream)
 
 
@@ -124,7 +125,11 @@ class ResponsesFormatter(ResponseFormatter[ChatContext]):
     end_of_stream = b""
 
     def __init__(
-        self, context: ChatContext, body: ResponsesRequest, store: BatchedWrites | None = None
+        self,
+        context: ChatContext,
+        body: ResponsesRequest,
+        params: SamplingParams,
+        store: BatchedWrites | None = None,
     ) -> None:
         super().__init__(context)
         self._body = body
@@ -132,7 +137,7 @@ class ResponsesFormatter(ResponseFormatter[ChatContext]):
         self._store = store
         self._finished: ResponseObject | None = None
         # The response object at a stage: (status, output, usage, thinking tokens, error) -> object.
-        self._response = partial(response_object, body, context, store is not None)
+        self._response = partial(response_object, body, context, params, store is not None)
         self._messages = AssistantMessages(context)
         self._sequence = 0
         # A stream's finished items, and the one being written.

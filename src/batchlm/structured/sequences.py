@@ -21,6 +21,7 @@ from batchlm.structured.backend import (
     GrammarBackend,
     GrammarError,
     GrammarMatcher,
+    fill_eos_only,
     grammar_failure_error,
 )
 from batchlm.structured.compiles import BackgroundCompiles
@@ -230,7 +231,9 @@ class ConstrainedSequences:
         self._batch = None  # its matchers move here: a failure here would not reach its prepared rows
         matchers = [seq.matcher for seq in sequences]
         bitmask = np.empty((len(rows), backend.bitmask_words), dtype=np.int32)
-        accepted = backend.advance_and_fill(matchers, new_tokens, bitmask)
+        accepted = self._guarded(
+            backend, sequences, bitmask, lambda: backend.advance_and_fill(matchers, new_tokens, bitmask)
+        )
         self.failures.note_rejections(accepted, sequences, new_tokens)
         return GrammarMasks(rows, bitmask)
 
@@ -289,7 +292,10 @@ class ConstrainedSequences:
             taking.append(seq)
         bitmask = out[: len(taking)]
         if taking:
-            accepted = backend.advance_and_fill([seq.matcher for seq in taking], new_tokens, bitmask)
+            matchers = [seq.matcher for seq in taking]
+            accepted = self._guarded(
+                backend, taking, bitmask, lambda: backend.advance_and_fill(matchers, new_tokens, bitmask)
+            )
             self.failures.note_rejections(accepted, taking, new_tokens)
         return PrefetchedMasks(index, bitmask, complete=len(taking) == len(sequences))
 
@@ -320,8 +326,34 @@ class ConstrainedSequences:
             return PrefetchedMasks({}, out[:0])
         tokens = list(token_ids[: len(rows)]) if leading else [token_ids[row] for row in rows]
         if sequences:
-            self.failures.note_rejections(batch.matchers.step(tokens, bitmask), sequences, tokens)
+            accepted = self._guarded(
+                backend, sequences, bitmask, lambda: batch.matchers.step(tokens, bitmask)
+            )
+            self.failures.note_rejections(accepted, sequences, tokens)
         return PrefetchedMasks(batch.index, bitmask, complete=True)
+
+    def _guarded(
+        self,
+        backend: GrammarBackend,
+        sequences: list[_Sequence],
+        bitmask: np.ndarray,
+        step: Callable[[], list[bool]],
+    ) -> list[bool]:
+        """`step` (the backend advancing these sequences' matchers and filling their mask rows), or,
+        when the grammar engine raises instead, those sequences failed: each ends in an error naming
+        it, while the engine and every other sequence go on (raised, it would stop the engine). The
+        batch call gives no way to tell which row raised, nor where the others' matchers stand."""
+        try:
+            return step()
+        except Exception as exc:
+            logger.exception("the grammar engine failed on %d sequence(s)", len(sequences))
+            reason = f"the grammar engine raised {type(exc).__name__}: {exc}"
+            self._batch = None  # it holds the failed matchers
+            for row, seq in enumerate(sequences):
+                seq.matcher = EndingMatcher(backend.eos_token_ids, reason)
+                fill_eos_only(bitmask[row], backend.eos_token_ids)
+                self.failures.note(seq.request_id, reason)
+            return [True] * len(sequences)
 
     def _submit(self, job: Callable[..., T], *args: object) -> Future[T]:
         """Run a mask job on the one worker thread (jobs run in submission order)."""

@@ -3,6 +3,7 @@ tokens its grammar forbids (mlx-lm runs processors one request at a time)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import mlx.core as mx
@@ -10,30 +11,46 @@ import numpy as np
 
 from batchlm.outputs import EngineCoreOutput, FinishReason
 from batchlm.request import EngineCoreRequest
-from batchlm.structured.backend import GrammarMatcher
+from batchlm.structured.backend import EndingMatcher, GrammarMatcher
 from batchlm.structured.compiles import BackgroundCompiles
 from batchlm.structured.factory import BackendFactory
 from batchlm.structured.sequences import LazyBackend
+
+logger = logging.getLogger(__name__)
 
 
 class GrammarProcessor:
     """Follows the request's output (the context past the prompt) with its matcher and masks the logits.
     Goes first among the processors, so logprobs and the other processors see the masked distribution."""
 
-    def __init__(self, matcher: GrammarMatcher, prompt_len: int, bitmask_words: int) -> None:
+    def __init__(
+        self,
+        matcher: GrammarMatcher,
+        prompt_len: int,
+        bitmask_words: int,
+        eos_token_ids: tuple[int, ...] = (),
+    ) -> None:
         self._matcher = matcher
         self._prompt_len = prompt_len
         self._num_accepted = 0
         self._row = np.empty(bitmask_words, dtype=np.int32)
+        # What a matcher whose grammar engine raised allows: the request ends, with the reason.
+        self._eos_token_ids = eos_token_ids
 
     def __call__(self, context: mx.array, logits: mx.array) -> mx.array:
         """context: [T] prompt then output ids; logits: [1, V]."""
         start = self._prompt_len + self._num_accepted
         new_tokens: list[int] = np.asarray(context[start:]).tolist()
-        for token_id in new_tokens:
-            self._matcher.accept(token_id)
         self._num_accepted = max(0, context.size - self._prompt_len)
-        self._matcher.fill_bitmask(self._row)
+        try:
+            for token_id in new_tokens:
+                self._matcher.accept(token_id)
+            self._matcher.fill_bitmask(self._row)
+        except Exception as exc:  # raised out of the step, it would end every request in the batch
+            logger.exception("the grammar engine failed")
+            reason = f"the grammar engine raised {type(exc).__name__}: {exc}"
+            self._matcher = EndingMatcher(self._eos_token_ids, reason)
+            self._matcher.fill_bitmask(self._row)
         vocab_size = logits.shape[-1]
         allowed = np.unpackbits(self._row.view(np.uint8), bitorder="little")[:vocab_size]  # [V]
         return mx.where(mx.array(allowed.astype(np.bool_))[None], logits, -float("inf"))
@@ -59,7 +76,8 @@ class MLXGrammars:
             return []
         backend = self._backend(request.eos_token_ids)
         matcher = backend.matcher(spec)
-        return [GrammarProcessor(matcher, len(request.prompt_token_ids), backend.bitmask_words)]
+        prompt_len = len(request.prompt_token_ids)
+        return [GrammarProcessor(matcher, prompt_len, backend.bitmask_words, backend.eos_token_ids)]
 
 
 def grammar_processors(

@@ -1,0 +1,15 @@
+"""A request's X-Request-Id, as the middleware keeps it in the ASGI scope for the handlers and logs."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+
+REQUEST_ID_HEADER = b"x-request-id"
+# The scope's state key of the id (RequestIdEchoMiddleware).
+REQUEST_ID = "batchlm_request_id"
+
+
+def request_id_of(request: Request) -> str | None:
+    """The request's X-Request-Id (sent, or made by RequestIdEchoMiddleware); None without it."""
+    request_id = request.scope.get("state", {}).get(REQUEST_ID)
+    return str(request_id) if request_id is not None else None
