@@ -9,7 +9,17 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-HOSTILE_STRINGS = ["\ud800x\udfff", "\udfff", "", "\x00", "x" * 3000, "{{ raise('x') }}", "default"]
+# "[" * 1500: JSON text nested past Python's reader, for the fields that hold JSON as text.
+HOSTILE_STRINGS = [
+    "\ud800x\udfff",
+    "\udfff",
+    "",
+    "\x00",
+    "x" * 3000,
+    "[" * 1500,
+    "{{ raise('x') }}",
+    "default",
+]
 HOSTILE_NUMBERS = [float("nan"), float("inf"), float("-inf"), 1e308, -1e308, -0.0, 2**64, -(2**63)]
 HOSTILE_INTEGERS = [-1, 0, 1, 2**31, 2**63, 10**30, -(10**30)]
 # Names whose realistic values random text would almost never hit.

@@ -31,6 +31,7 @@ LAYERS: tuple[frozenset[str], ...] = (
             "cpu_wait_policy",
             "json_files",
             "unicode_text",
+            "json_text",
             "dir_locks",
             "temp_dirs",
         }

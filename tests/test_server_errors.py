@@ -175,7 +175,7 @@ def test_neutral_values_of_unsupported_fields_are_accepted(server: BackgroundSer
         ({"prompt": []}, "prompt"),
         ({"prompt": [[]]}, "prompt"),
         ({"prompt": [5, 99999]}, "prompt"),
-        ({"prompt": [1.5]}, "prompt"),
+        ({"prompt": [1.5]}, "prompt[0]"),  # the token id at fault, not the string prompt
         ({"logprobs": 21}, "logprobs"),
     ],
 )
@@ -328,3 +328,25 @@ def test_loading_and_dead_engines_are_503() -> None:
         assert post(server, "/v1/chat/completions", CHAT).status_code == 200
         engine.kill()
         assert error_of(post(server, "/v1/chat/completions", CHAT), 503)["type"] == "service_unavailable"
+
+
+@pytest.mark.parametrize(
+    ("path", "extra", "param", "message"),
+    [
+        # pydantic fails a union in each of its members, the first (a literal, a string) first.
+        ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}],
+         "tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "auto"}}},
+         "tool_choice.allowed_tools.tools", "Missing required parameter"),
+        ("/v1/chat/completions", {"stop": ["ok", None]}, "stop[1]", "valid string"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [5]}]},
+         "messages[0].content[0]", "valid dictionary"),
+        ("/v1/completions", {"prompt": [1, "a"]}, "prompt[1]", "valid integer"),
+    ],
+)  # fmt: skip
+def test_a_value_no_member_of_a_union_takes_is_named_where_it_went_wrong(
+    server: BackgroundServer, path: str, extra: dict[str, Any], param: str, message: str
+) -> None:
+    body = {**(CHAT if "chat" in path else {"prompt": "hi", "max_tokens": 2}), **extra}
+    error = error_of(post(server, path, body), 400)
+    assert error["param"] == param
+    assert message in error["message"] and f"'{param}'" in error["message"]

@@ -252,3 +252,68 @@ def test_null_optional_fields_take_their_defaults(
 def test_null_still_fails_a_required_field(server: BackgroundServer) -> None:
     error = error_of(httpx.post(f"{server.base_url}/v1/chat/completions", json={"messages": None}), 400)
     assert error["param"] == "messages"
+
+
+DEEP = "[" * 5000 + "]" * 5000  # past Python's recursion limit: json.loads raises RecursionError
+HUGE_NUMBER = '{"type": "integer", "minimum": ' + "1" * 5000 + "}"  # past int's 4300 digits: ValueError
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param", "reason"),
+    [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "guided_json": DEEP},
+         "guided_json", "nest more than 200 levels"),
+        ("/v1/completions", {"prompt": "hi", "structured_outputs": {"json": DEEP}}, "structured_outputs",
+         "nest more than 200 levels"),
+        ("/v1/completions", {"prompt": "hi", "guided_json": HUGE_NUMBER}, "guided_json", "not valid JSON"),
+    ],
+)  # fmt: skip
+def test_a_schema_text_too_deep_or_with_too_long_a_number_is_400(
+    server: BackgroundServer, path: str, body: dict[str, Any], param: str, reason: str
+) -> None:
+    error = error_of(httpx.post(f"{server.base_url}{path}", json=body, timeout=30), 400)
+    assert error["param"] == param
+    assert reason in error["message"]
+
+
+def test_tool_call_arguments_nested_too_deep_are_history_text(server: BackgroundServer) -> None:
+    """Sent back as the text they are, as arguments that are no JSON object are, in chat and in the
+    Responses API's function_call items (which become chat history)."""
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": DEEP}}
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "done"},
+    ]
+    items = [
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": DEEP},
+        {"type": "function_call_output", "call_id": "c1", "output": "done"},
+    ]
+    for path, body in [
+        ("/tokenize", {"messages": messages}),
+        ("/v1/chat/completions", {"messages": messages, "max_tokens": 2}),
+        ("/v1/responses", {"input": items, "max_output_tokens": 2}),
+    ]:
+        response = httpx.post(f"{server.base_url}{path}", json=body, timeout=30)
+        # The fake engine's context is short: the text is too long for it, which is a 400 too.
+        assert response.status_code in (200, 400), response.text
+        if response.status_code == 400:
+            assert error_of(response, 400)["code"] == "context_length_exceeded"
+
+
+def test_an_internal_error_says_the_connection_closes(
+    server: BackgroundServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """uvicorn closes the connection after an error the app did not handle: the 500 says so, or a
+    client reusing the connection gets its next request reset."""
+    from batchlm.server import routes
+
+    def broken(_: Any) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(routes, "tokenizer_info", broken)
+    with httpx.Client(base_url=server.base_url, timeout=30) as client:
+        response = client.get("/tokenizer_info")
+        error_of(response, 500)
+        assert response.headers["connection"] == "close"
+        assert client.get("/health").status_code == 200

@@ -108,6 +108,17 @@ def test_headers_past_the_limit_are_431_in_json(server: BackgroundServer, reques
     assert f"larger than the limit of {MAX_HEADERS} bytes" in error["message"]
 
 
+def test_a_target_past_the_url_parser_s_limit_is_414_saying_so() -> None:
+    # httptools' URL parser takes 65535 bytes at most, whatever max_header_bytes allows: its refusal
+    # was a 400 that said only "User callback error". (The headers' limit is set above the target,
+    # so that it cannot answer first however the bytes arrive.)
+    settings = ServerSettings(max_header_bytes=1024 * 1024)
+    with BackgroundServer(FakeEngine(max_model_len=64), settings) as roomy:
+        answer = exchange(roomy.port, b"GET /health?" + b"q" * 70_000 + b" HTTP/1.1\r\n\r\n")
+    error = json_error(answer, 414)
+    assert "url is too long" in error["message"] and "65535" in error["message"]
+
+
 def refusals_counted(port: int, status: int) -> float:
     answer = exchange(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert parse(answer)[0] == 200

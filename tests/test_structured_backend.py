@@ -82,6 +82,8 @@ def test_gbnf_is_converted_to_lark(backend, tiny_tokenizer) -> None:
     [
         (StructuredOutputs(json='{"type": "strin"}'), "strin"),
         (StructuredOutputs(json="{not json"), "JSON"),
+        # Python's reader raises RecursionError here, which LLM's callers would get instead.
+        (StructuredOutputs(json="[" * 5000 + "]" * 5000), "nest more than 200"),
         (StructuredOutputs(regex="a[bc"), "unclosed character class"),
         (StructuredOutputs(grammar="start: missing_rule"), "missing_rule"),
     ],

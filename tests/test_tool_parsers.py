@@ -428,3 +428,37 @@ def _is_json(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+# Nested past Python's JSON reader (its recursion limit): a model can write "[" a thousand times.
+TOO_DEEP = "[" * 3000 + "]" * 3000
+
+
+@pytest.mark.parametrize(
+    ("parser", "output"),
+    [
+        (HermesParser(), f'Hi <tool_call>\n{{"name": "f", "arguments": {{"a": {TOO_DEEP}}}}}\n</tool_call>'),
+        (HermesParser(), f'<tool_call>{{"name": {TOO_DEEP}, "arguments": {{}}}}</tool_call>'),
+        (HermesParser(), '<tool_call>{"name": "f", "arguments": {"a": ' + "[" * 3000),
+        (Llama3JsonParser(), f'{{"name": "f", "parameters": {{"a": {TOO_DEEP}}}}}'),
+        (MistralParser(), f'[TOOL_CALLS][{{"name": "f", "arguments": {{"a": {TOO_DEEP}}}}}]'),
+        (NamedFunctionParser("f"), f'{{"a": {TOO_DEEP}}}'),
+        (RequiredCallsParser(), f'[{{"name": "f", "parameters": {{"a": {TOO_DEEP}}}}}]'),
+    ],
+    ids=["hermes", "hermes-name", "hermes-unclosed", "llama3", "mistral", "named", "required"],
+)
+def test_arguments_nested_too_deep_for_python_s_reader_are_no_call(parser: ToolParser, output: str) -> None:
+    """As a call that never closes: the text, never a RecursionError (which was a 500)."""
+    parsed = parser.extract(output)
+    assert parsed.tool_calls == () and parsed.content in (output, None)
+    calls = parser.stream()
+    for end in range(0, len(output), 500):
+        calls.feed(output[end : end + 500])
+    calls.finish()
+    assert not calls.ends_in_calls
+
+
+def test_a_coder_parameter_nested_too_deep_for_python_s_reader_is_its_text() -> None:
+    output = f"<tool_call>\n<function=search>\n<parameter=filters>\n{TOO_DEEP}\n</parameter>\n</function>\n</tool_call>"
+    [call] = CODER.extract(output).tool_calls
+    assert json.loads(call.arguments) == {"filters": TOO_DEEP}

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
+from batchlm import json_text
 from batchlm.unicode_text import encodes
 
 # The endpoints a batch line may name, as OpenAI's Batch API names them.
@@ -40,7 +41,7 @@ def parse_line(text: str | bytes, seen: set[str]) -> tuple[str, str, dict[str, A
     Bytes are decoded as UTF-8 (a BOM accepted; not as json.loads would, which also takes UTF-16 and
     UTF-32): a line that is not UTF-8 is that line's error rather than the end of the run."""
     try:
-        item = json.loads(text.decode("utf-8-sig") if isinstance(text, bytes) else text)
+        item = json_text.loads(text.decode("utf-8-sig") if isinstance(text, bytes) else text)
     except UnicodeDecodeError as error:
         return error_line(None, "invalid_json", f"the line is not UTF-8: {error}")
     except ValueError as error:

@@ -129,7 +129,11 @@ def install_error_handlers(app: FastAPI, observe: ErrorObserver) -> None:
             "unhandled error serving %s %s (X-Request-Id %s)", request.method, request.url.path, request_id
         )
         # Sent from outside every middleware (Starlette's last resort), so the id is added here.
-        headers = {"X-Request-Id": request_id} if request_id is not None else None
+        # Starlette re-raises the error once this answer is sent, and uvicorn then closes the
+        # connection: said here, a client does not send its next request down it and get a reset.
+        headers = {"Connection": "close"}
+        if request_id is not None:
+            headers["X-Request-Id"] = request_id
         error = APIError(
             500, "The server had an internal error while processing your request.", headers=headers
         )
@@ -146,7 +150,7 @@ def validation_error_to_api_error(errors: Sequence[Any], required: Sequence[str]
     body's required fields, named when the whole body is missing."""
     if not errors:
         return APIError(400, "Invalid request body.")
-    first = errors[0]
+    first = _most_specific(errors)
     param = param_from_loc(first.get("loc", ()))
     kind = first.get("type", "")
     if kind == "missing" and param is None:
@@ -174,6 +178,42 @@ def validation_error_to_api_error(errors: Sequence[Any], required: Sequence[str]
 
 # Pydantic names the union member that failed inside `loc` (e.g. "str", "list[int]"); clients never see them.
 _UNION_TAGS = {"str", "int", "float", "bool", "none", "list", "dict"}
+
+
+def _is_union_tag(part: Any, models: set[str]) -> bool:
+    """A member's name in a union error's `loc`: a type ("str", "list[str]", "literal['a']") or a model's
+    class name ("NamedToolChoice")."""
+    if not isinstance(part, str):
+        return False
+    return part in _UNION_TAGS or "[" in part or part in models
+
+
+def _model_names(base: type[BaseModel]) -> set[str]:
+    """The class names of every pydantic model (a union member's tag when it is a model)."""
+    names = set()
+    for model in base.__subclasses__():
+        names.add(model.__name__)
+        names |= _model_names(model)
+    return names
+
+
+def _most_specific(errors: Sequence[Any]) -> dict[str, Any]:
+    """The error to report. Pydantic reports a union's failure once for each member, the first member
+    first: `"stop": [null]` fails as a string before it fails at stop[0] as a list of strings, and
+    `"tool_choice": {"type": "allowed_tools", ...}` as one of the literal choices before it is found
+    to lack its `allowed_tools.tools`. The member that read furthest into the value (the longest `loc`) names what is wrong,
+    one whose type the value had over one it did not (`[1.5]`: a token id with a fraction, not a
+    string); its own name is dropped from the `loc`."""
+    first: dict[str, Any] = errors[0]
+    loc = tuple(first.get("loc", ()))
+    models = _model_names(BaseModel)
+    tag = next((i for i, part in enumerate(loc) if _is_union_tag(part, models)), None)
+    if tag is None:
+        return first
+    members = [error for error in errors if tuple(error.get("loc", ()))[:tag] == loc[:tag]]
+    deepest = max(members, key=lambda e: (len(e.get("loc", ())), not e.get("type", "").endswith("_type")))
+    deep_loc = tuple(deepest["loc"])
+    return {**deepest, "loc": deep_loc[:tag] + deep_loc[tag + 1 :]}
 
 
 def required_body_fields(request: Request) -> list[str]:

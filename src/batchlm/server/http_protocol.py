@@ -14,8 +14,9 @@ client needs and uvicorn leaves out.
 - An answer sent before its request's body has all arrived (413 for a body past the limit) is read by
   the client: the rest of the body is read and dropped before the connection closes (uvicorn closes
   at once, which resets the connection under a client still sending, and loses the answer).
-- A request the parser refuses gets its 400 as OpenAI-shaped JSON naming what is wrong, and a warning
-  at most once a minute in place of uvicorn's line for each (a client sending garbage fills no log).
+- A request the parser refuses gets its 400 (414 for a target past the URL parser's 65535 bytes) as
+  OpenAI-shaped JSON naming what is wrong, and a warning at most once a minute in place of uvicorn's
+  line for each (a client sending garbage fills no log).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
@@ -93,8 +95,9 @@ class ConnectionCap:
 
 
 class ParserRefusals(ThrottledWarning):
-    """The requests the HTTP parser refused (each answered 400), logged as one warning at most every
-    `interval_s`, with how many there were since the last and the latest's reason."""
+    """The requests the HTTP parser refused (each answered 400, or 414 for a target too long), logged as
+    one warning at most every `interval_s`, with how many there were since the last and the latest's
+    reason."""
 
     def __init__(
         self,
@@ -231,12 +234,17 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 _delimit_by_close(cycle)
 
     def send_400_response(self, msg: str) -> None:
-        # Called by uvicorn while it handles the parser's error: that error says what is wrong.
+        # Called by uvicorn while it handles the parser's error: that error says what is wrong, or for
+        # "User callback error" the error of the callback it wraps (uvicorn's, which reads the target
+        # with httptools' URL parser: past 65535 bytes, whatever max_header_bytes allows, it refuses).
         failure = sys.exc_info()[1]
+        if isinstance(failure, httptools.HttpParserCallbackError) and failure.__context__ is not None:
+            failure = failure.__context__
         detail = str(failure) if failure is not None and str(failure) else msg
         client = f"{self.client[0]}:{self.client[1]}" if self.client else "an unknown client"
         self._parser_refusals.refused(detail.rstrip("."), client)
-        self._refuse(APIError(400, f"Invalid HTTP request: {detail.rstrip('.')}."))
+        too_long = isinstance(failure, httptools.HttpParserInvalidURLError) and "too long" in detail
+        self._refuse(APIError(414 if too_long else 400, f"Invalid HTTP request: {detail.rstrip('.')}."))
 
     def header_timed_out(self) -> None:
         """The header deadline passed: the connection is closed, unless a response is still being sent

@@ -4,13 +4,13 @@ sampling fields onto batchlm's SamplingParams, the output constraint (`response_
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from typing import Any, cast
 
 from pydantic import BaseModel
 
+from batchlm import json_text
 from batchlm.engine.input_processor import FieldNames
 from batchlm.sampling_defaults import SamplingDefaults
 from batchlm.sampling_params import SamplingParams, SamplingParamsError, StructuredOutputs, schema_json
@@ -239,8 +239,12 @@ def _schema_text(schema: Any, param: str, strict: bool = False) -> str:
     strict mode (which requires `additionalProperties: false` on each) and xgrammar's."""
     if isinstance(schema, str):
         try:
-            schema = json.loads(schema)
-        except json.JSONDecodeError as error:
+            schema = json_text.loads(schema)
+        except json_text.NestingTooDeep as error:
+            raise APIError(
+                400, f"Invalid '{param}': the JSON schema cannot be used: {error}.", param=param
+            ) from None
+        except ValueError as error:  # a number past Python's digits limit too
             raise APIError(
                 400, f"Invalid '{param}': the JSON schema is not valid JSON ({error}).", param=param
             ) from None

@@ -13,6 +13,7 @@ import llguidance
 import numpy as np
 from llguidance.gbnf_to_lark import any_to_lark
 
+from batchlm import json_text
 from batchlm.sampling_params import StructuredOutputs
 from batchlm.structured.backend import GrammarError, GrammarMatcher, LRUCache, bitmask_words, fill_eos_only
 from batchlm.structured.template_pool import TemplateBudget, TemplatePool
@@ -100,7 +101,9 @@ def _object_schema(text: str) -> str:
     """A schema's JSON text as llguidance takes it: an object. The boolean schemas are JSON Schema's
     "any value" (true, as {}) and "no value" (false, refused)."""
     try:
-        schema = json.loads(text)
+        schema = json_text.loads(text)
+    except json_text.NestingTooDeep as exc:
+        raise GrammarError(f"the JSON schema cannot be used: {exc}") from None
     except ValueError as exc:
         raise GrammarError(f"the JSON schema is not valid JSON: {exc}") from None
     if schema is True:

@@ -47,5 +47,5 @@ class RequiredCallsParser(ToolParser):
 def _is_json_object(text: str) -> bool:
     try:
         return isinstance(json.loads(text), dict)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested past Python's reader
         return False

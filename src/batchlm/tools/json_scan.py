@@ -45,6 +45,10 @@ def value_end(text: str, start: int, final: bool) -> int | None:
         value, end = _DECODER.raw_decode(text, start)
     except ValueError:
         return None
+    except RecursionError:
+        # Nested deeper than Python's reader goes (a model can write "[" a thousand times): never
+        # read as a value, as one that never closes; the output keeps it as text.
+        return None
     if isinstance(value, dict | list | str) or final:
         return int(end)
     return int(end) if skip_whitespace(text, end) < len(text) else None
@@ -127,6 +131,10 @@ def is_json_prefix(text: str, start: int) -> bool:
             return True
         if error.msg.startswith("Unterminated string"):
             return _PARTIAL_STRING.fullmatch(text, error.pos) is not None
+    except RecursionError:
+        # Nested past Python's reader, which value_end never reads as closed: reading the tokens
+        # instead would cost the whole text again at every delta.
+        return True
     else:
         if skip_whitespace(text, end) == len(text):
             return True

@@ -8,6 +8,7 @@ import json
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from batchlm import json_text
 from batchlm.unicode_text import encodes
 
 TOOLS_PROMPT = (
@@ -45,7 +46,7 @@ def template_tool_calls(calls: Sequence[HistoryCall]) -> list[dict[str, Any]]:
     converted = []
     for call in calls:
         try:
-            arguments = json.loads(call.function.arguments)
+            arguments = json_text.loads(call.function.arguments)
         except ValueError:
             arguments = None
         if isinstance(arguments, dict) and not encodes(_json(arguments)):

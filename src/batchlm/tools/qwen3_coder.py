@@ -149,7 +149,7 @@ def _json_value(value: str, types: set[str] | None) -> str:
         text = text.lower()
     try:
         return encodable(json.dumps(json.loads(text), ensure_ascii=False))
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested past Python's reader
         return json.dumps(value, ensure_ascii=False)
 
 

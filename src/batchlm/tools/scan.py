@@ -38,10 +38,10 @@ def call_from_object(
     name_span = scan.fields.get("name")
     name = None
     if name_span is not None and name_span.end is not None:
-        name = json.loads(text[name_span.start : name_span.end])
-        if not isinstance(name, str):
+        # Only strings are decoded here: a value nested deep enough could stop Python's reader.
+        if not text.startswith('"', name_span.start):
             return None
-        name = encodable(name)
+        name = encodable(json.loads(text[name_span.start : name_span.end]))
     if scan.malformed or (done and name is None):
         return None
     key = next((k for k in argument_keys if k in scan.fields), None)
@@ -54,8 +54,9 @@ def call_from_object(
         partial = text[span.start :] if text.startswith("{", span.start) else ""
         return CallScan(name, partial, False)
     raw = text[span.start : span.end]
-    value = json.loads(raw)
-    return CallScan(name, encodable(value) if isinstance(value, str) else raw, done)
+    if text.startswith('"', span.start):
+        return CallScan(name, encodable(json.loads(raw)), done)
+    return CallScan(name, raw, done)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,46 @@
+"""JSON text from a client that pydantic does not read (a schema sent as a string, a tool call's
+arguments, a line of a batch file): Python's reader raises RecursionError, not ValueError, for arrays
+or objects nested past the interpreter's recursion limit, which an `except ValueError` around it
+misses (a 500 for a client's mistake). Nesting is bounded as deep as a request body itself may nest,
+so that what such text holds is as safe to serialize and render (json.dumps, a chat template) as the
+body's own objects."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+# pydantic's JSON reader (the request bodies) refuses nesting past 200 levels.
+MAX_DEPTH = 200
+
+
+class NestingTooDeep(ValueError):
+    """JSON text nested past MAX_DEPTH."""
+
+
+def loads(text: str) -> Any:
+    """json.loads, with nesting deeper than MAX_DEPTH a ValueError (NestingTooDeep) like any other
+    unreadable text."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        value = None
+    else:
+        # Fewer brackets than the bound cannot nest past it: most texts are not walked.
+        if text.count("[") + text.count("{") <= MAX_DEPTH or _depth(value) <= MAX_DEPTH:
+            return value
+    raise NestingTooDeep(f"its arrays or objects nest more than {MAX_DEPTH} levels deep")
+
+
+def _depth(value: Any) -> int:
+    """How deep `value`'s lists and dicts nest, walked without recursion."""
+    deepest = 0
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        pending.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return deepest
