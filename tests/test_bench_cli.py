@@ -144,6 +144,23 @@ def test_extra_body_headers_and_sampling_flags_reach_the_request() -> None:
         (["--metric-percentiles", "50,150"], "not within 0..100"),
         (["--base-url", "localhost:8080/v1"], "must start with http://"),
         (["--client-processes", "0"], "--client-processes must be >= 1"),
+        # Accepted before: an infinite think time or duration never ended, NaN passed as no delay,
+        # and an infinite request timeout failed with a traceback once the run began.
+        (["--max-delay", "inf"], "--max-delay must be a finite number, got inf"),
+        (["--min-delay", "nan"], "--min-delay must be a finite number, got nan"),
+        (["--duration", "inf"], "--duration must be a finite number, got inf"),
+        (["--request-timeout", "inf"], "--request-timeout must be a finite number, got inf"),
+        # Each failed every request of the run with a 400 or 404.
+        (["--temperature", "-0.5"], "--temperature must be a number at least 0, got -0.5"),
+        (["--temperature", "nan"], "--temperature must be a number at least 0, got nan"),
+        (["--top-p", "1.5"], "--top-p must be above 0 and at most 1, got 1.5"),
+        (["--top-p", "0"], "--top-p must be above 0 and at most 1, got 0.0"),
+        (["--top-k", "-2"], "--top-k must be at least -1 (-1 and 0: off), got -2"),
+        (["--endpoint", "chat/completions"], "--endpoint is a path after --base-url and starts with '/'"),
+        # Silently ignored before.
+        (["--dataset-path", "prompts.jsonl"], "--dataset-path is read by the jsonl and sharegpt datasets"),
+        (["--save-detailed"], "--save-detailed goes into the --save-result file; give --save-result"),
+        (["--metadata", "gpu=h100"], "--metadata goes into the --save-result file; give --save-result"),
     ],
 )
 def test_bad_flag_combinations_are_rejected_with_the_flag_named(argv: list[str], message: str) -> None:
@@ -185,3 +202,28 @@ def test_bench_imports_nothing_else_from_batchlm_and_never_torch() -> None:
     code = f"import sys, importlib; [importlib.import_module(m) for m in {modules!r}]; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_the_run(tmp_path: Path) -> None:
+    # Found only once the run was over, as a traceback, its results lost.
+    missing = tmp_path / "missing" / "result.json"
+    for flag in ("--save-result", "--plot"):
+        with pytest.raises(
+            ValueError, match=re.escape(f"{flag} {missing}: {missing.parent} is not a writable")
+        ):
+            parse(flag, str(missing))
+        with pytest.raises(ValueError, match=re.escape(f"{flag} {tmp_path}: it is a directory")):
+            parse(flag, str(tmp_path))
+    config = parse("--save-result", str(tmp_path / "r.json"), "--save-detailed", "--metadata", "a=b")
+    assert (config.save_result, config.save_detailed, config.metadata) == (
+        str(tmp_path / "r.json"),
+        True,
+        {"a": "b"},
+    )
+
+
+def test_the_edges_of_the_sampling_and_load_ranges_are_accepted() -> None:
+    config = parse("--temperature", "0", "--top-p", "1", "--top-k", "-1", "--endpoint", "/chat/completions")
+    assert config.extra_body == {"temperature": 0.0, "top_p": 1.0, "top_k": -1}
+    assert parse("--request-rate", "inf", "--burstiness", "inf").levels[0].burstiness == math.inf
+    assert parse("--min-delay", "0", "--max-delay", "0").workload.max_delay == 0.0

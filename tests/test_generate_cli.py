@@ -97,6 +97,19 @@ def test_generate_reports_a_prompt_the_model_cannot_take(
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_a_model_directory_holding_no_model_is_one_error_line_naming_what_it_lacks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The tokenizer's error came first, listing tokenizer formats and sentencepiece over five lines.
+    (tmp_path / "notes.txt").write_text("not a model")
+    assert main(["generate", "--model", str(tmp_path), "--device", "cpu", "hi"]) == 2
+    error = capsys.readouterr().err
+    assert (
+        error
+        == f"batchlm generate: model directory {str(tmp_path)!r} holds neither config.json nor a GGUF file\n"
+    )
+
+
 def test_a_damaged_weight_file_is_one_error_line(
     tiny_model_dir: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -135,3 +148,27 @@ def test_ctrl_c_while_the_model_loads_is_one_line_and_exit_130(
         pytest.fail("KeyboardInterrupt escaped `batchlm generate`")
     assert code == 130
     assert capsys.readouterr().err == "batchlm generate: interrupted\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--prompts-file", "", "hi"], "argument --prompts-file: must not be empty"),
+        (["--chat-template", "{{ x }}", "hi"], "--chat-template formats --chat prompts"),
+        (["--seed", str(10**23), "hi"], "argument --seed: must be from"),
+        (
+            ["--speculative", "off", "--num-speculative-tokens", "3", "hi"],
+            "--num-speculative-tokens applies to --speculative auto and ngram",
+        ),
+    ],
+)
+def test_flags_that_cannot_work_together_or_at_all_are_usage_errors_before_the_model_loads(
+    argv: list[str], message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # --seed 1e23 failed with "Overflow when unpacking long long" once the model had loaded.
+    monkeypatch.setattr(llm_module, "LLM", lambda **_: pytest.fail(f"{argv} loaded a model"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", *argv])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("batchlm generate: error: ") and message in error and error.count("\n") == 1

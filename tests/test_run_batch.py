@@ -328,7 +328,10 @@ def test_standard_input_redirected_from_the_output_file_is_refused(
     assert json.loads(source.read_text())["custom_id"] == "a"
 
 
-@pytest.mark.parametrize(("flag", "value"), [("--progress-interval", "0"), ("--max-concurrency", "0")])
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--progress-interval", "0"), ("--progress-interval", "0.001"), ("--max-concurrency", "0")],
+)
 def test_out_of_range_batch_flags_are_usage_errors(
     flag: str, value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -447,3 +450,13 @@ def test_a_line_in_utf16_is_not_read_as_json_would_read_it() -> None:
     utf32 = parse_line(text.encode("utf-32-be"), set())  # valid UTF-8 (NULs), so not JSON
     assert isinstance(utf32, dict) and utf32["error"]["code"] == "invalid_json"
     assert parse_line(b"\xef\xbb\xbf" + text.encode(), set()) == ("a", "/v1/completions", {"prompt": "x"})
+
+
+@pytest.mark.parametrize("flag", ["-i", "-o"])
+def test_an_empty_file_name_is_a_usage_error(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # -o "" was reported as "cannot write : it is a directory" (the current one).
+    names = {"-i": "in.jsonl", "-o": "out.jsonl", flag: ""}
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run-batch", "-i", names["-i"], "-o", names["-o"]])
+    assert exit_info.value.code == 2
+    assert "must not be empty" in capsys.readouterr().err

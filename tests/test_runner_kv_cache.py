@@ -161,3 +161,11 @@ def test_start_up_warns_when_the_cache_holds_less_than_the_context(
         held = facts.num_blocks * facts.block_size
         assert (held < 512) == warned
         assert any("fewer than the context of 512" in r.getMessage() for r in caplog.records) == warned
+
+
+def test_a_block_too_large_for_the_cache_names_the_block_size_too() -> None:
+    # --block-size 1000000 alone: the message said only to raise the cache size the user never set.
+    with pytest.raises(
+        ValueError, match=r"holds no KV-cache block: one block of 1000000 tokens .* lower --block-size"
+    ):
+        blocks(EngineConfig(block_size=1_000_000), 64)

@@ -182,6 +182,19 @@ def test_an_unavailable_backend_is_an_error_not_a_crash(monkeypatch: Any, caplog
         parse("--backend", "tpu")
 
 
+def test_max_connections_past_the_open_file_limit_is_warned_about(monkeypatch: Any, caplog: Any) -> None:
+    # Past the limit, connections are dropped unanswered: the 503 the flag promises never comes.
+    monkeypatch.setattr(serve_cli, "configure_logging", lambda level: None)
+    monkeypatch.setattr(serve_cli, "raise_open_file_limit", lambda: None)
+    monkeypatch.setattr(serve_cli, "connection_limit", lambda: 960)
+    monkeypatch.setattr("batchlm.backends.mlx_available", lambda: False)
+    with caplog.at_level(logging.WARNING):
+        assert main(["serve", "--backend", "mlx", "--max-connections", "960"]) == 2
+        assert "--max-connections" not in caplog.text
+        assert main(["serve", "--backend", "mlx", "--max-connections", "5000"]) == 2
+    assert "--max-connections 5000 is more than the 960 connections the open-file limit" in caplog.text
+
+
 def test_python_dash_m_batchlm_is_the_command() -> None:
     import subprocess
 
@@ -198,16 +211,19 @@ def test_python_dash_m_batchlm_is_the_command() -> None:
         (["--port", "70000"], "argument --port: must be from 0 to 65535, got 70000"),
         (["--port", "-1"], "argument --port: must be from 0 to 65535, got -1"),
         (["--port", "http"], "argument --port: expected an integer, got 'http'"),
-        (["--stats-log-interval", "0"], "argument --stats-log-interval: must be above 0, got 0"),
+        (["--stats-log-interval", "0"], "argument --stats-log-interval: must be at least 0.1, got 0"),
+        (["--stats-log-interval", "0.001"], "argument --stats-log-interval: must be at least 0.1, got 0.001"),
         (["--shutdown-timeout", "inf"], "argument --shutdown-timeout: expected a finite number, got 'inf'"),
         (["--shutdown-timeout", "-1"], "argument --shutdown-timeout: must be at least 0, got -1"),
         (["--max-body-bytes", "0"], "argument --max-body-bytes: must be at least 1, got 0"),
         (["--body-timeout", "0"], "argument --body-timeout: must be above 0, got 0"),
         (["--header-timeout", "0"], "argument --header-timeout: must be above 0, got 0"),
         (["--keep-alive-timeout", "0"], "argument --keep-alive-timeout: must be above 0, got 0"),
-        (["--max-header-bytes", "0"], "argument --max-header-bytes: must be at least 1, got 0"),
+        (["--max-header-bytes", "0"], "argument --max-header-bytes: must be at least 1024, got 0"),
+        (["--max-header-bytes", "10"], "argument --max-header-bytes: must be at least 1024, got 10"),
         (["--max-connections", "0"], "argument --max-connections: must be at least 1, got 0"),
-        (["--max-n", "0"], "argument --max-n: must be at least 1, got 0"),
+        (["--max-n", "0"], "argument --max-n: must be from 1 to 128, got 0"),
+        (["--max-n", "129"], "argument --max-n: must be from 1 to 128, got 129"),
         (["--api-servers", "0"], "argument --api-servers: must be at least 1, got 0"),
         (["--stored-responses", "-1"], "argument --stored-responses: must be at least 0, got -1"),
         (["--batch-size", "0"], "argument --batch-size/--max-num-seqs: must be at least 1, got 0"),
@@ -218,6 +234,29 @@ def test_python_dash_m_batchlm_is_the_command() -> None:
         (["--gpu-memory-utilization", "nan"], "expected a finite number, got 'nan'"),
         (["--cpu-kv-cache-gib", "0"], "argument --cpu-kv-cache-gib: must be above 0, got 0"),
         (["--max-queue", "lots"], "argument --max-queue: expected an integer or \"none\", got 'lots'"),
+        (["--seed", str(2**64)], f"argument --seed: must be from {-(2**63)} to {2**64 - 1}, got {2**64}"),
+        (["--seed", "1.5"], "argument --seed: expected an integer, got '1.5'"),
+        # Empty names and paths: an unset shell variable, taken before as the flag left out (an open
+        # server for --api-key) or as the current directory.
+        (["--api-key", ""], "argument --api-key: must not be empty"),
+        (["--model", ""], "argument --model: must not be empty"),
+        (["--served-model-name", " "], "argument --served-model-name: must not be empty"),
+        (["--generation-config", ""], "argument --generation-config: must not be empty"),
+        (["--responses-dir", ""], "argument --responses-dir: must not be empty"),
+        (["--dtype", ""], "argument --dtype: must not be empty"),
+        # Flags the rest of the line makes meaningless, silently ignored before.
+        (
+            ["--speculative", "off", "--num-speculative-tokens", "3"],
+            "--num-speculative-tokens applies to --speculative auto and ngram, not to --speculative off",
+        ),
+        (
+            ["--speculative", "off", "--speculative-pool-tokens", "0"],
+            "--speculative-pool-tokens applies to --speculative auto and ngram, not to --speculative off",
+        ),
+        (
+            ["--speculative", "ngram", "--speculative-max-batch", "8"],
+            "--speculative-max-batch applies to --speculative auto, not to --speculative ngram",
+        ),
     ],
 )
 def test_out_of_range_values_are_one_line_usage_errors_before_anything_starts(
@@ -246,6 +285,28 @@ def test_the_edge_values_of_each_range_are_accepted() -> None:
         0,
         0,
     )
+    args = parse(
+        "--max-header-bytes", "1024", "--stats-log-interval", "0.1", "--seed", "-5", "--host", "",
+        "--root-path", "", "--block-size", "7",
+    )  # fmt: skip
+    assert (args.max_header_bytes, args.stats_log_interval_s, args.seed) == (1024, 0.1, -5)
+    assert (args.host, args.root_path, args.block_size) == ("", "", 7)
+    assert parse("--seed", str(2**64 - 1), "--seed", str(-(2**63))).seed == -(2**63)
+    assert serve_cli.check_args(parse("--speculative", "ngram", "--num-speculative-tokens", "3")) is None
+
+
+def test_the_help_states_each_bounded_flags_range() -> None:
+    parser = argparse.ArgumentParser()
+    serve_cli.add_arguments(parser)
+    help_text = " ".join(parser.format_help().split())
+    for stated in (
+        "(default: 8080; from 0 to 65535)",
+        "(default: 65536; at least 1024)",
+        "(default: 0.9; above 0 and at most 1)",
+        "(default: 16; at least 1)",
+        "need not be a power of two",
+    ):
+        assert stated in help_text
 
 
 def test_a_responses_dir_that_cannot_be_used_is_one_error_line_before_the_engine_starts(

@@ -325,8 +325,24 @@ def test_worker_start_failure_names_the_rank_and_the_problem(tmp_path: Path) -> 
     config = EngineConfig(model=str(tmp_path), tensor_parallel_size=2, **ENGINE_ARGS)
     with pytest.raises(
         TensorParallelError, match=r"rank \d failed to start: ValueError: .* has no config.json"
-    ):
+    ) as failure:
         build_tensor_parallel_executor(config, tmp_path)
+    # A configuration refused by a rank is a ValueError too: `batchlm generate` reports it in one line.
+    assert isinstance(failure.value, ValueError)
+
+
+@pytest.mark.slow
+def test_a_size_that_does_not_split_the_heads_is_one_error_line(
+    tiny_model_dir: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from batchlm.cli import main
+
+    model = str(tiny_model_dir("llama"))  # 4 query heads: 3 ranks cannot share them
+    assert main(["generate", "--model", model, "--device", "cpu", "--tensor-parallel-size", "3", "hi"]) == 2
+    error = capsys.readouterr().err
+    last = error.strip().splitlines()[-1]  # after the fixture's progress lines
+    assert last.startswith("batchlm generate: tensor-parallel worker rank") and "Traceback" not in error
+    assert "tensor-parallel size 3" in last
 
 
 # -- behind the server -----------------------------------------------------------------------------

@@ -7,8 +7,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-# Each subcommand module exposes add_arguments(parser) and run(args) -> int; imported lazily so
-# `batchlm bench` never imports torch.
+# Each subcommand module exposes add_arguments(parser) and run(args) -> int, and may expose
+# check_args(args) -> str | None, what is wrong with a combination of flags (a usage error); imported
+# lazily so `batchlm bench` never imports torch.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("batchlm.server.cli", "Start the OpenAI-compatible server."),
     "generate": (
@@ -51,11 +52,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}", parser_class=SubcommandParser
     )
     chosen = next((a for a in argv if not a.startswith("-")), None)
+    sub_parsers: dict[str, argparse.ArgumentParser] = {}
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        sub_parsers[name] = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
             add_arguments, _ = _load(module_name)
-            add_arguments(sub_parser)
+            add_arguments(sub_parsers[name])
     args = parser.parse_args(argv)
     if args.version:
         from batchlm import __version__
@@ -66,7 +68,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     _, run = _load(SUBCOMMANDS[args.command][0])
+    problem = _check(SUBCOMMANDS[args.command][0], args)
+    if problem is not None:
+        sub_parsers[args.command].error(problem)
     return int(run(args) or 0)
+
+
+def _check(module_name: str, args: argparse.Namespace) -> str | None:
+    import importlib
+
+    check = getattr(importlib.import_module(module_name), "check_args", None)
+    return None if check is None else check(args)
 
 
 if __name__ == "__main__":

@@ -105,7 +105,9 @@ class EngineConfig:
     # Per-step token budget shared by decodes and prefill chunks; None = 512 on a CPU, 8192 on a GPU
     # (on the mlx backend: its prompt chunk, 2048).
     max_num_batched_tokens: int | None = None
-    # Tokens per KV-cache block.
+    # Tokens per KV-cache block: any positive number (the attention kernels find a token's block by
+    # division, so it need not be a power of two); prefix caching shares whole blocks only, so larger
+    # blocks share less of a repeated prompt.
     block_size: int = 16
     # Fraction of total GPU memory the engine may use (weights + activations + KV cache).
     gpu_memory_utilization: float = 0.90

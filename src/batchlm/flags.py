@@ -63,13 +63,17 @@ class Bounds:
         too_high = self.maximum is not None and value > self.maximum
         if not (too_low or too_high):
             return None
+        return "must be " + self.describe()
+
+    def describe(self) -> str:
+        """The accepted values in words ("at least 1", "from 0 to 65535"), as --help and errors say."""
         if self.minimum is not None and self.maximum is not None:
-            return f"must be from {_plain(self.minimum)} to {_plain(self.maximum)}"
+            return f"from {_plain(self.minimum)} to {_plain(self.maximum)}"
         lower = f"above {_plain(self.above)}" if self.above is not None else None
         if lower is None and self.minimum is not None:
             lower = f"at least {_plain(self.minimum)}"
         upper = None if self.maximum is None else f"at most {_plain(self.maximum)}"
-        return "must be " + " and ".join(part for part in (lower, upper) if part)
+        return " and ".join(part for part in (lower, upper) if part)
 
 
 def _plain(number: float) -> str:
@@ -104,10 +108,20 @@ def bounded_number(kind: type[int] | type[float], bounds: Bounds) -> Callable[[s
     return _number_parser(kind, False, bounds)
 
 
-def _scalar_type(annotation: Any, default: Any, bounds: Bounds | None = None) -> Any:
+def non_empty_text(text: str) -> str:
+    """An argparse `type` for a name or path: an empty value (`--api-key "$UNSET_VARIABLE"`) is a usage
+    error rather than taken as the flag left out, or as the current directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def _scalar_type(
+    annotation: Any, default: Any, bounds: Bounds | None = None, may_be_empty: bool = False
+) -> Any:
     """str | None -> str; dict[...] -> a JSON-object parser; int and float -> a parser checking
-    `bounds`; str as it is. A number whose field takes None but defaults to a number also takes
-    `none` (`--max-queue none`: no limit)."""
+    `bounds`; str as it is, refusing an empty value unless `may_be_empty`. A number whose field takes
+    None but defaults to a number also takes `none` (`--max-queue none`: no limit)."""
     optional = False
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         members = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -117,6 +131,8 @@ def _scalar_type(annotation: Any, default: Any, bounds: Bounds | None = None) ->
         return _json_object
     if annotation in (int, float):
         return _number_parser(annotation, optional and default is not None, bounds)
+    if annotation is str and not may_be_empty:
+        return non_empty_text
     return annotation
 
 
@@ -128,10 +144,12 @@ def add_dataclass_arguments(
     choices: dict[str, list[str]] | None = None,
     help_notes: dict[str, str] | None = None,
     bounds: dict[str, Bounds] | None = None,
+    may_be_empty: frozenset[str] = frozenset(),
 ) -> None:
     """One flag per field of the dataclass `cls` (dest = the field name). `flag_names` overrides a
     field's flag spellings; a bool that defaults to True becomes `--no-<name>` (minus any `enable_`);
-    `bounds` limits a numeric field's values."""
+    `bounds` limits a numeric field's values; a text field takes an empty value only if named in
+    `may_be_empty`."""
     hints = typing.get_type_hints(cls)
     comments = field_comments(cls)
     for spec in fields(cls):
@@ -144,10 +162,13 @@ def add_dataclass_arguments(
             continue
         field_choices = (choices or {}).get(name)
         shown = json.dumps(default) if isinstance(default, dict) else default
+        field_bounds = (bounds or {}).get(name)
+        if field_bounds is not None:
+            shown = f"{shown}; {field_bounds.describe()}"
         parser.add_argument(
             *(flags or [f"--{name.replace('_', '-')}"]),
             dest=name,
-            type=_scalar_type(hints[name], default, (bounds or {}).get(name)),
+            type=_scalar_type(hints[name], default, field_bounds, name in may_be_empty),
             default=default,
             choices=field_choices,
             metavar=None if field_choices else name.upper(),
@@ -213,6 +234,8 @@ ENGINE_BOUNDS = {
     "num_speculative_tokens": POSITIVE,
     "speculative_max_batch": Bounds(minimum=0),
     "speculative_pool_tokens": Bounds(minimum=0),
+    # What torch's generators take; beyond, the engine failed only once the model had loaded.
+    "seed": Bounds(minimum=-(2**63), maximum=2**64 - 1),
 }
 
 
@@ -224,3 +247,21 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(
         group, EngineConfig, flag_names=ENGINE_FLAG_NAMES, choices=ENGINE_CHOICES, bounds=ENGINE_BOUNDS
     )
+
+
+# Flags that tune speculative decoding, and the --speculative modes each means something in.
+SPECULATION_FLAGS = {
+    "num_speculative_tokens": ("auto", "ngram"),
+    "speculative_max_batch": ("auto",),
+    "speculative_pool_tokens": ("auto", "ngram"),
+}
+
+
+def engine_flag_conflicts(args: argparse.Namespace) -> str | None:
+    """A flag given where the rest of the engine flags make it mean nothing (it would be silently
+    ignored), or None."""
+    for name, modes in SPECULATION_FLAGS.items():
+        if getattr(args, name) is not None and args.speculative not in modes:
+            flag = "--" + name.replace("_", "-")
+            return f"{flag} applies to --speculative {' and '.join(modes)}, not to --speculative {args.speculative}"
+    return None

@@ -8,7 +8,7 @@ import logging
 import sys
 import time
 
-from batchlm.flags import add_engine_arguments, dataclass_from_args
+from batchlm.flags import add_engine_arguments, dataclass_from_args, engine_flag_conflicts, non_empty_text
 from batchlm.logging_setup import LOG_LEVELS, configure_logging
 from batchlm.sampling_params import SamplingParams, SamplingParamsError
 
@@ -18,7 +18,11 @@ logger = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     io = parser.add_argument_group("prompts and output")
     io.add_argument("prompts", nargs="*", help="prompts to complete (one request each)")
-    io.add_argument("--prompts-file", help="a file with one prompt per line ('-' reads standard input)")
+    io.add_argument(
+        "--prompts-file",
+        type=non_empty_text,
+        help="a file with one prompt per line ('-' reads standard input)",
+    )
     io.add_argument(
         "--chat", action="store_true", help="wrap each prompt as a user message in the chat template"
     )
@@ -41,6 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--log-level", default="WARNING", choices=list(LOG_LEVELS), help="log level (default: WARNING)"
     )
     add_engine_arguments(parser)
+
+
+def check_args(args: argparse.Namespace) -> str | None:
+    """A combination of flags in which one would be ignored, or None."""
+    if args.chat_template is not None and not args.chat:
+        return "--chat-template formats --chat prompts; without --chat prompts are completed as given"
+    return engine_flag_conflicts(args)
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:

@@ -23,7 +23,14 @@ from typing import IO, Any
 from batchlm.backends import BACKEND_CHOICES
 from batchlm.batch_client import BatchProgress, run_lines
 from batchlm.batch_file import OutputWriteError, count_requests, request_lines
-from batchlm.flags import Bounds, add_engine_arguments, bounded_number, dataclass_from_args
+from batchlm.flags import (
+    Bounds,
+    add_engine_arguments,
+    bounded_number,
+    dataclass_from_args,
+    engine_flag_conflicts,
+    non_empty_text,
+)
 from batchlm.logging_setup import LOG_LEVELS, configure_logging
 
 logger = logging.getLogger(__name__)
@@ -35,25 +42,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     batch = parser.add_argument_group("batch")
     batch.add_argument(
-        "-i", "--input-file", required=True, help="the requests, one JSON object a line ('-': standard input)"
+        "-i",
+        "--input-file",
+        required=True,
+        type=non_empty_text,
+        help="the requests, one JSON object a line ('-': standard input)",
     )
     batch.add_argument(
         "-o",
         "--output-file",
         required=True,
+        type=non_empty_text,
         help="where the results go, one a line in input order ('-': standard output); not the input file",
     )
     batch.add_argument(
         "--max-concurrency",
         type=bounded_number(int, Bounds(minimum=1)),
         default=256,
-        help="requests in flight at once; the engine batches them (default: 256)",
+        help="requests in flight at once; the engine batches them (default: 256; at least 1)",
     )
     batch.add_argument(
         "--progress-interval",
-        type=bounded_number(float, Bounds(above=0)),
+        # Written whether or not anything finished: shorter intervals flooded the log.
+        type=bounded_number(float, Bounds(minimum=0.1)),
         default=10.0,
-        help="seconds between progress lines (default: 10)",
+        help="seconds between progress lines (default: 10; at least 0.1)",
     )
     batch.add_argument(
         "--backend", default="auto", choices=list(BACKEND_CHOICES), help="as for serve (default: auto)"
@@ -68,6 +81,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--log-level", default="INFO", choices=list(LOG_LEVELS), help="log level (default: INFO)"
     )
     add_engine_arguments(parser)
+
+
+def check_args(args: argparse.Namespace) -> str | None:
+    """A combination of flags in which one would be ignored, or None."""
+    return engine_flag_conflicts(args)
 
 
 @contextmanager

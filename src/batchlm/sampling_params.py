@@ -21,6 +21,8 @@ class SamplingParamsError(ValueError):
 
 
 MAX_TOP_LOGPROBS = 20
+# Most completions one request may ask for (`n`).
+MAX_N = 128
 # Temperatures below this sample as greedy: logits divided by one overflow float32 to infinities, and
 # the distribution that is left is the argmax's anyway (vLLM takes the same bound).
 GREEDY_TEMPERATURE = 1e-5
@@ -312,8 +314,8 @@ class SamplingParams:
         def fail(message: str, param: str) -> None:
             raise SamplingParamsError(message, param)
 
-        if not isinstance(self.n, int) or self.n < 1 or self.n > 128:
-            fail(f"n must be between 1 and 128, got {self.n}", "n")
+        if not isinstance(self.n, int) or self.n < 1 or self.n > MAX_N:
+            fail(f"n must be between 1 and {MAX_N}, got {self.n}", "n")
         if self.temperature < 0 or self.temperature > 100:
             fail(f"temperature must be in [0, 100], got {self.temperature}", "temperature")
         if not 0 < self.top_p <= 1:

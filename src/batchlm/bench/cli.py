@@ -109,7 +109,8 @@ def _add_load_arguments(load: argparse._ArgumentGroup) -> None:
         "--burstiness",
         type=float,
         default=None,
-        help="gamma shape of inter-arrival times: 1 Poisson (default), <1 bursty, >1 regular",
+        help="gamma shape of inter-arrival times, above 0: 1 Poisson (default), <1 bursty, >1 regular "
+        "('inf': evenly spaced)",
     )
     load.add_argument(
         "--max-concurrency",
@@ -118,7 +119,10 @@ def _add_load_arguments(load: argparse._ArgumentGroup) -> None:
         help="open loop: most requests in flight (alone it means --request-rate inf)",
     )
     load.add_argument(
-        "--duration", type=float, default=None, help="run for this many seconds instead of --requests"
+        "--duration",
+        type=float,
+        default=None,
+        help="run for this many seconds (finite) instead of --requests",
     )
     load.add_argument(
         "--num-warmups", type=int, default=0, help="requests sent and discarded before measuring"
@@ -126,7 +130,12 @@ def _add_load_arguments(load: argparse._ArgumentGroup) -> None:
     load.add_argument(
         "--seed", type=int, default=0, help="seeds prompts, max_tokens, think and arrival times"
     )
-    load.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request fails")
+    load.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        help="seconds before a request fails (finite; default: 600)",
+    )
     load.add_argument(
         "--client-processes",
         type=int,
@@ -152,7 +161,7 @@ def _add_prompt_arguments(data: argparse._ArgumentGroup) -> None:
         choices=[*DATASET_NAMES, *DATASET_ALIASES],
         help="builtin (default), random (default with --input-len), jsonl (alias custom), sharegpt",
     )
-    data.add_argument("--dataset-path", default=None, help="file for the jsonl and sharegpt datasets")
+    data.add_argument("--dataset-path", default=None, help="file for the jsonl and sharegpt datasets (only)")
     data.add_argument(
         "--input-len",
         "--random-input-len",
@@ -187,7 +196,9 @@ def _add_api_arguments(api: argparse._ArgumentGroup) -> None:
         choices=["openai-chat", "openai", "openai-responses"],
         help="openai-chat: /chat/completions (default); openai: /completions; openai-responses: /responses",
     )
-    api.add_argument("--endpoint", default=None, help="path after --base-url (default: from --backend)")
+    api.add_argument(
+        "--endpoint", default=None, help="path after --base-url, starting with '/' (default: from --backend)"
+    )
     api.add_argument(
         "--no-include-usage",
         action="store_true",
@@ -196,10 +207,20 @@ def _add_api_arguments(api: argparse._ArgumentGroup) -> None:
     api.add_argument("--header", nargs="*", metavar="KEY=VALUE", help="extra HTTP headers")
     api.add_argument("--extra-body", default=None, help="JSON object merged into every request body")
     api.add_argument(
-        "--temperature", type=float, default=None, help="sampling temperature (server default if unset)"
+        "--temperature",
+        type=float,
+        default=None,
+        help="sampling temperature, at least 0 (server default if unset)",
     )
-    api.add_argument("--top-p", type=float, default=None, help="top-p (server default if unset)")
-    api.add_argument("--top-k", type=int, default=None, help="top-k (server default if unset)")
+    api.add_argument(
+        "--top-p", type=float, default=None, help="top-p, above 0 and at most 1 (server default if unset)"
+    )
+    api.add_argument(
+        "--top-k",
+        type=int,
+        default=None,
+        help="top-k, at least -1; -1 and 0 are off (server default if unset)",
+    )
 
 
 def _add_output_arguments(out: argparse._ArgumentGroup) -> None:
@@ -210,9 +231,13 @@ def _add_output_arguments(out: argparse._ArgumentGroup) -> None:
         "--save-result", default=None, metavar="FILE.json", help="write results as JSON (vLLM keys)"
     )
     out.add_argument(
-        "--save-detailed", action="store_true", help="also save per-request lists (ttfts, itls, ...)"
+        "--save-detailed",
+        action="store_true",
+        help="also save per-request lists (ttfts, itls, ...) in --save-result",
     )
-    out.add_argument("--metadata", nargs="*", metavar="KEY=VALUE", help="extra key=value pairs for the JSON")
+    out.add_argument(
+        "--metadata", nargs="*", metavar="KEY=VALUE", help="extra key=value pairs for the --save-result JSON"
+    )
     out.add_argument(
         "--plot", default=None, metavar="FILE.png", help="latency distributions and throughput chart"
     )

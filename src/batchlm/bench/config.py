@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from batchlm.bench.datasets import DATASET_ALIASES, DATASET_NAMES
@@ -108,6 +112,10 @@ def from_args(args: argparse.Namespace) -> BenchConfig:
     base_url = _normalize_base_url(args.base_url)
     api = BACKENDS[args.backend]
     endpoint_path = args.endpoint or API_PATHS[api]
+    if not endpoint_path.startswith("/"):
+        # Joined to --base-url as it is: "chat/completions" asked for /v1chat/completions, a 404 each.
+        raise ValueError(f"--endpoint is a path after --base-url and starts with '/', got {endpoint_path!r}")
+    _check_outputs(args)
     root = base_url[: -len("/v1")] if base_url.endswith("/v1") else base_url
     return BenchConfig(
         base_url=base_url,
@@ -125,7 +133,7 @@ def from_args(args: argparse.Namespace) -> BenchConfig:
         sweep_name=sweep_name,
         num_warmups=_at_least(args.num_warmups, 0, "num-warmups"),
         percentiles=_percentiles(args.metric_percentiles),
-        request_timeout_s=_positive(args.request_timeout, "request-timeout"),
+        request_timeout_s=_positive(args.request_timeout, "request-timeout", finite=True),
         save_result=args.save_result,
         save_detailed=args.save_detailed,
         plot=args.plot,
@@ -151,7 +159,7 @@ def _is_open_loop(sweeps: dict[str, list[Any]]) -> bool:
 
 
 def _levels(args: argparse.Namespace, sweeps: dict[str, list[Any]]) -> list[LoadConfig]:
-    duration = _positive(args.duration, "duration") if args.duration is not None else None
+    duration = _positive(args.duration, "duration", finite=True) if args.duration is not None else None
     if args.burstiness is not None and not _is_open_loop(sweeps):
         raise ValueError("--burstiness shapes open-loop arrivals: it needs --request-rate")
     if not _is_open_loop(sweeps):
@@ -232,6 +240,11 @@ def _dataset_name(args: argparse.Namespace, open_loop: bool) -> str:
         raise ValueError("the random dataset needs --input-len")
     if dataset in ("jsonl", "sharegpt") and not args.dataset_path:
         raise ValueError(f"the {dataset} dataset needs --dataset-path")
+    if dataset not in ("jsonl", "sharegpt") and args.dataset_path:
+        raise ValueError(
+            f"--dataset-path is read by the jsonl and sharegpt datasets, not the {dataset} one; "
+            "set --dataset-name"
+        )
     if args.output_len is not None and (args.min_tokens is not None or args.max_tokens is not None):
         raise ValueError("--output-len fixes max_tokens; do not combine it with --min-tokens/--max-tokens")
     if open_loop and ((args.min_delay or 0) > 0 or (args.max_delay or 0) > 0):
@@ -247,11 +260,23 @@ def _headers(args: argparse.Namespace) -> dict[str, str]:
     return headers
 
 
+# What any OpenAI-compatible server refuses, every request of the run failing with a 400.
+SAMPLING_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "temperature": (lambda v: math.isfinite(v) and v >= 0, "a number at least 0"),
+    "top_p": (lambda v: 0 < v <= 1, "above 0 and at most 1"),
+    "top_k": (lambda v: v >= -1, "at least -1 (-1 and 0: off)"),
+}
+
+
 def _extra_body(args: argparse.Namespace) -> dict[str, Any]:
     body: dict[str, Any] = {}
-    for name in ("temperature", "top_p", "top_k"):
-        if getattr(args, name) is not None:
-            body[name] = getattr(args, name)
+    for name, (accepted, described) in SAMPLING_RANGES.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if not accepted(value):
+            raise ValueError(f"--{name.replace('_', '-')} must be {described}, got {value}")
+        body[name] = value
     if args.extra_body:
         try:
             extra = json.loads(args.extra_body)
@@ -273,6 +298,33 @@ def _key_values(items: list[str], flag: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse output flags that would fail, or be ignored, only once the run is over (its results
+    then lost)."""
+    if args.save_result is None:
+        for flag, given in (("save-detailed", args.save_detailed), ("metadata", args.metadata)):
+            if given:
+                raise ValueError(f"--{flag} goes into the --save-result file; give --save-result")
+    for flag, path in (("save-result", args.save_result), ("plot", args.plot)):
+        if path is None:
+            continue
+        problem = _unwritable(Path(path))
+        if problem is not None:
+            raise ValueError(f"--{flag} {path}: {problem}")
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("--plot needs matplotlib: pip install 'batchlm[bench]'")
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why a file cannot be written at `path`, or None."""
+    if path.is_dir():
+        return "it is a directory"
+    if path.exists():
+        return None if os.access(path, os.W_OK) else "it is not writable"
+    parent = path.resolve().parent
+    return None if parent.is_dir() and os.access(parent, os.W_OK) else f"{parent} is not a writable directory"
+
+
 def _percentiles(text: str) -> list[float]:
     values = parse_list(text, float, "metric-percentiles")
     for value in values:
@@ -286,6 +338,9 @@ def _or(value: Any, default: Any) -> Any:
 
 
 def _at_least(value: Any, minimum: float, flag: str, bound: str = "") -> Any:
+    # NaN passed `value < minimum`, and an infinite think time never ends.
+    if not math.isfinite(value):
+        raise ValueError(f"--{flag} must be a finite number, got {value}")
     if value < minimum:
         raise ValueError(f"--{flag} must be >= {minimum}{bound}, got {value}")
     return value
@@ -296,7 +351,10 @@ def _bound(flag: str, given: object) -> str:
     return f" (--{flag})" if given is not None else f" (--{flag}'s default; set --{flag} lower)"
 
 
-def _positive(value: float, flag: str) -> float:
+def _positive(value: float, flag: str, finite: bool = False) -> float:
+    """`value` if above 0; `finite` refuses infinity too (--request-rate and --burstiness take it)."""
+    if finite and math.isinf(value):
+        raise ValueError(f"--{flag} must be a finite number, got {value}")
     if not value > 0:
         raise ValueError(f"--{flag} must be > 0, got {value}")
     return value

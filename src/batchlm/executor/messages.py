@@ -102,6 +102,9 @@ class WorkerFailed:
     """The rank could not start or a call raised; the worker exits after sending this."""
 
     reason: str
+    # The rank refused its configuration as it started (a ValueError: heads that the tensor-parallel
+    # size does not divide): the user's to fix, as the same refusal on one device is.
+    refused: bool = False
 
 
 FromWorker = WorkerReply | WorkerFailed

@@ -58,6 +58,12 @@ class TensorParallelError(RuntimeError):
     """A tensor-parallel worker failed or exited; the engine cannot go on."""
 
 
+class TensorParallelRefused(TensorParallelError, ValueError):
+    """A rank refused the configuration as it started: a ValueError as well, so that callers report
+    it as the user's to fix (`batchlm generate` printed a traceback for --tensor-parallel-size 4 on a
+    model of 9 heads)."""
+
+
 def worker_devices(device: str, size: int) -> list[str]:
     """The device of each rank: the CPU for every rank, or `size` consecutive GPUs from cuda:N."""
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
@@ -191,7 +197,7 @@ class TensorParallelExecutor:
         except (EOFError, OSError):
             self._fail(_exit_message(rank, self.processes[rank]))
         if not isinstance(reply, WorkerReply):
-            self._fail(f"tensor-parallel worker {reply.reason}")
+            self._fail(f"tensor-parallel worker {reply.reason}", refused=reply.refused)
         return reply.result
 
     def _on_worker_exit(self, rank: int) -> None:
@@ -207,9 +213,9 @@ class TensorParallelExecutor:
         """Stop every worker and raise TensorParallelError naming `reason`."""
         self._fail(reason)
 
-    def _fail(self, reason: str) -> NoReturn:
+    def _fail(self, reason: str, refused: bool = False) -> NoReturn:
         self._stop_all(reason)
-        raise TensorParallelError(self._failure)
+        raise (TensorParallelRefused if refused else TensorParallelError)(self._failure)
 
     def _stop_all(self, reason: str) -> None:
         if self._failure is not None:

@@ -86,7 +86,8 @@ def worker_main(spec: WorkerSpec, conn: Connection, news: Connection | None = No
         runner = _start_rank(spec)
     except Exception as exc:
         logger.debug("tensor-parallel rank %d failed to start", spec.rank, exc_info=True)
-        _send(conn, WorkerFailed(f"rank {spec.rank} failed to start: {type(exc).__name__}: {exc}"))
+        reason = f"rank {spec.rank} failed to start: {type(exc).__name__}: {exc}"
+        _send(conn, WorkerFailed(reason, refused=isinstance(exc, ValueError)))
         return
     _send(conn, WorkerReply(None))
     try:

@@ -26,7 +26,11 @@ def prepare_model_dir(config: EngineConfig, cancel: threading.Event | None = Non
     if gguf_file is not None:
         return prepare_gguf_model_dir(gguf_file)
 
-    return resolve_model_dir(config.model, config.revision)
+    model_dir = resolve_model_dir(config.model, config.revision)
+    if not (model_dir / "config.json").is_file():
+        # Said before the tokenizer is read from it, whose error listed tokenizer files instead.
+        raise ValueError(f"model directory {config.model!r} holds neither config.json nor a GGUF file")
+    return model_dir
 
 
 def load_tokenizer(config: EngineConfig, model_dir: Path) -> Tokenizer:

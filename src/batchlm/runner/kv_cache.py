@@ -145,6 +145,8 @@ def num_blocks_for(
         raise ValueError(
             f"--cpu-kv-cache-gib {gib:g} holds no KV-cache block: one block of {config.block_size} tokens "
             f"takes {per_block} bytes ({per_block / GIB:.2g} GiB); raise it"
+            # A block size raised far above the default is the likelier mistake than the cache size.
+            + ("" if config.block_size <= EngineConfig.block_size else ", or lower --block-size")
         )
     if num_blocks < 1:
         raise ValueError(

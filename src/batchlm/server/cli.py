@@ -18,11 +18,13 @@ from batchlm.flags import (
     add_dataclass_arguments,
     add_engine_arguments,
     dataclass_from_args,
+    engine_flag_conflicts,
 )
 from batchlm.logging_setup import LOG_LEVELS, configure_logging
 from batchlm.reasoning.registry import REASONING_PARSER_CHOICES
 from batchlm.sampling_defaults import check_generation_config
-from batchlm.server.open_files import raise_open_file_limit
+from batchlm.sampling_params import MAX_N
+from batchlm.server.open_files import connection_limit, raise_open_file_limit
 from batchlm.server.root_path import checked_root_path
 from batchlm.server.state import ServerSettings
 from batchlm.temp_dirs import (
@@ -48,18 +50,24 @@ SERVER_FLAG_NAMES = {
     "keep_alive_timeout_s": ["--keep-alive-timeout"],
 }
 SERVER_HELP_NOTES = {"api_key": f" (or set {API_KEY_ENV})"}
+# "" is a value of its own there: every interface, and the root.
+SERVER_MAY_BE_EMPTY = frozenset({"host", "root_path"})
 SERVER_BOUNDS = {
     "port": Bounds(minimum=0, maximum=65535),  # 0: a free port the system picks
     "max_queue": Bounds(minimum=0),
-    "max_n": POSITIVE,
+    # Beyond what any request may ask for, a larger --max-n was silently that.
+    "max_n": Bounds(minimum=1, maximum=MAX_N),
     "max_body_bytes": POSITIVE,
     "body_timeout_s": Bounds(above=0),
     "header_timeout_s": Bounds(above=0),
-    "max_header_bytes": POSITIVE,
+    # Clients' own headers take several hundred bytes (the OpenAI SDKs' about 700): below 1 KiB every
+    # request, /health's included, was answered 431.
+    "max_header_bytes": Bounds(minimum=1024),
     "max_connections": POSITIVE,
     "keep_alive_timeout_s": Bounds(above=0),
     "shutdown_timeout_s": Bounds(minimum=0),
-    "stats_log_interval_s": Bounds(above=0),
+    # Shorter intervals wrote hundreds of lines a second and kept the event loop busy.
+    "stats_log_interval_s": Bounds(minimum=0.1),
     "api_servers": POSITIVE,
     "stored_responses": Bounds(minimum=0),
 }
@@ -79,8 +87,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         },
         help_notes=SERVER_HELP_NOTES,
         bounds=SERVER_BOUNDS,
+        may_be_empty=SERVER_MAY_BE_EMPTY,
     )
     add_engine_arguments(parser)
+
+
+def check_args(args: argparse.Namespace) -> str | None:
+    """A combination of flags in which one would be ignored, or None. (--responses-dir with
+    --stored-responses 0 is not one: storing is turned off without editing the rest of the line.)"""
+    return engine_flag_conflicts(args)
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
@@ -97,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level)
     # Before any process starts: the API servers and the engine core inherit it.
     raise_open_file_limit()
+    _warn_of_connections_past_the_file_limit(settings.max_connections)
     config = dataclass_from_args(EngineConfig, args)
     count = (
         settings.api_servers if settings.api_servers is not None else _automatic_api_servers(settings, config)
@@ -136,6 +152,19 @@ def run(args: argparse.Namespace) -> int:
         logger.error("cannot listen on %s:%d: %s", settings.host, settings.port, error)
         return 1
     return _serve(engine, config, settings)
+
+
+def _warn_of_connections_past_the_file_limit(max_connections: int | None) -> None:
+    """--max-connections is there to answer 503 before the open-file limit drops connections unanswered;
+    set above what that limit leaves room for, it cannot."""
+    room = connection_limit()
+    if max_connections is not None and room is not None and max_connections > room:
+        logger.warning(
+            "--max-connections %d is more than the %d connections the open-file limit leaves room for "
+            "(ulimit -n): past those, connections are dropped unanswered rather than answered 503",
+            max_connections,
+            room,
+        )
 
 
 def _responses_dir_problem(settings: ServerSettings) -> str | None:

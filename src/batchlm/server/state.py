@@ -30,7 +30,7 @@ class ServerSettings:
 
     # Address to bind ("0.0.0.0" for all interfaces).
     host: str = "127.0.0.1"
-    # TCP port to listen on.
+    # TCP port to listen on; 0 takes a free one the system picks (logged at start).
     port: int = 8080
     # The path a reverse proxy serves the server under (e.g. /llm for https://host/llm/), as uvicorn's
     # and vLLM's --root-path: requests are served whether the proxy strips it or passes it on, and
