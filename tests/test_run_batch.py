@@ -73,7 +73,11 @@ def test_a_batch_runs_every_line_and_answers_in_input_order(
     by_position = {index: result for index, result in enumerate(results)}
     chat_reply = by_position[0]["response"]
     assert chat_reply["status_code"] == 200 and chat_reply["body"]["object"] == "chat.completion"
-    assert chat_reply["request_id"] == chat_reply["body"]["id"] and by_position[0]["error"] is None
+    assert by_position[0]["error"] is None
+    # The response's X-Request-Id, as the Batch API's request_id is (the body has its own id).
+    request_ids = [r["response"]["request_id"] for r in results if r["response"] is not None]
+    assert all(rid.startswith("req_") for rid in request_ids) and len(set(request_ids)) == len(request_ids)
+    assert chat_reply["request_id"] != chat_reply["body"]["id"]
     echoed = by_position[1]["response"]["body"]["choices"][0]
     assert echoed["text"].startswith("Once upon") and echoed["logprobs"]["token_logprobs"][0] is None
     assert [by_position[i]["error"]["code"] for i in (2, 3, 5, 6)] == [
@@ -190,12 +194,31 @@ async def completions_server(
         if body["prompt"] == "slow":
             received.set()
             await release.wait()
-        return web.json_response({"id": f"cmpl-{body['prompt']}", "usage": {"completion_tokens": 1}})
+        return web.json_response(
+            {"id": f"cmpl-{body['prompt']}", "usage": {"completion_tokens": 1}},
+            headers={"X-Request-Id": f"req_{body['prompt']}"},
+        )
 
     app = web.Application()
     app.router.add_post("/v1/completions", complete)
     async with TestServer(app) as server:
         yield f"http://{server.host}:{server.port}"
+
+
+def test_a_results_request_id_is_its_responses_x_request_id() -> None:
+    """As in OpenAI's batch output, where it differs from the body's id: the id the server's log lines
+    for that request name."""
+    lines = [line(f"p{i}", "/v1/completions", {"prompt": f"p{i}"}) for i in range(3)]
+    out = io.StringIO()
+
+    async def go() -> None:
+        async with completions_server(asyncio.Event(), asyncio.Event()) as base_url:
+            await run_lines(base_url, lines, out, 2, 60.0)
+
+    asyncio.run(asyncio.wait_for(go(), timeout=60))
+    responses = [json.loads(text)["response"] for text in out.getvalue().splitlines()]
+    assert [r["request_id"] for r in responses] == ["req_p0", "req_p1", "req_p2"]
+    assert [r["body"]["id"] for r in responses] == ["cmpl-p0", "cmpl-p1", "cmpl-p2"]
 
 
 def test_an_interrupted_run_writes_every_result_that_finished() -> None:

@@ -241,6 +241,17 @@ def test_an_assistant_s_refusal_parts_are_what_it_said(client: Any, engine: Fake
     }
 
 
+def test_an_assistant_message_s_refusal_is_what_it_said(client: Any, engine: FakeEngine) -> None:
+    # The message of a declined OpenAI completion, sent back as it came: no content, its refusal.
+    declined = {"role": "assistant", "content": None, "refusal": "I can't help with that."}
+    messages = [*USER, declined, {"role": "user", "content": "again"}]
+    client.chat.completions.create(model="fake-model", messages=messages, max_tokens=1)
+    assert engine.tokenizer.last_chat["messages"][1] == {
+        "role": "assistant",
+        "content": "I can't help with that.",
+    }
+
+
 def test_template_controls_are_passed_through(client: Any, engine: FakeEngine) -> None:
     messages = [*USER, {"role": "assistant", "content": "Sure, "}]
     client.chat.completions.create(

@@ -341,6 +341,9 @@ def test_loading_and_dead_engines_are_503() -> None:
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": [5]}]},
          "messages[0].content[0]", "valid dictionary"),
         ("/v1/completions", {"prompt": [1, "a"]}, "prompt[1]", "valid integer"),
+        # Strings up to the item that is not one: not the first string, read as a token id.
+        ("/v1/completions", {"prompt": ["a", 1]}, "prompt[1]", "valid string"),
+        ("/v1/completions", {"prompt": [[1], "a"]}, "prompt[1]", "valid list"),
     ],
 )  # fmt: skip
 def test_a_value_no_member_of_a_union_takes_is_named_where_it_went_wrong(

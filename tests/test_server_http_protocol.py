@@ -70,6 +70,7 @@ def json_error(answer: bytes, status: int) -> dict[str, Any]:
     assert headers["content-type"] == "application/json"
     assert headers["connection"] == "close"
     assert int(headers["content-length"]) == len(body)
+    assert headers["x-request-id"], "every answer carries an X-Request-Id"
     error: dict[str, Any] = json.loads(body)["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["type"] == ("invalid_request_error" if status < 500 else "service_unavailable")

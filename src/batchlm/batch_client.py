@@ -79,6 +79,7 @@ async def run_lines(
                 try:
                     async with client.post(url, json={**body, "model": "default"}) as response:
                         status, text = response.status, await response.text()
+                        request_id = response.headers.get("X-Request-Id")
                 except aiohttp.ClientError as error:  # the server went away: each line says so
                     progress.failed += 1
                     done(index, error_line(custom_id, "request_failed", f"{type(error).__name__}: {error}"))
@@ -94,7 +95,7 @@ async def run_lines(
                     progress.completion_tokens += int(
                         usage.get("completion_tokens") or usage.get("output_tokens") or 0
                     )
-                done(index, result_line(custom_id, status, answer))
+                done(index, result_line(custom_id, status, answer, request_id))
             finally:
                 in_flight.discard(asyncio.current_task())  # type: ignore[arg-type]
                 async with room:

@@ -17,10 +17,13 @@ from batchlm.unicode_text import encodes
 BATCH_URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 
 
-def result_line(custom_id: str | None, status: int, body: Any) -> dict[str, Any]:
-    """A request that ran: its HTTP status and body, as the Batch API writes them."""
-    given = body.get("id") if isinstance(body, dict) else None
-    request_id = given if isinstance(given, str) else f"req_{uuid.uuid4().hex}"
+def result_line(
+    custom_id: str | None, status: int, body: Any, request_id: str | None = None
+) -> dict[str, Any]:
+    """A request that ran: its HTTP status and body, as the Batch API writes them. `request_id` is the
+    response's X-Request-Id, which the Batch API puts there (not the body's id), and which the server's
+    log lines for the request name."""
+    request_id = request_id or f"req_{uuid.uuid4().hex}"
     response = {"status_code": status, "request_id": request_id, "body": body}
     return {
         "id": f"batch_req_{uuid.uuid4().hex}",

@@ -45,7 +45,8 @@ class MessageToolCall(StrictModel):
 
 class ChatMessage(StrictModel):
     """One message of a conversation. Content is a string or a list of parts: text parts, and an
-    assistant's refusal parts (read as its text)."""
+    assistant's refusal parts (read as its text); an assistant's `refusal` is its text where it has
+    no content."""
 
     role: str
     content: str | list[dict[str, Any]] | None = None
@@ -112,6 +113,10 @@ def template_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
             text, field = problem
             raise RequestRejectedError(f"{where}: {text}", param=f"{where}.{field}")
         content = _text_content(message.content, where, message.role)
+        if not content and message.refusal and message.role == "assistant":
+            # OpenAI's reply to a request it declined (content null, `refusal` its words), sent back
+            # as it came: what it said, as a refusal part is.
+            content = message.refusal
         # Chat templates know "system"; OpenAI's "developer" role means the same for these models.
         role = "system" if message.role == "developer" else message.role
         entry: dict[str, Any] = {"role": role, "content": content or ""}

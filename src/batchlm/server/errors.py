@@ -201,19 +201,33 @@ def _most_specific(errors: Sequence[Any]) -> dict[str, Any]:
     """The error to report. Pydantic reports a union's failure once for each member, the first member
     first: `"stop": [null]` fails as a string before it fails at stop[0] as a list of strings, and
     `"tool_choice": {"type": "allowed_tools", ...}` as one of the literal choices before it is found
-    to lack its `allowed_tools.tools`. The member that read furthest into the value (the longest `loc`) names what is wrong,
-    one whose type the value had over one it did not (`[1.5]`: a token id with a fraction, not a
-    string); its own name is dropped from the `loc`."""
+    to lack its `allowed_tools.tools`. The member that read furthest into the value before its first
+    error names what is wrong (`_progress`), one whose type the value had over one it did not
+    (`[1.5]`: a token id with a fraction, not a string); its own name is dropped from the `loc`."""
     first: dict[str, Any] = errors[0]
     loc = tuple(first.get("loc", ()))
     models = _model_names(BaseModel)
     tag = next((i for i, part in enumerate(loc) if _is_union_tag(part, models)), None)
     if tag is None:
         return first
-    members = [error for error in errors if tuple(error.get("loc", ()))[:tag] == loc[:tag]]
-    deepest = max(members, key=lambda e: (len(e.get("loc", ())), not e.get("type", "").endswith("_type")))
+    # Each member's first error: where reading the value as that member stopped.
+    members: dict[Any, dict[str, Any]] = {}
+    for error in errors:
+        error_loc = tuple(error.get("loc", ()))
+        if len(error_loc) > tag and error_loc[:tag] == loc[:tag]:
+            members.setdefault(error_loc[tag], error)
+    deepest = max(members.values(), key=_progress)
     deep_loc = tuple(deepest["loc"])
     return {**deepest, "loc": deep_loc[:tag] + deep_loc[tag + 1 :]}
+
+
+def _progress(error: dict[str, Any]) -> tuple[int, tuple[int, ...], bool]:
+    """How far a union member read into the value before it failed: deeper, then at a later item
+    (`["a", 1]` read as strings fails at [1], as token ids at [0]), then a value of the member's type
+    over one of another."""
+    loc = tuple(error.get("loc", ()))
+    items = tuple(part if isinstance(part, int) else 0 for part in loc)
+    return len(loc), items, not error.get("type", "").endswith("_type")
 
 
 def required_body_fields(request: Request) -> list[str]:

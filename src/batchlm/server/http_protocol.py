@@ -36,6 +36,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 from uvicorn.server import ServerState
 
 from batchlm.server.errors import RETRY_AFTER_S, APIError, ErrorObserver, error_response
+from batchlm.server.middleware import RequestIdEchoMiddleware
+from batchlm.server.request_ids import REQUEST_ID, new_request_id
 from batchlm.server.shared_deadline import SharedDeadline
 
 logger = logging.getLogger(__name__)
@@ -220,7 +222,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
         if size > self._max_header_bytes:
             # Answered in turn as any request (after those pipelined before it), by an app that refuses it.
-            app, self.app = self.app, error_response(self._too_large(), self._observe)
+            refusal = RequestIdEchoMiddleware(error_response(self._too_large(), self._observe))
+            app, self.app = self.app, refusal
             try:
                 super().on_headers_complete()
             finally:
@@ -280,6 +283,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 for name, value in error.headers.items()
                 if name.lower() != "connection"
             ]
+            # As every response the app sends has one: the request's, where the app has taken it.
+            head.append(b"x-request-id: %s\r\n" % self._request_id().encode("latin-1"))
             head.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body))
             head.append(b"connection: close\r\n\r\n")
             self.transport.write(b"".join(head) + body)
@@ -291,6 +296,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.transport.close()
             return
         self.linger()
+
+    def _request_id(self) -> str:
+        """The X-Request-Id of the request in progress (RequestIdEchoMiddleware's), else a new one."""
+        taken = None if self._idle() else self.cycle.scope.get("state", {}).get(REQUEST_ID)
+        return taken if isinstance(taken, str) else new_request_id()
 
     def linger(self) -> None:
         """Close the connection once the client has sent the rest of its request. Closed at once, it

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hmac
 import time
-import uuid
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -20,7 +19,7 @@ from batchlm.server.content_encoding import (
     decode_body,
 )
 from batchlm.server.errors import APIError, ErrorObserver, error_response
-from batchlm.server.request_ids import REQUEST_ID, REQUEST_ID_HEADER
+from batchlm.server.request_ids import REQUEST_ID, REQUEST_ID_HEADER, new_request_id
 from batchlm.server.root_path import route_path
 
 # Routes that need the API key when one is set; /health, /metrics, /version and the docs stay open.
@@ -214,7 +213,7 @@ class RequestIdEchoMiddleware:
                 request_id = value
                 break
         if request_id is None:
-            request_id = f"req_{uuid.uuid4().hex}".encode()
+            request_id = new_request_id().encode()
         # Header values are bytes as sent; latin-1 maps each one to a character and back.
         scope.setdefault("state", {})[REQUEST_ID] = request_id.decode("latin-1")
 

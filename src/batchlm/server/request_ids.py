@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import uuid
+
 from starlette.requests import Request
 
 REQUEST_ID_HEADER = b"x-request-id"
 # The scope's state key of the id (RequestIdEchoMiddleware).
 REQUEST_ID = "batchlm_request_id"
+
+
+def new_request_id() -> str:
+    """An id for a request that came without one, in the form OpenAI's are."""
+    return f"req_{uuid.uuid4().hex}"
 
 
 def request_id_of(request: Request) -> str | None:
