@@ -9,6 +9,31 @@ from batchlm.structured.backend import allowed_tokens
 from batchlm.structured.llguidance_backend import LLGuidanceBackend
 
 EOS = (1, 3)
+
+# A schema the edge's probe passes that fails in the engine on one of the first tokens: an array or an
+# object, each of a value that is itself an endless array or object (one requiring itself). The
+# output's start branches, so no forced text reaches the endless part; whichever branch a model takes,
+# its forced text has no end.
+_ENDLESS_DEFS = {
+    "O": {"type": "object", "properties": {"a": {"$ref": "#/$defs/O"}}, "required": ["a"]},
+    "A": {"type": "array", "items": {"$ref": "#/$defs/A"}, "minItems": 1},
+    "X": {"anyOf": [{"$ref": "#/$defs/O"}, {"$ref": "#/$defs/A"}]},
+}
+BRANCHING_ENDLESS = {
+    "anyOf": [
+        {"type": "array", "items": {"$ref": "#/$defs/X"}, "minItems": 1},
+        {
+            "type": "object",
+            "properties": {"a": {"$ref": "#/$defs/X"}},
+            "required": ["a"],
+            "additionalProperties": False,
+        },
+    ],
+    "$defs": _ENDLESS_DEFS,
+}
+# llguidance's error when a forced text has no end.
+ENDLESS_LIMIT = "Too many items"
+
 # The tiny tokenizer has 2048 tokens; its model pads the vocabulary to 2080.
 VOCAB = 2080
 

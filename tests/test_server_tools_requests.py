@@ -23,6 +23,12 @@ def engine() -> FakeEngine:
     return FakeEngine(max_model_len=4096)
 
 
+ENDLESS_FUNCTION = {
+    "name": "nest",
+    "parameters": {"type": "object", "properties": {"inner": {"$ref": "#"}}, "required": ["inner"]},
+}
+
+
 class Weather(BaseModel):
     city: str
 
@@ -112,6 +118,32 @@ def test_tool_history_becomes_text_for_a_template_without_tools(client: Any, eng
             {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
             "tools[0].function.parameters",
             "object",
+        ),
+        # Parameters that require themselves have no finite value: a strict or forced call could not end.
+        (
+            {"tools": [{"type": "function", "function": {**ENDLESS_FUNCTION, "strict": True}}]},
+            "tools[0].function.parameters",
+            "has no finite output",
+        ),
+        (
+            {
+                "tools": [TOOLS[0], {"type": "function", "function": ENDLESS_FUNCTION}],
+                "tool_choice": "required",
+            },
+            "tools[1].function.parameters",
+            "has no finite output",
+        ),
+        # The client's own constraint, beside the calls in one grammar, is checked as it is alone.
+        (
+            {
+                "tools": TOOLS,
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "nest", "schema": ENDLESS_FUNCTION["parameters"]},
+                },
+            },
+            "response_format",
+            "has no finite output",
         ),
         ({"tool_choice": "sometimes", "tools": TOOLS}, "tool_choice", "tool_choice"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id", "tool_call_id"),

@@ -20,6 +20,7 @@ from batchlm import LLM, SamplingParams
 from batchlm.request import EngineCoreRequest
 from batchlm.sampling_params import StructuredOutputs
 from batchlm.structured.llguidance_backend import LLGuidanceBatch
+from grammar_walk import BRANCHING_ENDLESS, ENDLESS_LIMIT
 
 # Bounded fields, so that random weights finish the object within the token budget.
 SCHEMA: dict[str, Any] = {
@@ -161,11 +162,7 @@ def test_async_scheduling_gives_the_same_tokens(llama_dir: Path, llm: LLM) -> No
     assert_valid(outputs[2].outputs[0].text)
 
 
-# Past llguidance's 2,000 items in a parser row: an object of 700 optional properties fails at its
-# first token, once the grammar has taken the "{".
-TOO_MANY = StructuredOutputs(
-    json=json.dumps({"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(700)}})
-)
+ENDLESS = StructuredOutputs(json=json.dumps(BRANCHING_ENDLESS))
 
 
 @pytest.mark.parametrize("scheduling", ["off", "on"])
@@ -174,13 +171,13 @@ def test_a_grammar_failing_mid_generation_ends_in_an_error_naming_it(
 ) -> None:
     engine = llm if scheduling == "off" else _llm(llama_dir, async_scheduling="on")
     params = [
-        SamplingParams(temperature=0.0, max_tokens=40, structured_outputs=TOO_MANY),
+        SamplingParams(temperature=0.0, max_tokens=40, structured_outputs=ENDLESS),
         SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True),
         constrained(),
     ]
     failed, plain, sound = engine.generate(PROMPTS[:3], params)
     assert failed.outputs[0].finish_reason == "error"
-    assert failed.error is not None and "max is 2000" in failed.error
+    assert failed.error is not None and ENDLESS_LIMIT in failed.error
     assert "grammar of its structured output failed" in failed.error
     # Its batch goes on: the others finish as they would alone.
     assert plain.outputs[0].finish_reason == "length" and len(plain.outputs[0].token_ids) == 20

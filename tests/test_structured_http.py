@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 from batchlm.config import EngineConfig
 from batchlm.engine.async_engine import AsyncLLMEngine
 from batchlm.server.background import BackgroundServer
+from grammar_walk import BRANCHING_ENDLESS, ENDLESS_LIMIT
 from live_server import serving
 
 USER = [{"role": "user", "content": "Describe a person as JSON."}]
@@ -37,6 +38,12 @@ JSON_SCHEMA_FORMAT = {
     "type": "json_schema",
     "json_schema": {"name": "person", "schema": SCHEMA, "strict": True},
 }
+
+
+SELF_REQUIRED = {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}
+# Past llguidance's 2,000 items in a parser row once "{" is taken.
+MANY_OPTIONAL = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(700)}}
+CONTRADICTORY = {"type": "array", "minItems": 3, "maxItems": 1}
 
 
 class Person(BaseModel):
@@ -202,6 +209,41 @@ def test_max_tokens_cut_is_length(client: Any) -> None:
             "no value satisfies",
         ),
         ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs", "exactly one"),
+        # Grammars that compile but fail where every output begins (structured/start_probe.py).
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": SELF_REQUIRED},
+                }
+            },
+            "response_format",
+            "has no finite output",
+        ),
+        ({"structured_outputs": {"json": SELF_REQUIRED}}, "structured_outputs", "has no finite output"),
+        ({"guided_regex": "a{1000000}"}, "guided_regex", "too many expressions"),
+        ({"guided_grammar": 'start: a\na: "x" a'}, "guided_grammar", "has no finite output"),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": MANY_OPTIONAL},
+                }
+            },
+            "response_format",
+            "max is 2000",
+        ),
+        # Contradictory constraints: llguidance's own check finds them.
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": CONTRADICTORY},
+                }
+            },
+            "response_format",
+            "minItems (3) is greater than maxItems (1)",
+        ),
         ({"structured_outputs": {"choice": []}}, "structured_outputs", "empty"),
         ({"guided_regex": "a", "structured_outputs": {"regex": "b"}}, "guided_regex", "Only one"),
         ({"structured_outputs": {"regex": "a"}, "min_tokens": 2}, "min_tokens", "min_tokens"),
@@ -253,18 +295,18 @@ def test_the_schema_true_allows_any_json_value(client: Any) -> None:
 
 
 def test_a_grammar_failing_mid_generation_is_an_error_that_names_it(server: BackgroundServer) -> None:
-    # 700 optional properties: past llguidance's 2,000 items in a parser row once "{" is taken. The
-    # reply is an error naming the limit, not a 200 whose content is "{".
-    many = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(700)}}
-    response_format = {"type": "json_schema", "json_schema": {"name": "many", "schema": many}}
+    # An array or an object, each of a value that is itself an endless array or object: the output's
+    # start branches, so the edge's probe passes it, and whichever branch the model takes fails at
+    # once. The reply is an error naming the limit, not a 200 whose content is "{".
+    response_format = {"type": "json_schema", "json_schema": {"name": "endless", "schema": BRANCHING_ENDLESS}}
     payload = {"model": "tiny", "messages": USER, "max_tokens": 30, "response_format": response_format}
     response = httpx.post(f"{server.base_url}/v1/chat/completions", json=payload, timeout=60)
     assert response.status_code == 500, response.text
     message = response.json()["error"]["message"]
-    assert "grammar of its structured output failed" in message and "max is 2000" in message
-    # A stream starts with the request's first output. The failure comes with "{" (taking "{" fails),
-    # in that output or the next, as the mask worker's timing has it: a 500 before the stream, or an
-    # error event in it.
+    assert "grammar of its structured output failed" in message and ENDLESS_LIMIT in message
+    # A stream starts with the request's first output. The failure comes with one of the first tokens,
+    # in that output or a later one, as the mask worker's timing has it: a 500 before the stream, or
+    # an error event in it.
     for seed in range(8):
         streamed = httpx.post(
             f"{server.base_url}/v1/chat/completions",
@@ -272,7 +314,7 @@ def test_a_grammar_failing_mid_generation_is_an_error_that_names_it(server: Back
             timeout=60,
         )
         if streamed.status_code == 500:
-            assert "max is 2000" in streamed.json()["error"]["message"]
+            assert ENDLESS_LIMIT in streamed.json()["error"]["message"]
             continue
         assert streamed.status_code == 200, streamed.text
         events = [line[len("data: ") :] for line in streamed.text.splitlines() if line.startswith("data: ")]
@@ -281,7 +323,7 @@ def test_a_grammar_failing_mid_generation_is_an_error_that_names_it(server: Back
             for event in events
             if event != "[DONE]" and "error" in json.loads(event)
         ]
-        assert len(errors) == 1 and "max is 2000" in errors[0]["message"]
+        assert len(errors) == 1 and ENDLESS_LIMIT in errors[0]["message"]
         finishes = [
             choice["finish_reason"]
             for event in events
@@ -289,3 +331,23 @@ def test_a_grammar_failing_mid_generation_is_an_error_that_names_it(server: Back
             for choice in json.loads(event)["choices"]
         ]
         assert "stop" not in finishes
+
+
+def test_a_recursive_schema_with_an_end_is_served(client: Any) -> None:
+    tree = {
+        "type": "object",
+        "properties": {
+            "v": {"type": "integer"},
+            "kids": {"type": "array", "items": {"$ref": "#"}, "maxItems": 2},
+        },
+        "required": ["v", "kids"],
+        "additionalProperties": False,
+    }
+    response_format = {"type": "json_schema", "json_schema": {"name": "tree", "schema": tree}}
+    reply = client.chat.completions.create(
+        model="tiny", messages=USER, max_tokens=60, extra_body={"response_format": response_format}
+    )
+    choice = reply.choices[0]
+    assert choice.finish_reason in ("stop", "length")
+    if choice.finish_reason == "stop":
+        jsonschema.validate(json.loads(choice.message.content), tree)

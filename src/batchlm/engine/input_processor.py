@@ -200,7 +200,7 @@ def _check_structured_outputs(
     """A constraint must compile, against the tokenizer too where a check is given (its error names the
     problem), and leave EOS allowed when it is done."""
     from batchlm.structured.backend import GrammarError
-    from batchlm.structured.llguidance_backend import validated_grammar
+    from batchlm.structured.start_probe import edge_checked_grammar
 
     assert params.structured_outputs is not None
     if params.min_tokens:
@@ -209,7 +209,7 @@ def _check_structured_outputs(
             "min_tokens",
         )
     try:
-        validated_grammar(params.structured_outputs)
+        edge_checked_grammar(params.structured_outputs)
         if grammar_check is not None:
             grammar_check(params.structured_outputs)
     except GrammarError as exc:

@@ -131,6 +131,13 @@ class LRUCache(Generic[K, V]):
                 self._on_evict(evicted)
         return value
 
+    def discard(self, key: K, value: V) -> None:
+        """Drop `key` while it still holds `value` (as an eviction: on_evict runs)."""
+        if self._items.get(key) is value:
+            del self._items[key]
+            if self._on_evict is not None:
+                self._on_evict(value)
+
     def __len__(self) -> int:
         return len(self._items)
 

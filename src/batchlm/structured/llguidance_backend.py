@@ -3,9 +3,10 @@ grammar form, with masks computed by its Rust matcher (the GIL is released while
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from operator import itemgetter
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
 JSON_OPTIONS: llguidance._lib.JsonCompileOptions = {"whitespace_flexible": False}
 ANY_JSON_OBJECT = '{"type": "object"}'
 CACHE_SIZE = 256
+# How llguidance's errors from the lexer begin (a lexer is shared by copies of one compiled grammar).
+LEXER_FAILURE = "lexer error"
 # Sort key of the (family, ...) tuples a batch of rows is grouped by.
 by_family = itemgetter(0)
 # Compiled copies of a grammar per mask thread when there are several (see TemplatePool).
@@ -156,9 +159,13 @@ def validated_cache() -> LRUCache[tuple[str, str], str]:
 
 def compile_error(spec: StructuredOutputs, error: str) -> GrammarError:
     """The error of a spec that does not compile, naming its kind and llguidance's reason."""
+    return GrammarError(f"the {spec_name(spec)} does not compile: {error.strip()}")
+
+
+def spec_name(spec: StructuredOutputs) -> str:
+    """The spec's kind as an error names it ("JSON schema", "regex", ...)."""
     kind = spec.constraint_key[0]
-    name = {"json": "JSON schema", "json_object": "JSON grammar", "choice": "choice grammar"}.get(kind, kind)
-    return GrammarError(f"the {name} does not compile: {error.strip()}")
+    return {"json": "JSON schema", "json_object": "JSON grammar", "choice": "choice grammar"}.get(kind, kind)
 
 
 def llguidance_tokenizer(
@@ -180,10 +187,18 @@ class LLGuidanceMatcher:
     """One sequence's llguidance matcher; `family` numbers the compiled template it was copied from
     (copies of one template share its lexer under one lock)."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, eos_token_ids: Sequence[int], family: int = 0) -> None:
+    def __init__(
+        self,
+        matcher: llguidance.LLMatcher,
+        eos_token_ids: Sequence[int],
+        family: int = 0,
+        retire: Callable[[], None] | None = None,
+    ) -> None:
+        """retire: drops the compiled grammar this matcher was copied from (see retire_if_spent)."""
         self.inner = matcher
         self.family = family
         self._eos_token_ids = tuple(eos_token_ids)
+        self._retire = retire
 
     def fill_bitmask(self, row: np.ndarray) -> None:
         if self.inner.is_error():
@@ -196,7 +211,18 @@ class LLGuidanceMatcher:
         fill_eos_only(row, self._eos_token_ids)
 
     def accept(self, token_id: int) -> bool:
-        return bool(self.inner.consume_token(token_id))
+        if self.inner.consume_token(token_id):
+            return True
+        self.retire_if_spent()
+        return False
+
+    def retire_if_spent(self) -> None:
+        """Copies of a template share its lexer, and a lexer past its limit fails every copy, those made
+        later included: a matcher failing there retires the compiled grammar, so that the next request
+        of it gets a fresh one rather than failing at its start."""
+        if self._retire is not None and LEXER_FAILURE in (self.failure or ""):
+            self._retire()
+            self._retire = None
 
     @property
     def is_terminated(self) -> bool:
@@ -258,7 +284,14 @@ class LLGuidanceBackend:
         pool = self._pool(spec)
         with self._lock:
             inner, family = pool.copy(grow_on_copy=not self._prepared_ahead)
-        return LLGuidanceMatcher(inner, self.eos_token_ids, family)
+        return LLGuidanceMatcher(
+            inner, self.eos_token_ids, family, functools.partial(self._retire, spec, pool)
+        )
+
+    def _retire(self, spec: StructuredOutputs, pool: TemplatePool) -> None:
+        """Drop a compiled grammar whose lexer is spent (unless it was dropped and compiled anew)."""
+        with self._lock:
+            self._compiled.discard(spec.key, pool)
 
     def compiled(self, spec: StructuredOutputs) -> bool:
         """Whether the spec's grammar is in the cache (a matcher of it is a copy)."""
@@ -356,14 +389,15 @@ class LLGuidanceBatch:
 
     def _prepare(self) -> None:
         ours = [
-            (matcher.family, row, matcher.inner)
+            (matcher.family, row, matcher)
             for row, matcher in enumerate(self.matchers)
             if isinstance(matcher, LLGuidanceMatcher) and not matcher.inner.is_error()
         ]
         ours.sort(key=by_family)
         self._rows = [row for _, row, _ in ours]
-        self._inners = [inner for _, _, inner in ours]
-        self._mask_rows = [(inner, row) for _, row, inner in ours]
+        self._ours = [matcher for _, _, matcher in ours]
+        self._inners = [matcher.inner for matcher in self._ours]
+        self._mask_rows = [(matcher.inner, row) for _, row, matcher in ours]
         in_executor = set(self._rows)
         # Failed matchers (they allow EOS alone) and matchers of other kinds go one at a time.
         self._others = [row for row in range(len(self.matchers)) if row not in in_executor]
@@ -379,8 +413,10 @@ class LLGuidanceBatch:
                     inner.consume_token(token) for inner, token in zip(self._inners, tokens, strict=True)
                 ]
             if not all(results):
-                for row, ok in zip(self._rows, results, strict=True):
+                for row, matcher, ok in zip(self._rows, self._ours, results, strict=True):
                     accepted[row] = bool(ok)
+                    if not ok:
+                        matcher.retire_if_spent()
                 self._prepare()  # the rejecting matchers are in error now: they leave the executor's rows
         for row in self._others:
             accepted[row] = self.matchers[row].accept(token_ids[row]) and accepted[row]

@@ -12,7 +12,7 @@ from typing import Any, Literal, Protocol, cast
 
 from batchlm.sampling_params import NON_FINITE_SCHEMA, StructuredOutputs
 from batchlm.structured.backend import GrammarError
-from batchlm.structured.llguidance_backend import validated_grammar
+from batchlm.structured.start_probe import edge_checked_grammar
 from batchlm.tools.forced import NamedFunctionParser, RequiredCallsParser
 from batchlm.tools.function_tool import NO_PARAMETERS, FunctionTool, calls_array_schema
 from batchlm.tools.parser import ToolParser
@@ -226,7 +226,7 @@ def _check_decoded_schemas(plan: ToolPlan) -> None:
         except ValueError:
             raise ToolUseError(f"{where}: {NON_FINITE_SCHEMA}.", param=where) from None
         try:
-            validated_grammar(StructuredOutputs(json=schema))
+            edge_checked_grammar(StructuredOutputs(json=schema))
         except GrammarError as error:
             raise ToolUseError(f"{where}: {error}", param=where) from None
 

@@ -11,7 +11,8 @@ from typing import Any
 
 from batchlm.sampling_params import SamplingParams, StructuredOutputs
 from batchlm.structured.backend import GrammarError
-from batchlm.structured.llguidance_backend import lark_terminal, validated_grammar
+from batchlm.structured.llguidance_backend import lark_terminal
+from batchlm.structured.start_probe import edge_checked_grammar
 from batchlm.tools.call_grammar import json_rule
 from batchlm.tools.function_tool import ANY_OBJECT
 from batchlm.tools.parser import ToolParser
@@ -136,7 +137,7 @@ def _answer(own: StructuredOutputs, field: str) -> str | None:
     does not compile is the client's error, named by its field."""
     if not own.json_object:
         try:
-            validated_grammar(own)
+            edge_checked_grammar(own)
         except GrammarError as error:
             raise ToolUseError(f"Invalid '{field}': {error}", param=field) from None
     if own.grammar is not None:
