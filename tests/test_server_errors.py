@@ -156,6 +156,43 @@ def test_unsupported_chat_features_are_400_naming_the_field(
     assert param.split("[")[0].split(".")[0] in error["message"]
 
 
+CALLED = {"role": "assistant", "content": None}
+
+
+@pytest.mark.parametrize(
+    ("message", "param", "says"),
+    [
+        # An OpenAI reply with audio, sent back: its audio cannot be read here.
+        ({**CALLED, "audio": {"id": "audio_1"}}, "messages[1].audio", "no audio"),
+        (
+            {**CALLED, "function_call": {"name": "f", "arguments": "{}"}},
+            "messages[1].function_call",
+            "'tool_calls'",
+        ),
+        ({"role": "function", "name": "f", "content": "1"}, "messages[1].role", "'tool' message"),
+        # A custom tool's call carries `custom`, not `function`: named as not served, not as missing.
+        (
+            {**CALLED, "tool_calls": [{"id": "c", "type": "custom", "custom": {"name": "f", "input": "x"}}]},
+            "messages[1].tool_calls[0].type",
+            "'custom' are not supported",
+        ),
+        ({"role": "user", "content": "x", "refusal": "no"}, "messages[1].refusal", "only assistant"),
+        ({"role": "user", "content": [{"text": "x"}]}, "messages[1].content[0].type", "Missing required"),
+        (
+            {"role": "assistant", "content": [{"type": "refusal", "refusal": 1}]},
+            "messages[1].content[0]",
+            "'refusal': <string>",
+        ),
+    ],
+)
+def test_history_shapes_not_served_are_400s_saying_what_is_not_served(
+    server: BackgroundServer, message: dict[str, Any], param: str, says: str
+) -> None:
+    error = error_of(post(server, "/v1/chat/completions", {**CHAT, "messages": [*USER, message]}), 400)
+    assert error["param"] == param
+    assert says in error["message"] and "None" not in error["message"], error["message"]
+
+
 def test_the_deprecated_functions_point_at_tools(server: BackgroundServer) -> None:
     error = error_of(post(server, "/v1/chat/completions", {**CHAT, "functions": [{"name": "f"}]}), 400)
     assert "'tools'" in error["message"] and "'tool_choice'" in error["message"]

@@ -396,6 +396,29 @@ def test_text_format_constrains_the_reply_and_parse_reads_it(client: Any, engine
     assert engine.calls[-1].params.structured_outputs.json_object
 
 
+def test_thinking_after_text_or_calls_starts_the_next_assistant_turn() -> None:
+    # Thinking after a turn's text or calls is the next turn's: each turn keeps its own (it used to be
+    # joined to the turn before, and the texts of both turns ran together).
+    call = {"type": "function_call", "call_id": "call_1", "name": "f", "arguments": "{}"}
+    items = [
+        {"role": "user", "content": "a"},
+        {"type": "reasoning", "summary": [{"type": "summary_text", "text": "first"}]},
+        call,
+        {"type": "reasoning", "summary": [{"type": "summary_text", "text": "second"}]},
+        {"role": "assistant", "content": "ok"},
+        {"type": "reasoning", "summary": [{"type": "summary_text", "text": "third"}]},
+        {"role": "assistant", "content": "done"},
+    ]
+    messages = [
+        m.model_dump(exclude_none=True) for m in chat_form(ResponsesRequest(input=items)).request.messages
+    ]
+    assert [(m.get("reasoning_content"), m.get("content")) for m in messages[1:]] == [
+        ("first", None),
+        ("second", "ok"),
+        ("third", "done"),
+    ]
+
+
 def test_text_after_calls_starts_the_next_assistant_turn() -> None:
     call = {"type": "function_call", "call_id": "call_1", "name": "f", "arguments": "{}"}
     items = [
@@ -463,6 +486,31 @@ def test_message_parts_and_roles_are_read_as_chat_messages(client: Any, engine: 
         ({"input": [{"type": "item_reference", "id": "x"}]}, "input[0].id", "Item with id 'x' not found."),
         ({"input": [{"type": "item_reference"}]}, "input[0].id", "must be a string"),
         ({"input": [{"type": "web_search_call", "id": "ws_1"}]}, "input[0].type", "not supported"),
+        (
+            {"input": [{"type": "custom_tool_call", "call_id": "c", "name": "f", "input": "x"}]},
+            "input[0].type",
+            "only 'function' tools",
+        ),
+        (
+            {"input": [{"type": "function_call_output", "call_id": "", "output": "r"}]},
+            "input[0].call_id",
+            "must not be empty",
+        ),
+        # Parts and messages missing what makes them one: named as missing, not as of type None.
+        ({"input": [{"role": "user", "content": [{"text": "x"}]}]}, "input[0].content[0].type", "Missing"),
+        ({"input": [{"role": "user", "content": ["x"]}]}, "input[0].content[0]", "must be an object"),
+        ({"input": [{"type": "message", "content": "x"}]}, "input[0].role", "Missing required"),
+        # Chat's text part: the Responses API's are named (a text part is not "not text").
+        (
+            {"input": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]},
+            "input[0].content[0].type",
+            "'input_text'",
+        ),
+        (
+            {"input": [{"role": "assistant", "content": [{"type": "refusal", "refusal": None}]}]},
+            "input[0].content[0].refusal",
+            "string",
+        ),
         # Not objects: the item at fault is named, not the string `input` may also be.
         ({"input": [{"role": "user", "content": "a"}, "b"]}, "input[1]", "must be an object"),
         ({"input": [None]}, "input[0]", "must be an object"),

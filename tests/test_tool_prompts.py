@@ -7,6 +7,8 @@ import asyncio
 import json
 from typing import Any
 
+import pytest
+
 from batchlm.server.prompts import render_chat
 from batchlm.server.protocol import ChatCompletionRequest
 from batchlm.tokenizer.tokenizer import Tokenizer
@@ -156,3 +158,20 @@ def test_history_arguments_escaping_a_lone_surrogate_render_as_their_text(tiny_t
     generic = Tokenizer(tiny_tokenizer.hf, tiny_tokenizer.eos_token_ids, chat_template=SMOLLM2_TEMPLATE)
     text = rendered(generic, {"messages": history, "tools": TOOLS})
     assert f'{{"name": "get_weather", "arguments": {arguments}}}' in text
+
+
+@pytest.mark.parametrize("arguments", ["", " ", "null"])
+def test_history_calls_with_empty_arguments_render_an_empty_object(
+    tiny_tokenizer: Tokenizer, arguments: str
+) -> None:
+    # A call of a function without parameters, as a client that accumulated no argument deltas (or
+    # wrote None as JSON) sends it back: an empty object (as vLLM reads it), not a call with nothing
+    # after "arguments":, nor the string "null".
+    history = [dict(m) for m in MESSAGES]
+    history[1]["tool_calls"] = [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+    ]
+    for template in (TOOL_TEMPLATE, SMOLLM2_TEMPLATE):
+        tokenizer = Tokenizer(tiny_tokenizer.hf, tiny_tokenizer.eos_token_ids, chat_template=template)
+        text = rendered(tokenizer, {"messages": history, "tools": TOOLS})
+        assert '{"name": "get_weather", "arguments": {}}' in text

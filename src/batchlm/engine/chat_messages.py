@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from batchlm.engine.client import RequestRejectedError
 from batchlm.tools.prompting import template_tool_calls
@@ -41,6 +42,19 @@ class MessageToolCall(StrictModel):
     function: FunctionCall
     # A call accumulated from a stream (the openai client's stream helpers) keeps its index.
     index: int | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _function_calls_only(cls, kind: str) -> str:
+        # OpenAI's custom tool calls carry `custom` ({name, input}), not `function`: say that they are
+        # not served (as custom tools are not) rather than that `function` is missing.
+        if kind != "function":
+            raise PydanticCustomError(
+                "tool_call_type",
+                "tool calls of type {kind} are not supported (only 'function' calls are)",
+                {"kind": repr(kind)},
+            )
+        return kind
 
 
 class ChatMessage(StrictModel):
@@ -75,11 +89,27 @@ def parse_messages(messages: Iterable[Any]) -> list[ChatMessage]:
         try:
             parsed.append(ChatMessage.model_validate(message))
         except ValidationError as error:
-            problem = error.errors()[0]
-            field = ".".join(str(part) for part in problem["loc"])
-            where = f"messages[{i}]" + (f".{field}" if field else "")
+            # A union (content's string or parts) fails once per member: the one that read furthest
+            # into the value says what is wrong, as the HTTP API reports it.
+            problem = max(error.errors(), key=lambda e: len(e["loc"]))
+            where = f"messages[{i}]" + _loc_path(problem["loc"])
             raise RequestRejectedError(f"{where}: {problem['msg']}", param=where) from None
     return parsed
+
+
+# The names pydantic gives a union's members in an error's loc ("str", "list[dict[str, Any]]").
+_UNION_MEMBERS = frozenset({"str", "int", "float", "bool", "none", "list", "dict"})
+
+
+def _loc_path(loc: Sequence[Any]) -> str:
+    """("tool_calls", 0, "type") -> ".tool_calls[0].type", as the HTTP API names fields."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part not in _UNION_MEMBERS and "[" not in str(part):
+            path += f".{part}"
+    return path
 
 
 def template_conversation(
@@ -112,11 +142,7 @@ def template_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
         if problem is not None:
             text, field = problem
             raise RequestRejectedError(f"{where}: {text}", param=f"{where}.{field}")
-        content = _text_content(message.content, where, message.role)
-        if not content and message.refusal and message.role == "assistant":
-            # OpenAI's reply to a request it declined (content null, `refusal` its words), sent back
-            # as it came: what it said, as a refusal part is.
-            content = message.refusal
+        content = _message_text(message, where)
         # Chat templates know "system"; OpenAI's "developer" role means the same for these models.
         role = "system" if message.role == "developer" else message.role
         entry: dict[str, Any] = {"role": role, "content": content or ""}
@@ -136,21 +162,24 @@ def template_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
 def final_message_text(messages: Sequence[ChatMessage]) -> str:
     """The text of the last message (its text parts joined), which ends the prompt of a request that
     continues it (continue_final_message)."""
-    last = messages[-1]
-    return _text_content(last.content, f"messages[{len(messages) - 1}]", last.role) or ""
+    return _message_text(messages[-1], f"messages[{len(messages) - 1}]") or ""
 
 
 def _message_problem(message: ChatMessage) -> tuple[str, str] | None:
     """Why a message cannot be served, and the field at fault; None when it can."""
     role = message.role
     if role == "function":
-        return "the deprecated role 'function' is not served; use 'tool'.", "role"
+        why = "send the function's result as a 'tool' message with the 'tool_call_id' of the call it answers"
+        return f"the deprecated role 'function' is not supported: {why}.", "role"
     if role not in CHAT_ROLES:
         return f"invalid role '{role}'; expected one of {list(CHAT_ROLES)}.", "role"
-    for name in ("function_call", "audio"):
-        if getattr(message, name):
-            return f"'{name}' is not supported (send tool_calls; no audio).", name
-    for name in ("tool_calls", "reasoning_content", "reasoning"):
+    if message.function_call:
+        why = "send the call in 'tool_calls' ({'id', 'type': 'function', 'function': {'name', 'arguments'}})"
+        return f"the deprecated 'function_call' is not supported: {why}.", "function_call"
+    if message.audio:
+        why = "this server serves no audio; send what the reply said as 'content'"
+        return f"'audio' (an earlier reply's audio) is not supported: {why}.", "audio"
+    for name in ("tool_calls", "reasoning_content", "reasoning", "refusal"):
         if getattr(message, name) and role != "assistant":
             return f"only assistant messages carry '{name}'.", name
     if role == "tool" and not message.tool_call_id:
@@ -160,6 +189,14 @@ def _message_problem(message: ChatMessage) -> tuple[str, str] | None:
     if message.content is None and role != "assistant":
         return f"'content' is required for role '{role}'.", "content"
     return None
+
+
+def _message_text(message: ChatMessage, where: str) -> str | None:
+    """A message's text: its content, else an assistant's `refusal` (OpenAI's reply to a request it
+    declined, sent back as it came: content null, `refusal` its words, what it said as a refusal part
+    is). Only assistant messages get this far with a refusal (_message_problem)."""
+    content = _text_content(message.content, where, message.role)
+    return content if content or not message.refusal else message.refusal
 
 
 def _text_content(content: str | list[dict[str, Any]] | None, where: str, role: str) -> str | None:
@@ -173,9 +210,26 @@ def _text_content(content: str | list[dict[str, Any]] | None, where: str, role: 
             # An assistant's refusal (OpenAI's reply to a request it declined) is what it said.
             texts.append(refusal)
             continue
+        if part_type is None:
+            raise RequestRejectedError(
+                f"Missing required parameter: '{where}.content[{j}].type' (a text part is "
+                "{'type': 'text', 'text': <string>}).",
+                param=f"{where}.content[{j}].type",
+            )
+        if part_type == "refusal" and role != "assistant":
+            raise RequestRejectedError(
+                f"{where}: only assistant messages carry content parts of type 'refusal'.",
+                param=f"{where}.content[{j}].type",
+            )
+        if part_type == "refusal":
+            raise RequestRejectedError(
+                f"{where}: a refusal part must be {{'type': 'refusal', 'refusal': <string>}}.",
+                param=f"{where}.content[{j}]",
+            )
         if part_type != "text":
             raise RequestRejectedError(
-                f"{where}: content parts of type '{part_type}' are not supported (only text is served).",
+                f"{where}: content parts of type '{part_type}' are not supported (only text is served, "
+                "in parts {'type': 'text', 'text': <string>}).",
                 param=f"{where}.content[{j}].type",
             )
         text = part.get("text")

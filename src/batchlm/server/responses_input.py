@@ -226,6 +226,8 @@ class _Conversation:
         kind = item.get("type", "message")
         if kind == "message":
             role = item.get("role")
+            if role is None:
+                raise APIError(400, f"Missing required parameter: '{where}.role'.", f"{where}.role")
             if role not in INPUT_ROLES:
                 expected = ", ".join(f"'{r}'" for r in INPUT_ROLES)
                 raise APIError(
@@ -241,19 +243,22 @@ class _Conversation:
             turn.text.append(text)
         elif kind == "function_call":
             function = {"name": _string(item, "name", where), "arguments": _string(item, "arguments", where)}
-            call = {"id": _string(item, "call_id", where), "type": "function", "function": function}
+            call = {"id": _call_id(item, where), "type": "function", "function": function}
             self._assistant(where).calls.append(call)
         elif kind == "function_call_output":
             output = _text(item.get("output"), f"{where}.output")
-            self.add(
-                {"role": "tool", "tool_call_id": _string(item, "call_id", where), "content": output}, where
-            )
+            self.add({"role": "tool", "tool_call_id": _call_id(item, where), "content": output}, where)
         elif kind == "reasoning":
-            self._assistant(where).reasoning.append(_reasoning_text(item, where))
+            turn = self._assistant(where)
+            if turn.text or turn.calls:  # thinking comes first in a turn: after them, the next one's
+                turn = self._assistant(where, new=True)
+            turn.reasoning.append(_reasoning_text(item, where))
         else:
-            served = "'message', 'function_call', 'function_call_output' and 'reasoning'"
+            served = "'message', 'function_call', 'function_call_output' and 'reasoning' are"
+            if kind in ("custom_tool_call", "custom_tool_call_output"):  # as custom tools are not
+                served += "; only 'function' tools are served, so calls are 'function_call' items"
             raise APIError(
-                400, f"{where}: items of type {kind!r} are not supported ({served} are).", f"{where}.type"
+                400, f"{where}: items of type {kind!r} are not supported ({served}).", f"{where}.type"
             )
 
     def end_turn(self) -> None:
@@ -283,6 +288,15 @@ def _string(item: dict[str, Any], name: str, where: str) -> str:
     return value
 
 
+def _call_id(item: dict[str, Any], where: str) -> str:
+    """A call's id, which its output names: an empty one would answer no call (chat's 'tool' message
+    needs the id it answers), so it is refused as the field the client sent."""
+    call_id = _string(item, "call_id", where)
+    if not call_id:
+        raise APIError(400, f"{where}: 'call_id' must not be empty.", param=f"{where}.call_id")
+    return call_id
+
+
 def _text(content: Any, where: str) -> str:
     """A message's content (or a function call's output): a string or a list of text parts."""
     if isinstance(content, str):
@@ -299,6 +313,19 @@ def _text(content: Any, where: str) -> str:
         elif kind in TEXT_PARTS:
             raise APIError(
                 400, f"{where}[{j}]: a text part needs a string 'text'.", param=f"{where}[{j}].text"
+            )
+        elif not isinstance(part, dict):
+            raise APIError(400, f"{where}[{j}]: a part must be an object.", param=f"{where}[{j}]")
+        elif kind is None:
+            raise APIError(400, f"Missing required parameter: '{where}[{j}].type'.", f"{where}[{j}].type")
+        elif kind == "refusal":
+            raise APIError(
+                400, f"{where}[{j}]: a refusal part needs a string 'refusal'.", param=f"{where}[{j}].refusal"
+            )
+        elif kind == "text":  # chat's text part
+            served = "the Responses API's text parts are of type 'input_text' or 'output_text'"
+            raise APIError(
+                400, f"{where}[{j}]: parts of type 'text' are not supported ({served}).", f"{where}[{j}].type"
             )
         else:
             raise APIError(

@@ -42,13 +42,18 @@ def template_knows_tools(chat_template: str | None) -> bool:
 def template_tool_calls(calls: Sequence[HistoryCall]) -> list[dict[str, Any]]:
     """An assistant message's calls with their arguments as objects, as templates render them. Arguments
     that are not a JSON object (a call that max_tokens cut short, which an agent sends back as it got it)
-    stay the text they are, as OpenAI takes them: the template writes that text."""
+    stay the text they are, as OpenAI takes them: the template writes that text. Empty or null arguments
+    (a call of a function without parameters, as some clients send it) are an empty object, as vLLM
+    reads them: as text they would render a call with nothing (or a string) after `"arguments":`."""
     converted = []
     for call in calls:
+        text = call.function.arguments
         try:
-            arguments = json_text.loads(call.function.arguments)
+            arguments = json_text.loads(text) if text.strip() else None
         except ValueError:
-            arguments = None
+            arguments = text
+        if arguments is None:
+            arguments = {}
         if isinstance(arguments, dict) and not encodes(_json(arguments)):
             arguments = None  # a "\ud800" escape in it: the text keeps it an escape, an object would not
         function = {
