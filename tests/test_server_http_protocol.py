@@ -109,6 +109,24 @@ def test_headers_past_the_limit_are_431_in_json(server: BackgroundServer, reques
     assert f"larger than the limit of {MAX_HEADERS} bytes" in error["message"]
 
 
+def test_a_431_echoes_the_request_s_tracing_id_but_not_an_oversized_one(server: BackgroundServer) -> None:
+    # The oversized header may be the id itself: echoed, the answer would be past the client's own
+    # limit on a header, and the 431 never read.
+    huge = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Request-Id: " + b"r" * (4 * MAX_HEADERS) + b"\r\n\r\n"
+    answer = exchange(server.port, huge)
+    json_error(answer, 431)
+    assert re.fullmatch("req_[0-9a-f]{32}", parse(answer)[1]["x-request-id"])
+    padded = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Request-Id: trace-1\r\nX-Pad: " + b"a" * MAX_HEADERS
+    answer = exchange(server.port, padded + b"\r\n\r\n")
+    json_error(answer, 431)
+    assert parse(answer)[1]["x-request-id"] == "trace-1"
+    # Refused while its headers still arrive: the id sent before the oversized header is echoed too.
+    endless = b"GET /health HTTP/1.1\r\nX-Request-Id: trace-2\r\nX-Big: " + b"a" * (100 * MAX_HEADERS)
+    answer = exchange(server.port, endless)
+    json_error(answer, 431)
+    assert parse(answer)[1]["x-request-id"] == "trace-2"
+
+
 def test_a_target_past_the_url_parser_s_limit_is_414_saying_so() -> None:
     # httptools' URL parser takes 65535 bytes at most, whatever max_header_bytes allows: its refusal
     # was a 400 that said only "User callback error". (The headers' limit is set above the target,

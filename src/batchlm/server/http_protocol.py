@@ -37,7 +37,7 @@ from uvicorn.server import ServerState
 
 from batchlm.server.errors import RETRY_AFTER_S, APIError, ErrorObserver, error_response
 from batchlm.server.middleware import RequestIdEchoMiddleware
-from batchlm.server.request_ids import REQUEST_ID, new_request_id
+from batchlm.server.request_ids import REQUEST_ID, REQUEST_ID_HEADER, new_request_id
 from batchlm.server.shared_deadline import SharedDeadline
 
 logger = logging.getLogger(__name__)
@@ -46,6 +46,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_HEADER_TIMEOUT_S = 60.0
 # Four times nginx's default buffers: no client sends more, and a connection's headers stay cheap to hold.
 DEFAULT_MAX_HEADER_BYTES = 64 * 1024
+# The longest X-Request-Id the refusals here echo: a tracing id is tens of bytes, while a longer one may
+# be the very header a 431 refuses, which a client's parser (h11's 16 KiB, aiohttp's 8 KiB a line) would
+# then refuse in the answer too, never reading the 431. A longer one is answered with a new id.
+LONGEST_ECHOED_ID = 512
 # uvicorn's own default.
 DEFAULT_KEEP_ALIVE_TIMEOUT_S = 5.0
 # Seconds between two warnings that connections are refused for want of file descriptors.
@@ -222,7 +226,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
         if size > self._max_header_bytes:
             # Answered in turn as any request (after those pipelined before it), by an app that refuses it.
-            refusal = RequestIdEchoMiddleware(error_response(self._too_large(), self._observe))
+            refusal = RequestIdEchoMiddleware(
+                error_response(self._too_large(), self._observe), longest_echoed=LONGEST_ECHOED_ID
+            )
             app, self.app = self.app, refusal
             try:
                 super().on_headers_complete()
@@ -298,9 +304,17 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.linger()
 
     def _request_id(self) -> str:
-        """The X-Request-Id of the request in progress (RequestIdEchoMiddleware's), else a new one."""
-        taken = None if self._idle() else self.cycle.scope.get("state", {}).get(REQUEST_ID)
-        return taken if isinstance(taken, str) else new_request_id()
+        """The X-Request-Id of the request in progress (RequestIdEchoMiddleware's), else the one sent
+        among the headers read so far of the request refused (as the 431 of a whole header block
+        echoes it), else a new one."""
+        if not self._idle():
+            taken = self.cycle.scope.get("state", {}).get(REQUEST_ID)
+            return taken if isinstance(taken, str) else new_request_id()
+        if self._reading_headers:
+            sent = next((value for name, value in self.headers if name == REQUEST_ID_HEADER and value), b"")
+            if 0 < len(sent) <= LONGEST_ECHOED_ID:
+                return sent.decode("latin-1")
+        return new_request_id()
 
     def linger(self) -> None:
         """Close the connection once the client has sent the rest of its request. Closed at once, it

@@ -200,8 +200,11 @@ class RequestIdEchoMiddleware:
     response, errors included, can then be matched to its request and to its log lines (the OpenAI
     client reports it as the response's request id). The id is kept in the scope's state."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, longest_echoed: int | None = None) -> None:
+        """longest_echoed: a sent id longer than this many bytes is replaced by a new one (a 431's
+        answer must not send back the oversized header it refuses)."""
         self.app = app
+        self._longest_echoed = longest_echoed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -210,7 +213,8 @@ class RequestIdEchoMiddleware:
         request_id = None
         for name, value in scope["headers"]:
             if name == REQUEST_ID_HEADER and value:
-                request_id = value
+                if self._longest_echoed is None or len(value) <= self._longest_echoed:
+                    request_id = value
                 break
         if request_id is None:
             request_id = new_request_id().encode()
