@@ -188,3 +188,13 @@ def test_a_spent_lexer_fails_only_the_sequence_that_spent_it(backend, tiny_token
     later = backend.matcher(spec)
     assert backend.advance_and_fill([later], [[b]], row) == [True]
     assert later.failure is None and later.is_terminated
+
+
+def test_the_refusal_leaves_out_advice_about_the_probe_s_own_tokens() -> None:
+    # llguidance advises against short lexemes when a forced text overflows: true of the probe's
+    # one-byte tokens, not of the client's grammar.
+    spec = StructuredOutputs(grammar='start: a\na: "x" a')
+    with pytest.raises(GrammarError) as refused:
+        edge_checked_grammar(spec)
+    assert ENDLESS in str(refused.value)
+    assert "lexeme" not in str(refused.value)

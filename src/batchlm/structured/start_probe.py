@@ -28,6 +28,8 @@ BYTE_EOS = 256
 BYTE_MASK_WORDS = (BYTE_EOS + 1 + 31) // 32
 # What llguidance says when the forced text overflows its parser (a self-requiring value has no end).
 ENDLESS_FORCED_TEXT = "ff_tokens"
+# Where llguidance's message on an overflowing forced text starts its advice for the tokenizer.
+BYTE_TOKEN_ADVICE = "; try avoiding"
 # The most bytes tried where the forced text ends (each trial may walk a long forced text).
 MAX_BRANCHES = 16
 
@@ -105,7 +107,9 @@ def _error(matcher: llguidance.LLMatcher) -> str:
     """The matcher's error, its first line (the rest is the parser's state); "" if none."""
     if not matcher.is_error():
         return ""
-    return str(matcher.get_error()).strip().split("\n", 1)[0]
+    first_line = str(matcher.get_error()).strip().split("\n", 1)[0]
+    # llguidance's advice on short lexemes is about the probe's one-byte tokens, not the client's grammar.
+    return first_line.split(BYTE_TOKEN_ADVICE, 1)[0]
 
 
 def _take_forced(matcher: llguidance.LLMatcher, row: np.ndarray) -> list[int]:
