@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from batchlm import LLM, SamplingParams
+from models_harness import hf_generated
 
 WINDOW = 8
 MAX_TOKENS = 12
@@ -46,10 +47,7 @@ def transformers_tokens(
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokens = []
     for prompt in batch:
-        ids = torch.tensor([prompt])
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
-        tokens.append(out[0, len(prompt) :].tolist())
+        tokens.append(hf_generated(hf, prompt, new_tokens))
     return tokens
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from batchlm import LLM, SamplingParams
+from models_harness import hf_generated
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 MOE_TYPES = ["qwen3_moe", "mixtral"]
@@ -43,16 +44,7 @@ def transformers_tokens(moe_dir: Path) -> list[list[int]]:
     hf = AutoModelForCausalLM.from_pretrained(moe_dir, dtype=torch.float32).eval()
     expected = []
     for prompt in _prompts():
-        ids = torch.tensor([prompt])
-        out = hf.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=GREEDY.max_tokens,
-            min_new_tokens=GREEDY.max_tokens,
-            do_sample=False,
-            pad_token_id=0,
-        )
-        expected.append(out[0, len(prompt) :].tolist())
+        expected.append(hf_generated(hf, prompt, GREEDY.max_tokens))
     return expected
 
 

@@ -17,6 +17,7 @@ import batchlm.backends as backends
 from batchlm.backends.mlx.families import mlx_lm_overrides, window_context_cap, windowed_layers
 from batchlm.config import EngineConfig
 from batchlm.sampling_params import SamplingParams
+from models_harness import hf_generated
 
 needs_mlx = pytest.mark.skipif(not backends.mlx_available(), reason="mlx and mlx-lm are not installed")
 WINDOW = 8
@@ -36,10 +37,7 @@ def transformers_tokens(model_dir: Path, prompt: list[int], new_tokens: int) -> 
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = torch.tensor([prompt])
-    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                      min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
-    return out[0, len(prompt) :].tolist()
+    return hf_generated(hf, prompt, new_tokens)
 
 
 def mlx_tokens(

@@ -13,6 +13,7 @@ import torch
 import batchlm.backends as backends
 from batchlm.config import EngineConfig
 from batchlm.sampling_params import SamplingParams
+from models_harness import hf_generated
 
 pytestmark = pytest.mark.skipif(not backends.mlx_available(), reason="mlx and mlx-lm are not installed")
 
@@ -26,16 +27,7 @@ def _transformers_tokens(model_dir: Path) -> list[list[int]]:
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     expected = []
     for prompt in PROMPTS:
-        ids = torch.tensor([prompt])
-        out = hf.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            pad_token_id=0,
-        )
-        expected.append(out[0, len(prompt) :].tolist())
+        expected.append(hf_generated(hf, prompt, NEW_TOKENS))
     return expected
 
 
