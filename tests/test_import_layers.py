@@ -32,6 +32,7 @@ LAYERS: tuple[frozenset[str], ...] = (
             "json_files",
             "unicode_text",
             "json_text",
+            "validation_errors",
             "dir_locks",
             "temp_dirs",
         }

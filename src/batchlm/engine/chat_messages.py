@@ -14,6 +14,7 @@ from pydantic_core import PydanticCustomError
 
 from batchlm.engine.client import RequestRejectedError
 from batchlm.tools.prompting import template_tool_calls
+from batchlm.validation_errors import most_specific, param_from_loc
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -89,27 +90,12 @@ def parse_messages(messages: Iterable[Any]) -> list[ChatMessage]:
         try:
             parsed.append(ChatMessage.model_validate(message))
         except ValidationError as error:
-            # A union (content's string or parts) fails once per member: the one that read furthest
-            # into the value says what is wrong, as the HTTP API reports it.
-            problem = max(error.errors(), key=lambda e: len(e["loc"]))
-            where = f"messages[{i}]" + _loc_path(problem["loc"])
+            # As the HTTP API reports it: a union's member that read furthest, named as a client writes it.
+            problem = most_specific(error.errors())
+            field = param_from_loc(problem["loc"])
+            where = f"messages[{i}]" + (f".{field}" if field else "")
             raise RequestRejectedError(f"{where}: {problem['msg']}", param=where) from None
     return parsed
-
-
-# The names pydantic gives a union's members in an error's loc ("str", "list[dict[str, Any]]").
-_UNION_MEMBERS = frozenset({"str", "int", "float", "bool", "none", "list", "dict"})
-
-
-def _loc_path(loc: Sequence[Any]) -> str:
-    """("tool_calls", 0, "type") -> ".tool_calls[0].type", as the HTTP API names fields."""
-    path = ""
-    for part in loc:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        elif part not in _UNION_MEMBERS and "[" not in str(part):
-            path += f".{part}"
-    return path
 
 
 def template_conversation(

@@ -18,6 +18,7 @@ from batchlm.engine.client import EngineDeadError, QueueFullError, RequestReject
 from batchlm.server.request_ids import request_id_of
 from batchlm.tools.spec import ToolUseError
 from batchlm.unicode_text import encodable
+from batchlm.validation_errors import most_specific, param_from_loc
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ def validation_error_to_api_error(errors: Sequence[Any], required: Sequence[str]
     body's required fields, named when the whole body is missing."""
     if not errors:
         return APIError(400, "Invalid request body.")
-    first = _most_specific(errors)
+    first = most_specific(errors)
     param = param_from_loc(first.get("loc", ()))
     kind = first.get("type", "")
     if kind == "missing" and param is None:
@@ -176,60 +177,6 @@ def validation_error_to_api_error(errors: Sequence[Any], required: Sequence[str]
     return APIError(400, f"Invalid value for '{param}': {first.get('msg', 'invalid')}.", param)
 
 
-# Pydantic names the union member that failed inside `loc` (e.g. "str", "list[int]"); clients never see them.
-_UNION_TAGS = {"str", "int", "float", "bool", "none", "list", "dict"}
-
-
-def _is_union_tag(part: Any, models: set[str]) -> bool:
-    """A member's name in a union error's `loc`: a type ("str", "list[str]", "literal['a']") or a model's
-    class name ("NamedToolChoice")."""
-    if not isinstance(part, str):
-        return False
-    return part in _UNION_TAGS or "[" in part or part in models
-
-
-def _model_names(base: type[BaseModel]) -> set[str]:
-    """The class names of every pydantic model (a union member's tag when it is a model)."""
-    names = set()
-    for model in base.__subclasses__():
-        names.add(model.__name__)
-        names |= _model_names(model)
-    return names
-
-
-def _most_specific(errors: Sequence[Any]) -> dict[str, Any]:
-    """The error to report. Pydantic reports a union's failure once for each member, the first member
-    first: `"stop": [null]` fails as a string before it fails at stop[0] as a list of strings, and
-    `"tool_choice": {"type": "allowed_tools", ...}` as one of the literal choices before it is found
-    to lack its `allowed_tools.tools`. The member that read furthest into the value before its first
-    error names what is wrong (`_progress`), one whose type the value had over one it did not
-    (`[1.5]`: a token id with a fraction, not a string); its own name is dropped from the `loc`."""
-    first: dict[str, Any] = errors[0]
-    loc = tuple(first.get("loc", ()))
-    models = _model_names(BaseModel)
-    tag = next((i for i, part in enumerate(loc) if _is_union_tag(part, models)), None)
-    if tag is None:
-        return first
-    # Each member's first error: where reading the value as that member stopped.
-    members: dict[Any, dict[str, Any]] = {}
-    for error in errors:
-        error_loc = tuple(error.get("loc", ()))
-        if len(error_loc) > tag and error_loc[:tag] == loc[:tag]:
-            members.setdefault(error_loc[tag], error)
-    deepest = max(members.values(), key=_progress)
-    deep_loc = tuple(deepest["loc"])
-    return {**deepest, "loc": deep_loc[:tag] + deep_loc[tag + 1 :]}
-
-
-def _progress(error: dict[str, Any]) -> tuple[int, tuple[int, ...], bool]:
-    """How far a union member read into the value before it failed: deeper, then at a later item
-    (`["a", 1]` read as strings fails at [1], as token ids at [0]), then a value of the member's type
-    over one of another."""
-    loc = tuple(error.get("loc", ()))
-    items = tuple(part if isinstance(part, int) else 0 for part in loc)
-    return len(loc), items, not error.get("type", "").endswith("_type")
-
-
 def required_body_fields(request: Request) -> list[str]:
     """The required fields of the JSON body model of the route that `request` matched (none if unknown)."""
     body_field = getattr(request.scope.get("route"), "body_field", None)
@@ -237,19 +184,6 @@ def required_body_fields(request: Request) -> list[str]:
     if not (isinstance(model, type) and issubclass(model, BaseModel)):
         return []
     return [name for name, field in model.model_fields.items() if field.is_required()]
-
-
-def param_from_loc(loc: Sequence[Any]) -> str | None:
-    """("body", "messages", 0, "content", "str") -> "messages[0].content"; ("query", "limit") -> "limit"."""
-    param = ""
-    if loc and loc[0] in ("query", "path"):  # a URL's parameter is named as the client wrote it
-        loc = loc[1:]
-    for part in loc:
-        if isinstance(part, int):
-            param += f"[{part}]"
-        elif part != "body" and part not in _UNION_TAGS and "[" not in str(part):
-            param += f".{part}" if param else str(part)
-    return param or None
 
 
 def http_error_to_api_error(request: Request, exc: StarletteHTTPException) -> APIError:

@@ -12,10 +12,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from batchlm.server.errors import APIError, param_from_loc
+from batchlm.server.errors import APIError
 from batchlm.server.protocol import ChatCompletionRequest, ChatMessage
 from batchlm.server.protocol_responses import ResponsesRequest
 from batchlm.server.request_params import MODERATION, UnsupportedRule, refuse_unsupported
+from batchlm.validation_errors import param_from_loc
 
 UNSUPPORTED: tuple[UnsupportedRule, ...] = (
     ("conversation", lambda v: v is None, "continue a response by 'previous_response_id', or send it all in 'input'"),
