@@ -35,6 +35,19 @@ class FunctionCall(StrictModel):
     parsed_arguments: Any = None
 
 
+def function_type_only(kind: str, error_type: str, plural: str, noun: str) -> str:
+    """`kind` if it is "function"; else a validation error saying `plural` of that type are not
+    served. OpenAI's other kinds (custom, web_search, ...) carry no `function`: said here, the client
+    learns what is not served rather than that `function` is missing."""
+    if kind != "function":
+        raise PydanticCustomError(
+            error_type,
+            f"{plural} of type {{kind}} are not supported (only 'function' {noun} are)",
+            {"kind": repr(kind)},
+        )
+    return kind
+
+
 class MessageToolCall(StrictModel):
     """A call of an earlier assistant message, sent back as history."""
 
@@ -47,15 +60,7 @@ class MessageToolCall(StrictModel):
     @field_validator("type")
     @classmethod
     def _function_calls_only(cls, kind: str) -> str:
-        # OpenAI's custom tool calls carry `custom` ({name, input}), not `function`: say that they are
-        # not served (as custom tools are not) rather than that `function` is missing.
-        if kind != "function":
-            raise PydanticCustomError(
-                "tool_call_type",
-                "tool calls of type {kind} are not supported (only 'function' calls are)",
-                {"kind": repr(kind)},
-            )
-        return kind
+        return function_type_only(kind, "tool_call_type", "tool calls", "calls")
 
 
 class ChatMessage(StrictModel):

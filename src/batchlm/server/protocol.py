@@ -14,6 +14,7 @@ from batchlm.engine.chat_messages import ChatMessage as ChatMessage
 from batchlm.engine.chat_messages import FunctionCall as FunctionCall
 from batchlm.engine.chat_messages import MessageToolCall as MessageToolCall
 from batchlm.engine.chat_messages import StrictModel as StrictModel
+from batchlm.engine.chat_messages import function_type_only
 
 # OpenAI's reasoning efforts (chat's `reasoning_effort`, the Responses API's `reasoning.effort`).
 ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
@@ -69,15 +70,7 @@ class ChatTool(StrictModel):
     @field_validator("type")
     @classmethod
     def _function_tools_only(cls, kind: str) -> str:
-        # OpenAI's other kinds (custom, web_search, ...) have no `function`: say what is not served
-        # rather than that `function` is missing.
-        if kind != "function":
-            raise PydanticCustomError(
-                "tool_type",
-                "tools of type {kind} are not supported (only 'function' tools are)",
-                {"kind": repr(kind)},
-            )
-        return kind
+        return function_type_only(kind, "tool_type", "tools", "tools")
 
 
 class FunctionName(StrictModel):
