@@ -100,10 +100,12 @@ class EngineConfig:
     device: str = "auto"
     # Max tokens (prompt + output) of one request; None = the model's own limit.
     max_model_len: int | None = None
-    # Max running requests (the seed's --batch-size).
+    # Max running requests (the seed's --batch-size). On a GPU, CUDA graphs are captured for decode
+    # batches of up to 512 requests; larger batches run eagerly.
     max_num_seqs: int = 32
     # Per-step token budget shared by decodes and prefill chunks; None = 512 on a CPU, 8192 on a GPU
-    # (on the mlx backend: its prompt chunk, 2048).
+    # (on the mlx backend: its prompt chunk, 2048). A budget above the context length is filled by several
+    # prompts at once; a GPU measures the memory of a full step at start-up, before sizing the KV cache.
     max_num_batched_tokens: int | None = None
     # Tokens per KV-cache block: any positive number (the attention kernels find a token's block by
     # division, so it need not be a power of two); prefix caching shares whole blocks only, so larger

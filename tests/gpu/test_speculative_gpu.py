@@ -14,7 +14,7 @@ from devices import require_cuda
 from engine_runs import generated_tokens
 
 from batchlm import LLM, SamplingParams
-from batchlm.runner import model_runner
+from batchlm.runner import cuda_graph
 from batchlm.runner.inputs import StepInputs
 from batchlm.runner.model_runner import ModelRunner
 
@@ -132,7 +132,7 @@ def test_verify_rows_past_the_largest_graph_run_eagerly(
 ) -> None:
     """Graphs up to 4 rows (verify rows capped at 4 here); a verify chunk of 1 + 4 tokens falls back
     to the eager path, with the same tokens."""
-    monkeypatch.setattr(model_runner, "MAX_VERIFY_GRAPH_ROWS", 4)
+    monkeypatch.setattr(cuda_graph, "MAX_VERIFY_GRAPH_ROWS", 4)
     small = LLM(
         model=str(tiny_model_dir("llama")),
         device="cuda",

@@ -1,8 +1,9 @@
 """CUDA graphs for pure-decode steps: one graph per padded batch size, replayed with static buffers.
 
 A decode step launches hundreds of small kernels; replaying a captured graph removes their launch cost.
-Graphs are captured for batch sizes 1, 2, 4, 8, then every 16 up to the max; a batch is padded to the next
-captured size. Padding rows get seq_len 0 and slot -1, which the Triton backend skips.
+Graphs are captured for batch sizes 1, 2, 4, 8, then every 16 up to the max (at most MAX_CAPTURE_BATCH); a
+batch is padded to the next captured size, and a larger one runs eagerly. Padding rows get seq_len 0 and
+slot -1, which the Triton backend skips.
 """
 
 from __future__ import annotations
@@ -19,6 +20,22 @@ from batchlm.models.base import CausalLM
 from batchlm.startup_log import log_phase
 
 logger = logging.getLogger(__name__)
+
+
+# The largest decode batch captured (vLLM's default cap too): a batch that large is bound by its
+# matmuls, where replaying a graph saves little, while every 16 rows more cost one more capture at
+# start-up and the static block tables a row of max_model_len / block_size entries each. A
+# --max-num-seqs of 50,000 would otherwise capture 3,129 graphs over tables of 50,000 rows.
+MAX_CAPTURE_BATCH = 512
+# Verify steps of more rows than this (and than max_num_seqs) run eagerly: capturing graphs for every
+# batch up to max_num_seqs x (1 + drafts) would add a graph per 16 rows to start-up.
+MAX_VERIFY_GRAPH_ROWS = 256
+
+
+def graph_batch_limit(max_num_seqs: int, most_verify_rows: int = 0) -> int:
+    """The largest decode batch to capture: every batch the scheduler can send (max_num_seqs decodes,
+    or a verify step's rows up to MAX_VERIFY_GRAPH_ROWS), at most MAX_CAPTURE_BATCH."""
+    return min(max(max_num_seqs, min(most_verify_rows, MAX_VERIFY_GRAPH_ROWS)), MAX_CAPTURE_BATCH)
 
 
 def capture_sizes(max_batch: int) -> list[int]:

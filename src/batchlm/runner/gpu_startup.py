@@ -1,6 +1,6 @@
 """The passes a GPU runner makes before it serves: compile its Triton kernels together, measure the
-peak memory of a full token budget (the KV cache gets what is left), and warm up what those passes do
-not reach."""
+peak memory of the largest step the scheduler can send (the KV cache gets what is left), and warm up
+what those passes do not reach."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from batchlm.attention.backend import AttentionBackend
+from batchlm.config import EngineConfig
 from batchlm.core.step_io import ScheduledChunk, SchedulerOutput
 from batchlm.kernels.parallel_compile import compile_deferred, compile_threads, defer_compiles
 from batchlm.layers.moe import warm_up_experts
@@ -21,9 +22,76 @@ from batchlm.runner.inputs import build_step_inputs
 from batchlm.runner.kv_cache import allocate_kv_caches
 from batchlm.sampling.grammar_mask import warm_up_grammar_masks
 from batchlm.sampling.sampler import Sampler
+from batchlm.sampling.state import SamplingState
+from batchlm.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 from batchlm.startup_log import log_phase
 
 logger = logging.getLogger(__name__)
+
+# What the profile run's sampled rows ask for: the sampler's widest path (a float32 copy, log-softmax
+# for logprobs, the penalties' token counts and the full sort of top-p), so its scratch memory is
+# measured at its largest.
+PROFILE_SAMPLING = SamplingParams(
+    temperature=1.0,
+    top_p=0.5,
+    logprobs=MAX_TOP_LOGPROBS,
+    repetition_penalty=1.1,
+    presence_penalty=0.5,
+    frequency_penalty=0.5,
+)
+
+
+@dataclass(frozen=True)
+class LargestStep:
+    """The most the scheduler can put in one step: `tokens` computed (its token budget, unless
+    max_num_seqs requests of a full context hold fewer) and `sampled_rows` rows whose logits it
+    samples (a row per request, or per verified token of a verify step)."""
+
+    tokens: int
+    sampled_rows: int
+
+    @staticmethod
+    def of(budget: int, max_num_seqs: int, max_model_len: int, most_verify_rows: int = 0) -> LargestStep:
+        tokens = min(budget, max_num_seqs * max_model_len)
+        return LargestStep(tokens, min(tokens, max(max_num_seqs, most_verify_rows)))
+
+
+def hidden_states_bytes(step: LargestStep, hidden_size: int, element_size: int) -> int:
+    """The least a forward over the step holds at once: its hidden states and their residual. A step
+    past the device's memory by this alone is refused before its inputs are even built (a budget in
+    the hundreds of millions of tokens would otherwise spend minutes on the host first)."""
+    return 2 * step.tokens * hidden_size * element_size
+
+
+def largest_step_oom_message(step: LargestStep, block_size: int) -> str:
+    """What start-up says when the profile run itself runs out of GPU memory: such a step would
+    fail while serving too, so the flags that size it are named (and --block-size where the run's
+    scratch cache of whole blocks may be what took the memory)."""
+    return (
+        f"the largest step the scheduler can send ({step.tokens} tokens, {step.sampled_rows} of them "
+        "sampled) does not fit in GPU memory beside the model: lower --max-num-batched-tokens (or "
+        "--max-num-seqs"
+        + ("" if block_size <= EngineConfig.block_size else f", or --block-size {block_size}")
+        + ")"
+    )
+
+
+def profile_step(tokens: int, max_model_len: int, block_size: int) -> tuple[SchedulerOutput, int]:
+    """A step of `tokens` prompt tokens as whole prompts of at most max_model_len tokens (a budget
+    above the context is filled by several requests' prompts at once; one prompt longer than the
+    context would not be scheduled, and its positions could pass the model's rotary tables). Returns
+    the step and the blocks it writes: the prompts share them, so the throwaway cache, which counts in
+    the measured peak, is no larger than one prompt's (their keys and values overwrite each other,
+    which only the memory measurement sees). A one-token remainder goes first: the attention metadata
+    takes the leading one-token chunks for decodes."""
+    full, rest = divmod(tokens, max_model_len)
+    lengths = ([rest] if rest else []) + [max_model_len] * full
+    blocks = -(-max(lengths) // block_size)
+    chunks = tuple(
+        ScheduledChunk(f"profile-{index}", (0,) * length, 0, tuple(range(-(-length // block_size))), True)
+        for index, length in enumerate(lengths)
+    )
+    return SchedulerOutput(chunks, (), frozenset()), blocks
 
 
 @dataclass(frozen=True)
@@ -38,8 +106,9 @@ class GpuStartup:
     kv_dtype: torch.dtype
     device: torch.device
     block_size: int
-    # The profile run's tokens: a full step budget, at most the context length.
-    profile_tokens: int
+    # What the profile run computes and samples: the largest step the scheduler can send.
+    largest_step: LargestStep
+    max_model_len: int
     max_blocks_per_seq: int
 
     @torch.inference_mode()
@@ -67,16 +136,24 @@ class GpuStartup:
 
     @torch.inference_mode()
     def profile_run(self) -> None:
-        """A forward over a full token budget with a throwaway one-block cache, to measure peak memory."""
-        tokens = self.profile_tokens
-        blocks = -(-tokens // self.block_size)
-        chunk = ScheduledChunk("profile", tuple([0] * tokens), 0, tuple(range(blocks)), True)
+        """The largest step (a full token budget, then its most sampled rows through the sampler)
+        with a throwaway cache of its own, to measure peak memory: a smaller one would leave the KV
+        cache memory that such a step needs while serving."""
+        step, blocks = profile_step(self.largest_step.tokens, self.max_model_len, self.block_size)
         scratch = allocate_kv_caches(self.shape, blocks, self.block_size, self.kv_dtype, self.device)
-        inputs = build_step_inputs(SchedulerOutput((chunk,), (), frozenset()), self.block_size, self.device)
+        inputs = build_step_inputs(step, self.block_size, self.device)
         hidden = self.model(inputs.input_ids, inputs.positions, scratch, inputs.meta, self.attn)
-        self.model.compute_logits(hidden[inputs.sample_indices])
-        torch.cuda.synchronize(self.device)
+        rows = self.largest_step.sampled_rows
+        logits = self.model.compute_logits(hidden[torch.arange(rows, device=self.device)])
         del scratch, hidden
+        states = [SamplingState.create(PROFILE_SAMPLING, None, [0], [], (), self.device) for _ in range(rows)]
+        # Twice: the penalties' counts of one step live until the next step's replace them.
+        for _ in range(2):
+            self.sampler.sample_on_device(logits, states, logits_are_scratch=True)
+        self.sampler.forget_batch()
+        if self.device.type == "cuda":  # (the CPU runs it only in tests)
+            torch.cuda.synchronize(self.device)
+        del logits
 
     @torch.inference_mode()
     def warm_up_kernels(self, kv_cache: torch.Tensor) -> None:

@@ -135,9 +135,11 @@ def blocks_in_use_at_most(config: EngineConfig, max_model_len: int) -> int:
 def num_blocks_for(
     config: EngineConfig, shape: ModelShape, dtype: torch.dtype, device: torch.device, max_model_len: int
 ) -> int:
-    if config.num_gpu_blocks_override is not None:
-        return config.num_gpu_blocks_override
     per_block = bytes_per_block(shape, config.block_size, dtype)
+    if config.num_gpu_blocks_override is not None:
+        if device.type == "cuda":
+            warn_override_past_budget(config, per_block, kv_budget_bytes(config, device))
+        return config.num_gpu_blocks_override
     num_blocks = kv_budget_bytes(config, device) // per_block
     if num_blocks < 1 and device.type != "cuda":
         # A CPU budget is a size asked for, not memory left over: say how far below one block it is.
@@ -152,6 +154,8 @@ def num_blocks_for(
         raise ValueError(
             "no memory is left for the KV cache after loading the model: raise --gpu-memory-utilization "
             "or lower --max-num-batched-tokens"
+            # One block of a block size far above the default may be what does not fit.
+            + ("" if config.block_size <= EngineConfig.block_size else " or --block-size")
         )
     if device.type != "cuda":
         if config.cpu_kv_cache_gib is None:
@@ -159,6 +163,35 @@ def num_blocks_for(
             num_blocks = min(num_blocks, blocks_in_use_at_most(config, max_model_len))
         num_blocks = fit_host_memory(config, num_blocks, per_block, available_host_bytes())
     return int(num_blocks)
+
+
+def warn_override_past_budget(config: EngineConfig, per_block: int, budget: int) -> None:
+    """--num-gpu-blocks-override sets the cache's size whatever the memory: say so where it takes
+    more than --gpu-memory-utilization leaves, since the CUDA graphs and the largest steps then find
+    less than they were measured to need (or the cache itself does not fit)."""
+    override = config.num_gpu_blocks_override
+    assert override is not None
+    fitting = max(budget, 0) // per_block
+    if override > fitting:
+        logger.warning(
+            "--num-gpu-blocks-override %d takes %.2f GiB, more than the %d blocks (%.2f GiB) that "
+            "--gpu-memory-utilization %g leaves for the KV cache: start-up or a large step may run out of "
+            "GPU memory",
+            override,
+            override * per_block / GIB,
+            fitting,
+            fitting * per_block / GIB,
+            config.gpu_memory_utilization,
+        )
+
+
+def kv_cache_oom_message(config: EngineConfig, num_blocks: int, per_block: int) -> str:
+    """What start-up says when the KV cache it sized does not fit in GPU memory."""
+    size = f"{num_blocks} KV-cache blocks ({num_blocks * per_block / GIB:.2f} GiB)"
+    if config.num_gpu_blocks_override is not None:
+        return f"{size} do not fit in GPU memory: lower --num-gpu-blocks-override"
+    # Another process took memory between the measurement and the allocation.
+    return f"{size} do not fit in GPU memory any more: lower --gpu-memory-utilization"
 
 
 def fit_host_memory(config: EngineConfig, num_blocks: int, per_block: int, available: int | None) -> int:

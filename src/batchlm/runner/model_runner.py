@@ -20,18 +20,25 @@ from batchlm.models.loader import LoadedModel, ModelShape, load_model
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
 from batchlm.runner.cpu_kernel_builds import build_cpu_kernels
 from batchlm.runner.cpu_threads import cap_cpu_threads
-from batchlm.runner.cuda_graph import DecodeGraphs
+from batchlm.runner.cuda_graph import DecodeGraphs, graph_batch_limit
 from batchlm.runner.deferred_step import DeferredStepOutput, LaunchedForward
 from batchlm.runner.device import dtype_name, resolve_device, resolve_dtype
 from batchlm.runner.draft_verify import Verification, row_states, verify_groups
 from batchlm.runner.fused_decode import MAX_VERIFY_ROWS, FusedDecode, build_fused_decode
-from batchlm.runner.gpu_startup import GpuStartup
+from batchlm.runner.gpu_startup import (
+    GpuStartup,
+    LargestStep,
+    hidden_states_bytes,
+    largest_step_oom_message,
+)
 from batchlm.runner.grammar import MaskBuffers, StepMasks, constrained_sequences
 from batchlm.runner.heap import trim_heap
 from batchlm.runner.host_flag import stream_flag
 from batchlm.runner.inputs import StepInputBuilder, StepInputs
 from batchlm.runner.kv_cache import (
     allocate_kv_caches,
+    bytes_per_block,
+    kv_cache_oom_message,
     layer_kv_scales,
     log_kv_cache,
     num_blocks_for,
@@ -45,11 +52,6 @@ from batchlm.sampling.sampler import Sampler
 from batchlm.sampling.state import SamplingState
 
 logger = logging.getLogger(__name__)
-
-
-# Verify steps of more rows than this (and than max_num_seqs) run eagerly: capturing graphs for every
-# batch up to max_num_seqs x (1 + drafts) would add a graph per 16 rows to start-up.
-MAX_VERIFY_GRAPH_ROWS = 256
 
 
 def default_max_num_batched_tokens(device: torch.device) -> int:
@@ -173,17 +175,29 @@ class ModelRunner:
         Tensor-parallel ranks all call this together: the profile forward runs collectives."""
         if self.device.type == "cuda":
             startup = self._gpu_startup()
-            startup.compile_kernels_concurrently()
-            start_peak_measurement(self.device)
-            startup.profile_run()
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            if hidden_states_bytes(startup.largest_step, self.shape.hidden_size, self.dtype.itemsize) > total:
+                raise ValueError(largest_step_oom_message(startup.largest_step, self.config.block_size))
+            try:
+                startup.compile_kernels_concurrently()
+                start_peak_measurement(self.device)
+                startup.profile_run()
+            except torch.cuda.OutOfMemoryError as error:
+                raise ValueError(
+                    largest_step_oom_message(startup.largest_step, self.config.block_size)
+                ) from error
         return num_blocks_for(self.config, self.shape, self.kv_dtype, self.device, self.max_model_len)
 
     def allocate_kv_cache(self, num_blocks: int) -> ModelFacts:
         """Allocate `num_blocks` KV blocks (tensor parallel: the minimum over ranks) and capture graphs."""
         self.num_blocks = num_blocks
-        self.kv_caches = allocate_kv_caches(
-            self.shape, self.num_blocks, self.config.block_size, self.kv_dtype, self.device
-        )
+        try:
+            self.kv_caches = allocate_kv_caches(
+                self.shape, self.num_blocks, self.config.block_size, self.kv_dtype, self.device
+            )
+        except torch.cuda.OutOfMemoryError as error:
+            per_block = bytes_per_block(self.shape, self.config.block_size, self.kv_dtype)
+            raise ValueError(kv_cache_oom_message(self.config, num_blocks, per_block)) from error
         set_kv_scales = getattr(self.attn, "set_kv_scales", None)
         if set_kv_scales is not None:
             set_kv_scales(self.kv_caches, layer_kv_scales(self.loaded.kv_scales, self.shape.num_layers))
@@ -196,19 +210,19 @@ class ModelRunner:
                 self.fused_decode.share_row_ops()
             trim_heap()  # what loading freed would otherwise stay resident
         if self.device.type == "cuda":
-            self._gpu_startup().warm_up_kernels(self.kv_caches[0])
-        if self._use_cuda_graphs():
-            self.decode_graphs = DecodeGraphs(
-                self.model,
-                self.kv_caches,
-                self.attn,
-                max_batch=max(self.config.max_num_seqs, min(self.most_verify_rows, MAX_VERIFY_GRAPH_ROWS)),
-                max_blocks_per_seq=max_blocks_per_seq,
-                device=self.device,
-            )
-            self.decode_graphs.capture()
-            # Verify steps replay the decode graphs too, as one decode row per token.
-            self.input_builder.max_decode_rows = self.decode_graphs.max_batch
+            try:
+                self._start_on_gpu(max_blocks_per_seq)
+            except torch.cuda.OutOfMemoryError as error:
+                raise ValueError(
+                    "the kernel warm-up and CUDA graphs ran out of the GPU memory the KV cache left: lower "
+                    "--gpu-memory-utilization"
+                    + ("" if self.config.num_gpu_blocks_override is None else " or --num-gpu-blocks-override")
+                    + (
+                        ", or pass --enforce-eager"
+                        if not self.config.enforce_eager and self.tp.is_single
+                        else ""
+                    )
+                ) from error
         return ModelFacts(
             max_model_len=self.max_model_len,
             vocab_size=self.shape.vocab_size,
@@ -221,6 +235,31 @@ class ModelRunner:
             computes_prompt_logprobs=True,
             long_rope_after=self.input_builder.long_rope.after if self.input_builder.long_rope else None,
         )
+
+    def _start_on_gpu(self, max_blocks_per_seq: int) -> None:
+        """Warm up the kernels the profile run did not reach, then capture the decode graphs."""
+        self._gpu_startup().warm_up_kernels(self.kv_caches[0])
+        if not self._use_cuda_graphs():
+            return
+        max_batch = graph_batch_limit(self.config.max_num_seqs, self.most_verify_rows)
+        if self.config.max_num_seqs > max_batch:
+            logger.info(
+                "CUDA graphs: decode batches of up to %d requests are captured (--max-num-seqs %d); "
+                "larger ones run eagerly",
+                max_batch,
+                self.config.max_num_seqs,
+            )
+        self.decode_graphs = DecodeGraphs(
+            self.model,
+            self.kv_caches,
+            self.attn,
+            max_batch=max_batch,
+            max_blocks_per_seq=max_blocks_per_seq,
+            device=self.device,
+        )
+        self.decode_graphs.capture()
+        # Verify steps replay the decode graphs too, as one decode row per token.
+        self.input_builder.max_decode_rows = self.decode_graphs.max_batch
 
     def _max_blocks_per_seq(self) -> int:
         return -(-self.max_model_len // self.config.block_size)
@@ -235,7 +274,13 @@ class ModelRunner:
             kv_dtype=self.kv_dtype,
             device=self.device,
             block_size=self.config.block_size,
-            profile_tokens=min(self.max_num_batched_tokens, self.max_model_len),
+            largest_step=LargestStep.of(
+                self.max_num_batched_tokens,
+                self.config.max_num_seqs,
+                self.max_model_len,
+                self.most_verify_rows,
+            ),
+            max_model_len=self.max_model_len,
             max_blocks_per_seq=self._max_blocks_per_seq(),
         )
 
