@@ -43,6 +43,15 @@ def prompts() -> list[list[int]]:
     return [torch.randint(10, 300, (n,), generator=generator).tolist() for n in (5, 10, 15, 16, 17, 30)]
 
 
+def forget_cached_long_tables(hf: torch.nn.Module) -> None:
+    """Drops the long-factor tables transformers caches on its rotary modules. Some versions (5.17)
+    cache a per-layer-type table on the first long forward and then fail to read it back on the next
+    one; without the cache each forward computes the table again, which is what the others do."""
+    for module in hf.modules():
+        for name in [name for name in vars(module) if name.endswith("_long_inv_freq")]:
+            delattr(module, name)
+
+
 def transformers_tokens(model_dir: Path, batch: list[list[int]]) -> list[list[int]]:
     """Greedy tokens of transformers' model, each from a forward over the whole sequence so far (no
     cache): its LongRoPE picks the factors from the sequence's length, which is what its generate()
@@ -54,6 +63,7 @@ def transformers_tokens(model_dir: Path, batch: list[list[int]]) -> list[list[in
     for prompt in batch:
         ids = list(prompt)
         for _ in range(MAX_TOKENS):
+            forget_cached_long_tables(hf)
             with torch.no_grad():
                 logits = hf(torch.tensor([ids]), use_cache=False).logits[0, -1]
             ids.append(int(logits.argmax()))
