@@ -65,6 +65,36 @@ def test_off_under_tensor_parallelism_and_bad_values(caplog: pytest.LogCaptureFi
         resolve_speculation(EngineConfig(num_speculative_tokens=0), "cpu")
 
 
+def test_speculation_tuned_by_name_under_tensor_parallelism_is_said_to_be_ignored(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Under "auto", off with tensor parallelism by design, a tuning flag is still an explicit ask: it is
+    said to be ignored, naming both flags; zeros, which turn a part off, ask for nothing."""
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    args = parser.parse_args(["--tensor-parallel-size", "2", "--num-speculative-tokens", "5"])
+    with caplog.at_level(logging.WARNING, logger="batchlm.executor.core_builder"):
+        tuned = resolve_speculation(dataclass_from_args(EngineConfig, args), "cpu")
+    assert tuned.mode == "off"
+    assert "--num-speculative-tokens 5 is ignored with --tensor-parallel-size 2" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="batchlm.executor.core_builder"):
+        both = EngineConfig(tensor_parallel_size=2, speculative="ngram", speculative_pool_tokens=100)
+        resolve_speculation(both, "cpu")
+        assert "--speculative ngram, --speculative-pool-tokens 100 are ignored" in caplog.text
+        caplog.clear()
+        resolve_speculation(EngineConfig(tensor_parallel_size=2, speculative_max_batch=3), "cpu")
+        assert "--speculative-max-batch 3 is ignored" in caplog.text
+        caplog.clear()
+        for quiet in (
+            EngineConfig(tensor_parallel_size=2, speculative_max_batch=0, speculative_pool_tokens=0),
+            EngineConfig(tensor_parallel_size=2, speculative="off"),
+            EngineConfig(num_speculative_tokens=5),  # one device: not ignored
+        ):
+            resolve_speculation(quiet, "cpu")
+        assert caplog.text == ""
+
+
 def test_flags() -> None:
     parser = argparse.ArgumentParser()
     add_engine_arguments(parser)

@@ -165,7 +165,7 @@ class EngineConfig:
     # Speculative decoding with draft tokens looked up in each request's own prompt and output (n-grams):
     # "auto" speculates while the batch is small and only for requests whose drafts are mostly accepted,
     # "ngram" whenever a draft is found, "off" never. Output is the same as without it (lossless). Off
-    # with tensor parallelism.
+    # with tensor parallelism (a warning names the speculation flags given there).
     speculative: str = "auto"
     # Most draft tokens verified per request per step; None = 7 on a CPU, 4 on a GPU.
     num_speculative_tokens: int | None = None

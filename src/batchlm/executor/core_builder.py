@@ -103,11 +103,14 @@ def resolve_speculation(config: EngineConfig, device: str) -> SpeculationConfig:
             f"--speculative-pool-tokens must not be negative, got {config.speculative_pool_tokens}"
         )
     mode = config.speculative if config.tensor_parallel_size == 1 else "off"
-    if config.speculative == "ngram" and mode == "off":
-        # Asked for by name, so say it is not done (as the MLX backend does for what it ignores).
+    asked = speculation_asked_for(config)
+    if asked and mode == "off" and config.speculative != "off":
+        # Asked for by name, so say it is not done (as the MLX backend does for what it ignores); "auto"
+        # alone makes no promise to break.
         logger.warning(
-            "--speculative ngram is ignored with --tensor-parallel-size %d: tensor-parallel workers do "
-            "not verify draft tokens",
+            "%s %s ignored with --tensor-parallel-size %d: tensor-parallel workers do not verify draft tokens",
+            ", ".join(asked),
+            "is" if len(asked) == 1 else "are",
             config.tensor_parallel_size,
         )
     kind = "cuda" if device.startswith("cuda") else "cpu"
@@ -121,6 +124,18 @@ def resolve_speculation(config: EngineConfig, device: str) -> SpeculationConfig:
     if pool_tokens is None:
         pool_tokens = SPECULATIVE_POOL_TOKENS[kind]
     return SpeculationConfig(mode=mode, num_tokens=num_tokens, max_batch=max_batch, pool_tokens=pool_tokens)
+
+
+def speculation_asked_for(config: EngineConfig) -> list[str]:
+    """The speculation the config asks for by name ("--speculative ngram", "--num-speculative-tokens 3"):
+    the default "auto", tuning values left unset and the zeros that turn a part off ask for none."""
+    asked = ["--speculative ngram"] if config.speculative == "ngram" else []
+    tuning = {
+        "--num-speculative-tokens": config.num_speculative_tokens,
+        "--speculative-max-batch": config.speculative_max_batch,
+        "--speculative-pool-tokens": config.speculative_pool_tokens,
+    }
+    return asked + [f"{flag} {value}" for flag, value in tuning.items() if value]
 
 
 def build_scheduler(config: EngineConfig, info: ModelFacts, prefix_cache_salt: str = "") -> Scheduler:
