@@ -13,10 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
+from batchlm import json_text
 from batchlm.batch_file import OrderedWriter, OutputWriteError, parse_line
 from batchlm.cli import main
 from batchlm.run_batch import BatchProgress, run_lines
+from batchlm.server.protocol import ChatCompletionRequest
 
 SCHEMA = {
     "type": "object",
@@ -132,6 +135,27 @@ def test_lines_are_checked_before_they_run() -> None:
     for text, code in refusals.items():
         refused = parse_line(text, seen)
         assert isinstance(refused, dict) and refused["error"]["code"] == code and refused["response"] is None
+
+
+def test_a_body_nested_as_deep_as_a_request_body_may_is_read() -> None:
+    """The line's object wraps the body: the nesting bound (json_text.MAX_DEPTH, as deep as the HTTP
+    API's reader takes a body) counts from the body, not from the line."""
+
+    def body(depth: int) -> dict[str, Any]:
+        value: Any = 1
+        for _ in range(depth - 2):
+            value = [value]
+        return {"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"x": value}}
+
+    at_limit, past_it = body(json_text.MAX_DEPTH), body(json_text.MAX_DEPTH + 1)
+    ChatCompletionRequest.model_validate_json(json.dumps(at_limit))  # as the HTTP API reads a body
+    with pytest.raises(ValidationError, match="recursion limit"):
+        ChatCompletionRequest.model_validate_json(json.dumps(past_it))
+    url = "/v1/chat/completions"
+    assert parse_line(line("a", url, at_limit), set()) == ("a", url, at_limit)
+    refused = parse_line(line("b", url, past_it), set())
+    assert isinstance(refused, dict) and refused["error"]["code"] == "invalid_json"
+    assert f"more than {json_text.MAX_DEPTH} levels inside the line's own" in refused["error"]["message"]
 
 
 def test_a_server_that_went_away_fails_each_line_on_its_own() -> None:

@@ -44,9 +44,15 @@ def parse_line(text: str | bytes, seen: set[str]) -> tuple[str, str, dict[str, A
     Bytes are decoded as UTF-8 (a BOM accepted; not as json.loads would, which also takes UTF-16 and
     UTF-32): a line that is not UTF-8 is that line's error rather than the end of the run."""
     try:
-        item = json_text.loads(text.decode("utf-8-sig") if isinstance(text, bytes) else text)
+        # The line's object is one level around its body, which may nest as deep as a request body.
+        item = json_text.loads(
+            text.decode("utf-8-sig") if isinstance(text, bytes) else text, json_text.MAX_DEPTH + 1
+        )
     except UnicodeDecodeError as error:
         return error_line(None, "invalid_json", f"the line is not UTF-8: {error}")
+    except json_text.NestingTooDeep:
+        too_deep = f"its arrays or objects nest more than {json_text.MAX_DEPTH} levels inside the line's own"
+        return error_line(None, "invalid_json", f"the line is not JSON that can be read: {too_deep}")
     except ValueError as error:
         return error_line(None, "invalid_json", f"the line is not JSON: {error}")
     if not isinstance(item, dict):

@@ -18,18 +18,19 @@ class NestingTooDeep(ValueError):
     """JSON text nested past MAX_DEPTH."""
 
 
-def loads(text: str) -> Any:
-    """json.loads, with nesting deeper than MAX_DEPTH a ValueError (NestingTooDeep) like any other
-    unreadable text."""
+def loads(text: str, max_depth: int = MAX_DEPTH) -> Any:
+    """json.loads, with nesting deeper than max_depth a ValueError (NestingTooDeep) like any other
+    unreadable text. max_depth: more than MAX_DEPTH only for text that wraps a request body (a batch
+    line's object around its `body`)."""
     try:
         value = json.loads(text)
     except RecursionError:
         value = None
     else:
         # Fewer brackets than the bound cannot nest past it: most texts are not walked.
-        if text.count("[") + text.count("{") <= MAX_DEPTH or _depth(value) <= MAX_DEPTH:
+        if text.count("[") + text.count("{") <= max_depth or _depth(value) <= max_depth:
             return value
-    raise NestingTooDeep(f"its arrays or objects nest more than {MAX_DEPTH} levels deep")
+    raise NestingTooDeep(f"its arrays or objects nest more than {max_depth} levels deep")
 
 
 def _depth(value: Any) -> int:
