@@ -390,3 +390,22 @@ def test_a_value_no_member_of_a_union_takes_is_named_where_it_went_wrong(
     error = error_of(post(server, path, body), 400)
     assert error["param"] == param
     assert message in error["message"] and f"'{param}'" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("path", "extra", "param"),
+    [
+        ("/v1/chat/completions", {"logit_bias": {"a[0]": "x"}}, "logit_bias.a[0]"),
+        ("/v1/chat/completions", {"logit_bias": {"str": "x"}}, "logit_bias.str"),
+        ("/v1/chat/completions", {"logit_bias": {"ChatMessage": "x"}}, "logit_bias.ChatMessage"),
+        ("/v1/responses", {"metadata": {"items[0]": 3}}, "metadata.items[0]"),
+    ],
+)  # fmt: skip
+def test_a_client_s_dict_key_that_looks_like_a_union_member_is_named_as_sent(
+    server: BackgroundServer, path: str, extra: dict[str, Any], param: str
+) -> None:
+    """pydantic names a union's member in `loc` ("str", "list[int]", a model's name) as it names a dict's
+    key: a key of the client's that reads as one is kept, not dropped from the field named."""
+    body = {**(CHAT if "chat" in path else {"input": "hi"}), **extra}
+    error = error_of(post(server, path, body), 400)
+    assert error["param"] == param and f"'{param}'" in error["message"]

@@ -96,8 +96,8 @@ def parse_messages(messages: Iterable[Any]) -> list[ChatMessage]:
             parsed.append(ChatMessage.model_validate(message))
         except ValidationError as error:
             # As the HTTP API reports it: a union's member that read furthest, named as a client writes it.
-            problem = most_specific(error.errors())
-            field = param_from_loc(problem["loc"])
+            problem = most_specific(error.errors(), message)
+            field = param_from_loc(problem["loc"], message)
             where = f"messages[{i}]" + (f".{field}" if field else "")
             raise RequestRejectedError(f"{where}: {problem['msg']}", param=where) from None
     return parsed

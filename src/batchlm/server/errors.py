@@ -18,7 +18,7 @@ from batchlm.engine.client import EngineDeadError, QueueFullError, RequestReject
 from batchlm.server.request_ids import request_id_of
 from batchlm.tools.spec import ToolUseError
 from batchlm.unicode_text import encodable
-from batchlm.validation_errors import most_specific, param_from_loc
+from batchlm.validation_errors import UNKNOWN, most_specific, param_from_loc
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def install_error_handlers(app: FastAPI, observe: ErrorObserver) -> None:
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        error = validation_error_to_api_error(exc.errors(), required_body_fields(request))
+        error = validation_error_to_api_error(exc.errors(), required_body_fields(request), {"body": exc.body})
         return error_response(error, observe)
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -146,13 +146,16 @@ def install_error_handlers(app: FastAPI, observe: ErrorObserver) -> None:
     app.add_exception_handler(Exception, on_unexpected)
 
 
-def validation_error_to_api_error(errors: Sequence[Any], required: Sequence[str] = ()) -> APIError:
+def validation_error_to_api_error(
+    errors: Sequence[Any], required: Sequence[str] = (), data: Any = UNKNOWN
+) -> APIError:
     """Turn pydantic's 422 list into one 400 that names the first offending field. `required` lists the
-    body's required fields, named when the whole body is missing."""
+    body's required fields, named when the whole body is missing. `data`: the input the errors' `loc`s
+    point into ({"body": ...}), where known."""
     if not errors:
         return APIError(400, "Invalid request body.")
-    first = most_specific(errors)
-    param = param_from_loc(first.get("loc", ()))
+    first = most_specific(errors, data)
+    param = param_from_loc(first.get("loc", ()), data)
     kind = first.get("type", "")
     if kind == "missing" and param is None:
         names = ", ".join(f"'{name}'" for name in required) or "a JSON object"
