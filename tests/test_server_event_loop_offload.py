@@ -15,7 +15,7 @@ import pytest
 
 from batchlm.sampling_params import StructuredOutputs
 from batchlm.server.background import BackgroundServer
-from batchlm.structured import llguidance_backend
+from batchlm.structured import spec_grammar
 from fake_engine import FakeEngine, FakeTokenizer
 from gated_work import Gate, answered_while_held
 
@@ -24,14 +24,14 @@ from gated_work import Gate, answered_while_held
 def gated_grammars(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Gate, str]]:
     """Grammars whose schema holds the returned marker wait on the gate while they are compiled."""
     gate, marker = Gate(), f"gated-{uuid.uuid4().hex}"  # a new schema each time: none is cached
-    real = llguidance_backend.grammar_text
+    real = spec_grammar.grammar_text
 
     def gated(spec: StructuredOutputs) -> str:
         if spec.json is not None and marker in spec.json:
             gate.hold()
         return real(spec)
 
-    monkeypatch.setattr(llguidance_backend, "grammar_text", gated)
+    monkeypatch.setattr(spec_grammar, "grammar_text", gated)
     yield gate, marker
     gate.open.set()
 

@@ -524,6 +524,19 @@ def test_message_parts_and_roles_are_read_as_chat_messages(client: Any, engine: 
             "input[0].output",
             "string",
         ),
+        # A reasoning item's summary and content are lists of typed parts: a plain string (or a part
+        # of another type) is refused, naming the field, rather than read as no thinking.
+        (
+            {"input": [{"type": "reasoning", "summary": "I thought"}]},
+            "input[0].summary",
+            "must be a list of {'type': 'summary_text', 'text': <string>} parts",
+        ),
+        (
+            {"input": [{"type": "reasoning", "summary": [], "content": [{"type": "text", "text": "x"}]}]},
+            "input[0].content[0]",
+            "{'type': 'reasoning_text', 'text': <string>}",
+        ),
+        ({"input": [{"type": "reasoning", "summary": ["x"]}]}, "input[0].summary[0]", "'summary_text'"),
         ({"tools": [{"type": "web_search"}]}, "tools[0].type", "only 'function'"),
         ({"tools": [{"type": "function", "name": "f", "bogus": 1}]}, "tools[0].bogus", "Extra inputs"),
         (

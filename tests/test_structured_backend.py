@@ -12,13 +12,9 @@ from batchlm.sampling_params import SamplingParamsError, StructuredOutputs
 from batchlm.structured import llguidance_backend
 from batchlm.structured import sequences as sequences_module
 from batchlm.structured.backend import GrammarError, LRUCache, allowed_tokens
-from batchlm.structured.llguidance_backend import (
-    LLGuidanceBackend,
-    lark_from_user_grammar,
-    validated_cache,
-    validated_grammar,
-)
+from batchlm.structured.llguidance_backend import LLGuidanceBackend
 from batchlm.structured.sequences import ConstrainedSequences
+from batchlm.structured.spec_grammar import lark_from_user_grammar, validated_cache, validated_grammar
 from batchlm.structured.step_masks import PrefetchedMasks, SampledRows
 from grammar_walk import EOS, greedy_walk, tiny_backend
 

@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 
 from batchlm.sampling_params import SamplingParams
-from batchlm.structured.llguidance_backend import validated_grammar
+from batchlm.structured.spec_grammar import validated_grammar
 from batchlm.tools.spec import ToolUseError, tool_plan
 from batchlm.tools.use import chat_tool_use
 from test_tool_spec import (

@@ -11,7 +11,7 @@ from typing import Any, Literal
 import pytest
 
 from batchlm.sampling_params import SamplingParams, StructuredOutputs
-from batchlm.structured.llguidance_backend import validated_grammar
+from batchlm.structured.spec_grammar import validated_grammar
 from batchlm.tools.closed_schema import closed_objects
 from batchlm.tools.spec import ToolUseError, tool_plan
 from batchlm.tools.use import chat_tool_use
@@ -166,7 +166,7 @@ def test_auto_with_a_strict_function_decodes_the_family_s_calls_under_a_grammar(
     assert mistral.sampling_params(SamplingParams(structured_outputs=lark)).structured_outputs == lark
     for own, rule in [
         (StructuredOutputs(regex="[a-z]+/[0-9]"), "answer: /[a-z]+\\/[0-9]/"),
-        # The choices as one terminal (llguidance_backend.lark_terminal).
+        # The choices as one terminal (spec_grammar.lark_terminal).
         (StructuredOutputs(choice=("yes", 'a "no"')), 'answer: /(?:yes|a "no")/'),
     ]:
         beside = plain.sampling_params(SamplingParams(structured_outputs=own)).structured_outputs

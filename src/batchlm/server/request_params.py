@@ -17,7 +17,7 @@ from batchlm.sampling_params import SamplingParams, SamplingParamsError, Structu
 from batchlm.server.errors import APIError
 from batchlm.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from batchlm.structured.backend import GrammarError
-from batchlm.structured.llguidance_backend import lark_from_user_grammar
+from batchlm.structured.spec_grammar import lark_from_user_grammar
 from batchlm.tools.closed_schema import closed_objects
 from batchlm.unicode_text import encodes
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
@@ -16,6 +16,7 @@ from batchlm.server.errors import APIError
 from batchlm.server.protocol import ChatCompletionRequest, ChatMessage
 from batchlm.server.protocol_responses import ResponsesRequest
 from batchlm.server.request_params import MODERATION, UnsupportedRule, refuse_unsupported
+from batchlm.server.responses_items import Conversation
 from batchlm.validation_errors import param_from_loc
 
 UNSUPPORTED: tuple[UnsupportedRule, ...] = (
@@ -36,8 +37,6 @@ SAME_NAMED_FIELDS = (
     "model", "temperature", "top_p", "parallel_tool_calls", "user", "top_k", "min_p", "repetition_penalty",
     "presence_penalty", "frequency_penalty", "seed", "ignore_eos", "chat_template_kwargs",
 )  # fmt: skip
-INPUT_ROLES = ("user", "system", "developer", "assistant")
-TEXT_PARTS = ("input_text", "output_text")
 # Chat field -> the Responses field it came from, for errors the chat path raises.
 RENAMED_FIELDS = {
     "max_completion_tokens": "max_output_tokens",
@@ -121,7 +120,7 @@ def chat_form(body: ResponsesRequest, history: list[dict[str, Any]] | None = Non
     """The chat request a Responses request stands for, continuing `history` (the stored items of the
     response it names as previous). 400 for what cannot be served."""
     _check_unsupported(body)
-    conversation = _Conversation()
+    conversation = Conversation()
     if body.instructions is not None:
         conversation.add({"role": "system", "content": body.instructions}, "instructions")
     for item in history or ():
@@ -149,12 +148,13 @@ def chat_form(body: ResponsesRequest, history: list[dict[str, Any]] | None = Non
         chat.update(logprobs=True, top_logprobs=body.top_logprobs or 0)
     chat.update({name: getattr(body, name) for name in SAME_NAMED_FIELDS})
     origins = conversation.origins
+    sent = {k: v for k, v in chat.items() if v is not None}
     try:
-        request = ChatCompletionRequest.model_validate({k: v for k, v in chat.items() if v is not None})
+        request = ChatCompletionRequest.model_validate(sent)
     except ValidationError as error:
         first = error.errors()[0]
         # As for a body the route validates: union members' tags (`literal[...]`, `str`) left out.
-        where = param_from_loc(first["loc"]) or "input"
+        where = param_from_loc(first["loc"], sent) or "input"
         raise APIError(400, _renamed(f"{where}: {first['msg']}", origins), _renamed(where, origins)) from None
     return ChatForm(request, origins)
 
@@ -195,158 +195,6 @@ def _check_unsupported(body: ResponsesRequest) -> None:
     refuse_unsupported(body, UNSUPPORTED)
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "'stream_options' is only allowed when 'stream' is true.", param="stream_options")
-
-
-@dataclass
-class _Turn:
-    """An assistant turn being gathered from consecutive items: its thinking, text and calls."""
-
-    origin: str
-    reasoning: list[str] = field(default_factory=list)
-    text: list[str] = field(default_factory=list)
-    calls: list[dict[str, Any]] = field(default_factory=list)
-
-
-class _Conversation:
-    """Chat messages from input items. Consecutive reasoning, assistant message and function call
-    items are one assistant turn (one chat message, as the model wrote them)."""
-
-    def __init__(self) -> None:
-        self.messages: list[dict[str, Any]] = []
-        self.origins: list[str] = []
-        self._turn: _Turn | None = None
-
-    def add(self, message: dict[str, Any], origin: str) -> None:
-        self.end_turn()
-        self.messages.append(message)
-        self.origins.append(origin)
-
-    def read(self, item: Any, where: str) -> None:
-        if not isinstance(item, dict):
-            raise APIError(400, f"{where}: an input item must be an object.", param=where)
-        kind = item.get("type", "message")
-        if kind == "message":
-            role = item.get("role")
-            if role is None:
-                raise APIError(400, f"Missing required parameter: '{where}.role'.", f"{where}.role")
-            if role not in INPUT_ROLES:
-                expected = ", ".join(f"'{r}'" for r in INPUT_ROLES)
-                raise APIError(
-                    400, f"{where}: invalid role {role!r}; expected one of {expected}.", f"{where}.role"
-                )
-            text = _text(item.get("content"), f"{where}.content")
-            if role != "assistant":
-                self.add({"role": role, "content": text}, where)
-                return
-            turn = self._assistant(where)
-            if turn.calls:  # text after calls is the model's next turn
-                turn = self._assistant(where, new=True)
-            turn.text.append(text)
-        elif kind == "function_call":
-            function = {"name": _string(item, "name", where), "arguments": _string(item, "arguments", where)}
-            call = {"id": _call_id(item, where), "type": "function", "function": function}
-            self._assistant(where).calls.append(call)
-        elif kind == "function_call_output":
-            output = _text(item.get("output"), f"{where}.output")
-            self.add({"role": "tool", "tool_call_id": _call_id(item, where), "content": output}, where)
-        elif kind == "reasoning":
-            turn = self._assistant(where)
-            if turn.text or turn.calls:  # thinking comes first in a turn: after them, the next one's
-                turn = self._assistant(where, new=True)
-            turn.reasoning.append(_reasoning_text(item, where))
-        else:
-            served = "'message', 'function_call', 'function_call_output' and 'reasoning' are"
-            if kind in ("custom_tool_call", "custom_tool_call_output"):  # as custom tools are not
-                served += "; only 'function' tools are served, so calls are 'function_call' items"
-            raise APIError(
-                400, f"{where}: items of type {kind!r} are not supported ({served}).", f"{where}.type"
-            )
-
-    def end_turn(self) -> None:
-        turn, self._turn = self._turn, None
-        if turn is None:
-            return
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(turn.text) if turn.text else None}
-        if turn.calls:
-            message["tool_calls"] = turn.calls
-        if turn.reasoning:
-            message["reasoning_content"] = "".join(turn.reasoning)
-        self.messages.append(message)
-        self.origins.append(turn.origin)
-
-    def _assistant(self, where: str, new: bool = False) -> _Turn:
-        if new:
-            self.end_turn()
-        if self._turn is None:
-            self._turn = _Turn(where)
-        return self._turn
-
-
-def _string(item: dict[str, Any], name: str, where: str) -> str:
-    value = item.get(name)
-    if not isinstance(value, str):
-        raise APIError(400, f"{where}: '{name}' must be a string.", param=f"{where}.{name}")
-    return value
-
-
-def _call_id(item: dict[str, Any], where: str) -> str:
-    """A call's id, which its output names: an empty one would answer no call (chat's 'tool' message
-    needs the id it answers), so it is refused as the field the client sent."""
-    call_id = _string(item, "call_id", where)
-    if not call_id:
-        raise APIError(400, f"{where}: 'call_id' must not be empty.", param=f"{where}.call_id")
-    return call_id
-
-
-def _text(content: Any, where: str) -> str:
-    """A message's content (or a function call's output): a string or a list of text parts."""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise APIError(400, f"{where}: must be a string or a list of text parts.", param=where)
-    texts = []
-    for j, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "refusal" and isinstance(part.get("refusal"), str):
-            texts.append(part["refusal"])
-        elif kind in TEXT_PARTS and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        elif kind in TEXT_PARTS:
-            raise APIError(
-                400, f"{where}[{j}]: a text part needs a string 'text'.", param=f"{where}[{j}].text"
-            )
-        elif not isinstance(part, dict):
-            raise APIError(400, f"{where}[{j}]: a part must be an object.", param=f"{where}[{j}]")
-        elif kind is None:
-            raise APIError(400, f"Missing required parameter: '{where}[{j}].type'.", f"{where}[{j}].type")
-        elif kind == "refusal":
-            raise APIError(
-                400, f"{where}[{j}]: a refusal part needs a string 'refusal'.", param=f"{where}[{j}].refusal"
-            )
-        elif kind == "text":  # chat's text part
-            served = "the Responses API's text parts are of type 'input_text' or 'output_text'"
-            raise APIError(
-                400, f"{where}[{j}]: parts of type 'text' are not supported ({served}).", f"{where}[{j}].type"
-            )
-        else:
-            raise APIError(
-                400,
-                f"{where}[{j}]: parts of type {kind!r} are not supported (this server serves text only).",
-                param=f"{where}[{j}].type",
-            )
-    return "".join(texts)
-
-
-def _reasoning_text(item: dict[str, Any], where: str) -> str:
-    """An earlier turn's thinking: its text, else its summary (encrypted content has none to read)."""
-    for name, part_type in (("content", "reasoning_text"), ("summary", "summary_text")):
-        parts = item.get(name)
-        if isinstance(parts, list) and parts:
-            texts = [p.get("text") for p in parts if isinstance(p, dict) and p.get("type") == part_type]
-            if all(isinstance(t, str) for t in texts):
-                return "".join(str(t) for t in texts)
-            raise APIError(400, f"{where}: '{name}' parts need a string 'text'.", param=f"{where}.{name}")
-    return ""
 
 
 def _chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:

@@ -21,7 +21,8 @@ import numpy as np
 
 from batchlm.sampling_params import StructuredOutputs
 from batchlm.structured.backend import GrammarError, LRUCache, allowed_tokens
-from batchlm.structured.llguidance_backend import CACHE_SIZE, LEXER_FAILURE, spec_name, validated_grammar
+from batchlm.structured.llguidance_backend import CACHE_SIZE, LEXER_FAILURE
+from batchlm.structured.spec_grammar import spec_name, validated_grammar
 
 BYTE_EOS = 256
 # The bitmask of the byte tokenizer: 257 ids in 32-bit words.

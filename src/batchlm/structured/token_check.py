@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 import llguidance
 
 from batchlm.sampling_params import StructuredOutputs
-from batchlm.structured.llguidance_backend import compile_error, llguidance_tokenizer, validated_grammar
+from batchlm.structured.llguidance_backend import llguidance_tokenizer
+from batchlm.structured.spec_grammar import compile_error, validated_grammar
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

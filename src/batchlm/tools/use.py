@@ -11,7 +11,7 @@ from typing import Any
 
 from batchlm.sampling_params import SamplingParams, StructuredOutputs
 from batchlm.structured.backend import GrammarError
-from batchlm.structured.llguidance_backend import lark_terminal
+from batchlm.structured.spec_grammar import lark_terminal
 from batchlm.structured.start_probe import edge_checked_grammar
 from batchlm.tools.call_grammar import json_rule
 from batchlm.tools.function_tool import ANY_OBJECT
