@@ -44,9 +44,30 @@ def test_generate_json_lines(tiny_model_dir: Callable[..., Path], capsys: pytest
         assert all(len(c["token_ids"]) == 5 and c["finish_reason"] == "length" for c in line["completions"])
 
 
-def test_generate_rejects_bad_sampling_and_missing_prompts(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["generate", "--temperature", "-1", "hi"]) == 2
-    assert "temperature" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("flag", "value", "accepted"),
+    [
+        ("--temperature", "-1", "from 0 to 100"),
+        ("--top-p", "0", "above 0 and at most 1"),
+        ("--top-k", "-2", "at least -1"),
+        ("--n", "129", "from 1 to 128"),
+        ("--max-tokens", "0", "at least 1"),
+    ],
+)
+def test_a_sampling_flag_out_of_range_is_a_usage_error_naming_it(
+    flag: str, value: str, accepted: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Refused as the command line is parsed, naming the flag, with the range --help states.
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", flag, value, "hi"])
+    assert exited.value.code == 2
+    assert f"argument {flag}: must be {accepted}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    assert accepted in " ".join(capsys.readouterr().out.split())
+
+
+def test_generate_rejects_missing_prompts(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["generate"]) == 2
     assert "no prompts" in capsys.readouterr().err
 

@@ -96,6 +96,13 @@ def test_a_help_that_offers_none_takes_it() -> None:
         assert callable(action.type) and action.type("none") is None, action.option_strings
 
 
+def test_an_empty_default_is_shown_as_one() -> None:
+    parser = argparse.ArgumentParser()
+    serve_cli.add_arguments(parser)
+    [root_path] = [action for action in parser._actions if action.dest == "root_path"]
+    assert root_path.help is not None and root_path.help.endswith('(default: "")')
+
+
 def test_a_negative_max_queue_is_refused_at_start(capsys: Any) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["serve", "--max-queue", "-1"])
@@ -354,9 +361,26 @@ def test_a_port_in_use_is_one_error_line_before_the_model_loads(monkeypatch: Any
     assert "in use" in record.getMessage()
 
 
+def test_an_empty_host_listens_on_every_interface() -> None:
+    # --host "" is taken (as uvicorn takes it) for every interface; the probe bind refused it as a
+    # name that does not resolve, so the server exited before the model loaded.
+    from batchlm.server.listener import bind_listener
+
+    with bind_listener("", 0) as sock:
+        host, port = sock.getsockname()[:2]
+        assert port > 0 and host in ("0.0.0.0", "::")
+        with socket.create_connection(("127.0.0.1" if host == "0.0.0.0" else "::1", port), timeout=30):
+            pass
+
+
 @pytest.mark.parametrize(
     ("host", "url"),
-    [("127.0.0.1", "http://127.0.0.1:8080"), ("::1", "http://[::1]:8080"), ("::", "http://[::]:8080")],
+    [
+        ("127.0.0.1", "http://127.0.0.1:8080"),
+        ("::1", "http://[::1]:8080"),
+        ("::", "http://[::]:8080"),
+        ("", "http://0.0.0.0:8080"),
+    ],
 )
 def test_the_start_up_line_names_a_url_that_works(host: str, url: str, caplog: Any) -> None:
     with caplog.at_level(logging.INFO, logger="batchlm.server.cli"):

@@ -14,7 +14,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("batchlm.server.cli", "Start the OpenAI-compatible server."),
     "generate": (
         "batchlm.generate_cli",
-        "Generate completions offline for prompts given on the command line.",
+        "Generate completions offline for prompts given on the command line or in a file.",
     ),
     "bench": ("batchlm.bench.cli", "Benchmark any OpenAI-compatible server over HTTP."),
     "run-batch": (

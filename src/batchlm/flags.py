@@ -1,6 +1,6 @@
 """Command-line flags generated from config dataclasses (EngineConfig, ServerSettings): one flag per field,
 its help text taken from the comment above the field, so a new field gets its flag without edits here.
-Shared by `batchlm serve` and `batchlm generate`."""
+Shared by `batchlm serve`, `batchlm generate` and `batchlm run-batch`."""
 
 from __future__ import annotations
 
@@ -161,7 +161,8 @@ def add_dataclass_arguments(
             _add_bool_flag(parser, name, bool(default), doc, flags)
             continue
         field_choices = (choices or {}).get(name)
-        shown = json.dumps(default) if isinstance(default, dict) else default
+        # An empty text shown as JSON too: `(default: )` reads as a default left out.
+        shown = json.dumps(default) if isinstance(default, dict) or default == "" else default
         field_bounds = (bounds or {}).get(name)
         if field_bounds is not None:
             shown = f"{shown}; {field_bounds.describe()}"

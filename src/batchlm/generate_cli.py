@@ -8,9 +8,16 @@ import logging
 import sys
 import time
 
-from batchlm.flags import add_engine_arguments, dataclass_from_args, engine_flag_conflicts, non_empty_text
+from batchlm.flags import (
+    Bounds,
+    add_engine_arguments,
+    bounded_number,
+    dataclass_from_args,
+    engine_flag_conflicts,
+    non_empty_text,
+)
 from batchlm.logging_setup import LOG_LEVELS, configure_logging
-from batchlm.sampling_params import SamplingParams, SamplingParamsError
+from batchlm.sampling_params import MAX_N, SamplingParams, SamplingParamsError
 
 logger = logging.getLogger(__name__)
 
@@ -28,16 +35,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     io.add_argument("--json", action="store_true", help="print one JSON object per request instead of text")
     sampling = parser.add_argument_group("sampling")
+    # The ranges SamplingParams takes, checked as the command line is parsed (a usage error naming the
+    # flag, before the model loads) and stated in --help.
     sampling.add_argument(
-        "--max-tokens", type=int, default=64, help="new tokens per completion (default: 64)"
+        "--max-tokens",
+        type=bounded_number(int, Bounds(minimum=1)),
+        default=64,
+        help="new tokens per completion (default: 64; at least 1)",
     )
     model_default = "default: the model's recommended value (--generation-config), else %s"
     sampling.add_argument(
-        "--temperature", type=float, default=None, help="0 = greedy (" + model_default % "0, greedy)"
+        "--temperature",
+        type=bounded_number(float, Bounds(minimum=0, maximum=100)),
+        default=None,
+        help="0 = greedy (" + model_default % "0, greedy; from 0 to 100)",
     )
-    sampling.add_argument("--top-p", type=float, default=None, help="(" + model_default % "1)")
-    sampling.add_argument("--top-k", type=int, default=None, help="0 = off (" + model_default % "0)")
-    sampling.add_argument("--n", type=int, default=1, help="completions per prompt (default: 1)")
+    sampling.add_argument(
+        "--top-p",
+        type=bounded_number(float, Bounds(above=0, maximum=1)),
+        default=None,
+        help="(" + model_default % "1; above 0 and at most 1)",
+    )
+    sampling.add_argument(
+        "--top-k",
+        type=bounded_number(int, Bounds(minimum=-1)),
+        default=None,
+        help="-1 or 0 = off (" + model_default % "0; at least -1)",
+    )
+    sampling.add_argument(
+        "--n",
+        type=bounded_number(int, Bounds(minimum=1, maximum=MAX_N)),
+        default=1,
+        help=f"completions per prompt (default: 1; from 1 to {MAX_N})",
+    )
     sampling.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     sampling.add_argument("--sampling-seed", type=int, default=None, help="per-request sampling seed")
     sampling.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")

@@ -208,7 +208,7 @@ def _serve(engine: EngineClient, config: EngineConfig, settings: ServerSettings,
 
 def _log_serving(config: EngineConfig, settings: ServerSettings) -> None:
     # An IPv6 address goes in brackets in a URL, as uvicorn's own line writes it.
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host or "0.0.0.0"
     where = f"http://{host}:{settings.port}"
     count = settings.api_servers or 1
     processes = f", {count} API server processes" if count > 1 else ""

@@ -13,8 +13,9 @@ def bind_listener(host: str, port: int, *, shared: bool = False) -> socket.socke
     """A listening TCP socket on host:port (port 0: one the system picks). `shared` lets other
     processes bind the same port (SO_REUSEPORT: the API servers of `--api-servers N`); without it a
     second server on the port is refused, as it should be."""
+    # "" is every interface, as uvicorn binds it; getaddrinfo takes that as None, not as a name.
     family, kind, proto, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
     sock = socket.socket(family, kind, proto)
     try:

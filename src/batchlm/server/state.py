@@ -28,7 +28,7 @@ PLACEHOLDER_MODEL_NAMES = ("default", "default_model")
 class ServerSettings:
     """HTTP-side settings of `batchlm serve` (the engine's live in EngineConfig)."""
 
-    # Address to bind ("0.0.0.0" for all interfaces).
+    # Address to bind ("0.0.0.0", or "" for every interface of every address family).
     host: str = "127.0.0.1"
     # TCP port to listen on; 0 takes a free one the system picks (logged at start).
     port: int = 8080
@@ -37,7 +37,7 @@ class ServerSettings:
     # the chat page and /docs name their files and the API under it. "" serves at the root.
     root_path: str = ""
     # Bearer key required on /v1/*, /tokenize, /detokenize and /tokenizer_info (/health, /metrics,
-    # /version, the chat page's files and the API docs stay open); None leaves them open.
+    # /version, the chat page's files and the API docs stay open); None (left unset) leaves them open.
     api_key: str | None = None
     # Waiting requests beyond which new ones are refused with 429; None (`none` on the command line) = no
     # limit.
