@@ -117,7 +117,8 @@ class EngineConfig:
     # at most 2 GiB and half the memory available once the model is loaded. A size beyond the memory
     # available is refused at start. With tensor parallelism, each rank's (every rank holds one).
     cpu_kv_cache_gib: float | None = None
-    # Force a number of KV blocks (tests); overrides the memory budget.
+    # Force a number of KV blocks (tests); overrides the memory budget (on a CPU, --cpu-kv-cache-gib's
+    # sizing too; on a GPU a count past what --gpu-memory-utilization leaves is warned of).
     num_gpu_blocks_override: int | None = None
     # Share full prompt blocks between requests (keyed by a chained hash of their tokens).
     enable_prefix_caching: bool = True
@@ -141,8 +142,8 @@ class EngineConfig:
     served_model_name: str | None = None
     # Model revision on the hub.
     revision: str | None = None
-    # "auto": weights from safetensors; "dummy": random weights made on the device (benchmarks of real
-    # shapes without downloads; only config.json is read).
+    # "auto": weights from the checkpoint (safetensors, or the GGUF file); "dummy": random weights made
+    # on the device (benchmarks of real shapes without downloads; only config.json is read).
     load_format: str = "auto"
     # None: weights as the checkpoint stores them (GGUF blocks stay quantized on x86-64 CPUs; FP8 and
     # 4-bit safetensors checkpoints as FP8 W8A8 / W4A16). "int8": quantize a dense checkpoint's (or a

@@ -72,10 +72,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--backend", default="auto", choices=list(BACKEND_CHOICES), help="as for serve (default: auto)"
     )
     batch.add_argument(
-        "--tool-call-parser", default="auto", choices=list(TOOL_CALL_PARSER_CHOICES), help="as for serve"
+        "--tool-call-parser",
+        default="auto",
+        choices=list(TOOL_CALL_PARSER_CHOICES),
+        help="as for serve (default: auto)",
     )
     batch.add_argument(
-        "--reasoning-parser", default="auto", choices=list(REASONING_PARSER_CHOICES), help="as for serve"
+        "--reasoning-parser",
+        default="auto",
+        choices=list(REASONING_PARSER_CHOICES),
+        help="as for serve (default: auto)",
     )
     parser.add_argument(
         "--log-level", default="INFO", choices=list(LOG_LEVELS), help="log level (default: INFO)"

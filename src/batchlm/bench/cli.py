@@ -40,14 +40,17 @@ def add_seed_arguments(parser: argparse.ArgumentParser, seed_only: bool = False)
     )
     if seed_only:
         parser.add_argument(
-            "--concurrency", type=int, default=None, help=f"simulated users (default: {cfg.SEED_CONCURRENCY})"
+            "--concurrency",
+            type=int,
+            default=None,
+            help=f"simulated users (default: {cfg.SEED_CONCURRENCY}; at least 1)",
         )
     else:
         parser.add_argument(
             "--concurrency",
             default=None,
             metavar="N[,N...]",
-            help=f"closed-loop simulated users; a list (1,4,16) sweeps (default: {cfg.SEED_CONCURRENCY})",
+            help=f"closed-loop simulated users, each at least 1; a list (1,4,16) sweeps (default: {cfg.SEED_CONCURRENCY})",
         )
     parser.add_argument(
         "--requests",
@@ -55,9 +58,9 @@ def add_seed_arguments(parser: argparse.ArgumentParser, seed_only: bool = False)
         dest="requests",
         type=int,
         default=None,
-        help=f"requests to send (default: {cfg.SEED_REQUESTS})"
+        help=f"requests to send (default: {cfg.SEED_REQUESTS}; at least 1)"
         if seed_only
-        else f"requests to send (default: {cfg.SEED_REQUESTS}; with --duration: size of the "
+        else f"requests to send, at least 1 (default: {cfg.SEED_REQUESTS}; with --duration: size of the "
         f"prompt pool, default {cfg.DURATION_POOL_SIZE})",
     )
     parser.add_argument("--stream", action="store_true", help="stream responses (needed for TTFT and ITL)")
@@ -65,25 +68,25 @@ def add_seed_arguments(parser: argparse.ArgumentParser, seed_only: bool = False)
         "--min-delay",
         type=float,
         default=None,
-        help=f"min think time before each request, s (default: {cfg.SEED_MIN_DELAY})",
+        help=f"min think time before each request, s (default: {cfg.SEED_MIN_DELAY}; at least 0)",
     )
     parser.add_argument(
         "--max-delay",
         type=float,
         default=None,
-        help=f"max think time before each request, s (default: {cfg.SEED_MAX_DELAY})",
+        help=f"max think time before each request, s (default: {cfg.SEED_MAX_DELAY}; at least --min-delay)",
     )
     parser.add_argument(
         "--min-tokens",
         type=int,
         default=None,
-        help=f"min of the random max_tokens (default: {cfg.SEED_MIN_TOKENS})",
+        help=f"min of the random max_tokens (default: {cfg.SEED_MIN_TOKENS}; at least 1)",
     )
     parser.add_argument(
         "--max-tokens",
         type=int,
         default=None,
-        help=f"max of the random max_tokens (default: {cfg.SEED_MAX_TOKENS})",
+        help=f"max of the random max_tokens (default: {cfg.SEED_MAX_TOKENS}; at least --min-tokens)",
     )
 
 
@@ -103,7 +106,7 @@ def _add_load_arguments(load: argparse._ArgumentGroup) -> None:
         "--request-rate",
         default=None,
         metavar="RATE[,RATE...]",
-        help="open loop: mean requests/s (Poisson, or gamma with --burstiness); 'inf' = all at once",
+        help="open loop: mean requests/s, above 0 (Poisson, or gamma with --burstiness); 'inf' = all at once",
     )
     load.add_argument(
         "--burstiness",
@@ -116,25 +119,28 @@ def _add_load_arguments(load: argparse._ArgumentGroup) -> None:
         "--max-concurrency",
         default=None,
         metavar="N[,N...]",
-        help="open loop: most requests in flight (alone it means --request-rate inf)",
+        help="open loop: most requests in flight, at least 1 (alone it means --request-rate inf)",
     )
     load.add_argument(
         "--duration",
         type=float,
         default=None,
-        help="run for this many seconds (finite) instead of --requests",
+        help="run for this many seconds (above 0, finite) instead of --requests",
     )
     load.add_argument(
-        "--num-warmups", type=int, default=0, help="requests sent and discarded before measuring"
+        "--num-warmups",
+        type=int,
+        default=0,
+        help="requests sent and discarded before measuring (default: 0; at least 0)",
     )
     load.add_argument(
-        "--seed", type=int, default=0, help="seeds prompts, max_tokens, think and arrival times"
+        "--seed", type=int, default=0, help="seeds prompts, max_tokens, think and arrival times (default: 0)"
     )
     load.add_argument(
         "--request-timeout",
         type=float,
         default=600.0,
-        help="seconds before a request fails (finite; default: 600)",
+        help="seconds before a request fails (above 0, finite; default: 600)",
     )
     load.add_argument(
         "--client-processes",
@@ -142,7 +148,7 @@ def _add_load_arguments(load: argparse._ArgumentGroup) -> None:
         default=1,
         help="send each load level from this many processes, at most one per request it has in flight "
         "(each every N-th request and 1/N of the load), for servers that stream faster than one client event loop reads (see the self-check); "
-        "no progress line then",
+        "no progress line then (default: 1; at least 1)",
     )
     load.add_argument(
         "--no-warm-connections",
@@ -159,7 +165,9 @@ def _add_prompt_arguments(data: argparse._ArgumentGroup) -> None:
         "--dataset-name",
         default=None,
         choices=[*DATASET_NAMES, *DATASET_ALIASES],
-        help="builtin (default), random (default with --input-len), jsonl (alias custom), sharegpt",
+        help="builtin (default), random (default with --input-len), jsonl (alias custom), sharegpt; "
+        "editing (rewrite generated code with a name changed) and summarization (of a generated article) "
+        "need no files",
     )
     data.add_argument("--dataset-path", default=None, help="file for the jsonl and sharegpt datasets (only)")
     data.add_argument(
@@ -168,7 +176,7 @@ def _add_prompt_arguments(data: argparse._ArgumentGroup) -> None:
         dest="input_len",
         type=int,
         default=None,
-        help="random prompts of exactly this many tokens (counted by the server's /tokenize)",
+        help="random prompts of exactly this many tokens, at least 1 (counted by the server's /tokenize)",
     )
     data.add_argument(
         "--output-len",
@@ -176,7 +184,7 @@ def _add_prompt_arguments(data: argparse._ArgumentGroup) -> None:
         dest="output_len",
         type=int,
         default=None,
-        help="fixed max_tokens for every request, sent with ignore_eos so runs compare",
+        help="fixed max_tokens for every request, at least 1, sent with ignore_eos so runs compare",
     )
     data.add_argument(
         "--ignore-eos", action="store_true", help="send ignore_eos=true (implied by --output-len)"
@@ -185,7 +193,7 @@ def _add_prompt_arguments(data: argparse._ArgumentGroup) -> None:
         "--prompt-repeat",
         type=int,
         default=100,
-        help="times each built-in prompt is repeated, as the seed did (default: %(default)s)",
+        help="times each built-in prompt is repeated, as the seed did (default: %(default)s; at least 1)",
     )
 
 
@@ -225,7 +233,9 @@ def _add_api_arguments(api: argparse._ArgumentGroup) -> None:
 
 def _add_output_arguments(out: argparse._ArgumentGroup) -> None:
     out.add_argument(
-        "--metric-percentiles", default="50,90,99", help="percentiles to report (default: %(default)s)"
+        "--metric-percentiles",
+        default="50,90,99",
+        help="percentiles to report, each from 0 to 100 (default: %(default)s)",
     )
     out.add_argument(
         "--save-result", default=None, metavar="FILE.json", help="write results as JSON (vLLM keys)"
