@@ -294,7 +294,8 @@ class CompletionFormatter(ResponseFormatter[CompletionContext]):
         self, index: int, text: str, reason: str | None, stop_reason: str | int | None = None
     ) -> bytes:
         reason_json = "null" if reason is None else f'"{reason}"'
-        stop_json = json.dumps(stop_reason, ensure_ascii=False)  # null, a token id or a string
+        # null (the usual: looked up, not dumped), a token id or a string.
+        stop_json = "null" if stop_reason is None else json.dumps(stop_reason, ensure_ascii=False)
         return self._framed_chunk(
             f'"index":{index},"text":{json_text(text)},"logprobs":null,"finish_reason":{reason_json},'
             f'"stop_reason":{stop_json}'
