@@ -236,3 +236,72 @@ def test_a_stop_string_completed_by_the_final_flush_ends_the_choice_as_a_stop(
     results, _ = processor.process(steps, delta=True)
     (completion,) = results[0].outputs
     assert (completion.text, completion.finish_reason, completion.stop_reason) == ("x", "stop", "a\ufffd")
+
+
+def _mixed_requests(processor: OutputProcessor) -> list[str]:
+    """Requests whose outputs take each of process()'s paths: plain tokens, a stop string, logprobs, prompt
+    logprobs (asked, and not yet seen when a plain output comes first), min_tokens and n = 2."""
+    core_ids: list[str] = []
+    for rid, params in [
+        ("plain", SamplingParams(max_tokens=100)),
+        ("stop", SamplingParams(max_tokens=100, stop=["lo t"])),
+        ("logprobs", SamplingParams(max_tokens=100, logprobs=1)),
+        ("scored", SamplingParams(max_tokens=100, prompt_logprobs=0)),
+        ("early", SamplingParams(max_tokens=100, stop=["he"], min_tokens=3)),
+        ("two", SamplingParams(max_tokens=100, n=2)),
+    ]:
+        core_ids += processor.add_request(rid, None, PROMPT, params, 0.0)
+    return core_ids
+
+
+def _mixed_steps(tokenizer: Tokenizer, core_ids: list[str]) -> list[list[EngineCoreOutput]]:
+    ids = tokenizer.encode("hello there, hello world", add_special_tokens=False)
+    steps: list[list[EngineCoreOutput]] = []
+    for position, token in enumerate(ids):
+        step = []
+        for core_id in core_ids:
+            if core_id == "logprobs":
+                step.append(EngineCoreOutput(core_id, (token,), new_logprobs=(TokenLogprobs(-0.5, 1),)))
+            elif core_id == "two:1" and position == 2:
+                step.append(EngineCoreOutput(core_id, (token,), num_cached_tokens=3, scheduled_time=1.0))
+            else:
+                step.append(EngineCoreOutput(core_id, (token,)))
+        steps.append(step)
+    eos = tokenizer.eos_token_ids[0]
+    steps.append([EngineCoreOutput(core_id, (eos,), finish_reason=FinishReason.STOP) for core_id in core_ids])
+    return steps
+
+
+@pytest.mark.parametrize("steps_at_once", [1, 3])
+@pytest.mark.parametrize("text_when_finished", [False, True])
+def test_outputs_in_columns_give_what_the_same_outputs_one_object_each_give(
+    tiny_tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch, steps_at_once: int, text_when_finished: bool
+) -> None:
+    """The engine core's columns (CoreOutputs) take a path of their own for plain new tokens: every
+    delta, abort and metric equals the one the outputs as objects give."""
+    from types import SimpleNamespace
+
+    from batchlm.engine import output_processor
+    from batchlm.outputs import CoreOutputs
+
+    clock = [1000.0]  # both processors see the same time for the same batch
+    monkeypatch.setattr(output_processor, "time", SimpleNamespace(time=lambda: clock[0]))
+    delta, finished_only = not text_when_finished, text_when_finished
+    by_object, in_columns = (OutputProcessor(tiny_tokenizer, text_when_finished) for _ in range(2))
+    core_ids = _mixed_requests(by_object)
+    assert _mixed_requests(in_columns) == core_ids
+    steps = _mixed_steps(tiny_tokenizer, core_ids)
+    seen = []
+    for start in range(0, len(steps), steps_at_once):
+        batch = [output for step in steps[start : start + steps_at_once] for output in step]
+        clock[0] += 1
+        expected = by_object.process(batch, delta=delta, finished_only=finished_only)
+        got = in_columns.process(CoreOutputs.of(batch), delta=delta, finished_only=finished_only)
+        assert got == expected
+        seen.append(expected)
+    results = [result for step_results, _ in seen for result in step_results]
+    # Every path was taken: a stop string's abort, finished requests, logprobs, prompt logprobs.
+    assert any(to_abort for _, to_abort in seen)
+    assert {r.request_id for r in results if r.finished} >= {"plain", "logprobs", "scored", "two"}
+    assert any(c.logprobs for r in results for c in r.outputs)
+    assert any(r.prompt_logprobs == [None] for r in results)

@@ -136,6 +136,10 @@ class CoreOutputs:
     def __len__(self) -> int:
         return len(self.request_ids)
 
+    def num_tokens(self) -> int:
+        """New token ids in all the outputs."""
+        return sum(map(len, self.token_ids))
+
     def __eq__(self, other: object) -> bool:
         if isinstance(other, CoreOutputs | list):
             return list(self) == list(other)

@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 # Called with the model directory and the pipes of the extra front ends once the core process starts.
 CoreSharing = Callable[[Path, list[Connection]], None]
 
-# The core's messages the inbox carries besides step results (the reader thread unpacks StepOutputs).
+# The core's messages the inbox carries besides step results (StepOutputs arrive as StepResults).
 CoreEvent = RequestRejected | CoreFailed
 
 # How long a core process told to shut down may take to exit before it is killed (a loaded 2-core
@@ -339,10 +339,10 @@ def _merge_adds(messages: list[ToCore]) -> list[ToCore]:
 
 
 def _for_front_end(message: FromCore) -> StepResult | CoreEvent:
-    """A core message as the front end's inbox takes it, on the reader thread: step outputs unpacked."""
+    """A core message as the front end's inbox takes it."""
     match message:
         case StepOutputs():
-            return StepResult(message.unpack(), message.stats)
+            return StepResult(message.outputs, message.stats)
         case RequestRejected() | CoreFailed():
             return message
         case CoreReady():

@@ -30,7 +30,7 @@ from batchlm.engine.input_processor import InputProcessor, ValidatedRequest
 from batchlm.engine.output_collector import RequestOutputCollector
 from batchlm.engine.output_processor import OutputProcessor
 from batchlm.models.model_source import served_model_name
-from batchlm.outputs import EngineCoreOutput, RequestOutput
+from batchlm.outputs import CoreOutputs, EngineCoreOutput, RequestOutput
 from batchlm.request import EngineCoreRequest
 from batchlm.sampling_defaults import sampling_defaults
 
@@ -46,10 +46,11 @@ MAX_DRAIN_INTERVAL_S = 0.02
 
 @dataclass(frozen=True)
 class StepResult:
-    """One engine step's outputs, already unpacked on the engine's thread (off the event loop), with
-    the engine's stats after the step. The list is handed over: the engine's thread keeps no reference."""
+    """One engine step's outputs, with the engine's stats after the step: as the engine core sends
+    them (columns: the output processor folds plain new tokens in without an object each), or a list.
+    They are handed over: the engine's thread keeps no reference."""
 
-    outputs: list[EngineCoreOutput]
+    outputs: CoreOutputs | list[EngineCoreOutput]
     stats: EngineStats
 
 
@@ -217,23 +218,28 @@ class StreamingFrontEnd(EngineClient, Generic[MessageT]):
             messages = list(self._inbox)
             self._inbox.clear()
             self._inbox_drain_pending = False
-        batch: list[EngineCoreOutput] = []
+        batch = CoreOutputs()
         for message in messages:
             if isinstance(message, StepResult):
                 self._engine_stats = message.stats
-                batch.extend(message.outputs)
+                outputs = message.outputs
+                if isinstance(outputs, CoreOutputs):
+                    batch.extend(outputs)
+                else:
+                    for output in outputs:
+                        batch.append(output)
                 continue
             if batch:
                 self._on_outputs(batch)
-                batch = []
+                batch = CoreOutputs()
             self._on_message(message)
         if batch:
             self._on_outputs(batch)
 
-    def _on_outputs(self, outputs: list[EngineCoreOutput]) -> None:
+    def _on_outputs(self, outputs: CoreOutputs) -> None:
         """Detokenize one step's outputs and put each request's delta into its collector."""
         assert self._processor is not None
-        self._generation_tokens_total += sum(len(o.new_token_ids) for o in outputs)
+        self._generation_tokens_total += outputs.num_tokens()
         results, to_abort = self._processor.process(outputs, delta=True)
         if to_abort:  # stop strings found here: the engine must stop generating for them
             self._send_abort(to_abort)
