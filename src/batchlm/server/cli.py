@@ -119,18 +119,12 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         check_generation_config(config.generation_config)
+        if (problem := _responses_dir_problem(settings)) is not None:
+            raise ValueError(problem)
+        settings = replace(settings, root_path=checked_root_path(settings.root_path), api_servers=count)
     except ValueError as error:
         logger.error("%s", error)
         return 2
-    if (problem := _responses_dir_problem(settings)) is not None:
-        logger.error("%s", problem)
-        return 2
-    try:
-        settings = replace(settings, root_path=checked_root_path(settings.root_path))
-    except ValueError as error:
-        logger.error("%s", error)
-        return 2
-    settings = replace(settings, api_servers=count)
     # What servers killed earlier (SIGKILL, out of memory) left under the temp dir.
     remove_abandoned_once()
     if count > 1:

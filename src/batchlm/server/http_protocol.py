@@ -37,7 +37,7 @@ from uvicorn.server import ServerState
 
 from batchlm.server.errors import RETRY_AFTER_S, APIError, ErrorObserver, error_response
 from batchlm.server.middleware import RequestIdEchoMiddleware
-from batchlm.server.request_ids import REQUEST_ID, REQUEST_ID_HEADER, new_request_id
+from batchlm.server.request_ids import REQUEST_ID, new_request_id, sent_request_id
 from batchlm.server.shared_deadline import SharedDeadline
 
 logger = logging.getLogger(__name__)
@@ -78,26 +78,6 @@ class ThrottledWarning:
             logger.warning(self.message, self._count, *args)
             self._warned_at = now
             self._count = 0
-
-
-class ConnectionCap:
-    """Past `limit` open connections, a new one is answered 503 and closed, with a warning at most
-    once a minute: without it, a server out of file descriptors drops new connections unanswered
-    (uvloop accepts and resets them, logging nothing), and a file it opens mid-request fails."""
-
-    def __init__(self, limit: int | None) -> None:
-        self.limit = limit
-        self._refusals = ThrottledWarning(
-            "%d connection(s) refused with 503: %d are open, the most this server holds "
-            "(--max-connections; by default its open-file limit less a reserve)",
-            CAP_WARNING_INTERVAL_S,
-        )
-
-    def admits(self, open_connections: int) -> bool:
-        if self.limit is None or open_connections <= self.limit:
-            return True
-        self._refusals.count(self.limit)
-        return False
 
 
 class ParserRefusals(ThrottledWarning):
@@ -151,7 +131,15 @@ class ServerConfig(uvicorn.Config):
         self.header_watch: SharedDeadline[GuardedHttpProtocol] = SharedDeadline(
             header_timeout_s, GuardedHttpProtocol.header_timed_out
         )
-        self.connection_cap = ConnectionCap(max_connections)
+        # Past it, a new connection is answered 503 and closed: without it, a server out of file
+        # descriptors drops new connections unanswered (uvloop accepts and resets them, logging
+        # nothing), and a file it opens mid-request fails.
+        self.max_connections = max_connections
+        self.connection_refusals = ThrottledWarning(
+            "%d connection(s) refused with 503: %d are open, the most this server holds "
+            "(--max-connections; by default its open-file limit less a reserve)",
+            CAP_WARNING_INTERVAL_S,
+        )
         self.parser_refusals = ParserRefusals()
 
 
@@ -167,11 +155,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
         assert isinstance(config, ServerConfig)
-        self._observe = config.observe
-        self._max_header_bytes = config.max_header_bytes
+        self._config = config
         self._watch = config.header_watch
-        self._cap = config.connection_cap
-        self._parser_refusals = config.parser_refusals
         self.logger = _WithoutParserWarning(self.logger, {})  # type: ignore[assignment]
         # Between the first byte of a request and the end of its headers.
         self._reading_headers = False
@@ -185,7 +170,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        if not self._cap.admits(len(self.connections)):
+        cap = self._config.max_connections
+        if cap is not None and len(self.connections) > cap:
+            self._config.connection_refusals.count(cap)
             message = "The server holds as many connections as it can; retry shortly."
             headers = {"Retry-After": RETRY_AFTER_S}
             # Closed at once: its file descriptor is what is short.
@@ -206,7 +193,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return
         if self._reading_headers:
             self._header_bytes = 0 if self._began_in_chunk else self._header_bytes + len(data)
-            if self._header_bytes > self._max_header_bytes:
+            if self._header_bytes > self._config.max_header_bytes:
                 self._refuse(self._too_large())
                 return
             self._watch.watch(self)
@@ -224,10 +211,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._reading_headers = False
         self._watch.forget(self)
         size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
-        if size > self._max_header_bytes:
+        if size > self._config.max_header_bytes:
             # Answered in turn as any request (after those pipelined before it), by an app that refuses it.
             refusal = RequestIdEchoMiddleware(
-                error_response(self._too_large(), self._observe), longest_echoed=LONGEST_ECHOED_ID
+                error_response(self._too_large(), self._config.observe), longest_echoed=LONGEST_ECHOED_ID
             )
             app, self.app = self.app, refusal
             try:
@@ -251,7 +238,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             failure = failure.__context__
         detail = str(failure) if failure is not None and str(failure) else msg
         client = f"{self.client[0]}:{self.client[1]}" if self.client else "an unknown client"
-        self._parser_refusals.refused(detail.rstrip("."), client)
+        self._config.parser_refusals.refused(detail.rstrip("."), client)
         too_long = isinstance(failure, httptools.HttpParserInvalidURLError) and "too long" in detail
         self._refuse(APIError(414 if too_long else 400, f"Invalid HTTP request: {detail.rstrip('.')}."))
 
@@ -271,14 +258,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def _too_large(self) -> APIError:
         return APIError(
             431,
-            f"The request line and headers are larger than the limit of {self._max_header_bytes} bytes.",
+            f"The request line and headers are larger than the limit of {self._config.max_header_bytes} bytes.",
             headers={"Connection": "close"},
         )
 
     def _refuse(self, error: APIError, linger: bool = True) -> None:
         """Answer `error` outside any request's cycle, then close: the rest of what the client sent
         cannot be read as requests."""
-        self._observe(error.status)
+        self._config.observe(error.status)
         if self._idle() or not self.cycle.response_started:
             body = json.dumps(error.body(), separators=(",", ":")).encode()
             phrase = http.HTTPStatus(error.status).phrase.encode()
@@ -310,11 +297,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if not self._idle():
             taken = self.cycle.scope.get("state", {}).get(REQUEST_ID)
             return taken if isinstance(taken, str) else new_request_id()
-        if self._reading_headers:
-            sent = next((value for name, value in self.headers if name == REQUEST_ID_HEADER and value), b"")
-            if 0 < len(sent) <= LONGEST_ECHOED_ID:
-                return sent.decode("latin-1")
-        return new_request_id()
+        return sent_request_id(self.headers if self._reading_headers else (), LONGEST_ECHOED_ID)
 
     def linger(self) -> None:
         """Close the connection once the client has sent the rest of its request. Closed at once, it

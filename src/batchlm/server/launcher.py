@@ -213,15 +213,11 @@ async def serve(
         if api_servers is not None:
             # They may still be draining streams: the engine must outlive them.
             await api_servers.stop()
-        await _shutdown_engine(engine)
+        try:
+            await engine.shutdown()
+        except Exception:  # exiting anyway: report, do not mask the exit status
+            logger.exception("the engine did not shut down cleanly")
     return 1 if failed else 0
-
-
-async def _shutdown_engine(engine: EngineClient) -> None:
-    try:
-        await engine.shutdown()
-    except Exception:  # exiting anyway: report, do not mask the exit status
-        logger.exception("the engine did not shut down cleanly")
 
 
 def run_event_loop(main: Coroutine[Any, Any, T]) -> T:

@@ -19,7 +19,7 @@ from batchlm.server.content_encoding import (
     decode_body,
 )
 from batchlm.server.errors import APIError, ErrorObserver, error_response
-from batchlm.server.request_ids import REQUEST_ID, REQUEST_ID_HEADER, new_request_id
+from batchlm.server.request_ids import REQUEST_ID, REQUEST_ID_HEADER, sent_request_id
 from batchlm.server.root_path import route_path
 
 # Routes that need the API key when one is set; /health, /metrics, /version and the docs stay open.
@@ -210,21 +210,14 @@ class RequestIdEchoMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = None
-        for name, value in scope["headers"]:
-            if name == REQUEST_ID_HEADER and value:
-                if self._longest_echoed is None or len(value) <= self._longest_echoed:
-                    request_id = value
-                break
-        if request_id is None:
-            request_id = new_request_id().encode()
-        # Header values are bytes as sent; latin-1 maps each one to a character and back.
-        scope.setdefault("state", {})[REQUEST_ID] = request_id.decode("latin-1")
+        request_id = sent_request_id(scope["headers"], self._longest_echoed)
+        scope.setdefault("state", {})[REQUEST_ID] = request_id
+        header = request_id.encode("latin-1")
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = [(n, v) for n, v in message.get("headers", ()) if n.lower() != REQUEST_ID_HEADER]
-                message = {**message, "headers": [*headers, (REQUEST_ID_HEADER, request_id)]}
+                message = {**message, "headers": [*headers, (REQUEST_ID_HEADER, header)]}
             await send(message)
 
         await self.app(scope, receive, send_with_id)

@@ -1,7 +1,7 @@
 """API input to token ids: chat messages through the chat template, text prompts through the tokenizer
 (long texts through the tokenizer's BatchedEncoder, `tokenizer/batched_encoder.py`); and both ways
 exposed to clients, POST /tokenize and /detokenize, and GET /tokenizer_info. /v1/chat/completions and
-/tokenize render a conversation through the same functions (render_chat_prompt), so that /tokenize
+/tokenize render a conversation through the same function (render_chat), so that /tokenize
 counts exactly the tokens chat prefills."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from batchlm.server.state import ServerState
 from batchlm.tokenizer.batched_encoder import batched_encoder
 from batchlm.tokenizer.tokenizer import NoChatTemplateError, Tokenizer, checked_template_kwargs
 from batchlm.tools.prompting import template_inputs
-from batchlm.tools.spec import ToolPlan, tool_plan
+from batchlm.tools.spec import tool_plan
 from batchlm.tools.use import template_tools, tool_prompt
 
 logger = logging.getLogger(__name__)
@@ -126,11 +126,6 @@ def _log_no_chat_template(detail: str) -> None:
     logger.warning("a chat request was refused: %s", detail)
 
 
-def chat_template_of(state: ServerState, body: ChatPromptFields) -> str | None:
-    """The template the request renders with (a model may have one for tools)."""
-    return template_for(state.engine.tokenizer, bool(body.tools))
-
-
 def template_kwargs_of(
     state: ServerState, body: ChatPromptFields, chat_template: str | None
 ) -> dict[str, Any] | None:
@@ -146,36 +141,6 @@ def template_kwargs_of(
     return effort_template_kwargs(body.reasoning_effort, chat_template, body.chat_template_kwargs)
 
 
-async def checked_tool_plan(body: ChatPromptFields) -> ToolPlan | None:
-    """The request's tools and tool_choice, checked (400 for ones chat would refuse); schemas that are
-    compiled to check them are compiled off the event loop."""
-    with rejections_as_400():
-        return await asyncio.to_thread(tool_plan, body) if body.tools else tool_plan(body)
-
-
-async def render_chat_prompt(
-    state: ServerState,
-    messages: list[ChatMessage],
-    body: ChatPromptFields,
-    *,
-    template_kwargs: dict[str, Any] | None,
-    plan: ToolPlan | None,
-    processor: InputProcessor | None,
-) -> list[int]:
-    """Token ids of the conversation as the model is prompted with it, `plan`'s tools shown as chat
-    shows them (tools.use). With a `processor`, a rendering too long for the context is a 400."""
-    return await render_chat(
-        state.engine.tokenizer,
-        messages,
-        add_generation_prompt=body.add_generation_prompt,
-        continue_final_message=body.continue_final_message,
-        chat_template_kwargs=template_kwargs,
-        processor=processor,
-        tools=template_tools(plan),
-        tool_prompt=tool_prompt(plan),
-    )
-
-
 async def tokenize(state: ServerState, body: TokenizeRequest) -> TokenizeResponse:
     """Token ids of a text prompt, or of messages rendered with the chat template (exactly one of them)."""
     info = state.ready_model(body.model)
@@ -185,10 +150,18 @@ async def tokenize(state: ServerState, body: TokenizeRequest) -> TokenizeRespons
     if body.messages is not None:
         if not body.messages:
             raise APIError(400, "'messages' must not be empty.", param="messages")
-        template_kwargs = template_kwargs_of(state, body, chat_template_of(state, body))
-        plan = await checked_tool_plan(body)
-        tokens = await render_chat_prompt(
-            state, body.messages, body, template_kwargs=template_kwargs, plan=plan, processor=processor
+        template_kwargs = template_kwargs_of(state, body, template_for(tokenizer, bool(body.tools)))
+        with rejections_as_400():  # tool schemas are compiled to check them: off the event loop
+            plan = await asyncio.to_thread(tool_plan, body) if body.tools else tool_plan(body)
+        tokens = await render_chat(
+            tokenizer,
+            body.messages,
+            add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message,
+            chat_template_kwargs=template_kwargs,
+            processor=processor,
+            tools=template_tools(plan),
+            tool_prompt=tool_prompt(plan),
         )
     else:
         for name in CHAT_ONLY_FIELDS:

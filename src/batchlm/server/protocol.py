@@ -11,8 +11,6 @@ from pydantic_core import PydanticCustomError
 # The conversation's models live beside their conversion to template messages (below the engine, which
 # LLM.chat shares); request bodies build on them.
 from batchlm.engine.chat_messages import ChatMessage as ChatMessage
-from batchlm.engine.chat_messages import FunctionCall as FunctionCall
-from batchlm.engine.chat_messages import MessageToolCall as MessageToolCall
 from batchlm.engine.chat_messages import StrictModel as StrictModel
 from batchlm.engine.chat_messages import function_type_only
 

@@ -28,7 +28,7 @@ from batchlm.server.metrics import RequestRecorder, ServerMetrics
 from batchlm.server.middleware import received_at
 from batchlm.server.request_ids import request_id_of
 from batchlm.server.responses import PromptTokensDetails, UsageInfo
-from batchlm.server.state import ServerState, get_state
+from batchlm.server.state import get_state
 from batchlm.tokenizer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -121,7 +121,6 @@ class ResponseFormatter(ABC, Generic[ContextT]):
 
     def __init__(self, context: ContextT) -> None:
         self.context = context
-        self.request_id = context.request_id
         # Without include_usage OpenAI's chunks carry no "usage" key at all.
         self._exclude = None if context.include_usage else {"usage"}
         # The SSE event of a chunk around its one choice (see _framed_chunk).
@@ -209,9 +208,22 @@ async def respond(
     only after every generation's first output, so that errors before it (queue full, rejected, engine
     dead) still get their HTTP status. The generations are closed here unless a stream took them."""
     state = get_state(request)
-    generations = await start_generations(
-        state, engine_requests, formatter.request_id, received_at(request), request_id_of(request)
-    )
+    # One generation per engine request, each in the metrics from the HTTP arrival on. A batch's
+    # prompts take admission turns as one request (like n), not one turn each.
+    request_id, batch = formatter.context.request_id, len(engine_requests) > 1
+    arrival, trace_id = received_at(request), request_id_of(request)
+    generations: list[Generation] = []
+    try:
+        for position, engine_request in enumerate(engine_requests):
+            engine_id = f"{request_id}-{position}" if batch else request_id
+            prompt_tokens = len(engine_request.prompt_token_ids)
+            recorder = RequestRecorder(state.metrics, engine_id, prompt_tokens, arrival, trace_id)
+            group = request_id if batch else ""
+            generation = Generation(state.engine, engine_id, engine_request, recorder, state.in_flight, group)
+            generations.append(generation)
+    except BaseException:
+        await close_all(generations)
+        raise
 
     async def answer() -> Response:
         if stream:
@@ -239,33 +251,6 @@ async def respond(
             await close_all(generations)
 
 
-async def start_generations(
-    state: ServerState,
-    engine_requests: Sequence[ValidatedRequest],
-    request_id: str,
-    arrival: float | None,
-    trace_id: str | None = None,
-) -> list[Generation]:
-    """One generation per engine request, each in the metrics from the HTTP arrival on. A batch's
-    prompts take admission turns as one request (like n), not one turn each. trace_id: the HTTP
-    request's X-Request-Id, for its log lines."""
-    generations: list[Generation] = []
-    batch = len(engine_requests) > 1
-    try:
-        for position, engine_request in enumerate(engine_requests):
-            engine_id = f"{request_id}-{position}" if batch else request_id
-            recorder = RequestRecorder(
-                state.metrics, engine_id, len(engine_request.prompt_token_ids), arrival, trace_id
-            )
-            group = request_id if batch else ""
-            generation = Generation(state.engine, engine_id, engine_request, recorder, state.in_flight, group)
-            generations.append(generation)
-    except BaseException:
-        await close_all(generations)
-        raise
-    return generations
-
-
 async def _stream_events(
     generations: Sequence[Generation], formatter: ResponseFormatter[ResponseContext], metrics: ServerMetrics
 ) -> AsyncIterator[bytes]:
@@ -285,7 +270,9 @@ async def _stream_events(
             if not isinstance(error, APIError):
                 trace_id = generations[0].recorder.trace_id if generations else None
                 logger.exception(
-                    "the streaming response %s failed (X-Request-Id %s)", formatter.request_id, trace_id
+                    "the streaming response %s failed (X-Request-Id %s)",
+                    formatter.context.request_id,
+                    trace_id,
                 )
                 error = APIError(500, "The server had an internal error while streaming.")
             metrics.count_error(error.status)

@@ -114,8 +114,8 @@ class ResponseStore:
     def _upgrade(self) -> None:
         """Brings a database of an older schema to this one, in place and once (the processes that
         open it together take turns: the first upgrades, the others find it done)."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._db:  # COMMIT, or ROLLBACK on any exception
+            self._db.execute("BEGIN IMMEDIATE")
             # An item's id may recur (an output item sent back as input): its latest row answers.
             self._db.execute(
                 f"CREATE TABLE IF NOT EXISTS {ITEMS} (item_id TEXT NOT NULL, response_id TEXT NOT NULL, "
@@ -140,10 +140,6 @@ class ResponseStore:
                     )
             if version < SCHEMA_VERSION:
                 self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
 
     def put(self, responses: Sequence[NewResponse]) -> None:
         """Store responses, in one transaction (a burst of finishing requests writes once); then remove
@@ -161,34 +157,29 @@ class ResponseStore:
             )
             stored = StoredResponse(new.previous_id, inputs, json.loads(new.response_json))
             item_rows += _item_rows(new.id, stored)
-        with self._lock:
+        with self._lock, self._db:  # COMMIT, or ROLLBACK on any exception
             self._db.execute("BEGIN")
-            try:
-                for response_id, previous_id, body in rows:
-                    # A chain whose start is gone (deleted) begins anew here.
-                    self._db.execute(
-                        f"INSERT INTO {TABLE} (id, previous_id, conversation, body) VALUES (?1, ?2, "
-                        f"coalesce((SELECT conversation FROM {TABLE} WHERE id = ?2), ?1), ?3)",
-                        (response_id, previous_id, body),
-                    )
-                self._db.executemany(f"INSERT INTO {ITEMS} VALUES (?, ?, ?)", item_rows)
-                gone = self._db.execute(
-                    f"SELECT conversation FROM ("
-                    f"SELECT conversation, max(seq) AS last, sum(count(*)) OVER (ORDER BY max(seq) DESC) AS kept "
-                    f"FROM {TABLE} GROUP BY conversation) WHERE kept > ? AND last < (SELECT max(seq) FROM {TABLE})",
-                    (self.capacity,),
-                ).fetchall()
-                for conversation in gone:  # with their items
-                    self._db.execute(
-                        f"DELETE FROM {ITEMS} WHERE response_id IN "
-                        f"(SELECT id FROM {TABLE} WHERE conversation = ?)",
-                        conversation,
-                    )
-                    self._db.execute(f"DELETE FROM {TABLE} WHERE conversation = ?", conversation)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+            for response_id, previous_id, body in rows:
+                # A chain whose start is gone (deleted) begins anew here.
+                self._db.execute(
+                    f"INSERT INTO {TABLE} (id, previous_id, conversation, body) VALUES (?1, ?2, "
+                    f"coalesce((SELECT conversation FROM {TABLE} WHERE id = ?2), ?1), ?3)",
+                    (response_id, previous_id, body),
+                )
+            self._db.executemany(f"INSERT INTO {ITEMS} VALUES (?, ?, ?)", item_rows)
+            gone = self._db.execute(
+                f"SELECT conversation FROM ("
+                f"SELECT conversation, max(seq) AS last, sum(count(*)) OVER (ORDER BY max(seq) DESC) AS kept "
+                f"FROM {TABLE} GROUP BY conversation) WHERE kept > ? AND last < (SELECT max(seq) FROM {TABLE})",
+                (self.capacity,),
+            ).fetchall()
+            for conversation in gone:  # with their items
+                self._db.execute(
+                    f"DELETE FROM {ITEMS} WHERE response_id IN "
+                    f"(SELECT id FROM {TABLE} WHERE conversation = ?)",
+                    conversation,
+                )
+                self._db.execute(f"DELETE FROM {TABLE} WHERE conversation = ?", conversation)
 
     def get(self, response_id: str) -> StoredResponse | None:
         if not RESPONSE_ID.fullmatch(response_id):
@@ -253,16 +244,10 @@ class ResponseStore:
         """Delete a response and its items."""
         if not RESPONSE_ID.fullmatch(response_id):
             return False
-        with self._lock:
+        with self._lock, self._db:  # COMMIT, or ROLLBACK on any exception
             self._db.execute("BEGIN")
-            try:
-                self._db.execute(f"DELETE FROM {ITEMS} WHERE response_id = ?", (response_id,))
-                deleted = self._db.execute(f"DELETE FROM {TABLE} WHERE id = ?", (response_id,)).rowcount > 0
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-            return deleted
+            self._db.execute(f"DELETE FROM {ITEMS} WHERE response_id = ?", (response_id,))
+            return self._db.execute(f"DELETE FROM {TABLE} WHERE id = ?", (response_id,)).rowcount > 0
 
     def close(self) -> None:
         with self._lock:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import BaseModel, Field
 
 
 class PromptTokensDetails(BaseModel):
@@ -76,17 +76,9 @@ class ChatResponseMessage(BaseModel):
     content: str | None
     refusal: str | None = None
     # Present only when the model called tools, as in OpenAI's responses.
-    tool_calls: list[ResponseToolCall] | None = None
+    tool_calls: list[ResponseToolCall] | None = Field(default=None, exclude_if=_absent_when_none)
     # A reasoning model's thinking (DeepSeek's and vLLM's field); present only when it thought.
-    reasoning_content: str | None = None
-
-    @model_serializer(mode="wrap")
-    def _without_absent_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data: dict[str, Any] = handler(self)
-        for name in ("tool_calls", "reasoning_content"):
-            if data.get(name) is None:
-                data.pop(name, None)
-        return data
+    reasoning_content: str | None = Field(default=None, exclude_if=_absent_when_none)
 
 
 class ChatChoice(BaseModel):
@@ -117,8 +109,7 @@ class ChatChunkChoice(BaseModel):
     delta: dict[str, Any]
     logprobs: ChatChoiceLogprobs | None = None
     finish_reason: str | None = None
-    # vLLM's field: the stop string or stop_token_ids entry that ended the choice (null for EOS,
-    # a length limit, or a choice still running).
+    # vLLM's field, as ChatChoice's.
     stop_reason: str | int | None = None
 
 
@@ -145,8 +136,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
-    # vLLM's field: the stop string or stop_token_ids entry that ended the choice (null for EOS,
-    # a length limit, or a choice still running).
+    # vLLM's field, as ChatChoice's.
     stop_reason: str | int | None = None
     # vLLM's, for its `prompt_logprobs` field (the choice's prompt); absent otherwise.
     prompt_logprobs: PromptLogprobs | None = Field(default=None, exclude_if=_absent_when_none)

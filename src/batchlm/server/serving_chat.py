@@ -22,7 +22,7 @@ from batchlm.sampling_defaults import SamplingDefaults
 from batchlm.sampling_params import SamplingParams
 from batchlm.server.errors import rejections_as_400
 from batchlm.server.logprobs import chat_logprobs, prompt_logprobs
-from batchlm.server.prompts import chat_template_of, render_chat_prompt, template_kwargs_of
+from batchlm.server.prompts import render_chat, template_for, template_kwargs_of
 from batchlm.server.protocol import ChatCompletionRequest
 from batchlm.server.request_params import build_sampling_params, check_chat_request
 from batchlm.server.responding import (
@@ -49,7 +49,7 @@ from batchlm.server.responses import (
 from batchlm.server.state import ServerState, get_state
 from batchlm.server.validation import validated_requests
 from batchlm.tools.calls import ToolCall, ToolCallDelta
-from batchlm.tools.use import chat_tool_use
+from batchlm.tools.use import chat_tool_use, template_tools, tool_prompt
 
 # The prompt's last tokens, whose text says whether the template opened a thinking block.
 PROMPT_TAIL_TOKENS = 8
@@ -88,7 +88,7 @@ async def prepare_chat(
     info = state.admit(body)
     check_chat_request(body)
     tokenizer, processor = state.engine.tokenizer, state.engine.input_processor
-    chat_template = chat_template_of(state, body)
+    chat_template = template_for(tokenizer, bool(body.tools))
     added_tokens = getattr(tokenizer, "added_tokens", None) or {}
     template_kwargs = template_kwargs_of(state, body, chat_template)
     with rejections_as_400():
@@ -97,13 +97,15 @@ async def prepare_chat(
         tool_use = (
             await asyncio.to_thread(chat_tool_use, *tool_args) if body.tools else chat_tool_use(*tool_args)
         )
-        prompt_ids = await render_chat_prompt(
-            state,
+        prompt_ids = await render_chat(
+            tokenizer,
             body.messages,
-            body,
-            template_kwargs=template_kwargs,
-            plan=tool_use.plan,
+            add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message,
+            chat_template_kwargs=template_kwargs,
             processor=None if body.truncate_prompt_tokens else processor,
+            tools=template_tools(tool_use.plan),
+            tool_prompt=tool_prompt(tool_use.plan),
         )
         params, names = _sampling_params(body, info.sampling_defaults)
         params = tool_use.sampling_params(params, names.structured_outputs)
@@ -124,19 +126,14 @@ async def prepare_chat(
         top_logprobs=engine_request.params.logprobs,
         reader=MessageReader(reasoning, tool_use.parser) if reasoning or tool_use.parser else None,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
-        echoed=_echoed(body),
+        # vLLM's `echo`: the reply starts with the last message when it is the assistant's.
+        echoed=final_message_text(body.messages)
+        if body.echo and body.messages[-1].role == "assistant"
+        else "",
         prompt_logprobs=body.prompt_logprobs,
         prompt_ids=engine_request.prompt_token_ids,
     )
     return engine_request, context
-
-
-def _echoed(body: ChatCompletionRequest) -> str:
-    """vLLM's `echo`: the reply starts with the last message when it is the assistant's (the one a
-    request with continue_final_message continues); nothing otherwise."""
-    if not body.echo or body.messages[-1].role != "assistant":
-        return ""
-    return final_message_text(body.messages)
 
 
 def _sampling_params(

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 
-from batchlm.engine.input_processor import InputProcessor, ValidatedRequest
+from batchlm.engine.input_processor import ValidatedRequest
 from batchlm.outputs import FinishReason, RequestOutput, TokenLogprobs
 from batchlm.server.errors import APIError, rejections_as_400
 from batchlm.server.logprobs import CompletionLogprobsBuilder, joined, prompt_logprobs
@@ -103,7 +103,12 @@ async def create_completion(request: Request, body: CompletionRequest) -> Respon
     # Counted before any prompt is tokenized: a body of a million short prompts fits the size limit,
     # and handling each of them would hold the event loop for every other request.
     _check_batch_size(len(items), state.engine.most_requests_at_once())
-    prompts = await _tokenize_prompts(tokenizer, items, body.add_special_tokens, length_check)
+    prompts = [
+        (item, await encode_text(tokenizer, item, body.add_special_tokens, length_check))
+        if isinstance(item, str)
+        else (None, list(item))
+        for item in items
+    ]
     # The engine samples one token for an echo with max_tokens 0; the answer leaves it out.
     echo_only = body.echo and body.max_tokens == 0
     max_tokens = 1 if echo_only else body.max_tokens
@@ -164,18 +169,6 @@ def _check_batch_size(count: int, most: int | None) -> None:
             f"({most}: --batch-size plus --max-queue); send at most {most} a request",
             param="prompt",
         )
-
-
-async def _tokenize_prompts(
-    tokenizer: Tokenizer, items: list[Any], add_special_tokens: bool, processor: InputProcessor | None
-) -> list[tuple[str | None, list[int]]]:
-    """(text, token ids) per batch entry."""
-    return [
-        (item, await encode_text(tokenizer, item, add_special_tokens, processor))
-        if isinstance(item, str)
-        else (None, list(item))
-        for item in items
-    ]
 
 
 def _echo_text(tokenizer: Tokenizer, prompt: ValidatedRequest) -> str:

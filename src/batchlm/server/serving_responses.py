@@ -165,7 +165,7 @@ class ResponsesFormatter(ResponseFormatter[ChatContext]):
                 finish_reason=(result.finish_reason or FinishReason.STOP) if last else None,
                 stop_reason=result.stop_reason if last else None,
             )
-            for _ in self.delta(0, RequestOutput(self.request_id, None, [], [delta], finished=last)):
+            for _ in self.delta(0, RequestOutput(self.context.request_id, None, [], [delta], finished=last)):
                 pass  # a stream's events; a response keeps the items they close
         return self._items
 

@@ -44,21 +44,14 @@ async def stored_conversation(
         raise APIError(400, f"'previous_response_id' is not supported: {why}.", param="previous_response_id")
     history = await _off_loop(store, store.conversation, previous_id)
     if history is None:
+        message = f"Previous response with id '{previous_id}' not found."
         missing = await _off_loop(store, store.missing_link, previous_id)
         if missing is not None and missing != previous_id:
-            raise APIError(
-                400,
+            message = (
                 f"Previous response '{previous_id}' continues response '{missing}', which is no longer "
-                "stored (deleted); send the conversation in 'input' instead.",
-                param="previous_response_id",
-                code="previous_response_not_found",
+                "stored (deleted); send the conversation in 'input' instead."
             )
-        raise APIError(
-            400,
-            f"Previous response with id '{previous_id}' not found.",
-            param="previous_response_id",
-            code="previous_response_not_found",
-        )
+        raise APIError(400, message, param="previous_response_id", code="previous_response_not_found")
     return history
 
 
