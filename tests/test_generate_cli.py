@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -169,6 +170,31 @@ def test_ctrl_c_while_the_model_loads_is_one_line_and_exit_130(
         pytest.fail("KeyboardInterrupt escaped `batchlm generate`")
     assert code == 130
     assert capsys.readouterr().err == "batchlm generate: interrupted\n"
+
+
+@pytest.mark.parametrize(
+    "signum", [signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])], ids=lambda s: s.name
+)
+def test_a_stop_signal_ends_generate_as_ctrl_c_does(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], signum: signal.Signals
+) -> None:
+    # Their default action ended the process with no word, and with tensor parallel its workers'
+    # semaphores were left to multiprocessing's resource tracker, which warned of leaks.
+    def stopped(config: object, cancel: object = None) -> Path:
+        signal.raise_signal(signum)
+        raise AssertionError("the signal was not taken as an interrupt")
+
+    def unhandled(signum: int, frame: object) -> None:
+        raise AssertionError("batchlm generate left the signal to the handler it found")
+
+    monkeypatch.setattr(llm_module, "prepare_model_dir", stopped)
+    previous = signal.signal(signum, unhandled)
+    try:
+        assert main(["generate", "--device", "cpu", "hi"]) == 128 + signum
+        assert signal.getsignal(signum) is unhandled  # given back
+    finally:
+        signal.signal(signum, previous)
+    assert capsys.readouterr().err == f"batchlm generate: stopped by {signum.name}\n"
 
 
 @pytest.mark.parametrize(

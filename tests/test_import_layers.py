@@ -35,6 +35,7 @@ LAYERS: tuple[frozenset[str], ...] = (
             "validation_errors",
             "dir_locks",
             "temp_dirs",
+            "stop_signals",
         }
     ),
     frozenset({"core"}),

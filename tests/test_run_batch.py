@@ -450,15 +450,19 @@ def test_the_batchs_server_answers_the_batch_alone(tmp_path: Path, monkeypatch: 
     assert result["response"]["status_code"] == 200
 
 
-def test_sigterm_keeps_what_finished_says_so_and_exits_143(
+@pytest.mark.parametrize(
+    "signum", [signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])], ids=lambda s: s.name
+)
+def test_a_stop_signal_keeps_what_finished_says_so_and_exits_128_plus_its_number(
     tiny_model_dir: Callable[..., Path],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capfd: pytest.CaptureFixture[str],
+    signum: signal.Signals,
 ) -> None:
-    """SIGTERM (a scheduler stopping the job) as the first result is written: handled as Ctrl-C is,
-    not as a crash (the default action killed the process, losing the results held for an earlier
-    line and saying nothing)."""
+    """SIGTERM (a scheduler stopping the job) or SIGHUP (the terminal closed) as the first result is
+    written: handled as Ctrl-C is, not as a crash (the default action killed the process, losing the
+    results held for an earlier line and saying nothing)."""
     source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     source.write_text(
         "\n".join(line(f"a{i}", "/v1/completions", {"prompt": "x", "max_tokens": 2}) for i in range(6))
@@ -467,24 +471,24 @@ def test_sigterm_keeps_what_finished_says_so_and_exits_143(
 
     def put_then_terminate(self: OrderedWriter, index: int, result: dict[str, Any]) -> None:
         put(self, index, result)
-        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signum)
 
     def unhandled(signum: int, frame: object) -> None:
-        raise AssertionError("run-batch left SIGTERM to its default action, which kills the process")
+        raise AssertionError("run-batch left the signal to its default action, which kills the process")
 
     monkeypatch.setattr(OrderedWriter, "put", put_then_terminate)
-    previous = signal.signal(signal.SIGTERM, unhandled)
+    previous = signal.signal(signum, unhandled)
     try:
         model = str(tiny_model_dir("llama"))
         flags = ["--model", model, "--device", "cpu", "--max-concurrency", "1", "--log-level", "WARNING"]
-        assert main(["run-batch", "-i", str(source), "-o", str(target), *flags]) == 143
-        assert signal.getsignal(signal.SIGTERM) is unhandled  # given back
+        assert main(["run-batch", "-i", str(source), "-o", str(target), *flags]) == 128 + signum
+        assert signal.getsignal(signum) is unhandled  # given back
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signum, previous)
     results = [json.loads(text) for text in target.read_text().splitlines()]
     assert [r["custom_id"] for r in results] == ["a0"] and results[0]["response"]["status_code"] == 200
     logged = capfd.readouterr().err
-    assert "run-batch: stopped by SIGTERM: 1/6 requests done" in logged
+    assert f"run-batch: stopped by {signum.name}: 1/6 requests done" in logged
     assert f"their results are in {target} (complete JSONL lines" in logged
 
 

@@ -66,12 +66,12 @@ def test_new_requests_get_503_while_streams_drain_then_the_listener_closes() -> 
         httpx.get(f"{server.base_url}/health")
 
 
-def fake_server_process(token_delay_s: float) -> tuple[subprocess.Popen[str], str]:
+def fake_server_process(token_delay_s: float, *extra: str) -> tuple[subprocess.Popen[str], str]:
     """A fake-engine server in a process of its own (for signals), and its base URL."""
     port = free_port()
     script = Path(__file__).with_name("fake_engine.py")
     process = subprocess.Popen(
-        [sys.executable, str(script), "--port", str(port), "--token-delay", str(token_delay_s)],
+        [sys.executable, str(script), "--port", str(port), "--token-delay", str(token_delay_s), *extra],
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -80,3 +80,28 @@ def test_force_stops_at_once_as_a_second_signal_does() -> None:
     server = GracefulServer(build_app(FakeEngine(), ServerSettings()))
     server.force()
     assert (server.should_exit, server.force_exit) == (True, True)
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "forced"),
+    [
+        # Sent together, SIGTERM then SIGINT is handled as SIGINT then SIGTERM: either forces.
+        ("SIGINT", "SIGTERM", True),
+        ("SIGTERM", "SIGINT", True),
+        ("SIGINT", "SIGINT", True),
+        # Without a SIGINT the drain goes on (a supervisor repeating its SIGTERM, a terminal closed after).
+        ("SIGTERM", "SIGTERM", False),
+        ("SIGTERM", "SIGHUP", False),
+        ("SIGHUP", "SIGTERM", False),
+    ],
+)
+def test_a_second_signal_forces_the_exit_when_either_is_a_sigint(
+    first: str, second: str, forced: bool
+) -> None:
+    if not all(hasattr(signal, name) for name in (first, second)):
+        pytest.skip("no such signal here")
+    server = GracefulServer(build_app(FakeEngine(), ServerSettings()))
+    server.handle_exit(getattr(signal, first), None)
+    assert (server.should_exit, server.force_exit) == (True, False)
+    server.handle_exit(getattr(signal, second), None)
+    assert server.force_exit is forced

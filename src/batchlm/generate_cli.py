@@ -18,6 +18,7 @@ from batchlm.flags import (
 )
 from batchlm.logging_setup import LOG_LEVELS, configure_logging
 from batchlm.sampling_params import MAX_N, SamplingParams, SamplingParamsError
+from batchlm.stop_signals import StopsAsInterrupts
 
 logger = logging.getLogger(__name__)
 
@@ -127,11 +128,14 @@ def run(args: argparse.Namespace) -> int:
     except SamplingParamsError as error:
         print(f"batchlm generate: {error}", file=sys.stderr)
         return 2
-    try:
-        return _load_and_generate(args, prompts, params, given)
-    except KeyboardInterrupt:  # Ctrl-C while the model downloads, loads or generates
-        print("batchlm generate: interrupted", file=sys.stderr)
-        return 130
+    # SIGTERM and SIGHUP end it as Ctrl-C does: their default action left the tensor-parallel
+    # workers' semaphores to multiprocessing's resource tracker, which warned of leaks.
+    with StopsAsInterrupts() as stop:
+        try:
+            return _load_and_generate(args, prompts, params, given)
+        except KeyboardInterrupt:  # Ctrl-C while the model downloads, loads or generates
+            print(f"batchlm generate: {stop.describe()}", file=sys.stderr)
+            return stop.exit_code
 
 
 def _load_and_generate(

@@ -138,9 +138,10 @@ def _named(path: str) -> str:
 
 
 class StopSignal:
-    """SIGTERM (a scheduler, `kill`, a container stopping) handled as Ctrl-C is: while the requests
-    run, their task is cancelled, so that what finished is written; before that, KeyboardInterrupt.
-    `exit_code` is what the stop exits with: 143 after SIGTERM, 130 after Ctrl-C."""
+    """SIGTERM (a scheduler, `kill`, a container stopping) and SIGHUP (the terminal closed; unless
+    ignored, as under nohup) handled as Ctrl-C is: while the requests run, their task is cancelled,
+    so that what finished is written; before that, KeyboardInterrupt. `exit_code` is what the stop
+    exits with: 128 + the signal's number (143 after SIGTERM, 129 after SIGHUP, 130 after Ctrl-C)."""
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -153,11 +154,16 @@ class StopSignal:
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
-        previous = signal.signal(signal.SIGTERM, self._handle)
+        signals = [signal.SIGTERM]
+        hangup = getattr(signal, "SIGHUP", None)
+        if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN:
+            signals.append(hangup)
+        previous = {signum: signal.signal(signum, self._handle) for signum in signals}
         try:
             yield self
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     async def running(self, work: Coroutine[Any, Any, BatchProgress]) -> BatchProgress:
         """Run `work` as the task a stop cancels."""
@@ -201,7 +207,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _stopped_by(stop: StopSignal) -> str:
-    return "interrupted" if stop.received in (None, signal.SIGINT) else "stopped by SIGTERM"
+    if stop.received in (None, signal.SIGINT):
+        return "interrupted"
+    return f"stopped by {signal.Signals(stop.received).name}"
 
 
 def _run_from(args: argparse.Namespace, source: Iterable[bytes], stop: StopSignal) -> int:
@@ -297,7 +305,7 @@ def _run_served(
             except asyncio.CancelledError:
                 if stop.received is None:
                     raise
-                raise KeyboardInterrupt from None  # SIGTERM: ends as Ctrl-C does
+                raise KeyboardInterrupt from None  # SIGTERM or SIGHUP: ends as Ctrl-C does
             except OutputWriteError as error:
                 if (
                     args.output_file == "-"

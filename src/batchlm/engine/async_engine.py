@@ -35,6 +35,7 @@ from batchlm.executor.core_process import engine_core_main
 from batchlm.models.model_source import load_tokenizer, prepare_model_dir
 from batchlm.request import EngineCoreRequest
 from batchlm.startup_log import log_uptime, timed_phase
+from batchlm.stop_signals import start_resource_tracker_past_hangup
 from batchlm.tokenizer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -184,6 +185,7 @@ class AsyncLLMEngine(StreamingFrontEnd[CoreEvent]):
         log_level = logging.getLogger("batchlm").getEffectiveLevel()
         if self.multiprocess:
             context = multiprocessing.get_context("spawn")
+            start_resource_tracker_past_hangup()  # before the first child process starts it
             pipes = [context.Pipe() for _ in range(1 + self._extra_front_ends)]
             process = context.Process(
                 target=engine_core_main,
@@ -208,6 +210,13 @@ class AsyncLLMEngine(StreamingFrontEnd[CoreEvent]):
         thread.start()
         self._worker = thread
         return parent
+
+    def stop_now(self) -> None:
+        """Stop the engine core at once, from outside an event loop (a start cut short before the
+        server's loop runs): a core process is killed, loading or not."""
+        self._stop_core_now()
+        if isinstance(self._worker, multiprocessing.process.BaseProcess):
+            self._worker.join(KILLED_CORE_EXIT_S)
 
     def _stop_core_now(self) -> None:
         """Start failed on this side: a core process still loading the model is killed (it ignores

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import signal
+import multiprocessing
+import os
 import threading
 import time
 import traceback
@@ -38,9 +39,12 @@ from batchlm.executor.core_messages import (
 )
 from batchlm.outputs import CoreOutputs
 from batchlm.request import EngineCoreRequest
+from batchlm.stop_signals import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
 
+# How often a starting core checks that its front end still lives (seconds).
+ORPHAN_POLL_S = 0.2
 # How long an idle core waits for a message before checking again (seconds).
 IDLE_POLL_S = 0.5
 # With several front ends, one with no outputs in a step still gets the stats this often (seconds),
@@ -57,11 +61,13 @@ def engine_core_main(
     """Entry point of the engine-core process (or thread); `conn` is one pipe, or one per front end
     (the primary first)."""
     conns = [conn] if isinstance(conn, Connection) else list(conn)
+    started = threading.Event()
     if threading.current_thread() is threading.main_thread():
-        # Ctrl-C reaches the whole process group; the front end decides when the core stops
-        # (graceful drain), so the core ignores the signals and exits when told or orphaned.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # Ctrl-C, and the hangup of a closed terminal, reach the whole process group; the front end
+        # decides when the core stops (graceful drain), so the core ignores the signals and exits
+        # when told or orphaned.
+        ignore_stop_signals()
+        _exit_if_orphaned_while_starting(started)
     if log_level is not None:
         logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -75,6 +81,8 @@ def engine_core_main(
         for each in conns:
             _send(each, CoreFailed(f"{type(exc).__name__}: {exc}"))
         return
+    finally:
+        started.set()
     for each in conns:
         _send(each, CoreReady(info))
     loop = CoreLoop(core, conns)
@@ -91,6 +99,22 @@ def engine_core_main(
         raise
     finally:
         loop.close()
+
+
+def _exit_if_orphaned_while_starting(started: threading.Event) -> None:
+    """Exit at once if the front end dies (SIGKILL, out of memory) before `started` is set: loading
+    reads no pipe, so a core would otherwise go on loading (a large model: minutes, holding its
+    memory) only to find the pipe closed. Once started, the closed pipe ends the core's loop."""
+    parent = multiprocessing.parent_process()
+    parent_pid = parent.pid if parent is not None and parent.pid is not None else os.getppid()
+
+    def watch() -> None:
+        while not started.wait(ORPHAN_POLL_S):
+            if os.getppid() != parent_pid:
+                logger.warning("the front end exited while the engine core was starting; exiting")
+                os._exit(1)
+
+    threading.Thread(target=watch, name="batchlm-core-orphan-watch", daemon=True).start()
 
 
 def _send(conn: Connection, message: FromCore) -> None:

@@ -42,6 +42,7 @@ from batchlm.executor.messages import (
 from batchlm.executor.tp_grammars import TensorParallelGrammars
 from batchlm.executor.wire import encode_step
 from batchlm.executor.worker import WorkerSpec, worker_main
+from batchlm.stop_signals import start_resource_tracker_past_hangup
 
 logger = logging.getLogger(__name__)
 
@@ -256,6 +257,9 @@ def _spawn_workers(
 ) -> tuple[list[BaseProcess], list[Connection], Connection]:
     """The workers, the pipe to each, and the read end of the grammar news pipe they all write to."""
     context = multiprocessing.get_context("spawn")
+    # Offline (LLM) the workers are this process's first children; in an engine-core process, the
+    # front end's tracker is already running.
+    start_resource_tracker_past_hangup()
     news, news_end = context.Pipe(duplex=False)
     threads = rank_threads(len(devices)) if devices[0] == "cpu" else 1
     log_level = logging.getLogger("batchlm").getEffectiveLevel()

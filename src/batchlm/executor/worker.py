@@ -97,10 +97,13 @@ def worker_main(spec: WorkerSpec, conn: Connection, news: Connection | None = No
 
 
 def _prepare_process(spec: WorkerSpec) -> None:
-    # Ctrl-C reaches the whole process group; the executor decides when workers stop. SIGTERM gets
-    # its default action back: the engine-core process ignores it and children inherit that.
+    # Ctrl-C and a closed terminal's hangup reach the whole process group; the executor decides when
+    # workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # Before any other thread starts: the threads started later inherit its blocked SIGTERM.
+    _take_sigterm_from_parent_only(spec.parent_pid)
     if spec.log_level is not None:
         logging.basicConfig(level=spec.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name, value in NCCL_ENV_DEFAULTS.items():
@@ -112,6 +115,31 @@ def _prepare_process(spec: WorkerSpec) -> None:
     import torch
 
     torch.set_num_threads(spec.num_threads)
+
+
+def _take_sigterm_from_parent_only(parent_pid: int) -> None:
+    """SIGTERM ends this worker (its default action; the engine-core process ignores it and children
+    inherit that) only when the executor's process sends it (`terminate()`, there or at its exit).
+    Sent to the whole process group or service (`kill -- -PGID`, systemd stopping the unit), it is the
+    front end's to act on, with a drain: the worker's death failed the engine under the streams being
+    drained. Where a thread cannot take the signal with its sender, every SIGTERM ends the worker."""
+    if not hasattr(signal, "sigwaitinfo"):  # macOS
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        return
+    # Blocked before its default action is back: a group's SIGTERM meanwhile must not end the worker.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    threading.Thread(
+        target=_wait_for_sigterm, args=(parent_pid,), name="batchlm-tp-sigterm", daemon=True
+    ).start()
+
+
+def _wait_for_sigterm(parent_pid: int) -> None:
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent_pid:
+        pass
+    # Taken back by its default action: unblocked in this thread only, the signal is delivered here.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _exit_when_orphaned(parent_pid: int) -> None:

@@ -236,9 +236,11 @@ def api_server_main(spec: ApiServerSpec) -> None:
     """Entry point of an API-server process other than the primary."""
     from batchlm.logging_setup import configure_logging
 
-    # The primary turns Ctrl-C into SIGTERM for this process; while it starts, SIGINT is ignored so
-    # that a Ctrl-C during loading does not print a traceback here.
+    # The primary turns Ctrl-C, and a closed terminal's hangup, into SIGTERM for this process (and a
+    # second signal into FORCE_EXIT_SIGNAL): both, sent to the whole process group, are ignored here.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(FORCE_EXIT_SIGNAL, signal.SIG_IGN)  # until it serves (its default ends the process)
     configure_logging(spec.settings.log_level, tag=f"api-server-{spec.index}")
     # The tokenizer (transformers' import, then the file) is the longest part of this process's
@@ -276,7 +278,9 @@ async def _serve_attached(spec: ApiServerSpec, tokenizer: concurrent.futures.Fut
     # As the primary does once its engine is up, and before this process counts as serving: a full
     # collection while serving would otherwise walk transformers' and the tokenizer's objects.
     freeze_startup_objects()
-    server = GracefulServer(app)
+    # Only the primary's SIGTERM stops it (SIGINT and SIGHUP stay ignored): a Ctrl-C, which reaches
+    # this process too, followed by that SIGTERM would otherwise count as two signals, a forced exit.
+    server = GracefulServer(app, signals=(signal.SIGTERM,))
     signal.signal(FORCE_EXIT_SIGNAL, lambda signum, frame: server.force())
     watchdog = asyncio.ensure_future(_exit_when_engine_stops(engine, server, spec.index))
     _report(spec.status, ApiServerStarted(os.getpid()))

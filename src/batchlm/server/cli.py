@@ -1,5 +1,5 @@
 """`batchlm serve`: flags generated from EngineConfig and ServerSettings; builds the engine and the app and
-runs them until SIGINT/SIGTERM."""
+runs them until SIGINT/SIGTERM/SIGHUP."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from batchlm.sampling_params import MAX_N
 from batchlm.server.open_files import connection_limit, raise_open_file_limit
 from batchlm.server.root_path import checked_root_path
 from batchlm.server.state import ServerSettings
+from batchlm.stop_signals import StopsAsInterrupts
 from batchlm.temp_dirs import (
     METRICS_PREFIX,
     RESPONSES_PREFIX,
@@ -189,15 +190,27 @@ def _automatic_api_servers(settings: ServerSettings, config: EngineConfig) -> in
 
 
 def _serve(engine: EngineClient, config: EngineConfig, settings: ServerSettings, **launch: Any) -> int:
-    # Before the server's imports, so the engine's loading overlaps them.
-    engine.begin_loading()
-    from batchlm.server.app import build_app
-    from batchlm.server.launcher import run_server
+    # Outside the server's own handling (before it takes the stop signals over, and after it gives
+    # them back), one ends the process as Ctrl-C does: the engine core, started before the server's
+    # imports, is stopped, rather than a traceback printed (Ctrl-C) or the process ended with nothing
+    # cleaned up (SIGTERM, SIGHUP).
+    with StopsAsInterrupts() as stop:
+        try:
+            # Before the server's imports, so the engine's loading overlaps them.
+            engine.begin_loading()
+            from batchlm.server.app import build_app
+            from batchlm.server.launcher import run_server
 
-    app = build_app(engine, settings)
-    _log_serving(config, settings)
-    # Every backend's engine loads in start(), which is not part of the EngineClient interface.
-    return run_server(app, engine, start_engine=engine.start, **launch)  # type: ignore[attr-defined]
+            app = build_app(engine, settings)
+            _log_serving(config, settings)
+            # Every backend's engine loads in start(), which is not part of the EngineClient interface.
+            return run_server(app, engine, start_engine=engine.start, **launch)  # type: ignore[attr-defined]
+        except KeyboardInterrupt:
+            stop_now = getattr(engine, "stop_now", None)
+            if stop_now is not None:
+                stop_now()
+            logger.warning("batchlm serve: %s; engine core stopped", stop.describe())
+            return 0  # as a stop signal to the running server exits
 
 
 def _log_serving(config: EngineConfig, settings: ServerSettings) -> None:

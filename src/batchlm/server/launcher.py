@@ -1,5 +1,6 @@
 """Runs the app under uvicorn next to the engine: binds first (so /health answers 503 while the model
-loads), starts the engine, and on SIGINT/SIGTERM drains in-flight requests, shuts the engine down, exits 0."""
+loads), starts the engine, and on SIGINT/SIGTERM/SIGHUP drains in-flight requests, shuts the engine
+down, exits 0."""
 
 from __future__ import annotations
 
@@ -50,6 +51,15 @@ BACKSTOP_MARGIN_S = 5.0
 DRAIN_POLL_S = 0.02
 
 
+def stop_signals() -> tuple[int, ...]:
+    """The signals that stop the server gracefully: SIGINT, SIGTERM, and SIGHUP (the terminal closed)
+    unless it is ignored (`nohup`: the server should outlive the terminal)."""
+    hangup = getattr(signal, "SIGHUP", None)
+    if hangup is None or signal.getsignal(hangup) is signal.SIG_IGN:
+        return (signal.SIGINT, signal.SIGTERM)
+    return (signal.SIGINT, signal.SIGTERM, hangup)
+
+
 class GracefulServer(uvicorn.Server):
     """uvicorn.Server that, once asked to stop, gives in-flight requests the drain period to finish,
     then aborts them in the engine (their streams end with an error event instead of being cut).
@@ -61,12 +71,17 @@ class GracefulServer(uvicorn.Server):
         app: FastAPI,
         on_shutdown: Callable[[], None] | None = None,
         on_force_exit: Callable[[], None] | None = None,
+        signals: tuple[int, ...] | None = None,
     ) -> None:
         self.state: ServerState = app.state.batchlm
+        # The signals that stop it (stop_signals() when None).
+        self._signals = signals
         # Called when the shutdown begins (the primary tells the other API servers to drain too).
         self._on_shutdown = on_shutdown
         # Called when a second signal forces the exit (the primary tells the others to abort theirs too).
         self._on_force_exit = on_force_exit
+        # The first stop signal received (None until one comes).
+        self._first_signal: int | None = None
         settings = self.state.settings
         config = ServerConfig(
             app,
@@ -92,7 +107,8 @@ class GracefulServer(uvicorn.Server):
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        signals = stop_signals() if self._signals is None else self._signals
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
         try:
             yield
         finally:
@@ -101,7 +117,15 @@ class GracefulServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         forced = self.force_exit
+        first = self._first_signal
+        if first is None:
+            self._first_signal = sig
         super().handle_exit(sig, frame)
+        # A SIGINT and another signal pending together are handled lowest number first, whatever
+        # order they were sent in: SIGTERM then SIGINT would be taken for SIGINT then SIGTERM, a
+        # drain. So a second signal forces the exit when either of the two is a SIGINT.
+        if first is not None and signal.SIGINT in (first, sig) and self.should_exit:
+            self.force_exit = True
         if self.force_exit and not forced and self._on_force_exit is not None:
             self._on_force_exit()
 

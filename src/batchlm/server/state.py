@@ -63,7 +63,7 @@ class ServerSettings:
     # log; None (left unset) = the open-file limit less a reserve, so that files still open under a
     # flood of connections (past the limit they would be dropped unanswered, unlogged).
     max_connections: int | None = None
-    # Seconds in-flight requests get to finish after SIGINT/SIGTERM before they are aborted.
+    # Seconds in-flight requests get to finish after SIGINT/SIGTERM/SIGHUP before they are aborted.
     shutdown_timeout_s: float = 30.0
     # Seconds between the periodic stats log lines (written only while there is activity).
     stats_log_interval_s: float = 10.0
