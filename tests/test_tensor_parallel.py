@@ -159,6 +159,44 @@ def test_worker_devices() -> None:
         worker_devices("mps", 2)
 
 
+def _sigterm_from_another_process(spec: Any, conn: Any, news: Any) -> None:
+    """A worker's start as far as its SIGTERM handling, in a process where a thread already runs
+    (as numpy's BLAS threads do once a script's imports load it), then a SIGTERM sent by a process
+    other than the executor's (here the worker itself; a group's or a service's, in use)."""
+    import threading
+
+    from batchlm.executor.worker import _take_sigterm_from_parent_only
+
+    done = threading.Event()
+    threading.Thread(target=done.wait, daemon=True).start()
+    _take_sigterm_from_parent_only(spec.parent_pid)
+    os.kill(os.getpid(), signal.SIGTERM)  # a thread that took it with its default action ends us here
+    conn.send("alive")
+    done.set()
+
+
+@pytest.mark.skipif(
+    not hasattr(signal, "sigwaitinfo"), reason="SIGTERM ends workers where it cannot be waited for"
+)
+def test_a_worker_outlives_a_sigterm_not_from_its_executor_whatever_threads_it_started_with(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import batchlm.executor.tensor_parallel as tensor_parallel
+
+    monkeypatch.setattr(tensor_parallel, "worker_main", _sigterm_from_another_process)
+    processes, conns, news = tensor_parallel._spawn_workers(EngineConfig(), tmp_path, ["cpu"], 0)
+    try:
+        assert conns[0].poll(60), "the worker neither answered nor exited"
+        assert conns[0].recv() == "alive"
+    finally:
+        for process in processes:
+            process.join(60)
+            if process.is_alive():
+                process.kill()
+        for conn in [*conns, news]:
+            conn.close()
+
+
 def test_cpu_ranks_share_the_cpus_this_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
     import batchlm.runner.cpu_threads as cpu_threads
     from batchlm.executor.tensor_parallel import rank_threads

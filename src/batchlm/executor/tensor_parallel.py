@@ -41,7 +41,7 @@ from batchlm.executor.messages import (
 )
 from batchlm.executor.tp_grammars import TensorParallelGrammars
 from batchlm.executor.wire import encode_step
-from batchlm.executor.worker import WorkerSpec, worker_main
+from batchlm.executor.worker import WorkerSpec, sigterm_blocked_from_start, worker_main
 from batchlm.stop_signals import start_resource_tracker_past_hangup
 
 logger = logging.getLogger(__name__)
@@ -277,7 +277,8 @@ def _spawn_workers(
                 name=f"batchlm-tp-rank{rank}",
                 daemon=True,
             )
-            process.start()
+            with sigterm_blocked_from_start():
+                process.start()
             child_end.close()
             processes.append(process)
             conns.append(parent_end)

@@ -9,6 +9,7 @@ rank's background threads between calls; a finished compile writes an empty mess
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -16,6 +17,7 @@ import signal
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.connection import Connection
@@ -102,7 +104,8 @@ def _prepare_process(spec: WorkerSpec) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    # Before any other thread starts: the threads started later inherit its blocked SIGTERM.
+    # Before this process starts threads of its own: they inherit the blocked SIGTERM (those its main
+    # module's imports started already have it blocked from the executor: sigterm_blocked_from_start).
     _take_sigterm_from_parent_only(spec.parent_pid)
     if spec.log_level is not None:
         logging.basicConfig(level=spec.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -132,6 +135,22 @@ def _take_sigterm_from_parent_only(parent_pid: int) -> None:
     threading.Thread(
         target=_wait_for_sigterm, args=(parent_pid,), name="batchlm-tp-sigterm", daemon=True
     ).start()
+
+
+@contextlib.contextmanager
+def sigterm_blocked_from_start() -> Iterator[None]:
+    """Around a worker's start: SIGTERM blocked in this thread, so that every thread of the worker
+    starts with it blocked (the mask is inherited across the spawn's exec), also those that its main
+    module's imports start before worker_main (numpy's BLAS threads, in a script that imports it):
+    one of those, taking a group's SIGTERM with its default action, ended the worker."""
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: the worker takes every SIGTERM
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _wait_for_sigterm(parent_pid: int) -> None:
