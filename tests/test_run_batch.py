@@ -158,6 +158,22 @@ def test_a_body_nested_as_deep_as_a_request_body_may_is_read() -> None:
     assert f"more than {json_text.MAX_DEPTH} levels inside the line's own" in refused["error"]["message"]
 
 
+def test_an_empty_array_at_the_bound_is_read_as_the_http_api_reads_it() -> None:
+    """pydantic's reader counts an empty array as a value inside the arrays around it, not as a level
+    of its own: such a body is read, one array deeper, over HTTP and from a batch file alike."""
+    value: Any = []
+    for _ in range(json_text.MAX_DEPTH - 2):
+        value = [value]
+    body = {"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"x": value}}
+    ChatCompletionRequest.model_validate_json(json.dumps(body))
+    assert parse_line(line("a", "/v1/chat/completions", body), set()) == ("a", "/v1/chat/completions", body)
+    body["chat_template_kwargs"] = {"x": [[value]]}
+    with pytest.raises(ValidationError, match="recursion limit"):
+        ChatCompletionRequest.model_validate_json(json.dumps(body))
+    refused = parse_line(line("b", "/v1/chat/completions", body), set())
+    assert isinstance(refused, dict) and refused["error"]["code"] == "invalid_json"
+
+
 def test_a_server_that_went_away_fails_each_line_on_its_own() -> None:
     lines = [line(f"r{i}", "/v1/completions", {"prompt": "x"}) for i in range(5)] + ["{}"]
     out = io.StringIO()

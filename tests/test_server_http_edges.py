@@ -100,7 +100,7 @@ def test_a_compressed_body_counts_against_the_limit_once_decoded(server: Backgro
     ("body", "reason"),
     [
         (b'{"prompt": "\xe9", "messages": [{"role": "user", "content": "\xff"}]}', "not UTF-8 text"),
-        (b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nest too deeply"),
+        (b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nest more than 200 levels"),
         (b'{"prompt": "hi", "messages": [], "max_tokens": ' + b"9" * 5000 + b"}", "digits"),
     ],
 )
