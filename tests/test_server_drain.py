@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +68,10 @@ def test_new_requests_get_503_while_streams_drain_then_the_listener_closes() -> 
         httpx.get(f"{server.base_url}/health")
 
 
-def fake_server_process(token_delay_s: float, *extra: str) -> tuple[subprocess.Popen[str], str]:
-    """A fake-engine server in a process of its own (for signals), and its base URL."""
+@contextlib.contextmanager
+def fake_server_process(token_delay_s: float, *extra: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """A fake-engine server in a process of its own (for signals), once it is ready, and its base URL;
+    killed on the way out if the test left it running."""
     port = free_port()
     script = Path(__file__).with_name("fake_engine.py")
     process = subprocess.Popen(
@@ -77,16 +81,21 @@ def fake_server_process(token_delay_s: float, *extra: str) -> tuple[subprocess.P
         stderr=subprocess.STDOUT,
         text=True,
     )
-    return process, f"http://127.0.0.1:{port}"
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _healthy(base), timeout_s=120, what="the server process to be ready")
+        yield process, base
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def test_sigterm_drain_answers_new_requests_with_503() -> None:
     # Slow (150 s for the stream) until the checks are done, then sped up (SIGUSR1): a paced stream
     # short enough to keep the test quick would end, and the server with it, before the checks on a
     # loaded machine (they took 3 of its 6 s at a load of 17 on 2 cores).
-    process, base = fake_server_process(0.5)
-    try:
-        wait_until(lambda: _healthy(base), timeout_s=120, what="the server process to be ready")
+    with fake_server_process(0.5) as (process, base):
         with httpx.stream("POST", f"{base}/v1/chat/completions", json=STREAM, timeout=60) as response:
             lines = response.iter_lines()
             data_lines(lines, count=2)
@@ -98,18 +107,12 @@ def test_sigterm_drain_answers_new_requests_with_503() -> None:
         assert rest[-1] == "[DONE]"
         output, _ = process.communicate(timeout=60)
         assert process.returncode == 0, output
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def test_a_second_sigint_ends_the_drain_with_abort_errors_and_no_traceback() -> None:
     # The stream must still be running when the second signal comes: 300 tokens 0.5 s apart outlast
     # the 30 s drain period, past which the drain would end it anyway (0.05 s apart, it ended at 15 s).
-    process, base = fake_server_process(0.5)
-    try:
-        wait_until(lambda: _healthy(base), timeout_s=120, what="the server process to be ready")
+    with fake_server_process(0.5) as (process, base):
         with httpx.stream("POST", f"{base}/v1/chat/completions", json=STREAM, timeout=60) as response:
             lines = response.iter_lines()
             data_lines(lines, count=2)
@@ -125,10 +128,6 @@ def test_a_second_sigint_ends_the_drain_with_abort_errors_and_no_traceback() -> 
         # The drain said when it began, and the forced end what it cut short.
         assert "shutting down: 1 request(s) in flight get up to 30.0 s to finish" in output, output
         assert "aborted 1 request(s) still running: a second signal forced the exit" in output, output
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def _healthy(base: str) -> bool:

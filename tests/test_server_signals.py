@@ -18,7 +18,7 @@ import pytest
 
 from batchlm.server.launcher import stop_signals
 from fake_engine import free_port, wait_until
-from test_server_drain import STREAM, _healthy, data_lines, fake_server_process
+from test_server_drain import STREAM, data_lines, fake_server_process
 
 posix_only = pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX signals")
 
@@ -38,9 +38,7 @@ def test_sigterm_and_sigint_arriving_together_force_the_exit() -> None:
     # Both pending at once (the process stopped meanwhile, as on a busy machine between two `kill`s),
     # they are handled lowest number first, SIGINT then SIGTERM: that must not read as one drain,
     # which here would last the whole drain period.
-    process, base = fake_server_process(0.5, "--shutdown-timeout", "3600")
-    try:
-        wait_until(lambda: _healthy(base), timeout_s=120, what="the server process to be ready")
+    with fake_server_process(0.5, "--shutdown-timeout", "3600") as (process, base):
         with httpx.stream("POST", f"{base}/v1/chat/completions", json=STREAM, timeout=120) as response:
             lines = response.iter_lines()
             data_lines(lines, count=2)
@@ -57,17 +55,11 @@ def test_sigterm_and_sigint_arriving_together_force_the_exit() -> None:
         assert json.loads(rest[-2])["error"]["code"] == "aborted"
         assert "a second signal forced the exit" in output, output
         assert "Traceback" not in output, output
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 @posix_only
 def test_sighup_drains_in_flight_streams_and_exits_0() -> None:
-    process, base = fake_server_process(0.5)
-    try:
-        wait_until(lambda: _healthy(base), timeout_s=120, what="the server process to be ready")
+    with fake_server_process(0.5) as (process, base):
         with httpx.stream("POST", f"{base}/v1/chat/completions", json=STREAM, timeout=120) as response:
             lines = response.iter_lines()
             data_lines(lines, count=2)
@@ -79,10 +71,6 @@ def test_sighup_drains_in_flight_streams_and_exits_0() -> None:
         assert json.loads(rest[-2])["choices"][0]["finish_reason"] == "length"
         output, _ = process.communicate(timeout=60)
         assert process.returncode == 0, output
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def _draining(base: str, process: subprocess.Popen[str]) -> bool:
