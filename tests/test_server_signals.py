@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from batchlm.server.launcher import stop_signals
+from batchlm.stop_signals import stop_signals
 from fake_engine import free_port, wait_until
 from test_server_drain import STREAM, data_lines, fake_server_process
 

@@ -9,15 +9,20 @@ import threading
 from types import FrameType
 from typing import Any
 
-# SIGHUP is missing on Windows.
-STOP_SIGNAL_NAMES = ("SIGINT", "SIGTERM", "SIGHUP")
-
 
 def ignore_stop_signals() -> None:
     """SIGINT, SIGTERM and SIGHUP ignored by this process (and inherited by the children it starts)."""
-    for name in STOP_SIGNAL_NAMES:
-        if (signum := getattr(signal, name, None)) is not None:
-            signal.signal(signum, signal.SIG_IGN)
+    for signum in stop_signals():  # a SIGHUP it leaves out is ignored already
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def stop_signals() -> tuple[int, ...]:
+    """The signals that stop this process gracefully: SIGINT, SIGTERM, and SIGHUP (the terminal
+    closed) unless it is ignored (`nohup`: the process should outlive the terminal)."""
+    hangup = getattr(signal, "SIGHUP", None)
+    if hangup is None or signal.getsignal(hangup) is signal.SIG_IGN:
+        return (signal.SIGINT, signal.SIGTERM)
+    return (signal.SIGINT, signal.SIGTERM, hangup)
 
 
 def start_resource_tracker_past_hangup() -> None:
@@ -50,9 +55,8 @@ class StopsAsInterrupts:
     def __enter__(self) -> StopsAsInterrupts:
         if threading.current_thread() is not threading.main_thread():
             return self
-        for name in ("SIGTERM", "SIGHUP"):
-            signum = getattr(signal, name, None)
-            if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:
+        for signum in stop_signals():
+            if signum != signal.SIGINT and signal.getsignal(signum) is not signal.SIG_IGN:
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 

@@ -24,6 +24,7 @@ from batchlm.server.http_protocol import ServerConfig
 from batchlm.server.open_files import connection_limit
 from batchlm.server.state import ServerState
 from batchlm.startup_log import log_phase, log_uptime
+from batchlm.stop_signals import stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -49,15 +50,6 @@ class ExtraApiServers(Protocol):
 BACKSTOP_MARGIN_S = 5.0
 # How often the drain checks whether the in-flight generations have finished.
 DRAIN_POLL_S = 0.02
-
-
-def stop_signals() -> tuple[int, ...]:
-    """The signals that stop the server gracefully: SIGINT, SIGTERM, and SIGHUP (the terminal closed)
-    unless it is ignored (`nohup`: the server should outlive the terminal)."""
-    hangup = getattr(signal, "SIGHUP", None)
-    if hangup is None or signal.getsignal(hangup) is signal.SIG_IGN:
-        return (signal.SIGINT, signal.SIGTERM)
-    return (signal.SIGINT, signal.SIGTERM, hangup)
 
 
 class GracefulServer(uvicorn.Server):
