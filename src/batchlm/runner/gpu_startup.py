@@ -18,8 +18,9 @@ from batchlm.layers.moe import warm_up_experts
 from batchlm.layers.quantization.decode_tuning import tune_decode_linears
 from batchlm.models.base import CausalLM
 from batchlm.models.loader import ModelShape
+from batchlm.runner.cuda_graph import DecodeGraphs
 from batchlm.runner.inputs import build_step_inputs
-from batchlm.runner.kv_cache import allocate_kv_caches
+from batchlm.runner.kv_cache import allocate_kv_caches, start_peak_measurement
 from batchlm.sampling.grammar_mask import warm_up_grammar_masks
 from batchlm.sampling.sampler import Sampler
 from batchlm.sampling.state import SamplingState
@@ -76,6 +77,17 @@ def largest_step_oom_message(step: LargestStep, block_size: int) -> str:
     )
 
 
+def warm_up_oom_message(config: EngineConfig, single_rank: bool) -> str:
+    """What start-up says when the warm-up or the graph captures run out of the memory the KV cache
+    left: the flags that leave them more."""
+    return (
+        "the kernel warm-up and CUDA graphs ran out of the GPU memory the KV cache left: lower "
+        "--gpu-memory-utilization"
+        + ("" if config.num_gpu_blocks_override is None else " or --num-gpu-blocks-override")
+        + (", or pass --enforce-eager" if not config.enforce_eager and single_rank else "")
+    )
+
+
 def profile_step(tokens: int, max_model_len: int, block_size: int) -> tuple[SchedulerOutput, int]:
     """A step of `tokens` prompt tokens as whole prompts of at most max_model_len tokens (a budget
     above the context is filled by several requests' prompts at once; one prompt longer than the
@@ -110,6 +122,43 @@ class GpuStartup:
     largest_step: LargestStep
     max_model_len: int
     max_blocks_per_seq: int
+
+    def measure_peak(self) -> None:
+        """Compile the kernels, then run the largest step with the peak-memory counter reset (the KV
+        cache gets what is left). A step that cannot fit is refused naming the flags that size it."""
+        refusal = largest_step_oom_message(self.largest_step, self.block_size)
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        if hidden_states_bytes(self.largest_step, self.shape.hidden_size, self.dtype.itemsize) > total:
+            raise ValueError(refusal)
+        try:
+            self.compile_kernels_concurrently()
+            start_peak_measurement(self.device)
+            self.profile_run()
+        except torch.cuda.OutOfMemoryError as error:
+            raise ValueError(refusal) from error
+
+    def warm_up_and_capture(
+        self, kv_caches: list[torch.Tensor], graph_batch: int | None, oom_message: str
+    ) -> DecodeGraphs | None:
+        """Warm up the kernels the profile run did not reach, then capture the decode graphs of up to
+        `graph_batch` rows (None: no graphs). Running out of memory here is refused with
+        `oom_message`."""
+        try:
+            self.warm_up_kernels(kv_caches[0])
+            if graph_batch is None:
+                return None
+            graphs = DecodeGraphs(
+                self.model,
+                kv_caches,
+                self.attn,
+                max_batch=graph_batch,
+                max_blocks_per_seq=self.max_blocks_per_seq,
+                device=self.device,
+            )
+            graphs.capture()
+        except torch.cuda.OutOfMemoryError as error:
+            raise ValueError(oom_message) from error
+        return graphs
 
     @torch.inference_mode()
     def compile_kernels_concurrently(self) -> None:

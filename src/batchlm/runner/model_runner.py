@@ -25,12 +25,7 @@ from batchlm.runner.deferred_step import DeferredStepOutput, LaunchedForward
 from batchlm.runner.device import dtype_name, resolve_device, resolve_dtype
 from batchlm.runner.draft_verify import Verification, row_states, verify_groups
 from batchlm.runner.fused_decode import MAX_VERIFY_ROWS, FusedDecode, build_fused_decode
-from batchlm.runner.gpu_startup import (
-    GpuStartup,
-    LargestStep,
-    hidden_states_bytes,
-    largest_step_oom_message,
-)
+from batchlm.runner.gpu_startup import GpuStartup, LargestStep, warm_up_oom_message
 from batchlm.runner.grammar import MaskBuffers, StepMasks, constrained_sequences
 from batchlm.runner.heap import trim_heap
 from batchlm.runner.host_flag import stream_flag
@@ -43,7 +38,6 @@ from batchlm.runner.kv_cache import (
     log_kv_cache,
     num_blocks_for,
     resolve_kv_cache_dtype,
-    start_peak_measurement,
 )
 from batchlm.runner.prompt_logprobs import PromptLogprobs
 from batchlm.runner.step_output import PendingStepOutput, PreviousTokens
@@ -174,18 +168,7 @@ class ModelRunner:
         """How many KV blocks fit on this device (profiles a full-budget forward on GPU first).
         Tensor-parallel ranks all call this together: the profile forward runs collectives."""
         if self.device.type == "cuda":
-            startup = self._gpu_startup()
-            total = torch.cuda.get_device_properties(self.device).total_memory
-            if hidden_states_bytes(startup.largest_step, self.shape.hidden_size, self.dtype.itemsize) > total:
-                raise ValueError(largest_step_oom_message(startup.largest_step, self.config.block_size))
-            try:
-                startup.compile_kernels_concurrently()
-                start_peak_measurement(self.device)
-                startup.profile_run()
-            except torch.cuda.OutOfMemoryError as error:
-                raise ValueError(
-                    largest_step_oom_message(startup.largest_step, self.config.block_size)
-                ) from error
+            self._gpu_startup().measure_peak()
         return num_blocks_for(self.config, self.shape, self.kv_dtype, self.device, self.max_model_len)
 
     def allocate_kv_cache(self, num_blocks: int) -> ModelFacts:
@@ -202,7 +185,6 @@ class ModelRunner:
         if set_kv_scales is not None:
             set_kv_scales(self.kv_caches, layer_kv_scales(self.loaded.kv_scales, self.shape.num_layers))
         log_kv_cache(self.num_blocks, self.config.block_size, self.kv_dtype, self.max_model_len)
-        max_blocks_per_seq = self._max_blocks_per_seq()
         if self.device.type == "cpu":
             self.fused_decode = build_fused_decode(self.model, self.kv_caches, self.attn)
             if self.fused_decode is not None:  # verify steps take the fused stack too, as decode rows
@@ -210,19 +192,11 @@ class ModelRunner:
                 self.fused_decode.share_row_ops()
             trim_heap()  # what loading freed would otherwise stay resident
         if self.device.type == "cuda":
-            try:
-                self._start_on_gpu(max_blocks_per_seq)
-            except torch.cuda.OutOfMemoryError as error:
-                raise ValueError(
-                    "the kernel warm-up and CUDA graphs ran out of the GPU memory the KV cache left: lower "
-                    "--gpu-memory-utilization"
-                    + ("" if self.config.num_gpu_blocks_override is None else " or --num-gpu-blocks-override")
-                    + (
-                        ", or pass --enforce-eager"
-                        if not self.config.enforce_eager and self.tp.is_single
-                        else ""
-                    )
-                ) from error
+            self.decode_graphs = self._gpu_startup().warm_up_and_capture(
+                self.kv_caches, self._graph_batch(), warm_up_oom_message(self.config, self.tp.is_single)
+            )
+            if self.decode_graphs is not None:  # verify steps replay them too, a decode row per token
+                self.input_builder.max_decode_rows = self.decode_graphs.max_batch
         return ModelFacts(
             max_model_len=self.max_model_len,
             vocab_size=self.shape.vocab_size,
@@ -236,11 +210,10 @@ class ModelRunner:
             long_rope_after=self.input_builder.long_rope.after if self.input_builder.long_rope else None,
         )
 
-    def _start_on_gpu(self, max_blocks_per_seq: int) -> None:
-        """Warm up the kernels the profile run did not reach, then capture the decode graphs."""
-        self._gpu_startup().warm_up_kernels(self.kv_caches[0])
+    def _graph_batch(self) -> int | None:
+        """The largest decode batch captured in a CUDA graph (None: no graphs)."""
         if not self._use_cuda_graphs():
-            return
+            return None
         max_batch = graph_batch_limit(self.config.max_num_seqs, self.most_verify_rows)
         if self.config.max_num_seqs > max_batch:
             logger.info(
@@ -249,17 +222,7 @@ class ModelRunner:
                 max_batch,
                 self.config.max_num_seqs,
             )
-        self.decode_graphs = DecodeGraphs(
-            self.model,
-            self.kv_caches,
-            self.attn,
-            max_batch=max_batch,
-            max_blocks_per_seq=max_blocks_per_seq,
-            device=self.device,
-        )
-        self.decode_graphs.capture()
-        # Verify steps replay the decode graphs too, as one decode row per token.
-        self.input_builder.max_decode_rows = self.decode_graphs.max_batch
+        return max_batch
 
     def _max_blocks_per_seq(self) -> int:
         return -(-self.max_model_len // self.config.block_size)
