@@ -170,6 +170,43 @@ def test_tensor_parallel_shares_inside_k_quant_blocks_are_exact(
         torch.testing.assert_close(rank_logprobs, logprobs, atol=TP_LOGPROB_ATOL, rtol=0)
 
 
+@pytest.mark.parametrize(
+    ("qtype", "tensor_types"),
+    [
+        ("Q4_K", None),  # rank 1's experts start inside the 256-value super-blocks
+        ("Q3_K", {"ffn_down_exps.weight": "Q6_K"}),  # 8-bit codes; Q6_K's down requantized per block
+        ("Q8_0", None),
+    ],
+)
+def test_tensor_parallel_experts_stay_quantized_as_their_shares(
+    tmp_path: Path, qtype: str, tensor_types: dict[str, str] | None
+) -> None:
+    # Each expert's 256 intermediate values split in 128 per rank.
+    overrides = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 256}
+    gguf = write_tiny_gguf(
+        tmp_path / "tiny.gguf", "qwen3_moe", qtype, overrides=overrides, tensor_types=tensor_types
+    )
+    model_dir = prepare_gguf_model_dir(gguf, tmp_path / "c")
+    single = load_model(model_dir, torch.float32, CPU, progress=False)
+    ranks = [load_model(model_dir, torch.float32, CPU, tp=g, progress=False) for g in thread_groups(2)]
+    whole = _experts(single)[0].quantized
+    assert whole is not None
+    for rank, loaded in enumerate(ranks):
+        share = _experts(loaded)[0].quantized
+        assert share is not None, "a rank's experts were dequantized"
+        rows = slice(rank * 128, (rank + 1) * 128)
+        for expert in range(8):
+            gate_up = dequantize_packed(whole.gate_up[expert].finish_whole())
+            expected = torch.cat([gate_up[:256][rows], gate_up[256:][rows]])
+            assert torch.equal(dequantize_packed(share.gate_up[expert].finish_whole()), expected)
+            down = dequantize_packed(whole.down[expert].finish_whole())
+            assert torch.equal(dequantize_packed(share.down[expert].finish_whole()), down[:, rows])
+    tokens, logprobs = greedy_generate(single, PROMPTS[0], 8)
+    for rank_tokens, rank_logprobs in run_ranks(lambda rank: greedy_generate(ranks[rank], PROMPTS[0], 8), 2):
+        assert rank_tokens == tokens
+        torch.testing.assert_close(rank_logprobs, logprobs, atol=TP_LOGPROB_ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("model_type", ["llama", "qwen3_moe"])
 def test_int8_quantizes_a_dense_checkpoint_at_load(tmp_path: Path, model_type: str) -> None:
     # The MoE model's experts too, where their sizes are whole blocks of 32.

@@ -25,7 +25,7 @@ from batchlm.layers.moe_quantized import GATE as GATE
 from batchlm.layers.moe_quantized import UP as UP
 from batchlm.layers.moe_quantized import QuantizedExperts
 from batchlm.layers.moe_routing import RoutingChoice, align_to_blocks, route_top_k, sort_by_expert
-from batchlm.layers.quantization.base import LoadedWeight, as_dense
+from batchlm.layers.quantization.base import LoadedWeight, as_dense, narrow_cols, narrow_rows
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
 
 
@@ -78,13 +78,12 @@ class FusedMoE(nn.Module):
 
     def quantize_experts(self) -> None:
         """Keep the experts as quantized blocks on the CPU kernels (a GGUF file's experts, or dense
-        ones under --quantization int8); call before loading. One rank only: a quantized expert's
-        down projection cannot be split by columns at any boundary."""
-        if self.tp.size != 1:
-            raise ValueError("quantized experts run on one rank")
+        ones under --quantization int8); call before loading. Under tensor parallelism each rank
+        keeps its share: gate/up rows, and down columns cut on the kernels' 32-value blocks (inside
+        a K-quant's super-blocks too), so its intermediate size per rank must be whole blocks."""
         spec = self.spec
         self.quantized = QuantizedExperts(
-            spec.num_experts, spec.hidden_size, spec.intermediate_size, silu=spec.hidden_act == "silu"
+            spec.num_experts, spec.hidden_size, self.inter_per_rank, silu=spec.hidden_act == "silu"
         )
         empty = torch.empty(0, dtype=self.gate_up_proj.dtype)
         self.gate_up_proj = nn.Parameter(empty, requires_grad=False)
@@ -156,6 +155,9 @@ class FusedMoE(nn.Module):
         start = self.tp.rank * share
         if self.quantized is not None:
             check_shape(name, (hidden, inter) if part == DOWN else (inter, hidden), loaded.shape)
+            if self.tp.size != 1:  # the file's blocks, cut to this rank's share (never requantized)
+                narrow = narrow_cols if part == DOWN else narrow_rows
+                loaded = narrow(loaded, start, share)
             self.quantized.put(expert, part, loaded)
             self.loaded_parts.add((expert, part))
             return

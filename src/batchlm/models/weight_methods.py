@@ -81,8 +81,9 @@ def _assign_experts_method(
     names = [f"{path}.{projection}.weight" for projection in parts]
     types = tuple(qtypes[name] for name in names if name in qtypes)
     spec = WeightSpec(weight_format, types, "linear", device, dtype, quantization)
-    whole_blocks = experts.spec.hidden_size % BLOCK == 0 and experts.spec.intermediate_size % BLOCK == 0
-    if choose_linear_method(spec) is CPU_QUANTIZED and experts.tp.size == 1 and whole_blocks:
+    # (A rank's share of the intermediate size, under tensor parallelism.)
+    whole_blocks = experts.spec.hidden_size % BLOCK == 0 and experts.inter_per_rank % BLOCK == 0
+    if choose_linear_method(spec) is CPU_QUANTIZED and whole_blocks:
         experts.quantize_experts()
         chosen["quantized experts"] += 1
 
