@@ -176,7 +176,11 @@ def _fault(prompt: str) -> str | None:
 
 async def _completion(conn: _Connection, request: dict[str, Any], chat: bool) -> None:
     prompt = request["messages"][-1]["content"] if chat else request["prompt"]
-    fault = _fault(prompt)
+    try:
+        fault = _fault(prompt)
+    except ValueError as exc:  # answered, or the client would wait out its timeout on a typo
+        conn.write_json(400, {"error": {"message": str(exc), "code": 400}})
+        return
     if fault == "http_500":
         conn.write_json(500, {"error": {"message": "stub fault: internal error", "code": 500}})
         return

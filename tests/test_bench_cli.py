@@ -48,6 +48,9 @@ def test_the_seed_readme_example_parses() -> None:
 def test_full_endpoint_url_is_accepted_as_base_url_like_the_seed() -> None:
     assert parse("--base-url", "http://h:1/v1/chat/completions/").base_url == "http://h:1/v1"
     assert parse("--backend", "openai").request_url == "http://localhost:8080/v1/completions"
+    # /responses too: it was kept, and every request went to /v1/responses/responses (a 404).
+    responses = parse("--backend", "openai-responses", "--base-url", "http://h:1/v1/responses")
+    assert (responses.base_url, responses.request_url) == ("http://h:1/v1", "http://h:1/v1/responses")
 
 
 def test_benchmark_client_script_takes_exactly_the_seed_flags() -> None:

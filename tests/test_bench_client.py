@@ -7,7 +7,10 @@ from collections.abc import Iterator
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
+from batchlm.bench import client
 from batchlm.bench.accounting import account_tokens
 from batchlm.bench.client import send_request
 from batchlm.bench.records import ChunkCountMethod, RequestResult, RequestSpec, TokenSource
@@ -103,6 +106,14 @@ def test_failures_are_recorded_with_reasons(stub: StubServerThread, fault: str, 
     assert result.end >= result.start
 
 
+def test_an_unknown_stub_fault_is_answered_with_a_400(stub: StubServerThread) -> None:
+    """The stub raised inside its handler and never answered: the client waited out its timeout."""
+    result = send_one(endpoint_for(stub.base_url), prompt="FAULT:no_such_fault")
+    assert result.error is not None and result.error.startswith(
+        "HTTP 400: unknown stub fault 'no_such_fault'"
+    )
+
+
 def test_unreachable_server_is_a_transport_failure() -> None:
     result = send_one(endpoint_for("http://127.0.0.1:9/v1"))
     assert result.error is not None and result.error.startswith("transport: ClientConnectorError")
@@ -177,28 +188,100 @@ def test_a_refused_connection_is_not_sent_again() -> None:
     assert asyncio.run(go()) == 1
 
 
-def test_a_stream_ending_with_done_but_no_blank_line_is_complete() -> None:
-    """`data: [DONE]\\n` then the end of the body: the server did send [DONE] (the OpenAI SDK takes it);
-    it was reported as "truncated stream: ended without data: [DONE]"."""
-    from aiohttp import web
-    from aiohttp.test_utils import TestServer
-
-    async def chat(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n')
-        await response.write(b"data: [DONE]\n")
-        await response.write_eof()
-        return response
+def raw_answer(
+    writes: list[bytes], content_type: str = "text/event-stream", then: str = "end"
+) -> RequestResult:
+    """One streamed chat request to a server that answers 200 with exactly `writes`, then ends the body
+    (`then="end"`), resets the connection ("reset") or holds the body open until the request is over
+    ("hold")."""
 
     async def go() -> RequestResult:
+        over = asyncio.Event()
+
+        async def chat(request: web.Request) -> web.StreamResponse:
+            response = web.StreamResponse(headers={"Content-Type": content_type})
+            await response.prepare(request)
+            for data in writes:
+                await response.write(data)
+            if then == "reset":
+                assert request.transport is not None
+                request.transport.abort()
+                return response
+            if then == "hold":
+                await over.wait()
+            await response.write_eof()
+            return response
+
         app = web.Application()
         app.router.add_post("/v1/chat/completions", chat)
         async with TestServer(app) as server, aiohttp.ClientSession() as session:
             result = RequestResult(index=0, spec=RequestSpec(prompt="hello", max_tokens=1))
             await send_request(session, endpoint_for(str(server.make_url("/v1"))), result)
+            over.set()
             return result
 
-    result = asyncio.run(go())
+    return asyncio.run(go())
+
+
+CONTENT = b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
+
+
+def test_a_stream_ending_with_done_but_no_blank_line_is_complete() -> None:
+    """`data: [DONE]\\n` then the end of the body: the server did send [DONE] (the OpenAI SDK takes it);
+    it was reported as "truncated stream: ended without data: [DONE]"."""
+    result = raw_answer([CONTENT, b"data: [DONE]\n"])
     assert result.ok, result.error
     assert len(result.chunk_times) == 1 and result.end >= result.chunk_times[0]
+
+
+def test_a_llama_cpp_error_line_fails_the_request_with_its_message() -> None:
+    """llama-server reports a failure mid-stream as `error: {...}`, then sends data: [DONE]; the line
+    was ignored and the cut-short request counted as a success."""
+    error = b'error: {"code": 500, "message": "slot died", "type": "server_error"}\n\n'
+    result = raw_answer([CONTENT, error, b"data: [DONE]\n\n"])
+    assert result.error == "in-band error: slot died"
+    assert raw_answer([error, b"data: [DONE]\n\n"]).error == "in-band error: slot died"
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        b"data: null\n\n",
+        b'data: {"choices": [null]}\n\n',
+        b'data: {"choices": [{"delta": {"content": ["a"]}}]}\n\n',
+        b'data: {"choices": [{"delta": "a"}]}\n\n',
+    ],
+)
+def test_a_chunk_of_the_wrong_shape_is_a_failure_not_a_crash(chunk: bytes) -> None:
+    """Such chunks raised AssertionError, AttributeError or TypeError out of send_request, which ended
+    the whole run with a traceback."""
+    result = raw_answer([CONTENT, chunk, b"data: [DONE]\n\n"])
+    assert result.error is not None and result.error.startswith("malformed response: "), result.error
+    assert result.end >= result.start
+
+
+def test_a_body_without_events_says_what_came_instead() -> None:
+    """A 200 to stream=true whose body holds no event (a web page; a JSON error sent as an event
+    stream) was reported as "truncated stream ... after 0 content chunks"."""
+    page = raw_answer([b"<html><body>Log in</body></html>"], content_type="text/html")
+    assert (
+        page.error
+        == "not a stream: the server answered stream=true with text/html: b'<html><body>Log in</body></html>'"
+    )
+    error = raw_answer([b'{"error": {"message": "no such model"}}'])
+    assert error.error == "in-band error: no such model"
+    cut = raw_answer([b": keep-alive\n\n"])
+    assert cut.error is not None and cut.error.startswith("truncated stream: ended without data: [DONE]")
+
+
+@pytest.mark.parametrize("then", ["reset", "hold"])
+def test_what_follows_the_last_event_does_not_fail_a_complete_request(
+    then: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After data: [DONE] the client read on to the end of the body: a connection reset there made the
+    complete request a transport failure, and a body held open made it a timeout once
+    --request-timeout had passed."""
+    monkeypatch.setattr(client, "DRAIN_GRACE_S", 0.05)
+    result = raw_answer([CONTENT, b"data: [DONE]\n\n"], then=then)
+    assert result.ok, result.error
+    assert result.start < result.chunk_times[0] <= result.end

@@ -155,3 +155,21 @@ def test_summary_std_is_population_std_and_percentile_bounds_checked() -> None:
         percentile([1.0], 101)
     with pytest.raises(ValueError, match="empty"):
         percentile([], 50)
+
+
+def test_without_usage_the_tokenize_count_of_the_text_is_the_output() -> None:
+    """A server reporting no usage had one token counted per chunk, whatever each chunk carried."""
+    counted = result(0, 1, [0.1, 0.2, 0.3])
+    counted.counted_completion_tokens = 7
+    account = account_tokens(counted)
+    assert (account.output_tokens, account.source, account.chunk_tokens) == (
+        7,
+        TokenSource.TOKENIZED,
+        [2, 2, 3],
+    )
+    whole = result(0, 1, [], streamed=False)
+    whole.counted_completion_tokens = 4
+    assert (account_tokens(whole).output_tokens, account_tokens(whole).source) == (4, TokenSource.TOKENIZED)
+    reported = result(0, 1, [0.1], usage=2)
+    reported.counted_completion_tokens = 9  # usage, when there is one, wins
+    assert (account_tokens(reported).output_tokens, account_tokens(reported).source) == (2, TokenSource.USAGE)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import json
 
-from batchlm.bench.openai_format import ChunkView, EndpointConfig, build_body, http_error_reason, read_object
+from batchlm.bench.openai_format import (
+    ChunkView,
+    EndpointConfig,
+    build_body,
+    error_event_reason,
+    http_error_reason,
+    read_object,
+)
 from batchlm.bench.records import RequestSpec
 
 SPEC = RequestSpec(prompt="Hi there", max_tokens=7)
@@ -117,3 +124,46 @@ def test_a_whole_response_object_gives_its_text_and_usage() -> None:
     }
     assert read_object(response, api="responses") == ChunkView("think answer", 5, 2, None)
     assert read_object({"error": {"message": "bad"}}, api="responses").error == "in-band error: bad"
+
+
+def test_thinking_sent_under_both_names_is_read_once() -> None:
+    """vLLM (while renaming the field) and mlx-vlm put the same thinking in `reasoning_content` and
+    `reasoning`; it was read twice."""
+    delta = {"reasoning_content": "think", "reasoning": "think"}
+    assert read_object({"choices": [{"delta": delta}]}, api="chat").text == "think"
+    assert read_object({"choices": [{"delta": {"reasoning": "r"}}]}, api="chat").text == "r"
+
+
+def test_usage_counts_that_are_not_whole_numbers_are_absent() -> None:
+    """A count of another type reached the token arithmetic (a string one crashed the report)."""
+    for odd in ("7", None, -1, 2.5, True, [7]):
+        view = read_object({"choices": [], "usage": {"completion_tokens": odd, "prompt_tokens": odd}}, "chat")
+        assert (view.completion_tokens, view.prompt_tokens, view.error) == (None, None, None)
+    assert (
+        read_object({"choices": [], "usage": {"completion_tokens": 7.0}}, api="chat").completion_tokens == 7
+    )
+    responses_usage = {"type": "response.completed", "response": {"usage": {"output_tokens": "3"}}}
+    assert read_object(responses_usage, api="responses").completion_tokens is None
+
+
+def test_fields_of_the_wrong_type_are_a_malformed_response() -> None:
+    """They raised AttributeError or TypeError out of the request, and the whole run died with them."""
+    for payload in (
+        {"choices": [None]},
+        {"choices": "text"},
+        {"choices": [{"delta": "text"}]},
+        {"choices": [{"delta": {"content": ["a", "b"]}}]},
+        {"choices": [{"delta": {"reasoning_content": 5}}]},
+    ):
+        error = read_object(payload, api="chat").error
+        assert error is not None and error.startswith("malformed response: "), payload
+    assert read_object({"choices": [{"text": {"t": 1}}]}, api="completions").error is not None
+    odd_output = {"object": "response", "output": [{"content": 5}, "x"], "usage": {"output_tokens": 1}}
+    assert read_object(odd_output, api="responses") == ChunkView("", 1, None, None)
+
+
+def test_an_error_event_reason_is_its_message() -> None:
+    assert error_event_reason('{"code": 500, "message": "llama boom"}') == "in-band error: llama boom"
+    assert error_event_reason('{"error": {"message": "nested"}}') == "in-band error: nested"
+    assert error_event_reason("engine   overloaded") == "in-band error: engine overloaded"
+    assert error_event_reason("[1]") == "in-band error: [1]"

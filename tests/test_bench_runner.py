@@ -47,6 +47,22 @@ def test_closed_loop_counts_every_token_and_respects_the_user_count(stub: StubSe
     assert run.info.num_prompts == 12
 
 
+@pytest.mark.parametrize("tokenize", [True, False])
+def test_without_usage_output_tokens_are_counted_by_tokenize(tokenize: bool) -> None:
+    """A server sending 3 tokens a chunk and no usage was credited one token a chunk (3 of 7 tokens);
+    its /tokenize now counts the text. Without /tokenize the chunks are still what is counted."""
+    with StubServerThread(StubOptions(tokens_per_chunk=3, tokenize=tokenize)) as server:
+        argv = (*FAST, "--requests", "4", "--concurrency", "2", "--output-len", "7", "--no-include-usage")
+        [level] = bench(server.base_url, *argv).levels
+    m = level.metrics
+    assert m.completed == 4
+    if tokenize:
+        assert (m.total_output_tokens, m.output_token_sources) == (4 * 7, {"tokenized": 4})
+        assert m.token_itl.count == 4 * (2 + 3)  # 7 spread 2, 2, 3 over the chunks; gaps before 2 and 3
+    else:
+        assert (m.total_output_tokens, m.output_token_sources) == (4 * 3, {"chunks": 4})
+
+
 def test_failures_are_counted_apart_from_latencies(stub: StubServerThread, tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.jsonl"
     lines = [

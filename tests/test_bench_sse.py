@@ -83,3 +83,14 @@ def test_finish_hands_over_a_last_event_the_body_ended_without_a_blank_line() ->
     assert parser.finish() == [SSEEvent("[DONE]")]
     assert parser.pending_bytes == 0
     assert parser.finish() == []  # nothing twice, and a body that ended cleanly has nothing left
+
+
+def test_an_error_field_line_is_an_error_event() -> None:
+    """llama.cpp's llama-server sends a failure as `error: {...}`, a field the SSE rules ignore; it was
+    dropped, and the data: [DONE] after it made the failed request a success."""
+    events, _ = feed_all([b'data: {"a": 1}\n\nerror: {"code": 500, "message": "boom"}\n\ndata: [DONE]\n\n'])
+    assert events == [
+        SSEEvent('{"a": 1}'),
+        SSEEvent('{"code": 500, "message": "boom"}', event="error"),
+        SSEEvent("[DONE]"),
+    ]

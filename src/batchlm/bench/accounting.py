@@ -30,25 +30,27 @@ def spread_evenly(total: int, parts: int) -> list[int]:
 
 
 def account_tokens(result: RequestResult) -> TokenAccount:
-    """Output tokens from the server's usage when it reported them, else one per content chunk."""
-    if not result.streamed:
-        if result.usage_completion_tokens is None:
-            return TokenAccount(0, TokenSource.NONE, [], ChunkCountMethod.NOT_STREAMED)
-        return TokenAccount(
-            result.usage_completion_tokens, TokenSource.USAGE, [], ChunkCountMethod.NOT_STREAMED
-        )
-    num_chunks = len(result.chunk_times)
-    exact = _exact_chunk_tokens(result)
-    total = result.usage_completion_tokens
+    """Output tokens from the server's usage when it reported them, else from its /tokenize count of
+    the generated text, else one per content chunk (a server sending several tokens a chunk is then
+    undercounted)."""
+    exact = _exact_chunk_tokens(result) if result.streamed else None
+    total, source = result.usage_completion_tokens, TokenSource.USAGE
     if total is None and exact is not None:
         total = sum(exact)
+    if total is None and result.counted_completion_tokens is not None:
+        total, source = result.counted_completion_tokens, TokenSource.TOKENIZED
+    if not result.streamed:
+        if total is None:
+            return TokenAccount(0, TokenSource.NONE, [], ChunkCountMethod.NOT_STREAMED)
+        return TokenAccount(total, source, [], ChunkCountMethod.NOT_STREAMED)
+    num_chunks = len(result.chunk_times)
     if total is None:
         return TokenAccount(num_chunks, TokenSource.CHUNKS, [1] * num_chunks, ChunkCountMethod.ONE_PER_CHUNK)
     if exact is not None and sum(exact) == total:
-        return TokenAccount(total, TokenSource.USAGE, exact, ChunkCountMethod.EXACT)
+        return TokenAccount(total, source, exact, ChunkCountMethod.EXACT)
     if total == num_chunks:
-        return TokenAccount(total, TokenSource.USAGE, [1] * num_chunks, ChunkCountMethod.ONE_PER_CHUNK)
-    return TokenAccount(total, TokenSource.USAGE, spread_evenly(total, num_chunks), ChunkCountMethod.SPREAD)
+        return TokenAccount(total, source, [1] * num_chunks, ChunkCountMethod.ONE_PER_CHUNK)
+    return TokenAccount(total, source, spread_evenly(total, num_chunks), ChunkCountMethod.SPREAD)
 
 
 def _exact_chunk_tokens(result: RequestResult) -> list[int] | None:

@@ -210,7 +210,8 @@ def _add_api_arguments(api: argparse._ArgumentGroup) -> None:
     api.add_argument(
         "--no-include-usage",
         action="store_true",
-        help="do not ask for stream_options.include_usage; count one token per chunk instead",
+        help="do not ask for stream_options.include_usage; count output tokens with the server's "
+        "/tokenize instead, or one per chunk without it",
     )
     api.add_argument("--header", nargs="*", metavar="KEY=VALUE", help="extra HTTP headers")
     api.add_argument("--extra-body", default=None, help="JSON object merged into every request body")

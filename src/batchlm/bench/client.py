@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from time import perf_counter
 
@@ -12,6 +14,7 @@ from batchlm.bench.openai_format import (
     ChunkView,
     EndpointConfig,
     build_body,
+    error_event_reason,
     http_error_reason,
     read_object,
 )
@@ -78,20 +81,32 @@ async def _read_stream(
         result.error = _json_instead_of_stream(await response.read(), endpoint.api)
         return
     parser = SSEParser()
-    text_parts: list[str] | None = [] if endpoint.keep_text else None
+    # Collected always: a server that reports no usage has its output counted from the text.
+    text_parts: list[str] = []
     done: bool | None = False
+    # The body's first bytes, kept until an event arrives: a body with none was no event stream.
+    head: bytes | None = b""
     async for block in response.content.iter_any():
-        if done:
-            continue  # drain the rest so the pooled connection can be reused
-        done = _record_events(parser.feed(block), perf_counter(), endpoint.api, result, text_parts)
+        events = parser.feed(block)
+        if head is not None:
+            head = None if events else (head + block)[:_HEAD_BYTES]
+        done = _record_events(events, perf_counter(), endpoint.api, result, text_parts)
         if done is None:
             return  # an error: leaving the context closes the connection
+        if done:
+            await _drain(response)
+            break
     if not done:
         # The body ended; its last event may lack the blank line that ends an event.
-        done = _record_events(parser.finish(), perf_counter(), endpoint.api, result, text_parts)
+        events = parser.finish()
+        if not events and head is not None:
+            result.error = _not_a_stream(head, response.content_type, endpoint.api)
+            if result.error is not None:
+                return
+        done = _record_events(events, perf_counter(), endpoint.api, result, text_parts)
         if done is None:
             return
-    if text_parts is not None:
+    if endpoint.keep_text or result.usage_completion_tokens is None:
         result.generated_text = "".join(text_parts)
     if not done:
         result.error = (
@@ -100,6 +115,22 @@ async def _read_stream(
         )
     elif not result.chunk_times:
         result.error = f"empty stream: {_END[endpoint.api]} arrived without any generated text"
+
+
+# How long the end of the body may take to follow the stream's last event before the connection is
+# closed instead of reused.
+DRAIN_GRACE_S = 1.0
+
+
+async def _drain(response: aiohttp.ClientResponse) -> None:
+    """Reads what follows the last event, so that the pooled connection can be reused. The request is
+    complete already: a server that then holds the body open, or resets the connection, costs at most
+    the grace period and the connection, not the request (it was a timeout or transport failure)."""
+    if response.content.at_eof():
+        return  # the common case: the end of the body came with the last event
+    # asyncio.TimeoutError is TimeoutError only from Python 3.11 on.
+    with contextlib.suppress(aiohttp.ClientError, OSError, asyncio.TimeoutError):
+        await asyncio.wait_for(response.read(), DRAIN_GRACE_S)
 
 
 def _record_events(
@@ -120,6 +151,23 @@ def _record_events(
     return False
 
 
+# How much of a body without any event is kept to say what it was.
+_HEAD_BYTES = 4096
+
+
+def _not_a_stream(head: bytes, content_type: str, api: Api) -> str | None:
+    """Why a streamed 200 whose body held no event at all failed: the server's error when the body is
+    a JSON one (whatever its Content-Type), else what came instead of events (an HTML page, plain
+    text); None for an event stream that was merely cut short."""
+    try:
+        json.loads(head)
+    except ValueError:
+        if content_type == "text/event-stream":
+            return None
+        return f"not a stream: the server answered stream=true with {content_type or 'no Content-Type'}: {head[:80]!r}"
+    return _json_instead_of_stream(head, api)
+
+
 def _json_instead_of_stream(raw: bytes, api: Api) -> str:
     """A JSON body where a stream was asked for: the server's error if it is one, else a clear reason."""
     try:
@@ -138,18 +186,18 @@ def _record_event(
     text_parts: list[str] | None,
 ) -> ChunkView | None:
     """Folds one SSE event into the result; what it said, or None when the event is a failure."""
+    if event_name == "error":
+        result.error = error_event_reason(data)
+        return None
     try:
         payload = json.loads(data)
     except ValueError:
-        payload = None
-        if event_name != "error":
-            result.error = f"malformed stream: data is not JSON: {data[:80]!r}"
-            return None
-    view = read_object(payload, api) if payload is not None else None
-    if event_name == "error" or (view is not None and view.error is not None):
-        result.error = (view.error if view is not None else None) or f"in-band error: {data[:200]}"
+        result.error = f"malformed stream: data is not JSON: {data[:80]!r}"
         return None
-    assert view is not None
+    view = read_object(payload, api)
+    if view.error is not None:
+        result.error = view.error
+        return None
     if view.completion_tokens is not None:
         result.usage_completion_tokens = view.completion_tokens
     if view.prompt_tokens is not None:
@@ -180,7 +228,7 @@ async def _read_whole(
     result.usage_completion_tokens = view.completion_tokens
     result.usage_prompt_tokens = view.prompt_tokens
     result.generated_chars = len(view.text)
-    if endpoint.keep_text:
+    if endpoint.keep_text or view.completion_tokens is None:
         result.generated_text = view.text
     if not view.text:
         result.error = "empty response: no generated text"

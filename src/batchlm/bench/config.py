@@ -146,7 +146,7 @@ def from_args(args: argparse.Namespace) -> BenchConfig:
 
 def _normalize_base_url(url: str) -> str:
     url = url.rstrip("/")
-    for suffix in ("/chat/completions", "/completions"):
+    for suffix in ("/chat/completions", "/completions", "/responses"):
         if url.endswith(suffix):  # the seed tolerated a full endpoint URL here
             url = url[: -len(suffix)]
     if not url.startswith(("http://", "https://")):

@@ -50,7 +50,7 @@ class BenchMetrics:
     e2el: Distribution
     # Failure reason -> count.
     failure_reasons: dict[str, int] = field(default_factory=dict)
-    # Requests per output-token source ("usage", "chunks", "none").
+    # Requests per output-token source ("usage", "tokenized", "chunks", "none").
     output_token_sources: dict[str, int] = field(default_factory=dict)
     # Requests per chunk token-count method (see records.ChunkCountMethod).
     chunk_count_methods: dict[str, int] = field(default_factory=dict)

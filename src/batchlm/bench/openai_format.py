@@ -96,11 +96,27 @@ def read_object(payload: Any, api: Api) -> ChunkView:
     usage = payload.get("usage")
     completion_tokens = prompt_tokens = None
     if isinstance(usage, dict):
-        completion_tokens = usage.get("completion_tokens")
-        prompt_tokens = usage.get("prompt_tokens")
-    return ChunkView(
-        _choices_text(payload.get("choices"), api == "chat"), completion_tokens, prompt_tokens, None
-    )
+        completion_tokens = _count(usage.get("completion_tokens"))
+        prompt_tokens = _count(usage.get("prompt_tokens"))
+    try:
+        text = _choices_text(payload.get("choices"), api == "chat")
+    except _Malformed as exc:
+        return ChunkView("", None, None, f"malformed response: {exc}")
+    return ChunkView(text, completion_tokens, prompt_tokens, None)
+
+
+class _Malformed(ValueError):
+    """A response object whose fields are not of the types the API gives them."""
+
+
+def _count(value: Any) -> int | None:
+    """A usage count when it is one (a whole number, at least 0); anything else counts as absent, so
+    that a server's odd field cannot break the token arithmetic."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return value if isinstance(value, int) and value >= 0 else None
 
 
 def _read_responses_object(payload: dict[str, Any]) -> ChunkView:
@@ -120,7 +136,7 @@ def _read_responses_object(payload: dict[str, Any]) -> ChunkView:
     usage = response.get("usage")
     output_tokens = input_tokens = None
     if isinstance(usage, dict):
-        output_tokens, input_tokens = usage.get("output_tokens"), usage.get("input_tokens")
+        output_tokens, input_tokens = _count(usage.get("output_tokens")), _count(usage.get("input_tokens"))
     # A stream's text came in its deltas; a whole response holds it in its output items.
     text = "" if kind is not None else _output_text(response.get("output"))
     return ChunkView(
@@ -131,29 +147,46 @@ def _read_responses_object(payload: dict[str, Any]) -> ChunkView:
 def _output_text(items: Any) -> str:
     parts: list[str] = []
     for item in items if isinstance(items, list) else ():
-        for part in item.get("content") or () if isinstance(item, dict) else ():
+        content = item.get("content") if isinstance(item, dict) else None
+        for part in content if isinstance(content, list) else ():
             if isinstance(part, dict) and part.get("type") in ("output_text", "reasoning_text"):
                 parts.append(str(part.get("text") or ""))
     return "".join(parts)
 
 
 def _choices_text(choices: Any, chat: bool) -> str:
+    """The text of every choice; raises _Malformed where a field is not of its API type."""
     if not choices:
         return ""
+    if not isinstance(choices, list):
+        raise _Malformed(f"choices is not a list: {_snippet(choices)}")
     parts: list[str] = []
     for choice in choices:
+        if not isinstance(choice, dict):
+            raise _Malformed(f"a choice is not an object: {_snippet(choice)}")
         if chat:
             # Streams carry "delta"; full responses carry "message". Reasoning text is output too.
             message = choice.get("delta") or choice.get("message") or {}
-            for key in ("content", "reasoning_content", "reasoning"):
-                value = message.get(key)
-                if value:
-                    parts.append(value)
+            if not isinstance(message, dict):
+                raise _Malformed(f"a choice's delta is not an object: {_snippet(message)}")
+            _add_text(parts, message, "content")
+            # The same thinking under both names (vLLM while renaming it, mlx-vlm) is counted once.
+            if not _add_text(parts, message, "reasoning_content"):
+                _add_text(parts, message, "reasoning")
         else:
-            value = choice.get("text")
-            if value:
-                parts.append(value)
+            _add_text(parts, choice, "text")
     return parts[0] if len(parts) == 1 else "".join(parts)
+
+
+def _add_text(parts: list[str], fields: dict[str, Any], key: str) -> bool:
+    """Appends fields[key] when it is non-empty text; whether it did."""
+    value = fields.get(key)
+    if value is None or value == "":
+        return False
+    if not isinstance(value, str):
+        raise _Malformed(f"{key} is not a string: {_snippet(value)}")
+    parts.append(value)
+    return True
 
 
 def _inband_error(payload: dict[str, Any]) -> str | None:
@@ -167,6 +200,23 @@ def _inband_error(payload: dict[str, Any]) -> str | None:
         message = error.get("message") or error.get("detail") or json.dumps(error)
         return f"in-band error: {_snippet(message)}"
     return f"in-band error: {_snippet(error)}"
+
+
+def error_event_reason(data: str) -> str:
+    """The failure an error event reports (`event: error`, or llama.cpp's `error:` field): the message
+    of its JSON object ({"error": {...}}, or the object itself), else its text."""
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        payload = None
+    if isinstance(payload, dict):
+        error = _inband_error(payload)
+        if error is not None:
+            return error
+        message = payload.get("message") or payload.get("detail")
+        if message:
+            return f"in-band error: {_snippet(message)}"
+    return f"in-band error: {_snippet(data)}"
 
 
 def http_error_reason(status: int, body: bytes) -> str:

@@ -10,7 +10,9 @@ class TokenSource(str, Enum):
     """Where a request's output-token count came from."""
 
     USAGE = "usage"  # the server's usage.completion_tokens
-    CHUNKS = "chunks"  # one token per content-bearing stream chunk (no usage reported)
+    # The server's /tokenize count of the generated text (no usage reported).
+    TOKENIZED = "tokenized"
+    CHUNKS = "chunks"  # one token per content-bearing stream chunk (no usage, no /tokenize)
     NONE = "none"  # non-streaming response without usage: not countable
 
 
@@ -18,8 +20,8 @@ class ChunkCountMethod(str, Enum):
     """How tokens were assigned to individual stream chunks (for per-token ITL and peak throughput)."""
 
     EXACT = "exact"  # the server sent cumulative usage in every content chunk
-    SPREAD = "spread"  # usage total spread evenly over the chunks
-    # One token per chunk: no usage was reported, or usage equals the chunk count.
+    SPREAD = "spread"  # the output total (usage, or the /tokenize count) spread evenly over the chunks
+    # One token per chunk: no output total is known, or it equals the chunk count.
     ONE_PER_CHUNK = "one_per_chunk"
     NOT_STREAMED = "not_streamed"  # non-streaming: all tokens arrive with the response
 
@@ -61,8 +63,10 @@ class RequestResult:
     usage_prompt_tokens: int | None = None
     # Characters of generated text (to tell an empty response from a real one).
     generated_chars: int = 0
-    # The generated text, kept only when the run saves detailed results.
+    # The generated text, kept when the run saves detailed results or the server reported no usage.
     generated_text: str | None = None
+    # Without usage: the output tokens the server's /tokenize counts in the generated text.
+    counted_completion_tokens: int | None = None
     # Failure reason; None = success.
     error: str | None = None
     # Whether the request was sent with stream=true.

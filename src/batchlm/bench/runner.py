@@ -30,7 +30,7 @@ from batchlm.bench.report import (
 from batchlm.bench.selfcheck import ClientCheck, LoopMonitor
 from batchlm.bench.spec_counters import activity_between, read_spec_counters
 from batchlm.bench.sweep import format_sweep_table, level_label
-from batchlm.bench.tokencount import TokenCountError, make_counter
+from batchlm.bench.tokencount import OutputTokenCounting, TokenCountError, make_counter
 from batchlm.bench.workload import Workload, build_workload
 
 
@@ -111,11 +111,12 @@ async def run_benchmark(
                 f"with up to {config.workload.output_len or config.workload.max_tokens} output tokens",
             )
         await _warm_up(session, endpoint, workload.specs, config, echo)
+        counting = OutputTokenCounting(session, config.tokenize_url, config.headers)
         levels: list[LevelReport] = []
         if finished is not None:
             finished.append(BenchRun(info, levels))
         for load in config.levels:
-            level = await _run_level(session, endpoint, workload, load, config, echo)
+            level = await _run_level(session, endpoint, workload, load, config, echo, counting)
             levels.append(level)
             _say(echo, format_table(level, info))
     if config.sweep_name is not None:
@@ -208,14 +209,18 @@ async def _run_level(
     load: LoadConfig,
     config: BenchConfig,
     echo: bool,
+    counting: OutputTokenCounting,
 ) -> LevelReport:
     label = level_label(load, config.sweep_name)
     _say(echo, f"Running {label}: {describe_load(load)}")
     metrics_url = _metrics_url(config)
     spec_before = await read_spec_counters(session, metrics_url, config.headers)
-    report = await _measure_level(session, endpoint, workload, load, config, echo, label)
+    outcome, check = await _measure_level(session, endpoint, workload, load, config, echo)
     spec_after = await read_spec_counters(session, metrics_url, config.headers)
-    return dataclasses.replace(report, spec=activity_between(spec_before, spec_after))
+    # After the level, so that the counting requests neither load the server nor take client time.
+    await counting.count(outcome.results)
+    metrics = compute_metrics(outcome.results, outcome.run_start, outcome.duration_s, config.percentiles)
+    return LevelReport(label, load, outcome, metrics, check, activity_between(spec_before, spec_after))
 
 
 def _metrics_url(config: BenchConfig) -> str:
@@ -231,12 +236,9 @@ async def _measure_level(
     load: LoadConfig,
     config: BenchConfig,
     echo: bool,
-    label: str,
-) -> LevelReport:
+) -> tuple[LoadOutcome, ClientCheck]:
     if config.client_processes > 1:
-        outcome, check = await _run_level_in_processes(endpoint, workload, load, config)
-        metrics = compute_metrics(outcome.results, outcome.run_start, outcome.duration_s, config.percentiles)
-        return LevelReport(label, load, outcome, metrics, check)
+        return await _run_level_in_processes(endpoint, workload, load, config)
     total = None if load.duration_s is not None else len(workload.specs)
     progress = Progress(total, load.duration_s) if config.show_progress and echo else None
     generator = LoadGenerator(session, endpoint, workload.specs, progress, config.warm_url)
@@ -251,9 +253,7 @@ async def _measure_level(
     finally:
         check = await monitor.stop()
         gc.unfreeze()
-    check = dataclasses.replace(check, max_dispatch_delay_s=outcome.max_dispatch_delay_s)
-    metrics = compute_metrics(outcome.results, outcome.run_start, outcome.duration_s, config.percentiles)
-    return LevelReport(label, load, outcome, metrics, check)
+    return outcome, dataclasses.replace(check, max_dispatch_delay_s=outcome.max_dispatch_delay_s)
 
 
 async def _run_level_in_processes(

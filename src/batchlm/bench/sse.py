@@ -22,7 +22,8 @@ class SSEParser:
 
     Follows the WHATWG event-stream rules that matter for LLM servers: lines end in LF, CRLF or CR;
     a blank line dispatches the pending event; lines starting with ':' are comments (keep-alives);
-    several `data:` lines join with '\\n'; an event with no data line is not dispatched.
+    several `data:` lines join with '\\n'; an event with no data line is not dispatched. One departure:
+    an `error:` line (llama.cpp's way of reporting a failure) is an event named "error".
     Bytes after the last blank line stay pending until more arrive (see `pending_bytes`).
     """
 
@@ -75,6 +76,7 @@ class SSEParser:
 def _parse_block(block: str) -> SSEEvent | None:
     """One event's lines (no blank line inside, though one may lead) into an event, or None."""
     data_lines: list[str] = []
+    error_lines: list[str] = []
     event_name = ""
     for line in block.split("\n"):
         if not line or line.startswith(":"):
@@ -86,7 +88,13 @@ def _parse_block(block: str) -> SSEEvent | None:
             data_lines.append(value)
         elif name == "event":
             event_name = value
+        elif name == "error":
+            error_lines.append(value)
         # "id" and "retry" only matter for reconnecting browsers; unknown fields are ignored per spec.
+    if error_lines:
+        # llama.cpp's llama-server (builds to mid-2025) reports a failure as an `error: {...}` line, a
+        # field the rules ignore, then ends with data: [DONE]: dropped, the request would pass as done.
+        return SSEEvent(data="\n".join(error_lines), event="error")
     if not data_lines:
         return None
     return SSEEvent(data="\n".join(data_lines), event=event_name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 from abc import ABC, abstractmethod
@@ -94,19 +95,11 @@ async def make_counter(
 ) -> TokenCounter:
     """The server's /tokenize when it answers, else a fit against usage.prompt_tokens; raises
     TokenCountError naming both failures when neither works."""
-    base_counter = TokenizeEndpointCounter(session, tokenize_url, endpoint.headers)
-    problems: list[str] = []
-    for form in TokenizeEndpointCounter.FORMS:
-        counter = base_counter.with_form(form)
-        try:
-            probe = await counter.count(_PROBE_TEXT)
-        except (TokenCountError, aiohttp.ClientError, OSError, ValueError) as exc:
-            problems.append(str(exc) or type(exc).__name__)
-            continue
-        if probe > 0:
-            return counter
-        # A server that ignores the field tokenizes nothing: every text would count 0 tokens.
-        problems.append(f"{sorted(form)} counted 0 tokens in {_PROBE_TEXT!r}")
+    counter, problems = await _first_counting_form(
+        session, tokenize_url, endpoint.headers, TokenizeEndpointCounter.FORMS
+    )
+    if counter is not None:
+        return counter
     endpoint_problem = "; ".join(problems)
     try:
         return UsageFitCounter(await _fit_tokens_per_word(session, endpoint))
@@ -114,6 +107,75 @@ async def make_counter(
         raise TokenCountError(
             f"cannot count prompt tokens: {tokenize_url} failed ({endpoint_problem}) and {exc}"
         ) from None
+
+
+async def _first_counting_form(
+    session: aiohttp.ClientSession,
+    tokenize_url: str,
+    headers: dict[str, str],
+    forms: tuple[dict[str, object], ...],
+) -> tuple[TokenizeEndpointCounter | None, list[str]]:
+    """The /tokenize counter of the first form that counts the probe text, and why the others did not."""
+    base_counter = TokenizeEndpointCounter(session, tokenize_url, headers)
+    problems: list[str] = []
+    for form in forms:
+        counter = base_counter.with_form(form)
+        try:
+            probe = await counter.count(_PROBE_TEXT)
+        except (TokenCountError, aiohttp.ClientError, OSError, ValueError) as exc:
+            problems.append(str(exc) or type(exc).__name__)
+            continue
+        if probe > 0:
+            return counter, problems
+        # A server that ignores the field tokenizes nothing: every text would count 0 tokens.
+        problems.append(f"{sorted(form)} counted 0 tokens in {_PROBE_TEXT!r}")
+    return None, problems
+
+
+class OutputTokenCounting:
+    """Counts the output of successful requests the server reported no usage for (it ignored
+    stream_options.include_usage, or --no-include-usage) by its /tokenize of the generated text, so
+    that a server sending several tokens a chunk is not taken for one token a chunk. The form is looked
+    up once, when first needed; without /tokenize nothing is counted."""
+
+    # The bodies that count a text as generated, without the BOS a prompt gets: vLLM's and batchlm's
+    # form, then llama.cpp's (TokenizeEndpointCounter.FORMS, special tokens off).
+    FORMS: tuple[dict[str, object], ...] = (
+        {"prompt": None, "add_special_tokens": False},
+        {"content": None, "add_special": False},
+    )
+    # /tokenize requests in flight at once.
+    PARALLEL = 16
+
+    def __init__(self, session: aiohttp.ClientSession, tokenize_url: str, headers: dict[str, str]) -> None:
+        self._session = session
+        self._url = tokenize_url
+        self._headers = headers
+        self._counter: TokenizeEndpointCounter | None = None
+        self._looked_up = False
+
+    async def count(self, results: list[RequestResult]) -> int:
+        """Sets counted_completion_tokens where usage is missing; how many requests it counted."""
+        todo = [r for r in results if r.ok and r.usage_completion_tokens is None and r.generated_text]
+        if not todo:
+            return 0
+        if not self._looked_up:
+            self._looked_up = True
+            self._counter, _ = await _first_counting_form(self._session, self._url, self._headers, self.FORMS)
+        counter = self._counter
+        if counter is None:
+            return 0
+        limit = asyncio.Semaphore(self.PARALLEL)
+
+        async def one(result: RequestResult) -> bool:
+            async with limit:
+                try:
+                    result.counted_completion_tokens = await counter.count(result.generated_text or "")
+                except (TokenCountError, aiohttp.ClientError, OSError, ValueError):
+                    return False  # this one stays counted by its chunks
+            return True
+
+        return sum(await asyncio.gather(*(one(result) for result in todo)))
 
 
 async def _fit_tokens_per_word(session: aiohttp.ClientSession, endpoint: EndpointConfig) -> float:
