@@ -7,6 +7,7 @@ import http.server
 import itertools
 import json
 import random
+import socket
 import statistics
 import threading
 from collections.abc import Iterator
@@ -16,12 +17,13 @@ from typing import Any
 import aiohttp
 import pytest
 
+from batchlm.bench import runner
 from batchlm.bench.loadgen import LoadConfig, LoadGenerator, arrival_gaps
 from batchlm.bench.openai_format import EndpointConfig
 from batchlm.bench.plot import latency_panels_ms
 from batchlm.bench.records import RequestSpec
 from batchlm.bench.report import format_table
-from batchlm.bench.runner import main_async, run_benchmark, write_outputs
+from batchlm.bench.runner import SetupError, main_async, run_benchmark, write_outputs
 from bench_stub import StubOptions, StubServerThread, bench, config_for
 
 FAST = ["--stream", "--min-delay", "0", "--max-delay", "0", "--prompt-repeat", "1", "--disable-tqdm"]
@@ -324,6 +326,16 @@ def test_exit_status_is_1_when_every_request_fails(capsys: pytest.CaptureFixture
     config = config_for("http://127.0.0.1:9/v1", *FAST, "--requests", "2")
     assert asyncio.run(main_async(config)) == 1
     assert "transport: ClientConnectorError" in capsys.readouterr().out
+
+
+def test_a_server_that_never_answers_stops_the_run_at_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A listening socket that accepts and never answers: without the probe's own limit the client
+    # would wait out --request-timeout (600 s by default) before saying anything.
+    monkeypatch.setattr(runner, "PROBE_TIMEOUT_S", 0.2)
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        base_url = f"http://127.0.0.1:{silent.getsockname()[1]}/v1"
+        with pytest.raises(SetupError, match=r"got no answer in 0\.2 s: is a server listening at"):
+            bench(base_url, *FAST, "--requests", "2", "--model", "m")
 
 
 def test_warmups_are_sent_but_not_measured(

@@ -143,12 +143,25 @@ async def _endpoint(config: BenchConfig, served: list[dict[str, Any]] | str) -> 
     )
 
 
+# How long the first request to the server (GET /models) may go unanswered: a live server lists its
+# models at once, and a wrong address that accepts connections but never answers (another service,
+# a stopped process's port) would otherwise keep the client silent for the whole --request-timeout.
+PROBE_TIMEOUT_S = 30.0
+
+
 async def _served_models(session: aiohttp.ClientSession, config: BenchConfig) -> list[dict[str, Any]] | str:
-    """The entries of GET {base}/models, or why there are none."""
+    """The entries of GET {base}/models, or why there are none. No answer at all stops the run."""
     url = config.base_url + "/models"
+    waited = min(PROBE_TIMEOUT_S, config.request_timeout_s)
     try:
-        async with session.get(url, headers=config.headers) as response:
+        async with session.get(
+            url, headers=config.headers, timeout=aiohttp.ClientTimeout(total=waited)
+        ) as response:
             payload: Any = await response.json(content_type=None)
+    except TimeoutError:  # (asyncio's, which aiohttp raises, is this one from Python 3.11)
+        raise SetupError(
+            f"GET {url} got no answer in {waited:g} s: is a server listening at --base-url {config.base_url}?"
+        ) from None
     except (aiohttp.ClientError, OSError, ValueError) as exc:
         return f"GET {url} failed: {exc}"
     models = payload.get("data") if isinstance(payload, dict) else None
