@@ -4,7 +4,9 @@ port (the core's side of it: tests/test_core_loop_front_ends.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import multiprocessing
 import os
 import re
@@ -349,6 +351,41 @@ def test_a_scrape_skips_the_metrics_file_a_starting_process_is_creating(tmp_path
     assert re.search(r'^batchlm_requests_total\{outcome="stop"\} 3\.0$', text, re.M), text
 
 
+# A process serving /metrics in multiprocess mode whose engine snapshot counts argv[2] generated
+# tokens; it prints what it answers.
+SCRAPE_WITH_SNAPSHOT = """
+import sys
+from batchlm.server.metrics import share_metrics_between_processes
+share_metrics_between_processes(sys.argv[1])
+from batchlm.core.facts import EngineStats
+from batchlm.server.metrics import ServerMetrics
+
+class Engine:
+    is_ready, is_dead = True, False
+
+    def stats(self):
+        return EngineStats(generation_tokens_total=int(sys.argv[2]), prompt_tokens_total=7)
+
+print(ServerMetrics(Engine()).render().decode())
+"""
+
+
+def test_engine_counters_never_go_down_between_scrapes_of_different_processes(tmp_path: Path) -> None:
+    """Each process's snapshot of the core lags by its own few milliseconds: a scrape answered by one
+    that lags more must not show a counter lower than the last scrape did (Prometheus: a reset)."""
+
+    def scrape(generated: int) -> str:
+        command = [sys.executable, "-c", SCRAPE_WITH_SNAPSHOT, str(tmp_path), str(generated)]
+        return subprocess.run(command, check=True, timeout=60, capture_output=True, text=True).stdout
+
+    assert re.search(r"^batchlm_generation_tokens_total 100\.0$", scrape(100), re.M)
+    lagging = scrape(90)
+    assert re.search(r"^batchlm_generation_tokens_total 100\.0$", lagging, re.M), lagging
+    assert re.search(r"^batchlm_prompt_tokens_total 7\.0$", lagging, re.M), lagging
+    assert "counter_marks" not in lagging
+    assert re.search(r"^batchlm_generation_tokens_total 120\.0$", scrape(120), re.M)
+
+
 @linux_only
 def test_disconnects_in_every_process_abort_their_requests_in_the_engine(
     two_servers: tuple[ServeProcess, str],
@@ -408,6 +445,47 @@ class _Child:
 
     def is_alive(self) -> bool:
         return self._process.poll() is None
+
+
+class _Exited:
+    """An API-server process that has exited with `exitcode`."""
+
+    pid = None
+
+    def __init__(self, exitcode: int) -> None:
+        self.exitcode = exitcode
+
+    def is_alive(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize(("engine_stopped", "exitcode"), [(False, -9), (True, 0)])
+def test_an_api_server_exit_is_an_error_only_while_the_engine_serves(
+    engine_stopped: bool, exitcode: int, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Once the engine has stopped every API server exits by design: no error that says the others
+    keep serving."""
+    monkeypatch.setattr("batchlm.server.api_servers.MONITOR_INTERVAL_S", 0.0)
+    pool = ApiServerPool(ServerSettings(), EngineConfig(model="unused"))
+    status, _ = multiprocessing.Pipe(duplex=False)
+    pool._members.append(_Member(1, _Exited(exitcode), status))  # type: ignore[arg-type]
+
+    async def watch_until_seen() -> None:
+        monitor = asyncio.ensure_future(pool.monitor(lambda: engine_stopped))
+        while 1 not in pool._reported_exit:
+            await asyncio.sleep(0)
+        monitor.cancel()
+
+    with caplog.at_level(logging.INFO, logger="batchlm.server.api_servers"):
+        asyncio.run(watch_until_seen())
+    [record] = [r for r in caplog.records if r.name == "batchlm.server.api_servers"]
+    if engine_stopped:
+        assert (
+            record.levelno == logging.INFO
+            and record.getMessage() == "API server 1 exited: the engine stopped"
+        )
+    else:
+        assert record.levelno == logging.ERROR and "exited unexpectedly (exit code -9)" in record.getMessage()
 
 
 @linux_only

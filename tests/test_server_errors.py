@@ -301,6 +301,26 @@ def test_internal_errors_are_500_without_details_and_the_server_keeps_serving(
     assert metric_value(text, "batchlm_requests_total", 'outcome="client_disconnect"') is None
 
 
+def test_an_internal_error_is_logged_once_with_the_request_id(
+    server: BackgroundServer, engine: FakeEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine.unexpected_error = RuntimeError("an engine bug")
+    try:
+        with caplog.at_level("ERROR"):
+            response = httpx.post(
+                f"{server.base_url}/v1/chat/completions", json=CHAT, headers={"X-Request-Id": "trace-42"}
+            )
+            error_of(response, 500)
+            # Served after the failed request's last step on the server's loop, uvicorn's logging of
+            # the error it saw re-raised among them.
+            assert httpx.get(f"{server.base_url}/health").status_code == 200
+    finally:
+        engine.unexpected_error = None
+    tracebacks = [r for r in caplog.records if r.exc_info and "an engine bug" in str(r.exc_info[1])]
+    assert len(tracebacks) == 1, [r.getMessage() for r in tracebacks]
+    assert "trace-42" in tracebacks[0].getMessage()
+
+
 def test_errors_are_counted_by_status(server: BackgroundServer) -> None:
     post(server, "/v1/chat/completions", {**CHAT, "n": 0})
     text = httpx.get(f"{server.base_url}/metrics").text

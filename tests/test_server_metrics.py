@@ -10,6 +10,7 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry, Histogram
 
+from batchlm.core.facts import EngineStats
 from batchlm.outputs import CompletionOutput, FinishReason, RequestMetrics, RequestOutput
 from batchlm.server.background import BackgroundServer
 from batchlm.server.metrics import (
@@ -80,6 +81,31 @@ def test_running_requests_show_in_the_gauges() -> None:
         assert metric_value(text, "batchlm_num_requests_running") == 1
         assert metric_value(text, "batchlm_kv_cache_usage_ratio") == 0.125
         assert metric_value(text, "batchlm_requests_in_flight") == 1
+
+
+class DiedWhileBusy(FakeEngine):
+    """A dead engine whose last snapshot, from before it died, counted work in progress."""
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=3,
+            num_waiting=2,
+            kv_cache_usage=0.5,
+            prompt_tokens_total=40,
+            generation_tokens_total=9,
+        )
+
+
+def test_a_dead_engine_shows_no_running_requests_and_keeps_its_counts() -> None:
+    engine = DiedWhileBusy()
+    engine.kill()
+    text = ServerMetrics(engine).render().decode()
+    assert metric_value(text, "batchlm_engine_ready") == 0
+    assert metric_value(text, "batchlm_num_requests_running") == 0
+    assert metric_value(text, "batchlm_num_requests_waiting") == 0
+    assert metric_value(text, "batchlm_kv_cache_usage_ratio") == 0
+    assert metric_value(text, "batchlm_prompt_tokens_total") == 40
+    assert metric_value(text, "batchlm_generation_tokens_total") == 9
 
 
 def test_each_app_has_its_own_registry() -> None:
@@ -171,6 +197,20 @@ def test_stats_line_reports_throughput_and_stays_silent_when_idle(caplog: Any) -
     assert "KV cache usage: 12.5%" in line and "prefix cache hit rate: 2.5%" in line
     engine._active.clear()
     assert stats_logger.log_once() is None  # no new tokens, nothing running
+
+
+def test_the_first_stats_line_takes_its_rates_over_the_time_since_the_engine_became_ready() -> None:
+    now = [0.0]
+    engine = FakeEngine(ready=False)
+    stats_logger = StatsLogger(engine, interval_s=10.0, clock=lambda: now[0])
+    now[0] = 100.0  # a long load, ticked through by the logger
+    assert stats_logger.log_once() is None
+    engine._ready = True
+    engine._prompt_tokens, engine._generated_tokens = 40, 80
+    now[0] = 110.0
+    line = stats_logger.log_once()
+    assert line is not None
+    assert "prompt throughput: 4.0 tokens/s" in line and "generation throughput: 8.0 tokens/s" in line
 
 
 def test_one_debug_line_per_request(server: BackgroundServer, caplog: Any) -> None:

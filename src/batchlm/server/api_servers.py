@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -143,9 +144,10 @@ class ApiServerPool:
             if isinstance(status, ApiServerFailed) and not self._stopping:  # stopped while starting: fine
                 raise RuntimeError(f"API server {member.index} failed to start: {status.reason}")
 
-    async def monitor(self) -> None:
+    async def monitor(self, engine_stopped: Callable[[], bool]) -> None:
         """Log an API server that exits while the pool is not stopping (the others carry on serving
-        the port: the kernel stops sending connections to a closed socket)."""
+        the port: the kernel stops sending connections to a closed socket). Once the engine has
+        stopped, each exits by design (its own log says so) and none serves any more."""
         while True:
             await asyncio.sleep(MONITOR_INTERVAL_S)
             for member in self._members:
@@ -153,6 +155,9 @@ class ApiServerPool:
                     continue
                 self._reported_exit.add(member.index)
                 _forget_metrics_of(member.process)
+                if engine_stopped():
+                    logger.info("API server %d exited: the engine stopped", member.index)
+                    continue
                 logger.error(
                     "API server %d exited unexpectedly (exit code %s); the other processes keep serving",
                     member.index,

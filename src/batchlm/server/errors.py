@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -104,6 +104,20 @@ def error_response(error: APIError, observe: ErrorObserver) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers or None)
 
 
+# Set on an error whose traceback is in the log already (with the request's id): uvicorn logs the
+# error Starlette re-raises once more, and that second traceback says nothing new.
+_LOGGED = "_batchlm_logged"
+
+
+def mark_logged(error: BaseException) -> None:
+    with suppress(AttributeError):  # an exception type without attributes of its own
+        setattr(error, _LOGGED, True)
+
+
+def was_logged(error: object) -> bool:
+    return getattr(error, _LOGGED, False) is True
+
+
 class ClientDisconnected(Exception):
     """The client went away before the response was complete (nothing more can be sent)."""
 
@@ -129,6 +143,7 @@ def install_error_handlers(app: FastAPI, observe: ErrorObserver) -> None:
         logger.exception(
             "unhandled error serving %s %s (X-Request-Id %s)", request.method, request.url.path, request_id
         )
+        mark_logged(exc)
         # Sent from outside every middleware (Starlette's last resort), so the id is added here.
         # Starlette re-raises the error once this answer is sent, and uvicorn then closes the
         # connection: said here, a client does not send its next request down it and get a reset.

@@ -35,7 +35,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
-from batchlm.server.errors import RETRY_AFTER_S, APIError, ErrorObserver, error_response
+from batchlm.server.errors import RETRY_AFTER_S, APIError, ErrorObserver, error_response, was_logged
 from batchlm.server.middleware import RequestIdEchoMiddleware
 from batchlm.server.request_ids import REQUEST_ID, new_request_id, sent_request_id
 from batchlm.server.shared_deadline import SharedDeadline
@@ -58,6 +58,8 @@ CAP_WARNING_INTERVAL_S = 60.0
 PARSER_WARNING_INTERVAL_S = 60.0
 # What uvicorn logs, unthrottled, for each request its parser refuses (ParserRefusals logs instead).
 UVICORN_PARSER_WARNING = "Invalid HTTP request received."
+# What uvicorn logs, with the traceback, for an error the app raised.
+UVICORN_APP_ERROR = "Exception in ASGI application\n"
 
 
 class ThrottledWarning:
@@ -100,7 +102,8 @@ class ParserRefusals(ThrottledWarning):
 
 class _WithoutParserWarning(logging.LoggerAdapter[logging.Logger]):
     """uvicorn's logger for a connection, less its warning for each request the parser refuses (which
-    ParserRefusals logs, throttled); every other record passes."""
+    ParserRefusals logs, throttled) and its traceback of an error the app logged already, with the
+    request's id (errors.mark_logged); every other record passes."""
 
     @property
     def level(self) -> int:  # uvicorn reads it to skip its trace records
@@ -108,6 +111,8 @@ class _WithoutParserWarning(logging.LoggerAdapter[logging.Logger]):
 
     def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
         if level == logging.WARNING and msg == UVICORN_PARSER_WARNING:
+            return
+        if level == logging.ERROR and msg == UVICORN_APP_ERROR and was_logged(kwargs.get("exc_info")):
             return
         super().log(level, msg, *args, **kwargs)
 

@@ -37,7 +37,7 @@ class ExtraApiServers(Protocol):
 
     async def wait_ready(self) -> None: ...
 
-    async def monitor(self) -> None: ...
+    async def monitor(self, engine_stopped: Callable[[], bool]) -> None: ...
 
     def begin_stop(self) -> None: ...
 
@@ -205,7 +205,7 @@ async def serve(
             server.should_exit = True
             return
         if api_servers is not None:
-            monitor = asyncio.ensure_future(api_servers.monitor())
+            monitor = asyncio.ensure_future(api_servers.monitor(lambda: engine.is_dead))
         log_phase(logger, "engine start (tokenizer, engine core)", time.perf_counter() - started)
         freeze_startup_objects()
         log_uptime(logger, "front end: ready")

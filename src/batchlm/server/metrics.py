@@ -9,7 +9,8 @@ import logging
 import os
 import time
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from prometheus_client import (
@@ -71,10 +72,12 @@ def prefix_cache_hit_rate(stats: EngineStats) -> float:
 
 
 class EngineStatsCollector:
-    """Reads the engine's snapshot on every scrape, so gauges are never stale and counters never drift."""
+    """Reads the engine's snapshot on every scrape, so gauges are never stale and counters never drift.
+    With `marks` (several processes serving), each counter is the highest any process has reported."""
 
-    def __init__(self, engine: EngineClient) -> None:
+    def __init__(self, engine: EngineClient, marks: SharedCounterMarks | None = None) -> None:
         self._engine = engine
+        self._marks = marks
 
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily("batchlm_engine_ready", "1 when the engine serves requests.", self._ready())
@@ -83,6 +86,9 @@ class EngineStatsCollector:
         except Exception:  # a loading or dead engine has no stats; the other metrics still matter
             logger.debug("engine stats unavailable", exc_info=True)
             return
+        if self._engine.is_dead:
+            # Its last snapshot still counts the requests it held then; a dead engine holds none.
+            stats = replace(stats, num_running=0, num_waiting=0, kv_cache_usage=0.0)
         for name, doc, stat in ENGINE_GAUGES:
             yield GaugeMetricFamily(name, doc, value=getattr(stats, stat))
         yield GaugeMetricFamily(
@@ -96,31 +102,73 @@ class EngineStatsCollector:
             )
             blocks.add_metric([str(stats.kv_cache_bits)], stats.kv_cache_blocks)
             yield blocks
+        counters = {stat: float(getattr(stats, stat)) for _, _, stat in ENGINE_COUNTERS}
+        if self._marks is not None:
+            counters = self._marks.highest(counters)
         for name, doc, stat in ENGINE_COUNTERS:
-            yield CounterMetricFamily(name, doc, value=getattr(stats, stat))
+            yield CounterMetricFamily(name, doc, value=counters[stat])
 
     def _ready(self) -> float:
         return 1.0 if self._engine.is_ready and not self._engine.is_dead else 0.0
 
 
+# The engine counters' highest values reported so far, by EngineStats field: kept in the shared
+# directory, read by every process, and left out of what /metrics shows.
+COUNTER_MARKS = "batchlm_engine_counter_marks"
+
+
+class SharedCounterMarks:
+    """Each process's snapshot of the engine's counters lags the core by its own few milliseconds, so
+    consecutive scrapes answered by different processes could see a counter go down: Prometheus takes
+    that for a reset and rate() jumps by the counter's whole value. Every process records what it
+    reports in a gauge the processes share (its highest wins), and reports that highest value."""
+
+    def __init__(self, directory: str) -> None:
+        self._directory = Path(directory)
+        # Created in multiprocess mode (the caller runs after share_metrics_between_processes).
+        self._gauge = Gauge(
+            COUNTER_MARKS, "Engine counters as reported.", ["stat"], registry=None, multiprocess_mode="max"
+        )
+
+    def highest(self, counters: dict[str, float]) -> dict[str, float]:
+        """Record this process's values, then return each counter's highest over all processes."""
+        for stat, value in counters.items():
+            self._gauge.labels(stat=stat).set(value)
+        highest = dict(counters)
+        for metric in merge_shared(self._directory, "gauge_max_*.db"):
+            if metric.name != COUNTER_MARKS:
+                continue
+            for sample in metric.samples:
+                name = sample.labels.get("stat")
+                if name is not None and name in highest:
+                    highest[name] = max(highest[name], sample.value)
+        return highest
+
+
 class SharedMetricsCollector:
-    """prometheus_client's multiprocess merge over the processes' files, skipping a file another
-    process is creating this instant (still empty: the library's own collector fails the whole scrape
-    on it) and retrying once when a file disappears under it (an exited process's gauges removed)."""
+    """prometheus_client's multiprocess merge over the processes' files (merge_shared), less the
+    counter marks (SharedCounterMarks), which the engine's counters report."""
 
     def __init__(self, directory: str) -> None:
         self._directory = Path(directory)
 
     def collect(self) -> Iterable[Metric]:
-        for attempt in range(2):
-            files = [str(path) for path in self._directory.glob("*.db") if _size(path) >= 8]
-            try:
-                merged: list[Metric] = multiprocess.MultiProcessCollector.merge(files, accumulate=True)
-                return merged
-            except FileNotFoundError:
-                if attempt:
-                    raise
-        return []
+        return [metric for metric in merge_shared(self._directory) if metric.name != COUNTER_MARKS]
+
+
+def merge_shared(directory: Path, pattern: str = "*.db") -> list[Metric]:
+    """The metrics of the processes' files matching `pattern`, merged, skipping a file another
+    process is creating this instant (still empty: the library's own collector fails the whole scrape
+    on it) and retrying once when a file disappears under it (an exited process's gauges removed)."""
+    for attempt in range(2):
+        files = [str(path) for path in directory.glob(pattern) if _size(path) >= 8]
+        try:
+            merged: list[Metric] = multiprocess.MultiProcessCollector.merge(files, accumulate=True)
+            return merged
+        except FileNotFoundError:
+            if attempt:
+                raise
+    return []
 
 
 def _size(path: Path) -> int:
@@ -151,7 +199,8 @@ class ServerMetrics:
         # Set when several processes serve (share_metrics_between_processes): a scrape then sums the
         # request metrics of all of them; the engine's own figures are the same in each.
         self._shared_dir = os.environ.get(MULTIPROCESS_DIR_ENV)
-        self._engine_stats = EngineStatsCollector(engine)
+        marks = None if self._shared_dir is None else SharedCounterMarks(self._shared_dir)
+        self._engine_stats = EngineStatsCollector(engine, marks)
         reg = self.registry
         self.requests = Counter("batchlm_requests", "Requests by outcome.", ["outcome"], registry=reg)
         self.in_flight = Gauge(
@@ -282,11 +331,14 @@ class RequestRecorder:
 class StatsLogger:
     """Writes one INFO line per interval while the engine has work or produced tokens; silent when idle."""
 
-    def __init__(self, engine: EngineClient, interval_s: float) -> None:
+    def __init__(
+        self, engine: EngineClient, interval_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._engine = engine
         self._interval_s = interval_s
+        self._clock = clock
         self._last: EngineStats | None = None
-        self._last_time = time.monotonic()
+        self._last_time = clock()
 
     async def run(self) -> None:
         while True:
@@ -299,9 +351,11 @@ class StatsLogger:
     def log_once(self) -> str | None:
         """Log and return the line, or None when there was nothing to report."""
         if not self._engine.is_ready:
+            # The first line's rates are over the time since the engine became ready, not its loading.
+            self._last_time = self._clock()
             return None
         stats = self._engine.stats()
-        now = time.monotonic()
+        now = self._clock()
         previous = self._last or EngineStats()
         elapsed = max(now - self._last_time, 1e-9)
         self._last, self._last_time = stats, now
