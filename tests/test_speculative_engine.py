@@ -105,6 +105,38 @@ def test_stop_strings_end_inside_accepted_drafts(model_dir: Path) -> None:
     assert llm.engine_core.scheduler.stats().spec_accepted_tokens_total > 0
 
 
+def test_stop_tokens_and_max_tokens_end_inside_accepted_drafts(model_dir: Path) -> None:
+    """A stop token id, or max_tokens, reached among accepted drafts ends the request there, with the
+    tokens, logprobs and finish reason of plain decoding. The engine has already generated this text
+    once, so the n-gram pool drafts all of it: each step accepts several tokens, and the stop and the
+    limit fall inside those runs."""
+    greedy = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
+    [[(tokens, _, _, _)]] = _run(_llm(model_dir, "off"), [LOOPING], [greedy])
+    first: dict[int, int] = {}
+    for index, token in enumerate(tokens):
+        first.setdefault(token, index)
+    stop_token = max(first, key=first.__getitem__)  # the token that first occurs latest
+    end = first[stop_token]
+    assert end > 40
+    params = [
+        SamplingParams(
+            temperature=0.0, max_tokens=100, ignore_eos=True, stop_token_ids=[stop_token], logprobs=1
+        ),
+        SamplingParams(temperature=0.0, max_tokens=end - 3, ignore_eos=True, logprobs=1),
+    ]
+    plain = _run(_llm(model_dir, "off"), [LOOPING, LOOPING], params)
+    llm = _llm(model_dir, "ngram")
+    _run(llm, [LOOPING], [greedy])
+    steps = llm.engine_core.num_steps
+    spec = _run(llm, [LOOPING, LOOPING], params)
+    _same_tokens(plain, spec)
+    [[(stopped, _, stop_reason, stop_logprobs)], [(cut, _, cut_reason, cut_logprobs)]] = spec
+    assert (len(stopped), stopped[-1], stop_reason) == (end + 1, stop_token, "stop")
+    assert (len(cut), cut_reason) == (end - 3, "length")
+    assert len(stop_logprobs) == len(stopped) and len(cut_logprobs) == len(cut)
+    assert llm.engine_core.num_steps - steps < end // 2
+
+
 def test_structured_outputs_and_penalties_do_not_speculate(model_dir: Path) -> None:
     schema = StructuredOutputs(json=json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}}))
     params = [

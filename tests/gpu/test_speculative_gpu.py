@@ -62,6 +62,71 @@ def test_same_tokens_with_speculation(engines: dict[str, LLM], scheduling: str) 
     assert spec.engine_core.async_scheduling == (scheduling == "on")
 
 
+def _outputs(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> list[Any]:
+    """Each choice's (token ids, finish reason, logprob of each token) and the prompt's logprobs."""
+    outputs = llm.generate(prompts, params)
+    scheduler = llm.engine_core.scheduler
+    assert scheduler.num_free_blocks == scheduler.num_total_blocks
+    return [
+        (
+            [
+                (
+                    c.token_ids,
+                    c.finish_reason,
+                    None if c.logprobs is None else [e.logprob for e in c.logprobs],
+                )
+                for c in output.outputs
+            ],
+            None
+            if output.prompt_logprobs is None
+            else [None if e is None else e.logprob for e in output.prompt_logprobs],
+        )
+        for output in outputs
+    ]
+
+
+@pytest.mark.parametrize("scheduling", ["off", "on"])
+def test_stops_limits_logprobs_and_biases_with_speculation(engines: dict[str, LLM], scheduling: str) -> None:
+    """A stop token or max_tokens reached inside a run of accepted drafts, a logprob for every accepted
+    token, logit_bias and min_tokens at every draft position, prompt logprobs: what plain decoding gives
+    (logprobs to float rounding). The prompt runs first once, so the n-gram pool drafts all of it."""
+    spec, plain = engines[f"ngram-{scheduling}"], engines[f"off-{scheduling}"]
+    greedy = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
+    [[(tokens, _)]] = generated_tokens(plain, [LOOPING], [greedy])
+    first: dict[int, int] = {}
+    for index, token in enumerate(tokens):
+        first.setdefault(token, index)
+    stop_token = max(first, key=first.__getitem__)  # the token that first occurs latest
+    end = first[stop_token]
+    params = [
+        SamplingParams(
+            temperature=0.0, max_tokens=100, ignore_eos=True, stop_token_ids=[stop_token], logprobs=2
+        ),
+        SamplingParams(temperature=0.0, max_tokens=max(end - 3, 1), ignore_eos=True, logprobs=0),
+        SamplingParams(
+            temperature=0.0, max_tokens=60, ignore_eos=True, logit_bias={tokens[3]: 1.5}, logprobs=1
+        ),
+        SamplingParams(temperature=0.8, seed=5, max_tokens=60, min_tokens=20, logprobs=1),
+        SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, prompt_logprobs=2),
+    ]
+    prompts = [LOOPING] * len(params)
+    generated_tokens(spec, [LOOPING], [greedy])
+    before = spec.engine_core.scheduler.stats().spec_accepted_tokens_total
+    expected, got = _outputs(plain, prompts, params), _outputs(spec, prompts, params)
+    assert spec.engine_core.scheduler.stats().spec_accepted_tokens_total > before
+    for (choices, prompt_logprobs), (choices2, prompt_logprobs2) in zip(expected, got, strict=True):
+        for (ids, finish, logprobs), (ids2, finish2, logprobs2) in zip(choices, choices2, strict=True):
+            assert (ids, finish) == (ids2, finish2)
+            assert logprobs2 is None or len(logprobs2) == len(ids2)
+            assert logprobs2 == (None if logprobs is None else pytest.approx(logprobs, abs=1e-3))
+        assert prompt_logprobs2 == (
+            None if prompt_logprobs is None else pytest.approx(prompt_logprobs, abs=1e-3)
+        )
+    [stopped, cut] = [choices[0] for choices, _ in got[:2]]
+    assert (len(stopped[0]), stopped[1]) == (end + 1, "stop")
+    assert (len(cut[0]), cut[1]) == (max(end - 3, 1), "length")
+
+
 def test_single_request_decodes_in_fewer_steps(engines: dict[str, LLM]) -> None:
     params = [SamplingParams(temperature=0.0, max_tokens=150, ignore_eos=True)]
     spec, plain = engines["ngram-off"], engines["off-off"]
