@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -211,6 +212,47 @@ def test_the_first_stats_line_takes_its_rates_over_the_time_since_the_engine_bec
     line = stats_logger.log_once()
     assert line is not None
     assert "prompt throughput: 4.0 tokens/s" in line and "generation throughput: 8.0 tokens/s" in line
+
+
+class _SnapshotEngine:
+    is_ready = True
+
+    def __init__(self) -> None:
+        self.snapshot = EngineStats()
+
+    def stats(self) -> EngineStats:
+        return self.snapshot
+
+
+def test_the_stats_line_reports_the_intervals_drafts() -> None:
+    engine = _SnapshotEngine()
+    ticks = iter(range(0, 1000, 10))
+    stats_logger = StatsLogger(engine, interval_s=10.0, clock=lambda: float(next(ticks)))  # type: ignore[arg-type]
+    engine.snapshot = EngineStats(
+        generation_tokens_total=50,
+        spec_proposed_tokens_total=40,
+        spec_accepted_tokens_total=30,
+        spec_drafts_total=10,
+    )
+    line = stats_logger.log_once()
+    assert line is not None and line.endswith(
+        "drafts: 30 of 40 tokens accepted (75.0%), mean acceptance length 4.00"
+    )
+    # The next interval: 8 drafted, 2 accepted in 4 drafts; then one without drafts says nothing of them.
+    engine.snapshot = replace(
+        engine.snapshot,
+        generation_tokens_total=60,
+        spec_proposed_tokens_total=48,
+        spec_accepted_tokens_total=32,
+        spec_drafts_total=14,
+    )
+    line = stats_logger.log_once()
+    assert line is not None and line.endswith(
+        "drafts: 2 of 8 tokens accepted (25.0%), mean acceptance length 1.50"
+    )
+    engine.snapshot = replace(engine.snapshot, generation_tokens_total=70)
+    line = stats_logger.log_once()
+    assert line is not None and "drafts" not in line
 
 
 def test_one_debug_line_per_request(server: BackgroundServer, caplog: Any) -> None:

@@ -110,7 +110,7 @@ class _Engine:
     is_dead = False
 
     def stats(self) -> EngineStats:
-        return EngineStats(spec_proposed_tokens_total=40, spec_accepted_tokens_total=25)
+        return EngineStats(spec_proposed_tokens_total=40, spec_accepted_tokens_total=25, spec_drafts_total=10)
 
 
 def test_metrics_expose_proposed_and_accepted_drafts() -> None:
@@ -119,3 +119,4 @@ def test_metrics_expose_proposed_and_accepted_drafts() -> None:
     text = generate_latest(registry).decode()
     assert "batchlm_spec_proposed_tokens_total 40.0" in text
     assert "batchlm_spec_accepted_tokens_total 25.0" in text
+    assert "batchlm_spec_drafts_total 10.0" in text

@@ -63,6 +63,9 @@ def test_greedy_is_identical_and_drafts_are_accepted(model_dir: Path) -> None:
     stats = llm.engine_core.scheduler.stats()
     assert stats.spec_accepted_tokens_total >= 40
     assert stats.spec_proposed_tokens_total > stats.spec_accepted_tokens_total
+    # Each draft holds one or more of the proposed tokens, and 4 requests verify at most 4 a step.
+    assert 0 < stats.spec_drafts_total <= stats.spec_proposed_tokens_total
+    assert stats.spec_drafts_total <= 4 * llm.engine_core.num_steps
 
 
 def test_one_request_takes_fewer_steps(model_dir: Path) -> None:

@@ -48,9 +48,11 @@ class EngineStats:
     # (a front end's own count would miss what other front ends sharing the engine sent).
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
-    # Speculative decoding: draft tokens verified and accepted, cumulative.
+    # Speculative decoding: draft tokens verified and accepted, and the drafts (one request's run of
+    # draft tokens in one verify step) they came in, cumulative.
     spec_proposed_tokens_total: int = 0
     spec_accepted_tokens_total: int = 0
+    spec_drafts_total: int = 0
     # The KV cache's size in blocks and bits per element (8: FP8), 0 where unknown.
     kv_cache_blocks: int = 0
     kv_cache_bits: int = 0

@@ -147,6 +147,7 @@ class Scheduler:
             generation_tokens_total=self._generation_tokens_total,
             spec_proposed_tokens_total=speculator.num_proposed_total if speculator else 0,
             spec_accepted_tokens_total=speculator.num_accepted_total if speculator else 0,
+            spec_drafts_total=speculator.num_verify_steps_total if speculator else 0,
         )
 
     def schedule(self) -> SchedulerOutput:

@@ -47,6 +47,8 @@ ENGINE_COUNTERS = (
      "spec_proposed_tokens_total"),
     ("batchlm_spec_accepted_tokens", "Draft tokens accepted by speculative decoding.",
      "spec_accepted_tokens_total"),
+    ("batchlm_spec_drafts", "Drafts verified by speculative decoding (a request's draft tokens in one step; "
+     "accepted tokens / drafts + 1 is the mean tokens a draft's step gives).", "spec_drafts_total"),
     ("batchlm_prefix_cache_queries", "Tokens looked up in the prefix cache (prompts, and a preempted request's tokens recomputed).", "prefix_cache_queries"),
     ("batchlm_prefix_cache_hits", "Prompt tokens found in the prefix cache.", "prefix_cache_hits"),
     ("batchlm_num_preemptions", "Requests preempted for lack of KV blocks.", "num_preemptions"),
@@ -370,6 +372,21 @@ class StatsLogger:
             f"generation throughput: {generated_tokens / elapsed:.1f} tokens/s, "
             f"running: {stats.num_running} reqs, waiting: {stats.num_waiting} reqs, "
             f"KV cache usage: {stats.kv_cache_usage:.1%}, prefix cache hit rate: {hit_rate:.1%}"
+            + _speculation_clause(stats, previous)
         )
         stats_log.info(line)
         return line
+
+
+def _speculation_clause(stats: EngineStats, previous: EngineStats) -> str:
+    """The interval's drafts, where there were any: the share of draft tokens accepted, and the mean
+    length of a draft's step (its accepted tokens plus the one it samples itself, as vLLM counts)."""
+    drafts = stats.spec_drafts_total - previous.spec_drafts_total
+    if drafts <= 0:
+        return ""
+    proposed = stats.spec_proposed_tokens_total - previous.spec_proposed_tokens_total
+    accepted = stats.spec_accepted_tokens_total - previous.spec_accepted_tokens_total
+    return (
+        f", drafts: {accepted} of {proposed} tokens accepted ({accepted / max(proposed, 1):.1%}), "
+        f"mean acceptance length {1 + accepted / drafts:.2f}"
+    )
