@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -11,7 +12,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 from batchlm.config import EngineConfig
 from batchlm.core.speculation import SpeculationConfig
 from batchlm.engine.client import EngineStats
-from batchlm.executor.core_builder import SPECULATIVE_MAX_BATCH, SPECULATIVE_POOL_TOKENS, resolve_speculation
+from batchlm.executor.core_builder import (
+    SPECULATIVE_MAX_BATCH,
+    SPECULATIVE_POOL_TOKENS,
+    build_engine_core,
+    resolve_speculation,
+)
 from batchlm.flags import add_engine_arguments, dataclass_from_args
 from batchlm.server.metrics import EngineStatsCollector
 
@@ -93,6 +99,30 @@ def test_speculation_tuned_by_name_under_tensor_parallelism_is_said_to_be_ignore
         ):
             resolve_speculation(quiet, "cpu")
         assert caplog.text == ""
+
+
+def test_a_tuning_value_the_mode_ignores_is_said_to_be_ignored(caplog: pytest.LogCaptureFixture) -> None:
+    # What the CLIs refuse among their flags, LLM(...) is told in the log, naming the flag.
+    for config, flag in (
+        (EngineConfig(speculative="off", num_speculative_tokens=3), "--num-speculative-tokens"),
+        (EngineConfig(speculative="ngram", speculative_max_batch=2), "--speculative-max-batch"),
+        (EngineConfig(speculative="off", speculative_pool_tokens=0), "--speculative-pool-tokens"),
+    ):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="batchlm.executor.core_builder"):
+            resolve_speculation(config, "cpu")
+        assert f"{flag} applies to --speculative " in caplog.text and caplog.text.rstrip().endswith("ignored")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="batchlm.executor.core_builder"):
+        resolve_speculation(
+            EngineConfig(speculative="ngram", num_speculative_tokens=3, speculative_pool_tokens=0), "cpu"
+        )
+    assert caplog.text == ""
+
+
+def test_speculation_values_out_of_range_are_refused_before_the_model_loads(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--num-speculative-tokens must be positive"):
+        build_engine_core(EngineConfig(num_speculative_tokens=0), tmp_path / "no-model-here")
 
 
 def test_flags() -> None:

@@ -177,6 +177,14 @@ class EngineConfig:
     # on a CPU, 0 on a GPU.
     speculative_pool_tokens: int | None = None
 
+    def speculation_conflict(self) -> str | None:
+        """A speculation tuning value given where --speculative makes it mean nothing (it would be
+        silently ignored), or None."""
+        return speculation_flag_conflict(
+            self.speculative,
+            {name: getattr(self, name) for name in SPECULATION_FLAGS},
+        )
+
     def with_updates(self, **changes: Any) -> EngineConfig:
         return replace(self, **changes)
 
@@ -188,3 +196,23 @@ class EngineConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+# Values that tune speculative decoding, and the --speculative modes each means something in.
+SPECULATION_FLAGS = {
+    "num_speculative_tokens": ("auto", "ngram"),
+    "speculative_max_batch": ("auto",),
+    "speculative_pool_tokens": ("auto", "ngram"),
+}
+
+
+def speculation_flag_conflict(speculative: str, values: dict[str, Any]) -> str | None:
+    """The first tuning value (by EngineConfig field) set where `speculative` ignores it, as a message
+    naming its flag; None when every value given applies."""
+    for name, modes in SPECULATION_FLAGS.items():
+        if values.get(name) is not None and speculative not in modes:
+            flag = "--" + name.replace("_", "-")
+            return (
+                f"{flag} applies to --speculative {' and '.join(modes)}, not to --speculative {speculative}"
+            )
+    return None

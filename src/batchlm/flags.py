@@ -250,19 +250,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-# Flags that tune speculative decoding, and the --speculative modes each means something in.
-SPECULATION_FLAGS = {
-    "num_speculative_tokens": ("auto", "ngram"),
-    "speculative_max_batch": ("auto",),
-    "speculative_pool_tokens": ("auto", "ngram"),
-}
-
-
 def engine_flag_conflicts(args: argparse.Namespace) -> str | None:
     """A flag given where the rest of the engine flags make it mean nothing (it would be silently
     ignored), or None."""
-    for name, modes in SPECULATION_FLAGS.items():
-        if getattr(args, name) is not None and args.speculative not in modes:
-            flag = "--" + name.replace("_", "-")
-            return f"{flag} applies to --speculative {' and '.join(modes)}, not to --speculative {args.speculative}"
-    return None
+    from batchlm.config import SPECULATION_FLAGS, speculation_flag_conflict
+
+    return speculation_flag_conflict(
+        args.speculative, {name: getattr(args, name) for name in SPECULATION_FLAGS}
+    )

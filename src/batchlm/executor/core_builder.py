@@ -87,9 +87,8 @@ SPECULATIVE_TOKENS = {"cpu": 7, "cuda": 4}
 SPECULATIVE_POOL_TOKENS = {"cpu": 65536, "cuda": 0}
 
 
-def resolve_speculation(config: EngineConfig, device: str) -> SpeculationConfig:
-    """The scheduler's speculation settings. Off under tensor parallelism (the workers' wire format
-    carries no draft tokens)."""
+def check_speculation(config: EngineConfig) -> None:
+    """Refuse speculation settings that are out of range, before the model loads."""
     if config.speculative not in SPECULATIVE_MODES:
         raise ValueError(
             f"--speculative must be one of {', '.join(SPECULATIVE_MODES)}, got {config.speculative!r}"
@@ -102,6 +101,17 @@ def resolve_speculation(config: EngineConfig, device: str) -> SpeculationConfig:
         raise ValueError(
             f"--speculative-pool-tokens must not be negative, got {config.speculative_pool_tokens}"
         )
+
+
+def resolve_speculation(config: EngineConfig, device: str) -> SpeculationConfig:
+    """The scheduler's speculation settings. Off under tensor parallelism (the workers' wire format
+    carries no draft tokens)."""
+    check_speculation(config)
+    conflict = config.speculation_conflict()
+    if conflict is not None:
+        # The CLIs refuse it among their flags; LLM(...) callers comparing modes with one set of
+        # values (benchmarks/speculative_*.py) are told the value does nothing here.
+        logger.warning("%s: ignored", conflict)
     mode = config.speculative if config.tensor_parallel_size == 1 else "off"
     asked = speculation_asked_for(config)
     if asked and mode == "off" and config.speculative != "off":
@@ -158,6 +168,7 @@ def build_scheduler(config: EngineConfig, info: ModelFacts, prefix_cache_salt: s
 def build_engine_core(config: EngineConfig, model_dir: Path) -> tuple[EngineCore, ModelFacts]:
     """Load the model, size the KV cache, and wire the scheduler to the runner (or TP workers)."""
     check_async_scheduling(config)
+    check_speculation(config)
     executor: Executor
     # Grammars compiled before their requests are scheduled (under tensor parallelism, on every rank).
     grammars: GrammarCompiles
