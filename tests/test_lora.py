@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,16 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from batchlm.models.loader import LoadedModel, load_model
-from batchlm.models.random_model import write_random_model
-from models_harness import Chunk, greedy_generate, hf_greedy, make_kv_caches, run_step
+from batchlm.models.random_model import TINY_CONFIG, write_random_model
+from models_harness import (
+    Chunk,
+    greedy_generate,
+    hf_greedy,
+    make_kv_caches,
+    run_ranks,
+    run_step,
+    thread_groups,
+)
 
 CPU = torch.device("cpu")
 RANK, ALPHA = 4, 8
@@ -141,9 +150,7 @@ def test_adapter_with_mismatched_shapes(base_dir: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"use_dora": True}, "DoRA"),
-        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
-        ({"bias": "all"}, "trains biases"),
+        ({"use_dora": True}, r"use_dora is set but model\.layers\.\d\.\w+\.\w+_proj has no lora_magnitude_vector"),
         ({"fan_in_fan_out": True}, "fan_in_fan_out"),
         # PEFT writes an alpha_pattern beside the expert parameters it adapts: the parameters are what to name.
         (
@@ -153,45 +160,333 @@ def test_adapter_with_mismatched_shapes(base_dir: Path, tmp_path: Path) -> None:
         ({"peft_type": "IA3"}, "IA3 adapter; only LoRA"),
         ({"layer_replication": [[0, 2], [1, 2]]}, "layer_replication"),
         ({"alora_invocation_tokens": [5, 6]}, "activated LoRA"),
+        # LoRA variants that save lora_A/lora_B but compute otherwise with them.
+        ({"use_bdlora": {"target_modules_bd_a": ["q_proj"], "nblocks": 2}}, "BD-LoRA"),
+        ({"kasa_config": {}}, None),  # an empty config is PEFT's "unused"
+        ({"kasa_config": {"svd_niter": 2}}, "KaSA"),
+        ({"arrow_config": {"top_k": 3}}, "Arrow"),
+        ({"monteclora_config": {"dirichlet_prior": 1.0}}, "MonteCLoRA"),
+        # A setting batchlm does not know may change the math: refused, named with its value.
+        ({"use_newlora": True, "lora_scaling_mode": "new"}, r"sets lora_scaling_mode='new', use_newlora=True, unknown"),
+        ({"use_newlora": False, "newlora_config": None}, None),
+        ({"mixing_config": {"a": 1}}, r"sets mixing_config=\{'a': 1\}, unknown"),
+        ({"unsloth_fixed": True, "trainer_notes": "run 7"}, None),  # bookkeeping: ignored, with a warning
+        ({"velora_config": {"rank": 4}, "ensure_weight_tying": True, "megatron_core": "x"}, None),
     ],
-)
+)  # fmt: skip
 def test_unsupported_adapter_features_are_named(
-    base_dir: Path, tmp_path: Path, config: dict, message: str
+    base_dir: Path, tmp_path: Path, config: dict, message: str | None
 ) -> None:
     write_adapter(tmp_path, config=config)
+    if message is None:
+        _load(base_dir, tmp_path)  # settings that leave the math alone are accepted
+        return
     with pytest.raises(ValueError, match=message):
         _load(base_dir, tmp_path)
 
 
-def test_embedding_lora_tensors_are_refused(base_dir: Path, tmp_path: Path) -> None:
+def test_unknown_bookkeeping_settings_are_named_in_a_warning(
+    base_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_adapter(tmp_path, config={"trainer_notes": "run 7", "unsloth_version": "2026.1"})
+    with caplog.at_level(logging.WARNING, logger="batchlm.models.lora"):
+        _load(base_dir, tmp_path)
+    assert "ignoring adapter_config.json settings unknown to batchlm: trainer_notes='run 7'" in caplog.text
+
+
+def _add_tensors(adapter: Path, extra: dict[str, torch.Tensor]) -> None:
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    save_file({**tensors, **extra}, str(adapter / "adapter_model.safetensors"))
+
+
+def test_tensors_of_other_methods_are_refused(base_dir: Path, tmp_path: Path) -> None:
     write_adapter(tmp_path)
-    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
-    tensors["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.zeros(RANK, 320)
-    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    _add_tensors(tmp_path, {"base_model.model.model.layers.0.self_attn.q_proj.lora_diag": torch.ones(RANK)})
+    with pytest.raises(ValueError, match=r"unsupported tensor '.*q_proj\.lora_diag'"):
+        _load(base_dir, tmp_path)
+
+
+def test_tensors_without_peft_prefix_are_named(base_dir: Path, tmp_path: Path) -> None:
+    write_adapter(tmp_path)
+    _add_tensors(tmp_path, {"model.layers.0.self_attn.k_proj.lora_A.weight": torch.ones(RANK, 64)})
     with pytest.raises(
-        ValueError, match=r"unsupported tensor 'base_model.model.model.embed_tokens.lora_embedding_A'"
+        ValueError, match=r"'model.layers.0.self_attn.k_proj.lora_A.weight' is not named as PEFT"
     ):
         _load(base_dir, tmp_path)
 
 
-def test_lm_head_adapter_on_tied_embeddings_is_refused(tmp_path: Path) -> None:
+def _merged_hf(base: Path, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """transformers' model of `base` with B @ A added to each module's weight (PEFT's merge)."""
+    hf = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for module, (a, b) in pairs.items():
+            hf.get_submodule(module).weight += ALPHA / RANK * b @ a
+    return hf
+
+
+def _assert_generates_as(loaded: LoadedModel, hf: Any) -> None:
+    prompt = [5, 17, 42, 99, 3, 250, 7]
+    ours, our_logprobs = greedy_generate(loaded, prompt, 12)
+    theirs, their_logprobs = hf_greedy(hf, prompt, 12)
+    assert ours == theirs
+    torch.testing.assert_close(our_logprobs, their_logprobs, atol=1e-4, rtol=0)
+
+
+def test_dora_merges_as_peft_does(base_dir: Path, tmp_path: Path) -> None:
+    # DoRA: W' = m * (W + s B A) / ||W + s B A||, the norm taken over each output row.
+    pairs = write_adapter(tmp_path, config={"use_dora": True})
+    gen = torch.Generator().manual_seed(7)
+    magnitudes = {module: torch.rand(out, generator=gen) + 0.5 for module, (out, _) in TARGETS.items()}
+    _add_tensors(tmp_path, {f"base_model.model.{m}.lora_magnitude_vector": v for m, v in magnitudes.items()})
+    hf = _merged_hf(base_dir, pairs)
+    with torch.no_grad():
+        for module, magnitude in magnitudes.items():
+            weight = hf.get_submodule(module).weight
+            weight *= (magnitude / weight.norm(dim=1))[:, None]
+    _assert_generates_as(_load(base_dir, tmp_path), hf)
+
+
+def test_dora_adapter_under_tensor_parallelism(base_dir: Path, tmp_path: Path) -> None:
+    # DoRA's row norms span the whole weight: the merge must precede the split into rank shares.
+    write_adapter(tmp_path, config={"use_dora": True, "modules_to_save": ["lm_head"]})
+    gen = torch.Generator().manual_seed(8)
+    extra = {
+        f"base_model.model.{m}.lora_magnitude_vector": torch.rand(out, generator=gen) + 0.5
+        for m, (out, _) in TARGETS.items()
+    }
+    extra["base_model.model.lm_head.weight"] = torch.randn(320, 64, generator=gen) * 0.2
+    _add_tensors(tmp_path, extra)
+    tokens, logprobs = greedy_generate(_load(base_dir, tmp_path), [5, 17, 42, 99], 8)
+    groups = thread_groups(2)
+    ranks = [
+        load_model(base_dir, torch.float32, CPU, adapter_path=str(tmp_path), progress=False, tp=group)
+        for group in groups
+    ]
+    for rank_tokens, rank_logprobs in run_ranks(
+        lambda rank: greedy_generate(ranks[rank], [5, 17, 42, 99], 8), 2
+    ):
+        assert rank_tokens == tokens
+        torch.testing.assert_close(rank_logprobs, logprobs, atol=1e-4, rtol=0)
+
+
+def test_dora_magnitudes_are_checked(base_dir: Path, tmp_path: Path) -> None:
+    module = "model.layers.0.self_attn.v_proj"
+    write_adapter(tmp_path, {module: TARGETS[module]})
+    _add_tensors(tmp_path, {f"base_model.model.{module}.lora_magnitude_vector": torch.ones(32)})
+    with pytest.raises(ValueError, match=r"v_proj has a DoRA lora_magnitude_vector but use_dora is not set"):
+        _load(base_dir, tmp_path)
+    write_adapter(tmp_path, {module: TARGETS[module]}, {"use_dora": True})
+    _add_tensors(tmp_path, {f"base_model.model.{module}.lora_magnitude_vector": torch.ones(64)})
+    with pytest.raises(ValueError, match=r"v_proj's lora_magnitude_vector is \[64\]; DoRA .* is \[32\]"):
+        _load(base_dir, tmp_path)
+
+
+def test_embedding_lora_merges_as_peft_does(base_dir: Path, tmp_path: Path) -> None:
+    # PEFT keeps an embedding's factors as lora_embedding_A [r, vocab] and lora_embedding_B
+    # [hidden, r]; its delta is (B @ A).T.
+    module = "model.layers.0.self_attn.q_proj"
+    pairs = write_adapter(tmp_path, {module: TARGETS[module]})
+    gen = torch.Generator().manual_seed(3)
+    emb_a, emb_b = torch.randn(RANK, 320, generator=gen) * 0.3, torch.randn(64, RANK, generator=gen) * 0.3
+    prefix = "base_model.model.model.embed_tokens"
+    _add_tensors(tmp_path, {f"{prefix}.lora_embedding_A": emb_a, f"{prefix}.lora_embedding_B": emb_b})
+    hf = _merged_hf(base_dir, pairs)
+    with torch.no_grad():
+        hf.model.embed_tokens.weight += ALPHA / RANK * (emb_b @ emb_a).T
+    _assert_generates_as(_load(base_dir, tmp_path), hf)
+
+
+def test_modules_to_save_replace_the_checkpoints_tensors(base_dir: Path, tmp_path: Path) -> None:
+    # PEFT saves a module of modules_to_save whole, as base_model.model.<module>.weight.
+    module = "model.layers.0.self_attn.q_proj"
+    pairs = write_adapter(
+        tmp_path, {module: TARGETS[module]}, {"modules_to_save": ["lm_head", "embed_tokens"]}
+    )
+    gen = torch.Generator().manual_seed(4)
+    head, embed = torch.randn(320, 64, generator=gen) * 0.2, torch.randn(320, 64, generator=gen)
+    _add_tensors(
+        tmp_path,
+        {"base_model.model.lm_head.weight": head, "base_model.model.model.embed_tokens.weight": embed},
+    )
+    hf = _merged_hf(base_dir, pairs)
+    with torch.no_grad():
+        hf.lm_head.weight.copy_(head)
+        hf.model.embed_tokens.weight.copy_(embed)
+    _assert_generates_as(_load(base_dir, tmp_path), hf)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize(
+    "indices", [[3, 5, 17, 250], {"embed_tokens": [3, 5, 17, 250]}], ids=["list", "dict"]
+)
+def test_trainable_token_rows_replace_the_embeddings(tmp_path: Path, tied: bool, indices: Any) -> None:
+    # trainable_token_indices: PEFT saves the new rows as <embedding>.token_adapter.trainable_tokens_delta
+    # and writes them over the embedding's (and, tied, the head's: the same tensor).
+    base = write_random_model(tmp_path / "base", "llama", {"tie_word_embeddings": tied}, seed=23)
+    module = "model.layers.0.self_attn.q_proj"
+    pairs = write_adapter(
+        tmp_path / "adapter", {module: TARGETS[module]}, {"trainable_token_indices": indices}
+    )
+    new_rows = torch.randn(4, 64, generator=torch.Generator().manual_seed(6))
+    key = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+    _add_tensors(tmp_path / "adapter", {key: new_rows})
+    hf = _merged_hf(base, pairs)
+    with torch.no_grad():
+        hf.model.embed_tokens.weight[[3, 5, 17, 250]] = new_rows
+    _assert_generates_as(_load(base, tmp_path / "adapter"), hf)
+
+
+def test_trainable_token_rows_must_match_their_indices(base_dir: Path, tmp_path: Path) -> None:
+    key = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+    write_adapter(tmp_path, config={"trainable_token_indices": [3, 5]})
+    _add_tensors(tmp_path, {key: torch.zeros(3, 64)})
+    with pytest.raises(ValueError, match=r"embed_tokens has \[3, 64\] trained rows for 2 token ids"):
+        _load(base_dir, tmp_path)
+    write_adapter(tmp_path, config={"trainable_token_indices": {"lm_head": [3, 5]}})
+    _add_tensors(tmp_path, {key: torch.zeros(2, 64)})
+    with pytest.raises(
+        ValueError, match=r"trainable_token_indices gives no list of token ids for model\.embed_tokens"
+    ):
+        _load(base_dir, tmp_path)
+    write_adapter(tmp_path, config={"trainable_token_indices": [3, 400]})
+    _add_tensors(tmp_path, {key: torch.zeros(2, 64)})
+    with pytest.raises(
+        ValueError, match=r"embed_tokens.weight is \[320, 64\] but the adapter trains rows \[3, 400\]"
+    ):
+        _load(base_dir, tmp_path)
+
+
+def test_trained_biases_replace_the_checkpoints(tmp_path: Path) -> None:
+    # bias="all"/"lora_only": PEFT saves an adapted layer's bias as <module>.base_layer.bias and
+    # (with "all") another layer's as <module>.bias.
+    base = write_random_model(tmp_path / "base", "qwen2", seed=22)
+    module = "model.layers.0.self_attn.q_proj"
+    pairs = write_adapter(tmp_path / "adapter", {module: TARGETS[module]}, {"bias": "all"})
+    gen = torch.Generator().manual_seed(5)
+    q_bias, v_bias = torch.randn(64, generator=gen), torch.randn(32, generator=gen)
+    _add_tensors(
+        tmp_path / "adapter",
+        {
+            f"base_model.model.{module}.base_layer.bias": q_bias,
+            "base_model.model.model.layers.1.self_attn.v_proj.bias": v_bias,
+        },
+    )
+    hf = _merged_hf(base, pairs)
+    with torch.no_grad():
+        hf.get_submodule(module).bias.copy_(q_bias)
+        hf.model.layers[1].self_attn.v_proj.bias.copy_(v_bias)
+    _assert_generates_as(_load(base, tmp_path / "adapter"), hf)
+
+
+def test_bias_for_a_layer_without_one_is_refused(base_dir: Path, tmp_path: Path) -> None:
+    write_adapter(tmp_path, config={"bias": "all"})
+    _add_tensors(
+        tmp_path, {"base_model.model.model.layers.0.self_attn.q_proj.base_layer.bias": torch.ones(64)}
+    )
+    with pytest.raises(
+        ValueError, match=r"module\(s\) the model lacks: model.layers.0.self_attn.q_proj.bias"
+    ):
+        _load(base_dir, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("targets", "extra", "named"),
+    [
+        ({"lm_head": (320, 64)}, {}, "lm_head"),
+        ({}, {"model.embed_tokens.lora_embedding_A": torch.zeros(RANK, 320),
+              "model.embed_tokens.lora_embedding_B": torch.zeros(64, RANK)}, "embed_tokens"),
+        ({}, {"model.embed_tokens.weight": torch.zeros(320, 64)}, "embed_tokens"),
+    ],
+    ids=["lm-head-lora", "embedding-lora", "saved-embedding"],
+)  # fmt: skip
+def test_adapting_tied_embeddings_is_refused(
+    tmp_path: Path, targets: dict, extra: dict[str, torch.Tensor], named: str
+) -> None:
+    # One tensor serves both ends there; PEFT changes one of them only.
     base = write_random_model(tmp_path / "base", "llama", {"tie_word_embeddings": True})
-    write_adapter(tmp_path / "adapter", {"lm_head": (320, 64)})
-    with pytest.raises(ValueError, match="lm_head of a model with tied embeddings"):
+    write_adapter(tmp_path / "adapter", {**targets, "model.layers.0.self_attn.q_proj": (64, 64)})
+    _add_tensors(tmp_path / "adapter", {f"base_model.model.{k}": v for k, v in extra.items()})
+    with pytest.raises(ValueError, match=f"adapting {named} of a model with tied embeddings"):
         _load(base, tmp_path / "adapter")
 
 
 def test_adapter_directory_problems(base_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"missing is not a directory"):
         _load(base_dir, tmp_path / "missing")
-    with pytest.raises(ValueError, match=r"no adapter_config\.json"):
+    with pytest.raises(ValueError, match=r"no adapter_config\.json \(expected a PEFT adapter directory"):
         _load(base_dir, tmp_path)
+    with pytest.raises(ValueError, match=r"no adapter_config\.json: it holds config\.json, a full model\?"):
+        _load(base_dir, base_dir)
     write_adapter(tmp_path)
-    (tmp_path / "adapter_model.safetensors").rename(tmp_path / "adapter_model.bin")
-    with pytest.raises(
-        ValueError, match=r"only adapter_model\.bin; batchlm needs adapter_model\.safetensors"
-    ):
+    (tmp_path / "adapter_model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"no adapter_model\.safetensors \(or adapter_model\.bin\)"):
         _load(base_dir, tmp_path)
+    (tmp_path / "adapter_model.bin").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match=r"adapter_model\.bin cannot be read"):
+        _load(base_dir, tmp_path)
+
+
+def test_hub_id_adapter_is_named_as_not_downloaded(base_dir: Path) -> None:
+    with pytest.raises(
+        ValueError, match=r"'someone/my-lora' is not a local directory; adapters are not downloaded"
+    ):
+        load_model(base_dir, torch.float32, CPU, adapter_path="someone/my-lora", progress=False)
+
+
+def test_adapter_path_expands_the_home_directory(
+    base_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_adapter(tmp_path / "lora")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    expected = _load(base_dir, tmp_path / "lora").model.model.layers[1].mlp.down_proj.weight
+    loaded = load_model(base_dir, torch.float32, CPU, adapter_path="~/lora", progress=False)
+    torch.testing.assert_close(loaded.model.model.layers[1].mlp.down_proj.weight, expected, rtol=0, atol=0)
+
+
+def test_pickled_adapter_loads_as_its_safetensors(base_dir: Path, tmp_path: Path) -> None:
+    # PEFT's save_pretrained(safe_serialization=False) writes adapter_model.bin.
+    write_adapter(tmp_path / "safe")
+    write_adapter(tmp_path / "pickled")
+    tensors = load_file(str(tmp_path / "pickled" / "adapter_model.safetensors"))
+    (tmp_path / "pickled" / "adapter_model.safetensors").unlink()
+    torch.save(tensors, tmp_path / "pickled" / "adapter_model.bin")
+    expected = _load(base_dir, tmp_path / "safe").model.model.layers[0].self_attn.qkv_proj.weight
+    got = _load(base_dir, tmp_path / "pickled").model.model.layers[0].self_attn.qkv_proj.weight
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq", "lora_ga"])
+def test_adapter_initialised_on_rewritten_base_weights_warns(
+    base_dir: Path, tmp_path: Path, init: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Unconverted, such an adapter is meant for the base model PEFT saved with it.
+    write_adapter(tmp_path, config={"init_lora_weights": init})
+    with caplog.at_level(logging.WARNING, logger="batchlm.models.lora"):
+        _load(base_dir, tmp_path)
+    assert f"init_lora_weights='{init}', which rewrites the base weights" in caplog.text
+    assert "path_initial_model_for_weight_conversion" in caplog.text
+
+
+@pytest.mark.parametrize("init", [True, False, "gaussian", "eva", "orthogonal"])
+def test_plain_initialisations_do_not_warn(
+    base_dir: Path, tmp_path: Path, init: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_adapter(tmp_path, config={"init_lora_weights": init})
+    with caplog.at_level(logging.WARNING, logger="batchlm.models.lora"):
+        _load(base_dir, tmp_path)
+    assert "rewrites the base weights" not in caplog.text
+
+
+def test_missing_lora_alpha_is_peft_default_not_r(base_dir: Path, tmp_path: Path) -> None:
+    # PEFT's LoraConfig takes lora_alpha=8 whatever r is.
+    module = "model.layers.1.mlp.down_proj"
+    pairs = write_adapter(tmp_path, {module: TARGETS[module]})
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    del config["lora_alpha"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    a, b = pairs[module]
+    expected = _base_tensor(base_dir, module) + 8 / RANK * b @ a
+    torch.testing.assert_close(_load(base_dir, tmp_path).model.model.layers[1].mlp.down_proj.weight, expected)
 
 
 def test_module_without_its_b_matrix(base_dir: Path, tmp_path: Path) -> None:
@@ -284,3 +579,40 @@ def test_phi3_adapter_on_fused_projections_matches_transformers(tmp_path: Path) 
     torch.testing.assert_close(our_logprobs, their_logprobs, atol=1e-4, rtol=0)
     _, base_logprobs = greedy_generate(_load(base), prompt, 12)
     assert not torch.allclose(base_logprobs, our_logprobs, atol=1e-2)  # the adapter took effect
+
+
+def test_adapter_of_a_multimodal_gemma3_names_its_text_modules_as_transformers_does(tmp_path: Path) -> None:
+    # PEFT names the text modules model.language_model.*; transformers writes the checkpoint with
+    # language_model.model.* (as the published ones are).
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    text = {**TINY_CONFIG, "num_hidden_layers": 2, "pad_token_id": 0, "tie_word_embeddings": True}
+    vision = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+              "image_size": 28, "patch_size": 14}  # fmt: skip
+    config = Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=300
+    )
+    config.architectures = ["Gemma3ForConditionalGeneration"]
+    torch.manual_seed(24)
+    hf = Gemma3ForConditionalGeneration(config).float().eval()
+    hf.save_pretrained(tmp_path / "base")
+    assert "language_model.model.layers.0.self_attn.q_proj.weight" in load_file(
+        str(tmp_path / "base" / "model.safetensors")
+    )
+    targets = {
+        "model.language_model.layers.0.self_attn.q_proj": (64, 64),
+        "model.language_model.layers.1.mlp.down_proj": (64, 128),
+    }
+    pairs = write_adapter(tmp_path / "adapter", targets)
+    with torch.no_grad():
+        for module, (a, b) in pairs.items():
+            hf.get_submodule(module).weight += ALPHA / RANK * b @ a
+    _assert_generates_as(_load(tmp_path / "base", tmp_path / "adapter"), hf)
+    # An embedding is tied there too: refused under its nested name.
+    write_adapter(tmp_path / "embedding", {"model.language_model.layers.0.self_attn.q_proj": (64, 64)})
+    _add_tensors(
+        tmp_path / "embedding",
+        {"base_model.model.model.language_model.embed_tokens.weight": torch.zeros(320, 64)},
+    )
+    with pytest.raises(ValueError, match="adapting embed_tokens of a model with tied embeddings"):
+        _load(tmp_path / "base", tmp_path / "embedding")
