@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from batchlm.server.background import BackgroundServer
 from batchlm.server.state import ServerSettings
 from fake_engine import FakeEngine
-from tools_harness import PARIS, TOOLS, USER, post, prompt_of
+from tools_harness import HERMES_REPLY, PARIS, TOOLS, USER, post, prompt_of
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +172,18 @@ def test_a_chosen_parser_reads_its_family_and_keeps_special_tokens() -> None:
     [call] = body["choices"][0]["message"]["tool_calls"]
     assert call["function"] == {"name": "get_weather", "arguments": PARIS}
     assert engine.calls[-1].params.skip_special_tokens is False
+
+
+def test_hermes_markers_the_tokenizer_has_as_special_tokens_stay_in_the_text() -> None:
+    engine = FakeEngine(max_model_len=4096, reply=HERMES_REPLY)
+    # The fake's ids below 3 decode to nothing without special tokens: markers among them are special.
+    engine.tokenizer.added_tokens = {"<tool_call>": 1, "</tool_call>": 2}
+    with BackgroundServer(engine) as running:
+        assert post(running, {"tools": TOOLS}).status_code == 200
+        assert engine.calls[-1].params.skip_special_tokens is False
+        engine.tokenizer.added_tokens = {}
+        assert post(running, {"tools": TOOLS}).status_code == 200
+        assert engine.calls[-1].params.skip_special_tokens is True
 
 
 def test_qwen3_coder_calls_are_read_with_their_parameters_typed_by_the_schema() -> None:

@@ -298,6 +298,19 @@ def test_qwen3_coder_forced_calls_are_its_markup_typed_by_the_schema(backend, ti
     assert walked == full
 
 
+def test_a_forced_qwen3_coder_value_holding_its_closing_tag_reads_back(backend, tiny_tokenizer) -> None:
+    """The grammar ends a string value only at `\\n</parameter>\\n`, so the tag may stand inside it:
+    the output it forces must read back as the call."""
+    from batchlm.tools.qwen3_coder import Qwen3CoderParser
+
+    tool = FunctionTool("search", None, CODER_SCHEMA)
+    spec = StructuredOutputs(grammar=Qwen3CoderParser(max_calls=1, tools=[tool]).forced_grammar([tool], {}))
+    output = coder_call(("query", "a </parameter> b"), ("limit", "5"))
+    assert takes(backend, spec, tiny_tokenizer.hf.encode(output, add_special_tokens=False), then_ends=True)
+    [call] = Qwen3CoderParser(tools=[tool]).extract(output).tool_calls
+    assert json.loads(call.arguments) == {"query": "a </parameter> b", "limit": 5}
+
+
 def test_qwen3_coder_forces_plain_json_where_raw_text_cannot_carry_the_schema() -> None:
     from batchlm.tools.qwen3_coder import Qwen3CoderParser
 

@@ -462,3 +462,81 @@ def test_a_coder_parameter_nested_too_deep_for_python_s_reader_is_its_text() -> 
     output = f"<tool_call>\n<function=search>\n<parameter=filters>\n{TOO_DEEP}\n</parameter>\n</function>\n</tool_call>"
     [call] = CODER.extract(output).tool_calls
     assert json.loads(call.arguments) == {"filters": TOO_DEEP}
+
+
+# Qwen3-Coder values that hold the closing tag as text (code, XML), or a call whose `</function>` the
+# model left out: a `</parameter>` ends a value only where the next parameter or the function's end
+# follows it.
+WRITE_TOOLS = (
+    FunctionTool(
+        "write",
+        None,
+        {
+            "type": "object",
+            "properties": {"text": {"type": "string"}, "n": {"type": ["integer", "null"]}},
+        },
+    ),
+)
+CODER_TAG_CASES = [
+    (
+        "<tool_call>\n<function=write>\n<parameter=text>\nsee </parameter> here\n</parameter>\n"
+        "<parameter=n>\n1\n</parameter>\n</function>\n</tool_call>",
+        None,
+        [("write", '{"text": "see </parameter> here", "n": 1}')],
+    ),
+    (
+        "<tool_call>\n<function=write>\n<parameter=text>\n<b></parameter>\n</parameter>\n</function>\n</tool_call>",
+        None,
+        [("write", '{"text": "<b></parameter>"}')],
+    ),
+    (
+        "Saving.\n<tool_call>\n<function=write>\n<parameter=text>\nx\n</parameter>\n</tool_call>\nDone.",
+        "Saving.Done.",
+        [("write", '{"text": "x"}')],
+    ),
+    # The template writes a None value as Python's `None`.
+    (
+        "<tool_call>\n<function=write>\n<parameter=n>\nNone\n</parameter>\n</function>\n</tool_call>",
+        None,
+        [("write", '{"n": null}')],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("output", "content", "calls"), CODER_TAG_CASES, ids=["tag-in-value", "tag-ends-value", "no-end", "none"]
+)
+def test_a_coder_value_may_hold_its_closing_tag(
+    output: str, content: str | None, calls: list[tuple[str, str]]
+) -> None:
+    parser = Qwen3CoderParser(tools=WRITE_TOOLS)
+    parsed = parser.extract(output)
+    assert (parsed.content, calls_of(parsed.tool_calls)) == (content, calls)
+    for chunks in [list(output), *([output[:split], output[split:]] for split in range(len(output) + 1))]:
+        assert stream(parser, chunks)[:2] == (content or "", calls), chunks
+
+
+@pytest.mark.parametrize(
+    "parser", [HermesParser(), Llama3JsonParser(), MistralParser()], ids=["hermes", "llama3", "mistral"]
+)
+def test_a_key_given_twice_reads_the_same_streamed_or_not(parser: ToolParser) -> None:
+    """The first value counts, the one a stream sends before the second arrives."""
+    call = '{"name": "f", "arguments": {"a": 1}, "arguments": {"b": 22}, "name": "g"}'
+    output = {
+        HermesParser: f"<tool_call>{call}</tool_call>",
+        Llama3JsonParser: call,
+        MistralParser: f"[TOOL_CALLS][{call}]",
+    }[type(parser)]
+    assert calls_of(parser.extract(output).tool_calls) == [("f", '{"a": 1}')]
+    for chunks in [list(output), *([output[:split], output[split:]] for split in range(len(output) + 1))]:
+        assert stream(parser, chunks)[1] == [("f", '{"a": 1}')], chunks
+    # Both of the family's argument keys: the first given.
+    both = output.replace('"arguments": {"b": 22}', '"parameters": {"b": 22}')
+    assert calls_of(parser.extract(both).tool_calls) == [("f", '{"a": 1}')]
+    assert stream(parser, list(both))[1] == [("f", '{"a": 1}')]
+
+
+def test_arguments_given_as_an_empty_string_are_an_empty_object() -> None:
+    output = '<tool_call>{"name": "get_time", "arguments": ""}</tool_call>'
+    assert calls_of(HermesParser().extract(output).tool_calls) == [("get_time", "{}")]
+    assert stream(HermesParser(), list(output))[1] == [("get_time", "{}")]

@@ -309,3 +309,20 @@ class AllowedChoice:
 
 def allowed(mode: str, *names: str) -> AllowedChoice:
     return AllowedChoice(Allowed(mode, [NamedChoice(Named(name)) for name in names]))
+
+
+@pytest.mark.parametrize("choice", ["auto", "required"])
+def test_call_markers_the_tokenizer_has_as_special_tokens_are_kept_in_the_text(choice: str) -> None:
+    """Where `<tool_call>` is a special token (Granite 4's), a text decoded without special tokens would
+    lose it and every call would read as text: the detokenizer keeps them, as for Mistral's marker."""
+    markers = {"<tool_call>": 100, "</tool_call>": 101, "<|end_of_text|>": 0}
+    fields = ToolFields([Tool(WEATHER)], choice)
+    special = chat_tool_use(fields, "hermes", None, markers, hidden_ids=frozenset({0, 100, 101}))
+    assert special.sampling_params(SamplingParams()).skip_special_tokens is False
+    plain = chat_tool_use(fields, "hermes", None, markers, hidden_ids=frozenset({0}))
+    assert plain.sampling_params(SamplingParams()).skip_special_tokens is True
+    # Llama 3's parser reads calls without its `<|python_tag|>` token; tool_choice none parses nothing.
+    llama = chat_tool_use(fields, "llama3_json", None, {"<|python_tag|>": 7}, hidden_ids=frozenset({7}))
+    assert llama.sampling_params(SamplingParams()).skip_special_tokens is True
+    none = chat_tool_use(ToolFields([Tool(WEATHER)], "none"), "hermes", None, markers, frozenset({100}))
+    assert none.sampling_params(SamplingParams()).skip_special_tokens is True

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,7 +92,9 @@ async def prepare_chat(
     added_tokens = getattr(tokenizer, "added_tokens", None) or {}
     template_kwargs = template_kwargs_of(state, body, chat_template)
     with rejections_as_400():
-        tool_args = (body, state.settings.tool_call_parser, chat_template, added_tokens)
+        # The ids a text without special tokens leaves out: call markers among them must stay in it.
+        hidden_ids: Collection[int] = tokenizer.skipped_special_ids if body.tools else ()
+        tool_args = (body, state.settings.tool_call_parser, chat_template, added_tokens, hidden_ids)
         # Tools may carry large schemas that are compiled to check them: off the event loop.
         tool_use = (
             await asyncio.to_thread(chat_tool_use, *tool_args) if body.tools else chat_tool_use(*tool_args)

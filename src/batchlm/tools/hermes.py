@@ -18,6 +18,8 @@ ARGUMENT_KEYS = ("arguments", "parameters")
 
 
 class HermesParser(ToolParser):
+    markers = (START, END)
+
     def scan(self, text: str, final: bool) -> Scan:
         return scan_marked_calls(text, START, _region, final)
 

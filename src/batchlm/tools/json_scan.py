@@ -81,7 +81,8 @@ def _scan_object(text: str, pos: int, final: bool) -> ObjectScan:
             return ObjectScan(fields, None, malformed=True)
         start = skip_whitespace(text, pos + 1)
         end = value_end(text, start, final)
-        fields[key] = ValueSpan(start, end)
+        # A key given twice keeps its first value: the one a stream has announced or sent by then.
+        fields.setdefault(key, ValueSpan(start, end))
         if end is None:
             break
         pos = skip_whitespace(text, end)

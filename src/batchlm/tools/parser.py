@@ -14,6 +14,9 @@ from batchlm.tools.scan import Scan
 class ToolParser(ABC):
     # The family's call markers are special tokens, which the detokenizer must keep in the text.
     keeps_special_tokens = False
+    # The markers the parser reads calls by: where a tokenizer has one as a special token (Granite
+    # 4's `<tool_call>`), the detokenizer must keep special tokens too, or the calls read as text.
+    markers: tuple[str, ...] = ()
 
     def __init__(self, max_calls: int | None = None, tools: Sequence[FunctionTool] = ()) -> None:
         """tools: the request's functions, for a family whose markup needs their schemas to read a call

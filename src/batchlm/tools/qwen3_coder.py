@@ -29,11 +29,16 @@ from batchlm.unicode_text import encodable
 START, END = "<tool_call>", "</tool_call>"
 FUNCTION, FUNCTION_END = "<function=", "</function>"
 PARAMETER, PARAMETER_END = "<parameter=", "</parameter>"
+# What may follow a parameter: the next one, the function's end, or the call's end where the model left
+# `</function>` out.
+AFTER_PARAMETER = (PARAMETER, FUNCTION_END, END)
 # Schema types whose values are read as JSON (a string is the text as written).
 JSON_TYPES = frozenset({"integer", "number", "boolean", "null", "object", "array"})
 
 
 class Qwen3CoderParser(ToolParser):
+    markers = (START, END)
+
     def __init__(self, max_calls: int | None = None, tools: Sequence[FunctionTool] = ()) -> None:
         super().__init__(max_calls, tools)
         self._types = {tool.name: _parameter_types(tool.parameters) for tool in tools}
@@ -90,8 +95,8 @@ class Qwen3CoderParser(ToolParser):
             pos = skip_whitespace(text, pos)
             if text.startswith(PARAMETER, pos):
                 key_end = text.find(">", pos + len(PARAMETER))
-                value_end = -1 if key_end < 0 else text.find(PARAMETER_END, key_end + 1)
-                if value_end < 0:
+                value_end = None if key_end < 0 else _value_end(text, key_end + 1, final)
+                if value_end is None:
                     break
                 key = text[pos + len(PARAMETER) : key_end].strip()
                 value = _unwrap(text[key_end + 1 : value_end])
@@ -107,14 +112,36 @@ class Qwen3CoderParser(ToolParser):
                     return MarkedRegion([call], None)
                 # The closing tag left out: what follows the function is text again.
                 return MarkedRegion([call], pos + len(FUNCTION_END))
-            rest = text[pos:]
-            if final or not (PARAMETER.startswith(rest) or FUNCTION_END.startswith(rest)):
+            if text.startswith(END, pos):  # `</function>` left out
+                return MarkedRegion([CallScan(name, "{" + ", ".join(members) + "}", True)], pos + len(END))
+            if final or not _may_begin(text[pos:], AFTER_PARAMETER):
                 return None
             break
         if final:
             return None
         # Announced once its name is complete; the parameters read so far, the object still open.
         return MarkedRegion([CallScan(name, "{" + ", ".join(members), False)], None)
+
+
+def _value_end(text: str, start: int, final: bool) -> int | None:
+    """Where the parameter value at `start` ends: at the first `</parameter>` that the next parameter
+    or the function's end follows, so that the tag itself may be part of a value (code, XML, a forced
+    call's raw text, whose grammar only ends the value at `\\n</parameter>\\n`). None while no such tag
+    has arrived, or (`final`) where none came."""
+    search = start
+    while (at := text.find(PARAMETER_END, search)) >= 0:
+        search = at + len(PARAMETER_END)
+        rest = text[skip_whitespace(text, search) :]
+        if rest.startswith(AFTER_PARAMETER):
+            return at
+        if not final and _may_begin(rest, AFTER_PARAMETER):
+            return None  # what follows may still make it the value's end
+    return None
+
+
+def _may_begin(text: str, tags: tuple[str, ...]) -> bool:
+    """Whether more text may make `text` begin with one of `tags`."""
+    return any(tag.startswith(text) for tag in tags)
 
 
 def _parameter_types(parameters: dict[str, Any] | None) -> dict[str, set[str]]:
@@ -145,8 +172,11 @@ def _json_value(value: str, types: set[str] | None) -> str:
     if not types or "string" in types or not types & JSON_TYPES:
         return json.dumps(value, ensure_ascii=False)
     text = value.strip()
-    if "boolean" in types and text in ("True", "False"):  # Python's spelling
+    # Python's spellings, which the chat template renders a call's values in (`| string`).
+    if "boolean" in types and text in ("True", "False"):
         text = text.lower()
+    if "null" in types and text == "None":
+        text = "null"
     try:
         return encodable(json.dumps(json.loads(text), ensure_ascii=False))
     except (ValueError, RecursionError):  # RecursionError: nested past Python's reader

@@ -44,7 +44,10 @@ def call_from_object(
         name = encodable(json.loads(text[name_span.start : name_span.end]))
     if scan.malformed or (done and name is None):
         return None
-    key = next((k for k in argument_keys if k in scan.fields), None)
+    # The first of the keys the object gives: the one a stream has sent by the time another comes.
+    key = min(
+        (k for k in argument_keys if k in scan.fields), key=lambda k: scan.fields[k].start, default=None
+    )
     if key is None:
         if done and arguments_required:
             return None
@@ -55,7 +58,9 @@ def call_from_object(
         return CallScan(name, partial, False)
     raw = text[span.start : span.end]
     if text.startswith('"', span.start):
-        return CallScan(name, encodable(json.loads(raw)), done)
+        # An empty string is no arguments, which clients parse as JSON: an empty object, as OpenAI's.
+        unwrapped = json.loads(raw)
+        return CallScan(name, encodable(unwrapped) if unwrapped.strip() else "{}", done)
     return CallScan(name, raw, done)
 
 

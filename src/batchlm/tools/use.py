@@ -5,7 +5,7 @@ that read them) and the parser of the output."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +43,8 @@ class ChatToolUse:
     added_tokens: Mapping[str, int] = field(default_factory=dict)
     # What a forced tool_choice decodes under (the family's markup, else plain JSON); None under auto.
     forced: StructuredOutputs | None = None
+    # The detokenizer keeps special tokens: the parser reads markers the tokenizer has as special ones.
+    keeps_special_tokens: bool = False
 
     @property
     def template_tools(self) -> list[dict[str, Any]] | None:
@@ -70,7 +72,7 @@ class ChatToolUse:
             params = params.clone(structured_outputs=forced, stop=[])
         elif (calls := self._auto_calls(params.structured_outputs, constraint_field)) is not None:
             params = params.clone(structured_outputs=calls)
-        if self.parser is not None and self.parser.keeps_special_tokens:
+        if self.keeps_special_tokens:
             params = params.clone(skip_special_tokens=False)
         return params
 
@@ -106,21 +108,26 @@ def chat_tool_use(
     parser_setting: str,
     chat_template: str | None,
     added_tokens: Mapping[str, int] | None = None,
+    hidden_ids: Collection[int] = frozenset(),
 ) -> ChatToolUse:
-    """added_tokens: the tokenizer's added tokens (see ToolParser.calls_grammar)."""
+    """added_tokens: the tokenizer's added tokens (see ToolParser.calls_grammar). hidden_ids: the ids
+    a text decoded without special tokens leaves out."""
     plan = tool_plan(request)
     if plan is None or plan.mode == "none":
         return ChatToolUse(plan, None)
     added = added_tokens or {}
     found = parser_class(parser_setting, chat_template)
     family = found(max_calls=plan.max_calls, tools=plan.tools) if found is not None else None
+    keeps_special = family is not None and (
+        family.keeps_special_tokens or any(added.get(marker) in hidden_ids for marker in family.markers)
+    )
     if plan.mode != "auto":
         # A forced call in the model's own markup, as its chat template renders calls: in
         # distribution for the model, and the next turn's prompt repeats the tokens it sampled (its
         # cached blocks serve that prompt). Plain JSON where the family has no such grammar.
         grammar = family.forced_grammar(plan.forced_tools, added) if family is not None else None
         if family is not None and grammar is not None:
-            return ChatToolUse(plan, family, added, StructuredOutputs(grammar=grammar))
+            return ChatToolUse(plan, family, added, StructuredOutputs(grammar=grammar), keeps_special)
         return ChatToolUse(plan, plan.forced_parser(), added, plan.structured_outputs())
     if family is None:
         raise ToolUseError(
@@ -128,7 +135,7 @@ def chat_tool_use(
             "send tool_choice 'required', a named function or 'none'.",
             param="tool_choice",
         )
-    return ChatToolUse(plan, family, added)
+    return ChatToolUse(plan, family, added, keeps_special_tokens=keeps_special)
 
 
 def _answer(own: StructuredOutputs, field: str) -> str | None:
