@@ -5,6 +5,7 @@ ignores the window through rotating caches on their windowed layers; greedy toke
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 import batchlm.backends as backends
 from batchlm.backends.mlx.families import mlx_lm_overrides, window_context_cap, windowed_layers
 from batchlm.config import EngineConfig
+from batchlm.engine.client import EngineDeadError
 from batchlm.sampling_params import SamplingParams
 from models_harness import hf_generated
 
@@ -90,6 +92,40 @@ def test_families_whose_mlx_module_ignores_the_window_serve_past_it(
     assert ours == [transformers_tokens(model_dir, p, 12) for p in prompts]
 
 
+def batched_mlx_tokens(model_dir: Path, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """Greedy tokens of the prompts decoded side by side: one GenerationLoop, every request added at once."""
+    from batchlm.backends.mlx.loader import load_model
+    from batchlm.backends.mlx.loop import GenerationLoop, LoopSettings
+    from batchlm.request import EngineCoreRequest
+
+    loaded = load_model(EngineConfig(model=str(model_dir)), model_dir)
+    loop = GenerationLoop(loaded.model, loaded.vocab_size, LoopSettings(len(prompts), 64, 4, 1 << 28), "tiny")
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    for index, prompt in enumerate(prompts):
+        loop.add_request(EngineCoreRequest(f"r{index}", tuple(prompt), params, (1,), 0.0))
+    tokens: dict[str, list[int]] = {f"r{index}": [] for index in range(len(prompts))}
+    for _ in range(10 * new_tokens):
+        if not loop.has_work():
+            break
+        for output in loop.step():
+            assert output.error is None, output.error
+            tokens[output.request_id] += output.new_token_ids
+    loop.close()
+    return list(tokens.values())
+
+
+@needs_mlx
+def test_gemma2_decodes_sequences_side_by_side(tiny_model_dir: Callable[..., Path]) -> None:
+    """mlx-lm's Gemma 2 attends with its query heads grouped per KV head ([B, kv heads, repeats, L, S]
+    scores), where a batch's mask ([B, 1, L, S]) did not broadcast: every step with two or more
+    sequences (n > 1, or concurrent requests) failed."""
+    model_dir = tiny_model_dir("gemma2", tied=True, seed=4, pad_token_id=0)
+    prompts = [[5, 17, 42, 99], [10, 11, 12, 13, 14, 15, 16], [7, 8]]
+    assert batched_mlx_tokens(model_dir, prompts, 6) == [
+        transformers_tokens(model_dir, p, 6) for p in prompts
+    ]
+
+
 def test_transformers_5_gemma3_fields_become_what_mlx_lm_reads() -> None:
     raw = {"model_type": "gemma3_text", "layer_types": LAYERS * 2, "rope_parameters": ROPE}
     assert mlx_lm_overrides(raw) == {
@@ -106,6 +142,30 @@ def test_transformers_5_gemma3_fields_become_what_mlx_lm_reads() -> None:
         mlx_lm_overrides(
             {"model_type": "gemma3_text", "layer_types": ["full_attention", "sliding_attention"]}
         )
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"layer_types": ["sliding_attention"] * 2},  # no global layer at all
+        {},  # mlx-lm's default pattern (6) over 2 layers
+        {"sliding_window_pattern": 3},
+    ],
+)
+def test_a_gemma3_without_a_global_layer_is_refused_at_load(fields: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match=r"no global-attention layer.*--backend torch"):
+        mlx_lm_overrides({"model_type": "gemma3_text", "num_hidden_layers": 2, **fields})
+    mlx_lm_overrides({"model_type": "gemma3_text", "num_hidden_layers": 6})  # its 6th layer is global
+
+
+@needs_mlx
+def test_a_gemma3_mlx_lm_cannot_run_fails_start_naming_the_cause(tiny_model_dir: Callable[..., Path]) -> None:
+    from batchlm.backends.mlx.engine import MLXEngine
+
+    model_dir = tiny_model_dir("gemma3_text", tied=True, seed=5, layer_types=["sliding_attention"] * 2)
+    engine = MLXEngine(EngineConfig(model=str(model_dir)))
+    with pytest.raises(EngineDeadError, match="no global-attention layer"):
+        asyncio.run(asyncio.wait_for(engine.start(), 120))  # the timeout only guards against a hang
 
 
 def test_window_caps_only_families_whose_window_is_not_applied() -> None:

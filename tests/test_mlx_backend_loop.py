@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -118,6 +120,16 @@ def test_running_set_is_capped_and_requests_join_as_others_leave(loaded: LoadedM
     assert all(s.num_running + s.num_waiting <= 5 for s in seen)
     assert {rid: len(tokens(out)) for rid, out in outputs.items()} == {f"r{i}": 3 + i for i in range(5)}
     assert seen[-1].num_running == 0 and seen[-1].num_waiting == 0
+
+
+def test_a_large_n_requests_sequences_take_turns_with_later_requests(loaded: LoadedModel) -> None:
+    """Admission as the torch scheduler's (core/admission.py): a request's n sequences share one turn,
+    which goes to the back of the line each time one of them is admitted. First come, first served
+    kept a later request out until every sibling (or every prompt of a /v1/completions batch) ran."""
+    loop = make_loop(loaded, max_num_seqs=1)
+    siblings = [replace(request(f"g{i}", PROMPTS[1], max_tokens=2), group_id="g") for i in range(3)]
+    outputs = run(loop, [*siblings, request("solo", PROMPTS[2], max_tokens=2)])
+    assert list(outputs) == ["g0", "solo", "g1", "g2"]  # one at a time: in the order of first outputs
 
 
 def test_eos_is_masked_until_min_tokens_then_stops(loaded: LoadedModel) -> None:
@@ -237,6 +249,49 @@ def test_logprobs_are_ranked_and_come_from_the_raw_distribution(loaded: LoadedMo
     (entry,) = biased["r"][0].new_logprobs
     assert biased["r"][0].new_token_ids == (77,)
     assert entry.rank > 1 and entry.logprob < plain[0].new_logprobs[0].logprob and entry.top == ()
+
+
+def test_a_bfloat16_models_logprobs_and_greedy_tokens_come_from_float32(
+    tiny_model_dir: Callable[..., Path],
+) -> None:
+    """mlx-lm normalises logits in the model's dtype: a bfloat16 model's logprobs landed on a grid of
+    1/32, tying alternatives, and greedy took the lowest id among the tokens the grid tied. Scored as a
+    prompt (in float32), the generated tokens get the logprobs reported with them, and each is the
+    most likely."""
+    directory = tiny_model_dir("llama")
+    bf16 = load_model(EngineConfig(model=str(directory), dtype="bfloat16"), directory)
+    generated = run(make_loop(bf16), [request("g", PROMPTS[0], logprobs=5, max_tokens=3)])["g"]
+    new = tokens(generated)
+    scored = run(make_loop(bf16), [request("s", PROMPTS[0] + new, prompt_logprobs=5, max_tokens=1)])["s"]
+    for output, entry in zip(generated, scored[0].prompt_logprobs[-len(new) :], strict=True):
+        (reported,) = output.new_logprobs
+        assert entry.rank == 1  # the greedy token is the argmax of the model's distribution
+        assert reported.logprob == pytest.approx(entry.logprob, abs=1e-3)
+        assert [value for _, value in reported.top] == pytest.approx(
+            [value for _, value in entry.top], abs=1e-3
+        )
+
+
+def test_a_scored_prompt_is_scheduled_before_its_scoring_forward(
+    loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The queue-time metric runs from arrival to the first schedule: the forward that scores the
+    prompt's logprobs is the request's prefill, not time it waited (it was stamped after it)."""
+    import batchlm.backends.mlx.loop as loop_module
+
+    clock = {"now": 1000.0}
+    real_score = loop_module.score_prompt
+
+    def slow_score(*args: Any, **kwargs: Any) -> Any:
+        clock["now"] += 60.0  # the forward, on a clock of its own
+        return real_score(*args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "score_prompt", slow_score)
+    monkeypatch.setattr(
+        loop_module, "time", SimpleNamespace(time=lambda: clock["now"], monotonic=time.monotonic)
+    )
+    [first, *_] = run(make_loop(loaded), [request("p", PROMPTS[0], prompt_logprobs=1, max_tokens=2)])["p"]
+    assert first.prompt_logprobs and first.scheduled_time == 1000.0
 
 
 def test_prompt_logprobs_score_each_prompt_token_as_transformers(

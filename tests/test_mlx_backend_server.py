@@ -204,3 +204,13 @@ def test_metrics_expose_engine_stats(server: BackgroundServer) -> None:
     generated = metric_value(text, "batchlm_generation_tokens_total")
     assert generated is not None and generated > 0
     assert metric_value(text, "batchlm_prefix_cache_queries_total") is not None
+
+
+def test_prompt_tokens_count_once_per_completion_of_n(client: Any, server: BackgroundServer) -> None:
+    # Each of the n completions prefills the prompt, and the torch scheduler counts it for each.
+    before = metric_value(stats_of(server), "batchlm_prompt_tokens_total") or 0.0
+    response = client.completions.create(
+        model="tiny", prompt="Count this prompt for every completion", max_tokens=2, n=3, **GREEDY
+    )
+    after = metric_value(stats_of(server), "batchlm_prompt_tokens_total")
+    assert after == before + 3 * response.usage.prompt_tokens

@@ -36,7 +36,10 @@ class AdmissionTickets:
             self._group_sizes[request.group_id] += 1
 
     def of(self, state: _HasRequest) -> int:
-        return self._tickets[_key(state.request)]
+        return self.ticket(state.request)
+
+    def ticket(self, request: EngineCoreRequest) -> int:
+        return self._tickets[_key(request)]
 
     def next_in_line(
         self, waiting: deque[RequestState], held: set[str], returning: set[str] | None = None

@@ -75,7 +75,6 @@ class StreamingFrontEnd(EngineClient, Generic[MessageT]):
         self._collectors: dict[str, RequestOutputCollector] = {}
         # The engine's stats as its last step reported them.
         self._engine_stats = EngineStats()
-        self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._ready = False
         self._dead_reason: str | None = None
@@ -155,7 +154,6 @@ class StreamingFrontEnd(EngineClient, Generic[MessageT]):
         eos_ids = self.tokenizer.eos_token_ids
         core_requests = self._processor.add_validated(request_id, request, eos_ids, group_id)
         collector = self._collectors[request_id] = RequestOutputCollector()
-        self._prompt_tokens_total += len(request.prompt_token_ids)
         if not self._send_requests(core_requests):
             self._collectors.pop(request_id, None)
             self._processor.abort_request(request_id)

@@ -86,12 +86,8 @@ class MLXEngine(StreamingFrontEnd[WorkerEvent]):
     # -- EngineClient ----------------------------------------------------------------------------------
 
     def stats(self) -> EngineStats:
-        # The loop counts no prompt or generated tokens: this front end does.
-        return dataclasses.replace(
-            self._engine_stats,
-            prompt_tokens_total=self._prompt_tokens_total,
-            generation_tokens_total=self._generation_tokens_total,
-        )
+        # The loop counts the prompt tokens it admits; the generated ones are counted here.
+        return dataclasses.replace(self._engine_stats, generation_tokens_total=self._generation_tokens_total)
 
     # -- StreamingFrontEnd transport -------------------------------------------------------------------
 

@@ -17,6 +17,8 @@ FULL, SLIDING = "full_attention", "sliding_attention"
 QWEN_TYPES = frozenset({"qwen2", "qwen3", "qwen3_moe"})
 # Qwen2Config's and Qwen3Config's default: the first 28 layers attend to the whole context.
 QWEN_MAX_WINDOW_LAYERS = 28
+# mlx-lm's Gemma 3 sliding_window_pattern when the config states none: every 6th layer is global.
+MLX_LM_GEMMA3_PATTERN = 6
 # Families whose windowed layers get a rotating KV cache from apply_sliding_window.
 WINDOWED_BY_CACHE = frozenset({"gemma2", "phi3", "mistral"})
 # model_type -> does the mlx-lm module (or apply_sliding_window) apply the config's sliding window?
@@ -47,7 +49,20 @@ def mlx_lm_overrides(raw: dict[str, Any]) -> dict[str, Any]:
     layer_types = raw.get("layer_types")
     if isinstance(layer_types, list) and "sliding_window_pattern" not in raw:
         overrides["sliding_window_pattern"] = _pattern_period(layer_types)
+    _check_a_global_layer(raw, overrides.get("sliding_window_pattern", raw.get("sliding_window_pattern")))
     return {key: value for key, value in overrides.items() if value is not None and key not in raw}
+
+
+def _check_a_global_layer(raw: dict[str, Any], pattern: Any) -> None:
+    # mlx-lm's Gemma 3 builds its global mask from layer pattern - 1's cache: with fewer layers than the
+    # pattern (no global layer) every forward raised IndexError, failing each request of a loaded model.
+    layers = raw.get("num_hidden_layers")
+    pattern = MLX_LM_GEMMA3_PATTERN if pattern is None else pattern
+    if isinstance(layers, int) and isinstance(pattern, int) and pattern > layers:
+        raise ValueError(
+            f"this Gemma 3 config has no global-attention layer (sliding_window_pattern {pattern} over "
+            f"{layers} layers), which mlx-lm's Gemma 3 cannot run; use --backend torch"
+        )
 
 
 def _pattern_period(layer_types: list[str]) -> int:
@@ -152,4 +167,36 @@ def _masking_from_own_cache(block_type: type) -> type:
 
     return _OWN_MASK_BLOCKS.setdefault(
         block_type, type(f"OwnMask{block_type.__name__}", (block_type,), {"__call__": call})
+    )
+
+
+def group_attention_masks(model: Any, raw: dict[str, Any]) -> None:
+    """mlx-lm's Gemma 2 attends with its query heads grouped per KV head: scores [B, kv heads, repeats,
+    L, S], which a batch's mask [B, 1, L, S] does not broadcast against once B > 1 (every step that
+    decodes two sequences side by side raised). Its attention modules get the mask an axis for the
+    repeats."""
+    if raw.get("model_type") != "gemma2":
+        return
+    for layer in model.layers:
+        if getattr(layer.self_attn, "repeats", 1) > 1:
+            layer.self_attn.__class__ = _grouped_mask_attention(type(layer.self_attn))
+
+
+# Attention class -> its subclass that widens a batch's mask for grouped query heads.
+_GROUPED_MASK_ATTENTION: dict[type, type] = {}
+
+
+def _grouped_mask_attention(attention_type: type) -> type:
+    import mlx.core as mx
+
+    if attention_type in _GROUPED_MASK_ATTENTION.values():
+        return attention_type
+
+    def call(self: Any, x: Any, mask: Any = None, cache: Any = None) -> Any:
+        if isinstance(mask, mx.array) and mask.ndim == 4:
+            mask = mx.expand_dims(mask, 2)  # [B, 1, L, S] -> [B, 1, 1, L, S]
+        return attention_type.__call__(self, x, mask, cache)
+
+    return _GROUPED_MASK_ATTENTION.setdefault(
+        attention_type, type(f"GroupedMask{attention_type.__name__}", (attention_type,), {"__call__": call})
     )

@@ -9,7 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from batchlm.backends.mlx.config_names import older_field_names
-from batchlm.backends.mlx.families import apply_sliding_window, mlx_lm_overrides, window_context_cap
+from batchlm.backends.mlx.families import (
+    apply_sliding_window,
+    group_attention_masks,
+    mlx_lm_overrides,
+    window_context_cap,
+)
 from batchlm.config import EngineConfig
 
 logger = logging.getLogger(__name__)
@@ -132,6 +137,7 @@ def load_model(config: EngineConfig, model_dir: Path) -> LoadedModel:
         model = apply_adapter(model, config.adapter_path)
     warn_long_factors_throughout(model_config)
     apply_sliding_window(model, model_config)
+    group_attention_masks(model, model_config)
     if config.dtype != "auto":
         cast_floating_weights(model, config.dtype)
     mx.eval(model.parameters())

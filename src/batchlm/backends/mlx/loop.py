@@ -12,6 +12,7 @@ from typing import Any
 
 from mlx_lm.generate import BatchGenerator, StopSequences
 
+from batchlm.backends.mlx.float_logits import Float32Logits
 from batchlm.backends.mlx.grammar import GrammarProcessor, MLXGrammars, grammar_processors
 from batchlm.backends.mlx.logprobs import LogprobsQuery, token_logprobs
 from batchlm.backends.mlx.prompt_cache import CacheLookup, PromptCache
@@ -22,6 +23,7 @@ from batchlm.backends.mlx.sampling import (
     logits_processors,
     stop_sequences,
 )
+from batchlm.core.admission import AdmissionTickets
 from batchlm.core.facts import EngineStats
 from batchlm.outputs import EngineCoreOutput, FinishReason, TokenLogprobs
 from batchlm.request import EngineCoreRequest
@@ -67,8 +69,10 @@ class _Running:
 
 
 class GenerationLoop:
-    """FCFS admission up to max_num_seqs; every step runs one decode for the whole batch plus one
-    prefill chunk for the prompts being processed, so requests join and leave at every step."""
+    """Admission up to max_num_seqs, in the torch scheduler's turns (first come, first served, but a
+    request's n sequences share one turn: core/admission.py); every step runs one decode for the whole
+    batch plus one prefill chunk for the prompts being processed, so requests join and leave at every
+    step."""
 
     def __init__(
         self,
@@ -83,7 +87,7 @@ class GenerationLoop:
         """grammar_backend: builds the grammar backend for structured outputs (None: refused); wake:
         called on another thread once a grammar compiled ahead is ready (or failed), for a caller
         that waits for commands while requests only wait for their grammar (can_step False)."""
-        self.model = model
+        self.model = Float32Logits(model)
         self._grammars = MLXGrammars(grammar_backend, wake) if grammar_backend is not None else None
         # Waiting requests whose grammar is being compiled: the others are admitted past them.
         self._compiling: set[str] = set()
@@ -95,10 +99,13 @@ class GenerationLoop:
         self.prompt_cache = PromptCache(model_key, settings.kv_budget_bytes, settings.enable_prefix_caching)
         self.prompt_scores = PromptScores(settings.enable_prefix_caching)
         self._waiting: OrderedDict[str, EngineCoreRequest] = OrderedDict()
+        self._tickets = AdmissionTickets()
         self._running: dict[int, _Running] = {}
         self._uid_of: dict[str, int] = {}
         self._kv_usage = 0.0
         self._kv_usage_time = 0.0
+        # Prompt tokens of the admitted sequences: each of a request's n completions prefills its prompt.
+        self._prompt_tokens_total = 0
         self._generator = self._new_generator()
 
     def _new_generator(self) -> BatchGenerator:
@@ -117,6 +124,7 @@ class GenerationLoop:
         if request.request_id in self._waiting or request.request_id in self._uid_of:
             raise ValueError(f"request id {request.request_id!r} is already running")
         self._waiting[request.request_id] = request
+        self._tickets.add(request)
         if self._grammars is None or request.sampling_params.structured_outputs is None:
             return
         if not self._grammars.compiles.start(request):  # not compiled before: it waits for it
@@ -130,10 +138,11 @@ class GenerationLoop:
             self._grammars.compiles.discard(request_ids)
         self._compiling.difference_update(request_ids)
         for request_id in request_ids:
-            if self._waiting.pop(request_id, None) is not None:
+            if (waiting := self._waiting.pop(request_id, None)) is not None:
+                self._tickets.finished(waiting)
                 outputs.append(EngineCoreOutput(request_id, (), finish_reason=FinishReason.ABORT))
             elif (uid := self._uid_of.pop(request_id, None)) is not None:
-                self._running.pop(uid)
+                self._tickets.finished(self._running.pop(uid).request)
                 uids.append(uid)
                 outputs.append(EngineCoreOutput(request_id, (), finish_reason=FinishReason.ABORT))
         if uids:
@@ -159,6 +168,8 @@ class GenerationLoop:
             EngineCoreOutput(r.request.request_id, (), finish_reason=FinishReason.ERROR, error=message)
             for r in self._running.values()
         ]
+        for running in self._running.values():
+            self._tickets.finished(running.request)
         self._running.clear()
         self._uid_of.clear()
         self._generator.close()
@@ -194,7 +205,8 @@ class GenerationLoop:
         failed = []
         for request_id, error in compiles.take_done().items():
             self._compiling.discard(request_id)
-            if error is not None and self._waiting.pop(request_id, None) is not None:
+            if error is not None and (waiting := self._waiting.pop(request_id, None)) is not None:
+                self._tickets.finished(waiting)
                 failed.append(EngineCoreOutput(request_id, (), finish_reason=FinishReason.ERROR, error=error))
         return failed
 
@@ -203,31 +215,40 @@ class GenerationLoop:
         compiled; ERROR outputs for any it refused to take."""
         room = self.settings.max_num_seqs - len(self._running)
         admitted = []
-        if room > 0 and self._compiling:
-            for request_id in [r for r in self._waiting if r not in self._compiling][:room]:
-                admitted.append(self._waiting.pop(request_id))
-        else:
-            while room > 0 and self._waiting:
-                _, request = self._waiting.popitem(last=False)
-                admitted.append(request)
-                room -= 1
+        while room > 0 and (request := self._next_in_line()) is not None:
+            del self._waiting[request.request_id]
+            self._tickets.admitted(request)
+            admitted.append(request)
+            room -= 1
         if not admitted:
             return []
         grammars, failed = grammar_processors(self._grammars, admitted)
-        admitted = [r for r in admitted if r.request_id in grammars]
+        startable = [r for r in admitted if r.request_id in grammars]
         try:
-            if admitted:
-                self._insert(admitted, grammars)
+            if startable:
+                self._insert(startable, grammars)
         except Exception as exc:  # e.g. a processor mlx cannot build: fail these requests, not the loop
             message = f"the mlx backend could not start the request: {type(exc).__name__}: {exc}"
-            return failed + [
+            failed += [
                 EngineCoreOutput(r.request_id, (), finish_reason=FinishReason.ERROR, error=message)
-                for r in admitted
+                for r in startable
                 if r.request_id not in self._uid_of
             ]
+        for request in admitted:
+            if request.request_id not in self._uid_of:  # failed to start: its turn ends here
+                self._tickets.finished(request)
         return failed
 
+    def _next_in_line(self) -> EngineCoreRequest | None:
+        """The waiting request whose turn it is, past those whose grammar is being compiled."""
+        candidates = (r for r in self._waiting.values() if r.request_id not in self._compiling)
+        if not self._tickets.num_groups:
+            return next(candidates, None)  # no n > 1 request: first come, first served
+        return min(candidates, key=self._tickets.ticket, default=None)
+
     def _insert(self, requests: list[EngineCoreRequest], grammars: dict[str, list[GrammarProcessor]]) -> None:
+        # Scheduled now: a prompt's scoring forward below is its prefill, not time it waited.
+        now = time.time()
         # A prompt whose logprobs were asked is scored first; the generator goes on from that forward's
         # cache, so the prompt runs once (its last token, which gives the first output, in the generator).
         scores: dict[str, tuple[TokenLogprobs, ...]] = {}
@@ -275,13 +296,13 @@ class GenerationLoop:
                 stop_sequences(r.sampling_params, r.eos_token_ids, self._stop_automata) for r in requests
             ],
         )
-        now = time.time()
         for request, cached, recorder, uid in zip(requests, num_cached, recorders, uids, strict=True):
             processor = next(iter(grammars[request.request_id]), None)  # at most one
             running = _Running(request, uid, cached, now, recorder, processor)
             running.prompt_logprobs = scores.get(request.request_id, ())
             self._running[uid] = running
             self._uid_of[request.request_id] = uid
+            self._prompt_tokens_total += len(request.prompt_token_ids)
 
     @staticmethod
     def _max_tokens(request: EngineCoreRequest) -> int:
@@ -355,6 +376,7 @@ class GenerationLoop:
         )
 
     def _finish(self, running: _Running, response: Any) -> None:
+        self._tickets.finished(running.request)
         self._running.pop(running.uid)
         self._uid_of.pop(running.request.request_id, None)
         if response.prompt_cache is not None and response.all_tokens is not None:
@@ -380,4 +402,5 @@ class GenerationLoop:
             kv_cache_usage=self._kv_usage,
             prefix_cache_queries=self.prompt_cache.queries,
             prefix_cache_hits=self.prompt_cache.hits,
+            prompt_tokens_total=self._prompt_tokens_total,
         )
