@@ -145,8 +145,9 @@ def test_decode_over_an_fp8_cache_compiles(in_registers: bool) -> None:
 @pytest.mark.parametrize("cache", ["*bf16", "*fp8e4nv"])
 def test_a_split_decode_reads_its_first_tile_before_waiting(cache: str, num_splits: int) -> None:
     # Split (a small batch): lengths, block ids and the first key/value tile come before the wait (no
-    # kernel of the step writes them, but for the newest row); the query, written by the kernel
-    # before, after it. One split (a full batch): nothing is read before the wait.
+    # kernel of the step writes the lengths and block ids; the tile is read again after it); the
+    # query, written by the kernel before, after it. One split (a full batch): nothing is read
+    # before the wait.
     types = {"q_ptr": "*bf16", "cache_ptr": cache, "block_table_ptr": "*i32", "seq_lens_ptr": "*i32"}
     types |= {"out_ptr": "*bf16", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "qk_scale": "fp32"}
     constants = {
@@ -172,7 +173,7 @@ def test_a_split_decode_reads_its_first_tile_before_waiting(cache: str, num_spli
     else:
         assert all(line.startswith(("ld.global", "@")) and "st.global" not in line for line in early)
         assert sum("ld.global.v4" in line for line in early) >= 2  # keys and values
-    assert any("ld.global" in line for line in memory[wait + 1 :])  # the query, the newest row
+    assert any("ld.global" in line for line in memory[wait + 1 :])  # the query, the tile again
 
 
 def test_decode_reduce_reads_the_length_before_waiting_and_the_splits_after() -> None:

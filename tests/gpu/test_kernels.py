@@ -299,6 +299,50 @@ def test_decode_sees_the_newest_token_written_just_before_it_in_the_same_graph(n
             assert_close(out, ref, torch.bfloat16)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("num_splits", [1, 8])
+@pytest.mark.parametrize("first", [40, 62])
+def test_verify_rows_see_every_row_their_chunk_wrote_just_before_them_in_the_same_graph(
+    num_splits: int, first: int
+) -> None:
+    # A verify chunk's tokens at positions first .. first + 3 become four decode rows of one request
+    # (runner/decode_rows.py): the KV write stores all four, then row i attends to positions up to
+    # first + i. Under PDL the kernel reads its first tile before that write has finished, so rows
+    # the chunk wrote before a row's own must be read again too, not only its newest (a split's
+    # first tile holds them here; 62 puts the chunk across a block edge).
+    torch.manual_seed(9)
+    block_size, head_dim, rows, max_blocks = 16, 64, 4, 16
+    cache = random_cache(max_blocks, block_size, head_dim, torch.bfloat16)
+    lengths = [first + 1 + i for i in range(rows)]
+    table = random_block_tables([lengths[-1]], block_size, cache.shape[1], extra=0)
+    tables = torch.zeros(rows, max_blocks, dtype=torch.int32, device=DEVICE)
+    tables[:, : table.shape[1]] = table[0]
+    seq_lens = int32(lengths)
+    slots = torch.stack(
+        [table[0, (n - 1) // block_size] * block_size + (n - 1) % block_size for n in lengths]
+    )
+    query = torch.randn(rows, 8, head_dim, device=DEVICE).bfloat16()
+    key, value = (torch.randn(rows, NUM_KV_HEADS, head_dim, device=DEVICE).bfloat16() for _ in "kv")
+    out = torch.empty_like(query)
+
+    def step() -> None:
+        write_kv_cache(key, value, cache, slots)
+        paged_decode_attention(query, cache, seq_lens, tables, 0.125, out=out, num_splits=num_splits)
+
+    step()  # compiled outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(4):
+        for tensor in (query, key, value):
+            tensor.copy_(torch.randn_like(tensor))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = paged_attention_reference(query, cache, list(range(rows + 1)), lengths, tables, 0.125)
+        assert_close(out, ref, torch.bfloat16)
+
+
 # ---------------------------------------------------------------- prefill
 
 

@@ -104,8 +104,11 @@ def _decode_kernel(
     block_row = block_table_ptr + seq.to(tl.int64) * stride_bt
     if EARLY_TILE:
         # The first tile is read before waiting for the kernel before (PDL): the lengths and block
-        # tables come from the host before the step, and this step writes only each request's
-        # newest token into the cache, so only that row is read again after the wait.
+        # tables come from the host before the step. The step's KV write may change any row of the
+        # tile (a request's newest token, and in the decode rows of a verify chunk, runner/
+        # decode_rows.py, that chunk's earlier tokens too), so the whole tile is read again after
+        # the wait: from L2, where the early read brought it, one round trip instead of the three
+        # dependent ones (length, block id, tile) a kernel that waits first makes to memory.
         tokens, in_range, offsets = tile_addresses(
             block_row, start, end, stride_c_block, stride_c_tok, BLOCK_SIZE, BLOCK_D, BLOCK_N, MASK_RANGE
         )
@@ -113,11 +116,11 @@ def _decode_kernel(
         k = load_rows(k_ptrs, in_range, MASK_RANGE, HEAD_DIM, BLOCK_D)
         v = load_rows(k_ptrs + stride_c_kv, in_range, MASK_RANGE, HEAD_DIM, BLOCK_D)
         wait_for_previous_kernel(PDL)
-        newest = (in_range & (tokens == seq_len - 1))[:, None]
+        written = in_range[:, None]
         if HEAD_DIM != BLOCK_D:
-            newest = newest & (tl.arange(0, BLOCK_D) < HEAD_DIM)[None, :]
-        k = tl.load(k_ptrs, mask=newest, other=k)
-        v = tl.load(k_ptrs + stride_c_kv, mask=newest, other=v)
+            written = written & (tl.arange(0, BLOCK_D) < HEAD_DIM)[None, :]
+        k = tl.load(k_ptrs, mask=written, other=k)
+        v = tl.load(k_ptrs + stride_c_kv, mask=written, other=v)
 
     groups = tl.arange(0, BLOCK_G)
     dims = tl.arange(0, BLOCK_D)

@@ -13,9 +13,9 @@ this safe, for every kernel launched with PDL:
 - nothing it reads from an earlier kernel, and nothing it writes, comes before the wait;
 - only memory no kernel writes while serving (weights, scales) is read before it. The one
   exception is the decode attention: its lengths and block ids come from the host's copies of the
-  step's inputs, which order every step fully after the one before, and the cache rows it reads
-  early were written in earlier steps; the newest row, written by the step's own KV write, it reads
-  again after the wait.
+  step's inputs, which order every step fully after the one before; the step's own KV write may
+  change any row of the tile it reads early (each request's newest token, and a verify chunk's
+  earlier tokens in the rows after them), so it reads that whole tile again after the wait.
 A kernel's wait returns once the kernel before it has completed, which itself waited for the one
 before, so the order of the whole stream holds. A signal has no effect on a following kernel
 launched without PDL (torch's and cuBLAS's). Both instructions need sm_90; elsewhere (and in
