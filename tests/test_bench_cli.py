@@ -164,11 +164,33 @@ def test_extra_body_headers_and_sampling_flags_reach_the_request() -> None:
         (["--dataset-path", "prompts.jsonl"], "--dataset-path is read by the jsonl and sharegpt datasets"),
         (["--save-detailed"], "--save-detailed goes into the --save-result file; give --save-result"),
         (["--metadata", "gpu=h100"], "--metadata goes into the --save-result file; give --save-result"),
+        (["--goodput", "itl:5"], "--goodput: unknown metric 'itl' in 'itl:5'; use ttft, tpot, e2el"),
+        (["--goodput", "e2el:-3"], "--goodput: e2el must be a finite number of milliseconds > 0, got -3"),
+        (["--goodput", "e2el:fast"], "--goodput: e2el needs a number of milliseconds, got 'fast'"),
+        (["--goodput", "e2el"], "--goodput expects KEY:VALUE (milliseconds), got 'e2el'"),
+        (["--goodput", "e2el:5", "--goodput", "e2el:6"], "--goodput: e2el given more than once"),
+        (["--goodput", "ttft:500"], "--goodput ttft is measured on streamed responses: add --stream"),
     ],
 )
 def test_bad_flag_combinations_are_rejected_with_the_flag_named(argv: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         parse(*argv)
+
+
+def test_goodput_objectives_from_one_flag_or_several() -> None:
+    assert parse().goodput == {}
+    assert parse("--stream", "--goodput", "ttft:500", "tpot:50").goodput == {"ttft": 500.0, "tpot": 50.0}
+    assert parse("--goodput", "e2el:2000", "--stream", "--goodput", "tpot:40").goodput == {
+        "e2el": 2000.0,
+        "tpot": 40.0,
+    }
+
+
+def test_goodput_without_a_value_is_an_argparse_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse("--goodput")
+    assert exit_info.value.code == 2
+    assert "--goodput" in capsys.readouterr().err
 
 
 def test_run_reports_bad_flags_on_stderr_with_status_2(capsys: pytest.CaptureFixture[str]) -> None:

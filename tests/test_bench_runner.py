@@ -270,6 +270,7 @@ def test_sweep_gives_one_table_one_json_list_and_one_chart(
     assert asyncio.run(main_async(config)) == 0
     printed = capsys.readouterr().out
     assert "Sweep summary" in printed and "concurrency=1" in printed and "concurrency=2" in printed
+    assert "goodput" not in printed.lower()  # only with --goodput
     saved = json.loads(out.read_text())
     assert [entry["concurrency"] for entry in saved] == [1, 2]
     assert all(entry["model_id"] == "stub-model" for entry in saved)
@@ -414,3 +415,40 @@ def test_warm_connections_count_only_those_the_server_keeps_open(stub: StubServe
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_goodput_is_saved_per_level_and_an_impossible_objective_gives_zero(
+    stub: StubServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A sweep sent from two client processes: each level counts its own good requests.
+    out = tmp_path / "sweep.json"
+    argv = [*FAST, "--requests", "4", "--concurrency", "1,2", "--output-len", "3", "--client-processes", "2"]
+    config = config_for(stub.base_url, *argv, "--goodput", "ttft:0.000001", "--save-result", str(out))
+    assert asyncio.run(main_async(config)) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("Request goodput (req/s):") == 2
+    sweep_header = next(line for line in printed.splitlines() if line.lstrip().startswith("level"))
+    assert "goodput" in sweep_header.split()
+    saved = json.loads(out.read_text())
+    assert [(entry["completed"], entry["request_goodput"]) for entry in saved] == [(4, 0.0), (4, 0.0)]
+    assert all(entry["goodput"] == {"ttft": 0.000001} for entry in saved)
+
+    # Every success ends within --request-timeout (600 s), so it meets this objective.
+    single = tmp_path / "single.json"
+    config = config_for(
+        stub.base_url,
+        *FAST,
+        "--requests",
+        "3",
+        "--output-len",
+        "2",
+        "--goodput",
+        "e2el:600000",
+        "--save-result",
+        str(single),
+    )
+    assert asyncio.run(main_async(config)) == 0
+    saved = json.loads(single.read_text())
+    assert isinstance(saved["request_goodput"], float) and saved["request_goodput"] > 0
+    assert saved["request_goodput"] == saved["request_throughput"]
+    assert saved["goodput"] == {"e2el": 600000.0}

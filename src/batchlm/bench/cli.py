@@ -21,6 +21,7 @@ Metric definitions (all per successful request; failures are reported apart):
          chunk ITL (vLLM's "ITL"): the gaps between chunks themselves
   E2EL   response complete - request sent (the seed's "latency")
   Throughput (TPS) = output tokens of successful requests / total duration
+  Goodput (--goodput) = successful requests meeting every objective / total duration
 See BENCHMARKS.md, section "Benchmark client", for the full definitions."""
 
 
@@ -237,6 +238,16 @@ def _add_output_arguments(out: argparse._ArgumentGroup) -> None:
         "--metric-percentiles",
         default="50,90,99",
         help="percentiles to report, each from 0 to 100 (default: %(default)s)",
+    )
+    out.add_argument(
+        "--goodput",
+        nargs="+",
+        action="extend",
+        default=None,
+        metavar="KEY:VALUE",
+        help="report request goodput: successful requests per second meeting every objective given, in "
+        "ms, each key at most once: ttft, tpot (both need --stream), e2el; e.g. --goodput ttft:500 tpot:50 "
+        "(saved as request_goodput, and the objectives as goodput)",
     )
     out.add_argument(
         "--save-result", default=None, metavar="FILE.json", help="write results as JSON (vLLM keys)"

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from batchlm.bench.datasets import DATASET_ALIASES, DATASET_NAMES
+from batchlm.bench.goodput import parse_goodput
 from batchlm.bench.loadgen import LoadConfig
 from batchlm.bench.openai_format import API_PATHS, BACKENDS, Api
 from batchlm.bench.workload import WorkloadConfig
@@ -71,6 +72,8 @@ class BenchConfig:
     client_processes: int = 1
     # Open each level's connections before it starts (LoadGenerator.open_connections).
     warm_connections: bool = True
+    # --goodput's objectives, {metric: ms} (goodput.GOODPUT_METRICS); empty without it.
+    goodput: dict[str, float] = field(default_factory=dict)
 
     @property
     def warm_url(self) -> str | None:
@@ -141,6 +144,7 @@ def from_args(args: argparse.Namespace) -> BenchConfig:
         metadata=dict(_key_values(args.metadata or [], "metadata")),
         client_processes=_at_least(args.client_processes, 1, "client-processes"),
         warm_connections=not args.no_warm_connections,
+        goodput=parse_goodput(args.goodput or [], args.stream),
     )
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from batchlm.bench.accounting import TokenAccount, account_tokens
+from batchlm.bench.goodput import count_good, request_latencies
 from batchlm.bench.records import RequestResult
 from batchlm.bench.stats import Distribution, summarize
 
@@ -60,6 +61,10 @@ class BenchMetrics:
     tokens_per_second: list[float] = field(default_factory=list)
     # Mean requests in flight during each 1-second window (time-weighted, failed ones too).
     concurrency_per_second: list[float] = field(default_factory=list)
+    # --goodput's objectives, {metric: ms}; empty without it.
+    goodput_slos_ms: dict[str, float] = field(default_factory=dict)
+    # Successful requests meeting every objective / duration; None without --goodput.
+    request_goodput: float | None = None
 
 
 @dataclass
@@ -78,8 +83,10 @@ def compute_metrics(
     run_start: float,
     duration_s: float,
     percentiles: Sequence[float],
+    goodput_slos_ms: Mapping[str, float] | None = None,
 ) -> BenchMetrics:
-    """Aggregates request timelines into BenchMetrics; `run_start` anchors the 1-second windows."""
+    """Aggregates request timelines into BenchMetrics; `run_start` anchors the 1-second windows;
+    `goodput_slos_ms` ({metric: ms}, see goodput.py) adds the request goodput."""
     successes = [r for r in results if r.ok]
     accounts = [account_tokens(r) for r in successes]
     samples = collect_samples(successes, accounts)
@@ -112,6 +119,8 @@ def compute_metrics(
         input_token_sources=input_sources,
         tokens_per_second=tokens_per_second,
         concurrency_per_second=_mean_in_flight(results, run_start, windows),
+        goodput_slos_ms=dict(goodput_slos_ms or {}),
+        request_goodput=rate(count_good(successes, accounts, goodput_slos_ms)) if goodput_slos_ms else None,
     )
 
 
@@ -126,14 +135,15 @@ def collect_samples(
 
 
 def _add_request_samples(samples: LatencySamples, result: RequestResult, account: TokenAccount) -> None:
+    latencies = request_latencies(result, account)
     samples.e2el.append(result.latency)
-    if not result.streamed or not result.chunk_times:
+    ttft, tpot = latencies["ttft"], latencies["tpot"]
+    if ttft is None:
         return
-    times = result.chunk_times
-    ttft = times[0] - result.start
     samples.ttft.append(ttft)
-    if account.output_tokens > 1:
-        samples.tpot.append((result.latency - ttft) / (account.output_tokens - 1))
+    if tpot is not None:
+        samples.tpot.append(tpot)
+    times = result.chunk_times
     for i in range(1, len(times)):
         gap = times[i] - times[i - 1]
         samples.itl.append(gap)

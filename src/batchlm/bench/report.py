@@ -86,6 +86,7 @@ def format_table(level: LevelReport, info: RunInfo) -> str:
         _row("Total duration (s):", m.duration_s, ".2f"),
         _row("Throughput (TPS, output tok/s):", m.output_throughput, ".2f"),
         _row("Request throughput (req/s):", m.request_throughput, ".2f"),
+        *_goodput_rows(m),
         _row("Total token throughput (tok/s):", m.total_token_throughput, ".2f"),
         _row("Peak output throughput (tok/s, 1 s window):", m.max_output_tokens_per_s, ".0f"),
         _row("Peak concurrent requests:", m.max_concurrent_requests),
@@ -100,6 +101,14 @@ def format_table(level: LevelReport, info: RunInfo) -> str:
     lines += _client_section(level.check, m.total_output_tokens)
     lines.append("=" * _WIDTH)
     return "\n".join(lines)
+
+
+def _goodput_rows(m: BenchMetrics) -> list[str]:
+    """Request goodput and the objectives it counts against, only when --goodput was given."""
+    if m.request_goodput is None:
+        return []
+    slos = ", ".join(f"{key} <= {value:g} ms" for key, value in m.goodput_slos_ms.items())
+    return [_row("Request goodput (req/s):", m.request_goodput, ".2f"), _row("  goodput objectives:", slos)]
 
 
 def _spec_rows(spec: SpecActivity | None) -> list[str]:
@@ -206,7 +215,7 @@ def result_json(
         "total_input_tokens": m.total_input_tokens,
         "total_output_tokens": m.total_output_tokens,
         "request_throughput": m.request_throughput,
-        "request_goodput": None,
+        "request_goodput": m.request_goodput,
         "output_throughput": m.output_throughput,
         "total_token_throughput": m.total_token_throughput,
         "max_output_tokens_per_s": m.max_output_tokens_per_s,
@@ -215,6 +224,8 @@ def result_json(
     for name, _ in LATENCY_METRICS:
         result.update(_distribution_keys(name, getattr(m, name)))
     result.update(_batchlm_keys(level, info))
+    # The objectives behind request_goodput, {metric: ms} under --goodput's names; null without it.
+    result["goodput"] = dict(m.goodput_slos_ms) or None
     if level.spec is not None:
         result["spec_decode_num_draft_tokens"] = level.spec.proposed
         result["spec_decode_num_accepted_tokens"] = level.spec.accepted

@@ -232,7 +232,9 @@ async def _run_level(
     spec_after = await read_spec_counters(session, metrics_url, config.headers)
     # After the level, so that the counting requests neither load the server nor take client time.
     await counting.count(outcome.results)
-    metrics = compute_metrics(outcome.results, outcome.run_start, outcome.duration_s, config.percentiles)
+    metrics = compute_metrics(
+        outcome.results, outcome.run_start, outcome.duration_s, config.percentiles, config.goodput
+    )
     return LevelReport(label, load, outcome, metrics, check, activity_between(spec_before, spec_after))
 
 

@@ -36,7 +36,10 @@ def level_label(load: LoadConfig, sweep_name: str | None) -> str:
 
 def format_sweep_table(levels: list[LevelReport]) -> str:
     """Latencies in ms at the median / 99th percentile; throughput in tokens or requests per second."""
-    header = " ".join(f"{name:>{width}}" for name, width in _COLUMNS)
+    # Goodput sits beside req/s, only when --goodput was given.
+    goodput = any(level.metrics.request_goodput is not None for level in levels)
+    columns = [*_COLUMNS[:4], *([("goodput", 8)] if goodput else []), *_COLUMNS[4:]]
+    header = " ".join(f"{name:>{width}}" for name, width in columns)
     lines = ["Sweep summary (latencies in ms)", header, "-" * len(header)]
     for level in levels:
         m = level.metrics
@@ -45,6 +48,7 @@ def format_sweep_table(levels: list[LevelReport]) -> str:
             m.completed,
             m.failed,
             f"{m.request_throughput:.2f}",
+            *([f"{m.request_goodput or 0.0:.2f}"] if goodput else []),
             f"{m.output_throughput:.1f}",
             f"{m.max_output_tokens_per_s:.0f}",
             _ms(m.ttft.median, m.ttft.count),
@@ -54,7 +58,7 @@ def format_sweep_table(levels: list[LevelReport]) -> str:
             _ms(m.e2el.percentiles.get(99.0), m.e2el.count),
             f"{level.check.cpu_percent:.0f}%" + ("!" if level.check.client_bound else ""),
         ]
-        lines.append(" ".join(f"{cell!s:>{width}}" for cell, (_, width) in zip(cells, _COLUMNS, strict=True)))
+        lines.append(" ".join(f"{cell!s:>{width}}" for cell, (_, width) in zip(cells, columns, strict=True)))
     if any(level.check.client_bound for level in levels):
         lines.append("! = client-bound at this level: see its self-check")
     return "\n".join(lines)
