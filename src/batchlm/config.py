@@ -89,7 +89,8 @@ class EngineConfig:
     # $BATCHLM_CACHE, else $XDG_CACHE_HOME/batchlm, else ~/.cache/batchlm), else the random-weight demo
     # Llama.
     model: str = DEMO_MODEL
-    # Optional PEFT LoRA adapter directory, merged into the weights at load time.
+    # Optional PEFT LoRA adapter directory (adapter_config.json with adapter_model.safetensors or .bin; a
+    # local directory, not downloaded), merged into the weights at load time as PEFT merges it.
     adapter_path: str | None = None
     # Tokenizer path (defaults to the model directory).
     tokenizer: str | None = None
@@ -166,7 +167,9 @@ class EngineConfig:
     # Speculative decoding with draft tokens looked up in each request's own prompt and output (n-grams):
     # "auto" speculates while the batch is small and only for requests whose drafts are mostly accepted,
     # "ngram" whenever a draft is found, "off" never. Output is the same as without it (lossless). Off
-    # with tensor parallelism (a warning names the speculation flags given there).
+    # with tensor parallelism (a warning names the speculation flags given there). A tuning value the
+    # mode ignores (the three below under "off", speculative_max_batch under "ngram") is refused by the
+    # CLIs; LLM(...) logs that it is ignored.
     speculative: str = "auto"
     # Most draft tokens verified per request per step; None = 7 on a CPU, 4 on a GPU.
     num_speculative_tokens: int | None = None

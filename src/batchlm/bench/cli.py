@@ -29,7 +29,10 @@ def add_seed_arguments(parser: argparse.ArgumentParser, seed_only: bool = False)
     """The seed benchmark_client.py's flags, with its names and defaults. `seed_only` leaves out what
     `batchlm bench` adds to them (the --num-prompts alias and comma lists for sweeps)."""
     parser.add_argument(
-        "--base-url", default="http://localhost:8080/v1", help="API base URL (default: %(default)s)"
+        "--base-url",
+        default="http://localhost:8080/v1",
+        help="API base URL; an endpoint's URL (ending in /chat/completions, /completions or /responses) "
+        "is cut back to it (default: %(default)s)",
     )
     parser.add_argument(
         "--api-key", default="EMPTY", help="API key sent as a Bearer token (default: %(default)s)"
@@ -141,7 +144,8 @@ def _add_load_arguments(load: argparse._ArgumentGroup) -> None:
         "--request-timeout",
         type=float,
         default=600.0,
-        help="seconds before a request fails (above 0, finite; default: 600)",
+        help="seconds before a request fails (above 0, finite; default: 600); the first request, "
+        "GET {base-url}/models, waits at most 30 s",
     )
     load.add_argument(
         "--client-processes",
