@@ -114,7 +114,7 @@ class Qwen3CoderParser(ToolParser):
                 return MarkedRegion([call], pos + len(FUNCTION_END))
             if text.startswith(END, pos):  # `</function>` left out
                 return MarkedRegion([CallScan(name, "{" + ", ".join(members) + "}", True)], pos + len(END))
-            if final or not _may_begin(text[pos:], AFTER_PARAMETER):
+            if final or not _may_begin(text, pos, AFTER_PARAMETER):
                 return None
             break
         if final:
@@ -131,17 +131,18 @@ def _value_end(text: str, start: int, final: bool) -> int | None:
     search = start
     while (at := text.find(PARAMETER_END, search)) >= 0:
         search = at + len(PARAMETER_END)
-        rest = text[skip_whitespace(text, search) :]
-        if rest.startswith(AFTER_PARAMETER):
+        after = skip_whitespace(text, search)
+        if text.startswith(AFTER_PARAMETER, after):
             return at
-        if not final and _may_begin(rest, AFTER_PARAMETER):
+        if not final and _may_begin(text, after, AFTER_PARAMETER):
             return None  # what follows may still make it the value's end
     return None
 
 
-def _may_begin(text: str, tags: tuple[str, ...]) -> bool:
-    """Whether more text may make `text` begin with one of `tags`."""
-    return any(tag.startswith(text) for tag in tags)
+def _may_begin(text: str, pos: int, tags: tuple[str, ...]) -> bool:
+    """Whether more text may make text[pos:] begin with one of `tags` (it is a prefix of one). The
+    length is compared first: a stream's text is re-read as it grows, and a long rest is no prefix."""
+    return any(len(text) - pos <= len(tag) and tag.startswith(text[pos:]) for tag in tags)
 
 
 def _parameter_types(parameters: dict[str, Any] | None) -> dict[str, set[str]]:
