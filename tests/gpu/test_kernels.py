@@ -254,6 +254,32 @@ def test_decode_replays_in_cuda_graph_with_new_lengths() -> None:
         assert_close(out, ref, torch.bfloat16)
 
 
+def write_then_decode_graph(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cache: torch.Tensor,
+    slots: torch.Tensor,
+    query: torch.Tensor,
+    seq_lens: torch.Tensor,
+    tables: torch.Tensor,
+    out: torch.Tensor,
+    num_splits: int,
+) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of a step's KV write and then its decode attention, launched as the engine
+    launches them (with PDL where the GPU has it); each replay reads what the tensors hold then."""
+
+    def step() -> None:
+        write_kv_cache(key, value, cache, slots)
+        paged_decode_attention(query, cache, seq_lens, tables, 0.125, out=out, num_splits=num_splits)
+
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("num_splits", [1, 8])
 def test_decode_sees_the_newest_token_written_just_before_it_in_the_same_graph(num_splits: int) -> None:
@@ -270,15 +296,7 @@ def test_decode_sees_the_newest_token_written_just_before_it_in_the_same_graph(n
     tables = torch.zeros(batch, max_blocks, dtype=torch.int32, device=DEVICE)
     out = torch.empty_like(query)
 
-    def step() -> None:
-        write_kv_cache(key, value, cache, slots)
-        paged_decode_attention(query, cache, seq_lens, tables, 0.125, out=out, num_splits=num_splits)
-
-    step()  # compiled outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = write_then_decode_graph(key, value, cache, slots, query, seq_lens, tables, out, num_splits)
     for lengths in ([1, 40, 64, 700], [65, 16, 1000, 129]):
         new_tables = random_block_tables(lengths, block_size, cache.shape[1], extra=0)
         tables.zero_()
@@ -325,15 +343,7 @@ def test_verify_rows_see_every_row_their_chunk_wrote_just_before_them_in_the_sam
     key, value = (torch.randn(rows, NUM_KV_HEADS, head_dim, device=DEVICE).bfloat16() for _ in "kv")
     out = torch.empty_like(query)
 
-    def step() -> None:
-        write_kv_cache(key, value, cache, slots)
-        paged_decode_attention(query, cache, seq_lens, tables, 0.125, out=out, num_splits=num_splits)
-
-    step()  # compiled outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = write_then_decode_graph(key, value, cache, slots, query, seq_lens, tables, out, num_splits)
     for _ in range(4):
         for tensor in (query, key, value):
             tensor.copy_(torch.randn_like(tensor))
