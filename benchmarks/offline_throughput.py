@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from host_contention import BUSY_KINDS, busy_processes, pin_calling_thread_apart
 from model_shapes import SHAPES, write_config_only, write_random_weights
 from structured_outputs import SUMMARY_FIELDS, long_output_schema, override_grammar_settings
-from throughput_floor import workload_floor
+from throughput_floor import WEIGHT_BYTES, Formats, workload_floor
 
 
 def make_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -282,9 +282,13 @@ def main() -> None:
     for engine in sorted({r["engine"] for r in results}):
         rates = [r["output_tok_s"] for r in results if r["engine"] == engine]
         summary[f"{engine} median output tok/s"] = statistics.median(rates)
-    # The H200 floor of this workload (bandwidth and bf16 peak; meaningful for GPU runs only).
+    # The H200 floor of this workload in its weight and cache formats (meaningful for GPU runs only).
+    formats = Formats(
+        weights=args.quantization if args.quantization in WEIGHT_BYTES else "bf16",
+        kv_cache="fp8" if args.kv_cache_dtype == "fp8" else "bf16",
+    )
     summary["h200_floor"] = workload_floor(
-        SHAPES[args.shape], args.num_requests, args.input_len, args.output_len
+        SHAPES[args.shape], args.num_requests, args.input_len, args.output_len, formats=formats
     )
     summary["of_h200_floor"] = round(
         summary["batchlm median output tok/s"] / summary["h200_floor"]["floor_output_tok_s"], 3

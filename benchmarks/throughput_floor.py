@@ -1,5 +1,6 @@
 """The fastest an offline workload could run on a GPU: each step costs the larger of its bytes over
-the memory bandwidth and its FLOPs over the peak matmul rate (bf16 weights and KV cache).
+the memory bandwidth and its FLOPs over the peak matmul rate (bf16 weights and KV cache unless
+--weights / --kv-cache-dtype say otherwise).
 
 A decode step reads the dense weights, the LM head, the KV cache of every running request and, in a
 mixture-of-experts layer, only the experts its tokens chose: with B tokens each picking k of E
@@ -16,6 +17,12 @@ cache at once. With --kv-capacity-tokens the steps are instead the ones batchlm'
 when the cache holds that many tokens (chunked prefill, preemption by recompute, --max-num-seqs),
 each costed both ways: what a cache too small for the whole batch costs in the floor's own terms,
 and which admission limit costs least.
+
+--weights fp8 / w4a16 and --kv-cache-dtype fp8 cost the layers' linears (attention projections, MLPs
+and experts) and the cache at the bytes of those formats; the LM head and MoE routers stay bf16, as
+`--quantization` and the usual FP8 and 4-bit checkpoints leave them. FP8 linears run at the fp8 peak,
+4-bit ones at the bf16 peak; attention at the bf16 peak (an FP8 cache is widened for the dot).
+`floor_decode_step_ms` is the mean decode step, a single stream's inter-token latency floor.
 """
 
 from __future__ import annotations
@@ -29,15 +36,38 @@ from typing import Any
 BYTES_PER_VALUE = 2  # bf16
 H200_BANDWIDTH = 4.29e12  # bytes/s
 H200_BF16_FLOPS = 792e12  # FLOP/s
+H200_FP8_FLOPS = 1440e12  # FLOP/s
+
+# Bytes a weight of the layers' linears takes: 4-bit codes carry a 16-bit scale and a 4-bit zero
+# point per group of 128 (GPTQ's and `--quantization w4a16`'s layout); FP8's per-row scales are noise.
+WEIGHT_BYTES = {"bf16": 2.0, "fp8": 1.0, "w4a16": 0.5 + (2 + 0.5) / 128}
+KV_BYTES = {"bf16": 2.0, "fp8": 1.0}
+
+
+@dataclass(frozen=True)
+class Formats:
+    """The layers' linear weights and the KV cache as stored, and the matmul peak of those linears."""
+
+    weights: str = "bf16"
+    kv_cache: str = "bf16"
+
+    def linear_flops(self, bf16_flops: float) -> float:
+        # The fp8 peak scaled as the bf16 one is (both from the same machine's measurements).
+        return bf16_flops * H200_FP8_FLOPS / H200_BF16_FLOPS if self.weights == "fp8" else bf16_flops
+
+
+BF16 = Formats()
 
 
 @dataclass(frozen=True)
 class ShapeCost:
     """Parameter counts (in values) that decide a step's bytes and FLOPs."""
 
-    # Attention, norms, dense MLPs and routers of all layers.
+    # Attention projections and dense MLPs of all layers (the linears a weight format quantizes).
     dense_params: int
     lm_head_params: int
+    # MoE routers (kept bf16 by every weight format).
+    router_params: int
     # One expert's gate, up and down; how many layers have experts; experts per layer; chosen per token.
     expert_params: int
     sparse_layers: int
@@ -57,10 +87,11 @@ def shape_cost(config: dict[str, Any]) -> ShapeCost:
     sparse = _sparse_layers(config, num_experts)
     expert_inter = config.get("moe_intermediate_size") or config["intermediate_size"]
     dense_mlp = 3 * hidden * config["intermediate_size"]
-    dense = layers * attention + (layers - sparse) * dense_mlp + sparse * hidden * num_experts
+    dense = layers * attention + (layers - sparse) * dense_mlp
     return ShapeCost(
         dense_params=dense,
         lm_head_params=config["vocab_size"] * hidden,
+        router_params=sparse * hidden * num_experts,
         expert_params=3 * hidden * expert_inter,
         sparse_layers=sparse,
         num_experts=num_experts,
@@ -93,26 +124,31 @@ def step_seconds(
     bandwidth: float,
     flops: float,
     overlap: bool = True,
+    formats: Formats = BF16,
 ) -> float:
     """One forward over `tokens` new tokens that attend to `kv_tokens` cached ones (`pairs` query-key
     pairs). overlap=False: the attention and the linears each at their own floor, one after the other
     (as kernels that run in turn take them), instead of all bytes and all FLOPs overlapping."""
-    weights = (
-        cost.dense_params
-        + cost.lm_head_params
-        + cost.sparse_layers * active_experts(cost, tokens) * cost.expert_params
+    quantized = cost.dense_params + cost.sparse_layers * active_experts(cost, tokens) * cost.expert_params
+    weight_bytes = (
+        quantized * WEIGHT_BYTES[formats.weights]
+        + (cost.lm_head_params + cost.router_params) * BYTES_PER_VALUE
     )
-    active_per_token = (
-        cost.dense_params + cost.lm_head_params + cost.sparse_layers * cost.top_k * cost.expert_params
+    quantized_per_token = cost.dense_params + cost.sparse_layers * cost.top_k * cost.expert_params
+    cache_bytes = kv_tokens * cost.kv_values_per_token * KV_BYTES[formats.kv_cache]
+    attention_seconds = pairs * cost.attention_flops_per_pair / flops
+    linear_seconds = (
+        2
+        * tokens
+        * (
+            quantized_per_token / formats.linear_flops(flops)
+            + (cost.lm_head_params + cost.router_params) / flops
+        )
     )
-    cache_bytes = kv_tokens * cost.kv_values_per_token * BYTES_PER_VALUE
-    attention_flops = pairs * cost.attention_flops_per_pair
-    linear_flops = 2 * tokens * active_per_token
     if not overlap:
-        linears = max(weights * BYTES_PER_VALUE / bandwidth, linear_flops / flops)
-        return linears + max(cache_bytes / bandwidth, attention_flops / flops)
-    memory = weights * BYTES_PER_VALUE + cache_bytes
-    return max(memory / bandwidth, (linear_flops + attention_flops) / flops)
+        linears = max(weight_bytes / bandwidth, linear_seconds)
+        return linears + max(cache_bytes / bandwidth, attention_seconds)
+    return max((weight_bytes + cache_bytes) / bandwidth, linear_seconds + attention_seconds)
 
 
 def workload_floor(
@@ -123,15 +159,25 @@ def workload_floor(
     bandwidth: float = H200_BANDWIDTH,
     flops: float = H200_BF16_FLOPS,
     overlap: bool = True,
+    formats: Formats = BF16,
 ) -> dict[str, float]:
     """Floor time and output tokens/s for N requests of input_len prompt tokens and output_len outputs,
     all running at once (the first output token comes from the prefill)."""
     cost = shape_cost(config)
     prefill_pairs = num_requests * input_len * (input_len + 1) // 2
-    prefill = step_seconds(cost, num_requests * input_len, 0, prefill_pairs, bandwidth, flops, overlap)
+    prefill = step_seconds(
+        cost, num_requests * input_len, 0, prefill_pairs, bandwidth, flops, overlap, formats
+    )
     decode = sum(
         step_seconds(
-            cost, num_requests, num_requests * context, num_requests * context, bandwidth, flops, overlap
+            cost,
+            num_requests,
+            num_requests * context,
+            num_requests * context,
+            bandwidth,
+            flops,
+            overlap,
+            formats,
         )
         for context in range(input_len + 1, input_len + output_len)
     )
@@ -140,6 +186,7 @@ def workload_floor(
         "floor_s": round(total, 3),
         "floor_prefill_s": round(prefill, 3),
         "floor_decode_s": round(decode, 3),
+        "floor_decode_step_ms": round(1e3 * decode / max(output_len - 1, 1), 4),
         "floor_output_tok_s": round(num_requests * output_len / total, 1),
         "decode_active_experts_per_layer": round(active_experts(cost, num_requests), 1),
     }
@@ -148,8 +195,8 @@ def workload_floor(
 class _InstantExecutor:
     """Samples token 0 for every sampled chunk at once, and costs each step as it is launched."""
 
-    def __init__(self, cost: ShapeCost, bandwidth: float, flops: float) -> None:
-        self.cost, self.bandwidth, self.flops = cost, bandwidth, flops
+    def __init__(self, cost: ShapeCost, bandwidth: float, flops: float, formats: Formats) -> None:
+        self.cost, self.bandwidth, self.flops, self.formats = cost, bandwidth, flops, formats
         self.seconds = 0.0
         self.in_turn_seconds = 0.0
         self.prefill_tokens = 0
@@ -170,10 +217,9 @@ class _InstantExecutor:
                 sampled.append(chunk.request_id)
         if scheduled.chunks:
             self.steps += 1
-            self.seconds += step_seconds(self.cost, tokens, kv_tokens, pairs, self.bandwidth, self.flops)
-            self.in_turn_seconds += step_seconds(
-                self.cost, tokens, kv_tokens, pairs, self.bandwidth, self.flops, overlap=False
-            )
+            costs = (self.cost, tokens, kv_tokens, pairs, self.bandwidth, self.flops)
+            self.seconds += step_seconds(*costs, formats=self.formats)
+            self.in_turn_seconds += step_seconds(*costs, overlap=False, formats=self.formats)
         output = ModelRunnerOutput(tuple(sampled), (0,) * len(sampled), (None,) * len(sampled))
         return SimpleNamespace(result=lambda: output)
 
@@ -189,6 +235,7 @@ def scheduled_floor(
     block_size: int = 16,
     bandwidth: float = H200_BANDWIDTH,
     flops: float = H200_BF16_FLOPS,
+    formats: Formats = BF16,
 ) -> dict[str, float]:
     """The floor of the steps the scheduler makes with a cache of kv_capacity_tokens (all requests
     arrive at once; prefix caching off, as in the offline benchmarks)."""
@@ -208,7 +255,7 @@ def scheduled_floor(
             enable_prefix_caching=False,
         )
     )
-    executor = _InstantExecutor(shape_cost(config), bandwidth, flops)
+    executor = _InstantExecutor(shape_cost(config), bandwidth, flops, formats)
     core = EngineCore(scheduler, executor, async_scheduling=True)  # type: ignore[arg-type]
     params = SamplingParams(max_tokens=output_len, ignore_eos=True, detokenize=False)
     prompt = tuple(range(1, input_len + 1))
@@ -244,11 +291,17 @@ def main() -> None:
         help="cost the scheduler's steps with a cache this large",
     )
     parser.add_argument("--max-num-seqs", type=int, default=None, help="with --kv-capacity-tokens")
+    parser.add_argument(
+        "--weights", choices=sorted(WEIGHT_BYTES), default="bf16", help="the layers' linear weights"
+    )
+    parser.add_argument("--kv-cache-dtype", choices=sorted(KV_BYTES), default="bf16")
     args = parser.parse_args()
     config = SHAPES[args.shape]
-    floor = workload_floor(config, args.num_requests, args.input_len, args.output_len)
+    formats = Formats(args.weights, args.kv_cache_dtype)
+    workload = (config, args.num_requests, args.input_len, args.output_len)
+    floor = workload_floor(*workload, formats=formats)
     # The same workload with attention and linears each at their own floor in turn, not overlapped.
-    in_turn = workload_floor(config, args.num_requests, args.input_len, args.output_len, overlap=False)
+    in_turn = workload_floor(*workload, overlap=False, formats=formats)
     floor |= {
         "in_turn_floor_s": in_turn["floor_s"],
         "in_turn_floor_output_tok_s": in_turn["floor_output_tok_s"],
@@ -261,10 +314,15 @@ def main() -> None:
             args.output_len,
             args.kv_capacity_tokens,
             args.max_num_seqs,
+            formats=formats,
         )
         floor |= {f"scheduled_{key}": value for key, value in scheduled.items()}
         floor |= {"kv_capacity_tokens": args.kv_capacity_tokens, "max_num_seqs": args.max_num_seqs}
-    print(json.dumps({"shape": args.shape, **floor}))
+    print(
+        json.dumps(
+            {"shape": args.shape, "weights": args.weights, "kv_cache_dtype": args.kv_cache_dtype, **floor}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -58,3 +58,36 @@ def test_kernels_in_turn_cost_at_least_the_overlapped_floor(floor) -> None:  # t
     assert floor.workload_floor(config, 1, 512, 32, overlap=False)["floor_s"] == pytest.approx(
         single["floor_s"], rel=1e-3
     )
+
+
+def test_quantized_formats_cost_their_bytes_and_keep_the_lm_head_bf16(floor) -> None:  # type: ignore[no-untyped-def]
+    from model_shapes import SHAPES
+
+    config = SHAPES["llama-3.1-8b"]
+    cost = floor.shape_cost(config)
+    step = {
+        weights: floor.workload_floor(config, 1, 512, 32, formats=floor.Formats(weights))[
+            "floor_decode_step_ms"
+        ]
+        for weights in ("bf16", "fp8", "w4a16")
+    }
+    # A single stream reads its weights once a step: the layers' linears at the format's bytes, the
+    # LM head at two bytes a value whatever the format.
+    lm_head_ms = 1e3 * cost.lm_head_params * 2 / floor.H200_BANDWIDTH
+    assert step["bf16"] - lm_head_ms == pytest.approx(2 * (step["fp8"] - lm_head_ms), rel=0.02)
+    assert step["w4a16"] > step["bf16"] / 4 + lm_head_ms / 2
+    assert step["w4a16"] < step["fp8"] < step["bf16"]
+
+
+def test_an_fp8_cache_halves_the_cache_reads_of_long_decodes(floor) -> None:  # type: ignore[no-untyped-def]
+    from model_shapes import SHAPES
+
+    config = SHAPES["llama-3.1-8b"]
+    # 512 decodes at ~1,500 tokens: the cache reads outweigh the weights.
+    bf16 = floor.workload_floor(config, 512, 1000, 1000, overlap=False)
+    fp8_cache = floor.workload_floor(
+        config, 512, 1000, 1000, overlap=False, formats=floor.Formats(kv_cache="fp8")
+    )
+    assert fp8_cache["floor_decode_s"] < 0.75 * bf16["floor_decode_s"]
+    # The prompts' pass is bound by FLOPs, which the cache format does not change.
+    assert fp8_cache["floor_prefill_s"] == pytest.approx(bf16["floor_prefill_s"], rel=1e-3)
