@@ -45,6 +45,23 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
         load_jsonl(str(tmp_path / "absent.jsonl"))
 
 
+def test_a_byte_order_mark_reads_as_the_same_file(tmp_path: Path) -> None:
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + '{"prompt": "caf\u00e9"}\n'.encode())
+    assert [s.prompt for s in load_jsonl(str(jsonl))] == ["caf\u00e9"]
+    sharegpt = tmp_path / "s.json"
+    conversation = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}
+    sharegpt.write_bytes(b"\xef\xbb\xbf" + json.dumps([conversation]).encode())
+    assert [s.prompt for s in load_sharegpt(str(sharegpt))] == ["hi"]
+
+
+def test_a_file_that_is_not_utf8_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"prompt": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(DatasetError, match=r"latin1.jsonl: not UTF-8 text"):
+        load_jsonl(str(path))
+
+
 def test_sharegpt_takes_first_human_turn_and_estimates_reply_length(tmp_path: Path) -> None:
     path = tmp_path / "s.json"
     path.write_text(

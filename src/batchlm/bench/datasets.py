@@ -158,6 +158,9 @@ async def _fit_length(text: str, target: int, chars_per_token: float, counter: T
 
 def _read_text(path: str) -> str:
     try:
-        return Path(path).read_text(encoding="utf-8")
+        # utf-8-sig: a file saved with a byte-order mark (as some Windows editors write) reads the same.
+        return Path(path).read_text(encoding="utf-8-sig")
     except OSError as exc:
         raise DatasetError(f"cannot read dataset file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
