@@ -117,3 +117,38 @@ def test_thinking_then_text_then_a_call_at_every_split() -> None:
         assert items[0]["content"][0]["text"] == "Plan: call it."
         assert items[1]["content"][0]["text"] == "Let me look."
         assert json.loads(items[2]["arguments"]) == {"city": "Paris"}
+
+
+def test_a_response_read_from_one_delta_holds_the_items_its_stream_would() -> None:
+    """A non-streamed request's output comes from the engine at once (final_output_only): text the model
+    wrote after a call still follows it, in a message of its own, as in the stream of it."""
+    from batchlm.server.responding import ChoiceResult
+
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    output = f"<think>\nPlan.\n</think>\n\nLet me look.\n{call}\nThen the time: {call}\nDone."
+    streamed = events_of(HermesParser(), list(output), ReasoningParser(THINK, False))[-1]["response"][
+        "output"
+    ]
+    context = ChatContext(
+        request_id="resp_test", created=0, model="m", tokenizer=FakeTokenizer(), n=1, include_usage=True,
+        top_logprobs=None, reader=MessageReader(ReasoningParser(THINK, False), HermesParser()),
+    )  # fmt: skip
+    formatter = ResponsesFormatter(context, ResponsesRequest(input="hi"), SamplingParams())
+    result = ChoiceResult([output], [1], finish_reason=FinishReason.STOP)
+    whole = [item.model_dump() for item in formatter.choices({(0, 0): result})]
+
+    def layout(items: list[dict[str, Any]]) -> list[tuple[str, str]]:
+        return [(i["type"], i.get("name") or i["content"][0]["text"]) for i in items]
+
+    assert (
+        layout(whole)
+        == layout(streamed)
+        == [
+            ("reasoning", "Plan."),
+            ("message", "Let me look."),
+            ("function_call", "get_weather"),
+            ("message", "\nThen the time:"),
+            ("function_call", "get_weather"),
+            ("message", " Done."),
+        ]
+    )

@@ -260,7 +260,7 @@ def test_a_response_holds_the_items_its_stream_would(client: Any, engine: FakeEn
         streamed = stream.get_final_response()
     assert [item.type for item in whole.output] == ["message", "function_call", "message"]
     assert [item.type for item in streamed.output] == [item.type for item in whole.output]
-    assert whole.output_text == streamed.output_text == "Let me look.Done."
+    assert whole.output_text == streamed.output_text == "Let me look.\n\nDone."
 
 
 def test_a_streamed_call_arrives_as_argument_deltas(

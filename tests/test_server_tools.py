@@ -335,3 +335,86 @@ def test_a_call_whose_json_escapes_a_lone_surrogate_is_answered(
         done = response.json()
     assert done["status"] == "completed"
     assert [(item["name"], item["arguments"]) for item in done["output"]] == expected
+
+
+def _chat_formatter(family: str) -> Any:
+    from batchlm.reasoning.message import MessageReader
+    from batchlm.server.protocol import ChatCompletionRequest
+    from batchlm.server.serving_chat import ChatContext, ChatFormatter
+    from batchlm.tools.use import chat_tool_use
+
+    request = ChatCompletionRequest.model_validate({"messages": USER, "tools": TOOLS})
+    context = ChatContext(
+        request_id="chatcmpl-1", created=0, model="m", tokenizer=None, n=1, include_usage=False,
+        top_logprobs=None, reader=MessageReader(None, chat_tool_use(request, family, None).parser),
+    )  # fmt: skip
+    return ChatFormatter(context)
+
+
+# Per family: words, a call that reads, then a call whose markup breaks part way.
+BROKEN_AFTER_A_CALL = {
+    "hermes": f'Let me look.\n\n<tool_call>\n{{"name": "get_weather", "arguments": {PARIS}}}\n</tool_call>\n'
+    '<tool_call>\n{"name": "get_time", "arguments": {"zone": \n</tool_call>',
+    "mistral": f'Let me look.\n\n[TOOL_CALLS]get_weather[ARGS]{PARIS}[TOOL_CALLS]get_time[ARGS]{{"zone": }}',
+    "llama3_json": f'{{"name": "get_weather", "parameters": {PARIS}}}; {{"name": "get_time", "parameters": {{"zone": }}}}',
+    "qwen3_coder": "Let me look.\n\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
+    "</function>\n</tool_call>\n<tool_call>\n<function=get_time>\n<zone>",
+}
+
+
+@pytest.mark.parametrize("family", list(BROKEN_AFTER_A_CALL))
+@pytest.mark.parametrize(
+    ("reason", "stop_reason"),
+    [("stop", None), ("length", None), ("stop", "<END>")],
+    ids=["eos", "length", "stop"],
+)
+def test_a_chat_reply_reads_the_same_streamed_in_any_pieces_or_whole(
+    family: str, reason: str, stop_reason: str | None
+) -> None:
+    """Content, calls and finish_reason of a reply with a call that reads and, after it, one that breaks:
+    the same whether the text streamed a character at a time, in token-like pieces, or at once, and as
+    the non-streamed reply of it ("tool_calls" for the call that reads, "length" where cut at max_tokens)."""
+    from batchlm.outputs import CompletionOutput, FinishReason, RequestOutput
+    from batchlm.server.responding import ChoiceResult
+
+    text = BROKEN_AFTER_A_CALL[family]
+    whole = _chat_formatter(family).choices(
+        {(0, 0): ChoiceResult([text], [1], finish_reason=FinishReason(reason), stop_reason=stop_reason)}
+    )[0]
+    expected_reason = "tool_calls" if reason == "stop" else reason
+    assert whole.finish_reason == expected_reason
+    assert [c.function.name for c in whole.message.tool_calls] == ["get_weather"]
+    for size in (1, 4, len(text)):
+        formatter = _chat_formatter(family)
+        pieces = [text[at : at + size] for at in range(0, len(text), size)]
+        chunks = []
+        for i, piece in enumerate(pieces):
+            last = i == len(pieces) - 1
+            finish = FinishReason(reason) if last else None
+            output = CompletionOutput(
+                0, piece, [1], finish_reason=finish, stop_reason=stop_reason if last else None
+            )
+            chunks += sse_payloads(formatter.delta(0, RequestOutput("r", None, [], [output], last)))
+        deltas = [c["choices"][0]["delta"] for c in chunks]
+        content = "".join(d.get("content") or "" for d in deltas)
+        names = [t["function"]["name"] for d in deltas for t in d.get("tool_calls", ()) if "id" in t]
+        assert content == (whole.message.content or ""), size
+        assert names[:1] == ["get_weather"], size
+        assert chunks[-1]["choices"][0]["finish_reason"] == expected_reason, size
+
+
+@pytest.mark.parametrize(
+    ("reply", "max_tokens"), [("<tool_call>\n{", 3), ("<tool_call>\n{", 12), ("\n\n<tool_call>", 2)]
+)
+def test_a_reply_with_no_text_has_content_null_streamed_or_not(
+    client: Any, engine: FakeEngine, reply: str, max_tokens: int
+) -> None:
+    """Nothing to show (markup cut off by max_tokens before it read as a call, or blanks a call may
+    follow): a stream sends no content after its role chunk's null, and the whole reply says null too."""
+    engine.reply = reply
+    body = {"model": "fake-model", "messages": USER, "tools": TOOLS, "max_tokens": max_tokens}
+    [choice] = client.chat.completions.create(**body).choices
+    chunks = [c for c in client.chat.completions.create(**body, stream=True) if c.choices]
+    assert [c.choices[0].delta.content for c in chunks if c.choices[0].delta.content is not None] == []
+    assert choice.message.content is None and choice.message.tool_calls is None
+    assert choice.finish_reason == chunks[-1].choices[0].finish_reason == "length"

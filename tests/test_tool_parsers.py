@@ -85,7 +85,7 @@ CASES: list[tuple[ToolParser, str, str | None, list[tuple[str, str]]]] = [
         HermesParser(),
         f'Let me check.\n\n<tool_call>\n{{"name": "get_weather", "arguments": {WEATHER}}}\n</tool_call>\n'
         f'<tool_call>\n{{"arguments": {TIME}, "name": "get_time"}}\n</tool_call>\nDone.',
-        "Let me check.Done.",
+        "Let me check.\n\nDone.",
         [("get_weather", WEATHER), ("get_time", TIME)],
     ),
     (HermesParser(), '<tool_call>{"name": "noop"}</tool_call>', None, [("noop", "{}")]),
@@ -136,7 +136,7 @@ CASES: list[tuple[ToolParser, str, str | None, list[tuple[str, str]]]] = [
     (
         CODER,
         f"Looking.\n{CODER_WEATHER}\n{CODER_SEARCH}\nDone.",
-        "Looking.Done.",
+        "Looking.\nDone.",
         [("get_weather", WEATHER), ("search", SEARCH_ARGUMENTS)],
     ),
     (CODER, "<tool_call>\n<function=ping>\n</function>\n</tool_call>", None, [("ping", "{}")]),
@@ -205,8 +205,8 @@ def stream(
         else:
             assert piece.id is None and piece.name is None and piece.arguments
             arguments[piece.index] += piece.arguments
-    # A whole output's calls end it (finish_reason "tool_calls") unless one was cut off.
-    assert session.ends_in_calls == (bool(names) and not session.call_cut_off)
+    # Calls that read whole end an output (finish_reason "tool_calls") unless one was cut off.
+    assert not session.ends_in_calls or (names and not session.call_cut_off)
     return content, [(names[i], arguments[i]) for i in sorted(names)], deltas
 
 
@@ -491,7 +491,7 @@ CODER_TAG_CASES = [
     ),
     (
         "Saving.\n<tool_call>\n<function=write>\n<parameter=text>\nx\n</parameter>\n</tool_call>\nDone.",
-        "Saving.Done.",
+        "Saving.\nDone.",
         [("write", '{"text": "x"}')],
     ),
     # The template writes a None value as Python's `None`.
@@ -540,3 +540,102 @@ def test_arguments_given_as_an_empty_string_are_an_empty_object() -> None:
     output = '<tool_call>{"name": "get_time", "arguments": ""}</tool_call>'
     assert calls_of(HermesParser().extract(output).tool_calls) == [("get_time", "{}")]
     assert stream(HermesParser(), list(output))[1] == [("get_time", "{}")]
+
+
+def hermes(name: str) -> str:
+    return f'<tool_call>\n{{"name": "{name}", "arguments": {{}}}}\n</tool_call>'
+
+
+def coder(name: str) -> str:
+    return f"<tool_call>\n<function={name}>\n</function>\n</tool_call>"
+
+
+# Text around calls, as models write it: (parser, output, content). Whitespace joining two texts across
+# calls is kept (the model's before the first call, else after the last); blanks that only separate the
+# content from a call at its start or end are not.
+AROUND: list[tuple[ToolParser, str, str | None]] = [
+    (HermesParser(), f"Hi {hermes('f')} there", "Hi there"),
+    (HermesParser(), f"Let me check.\n\n{hermes('f')}\n\nDone.\n", "Let me check.\n\nDone.\n"),
+    (HermesParser(), f"A{hermes('f')}\nB", "A\nB"),
+    (HermesParser(), f"A{hermes('f')}B", "AB"),
+    (HermesParser(), f"One,\n{hermes('f')}\n{hermes('g')}\ntwo, {hermes('h')} three.", "One,\ntwo, three."),
+    (HermesParser(), f"\n\n{hermes('f')}\n\nAfter.  ", "After.  "),
+    (HermesParser(), f"  Indented {hermes('f')}  \n", "  Indented"),
+    (HermesParser(), f"{hermes('f')}\n{hermes('g')}\n", None),
+    (MistralParser(), 'Hi [TOOL_CALLS][{"name": "f", "arguments": {}}] there', "Hi there"),
+    (MistralParser(), "Sure.\n[TOOL_CALLS]f[ARGS]{}[TOOL_CALLS]g[ARGS]{}\nDone.", "Sure.\nDone."),
+    (Llama3JsonParser(), '{"name": "f", "parameters": {}}\n\nThat is all.', "That is all."),
+    (CODER, f"Hi {coder('ping')} there", "Hi there"),
+    (CODER, f"Looking.\n\n{coder('ping')}\n{coder('pong')}\n\nDone.", "Looking.\n\nDone."),
+]
+
+
+@pytest.mark.parametrize(
+    ("parser", "output", "content"), AROUND, ids=[f"{type(c[0]).__name__}-{i}" for i, c in enumerate(AROUND)]
+)
+def test_text_around_calls_keeps_the_whitespace_that_joined_it(
+    parser: ToolParser, output: str, content: str | None
+) -> None:
+    for cut_short in (False, True):
+        parsed = parser.extract(output, cut_short)
+        expected = content if not cut_short else (content or "").rstrip() or None
+        assert parsed.content == expected
+        for chunks in [list(output), [output], *([output[:at], output[at:]] for at in range(len(output)))]:
+            assert stream(parser, chunks, cut_short)[0] == (expected or ""), chunks
+
+
+# Outputs with a call that reads and, after it, markup that stops parsing (or that the output ends in).
+BROKEN_AFTER_A_CALL: list[tuple[ToolParser, str]] = [
+    (
+        HermesParser(),
+        f'Let me see.\n{hermes("f")}\n<tool_call>\n{{"name": "g", "arguments": {{"a": }}\n</tool_call>',
+    ),
+    (HermesParser(), f'{hermes("f")}\n<tool_call>\n{{"name": "g", "arguments": {{"a": "Par'),
+    (MistralParser(), '[TOOL_CALLS]f[ARGS]{"a": 1}[TOOL_CALLS]g[ARGS]{"a": }'),
+    (MistralParser(), '[TOOL_CALLS]f[ARGS]{"a": 1}[TOOL_CALLS]g[ARGS]{"a": "Par'),
+    (Llama3JsonParser(), '{"name": "f", "parameters": {"a": 1}}; {"name": "g", "parameters": {"a": }}'),
+    (Llama3JsonParser(), '{"name": "f", "parameters": {"a": 1}}; {"name": "g", "parameters": {"a": "Par'),
+    (CODER, f"{coder('ping')}\n<tool_call>\n<function=search>\n<query>x</query>\n</tool_call>"),
+    (CODER, f"{coder('ping')}\n<tool_call>\n<function=search>\n<parameter=query>\nPar"),
+]
+
+
+@pytest.mark.parametrize(
+    ("parser", "output"),
+    BROKEN_AFTER_A_CALL,
+    ids=[f"{type(c[0]).__name__}-{i}" for i, c in enumerate(BROKEN_AFTER_A_CALL)],
+)
+@pytest.mark.parametrize("cut_short", [False, True], ids=["model-ended", "cut-short"])
+def test_the_finish_after_a_broken_call_is_the_same_streamed_or_not(
+    parser: ToolParser, output: str, cut_short: bool
+) -> None:
+    """Whether the reply ends in calls (finish_reason "tool_calls") depends on its text, not on the deltas
+    it streamed in: one char at a time, token-like pieces, or whole. A call whose markup stopped parsing
+    is no call of the reply (a stream announced it, and cannot take it back); the one before it is."""
+    parsed = parser.extract(output, cut_short)
+    ends_in_calls = bool(parsed.tool_calls) and not parsed.call_cut_off
+    for size in (1, 3, 4, 7, len(output)):
+        session = parser.stream()
+        deltas = [session.feed(output[at : at + size]) for at in range(0, len(output), size)]
+        deltas.append(session.finish(cut_short))
+        assert session.ends_in_calls == ends_in_calls, size
+        assert session.call_cut_off == parsed.call_cut_off, size
+        assert "".join(d.content for d in deltas) == (parsed.content or ""), size
+        announced = [d.name for delta in deltas for d in delta.tool_calls if d.name is not None]
+        assert announced[: len(parsed.tool_calls)] == [call.name for call in parsed.tool_calls]
+    # The call before the broken markup is whole; the broken one is cut off only where the output was
+    # cut short inside it.
+    assert parsed.tool_calls[0].arguments in ("{}", '{"a": 1}')
+    assert ends_in_calls == (not cut_short or not output.endswith("Par"))
+
+
+def test_a_delta_says_where_its_calls_come_among_its_text() -> None:
+    output = f"A {hermes('f')} B {hermes('g')} C"
+    delta = HermesParser().stream().feed(output + "\n")
+    assert delta.content == "A B C"
+    assert [(d.index, d.after) for d in delta.tool_calls] == [(0, 1), (0, 1), (1, 3), (1, 3)]
+    session = HermesParser().stream()
+    split = output.index("{}") + 1
+    assert [d.after for d in session.feed(output[:split]).tool_calls] == [1, 1]
+    # A call begun in an earlier delta goes on before any of this one's text.
+    assert [(d.index, d.after) for d in session.feed(output[split:]).tool_calls] == [(0, 0), (1, 2), (1, 2)]

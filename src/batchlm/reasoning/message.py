@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from batchlm.reasoning.split import ReasoningParser, ReasoningStream
-from batchlm.tools.calls import ParsedMessage, StreamDelta, ToolCall, ToolCallDelta
+from batchlm.tools.calls import ParsedMessage, StreamDelta, ToolCall, ToolCallDelta, calls_after
 from batchlm.tools.parser import ToolCallStream, ToolParser
 
 
@@ -30,6 +30,14 @@ class MessageDelta:
     reasoning: str
     content: str
     tool_calls: tuple[ToolCallDelta, ...]
+
+    def then(self, later: MessageDelta) -> MessageDelta:
+        """This delta and a later one as one: the later one's calls after this one's content."""
+        return MessageDelta(
+            self.reasoning + later.reasoning,
+            self.content + later.content,
+            self.tool_calls + calls_after(later.tool_calls, self.content),
+        )
 
 
 class MessageReader:
@@ -87,4 +95,6 @@ class MessageStream:
         if self._tools is None:
             return MessageDelta(reasoning, content, ())
         fed, rest = self._tools.feed(content), self._tools.finish(cut_short)
-        return MessageDelta(reasoning, fed.content + rest.content, fed.tool_calls + rest.tool_calls)
+        return MessageDelta(reasoning, fed.content, fed.tool_calls).then(
+            MessageDelta("", rest.content, rest.tool_calls)
+        )

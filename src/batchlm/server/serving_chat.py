@@ -193,11 +193,8 @@ class AssistantMessages:
         settled = stream.feed(completion.text)
         if completion.finish_reason is None:
             return settled
-        rest = stream.finish(cut_short=_cut_short(completion.finish_reason, completion.stop_reason))
-        return MessageDelta(
-            settled.reasoning + rest.reasoning,
-            settled.content + rest.content,
-            settled.tool_calls + rest.tool_calls,
+        return settled.then(
+            stream.finish(cut_short=_cut_short(completion.finish_reason, completion.stop_reason))
         )
 
     def ends_in_calls(self, index: int) -> bool:

@@ -189,17 +189,21 @@ class ResponsesFormatter(ResponseFormatter[ChatContext]):
             ):
                 self._pending_logprobs += entries.content or []
             settled = self._messages.settle(completion)
-            # A delta gives its text and call pieces apart: the pieces that go on with the call being
-            # written came before any of its text, calls opened in it may come after.
+            # A delta gives its text and call pieces apart, each piece saying how much of the text
+            # came before it (the pieces that go on with the call being written, none).
             pieces = list(settled.tool_calls)
-            while pieces and pieces[0].id is None:
+            while pieces and pieces[0].id is None and not pieces[0].after:
                 yield from self._call_piece(pieces.pop(0))
             if settled.reasoning:
                 yield from self._text("reasoning", settled.reasoning)
-            if settled.content:
-                yield from self._text("message", settled.content)
+            text, sent = settled.content, 0
             for piece in pieces:
+                if piece.after > sent:
+                    yield from self._text("message", text[sent : piece.after])
+                    sent = piece.after
                 yield from self._call_piece(piece)
+            if text[sent:]:
+                yield from self._text("message", text[sent:])
             if completion.finish_reason is not None:
                 self._cut_short = completion.finish_reason is FinishReason.LENGTH
                 if self._open is None and not self._items:  # an empty answer is an empty message

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 _ID_ALPHABET = string.ascii_letters + string.digits
 _ID_LENGTH = 24
@@ -29,7 +29,8 @@ class ToolCall:
 
 @dataclass(frozen=True)
 class ParsedMessage:
-    """A complete output split into its text and its calls; content is None when only calls remain."""
+    """A complete output split into its text and its calls; content is None where no text remains (a
+    stream, which may hold calls and so opens with content null, sends none then either)."""
 
     content: str | None
     tool_calls: tuple[ToolCall, ...]
@@ -47,9 +48,17 @@ class ToolCallDelta:
     id: str | None
     name: str | None
     arguments: str
+    # How much of the content sent with it comes before it in the output (text after a call, which a
+    # delta may bring with the call, comes after it).
+    after: int = 0
 
 
 @dataclass(frozen=True)
 class StreamDelta:
     content: str
     tool_calls: tuple[ToolCallDelta, ...]
+
+
+def calls_after(calls: tuple[ToolCallDelta, ...], content: str) -> tuple[ToolCallDelta, ...]:
+    """`calls` sent after `content`: as one delta with it, each comes after all of it."""
+    return tuple(replace(call, after=call.after + len(content)) for call in calls)

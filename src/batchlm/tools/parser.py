@@ -3,12 +3,13 @@ complete output (`extract`) and a stream (`ToolCallStream`), so the two cannot d
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 
 from batchlm.tools.calls import ParsedMessage, StreamDelta, ToolCall, ToolCallDelta, new_call_id
 from batchlm.tools.function_tool import FunctionTool
-from batchlm.tools.scan import Scan
+from batchlm.tools.scan import CallScan, Scan
 
 
 class ToolParser(ABC):
@@ -58,10 +59,7 @@ class ToolParser(ABC):
             return self._as_streamed(text)
         scan = self.scan(text, final=True)
         calls = [ToolCall(self.new_id(), c.name, c.arguments) for c in scan.calls if c.name is not None]
-        calls = calls[: self.max_calls]
-        if not calls:
-            return ParsedMessage(scan.content, ())
-        return ParsedMessage(scan.content or None, tuple(calls))
+        return ParsedMessage(scan.content or None, tuple(calls[: self.max_calls]))
 
     def stream(self) -> ToolCallStream:
         return ToolCallStream(self)
@@ -78,8 +76,6 @@ class ToolParser(ABC):
                 last = calls[piece.index]
                 calls[piece.index] = ToolCall(last.id, last.name, last.arguments + piece.arguments)
         content = "".join(delta.content for delta in pieces)
-        if not calls:
-            return ParsedMessage(content, ())
         return ParsedMessage(content or None, tuple(calls), call_cut_off=stream.call_cut_off)
 
 
@@ -96,13 +92,18 @@ class ToolCallStream:
         # How many of the calls sent still read as calls: in the last scan, and once finished, whole.
         # Those after them stopped parsing, or the output ended inside them.
         self._reading = 0
-        # Set by finish: a call it sent did not complete.
+        # The scan of the whole text fed so far (not final).
+        self._scan = Scan("")
+        # Set by finish: the output was cut short inside a call it sent.
         self.call_cut_off = False
 
     @property
     def ends_in_calls(self) -> bool:
-        """Whether the output made calls, none of them cut off (a finish_reason of "tool_calls")."""
-        return bool(self._ids) and not self.call_cut_off
+        """Whether the output made calls that read whole, none of them cut off (a finish_reason of
+        "tool_calls"), as the whole reply's calls are. A call whose markup stopped parsing counts for
+        nothing: no call of the whole reply, though a stream may have announced it (and cannot take
+        it back)."""
+        return self._reading > 0 and not self.call_cut_off
 
     def call_reads(self, index: int) -> bool:
         """Whether the call sent with this index reads as a call in the output so far (whole, once
@@ -112,36 +113,52 @@ class ToolCallStream:
 
     def feed(self, delta: str) -> StreamDelta:
         self._text += delta
-        return self._difference(self._parser.scan(self._text, final=False))
+        self._scan = self._parser.scan(self._text, final=False)
+        return self._difference(self._scan)
 
     def finish(self, cut_short: bool = False) -> StreamDelta:
         """The rest, once the output has ended. cut_short (max_tokens or a stop string ended it): what
-        was held back stays unsent, since it may be markup cut off before it could be read as a call.
-        Otherwise the model ended it: markup that does not read as a call is content, as in `extract`."""
+        was held back stays unsent, since it may be markup cut off before it could be read as a call,
+        and the calls are those the text read so far holds, the last cut off where it did not close.
+        Otherwise the model ended it: markup that does not read as a call is content, as in `extract`.
+        Either way the finish depends on the text alone, not on the deltas it came in."""
         scan = self._parser.scan(self._text, final=True)
-        complete = [call for call in scan.calls[: self._parser.max_calls] if call.name is not None]
-        # A call that does not read whole at the end was cut off: what was sent of it stands.
-        self.call_cut_off = len(complete) < len(self._ids)
-        rest = StreamDelta("", ()) if cut_short else self._difference(scan)
-        self._reading = min(self._reading, len(complete))
+        complete = len(self._reading_calls(scan))
+        if cut_short:
+            # Settled on the scans of the whole text (`extract` feeds it at once), not on the calls
+            # sent: one whose markup stopped parsing part way is no call either way. A call the text
+            # so far reads that does not read whole at its end was cut off: what was sent of it stands.
+            self.call_cut_off = complete < len(self._reading_calls(self._scan))
+            rest = StreamDelta("", ())
+        else:
+            rest = self._difference(scan)
+        self._reading = min(self._reading, complete)
         return rest
 
+    def _reading_calls(self, scan: Scan) -> list[CallScan]:
+        """The calls of a scan that a stream sends: the leading ones with their names, up to max_calls."""
+        calls = list(itertools.takewhile(lambda call: call.name is not None, scan.calls))
+        return calls[: self._parser.max_calls]
+
     def _difference(self, scan: Scan) -> StreamDelta:
-        content = scan.content[self._content_sent :]
-        self._content_sent = max(self._content_sent, len(scan.content))
+        sent = self._content_sent
+        content = scan.content[sent:]
+        self._content_sent = max(sent, len(scan.content))
         deltas: list[ToolCallDelta] = []
         self._reading = 0
         for index, call in enumerate(scan.calls[: self._parser.max_calls]):
             if call.name is None:
                 break
             self._reading = index + 1
+            # Where the call comes among the content this delta sends.
+            after = min(max(scan.offsets[index] - sent, 0), len(content)) if index < len(scan.offsets) else 0
             if index == len(self._ids):
                 self._ids.append(self._parser.new_id())
                 self._arguments_sent.append(0)
-                deltas.append(ToolCallDelta(index, self._ids[index], call.name, ""))
+                deltas.append(ToolCallDelta(index, self._ids[index], call.name, "", after))
             fragment = call.arguments[self._arguments_sent[index] :]
             if fragment:
-                deltas.append(ToolCallDelta(index, None, None, fragment))
+                deltas.append(ToolCallDelta(index, None, None, fragment, after))
                 self._arguments_sent[index] = len(call.arguments)
         return StreamDelta(content, tuple(deltas))
 

@@ -27,6 +27,8 @@ class CallScan:
 class Scan:
     content: str
     calls: list[CallScan] = field(default_factory=list)
+    # Per call: how much of the content comes before it (none where not given).
+    offsets: list[int] = field(default_factory=list)
 
 
 def call_from_object(
@@ -98,41 +100,74 @@ def scan_call_array(text: str, pos: int, final: bool, argument_keys: tuple[str, 
 
 
 class ScanBuilder:
-    """Assembles a Scan from the output's pieces in order. Whitespace between text and a call's markup
-    belongs to neither; text that may still turn out to be markup is held back until it cannot."""
+    """Assembles a Scan from the output's pieces in order: text, and the calls read out of its markup.
+
+    The content is the text around the calls as the model wrote it, less the whitespace that only
+    separates it from a call (vLLM's parsers trim it likewise): blanks between the output's start and a
+    leading call, between calls, and between the last call and the output's end are dropped; where calls
+    come between two texts, the blanks the model wrote before the first of them join the two (those
+    after the last call where it wrote none before), so that "Hi <call> there" reads "Hi there". A blank
+    that a call may still follow, or that may still join the text to a call's, is held back until it is
+    known which it is: the rule is the same for every scan of a growing output, so a stream's content
+    deltas add up to the whole reply's content."""
 
     def __init__(self, final: bool) -> None:
         self.final = final
-        self._content: list[str] = []
         self.calls: list[CallScan] = []
-        self._after_call = False
+        self._offsets: list[int] = []
+        self._content: list[str] = []
+        self._length = 0
+        # Blanks since the last non-blank text: written before any call since (`_before`), and after
+        # the last call since (`_after`); whether a call came since; whether any text came yet.
+        self._before = ""
+        self._after = ""
+        self._call_since = False
+        self._text_seen = False
 
     def text_before_call(self, text: str) -> None:
-        self._add(text.rstrip())
+        self._add(text)
 
     def call(self, call: CallScan) -> None:
         self.calls.append(call)
-        self._after_call = True
+        self._offsets.append(self._length)
+        self._call_since = True
+        self._after = ""
 
     def verbatim(self, text: str) -> None:
-        """Text that looked like markup but is not: content as it is (after a call, from its first
-        non-blank character)."""
+        """Text that looked like markup but is not: content as it is."""
         self._add(text)
 
     def tail(self, text: str, markers: tuple[str, ...]) -> None:
         """The output's last piece of text, which a marker may still follow."""
-        if self._after_call:
-            text = text.lstrip()
         if not self.final:
-            text = text[: len(text) - partial_marker_length(text, markers)].rstrip()
-        self._content.append(text)
+            text = text[: len(text) - partial_marker_length(text, markers)]
+        self._add(text)
 
     def _add(self, text: str) -> None:
-        self._content.append(text.lstrip() if self._after_call else text)
-        self._after_call = False
+        body = text.lstrip()
+        lead = text[: len(text) - len(body)]
+        if not body:
+            if self._call_since:
+                self._after += lead
+            else:
+                self._before += lead
+            return
+        if not self._call_since:
+            joint = self._before + lead
+        elif self._text_seen:
+            joint = self._before or self._after + lead
+        else:
+            joint = ""  # the content starts after a call
+        trimmed = body.rstrip()
+        self._content += [joint, trimmed]
+        self._length += len(joint) + len(trimmed)
+        self._before, self._after = body[len(trimmed) :], ""
+        self._call_since, self._text_seen = False, True
 
     def build(self) -> Scan:
-        return Scan("".join(self._content), self.calls)
+        # Blanks at the end: a call may still follow them, or one came after them.
+        end = self._before if self.final and not self._call_since else ""
+        return Scan("".join(self._content) + end, self.calls, self._offsets)
 
 
 # Reads the region starting at `pos` (just past the marker); None when it is not a call after all.
