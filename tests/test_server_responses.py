@@ -419,24 +419,30 @@ def test_thinking_after_text_or_calls_starts_the_next_assistant_turn() -> None:
     ]
 
 
-def test_text_after_calls_starts_the_next_assistant_turn() -> None:
+def test_text_after_calls_is_their_turns_text_and_their_outputs_follow_them() -> None:
+    # A reply that wrote text after its call is laid out as [message, function_call, message]; read
+    # back it is one turn, as chat's reply gives it, so the tool output follows the turn with the call
+    # it answers (it used to follow a second assistant turn holding the text).
     call = {"type": "function_call", "call_id": "call_1", "name": "f", "arguments": "{}"}
     items = [
         {"role": "user", "content": "a"},
         {"type": "reasoning", "summary": [{"type": "summary_text", "text": "think"}]},
+        {"role": "assistant", "content": "Hi"},
         call,
-        {"role": "assistant", "content": "done"},
+        {"role": "assistant", "content": " there"},
+        {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
     ]
     form = chat_form(ResponsesRequest(input=items, instructions="sys"))
     messages = [m.model_dump(exclude_none=True) for m in form.request.messages]
-    assert [m["role"] for m in messages] == ["system", "user", "assistant", "assistant"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool"]
     assert messages[2] == {
         "role": "assistant",
+        "content": "Hi there",
         "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
         "reasoning_content": "think",
     }
-    assert messages[3] == {"role": "assistant", "content": "done"}
-    assert form.origins == ["instructions", "input[0]", "input[1]", "input[3]"]
+    assert messages[3] == {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}
+    assert form.origins == ["instructions", "input[0]", "input[1]", "input[5]"]
     assert form.rename("messages[2].tool_calls: bad") == "input[1].tool_calls: bad"
 
 

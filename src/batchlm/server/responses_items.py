@@ -1,6 +1,6 @@
 """A Responses request's input items read as chat messages: messages, function calls and their
-outputs, and reasoning items; consecutive assistant items (thinking, text, calls) become one assistant
-turn. A malformed item is a 400 naming it (`input[i]...`) as the client sent it."""
+outputs, and reasoning items; consecutive assistant items (thinking, then text and calls) become one
+assistant turn. A malformed item is a 400 naming it (`input[i]...`) as the client sent it."""
 
 from __future__ import annotations
 
@@ -54,10 +54,11 @@ class Conversation:
             if role != "assistant":
                 self.add({"role": role, "content": text}, where)
                 return
-            turn = self._assistant(where)
-            if turn.calls:  # text after calls is the model's next turn
-                turn = self._assistant(where, new=True)
-            turn.text.append(text)
+            # Text after the turn's calls is still its text: a reply that wrote some after a call is
+            # laid out as [message, function_call, message], and read back as one chat turn (content
+            # and tool_calls, as chat's reply gives it and chat clients send it back) its tool outputs
+            # follow the turn with their calls, not a second assistant turn the template never saw.
+            self._assistant(where).text.append(text)
         elif kind == "function_call":
             function = {"name": _string(item, "name", where), "arguments": _string(item, "arguments", where)}
             call = {"id": _call_id(item, where), "type": "function", "function": function}
