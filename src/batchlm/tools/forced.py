@@ -35,7 +35,7 @@ class RequiredCallsParser(ToolParser):
         array = scan_call_array(text, pos, final, ARGUMENT_KEYS) if text.startswith("[", pos) else None
         if array is None or not array.calls:
             if final or array is None:
-                builder.verbatim(text)
+                builder.text(text)
             return builder.build()
         for call in array.calls:
             builder.call(call)

@@ -56,7 +56,7 @@ class Llama3JsonParser(ToolParser):
             pos = skip_whitespace(text, pos + len(PYTHON_TAG))
         if not text.startswith("{", pos):
             if final or pos < len(text):
-                builder.verbatim(text)
+                builder.text(text)
             return builder.build()
         return self._calls(text, pos, builder)
 
@@ -65,7 +65,7 @@ class Llama3JsonParser(ToolParser):
             scan = scan_object(text, pos, builder.final)
             call = call_from_object(text, scan, ARGUMENT_KEYS, arguments_required=True)
             if call is None or (builder.final and scan.end is None):
-                builder.verbatim(text if not builder.calls else text[pos:])
+                builder.text(text if not builder.calls else text[pos:])
                 return builder.build()
             builder.call(call)
             if scan.end is None:

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 
 from batchlm.tools.calls import ParsedMessage, StreamDelta, ToolCall, ToolCallDelta, new_call_id
 from batchlm.tools.function_tool import FunctionTool
-from batchlm.tools.scan import CallScan, Scan
+from batchlm.tools.scan import Scan
 
 
 class ToolParser(ABC):
@@ -92,8 +92,6 @@ class ToolCallStream:
         # How many of the calls sent still read as calls: in the last scan, and once finished, whole.
         # Those after them stopped parsing, or the output ended inside them.
         self._reading = 0
-        # The scan of the whole text fed so far (not final).
-        self._scan = Scan("")
         # Set by finish: the output was cut short inside a call it sent.
         self.call_cut_off = False
 
@@ -113,8 +111,7 @@ class ToolCallStream:
 
     def feed(self, delta: str) -> StreamDelta:
         self._text += delta
-        self._scan = self._parser.scan(self._text, final=False)
-        return self._difference(self._scan)
+        return self._difference(self._parser.scan(self._text, final=False))
 
     def finish(self, cut_short: bool = False) -> StreamDelta:
         """The rest, once the output has ended. cut_short (max_tokens or a stop string ended it): what
@@ -123,22 +120,24 @@ class ToolCallStream:
         Otherwise the model ended it: markup that does not read as a call is content, as in `extract`.
         Either way the finish depends on the text alone, not on the deltas it came in."""
         scan = self._parser.scan(self._text, final=True)
-        complete = len(self._reading_calls(scan))
+        complete = self._calls_read(scan)
         if cut_short:
             # Settled on the scans of the whole text (`extract` feeds it at once), not on the calls
-            # sent: one whose markup stopped parsing part way is no call either way. A call the text
-            # so far reads that does not read whole at its end was cut off: what was sent of it stands.
-            self.call_cut_off = complete < len(self._reading_calls(self._scan))
+            # sent: one whose markup stopped parsing part way is no call either way. A call the last
+            # scan of the text read (`_reading`) that does not read whole at its end was cut off:
+            # what was sent of it stands.
+            self.call_cut_off = complete < self._reading
             rest = StreamDelta("", ())
         else:
             rest = self._difference(scan)
         self._reading = min(self._reading, complete)
         return rest
 
-    def _reading_calls(self, scan: Scan) -> list[CallScan]:
-        """The calls of a scan that a stream sends: the leading ones with their names, up to max_calls."""
-        calls = list(itertools.takewhile(lambda call: call.name is not None, scan.calls))
-        return calls[: self._parser.max_calls]
+    def _calls_read(self, scan: Scan) -> int:
+        """How many calls of a scan a stream sends (as `_difference` counts them in `_reading`): the
+        leading ones with their names, up to max_calls."""
+        named = itertools.takewhile(lambda call: call.name is not None, scan.calls)
+        return len(list(itertools.islice(named, self._parser.max_calls)))
 
     def _difference(self, scan: Scan) -> StreamDelta:
         sent = self._content_sent

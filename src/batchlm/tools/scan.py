@@ -124,17 +124,14 @@ class ScanBuilder:
         self._call_since = False
         self._text_seen = False
 
-    def text_before_call(self, text: str) -> None:
-        self._add(text)
-
     def call(self, call: CallScan) -> None:
         self.calls.append(call)
         self._offsets.append(self._length)
         self._call_since = True
         self._after = ""
 
-    def verbatim(self, text: str) -> None:
-        """Text that looked like markup but is not: content as it is."""
+    def text(self, text: str) -> None:
+        """Text of the output: before a call, or markup that did not read as one."""
         self._add(text)
 
     def tail(self, text: str, markers: tuple[str, ...]) -> None:
@@ -181,9 +178,9 @@ def scan_marked_calls(text: str, marker: str, read_region: RegionReader, final: 
     while (at := text.find(marker, pos)) >= 0:
         region = read_region(text, at + len(marker), final)
         if region is None:  # not a call after all: the rest is text
-            builder.verbatim(text[pos:])
+            builder.text(text[pos:])
             return builder.build()
-        builder.text_before_call(text[pos:at])
+        builder.text(text[pos:at])
         for call in region.calls:
             builder.call(call)
         if region.end is None:
