@@ -199,6 +199,21 @@ class ThreadGroup(TensorParallelGroup):
         return torch.cat(self.hub.exchange(self.rank, tensor), dim=dim)
 
 
+def hf_gemma3_multimodal(text_config: dict[str, Any], seed: int) -> Any:
+    """A random transformers Gemma3ForConditionalGeneration (float32, eval) around `text_config`, with
+    the tiny vision tower a multimodal Gemma 3 checkpoint holds beside its text model."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    vision = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+              "image_size": 28, "patch_size": 14}  # fmt: skip
+    config = Gemma3Config(
+        text_config=text_config, vision_config=vision, mm_tokens_per_image=4, image_token_index=300
+    )
+    config.architectures = ["Gemma3ForConditionalGeneration"]
+    torch.manual_seed(seed)
+    return Gemma3ForConditionalGeneration(config).float().eval()
+
+
 def thread_groups(size: int) -> list[ThreadGroup]:
     hub = Rendezvous(size)
     return [ThreadGroup(rank, size, None, hub) for rank in range(size)]

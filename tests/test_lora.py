@@ -18,6 +18,7 @@ from batchlm.models.random_model import TINY_CONFIG, write_random_model
 from models_harness import (
     Chunk,
     greedy_generate,
+    hf_gemma3_multimodal,
     hf_greedy,
     make_kv_caches,
     run_ranks,
@@ -584,17 +585,8 @@ def test_phi3_adapter_on_fused_projections_matches_transformers(tmp_path: Path) 
 def test_adapter_of_a_multimodal_gemma3_names_its_text_modules_as_transformers_does(tmp_path: Path) -> None:
     # PEFT names the text modules model.language_model.*; transformers writes the checkpoint with
     # language_model.model.* (as the published ones are).
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
-
     text = {**TINY_CONFIG, "num_hidden_layers": 2, "pad_token_id": 0, "tie_word_embeddings": True}
-    vision = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
-              "image_size": 28, "patch_size": 14}  # fmt: skip
-    config = Gemma3Config(
-        text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=300
-    )
-    config.architectures = ["Gemma3ForConditionalGeneration"]
-    torch.manual_seed(24)
-    hf = Gemma3ForConditionalGeneration(config).float().eval()
+    hf = hf_gemma3_multimodal(text, seed=24)
     hf.save_pretrained(tmp_path / "base")
     assert "language_model.model.layers.0.self_attn.q_proj.weight" in load_file(
         str(tmp_path / "base" / "model.safetensors")

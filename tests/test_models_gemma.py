@@ -19,6 +19,7 @@ from models_harness import (
     PROMPTS,
     Chunk,
     greedy_generate,
+    hf_gemma3_multimodal,
     hf_greedy,
     make_kv_caches,
     run_ranks,
@@ -129,19 +130,10 @@ def test_tensor_parallel_two_ranks_match_single_rank(
 
 
 def test_multimodal_checkpoint_serves_its_text_model(tmp_path: Path) -> None:
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
-
     from batchlm.models.gemma import Gemma3ForConditionalGeneration as Ours
 
     text = {k: v for k, v in {**TINY_CONFIG, **GEMMA3}.items() if k != "tie_word_embeddings"}
-    vision = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
-              "image_size": 28, "patch_size": 14}  # fmt: skip
-    config = Gemma3Config(
-        text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=300
-    )
-    config.architectures = ["Gemma3ForConditionalGeneration"]
-    torch.manual_seed(15)
-    hf = Gemma3ForConditionalGeneration(config).float().eval()
+    hf = hf_gemma3_multimodal(text, seed=15)
     hf.save_pretrained(tmp_path)  # language_model.*, vision_tower.*, multi_modal_projector.* tensors
     loaded = load(tmp_path)
     assert isinstance(loaded.model, Ours)
