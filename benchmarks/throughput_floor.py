@@ -130,21 +130,12 @@ def step_seconds(
     pairs). overlap=False: the attention and the linears each at their own floor, one after the other
     (as kernels that run in turn take them), instead of all bytes and all FLOPs overlapping."""
     quantized = cost.dense_params + cost.sparse_layers * active_experts(cost, tokens) * cost.expert_params
-    weight_bytes = (
-        quantized * WEIGHT_BYTES[formats.weights]
-        + (cost.lm_head_params + cost.router_params) * BYTES_PER_VALUE
-    )
     quantized_per_token = cost.dense_params + cost.sparse_layers * cost.top_k * cost.expert_params
+    bf16_params = cost.lm_head_params + cost.router_params  # read and multiplied by every token
+    weight_bytes = quantized * WEIGHT_BYTES[formats.weights] + bf16_params * BYTES_PER_VALUE
     cache_bytes = kv_tokens * cost.kv_values_per_token * KV_BYTES[formats.kv_cache]
     attention_seconds = pairs * cost.attention_flops_per_pair / flops
-    linear_seconds = (
-        2
-        * tokens
-        * (
-            quantized_per_token / formats.linear_flops(flops)
-            + (cost.lm_head_params + cost.router_params) / flops
-        )
-    )
+    linear_seconds = 2 * tokens * (quantized_per_token / formats.linear_flops(flops) + bf16_params / flops)
     if not overlap:
         linears = max(weight_bytes / bandwidth, linear_seconds)
         return linears + max(cache_bytes / bandwidth, attention_seconds)
