@@ -128,10 +128,15 @@ def is_json_prefix(text: str, start: int) -> bool:
     try:
         _, end = _DECODER.raw_decode(text, start)
     except json.JSONDecodeError as error:
-        if skip_whitespace(text, error.pos) == len(text):
+        # Out of text where a value, key or delimiter was wanted; a line break inside a string is no
+        # whitespace to skip but a control character there.
+        if skip_whitespace(text, error.pos) == len(text) and not error.msg.startswith("Invalid control"):
             return True
         if error.msg.startswith("Unterminated string"):
-            return _PARTIAL_STRING.fullmatch(text, error.pos) is not None
+            # The decoder read that string to the end of the text and took every character and escape
+            # in it (a control character or a bad escape is an error of its own), so what is left is
+            # a string cut off part way: checking it again would cost the whole text at every delta.
+            return True
     except RecursionError:
         # Nested past Python's reader, which value_end never reads as closed: reading the tokens
         # instead would cost the whole text again at every delta.

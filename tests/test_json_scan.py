@@ -1,0 +1,34 @@
+"""The JSON prefix check against its token-by-token reading, over generated texts."""
+
+from __future__ import annotations
+
+import random
+
+from batchlm.tools.json_scan import _is_json_prefix_by_tokens, is_json_prefix
+
+# Strings' hard parts (quotes, escapes, control characters, unicode, surrogates) and JSON's structure.
+PIECES = ['"', "\\", "u", "0", "a", "F", "x", "\x01", "\n", " ", "{", "}", ":", ",", "[", "]", "n", "é"]
+PIECES += ["\ud800", "t", "/", "b", "1", "-", ".", "e", "true", "nul", '"k": ', '{"a": "', '["']
+
+
+def test_the_decoders_shortcuts_read_as_the_tokens_do() -> None:
+    rng = random.Random(7)
+    disagreements = []
+    for _ in range(30_000):
+        text = "".join(rng.choice(PIECES) for _ in range(rng.randint(1, 12)))
+        if is_json_prefix(text, 0) != _is_json_prefix_by_tokens(text, 0):
+            disagreements.append(text)
+    assert disagreements == []
+
+
+def test_a_line_break_inside_a_string_is_no_trailing_whitespace() -> None:
+    assert not is_json_prefix('{"a": "x\n', 0) and not is_json_prefix('["0\r', 0)
+    assert is_json_prefix('{"a": "x"\n', 0) and is_json_prefix('{"a": "x\\n', 0)
+
+
+def test_a_long_string_cut_off_anywhere_is_a_prefix_and_one_bad_character_is_not() -> None:
+    value = '{"path": "a.py", "content": "' + 'x = \\"1\\"\\n\\u00e9 ' * 2_000
+    assert all(is_json_prefix(value[:end], 0) for end in range(len(value) - 40, len(value) + 1))
+    assert not is_json_prefix(value + "\x1f", 0)
+    assert not is_json_prefix(value + "\\q", 0)
+    assert is_json_prefix(value + "\\", 0) and is_json_prefix(value + "\\u0", 0)
