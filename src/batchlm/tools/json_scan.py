@@ -1,11 +1,12 @@
 """The top level of a JSON call object that may still be arriving: which keys have started, where their
 values begin and (once closed) end. Values are delimited with the C JSON decoder, so rescanning the
-whole text at every delta stays cheap; an unclosed value reads as still arriving, and callers treat
+whole text stays cheap; an unclosed value reads as still arriving, and callers treat
 "still arriving" at the end of the output as malformed. Text that no continuation can make JSON is
 malformed at once (`is_json_prefix`), so that a stream stops reading it as a call's arguments."""
 
 from __future__ import annotations
 
+import enum
 import json
 import re
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ class ObjectScan:
     end: int | None
     # Text that can never become a JSON object (a missing quote, colon or comma).
     malformed: bool = False
+    # Still arriving, and the text ends inside one of its strings (not part way through an escape).
+    ends_in_string: bool = False
 
 
 def value_end(text: str, start: int, final: bool) -> int | None:
@@ -57,8 +60,11 @@ def value_end(text: str, start: int, final: bool) -> int | None:
 def scan_object(text: str, pos: int, final: bool) -> ObjectScan:
     """Scan the object whose '{' is at text[pos]."""
     scan = _scan_object(text, pos, final)
-    if scan.end is None and not scan.malformed and not is_json_prefix(text, pos):
-        return ObjectScan(scan.fields, None, malformed=True)
+    if scan.end is None and not scan.malformed:
+        prefix = read_prefix(text, pos)
+        if prefix is Prefix.NONE:
+            return ObjectScan(scan.fields, None, malformed=True)
+        return ObjectScan(scan.fields, None, ends_in_string=prefix is Prefix.IN_STRING)
     return scan
 
 
@@ -118,10 +124,34 @@ _LITERALS = ("true", "false", "null", "NaN", "Infinity", "-Infinity")
 _VALUE, _FIRST_ITEM, _FIRST_KEY, _KEY, _COLON, _AFTER_VALUE, _DONE = range(7)
 
 
+class Prefix(enum.Enum):
+    """What a text is of a JSON value: nothing it can become, a prefix, or a prefix that ends inside a
+    string (not part way through an escape), which any run of `continues_string` text continues."""
+
+    NONE = enum.auto()
+    PREFIX = enum.auto()
+    IN_STRING = enum.auto()
+
+
+# Text that continues a string and ends outside any escape: characters a string takes as they are,
+# and whole escapes.
+_STRING_RUN = re.compile(r'(?:[^"\\\x00-\x1f]++|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*+')
+
+
+def continues_string(text: str) -> bool:
+    """Whether `text`, after a prefix that ends inside a string, leaves it there (Prefix.IN_STRING)."""
+    return _STRING_RUN.fullmatch(text) is not None
+
+
 def is_json_prefix(text: str, start: int) -> bool:
     """Whether text[start:] can still become one JSON value as more text arrives (a complete value
     counts, with nothing but whitespace after it). Strict, as json.loads is: no control characters in
     strings."""
+    return read_prefix(text, start) is not Prefix.NONE
+
+
+def read_prefix(text: str, start: int) -> Prefix:
+    """What text[start:] is of a JSON value (`is_json_prefix`, and whether it ends inside a string)."""
     # The C decoder settles the usual cases: it read everything and wanted more, or stopped inside a
     # string that runs to the end. What it stopped at otherwise (a number or literal cut off part way,
     # or an error) is read token by token.
@@ -131,20 +161,22 @@ def is_json_prefix(text: str, start: int) -> bool:
         # Out of text where a value, key or delimiter was wanted; a line break inside a string is no
         # whitespace to skip but a control character there.
         if skip_whitespace(text, error.pos) == len(text) and not error.msg.startswith("Invalid control"):
-            return True
+            return Prefix.PREFIX
         if error.msg.startswith("Unterminated string"):
             # The decoder read that string to the end of the text and took every character and escape
             # in it (a control character or a bad escape is an error of its own), so what is left is
             # a string cut off part way: checking it again would cost the whole text at every delta.
-            return True
+            # An odd run of backslashes at the end opens an escape.
+            backslashes = len(text) - len(text.rstrip("\\"))
+            return Prefix.PREFIX if backslashes % 2 else Prefix.IN_STRING
     except RecursionError:
         # Nested past Python's reader, which value_end never reads as closed: reading the tokens
         # instead would cost the whole text again at every delta.
-        return True
+        return Prefix.PREFIX
     else:
         if skip_whitespace(text, end) == len(text):
-            return True
-    return _is_json_prefix_by_tokens(text, start)
+            return Prefix.PREFIX
+    return Prefix.PREFIX if _is_json_prefix_by_tokens(text, start) else Prefix.NONE
 
 
 def _is_json_prefix_by_tokens(text: str, start: int) -> bool:

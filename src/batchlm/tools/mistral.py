@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from batchlm.tools.call_grammar import BLANK, arguments_json, calls_array_json, free_text, token_rule
 from batchlm.tools.calls import random_alphanumerics
 from batchlm.tools.function_tool import FunctionTool
-from batchlm.tools.json_scan import is_json_prefix, skip_whitespace, value_end
+from batchlm.tools.json_scan import Prefix, read_prefix, skip_whitespace, value_end
 from batchlm.tools.parser import ToolParser, optional_calls
 from batchlm.tools.scan import CallScan, MarkedRegion, Scan, scan_call_array, scan_marked_calls
 
@@ -101,7 +101,9 @@ def _named_call(text: str, pos: int, final: bool) -> MarkedRegion | None:
     if not name or (start < len(text) and text[start] != "{"):
         return None
     end = value_end(text, start, final)
-    if end is None and (final or not is_json_prefix(text, start)):
+    if end is not None:
+        return MarkedRegion([CallScan(name, text[start:end], True)], end)
+    prefix = Prefix.NONE if final else read_prefix(text, start)
+    if prefix is Prefix.NONE:
         return None
-    arguments = text[start:end] if end is not None else text[start:]
-    return MarkedRegion([CallScan(name, arguments, end is not None)], end)
+    return MarkedRegion([CallScan(name, text[start:], False, in_string=prefix is Prefix.IN_STRING)], None)

@@ -94,6 +94,7 @@ class ToolCallStream:
         self._reading = 0
         # Set by finish: the output was cut short inside a call it sent.
         self.call_cut_off = False
+        self._scan: Scan | None = None
 
     @property
     def ends_in_calls(self) -> bool:
@@ -111,7 +112,11 @@ class ToolCallStream:
 
     def feed(self, delta: str) -> StreamDelta:
         self._text += delta
-        return self._difference(self._parser.scan(self._text, final=False))
+        scan = self._scan.continued(delta) if self._scan is not None else None
+        if scan is None:
+            scan = self._parser.scan(self._text, final=False)
+        self._scan = scan
+        return self._difference(scan)
 
     def finish(self, cut_short: bool = False) -> StreamDelta:
         """The rest, once the output has ended. cut_short (max_tokens or a stop string ended it): what

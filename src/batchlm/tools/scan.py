@@ -1,16 +1,17 @@
 """A model output read so far, as content and calls, and the rules every parser shares for it.
 
-Each parser rescans the whole output at every delta (`ToolParser.scan`). What a scan reports as content
-or as a call's arguments only ever grows as the output grows, so a stream sends the difference between
-two scans, and the stream's pieces add up to the parse of the whole output."""
+Each parser scans the whole output (`ToolParser.scan`); a stream rescans it at every delta but those
+the last scan settles alone (`Scan.continued`). What a scan reports as content or as a call's
+arguments only ever grows as the output grows, so a stream sends the difference between two scans,
+and the stream's pieces add up to the parse of the whole output."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from batchlm.tools.json_scan import ObjectScan, scan_object, skip_whitespace
+from batchlm.tools.json_scan import ObjectScan, continues_string, scan_object, skip_whitespace
 from batchlm.unicode_text import encodable
 
 
@@ -21,6 +22,9 @@ class CallScan:
     # The arguments' JSON text as far as it is known.
     arguments: str
     done: bool
+    # The arguments are the output's last text and end inside one of their strings: text that only
+    # continues that string (`continues_string`) is theirs, and changes nothing else of the scan.
+    in_string: bool = False
 
 
 @dataclass
@@ -29,6 +33,17 @@ class Scan:
     calls: list[CallScan] = field(default_factory=list)
     # Per call: how much of the content comes before it (none where not given).
     offsets: list[int] = field(default_factory=list)
+
+    def continued(self, delta: str) -> Scan | None:
+        """The scan of the output with `delta` after it, where this scan settles it without reading the
+        output again (its last call's arguments end inside a string that `delta` only continues);
+        else None. Keeps a stream's cost a delta from growing with the length of a call."""
+        if not (self.calls and self.calls[-1].in_string and continues_string(delta)):
+            return None
+        last = self.calls[-1]
+        return Scan(
+            self.content, [*self.calls[:-1], replace(last, arguments=last.arguments + delta)], self.offsets
+        )
 
 
 def call_from_object(
@@ -56,8 +71,9 @@ def call_from_object(
         return CallScan(name if done else None, "{}" if done else "", done)
     span = scan.fields[key]
     if span.end is None:
-        partial = text[span.start :] if text.startswith("{", span.start) else ""
-        return CallScan(name, partial, False)
+        if not text.startswith("{", span.start):
+            return CallScan(name, "", False)
+        return CallScan(name, text[span.start :], False, in_string=scan.ends_in_string)
     raw = text[span.start : span.end]
     if text.startswith('"', span.start):
         # An empty string is no arguments, which clients parse as JSON: an empty object, as OpenAI's.

@@ -1,0 +1,112 @@
+"""A stream's scans carried forward from the last one (`Scan.continued`) against a scan of the whole
+output at every delta: the same deltas, over generated calls whose arguments hold long strings."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from batchlm.tools.calls import StreamDelta
+from batchlm.tools.forced import NamedFunctionParser, RequiredCallsParser
+from batchlm.tools.hermes import HermesParser
+from batchlm.tools.llama3_json import Llama3JsonParser
+from batchlm.tools.mistral import MistralParser
+from batchlm.tools.parser import ToolParser
+from batchlm.tools.qwen3_coder import Qwen3CoderParser
+from batchlm.tools.scan import Scan
+
+# What a string argument is made of: plain text, escapes, unicode, and what breaks a string.
+STRING_PIECES = ["def f(x):", "    ", "return x", "\\n", '\\"', "\\\\", "\\u00e9", "\\/", "é", "✓", "\\t"]
+BREAKING = ['"', "\n", "\\q", "\\u12x", "}", "\x01"]
+
+
+def arguments(rng: random.Random) -> str:
+    value = "".join(rng.choice(STRING_PIECES) for _ in range(rng.randint(0, 40)))
+    if rng.random() < 0.2:  # a string that stops being one, or closes early
+        cut = rng.randint(0, len(value))
+        value = value[:cut] + rng.choice(BREAKING) + value[cut:]
+    fields = [f'"path": "a{rng.randint(0, 9)}.py"', f'"content": "{value}"']
+    if rng.random() < 0.3:
+        fields.append(f'"lines": [{rng.randint(0, 99)}, -1.5e3, true, null, {{"k": "v\\n"}}]')
+    rng.shuffle(fields)
+    return "{" + ", ".join(fields) + "}"
+
+
+def output(parser: ToolParser, rng: random.Random) -> str:
+    calls = [arguments(rng) for _ in range(rng.randint(1, 3))]
+    before = rng.choice(["", "Sure. ", "Let me write it.\n"])
+    if isinstance(parser, HermesParser):
+        body = "\n".join(f'<tool_call>\n{{"name": "write", "arguments": {a}}}\n</tool_call>' for a in calls)
+    elif isinstance(parser, Llama3JsonParser):
+        before, body = "", "; ".join(f'{{"name": "write", "parameters": {a}}}' for a in calls)
+    elif isinstance(parser, MistralParser):
+        if rng.random() < 0.5:
+            body = "".join(f"[TOOL_CALLS]write[ARGS]{a}" for a in calls)
+        else:
+            body = "[TOOL_CALLS]" + json.dumps([{"name": "write", "arguments": {}}])[:-3] + calls[0] + "}]"
+    elif isinstance(parser, RequiredCallsParser):
+        before, body = "", "[" + ", ".join(f'{{"name": "write", "parameters": {a}}}' for a in calls) + "]"
+    elif isinstance(parser, NamedFunctionParser):
+        before, body = "", calls[0]
+    else:
+        body = (
+            "<tool_call>\n<function=write>\n<parameter=path>\na.py\n</parameter>\n</function>\n</tool_call>"
+        )
+    text = before + body + rng.choice(["", " Done.", "\n"])
+    end = rng.randint(len(text) // 2, len(text)) if rng.random() < 0.3 else len(text)
+    return text[:end]
+
+
+def chunks(text: str, rng: random.Random) -> list[str]:
+    pieces, pos = [], 0
+    while pos < len(text):
+        size = rng.choice([1, 1, 2, 3, 4, 7, 16])
+        pieces.append(text[pos : pos + size])
+        pos += size
+    return pieces
+
+
+def deltas(parser: ToolParser, pieces: list[str], cut_short: bool) -> list[StreamDelta]:
+    parser.new_id = lambda: "call"  # type: ignore[method-assign]
+    stream = parser.stream()
+    return [stream.feed(piece) for piece in pieces] + [stream.finish(cut_short)]
+
+
+PARSERS = [
+    HermesParser(),
+    HermesParser(max_calls=1),
+    Llama3JsonParser(),
+    MistralParser(),
+    RequiredCallsParser(),
+    NamedFunctionParser("write"),
+    Qwen3CoderParser(),
+]
+
+
+@pytest.mark.parametrize("parser", PARSERS, ids=lambda p: f"{type(p).__name__}-{p.max_calls}")
+def test_a_stream_carried_forward_sends_what_whole_scans_send(
+    parser: ToolParser, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = random.Random(11)
+    continued = Scan.continued
+    carried = 0
+
+    def counted(scan: Scan, delta: str) -> Scan | None:
+        nonlocal carried
+        result = continued(scan, delta)
+        carried += result is not None
+        return result
+
+    cases = [(output(parser, rng), rng.random() < 0.3) for _ in range(150)]
+    cases = [(text, cut_short, chunks(text, rng)) for text, cut_short in cases]
+    monkeypatch.setattr(Scan, "continued", counted)
+    fast = [deltas(parser, pieces, cut_short) for _, cut_short, pieces in cases]
+    monkeypatch.setattr(Scan, "continued", lambda scan, delta: None)
+    whole = [deltas(parser, pieces, cut_short) for _, cut_short, pieces in cases]
+    for (text, _, _), a, b in zip(cases, fast, whole, strict=True):
+        assert a == b, text
+    # The JSON families carry most deltas inside a call's strings forward; the others never.
+    json_family = not isinstance(parser, NamedFunctionParser | Qwen3CoderParser)
+    assert (carried > 1000) if json_family else carried == 0
