@@ -132,7 +132,7 @@ def test_more_connections_than_the_inherited_soft_limit_are_all_answered(
     connections = [socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(CONNECTIONS)]
     try:
         for connection in connections:
-            connection.sendall(b"GET /health HTTP/1.1\r\nHost: batchlm\r\n\r\n")
+            connection.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         # Past the server's limit a connection is accepted and closed at once: its reply is empty.
         replies = [connection.recv(64) for connection in connections]
     finally:

@@ -145,11 +145,12 @@ def add_dataclass_arguments(
     help_notes: dict[str, str] | None = None,
     bounds: dict[str, Bounds] | None = None,
     may_be_empty: frozenset[str] = frozenset(),
+    parsers: dict[str, Callable[[str], Any]] | None = None,
 ) -> None:
     """One flag per field of the dataclass `cls` (dest = the field name). `flag_names` overrides a
     field's flag spellings; a bool that defaults to True becomes `--no-<name>` (minus any `enable_`);
     `bounds` limits a numeric field's values; a text field takes an empty value only if named in
-    `may_be_empty`."""
+    `may_be_empty`; `parsers` reads a field of another type from its flag's text."""
     hints = typing.get_type_hints(cls)
     comments = field_comments(cls)
     for spec in fields(cls):
@@ -169,7 +170,8 @@ def add_dataclass_arguments(
         parser.add_argument(
             *(flags or [f"--{name.replace('_', '-')}"]),
             dest=name,
-            type=_scalar_type(hints[name], default, field_bounds, name in may_be_empty),
+            type=(parsers or {}).get(name)
+            or _scalar_type(hints[name], default, field_bounds, name in may_be_empty),
             default=default,
             choices=field_choices,
             metavar=None if field_choices else name.upper(),

@@ -19,6 +19,7 @@ from batchlm.server.middleware import (
     APIKeyMiddleware,
     ArrivalStampMiddleware,
     BodySizeLimitMiddleware,
+    HostCheckMiddleware,
     RequestIdEchoMiddleware,
 )
 from batchlm.server.pages import install_chat_page, install_docs_pages
@@ -88,6 +89,13 @@ def build_app(
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key, observe=metrics.count_error)
     app.add_middleware(ArrivalStampMiddleware)
+    allowed_hosts = settings.allowed_hosts
+    # None: settings built in code (tests, an embedding app) rather than resolved from a bind at
+    # start-up (cli.run), which always gives one.
+    if allowed_hosts is not None and not allowed_hosts.any_host:
+        # Outside every layer that reads or acts on a request; inside the request id's, so that a
+        # refusal carries one too.
+        app.add_middleware(HostCheckMiddleware, allowed=allowed_hosts, observe=metrics.count_error)
     app.add_middleware(RequestIdEchoMiddleware)
     if root_path := checked_root_path(settings.root_path):
         # Outermost: every layer inside sees the path as ASGI has it under the prefix.

@@ -24,6 +24,12 @@ from batchlm.logging_setup import LOG_LEVELS, configure_logging
 from batchlm.reasoning.registry import REASONING_PARSER_CHOICES
 from batchlm.sampling_defaults import check_generation_config
 from batchlm.sampling_params import MAX_N
+from batchlm.server.allowed_hosts import (
+    AllowedHosts,
+    listens_beyond_loopback,
+    parse_allowed_hosts,
+    resolve_allowed_hosts,
+)
 from batchlm.server.open_files import connection_limit, raise_open_file_limit
 from batchlm.server.root_path import checked_root_path
 from batchlm.server.state import ServerSettings
@@ -74,6 +80,13 @@ SERVER_BOUNDS = {
 }
 
 
+def _allowed_hosts_flag(text: str) -> AllowedHosts:
+    try:
+        return parse_allowed_hosts(text)
+    except ValueError as error:  # argparse's own words for a ValueError would not say what is wrong
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     server = parser.add_argument_group("server")
     add_dataclass_arguments(
@@ -89,6 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help_notes=SERVER_HELP_NOTES,
         bounds=SERVER_BOUNDS,
         may_be_empty=SERVER_MAY_BE_EMPTY,
+        parsers={"allowed_hosts": _allowed_hosts_flag},
     )
     add_engine_arguments(parser)
 
@@ -122,7 +136,14 @@ def run(args: argparse.Namespace) -> int:
         check_generation_config(config.generation_config)
         if (problem := _responses_dir_problem(settings)) is not None:
             raise ValueError(problem)
-        settings = replace(settings, root_path=checked_root_path(settings.root_path), api_servers=count)
+        settings = replace(
+            settings,
+            root_path=checked_root_path(settings.root_path),
+            api_servers=count,
+            # Once, here: every API-server process gets the result with the settings, and no request
+            # waits on DNS.
+            allowed_hosts=resolve_allowed_hosts(settings.allowed_hosts, settings.host),
+        )
     except ValueError as error:
         logger.error("%s", error)
         return 2
@@ -228,26 +249,12 @@ def _log_serving(config: EngineConfig, settings: ServerSettings) -> None:
         "on" if settings.api_key else "off",
         processes,
     )
-    if not settings.api_key and _reachable_from_other_hosts(settings.host):
+    if not settings.api_key and listens_beyond_loopback(settings.host):
         logger.warning(
             "no API key: anyone who can reach %s may use the API; set --api-key or %s",
             where,
             API_KEY_ENV,
         )
-
-
-def _reachable_from_other_hosts(host: str) -> bool:
-    """Whether `host` binds an address other machines can connect to (not loopback only). A name that
-    does not resolve is left to the bind to report."""
-    import ipaddress
-    import socket
-
-    try:
-        # No host at all ("") binds every interface, as AI_PASSIVE resolves it.
-        infos = socket.getaddrinfo(host or None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except OSError:
-        return False
-    return any(not ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in infos)
 
 
 def _run_several(settings: ServerSettings, config: EngineConfig, count: int) -> int:

@@ -1,14 +1,16 @@
-"""Pure-ASGI middleware (no per-request task, streaming-safe): API-key check, request-body intake (size
-limit, read timeout, Content-Encoding), and the arrival stamp of each request."""
+"""Pure-ASGI middleware (no per-request task, streaming-safe): Host check, API-key check, request-body
+intake (size limit, read timeout, Content-Encoding), and the arrival stamp of each request."""
 
 from __future__ import annotations
 
 import hmac
+import logging
 import time
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from batchlm.server.allowed_hosts import AllowedHosts, host_name
 from batchlm.server.body_watch import BodyTimeout, BodyWatch
 from batchlm.server.content_encoding import (
     DECODED,
@@ -22,8 +24,84 @@ from batchlm.server.errors import APIError, ErrorObserver, error_response
 from batchlm.server.request_ids import REQUEST_ID, REQUEST_ID_HEADER, sent_request_id
 from batchlm.server.root_path import route_path
 
+logger = logging.getLogger(__name__)
+
 # Routes that need the API key when one is set; /health, /metrics, /version and the docs stay open.
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+
+
+# Refused hosts named in a warning, each once: a page retrying in a loop fills no log.
+WARNED_HOSTS = 64
+# The most of a refused Host header an answer or warning repeats.
+SHOWN_HOST_CHARS = 100
+
+
+class HostCheckMiddleware:
+    """403 in OpenAI's shape for a request whose Host header names a host not `allowed`: the guard
+    against DNS rebinding (allowed_hosts.py). Every route, OPTIONS included, and nothing of the request
+    is read. A request without a Host header (HTTP/1.0) or with an empty one passes: a browser always
+    names the host it requests."""
+
+    def __init__(self, app: ASGIApp, allowed: AllowedHosts, observe: ErrorObserver) -> None:
+        self.app = app
+        self._allowed = allowed
+        self._observe = observe
+        self._warned: set[str] = set()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        # Every Host header is checked: a second one must not carry a name past the first's check.
+        refused = next(
+            (
+                value
+                for name, value in scope["headers"]
+                if name == b"host" and value and not self._allows(value)
+            ),
+            None,
+        )
+        if refused is None:
+            await self.app(scope, receive, send)
+            return
+        host = refused.decode("latin-1")[:SHOWN_HOST_CHARS]
+        self._warn(host)
+        if scope["type"] == "websocket":  # closed before it is accepted: the client sees a 403
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        await error_response(host_not_allowed(host), self._observe)(scope, receive, send)
+
+    def _allows(self, value: bytes) -> bool:
+        # Header values are bytes as sent: latin-1 maps each to a character.
+        return self._allowed.allows(value.decode("latin-1"))
+
+    def _warn(self, host: str) -> None:
+        if host in self._warned or len(self._warned) >= WARNED_HOSTS:
+            return
+        self._warned.add(host)
+        logger.warning(
+            "refused a request for host %r: not one this server answers to (--allowed-hosts); "
+            "further requests for it are refused without a warning",
+            host,
+        )
+
+
+def host_not_allowed(host: str) -> APIError:
+    """The refusal of a request for `host`. 403, not 400: the request itself is well-formed; this server
+    refuses to be used under that name (as Ollama and Vite refuse hosts they do not know)."""
+    name = host_name(host)
+    flag = f"--allowed-hosts {name}" if name is not None else "--allowed-hosts with its name"
+    return APIError(
+        403,
+        f"The Host header names '{host}', which this server does not answer to: it answers only names "
+        "it is known by, so that a web page cannot take it over by re-pointing its own name at this "
+        f"machine (DNS rebinding). Use a name it answers to (localhost, a loopback address, or one given "
+        f"to --allowed-hosts), or start the server with {flag} (comma-separated names; '*' answers any "
+        "host).",
+        code="host_not_allowed",
+        # The body, if any, is left unread: the connection cannot carry another request.
+        headers={"Connection": "close"},
+    )
 
 
 class APIKeyMiddleware:

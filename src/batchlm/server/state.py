@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from starlette.requests import Request
 
 from batchlm.engine.client import EngineClient, ServedModel
+from batchlm.server.allowed_hosts import AllowedHosts
 from batchlm.server.errors import APIError
 from batchlm.server.generation import InFlight
 from batchlm.server.http_protocol import DEFAULT_KEEP_ALIVE_TIMEOUT_S, DEFAULT_MAX_HEADER_BYTES
@@ -36,6 +37,13 @@ class ServerSettings:
     # and vLLM's --root-path: requests are served whether the proxy strips it or passes it on, and
     # the chat page and /docs name their files and the API under it. "" serves at the root.
     root_path: str = ""
+    # Host names the server answers to, comma-separated ("*.example.com": every name under it; "*": any
+    # host); a request whose Host header names another is refused 403. This stops DNS rebinding: a web
+    # page re-pointing its own name at this machine to call the server from your browser and read the
+    # answers. localhost, *.localhost, loopback addresses and --host itself are always answered; None
+    # (left unset): only those while --host listens on loopback only, any host where it listens on
+    # other interfaces.
+    allowed_hosts: AllowedHosts | None = None
     # Bearer key required on /v1/*, /tokenize, /detokenize and /tokenizer_info (/health, /metrics,
     # /version, the chat page's files and the API docs stay open); None (left unset) leaves them open.
     api_key: str | None = None

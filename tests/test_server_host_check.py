@@ -1,0 +1,378 @@
+"""The Host check (--allowed-hosts): a page that re-points its own name at 127.0.0.1 (DNS rebinding) is
+refused on every route; the names a local server is reached by pass; the setting is resolved from the
+bind at start-up and reaches every API-server process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import pickle
+import socket
+import sys
+import types
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+from starlette.types import Message, Scope
+from starlette.websockets import WebSocketDisconnect
+
+from batchlm.cli import main
+from batchlm.config import EngineConfig
+from batchlm.server import allowed_hosts as hosts
+from batchlm.server import cli as serve_cli
+from batchlm.server.allowed_hosts import (
+    ANY_HOST,
+    AllowedHosts,
+    parse_allowed_hosts,
+    resolve_allowed_hosts,
+)
+from batchlm.server.app import build_app
+from batchlm.server.background import BackgroundServer
+from batchlm.server.middleware import HostCheckMiddleware
+from batchlm.server.state import ServerSettings
+from fake_engine import FakeEngine
+
+REBOUND = "attacker.example:8080"
+LOOPBACK = ServerSettings(allowed_hosts=resolve_allowed_hosts(None, "127.0.0.1"))
+CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    return FakeEngine()
+
+
+@pytest.fixture
+def client(engine: FakeEngine) -> Iterator[TestClient]:
+    with TestClient(build_app(engine, LOOPBACK)) as running:
+        yield running
+
+
+def assert_refused(response: Any, name: str = "attacker.example") -> None:
+    assert response.status_code == 403, response.text
+    error = response.json()["error"]
+    assert (error["type"], error["code"], error["param"]) == (
+        "invalid_request_error",
+        "host_not_allowed",
+        None,
+    )
+    assert "DNS rebinding" in error["message"]
+    assert f"--allowed-hosts {name}" in error["message"]
+    assert response.headers["x-request-id"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/health"),
+        ("GET", "/metrics"),
+        ("GET", "/version"),
+        ("GET", "/v1/models"),
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/completions"),
+        ("POST", "/v1/responses"),
+        ("GET", "/v1/responses/resp_123"),
+        ("GET", "/v1/responses/resp_123/input_items"),
+        ("POST", "/tokenize"),
+        ("GET", "/"),
+        ("GET", "/ui/chat.js"),
+        ("GET", "/docs"),
+        ("GET", "/openapi.json"),
+        ("GET", "/no/such/route"),
+    ],
+)
+def test_a_rebound_host_is_refused_on_every_route(
+    client: TestClient, engine: FakeEngine, method: str, path: str
+) -> None:
+    body = CHAT if method == "POST" else None
+    assert_refused(client.request(method, path, json=body, headers={"Host": REBOUND}))
+    assert engine.calls == []
+
+
+def test_a_cors_preflight_is_refused_too(client: TestClient) -> None:
+    preflight = {
+        "Host": REBOUND,
+        "Origin": "http://attacker.example:8080",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type",
+    }
+    assert_refused(client.options("/v1/chat/completions", headers=preflight))
+
+
+def test_a_refusal_is_counted_and_logged_once_per_host(client: TestClient, caplog: Any) -> None:
+    with caplog.at_level(logging.WARNING, logger="batchlm.server.middleware"):
+        for _ in range(3):
+            assert client.get("/health", headers={"Host": REBOUND}).status_code == 403
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 1 and REBOUND in warnings[0] and "--allowed-hosts" in warnings[0]
+    metrics = client.get("/metrics", headers={"Host": "localhost"}).text
+    assert 'batchlm_requests_total{outcome="error_403"} 3.0' in metrics.splitlines()
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "localhost",
+        "localhost:8080",
+        "LocalHost:8080",
+        "localhost.",
+        "chat.localhost:3000",
+        "127.0.0.1",
+        "127.0.0.1:8080",
+        "127.4.5.6:8080",
+        "[::1]",
+        "[::1]:8080",
+        "[0:0:0:0:0:0:0:1]:8080",
+    ],
+)
+def test_the_names_of_a_local_server_pass(client: TestClient, host: str) -> None:
+    assert client.get("/health", headers={"Host": host}).status_code == 200
+    assert client.post("/v1/chat/completions", json=CHAT, headers={"Host": host}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "attacker.example",
+        "localhost.attacker.example",
+        "127.0.0.1.attacker.example",
+        "0.0.0.0:8080",
+        "192.168.1.5:8080",
+        "[::1]x",
+        "[::1",
+        "localhost:http",
+        "local host",
+    ],
+)
+def test_other_hosts_and_malformed_ones_are_refused(client: TestClient, host: str) -> None:
+    response = client.get("/health", headers={"Host": host})
+    assert response.status_code == 403
+    assert response.json()["error"]["code"] == "host_not_allowed"
+
+
+def call(app: Any, headers: list[tuple[bytes, bytes]]) -> int:
+    """The status the ASGI `app` answers a GET / with `headers` (as the server hands them over)."""
+    scope: Scope = {"type": "http", "method": "GET", "path": "/", "headers": headers, "query_string": b""}
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    return int(sent[0]["status"])
+
+
+async def ok(scope: Scope, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def test_a_request_without_a_host_passes_and_every_host_header_is_checked() -> None:
+    check = HostCheckMiddleware(ok, LOOPBACK.allowed_hosts or ANY_HOST, observe=lambda status: None)
+    assert call(check, []) == 200  # HTTP/1.0 sends none
+    assert call(check, [(b"host", b"")]) == 200
+    assert call(check, [(b"host", b"localhost")]) == 200
+    assert call(check, [(b"host", b"localhost"), (b"host", b"attacker.example")]) == 403
+    assert call(check, [(b"host", b"attacker.example"), (b"host", b"localhost")]) == 403
+
+
+def test_a_websocket_for_a_rebound_host_is_closed(client: TestClient) -> None:
+    with (
+        pytest.raises(WebSocketDisconnect) as closed,
+        client.websocket_connect("/ws", headers={"Host": REBOUND}),
+    ):
+        pass
+    assert closed.value.code == 1008
+
+
+def test_under_a_root_path_too(engine: FakeEngine) -> None:
+    settings = replace(LOOPBACK, root_path="/llm")
+    with TestClient(build_app(engine, settings)) as client:
+        for path in ("/llm/health", "/health", "/llm", "/llm/v1/models"):
+            assert_refused(client.get(path, headers={"Host": REBOUND}))
+        assert client.get("/llm/health", headers={"Host": "localhost:8080"}).status_code == 200
+
+
+def test_star_allows_any_host(engine: FakeEngine) -> None:
+    settings = ServerSettings(allowed_hosts=resolve_allowed_hosts(parse_allowed_hosts("*"), "127.0.0.1"))
+    assert settings.allowed_hosts == ANY_HOST
+    with TestClient(build_app(engine, settings)) as client:
+        assert client.get("/health", headers={"Host": REBOUND}).status_code == 200
+
+
+def test_listed_names_and_the_names_under_a_wildcard_pass(engine: FakeEngine) -> None:
+    listed = parse_allowed_hosts("api.example.com, *.corp.example,[fd00::5]")
+    settings = ServerSettings(allowed_hosts=resolve_allowed_hosts(listed, "0.0.0.0"))
+    with TestClient(build_app(engine, settings)) as client:
+        for host in (
+            "api.example.com",
+            "API.example.com:443",
+            "chat.corp.example",
+            "[fd00::5]:8080",
+            "localhost",
+        ):
+            assert client.get("/health", headers={"Host": host}).status_code == 200, host
+        for host in ("corp.example", "example.com", "api.example.com.attacker.example", "0.0.0.0"):
+            assert client.get("/health", headers={"Host": host}).status_code == 403, host
+
+
+@pytest.mark.parametrize(
+    ("bind", "beyond_loopback"),
+    [("127.0.0.1", False), ("localhost", False), ("::1", False), ("0.0.0.0", True), ("::", True), ("", True)],
+)
+def test_the_default_follows_the_bind(bind: str, beyond_loopback: bool) -> None:
+    resolved = resolve_allowed_hosts(None, bind)
+    assert resolved.any_host == beyond_loopback
+    if not beyond_loopback:
+        assert resolved.allows("localhost:8080") and not resolved.allows(REBOUND)
+        assert resolved.allows(f"[{bind}]:8080" if ":" in bind else f"{bind}:8080")
+
+
+def test_the_bound_name_itself_is_answered(monkeypatch: Any) -> None:
+    # A name of this machine that resolves to loopback only (Debian maps the host name to 127.0.1.1).
+    monkeypatch.setattr(hosts, "listens_beyond_loopback", lambda host: False)
+    resolved = resolve_allowed_hosts(None, "My-Box.lan")
+    assert resolved == AllowedHosts(names=frozenset({"my-box.lan"}))
+    assert resolved.allows("my-box.lan:8080") and not resolved.allows("box.lan")
+    # Given --allowed-hosts, the bound name is answered too; an every-interface address names no host.
+    assert resolve_allowed_hosts(parse_allowed_hosts("a.example"), "10.0.0.7").names == {
+        "a.example",
+        "10.0.0.7",
+    }
+    assert resolve_allowed_hosts(parse_allowed_hosts("a.example"), "0.0.0.0").names == {"a.example"}
+
+
+def test_settings_built_in_code_check_nothing(engine: FakeEngine) -> None:
+    # Tests and embedding apps build ServerSettings() themselves; `batchlm serve` always resolves it.
+    with TestClient(build_app(engine, ServerSettings())) as client:
+        assert client.get("/health").status_code == 200  # Host: testserver
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    serve_cli.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_the_flag_parses() -> None:
+    assert parse().allowed_hosts is None
+    assert parse("--allowed-hosts", "*").allowed_hosts == ANY_HOST
+    assert parse("--allowed-hosts", "A.example, *.b.example,[::1],").allowed_hosts == AllowedHosts(
+        names=frozenset({"a.example", "::1"}), parents=frozenset({"b.example"})
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ("a.example:8080", "without a port"),
+        ("http://a.example", "is not a host name"),
+        ("a.*.example", "is not a host name"),
+        ("", "give one or more host names"),
+    ],
+)
+def test_a_bad_flag_value_is_a_usage_error_naming_it(value: str, said: str, capsys: Any) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--allowed-hosts", value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --allowed-hosts: " in err and said in err and err.count("\n") == 1
+
+
+def test_help_shows_the_flag(capsys: Any) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--allowed-hosts ALLOWED_HOSTS" in help_text
+    assert "DNS rebinding" in help_text and '"*": any host' in help_text
+
+
+def serve_captured(monkeypatch: Any, *argv: str) -> dict[str, Any]:
+    """`batchlm serve argv` up to the point the server would run; what it was given."""
+    captured: dict[str, Any] = {}
+
+    def fake_run_server(app: Any, engine: Any, *, start_engine: Any = None) -> int:
+        captured.update(app=app)
+        return 0
+
+    def fake_run_several(settings: ServerSettings, config: EngineConfig, count: int) -> int:
+        captured.update(settings=settings, count=count)
+        return 0
+
+    stub_module = types.ModuleType("batchlm.engine.async_engine")
+    stub_module.AsyncLLMEngine = lambda config, *, max_queue=None: FakeEngine()  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "batchlm.engine.async_engine", stub_module)
+    monkeypatch.setattr("batchlm.server.launcher.run_server", fake_run_server)
+    monkeypatch.setattr(serve_cli, "_run_several", fake_run_several)
+    monkeypatch.setattr(serve_cli, "configure_logging", lambda level: None)
+    monkeypatch.setattr(serve_cli, "raise_open_file_limit", lambda: None)
+    assert main(["serve", "--port", "0", "--api-servers", "1", *argv]) == 0
+    return captured
+
+
+def test_serve_on_loopback_refuses_a_rebound_host(monkeypatch: Any) -> None:
+    app = serve_captured(monkeypatch)["app"]
+    with TestClient(app) as client:
+        assert_refused(client.get("/health", headers={"Host": REBOUND}))
+        assert client.get("/health", headers={"Host": "127.0.0.1:8080"}).status_code == 200
+
+
+def test_serve_on_every_interface_answers_any_host_unless_told(monkeypatch: Any) -> None:
+    app = serve_captured(monkeypatch, "--host", "0.0.0.0")["app"]
+    with TestClient(app) as client:
+        assert client.get("/health", headers={"Host": "192.168.1.5:8080"}).status_code == 200
+    app = serve_captured(monkeypatch, "--host", "0.0.0.0", "--allowed-hosts", "llm.example")["app"]
+    with TestClient(app) as client:
+        assert client.get("/health", headers={"Host": "llm.example:8080"}).status_code == 200
+        assert_refused(client.get("/health", headers={"Host": REBOUND}))
+
+
+def test_every_api_server_process_gets_the_resolved_check(monkeypatch: Any) -> None:
+    captured = serve_captured(monkeypatch, "--api-servers", "2")
+    assert captured["count"] == 2
+    # The settings each API-server process is spawned with (ApiServerSpec) and builds its app from.
+    settings = pickle.loads(pickle.dumps(captured["settings"]))
+    assert settings.allowed_hosts == resolve_allowed_hosts(None, "127.0.0.1")
+    with TestClient(build_app(FakeEngine(), settings, log_stats=False)) as client:
+        assert_refused(client.get("/health", headers={"Host": REBOUND}))
+
+
+def exchange(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_over_a_real_connection() -> None:
+    with BackgroundServer(FakeEngine(), LOOPBACK) as server:
+        refused = exchange(
+            server.port, b"GET /health HTTP/1.1\r\nHost: attacker.example\r\nConnection: close\r\n\r\n"
+        )
+        assert refused.startswith(b"HTTP/1.1 403 ") and b'"host_not_allowed"' in refused
+        served = exchange(
+            server.port, b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        assert served.startswith(b"HTTP/1.1 200 ")
+        assert exchange(server.port, b"GET /health HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200 ")
+        # A body left unread: the answer still arrives whole, and the connection closes after it.
+        body = b'{"model": "fake-model", "prompt": "' + b"a" * 200_000 + b'"}'
+        head = (
+            b"POST /v1/completions HTTP/1.1\r\nHost: attacker.example\r\nContent-Type: application/json\r\n"
+        )
+        refused = exchange(server.port, head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        assert (
+            refused.startswith(b"HTTP/1.1 403 ")
+            and refused.endswith(b"}")
+            and b"connection: close" in refused
+        )
+    assert server.engine.calls == []  # type: ignore[attr-defined]
