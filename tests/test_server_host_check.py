@@ -1,6 +1,7 @@
 """The Host check (--allowed-hosts): a page that re-points its own name at 127.0.0.1 (DNS rebinding) is
-refused on every route; the names a local server is reached by pass; the setting is resolved from the
-bind at start-up and reaches every API-server process."""
+refused on every route, as is a request a page on another site sends (its Origin); the names a local
+server is reached by pass; the setting is resolved from the bind at start-up and reaches every
+API-server process."""
 
 from __future__ import annotations
 
@@ -114,6 +115,48 @@ def test_a_refusal_is_counted_and_logged_once_per_host(client: TestClient, caplo
 
 
 @pytest.mark.parametrize(
+    "origin",
+    [
+        "https://attacker.example",
+        "http://attacker.example:8000",
+        "null",
+        "https://attacker.example/page",
+        "x",
+    ],
+)
+def test_a_page_on_another_site_may_not_send_requests_from_its_visitor_s_browser(
+    client: TestClient, engine: FakeEngine, origin: str
+) -> None:
+    # The Host is the local server's own: a form or a no-cors fetch posts to 127.0.0.1 directly.
+    headers = {"Host": "127.0.0.1:8000", "Origin": origin}
+    response = client.post("/v1/chat/completions", json=CHAT, headers=headers)
+    assert response.status_code == 403, response.text
+    error = response.json()["error"]
+    assert error["code"] == "origin_not_allowed" and origin in error["message"]
+    flag = "--allowed-hosts attacker.example" if "attacker" in origin and "/page" not in origin else "'*'"
+    assert flag in error["message"]
+    preflight = {**headers, "Access-Control-Request-Method": "POST"}
+    assert client.options("/v1/chat/completions", headers=preflight).status_code == 403
+    assert engine.calls == []
+
+
+@pytest.mark.parametrize("origin", ["http://localhost:8000", "http://127.0.0.1:8000", "http://[::1]:8000"])
+def test_the_chat_page_s_own_requests_pass(client: TestClient, origin: str) -> None:
+    headers = {"Host": "localhost:8000", "Origin": origin}
+    assert client.post("/v1/chat/completions", json=CHAT, headers=headers).status_code == 200
+
+
+def test_pages_on_allowed_hosts_pass_and_any_host_checks_no_origin(engine: FakeEngine) -> None:
+    allowed = resolve_allowed_hosts(parse_allowed_hosts("*.example.com"), "127.0.0.1")
+    with TestClient(build_app(engine, ServerSettings(allowed_hosts=allowed))) as client:
+        headers = {"Host": "localhost", "Origin": "https://chat.example.com"}
+        assert client.post("/v1/chat/completions", json=CHAT, headers=headers).status_code == 200
+    with TestClient(build_app(engine, ServerSettings(allowed_hosts=ANY_HOST))) as client:
+        headers = {"Host": "localhost", "Origin": "https://attacker.example"}
+        assert client.post("/v1/chat/completions", json=CHAT, headers=headers).status_code == 200
+
+
+@pytest.mark.parametrize(
     "host",
     [
         "localhost",
@@ -181,6 +224,8 @@ def test_a_request_without_a_host_passes_and_every_host_header_is_checked() -> N
     assert call(check, [(b"host", b"localhost")]) == 200
     assert call(check, [(b"host", b"localhost"), (b"host", b"attacker.example")]) == 403
     assert call(check, [(b"host", b"attacker.example"), (b"host", b"localhost")]) == 403
+    assert call(check, [(b"host", b"localhost"), (b"origin", b"http://localhost")]) == 200
+    assert call(check, [(b"host", b"localhost"), (b"origin", b"http://attacker.example")]) == 403
 
 
 def test_a_websocket_for_a_rebound_host_is_closed(client: TestClient) -> None:

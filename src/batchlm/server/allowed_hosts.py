@@ -48,6 +48,15 @@ class AllowedHosts:
 ANY_HOST = AllowedHosts(any_host=True)
 
 
+def origin_host(origin: str) -> str | None:
+    """The host (with its port) of an Origin header's value ("https://example.com:8443"); None for an
+    origin that names none ("null": a sandboxed frame, a file opened in the browser)."""
+    scheme, separator, rest = origin.partition("://")
+    if not (scheme and separator and rest) or "/" in rest:
+        return None
+    return rest
+
+
 def host_name(host: str) -> str | None:
     """The host of a Host header value or an --allowed-hosts entry: lowercase, without its port and a
     trailing dot, an IPv6 address compressed and out of its brackets; None for what names no host."""

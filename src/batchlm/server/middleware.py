@@ -10,7 +10,7 @@ import time
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from batchlm.server.allowed_hosts import AllowedHosts, host_name
+from batchlm.server.allowed_hosts import AllowedHosts, host_name, origin_host
 from batchlm.server.body_watch import BodyTimeout, BodyWatch
 from batchlm.server.content_encoding import (
     DECODED,
@@ -37,52 +37,63 @@ SHOWN_HOST_CHARS = 100
 
 
 class HostCheckMiddleware:
-    """403 in OpenAI's shape for a request whose Host header names a host not `allowed`: the guard
-    against DNS rebinding (allowed_hosts.py). Every route, OPTIONS included, and nothing of the request
-    is read. A request without a Host header (HTTP/1.0) or with an empty one passes: a browser always
-    names the host it requests."""
+    """403 in OpenAI's shape for a request whose Host header names a host not `allowed` (the guard
+    against DNS rebinding, allowed_hosts.py), or whose Origin header names a web page on such a host
+    (a page on another site sending requests from its visitor's browser). Every route, OPTIONS
+    included, and nothing of the request is read. A request without a Host header (HTTP/1.0) or with an
+    empty one passes: a browser always names the host it requests."""
 
     def __init__(self, app: ASGIApp, allowed: AllowedHosts, observe: ErrorObserver) -> None:
         self.app = app
         self._allowed = allowed
         self._observe = observe
-        self._warned: set[str] = set()
+        self._warned: set[tuple[str, str]] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        # Every Host header is checked: a second one must not carry a name past the first's check.
+        # Every Host and Origin header is checked: a second one must not carry a name past the first's
+        # check.
         refused = next(
             (
-                value
+                (name, value)
                 for name, value in scope["headers"]
-                if name == b"host" and value and not self._allows(value)
+                if name in (b"host", b"origin") and value and not self._allows(name, value)
             ),
             None,
         )
         if refused is None:
             await self.app(scope, receive, send)
             return
-        host = refused.decode("latin-1")[:SHOWN_HOST_CHARS]
-        self._warn(host)
+        # Header values are bytes as sent: latin-1 maps each to a character.
+        name, shown = refused[0], refused[1].decode("latin-1")[:SHOWN_HOST_CHARS]
+        self._warn(name.decode(), shown)
         if scope["type"] == "websocket":  # closed before it is accepted: the client sees a 403
             await send({"type": "websocket.close", "code": 1008})
             return
-        await error_response(host_not_allowed(host), self._observe)(scope, receive, send)
+        error = host_not_allowed(shown) if name == b"host" else origin_not_allowed(shown)
+        await error_response(error, self._observe)(scope, receive, send)
 
-    def _allows(self, value: bytes) -> bool:
-        # Header values are bytes as sent: latin-1 maps each to a character.
-        return self._allowed.allows(value.decode("latin-1"))
+    def _allows(self, name: bytes, value: bytes) -> bool:
+        text = value.decode("latin-1")
+        if name == b"host":
+            return self._allowed.allows(text)
+        # A page's requests name the page's origin: one on another site may not use this server from
+        # the browser of whoever opens it, though it cannot read the answers (a form's or a no-cors
+        # fetch's POST needs no CORS preflight). Clients other than browsers send no Origin.
+        host = origin_host(text)
+        return host is not None and self._allowed.allows(host)
 
-    def _warn(self, host: str) -> None:
-        if host in self._warned or len(self._warned) >= WARNED_HOSTS:
+    def _warn(self, header: str, value: str) -> None:
+        if (header, value) in self._warned or len(self._warned) >= WARNED_HOSTS:
             return
-        self._warned.add(host)
+        self._warned.add((header, value))
         logger.warning(
-            "refused a request for host %r: not one this server answers to (--allowed-hosts); "
-            "further requests for it are refused without a warning",
-            host,
+            "refused a request whose %s is %r: not a host this server answers to (--allowed-hosts); "
+            "further such requests are refused without a warning",
+            header.capitalize(),
+            value,
         )
 
 
@@ -100,6 +111,22 @@ def host_not_allowed(host: str) -> APIError:
         "host).",
         code="host_not_allowed",
         # The body, if any, is left unread: the connection cannot carry another request.
+        headers={"Connection": "close"},
+    )
+
+
+def origin_not_allowed(origin: str) -> APIError:
+    """The refusal of a request a web page at `origin` made (its Origin header)."""
+    host = origin_host(origin)
+    name = host_name(host) if host is not None else None
+    flag = f"--allowed-hosts {name}" if name is not None else "--allowed-hosts '*'"
+    return APIError(
+        403,
+        f"The request comes from a web page at '{origin}' (its Origin header), which this server does "
+        "not answer: a page on another site could otherwise use it from your browser. Open the page "
+        f"from a name this server answers to, or start the server with {flag} (comma-separated names; "
+        "'*' answers any host and page).",
+        code="origin_not_allowed",
         headers={"Connection": "close"},
     )
 

@@ -38,9 +38,10 @@ class ServerSettings:
     # the chat page and /docs name their files and the API under it. "" serves at the root.
     root_path: str = ""
     # Host names the server answers to, comma-separated ("*.example.com": every name under it; "*": any
-    # host); a request whose Host header names another is refused 403. This stops DNS rebinding: a web
-    # page re-pointing its own name at this machine to call the server from your browser and read the
-    # answers. localhost, *.localhost, loopback addresses and --host itself are always answered; None
+    # host); a request whose Host header names another is refused 403, as is one a browser sends for a
+    # page on another host (its Origin). This stops DNS rebinding (a web page re-pointing its own name
+    # at this machine to call the server from your browser and read the answers) and other sites'
+    # pages sending requests from your browser. localhost, *.localhost, loopback addresses and --host itself are always answered; None
     # (left unset): only those while --host listens on loopback only, any host where it listens on
     # other interfaces.
     allowed_hosts: AllowedHosts | None = None
