@@ -1,0 +1,70 @@
+"""What a tool-call stream costs the API server a delta while a model writes a long call (a file through
+a tool): one output per parser family, fed in deltas of a few characters, as the server feeds a stream.
+
+    python benchmarks/tool_stream_cost.py [--chars 25000] [--delta 4] [--repeats 3]   (no GPU)
+
+Prints, per family, microseconds a delta (the median of the repeats) over the whole output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+from batchlm.tools.hermes import HermesParser
+from batchlm.tools.llama3_json import Llama3JsonParser
+from batchlm.tools.mistral import MistralParser
+from batchlm.tools.parser import ToolParser
+from batchlm.tools.qwen3_coder import Qwen3CoderParser
+
+LINE = 'def double(x):\n    return x * 2  # "twice" <b>\n'
+
+
+def outputs(chars: int) -> dict[str, tuple[ToolParser, str]]:
+    code = LINE * max(1, chars // len(LINE))
+    arguments = json.dumps({"path": "a.py", "content": code})
+    return {
+        "hermes": (
+            HermesParser(),
+            f'Sure. <tool_call>\n{{"name": "write", "arguments": {arguments}}}\n</tool_call>',
+        ),
+        "llama3_json": (Llama3JsonParser(), f'{{"name": "write", "parameters": {arguments}}}'),
+        "mistral": (MistralParser(), f"[TOOL_CALLS]write[ARGS]{arguments}"),
+        "qwen3_coder": (
+            Qwen3CoderParser(),
+            "<tool_call>\n<function=write>\n<parameter=path>\na.py\n</parameter>\n"
+            f"<parameter=content>\n{code}</parameter>\n</function>\n</tool_call>",
+        ),
+    }
+
+
+def us_a_delta(parser: ToolParser, text: str, delta: int) -> float:
+    pieces = [text[i : i + delta] for i in range(0, len(text), delta)]
+    stream = parser.stream()
+    start = time.perf_counter()
+    for piece in pieces:
+        stream.feed(piece)
+    stream.finish()
+    return (time.perf_counter() - start) * 1e6 / len(pieces)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--chars", type=int, default=25_000, help="length of the call's file content")
+    parser.add_argument("--delta", type=int, default=4, help="characters a delta (about a token)")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    for family, (tool_parser, text) in outputs(args.chars).items():
+        runs = [us_a_delta(tool_parser, text, args.delta) for _ in range(args.repeats)]
+        print(
+            json.dumps(
+                {"family": family, "chars": len(text), "us_a_delta": round(statistics.median(runs), 1)}
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
