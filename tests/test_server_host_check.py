@@ -146,6 +146,44 @@ def test_the_chat_page_s_own_requests_pass(client: TestClient, origin: str) -> N
     assert client.post("/v1/chat/completions", json=CHAT, headers=headers).status_code == 200
 
 
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "chrome-extension://bpoadfkcbjbfhfodiogcnhaaaaaaaaaa",
+        "moz-extension://3c4f5a6b-1d2e-4f00-9a8b-0123456789ab",
+        "safari-web-extension://5E4B2C1D-0000-4A4A-8B8B-ABCDEFABCDEF",
+    ],
+)
+def test_a_browser_extension_s_requests_pass(client: TestClient, engine: FakeEngine, origin: str) -> None:
+    # An extension's pages and background script send their own origin, which no web page can: such
+    # chat and translation front-ends call a local server as clients other than browsers do.
+    headers = {"Host": "localhost:8000", "Origin": origin}
+    assert client.post("/v1/chat/completions", json=CHAT, headers=headers).status_code == 200
+    assert len(engine.calls) == 1
+    # The scheme makes it an extension, not a name that looks like one.
+    headers = {"Host": "localhost:8000", "Origin": "https://chrome-extension.attacker.example"}
+    assert client.post("/v1/chat/completions", json=CHAT, headers=headers).status_code == 403
+
+
+def test_the_chat_page_behind_a_proxy_that_sets_the_host_passes(engine: FakeEngine) -> None:
+    # README's nginx example (proxy_pass http://127.0.0.1:8080/) sends the Host it connects to; the
+    # browser's Origin is the proxy's name, and its Sec-Fetch-Site says the page requests its own origin.
+    settings = replace(LOOPBACK, root_path="/llm")
+    page = {"Host": "127.0.0.1:8080", "Origin": "https://llm.example"}
+    with TestClient(build_app(engine, settings)) as client:
+        own = {**page, "Sec-Fetch-Site": "same-origin"}
+        assert client.post("/v1/chat/completions", json=CHAT, headers=own).status_code == 200
+        # Another site's page, even one the proxy's name is under, is still refused.
+        for site in ("same-site", "cross-site", "none"):
+            other = {**page, "Sec-Fetch-Site": site}
+            response = client.post("/v1/chat/completions", json=CHAT, headers=other)
+            assert response.json()["error"]["code"] == "origin_not_allowed"
+        # The Host check is not lifted: a rebound page's requests to its own origin name its host.
+        rebound = {"Host": REBOUND, "Origin": f"http://{REBOUND}", "Sec-Fetch-Site": "same-origin"}
+        assert_refused(client.post("/v1/chat/completions", json=CHAT, headers=rebound))
+    assert len(engine.calls) == 1
+
+
 def test_pages_on_allowed_hosts_pass_and_any_host_checks_no_origin(engine: FakeEngine) -> None:
     allowed = resolve_allowed_hosts(parse_allowed_hosts("*.example.com"), "127.0.0.1")
     with TestClient(build_app(engine, ServerSettings(allowed_hosts=allowed))) as client:

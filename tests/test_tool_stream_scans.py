@@ -110,3 +110,104 @@ def test_a_stream_carried_forward_sends_what_whole_scans_send(
     # The JSON families carry most deltas inside a call's strings forward; the others never.
     json_family = not isinstance(parser, NamedFunctionParser | Qwen3CoderParser)
     assert (carried > 1000) if json_family else carried == 0
+
+
+# The hard parts of a string, each split across deltas somewhere: escapes (a surrogate pair's halves
+# among them), markup and JSON punctuation inside it, and what ends or breaks it.
+HARD_PIECES = ["ab", " ", "\\n", '\\"', "\\\\", "\\u00e9", "\\ud83d", "\\ude00", "\\ud83d\\ude00", "é", "😀"]
+HARD_PIECES += ["\\/", "<tool_call>", "</tool_call>", "[TOOL_CALLS]", "[ARGS]", ";", "{", "}", "[", "]", ":"]
+HARD_BREAKING = ['"', "\n", "\\q", "\\u12x", "\x01", "\\u", "\\"]
+
+
+def hard_string(rng: random.Random) -> str:
+    value = "".join(rng.choice(HARD_PIECES) for _ in range(rng.randint(0, 12)))
+    if rng.random() < 0.15:
+        cut = rng.randint(0, len(value))
+        value = value[:cut] + rng.choice(HARD_BREAKING) + value[cut:]
+    return f'"{value}"'
+
+
+def hard_value(rng: random.Random, depth: int = 0) -> str:
+    kind = rng.random()
+    if kind < 0.5 or depth > 2:
+        return hard_string(rng)
+    if kind < 0.7:
+        return "[" + ", ".join(hard_value(rng, depth + 1) for _ in range(rng.randint(0, 3))) + "]"
+    if kind < 0.9:
+        items = (f"{hard_string(rng)}: {hard_value(rng, depth + 1)}" for _ in range(rng.randint(0, 3)))
+        return "{" + ", ".join(items) + "}"
+    return rng.choice(["1", "-2.5e3", "true", "null"])
+
+
+def hard_arguments(rng: random.Random) -> str:
+    """An arguments object with long keys and values, or now and then one given as a JSON string."""
+    value = "{" + ", ".join(f"{hard_string(rng)}: {hard_value(rng)}" for _ in range(rng.randint(0, 3))) + "}"
+    return json.dumps(value) if rng.random() < 0.15 else value
+
+
+def hard_call(rng: random.Random, keys: tuple[str, ...]) -> str:
+    """A call object: its arguments under either key, given twice now and then, among other fields."""
+    key = rng.choice(keys)
+    fields = ['"name": "write"', f'"{key}": {hard_arguments(rng)}']
+    if rng.random() < 0.2:
+        fields.append(f'"{key}": {hard_arguments(rng)}')
+    if rng.random() < 0.2:
+        fields.append(f'"note": {hard_value(rng)}')
+    rng.shuffle(fields)
+    return "{" + ", ".join(fields) + "}"
+
+
+def hard_output(parser: ToolParser, rng: random.Random) -> str:
+    keys = ("arguments", "parameters")
+    calls = range(rng.randint(1, 3))
+    before = rng.choice(["", "Sure. ", "<think>x</think>\n"])
+    if isinstance(parser, HermesParser):
+        body = "\n".join(f"<tool_call>\n{hard_call(rng, keys)}\n</tool_call>" for _ in calls)
+    elif isinstance(parser, Llama3JsonParser):
+        before = rng.choice(["", "<|python_tag|>"])
+        body = "; ".join(hard_call(rng, keys) for _ in calls)
+    elif isinstance(parser, MistralParser):
+        if rng.random() < 0.5:
+            body = "".join(f"[TOOL_CALLS]write[ARGS]{hard_arguments(rng)}" for _ in calls)
+        else:
+            body = "[TOOL_CALLS][" + ", ".join(hard_call(rng, keys[:1]) for _ in calls) + "]"
+    else:
+        before, body = "", "[" + ", ".join(hard_call(rng, keys) for _ in calls) + "]"
+    text = before + body + rng.choice(["", " Done.", "\n", ' "x'])
+    return text[: rng.randint(0, len(text))] if rng.random() < 0.3 else text
+
+
+JSON_PARSERS = [
+    HermesParser(),
+    HermesParser(max_calls=1),
+    Llama3JsonParser(),
+    Llama3JsonParser(max_calls=1),
+    MistralParser(),
+    MistralParser(max_calls=1),
+    RequiredCallsParser(),
+    RequiredCallsParser(max_calls=1),
+]
+
+
+def small_chunks(text: str, rng: random.Random) -> list[str]:
+    """Deltas of a few characters: every escape is split at every place somewhere."""
+    pieces, pos = [], 0
+    while pos < len(text):
+        size = rng.choice([1, 1, 2, 3, 5])
+        pieces.append(text[pos : pos + size])
+        pos += size
+    return pieces
+
+
+@pytest.mark.parametrize("parser", JSON_PARSERS, ids=lambda p: f"{type(p).__name__}-{p.max_calls}")
+def test_escapes_keys_and_string_arguments_split_anywhere_send_what_whole_scans_send(
+    parser: ToolParser, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = random.Random(5)
+    cases = [(hard_output(parser, rng), rng.random() < 0.3) for _ in range(80)]
+    cases = [(text, cut_short, small_chunks(text, rng)) for text, cut_short in cases]
+    fast = [deltas(parser, pieces, cut_short) for _, cut_short, pieces in cases]
+    monkeypatch.setattr(Scan, "continued", lambda scan, delta: None)
+    whole = [deltas(parser, pieces, cut_short) for _, cut_short, pieces in cases]
+    for (text, _, _), a, b in zip(cases, fast, whole, strict=True):
+        assert a == b, text

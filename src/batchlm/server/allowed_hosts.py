@@ -48,6 +48,17 @@ class AllowedHosts:
 ANY_HOST = AllowedHosts(any_host=True)
 
 
+# The schemes of browser extensions' pages (Chrome and Edge, Firefox, Safari), whose requests name them
+# as their Origin: code the user installed, which no page on a site can send requests as.
+EXTENSION_SCHEMES = frozenset({"chrome-extension", "moz-extension", "safari-web-extension"})
+
+
+def is_extension_origin(origin: str) -> bool:
+    """Whether an Origin header's value ("chrome-extension://<id>") names a browser extension."""
+    scheme, separator, _ = origin.partition("://")
+    return bool(separator) and scheme.lower() in EXTENSION_SCHEMES
+
+
 def origin_host(origin: str) -> str | None:
     """The host (with its port) of an Origin header's value ("https://example.com:8443"); None for an
     origin that names none ("null": a sandboxed frame, a file opened in the browser)."""

@@ -10,7 +10,7 @@ import time
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from batchlm.server.allowed_hosts import AllowedHosts, host_name, origin_host
+from batchlm.server.allowed_hosts import AllowedHosts, host_name, is_extension_origin, origin_host
 from batchlm.server.body_watch import BodyTimeout, BodyWatch
 from batchlm.server.content_encoding import (
     DECODED,
@@ -39,9 +39,10 @@ SHOWN_HOST_CHARS = 100
 class HostCheckMiddleware:
     """403 in OpenAI's shape for a request whose Host header names a host not `allowed` (the guard
     against DNS rebinding, allowed_hosts.py), or whose Origin header names a web page on such a host
-    (a page on another site sending requests from its visitor's browser). Every route, OPTIONS
-    included, and nothing of the request is read. A request without a Host header (HTTP/1.0) or with an
-    empty one passes: a browser always names the host it requests."""
+    (a page on another site sending requests from its visitor's browser; not one the browser marks as
+    the page's request to its own origin). Every route, OPTIONS included, and nothing of the request is
+    read. A request without a Host header (HTTP/1.0) or with an empty one passes: a browser always
+    names the host it requests."""
 
     def __init__(self, app: ASGIApp, allowed: AllowedHosts, observe: ErrorObserver) -> None:
         self.app = app
@@ -53,13 +54,19 @@ class HostCheckMiddleware:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
+        headers = scope["headers"]
+        # A browser marks a page's request to the page's own origin (Sec-Fetch-Site, which no page can
+        # set): the page is this server's, under the name the browser reached it by, which a reverse
+        # proxy may have replaced in the Host header (nginx's default) but not in the Origin.
+        own = any(name == b"sec-fetch-site" and value == b"same-origin" for name, value in headers)
+        checked = (b"host",) if own else (b"host", b"origin")
         # Every Host and Origin header is checked: a second one must not carry a name past the first's
         # check.
         refused = next(
             (
                 (name, value)
-                for name, value in scope["headers"]
-                if name in (b"host", b"origin") and value and not self._allows(name, value)
+                for name, value in headers
+                if name in checked and value and not self._allows(name, value)
             ),
             None,
         )
@@ -81,7 +88,10 @@ class HostCheckMiddleware:
             return self._allowed.allows(text)
         # A page's requests name the page's origin: one on another site may not use this server from
         # the browser of whoever opens it, though it cannot read the answers (a form's or a no-cors
-        # fetch's POST needs no CORS preflight). Clients other than browsers send no Origin.
+        # fetch's POST needs no CORS preflight). Clients other than browsers send no Origin; browser
+        # extensions (chat and translation front-ends) send their own, which no page can.
+        if is_extension_origin(text):
+            return True
         host = origin_host(text)
         return host is not None and self._allowed.allows(host)
 
