@@ -152,6 +152,9 @@ def test_the_chat_page_s_own_requests_pass(client: TestClient, origin: str) -> N
         "chrome-extension://bpoadfkcbjbfhfodiogcnhaaaaaaaaaa",
         "moz-extension://3c4f5a6b-1d2e-4f00-9a8b-0123456789ab",
         "safari-web-extension://5E4B2C1D-0000-4A4A-8B8B-ABCDEFABCDEF",
+        "vscode-webview://1n2o3p4q5r6s7t8u9v0w",
+        "tauri://localhost",
+        "app://chat-app",
     ],
 )
 def test_a_browser_extension_s_requests_pass(client: TestClient, engine: FakeEngine, origin: str) -> None:

@@ -48,13 +48,25 @@ class AllowedHosts:
 ANY_HOST = AllowedHosts(any_host=True)
 
 
-# The schemes of browser extensions' pages (Chrome and Edge, Firefox, Safari), whose requests name them
-# as their Origin: code the user installed, which no page on a site can send requests as.
-EXTENSION_SCHEMES = frozenset({"chrome-extension", "moz-extension", "safari-web-extension"})
+# The schemes of pages that installed software shows, whose requests name them as their Origin: browser
+# extensions (Chrome and Edge, Firefox, Safari), desktop apps' web views (Electron's app://, Tauri) and
+# VS Code's web views. No page on a site can send requests as one of these.
+EXTENSION_SCHEMES = frozenset(
+    {
+        "chrome-extension",
+        "moz-extension",
+        "safari-web-extension",
+        "app",
+        "tauri",
+        "vscode-webview",
+        "vscode-file",
+    }
+)
 
 
 def is_extension_origin(origin: str) -> bool:
-    """Whether an Origin header's value ("chrome-extension://<id>") names a browser extension."""
+    """Whether an Origin header's value ("chrome-extension://<id>") names a page of installed software:
+    a browser extension, a desktop app's or an editor's web view."""
     scheme, separator, _ = origin.partition("://")
     return bool(separator) and scheme.lower() in EXTENSION_SCHEMES
 
