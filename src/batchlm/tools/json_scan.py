@@ -35,8 +35,9 @@ class ObjectScan:
     end: int | None
     # Text that can never become a JSON object (a missing quote, colon or comma).
     malformed: bool = False
-    # Still arriving, and the text ends inside one of its strings (not part way through an escape).
-    ends_in_string: bool = False
+    # Still arriving, and the text ends inside one of its strings: the escape it ends part way through
+    # ("" for none; `continue_string`); None otherwise.
+    string_tail: str | None = None
 
 
 def value_end(text: str, start: int, final: bool) -> int | None:
@@ -64,7 +65,7 @@ def scan_object(text: str, pos: int, final: bool) -> ObjectScan:
         prefix = read_prefix(text, pos)
         if prefix is Prefix.NONE:
             return ObjectScan(scan.fields, None, malformed=True)
-        return ObjectScan(scan.fields, None, ends_in_string=prefix is Prefix.IN_STRING)
+        return ObjectScan(scan.fields, None, string_tail=string_tail(prefix))
     return scan
 
 
@@ -126,21 +127,33 @@ _VALUE, _FIRST_ITEM, _FIRST_KEY, _KEY, _COLON, _AFTER_VALUE, _DONE = range(7)
 
 class Prefix(enum.Enum):
     """What a text is of a JSON value: nothing it can become, a prefix, or a prefix that ends inside a
-    string (not part way through an escape), which any run of `continues_string` text continues."""
+    string: outside any escape (IN_STRING), or just after the backslash that opens one (IN_ESCAPE)."""
 
     NONE = enum.auto()
     PREFIX = enum.auto()
     IN_STRING = enum.auto()
+    IN_ESCAPE = enum.auto()
 
 
-# Text that continues a string and ends outside any escape: characters a string takes as they are,
-# and whole escapes.
-_STRING_RUN = re.compile(r'(?:[^"\\\x00-\x1f]++|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*+')
+def string_tail(prefix: Prefix) -> str | None:
+    """The escape a prefix ending inside a string ends part way through ("" for none); None for a
+    prefix that does not end inside a string."""
+    return {Prefix.IN_STRING: "", Prefix.IN_ESCAPE: "\\"}.get(prefix)
 
 
-def continues_string(text: str) -> bool:
-    """Whether `text`, after a prefix that ends inside a string, leaves it there (Prefix.IN_STRING)."""
-    return _STRING_RUN.fullmatch(text) is not None
+# Text that continues a string: characters a string takes as they are and whole escapes, then maybe
+# one escape cut off part way (its text so far: group 1).
+_STRING_RUN = re.compile(
+    r'(?:[^"\\\x00-\x1f]++|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*+(\\(?:u[0-9a-fA-F]{0,3})?)?'
+)
+
+
+def continue_string(tail: str, delta: str) -> str | None:
+    """After text that ends inside a string, part way through the escape `tail` ("" for none): the
+    escape `delta` leaves the string part way through ("" for none), or None where `delta` does not
+    only continue the string (a quote, a control character, a bad escape)."""
+    match = _STRING_RUN.fullmatch(tail + delta)
+    return None if match is None else match.group(1) or ""
 
 
 def is_json_prefix(text: str, start: int) -> bool:
@@ -168,7 +181,7 @@ def read_prefix(text: str, start: int) -> Prefix:
             # a string cut off part way: checking it again would cost the whole text at every delta.
             # An odd run of backslashes at the end opens an escape.
             backslashes = len(text) - len(text.rstrip("\\"))
-            return Prefix.PREFIX if backslashes % 2 else Prefix.IN_STRING
+            return Prefix.IN_ESCAPE if backslashes % 2 else Prefix.IN_STRING
     except RecursionError:
         # Nested past Python's reader, which value_end never reads as closed: reading the tokens
         # instead would cost the whole text again at every delta.

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from batchlm.tools.call_grammar import BLANK, arguments_json, calls_array_json, free_text, token_rule
 from batchlm.tools.calls import random_alphanumerics
 from batchlm.tools.function_tool import FunctionTool
-from batchlm.tools.json_scan import Prefix, read_prefix, skip_whitespace, value_end
+from batchlm.tools.json_scan import Prefix, read_prefix, skip_whitespace, string_tail, value_end
 from batchlm.tools.parser import ToolParser, optional_calls
 from batchlm.tools.scan import CallScan, MarkedRegion, Scan, scan_call_array, scan_marked_calls
 
@@ -106,4 +106,4 @@ def _named_call(text: str, pos: int, final: bool) -> MarkedRegion | None:
     prefix = Prefix.NONE if final else read_prefix(text, start)
     if prefix is Prefix.NONE:
         return None
-    return MarkedRegion([CallScan(name, text[start:], False, in_string=prefix is Prefix.IN_STRING)], None)
+    return MarkedRegion([CallScan(name, text[start:], False, string_tail=string_tail(prefix))], None)

@@ -11,7 +11,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from batchlm.tools.json_scan import ObjectScan, continues_string, scan_object, skip_whitespace
+from batchlm.tools.json_scan import ObjectScan, continue_string, scan_object, skip_whitespace
 from batchlm.unicode_text import encodable
 
 
@@ -22,9 +22,10 @@ class CallScan:
     # The arguments' JSON text as far as it is known.
     arguments: str
     done: bool
-    # The arguments are the output's last text and end inside one of their strings: text that only
-    # continues that string (`continues_string`) is theirs, and changes nothing else of the scan.
-    in_string: bool = False
+    # The arguments are the output's last text and end inside one of their strings, part way through
+    # this escape ("" for none): text that only continues that string (`continue_string`) is theirs,
+    # and changes nothing else of the scan. None otherwise.
+    string_tail: str | None = None
 
 
 @dataclass
@@ -38,12 +39,14 @@ class Scan:
         """The scan of the output with `delta` after it, where this scan settles it without reading the
         output again (its last call's arguments end inside a string that `delta` only continues);
         else None. Keeps a stream's cost a delta from growing with the length of a call."""
-        if not (self.calls and self.calls[-1].in_string and continues_string(delta)):
+        last = self.calls[-1] if self.calls else None
+        if last is None or last.string_tail is None:
             return None
-        last = self.calls[-1]
-        return Scan(
-            self.content, [*self.calls[:-1], replace(last, arguments=last.arguments + delta)], self.offsets
-        )
+        tail = continue_string(last.string_tail, delta)
+        if tail is None:
+            return None
+        grown = replace(last, arguments=last.arguments + delta, string_tail=tail)
+        return Scan(self.content, [*self.calls[:-1], grown], self.offsets)
 
 
 def call_from_object(
@@ -73,7 +76,7 @@ def call_from_object(
     if span.end is None:
         if not text.startswith("{", span.start):
             return CallScan(name, "", False)
-        return CallScan(name, text[span.start :], False, in_string=scan.ends_in_string)
+        return CallScan(name, text[span.start :], False, string_tail=scan.string_tail)
     raw = text[span.start : span.end]
     if text.startswith('"', span.start):
         # An empty string is no arguments, which clients parse as JSON: an empty object, as OpenAI's.
