@@ -62,12 +62,13 @@ for heads, kv_heads, head_dim, dtype in [(6, 2, 96, torch.float16), (14, 2, 80, 
     seq_lens = [5, 40, 70]
     cache, tables, query = problem(heads, kv_heads, head_dim, seq_lens, len(seq_lens), dtype)
     ref = paged_attention_reference(query, cache, [0, 1, 2, 3], seq_lens, tables, scale)
-    for splits in (1, 4):
+    # A split's first tile read early and its newest rows (or all of it) read again: the same result.
+    for splits, newest in ((1, None), (4, None), (4, 1), (4, 3)):
         out = torch.full_like(query, float("nan"))
         lens = torch.tensor(seq_lens, dtype=torch.int32)
-        paged_decode_attention(query, cache, lens, tables, scale, out=out, num_splits=splits)
+        paged_decode_attention(query, cache, lens, tables, scale, out=out, num_splits=splits, newest=newest)
         error = (out.float() - ref).abs().max().item()
-        assert error < atol, ("decode", head_dim, splits, error)
+        assert error < atol, ("decode", head_dim, splits, newest, error)
 
     seq_lens, starts = [20, 45], [0, 20, 50]  # a fresh prompt and a chunk after 15 cached tokens
     cache, tables, query = problem(heads, kv_heads, head_dim, seq_lens, starts[-1], dtype)

@@ -45,3 +45,20 @@ def test_a_cpu_start_names_its_phases_for_the_cpu(
     assert "CPU compute threads:" in caplog.text
     # The default CPU KV cache holds what the running requests can fill, not a fixed 2 GiB.
     assert info.num_blocks == 32 * -(-info.max_model_len // info.block_size)
+
+
+@pytest.mark.parametrize(("speculative", "newest"), [("off", 1), ("ngram", 4)])
+def test_the_attention_learns_how_many_rows_a_step_writes_before_it(
+    tiny_model_dir: Callable[..., Path], speculative: str, newest: int
+) -> None:
+    # A decode row's context ends with its newest token, or a verify chunk's 1 + 3 drafts: what a GPU
+    # decode reads again after the step's KV write (kernels/paged_decode.py).
+    model_dir = tiny_model_dir()
+    config = EngineConfig(
+        model=str(model_dir),
+        device="cpu",
+        speculative=speculative,
+        num_speculative_tokens=3 if speculative == "ngram" else None,
+    )
+    core, _ = build_engine_core(config, model_dir)
+    assert core.executor.attn.newest_decode_tokens == newest  # type: ignore[attr-defined]

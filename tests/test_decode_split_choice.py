@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from batchlm.kernels.shapes import MAX_SPLITS, choose_num_splits
+from batchlm.kernels.shapes import MAX_SPLITS, choose_num_splits, newest_rows
 
 H200_SMS = 132
 
@@ -26,3 +26,10 @@ def test_a_single_request_of_a_short_context_gets_a_program_a_multiprocessor() -
     assert choose_num_splits(1, 8, 784, H200_SMS) == 16
     assert choose_num_splits(1, 8, 131072, H200_SMS) == 64
     assert choose_num_splits(256, 8, 784, H200_SMS) == 1
+
+
+def test_the_rows_a_decode_reads_again_after_the_write() -> None:
+    # Unknown, or a tile's worth or more: the whole first tile (0); else the count itself.
+    assert [newest_rows(n, 64) for n in (None, 1, 5, 63, 64, 200)] == [0, 1, 5, 63, 0, 0]
+    with pytest.raises(ValueError, match="at least one token"):
+        newest_rows(0, 64)

@@ -141,9 +141,10 @@ def test_decode_over_an_fp8_cache_compiles(in_registers: bool) -> None:
         assert "ldmatrix" in ptx
 
 
+@pytest.mark.parametrize("newest", [0, 1])
 @pytest.mark.parametrize("num_splits", [1, 4])
 @pytest.mark.parametrize("cache", ["*bf16", "*fp8e4nv"])
-def test_a_split_decode_reads_its_first_tile_before_waiting(cache: str, num_splits: int) -> None:
+def test_a_split_decode_reads_its_first_tile_before_waiting(cache: str, num_splits: int, newest: int) -> None:
     # Split (a small batch): lengths, block ids and the first key/value tile come before the wait (no
     # kernel of the step writes the lengths and block ids; the tile is read again after it); the
     # query, written by the kernel before, after it. One split (a full batch): nothing is read
@@ -154,6 +155,7 @@ def test_a_split_decode_reads_its_first_tile_before_waiting(cache: str, num_spli
         "BLOCK_SIZE": 16, "GROUP": 4, "BLOCK_G": 16, "HEAD_DIM": 64, "BLOCK_D": 64, "BLOCK_N": 64,
         "NUM_SPLITS": num_splits,
         "DOT_PRECISION": "tf32", "FP8_IN_REGISTERS": cache == "*fp8e4nv", "WINDOWED": False, "SOFTCAP": False,
+        "NEWEST": newest,
     }  # fmt: skip
 
     def lines(pdl: bool) -> list[str]:

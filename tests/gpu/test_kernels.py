@@ -264,13 +264,17 @@ def write_then_decode_graph(
     tables: torch.Tensor,
     out: torch.Tensor,
     num_splits: int,
+    newest: int | None = None,
 ) -> torch.cuda.CUDAGraph:
     """A CUDA graph of a step's KV write and then its decode attention, launched as the engine
-    launches them (with PDL where the GPU has it); each replay reads what the tensors hold then."""
+    launches them (with PDL where the GPU has it); each replay reads what the tensors hold then.
+    newest: the most of a context's last tokens the write changes, as the engine tells the kernel."""
 
     def step() -> None:
         write_kv_cache(key, value, cache, slots)
-        paged_decode_attention(query, cache, seq_lens, tables, 0.125, out=out, num_splits=num_splits)
+        paged_decode_attention(
+            query, cache, seq_lens, tables, 0.125, out=out, num_splits=num_splits, newest=newest
+        )
 
     step()
     torch.cuda.synchronize()
@@ -281,11 +285,15 @@ def write_then_decode_graph(
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("newest", [None, 1])
 @pytest.mark.parametrize("num_splits", [1, 8])
-def test_decode_sees_the_newest_token_written_just_before_it_in_the_same_graph(num_splits: int) -> None:
+def test_decode_sees_the_newest_token_written_just_before_it_in_the_same_graph(
+    num_splits: int, newest: int | None
+) -> None:
     # Under PDL the kernel reads its first tile before the KV write ahead of it has finished; the
     # newest token's row must still be the one that write stores. Lengths put that row in the first
-    # tile of its split (read again after the wait) and in a later tile (read only after it).
+    # tile of its split (read again after the wait: the whole tile, or with `newest` that row alone)
+    # and in a later tile (read only after it).
     torch.manual_seed(8)
     block_size, head_dim, batch, max_blocks = 16, 64, 4, 64
     cache = random_cache(batch * max_blocks, block_size, head_dim, torch.bfloat16)
@@ -296,7 +304,9 @@ def test_decode_sees_the_newest_token_written_just_before_it_in_the_same_graph(n
     tables = torch.zeros(batch, max_blocks, dtype=torch.int32, device=DEVICE)
     out = torch.empty_like(query)
 
-    graph = write_then_decode_graph(key, value, cache, slots, query, seq_lens, tables, out, num_splits)
+    graph = write_then_decode_graph(
+        key, value, cache, slots, query, seq_lens, tables, out, num_splits, newest
+    )
     for lengths in ([1, 40, 64, 700], [65, 16, 1000, 129]):
         new_tables = random_block_tables(lengths, block_size, cache.shape[1], extra=0)
         tables.zero_()
@@ -318,10 +328,11 @@ def test_decode_sees_the_newest_token_written_just_before_it_in_the_same_graph(n
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("newest", [None, 4])
 @pytest.mark.parametrize("num_splits", [1, 8])
 @pytest.mark.parametrize("first", [40, 62])
 def test_verify_rows_see_every_row_their_chunk_wrote_just_before_them_in_the_same_graph(
-    num_splits: int, first: int
+    num_splits: int, first: int, newest: int | None
 ) -> None:
     # A verify chunk's tokens at positions first .. first + 3 become four decode rows of one request
     # (runner/decode_rows.py): the KV write stores all four, then row i attends to positions up to
@@ -343,7 +354,9 @@ def test_verify_rows_see_every_row_their_chunk_wrote_just_before_them_in_the_sam
     key, value = (torch.randn(rows, NUM_KV_HEADS, head_dim, device=DEVICE).bfloat16() for _ in "kv")
     out = torch.empty_like(query)
 
-    graph = write_then_decode_graph(key, value, cache, slots, query, seq_lens, tables, out, num_splits)
+    graph = write_then_decode_graph(
+        key, value, cache, slots, query, seq_lens, tables, out, num_splits, newest
+    )
     for _ in range(4):
         for tensor in (query, key, value):
             tensor.copy_(torch.randn_like(tensor))

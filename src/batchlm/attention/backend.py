@@ -79,6 +79,10 @@ class AttentionBackend(ABC):
     """Writes the new keys/values into the paged cache, then attends over each request's context."""
 
     name: str = "abstract"
+    # Most of a decode row's last context tokens a step writes before attending (1; 1 + the drafts where
+    # verify chunks run as decode rows), set once by the engine before any CUDA graph is captured;
+    # None: unknown. A backend that reads the cache only after the write ignores it.
+    newest_decode_tokens: int | None = None
 
     @abstractmethod
     def forward(

@@ -103,6 +103,7 @@ class TritonAttentionBackend(AttentionBackend):
                 config=self.decode_config,
                 window=spec.sliding_window,
                 softcap=spec.logit_softcap,
+                newest=self.newest_decode_tokens,
             )
         if meta.num_requests > num_decodes:
             paged_prefill_attention(

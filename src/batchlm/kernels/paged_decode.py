@@ -32,6 +32,7 @@ from batchlm.kernels.shapes import (
     check_paged_inputs,
     choose_num_splits,
     dot_precision,
+    newest_rows,
     next_power_of_2,
     sm_count,
 )
@@ -79,6 +80,7 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
     FP8_IN_REGISTERS: tl.constexpr, PDL: tl.constexpr,
+    NEWEST: tl.constexpr = 0,  # a context's last tokens the step's KV write may change; 0: any
 ):  # fmt: skip
     let_next_kernel_start(PDL)
     # Only a split context (a small batch, where a program's first wait on memory is the step's
@@ -104,11 +106,13 @@ def _decode_kernel(
     block_row = block_table_ptr + seq.to(tl.int64) * stride_bt
     if EARLY_TILE:
         # The first tile is read before waiting for the kernel before (PDL): the lengths and block
-        # tables come from the host before the step. The step's KV write may change any row of the
-        # tile (a request's newest token, and in the decode rows of a verify chunk, runner/
-        # decode_rows.py, that chunk's earlier tokens too), so the whole tile is read again after
-        # the wait: from L2, where the early read brought it, one round trip instead of the three
-        # dependent ones (length, block id, tile) a kernel that waits first makes to memory.
+        # tables come from the host before the step. The step's KV write changes a context's last
+        # tokens (a request's newest, and in the decode rows of a verify chunk, runner/
+        # decode_rows.py, that chunk's earlier ones too: NEWEST at most, any row of the tile when
+        # NEWEST is 0), so those rows are read again after the wait, from L2 where the early read
+        # brought them: one round trip instead of the three dependent ones (length, block id, tile)
+        # a kernel that waits first makes to memory. A split whose tile holds none of them reads
+        # nothing again.
         tokens, in_range, offsets = tile_addresses(
             block_row, start, end, stride_c_block, stride_c_tok, BLOCK_SIZE, BLOCK_D, BLOCK_N, MASK_RANGE
         )
@@ -116,7 +120,10 @@ def _decode_kernel(
         k = load_rows(k_ptrs, in_range, MASK_RANGE, HEAD_DIM, BLOCK_D)
         v = load_rows(k_ptrs + stride_c_kv, in_range, MASK_RANGE, HEAD_DIM, BLOCK_D)
         wait_for_previous_kernel(PDL)
-        written = in_range[:, None]
+        changed = in_range
+        if NEWEST > 0:
+            changed = changed & (tokens >= seq_len - NEWEST)
+        written = changed[:, None]
         if HEAD_DIM != BLOCK_D:
             written = written & (tl.arange(0, BLOCK_D) < HEAD_DIM)[None, :]
         k = tl.load(k_ptrs, mask=written, other=k)
@@ -249,6 +256,7 @@ def paged_decode_attention(
     config: DecodeConfig | None = None,
     window: int | None = None,  # attend to the last `window` tokens only
     softcap: float | None = None,  # scores become softcap * tanh(scores / softcap)
+    newest: int | None = None,  # most of a context's last tokens the step wrote before; None: unknown
 ) -> torch.Tensor:
     """Attention of each request's single query token over its paged context (or window of it)."""
     shape = check_paged_inputs(query, kv_cache)
@@ -283,7 +291,7 @@ def paged_decode_attention(
         HEAD_DIM=shape.head_dim, BLOCK_D=next_power_of_2(shape.head_dim), BLOCK_N=cfg.block_n,
         NUM_SPLITS=num_splits, DOT_PRECISION=dot_precision(query.dtype), WINDOWED=window is not None, SOFTCAP=softcap is not None,
         FP8_IN_REGISTERS=fp8_cache and cfg.fp8_in_registers, **pdl,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        NEWEST=newest_rows(newest, cfg.block_n), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if num_splits > 1:
         _reduce_kernel[(batch, shape.num_heads)](

@@ -103,3 +103,13 @@ def choose_num_splits(
     useful = -(-max_context // MIN_TOKENS_PER_SPLIT)
     splits = max(1, min(wanted, useful, MAX_SPLITS))
     return 1 << (splits.bit_length() - 1)
+
+
+def newest_rows(newest: int | None, block_n: int) -> int:
+    """The kernel's NEWEST: 0 (any row of a split's first tile may have changed) where the count is
+    unknown or a tile's worth or more, so that a launch compiles one of few variants."""
+    if newest is None or newest >= block_n:
+        return 0
+    if newest < 1:
+        raise ValueError(f"a step writes at least one token of each decode row, got newest={newest}")
+    return newest
