@@ -55,7 +55,12 @@ class SpeculationConfig:
         if not self.enabled:
             return 0
         requests = max_num_seqs if self.mode == "ngram" else min(self.max_batch, max_num_seqs)
-        return requests * (1 + self.num_tokens)
+        return requests * self.most_new_tokens()
+
+    def most_new_tokens(self) -> int:
+        """The most tokens of one request a step writes: a verify chunk's, its token and all its drafts
+        (1 when off)."""
+        return 1 + self.num_tokens if self.enabled else 1
 
 
 @dataclass

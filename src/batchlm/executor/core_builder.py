@@ -187,7 +187,7 @@ def build_engine_core(config: EngineConfig, model_dir: Path) -> tuple[EngineCore
             runner = ModelRunner(config, model_dir)
         speculation = resolve_speculation(config, str(runner.device))
         runner.most_verify_rows = speculation.most_verify_rows(config.max_num_seqs)
-        runner.attn.newest_decode_tokens = 1 + speculation.num_tokens if speculation.enabled else 1
+        runner.attn.newest_decode_tokens = speculation.most_new_tokens()
         # initialize_kv_cache in its two steps, each timed.
         with timed_phase(logger, phases.sizing):
             num_blocks = runner.determine_num_blocks()

@@ -44,6 +44,17 @@ class AllowedHosts:
             return True
         return any(name.endswith(f".{parent}") for parent in self.parents)
 
+    def allows_origin(self, origin: str) -> bool:
+        """Whether a request whose Origin header is `origin` is answered: a page's requests name the
+        page's origin, and one on another site may not use this server from the browser of whoever
+        opens it, though it cannot read the answers (a form's or a no-cors fetch's POST needs no CORS
+        preflight). Browser extensions and apps' web views (chat and translation front-ends) send
+        their own, which no page can."""
+        if self.any_host or is_extension_origin(origin):
+            return True
+        host = origin_host(origin)
+        return host is not None and self.allows(host)
+
 
 ANY_HOST = AllowedHosts(any_host=True)
 

@@ -10,7 +10,7 @@ import time
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from batchlm.server.allowed_hosts import AllowedHosts, host_name, is_extension_origin, origin_host
+from batchlm.server.allowed_hosts import AllowedHosts, host_name, origin_host
 from batchlm.server.body_watch import BodyTimeout, BodyWatch
 from batchlm.server.content_encoding import (
     DECODED,
@@ -83,17 +83,9 @@ class HostCheckMiddleware:
         await error_response(error, self._observe)(scope, receive, send)
 
     def _allows(self, name: bytes, value: bytes) -> bool:
+        # Clients other than browsers send no Origin.
         text = value.decode("latin-1")
-        if name == b"host":
-            return self._allowed.allows(text)
-        # A page's requests name the page's origin: one on another site may not use this server from
-        # the browser of whoever opens it, though it cannot read the answers (a form's or a no-cors
-        # fetch's POST needs no CORS preflight). Clients other than browsers send no Origin; browser
-        # extensions (chat and translation front-ends) send their own, which no page can.
-        if is_extension_origin(text):
-            return True
-        host = origin_host(text)
-        return host is not None and self._allowed.allows(host)
+        return self._allowed.allows(text) if name == b"host" else self._allowed.allows_origin(text)
 
     def _warn(self, header: str, value: str) -> None:
         if (header, value) in self._warned or len(self._warned) >= WARNED_HOSTS:

@@ -102,11 +102,17 @@ def _scan_object(text: str, pos: int, final: bool) -> ObjectScan:
     return ObjectScan(fields, None)
 
 
+# A string's characters as JSON takes them (strict: no control characters) and whole escapes; and
+# one escape cut off part way at the end of the text.
+_STRING_CHARS = r'(?:[^"\\\x00-\x1f]++|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*+'
+_OPEN_ESCAPE = r"\\(?:u[0-9a-fA-F]{0,3})?"
 # One JSON token after optional whitespace. A number must not be followed by what could extend it, so
 # that "1." at the end of the text reads as a partial number rather than "1" and a stray ".".
 _TOKEN = re.compile(
     r"""[ \t\n\r]*(?:
-        (?P<string>"(?:[^"\\\x00-\x1f]++|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*+")
+        (?P<string>"""
+    + f'"{_STRING_CHARS}"'
+    + r""")
         |(?P<number>-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?(?![0-9.eE+-]))
         |(?P<literal>true|false|null|NaN|Infinity|-Infinity)
         |(?P<punct>[{}\[\]:,])
@@ -114,9 +120,7 @@ _TOKEN = re.compile(
     re.VERBOSE,
 )
 # The end of the text may cut a string, number or literal off part way.
-_PARTIAL_STRING = re.compile(
-    r'"(?:[^"\\\x00-\x1f]++|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*+(?:\\(?:u[0-9a-fA-F]{0,3})?)?'
-)
+_PARTIAL_STRING = re.compile(f'"{_STRING_CHARS}(?:{_OPEN_ESCAPE})?')
 _PARTIAL_NUMBER = re.compile(r"-|-?(?:0|[1-9][0-9]*)(?:\.[0-9]*|(?:\.[0-9]+)?[eE][+-]?[0-9]*)?")
 # json.loads takes NaN and the infinities too.
 _LITERALS = ("true", "false", "null", "NaN", "Infinity", "-Infinity")
@@ -143,9 +147,7 @@ def string_tail(prefix: Prefix) -> str | None:
 
 # Text that continues a string: characters a string takes as they are and whole escapes, then maybe
 # one escape cut off part way (its text so far: group 1).
-_STRING_RUN = re.compile(
-    r'(?:[^"\\\x00-\x1f]++|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*+(\\(?:u[0-9a-fA-F]{0,3})?)?'
-)
+_STRING_RUN = re.compile(f"{_STRING_CHARS}({_OPEN_ESCAPE})?")
 
 
 def continue_string(tail: str, delta: str) -> str | None:
