@@ -2,13 +2,14 @@
 # Two source trees against each other in one call on the GPU machine, runs interleaved (machines differ
 # by up to 15%, and one host drifts within a call, so only pairs taken side by side compare).
 # Usage: bash benchmarks/gpu_ab.sh OLD_SRC NEW_SRC [single1b] [single8b] [single8b_fp8] [single8b_w4a16] [w1]
-#        [online] [w1_structured] [w1_structured_free] [online_structured]
+#        [online] [w1_structured] [w1_structured_free] [online_structured] [long_prefill] [w2]
 #   OLD_SRC, NEW_SRC: folders holding the `batchlm` package (e.g. `git archive REV src | tar -x -C
 #   /tmp/old` gives /tmp/old/src). The benchmark scripts are this tree's; only the package differs.
 #   ROUNDS (default 2): rounds per workload; each round runs both trees, the order swapped every round.
 # Prints one line per process (the figure of each of its runs) and, per workload, the median of each tree's runs
 # and new / old. single*: ITL in ms (lower is better; single8b_fp8 and single8b_w4a16: the 8B quantized at
-# load); w1, online*: output tok/s (higher is better; online_structured: every request under the bounded schema);
+# load); w1, long_prefill (64 x 8,000 in / 64 out), w2 (512 x 1,000 / 1,000, 8B), online*: output tok/s
+# (higher is better; online_structured: every request under the bounded schema);
 # w1_structured*: W1 under offline_throughput.py's JSON schema (bounded or free last field), each
 # structured run over the plain run before it in the same engine (higher is better).
 # Needs $OUT (results folder), and on PYTHONPATH the wheels the machine lacks (each tree goes ahead of them).
@@ -33,6 +34,10 @@ run() {
       timeout 200 python3 benchmarks/offline_throughput.py --shape llama-3.1-8b $S --num-requests 1 \
         --quantization "${workload#single8b_}" ;;
     w1) timeout 120 python3 benchmarks/offline_throughput.py --shape llama-3.2-1b $S --num-requests 256 ;;
+    long_prefill) timeout 240 python3 benchmarks/offline_throughput.py --shape llama-3.2-1b --dummy --num-requests 64 \
+      --input-len 8000 --output-len 64 --runs 3 ;;
+    w2) timeout 400 python3 benchmarks/offline_throughput.py --shape llama-3.1-8b --dummy --num-requests 512 \
+      --input-len 1000 --output-len 1000 --runs 2 ;;
     w1_structured) timeout 200 python3 benchmarks/offline_throughput.py --shape llama-3.2-1b $S --num-requests 256 \
       --structured ;;
     w1_structured_free) timeout 200 python3 benchmarks/offline_throughput.py --shape llama-3.2-1b $S \
@@ -51,7 +56,7 @@ run() {
 values() {
   case "$1" in
     single*) grep -oE '"itl_ms_median": [0-9.]+' "$2" | grep -oE '[0-9.]+$' ;;
-    w1) grep -E '^\{"engine"' "$2" | grep -oE '"output_tok_s": [0-9.]+' | grep -oE '[0-9.]+$' ;;
+    w1 | long_prefill | w2) grep -E '^\{"engine"' "$2" | grep -oE '"output_tok_s": [0-9.]+' | grep -oE '[0-9.]+$' ;;
     online*) grep -oE '"output_throughput": [0-9.]+' "$2" | grep -oE '[0-9.]+$' ;;
     w1_structured*) grep -oE '"structured_over_plain_pairs": \[[0-9., ]+\]' "$2" | grep -oE '[0-9]+\.[0-9]+' ;;
   esac
