@@ -18,9 +18,10 @@ from batchlm.server import allowed_hosts as hosts
 from batchlm.server import cli as serve_cli
 from batchlm.server.allowed_hosts import ANY_HOST, AllowedHosts, parse_allowed_hosts, resolve_allowed_hosts
 from batchlm.server.app import build_app
+from batchlm.server.background import BackgroundServer
 from batchlm.server.state import ServerSettings
 from fake_engine import FakeEngine
-from test_server_host_check import REBOUND, assert_refused
+from test_server_host_check import REBOUND, assert_refused, exchange
 
 
 @pytest.mark.parametrize(
@@ -142,3 +143,21 @@ def test_every_api_server_process_gets_the_resolved_check(monkeypatch: Any) -> N
     assert settings.allowed_hosts == resolve_allowed_hosts(None, "127.0.0.1")
     with TestClient(build_app(FakeEngine(), settings, log_stats=False)) as client:
         assert_refused(client.get("/health", headers={"Host": REBOUND}))
+
+
+def test_a_background_server_answers_loopback_names_unless_told_otherwise() -> None:
+    """BackgroundServer (run-batch's server, notebooks') listens on 127.0.0.1 as `batchlm serve` does
+    by default, and so refuses a rebound name; an explicit setting still wins."""
+
+    def answer(settings: ServerSettings | None, host: bytes) -> bytes:
+        with BackgroundServer(FakeEngine(), settings) as server:
+            return exchange(
+                server.port, b"GET /health HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % host
+            )
+
+    refused = answer(None, REBOUND.encode())
+    assert refused.startswith(b"HTTP/1.1 403 ") and b'"host_not_allowed"' in refused
+    assert answer(None, b"localhost:1234").startswith(b"HTTP/1.1 200 ")
+    assert answer(ServerSettings(allowed_hosts=ANY_HOST), REBOUND.encode()).startswith(b"HTTP/1.1 200 ")
+    named = ServerSettings(allowed_hosts=parse_allowed_hosts("batch.internal"))
+    assert answer(named, b"batch.internal").startswith(b"HTTP/1.1 200 ")

@@ -32,7 +32,7 @@ def closed_unanswered(port: int, sent: bytes) -> bool:
 def test_a_connection_without_complete_headers_is_closed() -> None:
     with BackgroundServer(FakeEngine(), ServerSettings(header_timeout_s=SHORT_DEADLINE_S)) as server:
         assert closed_unanswered(server.port, b"")  # opened, nothing sent
-        assert closed_unanswered(server.port, b"GET /health HTTP/1.1\r\nHost: x\r\n")  # headers stall
+        assert closed_unanswered(server.port, b"GET /health HTTP/1.1\r\nHost: localhost\r\n")  # headers stall
 
 
 def test_the_next_request_on_a_kept_alive_connection_has_the_deadline_too() -> None:
@@ -40,7 +40,7 @@ def test_the_next_request_on_a_kept_alive_connection_has_the_deadline_too() -> N
         BackgroundServer(FakeEngine(), ServerSettings(header_timeout_s=AMPLE_DEADLINE_S)) as server,
         socket.create_connection(("127.0.0.1", server.port), timeout=READ_TIMEOUT_S) as sock,
     ):
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
         answer = b""
         while not answer.endswith(b'{"status":"ok"}'):
             chunk = sock.recv(65536)

@@ -161,7 +161,7 @@ def test_a_refused_body_closes_the_connection(server: BackgroundServer) -> None:
 def test_a_body_that_stops_arriving_is_408_not_a_hang(request_start: bytes) -> None:
     settings = ServerSettings(body_timeout_s=0.05)
     with BackgroundServer(FakeEngine(), settings) as server:
-        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         answer = exchange(server.port, head + request_start)
     status_line, _, rest = answer.rpartition(b"HTTP/1.1 ")[2].partition(b"\r\n")
     assert status_line == b"408 Request Timeout"

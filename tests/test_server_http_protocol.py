@@ -81,7 +81,7 @@ def test_headers_within_the_limit_are_served(server: BackgroundServer) -> None:
     padding = b"x" * (MAX_HEADERS - 200)
     answer = exchange(
         server.port,
-        b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + padding + b"\r\nConnection: close\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Pad: " + padding + b"\r\nConnection: close\r\n\r\n",
     )
     assert parse(answer)[0] == 200
 
@@ -90,15 +90,17 @@ def test_headers_within_the_limit_are_served(server: BackgroundServer) -> None:
     "request_head",
     [
         # One header line far past the limit, never finished: refused while it arrives.
-        b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (10 * 1024 * 1024),
+        b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * (10 * 1024 * 1024),
         # Many small headers, the whole block sent.
-        b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(2000)) + b"\r\n",
+        b"GET /health HTTP/1.1\r\nHost: localhost\r\n"
+        + b"".join(b"X-H%d: v\r\n" % i for i in range(2000))
+        + b"\r\n",
         # A block just past the limit, in one piece.
-        b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * MAX_HEADERS + b"\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Pad: " + b"a" * MAX_HEADERS + b"\r\n\r\n",
         # A request target past the limit.
-        b"GET /health?" + b"q" * (2 * MAX_HEADERS) + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /health?" + b"q" * (2 * MAX_HEADERS) + b" HTTP/1.1\r\nHost: localhost\r\n\r\n",
         # A POST with its body: the headers are what is refused.
-        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nX-Pad: "
+        b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\nX-Pad: "
         + b"a" * MAX_HEADERS
         + b"\r\n\r\n{}",
     ],
@@ -112,11 +114,15 @@ def test_headers_past_the_limit_are_431_in_json(server: BackgroundServer, reques
 def test_a_431_echoes_the_request_s_tracing_id_but_not_an_oversized_one(server: BackgroundServer) -> None:
     # The oversized header may be the id itself: echoed, the answer would be past the client's own
     # limit on a header, and the 431 never read.
-    huge = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Request-Id: " + b"r" * (4 * MAX_HEADERS) + b"\r\n\r\n"
+    huge = (
+        b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Request-Id: " + b"r" * (4 * MAX_HEADERS) + b"\r\n\r\n"
+    )
     answer = exchange(server.port, huge)
     json_error(answer, 431)
     assert re.fullmatch("req_[0-9a-f]{32}", parse(answer)[1]["x-request-id"])
-    padded = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Request-Id: trace-1\r\nX-Pad: " + b"a" * MAX_HEADERS
+    padded = (
+        b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Request-Id: trace-1\r\nX-Pad: " + b"a" * MAX_HEADERS
+    )
     answer = exchange(server.port, padded + b"\r\n\r\n")
     json_error(answer, 431)
     assert parse(answer)[1]["x-request-id"] == "trace-1"
@@ -139,7 +145,7 @@ def test_a_target_past_the_url_parser_s_limit_is_414_saying_so() -> None:
 
 
 def refusals_counted(port: int, status: int) -> float:
-    answer = exchange(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    answer = exchange(port, b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
     assert parse(answer)[0] == 200
     found = re.search(rb'batchlm_requests_total\{outcome="error_%d"\} (\S+)' % status, answer)
     return float(found.group(1)) if found else 0.0
@@ -164,10 +170,13 @@ def test_a_refusal_is_counted_and_the_server_serves_on(
 @pytest.mark.parametrize(
     ("request_bytes", "detail"),
     [
-        (b"FOO /v1/models HTTP/1.1\r\nHost: x\r\n\r\n", "Invalid method"),
-        (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", "Content-Length"),
-        (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", "Content-Length"),
-        (b"GET /v1/models HTTP/9.9\r\nHost: x\r\n\r\n", ""),
+        (b"FOO /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n", "Invalid method"),
+        (
+            b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: abc\r\n\r\n",
+            "Content-Length",
+        ),
+        (b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: -1\r\n\r\n", "Content-Length"),
+        (b"GET /v1/models HTTP/9.9\r\nHost: localhost\r\n\r\n", ""),
     ],
 )
 def test_a_request_the_parser_refuses_is_400_in_json(
@@ -178,7 +187,9 @@ def test_a_request_the_parser_refuses_is_400_in_json(
 
 
 def test_an_unknown_method_the_parser_knows_reaches_the_app_as_405(server: BackgroundServer) -> None:
-    answer = exchange(server.port, b"PROPFIND /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    answer = exchange(
+        server.port, b"PROPFIND /v1/models HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
     status, _, body = parse(answer)
     assert status == 405 and json.loads(body)["error"]["message"]
 
@@ -208,7 +219,7 @@ def closed_by_server(port: int, sent: bytes) -> bool:
 
 def test_headers_dripped_a_byte_at_a_time_still_meet_the_deadline() -> None:
     """Each byte arriving does not restart the deadline (slowloris)."""
-    endless = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100_000
+    endless = b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Slow: " + b"a" * 100_000
     settings = ServerSettings(header_timeout_s=0.05)
     with BackgroundServer(FakeEngine(), settings) as running, connect(running.port) as sock:
         try:
@@ -228,7 +239,7 @@ def test_an_idle_keep_alive_connection_closes_after_the_keep_alive_timeout() -> 
     # The header deadline is far off: what closes the connection is the keep-alive timeout.
     settings = ServerSettings(keep_alive_timeout_s=0.05, header_timeout_s=600.0)
     with BackgroundServer(FakeEngine(), settings) as running, connect(running.port) as sock:
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
         status, headers, body = parse(read_until_closed(sock))
     assert status == 200 and "connection" not in headers and json.loads(body) == {"status": "ok"}
 
@@ -238,7 +249,7 @@ def test_blank_lines_on_an_idle_connection_do_not_keep_it_open() -> None:
     the connection."""
     settings = ServerSettings(keep_alive_timeout_s=600.0, header_timeout_s=SHORT_HEADER_TIMEOUT_S)
     with BackgroundServer(FakeEngine(), settings) as running, connect(running.port) as sock:
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
         answer = b""
         while b'{"status":"ok"}' not in answer:
             chunk = sock.recv(65536)
@@ -251,7 +262,7 @@ def test_blank_lines_on_an_idle_connection_do_not_keep_it_open() -> None:
 def test_keep_alive_serves_several_requests_on_one_connection(server: BackgroundServer) -> None:
     with connect(server.port) as sock:
         for _ in range(3):
-            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
             answer = b""
             while b'{"status":"ok"}' not in answer:
                 answer += sock.recv(65536)
@@ -261,7 +272,10 @@ def test_keep_alive_serves_several_requests_on_one_connection(server: Background
 def completions_request(version: bytes, body: dict[str, Any], method: bytes = b"POST") -> bytes:
     content = json.dumps(body).encode()
     return (
-        method + b" /v1/completions HTTP/" + version + b"\r\nHost: x\r\nContent-Type: application/json\r\n"
+        method
+        + b" /v1/completions HTTP/"
+        + version
+        + b"\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\n\r\n" % len(content) + content
     )
 
@@ -288,7 +302,7 @@ def test_a_json_answer_to_an_http_1_0_client_keeps_its_content_length(server: Ba
 
 def test_a_stream_to_an_http_1_1_client_is_still_chunked(server: BackgroundServer) -> None:
     request = completions_request(b"1.1", {"prompt": "hi", "max_tokens": 3, "stream": True})
-    request = request.replace(b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n")
+    request = request.replace(b"Host: localhost\r\n", b"Host: localhost\r\nConnection: close\r\n")
     status, headers, body = parse(exchange(server.port, request))
     assert status == 200 and headers["transfer-encoding"] == "chunked"
     assert body.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
@@ -300,7 +314,7 @@ def test_connections_past_the_cap_are_503_with_a_warning(caplog: pytest.LogCaptu
         with connect(running.port) as second:
             # Both held: the server has answered a request on each.
             for held in (first, second):
-                held.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                held.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
                 answer = b""
                 while b'{"status":"ok"}' not in answer:
                     answer += held.recv(65536)
@@ -320,7 +334,7 @@ def test_connections_past_the_cap_are_503_with_a_warning(caplog: pytest.LogCaptu
         for _ in range(10_000):
             try:
                 answer = exchange(
-                    running.port, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                    running.port, b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
                 )
             except ConnectionResetError:  # refused still, before its request was read
                 continue
@@ -335,7 +349,7 @@ def test_a_refused_request_logs_one_throttled_warning_and_no_uvicorn_line(
 ) -> None:
     with caplog.at_level("WARNING"), BackgroundServer(FakeEngine()) as running:
         for _ in range(3):
-            json_error(exchange(running.port, b"FOO / HTTP/1.1\r\nHost: x\r\n\r\n"), 400)
+            json_error(exchange(running.port, b"FOO / HTTP/1.1\r\nHost: localhost\r\n\r\n"), 400)
     assert not [r for r in caplog.records if r.getMessage() == UVICORN_PARSER_WARNING]
     # One line for the three (the next after a minute), naming the reason.
     ours = [r.getMessage() for r in caplog.records if r.name == "batchlm.server.http_protocol"]
@@ -360,7 +374,7 @@ def test_uvicorn_warnings_other_than_the_parser_one_still_reach_the_log(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     with caplog.at_level("WARNING"), BackgroundServer(FakeEngine()) as running:
-        request = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: foo\r\n\r\n"
+        request = b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: foo\r\n\r\n"
         with connect(running.port) as sock:
             sock.sendall(request)
             answer = b""
@@ -382,7 +396,9 @@ def test_a_body_over_the_limit_gets_its_413_while_the_client_still_sends_it(decl
     body = b"x" * (16 * 1024 * 1024)
     framing = b"content-length: %d\r\n" % len(body) if declared else b"transfer-encoding: chunked\r\n"
     head = (
-        b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n" + framing + b"\r\n"
+        b"POST /v1/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
+        + framing
+        + b"\r\n"
     )
     sent = body if declared else b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
     with BackgroundServer(FakeEngine(), ServerSettings(max_body_bytes=limit)) as running:

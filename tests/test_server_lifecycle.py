@@ -170,7 +170,7 @@ def raw_request(port: int, body: dict[str, Any]) -> socket.socket:
     """Send a request on a raw socket (closing it is a true disconnect, with no client-side draining)."""
     payload = json.dumps(body).encode()
     sock = socket.create_connection(("127.0.0.1", port))
-    head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head = "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
     sock.sendall(f"{head}Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
     return sock
 

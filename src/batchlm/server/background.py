@@ -10,6 +10,7 @@ from dataclasses import replace
 from types import TracebackType
 
 from batchlm.engine.client import EngineClient
+from batchlm.server.allowed_hosts import resolve_allowed_hosts
 from batchlm.server.app import build_app
 from batchlm.server.launcher import GracefulServer, serve
 from batchlm.server.listener import bind_listener
@@ -31,7 +32,10 @@ class BackgroundServer:
     ) -> None:
         self._socket = bind_listener("127.0.0.1", 0)
         self.port: int = self._socket.getsockname()[1]
-        self.settings = replace(settings or ServerSettings(), host="127.0.0.1", port=self.port)
+        given = settings or ServerSettings()
+        # Loopback only, as `batchlm serve` on 127.0.0.1: answers localhost's names alone (DNS rebinding).
+        allowed = resolve_allowed_hosts(given.allowed_hosts, "127.0.0.1")
+        self.settings = replace(given, host="127.0.0.1", port=self.port, allowed_hosts=allowed)
         self.engine = engine
         self.app = build_app(engine, self.settings)
         self.state: ServerState = self.app.state.batchlm
