@@ -145,6 +145,7 @@ def test_the_chat_page_s_own_requests_pass(client: TestClient, origin: str) -> N
         "vscode-webview://1n2o3p4q5r6s7t8u9v0w",
         "tauri://localhost",
         "app://chat-app",
+        "file://",
     ],
 )
 def test_a_browser_extension_s_requests_pass(client: TestClient, engine: FakeEngine, origin: str) -> None:

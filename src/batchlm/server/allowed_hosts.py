@@ -60,14 +60,16 @@ ANY_HOST = AllowedHosts(any_host=True)
 
 
 # The schemes of pages that installed software shows, whose requests name them as their Origin: browser
-# extensions (Chrome and Edge, Firefox, Safari), desktop apps' web views (Electron's app://, Tauri) and
-# VS Code's web views. No page on a site can send requests as one of these.
+# extensions (Chrome and Edge, Firefox, Safari), desktop apps' web views (Electron's app:// and file://,
+# Tauri) and VS Code's web views. No page on a site can send requests as one of these; a file opened in a
+# browser sends "null", as a sandboxed frame of any site does, and stays refused.
 EXTENSION_SCHEMES = frozenset(
     {
         "chrome-extension",
         "moz-extension",
         "safari-web-extension",
         "app",
+        "file",
         "tauri",
         "vscode-webview",
         "vscode-file",
