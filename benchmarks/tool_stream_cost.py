@@ -1,7 +1,8 @@
-"""What a tool-call stream costs the API server a delta while a model writes a long call (a file through
-a tool): one output per parser family, fed in deltas of a few characters, as the server feeds a stream.
+"""What a tool-call stream costs the API server a delta while a model writes a long call: one output per
+parser family, fed in deltas of a few characters, as the server feeds a stream. `--shape file`: a file
+through a tool (one long string); `--shape rows`: rows of short keys, strings, numbers and literals.
 
-    python benchmarks/tool_stream_cost.py [--chars 25000] [--delta 4] [--repeats 3]   (no GPU)
+    python benchmarks/tool_stream_cost.py [--shape file|rows] [--chars 25000] [--delta 4] [--repeats 3]   (no GPU)
 
 Prints, per family, microseconds a delta (the median of the repeats) over the whole output."""
 
@@ -21,9 +22,19 @@ from batchlm.tools.qwen3_coder import Qwen3CoderParser
 LINE = 'def double(x):\n    return x * 2  # "twice" <b>\n'
 
 
-def outputs(chars: int) -> dict[str, tuple[ToolParser, str]]:
+def rows(chars: int) -> str:
+    """Records of about `chars` characters in all, as a model saving a table through a tool writes them."""
+    row = {"id": 0, "name": "item0", "tags": ["a", "b"], "price": 12.5, "ok": True, "note": None}
+    count = max(1, chars // (len(json.dumps(row)) + 2))
+    return json.dumps([{**row, "id": i, "name": f"item{i}"} for i in range(count)])
+
+
+def outputs(chars: int, shape: str = "file") -> dict[str, tuple[ToolParser, str]]:
     code = LINE * max(1, chars // len(LINE))
     arguments = json.dumps({"path": "a.py", "content": code})
+    if shape == "rows":
+        code = rows(chars)
+        arguments = f'{{"table": "items", "rows": {code}}}'
     return {
         "hermes": (
             HermesParser(),
@@ -53,11 +64,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--chars", type=int, default=25_000, help="length of the call's file content")
+    parser.add_argument("--shape", choices=("file", "rows"), default="file", help="what the call holds")
+    parser.add_argument("--chars", type=int, default=25_000, help="length of the call's file content or rows")
     parser.add_argument("--delta", type=int, default=4, help="characters a delta (about a token)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    for family, (tool_parser, text) in outputs(args.chars).items():
+    for family, (tool_parser, text) in outputs(args.chars, args.shape).items():
         runs = [us_a_delta(tool_parser, text, args.delta) for _ in range(args.repeats)]
         print(
             json.dumps(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from batchlm.tools.json_scan import _is_json_prefix_by_tokens, is_json_prefix
+from batchlm.tools.json_scan import JsonCursor, _is_json_prefix_by_tokens, is_json_prefix, json_cursor
 
 # Strings' hard parts (quotes, escapes, control characters, unicode, surrogates) and JSON's structure.
 PIECES = ['"', "\\", "u", "0", "a", "F", "x", "\x01", "\n", " ", "{", "}", ":", ",", "[", "]", "n", "é"]
@@ -32,3 +32,39 @@ def test_a_long_string_cut_off_anywhere_is_a_prefix_and_one_bad_character_is_not
     assert not is_json_prefix(value + "\x1f", 0)
     assert not is_json_prefix(value + "\\q", 0)
     assert is_json_prefix(value + "\\", 0) and is_json_prefix(value + "\\u0", 0)
+
+
+NOT_PREFIXES = [
+    '{"a": [1}', "[1}", '{"a": 1]', "]", '{"a" 1', "{1: 2}", "[1 2]", '{"a": 1,}', "[,1]", '{"a"}', "[1]]",
+    '{"a": 1}}', "[:]", "{,}", "[1,]", '{"a": tru e}', "01", "--1", "1.e5.", '"a" "b"', "nulll", '{"a": "b": 1}',
+    '[1, 2] x', "{]", "[}", '{"a": 1 "b": 2}', "[nul]", "-Inf]",
+]  # fmt: skip
+PREFIXES = [
+    '{"a": [1', '{"a": [1, {"b": ', "[", "{", " ", '"ab\\', '{"a": -', '{"a": 1.', '{"a": 1e', '{"a": 1e+',
+    "[tr", '{"a": "x"}  ', "[1, 2]\n", '{"a": {"b": [[], {}]}, "c', "-Inf", "[-0.5e-3", '{"\\u00e9": null',
+]  # fmt: skip
+
+
+def test_structure_that_no_text_can_complete_is_no_prefix() -> None:
+    for text in NOT_PREFIXES:
+        assert not is_json_prefix(text, 0) and json_cursor(text, 0) is None, text
+    for text in PREFIXES:
+        assert is_json_prefix(text, 0) and json_cursor(text, 0) is not None, text
+
+
+def read_in_pieces(text: str, rng: random.Random) -> JsonCursor | None:
+    cursor: JsonCursor | None = JsonCursor()
+    pos = 0
+    while pos < len(text) and cursor is not None:
+        size = rng.choice([1, 1, 2, 3, 5])
+        cursor = cursor.read(text[pos : pos + size])
+        pos += size
+    return cursor
+
+
+def test_a_cursor_read_in_pieces_stands_where_one_read_at_once_does() -> None:
+    rng = random.Random(9)
+    texts = ["".join(rng.choice(PIECES) for _ in range(rng.randint(1, 14))) for _ in range(20_000)]
+    texts += NOT_PREFIXES + PREFIXES
+    for text in texts:
+        assert read_in_pieces(text, rng) == json_cursor(text, 0), text

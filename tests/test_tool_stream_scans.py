@@ -211,3 +211,104 @@ def test_escapes_keys_and_string_arguments_split_anywhere_send_what_whole_scans_
     whole = [deltas(parser, pieces, cut_short) for _, cut_short, pieces in cases]
     for (text, _, _), a, b in zip(cases, fast, whole, strict=True):
         assert a == b, text
+
+
+# What may break a JSON value's structure anywhere: stray or mismatched punctuation, a word, a number or
+# literal gone wrong.
+STRUCTURE_BREAKING = [
+    "}",
+    "]",
+    ",",
+    ":",
+    "x",
+    "1.",
+    "1.e",
+    "--1",
+    "tru e",
+    "nul",
+    "01",
+    '"a" "b"',
+    "{]",
+    "[}",
+]
+
+
+def records(rng: random.Random, count: int) -> str:
+    """An arguments object made of many short keys, strings, numbers and literals (rows to save)."""
+    rows = [
+        {
+            "id": i,
+            "name": f"item{i}",
+            "tags": ["a", "b"][: rng.randint(0, 2)],
+            "price": round(rng.uniform(0, 99), 2),
+        }
+        for i in range(count)
+    ]
+    value = json.dumps({"rows": rows, "ok": True, "note": None}, indent=rng.choice([None, 1]))
+    if rng.random() < 0.4:
+        cut = rng.randint(0, len(value))
+        value = value[:cut] + rng.choice(STRUCTURE_BREAKING) + value[cut:]
+    return value
+
+
+@pytest.mark.parametrize("parser", JSON_PARSERS, ids=lambda p: f"{type(p).__name__}-{p.max_calls}")
+def test_arguments_broken_anywhere_in_their_structure_send_what_whole_scans_send(
+    parser: ToolParser, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = random.Random(17)
+    cases = []
+    for _ in range(60):
+        arguments = records(rng, rng.randint(0, 4))
+        call = f'{{"name": "save", "arguments": {arguments}}}'
+        if isinstance(parser, HermesParser):
+            text = f"Rows: <tool_call>\n{call}\n</tool_call>"
+        elif isinstance(parser, MistralParser):
+            text = f"[TOOL_CALLS]save[ARGS]{arguments}"
+        elif isinstance(parser, Llama3JsonParser):
+            text = call.replace('"arguments"', '"parameters"')
+        else:
+            text = f"[{call}]"
+        text = text[: rng.randint(0, len(text))] if rng.random() < 0.3 else text
+        cases.append((text, rng.random() < 0.3, small_chunks(text, rng)))
+    fast = [deltas(parser, pieces, cut_short) for _, cut_short, pieces in cases]
+    monkeypatch.setattr(Scan, "continued", lambda scan, delta: None)
+    whole = [deltas(parser, pieces, cut_short) for _, cut_short, pieces in cases]
+    for (text, _, _), a, b in zip(cases, fast, whole, strict=True):
+        assert a == b, text
+
+
+@pytest.mark.parametrize("parser", JSON_PARSERS[::2], ids=lambda p: type(p).__name__)
+@pytest.mark.parametrize("stringified", [False, True])
+def test_a_long_call_of_short_strings_is_read_whole_a_few_times_only(
+    parser: ToolParser, stringified: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call of many rows (keys, short strings, numbers) is read on from each delta: the whole output
+    is scanned again only around the call's start and end, however long the call grows."""
+    rng = random.Random(3)
+    arguments = json.dumps({"rows": [{"id": i, "name": f"item{i}", "on": i % 2 == 0} for i in range(300)]})
+    if stringified:
+        arguments = json.dumps(arguments)  # arguments given as a JSON string: sent once it closes
+    if isinstance(parser, MistralParser):
+        if stringified:
+            pytest.skip("Mistral's [ARGS] take an object")
+        text = f"[TOOL_CALLS]save[ARGS]{arguments}"
+    elif isinstance(parser, RequiredCallsParser):
+        text = f'[{{"name": "save", "parameters": {arguments}}}]'
+    elif isinstance(parser, Llama3JsonParser):
+        text = f'{{"name": "save", "parameters": {arguments}}}'
+    else:
+        text = f'<tool_call>\n{{"name": "save", "arguments": {arguments}}}\n</tool_call>'
+    pieces = small_chunks(text, rng)
+    scans = 0
+    whole_scan = type(parser).scan
+
+    def counted(self: ToolParser, output: str, final: bool) -> Scan:
+        nonlocal scans
+        scans += 1
+        return whole_scan(self, output, final)
+
+    monkeypatch.setattr(type(parser), "scan", counted)
+    sent = deltas(parser, pieces, cut_short=False)
+    assert scans < 60, (scans, len(pieces))  # of ~2,900 deltas: the markup around the call only
+    streamed = "".join(piece.arguments for delta in sent for piece in delta.tool_calls)
+    assert json.loads(streamed) == json.loads(json.loads(arguments) if stringified else arguments)

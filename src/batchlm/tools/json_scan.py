@@ -2,11 +2,13 @@
 values begin and (once closed) end. Values are delimited with the C JSON decoder, so rescanning the
 whole text stays cheap; an unclosed value reads as still arriving, and callers treat
 "still arriving" at the end of the output as malformed. Text that no continuation can make JSON is
-malformed at once (`is_json_prefix`), so that a stream stops reading it as a call's arguments."""
+malformed at once (`is_json_prefix`), so that a stream stops reading it as a call's arguments.
+
+A value still arriving can also be read on from where its text ends (`JsonCursor`): a stream then
+reads each delta alone instead of the whole output again."""
 
 from __future__ import annotations
 
-import enum
 import json
 import re
 from dataclasses import dataclass
@@ -35,9 +37,6 @@ class ObjectScan:
     end: int | None
     # Text that can never become a JSON object (a missing quote, colon or comma).
     malformed: bool = False
-    # Still arriving, and the text ends inside one of its strings: the escape it ends part way through
-    # ("" for none; `continue_string`); None otherwise.
-    string_tail: str | None = None
 
 
 def value_end(text: str, start: int, final: bool) -> int | None:
@@ -61,11 +60,8 @@ def value_end(text: str, start: int, final: bool) -> int | None:
 def scan_object(text: str, pos: int, final: bool) -> ObjectScan:
     """Scan the object whose '{' is at text[pos]."""
     scan = _scan_object(text, pos, final)
-    if scan.end is None and not scan.malformed:
-        prefix = read_prefix(text, pos)
-        if prefix is Prefix.NONE:
-            return ObjectScan(scan.fields, None, malformed=True)
-        return ObjectScan(scan.fields, None, string_tail=string_tail(prefix))
+    if scan.end is None and not scan.malformed and not is_json_prefix(text, pos):
+        return ObjectScan(scan.fields, None, malformed=True)
     return scan
 
 
@@ -129,22 +125,6 @@ _LITERALS = ("true", "false", "null", "NaN", "Infinity", "-Infinity")
 _VALUE, _FIRST_ITEM, _FIRST_KEY, _KEY, _COLON, _AFTER_VALUE, _DONE = range(7)
 
 
-class Prefix(enum.Enum):
-    """What a text is of a JSON value: nothing it can become, a prefix, or a prefix that ends inside a
-    string: outside any escape (IN_STRING), or just after the backslash that opens one (IN_ESCAPE)."""
-
-    NONE = enum.auto()
-    PREFIX = enum.auto()
-    IN_STRING = enum.auto()
-    IN_ESCAPE = enum.auto()
-
-
-def string_tail(prefix: Prefix) -> str | None:
-    """The escape a prefix ending inside a string ends part way through ("" for none); None for a
-    prefix that does not end inside a string."""
-    return {Prefix.IN_STRING: "", Prefix.IN_ESCAPE: "\\"}.get(prefix)
-
-
 # Text that continues a string: characters a string takes as they are and whole escapes, then maybe
 # one escape cut off part way (its text so far: group 1).
 _STRING_RUN = re.compile(f"{_STRING_CHARS}({_OPEN_ESCAPE})?")
@@ -162,11 +142,6 @@ def is_json_prefix(text: str, start: int) -> bool:
     """Whether text[start:] can still become one JSON value as more text arrives (a complete value
     counts, with nothing but whitespace after it). Strict, as json.loads is: no control characters in
     strings."""
-    return read_prefix(text, start) is not Prefix.NONE
-
-
-def read_prefix(text: str, start: int) -> Prefix:
-    """What text[start:] is of a JSON value (`is_json_prefix`, and whether it ends inside a string)."""
     # The C decoder settles the usual cases: it read everything and wanted more, or stopped inside a
     # string that runs to the end. What it stopped at otherwise (a number or literal cut off part way,
     # or an error) is read token by token.
@@ -176,35 +151,85 @@ def read_prefix(text: str, start: int) -> Prefix:
         # Out of text where a value, key or delimiter was wanted; a line break inside a string is no
         # whitespace to skip but a control character there.
         if skip_whitespace(text, error.pos) == len(text) and not error.msg.startswith("Invalid control"):
-            return Prefix.PREFIX
+            return True
         if error.msg.startswith("Unterminated string"):
             # The decoder read that string to the end of the text and took every character and escape
             # in it (a control character or a bad escape is an error of its own), so what is left is
             # a string cut off part way: checking it again would cost the whole text at every delta.
-            # An odd run of backslashes at the end opens an escape.
-            backslashes = len(text) - len(text.rstrip("\\"))
-            return Prefix.IN_ESCAPE if backslashes % 2 else Prefix.IN_STRING
+            return True
     except RecursionError:
         # Nested past Python's reader, which value_end never reads as closed: reading the tokens
         # instead would cost the whole text again at every delta.
-        return Prefix.PREFIX
+        return True
     else:
         if skip_whitespace(text, end) == len(text):
-            return Prefix.PREFIX
-    return Prefix.PREFIX if _is_json_prefix_by_tokens(text, start) else Prefix.NONE
+            return True
+    return _is_json_prefix_by_tokens(text, start)
+
+
+@dataclass(frozen=True)
+class JsonCursor:
+    """Where the text of a JSON value that may still grow stands at its end: all that reading more of
+    it needs (`read`), so that a delta is read alone, not with the text before it."""
+
+    # The containers still open, outermost first: "{" or "[".
+    containers: tuple[str, ...] = ()
+    # What the next token may be; inside a string, what the string is (a key when _FIRST_KEY or _KEY).
+    expect: int = _VALUE
+    # A number or literal cut off at the end of the text ("" for none): read again with what follows.
+    pending: str = ""
+    # Inside a string: the escape the text ends part way through ("" for none). None outside strings.
+    string_tail: str | None = None
+
+    @property
+    def open(self) -> bool:
+        """Whether the value has not ended: one of its containers, or the string it is, is still open."""
+        return bool(self.containers) or self.string_tail is not None
+
+    def read(self, delta: str) -> JsonCursor | None:
+        """The cursor once `delta` has followed; None where the text can no longer become JSON."""
+        containers = list(self.containers)
+        expect = self.expect
+        pos = 0
+        if self.string_tail is not None:
+            run = _STRING_RUN.match(self.string_tail + delta)
+            assert run is not None  # every part of the pattern may match nothing
+            pos = run.end() - len(self.string_tail)
+            if pos == len(delta):  # the string goes on (built directly: replace() costs more than the read)
+                return JsonCursor(self.containers, expect, string_tail=run.group(1) or "")
+            if pos < 0 or run.group(1) or delta[pos] != '"':
+                return None  # a control character, or a bad escape
+            pos += 1
+            expect = _COLON if expect in (_FIRST_KEY, _KEY) else _after_value(containers)
+        else:
+            delta = self.pending + delta
+        return _read_tokens(delta, pos, containers, expect)
+
+
+def json_cursor(text: str, start: int) -> JsonCursor | None:
+    """The cursor at the end of text[start:], read as one JSON value; None where it cannot become one."""
+    return _read_tokens(text, start, [], _VALUE)
+
+
+def _after_value(containers: list[str]) -> int:
+    return _AFTER_VALUE if containers else _DONE
 
 
 def _is_json_prefix_by_tokens(text: str, start: int) -> bool:
-    open_containers: list[str] = []
-    expect = _VALUE
-    pos = start
+    return json_cursor(text, start) is not None
+
+
+def _read_tokens(text: str, pos: int, containers: list[str], expect: int) -> JsonCursor | None:
+    """The cursor at the end of text[pos:], read token by token from the state (containers, expect)."""
     while (match := _TOKEN.match(text, pos)) is not None:
-        pos, kind = match.end(), match.lastgroup
+        kind = match.lastgroup
         assert kind is not None
-        token = match.group(kind)
+        if kind == "number" and match.end() == len(text):
+            break  # more digits may follow: read again with them (`pending`)
+        pos, token = match.end(), match.group(kind)
         if expect == _COLON:
             if token != ":":
-                return False
+                return None
             expect = _VALUE
             continue
         if expect in (_FIRST_KEY, _KEY) and kind == "string":
@@ -212,27 +237,27 @@ def _is_json_prefix_by_tokens(text: str, start: int) -> bool:
             continue
         closes = {"}": "{", "]": "["}.get(token)
         if closes is not None and expect in (_FIRST_KEY, _FIRST_ITEM, _AFTER_VALUE):
-            if not open_containers or open_containers.pop() != closes:
-                return False
+            if not containers or containers.pop() != closes:
+                return None
         elif expect == _AFTER_VALUE and token == ",":
-            expect = _KEY if open_containers[-1] == "{" else _VALUE
+            expect = _KEY if containers[-1] == "{" else _VALUE
             continue
         elif expect in (_VALUE, _FIRST_ITEM) and token in ("{", "["):
-            open_containers.append(token)
+            containers.append(token)
             expect = _FIRST_KEY if token == "{" else _FIRST_ITEM
             continue
         elif not (expect in (_VALUE, _FIRST_ITEM) and kind != "punct"):
-            return False
-        expect = _AFTER_VALUE if open_containers else _DONE
+            return None
+        expect = _after_value(containers)
     rest = text[skip_whitespace(text, pos) :]
     if not rest:
-        return True
-    if expect in (_FIRST_KEY, _KEY):
-        return _PARTIAL_STRING.fullmatch(rest) is not None
-    if expect in (_VALUE, _FIRST_ITEM):
-        return (
-            _PARTIAL_STRING.fullmatch(rest) is not None
-            or _PARTIAL_NUMBER.fullmatch(rest) is not None
-            or any(literal.startswith(rest) for literal in _LITERALS)
-        )
-    return False
+        return JsonCursor(tuple(containers), expect)
+    if expect in (_FIRST_KEY, _KEY, _VALUE, _FIRST_ITEM) and _PARTIAL_STRING.fullmatch(rest) is not None:
+        tail = continue_string("", rest[1:])
+        assert tail is not None  # the same pattern, less the quote
+        return JsonCursor(tuple(containers), expect, string_tail=tail)
+    if expect in (_VALUE, _FIRST_ITEM) and (
+        _PARTIAL_NUMBER.fullmatch(rest) is not None or any(literal.startswith(rest) for literal in _LITERALS)
+    ):
+        return JsonCursor(tuple(containers), expect, pending=rest)
+    return None

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from batchlm.tools.call_grammar import BLANK, arguments_json, calls_array_json, free_text, token_rule
 from batchlm.tools.calls import random_alphanumerics
 from batchlm.tools.function_tool import FunctionTool
-from batchlm.tools.json_scan import Prefix, read_prefix, skip_whitespace, string_tail, value_end
+from batchlm.tools.json_scan import is_json_prefix, json_cursor, skip_whitespace, value_end
 from batchlm.tools.parser import ToolParser, optional_calls
 from batchlm.tools.scan import CallScan, MarkedRegion, Scan, scan_call_array, scan_marked_calls
 
@@ -103,7 +103,8 @@ def _named_call(text: str, pos: int, final: bool) -> MarkedRegion | None:
     end = value_end(text, start, final)
     if end is not None:
         return MarkedRegion([CallScan(name, text[start:end], True)], end)
-    prefix = Prefix.NONE if final else read_prefix(text, start)
-    if prefix is Prefix.NONE:
+    if final or not is_json_prefix(text, start):
         return None
-    return MarkedRegion([CallScan(name, text[start:], False, string_tail=string_tail(prefix))], None)
+    # Carried on only once the object has begun (before it, a delta may still show it is none).
+    cursor = json_cursor(text, start) if start < len(text) else None
+    return MarkedRegion([CallScan(name, text[start:], False, cursor=cursor)], None)

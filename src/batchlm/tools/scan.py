@@ -1,7 +1,7 @@
 """A model output read so far, as content and calls, and the rules every parser shares for it.
 
 Each parser scans the whole output (`ToolParser.scan`); a stream rescans it at every delta but those
-the last scan settles alone (`Scan.continued`). What a scan reports as content or as a call's
+the last scan settles alone (`Scan.continued`: a delta inside the arguments of a call still arriving). What a scan reports as content or as a call's
 arguments only ever grows as the output grows, so a stream sends the difference between two scans,
 and the stream's pieces add up to the parse of the whole output."""
 
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
-from batchlm.tools.json_scan import ObjectScan, continue_string, scan_object, skip_whitespace
+from batchlm.tools.json_scan import JsonCursor, ObjectScan, json_cursor, scan_object, skip_whitespace
 from batchlm.unicode_text import encodable
 
 
@@ -22,10 +22,11 @@ class CallScan:
     # The arguments' JSON text as far as it is known.
     arguments: str
     done: bool
-    # The arguments are the output's last text and end inside one of their strings, part way through
-    # this escape ("" for none): text that only continues that string (`continue_string`) is theirs,
-    # and changes nothing else of the scan. None otherwise.
-    string_tail: str | None = None
+    # The arguments are the output's last text, an object or a string still open, and this is where
+    # their JSON stands: text that keeps them open and JSON is theirs and changes nothing else of the
+    # scan (an object's text grows by it; a string's arguments stay empty until it closes). None
+    # otherwise.
+    cursor: JsonCursor | None = None
 
 
 @dataclass
@@ -37,15 +38,16 @@ class Scan:
 
     def continued(self, delta: str) -> Scan | None:
         """The scan of the output with `delta` after it, where this scan settles it without reading the
-        output again (its last call's arguments end inside a string that `delta` only continues);
+        output again (its last call's arguments are still open, and stay open and JSON with `delta`);
         else None. Keeps a stream's cost a delta from growing with the length of a call."""
         last = self.calls[-1] if self.calls else None
-        if last is None or last.string_tail is None:
+        if last is None or last.cursor is None:
             return None
-        tail = continue_string(last.string_tail, delta)
-        if tail is None:
+        cursor = last.cursor.read(delta)
+        if cursor is None or not cursor.open:
             return None
-        grown = replace(last, arguments=last.arguments + delta, string_tail=tail)
+        arguments = last.arguments + delta if cursor.containers else last.arguments
+        grown = CallScan(last.name, arguments, last.done, cursor)
         return Scan(self.content, [*self.calls[:-1], grown], self.offsets)
 
 
@@ -74,9 +76,10 @@ def call_from_object(
         return CallScan(name if done else None, "{}" if done else "", done)
     span = scan.fields[key]
     if span.end is None:
-        if not text.startswith("{", span.start):
-            return CallScan(name, "", False)
-        return CallScan(name, text[span.start :], False, string_tail=scan.string_tail)
+        # An object streams raw as it arrives; a string holding JSON, once closed.
+        opening = text[span.start : span.start + 1]
+        cursor = json_cursor(text, span.start) if opening in ("{", '"') else None
+        return CallScan(name, text[span.start :] if opening == "{" else "", False, cursor=cursor)
     raw = text[span.start : span.end]
     if text.startswith('"', span.start):
         # An empty string is no arguments, which clients parse as JSON: an empty object, as OpenAI's.
