@@ -161,3 +161,11 @@ def test_a_background_server_answers_loopback_names_unless_told_otherwise() -> N
     assert answer(ServerSettings(allowed_hosts=ANY_HOST), REBOUND.encode()).startswith(b"HTTP/1.1 200 ")
     named = ServerSettings(allowed_hosts=parse_allowed_hosts("batch.internal"))
     assert answer(named, b"batch.internal").startswith(b"HTTP/1.1 200 ")
+
+
+def test_international_names_are_answered_as_browsers_send_them() -> None:
+    allowed = parse_allowed_hosts("bücher.example, *.straße.example")
+    assert allowed.allows("xn--bcher-kva.example:8080") and allowed.allows("api.xn--strae-oqa.example")
+    assert not allowed.allows("bucher.example")
+    with pytest.raises(ValueError, match="is not a host name"):
+        parse_allowed_hosts("bü cher.example")

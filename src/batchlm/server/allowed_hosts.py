@@ -14,6 +14,8 @@ import re
 import socket
 from dataclasses import dataclass, replace
 
+import idna
+
 LOCALHOST = "localhost"
 # A DNS name as browsers send it (international names as punycode), without a trailing dot.
 _NAME = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*")
@@ -152,7 +154,7 @@ def parse_allowed_hosts(text: str) -> AllowedHosts:
         if entry == "*":
             return ANY_HOST
         under = entry.startswith("*.")
-        pattern = entry.removeprefix("*.")
+        pattern = _ascii_name(entry.removeprefix("*."))
         name = host_name(pattern)
         if name is None or (under and not _NAME.fullmatch(name)):
             raise ValueError(
@@ -163,6 +165,18 @@ def parse_allowed_hosts(text: str) -> AllowedHosts:
             raise ValueError(f"{entry!r}: give the host name without a port (every port is answered)")
         (parents if under else names).add(name)
     return AllowedHosts(frozenset(names), frozenset(parents))
+
+
+def _ascii_name(name: str) -> str:
+    """An international name as browsers send it in Host: punycode after UTS #46's mapping, as the URL
+    standard has it ("bücher.example" is "xn--bcher-kva.example", "straße" keeps its ß); the name as
+    given where it is ASCII already or not a name IDNA takes."""
+    if name.isascii():
+        return name
+    try:
+        return str(idna.encode(name, uts46=True, transitional=False).decode("ascii"))
+    except idna.IDNAError:
+        return name  # refused as no host name below
 
 
 def resolve_allowed_hosts(given: AllowedHosts | None, bind_host: str) -> AllowedHosts:
