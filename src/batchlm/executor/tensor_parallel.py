@@ -252,6 +252,11 @@ def _start_store(world_size: int) -> Any:
     return dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
 
 
+# The tokens a step writes for each decode row on the workers: one. The calls they are sent carry no
+# draft tokens to verify (so the engine turns speculation off under tensor parallelism).
+DECODE_ROW_TOKENS = 1
+
+
 def _spawn_workers(
     config: EngineConfig, model_dir: Path, devices: list[str], store_port: int
 ) -> tuple[list[BaseProcess], list[Connection], Connection]:
@@ -268,8 +273,9 @@ def _spawn_workers(
     with _may_have_children(), news_end:  # only the workers write: once all are gone, news sees EOF
         for rank, device in enumerate(devices):
             spec = WorkerSpec(
-                config, model_dir, rank, len(devices), device, store_port, os.getpid(), threads, log_level
-            )
+                config, model_dir, rank, len(devices), device, store_port, os.getpid(), threads, log_level,
+                newest_decode_tokens=DECODE_ROW_TOKENS,
+            )  # fmt: skip
             parent_end, child_end = context.Pipe()
             process = context.Process(
                 target=worker_main,

@@ -78,6 +78,9 @@ class WorkerSpec:
     num_threads: int
     # Logging level of the parent (None: leave logging unconfigured).
     log_level: int | None = None
+    # Most of a decode row's last tokens a step writes (AttentionBackend.newest_decode_tokens); None:
+    # unknown, the decode attention reads again all it read before the step's KV write.
+    newest_decode_tokens: int | None = None
 
 
 def worker_main(spec: WorkerSpec, conn: Connection, news: Connection | None = None) -> None:
@@ -189,7 +192,11 @@ def _start_rank(spec: WorkerSpec) -> ModelRunner:
         world_size=spec.world_size,
         timeout=RENDEZVOUS_TIMEOUT,
     )
-    return ModelRunner(spec.config, spec.model_dir, tp=TensorParallelGroup.from_distributed(), device=device)
+    runner = ModelRunner(
+        spec.config, spec.model_dir, tp=TensorParallelGroup.from_distributed(), device=device
+    )
+    runner.attn.newest_decode_tokens = spec.newest_decode_tokens  # before any warm-up or graph capture
+    return runner
 
 
 def serve(runner: ModelRunner, rank: int, conn: Connection, news: Connection | None = None) -> None:
