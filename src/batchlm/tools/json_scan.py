@@ -188,22 +188,18 @@ class JsonCursor:
 
     def read(self, delta: str) -> JsonCursor | None:
         """The cursor once `delta` has followed; None where the text can no longer become JSON."""
+        if self.string_tail is None:
+            return _read_tokens(self.pending + delta, 0, list(self.containers), self.expect)
+        run = _STRING_RUN.match(self.string_tail + delta)
+        assert run is not None  # every part of the pattern may match nothing
+        pos = run.end() - len(self.string_tail)
+        if pos == len(delta):  # the string goes on (built directly: replace() costs more than the read)
+            return JsonCursor(self.containers, self.expect, string_tail=run.group(1) or "")
+        if pos < 0 or run.group(1) or delta[pos] != '"':
+            return None  # a control character, or a bad escape
         containers = list(self.containers)
-        expect = self.expect
-        pos = 0
-        if self.string_tail is not None:
-            run = _STRING_RUN.match(self.string_tail + delta)
-            assert run is not None  # every part of the pattern may match nothing
-            pos = run.end() - len(self.string_tail)
-            if pos == len(delta):  # the string goes on (built directly: replace() costs more than the read)
-                return JsonCursor(self.containers, expect, string_tail=run.group(1) or "")
-            if pos < 0 or run.group(1) or delta[pos] != '"':
-                return None  # a control character, or a bad escape
-            pos += 1
-            expect = _COLON if expect in (_FIRST_KEY, _KEY) else _after_value(containers)
-        else:
-            delta = self.pending + delta
-        return _read_tokens(delta, pos, containers, expect)
+        expect = _COLON if self.expect in (_FIRST_KEY, _KEY) else _after_value(containers)
+        return _read_tokens(delta, pos + 1, containers, expect)
 
 
 def json_cursor(text: str, start: int) -> JsonCursor | None:
