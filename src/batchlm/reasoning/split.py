@@ -51,7 +51,7 @@ class ReasoningParser:
         """The thinking and the answer of `text`, as far as they are settled (all of it when `final`):
         text that may still turn out to be a marker is held back."""
         end = self.markers.end
-        body_at = self._body_at(text)
+        body_at = self.thinking_at(text)
         if body_at is None:
             if not final and self.markers.start.startswith(text.lstrip()):
                 return ReasoningSplit(None, "")
@@ -70,7 +70,7 @@ class ReasoningParser:
         `reasoning_tokens`): the shortest prefix whose text closes the block, found by halving, since
         a prefix that closes it stays closed as tokens are added; all of them when it never closes,
         none for an output without thinking."""
-        if self._body_at(decode(token_ids)) is None:
+        if self.thinking_at(decode(token_ids)) is None:
             return 0
         low, high = 0, len(token_ids)  # the block is open after `low` tokens; closed or ended at `high`
         while high - low > 1:
@@ -81,7 +81,7 @@ class ReasoningParser:
                 low = middle
         return high
 
-    def _body_at(self, text: str) -> int | None:
+    def thinking_at(self, text: str) -> int | None:
         """Where the thinking begins in `text`: at once when the prompt opened the block, after the
         output's start marker, or None when the output does not open with one."""
         if self.opened_by_prompt:
@@ -92,7 +92,7 @@ class ReasoningParser:
         return len(text) - len(opening) + len(self.markers.start)
 
     def _closed(self, text: str) -> bool:
-        body_at = self._body_at(text)
+        body_at = self.thinking_at(text)
         return body_at is not None and text.find(self.markers.end, body_at) >= 0
 
     def stream(self) -> ReasoningStream:
@@ -128,20 +128,90 @@ class ReasoningDelta:
 
 
 class ReasoningStream:
-    """Fed an output's text deltas; answers the thinking and the answer text each one settles."""
+    """Fed an output's text deltas; answers the thinking and the answer text each one settles.
+
+    What it sends is the difference between splits of the output so far (`ReasoningParser.split`), but
+    once the output's start is settled a delta is read alone: where the thinking begins and ends is
+    fixed by then, so only the text a delta adds (and the end of the thinking it may release) is looked
+    at, and a long thinking block costs the same a delta however long it grows."""
 
     def __init__(self, parser: ReasoningParser) -> None:
         self._parser = parser
         self._text = ""
         self._reasoning_sent = 0
         self._content_sent = 0
+        # Where the thinking begins, once the output's start shows it (None: no block, or not known yet).
+        self._body_at: int | None = None
+        # The output opens no block: all of it is the answer.
+        self._all_answer = False
+        # Where the answer begins (just past the end marker), once it has arrived.
+        self._answer_at: int | None = None
+        # The first non-blank character of the thinking, and of the answer: where what is sent begins.
+        self._thinking_from: int | None = None
+        self._answer_from: int | None = None
+        # The thinking read so far: the end marker cannot begin before _searched; text before _settled
+        # can no longer turn out to be the marker; the thinking sent ends at _last (blanks held back).
+        self._searched = 0
+        self._settled = 0
+        self._last = 0
 
     def feed(self, delta: str) -> ReasoningDelta:
-        self._text += delta
-        return self._difference(self._parser.split(self._text, final=False))
+        text = self._text
+        self._text = ""  # the only reference left is `text`: the += below extends it in place
+        text += delta
+        self._text = text
+        if self._all_answer:
+            return self._content(0)
+        if self._answer_at is not None:
+            return self._content(self._answer_at)
+        if self._body_at is None:
+            self._body_at = self._parser.thinking_at(text)
+            if self._body_at is None:
+                # All answer once the output's start can no longer become the start marker.
+                self._all_answer = not self._parser.markers.start.startswith(text.lstrip())
+                return self._difference(self._parser.split(text, final=False))
+            self._searched = self._settled = self._last = self._body_at
+        return self._thinking()
 
     def finish(self) -> ReasoningDelta:
         return self._difference(self._parser.split(self._text, final=True))
+
+    def _thinking(self) -> ReasoningDelta:
+        """A delta inside the thinking: its end marker searched for in the new text only."""
+        text, end, body_at = self._text, self._parser.markers.end, self._body_at
+        assert body_at is not None
+        end_at = text.find(end, self._searched)
+        if end_at >= 0:
+            # The block closed: split once more (the answer's start is settled from here on).
+            self._answer_at = end_at + len(end)
+            return self._difference(self._parser.split(text, final=False))
+        self._searched = max(body_at, len(text) - len(end) + 1)
+        held = partial_marker_length(text[self._searched :], (end,))
+        settled, self._settled = self._settled, len(text) - held
+        new = text[settled : self._settled]
+        body = new.rstrip()
+        if body:  # text that is not blank: the thinking sent runs to its end
+            if self._thinking_from is None:
+                self._thinking_from = settled + len(new) - len(new.lstrip())
+            self._last = settled + len(body)
+        if self._thinking_from is None:
+            return ReasoningDelta("", "")
+        piece = text[self._thinking_from + self._reasoning_sent : self._last]
+        self._reasoning_sent += len(piece)
+        return ReasoningDelta(piece, "")
+
+    def _content(self, start: int) -> ReasoningDelta:
+        """A delta of the answer, which begins at its first non-blank character past `start` (at once,
+        for an output that is all answer)."""
+        text = self._text
+        if self._answer_from is None:
+            blank = 0 if self._all_answer else len(text) - start - len(text[start:].lstrip())
+            if start + blank == len(text):
+                return ReasoningDelta("", "")
+            self._answer_from = start + blank
+        piece = text[self._answer_from + self._content_sent :]
+        self._content_sent += len(piece)
+        return ReasoningDelta("", piece)
 
     def _difference(self, split: ReasoningSplit) -> ReasoningDelta:
         reasoning = split.reasoning or ""
