@@ -11,21 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
+
+from tool_stream_cost import us_a_delta
 
 from batchlm.reasoning.split import ReasoningParser, ThinkMarkers
 
 SENTENCE = "Let me consider the next step carefully. "
-
-
-def us_a_delta(text: str, delta: int) -> float:
-    pieces = [text[i : i + delta] for i in range(0, len(text), delta)]
-    stream = ReasoningParser(ThinkMarkers("<think>", "</think>")).stream()
-    start = time.perf_counter()
-    for piece in pieces:
-        stream.feed(piece)
-    stream.finish()
-    return (time.perf_counter() - start) * 1e6 / len(pieces)
 
 
 def main() -> None:
@@ -40,7 +31,8 @@ def main() -> None:
     args = parser.parse_args()
     for chars in args.chars:
         text = "<think>\n" + SENTENCE * max(1, chars // len(SENTENCE)) + "\n</think>\n\nThe answer is 42."
-        runs = [us_a_delta(text, args.delta) for _ in range(args.repeats)]
+        make_stream = ReasoningParser(ThinkMarkers("<think>", "</think>")).stream
+        runs = [us_a_delta(make_stream, text, args.delta) for _ in range(args.repeats)]
         print(json.dumps({"thinking_chars": chars, "us_a_delta": round(statistics.median(runs), 1)}))
 
 

@@ -12,12 +12,21 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from batchlm.tools.hermes import HermesParser
 from batchlm.tools.llama3_json import Llama3JsonParser
 from batchlm.tools.mistral import MistralParser
 from batchlm.tools.parser import ToolParser
 from batchlm.tools.qwen3_coder import Qwen3CoderParser
+
+
+class Stream(Protocol):
+    def feed(self, delta: str) -> Any: ...
+
+    def finish(self) -> Any: ...
+
 
 LINE = 'def double(x):\n    return x * 2  # "twice" <b>\n'
 
@@ -50,9 +59,10 @@ def outputs(chars: int, shape: str = "file") -> dict[str, tuple[ToolParser, str]
     }
 
 
-def us_a_delta(parser: ToolParser, text: str, delta: int) -> float:
+def us_a_delta(make_stream: Callable[[], Stream], text: str, delta: int) -> float:
+    """Microseconds a delta of a new stream fed `text` in pieces of `delta` characters, finish included."""
     pieces = [text[i : i + delta] for i in range(0, len(text), delta)]
-    stream = parser.stream()
+    stream = make_stream()
     start = time.perf_counter()
     for piece in pieces:
         stream.feed(piece)
@@ -70,7 +80,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     for family, (tool_parser, text) in outputs(args.chars, args.shape).items():
-        runs = [us_a_delta(tool_parser, text, args.delta) for _ in range(args.repeats)]
+        runs = [us_a_delta(tool_parser.stream, text, args.delta) for _ in range(args.repeats)]
         print(
             json.dumps(
                 {"family": family, "chars": len(text), "us_a_delta": round(statistics.median(runs), 1)}

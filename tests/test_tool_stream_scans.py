@@ -74,6 +74,18 @@ def deltas(parser: ToolParser, pieces: list[str], cut_short: bool) -> list[Strea
     return [stream.feed(piece) for piece in pieces] + [stream.finish(cut_short)]
 
 
+def assert_carried_as_whole(
+    parser: ToolParser, cases: list[tuple[str, bool, list[str]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each case's stream (text, cut short, deltas) sends with scans carried forward (as `continued`
+    is now) what it sends with the whole output scanned at every delta."""
+    fast = [deltas(parser, pieces, cut_short) for _, cut_short, pieces in cases]
+    monkeypatch.setattr(Scan, "continued", lambda scan, delta: None)
+    whole = [deltas(parser, pieces, cut_short) for _, cut_short, pieces in cases]
+    for (text, _, _), a, b in zip(cases, fast, whole, strict=True):
+        assert a == b, text
+
+
 PARSERS = [
     HermesParser(),
     HermesParser(max_calls=1),
@@ -102,11 +114,7 @@ def test_a_stream_carried_forward_sends_what_whole_scans_send(
     cases = [(output(parser, rng), rng.random() < 0.3) for _ in range(150)]
     cases = [(text, cut_short, chunks(text, rng)) for text, cut_short in cases]
     monkeypatch.setattr(Scan, "continued", counted)
-    fast = [deltas(parser, pieces, cut_short) for _, cut_short, pieces in cases]
-    monkeypatch.setattr(Scan, "continued", lambda scan, delta: None)
-    whole = [deltas(parser, pieces, cut_short) for _, cut_short, pieces in cases]
-    for (text, _, _), a, b in zip(cases, fast, whole, strict=True):
-        assert a == b, text
+    assert_carried_as_whole(parser, cases, monkeypatch)
     # The JSON families carry most deltas inside a call's strings forward; the others never.
     json_family = not isinstance(parser, NamedFunctionParser | Qwen3CoderParser)
     assert (carried > 1000) if json_family else carried == 0
@@ -206,11 +214,7 @@ def test_escapes_keys_and_string_arguments_split_anywhere_send_what_whole_scans_
     rng = random.Random(5)
     cases = [(hard_output(parser, rng), rng.random() < 0.3) for _ in range(80)]
     cases = [(text, cut_short, small_chunks(text, rng)) for text, cut_short in cases]
-    fast = [deltas(parser, pieces, cut_short) for _, cut_short, pieces in cases]
-    monkeypatch.setattr(Scan, "continued", lambda scan, delta: None)
-    whole = [deltas(parser, pieces, cut_short) for _, cut_short, pieces in cases]
-    for (text, _, _), a, b in zip(cases, fast, whole, strict=True):
-        assert a == b, text
+    assert_carried_as_whole(parser, cases, monkeypatch)
 
 
 # What may break a JSON value's structure anywhere: stray or mismatched punctuation, a word, a number or
@@ -270,11 +274,7 @@ def test_arguments_broken_anywhere_in_their_structure_send_what_whole_scans_send
             text = f"[{call}]"
         text = text[: rng.randint(0, len(text))] if rng.random() < 0.3 else text
         cases.append((text, rng.random() < 0.3, small_chunks(text, rng)))
-    fast = [deltas(parser, pieces, cut_short) for _, cut_short, pieces in cases]
-    monkeypatch.setattr(Scan, "continued", lambda scan, delta: None)
-    whole = [deltas(parser, pieces, cut_short) for _, cut_short, pieces in cases]
-    for (text, _, _), a, b in zip(cases, fast, whole, strict=True):
-        assert a == b, text
+    assert_carried_as_whole(parser, cases, monkeypatch)
 
 
 # Mistral's [ARGS] take an object, never a string.
