@@ -149,6 +149,8 @@ class ReasoningStream:
         # The first non-blank character of the thinking, and of the answer: where what is sent begins.
         self._thinking_from: int | None = None
         self._answer_from: int | None = None
+        # The blanks past the end marker read so far, while the answer has not begun.
+        self._blank_to = 0
         # The thinking read so far: the end marker cannot begin before _searched; text before _settled
         # can no longer turn out to be the marker; the thinking sent ends at _last (blanks held back).
         self._searched = 0
@@ -205,10 +207,13 @@ class ReasoningStream:
         for an output that is all answer)."""
         text = self._text
         if self._answer_from is None:
-            blank = 0 if self._all_answer else len(text) - start - len(text[start:].lstrip())
-            if start + blank == len(text):
+            # Blanks before the answer are skipped once each: the search goes on where it stopped.
+            start = 0 if self._all_answer else max(start, self._blank_to)
+            rest = text[start:] if self._all_answer else text[start:].lstrip()
+            if not rest:
+                self._blank_to = len(text)
                 return ReasoningDelta("", "")
-            self._answer_from = start + blank
+            self._answer_from = len(text) - len(rest)
         piece = text[self._answer_from + self._content_sent :]
         self._content_sent += len(piece)
         return ReasoningDelta("", piece)
