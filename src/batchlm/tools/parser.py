@@ -111,7 +111,10 @@ class ToolCallStream:
         return index < self._reading
 
     def feed(self, delta: str) -> StreamDelta:
-        self._text += delta
+        text = self._text
+        self._text = ""  # the only reference left is `text`: the += below extends it in place
+        text += delta
+        self._text = text
         scan = self._scan.continued(delta) if self._scan is not None else None
         if scan is None:
             scan = self._parser.scan(self._text, final=False)
