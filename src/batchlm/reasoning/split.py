@@ -142,9 +142,8 @@ class ReasoningStream:
         self._content_sent = 0
         # Where the thinking begins, once the output's start shows it (None: no block, or not known yet).
         self._body_at: int | None = None
-        # The output opens no block: all of it is the answer.
-        self._all_answer = False
-        # Where the answer begins (just past the end marker), once it has arrived.
+        # Where the answer begins (just past the end marker, or 0 for an output that opens no block),
+        # once that is known.
         self._answer_at: int | None = None
         # The first non-blank character of the thinking, and of the answer: where what is sent begins.
         self._thinking_from: int | None = None
@@ -162,15 +161,14 @@ class ReasoningStream:
         self._text = ""  # the only reference left is `text`: the += below extends it in place
         text += delta
         self._text = text
-        if self._all_answer:
-            return self._content(0)
         if self._answer_at is not None:
             return self._content(self._answer_at)
         if self._body_at is None:
             self._body_at = self._parser.thinking_at(text)
             if self._body_at is None:
-                # All answer once the output's start can no longer become the start marker.
-                self._all_answer = not self._parser.markers.start.startswith(text.lstrip())
+                if not self._parser.markers.start.startswith(text.lstrip()):
+                    # All answer, as it stands: the output's start can no longer become the marker.
+                    self._answer_at = self._answer_from = 0
                 return self._difference(self._parser.split(text, final=False))
             self._searched = self._settled = self._last = self._body_at
         return self._thinking()
@@ -203,13 +201,12 @@ class ReasoningStream:
         return ReasoningDelta(piece, "")
 
     def _content(self, start: int) -> ReasoningDelta:
-        """A delta of the answer, which begins at its first non-blank character past `start` (at once,
-        for an output that is all answer)."""
+        """A delta of the answer, which begins at its first non-blank character past `start` (the end
+        marker's end; an output that is all answer begins at once)."""
         text = self._text
         if self._answer_from is None:
             # Blanks before the answer are skipped once each: the search goes on where it stopped.
-            start = 0 if self._all_answer else max(start, self._blank_to)
-            rest = text[start:] if self._all_answer else text[start:].lstrip()
+            rest = text[max(start, self._blank_to) :].lstrip()
             if not rest:
                 self._blank_to = len(text)
                 return ReasoningDelta("", "")

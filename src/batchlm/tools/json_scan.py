@@ -115,8 +115,8 @@ _TOKEN = re.compile(
     )""",
     re.VERBOSE,
 )
-# The end of the text may cut a string, number or literal off part way.
-_PARTIAL_STRING = re.compile(f'"{_STRING_CHARS}(?:{_OPEN_ESCAPE})?')
+# The end of the text may cut a string (part way through an escape: group 1), number or literal off.
+_PARTIAL_STRING = re.compile(f'"{_STRING_CHARS}({_OPEN_ESCAPE})?')
 _PARTIAL_NUMBER = re.compile(r"-|-?(?:0|[1-9][0-9]*)(?:\.[0-9]*|(?:\.[0-9]+)?[eE][+-]?[0-9]*)?")
 # json.loads takes NaN and the infinities too.
 _LITERALS = ("true", "false", "null", "NaN", "Infinity", "-Infinity")
@@ -128,14 +128,6 @@ _VALUE, _FIRST_ITEM, _FIRST_KEY, _KEY, _COLON, _AFTER_VALUE, _DONE = range(7)
 # Text that continues a string: characters a string takes as they are and whole escapes, then maybe
 # one escape cut off part way (its text so far: group 1).
 _STRING_RUN = re.compile(f"{_STRING_CHARS}({_OPEN_ESCAPE})?")
-
-
-def continue_string(tail: str, delta: str) -> str | None:
-    """After text that ends inside a string, part way through the escape `tail` ("" for none): the
-    escape `delta` leaves the string part way through ("" for none), or None where `delta` does not
-    only continue the string (a quote, a control character, a bad escape)."""
-    match = _STRING_RUN.fullmatch(tail + delta)
-    return None if match is None else match.group(1) or ""
 
 
 def is_json_prefix(text: str, start: int) -> bool:
@@ -248,10 +240,9 @@ def _read_tokens(text: str, pos: int, containers: list[str], expect: int) -> Jso
     rest = text[skip_whitespace(text, pos) :]
     if not rest:
         return JsonCursor(tuple(containers), expect)
-    if expect in (_FIRST_KEY, _KEY, _VALUE, _FIRST_ITEM) and _PARTIAL_STRING.fullmatch(rest) is not None:
-        tail = continue_string("", rest[1:])
-        assert tail is not None  # the same pattern, less the quote
-        return JsonCursor(tuple(containers), expect, string_tail=tail)
+    partial = _PARTIAL_STRING.fullmatch(rest)
+    if expect in (_FIRST_KEY, _KEY, _VALUE, _FIRST_ITEM) and partial is not None:
+        return JsonCursor(tuple(containers), expect, string_tail=partial.group(1) or "")
     if expect in (_VALUE, _FIRST_ITEM) and (
         _PARTIAL_NUMBER.fullmatch(rest) is not None or any(literal.startswith(rest) for literal in _LITERALS)
     ):

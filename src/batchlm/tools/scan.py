@@ -1,9 +1,10 @@
 """A model output read so far, as content and calls, and the rules every parser shares for it.
 
 Each parser scans the whole output (`ToolParser.scan`); a stream rescans it at every delta but those
-the last scan settles alone (`Scan.continued`: a delta inside the arguments of a call still arriving). What a scan reports as content or as a call's
-arguments only ever grows as the output grows, so a stream sends the difference between two scans,
-and the stream's pieces add up to the parse of the whole output."""
+the last scan settles alone (`Scan.continued`: a delta inside the arguments of a call still arriving).
+What a scan reports as content or as a call's arguments only ever grows as the output grows, so a
+stream sends the difference between two scans, and the stream's pieces add up to the parse of the
+whole output."""
 
 from __future__ import annotations
 
