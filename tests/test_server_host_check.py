@@ -199,6 +199,11 @@ def test_pages_on_allowed_hosts_pass_and_any_host_checks_no_origin(engine: FakeE
         "127.0.0.1",
         "127.0.0.1:8080",
         "127.4.5.6:8080",
+        # Other spellings of a loopback address, as curl sends them where they are typed.
+        "127.1:8080",
+        "0x7f.0.0.1",
+        "0177.0.0.1",
+        "2130706433:8080",
         "[::1]",
         "[::1]:8080",
         "[0:0:0:0:0:0:0:1]:8080",
@@ -217,6 +222,10 @@ def test_the_names_of_a_local_server_pass(client: TestClient, host: str) -> None
         "127.0.0.1.attacker.example",
         "0.0.0.0:8080",
         "192.168.1.5:8080",
+        "3232235781:8080",
+        "127.0.0.256",
+        "127.0.0.1.5",
+        "attacker.0x7f",
         "[::1]x",
         "[::1",
         "localhost:http",
@@ -285,7 +294,7 @@ def test_star_allows_any_host(engine: FakeEngine) -> None:
 
 
 def test_listed_names_and_the_names_under_a_wildcard_pass(engine: FakeEngine) -> None:
-    listed = parse_allowed_hosts("api.example.com, *.corp.example,[fd00::5]")
+    listed = parse_allowed_hosts("api.example.com, *.corp.example,[fd00::5],10.1")
     settings = ServerSettings(allowed_hosts=resolve_allowed_hosts(listed, "0.0.0.0"))
     with TestClient(build_app(engine, settings)) as client:
         for host in (
@@ -293,10 +302,18 @@ def test_listed_names_and_the_names_under_a_wildcard_pass(engine: FakeEngine) ->
             "API.example.com:443",
             "chat.corp.example",
             "[fd00::5]:8080",
+            "10.0.0.1",
+            "0xa.1:8080",
             "localhost",
         ):
             assert client.get("/health", headers={"Host": host}).status_code == 200, host
-        for host in ("corp.example", "example.com", "api.example.com.attacker.example", "0.0.0.0"):
+        for host in (
+            "corp.example",
+            "example.com",
+            "api.example.com.attacker.example",
+            "0.0.0.0",
+            "10.1.0.1",
+        ):
             assert client.get("/health", headers={"Host": host}).status_code == 403, host
 
 

@@ -20,6 +20,9 @@ LOCALHOST = "localhost"
 # A DNS name as browsers send it (international names as punycode), without a trailing dot.
 _NAME = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*")
 _PORT = re.compile(r"[0-9]*")
+# A host whose last label is a number is an IPv4 address in the URL standard, in any of inet_aton's
+# spellings (127.1, 0x7f.0.0.1, 2130706433): browsers send it as its dotted quad, curl as typed.
+_NUMBER_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,9 @@ def host_name(host: str) -> str | None:
     if ":" in name:  # an IPv6 address without brackets (as --host and --allowed-hosts may write one)
         return _ipv6(name)
     name = name.removesuffix(".")
-    return name if _NAME.fullmatch(name) else None
+    if not _NAME.fullmatch(name):
+        return None
+    return _dotted_quad(name) if _NUMBER_LABEL.fullmatch(name.rpartition(".")[2]) else name
 
 
 def split_port(host: str) -> tuple[str, str | None]:
@@ -120,6 +125,15 @@ def split_port(host: str) -> tuple[str, str | None]:
         name, _, port = host.partition(":")
         return name, port
     return host, None
+
+
+def _dotted_quad(name: str) -> str | None:
+    """An IPv4 address in any of its spellings as its dotted quad (the form --allowed-hosts and the
+    loopback check compare); None where the numbers make no address (1.2.3.4.5, 256.0.0.1)."""
+    try:
+        return socket.inet_ntoa(socket.inet_aton(name))
+    except OSError:
+        return None
 
 
 def _ipv6(address: str) -> str | None:
