@@ -1,8 +1,11 @@
 """What a tool-call stream costs the API server a delta while a model writes a long call: one output per
 parser family, fed in deltas of a few characters, as the server feeds a stream. `--shape file`: a file
-through a tool (one long string); `--shape rows`: rows of short keys, strings, numbers and literals.
+through a tool (one long string; Qwen3-Coder's a raw parameter value); `--shape rows`: rows of short keys,
+strings, numbers and literals; `--shape text`: no call, a long answer (code with tags in it) with tools
+enabled.
 
-    python benchmarks/tool_stream_cost.py [--shape file|rows] [--chars 25000] [--delta 4] [--repeats 3]   (no GPU)
+    python benchmarks/tool_stream_cost.py [--shape file|rows|text] [--chars 25000] [--delta 4] [--repeats 3]
+        [--family qwen3_coder]   (no GPU)
 
 Prints, per family, microseconds a delta (the median of the repeats) over the whole output."""
 
@@ -29,6 +32,7 @@ class Stream(Protocol):
 
 
 LINE = 'def double(x):\n    return x * 2  # "twice" <b>\n'
+FAMILIES = ("hermes", "llama3_json", "mistral", "qwen3_coder")
 
 
 def rows(chars: int) -> str:
@@ -41,6 +45,10 @@ def rows(chars: int) -> str:
 def outputs(chars: int, shape: str = "file") -> dict[str, tuple[ToolParser, str]]:
     code = LINE * max(1, chars // len(LINE))
     arguments = json.dumps({"path": "a.py", "content": code})
+    if shape == "text":
+        answer = f"Here is the file:\n\n{code}\nRun it with `python a.py`."
+        parsers = (HermesParser(), Llama3JsonParser(), MistralParser(), Qwen3CoderParser())
+        return {name: (parser, answer) for name, parser in zip(FAMILIES, parsers, strict=True)}
     if shape == "rows":
         code = rows(chars)
         arguments = f'{{"table": "items", "rows": {code}}}'
@@ -74,12 +82,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--shape", choices=("file", "rows"), default="file", help="what the call holds")
+    parser.add_argument(
+        "--shape", choices=("file", "rows", "text"), default="file", help="what the output holds"
+    )
+    parser.add_argument("--family", choices=FAMILIES, action="append", help="only these (default: all)")
     parser.add_argument("--chars", type=int, default=25_000, help="length of the call's file content or rows")
     parser.add_argument("--delta", type=int, default=4, help="characters a delta (about a token)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     for family, (tool_parser, text) in outputs(args.chars, args.shape).items():
+        if args.family and family not in args.family:
+            continue
         runs = [us_a_delta(tool_parser.stream, text, args.delta) for _ in range(args.repeats)]
         print(
             json.dumps(

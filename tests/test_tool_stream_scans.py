@@ -1,5 +1,6 @@
 """A stream's scans carried forward from the last one (`Scan.continued`) against a scan of the whole
-output at every delta: the same deltas, over generated calls whose arguments hold long strings."""
+output at every delta: the same deltas, over generated calls whose arguments hold long strings, and
+Qwen3-Coder outputs (text, raw values, broken markup) read on from their end."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 from batchlm.tools.calls import StreamDelta
 from batchlm.tools.forced import NamedFunctionParser, RequiredCallsParser
+from batchlm.tools.function_tool import FunctionTool
 from batchlm.tools.hermes import HermesParser
 from batchlm.tools.llama3_json import Llama3JsonParser
 from batchlm.tools.mistral import MistralParser
@@ -115,9 +117,12 @@ def test_a_stream_carried_forward_sends_what_whole_scans_send(
     cases = [(text, cut_short, chunks(text, rng)) for text, cut_short in cases]
     monkeypatch.setattr(Scan, "continued", counted)
     assert_carried_as_whole(parser, cases, monkeypatch)
-    # The JSON families carry most deltas inside a call's strings forward; the others never.
-    json_family = not isinstance(parser, NamedFunctionParser | Qwen3CoderParser)
-    assert (carried > 1000) if json_family else carried == 0
+    # The JSON families carry most deltas inside a call's strings forward, Qwen3-Coder those inside its
+    # values and text; a named function's object never.
+    if isinstance(parser, NamedFunctionParser):
+        assert carried == 0
+    else:
+        assert carried > (500 if isinstance(parser, Qwen3CoderParser) else 1000)
 
 
 # The hard parts of a string, each split across deltas somewhere: escapes (a surrogate pair's halves
@@ -319,3 +324,149 @@ def test_a_long_call_of_short_strings_is_read_whole_a_few_times_only(
     assert scans < 60, (scans, len(pieces))  # of ~2,900 deltas: the markup around the call only
     streamed = "".join(piece.arguments for delta in sent for piece in delta.tool_calls)
     assert json.loads(streamed) == json.loads(json.loads(arguments) if stringified else arguments)
+
+
+# Qwen3-Coder: a scan read on from the output's end (text after the calls, or a parameter's value still
+# open) against the whole output scanned at every delta.
+CODER_TOOLS = (
+    FunctionTool(
+        "write",
+        None,
+        {
+            "type": "object",
+            "properties": {
+                "text": {"type": "string"},
+                "n": {"type": ["integer", "null"]},
+                "flags": {"type": "object"},
+                "ok": {"type": "boolean"},
+            },
+        },
+    ),
+)
+# Text around calls: plain, blank, and what may begin, end or imitate the markup.
+CODER_TEXT = ["Sure.", " ", "\n", "  \n", "Is 3 < 4?", "<b>", "<", "<tool", "<tool_call", "</tool_call>"]
+CODER_TEXT += ["a</parameter>", "<function=write>", "é😀", "x"]
+# A string value's pieces: code, and the closing tags (whole, cut off, or followed by what may make them
+# the value's end or not).
+CODER_VALUE = ["def f(x):", "\n", "    ", "return x", "<", "</", "</param", "</parameter>", "</parameter> x"]
+CODER_VALUE += ["</parameter>\n", "</parameter>\n<b>", "</parameter>\n</func", "</parameter>  <parameter"]
+CODER_VALUE += ["<parameter=", "</function>", "</tool_call>", "<tool_call>", '"q"', "\\n", "{", "é", "  \n\n"]
+TYPED_VALUES = {
+    "n": ["1", " 5 ", "None", "x", "-2.5e3", "</parameter"],
+    "flags": ['{"a": [1, "<b>"]}', "{", "[1, 2]", "{}"],
+    "ok": ["True", "false", "yes"],
+}
+# What breaks a call's markup anywhere.
+CODER_BREAKING = ["\n", "<", ">", "x", "</parameter>", "<tool_call>", "</function>", "</tool_call>"]
+
+
+def coder_value(rng: random.Random, key: str) -> str:
+    if key in TYPED_VALUES:
+        return rng.choice(TYPED_VALUES[key])
+    return "".join(rng.choice(CODER_VALUE) for _ in range(rng.randint(0, 14)))
+
+
+def coder_call(rng: random.Random) -> str:
+    name = rng.choice(["write", "write", "write", "other", " write ", "bad\nname", ""])
+    parameters = []
+    for _ in range(rng.randint(0, 3)):
+        key = rng.choice(["text", "text", "n", "flags", "ok", "extra"])
+        gap = rng.choice(["\n", "\n", "", " \n"])
+        parameters.append(f"<parameter={key}>{gap}{coder_value(rng, key)}{gap}</parameter>\n")
+    end = rng.choice(
+        ["</function>\n</tool_call>"] * 3 + ["</tool_call>", "</function>", "</function> </tool_call>"]
+    )
+    call = f"<tool_call>\n<function={name}>\n{''.join(parameters)}{end}"
+    if rng.random() < 0.15:
+        cut = rng.randint(0, len(call))
+        call = call[:cut] + rng.choice(CODER_BREAKING) + call[cut:]
+    return call
+
+
+def coder_output(rng: random.Random) -> str:
+    def text() -> str:
+        return "".join(rng.choice(CODER_TEXT) for _ in range(rng.randint(0, 6)))
+
+    parts = [text()]
+    for _ in range(rng.randint(0, 3)):
+        parts += [coder_call(rng), text()]
+    output = "".join(parts)
+    return output[: rng.randint(0, len(output))] if rng.random() < 0.3 else output
+
+
+@pytest.mark.parametrize("max_calls", [None, 1])
+def test_coder_outputs_read_on_from_their_end_send_what_whole_scans_send(
+    max_calls: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Text, calls with string and typed values, broken markup and values holding the tags, split into
+    deltas anywhere: a stream reading on from its last scan's end sends what scans of the whole
+    output send, delta by delta, and finishes the same."""
+    rng = random.Random(23)
+    parser = Qwen3CoderParser(max_calls, tools=CODER_TOOLS)
+    continued = Scan.continued
+    carried = 0
+
+    def counted(scan: Scan, delta: str) -> Scan | None:
+        nonlocal carried
+        result = continued(scan, delta)
+        carried += result is not None
+        return result
+
+    cases = []
+    for _ in range(400):
+        text = coder_output(rng)
+        pieces = small_chunks(text, rng) if rng.random() < 0.7 else chunks(text, rng)
+        cases.append((text, rng.random() < 0.3, pieces))
+    monkeypatch.setattr(Scan, "continued", counted)
+    assert_carried_as_whole(parser, cases, monkeypatch)
+    deltas_fed = sum(len(pieces) for _, _, pieces in cases)
+    assert carried > deltas_fed // 3, (carried, deltas_fed)
+
+
+def whole_scans_and_deltas(
+    parser: ToolParser, pieces: list[str], monkeypatch: pytest.MonkeyPatch
+) -> tuple[int, list[StreamDelta]]:
+    """How often a stream fed `pieces` (and finished) scans the whole output, and what it sends."""
+    scans = 0
+    whole_scan = type(parser).scan
+
+    def counted(self: ToolParser, output: str, final: bool) -> Scan:
+        nonlocal scans
+        scans += 1
+        return whole_scan(self, output, final)
+
+    monkeypatch.setattr(type(parser), "scan", counted)
+    sent = deltas(parser, pieces, cut_short=False)
+    return scans, sent
+
+
+def test_a_long_coder_call_is_read_whole_a_few_times_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file of 300 lines (holding tags of its own) written as a string parameter, and a typed one
+    after it, fed a few characters at a time: the whole output is scanned again only around the
+    markup, however long the value grows."""
+    rng = random.Random(7)
+    lines = [f"    <b>line {i}</b> < {i} </param {i}\n" for i in range(300)]
+    code = "".join(lines)
+    text = (
+        "Writing it.\n<tool_call>\n<function=write>\n<parameter=text>\n"
+        f"{code}</parameter>\n<parameter=n>\n3\n</parameter>\n</function>\n</tool_call>\nDone."
+    )
+    pieces = small_chunks(text, rng)
+    scans, sent = whole_scans_and_deltas(Qwen3CoderParser(tools=CODER_TOOLS), pieces, monkeypatch)
+    assert scans < 60, (scans, len(pieces))  # of ~4,750 deltas: the markup around the value only
+    streamed = "".join(piece.arguments for delta in sent for piece in delta.tool_calls)
+    assert json.loads(streamed) == {"text": code.removesuffix("\n"), "n": 3}
+    assert "".join(delta.content for delta in sent) == "Writing it.\nDone."
+
+
+def test_a_long_coder_answer_without_calls_is_read_whole_a_few_times_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A long answer (code, tags, a marker cut off part way that turns out to be text) with tools
+    enabled: each delta is read on from the text's end, not with the whole answer again."""
+    rng = random.Random(8)
+    text = "Here it is:\n\n" + "".join(f"<b>{i}</b> <tool x {i}\n   \n" for i in range(300)) + "Bye."
+    pieces = small_chunks(text, rng)
+    scans, sent = whole_scans_and_deltas(Qwen3CoderParser(tools=CODER_TOOLS), pieces, monkeypatch)
+    assert scans < 10, (scans, len(pieces))
+    assert "".join(delta.content for delta in sent) == text

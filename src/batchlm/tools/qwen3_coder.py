@@ -11,13 +11,19 @@
 A parameter's value is raw text. It becomes JSON by the parameter's type in the function's schema: a
 string (or a parameter the schema does not type) stays a string; a number, boolean, null, object or array
 is read as JSON where it parses, else kept as a string. The arguments stream as a JSON object that grows
-one parameter at a time."""
+one parameter at a time.
+
+A stream reads on from the end of the last scan (`Scan.end`) where the output ends in text after the
+calls, or inside a parameter's value: a value is sent once whole, so until a `</parameter>` that may
+end it arrives, a delta changes nothing of the scan, and only the text from where such a tag could
+still begin is read again."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from batchlm.tools.call_grammar import json_rule, marked_calls_start, token_rule
 from batchlm.tools.function_tool import FunctionTool
@@ -44,7 +50,8 @@ class Qwen3CoderParser(ToolParser):
         self._types = {tool.name: _parameter_types(tool.parameters) for tool in tools}
 
     def scan(self, text: str, final: bool) -> Scan:
-        return scan_marked_calls(text, START, self._region, final)
+        # Regions read closed or as no call stay so as the output grows: the scan's end is read on.
+        return scan_marked_calls(text, START, self._region, final, read_on=True)
 
     def calls_grammar(
         self, tools: Sequence[FunctionTool], added_tokens: Mapping[str, int], answer: str | None = None
@@ -90,13 +97,17 @@ class Qwen3CoderParser(ToolParser):
             return None
         types = self._types.get(name, {})
         members: list[str] = []
+        open_value: OpenValue | None = None
         pos = name_end + 1
         while True:
             pos = skip_whitespace(text, pos)
             if text.startswith(PARAMETER, pos):
                 key_end = text.find(">", pos + len(PARAMETER))
-                value_end = None if key_end < 0 else _value_end(text, key_end + 1, final)
+                if key_end < 0:
+                    break
+                value_end, resume = _value_end(text, key_end + 1, final)
                 if value_end is None:
+                    open_value = OpenValue(text[resume:])
                     break
                 key = text[pos + len(PARAMETER) : key_end].strip()
                 value = _unwrap(text[key_end + 1 : value_end])
@@ -120,23 +131,48 @@ class Qwen3CoderParser(ToolParser):
         if final:
             return None
         # Announced once its name is complete; the parameters read so far, the object still open.
-        return MarkedRegion([CallScan(name, "{" + ", ".join(members), False)], None)
+        return MarkedRegion([CallScan(name, "{" + ", ".join(members), False)], None, open_value)
 
 
-def _value_end(text: str, start: int, final: bool) -> int | None:
+class ValueEnd(NamedTuple):
+    # Where the value ends; None while it has not.
+    at: int | None
+    # Where the search may start over once more text has come: no `</parameter>` before it can end
+    # the value, whatever follows.
+    resume: int
+
+
+def _value_end(text: str, start: int, final: bool) -> ValueEnd:
     """Where the parameter value at `start` ends: at the first `</parameter>` that the next parameter
     or the function's end follows, so that the tag itself may be part of a value (code, XML, a forced
-    call's raw text, whose grammar only ends the value at `\\n</parameter>\\n`). None while no such tag
-    has arrived, or (`final`) where none came."""
+    call's raw text, whose grammar only ends the value at `\\n</parameter>\\n`). No end while no such
+    tag has arrived, or (`final`) where none came."""
     search = start
     while (at := text.find(PARAMETER_END, search)) >= 0:
         search = at + len(PARAMETER_END)
         after = skip_whitespace(text, search)
         if text.startswith(AFTER_PARAMETER, after):
-            return at
+            return ValueEnd(at, at)
         if not final and _may_begin(text, after, AFTER_PARAMETER):
-            return None  # what follows may still make it the value's end
-    return None
+            return ValueEnd(None, at)  # what follows may still make it the value's end
+    # A tag that later text completes begins in the last characters, if anywhere.
+    return ValueEnd(None, max(search, len(text) - len(PARAMETER_END) + 1))
+
+
+@dataclass(frozen=True)
+class OpenValue:
+    """An output that ends inside a parameter's value, from the first `</parameter>` that may still end
+    it, or the last characters that may begin one (`window`: the output's text from there). Text that
+    ends no value changes nothing of the scan: a value is sent once whole."""
+
+    window: str
+
+    def read(self, delta: str) -> tuple[str, OpenValue] | None:
+        window = self.window + delta
+        end = _value_end(window, 0, final=False)
+        if end.at is not None:
+            return None
+        return "", OpenValue(window[end.resume :])
 
 
 def _may_begin(text: str, pos: int, tags: tuple[str, ...]) -> bool:

@@ -1,7 +1,8 @@
 """A model output read so far, as content and calls, and the rules every parser shares for it.
 
 Each parser scans the whole output (`ToolParser.scan`); a stream rescans it at every delta but those
-the last scan settles alone (`Scan.continued`: a delta inside the arguments of a call still arriving).
+the last scan settles alone (`Scan.continued`: a delta inside the arguments of a call still arriving,
+or, where the family reads its output's end on, text after the calls and inside a value still open).
 What a scan reports as content or as a call's arguments only ever grows as the output grows, so a
 stream sends the difference between two scans, and the stream's pieces add up to the parse of the
 whole output."""
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from batchlm.tools.json_scan import JsonCursor, ObjectScan, json_cursor, scan_object, skip_whitespace
 from batchlm.unicode_text import encodable
@@ -30,17 +32,40 @@ class CallScan:
     cursor: JsonCursor | None = None
 
 
+class OpenEnd(Protocol):
+    """How a family reads an output on from where its scan ended (in text, or in markup still open),
+    where what follows can change nothing of the scan but the content's end."""
+
+    def read(self, delta: str) -> tuple[str, OpenEnd] | None:
+        """The content that `delta` adds, and the end after it; None where it may change more (a
+        marker, a closing tag): the output is read again."""
+
+
 @dataclass
 class Scan:
     content: str
     calls: list[CallScan] = field(default_factory=list)
     # Per call: how much of the content comes before it (none where not given).
     offsets: list[int] = field(default_factory=list)
+    # Where the output ends, as its family reads on from there (None: read the output again).
+    end: OpenEnd | None = None
 
     def continued(self, delta: str) -> Scan | None:
         """The scan of the output with `delta` after it, where this scan settles it without reading the
-        output again (its last call's arguments are still open, and stay open and JSON with `delta`);
-        else None. Keeps a stream's cost a delta from growing with the length of a call."""
+        output again (its end reads `delta` on, or its last call's arguments are still open and stay
+        open and JSON with `delta`); else None. Keeps a stream's cost a delta from growing with the
+        length of a call or of the text. A stream keeps only the scan that continues this one: this
+        scan may hand its content over to it (left empty here)."""
+        if self.end is not None:
+            read = self.end.read(delta)
+            if read is None:
+                return None
+            shown, end = read
+            # Handed over, the content is its only reference: it grows in place (as the stream's text
+            # does) instead of being copied at every delta.
+            content, self.content = self.content, ""
+            content += shown
+            return Scan(content, self.calls, self.offsets, end)
         last = self.calls[-1] if self.calls else None
         if last is None or last.cursor is None:
             return None
@@ -96,6 +121,8 @@ class MarkedRegion:
 
     calls: list[CallScan]
     end: int | None
+    # Still arriving: where the family reads on from the output's end, if it does.
+    open_end: OpenEnd | None = None
 
 
 def scan_call_array(text: str, pos: int, final: bool, argument_keys: tuple[str, ...]) -> MarkedRegion | None:
@@ -146,6 +173,8 @@ class ScanBuilder:
         self._after = ""
         self._call_since = False
         self._text_seen = False
+        # The end of the last text that may still begin a marker, held back.
+        self._held_marker = ""
 
     def call(self, call: CallScan) -> None:
         self.calls.append(call)
@@ -159,11 +188,20 @@ class ScanBuilder:
 
     def tail(self, text: str, markers: tuple[str, ...]) -> None:
         """The output's last piece of text, which a marker may still follow."""
-        if not self.final:
-            text = text[: len(text) - partial_marker_length(text, markers)]
-        self._add(text)
+        cut = len(text) if self.final else len(text) - partial_marker_length(text, markers)
+        self._add(text[:cut])
+        self._held_marker = text[cut:]
+
+    def text_end(self, markers: tuple[str, ...]) -> TextEnd | None:
+        """The output's end, once its last text is added, where later text only extends the content:
+        the content ends in that text (no call since), and `markers` may open a call after it (none
+        where the rest of the output is text). None otherwise, and for a final scan."""
+        if self.final or self._call_since or not self._text_seen:
+            return None
+        return TextEnd(self._before + self._held_marker, markers)
 
     def _add(self, text: str) -> None:
+        self._held_marker = ""
         body = text.lstrip()
         lead = text[: len(text) - len(body)]
         if not body:
@@ -184,41 +222,67 @@ class ScanBuilder:
         self._before, self._after = body[len(trimmed) :], ""
         self._call_since, self._text_seen = False, True
 
-    def build(self) -> Scan:
+    def build(self, end: OpenEnd | None = None) -> Scan:
         # Blanks at the end: a call may still follow them, or one came after them.
-        end = self._before if self.final and not self._call_since else ""
-        return Scan("".join(self._content) + end, self.calls, self._offsets)
+        blanks = self._before if self.final and not self._call_since else ""
+        return Scan("".join(self._content) + blanks, self.calls, self._offsets, end)
+
+
+@dataclass(frozen=True)
+class TextEnd:
+    """An output that ends in text its content shows, but for its end (`held`): blanks a call may
+    still follow, and text that may begin one of `markers`. Later text without a marker only
+    extends the content (`ScanBuilder`'s rule: it joins the held blanks)."""
+
+    held: str
+    markers: tuple[str, ...]
+
+    def read(self, delta: str) -> tuple[str, TextEnd] | None:
+        text = self.held + delta
+        if any(marker in text for marker in self.markers):
+            return None
+        shown = text[: len(text) - partial_marker_length(text, self.markers)].rstrip()
+        return shown, TextEnd(text[len(shown) :], self.markers)
 
 
 # Reads the region starting at `pos` (just past the marker); None when it is not a call after all.
 RegionReader = Callable[[str, int, bool], MarkedRegion | None]
 
 
-def scan_marked_calls(text: str, marker: str, read_region: RegionReader, final: bool) -> Scan:
-    """The scan of an output whose calls each follow `marker`, with text before, between and after."""
+def scan_marked_calls(
+    text: str, marker: str, read_region: RegionReader, final: bool, read_on: bool = False
+) -> Scan:
+    """The scan of an output whose calls each follow `marker`, with text before, between and after.
+    read_on: the scan keeps where the output ends (`Scan.end`: text after the calls, or a region's
+    own `open_end`), for a family whose regions, once read closed or as no call, stay so as the output
+    grows."""
     builder = ScanBuilder(final)
     pos = 0
     while (at := text.find(marker, pos)) >= 0:
         region = read_region(text, at + len(marker), final)
         if region is None:  # not a call after all: the rest is text
             builder.text(text[pos:])
-            return builder.build()
+            return builder.build(builder.text_end(()) if read_on else None)
         builder.text(text[pos:at])
         for call in region.calls:
             builder.call(call)
         if region.end is None:
-            return builder.build()
+            return builder.build(region.open_end if read_on else None)
         pos = region.end
     builder.tail(text[pos:], (marker,))
-    return builder.build()
+    return builder.build(builder.text_end((marker,)) if read_on else None)
 
 
 def partial_marker_length(text: str, markers: tuple[str, ...]) -> int:
     """Length of the longest end of `text` that begins one of `markers`."""
     longest = 0
     for marker in markers:
-        for size in range(min(len(marker) - 1, len(text)), longest, -1):
-            if text.endswith(marker[:size]):
-                longest = size
+        # Such an end starts at the marker's first character, among the last len(marker) - 1; the
+        # earliest one that begins it is the longest.
+        at = text.find(marker[:1], max(len(text) - len(marker) + 1, 0))
+        while at >= 0 and len(text) - at > longest:
+            if marker.startswith(text[at:]):
+                longest = len(text) - at
                 break
+            at = text.find(marker[:1], at + 1)
     return longest
