@@ -401,6 +401,10 @@ def test_loading_and_dead_engines_are_503() -> None:
         # Strings up to the item that is not one: not the first string, read as a token id.
         ("/v1/completions", {"prompt": ["a", 1]}, "prompt[1]", "valid string"),
         ("/v1/completions", {"prompt": [[1], "a"]}, "prompt[1]", "valid list"),
+        # A batch of texts with a number in it, not token ids read out of its digits.
+        ("/v1/completions", {"prompt": ["1", 2]}, "prompt[1]", "valid string"),
+        ("/v1/completions", {"prompt": [1, "2"]}, "prompt[1]", "valid integer"),
+        ("/v1/completions", {"prompt": [[1, True]]}, "prompt[0][1]", "valid integer"),
     ],
 )  # fmt: skip
 def test_a_value_no_member_of_a_union_takes_is_named_where_it_went_wrong(
@@ -410,6 +414,26 @@ def test_a_value_no_member_of_a_union_takes_is_named_where_it_went_wrong(
     error = error_of(post(server, path, body), 400)
     assert error["param"] == param
     assert message in error["message"] and f"'{param}'" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("path", "extra", "param", "kind"),
+    [
+        # Read as 0, false would have asked for the tokens' logprobs.
+        ("/v1/completions", {"logprobs": False}, "logprobs", "integer"),
+        ("/v1/completions", {"max_tokens": True}, "max_tokens", "integer"),
+        ("/v1/chat/completions", {"temperature": True}, "temperature", "number"),
+        ("/v1/chat/completions", {"logprobs": True, "top_logprobs": False}, "top_logprobs", "integer"),
+        ("/v1/responses", {"max_output_tokens": True}, "max_output_tokens", "integer"),
+    ],
+)  # fmt: skip
+def test_a_boolean_is_not_a_number(
+    server: BackgroundServer, path: str, extra: dict[str, Any], param: str, kind: str
+) -> None:
+    bodies = {"/v1/completions": {"prompt": "hi", "max_tokens": 2}, "/v1/chat/completions": CHAT}
+    error = error_of(post(server, path, {**bodies.get(path, {"input": "hi"}), **extra}), 400)
+    assert error["param"] == param
+    assert error["message"] == f"Invalid value for '{param}': Input should be a valid {kind}, not a boolean."
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import types
 from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import Field, StrictInt, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 # The conversation's models live beside their conversion to template messages (below the engine, which
 # LLM.chat shares); request bodies build on them.
@@ -24,7 +24,52 @@ def _admits_none(annotation: Any) -> bool:
     )
 
 
-class NullMeansDefault(StrictModel):
+# pydantic's error type and word for each kind of number.
+_NUMBER_KINDS: dict[Any, tuple[str, str]] = {int: ("int_type", "integer"), float: ("float_type", "number")}
+
+
+def _number_kind(annotation: Any) -> tuple[str, str] | None:
+    """The kind of number a field of this type takes (an int or a float, or else null), if it takes one."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        members = [member for member in get_args(annotation) if member is not type(None)]
+        annotation = members[0] if len(members) == 1 else None
+    return _NUMBER_KINDS.get(annotation)
+
+
+class BooleansAreNotNumbers(StrictModel):
+    """A request body whose number fields refuse JSON's true and false, as OpenAI's API does. pydantic
+    would read them as 1 and 0: {"logprobs": false} on /v1/completions would ask for logprobs, and
+    {"max_tokens": true} for one token."""
+
+    # The keys (aliases where set) of the fields that take a number, with the kind their error names.
+    _number_fields: ClassVar[dict[str, tuple[str, str]]] = {}
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        cls._number_fields = {
+            field.alias or name: kind
+            for name, field in cls.model_fields.items()
+            if (kind := _number_kind(field.annotation))
+        }
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, data: Any) -> Any:
+        # One pass over the body's keys: a validator on every field would cost each request more.
+        if isinstance(data, dict):
+            for name, value in data.items():
+                if type(value) is bool and (kind := cls._number_fields.get(name)):
+                    error_type, word = kind
+                    message = f"Input should be a valid {word}, not a boolean"
+                    error = InitErrorDetails(
+                        type=PydanticCustomError(error_type, message), loc=(name,), input=value
+                    )
+                    raise ValidationError.from_exception_data(cls.__name__, [error])
+        return data
+
+
+class NullMeansDefault(BooleansAreNotNumbers):
     """A request body whose optional fields take their default when sent as JSON null, as OpenAI's API
     declares them ("boolean or null", "integer or null": `n`, `stream`, `logprobs`, `echo`, ...) and as
     clients that write every unset field send them. Fields whose type takes None keep the null."""
@@ -236,8 +281,9 @@ class ChatCompletionRequest(SamplingFields, ChatPromptFields):
     )
 
 
-# A prompt: text, a batch of texts, token ids, or a batch of token-id lists.
-PromptInput = str | list[str] | list[int] | list[list[int]]
+# A prompt: text, a batch of texts, token ids, or a batch of token-id lists. Token ids are JSON integers
+# only: a batch of texts with one number in it (["1", 2]) is an error, not the token ids [1, 2].
+PromptInput = str | list[str] | list[StrictInt] | list[list[StrictInt]]
 
 
 class CompletionRequest(SamplingFields):
