@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
 from typing import Any
 
 import httpx
 import pytest
 
+from batchlm.core.facts import ModelFacts
+from batchlm.engine.client import ServedModel
 from batchlm.server.background import BackgroundServer
+from batchlm.server.responding import system_fingerprint
 from fake_engine import FakeEngine, FakeTokenizer
 
 REPLY = "Hello from the fake engine."
@@ -64,6 +69,34 @@ def test_streaming_sends_role_then_content_then_finish(client: Any) -> None:
     assert last.finish_reason == "length"
     assert last.delta.content is None and last.delta.role is None
     assert len({c.id for c in chunks}) == 1
+
+
+def test_responses_and_chunks_carry_the_system_fingerprint(client: Any, engine: FakeEngine) -> None:
+    fingerprint = system_fingerprint(engine.model_info)
+    assert re.fullmatch(r"fp_[0-9a-f]{10}", fingerprint)
+    response = client.chat.completions.create(model="fake-model", messages=USER, max_tokens=2)
+    options = {"include_usage": True}
+    chunks = list(
+        client.chat.completions.create(
+            model="fake-model", messages=USER, max_tokens=2, stream=True, stream_options=options
+        )
+    )
+    assert {response.system_fingerprint, *(chunk.system_fingerprint for chunk in chunks)} == {fingerprint}
+
+
+def test_the_system_fingerprint_follows_the_configuration_not_the_kv_cache_size() -> None:
+    facts = ModelFacts(256, 100, num_blocks=10, dtype="float32")
+    served = ServedModel("m", facts, engine_config="EngineConfig(seed=0)")
+    assert system_fingerprint(served) == system_fingerprint(replace(served))
+    assert system_fingerprint(replace(served, facts=replace(facts, num_blocks=99))) == system_fingerprint(
+        served
+    )
+    others = [
+        replace(served, engine_config="EngineConfig(seed=1)"),
+        replace(served, facts=replace(facts, dtype="bfloat16")),
+        replace(served, served_model_name="n"),
+    ]
+    assert system_fingerprint(served) not in {system_fingerprint(other) for other in others}
 
 
 def test_stream_include_usage_adds_a_usage_chunk_with_no_choices(server: BackgroundServer) -> None:

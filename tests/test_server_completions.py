@@ -10,6 +10,7 @@ import openai
 import pytest
 
 from batchlm.server.background import BackgroundServer
+from batchlm.server.responding import system_fingerprint
 from fake_engine import FakeEngine, FakeTokenizer
 
 REPLY = "Hello from the fake engine."
@@ -113,6 +114,13 @@ def test_streaming_text_chunks_end_with_finish_reason(client: Any) -> None:
     assert "".join(c.choices[0].text for c in chunks) == REPLY[:5]
     assert [c.choices[0].finish_reason for c in chunks] == [None] * 4 + ["length"]
     assert all(c.object == "text_completion" for c in chunks)
+
+
+def test_completions_and_their_chunks_carry_the_system_fingerprint(client: Any, engine: FakeEngine) -> None:
+    fingerprint = system_fingerprint(engine.model_info)
+    response = client.completions.create(model="fake-model", prompt="Say", max_tokens=2)
+    chunks = list(client.completions.create(model="fake-model", prompt="Say", max_tokens=2, stream=True))
+    assert {response.system_fingerprint, *(chunk.system_fingerprint for chunk in chunks)} == {fingerprint}
 
 
 def test_streaming_logprobs_keep_counting_offsets(client: Any) -> None:

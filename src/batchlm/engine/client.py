@@ -48,6 +48,9 @@ class ServedModel:
     aliases: tuple[str, ...] = field(default_factory=tuple)
     # What a request's sampling fields default to (--generation-config).
     sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
+    # The engine's configuration as text, the same in every process serving the model (the server's
+    # system_fingerprint is a digest of it and of the fields above).
+    engine_config: str = ""
 
 
 class EngineClient(ABC):

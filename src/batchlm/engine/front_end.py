@@ -140,7 +140,7 @@ class StreamingFrontEnd(EngineClient, Generic[MessageT]):
         self.input_processor = InputProcessor.for_model(facts, self.tokenizer, defaults.max_new_tokens)
         name = served_model_name(self.config, model_dir)
         aliases = tuple(sorted({self.config.model, str(model_dir)} - {name}))
-        self.model_info = ServedModel(name, facts, aliases, defaults)
+        self.model_info = ServedModel(name, facts, aliases, defaults, repr(self.config))
         self._ready = True
 
     def _add(self, request: ValidatedRequest, request_id: str, group_id: str) -> RequestOutputCollector:

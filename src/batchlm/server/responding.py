@@ -5,12 +5,14 @@ JSON body, each raced against the client's disconnect."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from json.encoder import encode_basestring
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -20,6 +22,8 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from batchlm import __version__
+from batchlm.engine.client import ServedModel
 from batchlm.engine.input_processor import ValidatedRequest
 from batchlm.outputs import FinishReason, RequestOutput, TokenLogprobs
 from batchlm.server.errors import APIError, ClientDisconnected
@@ -80,9 +84,22 @@ class ResponseContext:
     include_usage: bool
     # When the request was taken (Unix seconds), as its chunks and response say.
     created: int = field(default_factory=lambda: int(time.time()), kw_only=True)
+    # OpenAI's `system_fingerprint` of the serving configuration (see system_fingerprint).
+    system_fingerprint: str | None = field(default=None, kw_only=True)
 
 
 ContextT = TypeVar("ContextT", bound=ResponseContext, covariant=True)
+
+
+@lru_cache(maxsize=8)
+def system_fingerprint(model: ServedModel) -> str:
+    """OpenAI's `system_fingerprint`: "fp_" and 10 hex digits of a digest of what answers depend on
+    besides the request (batchlm's version, the model, its facts and defaults, the engine's
+    configuration). Each start with the same configuration gives the same one; the KV cache's size,
+    which follows the memory free at start-up, does not enter it."""
+    described = replace(model, facts=replace(model.facts, num_blocks=0))
+    digest = hashlib.sha256(repr((__version__, described)).encode()).hexdigest()
+    return f"fp_{digest[:10]}"
 
 
 @dataclass
@@ -167,7 +184,12 @@ class ResponseFormatter(ABC, Generic[ContextT]):
     def _wrap(self, kind: type[BaseModel], choices: Sequence[Any], usage: UsageInfo | None) -> BaseModel:
         context = self.context
         return kind(
-            id=context.request_id, created=context.created, model=context.model, choices=choices, usage=usage
+            id=context.request_id,
+            created=context.created,
+            model=context.model,
+            system_fingerprint=context.system_fingerprint,
+            choices=choices,
+            usage=usage,
         )
 
 

@@ -96,6 +96,9 @@ class ChatCompletionResponse(BaseModel):
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
+    # The serving configuration's digest (responding.system_fingerprint): as OpenAI's, answers to one
+    # seeded request repeat only while it stays the same.
+    system_fingerprint: str | None = None
     choices: list[ChatChoice]
     usage: UsageInfo
     # vLLM's, for its `prompt_logprobs` field (the rendered conversation's tokens); absent otherwise.
@@ -118,6 +121,9 @@ class ChatCompletionChunk(BaseModel):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
+    # The serving configuration's digest (responding.system_fingerprint): as OpenAI's, answers to one
+    # seeded request repeat only while it stays the same.
+    system_fingerprint: str | None = None
     choices: list[ChatChunkChoice]
     # Present (null, then the totals in a last chunk) only with stream_options.include_usage.
     usage: UsageInfo | None = None
@@ -149,6 +155,9 @@ class CompletionResponse(BaseModel):
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
+    # The serving configuration's digest (responding.system_fingerprint): as OpenAI's, answers to one
+    # seeded request repeat only while it stays the same.
+    system_fingerprint: str | None = None
     choices: list[CompletionChoice]
     usage: UsageInfo | None = None
 

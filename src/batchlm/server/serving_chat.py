@@ -33,6 +33,7 @@ from batchlm.server.responding import (
     finish_reason,
     json_text,
     respond,
+    system_fingerprint,
 )
 from batchlm.server.responses import (
     ChatChoice,
@@ -123,6 +124,7 @@ async def prepare_chat(
     context = ChatContext(
         request_id=request_id,
         model=info.served_model_name,
+        system_fingerprint=system_fingerprint(info),
         tokenizer=tokenizer,
         n=body.n,
         top_logprobs=engine_request.params.logprobs,

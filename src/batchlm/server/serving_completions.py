@@ -26,6 +26,7 @@ from batchlm.server.responding import (
     finish_reason,
     json_text,
     respond,
+    system_fingerprint,
 )
 from batchlm.server.responses import (
     CompletionChoice,
@@ -132,6 +133,7 @@ async def create_completion(request: Request, body: CompletionRequest) -> Respon
     context = CompletionContext(
         request_id=f"cmpl-{uuid.uuid4().hex}",
         model=info.served_model_name,
+        system_fingerprint=system_fingerprint(info),
         tokenizer=tokenizer,
         n=body.n,
         logprobs=body.logprobs,
