@@ -1,10 +1,18 @@
-"""The JSON prefix check against its token-by-token reading, over generated texts."""
+"""The JSON prefix check against its token-by-token reading, over generated texts; a call object's scan
+as it grows."""
 
 from __future__ import annotations
 
 import random
 
-from batchlm.tools.json_scan import JsonCursor, _is_json_prefix_by_tokens, is_json_prefix, json_cursor
+from batchlm.tools.json_scan import (
+    JsonCursor,
+    ObjectScan,
+    _is_json_prefix_by_tokens,
+    is_json_prefix,
+    json_cursor,
+    scan_object,
+)
 
 # Strings' hard parts (quotes, escapes, control characters, unicode, surrogates) and JSON's structure.
 PIECES = ['"', "\\", "u", "0", "a", "F", "x", "\x01", "\n", " ", "{", "}", ":", ",", "[", "]", "n", "é"]
@@ -68,3 +76,25 @@ def test_a_cursor_read_in_pieces_stands_where_one_read_at_once_does() -> None:
     texts += NOT_PREFIXES + PREFIXES
     for text in texts:
         assert read_in_pieces(text, rng) == json_cursor(text, 0), text
+
+
+# A call object's top-level fields: numbers cut anywhere (before a fraction or an exponent among them),
+# literals, strings, and what breaks the object.
+OBJECT_PIECES = ['"k": ', '"k": 1', '"k": -2', ".", "5", "0", "e", "E+", "-", ", ", "}", " ", "true"]
+OBJECT_PIECES += ['"s"', "x", ":", '"a\\', "[1.", "{"]
+
+
+def test_an_object_read_malformed_or_closed_stays_so_as_it_grows() -> None:
+    """What a stream that reads on from an output's end relies on: once a scan reads an object as never
+    JSON or as closed, every longer text reads the same. A number the text cuts before its fraction
+    or exponent ("1.", "1e", "-2.5E+") is still arriving, not a number followed by a stray character."""
+    rng = random.Random(13)
+    for _ in range(3_000):
+        text = "{" + "".join(rng.choice(OBJECT_PIECES) for _ in range(rng.randint(1, 12)))
+        settled: tuple[str, ObjectScan] | None = None  # the text it settled at, and its scan
+        for end in range(1, len(text) + 1):
+            scan = scan_object(text[:end], 0, final=False)
+            if settled is not None:
+                assert scan == settled[1], (settled[0], text[:end])
+            elif scan.malformed or scan.end is not None:
+                settled = (text[:end], scan)

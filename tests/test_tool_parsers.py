@@ -102,6 +102,8 @@ CASES: list[tuple[ToolParser, str, str | None, list[tuple[str, str]]]] = [
     ),
     (HermesParser(), '<tool_call>{"name": "\\udfff", "arguments": {}}', None, [("\\udfff", "{}")]),
     (HermesParser(), 'Cut <tool_call>{"name": "f", "argu', 'Cut <tool_call>{"name": "f", "argu', []),
+    # A number among the call's fields, which a split may cut before its fraction or exponent ("1.").
+    (HermesParser(), '<tool_call>{"name": "f", "arguments": {}, "v": -1e3}</tool_call>', None, [("f", "{}")]),
     (Llama3JsonParser(), "The answer is 4.", "The answer is 4.", []),
     (
         Llama3JsonParser(),
@@ -117,6 +119,7 @@ CASES: list[tuple[ToolParser, str, str | None, list[tuple[str, str]]]] = [
         [("get_weather", WEATHER), ("get_time", TIME)],
     ),
     (Llama3JsonParser(), '{"answer": 42}', '{"answer": 42}', []),
+    (Llama3JsonParser(), '{"name": "f", "version": 1.25, "parameters": {}} Done.', "Done.", [("f", "{}")]),
     (
         MistralParser(),
         f'[TOOL_CALLS][{{"name": "get_weather", "arguments": {WEATHER}}}, '
@@ -131,6 +134,7 @@ CASES: list[tuple[ToolParser, str, str | None, list[tuple[str, str]]]] = [
         [("get_weather", WEATHER), ("get_time", TIME)],
     ),
     (MistralParser(), "[TOOL bar] [TOOL_CALLS", "[TOOL bar] [TOOL_CALLS", []),
+    (MistralParser(), '[TOOL_CALLS][{"name": "f", "arguments": {}, "v": 2E+1}]', None, [("f", "{}")]),
     (CODER, "No call <function=x> here.", "No call <function=x> here.", []),
     (CODER, CODER_WEATHER, None, [("get_weather", WEATHER)]),
     (

@@ -1,6 +1,7 @@
 """A stream's scans carried forward from the last one (`Scan.continued`) against a scan of the whole
 output at every delta: the same deltas, over generated calls whose arguments hold long strings, and
-Qwen3-Coder outputs (text, raw values, broken markup) read on from their end."""
+outputs (text, calls, broken markup) read on from their end: Qwen3-Coder's raw values, and the JSON
+families' text after their calls."""
 
 from __future__ import annotations
 
@@ -470,3 +471,146 @@ def test_a_long_coder_answer_without_calls_is_read_whole_a_few_times_only(
     scans, sent = whole_scans_and_deltas(Qwen3CoderParser(tools=CODER_TOOLS), pieces, monkeypatch)
     assert scans < 10, (scans, len(pieces))
     assert "".join(delta.content for delta in sent) == text
+
+
+# The JSON families (Hermes, Mistral, Llama 3): a scan read on from the output's end (text after the
+# calls, or after markup that read as no call) against the whole output scanned at every delta.
+READ_ON_PARSERS = [
+    HermesParser(),
+    HermesParser(max_calls=1),
+    MistralParser(),
+    MistralParser(max_calls=1),
+    Llama3JsonParser(),
+    Llama3JsonParser(max_calls=1),
+]
+# Text around calls: plain, blank, and what may begin, end or imitate a family's markup.
+MIXED_TEXT = ["Sure.", " ", "\n", "  \n", "Is 3 < 4?", "<b>", "<", "<tool", "<tool_call", "</tool_call>"]
+MIXED_TEXT += ["[", "[TOOL", "[TOOL_CALLS", "[ARGS]", "{", "}", ";", "<|python", "é😀", "x"]
+LONG_LINE = 'def double(x):\n    return x * 2  # "twice" <b> [1] {2};\n'
+# A number at a call object's top level, which a delta may cut before its fraction or exponent.
+TOP_NUMBERS = ["7", "-2.5e3", "1.25", "0", "1E+2", "-0.5e-1", "true", "null"]
+# What breaks a call's markup anywhere: stray punctuation, a word, a number gone wrong, a marker.
+MARKUP_BREAKING = ["x", "}", "]", ",", ":", '"', "\n", "1.", "1e", "01", "-", ";", "{"]
+MARKUP_BREAKING += ["<tool_call>", "</tool_call>", "[TOOL_CALLS]", "[ARGS]", "<|python_tag|>"]
+
+
+def mixed_text(rng: random.Random) -> str:
+    pieces = [rng.choice(MIXED_TEXT) for _ in range(rng.randint(0, 6))]
+    if rng.random() < 0.2:
+        pieces.insert(rng.randint(0, len(pieces)), LONG_LINE * rng.randint(1, 6))
+    return "".join(pieces)
+
+
+def numbered_call(rng: random.Random, keys: tuple[str, ...]) -> str:
+    """A call object, now and then with a number or literal among its top-level fields."""
+    call = hard_call(rng, keys)
+    if rng.random() < 0.4:
+        call = call[:-1] + f', "id": {rng.choice(TOP_NUMBERS)}}}'
+    return call
+
+
+def mixed_call(parser: ToolParser, rng: random.Random) -> str:
+    """One stretch of a family's call markup, closed or not, broken somewhere now and then."""
+    if isinstance(parser, HermesParser):
+        gap = rng.choice(["\n", "", " "])
+        end = rng.choice(["</tool_call>"] * 3 + ["", "</tool", " </tool_call>", "\n"])
+        call = f"<tool_call>{gap}{numbered_call(rng, ('arguments', 'parameters'))}{gap}{end}"
+    elif isinstance(parser, MistralParser):
+        if rng.random() < 0.5:
+            call = f"[TOOL_CALLS]{rng.choice(['write', 'write', ''])}[ARGS]{hard_arguments(rng)}"
+        else:
+            objects = ", ".join(numbered_call(rng, ("arguments",)) for _ in range(rng.randint(1, 2)))
+            call = f"[TOOL_CALLS][{objects}]"
+    else:
+        call = numbered_call(rng, ("parameters", "arguments"))
+    if rng.random() < 0.2:
+        cut = rng.randint(0, len(call))
+        call = call[:cut] + rng.choice(MARKUP_BREAKING) + call[cut:]
+    return call
+
+
+def mixed_output(parser: ToolParser, rng: random.Random) -> str:
+    """Text (long now and then), calls, broken markup and text after the calls. Llama 3's calls open
+    the output (else it is all text), `;` apart."""
+    if isinstance(parser, Llama3JsonParser):
+        calls = "; ".join(mixed_call(parser, rng) for _ in range(rng.randint(0, 3)))
+        head = rng.choice(["", "", "<|python_tag|>", " ", mixed_text(rng)])
+        output = head + calls + mixed_text(rng)
+    else:
+        parts = [mixed_text(rng)]
+        for _ in range(rng.randint(0, 3)):
+            parts += [mixed_call(parser, rng), mixed_text(rng)]
+        output = "".join(parts)
+    return output[: rng.randint(0, len(output))] if rng.random() < 0.3 else output
+
+
+@pytest.mark.parametrize("parser", READ_ON_PARSERS, ids=lambda p: f"{type(p).__name__}-{p.max_calls}")
+def test_json_family_outputs_read_on_from_their_end_send_what_whole_scans_send(
+    parser: ToolParser, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Long text, markers cut off part way, calls (numbers cut anywhere among their fields), broken
+    markup and text after the calls, split into deltas anywhere: a stream reading on from its last
+    scan's end sends what scans of the whole output send, delta by delta, and finishes the same."""
+    rng = random.Random(29)
+    continued = Scan.continued
+    carried = 0
+
+    def counted(scan: Scan, delta: str) -> Scan | None:
+        nonlocal carried
+        result = continued(scan, delta)
+        carried += result is not None and scan.end is not None
+        return result
+
+    cases = []
+    for _ in range(300):
+        text = mixed_output(parser, rng)
+        pieces = small_chunks(text, rng) if rng.random() < 0.7 else chunks(text, rng)
+        cases.append((text, rng.random() < 0.3, pieces))
+    monkeypatch.setattr(Scan, "continued", counted)
+    assert_carried_as_whole(parser, cases, monkeypatch)
+    # Deltas read on from the text at the output's end, not with the calls' arguments.
+    deltas_fed = sum(len(pieces) for _, _, pieces in cases)
+    assert carried > deltas_fed // 4, (carried, deltas_fed)
+
+
+def long_answer(parser: ToolParser) -> str:
+    """An answer of 300 lines of code, holding a marker cut off part way now and then (held back, then
+    text) and, for Mistral, a whole marker that no call follows (the rest is text)."""
+    near_marker = {HermesParser: "<tool x", MistralParser: "[TOOL x", Llama3JsonParser: "<|python x"}
+    lines = [f"<b>{i}</b> {{{i}}}; {near_marker[type(parser)]} {i}\n   \n" for i in range(300)]
+    if isinstance(parser, MistralParser):
+        lines[150] = "[TOOL_CALLS] is a marker\n"
+    return "Here it is:\n\n" + "".join(lines) + "Bye."
+
+
+@pytest.mark.parametrize("parser", READ_ON_PARSERS[::2], ids=lambda p: type(p).__name__)
+def test_a_long_json_family_answer_without_calls_is_read_whole_a_few_times_only(
+    parser: ToolParser, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long answer with tools enabled: each delta is read on from the text's end, not with the whole
+    answer again."""
+    text = long_answer(parser)
+    pieces = small_chunks(text, random.Random(8))
+    scans, sent = whole_scans_and_deltas(parser, pieces, monkeypatch)
+    assert scans < 10, (scans, len(pieces))
+    assert "".join(delta.content for delta in sent) == text
+
+
+@pytest.mark.parametrize("parser", READ_ON_PARSERS[::2], ids=lambda p: type(p).__name__)
+def test_long_text_after_a_json_family_call_is_read_whole_a_few_times_only(
+    parser: ToolParser, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call, then a long answer: only the deltas around the call's markup read the whole output."""
+    arguments = '{"path": "a.py"}'
+    if isinstance(parser, HermesParser):
+        call = f'<tool_call>\n{{"name": "write", "arguments": {arguments}}}\n</tool_call>'
+    elif isinstance(parser, MistralParser):
+        call = f"[TOOL_CALLS]write[ARGS]{arguments}"
+    else:
+        call = f'{{"name": "write", "parameters": {arguments}}}'
+    answer = long_answer(parser)
+    pieces = small_chunks(f"{call}\n{answer}", random.Random(4))
+    scans, sent = whole_scans_and_deltas(parser, pieces, monkeypatch)
+    assert scans < 40, (scans, len(pieces))
+    assert "".join(delta.content for delta in sent) == answer
+    assert "".join(piece.arguments for delta in sent for piece in delta.tool_calls) == arguments

@@ -21,7 +21,8 @@ class HermesParser(ToolParser):
     markers = (START, END)
 
     def scan(self, text: str, final: bool) -> Scan:
-        return scan_marked_calls(text, START, _region, final)
+        # Regions read closed or as no call stay so as the output grows: the scan's end is read on.
+        return scan_marked_calls(text, START, _region, final, read_on=True)
 
     def calls_grammar(
         self, tools: Sequence[FunctionTool], added_tokens: Mapping[str, int], answer: str | None = None

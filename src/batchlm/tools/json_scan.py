@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 
 _DECODER = json.JSONDecoder()
+# What may follow the decoder's reading of a number and still belong to it ("1." before "1.5").
+_NUMBER_GOES_ON = frozenset("0123456789.eE+-")
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 
 
@@ -41,7 +43,8 @@ class ObjectScan:
 
 def value_end(text: str, start: int, final: bool) -> int | None:
     """End of the JSON value at `start`, or None while it may still grow. A number or literal counts as
-    closed only once a delimiter follows it (or the output has ended)."""
+    closed only once a delimiter follows it (or the output has ended): the decoder reads "1." or "1e"
+    as the number 1, which "1.5" or "1e3" goes on."""
     if start >= len(text):
         return None
     try:
@@ -54,7 +57,9 @@ def value_end(text: str, start: int, final: bool) -> int | None:
         return None
     if isinstance(value, dict | list | str) or final:
         return int(end)
-    return int(end) if skip_whitespace(text, end) < len(text) else None
+    if skip_whitespace(text, end) == len(text) or text[end] in _NUMBER_GOES_ON:
+        return None  # may still grow (or never be JSON: `is_json_prefix` tells)
+    return int(end)
 
 
 def scan_object(text: str, pos: int, final: bool) -> ObjectScan:

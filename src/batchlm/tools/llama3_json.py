@@ -55,9 +55,10 @@ class Llama3JsonParser(ToolParser):
         if text.startswith(PYTHON_TAG, pos):
             pos = skip_whitespace(text, pos + len(PYTHON_TAG))
         if not text.startswith("{", pos):
-            if final or pos < len(text):
-                builder.text(text)
-            return builder.build()
+            if not final and pos == len(text):
+                return builder.build()  # only blanks after the tag yet
+            builder.text(text)
+            return _text_to_the_end(builder)
         return self._calls(text, pos, builder)
 
     def _calls(self, text: str, pos: int, builder: ScanBuilder) -> Scan:
@@ -66,17 +67,24 @@ class Llama3JsonParser(ToolParser):
             call = call_from_object(text, scan, ARGUMENT_KEYS, arguments_required=True)
             if call is None or (builder.final and scan.end is None):
                 builder.text(text if not builder.calls else text[pos:])
-                return builder.build()
+                return _text_to_the_end(builder)
             builder.call(call)
             if scan.end is None:
                 return builder.build()
             after = skip_whitespace(text, scan.end)
             if not text.startswith(";", after):
                 builder.tail(text[after:], ())
-                return builder.build()
+                return _text_to_the_end(builder)
             pos = skip_whitespace(text, after + 1)
             if pos >= len(text):
                 return builder.build()
             if text[pos] != "{":
                 builder.tail(text[after:], ())
-                return builder.build()
+                return _text_to_the_end(builder)
+
+
+def _text_to_the_end(builder: ScanBuilder) -> Scan:
+    """The scan of an output whose rest is text, whatever follows: what the text began with (no `{`
+    nor the tag, a call that can never be JSON, no `;` after a call) is settled once it is there, so
+    later text only extends the content (`Scan.end`)."""
+    return builder.build(builder.text_end(()))

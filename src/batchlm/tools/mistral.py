@@ -76,7 +76,8 @@ class MistralParser(ToolParser):
         return random_alphanumerics(9)
 
     def scan(self, text: str, final: bool) -> Scan:
-        return scan_marked_calls(text, MARKER, _region, final)
+        # Regions read closed or as no call stay so as the output grows: the scan's end is read on.
+        return scan_marked_calls(text, MARKER, _region, final, read_on=True)
 
 
 def _region(text: str, pos: int, final: bool) -> MarkedRegion | None:
