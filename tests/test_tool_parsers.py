@@ -462,6 +462,32 @@ def test_arguments_nested_too_deep_for_python_s_reader_are_no_call(parser: ToolP
     assert not calls.ends_in_calls
 
 
+LONG_INTEGER = "7" * 5000  # past the 4,300 digits Python's int() converts
+
+
+@pytest.mark.parametrize(
+    ("parser", "output"),
+    [
+        (HermesParser(), f'<tool_call>{{"name": "f", "arguments": {{"a": {LONG_INTEGER}, "b": 2}}}}</tool_call>'),
+        (HermesParser(), f'<tool_call>{{"name": "f", "arguments": {{}}, "v": {LONG_INTEGER}}}</tool_call>'),
+        (Llama3JsonParser(), f'{{"name": "f", "parameters": {{"a": {LONG_INTEGER}, "b": 2}}}}'),
+        (MistralParser(), f'[TOOL_CALLS][{{"name": "f", "arguments": {{"a": {LONG_INTEGER}, "b": 2}}}}]'),
+        (NamedFunctionParser("f"), f'{{"a": {LONG_INTEGER}, "b": 2}}'),
+        (RequiredCallsParser(), f'[{{"name": "f", "parameters": {{"a": {LONG_INTEGER}, "b": 2}}}}]'),
+    ],
+    ids=["hermes", "hermes-top-level", "llama3", "mistral", "named", "required"],
+)  # fmt: skip
+def test_an_integer_longer_than_python_converts_is_a_call_s_argument(parser: ToolParser, output: str) -> None:
+    """JSON takes integers of any length; Python's reader raised a ValueError past 4,300 digits (a 500
+    in a stream)."""
+    parsed = parser.extract(output)
+    assert [call.name for call in parsed.tool_calls] == ["f"] and parsed.content is None
+    for size in (len(output), 500, 7):
+        content, calls, _ = stream(parser, [output[at : at + size] for at in range(0, len(output), size)])
+        assert content == "" and calls == [("f", parsed.tool_calls[0].arguments)]
+    assert (LONG_INTEGER in parsed.tool_calls[0].arguments) == ('"v"' not in output)
+
+
 def test_a_coder_parameter_nested_too_deep_for_python_s_reader_is_its_text() -> None:
     output = f"<tool_call>\n<function=search>\n<parameter=filters>\n{TOO_DEEP}\n</parameter>\n</function>\n</tool_call>"
     [call] = CODER.extract(output).tool_calls

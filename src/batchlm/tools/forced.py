@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import json
-
-from batchlm.tools.json_scan import skip_whitespace
+from batchlm.tools.json_scan import raw_decode, skip_whitespace
 from batchlm.tools.parser import ToolParser
 from batchlm.tools.scan import CallScan, Scan, ScanBuilder, scan_call_array
 
@@ -45,7 +43,9 @@ class RequiredCallsParser(ToolParser):
 
 
 def _is_json_object(text: str) -> bool:
+    """Whether `text` (stripped) is one JSON object, its integers of any length."""
     try:
-        return isinstance(json.loads(text), dict)
+        value, end = raw_decode(text, 0)
     except (ValueError, RecursionError):  # RecursionError: nested past Python's reader
         return False
+    return isinstance(value, dict) and end == len(text)

@@ -14,6 +14,9 @@ import re
 from dataclasses import dataclass
 
 _DECODER = json.JSONDecoder()
+# The same reading for JSON holding an integer longer than Python converts (4,300 digits): where a
+# value ends is all a scan wants of it, and a model may write such a number.
+_LONG_INTEGERS = json.JSONDecoder(parse_int=lambda digits: 0)
 # What may follow the decoder's reading of a number and still belong to it ("1." before "1.5").
 _NUMBER_GOES_ON = frozenset("0123456789.eE+-")
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
@@ -41,6 +44,16 @@ class ObjectScan:
     malformed: bool = False
 
 
+def raw_decode(text: str, start: int) -> tuple[object, int]:
+    """json's raw_decode of the value at `start`, integers of any length taken (as placeholders)."""
+    try:
+        return _DECODER.raw_decode(text, start)  # type: ignore[no-any-return]
+    except json.JSONDecodeError:
+        raise
+    except ValueError:  # an integer past Python's conversion limit
+        return _LONG_INTEGERS.raw_decode(text, start)  # type: ignore[no-any-return]
+
+
 def value_end(text: str, start: int, final: bool) -> int | None:
     """End of the JSON value at `start`, or None while it may still grow. A number or literal counts as
     closed only once a delimiter follows it (or the output has ended): the decoder reads "1." or "1e"
@@ -48,7 +61,7 @@ def value_end(text: str, start: int, final: bool) -> int | None:
     if start >= len(text):
         return None
     try:
-        value, end = _DECODER.raw_decode(text, start)
+        value, end = raw_decode(text, start)
     except ValueError:
         return None
     except RecursionError:
@@ -143,7 +156,7 @@ def is_json_prefix(text: str, start: int) -> bool:
     # string that runs to the end. What it stopped at otherwise (a number or literal cut off part way,
     # or an error) is read token by token.
     try:
-        _, end = _DECODER.raw_decode(text, start)
+        _, end = raw_decode(text, start)
     except json.JSONDecodeError as error:
         # Out of text where a value, key or delimiter was wanted; a line break inside a string is no
         # whitespace to skip but a control character there.
