@@ -1,8 +1,9 @@
 """Write tiny GGUF files the way llama.cpp's converter does, from random-weight HF models (tests only).
 
-`write_tiny_gguf` makes a random Llama, Qwen2 or Qwen3 with the built-in tokenizer (demo.write_model_dir),
-then writes its metadata, tokenizer and tensors with `gguf.GGUFWriter`: llama q/k rows permuted as
-llama.cpp's convert_hf_to_gguf.py does, 1-D tensors in F32, matrices in the asked GGML type. Types
+`write_tiny_gguf` makes a random model of a family (Llama, Qwen2, Qwen3, Gemma, Phi-3, Granite, OLMo 2,
+SmolLM3, the MoE ones) with the built-in tokenizer (demo.write_model_dir), then writes its metadata,
+tokenizer and tensors with `gguf.GGUFWriter`: llama, granite and smollm3 q/k rows permuted as llama.cpp's
+convert_hf_to_gguf.py does, 1-D tensors in F32, matrices in the asked GGML type. Types
 the gguf package can quantize are quantized from the weights; K-quants, i-quants and ternary types
 (which it only reads) get random blocks with small scales, so the model is random either way and the
 test compares loaders.
@@ -82,6 +83,8 @@ _GEMMA_HF_TO_GGUF = {
 }
 # Phi-3's fused projections.
 _PHI3_HF_TO_GGUF = {**_HF_TO_GGUF, "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
+# Architectures whose q/k rows llama.cpp's converter permutes for its interleaved RoPE.
+_PERMUTED_QK = ("llama", "granite", "smollm3")
 # HF model_type -> GGUF general.architecture, where they differ.
 _GGUF_ARCH = {"gemma3_text": "gemma3", "qwen3_moe": "qwen3moe", "mixtral": "llama"}
 # Mixtral's HF expert names, as llama.cpp's converter reads them (w1 gate, w3 up, w2 down).
@@ -128,7 +131,7 @@ def write_tiny_gguf(
     }
     for name, values in sorted(_stack_experts(tensors).items()):
         gguf_name = gguf_tensor_name(name, arch)
-        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+        if arch in _PERMUTED_QK and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
             values = permute_like_llama_cpp(values, heads)
         if arch.startswith("gemma") and name.endswith("norm.weight"):
@@ -178,9 +181,8 @@ def gguf_tensor_name(hf_name: str, arch: str = "llama") -> str:
     _, _, layer, rest = module.split(".", 3)
     if rest.startswith("mlp.experts."):
         return f"blk.{layer}.ffn_{rest.removeprefix('mlp.experts.').removesuffix('_proj')}_exps.{kind}"
-    names = (
-        _GEMMA_HF_TO_GGUF if arch.startswith("gemma") else _PHI3_HF_TO_GGUF if arch == "phi3" else _HF_TO_GGUF
-    )
+    post_norms = arch.startswith("gemma") or arch == "olmo2"  # OLMo 2's norms have Gemma's GGUF names
+    names = _GEMMA_HF_TO_GGUF if post_norms else _PHI3_HF_TO_GGUF if arch == "phi3" else _HF_TO_GGUF
     return f"blk.{layer}.{names[rest]}.{kind}"
 
 
@@ -219,6 +221,11 @@ def _add_model_metadata(writer: GGUFWriter, arch: str, config: dict[str, Any]) -
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
         if config.get(key) is not None:
             writer.add_float32(f"{arch}.{key}", config[key])
+    if arch == "granite":
+        writer.add_embedding_scale(config["embedding_multiplier"])
+        writer.add_residual_scale(config["residual_multiplier"])
+        writer.add_attention_scale(config["attention_multiplier"])
+        writer.add_logit_scale(config["logits_scaling"])
 
 
 def _global_rope(config: dict[str, Any]) -> dict[str, Any]:

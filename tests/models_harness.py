@@ -214,6 +214,20 @@ def hf_gemma3_multimodal(text_config: dict[str, Any], seed: int) -> Any:
     return Gemma3ForConditionalGeneration(config).float().eval()
 
 
+def hf_reference_model(model_dir: Path) -> Any:
+    """transformers' model of a checkpoint directory (float32, eval): its causal LM, or the whole
+    image-text-to-text model of a multimodal checkpoint (which generates from text prompts alike)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    architecture = (AutoConfig.from_pretrained(model_dir).architectures or [""])[0]
+    auto = (
+        AutoModelForImageTextToText
+        if architecture.endswith("ForConditionalGeneration")
+        else AutoModelForCausalLM
+    )
+    return auto.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
 def thread_groups(size: int) -> list[ThreadGroup]:
     hub = Rendezvous(size)
     return [ThreadGroup(rank, size, None, hub) for rank in range(size)]

@@ -11,6 +11,7 @@ the largest cached value.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from cpu_isa import kernel_path
 from gguf_builder import write_tiny_gguf
 from models_harness import Chunk, build_step, make_kv_caches, run_step
 from test_gguf_loading import MIXTRAL, PHI4_MINI, QWEN3_MOE
+from test_models_granite import GRANITE
 
 pytestmark = pytest.mark.skipif(stack_library() is None, reason="no AVX2 CPU or C compiler here")
 CPU = torch.device("cpu")
@@ -300,6 +302,13 @@ def test_fused_steps_of_phi3_match_the_model(tmp_path: Path, overrides: dict[str
     _assert_steps_agree(loaded, 3)
 
 
+def test_fused_steps_over_layers_without_rope_match_the_model(tmp_path: Path) -> None:
+    # SmolLM3 as llama.cpp runs it: its fourth layer leaves queries and keys unrotated.
+    loaded = _model(tmp_path, "Q8_0", True, "smollm3", {"num_hidden_layers": 4, "pad_token_id": 0})
+    assert [layer.self_attn.rotates for layer in loaded.model.model.layers] == [True, True, True, False]
+    _assert_steps_agree(loaded, 3)
+
+
 def test_fused_steps_with_qkv_biases(tmp_path: Path) -> None:
     _assert_steps_agree(_model(tmp_path, "Q8_0", False, "qwen2"), 2)
 
@@ -337,6 +346,26 @@ def test_models_off_the_kernels_keep_the_generic_path(
     assert build_fused_decode(qwen3.model, caches, TorchAttentionBackend()) is not None
     qwen3.model.model.layers[1].self_attn.k_norm.eps = 1e-3
     assert build_fused_decode(qwen3.model, caches, TorchAttentionBackend()) is None
+
+
+@pytest.mark.parametrize(
+    ("model_type", "overrides", "reason"),
+    [
+        # Llama's model and blocks, subclassed to scale the embedding and the residual adds.
+        ("granite", GRANITE, "a decoder stack the fused call does not compute (GraniteModel)"),
+        ("olmo2", {"pad_token_id": 0}, "not a Llama- or Gemma-style model"),
+    ],
+)
+def test_families_whose_blocks_compute_otherwise_keep_the_generic_path(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, model_type: str, overrides: dict[str, Any], reason: str
+) -> None:
+    """Every linear of these models runs on the quantized kernels, but the stack would compute their
+    blocks as Llama's (wrong logits): each keeps the model's own forward, the log says why."""
+    loaded = _model(tmp_path, "Q8_0", False, model_type, overrides)
+    caches = make_kv_caches(loaded, 4, BLOCK_SIZE)
+    with caplog.at_level(logging.INFO, logger=fused_decode.__name__):
+        assert build_fused_decode(loaded.model, caches, TorchAttentionBackend()) is None
+    assert f"CPU decode: layer by layer ({reason}" in caplog.text
 
 
 @torch.inference_mode()

@@ -1,6 +1,7 @@
-"""Sliding-window, soft-capped and partial-rotary families through the whole engine: greedy tokens equal
-transformers' alone, batched, in chunked prefill, after preemption and from the prefix cache, with
-contexts several times the window."""
+"""Sliding-window, soft-capped and partial-rotary families, and those whose blocks scale, norm or rotate
+otherwise than Llama's (Granite, OLMo 2, SmolLM3), through the whole engine: greedy tokens equal transformers' alone,
+batched, in chunked prefill, after preemption and from the prefix cache, with contexts several times
+the window."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from batchlm import LLM, SamplingParams
-from models_harness import hf_generated
+from models_harness import hf_generated, hf_reference_model
 
 WINDOW = 8
 MAX_TOKENS = 12
@@ -26,6 +27,14 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
                                                    "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}}}),
     "phi3": ("phi3", {"sliding_window": WINDOW, "partial_rotary_factor": 0.5, "pad_token_id": 0}),
     "mistral": ("mistral", {"sliding_window": WINDOW}),
+    # Mistral Small 3.1/3.2's multimodal checkpoint, its text model windowed as Mistral's.
+    "mistral3": ("mistral3", {"sliding_window": WINDOW}),
+    "granite": ("granite", {"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 0.5,
+                            "logits_scaling": 0.25}),
+    "olmo2": ("olmo2", {"pad_token_id": 0}),
+    # Its second layer without RoPE, and windowed (as SmolLM3 windows its NoPE layers when asked to).
+    "smollm3": ("smollm3", {"no_rope_layers": [1, 0], "use_sliding_window": True, "sliding_window": WINDOW,
+                            "pad_token_id": 0}),
 }  # fmt: skip
 
 
@@ -42,9 +51,7 @@ def generate(model_dir: Path, batch: list[list[int]], **kwargs: Any) -> tuple[LL
 def transformers_tokens(
     model_dir: Path, batch: list[list[int]], new_tokens: int = MAX_TOKENS
 ) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hf = hf_reference_model(model_dir)
     tokens = []
     for prompt in batch:
         tokens.append(hf_generated(hf, prompt, new_tokens))

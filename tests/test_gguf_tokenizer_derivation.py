@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 from batchlm.models.gguf_model_dir import prepare_gguf_model_dir, transformers_model_type
 from gguf_builder import write_tiny_gguf
 from test_gguf_loading import MIXTRAL, PHI4_MINI, QWEN3_MOE
+from test_models_granite import GRANITE
 
 CASES: dict[str, dict[str, Any]] = {
     "llama": {},
@@ -24,6 +25,19 @@ CASES: dict[str, dict[str, Any]] = {
     "gemma2": {},
     "gemma3_text": {},
 }
+# Architectures whose files transformers' GGUF loading refuses (on its model-type read), though its
+# tokenizer conversion goes by the file's tokenizer model, not its architecture.
+UNKNOWN_TO_TRANSFORMERS: dict[str, dict[str, Any]] = {
+    "granite": GRANITE,
+    "olmo2": {"pad_token_id": 0},
+    "smollm3": {"pad_token_id": 0},
+}
+TEXTS = [
+    "Hello, world!",
+    "  two  spaces and 12345 digits",
+    "<|im_start|>user\nhi<|im_end|>",
+    "naïve café 日本",
+]
 
 
 def saved_files(directory: Path) -> dict[str, bytes]:
@@ -63,6 +77,22 @@ def test_the_derived_tokenizer_is_autotokenizers_own(
     assert gguf_utils.load_gguf_checkpoint is counting  # and the function put back
     assert saved_files(derived) == saved_files(tmp_path / "expected")
     assert "tokenizer.json" in saved_files(derived)
+
+
+@pytest.mark.parametrize("model_type", sorted(UNKNOWN_TO_TRANSFORMERS))
+def test_architectures_transformers_does_not_load_still_get_the_files_tokenizer(
+    tmp_path: Path, model_type: str
+) -> None:
+    # The model-type read answered, the file's tokenizer converts: it encodes as the model's own.
+    overrides = UNKNOWN_TO_TRANSFORMERS[model_type]
+    gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf", model_type, "F32", overrides=overrides)
+    derived = AutoTokenizer.from_pretrained(prepare_gguf_model_dir(gguf_path, tmp_path / "cache"))
+    original = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in TEXTS:
+        assert derived.encode(text, add_special_tokens=False) == original.encode(
+            text, add_special_tokens=False
+        )
+    assert derived.chat_template == original.chat_template
 
 
 def test_model_types_as_transformers_names_them() -> None:

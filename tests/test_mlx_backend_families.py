@@ -1,7 +1,7 @@
-"""The MLX backend serves Gemma 2/3, Phi-3 and Mistral through mlx-lm past their sliding window: Gemma 3
-with its windows and per-layer RoPE bases from a transformers 5 config, the families whose mlx-lm module
-ignores the window through rotating caches on their windowed layers; greedy tokens equal transformers'
-(float32, CPU)."""
+"""The MLX backend serves Gemma 2/3, Phi-3, Mistral and Mistral 3's text model through mlx-lm past their
+sliding window: Gemma 3 with its windows and per-layer RoPE bases from a transformers 5 config, the
+families whose mlx-lm module ignores the window through rotating caches on their windowed layers; and
+Granite, OLMo 2 and SmolLM3 on mlx-lm's own modules. Greedy tokens equal transformers' (float32, CPU)."""
 
 from __future__ import annotations
 
@@ -12,14 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 import batchlm.backends as backends
 from batchlm.backends.mlx.families import mlx_lm_overrides, window_context_cap, windowed_layers
 from batchlm.config import EngineConfig
 from batchlm.engine.client import EngineDeadError
 from batchlm.sampling_params import SamplingParams
-from models_harness import hf_generated
+from models_harness import hf_generated, hf_greedy, hf_reference_model
 
 needs_mlx = pytest.mark.skipif(not backends.mlx_available(), reason="mlx and mlx-lm are not installed")
 WINDOW = 8
@@ -32,14 +31,17 @@ WINDOWED_BY_CACHE: dict[str, tuple[str, dict[str, Any]]] = {
     "gemma2": ("gemma2", {"sliding_window": WINDOW, "pad_token_id": 0}),
     "phi3": ("phi3", {"sliding_window": WINDOW, "pad_token_id": 0}),
     "mistral": ("mistral", {"sliding_window": WINDOW}),
+    # Mistral 3's text model, its RoPE base stated only as transformers 5 nests it (rope_parameters in
+    # text_config), which mlx-lm does not read.
+    "mistral3": (
+        "mistral3",
+        {"sliding_window": WINDOW, "rope_parameters": {"rope_type": "default", "rope_theta": 100.0}},
+    ),
 }
 
 
 def transformers_tokens(model_dir: Path, prompt: list[int], new_tokens: int) -> list[int]:
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    return hf_generated(hf, prompt, new_tokens)
+    return hf_generated(hf_reference_model(model_dir), prompt, new_tokens)
 
 
 def mlx_tokens(
@@ -90,6 +92,29 @@ def test_families_whose_mlx_module_ignores_the_window_serve_past_it(
     assert max_model_len > WINDOW
     assert not [r for r in caplog.records if "sliding window" in r.getMessage()]
     assert ours == [transformers_tokens(model_dir, p, 12) for p in prompts]
+
+
+# Families mlx-lm runs with modules of their own (no window to apply): served as they are.
+OWN_MODULES: dict[str, tuple[str, dict[str, Any]]] = {
+    "granite": ("granite", {"embedding_multiplier": 12.0, "residual_multiplier": 0.22,
+                            "attention_multiplier": 0.5, "logits_scaling": 0.25}),
+    "olmo2": ("olmo2", {"pad_token_id": 0}),
+    "smollm3": ("smollm3", {"no_rope_layers": [1, 0], "pad_token_id": 0}),
+}  # fmt: skip
+
+
+@needs_mlx
+@pytest.mark.parametrize("family", sorted(OWN_MODULES))
+def test_families_of_mlx_lm_modules_match_transformers(
+    tiny_model_dir: Callable[..., Path], family: str
+) -> None:
+    model_type, overrides = OWN_MODULES[family]
+    model_dir = tiny_model_dir(model_type, seed=6, **overrides)
+    prompts = [[5, 17, 42, 99, 3, 250, 7], list(range(10, 33))]
+    _, ours = mlx_tokens(model_dir, prompts, 12)
+    # transformers' greedy picks with EOS a token like any other, as ignore_eos has it here.
+    hf = hf_reference_model(model_dir)
+    assert ours == [hf_greedy(hf, p, 12)[0] for p in prompts]
 
 
 def batched_mlx_tokens(model_dir: Path, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
@@ -217,3 +242,17 @@ def test_windowed_layers_follow_layer_types_else_the_family_pattern() -> None:
         windowed_layers({"model_type": "phi3", "sliding_window": 8, "use_sliding_window": False}, 3) is None
     )
     assert windowed_layers({"model_type": "mixtral", "sliding_window": 8}, 3) is None
+
+
+def test_a_nested_text_config_gets_the_older_names_too(tmp_path: Path) -> None:
+    # mlx-lm builds Mistral 3's language model from text_config, whose RoPE base transformers 5 nests.
+    import json
+
+    from batchlm.backends.mlx.config_names import older_field_names
+
+    text = {"model_type": "mistral", "rope_parameters": {"rope_type": "default", "rope_theta": 1e9}}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral3", "text_config": text}))
+    assert older_field_names(tmp_path) == {"text_config": {**text, "rope_theta": 1e9}}
+    stated = {**text, "rope_theta": 1e9}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral3", "text_config": stated}))
+    assert older_field_names(tmp_path) == {}

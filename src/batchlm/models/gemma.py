@@ -10,7 +10,7 @@ the per-layer specs in ModelConfig.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any, ClassVar
 
@@ -24,6 +24,7 @@ from batchlm.layers.rotary import RotaryEmbedding, shared_ropes
 from batchlm.models.base import CausalLM, StackedParam
 from batchlm.models.llama import LLAMA_STACKED, BlockOptions, LlamaAttention, LlamaMLP
 from batchlm.models.model_config import LayerSpec, ModelConfig, read_model_config
+from batchlm.models.multimodal_text import text_model_tensors
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
 
 
@@ -159,22 +160,4 @@ class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):
     def checkpoint_tensors(
         self, weights: Iterable[tuple[str, LoadedWeight]]
     ) -> Iterable[tuple[str, LoadedWeight]]:
-        return _text_tensors(weights)
-
-
-# Where multimodal checkpoints keep the language model: transformers 5 writes the first form,
-# older exports the second.
-_TEXT_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."))
-_TEXT_HEAD = {"language_model.lm_head.weight": "lm_head.weight"}
-_VISION_PARTS = ("vision_tower.", "multi_modal_projector.")
-
-
-def _text_tensors(weights: Iterable[tuple[str, LoadedWeight]]) -> Iterator[tuple[str, LoadedWeight]]:
-    for name, tensor in weights:
-        if any(part in name for part in _VISION_PARTS):
-            continue
-        for prefix, ours in _TEXT_PREFIXES:
-            if name.startswith(prefix):
-                name = ours + name[len(prefix) :]
-                break
-        yield _TEXT_HEAD.get(name, name), tensor
+        return text_model_tensors(weights)

@@ -30,6 +30,20 @@ GGUF_ARCHITECTURES = {
     "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
     "phi3": ("phi3", "Phi3ForCausalLM"),
     "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
+    "granite": ("granite", "GraniteForCausalLM"),
+    "olmo2": ("olmo2", "Olmo2ForCausalLM"),
+    "smollm3": ("smollm3", "SmolLM3ForCausalLM"),
+}
+# Files whose q/k rows llama.cpp's converter interleaved for its RoPE (unpermute_rows undoes it).
+PERMUTED_QK_ARCHITECTURES = frozenset({"llama", "granite", "smollm3"})
+# llama.cpp's smollm3 leaves RoPE out of every fourth layer (a fixed step: the file has no key for it).
+SMOLLM3_NO_ROPE_INTERVAL = 4
+# Granite's multipliers: llama.cpp's metadata key (after the architecture) -> the HF config field.
+GRANITE_SCALES = {
+    "embedding_scale": "embedding_multiplier",
+    "residual_scale": "residual_multiplier",
+    "attention.scale": "attention_multiplier",
+    "logit_scale": "logits_scaling",
 }
 # llama.cpp writes Mixtral as a "llama" file with experts; read as this layout (gguf_layout).
 MIXTRAL_LAYOUT = "mixtral"
@@ -77,6 +91,8 @@ _PHI3_BLOCK_NAMES = {**_BLOCK_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up":
 _BLOCK_NAMES_OF = {
     "gemma2": _GEMMA_BLOCK_NAMES,
     "gemma3": _GEMMA_BLOCK_NAMES,
+    # OLMo 2 norms the attention's and the MLP's outputs only, under Gemma's names for those norms.
+    "olmo2": _GEMMA_BLOCK_NAMES,
     "phi3": _PHI3_BLOCK_NAMES,
     "qwen3moe": _MOE_BLOCK_NAMES,
     MIXTRAL_LAYOUT: _MOE_BLOCK_NAMES,
@@ -190,6 +206,10 @@ def hf_config(reader: GGUFFile, path: Path) -> dict[str, Any]:
         config.update(_gemma_config(reader, arch, config, path))
     if arch == "phi3":
         config.update(_phi3_config(reader, config))
+    if arch == "granite":
+        config.update(_granite_config(reader, arch, path))
+    if arch == "smollm3":
+        config.update(no_rope_layer_interval=SMOLLM3_NO_ROPE_INTERVAL, use_sliding_window=False)
     if arch == "qwen3moe":
         config.update(_moe_config(reader, arch, path))
     if layout == MIXTRAL_LAYOUT:
@@ -236,6 +256,14 @@ def _gemma_config(reader: GGUFFile, arch: str, config: dict[str, Any], path: Pat
         # Gemma 3's local layers rotate at base 10000 (llama.cpp's fixed value too), unscaled.
         extra["rope_local_base_freq"] = 10000.0
     return extra
+
+
+def _granite_config(reader: GGUFFile, arch: str, path: Path) -> dict[str, Any]:
+    """Granite's four multipliers, which llama.cpp requires of a granite file too."""
+    return {
+        field: round_float32(required(reader, f"{arch}.{key}", path, float))
+        for key, field in GRANITE_SCALES.items()
+    }
 
 
 def _moe_config(reader: GGUFFile, arch: str, path: Path) -> dict[str, Any]:
@@ -297,9 +325,9 @@ def iter_gguf_tensors(reader: GGUFFile) -> Iterator[tuple[str, LoadedWeight]]:
         loaded: LoadedWeight = _as_loaded(tensor)
         if arch in GEMMA_ARCHITECTURES and name.endswith("norm.weight"):
             loaded = _gemma_norm(loaded, tensor.name)
-        if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
+        if arch in PERMUTED_QK_ARCHITECTURES and name.endswith(("q_proj.weight", "q_proj.bias")):
             loaded = unpermute_rows(loaded, heads)
-        elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
+        elif arch in PERMUTED_QK_ARCHITECTURES and name.endswith(("k_proj.weight", "k_proj.bias")):
             loaded = unpermute_rows(loaded, kv_heads)
         yield name, loaded
 

@@ -96,6 +96,7 @@ class LlamaAttention(nn.Module):
             self.k_norm = options.head_norm(self.head_dim, config.rms_norm_eps)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.rotary_emb = rope
+        self.rotates = layer.rotates
         self.spec = layer.attention
 
     def forward(
@@ -113,9 +114,25 @@ class LlamaAttention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        out = attn.forward_rotating(positions, self.rotary_emb, q, k, v, kv_cache, meta, self.spec)
+        out = self.attend(positions, q, k, v, kv_cache, meta, attn)
         projected: torch.Tensor = self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
         return projected
+
+    def attend(
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        attn: AttentionBackend,
+    ) -> torch.Tensor:
+        """Attention of the unrotated q [T, H, D] over k and v [T, H_kv, D]: rotated by the backend
+        (which may fold RoPE into its cache write), or as they are on a layer without RoPE."""
+        if not self.rotates:
+            return attn.forward(q, k, v, kv_cache, meta, self.spec)
+        return attn.forward_rotating(positions, self.rotary_emb, q, k, v, kv_cache, meta, self.spec)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -169,10 +186,22 @@ class LlamaModel(nn.Module):
         ropes = shared_ropes([layer.rope for layer in config.layers], config.head_dim, config.max_model_len)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, layer, rope, options, tp, mlp_of_layer(i) if mlp_of_layer else None)
+            self.build_layer(config, layer, rope, options, tp, mlp_of_layer(i) if mlp_of_layer else None)
             for i, (layer, rope) in enumerate(zip(config.layers, ropes, strict=True))
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def build_layer(
+        self,
+        config: ModelConfig,
+        layer: LayerSpec,
+        rope: RotaryEmbedding,
+        options: BlockOptions,
+        tp: TensorParallelGroup,
+        mlp: nn.Module | None,
+    ) -> nn.Module:
+        """One decoder layer (a family whose blocks compute otherwise builds its own here)."""
+        return LlamaDecoderLayer(config, layer, rope, options, tp, mlp)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The token embeddings [T, hidden] the first layer takes."""

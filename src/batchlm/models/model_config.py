@@ -37,6 +37,9 @@ class LayerSpec:
 
     attention: AttentionSpec
     rope: RopeSpec
+    # False: the layer attends without RoPE (SmolLM3's NoPE layers); `rope` then only sizes the
+    # no-rotation table the fused CPU decode stack gives the layer.
+    rotates: bool = True
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,21 @@ ARCHITECTURES = {
     "phi3": "Phi3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "mixtral": "MixtralForCausalLM",
+    "granite": "GraniteForCausalLM",
+    "olmo2": "Olmo2ForCausalLM",
+    "smollm3": "SmolLM3ForCausalLM",
+    "mistral3": "Mistral3ForConditionalGeneration",
 }
+
+# Multimodal model types: the tiny sizes describe their text model (of this model_type), which sits
+# beside a tiny vision tower whose weights batchlm skips.
+TINY_MULTIMODAL: dict[str, tuple[str, dict[str, Any]]] = {
+    "mistral3": (
+        "mistral",
+        {"model_type": "pixtral", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+         "num_attention_heads": 2, "head_dim": 16, "image_size": 28, "patch_size": 14},
+    ),
+}  # fmt: skip
 
 
 def write_random_model(
@@ -59,18 +73,16 @@ def write_random_model(
     transformers would load. Tokenizer files are not written (see batchlm.tokenizer.builder).
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     if model_type not in ARCHITECTURES:
         raise ValueError(f"unknown model_type {model_type!r}; choose from {sorted(ARCHITECTURES)}")
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     params = {**TINY_CONFIG, **TINY_MOE_CONFIG.get(model_type, {}), **(overrides or {})}
-    config = AutoConfig.for_model(model_type, **params)
+    config = _hf_config(model_type, params)
     config.architectures = [ARCHITECTURES[model_type]]
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    model = model.float()
+    model = _hf_model(model_type, config).float()
     # Random init leaves some weights tiny; scale so greedy decoding is not a constant argmax.
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -89,6 +101,26 @@ def write_random_model(
     gen_path = out / "generation_config.json"
     if gen_path.exists():
         gen = json.loads(gen_path.read_text())
-        gen.setdefault("eos_token_id", config.eos_token_id)
+        gen.setdefault("eos_token_id", config.get_text_config().eos_token_id)
         gen_path.write_text(json.dumps(gen, indent=2))
     return out
+
+
+def _hf_config(model_type: str, params: dict[str, Any]) -> Any:
+    from transformers import AutoConfig
+
+    if model_type not in TINY_MULTIMODAL:
+        return AutoConfig.for_model(model_type, **params)
+    text_type, vision = TINY_MULTIMODAL[model_type]
+    # Tying is stated on both configs: transformers reads the outer one, the text model the inner one.
+    tied = bool(params.get("tie_word_embeddings", False))
+    text = {"model_type": text_type, **params}
+    return AutoConfig.for_model(model_type, text_config=text, vision_config=vision, tie_word_embeddings=tied)
+
+
+def _hf_model(model_type: str, config: Any) -> Any:
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    if model_type in TINY_MULTIMODAL:
+        return AutoModelForImageTextToText.from_config(config)
+    return AutoModelForCausalLM.from_config(config)

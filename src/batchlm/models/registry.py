@@ -16,12 +16,16 @@ if TYPE_CHECKING:
 MODEL_REGISTRY: dict[str, str] = {
     "LlamaForCausalLM": "batchlm.models.llama:LlamaForCausalLM",
     "MistralForCausalLM": "batchlm.models.llama:MistralForCausalLM",
+    "Mistral3ForConditionalGeneration": "batchlm.models.mistral3:Mistral3ForConditionalGeneration",
     "Qwen2ForCausalLM": "batchlm.models.llama:Qwen2ForCausalLM",
     "Qwen3ForCausalLM": "batchlm.models.qwen3:Qwen3ForCausalLM",
     "Gemma2ForCausalLM": "batchlm.models.gemma:Gemma2ForCausalLM",
     "Gemma3ForCausalLM": "batchlm.models.gemma:Gemma3ForCausalLM",
     "Gemma3ForConditionalGeneration": "batchlm.models.gemma:Gemma3ForConditionalGeneration",
     "Phi3ForCausalLM": "batchlm.models.phi3:Phi3ForCausalLM",
+    "GraniteForCausalLM": "batchlm.models.granite:GraniteForCausalLM",
+    "Olmo2ForCausalLM": "batchlm.models.olmo2:Olmo2ForCausalLM",
+    "SmolLM3ForCausalLM": "batchlm.models.smollm3:SmolLM3ForCausalLM",
     "Qwen3MoeForCausalLM": "batchlm.models.moe:Qwen3MoeForCausalLM",
     "MixtralForCausalLM": "batchlm.models.moe:MixtralForCausalLM",
 }

@@ -34,8 +34,8 @@ from batchlm.layers.moe import MoESpec, SparseMoeBlock
 from batchlm.layers.norm import RMSNorm
 from batchlm.layers.quantization.cpu_quantized import CPU_QUANTIZED, store
 from batchlm.layers.quantization.layer import MethodLayer
-from batchlm.models.gemma import Gemma2ForCausalLM, GemmaDecoderLayer, GemmaRMSNorm
-from batchlm.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
+from batchlm.models.gemma import Gemma2ForCausalLM, GemmaDecoderLayer, GemmaModel, GemmaRMSNorm
+from batchlm.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP, LlamaModel
 from batchlm.runner.inputs import StepInputs
 
 logger = logging.getLogger(__name__)
@@ -112,7 +112,10 @@ def build_fused_decode(
     if reason is not None:
         logger.info("CPU decode: layer by layer (%s)", reason)
         return None
-    layers = [_layer(layer, cache) for layer, cache in zip(model.model.layers, kv_caches, strict=True)]
+    unrotated: dict[torch.Size, torch.Tensor] = {}
+    layers = [
+        _layer(layer, cache, unrotated) for layer, cache in zip(model.model.layers, kv_caches, strict=True)
+    ]
     logger.info("CPU decode: steps of up to %d requests run the whole stack in one fused call", MAX_ROWS)
     return FusedDecode(model, DecodeStack(shape, layers, _head(model)))
 
@@ -122,6 +125,8 @@ def _unsupported(model: torch.nn.Module, kv_caches: list[torch.Tensor], attn: At
         attn, TorchAttentionBackend
     ):
         return "not a Llama- or Gemma-style model on the CPU attention backend"
+    if (reason := _other_blocks(model)) is not None:
+        return reason
     if not _is_rms_norm(model.model.norm):
         return "a final norm other than RMSNorm"
     moe_specs: set[MoESpec] = set()
@@ -159,6 +164,18 @@ def _unsupported(model: torch.nn.Module, kv_caches: list[torch.Tensor], attn: At
     activations = {type(layer.mlp.act_fn) for layer in model.model.layers if isinstance(layer.mlp, LlamaMLP)}
     if len(activations) > 1:
         return "dense MLPs of different activations"
+    return None
+
+
+def _other_blocks(model: LlamaForCausalLM | Gemma2ForCausalLM) -> str | None:
+    """Why the stack cannot stand for the model's decoder, or None. The stack computes Llama's and
+    Gemma's decoder stacks and blocks as they are: a family that subclasses them to compute otherwise
+    (Granite's scaled residuals) keeps the model's own forward."""
+    if type(model.model) not in (LlamaModel, GemmaModel):
+        return f"a decoder stack the fused call does not compute ({type(model.model).__name__})"
+    for layer in model.model.layers:
+        if type(layer) not in (LlamaDecoderLayer, GemmaDecoderLayer):
+            return f"decoder layers the fused call does not compute ({type(layer).__name__})"
     return None
 
 
@@ -233,7 +250,9 @@ def _shape(model: LlamaForCausalLM | Gemma2ForCausalLM, kv_cache: torch.Tensor) 
     )
 
 
-def _layer(layer: torch.nn.Module, kv_cache: torch.Tensor) -> StackLayer:
+def _layer(
+    layer: torch.nn.Module, kv_cache: torch.Tensor, unrotated: dict[torch.Size, torch.Tensor]
+) -> StackLayer:
     assert isinstance(layer, (LlamaDecoderLayer, GemmaDecoderLayer))
     attention, mlp = layer.self_attn, layer.mlp
     dense = mlp if isinstance(mlp, LlamaMLP) else None
@@ -242,7 +261,7 @@ def _layer(layer: torch.nn.Module, kv_cache: torch.Tensor) -> StackLayer:
     return StackLayer(
         input_norm=before_attention,
         post_norm=before_mlp,
-        cos_sin=_float32(attention.rotary_emb.cos_sin_cache),
+        cos_sin=_rotation_table(attention, unrotated),
         qkv=store(attention.qkv_proj).finish(),
         o=store(attention.o_proj).finish(),
         gate_up=store(dense.gate_up_proj).finish() if dense else None,
@@ -260,6 +279,19 @@ def _layer(layer: torch.nn.Module, kv_cache: torch.Tensor) -> StackLayer:
         window=attention.spec.sliding_window or 0,
         softcap=attention.spec.logit_softcap or 0.0,
     )
+
+
+def _rotation_table(attention: LlamaAttention, unrotated: dict[torch.Size, torch.Tensor]) -> torch.Tensor:
+    """The layer's cos | sin table (float32); a layer without RoPE gets the table of no rotation (cos 1,
+    sin 0: the stack's rotation gives back every query and key exactly), one shared by such layers."""
+    table = attention.rotary_emb.cos_sin_cache
+    if attention.rotates:
+        return _float32(table)
+    if table.shape not in unrotated:
+        rows, half = table.shape[0], table.shape[-1] // 2
+        cos, sin = torch.ones(rows, half, dtype=torch.float32), torch.zeros(rows, half, dtype=torch.float32)
+        unrotated[table.shape] = torch.cat((cos, sin), dim=-1)
+    return unrotated[table.shape]
 
 
 def _experts(block: SparseMoeBlock) -> StackExperts:

@@ -4,7 +4,8 @@ transformers 5 writes `rope_parameters` (holding rope_theta and the RoPE scaling
 `num_local_experts`; most of mlx-lm's ModelArgs read `rope_theta`, `rope_scaling` and `num_experts`,
 and either fail without them or fall back to a default that may not be the checkpoint's (without
 `rope_scaling`, plain RoPE: a Llama 3.1 or linear / YaRN-scaled checkpoint gave other logits than the
-torch backend's). Stating the old names beside the new ones serves both.
+torch backend's). Stating the old names beside the new ones serves both. A multimodal config (Mistral
+3) gets them in its `text_config`, which mlx-lm builds the language model from.
 """
 
 from __future__ import annotations
@@ -22,6 +23,15 @@ def older_field_names(model_dir: Path) -> dict[str, Any]:
         return {}
     if not isinstance(raw, dict):
         return {}
+    fields = _derived_fields(raw)
+    text = raw.get("text_config")
+    if isinstance(text, dict) and (text_fields := _derived_fields(text)):
+        # mlx-lm merges overrides into the top level only: the nested config is given whole.
+        fields["text_config"] = {**text, **text_fields}
+    return fields
+
+
+def _derived_fields(raw: dict[str, Any]) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     rope = raw.get("rope_parameters")
     if "rope_theta" not in raw and isinstance(rope, dict) and "rope_theta" in rope:

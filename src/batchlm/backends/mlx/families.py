@@ -20,7 +20,7 @@ QWEN_MAX_WINDOW_LAYERS = 28
 # mlx-lm's Gemma 3 sliding_window_pattern when the config states none: every 6th layer is global.
 MLX_LM_GEMMA3_PATTERN = 6
 # Families whose windowed layers get a rotating KV cache from apply_sliding_window.
-WINDOWED_BY_CACHE = frozenset({"gemma2", "phi3", "mistral"})
+WINDOWED_BY_CACHE = frozenset({"gemma2", "phi3", "mistral", "mistral3"})
 # model_type -> does the mlx-lm module (or apply_sliding_window) apply the config's sliding window?
 APPLIES_WINDOW = {
     "gemma3": True,
@@ -28,6 +28,7 @@ APPLIES_WINDOW = {
     "gemma2": True,
     "phi3": True,
     "mistral": True,
+    "mistral3": True,
     "qwen2": False,
     "qwen3": False,
     "qwen3_moe": False,
@@ -78,10 +79,15 @@ def _pattern_period(layer_types: list[str]) -> int:
     return period
 
 
+def _text_config(raw: dict[str, Any]) -> dict[str, Any]:
+    # A multimodal config (Mistral 3) nests the language model's settings.
+    nested = raw.get("text_config")
+    return nested if isinstance(nested, dict) else raw
+
+
 def _sliding_window(raw: dict[str, Any]) -> int | None:
     """The window some layer of the model attends within, as transformers reads the config; None: none."""
-    nested = raw.get("text_config")
-    text: dict[str, Any] = nested if isinstance(nested, dict) else raw
+    text = _text_config(raw)
     window = text.get("sliding_window")
     if not isinstance(window, int) or window <= 0 or text.get("use_sliding_window") is False:
         return None
@@ -119,7 +125,7 @@ def windowed_layers(raw: dict[str, Any], num_layers: int) -> list[bool] | None:
     window = _sliding_window(raw)
     if window is None or raw.get("model_type") not in WINDOWED_BY_CACHE:
         return None
-    layer_types = raw.get("layer_types")
+    layer_types = _text_config(raw).get("layer_types")
     if isinstance(layer_types, list) and len(layer_types) == num_layers:
         return [kind == SLIDING for kind in layer_types]
     if raw.get("model_type") == "gemma2":

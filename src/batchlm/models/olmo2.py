@@ -1,0 +1,181 @@
+"""OLMo 2 decoders (Olmo2ForCausalLM).
+
+What sets them apart from Llama: no norm before the attention or the MLP; each block norms the
+attention's and the MLP's outputs before the residual add; queries and keys are RMS-normed over the
+whole q and k projections (all heads together, not per head) before RoPE; and every RMSNorm multiplies
+by its weight in float32, before the cast back to the activations' dtype (Llama's after it).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from batchlm.attention.backend import AttentionBackend, AttentionMetadata
+from batchlm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from batchlm.layers.linear import check_shape
+from batchlm.layers.norm import RMSNorm
+from batchlm.layers.quantization.base import LoadedWeight, as_dense
+from batchlm.layers.rotary import RotaryEmbedding, shared_ropes
+from batchlm.models.base import CausalLM, StackedParam
+from batchlm.models.llama import LLAMA_STACKED, BlockOptions, LlamaAttention, LlamaMLP
+from batchlm.models.model_config import LayerSpec, ModelConfig
+from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
+
+
+class Olmo2RMSNorm(RMSNorm):
+    """y = (weight * x / sqrt(mean(x^2) + eps)) computed in float32, then cast back (transformers'
+    Olmo2RMSNorm). No fused residual form: OLMo 2 adds the residual after the norm. (An RMSNorm, so
+    that random-weight loads start it at ones as they do Llama's; the forward is its own.)"""
+
+    def forward(self, x: torch.Tensor, residual: None = None) -> torch.Tensor:  # type: ignore[override]
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # The same bits as the form below in float32, in one kernel.
+            return torch.nn.functional.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (self.weight.float() * normed).to(x.dtype)
+
+
+class ProjectionRMSNorm(Olmo2RMSNorm):
+    """OLMo 2's norm over a whole q or k projection, whose heads tensor parallelism shares out among
+    ranks: each rank holds its heads' slice of the weight, and the mean square sums every rank's part
+    (a KV head held by `replicas` ranks is counted once)."""
+
+    def __init__(
+        self, full_width: int, start: int, width: int, replicas: int, eps: float, tp: TensorParallelGroup
+    ) -> None:
+        super().__init__(width, eps)
+        self.full_width, self.start, self.replicas, self.tp = full_width, start, replicas, tp
+
+    def load_weight(
+        self, name: str, param_name: str, loaded: LoadedWeight, shard: str | int | None = None
+    ) -> None:
+        """This rank's slice of the checkpoint's whole-projection weight."""
+        check_shape(name, (self.full_width,), loaded.shape)
+        part = as_dense(loaded, self.weight.dtype).narrow(0, self.start, self.weight.shape[0])
+        with torch.no_grad():
+            self.weight.copy_(part)
+
+    def forward(self, x: torch.Tensor, residual: None = None) -> torch.Tensor:  # type: ignore[override]
+        if self.tp.is_single:
+            return super().forward(x)
+        x32 = x.float()
+        squares = self.tp.all_reduce(x32.pow(2).sum(dim=-1, keepdim=True)) / self.replicas
+        normed = x32 * torch.rsqrt(squares / self.full_width + self.eps)
+        return (self.weight.float() * normed).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]} of {self.full_width} from {self.start}, eps={self.eps}"
+
+
+class Olmo2Attention(LlamaAttention):
+    """Llama's attention with q and k normed over their whole projections before RoPE."""
+
+    def __init__(
+        self, config: ModelConfig, layer: LayerSpec, rope: RotaryEmbedding, tp: TensorParallelGroup
+    ) -> None:
+        options = BlockOptions(qkv_bias=config.attention_bias, o_bias=config.attention_bias)
+        super().__init__(config, layer, rope, options, tp)
+        qkv, eps = self.qkv_proj, config.rms_norm_eps
+        d = self.head_dim
+        kv_replicas = max(1, tp.size // qkv.total_num_kv_heads)
+        self.q_norm = ProjectionRMSNorm(qkv.total_num_heads * d, tp.rank * qkv.q_size, qkv.q_size, 1, eps, tp)
+        self.k_norm = ProjectionRMSNorm(
+            qkv.total_num_kv_heads * d, qkv.kv_head_start * d, qkv.kv_size, kv_replicas, eps, tp
+        )
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        attn: AttentionBackend,
+    ) -> torch.Tensor:
+        # hidden: [T, hidden] -> q [T, H * D], k/v [T, H_kv * D] (q and k normed whole) -> heads
+        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
+        assert self.q_norm is not None and self.k_norm is not None
+        q = self.q_norm(q).view(-1, self.num_heads, self.head_dim)
+        k = self.k_norm(k).view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        out = self.attend(positions, q, k, v, kv_cache, meta, attn)
+        projected: torch.Tensor = self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+        return projected
+
+
+class Olmo2DecoderLayer(nn.Module):
+    """Attend, norm, add; the same around the MLP (no norm before either)."""
+
+    def __init__(
+        self, config: ModelConfig, layer: LayerSpec, rope: RotaryEmbedding, tp: TensorParallelGroup
+    ) -> None:
+        super().__init__()
+        self.self_attn = Olmo2Attention(config, layer, rope, tp)
+        self.mlp = LlamaMLP(config, False, tp)
+        self.post_attention_layernorm = Olmo2RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_feedforward_layernorm = Olmo2RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        attn: AttentionBackend,
+    ) -> torch.Tensor:
+        attended = self.self_attn(positions, hidden, kv_cache, meta, attn)
+        hidden = hidden + self.post_attention_layernorm(attended)
+        fed = self.mlp(hidden)
+        residual: torch.Tensor = hidden + self.post_feedforward_layernorm(fed)
+        return residual
+
+
+class Olmo2Model(nn.Module):
+    """Embedding, decoder layers, final norm (HF's `model.` prefix)."""
+
+    def __init__(self, config: ModelConfig, tp: TensorParallelGroup) -> None:
+        super().__init__()
+        ropes = shared_ropes([layer.rope for layer in config.layers], config.head_dim, config.max_model_len)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        self.layers = nn.ModuleList(
+            Olmo2DecoderLayer(config, layer, rope, tp)
+            for layer, rope in zip(config.layers, ropes, strict=True)
+        )
+        self.norm = Olmo2RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The token embeddings [T, hidden] the first layer takes."""
+        hidden: torch.Tensor = self.embed_tokens(input_ids)
+        return hidden
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        meta: AttentionMetadata,
+        attn: AttentionBackend,
+    ) -> torch.Tensor:
+        hidden = self.embed(input_ids)  # [T, hidden]
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden = layer(positions, hidden, kv_cache, meta, attn)
+        normed: torch.Tensor = self.norm(hidden)
+        return normed
+
+
+class Olmo2ForCausalLM(CausalLM):
+    """OLMo 2 (OLMo-2-1124-7B/13B, OLMo-2-0325-32B, OLMo-2-0425-1B and their instruct models)."""
+
+    model: Olmo2Model
+    stacked_params: ClassVar[tuple[StackedParam, ...]] = LLAMA_STACKED
+
+    def __init__(self, config: ModelConfig, tp: TensorParallelGroup = SINGLE_RANK) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Olmo2Model(config, tp)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
+        if self.tie_word_embeddings:
+            self.lm_head.tie_to(self.model.embed_tokens)
