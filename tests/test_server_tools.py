@@ -199,6 +199,41 @@ def test_streamed_logprobs_of_held_back_text_are_not_lost(client: Any, engine: F
     assert len(entries) == chunks[-1].usage.completion_tokens == len(HERMES_REPLY.encode())
 
 
+# Granite 3.x's system prompt with tools, as its chat template writes it.
+GRANITE_TEMPLATE = (
+    "{%- if tools %}{%- set system_message = system_message + ' You are a helpful assistant with access to "
+    "the following tools. When a tool is required to answer the user\\'s query, respond only with "
+    "<|tool_call|> followed by a JSON list of tools used.' %}{%- endif %}"
+)
+
+
+def test_granite_calls_after_its_special_token_are_read_and_held_to_a_strict_function() -> None:
+    """A Granite 3.x template (auto picks `granite`): the calls are a JSON array after `<|tool_call|>`, a
+    special token that decoding keeps in the text so the calls read; a strict function's grammar and a
+    forced choice's name that token."""
+    from fake_engine import openai_client
+
+    engine = FakeEngine(
+        max_model_len=4096, reply=f'<|tool_call|>[{{"name": "get_weather", "arguments": {PARIS}}}]'
+    )
+    engine.tokenizer.chat_template = GRANITE_TEMPLATE
+    # The fake's ids below 3 decode to nothing without special tokens: the marker is a special one.
+    engine.tokenizer.added_tokens = {"<|tool_call|>": 1}
+    with BackgroundServer(engine) as running:
+        client = openai_client(running.base_url)
+        for stream in (False, True):
+            assert reply_of(client, stream) == ("", [("get_weather", PARIS)], "tool_calls"), stream
+            assert engine.calls[-1].params.skip_special_tokens is False
+        strict = [{**TOOLS[0], "function": {**TOOLS[0]["function"], "strict": True}}, TOOLS[1]]
+        grammars = []
+        for fields in ({"tools": strict}, {"tools": TOOLS, "tool_choice": "required"}):
+            reply = post(running, {"model": "fake-model", **fields}).json()
+            assert reply["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+            grammars.append(engine.calls[-1].params.structured_outputs.grammar)
+    assert grammars[0].startswith("start: free (<[1]> calls)?")
+    assert grammars[1].startswith("start: <[1]> calls")
+
+
 def test_auto_with_a_strict_function_holds_the_model_s_calls_to_its_schema(
     client: Any, engine: FakeEngine, server: BackgroundServer
 ) -> None:
@@ -356,6 +391,8 @@ BROKEN_AFTER_A_CALL = {
     "hermes": f'Let me look.\n\n<tool_call>\n{{"name": "get_weather", "arguments": {PARIS}}}\n</tool_call>\n'
     '<tool_call>\n{"name": "get_time", "arguments": {"zone": \n</tool_call>',
     "mistral": f'Let me look.\n\n[TOOL_CALLS]get_weather[ARGS]{PARIS}[TOOL_CALLS]get_time[ARGS]{{"zone": }}',
+    "granite": f'Let me look.\n\n<|tool_call|>[{{"name": "get_weather", "arguments": {PARIS}}}]'
+    '<|tool_call|>[{"name": "get_time", "arguments": {"zone": }}]',
     "llama3_json": f'{{"name": "get_weather", "parameters": {PARIS}}}; {{"name": "get_time", "parameters": {{"zone": }}}}',
     "qwen3_coder": "Let me look.\n\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
     "</function>\n</tool_call>\n<tool_call>\n<function=get_time>\n<zone>",

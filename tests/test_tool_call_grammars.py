@@ -15,6 +15,8 @@ from batchlm.structured.backend import allowed_tokens
 from batchlm.structured.llguidance_backend import LLGuidanceBackend
 from batchlm.tools.closed_schema import closed_objects
 from batchlm.tools.function_tool import FunctionTool
+from batchlm.tools.granite import MARKER as GRANITE_MARKER
+from batchlm.tools.granite import GraniteParser
 from batchlm.tools.hermes import END, START, HermesParser
 from batchlm.tools.registry import PARSERS
 from grammar_walk import EOS, greedy_walk, takes, tiny_backend
@@ -101,6 +103,12 @@ STRICT_FAMILIES = [
     ("llama3_json", [], ['{"name": "f", "parameters": {"a": 1}}; {"name": "f", "parameters": {}}']),
     ("mistral", ["[TOOL_CALLS]"], ["Sure.", ["[TOOL_CALLS]"], '[{"name": "f", "arguments": {"a": 1}}]']),
     ("mistral", ["[TOOL_CALLS]", "[ARGS]"], [["[TOOL_CALLS]"], "f", ["[ARGS]"], '{"a": 1}']),
+    ("granite", ["<|tool_call|>"], ["Sure.", ["<|tool_call|>"], '[{"name": "f", "arguments": {"a": 1}}]']),
+    (
+        "granite",
+        ["<|tool_call|>"],
+        [["<|tool_call|>"], '[{"name": "f", "arguments": {"a": 1}}, {"name": "f", "arguments": {}}]'],
+    ),
 ]
 
 
@@ -185,6 +193,12 @@ FORCED_FAMILIES = [
     ("llama3_json", [], ['{"name": "f", "parameters": {}}; {"name": "f", "parameters": {"a": 1}}']),
     ("mistral", ["[TOOL_CALLS]"], [["[TOOL_CALLS]"], '[{"name": "f", "arguments": {"a": 1}}]']),
     ("mistral", ["[TOOL_CALLS]", "[ARGS]"], [["[TOOL_CALLS]"], "f", ["[ARGS]"], '{"a": 1}']),
+    ("granite", ["<|tool_call|>"], [["<|tool_call|>"], '[{"name": "f", "arguments": {"a": 1}}]']),
+    (
+        "granite",
+        ["<|tool_call|>"],
+        [["<|tool_call|>"], '[{"name": "f", "arguments": {}}, {"name": "f", "arguments": {"a": 1}}]'],
+    ),
 ]
 
 
@@ -246,6 +260,44 @@ def test_with_a_regex_choice_or_grammar_asked_for_each_family_answers_in_it_or_c
     assert not grammar.takes([refused])
     assert not grammar.takes(["Some text."])
     assert grammar.takes(calls_alone(output), then_ends=True)
+
+
+def test_granite_s_calls_are_one_array_after_its_token_and_end_the_output(tiny_tokenizer) -> None:
+    """Granite's template asks for `<|tool_call|>` and a JSON list of the calls alone: nothing after the
+    array, one call in it without parallel calls, and text may not spell the marker out. A tokenizer
+    without the token has no Granite grammar (a forced call is then plain JSON)."""
+    hf = copy.deepcopy(tiny_tokenizer.hf)
+    hf.add_tokens([GRANITE_MARKER], special_tokens=True)
+    marker = hf.convert_tokens_to_ids(GRANITE_MARKER)
+    added = {GRANITE_MARKER: marker}
+    backend = LLGuidanceBackend.from_hf(hf, len(hf), EOS)
+    strict = FunctionTool("f", None, {"type": "object", "properties": {"a": {"type": "integer"}}}, True)
+
+    def taken(grammar: str | None, pieces: list[str | int], then_ends: bool = True) -> bool:
+        assert grammar is not None
+        ids = [
+            i
+            for piece in pieces
+            for i in ([piece] if isinstance(piece, int) else hf.encode(piece, add_special_tokens=False))
+        ]
+        return takes(backend, StructuredOutputs(grammar=grammar), ids, then_ends)
+
+    first = '{"name": "f", "arguments": {"a": 1}}'
+    two = f'[{first}, {{"name": "f", "arguments": {{}}}}]'
+    free = GraniteParser().calls_grammar([strict], added)
+    assert taken(free, ["Sure. ", marker, two])
+    assert GraniteParser().extract("Sure. " + GRANITE_MARKER + two).content == "Sure."
+    assert not taken(free, ["Sure. ", marker, two, " Done."], then_ends=False), "text after the calls"
+    assert not taken(free, [marker, two, marker], then_ends=False), "a second marker"
+    assert not taken(free, ["Hi <|tool_", "call|>", two], then_ends=False), "the marker spelled out"
+    one = GraniteParser(max_calls=1).calls_grammar([strict], added)
+    assert taken(one, [marker, f"[{first}]"])
+    assert not taken(one, [marker, two], then_ends=False), "a second call without parallel calls"
+    forced = GraniteParser(max_calls=1).forced_grammar([strict], added)
+    assert taken(forced, [marker, f"[{first}]"])
+    assert not taken(forced, [f"[{first}]"], then_ends=False), "no marker"
+    assert GraniteParser().calls_grammar([strict], {}) is None
+    assert GraniteParser().forced_grammar([strict], {}) is None
 
 
 CODER_SCHEMA = {

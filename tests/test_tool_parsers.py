@@ -10,6 +10,7 @@ import pytest
 from batchlm.tools.calls import StreamDelta, ToolCall
 from batchlm.tools.forced import NamedFunctionParser, RequiredCallsParser
 from batchlm.tools.function_tool import FunctionTool
+from batchlm.tools.granite import GraniteParser
 from batchlm.tools.hermes import HermesParser
 from batchlm.tools.json_scan import is_json_prefix
 from batchlm.tools.llama3_json import Llama3JsonParser
@@ -135,6 +136,32 @@ CASES: list[tuple[ToolParser, str, str | None, list[tuple[str, str]]]] = [
     ),
     (MistralParser(), "[TOOL bar] [TOOL_CALLS", "[TOOL bar] [TOOL_CALLS", []),
     (MistralParser(), '[TOOL_CALLS][{"name": "f", "arguments": {}, "v": 2E+1}]', None, [("f", "{}")]),
+    (
+        GraniteParser(),
+        f'<|tool_call|>[{{"name": "get_weather", "arguments": {WEATHER}}}, '
+        f'{{"name": "get_time", "arguments": {TIME}}}]',
+        None,
+        [("get_weather", WEATHER), ("get_time", TIME)],
+    ),
+    (
+        GraniteParser(),
+        f'Let me check.\n<|tool_call|> [{{"arguments": {NON_ASCII}, "name": "f"}}]',
+        "Let me check.",
+        [("f", NON_ASCII)],
+    ),
+    (GraniteParser(), '<|tool_call|>[{"name": "noop"}]', None, [("noop", "{}")]),
+    (GraniteParser(), '<|tool_call|>[{"name": "f", "parameters": {"a": 1}}]', None, [("f", '{"a": 1}')]),
+    (GraniteParser(), '<|tool_call|>[{"name": "f", "arguments": "{\\"a\\": 1}"}]', None, [("f", '{"a": 1}')]),
+    (GraniteParser(), "<|tool_call|>[]", None, []),
+    (GraniteParser(), "Is a <|tool_ <|tool_call| marker?", "Is a <|tool_ <|tool_call| marker?", []),
+    (GraniteParser(), "<|tool_call|> is its marker.", "<|tool_call|> is its marker.", []),
+    (
+        GraniteParser(),
+        '<|tool_call|>{"name": "f", "arguments": {}}',
+        '<|tool_call|>{"name": "f", "arguments": {}}',
+        [],
+    ),
+    (GraniteParser(), '<|tool_call|>[{"name": "f", "arguments": {}, "v": -1.5e3}]', None, [("f", "{}")]),
     (CODER, "No call <function=x> here.", "No call <function=x> here.", []),
     (CODER, CODER_WEATHER, None, [("get_weather", WEATHER)]),
     (
@@ -238,6 +265,7 @@ def test_streaming_one_character_at_a_time_leaks_no_markup(
             "[TOOL_CALLS]",
             "[ARGS]",
             "<|python_tag|>",
+            "<|tool_call|>",
             '"name"',
             "<function=",
         )
@@ -300,6 +328,8 @@ MALFORMED: list[tuple[ToolParser, str]] = [
     (Llama3JsonParser(), '{"name": "get_weather", "parameters": {"city": }}'),
     (MistralParser(), '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": \'Paris\'}}]'),
     (MistralParser(), "OK[TOOL_CALLS]get_weather[ARGS]{city: Paris}"),
+    (GraniteParser(), '<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": 7}]'),
+    (GraniteParser(), 'OK <|tool_call|>[{"name": "get_weather", "arguments": {"city": "Paris"}} {"a": 1}]'),
 ]
 
 
@@ -366,6 +396,13 @@ CUT_SHORT: list[tuple[ToolParser, str, str | None, list[tuple[str, str]]]] = [
         None,
         [("get_weather", '{"ci')],
     ),
+    (
+        GraniteParser(),
+        f'Sure.<|tool_call|>[{{"name": "get_weather", "arguments": {WEATHER}}}, {{"name": "get_time", "arguments": {{"zo',
+        "Sure.",
+        [("get_weather", WEATHER), ("get_time", '{"zo')],
+    ),
+    (GraniteParser(), "Sure. <|tool_call|>[", "Sure.", []),
     (NamedFunctionParser("get_weather"), '{"city": "Par', None, [("get_weather", '{"city": "Par')]),
     (
         CODER,
@@ -406,8 +443,16 @@ def test_an_output_cut_short_gives_what_its_stream_sent(
         assert (streamed_content, streamed_calls) == (parsed.content or "", calls)
     if calls:
         assert parsed.content is None or not any(
-            marker in parsed.content for marker in ("<tool_call>", "[TOOL_CALLS]")
+            marker in parsed.content for marker in ("<tool_call>", "[TOOL_CALLS]", "<|tool_call|>")
         )
+
+
+# Granite 3.3's system prompt with tools, as its chat template writes it.
+GRANITE_TEMPLATE = (
+    '{%- elif available_tools %}{%- set system_message = system_message + " You are a helpful assistant '
+    "with access to the following tools. When a tool is required to answer the user's query, respond only "
+    'with <|tool_call|> followed by a JSON list of tools used." %}'
+)
 
 
 @pytest.mark.parametrize(
@@ -420,6 +465,19 @@ def test_an_output_cut_short_gives_what_its_stream_sent(
         ("{% for m in messages %}<|im_start|>{{ m.content }}{% endfor %}", "hermes"),
         (None, "hermes"),
         ("{{- '<tool_call>\\n<function=' + name + '>' }}{{- '<parameter=' + key + '>' }}", "qwen3_coder"),
+        (GRANITE_TEMPLATE, "granite"),
+        # Granite 3.0/3.1's: a call in history follows the token; the tools' JSON holds "parameters".
+        (
+            "{%- elif message['role'] == 'assistant_tool_call' %}"
+            "{{- '<|start_of_role|>assistant<|end_of_role|><|tool_call|>' + message['content'] }}"
+            '{{- tool | tojson(indent=4) }}{# "parameters": {...} #}',
+            "granite",
+        ),
+        # Granite 4's template teaches Hermes' tag.
+        (
+            '{{- \'<tool_call>\\n{"name": <function-name>, "arguments": <args-json-object>}\\n</tool_call>\' }}',
+            "hermes",
+        ),
     ],
 )
 def test_auto_detection_follows_the_chat_template(template: str | None, name: str) -> None:
@@ -446,10 +504,11 @@ TOO_DEEP = "[" * 3000 + "]" * 3000
         (HermesParser(), '<tool_call>{"name": "f", "arguments": {"a": ' + "[" * 3000),
         (Llama3JsonParser(), f'{{"name": "f", "parameters": {{"a": {TOO_DEEP}}}}}'),
         (MistralParser(), f'[TOOL_CALLS][{{"name": "f", "arguments": {{"a": {TOO_DEEP}}}}}]'),
+        (GraniteParser(), f'<|tool_call|>[{{"name": "f", "arguments": {{"a": {TOO_DEEP}}}}}]'),
         (NamedFunctionParser("f"), f'{{"a": {TOO_DEEP}}}'),
         (RequiredCallsParser(), f'[{{"name": "f", "parameters": {{"a": {TOO_DEEP}}}}}]'),
     ],
-    ids=["hermes", "hermes-name", "hermes-unclosed", "llama3", "mistral", "named", "required"],
+    ids=["hermes", "hermes-name", "hermes-unclosed", "llama3", "mistral", "granite", "named", "required"],
 )
 def test_arguments_nested_too_deep_for_python_s_reader_are_no_call(parser: ToolParser, output: str) -> None:
     """As a call that never closes: the text, never a RecursionError (which was a 500)."""
@@ -472,10 +531,11 @@ LONG_INTEGER = "7" * 5000  # past the 4,300 digits Python's int() converts
         (HermesParser(), f'<tool_call>{{"name": "f", "arguments": {{}}, "v": {LONG_INTEGER}}}</tool_call>'),
         (Llama3JsonParser(), f'{{"name": "f", "parameters": {{"a": {LONG_INTEGER}, "b": 2}}}}'),
         (MistralParser(), f'[TOOL_CALLS][{{"name": "f", "arguments": {{"a": {LONG_INTEGER}, "b": 2}}}}]'),
+        (GraniteParser(), f'<|tool_call|>[{{"name": "f", "arguments": {{}}, "v": {LONG_INTEGER}}}]'),
         (NamedFunctionParser("f"), f'{{"a": {LONG_INTEGER}, "b": 2}}'),
         (RequiredCallsParser(), f'[{{"name": "f", "parameters": {{"a": {LONG_INTEGER}, "b": 2}}}}]'),
     ],
-    ids=["hermes", "hermes-top-level", "llama3", "mistral", "named", "required"],
+    ids=["hermes", "hermes-top-level", "llama3", "mistral", "granite-top-level", "named", "required"],
 )  # fmt: skip
 def test_an_integer_longer_than_python_converts_is_a_call_s_argument(parser: ToolParser, output: str) -> None:
     """JSON takes integers of any length; Python's reader raised a ValueError past 4,300 digits (a 500
@@ -547,7 +607,9 @@ def test_a_coder_value_may_hold_its_closing_tag(
 
 
 @pytest.mark.parametrize(
-    "parser", [HermesParser(), Llama3JsonParser(), MistralParser()], ids=["hermes", "llama3", "mistral"]
+    "parser",
+    [HermesParser(), Llama3JsonParser(), MistralParser(), GraniteParser()],
+    ids=["hermes", "llama3", "mistral", "granite"],
 )
 def test_a_key_given_twice_reads_the_same_streamed_or_not(parser: ToolParser) -> None:
     """The first value counts, the one a stream sends before the second arrives."""
@@ -556,6 +618,7 @@ def test_a_key_given_twice_reads_the_same_streamed_or_not(parser: ToolParser) ->
         HermesParser: f"<tool_call>{call}</tool_call>",
         Llama3JsonParser: call,
         MistralParser: f"[TOOL_CALLS][{call}]",
+        GraniteParser: f"<|tool_call|>[{call}]",
     }[type(parser)]
     assert calls_of(parser.extract(output).tool_calls) == [("f", '{"a": 1}')]
     for chunks in [list(output), *([output[:split], output[split:]] for split in range(len(output) + 1))]:
@@ -594,6 +657,8 @@ AROUND: list[tuple[ToolParser, str, str | None]] = [
     (HermesParser(), f"{hermes('f')}\n{hermes('g')}\n", None),
     (MistralParser(), 'Hi [TOOL_CALLS][{"name": "f", "arguments": {}}] there', "Hi there"),
     (MistralParser(), "Sure.\n[TOOL_CALLS]f[ARGS]{}[TOOL_CALLS]g[ARGS]{}\nDone.", "Sure.\nDone."),
+    (GraniteParser(), 'Hi <|tool_call|>[{"name": "f", "arguments": {}}] there', "Hi there"),
+    (GraniteParser(), 'Sure.\n\n<|tool_call|>[{"name": "f", "arguments": {}}]\n', "Sure."),
     (Llama3JsonParser(), '{"name": "f", "parameters": {}}\n\nThat is all.', "That is all."),
     (CODER, f"Hi {coder('ping')} there", "Hi there"),
     (CODER, f"Looking.\n\n{coder('ping')}\n{coder('pong')}\n\nDone.", "Looking.\n\nDone."),
@@ -623,6 +688,14 @@ BROKEN_AFTER_A_CALL: list[tuple[ToolParser, str]] = [
     (HermesParser(), f'{hermes("f")}\n<tool_call>\n{{"name": "g", "arguments": {{"a": "Par'),
     (MistralParser(), '[TOOL_CALLS]f[ARGS]{"a": 1}[TOOL_CALLS]g[ARGS]{"a": }'),
     (MistralParser(), '[TOOL_CALLS]f[ARGS]{"a": 1}[TOOL_CALLS]g[ARGS]{"a": "Par'),
+    (
+        GraniteParser(),
+        '<|tool_call|>[{"name": "f", "arguments": {"a": 1}}]<|tool_call|>[{"name": "g", "arguments": {"a": }}]',
+    ),
+    (
+        GraniteParser(),
+        '<|tool_call|>[{"name": "f", "arguments": {"a": 1}}]\n<|tool_call|>[{"name": "g", "arguments": {"a": "Par',
+    ),
     (Llama3JsonParser(), '{"name": "f", "parameters": {"a": 1}}; {"name": "g", "parameters": {"a": }}'),
     (Llama3JsonParser(), '{"name": "f", "parameters": {"a": 1}}; {"name": "g", "parameters": {"a": "Par'),
     (CODER, f"{coder('ping')}\n<tool_call>\n<function=search>\n<query>x</query>\n</tool_call>"),

@@ -13,6 +13,7 @@ import pytest
 from batchlm.tools.calls import StreamDelta
 from batchlm.tools.forced import NamedFunctionParser, RequiredCallsParser
 from batchlm.tools.function_tool import FunctionTool
+from batchlm.tools.granite import GraniteParser
 from batchlm.tools.hermes import HermesParser
 from batchlm.tools.llama3_json import Llama3JsonParser
 from batchlm.tools.mistral import MistralParser
@@ -49,6 +50,8 @@ def output(parser: ToolParser, rng: random.Random) -> str:
             body = "".join(f"[TOOL_CALLS]write[ARGS]{a}" for a in calls)
         else:
             body = "[TOOL_CALLS]" + json.dumps([{"name": "write", "arguments": {}}])[:-3] + calls[0] + "}]"
+    elif isinstance(parser, GraniteParser):
+        body = "<|tool_call|>[" + ", ".join(f'{{"name": "write", "arguments": {a}}}' for a in calls) + "]"
     elif isinstance(parser, RequiredCallsParser):
         before, body = "", "[" + ", ".join(f'{{"name": "write", "parameters": {a}}}' for a in calls) + "]"
     elif isinstance(parser, NamedFunctionParser):
@@ -94,6 +97,7 @@ PARSERS = [
     HermesParser(max_calls=1),
     Llama3JsonParser(),
     MistralParser(),
+    GraniteParser(),
     RequiredCallsParser(),
     NamedFunctionParser("write"),
     Qwen3CoderParser(),
@@ -130,6 +134,7 @@ def test_a_stream_carried_forward_sends_what_whole_scans_send(
 # among them), markup and JSON punctuation inside it, and what ends or breaks it.
 HARD_PIECES = ["ab", " ", "\\n", '\\"', "\\\\", "\\u00e9", "\\ud83d", "\\ude00", "\\ud83d\\ude00", "é", "😀"]
 HARD_PIECES += ["\\/", "<tool_call>", "</tool_call>", "[TOOL_CALLS]", "[ARGS]", ";", "{", "}", "[", "]", ":"]
+HARD_PIECES += ["<|tool_call|>"]
 HARD_BREAKING = ['"', "\n", "\\q", "\\u12x", "\x01", "\\u", "\\"]
 
 
@@ -185,6 +190,8 @@ def hard_output(parser: ToolParser, rng: random.Random) -> str:
             body = "".join(f"[TOOL_CALLS]write[ARGS]{hard_arguments(rng)}" for _ in calls)
         else:
             body = "[TOOL_CALLS][" + ", ".join(hard_call(rng, keys[:1]) for _ in calls) + "]"
+    elif isinstance(parser, GraniteParser):
+        body = "<|tool_call|>[" + ", ".join(hard_call(rng, keys) for _ in calls) + "]"
     else:
         before, body = "", "[" + ", ".join(hard_call(rng, keys) for _ in calls) + "]"
     text = before + body + rng.choice(["", " Done.", "\n", ' "x'])
@@ -198,6 +205,8 @@ JSON_PARSERS = [
     Llama3JsonParser(max_calls=1),
     MistralParser(),
     MistralParser(max_calls=1),
+    GraniteParser(),
+    GraniteParser(max_calls=1),
     RequiredCallsParser(),
     RequiredCallsParser(max_calls=1),
 ]
@@ -274,6 +283,8 @@ def test_arguments_broken_anywhere_in_their_structure_send_what_whole_scans_send
             text = f"Rows: <tool_call>\n{call}\n</tool_call>"
         elif isinstance(parser, MistralParser):
             text = f"[TOOL_CALLS]save[ARGS]{arguments}"
+        elif isinstance(parser, GraniteParser):
+            text = f"Rows: <|tool_call|>[{call}]"
         elif isinstance(parser, Llama3JsonParser):
             text = call.replace('"arguments"', '"parameters"')
         else:
@@ -305,6 +316,8 @@ def test_a_long_call_of_short_strings_is_read_whole_a_few_times_only(
         arguments = json.dumps(arguments)  # arguments given as a JSON string: sent once it closes
     if isinstance(parser, MistralParser):
         text = f"[TOOL_CALLS]save[ARGS]{arguments}"
+    elif isinstance(parser, GraniteParser):
+        text = f'<|tool_call|>[{{"name": "save", "arguments": {arguments}}}]'
     elif isinstance(parser, RequiredCallsParser):
         text = f'[{{"name": "save", "parameters": {arguments}}}]'
     elif isinstance(parser, Llama3JsonParser):
@@ -473,25 +486,35 @@ def test_a_long_coder_answer_without_calls_is_read_whole_a_few_times_only(
     assert "".join(delta.content for delta in sent) == text
 
 
-# The JSON families (Hermes, Mistral, Llama 3): a scan read on from the output's end (text after the
-# calls, or after markup that read as no call) against the whole output scanned at every delta.
+# The JSON families (Hermes, Mistral, Granite, Llama 3): a scan read on from the output's end (text after
+# the calls, or after markup that read as no call) against the whole output scanned at every delta.
 READ_ON_PARSERS = [
     HermesParser(),
     HermesParser(max_calls=1),
     MistralParser(),
     MistralParser(max_calls=1),
+    GraniteParser(),
+    GraniteParser(max_calls=1),
     Llama3JsonParser(),
     Llama3JsonParser(max_calls=1),
 ]
 # Text around calls: plain, blank, and what may begin, end or imitate a family's markup.
 MIXED_TEXT = ["Sure.", " ", "\n", "  \n", "Is 3 < 4?", "<b>", "<", "<tool", "<tool_call", "</tool_call>"]
 MIXED_TEXT += ["[", "[TOOL", "[TOOL_CALLS", "[ARGS]", "{", "}", ";", "<|python", "é😀", "x"]
+MIXED_TEXT += ["<|", "<|tool", "<|tool_call|", "<|tool_call|> "]
 LONG_LINE = 'def double(x):\n    return x * 2  # "twice" <b> [1] {2};\n'
 # A number at a call object's top level, which a delta may cut before its fraction or exponent.
 TOP_NUMBERS = ["7", "-2.5e3", "1.25", "0", "1E+2", "-0.5e-1", "true", "null"]
 # What breaks a call's markup anywhere: stray punctuation, a word, a number gone wrong, a marker.
 MARKUP_BREAKING = ["x", "}", "]", ",", ":", '"', "\n", "1.", "1e", "01", "-", ";", "{"]
-MARKUP_BREAKING += ["<tool_call>", "</tool_call>", "[TOOL_CALLS]", "[ARGS]", "<|python_tag|>"]
+MARKUP_BREAKING += [
+    "<tool_call>",
+    "</tool_call>",
+    "[TOOL_CALLS]",
+    "[ARGS]",
+    "<|python_tag|>",
+    "<|tool_call|>",
+]
 
 
 def mixed_text(rng: random.Random) -> str:
@@ -521,6 +544,9 @@ def mixed_call(parser: ToolParser, rng: random.Random) -> str:
         else:
             objects = ", ".join(numbered_call(rng, ("arguments",)) for _ in range(rng.randint(1, 2)))
             call = f"[TOOL_CALLS][{objects}]"
+    elif isinstance(parser, GraniteParser):
+        objects = ", ".join(numbered_call(rng, ("arguments", "parameters")) for _ in range(rng.randint(0, 2)))
+        call = "<|tool_call|>" + rng.choice(["", " ", "\n"]) + f"[{objects}]"
     else:
         call = numbered_call(rng, ("parameters", "arguments"))
     if rng.random() < 0.2:
@@ -575,11 +601,18 @@ def test_json_family_outputs_read_on_from_their_end_send_what_whole_scans_send(
 
 def long_answer(parser: ToolParser) -> str:
     """An answer of 300 lines of code, holding a marker cut off part way now and then (held back, then
-    text) and, for Mistral, a whole marker that no call follows (the rest is text)."""
-    near_marker = {HermesParser: "<tool x", MistralParser: "[TOOL x", Llama3JsonParser: "<|python x"}
+    text) and, for Mistral and Granite, a whole marker that no call follows (the rest is text)."""
+    near_marker = {
+        HermesParser: "<tool x",
+        MistralParser: "[TOOL x",
+        GraniteParser: "<|tool_call x",
+        Llama3JsonParser: "<|python x",
+    }
     lines = [f"<b>{i}</b> {{{i}}}; {near_marker[type(parser)]} {i}\n   \n" for i in range(300)]
     if isinstance(parser, MistralParser):
         lines[150] = "[TOOL_CALLS] is a marker\n"
+    if isinstance(parser, GraniteParser):
+        lines[150] = "<|tool_call|> is a marker\n"
     return "Here it is:\n\n" + "".join(lines) + "Bye."
 
 
@@ -606,6 +639,8 @@ def test_long_text_after_a_json_family_call_is_read_whole_a_few_times_only(
         call = f'<tool_call>\n{{"name": "write", "arguments": {arguments}}}\n</tool_call>'
     elif isinstance(parser, MistralParser):
         call = f"[TOOL_CALLS]write[ARGS]{arguments}"
+    elif isinstance(parser, GraniteParser):
+        call = f'<|tool_call|>[{{"name": "write", "arguments": {arguments}}}]'
     else:
         call = f'{{"name": "write", "parameters": {arguments}}}'
     answer = long_answer(parser)

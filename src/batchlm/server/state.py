@@ -83,8 +83,9 @@ class ServerSettings:
     api_servers: int | None = None
     # The model's tool-call markup: read from its output under tool_choice "auto", and written in it
     # under a forced tool_choice. "auto" follows the model's chat template (Hermes/Qwen <tool_call>,
-    # Qwen3-Coder <function=...>, Mistral [TOOL_CALLS], Llama 3 JSON; Hermes when it teaches none), or
-    # one family by name; "none" refuses tool_choice "auto" and forces calls as plain JSON.
+    # Qwen3-Coder <function=...>, Mistral [TOOL_CALLS], Granite 3.x <|tool_call|>, Llama 3 JSON; Hermes
+    # when it teaches none), or one family by name; "none" refuses tool_choice "auto" and forces calls as
+    # plain JSON.
     tool_call_parser: str = "auto"
     # How a reasoning model's thinking is read from its output into `reasoning_content`: "auto" reads
     # it where the chat template closes thinking blocks (`</think>`: Qwen3, DeepSeek-R1, SmolLM3;

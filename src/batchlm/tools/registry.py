@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from batchlm.tools.granite import GraniteParser
 from batchlm.tools.hermes import HermesParser
 from batchlm.tools.llama3_json import Llama3JsonParser
 from batchlm.tools.mistral import MistralParser
@@ -9,6 +10,7 @@ from batchlm.tools.parser import ToolParser
 from batchlm.tools.qwen3_coder import Qwen3CoderParser
 
 PARSERS: dict[str, type[ToolParser]] = {
+    "granite": GraniteParser,
     "hermes": HermesParser,
     "llama3_json": Llama3JsonParser,
     "mistral": MistralParser,
@@ -26,6 +28,9 @@ def detect_parser_name(chat_template: str | None) -> str:
         return "mistral"
     if "<function=" in template and "<parameter=" in template:
         return "qwen3_coder"
+    # Granite 3.x's `<|tool_call|>` token before Hermes' `<tool_call>` tag: the more specific marker first.
+    if "<|tool_call|>" in template:
+        return "granite"
     if "<tool_call>" in template:
         return "hermes"
     if "<|python_tag|>" in template or '"parameters"' in template:
