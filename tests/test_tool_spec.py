@@ -286,8 +286,9 @@ def test_a_forced_choice_is_decoded_in_the_family_s_markup_and_read_by_its_parse
 @pytest.mark.parametrize("choice", ["required", NamedChoice(Named("get_weather"))])
 def test_without_a_parser_or_a_family_grammar_a_forced_choice_is_plain_json(choice: Any) -> None:
     """--tool-call-parser none, or a family whose tokenizer lacks its markers (Mistral's without
-    [TOOL_CALLS]): the calls as a JSON array (vLLM's form), or the named function's arguments."""
-    for setting in ("none", "mistral"):
+    [TOOL_CALLS], Granite's without <|tool_call|>): the calls as a JSON array (vLLM's form), or the named
+    function's arguments."""
+    for setting in ("none", "mistral", "granite"):
         use = chat_tool_use(ToolFields([Tool(WEATHER)], choice), setting, None)
         constraint = use.sampling_params(SamplingParams()).structured_outputs
         assert constraint is not None and constraint.json is not None
