@@ -18,7 +18,7 @@ from batchlm.tools.json_scan import JsonCursor, ObjectScan, json_cursor, scan_ob
 from batchlm.unicode_text import encodable
 
 
-@dataclass(frozen=True)
+@dataclass
 class CallScan:
     # Set once the call can be announced: its name is complete and its arguments have begun.
     name: str | None
@@ -55,7 +55,7 @@ class Scan:
         output again (its end reads `delta` on, or its last call's arguments are still open and stay
         open and JSON with `delta`); else None. Keeps a stream's cost a delta from growing with the
         length of a call or of the text. A stream keeps only the scan that continues this one: this
-        scan may hand its content over to it (left empty here)."""
+        scan may hand its content, or its last call's arguments, over to it (left empty here)."""
         if self.end is not None:
             read = self.end.read(delta)
             if read is None:
@@ -72,7 +72,11 @@ class Scan:
         cursor = last.cursor.read(delta)
         if cursor is None or not cursor.open:
             return None
-        arguments = last.arguments + delta if cursor.containers else last.arguments
+        arguments = last.arguments
+        if cursor.containers:
+            # Handed over as the content is above: the arguments grow in place, not copied each delta.
+            last.arguments = ""
+            arguments += delta
         grown = CallScan(last.name, arguments, last.done, cursor)
         return Scan(self.content, [*self.calls[:-1], grown], self.offsets)
 
