@@ -1,9 +1,10 @@
 """Write tiny GGUF files the way llama.cpp's converter does, from random-weight HF models (tests only).
 
 `write_tiny_gguf` makes a random model of a family (Llama, Qwen2, Qwen3, Gemma, Phi-3, Granite, OLMo 2,
-SmolLM3, the MoE ones) with the built-in tokenizer (demo.write_model_dir), then writes its metadata,
-tokenizer and tensors with `gguf.GGUFWriter`: llama, granite and smollm3 q/k rows permuted as llama.cpp's
-convert_hf_to_gguf.py does, 1-D tensors in F32, matrices in the asked GGML type. Types
+SmolLM3, GLM-4, EXAONE 4.0, the MoE ones) with the built-in tokenizer (demo.write_model_dir), then
+writes its metadata, tokenizer and tensors with `gguf.GGUFWriter`: llama, granite and smollm3 q/k rows
+permuted as llama.cpp's convert_hf_to_gguf.py does (GLM-4's stay as HF interleaves them, for llama.cpp's
+interleaved RoPE), 1-D tensors in F32, matrices in the asked GGML type. Types
 the gguf package can quantize are quantized from the weights; K-quants, i-quants and ternary types
 (which it only reads) get random blocks with small scales, so the model is random either way and the
 test compares loaders.
@@ -83,6 +84,14 @@ _GEMMA_HF_TO_GGUF = {
 }
 # Phi-3's fused projections.
 _PHI3_HF_TO_GGUF = {**_HF_TO_GGUF, "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
+# GLM-4's fused gate/up and its norms of the attention's and the MLP's outputs.
+_GLM4_HF_TO_GGUF = {
+    **_PHI3_HF_TO_GGUF,
+    "post_self_attn_layernorm": "post_attention_norm",
+    "post_mlp_layernorm": "post_ffw_norm",
+}
+# Architectures whose norms of the attention's and the MLP's outputs have Gemma's GGUF names.
+_POST_NORM_ARCHS = ("olmo2", "exaone4")
 # Architectures whose q/k rows llama.cpp's converter permutes for its interleaved RoPE.
 _PERMUTED_QK = ("llama", "granite", "smollm3")
 # HF model_type -> GGUF general.architecture, where they differ.
@@ -181,8 +190,11 @@ def gguf_tensor_name(hf_name: str, arch: str = "llama") -> str:
     _, _, layer, rest = module.split(".", 3)
     if rest.startswith("mlp.experts."):
         return f"blk.{layer}.ffn_{rest.removeprefix('mlp.experts.').removesuffix('_proj')}_exps.{kind}"
-    post_norms = arch.startswith("gemma") or arch == "olmo2"  # OLMo 2's norms have Gemma's GGUF names
-    names = _GEMMA_HF_TO_GGUF if post_norms else _PHI3_HF_TO_GGUF if arch == "phi3" else _HF_TO_GGUF
+    names = _HF_TO_GGUF
+    if arch.startswith("gemma") or arch in _POST_NORM_ARCHS:
+        names = _GEMMA_HF_TO_GGUF
+    elif arch in ("phi3", "glm4"):
+        names = _GLM4_HF_TO_GGUF if arch == "glm4" else _PHI3_HF_TO_GGUF
     return f"blk.{layer}.{names[rest]}.{kind}"
 
 
@@ -216,8 +228,10 @@ def _add_model_metadata(writer: GGUFWriter, arch: str, config: dict[str, Any]) -
         writer.add_expert_used_count(config["num_experts_per_tok"])
         if "moe_intermediate_size" in config:  # Mixtral's experts are feed_forward_length wide
             writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
-    if arch.startswith("gemma") or (arch == "phi3" and config.get("sliding_window")):
+    if arch.startswith("gemma") or (arch in ("phi3", "exaone4") and config.get("sliding_window")):
         writer.add_sliding_window(config["sliding_window"])
+    if arch == "exaone4" and config.get("sliding_window"):  # one flag a layer, as the converter writes
+        writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in config["layer_types"]])
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
         if config.get(key) is not None:
             writer.add_float32(f"{arch}.{key}", config[key])

@@ -309,6 +309,15 @@ def test_fused_steps_over_layers_without_rope_match_the_model(tmp_path: Path) ->
     _assert_steps_agree(loaded, 3)
 
 
+def test_fused_steps_of_glm4_match_the_model(tmp_path: Path) -> None:
+    # GLM-4 as llama.cpp writes it: half of each head rotating (its interleaved pairs reordered at
+    # load), q/k/v biases, and the attention's and the MLP's outputs normed (Gemma's four norms, plain
+    # RMS ones).
+    loaded = _model(tmp_path, "Q8_0", False, "glm4", {"pad_token_id": 0})
+    assert {layer.self_attn.rotary_emb.rotary_dim for layer in loaded.model.model.layers} == {32}
+    _assert_steps_agree(loaded, 3)
+
+
 def test_fused_steps_with_qkv_biases(tmp_path: Path) -> None:
     _assert_steps_agree(_model(tmp_path, "Q8_0", False, "qwen2"), 2)
 
@@ -354,6 +363,12 @@ def test_models_off_the_kernels_keep_the_generic_path(
         # Llama's model and blocks, subclassed to scale the embedding and the residual adds.
         ("granite", GRANITE, "a decoder stack the fused call does not compute (GraniteModel)"),
         ("olmo2", {"pad_token_id": 0}, "not a Llama- or Gemma-style model"),
+        # Norms after the attention and the MLP only: the stack norms each block's input.
+        (
+            "exaone4",
+            {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]},
+            "not a Llama- or Gemma-style model",
+        ),
     ],
 )
 def test_families_whose_blocks_compute_otherwise_keep_the_generic_path(

@@ -1,7 +1,7 @@
 """Sliding-window, soft-capped and partial-rotary families, and those whose blocks scale, norm or rotate
-otherwise than Llama's (Granite, OLMo 2, SmolLM3), through the whole engine: greedy tokens equal transformers' alone,
-batched, in chunked prefill, after preemption and from the prefix cache, with contexts several times
-the window."""
+otherwise than Llama's (Granite, OLMo 2, SmolLM3, GLM-4, EXAONE 4.0), through the whole engine: greedy
+tokens equal transformers' alone, batched, in chunked prefill, after preemption and from the prefix
+cache, with contexts several times the window."""
 
 from __future__ import annotations
 
@@ -35,6 +35,10 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     # Its second layer without RoPE, and windowed (as SmolLM3 windows its NoPE layers when asked to).
     "smollm3": ("smollm3", {"no_rope_layers": [1, 0], "use_sliding_window": True, "sliding_window": WINDOW,
                             "pad_token_id": 0}),
+    # Half of each head rotating over interleaved pairs (q/k rows reordered at load), four norms a block.
+    "glm4": ("glm4", {"pad_token_id": 0}),
+    # A window layer, then a global one without RoPE; norms after the attention and the MLP only.
+    "exaone4": ("exaone4", {"layer_types": LAYERS, "sliding_window": WINDOW}),
 }  # fmt: skip
 
 

@@ -31,6 +31,8 @@ UNKNOWN_TO_TRANSFORMERS: dict[str, dict[str, Any]] = {
     "granite": GRANITE,
     "olmo2": {"pad_token_id": 0},
     "smollm3": {"pad_token_id": 0},
+    "glm4": {"pad_token_id": 0},
+    "exaone4": {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]},
 }
 TEXTS = [
     "Hello, world!",

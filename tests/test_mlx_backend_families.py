@@ -1,7 +1,9 @@
 """The MLX backend serves Gemma 2/3, Phi-3, Mistral and Mistral 3's text model through mlx-lm past their
 sliding window: Gemma 3 with its windows and per-layer RoPE bases from a transformers 5 config, the
 families whose mlx-lm module ignores the window through rotating caches on their windowed layers; and
-Granite, OLMo 2 and SmolLM3 on mlx-lm's own modules. Greedy tokens equal transformers' (float32, CPU)."""
+Granite, OLMo 2, SmolLM3, GLM-4 and EXAONE 4.0 on mlx-lm's own modules (EXAONE 4.0's layer pattern and
+GLM-4's rotating share given under the names mlx-lm reads). Greedy tokens equal transformers' (float32,
+CPU)."""
 
 from __future__ import annotations
 
@@ -100,6 +102,9 @@ OWN_MODULES: dict[str, tuple[str, dict[str, Any]]] = {
                             "attention_multiplier": 0.5, "logits_scaling": 0.25}),
     "olmo2": ("olmo2", {"pad_token_id": 0}),
     "smollm3": ("smollm3", {"no_rope_layers": [1, 0], "pad_token_id": 0}),
+    "glm4": ("glm4", {"pad_token_id": 0}),
+    # A window layer, then a global one without RoPE (mlx-lm's module applies the window itself).
+    "exaone4": ("exaone4", {"sliding_window": WINDOW, "layer_types": ["sliding_attention", "full_attention"]}),
 }  # fmt: skip
 
 
@@ -149,6 +154,19 @@ def test_gemma2_decodes_sequences_side_by_side(tiny_model_dir: Callable[..., Pat
     assert batched_mlx_tokens(model_dir, prompts, 6) == [
         transformers_tokens(model_dir, p, 6) for p in prompts
     ]
+
+
+@needs_mlx
+@pytest.mark.parametrize("family", ["glm4", "exaone4"])
+def test_glm4_and_exaone4_decode_sequences_side_by_side(
+    tiny_model_dir: Callable[..., Path], family: str
+) -> None:
+    # EXAONE 4.0's window layers on mlx-lm's rotating caches, batched; a prompt longer than the window.
+    model_type, overrides = OWN_MODULES[family]
+    model_dir = tiny_model_dir(model_type, seed=6, **overrides)
+    prompts = [[5, 17, 42, 99], list(range(10, 33)), [7, 8]]
+    hf = hf_reference_model(model_dir)
+    assert batched_mlx_tokens(model_dir, prompts, 12) == [hf_greedy(hf, p, 12)[0] for p in prompts]
 
 
 def test_transformers_5_gemma3_fields_become_what_mlx_lm_reads() -> None:
@@ -242,6 +260,42 @@ def test_windowed_layers_follow_layer_types_else_the_family_pattern() -> None:
         windowed_layers({"model_type": "phi3", "sliding_window": 8, "use_sliding_window": False}, 3) is None
     )
     assert windowed_layers({"model_type": "mixtral", "sliding_window": 8}, 3) is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "pattern"),
+    [
+        ({"layer_types": ["sliding_attention"] * 3 + ["full_attention"]}, "LLLG"),
+        ({"sliding_window_pattern": 2}, "LGLG"),  # a period, as transformers derives layer_types from it
+        ({"sliding_window_pattern": "LLLG"}, "LLLG"),
+        ({"sliding_window": None, "sliding_window_pattern": 0}, None),  # no window: global and rotating
+    ],
+)
+def test_exaone4_layers_become_the_pattern_mlx_lm_reads(fields: dict[str, Any], pattern: str | None) -> None:
+    # mlx-lm's EXAONE 4 indexes the pattern as a string (an int raised at load) and requires rope_scaling.
+    raw = {"model_type": "exaone4", "num_hidden_layers": 4, "sliding_window": 8, **fields}
+    assert mlx_lm_overrides(raw) == {"sliding_window_pattern": pattern, "rope_scaling": None}
+    scaled = {**raw, "rope_scaling": {"rope_type": "llama3", "factor": 16.0}}
+    assert mlx_lm_overrides(scaled) == {"sliding_window_pattern": pattern}
+
+
+@pytest.mark.parametrize("kind", ["sliding_attention", "full_attention"])
+def test_an_exaone4_window_without_both_kinds_of_layer_is_refused(kind: str) -> None:
+    # mlx-lm's module builds its masks from its first window layer and its first global one.
+    raw = {"model_type": "exaone4", "num_hidden_layers": 2, "sliding_window": 8, "layer_types": [kind] * 2}
+    with pytest.raises(ValueError, match=r"do not mix window and global layers.*--backend torch"):
+        mlx_lm_overrides(raw)
+
+
+def test_glm4s_partial_rotation_gets_its_older_name(tmp_path: Path) -> None:
+    # transformers 5 keeps GLM-4's partial_rotary_factor in rope_parameters; mlx-lm's GLM-4 requires it.
+    import json
+
+    from batchlm.backends.mlx.config_names import older_field_names
+
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "glm4", "rope_parameters": rope}))
+    assert older_field_names(tmp_path) == {"rope_theta": 10000.0, "partial_rotary_factor": 0.5}
 
 
 def test_a_nested_text_config_gets_the_older_names_too(tmp_path: Path) -> None:

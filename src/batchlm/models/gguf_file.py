@@ -33,11 +33,20 @@ GGUF_ARCHITECTURES = {
     "granite": ("granite", "GraniteForCausalLM"),
     "olmo2": ("olmo2", "Olmo2ForCausalLM"),
     "smollm3": ("smollm3", "SmolLM3ForCausalLM"),
+    "glm4": ("glm4", "Glm4ForCausalLM"),
+    "exaone4": ("exaone4", "Exaone4ForCausalLM"),
 }
 # Files whose q/k rows llama.cpp's converter interleaved for its RoPE (unpermute_rows undoes it).
 PERMUTED_QK_ARCHITECTURES = frozenset({"llama", "granite", "smollm3"})
+# Files whose heads rotate only rope.dimension_count of their dimensions (partial rotary).
+PARTIAL_ROTARY_ARCHITECTURES = frozenset({"phi3", "glm4"})
 # llama.cpp's smollm3 leaves RoPE out of every fourth layer (a fixed step: the file has no key for it).
 SMOLLM3_NO_ROPE_INTERVAL = 4
+# EXAONE 4.0's window layers when a file states a window but no pattern: three of every four.
+EXAONE4_PATTERN_PERIOD = 4
+# The HF config's layer_types (hf_config.SLIDING / FULL, not imported: that module needs torch, which
+# reading a GGUF file's config does without).
+SLIDING, FULL = "sliding_attention", "full_attention"
 # Granite's multipliers: llama.cpp's metadata key (after the architecture) -> the HF config field.
 GRANITE_SCALES = {
     "embedding_scale": "embedding_multiplier",
@@ -88,11 +97,21 @@ _EXPERT_STACKS_OF = {
 }
 # Phi-3's fused projections, as its HF checkpoints hold them too.
 _PHI3_BLOCK_NAMES = {**_BLOCK_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
+# GLM-4's fused gate/up (and q/k/v, should a file fuse them) and its norms of the attention's and the
+# MLP's outputs; ffn_norm is the norm before the MLP, HF's post_attention_layernorm as in Llama.
+_GLM4_BLOCK_NAMES = {
+    **_PHI3_BLOCK_NAMES,
+    "post_attention_norm": "post_self_attn_layernorm",
+    "post_ffw_norm": "post_mlp_layernorm",
+}
 _BLOCK_NAMES_OF = {
     "gemma2": _GEMMA_BLOCK_NAMES,
     "gemma3": _GEMMA_BLOCK_NAMES,
-    # OLMo 2 norms the attention's and the MLP's outputs only, under Gemma's names for those norms.
+    # OLMo 2 and EXAONE 4.0 norm the attention's and the MLP's outputs only, under Gemma's names for
+    # those norms.
     "olmo2": _GEMMA_BLOCK_NAMES,
+    "exaone4": _GEMMA_BLOCK_NAMES,
+    "glm4": _GLM4_BLOCK_NAMES,
     "phi3": _PHI3_BLOCK_NAMES,
     "qwen3moe": _MOE_BLOCK_NAMES,
     MIXTRAL_LAYOUT: _MOE_BLOCK_NAMES,
@@ -204,8 +223,14 @@ def hf_config(reader: GGUFFile, path: Path) -> dict[str, Any]:
         config["use_sliding_window"] = False
     if arch in GEMMA_ARCHITECTURES:
         config.update(_gemma_config(reader, arch, config, path))
+    if arch in PARTIAL_ROTARY_ARCHITECTURES:
+        config.update(_partial_rotary(reader, arch, config))
     if arch == "phi3":
-        config.update(_phi3_config(reader, config))
+        config.update(_phi3_config(reader))
+    if arch == "glm4":
+        config.update(_glm4_config(reader))
+    if arch == "exaone4":
+        config.update(_exaone4_config(reader, arch, config["num_hidden_layers"], path))
     if arch == "granite":
         config.update(_granite_config(reader, arch, path))
     if arch == "smollm3":
@@ -222,14 +247,24 @@ def hf_config(reader: GGUFFile, path: Path) -> dict[str, Any]:
 
 def _check_full_rotation(reader: GGUFFile, arch: str, head_dim: int, path: Path) -> None:
     """llama.cpp rotates the first rope.dimension_count dimensions of each head; batchlm reads a
-    narrower width for Phi-3 only (_phi3_config), so elsewhere it must be the whole head."""
+    narrower width for PARTIAL_ROTARY_ARCHITECTURES only (_partial_rotary), so elsewhere it must be
+    the whole head."""
     key = f"{arch}.rope.dimension_count"
     rotary = reader.metadata(key)
-    if arch != "phi3" and rotary is not None and rotary != head_dim:
+    if arch not in PARTIAL_ROTARY_ARCHITECTURES and rotary is not None and rotary != head_dim:
         raise ValueError(
             f"{path}: GGUF metadata {key!r} is {rotary!r}, a rotation of part of the {head_dim}-wide "
-            f"heads, which batchlm runs for phi3 only"
+            f"heads, which batchlm runs for {' and '.join(sorted(PARTIAL_ROTARY_ARCHITECTURES))} only"
         )
+
+
+def _partial_rotary(reader: GGUFFile, arch: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The rotating share of each head (Phi-4-mini's, GLM-4's half). Stated for GLM-4 even when whole:
+    its config class defaults to half a head."""
+    rotary = int(reader.metadata(f"{arch}.rope.dimension_count", config["head_dim"]))
+    if rotary == config["head_dim"] and arch != "glm4":
+        return {}
+    return {"partial_rotary_factor": rotary / config["head_dim"]}
 
 
 def _gemma_config(reader: GGUFFile, arch: str, config: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -290,18 +325,42 @@ def _mixtral_config(reader: GGUFFile, arch: str, path: Path) -> dict[str, Any]:
     }
 
 
-def _phi3_config(reader: GGUFFile, config: dict[str, Any]) -> dict[str, Any]:
-    """Phi-3's partial rotary width (Phi-4-mini's), its window and LongRoPE's original length."""
+def _phi3_config(reader: GGUFFile) -> dict[str, Any]:
+    """Phi-3's window and LongRoPE's original length."""
     extra: dict[str, Any] = {}
-    rotary = int(reader.metadata("phi3.rope.dimension_count", config["head_dim"]))
-    if rotary != config["head_dim"]:
-        extra["partial_rotary_factor"] = rotary / config["head_dim"]
     window = reader.metadata("phi3.attention.sliding_window")
     extra["sliding_window"] = int(window) if window else None
     original = reader.metadata("phi3.rope.scaling.original_context_length")
     if original is not None:
         extra["original_max_position_embeddings"] = int(original)
     return extra
+
+
+def _glm4_config(reader: GGUFFile) -> dict[str, Any]:
+    """GLM-4's q/k/v biases, which its files hold where the checkpoint had them (attention_bias)."""
+    return {"attention_bias": any(t.name == "blk.0.attn_q.bias" for t in reader.tensors)}
+
+
+def _exaone4_config(reader: GGUFFile, arch: str, num_layers: int, path: Path) -> dict[str, Any]:
+    """EXAONE 4.0's window and which layers use it (the others global and without RoPE), as the
+    converter writes them from the HF config: `sliding_window_pattern` is one flag a layer (or a
+    period: every period-th layer global). A file without a window has every layer global and
+    rotating, as its config had it."""
+    window = reader.metadata(f"{arch}.attention.sliding_window")
+    if not window:
+        return {"sliding_window": None, "layer_types": [FULL] * num_layers}
+    pattern = reader.metadata(f"{arch}.attention.sliding_window_pattern")
+    if isinstance(pattern, list):
+        if len(pattern) != num_layers:
+            raise ValueError(
+                f"{path}: {arch}.attention.sliding_window_pattern names {len(pattern)} layers of {num_layers}"
+            )
+        windowed = [bool(flag) for flag in pattern]
+    else:
+        # Without one, Exaone4Config's (and llama.cpp's) default: every fourth layer global.
+        period = int(pattern or EXAONE4_PATTERN_PERIOD)
+        windowed = [(i + 1) % period != 0 for i in range(num_layers)]
+    return {"sliding_window": int(window), "layer_types": [SLIDING if w else FULL for w in windowed]}
 
 
 def tensor_types(reader: GGUFFile) -> dict[str, str]:

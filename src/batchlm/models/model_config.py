@@ -28,7 +28,7 @@ from batchlm.models.hf_config import (
 
 # The families whose transformers model rotates only partial_rotary_factor of each head; the others
 # turn every dimension whatever the config says, so a smaller factor there is refused.
-PARTIAL_ROTARY_ARCHITECTURES = frozenset({"Phi3ForCausalLM"})
+PARTIAL_ROTARY_ARCHITECTURES = frozenset({"Phi3ForCausalLM", "Glm4ForCausalLM"})
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,8 @@ MODEL_REGISTRY: dict[str, str] = {
     "GraniteForCausalLM": "batchlm.models.granite:GraniteForCausalLM",
     "Olmo2ForCausalLM": "batchlm.models.olmo2:Olmo2ForCausalLM",
     "SmolLM3ForCausalLM": "batchlm.models.smollm3:SmolLM3ForCausalLM",
+    "Glm4ForCausalLM": "batchlm.models.glm4:Glm4ForCausalLM",
+    "Exaone4ForCausalLM": "batchlm.models.exaone4:Exaone4ForCausalLM",
     "Qwen3MoeForCausalLM": "batchlm.models.moe:Qwen3MoeForCausalLM",
     "MixtralForCausalLM": "batchlm.models.moe:MixtralForCausalLM",
 }

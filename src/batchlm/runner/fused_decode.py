@@ -1,5 +1,5 @@
-"""The CPU runner's fused decode path: steps that only decode, for up to MAX_ROWS requests, of a Llama-style
-or Gemma model whose linears all run on the quantized CPU kernels (a mixture-of-experts model's
+"""The CPU runner's fused decode path: steps that only decode, for up to MAX_ROWS requests, of a Llama-style,
+Gemma or GLM-4 model whose linears all run on the quantized CPU kernels (a mixture-of-experts model's
 experts included) go through one C call for the whole stack (kernels/cpu_decode_stack.py) instead of the
 model's forward. Every other step, model or device keeps the generic path; for such a model that path
 takes the stack's own norms and gated activations (kernels/cpu_row_ops.py).
@@ -35,6 +35,7 @@ from batchlm.layers.norm import RMSNorm
 from batchlm.layers.quantization.cpu_quantized import CPU_QUANTIZED, store
 from batchlm.layers.quantization.layer import MethodLayer
 from batchlm.models.gemma import Gemma2ForCausalLM, GemmaDecoderLayer, GemmaModel, GemmaRMSNorm
+from batchlm.models.glm4 import Glm4DecoderLayer, Glm4Model
 from batchlm.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP, LlamaModel
 from batchlm.runner.inputs import StepInputs
 
@@ -168,13 +169,14 @@ def _unsupported(model: torch.nn.Module, kv_caches: list[torch.Tensor], attn: At
 
 
 def _other_blocks(model: LlamaForCausalLM | Gemma2ForCausalLM) -> str | None:
-    """Why the stack cannot stand for the model's decoder, or None. The stack computes Llama's and
-    Gemma's decoder stacks and blocks as they are: a family that subclasses them to compute otherwise
-    (Granite's scaled residuals) keeps the model's own forward."""
-    if type(model.model) not in (LlamaModel, GemmaModel):
+    """Why the stack cannot stand for the model's decoder, or None. The stack computes Llama's,
+    Gemma's and GLM-4's decoder stacks and blocks as they are (GLM-4's: Gemma's four norms, plain RMS
+    ones): a family that subclasses them to compute otherwise (Granite's scaled residuals) keeps the
+    model's own forward."""
+    if type(model.model) not in (LlamaModel, GemmaModel, Glm4Model):
         return f"a decoder stack the fused call does not compute ({type(model.model).__name__})"
     for layer in model.model.layers:
-        if type(layer) not in (LlamaDecoderLayer, GemmaDecoderLayer):
+        if type(layer) not in (LlamaDecoderLayer, GemmaDecoderLayer, Glm4DecoderLayer):
             return f"decoder layers the fused call does not compute ({type(layer).__name__})"
     return None
 
@@ -189,8 +191,15 @@ def _unsupported_experts(block: SparseMoeBlock) -> str | None:
 
 
 def _block_norms(layer: LlamaDecoderLayer | GemmaDecoderLayer) -> tuple[nn.Module, ...]:
-    """The layer's norms in the stack's order: before the attention, before the MLP and (Gemma) of the
-    attention's and the MLP's outputs."""
+    """The layer's norms in the stack's order: before the attention, before the MLP and (Gemma, GLM-4)
+    of the attention's and the MLP's outputs."""
+    if isinstance(layer, Glm4DecoderLayer):
+        return (
+            layer.input_layernorm,
+            layer.post_attention_layernorm,
+            layer.post_self_attn_layernorm,
+            layer.post_mlp_layernorm,
+        )
     if isinstance(layer, GemmaDecoderLayer):
         return (
             layer.input_layernorm,

@@ -1,7 +1,8 @@
 """Config fields that mlx-lm's model classes read under their older names.
 
-transformers 5 writes `rope_parameters` (holding rope_theta and the RoPE scaling) and, for Qwen3-MoE,
-`num_local_experts`; most of mlx-lm's ModelArgs read `rope_theta`, `rope_scaling` and `num_experts`,
+transformers 5 writes `rope_parameters` (holding rope_theta, the RoPE scaling and a partial rotation's
+share) and, for Qwen3-MoE, `num_local_experts`; most of mlx-lm's ModelArgs read `rope_theta`,
+`rope_scaling`, `partial_rotary_factor` and `num_experts`,
 and either fail without them or fall back to a default that may not be the checkpoint's (without
 `rope_scaling`, plain RoPE: a Llama 3.1 or linear / YaRN-scaled checkpoint gave other logits than the
 torch backend's). Stating the old names beside the new ones serves both. A multimodal config (Mistral
@@ -38,6 +39,9 @@ def _derived_fields(raw: dict[str, Any]) -> dict[str, Any]:
         fields["rope_theta"] = rope["rope_theta"]
     if "rope_scaling" not in raw and isinstance(rope, dict) and (scaling := _rope_scaling(rope)):
         fields["rope_scaling"] = scaling
+    if "partial_rotary_factor" not in raw and isinstance(rope, dict) and "partial_rotary_factor" in rope:
+        # GLM-4's half-head rotation, which mlx-lm's module requires (Phi-3's defaults to the whole head).
+        fields["partial_rotary_factor"] = rope["partial_rotary_factor"]
     if raw.get("model_type") == "qwen3_moe" and "num_experts" not in raw and "num_local_experts" in raw:
         fields["num_experts"] = raw["num_local_experts"]
     return fields

@@ -1,4 +1,5 @@
-"""What the MLX backend adds to mlx-lm for the sliding-window families (Gemma 2/3, Phi-3, Mistral).
+"""What the MLX backend adds to mlx-lm for the sliding-window families (Gemma 2/3, Phi-3, Mistral,
+EXAONE 4).
 
 mlx-lm reads Gemma 3's RoPE bases from `rope_theta` / `rope_local_base_freq` and its layer pattern
 from `sliding_window_pattern`; configs written by transformers 5 state them as per-layer-type
@@ -29,6 +30,8 @@ APPLIES_WINDOW = {
     "phi3": True,
     "mistral": True,
     "mistral3": True,
+    # mlx-lm's EXAONE 4 gives its window layers rotating caches and window masks itself.
+    "exaone4": True,
     "qwen2": False,
     "qwen3": False,
     "qwen3_moe": False,
@@ -39,6 +42,8 @@ APPLIES_WINDOW = {
 def mlx_lm_overrides(raw: dict[str, Any]) -> dict[str, Any]:
     """Fields mlx-lm needs that this config.json states only in transformers 5's form (empty when
     none). ValueError for a layer pattern mlx-lm cannot express."""
+    if raw.get("model_type") == "exaone4":
+        return _exaone4_overrides(raw)
     if raw.get("model_type") != "gemma3_text":
         return {}
     overrides: dict[str, Any] = {}
@@ -52,6 +57,42 @@ def mlx_lm_overrides(raw: dict[str, Any]) -> dict[str, Any]:
         overrides["sliding_window_pattern"] = _pattern_period(layer_types)
     _check_a_global_layer(raw, overrides.get("sliding_window_pattern", raw.get("sliding_window_pattern")))
     return {key: value for key, value in overrides.items() if value is not None and key not in raw}
+
+
+def _exaone4_overrides(raw: dict[str, Any]) -> dict[str, Any]:
+    """mlx-lm's EXAONE 4 reads its layers from `sliding_window_pattern` as a string, one letter a layer
+    repeating ("LLLG": L a window layer, which rotates, G a global one, which does not), and requires
+    `rope_scaling`; transformers 5 states the layers as `layer_types` (the pattern as a period) and
+    leaves plain RoPE's scaling out. Without a window, no pattern: every layer global and rotating, as
+    transformers has it."""
+    overrides: dict[str, Any] = {"sliding_window_pattern": None}
+    if "rope_scaling" not in raw:
+        overrides["rope_scaling"] = None  # config_names derives a scaled RoPE's, which takes over
+    if _sliding_window(raw) is None:
+        return overrides
+    kinds = _exaone4_layer_types(raw)
+    if SLIDING not in kinds or FULL not in kinds:
+        # mlx-lm's module builds its masks from its first window layer's cache and its first global one's.
+        raise ValueError(
+            f"this EXAONE 4 config's layers ({kinds}) do not mix window and global layers, as mlx-lm's "
+            "EXAONE 4 needs when a sliding window is set; use --backend torch"
+        )
+    overrides["sliding_window_pattern"] = "".join("L" if kind == SLIDING else "G" for kind in kinds)
+    return overrides
+
+
+def _exaone4_layer_types(raw: dict[str, Any]) -> list[str]:
+    """Each layer's kind in an EXAONE 4 config: `layer_types`, else its pattern: a period (every
+    period-th layer global, as transformers reads it) or mlx-lm's own string of L and G."""
+    stated = raw.get("layer_types")
+    if isinstance(stated, list):
+        return [str(kind) for kind in stated]
+    layers, pattern = int(raw.get("num_hidden_layers") or 0), raw.get("sliding_window_pattern", 4)
+    if isinstance(pattern, str) and pattern:
+        return [SLIDING if pattern[i % len(pattern)] == "L" else FULL for i in range(layers)]
+    if isinstance(pattern, int) and pattern > 0:
+        return [SLIDING if (i + 1) % pattern else FULL for i in range(layers)]
+    return []
 
 
 def _check_a_global_layer(raw: dict[str, Any], pattern: Any) -> None:

@@ -56,6 +56,11 @@ class QuantizedTensor:
             self.qtype, self.data.narrow(0, start, length), self.cols, self.block_size, self.block_bytes
         )
 
+    def select_rows(self, order: torch.Tensor) -> QuantizedTensor:
+        return QuantizedTensor(
+            self.qtype, self.data.index_select(0, order), self.cols, self.block_size, self.block_bytes
+        )
+
     def narrow_cols(self, start: int, length: int) -> QuantizedTensor:
         """Columns [start, start + length) of every row; both must be multiples of the block size."""
         if start % self.block_size or length % self.block_size:
@@ -95,6 +100,9 @@ class QuantizedColumns:
 
     def narrow_rows(self, start: int, length: int) -> QuantizedColumns:
         return QuantizedColumns(self.blocks.narrow_rows(start, length), self.start, self.cols)
+
+    def select_rows(self, order: torch.Tensor) -> QuantizedColumns:
+        return QuantizedColumns(self.blocks.select_rows(order), self.start, self.cols)
 
     def narrow_cols(self, start: int, length: int) -> QuantizedTensor | QuantizedColumns:
         return columns_of(self.blocks, self.start + start, length)
@@ -138,6 +146,14 @@ def narrow_rows(loaded: LoadedWeight, start: int, length: int) -> LoadedWeight:
     if isinstance(loaded, torch.Tensor):
         return loaded.narrow(0, start, length)
     return loaded.narrow_rows(start, length)
+
+
+def select_rows(loaded: LoadedWeight, order: torch.Tensor) -> LoadedWeight:
+    """The tensor's rows in `order` (int64 row indices): whole rows move, so a quantized row keeps its
+    bytes and its scales."""
+    if isinstance(loaded, torch.Tensor):
+        return loaded.index_select(0, order)
+    return loaded.select_rows(order)
 
 
 class LinearMethod(ABC):

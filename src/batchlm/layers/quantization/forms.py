@@ -50,6 +50,11 @@ class Fp8Weight:
     def narrow_cols(self, start: int, length: int) -> Fp8Weight:
         return Fp8Weight(self.data.narrow(1, start, length), self.scale, self.input_scale)
 
+    def select_rows(self, order: torch.Tensor) -> Fp8Weight:
+        return Fp8Weight(
+            self.data.index_select(0, order), self.scale.index_select(0, order), self.input_scale
+        )
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.data.float() * self.scale.float()[:, None]).to(dtype)
 
@@ -73,6 +78,14 @@ class Int4Weight:
             self.codes.narrow(0, start, length),
             self.scales.narrow(0, start, length),
             self.zeros.narrow(0, start, length),
+            self.group_size,
+        )
+
+    def select_rows(self, order: torch.Tensor) -> Int4Weight:
+        return Int4Weight(
+            self.codes.index_select(0, order),
+            self.scales.index_select(0, order),
+            self.zeros.index_select(0, order),
             self.group_size,
         )
 
