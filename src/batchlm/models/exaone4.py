@@ -11,95 +11,31 @@ attend without RoPE (NoPE). Without a window every layer is global and rotates.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, ClassVar
+from typing import Any
 
-import torch
 from torch import nn
 
-from batchlm.attention.backend import AttentionBackend, AttentionMetadata
-from batchlm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from batchlm.layers.norm import RMSNorm
-from batchlm.layers.rotary import RotaryEmbedding, shared_ropes
-from batchlm.models.base import CausalLM, StackedParam
+from batchlm.layers.rotary import RotaryEmbedding
 from batchlm.models.hf_config import SLIDING, field_of, layer_types_of, text_config_of
-from batchlm.models.llama import LLAMA_STACKED, BlockOptions, LlamaAttention, LlamaMLP
+from batchlm.models.llama import BlockOptions, LlamaAttention
 from batchlm.models.model_config import LayerSpec, ModelConfig, read_model_config
-from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
+from batchlm.models.post_norm import PostNormForCausalLM
+from batchlm.parallel.group import TensorParallelGroup
 
 
-class Exaone4DecoderLayer(nn.Module):
-    """Attend, norm, add; the same around the MLP (no norm before either)."""
-
-    def __init__(
-        self, config: ModelConfig, layer: LayerSpec, rope: RotaryEmbedding, tp: TensorParallelGroup
-    ) -> None:
-        super().__init__()
-        self.self_attn = LlamaAttention(config, layer, rope, BlockOptions(qk_norm=True), tp)
-        self.mlp = LlamaMLP(config, False, tp)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(
-        self,
-        positions: torch.Tensor,
-        hidden: torch.Tensor,
-        kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        attn: AttentionBackend,
-    ) -> torch.Tensor:
-        attended = self.self_attn(positions, hidden, kv_cache, meta, attn)
-        hidden = hidden + self.post_attention_layernorm(attended)
-        fed = self.mlp(hidden)
-        residual: torch.Tensor = hidden + self.post_feedforward_layernorm(fed)
-        return residual
-
-
-class Exaone4Model(nn.Module):
-    """Embedding, decoder layers, final norm (HF's `model.` prefix)."""
-
-    def __init__(self, config: ModelConfig, tp: TensorParallelGroup) -> None:
-        super().__init__()
-        ropes = shared_ropes([layer.rope for layer in config.layers], config.head_dim, config.max_model_len)
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
-        self.layers = nn.ModuleList(
-            Exaone4DecoderLayer(config, layer, rope, tp)
-            for layer, rope in zip(config.layers, ropes, strict=True)
-        )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The token embeddings [T, hidden] the first layer takes."""
-        hidden: torch.Tensor = self.embed_tokens(input_ids)
-        return hidden
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        kv_caches: list[torch.Tensor],
-        meta: AttentionMetadata,
-        attn: AttentionBackend,
-    ) -> torch.Tensor:
-        hidden = self.embed(input_ids)  # [T, hidden]
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(positions, hidden, kv_cache, meta, attn)
-        normed: torch.Tensor = self.norm(hidden)
-        return normed
-
-
-class Exaone4ForCausalLM(CausalLM):
+class Exaone4ForCausalLM(PostNormForCausalLM):
     """EXAONE 4.0 (Exaone4ForCausalLM in config.json)."""
 
-    model: Exaone4Model
-    stacked_params: ClassVar[tuple[StackedParam, ...]] = LLAMA_STACKED
+    @staticmethod
+    def build_attention(
+        config: ModelConfig, layer: LayerSpec, rope: RotaryEmbedding, tp: TensorParallelGroup
+    ) -> nn.Module:
+        return LlamaAttention(config, layer, rope, BlockOptions(qk_norm=True), tp)
 
-    def __init__(self, config: ModelConfig, tp: TensorParallelGroup = SINGLE_RANK) -> None:
-        super().__init__()
-        self.config = config
-        self.model = Exaone4Model(config, tp)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
-        if self.tie_word_embeddings:
-            self.lm_head.tie_to(self.model.embed_tokens)
+    @staticmethod
+    def build_norm(width: int, eps: float) -> nn.Module:
+        return RMSNorm(width, eps)
 
     @classmethod
     def read_config(cls, hf_config: Any) -> ModelConfig:

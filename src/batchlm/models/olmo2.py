@@ -8,21 +8,18 @@ by its weight in float32, before the cast back to the activations' dtype (Llama'
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 from torch import nn
 
 from batchlm.attention.backend import AttentionBackend, AttentionMetadata
-from batchlm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from batchlm.layers.linear import check_shape
 from batchlm.layers.norm import RMSNorm
 from batchlm.layers.quantization.base import LoadedWeight, as_dense
-from batchlm.layers.rotary import RotaryEmbedding, shared_ropes
-from batchlm.models.base import CausalLM, StackedParam
-from batchlm.models.llama import LLAMA_STACKED, BlockOptions, LlamaAttention, LlamaMLP
+from batchlm.layers.rotary import RotaryEmbedding
+from batchlm.models.llama import BlockOptions, LlamaAttention
 from batchlm.models.model_config import LayerSpec, ModelConfig
-from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
+from batchlm.models.post_norm import PostNormForCausalLM
+from batchlm.parallel.group import TensorParallelGroup
 
 
 class Olmo2RMSNorm(RMSNorm):
@@ -106,76 +103,15 @@ class Olmo2Attention(LlamaAttention):
         return projected
 
 
-class Olmo2DecoderLayer(nn.Module):
-    """Attend, norm, add; the same around the MLP (no norm before either)."""
-
-    def __init__(
-        self, config: ModelConfig, layer: LayerSpec, rope: RotaryEmbedding, tp: TensorParallelGroup
-    ) -> None:
-        super().__init__()
-        self.self_attn = Olmo2Attention(config, layer, rope, tp)
-        self.mlp = LlamaMLP(config, False, tp)
-        self.post_attention_layernorm = Olmo2RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_feedforward_layernorm = Olmo2RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(
-        self,
-        positions: torch.Tensor,
-        hidden: torch.Tensor,
-        kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        attn: AttentionBackend,
-    ) -> torch.Tensor:
-        attended = self.self_attn(positions, hidden, kv_cache, meta, attn)
-        hidden = hidden + self.post_attention_layernorm(attended)
-        fed = self.mlp(hidden)
-        residual: torch.Tensor = hidden + self.post_feedforward_layernorm(fed)
-        return residual
-
-
-class Olmo2Model(nn.Module):
-    """Embedding, decoder layers, final norm (HF's `model.` prefix)."""
-
-    def __init__(self, config: ModelConfig, tp: TensorParallelGroup) -> None:
-        super().__init__()
-        ropes = shared_ropes([layer.rope for layer in config.layers], config.head_dim, config.max_model_len)
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
-        self.layers = nn.ModuleList(
-            Olmo2DecoderLayer(config, layer, rope, tp)
-            for layer, rope in zip(config.layers, ropes, strict=True)
-        )
-        self.norm = Olmo2RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The token embeddings [T, hidden] the first layer takes."""
-        hidden: torch.Tensor = self.embed_tokens(input_ids)
-        return hidden
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        kv_caches: list[torch.Tensor],
-        meta: AttentionMetadata,
-        attn: AttentionBackend,
-    ) -> torch.Tensor:
-        hidden = self.embed(input_ids)  # [T, hidden]
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(positions, hidden, kv_cache, meta, attn)
-        normed: torch.Tensor = self.norm(hidden)
-        return normed
-
-
-class Olmo2ForCausalLM(CausalLM):
+class Olmo2ForCausalLM(PostNormForCausalLM):
     """OLMo 2 (OLMo-2-1124-7B/13B, OLMo-2-0325-32B, OLMo-2-0425-1B and their instruct models)."""
 
-    model: Olmo2Model
-    stacked_params: ClassVar[tuple[StackedParam, ...]] = LLAMA_STACKED
+    @staticmethod
+    def build_attention(
+        config: ModelConfig, layer: LayerSpec, rope: RotaryEmbedding, tp: TensorParallelGroup
+    ) -> nn.Module:
+        return Olmo2Attention(config, layer, rope, tp)
 
-    def __init__(self, config: ModelConfig, tp: TensorParallelGroup = SINGLE_RANK) -> None:
-        super().__init__()
-        self.config = config
-        self.model = Olmo2Model(config, tp)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
-        if self.tie_word_embeddings:
-            self.lm_head.tie_to(self.model.embed_tokens)
+    @staticmethod
+    def build_norm(width: int, eps: float) -> nn.Module:
+        return Olmo2RMSNorm(width, eps)
