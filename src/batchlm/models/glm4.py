@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from batchlm.attention.backend import AttentionBackend, AttentionMetadata
 from batchlm.layers.norm import RMSNorm
 from batchlm.layers.quantization.base import LoadedWeight, select_rows
 from batchlm.layers.rotary import RotaryEmbedding
@@ -49,24 +48,13 @@ class Glm4DecoderLayer(LlamaDecoderLayer):
         self.post_self_attn_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_mlp_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(
-        self,
-        positions: torch.Tensor,
-        hidden: torch.Tensor,
-        residual: torch.Tensor | None,
-        kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        attn: AttentionBackend,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        attended = self.post_self_attn_layernorm(self.self_attn(positions, hidden, kv_cache, meta, attn))
-        # post_attention_layernorm is the norm before the MLP (HF's name), as in Llama.
-        hidden, residual = self.post_attention_layernorm(attended, residual)
-        fed: torch.Tensor = self.post_mlp_layernorm(self.mlp(hidden))
-        return fed, residual
+    def attention_out(self, attended: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.post_self_attn_layernorm(attended)
+        return out
+
+    def mlp_out(self, fed: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.post_mlp_layernorm(fed)
+        return out
 
 
 class Glm4Model(LlamaModel):

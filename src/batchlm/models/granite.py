@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from batchlm.attention.backend import AttentionBackend, AttentionMetadata
 from batchlm.layers.rotary import RotaryEmbedding
 from batchlm.models.hf_config import field_of, text_config_of
 from batchlm.models.llama import BlockOptions, LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
@@ -81,23 +80,13 @@ class GraniteDecoderLayer(LlamaDecoderLayer):
         super().__init__(config, layer, rope, options, tp, mlp)
         self.residual_multiplier = _scales(config).residual
 
-    def forward(
-        self,
-        positions: torch.Tensor,
-        hidden: torch.Tensor,
-        residual: torch.Tensor | None,
-        kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        attn: AttentionBackend,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        attended = self.self_attn(positions, hidden, kv_cache, meta, attn) * self.residual_multiplier
-        hidden, residual = self.post_attention_layernorm(attended, residual)
-        scaled: torch.Tensor = self.mlp(hidden) * self.residual_multiplier
-        return scaled, residual
+    def attention_out(self, attended: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = attended * self.residual_multiplier
+        return out
+
+    def mlp_out(self, fed: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = fed * self.residual_multiplier
+        return out
 
 
 class GraniteModel(LlamaModel):

@@ -167,9 +167,17 @@ class LlamaDecoderLayer(nn.Module):
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, kv_cache, meta, attn)
+        hidden = self.attention_out(self.self_attn(positions, hidden, kv_cache, meta, attn))
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        return self.mlp_out(self.mlp(hidden)), residual
+
+    def attention_out(self, attended: torch.Tensor) -> torch.Tensor:
+        """What the attention adds to the residual stream (a family may scale or norm it first)."""
+        return attended
+
+    def mlp_out(self, fed: torch.Tensor) -> torch.Tensor:
+        """What the MLP adds to the residual stream (a family may scale or norm it first)."""
+        return fed
 
 
 class LlamaModel(nn.Module):
