@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from batchlm.models.gguf_families import GEMMA_ARCHITECTURES, MIXTRAL_LAYOUT, family_config
 from batchlm.models.gguf_metadata import kv_head_count, required, required_int
 from batchlm.models.gguf_reader import GGUFFile, GGUFTensor, round_float32
 from batchlm.models.gguf_rope import ROPE_TENSORS, rope_scaling
@@ -38,30 +39,7 @@ GGUF_ARCHITECTURES = {
 }
 # Files whose q/k rows llama.cpp's converter interleaved for its RoPE (unpermute_rows undoes it).
 PERMUTED_QK_ARCHITECTURES = frozenset({"llama", "granite", "smollm3"})
-# Files whose heads rotate only rope.dimension_count of their dimensions (partial rotary).
-PARTIAL_ROTARY_ARCHITECTURES = frozenset({"phi3", "glm4"})
-# llama.cpp's smollm3 leaves RoPE out of every fourth layer (a fixed step: the file has no key for it).
-SMOLLM3_NO_ROPE_INTERVAL = 4
-# EXAONE 4.0's window layers when a file states a window but no pattern: three of every four.
-EXAONE4_PATTERN_PERIOD = 4
-# The HF config's layer_types (hf_config.SLIDING / FULL, not imported: that module needs torch, which
-# reading a GGUF file's config does without).
-SLIDING, FULL = "sliding_attention", "full_attention"
-# Granite's multipliers: llama.cpp's metadata key (after the architecture) -> the HF config field.
-GRANITE_SCALES = {
-    "embedding_scale": "embedding_multiplier",
-    "residual_scale": "residual_multiplier",
-    "attention.scale": "attention_multiplier",
-    "logit_scale": "logits_scaling",
-}
-# llama.cpp writes Mixtral as a "llama" file with experts; read as this layout (gguf_layout).
-MIXTRAL_LAYOUT = "mixtral"
 _LAYOUT_FAMILIES = {**GGUF_ARCHITECTURES, MIXTRAL_LAYOUT: ("mixtral", "MixtralForCausalLM")}
-GEMMA_ARCHITECTURES = frozenset({"gemma2", "gemma3"})
-# What llama.cpp assumes for a Gemma 2 file without these keys (Gemma 2's own values): its window, and
-# soft-caps, which it always applies to Gemma 2.
-GEMMA2_WINDOW = 4096
-GEMMA2_SOFTCAPS = {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
 _GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -218,149 +196,11 @@ def hf_config(reader: GGUFFile, path: Path) -> dict[str, Any]:
         "bos_token_id": reader.metadata("tokenizer.ggml.bos_token_id"),
         "eos_token_id": reader.metadata("tokenizer.ggml.eos_token_id"),
     }
-    _check_full_rotation(reader, arch, config["head_dim"], path)
-    if model_type in ("qwen2", "qwen3"):
-        config["use_sliding_window"] = False
-    if arch in GEMMA_ARCHITECTURES:
-        config.update(_gemma_config(reader, arch, config, path))
-    if arch in PARTIAL_ROTARY_ARCHITECTURES:
-        config.update(_partial_rotary(reader, arch, config))
-    if arch == "phi3":
-        config.update(_phi3_config(reader))
-    if arch == "glm4":
-        config.update(_glm4_config(reader))
-    if arch == "exaone4":
-        config.update(_exaone4_config(reader, arch, config["num_hidden_layers"], path))
-    if arch == "granite":
-        config.update(_granite_config(reader, arch, path))
-    if arch == "smollm3":
-        config.update(no_rope_layer_interval=SMOLLM3_NO_ROPE_INTERVAL, use_sliding_window=False)
-    if arch == "qwen3moe":
-        config.update(_moe_config(reader, arch, path))
-    if layout == MIXTRAL_LAYOUT:
-        config.update(_mixtral_config(reader, arch, path))
+    config.update(family_config(reader, arch, layout, config, path))
     scaling = rope_scaling(reader, arch, config["head_dim"], config["rope_theta"], path)
     if scaling is not None:
         config["rope_scaling"] = scaling
     return config
-
-
-def _check_full_rotation(reader: GGUFFile, arch: str, head_dim: int, path: Path) -> None:
-    """llama.cpp rotates the first rope.dimension_count dimensions of each head; batchlm reads a
-    narrower width for PARTIAL_ROTARY_ARCHITECTURES only (_partial_rotary), so elsewhere it must be
-    the whole head."""
-    key = f"{arch}.rope.dimension_count"
-    rotary = reader.metadata(key)
-    if arch not in PARTIAL_ROTARY_ARCHITECTURES and rotary is not None and rotary != head_dim:
-        raise ValueError(
-            f"{path}: GGUF metadata {key!r} is {rotary!r}, a rotation of part of the {head_dim}-wide "
-            f"heads, which batchlm runs for {' and '.join(sorted(PARTIAL_ROTARY_ARCHITECTURES))} only"
-        )
-
-
-def _partial_rotary(reader: GGUFFile, arch: str, config: dict[str, Any]) -> dict[str, Any]:
-    """The rotating share of each head (Phi-4-mini's, GLM-4's half). Stated for GLM-4 even when whole:
-    its config class defaults to half a head."""
-    rotary = int(reader.metadata(f"{arch}.rope.dimension_count", config["head_dim"]))
-    if rotary == config["head_dim"] and arch != "glm4":
-        return {}
-    return {"partial_rotary_factor": rotary / config["head_dim"]}
-
-
-def _gemma_config(reader: GGUFFile, arch: str, config: dict[str, Any], path: Path) -> dict[str, Any]:
-    """What Gemma adds: the sliding window (every other layer in Gemma 2, five of six in Gemma 3, as
-    their HF configs default and llama.cpp assumes), logit soft-caps, and the query scale, which the
-    file does not store: 1/sqrt(head_dim), but 1/sqrt(hidden/heads) for the 27B models, as llama.cpp
-    sets it (their HF configs say query_pre_attn_scalar 144 and 168). A Gemma 2 file that lacks the
-    window or a soft-cap (the first conversions did) gets llama.cpp's values, Gemma 2's own."""
-    hidden, heads, layers = config["hidden_size"], config["num_attention_heads"], config["num_hidden_layers"]
-    is_27b = (arch, layers, hidden) in (("gemma2", 46, 4608), ("gemma3", 62, 5376))
-    extra: dict[str, Any] = {
-        "hidden_activation": "gelu_pytorch_tanh",
-        "hidden_act": "gelu_pytorch_tanh",
-        "sliding_window": required_int(
-            reader, f"{arch}.attention.sliding_window", path, GEMMA2_WINDOW if arch == "gemma2" else None
-        ),
-        "query_pre_attn_scalar": hidden // heads if is_27b else config["head_dim"],
-        "tie_word_embeddings": True,
-    }
-    if arch == "gemma2":
-        for key, default in GEMMA2_SOFTCAPS.items():
-            extra[key] = round_float32(reader.metadata(f"{arch}.{key}", default))
-    else:
-        # Gemma 3's local layers rotate at base 10000 (llama.cpp's fixed value too), unscaled.
-        extra["rope_local_base_freq"] = 10000.0
-    return extra
-
-
-def _granite_config(reader: GGUFFile, arch: str, path: Path) -> dict[str, Any]:
-    """Granite's four multipliers, which llama.cpp requires of a granite file too."""
-    return {
-        field: round_float32(required(reader, f"{arch}.{key}", path, float))
-        for key, field in GRANITE_SCALES.items()
-    }
-
-
-def _moe_config(reader: GGUFFile, arch: str, path: Path) -> dict[str, Any]:
-    """Qwen3-MoE's experts: every layer sparse, the kept routing weights renormalized (as llama.cpp
-    runs this architecture and Qwen's configs say)."""
-    return {
-        "num_experts": required_int(reader, f"{arch}.expert_count", path),
-        "num_experts_per_tok": required_int(reader, f"{arch}.expert_used_count", path),
-        "moe_intermediate_size": required_int(reader, f"{arch}.expert_feed_forward_length", path),
-        "norm_topk_prob": True,
-        "decoder_sparse_step": 1,
-        "mlp_only_layers": [],
-    }
-
-
-def _mixtral_config(reader: GGUFFile, arch: str, path: Path) -> dict[str, Any]:
-    """Mixtral's experts: every layer sparse, each expert feed_forward_length wide (the config's
-    intermediate_size), the kept routing weights renormalized (as HF's Mixtral and llama.cpp run it);
-    no sliding window."""
-    return {
-        "num_local_experts": required_int(reader, f"{arch}.expert_count", path),
-        "num_experts_per_tok": required_int(reader, f"{arch}.expert_used_count", path),
-        "sliding_window": None,
-    }
-
-
-def _phi3_config(reader: GGUFFile) -> dict[str, Any]:
-    """Phi-3's window and LongRoPE's original length."""
-    extra: dict[str, Any] = {}
-    window = reader.metadata("phi3.attention.sliding_window")
-    extra["sliding_window"] = int(window) if window else None
-    original = reader.metadata("phi3.rope.scaling.original_context_length")
-    if original is not None:
-        extra["original_max_position_embeddings"] = int(original)
-    return extra
-
-
-def _glm4_config(reader: GGUFFile) -> dict[str, Any]:
-    """GLM-4's q/k/v biases, which its files hold where the checkpoint had them (attention_bias)."""
-    return {"attention_bias": any(t.name == "blk.0.attn_q.bias" for t in reader.tensors)}
-
-
-def _exaone4_config(reader: GGUFFile, arch: str, num_layers: int, path: Path) -> dict[str, Any]:
-    """EXAONE 4.0's window and which layers use it (the others global and without RoPE), as the
-    converter writes them from the HF config: `sliding_window_pattern` is one flag a layer (or a
-    period: every period-th layer global). A file without a window has every layer global and
-    rotating, as its config had it."""
-    window = reader.metadata(f"{arch}.attention.sliding_window")
-    if not window:
-        return {"sliding_window": None, "layer_types": [FULL] * num_layers}
-    pattern = reader.metadata(f"{arch}.attention.sliding_window_pattern")
-    if isinstance(pattern, list):
-        if len(pattern) != num_layers:
-            raise ValueError(
-                f"{path}: {arch}.attention.sliding_window_pattern names {len(pattern)} layers of {num_layers}"
-            )
-        windowed = [bool(flag) for flag in pattern]
-    else:
-        # Without one, Exaone4Config's (and llama.cpp's) default: every fourth layer global.
-        period = int(pattern or EXAONE4_PATTERN_PERIOD)
-        windowed = [(i + 1) % period != 0 for i in range(num_layers)]
-    return {"sliding_window": int(window), "layer_types": [SLIDING if w else FULL for w in windowed]}
 
 
 def tensor_types(reader: GGUFFile) -> dict[str, str]:
