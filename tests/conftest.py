@@ -7,7 +7,8 @@ Fixtures other test files may rely on (session-scoped, built once under pytest's
   ``batchlm.models.random_model.write_random_model``, the built-in byte-level BPE tokenizer with a
   ChatML chat template, and generation_config.json with ``eos_token_id=[1, 3]``). ``model_type`` is
   one of ``random_model.ARCHITECTURES`` ("llama", "qwen3", "gemma2", "mistral3"...); ``overrides`` are
-  config fields on top of ``TINY_CONFIG`` (a multimodal type's go to its text model)
+  config fields on top of ``TINY_CONFIG`` (a multimodal type's go to its text model, whose type
+  ``text_model_type`` may name: "ministral3" in a "mistral3")
   (vocab_size defaults to the tokenizer's 2048; a larger value gives a padded vocabulary). The same
   arguments return the same directory. Treat the directories as read-only.
 - ``tiny_tokenizer``: ``batchlm.tokenizer.tokenizer.Tokenizer`` loaded from the tiny llama directory

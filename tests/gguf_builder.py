@@ -1,7 +1,7 @@
 """Write tiny GGUF files the way llama.cpp's converter does, from random-weight HF models (tests only).
 
 `write_tiny_gguf` makes a random model of a family (Llama, Qwen2, Qwen3, Gemma, Phi-3, Granite, OLMo 2,
-SmolLM3, GLM-4, EXAONE 4.0, the MoE ones) with the built-in tokenizer (demo.write_model_dir), then
+SmolLM3, GLM-4, EXAONE 4.0, Seed-OSS, the MoE ones) with the built-in tokenizer (demo.write_model_dir), then
 writes its metadata, tokenizer and tensors with `gguf.GGUFWriter`: llama, granite and smollm3 q/k rows
 permuted as llama.cpp's convert_hf_to_gguf.py does (GLM-4's stay as HF interleaves them, for llama.cpp's
 interleaved RoPE), 1-D tensors in F32, matrices in the asked GGML type. Types
@@ -92,6 +92,8 @@ _GLM4_HF_TO_GGUF = {
 }
 # Architectures whose norms of the attention's and the MLP's outputs have Gemma's GGUF names.
 _POST_NORM_ARCHS = ("olmo2", "exaone4")
+# Seed-OSS's norm before the MLP: the name llama.cpp's tensor map gives post_attention_layernorm for it.
+_SEED_OSS_HF_TO_GGUF = {**_HF_TO_GGUF, "post_attention_layernorm": "post_attention_norm"}
 # Architectures whose q/k rows llama.cpp's converter permutes for its interleaved RoPE.
 _PERMUTED_QK = ("llama", "granite", "smollm3")
 # HF model_type -> GGUF general.architecture, where they differ.
@@ -195,6 +197,8 @@ def gguf_tensor_name(hf_name: str, arch: str = "llama") -> str:
         names = _GEMMA_HF_TO_GGUF
     elif arch in ("phi3", "glm4"):
         names = _GLM4_HF_TO_GGUF if arch == "glm4" else _PHI3_HF_TO_GGUF
+    elif arch == "seed_oss":
+        names = _SEED_OSS_HF_TO_GGUF
     return f"blk.{layer}.{names[rest]}.{kind}"
 
 

@@ -34,6 +34,7 @@ from gguf_builder import write_tiny_gguf
 from models_harness import Chunk, build_step, make_kv_caches, run_step
 from test_gguf_loading import MIXTRAL, PHI4_MINI, QWEN3_MOE
 from test_models_granite import GRANITE
+from test_models_ministral3 import write_model
 
 pytestmark = pytest.mark.skipif(stack_library() is None, reason="no AVX2 CPU or C compiler here")
 CPU = torch.device("cpu")
@@ -381,6 +382,33 @@ def test_families_whose_blocks_compute_otherwise_keep_the_generic_path(
     with caplog.at_level(logging.INFO, logger=fused_decode.__name__):
         assert build_fused_decode(loaded.model, caches, TorchAttentionBackend()) is None
     assert f"CPU decode: layer by layer ({reason}" in caplog.text
+
+
+@pytest.mark.parametrize("multimodal", [False, True], ids=["causal-lm", "multimodal"])
+def test_ministral3_keeps_the_generic_path(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, multimodal: bool
+) -> None:
+    """Llama's model and blocks, but queries scaled by position, which the stack (computing q itself)
+    would leave out: every linear quantized at load, the model keeps its own forward."""
+    loaded = load_model(
+        write_model(tmp_path, multimodal, seed=9), torch.float32, CPU, progress=False, quantization="int8"
+    )
+    caches = make_kv_caches(loaded, 4, BLOCK_SIZE)
+    with caplog.at_level(logging.INFO, logger=fused_decode.__name__):
+        assert build_fused_decode(loaded.model, caches, TorchAttentionBackend()) is None
+    assert "CPU decode: layer by layer (attention the fused call does not compute (Ministral3Attention))" in (
+        caplog.text
+    )
+
+
+def test_fused_steps_of_seed_oss_match_the_model(tmp_path: Path) -> None:
+    # Seed-OSS as llama.cpp writes it: Llama's block with q/k/v, o and MLP biases (each its own config
+    # field, read from the tensors the file holds).
+    overrides = {"attention_bias": True, "attention_out_bias": True, "mlp_bias": True}
+    loaded = _model(tmp_path, "Q8_0", False, "seed_oss", overrides)
+    attention = loaded.model.model.layers[0].self_attn
+    assert attention.qkv_proj.bias is not None and attention.o_proj.bias is not None
+    _assert_steps_agree(loaded, 3)
 
 
 @torch.inference_mode()

@@ -1,7 +1,7 @@
 """Sliding-window, soft-capped and partial-rotary families, and those whose blocks scale, norm or rotate
-otherwise than Llama's (Granite, OLMo 2, SmolLM3, GLM-4, EXAONE 4.0), through the whole engine: greedy
-tokens equal transformers' alone, batched, in chunked prefill, after preemption and from the prefix
-cache, with contexts several times the window."""
+otherwise than Llama's (Granite, OLMo 2, SmolLM3, GLM-4, EXAONE 4.0, Ministral 3, Seed-OSS's biases),
+through the whole engine: greedy tokens equal transformers' alone, batched, in chunked prefill, after
+preemption and from the prefix cache, with contexts several times the window."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 
 from batchlm import LLM, SamplingParams
 from models_harness import hf_generated, hf_reference_model
+from test_models_ministral3 import MINISTRAL3
 
 WINDOW = 8
 MAX_TOKENS = 12
@@ -39,6 +40,13 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "glm4": ("glm4", {"pad_token_id": 0}),
     # A window layer, then a global one without RoPE; norms after the attention and the MLP only.
     "exaone4": ("exaone4", {"layer_types": LAYERS, "sliding_window": WINDOW}),
+    # Queries scaled by position past every 16 tokens (YaRN's original length), over YaRN; as its own
+    # checkpoint, and as the text model of a Mistral 3 one, windowed as Mistral's.
+    "ministral3": ("ministral3", MINISTRAL3),
+    "mistral3-ministral3": ("mistral3", {**MINISTRAL3, "text_model_type": "ministral3",
+                                         "sliding_window": WINDOW}),
+    # Llama with q/k/v and o biases, each its own field.
+    "seed_oss": ("seed_oss", {"attention_out_bias": True, "pad_token_id": 0}),
 }  # fmt: skip
 
 

@@ -33,6 +33,7 @@ UNKNOWN_TO_TRANSFORMERS: dict[str, dict[str, Any]] = {
     "smollm3": {"pad_token_id": 0},
     "glm4": {"pad_token_id": 0},
     "exaone4": {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]},
+    "seed_oss": {},
 }
 TEXTS = [
     "Hello, world!",

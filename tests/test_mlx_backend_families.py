@@ -1,9 +1,10 @@
-"""The MLX backend serves Gemma 2/3, Phi-3, Mistral and Mistral 3's text model through mlx-lm past their
-sliding window: Gemma 3 with its windows and per-layer RoPE bases from a transformers 5 config, the
-families whose mlx-lm module ignores the window through rotating caches on their windowed layers; and
-Granite, OLMo 2, SmolLM3, GLM-4 and EXAONE 4.0 on mlx-lm's own modules (EXAONE 4.0's layer pattern and
-GLM-4's rotating share given under the names mlx-lm reads). Greedy tokens equal transformers' (float32,
-CPU)."""
+"""The MLX backend serves Gemma 2/3, Phi-3, Mistral, Ministral 3 and Mistral 3's text model through mlx-lm
+past their sliding window: Gemma 3 with its windows and per-layer RoPE bases from a transformers 5
+config, the families whose mlx-lm module ignores the window (or, Ministral 3's, applies it only to the
+layers layer_types names) through rotating caches on their windowed layers; and Granite, OLMo 2,
+SmolLM3, GLM-4, EXAONE 4.0, Ministral 3 (its queries scaled by position) and Seed-OSS on mlx-lm's own
+modules (EXAONE 4.0's layer pattern and GLM-4's rotating share given under the names mlx-lm reads).
+Greedy tokens equal transformers' (float32, CPU)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from batchlm.config import EngineConfig
 from batchlm.engine.client import EngineDeadError
 from batchlm.sampling_params import SamplingParams
 from models_harness import hf_generated, hf_greedy, hf_reference_model
+from test_models_ministral3 import MINISTRAL3
 
 needs_mlx = pytest.mark.skipif(not backends.mlx_available(), reason="mlx and mlx-lm are not installed")
 WINDOW = 8
@@ -38,6 +40,13 @@ WINDOWED_BY_CACHE: dict[str, tuple[str, dict[str, Any]]] = {
     "mistral3": (
         "mistral3",
         {"sliding_window": WINDOW, "rope_parameters": {"rope_type": "default", "rope_theta": 100.0}},
+    ),
+    # mlx-lm's Ministral 3 windows only the layers `layer_types` names, where transformers windows
+    # every layer of a config with a window; as its own checkpoint and in a Mistral 3.
+    "ministral3": ("ministral3", {**MINISTRAL3, "sliding_window": WINDOW}),
+    "mistral3-ministral3": (
+        "mistral3",
+        {**MINISTRAL3, "text_model_type": "ministral3", "sliding_window": WINDOW},
     ),
 }
 
@@ -105,6 +114,10 @@ OWN_MODULES: dict[str, tuple[str, dict[str, Any]]] = {
     "glm4": ("glm4", {"pad_token_id": 0}),
     # A window layer, then a global one without RoPE (mlx-lm's module applies the window itself).
     "exaone4": ("exaone4", {"sliding_window": WINDOW, "layer_types": ["sliding_attention", "full_attention"]}),
+    # Queries scaled by position (every 16 tokens) over YaRN, as its own checkpoint and in a Mistral 3.
+    "ministral3": ("ministral3", MINISTRAL3),
+    "mistral3-ministral3": ("mistral3", {**MINISTRAL3, "text_model_type": "ministral3"}),
+    "seed_oss": ("seed_oss", {"attention_out_bias": True, "pad_token_id": 0}),
 }  # fmt: skip
 
 
@@ -157,11 +170,12 @@ def test_gemma2_decodes_sequences_side_by_side(tiny_model_dir: Callable[..., Pat
 
 
 @needs_mlx
-@pytest.mark.parametrize("family", ["glm4", "exaone4"])
-def test_glm4_and_exaone4_decode_sequences_side_by_side(
+@pytest.mark.parametrize("family", ["glm4", "exaone4", "ministral3", "seed_oss"])
+def test_families_of_mlx_lm_modules_decode_sequences_side_by_side(
     tiny_model_dir: Callable[..., Path], family: str
 ) -> None:
     # EXAONE 4.0's window layers on mlx-lm's rotating caches, batched; a prompt longer than the window.
+    # Ministral 3's query scale from each sequence's own offset in the batch's cache.
     model_type, overrides = OWN_MODULES[family]
     model_dir = tiny_model_dir(model_type, seed=6, **overrides)
     prompts = [[5, 17, 42, 99], list(range(10, 33)), [7, 8]]
@@ -256,6 +270,7 @@ def test_windowed_layers_follow_layer_types_else_the_family_pattern() -> None:
     ]
     assert windowed_layers({"model_type": "mistral", "sliding_window": 8}, 3) == [True] * 3
     assert windowed_layers({"model_type": "mistral", "sliding_window": None}, 3) is None
+    assert windowed_layers({"model_type": "ministral3", "sliding_window": 8}, 3) == [True] * 3
     assert (
         windowed_layers({"model_type": "phi3", "sliding_window": 8, "use_sliding_window": False}, 3) is None
     )

@@ -98,8 +98,9 @@ def test_mixed_batch_matches_requests_run_alone(tmp_path: Path) -> None:
 
 
 def test_another_text_model_is_refused_by_name(tmp_path: Path) -> None:
-    # Ministral 3's text model scales its queries by position: not a Mistral text model.
+    # Mistral 4's text model (experts, latent attention) is neither Mistral's nor Ministral 3's
+    # (tests/test_models_ministral3.py).
     model_dir = write_random_model(tmp_path, "mistral3", seed=34)
-    edit_config(model_dir, lambda config: config["text_config"].update(model_type="ministral3"))
-    with pytest.raises(ValueError, match="unsupported Mistral 3 text model 'ministral3'"):
+    edit_config(model_dir, lambda config: config["text_config"].update(model_type="mistral4"))
+    with pytest.raises(ValueError, match="unsupported Mistral 3 text model 'mistral4'"):
         load_model(model_dir, torch.float32, CPU, progress=False)

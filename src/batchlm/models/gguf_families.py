@@ -53,6 +53,8 @@ def family_config(
         extra.update(_phi3_config(reader))
     if arch == "glm4":
         extra.update(_glm4_config(reader))
+    if arch == "seed_oss":
+        extra.update(_seed_oss_config(reader))
     if arch == "exaone4":
         extra.update(_exaone4_config(reader, arch, config["num_hidden_layers"], path))
     if arch == "granite":
@@ -160,6 +162,17 @@ def _phi3_config(reader: GGUFFile) -> dict[str, Any]:
 def _glm4_config(reader: GGUFFile) -> dict[str, Any]:
     """GLM-4's q/k/v biases, which its files hold where the checkpoint had them (attention_bias)."""
     return {"attention_bias": any(t.name == "blk.0.attn_q.bias" for t in reader.tensors)}
+
+
+def _seed_oss_config(reader: GGUFFile) -> dict[str, Any]:
+    """Seed-OSS's biases, each its own config field, from the tensors the file holds (its q/k/v ones in
+    the published checkpoints)."""
+    names = {t.name for t in reader.tensors}
+    return {
+        "attention_bias": "blk.0.attn_q.bias" in names,
+        "attention_out_bias": "blk.0.attn_output.bias" in names,
+        "mlp_bias": "blk.0.ffn_down.bias" in names,
+    }
 
 
 def _exaone4_config(reader: GGUFFile, arch: str, num_layers: int, path: Path) -> dict[str, Any]:

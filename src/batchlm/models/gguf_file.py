@@ -36,6 +36,7 @@ GGUF_ARCHITECTURES = {
     "smollm3": ("smollm3", "SmolLM3ForCausalLM"),
     "glm4": ("glm4", "Glm4ForCausalLM"),
     "exaone4": ("exaone4", "Exaone4ForCausalLM"),
+    "seed_oss": ("seed_oss", "SeedOssForCausalLM"),
 }
 # Files whose q/k rows llama.cpp's converter interleaved for its RoPE (unpermute_rows undoes it).
 PERMUTED_QK_ARCHITECTURES = frozenset({"llama", "granite", "smollm3"})
@@ -82,6 +83,9 @@ _GLM4_BLOCK_NAMES = {
     "post_attention_norm": "post_self_attn_layernorm",
     "post_ffw_norm": "post_mlp_layernorm",
 }
+# Seed-OSS's norm before the MLP (HF's post_attention_layernorm, Llama's ffn_norm), under the name
+# llama.cpp gives it for this architecture.
+_SEED_OSS_BLOCK_NAMES = {**_BLOCK_NAMES, "post_attention_norm": "post_attention_layernorm"}
 _BLOCK_NAMES_OF = {
     "gemma2": _GEMMA_BLOCK_NAMES,
     "gemma3": _GEMMA_BLOCK_NAMES,
@@ -90,6 +94,7 @@ _BLOCK_NAMES_OF = {
     "olmo2": _GEMMA_BLOCK_NAMES,
     "exaone4": _GEMMA_BLOCK_NAMES,
     "glm4": _GLM4_BLOCK_NAMES,
+    "seed_oss": _SEED_OSS_BLOCK_NAMES,
     "phi3": _PHI3_BLOCK_NAMES,
     "qwen3moe": _MOE_BLOCK_NAMES,
     MIXTRAL_LAYOUT: _MOE_BLOCK_NAMES,

@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama 2/3/3.x, SmolLM2, TinyLlama), also serving Mistral and Qwen2."""
+"""Llama-family decoder (Llama 2/3/3.x, SmolLM2, TinyLlama), also serving Mistral, Qwen2 and Seed-OSS."""
 
 from __future__ import annotations
 
@@ -43,6 +43,9 @@ class BlockOptions:
     qk_norm: bool = False
     # The norm those heads get, built as head_norm(head_dim, eps) (Gemma 3: its (1 + w) float32 norm).
     head_norm: Callable[[int, float], nn.Module] = RMSNorm
+    # The block's attention, built as LlamaAttention is (Ministral 3: queries scaled by position);
+    # None: LlamaAttention.
+    attention: type[LlamaAttention] | None = None
 
 
 class LlamaMLP(nn.Module):
@@ -148,7 +151,7 @@ class LlamaDecoderLayer(nn.Module):
         mlp: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer, rope, options, tp)
+        self.self_attn = (options.attention or LlamaAttention)(config, layer, rope, options, tp)
         # `mlp` replaces the dense MLP (mixture-of-experts families).
         self.mlp = mlp if mlp is not None else LlamaMLP(config, options.mlp_bias, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -248,13 +251,15 @@ class LlamaForCausalLM(CausalLM):
 
     @classmethod
     def read_config(cls, hf_config: Any) -> ModelConfig:
-        # transformers' Llama attends to the whole context even where its config states a
-        # sliding_window (or layer_types); the families built on this class (Mistral, Qwen2, Phi-3...)
-        # honour theirs.
-        windows = cls is not LlamaForCausalLM
+        # transformers' Llama (and Seed-OSS, which is its model) attends to the whole context even
+        # where its config states a sliding_window (or layer_types); the families built on this class
+        # (Mistral, Qwen2, Phi-3...) honour theirs.
+        windows = cls not in (LlamaForCausalLM, SeedOssForCausalLM)
         if not windows and field_of(text_config_of(hf_config), "sliding_window"):
             logger.warning(
-                "the config's sliding_window is not used by Llama models: every layer attends to its whole context"
+                "the config's sliding_window is not used by %s models: every layer attends to its whole "
+                "context",
+                cls.__name__.removesuffix("ForCausalLM"),
             )
         return read_model_config(hf_config, windows=windows)
 
@@ -278,3 +283,12 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
     @classmethod
     def block_options(cls, config: ModelConfig) -> BlockOptions:
         return BlockOptions(qkv_bias=True)
+
+
+class SeedOssForCausalLM(LlamaForCausalLM):
+    """Seed-OSS (Seed-OSS-36B): Llama whose q/k/v biases (attention_bias, on in its configs) and o_proj
+    bias (attention_out_bias) are stated apart."""
+
+    @classmethod
+    def block_options(cls, config: ModelConfig) -> BlockOptions:
+        return BlockOptions(config.attention_bias, config.attention_out_bias, config.mlp_bias)

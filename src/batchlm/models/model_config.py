@@ -67,6 +67,9 @@ class ModelConfig:
     layers: tuple[LayerSpec, ...]
     # Logits become cap * tanh(logits / cap) (Gemma 2); None: no cap.
     final_logit_softcap: float | None = None
+    # A bias on the attention's output projection where the config states it apart from q/k/v's
+    # (Seed-OSS's attention_out_bias); the other families read attention_bias for it.
+    attention_out_bias: bool = False
 
     @property
     def sliding_window(self) -> int | None:
@@ -106,6 +109,7 @@ def read_model_config(hf_config: Any, architecture: str | None = None, windows: 
         initializer_range=float(field_of(text, "initializer_range", 0.02)),
         layers=tuple(_layer_spec(text, kind, head_dim, partial_rotary) for kind in layer_types),
         final_logit_softcap=_optional_float(field_of(text, "final_logit_softcapping")),
+        attention_out_bias=bool(field_of(text, "attention_out_bias", False)),
     )
 
 

@@ -48,11 +48,14 @@ ARCHITECTURES = {
     "smollm3": "SmolLM3ForCausalLM",
     "glm4": "Glm4ForCausalLM",
     "exaone4": "Exaone4ForCausalLM",
+    "ministral3": "Ministral3ForCausalLM",
+    "seed_oss": "SeedOssForCausalLM",
     "mistral3": "Mistral3ForConditionalGeneration",
 }
 
-# Multimodal model types: the tiny sizes describe their text model (of this model_type), which sits
-# beside a tiny vision tower whose weights batchlm skips.
+# Multimodal model types: the tiny sizes describe their text model (of this model_type, unless the
+# overrides' "text_model_type" names another: "ministral3" in a Mistral 3), which sits beside a tiny
+# vision tower whose weights batchlm skips.
 TINY_MULTIMODAL: dict[str, tuple[str, dict[str, Any]]] = {
     "mistral3": (
         "mistral",
@@ -113,7 +116,9 @@ def _hf_config(model_type: str, params: dict[str, Any]) -> Any:
 
     if model_type not in TINY_MULTIMODAL:
         return AutoConfig.for_model(model_type, **params)
-    text_type, vision = TINY_MULTIMODAL[model_type]
+    default_text_type, vision = TINY_MULTIMODAL[model_type]
+    params = dict(params)
+    text_type = params.pop("text_model_type", default_text_type)
     # Tying is stated on both configs: transformers reads the outer one, the text model the inner one.
     tied = bool(params.get("tie_word_embeddings", False))
     text = {"model_type": text_type, **params}

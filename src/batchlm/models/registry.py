@@ -17,6 +17,7 @@ MODEL_REGISTRY: dict[str, str] = {
     "LlamaForCausalLM": "batchlm.models.llama:LlamaForCausalLM",
     "MistralForCausalLM": "batchlm.models.llama:MistralForCausalLM",
     "Mistral3ForConditionalGeneration": "batchlm.models.mistral3:Mistral3ForConditionalGeneration",
+    "Ministral3ForCausalLM": "batchlm.models.ministral3:Ministral3ForCausalLM",
     "Qwen2ForCausalLM": "batchlm.models.llama:Qwen2ForCausalLM",
     "Qwen3ForCausalLM": "batchlm.models.qwen3:Qwen3ForCausalLM",
     "Gemma2ForCausalLM": "batchlm.models.gemma:Gemma2ForCausalLM",
@@ -28,6 +29,7 @@ MODEL_REGISTRY: dict[str, str] = {
     "SmolLM3ForCausalLM": "batchlm.models.smollm3:SmolLM3ForCausalLM",
     "Glm4ForCausalLM": "batchlm.models.glm4:Glm4ForCausalLM",
     "Exaone4ForCausalLM": "batchlm.models.exaone4:Exaone4ForCausalLM",
+    "SeedOssForCausalLM": "batchlm.models.llama:SeedOssForCausalLM",
     "Qwen3MoeForCausalLM": "batchlm.models.moe:Qwen3MoeForCausalLM",
     "MixtralForCausalLM": "batchlm.models.moe:MixtralForCausalLM",
 }

@@ -170,14 +170,16 @@ def _unsupported(model: torch.nn.Module, kv_caches: list[torch.Tensor], attn: At
 
 def _other_blocks(model: LlamaForCausalLM | Gemma2ForCausalLM) -> str | None:
     """Why the stack cannot stand for the model's decoder, or None. The stack computes Llama's,
-    Gemma's and GLM-4's decoder stacks and blocks as they are (GLM-4's: Gemma's four norms, plain RMS
-    ones): a family that subclasses them to compute otherwise (Granite's scaled residuals) keeps the
-    model's own forward."""
+    Gemma's and GLM-4's decoder stacks, blocks and attention as they are (GLM-4's: Gemma's four norms,
+    plain RMS ones): a family that subclasses them to compute otherwise (Granite's scaled residuals,
+    Ministral 3's queries scaled by position) keeps the model's own forward."""
     if type(model.model) not in (LlamaModel, GemmaModel, Glm4Model):
         return f"a decoder stack the fused call does not compute ({type(model.model).__name__})"
     for layer in model.model.layers:
         if type(layer) not in (LlamaDecoderLayer, GemmaDecoderLayer, Glm4DecoderLayer):
             return f"decoder layers the fused call does not compute ({type(layer).__name__})"
+        if type(layer.self_attn) is not LlamaAttention:
+            return f"attention the fused call does not compute ({type(layer.self_attn).__name__})"
     return None
 
 

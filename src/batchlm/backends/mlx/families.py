@@ -1,13 +1,14 @@
 """What the MLX backend adds to mlx-lm for the sliding-window families (Gemma 2/3, Phi-3, Mistral,
-EXAONE 4).
+Ministral 3, EXAONE 4).
 
 mlx-lm reads Gemma 3's RoPE bases from `rope_theta` / `rope_local_base_freq` and its layer pattern
 from `sliding_window_pattern`; configs written by transformers 5 state them as per-layer-type
 `rope_parameters` and `layer_types` instead, so they are translated into overrides here. mlx-lm's
-Gemma 2, Phi-3 and Llama-architecture Mistral modules ignore the window, so their windowed layers are
-given mlx-lm's own rotating (sliding-window) KV cache here, whose masks keep each query inside its
-window. Families whose window is not verified that way (Qwen 2/3, Mixtral with a window switched on)
-keep their context capped at the window: within it, full and windowed attention agree.
+Gemma 2, Phi-3 and Llama-architecture Mistral modules ignore the window, and its Ministral 3 windows
+only the layers `layer_types` names, so their windowed layers are given mlx-lm's own rotating
+(sliding-window) KV cache here, whose masks keep each query inside its window. Families whose window
+is not verified that way (Qwen 2/3, Mixtral with a window switched on) keep their context capped at
+the window: within it, full and windowed attention agree.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ QWEN_TYPES = frozenset({"qwen2", "qwen3", "qwen3_moe"})
 QWEN_MAX_WINDOW_LAYERS = 28
 # mlx-lm's Gemma 3 sliding_window_pattern when the config states none: every 6th layer is global.
 MLX_LM_GEMMA3_PATTERN = 6
-# Families whose windowed layers get a rotating KV cache from apply_sliding_window.
-WINDOWED_BY_CACHE = frozenset({"gemma2", "phi3", "mistral", "mistral3"})
+# Families whose windowed layers get a rotating KV cache from apply_sliding_window (mlx-lm's Ministral 3
+# windows only the layers a config's layer_types names, transformers every layer of a config with a
+# window).
+WINDOWED_BY_CACHE = frozenset({"gemma2", "phi3", "mistral", "mistral3", "ministral3"})
 # model_type -> does the mlx-lm module (or apply_sliding_window) apply the config's sliding window?
 APPLIES_WINDOW = {
     "gemma3": True,
@@ -30,6 +33,7 @@ APPLIES_WINDOW = {
     "phi3": True,
     "mistral": True,
     "mistral3": True,
+    "ministral3": True,
     # mlx-lm's EXAONE 4 gives its window layers rotating caches and window masks itself.
     "exaone4": True,
     "qwen2": False,
