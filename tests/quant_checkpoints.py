@@ -89,6 +89,40 @@ def fp8_tensors(weight: torch.Tensor, per_tensor: bool, input_scale: float | Non
     return out
 
 
+def block_fp8_tensors(
+    weight: torch.Tensor, block: tuple[int, int]
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """transformers' fine-grained FP8 of a dense [N, K] weight, one block at a time: each block of
+    `block` (rows, inputs; the last ones partial where N or K is not a multiple) maps its largest
+    magnitude to 448, and weight_scale_inv [ceil(N / bn), ceil(K / bk)] holds amax / 448. Returns
+    the stored tensors and the float32 weight they stand for (codes times their block's scale)."""
+    rows, cols = weight.shape
+    block_rows, block_cols = block
+    grid = (-(-rows // block_rows), -(-cols // block_cols))
+    codes = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+    scales = torch.empty(grid, dtype=torch.float32)
+    values = torch.empty(rows, cols, dtype=torch.float32)
+    for i in range(grid[0]):
+        for j in range(grid[1]):
+            where = (slice(i * block_rows, (i + 1) * block_rows), slice(j * block_cols, (j + 1) * block_cols))
+            tile = weight[where].float()
+            scale = tile.abs().max().clamp(min=1e-12) / 448.0
+            tile_codes = (tile / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+            codes[where], scales[i, j] = tile_codes, scale
+            values[where] = tile_codes.float() * scale
+    return {"weight": codes, "weight_scale_inv": scales}, values
+
+
+def block_fp8_config(block: tuple[int, int]) -> dict[str, Any]:
+    """config.json's quantization_config as transformers' FineGrainedFP8Config writes it."""
+    return {
+        "quant_method": "fp8",
+        "activation_scheme": "dynamic",
+        "weight_block_size": list(block),
+        "modules_to_not_convert": ["lm_head"],
+    }
+
+
 def is_linear(name: str) -> bool:
     return name.endswith(".weight") and name.rsplit(".", 2)[-2] in LINEARS
 

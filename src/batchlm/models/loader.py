@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -11,9 +12,12 @@ from typing import Any
 
 import torch
 
+from batchlm.layers.moe import FusedMoE
 from batchlm.layers.norm import RMSNorm
 from batchlm.layers.quantization import reference_rows, registry
 from batchlm.layers.quantization.cpu_quantized import CpuQuantizedLinearMethod
+from batchlm.layers.quantization.fp8 import Fp8LinearMethod
+from batchlm.layers.quantization.int4 import Int4LinearMethod
 from batchlm.layers.quantization.registry import DENSE_FORMAT, FLOAT_QTYPES, GGUF_FORMAT, QUANTIZE_AT_LOAD
 from batchlm.models.base import CausalLM
 from batchlm.models.checkpoint import find_safetensors, iter_safetensors, load_hf_config
@@ -153,8 +157,12 @@ def load_model(
         if scheme is not None or quantization:
             what = f"{scheme.kind} checkpoint" if scheme else f"--quantization {quantization}"
             logger.info("%s: layers per weight method %s", what, dict(methods))
+        if scheme is not None and scheme.dequantized_at_load:
+            experts = any(isinstance(module, FusedMoE) for module in model.modules())
+            summary = dequantized_weights_summary(methods, dtype, device, experts)
+            logger.info("block-wise FP8 checkpoint: %s", summary)
         with timed_phase(logger, "weight load"):
-            kv_scales = _load_checkpoint(model, files, adapter, progress, scheme, set(qtypes), device)
+            kv_scales = _load_checkpoint(model, files, adapter, progress, scheme, set(qtypes), device, dtype)
     finish_quantized(model)
     model.eval()
     return LoadedModel(model, config, model_dir, model_shape(model_config, tp), dtype, device, kv_scales)
@@ -186,6 +194,7 @@ def _load_checkpoint(
     scheme: CheckpointScheme | None = None,
     quantized_weights: set[str] | None = None,
     device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[int, dict[str, float]]:
     """Load the safetensors into the model; returns the KV-cache scales a quantized checkpoint holds."""
     weights = iter_safetensors(files, progress)
@@ -197,7 +206,7 @@ def _load_checkpoint(
         load_named_weights(model, weights)
         return {}
     modules = {name.removesuffix(".weight") for name in quantized_weights or set()}
-    assembler = Assembler(scheme, modules, device or torch.device("cpu"))
+    assembler = Assembler(scheme, modules, device or torch.device("cpu"), dtype)
     load_named_weights(model, assembler.run(weights))
     return assembler.kv_scales
 
@@ -243,6 +252,27 @@ def check_quantization(
         )
 
 
+def dequantized_weights_summary(
+    methods: Counter[str], dtype: torch.dtype, device: torch.device, experts: bool = False
+) -> str:
+    """What became of weights dequantized as they load (block-wise FP8), from the methods chosen;
+    `experts`: whether the model has mixture-of-experts layers (their stacks are dense or Q8_0)."""
+    where = "the CPU" if device.type == "cpu" else str(device)
+    dense = f"dense {str(dtype).removeprefix('torch.')}"
+    if methods[Fp8LinearMethod.__name__]:
+        linears = "per-channel FP8 (each row requantized with one scale)"
+    elif methods[CpuQuantizedLinearMethod.__name__]:
+        linears = f"Q8_0 blocks on {where} (--quantization int8)"
+    elif methods[Int4LinearMethod.__name__]:
+        linears = "4-bit groups (--quantization w4a16)"
+    else:
+        linears = f"{dense} on {where}"
+    summary = f"weights dequantized at load and run as {linears}"
+    if experts:
+        summary += "; experts as Q8_0 blocks" if methods["quantized experts"] else f"; experts as {dense}"
+    return summary
+
+
 def check_gguf_quantization(gguf_file: Path, types: dict[str, str], quantization: str | None) -> None:
     """ValueError for --quantization on a GGUF file whose weights are block-quantized already (int8
     quantizes float weights; it would leave such a file as it is)."""
@@ -259,7 +289,7 @@ def check_checkpoint_scheme(
     """ValueError for a quantized checkpoint combined with what cannot apply to it."""
     if scheme is None:
         return
-    if quantization:
+    if quantization and not scheme.dequantized_at_load:
         raise ValueError(
             f"the checkpoint is already quantized ({scheme.kind}); drop --quantization {quantization}"
         )

@@ -6,6 +6,11 @@ weight_scale and maybe input_scale; ...). `assemble` buffers them per module unt
 there, then hands the loader `<module>.weight` as an Fp8Weight or Int4Weight; every other tensor
 passes through. Per-layer KV-cache scales (`self_attn.k_scale` / `v_scale`) are taken out of the
 stream and kept for the FP8 KV cache.
+
+Block-wise FP8 (transformers' "fine-grained" FP8: weight and weight_scale_inv, one scale per block of
+e.g. 128x128) is the exception: no kernel of ours takes its scales, so each weight is dequantized to
+the model's dtype as it is assembled and reaches its layer as a dense tensor, which the layer's method
+(registry.py) then stores as it stores any dense weight.
 """
 
 from __future__ import annotations
@@ -22,27 +27,40 @@ import torch
 from batchlm.kernels.fp8_types import FP8_DTYPE
 from batchlm.layers.quantization.base import LoadedWeight
 from batchlm.layers.quantization.forms import Fp8Weight
-from batchlm.layers.quantization.registry import FP8_QTYPE, INT4_QTYPE
+from batchlm.layers.quantization.registry import BLOCK_FP8_QTYPE, FP8_QTYPE, INT4_QTYPE
 from batchlm.models.checkpoint import open_safetensors
 from batchlm.models.int4_formats import unpack_awq, unpack_compressed_int4, unpack_gptq
 
 FP8 = "fp8"  # compressed-tensors FP8 W8A8 (FP8_DYNAMIC or static per-tensor)
+BLOCK_FP8 = "block-fp8"  # transformers' fine-grained FP8: 2-D blocks of weights share a scale
 GPTQ = "gptq"
 AWQ = "awq"
 CT_INT4 = "compressed-int4"  # compressed-tensors pack-quantized W4A16
 # The tensors that make up one quantized weight, by scheme.
 PARTS = {
     FP8: ("weight", "weight_scale"),
+    BLOCK_FP8: ("weight", "weight_scale_inv"),
     GPTQ: ("qweight", "qzeros", "scales"),
     AWQ: ("qweight", "qzeros", "scales"),
     CT_INT4: ("weight_packed", "weight_scale", "weight_shape"),
 }
 # Tensors whose presence marks a module as quantized, by scheme.
-MARKER = {FP8: "weight_scale", GPTQ: "qweight", AWQ: "qweight", CT_INT4: "weight_packed"}
+MARKER = {
+    FP8: "weight_scale",
+    BLOCK_FP8: "weight_scale_inv",
+    GPTQ: "qweight",
+    AWQ: "qweight",
+    CT_INT4: "weight_packed",
+}
 SUPPORTED = (
-    "compressed-tensors FP8 W8A8 (FP8_DYNAMIC, static per-tensor FP8), compressed-tensors W4A16 "
-    "pack-quantized (symmetric), GPTQ 4-bit (desc_act false) and AWQ 4-bit (GEMM)"
+    "compressed-tensors FP8 W8A8 (FP8_DYNAMIC, static per-tensor FP8), block-wise FP8 (quant_method "
+    "fp8 with 2-D weight_block_size, dynamic activations), compressed-tensors W4A16 pack-quantized "
+    "(symmetric), GPTQ 4-bit (desc_act false) and AWQ 4-bit (GEMM)"
 )
+# transformers' FineGrainedFP8Config.weight_block_size when config.json leaves it out.
+DEFAULT_FP8_BLOCK = (128, 128)
+# Values a block-wise FP8 weight dequantizes per step (float32 values and their scales: 128 MiB).
+STEP_VALUES = 1 << 24
 # Parts that carry nothing once the scheme is known: GPTQ's g_idx (k // group with desc_act false), a
 # dynamic scheme's stray input_scale, a symmetric scheme's zero points (all zero).
 DROPPED = frozenset({"g_idx", "input_scale", "weight_zero_point"})
@@ -53,14 +71,20 @@ KV_SCALE = re.compile(r"^(?:model\.)?layers\.(\d+)\.self_attn\.(?:([kv])_scale|(
 class CheckpointScheme:
     """The quantization a checkpoint declares (config.json's quantization_config)."""
 
-    kind: str  # FP8, GPTQ, AWQ or CT_INT4
+    kind: str  # FP8, BLOCK_FP8, GPTQ, AWQ or CT_INT4
     group_size: int = 0  # 4-bit: inputs per group (0: one group per row)
     static_activations: bool = False  # FP8: a stored input_scale per layer
     zeros_minus_one: bool = True  # GPTQ: the original format stores zero - 1
+    block: tuple[int, int] = (0, 0)  # BLOCK_FP8: (output rows, inputs) that share one scale
 
     @property
     def weight_type(self) -> str:
-        return FP8_QTYPE if self.kind == FP8 else INT4_QTYPE
+        return {FP8: FP8_QTYPE, BLOCK_FP8: BLOCK_FP8_QTYPE}.get(self.kind, INT4_QTYPE)
+
+    @property
+    def dequantized_at_load(self) -> bool:
+        """Whether its weights reach the layers dense (so --quantization may still apply to them)."""
+        return self.kind == BLOCK_FP8
 
 
 def read_checkpoint_scheme(model_dir: Path) -> CheckpointScheme | None:
@@ -78,6 +102,8 @@ def read_checkpoint_scheme(model_dir: Path) -> CheckpointScheme | None:
         return _gptq_scheme(config)
     if method == "awq":
         return _awq_scheme(config)
+    if method == "fp8":
+        return _block_fp8_scheme(config)
     raise ValueError(f"quantization method {method!r} is not supported; batchlm serves {SUPPORTED}")
 
 
@@ -103,6 +129,31 @@ def _awq_scheme(config: dict[str, Any]) -> CheckpointScheme:
     if not config.get("zero_point", True):
         raise _unsupported("AWQ", "zero_point false")
     return CheckpointScheme(AWQ, group_size=int(config.get("group_size", config.get("q_group_size", 128))))
+
+
+def _block_fp8_scheme(config: dict[str, Any]) -> CheckpointScheme:
+    """transformers' FineGrainedFP8Config: e4m3 weights with float32 scales per 2-D block, activations
+    quantized at run time."""
+    name = "block-wise FP8 (quant_method fp8)"
+    activations = str(config.get("activation_scheme", "dynamic")).lower()
+    if activations != "dynamic":
+        raise _unsupported(name, f"activation_scheme {activations!r} (stored activation scales)")
+    block = config.get("weight_block_size", DEFAULT_FP8_BLOCK)
+    if not _is_2d_block(block):
+        raise _unsupported(name, f"weight_block_size {block!r} (only 2-D blocks [rows, inputs])")
+    # Newer variants: power-of-two scales in one byte (ue8m0), FP4-packed experts, e5m2 weights.
+    for key, wanted in (("scale_fmt", "float"), ("expert_dtype", "fp8"), ("fmt", "e4m3")):
+        if config.get(key, wanted) != wanted:
+            raise _unsupported(name, f"{key} {config[key]!r}")
+    return CheckpointScheme(BLOCK_FP8, block=(int(block[0]), int(block[1])))
+
+
+def _is_2d_block(block: Any) -> bool:
+    return (
+        isinstance(block, (list, tuple))
+        and len(block) == 2
+        and all(isinstance(size, int) and not isinstance(size, bool) and size > 0 for size in block)
+    )
 
 
 def _compressed_tensors_scheme(config: dict[str, Any]) -> CheckpointScheme:
@@ -176,6 +227,8 @@ class Assembler:
     quantized: set[str]  # module names whose weight the checkpoint quantized
     # Where the parts are unpacked (the model's device: a GPU unpacks an 8B model's words in moments).
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # The model's dtype: what block-wise FP8 weights are dequantized to.
+    dtype: torch.dtype = torch.float32
     kv_scales: dict[int, dict[str, float]] = field(default_factory=dict)
     _pending: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
@@ -186,19 +239,29 @@ class Assembler:
                 continue
             module, _, part = name.rpartition(".")
             if module not in self.quantized or not isinstance(tensor, torch.Tensor):
+                self._check_not_fp8(name, tensor)
                 yield name, tensor
             elif part in wanted:
                 parts = self._pending.setdefault(module, {})
                 parts[part] = tensor
                 if wanted <= parts.keys():
                     del self._pending[module]
-                    yield f"{module}.weight", self._build(parts)
+                    yield f"{module}.weight", self._build(module, parts)
             elif part not in DROPPED:
                 yield name, tensor
         if self._pending:
             module, parts = next(iter(self._pending.items()))
             missing = sorted(wanted - parts.keys())
             raise ValueError(f"quantized weight {module!r} lacks {missing} in the checkpoint")
+
+    def _check_not_fp8(self, name: str, tensor: LoadedWeight) -> None:
+        # An e4m3 tensor without its scale would load as its bare codes, every value off by that scale.
+        if isinstance(tensor, torch.Tensor) and tensor.dtype == FP8_DTYPE:
+            scale = MARKER[self.scheme.kind]
+            raise ValueError(
+                f"checkpoint tensor {name!r} is FP8 but the checkpoint has no "
+                f"{name.rpartition('.')[0]}.{scale} for it"
+            )
 
     def _take_kv_scale(self, name: str, tensor: LoadedWeight) -> bool:
         match = KV_SCALE.match(name)
@@ -208,11 +271,20 @@ class Assembler:
         self.kv_scales.setdefault(int(match.group(1)), {})[which] = float(tensor.float().max())
         return True
 
-    def _build(self, parts: dict[str, torch.Tensor]) -> LoadedWeight:
-        parts = {name: tensor.to(self.device) for name, tensor in parts.items()}
+    def _build(self, module: str, parts: dict[str, torch.Tensor]) -> LoadedWeight:
+        try:
+            return self._unpack({name: tensor.to(self.device) for name, tensor in parts.items()})
+        except ValueError as error:
+            raise ValueError(f"quantized weight {module!r}: {error}") from error
+
+    def _unpack(self, parts: dict[str, torch.Tensor]) -> LoadedWeight:
         kind = self.scheme.kind
         if kind == FP8:
             return fp8_weight(parts["weight"], parts["weight_scale"], parts.get("input_scale"))
+        if kind == BLOCK_FP8:
+            return dequantize_fp8_blocks(
+                parts["weight"], parts["weight_scale_inv"], self.scheme.block, self.dtype
+            )
         if kind == GPTQ:
             return unpack_gptq(
                 parts["qweight"],
@@ -241,3 +313,35 @@ def fp8_weight(weight: torch.Tensor, scale: torch.Tensor, input_scale: torch.Ten
     scale = scale.expand(rows).contiguous()
     static = None if input_scale is None else float(input_scale.float().max())
     return Fp8Weight(weight, scale, static)
+
+
+def dequantize_fp8_blocks(
+    weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], dtype: torch.dtype
+) -> torch.Tensor:
+    """A block-wise FP8 weight [N, K] in `dtype`: w[r, c] = weight[r, c] * scale_inv[r // bn, c // bk].
+    The last block of rows or inputs may be partial (N or K not a multiple of the block): the grid
+    holds ceil(N / bn) x ceil(K / bk) scales. Done in float32 a few whole block rows at a time (up to
+    STEP_VALUES values), so a large weight never exists in float32 beside its result."""
+    if weight.dtype != FP8_DTYPE:
+        raise ValueError(f"a block-wise FP8 weight must be stored as float8_e4m3fn, not {weight.dtype}")
+    if not scale_inv.dtype.is_floating_point or scale_inv.element_size() < 2:
+        # One-byte scales (ue8m0 exponents) mean something else than their numeric value.
+        raise ValueError(f"weight_scale_inv is {scale_inv.dtype}; block-wise FP8 scales must be floats")
+    rows, cols = weight.shape
+    block_rows, block_cols = block
+    grid = (-(-rows // block_rows), -(-cols // block_cols))
+    if tuple(scale_inv.shape) != grid:
+        raise ValueError(
+            f"weight_scale_inv has shape {list(scale_inv.shape)}; a [{rows}, {cols}] weight in blocks of "
+            f"{block_rows}x{block_cols} needs {list(grid)}"
+        )
+    # Each block row's scales, one per input: [grid rows, K].
+    column_scales = scale_inv.float().repeat_interleave(block_cols, dim=1)[:, :cols]
+    out = torch.empty(rows, cols, dtype=dtype, device=weight.device)
+    step = block_rows * max(1, STEP_VALUES // (block_rows * max(cols, 1)))
+    for start in range(0, rows, step):
+        end = min(rows, start + step)
+        scales = column_scales[start // block_rows : -(-end // block_rows)]
+        scales = scales.repeat_interleave(block_rows, dim=0)[: end - start]
+        out[start:end] = (weight[start:end].float() * scales).to(dtype)
+    return out

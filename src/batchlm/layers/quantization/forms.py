@@ -17,6 +17,11 @@ from batchlm.kernels.fp8_types import FP8_DTYPE, FP8_MAX
 FP8_MIN_CAPABILITY = (8, 9)
 
 
+def has_fp8_tensor_cores(device: torch.device) -> bool:
+    """Whether `device` is a CUDA GPU with FP8 matmuls (Ada, Hopper and later)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= FP8_MIN_CAPABILITY
+
+
 def check_fp8_device(device: torch.device, what: str) -> None:
     """ValueError naming `what` on a CUDA GPU older than Ada / Hopper (other devices emulate FP8)."""
     if device.type != "cuda":

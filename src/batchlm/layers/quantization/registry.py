@@ -11,6 +11,7 @@ import torch
 from batchlm.layers.quantization.base import LinearMethod
 from batchlm.layers.quantization.cpu_quantized import CPU_QUANTIZED, kernels_available
 from batchlm.layers.quantization.dense import DENSE, DEQUANTIZE
+from batchlm.layers.quantization.forms import has_fp8_tensor_cores
 from batchlm.layers.quantization.fp8 import FP8
 from batchlm.layers.quantization.int4 import INT4
 
@@ -22,6 +23,9 @@ FLOAT_QTYPES = frozenset({"F32", "F16", "BF16"})
 # Types of quantized safetensors weights (models/quantized_checkpoint.py), beside the GGML names.
 FP8_QTYPE = "FP8"  # e4m3 with row scales (compressed-tensors FP8 / FP8_DYNAMIC)
 INT4_QTYPE = "INT4"  # 4-bit groups (GPTQ, AWQ, compressed-tensors pack-quantized)
+# e4m3 with one scale per 2-D block (transformers' fine-grained FP8): dequantized as it loads, so its
+# layers take dense rows.
+BLOCK_FP8_QTYPE = "FP8_BLOCK"
 
 
 @dataclass(frozen=True)
@@ -53,12 +57,15 @@ def _quantized_safetensors(spec: WeightSpec) -> LinearMethod | None:
     if spec.format != DENSE_FORMAT or spec.role != "linear":
         return None
     kinds = set(spec.qtypes)
-    if kinds and spec.quantization:
+    quantization = spec.quantization
+    if kinds == {BLOCK_FP8_QTYPE}:
+        kinds, quantization = set(), _block_fp8_quantization(spec)
+    if kinds and quantization:
         raise ValueError(
-            f"the checkpoint is already quantized ({spec.qtypes[0]}); drop --quantization {spec.quantization}"
+            f"the checkpoint is already quantized ({spec.qtypes[0]}); drop --quantization {quantization}"
         )
-    if not kinds and spec.quantization in QUANTIZE_AT_LOAD:
-        kinds = {QUANTIZE_AT_LOAD[spec.quantization]}
+    if not kinds and quantization in QUANTIZE_AT_LOAD:
+        kinds = {QUANTIZE_AT_LOAD[quantization]}
     if len(kinds) > 1:
         raise ValueError(
             f"a fused layer mixes weight types {sorted(kinds)}; batchlm cannot serve that checkpoint"
@@ -66,6 +73,15 @@ def _quantized_safetensors(spec: WeightSpec) -> LinearMethod | None:
     if kinds == {FP8_QTYPE}:
         return FP8
     return INT4 if kinds == {INT4_QTYPE} else None
+
+
+def _block_fp8_quantization(spec: WeightSpec) -> str | None:
+    # Block-wise FP8 weights arrive dense (dequantized as they load) and are treated as a dense
+    # checkpoint's: what --quantization asks, else per-channel FP8 W8A8 where the GPU has FP8 tensor
+    # cores (their scales requantized per row), else dense in the model's dtype (later choosers).
+    if spec.quantization is not None:
+        return spec.quantization
+    return "fp8" if has_fp8_tensor_cores(spec.device) else None
 
 
 def _dense(spec: WeightSpec) -> LinearMethod | None:
