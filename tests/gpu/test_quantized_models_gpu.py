@@ -35,6 +35,8 @@ from batchlm.models.loader import LoadedModel, load_model  # noqa: E402
 from models_harness import Chunk, build_step  # noqa: E402
 from quant_checkpoints import (  # noqa: E402
     awq_tensors,
+    block_fp8_config,
+    block_fp8_tensors,
     compressed_config,
     compressed_int4_tensors,
     fp8_tensors,
@@ -58,7 +60,9 @@ PROMPTS = [
     [5, 6, 7, 8, 9, 10],
     list(range(150, 180, 2)),
 ]
-FORMATS = ["gptq", "awq", "ct-int4", "fp8-dynamic", "fp8-static"]
+FORMATS = ["gptq", "awq", "ct-int4", "fp8-dynamic", "fp8-static", "fp8-block"]
+# Blocks that leave partial ones at the tiny model's edges (transformers' default is 128 x 128).
+FP8_BLOCK = (32, 48)
 
 
 def _int4(fmt: str) -> Any:
@@ -82,7 +86,13 @@ def _fp8(static: bool) -> Any:
     return convert
 
 
+def _block_fp8(module: str, weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    return block_fp8_tensors(weight, FP8_BLOCK)
+
+
 def _config(fmt: str) -> dict[str, Any]:
+    if fmt == "fp8-block":
+        return block_fp8_config(FP8_BLOCK)
     if fmt == "gptq":
         return {"quant_method": "gptq", "bits": 4, "group_size": GROUP, "desc_act": False, "sym": False}
     if fmt == "awq":
@@ -113,7 +123,10 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Pat
     save_file(tensors, str(dense / "model.safetensors"))
     out = {"dense": (dense, dense)}
     for fmt in FORMATS:
-        convert = _fp8(fmt == "fp8-static") if fmt.startswith("fp8") else _int4(fmt)
+        if fmt == "fp8-block":
+            convert = _block_fp8
+        else:
+            convert = _fp8(fmt == "fp8-static") if fmt.startswith("fp8") else _int4(fmt)
         references = rewrite_checkpoint(dense, root / fmt, _config(fmt), convert)
         twin = root / f"{fmt}-twin"
         # An empty quantization_config reads as an unquantized checkpoint.
