@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from batchlm.reasoning.message import MessageReader
-from batchlm.reasoning.registry import MISTRAL_THINK, reasoning_markers, reasoning_parser
+from batchlm.reasoning.registry import MISTRAL_THINK, SEED_THINK, reasoning_markers, reasoning_parser
 from batchlm.reasoning.split import ReasoningParser, ThinkMarkers, prompt_opens_thinking
 from batchlm.sampling_params import SamplingParams, StructuredOutputs
 from batchlm.structured.backend import allowed_tokens
@@ -44,13 +44,35 @@ CASES = [
     (False, "<think></think>\n\n", "", ""),
     (True, "Only thinking, cut off by max_tokens </thi", "Only thinking, cut off by max_tokens </thi", ""),
 ]
+# Seed-OSS's thinking: budget reflections inside it are thinking; under a budget of 0 the prompt opens
+# the block and a reflection, which the model closes before the block.
+REFLECTION = (
+    "<seed:cot_budget_reflect>I have used 9 tokens, and there are 503 left.</seed:cot_budget_reflect>"
+)
+SEED_CASES = [
+    (
+        False,
+        f"<seed:think>The user asks.\n{REFLECTION}\nParis.</seed:think>\nIt is Paris.",
+        f"The user asks.\n{REFLECTION}\nParis.",
+        "It is Paris.",
+    ),
+    (
+        True,
+        "The budget is 0, so I answer.</seed:cot_budget_reflect>\n</seed:think>It is Paris.",
+        "The budget is 0, so I answer.</seed:cot_budget_reflect>",
+        "It is Paris.",
+    ),
+    (False, "<think>Not Seed's</think>Yes.", None, "<think>Not Seed's</think>Yes."),
+    (False, "<seed:think>Cut off </seed:thi", "Cut off </seed:thi", ""),
+]
+ALL_CASES = [(THINK, *case) for case in CASES] + [(SEED_THINK, *case) for case in SEED_CASES]
 
 
-@pytest.mark.parametrize(("opened", "output", "reasoning", "content"), CASES)
+@pytest.mark.parametrize(("markers", "opened", "output", "reasoning", "content"), ALL_CASES)
 def test_split_and_its_stream_at_every_split_point(
-    opened: bool, output: str, reasoning: str | None, content: str
+    markers: ThinkMarkers, opened: bool, output: str, reasoning: str | None, content: str
 ) -> None:
-    parser = ReasoningParser(THINK, opened)
+    parser = ReasoningParser(markers, opened)
     split = parser.split(output, final=True)
     assert (split.reasoning, split.content) == (reasoning, content)
     for at in range(len(output) + 1):
@@ -60,23 +82,23 @@ def test_split_and_its_stream_at_every_split_point(
         assert "".join(p.content for p in pieces) == content, at
 
 
-@pytest.mark.parametrize(("opened", "output", "reasoning", "content"), CASES)
+@pytest.mark.parametrize(("markers", "opened", "output", "reasoning", "content"), ALL_CASES)
 def test_the_thinking_tokens_end_with_the_token_that_closes_the_block(
-    opened: bool, output: str, reasoning: str | None, content: str
+    markers: ThinkMarkers, opened: bool, output: str, reasoning: str | None, content: str
 ) -> None:
     pieces, position = [], 0
     while position < len(output):  # tokens of 1-3 characters, so that markers span tokens
         size = 1 + len(pieces) % 3
         pieces.append(output[position : position + size])
         position += size
-    parser = ReasoningParser(THINK, opened_by_prompt=opened)
+    parser = ReasoningParser(markers, opened_by_prompt=opened)
     counted = parser.thinking_tokens(list(range(len(pieces))), lambda ids: "".join(pieces[i] for i in ids))
     if reasoning is None:
         assert counted == 0
-    elif "</think>" in output:
+    elif markers.end in output:
         # The counted tokens spell the end marker out; one fewer does not.
-        assert "</think>" in "".join(pieces[:counted])
-        assert "</think>" not in "".join(pieces[: counted - 1])
+        assert markers.end in "".join(pieces[:counted])
+        assert markers.end not in "".join(pieces[: counted - 1])
     else:  # cut short inside the block: every token is thinking
         assert counted == len(pieces)
 
@@ -130,6 +152,14 @@ def test_a_message_of_thinking_alone_has_no_content() -> None:
         ("none", "</think>", None),
         ("qwen3", None, THINK),
         ("deepseek_r1", None, THINK),
+        # Seed-OSS's template names its markers in variables; `</seed:think>` holds no `</think>`.
+        ("auto", "{%- set think_end_token = '</seed:think>' -%}{{ think_end_token }}", SEED_THINK),
+        ("auto", "<seed:think>{{ m.reasoning_content }}</seed:think> or <think></think>", SEED_THINK),
+        (
+            "seed_oss",
+            None,
+            ThinkMarkers("<seed:think>", "</seed:think>", False, ("<seed:cot_budget_reflect>",)),
+        ),
     ],
 )
 def test_the_parser_a_setting_picks(setting: str, template: str | None, markers: ThinkMarkers | None) -> None:
@@ -152,6 +182,44 @@ def test_the_prompt_says_whether_thinking_is_open() -> None:
     assert reasoning_parser("none", "</think>", lambda: pytest.fail("the prompt is not read")) is None
 
 
+def test_seed_s_prompt_opens_thinking_with_a_budget_reflection_in_it() -> None:
+    """Seed-OSS's template opens the block and a budget reflection in it under a thinking budget of 0;
+    otherwise its generation prompt opens nothing, and the model writes `<seed:think>` itself."""
+    assert prompt_opens_thinking("<seed:bos>assistant\n<seed:think><seed:cot_budget_reflect>", SEED_THINK)
+    assert prompt_opens_thinking("<seed:bos>assistant\n<seed:think>", SEED_THINK)
+    assert not prompt_opens_thinking("<seed:bos>assistant\n", SEED_THINK)
+    assert not prompt_opens_thinking(
+        "<seed:think><seed:cot_budget_reflect>x</seed:cot_budget_reflect>", SEED_THINK
+    )
+    assert not prompt_opens_thinking("<think><seed:cot_budget_reflect>", THINK), "Seed's tag alone"
+
+
+ADDED = {"<seed:think>": 7, "</seed:think>": 8, "<seed:cot_budget_reflect>": 9, "<think>": 10, "</think>": 11}
+
+
+@pytest.mark.parametrize(
+    ("setting", "hidden", "kept"),
+    [
+        ("seed_oss", {0, 7, 8, 9}, True),  # special tokens of the tokenizer: hidden, then kept
+        ("seed_oss", {0, 9, 10, 11}, False),  # added tokens the text shows: special tokens stay hidden
+        ("think", {0, 7, 8, 9}, False),
+        ("think", {0, 11}, True),
+        ("mistral", set(), True),  # control tokens, kept whatever the tokenizer says
+    ],
+)
+def test_special_tokens_are_kept_where_the_tokenizer_would_hide_a_marker(
+    setting: str, hidden: set[int], kept: bool
+) -> None:
+    parser = reasoning_parser(setting, None, lambda: "", None, ADDED, lambda: hidden)
+    assert parser is not None and parser.keeps_special_tokens == kept
+    assert parser.sampling_params(SamplingParams(), ADDED).skip_special_tokens == (not kept)
+
+
+def test_markers_the_tokenizer_lacks_leave_its_hidden_ids_unread() -> None:
+    parser = reasoning_parser("seed_oss", None, lambda: "", None, {}, lambda: pytest.fail("not read"))
+    assert parser is not None and not parser.keeps_special_tokens
+
+
 @pytest.fixture(scope="module")
 def thinking_tokenizer(tiny_tokenizer):
     """The tiny tokenizer with Qwen3's thinking markers as added tokens."""
@@ -161,14 +229,14 @@ def thinking_tokenizer(tiny_tokenizer):
 
 
 class Walk:
-    """One matcher of `spec` over the thinking tokenizer, fed text and tokens."""
+    """One matcher of `spec` over a tokenizer with the markers as tokens, fed text and tokens."""
 
-    def __init__(self, hf, spec: StructuredOutputs) -> None:
+    def __init__(self, hf, spec: StructuredOutputs, markers: ThinkMarkers = THINK) -> None:
         self.hf, self.vocab = hf, len(hf)
         backend = LLGuidanceBackend.from_hf(hf, self.vocab, EOS)
         self.matcher = backend.matcher(spec)
         self.row = np.empty(backend.bitmask_words, dtype=np.int32)
-        self.think, self.end = hf.convert_tokens_to_ids(["<think>", "</think>"])
+        self.think, self.end = hf.convert_tokens_to_ids([markers.start, markers.end])
 
     def allowed(self) -> set[int]:
         self.matcher.fill_bitmask(self.row)
@@ -219,6 +287,23 @@ def test_a_block_the_prompt_opened_must_close_before_the_answer(thinking_tokeniz
     assert walk.think not in walk.allowed() and walk.end in walk.allowed()
     assert walk.feed('{"a": 1}') and not set(EOS) & walk.allowed(), "JSON here is still thinking"
     assert walk.matcher.accept(walk.end) and walk.feed('{"a":1}') and set(EOS) <= walk.allowed()
+
+
+def test_a_schema_holds_after_seed_s_thinking_its_budget_reflection_closed_in_it(tiny_tokenizer) -> None:
+    """Under a thinking budget of 0 Seed-OSS closes the reflection its prompt opened inside the block:
+    the tokenizer's other tokens stay free in the thinking, and the schema holds after it."""
+    hf = copy.deepcopy(tiny_tokenizer.hf)
+    tokens = ["<seed:think>", "</seed:think>", "<seed:cot_budget_reflect>", "</seed:cot_budget_reflect>"]
+    hf.add_tokens(tokens, special_tokens=True)
+    added = {token: hf.convert_tokens_to_ids(token) for token in tokens}
+    params = SamplingParams(structured_outputs=StructuredOutputs(json=json.dumps(SCHEMA)))
+    spec = ReasoningParser(SEED_THINK, True).sampling_params(params, added).structured_outputs
+    assert spec is not None
+    walk = Walk(hf, spec, SEED_THINK)
+    assert walk.think not in walk.allowed() and walk.feed("The budget is 0.")
+    assert walk.matcher.accept(added["</seed:cot_budget_reflect>"]) and walk.feed("\n")
+    assert not set(EOS) & walk.allowed() and walk.matcher.accept(walk.end)
+    assert walk.feed('{"a":1}') and set(EOS) <= walk.allowed()
 
 
 def test_no_constraint_gets_no_grammar() -> None:

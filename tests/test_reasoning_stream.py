@@ -11,6 +11,7 @@ from batchlm.reasoning.split import ReasoningDelta, ReasoningParser, ThinkMarker
 
 THINK = ThinkMarkers("<think>", "</think>")
 MISTRAL = ThinkMarkers("[THINK]", "[/THINK]", special=True)
+SEED = ThinkMarkers("<seed:think>", "</seed:think>", prompt_tags=("<seed:cot_budget_reflect>",))
 # The hard parts: blanks of every kind (Unicode's too), markers and their beginnings, text that looks
 # like them, and what a model writes around them.
 PIECES = [
@@ -31,6 +32,7 @@ PIECES = [
     "</think",
 ]
 PIECES += ["<think>", "</think>", "</thinking>", "<thin", "[THINK]", "[/THINK]", "[/THI", "[", "]", ">"]
+PIECES += ["<seed:think>", "</seed:think>", "</seed:thi", "<seed:", "</seed", "</seed:cot_budget_reflect>"]
 
 
 def reference(parser: ReasoningParser, pieces: list[str]) -> list[ReasoningDelta]:
@@ -59,7 +61,7 @@ def output(rng: random.Random, markers: ThinkMarkers, opened: bool) -> str:
     return start + words(30) + end + words(15)
 
 
-@pytest.mark.parametrize("markers", [THINK, MISTRAL], ids=["think", "mistral"])
+@pytest.mark.parametrize("markers", [THINK, MISTRAL, SEED], ids=["think", "mistral", "seed_oss"])
 @pytest.mark.parametrize("opened", [False, True])
 def test_a_stream_sends_what_whole_splits_send_delta_by_delta(markers: ThinkMarkers, opened: bool) -> None:
     rng = random.Random(4)

@@ -234,6 +234,38 @@ def test_granite_calls_after_its_special_token_are_read_and_held_to_a_strict_fun
     assert grammars[1].startswith("start: <[1]> calls")
 
 
+# Seed-OSS's template names its markers in variables; the fake renders its own chat.
+SEED_TEMPLATE = (
+    "{%- set toolcall_begin_token = '<seed:tool_call>' -%}{%- set think_end_token = '</seed:think>' -%}"
+    "{{ think_end_token }}{{ toolcall_begin_token }}"
+)
+SEED_REPLY = (
+    "<seed:think>The user wants the weather.</seed:think>\n<seed:tool_call>\n<function=get_weather>\n"
+    "<parameter=city>Paris</parameter>\n<parameter=unit>celsius</parameter>\n</function>\n</seed:tool_call>"
+)
+
+
+@pytest.mark.parametrize("special", [False, True], ids=["shown", "special"])
+def test_seed_oss_thinking_and_calls_are_read_as_its_template_teaches(special: bool) -> None:
+    """Under `auto` a Seed-OSS template picks its reasoning and tool parsers: the thinking comes as
+    reasoning_content, the call in its tags as a call. Where the tokenizer has the thinking markers as
+    special tokens, decoding keeps special tokens in the text so the markers read."""
+    engine = FakeEngine(max_model_len=4096, reply=SEED_REPLY)
+    engine.tokenizer.chat_template = SEED_TEMPLATE
+    if special:  # the fake's ids below 3 decode to nothing without special tokens
+        engine.tokenizer.added_tokens = {"<seed:think>": 0, "</seed:think>": 1}
+    with BackgroundServer(engine) as running:
+        reply = post(running, {"model": "fake-model", "tools": TOOLS}).json()
+    message = reply["choices"][0]["message"]
+    assert message["reasoning_content"] == "The user wants the weather."
+    assert message["content"] is None
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in message["tool_calls"]] == [
+        ("get_weather", PARIS)
+    ]
+    assert reply["choices"][0]["finish_reason"] == "tool_calls"
+    assert engine.calls[-1].params.skip_special_tokens is not special
+
+
 def test_auto_with_a_strict_function_holds_the_model_s_calls_to_its_schema(
     client: Any, engine: FakeEngine, server: BackgroundServer
 ) -> None:
@@ -396,6 +428,8 @@ BROKEN_AFTER_A_CALL = {
     "llama3_json": f'{{"name": "get_weather", "parameters": {PARIS}}}; {{"name": "get_time", "parameters": {{"zone": }}}}',
     "qwen3_coder": "Let me look.\n\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
     "</function>\n</tool_call>\n<tool_call>\n<function=get_time>\n<zone>",
+    "seed_oss": "Let me look.\n<seed:tool_call>\n<function=get_weather>\n<parameter=city>Paris</parameter>\n"
+    "</function>\n</seed:tool_call>\n<seed:tool_call>\n<function=get_time>\n<zone>",
 }
 
 

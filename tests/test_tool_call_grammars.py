@@ -18,7 +18,9 @@ from batchlm.tools.function_tool import FunctionTool
 from batchlm.tools.granite import MARKER as GRANITE_MARKER
 from batchlm.tools.granite import GraniteParser
 from batchlm.tools.hermes import END, START, HermesParser
+from batchlm.tools.qwen3_coder import Qwen3CoderParser
 from batchlm.tools.registry import PARSERS
+from batchlm.tools.seed_oss import SeedOssParser
 from grammar_walk import EOS, greedy_walk, takes, tiny_backend
 
 
@@ -312,60 +314,85 @@ CODER_SCHEMA = {
 }
 
 
-def coder_call(*parameters: tuple[str, str], name: str = "search") -> str:
-    body = "".join(f"<parameter={key}>\n{value}\n</parameter>\n" for key, value in parameters)
-    return f"<tool_call>\n<function={name}>\n{body}</function>\n</tool_call>"
+# Qwen3-Coder's calls, and Seed-OSS's (the same markup in its own tags, each value against its tags).
+CODER_FAMILIES = pytest.mark.parametrize(
+    "family", [Qwen3CoderParser, SeedOssParser], ids=["qwen3_coder", "seed_oss"]
+)
 
 
-def test_qwen3_coder_forced_calls_are_its_markup_typed_by_the_schema(backend, tiny_tokenizer) -> None:
-    from batchlm.tools.qwen3_coder import Qwen3CoderParser
+# Each family's tags, and the blank its chat template writes between a value and its tags.
+TEMPLATE_LAYOUTS = {
+    Qwen3CoderParser: ("<tool_call>", "</tool_call>", "\n"),
+    SeedOssParser: ("<seed:tool_call>", "</seed:tool_call>", ""),
+}
 
+
+def coder_call(
+    *parameters: tuple[str, str], name: str = "search", family: type[Qwen3CoderParser] = Qwen3CoderParser
+) -> str:
+    """A call laid out as the family's chat template renders it."""
+    start, end, gap = TEMPLATE_LAYOUTS[family]
+    body = "".join(f"<parameter={key}>{gap}{value}{gap}</parameter>\n" for key, value in parameters)
+    return f"{start}\n<function={name}>\n{body}</function>\n{end}"
+
+
+@CODER_FAMILIES
+def test_qwen3_coder_forced_calls_are_its_markup_typed_by_the_schema(
+    backend, tiny_tokenizer, family: type[Qwen3CoderParser]
+) -> None:
     tool = FunctionTool("search", None, CODER_SCHEMA)
-    grammar = Qwen3CoderParser(max_calls=1, tools=[tool]).forced_grammar([tool], {})
+
+    def call(*parameters: tuple[str, str], name: str = "search") -> str:
+        return coder_call(*parameters, name=name, family=family)
+
+    grammar = family(max_calls=1, tools=[tool]).forced_grammar([tool], {})
     assert grammar is not None
     spec = StructuredOutputs(grammar=grammar)
 
     def taken(text: str, then_ends: bool = True) -> bool:
         return takes(backend, spec, tiny_tokenizer.hf.encode(text, add_special_tokens=False), then_ends)
 
-    full = coder_call(
+    full = call(
         ("query", "two lines\nof text"), ("limit", "5"), ("unit", "celsius"), ("filters", '{"lang": "en"}')
     )
     assert taken(full)
-    assert taken(coder_call(("query", "x"), ("limit", "-3")))
-    parsed = Qwen3CoderParser(tools=[tool]).extract(full).tool_calls[0]
+    assert taken(call(("query", "x"), ("limit", "-3")))
+    parsed = family(tools=[tool]).extract(full).tool_calls[0]
     assert json.loads(parsed.arguments) == {
         "query": "two lines\nof text",
         "limit": 5,
         "unit": "celsius",
         "filters": {"lang": "en"},
     }
-    assert not taken(coder_call(("query", "x")), then_ends=False), "a required parameter left out"
-    assert not taken(coder_call(("query", "x"), ("limit", "five")), then_ends=False), "not an integer"
-    assert not taken(coder_call(("query", "x"), ("limit", "5"), ("unit", "kelvin")), then_ends=False)
-    assert not taken(coder_call(("query", "x"), ("limit", "5"), ("zz", "1")), then_ends=False), "undeclared"
-    assert not taken(coder_call(("query", "x"), ("limit", "5"), name="launch"), then_ends=False)
+    assert not taken(call(("query", "x")), then_ends=False), "a required parameter left out"
+    assert not taken(call(("query", "x"), ("limit", "five")), then_ends=False), "not an integer"
+    assert not taken(call(("query", "x"), ("limit", "5"), ("unit", "kelvin")), then_ends=False)
+    assert not taken(call(("query", "x"), ("limit", "5"), ("zz", "1")), then_ends=False), "undeclared"
+    assert not taken(call(("query", "x"), ("limit", "5"), name="launch"), then_ends=False)
     assert not taken(full + "\n" + full, then_ends=False), "one call at most"
     walked = greedy_walk(backend, spec, tiny_tokenizer, full)
     assert walked == full
 
 
-def test_a_forced_qwen3_coder_value_holding_its_closing_tag_reads_back(backend, tiny_tokenizer) -> None:
-    """The grammar ends a string value only at `\\n</parameter>\\n`, so the tag may stand inside it:
-    the output it forces must read back as the call."""
-    from batchlm.tools.qwen3_coder import Qwen3CoderParser
-
+@CODER_FAMILIES
+def test_a_forced_qwen3_coder_value_holding_its_closing_tag_reads_back(
+    backend, tiny_tokenizer, family: type[Qwen3CoderParser]
+) -> None:
+    """The grammar ends a string value only at its closing tag and the newline after it
+    (`\\n</parameter>\\n` in Qwen3-Coder's layout), so the tag may stand inside it: the output it
+    forces must read back as the call."""
     tool = FunctionTool("search", None, CODER_SCHEMA)
-    spec = StructuredOutputs(grammar=Qwen3CoderParser(max_calls=1, tools=[tool]).forced_grammar([tool], {}))
-    output = coder_call(("query", "a </parameter> b"), ("limit", "5"))
+    spec = StructuredOutputs(grammar=family(max_calls=1, tools=[tool]).forced_grammar([tool], {}))
+    output = coder_call(("query", "a </parameter> b"), ("limit", "5"), family=family)
     assert takes(backend, spec, tiny_tokenizer.hf.encode(output, add_special_tokens=False), then_ends=True)
-    [call] = Qwen3CoderParser(tools=[tool]).extract(output).tool_calls
+    [call] = family(tools=[tool]).extract(output).tool_calls
     assert json.loads(call.arguments) == {"query": "a </parameter> b", "limit": 5}
 
 
-def test_qwen3_coder_forces_plain_json_where_raw_text_cannot_carry_the_schema() -> None:
-    from batchlm.tools.qwen3_coder import Qwen3CoderParser
-
+@CODER_FAMILIES
+def test_qwen3_coder_forces_plain_json_where_raw_text_cannot_carry_the_schema(
+    family: type[Qwen3CoderParser],
+) -> None:
     for parameters in (
         {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}$"}}},
         {"type": "object", "properties": {"when": {"type": "string", "format": "date"}}},
@@ -373,17 +400,16 @@ def test_qwen3_coder_forces_plain_json_where_raw_text_cannot_carry_the_schema() 
         {"type": "object", "additionalProperties": True},
     ):
         tool = FunctionTool("f", None, parameters)
-        assert Qwen3CoderParser(tools=[tool]).forced_grammar([tool], {}) is None, parameters
+        assert family(tools=[tool]).forced_grammar([tool], {}) is None, parameters
 
 
+@CODER_FAMILIES
 @pytest.mark.parametrize("marker_tokens", [False, True])
-def test_qwen3_coder_strict_calls_in_free_text_and_beside_an_answer(tiny_tokenizer, marker_tokens) -> None:
-    from batchlm.tools.qwen3_coder import END as CODER_END
-    from batchlm.tools.qwen3_coder import START as CODER_START
-    from batchlm.tools.qwen3_coder import Qwen3CoderParser
-
+def test_qwen3_coder_strict_calls_in_free_text_and_beside_an_answer(
+    tiny_tokenizer, marker_tokens, family: type[Qwen3CoderParser]
+) -> None:
     hf = copy.deepcopy(tiny_tokenizer.hf)
-    markers = [CODER_START, CODER_END] if marker_tokens else []
+    markers = [family.layout.start, family.layout.end] if marker_tokens else []
     hf.add_tokens(markers)
     added = {token: hf.convert_tokens_to_ids(token) for token in markers}
     backend = LLGuidanceBackend.from_hf(hf, len(hf), EOS)
@@ -394,17 +420,16 @@ def test_qwen3_coder_strict_calls_in_free_text_and_beside_an_answer(tiny_tokeniz
         return takes(backend, spec, hf.encode(text, add_special_tokens=False), then_ends)
 
     def call(name: str, *parameters: tuple[str, str]) -> str:
-        body = "".join(f"<parameter={key}>\n{value}\n</parameter>\n" for key, value in parameters)
-        return f"<tool_call>\n<function={name}>\n{body}</function>\n</tool_call>"
+        return coder_call(*parameters, name=name, family=family)
 
-    spec = StructuredOutputs(grammar=Qwen3CoderParser().calls_grammar([strict, free], added))
+    spec = StructuredOutputs(grammar=family().calls_grammar([strict, free], added))
     assert taken(spec, "No call, just text.")
     assert taken(spec, f"Ok {call('f', ('a', '1'))} then {call('g', ('any', 'thing'), ('n', '2'))} done")
     assert not taken(spec, call("f", ("a", "one")), then_ends=False), "a strict function's integer"
     assert not taken(spec, call("f", ("zz", "1")), then_ends=False), "a strict function's undeclared key"
     assert not taken(spec, call("launch"), then_ends=False), "a function not offered"
     answer = '%json {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}'
-    beside = StructuredOutputs(grammar=Qwen3CoderParser().calls_grammar([strict, free], added, answer))
+    beside = StructuredOutputs(grammar=family().calls_grammar([strict, free], added, answer))
     assert taken(beside, '{"answer": 42}')
     assert taken(beside, call("f", ("a", "1")))
     assert not taken(beside, "Some text.", then_ends=False)

@@ -18,6 +18,7 @@ from batchlm.tools.mistral import MistralParser
 from batchlm.tools.parser import ToolParser
 from batchlm.tools.qwen3_coder import Qwen3CoderParser
 from batchlm.tools.registry import detect_parser_name
+from batchlm.tools.seed_oss import SeedOssParser
 
 WEATHER = '{"city": "Paris", "unit": "celsius"}'
 SMOLLM2_NAMED = '{\n  "city": "Paris",\n  "unit": "celsius"\n}'
@@ -57,6 +58,18 @@ CODER_SEARCH = (
     "<parameter=limit>\n 5 \n</parameter>\n<parameter=exact>\nTrue\n</parameter>\n"
     '<parameter=filters>\n{"lang": "en"}\n</parameter>\n<parameter=score>\nhigh\n</parameter>\n'
     "<parameter=extra>\n7\n</parameter>\n</function>\n</tool_call>"
+)
+# Seed-OSS: the same calls in its own tags, each value against its tags (as its template writes them).
+SEED = SeedOssParser(tools=CODER_TOOLS)
+SEED_WEATHER = (
+    "<seed:tool_call>\n<function=get_weather>\n<parameter=city>Paris</parameter>\n"
+    "<parameter=unit>celsius</parameter>\n</function>\n</seed:tool_call>"
+)
+SEED_SEARCH = (
+    '<seed:tool_call>\n<function=search>\n<parameter=query>42 </tool_call> "quoted"\nline two</parameter>\n'
+    "<parameter=limit> 5 </parameter>\n<parameter=exact>True</parameter>\n"
+    '<parameter=filters>{"lang": "en"}</parameter>\n<parameter=score>high</parameter>\n'
+    "<parameter=extra>7</parameter>\n</function>\n</seed:tool_call>"
 )
 SEARCH_ARGUMENTS = json.dumps(
     {
@@ -178,6 +191,23 @@ CASES: list[tuple[ToolParser, str, str | None, list[tuple[str, str]]]] = [
         None,
         [("search", f'{{"filters": {LONE}}}')],
     ),
+    (SEED, "No call <function=x> here.", "No call <function=x> here.", []),
+    (SEED, SEED_WEATHER, None, [("get_weather", WEATHER)]),
+    (
+        SEED,
+        f"Looking.\n{SEED_WEATHER}\n{SEED_SEARCH}\nDone.",
+        "Looking.\nDone.",
+        [("get_weather", WEATHER), ("search", SEARCH_ARGUMENTS)],
+    ),
+    # Qwen3-Coder's layout of a value inside Seed's tags reads the same; Qwen3-Coder's tags are text.
+    (SEED, CODER_WEATHER.replace("tool_call>", "seed:tool_call>"), None, [("get_weather", WEATHER)]),
+    (SEED, CODER_WEATHER, CODER_WEATHER, []),
+    (
+        SEED,
+        "<seed:tool_call> not a function </seed:tool_call>",
+        "<seed:tool_call> not a function </seed:tool_call>",
+        [],
+    ),
     (NamedFunctionParser("get_weather"), f" {WEATHER} ", None, [("get_weather", WEATHER)]),
     # SmolLM2-135M-Instruct's greedy outputs under the named and required schemas (llguidance).
     (NamedFunctionParser("get_weather"), SMOLLM2_NAMED, None, [("get_weather", SMOLLM2_NAMED)]),
@@ -268,6 +298,8 @@ def test_streaming_one_character_at_a_time_leaks_no_markup(
             "<|tool_call|>",
             '"name"',
             "<function=",
+            "<seed:tool_call>",
+            "</seed:tool_call>",
         )
         for marker in markers:
             assert marker not in streamed_content
@@ -411,6 +443,12 @@ CUT_SHORT: list[tuple[ToolParser, str, str | None, list[tuple[str, str]]]] = [
         [("get_weather", '{"city": "Paris"')],
     ),
     (
+        SEED,
+        "Sure.\n<seed:tool_call>\n<function=get_weather>\n<parameter=city>Paris</parameter>\n<parameter=unit>cel",
+        "Sure.",
+        [("get_weather", '{"city": "Paris"')],
+    ),
+    (
         RequiredCallsParser(),
         f'[{{"name": "get_weather", "parameters": {WEATHER}}}, {{"name": "get_time", "parameters": {{"zo',
         None,
@@ -443,7 +481,8 @@ def test_an_output_cut_short_gives_what_its_stream_sent(
         assert (streamed_content, streamed_calls) == (parsed.content or "", calls)
     if calls:
         assert parsed.content is None or not any(
-            marker in parsed.content for marker in ("<tool_call>", "[TOOL_CALLS]", "<|tool_call|>")
+            marker in parsed.content
+            for marker in ("<tool_call>", "[TOOL_CALLS]", "<|tool_call|>", "<seed:tool_call>")
         )
 
 
@@ -465,6 +504,12 @@ GRANITE_TEMPLATE = (
         ("{% for m in messages %}<|im_start|>{{ m.content }}{% endfor %}", "hermes"),
         (None, "hermes"),
         ("{{- '<tool_call>\\n<function=' + name + '>' }}{{- '<parameter=' + key + '>' }}", "qwen3_coder"),
+        # Seed-OSS's: Qwen3-Coder's `<function=` markup in tags of its own.
+        (
+            "{%- set toolcall_begin_token = '<seed:tool_call>' -%}"
+            "{{ toolcall_begin_token + '\\n<function=' + name + '>\\n' }}{{ '<parameter=' + key + '>' }}",
+            "seed_oss",
+        ),
         (GRANITE_TEMPLATE, "granite"),
         # Granite 3.0/3.1's: a call in history follows the token; the tools' JSON holds "parameters".
         (
@@ -593,13 +638,43 @@ CODER_TAG_CASES = [
 ]
 
 
+# The same in Seed-OSS's markup: its tags, each value against them.
+SEED_TAG_CASES = [
+    (
+        "<seed:tool_call>\n<function=write>\n<parameter=text>see </parameter> here</parameter>\n"
+        "<parameter=n>1</parameter>\n</function>\n</seed:tool_call>",
+        None,
+        [("write", '{"text": "see </parameter> here", "n": 1}')],
+    ),
+    (
+        "<seed:tool_call>\n<function=write>\n<parameter=text><b></parameter></parameter>\n</function>\n"
+        "</seed:tool_call>",
+        None,
+        [("write", '{"text": "<b></parameter>"}')],
+    ),
+    (
+        "Saving.\n<seed:tool_call>\n<function=write>\n<parameter=text>x</parameter>\n</seed:tool_call>\nDone.",
+        "Saving.\nDone.",
+        [("write", '{"text": "x"}')],
+    ),
+    (
+        "<seed:tool_call>\n<function=write>\n<parameter=n>None</parameter>\n</function>\n</seed:tool_call>",
+        None,
+        [("write", '{"n": null}')],
+    ),
+]
+TAG_CASE_IDS = ["tag-in-value", "tag-ends-value", "no-end", "none"]
+
+
 @pytest.mark.parametrize(
-    ("output", "content", "calls"), CODER_TAG_CASES, ids=["tag-in-value", "tag-ends-value", "no-end", "none"]
+    ("parser", "output", "content", "calls"),
+    [(Qwen3CoderParser(tools=WRITE_TOOLS), *case) for case in CODER_TAG_CASES]
+    + [(SeedOssParser(tools=WRITE_TOOLS), *case) for case in SEED_TAG_CASES],
+    ids=[f"qwen3_coder-{i}" for i in TAG_CASE_IDS] + [f"seed_oss-{i}" for i in TAG_CASE_IDS],
 )
 def test_a_coder_value_may_hold_its_closing_tag(
-    output: str, content: str | None, calls: list[tuple[str, str]]
+    parser: ToolParser, output: str, content: str | None, calls: list[tuple[str, str]]
 ) -> None:
-    parser = Qwen3CoderParser(tools=WRITE_TOOLS)
     parsed = parser.extract(output)
     assert (parsed.content, calls_of(parsed.tool_calls)) == (content, calls)
     for chunks in [list(output), *([output[:split], output[split:]] for split in range(len(output) + 1))]:
@@ -643,6 +718,10 @@ def coder(name: str) -> str:
     return f"<tool_call>\n<function={name}>\n</function>\n</tool_call>"
 
 
+def seed(name: str) -> str:
+    return f"<seed:tool_call>\n<function={name}>\n</function>\n</seed:tool_call>"
+
+
 # Text around calls, as models write it: (parser, output, content). Whitespace joining two texts across
 # calls is kept (the model's before the first call, else after the last); blanks that only separate the
 # content from a call at its start or end are not.
@@ -662,6 +741,8 @@ AROUND: list[tuple[ToolParser, str, str | None]] = [
     (Llama3JsonParser(), '{"name": "f", "parameters": {}}\n\nThat is all.', "That is all."),
     (CODER, f"Hi {coder('ping')} there", "Hi there"),
     (CODER, f"Looking.\n\n{coder('ping')}\n{coder('pong')}\n\nDone.", "Looking.\n\nDone."),
+    (SEED, f"Hi {seed('ping')} there", "Hi there"),
+    (SEED, f"Looking.\n\n{seed('ping')}\n{seed('pong')}\n\nDone.", "Looking.\n\nDone."),
 ]
 
 
@@ -700,6 +781,8 @@ BROKEN_AFTER_A_CALL: list[tuple[ToolParser, str]] = [
     (Llama3JsonParser(), '{"name": "f", "parameters": {"a": 1}}; {"name": "g", "parameters": {"a": "Par'),
     (CODER, f"{coder('ping')}\n<tool_call>\n<function=search>\n<query>x</query>\n</tool_call>"),
     (CODER, f"{coder('ping')}\n<tool_call>\n<function=search>\n<parameter=query>\nPar"),
+    (SEED, f"{seed('ping')}\n<seed:tool_call>\n<function=search>\n<query>x</query>\n</seed:tool_call>"),
+    (SEED, f"{seed('ping')}\n<seed:tool_call>\n<function=search>\n<parameter=query>Par"),
 ]
 
 

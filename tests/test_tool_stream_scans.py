@@ -1,7 +1,7 @@
 """A stream's scans carried forward from the last one (`Scan.continued`) against a scan of the whole
 output at every delta: the same deltas, over generated calls whose arguments hold long strings, and
-outputs (text, calls, broken markup) read on from their end: Qwen3-Coder's raw values, and the JSON
-families' text after their calls."""
+outputs (text, calls, broken markup) read on from their end: Qwen3-Coder's raw values (Seed-OSS's in
+its own tags), and the JSON families' text after their calls."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from batchlm.tools.mistral import MistralParser
 from batchlm.tools.parser import ToolParser
 from batchlm.tools.qwen3_coder import Qwen3CoderParser
 from batchlm.tools.scan import Scan
+from batchlm.tools.seed_oss import SeedOssParser
 
 # What a string argument is made of: plain text, escapes, unicode, and what breaks a string.
 STRING_PIECES = ["def f(x):", "    ", "return x", "\\n", '\\"', "\\\\", "\\u00e9", "\\/", "é", "✓", "\\t"]
@@ -56,6 +57,8 @@ def output(parser: ToolParser, rng: random.Random) -> str:
         before, body = "", "[" + ", ".join(f'{{"name": "write", "parameters": {a}}}' for a in calls) + "]"
     elif isinstance(parser, NamedFunctionParser):
         before, body = "", calls[0]
+    elif isinstance(parser, SeedOssParser):
+        body = "<seed:tool_call>\n<function=write>\n<parameter=path>a.py</parameter>\n</function>\n</seed:tool_call>"
     else:
         body = (
             "<tool_call>\n<function=write>\n<parameter=path>\na.py\n</parameter>\n</function>\n</tool_call>"
@@ -101,6 +104,7 @@ PARSERS = [
     RequiredCallsParser(),
     NamedFunctionParser("write"),
     Qwen3CoderParser(),
+    SeedOssParser(),
 ]
 
 
@@ -340,8 +344,8 @@ def test_a_long_call_of_short_strings_is_read_whole_a_few_times_only(
     assert json.loads(streamed) == json.loads(json.loads(arguments) if stringified else arguments)
 
 
-# Qwen3-Coder: a scan read on from the output's end (text after the calls, or a parameter's value still
-# open) against the whole output scanned at every delta.
+# Qwen3-Coder (and Seed-OSS, its calls in tags of its own): a scan read on from the output's end (text
+# after the calls, or a parameter's value still open) against the whole output scanned at every delta.
 CODER_TOOLS = (
     FunctionTool(
         "write",
@@ -357,14 +361,19 @@ CODER_TOOLS = (
         },
     ),
 )
+CODER_FAMILIES = pytest.mark.parametrize(
+    "family", [Qwen3CoderParser, SeedOssParser], ids=["qwen3_coder", "seed_oss"]
+)
 # Text around calls: plain, blank, and what may begin, end or imitate the markup.
 CODER_TEXT = ["Sure.", " ", "\n", "  \n", "Is 3 < 4?", "<b>", "<", "<tool", "<tool_call", "</tool_call>"]
 CODER_TEXT += ["a</parameter>", "<function=write>", "é😀", "x"]
+CODER_TEXT += ["<seed:", "<seed:tool_call", "</seed:tool_call>"]
 # A string value's pieces: code, and the closing tags (whole, cut off, or followed by what may make them
 # the value's end or not).
 CODER_VALUE = ["def f(x):", "\n", "    ", "return x", "<", "</", "</param", "</parameter>", "</parameter> x"]
 CODER_VALUE += ["</parameter>\n", "</parameter>\n<b>", "</parameter>\n</func", "</parameter>  <parameter"]
 CODER_VALUE += ["<parameter=", "</function>", "</tool_call>", "<tool_call>", '"q"', "\\n", "{", "é", "  \n\n"]
+CODER_VALUE += ["</seed:tool_call>", "<seed:tool_call>"]
 TYPED_VALUES = {
     "n": ["1", " 5 ", "None", "x", "-2.5e3", "</parameter"],
     "flags": ['{"a": [1, "<b>"]}', "{", "[1, 2]", "{}"],
@@ -372,6 +381,7 @@ TYPED_VALUES = {
 }
 # What breaks a call's markup anywhere.
 CODER_BREAKING = ["\n", "<", ">", "x", "</parameter>", "<tool_call>", "</function>", "</tool_call>"]
+CODER_BREAKING += ["<seed:tool_call>", "</seed:tool_call>"]
 
 
 def coder_value(rng: random.Random, key: str) -> str:
@@ -380,43 +390,44 @@ def coder_value(rng: random.Random, key: str) -> str:
     return "".join(rng.choice(CODER_VALUE) for _ in range(rng.randint(0, 14)))
 
 
-def coder_call(rng: random.Random) -> str:
+def coder_call(rng: random.Random, parser: Qwen3CoderParser) -> str:
+    """A call in the parser's tags, its values laid out as its family's template does now and then."""
+    start, end_tag = parser.layout.start, parser.layout.end
     name = rng.choice(["write", "write", "write", "other", " write ", "bad\nname", ""])
     parameters = []
     for _ in range(rng.randint(0, 3)):
         key = rng.choice(["text", "text", "n", "flags", "ok", "extra"])
-        gap = rng.choice(["\n", "\n", "", " \n"])
+        gap = rng.choice([parser.layout.value_gap, "\n", "", " \n"])
         parameters.append(f"<parameter={key}>{gap}{coder_value(rng, key)}{gap}</parameter>\n")
-    end = rng.choice(
-        ["</function>\n</tool_call>"] * 3 + ["</tool_call>", "</function>", "</function> </tool_call>"]
-    )
-    call = f"<tool_call>\n<function={name}>\n{''.join(parameters)}{end}"
+    end = rng.choice([f"</function>\n{end_tag}"] * 3 + [end_tag, "</function>", f"</function> {end_tag}"])
+    call = f"{start}\n<function={name}>\n{''.join(parameters)}{end}"
     if rng.random() < 0.15:
         cut = rng.randint(0, len(call))
         call = call[:cut] + rng.choice(CODER_BREAKING) + call[cut:]
     return call
 
 
-def coder_output(rng: random.Random) -> str:
+def coder_output(rng: random.Random, parser: Qwen3CoderParser) -> str:
     def text() -> str:
         return "".join(rng.choice(CODER_TEXT) for _ in range(rng.randint(0, 6)))
 
     parts = [text()]
     for _ in range(rng.randint(0, 3)):
-        parts += [coder_call(rng), text()]
+        parts += [coder_call(rng, parser), text()]
     output = "".join(parts)
     return output[: rng.randint(0, len(output))] if rng.random() < 0.3 else output
 
 
+@CODER_FAMILIES
 @pytest.mark.parametrize("max_calls", [None, 1])
 def test_coder_outputs_read_on_from_their_end_send_what_whole_scans_send(
-    max_calls: int | None, monkeypatch: pytest.MonkeyPatch
+    family: type[Qwen3CoderParser], max_calls: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Text, calls with string and typed values, broken markup and values holding the tags, split into
     deltas anywhere: a stream reading on from its last scan's end sends what scans of the whole
     output send, delta by delta, and finishes the same."""
     rng = random.Random(23)
-    parser = Qwen3CoderParser(max_calls, tools=CODER_TOOLS)
+    parser = family(max_calls, tools=CODER_TOOLS)
     continued = Scan.continued
     carried = 0
 
@@ -428,9 +439,11 @@ def test_coder_outputs_read_on_from_their_end_send_what_whole_scans_send(
 
     cases = []
     for _ in range(400):
-        text = coder_output(rng)
+        text = coder_output(rng, parser)
         pieces = small_chunks(text, rng) if rng.random() < 0.7 else chunks(text, rng)
         cases.append((text, rng.random() < 0.3, pieces))
+    # Calls in the family's markup, not text alone.
+    assert sum(bool(parser.extract(text).tool_calls) for text, _, _ in cases) > 100
     monkeypatch.setattr(Scan, "continued", counted)
     assert_carried_as_whole(parser, cases, monkeypatch)
     deltas_fed = sum(len(pieces) for _, _, pieces in cases)
@@ -454,34 +467,42 @@ def whole_scans_and_deltas(
     return scans, sent
 
 
-def test_a_long_coder_call_is_read_whole_a_few_times_only(monkeypatch: pytest.MonkeyPatch) -> None:
+@CODER_FAMILIES
+def test_a_long_coder_call_is_read_whole_a_few_times_only(
+    family: type[Qwen3CoderParser], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A file of 300 lines (holding tags of its own) written as a string parameter, and a typed one
     after it, fed a few characters at a time: the whole output is scanned again only around the
     markup, however long the value grows."""
     rng = random.Random(7)
     lines = [f"    <b>line {i}</b> < {i} </param {i}\n" for i in range(300)]
     code = "".join(lines)
+    parser = family(tools=CODER_TOOLS)
+    start, end, gap = parser.layout.start, parser.layout.end, parser.layout.value_gap
     text = (
-        "Writing it.\n<tool_call>\n<function=write>\n<parameter=text>\n"
-        f"{code}</parameter>\n<parameter=n>\n3\n</parameter>\n</function>\n</tool_call>\nDone."
+        f"Writing it.\n{start}\n<function=write>\n<parameter=text>{gap}"
+        f"{code}</parameter>\n<parameter=n>{gap}3{gap}</parameter>\n</function>\n{end}\nDone."
     )
     pieces = small_chunks(text, rng)
-    scans, sent = whole_scans_and_deltas(Qwen3CoderParser(tools=CODER_TOOLS), pieces, monkeypatch)
+    scans, sent = whole_scans_and_deltas(parser, pieces, monkeypatch)
     assert scans < 60, (scans, len(pieces))  # of ~4,750 deltas: the markup around the value only
     streamed = "".join(piece.arguments for delta in sent for piece in delta.tool_calls)
     assert json.loads(streamed) == {"text": code.removesuffix("\n"), "n": 3}
     assert "".join(delta.content for delta in sent) == "Writing it.\nDone."
 
 
+@CODER_FAMILIES
 def test_a_long_coder_answer_without_calls_is_read_whole_a_few_times_only(
-    monkeypatch: pytest.MonkeyPatch,
+    family: type[Qwen3CoderParser], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A long answer (code, tags, a marker cut off part way that turns out to be text) with tools
     enabled: each delta is read on from the text's end, not with the whole answer again."""
     rng = random.Random(8)
-    text = "Here it is:\n\n" + "".join(f"<b>{i}</b> <tool x {i}\n   \n" for i in range(300)) + "Bye."
+    parser = family(tools=CODER_TOOLS)
+    near = parser.layout.start.removesuffix("_call>")  # `<tool`, `<seed:tool`
+    text = "Here it is:\n\n" + "".join(f"<b>{i}</b> {near} x {i}\n   \n" for i in range(300)) + "Bye."
     pieces = small_chunks(text, rng)
-    scans, sent = whole_scans_and_deltas(Qwen3CoderParser(tools=CODER_TOOLS), pieces, monkeypatch)
+    scans, sent = whole_scans_and_deltas(parser, pieces, monkeypatch)
     assert scans < 10, (scans, len(pieces))
     assert "".join(delta.content for delta in sent) == text
 

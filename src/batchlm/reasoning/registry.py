@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from batchlm.reasoning.split import ReasoningParser, ThinkMarkers, prompt_opens_thinking
 
 THINK = ThinkMarkers("<think>", "</think>")
 MISTRAL_THINK = ThinkMarkers("[THINK]", "[/THINK]", special=True)
+# Added tokens of Seed-OSS's tokenizer, kept in the text where it would hide them (reasoning_parser).
+# Under a thinking budget of 0 its template opens the block and a budget reflection in it.
+SEED_THINK = ThinkMarkers("<seed:think>", "</seed:think>", prompt_tags=("<seed:cot_budget_reflect>",))
 # vLLM's names for the <think> families are accepted beside ours, so its command lines carry over.
 MARKERS: dict[str, ThinkMarkers] = {
     "think": THINK,
     "qwen3": THINK,
     "deepseek_r1": THINK,
     "mistral": MISTRAL_THINK,
+    "seed_oss": SEED_THINK,
 }
 AUTO, NO_PARSER = "auto", "none"
 REASONING_PARSER_CHOICES = (AUTO, *MARKERS, NO_PARSER)
@@ -28,19 +32,40 @@ def reasoning_markers(setting: str, chat_template: str | None) -> ThinkMarkers |
     if setting != AUTO:
         return MARKERS[setting]
     template = chat_template or ""
-    return next((m for m in (THINK, MISTRAL_THINK) if m.end in template), None)
+    # No marker holds another (`</seed:think>` holds no `</think>`); Seed's, the more specific, first.
+    return next((m for m in (SEED_THINK, THINK, MISTRAL_THINK) if m.end in template), None)
 
 
 def reasoning_parser(
-    setting: str, chat_template: str | None, prompt_tail: Callable[[], str], continued: str | None = None
+    setting: str,
+    chat_template: str | None,
+    prompt_tail: Callable[[], str],
+    continued: str | None = None,
+    added_tokens: Mapping[str, int] | None = None,
+    hidden_ids: Callable[[], Collection[int]] = frozenset,
 ) -> ReasoningParser | None:
     """The reasoning parser of one chat request; prompt_tail gives the text of the prompt's last tokens
     (special tokens kept), read only where the setting names markers; continued: the text of the final
-    assistant message, when the request continues it (continue_final_message)."""
+    assistant message, when the request continues it (continue_final_message). added_tokens: the
+    tokenizer's added tokens by text; hidden_ids gives the ids a text decoded without special tokens
+    leaves out, read only where a marker is an added token: the text keeps special tokens where it
+    would hide a marker."""
     markers = reasoning_markers(setting, chat_template)
     if markers is None:
         return None
-    return ReasoningParser(markers, prompt_opens_thinking(prompt_tail(), markers, continued))
+    opened = prompt_opens_thinking(prompt_tail(), markers, continued)
+    return ReasoningParser(markers, opened, _hidden(markers, added_tokens or {}, hidden_ids))
+
+
+def _hidden(
+    markers: ThinkMarkers, added_tokens: Mapping[str, int], hidden_ids: Callable[[], Collection[int]]
+) -> bool:
+    """Whether a text decoded without special tokens would leave a marker out."""
+    ids = [added_tokens[marker] for marker in (markers.start, markers.end) if marker in added_tokens]
+    if not ids:
+        return False
+    hidden = hidden_ids()
+    return any(token in hidden for token in ids)
 
 
 # The chat-template variable by which Qwen3's and SmolLM3's templates turn thinking on or off.

@@ -23,6 +23,9 @@ class ThinkMarkers:
     end: str
     # The markers are special tokens (Mistral's control tokens), which the detokenizer must keep.
     special: bool = False
+    # Tags a generation prompt may open right after the start marker, leaving the model inside both
+    # (Seed-OSS's budget reflection, which its template opens under a thinking budget of 0).
+    prompt_tags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -39,13 +42,19 @@ def prompt_opens_thinking(prompt_tail: str, markers: ThinkMarkers, continued: st
     block it does not close (a client writing the start of the thinking for the model)."""
     if continued is not None and continued.rfind(markers.start) > continued.rfind(markers.end):
         return True
-    return prompt_tail.rstrip().endswith(markers.start)
+    tail = prompt_tail.rstrip()
+    return any(tail.endswith(markers.start + tag) for tag in ("", *markers.prompt_tags))
 
 
 class ReasoningParser:
-    def __init__(self, markers: ThinkMarkers, opened_by_prompt: bool = False) -> None:
+    def __init__(
+        self, markers: ThinkMarkers, opened_by_prompt: bool = False, keeps_special_tokens: bool = False
+    ) -> None:
+        """keeps_special_tokens: the detokenizer keeps special tokens in the text, as it must where the
+        tokenizer would hide the markers (always for `special` ones)."""
         self.markers = markers
         self.opened_by_prompt = opened_by_prompt
+        self.keeps_special_tokens = markers.special or keeps_special_tokens
 
     def split(self, text: str, final: bool) -> ReasoningSplit:
         """The thinking and the answer of `text`, as far as they are settled (all of it when `final`):
@@ -102,7 +111,7 @@ class ReasoningParser:
         """params with their constraint (if any) holding from the end of the thinking block on: the model
         thinks freely first (a JSON constraint from the first token would leave it no room to), as
         vLLM's reasoning parsers do; special markers kept in the text."""
-        if self.markers.special:
+        if self.keeps_special_tokens:
             params = params.clone(skip_special_tokens=False)
         constraint = params.structured_outputs
         if constraint is None:

@@ -117,6 +117,8 @@ async def prepare_chat(
             chat_template,
             lambda: tokenizer.decode(prompt_ids[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False),
             final_message_text(body.messages) if body.continue_final_message else None,
+            added_tokens,
+            lambda: tokenizer.skipped_special_ids,
         )
         if reasoning is not None:
             params = reasoning.sampling_params(params, added_tokens)
@@ -219,7 +221,7 @@ class AssistantMessages:
         parser = self._reasoning
         if parser is None:
             return 0
-        tokenizer, skip_special = self._tokenizer, not parser.markers.special
+        tokenizer, skip_special = self._tokenizer, not parser.keeps_special_tokens
         return parser.thinking_tokens(
             token_ids, lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special)
         )

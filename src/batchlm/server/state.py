@@ -83,15 +83,16 @@ class ServerSettings:
     api_servers: int | None = None
     # The model's tool-call markup: read from its output under tool_choice "auto", and written in it
     # under a forced tool_choice. "auto" follows the model's chat template (Hermes/Qwen <tool_call>,
-    # Qwen3-Coder <function=...>, Mistral [TOOL_CALLS], Granite 3.x <|tool_call|>, Llama 3 JSON; Hermes
-    # when it teaches none), or one family by name; "none" refuses tool_choice "auto" and forces calls as
-    # plain JSON.
+    # Qwen3-Coder <function=...>, Seed-OSS <seed:tool_call>, Mistral [TOOL_CALLS], Granite 3.x
+    # <|tool_call|>, Llama 3 JSON; Hermes when it teaches none), or one family by name; "none" refuses
+    # tool_choice "auto" and forces calls as plain JSON.
     tool_call_parser: str = "auto"
     # How a reasoning model's thinking is read from its output into `reasoning_content`: "auto" reads
     # it where the chat template closes thinking blocks (`</think>`: Qwen3, DeepSeek-R1, SmolLM3;
-    # `[/THINK]`: Magistral), or markers by name ("think", also as vLLM's "qwen3" and
-    # "deepseek_r1"; "mistral"); "none" leaves it in the content. A constraint (response_format,
-    # structured_outputs, a forced tool call) then holds from the end of the thinking on.
+    # `[/THINK]`: Magistral; `</seed:think>`: Seed-OSS), or markers by name ("think", also as vLLM's
+    # "qwen3" and "deepseek_r1"; "mistral"; "seed_oss"); "none" leaves it in the content. A constraint
+    # (response_format, structured_outputs, a forced tool call) then holds from the end of the thinking
+    # on.
     reasoning_parser: str = "auto"
     # Engine backend: "auto" (MLX on Apple Silicon when mlx-lm is installed, else PyTorch), "torch" or "mlx".
     backend: str = "auto"

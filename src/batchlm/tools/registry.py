@@ -8,6 +8,7 @@ from batchlm.tools.llama3_json import Llama3JsonParser
 from batchlm.tools.mistral import MistralParser
 from batchlm.tools.parser import ToolParser
 from batchlm.tools.qwen3_coder import Qwen3CoderParser
+from batchlm.tools.seed_oss import SeedOssParser
 
 PARSERS: dict[str, type[ToolParser]] = {
     "granite": GraniteParser,
@@ -15,6 +16,7 @@ PARSERS: dict[str, type[ToolParser]] = {
     "llama3_json": Llama3JsonParser,
     "mistral": MistralParser,
     "qwen3_coder": Qwen3CoderParser,
+    "seed_oss": SeedOssParser,
 }
 AUTO, NO_PARSER = "auto", "none"
 TOOL_CALL_PARSER_CHOICES = (AUTO, *PARSERS, NO_PARSER)
@@ -26,6 +28,9 @@ def detect_parser_name(chat_template: str | None) -> str:
     template = chat_template or ""
     if "[TOOL_CALLS]" in template:
         return "mistral"
+    # Seed-OSS writes Qwen3-Coder's `<function=` calls in tags of its own: its tag first.
+    if "<seed:tool_call>" in template:
+        return "seed_oss"
     if "<function=" in template and "<parameter=" in template:
         return "qwen3_coder"
     # Granite 3.x's `<|tool_call|>` token before Hermes' `<tool_call>` tag: the more specific marker first.
