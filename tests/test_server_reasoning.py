@@ -74,7 +74,7 @@ def test_reasoning_effort_reaches_the_template(
     engine.reply = REPLY
     client.chat.completions.create(model="fake-model", messages=USER, reasoning_effort="low")
     assert engine.tokenizer.last_chat["kwargs"] == {"reasoning_effort": "low"}
-    # "none" switches thinking off where the template has Qwen3's switch, unless the client set it.
+    # "none" switches thinking off where the template has a variable for it, unless the client set it.
     client.chat.completions.create(model="fake-model", messages=USER, reasoning_effort="none")
     assert engine.tokenizer.last_chat["kwargs"] == {"reasoning_effort": "none"}
     monkeypatch.setattr(engine.tokenizer, "chat_template", "{% if enable_thinking %}", raising=False)
@@ -85,6 +85,10 @@ def test_reasoning_effort_reaches_the_template(
         model="fake-model", messages=USER, reasoning_effort="none", extra_body={"chat_template_kwargs": kept}
     )
     assert engine.tokenizer.last_chat["kwargs"] == {"reasoning_effort": "none", "enable_thinking": True}
+    # Seed-OSS turns thinking off by a budget of 0.
+    monkeypatch.setattr(engine.tokenizer, "chat_template", "{% if thinking_budget == 0 %}", raising=False)
+    client.chat.completions.create(model="fake-model", messages=USER, reasoning_effort="none")
+    assert engine.tokenizer.last_chat["kwargs"] == {"reasoning_effort": "none", "thinking_budget": 0}
 
 
 def test_reasoning_effort_is_refused_where_it_cannot_apply(server: BackgroundServer) -> None:

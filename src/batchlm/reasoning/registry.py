@@ -70,6 +70,9 @@ def _hidden(
 
 # The chat-template variable by which Qwen3's and SmolLM3's templates turn thinking on or off.
 THINKING_SWITCH = "enable_thinking"
+# What turns thinking off, by the template variable that does it: Qwen3's and SmolLM3's switch, and
+# Seed-OSS's thinking budget (0: a short reflection in place of thinking).
+THINKING_OFF = {THINKING_SWITCH: False, "thinking_budget": 0}
 
 
 def effort_template_kwargs(
@@ -77,8 +80,10 @@ def effort_template_kwargs(
 ) -> dict[str, Any]:
     """The chat template's variables for a request's `reasoning_effort`: the effort itself as
     `reasoning_effort` (the name gpt-oss's templates read), and for "none" thinking switched off where
-    the template has a switch for it, unless the client's chat_template_kwargs set the switch."""
+    the template has a variable for it (THINKING_OFF), unless the client's chat_template_kwargs set it."""
     kwargs = {"reasoning_effort": effort, **(template_kwargs or {})}
-    if effort == "none" and THINKING_SWITCH in (chat_template or ""):
-        kwargs.setdefault(THINKING_SWITCH, False)
+    if effort == "none":
+        for variable, off in THINKING_OFF.items():
+            if variable in (chat_template or ""):
+                kwargs.setdefault(variable, off)
     return kwargs
