@@ -1,6 +1,6 @@
 """The Responses stream of every tool-call parser's outputs, cut at every split point: its events are
 well formed and in order, and the response they end with holds the calls and text the parser reads out
-of the whole output (the chat stream's own checks are in test_tool_parsers)."""
+of the whole output (the chat stream's own checks are in test_tool_parser_streams)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from batchlm.server.serving_responses import ResponsesFormatter
 from batchlm.tools.hermes import HermesParser
 from batchlm.tools.parser import ToolParser
 from fake_engine import FakeTokenizer
-from test_tool_parsers import CASES, IDS
+from tool_parser_cases import CASES, IDS
 
 
 def events_of(

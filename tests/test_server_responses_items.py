@@ -14,7 +14,7 @@ import pytest
 from batchlm.server.background import BackgroundServer
 from batchlm.server.state import ServerSettings
 from fake_engine import FakeEngine, openai_client
-from test_server_responses import FLAT_TOOLS, THINKING_REPLY, THOUGHT
+from responses_harness import FLAT_TOOLS, THINKING_REPLY, THOUGHT
 from tools_harness import HERMES_REPLY
 
 # Thinking, text and a call: a reasoning, a message and a function_call item.

@@ -16,7 +16,7 @@ import pytest
 from batchlm.server.background import BackgroundServer
 from batchlm.server.state import ServerSettings
 from fake_engine import FakeEngine, openai_client
-from test_server_responses import REPLY, post
+from responses_harness import REPLY, post
 
 
 @pytest.fixture(scope="module")
