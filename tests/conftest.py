@@ -66,7 +66,9 @@ TinyModelFactory = Callable[..., Path]
 
 # Modules whose checks several test files share: their failures show the values compared, as a test's own
 # do (pytest rewrites only the asserts of modules named before they are imported).
-pytest.register_assert_rewrite("responses_harness", "stream_scan_harness", "tool_parser_cases")
+pytest.register_assert_rewrite(
+    "lora_harness", "responses_harness", "stream_scan_harness", "tool_parser_cases"
+)
 
 
 # -- process-wide state a test leaves as it found it -----------------------------------------------

@@ -21,6 +21,7 @@ from batchlm.models.gguf_model_dir import prepare_gguf_model_dir
 from batchlm.models.glm4 import Glm4ForCausalLM, halves_order, pairs_as_halves
 from batchlm.models.random_model import write_random_model
 from gguf_builder import write_dequantized_copy, write_tiny_gguf
+from lora_harness import ALPHA, RANK, write_adapter
 from models_harness import (
     LOGPROB_ATOL,
     PROMPTS,
@@ -31,7 +32,6 @@ from models_harness import (
     run_ranks,
     thread_groups,
 )
-from test_lora import ALPHA, RANK, write_adapter
 
 NEW_TOKENS = 20
 # Glm4Config's pad_token_id (151329) lies outside the tiny vocabulary.

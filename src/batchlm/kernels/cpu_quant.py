@@ -10,7 +10,7 @@ rows or more, 16 for 4-bit codes, on AMX tiles where the CPU has them, with the 
 back in float32 (embedding lookups).
 
 Activation quantization makes the result approximate: each block of x is rounded to about 1/64,000
-of its largest magnitude (tests/test_cpu_quant.py states the bounds). Against the same x rounded that
+of its largest magnitude (tests/test_cpu_quant_kernels.py states the bounds). Against the same x rounded that
 way (`quantized_activations`) the kernels are exact up to float32 summation order.
 Where the library is unavailable (no compiler or AVX2, BATCHLM_CPU_KERNELS=0), `quant_library()` is
 None and callers dequantize instead.

@@ -684,7 +684,7 @@ int batchlm_quant_linear(const float *x, long ldx, const PackedParts *w, const f
  * 16 values each and a float16 d; a value is (d * scale) * (q - 32) in float32, then each 32 become
  * Q8_0 as from_dense_q8 makes them: step max|v| / 127, codes floor(|v / step| + 0.5) with the sign,
  * plus 128, and the step as float16. The same operations in the same order as gguf's dequantization
- * and our numpy quantizer, so the codes and steps equal theirs bit for bit (tests/test_cpu_quant.py). */
+ * and our numpy quantizer, so the codes and steps equal theirs bit for bit (tests/test_quant_blocks.py). */
 __attribute__((optimize("fp-contract=off"))) static void q6_k_block_to_q8(const uint8_t *block, uint8_t *codes,
                                                                            uint16_t *steps) {
     const uint8_t *ql = block, *qh = block + 128;
