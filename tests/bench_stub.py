@@ -1,5 +1,5 @@
 """Test helpers for the bench: the OpenAI stub server from benchmarks/ (single requests against it), a
-bench run from command-line words, and a word-counting token counter."""
+bench run from command-line words (FAST: the words of a quick run), and a word-counting token counter."""
 
 from __future__ import annotations
 
@@ -54,6 +54,11 @@ def send_one(endpoint: EndpointConfig, prompt: str = "hello there", max_tokens: 
         return result
 
     return asyncio.run(go())
+
+
+# A run that wastes no time: streamed, no think time between a user's requests, every prompt once, no
+# progress bar.
+FAST = ["--stream", "--min-delay", "0", "--max-delay", "0", "--prompt-repeat", "1", "--disable-tqdm"]
 
 
 def config_for(base_url: str, *argv: str) -> BenchConfig:

@@ -47,7 +47,7 @@ class _RecordingServer(GracefulServer):
 
 def test_start_up_objects_are_frozen_once_the_engine_is_up() -> None:
     # A full collection while serving must not walk the start-up objects (API servers beside the
-    # primary freeze theirs before they report serving: tests/test_api_servers.py).
+    # primary freeze theirs before they report serving: tests/test_api_servers_live.py).
     engine = FakeEngine()
     server = _RecordingServer(build_app(engine, ServerSettings()))
 
