@@ -24,7 +24,7 @@ from torch import nn
 from batchlm.layers.norm import RMSNorm
 from batchlm.layers.quantization.base import LoadedWeight, select_rows
 from batchlm.layers.rotary import RotaryEmbedding
-from batchlm.models.llama import BlockOptions, LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
+from batchlm.models.llama import BlockOptions, LlamaDecoderLayer, LlamaForCausalLM
 from batchlm.models.model_config import LayerSpec, ModelConfig, read_model_config
 from batchlm.models.phi3 import split_fused_tensors
 from batchlm.parallel.group import TensorParallelGroup
@@ -57,21 +57,6 @@ class Glm4DecoderLayer(LlamaDecoderLayer):
         return out
 
 
-class Glm4Model(LlamaModel):
-    """Llama's decoder stack with GLM-4's blocks."""
-
-    def build_layer(
-        self,
-        config: ModelConfig,
-        layer: LayerSpec,
-        rope: RotaryEmbedding,
-        options: BlockOptions,
-        tp: TensorParallelGroup,
-        mlp: nn.Module | None,
-    ) -> nn.Module:
-        return Glm4DecoderLayer(config, layer, rope, options, tp, mlp)
-
-
 class Glm4ForCausalLM(LlamaForCausalLM):
     """GLM-4-0414 and GLM-Z1 (Glm4ForCausalLM in config.json)."""
 
@@ -83,10 +68,7 @@ class Glm4ForCausalLM(LlamaForCausalLM):
     @classmethod
     def block_options(cls, config: ModelConfig) -> BlockOptions:
         # attention_bias covers q, k and v only: o_proj and the MLP have none.
-        return BlockOptions(qkv_bias=config.attention_bias)
-
-    def build_model(self, config: ModelConfig, tp: TensorParallelGroup) -> LlamaModel:
-        return Glm4Model(config, self.block_options(config), tp)
+        return BlockOptions(qkv_bias=config.attention_bias, layer=Glm4DecoderLayer)
 
     def checkpoint_tensors(
         self, weights: Iterable[tuple[str, LoadedWeight]]

@@ -96,17 +96,6 @@ class GraniteModel(LlamaModel):
         super().__init__(config, options, tp)
         self.embedding_multiplier = _scales(config).embedding
 
-    def build_layer(
-        self,
-        config: ModelConfig,
-        layer: LayerSpec,
-        rope: RotaryEmbedding,
-        options: BlockOptions,
-        tp: TensorParallelGroup,
-        mlp: nn.Module | None,
-    ) -> nn.Module:
-        return GraniteDecoderLayer(config, layer, rope, options, tp, mlp)
-
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         # A Python scalar, as transformers multiplies by it (not rounded to the activation dtype first).
         return super().embed(input_ids) * self.embedding_multiplier
@@ -122,6 +111,10 @@ class GraniteForCausalLM(LlamaForCausalLM):
     @classmethod
     def read_config(cls, hf_config: Any) -> ModelConfig:
         return read_granite_config(super().read_config(hf_config), hf_config)
+
+    @classmethod
+    def block_options(cls, config: ModelConfig) -> BlockOptions:
+        return replace(super().block_options(config), layer=GraniteDecoderLayer)
 
     def build_model(self, config: ModelConfig, tp: TensorParallelGroup) -> LlamaModel:
         return GraniteModel(config, self.block_options(config), tp)

@@ -43,8 +43,9 @@ class BlockOptions:
     qk_norm: bool = False
     # The norm those heads get, built as head_norm(head_dim, eps) (Gemma 3: its (1 + w) float32 norm).
     head_norm: Callable[[int, float], nn.Module] = RMSNorm
-    # The block's attention, built as LlamaAttention is (Ministral 3: queries scaled by position);
-    # None: LlamaAttention.
+    # The block, built as LlamaDecoderLayer is (Granite: scaled outputs; GLM-4: normed ones), and its
+    # attention, built as LlamaAttention is (Ministral 3: queries scaled by position); None: Llama's.
+    layer: type[LlamaDecoderLayer] | None = None
     attention: type[LlamaAttention] | None = None
 
 
@@ -197,22 +198,12 @@ class LlamaModel(nn.Module):
         ropes = shared_ropes([layer.rope for layer in config.layers], config.head_dim, config.max_model_len)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.layers = nn.ModuleList(
-            self.build_layer(config, layer, rope, options, tp, mlp_of_layer(i) if mlp_of_layer else None)
+            (options.layer or LlamaDecoderLayer)(
+                config, layer, rope, options, tp, mlp_of_layer(i) if mlp_of_layer else None
+            )
             for i, (layer, rope) in enumerate(zip(config.layers, ropes, strict=True))
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def build_layer(
-        self,
-        config: ModelConfig,
-        layer: LayerSpec,
-        rope: RotaryEmbedding,
-        options: BlockOptions,
-        tp: TensorParallelGroup,
-        mlp: nn.Module | None,
-    ) -> nn.Module:
-        """One decoder layer (a family whose blocks compute otherwise builds its own here)."""
-        return LlamaDecoderLayer(config, layer, rope, options, tp, mlp)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The token embeddings [T, hidden] the first layer takes."""

@@ -35,7 +35,7 @@ from batchlm.layers.norm import RMSNorm
 from batchlm.layers.quantization.cpu_quantized import CPU_QUANTIZED, store
 from batchlm.layers.quantization.layer import MethodLayer
 from batchlm.models.gemma import Gemma2ForCausalLM, GemmaDecoderLayer, GemmaModel, GemmaRMSNorm
-from batchlm.models.glm4 import Glm4DecoderLayer, Glm4Model
+from batchlm.models.glm4 import Glm4DecoderLayer
 from batchlm.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP, LlamaModel
 from batchlm.runner.inputs import StepInputs
 
@@ -173,7 +173,7 @@ def _other_blocks(model: LlamaForCausalLM | Gemma2ForCausalLM) -> str | None:
     Gemma's and GLM-4's decoder stacks, blocks and attention as they are (GLM-4's: Gemma's four norms,
     plain RMS ones): a family that subclasses them to compute otherwise (Granite's scaled residuals,
     Ministral 3's queries scaled by position) keeps the model's own forward."""
-    if type(model.model) not in (LlamaModel, GemmaModel, Glm4Model):
+    if type(model.model) not in (LlamaModel, GemmaModel):
         return f"a decoder stack the fused call does not compute ({type(model.model).__name__})"
     for layer in model.model.layers:
         if type(layer) not in (LlamaDecoderLayer, GemmaDecoderLayer, Glm4DecoderLayer):
