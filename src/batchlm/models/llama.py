@@ -113,14 +113,20 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:
         # hidden: [T, hidden] -> q [T, H, D], k/v [T, H_kv, D] -> out [T, hidden]
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = self.query_key_heads(q, k)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
         out = self.attend(positions, q, k, v, kv_cache, meta, attn)
         projected: torch.Tensor = self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
         return projected
+
+    def query_key_heads(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The projections q [T, H * D] and k [T, H_kv * D] as heads, normed per head where the family
+        norms them (Qwen3); a family that norms the whole projection (OLMo 2) norms before the view."""
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k
 
     def attend(
         self,

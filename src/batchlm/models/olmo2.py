@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from batchlm.attention.backend import AttentionBackend, AttentionMetadata
 from batchlm.layers.linear import check_shape
 from batchlm.layers.norm import RMSNorm
 from batchlm.layers.quantization.base import LoadedWeight, as_dense
@@ -84,23 +83,11 @@ class Olmo2Attention(LlamaAttention):
             qkv.total_num_kv_heads * d, qkv.kv_head_start * d, qkv.kv_size, kv_replicas, eps, tp
         )
 
-    def forward(
-        self,
-        positions: torch.Tensor,
-        hidden: torch.Tensor,
-        kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        attn: AttentionBackend,
-    ) -> torch.Tensor:
-        # hidden: [T, hidden] -> q [T, H * D], k/v [T, H_kv * D] (q and k normed whole) -> heads
-        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
+    def query_key_heads(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.q_norm is not None and self.k_norm is not None
         q = self.q_norm(q).view(-1, self.num_heads, self.head_dim)
         k = self.k_norm(k).view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        out = self.attend(positions, q, k, v, kv_cache, meta, attn)
-        projected: torch.Tensor = self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
-        return projected
+        return q, k
 
 
 class Olmo2ForCausalLM(PostNormForCausalLM):
