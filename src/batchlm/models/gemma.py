@@ -18,13 +18,14 @@ import torch
 from torch import nn
 
 from batchlm.attention.backend import AttentionBackend, AttentionMetadata
-from batchlm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from batchlm.layers.embedding import ParallelLMHead
 from batchlm.layers.quantization.base import LoadedWeight
-from batchlm.layers.rotary import RotaryEmbedding, shared_ropes
+from batchlm.layers.rotary import RotaryEmbedding
 from batchlm.models.base import CausalLM, StackedParam
 from batchlm.models.llama import LLAMA_STACKED, BlockOptions, LlamaAttention, LlamaMLP
 from batchlm.models.model_config import LayerSpec, ModelConfig, read_model_config
 from batchlm.models.multimodal_text import text_model_tensors
+from batchlm.models.post_norm import PostNormModel
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
 
 
@@ -80,19 +81,15 @@ class GemmaDecoderLayer(nn.Module):
         return residual
 
 
-class GemmaModel(nn.Module):
+class GemmaModel(PostNormModel):
     """Scaled embedding, decoder layers, final norm (HF's `model.` prefix)."""
 
     def __init__(self, config: ModelConfig, qk_norm: bool, tp: TensorParallelGroup) -> None:
-        super().__init__()
-        ropes = shared_ropes([layer.rope for layer in config.layers], config.head_dim, config.max_model_len)
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        def block(layer: LayerSpec, rope: RotaryEmbedding) -> nn.Module:
+            return GemmaDecoderLayer(config, layer, rope, qk_norm, tp)
+
+        super().__init__(config, block, GemmaRMSNorm, tp)
         self.embed_scale = config.hidden_size**0.5
-        self.layers = nn.ModuleList(
-            GemmaDecoderLayer(config, layer, rope, qk_norm, tp)
-            for layer, rope in zip(config.layers, ropes, strict=True)
-        )
-        self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The scaled token embeddings [T, hidden] the first layer takes."""
@@ -100,20 +97,6 @@ class GemmaModel(nn.Module):
         # HF rounds the scale to the activation dtype before multiplying (a host-side rounding here,
         # so a CUDA-graph capture sees a plain scalar).
         return hidden * float(torch.tensor(self.embed_scale, dtype=hidden.dtype))
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        kv_caches: list[torch.Tensor],
-        meta: AttentionMetadata,
-        attn: AttentionBackend,
-    ) -> torch.Tensor:
-        hidden = self.embed(input_ids)  # [T, hidden]
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(positions, hidden, kv_cache, meta, attn)
-        normed: torch.Tensor = self.norm(hidden)
-        return normed
 
 
 class Gemma2ForCausalLM(CausalLM):

@@ -1,5 +1,7 @@
-"""Decoders whose blocks norm the attention's and the MLP's outputs instead of their inputs (OLMo 2,
-EXAONE 4.0): attend, norm, add; the same around the MLP. A family names its attention and its norm."""
+"""Decoders whose blocks norm the attention's and the MLP's outputs before adding them, each block
+returning the residual stream whole: OLMo 2 and EXAONE 4.0 (attend, norm, add; the same around the MLP:
+a family names its attention and its norm), and Gemma 2/3, whose blocks norm their inputs too (their
+stack is PostNormModel's, with their own blocks)."""
 
 from __future__ import annotations
 
@@ -17,9 +19,10 @@ from batchlm.models.llama import LLAMA_STACKED, LlamaMLP
 from batchlm.models.model_config import LayerSpec, ModelConfig
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
 
-# Builds a layer's attention; builds a norm of a width with an epsilon.
+# Builds a layer's attention; builds a norm of a width with an epsilon; builds a layer's block.
 AttentionBuilder = Callable[[ModelConfig, LayerSpec, RotaryEmbedding, TensorParallelGroup], nn.Module]
 NormBuilder = Callable[[int, float], nn.Module]
+BlockBuilder = Callable[[LayerSpec, RotaryEmbedding], nn.Module]
 
 
 class PostNormDecoderLayer(nn.Module):
@@ -53,14 +56,13 @@ class PostNormModel(nn.Module):
     """Embedding, decoder layers, final norm (HF's `model.` prefix)."""
 
     def __init__(
-        self, config: ModelConfig, attention: AttentionBuilder, norm: NormBuilder, tp: TensorParallelGroup
+        self, config: ModelConfig, block: BlockBuilder, norm: NormBuilder, tp: TensorParallelGroup
     ) -> None:
         super().__init__()
         ropes = shared_ropes([layer.rope for layer in config.layers], config.head_dim, config.max_model_len)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.layers = nn.ModuleList(
-            PostNormDecoderLayer(config, attention(config, layer, rope, tp), norm, tp)
-            for layer, rope in zip(config.layers, ropes, strict=True)
+            block(layer, rope) for layer, rope in zip(config.layers, ropes, strict=True)
         )
         self.norm = norm(config.hidden_size, config.rms_norm_eps)
 
@@ -93,7 +95,13 @@ class PostNormForCausalLM(CausalLM):
     def __init__(self, config: ModelConfig, tp: TensorParallelGroup = SINGLE_RANK) -> None:
         super().__init__()
         self.config = config
-        self.model = PostNormModel(config, self.build_attention, self.build_norm, tp)
+
+        def block(layer: LayerSpec, rope: RotaryEmbedding) -> nn.Module:
+            return PostNormDecoderLayer(
+                config, self.build_attention(config, layer, rope, tp), self.build_norm, tp
+            )
+
+        self.model = PostNormModel(config, block, self.build_norm, tp)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
         if self.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)
