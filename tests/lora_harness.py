@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from batchlm.models.loader import LoadedModel, load_model
-from models_harness import greedy_generate, hf_greedy
+from models_harness import assert_greedy_matches_hf
 
 CPU = torch.device("cpu")
 RANK, ALPHA = 4, 8
@@ -87,7 +87,4 @@ def merged_hf(base: Path, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -
 
 def assert_generates_as(loaded: LoadedModel, hf: Any) -> None:
     prompt = [5, 17, 42, 99, 3, 250, 7]
-    ours, our_logprobs = greedy_generate(loaded, prompt, 12)
-    theirs, their_logprobs = hf_greedy(hf, prompt, 12)
-    assert ours == theirs
-    torch.testing.assert_close(our_logprobs, their_logprobs, atol=1e-4, rtol=0)
+    assert_greedy_matches_hf(loaded, hf, [prompt], 12)

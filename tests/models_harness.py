@@ -154,6 +154,22 @@ def hf_greedy(
     return out.sequences[0, len(prompt) :].tolist(), logprobs
 
 
+def assert_greedy_matches_hf(
+    loaded: LoadedModel,
+    hf_model: torch.nn.Module,
+    prompts: Sequence[list[int]],
+    new_tokens: int,
+    use_cache: bool = True,
+) -> None:
+    """Prompt by prompt: our greedy tokens are transformers' (hf_greedy), and their logprobs within
+    LOGPROB_ATOL."""
+    for prompt in prompts:
+        ours, our_logprobs = greedy_generate(loaded, prompt, new_tokens)
+        theirs, their_logprobs = hf_greedy(hf_model, prompt, new_tokens, use_cache)
+        assert ours == theirs
+        torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+
+
 def hf_generated(hf_model: Any, prompt: list[int], num_tokens: int) -> list[int]:
     """transformers' greedy generate of exactly num_tokens after `prompt` (min_new_tokens keeps EOS
     off until then), on the model's device."""

@@ -43,11 +43,9 @@ from batchlm.models.quantized_checkpoint import dequantize_fp8_blocks, read_chec
 from batchlm.models.random_model import write_random_model
 from models_harness import (
     CPU,
-    LOGPROB_ATOL,
     PROMPTS,
     Chunk,
-    greedy_generate,
-    hf_greedy,
+    assert_greedy_matches_hf,
     make_kv_caches,
     run_step,
 )
@@ -213,11 +211,7 @@ def test_checkpoint_matches_transformers_loading_it(tmp_path: Path, caplog: pyte
         assert torch.equal(layer.weight, _expected_weight(path, references)), path
     # transformers dequantizes FP8 checkpoints as it loads them on a machine without a GPU.
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    for prompt in PROMPTS:
-        ours, our_logprobs = greedy_generate(loaded, prompt, 12)
-        theirs, their_logprobs = hf_greedy(hf, prompt, 12)
-        assert ours == theirs
-        torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+    assert_greedy_matches_hf(loaded, hf, PROMPTS, 12)
 
 
 def test_partial_blocks_load_the_values_they_stand_for(tmp_path: Path) -> None:

@@ -15,16 +15,13 @@ from batchlm.models.gguf_model_dir import prepare_gguf_model_dir
 from batchlm.models.loader import LoadedModel, load_model
 from batchlm.models.random_model import write_random_model
 from gguf_builder import write_tiny_gguf
-from models_harness import greedy_generate, hf_greedy
+from models_harness import assert_greedy_matches_hf
 
 
 def assert_greedy_matches_transformers(loaded: LoadedModel, path: Path, prompt: list[int]) -> None:
     """Four greedy tokens of `prompt`, and their logprobs, as transformers' model of `path` gives them."""
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ours, our_logprobs = greedy_generate(loaded, prompt, 4)
-    theirs, their_logprobs = hf_greedy(hf, prompt, 4)
-    assert ours == theirs
-    torch.testing.assert_close(our_logprobs, their_logprobs, atol=1e-4, rtol=0)
+    assert_greedy_matches_hf(loaded, hf, [prompt], 4)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])

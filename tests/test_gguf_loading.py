@@ -29,6 +29,7 @@ from models_harness import (
     LOGPROB_ATOL,
     PROMPTS,
     Chunk,
+    assert_greedy_matches_hf,
     greedy_generate,
     hf_greedy,
     make_kv_caches,
@@ -80,21 +81,14 @@ def test_greedy_matches_transformers_on_the_same_gguf(
     loaded = _load_gguf(gguf_path, tmp_path / "cache")
     assert loaded.model.tie_word_embeddings is tied
     hf = hf_reference(gguf_path)
-    for prompt in PROMPTS:
-        ours, our_logprobs = greedy_generate(loaded, prompt, NEW_TOKENS)
-        theirs, their_logprobs = hf_greedy(hf, prompt, NEW_TOKENS)
-        assert ours == theirs
-        torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+    assert_greedy_matches_hf(loaded, hf, PROMPTS, NEW_TOKENS)
 
 
 def test_qwen3_with_its_q_k_norms_matches_transformers(tmp_path: Path) -> None:
     # transformers' GGUF reader takes no head_dim from a qwen3 file (its config default, 128, stays).
     gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf", "qwen3", "Q8_0", True, overrides={"head_dim": 128})
     loaded = _load_gguf(gguf_path, tmp_path / "cache")
-    ours, our_logprobs = greedy_generate(loaded, PROMPTS[1], NEW_TOKENS)
-    theirs, their_logprobs = hf_greedy(hf_reference(gguf_path), PROMPTS[1], NEW_TOKENS)
-    assert ours == theirs
-    torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+    assert_greedy_matches_hf(loaded, hf_reference(gguf_path), [PROMPTS[1]], NEW_TOKENS)
 
 
 LLAMA3_BAND = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0}
@@ -225,10 +219,7 @@ def test_qwen3_moe_matches_transformers(tmp_path: Path) -> None:
     # Experts stacked a projection and layer in one tensor, as llama.cpp writes them.
     gguf_path = write_tiny_gguf(tmp_path / "f32" / "tiny.gguf", "qwen3_moe", "F32", overrides=QWEN3_MOE)
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "f32" / "hf"), dtype=torch.float32).eval()
-    theirs, their_logprobs = hf_greedy(hf, PROMPTS[1], NEW_TOKENS)
-    ours, our_logprobs = greedy_generate(_load_gguf(gguf_path, tmp_path / "cache"), PROMPTS[1], NEW_TOKENS)
-    assert ours == theirs
-    torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+    assert_greedy_matches_hf(_load_gguf(gguf_path, tmp_path / "cache"), hf, [PROMPTS[1]], NEW_TOKENS)
     # Quantized stacks split into experts by their rows' bytes: each expert's weights are the HF
     # expert's within Q8_0's rounding (half a step of 1/127 of its block's largest value).
     q8_path = write_tiny_gguf(tmp_path / "q8" / "tiny.gguf", "qwen3_moe", "Q8_0", overrides=QWEN3_MOE)
@@ -257,10 +248,7 @@ def test_mixtral_as_llama_with_experts_matches_transformers(tmp_path: Path, qtyp
     assert type(loaded.model).__name__ == "MixtralForCausalLM"
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "f" / "hf"), dtype=torch.float32).eval()
     if qtype == "F32":
-        theirs, their_logprobs = hf_greedy(hf, PROMPTS[1], NEW_TOKENS)
-        ours, our_logprobs = greedy_generate(loaded, PROMPTS[1], NEW_TOKENS)
-        assert ours == theirs
-        torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+        assert_greedy_matches_hf(loaded, hf, [PROMPTS[1]], NEW_TOKENS)
         return
     # Quantized: each expert's gate, up and down (w1, w3, w2) are the HF expert's within Q8_0's rounding.
     _assert_experts_within_a_q8_step(loaded, hf)

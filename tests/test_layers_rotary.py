@@ -16,7 +16,7 @@ from batchlm.layers.rope_scaling import read_rope_parameters
 from batchlm.layers.rotary import RotaryEmbedding, _adjacent_heads, get_rope
 from batchlm.models.loader import load_model
 from batchlm.models.random_model import TINY_CONFIG, write_random_model
-from models_harness import greedy_generate, hf_greedy
+from models_harness import assert_greedy_matches_hf
 
 HEAD_DIM = TINY_CONFIG["head_dim"]
 # Each scaling with the config fields it needs; small limits so a short generation crosses them.
@@ -94,10 +94,7 @@ def test_scaled_model_matches_transformers(tmp_path: Path, kind: str) -> None:
     loaded = load_model(path, torch.float32, torch.device("cpu"), progress=False)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     prompt = [5, 17, 42, 99, 3, 250, 7, 8, 9, 10]  # 10 + 16 tokens: past the dynamic limit of 16
-    ours, our_logprobs = greedy_generate(loaded, prompt, 16)
-    theirs, their_logprobs = hf_greedy(hf, prompt, 16)
-    assert ours == theirs
-    torch.testing.assert_close(our_logprobs, their_logprobs, atol=1e-4, rtol=0)
+    assert_greedy_matches_hf(loaded, hf, [prompt], 16)
 
 
 def test_reads_transformers_4_rope_scaling_and_theta() -> None:

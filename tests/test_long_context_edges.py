@@ -19,7 +19,7 @@ from batchlm.models.gguf_model_dir import prepare_gguf_model_dir
 from batchlm.models.loader import load_model
 from batchlm.outputs import FinishReason
 from gguf_builder import write_dequantized_copy, write_tiny_gguf
-from models_harness import greedy_generate, hf_greedy
+from models_harness import assert_greedy_matches_hf
 from test_engine_families import transformers_tokens
 
 WINDOW = 8
@@ -118,7 +118,4 @@ def test_a_gemma2_gguf_without_its_caps_or_window_reads_llama_cpps_defaults(
 
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     prompt = _prompt(12)
-    theirs, their_logprobs = hf_greedy(hf, prompt, 4)
-    ours, our_logprobs = greedy_generate(loaded, prompt, 4)
-    assert ours == theirs
-    torch.testing.assert_close(our_logprobs, their_logprobs, atol=1e-4, rtol=0)
+    assert_greedy_matches_hf(loaded, hf, [prompt], 4)

@@ -27,7 +27,15 @@ from lora_harness import (
     load,
     write_adapter,
 )
-from models_harness import Chunk, greedy_generate, hf_gemma3_multimodal, hf_greedy, make_kv_caches, run_step
+from models_harness import (
+    Chunk,
+    assert_greedy_matches_hf,
+    greedy_generate,
+    hf_gemma3_multimodal,
+    hf_greedy,
+    make_kv_caches,
+    run_step,
+)
 
 
 @pytest.fixture(scope="module")
@@ -77,10 +85,7 @@ def test_adapted_model_matches_transformers_with_merged_weights(base_dir: Path, 
     with torch.no_grad():
         for module, (a, b) in pairs.items():
             hf.get_submodule(module).weight += ALPHA / RANK * b @ a
-    ours, our_logprobs = greedy_generate(adapted, prompt, 12)
-    theirs, their_logprobs = hf_greedy(hf, prompt, 12)
-    assert ours == theirs
-    torch.testing.assert_close(our_logprobs, their_logprobs, atol=1e-4, rtol=0)
+    assert_greedy_matches_hf(adapted, hf, [prompt], 12)
 
 
 def test_adapter_path_expands_the_home_directory(

@@ -19,12 +19,11 @@ from batchlm.models.gguf_reader import GGUFFile
 from batchlm.models.random_model import write_random_model
 from gguf_builder import write_tiny_gguf
 from models_harness import (
-    LOGPROB_ATOL,
     PROMPTS,
     Chunk,
+    assert_greedy_matches_hf,
     assert_mixed_batch_matches_requests_alone,
     greedy_generate,
-    hf_greedy,
     load_fp32_cpu,
     make_kv_caches,
     run_ranks,
@@ -49,11 +48,7 @@ def assert_matches_transformers(model_dir: Path, hf_dir: Path, rotating: list[bo
     assert isinstance(loaded.model, Exaone4ForCausalLM)
     assert [layer.self_attn.rotates for layer in loaded.model.model.layers] == rotating
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    for prompt in PROMPTS:
-        ours, our_logprobs = greedy_generate(loaded, prompt, NEW_TOKENS)
-        theirs, their_logprobs = hf_greedy(hf, prompt, NEW_TOKENS)
-        assert ours == theirs
-        torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+    assert_greedy_matches_hf(loaded, hf, PROMPTS, NEW_TOKENS)
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])

@@ -15,12 +15,11 @@ from batchlm.models.loader import LoadedModel, load_model
 from batchlm.models.random_model import TINY_CONFIG, write_random_model
 from models_harness import (
     CPU,
-    LOGPROB_ATOL,
     PROMPTS,
     Chunk,
+    assert_greedy_matches_hf,
     greedy_generate,
     hf_gemma3_multimodal,
-    hf_greedy,
     make_kv_caches,
     run_ranks,
     run_step,
@@ -73,11 +72,7 @@ def test_greedy_matches_transformers_past_the_window(
     assert isinstance(loaded.model, model_class)
     assert loaded.shape.max_model_len == 512  # the window is no context cap
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    for prompt in PROMPTS:
-        ours, our_logprobs = greedy_generate(loaded, prompt, NEW_TOKENS)
-        theirs, their_logprobs = hf_greedy(hf, prompt, NEW_TOKENS)
-        assert ours == theirs
-        torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+    assert_greedy_matches_hf(loaded, hf, PROMPTS, NEW_TOKENS)
 
 
 @pytest.mark.parametrize(
@@ -137,8 +132,4 @@ def test_multimodal_checkpoint_serves_its_text_model(tmp_path: Path) -> None:
     hf.save_pretrained(tmp_path)  # language_model.*, vision_tower.*, multi_modal_projector.* tensors
     loaded = load(tmp_path)
     assert isinstance(loaded.model, Ours)
-    for prompt in PROMPTS:
-        ours, our_logprobs = greedy_generate(loaded, prompt, NEW_TOKENS)
-        theirs, their_logprobs = hf_greedy(hf, prompt, NEW_TOKENS)
-        assert ours == theirs
-        torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+    assert_greedy_matches_hf(loaded, hf, PROMPTS, NEW_TOKENS)

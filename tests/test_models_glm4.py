@@ -25,9 +25,9 @@ from lora_harness import ALPHA, RANK, write_adapter
 from models_harness import (
     LOGPROB_ATOL,
     PROMPTS,
+    assert_greedy_matches_hf,
     assert_mixed_batch_matches_requests_alone,
     greedy_generate,
-    hf_greedy,
     load_fp32_cpu,
     run_ranks,
     thread_groups,
@@ -44,11 +44,7 @@ def assert_matches_transformers(loaded_dir: Path, hf_dir: Path) -> None:
     loaded = load_fp32_cpu(loaded_dir)
     assert isinstance(loaded.model, Glm4ForCausalLM)
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    for prompt in PROMPTS:
-        ours, our_logprobs = greedy_generate(loaded, prompt, NEW_TOKENS)
-        theirs, their_logprobs = hf_greedy(hf, prompt, NEW_TOKENS)
-        assert ours == theirs
-        torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+    assert_greedy_matches_hf(loaded, hf, PROMPTS, NEW_TOKENS)
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
@@ -125,11 +121,7 @@ def test_lora_deltas_merge_before_the_rows_move(tmp_path: Path) -> None:
     with torch.no_grad():
         for module, (a, b) in pairs.items():
             hf.get_submodule(module).weight += ALPHA / RANK * b @ a
-    for prompt in PROMPTS:
-        ours, our_logprobs = greedy_generate(adapted, prompt, 12)
-        theirs, their_logprobs = hf_greedy(hf, prompt, 12)
-        assert ours == theirs
-        torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+    assert_greedy_matches_hf(adapted, hf, PROMPTS, 12)
 
 
 def test_mixed_batch_matches_requests_run_alone(tmp_path: Path) -> None:

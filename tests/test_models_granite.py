@@ -16,13 +16,12 @@ from batchlm.models.loader import load_model
 from batchlm.models.random_model import write_random_model
 from models_harness import (
     CPU,
-    LOGPROB_ATOL,
     PROMPTS,
     Chunk,
+    assert_greedy_matches_hf,
     assert_mixed_batch_matches_requests_alone,
     build_step,
     greedy_generate,
-    hf_greedy,
     load_fp32_cpu,
     make_kv_caches,
     run_ranks,
@@ -49,11 +48,7 @@ def test_greedy_matches_transformers(tmp_path: Path, tied: bool) -> None:
     assert isinstance(loaded.model, GraniteForCausalLM)
     assert {layer.self_attn.spec.scale for layer in loaded.model.model.layers} == {0.5}
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    for prompt in PROMPTS:
-        ours, our_logprobs = greedy_generate(loaded, prompt, NEW_TOKENS)
-        theirs, their_logprobs = hf_greedy(hf, prompt, NEW_TOKENS)
-        assert ours == theirs
-        torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+    assert_greedy_matches_hf(loaded, hf, PROMPTS, NEW_TOKENS)
 
 
 @pytest.mark.parametrize("name", ["embedding_multiplier", "residual_multiplier", "logits_scaling"])
@@ -124,11 +119,7 @@ def test_gguf_file_matches_transformers(tmp_path: Path) -> None:
     loaded = load_fp32_cpu(prepare_gguf_model_dir(gguf_path, tmp_path / "cache"))
     assert isinstance(loaded.model, GraniteForCausalLM)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    for prompt in PROMPTS:
-        ours, our_logprobs = greedy_generate(loaded, prompt, NEW_TOKENS)
-        theirs, their_logprobs = hf_greedy(hf, prompt, NEW_TOKENS)
-        assert ours == theirs
-        torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+    assert_greedy_matches_hf(loaded, hf, PROMPTS, NEW_TOKENS)
 
 
 def test_a_gguf_file_without_the_multipliers_is_refused(tmp_path: Path) -> None:

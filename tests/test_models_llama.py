@@ -15,6 +15,7 @@ from models_harness import (
     LOGPROB_ATOL,
     PROMPTS,
     Chunk,
+    assert_greedy_matches_hf,
     greedy_generate,
     hf_greedy,
     load_fp32_cpu,
@@ -40,11 +41,7 @@ def test_greedy_matches_transformers(tmp_path: Path, model_type: str, model_clas
     if tied:
         assert loaded.model.lm_head.weight is loaded.model.model.embed_tokens.weight
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    for prompt in PROMPTS:
-        ours, our_logprobs = greedy_generate(loaded, prompt, NEW_TOKENS)
-        theirs, their_logprobs = hf_greedy(hf, prompt, NEW_TOKENS)
-        assert ours == theirs
-        torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+    assert_greedy_matches_hf(loaded, hf, PROMPTS, NEW_TOKENS)
 
 
 @pytest.mark.parametrize(
@@ -85,10 +82,7 @@ def test_explicit_head_dim_and_attention_bias(tmp_path: Path) -> None:
     assert loaded.shape.head_dim == 24
     assert loaded.model.model.layers[0].self_attn.o_proj.bias is not None
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ours, our_logprobs = greedy_generate(loaded, PROMPTS[0], NEW_TOKENS)
-    theirs, their_logprobs = hf_greedy(hf, PROMPTS[0], NEW_TOKENS)
-    assert ours == theirs
-    torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+    assert_greedy_matches_hf(loaded, hf, [PROMPTS[0]], NEW_TOKENS)
 
 
 def test_mixed_batch_matches_requests_run_alone(tmp_path: Path) -> None:

@@ -18,13 +18,12 @@ from batchlm.models.ministral3 import Ministral3Attention, Ministral3ForCausalLM
 from batchlm.models.mistral3 import Mistral3ForConditionalGeneration
 from batchlm.models.random_model import write_random_model
 from models_harness import (
-    LOGPROB_ATOL,
     PROMPTS,
     Chunk,
+    assert_greedy_matches_hf,
     assert_mixed_batch_matches_requests_alone,
     build_step,
     greedy_generate,
-    hf_greedy,
     hf_reference_model,
     load_fp32_cpu,
     make_kv_caches,
@@ -74,11 +73,7 @@ def assert_matches_transformers(loaded: LoadedModel, model_dir: Path) -> None:
     # Both prompts run past ORIGINAL_LENGTH (the second reaches its third block), so most positions
     # have a factor above 1.
     assert all(len(prompt) + NEW_TOKENS > ORIGINAL_LENGTH for prompt in PROMPTS)
-    for prompt in PROMPTS:
-        ours, our_logprobs = greedy_generate(loaded, prompt, NEW_TOKENS)
-        theirs, their_logprobs = hf_greedy(hf, prompt, NEW_TOKENS)
-        assert ours == theirs
-        torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+    assert_greedy_matches_hf(loaded, hf, PROMPTS, NEW_TOKENS)
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
@@ -110,10 +105,7 @@ def test_the_published_defaults_match_transformers(tmp_path: Path) -> None:
     loaded = load_fp32_cpu(model_dir)
     assert loaded.model.config.query_scaling == QueryScaling(0.1, 16384)
     hf = hf_reference_model(model_dir)
-    ours, our_logprobs = greedy_generate(loaded, PROMPTS[1], 8)
-    theirs, their_logprobs = hf_greedy(hf, PROMPTS[1], 8)
-    assert ours == theirs
-    torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+    assert_greedy_matches_hf(loaded, hf, [PROMPTS[1]], 8)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

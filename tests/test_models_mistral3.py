@@ -17,11 +17,9 @@ from batchlm.models.mistral3 import Mistral3ForConditionalGeneration
 from batchlm.models.random_model import write_random_model
 from models_harness import (
     CPU,
-    LOGPROB_ATOL,
     PROMPTS,
+    assert_greedy_matches_hf,
     assert_mixed_batch_matches_requests_alone,
-    greedy_generate,
-    hf_greedy,
     hf_reference_model,
 )
 
@@ -59,11 +57,7 @@ def assert_matches_transformers(model_dir: Path) -> None:
     loaded = load_model(model_dir, torch.float32, CPU, progress=False)
     assert isinstance(loaded.model, Mistral3ForConditionalGeneration)
     hf = hf_reference_model(model_dir)
-    for prompt in PROMPTS:
-        ours, our_logprobs = greedy_generate(loaded, prompt, NEW_TOKENS)
-        theirs, their_logprobs = hf_greedy(hf, prompt, NEW_TOKENS)
-        assert ours == theirs
-        torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+    assert_greedy_matches_hf(loaded, hf, PROMPTS, NEW_TOKENS)
 
 
 @pytest.mark.parametrize("layout", ["published", "transformers-5"])

@@ -17,11 +17,10 @@ from batchlm.models.loader import LoadedModel
 from batchlm.models.moe import MixtralForCausalLM, Qwen3MoeForCausalLM
 from batchlm.models.random_model import write_random_model
 from models_harness import (
-    LOGPROB_ATOL,
     PROMPTS,
+    assert_greedy_matches_hf,
     assert_mixed_batch_matches_requests_alone,
     greedy_generate,
-    hf_greedy,
     load_fp32_cpu,
     run_ranks,
     thread_groups,
@@ -36,11 +35,7 @@ def _hf(path: Path) -> torch.nn.Module:
 
 def _assert_greedy_matches(path: Path) -> LoadedModel:
     loaded, hf = load_fp32_cpu(path), _hf(path)
-    for prompt in PROMPTS:
-        ours, our_logprobs = greedy_generate(loaded, prompt, NEW_TOKENS)
-        theirs, their_logprobs = hf_greedy(hf, prompt, NEW_TOKENS)
-        assert ours == theirs
-        torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+    assert_greedy_matches_hf(loaded, hf, PROMPTS, NEW_TOKENS)
     return loaded
 
 

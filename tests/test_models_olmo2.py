@@ -17,12 +17,11 @@ from batchlm.models.random_model import write_random_model
 from gguf_builder import write_tiny_gguf
 from models_harness import (
     CPU,
-    LOGPROB_ATOL,
     PROMPTS,
     Chunk,
+    assert_greedy_matches_hf,
     assert_mixed_batch_matches_requests_alone,
     greedy_generate,
-    hf_greedy,
     load_fp32_cpu,
     make_kv_caches,
     run_ranks,
@@ -39,11 +38,7 @@ def test_greedy_matches_transformers(tmp_path: Path, tied: bool) -> None:
     loaded = load_fp32_cpu(path)
     assert isinstance(loaded.model, Olmo2ForCausalLM)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    for prompt in PROMPTS:
-        ours, our_logprobs = greedy_generate(loaded, prompt, NEW_TOKENS)
-        theirs, their_logprobs = hf_greedy(hf, prompt, NEW_TOKENS)
-        assert ours == theirs
-        torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+    assert_greedy_matches_hf(loaded, hf, PROMPTS, NEW_TOKENS)
 
 
 def test_query_key_norms_span_the_whole_projection(tmp_path: Path) -> None:
@@ -99,8 +94,4 @@ def test_gguf_file_matches_transformers(tmp_path: Path) -> None:
     loaded = load_fp32_cpu(prepare_gguf_model_dir(gguf_path, tmp_path / "cache"))
     assert isinstance(loaded.model, Olmo2ForCausalLM)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    for prompt in PROMPTS:
-        ours, our_logprobs = greedy_generate(loaded, prompt, NEW_TOKENS)
-        theirs, their_logprobs = hf_greedy(hf, prompt, NEW_TOKENS)
-        assert ours == theirs
-        torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+    assert_greedy_matches_hf(loaded, hf, PROMPTS, NEW_TOKENS)

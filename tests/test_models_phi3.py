@@ -15,7 +15,14 @@ from batchlm.layers.rotary import RopeSpec, build_rope
 from batchlm.models.loader import load_model
 from batchlm.models.phi3 import Phi3ForCausalLM
 from batchlm.models.random_model import TINY_CONFIG, write_random_model
-from models_harness import CPU, PROMPTS, greedy_generate, hf_greedy, run_ranks, thread_groups
+from models_harness import (
+    CPU,
+    PROMPTS,
+    assert_greedy_matches_hf,
+    greedy_generate,
+    run_ranks,
+    thread_groups,
+)
 
 NEW_TOKENS = 16
 ORIGINAL = 64  # LongRoPE's pretraining length in these configs; the tests stay below it
@@ -38,11 +45,7 @@ def test_greedy_matches_transformers(tmp_path: Path, case: str) -> None:
     assert loaded.shape.max_model_len == 512
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     assert any(name.endswith("qkv_proj.weight") for name, _ in hf.named_parameters())  # fused on disk
-    for prompt in PROMPTS:
-        ours, our_logprobs = greedy_generate(loaded, prompt, NEW_TOKENS)
-        theirs, their_logprobs = hf_greedy(hf, prompt, NEW_TOKENS)
-        assert ours == theirs
-        torch.testing.assert_close(our_logprobs, their_logprobs, atol=1e-4, rtol=0)
+    assert_greedy_matches_hf(loaded, hf, PROMPTS, NEW_TOKENS)
 
 
 def test_longrope_tables_follow_transformers_short_and_long() -> None:

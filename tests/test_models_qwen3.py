@@ -11,12 +11,11 @@ from transformers import AutoModelForCausalLM
 from batchlm.models.qwen3 import Qwen3ForCausalLM
 from batchlm.models.random_model import write_random_model
 from models_harness import (
-    LOGPROB_ATOL,
     PROMPTS,
     Chunk,
+    assert_greedy_matches_hf,
     assert_mixed_batch_matches_requests_alone,
     greedy_generate,
-    hf_greedy,
     load_fp32_cpu,
     make_kv_caches,
     run_ranks,
@@ -35,11 +34,7 @@ def test_greedy_matches_transformers(tmp_path: Path, tied: bool) -> None:
     assert isinstance(loaded.model, Qwen3ForCausalLM)
     assert loaded.shape.head_dim == 32
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    for prompt in PROMPTS:
-        ours, our_logprobs = greedy_generate(loaded, prompt, NEW_TOKENS)
-        theirs, their_logprobs = hf_greedy(hf, prompt, NEW_TOKENS)
-        assert ours == theirs
-        torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+    assert_greedy_matches_hf(loaded, hf, PROMPTS, NEW_TOKENS)
 
 
 def test_query_key_norms_are_loaded_and_used(tmp_path: Path) -> None:

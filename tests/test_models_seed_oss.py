@@ -14,11 +14,10 @@ import torch
 from batchlm.models.llama import SeedOssForCausalLM
 from batchlm.models.random_model import write_random_model
 from models_harness import (
-    LOGPROB_ATOL,
     PROMPTS,
+    assert_greedy_matches_hf,
     assert_mixed_batch_matches_requests_alone,
     greedy_generate,
-    hf_greedy,
     hf_reference_model,
     load_fp32_cpu,
     run_ranks,
@@ -38,11 +37,7 @@ def assert_matches_transformers(model_dir: Path, use_cache: bool = True) -> None
     loaded = load_fp32_cpu(model_dir)
     assert isinstance(loaded.model, SeedOssForCausalLM)
     hf = hf_reference_model(model_dir)
-    for prompt in PROMPTS:
-        ours, our_logprobs = greedy_generate(loaded, prompt, NEW_TOKENS)
-        theirs, their_logprobs = hf_greedy(hf, prompt, NEW_TOKENS, use_cache)
-        assert ours == theirs
-        torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+    assert_greedy_matches_hf(loaded, hf, PROMPTS, NEW_TOKENS, use_cache)
 
 
 @pytest.mark.parametrize("biases", sorted(BIASES))
@@ -97,8 +92,4 @@ def test_gguf_file_matches_transformers(tmp_path: Path, biases: str) -> None:
     assert isinstance(loaded.model, SeedOssForCausalLM)
     assert (loaded.model.model.layers[0].self_attn.o_proj.bias is not None) == (biases == "all")
     hf = hf_reference_model(tmp_path / "hf")
-    for prompt in PROMPTS:
-        ours, our_logprobs = greedy_generate(loaded, prompt, NEW_TOKENS)
-        theirs, their_logprobs = hf_greedy(hf, prompt, NEW_TOKENS)
-        assert ours == theirs
-        torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+    assert_greedy_matches_hf(loaded, hf, PROMPTS, NEW_TOKENS)

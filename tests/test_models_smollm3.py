@@ -16,12 +16,11 @@ from batchlm.models.random_model import write_random_model
 from batchlm.models.smollm3 import SmolLM3ForCausalLM, rotating_layers
 from gguf_builder import write_tiny_gguf
 from models_harness import (
-    LOGPROB_ATOL,
     PROMPTS,
     Chunk,
+    assert_greedy_matches_hf,
     assert_mixed_batch_matches_requests_alone,
     greedy_generate,
-    hf_greedy,
     load_fp32_cpu,
     make_kv_caches,
     run_ranks,
@@ -52,11 +51,7 @@ def test_greedy_matches_transformers(tmp_path: Path, case: str, tied: bool) -> N
     assert isinstance(loaded.model, SmolLM3ForCausalLM)
     assert [layer.self_attn.rotates for layer in loaded.model.model.layers] == [True, False]
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    for prompt in PROMPTS:
-        ours, our_logprobs = greedy_generate(loaded, prompt, NEW_TOKENS)
-        theirs, their_logprobs = hf_greedy(hf, prompt, NEW_TOKENS)
-        assert ours == theirs
-        torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+    assert_greedy_matches_hf(loaded, hf, PROMPTS, NEW_TOKENS)
 
 
 def test_the_nope_layer_sees_no_positions(tmp_path: Path) -> None:
@@ -110,8 +105,4 @@ def test_gguf_file_matches_transformers(tmp_path: Path) -> None:
     loaded = load_fp32_cpu(prepare_gguf_model_dir(gguf_path, tmp_path / "cache"))
     assert [layer.self_attn.rotates for layer in loaded.model.model.layers] == [True, True, True, False]
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    for prompt in PROMPTS:
-        ours, our_logprobs = greedy_generate(loaded, prompt, NEW_TOKENS)
-        theirs, their_logprobs = hf_greedy(hf, prompt, NEW_TOKENS)
-        assert ours == theirs
-        torch.testing.assert_close(our_logprobs, their_logprobs, atol=LOGPROB_ATOL, rtol=0)
+    assert_greedy_matches_hf(loaded, hf, PROMPTS, NEW_TOKENS)
