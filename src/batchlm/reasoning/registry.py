@@ -6,6 +6,7 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from batchlm.reasoning.split import ReasoningParser, ThinkMarkers, prompt_opens_thinking
+from batchlm.tools.call_grammar import decoding_hides
 
 THINK = ThinkMarkers("<think>", "</think>")
 MISTRAL_THINK = ThinkMarkers("[THINK]", "[/THINK]", special=True)
@@ -60,12 +61,10 @@ def reasoning_parser(
 def _hidden(
     markers: ThinkMarkers, added_tokens: Mapping[str, int], hidden_ids: Callable[[], Collection[int]]
 ) -> bool:
-    """Whether a text decoded without special tokens would leave a marker out."""
-    ids = [added_tokens[marker] for marker in (markers.start, markers.end) if marker in added_tokens]
-    if not ids:
-        return False
-    hidden = hidden_ids()
-    return any(token in hidden for token in ids)
+    """Whether a text decoded without special tokens would leave a marker out (hidden_ids read only
+    where a marker is an added token)."""
+    pair = (markers.start, markers.end)
+    return any(marker in added_tokens for marker in pair) and decoding_hides(pair, added_tokens, hidden_ids())
 
 
 # The chat-template variable by which Qwen3's and SmolLM3's templates turn thinking on or off.

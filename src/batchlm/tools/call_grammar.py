@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 from batchlm.tools.function_tool import FunctionTool, calls_array_schema, calls_schema
@@ -26,6 +26,14 @@ def token_rule(text: str, added_tokens: Mapping[str, int]) -> str | None:
     None when the tokenizer has no such token."""
     token_id = added_tokens.get(text)
     return None if token_id is None else f"<[{token_id}]>"
+
+
+def decoding_hides(
+    markers: Iterable[str], added_tokens: Mapping[str, int], hidden_ids: Collection[int]
+) -> bool:
+    """Whether a text decoded without special tokens leaves one of `markers` out (an added token among
+    `hidden_ids`): the detokenizer must then keep special tokens for the markers to be read."""
+    return any(added_tokens.get(marker) in hidden_ids for marker in markers)
 
 
 def calls_json(tools: Sequence[FunctionTool], argument_key: str, forced: bool = False) -> str:

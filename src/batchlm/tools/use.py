@@ -13,7 +13,7 @@ from batchlm.sampling_params import SamplingParams, StructuredOutputs
 from batchlm.structured.backend import GrammarError
 from batchlm.structured.spec_grammar import lark_terminal
 from batchlm.structured.start_probe import edge_checked_grammar
-from batchlm.tools.call_grammar import json_rule
+from batchlm.tools.call_grammar import decoding_hides, json_rule
 from batchlm.tools.function_tool import ANY_OBJECT
 from batchlm.tools.parser import ToolParser
 from batchlm.tools.registry import parser_class
@@ -119,7 +119,7 @@ def chat_tool_use(
     found = parser_class(parser_setting, chat_template)
     family = found(max_calls=plan.max_calls, tools=plan.tools) if found is not None else None
     keeps_special = family is not None and (
-        family.keeps_special_tokens or any(added.get(marker) in hidden_ids for marker in family.markers)
+        family.keeps_special_tokens or decoding_hides(family.markers, added, hidden_ids)
     )
     if plan.mode != "auto":
         # A forced call in the model's own markup, as its chat template renders calls: in
