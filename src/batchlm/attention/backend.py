@@ -29,6 +29,9 @@ class AttentionSpec:
     sliding_window: int | None = None
     # Scores become cap * tanh(scores / cap) before the softmax (Gemma 2); None: no cap.
     logit_softcap: float | None = None
+    # Each head has a learned sink logit that joins its softmax as a key without a value, so a query may
+    # attend to nothing (gpt-oss); the layer passes them to forward as `sinks`.
+    sinks: bool = False
 
 
 @dataclass
@@ -93,6 +96,7 @@ class AttentionBackend(ABC):
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         meta: AttentionMetadata,
         spec: AttentionSpec,
+        sinks: torch.Tensor | None = None,  # [num_heads] float32 where spec.sinks
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         """Causal attention of each new token over its request's context (its window, if any)."""
 
@@ -106,11 +110,12 @@ class AttentionBackend(ABC):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         spec: AttentionSpec,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """forward() on queries and keys before RoPE: rotated here, then attended. A backend may fold
         the rotation into its cache write (query and key are then left as the backend chooses)."""
         query, key = rotation.rotate(positions, query, key)
-        return self.forward(query, key, value, kv_cache, meta, spec)
+        return self.forward(query, key, value, kv_cache, meta, spec, sinks)
 
     def warm_up(
         self,
@@ -124,3 +129,13 @@ class AttentionBackend(ABC):
         `specs` (none for backends without JIT kernels). `kv_cache` is read only; `query_dtype` is
         the model's (None: the cache's)."""
         return None
+
+
+def check_sinks(spec: AttentionSpec, sinks: torch.Tensor | None, num_heads: int) -> None:
+    """A layer passes sink logits exactly where its spec says it has them, one per query head."""
+    if spec.sinks != (sinks is not None):
+        raise ValueError(
+            f"attention sinks: the layer's spec says {spec.sinks}, the call passed {sinks is not None}"
+        )
+    if sinks is not None and sinks.shape != (num_heads,):
+        raise ValueError(f"attention sinks of shape {tuple(sinks.shape)} for {num_heads} query heads")

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from batchlm.attention.backend import AttentionBackend, AttentionMetadata, AttentionSpec
+from batchlm.attention.backend import AttentionBackend, AttentionMetadata, AttentionSpec, check_sinks
 from batchlm.kernels import cpu_decode_attention
 from batchlm.kernels.cpu_kv_write import as_cached, write_kv_native
 
-# Soft-capped scores are materialised: at most this many at once (64 MiB of float32).
+# Soft-capped scores and those beside sinks are materialised: at most this many at once (64 MiB of
+# float32).
 SOFTCAP_SCORE_ELEMENTS = 1 << 24
 # enable_gqa (torch >= 2.5) lets SDPA share each KV head across its query group without copies.
 _SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -74,12 +75,15 @@ class TorchAttentionBackend(AttentionBackend):
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         meta: AttentionMetadata,
         spec: AttentionSpec,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
+        check_sinks(spec, sinks, query.shape[1])
         num_tokens = meta.num_tokens
         write_kv_cache(kv_cache, key[:num_tokens], value[:num_tokens], meta.slot_mapping[:num_tokens])
         out = query.new_zeros(query.shape) if query.shape[0] > num_tokens else torch.empty_like(query)
         decodes = meta.num_decodes
-        if decodes and cpu_decode_attention.supports(query, kv_cache):
+        native = cpu_decode_attention.supports(query, kv_cache) and sinks is None
+        if decodes and native:
             cpu_decode_attention.paged_decode_attention(
                 query[:decodes],
                 kv_cache,
@@ -93,16 +97,18 @@ class TorchAttentionBackend(AttentionBackend):
         else:
             for group in self._decode_groups(meta, kv_cache.shape[2]):
                 out[group.first : group.last] = _decode_attention(
-                    query[group.first : group.last], kv_cache, group, spec
+                    query[group.first : group.last], kv_cache, group, spec, sinks
                 )
-        as_decodes = decodes < meta.num_requests and cpu_decode_attention.supports(query, kv_cache)
+        as_decodes = decodes < meta.num_requests and native
         for request in range(meta.num_decodes, meta.num_requests):
             start, end = meta.query_start_loc_cpu[request], meta.query_start_loc_cpu[request + 1]
             if as_decodes and _short_chunk_after_context(meta, request):
                 _chunk_as_decodes(query, kv_cache, meta, request, spec, out)
             elif end > start:
                 mask = self._chunk_mask(meta, end - start, meta.seq_lens_cpu[request], spec.sliding_window)
-                out[start:end] = _prefill_attention(query, key, value, kv_cache, meta, request, spec, mask)
+                out[start:end] = _prefill_attention(
+                    query, key, value, kv_cache, meta, request, spec, mask, sinks
+                )
         return out
 
     def _chunk_mask(
@@ -167,7 +173,11 @@ def _decode_group(meta: AttentionMetadata, first: int, last: int, block_size: in
 
 
 def _decode_attention(
-    query: torch.Tensor, kv_cache: torch.Tensor, group: DecodeGroup, spec: AttentionSpec
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    group: DecodeGroup,
+    spec: AttentionSpec,
+    sinks: torch.Tensor | None,
 ) -> torch.Tensor:
     """One query per request of the group, over its context padded to the group's longest."""
     batch = group.last - group.first
@@ -176,7 +186,7 @@ def _decode_attention(
     values = kv_cache[1].index_select(0, group.flat_blocks).view(batch, -1, *kv_cache.shape[-2:])
     keys = keys[:, : group.max_len].transpose(1, 2).to(query.dtype)
     values = values[:, : group.max_len].transpose(1, 2).to(query.dtype)
-    out = _attend(query.unsqueeze(2), keys, values, spec, group.mask(spec.sliding_window))
+    out = _attend(query.unsqueeze(2), keys, values, spec, group.mask(spec.sliding_window), sinks)
     return out.squeeze(2)  # [B, H, 1, D] -> [B, H, D]
 
 
@@ -227,10 +237,11 @@ def _prefill_attention(
     request: int,
     spec: AttentionSpec,
     mask: torch.Tensor,
+    sinks: torch.Tensor | None,
 ) -> torch.Tensor:
     """Causal attention of one request's query chunk over its cached and new keys (its window); `mask`
-    is the chunk's _chunk_mask, used where the chunk follows cached context or the layer has a window
-    or a soft-cap."""
+    is the chunk's _chunk_mask, used where the chunk follows cached context or the layer has a window,
+    a soft-cap or sinks."""
     start, end = meta.query_start_loc_cpu[request], meta.query_start_loc_cpu[request + 1]
     context_len = meta.seq_lens_cpu[request]
     query_len = end - start
@@ -246,10 +257,11 @@ def _prefill_attention(
     q = query[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
     k = keys.transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, H_kv, L, D]
     v = values.transpose(0, 1).unsqueeze(0).to(q.dtype)
-    if query_len == context_len and spec.sliding_window is None and spec.logit_softcap is None:
+    plain = spec.sliding_window is None and spec.logit_softcap is None and sinks is None
+    if query_len == context_len and plain:
         out = _sdpa(q, k, v, spec.scale, causal=True)
     else:
-        out = _attend(q, k, v, spec, mask)
+        out = _attend(q, k, v, spec, mask, sinks)
     return out[0].transpose(0, 1)  # [q_len, H, D]
 
 
@@ -263,33 +275,51 @@ def _chunk_mask(query_len: int, context_len: int, window: int | None, device: to
 
 
 def _attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, mask: torch.Tensor
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spec: AttentionSpec,
+    mask: torch.Tensor,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Masked attention of [B, H, Lq, D] queries; explicit scores when the layer soft-caps them, a
-    slice of queries at a time so the score matrix stays within SOFTCAP_SCORE_ELEMENTS."""
-    if spec.logit_softcap is None:
+    """Masked attention of [B, H, Lq, D] queries; explicit scores when the layer soft-caps them or
+    has sinks, a slice of queries at a time so the score matrix stays within SOFTCAP_SCORE_ELEMENTS."""
+    if spec.logit_softcap is None and sinks is None:
         return _sdpa(q, k, v, spec.scale, mask)
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     rows = max(1, SOFTCAP_SCORE_ELEMENTS // (q.shape[0] * q.shape[1] * k.shape[2]))
     if q.shape[2] <= rows:
-        return _capped_attention(q, k, v, spec, mask)
+        return _explicit_attention(q, k, v, spec, mask, sinks)
     mask = mask.expand(*mask.shape[:-2], q.shape[2], mask.shape[-1])
     parts = [
-        _capped_attention(q[:, :, first : first + rows], k, v, spec, mask[..., first : first + rows, :])
+        _explicit_attention(
+            q[:, :, first : first + rows], k, v, spec, mask[..., first : first + rows, :], sinks
+        )
         for first in range(0, q.shape[2], rows)
     ]
     return torch.cat(parts, dim=2)
 
 
-def _capped_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, mask: torch.Tensor
+def _explicit_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spec: AttentionSpec,
+    mask: torch.Tensor,
+    sinks: torch.Tensor | None,
 ) -> torch.Tensor:
-    assert spec.logit_softcap is not None
     scores = torch.matmul(q, k.transpose(-1, -2)) * spec.scale  # [B, H, Lq, L]
-    scores = torch.tanh(scores / spec.logit_softcap) * spec.logit_softcap
+    if spec.logit_softcap is not None:
+        scores = torch.tanh(scores / spec.logit_softcap) * spec.logit_softcap
     scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    if sinks is None:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    else:
+        # The sink is one more score per head, whose probability goes to no value.
+        sink_column = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        with_sinks = torch.cat([scores, sink_column], dim=-1)
+        probs = torch.softmax(with_sinks, dim=-1, dtype=torch.float32)[..., :-1].to(v.dtype)
     return torch.matmul(probs, v)
 
 

@@ -6,7 +6,13 @@ from collections.abc import Sequence
 
 import torch
 
-from batchlm.attention.backend import AttentionBackend, AttentionMetadata, AttentionSpec, QueryKeyRotation
+from batchlm.attention.backend import (
+    AttentionBackend,
+    AttentionMetadata,
+    AttentionSpec,
+    QueryKeyRotation,
+    check_sinks,
+)
 from batchlm.kernels.fp8_types import FP8_DTYPE
 from batchlm.kernels.kv_write import rotate_and_write_kv_cache, write_kv_cache
 from batchlm.kernels.paged_decode import (
@@ -47,7 +53,9 @@ class TritonAttentionBackend(AttentionBackend):
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         meta: AttentionMetadata,
         spec: AttentionSpec,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
+        _refuse_sinks(spec, sinks, query)
         k_scale, v_scale = self._scales(kv_cache)
         write_kv_cache(key, value, kv_cache, meta.slot_mapping, k_scale, v_scale)
         return self._attend(query, kv_cache, meta, spec, k_scale, v_scale)
@@ -62,12 +70,16 @@ class TritonAttentionBackend(AttentionBackend):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         spec: AttentionSpec,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """RoPE folded into the KV write (one launch a layer fewer): queries rotate in place, keys on
         their way into the cache; `key` keeps its unrotated values."""
+        _refuse_sinks(spec, sinks, query)
         table = rotation.fusable_table(query)
         if table is None:
-            return super().forward_rotating(positions, rotation, query, key, value, kv_cache, meta, spec)
+            return super().forward_rotating(
+                positions, rotation, query, key, value, kv_cache, meta, spec, sinks
+            )
         k_scale, v_scale = self._scales(kv_cache)
         rotate_and_write_kv_cache(
             positions, table, query, key, value, kv_cache, meta.slot_mapping, k_scale, v_scale
@@ -173,3 +185,9 @@ class TritonAttentionBackend(AttentionBackend):
                 window=spec.sliding_window, softcap=spec.logit_softcap,
             )  # fmt: skip
             splits *= 2
+
+
+def _refuse_sinks(spec: AttentionSpec, sinks: torch.Tensor | None, query: torch.Tensor) -> None:
+    check_sinks(spec, sinks, query.shape[1])
+    if sinks is not None:
+        raise NotImplementedError("the Triton attention kernels do not take attention sinks (gpt-oss)")

@@ -102,6 +102,10 @@ class LlamaAttention(nn.Module):
         self.rotary_emb = rope
         self.rotates = layer.rotates
         self.spec = layer.attention
+        # This rank's query heads' sink logits (checkpoint name `sinks`), where the layer has them.
+        self.sinks: nn.Parameter | None = None
+        if self.spec.sinks:
+            self.sinks = nn.Parameter(torch.zeros(self.num_heads), requires_grad=False)
 
     def forward(
         self,
@@ -141,8 +145,10 @@ class LlamaAttention(nn.Module):
         """Attention of the unrotated q [T, H, D] over k and v [T, H_kv, D]: rotated by the backend
         (which may fold RoPE into its cache write), or as they are on a layer without RoPE."""
         if not self.rotates:
-            return attn.forward(q, k, v, kv_cache, meta, self.spec)
-        return attn.forward_rotating(positions, self.rotary_emb, q, k, v, kv_cache, meta, self.spec)
+            return attn.forward(q, k, v, kv_cache, meta, self.spec, self.sinks)
+        return attn.forward_rotating(
+            positions, self.rotary_emb, q, k, v, kv_cache, meta, self.spec, self.sinks
+        )
 
 
 class LlamaDecoderLayer(nn.Module):
