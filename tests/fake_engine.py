@@ -215,7 +215,7 @@ class FakeEngine(EngineClient):
         token = choice.reply_ids[len(choice.tokens) % len(choice.reply_ids)]
         choice.tokens.append(token)
         self._generated_tokens += 1
-        text = self.tokenizer.decode(choice.tokens)
+        text = self.tokenizer.decode(choice.tokens, skip_special_tokens=params.skip_special_tokens)
         if len(choice.tokens) >= len(choice.reply_ids) and not params.ignore_eos:
             choice.finish_reason = FinishReason.STOP
         if params.max_tokens is not None and len(choice.tokens) >= params.max_tokens:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from batchlm.reasoning.split import ReasoningParser, ReasoningStream
+from batchlm.reasoning.split import ReasoningParser, ThinkingStream
 from batchlm.tools.calls import ParsedMessage, StreamDelta, ToolCall, ToolCallDelta, calls_after
 from batchlm.tools.parser import ToolCallStream, ToolParser
 
@@ -63,7 +63,7 @@ class MessageStream:
     """Fed an output's text deltas; answers the thinking, content and call pieces each one settles."""
 
     def __init__(self, reader: MessageReader) -> None:
-        self._reasoning: ReasoningStream | None = None
+        self._reasoning: ThinkingStream | None = None
         self._tools: ToolCallStream | None = None
         if reader.reasoning is not None:
             self._reasoning = reader.reasoning.stream()

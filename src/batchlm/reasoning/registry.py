@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
+from batchlm.reasoning.harmony import HARMONY, HarmonyReasoningParser
 from batchlm.reasoning.split import ReasoningParser, ThinkMarkers, prompt_opens_thinking
 from batchlm.tools.call_grammar import decoding_hides
+from batchlm.tools.harmony import HARMONY_EFFORTS, is_harmony_template
 
 THINK = ThinkMarkers("<think>", "</think>")
 MISTRAL_THINK = ThinkMarkers("[THINK]", "[/THINK]", special=True)
@@ -20,6 +22,7 @@ MARKERS: dict[str, ThinkMarkers] = {
     "deepseek_r1": THINK,
     "mistral": MISTRAL_THINK,
     "seed_oss": SEED_THINK,
+    "gpt_oss": HARMONY,
 }
 AUTO, NO_PARSER = "auto", "none"
 REASONING_PARSER_CHOICES = (AUTO, *MARKERS, NO_PARSER)
@@ -33,6 +36,8 @@ def reasoning_markers(setting: str, chat_template: str | None) -> ThinkMarkers |
     if setting != AUTO:
         return MARKERS[setting]
     template = chat_template or ""
+    if is_harmony_template(template):
+        return HARMONY
     # No marker holds another (`</seed:think>` holds no `</think>`); Seed's, the more specific, first.
     return next((m for m in (SEED_THINK, THINK, MISTRAL_THINK) if m.end in template), None)
 
@@ -54,6 +59,8 @@ def reasoning_parser(
     markers = reasoning_markers(setting, chat_template)
     if markers is None:
         return None
+    if markers is HARMONY:
+        return HarmonyReasoningParser()
     opened = prompt_opens_thinking(prompt_tail(), markers, continued)
     return ReasoningParser(markers, opened, _hidden(markers, added_tokens or {}, hidden_ids))
 
@@ -79,7 +86,10 @@ def effort_template_kwargs(
 ) -> dict[str, Any]:
     """The chat template's variables for a request's `reasoning_effort`: the effort itself as
     `reasoning_effort` (the name gpt-oss's templates read), and for "none" thinking switched off where
-    the template has a variable for it (THINKING_OFF), unless the client's chat_template_kwargs set it."""
+    the template has a variable for it (THINKING_OFF), unless the client's chat_template_kwargs set it.
+    A harmony template (gpt-oss's) knows low, medium and high only (HARMONY_EFFORTS)."""
+    if is_harmony_template(chat_template):
+        effort = HARMONY_EFFORTS.get(effort, effort)
     kwargs = {"reasoning_effort": effort, **(template_kwargs or {})}
     if effort == "none":
         for variable, off in THINKING_OFF.items():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from batchlm.sampling_params import SamplingParams
 from batchlm.tools.call_grammar import BLANK, free_text, token_rule
@@ -104,7 +105,7 @@ class ReasoningParser:
         body_at = self.thinking_at(text)
         return body_at is not None and text.find(self.markers.end, body_at) >= 0
 
-    def stream(self) -> ReasoningStream:
+    def stream(self) -> ThinkingStream:
         return ReasoningStream(self)
 
     def sampling_params(self, params: SamplingParams, added_tokens: Mapping[str, int]) -> SamplingParams:
@@ -134,6 +135,14 @@ class ReasoningParser:
 class ReasoningDelta:
     reasoning: str
     content: str
+
+
+class ThinkingStream(Protocol):
+    """Fed an output's text deltas; answers the thinking and the answer text each one settles."""
+
+    def feed(self, delta: str) -> ReasoningDelta: ...
+
+    def finish(self) -> ReasoningDelta: ...
 
 
 class ReasoningStream:

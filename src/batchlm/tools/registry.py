@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from batchlm.tools.gpt_oss import GptOssParser
 from batchlm.tools.granite import GraniteParser
+from batchlm.tools.harmony import is_harmony_template
 from batchlm.tools.hermes import HermesParser
 from batchlm.tools.llama3_json import Llama3JsonParser
 from batchlm.tools.mistral import MistralParser
@@ -11,6 +13,7 @@ from batchlm.tools.qwen3_coder import Qwen3CoderParser
 from batchlm.tools.seed_oss import SeedOssParser
 
 PARSERS: dict[str, type[ToolParser]] = {
+    "gpt_oss": GptOssParser,
     "granite": GraniteParser,
     "hermes": HermesParser,
     "llama3_json": Llama3JsonParser,
@@ -26,6 +29,9 @@ def detect_parser_name(chat_template: str | None) -> str:
     """The family whose call markup the template teaches. A template that teaches none (SmolLM2's
     ChatML, for one) gets Hermes markup, which the generic tools prompt asks for."""
     template = chat_template or ""
+    # gpt-oss's harmony markup first: its template shows no other family's markers.
+    if is_harmony_template(template):
+        return "gpt_oss"
     if "[TOOL_CALLS]" in template:
         return "mistral"
     # Seed-OSS writes Qwen3-Coder's `<function=` calls in tags of its own: its tag first.
