@@ -37,8 +37,11 @@ def compile_for_hopper(
 ) -> Any:
     """Compile `kernel` with every non-constexpr argument typed by `types` (default i32); `aligned`:
     every pointer and integer argument specialised as divisible by 16, as a launch on whole rows of
-    a real layer's weights is."""
+    a real layer's weights is. A constexpr with a default (a variant such as SINKS) takes it unless
+    `constants` names it, as a launch that leaves it out does."""
     names = kernel.arg_names
+    defaults = {p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}
+    constants = defaults | constants
     signature = {n: ("constexpr" if n in constants else types.get(n, "i32")) for n in names}
     constexprs = {(names.index(n),): v for n, v in constants.items()}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if aligned and n not in constants}
@@ -190,6 +193,45 @@ def test_decode_reduce_reads_the_length_before_waiting_and_the_splits_after() ->
     assert wait == 2 and "ld.global.b32" in memory[1]  # the length, from the host
     assert sum("ld.global" in line for line in memory[wait + 1 :]) >= 2  # the splits' weights and outputs
     assert not any("griddep" in line for line in memory[wait + 1 :])
+
+
+@pytest.mark.parametrize("cache", ["*bf16", "*fp8e4nv"])
+def test_attention_kernels_with_sinks_compile(cache: str) -> None:
+    # The sink variants: the one-split decode folds the sinks in after its tiles (read after the
+    # wait, as everything of a one-split decode is), the reduce and the prefill as they finish.
+    fp8 = cache == "*fp8e4nv"
+    attention = {"q_ptr": "*bf16", "cache_ptr": cache, "block_table_ptr": "*i32", "seq_lens_ptr": "*i32"}
+    attention |= {"out_ptr": "*bf16", "qk_scale": "fp32", "softcap": "fp32", "sinks_ptr": "*fp32"}
+    decode = paged_decode.FP8_DECODE_CONFIG if fp8 else paged_decode.DecodeConfig()
+    decode_constants = {
+        "BLOCK_SIZE": 16, "GROUP": 8, "BLOCK_G": 16, "HEAD_DIM": 64, "BLOCK_D": 64, "BLOCK_N": decode.block_n,
+        "NUM_SPLITS": 1, "DOT_PRECISION": "tf32", "FP8_IN_REGISTERS": decode.fp8_in_registers,
+        "WINDOWED": True, "SOFTCAP": False, "PDL": True, "SINKS": True,
+    }  # fmt: skip
+    compiled = compile_for_hopper(
+        paged_decode._decode_kernel, attention | {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32"},
+        decode_constants, aligned=True, num_warps=decode.num_warps, num_stages=decode.num_stages,
+        launch_pdl=True,
+    )  # fmt: skip
+    memory = memory_lines(compiled.asm["ptx"])
+    assert memory[1].startswith("griddepcontrol.wait")
+    reduce_types = {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "seq_lens_ptr": "*i32"}
+    reduce_types |= {"out_ptr": "*bf16", "sinks_ptr": "*fp32"}
+    reduce_constants = {
+        "HEAD_DIM": 64, "BLOCK_D": 64, "BLOCK_N": 64, "NUM_SPLITS": 16, "CHUNK": 16, "WINDOWED": True,
+        "PDL": True, "SINKS": True,
+    }  # fmt: skip
+    compile_for_hopper(
+        paged_decode._reduce_kernel, reduce_types, reduce_constants, num_warps=4, launch_pdl=True
+    )
+    prefill_constants = {
+        "BLOCK_SIZE": 16, "GROUP": 8, "BLOCK_M": 64, "TOKENS_PER_TILE": 8, "HEAD_DIM": 64, "BLOCK_D": 64,
+        "BLOCK_N": 64, "DOT_PRECISION": "tf32", "WINDOWED": True, "SOFTCAP": False, "SINKS": True,
+    }  # fmt: skip
+    compile_for_hopper(
+        paged_prefill._prefill_kernel, attention | {"query_start_ptr": "*i32"}, prefill_constants,
+        aligned=True, num_warps=4, num_stages=3,
+    )  # fmt: skip
 
 
 def test_prefill_over_an_fp8_cache_compiles() -> None:

@@ -202,7 +202,7 @@ def test_a_backend_that_does_not_fold_rope_rotates_then_attends() -> None:
     seen: dict[str, torch.Tensor] = {}
 
     class Recording(AttentionBackend):
-        def forward(self, query, key, value, kv_cache, meta, spec):  # type: ignore[no-untyped-def]
+        def forward(self, query, key, value, kv_cache, meta, spec, sinks=None):  # type: ignore[no-untyped-def]
             seen.update(query=query, key=key, value=value)
             return query
 

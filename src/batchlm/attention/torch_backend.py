@@ -50,7 +50,8 @@ class TorchAttentionBackend(AttentionBackend):
 
     On x86-64 CPUs with AVX2 and a float32 or float16 cache, decodes instead go through our C kernel, which reads
     each request's blocks in place (kernels/cpu_decode_attention.py), from the first key of the
-    layer's window. Soft-capped layers compute their scores explicitly elsewhere (SDPA has no cap).
+    layer's window (soft-capped scores and sinks included). Elsewhere, soft-capped layers and those
+    with sinks compute their scores explicitly (SDPA has neither).
 
     Gathers copy whole blocks with index_select (a memcpy per block); advanced indexing of the cache
     costs several times more on CPU. The decode groups and the prefill chunks' masks depend only on
@@ -82,7 +83,7 @@ class TorchAttentionBackend(AttentionBackend):
         write_kv_cache(kv_cache, key[:num_tokens], value[:num_tokens], meta.slot_mapping[:num_tokens])
         out = query.new_zeros(query.shape) if query.shape[0] > num_tokens else torch.empty_like(query)
         decodes = meta.num_decodes
-        native = cpu_decode_attention.supports(query, kv_cache) and sinks is None
+        native = cpu_decode_attention.supports(query, kv_cache)
         if decodes and native:
             cpu_decode_attention.paged_decode_attention(
                 query[:decodes],
@@ -93,6 +94,7 @@ class TorchAttentionBackend(AttentionBackend):
                 out[:decodes],
                 spec.sliding_window,
                 spec.logit_softcap,
+                sinks,
             )
         else:
             for group in self._decode_groups(meta, kv_cache.shape[2]):
@@ -103,7 +105,7 @@ class TorchAttentionBackend(AttentionBackend):
         for request in range(meta.num_decodes, meta.num_requests):
             start, end = meta.query_start_loc_cpu[request], meta.query_start_loc_cpu[request + 1]
             if as_decodes and _short_chunk_after_context(meta, request):
-                _chunk_as_decodes(query, kv_cache, meta, request, spec, out)
+                _chunk_as_decodes(query, kv_cache, meta, request, spec, sinks, out)
             elif end > start:
                 mask = self._chunk_mask(meta, end - start, meta.seq_lens_cpu[request], spec.sliding_window)
                 out[start:end] = _prefill_attention(
@@ -205,6 +207,7 @@ def _chunk_as_decodes(
     meta: AttentionMetadata,
     request: int,
     spec: AttentionSpec,
+    sinks: torch.Tensor | None,
     out: torch.Tensor,
 ) -> None:
     """Each query row of a short chunk (a speculative verify chunk, or a prefill's short tail) attends
@@ -225,6 +228,7 @@ def _chunk_as_decodes(
         out[start:end],
         window=spec.sliding_window,
         softcap=spec.logit_softcap,
+        sinks=sinks,
     )
 
 

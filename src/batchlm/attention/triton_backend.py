@@ -31,7 +31,9 @@ class TritonAttentionBackend(AttentionBackend):
 
     An FP8 KV cache holds key / k_scale and value / v_scale: k_scale joins the softmax scale and
     v_scale multiplies the output (skipped at 1.0). Each layer's scales are registered against its
-    cache tensor (set_kv_scales), so the model's call stays the same for every cache dtype."""
+    cache tensor (set_kv_scales), so the model's call stays the same for every cache dtype. A layer's
+    attention sinks are raw logits: they join the softmax as they are, never times k_scale, and the
+    output's v_scale leaves them as they are (they weigh no value)."""
 
     name = "triton"
 
@@ -55,10 +57,10 @@ class TritonAttentionBackend(AttentionBackend):
         spec: AttentionSpec,
         sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
-        _refuse_sinks(spec, sinks, query)
+        check_sinks(spec, sinks, query.shape[1])
         k_scale, v_scale = self._scales(kv_cache)
         write_kv_cache(key, value, kv_cache, meta.slot_mapping, k_scale, v_scale)
-        return self._attend(query, kv_cache, meta, spec, k_scale, v_scale)
+        return self._attend(query, kv_cache, meta, spec, k_scale, v_scale, sinks)
 
     def forward_rotating(
         self,
@@ -74,7 +76,7 @@ class TritonAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         """RoPE folded into the KV write (one launch a layer fewer): queries rotate in place, keys on
         their way into the cache; `key` keeps its unrotated values."""
-        _refuse_sinks(spec, sinks, query)
+        check_sinks(spec, sinks, query.shape[1])
         table = rotation.fusable_table(query)
         if table is None:
             return super().forward_rotating(
@@ -84,7 +86,7 @@ class TritonAttentionBackend(AttentionBackend):
         rotate_and_write_kv_cache(
             positions, table, query, key, value, kv_cache, meta.slot_mapping, k_scale, v_scale
         )
-        return self._attend(query, kv_cache, meta, spec, k_scale, v_scale)
+        return self._attend(query, kv_cache, meta, spec, k_scale, v_scale, sinks)
 
     def _scales(self, kv_cache: torch.Tensor) -> tuple[float, float]:
         if kv_cache.dtype != FP8_DTYPE:
@@ -99,8 +101,10 @@ class TritonAttentionBackend(AttentionBackend):
         spec: AttentionSpec,
         k_scale: float,
         v_scale: float,
+        sinks: torch.Tensor | None,
     ) -> torch.Tensor:
         scale = spec.scale * k_scale  # the cache holds key / k_scale
+        sinks = _float32(sinks)
         out = torch.empty_like(query)
         num_decodes = meta.num_decodes
         if num_decodes > 0:
@@ -116,6 +120,7 @@ class TritonAttentionBackend(AttentionBackend):
                 window=spec.sliding_window,
                 softcap=spec.logit_softcap,
                 newest=self.newest_decode_tokens,
+                sinks=sinks,
             )
         if meta.num_requests > num_decodes:
             paged_prefill_attention(
@@ -130,6 +135,7 @@ class TritonAttentionBackend(AttentionBackend):
                 num_query_tokens=meta.num_tokens - meta.query_start_loc_cpu[num_decodes],
                 window=spec.sliding_window,
                 softcap=spec.logit_softcap,
+                sinks=sinks,
             )
         if query.shape[0] > meta.num_tokens:
             out[meta.num_tokens :].zero_()  # padding rows past the batch: defined, never garbage
@@ -147,11 +153,11 @@ class TritonAttentionBackend(AttentionBackend):
         query_dtype: torch.dtype | None = None,
     ) -> None:
         """Launch each prefill tile configuration and each decode split count once on a one-token
-        problem, for each kernel variant (window, soft-cap) the layers use. Which ones a step picks
+        problem, for each kernel variant (window, soft-cap, sinks) the layers use. Which ones a step picks
         depends on its token count, batch size and context, so without this the first step to need
         one would wait for its JIT compile."""
-        # Kernels specialise on whether there is a window and a cap, not on their values.
-        variants = {(s.sliding_window is not None, s.logit_softcap is not None): s for s in specs}
+        # Kernels specialise on whether there is a window, a cap and sinks, not on their values.
+        variants = {(s.sliding_window is not None, s.logit_softcap is not None, s.sinks): s for s in specs}
         for spec in variants.values() or [AttentionSpec(1.0)]:
             self._warm_up_variant(kv_cache, num_heads, max_blocks_per_seq, spec, query_dtype)
 
@@ -170,10 +176,12 @@ class TritonAttentionBackend(AttentionBackend):
         seq_lens = torch.ones(1, dtype=torch.int32, device=device)
         block_tables = torch.zeros((1, max_blocks_per_seq), dtype=torch.int32, device=device)
         query_start_loc = torch.tensor([0, 1], dtype=torch.int32, device=device)
+        # float32, as _attend passes every layer's sinks.
+        sinks = torch.zeros(num_heads, dtype=torch.float32, device=device) if spec.sinks else None
         for config in prefill_configs(shape, query.dtype):
             paged_prefill_attention(
                 query, kv_cache, query_start_loc, seq_lens, block_tables, 1.0, max_query_len=1, config=config,
-                window=spec.sliding_window, softcap=spec.logit_softcap,
+                window=spec.sliding_window, softcap=spec.logit_softcap, sinks=sinks,
             )  # fmt: skip
         max_context = max_blocks_per_seq * shape.block_size
         programs_per_sm = (self.decode_config or default_decode_config(kv_cache.dtype)).programs_per_sm
@@ -182,12 +190,12 @@ class TritonAttentionBackend(AttentionBackend):
         while splits <= most_splits:
             paged_decode_attention(
                 query, kv_cache, seq_lens, block_tables, 1.0, num_splits=splits, config=self.decode_config,
-                window=spec.sliding_window, softcap=spec.logit_softcap,
+                window=spec.sliding_window, softcap=spec.logit_softcap, sinks=sinks,
             )  # fmt: skip
             splits *= 2
 
 
-def _refuse_sinks(spec: AttentionSpec, sinks: torch.Tensor | None, query: torch.Tensor) -> None:
-    check_sinks(spec, sinks, query.shape[1])
-    if sinks is not None:
-        raise NotImplementedError("the Triton attention kernels do not take attention sinks (gpt-oss)")
+def _float32(sinks: torch.Tensor | None) -> torch.Tensor | None:
+    """Sinks as the kernels are compiled for them (warm_up): float32, a no-op for float32 ones; sinks
+    held in the model's 16-bit dtype would otherwise compile a variant of their own mid-serving."""
+    return None if sinks is None else sinks.to(torch.float32)

@@ -14,7 +14,7 @@ import functools
 
 import torch
 
-from batchlm.kernels.cpu_native import probed
+from batchlm.kernels.cpu_native import pointer_of, probed
 
 # The cache dtypes the kernel reads (float16 widened as it goes).
 CACHE_DTYPES = (torch.float32, torch.float16)
@@ -42,9 +42,11 @@ def paged_decode_attention(
     out: torch.Tensor,  # [B, H, D] float32, written in place
     window: int | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,  # [H]: each head's sink logit, or None
 ) -> None:
     """out[b] = softmax(query[b] K_b^T * scale) V_b over request b's first seq_lens[b] cached tokens
-    (the last `window` of them on a sliding-window layer; scores soft-capped when softcap is set)."""
+    (the last `window` of them on a sliding-window layer; scores soft-capped when softcap is set; with
+    `sinks`, head h's softmax also holds sinks[h], a score without a value and never capped)."""
     library = decode_library()
     if library is None:
         raise RuntimeError("the CPU decode-attention kernel is not available on this machine")
@@ -59,6 +61,8 @@ def paged_decode_attention(
     if tables.stride(-1) != 1:
         tables = tables.contiguous()
     lens = seq_lens.to(torch.int32).contiguous()
+    if sinks is not None:
+        sinks = sinks.to(torch.float32).contiguous()  # a no-op for the layer's float32 parameter
     _, _, block_size, kv_heads, _ = kv_cache.shape
     status = library.batchlm_paged_decode(
         query.data_ptr(),
@@ -79,6 +83,7 @@ def paged_decode_attention(
         torch.get_num_threads(),
         window or 0,
         softcap or 0.0,
+        pointer_of(sinks),
         kv_cache.dtype == torch.float16,
     )
     if status != 0:
@@ -92,15 +97,19 @@ def decode_library() -> ctypes.CDLL | None:
 
 
 def _decode_agrees(library: ctypes.CDLL) -> bool:
-    # Plain, with a 5-token window and a soft-cap, and over a float16 cache: each must match torch.
+    # Plain, with a 5-token window and a soft-cap, over a float16 cache, and with sinks beside a
+    # window: each must match torch.
     return (
         _probe_case(library, 0, 0.0, torch.float32)
         and _probe_case(library, 5, 2.0, torch.float32)
         and _probe_case(library, 0, 0.0, torch.float16)
+        and _probe_case(library, 5, 0.0, torch.float32, sinks=True)
     )
 
 
-def _probe_case(library: ctypes.CDLL, window: int, cap: float, cache_dtype: torch.dtype) -> bool:
+def _probe_case(
+    library: ctypes.CDLL, window: int, cap: float, cache_dtype: torch.dtype, sinks: bool = False
+) -> bool:
     generator = torch.Generator().manual_seed(0)
     block_size, kv_heads, heads, head_dim = 4, 2, 6, 16
     kv_cache = torch.randn(2, 9, block_size, kv_heads, head_dim, generator=generator).to(cache_dtype)
@@ -108,12 +117,13 @@ def _probe_case(library: ctypes.CDLL, window: int, cap: float, cache_dtype: torc
     lens = [13, 6]
     lens_tensor = torch.tensor(lens, dtype=torch.int32)  # held: a temporary's data_ptr would dangle
     query = torch.randn(2, heads, head_dim, generator=generator)
+    sink_logits = torch.linspace(-2.0, 2.0, heads) if sinks else None
     out = torch.empty_like(query)
     status = library.batchlm_paged_decode(
         query.data_ptr(), heads * head_dim, kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
         tables.data_ptr(), 4, lens_tensor.data_ptr(), out.data_ptr(),
         heads * head_dim, 2, heads, kv_heads, head_dim, block_size, ctypes.c_float(0.25), 1,
-        window, ctypes.c_float(cap), cache_dtype == torch.float16,
+        window, ctypes.c_float(cap), pointer_of(sink_logits), cache_dtype == torch.float16,
     )  # fmt: skip
     if status != 0:
         return False
@@ -135,7 +145,10 @@ def _probe_case(library: ctypes.CDLL, window: int, cap: float, cache_dtype: torc
         scores = torch.einsum("hd,lhd->hl", query[row], keys) * 0.25
         if cap:
             scores = torch.tanh(scores / cap) * cap
-        expected = torch.einsum("hl,lhd->hd", torch.softmax(scores, dim=-1), values)
+        if sink_logits is not None:
+            scores = torch.cat([scores, sink_logits[:, None]], dim=1)
+        probs = torch.softmax(scores, dim=-1)[:, : values.shape[0]]
+        expected = torch.einsum("hl,lhd->hd", probs, values)
         if not torch.allclose(out[row], expected, atol=1e-5, rtol=1e-4):
             return False
     return True

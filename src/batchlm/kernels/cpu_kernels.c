@@ -247,11 +247,12 @@ static inline void add_cached(float *out, const void *v, float p, long D, int ha
 /* One request, every head, over its tokens first..length-1 (first > 0 on a sliding-window layer). The
  * cache keeps a block's tokens (all KV heads) contiguous, so walking the request's blocks in order reads
  * memory sequentially; the next token is prefetched while the current one is used. Scores become
- * cap * tanh(score / cap) when cap > 0. scores: heads * length floats; acc: heads * D floats (scratch).
- * D is a multiple of 8. */
+ * cap * tanh(score / cap) when cap > 0. With `sinks` (one logit a head, or NULL), head h's sink joins
+ * its softmax as one more score, never capped, whose weight goes to no value. scores: heads * length
+ * floats; acc: heads * D floats (scratch). D is a multiple of 8. */
 static void decode_request(const float *q, const void *k_cache, const void *v_cache, const int32_t *table,
                            long first, long length, long block_size, long heads, long kv_heads, long D, float scale,
-                           float cap, int half, float *out, float *scores, float *acc) {
+                           float cap, const float *sinks, int half, float *out, float *scores, float *acc) {
     const long group = heads / kv_heads;
     const long token_stride = kv_heads * D;
     const long block_stride = block_size * token_stride;
@@ -269,7 +270,8 @@ static void decode_request(const float *q, const void *k_cache, const void *v_ca
     }
     for (long h = 0; h < heads; h++) {
         float *sh = scores + h * length;
-        float best = -FLT_MAX;
+        /* The sink starts the max, so no weight (the sink's included) can exceed 1. */
+        float best = sinks ? sinks[h] : -FLT_MAX;
         for (long t = first; t < length; t++) best = sh[t] > best ? sh[t] : best;
         __m256 total = _mm256_setzero_ps();
         const __m256 shift = _mm256_set1_ps(best);
@@ -284,6 +286,7 @@ static void decode_request(const float *q, const void *k_cache, const void *v_ca
             sh[t] = _mm256_cvtss_f32(exp256(_mm256_set1_ps(sh[t] - best)));
             sum += sh[t];
         }
+        if (sinks) sum += _mm256_cvtss_f32(exp256(_mm256_set1_ps(sinks[h] - best)));
         /* Normalise the weights now, so the value pass only accumulates. */
         const __m256 norm = _mm256_set1_ps(1.0f / sum);
         for (t = first; t + 8 <= length; t += 8) _mm256_storeu_ps(sh + t, _mm256_mul_ps(_mm256_loadu_ps(sh + t), norm));
@@ -300,14 +303,15 @@ static void decode_request(const float *q, const void *k_cache, const void *v_ca
 
 /* out[b, h, :] = softmax(q[b, h] . K_b^T * scale) V_b for requests b < B, where K_b, V_b are the first
  * seq_lens[b] tokens of request b in the paged caches ([num_blocks, block_size, kv_heads, D] each), only
- * the last `window` of them when window > 0, with scores soft-capped at `cap` when cap > 0.
+ * the last `window` of them when window > 0, with scores soft-capped at `cap` when cap > 0 and, when
+ * `sinks` is not NULL, sinks[h] one more (uncapped) score of head h's softmax that has no value.
  * q rows are q_row_stride apart with heads D apart; out is [B, heads, D] with rows out_row_stride apart.
  * The caches hold half values when `half`, else float32. Requests with an empty context get zeros.
  * Returns 0, or -1 if scratch memory could not be allocated. */
 int batchlm_paged_decode(const float *q, long q_row_stride, const void *k_cache, const void *v_cache,
                          const int32_t *block_tables, long table_stride, const int32_t *seq_lens, float *out,
                          long out_row_stride, long B, long heads, long kv_heads, long D, long block_size, float scale,
-                         int threads, long window, float cap, int half) {
+                         int threads, long window, float cap, const float *sinks, int half) {
     long longest = 1;
     for (long b = 0; b < B; b++) longest = seq_lens[b] > longest ? seq_lens[b] : longest;
     if (threads < 1) threads = 1;
@@ -324,7 +328,7 @@ int batchlm_paged_decode(const float *q, long q_row_stride, const void *k_cache,
             float *o = out + b * out_row_stride;
             const long first = window > 0 && seq_lens[b] > window ? seq_lens[b] - window : 0;
             decode_request(q + b * q_row_stride, k_cache, v_cache, block_tables + b * table_stride, first,
-                           seq_lens[b], block_size, heads, kv_heads, D, scale, cap, half, o, scores, acc);
+                           seq_lens[b], block_size, heads, kv_heads, D, scale, cap, sinks, half, o, scores, acc);
         }
     }
     free(scratch);

@@ -269,6 +269,7 @@ def _load(path: Path) -> ctypes.CDLL:
         size, size, size, size, size,  # B, heads, kv_heads, D, block_size
         ctypes.c_float, ctypes.c_int,  # scale, threads
         size, ctypes.c_float,  # sliding window (0: none), soft-cap (0: none)
+        ctypes.c_void_p,  # sink logits (float32, one a head) or NULL
         ctypes.c_int,  # the caches hold half values (else float32)
     ]  # fmt: skip
     function.restype = ctypes.c_int

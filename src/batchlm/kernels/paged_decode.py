@@ -6,6 +6,8 @@ merges the slices by log-sum-exp (flash-decoding). The grid depends only on the 
 and static configuration; context lengths come from the device `seq_lens`, so the launch can be
 captured in a CUDA graph and replayed with new lengths and block tables. With PDL a program reads
 its first tile before waiting for the kernel before it (kernels/pdl.py) when the context is split.
+Attention sinks (SINKS, a device tensor of one logit a head) join each head's softmax exactly once:
+after its only slice, or in the merge as one more slice whose output is zero.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ import triton.language as tl
 from batchlm.kernels.fp8_types import FP8_DTYPE
 from batchlm.kernels.paged_tile import (
     MASK_RANGE,
+    SINK_TO_LOG2,
     attend_range,
+    fold_sink,
     load_rows,
+    sink_logits,
     softmax_update,
     tile_addresses,
     values_update,
@@ -60,7 +65,7 @@ def default_decode_config(cache_dtype: torch.dtype) -> DecodeConfig:
     return FP8_DECODE_CONFIG if cache_dtype == FP8_DTYPE else DecodeConfig()
 
 
-@triton.jit(**unspecialized(ints=["stride_bt"], pointers=["block_table_ptr", "seq_lens_ptr"]))
+@triton.jit(**unspecialized(ints=["stride_bt"], pointers=["block_table_ptr", "seq_lens_ptr", "sinks_ptr"]))
 def _decode_kernel(
     q_ptr,  # [B, H, HEAD_DIM]
     cache_ptr,  # [2, num_blocks, block_size, KV_HEADS, HEAD_DIM]
@@ -72,6 +77,7 @@ def _decode_kernel(
     qk_scale,  # softmax scale * log2(e)
     window,  # sliding window (read only with WINDOWED)
     softcap,  # soft-cap * log2(e) (read only with SOFTCAP)
+    sinks_ptr,  # [H] each query head's sink logit (read only with SINKS, and NUM_SPLITS == 1)
     stride_qb, stride_qh, stride_ob, stride_oh,
     stride_c_kv, stride_c_block, stride_c_tok, stride_c_head,
     stride_bt,
@@ -81,6 +87,7 @@ def _decode_kernel(
     NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
     FP8_IN_REGISTERS: tl.constexpr, PDL: tl.constexpr,
     NEWEST: tl.constexpr = 0,  # a context's last tokens the step's KV write may change; 0: any
+    SINKS: tl.constexpr = False,  # each head's softmax holds its sink logit (the reduce's, when split)
 ):  # fmt: skip
     let_next_kernel_start(PDL)
     # Only a split context (a small batch, where a program's first wait on memory is the step's
@@ -168,7 +175,9 @@ def _decode_kernel(
         HEAD_DIM, BLOCK_D, BLOCK_N, MASK_RANGE, DOT_PRECISION, SOFTCAP, FP8_IN_REGISTERS,
     )  # fmt: skip
     if NUM_SPLITS == 1:
-        # Padding rows (seq_len 0) saw nothing: row_sum 0, output zeros.
+        if SINKS:
+            acc, row_sum = fold_sink(acc, row_max, row_sum, sink_logits(sinks_ptr, heads, head_mask))
+        # Padding rows (seq_len 0) saw nothing: row_sum 0 (1 with a sink), output zeros.
         result = acc / tl.where(row_sum > 0.0, row_sum, 1.0)[:, None]
         out = out_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + dims[None, :]
         tl.store(out, result.to(out_ptr.dtype.element_ty), mask=row_mask)
@@ -181,12 +190,13 @@ def _decode_kernel(
             tl.store(part_lse_ptr + row, row_max + tl.log2(row_sum), mask=head_mask)
 
 
-@triton.jit(**unspecialized(pointers=["seq_lens_ptr"]))
+@triton.jit(**unspecialized(pointers=["seq_lens_ptr", "sinks_ptr"]))
 def _reduce_kernel(
     part_out_ptr,  # [B, H, NUM_SPLITS, HEAD_DIM] fp32
     part_lse_ptr,  # [B, H, NUM_SPLITS] fp32
     seq_lens_ptr,  # [B] int32
     out_ptr,  # [B, H, HEAD_DIM]
+    sinks_ptr,  # [H] each query head's sink logit (read only with SINKS)
     window,  # sliding window (read only with WINDOWED)
     stride_ob,
     stride_oh,
@@ -197,6 +207,7 @@ def _reduce_kernel(
     CHUNK: tl.constexpr,
     WINDOWED: tl.constexpr,
     PDL: tl.constexpr,
+    SINKS: tl.constexpr = False,  # each head's sink joins the merge as a slice whose output is zero
 ):
     let_next_kernel_start(PDL)
     seq = tl.program_id(0)
@@ -217,6 +228,10 @@ def _reduce_kernel(
     # case (every used split in the first chunk) waits on memory once.
     top = tl.full([1], -1.0e30, dtype=tl.float32)
     total = tl.zeros([1], dtype=tl.float32)
+    if SINKS:
+        # The merge starts from the sink: its weight exp2(sink - top) is 1, and it adds no output.
+        top = tl.zeros([1], dtype=tl.float32) + tl.load(sinks_ptr + head).to(tl.float32) * SINK_TO_LOG2
+        total = total + 1.0
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for first in range(0, NUM_SPLITS, CHUNK):
         if first < used_splits:
@@ -237,7 +252,7 @@ def _reduce_kernel(
             total = total * rescale + tl.sum(weights, 0)
             acc = acc * rescale + tl.sum(parts * weights[:, None], 0)
             top = new_top
-    result = acc / tl.where(total > 0.0, total, 1.0)  # [BLOCK_D]; seq_len 0: zeros
+    result = acc / tl.where(total > 0.0, total, 1.0)  # [BLOCK_D]; seq_len 0: zeros (with a sink too)
     out = out_ptr + seq.to(tl.int64) * stride_ob + head * stride_oh + dims
     if HEAD_DIM == BLOCK_D:
         tl.store(out, result.to(out_ptr.dtype.element_ty))
@@ -257,9 +272,11 @@ def paged_decode_attention(
     window: int | None = None,  # attend to the last `window` tokens only
     softcap: float | None = None,  # scores become softcap * tanh(scores / softcap)
     newest: int | None = None,  # most of a context's last tokens the step wrote before; None: unknown
+    sinks: torch.Tensor | None = None,  # [num_heads] each head's sink logit (float, on the device)
 ) -> torch.Tensor:
-    """Attention of each request's single query token over its paged context (or window of it)."""
-    shape = check_paged_inputs(query, kv_cache)
+    """Attention of each request's single query token over its paged context (or window of it), each
+    head's sink logit, where given, one more score of its softmax with no value."""
+    shape = check_paged_inputs(query, kv_cache, sinks)
     cfg = config or default_decode_config(kv_cache.dtype)
     batch = query.shape[0]
     if seq_lens.shape[0] < batch or block_tables.shape[0] < batch:
@@ -279,25 +296,28 @@ def paged_decode_attention(
     fp8_cache = kv_cache.dtype == FP8_DTYPE
     pdl = pdl_launch(query.device)
     part_out = part_lse = out  # placeholders: the single-split kernel never touches them
+    sinks_arg = out if sinks is None else sinks  # a placeholder likewise without SINKS
     if num_splits > 1:
         part_out = query.new_empty((batch, shape.num_heads, num_splits, shape.head_dim), dtype=torch.float32)
         part_lse = query.new_empty((batch, shape.num_heads, num_splits), dtype=torch.float32)
     _decode_kernel[(batch, shape.num_kv_heads, num_splits)](
         query, kv_cache, block_tables, seq_lens, out, part_out, part_lse, scale * LOG2_E,
-        window or 0, (softcap or 1.0) * LOG2_E, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        window or 0, (softcap or 1.0) * LOG2_E, sinks_arg,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0), BLOCK_SIZE=shape.block_size,
         GROUP=shape.group_size, BLOCK_G=max(16, next_power_of_2(shape.group_size)),
         HEAD_DIM=shape.head_dim, BLOCK_D=next_power_of_2(shape.head_dim), BLOCK_N=cfg.block_n,
         NUM_SPLITS=num_splits, DOT_PRECISION=dot_precision(query.dtype), WINDOWED=window is not None, SOFTCAP=softcap is not None,
         FP8_IN_REGISTERS=fp8_cache and cfg.fp8_in_registers, **pdl,
-        NEWEST=newest_rows(newest, cfg.block_n), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        NEWEST=newest_rows(newest, cfg.block_n), SINKS=sinks is not None and num_splits == 1,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if num_splits > 1:
         _reduce_kernel[(batch, shape.num_heads)](
-            part_out, part_lse, seq_lens, out, window or 0, out.stride(0), out.stride(1),
+            part_out, part_lse, seq_lens, out, sinks_arg, window or 0, out.stride(0), out.stride(1),
             HEAD_DIM=shape.head_dim, BLOCK_D=next_power_of_2(shape.head_dim), BLOCK_N=cfg.block_n,
             NUM_SPLITS=num_splits, CHUNK=min(16, next_power_of_2(num_splits)),
-            WINDOWED=window is not None, num_warps=4, **pdl,
+            WINDOWED=window is not None, SINKS=sinks is not None, num_warps=4, **pdl,
         )  # fmt: skip
     return out

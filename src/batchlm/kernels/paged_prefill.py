@@ -6,6 +6,7 @@ gathers serves the whole group. Keys come from the cache only: prefix-cached blo
 and this step's tokens (written there first by the KV write). Flash-attention style: tiles of keys
 below the tile's first query position need no mask; only the diagonal stretch is masked causally.
 On a sliding-window layer the loop starts at the tile's earliest visible key and masks every tile.
+Each head's attention sink (SINKS) joins its rows' softmax once their tiles are summed.
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ import torch
 import triton
 import triton.language as tl
 
-from batchlm.kernels.paged_tile import MASK_CAUSAL, MASK_NONE, MASK_WINDOW, attend_range
+from batchlm.kernels.paged_tile import (
+    MASK_CAUSAL,
+    MASK_NONE,
+    MASK_WINDOW,
+    attend_range,
+    fold_sink,
+    sink_logits,
+)
 from batchlm.kernels.shapes import (
     LOG2_E,
     PagedShape,
@@ -92,7 +100,9 @@ def _num_programs(shape: PagedShape, cfg: PrefillConfig, num_query_tokens: int) 
 
 
 @triton.jit(
-    **unspecialized(ints=["stride_bt"], pointers=["block_table_ptr", "seq_lens_ptr", "query_start_ptr"])
+    **unspecialized(
+        ints=["stride_bt"], pointers=["block_table_ptr", "seq_lens_ptr", "query_start_ptr", "sinks_ptr"]
+    )
 )
 def _prefill_kernel(
     q_ptr,  # [T, H, HEAD_DIM]
@@ -104,6 +114,7 @@ def _prefill_kernel(
     qk_scale,  # softmax scale * log2(e)
     window,  # sliding window (read only with WINDOWED)
     softcap,  # soft-cap * log2(e) (read only with SOFTCAP)
+    sinks_ptr,  # [H] each query head's sink logit (read only with SINKS)
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_c_kv, stride_c_block, stride_c_tok, stride_c_head,
     stride_bt,
@@ -111,6 +122,7 @@ def _prefill_kernel(
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, TOKENS_PER_TILE: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
+    SINKS: tl.constexpr = False,  # each head's softmax holds its sink logit
 ):  # fmt: skip
     req = tl.program_id(0)
     # Causal tiles further down the chunk see more keys: they start first, so that the short ones
@@ -164,6 +176,8 @@ def _prefill_kernel(
                 qk_scale, window, softcap, stride_c_kv, stride_c_block, stride_c_tok, BLOCK_SIZE,
                 HEAD_DIM, BLOCK_D, BLOCK_N, MASK_CAUSAL, DOT_PRECISION, SOFTCAP,
             )  # fmt: skip
+        if SINKS:
+            acc, row_sum = fold_sink(acc, row_max, row_sum, sink_logits(sinks_ptr, heads, row_ok))
         result = acc / tl.where(row_sum > 0.0, row_sum, 1.0)[:, None]
         out = out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :]
         tl.store(out, result.to(out_ptr.dtype.element_ty), mask=row_mask)
@@ -182,9 +196,11 @@ def paged_prefill_attention(
     num_query_tokens: int | None = None,  # new tokens of all R requests (tile heuristic); None = R * max
     window: int | None = None,  # each token attends to the last `window` positions only
     softcap: float | None = None,  # scores become softcap * tanh(scores / softcap)
+    sinks: torch.Tensor | None = None,  # [num_heads] each head's sink logit (float, on the device)
 ) -> torch.Tensor:
-    """Causal attention of each request's new tokens over its cached context plus themselves."""
-    shape = check_paged_inputs(query, kv_cache)
+    """Causal attention of each request's new tokens over its cached context plus themselves, each
+    head's sink logit, where given, one more score of its softmax with no value."""
+    shape = check_paged_inputs(query, kv_cache, sinks)
     num_requests = seq_lens.shape[0]
     if query_start_loc.shape[0] != num_requests + 1 or block_tables.shape[0] < num_requests:
         raise ValueError(
@@ -207,14 +223,14 @@ def paged_prefill_attention(
     grid = (num_requests, triton.cdiv(max_query_len, tokens_per_tile), shape.num_kv_heads)
     _prefill_kernel[grid](
         query, kv_cache, block_tables, seq_lens, query_start_loc, out, scale * LOG2_E,
-        window or 0, (softcap or 1.0) * LOG2_E,
+        window or 0, (softcap or 1.0) * LOG2_E, out if sinks is None else sinks,  # out: a placeholder
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0), BLOCK_SIZE=shape.block_size,
         GROUP=shape.group_size, BLOCK_M=cfg.block_m, TOKENS_PER_TILE=tokens_per_tile,
         HEAD_DIM=shape.head_dim, BLOCK_D=next_power_of_2(shape.head_dim), BLOCK_N=cfg.block_n,
         DOT_PRECISION=dot_precision(query.dtype),
-        WINDOWED=window is not None, SOFTCAP=softcap is not None,
+        WINDOWED=window is not None, SOFTCAP=softcap is not None, SINKS=sinks is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out

@@ -6,7 +6,9 @@ domain (qk_scale already holds log2(e)), so exp2 replaces exp; the running max i
 cache's tiles are widened to the query dtype as they load (its value tiles, with FP8_IN_REGISTERS, to
 fp16 in registers); its k_scale is folded into qk_scale and its v_scale applied by the caller. A
 soft-cap cap * tanh(s / cap) reads the same in the log2 domain with the cap times log2(e) (`softcap`,
-used when SOFTCAP is set).
+used when SOFTCAP is set). An attention sink (a head's learned logit, joining the softmax as a score
+without a value) enters once the tiles are summed (fold_sink), in the log2 domain too: times log2(e),
+never times the FP8 cache's k_scale nor soft-capped, as it is no product with a key.
 
 tl.arange needs a power of two, so a head dim that is not one (80, 96) is padded to BLOCK_D, the next
 one: the padding reads as zeros in queries, keys and values, so it adds nothing to the scores and
@@ -18,11 +20,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from batchlm.kernels.shapes import LOG2_E
+
 # Mask modes: what a tile must hide (constexpr objects, so jit code may read them as globals).
 MASK_NONE = tl.constexpr(0)  # every token of the tile is in the context and visible to every row
 MASK_RANGE = tl.constexpr(1)  # hide tokens at or past kv_end
 MASK_CAUSAL = tl.constexpr(2)  # MASK_RANGE, and hide tokens after each row's own position
 MASK_WINDOW = tl.constexpr(3)  # MASK_CAUSAL, and hide tokens `window` or more before each row's position
+SINK_TO_LOG2 = tl.constexpr(LOG2_E)  # a sink logit read in a kernel, into the log2 domain
 
 
 @triton.jit
@@ -125,6 +130,22 @@ def softmax_update(
     rescale = tl.exp2(row_max - new_max)
     row_sum = row_sum * rescale + tl.sum(probs, 1)
     return probs, rescale, new_max, row_sum
+
+
+@triton.jit
+def sink_logits(sinks_ptr, heads, head_mask):
+    """The sinks of `heads` [M] in the log2 domain (any float dtype, read as fp32); masked heads: 0."""
+    return tl.load(sinks_ptr + heads, mask=head_mask, other=0.0).to(tl.float32) * SINK_TO_LOG2
+
+
+@triton.jit
+def fold_sink(acc, row_max, row_sum, sink):
+    """acc [M, D] and row_sum [M] with each row's sink (log2 domain) as one more score whose value is
+    zero: both rescaled to the new max, the sink's weight added to the denominator only. A row that saw
+    no key (row_max still -1e30, acc 0) keeps acc 0 and gets a denominator of 1."""
+    new_max = tl.maximum(row_max, sink)
+    rescale = tl.exp2(row_max - new_max)
+    return acc * rescale[:, None], row_sum * rescale + tl.exp2(sink - new_max)
 
 
 @triton.jit

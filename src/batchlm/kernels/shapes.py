@@ -48,8 +48,11 @@ def check_kv_cache(kv_cache: torch.Tensor) -> None:
         raise ValueError(f"head_dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {head_dim}")
 
 
-def check_paged_inputs(query: torch.Tensor, kv_cache: torch.Tensor) -> PagedShape:
-    """Validate query [T, num_heads, head_dim] against the cache and return the launch geometry."""
+def check_paged_inputs(
+    query: torch.Tensor, kv_cache: torch.Tensor, sinks: torch.Tensor | None = None
+) -> PagedShape:
+    """Validate query [T, num_heads, head_dim] against the cache (and the sink logits, one a query
+    head, where given) and return the launch geometry."""
     check_kv_cache(kv_cache)
     if query.dim() != 3:
         raise ValueError(f"query must be [tokens, num_heads, head_dim], got shape {tuple(query.shape)}")
@@ -65,6 +68,12 @@ def check_paged_inputs(query: torch.Tensor, kv_cache: torch.Tensor) -> PagedShap
         raise ValueError(f"query dtype {query.dtype} differs from KV-cache dtype {kv_cache.dtype}")
     if query.stride(-1) != 1:
         raise ValueError("query must be contiguous in head_dim (stride 1 on the last axis)")
+    if sinks is not None and (
+        sinks.shape != (num_heads,) or sinks.stride(0) != 1 or sinks.device != query.device
+    ):
+        raise ValueError(
+            f"sinks must be [{num_heads}] and contiguous on {query.device}, got {tuple(sinks.shape)}"
+        )
     return PagedShape(num_heads, num_kv_heads, head_dim, block_size)
 
 

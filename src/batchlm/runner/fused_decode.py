@@ -180,6 +180,8 @@ def _other_blocks(model: LlamaForCausalLM | Gemma2ForCausalLM) -> str | None:
             return f"decoder layers the fused call does not compute ({type(layer).__name__})"
         if type(layer.self_attn) is not LlamaAttention:
             return f"attention the fused call does not compute ({type(layer.self_attn).__name__})"
+        if layer.self_attn.spec.sinks:
+            return "attention sinks (the fused call's softmax has none)"
     return None
 
 
