@@ -207,9 +207,10 @@ def test_tensor_parallel_experts_stay_quantized_as_their_shares(
         torch.testing.assert_close(rank_logprobs, logprobs, atol=TP_LOGPROB_ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen3_moe"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen3_moe", "gpt_oss"])
 def test_int8_quantizes_a_dense_checkpoint_at_load(tmp_path: Path, model_type: str) -> None:
-    # The MoE model's experts too, where their sizes are whole blocks of 32.
+    # The MoE models' experts too, where their sizes are whole blocks of 32 (gpt-oss's biased ones
+    # expert by expert).
     overrides = {"moe_intermediate_size": 64} if model_type == "qwen3_moe" else None
     model_dir = write_random_model(tmp_path, model_type, overrides, seed=3)
     dense = load_model(model_dir, torch.float32, CPU, progress=False)

@@ -1,7 +1,8 @@
 """Sliding-window, soft-capped and partial-rotary families, and those whose blocks scale, norm or rotate
-otherwise than Llama's (Granite, OLMo 2, SmolLM3, GLM-4, EXAONE 4.0, Ministral 3, Seed-OSS's biases),
-through the whole engine: greedy tokens equal transformers' alone, batched, in chunked prefill, after
-preemption and from the prefix cache, with contexts several times the window."""
+otherwise than Llama's (Granite, OLMo 2, SmolLM3, GLM-4, EXAONE 4.0, Ministral 3, Seed-OSS's biases,
+gpt-oss's sinks and experts), through the whole engine: greedy tokens equal transformers' alone,
+batched, in chunked prefill, after preemption and from the prefix cache, with contexts several times
+the window."""
 
 from __future__ import annotations
 
@@ -47,6 +48,9 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
                                          "sliding_window": WINDOW}),
     # Llama with q/k/v and o biases, each its own field.
     "seed_oss": ("seed_oss", {"attention_out_bias": True, "pad_token_id": 0}),
+    # Sinks on every layer, window and full layers alternating, YaRN; biased router and experts whose
+    # clamped SwiGLU's limit the tiny experts reach.
+    "gpt_oss": ("gpt_oss", {"sliding_window": WINDOW, "swiglu_limit": 0.1}),
 }  # fmt: skip
 
 

@@ -14,6 +14,7 @@ pytestmark = pytest.mark.gpu
 pytest.importorskip("triton")
 require_cuda()
 
+from batchlm.layers.activation import CLAMPED_SWIGLU  # noqa: E402
 from batchlm.layers.moe import FusedMoE, MoESpec  # noqa: E402
 from batchlm.layers.moe_routing import route_top_k  # noqa: E402
 
@@ -46,6 +47,33 @@ def test_grouped_gemm_matches_per_expert_path(
         expected = layer._forward_per_expert(x, choice)
     tolerance = TOLERANCE[dtype]
     torch.testing.assert_close(fused.float(), expected.float(), atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tokens", [1, 7, 300])
+def test_grouped_gemm_adds_gpt_oss_biases_as_the_per_expert_path(dtype: torch.dtype, tokens: int) -> None:
+    """gpt-oss's experts: each slot's gate/up bias (its rows are the slots in order) before the clamped
+    SwiGLU, and the down bias weighted once after the sum, as on the per-expert path."""
+    spec = MoESpec(
+        32, 4, hidden_size=256, intermediate_size=96, renormalize=True, hidden_act=CLAMPED_SWIGLU,
+        act_options=(("alpha", 1.702), ("limit", 0.5)), router_bias=True, expert_bias=True,
+    )  # fmt: skip
+    layer = _layer(spec, dtype)
+    generator = torch.Generator(device=DEVICE).manual_seed(1)
+    assert layer.gate_up_proj_bias is not None and layer.down_proj_bias is not None
+    with torch.no_grad():
+        layer.gate_up_proj_bias.normal_(0.0, 0.5, generator=generator)
+        layer.down_proj_bias.normal_(0.0, 0.5, generator=generator)
+    x = torch.randn(tokens, 256, device=DEVICE, dtype=dtype)
+    choice = route_top_k(torch.randn(tokens, 32, device=DEVICE), 4, True)
+    with torch.no_grad():
+        fused = layer(x, choice)
+        expected = layer._add_down_bias(layer._forward_per_expert(x, choice), choice)
+        layer.gate_up_proj_bias.zero_()
+        unbiased = layer(x, choice)
+    tolerance = TOLERANCE[dtype]
+    torch.testing.assert_close(fused.float(), expected.float(), atol=tolerance, rtol=tolerance)
+    assert not torch.allclose(unbiased.float(), expected.float(), atol=10 * tolerance)
 
 
 def test_grouped_gemm_replays_in_a_cuda_graph() -> None:

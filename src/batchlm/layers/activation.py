@@ -43,15 +43,41 @@ class GeluTanhAndMul(nn.Module):
         return F.gelu(x[..., :half], approximate="tanh") * x[..., half:]
 
 
+class ClampedSwiGLU(nn.Module):
+    """gpt-oss's experts: g * sigmoid(alpha * g) * (u + 1), with the gate g capped at `limit` from above
+    and the up projection u clamped to [-limit, limit], on [gate | up]. Its HF config says
+    hidden_act "silu" and states alpha and limit apart (swiglu_alpha, swiglu_limit), so the expert
+    block asks for this one by the name ACTIVATIONS gives it."""
+
+    def __init__(self, alpha: float = 1.702, limit: float = 7.0) -> None:
+        super().__init__()
+        self.alpha, self.limit = alpha, limit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, 2 * intermediate] -> [T, intermediate]; transformers' order of operations.
+        half = x.shape[-1] // 2
+        gate = x[..., :half].clamp(max=self.limit)
+        up = x[..., half:].clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, limit={self.limit}"
+
+
+# The activations an HF config's hidden_act may name.
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "silu": SiluAndMul,
     "gelu_pytorch_tanh": GeluTanhAndMul,
     "gelu_tanh": GeluTanhAndMul,
 }
+# Those no config names, which a family asks for by our name (gpt-oss's experts).
+CLAMPED_SWIGLU = "swiglu_clamped"
+GATED_ACTIVATIONS: dict[str, type[nn.Module]] = {**ACTIVATIONS, CLAMPED_SWIGLU: ClampedSwiGLU}
 
 
-def get_gated_activation(name: str) -> nn.Module:
-    """The gated activation called `name` in an HF config (`hidden_act`)."""
-    if name not in ACTIVATIONS:
+def get_gated_activation(name: str, **options: float) -> nn.Module:
+    """The gated activation called `name` in an HF config (`hidden_act`), built with `options` (the
+    clamped SwiGLU's alpha and limit)."""
+    if name not in GATED_ACTIVATIONS:
         raise ValueError(f"unsupported hidden_act {name!r}; supported: {sorted(ACTIVATIONS)}")
-    return ACTIVATIONS[name]()
+    return GATED_ACTIVATIONS[name](**options)

@@ -52,11 +52,21 @@ class MoESpec:
     # Rescale the kept top_k weights to sum to 1.
     renormalize: bool
     hidden_act: str = "silu"
+    # Options of the activation, as (name, value) pairs (gpt-oss's clamped SwiGLU: alpha and limit).
+    act_options: tuple[tuple[str, float], ...] = ()
+    # A bias on the router's logits (gpt-oss).
+    router_bias: bool = False
+    # A bias after each expert projection (gpt-oss): gate_up_proj_bias [E, 2 * I], down_proj_bias [E, H].
+    expert_bias: bool = False
 
 
 class FusedMoE(nn.Module):
     """The experts of one layer: gate_up_proj [E, 2 * I, H] (gate rows, then up rows) and down_proj
-    [E, H, I], the names and layouts transformers uses for its stacked experts."""
+    [E, H, I], the names and layouts transformers uses for its stacked experts (Qwen3-MoE's, Mixtral's);
+    with spec.expert_bias, gate_up_proj_bias [E, 2 * I] (gate, then up) and down_proj_bias [E, H].
+
+    Under tensor parallelism the gate/up bias is cut as its rows are; the down bias is kept whole on
+    every rank and added once, after the all-reduce, as RowParallelLinear adds its bias."""
 
     def __init__(self, spec: MoESpec, tp: TensorParallelGroup = SINGLE_RANK) -> None:
         super().__init__()
@@ -70,7 +80,12 @@ class FusedMoE(nn.Module):
         experts, hidden, inter = spec.num_experts, spec.hidden_size, self.inter_per_rank
         self.gate_up_proj = nn.Parameter(torch.empty(experts, 2 * inter, hidden), requires_grad=False)
         self.down_proj = nn.Parameter(torch.empty(experts, hidden, inter), requires_grad=False)
-        self.act_fn = get_gated_activation(spec.hidden_act)
+        self.act_fn = get_gated_activation(spec.hidden_act, **dict(spec.act_options))
+        self.gate_up_proj_bias: nn.Parameter | None = None
+        self.down_proj_bias: nn.Parameter | None = None
+        if spec.expert_bias:
+            self.gate_up_proj_bias = nn.Parameter(torch.zeros(experts, 2 * inter), requires_grad=False)
+            self.down_proj_bias = nn.Parameter(torch.zeros(experts, hidden), requires_grad=False)
         # (expert, part) pairs loaded so far, to name what a checkpoint lacks.
         self.loaded_parts: set[tuple[int, int]] = set()
         # The experts as quantized blocks for the CPU kernels, instead of the dense stacks.
@@ -82,9 +97,9 @@ class FusedMoE(nn.Module):
         keeps its share: gate/up rows, and down columns cut on the kernels' 32-value blocks (inside
         a K-quant's super-blocks too), so its intermediate size per rank must be whole blocks."""
         spec = self.spec
-        self.quantized = QuantizedExperts(
-            spec.num_experts, spec.hidden_size, self.inter_per_rank, silu=spec.hidden_act == "silu"
-        )
+        # The fused experts kernel computes SiLU experts without biases; others go expert by expert.
+        plain_silu = spec.hidden_act == "silu" and not spec.act_options and not spec.expert_bias
+        self.quantized = QuantizedExperts(spec.num_experts, spec.hidden_size, self.inter_per_rank, plain_silu)
         empty = torch.empty(0, dtype=self.gate_up_proj.dtype)
         self.gate_up_proj = nn.Parameter(empty, requires_grad=False)
         self.down_proj = nn.Parameter(empty.clone(), requires_grad=False)
@@ -95,10 +110,18 @@ class FusedMoE(nn.Module):
         if kernels is not None:
             out = self._forward_grouped_gemm(kernels, x, choice)
         elif self.quantized is not None:
-            out = self.quantized.forward(x, choice, self.act_fn)
+            out = self.quantized.forward(x, choice, self.act_fn, self.gate_up_proj_bias)
         else:
             out = self._forward_per_expert(x, choice)
-        return self.tp.all_reduce(out)
+        return self._add_down_bias(self.tp.all_reduce(out), choice)
+
+    def _add_down_bias(self, out: torch.Tensor, choice: RoutingChoice) -> torch.Tensor:
+        """out + each token's routing-weighted sum of its experts' down biases: what adding the bias to
+        every expert's output before weighting adds, computed once for every path, after the sum."""
+        if self.down_proj_bias is None:
+            return out
+        biases = self.down_proj_bias[choice.experts].float()  # [T, k, H]
+        return out + (choice.weights.unsqueeze(-1) * biases).sum(dim=1).to(out.dtype)
 
     def _forward_grouped_gemm(
         self, kernels: ModuleType, x: torch.Tensor, choice: RoutingChoice
@@ -109,6 +132,8 @@ class FusedMoE(nn.Module):
             choice.experts, num_experts, kernels.block_m_for(tokens * top_k, num_experts)
         )
         gate_up = kernels.grouped_gemm(x, self.gate_up_proj, blocks, top_k)  # [T * k, 2 * I]
+        if self.gate_up_proj_bias is not None:  # its rows are the slots in order: expert of each
+            gate_up += self.gate_up_proj_bias[choice.experts.reshape(-1)]
         activated = self.act_fn(gate_up)  # [T * k, I]
         slot_weights = choice.weights.reshape(-1)
         down: torch.Tensor = kernels.grouped_gemm(activated, self.down_proj, blocks, 1, slot_weights)
@@ -125,7 +150,10 @@ class FusedMoE(nn.Module):
             if count == 0:
                 continue
             end = start + count
-            activated = self.act_fn(picked[start:end] @ self.gate_up_proj[expert].t())
+            gate_up = picked[start:end] @ self.gate_up_proj[expert].t()
+            if self.gate_up_proj_bias is not None:
+                gate_up += self.gate_up_proj_bias[expert]
+            activated = self.act_fn(gate_up)
             torch.mm(activated, self.down_proj[expert].t(), out=rows[start:end])
             start = end
         rows *= runs.weights[:, None].to(x.dtype)
@@ -176,10 +204,14 @@ class FusedMoE(nn.Module):
     def load_weight(
         self, name: str, param_name: str, loaded: LoadedWeight, shard: str | int | None = None
     ) -> None:
-        """A stacked tensor as transformers keeps it (gate_up_proj [E, 2I, H] or down_proj [E, H, I])."""
+        """A stacked tensor in our layout, transformers' for Qwen3-MoE and Mixtral (gate_up_proj
+        [E, 2I, H], down_proj [E, H, I]), or a stacked bias (gate_up_proj_bias [E, 2I], down_proj_bias
+        [E, H])."""
         experts, hidden, inter = self.spec.num_experts, self.spec.hidden_size, self.spec.intermediate_size
         dense = as_dense(loaded, self.gate_up_proj.dtype)
-        if param_name == "down_proj":
+        if param_name.endswith("_bias"):
+            self._load_bias(name, param_name, dense)
+        elif param_name == "down_proj":
             check_shape(name, (experts, hidden, inter), dense.shape)
             for expert in range(experts):
                 self.load_expert(name, expert, DOWN, dense[expert])
@@ -190,6 +222,23 @@ class FusedMoE(nn.Module):
                 self.load_expert(name, expert, UP, dense[expert, inter:])
         else:
             raise ValueError(f"unexpected checkpoint tensor {name!r}: the experts have no {param_name}")
+
+    def _load_bias(self, name: str, param_name: str, dense: torch.Tensor) -> None:
+        experts, share = self.spec.num_experts, self.inter_per_rank
+        if param_name == "gate_up_proj_bias" and self.gate_up_proj_bias is not None:
+            inter, start = self.spec.intermediate_size, self.tp.rank * share
+            check_shape(name, (experts, 2 * inter), dense.shape)
+            rows = torch.cat(
+                [dense[:, start : start + share], dense[:, inter + start : inter + start + share]], 1
+            )
+            target = self.gate_up_proj_bias
+        elif param_name == "down_proj_bias" and self.down_proj_bias is not None:
+            check_shape(name, (experts, self.spec.hidden_size), dense.shape)
+            rows, target = dense, self.down_proj_bias
+        else:
+            raise ValueError(f"unexpected checkpoint tensor {name!r}: the experts have no {param_name}")
+        with torch.no_grad():
+            target.copy_(rows)
 
     def missing_parts(self) -> list[tuple[int, int]]:
         """(expert, part) pairs no checkpoint tensor has filled."""
@@ -207,8 +256,8 @@ class SparseMoeBlock(nn.Module):
     def __init__(self, spec: MoESpec, tp: TensorParallelGroup = SINGLE_RANK) -> None:
         super().__init__()
         self.spec = spec
-        self.gate = nn.Linear(spec.hidden_size, spec.num_experts, bias=False)
-        self.gate.weight.requires_grad_(False)
+        self.gate = nn.Linear(spec.hidden_size, spec.num_experts, bias=spec.router_bias)
+        self.gate.requires_grad_(False)
         self.experts = FusedMoE(spec, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,8 @@ GATE, UP, DOWN = 0, 1, 2
 class QuantizedExperts:
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, silu: bool) -> None:
         self.inter = intermediate_size
-        # All of a step's experts in one kernel call (SiLU-gated experts only), else one expert a call.
+        # All of a step's experts in one kernel call (SiLU-gated experts without biases only), else one
+        # expert a call.
         self.kernel = ExpertsKernel() if silu and experts_kernel_available() else None
         # The experts' kernel takes each weight in one form: a gate/up of two widths widens.
         self.gate_up = [
@@ -49,9 +50,17 @@ class QuantizedExperts:
             self.down[expert].finish()
 
     def forward(
-        self, x: torch.Tensor, choice: RoutingChoice, act_fn: Callable[[torch.Tensor], torch.Tensor]
+        self,
+        x: torch.Tensor,
+        choice: RoutingChoice,
+        act_fn: Callable[[torch.Tensor], torch.Tensor],
+        gate_up_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Each token's routing-weighted sum of its chosen experts' down(act(gate_up(x))), [T, H]."""
+        """Each token's routing-weighted sum of its chosen experts' down(act(gate_up(x) + bias)), [T, H]
+        (gate_up_bias: [E, 2 * I] where the experts have one, gpt-oss's, which only the expert-by-expert
+        path adds; a down bias is the caller's)."""
+        if gate_up_bias is not None and self.kernel is not None:
+            raise ValueError("the fused experts kernel computes SiLU experts without biases")
         runs = sort_by_expert(choice, len(self.gate_up))
         slot_tokens, slot_weights = runs.tokens, runs.weights.float()
         used = [(expert, count) for expert, count in enumerate(runs.counts) if count]
@@ -67,7 +76,10 @@ class QuantizedExperts:
         start = 0
         for expert, count in used:
             end = start + count
-            activated = act_fn(quant_linear(rows[start:end], self.gate_up[expert].finish()))
+            gate_up = quant_linear(rows[start:end], self.gate_up[expert].finish())
+            if gate_up_bias is not None:
+                gate_up += gate_up_bias[expert].float()
+            activated = act_fn(gate_up)
             part = quant_linear(activated, self.down[expert].finish()) * slot_weights[start:end, None]
             out.index_add_(0, slot_tokens[start:end], part.to(x.dtype))
             start = end

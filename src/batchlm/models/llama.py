@@ -13,8 +13,14 @@ from torch import nn
 from batchlm.attention.backend import AttentionBackend, AttentionMetadata
 from batchlm.layers.activation import SiluAndMul, get_gated_activation
 from batchlm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from batchlm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from batchlm.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    check_shape,
+)
 from batchlm.layers.norm import RMSNorm
+from batchlm.layers.quantization.base import LoadedWeight, as_dense
 from batchlm.layers.rotary import RotaryEmbedding, shared_ropes
 from batchlm.models.base import CausalLM, StackedParam
 from batchlm.models.hf_config import field_of, text_config_of
@@ -43,6 +49,9 @@ class BlockOptions:
     qk_norm: bool = False
     # The norm those heads get, built as head_norm(head_dim, eps) (Gemma 3: its (1 + w) float32 norm).
     head_norm: Callable[[int, float], nn.Module] = RMSNorm
+    # The block's and the final norms, built as norm(hidden_size, eps) (gpt-oss: its weight multiplies
+    # in float32).
+    norm: Callable[[int, float], RMSNorm] = RMSNorm
     # The block, built as LlamaDecoderLayer is (Granite: scaled outputs; GLM-4: normed ones), and its
     # attention, built as LlamaAttention is (Ministral 3: queries scaled by position); None: Llama's.
     layer: type[LlamaDecoderLayer] | None = None
@@ -107,6 +116,17 @@ class LlamaAttention(nn.Module):
         if self.spec.sinks:
             self.sinks = nn.Parameter(torch.zeros(self.num_heads), requires_grad=False)
 
+    def load_weight(
+        self, name: str, param_name: str, loaded: LoadedWeight, shard: str | int | None = None
+    ) -> None:
+        """The attention's own parameter, `sinks`: this rank's query heads' share of every head's."""
+        if param_name != "sinks" or self.sinks is None:
+            raise ValueError(f"unexpected checkpoint tensor {name!r}: the attention has no {param_name}")
+        check_shape(name, (self.qkv_proj.total_num_heads,), loaded.shape)
+        start = self.qkv_proj.tp.rank * self.num_heads
+        with torch.no_grad():
+            self.sinks.copy_(as_dense(loaded, self.sinks.dtype).narrow(0, start, self.num_heads))
+
     def forward(
         self,
         positions: torch.Tensor,
@@ -167,8 +187,8 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = (options.attention or LlamaAttention)(config, layer, rope, options, tp)
         # `mlp` replaces the dense MLP (mixture-of-experts families).
         self.mlp = mlp if mlp is not None else LlamaMLP(config, options.mlp_bias, tp)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = options.norm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = options.norm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
         self,
@@ -215,7 +235,7 @@ class LlamaModel(nn.Module):
             )
             for i, (layer, rope) in enumerate(zip(config.layers, ropes, strict=True))
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = options.norm(config.hidden_size, config.rms_norm_eps)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The token embeddings [T, hidden] the first layer takes."""

@@ -1,10 +1,11 @@
-"""The mixture-of-experts fields of a Qwen3-MoE or Mixtral config, read once into a typed record."""
+"""The mixture-of-experts fields of a Qwen3-MoE, Mixtral or gpt-oss config, read once into a typed record."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from batchlm.layers.activation import CLAMPED_SWIGLU
 from batchlm.layers.moe import MoESpec
 from batchlm.models.hf_config import field_of
 from batchlm.models.model_config import ModelConfig
@@ -22,6 +23,10 @@ class MoEConfig:
     # One flag per decoder layer: True where the MLP is a sparse expert block.
     sparse_layers: tuple[bool, ...]
     hidden_act: str = "silu"
+    # As MoESpec's: the activation's options, a router bias, the experts' biases.
+    act_options: tuple[tuple[str, float], ...] = ()
+    router_bias: bool = False
+    expert_bias: bool = False
 
     def spec(self, hidden_size: int) -> MoESpec:
         return MoESpec(
@@ -31,6 +36,9 @@ class MoEConfig:
             self.expert_intermediate_size,
             self.renormalize,
             self.hidden_act,
+            self.act_options,
+            self.router_bias,
+            self.expert_bias,
         )
 
 
@@ -92,5 +100,28 @@ def read_mixtral(config: Any) -> MoEConfig:
             renormalize=True,
             sparse_layers=(True,) * int(field_of(config, "num_hidden_layers")),
             hidden_act=str(field_of(config, "hidden_act", "silu")),
+        )
+    )
+
+
+def read_gpt_oss(config: Any) -> MoEConfig:
+    """gpt-oss: every layer is sparse; the router (with a bias) keeps the top_k logits and softmaxes
+    them, which is a softmax over all experts renormalized over the kept ones; the experts (with
+    biases) apply the clamped SwiGLU with the config's swiglu_alpha and swiglu_limit (its hidden_act
+    says "silu", which its experts do not compute)."""
+    return _check(
+        MoEConfig(
+            num_experts=_num_experts(config),
+            top_k=int(field_of(config, "num_experts_per_tok")),
+            expert_intermediate_size=int(field_of(config, "intermediate_size")),
+            renormalize=True,
+            sparse_layers=(True,) * int(field_of(config, "num_hidden_layers")),
+            hidden_act=CLAMPED_SWIGLU,
+            act_options=(
+                ("alpha", float(field_of(config, "swiglu_alpha", 1.702))),
+                ("limit", float(field_of(config, "swiglu_limit", 7.0))),
+            ),
+            router_bias=True,
+            expert_bias=True,
         )
     )

@@ -31,6 +31,14 @@ TINY_MOE_CONFIG: dict[str, dict[str, Any]] = {
         "norm_topk_prob": True,
     },
     "mixtral": {"num_local_experts": 8, "num_experts_per_tok": 2},
+    # Experts of intermediate size 64: whole 32-value blocks, so they quantize under --quantization int8;
+    # the released models' context (YaRN stretches 4096 positions 32 times).
+    "gpt_oss": {
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 131072,
+    },
 }
 
 ARCHITECTURES = {
@@ -43,6 +51,7 @@ ARCHITECTURES = {
     "phi3": "Phi3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "mixtral": "MixtralForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
     "granite": "GraniteForCausalLM",
     "olmo2": "Olmo2ForCausalLM",
     "smollm3": "SmolLM3ForCausalLM",
@@ -93,9 +102,10 @@ def write_random_model(
         for name, param in model.named_parameters():
             if name.endswith("norm.weight") or "layernorm" in name:
                 param.copy_(1.0 + 0.1 * torch.randn_like(param))
-            elif param.dim() == 1:
+            elif param.dim() == 1 or name.endswith("_bias"):
+                # Biases and gpt-oss's sinks (which transformers may start at zero) made to count.
                 param.normal_(0.0, 0.1)
-            elif name.endswith("mlp.gate.weight"):
+            elif name.endswith(("mlp.gate.weight", "mlp.router.weight")):
                 # A router at the init scale gives near-equal scores, where rounding picks the experts.
                 param.normal_(0.0, 0.5)
     kwargs: dict[str, Any] = {"safe_serialization": True}

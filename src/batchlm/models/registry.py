@@ -32,6 +32,7 @@ MODEL_REGISTRY: dict[str, str] = {
     "SeedOssForCausalLM": "batchlm.models.llama:SeedOssForCausalLM",
     "Qwen3MoeForCausalLM": "batchlm.models.moe:Qwen3MoeForCausalLM",
     "MixtralForCausalLM": "batchlm.models.moe:MixtralForCausalLM",
+    "GptOssForCausalLM": "batchlm.models.gpt_oss:GptOssForCausalLM",
 }
 
 

@@ -181,7 +181,7 @@ def _other_blocks(model: LlamaForCausalLM | Gemma2ForCausalLM) -> str | None:
         if type(layer.self_attn) is not LlamaAttention:
             return f"attention the fused call does not compute ({type(layer.self_attn).__name__})"
         if layer.self_attn.spec.sinks:
-            return "attention sinks (the fused call's softmax has none)"
+            return f"attention sinks, which the fused call does not compute ({type(model).__name__})"
     return None
 
 

@@ -43,9 +43,20 @@ APPLIES_WINDOW = {
 }
 
 
+# Families this backend refuses at load, naming why: mlx-lm has a module for them that is not held to
+# transformers' results here.
+REFUSED_TYPES = {
+    "gpt_oss": "gpt-oss (attention sinks, YaRN, biased experts with a clamped SwiGLU) is served by the "
+    "torch backend only, whose results are held to transformers'",
+}
+
+
 def mlx_lm_overrides(raw: dict[str, Any]) -> dict[str, Any]:
     """Fields mlx-lm needs that this config.json states only in transformers 5's form (empty when
-    none). ValueError for a layer pattern mlx-lm cannot express."""
+    none). ValueError for a layer pattern mlx-lm cannot express, and for a refused family."""
+    refused = REFUSED_TYPES.get(str(raw.get("model_type")))
+    if refused is not None:
+        raise ValueError(f"the mlx backend does not serve this model: {refused}; use --backend torch")
     if raw.get("model_type") == "exaone4":
         return _exaone4_overrides(raw)
     if raw.get("model_type") != "gemma3_text":
