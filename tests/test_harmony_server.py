@@ -1,7 +1,8 @@
 """gpt-oss's harmony replies through the server: a real byte-level tokenizer whose harmony markers are
 special tokens (decoding without special tokens would hide them), a chat template in harmony markup
 written here, and `auto` parsers that find the markup in it. Thinking, content and calls, streamed and
-not; the effort and the history as the template gets them; constraints it cannot hold refused."""
+not; the effort and the history as the template gets them; constraints and forced calls held by the
+grammar of the whole output in harmony markup."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 
 from batchlm.server.background import BackgroundServer
@@ -40,6 +40,9 @@ ARGUMENTS = '{"city": "Paris"}'
 CALLING = (
     f"{ANALYSIS}<|channel|>commentary<|message|>Let me look.<|end|><|start|>assistant"
     f"<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{ARGUMENTS}"
+)
+CALL_ALONE = (
+    f"{ANALYSIS}<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{ARGUMENTS}"
 )
 
 
@@ -144,29 +147,67 @@ def test_the_history_s_thinking_and_calls_reach_the_template(
     assert f"to=functions.get_weather<|channel|>commentary json<|message|>{ARGUMENTS}<|call|>" in rendered
 
 
-def test_constraints_without_a_grammar_are_refused(server: BackgroundServer, engine: FakeEngine) -> None:
-    strict = [{**TOOLS[0], "function": {**TOOLS[0]["function"], "strict": True}}]
-    body = {"model": "fake-model", "messages": USER, "tools": strict}
-    refused = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=30)
-    assert refused.status_code == 400, refused.text
-    assert "gpt-oss" in refused.json()["error"]["message"]
+def grammar_of(engine: FakeEngine) -> str:
+    """The grammar the last request decoded under: the whole output's, no thinking put before it."""
+    constraint = engine.calls[-1].params.structured_outputs
+    assert constraint is not None and constraint.grammar is not None and constraint.preamble is None
+    return constraint.grammar
+
+
+def test_strict_functions_and_an_answer_beside_tools_get_the_harmony_grammar(
+    server: BackgroundServer, engine: FakeEngine
+) -> None:
+    """The Agents SDK's function tools are strict: their calls are held to a grammar in harmony markup,
+    the thinking inside it."""
+    engine.reply = CALLING
+    client = openai_client(server.base_url)
+    strict = [{**TOOLS[0], "function": {**TOOLS[0]["function"], "strict": True}}, TOOLS[1]]
+    [choice] = client.chat.completions.create(model="fake-model", messages=USER, tools=strict).choices
+    assert [c.function.name for c in choice.message.tool_calls] == ["get_weather"]
+    assert choice.finish_reason == "tool_calls"
+    grammar = grammar_of(engine)
+    assert '"analysis"' in grammar and '" to=functions.get_time"' in grammar
+    engine.reply = f'{ANALYSIS}<|channel|>final<|message|>{{"w": 1}}'
     schema = {"type": "json_schema", "json_schema": {"name": "w", "schema": {"type": "object"}}}
-    body = {"model": "fake-model", "messages": USER, "tools": TOOLS, "response_format": schema}
-    refused = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=30)
-    assert refused.status_code == 400 and refused.json()["error"]["param"] == "response_format"
+    [answer] = client.chat.completions.create(
+        model="fake-model", messages=USER, tools=TOOLS, response_format=schema
+    ).choices
+    assert (answer.message.reasoning_content, answer.message.content) == (THOUGHT, '{"w": 1}')
+    assert '"final"' in grammar_of(engine)
 
 
-def test_a_forced_call_is_read_from_the_final_message(server: BackgroundServer, engine: FakeEngine) -> None:
-    """A named function: its arguments' JSON after the thinking, in the final message."""
-    engine.reply = f"{ANALYSIS}<|channel|>final<|message|>{ARGUMENTS}"
-    choice = {"type": "function", "function": {"name": "get_weather"}}
+def test_a_response_format_without_tools_holds_the_final_message(
+    server: BackgroundServer, engine: FakeEngine
+) -> None:
+    engine.reply = f'{ANALYSIS}<|channel|>final<|message|>{{"w": 1}}'
+    schema = {"type": "json_schema", "json_schema": {"name": "w", "schema": {"type": "object"}}}
+    client = openai_client(server.base_url)
+    client.chat.completions.create(model="fake-model", messages=USER, response_format=schema)
+    constraint = engine.calls[-1].params.structured_outputs
+    assert constraint is not None and constraint.json is not None
+    assert constraint.preamble is not None and '"final"' in constraint.preamble
+
+
+@pytest.mark.parametrize(
+    "tool_choice", [{"type": "function", "function": {"name": "get_weather"}}, "required"]
+)
+def test_a_forced_call_is_written_in_harmony_markup(
+    server: BackgroundServer, engine: FakeEngine, tool_choice: Any
+) -> None:
+    """The thinking, then the call as gpt-oss writes one (not JSON in the final message): read back as
+    a call that finishes with tool_calls."""
+    engine.reply = CALL_ALONE
     client = openai_client(server.base_url)
     [answer] = client.chat.completions.create(
-        model="fake-model", messages=USER, tools=TOOLS, tool_choice=choice
+        model="fake-model", messages=USER, tools=TOOLS, tool_choice=tool_choice
     ).choices
-    assert answer.message.reasoning_content == THOUGHT
+    assert answer.message.reasoning_content == THOUGHT and answer.message.content is None
     assert [(c.function.name, json.loads(c.function.arguments)) for c in answer.message.tool_calls] == [
         ("get_weather", {"city": "Paris"})
     ]
-    constraint = engine.calls[-1].params.structured_outputs
-    assert constraint is not None and constraint.preamble is not None and '"final"' in constraint.preamble
+    assert answer.finish_reason == "tool_calls"
+    grammar = grammar_of(engine)
+    # A named function is the only one the call may be of.
+    assert ("to=functions.get_time" in grammar) is (tool_choice == "required")
+    calls = {0: ["get_weather", ARGUMENTS]}
+    assert streamed(client, tools=TOOLS, tool_choice=tool_choice) == (THOUGHT, "", calls, "tool_calls")

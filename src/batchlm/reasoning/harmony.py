@@ -92,8 +92,8 @@ class HarmonyReasoningParser(ReasoningParser):
         channel, message = marker(CHANNEL), marker(MESSAGE)
         analysis = f'{channel} "analysis" {message} free {marker(END)} {marker(START)} "assistant"'
         rule = f'preamble: ({analysis})* {channel} "final" {message}'
-        # The thinking's text may not spell `<|end|>` out, nor hold any marker token.
-        return "\n".join([rule, *free_text(added_tokens, (END, *(m for m in MARKERS if m != END)))])
+        # The thinking's text may not hold a marker token, nor spell one out (the text is read).
+        return "\n".join([rule, *free_text(added_tokens, MARKERS, unspelled=MARKERS)])
 
 
 class HarmonyStream:

@@ -108,14 +108,17 @@ class ReasoningParser:
     def stream(self) -> ThinkingStream:
         return ReasoningStream(self)
 
-    def sampling_params(self, params: SamplingParams, added_tokens: Mapping[str, int]) -> SamplingParams:
+    def sampling_params(
+        self, params: SamplingParams, added_tokens: Mapping[str, int], thinking_held: bool = False
+    ) -> SamplingParams:
         """params with their constraint (if any) holding from the end of the thinking block on: the model
         thinks freely first (a JSON constraint from the first token would leave it no room to), as
-        vLLM's reasoning parsers do; special markers kept in the text."""
+        vLLM's reasoning parsers do; special markers kept in the text. thinking_held: the constraint
+        holds the thinking itself (a tool-call grammar of the whole output, gpt-oss's): it stays as is."""
         if self.keeps_special_tokens:
             params = params.clone(skip_special_tokens=False)
         constraint = params.structured_outputs
-        if constraint is None:
+        if constraint is None or thinking_held:
             return params
         return params.clone(structured_outputs=replace(constraint, preamble=self._preamble(added_tokens)))
 

@@ -110,8 +110,6 @@ async def prepare_chat(
             tools=template_tools(tool_use.plan),
             tool_prompt=tool_prompt(tool_use.plan),
         )
-        params, names = _sampling_params(body, info.sampling_defaults)
-        params = tool_use.sampling_params(params, names.structured_outputs)
         reasoning = reasoning_parser(
             state.settings.reasoning_parser,
             chat_template,
@@ -120,8 +118,8 @@ async def prepare_chat(
             added_tokens,
             lambda: tokenizer.skipped_special_ids,
         )
-        if reasoning is not None:
-            params = reasoning.sampling_params(params, added_tokens)
+        params, names = _sampling_params(body, info.sampling_defaults)
+        params = tool_use.sampling_params(params, names.structured_outputs, reasoning)
         [engine_request] = await validated_requests(processor, [(None, prompt_ids)], params, names)
     context = ChatContext(
         request_id=request_id,

@@ -54,12 +54,16 @@ def arguments_json(tool: FunctionTool, forced: bool = False) -> str:
     return json_rule(tool.closed_parameters if forced else tool.chosen_arguments(), forced)
 
 
-def free_text(added_tokens: Mapping[str, int], markers: Sequence[str]) -> list[str]:
-    """Rules for `free`: text that does not spell out the first marker, with the tokenizer's added tokens
-    other than the markers between (a reasoning model's <think>, for one: text alone would refuse them)."""
+def free_text(
+    added_tokens: Mapping[str, int], markers: Sequence[str], unspelled: Sequence[str] | None = None
+) -> list[str]:
+    """Rules for `free`: text that does not spell out the first marker (or any of `unspelled`), with the
+    tokenizer's added tokens other than the markers between (a reasoning model's <think>, for one: text
+    alone would refuse them)."""
     others = sorted(token_id for text, token_id in added_tokens.items() if text not in markers)
     # Lark ends a regex at an unescaped slash.
-    opener = re.escape(markers[0]).replace("/", "\\/")
+    spelled = [re.escape(m).replace("/", "\\/") for m in unspelled or markers[:1]]
+    opener = spelled[0] if len(spelled) == 1 else f"(?:{'|'.join(spelled)})"
     rules = [f"TEXT: /(?s:.+)/ & ~/(?s:.*){opener}(?s:.*)/"]
     if not others:
         return ["free: TEXT?", *rules]

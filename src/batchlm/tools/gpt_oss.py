@@ -13,23 +13,18 @@ from collections.abc import Mapping, Sequence
 
 from batchlm.tools.function_tool import FunctionTool
 from batchlm.tools.harmony import CHANNEL, MARKERS, PENDING, START, TERMINATORS, Header, read_header
+from batchlm.tools.harmony_grammar import harmony_grammar
 from batchlm.tools.json_scan import json_cursor, scan_object, skip_whitespace
 from batchlm.tools.parser import ToolParser
 from batchlm.tools.scan import CallScan, MarkedRegion, Scan, ScanBuilder
-from batchlm.tools.spec import ToolUseError
 
 # Where a message's header may begin in the text.
 OPENINGS = (START, CHANNEL)
-# Under tool_choice "auto", gpt-oss's calls have no grammar (a forced tool_choice needs none: the
-# answer is then the arguments' JSON, in the final message).
-NO_GRAMMAR = (
-    "gpt-oss's calls (the gpt_oss tool-call parser) cannot be held to a grammar under tool_choice "
-    "'auto': {what} needs one. Send functions that are not strict, or a forced tool_choice."
-)
 
 
 class GptOssParser(ToolParser):
     keeps_special_tokens = True
+    grammar_holds_thinking = True
     markers = MARKERS
 
     def scan(self, text: str, final: bool) -> Scan:
@@ -60,11 +55,14 @@ class GptOssParser(ToolParser):
     def calls_grammar(
         self, tools: Sequence[FunctionTool], added_tokens: Mapping[str, int], answer: str | None = None
     ) -> str | None:
-        """Asked for only where the calls must be held to a grammar: refused (a 400) rather than left
-        unconstrained."""
-        if answer is not None:
-            raise ToolUseError(NO_GRAMMAR.format(what="a response_format beside tools"), "response_format")
-        raise ToolUseError(NO_GRAMMAR.format(what="a strict function or allowed_tools"), "tools")
+        """The whole output in harmony markup (tools/harmony_grammar.py): thinking and preambles, then the
+        final message (free text, or `answer`) or one call of `tools`."""
+        return harmony_grammar(tools, added_tokens, answer, forced=False)
+
+    def forced_grammar(self, tools: Sequence[FunctionTool], added_tokens: Mapping[str, int]) -> str | None:
+        """The thinking, then one call of `tools` in harmony markup: gpt-oss makes one call per output
+        (`<|call|>` ends it), so `required` with parallel calls gets one too."""
+        return harmony_grammar(tools, added_tokens, None, forced=True)
 
 
 def _next_header(text: str, pos: int) -> int:

@@ -18,6 +18,9 @@ class ToolParser(ABC):
     # The markers the parser reads calls by: where a tokenizer has one as a special token (Granite
     # 4's `<tool_call>`), the detokenizer must keep special tokens too, or the calls read as text.
     markers: tuple[str, ...] = ()
+    # The family's grammars hold the whole output, its thinking included (gpt-oss's harmony messages,
+    # where the thinking is a message like the answer): a reasoning parser puts no preamble before them.
+    grammar_holds_thinking = False
 
     def __init__(self, max_calls: int | None = None, tools: Sequence[FunctionTool] = ()) -> None:
         """tools: the request's functions, for a family whose markup needs their schemas to read a call

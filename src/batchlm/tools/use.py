@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batchlm.sampling_params import SamplingParams, StructuredOutputs
 from batchlm.structured.backend import GrammarError
@@ -18,6 +18,9 @@ from batchlm.tools.function_tool import ANY_OBJECT
 from batchlm.tools.parser import ToolParser
 from batchlm.tools.registry import parser_class
 from batchlm.tools.spec import ToolPlan, ToolRequest, ToolUseError, tool_plan
+
+if TYPE_CHECKING:
+    from batchlm.reasoning.split import ReasoningParser
 
 # The name of a client's own grammar inside the calls' grammar.
 CLIENT_GRAMMAR = "client"
@@ -55,10 +58,23 @@ class ChatToolUse:
         return tool_prompt(self.plan)
 
     def sampling_params(
-        self, params: SamplingParams, constraint_field: str = "structured_outputs"
+        self,
+        params: SamplingParams,
+        constraint_field: str = "structured_outputs",
+        reasoning: ReasoningParser | None = None,
     ) -> SamplingParams:
-        """constraint_field: the request field params.structured_outputs came from (errors name it)."""
-        forced = self.forced
+        """constraint_field: the request field params.structured_outputs came from (errors name it).
+        reasoning: the reply's reasoning parser, whose thinking goes before the constraint unless the
+        family's grammar set here holds the thinking itself (gpt-oss's)."""
+        params, constrained = self._tool_params(params, constraint_field)
+        if reasoning is None:
+            return params
+        held = constrained and self.parser is not None and self.parser.grammar_holds_thinking
+        return reasoning.sampling_params(params, self.added_tokens, thinking_held=held)
+
+    def _tool_params(self, params: SamplingParams, constraint_field: str) -> tuple[SamplingParams, bool]:
+        """params for the tool use, and whether their constraint is now the tool use's."""
+        forced, constrained = self.forced, True
         if forced is not None:
             # response_format shapes a text reply, which a forced call leaves none of (as in OpenAI's
             # API, where agents send both); an explicit constraint of vLLM's fields conflicts.
@@ -72,9 +88,11 @@ class ChatToolUse:
             params = params.clone(structured_outputs=forced, stop=[])
         elif (calls := self._auto_calls(params.structured_outputs, constraint_field)) is not None:
             params = params.clone(structured_outputs=calls)
+        else:
+            constrained = False
         if self.keeps_special_tokens:
             params = params.clone(skip_special_tokens=False)
-        return params
+        return params, constrained
 
     def _auto_calls(self, own: StructuredOutputs | None, field: str) -> StructuredOutputs | None:
         """With tool_choice "auto", the family's grammar for the calls the model may make: beside free
@@ -113,9 +131,9 @@ def chat_tool_use(
     """added_tokens: the tokenizer's added tokens (see ToolParser.calls_grammar). hidden_ids: the ids
     a text decoded without special tokens leaves out."""
     plan = tool_plan(request)
-    if plan is None or plan.mode == "none":
-        return ChatToolUse(plan, None)
     added = added_tokens or {}
+    if plan is None or plan.mode == "none":
+        return ChatToolUse(plan, None, added)
     found = parser_class(parser_setting, chat_template)
     family = found(max_calls=plan.max_calls, tools=plan.tools) if found is not None else None
     keeps_special = family is not None and (
