@@ -63,7 +63,7 @@ def test_matmul_matches_dequantized(
 
 
 @needs_kernel
-@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q5_0", "Q3_K"])
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q5_0", "Q3_K", "MXFP4"])
 @pytest.mark.parametrize("rows", [1, 3, 8, 70])
 def test_panels_without_biases_give_the_bits_of_panels_with_them(isa: str, type_name: str, rows: int) -> None:
     blocks = from_gguf(type_name, random_gguf(type_name, 37, 512), 37, 512)
@@ -207,7 +207,7 @@ def test_matmul_keeps_leading_dims_and_empty_batches(isa: str) -> None:
 
 
 @needs_kernel
-@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_K", "Q5_1", "Q5_K", "Q3_K"])
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_K", "Q5_1", "Q5_K", "Q3_K", "MXFP4"])
 def test_rows_are_the_dequantized_rows(type_name: str) -> None:
     raw = random_gguf(type_name, 40, 256)
     weight = quant_panels.pack(from_gguf(type_name, raw, 40, 256))

@@ -4,7 +4,7 @@ weights dequantized to float32.
 
 Tolerance: the kernels round each block of 32 activations to int8 twice (its codes, then the codes
 of what they left over: ~1/254^2 of its largest magnitude) before every matmul. Where the kernels
-hold the file's exact weights (Q8_0, Q4_0, Q3_K) that moves these 2-layer random models' logits by
+hold the file's exact weights (Q8_0, Q4_0, Q3_K, MXFP4) that moves these 2-layer random models' logits by
 3e-5 to 1.1e-4 of the largest (the tests allow 1e-3); Q4_K and Q5_K by 1.3e-3 to 2.5e-3 (their
 sub-block scales and biases are rounded to float16 at load; an untied Q5_K llama's by 2.95e-3, too
 near the bound to be a case here); the tests allow 3e-3. Weights the kernels requantize (Q6_K to
@@ -62,7 +62,7 @@ def _methods(loaded: LoadedModel) -> set[str]:
 
 EXACT_WEIGHTS = 3e-3  # fraction of the largest logit
 # Types whose code blocks hold the file's values bit for bit (no float16 rounding of scales or biases).
-FILE_WEIGHTS = ("Q8_0", "Q4_0", "Q3_K")
+FILE_WEIGHTS = ("Q8_0", "Q4_0", "Q3_K", "MXFP4")
 FILE_WEIGHTS_ERROR = 1e-3
 REQUANTIZED_WEIGHTS = 0.03
 
@@ -91,6 +91,8 @@ def _assert_close_logits(ours: torch.Tensor, reference: torch.Tensor, fraction: 
         ("Q3_K", True, "llama"),  # 8-bit codes of Q8_0's zero point, with the scale -d
         ("Q3_K", False, "qwen3_moe"),
         ("Q8_0", False, "mixtral"),  # Mixtral's expert stacks (w1, w3, w2) as well
+        ("MXFP4", True, "llama"),  # 8-bit codes of Q8_0's zero point, scales 2^(e - 128)
+        ("MXFP4", False, "qwen3_moe"),  # gpt-oss's expert format
     ],
 )
 def test_gguf_kernels_match_the_dequantized_model(

@@ -60,7 +60,7 @@ def test_pack_round_trips(bits: int) -> None:
     "type_name,zero",
     [
         *[("Q8_0", 128), ("Q4_0", 8), ("Q5_0", 16), ("Q4_1", 0), ("Q5_1", 0)],
-        *[("Q3_K", 128), ("Q4_K", 0), ("Q5_K", 0)],
+        *[("Q3_K", 128), ("Q4_K", 0), ("Q5_K", 0), ("MXFP4", 128)],
     ],
 )
 def test_symmetric_formats_pack_their_scales_alone(type_name: str, zero: int) -> None:

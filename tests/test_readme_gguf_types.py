@@ -9,7 +9,7 @@ from pathlib import Path
 from batchlm.models.gguf_types import KERNEL_TYPES, SUPPORTED_TYPES
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-_TYPE = re.compile(r"\b(?:[QF]\d+(?:_[0-9K])?|BF16|IQ\d_[A-Z]+|TQ\d_0)\b")
+_TYPE = re.compile(r"\b(?:[QF]\d+(?:_[0-9K])?|BF16|IQ\d_[A-Z]+|TQ\d_0|MXFP4)\b")
 KEPT = KERNEL_TYPES - {"Q6_K"}
 
 

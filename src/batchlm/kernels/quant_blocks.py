@@ -7,7 +7,11 @@ here to float16 (relative error <= 2^-11, far below a 5-bit step); Q5_K's codes 
 as Q5_0's and Q5_1's. Q3_K's values d * (sc - 32) * q, its 16-value sub-blocks' scales folded into
 8-bit codes of Q8_0's zero point under the float16 scale -d, map exactly. IQ4_NL and IQ4_XS index a
 table of 16 non-uniform int8 levels, which no 4-bit affine code holds: they become 8-bit codes
-(level + 128), IQ4_NL's exactly, IQ4_XS's sub-block scale d * (ls - 32) rounded to float16 as Q4_K's. Pure numpy: no torch, no gguf import.
+(level + 128), IQ4_NL's exactly, IQ4_XS's sub-block scale d * (ls - 32) rounded to float16 as Q4_K's.
+MXFP4 (OCP microscaling, gpt-oss's experts) holds 4-bit e2m1 codes, whose values times two are the
+integers -12..12, under a shared power of two 2^(e - 127): 8-bit codes 2 * value + 128 under the
+float16 scale 2^(e - 128), exactly while that power lies in float16's range (mxfp4_scales says which
+blocks do). Pure numpy: no torch, no gguf import.
 """
 
 from __future__ import annotations
@@ -25,17 +29,28 @@ CHUNK_VALUES = 1 << 19
 GGUF_BLOCK_BYTES = {
     **{"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24},
     **{"Q3_K": 110, "Q4_K": 144, "Q5_K": 176},
-    **{"IQ4_NL": 18, "IQ4_XS": 136},
+    **{"IQ4_NL": 18, "IQ4_XS": 136, "MXFP4": 17},
 }
 GGUF_BLOCK_SIZE = {
     **{"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32},
     **{"Q3_K": 256, "Q4_K": 256, "Q5_K": 256},
-    **{"IQ4_NL": 32, "IQ4_XS": 256},
+    **{"IQ4_NL": 32, "IQ4_XS": 256, "MXFP4": 32},
 }
 # llama.cpp's IQ4_NL / IQ4_XS levels (kvalues_iq4nl), which their 4-bit indices pick.
 IQ4_LEVELS = np.array(
     [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int16
 )
+# The e2m1 values of MXFP4's 4-bit codes times two (bit 3 the sign: code 8 is -0), as GGUF stores
+# them: a GGUF block's shared scale is half the format's, 2^(e - 128) for its exponent byte e.
+MXFP4_DOUBLED = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=np.int16)
+# The exponent bytes whose scale 2^(e - 128) float16 holds exactly (2^-24, its least subnormal, up
+# to 2^8), with the bias -128 * 2^(e - 128) of the codes' zero point (up to 2^15) finite too.
+MXFP4_EXPONENTS = range(128 - 24, 128 + 8 + 1)
+
+
+class UnrepresentableBlocks(ValueError):
+    """Blocks whose values no code block of float16 scales holds exactly (MXFP4 exponents out of
+    float16's range): the caller takes the tensor another way."""
 
 
 @dataclass(frozen=True)
@@ -333,7 +348,51 @@ def _iq4_codes(indices: np.ndarray) -> np.ndarray:
     return codes
 
 
+def _mxfp4(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """The exponent byte e, then 16 bytes of e2m1 codes (low nibbles values 0..15, high ones 16..31):
+    w = MXFP4_DOUBLED[code] * 2^(e - 128). 8-bit codes MXFP4_DOUBLED + 128 (116..140), Q8_0's zero
+    point, under the float16 scale 2^(e - 128); UnrepresentableBlocks where mxfp4_scales has none."""
+    doubled = MXFP4_DOUBLED[_nibbles(blocks[:, 1:])]
+    scales = mxfp4_scales(blocks[:, 0], np.any(doubled != 0, axis=1))
+    return (doubled + 128).astype(np.uint8), scales, scaled_halves(scales, -128.0), 8
+
+
+def mxfp4_scales(exponents: np.ndarray, nonzero: np.ndarray) -> np.ndarray:
+    """float16 scales 2^(e - 128) of MXFP4 blocks with exponent bytes `exponents` (uint8 [n]), 0 for
+    a block whose values are all zero (`nonzero` False: any scale reads them exactly). Raises
+    UnrepresentableBlocks where a block of values has an exponent outside MXFP4_EXPONENTS."""
+    wide = exponents.astype(np.int32)
+    outside = nonzero & ((wide < MXFP4_EXPONENTS.start) | (wide >= MXFP4_EXPONENTS.stop))
+    if outside.any():
+        e = int(wide[outside][0])
+        raise UnrepresentableBlocks(
+            f"MXFP4 exponent byte {e} (a scale of 2^{e - 128}) is outside float16's exact range "
+            f"2^{MXFP4_EXPONENTS.start - 128}..2^{MXFP4_EXPONENTS.stop - 1 - 128}"
+        )
+    powers = np.ldexp(np.float32(1), np.clip(wide, MXFP4_EXPONENTS.start, MXFP4_EXPONENTS.stop - 1) - 128)
+    return np.where(nonzero, powers, 0).astype(np.float16)
+
+
+def mxfp4_from_hf(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """GGUF MXFP4 blocks (uint8 [..., groups * 17]) of a Hugging Face MXFP4 weight: `blocks` uint8
+    [..., groups, 16], value 2j of a group in the low nibble of its byte j and value 2j + 1 in the high
+    one, and `scales` uint8 [..., groups], the exponent bytes e of w = e2m1 value * 2^(e - 127). The
+    codes and exponent bytes are the same numbers in both forms (GGUF doubles the values and halves
+    the scale); only the nibbles' order differs."""
+    if blocks.shape[-1] != 16 or blocks.shape[:-1] != scales.shape:
+        raise ValueError(
+            f"MXFP4 blocks {tuple(blocks.shape)} and scales {tuple(scales.shape)} are not "
+            "[..., groups, 16] and [..., groups]"
+        )
+    # Values in order (even ones from the low nibbles), then value j and value j + 16 share a byte.
+    values = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], 32)
+    packed = values[..., :16] | (values[..., 16:] << 4)
+    gguf = np.concatenate([scales[..., None].astype(np.uint8), packed.astype(np.uint8)], axis=-1)
+    return gguf.reshape(*scales.shape[:-1], scales.shape[-1] * 17)
+
+
 _DECODERS = {
     **{"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1},
     **{"Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "IQ4_NL": _iq4_nl, "IQ4_XS": _iq4_xs},
+    "MXFP4": _mxfp4,
 }

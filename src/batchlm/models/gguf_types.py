@@ -7,10 +7,11 @@ from __future__ import annotations
 # package's numpy reference code (gguf.quants.dequantize) where our quantized CPU kernels do not run.
 FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})
 # Block types the quantized CPU kernels read quickly from the file's blocks (kernels/quant_blocks.py):
-# exactly, bar float16 rounding of Q4_K's, Q5_K's and IQ4_XS's sub-block scales; Q6_K requantized to
-# Q8_0 in one native pass (cpu_quant.q6_k_as_q8).
+# exactly, bar float16 rounding of Q4_K's, Q5_K's and IQ4_XS's sub-block scales (and an MXFP4 tensor
+# with exponents beyond float16's range, requantized to Q8_0); Q6_K requantized to Q8_0 in one native
+# pass (cpu_quant.q6_k_as_q8).
 KERNEL_TYPES = frozenset(
-    {"Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"}
+    {"Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "MXFP4"}
 )
 # Block types only the reference code reads, on every path: the kernels take them requantized to
 # Q8_0 from its values. Q2_K (whose per-16 offsets dmin * m no per-32 bias holds), the i-quants of

@@ -4,8 +4,9 @@ dense checkpoints quantized to Q8_0 at load) run through our integer-dot-product
 packed data, so a tied LM head and its embedding hold one copy.
 
 As shards load, each becomes per-32 code blocks (quant_blocks.py): Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
-Q3_K, Q4_K, Q5_K, IQ4_NL and IQ4_XS from their blocks (Q3_K, the 5-bit types and the IQ4s as 8-bit
-codes); other GGML types (Q6_K, Q2_K, the other i-quants, TQ1_0, TQ2_0: gguf_types.SUPPORTED_TYPES) and dense
+Q3_K, Q4_K, Q5_K, IQ4_NL, IQ4_XS and MXFP4 from their blocks (Q3_K, the 5-bit types, the IQ4s and
+MXFP4 as 8-bit codes; an MXFP4 tensor with an exponent beyond float16's range as Q8_0 of its values);
+other GGML types (Q6_K, Q2_K, the other i-quants, TQ1_0, TQ2_0: gguf_types.SUPPORTED_TYPES) and dense
 tensors are requantized to Q8_0 from their float values (8-bit blocks add an error about 1/4 of a
 Q6_K step). A fused layer (q/k/v, gate/up) whose shards come in different code widths (a Q4_K_M
 file's Q4_K queries and keys beside its Q6_K values) packs each run of one width apart, as parts of
@@ -16,6 +17,7 @@ bits instead, losslessly. Once loading is done the blocks are packed into the ke
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -44,6 +46,8 @@ from batchlm.layers.quantization.base import (
 
 if TYPE_CHECKING:
     from batchlm.layers.quantization.layer import MethodLayer
+
+logger = logging.getLogger(__name__)
 
 
 class QuantizedStore:
@@ -134,7 +138,14 @@ def code_blocks(loaded: LoadedWeight) -> CodeBlocks:
         if quant_blocks.supported(loaded.qtype):
             # Our own decoders, row chunks on the load's threads.
             raw = loaded.data.contiguous().numpy()
-            return quant_blocks.from_gguf(loaded.qtype, raw, rows, cols, reference_rows.row_chunks(cols))
+            try:
+                return quant_blocks.from_gguf(loaded.qtype, raw, rows, cols, reference_rows.row_chunks(cols))
+            except quant_blocks.UnrepresentableBlocks as unrepresentable:
+                # (MXFP4 exponents beyond float16's range: values no weight has in practice.)
+                logger.warning(
+                    "a %s tensor becomes Q8_0 blocks of its values: %s", loaded.qtype, unrepresentable
+                )
+                return reference_rows.q8_code_blocks(loaded)
         if loaded.qtype == "Q6_K" and (native := q6_k_as_q8(loaded.data.numpy(), rows, cols)) is not None:
             return native
         return reference_rows.q8_code_blocks(loaded)
