@@ -65,7 +65,8 @@ def test_pack_round_trips(bits: int) -> None:
 )
 def test_symmetric_formats_pack_their_scales_alone(type_name: str, zero: int) -> None:
     blocks = from_gguf(type_name, random_gguf(type_name, 37, 512), 37, 512)
-    packed, stored = quant_panels.pack(blocks), quant_panels.pack(blocks, omit_biases=False)
+    # (MXFP4's codes as themselves: its table panels are tested apart.)
+    packed, stored = quant_panels.pack(blocks, tables=False), quant_panels.pack(blocks, omit_biases=False)
     assert packed.zero == zero and stored.zero == 0
     code_bytes = 16 * 32 // (2 if blocks.bits == 4 else 1)
     panel_bytes = 16 * 32 + 16 * code_bytes if zero else 16 * (64 + code_bytes)  # 16 blocks a panel

@@ -4,7 +4,9 @@ A weight in code blocks (quant_blocks.py: 8- or 4-bit codes, float16 scale and b
 is packed once into 16-row panels (quant_panels.py), and stays about that size in memory: 36 bytes per
 32 weights for 8-bit codes, 20 for 4-bit, and 2 fewer where every bias is a fixed multiple of its scale
 (Q8_0 and Q6_K read as Q8_0: 34, as in the file; Q4_0: 18 and Q4_1: 20, as in the file; Q4_K: 20, where
-the file has 18; Q5_K: 36, where the file has 22; Q3_K: 34, where the file has 13.75; MXFP4: 34, where the file has 17). `quant_linear` quantizes the activation rows to int8 per block of 32, twice (the
+the file has 18; Q5_K: 36, where the file has 22; Q3_K: 34, where the file has 13.75); IQ4_NL's, IQ4_XS's and MXFP4's 8-bit
+codes as 4-bit indices into a table of them: 18 (and 64 bytes a panel), where the files have 18, 17
+and 17. `quant_linear` quantizes the activation rows to int8 per block of 32, twice (the
 codes, then the codes of what they left over) and multiplies with integer dot products (AVX-512 VNNI where the CPU has it, else AVX2; 8 activation
 rows or more, 16 for 4-bit codes, on AMX tiles where the CPU has them, with the same results); `quant_rows` reads rows
 back in float32 (embedding lookups).

@@ -25,6 +25,12 @@
  * line boundaries. The `layout` argument says which: bit 0 set for 4-bit codes, bits 1-3 log2 z (0:
  * biases stored).
  *
+ * Table panels (bit 4 besides bits 0 and 1-3: IQ4_NL, IQ4_XS, MXFP4) hold 4-bit indices where the
+ * codes are 8-bit ones drawn from 16 values: a 64-byte head holds the 16 codes (then zeros), then a
+ * symmetric 4-bit panel of indices. The kernels expand each 64 indices to their codes with one byte
+ * shuffle and go on as with 8-bit codes, so the results are those of the 8-bit panel bit for bit,
+ * from 4.5 bits a weight instead of 8.5.
+ *
  * AVX-512 VNNI where the CPU has it (checked at run time), else AVX2 (maddubs; w8 codes are re-centred
  * to signed so the 16-bit pair sums cannot saturate). Where the CPU also has AMX (Intel's tile unit)
  * and the OS grants its state, matmuls of AMX_MIN_ROWS rows or more take it (of AMX_MIN_ROWS_W4 for 4-bit
@@ -68,8 +74,15 @@
 typedef int32_t __attribute__((may_alias, aligned(1))) unaligned_i32;
 
 #define LAYOUT_4BIT 1
+#define LAYOUT_TABLE 16 /* with LAYOUT_4BIT: the nibbles index a table of 8-bit codes */
+#define TABLE_BYTES 64  /* a table panel's head: its 16 codes, padded to a cache line */
 
 static inline int layout_zero_log2(int layout) { return (layout >> 1) & 7; }
+
+static inline int layout_table(int layout) { return (layout & LAYOUT_TABLE) != 0; }
+
+/* Whether a block's codes are 4-bit values the dot products take as they are (not table indices). */
+static inline int layout_w4_codes(int layout) { return (layout & LAYOUT_4BIT) && !layout_table(layout); }
 
 static inline long code_bytes(int layout) { return (layout & LAYOUT_4BIT) ? W4_BYTES : W8_BYTES; }
 
@@ -77,7 +90,9 @@ static inline long code_bytes(int layout) { return (layout & LAYOUT_4BIT) ? W4_B
 static inline long scale_rows_bytes(long Kb) { return (Kb * QPANEL * 2 + 63) & ~63L; }
 
 static inline long panel_bytes(int layout, long Kb) {
-    return layout_zero_log2(layout) ? scale_rows_bytes(Kb) + Kb * code_bytes(layout) : Kb * (SB_BYTES + code_bytes(layout));
+    const long head = layout_table(layout) ? TABLE_BYTES : 0;
+    return head + (layout_zero_log2(layout) ? scale_rows_bytes(Kb) + Kb * code_bytes(layout)
+                                            : Kb * (SB_BYTES + code_bytes(layout)));
 }
 
 /* Where a panel's blocks keep their scales (each block's biases, where stored, follow its scales) and
@@ -89,6 +104,7 @@ typedef struct {
 
 static inline PanelStreams panel_streams(const uint8_t *panel, int layout, long Kb) {
     PanelStreams p;
+    if (layout_table(layout)) panel += TABLE_BYTES;
     p.scales = panel;
     if (layout_zero_log2(layout)) {
         p.scale_stride = QPANEL * 2;
@@ -231,11 +247,13 @@ AVX512 static inline __attribute__((always_inline)) __m512 add_block(__m512 acc,
     return _mm512_fmadd_ps(b, _mm512_set1_ps(xb[at]), acc);
 }
 
-/* bits4 and symmetric (no biases stored; `zero` is then -z in every lane) are constants at each call,
- * so that the block strides are too. */
+/* bits4, symmetric (no biases stored; `zero` is then -z in every lane) and table (4-bit indices into
+ * `codes16`, the table in each 128-bit lane) are constants at each call, so that the block strides are
+ * too. `panel` is past a table panel's head. */
 AVX512 static inline __attribute__((always_inline)) void panel_rows_512(
-    const int R, const int bits4, const int symmetric, const __m512 zero, const uint8_t *panel, long Kb,
-    const int8_t *xq, long K, const float *xd, const float *xb, const float *bias, float *out, long ldo, long cols) {
+    const int R, const int bits4, const int symmetric, const int table, const __m512 zero, const __m512i codes16,
+    const uint8_t *panel, long Kb, const int8_t *xq, long K, const float *xd, const float *xb, const float *bias,
+    float *out, long ldo, long cols) {
     const long code_stride = (bits4 ? W4_BYTES : W8_BYTES) + (symmetric ? 0 : SB_BYTES);
     const long scale_stride = symmetric ? QPANEL * 2 : code_stride;
     const uint8_t *const codes = panel + (symmetric ? scale_rows_bytes(Kb) : SB_BYTES);
@@ -256,6 +274,10 @@ AVX512 static inline __attribute__((always_inline)) void panel_rows_512(
                 const __m512i v = _mm512_loadu_si512(blk + 64 * h);
                 w[h] = _mm512_and_si512(v, low4);
                 w[h + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+                if (table) {
+                    w[h] = _mm512_shuffle_epi8(codes16, w[h]);
+                    w[h + 4] = _mm512_shuffle_epi8(codes16, w[h + 4]);
+                }
             }
         } else {
             for (int g = 0; g < 8; g++) w[g] = _mm512_loadu_si512(blk + 64 * g);
@@ -275,18 +297,19 @@ AVX512 static inline __attribute__((always_inline)) void panel_rows_512(
 }
 
 AVX512 static inline __attribute__((always_inline)) void panel_all_rows_512_as(
-    const int bits4, const int symmetric, const __m512 zero, const uint8_t *panel, long Kb, const int8_t *xq, long K,
-    const float *xd, const float *xb, const float *bias, float *out, long ldo, long M, long cols) {
+    const int bits4, const int symmetric, const int table, const __m512 zero, const __m512i codes16,
+    const uint8_t *panel, long Kb, const int8_t *xq, long K, const float *xd, const float *xb, const float *bias,
+    float *out, long ldo, long M, long cols) {
     for (long m = 0; m < M; m += QROWS) {
         const long rows = M - m < QROWS ? M - m : QROWS;
         const int8_t *q = xq + 2 * m * K;
         const float *d = xd + 2 * m * Kb, *b = xb + m * Kb;
         float *o = out + m * ldo;
         switch (rows) {
-            case 4: panel_rows_512(4, bits4, symmetric, zero, panel, Kb, q, K, d, b, bias, o, ldo, cols); break;
-            case 3: panel_rows_512(3, bits4, symmetric, zero, panel, Kb, q, K, d, b, bias, o, ldo, cols); break;
-            case 2: panel_rows_512(2, bits4, symmetric, zero, panel, Kb, q, K, d, b, bias, o, ldo, cols); break;
-            default: panel_rows_512(1, bits4, symmetric, zero, panel, Kb, q, K, d, b, bias, o, ldo, cols); break;
+            case 4: panel_rows_512(4, bits4, symmetric, table, zero, codes16, panel, Kb, q, K, d, b, bias, o, ldo, cols); break;
+            case 3: panel_rows_512(3, bits4, symmetric, table, zero, codes16, panel, Kb, q, K, d, b, bias, o, ldo, cols); break;
+            case 2: panel_rows_512(2, bits4, symmetric, table, zero, codes16, panel, Kb, q, K, d, b, bias, o, ldo, cols); break;
+            default: panel_rows_512(1, bits4, symmetric, table, zero, codes16, panel, Kb, q, K, d, b, bias, o, ldo, cols); break;
         }
     }
 }
@@ -296,16 +319,22 @@ AVX512 static void panel_all_rows_512(int layout, const uint8_t *panel, long Kb,
                                       long ldo, long M, long cols) {
     const int zero_log2 = layout_zero_log2(layout);
     const __m512 zero = _mm512_set1_ps(-(float)(1 << zero_log2));
+    if (layout_table(layout)) { /* always symmetric: quant_panels packs no other */
+        const __m512i codes16 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)panel));
+        panel_all_rows_512_as(1, 1, 1, zero, codes16, panel + TABLE_BYTES, Kb, xq, K, xd, xb, bias, out, ldo, M, cols);
+        return;
+    }
+    const __m512i none = _mm512_setzero_si512();
     if (layout & LAYOUT_4BIT) {
         if (zero_log2)
-            panel_all_rows_512_as(1, 1, zero, panel, Kb, xq, K, xd, xb, bias, out, ldo, M, cols);
+            panel_all_rows_512_as(1, 1, 0, zero, none, panel, Kb, xq, K, xd, xb, bias, out, ldo, M, cols);
         else
-            panel_all_rows_512_as(1, 0, zero, panel, Kb, xq, K, xd, xb, bias, out, ldo, M, cols);
+            panel_all_rows_512_as(1, 0, 0, zero, none, panel, Kb, xq, K, xd, xb, bias, out, ldo, M, cols);
     } else {
         if (zero_log2)
-            panel_all_rows_512_as(0, 1, zero, panel, Kb, xq, K, xd, xb, bias, out, ldo, M, cols);
+            panel_all_rows_512_as(0, 1, 0, zero, none, panel, Kb, xq, K, xd, xb, bias, out, ldo, M, cols);
         else
-            panel_all_rows_512_as(0, 0, zero, panel, Kb, xq, K, xd, xb, bias, out, ldo, M, cols);
+            panel_all_rows_512_as(0, 0, 0, zero, none, panel, Kb, xq, K, xd, xb, bias, out, ldo, M, cols);
     }
 }
 
@@ -325,7 +354,11 @@ static inline __m256i dot_quad_avx2(__m256i w, __m256i x, int bits4) {
 static void panel_row_avx2(int layout, const uint8_t *panel, long Kb, long K, const int8_t *xq, const float *xd,
                            const float *xb, const float *bias, float *out, long cols) {
     const PanelStreams st = panel_streams(panel, layout, Kb);
-    const int bits4 = layout & LAYOUT_4BIT, zero_log2 = layout_zero_log2(layout);
+    /* nibbles: 4-bit values in the stream; bits4: ones the products take as they are (else they are
+     * table indices, expanded to 8-bit codes through the table in each 128-bit lane of codes16). */
+    const int nibbles = layout & LAYOUT_4BIT, bits4 = layout_w4_codes(layout), zero_log2 = layout_zero_log2(layout);
+    const __m256i codes16 = layout_table(layout) ? _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)panel))
+                                                 : _mm256_setzero_si256();
     const __m256i low4 = _mm256_set1_epi8(0x0F);
     float result[QPANEL];
     for (int half = 0; half < 2; half++) {
@@ -345,9 +378,10 @@ static void panel_row_avx2(int layout, const uint8_t *panel, long Kb, long K, co
             __m256i dot = _mm256_setzero_si256(), rest = _mm256_setzero_si256();
             for (int g = 0; g < 8; g++) {
                 __m256i w;
-                if (bits4) {
+                if (nibbles) {
                     const __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 64 * (g & 3) + 32 * half));
                     w = g < 4 ? _mm256_and_si256(v, low4) : _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                    if (!bits4) w = _mm256_shuffle_epi8(codes16, w);
                 } else {
                     w = _mm256_loadu_si256((const __m256i *)(blk + 64 * g + 32 * half));
                 }
@@ -458,17 +492,25 @@ AMX static void panel_tile_amx(const uint8_t *panel, int layout, long Kb, const 
     for (int r = 0; r < rows; r++) _mm512_mask_storeu_ps(out + r * ldo, mask, acc[r]);
 }
 
-/* A 4-bit panel's codes as the tile product reads them, 8 x 64 bytes a block (the 8-bit ones already are). */
+/* A 4-bit panel's codes as the tile product reads them, 8 x 64 bytes a block (the 8-bit ones already are);
+ * a table panel's indices expanded to their codes. */
 AMX static void unpack_w4_panel(const uint8_t *panel, int layout, long Kb, uint8_t *codes) {
     const __m512i low4 = _mm512_set1_epi8(0x0F);
+    const int table = layout_table(layout);
+    const __m512i codes16 = table ? _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)panel)) : low4;
     const PanelStreams st = panel_streams(panel, layout, Kb);
     for (long kb = 0; kb < Kb; kb++) {
         const uint8_t *blk = st.codes + kb * st.code_stride;
         uint8_t *to = codes + kb * W8_BYTES;
         for (int h = 0; h < 4; h++) {
             const __m512i v = _mm512_loadu_si512(blk + 64 * h);
-            _mm512_storeu_si512(to + 64 * h, _mm512_and_si512(v, low4));
-            _mm512_storeu_si512(to + 64 * (h + 4), _mm512_and_si512(_mm512_srli_epi16(v, 4), low4));
+            __m512i low = _mm512_and_si512(v, low4), high = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+            if (table) {
+                low = _mm512_shuffle_epi8(codes16, low);
+                high = _mm512_shuffle_epi8(codes16, high);
+            }
+            _mm512_storeu_si512(to + 64 * h, low);
+            _mm512_storeu_si512(to + 64 * (h + 4), high);
         }
     }
 }
@@ -625,7 +667,8 @@ void batchlm_quant_rows(const uint8_t *w, int layout, const int64_t *ids, long T
     const int bits4 = layout & LAYOUT_4BIT, zero_log2 = layout_zero_log2(layout);
     for (long t = 0; t < T; t++) {
         const long n = ids[t], j = n % QPANEL;
-        const PanelStreams st = panel_streams(w + (n / QPANEL) * bytes, layout, Kb);
+        const uint8_t *panel = w + (n / QPANEL) * bytes;
+        const PanelStreams st = panel_streams(panel, layout, Kb);
         float *o = out + t * ldo;
         for (long kb = 0; kb < Kb; kb++) {
             const uint8_t *sc = st.scales + kb * st.scale_stride;
@@ -641,6 +684,7 @@ void batchlm_quant_rows(const uint8_t *w, int layout, const int64_t *ids, long T
                     u = k < 16 ? codes[64 * (k / 4) + k % 4] & 15 : codes[64 * ((k - 16) / 4) + k % 4] >> 4;
                 else
                     u = codes[64 * (k / 4) + k % 4];
+                if (layout_table(layout)) u = panel[u]; /* the head's codes */
                 o[kb * QBLOCK + k] = s * (float)u + b;
             }
         }

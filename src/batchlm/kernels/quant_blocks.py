@@ -11,7 +11,8 @@ table of 16 non-uniform int8 levels, which no 4-bit affine code holds: they beco
 MXFP4 (OCP microscaling, gpt-oss's experts) holds 4-bit e2m1 codes, whose values times two are the
 integers -12..12, under a shared power of two 2^(e - 127): 8-bit codes 2 * value + 128 under the
 float16 scale 2^(e - 128), exactly while that power lies in float16's range (mxfp4_scales says which
-blocks do). Pure numpy: no torch, no gguf import.
+blocks do). The IQ4s' and MXFP4's 8-bit codes come with their table of 16 (CODE_TABLES), which the
+panels keep them as indices into (quant_panels.py). Pure numpy: no torch, no gguf import.
 """
 
 from __future__ import annotations
@@ -56,12 +57,15 @@ class UnrepresentableBlocks(ValueError):
 @dataclass(frozen=True)
 class CodeBlocks:
     """A [rows, cols] weight as codes [rows, cols] uint8 (< 16 when bits == 4), scales and biases
-    [rows, cols / 32] float16: w[r, c] = scales[r, c // 32] * codes[r, c] + biases[r, c // 32]."""
+    [rows, cols / 32] float16: w[r, c] = scales[r, c // 32] * codes[r, c] + biases[r, c // 32].
+    `table`, where set (uint8 [16]), holds every value the 8-bit codes take (IQ4_NL's, IQ4_XS's and
+    MXFP4's codes of their 4-bit indices): the panels may keep the indices instead (quant_panels)."""
 
     codes: np.ndarray
     scales: np.ndarray
     biases: np.ndarray
     bits: int  # 8 or 4
+    table: np.ndarray | None = None
 
 
 def supported(type_name: str) -> bool:
@@ -125,7 +129,7 @@ def from_gguf(
 
     chunks(rows, max(1, CHUNK_VALUES // max(cols, 1)), produce, consume)
     bits = widths[0] if widths else produce(0, 0)[3]  # no rows: the type's width all the same
-    return CodeBlocks(codes, scales, biases, bits)
+    return CodeBlocks(codes, scales, biases, bits, CODE_TABLES.get(type_name))
 
 
 def columns(blocks: CodeBlocks, start: int, length: int) -> CodeBlocks:
@@ -138,6 +142,7 @@ def columns(blocks: CodeBlocks, start: int, length: int) -> CodeBlocks:
         np.ascontiguousarray(blocks.scales[:, first : first + count]),
         np.ascontiguousarray(blocks.biases[:, first : first + count]),
         blocks.bits,
+        blocks.table,
     )
 
 
@@ -390,6 +395,10 @@ def mxfp4_from_hf(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     gguf = np.concatenate([scales[..., None].astype(np.uint8), packed.astype(np.uint8)], axis=-1)
     return gguf.reshape(*scales.shape[:-1], scales.shape[-1] * 17)
 
+
+# The 8-bit codes of each 4-bit index, of the types whose codes are drawn from 16 values.
+_IQ4_TABLE = (IQ4_LEVELS + 128).astype(np.uint8)
+CODE_TABLES = {"IQ4_NL": _IQ4_TABLE, "IQ4_XS": _IQ4_TABLE, "MXFP4": (MXFP4_DOUBLED + 128).astype(np.uint8)}
 
 _DECODERS = {
     **{"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1},

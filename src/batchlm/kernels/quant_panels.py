@@ -2,9 +2,11 @@
 (quant_blocks.py: 8- or 4-bit codes, float16 scale and bias per 32 inputs) packed once into 16-row
 panels (`pack`), one contiguous stream each. Per 32-input block a panel holds its 16 rows' scales and
 biases, then their codes; where every bias is a fixed multiple of its scale (the symmetric formats)
-the panel holds every block's scales, then every block's codes, and no biases. A fused layer's shards
-of different code widths pack as parts of one weight (`PartedWeight`). `parts_of` is the kernels'
-descriptor of either.
+the panel holds every block's scales, then every block's codes, and no biases. Symmetric 8-bit codes
+drawn from a table of 16 (CodeBlocks.table: IQ4_NL, IQ4_XS, MXFP4) pack as their 4-bit indices
+after a head holding the table (`table` panels: 4.5 bits a weight, where the codes take 8.5). A fused
+layer's shards of different code widths pack as parts of one weight (`PartedWeight`). `parts_of` is
+the kernels' descriptor of either.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ from batchlm.kernels.quant_blocks import BLOCK, CodeBlocks, dequantize, scaled_h
 
 QPANEL = 16  # output rows per panel; must match QPANEL in cpu_quant_kernels.c
 SCALE_BYTES = 64  # 16 float16 scales + 16 float16 biases per panel block
+TABLE_BYTES = 64  # a table panel's head: its 16 codes, then zeros (cpu_quant_kernels.c's TABLE_BYTES)
+LAYOUT_TABLE = 16  # the kernels' layout bit of table panels
+# Whether pack() makes table panels where it may (tests and A/B runs set it off).
+TABLES = True
 # Zero points of the symmetric formats (Q8_0 and Q6_K's Q8_0: 128; Q5_0: 16; Q4_0 in 4 or 8 bits: 8):
 # where every bias is -zero * its scale, panels hold only the scales (cpu_quant_kernels.c).
 SYMMETRIC_ZEROS = (128, 16, 8)
@@ -39,6 +45,8 @@ class QuantizedWeight:
     in_features: int
     # The codes' zero point where every bias is -zero * its scale and none is stored; 0: stored.
     zero: int = 0
+    # 4-bit indices into a table of 8-bit codes at the head of each panel (bits is then 4).
+    table: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -46,9 +54,10 @@ class QuantizedWeight:
 
     @property
     def layout(self) -> int:
-        """The kernels' `layout` argument: bit 0 for 4-bit codes, bits 1-3 log2 of the zero point."""
+        """The kernels' `layout` argument: bit 0 for 4-bit codes, bits 1-3 log2 of the zero point, bit 4
+        for table indices."""
         zero_log2 = self.zero.bit_length() - 1 if self.zero else 0
-        return int(self.bits == 4) | zero_log2 << 1
+        return int(self.bits == 4) | zero_log2 << 1 | (LAYOUT_TABLE if self.table else 0)
 
 
 # Most parts of a weight packed in different forms (cpu_quant_kernels.c's MAX_PARTS): q, k and v.
@@ -128,31 +137,62 @@ def symmetric_zero(blocks: CodeBlocks) -> int:
     return 0
 
 
-def pack(blocks: CodeBlocks, *, omit_biases: bool = True) -> QuantizedWeight:
+def pack(blocks: CodeBlocks, *, omit_biases: bool = True, tables: bool | None = None) -> QuantizedWeight:
     """Panel-major copy of code blocks (rows past out_features are zero: scale and bias 0), packed
     PACK_PANELS panels at a time so that each chunk's reshuffles stay in cache. With omit_biases, the
-    biases are left out where symmetric_zero finds them all given by the scales."""
+    biases are left out where symmetric_zero finds them all given by the scales; with tables too
+    (TABLES where None), symmetric 8-bit codes of a table (blocks.table) keep their 4-bit indices in
+    table panels."""
+    tables = TABLES if tables is None else tables
     rows, cols = blocks.codes.shape
     panels, kb = -(-rows // QPANEL), cols // BLOCK
     zero = symmetric_zero(blocks) if omit_biases else 0
-    body_bytes = QPANEL * BLOCK // 2 if blocks.bits == 4 else QPANEL * BLOCK
-    panel_bytes = scale_rows_bytes(kb) + kb * body_bytes if zero else kb * (SCALE_BYTES + body_bytes)
-    data = np.empty((panels, panel_bytes), dtype=np.uint8)
+    table = blocks.table if tables and zero and blocks.bits == 8 else None
+    index_of = _index_of(table) if table is not None else None
+    head = TABLE_BYTES if table is not None else 0
+    bits = 4 if table is not None else blocks.bits
+    body_bytes = QPANEL * BLOCK // 2 if bits == 4 else QPANEL * BLOCK
+    panel_bytes = head + (scale_rows_bytes(kb) + kb * body_bytes if zero else kb * (SCALE_BYTES + body_bytes))
+    data = np.zeros((panels, panel_bytes), dtype=np.uint8)
+    if table is not None:
+        data[:, : len(table)] = table
     for first in range(0, panels, PACK_PANELS):
         last = min(panels, first + PACK_PANELS)
-        data[first:last] = _packed_panels(
-            blocks, first * QPANEL, min(rows, last * QPANEL), last - first, zero
+        data[first:last, head:] = _packed_panels(
+            blocks, first * QPANEL, min(rows, last * QPANEL), last - first, zero, index_of
         )
-    return QuantizedWeight(torch.from_numpy(data), blocks.bits, rows, cols, zero)
+    return QuantizedWeight(torch.from_numpy(data), bits, rows, cols, zero, table=table is not None)
 
 
-def _packed_panels(blocks: CodeBlocks, start: int, stop: int, panels: int, zero: int) -> np.ndarray:
-    """Rows [start, stop) of the blocks as `panels` whole panels [panels, panel bytes]."""
+def _index_of(table: np.ndarray) -> np.ndarray:
+    """uint8 [256]: an index into `table` of each code it holds (0 for the others)."""
+    index_of = np.zeros(256, dtype=np.uint8)
+    index_of[table] = np.arange(len(table), dtype=np.uint8)
+    return index_of
+
+
+def _panel_codes(blocks: CodeBlocks, start: int, stop: int, index_of: np.ndarray | None) -> np.ndarray:
+    """Rows [start, stop) of the codes, or their indices into blocks.table (ValueError for a code it
+    does not hold)."""
+    codes = blocks.codes[start:stop]
+    if index_of is None or blocks.table is None:
+        return codes
+    indices: np.ndarray = index_of[codes]
+    if not np.array_equal(blocks.table[indices], codes):
+        raise ValueError("code blocks hold codes their table does not")
+    return indices
+
+
+def _packed_panels(
+    blocks: CodeBlocks, start: int, stop: int, panels: int, zero: int, index_of: np.ndarray | None = None
+) -> np.ndarray:
+    """Rows [start, stop) of the blocks as `panels` whole panels [panels, panel bytes] (with index_of,
+    a table panel's bytes after its head: the codes' 4-bit indices)."""
     cols = blocks.codes.shape[1]
     kb = cols // BLOCK
     rows = stop - start
     codes = np.zeros((panels * QPANEL, cols), dtype=np.uint8)
-    codes[:rows] = blocks.codes[start:stop]
+    codes[:rows] = _panel_codes(blocks, start, stop, index_of)
     scale_bias = np.zeros((panels * QPANEL, kb, 2), dtype=np.float16)
     scale_bias[:rows, :, 0] = blocks.scales[start:stop]
     scale_bias[:rows, :, 1] = blocks.biases[start:stop]
@@ -161,7 +201,7 @@ def _packed_panels(blocks: CodeBlocks, start: int, stop: int, panels: int, zero:
     head = np.ascontiguousarray(ordered[:, :, :1] if zero else ordered).reshape(panels, kb, -1).view(np.uint8)
     grouped = codes.reshape(panels, QPANEL, kb, BLOCK)
     body: np.ndarray
-    if blocks.bits == 4:
+    if blocks.bits == 4 or index_of is not None:
         # [p, j, kb, half, h, t] -> [p, kb, h, j, t]; half 0 in the low nibble, half 1 in the high one.
         quads = grouped.reshape(panels, QPANEL, kb, 2, 4, 4).transpose(0, 2, 3, 4, 1, 5)
         body = (quads[:, :, 0] | (quads[:, :, 1] << 4)).reshape(panels, kb, -1)
@@ -176,6 +216,9 @@ def _packed_panels(blocks: CodeBlocks, start: int, stop: int, panels: int, zero:
 def dequantize_packed(weight: QuantizedWeight) -> torch.Tensor:
     """float32 [out, in] of a packed weight (the fallback path and the kernels' reference)."""
     data = weight.data.numpy()
+    table = data[0, :16] if weight.table and len(data) else None
+    if weight.table:
+        data = data[:, TABLE_BYTES:]
     panels, kb = data.shape[0], weight.in_features // BLOCK
     if weight.zero:
         start = scale_rows_bytes(kb)
@@ -192,6 +235,8 @@ def dequantize_packed(weight: QuantizedWeight) -> torch.Tensor:
         codes = halves.transpose(0, 4, 1, 2, 3, 5)
     else:
         codes = body.reshape(panels, kb, 8, QPANEL, 4).transpose(0, 3, 1, 2, 4)
+    if table is not None:
+        codes = table[codes]
     rows = panels * QPANEL
     blocks = CodeBlocks(
         codes.reshape(rows, kb * BLOCK),

@@ -12,7 +12,8 @@ Q6_K step). A fused layer (q/k/v, gate/up) whose shards come in different code w
 file's Q4_K queries and keys beside its Q6_K values) packs each run of one width apart, as parts of
 one weight (quant_panels.PartedWeight); where its shard boundaries do not fall on the kernels' 16-row
 panels, or parts are not wanted (a mixture-of-experts layer's experts), its 4-bit shards widen to 8
-bits instead, losslessly. Once loading is done the blocks are packed into the kernels' panel layout.
+bits instead, losslessly. Once loading is done the blocks are packed into the kernels' panel layout
+(the IQ4s' and MXFP4's 8-bit codes as 4-bit indices into their table, where every row has it).
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ if TYPE_CHECKING:
     from batchlm.layers.quantization.layer import MethodLayer
 
 logger = logging.getLogger(__name__)
+# A shard's form: its code width, and the bytes of the table its codes are drawn from (b"": none).
+Form = tuple[int, bytes]
 
 
 class QuantizedStore:
@@ -65,12 +68,14 @@ class QuantizedStore:
         self.scales: np.ndarray | None = None
         self.biases: np.ndarray | None = None
         self.keep_parts = keep_parts
-        self.shards: list[tuple[int, int, int]] = []  # (first row, end row, code width) of each put
+        # (first row, end row, form) of each put: its code width, and its code table's bytes (or b"").
+        self.shards: list[tuple[int, int, Form]] = []
         self.packed: PackedWeight | None = None
 
     def put(self, start: int, blocks: CodeBlocks) -> None:
         end = start + blocks.codes.shape[0]
-        self.shards.append((start, end, blocks.bits))
+        table = b"" if blocks.table is None else blocks.table.tobytes()
+        self.shards.append((start, end, (blocks.bits, table)))
         if self.codes is None and start == 0 and blocks.codes.shape == (self.rows, self.cols):
             self.codes = np.ascontiguousarray(blocks.codes, dtype=np.uint8)
             self.scales = np.ascontiguousarray(blocks.scales, dtype=np.float16)
@@ -92,14 +97,17 @@ class QuantizedStore:
         """The packed weight (packed on the first call; the load-time arrays are released)."""
         if self.packed is None:
             codes, scales, biases = self._arrays()
-            runs = self._width_runs() if self.keep_parts else None
-            if runs is not None and len(runs) > 1:
+            runs = self._form_runs()
+            if self.keep_parts and runs is not None and len(runs) > 1:
                 self.packed = PartedWeight(
-                    tuple(pack(CodeBlocks(codes[a:b], scales[a:b], biases[a:b], bits)) for a, b, bits in runs)
+                    tuple(pack(_blocks_of(codes[a:b], scales[a:b], biases[a:b], form)) for a, b, form in runs)
                 )
             else:
-                four_bit = all(bits == 4 for _, _, bits in self.shards)
-                self.packed = pack(CodeBlocks(codes, scales, biases, 4 if four_bit else 8))
+                four_bit = all(bits == 4 for _, _, (bits, _) in self.shards)
+                # One table for every row, where every shard has it (rows no shard filled hold code 0).
+                one_table = runs is not None and len(runs) == 1 and runs[0][2][1] != b""
+                form = (4 if four_bit else 8, runs[0][2][1] if runs and one_table else b"")
+                self.packed = pack(_blocks_of(codes, scales, biases, form))
             self.codes = self.scales = self.biases = None
         return self.packed
 
@@ -110,20 +118,26 @@ class QuantizedStore:
             raise TypeError("this weight was packed as parts; its users take one form")
         return packed
 
-    def _width_runs(self) -> list[tuple[int, int, int]] | None:
-        """The rows as runs [first, end) of one code width, where the shards cover every row once,
-        every run but the first starts on a panel and there are at most MAX_PARTS; else None."""
-        runs: list[tuple[int, int, int]] = []
-        for start, end, bits in sorted(self.shards):
+    def _form_runs(self) -> list[tuple[int, int, Form]] | None:
+        """The rows as runs [first, end) of one form (code width and table), where the shards cover
+        every row once, every run but the first starts on a panel and there are at most MAX_PARTS;
+        else None."""
+        runs: list[tuple[int, int, Form]] = []
+        for start, end, form in sorted(self.shards):
             if start != (runs[-1][1] if runs else 0):
                 return None  # a gap or an overlap
-            if runs and runs[-1][2] == bits:
-                runs[-1] = (runs[-1][0], end, bits)
+            if runs and runs[-1][2] == form:
+                runs[-1] = (runs[-1][0], end, form)
             else:
-                runs.append((start, end, bits))
+                runs.append((start, end, form))
         if not runs or runs[-1][1] != self.rows or len(runs) > MAX_PARTS:
             return None
         return runs if all(start % QPANEL == 0 for start, _, _ in runs) else None
+
+
+def _blocks_of(codes: np.ndarray, scales: np.ndarray, biases: np.ndarray, form: Form) -> CodeBlocks:
+    bits, table = form
+    return CodeBlocks(codes, scales, biases, bits, np.frombuffer(table, dtype=np.uint8) if table else None)
 
 
 def code_blocks(loaded: LoadedWeight) -> CodeBlocks:
