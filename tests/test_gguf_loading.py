@@ -376,11 +376,11 @@ def test_unsupported_architecture_is_named(tmp_path: Path) -> None:
 
 
 def test_unsupported_tensor_type_is_named(tmp_path: Path) -> None:
-    # MXFP4 (gpt-oss's experts), which no architecture we load uses: refused before any weight loads,
-    # naming the tensor, its type and the types that do load (the i-quants among them).
-    raw = np.zeros((4, 17), np.uint8)  # one MXFP4 block of 32 values per row
-    path = _write_gguf(tmp_path / "m.gguf", "llama", GGMLQuantizationType.MXFP4, raw)
-    with pytest.raises(ValueError, match=r"'token_embd\.weight' has GGML type MXFP4") as refused:
+    # NVFP4 (4-bit floats under FP8 scales), which the loader does not read: refused before any weight
+    # loads, naming the tensor, its type and the types that do load (the i-quants among them).
+    raw = np.zeros((4, 36), np.uint8)  # one NVFP4 block of 64 values per row
+    path = _write_gguf(tmp_path / "m.gguf", "llama", GGMLQuantizationType.NVFP4, raw)
+    with pytest.raises(ValueError, match=r"'token_embd\.weight' has GGML type NVFP4") as refused:
         prepare_gguf_model_dir(path, tmp_path / "cache")
     assert "IQ4_XS" in str(refused.value) and "TQ2_0" in str(refused.value)
 
