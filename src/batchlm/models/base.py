@@ -33,6 +33,8 @@ class CausalLM(nn.Module):
     stacked_params: ClassVar[tuple[StackedParam, ...]] = ()
     # Checkpoint tensors that are expected but carry nothing we need (e.g. cached RoPE buffers).
     ignored_suffixes: ClassVar[tuple[str, ...]] = ("rotary_emb.inv_freq",)
+    # Whether the family decodes a checkpoint's MXFP4 expert pairs (quant_method mxfp4: gpt-oss's).
+    loads_mxfp4_experts: ClassVar[bool] = False
 
     @classmethod
     def read_config(cls, hf_config: Any) -> ModelConfig:

@@ -29,6 +29,7 @@ from batchlm.models.gguf_types import REFERENCE_TYPES, SUPPORTED_TYPES
 from batchlm.models.lora import LoraAdapter, load_lora_adapter, merge_lora
 from batchlm.models.model_config import ModelConfig
 from batchlm.models.quantized_checkpoint import (
+    MXFP4,
     Assembler,
     CheckpointScheme,
     checkpoint_names,
@@ -145,6 +146,10 @@ def load_model(
     check_quantization(quantization, device, random_weights, gguf_file is not None)
     scheme = None if random_weights or gguf_file is not None else read_checkpoint_scheme(model_dir)
     check_checkpoint_scheme(scheme, quantization, adapter)
+    if scheme is not None and scheme.kind == MXFP4 and not model_class.loads_mxfp4_experts:
+        raise ValueError(
+            f"quantization method 'mxfp4' holds gpt-oss's experts; {model_class.__name__} does not load it"
+        )
     kv_scales: dict[int, dict[str, float]] = {}
     if random_weights:
         _random_weights(model, model_config, device, dtype, seed, quantization)
@@ -161,6 +166,8 @@ def load_model(
             experts = any(isinstance(module, FusedMoE) for module in model.modules())
             summary = dequantized_weights_summary(methods, dtype, device, experts)
             logger.info("block-wise FP8 checkpoint: %s", summary)
+        if scheme is not None and scheme.kind == MXFP4:
+            logger.info("MXFP4 checkpoint: %s", mxfp4_experts_summary(methods, dtype, device))
         with timed_phase(logger, "weight load"):
             kv_scales = _load_checkpoint(model, files, adapter, progress, scheme, set(qtypes), device, dtype)
     finish_quantized(model)
@@ -202,7 +209,7 @@ def _load_checkpoint(
         # Deltas merge into the checkpoint's tensors as named there (before a family splits or renames them).
         adapter.check_targets(set(checkpoint_names(files)), model.tie_word_embeddings)
         weights = merge_lora(weights, adapter)
-    if scheme is None:
+    if scheme is None or not scheme.assembled:
         load_named_weights(model, weights)
         return {}
     modules = {name.removesuffix(".weight") for name in quantized_weights or set()}
@@ -271,6 +278,21 @@ def dequantized_weights_summary(
     if experts:
         summary += "; experts as Q8_0 blocks" if methods["quantized experts"] else f"; experts as {dense}"
     return summary
+
+
+def mxfp4_experts_summary(methods: Counter[str], dtype: torch.dtype, device: torch.device) -> str:
+    """Where an MXFP4 checkpoint's experts run, from the methods chosen (its other weights are dense)."""
+    dense = str(dtype).removeprefix("torch.")
+    if methods["quantized experts"]:
+        experts = "experts kept as MXFP4 blocks on the quantized CPU kernels"
+    elif device.type == "cpu":
+        experts = f"experts dequantized to dense {dense} on the CPU (the quantized CPU kernels do not take them here)"
+    else:
+        experts = (
+            f"experts dequantized to dense {dense} on {device} (no MXFP4 kernel there yet: its memory "
+            "must hold them)"
+        )
+    return f"{experts}; other weights dense {dense}"
 
 
 def check_gguf_quantization(gguf_file: Path, types: dict[str, str], quantization: str | None) -> None:

@@ -27,7 +27,7 @@ import torch
 from batchlm.kernels.fp8_types import FP8_DTYPE
 from batchlm.layers.quantization.base import LoadedWeight
 from batchlm.layers.quantization.forms import Fp8Weight
-from batchlm.layers.quantization.registry import BLOCK_FP8_QTYPE, FP8_QTYPE, INT4_QTYPE
+from batchlm.layers.quantization.registry import BLOCK_FP8_QTYPE, FP8_QTYPE, INT4_QTYPE, MXFP4_QTYPE
 from batchlm.models.checkpoint import open_safetensors
 from batchlm.models.int4_formats import unpack_awq, unpack_compressed_int4, unpack_gptq
 
@@ -36,6 +36,9 @@ BLOCK_FP8 = "block-fp8"  # transformers' fine-grained FP8: 2-D blocks of weights
 GPTQ = "gptq"
 AWQ = "awq"
 CT_INT4 = "compressed-int4"  # compressed-tensors pack-quantized W4A16
+# gpt-oss's released checkpoints: experts as MXFP4 `_blocks` / `_scales` pairs, the rest bf16. The
+# pairs are decoded by the family's own loading (models/gpt_oss.py), not by `Assembler`.
+MXFP4 = "mxfp4"
 # The tensors that make up one quantized weight, by scheme.
 PARTS = {
     FP8: ("weight", "weight_scale"),
@@ -55,8 +58,10 @@ MARKER = {
 SUPPORTED = (
     "compressed-tensors FP8 W8A8 (FP8_DYNAMIC, static per-tensor FP8), block-wise FP8 (quant_method "
     "fp8 with 2-D weight_block_size, dynamic activations), compressed-tensors W4A16 pack-quantized "
-    "(symmetric), GPTQ 4-bit (desc_act false) and AWQ 4-bit (GEMM)"
+    "(symmetric), GPTQ 4-bit (desc_act false), AWQ 4-bit (GEMM) and MXFP4 experts (gpt-oss)"
 )
+# The experts' stacks an MXFP4 checkpoint stores as pairs, and the projections each holds.
+MXFP4_STACKS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 # transformers' FineGrainedFP8Config.weight_block_size when config.json leaves it out.
 DEFAULT_FP8_BLOCK = (128, 128)
 # Values a block-wise FP8 weight dequantizes per step (float32 values and their scales: 128 MiB).
@@ -71,7 +76,7 @@ KV_SCALE = re.compile(r"^(?:model\.)?layers\.(\d+)\.self_attn\.(?:([kv])_scale|(
 class CheckpointScheme:
     """The quantization a checkpoint declares (config.json's quantization_config)."""
 
-    kind: str  # FP8, BLOCK_FP8, GPTQ, AWQ or CT_INT4
+    kind: str  # FP8, BLOCK_FP8, GPTQ, AWQ, CT_INT4 or MXFP4
     group_size: int = 0  # 4-bit: inputs per group (0: one group per row)
     static_activations: bool = False  # FP8: a stored input_scale per layer
     zeros_minus_one: bool = True  # GPTQ: the original format stores zero - 1
@@ -79,12 +84,17 @@ class CheckpointScheme:
 
     @property
     def weight_type(self) -> str:
-        return {FP8: FP8_QTYPE, BLOCK_FP8: BLOCK_FP8_QTYPE}.get(self.kind, INT4_QTYPE)
+        return {FP8: FP8_QTYPE, BLOCK_FP8: BLOCK_FP8_QTYPE, MXFP4: MXFP4_QTYPE}.get(self.kind, INT4_QTYPE)
 
     @property
     def dequantized_at_load(self) -> bool:
         """Whether its weights reach the layers dense (so --quantization may still apply to them)."""
         return self.kind == BLOCK_FP8
+
+    @property
+    def assembled(self) -> bool:
+        """Whether `Assembler` regroups its parts (MXFP4's pairs are the model family's to decode)."""
+        return self.kind != MXFP4
 
 
 def read_checkpoint_scheme(model_dir: Path) -> CheckpointScheme | None:
@@ -104,6 +114,8 @@ def read_checkpoint_scheme(model_dir: Path) -> CheckpointScheme | None:
         return _awq_scheme(config)
     if method == "fp8":
         return _block_fp8_scheme(config)
+    if method == MXFP4:
+        return CheckpointScheme(MXFP4)
     raise ValueError(f"quantization method {method!r} is not supported; batchlm serves {SUPPORTED}")
 
 
@@ -201,13 +213,27 @@ def _describe(group: dict[str, Any]) -> str:
 
 
 def quantized_weight_types(names: Iterable[str], scheme: CheckpointScheme) -> dict[str, str]:
-    """HF weight name -> FP8_QTYPE / INT4_QTYPE for each module the checkpoint quantized."""
+    """HF weight name -> FP8_QTYPE / INT4_QTYPE for each module the checkpoint quantized; for MXFP4,
+    each expert projection's per-expert name (`<experts>.gate_proj.weight`, as the experts' method
+    is chosen) -> MXFP4_QTYPE."""
+    if scheme.kind == MXFP4:
+        return _mxfp4_projection_types(names)
     marker = MARKER[scheme.kind]
     return {
         f"{name.removesuffix('.' + marker)}.weight": scheme.weight_type
         for name in names
         if name.endswith("." + marker)
     }
+
+
+def _mxfp4_projection_types(names: Iterable[str]) -> dict[str, str]:
+    types: dict[str, str] = {}
+    for name in names:
+        experts, _, param = name.rpartition(".")
+        stack = param.removesuffix("_blocks")
+        for projection in MXFP4_STACKS.get(stack, ()) if stack != param else ():
+            types[f"{experts}.{projection}.weight"] = MXFP4_QTYPE
+    return types
 
 
 def checkpoint_names(files: list[Path]) -> list[str]:

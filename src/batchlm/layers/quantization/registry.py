@@ -26,6 +26,9 @@ INT4_QTYPE = "INT4"  # 4-bit groups (GPTQ, AWQ, compressed-tensors pack-quantize
 # e4m3 with one scale per 2-D block (transformers' fine-grained FP8): dequantized as it loads, so its
 # layers take dense rows.
 BLOCK_FP8_QTYPE = "FP8_BLOCK"
+# gpt-oss's MXFP4 experts, decoded as they load to GGUF's MXFP4 blocks (models/mxfp4_weights.py): the
+# GGML name, so the quantized CPU kernels take them as they take a GGUF file's.
+MXFP4_QTYPE = "MXFP4"
 
 
 @dataclass(frozen=True)
@@ -89,12 +92,14 @@ def _dense(spec: WeightSpec) -> LinearMethod | None:
 
 
 def _cpu_quantized(spec: WeightSpec) -> LinearMethod | None:
-    # Our integer kernels for block-quantized GGUF layers, and for every layer under --quantization
-    # int8, on x86-64 CPUs where the kernels built and passed their probe.
+    # Our integer kernels for block-quantized GGUF layers and a safetensors checkpoint's MXFP4 experts,
+    # and for every layer under --quantization int8, on x86-64 CPUs where the kernels built and passed
+    # their probe.
     if spec.device.type != "cpu":
         return None
     quantized_gguf = spec.format == GGUF_FORMAT and any(q not in FLOAT_QTYPES for q in spec.qtypes)
-    if not (quantized_gguf or spec.quantization == "int8") or not kernels_available():
+    mxfp4 = spec.format == DENSE_FORMAT and bool(spec.qtypes) and set(spec.qtypes) == {MXFP4_QTYPE}
+    if not (quantized_gguf or mxfp4 or spec.quantization == "int8") or not kernels_available():
         return None
     return CPU_QUANTIZED
 
