@@ -1,7 +1,7 @@
 """Write tiny GGUF files the way llama.cpp's converter does, from random-weight HF models (tests only).
 
 `write_tiny_gguf` makes a random model of a family (Llama, Qwen2, Qwen3, Gemma, Phi-3, Granite, OLMo 2,
-SmolLM3, GLM-4, EXAONE 4.0, Seed-OSS, the MoE ones) with the built-in tokenizer (demo.write_model_dir), then
+SmolLM3, GLM-4, EXAONE 4.0, Seed-OSS, the MoE ones, gpt-oss) with the built-in tokenizer (demo.write_model_dir), then
 writes its metadata, tokenizer and tensors with `gguf.GGUFWriter`: llama, granite and smollm3 q/k rows
 permuted as llama.cpp's convert_hf_to_gguf.py does (GLM-4's stay as HF interleaves them, for llama.cpp's
 interleaved RoPE), 1-D tensors in F32, matrices in the asked GGML type. Types
@@ -94,10 +94,12 @@ _GLM4_HF_TO_GGUF = {
 _POST_NORM_ARCHS = ("olmo2", "exaone4")
 # Seed-OSS's norm before the MLP: the name llama.cpp's tensor map gives post_attention_layernorm for it.
 _SEED_OSS_HF_TO_GGUF = {**_HF_TO_GGUF, "post_attention_layernorm": "post_attention_norm"}
+# gpt-oss's: Seed-OSS's norm names, its router and its sinks.
+_GPT_OSS_HF_TO_GGUF = {**_SEED_OSS_HF_TO_GGUF, "mlp.router": "ffn_gate_inp", "self_attn.sinks": "attn_sinks"}
 # Architectures whose q/k rows llama.cpp's converter permutes for its interleaved RoPE.
 _PERMUTED_QK = ("llama", "granite", "smollm3")
 # HF model_type -> GGUF general.architecture, where they differ.
-_GGUF_ARCH = {"gemma3_text": "gemma3", "qwen3_moe": "qwen3moe", "mixtral": "llama"}
+_GGUF_ARCH = {"gemma3_text": "gemma3", "qwen3_moe": "qwen3moe", "mixtral": "llama", "gpt_oss": "gpt-oss"}
 # Mixtral's HF expert names, as llama.cpp's converter reads them (w1 gate, w3 up, w2 down).
 _MIXTRAL_RENAMES = {
     ".block_sparse_moe.": ".mlp.",
@@ -140,6 +142,8 @@ def write_tiny_gguf(
         _renamed(name, model_type): tensor.float().numpy()
         for name, tensor in load_file(str(hf_dir / "model.safetensors")).items()
     }
+    if model_type == "gpt_oss":
+        tensors = _split_like_llama_cpp(tensors)
     for name, values in sorted(_stack_experts(tensors).items()):
         gguf_name = gguf_tensor_name(name, arch)
         if arch in _PERMUTED_QK and name.endswith(("q_proj.weight", "k_proj.weight")):
@@ -147,8 +151,8 @@ def write_tiny_gguf(
             values = permute_like_llama_cpp(values, heads)
         if arch.startswith("gemma") and name.endswith("norm.weight"):
             values = values + 1  # llama.cpp's converter: its RMSNorm scales by the weight, Gemma's by 1 + it
-        # llama-quantize leaves 1-D tensors and a mixture-of-experts router in F32.
-        kept = values.ndim == 1 or gguf_name.endswith("ffn_gate_inp.weight")
+        # llama-quantize leaves 1-D tensors, biases and a mixture-of-experts router in F32.
+        kept = values.ndim == 1 or gguf_name.endswith((".bias", "ffn_gate_inp.weight"))
         chosen = next((kind for end, kind in (tensor_types or {}).items() if gguf_name.endswith(end)), qtype)
         _add_tensor(writer, gguf_name, values, "F32" if kept else chosen, rng)
     writer.write_header_to_file()
@@ -164,6 +168,29 @@ def _renamed(name: str, model_type: str) -> str:
         for theirs, ours in _MIXTRAL_RENAMES.items():
             name = name.replace(theirs, ours)
     return name
+
+
+def _split_like_llama_cpp(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """gpt-oss's tensors as llama.cpp's converter writes them: each layer's transposed gate_up_proj
+    [E, H, 2I] (gate and up interleaved) as gate and up stacks [E, I, H], down_proj [E, I, H] as
+    [E, H, I], the interleaved gate_up_proj_bias as two biases, and the sinks named `.weight`."""
+    out: dict[str, np.ndarray] = {}
+    for name, values in tensors.items():
+        prefix, _, param = name.rpartition(".")
+        if param == "gate_up_proj":
+            rows = values.transpose(0, 2, 1)
+            out[f"{prefix}.gate_proj.weight"], out[f"{prefix}.up_proj.weight"] = rows[:, ::2], rows[:, 1::2]
+        elif param == "gate_up_proj_bias":
+            out[f"{prefix}.gate_proj.bias"], out[f"{prefix}.up_proj.bias"] = values[:, ::2], values[:, 1::2]
+        elif param == "down_proj" and prefix.endswith(".experts"):
+            out[f"{prefix}.down_proj.weight"] = values.transpose(0, 2, 1)
+        elif param == "down_proj_bias":
+            out[f"{prefix}.down_proj.bias"] = values
+        elif param == "sinks":
+            out[f"{name}.weight"] = values
+        else:
+            out[name] = values
+    return {name: np.ascontiguousarray(values) for name, values in out.items()}
 
 
 def _stack_experts(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -199,6 +226,8 @@ def gguf_tensor_name(hf_name: str, arch: str = "llama") -> str:
         names = _GLM4_HF_TO_GGUF if arch == "glm4" else _PHI3_HF_TO_GGUF
     elif arch == "seed_oss":
         names = _SEED_OSS_HF_TO_GGUF
+    elif arch == "gpt-oss":
+        names = _GPT_OSS_HF_TO_GGUF
     return f"blk.{layer}.{names[rest]}.{kind}"
 
 
@@ -232,6 +261,9 @@ def _add_model_metadata(writer: GGUFWriter, arch: str, config: dict[str, Any]) -
         writer.add_expert_used_count(config["num_experts_per_tok"])
         if "moe_intermediate_size" in config:  # Mixtral's experts are feed_forward_length wide
             writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
+    if arch == "gpt-oss":  # its experts intermediate_size wide, as the converter writes them
+        writer.add_expert_feed_forward_length(config["intermediate_size"])
+        writer.add_sliding_window(config["sliding_window"])
     if arch.startswith("gemma") or (arch in ("phi3", "exaone4") and config.get("sliding_window")):
         writer.add_sliding_window(config["sliding_window"])
     if arch == "exaone4" and config.get("sliding_window"):  # one flag a layer, as the converter writes
@@ -264,6 +296,10 @@ def _add_rope_scaling(writer: GGUFWriter, config: dict[str, Any]) -> None:
         writer.add_rope_scaling_type(RopeScalingType.YARN)
         writer.add_rope_scaling_factor(scaling["factor"])
         writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+        if "beta_fast" in scaling:
+            writer.add_rope_scaling_yarn_beta_fast(scaling["beta_fast"])
+        if "beta_slow" in scaling:
+            writer.add_rope_scaling_yarn_beta_slow(scaling["beta_slow"])
     elif kind == "longrope":  # Phi-3's: its factors as two tensors, the original length as metadata
         writer.add_tensor("rope_factors_long.weight", np.array(scaling["long_factor"], dtype=np.float32))
         writer.add_tensor("rope_factors_short.weight", np.array(scaling["short_factor"], dtype=np.float32))

@@ -34,6 +34,7 @@ UNKNOWN_TO_TRANSFORMERS: dict[str, dict[str, Any]] = {
     "glm4": {"pad_token_id": 0},
     "exaone4": {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]},
     "seed_oss": {},
+    "gpt_oss": {},
 }
 TEXTS = [
     "Hello, world!",
@@ -104,6 +105,7 @@ def test_model_types_as_transformers_names_them() -> None:
     assert transformers_model_type("llama", "mistral") == "mistral"
     assert transformers_model_type("llama", "Mistral-7B-Instruct") == "llama"  # only the exact name
     assert transformers_model_type("gemma3", "gemma-3-4b") == "gemma3"
+    assert transformers_model_type("gpt-oss", "Gpt-Oss-20B") == "gpt_oss"
 
 
 def test_a_derived_directory_missing_a_file_is_rebuilt(tmp_path: Path) -> None:

@@ -18,6 +18,12 @@ PARTIAL_ROTARY_ARCHITECTURES = frozenset({"phi3", "glm4"})
 SMOLLM3_NO_ROPE_INTERVAL = 4
 # EXAONE 4.0's window layers when a file states a window but no pattern: three of every four.
 EXAONE4_PATTERN_PERIOD = 4
+# gpt-oss's, as llama.cpp assumes it and the HF configs' layer_types say: every other layer (the even
+# ones) slides.
+GPT_OSS_PATTERN_PERIOD = 2
+# The clamp of gpt-oss's SwiGLU, which llama.cpp fixes in its code (the file has no key for it): the
+# released configs' swiglu_limit.
+GPT_OSS_SWIGLU_LIMIT = 7.0
 # The HF config's layer_types (hf_config.SLIDING / FULL, not imported: that module needs torch, which
 # reading a GGUF file's config does without).
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -57,6 +63,8 @@ def family_config(
         extra.update(_seed_oss_config(reader))
     if arch == "exaone4":
         extra.update(_exaone4_config(reader, arch, config["num_hidden_layers"], path))
+    if arch == "gpt-oss":
+        extra.update(_gpt_oss_config(reader, arch, config["num_hidden_layers"], path))
     if arch == "granite":
         extra.update(_granite_config(reader, arch, path))
     if arch == "smollm3":
@@ -177,12 +185,35 @@ def _seed_oss_config(reader: GGUFFile) -> dict[str, Any]:
 
 def _exaone4_config(reader: GGUFFile, arch: str, num_layers: int, path: Path) -> dict[str, Any]:
     """EXAONE 4.0's window and which layers use it (the others global and without RoPE), as the
-    converter writes them from the HF config: `sliding_window_pattern` is one flag a layer (or a
-    period: every period-th layer global). A file without a window has every layer global and
+    converter writes them from the HF config. A file without a window has every layer global and
     rotating, as its config had it."""
     window = reader.metadata(f"{arch}.attention.sliding_window")
     if not window:
         return {"sliding_window": None, "layer_types": [FULL] * num_layers}
+    layer_types = _window_layer_types(reader, arch, num_layers, EXAONE4_PATTERN_PERIOD, path)
+    return {"sliding_window": int(window), "layer_types": layer_types}
+
+
+def _gpt_oss_config(reader: GGUFFile, arch: str, num_layers: int, path: Path) -> dict[str, Any]:
+    """gpt-oss's experts (each expert_feed_forward_length wide: the HF config's intermediate_size),
+    its window and the layers that use it, its attention biases (q/k/v/o together, as the config's one
+    field has them) by the tensors the file holds, and the SwiGLU clamp llama.cpp fixes."""
+    return {
+        "num_local_experts": required_int(reader, f"{arch}.expert_count", path),
+        "num_experts_per_tok": required_int(reader, f"{arch}.expert_used_count", path),
+        "intermediate_size": required_int(reader, f"{arch}.expert_feed_forward_length", path),
+        "sliding_window": required_int(reader, f"{arch}.attention.sliding_window", path),
+        "layer_types": _window_layer_types(reader, arch, num_layers, GPT_OSS_PATTERN_PERIOD, path),
+        "attention_bias": any(t.name == "blk.0.attn_q.bias" for t in reader.tensors),
+        "swiglu_limit": GPT_OSS_SWIGLU_LIMIT,
+    }
+
+
+def _window_layer_types(
+    reader: GGUFFile, arch: str, num_layers: int, default_period: int, path: Path
+) -> list[str]:
+    """Which layers slide, as llama.cpp reads `sliding_window_pattern`: one flag a layer, or a period
+    (every period-th layer global, the others sliding); without it, the architecture's period."""
     pattern = reader.metadata(f"{arch}.attention.sliding_window_pattern")
     if isinstance(pattern, list):
         if len(pattern) != num_layers:
@@ -191,7 +222,6 @@ def _exaone4_config(reader: GGUFFile, arch: str, num_layers: int, path: Path) ->
             )
         windowed = [bool(flag) for flag in pattern]
     else:
-        # Without one, Exaone4Config's (and llama.cpp's) default: every fourth layer global.
-        period = int(pattern or EXAONE4_PATTERN_PERIOD)
+        period = int(pattern or default_period)
         windowed = [(i + 1) % period != 0 for i in range(num_layers)]
-    return {"sliding_window": int(window), "layer_types": [SLIDING if w else FULL for w in windowed]}
+    return [SLIDING if w else FULL for w in windowed]

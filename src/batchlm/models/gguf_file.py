@@ -37,6 +37,7 @@ GGUF_ARCHITECTURES = {
     "glm4": ("glm4", "Glm4ForCausalLM"),
     "exaone4": ("exaone4", "Exaone4ForCausalLM"),
     "seed_oss": ("seed_oss", "SeedOssForCausalLM"),
+    "gpt-oss": ("gpt_oss", "GptOssForCausalLM"),
 }
 # Files whose q/k rows llama.cpp's converter interleaved for its RoPE (unpermute_rows undoes it).
 PERMUTED_QK_ARCHITECTURES = frozenset({"llama", "granite", "smollm3"})
@@ -73,6 +74,14 @@ _MOE_BLOCK_NAMES = {**_BLOCK_NAMES, "ffn_gate_inp": "mlp.gate"}
 _EXPERT_STACKS_OF = {
     "qwen3moe": {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"},
     MIXTRAL_LAYOUT: {"ffn_gate_exps": "w1", "ffn_up_exps": "w3", "ffn_down_exps": "w2"},
+    "gpt-oss": {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"},
+}
+# gpt-oss's expert biases, one [experts, rows] tensor a projection, under the HF names of its stacked
+# biases: llama.cpp's converter splits HF's gate_up_proj_bias (gate and up interleaved) in two, which
+# iter_gguf_tensors interleaves again.
+GATE_UP_BIAS, DOWN_BIAS = "gate_up_proj_bias", "down_proj_bias"
+_EXPERT_BIASES_OF = {
+    "gpt-oss": {"ffn_gate_exps": GATE_UP_BIAS, "ffn_up_exps": GATE_UP_BIAS, "ffn_down_exps": DOWN_BIAS},
 }
 # Phi-3's fused projections, as its HF checkpoints hold them too.
 _PHI3_BLOCK_NAMES = {**_BLOCK_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
@@ -86,6 +95,10 @@ _GLM4_BLOCK_NAMES = {
 # Seed-OSS's norm before the MLP (HF's post_attention_layernorm, Llama's ffn_norm), under the name
 # llama.cpp gives it for this architecture.
 _SEED_OSS_BLOCK_NAMES = {**_BLOCK_NAMES, "post_attention_norm": "post_attention_layernorm"}
+# gpt-oss: Seed-OSS's norm names, a router, and the attention's sink logits.
+_GPT_OSS_BLOCK_NAMES = {**_MOE_BLOCK_NAMES, **_SEED_OSS_BLOCK_NAMES, "attn_sinks": "self_attn.sinks"}
+# Parameters HF names without a .weight (llama.cpp's converter adds one).
+_BARE_PARAMETERS = frozenset({"self_attn.sinks"})
 _BLOCK_NAMES_OF = {
     "gemma2": _GEMMA_BLOCK_NAMES,
     "gemma3": _GEMMA_BLOCK_NAMES,
@@ -95,6 +108,7 @@ _BLOCK_NAMES_OF = {
     "exaone4": _GEMMA_BLOCK_NAMES,
     "glm4": _GLM4_BLOCK_NAMES,
     "seed_oss": _SEED_OSS_BLOCK_NAMES,
+    "gpt-oss": _GPT_OSS_BLOCK_NAMES,
     "phi3": _PHI3_BLOCK_NAMES,
     "qwen3moe": _MOE_BLOCK_NAMES,
     MIXTRAL_LAYOUT: _MOE_BLOCK_NAMES,
@@ -127,11 +141,17 @@ def hf_tensor_name(gguf_name: str, layout: str = "llama") -> str:
         return f"{_GLOBAL_NAMES[stem]}.{kind}"
     block_names = _BLOCK_NAMES_OF.get(layout, _BLOCK_NAMES)
     expert_stacks = _EXPERT_STACKS_OF.get(layout, {})
+    expert_biases = _EXPERT_BIASES_OF.get(layout, {})
     match = _BLOCK_TENSOR.fullmatch(gguf_name)
     if match:
         layer, part, kind = match.groups()
         if part in block_names:
-            return f"model.layers.{layer}.{block_names[part]}.{kind}"
+            module = block_names[part]
+            if module in _BARE_PARAMETERS:
+                return f"model.layers.{layer}.{module}"
+            return f"model.layers.{layer}.{module}.{kind}"
+        if part in expert_biases and kind == "bias":
+            return f"model.layers.{layer}.mlp.experts.{expert_biases[part]}"
         if part in expert_stacks:
             # The stack as a whole; iter_gguf_tensors names each expert of it.
             return f"model.layers.{layer}.mlp.experts.{expert_stacks[part]}.{kind}"
@@ -223,6 +243,13 @@ def iter_gguf_tensors(reader: GGUFFile) -> Iterator[tuple[str, LoadedWeight]]:
     layout = gguf_layout(reader)
     for tensor in weight_tensors(reader):
         name = hf_tensor_name(tensor.name, layout)
+        if name.endswith(f".{GATE_UP_BIAS}"):
+            if tensor.name.endswith("ffn_gate_exps.bias"):  # the up bias joins it here
+                yield name, _interleaved_gate_up_bias(reader, tensor)
+            continue
+        if name.endswith(f".{DOWN_BIAS}"):
+            yield name, _dense_bias(tensor)
+            continue
         if ".mlp.experts." in name:
             yield from _experts(name, tensor)
             continue
@@ -252,6 +279,31 @@ def _experts(stack_name: str, tensor: GGUFTensor) -> Iterator[tuple[str, LoadedW
             yield name, replace(stacked, data=stacked.data[expert])
         else:
             yield name, stacked[expert]
+
+
+def _interleaved_gate_up_bias(reader: GGUFFile, gate: GGUFTensor) -> torch.Tensor:
+    """A layer's gpt-oss gate_up_proj_bias [experts, 2I] as its HF checkpoint holds it, gate and up
+    alternating, from the file's gate bias and the up bias beside it (the family's loader then orders
+    it as its experts' rows are: every gate, then every up)."""
+    import torch
+
+    up_name = gate.name.replace("ffn_gate_exps", "ffn_up_exps")
+    up = next((t for t in reader.tensors if t.name == up_name), None)
+    if up is None:
+        raise ValueError(f"GGUF tensor {gate.name!r} has no {up_name!r} beside it")
+    gate_bias, up_bias = _dense_bias(gate), _dense_bias(up)
+    if gate_bias.shape != up_bias.shape:
+        raise ValueError(f"GGUF tensors {gate.name!r} and {up_name!r} differ in shape")
+    return torch.stack([gate_bias, up_bias], dim=-1).flatten(-2)
+
+
+def _dense_bias(tensor: GGUFTensor) -> torch.Tensor:
+    # llama.cpp keeps biases in F32; a quantized one is read dense all the same.
+    import torch
+
+    from batchlm.layers.quantization.base import as_dense
+
+    return as_dense(_as_loaded(tensor), torch.float32).float()
 
 
 def _gemma_norm(weight: LoadedWeight, name: str) -> LoadedWeight:

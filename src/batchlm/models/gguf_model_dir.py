@@ -39,7 +39,7 @@ _SAMPLING_KEYS = {
     "general.sampling.penalty_repeat": "repetition_penalty",
 }
 # general.architecture -> the model type transformers' GGUF loading names, where the two differ.
-_TRANSFORMERS_MODEL_TYPES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+_TRANSFORMERS_MODEL_TYPES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss"}
 # Tokens llama.cpp ends a generation at by their text (llama-vocab.cpp), beside the ids the file states.
 _END_OF_GENERATION_TOKENS = frozenset(
     {

@@ -24,6 +24,10 @@ ROPE_TENSORS = frozenset({ROPE_FREQS, *LONGROPE_FACTORS.values()})
 # Llama 3.1-3.3's band (low_freq_factor, high_freq_factor, original_max_position_embeddings).
 LLAMA3_BAND = (1.0, 4.0, 8192)
 _RTOL = 1e-4
+# Architectures whose HF configs state YaRN with `truncate: false` (gpt-oss's): the ramp between the
+# kept and the stretched frequencies starts and ends at fractional dimensions. The file has no key for
+# it (llama.cpp rounds the ends to whole dimensions for every model); the HF config's is followed here.
+UNTRUNCATED_YARN_ARCHITECTURES = frozenset({"gpt-oss"})
 
 
 def rope_scaling(
@@ -62,8 +66,8 @@ def rope_scaling(
 
 
 def _yarn(reader: GGUFFile, arch: str, path: Path) -> dict[str, Any]:
-    """YaRN as Qwen's configs state it: a factor over the original length, the ramp's betas where the
-    file has them. An attention factor of llama.cpp's own, which HF configs do not state, is refused."""
+    """YaRN as Qwen's and gpt-oss's configs state it: a factor over the original length, the ramp's
+    betas where the file has them, and gpt-oss's untruncated ramp. An attention factor of llama.cpp's own, which HF configs do not state, is refused."""
     key = f"{arch}.rope.scaling"
     if reader.metadata(f"{key}.yarn_attn_factor") is not None or reader.metadata(
         f"{key}.yarn_log_multiplier"
@@ -77,6 +81,8 @@ def _yarn(reader: GGUFFile, arch: str, path: Path) -> dict[str, Any]:
     for name in ("beta_fast", "beta_slow"):
         if (value := reader.metadata(f"{key}.yarn_{name}")) is not None:
             scaling[name] = round_float32(value)
+    if arch in UNTRUNCATED_YARN_ARCHITECTURES:
+        scaling["truncate"] = False
     return scaling
 
 
