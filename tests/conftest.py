@@ -67,7 +67,12 @@ TinyModelFactory = Callable[..., Path]
 # Modules whose checks several test files share: their failures show the values compared, as a test's own
 # do (pytest rewrites only the asserts of modules named before they are imported).
 pytest.register_assert_rewrite(
-    "lora_harness", "models_harness", "responses_harness", "stream_scan_harness", "tool_parser_cases"
+    "harmony_harness",
+    "lora_harness",
+    "models_harness",
+    "responses_harness",
+    "stream_scan_harness",
+    "tool_parser_cases",
 )
 
 

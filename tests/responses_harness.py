@@ -1,6 +1,6 @@
 """What the tests of POST /v1/responses share: the replies a fake engine gives (text, and thinking
 before an answer), the chat tools as the Responses API declares them, and how a test posts a raw
-request or reads a raw stream's events."""
+request, reads a raw stream's events and checks their order."""
 
 from __future__ import annotations
 
@@ -37,3 +37,20 @@ def events_of(server: BackgroundServer, body: dict[str, Any]) -> list[tuple[str,
         events.append((name_line.removeprefix("event: "), payload))
     assert text.endswith("\n\n") and "[DONE]" not in text
     return events
+
+
+def check_order(events: list[dict[str, Any]]) -> None:
+    """Items added in output order, each finished before the next starts; deltas only inside one."""
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    open_item: dict[str, Any] | None = None
+    next_index = 0
+    for event in events[2:-1]:
+        kind = event["type"]
+        if kind == "response.output_item.added":
+            assert open_item is None and event["output_index"] == next_index
+            open_item = event["item"]
+        elif kind == "response.output_item.done":
+            assert open_item is not None and event["item"]["id"] == open_item["id"]
+            open_item, next_index = None, next_index + 1
+        else:
+            assert open_item is not None and event["item_id"] == open_item["id"], kind

@@ -1,12 +1,10 @@
-"""gpt-oss's harmony replies through the server: a real byte-level tokenizer whose harmony markers are
-special tokens (decoding without special tokens would hide them), a chat template in harmony markup
-written here, and `auto` parsers that find the markup in it. Thinking, content and calls, streamed and
-not; the effort and the history as the template gets them; constraints and forced calls held by the
-grammar of the whole output in harmony markup."""
+"""gpt-oss's harmony replies through the chat API, on harmony_harness's tokenizer and template, and the
+`auto` parsers that find the markup in it. Thinking, content and calls, streamed and not; the effort,
+the tools and the history as the template gets them; constraints and forced calls held by the grammar
+of the whole output in harmony markup."""
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -15,53 +13,30 @@ import pytest
 
 from batchlm.server.background import BackgroundServer
 from batchlm.tokenizer.tokenizer import Tokenizer
-from batchlm.tools.harmony import MARKERS
 from fake_engine import FakeEngine, openai_client
+from harmony_harness import (
+    ANALYSIS,
+    ANSWER,
+    ARGUMENTS,
+    CALL_ALONE,
+    CALLING,
+    THOUGHT,
+    grammar_of,
+    harmony_engine,
+    prompt,
+)
 from tools_harness import TOOLS, USER
-
-# A minimal template in harmony markup: the effort in the system message, an assistant's thinking as
-# an analysis message and its calls with the recipient in the header, as gpt-oss's own does.
-TEMPLATE = (
-    "<|start|>system<|message|>Reasoning: {{ reasoning_effort | default('medium') }}"
-    "{% if tools %}\n# Tools{% for t in tools %} {{ t.function.name }}{% endfor %}{% endif %}<|end|>"
-    "{% for m in messages %}{% if m.role == 'assistant' %}"
-    "{% if m.thinking is defined %}<|start|>assistant<|channel|>analysis<|message|>{{ m.thinking }}<|end|>{% endif %}"
-    "{% for c in m.tool_calls or [] %}<|start|>assistant to=functions.{{ c.function.name }}"
-    "<|channel|>commentary json<|message|>{{ c.function.arguments | tojson }}<|call|>{% endfor %}"
-    "{% if m.content %}<|start|>assistant<|channel|>final<|message|>{{ m.content }}<|end|>{% endif %}"
-    "{% else %}<|start|>{{ m.role }}<|message|>{{ m.content }}<|end|>{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|start|>assistant{% endif %}"
-)
-THOUGHT = "The user wants the weather in Paris."
-ANALYSIS = f"<|channel|>analysis<|message|>{THOUGHT}<|end|><|start|>assistant"
-ANSWER = f"{ANALYSIS}<|channel|>final<|message|>It is sunny in Paris."
-ARGUMENTS = '{"city": "Paris"}'
-# The preamble, then the call; <|call|> ends the generation and stays out of the text.
-CALLING = (
-    f"{ANALYSIS}<|channel|>commentary<|message|>Let me look.<|end|><|start|>assistant"
-    f"<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{ARGUMENTS}"
-)
-CALL_ALONE = (
-    f"{ANALYSIS}<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{ARGUMENTS}"
-)
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_tokenizer: Tokenizer) -> FakeEngine:
-    hf = copy.deepcopy(tiny_tokenizer.hf)
-    hf.add_tokens(list(MARKERS), special_tokens=True)
-    stops = [hf.convert_tokens_to_ids("<|return|>"), hf.convert_tokens_to_ids("<|call|>")]
-    return FakeEngine(tokenizer=Tokenizer(hf, stops, TEMPLATE), reply=ANSWER, max_model_len=4096)
+    return harmony_engine(tiny_tokenizer)
 
 
 @pytest.fixture(scope="module")
 def server(engine: FakeEngine) -> Iterator[BackgroundServer]:
     with BackgroundServer(engine) as running:
         yield running
-
-
-def prompt(engine: FakeEngine) -> str:
-    return str(engine.tokenizer.decode(engine.calls[-1].prompt_token_ids, skip_special_tokens=False))
 
 
 def streamed(client: Any, **request: Any) -> tuple[str, str, dict[int, list[str]], str | None]:
@@ -100,7 +75,8 @@ def test_a_call_after_a_preamble(server: BackgroundServer, engine: FakeEngine) -
     [call] = choice.message.tool_calls
     assert (call.function.name, call.function.arguments) == ("get_weather", ARGUMENTS)
     assert choice.finish_reason == "tool_calls"
-    assert "# Tools get_weather" in prompt(engine)
+    # get_time has no description: gpt-oss's template would fail on it, so it gets an empty one.
+    assert "# Tools get_weather: Weather now get_time: <|end|>" in prompt(engine)
     calls = {0: ["get_weather", ARGUMENTS]}
     assert streamed(client, tools=TOOLS) == (THOUGHT, "Let me look.", calls, "tool_calls")
 
@@ -145,13 +121,6 @@ def test_the_history_s_thinking_and_calls_reach_the_template(
     rendered = prompt(engine)
     assert f"<|start|>assistant<|channel|>analysis<|message|>{THOUGHT}<|end|>" in rendered
     assert f"to=functions.get_weather<|channel|>commentary json<|message|>{ARGUMENTS}<|call|>" in rendered
-
-
-def grammar_of(engine: FakeEngine) -> str:
-    """The grammar the last request decoded under: the whole output's, no thinking put before it."""
-    constraint = engine.calls[-1].params.structured_outputs
-    assert constraint is not None and constraint.grammar is not None and constraint.preamble is None
-    return constraint.grammar
 
 
 def test_strict_functions_and_an_answer_beside_tools_get_the_harmony_grammar(

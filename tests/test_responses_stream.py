@@ -21,6 +21,7 @@ from batchlm.server.serving_responses import ResponsesFormatter
 from batchlm.tools.hermes import HermesParser
 from batchlm.tools.parser import ToolParser
 from fake_engine import FakeTokenizer
+from responses_harness import check_order
 from tool_parser_cases import CASES, IDS
 
 
@@ -54,23 +55,6 @@ def events_of(
         assert data == "data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
         events.append(payload)
     return events
-
-
-def check_order(events: list[dict[str, Any]]) -> None:
-    """Items added in output order, each finished before the next starts; deltas only inside one."""
-    assert [e["sequence_number"] for e in events] == list(range(len(events)))
-    open_item: dict[str, Any] | None = None
-    next_index = 0
-    for event in events[2:-1]:
-        kind = event["type"]
-        if kind == "response.output_item.added":
-            assert open_item is None and event["output_index"] == next_index
-            open_item = event["item"]
-        elif kind == "response.output_item.done":
-            assert open_item is not None and event["item"]["id"] == open_item["id"]
-            open_item, next_index = None, next_index + 1
-        else:
-            assert open_item is not None and event["item_id"] == open_item["id"], kind
 
 
 @pytest.mark.parametrize(("parser", "output", "content", "calls"), CASES, ids=IDS)

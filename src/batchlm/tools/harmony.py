@@ -136,17 +136,90 @@ def call_header(name: str) -> str:
 
 
 def harmony_history(messages: Sequence[dict[str, Any]], chat_template: str | None) -> list[dict[str, Any]]:
-    """History for a harmony template, which reads an assistant message's thinking as `thinking`: the
-    reasoning_content given as that. A message with calls carries one analysis text in the template
-    (its content is rendered as one, and it refuses both): the thinking, where there is one."""
+    """History for a harmony template (gpt-oss's), as it reads one: the instructions in one message,
+    an assistant message's thinking as `thinking`, and one call a message."""
     if not is_harmony_template(chat_template):
         return list(messages)
-    converted = []
-    for message in messages:
-        thinking = message.get("reasoning_content")
-        if message.get("role") == "assistant" and thinking is not None:
-            message = {**message, "thinking": thinking}
-            if message.get("tool_calls"):
-                message["content"] = ""
-        converted.append(message)
-    return converted
+    return _one_call_a_message([_with_thinking(message) for message in _instructions_joined(messages)])
+
+
+def _instructions_joined(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The leading system (and developer) messages as one: the template renders the first alone as its
+    developer message and drops the others (a Responses request's `instructions` and the developer
+    items of its input, as Codex sends them)."""
+    count = 0
+    while count < len(messages) and messages[count].get("role") == "system":
+        count += 1
+    if count < 2:
+        return list(messages)
+    joined = "\n\n".join(message["content"] for message in messages[:count] if message["content"])
+    return [{**messages[0], "content": joined}, *messages[count:]]
+
+
+def _with_thinking(message: dict[str, Any]) -> dict[str, Any]:
+    """The reasoning_content given as `thinking`. A message with calls carries one analysis text in the
+    template (its content is rendered as one, and it refuses both): the thinking, where there is one."""
+    thinking = message.get("reasoning_content")
+    if message.get("role") != "assistant" or thinking is None:
+        return message
+    message = {**message, "thinking": thinking}
+    if message.get("tool_calls"):
+        message["content"] = ""
+    return message
+
+
+def _one_call_a_message(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """gpt-oss makes one call a turn, and its template renders an assistant message's first call alone
+    (and names the outputs after it by that call): a message of several calls (parallel ones, another
+    model's) becomes a message a call, each followed by its output."""
+    laid_out: list[dict[str, Any]] = []
+    at = 0
+    while at < len(messages):
+        message, at = messages[at], at + 1
+        calls = message.get("tool_calls") or []
+        if message.get("role") != "assistant" or len(calls) < 2:
+            laid_out.append(message)
+            continue
+        outputs = []
+        while at < len(messages) and messages[at].get("role") == "tool":
+            outputs.append(messages[at])
+            at += 1
+        laid_out += _calls_with_their_outputs(message, calls, outputs)
+    return laid_out
+
+
+def _calls_with_their_outputs(
+    message: dict[str, Any], calls: list[dict[str, Any]], outputs: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Each call in a message of its own (the first keeps the message's thinking and text), then the
+    outputs that answer it; outputs that answer none of them last, as they came."""
+    laid_out: list[dict[str, Any]] = []
+    unanswered = list(outputs)
+    for n, call in enumerate(calls):
+        laid_out.append({**message, "tool_calls": [call]} if n == 0 else _call_alone(call))
+        answers = [output for output in unanswered if output.get("tool_call_id") == call.get("id")]
+        laid_out += answers
+        unanswered = [output for output in unanswered if output not in answers]
+    return laid_out + unanswered
+
+
+def _call_alone(call: dict[str, Any]) -> dict[str, Any]:
+    return {"role": "assistant", "content": "", "tool_calls": [call]}
+
+
+def harmony_tools(
+    tools: list[dict[str, Any]] | None, chat_template: str | None
+) -> list[dict[str, Any]] | None:
+    """Tools for a harmony template, which adds each function's description to a string (gpt-oss's
+    writes it as a `//` comment): a function without one (null, or left out, as the Responses API and
+    chat allow) has an empty one, where the template would fail the request."""
+    if tools is None or not is_harmony_template(chat_template):
+        return tools
+    return [_described(tool) for tool in tools]
+
+
+def _described(tool: dict[str, Any]) -> dict[str, Any]:
+    function = tool.get("function")
+    if not isinstance(function, dict) or isinstance(function.get("description"), str):
+        return tool
+    return {**tool, "function": {**function, "description": ""}}

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from batchlm import json_text
-from batchlm.tools.harmony import harmony_history
+from batchlm.tools.harmony import harmony_history, harmony_tools
 from batchlm.unicode_text import encodes
 
 TOOLS_PROMPT = (
@@ -76,6 +76,7 @@ def template_inputs(
     template as its `tools` variable; a template that does not use them gets them in a generic system
     prompt instead (unless not `tool_prompt`: tool_choice "none"), and tool history as text."""
     messages = harmony_history(messages, chat_template)
+    tools = harmony_tools(tools, chat_template)
     if not template_knows_tools(chat_template):
         messages = with_generic_tool_prompt(messages, tools if tool_prompt else None)
     if tools is not None:
