@@ -73,7 +73,8 @@ def test_grouped_gemm_adds_gpt_oss_biases_as_the_per_expert_path(dtype: torch.dt
         unbiased = layer(x, choice)
     tolerance = TOLERANCE[dtype]
     torch.testing.assert_close(fused.float(), expected.float(), atol=tolerance, rtol=tolerance)
-    assert not torch.allclose(unbiased.float(), expected.float(), atol=10 * tolerance)
+    # The gate/up bias moves the output well past the rounding (~0.14 at most in bf16 here).
+    assert (unbiased.float() - expected.float()).abs().max() > 3 * tolerance
 
 
 def test_grouped_gemm_replays_in_a_cuda_graph() -> None:
