@@ -281,6 +281,11 @@ def _raw(qtype: str, rows: int, blocks_per_row: int, seed: int = 0) -> tuple[np.
     for offset in OWN_SCALES.get(qtype, (0,)):
         halves = rng.uniform(-2e-3, 2e-3, (rows, blocks_per_row)).astype(np.float16)
         blocks[:, :, offset : offset + 2] = halves.view(np.uint8).reshape(rows, blocks_per_row, 2)
+    if qtype == "MXFP4":  # its exponent byte, where float16 scales hold its powers of two exactly
+        exponents = quant_blocks.MXFP4_EXPONENTS
+        blocks[:, :, 0] = rng.integers(
+            exponents.start, exponents.stop, (rows, blocks_per_row), dtype=np.uint8
+        )
     return blocks.reshape(rows, -1), cols
 
 

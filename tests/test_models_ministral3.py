@@ -155,9 +155,10 @@ class RecordingBackend(TorchAttentionBackend):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         spec: AttentionSpec,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         self.queries.append(query.clone())
-        return super().forward_rotating(positions, rotation, query, key, value, kv_cache, meta, spec)
+        return super().forward_rotating(positions, rotation, query, key, value, kv_cache, meta, spec, sinks)
 
 
 @torch.no_grad()
