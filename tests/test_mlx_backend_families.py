@@ -215,11 +215,6 @@ def test_a_gemma3_without_a_global_layer_is_refused_at_load(fields: dict[str, An
     mlx_lm_overrides({"model_type": "gemma3_text", "num_hidden_layers": 6})  # its 6th layer is global
 
 
-def test_gpt_oss_is_refused_at_load_by_name() -> None:
-    with pytest.raises(ValueError, match=r"does not serve this model: gpt-oss .*--backend torch"):
-        mlx_lm_overrides({"model_type": "gpt_oss", "num_hidden_layers": 2})
-
-
 @needs_mlx
 def test_a_gemma3_mlx_lm_cannot_run_fails_start_naming_the_cause(tiny_model_dir: Callable[..., Path]) -> None:
     from batchlm.backends.mlx.engine import MLXEngine

@@ -1,5 +1,5 @@
 """What the MLX backend adds to mlx-lm for the sliding-window families (Gemma 2/3, Phi-3, Mistral,
-Ministral 3, EXAONE 4).
+Ministral 3, EXAONE 4, gpt-oss: the last in gpt_oss.py).
 
 mlx-lm reads Gemma 3's RoPE bases from `rope_theta` / `rope_local_base_freq` and its layer pattern
 from `sliding_window_pattern`; configs written by transformers 5 state them as per-layer-type
@@ -14,6 +14,8 @@ the window: within it, full and windowed attention agree.
 from __future__ import annotations
 
 from typing import Any
+
+from batchlm.backends.mlx.gpt_oss import gpt_oss_overrides
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 QWEN_TYPES = frozenset({"qwen2", "qwen3", "qwen3_moe"})
@@ -34,8 +36,9 @@ APPLIES_WINDOW = {
     "mistral": True,
     "mistral3": True,
     "ministral3": True,
-    # mlx-lm's EXAONE 4 gives its window layers rotating caches and window masks itself.
+    # mlx-lm's EXAONE 4 and gpt-oss give their window layers rotating caches and window masks themselves.
     "exaone4": True,
+    "gpt_oss": True,
     "qwen2": False,
     "qwen3": False,
     "qwen3_moe": False,
@@ -45,10 +48,7 @@ APPLIES_WINDOW = {
 
 # Families this backend refuses at load, naming why: mlx-lm has a module for them that is not held to
 # transformers' results here.
-REFUSED_TYPES = {
-    "gpt_oss": "gpt-oss (attention sinks, YaRN, biased experts with a clamped SwiGLU) is served by the "
-    "torch backend only, whose results are held to transformers'",
-}
+REFUSED_TYPES: dict[str, str] = {}
 
 
 def mlx_lm_overrides(raw: dict[str, Any]) -> dict[str, Any]:
@@ -59,6 +59,8 @@ def mlx_lm_overrides(raw: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"the mlx backend does not serve this model: {refused}; use --backend torch")
     if raw.get("model_type") == "exaone4":
         return _exaone4_overrides(raw)
+    if raw.get("model_type") == "gpt_oss":
+        return gpt_oss_overrides(raw)
     if raw.get("model_type") != "gemma3_text":
         return {}
     overrides: dict[str, Any] = {}

@@ -15,6 +15,7 @@ from batchlm.backends.mlx.families import (
     mlx_lm_overrides,
     window_context_cap,
 )
+from batchlm.backends.mlx.gpt_oss import model_classes
 from batchlm.config import EngineConfig
 
 logger = logging.getLogger(__name__)
@@ -131,7 +132,10 @@ def load_model(config: EngineConfig, model_dir: Path) -> LoadedModel:
         mx.set_default_device(mx.cpu)
     overrides = {**family_overrides(model_dir), **older_field_names(model_dir), **config.hf_overrides} or None
     model, model_config = mlx_load_model(
-        model_dir, model_config=overrides, trust_remote_code=config.trust_remote_code
+        model_dir,
+        model_config=overrides,
+        get_model_classes=model_classes,
+        trust_remote_code=config.trust_remote_code,
     )
     if config.adapter_path is not None:
         model = apply_adapter(model, config.adapter_path)
