@@ -92,3 +92,13 @@ def test_partial_rotary_width() -> None:
     assert {layer.rope.rotary_dim for layer in read_model_config(phi3).layers} == {8}
     with pytest.raises(ValueError, match="rotary width"):
         read_model_config(hf("phi3", "Phi3ForCausalLM", partial_rotary_factor=0.05, pad_token_id=0))
+
+
+@pytest.mark.parametrize("kv_heads", [8, 3])
+def test_query_heads_that_do_not_share_their_kv_heads_in_equal_groups_are_named(kv_heads: int) -> None:
+    config = hf("llama", "LlamaForCausalLM", num_attention_heads=4, num_key_value_heads=kv_heads)
+    with pytest.raises(
+        ValueError,
+        match=rf"num_attention_heads \(4\) is not a multiple of its num_key_value_heads \({kv_heads}\)",
+    ):
+        read_model_config(config)

@@ -32,7 +32,16 @@ def head_dim_of(config: Any) -> int:
 
 
 def num_kv_heads_of(config: Any) -> int:
-    return int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    """The config's key/value heads; ValueError where its query heads do not share them in equal
+    groups (a config no attention of any backend can run)."""
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    if kv_heads <= 0 or heads % kv_heads:
+        raise ValueError(
+            f"the config's num_attention_heads ({heads}) is not a multiple of its num_key_value_heads "
+            f"({kv_heads}): its query heads cannot share the key/value heads in equal groups"
+        )
+    return kv_heads
 
 
 def sliding_window_of(config: Any) -> int | None:
