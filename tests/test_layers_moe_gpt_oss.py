@@ -9,7 +9,7 @@ import torch
 from transformers import GptOssConfig
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts, GptOssMLP, GptOssTopKRouter
 
-from batchlm.kernels.cpu_quant import quant_library
+from batchlm.kernels.cpu_moe import ExpertActivation, experts_kernel_available
 from batchlm.layers.activation import ClampedSwiGLU, get_gated_activation
 from batchlm.layers.moe import SparseMoeBlock
 from batchlm.layers.moe_routing import route_top_k
@@ -129,14 +129,20 @@ def test_two_ranks_sum_to_the_whole_block() -> None:
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(quant_library() is None, reason="no AVX2 CPU or C compiler here")
-def test_int8_experts_add_their_biases_expert_by_expert() -> None:
+@pytest.mark.skipif(not experts_kernel_available(), reason="no AVX2 CPU or C compiler here")
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-kernel", "expert-by-expert"])
+def test_int8_experts_add_their_biases(fused: bool) -> None:
+    """On the fused experts kernel (biases and the clamped SwiGLU in C) and expert by expert alike."""
     config = _config()
     hf = _hf_block(config)
     dense = _ours_from(hf, config)
     quantized = SparseMoeBlock(read_gpt_oss(config).spec(HIDDEN))
     quantized.experts.quantize_experts()
-    assert quantized.experts.quantized is not None and quantized.experts.quantized.kernel is None
+    experts = quantized.experts.quantized
+    assert experts is not None and experts.kernel is not None
+    assert experts.kernel.activation == ExpertActivation.clamped_swiglu(1.702, 0.5)
+    if not fused:
+        experts.kernel = None
     state = {f"model.layers.0.mlp.{name}": t.detach() for name, t in hf.state_dict().items()}
     for name, tensor in experts_in_our_layout(state.items()):
         module, _, param = name.removeprefix("model.layers.0.mlp.").rpartition(".")

@@ -138,14 +138,15 @@ def test_dense_experts_match_transformers(
 def test_quantized_experts_match_transformers(
     checkpoints: tuple[dict[str, torch.Tensor], Path, Path], caplog: pytest.LogCaptureFixture, shards: int
 ) -> None:
-    """With no --quantization the experts stay MXFP4 blocks on the CPU kernels (expert by expert: they
-    have biases); logits and greedy tokens as transformers' on the dequantized weights."""
+    """With no --quantization the experts stay MXFP4 blocks on the CPU kernels (every layer's experts in
+    one call of the fused experts kernel, biases and clamped SwiGLU included); logits and greedy tokens
+    as transformers' on the dequantized weights."""
     tensors, dense_dir, tmp_path = checkpoints
     with caplog.at_level(logging.INFO, logger=loader.__name__):
         loaded = load_fp32_cpu(_mxfp4_dir(tmp_path / f"quantized-{shards}", dense_dir, tensors, shards))
     assert "experts kept as MXFP4 blocks on the quantized CPU kernels" in caplog.text
     experts = _experts(loaded)
-    assert experts and all(e.quantized is not None and e.quantized.kernel is None for e in experts)
+    assert experts and all(e.quantized is not None and e.quantized.kernel is not None for e in experts)
     assert all(e.gate_up_proj.numel() == 0 for e in experts)  # no dense stacks beside the blocks
     # Each expert's projections stay 4-bit indices into the MXFP4 code table (table panels).
     packed = [store.finish() for e in experts for store in (*e.quantized.gate_up, *e.quantized.down)]

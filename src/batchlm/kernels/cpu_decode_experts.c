@@ -16,12 +16,20 @@ typedef struct {
     const float *weights;
 } ExpertRuns;
 
-/* Experts' packed weights: gate_up[e] [2I, K] (gate rows, then up rows) and down[e] [K, I]. */
+/* The experts' activation of [gate | up] (batchlm_moe_experts' `activation`). */
+enum { EXPERT_SILU = 0, EXPERT_CLAMPED_SWIGLU = 1 };
+
+/* Experts' packed weights: gate_up[e] [2I, K] (gate rows, then up rows) and down[e] [K, I]; with
+ * gate_up_bias (else NULL) each expert's [2I] bias after its gate/up product. The activation: SiLU
+ * (the zeros a struct initializer leaves) or gpt-oss's clamped SwiGLU with its alpha and limit. */
 typedef struct {
     const uint8_t *const *gate_up;
     const int *gate_up_layout;
     const uint8_t *const *down;
     const int *down_layout;
+    const float *const *gate_up_bias;
+    int activation;
+    float alpha, limit;
 } ExpertWeights;
 
 static inline long run_expert(const ExpertRuns *runs, long i) { return runs->ids ? runs->ids[i] : i; }
@@ -33,8 +41,16 @@ static inline long most_rows_of(const ExpertRuns *runs) {
     return most;
 }
 
+/* gu[:, c] += bias[c] for the columns [from, to) of `rows` rows of 2I: the bias after the product, the
+ * float add of the expert-by-expert path. */
+static void add_gate_up_bias(float *gu, long rows, long I, const float *bias, long from, long to) {
+    for (long r = 0; r < rows; r++)
+        for (long c = from; c < to; c++) gu[r * 2 * I + c] += bias[c];
+}
+
 /* Stage 1, this thread's share of every routed expert's gate/up panels: gu [slots, 2I] gets each slot's
- * gate/up outputs. x [rows, K] holds the rows the slots name; rows_k [most rows, K] is scratch. */
+ * gate/up outputs (plus the expert's bias, where it has one). x [rows, K] holds the rows the slots
+ * name; rows_k [most rows, K] is scratch. */
 static void expert_gate_up_share(const float *x, long K, long I, const ExpertRuns *runs, const ExpertWeights *w,
                                  float *gu, float *rows_k, const ThreadScratch *s, long me, long team, int isa) {
     const long gate_panels = (2 * I + QPANEL - 1) / QPANEL;
@@ -48,15 +64,50 @@ static void expert_gate_up_share(const float *x, long K, long I, const ExpertRun
         for (long r = 0; r < rows; r++)
             memcpy(rows_k + r * K, x + runs->tokens[runs->starts[i] + r] * K, sizeof(float) * (size_t)K);
         const PackedParts expert = one_part(w->gate_up[e], w->gate_up_layout[e], 2 * I);
-        own_panels(rows_k, rows, K, &expert, NULL, gu + runs->starts[i] * 2 * I, 2 * I, lo - i * gate_panels,
-                   hi - i * gate_panels, s, isa);
+        float *expert_gu = gu + runs->starts[i] * 2 * I;
+        own_panels(rows_k, rows, K, &expert, NULL, expert_gu, 2 * I, lo - i * gate_panels, hi - i * gate_panels,
+                   s, isa);
+        if (w->gate_up_bias) {
+            const long to = (hi - i * gate_panels) * QPANEL;
+            add_gate_up_bias(expert_gu, rows, I, w->gate_up_bias[e], (lo - i * gate_panels) * QPANEL,
+                             to < 2 * I ? to : 2 * I);
+        }
+    }
+}
+
+/* gpt-oss's clamped SwiGLU, g * sigmoid(alpha g) * (u + 1) with the gate g capped at limit from above and
+ * u clamped to [-limit, limit], in transformers' order of operations. A NaN gate or up stays NaN, as in
+ * torch (min/max return their second operand where either is NaN). */
+static inline __m256 clamped_swiglu256(__m256 g, __m256 u, __m256 alpha, __m256 limit) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    g = _mm256_min_ps(limit, g);
+    u = _mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), limit), _mm256_min_ps(limit, u));
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(g, alpha)));
+    return _mm256_mul_ps(_mm256_add_ps(u, one), _mm256_mul_ps(g, _mm256_div_ps(one, _mm256_add_ps(one, e))));
+}
+
+/* act [rows, I] = the experts' activation of gu [rows, 2I]. I is whole 32-value blocks (the down
+ * projection's input quantizes by them), so whole vectors. */
+static void expert_activation(const float *gu, float *act, long rows, long I, const ExpertWeights *w) {
+    if (w->activation != EXPERT_CLAMPED_SWIGLU) {
+        gate_mul_columns(gu, act, rows, I, 0, (I + QPANEL - 1) / QPANEL, 0); /* SiLU */
+        return;
+    }
+    const __m256 alpha = _mm256_set1_ps(w->alpha), limit = _mm256_set1_ps(w->limit);
+    for (long r = 0; r < rows; r++) {
+        const float *gate = gu + r * 2 * I, *up = gate + I;
+        float *a = act + r * I;
+        for (long c = 0; c < I; c += 8) {
+            const __m256 g = _mm256_loadu_ps(gate + c), u = _mm256_loadu_ps(up + c);
+            _mm256_storeu_ps(a + c, clamped_swiglu256(g, u, alpha, limit));
+        }
     }
 }
 
 /* Stage 2, this thread's output columns (panels of K) through every routed expert: out[t, c] = the sum
- * over row t's slots, in the runs' order, of weight * down(silu(gate) * up)[c], from zero. Each thread
- * makes SiLU * up of an expert's few rows itself (act [most rows, I]; cheaper to repeat than to wait
- * for); rows_k [most rows, K] takes the expert's down outputs. */
+ * over row t's slots, in the runs' order, of weight * down(act(gate, up))[c], from zero. Each thread
+ * makes the activation of an expert's few rows itself (act [most rows, I]; cheaper to repeat than to
+ * wait for); rows_k [most rows, K] takes the expert's down outputs. */
 static void expert_down_share(long T, long K, long I, const ExpertRuns *runs, const ExpertWeights *w, const float *gu,
                               float *act, float *rows_k, float *out, const ThreadScratch *s, long me, long team,
                               int isa) {
@@ -67,7 +118,7 @@ static void expert_down_share(long T, long K, long I, const ExpertRuns *runs, co
         for (long c = from; c < to; c++) out[t * K + c] = 0.0f;
     for (long i = 0; i < runs->active && first < last; i++) {
         const long rows = runs->starts[i + 1] - runs->starts[i], e = run_expert(runs, i);
-        gate_mul_columns(gu + runs->starts[i] * 2 * I, act, rows, I, 0, (I + QPANEL - 1) / QPANEL, 0); /* SiLU */
+        expert_activation(gu + runs->starts[i] * 2 * I, act, rows, I, w);
         const PackedParts expert = one_part(w->down[e], w->down_layout[e], K);
         own_panels(act, rows, I, &expert, NULL, rows_k, K, first, last, s, isa);
         for (long r = 0; r < rows; r++) {
@@ -169,16 +220,19 @@ static void router_logits(const float *x, long B, long n, const float *router, l
  * threads than it computes). The routed slots come grouped by expert: slots [starts[e], starts[e + 1])
  * go to the e-th of the `active` experts listed, slot s carrying token tokens[s] of x [T, K] with
  * routing weight weights[s]; out [T, K] receives each token's weighted sum over its slots:
- *     out[t] = sum over t's slots s of weights[s] * down_e(silu(gate_e(x[t])) * up_e(x[t]))
+ *     out[t] = sum over t's slots s of weights[s] * down_e(act([gate_e | up_e](x[t]) + bias_e))
  * gate_up[e] holds the expert's [2I, K] weight (gate rows, then up rows) and down[e] its [K, I]
- * weight, both packed. */
+ * weight, both packed; gate_up_bias[e] its [2I] bias, or gate_up_bias NULL for none. act: silu(gate) *
+ * up (activation EXPERT_SILU), or EXPERT_CLAMPED_SWIGLU with alpha and limit. A down bias is the
+ * caller's (added once after the sum, as each token's weighted sum of its experts' biases). */
 int batchlm_moe_experts(const float *x, long T, long K, long I, int active, const long *starts,
                         const int64_t *tokens, const float *weights, const uint8_t *const *gate_up,
-                        const int *gate_up_layout, const uint8_t *const *down, const int *down_layout, float *out,
+                        const int *gate_up_layout, const uint8_t *const *down, const int *down_layout,
+                        const float *const *gate_up_bias, int activation, float alpha, float limit, float *out,
                         int threads, int isa, long spin_ns, int *waits) {
     if (threads < 1) threads = 1;
     const ExpertRuns runs = {active, NULL, starts, tokens, weights};
-    const ExpertWeights w = {gate_up, gate_up_layout, down, down_layout};
+    const ExpertWeights w = {gate_up, gate_up_layout, down, down_layout, gate_up_bias, activation, alpha, limit};
     const long R = starts[active], widest = K > I ? K : I, most_rows = most_rows_of(&runs);
     /* Shared: gate/up outputs [R, 2I]. Each thread's: an expert's gathered input rows (then its down
      * outputs), SiLU * up rows, and the quantized activations' scales. */

@@ -311,6 +311,7 @@ def stack_library() -> ctypes.CDLL | None:
         pointer, ctypes.c_long, ctypes.c_long, ctypes.c_long,  # x, tokens, hidden, expert intermediate
         ctypes.c_int, pointer, pointer, pointer,  # active experts, their first slots (+ the end), slot tokens, weights
         pointer, pointer, pointer, pointer,  # gate/up weights and layouts, down weights and layouts
+        pointer, ctypes.c_int, ctypes.c_float, ctypes.c_float,  # gate/up biases or NULL, activation, alpha, limit
         pointer, ctypes.c_int, ctypes.c_int, ctypes.c_long, pointer,  # y, threads, isa, spin ns, waits
     ]  # fmt: skip
     library.batchlm_moe_experts.restype = ctypes.c_int

@@ -23,7 +23,7 @@ from batchlm.layers.linear import check_shape
 from batchlm.layers.moe_quantized import DOWN as DOWN
 from batchlm.layers.moe_quantized import GATE as GATE
 from batchlm.layers.moe_quantized import UP as UP
-from batchlm.layers.moe_quantized import QuantizedExperts
+from batchlm.layers.moe_quantized import QuantizedExperts, kernel_activation
 from batchlm.layers.moe_routing import RoutingChoice, align_to_blocks, route_top_k, sort_by_expert
 from batchlm.layers.quantization.base import LoadedWeight, as_dense, narrow_cols, narrow_rows
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
@@ -97,9 +97,10 @@ class FusedMoE(nn.Module):
         keeps its share: gate/up rows, and down columns cut on the kernels' 32-value blocks (inside
         a K-quant's super-blocks too), so its intermediate size per rank must be whole blocks."""
         spec = self.spec
-        # The fused experts kernel computes SiLU experts without biases; others go expert by expert.
-        plain_silu = spec.hidden_act == "silu" and not spec.act_options and not spec.expert_bias
-        self.quantized = QuantizedExperts(spec.num_experts, spec.hidden_size, self.inter_per_rank, plain_silu)
+        # The fused experts kernel computes SiLU and clamped SwiGLU experts (with gate/up biases or
+        # not); others go expert by expert.
+        activation = kernel_activation(self.act_fn)
+        self.quantized = QuantizedExperts(spec.num_experts, spec.hidden_size, self.inter_per_rank, activation)
         empty = torch.empty(0, dtype=self.gate_up_proj.dtype)
         self.gate_up_proj = nn.Parameter(empty, requires_grad=False)
         self.down_proj = nn.Parameter(empty.clone(), requires_grad=False)

@@ -12,9 +12,11 @@ import itertools
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
-from batchlm.kernels.cpu_moe import ExpertsKernel, experts_kernel_available
+from batchlm.kernels.cpu_moe import SILU, ExpertActivation, ExpertsKernel, experts_kernel_available
 from batchlm.kernels.cpu_quant import quant_linear
+from batchlm.layers.activation import ClampedSwiGLU, SiluAndMul
 from batchlm.layers.moe_routing import RoutingChoice, sort_by_expert
 from batchlm.layers.quantization.base import LoadedWeight
 from batchlm.layers.quantization.cpu_quantized import QuantizedStore, code_blocks
@@ -23,12 +25,25 @@ from batchlm.layers.quantization.cpu_quantized import QuantizedStore, code_block
 GATE, UP, DOWN = 0, 1, 2
 
 
+def kernel_activation(act_fn: nn.Module) -> ExpertActivation | None:
+    """The experts kernel's form of a gated activation, None where it has none (GELU)."""
+    if isinstance(act_fn, SiluAndMul):
+        return SILU
+    if isinstance(act_fn, ClampedSwiGLU):
+        return ExpertActivation.clamped_swiglu(act_fn.alpha, act_fn.limit)
+    return None
+
+
 class QuantizedExperts:
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, silu: bool) -> None:
+    def __init__(
+        self, num_experts: int, hidden_size: int, intermediate_size: int, activation: ExpertActivation | None
+    ) -> None:
         self.inter = intermediate_size
-        # All of a step's experts in one kernel call (SiLU-gated experts without biases only), else one
-        # expert a call.
-        self.kernel = ExpertsKernel() if silu and experts_kernel_available() else None
+        # All of a step's experts in one kernel call where it computes their activation (`activation`,
+        # kernel_activation's), else one expert a call.
+        self.kernel: ExpertsKernel | None = None
+        if activation is not None and experts_kernel_available():
+            self.kernel = ExpertsKernel(activation)
         # The experts' kernel takes each weight in one form: a gate/up of two widths widens.
         self.gate_up = [
             QuantizedStore(2 * intermediate_size, hidden_size, keep_parts=False) for _ in range(num_experts)
@@ -57,18 +72,20 @@ class QuantizedExperts:
         gate_up_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Each token's routing-weighted sum of its chosen experts' down(act(gate_up(x) + bias)), [T, H]
-        (gate_up_bias: [E, 2 * I] where the experts have one, gpt-oss's, which only the expert-by-expert
-        path adds; a down bias is the caller's)."""
-        if gate_up_bias is not None and self.kernel is not None:
-            raise ValueError("the fused experts kernel computes SiLU experts without biases")
+        (gate_up_bias: [E, 2 * I] where the experts have one, gpt-oss's; a down bias is the caller's).
+        On the kernel, act is the activation it was built with (act_fn's kernel_activation)."""
         runs = sort_by_expert(choice, len(self.gate_up))
         slot_tokens, slot_weights = runs.tokens, runs.weights.float()
         used = [(expert, count) for expert, count in enumerate(runs.counts) if count]
         if self.kernel is not None:
             starts = list(itertools.accumulate((count for _, count in used), initial=0))
             weights = [(self.gate_up[e].finish_whole(), self.down[e].finish_whole()) for e, _ in used]
+            biases = None
+            if gate_up_bias is not None:
+                every_bias = gate_up_bias.float().contiguous()
+                biases = [every_bias[e] for e, _ in used]
             out = self.kernel.run(
-                x.float().contiguous(), starts, slot_tokens, slot_weights.contiguous(), weights
+                x.float().contiguous(), starts, slot_tokens, slot_weights.contiguous(), weights, biases
             )
             return out.to(x.dtype)
         rows = x[slot_tokens].float()
