@@ -111,10 +111,11 @@ class LlamaAttention(nn.Module):
         self.rotary_emb = rope
         self.rotates = layer.rotates
         self.spec = layer.attention
-        # This rank's query heads' sink logits (checkpoint name `sinks`), where the layer has them.
+        # This rank's query heads' sink logits (checkpoint name `sinks`), where the layer has them: float32
+        # whatever the model's dtype (the checkpoint's values exactly; the kernels take float32).
         self.sinks: nn.Parameter | None = None
         if self.spec.sinks:
-            self.sinks = nn.Parameter(torch.zeros(self.num_heads), requires_grad=False)
+            self.sinks = nn.Parameter(torch.zeros(self.num_heads, dtype=torch.float32), requires_grad=False)
 
     def load_weight(
         self, name: str, param_name: str, loaded: LoadedWeight, shard: str | int | None = None
