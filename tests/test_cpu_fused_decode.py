@@ -384,20 +384,6 @@ def test_families_whose_blocks_compute_otherwise_keep_the_generic_path(
     assert f"CPU decode: layer by layer ({reason}" in caplog.text
 
 
-def test_layers_with_attention_sinks_keep_the_generic_path(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The stack's softmax has no sinks (gpt-oss): a model one of whose layers has them keeps its own
-    forward, whose attention backend takes them."""
-    loaded = _model(tmp_path, "Q8_0", False)
-    caches = make_kv_caches(loaded, 4, BLOCK_SIZE)
-    attention = loaded.model.model.layers[1].self_attn
-    attention.spec = replace(attention.spec, sinks=True)
-    with caplog.at_level(logging.INFO, logger=fused_decode.__name__):
-        assert build_fused_decode(loaded.model, caches, TorchAttentionBackend()) is None
-    assert "CPU decode: layer by layer (attention sinks" in caplog.text
-
-
 @pytest.mark.parametrize("multimodal", [False, True], ids=["causal-lm", "multimodal"])
 def test_ministral3_keeps_the_generic_path(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, multimodal: bool

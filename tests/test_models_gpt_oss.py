@@ -121,12 +121,12 @@ def test_norm_multiplies_its_weight_in_float32_as_transformers_does() -> None:
 
 
 @pytest.mark.skipif(quant_library() is None, reason="no AVX2 CPU or C compiler here")
-def test_int8_experts_take_the_experts_kernel_and_the_fused_stack_refuses_the_sinks(
+def test_int8_experts_take_the_experts_kernel_and_the_fused_stack(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Under --quantization int8 every linear and expert is quantized, yet the fused decode stack (no
-    sinks, no biased experts) is refused, naming the family; each layer's experts take the fused
-    experts kernel (gate/up biases and the clamped SwiGLU)."""
+    """Under --quantization int8 every linear and expert is quantized: each layer's experts take the
+    fused experts kernel (gate/up biases and the clamped SwiGLU), and decode steps the fused stack
+    (sinks, the router's and the experts' biases; tests/test_cpu_fused_decode_gpt_oss.py checks it)."""
     from batchlm.models.loader import load_model
 
     loaded = load_model(_write(tmp_path, WINDOW), torch.float32, CPU, progress=False, quantization="int8")
@@ -134,5 +134,5 @@ def test_int8_experts_take_the_experts_kernel_and_the_fused_stack_refuses_the_si
     assert all(e.quantized is not None and e.quantized.kernel is not None for e in experts)
     caches = make_kv_caches(loaded, 4)
     with caplog.at_level(logging.INFO, logger=fused_decode.__name__):
-        assert fused_decode.build_fused_decode(loaded.model, caches, TorchAttentionBackend()) is None
-    assert "attention sinks, which the fused call does not compute (GptOssForCausalLM)" in caplog.text
+        assert fused_decode.build_fused_decode(loaded.model, caches, TorchAttentionBackend()) is not None
+    assert "run the whole stack in one fused call" in caplog.text

@@ -43,15 +43,17 @@ static void new_key_value(const DecodeShape *shape, const DecodeLayer *layer, co
 }
 
 /* scores[0..length) -> their softmax. The exponentials go 8 at a time (lane by lane the same as one at
- * a time), the total is summed in order. */
-static void softmax_in_place(float *scores, long length) {
-    float best = -FLT_MAX, total = 0.0f;
+ * a time), the total is summed in order. With `sink` (else NULL), *sink is one more score whose weight
+ * goes to no value (gpt-oss); it starts the max, as the decode kernel's does. */
+static void softmax_in_place(float *scores, long length, const float *sink) {
+    float best = sink ? *sink : -FLT_MAX, total = 0.0f;
     for (long t = 0; t < length; t++) best = scores[t] > best ? scores[t] : best;
     long t = 0;
     for (; t + 8 <= length; t += 8)
         _mm256_storeu_ps(scores + t, exp256(_mm256_sub_ps(_mm256_loadu_ps(scores + t), _mm256_set1_ps(best))));
     for (; t < length; t++) scores[t] = _mm256_cvtss_f32(exp256(_mm256_set1_ps(scores[t] - best)));
     for (t = 0; t < length; t++) total += scores[t];
+    if (sink) total += _mm256_cvtss_f32(exp256(_mm256_set1_ps(*sink - best)));
     for (t = 0; t < length; t++) scores[t] /= total;
 }
 
@@ -82,7 +84,7 @@ static void attend_heads(const DecodeShape *shape, const DecodeLayer *layer, con
         if (key) row[span - 1] = dot_cached(q + j * D, key, D, shape->scale, 0);
         if (layer->softcap > 0.0f)
             for (long t = 0; t < span; t++) row[t] = layer->softcap * tanhf(row[t] / layer->softcap);
-        softmax_in_place(row, span);
+        softmax_in_place(row, span, layer->sinks ? layer->sinks + h0 + j : NULL);
     }
     float *out = attn + b * H * D + h0 * D;
     for (long d = 0; d < n * D; d++) out[d] = 0.0f;

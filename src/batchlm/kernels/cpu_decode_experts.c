@@ -14,6 +14,9 @@ typedef struct {
     const long *ids, *starts;
     const int64_t *tokens;
     const float *weights;
+    /* route_rows' own: row b's j-th choice (best first) chosen[b * k + j], its weight picked[b * k + j]. */
+    const long *chosen;
+    const float *picked;
 } ExpertRuns;
 
 /* The experts' activation of [gate | up] (batchlm_moe_experts' `activation`). */
@@ -187,6 +190,30 @@ static void route_rows(const float *logits, long B, long E, long k, int renormal
     runs->starts = starts;
     runs->tokens = tokens;
     runs->weights = weights;
+    runs->chosen = chosen;
+    runs->picked = picked;
+}
+
+/* logits[:, e] += bias[e] for the experts [first, last): the router's bias (gpt-oss), after the product
+ * as a linear layer adds it. */
+static void add_router_bias(float *logits, long B, long E, const float *bias, long first, long last) {
+    for (long b = 0; b < B; b++)
+        for (long e = first; e < last; e++) logits[b * E + e] += bias[e];
+}
+
+/* out[b, from..to) += row b's routing-weighted sum of its k experts' down biases (bias [experts, K]),
+ * summed over its choices best first and added once, as FusedMoE adds it after the experts' sum.
+ * sum: [K] scratch. */
+static void add_down_bias(float *out, long B, long K, long k, const ExpertRuns *runs, const float *bias, long from,
+                          long to, float *sum) {
+    for (long b = 0; b < B; b++) {
+        for (long c = from; c < to; c++) sum[c] = 0.0f;
+        for (long j = 0; j < k; j++) {
+            const float weight = runs->picked[b * k + j], *row = bias + runs->chosen[b * k + j] * K;
+            for (long c = from; c < to; c++) sum[c] += weight * row[c];
+        }
+        for (long c = from; c < to; c++) out[b * K + c] += sum[c];
+    }
 }
 
 /* logits[:, e] = x @ router[e] for this thread's experts [first, last) (float32 dot products; four rows

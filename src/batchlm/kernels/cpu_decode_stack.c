@@ -10,6 +10,8 @@
  *     h += down(silu(gate(rmsnorm(h))) * up(rmsnorm(h)))
  *
  * or, in a mixture-of-experts layer, h += the routed experts' weighted sum (cpu_decode_experts.c).
+ * gpt-oss's sinks, router bias and expert biases are NULL pointers for the other families, tested
+ * once a head or a stage, never in a loop over tokens or columns.
  *
  * Each thread takes a fixed share of every matmul's 16-row panels (gate and up panels in pairs, so
  * the SiLU product needs no exchange) and of the (request, KV group) attention items; threads meet
@@ -46,6 +48,13 @@ typedef struct {
     const int *expert_gate_up_layout;
     const uint8_t *const *expert_down;
     const int *expert_down_layout;
+    const float *sinks; /* [heads]: each query head's sink logit, a score without a value (gpt-oss), or NULL */
+    /* gpt-oss's experts: the router's bias [experts], each expert's gate/up bias [2 * expert_inter] and
+     * the down biases [experts, hidden] (each row's routing-weighted sum of its experts' added once,
+     * after theirs), or NULL. */
+    const float *router_bias;
+    const float *const *expert_gate_up_bias;
+    const float *expert_down_bias;
 } DecodeLayer;
 
 /* The model's sizes. */
@@ -59,6 +68,10 @@ typedef struct {
     long rotary_dim; /* the leading dimensions of each head that RoPE turns (head_dim, or fewer) */
     float eps, scale;
     const float *final_norm; /* [hidden] */
+    /* The experts' activation (EXPERT_SILU or EXPERT_CLAMPED_SWIGLU, cpu_decode_experts.c) and the
+     * clamped SwiGLU's alpha and limit. */
+    long expert_activation;
+    float swiglu_alpha, swiglu_limit;
 } DecodeShape;
 
 /* One step's rows, each one new token. Rows of one request (a speculative verify chunk laid out as
@@ -279,17 +292,24 @@ static void dense_mlp(const DecodeShape *shape, const DecodeLayer *layer, long B
 static void expert_mlp(const DecodeShape *shape, const DecodeLayer *layer, long B, const StepBuffers *buf,
                        const ThreadScratch *s, long me, long team, int isa, StageBarrier *barrier) {
     const long n = shape->hidden, E = shape->experts, I = shape->expert_inter;
-    const ExpertWeights w = {layer->expert_gate_up, layer->expert_gate_up_layout, layer->expert_down,
-                             layer->expert_down_layout};
+    const ExpertWeights w = {layer->expert_gate_up,       layer->expert_gate_up_layout, layer->expert_down,
+                             layer->expert_down_layout,   layer->expert_gate_up_bias,   (int)shape->expert_activation,
+                             shape->swiglu_alpha,         shape->swiglu_limit};
     long first, last;
     share(E, me, team, &first, &last);
     router_logits(s->normed, B, n, layer->router, E, first, last, buf->logits);
+    if (layer->router_bias) add_router_bias(buf->logits, B, E, layer->router_bias, first, last);
     stage_done(barrier, team);
     ExpertRuns runs;
     route_rows(buf->logits, B, E, shape->top_k, (int)shape->renormalize, s->routing, &runs);
     expert_gate_up_share(s->normed, n, I, &runs, &w, buf->gu, s->rows_k, s, me, team, isa);
     stage_done(barrier, team);
     expert_down_share(B, n, I, &runs, &w, buf->gu, s->act, s->rows_k, buf->out, s, me, team, isa);
+    if (layer->expert_down_bias) {
+        share((n + QPANEL - 1) / QPANEL, me, team, &first, &last); /* expert_down_share's columns */
+        add_down_bias(buf->out, B, n, shape->top_k, &runs, layer->expert_down_bias, first * QPANEL,
+                      last * QPANEL < n ? last * QPANEL : n, s->row);
+    }
     stage_done(barrier, team);
 }
 

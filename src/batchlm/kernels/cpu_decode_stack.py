@@ -1,7 +1,9 @@
 """A whole decode step of a Llama-style decoder with quantized weights in one C call
 (cpu_decode_stack.c): every layer's norms, matmuls, rotary, KV-cache write, attention, SiLU (or a
 mixture-of-experts layer's routing and routed experts, cpu_decode_experts.c) and residual adds, then
-the final norm and optionally the LM head, with no torch op or Python in between.
+the final norm and optionally the LM head, with no torch op or Python in between. gpt-oss's parts
+(attention sinks, the router's and the experts' biases, the clamped SwiGLU) are optional pointers and
+fields, NULL or zero for the other families.
 
 `DecodeStack` holds the C-side description of a model (pointers into its packed weights, norms and
 KV caches, which must stay alive and in place); `run` takes one step's rows. The library is built
@@ -61,16 +63,27 @@ class StackShape:
     gelu: bool = False
     # The leading dimensions of each head that RoPE turns (Phi-4-mini: part of the head); 0: all.
     rotary_dim: int = 0
+    # The experts' activation: the kind of cpu_moe.py's ExpertActivation (SiLU * up, or gpt-oss's
+    # clamped SwiGLU with its alpha and limit).
+    expert_activation: int = 0
+    swiglu_alpha: float = 0.0
+    swiglu_limit: float = 0.0
 
 
 @dataclass(frozen=True)
 class StackExperts:
     """A mixture-of-experts layer's router (float32 [experts, hidden]) and its experts' packed gate/up
-    ([2 * expert_inter, hidden], gate rows first) and down ([hidden, expert_inter]) weights."""
+    ([2 * expert_inter, hidden], gate rows first) and down ([hidden, expert_inter]) weights; gpt-oss's
+    biases (float32, contiguous) where the layer has them: the router's [experts], each expert's gate/up
+    [2 * expert_inter] and the down biases [experts, hidden], each row's routing-weighted sum of its
+    experts' added once after their sum."""
 
     router: torch.Tensor
     gate_up: tuple[QuantizedWeight, ...]
     down: tuple[QuantizedWeight, ...]
+    router_bias: torch.Tensor | None = None
+    gate_up_bias: tuple[torch.Tensor, ...] | None = None
+    down_bias: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +113,8 @@ class StackLayer:
     mlp_out_norm: torch.Tensor | None = None
     window: int = 0  # a sliding-window layer attends to a row's last `window` tokens
     softcap: float = 0.0  # Gemma 2: attention scores capped to softcap * tanh(score / softcap)
+    # gpt-oss: each query head's sink logit [heads] (float32), one more score of its softmax, valueless.
+    sinks: torch.Tensor | None = None
 
 
 class _Layer(ctypes.Structure):
@@ -128,6 +143,10 @@ class _Layer(ctypes.Structure):
         ("expert_gate_up_layout", ctypes.c_void_p),
         ("expert_down", ctypes.c_void_p),
         ("expert_down_layout", ctypes.c_void_p),
+        ("sinks", ctypes.c_void_p),
+        ("router_bias", ctypes.c_void_p),
+        ("expert_gate_up_bias", ctypes.c_void_p),
+        ("expert_down_bias", ctypes.c_void_p),
     ]
 
 
@@ -144,6 +163,9 @@ class _Shape(ctypes.Structure):
         ("eps", ctypes.c_float),
         ("scale", ctypes.c_float),
         ("final_norm", ctypes.c_void_p),
+        ("expert_activation", ctypes.c_long),
+        ("swiglu_alpha", ctypes.c_float),
+        ("swiglu_limit", ctypes.c_float),
     ]
 
 
@@ -185,12 +207,15 @@ def fits(shape: StackShape, kv_caches: list[torch.Tensor]) -> str | None:
 def _mlps_fit(shape: StackShape, layers: list[StackLayer]) -> str | None:
     for layer in layers:
         experts = layer.experts
-        if experts is None and (layer.gate_up is None or layer.down is None):
-            return "a layer has neither a dense MLP nor experts"
-        if experts is not None and not (
-            len(experts.gate_up) == len(experts.down) == shape.experts == experts.router.shape[0]
-        ):
+        if experts is None:
+            if layer.gate_up is None or layer.down is None:
+                return "a layer has neither a dense MLP nor experts"
+            continue
+        biases = experts.gate_up_bias
+        if not len(experts.gate_up) == len(experts.down) == shape.experts == experts.router.shape[0]:
             return "a layer's experts do not match the shape's count"
+        if biases is not None and len(biases) != shape.experts:
+            return "a layer's experts' gate/up biases do not match the shape's count"
     return None
 
 
@@ -212,6 +237,7 @@ class DecodeStack:
             shape.experts, shape.top_k, shape.expert_inter, int(shape.renormalize), int(shape.gelu),
             shape.rotary_dim or shape.head_dim,
             shape.eps, shape.scale, shape.final_norm.data_ptr(),
+            shape.expert_activation, shape.swiglu_alpha, shape.swiglu_limit,
         )  # fmt: skip
         self._expert_tables = [
             None if layer.experts is None else _ExpertTables(layer.experts) for layer in layers
@@ -253,7 +279,8 @@ class DecodeStack:
 
 
 class _ExpertTables:
-    """The C arrays of a layer's experts' weight pointers and layouts (kept alive with the stack)."""
+    """The C arrays of a layer's experts' weight pointers, layouts and biases (kept alive with the
+    stack)."""
 
     def __init__(self, experts: StackExperts) -> None:
         count = len(experts.gate_up)
@@ -263,6 +290,10 @@ class _ExpertTables:
         self.down = pointers(*(weight.data.data_ptr() for weight in experts.down))
         self.down_layout = layouts(*(weight.layout for weight in experts.down))
         self.router = experts.router.data_ptr()
+        self.router_bias = pointer_of(experts.router_bias)
+        biases = experts.gate_up_bias
+        self.gate_up_bias = None if biases is None else pointers(*(bias.data_ptr() for bias in biases))
+        self.down_bias = pointer_of(experts.down_bias)
 
 
 def _parts(weight: PackedWeight | None) -> PackedParts:
@@ -284,6 +315,13 @@ def _layer(layer: StackLayer, experts: _ExpertTables | None) -> _Layer:
             (None,) * 5 if experts is None else (
                 experts.router, address(experts.gate_up), address(experts.gate_up_layout),
                 address(experts.down), address(experts.down_layout),
+            )
+        ),
+        pointer_of(layer.sinks),
+        *(
+            (None,) * 3 if experts is None else (
+                experts.router_bias, None if experts.gate_up_bias is None else address(experts.gate_up_bias),
+                experts.down_bias,
             )
         ),
     )  # fmt: skip

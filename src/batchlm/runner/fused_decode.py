@@ -1,6 +1,6 @@
 """The CPU runner's fused decode path: steps that only decode, for up to MAX_ROWS requests, of a Llama-style,
-Gemma or GLM-4 model whose linears all run on the quantized CPU kernels (a mixture-of-experts model's
-experts included) go through one C call for the whole stack (kernels/cpu_decode_stack.py) instead of the
+Gemma, GLM-4 or gpt-oss model whose linears all run on the quantized CPU kernels (a mixture-of-experts
+model's experts included) go through one C call for the whole stack (kernels/cpu_decode_stack.py) instead of the
 model's forward. Every other step, model or device keeps the generic path; for such a model that path
 takes the stack's own norms and gated activations (kernels/cpu_row_ops.py).
 
@@ -27,11 +27,12 @@ from batchlm.kernels.cpu_decode_stack import (
     fits,
     stack_library,
 )
+from batchlm.kernels.cpu_moe import ExpertActivation
 from batchlm.kernels.cpu_row_ops import StackRowOps
 from batchlm.kernels.quant_panels import PackedWeight
 from batchlm.layers.activation import GeluTanhAndMul, SiluAndMul
 from batchlm.layers.moe import MoESpec, SparseMoeBlock
-from batchlm.layers.norm import RMSNorm
+from batchlm.layers.norm import Float32WeightRMSNorm, RMSNorm
 from batchlm.layers.quantization.cpu_quantized import CPU_QUANTIZED, store
 from batchlm.layers.quantization.layer import MethodLayer
 from batchlm.models.gemma import Gemma2ForCausalLM, GemmaDecoderLayer, GemmaModel, GemmaRMSNorm
@@ -128,8 +129,8 @@ def _unsupported(model: torch.nn.Module, kv_caches: list[torch.Tensor], attn: At
         return "not a Llama- or Gemma-style model on the CPU attention backend"
     if (reason := _other_blocks(model)) is not None:
         return reason
-    if not _is_rms_norm(model.model.norm):
-        return "a final norm other than RMSNorm"
+    if (reason := _unsupported_norm(model.model.norm)) is not None:
+        return f"final norm: {reason}"
     moe_specs: set[MoESpec] = set()
     rotary_dims: set[int] = set()
     epsilons = {_epsilon(model.model.norm)}
@@ -153,8 +154,9 @@ def _unsupported(model: torch.nn.Module, kv_caches: list[torch.Tensor], attn: At
         if not all(isinstance(m, MethodLayer) and m.method is CPU_QUANTIZED for m in linears):
             return "not every linear runs on the quantized CPU kernels"
         norms = [*_block_norms(layer), attention.q_norm, attention.k_norm]
-        if any(norm is not None and not _is_rms_norm(norm) for norm in norms):
-            return "a norm other than RMSNorm"
+        for norm in norms:
+            if norm is not None and (reason := _unsupported_norm(norm)) is not None:
+                return reason
         epsilons |= {_epsilon(norm) for norm in norms if norm is not None}
         if not attention.qkv_proj.tp.is_single:
             return "tensor parallel"
@@ -171,8 +173,9 @@ def _unsupported(model: torch.nn.Module, kv_caches: list[torch.Tensor], attn: At
 def _other_blocks(model: LlamaForCausalLM | Gemma2ForCausalLM) -> str | None:
     """Why the stack cannot stand for the model's decoder, or None. The stack computes Llama's,
     Gemma's and GLM-4's decoder stacks, blocks and attention as they are (GLM-4's: Gemma's four norms,
-    plain RMS ones): a family that subclasses them to compute otherwise (Granite's scaled residuals,
-    Ministral 3's queries scaled by position) keeps the model's own forward."""
+    plain RMS ones; gpt-oss's: Llama's, with sinks): a family that subclasses them to compute otherwise
+    (Granite's scaled residuals, Ministral 3's queries scaled by position) keeps the model's own
+    forward."""
     if type(model.model) not in (LlamaModel, GemmaModel):
         return f"a decoder stack the fused call does not compute ({type(model.model).__name__})"
     for layer in model.model.layers:
@@ -180,17 +183,15 @@ def _other_blocks(model: LlamaForCausalLM | Gemma2ForCausalLM) -> str | None:
             return f"decoder layers the fused call does not compute ({type(layer).__name__})"
         if type(layer.self_attn) is not LlamaAttention:
             return f"attention the fused call does not compute ({type(layer.self_attn).__name__})"
-        if layer.self_attn.spec.sinks:
-            return f"attention sinks, which the fused call does not compute ({type(model).__name__})"
     return None
 
 
 def _unsupported_experts(block: SparseMoeBlock) -> str | None:
+    """Why the stack cannot run the block's experts, or None: it runs them where the experts kernel
+    does (quantized, SiLU or clamped SwiGLU, with gpt-oss's biases or without)."""
     experts = block.experts.quantized
     if experts is None or experts.kernel is None:
-        return "mixture-of-experts layers whose experts are not quantized SiLU experts on the CPU kernels"
-    if block.gate.bias is not None:
-        return "a router with a bias"
+        return "mixture-of-experts layers whose experts are not quantized experts on the CPU kernels"
     return None
 
 
@@ -214,8 +215,18 @@ def _block_norms(layer: LlamaDecoderLayer | GemmaDecoderLayer) -> tuple[nn.Modul
     return layer.input_layernorm, layer.post_attention_layernorm
 
 
+def _unsupported_norm(norm: nn.Module) -> str | None:
+    if type(norm) is Float32WeightRMSNorm and norm.weight.dtype != torch.float32:
+        return f"gpt-oss's norms in {norm.weight.dtype}, which round otherwise than the stack's float32 ones"
+    return None if _is_rms_norm(norm) else "a norm other than RMSNorm"
+
+
 def _is_rms_norm(norm: nn.Module) -> bool:
-    """A norm the stack computes: RMSNorm, or Gemma's with its 1 + weight (subclasses may differ)."""
+    """A norm the stack computes: RMSNorm, Gemma's with its 1 + weight (subclasses may differ), and
+    gpt-oss's Float32WeightRMSNorm where its weight is float32 (a float32 model, the CPU's default):
+    there it is RMSNorm; in bfloat16 it rounds otherwise."""
+    if type(norm) is Float32WeightRMSNorm:
+        return norm.weight.dtype == torch.float32
     return type(norm) in (RMSNorm, GemmaRMSNorm)
 
 
@@ -240,8 +251,9 @@ def _shape(model: LlamaForCausalLM | Gemma2ForCausalLM, kv_cache: torch.Tensor) 
     assert isinstance(first, (LlamaDecoderLayer, GemmaDecoderLayer))
     attention = first.self_attn
     dense = [layer.mlp for layer in layers if isinstance(layer.mlp, LlamaMLP)]
-    sparse: list[MoESpec] = [layer.mlp.spec for layer in layers if isinstance(layer.mlp, SparseMoeBlock)]
-    spec = sparse[0] if sparse else None
+    sparse = [layer.mlp for layer in layers if isinstance(layer.mlp, SparseMoeBlock)]
+    spec = sparse[0].spec if sparse else None
+    activation = _expert_activation(sparse[0]) if sparse else ExpertActivation()
     final_norm = _factor(model.model.norm)
     assert final_norm is not None
     return StackShape(
@@ -260,7 +272,17 @@ def _shape(model: LlamaForCausalLM | Gemma2ForCausalLM, kv_cache: torch.Tensor) 
         renormalize=spec.renormalize if spec else False,
         gelu=bool(dense) and isinstance(dense[0].act_fn, GeluTanhAndMul),
         rotary_dim=attention.rotary_emb.rotary_dim,
+        expert_activation=activation.kind,
+        swiglu_alpha=activation.alpha,
+        swiglu_limit=activation.limit,
     )
+
+
+def _expert_activation(block: SparseMoeBlock) -> ExpertActivation:
+    """The activation the experts kernel computes for the block (every sparse layer's: one MoESpec)."""
+    experts = block.experts.quantized
+    assert experts is not None and experts.kernel is not None
+    return experts.kernel.activation
 
 
 def _layer(
@@ -291,6 +313,7 @@ def _layer(
         mlp_out_norm=after[1] if after else None,
         window=attention.spec.sliding_window or 0,
         softcap=attention.spec.logit_softcap or 0.0,
+        sinks=_optional(attention.sinks),
     )
 
 
@@ -310,10 +333,14 @@ def _rotation_table(attention: LlamaAttention, unrotated: dict[torch.Size, torch
 def _experts(block: SparseMoeBlock) -> StackExperts:
     experts = block.experts.quantized
     assert experts is not None
+    gate_up_bias = _optional(block.experts.gate_up_proj_bias)
     return StackExperts(
         router=_float32(block.gate.weight),
         gate_up=tuple(store.finish_whole() for store in experts.gate_up),
         down=tuple(store.finish_whole() for store in experts.down),
+        router_bias=_optional(block.gate.bias),
+        gate_up_bias=None if gate_up_bias is None else tuple(gate_up_bias.unbind(0)),
+        down_bias=_optional(block.experts.down_proj_bias),
     )
 
 
