@@ -166,6 +166,37 @@ SHAPES: dict[str, dict[str, Any]] = {
         "swiglu_limit": 7.0,
         "tie_word_embeddings": False,
     },
+    # gpt-oss-20b's proportions (hidden = expert width, 64-wide heads over 8 KV heads, 32 experts of
+    # which 4 a token, window layers alternating with full ones, sinks, biases) at ~1.35B parameters
+    # (~0.29B active) and SmolLM2's vocabulary: CPU serving of an MXFP4 GGUF against llama-server.
+    "cpu-gpt-oss": {
+        "model_type": "gpt_oss",
+        "hidden_size": 1024,
+        "intermediate_size": 1024,
+        "num_local_experts": 32,
+        "num_experts_per_tok": 4,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "vocab_size": 49152,
+        "sliding_window": 128,
+        "layer_types": ["sliding_attention", "full_attention"] * 6,
+        "attention_bias": True,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+        "rope_parameters": {
+            "rope_type": "yarn",
+            "rope_theta": 150000.0,
+            "factor": 32.0,
+            "original_max_position_embeddings": 4096,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "truncate": False,
+        },
+        "swiglu_limit": 7.0,
+        "tie_word_embeddings": False,
+    },
     # Qwen3-0.6B: per-head q/k norms, tied embeddings.
     "qwen3-0.6b": {
         "model_type": "qwen3",
