@@ -89,7 +89,8 @@ def experts_in_our_layout(
                 del waiting[f"{prefix}.{stack}"]
                 yield from mxfp4_expert_projections(prefix, stack, pair["blocks"], pair["scales"])
         elif param in _TRANSPOSED:
-            yield name, expert_rows(param, _dense(tensor).transpose(1, 2))
+            rows = _dense(tensor).transpose(1, 2)  # [E, out, in]: each expert's output rows first
+            yield name, _gate_then_up(rows, dim=1) if param == "gate_up_proj" else rows
         elif param == "gate_up_proj_bias":
             yield name, _gate_then_up(_dense(tensor), dim=1)
         else:
@@ -116,13 +117,6 @@ def mxfp4_expert_projections(
 
 def _partner(half: str) -> str:
     return _MXFP4_HALVES[1 - _MXFP4_HALVES.index(half)]
-
-
-def expert_rows(param: str, rows: LoadedWeight) -> LoadedWeight:
-    """One layer's expert stack with each expert's output rows first ([E, out, in]: gate_up_proj
-    [E, 2I, H], its gate and up rows interleaved, or down_proj [E, H, I]) in our layout: gate rows,
-    then up rows."""
-    return _gate_then_up(_dense(rows), dim=1) if param == "gate_up_proj" else rows
 
 
 def _dense(tensor: LoadedWeight) -> torch.Tensor:
