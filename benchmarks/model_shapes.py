@@ -12,6 +12,37 @@ from batchlm.models.random_model import ARCHITECTURES
 if TYPE_CHECKING:
     from batchlm import LLM
 
+# gpt-oss-20b: 32 experts (4 a token) with biases, attention sinks, 128-token window layers
+# alternating with full ones, YaRN (~21B parameters, ~3.6B active a token).
+_GPT_OSS_20B: dict[str, Any] = {
+    "model_type": "gpt_oss",
+    "hidden_size": 2880,
+    "intermediate_size": 2880,
+    "num_local_experts": 32,
+    "num_experts_per_tok": 4,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "vocab_size": 201088,
+    "sliding_window": 128,
+    "layer_types": ["sliding_attention", "full_attention"] * 12,
+    "attention_bias": True,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "rope_parameters": {
+        "rope_type": "yarn",
+        "rope_theta": 150000.0,
+        "factor": 32.0,
+        "original_max_position_embeddings": 4096,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "truncate": False,
+    },
+    "swiglu_limit": 7.0,
+    "tie_word_embeddings": False,
+}
+
 SHAPES: dict[str, dict[str, Any]] = {
     "tiny": {
         "model_type": "llama",
@@ -136,66 +167,19 @@ SHAPES: dict[str, dict[str, Any]] = {
         "rope_theta": 1000000.0,
         "tie_word_embeddings": False,
     },
-    # gpt-oss-20b: 32 experts (4 a token) with biases, attention sinks, 128-token window layers
-    # alternating with full ones, YaRN (~21B parameters, ~3.6B active a token).
-    "gpt-oss-20b": {
-        "model_type": "gpt_oss",
-        "hidden_size": 2880,
-        "intermediate_size": 2880,
-        "num_local_experts": 32,
-        "num_experts_per_tok": 4,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 64,
-        "num_key_value_heads": 8,
-        "head_dim": 64,
-        "vocab_size": 201088,
-        "sliding_window": 128,
-        "layer_types": ["sliding_attention", "full_attention"] * 12,
-        "attention_bias": True,
-        "max_position_embeddings": 131072,
-        "rms_norm_eps": 1e-5,
-        "rope_parameters": {
-            "rope_type": "yarn",
-            "rope_theta": 150000.0,
-            "factor": 32.0,
-            "original_max_position_embeddings": 4096,
-            "beta_fast": 32.0,
-            "beta_slow": 1.0,
-            "truncate": False,
-        },
-        "swiglu_limit": 7.0,
-        "tie_word_embeddings": False,
-    },
+    # gpt-oss-20b: _GPT_OSS_20B above.
+    "gpt-oss-20b": _GPT_OSS_20B,
     # gpt-oss-20b's proportions (hidden = expert width, 64-wide heads over 8 KV heads, 32 experts of
     # which 4 a token, window layers alternating with full ones, sinks, biases) at ~1.35B parameters
     # (~0.29B active) and SmolLM2's vocabulary: CPU serving of an MXFP4 GGUF against llama-server.
     "cpu-gpt-oss": {
-        "model_type": "gpt_oss",
+        **_GPT_OSS_20B,
         "hidden_size": 1024,
         "intermediate_size": 1024,
-        "num_local_experts": 32,
-        "num_experts_per_tok": 4,
         "num_hidden_layers": 12,
         "num_attention_heads": 16,
-        "num_key_value_heads": 8,
-        "head_dim": 64,
         "vocab_size": 49152,
-        "sliding_window": 128,
         "layer_types": ["sliding_attention", "full_attention"] * 6,
-        "attention_bias": True,
-        "max_position_embeddings": 131072,
-        "rms_norm_eps": 1e-5,
-        "rope_parameters": {
-            "rope_type": "yarn",
-            "rope_theta": 150000.0,
-            "factor": 32.0,
-            "original_max_position_embeddings": 4096,
-            "beta_fast": 32.0,
-            "beta_slow": 1.0,
-            "truncate": False,
-        },
-        "swiglu_limit": 7.0,
-        "tie_word_embeddings": False,
     },
     # Qwen3-0.6B: per-head q/k norms, tied embeddings.
     "qwen3-0.6b": {
