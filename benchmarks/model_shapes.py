@@ -169,6 +169,17 @@ SHAPES: dict[str, dict[str, Any]] = {
     },
     # gpt-oss-20b: _GPT_OSS_20B above.
     "gpt-oss-20b": _GPT_OSS_20B,
+    # gpt-oss-20b as released: its experts MXFP4 (random MXFP4 stacks with --dummy on a GPU).
+    "gpt-oss-20b-mxfp4": {**_GPT_OSS_20B, "quantization_config": {"quant_method": "mxfp4"}},
+    # gpt-oss-120b as released: 36 layers of 128 experts (4 a token), MXFP4 (~117B parameters, ~5.1B
+    # active a token; ~65 GB with MXFP4 experts, ~234 GB dense bf16).
+    "gpt-oss-120b": {
+        **_GPT_OSS_20B,
+        "num_local_experts": 128,
+        "num_hidden_layers": 36,
+        "layer_types": ["sliding_attention", "full_attention"] * 18,
+        "quantization_config": {"quant_method": "mxfp4"},
+    },
     # gpt-oss-20b's proportions (hidden = expert width, 64-wide heads over 8 KV heads, 32 experts of
     # which 4 a token, window layers alternating with full ones, sinks, biases) at ~1.35B parameters
     # (~0.29B active) and SmolLM2's vocabulary: CPU serving of an MXFP4 GGUF against llama-server.

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from host_contention import BUSY_KINDS, busy_processes, pin_calling_thread_apart
 from model_shapes import SHAPES, write_config_only, write_random_weights
 from structured_outputs import SUMMARY_FIELDS, long_output_schema, override_grammar_settings
-from throughput_floor import WEIGHT_BYTES, Formats, workload_floor
+from throughput_floor import WEIGHT_BYTES, Formats, experts_format, workload_floor
 
 
 def make_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -286,6 +286,7 @@ def main() -> None:
     formats = Formats(
         weights=args.quantization if args.quantization in WEIGHT_BYTES else "bf16",
         kv_cache="fp8" if args.kv_cache_dtype == "fp8" else "bf16",
+        experts=experts_format(SHAPES[args.shape]),
     )
     summary["h200_floor"] = workload_floor(
         SHAPES[args.shape], args.num_requests, args.input_len, args.output_len, formats=formats

@@ -22,6 +22,8 @@ and which admission limit costs least.
 and experts) and the cache at the bytes of those formats; the LM head and MoE routers stay bf16, as
 `--quantization` and the usual FP8 and 4-bit checkpoints leave them. FP8 linears run at the fp8 peak,
 4-bit ones at the bf16 peak; attention at the bf16 peak (an FP8 cache is widened for the dot).
+Experts of a config whose quantization_config is MXFP4 (gpt-oss's) cost 4.25 bits a weight (a scale
+byte per 32 codes), at the bf16 peak (they are widened for the dot).
 `floor_decode_step_ms` is the mean decode step, a single stream's inter-token latency floor.
 """
 
@@ -40,7 +42,7 @@ H200_FP8_FLOPS = 1440e12  # FLOP/s
 
 # Bytes a weight of the layers' linears takes: 4-bit codes carry a 16-bit scale and a 4-bit zero
 # point per group of 128 (GPTQ's and `--quantization w4a16`'s layout); FP8's per-row scales are noise.
-WEIGHT_BYTES = {"bf16": 2.0, "fp8": 1.0, "w4a16": 0.5 + (2 + 0.5) / 128}
+WEIGHT_BYTES = {"bf16": 2.0, "fp8": 1.0, "w4a16": 0.5 + (2 + 0.5) / 128, "mxfp4": 0.5 + 1 / 32}
 KV_BYTES = {"bf16": 2.0, "fp8": 1.0}
 
 
@@ -50,6 +52,8 @@ class Formats:
 
     weights: str = "bf16"
     kv_cache: str = "bf16"
+    # The experts' format where it is not the linears' (MXFP4 checkpoints).
+    experts: str | None = None
 
     def linear_flops(self, bf16_flops: float) -> float:
         # The fp8 peak scaled as the bf16 one is (both from the same machine's measurements).
@@ -129,10 +133,15 @@ def step_seconds(
     """One forward over `tokens` new tokens that attend to `kv_tokens` cached ones (`pairs` query-key
     pairs). overlap=False: the attention and the linears each at their own floor, one after the other
     (as kernels that run in turn take them), instead of all bytes and all FLOPs overlapping."""
-    quantized = cost.dense_params + cost.sparse_layers * active_experts(cost, tokens) * cost.expert_params
+    experts = cost.sparse_layers * active_experts(cost, tokens) * cost.expert_params
     quantized_per_token = cost.dense_params + cost.sparse_layers * cost.top_k * cost.expert_params
     bf16_params = cost.lm_head_params + cost.router_params  # read and multiplied by every token
-    weight_bytes = quantized * WEIGHT_BYTES[formats.weights] + bf16_params * BYTES_PER_VALUE
+    expert_bytes = WEIGHT_BYTES[formats.experts or formats.weights]
+    weight_bytes = (
+        cost.dense_params * WEIGHT_BYTES[formats.weights]
+        + experts * expert_bytes
+        + bf16_params * BYTES_PER_VALUE
+    )
     cache_bytes = kv_tokens * cost.kv_values_per_token * KV_BYTES[formats.kv_cache]
     attention_seconds = pairs * cost.attention_flops_per_pair / flops
     linear_seconds = 2 * tokens * (quantized_per_token / formats.linear_flops(flops) + bf16_params / flops)
@@ -140,6 +149,12 @@ def step_seconds(
         linears = max(weight_bytes / bandwidth, linear_seconds)
         return linears + max(cache_bytes / bandwidth, attention_seconds)
     return max((weight_bytes + cache_bytes) / bandwidth, linear_seconds + attention_seconds)
+
+
+def experts_format(config: dict[str, Any]) -> str | None:
+    """ "mxfp4" for a config whose checkpoint keeps its experts MXFP4, else None (the linears' format)."""
+    quantization = config.get("quantization_config") or {}
+    return "mxfp4" if str(quantization.get("quant_method", "")).lower() == "mxfp4" else None
 
 
 def workload_floor(
@@ -283,12 +298,15 @@ def main() -> None:
     )
     parser.add_argument("--max-num-seqs", type=int, default=None, help="with --kv-capacity-tokens")
     parser.add_argument(
-        "--weights", choices=sorted(WEIGHT_BYTES), default="bf16", help="the layers' linear weights"
+        "--weights",
+        choices=sorted(set(WEIGHT_BYTES) - {"mxfp4"}),
+        default="bf16",
+        help="the layers' linear weights (an MXFP4 config's experts are MXFP4 whatever this says)",
     )
     parser.add_argument("--kv-cache-dtype", choices=sorted(KV_BYTES), default="bf16")
     args = parser.parse_args()
     config = SHAPES[args.shape]
-    formats = Formats(args.weights, args.kv_cache_dtype)
+    formats = Formats(args.weights, args.kv_cache_dtype, experts_format(config))
     workload = (config, args.num_requests, args.input_len, args.output_len)
     floor = workload_floor(*workload, formats=formats)
     # The same workload with attention and linears each at their own floor in turn, not overlapped.

@@ -1,7 +1,7 @@
 """gpt-oss's released form: quantization_config quant_method "mxfp4", each layer's experts as MXFP4
 `_blocks` / `_scales` pairs (gate/up rows interleaved) beside bf16 biases and other weights. Against
 transformers' GptOssForCausalLM on the same weights dequantized by its own convert_moe_packed_tensors:
-the experts dense (a GPU's load, the kernels turned off here) match its greedy tokens and logprobs
+the experts dense (the kernels turned off here) match its greedy tokens and logprobs
 tightly; kept as blocks on the quantized CPU kernels, its logits within the kernels' activation
 rounding (tests/test_cpu_quantized_model.py) and its greedy tokens. Pairs split across shards, in
 either order, load alike; a pair without its partner is refused by name."""
@@ -125,7 +125,7 @@ def _experts(loaded: LoadedModel) -> list[FusedMoE]:
 def test_dense_experts_match_transformers(
     checkpoints: tuple[dict[str, torch.Tensor], Path, Path], monkeypatch: pytest.MonkeyPatch, shards: int
 ) -> None:
-    """Off the quantized CPU kernels (as on a GPU) the experts load dense, dequantized as they arrive."""
+    """Off the quantized CPU kernels the experts load dense, dequantized as they arrive."""
     tensors, dense_dir, tmp_path = checkpoints
     monkeypatch.setattr(registry, "kernels_available", lambda: False)
     loaded = load_fp32_cpu(_mxfp4_dir(tmp_path / f"dense-{shards}", dense_dir, tensors, shards))
@@ -217,13 +217,15 @@ def test_int8_on_an_mxfp4_checkpoint_is_refused(
 
 
 def test_the_load_log_says_where_the_experts_run() -> None:
-    """On a GPU (no MXFP4 kernel there yet) the experts are dense in the model's dtype."""
+    """On a GPU the experts stay MXFP4 stacks (tests/test_moe_mxfp4.py); where they cannot, dense."""
     from collections import Counter
 
-    on_gpu = mxfp4_experts_summary(Counter(), torch.bfloat16, torch.device("cuda:0"))
+    on_gpu = mxfp4_experts_summary(Counter({"MXFP4 experts": 2}), torch.bfloat16, torch.device("cuda:0"))
     assert on_gpu == (
-        "experts dequantized to dense bfloat16 on cuda:0 (no MXFP4 kernel there yet: its memory must "
-        "hold them); other weights dense bfloat16"
+        "experts kept as MXFP4 stacks on cuda:0 (widened to bfloat16 as the grouped GEMM reads them); "
+        "other weights dense bfloat16"
     )
+    dense = mxfp4_experts_summary(Counter(), torch.bfloat16, torch.device("cuda:0"))
+    assert dense.startswith("experts dequantized to dense bfloat16 on cuda:0 (MXFP4 stacks need")
     on_kernels = mxfp4_experts_summary(Counter({"quantized experts": 2}), torch.float32, torch.device("cpu"))
     assert on_kernels.startswith("experts kept as MXFP4 blocks on the quantized CPU kernels")

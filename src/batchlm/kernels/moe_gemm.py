@@ -7,6 +7,11 @@ weights. Rows are gathered from the activations and scattered to the output thro
 so neither side is ever permuted in memory. Padding rows and blocks past the last expert's run are
 masked off or skipped. K (the hidden or the intermediate size) is a compile-time constant: a model
 compiles two variants per block size (it also keeps the interpreter off runtime loop bounds).
+
+The weights are the model's dtype, or MXFP4 (`Mxfp4Stack`: gpt-oss's experts as released, a quarter
+of bf16's bytes). An MXFP4 tile is widened in registers to exact values of the activations' dtype
+before the dot: an e2m1 code placed in a float's exponent and mantissa bits, a scale byte in an
+exponent, so no table lookup and no rounding.
 """
 
 from __future__ import annotations
@@ -17,8 +22,37 @@ import torch
 import triton
 import triton.language as tl
 
+from batchlm.kernels.mxfp4_layout import Mxfp4Stack
+
 if TYPE_CHECKING:  # the layer above hands the blocks down; kernels import no layer at run time
     from batchlm.layers.moe_routing import ExpertBlocks
+
+
+@triton.jit
+def _e2m1_values(codes):
+    """The e2m1 values of 4-bit codes (int32) as float32: the code's exponent and mantissa bits put
+    in a float's lowest exponent bits and top mantissa bit give the value times 2^-126 (code 1, the
+    one subnormal, lands on a subnormal float), and its sign bit in the float's sign."""
+    bits = ((codes & 7) << 22) | ((codes & 8) << 28)
+    return bits.to(tl.float32, bitcast=True) * 2.0**126
+
+
+@triton.jit
+def _e8m0_scales(exponents):
+    """2^(e - 127) for exponent bytes e (int32) as float32: e in a float's exponent field (e = 0, a
+    subnormal, by its mantissa bit)."""
+    return tl.where(exponents == 0, 1 << 22, exponents << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mxfp4_tile(codes, exponents, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_N, BLOCK_K] float32 weights of uint8 code bytes [BLOCK_N, BLOCK_K / 2] and each byte's
+    scale byte (the same shape): input 2j from byte j's low nibble, 2j + 1 from its high one."""
+    codes = codes.to(tl.int32)
+    scales = _e8m0_scales(exponents.to(tl.int32))
+    low = _e2m1_values(codes & 15) * scales
+    high = _e2m1_values(codes >> 4) * scales
+    return tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))
 
 
 # The slot count changes every step: not specializing on it (Triton would on `% 16 == 0`) keeps one
@@ -26,7 +60,8 @@ if TYPE_CHECKING:  # the layer above hands the blocks down; kernels import no la
 @triton.jit(do_not_specialize=["num_slots"])
 def _grouped_gemm_kernel(
     a_ptr,
-    b_ptr,
+    b_ptr,  # [E, N, K] weights, or with MXFP4 uint8 [E, N, K / 2] codes
+    b_scales_ptr,  # MXFP4: uint8 [E, N, K / 32] scale bytes
     c_ptr,
     slot_weights_ptr,
     sorted_slots_ptr,
@@ -40,10 +75,13 @@ def _grouped_gemm_kernel(
     stride_be,
     stride_bn,
     stride_bk,
+    stride_se,
+    stride_sn,
     stride_cm,
     stride_cn,
     K: tl.constexpr,
     MUL_SLOT_WEIGHTS: tl.constexpr,
+    MXFP4: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -65,15 +103,32 @@ def _grouped_gemm_kernel(
     col_ok = cols < N
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak
-    b_ptrs = b_ptr + expert * stride_be + cols[None, :] * stride_bn + ks[:, None] * stride_bk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = ks < K - k0
-        a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+    if MXFP4:
+        # K is whole groups and BLOCK_K a multiple of one: a tile's bytes are all in or all out.
+        half = tl.arange(0, BLOCK_K // 2)
+        code_ptrs = b_ptr + expert * stride_be + cols[:, None] * stride_bn + half[None, :]
+        scale_ptrs = b_scales_ptr + expert * stride_se + cols[:, None] * stride_sn + (half // 16)[None, :]
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = ks < K - k0
+            byte_ok = col_ok[:, None] & (half < (K - k0) // 2)[None, :]
+            a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
+            codes = tl.load(code_ptrs, mask=byte_ok, other=0)
+            exponents = tl.load(scale_ptrs, mask=byte_ok, other=0)
+            w = _mxfp4_tile(codes, exponents, BLOCK_N, BLOCK_K).to(a.dtype)
+            acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            code_ptrs += BLOCK_K // 2
+            scale_ptrs += BLOCK_K // 32
+    else:
+        b_ptrs = b_ptr + expert * stride_be + cols[None, :] * stride_bn + ks[:, None] * stride_bk
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = ks < K - k0
+            a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
     if MUL_SLOT_WEIGHTS:
         acc = acc * tl.load(slot_weights_ptr + slots, mask=valid, other=0.0)[:, None]
     c_ptrs = c_ptr + slots[:, None] * stride_cm + cols[None, :] * stride_cn
@@ -82,14 +137,15 @@ def _grouped_gemm_kernel(
 
 def grouped_gemm(
     a: torch.Tensor,
-    weights: torch.Tensor,
+    weights: torch.Tensor | Mxfp4Stack,
     blocks: ExpertBlocks,
     a_row_divisor: int,
     slot_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """c[s] = a[s // a_row_divisor] @ weights[expert(s)]^T for every slot s (times slot_weights[s]).
 
-    a: [rows, K]; weights: [E, N, K] stacked per expert; returns c: [num_slots, N] in a's dtype.
+    a: [rows, K]; weights: [E, N, K] stacked per expert (in a's dtype, or MXFP4 with K whole
+    groups of 32); returns c: [num_slots, N] in a's dtype.
     """
     _, n, k = weights.shape
     c = torch.empty((blocks.num_slots, n), dtype=a.dtype, device=a.device)
@@ -98,33 +154,19 @@ def grouped_gemm(
     block_n, block_k = (64, 32) if n <= 64 else (128, 64)
     grid = (blocks.block_experts.numel() * triton.cdiv(n, block_n),)
     scale = slot_weights if slot_weights is not None else a
+    if isinstance(weights, Mxfp4Stack):
+        b, b_scales = weights.codes, weights.scales
+        b_strides = (b.stride(0), b.stride(1), 1, b_scales.stride(0), b_scales.stride(1))
+    else:
+        b = b_scales = weights
+        b_strides = (b.stride(0), b.stride(1), b.stride(2), 0, 0)
     _grouped_gemm_kernel[grid](
-        a,
-        weights,
-        c,
-        scale,
-        blocks.sorted_slots,
-        blocks.block_experts,
-        blocks.padded_rows,
-        n,
-        blocks.num_slots,
-        a_row_divisor,
-        a.stride(0),
-        a.stride(1),
-        weights.stride(0),
-        weights.stride(1),
-        weights.stride(2),
-        c.stride(0),
-        c.stride(1),
-        K=k,
-        MUL_SLOT_WEIGHTS=slot_weights is not None,
-        PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-        BLOCK_M=blocks.block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        num_warps=4,
-        num_stages=3,
-    )
+        a, b, b_scales, c, scale, blocks.sorted_slots, blocks.block_experts, blocks.padded_rows,
+        n, blocks.num_slots, a_row_divisor, a.stride(0), a.stride(1), *b_strides, c.stride(0), c.stride(1),
+        K=k, MUL_SLOT_WEIGHTS=slot_weights is not None, MXFP4=isinstance(weights, Mxfp4Stack),
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32", BLOCK_M=blocks.block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=4, num_stages=3,
+    )  # fmt: skip
     return c
 
 

@@ -4,20 +4,31 @@ GEMM per projection on the GPU (kernels/moe_gemm.py) and as one matmul per activ
 
 Tensor parallelism splits each expert's intermediate size across ranks (gate/up by rows, down by
 columns), so every rank routes all tokens and one all-reduce sums the partial outputs.
+
+The experts' weights take one of three forms, chosen per layer before loading (models/weight_methods.py):
+dense stacks in the model's dtype, quantized blocks for the CPU kernels (layers/moe_quantized.py), or
+MXFP4 stacks on a GPU (layers/moe_mxfp4.py). A model built under `stacks_allocated_later` leaves the
+dense stacks unallocated until that choice (`allocate_dense`), so a GPU never holds a dense copy of
+experts that stay quantized.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
 
 import torch
 from torch import nn
 
+from batchlm.kernels.mxfp4_layout import Mxfp4Stack
 from batchlm.layers.activation import get_gated_activation
 from batchlm.layers.linear import check_shape
+from batchlm.layers.moe_mxfp4 import Mxfp4Experts
 
 # The three projections of an expert (GATE, UP, DOWN), numbered where the quantized experts live.
 from batchlm.layers.moe_quantized import DOWN as DOWN
@@ -38,6 +49,21 @@ def _moe_kernels() -> ModuleType | None:
     except ImportError:  # no Triton: the torch path serves every device
         return None
     return moe_gemm
+
+
+# Whether experts built now leave their dense stacks for `allocate_dense` (see the module's docstring).
+_STACKS_LATER = contextvars.ContextVar("moe_stacks_later", default=False)
+
+
+@contextlib.contextmanager
+def stacks_allocated_later() -> Iterator[None]:
+    """Experts built inside hold their dense stacks on the meta device until `allocate_dense` or a
+    quantized form replaces them."""
+    token = _STACKS_LATER.set(True)
+    try:
+        yield
+    finally:
+        _STACKS_LATER.reset(token)
 
 
 @dataclass(frozen=True)
@@ -78,8 +104,11 @@ class FusedMoE(nn.Module):
         self.spec, self.tp = spec, tp
         self.inter_per_rank = spec.intermediate_size // tp.size
         experts, hidden, inter = spec.num_experts, spec.hidden_size, self.inter_per_rank
-        self.gate_up_proj = nn.Parameter(torch.empty(experts, 2 * inter, hidden), requires_grad=False)
-        self.down_proj = nn.Parameter(torch.empty(experts, hidden, inter), requires_grad=False)
+        where = torch.device("meta") if _STACKS_LATER.get() else None
+        self.gate_up_proj = nn.Parameter(
+            torch.empty(experts, 2 * inter, hidden, device=where), requires_grad=False
+        )
+        self.down_proj = nn.Parameter(torch.empty(experts, hidden, inter, device=where), requires_grad=False)
         self.act_fn = get_gated_activation(spec.hidden_act, **dict(spec.act_options))
         self.gate_up_proj_bias: nn.Parameter | None = None
         self.down_proj_bias: nn.Parameter | None = None
@@ -88,8 +117,27 @@ class FusedMoE(nn.Module):
             self.down_proj_bias = nn.Parameter(torch.zeros(experts, hidden), requires_grad=False)
         # (expert, part) pairs loaded so far, to name what a checkpoint lacks.
         self.loaded_parts: set[tuple[int, int]] = set()
-        # The experts as quantized blocks for the CPU kernels, instead of the dense stacks.
+        # The experts as quantized blocks for the CPU kernels, or as MXFP4 stacks on a GPU, instead of
+        # the dense stacks.
         self.quantized: QuantizedExperts | None = None
+        self.mxfp4: Mxfp4Experts | None = None
+
+    def allocate_dense(self, device: torch.device) -> None:
+        """Dense stacks on `device` where they were left unallocated (`stacks_allocated_later`)."""
+        for name in ("gate_up_proj", "down_proj"):
+            stack = getattr(self, name)
+            if stack.is_meta:
+                setattr(self, name, nn.Parameter(torch.empty_like(stack, device=device), requires_grad=False))
+
+    def keep_mxfp4(self, device: torch.device) -> None:
+        """Keep the experts as MXFP4 stacks on `device` (a checkpoint's or GGUF file's MXFP4 experts on
+        a GPU); call before loading. Under tensor parallelism each rank keeps its share, its
+        intermediate size whole 32-input groups."""
+        spec = self.spec
+        self.mxfp4 = Mxfp4Experts(spec.num_experts, spec.hidden_size, self.inter_per_rank, device)
+        empty = torch.empty(0, dtype=self.gate_up_proj.dtype, device=device)
+        self.gate_up_proj = nn.Parameter(empty, requires_grad=False)
+        self.down_proj = nn.Parameter(empty.clone(), requires_grad=False)
 
     def quantize_experts(self) -> None:
         """Keep the experts as quantized blocks on the CPU kernels (a GGUF file's experts, or dense
@@ -124,6 +172,12 @@ class FusedMoE(nn.Module):
         biases = self.down_proj_bias[choice.experts].float()  # [T, k, H]
         return out + (choice.weights.unsqueeze(-1) * biases).sum(dim=1).to(out.dtype)
 
+    def _stacks(self) -> tuple[torch.Tensor | Mxfp4Stack, torch.Tensor | Mxfp4Stack]:
+        """(gate_up, down) as the grouped GEMM reads them."""
+        if self.mxfp4 is not None:
+            return self.mxfp4.gate_up, self.mxfp4.down
+        return self.gate_up_proj, self.down_proj
+
     def _forward_grouped_gemm(
         self, kernels: ModuleType, x: torch.Tensor, choice: RoutingChoice
     ) -> torch.Tensor:
@@ -132,12 +186,13 @@ class FusedMoE(nn.Module):
         blocks = align_to_blocks(
             choice.experts, num_experts, kernels.block_m_for(tokens * top_k, num_experts)
         )
-        gate_up = kernels.grouped_gemm(x, self.gate_up_proj, blocks, top_k)  # [T * k, 2 * I]
+        gate_up_stack, down_stack = self._stacks()
+        gate_up = kernels.grouped_gemm(x, gate_up_stack, blocks, top_k)  # [T * k, 2 * I]
         if self.gate_up_proj_bias is not None:  # its rows are the slots in order: expert of each
             gate_up += self.gate_up_proj_bias[choice.experts.reshape(-1)]
         activated = self.act_fn(gate_up)  # [T * k, I]
         slot_weights = choice.weights.reshape(-1)
-        down: torch.Tensor = kernels.grouped_gemm(activated, self.down_proj, blocks, 1, slot_weights)
+        down: torch.Tensor = kernels.grouped_gemm(activated, down_stack, blocks, 1, slot_weights)
         return down.view(tokens, top_k, -1).sum(dim=1)  # [T * k, H] -> [T, H]
 
     def _forward_per_expert(self, x: torch.Tensor, choice: RoutingChoice) -> torch.Tensor:
@@ -151,14 +206,21 @@ class FusedMoE(nn.Module):
             if count == 0:
                 continue
             end = start + count
-            gate_up = picked[start:end] @ self.gate_up_proj[expert].t()
+            gate_up_weight, down_weight = self._expert_weights(expert, x.dtype)
+            gate_up = picked[start:end] @ gate_up_weight.t()
             if self.gate_up_proj_bias is not None:
                 gate_up += self.gate_up_proj_bias[expert]
             activated = self.act_fn(gate_up)
-            torch.mm(activated, self.down_proj[expert].t(), out=rows[start:end])
+            torch.mm(activated, down_weight.t(), out=rows[start:end])
             start = end
         rows *= runs.weights[:, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, runs.tokens, rows)
+
+    def _expert_weights(self, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """One expert's dense (gate_up [2 * I, H], down [H, I]); MXFP4 ones widened now, in `dtype`."""
+        if self.mxfp4 is not None:
+            return self.mxfp4.expert_weights(expert, dtype)
+        return self.gate_up_proj[expert], self.down_proj[expert]
 
     @torch.no_grad()
     def warm_up(self) -> None:
@@ -182,12 +244,13 @@ class FusedMoE(nn.Module):
             )
         hidden, inter, share = self.spec.hidden_size, self.spec.intermediate_size, self.inter_per_rank
         start = self.tp.rank * share
-        if self.quantized is not None:
+        kept = self.quantized or self.mxfp4
+        if kept is not None:
             check_shape(name, (hidden, inter) if part == DOWN else (inter, hidden), loaded.shape)
             if self.tp.size != 1:  # the file's blocks, cut to this rank's share (never requantized)
                 narrow = narrow_cols if part == DOWN else narrow_rows
                 loaded = narrow(loaded, start, share)
-            self.quantized.put(expert, part, loaded)
+            kept.put(expert, part, loaded)
             self.loaded_parts.add((expert, part))
             return
         if part == DOWN:

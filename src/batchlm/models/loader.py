@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from batchlm.layers.moe import FusedMoE
+from batchlm.layers.moe import FusedMoE, stacks_allocated_later
 from batchlm.layers.norm import RMSNorm
 from batchlm.layers.quantization import reference_rows, registry
 from batchlm.layers.quantization.cpu_quantized import CpuQuantizedLinearMethod
@@ -33,11 +33,17 @@ from batchlm.models.quantized_checkpoint import (
     Assembler,
     CheckpointScheme,
     checkpoint_names,
+    declares_mxfp4,
     quantized_weight_types,
     read_checkpoint_scheme,
 )
 from batchlm.models.registry import architecture_of, get_model_class
-from batchlm.models.weight_methods import assign_weight_methods, finish_quantized, quantize_linears
+from batchlm.models.weight_methods import (
+    assign_weight_methods,
+    finish_quantized,
+    mxfp4_expert_types,
+    quantize_linears,
+)
 from batchlm.models.weights import load_named_weights
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
 from batchlm.startup_log import timed_phase
@@ -141,22 +147,35 @@ def load_model(
         # CUDA's one-time context set-up, timed apart so the build below is not charged with it.
         with timed_phase(logger, "CUDA context"):
             torch.zeros(1, device=device)
-    with timed_phase(logger, "model build"), _default_dtype(dtype), torch.device(device):
+    # Experts' dense stacks wait for their weight method: MXFP4 experts on a GPU never take them.
+    with (
+        timed_phase(logger, "model build"),
+        _default_dtype(dtype),
+        torch.device(device),
+        stacks_allocated_later(),
+    ):
         model = model_class(model_config, tp)
     check_quantization(quantization, device, random_weights, gguf_file is not None)
-    scheme = None if random_weights or gguf_file is not None else read_checkpoint_scheme(model_dir)
-    check_checkpoint_scheme(scheme, quantization, adapter)
+    # Random weights take only an MXFP4 config's form (its experts), and no other scheme's checks.
+    if random_weights:
+        scheme = CheckpointScheme(MXFP4) if declares_mxfp4(model_dir) else None
+    else:
+        scheme = None if gguf_file is not None else read_checkpoint_scheme(model_dir)
     if scheme is not None and scheme.kind == MXFP4 and not model_class.loads_mxfp4_experts:
         raise ValueError(
             f"quantization method 'mxfp4' holds gpt-oss's experts; {model_class.__name__} does not load it"
         )
     kv_scales: dict[int, dict[str, float]] = {}
     if random_weights:
-        _random_weights(model, model_config, device, dtype, seed, quantization)
+        # Random MXFP4 experts where a checkpoint's would stay MXFP4 (a GPU); other schemes random dense.
+        mxfp4 = scheme is not None and scheme.kind == MXFP4 and device.type == "cuda"
+        _random_weights(model, model_config, device, dtype, seed, quantization, mxfp4)
+        scheme = None
     elif gguf_file is not None:
         with timed_phase(logger, "weight load (GGUF)"):
             _load_gguf(model, gguf_file, device, dtype, quantization)
     else:
+        check_checkpoint_scheme(scheme, quantization, adapter)
         qtypes = quantized_weight_types(checkpoint_names(files), scheme) if scheme else {}
         methods = assign_weight_methods(model, DENSE_FORMAT, qtypes, device, dtype, quantization)
         if scheme is not None or quantization:
@@ -182,11 +201,16 @@ def _random_weights(
     dtype: torch.dtype,
     seed: int,
     quantization: str | None,
+    mxfp4_experts: bool = False,
 ) -> None:
-    """Random dense weights; under --quantization fp8 / w4a16 then quantized as a checkpoint's would be."""
-    assign_weight_methods(model, DENSE_FORMAT, {}, device, dtype)
+    """Random dense weights; under --quantization fp8 / w4a16 then quantized as a checkpoint's would be.
+    `mxfp4_experts`: the experts random MXFP4 stacks, as an MXFP4 checkpoint's load on a GPU."""
+    qtypes = mxfp4_expert_types(model) if mxfp4_experts else {}
+    methods = assign_weight_methods(model, DENSE_FORMAT, qtypes, device, dtype)
     with timed_phase(logger, "random weight init"):
         init_random_weights(model, std=config.initializer_range, seed=seed)
+    if methods["MXFP4 experts"]:
+        logger.info("random weights: experts as MXFP4 stacks on %s, other weights dense", device)
     if quantization:
         with timed_phase(logger, f"random weights to {quantization}"):
             methods = quantize_linears(model, device, dtype, quantization)
@@ -285,12 +309,16 @@ def mxfp4_experts_summary(methods: Counter[str], dtype: torch.dtype, device: tor
     dense = str(dtype).removeprefix("torch.")
     if methods["quantized experts"]:
         experts = "experts kept as MXFP4 blocks on the quantized CPU kernels"
+    elif methods["MXFP4 experts"]:
+        experts = (
+            f"experts kept as MXFP4 stacks on {device} (widened to {dense} as the grouped GEMM reads them)"
+        )
     elif device.type == "cpu":
         experts = f"experts dequantized to dense {dense} on the CPU (the quantized CPU kernels do not take them here)"
     else:
         experts = (
-            f"experts dequantized to dense {dense} on {device} (no MXFP4 kernel there yet: its memory "
-            "must hold them)"
+            f"experts dequantized to dense {dense} on {device} (MXFP4 stacks need a CUDA GPU and expert "
+            "sizes of whole 32-input groups: its memory must hold them)"
         )
     return f"{experts}; other weights dense {dense}"
 
@@ -325,6 +353,9 @@ def init_random_weights(model: CausalLM, std: float, seed: int) -> None:
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     norm_params = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
+    for module in model.modules():
+        if isinstance(module, FusedMoE) and module.mxfp4 is not None:
+            module.mxfp4.fill_random(std, generator)
     for name, param in model.named_parameters():
         if id(param) in norm_params:
             param.fill_(1.0)

@@ -119,6 +119,13 @@ def read_checkpoint_scheme(model_dir: Path) -> CheckpointScheme | None:
     raise ValueError(f"quantization method {method!r} is not supported; batchlm serves {SUPPORTED}")
 
 
+def declares_mxfp4(model_dir: Path) -> bool:
+    """Whether the config names quant_method mxfp4 (nothing else read: random weights of its shape)."""
+    path = Path(model_dir) / "config.json"
+    config = json.loads(path.read_text()).get("quantization_config") if path.is_file() else None
+    return isinstance(config, dict) and str(config.get("quant_method", "")).lower() == MXFP4
+
+
 def _unsupported(method: str, detail: str) -> ValueError:
     return ValueError(f"{method} checkpoint with {detail} is not supported; batchlm serves {SUPPORTED}")
 

@@ -14,7 +14,12 @@ from batchlm.layers.quantization.base import RowSlice
 from batchlm.layers.quantization.cpu_quantized import CPU_QUANTIZED
 from batchlm.layers.quantization.int4 import Int4LinearMethod
 from batchlm.layers.quantization.layer import MethodLayer
-from batchlm.layers.quantization.registry import DENSE_FORMAT, WeightSpec, choose_linear_method
+from batchlm.layers.quantization.registry import (
+    DENSE_FORMAT,
+    MXFP4_QTYPE,
+    WeightSpec,
+    choose_linear_method,
+)
 from batchlm.models.base import CausalLM
 from batchlm.models.moe import MoEForCausalLM
 from batchlm.models.weights import hf_module_names
@@ -34,11 +39,14 @@ def assign_weight_methods(
     chosen: Counter[str] = Counter()
     tied_heads: list[ParallelLMHead] = []
     for path, module in model.named_modules():
-        if isinstance(module, FusedMoE) and isinstance(model, MoEForCausalLM):
-            parts = tuple(model.expert_part_names)  # the checkpoint's names of each expert projection
-            _assign_experts_method(
-                module, path, parts, weight_format, qtypes, device, dtype, quantization, chosen
-            )
+        if isinstance(module, FusedMoE):
+            if isinstance(model, MoEForCausalLM):
+                parts = tuple(model.expert_part_names)  # the checkpoint's names of each expert projection
+                _assign_experts_method(
+                    module, path, parts, weight_format, qtypes, device, dtype, quantization, chosen
+                )
+            if module.quantized is None and module.mxfp4 is None:
+                module.allocate_dense(device)
         if not isinstance(module, MethodLayer):
             continue
         if isinstance(module, ParallelLMHead) and module.tied_embedding is not None:
@@ -77,7 +85,8 @@ def _assign_experts_method(
     chosen: Counter[str],
 ) -> None:
     """Experts go where a linear of their GGML types would: to the quantized CPU kernels (a GGUF file's
-    expert stacks, dense experts under --quantization int8), or dense stacks."""
+    expert stacks, dense experts under --quantization int8); MXFP4 experts on a GPU stay MXFP4 for the
+    grouped GEMM; others are dense stacks."""
     names = [f"{path}.{projection}.weight" for projection in parts]
     types = tuple(qtypes[name] for name in names if name in qtypes)
     spec = WeightSpec(weight_format, types, "linear", device, dtype, quantization)
@@ -86,6 +95,22 @@ def _assign_experts_method(
     if choose_linear_method(spec) is CPU_QUANTIZED and whole_blocks:
         experts.quantize_experts()
         chosen["quantized experts"] += 1
+    elif device.type == "cuda" and types and set(types) == {MXFP4_QTYPE} and whole_blocks:
+        experts.keep_mxfp4(device)
+        chosen["MXFP4 experts"] += 1
+
+
+def mxfp4_expert_types(model: CausalLM) -> dict[str, str]:
+    """HF weight name -> MXFP4 for every expert projection: the types an MXFP4 checkpoint's experts
+    load with (random weights in that format)."""
+    if not isinstance(model, MoEForCausalLM):
+        return {}
+    return {
+        f"{path}.{projection}.weight": MXFP4_QTYPE
+        for path, module in model.named_modules()
+        if isinstance(module, FusedMoE)
+        for projection in model.expert_part_names
+    }
 
 
 @torch.no_grad()

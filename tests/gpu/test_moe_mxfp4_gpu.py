@@ -1,0 +1,151 @@
+"""MXFP4 experts on the GPU: the grouped GEMM reading MXFP4 stacks against the same experts dense (the
+values are exact in bf16, so only the sums' order may differ), inside a CUDA graph; gpt-oss's MXFP4
+checkpoint loaded with its experts kept MXFP4 against the same weights dense; random MXFP4 weights of
+an MXFP4 config; and serving that compiles nothing after start-up. GPU only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from devices import require_cuda
+
+pytestmark = pytest.mark.gpu
+pytest.importorskip("triton")
+require_cuda()
+
+from batchlm.layers.activation import CLAMPED_SWIGLU  # noqa: E402
+from batchlm.layers.moe import DOWN, GATE, UP, FusedMoE, MoESpec  # noqa: E402
+from batchlm.layers.moe_routing import route_top_k  # noqa: E402
+from batchlm.models.mxfp4_weights import mxfp4_weight  # noqa: E402
+
+DEVICE = torch.device("cuda")
+# bf16 outputs of the same products summed in another order; float32 likewise.
+TOLERANCE = {torch.bfloat16: 2e-2, torch.float32: 1e-5}
+SPEC = MoESpec(
+    32, 4, hidden_size=256, intermediate_size=96, renormalize=True, hidden_act=CLAMPED_SWIGLU,
+    act_options=(("alpha", 1.702), ("limit", 7.0)), router_bias=True, expert_bias=True,
+)  # fmt: skip
+
+
+def _pair_layers(spec: MoESpec, dtype: torch.dtype) -> tuple[FusedMoE, FusedMoE]:
+    """The same random MXFP4 experts (and biases) loaded dense and kept as MXFP4 stacks, on the GPU."""
+    with torch.device(DEVICE):
+        dense, kept = FusedMoE(spec).to(dtype), FusedMoE(spec).to(dtype)
+    kept.keep_mxfp4(DEVICE)
+    generator = torch.Generator().manual_seed(0)
+    for expert in range(spec.num_experts):
+        for part in (GATE, UP, DOWN):
+            rows, cols = (
+                (spec.hidden_size, spec.intermediate_size)
+                if part == DOWN
+                else (spec.intermediate_size, spec.hidden_size)
+            )
+            blocks = torch.randint(0, 256, (rows, cols // 32, 16), generator=generator, dtype=torch.uint8)
+            scales = torch.randint(118, 124, (rows, cols // 32), generator=generator, dtype=torch.uint8)
+            weight = mxfp4_weight(blocks, scales)
+            dense.load_expert("experts", expert, part, weight)
+            kept.load_expert("experts", expert, part, weight)
+    if spec.expert_bias:
+        for layer in (dense, kept):
+            assert layer.gate_up_proj_bias is not None and layer.down_proj_bias is not None
+            with torch.no_grad():
+                layer.gate_up_proj_bias.normal_(0.0, 0.5, generator=torch.Generator(DEVICE).manual_seed(1))
+                layer.down_proj_bias.normal_(0.0, 0.5, generator=torch.Generator(DEVICE).manual_seed(2))
+    return dense, kept
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tokens", [1, 7, 64, 1000])
+def test_mxfp4_stacks_compute_as_the_experts_dense(dtype: torch.dtype, tokens: int) -> None:
+    dense, kept = _pair_layers(SPEC, dtype)
+    assert kept.mxfp4 is not None and kept.gate_up_proj.numel() == 0
+    x = torch.randn(tokens, SPEC.hidden_size, device=DEVICE, dtype=dtype)
+    choice = route_top_k(torch.randn(tokens, SPEC.num_experts, device=DEVICE), SPEC.top_k, True)
+    with torch.no_grad():
+        got = kept(x, choice)
+        expected = dense(x, choice)
+        per_expert = kept._add_down_bias(kept._forward_per_expert(x, choice), choice)
+    tolerance = TOLERANCE[dtype]
+    torch.testing.assert_close(got.float(), expected.float(), atol=tolerance, rtol=tolerance)
+    loose = 3e-2 if dtype == torch.bfloat16 else 2e-5  # the torch path rounds between its ops
+    torch.testing.assert_close(got.float(), per_expert.float(), atol=loose, rtol=loose)
+
+
+def test_mxfp4_stacks_replay_in_a_cuda_graph() -> None:
+    spec = MoESpec(64, 4, hidden_size=128, intermediate_size=64, renormalize=False)
+    dense, kept = _pair_layers(spec, torch.bfloat16)
+    x = torch.randn(16, 128, device=DEVICE, dtype=torch.bfloat16)
+    logits = torch.randn(16, 64, device=DEVICE)
+    with torch.no_grad():
+        kept(x, route_top_k(logits, 4, False))  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = kept(x, route_top_k(logits, 4, False))
+        for seed in range(3):
+            x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(x))
+            logits.copy_(
+                torch.randn(logits.shape, generator=torch.Generator().manual_seed(seed + 9)).to(logits)
+            )
+            graph.replay()
+            expected = dense(x, route_top_k(logits, 4, False))
+            torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+def _experts(llm: object) -> list[FusedMoE]:
+    model = llm.engine_core.executor.model  # type: ignore[attr-defined]
+    return [m for m in model.modules() if isinstance(m, FusedMoE)]
+
+
+def test_an_mxfp4_checkpoint_keeps_its_experts_mxfp4_and_serves_as_dense(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """gpt-oss's released form on the GPU in bf16: the experts stay MXFP4 stacks (no dense copy) and
+    greedy tokens are those of the same weights loaded dense; the serving steps compile nothing."""
+    from engine_runs import one_arrival_a_step
+
+    from batchlm import LLM, SamplingParams
+    from batchlm.kernels.compile_watch import compiles_after_startup
+    from test_models_gpt_oss_mxfp4 import _mxfp4_dir, _write_checkpoints
+
+    tmp_path = tmp_path_factory.mktemp("gpt-oss-mxfp4-gpu")
+    tensors, dense_dir = _write_checkpoints(tmp_path)
+    mxfp4_dir = _mxfp4_dir(tmp_path / "mxfp4", dense_dir, tensors, 2)
+    prompts = [list(range(10, 40)), [7, 300, 41, 5, 99], list(range(200, 215))]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
+    tokens = {}
+    for name, path in (("dense", dense_dir), ("mxfp4", mxfp4_dir)):
+        llm = LLM(model=str(path), device="cuda", dtype="bfloat16", num_gpu_blocks_override=256)
+        experts = _experts(llm)
+        assert experts and all((e.mxfp4 is not None) == (name == "mxfp4") for e in experts)
+        outputs = llm.generate(prompts, params)
+        tokens[name] = [o.outputs[0].token_ids for o in outputs]
+        if name == "mxfp4":
+            assert all(e.gate_up_proj.numel() == 0 and e.down_proj.numel() == 0 for e in experts)
+            before = compiles_after_startup()
+            one_arrival_a_step(llm, 12, max_tokens_below=40, seed=1)
+            assert compiles_after_startup() == before
+        del llm
+        torch.cuda.empty_cache()
+    assert tokens["mxfp4"] == tokens["dense"]
+
+
+def test_random_weights_of_an_mxfp4_config_are_mxfp4_stacks(tmp_path: Path) -> None:
+    import json
+
+    from batchlm import LLM, SamplingParams
+    from batchlm.models.random_model import write_random_model
+
+    path = write_random_model(tmp_path, "gpt_oss", {"swiglu_limit": 7.0})
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(
+        json.dumps({**config, "quantization_config": {"quant_method": "mxfp4"}})
+    )
+    llm = LLM(
+        model=str(path), device="cuda", dtype="bfloat16", load_format="dummy", num_gpu_blocks_override=64
+    )
+    experts = _experts(llm)
+    assert experts and all(e.mxfp4 is not None and e.mxfp4.gate_up.codes.any() for e in experts)
+    out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 8
