@@ -149,3 +149,27 @@ def test_random_weights_of_an_mxfp4_config_are_mxfp4_stacks(tmp_path: Path) -> N
     assert experts and all(e.mxfp4 is not None and e.mxfp4.gate_up.codes.any() for e in experts)
     out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 8
+
+
+def test_a_gguf_files_mxfp4_experts_take_the_stacks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """llama.cpp's gpt-oss file on the GPU: its MXFP4 experts become the same stacks, and greedy tokens
+    are those of the file with its experts dequantized to dense bf16 stacks."""
+    from batchlm import LLM, SamplingParams
+    from batchlm.models import weight_methods
+    from models_harness import PROMPTS
+    from test_gguf_gpt_oss import MXFP4_EXPERTS, _write
+
+    gguf_path = _write(tmp_path, "F32", MXFP4_EXPERTS)
+    prompts = PROMPTS
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    tokens = {}
+    for kept in (True, False):
+        if not kept:  # no expert type reads as MXFP4: the experts go dense
+            monkeypatch.setattr(weight_methods, "MXFP4_QTYPE", "none")
+        llm = LLM(model=str(gguf_path), device="cuda", dtype="bfloat16", num_gpu_blocks_override=128)
+        experts = _experts(llm)
+        assert experts and all((e.mxfp4 is not None) == kept for e in experts)
+        tokens[kept] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        del llm
+        torch.cuda.empty_cache()
+    assert tokens[True] == tokens[False]
