@@ -378,24 +378,6 @@ def mxfp4_scales(exponents: np.ndarray, nonzero: np.ndarray) -> np.ndarray:
     return np.where(nonzero, powers, 0).astype(np.float16)
 
 
-def mxfp4_from_hf(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """GGUF MXFP4 blocks (uint8 [..., groups * 17]) of a Hugging Face MXFP4 weight: `blocks` uint8
-    [..., groups, 16], value 2j of a group in the low nibble of its byte j and value 2j + 1 in the high
-    one, and `scales` uint8 [..., groups], the exponent bytes e of w = e2m1 value * 2^(e - 127). The
-    codes and exponent bytes are the same numbers in both forms (GGUF doubles the values and halves
-    the scale); only the nibbles' order differs."""
-    if blocks.shape[-1] != 16 or blocks.shape[:-1] != scales.shape:
-        raise ValueError(
-            f"MXFP4 blocks {tuple(blocks.shape)} and scales {tuple(scales.shape)} are not "
-            "[..., groups, 16] and [..., groups]"
-        )
-    # Values in order (even ones from the low nibbles), then value j and value j + 16 share a byte.
-    values = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], 32)
-    packed = values[..., :16] | (values[..., 16:] << 4)
-    gguf = np.concatenate([scales[..., None].astype(np.uint8), packed.astype(np.uint8)], axis=-1)
-    return gguf.reshape(*scales.shape[:-1], scales.shape[-1] * 17)
-
-
 # The 8-bit codes of each 4-bit index, of the types whose codes are drawn from 16 values.
 _IQ4_TABLE = (IQ4_LEVELS + 128).astype(np.uint8)
 CODE_TABLES = {"IQ4_NL": _IQ4_TABLE, "IQ4_XS": _IQ4_TABLE, "MXFP4": (MXFP4_DOUBLED + 128).astype(np.uint8)}

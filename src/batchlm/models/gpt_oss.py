@@ -67,15 +67,17 @@ class GptOssForCausalLM(MoEForCausalLM):
     def checkpoint_tensors(
         self, weights: Iterable[tuple[str, LoadedWeight]]
     ) -> Iterable[tuple[str, LoadedWeight]]:
-        return super().checkpoint_tensors(experts_in_our_layout(weights))
+        device = next(p.device for p in self.parameters() if not p.is_meta)
+        return super().checkpoint_tensors(experts_in_our_layout(weights, device))
 
 
 def experts_in_our_layout(
-    weights: Iterable[tuple[str, LoadedWeight]],
+    weights: Iterable[tuple[str, LoadedWeight]], device: torch.device | None = None
 ) -> Iterator[tuple[str, LoadedWeight]]:
     """The checkpoint's tensors, its stacked expert tensors turned into our stacks' layout. An MXFP4
     checkpoint's `<stack>_blocks` / `<stack>_scales` pairs (either first, from any shards: the first
-    waits for its partner) become each expert's projections, still MXFP4 blocks."""
+    waits for its partner) become each expert's projections, still MXFP4 blocks, reordered on
+    `device` (the model's: a GPU's loads move the bytes once, and the host only reads them)."""
     waiting: dict[str, dict[str, LoadedWeight]] = {}
     for name, tensor in weights:
         prefix, _, param = name.rpartition(".")
@@ -87,7 +89,7 @@ def experts_in_our_layout(
             pair[half] = tensor
             if len(pair) == len(_MXFP4_HALVES):
                 del waiting[f"{prefix}.{stack}"]
-                yield from mxfp4_expert_projections(prefix, stack, pair["blocks"], pair["scales"])
+                yield from mxfp4_expert_projections(prefix, stack, pair["blocks"], pair["scales"], device)
         elif param in _TRANSPOSED:
             rows = _dense(tensor).transpose(1, 2)  # [E, out, in]: each expert's output rows first
             yield name, _gate_then_up(rows, dim=1) if param == "gate_up_proj" else rows
@@ -101,7 +103,7 @@ def experts_in_our_layout(
 
 
 def mxfp4_expert_projections(
-    experts: str, stack: str, blocks: LoadedWeight, scales: LoadedWeight
+    experts: str, stack: str, blocks: LoadedWeight, scales: LoadedWeight, device: torch.device | None = None
 ) -> Iterator[tuple[str, QuantizedTensor]]:
     """Each expert's projections of one MXFP4 pair, under the per-expert names the experts router loads
     one by one (`<experts>.<e>.gate_proj.weight`): gate_up_proj's interleaved rows split into its gate
@@ -109,9 +111,11 @@ def mxfp4_expert_projections(
     if not isinstance(blocks, torch.Tensor) or not isinstance(scales, torch.Tensor):
         raise ValueError(f"{experts}.{stack}: MXFP4 blocks and scales must be plain uint8 tensors")
     projections = MXFP4_STACKS[stack]
+    if device is not None:
+        blocks, scales = blocks.to(device), scales.to(device)
     for expert, weight in enumerate(mxfp4_expert_weights(blocks, scales)):
         for offset, projection in enumerate(projections):
-            rows = torch.arange(offset, weight.shape[0], len(projections))
+            rows = torch.arange(offset, weight.shape[0], len(projections), device=blocks.device)
             yield f"{experts}.{expert}.{projection}.weight", weight.select_rows(rows)
 
 

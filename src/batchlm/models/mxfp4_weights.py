@@ -24,16 +24,35 @@ MXFP4 = "MXFP4"
 
 def mxfp4_weight(blocks: torch.Tensor, scales: torch.Tensor) -> QuantizedTensor:
     """The [rows, groups * 32] weight of an HF MXFP4 `<name>_blocks` / `<name>_scales` pair (uint8
-    [..., rows, groups, 16] and [..., rows, groups], on the CPU), leading dimensions folded into the
-    rows: a stack of E experts gives [E * rows, cols], expert e its rows [e * rows, (e + 1) * rows)
-    (`narrow_rows`, or mxfp4_expert_weights)."""
+    [..., rows, groups, 16] and [..., rows, groups]), leading dimensions folded into the rows: a stack
+    of E experts gives [E * rows, cols], expert e its rows [e * rows, (e + 1) * rows) (`narrow_rows`,
+    or mxfp4_expert_weights). Converted where the pair is (a GPU's loads move it there first)."""
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
         raise ValueError(f"MXFP4 blocks and scales are uint8, not {blocks.dtype} and {scales.dtype}")
-    gguf = quant_blocks.mxfp4_from_hf(blocks.cpu().numpy(), scales.cpu().numpy())
+    if blocks.shape[-1] != 16 or blocks.shape[:-1] != scales.shape:
+        raise ValueError(
+            f"MXFP4 blocks {tuple(blocks.shape)} and scales {tuple(scales.shape)} are not "
+            "[..., groups, 16] and [..., groups]"
+        )
     groups = scales.shape[-1]
-    data = torch.from_numpy(gguf.reshape(-1, groups * quant_blocks.GGUF_BLOCK_BYTES[MXFP4]))
+    data = _gguf_blocks(blocks, scales.to(blocks.device)).reshape(
+        -1, groups * quant_blocks.GGUF_BLOCK_BYTES[MXFP4]
+    )
     block_size, block_bytes = quant_blocks.GGUF_BLOCK_SIZE[MXFP4], quant_blocks.GGUF_BLOCK_BYTES[MXFP4]
     return QuantizedTensor(MXFP4, data, groups * block_size, block_size, block_bytes)
+
+
+def _gguf_blocks(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """GGUF MXFP4 blocks (uint8 [..., groups, 17]: the scale byte, then byte i holding value i in its
+    low nibble and value i + 16 in its high one) of HF's (value 2j in the low nibble of byte j, 2j + 1
+    in the high one). The codes and exponent bytes are the same numbers in both forms (GGUF doubles
+    the values and halves the scale); only the nibbles' order differs: GGUF's byte 2m holds the low
+    nibbles of HF's bytes m and m + 8, its byte 2m + 1 their high nibbles."""
+    first, second = blocks[..., :8], blocks[..., 8:]
+    even = (first & 0x0F) | (second << 4)
+    odd = (first >> 4) | (second & 0xF0)
+    packed = torch.stack([even, odd], dim=-1).flatten(-2)
+    return torch.cat([scales.unsqueeze(-1), packed], dim=-1)
 
 
 def mxfp4_expert_weights(blocks: torch.Tensor, scales: torch.Tensor) -> list[QuantizedTensor]:

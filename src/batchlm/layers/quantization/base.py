@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -77,7 +77,8 @@ class QuantizedTensor:
         row chunks on the engine's CPU threads: reference_rows.py)."""
         from batchlm.layers.quantization import reference_rows
 
-        return reference_rows.dequantize(self, dtype)
+        on_host = self if self.data.device.type == "cpu" else replace(self, data=self.data.cpu())
+        return reference_rows.dequantize(on_host, dtype)
 
 
 @dataclass(frozen=True)
