@@ -18,6 +18,7 @@ from batchlm.kernels import (  # noqa: E402
     fp8_quant,
     fused_ops,
     kv_write,
+    moe_gemm,
     one_row_gemv,
     paged_decode,
     paged_prefill,
@@ -69,6 +70,29 @@ def test_w4a16_gemm_compiles(block_m: int, block_n: int, block_k: int, split_k: 
     }  # fmt: skip
     compiled = compile_for_hopper(w4a16_gemm._w4a16_kernel, types, constants, num_warps=4, num_stages=stages)
     assert "mma" in compiled.asm["ptx"]  # the dot runs on tensor cores
+
+
+@pytest.mark.parametrize(("block_m", "block_n", "block_k"), [(16, 128, 64), (16, 64, 32), (64, 128, 128)])
+def test_mxfp4_grouped_gemm_compiles(block_m: int, block_n: int, block_k: int) -> None:
+    """The MXFP4 variant widens its tiles in registers: the code bytes arrive by asynchronous copies
+    as the dense weights would, and each group's scale byte is read once, not once a code byte."""
+    types = {
+        "a_ptr": "*bf16", "b_ptr": "*u8", "b_scales_ptr": "*u8", "c_ptr": "*bf16", "slot_weights_ptr": "*fp32",
+        "sorted_slots_ptr": "*i64", "block_experts_ptr": "*i64", "padded_rows_ptr": "*i64",
+    }  # fmt: skip
+    constants = {
+        "K": 2880, "MUL_SLOT_WEIGHTS": False, "MXFP4": True, "PRECISION": "tf32", "BLOCK_M": block_m,
+        "BLOCK_N": block_n, "BLOCK_K": block_k,
+    }  # fmt: skip
+    compiled = compile_for_hopper(
+        moe_gemm._grouped_gemm_kernel, types, constants, aligned=True, num_warps=4, num_stages=3
+    )
+    ptx = compiled.asm["ptx"]
+    assert "mma" in ptx and "cp.async" in ptx
+    # Byte loads only for the scales, a thread's share of a step's [BLOCK_N, BLOCK_K / 32] in each
+    # pipelined copy of the loop (reading a scale a code byte would take 16 times as many).
+    scale_bytes_a_thread = max(1, block_n * (block_k // 32) // (4 * 32))
+    assert ptx.count("ld.global.b8") + ptx.count("ld.global.u8") <= 4 * scale_bytes_a_thread
 
 
 @pytest.mark.parametrize("static", [False, True])

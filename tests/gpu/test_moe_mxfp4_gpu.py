@@ -107,11 +107,14 @@ def test_an_mxfp4_checkpoint_keeps_its_experts_mxfp4_and_serves_as_dense(
 
     from batchlm import LLM, SamplingParams
     from batchlm.kernels.compile_watch import compiles_after_startup
+    from batchlm.tokenizer.builder import build_tokenizer
     from test_models_gpt_oss_mxfp4 import _mxfp4_dir, _write_checkpoints
 
     tmp_path = tmp_path_factory.mktemp("gpt-oss-mxfp4-gpu")
     tensors, dense_dir = _write_checkpoints(tmp_path)
     mxfp4_dir = _mxfp4_dir(tmp_path / "mxfp4", dense_dir, tensors, 2)
+    for path in (dense_dir, mxfp4_dir):
+        build_tokenizer(path)
     prompts = [list(range(10, 40)), [7, 300, 41, 5, 99], list(range(200, 215))]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
     tokens = {}
@@ -136,8 +139,10 @@ def test_random_weights_of_an_mxfp4_config_are_mxfp4_stacks(tmp_path: Path) -> N
 
     from batchlm import LLM, SamplingParams
     from batchlm.models.random_model import write_random_model
+    from batchlm.tokenizer.builder import build_tokenizer
 
     path = write_random_model(tmp_path, "gpt_oss", {"swiglu_limit": 7.0})
+    build_tokenizer(path)
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(
         json.dumps({**config, "quantization_config": {"quant_method": "mxfp4"}})
@@ -155,10 +160,16 @@ def test_a_gguf_files_mxfp4_experts_take_the_stacks(tmp_path: Path, monkeypatch:
     """llama.cpp's gpt-oss file on the GPU: its MXFP4 experts become the same stacks, and greedy tokens
     are those of the file with its experts dequantized to dense bf16 stacks."""
     from batchlm import LLM, SamplingParams
-    from batchlm.models import weight_methods
+    from batchlm.models import gguf_model_dir, weight_methods
+    from batchlm.tokenizer.builder import build_tokenizer
     from models_harness import PROMPTS
     from test_gguf_gpt_oss import MXFP4_EXPERTS, _write
 
+    # The file's tokenizer is beside the point here (and needs a transformers that reads GGUF metadata
+    # under this machine's numpy): a built one stands in.
+    monkeypatch.setattr(
+        gguf_model_dir, "_write_tokenizer", lambda gguf_path, out, model_type: build_tokenizer(out)
+    )
     gguf_path = _write(tmp_path, "F32", MXFP4_EXPERTS)
     prompts = PROMPTS
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)

@@ -16,6 +16,7 @@ exponent, so no table lookup and no rounding.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -46,13 +47,13 @@ def _e8m0_scales(exponents):
 
 @triton.jit
 def _mxfp4_tile(codes, exponents, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[BLOCK_N, BLOCK_K] float32 weights of uint8 code bytes [BLOCK_N, BLOCK_K / 2] and each byte's
-    scale byte (the same shape): input 2j from byte j's low nibble, 2j + 1 from its high one."""
+    """[BLOCK_N, BLOCK_K] float32 weights of uint8 code bytes [BLOCK_N, BLOCK_K / 2] and their groups'
+    scale bytes [BLOCK_N, BLOCK_K / 32]: input 2j from byte j's low nibble, 2j + 1 from its high one."""
     codes = codes.to(tl.int32)
+    values = tl.join(_e2m1_values(codes & 15), _e2m1_values(codes >> 4))  # [BLOCK_N, BLOCK_K / 2, 2]
+    groups = tl.reshape(values, (BLOCK_N, BLOCK_K // 32, 32))
     scales = _e8m0_scales(exponents.to(tl.int32))
-    low = _e2m1_values(codes & 15) * scales
-    high = _e2m1_values(codes >> 4) * scales
-    return tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K))
+    return tl.reshape(groups * scales[:, :, None], (BLOCK_N, BLOCK_K))
 
 
 # The slot count changes every step: not specializing on it (Triton would on `% 16 == 0`) keeps one
@@ -107,14 +108,16 @@ def _grouped_gemm_kernel(
     if MXFP4:
         # K is whole groups and BLOCK_K a multiple of one: a tile's bytes are all in or all out.
         half = tl.arange(0, BLOCK_K // 2)
+        groups = tl.arange(0, BLOCK_K // 32)
         code_ptrs = b_ptr + expert * stride_be + cols[:, None] * stride_bn + half[None, :]
-        scale_ptrs = b_scales_ptr + expert * stride_se + cols[:, None] * stride_sn + (half // 16)[None, :]
+        scale_ptrs = b_scales_ptr + expert * stride_se + cols[:, None] * stride_sn + groups[None, :]
         for k0 in range(0, K, BLOCK_K):
             k_ok = ks < K - k0
-            byte_ok = col_ok[:, None] & (half < (K - k0) // 2)[None, :]
             a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
-            codes = tl.load(code_ptrs, mask=byte_ok, other=0)
-            exponents = tl.load(scale_ptrs, mask=byte_ok, other=0)
+            codes = tl.load(code_ptrs, mask=col_ok[:, None] & (half < (K - k0) // 2)[None, :], other=0)
+            exponents = tl.load(
+                scale_ptrs, mask=col_ok[:, None] & (groups < (K - k0) // 32)[None, :], other=0
+            )
             w = _mxfp4_tile(codes, exponents, BLOCK_N, BLOCK_K).to(a.dtype)
             acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
             a_ptrs += BLOCK_K * stride_ak
@@ -135,6 +138,21 @@ def _grouped_gemm_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & col_ok[None, :])
 
 
+@dataclass(frozen=True)
+class GroupedTile:
+    """A launch shape of the grouped GEMM: output features and inputs a program step, warps, stages."""
+
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def tile_for(n: int, block_m: int, mxfp4: bool) -> GroupedTile:
+    """The launch shape for N output features, `block_m` rows a block, dense or MXFP4 weights."""
+    return GroupedTile(64, 32) if n <= 64 else GroupedTile(128, 64)
+
+
 def grouped_gemm(
     a: torch.Tensor,
     weights: torch.Tensor | Mxfp4Stack,
@@ -151,8 +169,8 @@ def grouped_gemm(
     c = torch.empty((blocks.num_slots, n), dtype=a.dtype, device=a.device)
     if blocks.num_slots == 0:
         return c
-    block_n, block_k = (64, 32) if n <= 64 else (128, 64)
-    grid = (blocks.block_experts.numel() * triton.cdiv(n, block_n),)
+    tile = tile_for(n, blocks.block_m, isinstance(weights, Mxfp4Stack))
+    grid = (blocks.block_experts.numel() * triton.cdiv(n, tile.block_n),)
     scale = slot_weights if slot_weights is not None else a
     if isinstance(weights, Mxfp4Stack):
         b, b_scales = weights.codes, weights.scales
@@ -164,8 +182,8 @@ def grouped_gemm(
         a, b, b_scales, c, scale, blocks.sorted_slots, blocks.block_experts, blocks.padded_rows,
         n, blocks.num_slots, a_row_divisor, a.stride(0), a.stride(1), *b_strides, c.stride(0), c.stride(1),
         K=k, MUL_SLOT_WEIGHTS=slot_weights is not None, MXFP4=isinstance(weights, Mxfp4Stack),
-        PRECISION="ieee" if a.dtype == torch.float32 else "tf32", BLOCK_M=blocks.block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, num_warps=4, num_stages=3,
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32", BLOCK_M=blocks.block_m,
+        BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, num_warps=tile.num_warps, num_stages=tile.num_stages,
     )  # fmt: skip
     return c
 
