@@ -149,8 +149,17 @@ class GroupedTile:
 
 
 def tile_for(n: int, block_m: int, mxfp4: bool) -> GroupedTile:
-    """The launch shape for N output features, `block_m` rows a block, dense or MXFP4 weights."""
-    return GroupedTile(64, 32) if n <= 64 else GroupedTile(128, 64)
+    """The launch shape for N output features, `block_m` rows a block, dense or MXFP4 weights. MXFP4
+    decode blocks take narrower tiles: a step's few experts then make more programs (a quarter of the
+    bytes a column leaves each program little to wait on), and 16-row blocks wider K steps, fewer of
+    them (swept on gpt-oss's shapes, BENCHMARKS.md)."""
+    if n <= 64:
+        return GroupedTile(64, 32)
+    if mxfp4 and block_m <= 16:
+        return GroupedTile(64, 128)
+    if mxfp4 and block_m <= 32:
+        return GroupedTile(64, 64)
+    return GroupedTile(128, 64)
 
 
 def grouped_gemm(
