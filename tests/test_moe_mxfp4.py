@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ from batchlm.models.loader import load_model
 from batchlm.models.mxfp4_weights import mxfp4_weight
 from batchlm.models.random_model import write_random_model
 from batchlm.models.registry import get_model_class
+from models_harness import run_ranks, thread_groups
 
 SPEC = MoESpec(
     num_experts=6, top_k=2, hidden_size=64, intermediate_size=96, renormalize=True,
@@ -69,12 +71,12 @@ def test_other_weights_are_refused_by_name() -> None:
         )
 
 
-def _loaded_pair() -> tuple[FusedMoE, FusedMoE]:
+def _loaded_pair(spec: MoESpec = SPEC) -> tuple[FusedMoE, FusedMoE]:
     """The same MXFP4 experts (and biases) loaded dense and as MXFP4 stacks."""
-    dense, kept = FusedMoE(SPEC), FusedMoE(SPEC)
+    dense, kept = FusedMoE(spec), FusedMoE(spec)
     kept.keep_mxfp4(torch.device("cpu"))
-    inter, hidden = SPEC.intermediate_size, SPEC.hidden_size
-    for expert in range(SPEC.num_experts):
+    inter, hidden = spec.intermediate_size, spec.hidden_size
+    for expert in range(spec.num_experts):
         for part in (GATE, UP, DOWN):
             rows, cols = (hidden, inter) if part == DOWN else (inter, hidden)
             weight = mxfp4_weight(*_pair(rows, cols, seed=10 * expert + part))
@@ -100,6 +102,37 @@ def test_a_layer_of_mxfp4_stacks_computes_as_its_experts_dense() -> None:
     choice = route_top_k(torch.randn(9, experts, generator=torch.Generator().manual_seed(7)), 2, True)
     with torch.no_grad():
         assert torch.equal(kept(x, choice), dense(x, choice))
+
+
+def test_tensor_parallel_ranks_keep_their_share_of_the_stacks() -> None:
+    """Two ranks, each with half of every expert's gate/up rows and down columns (whole 32-input
+    groups), sum to the single rank's output."""
+    spec = replace(SPEC, intermediate_size=128)
+    single, _ = _loaded_pair(spec)
+    groups = thread_groups(2)
+    ranks = [FusedMoE(spec, groups[rank]) for rank in range(2)]
+    for rank, layer in enumerate(ranks):
+        layer.keep_mxfp4(torch.device("cpu"))
+        for expert in range(spec.num_experts):
+            for part in (GATE, UP, DOWN):
+                rows, cols = (64, 128) if part == DOWN else (128, 64)
+                weight = mxfp4_weight(*_pair(rows, cols, seed=10 * expert + part))
+                layer.load_expert("experts", expert, part, weight)
+        assert layer.mxfp4 is not None and layer.mxfp4.down.shape == (6, 64, 64)
+        assert layer.gate_up_proj_bias is not None and single.gate_up_proj_bias is not None
+        assert layer.down_proj_bias is not None and single.down_proj_bias is not None
+        with torch.no_grad():
+            share = single.gate_up_proj_bias.view(6, 2, 128)[:, :, rank * 64 : (rank + 1) * 64]
+            layer.gate_up_proj_bias.copy_(share.reshape(6, 128))
+            layer.down_proj_bias.copy_(single.down_proj_bias)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(8))
+    choice = route_top_k(torch.randn(5, 6, generator=torch.Generator().manual_seed(9)), 2, True)
+    with torch.no_grad():
+        expected = single(x, choice)
+        outputs = run_ranks(lambda rank: ranks[rank](x, choice), 2)
+    scale = expected.abs().max().item()
+    for output in outputs:  # the same products, the halves summed apart (float32 rounding)
+        torch.testing.assert_close(output, expected, atol=1e-5 * scale, rtol=1e-5)
 
 
 def test_experts_built_for_later_hold_no_dense_stacks_until_chosen() -> None:
