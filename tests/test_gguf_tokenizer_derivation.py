@@ -118,3 +118,23 @@ def test_a_derived_directory_missing_a_file_is_rebuilt(tmp_path: Path) -> None:
     assert prepare_gguf_model_dir(gguf_path, tmp_path / "cache") == derived
     assert saved_files(derived) == expected
     assert [p.name for p in derived.parent.iterdir()] == [derived.name]  # no staging or discarded copies
+
+
+def test_a_tokenizer_module_that_imported_the_read_by_name_is_answered_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As transformers 5.17 binds it: `from ...modeling_gguf_pytorch_utils import load_gguf_checkpoint`
+    at the tokenizer module's import, so patching the defining module alone would not reach its call
+    (the whole metadata would be read, slowly, for the model type)."""
+    import transformers.models.auto.tokenization_auto as tokenization_auto
+
+    from batchlm.models.gguf_model_dir import _model_type_known
+
+    monkeypatch.setattr(
+        tokenization_auto, "load_gguf_checkpoint", gguf_utils.load_gguf_checkpoint, raising=False
+    )
+    gguf_path = write_tiny_gguf(tmp_path / "tiny.gguf", "gpt_oss", "F32").resolve()
+    with _model_type_known(gguf_path, "gpt_oss"):
+        answer = tokenization_auto.load_gguf_checkpoint(str(gguf_path), return_tensors=False)
+    assert answer == {"config": {"model_type": "gpt_oss"}}
+    assert tokenization_auto.load_gguf_checkpoint is gguf_utils.load_gguf_checkpoint  # put back

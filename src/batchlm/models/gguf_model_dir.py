@@ -212,12 +212,19 @@ def transformers_model_type(architecture: str, name: object) -> str:
     return _TRANSFORMERS_MODEL_TYPES.get(architecture, architecture)
 
 
+# Where transformers keeps the GGUF metadata read AutoTokenizer calls: its own module, and (in some
+# releases) a name the tokenizer module imported from it at its own import.
+_METADATA_READERS = ("transformers.modeling_gguf_pytorch_utils", "transformers.models.auto.tokenization_auto")
+
+
 @contextlib.contextmanager
 def _model_type_known(gguf_path: Path, model_type: str) -> Iterator[None]:
     """AutoTokenizer reads a GGUF file's whole metadata through the gguf package's reader only to
     learn its model type, which picks the tokenizer class: seconds for a vocabulary of 150k tokens.
-    While this is open, that read of this file answers with the model type already known; every
-    other call goes through as before."""
+    While this is open, that read of this file answers with the model type already known, under
+    every name AutoTokenizer may call it by; every other call goes through as before."""
+    import importlib
+
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
     original = getattr(gguf_utils, "load_gguf_checkpoint", None)
@@ -232,22 +239,32 @@ def _model_type_known(gguf_path: Path, model_type: str) -> Iterator[None]:
             return {"config": {"model_type": model_type}}
         return original(path, return_tensors, model_to_load, torch_dtype)
 
-    gguf_utils.load_gguf_checkpoint = answered
+    modules = [importlib.import_module(name) for name in _METADATA_READERS]
+    bound = [module for module in modules if getattr(module, "load_gguf_checkpoint", None) is original]
+    for module in bound:
+        setattr(module, "load_gguf_checkpoint", answered)  # noqa: B010 (a name mypy cannot see)
     try:
         yield
     finally:
-        gguf_utils.load_gguf_checkpoint = original
+        for module in bound:
+            setattr(module, "load_gguf_checkpoint", original)  # noqa: B010
 
 
 def _write_tokenizer(gguf_path: Path, out: Path, model_type: str) -> None:
     # transformers builds a fast tokenizer (and its chat template) from the GGUF metadata.
+    import transformers
     from transformers import AutoTokenizer
 
     try:
         with _model_type_known(gguf_path, model_type):
             tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     except Exception as err:  # unknown tokenizer models and damaged metadata raise many types
-        raise ValueError(f"could not build a tokenizer from the metadata of {gguf_path}: {err}") from err
+        # transformers' GGUF readers change between releases (5.17 misreads gpt-oss's rope.scaling.*
+        # keys, which 5.24 reads): the version helps the user tell a damaged file from an old reader.
+        raise ValueError(
+            f"could not build a tokenizer from the metadata of {gguf_path} with transformers "
+            f"{transformers.__version__}: {err}"
+        ) from err
     tokenizer.save_pretrained(str(out))
 
 
