@@ -1,12 +1,14 @@
 """One mixture-of-experts layer's experts on the GPU (FusedMoE's grouped GEMMs, the routing and the
 activation between them), dense bf16 stacks against MXFP4 stacks, at the token counts of decode steps
-and a prefill chunk, in a gpt-oss shape (32 experts of 2,880, 4 a token, clamped SwiGLU and biases;
-`--experts 128` for gpt-oss-120b's layers). Random weights; each timing cycles through `--layers`
+and a prefill chunk, in the experts' shape of a `benchmarks/model_shapes.py` MoE shape (gpt-oss-20b by
+default: 32 experts of 2,880, 4 a token, clamped SwiGLU and biases; gpt-oss-120b's 128, or
+qwen3-30b-a3b's 128 experts of 768, 8 a token). Random weights; each timing cycles through `--layers`
 copies of the layer so the weights come from memory, as a step's layers do, and replays the launches
 in a CUDA graph (the serving path). Prints microseconds a layer and the bytes of the experts the
 tokens chose over that time, against the copy rate measured in the same run.
 
     python benchmarks/gpu_moe_experts.py --tokens 1 4 16 64 256 1024
+    python benchmarks/gpu_moe_experts.py --shape qwen3-30b-a3b --formats bf16
 
 Run it from two trees (PYTHONPATH=tree/src) to compare builds on one machine.
 """
@@ -17,11 +19,31 @@ import argparse
 import json
 
 import torch
+from model_shapes import SHAPES
 
 from batchlm.layers.moe import FusedMoE, MoESpec, warm_up_experts
 from batchlm.layers.moe_routing import route_top_k
+from batchlm.models.random_model import ARCHITECTURES
+from batchlm.models.registry import get_model_class
 
 DEVICE = torch.device("cuda")
+
+
+MOE_SHAPES = sorted(
+    name for name, config in SHAPES.items() if config.get("num_experts") or config.get("num_local_experts")
+)
+
+
+def experts_spec(shape: str) -> MoESpec:
+    """The MoESpec a model of this shape gives its sparse layers (the family's own config reading)."""
+    from transformers import AutoConfig
+
+    config = dict(SHAPES[shape])
+    model_type = config.pop("model_type")
+    config.pop("quantization_config", None)
+    hf_config = AutoConfig.for_model(model_type, **config)
+    moe = get_model_class(ARCHITECTURES[model_type]).read_moe(hf_config)
+    return moe.spec(int(config["hidden_size"]))
 
 
 def copy_rate_gbs() -> float:
@@ -96,16 +118,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 256, 1024])
-    parser.add_argument("--experts", type=int, default=32, help="32: gpt-oss-20b; 128: gpt-oss-120b")
+    parser.add_argument("--shape", choices=MOE_SHAPES, default="gpt-oss-20b", help="whose experts")
     parser.add_argument("--layers", type=int, default=8, help="copies cycled (their weights outgrow L2)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--formats", nargs="+", choices=["bf16", "mxfp4"], default=["bf16", "mxfp4"])
     args = parser.parse_args()
-    spec = MoESpec(
-        args.experts, 4, hidden_size=2880, intermediate_size=2880, renormalize=True,
-        hidden_act="swiglu_clamped", act_options=(("alpha", 1.702), ("limit", 7.0)), router_bias=True,
-        expert_bias=True,
-    )  # fmt: skip
+    spec = experts_spec(args.shape)
     rate = copy_rate_gbs()
     results = []
     for weights in args.formats:
@@ -127,7 +145,11 @@ def main() -> None:
             print(json.dumps(results[-1]), flush=True)
         del layers
         torch.cuda.empty_cache()
-    print(json.dumps({"copy_rate_gb_s": round(rate, 1), "device": torch.cuda.get_device_name()}))
+    print(
+        json.dumps(
+            {"shape": args.shape, "copy_rate_gb_s": round(rate, 1), "device": torch.cuda.get_device_name()}
+        )
+    )
 
 
 if __name__ == "__main__":
