@@ -68,6 +68,7 @@ TinyModelFactory = Callable[..., Path]
 # do (pytest rewrites only the asserts of modules named before they are imported).
 pytest.register_assert_rewrite(
     "harmony_harness",
+    "interpreter_harness",
     "lora_harness",
     "models_harness",
     "responses_harness",

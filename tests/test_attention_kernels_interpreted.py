@@ -6,12 +6,7 @@ shapes, and more, on a GPU."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
+from interpreter_harness import run_interpreted
 
 INTERPRET_CHECK = """
 import math
@@ -119,10 +114,4 @@ print("attention kernels ok")
 
 
 def test_attention_kernels_pad_head_dims_that_are_not_powers_of_two() -> None:
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    done = subprocess.run(
-        [sys.executable, "-c", INTERPRET_CHECK], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert "attention kernels ok" in done.stdout
+    run_interpreted(INTERPRET_CHECK, "attention kernels ok")

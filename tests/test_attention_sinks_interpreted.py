@@ -6,12 +6,7 @@ tests/gpu/test_triton_sinks.py runs the same on a GPU, with CUDA graphs and an F
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
+from interpreter_harness import run_interpreted
 
 PATCH_INTERPRETER = """
 # Triton 3.6's interpreter turns a loop bound into an index with int(array), which NumPy 2.4
@@ -145,23 +140,9 @@ print("sink backend ok")
 )
 
 
-def _interpret(script: str) -> subprocess.CompletedProcess[str]:
-    root = Path(__file__).parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{root / 'src'}{os.pathsep}{root / 'tests'}"}
-    return subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
-    )
-
-
 def test_the_kernels_fold_each_heads_sink_in_once() -> None:
-    pytest.importorskip("triton")
-    done = _interpret(KERNELS_CHECK)
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert "sink kernels ok" in done.stdout
+    run_interpreted(KERNELS_CHECK, "sink kernels ok")
 
 
 def test_the_triton_backend_takes_sinks_as_the_torch_backend_does() -> None:
-    pytest.importorskip("triton")
-    done = _interpret(BACKEND_CHECK)
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert "sink backend ok" in done.stdout
+    run_interpreted(BACKEND_CHECK, "sink backend ok")

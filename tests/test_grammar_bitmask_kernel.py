@@ -4,12 +4,7 @@ without a mask keep their exact values, in float32 and in the 16-bit dtypes mode
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
+from interpreter_harness import run_interpreted
 
 INTERPRET_CHECK = """
 import numpy as np
@@ -44,10 +39,4 @@ print("bitmask kernel ok")
 
 
 def test_bitmask_kernel_under_the_triton_interpreter() -> None:
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    done = subprocess.run(
-        [sys.executable, "-c", INTERPRET_CHECK], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "bitmask kernel ok" in done.stdout
+    run_interpreted(INTERPRET_CHECK, "bitmask kernel ok", timeout=300)

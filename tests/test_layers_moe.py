@@ -4,11 +4,7 @@ walks."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +15,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBl
 from batchlm.layers.moe import DOWN, GATE, UP, FusedMoE, MoESpec, SparseMoeBlock
 from batchlm.layers.moe_routing import align_to_blocks, padded_row_bound, route_top_k
 from batchlm.parallel.group import TensorParallelGroup
+from interpreter_harness import run_interpreted
 
 SIZES = {"hidden_size": 32, "moe_intermediate_size": 24, "intermediate_size": 24, "num_experts_per_tok": 3}
 
@@ -169,10 +166,4 @@ print("grouped gemm ok")
 
 
 def test_grouped_gemm_under_the_triton_interpreter() -> None:
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    done = subprocess.run(
-        [sys.executable, "-c", INTERPRET_CHECK], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "grouped gemm ok" in done.stdout
+    run_interpreted(INTERPRET_CHECK, "grouped gemm ok", timeout=300)

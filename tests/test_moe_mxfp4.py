@@ -7,9 +7,6 @@ the stacks only for MXFP4 experts on a CUDA device. tests/gpu/test_moe_mxfp4_gpu
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,6 +27,7 @@ from batchlm.models.loader import load_model
 from batchlm.models.mxfp4_weights import mxfp4_weight
 from batchlm.models.random_model import write_random_model
 from batchlm.models.registry import get_model_class
+from interpreter_harness import run_interpreted
 from models_harness import run_ranks, thread_groups
 
 SPEC = MoESpec(
@@ -223,13 +221,7 @@ print("mxfp4 grouped gemm ok")
 def test_the_grouped_gemm_widens_mxfp4_exactly_under_the_triton_interpreter() -> None:
     """Each MXFP4 tile is widened to the very values of the dequantized stack: the same products (a
     nibble or scale read wrongly would be off by far more than the summation order's rounding)."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    done = subprocess.run(
-        [sys.executable, "-c", INTERPRET_CHECK], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "mxfp4 grouped gemm ok" in done.stdout
+    run_interpreted(INTERPRET_CHECK, "mxfp4 grouped gemm ok")
 
 
 def test_a_stack_of_the_wrong_shape_is_refused() -> None:

@@ -6,12 +6,7 @@ come out as the float32 product with the dequantized weight, rounded to bf16."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
+from interpreter_harness import run_interpreted
 
 INTERPRET_CHECK = """
 import torch
@@ -53,10 +48,4 @@ print("w4a16 gemv ok")
 
 
 def test_w4a16_gemv_on_bf16_activations_under_the_triton_interpreter() -> None:
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    done = subprocess.run(
-        [sys.executable, "-c", INTERPRET_CHECK], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "w4a16 gemv ok" in done.stdout
+    run_interpreted(INTERPRET_CHECK, "w4a16 gemv ok")
