@@ -12,21 +12,21 @@ from __future__ import annotations
 import torch
 
 from batchlm.kernels.mxfp4_layout import MXFP4_CODES_PER_BYTE, MXFP4_GROUP, Mxfp4Stack
+from batchlm.kernels.quant_blocks import GGUF_BLOCK_BYTES, MXFP4_DOUBLED
 from batchlm.layers.moe_quantized import DOWN
 from batchlm.layers.quantization.base import LoadedWeight, QuantizedTensor
+from batchlm.layers.quantization.registry import MXFP4_QTYPE
 
-# The GGML type name of MXFP4 tensors (the loader's, for a GGUF file's or a checkpoint's).
-MXFP4 = "MXFP4"
-# The e2m1 value of each 4-bit code (bit 3 the sign).
-E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+# The e2m1 value of each 4-bit code (bit 3 the sign): GGUF's doubled values, halved.
+E2M1_VALUES = tuple(float(doubled) / 2 for doubled in MXFP4_DOUBLED)
 # A GGUF MXFP4 block: the scale byte, then 16 bytes whose low nibbles are inputs 0..15 and high 16..31.
-_GGUF_BLOCK_BYTES = 1 + MXFP4_GROUP // MXFP4_CODES_PER_BYTE
+_GGUF_BLOCK_BYTES = GGUF_BLOCK_BYTES[MXFP4_QTYPE]
 
 
 def stack_rows(loaded: LoadedWeight, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes uint8 [rows, K / 2], scales uint8 [rows, K / 32]) in the stacks' layout, on `device`, of
     a [rows, K] GGUF MXFP4 tensor."""
-    if not isinstance(loaded, QuantizedTensor) or loaded.qtype != MXFP4:
+    if not isinstance(loaded, QuantizedTensor) or loaded.qtype != MXFP4_QTYPE:
         kind = loaded.qtype if isinstance(loaded, QuantizedTensor) else type(loaded).__name__
         raise ValueError(f"MXFP4 experts load MXFP4 blocks, not {kind} weights")
     rows, groups = loaded.shape[0], loaded.cols // MXFP4_GROUP
