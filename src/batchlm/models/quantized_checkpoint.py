@@ -99,10 +99,7 @@ class CheckpointScheme:
 
 def read_checkpoint_scheme(model_dir: Path) -> CheckpointScheme | None:
     """The checkpoint's scheme, None for an unquantized one; ValueError naming an unsupported one."""
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        return None
-    config = json.loads(path.read_text()).get("quantization_config")
+    config = _quantization_config(model_dir)
     if not config:
         return None
     method = str(config.get("quant_method", "")).lower()
@@ -121,9 +118,16 @@ def read_checkpoint_scheme(model_dir: Path) -> CheckpointScheme | None:
 
 def declares_mxfp4(model_dir: Path) -> bool:
     """Whether the config names quant_method mxfp4 (nothing else read: random weights of its shape)."""
-    path = Path(model_dir) / "config.json"
-    config = json.loads(path.read_text()).get("quantization_config") if path.is_file() else None
+    config = _quantization_config(model_dir)
     return isinstance(config, dict) and str(config.get("quant_method", "")).lower() == MXFP4
+
+
+def _quantization_config(model_dir: Path) -> Any:
+    """config.json's quantization_config as written, None where there is none (or no config.json)."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("quantization_config")
 
 
 def _unsupported(method: str, detail: str) -> ValueError:
