@@ -19,6 +19,7 @@ import argparse
 import json
 
 import torch
+from attention_kernels import copy_bandwidth_gbs
 from model_shapes import SHAPES
 
 from batchlm.layers.moe import FusedMoE, MoESpec, warm_up_experts
@@ -44,13 +45,6 @@ def experts_spec(shape: str) -> MoESpec:
     hf_config = AutoConfig.for_model(model_type, **config)
     moe = get_model_class(ARCHITECTURES[model_type]).read_moe(hf_config)
     return moe.spec(int(config["hidden_size"]))
-
-
-def copy_rate_gbs() -> float:
-    """Read + write bytes a second of a 2 GiB device copy (median of 10)."""
-    x = torch.empty(2 * 1024**3, dtype=torch.uint8, device=DEVICE)
-    y = torch.empty_like(x)
-    return 2 * x.numel() / median_seconds(lambda: y.copy_(x), 10) / 1e9
 
 
 def median_seconds(run: object, repeats: int) -> float:
@@ -124,7 +118,7 @@ def main() -> None:
     parser.add_argument("--formats", nargs="+", choices=["bf16", "mxfp4"], default=["bf16", "mxfp4"])
     args = parser.parse_args()
     spec = experts_spec(args.shape)
-    rate = copy_rate_gbs()
+    rate = copy_bandwidth_gbs()
     results = []
     for weights in args.formats:
         layers = make_layers(spec, args.layers, weights == "mxfp4")
