@@ -167,10 +167,9 @@ def load_model(
         )
     kv_scales: dict[int, dict[str, float]] = {}
     if random_weights:
-        # Random MXFP4 experts where a checkpoint's would stay MXFP4 (a GPU); other schemes random dense.
-        mxfp4 = scheme is not None and scheme.kind == MXFP4 and device.type == "cuda"
+        # Random MXFP4 experts where a checkpoint's would stay MXFP4 (a GPU); elsewhere random dense.
+        mxfp4 = scheme is not None and device.type == "cuda"  # (the only scheme random weights take)
         _random_weights(model, model_config, device, dtype, seed, quantization, mxfp4)
-        scheme = None
     elif gguf_file is not None:
         with timed_phase(logger, "weight load (GGUF)"):
             _load_gguf(model, gguf_file, device, dtype, quantization)
