@@ -81,7 +81,7 @@ def test_mxfp4_grouped_gemm_compiles(block_m: int, block_n: int, block_k: int) -
         "sorted_slots_ptr": "*i64", "block_experts_ptr": "*i64", "padded_rows_ptr": "*i64",
     }  # fmt: skip
     constants = {
-        "K": 2880, "MUL_SLOT_WEIGHTS": False, "MXFP4": True, "PRECISION": "tf32", "BLOCK_M": block_m,
+        "K": 2880, "MUL_SLOT_WEIGHTS": False, "MXFP4": True, "FP8": False, "PRECISION": "tf32", "BLOCK_M": block_m,
         "BLOCK_N": block_n, "BLOCK_K": block_k,
     }  # fmt: skip
     compiled = compile_for_hopper(
@@ -93,6 +93,29 @@ def test_mxfp4_grouped_gemm_compiles(block_m: int, block_n: int, block_k: int) -
     # pipelined copy of the loop (reading a scale a code byte would take 16 times as many).
     scale_bytes_a_thread = max(1, block_n * (block_k // 32) // (4 * 32))
     assert ptx.count("ld.global.b8") + ptx.count("ld.global.u8") <= 4 * scale_bytes_a_thread
+
+
+@pytest.mark.parametrize(("block_m", "block_n", "block_k"), [(16, 64, 128), (64, 128, 64)])
+def test_fp8_grouped_gemm_compiles(block_m: int, block_n: int, block_k: int) -> None:
+    """The FP8 variant's weight bytes arrive by asynchronous copies as the dense weights would, are
+    widened by the e4m3 pair conversion (not a per-value one), and each row's scale is read once,
+    before the loop."""
+    types = {
+        "a_ptr": "*bf16", "b_ptr": "*fp8e4nv", "b_scales_ptr": "*fp32", "c_ptr": "*bf16",
+        "slot_weights_ptr": "*fp32", "sorted_slots_ptr": "*i64", "block_experts_ptr": "*i64",
+        "padded_rows_ptr": "*i64",
+    }  # fmt: skip
+    # Unit strides along K, as Triton specializes a launch's stride arguments equal to 1.
+    constants = {
+        "K": 2048, "MUL_SLOT_WEIGHTS": True, "MXFP4": False, "FP8": True, "PRECISION": "tf32",
+        "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "stride_ak": 1, "stride_bk": 1,
+    }  # fmt: skip
+    compiled = compile_for_hopper(
+        moe_gemm._grouped_gemm_kernel, types, constants, aligned=True, num_warps=4, num_stages=3
+    )
+    ptx = compiled.asm["ptx"]
+    assert "mma" in ptx and "cp.async.cg" in ptx and "cvt.rn.f16x2.e4m3x2" in ptx
+    assert ptx.count("cvt.f32.f16") <= block_n * block_k // 128  # one a weight a thread, no more
 
 
 @pytest.mark.parametrize("static", [False, True])

@@ -8,10 +8,12 @@ so neither side is ever permuted in memory. Padding rows and blocks past the las
 masked off or skipped. K (the hidden or the intermediate size) is a compile-time constant: a model
 compiles two variants per block size (it also keeps the interpreter off runtime loop bounds).
 
-The weights are the model's dtype, or MXFP4 (`Mxfp4Stack`: gpt-oss's experts as released, a quarter
-of bf16's bytes). An MXFP4 tile is widened in registers to exact values of the activations' dtype
-before the dot: an e2m1 code placed in a float's exponent and mantissa bits, a scale byte in an
-exponent, so no table lookup and no rounding.
+The weights are the model's dtype, MXFP4 (`Mxfp4Stack`: gpt-oss's experts as released, a quarter
+of bf16's bytes) or FP8 (`Fp8Stack`: e4m3 with a scale per expert row, half of bf16's bytes). An
+MXFP4 tile is widened in registers to exact values of the activations' dtype before the dot: an e2m1
+code placed in a float's exponent and mantissa bits, a scale byte in an exponent, so no table lookup
+and no rounding. An FP8 tile is widened to float32, times its rows' scales, and rounded to the
+activations' dtype: the values dequantizing the stack gives.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from batchlm.kernels.fp8_stack import Fp8Stack
 from batchlm.kernels.mxfp4_layout import Mxfp4Stack
 
 if TYPE_CHECKING:  # the layer above hands the blocks down; kernels import no layer at run time
@@ -61,8 +64,8 @@ def _mxfp4_tile(codes, exponents, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
 @triton.jit(do_not_specialize=["num_slots"])
 def _grouped_gemm_kernel(
     a_ptr,
-    b_ptr,  # [E, N, K] weights, or with MXFP4 uint8 [E, N, K / 2] codes
-    b_scales_ptr,  # MXFP4: uint8 [E, N, K / 32] scale bytes
+    b_ptr,  # [E, N, K] weights (FP8: float8_e4m3fn), or with MXFP4 uint8 [E, N, K / 2] codes
+    b_scales_ptr,  # MXFP4: uint8 [E, N, K / 32] scale bytes; FP8: float32 [E, N] row scales
     c_ptr,
     slot_weights_ptr,
     sorted_slots_ptr,
@@ -83,6 +86,7 @@ def _grouped_gemm_kernel(
     K: tl.constexpr,
     MUL_SLOT_WEIGHTS: tl.constexpr,
     MXFP4: tl.constexpr,
+    FP8: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -123,6 +127,19 @@ def _grouped_gemm_kernel(
             a_ptrs += BLOCK_K * stride_ak
             code_ptrs += BLOCK_K // 2
             scale_ptrs += BLOCK_K // 32
+    elif FP8:
+        # [BLOCK_N, BLOCK_K] tiles, rows along K as stored, as MXFP4's: the bytes come in by
+        # asynchronous copies and are widened where they land.
+        w_ptrs = b_ptr + expert * stride_be + cols[:, None] * stride_bn + ks[None, :] * stride_bk
+        row_scales = tl.load(b_scales_ptr + expert * stride_se + cols * stride_sn, mask=col_ok, other=0.0)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = ks < K - k0
+            a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            w = (w.to(tl.float32) * row_scales[:, None]).to(a.dtype)
+            acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            w_ptrs += BLOCK_K * stride_bk
     else:
         b_ptrs = b_ptr + expert * stride_be + cols[None, :] * stride_bn + ks[:, None] * stride_bk
         for k0 in range(0, K, BLOCK_K):
@@ -164,14 +181,14 @@ def tile_for(n: int, block_m: int, mxfp4: bool) -> GroupedTile:
 
 def grouped_gemm(
     a: torch.Tensor,
-    weights: torch.Tensor | Mxfp4Stack,
+    weights: torch.Tensor | Mxfp4Stack | Fp8Stack,
     blocks: ExpertBlocks,
     a_row_divisor: int,
     slot_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """c[s] = a[s // a_row_divisor] @ weights[expert(s)]^T for every slot s (times slot_weights[s]).
 
-    a: [rows, K]; weights: [E, N, K] stacked per expert (in a's dtype, or MXFP4 with K whole
+    a: [rows, K]; weights: [E, N, K] stacked per expert (in a's dtype, FP8, or MXFP4 with K whole
     groups of 32); returns c: [num_slots, N] in a's dtype.
     """
     _, n, k = weights.shape
@@ -184,6 +201,9 @@ def grouped_gemm(
     if isinstance(weights, Mxfp4Stack):
         b, b_scales = weights.codes, weights.scales
         b_strides = (b.stride(0), b.stride(1), 1, b_scales.stride(0), b_scales.stride(1))
+    elif isinstance(weights, Fp8Stack):
+        b, b_scales = weights.values, weights.scales
+        b_strides = (b.stride(0), b.stride(1), b.stride(2), b_scales.stride(0), b_scales.stride(1))
     else:
         b = b_scales = weights
         b_strides = (b.stride(0), b.stride(1), b.stride(2), 0, 0)
@@ -191,6 +211,7 @@ def grouped_gemm(
         a, b, b_scales, c, scale, blocks.sorted_slots, blocks.block_experts, blocks.padded_rows,
         n, blocks.num_slots, a_row_divisor, a.stride(0), a.stride(1), *b_strides, c.stride(0), c.stride(1),
         K=k, MUL_SLOT_WEIGHTS=slot_weights is not None, MXFP4=isinstance(weights, Mxfp4Stack),
+        FP8=isinstance(weights, Fp8Stack),
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32", BLOCK_M=blocks.block_m,
         BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, num_warps=tile.num_warps, num_stages=tile.num_stages,
     )  # fmt: skip
