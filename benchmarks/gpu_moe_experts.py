@@ -1,6 +1,6 @@
 """One mixture-of-experts layer's experts on the GPU (FusedMoE's grouped GEMMs, the routing and the
-activation between them), dense bf16 stacks against MXFP4 stacks, at the token counts of decode steps
-and a prefill chunk, in the experts' shape of a `benchmarks/model_shapes.py` MoE shape (gpt-oss-20b by
+activation between them), dense bf16 stacks against MXFP4 and FP8 stacks, at the token counts of
+decode steps and a prefill chunk, in the experts' shape of a `benchmarks/model_shapes.py` MoE shape (gpt-oss-20b by
 default: 32 experts of 2,880, 4 a token, clamped SwiGLU and biases; gpt-oss-120b's 128, or
 qwen3-30b-a3b's 128 experts of 768, 8 a token). Random weights; each timing cycles through `--layers`
 copies of the layer so the weights come from memory, as a step's layers do, and replays the launches
@@ -8,7 +8,7 @@ in a CUDA graph (the serving path). Prints microseconds a layer and the bytes of
 tokens chose over that time, against the copy rate measured in the same run.
 
     python benchmarks/gpu_moe_experts.py --tokens 1 4 16 64 256 1024
-    python benchmarks/gpu_moe_experts.py --shape qwen3-30b-a3b --formats bf16
+    python benchmarks/gpu_moe_experts.py --shape qwen3-30b-a3b --formats bf16 fp8
 
 Run it from two trees (PYTHONPATH=tree/src) to compare builds on one machine.
 """
@@ -60,16 +60,20 @@ def median_seconds(run: object, repeats: int) -> float:
     return times[len(times) // 2]
 
 
-def make_layers(spec: MoESpec, count: int, mxfp4: bool) -> list[FusedMoE]:
+def make_layers(spec: MoESpec, count: int, weights: str) -> list[FusedMoE]:
     generator = torch.Generator(device=DEVICE).manual_seed(0)
     layers = []
     for _ in range(count):
         with torch.device(DEVICE):
             layer = FusedMoE(spec).to(torch.bfloat16)
-        if mxfp4:
+        if weights == "mxfp4":
             layer.keep_mxfp4(DEVICE)
             assert layer.mxfp4 is not None
             layer.mxfp4.fill_random(0.02, generator)
+        elif weights == "fp8":
+            layer.keep_fp8(DEVICE)
+            assert layer.fp8 is not None
+            layer.fp8.fill_random(0.02, generator)
         else:
             with torch.no_grad():
                 layer.gate_up_proj.normal_(0.0, 0.02, generator=generator)
@@ -80,8 +84,8 @@ def make_layers(spec: MoESpec, count: int, mxfp4: bool) -> list[FusedMoE]:
 
 def expert_bytes(layer: FusedMoE, experts_used: float) -> float:
     """Bytes of `experts_used` experts' weights of one layer."""
-    if layer.mxfp4 is not None:
-        per_expert = layer.mxfp4.nbytes() / layer.spec.num_experts
+    if (stacks := layer.mxfp4 or layer.fp8) is not None:
+        per_expert = stacks.nbytes() / layer.spec.num_experts
     else:
         per_expert = (layer.gate_up_proj.nbytes + layer.down_proj.nbytes) / layer.spec.num_experts
     return experts_used * per_expert
@@ -115,13 +119,13 @@ def main() -> None:
     parser.add_argument("--shape", choices=MOE_SHAPES, default="gpt-oss-20b", help="whose experts")
     parser.add_argument("--layers", type=int, default=8, help="copies cycled (their weights outgrow L2)")
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--formats", nargs="+", choices=["bf16", "mxfp4"], default=["bf16", "mxfp4"])
+    parser.add_argument("--formats", nargs="+", choices=["bf16", "mxfp4", "fp8"], default=["bf16", "mxfp4"])
     args = parser.parse_args()
     spec = experts_spec(args.shape)
     rate = copy_bandwidth_gbs()
     results = []
     for weights in args.formats:
-        layers = make_layers(spec, args.layers, weights == "mxfp4")
+        layers = make_layers(spec, args.layers, weights)
         warm_up_experts(torch.nn.ModuleList(layers))
         for tokens in args.tokens:
             seconds, used = time_layers(layers, tokens, args.repeats)

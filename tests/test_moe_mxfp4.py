@@ -163,7 +163,7 @@ def test_the_stacks_are_chosen_for_mxfp4_experts_on_a_cuda_device(
     monkeypatch.setattr(FusedMoE, "allocate_dense", lambda self, device: dense.append(device))
     model = _built(tmp_path)
     layers = sum(isinstance(m, FusedMoE) for m in model.modules())
-    types = weight_methods.mxfp4_expert_types(model)
+    types = weight_methods.expert_types(model, "MXFP4")
     assert len(types) == 3 * layers and set(types.values()) == {"MXFP4"}
     cuda = torch.device("cuda")
     methods = weight_methods.assign_weight_methods(model, DENSE_FORMAT, types, cuda, torch.bfloat16)

@@ -5,11 +5,11 @@ GEMM per projection on the GPU (kernels/moe_gemm.py) and as one matmul per activ
 Tensor parallelism splits each expert's intermediate size across ranks (gate/up by rows, down by
 columns), so every rank routes all tokens and one all-reduce sums the partial outputs.
 
-The experts' weights take one of three forms, chosen per layer before loading (models/weight_methods.py):
+The experts' weights take one of four forms, chosen per layer before loading (models/weight_methods.py):
 dense stacks in the model's dtype, quantized blocks for the CPU kernels (layers/moe_quantized.py), or
-MXFP4 stacks on a GPU (layers/moe_mxfp4.py). A model built under `stacks_allocated_later` leaves the
-dense stacks unallocated until that choice (`allocate_dense`), so a GPU never holds a dense copy of
-experts that stay quantized.
+MXFP4 or FP8 stacks on a GPU (layers/moe_mxfp4.py, layers/moe_fp8.py). A model built under
+`stacks_allocated_later` leaves the dense stacks unallocated until that choice (`allocate_dense`), so a
+GPU never holds a dense copy of experts that stay quantized.
 """
 
 from __future__ import annotations
@@ -25,9 +25,11 @@ from types import ModuleType
 import torch
 from torch import nn
 
+from batchlm.kernels.fp8_stack import Fp8Stack
 from batchlm.kernels.mxfp4_layout import Mxfp4Stack
 from batchlm.layers.activation import get_gated_activation
 from batchlm.layers.linear import check_shape
+from batchlm.layers.moe_fp8 import Fp8Experts
 from batchlm.layers.moe_mxfp4 import Mxfp4Experts
 
 # The three projections of an expert (GATE, UP, DOWN), numbered where the quantized experts live.
@@ -117,10 +119,11 @@ class FusedMoE(nn.Module):
             self.down_proj_bias = nn.Parameter(torch.zeros(experts, hidden), requires_grad=False)
         # (expert, part) pairs loaded so far, to name what a checkpoint lacks.
         self.loaded_parts: set[tuple[int, int]] = set()
-        # The experts as quantized blocks for the CPU kernels, or as MXFP4 stacks on a GPU, instead of
-        # the dense stacks.
+        # The experts as quantized blocks for the CPU kernels, or as MXFP4 or FP8 stacks on a GPU,
+        # instead of the dense stacks.
         self.quantized: QuantizedExperts | None = None
         self.mxfp4: Mxfp4Experts | None = None
+        self.fp8: Fp8Experts | None = None
 
     def allocate_dense(self, device: torch.device) -> None:
         """Dense stacks on `device` where they were left unallocated (`stacks_allocated_later`)."""
@@ -135,6 +138,23 @@ class FusedMoE(nn.Module):
         intermediate size whole 32-input groups."""
         spec = self.spec
         self.mxfp4 = Mxfp4Experts(spec.num_experts, spec.hidden_size, self.inter_per_rank, device)
+        self._drop_dense_stacks(device)
+
+    def keep_fp8(self, device: torch.device) -> None:
+        """Keep the experts as FP8 stacks on `device` (an FP8 checkpoint's experts, or dense ones under
+        --quantization fp8, on a GPU with FP8); call before loading. Under tensor parallelism each
+        rank keeps its share (a scale per row, so any split)."""
+        spec = self.spec
+        self.fp8 = Fp8Experts(spec.num_experts, spec.hidden_size, self.inter_per_rank, device)
+        self._drop_dense_stacks(device)
+
+    @property
+    def kept(self) -> QuantizedExperts | Mxfp4Experts | Fp8Experts | None:
+        """The form the experts are kept in instead of dense stacks, if any."""
+        return self.quantized or self.mxfp4 or self.fp8
+
+    def _drop_dense_stacks(self, device: torch.device) -> None:
+        """Empty dense stacks (their dtype and device kept, for what reads them)."""
         empty = torch.empty(0, dtype=self.gate_up_proj.dtype, device=device)
         self.gate_up_proj = nn.Parameter(empty, requires_grad=False)
         self.down_proj = nn.Parameter(empty.clone(), requires_grad=False)
@@ -149,9 +169,7 @@ class FusedMoE(nn.Module):
         # not); others go expert by expert.
         activation = kernel_activation(self.act_fn)
         self.quantized = QuantizedExperts(spec.num_experts, spec.hidden_size, self.inter_per_rank, activation)
-        empty = torch.empty(0, dtype=self.gate_up_proj.dtype)
-        self.gate_up_proj = nn.Parameter(empty, requires_grad=False)
-        self.down_proj = nn.Parameter(empty.clone(), requires_grad=False)
+        self._drop_dense_stacks(torch.device("cpu"))
 
     def forward(self, x: torch.Tensor, choice: RoutingChoice) -> torch.Tensor:
         # x: [T, hidden] -> [T, hidden]
@@ -172,10 +190,13 @@ class FusedMoE(nn.Module):
         biases = self.down_proj_bias[choice.experts].float()  # [T, k, H]
         return out + (choice.weights.unsqueeze(-1) * biases).sum(dim=1).to(out.dtype)
 
-    def _stacks(self) -> tuple[torch.Tensor | Mxfp4Stack, torch.Tensor | Mxfp4Stack]:
+    def _stacks(
+        self,
+    ) -> tuple[torch.Tensor | Mxfp4Stack | Fp8Stack, torch.Tensor | Mxfp4Stack | Fp8Stack]:
         """(gate_up, down) as the grouped GEMM reads them."""
-        if self.mxfp4 is not None:
-            return self.mxfp4.gate_up, self.mxfp4.down
+        stacks = self.mxfp4 or self.fp8
+        if stacks is not None:
+            return stacks.gate_up, stacks.down
         return self.gate_up_proj, self.down_proj
 
     def _forward_grouped_gemm(
@@ -217,9 +238,11 @@ class FusedMoE(nn.Module):
         return torch.zeros_like(x).index_add_(0, runs.tokens, rows)
 
     def _expert_weights(self, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """One expert's dense (gate_up [2 * I, H], down [H, I]); MXFP4 ones widened now, in `dtype`."""
-        if self.mxfp4 is not None:
-            return self.mxfp4.expert_weights(expert, dtype)
+        """One expert's dense (gate_up [2 * I, H], down [H, I]); MXFP4 and FP8 ones widened now, in
+        `dtype`."""
+        stacks = self.mxfp4 or self.fp8
+        if stacks is not None:
+            return stacks.expert_weights(expert, dtype)
         return self.gate_up_proj[expert], self.down_proj[expert]
 
     @torch.no_grad()
@@ -244,7 +267,7 @@ class FusedMoE(nn.Module):
             )
         hidden, inter, share = self.spec.hidden_size, self.spec.intermediate_size, self.inter_per_rank
         start = self.tp.rank * share
-        kept = self.quantized or self.mxfp4
+        kept = self.kept
         if kept is not None:
             check_shape(name, (hidden, inter) if part == DOWN else (inter, hidden), loaded.shape)
             if self.tp.size != 1:  # the file's blocks, cut to this rank's share (never requantized)

@@ -18,7 +18,14 @@ from batchlm.layers.quantization import reference_rows, registry
 from batchlm.layers.quantization.cpu_quantized import CpuQuantizedLinearMethod
 from batchlm.layers.quantization.fp8 import Fp8LinearMethod
 from batchlm.layers.quantization.int4 import Int4LinearMethod
-from batchlm.layers.quantization.registry import DENSE_FORMAT, FLOAT_QTYPES, GGUF_FORMAT, QUANTIZE_AT_LOAD
+from batchlm.layers.quantization.registry import (
+    DENSE_FORMAT,
+    FLOAT_QTYPES,
+    FP8_QTYPE,
+    GGUF_FORMAT,
+    MXFP4_QTYPE,
+    QUANTIZE_AT_LOAD,
+)
 from batchlm.models.base import CausalLM
 from batchlm.models.checkpoint import find_safetensors, iter_safetensors, load_hf_config
 from batchlm.models.config_view import read_config_view
@@ -40,8 +47,8 @@ from batchlm.models.quantized_checkpoint import (
 from batchlm.models.registry import architecture_of, get_model_class
 from batchlm.models.weight_methods import (
     assign_weight_methods,
+    expert_types,
     finish_quantized,
-    mxfp4_expert_types,
     quantize_linears,
 )
 from batchlm.models.weights import load_named_weights
@@ -203,13 +210,19 @@ def _random_weights(
     mxfp4_experts: bool = False,
 ) -> None:
     """Random dense weights; under --quantization fp8 / w4a16 then quantized as a checkpoint's would be.
-    `mxfp4_experts`: the experts random MXFP4 stacks, as an MXFP4 checkpoint's load on a GPU."""
-    qtypes = mxfp4_expert_types(model) if mxfp4_experts else {}
+    `mxfp4_experts`: the experts random MXFP4 stacks, as an MXFP4 checkpoint's load on a GPU; under
+    --quantization fp8 random FP8 stacks where a checkpoint's would be FP8 (a GPU with FP8)."""
+    qtypes: dict[str, str] = {}
+    if mxfp4_experts:
+        qtypes = expert_types(model, MXFP4_QTYPE)
+    elif quantization == "fp8":
+        qtypes = expert_types(model, FP8_QTYPE)
     methods = assign_weight_methods(model, DENSE_FORMAT, qtypes, device, dtype)
     with timed_phase(logger, "random weight init"):
         init_random_weights(model, std=config.initializer_range, seed=seed)
-    if methods["MXFP4 experts"]:
-        logger.info("random weights: experts as MXFP4 stacks on %s, other weights dense", device)
+    for form in ("MXFP4", "FP8"):
+        if methods[f"{form} experts"]:
+            logger.info("random weights: experts as %s stacks on %s", form, device)
     if quantization:
         with timed_phase(logger, f"random weights to {quantization}"):
             methods = quantize_linears(model, device, dtype, quantization)
@@ -286,7 +299,7 @@ def dequantized_weights_summary(
     methods: Counter[str], dtype: torch.dtype, device: torch.device, experts: bool = False
 ) -> str:
     """What became of weights dequantized as they load (block-wise FP8), from the methods chosen;
-    `experts`: whether the model has mixture-of-experts layers (their stacks are dense or Q8_0)."""
+    `experts`: whether the model has mixture-of-experts layers (their stacks are dense, FP8 or Q8_0)."""
     where = "the CPU" if device.type == "cpu" else str(device)
     dense = f"dense {str(dtype).removeprefix('torch.')}"
     if methods[Fp8LinearMethod.__name__]:
@@ -299,7 +312,12 @@ def dequantized_weights_summary(
         linears = f"{dense} on {where}"
     summary = f"weights dequantized at load and run as {linears}"
     if experts:
-        summary += "; experts as Q8_0 blocks" if methods["quantized experts"] else f"; experts as {dense}"
+        if methods["quantized experts"]:
+            summary += "; experts as Q8_0 blocks"
+        elif methods["FP8 experts"]:
+            summary += f"; experts as per-row FP8 stacks on {where} (requantized as the linears are)"
+        else:
+            summary += f"; experts as {dense}"
     return summary
 
 
@@ -353,8 +371,8 @@ def init_random_weights(model: CausalLM, std: float, seed: int) -> None:
     generator = torch.Generator(device=device).manual_seed(seed)
     norm_params = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
     for module in model.modules():
-        if isinstance(module, FusedMoE) and module.mxfp4 is not None:
-            module.mxfp4.fill_random(std, generator)
+        if isinstance(module, FusedMoE) and (stacks := module.mxfp4 or module.fp8) is not None:
+            stacks.fill_random(std, generator)
     for name, param in model.named_parameters():
         if id(param) in norm_params:
             param.fill_(1.0)

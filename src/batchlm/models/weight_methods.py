@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Mapping
 
 import torch
@@ -12,10 +12,13 @@ from batchlm.layers.embedding import ParallelLMHead
 from batchlm.layers.moe import FusedMoE
 from batchlm.layers.quantization.base import RowSlice
 from batchlm.layers.quantization.cpu_quantized import CPU_QUANTIZED
+from batchlm.layers.quantization.forms import has_fp8_tensor_cores
 from batchlm.layers.quantization.int4 import Int4LinearMethod
 from batchlm.layers.quantization.layer import MethodLayer
 from batchlm.layers.quantization.registry import (
+    BLOCK_FP8_QTYPE,
     DENSE_FORMAT,
+    FP8_QTYPE,
     MXFP4_QTYPE,
     WeightSpec,
     choose_linear_method,
@@ -38,14 +41,13 @@ def assign_weight_methods(
     storage again. Returns how many layers got each method (by class name), for the log."""
     chosen: Counter[str] = Counter()
     tied_heads: list[ParallelLMHead] = []
+    expert_types = _expert_types(model, qtypes)
     for path, module in model.named_modules():
         if isinstance(module, FusedMoE):
             if isinstance(model, MoEForCausalLM):
-                parts = tuple(model.expert_part_names)  # the checkpoint's names of each expert projection
-                _assign_experts_method(
-                    module, path, parts, weight_format, qtypes, device, dtype, quantization, chosen
-                )
-            if module.quantized is None and module.mxfp4 is None:
+                types = tuple(sorted(expert_types.get(path, ())))
+                _assign_experts_method(module, weight_format, types, device, dtype, quantization, chosen)
+            if module.kept is None:
                 module.allocate_dense(device)
         if not isinstance(module, MethodLayer):
             continue
@@ -73,12 +75,27 @@ def assign_weight_methods(
     return chosen
 
 
+def _expert_types(model: CausalLM, qtypes: Mapping[str, str]) -> dict[str, set[str]]:
+    """Experts' module path -> the types of its projections' tensors, named stacked
+    (`<path>.gate_proj.weight`) or one an expert (`<path>.<e>.gate_proj.weight`), under the family's
+    checkpoint renames."""
+    types: dict[str, set[str]] = defaultdict(set)
+    if not isinstance(model, MoEForCausalLM):
+        return types
+    for name, qtype in qtypes.items():
+        for old, new in model.checkpoint_renames:
+            name = name.replace(old, new)
+        stem, _, projection = name.removesuffix(".weight").rpartition(".")
+        if projection in model.expert_part_names:
+            parent, _, index = stem.rpartition(".")
+            types[parent if index.isdigit() else stem].add(qtype)
+    return types
+
+
 def _assign_experts_method(
     experts: FusedMoE,
-    path: str,
-    parts: tuple[str, ...],
     weight_format: str,
-    qtypes: Mapping[str, str],
+    types: tuple[str, ...],
     device: torch.device,
     dtype: torch.dtype,
     quantization: str | None,
@@ -86,27 +103,41 @@ def _assign_experts_method(
 ) -> None:
     """Experts go where a linear of their GGML types would: to the quantized CPU kernels (a GGUF file's
     expert stacks, dense experts under --quantization int8); MXFP4 experts on a GPU stay MXFP4 for the
-    grouped GEMM; others are dense stacks."""
-    names = [f"{path}.{projection}.weight" for projection in parts]
-    types = tuple(qtypes[name] for name in names if name in qtypes)
+    grouped GEMM, and FP8 ones (or dense ones under --quantization fp8) FP8 on a GPU with FP8; others
+    are dense stacks."""
     spec = WeightSpec(weight_format, types, "linear", device, dtype, quantization)
     # (A rank's share of the intermediate size, under tensor parallelism.)
     whole_blocks = experts.spec.hidden_size % BLOCK == 0 and experts.inter_per_rank % BLOCK == 0
-    if choose_linear_method(spec) is CPU_QUANTIZED and whole_blocks:
+    if device.type == "cpu" and choose_linear_method(spec) is CPU_QUANTIZED and whole_blocks:
         experts.quantize_experts()
         chosen["quantized experts"] += 1
     elif device.type == "cuda" and types and set(types) == {MXFP4_QTYPE} and whole_blocks:
         experts.keep_mxfp4(device)
         chosen["MXFP4 experts"] += 1
+    elif fp8_experts_wanted(types, quantization, device):
+        experts.keep_fp8(device)
+        chosen["FP8 experts"] += 1
 
 
-def mxfp4_expert_types(model: CausalLM) -> dict[str, str]:
-    """HF weight name -> MXFP4 for every expert projection: the types an MXFP4 checkpoint's experts
-    load with (random weights in that format)."""
+def fp8_experts_wanted(types: tuple[str, ...], quantization: str | None, device: torch.device) -> bool:
+    """Whether experts of these checkpoint types stay (or become) FP8 stacks: on a GPU with FP8, an
+    FP8 checkpoint's experts, a block-wise FP8 checkpoint's (requantized per row unless --quantization
+    asks otherwise, as its linears are), and dense ones under --quantization fp8."""
+    kinds = set(types)
+    if kinds == {BLOCK_FP8_QTYPE}:
+        wanted = quantization in (None, "fp8")
+    else:
+        wanted = kinds == {FP8_QTYPE} or (not kinds and quantization == "fp8")
+    return wanted and has_fp8_tensor_cores(device)
+
+
+def expert_types(model: CausalLM, qtype: str) -> dict[str, str]:
+    """HF weight name -> `qtype` for every expert projection: the types a checkpoint whose experts are
+    all `qtype` loads with (random weights in that format)."""
     if not isinstance(model, MoEForCausalLM):
         return {}
     return {
-        f"{path}.{projection}.weight": MXFP4_QTYPE
+        f"{path}.{projection}.weight": qtype
         for path, module in model.named_modules()
         if isinstance(module, FusedMoE)
         for projection in model.expert_part_names
