@@ -81,7 +81,8 @@ def test_mxfp4_grouped_gemm_compiles(block_m: int, block_n: int, block_k: int) -
         "sorted_slots_ptr": "*i64", "block_experts_ptr": "*i64", "padded_rows_ptr": "*i64",
     }  # fmt: skip
     constants = {
-        "K": 2880, "MUL_SLOT_WEIGHTS": False, "MXFP4": True, "FP8": False, "PRECISION": "tf32", "BLOCK_M": block_m,
+        "K": 2880, "MUL_SLOT_WEIGHTS": False, "MXFP4": True, "FP8": False, "INT4": False, "PRECISION": "tf32",
+        "BLOCK_M": block_m,
         "BLOCK_N": block_n, "BLOCK_K": block_k,
     }  # fmt: skip
     compiled = compile_for_hopper(
@@ -107,7 +108,7 @@ def test_fp8_grouped_gemm_compiles(block_m: int, block_n: int, block_k: int) -> 
     }  # fmt: skip
     # Unit strides along K, as Triton specializes a launch's stride arguments equal to 1.
     constants = {
-        "K": 2048, "MUL_SLOT_WEIGHTS": True, "MXFP4": False, "FP8": True, "PRECISION": "tf32",
+        "K": 2048, "MUL_SLOT_WEIGHTS": True, "MXFP4": False, "FP8": True, "INT4": False, "PRECISION": "tf32",
         "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "stride_ak": 1, "stride_bk": 1,
     }  # fmt: skip
     compiled = compile_for_hopper(
@@ -116,6 +117,29 @@ def test_fp8_grouped_gemm_compiles(block_m: int, block_n: int, block_k: int) -> 
     ptx = compiled.asm["ptx"]
     assert "mma" in ptx and "cp.async.cg" in ptx and "cvt.rn.f16x2.e4m3x2" in ptx
     assert ptx.count("cvt.f32.f16") <= block_n * block_k // 128  # one a weight a thread, no more
+
+
+@pytest.mark.parametrize(("block_m", "block_n", "group"), [(16, 64, 128), (32, 64, 32), (64, 128, 64)])
+def test_int4_grouped_gemm_compiles(block_m: int, block_n: int, group: int) -> None:
+    """The 4-bit variant's code bytes arrive by asynchronous copies as the dense weights would, and a
+    step's scales and zero points are one value a column (not one a code)."""
+    types = {
+        "a_ptr": "*bf16", "b_ptr": "*u8", "b_scales_ptr": "*fp32", "b_zeros_ptr": "*u8", "c_ptr": "*bf16",
+        "slot_weights_ptr": "*fp32", "sorted_slots_ptr": "*i64", "block_experts_ptr": "*i64",
+        "padded_rows_ptr": "*i64",
+    }  # fmt: skip
+    constants = {
+        "K": 2048, "MUL_SLOT_WEIGHTS": False, "MXFP4": False, "FP8": False, "INT4": True, "PRECISION": "tf32",
+        "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": group, "stride_ak": 1,
+    }  # fmt: skip
+    compiled = compile_for_hopper(
+        moe_gemm._grouped_gemm_kernel, types, constants, aligned=True, num_warps=4, num_stages=3
+    )
+    ptx = compiled.asm["ptx"]
+    assert "mma" in ptx and "cp.async.cg" in ptx
+    # A thread's share of a step's [BLOCK_N] zero points, in each pipelined copy of the loop.
+    zero_bytes_a_thread = max(1, block_n // (4 * 32))
+    assert ptx.count("ld.global.b8") + ptx.count("ld.global.u8") <= 4 * zero_bytes_a_thread
 
 
 @pytest.mark.parametrize("static", [False, True])

@@ -9,16 +9,19 @@ masked off or skipped. K (the hidden or the intermediate size) is a compile-time
 compiles two variants per block size (it also keeps the interpreter off runtime loop bounds).
 
 The weights are the model's dtype, MXFP4 (`Mxfp4Stack`: gpt-oss's experts as released, a quarter
-of bf16's bytes) or FP8 (`Fp8Stack`: e4m3 with a scale per expert row, half of bf16's bytes). An
+of bf16's bytes), FP8 (`Fp8Stack`: e4m3 with a scale per expert row, half of bf16's bytes) or 4-bit
+groups (`Int4Stack`: GPTQ, AWQ and compressed-tensors experts, a scale and a zero point per group). An
 MXFP4 tile is widened in registers to exact values of the activations' dtype before the dot: an e2m1
 code placed in a float's exponent and mantissa bits, a scale byte in an exponent, so no table lookup
 and no rounding. An FP8 tile is widened to float32, times its rows' scales, and rounded to the
-activations' dtype: the values dequantizing the stack gives.
+activations' dtype: the values dequantizing the stack gives. A 4-bit step is one group: a code placed
+in a float's mantissa under the exponent of 2^23 gives 2^23 + code, less 2^23 + zero exactly, times
+the group's scale in float32.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,6 +29,7 @@ import triton
 import triton.language as tl
 
 from batchlm.kernels.fp8_stack import Fp8Stack
+from batchlm.kernels.int4_stack import Int4Stack
 from batchlm.kernels.mxfp4_layout import Mxfp4Stack
 
 if TYPE_CHECKING:  # the layer above hands the blocks down; kernels import no layer at run time
@@ -65,7 +69,8 @@ def _mxfp4_tile(codes, exponents, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
 def _grouped_gemm_kernel(
     a_ptr,
     b_ptr,  # [E, N, K] weights (FP8: float8_e4m3fn), or with MXFP4 uint8 [E, N, K / 2] codes
-    b_scales_ptr,  # MXFP4: uint8 [E, N, K / 32] scale bytes; FP8: float32 [E, N] row scales
+    b_scales_ptr,  # MXFP4: uint8 [E, N, K / 32] scale bytes; FP8: float32 [E, N] row scales; INT4: [E, N, K / g]
+    b_zeros_ptr,  # INT4: uint8 [E, N, K / g] zero points, laid out as the scales
     c_ptr,
     slot_weights_ptr,
     sorted_slots_ptr,
@@ -87,6 +92,7 @@ def _grouped_gemm_kernel(
     MUL_SLOT_WEIGHTS: tl.constexpr,
     MXFP4: tl.constexpr,
     FP8: tl.constexpr,
+    INT4: tl.constexpr,  # with BLOCK_K the group size: a step is one group
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -127,6 +133,22 @@ def _grouped_gemm_kernel(
             a_ptrs += BLOCK_K * stride_ak
             code_ptrs += BLOCK_K // 2
             scale_ptrs += BLOCK_K // 32
+    elif INT4:
+        half = tl.arange(0, BLOCK_K // 2)
+        code_ptrs = b_ptr + expert * stride_be + cols[:, None] * stride_bn + half[None, :]
+        group_ptrs = expert * stride_se + cols * stride_sn
+        for _ in range(0, K, BLOCK_K):  # K is whole groups
+            a = tl.load(a_ptrs, mask=valid[:, None], other=0.0)
+            codes = tl.load(code_ptrs, mask=col_ok[:, None], other=0).to(tl.int32)
+            scale = tl.load(b_scales_ptr + group_ptrs, mask=col_ok, other=0.0).to(tl.float32)
+            zero = tl.load(b_zeros_ptr + group_ptrs, mask=col_ok, other=0).to(tl.float32)
+            nibbles = tl.reshape(tl.join(codes & 15, codes >> 4), (BLOCK_N, BLOCK_K))
+            shifted = (nibbles | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + code, exact
+            w = ((shifted - (8388608.0 + zero[:, None])) * scale[:, None]).to(a.dtype)
+            acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            code_ptrs += BLOCK_K // 2
+            group_ptrs += 1
     elif FP8:
         # [BLOCK_N, BLOCK_K] tiles, rows along K as stored, as MXFP4's: the bytes come in by
         # asynchronous copies and are widened where they land.
@@ -181,24 +203,28 @@ def tile_for(n: int, block_m: int, mxfp4: bool) -> GroupedTile:
 
 def grouped_gemm(
     a: torch.Tensor,
-    weights: torch.Tensor | Mxfp4Stack | Fp8Stack,
+    weights: torch.Tensor | Mxfp4Stack | Fp8Stack | Int4Stack,
     blocks: ExpertBlocks,
     a_row_divisor: int,
     slot_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """c[s] = a[s // a_row_divisor] @ weights[expert(s)]^T for every slot s (times slot_weights[s]).
 
-    a: [rows, K]; weights: [E, N, K] stacked per expert (in a's dtype, FP8, or MXFP4 with K whole
-    groups of 32); returns c: [num_slots, N] in a's dtype.
+    a: [rows, K]; weights: [E, N, K] stacked per expert (in a's dtype, FP8, or MXFP4 or 4-bit groups
+    with K whole groups); returns c: [num_slots, N] in a's dtype.
     """
     _, n, k = weights.shape
     c = torch.empty((blocks.num_slots, n), dtype=a.dtype, device=a.device)
     if blocks.num_slots == 0:
         return c
     tile = tile_for(n, blocks.block_m, isinstance(weights, Mxfp4Stack))
+    zeros = a
+    if isinstance(weights, Int4Stack):  # a step a group; a quarter of bf16's bytes a column, as MXFP4
+        tile = replace(tile_for(n, blocks.block_m, True), block_k=weights.group_size)
+        zeros = weights.zeros
     grid = (blocks.block_experts.numel() * triton.cdiv(n, tile.block_n),)
     scale = slot_weights if slot_weights is not None else a
-    if isinstance(weights, Mxfp4Stack):
+    if isinstance(weights, Mxfp4Stack | Int4Stack):
         b, b_scales = weights.codes, weights.scales
         b_strides = (b.stride(0), b.stride(1), 1, b_scales.stride(0), b_scales.stride(1))
     elif isinstance(weights, Fp8Stack):
@@ -208,10 +234,10 @@ def grouped_gemm(
         b = b_scales = weights
         b_strides = (b.stride(0), b.stride(1), b.stride(2), 0, 0)
     _grouped_gemm_kernel[grid](
-        a, b, b_scales, c, scale, blocks.sorted_slots, blocks.block_experts, blocks.padded_rows,
+        a, b, b_scales, zeros, c, scale, blocks.sorted_slots, blocks.block_experts, blocks.padded_rows,
         n, blocks.num_slots, a_row_divisor, a.stride(0), a.stride(1), *b_strides, c.stride(0), c.stride(1),
         K=k, MUL_SLOT_WEIGHTS=slot_weights is not None, MXFP4=isinstance(weights, Mxfp4Stack),
-        FP8=isinstance(weights, Fp8Stack),
+        FP8=isinstance(weights, Fp8Stack), INT4=isinstance(weights, Int4Stack),
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32", BLOCK_M=blocks.block_m,
         BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, num_warps=tile.num_warps, num_stages=tile.num_stages,
     )  # fmt: skip
