@@ -1,5 +1,5 @@
 """One mixture-of-experts layer's experts on the GPU (FusedMoE's grouped GEMMs, the routing and the
-activation between them), dense bf16 stacks against MXFP4 and FP8 stacks, at the token counts of
+activation between them), dense bf16 stacks against MXFP4, FP8 and 4-bit stacks, at the token counts of
 decode steps and a prefill chunk, in the experts' shape of a `benchmarks/model_shapes.py` MoE shape (gpt-oss-20b by
 default: 32 experts of 2,880, 4 a token, clamped SwiGLU and biases; gpt-oss-120b's 128, or
 qwen3-30b-a3b's 128 experts of 768, 8 a token). Random weights; each timing cycles through `--layers`
@@ -8,7 +8,7 @@ in a CUDA graph (the serving path). Prints microseconds a layer and the bytes of
 tokens chose over that time, against the copy rate measured in the same run.
 
     python benchmarks/gpu_moe_experts.py --tokens 1 4 16 64 256 1024
-    python benchmarks/gpu_moe_experts.py --shape qwen3-30b-a3b --formats bf16 fp8
+    python benchmarks/gpu_moe_experts.py --shape qwen3-30b-a3b --formats bf16 fp8 int4
 
 Run it from two trees (PYTHONPATH=tree/src) to compare builds on one machine.
 """
@@ -74,6 +74,10 @@ def make_layers(spec: MoESpec, count: int, weights: str) -> list[FusedMoE]:
             layer.keep_fp8(DEVICE)
             assert layer.fp8 is not None
             layer.fp8.fill_random(0.02, generator)
+        elif weights == "int4":
+            layer.keep_int4(DEVICE)
+            assert layer.int4 is not None
+            layer.int4.fill_random(0.02, generator)
         else:
             with torch.no_grad():
                 layer.gate_up_proj.normal_(0.0, 0.02, generator=generator)
@@ -84,7 +88,7 @@ def make_layers(spec: MoESpec, count: int, weights: str) -> list[FusedMoE]:
 
 def expert_bytes(layer: FusedMoE, experts_used: float) -> float:
     """Bytes of `experts_used` experts' weights of one layer."""
-    if (stacks := layer.mxfp4 or layer.fp8) is not None:
+    if (stacks := layer.mxfp4 or layer.fp8 or layer.int4) is not None:
         per_expert = stacks.nbytes() / layer.spec.num_experts
     else:
         per_expert = (layer.gate_up_proj.nbytes + layer.down_proj.nbytes) / layer.spec.num_experts
@@ -119,7 +123,9 @@ def main() -> None:
     parser.add_argument("--shape", choices=MOE_SHAPES, default="gpt-oss-20b", help="whose experts")
     parser.add_argument("--layers", type=int, default=8, help="copies cycled (their weights outgrow L2)")
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--formats", nargs="+", choices=["bf16", "mxfp4", "fp8"], default=["bf16", "mxfp4"])
+    parser.add_argument(
+        "--formats", nargs="+", choices=["bf16", "mxfp4", "fp8", "int4"], default=["bf16", "mxfp4"]
+    )
     args = parser.parse_args()
     spec = experts_spec(args.shape)
     rate = copy_bandwidth_gbs()

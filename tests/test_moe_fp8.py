@@ -31,6 +31,7 @@ from interpreter_harness import run_interpreted
 from models_harness import CPU, PROMPTS, greedy_generate, run_ranks, thread_groups
 from quant_checkpoints import compressed_config, fp8_tensors, rewrite_checkpoint
 
+CUDA = torch.device("cuda")
 SPEC = MoESpec(num_experts=6, top_k=2, hidden_size=64, intermediate_size=96, renormalize=True)
 
 
@@ -117,8 +118,10 @@ def test_tensor_parallel_ranks_keep_their_share_of_the_stacks() -> None:
         torch.testing.assert_close(output, expected, atol=1e-5 * scale, rtol=1e-5)
 
 
-def _built(tmp_path: Path, model_type: str = "qwen3_moe") -> CausalLM:
-    path = write_random_model(tmp_path, model_type)
+def _built(
+    tmp_path: Path, model_type: str = "qwen3_moe", overrides: dict[str, Any] | None = None
+) -> CausalLM:
+    path = write_random_model(tmp_path, model_type, overrides)
     config = load_hf_config(path)
     model_class = get_model_class(config.architectures[0])
     model: CausalLM = model_class(model_class.read_config(config))
@@ -178,6 +181,17 @@ def test_mixtral_experts_are_found_under_their_checkpoint_names(
     assert _chosen(model, monkeypatch, names, fp8_gpu=True) == (layers, layers)
 
 
+def stand_in_a_gpu_with_fp8(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Experts are chosen on this CPU as on a GPU with FP8 (their stacks run on any device)."""
+    choose = weight_methods.gpu_experts_form
+    monkeypatch.setattr(weight_methods, "has_fp8_tensor_cores", lambda device: True)
+    monkeypatch.setattr(
+        weight_methods,
+        "gpu_experts_form",
+        lambda types, quantization, device: choose(types, quantization, CUDA),
+    )
+
+
 def _fp8_moe_checkpoint(tmp_path: Path) -> Path:
     dense = write_random_model(tmp_path / "dense", "qwen3_moe", seed=4)
 
@@ -196,7 +210,7 @@ def test_an_fp8_checkpoints_experts_stay_fp8_and_serve_as_dense(
 ) -> None:
     model_dir = _fp8_moe_checkpoint(tmp_path)
     as_dense = load_model(model_dir, torch.float32, CPU, progress=False)
-    monkeypatch.setattr(weight_methods, "has_fp8_tensor_cores", lambda device: True)
+    stand_in_a_gpu_with_fp8(monkeypatch)
     as_fp8 = load_model(model_dir, torch.float32, CPU, progress=False)
     dense_experts = [m for m in as_dense.model.modules() if isinstance(m, FusedMoE)]
     fp8_experts = [m for m in as_fp8.model.modules() if isinstance(m, FusedMoE)]
@@ -212,7 +226,7 @@ def test_random_weights_under_quantization_fp8_are_random_fp8_stacks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = write_random_model(tmp_path, "qwen3_moe")
-    monkeypatch.setattr(weight_methods, "has_fp8_tensor_cores", lambda device: True)
+    stand_in_a_gpu_with_fp8(monkeypatch)
     loaded = load_model(path, torch.float32, CPU, random_weights=True, quantization="fp8", progress=False)
     experts = [m for m in loaded.model.modules() if isinstance(m, FusedMoE)]
     assert experts and all(m.fp8 is not None for m in experts)

@@ -106,7 +106,7 @@ def test_an_fp8_checkpoint_keeps_its_experts_fp8_and_serves_as_dense(
     tokens = {}
     for name in ("fp8", "dense"):
         if name == "dense":
-            monkeypatch.setattr(weight_methods, "fp8_experts_wanted", lambda *args: False)
+            monkeypatch.setattr(weight_methods, "gpu_experts_form", lambda *args: None)
         llm = LLM(model=str(model_dir), device="cuda", dtype="bfloat16", num_gpu_blocks_override=256)
         experts = _experts(llm)
         assert experts and all((e.fp8 is not None) == (name == "fp8") for e in experts)

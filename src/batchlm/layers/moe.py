@@ -5,9 +5,9 @@ GEMM per projection on the GPU (kernels/moe_gemm.py) and as one matmul per activ
 Tensor parallelism splits each expert's intermediate size across ranks (gate/up by rows, down by
 columns), so every rank routes all tokens and one all-reduce sums the partial outputs.
 
-The experts' weights take one of four forms, chosen per layer before loading (models/weight_methods.py):
+The experts' weights take one of five forms, chosen per layer before loading (models/weight_methods.py):
 dense stacks in the model's dtype, quantized blocks for the CPU kernels (layers/moe_quantized.py), or
-MXFP4 or FP8 stacks on a GPU (layers/moe_mxfp4.py, layers/moe_fp8.py). A model built under
+MXFP4, FP8 or 4-bit stacks on a GPU (layers/moe_mxfp4.py, layers/moe_fp8.py, layers/moe_int4.py). A model built under
 `stacks_allocated_later` leaves the dense stacks unallocated until that choice (`allocate_dense`), so a
 GPU never holds a dense copy of experts that stay quantized.
 """
@@ -26,10 +26,12 @@ import torch
 from torch import nn
 
 from batchlm.kernels.fp8_stack import Fp8Stack
+from batchlm.kernels.int4_stack import Int4Stack
 from batchlm.kernels.mxfp4_layout import Mxfp4Stack
 from batchlm.layers.activation import get_gated_activation
 from batchlm.layers.linear import check_shape
 from batchlm.layers.moe_fp8 import Fp8Experts
+from batchlm.layers.moe_int4 import Int4Experts
 from batchlm.layers.moe_mxfp4 import Mxfp4Experts
 
 # The three projections of an expert (GATE, UP, DOWN), numbered where the quantized experts live.
@@ -52,6 +54,9 @@ def _moe_kernels() -> ModuleType | None:
         return None
     return moe_gemm
 
+
+# The weights the grouped GEMM reads for one projection of every expert.
+GroupedWeights = torch.Tensor | Mxfp4Stack | Fp8Stack | Int4Stack
 
 # Whether experts built now leave their dense stacks for `allocate_dense` (see the module's docstring).
 _STACKS_LATER = contextvars.ContextVar("moe_stacks_later", default=False)
@@ -119,11 +124,12 @@ class FusedMoE(nn.Module):
             self.down_proj_bias = nn.Parameter(torch.zeros(experts, hidden), requires_grad=False)
         # (expert, part) pairs loaded so far, to name what a checkpoint lacks.
         self.loaded_parts: set[tuple[int, int]] = set()
-        # The experts as quantized blocks for the CPU kernels, or as MXFP4 or FP8 stacks on a GPU,
-        # instead of the dense stacks.
+        # The experts as quantized blocks for the CPU kernels, or as MXFP4, FP8 or 4-bit stacks on a
+        # GPU, instead of the dense stacks.
         self.quantized: QuantizedExperts | None = None
         self.mxfp4: Mxfp4Experts | None = None
         self.fp8: Fp8Experts | None = None
+        self.int4: Int4Experts | None = None
 
     def allocate_dense(self, device: torch.device) -> None:
         """Dense stacks on `device` where they were left unallocated (`stacks_allocated_later`)."""
@@ -148,10 +154,22 @@ class FusedMoE(nn.Module):
         self.fp8 = Fp8Experts(spec.num_experts, spec.hidden_size, self.inter_per_rank, device)
         self._drop_dense_stacks(device)
 
+    def keep_int4(self, device: torch.device) -> None:
+        """Keep the experts as 4-bit stacks on `device` (a 4-bit checkpoint's experts, or dense ones
+        under --quantization w4a16, on a GPU); call before loading. Under tensor parallelism each
+        rank keeps its share, its intermediate size whole groups."""
+        spec = self.spec
+        self.int4 = Int4Experts(spec.num_experts, spec.hidden_size, self.inter_per_rank, device)
+        self._drop_dense_stacks(device)
+
     @property
-    def kept(self) -> QuantizedExperts | Mxfp4Experts | Fp8Experts | None:
+    def kept(self) -> QuantizedExperts | Mxfp4Experts | Fp8Experts | Int4Experts | None:
         """The form the experts are kept in instead of dense stacks, if any."""
-        return self.quantized or self.mxfp4 or self.fp8
+        return self.quantized or self.mxfp4 or self.fp8 or self.int4
+
+    @property
+    def _gpu_stacks(self) -> Mxfp4Experts | Fp8Experts | Int4Experts | None:
+        return self.mxfp4 or self.fp8 or self.int4
 
     def _drop_dense_stacks(self, device: torch.device) -> None:
         """Empty dense stacks (their dtype and device kept, for what reads them)."""
@@ -190,11 +208,9 @@ class FusedMoE(nn.Module):
         biases = self.down_proj_bias[choice.experts].float()  # [T, k, H]
         return out + (choice.weights.unsqueeze(-1) * biases).sum(dim=1).to(out.dtype)
 
-    def _stacks(
-        self,
-    ) -> tuple[torch.Tensor | Mxfp4Stack | Fp8Stack, torch.Tensor | Mxfp4Stack | Fp8Stack]:
+    def _stacks(self) -> tuple[GroupedWeights, GroupedWeights]:
         """(gate_up, down) as the grouped GEMM reads them."""
-        stacks = self.mxfp4 or self.fp8
+        stacks = self._gpu_stacks
         if stacks is not None:
             return stacks.gate_up, stacks.down
         return self.gate_up_proj, self.down_proj
@@ -238,9 +254,9 @@ class FusedMoE(nn.Module):
         return torch.zeros_like(x).index_add_(0, runs.tokens, rows)
 
     def _expert_weights(self, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """One expert's dense (gate_up [2 * I, H], down [H, I]); MXFP4 and FP8 ones widened now, in
-        `dtype`."""
-        stacks = self.mxfp4 or self.fp8
+        """One expert's dense (gate_up [2 * I, H], down [H, I]); MXFP4, FP8 and 4-bit ones widened
+        now, in `dtype`."""
+        stacks = self._gpu_stacks
         if stacks is not None:
             return stacks.expert_weights(expert, dtype)
         return self.gate_up_proj[expert], self.down_proj[expert]

@@ -21,7 +21,6 @@ from batchlm.layers.quantization.int4 import Int4LinearMethod
 from batchlm.layers.quantization.registry import (
     DENSE_FORMAT,
     FLOAT_QTYPES,
-    FP8_QTYPE,
     GGUF_FORMAT,
     MXFP4_QTYPE,
     QUANTIZE_AT_LOAD,
@@ -211,16 +210,16 @@ def _random_weights(
 ) -> None:
     """Random dense weights; under --quantization fp8 / w4a16 then quantized as a checkpoint's would be.
     `mxfp4_experts`: the experts random MXFP4 stacks, as an MXFP4 checkpoint's load on a GPU; under
-    --quantization fp8 random FP8 stacks where a checkpoint's would be FP8 (a GPU with FP8)."""
+    --quantization fp8 / w4a16 random FP8 or 4-bit stacks where a checkpoint's would be (a GPU)."""
     qtypes: dict[str, str] = {}
     if mxfp4_experts:
         qtypes = expert_types(model, MXFP4_QTYPE)
-    elif quantization == "fp8":
-        qtypes = expert_types(model, FP8_QTYPE)
+    elif quantization in QUANTIZE_AT_LOAD:
+        qtypes = expert_types(model, QUANTIZE_AT_LOAD[quantization])
     methods = assign_weight_methods(model, DENSE_FORMAT, qtypes, device, dtype)
     with timed_phase(logger, "random weight init"):
         init_random_weights(model, std=config.initializer_range, seed=seed)
-    for form in ("MXFP4", "FP8"):
+    for form in ("MXFP4", "FP8", "INT4"):
         if methods[f"{form} experts"]:
             logger.info("random weights: experts as %s stacks on %s", form, device)
     if quantization:
@@ -316,6 +315,8 @@ def dequantized_weights_summary(
             summary += "; experts as Q8_0 blocks"
         elif methods["FP8 experts"]:
             summary += f"; experts as per-row FP8 stacks on {where} (requantized as the linears are)"
+        elif methods["INT4 experts"]:
+            summary += f"; experts as 4-bit groups on {where} (--quantization w4a16)"
         else:
             summary += f"; experts as {dense}"
     return summary
@@ -371,7 +372,7 @@ def init_random_weights(model: CausalLM, std: float, seed: int) -> None:
     generator = torch.Generator(device=device).manual_seed(seed)
     norm_params = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
     for module in model.modules():
-        if isinstance(module, FusedMoE) and (stacks := module.mxfp4 or module.fp8) is not None:
+        if isinstance(module, FusedMoE) and (stacks := module.mxfp4 or module.fp8 or module.int4) is not None:
             stacks.fill_random(std, generator)
     for name, param in model.named_parameters():
         if id(param) in norm_params:

@@ -19,6 +19,7 @@ from batchlm.layers.quantization.registry import (
     BLOCK_FP8_QTYPE,
     DENSE_FORMAT,
     FP8_QTYPE,
+    INT4_QTYPE,
     MXFP4_QTYPE,
     WeightSpec,
     choose_linear_method,
@@ -103,8 +104,8 @@ def _assign_experts_method(
 ) -> None:
     """Experts go where a linear of their GGML types would: to the quantized CPU kernels (a GGUF file's
     expert stacks, dense experts under --quantization int8); MXFP4 experts on a GPU stay MXFP4 for the
-    grouped GEMM, and FP8 ones (or dense ones under --quantization fp8) FP8 on a GPU with FP8; others
-    are dense stacks."""
+    grouped GEMM, FP8 and 4-bit ones (or dense ones under --quantization fp8 / w4a16) FP8 (on a GPU
+    with FP8) or 4-bit stacks; others are dense stacks."""
     spec = WeightSpec(weight_format, types, "linear", device, dtype, quantization)
     # (A rank's share of the intermediate size, under tensor parallelism.)
     whole_blocks = experts.spec.hidden_size % BLOCK == 0 and experts.inter_per_rank % BLOCK == 0
@@ -114,21 +115,37 @@ def _assign_experts_method(
     elif device.type == "cuda" and types and set(types) == {MXFP4_QTYPE} and whole_blocks:
         experts.keep_mxfp4(device)
         chosen["MXFP4 experts"] += 1
-    elif fp8_experts_wanted(types, quantization, device):
+    elif (form := gpu_experts_form(types, quantization, device)) == FP8_QTYPE:
         experts.keep_fp8(device)
         chosen["FP8 experts"] += 1
+    elif (
+        form == INT4_QTYPE
+        and experts.spec.hidden_size % WHOLE_INT4 == 0
+        and experts.inter_per_rank % WHOLE_INT4 == 0
+    ):
+        experts.keep_int4(device)
+        chosen["INT4 experts"] += 1
 
 
-def fp8_experts_wanted(types: tuple[str, ...], quantization: str | None, device: torch.device) -> bool:
-    """Whether experts of these checkpoint types stay (or become) FP8 stacks: on a GPU with FP8, an
-    FP8 checkpoint's experts, a block-wise FP8 checkpoint's (requantized per row unless --quantization
-    asks otherwise, as its linears are), and dense ones under --quantization fp8."""
+# Sizes 4-bit experts need to be multiples of: the widest group the grouped GEMM steps through, so
+# that every group size a checkpoint uses (32, 64, 128, or multiples of 128 held as 128) fits.
+WHOLE_INT4 = 128
+
+
+def gpu_experts_form(types: tuple[str, ...], quantization: str | None, device: torch.device) -> str | None:
+    """The stacks experts of these checkpoint types keep on a GPU: FP8_QTYPE on a GPU with FP8 for an
+    FP8 checkpoint's experts, a block-wise FP8 checkpoint's (requantized per row, as its linears are)
+    and dense ones under --quantization fp8; INT4_QTYPE for a 4-bit checkpoint's and dense (or
+    block-wise FP8) ones under --quantization w4a16; None for dense stacks."""
+    if device.type != "cuda":
+        return None
     kinds = set(types)
-    if kinds == {BLOCK_FP8_QTYPE}:
-        wanted = quantization in (None, "fp8")
-    else:
-        wanted = kinds == {FP8_QTYPE} or (not kinds and quantization == "fp8")
-    return wanted and has_fp8_tensor_cores(device)
+    if kinds == {BLOCK_FP8_QTYPE}:  # dense as they load, so --quantization applies, as to its linears
+        kinds, quantization = set(), quantization or "fp8"
+    if kinds == {INT4_QTYPE} or (not kinds and quantization == "w4a16"):
+        return INT4_QTYPE
+    fp8 = kinds == {FP8_QTYPE} or (not kinds and quantization == "fp8")
+    return FP8_QTYPE if fp8 and has_fp8_tensor_cores(device) else None
 
 
 def expert_types(model: CausalLM, qtype: str) -> dict[str, str]:
