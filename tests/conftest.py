@@ -67,6 +67,7 @@ TinyModelFactory = Callable[..., Path]
 # Modules whose checks several test files share: their failures show the values compared, as a test's own
 # do (pytest rewrites only the asserts of modules named before they are imported).
 pytest.register_assert_rewrite(
+    "expert_stacks_harness",
     "harmony_harness",
     "interpreter_harness",
     "lora_harness",

@@ -4,7 +4,7 @@ scales and zero points and widen to the values its dequantization gives, so a la
 computes what the same experts dense compute; groups wider than 128 inputs are held as groups of 128;
 dense experts are quantized per 128 inputs; the grouped GEMM widens them exactly (Triton's
 interpreter); the loader chooses them for 4-bit experts and under --quantization w4a16, on a GPU.
-The choice on a GPU is stood in for here (the stacks run on any device); tests/gpu/test_moe_int4_gpu.py
+The choice on a GPU is stood in for here (the stacks run on any device); tests/gpu/test_moe_fp8_int4_gpu.py
 runs them there."""
 
 from __future__ import annotations
@@ -24,12 +24,21 @@ from batchlm.layers.quantization.forms import Int4Weight
 from batchlm.layers.quantization.int4 import quantize_int4_groups
 from batchlm.layers.quantization.registry import BLOCK_FP8_QTYPE, INT4_QTYPE
 from batchlm.models import weight_methods
-from batchlm.models.loader import load_model
 from batchlm.models.random_model import write_random_model
+from expert_stacks_harness import (
+    WIDENS_EXACTLY,
+    assert_checkpoint_serves_as_dense,
+    assert_ranks_sum_to_one_rank,
+    built_moe_model,
+    experts_chosen,
+    pair_layers,
+    random_moe_experts,
+    rank_layers,
+    widening_script,
+)
 from interpreter_harness import run_interpreted
-from models_harness import CPU, PROMPTS, greedy_generate, run_ranks, thread_groups
+from models_harness import CPU
 from quant_checkpoints import gptq_tensors, random_int4, rewrite_checkpoint
-from test_moe_fp8 import CUDA, _built, _chosen
 
 SPEC = MoESpec(num_experts=6, top_k=2, hidden_size=128, intermediate_size=256, renormalize=True)
 # Sizes of whole 128-input groups, as 4-bit experts need.
@@ -42,17 +51,9 @@ def _int4(rows: int, cols: int, seed: int, group: int = 32) -> Int4Weight:
 
 def _loaded_pair(spec: MoESpec = SPEC, group: int = 32) -> tuple[FusedMoE, FusedMoE]:
     """The same 4-bit experts loaded dense (dequantized) and as 4-bit stacks."""
-    dense, kept = FusedMoE(spec), FusedMoE(spec)
-    kept.keep_int4(CPU)
-    inter, hidden = spec.intermediate_size, spec.hidden_size
-    for expert in range(spec.num_experts):
-        for part in (GATE, UP, DOWN):
-            rows, cols = (hidden, inter) if part == DOWN else (inter, hidden)
-            weight = _int4(rows, cols, seed=10 * expert + part, group=group)
-            for layer in (dense, kept):
-                layer.load_expert("experts", expert, part, weight)
-    assert kept.missing_parts() == [] and dense.missing_parts() == []
-    return dense, kept
+    return pair_layers(
+        spec, torch.float32, "int4", lambda rows, cols, seed: _int4(rows, cols, seed, group), CPU
+    )
 
 
 def test_stacks_hold_the_checkpoint_codes_scales_and_zero_points() -> None:
@@ -113,57 +114,31 @@ def test_tensor_parallel_ranks_keep_their_share_of_the_stacks() -> None:
     sum to the single rank's output."""
     spec = replace(SPEC, intermediate_size=256)
     single, _ = _loaded_pair(spec)
-    groups = thread_groups(2)
-    ranks = [FusedMoE(spec, groups[rank]) for rank in range(2)]
-    for layer in ranks:
-        layer.keep_int4(CPU)
-        for expert in range(spec.num_experts):
-            for part in (GATE, UP, DOWN):
-                rows, cols = (128, 256) if part == DOWN else (256, 128)
-                layer.load_expert("experts", expert, part, _int4(rows, cols, seed=10 * expert + part))
-        assert layer.int4 is not None and layer.int4.down.shape == (6, 128, 128)
-    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(8))
-    choice = route_top_k(torch.randn(5, 6, generator=torch.Generator().manual_seed(9)), 2, True)
-    with torch.no_grad():
-        expected = single(x, choice)
-        outputs = run_ranks(lambda rank: ranks[rank](x, choice), 2)
-    scale = expected.abs().max().item()
-    for output in outputs:  # the same products, the halves summed apart (float32 rounding)
-        torch.testing.assert_close(output, expected, atol=1e-5 * scale, rtol=1e-5)
-
-
-def _stand_in_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Experts are chosen on this CPU as on a GPU (their stacks run on any device)."""
-    choose = weight_methods.gpu_experts_form
-    monkeypatch.setattr(
-        weight_methods,
-        "gpu_experts_form",
-        lambda types, quantization, device: choose(types, quantization, CUDA),
-    )
+    ranks = rank_layers(spec, "int4", _int4)
+    assert all(layer.int4 is not None and layer.int4.down.shape == (6, 128, 128) for layer in ranks)
+    assert_ranks_sum_to_one_rank(single, ranks)
 
 
 def test_the_stacks_are_chosen_for_4_bit_experts_of_whole_groups(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    recorded: list[torch.device] = []
-    monkeypatch.setattr(FusedMoE, "keep_int4", lambda self, device: recorded.append(device))
-    whole = _built(tmp_path / "whole", overrides=WHOLE)
+    whole = built_moe_model(tmp_path / "whole", overrides=WHOLE)
     layers = sum(isinstance(m, FusedMoE) for m in whole.modules())
     per_expert = {
         name.replace(".experts.", ".experts.0."): INT4_QTYPE
         for name in weight_methods.expert_types(whole, INT4_QTYPE)
     }
     block = dict.fromkeys(per_expert, BLOCK_FP8_QTYPE)
-    for qtypes, quantization in ((per_expert, None), ({}, "w4a16"), (block, "w4a16")):
-        recorded.clear()  # (the stand-in keeps nothing, so dense stacks are allocated after it)
-        assert _chosen(whole, monkeypatch, qtypes, fp8_gpu=False, quantization=quantization) == (0, layers)
-        assert recorded == [CUDA] * layers
+    int4 = {"fp8": 0, "int4": layers, "dense": layers}  # (a stood-in layer is given dense stacks too)
+    for fp8_gpu in (True, False):  # FP8 or not, the GPU runs 4-bit stacks
+        assert experts_chosen(whole, monkeypatch, per_expert, fp8_gpu) == int4
+        assert experts_chosen(whole, monkeypatch, {}, fp8_gpu, quantization="w4a16") == int4
+        assert experts_chosen(whole, monkeypatch, block, fp8_gpu, quantization="w4a16") == int4
     # Sizes that are not whole groups of 128 (the tiny model's 64-wide hidden size) stay dense.
-    recorded.clear()
-    narrow = _built(tmp_path / "narrow")
+    narrow = built_moe_model(tmp_path / "narrow")
     narrow_layers = sum(isinstance(m, FusedMoE) for m in narrow.modules())
-    assert _chosen(narrow, monkeypatch, {}, fp8_gpu=False, quantization="w4a16") == (0, narrow_layers)
-    assert recorded == []
+    dense = {"fp8": 0, "int4": 0, "dense": narrow_layers}
+    assert experts_chosen(narrow, monkeypatch, {}, fp8_gpu=False, quantization="w4a16") == dense
 
 
 def _gptq_moe_checkpoint(tmp_path: Path) -> Path:
@@ -181,71 +156,24 @@ def _gptq_moe_checkpoint(tmp_path: Path) -> Path:
 def test_a_gptq_checkpoints_experts_stay_4_bit_and_serve_as_dense(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model_dir = _gptq_moe_checkpoint(tmp_path)
-    as_dense = load_model(model_dir, torch.float32, CPU, progress=False)
-    _stand_in_a_gpu(monkeypatch)
-    as_int4 = load_model(model_dir, torch.float32, CPU, progress=False)
-    dense_experts = [m for m in as_dense.model.modules() if isinstance(m, FusedMoE)]
-    int4_experts = [m for m in as_int4.model.modules() if isinstance(m, FusedMoE)]
-    assert dense_experts and all(m.kept is None for m in dense_experts)
-    assert all(m.int4 is not None and m.gate_up_proj.numel() == 0 for m in int4_experts)
-    for prompt in PROMPTS:  # the same weights, the same products: the same tokens and logprobs
-        tokens, logprobs = greedy_generate(as_int4, prompt, 6)
-        dense_tokens, dense_logprobs = greedy_generate(as_dense, prompt, 6)
-        assert tokens == dense_tokens and torch.equal(logprobs, dense_logprobs)
+    assert_checkpoint_serves_as_dense(_gptq_moe_checkpoint(tmp_path), monkeypatch, "int4")
 
 
 def test_random_weights_under_quantization_w4a16_are_random_4_bit_stacks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = write_random_model(tmp_path, "qwen3_moe", WHOLE)
-    _stand_in_a_gpu(monkeypatch)
-    loaded = load_model(path, torch.float32, CPU, random_weights=True, quantization="w4a16", progress=False)
     std = json.loads((path / "config.json").read_text())["initializer_range"]
-    experts = [m for m in loaded.model.modules() if isinstance(m, FusedMoE)]
-    assert experts and all(m.int4 is not None and m.int4.group_size == 128 for m in experts)
-    for stacks in (m.int4 for m in experts):
-        assert stacks is not None
+    for stacks in (m.int4 for m in random_moe_experts(path, "w4a16", monkeypatch)):
+        assert stacks is not None and stacks.group_size == 128
         gate_up, _ = stacks.expert_weights(0, torch.float32)
         assert 0.5 < gate_up.std().item() / std < 2
-
-
-INTERPRET_CHECK = """
-import torch
-from batchlm.kernels.int4_stack import Int4Stack
-from batchlm.kernels.moe_gemm import grouped_gemm
-from batchlm.layers.moe_routing import align_to_blocks, route_top_k
-generator = torch.Generator().manual_seed(0)
-experts, tokens, top_k = 5, 9, 2
-# Both tile shapes (n <= 64 takes narrower tiles), N not whole tiles; groups of 32, 64 and 128.
-for n, k, group in ((72, 256, 32), (40, 128, 64), (96, 256, 128)):
-    codes = torch.randint(0, 256, (experts, n, k // 2), generator=generator, dtype=torch.uint8)
-    scales = torch.rand(experts, n, k // group, generator=generator) * 0.01 + 1e-4
-    zeros = torch.randint(0, 17, (experts, n, k // group), generator=generator, dtype=torch.uint8)
-    stack = Int4Stack(codes, scales, zeros)
-    values = torch.stack([codes & 15, codes >> 4], dim=-1).flatten(-2).float()
-    dense32 = (values - zeros.float().repeat_interleave(group, -1)) * scales.repeat_interleave(group, -1)
-    x = torch.randn(tokens, k, generator=generator)
-    choice = route_top_k(torch.randn(tokens, experts, generator=generator), top_k, True)
-    # float16 stands for the half types: the interpreter rounds bfloat16 toward zero (numpy has none).
-    for dtype in (torch.float32, torch.float16):
-        dense = dense32.to(dtype)
-        for block_m in (16, 32):
-            blocks = align_to_blocks(choice.experts, experts, block_m)
-            got = grouped_gemm(x.to(dtype), stack, blocks, top_k, choice.weights.reshape(-1))
-            want = grouped_gemm(x.to(dtype), dense, blocks, top_k, choice.weights.reshape(-1))
-            scale = want.float().abs().max().item()
-            tolerance = 1e-6 if dtype == torch.float32 else 1e-3
-            error = (got.float() - want.float()).abs().max().item()
-            assert error <= tolerance * scale, (n, k, group, dtype, block_m, error, scale)
-print("int4 grouped gemm ok")
-"""
 
 
 def test_the_grouped_gemm_widens_4_bit_groups_exactly_under_the_triton_interpreter() -> None:
     """Each 4-bit tile is widened to the very values of the dequantized stack (a nibble, scale or
     zero point read wrongly would be off by far more than the summation order's rounding)."""
-    run_interpreted(INTERPRET_CHECK, "int4 grouped gemm ok")
+    run_interpreted(widening_script("int4"), WIDENS_EXACTLY)
 
 
 def test_a_stack_of_the_wrong_form_is_refused() -> None:

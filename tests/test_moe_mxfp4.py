@@ -27,8 +27,9 @@ from batchlm.models.loader import load_model
 from batchlm.models.mxfp4_weights import mxfp4_weight
 from batchlm.models.random_model import write_random_model
 from batchlm.models.registry import get_model_class
+from expert_stacks_harness import WIDENS_EXACTLY, assert_ranks_sum_to_one_rank, widening_script
 from interpreter_harness import run_interpreted
-from models_harness import run_ranks, thread_groups
+from models_harness import thread_groups
 
 SPEC = MoESpec(
     num_experts=6, top_k=2, hidden_size=64, intermediate_size=96, renormalize=True,
@@ -123,14 +124,7 @@ def test_tensor_parallel_ranks_keep_their_share_of_the_stacks() -> None:
             share = single.gate_up_proj_bias.view(6, 2, 128)[:, :, rank * 64 : (rank + 1) * 64]
             layer.gate_up_proj_bias.copy_(share.reshape(6, 128))
             layer.down_proj_bias.copy_(single.down_proj_bias)
-    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(8))
-    choice = route_top_k(torch.randn(5, 6, generator=torch.Generator().manual_seed(9)), 2, True)
-    with torch.no_grad():
-        expected = single(x, choice)
-        outputs = run_ranks(lambda rank: ranks[rank](x, choice), 2)
-    scale = expected.abs().max().item()
-    for output in outputs:  # the same products, the halves summed apart (float32 rounding)
-        torch.testing.assert_close(output, expected, atol=1e-5 * scale, rtol=1e-5)
+    assert_ranks_sum_to_one_rank(single, ranks)
 
 
 def test_experts_built_for_later_hold_no_dense_stacks_until_chosen() -> None:
@@ -186,42 +180,10 @@ def test_random_weights_of_an_mxfp4_config_on_the_cpu_are_dense(tmp_path: Path) 
     assert all(e.gate_up_proj.abs().sum() > 0 for e in experts)
 
 
-INTERPRET_CHECK = """
-import torch
-from batchlm.kernels.moe_gemm import grouped_gemm
-from batchlm.kernels.mxfp4_layout import Mxfp4Stack
-from batchlm.layers.moe_mxfp4 import dequantize
-from batchlm.layers.moe_routing import align_to_blocks, route_top_k
-generator = torch.Generator().manual_seed(0)
-experts, tokens, top_k = 5, 9, 2
-for n, k in ((72, 96), (40, 64)):  # both tile shapes (n <= 64 takes 32-wide K steps); N not whole tiles
-    codes = torch.randint(0, 256, (experts, n, k // 2), generator=generator, dtype=torch.uint8)
-    scales = torch.randint(112, 136, (experts, n, k // 32), generator=generator, dtype=torch.uint8)
-    scales[0, 0, 0] = 0
-    stack = Mxfp4Stack(codes, scales)
-    x = torch.randn(tokens, k, generator=generator)
-    choice = route_top_k(torch.randn(tokens, experts, generator=generator), top_k, True)
-    # float16 stands for the half types: the interpreter computes bfloat16 wrongly (numpy has none).
-    for dtype in (torch.float32, torch.float16):
-        dense = dequantize(codes, scales, dtype)
-        for block_m in (16, 32):
-            blocks = align_to_blocks(choice.experts, experts, block_m)
-            got = grouped_gemm(x.to(dtype), stack, blocks, top_k, choice.weights.reshape(-1))
-            want = grouped_gemm(x.to(dtype), dense, blocks, top_k, choice.weights.reshape(-1))
-            # The same products; numpy may sum a transposed tile in another order (float32 rounding),
-            # and the output's rounding to float16 may then differ by an ulp.
-            scale = want.float().abs().max().item()
-            tolerance = 1e-6 if dtype == torch.float32 else 1e-3
-            error = (got.float() - want.float()).abs().max().item()
-            assert error <= tolerance * scale, (n, k, dtype, block_m, error, scale)
-print("mxfp4 grouped gemm ok")
-"""
-
-
 def test_the_grouped_gemm_widens_mxfp4_exactly_under_the_triton_interpreter() -> None:
     """Each MXFP4 tile is widened to the very values of the dequantized stack: the same products (a
     nibble or scale read wrongly would be off by far more than the summation order's rounding)."""
-    run_interpreted(INTERPRET_CHECK, "mxfp4 grouped gemm ok")
+    run_interpreted(widening_script("mxfp4"), WIDENS_EXACTLY)
 
 
 def test_a_stack_of_the_wrong_shape_is_refused() -> None:

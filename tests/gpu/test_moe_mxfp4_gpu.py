@@ -17,12 +17,10 @@ require_cuda()
 
 from batchlm.layers.activation import CLAMPED_SWIGLU  # noqa: E402
 from batchlm.layers.moe import DOWN, GATE, UP, FusedMoE, MoESpec  # noqa: E402
-from batchlm.layers.moe_routing import route_top_k  # noqa: E402
 from batchlm.models.mxfp4_weights import mxfp4_weight  # noqa: E402
+from expert_stacks_harness import assert_computes_as_dense, assert_replays_as_dense  # noqa: E402
 
 DEVICE = torch.device("cuda")
-# bf16 outputs of the same products summed in another order; float32 likewise.
-TOLERANCE = {torch.bfloat16: 2e-2, torch.float32: 1e-5}
 SPEC = MoESpec(
     32, 4, hidden_size=256, intermediate_size=96, renormalize=True, hidden_act=CLAMPED_SWIGLU,
     act_options=(("alpha", 1.702), ("limit", 7.0)), router_bias=True, expert_bias=True,
@@ -61,36 +59,12 @@ def _pair_layers(spec: MoESpec, dtype: torch.dtype) -> tuple[FusedMoE, FusedMoE]
 def test_mxfp4_stacks_compute_as_the_experts_dense(dtype: torch.dtype, tokens: int) -> None:
     dense, kept = _pair_layers(SPEC, dtype)
     assert kept.mxfp4 is not None and kept.gate_up_proj.numel() == 0
-    x = torch.randn(tokens, SPEC.hidden_size, device=DEVICE, dtype=dtype)
-    choice = route_top_k(torch.randn(tokens, SPEC.num_experts, device=DEVICE), SPEC.top_k, True)
-    with torch.no_grad():
-        got = kept(x, choice)
-        expected = dense(x, choice)
-        per_expert = kept._add_down_bias(kept._forward_per_expert(x, choice), choice)
-    tolerance = TOLERANCE[dtype]
-    torch.testing.assert_close(got.float(), expected.float(), atol=tolerance, rtol=tolerance)
-    loose = 3e-2 if dtype == torch.bfloat16 else 2e-5  # the torch path rounds between its ops
-    torch.testing.assert_close(got.float(), per_expert.float(), atol=loose, rtol=loose)
+    assert_computes_as_dense(dense, kept, dtype, tokens)
 
 
 def test_mxfp4_stacks_replay_in_a_cuda_graph() -> None:
     spec = MoESpec(64, 4, hidden_size=128, intermediate_size=64, renormalize=False)
-    dense, kept = _pair_layers(spec, torch.bfloat16)
-    x = torch.randn(16, 128, device=DEVICE, dtype=torch.bfloat16)
-    logits = torch.randn(16, 64, device=DEVICE)
-    with torch.no_grad():
-        kept(x, route_top_k(logits, 4, False))  # compile outside the capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = kept(x, route_top_k(logits, 4, False))
-        for seed in range(3):
-            x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(x))
-            logits.copy_(
-                torch.randn(logits.shape, generator=torch.Generator().manual_seed(seed + 9)).to(logits)
-            )
-            graph.replay()
-            expected = dense(x, route_top_k(logits, 4, False))
-            torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+    assert_replays_as_dense(*_pair_layers(spec, torch.bfloat16))
 
 
 def _experts(llm: object) -> list[FusedMoE]:
