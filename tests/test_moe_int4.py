@@ -38,7 +38,14 @@ from expert_stacks_harness import (
 )
 from interpreter_harness import run_interpreted
 from models_harness import CPU
-from quant_checkpoints import gptq_tensors, random_int4, rewrite_checkpoint
+from quant_checkpoints import (
+    awq_tensors,
+    compressed_config,
+    compressed_int4_tensors,
+    gptq_tensors,
+    random_int4,
+    rewrite_checkpoint,
+)
 
 SPEC = MoESpec(num_experts=6, top_k=2, hidden_size=128, intermediate_size=256, renormalize=True)
 # Sizes of whole 128-input groups, as 4-bit experts need.
@@ -141,22 +148,35 @@ def test_the_stacks_are_chosen_for_4_bit_experts_of_whole_groups(
     assert experts_chosen(narrow, monkeypatch, {}, fp8_gpu=False, quantization="w4a16") == dense
 
 
-def _gptq_moe_checkpoint(tmp_path: Path) -> Path:
+def _int4_moe_checkpoint(tmp_path: Path, fmt: str = "gptq") -> Path:
+    """A Qwen3-MoE checkpoint (whole 128-input groups) whose linears and experts are 4-bit in groups of
+    32, stored as `fmt` ("gptq", "awq", compressed-tensors "ct") stores them."""
     dense = write_random_model(tmp_path / "dense", "qwen3_moe", WHOLE, seed=4)
+    symmetric = fmt == "ct"
+    packer = {"gptq": gptq_tensors, "awq": awq_tensors, "ct": compressed_int4_tensors}[fmt]
 
     def convert(module: str, weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], None]:
         rows, cols = weight.shape
-        return gptq_tensors(random_int4(rows, cols, 32, symmetric=False, seed=len(module) + rows)), None
+        return packer(random_int4(rows, cols, 32, symmetric, seed=len(module) + rows)), None
 
-    config = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": False}
-    rewrite_checkpoint(dense, tmp_path / "gptq", config, convert)
-    return tmp_path / "gptq"
+    configs = {
+        "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": False},
+        "awq": {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"},
+        "ct": compressed_config(
+            {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32},
+            None,
+            "pack-quantized",
+        ),
+    }
+    rewrite_checkpoint(dense, tmp_path / fmt, configs[fmt], convert)
+    return tmp_path / fmt
 
 
-def test_a_gptq_checkpoints_experts_stay_4_bit_and_serve_as_dense(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("fmt", ["gptq", "awq", "ct"])
+def test_a_4_bit_checkpoints_experts_stay_4_bit_and_serve_as_dense(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
 ) -> None:
-    assert_checkpoint_serves_as_dense(_gptq_moe_checkpoint(tmp_path), monkeypatch, "int4")
+    assert_checkpoint_serves_as_dense(_int4_moe_checkpoint(tmp_path, fmt), monkeypatch, "int4")
 
 
 def test_random_weights_under_quantization_w4a16_are_random_4_bit_stacks(

@@ -62,9 +62,9 @@ def test_stacks_replay_in_a_cuda_graph(form: str) -> None:
 
 def _checkpoint(form: str, tmp_path: Path) -> Path:
     from test_moe_fp8 import _fp8_moe_checkpoint
-    from test_moe_int4 import _gptq_moe_checkpoint
+    from test_moe_int4 import _int4_moe_checkpoint
 
-    return _fp8_moe_checkpoint(tmp_path) if form == "fp8" else _gptq_moe_checkpoint(tmp_path)
+    return _fp8_moe_checkpoint(tmp_path) if form == "fp8" else _int4_moe_checkpoint(tmp_path)
 
 
 @pytest.mark.parametrize("form", FORMS)
