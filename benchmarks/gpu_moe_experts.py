@@ -88,8 +88,8 @@ def make_layers(spec: MoESpec, count: int, weights: str) -> list[FusedMoE]:
 
 def expert_bytes(layer: FusedMoE, experts_used: float) -> float:
     """Bytes of `experts_used` experts' weights of one layer."""
-    if (stacks := layer.mxfp4 or layer.fp8 or layer.int4) is not None:
-        per_expert = stacks.nbytes() / layer.spec.num_experts
+    if layer.stacks is not None:
+        per_expert = layer.stacks.nbytes() / layer.spec.num_experts
     else:
         per_expert = (layer.gate_up_proj.nbytes + layer.down_proj.nbytes) / layer.spec.num_experts
     return experts_used * per_expert

@@ -165,10 +165,11 @@ class FusedMoE(nn.Module):
     @property
     def kept(self) -> QuantizedExperts | Mxfp4Experts | Fp8Experts | Int4Experts | None:
         """The form the experts are kept in instead of dense stacks, if any."""
-        return self.quantized or self.mxfp4 or self.fp8 or self.int4
+        return self.quantized or self.stacks
 
     @property
-    def _gpu_stacks(self) -> Mxfp4Experts | Fp8Experts | Int4Experts | None:
+    def stacks(self) -> Mxfp4Experts | Fp8Experts | Int4Experts | None:
+        """The grouped GEMM's quantized stacks (MXFP4, FP8 or 4-bit), if the experts are kept so."""
         return self.mxfp4 or self.fp8 or self.int4
 
     def _drop_dense_stacks(self, device: torch.device) -> None:
@@ -208,9 +209,9 @@ class FusedMoE(nn.Module):
         biases = self.down_proj_bias[choice.experts].float()  # [T, k, H]
         return out + (choice.weights.unsqueeze(-1) * biases).sum(dim=1).to(out.dtype)
 
-    def _stacks(self) -> tuple[GroupedWeights, GroupedWeights]:
+    def _grouped_weights(self) -> tuple[GroupedWeights, GroupedWeights]:
         """(gate_up, down) as the grouped GEMM reads them."""
-        stacks = self._gpu_stacks
+        stacks = self.stacks
         if stacks is not None:
             return stacks.gate_up, stacks.down
         return self.gate_up_proj, self.down_proj
@@ -223,7 +224,7 @@ class FusedMoE(nn.Module):
         blocks = align_to_blocks(
             choice.experts, num_experts, kernels.block_m_for(tokens * top_k, num_experts)
         )
-        gate_up_stack, down_stack = self._stacks()
+        gate_up_stack, down_stack = self._grouped_weights()
         gate_up = kernels.grouped_gemm(x, gate_up_stack, blocks, top_k)  # [T * k, 2 * I]
         if self.gate_up_proj_bias is not None:  # its rows are the slots in order: expert of each
             gate_up += self.gate_up_proj_bias[choice.experts.reshape(-1)]
@@ -256,7 +257,7 @@ class FusedMoE(nn.Module):
     def _expert_weights(self, expert: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """One expert's dense (gate_up [2 * I, H], down [H, I]); MXFP4, FP8 and 4-bit ones widened
         now, in `dtype`."""
-        stacks = self._gpu_stacks
+        stacks = self.stacks
         if stacks is not None:
             return stacks.expert_weights(expert, dtype)
         return self.gate_up_proj[expert], self.down_proj[expert]

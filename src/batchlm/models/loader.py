@@ -372,8 +372,8 @@ def init_random_weights(model: CausalLM, std: float, seed: int) -> None:
     generator = torch.Generator(device=device).manual_seed(seed)
     norm_params = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
     for module in model.modules():
-        if isinstance(module, FusedMoE) and (stacks := module.mxfp4 or module.fp8 or module.int4) is not None:
-            stacks.fill_random(std, generator)
+        if isinstance(module, FusedMoE) and module.stacks is not None:
+            module.stacks.fill_random(std, generator)
     for name, param in model.named_parameters():
         if id(param) in norm_params:
             param.fill_(1.0)
