@@ -43,6 +43,9 @@ def _mxfp4(experts: int, n: int, k: int, generator: torch.Generator) -> tuple[Gr
 
 def _fp8(experts: int, n: int, k: int, generator: torch.Generator) -> tuple[GroupedWeights, torch.Tensor]:
     values = (torch.randn(experts, n, k, generator=generator) * 100).to(torch.float8_e4m3fn)
+    # The extremes: the largest magnitudes, the smallest subnormal and normal, and both zeros.
+    extremes = [448.0, -448.0, 2.0**-9, -(2.0**-9), 2.0**-6, 0.0, -0.0, 7 * 2.0**-9]
+    values[0, 0, : len(extremes)] = torch.tensor(extremes).to(torch.float8_e4m3fn)
     scales = torch.rand(experts, n, generator=generator) * 0.01 + 1e-4
     return Fp8Stack(values, scales), values.float() * scales[..., None]
 
@@ -64,6 +67,7 @@ def _int4(group: int) -> Callable[[int, int, int, torch.Generator], tuple[Groupe
 WIDENING_CASES = {
     "mxfp4": [(72, 96, _mxfp4), (40, 64, _mxfp4)],
     "fp8": [(72, 96, _fp8), (40, 64, _fp8)],
+    "fp8-bits": [(72, 96, _fp8), (40, 64, _fp8)],  # widened by bit placement (GPUs before Ada)
     "int4": [(72, 256, _int4(32)), (40, 128, _int4(64)), (96, 256, _int4(128))],
 }
 WIDENS_EXACTLY = "grouped gemm widens exactly"
@@ -88,7 +92,7 @@ def check_the_grouped_gemm_widens(form: str) -> None:
             for block_m in (16, 32):
                 blocks = align_to_blocks(choice.experts, experts, block_m)
                 weights = choice.weights.reshape(-1)
-                got = grouped_gemm(x.to(dtype), stack, blocks, top_k, weights)
+                got = grouped_gemm(x.to(dtype), stack, blocks, top_k, weights, fp8_bits=form == "fp8-bits")
                 want = grouped_gemm(x.to(dtype), dense32.to(dtype), blocks, top_k, weights)
                 scale = want.float().abs().max().item()
                 tolerance = 1e-6 if dtype == torch.float32 else 1e-3
@@ -164,15 +168,11 @@ def built_moe_model(
 
 
 def experts_chosen(
-    model: CausalLM,
-    monkeypatch: pytest.MonkeyPatch,
-    qtypes: dict[str, str],
-    fp8_gpu: bool,
-    quantization: str | None = None,
+    model: CausalLM, monkeypatch: pytest.MonkeyPatch, qtypes: dict[str, str], quantization: str | None = None
 ) -> dict[str, int]:
     """How many expert layers `assign_weight_methods` keeps as "fp8" and "int4" stacks and gives
-    "dense" stacks on a GPU with FP8 (`fp8_gpu`) or one without. Nothing is allocated: the kept
-    forms are stood in for, so a stood-in layer is given dense stacks after it too."""
+    "dense" stacks on a GPU. Nothing is allocated: the kept forms are stood in for, so a stood-in
+    layer is given dense stacks after it too."""
     calls = {"fp8": 0, "int4": 0, "dense": 0}
 
     def count(form: str) -> Callable[[FusedMoE, torch.device], None]:
@@ -181,7 +181,6 @@ def experts_chosen(
     monkeypatch.setattr(FusedMoE, "keep_fp8", count("fp8"))
     monkeypatch.setattr(FusedMoE, "keep_int4", count("int4"))
     monkeypatch.setattr(FusedMoE, "allocate_dense", count("dense"))
-    monkeypatch.setattr(weight_methods, "has_fp8_tensor_cores", lambda device: fp8_gpu)
     methods = weight_methods.assign_weight_methods(
         model, DENSE_FORMAT, qtypes, CUDA, torch.bfloat16, quantization
     )
@@ -190,9 +189,8 @@ def experts_chosen(
 
 
 def stand_in_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Experts are chosen on this CPU as on a GPU with FP8 (their stacks run on any device)."""
+    """Experts are chosen on this CPU as on a GPU (their stacks run on any device)."""
     choose = weight_methods.gpu_experts_form
-    monkeypatch.setattr(weight_methods, "has_fp8_tensor_cores", lambda device: True)
     monkeypatch.setattr(
         weight_methods,
         "gpu_experts_form",

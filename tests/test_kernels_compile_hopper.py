@@ -34,7 +34,12 @@ HOPPER_SHARED = 232448
 
 
 def compile_for_hopper(
-    kernel: Any, types: dict[str, str], constants: dict[str, Any], aligned: bool = False, **options: Any
+    kernel: Any,
+    types: dict[str, str],
+    constants: dict[str, Any],
+    aligned: bool = False,
+    target: GPUTarget = HOPPER,
+    **options: Any,
 ) -> Any:
     """Compile `kernel` with every non-constexpr argument typed by `types` (default i32); `aligned`:
     every pointer and integer argument specialised as divisible by 16, as a launch on whole rows of
@@ -48,7 +53,7 @@ def compile_for_hopper(
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if aligned and n not in constants}
     try:
         source = ASTSource(kernel, signature, constexprs, attrs)
-        compiled = triton.compile(source, target=HOPPER, options=options)
+        compiled = triton.compile(source, target=target, options=options)
     except RuntimeError as exc:  # pragma: no cover - depends on the install
         if "ptxas" in str(exc) and "not found" in str(exc):
             pytest.skip(f"no ptxas here: {exc}")
@@ -81,7 +86,7 @@ def test_mxfp4_grouped_gemm_compiles(block_m: int, block_n: int, block_k: int) -
         "sorted_slots_ptr": "*i64", "block_experts_ptr": "*i64", "padded_rows_ptr": "*i64",
     }  # fmt: skip
     constants = {
-        "K": 2880, "MUL_SLOT_WEIGHTS": False, "MXFP4": True, "FP8": False, "INT4": False, "PRECISION": "tf32",
+        "K": 2880, "MUL_SLOT_WEIGHTS": False, "MXFP4": True, "FP8": False, "FP8_BITS": False, "INT4": False, "PRECISION": "tf32",
         "BLOCK_M": block_m,
         "BLOCK_N": block_n, "BLOCK_K": block_k,
     }  # fmt: skip
@@ -108,7 +113,7 @@ def test_fp8_grouped_gemm_compiles(block_m: int, block_n: int, block_k: int) -> 
     }  # fmt: skip
     # Unit strides along K, as Triton specializes a launch's stride arguments equal to 1.
     constants = {
-        "K": 2048, "MUL_SLOT_WEIGHTS": True, "MXFP4": False, "FP8": True, "INT4": False, "PRECISION": "tf32",
+        "K": 2048, "MUL_SLOT_WEIGHTS": True, "MXFP4": False, "FP8": True, "FP8_BITS": False, "INT4": False, "PRECISION": "tf32",
         "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "stride_ak": 1, "stride_bk": 1,
     }  # fmt: skip
     compiled = compile_for_hopper(
@@ -117,6 +122,32 @@ def test_fp8_grouped_gemm_compiles(block_m: int, block_n: int, block_k: int) -> 
     ptx = compiled.asm["ptx"]
     assert "mma" in ptx and "cp.async.cg" in ptx and "cvt.rn.f16x2.e4m3x2" in ptx
     assert ptx.count("cvt.f32.f16") <= block_n * block_k // 128  # one a weight a thread, no more
+
+
+def test_fp8_grouped_gemm_compiles_for_gpus_without_e4m3_conversions() -> None:
+    """For an A100 (sm_80) the FP8 weights arrive as bytes by asynchronous copies and are widened by
+    bit placement: no e4m3 instruction, which that GPU lacks."""
+    types = {
+        "a_ptr": "*bf16", "b_ptr": "*u8", "b_scales_ptr": "*fp32", "c_ptr": "*bf16",
+        "slot_weights_ptr": "*fp32", "sorted_slots_ptr": "*i64", "block_experts_ptr": "*i64",
+        "padded_rows_ptr": "*i64",
+    }  # fmt: skip
+    constants = {
+        "K": 2048, "MUL_SLOT_WEIGHTS": True, "MXFP4": False, "FP8": True, "FP8_BITS": True, "INT4": False,
+        "PRECISION": "tf32", "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "stride_ak": 1, "stride_bk": 1,
+    }  # fmt: skip
+    ampere = GPUTarget("cuda", 80, 32)
+    compiled = compile_for_hopper(
+        moe_gemm._grouped_gemm_kernel,
+        types,
+        constants,
+        aligned=True,
+        target=ampere,
+        num_warps=4,
+        num_stages=3,
+    )
+    ptx = compiled.asm["ptx"]
+    assert ".target sm_80" in ptx and "mma" in ptx and "cp.async.cg" in ptx and "e4m3" not in ptx
 
 
 @pytest.mark.parametrize(("block_m", "block_n", "group"), [(16, 64, 128), (32, 64, 32), (64, 128, 64)])
@@ -129,7 +160,7 @@ def test_int4_grouped_gemm_compiles(block_m: int, block_n: int, group: int) -> N
         "padded_rows_ptr": "*i64",
     }  # fmt: skip
     constants = {
-        "K": 2048, "MUL_SLOT_WEIGHTS": False, "MXFP4": False, "FP8": False, "INT4": True, "PRECISION": "tf32",
+        "K": 2048, "MUL_SLOT_WEIGHTS": False, "MXFP4": False, "FP8": False, "FP8_BITS": False, "INT4": True, "PRECISION": "tf32",
         "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": group, "stride_ak": 1,
     }  # fmt: skip
     compiled = compile_for_hopper(

@@ -3,8 +3,8 @@
 values its dequantization gives, so a layer holding them computes what the same experts dense
 compute; dense experts are quantized one scale a row; the grouped GEMM widens them exactly (Triton's
 interpreter); the loader chooses them for FP8 experts (per-expert or stacked names, Mixtral's renamed
-ones) and for dense experts under --quantization fp8, only where the GPU has FP8. FP8 support is
-stood in for here (the stacks work on any device); tests/gpu/test_moe_fp8_int4_gpu.py runs them on a GPU."""
+ones) and for dense experts under --quantization fp8, on a GPU. The GPU is stood in for here (the
+stacks work on any device); tests/gpu/test_moe_fp8_int4_gpu.py runs them on a GPU."""
 
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def test_tensor_parallel_ranks_keep_their_share_of_the_stacks() -> None:
     assert_ranks_sum_to_one_rank(single, ranks)
 
 
-def test_the_stacks_are_chosen_for_fp8_experts_on_a_gpu_with_fp8(
+def test_the_stacks_are_chosen_for_fp8_experts_on_a_gpu(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model = built_moe_model(tmp_path)
@@ -110,17 +110,17 @@ def test_the_stacks_are_chosen_for_fp8_experts_on_a_gpu_with_fp8(
     per_expert = {name.replace(".experts.", ".experts.3."): qtype for name, qtype in stacked.items()}
     block = dict.fromkeys(per_expert, BLOCK_FP8_QTYPE)
     fp8, dense = {"fp8": layers, "int4": 0, "dense": layers}, {"fp8": 0, "int4": 0, "dense": layers}
-    assert experts_chosen(model, monkeypatch, stacked, fp8_gpu=True) == fp8
-    assert experts_chosen(model, monkeypatch, per_expert, fp8_gpu=True) == fp8
+    assert experts_chosen(model, monkeypatch, stacked) == fp8
+    assert experts_chosen(model, monkeypatch, per_expert) == fp8
     # Block-wise FP8 experts: requantized per row as its linears are (4-bit ones under w4a16, where
     # the sizes are whole 128-input groups: not this tiny model's).
-    assert experts_chosen(model, monkeypatch, block, fp8_gpu=True) == fp8
-    assert experts_chosen(model, monkeypatch, block, fp8_gpu=True, quantization="w4a16") == dense
+    assert experts_chosen(model, monkeypatch, block) == fp8
+    assert experts_chosen(model, monkeypatch, block, quantization="w4a16") == dense
     # Dense experts: only under --quantization fp8.
-    assert experts_chosen(model, monkeypatch, {}, fp8_gpu=True) == dense
-    assert experts_chosen(model, monkeypatch, {}, fp8_gpu=True, quantization="fp8") == fp8
-    # A GPU without FP8 keeps them dense.
-    assert experts_chosen(model, monkeypatch, per_expert, fp8_gpu=False) == dense
+    assert experts_chosen(model, monkeypatch, {}) == dense
+    assert experts_chosen(model, monkeypatch, {}, quantization="fp8") == fp8
+    # On a CPU they stay dense.
+    assert weight_methods.gpu_experts_form((FP8_QTYPE,), None, torch.device("cpu")) is None
 
 
 def test_mixtral_experts_are_found_under_their_checkpoint_names(
@@ -133,7 +133,7 @@ def test_mixtral_experts_are_found_under_their_checkpoint_names(
         for layer in range(layers)
         for w in ("w1", "w2", "w3")
     }
-    assert experts_chosen(model, monkeypatch, names, fp8_gpu=True)["fp8"] == layers
+    assert experts_chosen(model, monkeypatch, names)["fp8"] == layers
 
 
 def _fp8_moe_checkpoint(tmp_path: Path) -> Path:
@@ -167,10 +167,12 @@ def test_random_weights_under_quantization_fp8_are_random_fp8_stacks(
             assert torch.equal(stack.values.float().abs().amax(dim=-1), torch.full_like(stack.scales, 448.0))
 
 
-def test_the_grouped_gemm_widens_fp8_exactly_under_the_triton_interpreter() -> None:
-    """Each FP8 tile is widened to the very values of the dequantized stack (a row's scale or a code
-    read wrongly would be off by far more than the summation order's rounding)."""
-    run_interpreted(widening_script("fp8"), WIDENS_EXACTLY)
+@pytest.mark.parametrize("form", ["fp8", "fp8-bits"], ids=["e4m3-conversion", "bit-placement"])
+def test_the_grouped_gemm_widens_fp8_exactly_under_the_triton_interpreter(form: str) -> None:
+    """Each FP8 tile is widened to the very values of the dequantized stack, by the e4m3 conversion
+    (Ada, Hopper) or by placing the bits in a float's (earlier GPUs): a row's scale or a code read
+    wrongly would be off by far more than the summation order's rounding."""
+    run_interpreted(widening_script(form), WIDENS_EXACTLY)
 
 
 def test_a_stack_of_the_wrong_form_is_refused() -> None:

@@ -137,15 +137,14 @@ def test_the_stacks_are_chosen_for_4_bit_experts_of_whole_groups(
     }
     block = dict.fromkeys(per_expert, BLOCK_FP8_QTYPE)
     int4 = {"fp8": 0, "int4": layers, "dense": layers}  # (a stood-in layer is given dense stacks too)
-    for fp8_gpu in (True, False):  # FP8 or not, the GPU runs 4-bit stacks
-        assert experts_chosen(whole, monkeypatch, per_expert, fp8_gpu) == int4
-        assert experts_chosen(whole, monkeypatch, {}, fp8_gpu, quantization="w4a16") == int4
-        assert experts_chosen(whole, monkeypatch, block, fp8_gpu, quantization="w4a16") == int4
+    assert experts_chosen(whole, monkeypatch, per_expert) == int4
+    assert experts_chosen(whole, monkeypatch, {}, quantization="w4a16") == int4
+    assert experts_chosen(whole, monkeypatch, block, quantization="w4a16") == int4
     # Sizes that are not whole groups of 128 (the tiny model's 64-wide hidden size) stay dense.
     narrow = built_moe_model(tmp_path / "narrow")
     narrow_layers = sum(isinstance(m, FusedMoE) for m in narrow.modules())
     dense = {"fp8": 0, "int4": 0, "dense": narrow_layers}
-    assert experts_chosen(narrow, monkeypatch, {}, fp8_gpu=False, quantization="w4a16") == dense
+    assert experts_chosen(narrow, monkeypatch, {}, quantization="w4a16") == dense
 
 
 def _int4_moe_checkpoint(tmp_path: Path, fmt: str = "gptq") -> Path:

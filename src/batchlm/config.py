@@ -152,7 +152,7 @@ class EngineConfig:
     # float GGUF file's) linears, embedding and LM head to Q8_0 blocks at load (x86-64 CPUs with the
     # quantized CPU kernels; refused elsewhere and for a GGUF file already block-quantized). "fp8" /
     # "w4a16": quantize its linears to per-channel FP8 or 4-bit groups of 128 at load (for NVIDIA GPUs;
-    # elsewhere emulated, slowly), and on GPUs its experts too (per-row FP8 where the GPU has FP8).
+    # elsewhere emulated, slowly), and on GPUs its experts too (per-row FP8 or 4-bit groups).
     quantization: str | None = None
     # KV-cache dtype: "auto" (the model dtype; on a CPU float16 for GGUF files and quantized weights, as
     # llama.cpp keeps GGUF models' caches), "fp16" / "fp32" (CPU: float16 takes half a float32 cache's

@@ -2,7 +2,7 @@
 experts dense (the widened values are the dequantized ones, so only the sums' order may differ),
 inside a CUDA graph; an FP8 (compressed-tensors) and a GPTQ checkpoint's experts kept in their form
 serving the tokens of the same experts dense, compiling nothing after start-up; random weights under
---quantization fp8 / w4a16. GPU only (FP8: Ada, Hopper and later)."""
+--quantization fp8 / w4a16. GPU only (the FP8 checkpoint and --quantization fp8: Ada, Hopper and later, for their FP8 linears)."""
 
 from __future__ import annotations
 
@@ -29,10 +29,12 @@ from expert_stacks_harness import (  # noqa: E402
 )
 from quant_checkpoints import random_int4  # noqa: E402
 
+# FP8 linears (an FP8 checkpoint's, --quantization fp8) need FP8 tensor cores; FP8 experts do not.
 NEEDS_FP8 = pytest.mark.skipif(
-    not has_fp8_tensor_cores(torch.device("cuda")), reason="FP8 experts need an Ada or Hopper GPU"
+    not has_fp8_tensor_cores(torch.device("cuda")), reason="FP8 linears need an Ada or Hopper GPU"
 )
-FORMS = [pytest.param("fp8", marks=NEEDS_FP8), "int4"]
+FORMS = ["fp8", "int4"]
+CHECKPOINT_FORMS = [pytest.param("fp8", marks=NEEDS_FP8), "int4"]
 
 
 def _fp8(rows: int, cols: int, seed: int) -> LoadedWeight:
@@ -60,6 +62,22 @@ def test_stacks_replay_in_a_cuda_graph(form: str) -> None:
     assert_replays_as_dense(*pair_layers(spec, torch.bfloat16, form, WEIGHTS[form]))
 
 
+def test_fp8_widened_by_bit_placement_equals_the_e4m3_conversion() -> None:
+    """The widening GPUs before Ada take gives the very outputs of the e4m3 conversion's."""
+    from batchlm.kernels.moe_gemm import block_m_for, grouped_gemm
+    from batchlm.layers.moe_routing import align_to_blocks, route_top_k
+
+    spec = MoESpec(32, 4, hidden_size=256, intermediate_size=128, renormalize=True)
+    _, kept = pair_layers(spec, torch.bfloat16, "fp8", WEIGHTS["fp8"])
+    assert kept.fp8 is not None
+    for tokens in (1, 64, 1000):
+        x = torch.randn(tokens, 256, device="cuda", dtype=torch.bfloat16)
+        choice = route_top_k(torch.randn(tokens, 32, device="cuda"), 4, True)
+        blocks = align_to_blocks(choice.experts, 32, block_m_for(tokens * 4, 32))
+        native = grouped_gemm(x, kept.fp8.gate_up, blocks, 4, fp8_bits=False)
+        assert torch.equal(grouped_gemm(x, kept.fp8.gate_up, blocks, 4, fp8_bits=True), native)
+
+
 def _checkpoint(form: str, tmp_path: Path) -> Path:
     from test_moe_fp8 import _fp8_moe_checkpoint
     from test_moe_int4 import _int4_moe_checkpoint
@@ -67,7 +85,7 @@ def _checkpoint(form: str, tmp_path: Path) -> Path:
     return _fp8_moe_checkpoint(tmp_path) if form == "fp8" else _int4_moe_checkpoint(tmp_path)
 
 
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", CHECKPOINT_FORMS)
 def test_a_quantized_checkpoint_keeps_its_experts_and_serves_as_dense(
     form: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -14,13 +14,15 @@ groups (`Int4Stack`: GPTQ, AWQ and compressed-tensors experts, a scale and a zer
 MXFP4 tile is widened in registers to exact values of the activations' dtype before the dot: an e2m1
 code placed in a float's exponent and mantissa bits, a scale byte in an exponent, so no table lookup
 and no rounding. An FP8 tile is widened to float32, times its rows' scales, and rounded to the
-activations' dtype: the values dequantizing the stack gives. A 4-bit step is one group: a code placed
+activations' dtype: the values dequantizing the stack gives. GPUs before Ada have no e4m3 conversion:
+there the bytes are read as integers and placed in a float's bits, as MXFP4's codes are. A 4-bit step is one group: a code placed
 in a float's mantissa under the exponent of 2^23 gives 2^23 + code, less 2^23 + zero exactly, times
 the group's scale in float32.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -43,6 +45,15 @@ def _e2m1_values(codes):
     one subnormal, lands on a subnormal float), and its sign bit in the float's sign."""
     bits = ((codes & 7) << 22) | ((codes & 8) << 28)
     return bits.to(tl.float32, bitcast=True) * 2.0**126
+
+
+@triton.jit
+def _e4m3_values(codes):
+    """The e4m3 values of bytes (int32) as float32, with no e4m3 instruction: the code's exponent and
+    mantissa bits put in a float's lowest exponent bits and top mantissa bits give the value times
+    2^-120 (a subnormal code lands on a subnormal float), its sign bit in the float's sign."""
+    bits = ((codes & 0x7F) << 20) | ((codes & 0x80) << 24)
+    return bits.to(tl.float32, bitcast=True) * 2.0**120
 
 
 @triton.jit
@@ -92,6 +103,7 @@ def _grouped_gemm_kernel(
     MUL_SLOT_WEIGHTS: tl.constexpr,
     MXFP4: tl.constexpr,
     FP8: tl.constexpr,
+    FP8_BITS: tl.constexpr,  # FP8 weights arrive as uint8 and are widened by bit placement
     INT4: tl.constexpr,  # with BLOCK_K the group size: a step is one group
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -158,7 +170,8 @@ def _grouped_gemm_kernel(
             k_ok = ks < K - k0
             a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            w = (w.to(tl.float32) * row_scales[:, None]).to(a.dtype)
+            w = _e4m3_values(w.to(tl.int32)) if FP8_BITS else w.to(tl.float32)
+            w = (w * row_scales[:, None]).to(a.dtype)
             acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
             a_ptrs += BLOCK_K * stride_ak
             w_ptrs += BLOCK_K * stride_bk
@@ -175,6 +188,15 @@ def _grouped_gemm_kernel(
         acc = acc * tl.load(slot_weights_ptr + slots, mask=valid, other=0.0)[:, None]
     c_ptrs = c_ptr + slots[:, None] * stride_cm + cols[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & col_ok[None, :])
+
+
+# The first GPUs with e4m3 conversion instructions (Ada, compute capability 8.9).
+E4M3_CAPABILITY = (8, 9)
+
+
+@functools.cache
+def _has_e4m3(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= E4M3_CAPABILITY
 
 
 @dataclass(frozen=True)
@@ -207,8 +229,10 @@ def grouped_gemm(
     blocks: ExpertBlocks,
     a_row_divisor: int,
     slot_weights: torch.Tensor | None = None,
+    fp8_bits: bool | None = None,
 ) -> torch.Tensor:
     """c[s] = a[s // a_row_divisor] @ weights[expert(s)]^T for every slot s (times slot_weights[s]).
+    `fp8_bits`: widen FP8 weights by bit placement (None: where the GPU has no e4m3 conversion).
 
     a: [rows, K]; weights: [E, N, K] stacked per expert (in a's dtype, FP8, or MXFP4 or 4-bit groups
     with K whole groups); returns c: [num_slots, N] in a's dtype.
@@ -228,7 +252,9 @@ def grouped_gemm(
         b, b_scales = weights.codes, weights.scales
         b_strides = (b.stride(0), b.stride(1), 1, b_scales.stride(0), b_scales.stride(1))
     elif isinstance(weights, Fp8Stack):
-        b, b_scales = weights.values, weights.scales
+        if fp8_bits is None:
+            fp8_bits = a.is_cuda and not _has_e4m3(a.device.index or 0)
+        b, b_scales = (weights.values.view(torch.uint8) if fp8_bits else weights.values), weights.scales
         b_strides = (b.stride(0), b.stride(1), b.stride(2), b_scales.stride(0), b_scales.stride(1))
     else:
         b = b_scales = weights
@@ -237,7 +263,7 @@ def grouped_gemm(
         a, b, b_scales, zeros, c, scale, blocks.sorted_slots, blocks.block_experts, blocks.padded_rows,
         n, blocks.num_slots, a_row_divisor, a.stride(0), a.stride(1), *b_strides, c.stride(0), c.stride(1),
         K=k, MUL_SLOT_WEIGHTS=slot_weights is not None, MXFP4=isinstance(weights, Mxfp4Stack),
-        FP8=isinstance(weights, Fp8Stack), INT4=isinstance(weights, Int4Stack),
+        FP8=isinstance(weights, Fp8Stack), FP8_BITS=bool(fp8_bits), INT4=isinstance(weights, Int4Stack),
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32", BLOCK_M=blocks.block_m,
         BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, num_warps=tile.num_warps, num_stages=tile.num_stages,
     )  # fmt: skip

@@ -148,7 +148,7 @@ class FusedMoE(nn.Module):
 
     def keep_fp8(self, device: torch.device) -> None:
         """Keep the experts as FP8 stacks on `device` (an FP8 checkpoint's experts, or dense ones under
-        --quantization fp8, on a GPU with FP8); call before loading. Under tensor parallelism each
+        --quantization fp8, on a GPU); call before loading. Under tensor parallelism each
         rank keeps its share (a scale per row, so any split)."""
         spec = self.spec
         self.fp8 = Fp8Experts(spec.num_experts, spec.hidden_size, self.inter_per_rank, device)

@@ -1,5 +1,6 @@
-"""A mixture-of-experts layer's experts kept as FP8 on a GPU with FP8 support: e4m3 values with one
-float32 scale per expert row, half of bf16's bytes (Qwen3-30B-A3B's experts then fit a 48 GB card).
+"""A mixture-of-experts layer's experts kept as FP8 on a GPU: e4m3 values with one float32 scale per
+expert row, half of bf16's bytes (Qwen3-30B-A3B's experts then fit a 48 GB card). The grouped GEMM
+widens them with the e4m3 conversion where the GPU has it (Ada, Hopper) and by bit placement before.
 
 They come from an FP8 checkpoint's experts (compressed-tensors FP8, per-channel or per-tensor
 scales; a static activation scale is not used, the products run on 16-bit activations), from a

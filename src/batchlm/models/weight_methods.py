@@ -12,7 +12,6 @@ from batchlm.layers.embedding import ParallelLMHead
 from batchlm.layers.moe import FusedMoE
 from batchlm.layers.quantization.base import RowSlice
 from batchlm.layers.quantization.cpu_quantized import CPU_QUANTIZED
-from batchlm.layers.quantization.forms import has_fp8_tensor_cores
 from batchlm.layers.quantization.int4 import Int4LinearMethod
 from batchlm.layers.quantization.layer import MethodLayer
 from batchlm.layers.quantization.registry import (
@@ -104,8 +103,8 @@ def _assign_experts_method(
 ) -> None:
     """Experts go where a linear of their GGML types would: to the quantized CPU kernels (a GGUF file's
     expert stacks, dense experts under --quantization int8); MXFP4 experts on a GPU stay MXFP4 for the
-    grouped GEMM, FP8 and 4-bit ones (or dense ones under --quantization fp8 / w4a16) FP8 (on a GPU
-    with FP8) or 4-bit stacks; others are dense stacks."""
+    grouped GEMM, FP8 and 4-bit ones (or dense ones under --quantization fp8 / w4a16) FP8 or 4-bit
+    stacks; others are dense stacks."""
     spec = WeightSpec(weight_format, types, "linear", device, dtype, quantization)
     # (A rank's share of the intermediate size, under tensor parallelism.)
     whole_blocks = experts.spec.hidden_size % BLOCK == 0 and experts.inter_per_rank % BLOCK == 0
@@ -133,10 +132,11 @@ WHOLE_INT4 = 128
 
 
 def gpu_experts_form(types: tuple[str, ...], quantization: str | None, device: torch.device) -> str | None:
-    """The stacks experts of these checkpoint types keep on a GPU: FP8_QTYPE on a GPU with FP8 for an
-    FP8 checkpoint's experts, a block-wise FP8 checkpoint's (requantized per row, as its linears are)
-    and dense ones under --quantization fp8; INT4_QTYPE for a 4-bit checkpoint's and dense (or
-    block-wise FP8) ones under --quantization w4a16; None for dense stacks."""
+    """The stacks experts of these checkpoint types keep on a GPU (any NVIDIA GPU: the grouped GEMM
+    widens FP8 without e4m3 instructions where the GPU lacks them): FP8_QTYPE for an FP8 checkpoint's
+    experts, a block-wise FP8 checkpoint's (requantized per row, as its linears are where the GPU has
+    FP8 tensor cores) and dense ones under --quantization fp8; INT4_QTYPE for a 4-bit checkpoint's and
+    dense (or block-wise FP8) ones under --quantization w4a16; None for dense stacks."""
     if device.type != "cuda":
         return None
     kinds = set(types)
@@ -145,7 +145,7 @@ def gpu_experts_form(types: tuple[str, ...], quantization: str | None, device: t
     if kinds == {INT4_QTYPE} or (not kinds and quantization == "w4a16"):
         return INT4_QTYPE
     fp8 = kinds == {FP8_QTYPE} or (not kinds and quantization == "fp8")
-    return FP8_QTYPE if fp8 and has_fp8_tensor_cores(device) else None
+    return FP8_QTYPE if fp8 else None
 
 
 def expert_types(model: CausalLM, qtype: str) -> dict[str, str]:
