@@ -4,6 +4,7 @@ splits of raw blocks, and the method registry that decides per layer."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -16,8 +17,16 @@ from batchlm.layers.linear import QKVParallelLinear, RowParallelLinear
 from batchlm.layers.quantization import registry
 from batchlm.layers.quantization.base import QuantizedColumns, QuantizedTensor, narrow_cols
 from batchlm.layers.quantization.dense import DEQUANTIZE, DenseLinearMethod
+from batchlm.layers.quantization.forms import quantize_fp8_rows
+from batchlm.layers.quantization.fp8 import FP8
 from batchlm.layers.quantization.layer import MethodLayer
-from batchlm.layers.quantization.registry import GGUF_FORMAT, WeightSpec, choose_linear_method
+from batchlm.layers.quantization.registry import (
+    DENSE_FORMAT,
+    FP8_QTYPE,
+    GGUF_FORMAT,
+    WeightSpec,
+    choose_linear_method,
+)
 from batchlm.models.llama import LlamaMLP
 from batchlm.models.model_config import read_model_config
 from batchlm.models.random_model import TINY_CONFIG
@@ -176,3 +185,23 @@ def test_a_gated_mlp_hands_its_down_projection_gate_and_up_where_the_method_take
     mlp.down_proj.load_weight("w", "weight", weight)
     torch.testing.assert_close(mlp(x), unfused)
     assert method.gated_calls == 1
+
+
+def test_fp8_linears_on_a_gpu_without_fp8_tensor_cores_load_dequantized(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An FP8 checkpoint on an A100: its linears take the dense method, dequantized as they load (the
+    FP8 W8A8 method needs FP8 tensor cores); --quantization fp8 still asks for the FP8 method, which
+    refuses such a GPU by name."""
+    spec = WeightSpec(DENSE_FORMAT, (FP8_QTYPE,), "linear", torch.device("cuda"), torch.bfloat16)
+    monkeypatch.setattr(registry, "has_fp8_tensor_cores", lambda device: False)
+    assert choose_linear_method(spec) is DEQUANTIZE
+    assert choose_linear_method(replace(spec, qtypes=(), quantization="fp8")) is FP8
+    monkeypatch.setattr(registry, "has_fp8_tensor_cores", lambda device: True)
+    assert choose_linear_method(spec) is FP8
+    weight = quantize_fp8_rows(torch.randn(16, 64, generator=GEN))
+    for rank in range(2):  # a rank's columns, each row's scale with them
+        layer = RowParallelLinear(64, 16, tp=TensorParallelGroup(rank, 2))
+        layer.set_method(DEQUANTIZE)
+        layer.load_weight("o_proj.weight", "weight", weight)
+        assert torch.equal(layer.weight, weight.dequantize()[:, 32 * rank : 32 * (rank + 1)])

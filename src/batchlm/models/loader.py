@@ -16,6 +16,7 @@ from batchlm.layers.moe import FusedMoE, stacks_allocated_later
 from batchlm.layers.norm import RMSNorm
 from batchlm.layers.quantization import reference_rows, registry
 from batchlm.layers.quantization.cpu_quantized import CpuQuantizedLinearMethod
+from batchlm.layers.quantization.dense import DequantizeLinearMethod
 from batchlm.layers.quantization.fp8 import Fp8LinearMethod
 from batchlm.layers.quantization.int4 import Int4LinearMethod
 from batchlm.layers.quantization.registry import (
@@ -35,6 +36,7 @@ from batchlm.models.gguf_types import REFERENCE_TYPES, SUPPORTED_TYPES
 from batchlm.models.lora import LoraAdapter, load_lora_adapter, merge_lora
 from batchlm.models.model_config import ModelConfig
 from batchlm.models.quantized_checkpoint import (
+    FP8,
     MXFP4,
     Assembler,
     CheckpointScheme,
@@ -186,6 +188,14 @@ def load_model(
         if scheme is not None or quantization:
             what = f"{scheme.kind} checkpoint" if scheme else f"--quantization {quantization}"
             logger.info("%s: layers per weight method %s", what, dict(methods))
+        if scheme is not None and scheme.kind == FP8 and methods[DequantizeLinearMethod.__name__]:
+            logger.warning(
+                "FP8 checkpoint on a GPU without FP8 tensor cores (%s): its linears are dequantized to "
+                "dense %s as they load (twice FP8's memory)%s",
+                device,
+                str(dtype).removeprefix("torch."),
+                "; its experts stay FP8" if methods["FP8 experts"] else "",
+            )
         if scheme is not None and scheme.dequantized_at_load:
             experts = any(isinstance(module, FusedMoE) for module in model.modules())
             summary = dequantized_weights_summary(methods, dtype, device, experts)

@@ -30,6 +30,7 @@ from batchlm.layers.quantization.base import (
     QuantizedTensor,
     RowSlice,
 )
+from batchlm.layers.quantization.forms import Fp8Weight
 
 if TYPE_CHECKING:
     from batchlm.layers.quantization.layer import MethodLayer
@@ -114,12 +115,13 @@ class DenseLinearMethod(LinearMethod):
 
 class DequantizeLinearMethod(DenseLinearMethod):
     """Quantized tensors dequantized into the dense parameter as they load (any GGML type the gguf
-    package reads), then everything as DenseLinearMethod: the format for types without our own kernel."""
+    package reads; a checkpoint's FP8 rows where the GPU has no FP8 tensor cores), then everything as
+    DenseLinearMethod: the format for types without a kernel of ours on the device."""
 
     def load_rows(self, layer: MethodLayer, name: str, loaded: LoadedWeight, where: RowSlice) -> None:
-        if isinstance(loaded, QuantizedTensor | QuantizedColumns):
+        if isinstance(loaded, QuantizedTensor | QuantizedColumns | Fp8Weight):
             rows = loaded.narrow_rows(where.src_start, where.rows).dequantize(layer.weight.dtype)
-            copy_rows(layer, rows, where)
+            copy_rows(layer, rows.to(layer.weight.device), where)
             return
         super().load_rows(layer, name, loaded, where)
 

@@ -74,6 +74,10 @@ def _quantized_safetensors(spec: WeightSpec) -> LinearMethod | None:
             f"a fused layer mixes weight types {sorted(kinds)}; batchlm cannot serve that checkpoint"
         )
     if kinds == {FP8_QTYPE}:
+        if not quantization and spec.device.type == "cuda" and not has_fp8_tensor_cores(spec.device):
+            # A checkpoint's FP8 W8A8 linears on a GPU without FP8 tensor cores (an A100): dequantized
+            # to the model's dtype as they load. (--quantization fp8 there is refused by the method.)
+            return DEQUANTIZE
         return FP8
     return INT4 if kinds == {INT4_QTYPE} else None
 
