@@ -137,7 +137,8 @@ def test_mixtral_experts_are_found_under_their_checkpoint_names(
 
 
 def _fp8_moe_checkpoint(tmp_path: Path) -> Path:
-    dense = write_random_model(tmp_path / "dense", "qwen3_moe", seed=4)
+    # Contexts as long as the GPU test's arrivals (up to 1,199-token prompts).
+    dense = write_random_model(tmp_path / "dense", "qwen3_moe", {"max_position_embeddings": 2048}, seed=4)
 
     def convert(module: str, weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], None]:
         return fp8_tensors(weight, per_tensor=False, input_scale=None), None

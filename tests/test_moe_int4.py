@@ -48,8 +48,11 @@ from quant_checkpoints import (
 )
 
 SPEC = MoESpec(num_experts=6, top_k=2, hidden_size=128, intermediate_size=256, renormalize=True)
-# Sizes of whole 128-input groups, as 4-bit experts need.
-WHOLE = {"hidden_size": 128, "moe_intermediate_size": 128, "intermediate_size": 256, "head_dim": 32}
+# Sizes of whole 128-input groups, as 4-bit experts need; contexts as long as the GPU test's arrivals.
+WHOLE = {
+    "hidden_size": 128, "moe_intermediate_size": 128, "intermediate_size": 256, "head_dim": 32,
+    "max_position_embeddings": 2048,
+}  # fmt: skip
 
 
 def _int4(rows: int, cols: int, seed: int, group: int = 32) -> Int4Weight:
