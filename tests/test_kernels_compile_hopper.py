@@ -77,23 +77,36 @@ def test_w4a16_gemm_compiles(block_m: int, block_n: int, block_k: int, split_k: 
     assert "mma" in compiled.asm["ptx"]  # the dot runs on tensor cores
 
 
+def grouped_gemm_ptx(
+    weights: dict[str, str],
+    forms: tuple[str, ...],
+    constants: dict[str, Any],
+    target: GPUTarget = HOPPER,
+) -> str:
+    """The PTX of the grouped GEMM for `target` with weight pointers typed by `weights`, the variant
+    flags named in `forms` ("MXFP4", "FP8", "FP8_BITS", "INT4") on and the others off, and `constants`
+    (K, MUL_SLOT_WEIGHTS, the blocks, unit strides)."""
+    types = {
+        "a_ptr": "*bf16", "c_ptr": "*bf16", "slot_weights_ptr": "*fp32", "sorted_slots_ptr": "*i64",
+        "block_experts_ptr": "*i64", "padded_rows_ptr": "*i64",
+    } | weights  # fmt: skip
+    flags = {flag: flag in forms for flag in ("MXFP4", "FP8", "FP8_BITS", "INT4")}
+    compiled = compile_for_hopper(
+        moe_gemm._grouped_gemm_kernel, types, {"PRECISION": "tf32"} | flags | constants, aligned=True,
+        target=target, num_warps=4, num_stages=3,
+    )  # fmt: skip
+    return str(compiled.asm["ptx"])
+
+
 @pytest.mark.parametrize(("block_m", "block_n", "block_k"), [(16, 128, 64), (16, 64, 32), (64, 128, 128)])
 def test_mxfp4_grouped_gemm_compiles(block_m: int, block_n: int, block_k: int) -> None:
     """The MXFP4 variant widens its tiles in registers: the code bytes arrive by asynchronous copies
     as the dense weights would, and each group's scale byte is read once, not once a code byte."""
-    types = {
-        "a_ptr": "*bf16", "b_ptr": "*u8", "b_scales_ptr": "*u8", "c_ptr": "*bf16", "slot_weights_ptr": "*fp32",
-        "sorted_slots_ptr": "*i64", "block_experts_ptr": "*i64", "padded_rows_ptr": "*i64",
-    }  # fmt: skip
-    constants = {
-        "K": 2880, "MUL_SLOT_WEIGHTS": False, "MXFP4": True, "FP8": False, "FP8_BITS": False, "INT4": False, "PRECISION": "tf32",
-        "BLOCK_M": block_m,
-        "BLOCK_N": block_n, "BLOCK_K": block_k,
-    }  # fmt: skip
-    compiled = compile_for_hopper(
-        moe_gemm._grouped_gemm_kernel, types, constants, aligned=True, num_warps=4, num_stages=3
+    ptx = grouped_gemm_ptx(
+        {"b_ptr": "*u8", "b_scales_ptr": "*u8"},
+        ("MXFP4",),
+        {"K": 2880, "MUL_SLOT_WEIGHTS": False, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k},
     )
-    ptx = compiled.asm["ptx"]
     assert "mma" in ptx and "cp.async" in ptx
     # Byte loads only for the scales, a thread's share of a step's [BLOCK_N, BLOCK_K / 32] in each
     # pipelined copy of the loop (reading a scale a code byte would take 16 times as many).
@@ -101,25 +114,21 @@ def test_mxfp4_grouped_gemm_compiles(block_m: int, block_n: int, block_k: int) -
     assert ptx.count("ld.global.b8") + ptx.count("ld.global.u8") <= 4 * scale_bytes_a_thread
 
 
+# Unit strides along K, as Triton specializes a launch's stride arguments equal to 1.
+UNIT_K_STRIDES = {"stride_ak": 1, "stride_bk": 1}
+
+
 @pytest.mark.parametrize(("block_m", "block_n", "block_k"), [(16, 64, 128), (64, 128, 64)])
 def test_fp8_grouped_gemm_compiles(block_m: int, block_n: int, block_k: int) -> None:
     """The FP8 variant's weight bytes arrive by asynchronous copies as the dense weights would, are
     widened by the e4m3 pair conversion (not a per-value one), and each row's scale is read once,
     before the loop."""
-    types = {
-        "a_ptr": "*bf16", "b_ptr": "*fp8e4nv", "b_scales_ptr": "*fp32", "c_ptr": "*bf16",
-        "slot_weights_ptr": "*fp32", "sorted_slots_ptr": "*i64", "block_experts_ptr": "*i64",
-        "padded_rows_ptr": "*i64",
-    }  # fmt: skip
-    # Unit strides along K, as Triton specializes a launch's stride arguments equal to 1.
-    constants = {
-        "K": 2048, "MUL_SLOT_WEIGHTS": True, "MXFP4": False, "FP8": True, "FP8_BITS": False, "INT4": False, "PRECISION": "tf32",
-        "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "stride_ak": 1, "stride_bk": 1,
-    }  # fmt: skip
-    compiled = compile_for_hopper(
-        moe_gemm._grouped_gemm_kernel, types, constants, aligned=True, num_warps=4, num_stages=3
+    blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
+    ptx = grouped_gemm_ptx(
+        {"b_ptr": "*fp8e4nv", "b_scales_ptr": "*fp32"},
+        ("FP8",),
+        {"K": 2048, "MUL_SLOT_WEIGHTS": True} | blocks | UNIT_K_STRIDES,
     )
-    ptx = compiled.asm["ptx"]
     assert "mma" in ptx and "cp.async.cg" in ptx and "cvt.rn.f16x2.e4m3x2" in ptx
     assert ptx.count("cvt.f32.f16") <= block_n * block_k // 128  # one a weight a thread, no more
 
@@ -127,26 +136,12 @@ def test_fp8_grouped_gemm_compiles(block_m: int, block_n: int, block_k: int) -> 
 def test_fp8_grouped_gemm_compiles_for_gpus_without_e4m3_conversions() -> None:
     """For an A100 (sm_80) the FP8 weights arrive as bytes by asynchronous copies and are widened by
     bit placement: no e4m3 instruction, which that GPU lacks."""
-    types = {
-        "a_ptr": "*bf16", "b_ptr": "*u8", "b_scales_ptr": "*fp32", "c_ptr": "*bf16",
-        "slot_weights_ptr": "*fp32", "sorted_slots_ptr": "*i64", "block_experts_ptr": "*i64",
-        "padded_rows_ptr": "*i64",
-    }  # fmt: skip
-    constants = {
-        "K": 2048, "MUL_SLOT_WEIGHTS": True, "MXFP4": False, "FP8": True, "FP8_BITS": True, "INT4": False,
-        "PRECISION": "tf32", "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "stride_ak": 1, "stride_bk": 1,
-    }  # fmt: skip
-    ampere = GPUTarget("cuda", 80, 32)
-    compiled = compile_for_hopper(
-        moe_gemm._grouped_gemm_kernel,
-        types,
-        constants,
-        aligned=True,
-        target=ampere,
-        num_warps=4,
-        num_stages=3,
+    ptx = grouped_gemm_ptx(
+        {"b_ptr": "*u8", "b_scales_ptr": "*fp32"},
+        ("FP8", "FP8_BITS"),
+        {"K": 2048, "MUL_SLOT_WEIGHTS": True, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128} | UNIT_K_STRIDES,
+        target=GPUTarget("cuda", 80, 32),
     )
-    ptx = compiled.asm["ptx"]
     assert ".target sm_80" in ptx and "mma" in ptx and "cp.async.cg" in ptx and "e4m3" not in ptx
 
 
@@ -154,19 +149,12 @@ def test_fp8_grouped_gemm_compiles_for_gpus_without_e4m3_conversions() -> None:
 def test_int4_grouped_gemm_compiles(block_m: int, block_n: int, group: int) -> None:
     """The 4-bit variant's code bytes arrive by asynchronous copies as the dense weights would, and a
     step's scales and zero points are one value a column (not one a code)."""
-    types = {
-        "a_ptr": "*bf16", "b_ptr": "*u8", "b_scales_ptr": "*fp32", "b_zeros_ptr": "*u8", "c_ptr": "*bf16",
-        "slot_weights_ptr": "*fp32", "sorted_slots_ptr": "*i64", "block_experts_ptr": "*i64",
-        "padded_rows_ptr": "*i64",
-    }  # fmt: skip
-    constants = {
-        "K": 2048, "MUL_SLOT_WEIGHTS": False, "MXFP4": False, "FP8": False, "FP8_BITS": False, "INT4": True, "PRECISION": "tf32",
-        "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": group, "stride_ak": 1,
-    }  # fmt: skip
-    compiled = compile_for_hopper(
-        moe_gemm._grouped_gemm_kernel, types, constants, aligned=True, num_warps=4, num_stages=3
+    ptx = grouped_gemm_ptx(
+        {"b_ptr": "*u8", "b_scales_ptr": "*fp32", "b_zeros_ptr": "*u8"},
+        ("INT4",),
+        {"K": 2048, "MUL_SLOT_WEIGHTS": False, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": group}
+        | {"stride_ak": 1},
     )
-    ptx = compiled.asm["ptx"]
     assert "mma" in ptx and "cp.async.cg" in ptx
     # A thread's share of a step's [BLOCK_N] zero points, in each pipelined copy of the loop.
     zero_bytes_a_thread = max(1, block_n // (4 * 32))

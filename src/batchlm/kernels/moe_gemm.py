@@ -14,10 +14,10 @@ groups (`Int4Stack`: GPTQ, AWQ and compressed-tensors experts, a scale and a zer
 MXFP4 tile is widened in registers to exact values of the activations' dtype before the dot: an e2m1
 code placed in a float's exponent and mantissa bits, a scale byte in an exponent, so no table lookup
 and no rounding. An FP8 tile is widened to float32, times its rows' scales, and rounded to the
-activations' dtype: the values dequantizing the stack gives. GPUs before Ada have no e4m3 conversion:
-there the bytes are read as integers and placed in a float's bits, as MXFP4's codes are. A 4-bit step is one group: a code placed
-in a float's mantissa under the exponent of 2^23 gives 2^23 + code, less 2^23 + zero exactly, times
-the group's scale in float32.
+activations' dtype: the values dequantizing the stack gives. GPUs before Ada have no e4m3
+conversion: there the bytes are read as integers and placed in a float's bits, as MXFP4's codes are.
+A 4-bit step is one group: a code placed in a float's mantissa under the exponent of 2^23 gives
+2^23 + code, less 2^23 + zero exactly, times the group's scale in float32.
 """
 
 from __future__ import annotations

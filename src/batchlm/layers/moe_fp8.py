@@ -30,7 +30,7 @@ def fp8_rows(loaded: LoadedWeight) -> Fp8Weight:
 def _widened(stack: Fp8Stack, expert: int, dtype: torch.dtype) -> torch.Tensor:
     """One expert's values times their rows' scales in float32, rounded to `dtype` (as the grouped
     GEMM widens a tile)."""
-    return (stack.values[expert].float() * stack.scales[expert][:, None]).to(dtype)
+    return Fp8Weight(stack.values[expert], stack.scales[expert]).dequantize(dtype)
 
 
 def _empty_stack(experts: int, rows: int, cols: int, device: torch.device) -> Fp8Stack:

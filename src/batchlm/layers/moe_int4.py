@@ -47,6 +47,12 @@ def int4_groups(loaded: LoadedWeight) -> Int4Weight:
     )
 
 
+def whole_groups(hidden_size: int, intermediate_size: int) -> bool:
+    """Whether experts of these sizes hold whole groups of every size a checkpoint may use (32, 64,
+    128, and wider ones held as 128): what 4-bit stacks ask of them."""
+    return hidden_size % WIDEST_GROUP == 0 and intermediate_size % WIDEST_GROUP == 0
+
+
 def _empty_stack(experts: int, rows: int, cols: int, group: int, device: torch.device) -> Int4Stack:
     groups = (experts, rows, cols // group)
     return Int4Stack(
@@ -68,12 +74,9 @@ class Int4Experts:
     def __init__(
         self, num_experts: int, hidden_size: int, intermediate_size: int, device: torch.device
     ) -> None:
-        self.num_experts, self.hidden, self.inter, self.device = (
-            num_experts,
-            hidden_size,
-            intermediate_size,
-            device,
-        )
+        self.num_experts = num_experts
+        self.hidden, self.inter = hidden_size, intermediate_size
+        self.device = device
         self.group_size = 0
         self._gate_up: Int4Stack | None = None
         self._down: Int4Stack | None = None
@@ -131,11 +134,8 @@ class Int4Experts:
 
     def _widened(self, stack: Int4Stack, expert: int, dtype: torch.dtype) -> torch.Tensor:
         """(code - zero) * scale in float32, rounded to `dtype` (as the grouped GEMM widens a tile)."""
-        codes = _unpacked(stack.codes[expert]).float()
-        group = self.group_size
-        zeros = stack.zeros[expert].float().repeat_interleave(group, dim=1)
-        scales = stack.scales[expert].repeat_interleave(group, dim=1)
-        return ((codes - zeros) * scales).to(dtype)
+        codes = _unpacked(stack.codes[expert])
+        return Int4Weight(codes, stack.scales[expert], stack.zeros[expert], self.group_size).dequantize(dtype)
 
     def nbytes(self) -> int:
         stacks = (self.gate_up, self.down) if self.group_size else ()

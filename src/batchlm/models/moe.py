@@ -68,9 +68,14 @@ class MoEForCausalLM(LlamaForCausalLM):
 
     def _renamed(self, weights: Iterable[tuple[str, LoadedWeight]]) -> Iterable[tuple[str, LoadedWeight]]:
         for name, tensor in weights:
-            for old, new in self.checkpoint_renames:
-                name = name.replace(old, new)
-            yield name, tensor
+            yield self.renamed(name), tensor
+
+    @classmethod
+    def renamed(cls, name: str) -> str:
+        """A checkpoint tensor's name as this family loads it (`checkpoint_renames` applied)."""
+        for old, new in cls.checkpoint_renames:
+            name = name.replace(old, new)
+        return name
 
 
 class Qwen3MoeForCausalLM(MoEForCausalLM):

@@ -10,6 +10,7 @@ import torch
 from batchlm.kernels.quant_blocks import BLOCK
 from batchlm.layers.embedding import ParallelLMHead
 from batchlm.layers.moe import FusedMoE
+from batchlm.layers.moe_int4 import whole_groups
 from batchlm.layers.quantization.base import RowSlice
 from batchlm.layers.quantization.cpu_quantized import CPU_QUANTIZED
 from batchlm.layers.quantization.int4 import Int4LinearMethod
@@ -83,9 +84,7 @@ def _expert_types(model: CausalLM, qtypes: Mapping[str, str]) -> dict[str, set[s
     if not isinstance(model, MoEForCausalLM):
         return types
     for name, qtype in qtypes.items():
-        for old, new in model.checkpoint_renames:
-            name = name.replace(old, new)
-        stem, _, projection = name.removesuffix(".weight").rpartition(".")
+        stem, _, projection = model.renamed(name).removesuffix(".weight").rpartition(".")
         if projection in model.expert_part_names:
             parent, _, index = stem.rpartition(".")
             types[parent if index.isdigit() else stem].add(qtype)
@@ -117,18 +116,9 @@ def _assign_experts_method(
     elif (form := gpu_experts_form(types, quantization, device)) == FP8_QTYPE:
         experts.keep_fp8(device)
         chosen["FP8 experts"] += 1
-    elif (
-        form == INT4_QTYPE
-        and experts.spec.hidden_size % WHOLE_INT4 == 0
-        and experts.inter_per_rank % WHOLE_INT4 == 0
-    ):
+    elif form == INT4_QTYPE and whole_groups(experts.spec.hidden_size, experts.inter_per_rank):
         experts.keep_int4(device)
         chosen["INT4 experts"] += 1
-
-
-# Sizes 4-bit experts need to be multiples of: the widest group the grouped GEMM steps through, so
-# that every group size a checkpoint uses (32, 64, 128, or multiples of 128 held as 128) fits.
-WHOLE_INT4 = 128
 
 
 def gpu_experts_form(types: tuple[str, ...], quantization: str | None, device: torch.device) -> str | None:
