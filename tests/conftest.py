@@ -69,6 +69,7 @@ TinyModelFactory = Callable[..., Path]
 pytest.register_assert_rewrite(
     "expert_stacks_harness",
     "harmony_harness",
+    "hopper_compile",
     "interpreter_harness",
     "lora_harness",
     "models_harness",
