@@ -41,25 +41,66 @@ def test_w4a16_gemm_compiles(block_m: int, block_n: int, block_k: int, split_k: 
     assert "mma" in compiled.asm["ptx"]  # the dot runs on tensor cores
 
 
+def compile_grouped_gemm(
+    weights: dict[str, str],
+    forms: tuple[str, ...],
+    constants: dict[str, Any],
+    target: GPUTarget = HOPPER,
+    tile: moe_gemm.GroupedTile | None = None,
+) -> Any:
+    """The grouped GEMM compiled for `target` with weight pointers typed by `weights`, the variant
+    flags named in `forms` ("MXFP4", "FP8", "FP8_BITS", "INT4") on and the others off, `constants`
+    (K, MUL_SLOT_WEIGHTS, the blocks, unit strides), and the warps and stages of `tile` (default 4, 3)."""
+    types = {
+        "a_ptr": "*bf16", "c_ptr": "*bf16", "slot_weights_ptr": "*fp32", "sorted_slots_ptr": "*i64",
+        "block_experts_ptr": "*i64", "padded_rows_ptr": "*i64",
+    } | weights  # fmt: skip
+    flags = {flag: flag in forms for flag in ("MXFP4", "FP8", "FP8_BITS", "INT4")}
+    warps, stages = (tile.num_warps, tile.num_stages) if tile else (4, 3)
+    return compile_for_hopper(
+        moe_gemm._grouped_gemm_kernel, types, {"PRECISION": "tf32"} | flags | constants, aligned=True,
+        target=target, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+
+
 def grouped_gemm_ptx(
     weights: dict[str, str],
     forms: tuple[str, ...],
     constants: dict[str, Any],
     target: GPUTarget = HOPPER,
 ) -> str:
-    """The PTX of the grouped GEMM for `target` with weight pointers typed by `weights`, the variant
-    flags named in `forms` ("MXFP4", "FP8", "FP8_BITS", "INT4") on and the others off, and `constants`
-    (K, MUL_SLOT_WEIGHTS, the blocks, unit strides)."""
-    types = {
-        "a_ptr": "*bf16", "c_ptr": "*bf16", "slot_weights_ptr": "*fp32", "sorted_slots_ptr": "*i64",
-        "block_experts_ptr": "*i64", "padded_rows_ptr": "*i64",
-    } | weights  # fmt: skip
-    flags = {flag: flag in forms for flag in ("MXFP4", "FP8", "FP8_BITS", "INT4")}
-    compiled = compile_for_hopper(
-        moe_gemm._grouped_gemm_kernel, types, {"PRECISION": "tf32"} | flags | constants, aligned=True,
-        target=target, num_warps=4, num_stages=3,
-    )  # fmt: skip
-    return str(compiled.asm["ptx"])
+    """The PTX of compile_grouped_gemm's kernel."""
+    return str(compile_grouped_gemm(weights, forms, constants, target).asm["ptx"])
+
+
+# Shared memory a block may use on Ampere and Ada workstation GPUs (RTX 3090, 4090; 99 KiB).
+WORKSTATION_SHARED = 101376
+# (weight pointer types, variant flags, the stack form tile_for reads, the oldest GPU that runs it)
+STACK_VARIANTS = [
+    ({"b_ptr": "*bf16", "b_scales_ptr": "*bf16"}, (), "dense", 80),
+    ({"b_ptr": "*fp8e4nv", "b_scales_ptr": "*fp32"}, ("FP8",), "fp8", 89),
+    ({"b_ptr": "*u8", "b_scales_ptr": "*fp32"}, ("FP8", "FP8_BITS"), "fp8", 80),
+    ({"b_ptr": "*u8", "b_scales_ptr": "*u8"}, ("MXFP4",), "packed", 80),
+    ({"b_ptr": "*u8", "b_scales_ptr": "*fp32", "b_zeros_ptr": "*u8"}, ("INT4",), "packed", 80),
+]
+
+
+@pytest.mark.parametrize("block_m", [16, 32, 64])
+@pytest.mark.parametrize("variant", STACK_VARIANTS, ids=lambda v: "+".join(v[1]) or "dense")
+def test_every_grouped_gemm_launch_shape_fits_a_workstation_gpu(
+    variant: tuple[dict[str, str], tuple[str, ...], moe_gemm.StackForm, int], block_m: int
+) -> None:
+    # What tile_for picks for each block size and a wide and a narrow projection, compiled for the
+    # oldest GPU the variant runs on, within the shared memory of a 24 GB workstation card.
+    weights, forms, form, capability = variant
+    for n in (2880, 64):
+        tile = moe_gemm.tile_for(n, block_m, form)
+        block_k = 128 if "INT4" in forms else tile.block_k  # a 4-bit step is one group, 128 the widest
+        constants = {"K": 2880, "MUL_SLOT_WEIGHTS": True, "BLOCK_M": block_m, "BLOCK_N": tile.block_n}
+        compiled = compile_grouped_gemm(
+            weights, forms, constants | {"BLOCK_K": block_k}, GPUTarget("cuda", capability, 32), tile
+        )
+        assert compiled.metadata.shared <= WORKSTATION_SHARED, (tile, compiled.metadata.shared)
 
 
 @pytest.mark.parametrize(("block_m", "block_n", "block_k"), [(16, 128, 64), (16, 64, 32), (64, 128, 128)])

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import triton
@@ -209,18 +209,35 @@ class GroupedTile:
     num_stages: int = 3
 
 
-def tile_for(n: int, block_m: int, mxfp4: bool) -> GroupedTile:
-    """The launch shape for N output features, `block_m` rows a block, dense or MXFP4 weights. MXFP4
-    decode blocks take narrower tiles: a step's few experts then make more programs (a quarter of the
-    bytes a column leaves each program little to wait on), and 16-row blocks wider K steps, fewer of
-    them (swept on gpt-oss's shapes, BENCHMARKS.md)."""
+# How a stack holds its weights, for the launch shape: in the activations' dtype, FP8 (a byte a
+# weight), or packed four-bit codes (MXFP4, 4-bit groups: half a byte).
+StackForm = Literal["dense", "fp8", "packed"]
+
+
+def tile_for(n: int, block_m: int, form: StackForm) -> GroupedTile:
+    """The launch shape for N output features, `block_m` rows a block, weights held as `form`. Decode
+    blocks (a step's few experts, a few rows each) take narrower N tiles than prefill's, so that the
+    few experts make enough programs, and wider K steps, fewer of them: packed codes and FP8 the
+    narrowest, as a column holds fewer bytes (swept on gpt-oss's, Qwen3-MoE's and Mixtral's shapes,
+    BENCHMARKS.md). Every shape fits the 99 KB of shared memory a block gets on Ampere and Ada
+    workstation GPUs."""
     if n <= 64:
         return GroupedTile(64, 32)
-    if mxfp4 and block_m <= 16:
+    if form == "packed" and block_m <= 16:
         return GroupedTile(64, 128)
-    if mxfp4 and block_m <= 32:
+    if form == "packed" and block_m <= 32:
         return GroupedTile(64, 64)
+    if form == "fp8" and block_m <= 32:
+        return GroupedTile(32, 256)
+    if form == "dense" and block_m <= 32:
+        return GroupedTile(64, 128)
     return GroupedTile(128, 64)
+
+
+def stack_form(weights: torch.Tensor | Mxfp4Stack | Fp8Stack | Int4Stack) -> StackForm:
+    if isinstance(weights, Mxfp4Stack | Int4Stack):
+        return "packed"
+    return "fp8" if isinstance(weights, Fp8Stack) else "dense"
 
 
 def grouped_gemm(
@@ -241,10 +258,10 @@ def grouped_gemm(
     c = torch.empty((blocks.num_slots, n), dtype=a.dtype, device=a.device)
     if blocks.num_slots == 0:
         return c
-    tile = tile_for(n, blocks.block_m, isinstance(weights, Mxfp4Stack))
+    tile = tile_for(n, blocks.block_m, stack_form(weights))
     zeros = a
-    if isinstance(weights, Int4Stack):  # a step a group; a quarter of bf16's bytes a column, as MXFP4
-        tile = replace(tile_for(n, blocks.block_m, True), block_k=weights.group_size)
+    if isinstance(weights, Int4Stack):  # a step a group
+        tile = replace(tile, block_k=weights.group_size)
         zeros = weights.zeros
     grid = (blocks.block_experts.numel() * triton.cdiv(n, tile.block_n),)
     scale = slot_weights if slot_weights is not None else a
