@@ -216,11 +216,11 @@ StackForm = Literal["dense", "fp8", "packed"]
 
 def tile_for(n: int, block_m: int, form: StackForm) -> GroupedTile:
     """The launch shape for N output features, `block_m` rows a block, weights held as `form`. Decode
-    blocks (a step's few experts, a few rows each) take narrower N tiles than prefill's, so that the
-    few experts make enough programs, and wider K steps, fewer of them: packed codes and FP8 the
-    narrowest, as a column holds fewer bytes (swept on gpt-oss's, Qwen3-MoE's and Mixtral's shapes,
-    BENCHMARKS.md). Every shape fits the 99 KB of shared memory a block gets on Ampere and Ada
-    workstation GPUs."""
+    blocks (up to 32 rows: a step's few experts, a few rows each) take narrower N tiles than prefill's
+    128, so that the few experts make enough programs: 64 columns, FP8's 32 (a column holds half the
+    bytes); dense and FP8 ones also wider K steps, fewer of them (swept on gpt-oss's MXFP4 experts and
+    on Qwen3-MoE's and Mixtral's, BENCHMARKS.md). Every shape fits the 99 KB of shared memory a block
+    gets on Ampere and Ada workstation GPUs."""
     if n <= 64:
         return GroupedTile(64, 32)
     if form == "packed" and block_m <= 16:
@@ -235,6 +235,7 @@ def tile_for(n: int, block_m: int, form: StackForm) -> GroupedTile:
 
 
 def stack_form(weights: torch.Tensor | Mxfp4Stack | Fp8Stack | Int4Stack) -> StackForm:
+    """The form `tile_for` reads of a stack."""
     if isinstance(weights, Mxfp4Stack | Int4Stack):
         return "packed"
     return "fp8" if isinstance(weights, Fp8Stack) else "dense"
