@@ -4,7 +4,8 @@ MoE expert shapes, in bf16 or FP8 stacks: what `tile_for` picks against every sh
 Per shape, token count and projection (gate/up, down): random routing of that many tokens, the
 grouped GEMM alone on `--layers` copies of the stack cycled (so the weights come from memory), in a
 CUDA graph; median microseconds of 7 replays per launch shape, the fastest three, and the chosen
-experts' bytes a second with tile_for's pick and with the fastest. One JSON line per case.
+experts' bytes a second with tile_for's pick and with the fastest, and every shape's time (`every`,
+N x K x warps x stages). One JSON line per case.
 
     python benchmarks/moe_tile_sweep.py --shapes qwen3-30b-a3b mixtral-8x7b --tokens 1 4 16 64
     python benchmarks/moe_tile_sweep.py --shapes qwen3-30b-a3b --format fp8
@@ -117,7 +118,7 @@ def main() -> None:
                 cases.append((tokens, projection, block_m, blocks, used, layers, x))
         with defer_compiles() as deferred:  # every variant compiled together, on a thread pool
             for tile in GRID:
-                with mock.patch.object(moe_gemm, "tile_for", lambda n, m, f, tile=tile: tile):
+                with mock.patch.object(moe_gemm, "tile_for", lambda n, m, f, r, tile=tile: tile):
                     for _, _, _, blocks, _, layers, x in cases:
                         grouped_gemm(x, layers[0], blocks, 1)
         compile_deferred(deferred, 16)
@@ -127,7 +128,7 @@ def main() -> None:
             expert_bytes = n * k * (1 if args.format == "fp8" else 2)
             timed = []
             for tile in GRID:
-                with mock.patch.object(moe_gemm, "tile_for", lambda n, m, f, tile=tile: tile):
+                with mock.patch.object(moe_gemm, "tile_for", lambda n, m, f, r, tile=tile: tile):
                     try:
                         us = graph_us(launch) / len(layers)
                     except Exception as error:  # out of shared memory on this GPU: not ranked
@@ -135,7 +136,7 @@ def main() -> None:
                         continue
                 timed.append((us, tile))
             timed.sort(key=lambda pair: pair[0])
-            pick = chosen_tile(n, block_m, form)
+            pick = chosen_tile(n, block_m, form, tokens * top_k / experts)
             pick_us = next((us for us, tile in timed if tile == pick), None)
             if pick_us is None:
                 pick_us = graph_us(launch) / len(layers)
@@ -146,6 +147,7 @@ def main() -> None:
                 "tile_for_GBps": round(used * expert_bytes / pick_us / 1e3, 1),
                 "best_GBps": round(used * expert_bytes / timed[0][0] / 1e3, 1),
                 "fastest": [(round(us, 2), t.block_n, t.block_k, t.num_warps, t.num_stages) for us, t in timed[:3]],
+                "every": {f"{t.block_n}x{t.block_k}x{t.num_warps}x{t.num_stages}": round(us, 2) for us, t in timed},
             }  # fmt: skip
             print(json.dumps(line), flush=True)
         del stacks, cases

@@ -85,22 +85,35 @@ STACK_VARIANTS = [
 ]
 
 
-@pytest.mark.parametrize("block_m", [16, 32, 64])
+@pytest.mark.parametrize("rows_per_expert", moe_gemm.rows_per_expert_of_each_launch())
 @pytest.mark.parametrize("variant", STACK_VARIANTS, ids=lambda v: "+".join(v[1]) or "dense")
 def test_every_grouped_gemm_launch_shape_fits_a_workstation_gpu(
-    variant: tuple[dict[str, str], tuple[str, ...], moe_gemm.StackForm, int], block_m: int
+    variant: tuple[dict[str, str], tuple[str, ...], moe_gemm.StackForm, int], rows_per_expert: float
 ) -> None:
-    # What tile_for picks for each block size and a wide and a narrow projection, compiled for the
-    # oldest GPU the variant runs on, within the shared memory of a 24 GB workstation card.
+    # What tile_for picks for each block size and launch shape and a wide and a narrow projection,
+    # compiled for the oldest GPU the variant runs on, within the shared memory of a 24 GB
+    # workstation card.
     weights, forms, form, capability = variant
+    block_m = moe_gemm.block_m_for(int(rows_per_expert * 128), 128)
     for n in (2880, 64):
-        tile = moe_gemm.tile_for(n, block_m, form)
+        tile = moe_gemm.tile_for(n, block_m, form, rows_per_expert)
         block_k = 128 if "INT4" in forms else tile.block_k  # a 4-bit step is one group, 128 the widest
         constants = {"K": 2880, "MUL_SLOT_WEIGHTS": True, "BLOCK_M": block_m, "BLOCK_N": tile.block_n}
         compiled = compile_grouped_gemm(
             weights, forms, constants | {"BLOCK_K": block_k}, GPUTarget("cuda", capability, 32), tile
         )
         assert compiled.metadata.shared <= WORKSTATION_SHARED, (tile, compiled.metadata.shared)
+
+
+@pytest.mark.parametrize("form", ["dense", "fp8", "packed"])
+def test_the_moe_warm_up_runs_every_launch_a_step_can_pick(form: moe_gemm.StackForm) -> None:
+    # A launch shape first met while serving would compile inside a step (or a graph's capture).
+    def launch(slots: int, experts: int = 128) -> tuple[int, moe_gemm.GroupedTile]:
+        block_m = moe_gemm.block_m_for(slots, experts)
+        return block_m, moe_gemm.tile_for(2880, block_m, form, slots / experts)
+
+    warmed = {launch(int(rows * 128)) for rows in moe_gemm.rows_per_expert_of_each_launch()}
+    assert {launch(slots) for slots in range(1, 128 * 256, 7)} == warmed
 
 
 @pytest.mark.parametrize(("block_m", "block_n", "block_k"), [(16, 128, 64), (16, 64, 32), (64, 128, 128)])

@@ -214,23 +214,35 @@ class GroupedTile:
 StackForm = Literal["dense", "fp8", "packed"]
 
 
-def tile_for(n: int, block_m: int, form: StackForm) -> GroupedTile:
-    """The launch shape for N output features, `block_m` rows a block, weights held as `form`. Decode
+# FP8 stacks' 64-row blocks take 128 x 128 tiles up to this many rows an expert on average: with
+# few blocks an expert the weights' bytes still bound the step, and wider K steps read them faster.
+FP8_WIDE_K_ROWS_PER_EXPERT = 48.0
+
+
+def tile_for(n: int, block_m: int, form: StackForm, rows_per_expert: float) -> GroupedTile:
+    """The launch shape for N output features, `block_m` rows a block (`rows_per_expert` on
+    average), weights held as `form`. Decode
     blocks (up to 32 rows: a step's few experts, a few rows each) take narrower N tiles than prefill's
-    128, so that the few experts make enough programs: 64 columns, FP8's 32 (a column holds half the
-    bytes); dense and FP8 ones also wider K steps, fewer of them (swept on gpt-oss's MXFP4 experts and
-    on Qwen3-MoE's and Mixtral's, BENCHMARKS.md). Every shape fits the 99 KB of shared memory a block
-    gets on Ampere and Ada workstation GPUs."""
+    128, so that the few experts make enough programs: 64 columns, FP8's 32 at 16-row blocks (a column
+    holds half the bytes); dense and FP8 ones also wider K steps, fewer of them. FP8's 32-row blocks
+    (the busier steps, where the activations' share of the reads grows) take 128 x 128, as do its
+    64-row blocks while each expert gets few of them, the bytes still bounding the step (swept on
+    gpt-oss's MXFP4 experts and on Qwen3-MoE's, Qwen2-MoE's and Mixtral's, BENCHMARKS.md). Every shape
+    fits the 99 KB of shared memory a block gets on Ampere and Ada workstation GPUs."""
     if n <= 64:
         return GroupedTile(64, 32)
     if form == "packed" and block_m <= 16:
         return GroupedTile(64, 128)
     if form == "packed" and block_m <= 32:
         return GroupedTile(64, 64)
+    if form == "fp8" and block_m <= 16:
+        return GroupedTile(32, 256, num_stages=4)
     if form == "fp8" and block_m <= 32:
-        return GroupedTile(32, 256)
+        return GroupedTile(128, 128)
     if form == "dense" and block_m <= 32:
         return GroupedTile(64, 128)
+    if form == "fp8" and rows_per_expert <= FP8_WIDE_K_ROWS_PER_EXPERT:
+        return GroupedTile(128, 128)
     return GroupedTile(128, 64)
 
 
@@ -259,7 +271,7 @@ def grouped_gemm(
     c = torch.empty((blocks.num_slots, n), dtype=a.dtype, device=a.device)
     if blocks.num_slots == 0:
         return c
-    tile = tile_for(n, blocks.block_m, stack_form(weights))
+    tile = tile_for(n, blocks.block_m, stack_form(weights), blocks.num_slots / weights.shape[0])
     zeros = a
     if isinstance(weights, Int4Stack):  # a step a group
         tile = replace(tile, block_k=weights.group_size)
@@ -304,6 +316,10 @@ def block_m_for(num_slots: int, num_experts: int) -> int:
     return LARGEST_BLOCK_M
 
 
-def rows_per_expert_of_each_block_m() -> list[float]:
-    """One average rows-per-expert value that picks each block size (what a warm-up must run)."""
-    return [limit for limit, _ in BLOCK_M_STEPS] + [2 * BLOCK_M_STEPS[-1][0]]
+def rows_per_expert_of_each_launch() -> list[float]:
+    """One average rows-per-expert value that picks each block size and launch shape (what a
+    warm-up must run)."""
+    return [limit for limit, _ in BLOCK_M_STEPS] + [
+        FP8_WIDE_K_ROWS_PER_EXPERT,
+        2 * FP8_WIDE_K_ROWS_PER_EXPERT,
+    ]

@@ -264,13 +264,14 @@ class FusedMoE(nn.Module):
 
     @torch.no_grad()
     def warm_up(self) -> None:
-        """Run the grouped GEMM once per block size it can pick, so no serving step waits for a compile."""
+        """Run the grouped GEMM once per block size and launch shape it can pick, so no serving step
+        waits for a compile."""
         kernels = _moe_kernels()
         if kernels is None or not self.gate_up_proj.is_cuda:
             return
         experts, top_k = self.spec.num_experts, self.spec.top_k
         weight = self.gate_up_proj
-        for rows_per_expert in kernels.rows_per_expert_of_each_block_m():
+        for rows_per_expert in kernels.rows_per_expert_of_each_launch():
             tokens = max(1, int(rows_per_expert * experts) // top_k)
             x = torch.zeros((tokens, self.spec.hidden_size), dtype=weight.dtype, device=weight.device)
             logits = torch.randn((tokens, experts), device=weight.device)
