@@ -28,6 +28,7 @@ from batchlm.models.loader import LoadedModel, load_model
 from batchlm.models.random_model import write_random_model
 from batchlm.models.registry import get_model_class
 from models_harness import CPU, PROMPTS, greedy_generate, run_ranks, thread_groups
+from quant_checkpoints import methods_as_on_a_gpu
 
 CUDA = torch.device("cuda")
 
@@ -122,9 +123,10 @@ def assert_ranks_sum_to_one_rank(single: FusedMoE, ranks: list[FusedMoE]) -> Non
 
 
 def assert_checkpoint_serves_as_dense(model_dir: Path, monkeypatch: pytest.MonkeyPatch, form: str) -> None:
-    """On the CPU: `model_dir` loaded as here (dense experts) and as on a GPU (`stand_in_a_gpu`), where
+    """On the CPU: `model_dir` loaded with dense experts (a GPU's choice without stacks) and as on a GPU (`stand_in_a_gpu`), where
     every expert layer keeps its stacks in `form` ("fp8", "int4"), with no dense copy. The same
     weights, the same products: greedy tokens and their log-probabilities equal, prompt by prompt."""
+    methods_as_on_a_gpu(monkeypatch)
     dense = load_model(model_dir, torch.float32, CPU, progress=False)
     stand_in_a_gpu(monkeypatch)
     kept = load_model(model_dir, torch.float32, CPU, progress=False)
@@ -190,6 +192,7 @@ def experts_chosen(
 
 def stand_in_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """Experts are chosen on this CPU as on a GPU (their stacks run on any device)."""
+    methods_as_on_a_gpu(monkeypatch)
     choose = weight_methods.gpu_experts_form
     monkeypatch.setattr(
         weight_methods,

@@ -12,14 +12,22 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from batchlm.layers.quantization import registry
 from batchlm.layers.quantization.forms import Int4Weight, quantize_fp8_rows
 
 # The linears quantized checkpoints quantize (embedding, norms and LM head stay dense).
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def methods_as_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint's FP8 and 4-bit layers take the FP8 and W4A16 methods (and its experts the dense
+    or GPU forms) on this CPU, as on a GPU: our quantized CPU kernels would take them here."""
+    monkeypatch.setattr(registry, "_on_cpu_kernels", lambda spec, kinds: False)
 
 
 def to_int32(values: torch.Tensor) -> torch.Tensor:

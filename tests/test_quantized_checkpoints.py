@@ -1,5 +1,5 @@
 """FP8 and 4-bit safetensors checkpoints (GPTQ, AWQ, compressed-tensors) and --quantization fp8 /
-w4a16, on the CPU: the loader must rebuild exactly the codes, scales and zero points the checkpoint
+w4a16, on the CPU as on a GPU (the FP8 and W4A16 methods): the loader must rebuild exactly the codes, scales and zero points the checkpoint
 holds (checked layer by layer against the values the test packed), and the model's logits must match
 a dense model holding the dequantized weights.
 
@@ -45,12 +45,20 @@ from quant_checkpoints import (
     compressed_int4_tensors,
     fp8_tensors,
     gptq_tensors,
+    methods_as_on_a_gpu,
     random_int4,
     rewrite_checkpoint,
 )
 
 # 64 inputs per group: TINY_CONFIG's 64-wide hidden size is one group, its 128-wide MLP two.
 GROUP = 32
+
+
+@pytest.fixture(autouse=True)
+def _methods_as_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    # These tests hold the FP8 and W4A16 methods' loading to the checkpoint's values; on this CPU our
+    # quantized kernels would take the layers (test_quantized_checkpoints_cpu.py).
+    methods_as_on_a_gpu(monkeypatch)
 
 
 def _logits(loaded: LoadedModel) -> torch.Tensor:

@@ -147,7 +147,8 @@ class EngineConfig:
     # on the device (benchmarks of real shapes without downloads; only config.json is read).
     load_format: str = "auto"
     # None: weights as the checkpoint stores them (GGUF blocks stay quantized on x86-64 CPUs; FP8 and
-    # 4-bit safetensors checkpoints as FP8 W8A8 / W4A16, their experts FP8 / 4-bit on GPUs; MXFP4
+    # 4-bit safetensors checkpoints as FP8 W8A8 / W4A16, their experts FP8 / 4-bit on GPUs, as Q8_0 /
+    # 4-bit blocks on x86-64 CPUs; MXFP4
     # experts, gpt-oss's, stay MXFP4 on x86-64 CPUs and NVIDIA GPUs). "int8": quantize a dense checkpoint's (or a
     # float GGUF file's) linears, embedding and LM head to Q8_0 blocks at load (x86-64 CPUs with the
     # quantized CPU kernels; refused elsewhere and for a GGUF file already block-quantized). "fp8" /

@@ -1,6 +1,6 @@
 """A mixture-of-experts layer's experts kept as quantized blocks for the CPU kernels: a GGUF file's
-expert stacks, or dense experts quantized to Q8_0 under --quantization int8: dense float32 experts
-take four bytes a weight.
+expert stacks, an FP8 or 4-bit safetensors checkpoint's (cpu_quantized.code_blocks), or dense experts
+quantized to Q8_0 under --quantization int8: dense float32 experts take four bytes a weight.
 
 Each expert's gate/up ([2 * I, H], gate rows first) and down ([H, I]) projections become one
 QuantizedStore each, packed for the kernels as soon as the expert's three parts have loaded, so the

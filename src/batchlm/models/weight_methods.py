@@ -101,7 +101,7 @@ def _assign_experts_method(
     chosen: Counter[str],
 ) -> None:
     """Experts go where a linear of their GGML types would: to the quantized CPU kernels (a GGUF file's
-    expert stacks, dense experts under --quantization int8); MXFP4 experts on a GPU stay MXFP4 for the
+    expert stacks, an FP8 or 4-bit checkpoint's, dense experts under --quantization int8); MXFP4 experts on a GPU stay MXFP4 for the
     grouped GEMM, FP8 and 4-bit ones (or dense ones under --quantization fp8 / w4a16) FP8 or 4-bit
     stacks; others are dense stacks."""
     spec = WeightSpec(weight_format, types, "linear", device, dtype, quantization)

@@ -1,5 +1,7 @@
-"""Quantized weights that stay quantized on x86-64 CPUs: GGUF blocks (and, with --quantization int8,
-dense checkpoints quantized to Q8_0 at load) run through our integer-dot-product kernels
+"""Quantized weights that stay quantized on x86-64 CPUs: GGUF blocks, FP8 and 4-bit safetensors
+checkpoints' linears and experts (4-bit groups of whole blocks as 4-bit blocks, FP8 values as Q8_0)
+and, with --quantization int8, dense checkpoints quantized to Q8_0 at load run through our
+integer-dot-product kernels
 (kernels/cpu_quant.py) for linears and the LM head; the token embedding looks rows up in the same
 packed data, so a tied LM head and its embedding hold one copy.
 
@@ -44,6 +46,7 @@ from batchlm.layers.quantization.base import (
     as_dense,
     narrow_rows,
 )
+from batchlm.layers.quantization.forms import Int4Weight
 
 if TYPE_CHECKING:
     from batchlm.layers.quantization.layer import MethodLayer
@@ -141,8 +144,9 @@ def _blocks_of(codes: np.ndarray, scales: np.ndarray, biases: np.ndarray, form: 
 
 
 def code_blocks(loaded: LoadedWeight) -> CodeBlocks:
-    """A loaded tensor's rows as code blocks: exact for the GGUF types the kernels read, Q8_0 of the
-    float values otherwise."""
+    """A loaded tensor's rows as code blocks: exact for the GGUF types the kernels read, 4-bit blocks
+    for a checkpoint's 4-bit groups (GPTQ, AWQ, compressed-tensors) of whole blocks, Q8_0 of the float
+    values otherwise (FP8 checkpoints' among them)."""
     if isinstance(loaded, QuantizedColumns) and loaded.start % BLOCK == 0 and loaded.cols % BLOCK == 0:
         # A tensor-parallel share inside K-quant super-blocks: the covering blocks' per-32 blocks,
         # cut on their edges, are the very blocks one rank would hold (never requantized per rank).
@@ -163,6 +167,13 @@ def code_blocks(loaded: LoadedWeight) -> CodeBlocks:
         if loaded.qtype == "Q6_K" and (native := q6_k_as_q8(loaded.data.numpy(), rows, cols)) is not None:
             return native
         return reference_rows.q8_code_blocks(loaded)
+    if isinstance(loaded, Int4Weight) and loaded.group_size % BLOCK == 0 and loaded.shape[1] % BLOCK == 0:
+        return quant_blocks.from_int4_groups(
+            loaded.codes.cpu().numpy(),
+            loaded.scales.float().cpu().numpy(),
+            loaded.zeros.cpu().numpy(),
+            loaded.group_size,
+        )
     dense = as_dense(loaded, torch.float32).detach()
     rows, cols = dense.shape
     return quant_blocks.q8_from_row_chunks(

@@ -1,5 +1,6 @@
 """W4A16: 4-bit weights with per-group scales and zero points, 16-bit activations, through our Triton
-kernel (kernels/w4a16_gemm.py) on CUDA and a dequantized matmul elsewhere (CPU tests).
+kernel (kernels/w4a16_gemm.py) on CUDA and a dequantized matmul elsewhere (CPU tests; a checkpoint's
+4-bit layers on an x86-64 CPU take the quantized CPU kernels instead, registry.py).
 
 Weights arrive as Int4Weight (GPTQ, AWQ and compressed-tensors checkpoints, unpacked by the loader
 into one layout) or dense (--quantization w4a16: symmetric round-to-nearest per group as they load).

@@ -61,6 +61,8 @@ def _quantized_safetensors(spec: WeightSpec) -> LinearMethod | None:
         return None
     kinds = set(spec.qtypes)
     quantization = spec.quantization
+    if _on_cpu_kernels(spec, kinds):
+        return CPU_QUANTIZED
     if kinds == {BLOCK_FP8_QTYPE}:
         kinds, quantization = set(), _block_fp8_quantization(spec)
     if kinds and quantization:
@@ -80,6 +82,14 @@ def _quantized_safetensors(spec: WeightSpec) -> LinearMethod | None:
             return DEQUANTIZE
         return FP8
     return INT4 if kinds == {INT4_QTYPE} else None
+
+
+def _on_cpu_kernels(spec: WeightSpec, kinds: set[str]) -> bool:
+    # A checkpoint's FP8 (per-row) or 4-bit linears on an x86-64 CPU with our quantized kernels: as
+    # their blocks (4-bit groups) or Q8_0 of their values (FP8), where the FP8 and W4A16 methods would
+    # widen every weight at every step. (Block-wise FP8 loads dense, as a dense checkpoint.)
+    checkpoint_kind = len(kinds) == 1 and kinds <= {FP8_QTYPE, INT4_QTYPE}
+    return checkpoint_kind and spec.quantization is None and spec.device.type == "cpu" and kernels_available()
 
 
 def _block_fp8_quantization(spec: WeightSpec) -> str | None:

@@ -1,0 +1,234 @@
+"""FP8 and 4-bit safetensors checkpoints (GPTQ, AWQ, compressed-tensors) on an x86-64 CPU: their
+linears and experts run on the quantized CPU kernels, the 4-bit groups as 4-bit blocks of the very
+codes (each block's scale the group's, its bias -zero * scale rounded to float16), FP8 values as Q8_0,
+instead of the FP8 and W4A16 methods, which would widen every weight at every step here.
+
+Tolerances: the 4-bit blocks hold the checkpoint's values to within a float16 rounding of the bias
+(2^-11 of zero * scale). Against a dense twin holding the dequantized weights these 2-layer models'
+logits moved by 0.005-0.09% of the largest (4-bit) and 0.7% (FP8, whose values Q8_0 rounds again) on
+a CPU with AMX tiles; the kernels' int8 activations elsewhere move them more, so the tests allow what
+dense checkpoints quantized at load are allowed (3%, test_cpu_quantized_model.py) and what the FP8
+method is (8%).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from batchlm.kernels import quant_blocks
+from batchlm.kernels.quant_panels import QuantizedWeight, dequantize_packed
+from batchlm.layers.moe import FusedMoE
+from batchlm.layers.quantization import registry
+from batchlm.layers.quantization.cpu_quantized import CPU_QUANTIZED, code_blocks, store
+from batchlm.layers.quantization.forms import Int4Weight
+from batchlm.layers.quantization.fp8 import FP8
+from batchlm.layers.quantization.int4 import INT4
+from batchlm.layers.quantization.layer import MethodLayer
+from batchlm.layers.quantization.registry import (
+    DENSE_FORMAT,
+    FP8_QTYPE,
+    INT4_QTYPE,
+    WeightSpec,
+    choose_linear_method,
+    int8_available,
+)
+from batchlm.models.loader import LoadedModel, load_model
+from batchlm.models.random_model import write_random_model
+from models_harness import CPU, PROMPTS, Chunk, greedy_generate, make_kv_caches, run_step
+from quant_checkpoints import (
+    awq_tensors,
+    compressed_config,
+    compressed_int4_tensors,
+    fp8_tensors,
+    gptq_tensors,
+    random_int4,
+    rewrite_checkpoint,
+)
+
+pytestmark = pytest.mark.skipif(not int8_available(), reason="the quantized CPU kernels are unavailable here")
+
+FORMATS = {
+    "gptq": (gptq_tensors, {"quant_method": "gptq", "bits": 4, "desc_act": False, "sym": False}),
+    "awq": (awq_tensors, {"quant_method": "awq", "bits": 4, "zero_point": True, "version": "gemm"}),
+}
+# Against the dequantized twin (the module docstring says why these).
+ACTIVATIONS_ROUNDED = 0.03
+FP8_REQUANTIZED = 0.08
+
+
+def _int4_config(fmt: str, group: int) -> dict[str, Any]:
+    if fmt == "ct":
+        weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": group}
+        return compressed_config(weights, None, "pack-quantized")
+    return {**FORMATS[fmt][1], "group_size": group}
+
+
+def _int4_checkpoint(
+    tmp_path: Path,
+    fmt: str,
+    model_type: str = "llama",
+    overrides: dict[str, Any] | None = None,
+    group: int = 32,
+) -> tuple[Path, Path, dict[str, Int4Weight]]:
+    dense = write_random_model(tmp_path / "dense", model_type, overrides, seed=11)
+    packer = compressed_int4_tensors if fmt == "ct" else FORMATS[fmt][0]
+
+    def convert(module: str, weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], Int4Weight]:
+        rows, cols = weight.shape
+        w = random_int4(rows, cols, group, fmt == "ct", seed=len(module) * 3 + rows)
+        return packer(w), w
+
+    references = rewrite_checkpoint(dense, tmp_path / fmt, _int4_config(fmt, group), convert)
+    return dense, tmp_path / fmt, references
+
+
+def _dense_twin(dense_dir: Path, out_dir: Path, values: dict[str, torch.Tensor]) -> LoadedModel:
+    rewrite_checkpoint(dense_dir, out_dir, {}, lambda module, _: ({"weight": values[module]}, None))
+    config = json.loads((out_dir / "config.json").read_text())
+    del config["quantization_config"]
+    (out_dir / "config.json").write_text(json.dumps(config))
+    return load_model(out_dir, torch.float32, CPU, progress=False)
+
+
+def _logits(loaded: LoadedModel) -> torch.Tensor:
+    caches = make_kv_caches(loaded, 16)
+    return run_step(
+        loaded.model, caches, [Chunk(PROMPTS[0], 0, [0, 1]), Chunk(PROMPTS[1], 0, [2, 3, 4, 5, 6, 7])]
+    )
+
+
+def _assert_close(ours: torch.Tensor, reference: torch.Tensor, share: float) -> None:
+    tolerance = share * reference.abs().max()
+    assert (ours - reference).abs().max() <= tolerance
+    top2 = reference.topk(2, dim=-1).values
+    decided = (top2[:, 0] - top2[:, 1]) > tolerance
+    assert torch.equal(ours.argmax(-1)[decided], reference.argmax(-1)[decided])
+
+
+def _linears(loaded: LoadedModel) -> dict[str, MethodLayer]:
+    return {
+        path: m
+        for path, m in loaded.model.named_modules()
+        if isinstance(m, MethodLayer) and m.role == "linear"
+    }
+
+
+def _bias_rounding(w: Int4Weight) -> torch.Tensor:
+    """Per weight, the most the float16 bias -zero * scale can be off."""
+    product = (w.zeros.float() * w.scales.float()).repeat_interleave(w.group_size, dim=1)[:, : w.shape[1]]
+    return product * 2.0**-11
+
+
+# --- which method a layer takes ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("qtype", [INT4_QTYPE, FP8_QTYPE])
+def test_a_checkpoints_quantized_linears_take_the_cpu_kernels(
+    monkeypatch: pytest.MonkeyPatch, qtype: str
+) -> None:
+    def spec(device: str, quantization: str | None = None) -> WeightSpec:
+        return WeightSpec(
+            DENSE_FORMAT, (qtype,) * 3, "linear", torch.device(device), torch.float32, quantization
+        )
+
+    assert choose_linear_method(spec("cpu")) is CPU_QUANTIZED
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert choose_linear_method(spec("cuda:0")) is (INT4 if qtype == INT4_QTYPE else FP8)
+    with pytest.raises(ValueError, match="already quantized"):
+        choose_linear_method(spec("cpu", "int8"))
+    # Where the kernels did not build (not x86-64): the methods, widening as they run.
+    monkeypatch.setattr(registry, "kernels_available", lambda: False)
+    assert choose_linear_method(spec("cpu")) is (INT4 if qtype == INT4_QTYPE else FP8)
+
+
+# --- 4-bit groups as 4-bit blocks --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cols", "group"), [(256, 128), (96, 64), (64, 32)], ids=["whole", "partial", "block"]
+)
+def test_4_bit_groups_become_blocks_of_the_same_codes(cols: int, group: int) -> None:
+    generator = torch.Generator().manual_seed(3)
+    groups = -(-cols // group)
+    codes = torch.randint(0, 16, (24, cols), generator=generator, dtype=torch.uint8)
+    scales = (torch.rand(24, groups, generator=generator) * 0.02 + 1e-3).to(torch.bfloat16)
+    zeros = torch.randint(0, 17, (24, groups), generator=generator, dtype=torch.uint8)  # GPTQ's may reach 16
+    blocks = code_blocks(Int4Weight(codes, scales, zeros, group))
+    assert blocks.bits == 4 and np.array_equal(blocks.codes, codes.numpy())
+    expected = (
+        codes.float() - zeros.float().repeat_interleave(group, 1)[:, :cols]
+    ) * scales.float().repeat_interleave(group, 1)[:, :cols]
+    got = torch.from_numpy(quant_blocks.dequantize(blocks))
+    bound = (zeros.float() * scales.float()).repeat_interleave(group, 1)[:, :cols] * 2.0**-11
+    assert bool(((got - expected).abs() <= bound * 1.0001).all())
+
+
+def test_groups_that_are_not_whole_blocks_become_q8_0() -> None:
+    w = random_int4(8, 96, 48, symmetric=False, seed=1)
+    blocks = code_blocks(w)
+    assert blocks.bits == 8
+    step = np.abs(w.dequantize().numpy()).reshape(8, 3, 32).max(axis=2, keepdims=True) / 127
+    error = np.abs(quant_blocks.dequantize(blocks) - w.dequantize().numpy()).reshape(8, 3, 32)
+    # Half a step, and the float16 scale's rounding times the largest code (127 * 2^-11 of a step).
+    assert bool((error <= step * 0.57).all())
+
+
+# --- whole checkpoints through the loader ------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "awq", "ct"])
+def test_a_4_bit_checkpoint_runs_on_the_cpu_kernels_as_its_values(tmp_path: Path, fmt: str) -> None:
+    dense, model_dir, references = _int4_checkpoint(tmp_path, fmt)
+    loaded = load_model(model_dir, torch.float32, CPU, progress=False)
+    linears = _linears(loaded)
+    fused = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    assert linears and all(layer.method is CPU_QUANTIZED for layer in linears.values())
+    for path, layer in linears.items():
+        parent, _, leaf = path.rpartition(".")
+        parts = [references[f"{parent}.{p}"] for p in fused.get(leaf, [leaf])]
+        packed = store(layer).finish()
+        assert isinstance(packed, QuantizedWeight) and packed.bits == 4, path
+        expected = torch.cat([w.dequantize() for w in parts])
+        bound = torch.cat([_bias_rounding(w) for w in parts])
+        assert bool(((dequantize_packed(packed) - expected).abs() <= bound * 1.0001).all()), path
+    twin = _dense_twin(dense, tmp_path / "twin", {m: w.dequantize() for m, w in references.items()})
+    _assert_close(_logits(loaded), _logits(twin), ACTIVATIONS_ROUNDED)
+
+
+def test_an_fp8_checkpoint_runs_on_the_cpu_kernels_as_q8_0(tmp_path: Path) -> None:
+    dense = write_random_model(tmp_path / "dense", "llama", seed=12)
+
+    def convert(module: str, weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        parts = fp8_tensors(weight, False, None)
+        return parts, parts["weight"].float() * parts["weight_scale"].float().reshape(-1, 1)
+
+    weights = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel"}
+    inputs = {"num_bits": 8, "type": "float", "dynamic": True, "strategy": "token"}
+    config = compressed_config(weights, inputs, "float-quantized")
+    references = rewrite_checkpoint(dense, tmp_path / "fp8", config, convert)
+    loaded = load_model(tmp_path / "fp8", torch.float32, CPU, progress=False)
+    linears = _linears(loaded)
+    assert linears and all(layer.method is CPU_QUANTIZED for layer in linears.values())
+    assert all(store(layer).finish().bits == 8 for layer in linears.values())
+    twin = _dense_twin(dense, tmp_path / "twin", references)
+    _assert_close(_logits(loaded), _logits(twin), FP8_REQUANTIZED)
+
+
+def test_a_4_bit_moe_checkpoints_experts_run_on_the_cpu_kernels(tmp_path: Path) -> None:
+    # Qwen3-MoE with 64-wide experts (whole blocks of 32).
+    overrides = {"moe_intermediate_size": 64}
+    dense, model_dir, references = _int4_checkpoint(tmp_path, "gptq", "qwen3_moe", overrides)
+    loaded = load_model(model_dir, torch.float32, CPU, progress=False)
+    experts = [m for m in loaded.model.modules() if isinstance(m, FusedMoE)]
+    assert experts and all(m.quantized is not None and m.gate_up_proj.numel() == 0 for m in experts)
+    assert all(layer.method is CPU_QUANTIZED for layer in _linears(loaded).values())
+    twin = _dense_twin(dense, tmp_path / "twin", {m: w.dequantize() for m, w in references.items()})
+    _assert_close(_logits(loaded), _logits(twin), ACTIVATIONS_ROUNDED)
+    tokens, _ = greedy_generate(loaded, PROMPTS[0], 4)
+    assert len(tokens) == 4
