@@ -1,5 +1,5 @@
 """The grouped GEMM's launch shapes (kernels/moe_gemm.py `GroupedTile`) swept at decode token counts on
-MoE expert shapes, in bf16 or FP8 stacks: what `tile_for` picks against every shape of a grid.
+MoE expert shapes, in bf16, FP8 or 4-bit stacks: what `tile_for` picks against every shape of a grid.
 
 Per shape, token count and projection (gate/up, down): random routing of that many tokens, the
 grouped GEMM alone on `--layers` copies of the stack cycled (so the weights come from memory), in a
@@ -9,6 +9,7 @@ N x K x warps x stages). One JSON line per case.
 
     python benchmarks/moe_tile_sweep.py --shapes qwen3-30b-a3b mixtral-8x7b --tokens 1 4 16 64
     python benchmarks/moe_tile_sweep.py --shapes qwen3-30b-a3b --format fp8
+    python benchmarks/moe_tile_sweep.py --shapes qwen3-30b-a3b --format int4 --tokens 1 16 64 256 1024
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ import functools
 import itertools
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from unittest import mock
 
 import torch
 
 from batchlm.kernels import moe_gemm
 from batchlm.kernels.fp8_stack import Fp8Stack
+from batchlm.kernels.int4_stack import Int4Stack
 from batchlm.kernels.moe_gemm import GroupedTile, grouped_gemm
 from batchlm.kernels.parallel_compile import compile_deferred, defer_compiles
 from batchlm.layers.moe_routing import ExpertBlocks, align_to_blocks, route_top_k
@@ -48,10 +51,18 @@ GRID += [
 ]
 REPLAYS = 7
 
-Stack = torch.Tensor | Fp8Stack
+Stack = torch.Tensor | Fp8Stack | Int4Stack
+INT4_GROUP = 128
 
 
 def random_stack(experts: int, n: int, k: int, form: str, generator: torch.Generator) -> Stack:
+    if form == "int4":  # random codes, groups of 128 (a step of the kernel is one group)
+        codes = torch.randint(
+            0, 256, (experts, n, k // 2), device=DEVICE, dtype=torch.uint8, generator=generator
+        )
+        groups = (experts, n, k // INT4_GROUP)
+        scales = torch.full(groups, 0.002, device=DEVICE, dtype=torch.bfloat16)
+        return Int4Stack(codes, scales, torch.full(groups, 8, device=DEVICE, dtype=torch.uint8))
     weights = torch.randn(experts, n, k, device=DEVICE, dtype=torch.bfloat16, generator=generator) * 0.02
     if form == "fp8":
         return Fp8Stack(
@@ -88,12 +99,16 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--shapes", nargs="+", default=["qwen3-30b-a3b"], choices=sorted(EXPERT_SHAPES))
-    parser.add_argument("--format", default="bf16", choices=["bf16", "fp8"])
+    parser.add_argument("--format", default="bf16", choices=["bf16", "fp8", "int4"])
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 4, 16, 64])
     parser.add_argument("--layers", type=int, default=8, help="stack copies cycled per timing")
     args = parser.parse_args()
     generator = torch.Generator(device=DEVICE).manual_seed(0)
-    form: moe_gemm.StackForm = "fp8" if args.format == "fp8" else "dense"
+    form: moe_gemm.StackForm = {"fp8": "fp8", "int4": "packed"}.get(args.format, "dense")
+    # A 4-bit launch steps through K a group at a time, whatever the tile says: one shape per rest.
+    grid = (
+        list(dict.fromkeys(replace(t, block_k=INT4_GROUP) for t in GRID)) if args.format == "int4" else GRID
+    )
     chosen_tile = moe_gemm.tile_for
     for shape in args.shapes:
         experts, hidden, inter, top_k = EXPERT_SHAPES[shape]
@@ -117,7 +132,7 @@ def main() -> None:
                 x = torch.randn(tokens * top_k, layers[0].shape[2], device=DEVICE, dtype=torch.bfloat16)
                 cases.append((tokens, projection, block_m, blocks, used, layers, x))
         with defer_compiles() as deferred:  # every variant compiled together, on a thread pool
-            for tile in GRID:
+            for tile in grid:
                 with mock.patch.object(moe_gemm, "tile_for", lambda n, m, f, r, tile=tile: tile):
                     for _, _, _, blocks, _, layers, x in cases:
                         grouped_gemm(x, layers[0], blocks, 1)
@@ -125,9 +140,9 @@ def main() -> None:
         for tokens, projection, block_m, blocks, used, layers, x in cases:
             launch = functools.partial(run_layers, x, layers, blocks)
             n, k = layers[0].shape[1], layers[0].shape[2]
-            expert_bytes = n * k * (1 if args.format == "fp8" else 2)
+            expert_bytes = n * k * {"fp8": 1.0, "int4": 0.5}.get(args.format, 2.0)
             timed = []
-            for tile in GRID:
+            for tile in grid:
                 with mock.patch.object(moe_gemm, "tile_for", lambda n, m, f, r, tile=tile: tile):
                     try:
                         us = graph_us(launch) / len(layers)
@@ -137,6 +152,8 @@ def main() -> None:
                 timed.append((us, tile))
             timed.sort(key=lambda pair: pair[0])
             pick = chosen_tile(n, block_m, form, tokens * top_k / experts)
+            if args.format == "int4":
+                pick = replace(pick, block_k=INT4_GROUP)
             pick_us = next((us for us, tile in timed if tile == pick), None)
             if pick_us is None:
                 pick_us = graph_us(launch) / len(layers)

@@ -1,0 +1,121 @@
+"""A 4-bit (GPTQ layout) or FP8 (compressed-tensors) safetensors checkpoint on the CPU: one decode step
+of a random model of --shape through our quantized CPU kernels (what such checkpoints take on x86-64
+CPUs) against the W4A16 / FP8 methods as a GPU has them (which off CUDA widen every weight at every
+step), in one process, rounds alternating.
+
+The checkpoint is the dense random model's linears rounded to 4-bit groups (symmetric; of 128 inputs,
+or 64 or 32 where a row is no whole number of 128) or
+per-row FP8, packed the way GPTQ and compressed-tensors store them (tests/quant_checkpoints.py). Each
+of --rows requests first prefills --context tokens; every round then times --steps decode steps of
+each path, layer by layer (the model's forward and the LM head), and for the kernels also through the
+fused decode stack where the model takes it. Prints each round's milliseconds a step and the medians.
+
+    python benchmarks/cpu_quantized_checkpoints.py --shape smollm2-135m --format gptq --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from cpu_decode_step import BLOCK_SIZE, ms_per_step, step_inputs
+from model_shapes import SHAPES, write_random_weights
+
+from batchlm.attention.torch_backend import TorchAttentionBackend
+from batchlm.layers.quantization import registry
+from batchlm.layers.quantization.int4 import default_group_size, quantize_int4_groups
+from batchlm.models.loader import LoadedModel, load_model
+from batchlm.runner.fused_decode import build_fused_decode
+from quant_checkpoints import compressed_config, fp8_tensors, gptq_tensors, rewrite_checkpoint
+
+
+def write_checkpoint(shape: str, fmt: str, work: Path) -> Path:
+    dense = write_random_weights(shape, work / "dense")
+    params = SHAPES[shape]
+    # One group size for the whole checkpoint, as GPTQ's config has it.
+    widths = [
+        params[key] for key in ("hidden_size", "intermediate_size", "moe_intermediate_size") if key in params
+    ]
+    group = min(default_group_size(width) for width in widths)
+
+    def convert(module: str, weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], None]:
+        if fmt == "gptq":
+            return gptq_tensors(quantize_int4_groups(weight.float(), group)), None
+        return fp8_tensors(weight, False, None), None
+
+    if fmt == "gptq":
+        config: dict[str, Any] = {
+            "quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False, "sym": True
+        }  # fmt: skip
+    else:
+        weights = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel"}
+        inputs = {"num_bits": 8, "type": "float", "dynamic": True, "strategy": "token"}
+        config = compressed_config(weights, inputs, "float-quantized")
+    rewrite_checkpoint(dense, work / fmt, config, convert)
+    return work / fmt
+
+
+def decode_paths(loaded: LoadedModel, context: int, rows: int, fused: bool) -> dict[str, Callable[[], Any]]:
+    model, shape = loaded.model, loaded.shape
+    blocks_each = -(-(context + 1) // BLOCK_SIZE)
+    caches = [
+        torch.zeros(2, rows * blocks_each, BLOCK_SIZE, shape.num_kv_heads, shape.head_dim)
+        for _ in range(shape.num_layers)
+    ]
+    backend = TorchAttentionBackend()
+    prefill = step_inputs([context] * rows, [0] * rows, blocks_each)
+    model(prefill.input_ids, prefill.positions, caches, prefill.meta, backend)
+    decode = step_inputs([1] * rows, [context] * rows, blocks_each)
+
+    def layer_by_layer() -> torch.Tensor:
+        return model.compute_logits(model(decode.input_ids, decode.positions, caches, decode.meta, backend))
+
+    paths: dict[str, Callable[[], Any]] = {"layer by layer": layer_by_layer}
+    stack = build_fused_decode(model, caches, backend) if fused else None
+    if stack is not None:
+        paths["fused"] = lambda: stack.run(decode)
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shape", default="smollm2-135m")
+    parser.add_argument("--format", choices=["gptq", "fp8"], default="gptq")
+    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--rows", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as work, torch.inference_mode():
+        model_dir = write_checkpoint(args.shape, args.format, Path(work))
+        kernels = load_model(model_dir, torch.float32, torch.device("cpu"), progress=False)
+        with mock.patch.object(registry, "_on_cpu_kernels", lambda spec, kinds: False):
+            widened = load_model(model_dir, torch.float32, torch.device("cpu"), progress=False)
+        paths = {
+            **{f"kernels, {name}": path for name, path in decode_paths(kernels, args.context, args.rows, True).items()},
+            "methods, layer by layer": decode_paths(widened, args.context, args.rows, False)["layer by layer"],
+        }  # fmt: skip
+        times: dict[str, list[float]] = {name: [] for name in paths}
+        for round_ in range(args.rounds):
+            for name, path in paths.items():
+                times[name].append(ms_per_step(path, args.steps))
+            print(f"round {round_}: " + ", ".join(f"{name} {ms[-1]:.2f} ms" for name, ms in times.items()))
+    medians = {name: statistics.median(ms) for name, ms in times.items()}
+    print(", ".join(f"median {name}: {ms:.2f} ms a step" for name, ms in medians.items()))
+
+
+if __name__ == "__main__":
+    main()
