@@ -1,7 +1,9 @@
 """Block-wise FP8 checkpoints (transformers' fine-grained FP8: `weight` in e4m3 and `weight_scale_inv`,
 one float32 scale per block of rows x inputs), on the CPU: each weight is dequantized as it loads and
-runs as a dense checkpoint's would (dense float32 here; per-channel FP8 W8A8 on GPUs with FP8 tensor
-cores, as under --quantization fp8; Q8_0 under --quantization int8).
+runs as a dense checkpoint's would (dense float32 on GPUs without FP8 tensor cores and on CPUs without
+our quantized kernels, `methods_as_on_a_gpu` here; per-channel FP8 W8A8 on GPUs with FP8 tensor cores,
+as under --quantization fp8; Q8_0 blocks on x86-64 CPUs with our kernels, as under --quantization
+int8).
 
 The test quantizes a tiny random model block by block itself (tests/quant_checkpoints.py), with small
 blocks so each layer has several, and partial ones where a size is not a multiple of the block. The
@@ -23,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from batchlm.layers.moe import FusedMoE
+from batchlm.layers.quantization import registry
 from batchlm.layers.quantization.cpu_quantized import CPU_QUANTIZED
 from batchlm.layers.quantization.dense import DENSE
 from batchlm.layers.quantization.forms import quantize_fp8_rows
@@ -49,7 +52,7 @@ from models_harness import (
     make_kv_caches,
     run_step,
 )
-from quant_checkpoints import block_fp8_config, block_fp8_tensors, rewrite_checkpoint
+from quant_checkpoints import block_fp8_config, block_fp8_tensors, methods_as_on_a_gpu, rewrite_checkpoint
 
 # Whole blocks over TINY_CONFIG's 32-, 64- and 128-wide sizes (2 to 8 blocks a layer).
 WHOLE = (32, 32)
@@ -182,11 +185,13 @@ def test_a_gpu_with_fp8_tensor_cores_runs_them_as_per_channel_fp8(
     assert _method_for("cuda:0", "w4a16") is INT4  # dense weights' --quantization applies
 
 
-def test_a_cpu_runs_them_dense_or_as_q8_0_under_int8() -> None:
-    assert _method_for("cpu") is DENSE
+def test_a_cpu_runs_them_as_q8_0_or_dense_without_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _method_for("cpu") is (CPU_QUANTIZED if int8_available() else DENSE)
     assert _method_for("cpu", "fp8") is FP8
     if int8_available():
         assert _method_for("cpu", "int8") is CPU_QUANTIZED
+    monkeypatch.setattr(registry, "kernels_available", lambda: False)
+    assert _method_for("cpu") is DENSE
     # A checkpoint whose FP8 weights keep their own (per-channel) scales still refuses --quantization.
     with pytest.raises(ValueError, match="already quantized"):
         choose_linear_method(WeightSpec(DENSE_FORMAT, (FP8_QTYPE,), "linear", CPU, torch.float32, "int8"))
@@ -195,9 +200,12 @@ def test_a_cpu_runs_them_dense_or_as_q8_0_under_int8() -> None:
 # --- whole checkpoints through the loader ------------------------------------------------------
 
 
-def test_checkpoint_matches_transformers_loading_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_checkpoint_matches_transformers_loading_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from transformers import AutoModelForCausalLM
 
+    methods_as_on_a_gpu(monkeypatch)  # dense float32, as without our CPU kernels
     _, model_dir, references = _block_fp8_checkpoint(tmp_path, WHOLE)
     assert read_checkpoint_scheme(model_dir) is not None
     with caplog.at_level(logging.INFO, logger="batchlm.models.loader"):
@@ -214,7 +222,10 @@ def test_checkpoint_matches_transformers_loading_it(tmp_path: Path, caplog: pyte
     assert_greedy_matches_hf(loaded, hf, PROMPTS, 12)
 
 
-def test_partial_blocks_load_the_values_they_stand_for(tmp_path: Path) -> None:
+def test_partial_blocks_load_the_values_they_stand_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    methods_as_on_a_gpu(monkeypatch)
     dense, model_dir, references = _block_fp8_checkpoint(tmp_path, RAGGED)
     loaded = _load(model_dir)
     for path, layer in _linears(loaded).items():
@@ -223,7 +234,10 @@ def test_partial_blocks_load_the_values_they_stand_for(tmp_path: Path) -> None:
     torch.testing.assert_close(_logits(loaded), _logits(twin), atol=1e-5, rtol=0)
 
 
-def test_moe_experts_load_dequantized_as_dense_stacks(tmp_path: Path) -> None:
+def test_moe_experts_load_dequantized_as_dense_stacks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    methods_as_on_a_gpu(monkeypatch)
     # Experts of 48 intermediate rows: one whole block of 32 and a partial one of 16.
     dense, model_dir, references = _block_fp8_checkpoint(tmp_path, WHOLE, "qwen3_moe")
     loaded = _load(model_dir)
@@ -253,14 +267,21 @@ def test_quantization_fp8_requantizes_each_row_as_for_a_dense_checkpoint(tmp_pat
 
 
 @pytest.mark.skipif(not int8_available(), reason="the quantized CPU kernels are unavailable here")
+@pytest.mark.parametrize("quantization", [None, "int8"])
 @pytest.mark.parametrize("model_type", ["llama", "qwen3_moe"])
-def test_quantization_int8_runs_them_as_q8_0(tmp_path: Path, model_type: str) -> None:
-    # The experts too, where their sizes are whole blocks of 32 (64 intermediate rows).
+def test_the_cpu_kernels_run_them_as_q8_0(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, model_type: str, quantization: str | None
+) -> None:
+    # The experts too, where their sizes are whole blocks of 32 (64 intermediate rows); under
+    # --quantization int8 the embedding and LM head as well.
     overrides = {"moe_intermediate_size": 64} if model_type == "qwen3_moe" else None
     dense, model_dir, references = _block_fp8_checkpoint(tmp_path, WHOLE, model_type, overrides)
-    loaded = _load(model_dir, "int8")
+    with caplog.at_level(logging.INFO, logger="batchlm.models.loader"):
+        loaded = _load(model_dir, quantization)
+    assert "weights dequantized at load and run as Q8_0 blocks on the CPU" in caplog.text
     layers = [m for m in loaded.model.modules() if isinstance(m, MethodLayer)]
-    assert layers and all(m.method is CPU_QUANTIZED for m in layers)
+    linears = [m for m in layers if quantization or m.role == "linear"]
+    assert linears and all(m.method is CPU_QUANTIZED for m in linears)
     assert all(m.quantized is not None for m in loaded.model.modules() if isinstance(m, FusedMoE))
     twin = _dense_twin(dense, tmp_path / "twin", references)
     _assert_close(_logits(loaded), _logits(twin), REQUANTIZED)

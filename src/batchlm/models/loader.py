@@ -314,7 +314,7 @@ def dequantized_weights_summary(
     if methods[Fp8LinearMethod.__name__]:
         linears = "per-channel FP8 (each row requantized with one scale)"
     elif methods[CpuQuantizedLinearMethod.__name__]:
-        linears = f"Q8_0 blocks on {where} (--quantization int8)"
+        linears = f"Q8_0 blocks on {where}"
     elif methods[Int4LinearMethod.__name__]:
         linears = "4-bit groups (--quantization w4a16)"
     else:

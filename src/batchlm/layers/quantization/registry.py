@@ -85,17 +85,19 @@ def _quantized_safetensors(spec: WeightSpec) -> LinearMethod | None:
 
 
 def _on_cpu_kernels(spec: WeightSpec, kinds: set[str]) -> bool:
-    # A checkpoint's FP8 (per-row) or 4-bit linears on an x86-64 CPU with our quantized kernels: as
-    # their blocks (4-bit groups) or Q8_0 of their values (FP8), where the FP8 and W4A16 methods would
-    # widen every weight at every step. (Block-wise FP8 loads dense, as a dense checkpoint.)
-    checkpoint_kind = len(kinds) == 1 and kinds <= {FP8_QTYPE, INT4_QTYPE}
+    # A checkpoint's FP8 or 4-bit linears on an x86-64 CPU with our quantized kernels: as their blocks
+    # (4-bit groups) or Q8_0 of their values (FP8, per row or block-wise: the latter arrive dequantized),
+    # where the FP8 and W4A16 methods would widen every weight at every step and dense float32 would
+    # take four times FP8's memory.
+    checkpoint_kind = len(kinds) == 1 and kinds <= {FP8_QTYPE, INT4_QTYPE, BLOCK_FP8_QTYPE}
     return checkpoint_kind and spec.quantization is None and spec.device.type == "cpu" and kernels_available()
 
 
 def _block_fp8_quantization(spec: WeightSpec) -> str | None:
     # Block-wise FP8 weights arrive dense (dequantized as they load) and are treated as a dense
     # checkpoint's: what --quantization asks, else per-channel FP8 W8A8 where the GPU has FP8 tensor
-    # cores (their scales requantized per row), else dense in the model's dtype (later choosers).
+    # cores (their scales requantized per row), else dense in the model's dtype (later choosers; an
+    # x86-64 CPU's kernels take them as Q8_0 before this, _on_cpu_kernels).
     if spec.quantization is not None:
         return spec.quantization
     return "fp8" if has_fp8_tensor_cores(spec.device) else None
