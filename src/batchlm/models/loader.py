@@ -285,6 +285,18 @@ def check_quantization(
     """ValueError for a --quantization this load cannot honour."""
     if quantization in QUANTIZE_AT_LOAD and gguf:
         raise ValueError(f"--quantization {quantization} quantizes safetensors checkpoints, not GGUF files")
+    if quantization in QUANTIZE_AT_LOAD and device.type != "cuda":
+        # Their methods have kernels on NVIDIA GPUs only; elsewhere they compute from the dequantized
+        # weights (what tests need), widened again at every step.
+        logger.warning(
+            "--quantization %s is for NVIDIA GPUs: on %s its layers widen every weight at every step, "
+            "far slower than dense weights%s",
+            quantization,
+            "the CPU" if device.type == "cpu" else device.type,
+            "; --quantization int8 (or a GGUF file) runs on our quantized CPU kernels"
+            if device.type == "cpu"
+            else "",
+        )
     if quantization is None or quantization in QUANTIZE_AT_LOAD:
         return
     if quantization != "int8":
