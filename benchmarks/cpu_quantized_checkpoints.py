@@ -1,11 +1,13 @@
-"""A 4-bit (GPTQ layout) or FP8 (compressed-tensors) safetensors checkpoint on the CPU: one decode step
-of a random model of --shape through our quantized CPU kernels (what such checkpoints take on x86-64
-CPUs) against the W4A16 / FP8 methods as a GPU has them (which off CUDA widen every weight at every
-step), in one process, rounds alternating.
+"""A 4-bit (GPTQ layout), FP8 (compressed-tensors) or block-wise FP8 (transformers' fine-grained)
+safetensors checkpoint on the CPU: one decode step of a random model of --shape through our quantized
+CPU kernels (what such checkpoints take on x86-64 CPUs) against the layers as they load without them
+(the W4A16 / FP8 methods, which off CUDA widen every weight at every step; block-wise FP8 dense
+float32), in one process, rounds alternating.
 
 The checkpoint is the dense random model's linears rounded to 4-bit groups (symmetric; of 128 inputs,
 or 64 or 32 where a row is no whole number of 128) or
-per-row FP8, packed the way GPTQ and compressed-tensors store them (tests/quant_checkpoints.py). Each
+per-row FP8 or FP8 in 128 x 128 blocks, packed the way GPTQ, compressed-tensors and transformers store
+them (tests/quant_checkpoints.py). Each
 of --rows requests first prefills --context tokens; every round then times --steps decode steps of
 each path, layer by layer (the model's forward and the LM head), and for the kernels also through the
 fused decode stack where the model takes it. Prints each round's milliseconds a step and the medians.
@@ -37,7 +39,16 @@ from batchlm.layers.quantization import registry
 from batchlm.layers.quantization.int4 import default_group_size, quantize_int4_groups
 from batchlm.models.loader import LoadedModel, load_model
 from batchlm.runner.fused_decode import build_fused_decode
-from quant_checkpoints import compressed_config, fp8_tensors, gptq_tensors, rewrite_checkpoint
+from quant_checkpoints import (
+    block_fp8_config,
+    block_fp8_tensors,
+    compressed_config,
+    fp8_tensors,
+    gptq_tensors,
+    rewrite_checkpoint,
+)
+
+FP8_BLOCK = (128, 128)
 
 
 def write_checkpoint(shape: str, fmt: str, work: Path) -> Path:
@@ -52,12 +63,16 @@ def write_checkpoint(shape: str, fmt: str, work: Path) -> Path:
     def convert(module: str, weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], None]:
         if fmt == "gptq":
             return gptq_tensors(quantize_int4_groups(weight.float(), group)), None
-        return fp8_tensors(weight, False, None), None
+        if fmt == "fp8":
+            return fp8_tensors(weight, False, None), None
+        return block_fp8_tensors(weight, FP8_BLOCK)[0], None
 
     if fmt == "gptq":
         config: dict[str, Any] = {
             "quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False, "sym": True
         }  # fmt: skip
+    elif fmt == "fp8-block":
+        config = block_fp8_config(FP8_BLOCK)
     else:
         weights = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel"}
         inputs = {"num_bits": 8, "type": "float", "dynamic": True, "strategy": "token"}
@@ -93,7 +108,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--shape", default="smollm2-135m")
-    parser.add_argument("--format", choices=["gptq", "fp8"], default="gptq")
+    parser.add_argument("--format", choices=["gptq", "fp8", "fp8-block"], default="gptq")
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--rows", type=int, default=1)
     parser.add_argument("--steps", type=int, default=5)
@@ -106,7 +121,7 @@ def main() -> None:
             widened = load_model(model_dir, torch.float32, torch.device("cpu"), progress=False)
         paths = {
             **{f"kernels, {name}": path for name, path in decode_paths(kernels, args.context, args.rows, True).items()},
-            "methods, layer by layer": decode_paths(widened, args.context, args.rows, False)["layer by layer"],
+            "without the kernels, layer by layer": decode_paths(widened, args.context, args.rows, False)["layer by layer"],
         }  # fmt: skip
         times: dict[str, list[float]] = {name: [] for name in paths}
         for round_ in range(args.rounds):
