@@ -73,6 +73,7 @@ pytest.register_assert_rewrite(
     "interpreter_harness",
     "lora_harness",
     "models_harness",
+    "quant_checkpoints",
     "responses_harness",
     "stream_scan_harness",
     "tool_parser_cases",

@@ -18,6 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from batchlm.layers.quantization import registry
 from batchlm.layers.quantization.forms import Int4Weight, quantize_fp8_rows
+from batchlm.models.loader import LoadedModel, load_model
+from models_harness import CPU, PROMPTS, Chunk, make_kv_caches, run_step
 
 # The linears quantized checkpoints quantize (embedding, norms and LM head stay dense).
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -170,3 +172,31 @@ def compressed_config(weights: dict[str, Any], inputs: dict[str, Any] | None, fm
         },
         "ignore": ["lm_head"],
     }
+
+
+def dense_twin(dense_dir: Path, out_dir: Path, values: dict[str, torch.Tensor]) -> LoadedModel:
+    """The dense checkpoint with each linear replaced by `values[module]` (what its quantized form
+    stands for), loaded on the CPU in float32."""
+    rewrite_checkpoint(dense_dir, out_dir, {}, lambda module, _: ({"weight": values[module]}, None))
+    config = json.loads((out_dir / "config.json").read_text())
+    del config["quantization_config"]
+    (out_dir / "config.json").write_text(json.dumps(config))
+    return load_model(out_dir, torch.float32, CPU, progress=False)
+
+
+def two_prompt_logits(loaded: LoadedModel) -> torch.Tensor:
+    """The logits of one prefill step of two prompts' chunks."""
+    caches = make_kv_caches(loaded, 16)
+    return run_step(
+        loaded.model, caches, [Chunk(PROMPTS[0], 0, [0, 1]), Chunk(PROMPTS[1], 0, [2, 3, 4, 5, 6, 7])]
+    )
+
+
+def assert_logits_close(ours: torch.Tensor, reference: torch.Tensor, share: float) -> None:
+    """Within `share` of the reference's largest logit, and the same top token wherever the
+    reference's top two are further apart than that."""
+    tolerance = share * reference.abs().max()
+    assert (ours - reference).abs().max() <= tolerance
+    top2 = reference.topk(2, dim=-1).values
+    decided = (top2[:, 0] - top2[:, 1]) > tolerance
+    assert torch.equal(ours.argmax(-1)[decided], reference.argmax(-1)[decided])

@@ -47,12 +47,17 @@ from batchlm.models.random_model import write_random_model
 from models_harness import (
     CPU,
     PROMPTS,
-    Chunk,
     assert_greedy_matches_hf,
-    make_kv_caches,
-    run_step,
 )
-from quant_checkpoints import block_fp8_config, block_fp8_tensors, methods_as_on_a_gpu, rewrite_checkpoint
+from quant_checkpoints import (
+    assert_logits_close,
+    block_fp8_config,
+    block_fp8_tensors,
+    dense_twin,
+    methods_as_on_a_gpu,
+    rewrite_checkpoint,
+    two_prompt_logits,
+)
 
 # Whole blocks over TINY_CONFIG's 32-, 64- and 128-wide sizes (2 to 8 blocks a layer).
 WHOLE = (32, 32)
@@ -76,24 +81,8 @@ def _block_fp8_checkpoint(
     return dense, tmp_path / "fp8", references
 
 
-def _dense_twin(dense_dir: Path, out_dir: Path, references: dict[str, torch.Tensor]) -> LoadedModel:
-    """The dense checkpoint with each linear replaced by the weight its FP8 form stands for."""
-    rewrite_checkpoint(dense_dir, out_dir, {}, lambda module, _: ({"weight": references[module]}, None))
-    config = json.loads((out_dir / "config.json").read_text())
-    del config["quantization_config"]
-    (out_dir / "config.json").write_text(json.dumps(config))
-    return load_model(out_dir, torch.float32, CPU, progress=False)
-
-
 def _load(model_dir: Path, quantization: str | None = None) -> LoadedModel:
     return load_model(model_dir, torch.float32, CPU, progress=False, quantization=quantization)
-
-
-def _logits(loaded: LoadedModel) -> torch.Tensor:
-    caches = make_kv_caches(loaded, 16)
-    return run_step(
-        loaded.model, caches, [Chunk(PROMPTS[0], 0, [0, 1]), Chunk(PROMPTS[1], 0, [2, 3, 4, 5, 6, 7])]
-    )
 
 
 def _linears(loaded: LoadedModel) -> dict[str, MethodLayer]:
@@ -108,14 +97,6 @@ def _expected_weight(path: str, references: dict[str, torch.Tensor]) -> torch.Te
     """A layer's weight from its checkpoint modules' references (fused shards one after another)."""
     parent, _, leaf = path.rpartition(".")
     return torch.cat([references[f"{parent}.{part}"] for part in FUSED.get(leaf, (leaf,))])
-
-
-def _assert_close(ours: torch.Tensor, reference: torch.Tensor, share: float) -> None:
-    tolerance = share * reference.abs().max()
-    assert (ours - reference).abs().max() <= tolerance
-    top2 = reference.topk(2, dim=-1).values
-    decided = (top2[:, 0] - top2[:, 1]) > tolerance
-    assert torch.equal(ours.argmax(-1)[decided], reference.argmax(-1)[decided])
 
 
 # --- dequantizing one weight ------------------------------------------------------------------
@@ -230,8 +211,8 @@ def test_partial_blocks_load_the_values_they_stand_for(
     loaded = _load(model_dir)
     for path, layer in _linears(loaded).items():
         assert torch.equal(layer.weight, _expected_weight(path, references)), path
-    twin = _dense_twin(dense, tmp_path / "twin", references)
-    torch.testing.assert_close(_logits(loaded), _logits(twin), atol=1e-5, rtol=0)
+    twin = dense_twin(dense, tmp_path / "twin", references)
+    torch.testing.assert_close(two_prompt_logits(loaded), two_prompt_logits(twin), atol=1e-5, rtol=0)
 
 
 def test_moe_experts_load_dequantized_as_dense_stacks(
@@ -250,8 +231,8 @@ def test_moe_experts_load_dequantized_as_dense_stacks(
         gate_up = torch.cat([references[f"{prefix}.gate_proj"], references[f"{prefix}.up_proj"]])
         assert torch.equal(first.gate_up_proj[expert], gate_up)
         assert torch.equal(first.down_proj[expert], references[f"{prefix}.down_proj"])
-    twin = _dense_twin(dense, tmp_path / "twin", references)
-    torch.testing.assert_close(_logits(loaded), _logits(twin), atol=1e-5, rtol=0)
+    twin = dense_twin(dense, tmp_path / "twin", references)
+    torch.testing.assert_close(two_prompt_logits(loaded), two_prompt_logits(twin), atol=1e-5, rtol=0)
 
 
 def test_quantization_fp8_requantizes_each_row_as_for_a_dense_checkpoint(tmp_path: Path) -> None:
@@ -283,8 +264,8 @@ def test_the_cpu_kernels_run_them_as_q8_0(
     linears = [m for m in layers if quantization or m.role == "linear"]
     assert linears and all(m.method is CPU_QUANTIZED for m in linears)
     assert all(m.quantized is not None for m in loaded.model.modules() if isinstance(m, FusedMoE))
-    twin = _dense_twin(dense, tmp_path / "twin", references)
-    _assert_close(_logits(loaded), _logits(twin), REQUANTIZED)
+    twin = dense_twin(dense, tmp_path / "twin", references)
+    assert_logits_close(two_prompt_logits(loaded), two_prompt_logits(twin), REQUANTIZED)
 
 
 # --- what is refused, and how ------------------------------------------------------------------

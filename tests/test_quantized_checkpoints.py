@@ -32,22 +32,22 @@ from batchlm.models.random_model import write_random_model
 from models_harness import (
     CPU,
     PROMPTS,
-    Chunk,
     greedy_generate,
-    make_kv_caches,
     run_ranks,
-    run_step,
     thread_groups,
 )
 from quant_checkpoints import (
+    assert_logits_close,
     awq_tensors,
     compressed_config,
     compressed_int4_tensors,
+    dense_twin,
     fp8_tensors,
     gptq_tensors,
     methods_as_on_a_gpu,
     random_int4,
     rewrite_checkpoint,
+    two_prompt_logits,
 )
 
 # 64 inputs per group: TINY_CONFIG's 64-wide hidden size is one group, its 128-wide MLP two.
@@ -61,32 +61,8 @@ def _methods_as_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     methods_as_on_a_gpu(monkeypatch)
 
 
-def _logits(loaded: LoadedModel) -> torch.Tensor:
-    caches = make_kv_caches(loaded, 16)
-    return run_step(
-        loaded.model, caches, [Chunk(PROMPTS[0], 0, [0, 1]), Chunk(PROMPTS[1], 0, [2, 3, 4, 5, 6, 7])]
-    )
-
-
 def _layers(loaded: LoadedModel) -> dict[str, MethodLayer]:
     return {path: m for path, m in loaded.model.named_modules() if isinstance(m, MethodLayer)}
-
-
-def _assert_close(ours: torch.Tensor, reference: torch.Tensor, share: float) -> None:
-    tolerance = share * reference.abs().max()
-    assert (ours - reference).abs().max() <= tolerance
-    top2 = reference.topk(2, dim=-1).values
-    decided = (top2[:, 0] - top2[:, 1]) > tolerance
-    assert torch.equal(ours.argmax(-1)[decided], reference.argmax(-1)[decided])
-
-
-def _dense_twin(dense_dir: Path, out_dir: Path, references: dict[str, torch.Tensor]) -> LoadedModel:
-    """The dense checkpoint with each linear replaced by its dequantized reference."""
-    rewrite_checkpoint(dense_dir, out_dir, {}, lambda module, _: ({"weight": references[module]}, None))
-    config = json.loads((out_dir / "config.json").read_text())
-    del config["quantization_config"]
-    (out_dir / "config.json").write_text(json.dumps(config))
-    return load_model(out_dir, torch.float32, CPU, progress=False)
 
 
 # --- the unpackers alone, on known values -----------------------------------------------------
@@ -234,8 +210,8 @@ def test_int4_checkpoint_loads_exact_weights_and_matching_logits(
         parent = path.rsplit(".", 1)[0]
         expected = torch.cat([references[f"{parent}.{p}"].dequantize() for p in fused.get(leaf, [leaf])])
         assert torch.equal(INT4.dequantized(layer), expected)
-    twin = _dense_twin(dense, tmp_path / "twin", {m: w.dequantize() for m, w in references.items()})
-    _assert_close(_logits(loaded), _logits(twin), 1e-4)
+    twin = dense_twin(dense, tmp_path / "twin", {m: w.dequantize() for m, w in references.items()})
+    assert_logits_close(two_prompt_logits(loaded), two_prompt_logits(twin), 1e-4)
 
 
 @pytest.mark.parametrize(("per_tensor", "static"), [(False, False), (True, True)])
@@ -272,8 +248,8 @@ def test_fp8_checkpoint_matches_its_dequantized_twin(tmp_path: Path, per_tensor:
     assert torch.equal(FP8.dequantized(attn), expected)
     if static:
         assert float(attn.__dict__["fp8_input_scale"]) == pytest.approx(0.02)
-    twin = _dense_twin(dense, tmp_path / "twin", references)
-    _assert_close(_logits(loaded), _logits(twin), 0.08)
+    twin = dense_twin(dense, tmp_path / "twin", references)
+    assert_logits_close(two_prompt_logits(loaded), two_prompt_logits(twin), 0.08)
 
 
 @pytest.mark.parametrize("quantization", ["fp8", "w4a16"])
@@ -285,7 +261,9 @@ def test_quantization_at_load_stays_close_to_the_dense_model(tmp_path: Path, qua
     linears = [m for m in _layers(quantized).values() if m.role == "linear"]
     assert linears and all(m.method is method for m in linears)
     # Measured on four seeds: fp8 moves these logits by 3-4% of the largest, 4-bit RTN by 11.5-12%.
-    _assert_close(_logits(quantized), _logits(dense), 0.08 if quantization == "fp8" else 0.2)
+    assert_logits_close(
+        two_prompt_logits(quantized), two_prompt_logits(dense), 0.08 if quantization == "fp8" else 0.2
+    )
 
 
 def test_rtn_int4_is_symmetric_and_within_half_a_step() -> None:
@@ -302,7 +280,7 @@ def test_random_weights_take_the_quantized_methods(tmp_path: Path) -> None:
         model_dir, torch.float32, CPU, random_weights=True, quantization="w4a16", progress=False
     )
     assert {m.method for m in _layers(loaded).values() if m.role == "linear"} == {INT4}
-    assert torch.isfinite(_logits(loaded)).all()
+    assert torch.isfinite(two_prompt_logits(loaded)).all()
 
 
 # --- what is refused, and how ------------------------------------------------------------------

@@ -13,7 +13,6 @@ method is (8%).
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -41,15 +40,18 @@ from batchlm.layers.quantization.registry import (
 )
 from batchlm.models.loader import LoadedModel, check_quantization, load_model
 from batchlm.models.random_model import write_random_model
-from models_harness import CPU, PROMPTS, Chunk, greedy_generate, make_kv_caches, run_step
+from models_harness import CPU, PROMPTS, greedy_generate
 from quant_checkpoints import (
+    assert_logits_close,
     awq_tensors,
     compressed_config,
     compressed_int4_tensors,
+    dense_twin,
     fp8_tensors,
     gptq_tensors,
     random_int4,
     rewrite_checkpoint,
+    two_prompt_logits,
 )
 
 pytestmark = pytest.mark.skipif(not int8_available(), reason="the quantized CPU kernels are unavailable here")
@@ -87,29 +89,6 @@ def _int4_checkpoint(
 
     references = rewrite_checkpoint(dense, tmp_path / fmt, _int4_config(fmt, group), convert)
     return dense, tmp_path / fmt, references
-
-
-def _dense_twin(dense_dir: Path, out_dir: Path, values: dict[str, torch.Tensor]) -> LoadedModel:
-    rewrite_checkpoint(dense_dir, out_dir, {}, lambda module, _: ({"weight": values[module]}, None))
-    config = json.loads((out_dir / "config.json").read_text())
-    del config["quantization_config"]
-    (out_dir / "config.json").write_text(json.dumps(config))
-    return load_model(out_dir, torch.float32, CPU, progress=False)
-
-
-def _logits(loaded: LoadedModel) -> torch.Tensor:
-    caches = make_kv_caches(loaded, 16)
-    return run_step(
-        loaded.model, caches, [Chunk(PROMPTS[0], 0, [0, 1]), Chunk(PROMPTS[1], 0, [2, 3, 4, 5, 6, 7])]
-    )
-
-
-def _assert_close(ours: torch.Tensor, reference: torch.Tensor, share: float) -> None:
-    tolerance = share * reference.abs().max()
-    assert (ours - reference).abs().max() <= tolerance
-    top2 = reference.topk(2, dim=-1).values
-    decided = (top2[:, 0] - top2[:, 1]) > tolerance
-    assert torch.equal(ours.argmax(-1)[decided], reference.argmax(-1)[decided])
 
 
 def _linears(loaded: LoadedModel) -> dict[str, MethodLayer]:
@@ -198,8 +177,8 @@ def test_a_4_bit_checkpoint_runs_on_the_cpu_kernels_as_its_values(tmp_path: Path
         expected = torch.cat([w.dequantize() for w in parts])
         bound = torch.cat([_bias_rounding(w) for w in parts])
         assert bool(((dequantize_packed(packed) - expected).abs() <= bound * 1.0001).all()), path
-    twin = _dense_twin(dense, tmp_path / "twin", {m: w.dequantize() for m, w in references.items()})
-    _assert_close(_logits(loaded), _logits(twin), ACTIVATIONS_ROUNDED)
+    twin = dense_twin(dense, tmp_path / "twin", {m: w.dequantize() for m, w in references.items()})
+    assert_logits_close(two_prompt_logits(loaded), two_prompt_logits(twin), ACTIVATIONS_ROUNDED)
 
 
 def test_an_fp8_checkpoint_runs_on_the_cpu_kernels_as_q8_0(tmp_path: Path) -> None:
@@ -217,8 +196,8 @@ def test_an_fp8_checkpoint_runs_on_the_cpu_kernels_as_q8_0(tmp_path: Path) -> No
     linears = _linears(loaded)
     assert linears and all(layer.method is CPU_QUANTIZED for layer in linears.values())
     assert all(store(layer).finish().bits == 8 for layer in linears.values())
-    twin = _dense_twin(dense, tmp_path / "twin", references)
-    _assert_close(_logits(loaded), _logits(twin), FP8_REQUANTIZED)
+    twin = dense_twin(dense, tmp_path / "twin", references)
+    assert_logits_close(two_prompt_logits(loaded), two_prompt_logits(twin), FP8_REQUANTIZED)
 
 
 def test_a_4_bit_moe_checkpoints_experts_run_on_the_cpu_kernels(tmp_path: Path) -> None:
@@ -229,8 +208,8 @@ def test_a_4_bit_moe_checkpoints_experts_run_on_the_cpu_kernels(tmp_path: Path) 
     experts = [m for m in loaded.model.modules() if isinstance(m, FusedMoE)]
     assert experts and all(m.quantized is not None and m.gate_up_proj.numel() == 0 for m in experts)
     assert all(layer.method is CPU_QUANTIZED for layer in _linears(loaded).values())
-    twin = _dense_twin(dense, tmp_path / "twin", {m: w.dequantize() for m, w in references.items()})
-    _assert_close(_logits(loaded), _logits(twin), ACTIVATIONS_ROUNDED)
+    twin = dense_twin(dense, tmp_path / "twin", {m: w.dequantize() for m, w in references.items()})
+    assert_logits_close(two_prompt_logits(loaded), two_prompt_logits(twin), ACTIVATIONS_ROUNDED)
     tokens, _ = greedy_generate(loaded, PROMPTS[0], 4)
     assert len(tokens) == 4
 
