@@ -13,6 +13,7 @@ method is (8%).
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -226,3 +227,19 @@ def test_quantizing_at_load_on_a_cpu_warns_that_it_is_slow(
         check_quantization(quantization, torch.device("cuda:0"), random_weights=False)
         check_quantization("int8", CPU, random_weights=False)
     assert not caplog.records
+
+
+@pytest.mark.parametrize("quantization", ["fp8", "w4a16"])
+def test_random_weights_under_quantization_keep_random_dense_experts_on_a_cpu(
+    tmp_path: Path, quantization: str
+) -> None:
+    # A checkpoint's FP8 or 4-bit experts would take the CPU kernels' blocks here, which random weights
+    # do not fill: random experts stay dense stacks (as before the kernels took checkpoints' experts).
+    path = write_random_model(tmp_path, "qwen3_moe", {"moe_intermediate_size": 64})
+    std = json.loads((path / "config.json").read_text())["initializer_range"]
+    loaded = load_model(
+        path, torch.float32, CPU, random_weights=True, quantization=quantization, progress=False
+    )
+    experts = [m for m in loaded.model.modules() if isinstance(m, FusedMoE)]
+    assert experts and all(m.kept is None for m in experts)
+    assert all(0.5 < m.gate_up_proj.std().item() / std < 2 for m in experts)

@@ -26,6 +26,7 @@ from batchlm.layers.quantization.registry import (
     MXFP4_QTYPE,
     QUANTIZE_AT_LOAD,
 )
+from batchlm.models import weight_methods
 from batchlm.models.base import CausalLM
 from batchlm.models.checkpoint import find_safetensors, iter_safetensors, load_hf_config
 from batchlm.models.config_view import read_config_view
@@ -224,7 +225,11 @@ def _random_weights(
     qtypes: dict[str, str] = {}
     if mxfp4_experts:
         qtypes = expert_types(model, MXFP4_QTYPE)
-    elif quantization in QUANTIZE_AT_LOAD:
+    elif quantization in QUANTIZE_AT_LOAD and weight_methods.gpu_experts_form(
+        (QUANTIZE_AT_LOAD[quantization],), None, device
+    ):
+        # Random stacks where a checkpoint's experts would be kept as stacks (a GPU); elsewhere its
+        # experts take the CPU kernels' blocks, which random weights do not fill: dense stacks there.
         qtypes = expert_types(model, QUANTIZE_AT_LOAD[quantization])
     methods = assign_weight_methods(model, DENSE_FORMAT, qtypes, device, dtype)
     with timed_phase(logger, "random weight init"):
