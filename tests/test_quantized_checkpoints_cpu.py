@@ -41,7 +41,7 @@ from batchlm.layers.quantization.registry import (
 )
 from batchlm.models.loader import LoadedModel, check_quantization, load_model
 from batchlm.models.random_model import write_random_model
-from models_harness import CPU, PROMPTS, greedy_generate
+from models_harness import CPU, PROMPTS, greedy_generate, run_ranks, thread_groups
 from quant_checkpoints import (
     assert_logits_close,
     awq_tensors,
@@ -243,3 +243,16 @@ def test_random_weights_under_quantization_keep_random_dense_experts_on_a_cpu(
     experts = [m for m in loaded.model.modules() if isinstance(m, FusedMoE)]
     assert experts and all(m.kept is None for m in experts)
     assert all(0.5 < m.gate_up_proj.std().item() / std < 2 for m in experts)
+
+
+def test_tensor_parallel_ranks_on_the_cpu_kernels_equal_one_rank(tmp_path: Path) -> None:
+    # Two ranks: o_proj's 64 and down_proj's 128 inputs split into whole groups (and blocks) of 32.
+    _, model_dir, _ = _int4_checkpoint(tmp_path, "gptq")
+    single = load_model(model_dir, torch.float32, CPU, progress=False)
+    ranks = [load_model(model_dir, torch.float32, CPU, tp=g, progress=False) for g in thread_groups(2)]
+    assert all(layer.method is CPU_QUANTIZED for rank in ranks for layer in _linears(rank).values())
+    expected, expected_logprobs = greedy_generate(single, PROMPTS[0], 6)
+    for tokens, logprobs in run_ranks(lambda rank: greedy_generate(ranks[rank], PROMPTS[0], 6), 2):
+        assert tokens == expected
+        # Each rank's share of a row sums on its own before the ranks' sums meet (2.5e-5 here).
+        torch.testing.assert_close(logprobs, expected_logprobs, atol=1e-4, rtol=0)
