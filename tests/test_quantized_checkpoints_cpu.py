@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from batchlm.kernels import quant_blocks
+from batchlm.kernels.cpu_decode_stack import stack_library
 from batchlm.kernels.quant_panels import QuantizedWeight, dequantize_packed
 from batchlm.layers.moe import FusedMoE
 from batchlm.layers.quantization import registry
@@ -54,6 +55,7 @@ from quant_checkpoints import (
     rewrite_checkpoint,
     two_prompt_logits,
 )
+from test_cpu_fused_decode import _assert_steps_agree as assert_fused_steps_agree
 
 pytestmark = pytest.mark.skipif(not int8_available(), reason="the quantized CPU kernels are unavailable here")
 
@@ -256,3 +258,17 @@ def test_tensor_parallel_ranks_on_the_cpu_kernels_equal_one_rank(tmp_path: Path)
         assert tokens == expected
         # Each rank's share of a row sums on its own before the ranks' sums meet (2.5e-5 here).
         torch.testing.assert_close(logprobs, expected_logprobs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.skipif(stack_library() is None, reason="no AVX2 CPU or C compiler here")
+@pytest.mark.parametrize(
+    ("fmt", "model_type"), [("gptq", "llama"), ("ct", "llama"), ("awq", "qwen3_moe")], ids=lambda v: v
+)
+def test_the_fused_decode_stack_steps_a_4_bit_checkpoint_as_the_model_does(
+    tmp_path: Path, fmt: str, model_type: str
+) -> None:
+    # The engine's decode steps on a CPU: asymmetric (per-block biases) and symmetric (one zero point)
+    # 4-bit blocks, and quantized experts, through the fused stack against the model's own forward.
+    overrides = {"moe_intermediate_size": 64} if model_type == "qwen3_moe" else None
+    _, model_dir, _ = _int4_checkpoint(tmp_path, fmt, model_type, overrides)
+    assert_fused_steps_agree(load_model(model_dir, torch.float32, CPU, progress=False), rows=3)
