@@ -7,6 +7,7 @@ kernels' compile tests are test_attention_compile_hopper.py.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -85,17 +86,16 @@ STACK_VARIANTS = [
 ]
 
 
-@pytest.mark.parametrize("rows_per_expert", moe_gemm.rows_per_expert_of_each_launch())
 @pytest.mark.parametrize("variant", STACK_VARIANTS, ids=lambda v: "+".join(v[1]) or "dense")
 def test_every_grouped_gemm_launch_shape_fits_a_workstation_gpu(
-    variant: tuple[dict[str, str], tuple[str, ...], moe_gemm.StackForm, int], rows_per_expert: float
+    variant: tuple[dict[str, str], tuple[str, ...], moe_gemm.StackForm, int],
 ) -> None:
     # What tile_for picks for each block size and launch shape and a wide and a narrow projection,
     # compiled for the oldest GPU the variant runs on, within the shared memory of a 24 GB
     # workstation card.
     weights, forms, form, capability = variant
-    block_m = moe_gemm.block_m_for(int(rows_per_expert * 128), 128)
-    for n in (2880, 64):
+    for rows_per_expert, n in itertools.product(moe_gemm.rows_per_expert_of_each_launch(form), (2880, 64)):
+        block_m = moe_gemm.block_m_for(int(rows_per_expert * 128), 128)
         tile = moe_gemm.tile_for(n, block_m, form, rows_per_expert)
         block_k = 128 if "INT4" in forms else tile.block_k  # a 4-bit step is one group, 128 the widest
         constants = {"K": 2880, "MUL_SLOT_WEIGHTS": True, "BLOCK_M": block_m, "BLOCK_N": tile.block_n}
@@ -112,7 +112,7 @@ def test_the_moe_warm_up_runs_every_launch_a_step_can_pick(form: moe_gemm.StackF
         block_m = moe_gemm.block_m_for(slots, experts)
         return block_m, moe_gemm.tile_for(2880, block_m, form, slots / experts)
 
-    warmed = {launch(int(rows * 128)) for rows in moe_gemm.rows_per_expert_of_each_launch()}
+    warmed = {launch(int(rows * 128)) for rows in moe_gemm.rows_per_expert_of_each_launch(form)}
     assert {launch(slots) for slots in range(1, 128 * 256, 7)} == warmed
 
 

@@ -316,10 +316,10 @@ def block_m_for(num_slots: int, num_experts: int) -> int:
     return LARGEST_BLOCK_M
 
 
-def rows_per_expert_of_each_launch() -> list[float]:
-    """One average rows-per-expert value that picks each block size and launch shape (what a
-    warm-up must run)."""
-    return [limit for limit, _ in BLOCK_M_STEPS] + [
-        FP8_WIDE_K_ROWS_PER_EXPERT,
-        2 * FP8_WIDE_K_ROWS_PER_EXPERT,
-    ]
+def rows_per_expert_of_each_launch(form: StackForm) -> list[float]:
+    """One average rows-per-expert value that picks each block size and launch shape of a `form`
+    stack (what a warm-up must run)."""
+    steps = [limit for limit, _ in BLOCK_M_STEPS]
+    largest_blocks = 2 * steps[-1]  # FP8's narrower K steps past FP8_WIDE_K_ROWS_PER_EXPERT too
+    extra = [2 * FP8_WIDE_K_ROWS_PER_EXPERT] if form == "fp8" else []
+    return [*steps, largest_blocks, *extra]

@@ -271,7 +271,8 @@ class FusedMoE(nn.Module):
             return
         experts, top_k = self.spec.num_experts, self.spec.top_k
         weight = self.gate_up_proj
-        for rows_per_expert in kernels.rows_per_expert_of_each_launch():
+        form = kernels.stack_form(self._grouped_weights()[0])
+        for rows_per_expert in kernels.rows_per_expert_of_each_launch(form):
             tokens = max(1, int(rows_per_expert * experts) // top_k)
             x = torch.zeros((tokens, self.spec.hidden_size), dtype=weight.dtype, device=weight.device)
             logits = torch.randn((tokens, experts), device=weight.device)
