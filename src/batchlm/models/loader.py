@@ -26,7 +26,6 @@ from batchlm.layers.quantization.registry import (
     MXFP4_QTYPE,
     QUANTIZE_AT_LOAD,
 )
-from batchlm.models import weight_methods
 from batchlm.models.base import CausalLM
 from batchlm.models.checkpoint import find_safetensors, iter_safetensors, load_hf_config
 from batchlm.models.config_view import read_config_view
@@ -52,6 +51,7 @@ from batchlm.models.weight_methods import (
     expert_types,
     finish_quantized,
     quantize_linears,
+    random_expert_types,
 )
 from batchlm.models.weights import load_named_weights
 from batchlm.parallel.group import SINGLE_RANK, TensorParallelGroup
@@ -225,12 +225,8 @@ def _random_weights(
     qtypes: dict[str, str] = {}
     if mxfp4_experts:
         qtypes = expert_types(model, MXFP4_QTYPE)
-    elif quantization in QUANTIZE_AT_LOAD and weight_methods.gpu_experts_form(
-        (QUANTIZE_AT_LOAD[quantization],), None, device
-    ):
-        # Random stacks where a checkpoint's experts would be kept as stacks (a GPU); elsewhere its
-        # experts take the CPU kernels' blocks, which random weights do not fill: dense stacks there.
-        qtypes = expert_types(model, QUANTIZE_AT_LOAD[quantization])
+    elif quantization is not None:
+        qtypes = random_expert_types(model, quantization, device)
     methods = assign_weight_methods(model, DENSE_FORMAT, qtypes, device, dtype)
     with timed_phase(logger, "random weight init"):
         init_random_weights(model, std=config.initializer_range, seed=seed)

@@ -21,6 +21,7 @@ from batchlm.layers.quantization.registry import (
     FP8_QTYPE,
     INT4_QTYPE,
     MXFP4_QTYPE,
+    QUANTIZE_AT_LOAD,
     WeightSpec,
     choose_linear_method,
 )
@@ -101,9 +102,9 @@ def _assign_experts_method(
     chosen: Counter[str],
 ) -> None:
     """Experts go where a linear of their GGML types would: to the quantized CPU kernels (a GGUF file's
-    expert stacks, an FP8 or 4-bit checkpoint's, dense experts under --quantization int8); MXFP4 experts on a GPU stay MXFP4 for the
-    grouped GEMM, FP8 and 4-bit ones (or dense ones under --quantization fp8 / w4a16) FP8 or 4-bit
-    stacks; others are dense stacks."""
+    expert stacks, an FP8 or 4-bit checkpoint's, dense experts under --quantization int8); MXFP4
+    experts on a GPU stay MXFP4 for the grouped GEMM, FP8 and 4-bit ones (or dense ones under
+    --quantization fp8 / w4a16) FP8 or 4-bit stacks; others are dense stacks."""
     spec = WeightSpec(weight_format, types, "linear", device, dtype, quantization)
     # (A rank's share of the intermediate size, under tensor parallelism.)
     whole_blocks = experts.spec.hidden_size % BLOCK == 0 and experts.inter_per_rank % BLOCK == 0
@@ -149,6 +150,16 @@ def expert_types(model: CausalLM, qtype: str) -> dict[str, str]:
         if isinstance(module, FusedMoE)
         for projection in model.expert_part_names
     }
+
+
+def random_expert_types(model: CausalLM, quantization: str, device: torch.device) -> dict[str, str]:
+    """The types random experts take under --quantization fp8 / w4a16: a checkpoint's FP8 or 4-bit
+    types where its experts would be kept as stacks (a GPU: random stacks); none elsewhere, where they
+    would take the CPU kernels' blocks, which random weights do not fill (random dense stacks)."""
+    qtype = QUANTIZE_AT_LOAD.get(quantization)
+    if qtype is None or gpu_experts_form((qtype,), None, device) is None:
+        return {}
+    return expert_types(model, qtype)
 
 
 @torch.no_grad()
