@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,76 @@ def gptq_tensors(w: Int4Weight) -> dict[str, torch.Tensor]:
         "scales": w.scales.t().contiguous(),
         "g_idx": torch.arange(w.shape[1], dtype=torch.int32) // w.group_size,
     }
+
+
+@dataclass(frozen=True)
+class ActOrdered:
+    """A 4-bit weight as an act-order quantizer leaves it: `grouped` holds the codes in the order the
+    quantizer visited the inputs (its groups are runs of that order), `visited[j]` the input its
+    column j multiplies. `codes`, `zeros`, `scales` and `group_size` are what the packers read."""
+
+    grouped: Int4Weight
+    visited: torch.Tensor
+
+    @property
+    def codes(self) -> torch.Tensor:  # in input order
+        codes = torch.empty_like(self.grouped.codes)
+        codes[:, self.visited] = self.grouped.codes
+        return codes
+
+    @property
+    def zeros(self) -> torch.Tensor:
+        return self.grouped.zeros
+
+    @property
+    def scales(self) -> torch.Tensor:
+        return self.grouped.scales
+
+    @property
+    def group_size(self) -> int:
+        return self.grouped.group_size
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.grouped.shape
+
+    def g_idx(self) -> torch.Tensor:
+        """Each input's group."""
+        groups = torch.empty(self.shape[1], dtype=torch.int32)
+        groups[self.visited] = torch.arange(self.shape[1], dtype=torch.int32) // self.group_size
+        return groups
+
+    def dequantize(self) -> torch.Tensor:
+        """The values in input order: input visited[j] takes column j's."""
+        values = torch.empty(self.shape, dtype=torch.float32)
+        values[:, self.visited] = self.grouped.dequantize()
+        return values
+
+
+def act_ordered(w: Int4Weight, module: str) -> ActOrdered:
+    """`w` as visited in a random input order, one per layer input: a quantizer orders inputs by their
+    activations, so q/k/v (and gate/up), which share theirs, share an order."""
+    parent, _, leaf = module.rpartition(".")
+    shared = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+    seed = zlib.crc32(f"{parent}.{shared.get(leaf, leaf)}".encode())
+    return ActOrdered(w, torch.randperm(w.shape[1], generator=torch.Generator().manual_seed(seed)))
+
+
+def act_order_config(fmt: str, group: int) -> dict[str, Any]:
+    """config.json's quantization_config of an act-order GPTQ ("gptq") or compressed-tensors ("ct")
+    checkpoint."""
+    if fmt == "gptq":
+        return {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": True, "sym": False}
+    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": group}
+    return compressed_config({**weights, "actorder": "group"}, None, "pack-quantized")
+
+
+def gptq_act_order_tensors(w: ActOrdered) -> dict[str, torch.Tensor]:
+    return {**gptq_tensors(w), "g_idx": w.g_idx()}
+
+
+def compressed_act_order_tensors(w: ActOrdered) -> dict[str, torch.Tensor]:
+    return {**compressed_int4_tensors(w), "weight_g_idx": w.g_idx()}
 
 
 def awq_tensors(w: Int4Weight) -> dict[str, torch.Tensor]:

@@ -21,11 +21,12 @@ from typing import Any
 import pytest
 import torch
 
+from batchlm.layers.moe_int4 import int4_groups
 from batchlm.layers.quantization.forms import Int4Weight
 from batchlm.layers.quantization.fp8 import FP8
-from batchlm.layers.quantization.int4 import INT4, quantize_int4_groups
+from batchlm.layers.quantization.int4 import INT4, Int4Store, quantize_int4_groups, store_of
 from batchlm.layers.quantization.layer import MethodLayer
-from batchlm.models.int4_formats import unpack_awq, unpack_compressed_int4, unpack_gptq
+from batchlm.models.int4_formats import act_order, unpack_awq, unpack_compressed_int4, unpack_gptq
 from batchlm.models.loader import LoadedModel, load_model
 from batchlm.models.quantized_checkpoint import read_checkpoint_scheme
 from batchlm.models.random_model import write_random_model
@@ -37,12 +38,17 @@ from models_harness import (
     thread_groups,
 )
 from quant_checkpoints import (
+    ActOrdered,
+    act_order_config,
+    act_ordered,
     assert_logits_close,
     awq_tensors,
+    compressed_act_order_tensors,
     compressed_config,
     compressed_int4_tensors,
     dense_twin,
     fp8_tensors,
+    gptq_act_order_tensors,
     gptq_tensors,
     methods_as_on_a_gpu,
     random_int4,
@@ -214,6 +220,100 @@ def test_int4_checkpoint_loads_exact_weights_and_matching_logits(
     assert_logits_close(two_prompt_logits(loaded), two_prompt_logits(twin), 1e-4)
 
 
+# --- act order: groups that are not runs of inputs --------------------------------------------
+
+
+def _act_order_checkpoint(tmp_path: Path, fmt: str) -> tuple[Path, Path, dict[str, ActOrdered]]:
+    dense = write_random_model(tmp_path / "dense", "llama", seed=9)
+    packer = {"gptq": gptq_act_order_tensors, "ct": compressed_act_order_tensors}[fmt]
+
+    def convert(module: str, weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], ActOrdered]:
+        rows, cols = weight.shape
+        w = act_ordered(random_int4(rows, cols, GROUP, fmt == "ct", seed=len(module) * 5 + rows), module)
+        return packer(w), w
+
+    references = rewrite_checkpoint(dense, tmp_path / fmt, act_order_config(fmt, GROUP), convert)
+    return dense, tmp_path / fmt, references
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "ct"])
+def test_an_act_order_checkpoint_gathers_its_inputs_and_matches_its_dense_twin(
+    tmp_path: Path, fmt: str
+) -> None:
+    dense, quantized_dir, references = _act_order_checkpoint(tmp_path, fmt)
+    loaded = load_model(quantized_dir, torch.float32, CPU, progress=False)
+    fused = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    linears = {path: m for path, m in _layers(loaded).items() if m.role == "linear"}
+    assert linears and all(m.method is INT4 for m in linears.values())
+    for path, layer in linears.items():
+        parent, _, leaf = path.rpartition(".")
+        parts = [references[f"{parent}.{p}"] for p in fused.get(leaf, [leaf])]
+        assert torch.equal(INT4.dequantized(layer), torch.cat([w.dequantize() for w in parts]))
+        # Stored so that each group is a run of stored columns.
+        order = store_of(layer).input_order
+        assert order is not None
+        assert torch.equal(parts[0].g_idx()[order].long(), torch.arange(layer.weight_cols) // GROUP)
+    twin = dense_twin(dense, tmp_path / "twin", {m: w.dequantize() for m, w in references.items()})
+    assert_logits_close(two_prompt_logits(loaded), two_prompt_logits(twin), 1e-4)
+
+
+def test_act_order_reads_g_idx_as_runs_of_groups() -> None:
+    runs = torch.arange(80) // 32  # the last group holds 16 inputs
+    assert act_order(runs, 32, 80) is None  # desc_act with static groups, or one group a row
+    assert act_order(torch.zeros(80, dtype=torch.int32), -1, 80) is None
+    shuffled = runs[torch.randperm(80, generator=torch.Generator().manual_seed(2))]
+    order = act_order(shuffled, 32, 80)
+    assert order is not None and torch.equal(shuffled[order], runs)
+    uneven = torch.tensor([0] * 40 + [1] * 24 + [2] * 16)[torch.randperm(80)]
+    with pytest.raises(ValueError, match="act order needs 32 in each"):
+        act_order(uneven, 32, 80)
+    with pytest.raises(ValueError, match="80 inputs"):
+        act_order(runs[:64], 32, 80)
+
+
+def test_act_order_weights_split_by_rows_but_not_by_inputs() -> None:
+    w = random_int4(16, 64, GROUP, symmetric=False, seed=4)
+    ordered = Int4Weight(w.codes, w.scales, w.zeros, GROUP, torch.randperm(64))
+    assert ordered.narrow_cols(0, 64) is ordered
+    rows = ordered.narrow_rows(4, 8)
+    assert rows.input_order is ordered.input_order
+    assert torch.equal(rows.dequantize(), ordered.dequantize()[4:12])
+    with pytest.raises(ValueError, match="--tensor-parallel-size 1"):
+        ordered.narrow_cols(0, 32)
+
+
+def test_fused_shards_in_different_input_orders_are_refused() -> None:
+    store = Int4Store(32, 64, torch.float32, CPU)
+    w = random_int4(16, 64, GROUP, symmetric=False, seed=5)
+    store.put(0, Int4Weight(w.codes, w.scales, w.zeros, GROUP, torch.randperm(64)))
+    with pytest.raises(ValueError, match="different input orders"):
+        store.put(16, Int4Weight(w.codes, w.scales, w.zeros, GROUP, torch.randperm(64).flip(0)))
+    with pytest.raises(ValueError, match="different input orders"):
+        store.put(16, w)
+
+
+def test_act_order_experts_are_refused_on_the_gpu_stacks() -> None:
+    w = random_int4(16, 64, GROUP, symmetric=False, seed=6)
+    with pytest.raises(ValueError, match="act-order 4-bit experts"):
+        int4_groups(Int4Weight(w.codes, w.scales, w.zeros, GROUP, torch.randperm(64)))
+
+
+@pytest.mark.parametrize(
+    ("actorder", "act_order_read"), [("group", True), ("dynamic", True), ("weight", False), ("static", False)]
+)
+def test_compressed_tensors_actorder_values(tmp_path: Path, actorder: str, act_order_read: bool) -> None:
+    # "weight" / "static": the order only guided the quantizer; groups stay runs of inputs (no g_idx).
+    config = act_order_config("ct", GROUP)
+    config["config_groups"]["group_0"]["weights"]["actorder"] = actorder
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": config}))
+    scheme = read_checkpoint_scheme(tmp_path)
+    assert scheme is not None and scheme.act_order is act_order_read
+    config["config_groups"]["group_0"]["weights"]["actorder"] = "sideways"
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": config}))
+    with pytest.raises(ValueError, match="actorder 'sideways'"):
+        read_checkpoint_scheme(tmp_path)
+
+
 @pytest.mark.parametrize(("per_tensor", "static"), [(False, False), (True, True)])
 def test_fp8_checkpoint_matches_its_dequantized_twin(tmp_path: Path, per_tensor: bool, static: bool) -> None:
     dense = write_random_model(tmp_path / "dense", "llama", seed=6)
@@ -289,7 +389,6 @@ def test_random_weights_take_the_quantized_methods(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("config", "named"),
     [
-        ({"quant_method": "gptq", "bits": 4, "desc_act": True}, "desc_act"),
         ({"quant_method": "gptq", "bits": 3}, "3-bit"),
         ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "gemv"),
         ({"quant_method": "bitsandbytes"}, "bitsandbytes"),

@@ -44,12 +44,17 @@ from batchlm.models.loader import LoadedModel, check_quantization, load_model
 from batchlm.models.random_model import write_random_model
 from models_harness import CPU, PROMPTS, greedy_generate, run_ranks, thread_groups
 from quant_checkpoints import (
+    ActOrdered,
+    act_order_config,
+    act_ordered,
     assert_logits_close,
     awq_tensors,
+    compressed_act_order_tensors,
     compressed_config,
     compressed_int4_tensors,
     dense_twin,
     fp8_tensors,
+    gptq_act_order_tensors,
     gptq_tensors,
     random_int4,
     rewrite_checkpoint,
@@ -182,6 +187,28 @@ def test_a_4_bit_checkpoint_runs_on_the_cpu_kernels_as_its_values(tmp_path: Path
         assert bool(((dequantize_packed(packed) - expected).abs() <= bound * 1.0001).all()), path
     twin = dense_twin(dense, tmp_path / "twin", {m: w.dequantize() for m, w in references.items()})
     assert_logits_close(two_prompt_logits(loaded), two_prompt_logits(twin), ACTIVATIONS_ROUNDED)
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "ct"])
+def test_an_act_order_checkpoint_runs_on_the_cpu_kernels_as_q8_0(tmp_path: Path, fmt: str) -> None:
+    # Its groups are not runs of inputs, while a block of the kernels is: the values become Q8_0.
+    dense = write_random_model(tmp_path / "dense", "llama", seed=13)
+    packer = gptq_act_order_tensors if fmt == "gptq" else compressed_act_order_tensors
+
+    def convert(module: str, weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], ActOrdered]:
+        rows, cols = weight.shape
+        w = act_ordered(random_int4(rows, cols, 32, fmt == "ct", seed=len(module) * 3 + rows), module)
+        return packer(w), w
+
+    references = rewrite_checkpoint(dense, tmp_path / fmt, act_order_config(fmt, 32), convert)
+    loaded = load_model(tmp_path / fmt, torch.float32, CPU, progress=False)
+    linears = _linears(loaded)
+    assert linears and all(layer.method is CPU_QUANTIZED for layer in linears.values())
+    assert all(store(layer).finish().bits == 8 for layer in linears.values())
+    twin = dense_twin(dense, tmp_path / "twin", {m: w.dequantize() for m, w in references.items()})
+    assert_logits_close(two_prompt_logits(loaded), two_prompt_logits(twin), ACTIVATIONS_ROUNDED)
+    if stack_library() is not None:
+        assert_fused_steps_agree(loaded, rows=3)
 
 
 def test_an_fp8_checkpoint_runs_on_the_cpu_kernels_as_q8_0(tmp_path: Path) -> None:

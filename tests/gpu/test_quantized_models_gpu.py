@@ -34,12 +34,16 @@ from batchlm.models.demo import write_model_dir  # noqa: E402
 from batchlm.models.loader import LoadedModel, load_model  # noqa: E402
 from models_harness import Chunk, build_step  # noqa: E402
 from quant_checkpoints import (  # noqa: E402
+    act_order_config,
+    act_ordered,
     awq_tensors,
     block_fp8_config,
     block_fp8_tensors,
+    compressed_act_order_tensors,
     compressed_config,
     compressed_int4_tensors,
     fp8_tensors,
+    gptq_act_order_tensors,
     gptq_tensors,
     random_int4,
     rewrite_checkpoint,
@@ -60,19 +64,35 @@ PROMPTS = [
     [5, 6, 7, 8, 9, 10],
     list(range(150, 180, 2)),
 ]
-FORMATS = ["gptq", "awq", "ct-int4", "fp8-dynamic", "fp8-static", "fp8-block"]
+FORMATS = [
+    "gptq",
+    "awq",
+    "ct-int4",
+    "gptq-act-order",
+    "ct-act-order",
+    "fp8-dynamic",
+    "fp8-static",
+    "fp8-block",
+]
 # Blocks that leave partial ones at the tiny model's edges (transformers' default is 128 x 128).
 FP8_BLOCK = (32, 48)
 
 
 def _int4(fmt: str) -> Any:
-    packer = {"gptq": gptq_tensors, "awq": awq_tensors, "ct-int4": compressed_int4_tensors}[fmt]
+    packer = {"gptq": gptq_tensors, "awq": awq_tensors, "ct-int4": compressed_int4_tensors}.get(fmt)
+    act_order_packer = {
+        "gptq-act-order": gptq_act_order_tensors,
+        "ct-act-order": compressed_act_order_tensors,
+    }
 
     def convert(module: str, weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         rows, cols = weight.shape
-        w = random_int4(rows, cols, GROUP, fmt == "ct-int4", seed=rows * 31 + len(module))
+        w = random_int4(rows, cols, GROUP, fmt.startswith("ct"), seed=rows * 31 + len(module))
         # Scales shrunk to the dense weights' size, so activations stay in a realistic range.
         w = dataclasses.replace(w, scales=(w.scales.float() * 0.2).to(torch.float16))
+        if packer is None:  # groups over the inputs in a shuffled order, as act-order quantizers store
+            ordered = act_ordered(w, module)
+            return act_order_packer[fmt](ordered), ordered.dequantize()
         return packer(w), w.dequantize()
 
     return convert
@@ -93,6 +113,8 @@ def _block_fp8(module: str, weight: torch.Tensor) -> tuple[dict[str, torch.Tenso
 def _config(fmt: str) -> dict[str, Any]:
     if fmt == "fp8-block":
         return block_fp8_config(FP8_BLOCK)
+    if fmt.endswith("-act-order"):
+        return act_order_config(fmt.removesuffix("-act-order"), GROUP)
     if fmt == "gptq":
         return {"quant_method": "gptq", "bits": 4, "group_size": GROUP, "desc_act": False, "sym": False}
     if fmt == "awq":

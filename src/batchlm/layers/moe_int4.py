@@ -1,5 +1,5 @@
 """A mixture-of-experts layer's experts kept as 4-bit groups on a GPU: a 4-bit checkpoint's experts
-(GPTQ with desc_act false, AWQ, compressed-tensors pack-quantized) as stored, or dense ones under
+(GPTQ without act order, AWQ, compressed-tensors pack-quantized) as stored, or dense ones under
 --quantization w4a16 (symmetric round-to-nearest per group of 128), at about a quarter of bf16's
 bytes: Qwen3-30B-A3B's experts then fit a 24 GB card.
 
@@ -30,6 +30,12 @@ def int4_groups(loaded: LoadedWeight) -> Int4Weight:
     stored (groups wider than 128 repeated as groups of 128), a dense one quantized per 128 inputs."""
     if not isinstance(loaded, Int4Weight):
         return quantize_int4_groups(as_dense(loaded, torch.float32), DEFAULT_GROUP_SIZE)
+    if loaded.input_order is not None:
+        # Each expert's own input order: the grouped GEMM reads one input row for every expert.
+        raise ValueError(
+            "act-order 4-bit experts (GPTQ desc_act, compressed-tensors group actorder) are not supported "
+            "on the GPU's 4-bit expert stacks"
+        )
     group = loaded.group_size
     if group in GROUP_SIZES:
         return loaded

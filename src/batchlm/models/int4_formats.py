@@ -10,11 +10,16 @@ different axes and orders:
   [groups, out].
 - compressed-tensors pack-quantized: weight_packed [out, in / 8] packed along the inputs, signed
   values stored plus 8 (symmetric: zero point 8); weight_scale [out, groups]; weight_shape [2].
+
+Act-order checkpoints (GPTQ desc_act, compressed-tensors group actorder) also store g_idx, the group
+of each input: the groups are runs of inputs in the order the quantizer visited them. The codes are
+stored in that order, so that groups are runs again, with the order kept (Int4Weight.input_order).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
@@ -71,14 +76,47 @@ def whole_groups(
     )
 
 
+def act_order(g_idx: torch.Tensor, group_size: int, in_features: int) -> torch.Tensor | None:
+    """The input order in which `g_idx` (each input's group) puts the groups as runs of `group_size`
+    inputs (the last may be shorter); None where it already does in the inputs' own order."""
+    size = _group_size(group_size, in_features)
+    if g_idx.shape != (in_features,):
+        raise ValueError(f"g_idx has shape {list(g_idx.shape)}; the weight has {in_features} inputs")
+    groups = g_idx.to(torch.int64)
+    runs = torch.arange(in_features, device=groups.device) // size
+    if torch.equal(groups, runs):
+        return None
+    order = torch.argsort(groups, stable=True)
+    if not torch.equal(groups[order], runs):
+        counts = torch.bincount(groups.clamp(min=0)).tolist()
+        raise ValueError(
+            f"g_idx puts {counts[:4]}... inputs in its groups; act order needs {size} in each (the last "
+            "may hold fewer)"
+        )
+    return order
+
+
+def _in_act_order(weight: Int4Weight, order: torch.Tensor | None) -> Int4Weight:
+    """`weight`, its codes read in input order, with its columns stored in `order`."""
+    if order is None:
+        return weight
+    return replace(weight, codes=weight.codes.index_select(1, order).contiguous(), input_order=order)
+
+
 def unpack_gptq(
-    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int, zeros_minus_one: bool
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    group_size: int,
+    zeros_minus_one: bool,
+    g_idx: torch.Tensor | None = None,
 ) -> Int4Weight:
     codes = unpack_words(qweight.t().contiguous())  # [out, in]
     zeros = unpack_words(qzeros).t().contiguous()  # [out, groups]
     if zeros_minus_one:
         zeros = zeros + 1
-    return whole_groups(codes, scales.t().contiguous(), zeros, group_size)
+    order = None if g_idx is None else act_order(g_idx, group_size, codes.shape[1])
+    return _in_act_order(whole_groups(codes, scales.t().contiguous(), zeros, group_size), order)
 
 
 def unpack_awq(
@@ -97,7 +135,11 @@ def _awq_outputs(slots: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_compressed_int4(
-    weight_packed: torch.Tensor, weight_scale: torch.Tensor, weight_shape: torch.Tensor, group_size: int
+    weight_packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_shape: torch.Tensor,
+    group_size: int,
+    g_idx: torch.Tensor | None = None,
 ) -> Int4Weight:
     out_features, in_features = (int(v) for v in weight_shape.tolist())
     codes = unpack_words(weight_packed)[:, :in_features]
@@ -107,4 +149,5 @@ def unpack_compressed_int4(
         )
     groups = weight_scale.shape[1]
     zeros = torch.full((out_features, groups), SYMMETRIC_ZERO, dtype=torch.uint8, device=codes.device)
-    return whole_groups(codes, weight_scale.contiguous(), zeros, group_size)
+    order = None if g_idx is None else act_order(g_idx, group_size, in_features)
+    return _in_act_order(whole_groups(codes, weight_scale.contiguous(), zeros, group_size), order)

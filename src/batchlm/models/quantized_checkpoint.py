@@ -58,7 +58,8 @@ MARKER = {
 SUPPORTED = (
     "compressed-tensors FP8 W8A8 (FP8_DYNAMIC, static per-tensor FP8), block-wise FP8 (quant_method "
     "fp8 with 2-D weight_block_size, dynamic activations), compressed-tensors W4A16 pack-quantized "
-    "(symmetric), GPTQ 4-bit (desc_act false), AWQ 4-bit (GEMM) and MXFP4 experts (gpt-oss)"
+    "(symmetric, any actorder), GPTQ 4-bit (desc_act true or false), AWQ 4-bit (GEMM) and MXFP4 experts "
+    "(gpt-oss)"
 )
 # The experts' stacks an MXFP4 checkpoint stores as pairs, and the projections each holds.
 MXFP4_STACKS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
@@ -66,9 +67,15 @@ MXFP4_STACKS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_pr
 DEFAULT_FP8_BLOCK = (128, 128)
 # Values a block-wise FP8 weight dequantizes per step (float32 values and their scales: 128 MiB).
 STEP_VALUES = 1 << 24
-# Parts that carry nothing once the scheme is known: GPTQ's g_idx (k // group with desc_act false), a
-# dynamic scheme's stray input_scale, a symmetric scheme's zero points (all zero).
-DROPPED = frozenset({"g_idx", "input_scale", "weight_zero_point"})
+# Each input's group, stored by act-order 4-bit schemes, by scheme.
+GROUP_INDEX = {GPTQ: "g_idx", CT_INT4: "weight_g_idx"}
+# Parts that carry nothing once the scheme is known: g_idx where groups are runs of inputs (k // group:
+# GPTQ with desc_act false), a dynamic scheme's stray input_scale, a symmetric scheme's zero points.
+DROPPED = frozenset({"g_idx", "weight_g_idx", "input_scale", "weight_zero_point"})
+# compressed-tensors' actorder values whose groups are not runs of inputs (g_idx stored), and those
+# whose are (the order only guided the quantizer).
+GROUP_ACTORDER = ("group", "dynamic")
+WEIGHT_ACTORDER = ("weight", "static")
 KV_SCALE = re.compile(r"^(?:model\.)?layers\.(\d+)\.self_attn\.(?:([kv])_scale|([kv])_proj\.output_scale)$")
 
 
@@ -81,6 +88,7 @@ class CheckpointScheme:
     static_activations: bool = False  # FP8: a stored input_scale per layer
     zeros_minus_one: bool = True  # GPTQ: the original format stores zero - 1
     block: tuple[int, int] = (0, 0)  # BLOCK_FP8: (output rows, inputs) that share one scale
+    act_order: bool = False  # 4-bit: each input's group stored (GROUP_INDEX), groups not runs of inputs
 
     @property
     def weight_type(self) -> str:
@@ -137,11 +145,10 @@ def _unsupported(method: str, detail: str) -> ValueError:
 def _gptq_scheme(config: dict[str, Any]) -> CheckpointScheme:
     if int(config.get("bits", 4)) != 4:
         raise _unsupported("GPTQ", f"{config.get('bits')}-bit weights")
-    if config.get("desc_act"):
-        raise _unsupported("GPTQ", "desc_act true (act-order)")
     group_size = int(config.get("group_size", 128))
     v2 = str(config.get("checkpoint_format", "gptq")) == "gptq_v2"
-    return CheckpointScheme(GPTQ, group_size=group_size, zeros_minus_one=not v2)
+    act_order = bool(config.get("desc_act"))
+    return CheckpointScheme(GPTQ, group_size=group_size, zeros_minus_one=not v2, act_order=act_order)
 
 
 def _awq_scheme(config: dict[str, Any]) -> CheckpointScheme:
@@ -191,12 +198,16 @@ def _compressed_tensors_scheme(config: dict[str, Any]) -> CheckpointScheme:
         return _ct_fp8(weights, inputs, _describe(group))
     if weights.get("type") == "int" and weights.get("num_bits") == 4 and not inputs:
         fmt = group.get("format") or config.get("format")
-        if fmt != "pack-quantized" or not weights.get("symmetric", True) or weights.get("actorder"):
+        if fmt != "pack-quantized" or not weights.get("symmetric", True):
             raise _unsupported("compressed-tensors", _describe(group) + f", format {fmt}")
         if weights.get("strategy") not in ("group", "channel"):
             raise _unsupported("compressed-tensors", _describe(group))
+        actorder = weights.get("actorder")
+        if actorder is not None and str(actorder).lower() not in GROUP_ACTORDER + WEIGHT_ACTORDER:
+            raise _unsupported("compressed-tensors", f"actorder {actorder!r}")
         group_size = int(weights.get("group_size") or 0) if weights.get("strategy") == "group" else 0
-        return CheckpointScheme(CT_INT4, group_size=group_size)
+        act_order = str(actorder).lower() in GROUP_ACTORDER
+        return CheckpointScheme(CT_INT4, group_size=group_size, act_order=act_order)
     raise _unsupported("compressed-tensors", _describe(group))
 
 
@@ -271,6 +282,8 @@ class Assembler:
 
     def run(self, weights: Iterable[tuple[str, LoadedWeight]]) -> Iterator[tuple[str, LoadedWeight]]:
         wanted = set(PARTS[self.scheme.kind]) | ({"input_scale"} if self.scheme.static_activations else set())
+        if self.scheme.act_order:
+            wanted.add(GROUP_INDEX[self.scheme.kind])
         for name, tensor in weights:
             if self._take_kv_scale(name, tensor):
                 continue
@@ -329,11 +342,16 @@ class Assembler:
                 parts["scales"],
                 self.scheme.group_size,
                 self.scheme.zeros_minus_one,
+                parts.get("g_idx"),
             )
         if kind == AWQ:
             return unpack_awq(parts["qweight"], parts["qzeros"], parts["scales"], self.scheme.group_size)
         return unpack_compressed_int4(
-            parts["weight_packed"], parts["weight_scale"], parts["weight_shape"], self.scheme.group_size
+            parts["weight_packed"],
+            parts["weight_scale"],
+            parts["weight_shape"],
+            self.scheme.group_size,
+            parts.get("weight_g_idx"),
         )
 
 

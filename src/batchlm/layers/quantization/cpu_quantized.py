@@ -146,7 +146,8 @@ def _blocks_of(codes: np.ndarray, scales: np.ndarray, biases: np.ndarray, form: 
 def code_blocks(loaded: LoadedWeight) -> CodeBlocks:
     """A loaded tensor's rows as code blocks: exact for the GGUF types the kernels read, 4-bit blocks
     for a checkpoint's 4-bit groups (GPTQ, AWQ, compressed-tensors) of whole blocks, Q8_0 of the float
-    values otherwise (FP8 checkpoints' among them)."""
+    values otherwise (FP8 checkpoints' among them, and act-order 4-bit weights: their groups are not
+    runs of inputs, and the kernels read a layer's inputs in order)."""
     if isinstance(loaded, QuantizedColumns) and loaded.start % BLOCK == 0 and loaded.cols % BLOCK == 0:
         # A tensor-parallel share inside K-quant super-blocks: the covering blocks' per-32 blocks,
         # cut on their edges, are the very blocks one rank would hold (never requantized per rank).
@@ -167,7 +168,12 @@ def code_blocks(loaded: LoadedWeight) -> CodeBlocks:
         if loaded.qtype == "Q6_K" and (native := q6_k_as_q8(loaded.data.numpy(), rows, cols)) is not None:
             return native
         return reference_rows.q8_code_blocks(loaded)
-    if isinstance(loaded, Int4Weight) and loaded.group_size % BLOCK == 0 and loaded.shape[1] % BLOCK == 0:
+    if (
+        isinstance(loaded, Int4Weight)
+        and loaded.input_order is None
+        and loaded.group_size % BLOCK == 0
+        and loaded.shape[1] % BLOCK == 0
+    ):
         return quant_blocks.from_int4_groups(
             loaded.codes.cpu().numpy(),
             loaded.scales.float().cpu().numpy(),

@@ -66,13 +66,19 @@ class Fp8Weight:
 
 @dataclass(frozen=True)
 class Int4Weight:
-    """4-bit codes with a scale and a zero point per group of `group_size` inputs of a row:
-    w[r, c] = (codes[r, c] - zeros[r, c // g]) * scales[r, c // g]. Symmetric formats have zero 8."""
+    """4-bit codes with a scale and a zero point per group of `group_size` stored columns of a row:
+    w[r, c] = (codes[r, c] - zeros[r, c // g]) * scales[r, c // g]. Symmetric formats have zero 8.
+
+    `input_order` (act-order GPTQ, compressed-tensors' group actorder) says which layer input each
+    stored column multiplies: the checkpoint's groups are runs of inputs in that order, not in the
+    layer's, so the columns are stored in it and a product gathers its inputs the same way
+    (x[:, input_order] @ codes' values^T). None: column c is input c."""
 
     codes: torch.Tensor  # [rows, cols] uint8, 0..15
     scales: torch.Tensor  # [rows, cols // group_size], the checkpoint's float dtype
     zeros: torch.Tensor  # [rows, cols // group_size] uint8 (GPTQ's stored zero + 1 may reach 16)
     group_size: int
+    input_order: torch.Tensor | None = None  # [cols] int64, a permutation of 0..cols-1
 
     @property
     def shape(self) -> torch.Size:
@@ -84,6 +90,7 @@ class Int4Weight:
             self.scales.narrow(0, start, length),
             self.zeros.narrow(0, start, length),
             self.group_size,
+            self.input_order,
         )
 
     def select_rows(self, order: torch.Tensor) -> Int4Weight:
@@ -92,11 +99,20 @@ class Int4Weight:
             self.scales.index_select(0, order),
             self.zeros.index_select(0, order),
             self.group_size,
+            self.input_order,
         )
 
     def narrow_cols(self, start: int, length: int) -> Int4Weight:
         """Columns [start, start + length); both must fall on group edges."""
+        if start == 0 and length == self.shape[1]:
+            return self
         g = self.group_size
+        if self.input_order is not None:
+            # A rank's inputs are a range of the layer's; in act order they are spread over every group.
+            raise ValueError(
+                "act-order 4-bit weights (GPTQ desc_act, compressed-tensors group actorder) do not split "
+                "by inputs across tensor-parallel ranks; serve them with --tensor-parallel-size 1"
+            )
         if start % g or length % g:
             raise ValueError(
                 f"a 4-bit weight with groups of {g} inputs splits only on group edges; columns "
@@ -111,10 +127,19 @@ class Int4Weight:
         )
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The [rows, cols] values in the layer's input order."""
         per_column = self.group_size
         scales = self.scales.float().repeat_interleave(per_column, dim=1)
         zeros = self.zeros.float().repeat_interleave(per_column, dim=1)
-        return ((self.codes.float() - zeros) * scales).to(dtype)
+        values = ((self.codes.float() - zeros) * scales).to(dtype)
+        return values if self.input_order is None else in_input_order(values, self.input_order)
+
+
+def in_input_order(stored: torch.Tensor, input_order: torch.Tensor) -> torch.Tensor:
+    """[rows, cols] columns stored in `input_order` -> the same columns in the layer's input order."""
+    out = torch.empty_like(stored)
+    out[:, input_order.to(stored.device)] = stored
+    return out
 
 
 def quantize_fp8_rows(weight: torch.Tensor) -> Fp8Weight:

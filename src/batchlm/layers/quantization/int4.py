@@ -32,7 +32,7 @@ from batchlm.kernels.decode_plans import (
 )
 from batchlm.kernels.int4_pack import PackedInt4, dequantize_packed, pack_int4
 from batchlm.layers.quantization.base import LinearMethod, LoadedWeight, RowSlice
-from batchlm.layers.quantization.forms import Int4Weight
+from batchlm.layers.quantization.forms import Int4Weight, in_input_order
 
 if TYPE_CHECKING:
     from batchlm.kernels.w4a16_gemm import W4A16Config
@@ -68,6 +68,9 @@ class Int4Store:
         self.group_size = 0  # set by the first shard
         self.scales = torch.empty(0)
         self.zeros = torch.empty(0)
+        # Act-order weights: the input each stored column multiplies (forms.Int4Weight), one order for
+        # every fused shard (they share their input, so a quantizer ordering by it gives them one).
+        self.input_order: torch.Tensor | None = None
         self.packed: PackedInt4 | None = None
 
     def put(self, start: int, part: Int4Weight) -> None:
@@ -76,14 +79,25 @@ class Int4Store:
             groups = self.cols // part.group_size
             self.scales = torch.zeros(self.rows, groups, dtype=self.dtype, device=self.device)
             self.zeros = torch.zeros(self.rows, groups, dtype=torch.uint8, device=self.device)
+            if part.input_order is not None:
+                self.input_order = part.input_order.to(self.device)
         if part.group_size != self.group_size:
             raise ValueError(
                 f"fused 4-bit shards with groups of {part.group_size} and {self.group_size} inputs"
+            )
+        if not _same_order(part.input_order, self.input_order):
+            raise ValueError(
+                "fused 4-bit shards quantized in different input orders (act order): their product "
+                "cannot gather one input for all of them"
             )
         end = start + part.shape[0]
         self.codes[start:end] = part.codes.to(self.device)
         self.scales[start:end] = part.scales.to(self.device, self.dtype)
         self.zeros[start:end] = part.zeros.to(self.device)
+
+    def gather_inputs(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows [T, cols] in the order the stored columns multiply them (act order), else as they are."""
+        return rows if self.input_order is None else rows.index_select(1, self.input_order)
 
     def finish(self) -> PackedInt4:
         if self.packed is None:
@@ -119,8 +133,9 @@ class Int4LinearMethod(LinearMethod):
         return True
 
     def apply(self, layer: MethodLayer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        packed = store_of(layer).finish()
-        rows = x.reshape(-1, x.shape[-1])
+        store = store_of(layer)
+        packed = store.finish()
+        rows = store.gather_inputs(x.reshape(-1, x.shape[-1]))
         if takes_decode_kernel(rows):
             plan = W4A16_PLANS.plan_for(plan_key(packed, rows.shape[0] == 1))
             out = decode_linear(packed, rows.contiguous(), bias, plan)
@@ -153,8 +168,11 @@ class Int4LinearMethod(LinearMethod):
         raise NotImplementedError("4-bit weights serve linear layers only; embeddings stay dense")
 
     def dequantized(self, layer: MethodLayer) -> torch.Tensor:
-        """The float32 [rows, cols] weight the codes stand for (tests, references)."""
-        return dequantize_packed(store_of(layer).finish())
+        """The float32 [rows, cols] weight the codes stand for, in the layer's input order (tests,
+        references)."""
+        store = store_of(layer)
+        values = dequantize_packed(store.finish())
+        return values if store.input_order is None else in_input_order(values, store.input_order)
 
 
 W4A16Plan: TypeAlias = "GemvConfig | W4A16Config"
@@ -184,6 +202,12 @@ def decode_linear(
 
     out = w4a16_matmul(rows, packed, plan)
     return out if bias is None else out + bias
+
+
+def _same_order(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return torch.equal(a.to(b.device), b)
 
 
 def store_of(layer: MethodLayer) -> Int4Store:
