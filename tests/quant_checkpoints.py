@@ -31,7 +31,7 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 def methods_as_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """A checkpoint's FP8 and 4-bit layers take the FP8 and W4A16 methods (and its experts the dense
     or GPU forms) on this CPU, as on a GPU: our quantized CPU kernels would take them here."""
-    monkeypatch.setattr(registry, "_on_cpu_kernels", lambda spec, kinds: False)
+    monkeypatch.setattr(registry, "_on_cpu_kernels", lambda spec, kinds: None)
 
 
 def to_int32(values: torch.Tensor) -> torch.Tensor:

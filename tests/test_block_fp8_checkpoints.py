@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from batchlm.layers.moe import FusedMoE
 from batchlm.layers.quantization import registry
-from batchlm.layers.quantization.cpu_quantized import CPU_QUANTIZED
+from batchlm.layers.quantization.cpu_quantized import CPU_QUANTIZED, CPU_QUANTIZED_4BIT
 from batchlm.layers.quantization.dense import DENSE
 from batchlm.layers.quantization.forms import quantize_fp8_rows
 from batchlm.layers.quantization.fp8 import FP8
@@ -168,11 +168,14 @@ def test_a_gpu_with_fp8_tensor_cores_runs_them_as_per_channel_fp8(
 
 def test_a_cpu_runs_them_as_q8_0_or_dense_without_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     assert _method_for("cpu") is (CPU_QUANTIZED if int8_available() else DENSE)
-    assert _method_for("cpu", "fp8") is FP8
     if int8_available():
+        # Dense as they load, so --quantization applies: fp8 as Q8_0, w4a16 as 4-bit blocks.
+        assert _method_for("cpu", "fp8") is CPU_QUANTIZED
+        assert _method_for("cpu", "w4a16") is CPU_QUANTIZED_4BIT
         assert _method_for("cpu", "int8") is CPU_QUANTIZED
     monkeypatch.setattr(registry, "kernels_available", lambda: False)
     assert _method_for("cpu") is DENSE
+    assert _method_for("cpu", "fp8") is FP8
     # A checkpoint whose FP8 weights keep their own (per-channel) scales still refuses --quantization.
     with pytest.raises(ValueError, match="already quantized"):
         choose_linear_method(WeightSpec(DENSE_FORMAT, (FP8_QTYPE,), "linear", CPU, torch.float32, "int8"))
@@ -235,8 +238,11 @@ def test_moe_experts_load_dequantized_as_dense_stacks(
     torch.testing.assert_close(two_prompt_logits(loaded), two_prompt_logits(twin), atol=1e-5, rtol=0)
 
 
-def test_quantization_fp8_requantizes_each_row_as_for_a_dense_checkpoint(tmp_path: Path) -> None:
+def test_quantization_fp8_requantizes_each_row_as_for_a_dense_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The path a Hopper/Ada GPU takes unasked: dense rows to one FP8 scale each.
+    methods_as_on_a_gpu(monkeypatch)
     _, model_dir, references = _block_fp8_checkpoint(tmp_path, RAGGED)
     loaded = _load(model_dir, "fp8")
     linears = _linears(loaded)

@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from batchlm.kernels import cpu_native, cpu_quant, quant_panels
-from batchlm.kernels.quant_blocks import CodeBlocks, from_dense_q8, from_gguf
+from batchlm.kernels.dense_blocks import from_dense_q8
+from batchlm.kernels.quant_blocks import CodeBlocks, from_gguf
 from batchlm.layers.quantization.cpu_quantized import QuantizedStore
 from cpu_isa import kernel_path
 from cpu_quant_harness import GGUF_TYPES, RNG, needs_kernel, random_gguf, reference

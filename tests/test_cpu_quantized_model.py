@@ -13,19 +13,23 @@ near the bound to be a case here); the tests allow 3e-3. Weights the kernels req
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 import torch
 
+from batchlm.kernels.cpu_decode_stack import stack_library
 from batchlm.kernels.cpu_quant import quant_library
-from batchlm.kernels.quant_panels import dequantize_packed
+from batchlm.kernels.dense_blocks import from_dense_q4, from_dense_q8
+from batchlm.kernels.quant_blocks import dequantize
+from batchlm.kernels.quant_panels import QuantizedWeight, dequantize_packed
 from batchlm.layers.moe import FusedMoE
 from batchlm.layers.quantization import registry
-from batchlm.layers.quantization.cpu_quantized import CPU_QUANTIZED, store
+from batchlm.layers.quantization.cpu_quantized import CPU_QUANTIZED, CPU_QUANTIZED_4BIT, store
 from batchlm.layers.quantization.layer import MethodLayer
 from batchlm.models.gguf_model_dir import prepare_gguf_model_dir
-from batchlm.models.loader import LoadedModel, load_model
+from batchlm.models.loader import LoadedModel, check_quantization, load_model
 from batchlm.models.random_model import write_random_model
 from gguf_builder import write_tiny_gguf
 from models_harness import (
@@ -38,6 +42,7 @@ from models_harness import (
     run_step,
     thread_groups,
 )
+from test_cpu_fused_decode import _assert_steps_agree as assert_fused_steps_agree
 
 pytestmark = pytest.mark.skipif(quant_library() is None, reason="no AVX2 CPU or C compiler here")
 
@@ -240,3 +245,73 @@ def test_int8_is_refused_where_it_cannot_apply(tmp_path: Path) -> None:
         load_model(model_dir, torch.float32, CPU, random_weights=True, quantization="int8")
     with pytest.raises(ValueError, match="unknown quantization"):
         load_model(model_dir, torch.float32, CPU, quantization="nf4")
+
+
+# Measured on three seeds each: 4-bit blocks of 32 moved these models' logits by 6.8-13.3% of the
+# largest (llama, Qwen3-MoE) and 1.6-2.4% (gpt-oss); Q8_0 (--quantization fp8) by 0.2-0.9%.
+FOUR_BIT_WEIGHTS = 0.2
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("quantization", ["w4a16", "fp8"])
+def test_fp8_and_w4a16_quantize_a_dense_checkpoints_linears_on_the_cpu_kernels(
+    tmp_path: Path, model_type: str, quantization: str
+) -> None:
+    # As on a GPU, the linears and experts: the embedding and LM head stay dense.
+    overrides = {"moe_intermediate_size": 64} if model_type == "qwen3_moe" else None
+    model_dir = write_random_model(tmp_path, model_type, overrides, seed=3)
+    dense = load_model(model_dir, torch.float32, CPU, progress=False)
+    quantized = load_model(model_dir, torch.float32, CPU, progress=False, quantization=quantization)
+    bits = 4 if quantization == "w4a16" else 8
+    layers = {path: m for path, m in quantized.model.named_modules() if isinstance(m, MethodLayer)}
+    for path, layer in layers.items():
+        if layer.role != "linear":
+            assert type(layer.method).__name__ == "DenseLinearMethod", path
+            continue
+        assert layer.method is (CPU_QUANTIZED_4BIT if bits == 4 else CPU_QUANTIZED), path
+        packed = store(layer).finish()
+        assert isinstance(packed, QuantizedWeight) and packed.bits == bits, path
+        # The blocks are those of the dense weight itself.
+        weight = dense.model.get_submodule(path).weight.detach().numpy()
+        expected = (from_dense_q4 if bits == 4 else from_dense_q8)(weight)
+        assert torch.equal(dequantize_packed(packed), torch.from_numpy(dequantize(expected))), path
+    experts = _experts(quantized)
+    assert all(e.quantized is not None and e.quantized.dense_bits == bits for e in experts)
+    bound = FOUR_BIT_WEIGHTS if bits == 4 else REQUANTIZED_WEIGHTS
+    _assert_close_logits(_logits(quantized), _logits(dense), bound)
+
+
+@pytest.mark.skipif(stack_library() is None, reason="no AVX2 CPU or C compiler here")
+def test_the_fused_decode_stack_steps_4_bit_blocks_made_at_load(tmp_path: Path) -> None:
+    model_dir = write_random_model(tmp_path, "llama", seed=4)
+    assert_fused_steps_agree(
+        load_model(model_dir, torch.float32, CPU, progress=False, quantization="w4a16"), rows=3
+    )
+
+
+def test_w4a16_random_weights_on_the_cpu_kernels(tmp_path: Path) -> None:
+    # Random linears are quantized after they are drawn; random experts stay dense stacks (the
+    # kernels' blocks are filled only by loading).
+    model_dir = write_random_model(tmp_path, "qwen3_moe", {"moe_intermediate_size": 64}, seed=5)
+    loaded = load_model(
+        model_dir, torch.float32, CPU, random_weights=True, quantization="w4a16", progress=False
+    )
+    linears = [m for m in loaded.model.modules() if isinstance(m, MethodLayer) and m.role == "linear"]
+    assert linears and all(m.method is CPU_QUANTIZED_4BIT for m in linears)
+    assert all(e.quantized is None for e in _experts(loaded))
+    tokens, _ = greedy_generate(loaded, PROMPTS[0], 4)
+    assert len(tokens) == 4
+
+
+@pytest.mark.parametrize("quantization", ["fp8", "w4a16"])
+def test_fp8_and_w4a16_warn_only_where_the_cpu_kernels_are_missing(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, quantization: str
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="batchlm.models.loader"):
+        check_quantization(quantization, CPU, random_weights=False)
+        check_quantization(quantization, torch.device("cuda:0"), random_weights=False)
+        assert not caplog.records
+        _without_kernels(monkeypatch)
+        check_quantization(quantization, CPU, random_weights=False)
+    assert f"--quantization {quantization} runs on NVIDIA GPUs and x86-64 CPUs" in caplog.text
+    assert "widen every weight at every step" in caplog.text

@@ -19,7 +19,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
-from batchlm.kernels import quant_blocks
+from batchlm.kernels import dense_blocks, quant_blocks
 from batchlm.kernels.cpu_quant import quant_library
 from batchlm.layers.quantization import reference_rows, registry
 from batchlm.layers.quantization.base import QuantizedTensor, columns_of
@@ -114,7 +114,7 @@ def test_q8_code_blocks_are_the_serial_conversions(
     tensor = _tensor(qtype, blocks_per_row=1)
     _small_chunks(monkeypatch, tensor.cols)
     values = _whole(tensor)
-    expected = quant_blocks.q8_from_row_chunks(ROWS, tensor.cols, lambda start, stop: values[start:stop])
+    expected = dense_blocks.q8_from_row_chunks(ROWS, tensor.cols, lambda start, stop: values[start:stop])
     got = code_blocks(tensor)
     for field in ("codes", "scales", "biases"):
         np.testing.assert_array_equal(getattr(got, field), getattr(expected, field))

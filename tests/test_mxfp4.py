@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from batchlm.kernels import quant_blocks, quant_panels
+from batchlm.kernels import dense_blocks, quant_blocks, quant_panels
 from batchlm.kernels.quant_blocks import MXFP4_EXPONENTS, UnrepresentableBlocks, dequantize, from_gguf
 from batchlm.layers.quantization.base import QuantizedTensor
 from batchlm.layers.quantization.cpu_quantized import code_blocks
@@ -72,7 +72,7 @@ def test_exponents_beyond_float16_become_the_q8_0_of_the_values(
         from_gguf("MXFP4", raw, 4, 128)
     with caplog.at_level(logging.WARNING):
         blocks = code_blocks(_tensor(raw))
-    expected = quant_blocks.from_dense_q8(reference("MXFP4", raw, 4, 128))
+    expected = dense_blocks.from_dense_q8(reference("MXFP4", raw, 4, 128))
     assert "becomes Q8_0 blocks" in caplog.text
     assert blocks.bits == 8
     assert np.array_equal(blocks.codes, expected.codes) and np.array_equal(blocks.scales, expected.scales)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from batchlm.kernels import cpu_quant, quant_blocks, quant_panels
-from batchlm.kernels.quant_blocks import CodeBlocks, dequantize, from_dense_q8, from_gguf
+from batchlm.kernels.dense_blocks import from_dense_q8
+from batchlm.kernels.quant_blocks import CodeBlocks, dequantize, from_gguf
 from batchlm.layers.quantization.base import QuantizedTensor, columns_of
 from batchlm.layers.quantization.cpu_quantized import code_blocks
 from cpu_quant_harness import GGUF_TYPES, RNG, gguf, needs_kernel, random_gguf, reference

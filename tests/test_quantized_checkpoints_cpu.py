@@ -14,7 +14,6 @@ method is (8%).
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ from batchlm.layers.quantization.registry import (
     choose_linear_method,
     int8_available,
 )
-from batchlm.models.loader import LoadedModel, check_quantization, load_model
+from batchlm.models.loader import LoadedModel, load_model
 from batchlm.models.random_model import write_random_model
 from models_harness import CPU, PROMPTS, greedy_generate, run_ranks, thread_groups
 from quant_checkpoints import (
@@ -242,20 +241,6 @@ def test_a_4_bit_moe_checkpoints_experts_run_on_the_cpu_kernels(tmp_path: Path) 
     assert_logits_close(two_prompt_logits(loaded), two_prompt_logits(twin), ACTIVATIONS_ROUNDED)
     tokens, _ = greedy_generate(loaded, PROMPTS[0], 4)
     assert len(tokens) == 4
-
-
-@pytest.mark.parametrize("quantization", ["fp8", "w4a16"])
-def test_quantizing_at_load_on_a_cpu_warns_that_it_is_slow(
-    caplog: pytest.LogCaptureFixture, quantization: str
-) -> None:
-    with caplog.at_level(logging.WARNING, logger="batchlm.models.loader"):
-        check_quantization(quantization, CPU, random_weights=False)
-        assert f"--quantization {quantization} is for NVIDIA GPUs" in caplog.text
-        assert "--quantization int8 (or a GGUF file) runs on our quantized CPU kernels" in caplog.text
-        caplog.clear()
-        check_quantization(quantization, torch.device("cuda:0"), random_weights=False)
-        check_quantization("int8", CPU, random_weights=False)
-    assert not caplog.records
 
 
 @pytest.mark.parametrize("quantization", ["fp8", "w4a16"])

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from batchlm.kernels.cpu_native import LibrarySource, native_library, pointer_of
-from batchlm.kernels.quant_blocks import BLOCK, CodeBlocks, from_dense_q8, q8_biases
+from batchlm.kernels.dense_blocks import from_dense_q8, q8_biases
+from batchlm.kernels.quant_blocks import BLOCK, CodeBlocks
 from batchlm.kernels.quant_panels import PackedWeight, QuantizedWeight, dequantize_packed, pack, parts_of
 
 logger = logging.getLogger(__name__)

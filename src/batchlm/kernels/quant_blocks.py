@@ -24,7 +24,7 @@ from typing import Protocol, TypeVar
 import numpy as np
 
 BLOCK = 32
-# Values converted at a time by q8_from_row_chunks (2 MB of float32) and from_gguf.
+# Values converted at a time by from_gguf and dense_blocks' quantizers (2 MB of float32).
 CHUNK_VALUES = 1 << 19
 # Bytes per block (per super-block of 256 for the K-quants and IQ4_XS) of each GGUF type read here.
 GGUF_BLOCK_BYTES = {
@@ -79,7 +79,7 @@ T = TypeVar("T")
 
 
 class ChunkMap(Protocol):
-    """How from_gguf and q8_from_row_chunks run their chunks: (rows, step, produce, consume) calls
+    """How from_gguf and dense_blocks' quantizers run their chunks: (rows, step, produce, consume) calls
     produce(start, stop) for every `step`-row chunk (or fewer rows: chunks of any size are fine) and
     hands each result to consume; produce may run on other threads, consume only on the caller's."""
 
@@ -164,51 +164,6 @@ def from_int4_groups(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, g
         np.ascontiguousarray(biases[:, group_of_block].astype(np.float16)),
         4,
     )
-
-
-def from_dense_q8(weight: np.ndarray) -> CodeBlocks:
-    """Q8_0 quantization of a float [rows, cols] weight (cols a multiple of 32), as llama.cpp does it:
-    per block d = max |w| / 127, codes round(w / d) (halves away from zero) + 128, scale float16(d)."""
-    rows, cols = weight.shape
-    return q8_from_row_chunks(rows, cols, lambda start, stop: weight[start:stop])
-
-
-def q8_from_row_chunks(
-    rows: int, cols: int, values: Callable[[int, int], np.ndarray], chunks: ChunkMap = serial_chunks
-) -> CodeBlocks:
-    """from_dense_q8 of the [rows, cols] weight whose rows [start, stop) `values(start, stop)` gives,
-    taken CHUNK_VALUES at a time: a chunk's intermediate arrays stay in cache, where a whole
-    embedding's would each stream through memory (BENCHMARKS.md), and a weight that is not float
-    (quantized, half) is never widened whole. `chunks` runs the chunks (in parallel: each chunk's
-    values and codes are its own, so the result is the same)."""
-    codes = np.empty((rows, cols), dtype=np.uint8)
-    scales = np.empty((rows, cols // BLOCK), dtype=np.float16)
-
-    def consume(start: int, stop: int, coded: Coded) -> None:
-        codes[start:stop], scales[start:stop] = coded
-
-    chunks(
-        rows,
-        max(1, CHUNK_VALUES // max(cols, 1)),
-        lambda start, stop: _q8_codes(values(start, stop)),
-        consume,
-    )
-    return CodeBlocks(codes, scales, q8_biases(scales), 8)
-
-
-def q8_biases(scales: np.ndarray) -> np.ndarray:
-    """The biases of Q8_0 blocks with these scales: their codes are stored plus 128."""
-    return scaled_halves(scales, -128.0)
-
-
-def _q8_codes(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    rows, cols = weight.shape
-    blocks = weight.astype(np.float32).reshape(rows, cols // BLOCK, BLOCK)
-    d = (np.abs(blocks).max(axis=-1, keepdims=True) / 127).astype(np.float32)
-    inverse = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d > 0)
-    scaled = blocks * inverse
-    codes = np.sign(scaled) * np.floor(np.abs(scaled) + 0.5) + 128
-    return codes.astype(np.uint8).reshape(rows, cols), d[..., 0].astype(np.float16)
 
 
 def dequantize(blocks: CodeBlocks) -> np.ndarray:

@@ -178,16 +178,18 @@ class FusedMoE(nn.Module):
         self.gate_up_proj = nn.Parameter(empty, requires_grad=False)
         self.down_proj = nn.Parameter(empty.clone(), requires_grad=False)
 
-    def quantize_experts(self) -> None:
+    def quantize_experts(self, dense_bits: int = 8) -> None:
         """Keep the experts as quantized blocks on the CPU kernels (a GGUF file's experts, or dense
-        ones under --quantization int8); call before loading. Under tensor parallelism each rank
+        ones under --quantization int8 / fp8 / w4a16: `dense_bits` 8 or 4); call before loading. Under tensor parallelism each rank
         keeps its share: gate/up rows, and down columns cut on the kernels' 32-value blocks (inside
         a K-quant's super-blocks too), so its intermediate size per rank must be whole blocks."""
         spec = self.spec
         # The fused experts kernel computes SiLU and clamped SwiGLU experts (with gate/up biases or
         # not); others go expert by expert.
         activation = kernel_activation(self.act_fn)
-        self.quantized = QuantizedExperts(spec.num_experts, spec.hidden_size, self.inter_per_rank, activation)
+        self.quantized = QuantizedExperts(
+            spec.num_experts, spec.hidden_size, self.inter_per_rank, activation, dense_bits
+        )
         self._drop_dense_stacks(torch.device("cpu"))
 
     def forward(self, x: torch.Tensor, choice: RoutingChoice) -> torch.Tensor:

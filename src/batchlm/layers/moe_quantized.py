@@ -1,6 +1,7 @@
 """A mixture-of-experts layer's experts kept as quantized blocks for the CPU kernels: a GGUF file's
 expert stacks, an FP8 or 4-bit safetensors checkpoint's (cpu_quantized.code_blocks), or dense experts
-quantized to Q8_0 under --quantization int8: dense float32 experts take four bytes a weight.
+quantized to Q8_0 under --quantization int8 and fp8 or to 4-bit blocks under w4a16: dense float32
+experts take four bytes a weight.
 
 Each expert's gate/up ([2 * I, H], gate rows first) and down ([H, I]) projections become one
 QuantizedStore each, packed for the kernels as soon as the expert's three parts have loaded, so the
@@ -36,9 +37,15 @@ def kernel_activation(act_fn: nn.Module) -> ExpertActivation | None:
 
 class QuantizedExperts:
     def __init__(
-        self, num_experts: int, hidden_size: int, intermediate_size: int, activation: ExpertActivation | None
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        activation: ExpertActivation | None,
+        dense_bits: int = 8,
     ) -> None:
         self.inter = intermediate_size
+        self.dense_bits = dense_bits  # dense experts' code width (cpu_quantized.code_blocks)
         # All of a step's experts in one kernel call where it computes their activation (`activation`,
         # kernel_activation's), else one expert a call.
         self.kernel: ExpertsKernel | None = None
@@ -56,9 +63,9 @@ class QuantizedExperts:
     def put(self, expert: int, part: int, loaded: LoadedWeight) -> None:
         """One projection of one expert (shape checked by the caller)."""
         if part == DOWN:
-            self.down[expert].put(0, code_blocks(loaded))
+            self.down[expert].put(0, code_blocks(loaded, self.dense_bits))
         else:
-            self.gate_up[expert].put(part * self.inter, code_blocks(loaded))
+            self.gate_up[expert].put(part * self.inter, code_blocks(loaded, self.dense_bits))
         self._loaded[expert].add(part)
         if len(self._loaded[expert]) == 3:
             self.gate_up[expert].finish()

@@ -15,7 +15,7 @@ import torch
 from batchlm.layers.moe import FusedMoE, stacks_allocated_later
 from batchlm.layers.norm import RMSNorm
 from batchlm.layers.quantization import reference_rows, registry
-from batchlm.layers.quantization.cpu_quantized import CpuQuantizedLinearMethod
+from batchlm.layers.quantization.cpu_quantized import CpuQuantized4BitLinearMethod, CpuQuantizedLinearMethod
 from batchlm.layers.quantization.dense import DequantizeLinearMethod
 from batchlm.layers.quantization.fp8 import Fp8LinearMethod
 from batchlm.layers.quantization.int4 import Int4LinearMethod
@@ -286,17 +286,15 @@ def check_quantization(
     """ValueError for a --quantization this load cannot honour."""
     if quantization in QUANTIZE_AT_LOAD and gguf:
         raise ValueError(f"--quantization {quantization} quantizes safetensors checkpoints, not GGUF files")
-    if quantization in QUANTIZE_AT_LOAD and device.type != "cuda":
-        # Their methods have kernels on NVIDIA GPUs only; elsewhere they compute from the dequantized
-        # weights (what tests need), widened again at every step.
+    on_cpu_kernels = device.type == "cpu" and registry.int8_available()
+    if quantization in QUANTIZE_AT_LOAD and device.type != "cuda" and not on_cpu_kernels:
+        # Their methods have kernels on NVIDIA GPUs and (as Q8_0 and 4-bit blocks) x86-64 CPUs only;
+        # elsewhere they compute from the dequantized weights (what tests need), widened at every step.
         logger.warning(
-            "--quantization %s is for NVIDIA GPUs: on %s its layers widen every weight at every step, "
-            "far slower than dense weights%s",
+            "--quantization %s runs on NVIDIA GPUs and x86-64 CPUs with our quantized kernels: on %s its "
+            "layers widen every weight at every step, far slower than dense weights",
             quantization,
-            "the CPU" if device.type == "cpu" else device.type,
-            "; --quantization int8 (or a GGUF file) runs on our quantized CPU kernels"
-            if device.type == "cpu"
-            else "",
+            "this CPU" if device.type == "cpu" else device.type,
         )
     if quantization is None or quantization in QUANTIZE_AT_LOAD:
         return
@@ -324,10 +322,13 @@ def dequantized_weights_summary(
     `experts`: whether the model has mixture-of-experts layers (their stacks are dense, FP8 or Q8_0)."""
     where = "the CPU" if device.type == "cpu" else str(device)
     dense = f"dense {str(dtype).removeprefix('torch.')}"
+    four_bit_blocks = bool(methods[CpuQuantized4BitLinearMethod.__name__])
     if methods[Fp8LinearMethod.__name__]:
         linears = "per-channel FP8 (each row requantized with one scale)"
     elif methods[CpuQuantizedLinearMethod.__name__]:
         linears = f"Q8_0 blocks on {where}"
+    elif four_bit_blocks:
+        linears = f"4-bit blocks on {where} (--quantization w4a16)"
     elif methods[Int4LinearMethod.__name__]:
         linears = "4-bit groups (--quantization w4a16)"
     else:
@@ -335,7 +336,7 @@ def dequantized_weights_summary(
     summary = f"weights dequantized at load and run as {linears}"
     if experts:
         if methods["quantized experts"]:
-            summary += "; experts as Q8_0 blocks"
+            summary += f"; experts as {'4-bit' if four_bit_blocks else 'Q8_0'} blocks"
         elif methods["FP8 experts"]:
             summary += f"; experts as per-row FP8 stacks on {where} (requantized as the linears are)"
         elif methods["INT4 experts"]:

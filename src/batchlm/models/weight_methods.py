@@ -12,7 +12,7 @@ from batchlm.layers.embedding import ParallelLMHead
 from batchlm.layers.moe import FusedMoE
 from batchlm.layers.moe_int4 import whole_groups
 from batchlm.layers.quantization.base import RowSlice
-from batchlm.layers.quantization.cpu_quantized import CPU_QUANTIZED
+from batchlm.layers.quantization.cpu_quantized import CpuQuantizedLinearMethod
 from batchlm.layers.quantization.int4 import Int4LinearMethod
 from batchlm.layers.quantization.layer import MethodLayer
 from batchlm.layers.quantization.registry import (
@@ -102,14 +102,16 @@ def _assign_experts_method(
     chosen: Counter[str],
 ) -> None:
     """Experts go where a linear of their GGML types would: to the quantized CPU kernels (a GGUF file's
-    expert stacks, an FP8 or 4-bit checkpoint's, dense experts under --quantization int8); MXFP4
+    expert stacks, an FP8 or 4-bit checkpoint's, dense experts under --quantization int8 / fp8 /
+    w4a16, in the linears' code width); MXFP4
     experts on a GPU stay MXFP4 for the grouped GEMM, FP8 and 4-bit ones (or dense ones under
     --quantization fp8 / w4a16) FP8 or 4-bit stacks; others are dense stacks."""
     spec = WeightSpec(weight_format, types, "linear", device, dtype, quantization)
     # (A rank's share of the intermediate size, under tensor parallelism.)
     whole_blocks = experts.spec.hidden_size % BLOCK == 0 and experts.inter_per_rank % BLOCK == 0
-    if device.type == "cpu" and choose_linear_method(spec) is CPU_QUANTIZED and whole_blocks:
-        experts.quantize_experts()
+    method = choose_linear_method(spec) if device.type == "cpu" else None
+    if isinstance(method, CpuQuantizedLinearMethod) and whole_blocks:
+        experts.quantize_experts(method.dense_bits)
         chosen["quantized experts"] += 1
     elif device.type == "cuda" and types and set(types) == {MXFP4_QTYPE} and whole_blocks:
         experts.keep_mxfp4(device)

@@ -33,7 +33,7 @@ from batchlm.kernels.quant_panels import PackedWeight
 from batchlm.layers.activation import GeluTanhAndMul, SiluAndMul
 from batchlm.layers.moe import MoESpec, SparseMoeBlock
 from batchlm.layers.norm import Float32WeightRMSNorm, RMSNorm
-from batchlm.layers.quantization.cpu_quantized import CPU_QUANTIZED, store
+from batchlm.layers.quantization.cpu_quantized import CpuQuantizedLinearMethod, store
 from batchlm.layers.quantization.layer import MethodLayer
 from batchlm.models.gemma import Gemma2ForCausalLM, GemmaDecoderLayer, GemmaModel, GemmaRMSNorm
 from batchlm.models.glm4 import Glm4DecoderLayer
@@ -151,7 +151,9 @@ def _unsupported(model: torch.nn.Module, kv_caches: list[torch.Tensor], attn: At
             linears += [mlp.gate_up_proj, mlp.down_proj]
             if not isinstance(mlp.act_fn, (SiluAndMul, GeluTanhAndMul)):
                 return "an activation other than SiLU or GELU (tanh)"
-        if not all(isinstance(m, MethodLayer) and m.method is CPU_QUANTIZED for m in linears):
+        if not all(
+            isinstance(m, MethodLayer) and isinstance(m.method, CpuQuantizedLinearMethod) for m in linears
+        ):
             return "not every linear runs on the quantized CPU kernels"
         norms = [*_block_norms(layer), attention.q_norm, attention.k_norm]
         for norm in norms:
@@ -352,7 +354,7 @@ def _head(model: LlamaForCausalLM | Gemma2ForCausalLM) -> PackedWeight | None:
         plain_logits = model.config.final_logit_softcap is None
     else:
         plain_logits = type(model).compute_logits is LlamaForCausalLM.compute_logits  # no scaling
-    if not plain_logits or head.method is not CPU_QUANTIZED or not head.tp.is_single:
+    if not plain_logits or not isinstance(head.method, CpuQuantizedLinearMethod) or not head.tp.is_single:
         return None
     return store(head).finish()
 

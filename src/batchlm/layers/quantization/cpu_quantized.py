@@ -1,9 +1,9 @@
 """Quantized weights that stay quantized on x86-64 CPUs: GGUF blocks, FP8 and 4-bit safetensors
 checkpoints' linears and experts (4-bit groups of whole blocks as 4-bit blocks, FP8 values as Q8_0)
-and, with --quantization int8, dense checkpoints quantized to Q8_0 at load run through our
-integer-dot-product kernels
-(kernels/cpu_quant.py) for linears and the LM head; the token embedding looks rows up in the same
-packed data, so a tied LM head and its embedding hold one copy.
+and dense checkpoints quantized at load (--quantization int8: every layer to Q8_0; fp8: the linears
+to Q8_0; w4a16: the linears to 4-bit blocks, kernels/dense_blocks.py) run through our
+integer-dot-product kernels (kernels/cpu_quant.py) for linears and the LM head; the token embedding
+looks rows up in the same packed data, so a tied LM head and its embedding hold one copy.
 
 As shards load, each becomes per-32 code blocks (quant_blocks.py): Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
 Q3_K, Q4_K, Q5_K, IQ4_NL, IQ4_XS and MXFP4 from their blocks (Q3_K, the 5-bit types, the IQ4s and
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from batchlm.kernels import quant_blocks
+from batchlm.kernels import dense_blocks, quant_blocks
 from batchlm.kernels.cpu_quant import (
     q6_k_as_q8,
     quant_library,
@@ -143,11 +143,12 @@ def _blocks_of(codes: np.ndarray, scales: np.ndarray, biases: np.ndarray, form: 
     return CodeBlocks(codes, scales, biases, bits, np.frombuffer(table, dtype=np.uint8) if table else None)
 
 
-def code_blocks(loaded: LoadedWeight) -> CodeBlocks:
+def code_blocks(loaded: LoadedWeight, dense_bits: int = 8) -> CodeBlocks:
     """A loaded tensor's rows as code blocks: exact for the GGUF types the kernels read, 4-bit blocks
     for a checkpoint's 4-bit groups (GPTQ, AWQ, compressed-tensors) of whole blocks, Q8_0 of the float
     values otherwise (FP8 checkpoints' among them, and act-order 4-bit weights: their groups are not
-    runs of inputs, and the kernels read a layer's inputs in order)."""
+    runs of inputs, and the kernels read a layer's inputs in order). A dense tensor becomes 4-bit
+    blocks where `dense_bits` is 4 (--quantization w4a16)."""
     if isinstance(loaded, QuantizedColumns) and loaded.start % BLOCK == 0 and loaded.cols % BLOCK == 0:
         # A tensor-parallel share inside K-quant super-blocks: the covering blocks' per-32 blocks,
         # cut on their edges, are the very blocks one rank would hold (never requantized per rank).
@@ -182,13 +183,20 @@ def code_blocks(loaded: LoadedWeight) -> CodeBlocks:
         )
     dense = as_dense(loaded, torch.float32).detach()
     rows, cols = dense.shape
-    return quant_blocks.q8_from_row_chunks(
-        rows, cols, lambda start, stop: dense[start:stop].float().cpu().numpy()
-    )
+    quantize = dense_blocks.q8_from_row_chunks
+    if dense_bits == 4 and isinstance(loaded, torch.Tensor):
+        quantize = dense_blocks.q4_from_row_chunks
+    return quantize(rows, cols, lambda start, stop: dense[start:stop].float().cpu().numpy())
 
 
 class CpuQuantizedLinearMethod(LinearMethod):
-    """Weights as QuantizedStore (layer.quantized); `weight` is left an empty [0, cols] parameter."""
+    """Weights as QuantizedStore (layer.quantized); `weight` is left an empty [0, cols] parameter.
+    `dense_bits`: the code width dense tensors are quantized to (8: Q8_0; 4: 4-bit blocks)."""
+
+    def __init__(self, dense_bits: int = 8) -> None:
+        if dense_bits not in (4, 8):
+            raise ValueError(f"dense weights quantize to 4- or 8-bit blocks, not {dense_bits}-bit")
+        self.dense_bits = dense_bits
 
     def create_weights(
         self, layer: MethodLayer, rows: int, cols: int, dtype: torch.dtype, device: torch.device
@@ -200,7 +208,7 @@ class CpuQuantizedLinearMethod(LinearMethod):
 
     def load_rows(self, layer: MethodLayer, name: str, loaded: LoadedWeight, where: RowSlice) -> None:
         part = narrow_rows(loaded, where.src_start, where.rows)
-        store(layer).put(where.dst_start, code_blocks(part))
+        store(layer).put(where.dst_start, code_blocks(part, self.dense_bits))
 
     def process_after_loading(self, layer: MethodLayer) -> bool:
         store(layer).finish()
@@ -225,7 +233,15 @@ def store(layer: MethodLayer) -> QuantizedStore:
     return quantized
 
 
+class CpuQuantized4BitLinearMethod(CpuQuantizedLinearMethod):
+    """Dense linears as 4-bit blocks (--quantization w4a16 on a CPU); named apart in the load's log."""
+
+    def __init__(self) -> None:
+        super().__init__(dense_bits=4)
+
+
 CPU_QUANTIZED = CpuQuantizedLinearMethod()
+CPU_QUANTIZED_4BIT = CpuQuantized4BitLinearMethod()
 
 
 def kernels_available() -> bool:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 import torch
 
-from batchlm.kernels import quant_blocks
+from batchlm.kernels import dense_blocks, quant_blocks
 
 if TYPE_CHECKING:
     from batchlm.layers.quantization.base import QuantizedTensor
@@ -213,9 +213,9 @@ def row_chunks(cols: int, threads: int | None = None) -> quant_blocks.ChunkMap:
 
 
 def q8_code_blocks(tensor: QuantizedTensor, threads: int | None = None) -> quant_blocks.CodeBlocks:
-    """quant_blocks.q8_from_row_chunks of the tensor's reference values, each chunk decoded and
+    """dense_blocks.q8_from_row_chunks of the tensor's reference values, each chunk decoded and
     requantized on a worker thread."""
     rows, cols = tensor.shape
-    return quant_blocks.q8_from_row_chunks(
+    return dense_blocks.q8_from_row_chunks(
         rows, cols, lambda start, stop: reference_values(tensor, start, stop), row_chunks(cols, threads)
     )

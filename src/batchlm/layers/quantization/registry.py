@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from batchlm.layers.quantization.base import LinearMethod
-from batchlm.layers.quantization.cpu_quantized import CPU_QUANTIZED, kernels_available
+from batchlm.layers.quantization.cpu_quantized import CPU_QUANTIZED, CPU_QUANTIZED_4BIT, kernels_available
 from batchlm.layers.quantization.dense import DENSE, DEQUANTIZE
 from batchlm.layers.quantization.forms import has_fp8_tensor_cores
 from batchlm.layers.quantization.fp8 import FP8
@@ -61,8 +61,8 @@ def _quantized_safetensors(spec: WeightSpec) -> LinearMethod | None:
         return None
     kinds = set(spec.qtypes)
     quantization = spec.quantization
-    if _on_cpu_kernels(spec, kinds):
-        return CPU_QUANTIZED
+    if (cpu_method := _on_cpu_kernels(spec, kinds)) is not None:
+        return cpu_method
     if kinds == {BLOCK_FP8_QTYPE}:
         kinds, quantization = set(), _block_fp8_quantization(spec)
     if kinds and quantization:
@@ -84,13 +84,18 @@ def _quantized_safetensors(spec: WeightSpec) -> LinearMethod | None:
     return INT4 if kinds == {INT4_QTYPE} else None
 
 
-def _on_cpu_kernels(spec: WeightSpec, kinds: set[str]) -> bool:
-    # A checkpoint's FP8 or 4-bit linears on an x86-64 CPU with our quantized kernels: as their blocks
-    # (4-bit groups) or Q8_0 of their values (FP8, per row or block-wise: the latter arrive dequantized),
-    # where the FP8 and W4A16 methods would widen every weight at every step and dense float32 would
-    # take four times FP8's memory.
+def _on_cpu_kernels(spec: WeightSpec, kinds: set[str]) -> LinearMethod | None:
+    # On an x86-64 CPU with our quantized kernels, where the FP8 and W4A16 methods would widen every
+    # weight at every step: a checkpoint's FP8 or 4-bit linears as their blocks (4-bit groups) or Q8_0
+    # of their values (FP8, per row or block-wise: the latter arrive dequantized, dense float32 would
+    # take four times FP8's memory); dense linears (block-wise FP8 ones too) under --quantization fp8 as
+    # Q8_0 and under w4a16 as 4-bit blocks.
+    if spec.device.type != "cpu" or not kernels_available():
+        return None
+    if kinds <= {BLOCK_FP8_QTYPE} and spec.quantization in QUANTIZE_AT_LOAD:
+        return CPU_QUANTIZED_4BIT if spec.quantization == "w4a16" else CPU_QUANTIZED
     checkpoint_kind = len(kinds) == 1 and kinds <= {FP8_QTYPE, INT4_QTYPE, BLOCK_FP8_QTYPE}
-    return checkpoint_kind and spec.quantization is None and spec.device.type == "cpu" and kernels_available()
+    return CPU_QUANTIZED if checkpoint_kind and spec.quantization is None else None
 
 
 def _block_fp8_quantization(spec: WeightSpec) -> str | None:
