@@ -61,11 +61,24 @@ def step_inputs(token_counts: list[int], starts: list[int], blocks_each: int) ->
     )
 
 
-def ms_per_step(step: Callable[[], torch.Tensor], steps: int) -> float:
+def ms_per_step(step: Callable[[], object], steps: int) -> float:
     start = time.perf_counter()
     for _ in range(steps):
         step()
     return (time.perf_counter() - start) / steps * 1e3
+
+
+def median_ms_per_step(paths: dict[str, Callable[[], object]], rounds: int, steps: int) -> dict[str, float]:
+    """Each path's median milliseconds a step over `rounds` rounds of `steps` steps, the paths
+    alternating within a round; prints each round's times and the medians."""
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for round_ in range(rounds):
+        for name, path in paths.items():
+            times[name].append(ms_per_step(path, steps))
+        print(f"round {round_}: " + ", ".join(f"{name} {ms[-1]:.2f} ms" for name, ms in times.items()))
+    medians = {name: statistics.median(ms) for name, ms in times.items()}
+    print(", ".join(f"median {name}: {ms:.2f} ms a step" for name, ms in medians.items()))
+    return medians
 
 
 def main() -> None:
@@ -105,13 +118,9 @@ def main() -> None:
 
         ours, theirs = fused_step(), layer_by_layer()
         print(f"largest logit difference: {float((ours - theirs).abs().max() / theirs.abs().max()):.2e}")
-        times: dict[str, list[float]] = {"layer by layer": [], "fused": []}
-        for round_ in range(args.rounds):
-            times["layer by layer"].append(ms_per_step(layer_by_layer, args.steps))
-            times["fused"].append(ms_per_step(fused_step, args.steps))
-            print(f"round {round_}: " + ", ".join(f"{name} {ms[-1]:.2f} ms" for name, ms in times.items()))
-    medians = {name: statistics.median(ms) for name, ms in times.items()}
-    print(", ".join(f"median {name}: {ms:.2f} ms a step" for name, ms in medians.items()))
+        medians = median_ms_per_step(
+            {"layer by layer": layer_by_layer, "fused": fused_step}, args.rounds, args.steps
+        )
     print(f"layer by layer / fused: {medians['layer by layer'] / medians['fused']:.2f}x")
 
 

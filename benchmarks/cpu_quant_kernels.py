@@ -33,7 +33,8 @@ from model_shapes import SHAPES
 
 from batchlm.kernels import cpu_quant, quant_panels
 from batchlm.kernels.cpu_gemm import pack_weight, packed_linear
-from batchlm.kernels.quant_blocks import CodeBlocks, from_dense_q8
+from batchlm.kernels.dense_blocks import from_dense_q8
+from batchlm.kernels.quant_blocks import CodeBlocks
 
 Matmul = Callable[[torch.Tensor], object]
 

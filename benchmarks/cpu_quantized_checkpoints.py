@@ -18,7 +18,6 @@ fused decode stack where the model takes it. Prints each round's milliseconds a 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 from collections.abc import Callable
@@ -31,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from cpu_decode_step import BLOCK_SIZE, ms_per_step, step_inputs
+from cpu_decode_step import BLOCK_SIZE, median_ms_per_step, step_inputs
 from model_shapes import SHAPES, write_random_weights
 
 from batchlm.attention.torch_backend import TorchAttentionBackend
@@ -117,19 +116,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work, torch.inference_mode():
         model_dir = write_checkpoint(args.shape, args.format, Path(work))
         kernels = load_model(model_dir, torch.float32, torch.device("cpu"), progress=False)
-        with mock.patch.object(registry, "_on_cpu_kernels", lambda spec, kinds: False):
+        with mock.patch.object(registry, "_on_cpu_kernels", lambda spec, kinds: None):
             widened = load_model(model_dir, torch.float32, torch.device("cpu"), progress=False)
         paths = {
             **{f"kernels, {name}": path for name, path in decode_paths(kernels, args.context, args.rows, True).items()},
             "without the kernels, layer by layer": decode_paths(widened, args.context, args.rows, False)["layer by layer"],
         }  # fmt: skip
-        times: dict[str, list[float]] = {name: [] for name in paths}
-        for round_ in range(args.rounds):
-            for name, path in paths.items():
-                times[name].append(ms_per_step(path, args.steps))
-            print(f"round {round_}: " + ", ".join(f"{name} {ms[-1]:.2f} ms" for name, ms in times.items()))
-    medians = {name: statistics.median(ms) for name, ms in times.items()}
-    print(", ".join(f"median {name}: {ms:.2f} ms a step" for name, ms in medians.items()))
+        median_ms_per_step(paths, args.rounds, args.steps)
 
 
 if __name__ == "__main__":

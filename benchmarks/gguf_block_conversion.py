@@ -4,7 +4,7 @@ reference values. Random blocks (random bytes, the float16 scales set to ~1e-3, 
 --shapes size.
 
 - before: the path of a type the kernels do not read, the gguf package's numpy dequantizer a few rows
-  at a time, then requantization to Q8_0 (quant_blocks.q8_from_row_chunks), on one thread as this
+  at a time, then requantization to Q8_0 (dense_blocks.q8_from_row_chunks), on one thread as this
   comparison always ran (gguf_reference_threads.py measures that path on several).
 - after: cpu_quantized.code_blocks, our own decoder where quant_blocks has one for the type.
 

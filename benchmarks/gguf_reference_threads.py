@@ -26,7 +26,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
-from batchlm.kernels import quant_blocks
+from batchlm.kernels import dense_blocks
 from batchlm.kernels.quant_blocks import CodeBlocks
 from batchlm.layers.quantization import reference_rows
 from batchlm.layers.quantization.base import QuantizedTensor
@@ -67,7 +67,7 @@ def before(tensor: QuantizedTensor, path: str, dtype: torch.dtype) -> CodeBlocks
     rows, cols = tensor.shape
     if path == "q8":
         data = tensor.data.numpy()
-        return quant_blocks.q8_from_row_chunks(
+        return dense_blocks.q8_from_row_chunks(
             rows, cols, lambda start, stop: gguf_dequantize(data[start:stop], qtype).reshape(-1, cols)
         )
     values = gguf_dequantize(tensor.data.contiguous().numpy(), qtype)
