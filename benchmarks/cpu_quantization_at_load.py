@@ -1,9 +1,9 @@
 """--quantization on the CPU: one decode step of a random dense model of --shape loaded as float32 and
 under --quantization int8, fp8 and w4a16, in one process, rounds alternating.
 
-On an x86-64 CPU with our quantized kernels int8 makes every layer Q8_0 blocks, fp8 the linears (and
-experts) Q8_0, w4a16 the linears (and experts) 4-bit blocks of 32 with a scale and an offset each;
-the quantized models step through the fused decode stack where they take it, float32 layer by layer.
+On an x86-64 CPU with our quantized kernels int8 and fp8 make every layer Q8_0 blocks, w4a16 the
+linears (and experts) 4-bit blocks of 32 with a scale and an offset each and the rest Q8_0; the
+quantized models step through the fused decode stack where they take it, float32 layer by layer.
 `--widened` adds w4a16 as it loaded before the kernels took it (the W4A16 method, which off CUDA
 widens every weight at every step: seconds a step at 1B). Each of --rows requests first prefills
 --context tokens; every round times --steps decode steps of each. Prints each round's milliseconds

@@ -1,5 +1,5 @@
-"""A 4-bit (GPTQ layout), FP8 (compressed-tensors) or block-wise FP8 (transformers' fine-grained)
-safetensors checkpoint on the CPU: one decode step of a random model of --shape through our quantized
+"""A 4-bit (GPTQ layout, with act order or without), FP8 (compressed-tensors) or block-wise FP8
+(transformers' fine-grained) safetensors checkpoint on the CPU: one decode step of a random model of --shape through our quantized
 CPU kernels (what such checkpoints take on x86-64 CPUs) against the layers as they load without them
 (the W4A16 / FP8 methods, which off CUDA widen every weight at every step; block-wise FP8 dense
 float32), in one process, rounds alternating.
@@ -39,10 +39,12 @@ from batchlm.layers.quantization.int4 import default_group_size, quantize_int4_g
 from batchlm.models.loader import LoadedModel, load_model
 from batchlm.runner.fused_decode import build_fused_decode
 from quant_checkpoints import (
+    act_ordered,
     block_fp8_config,
     block_fp8_tensors,
     compressed_config,
     fp8_tensors,
+    gptq_act_order_tensors,
     gptq_tensors,
     rewrite_checkpoint,
 )
@@ -62,13 +64,17 @@ def write_checkpoint(shape: str, fmt: str, work: Path) -> Path:
     def convert(module: str, weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], None]:
         if fmt == "gptq":
             return gptq_tensors(quantize_int4_groups(weight.float(), group)), None
+        if fmt == "gptq-act-order":
+            return gptq_act_order_tensors(
+                act_ordered(quantize_int4_groups(weight.float(), group), module)
+            ), None
         if fmt == "fp8":
             return fp8_tensors(weight, False, None), None
         return block_fp8_tensors(weight, FP8_BLOCK)[0], None
 
-    if fmt == "gptq":
+    if fmt.startswith("gptq"):
         config: dict[str, Any] = {
-            "quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False, "sym": True
+            "quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": fmt != "gptq", "sym": True
         }  # fmt: skip
     elif fmt == "fp8-block":
         config = block_fp8_config(FP8_BLOCK)
@@ -107,7 +113,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--shape", default="smollm2-135m")
-    parser.add_argument("--format", choices=["gptq", "fp8", "fp8-block"], default="gptq")
+    parser.add_argument("--format", choices=["gptq", "gptq-act-order", "fp8", "fp8-block"], default="gptq")
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--rows", type=int, default=1)
     parser.add_argument("--steps", type=int, default=5)

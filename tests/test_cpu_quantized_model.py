@@ -257,7 +257,7 @@ FOUR_BIT_WEIGHTS = 0.2
 def test_fp8_and_w4a16_quantize_a_dense_checkpoints_linears_on_the_cpu_kernels(
     tmp_path: Path, model_type: str, quantization: str
 ) -> None:
-    # As on a GPU, the linears and experts: the embedding and LM head stay dense.
+    # The linears and experts as asked; the embedding and LM head as Q8_0, as under int8.
     overrides = {"moe_intermediate_size": 64} if model_type == "qwen3_moe" else None
     model_dir = write_random_model(tmp_path, model_type, overrides, seed=3)
     dense = load_model(model_dir, torch.float32, CPU, progress=False)
@@ -265,15 +265,13 @@ def test_fp8_and_w4a16_quantize_a_dense_checkpoints_linears_on_the_cpu_kernels(
     bits = 4 if quantization == "w4a16" else 8
     layers = {path: m for path, m in quantized.model.named_modules() if isinstance(m, MethodLayer)}
     for path, layer in layers.items():
-        if layer.role != "linear":
-            assert type(layer.method).__name__ == "DenseLinearMethod", path
-            continue
-        assert layer.method is (CPU_QUANTIZED_4BIT if bits == 4 else CPU_QUANTIZED), path
+        layer_bits = bits if layer.role == "linear" else 8
+        assert layer.method is (CPU_QUANTIZED_4BIT if layer_bits == 4 else CPU_QUANTIZED), path
         packed = store(layer).finish()
-        assert isinstance(packed, QuantizedWeight) and packed.bits == bits, path
+        assert isinstance(packed, QuantizedWeight) and packed.bits == layer_bits, path
         # The blocks are those of the dense weight itself.
         weight = dense.model.get_submodule(path).weight.detach().numpy()
-        expected = (from_dense_q4 if bits == 4 else from_dense_q8)(weight)
+        expected = (from_dense_q4 if layer_bits == 4 else from_dense_q8)(weight)
         assert torch.equal(dequantize_packed(packed), torch.from_numpy(dequantize(expected))), path
     experts = _experts(quantized)
     assert all(e.quantized is not None and e.quantized.dense_bits == bits for e in experts)

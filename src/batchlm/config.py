@@ -152,9 +152,9 @@ class EngineConfig:
     # GPUs). "int8": quantize a dense checkpoint's (or a float GGUF file's) linears, embedding and LM
     # head to Q8_0 blocks at load (x86-64 CPUs with the quantized CPU kernels; refused elsewhere and for
     # a GGUF file already block-quantized). "fp8" / "w4a16": quantize its linears and experts at load:
-    # on NVIDIA GPUs to per-channel FP8 or 4-bit groups of 128, on x86-64 CPUs with the quantized
-    # kernels to Q8_0 or 4-bit blocks of 32 (a scale and an offset each, as Q4_1); elsewhere emulated,
-    # far slower than dense weights, with a warning.
+    # on NVIDIA GPUs to per-channel FP8 or 4-bit groups of 128; on x86-64 CPUs with the quantized
+    # kernels to Q8_0 (as int8) or 4-bit blocks of 32 (a scale and an offset each, as Q4_1; embedding
+    # and LM head Q8_0); elsewhere emulated, far slower than dense weights, with a warning.
     quantization: str | None = None
     # KV-cache dtype: "auto" (the model dtype; on a CPU float16 for GGUF files and quantized weights, as
     # llama.cpp keeps GGUF models' caches), "fp16" / "fp32" (CPU: float16 takes half a float32 cache's

@@ -1,7 +1,7 @@
 """Quantized weights that stay quantized on x86-64 CPUs: GGUF blocks, FP8 and 4-bit safetensors
 checkpoints' linears and experts (4-bit groups of whole blocks as 4-bit blocks, FP8 values as Q8_0)
-and dense checkpoints quantized at load (--quantization int8: every layer to Q8_0; fp8: the linears
-to Q8_0; w4a16: the linears to 4-bit blocks, kernels/dense_blocks.py) run through our
+and dense checkpoints quantized at load (--quantization int8 and fp8: every layer to Q8_0; w4a16: the
+linears to 4-bit blocks, kernels/dense_blocks.py, the rest Q8_0) run through our
 integer-dot-product kernels (kernels/cpu_quant.py) for linears and the LM head; the token embedding
 looks rows up in the same packed data, so a tied LM head and its embedding hold one copy.
 

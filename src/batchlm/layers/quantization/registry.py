@@ -114,13 +114,14 @@ def _dense(spec: WeightSpec) -> LinearMethod | None:
 
 def _cpu_quantized(spec: WeightSpec) -> LinearMethod | None:
     # Our integer kernels for block-quantized GGUF layers and a safetensors checkpoint's MXFP4 experts,
-    # and for every layer under --quantization int8, on x86-64 CPUs where the kernels built and passed
-    # their probe.
+    # and under any --quantization for the layers no earlier chooser took (every layer under int8; the
+    # embedding and LM head under fp8 and w4a16, as Q8_0: a float32 LM head is much of a small
+    # model's reads), on x86-64 CPUs where the kernels built and passed their probe.
     if spec.device.type != "cpu":
         return None
     quantized_gguf = spec.format == GGUF_FORMAT and any(q not in FLOAT_QTYPES for q in spec.qtypes)
     mxfp4 = spec.format == DENSE_FORMAT and bool(spec.qtypes) and set(spec.qtypes) == {MXFP4_QTYPE}
-    if not (quantized_gguf or mxfp4 or spec.quantization == "int8") or not kernels_available():
+    if not (quantized_gguf or mxfp4 or spec.quantization is not None) or not kernels_available():
         return None
     return CPU_QUANTIZED
 
