@@ -40,9 +40,10 @@ from batchlm.layers.quantization.registry import (
     choose_linear_method,
     int8_available,
 )
-from batchlm.models import quantized_checkpoint
+from batchlm.models import fp8_formats
+from batchlm.models.fp8_formats import dequantize_fp8_blocks
 from batchlm.models.loader import LoadedModel, load_model
-from batchlm.models.quantized_checkpoint import dequantize_fp8_blocks, read_checkpoint_scheme
+from batchlm.models.quantized_checkpoint import read_checkpoint_scheme
 from batchlm.models.random_model import write_random_model
 from models_harness import (
     CPU,
@@ -128,7 +129,7 @@ def test_dequantizing_in_steps_gives_the_same_values(
     monkeypatch: pytest.MonkeyPatch, step_values: int
 ) -> None:
     # 200 rows: four whole blocks of 48 and a partial one of 8, split over several steps.
-    monkeypatch.setattr(quantized_checkpoint, "STEP_VALUES", step_values)
+    monkeypatch.setattr(fp8_formats, "STEP_VALUES", step_values)
     parts, values = block_fp8_tensors(torch.randn(200, 104), RAGGED)
     got = dequantize_fp8_blocks(parts["weight"], parts["weight_scale_inv"], RAGGED, torch.float32)
     assert torch.equal(got, values)

@@ -29,7 +29,8 @@ from batchlm.layers.quantization import registry
 from batchlm.layers.quantization.cpu_quantized import CPU_QUANTIZED, CPU_QUANTIZED_4BIT, store
 from batchlm.layers.quantization.layer import MethodLayer
 from batchlm.models.gguf_model_dir import prepare_gguf_model_dir
-from batchlm.models.loader import LoadedModel, check_quantization, load_model
+from batchlm.models.load_checks import check_quantization
+from batchlm.models.loader import LoadedModel, load_model
 from batchlm.models.random_model import write_random_model
 from gguf_builder import write_tiny_gguf
 from models_harness import (
@@ -305,7 +306,7 @@ def test_w4a16_random_weights_on_the_cpu_kernels(tmp_path: Path) -> None:
 def test_fp8_and_w4a16_warn_only_where_the_cpu_kernels_are_missing(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, quantization: str
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="batchlm.models.loader"):
+    with caplog.at_level(logging.WARNING, logger="batchlm.models.load_checks"):
         check_quantization(quantization, CPU, random_weights=False)
         check_quantization(quantization, torch.device("cuda:0"), random_weights=False)
         assert not caplog.records

@@ -20,7 +20,8 @@ from batchlm.kernels.quant_panels import QuantizedWeight
 from batchlm.layers.moe import FusedMoE
 from batchlm.layers.quantization import registry
 from batchlm.models import loader
-from batchlm.models.loader import LoadedModel, mxfp4_experts_summary
+from batchlm.models.load_checks import mxfp4_experts_summary
+from batchlm.models.loader import LoadedModel
 from batchlm.models.random_model import write_random_model
 from models_harness import (
     BLOCK_SIZE,
