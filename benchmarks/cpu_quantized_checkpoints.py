@@ -1,13 +1,14 @@
-"""A 4-bit (GPTQ layout, with act order or without), FP8 (compressed-tensors) or block-wise FP8
-(transformers' fine-grained) safetensors checkpoint on the CPU: one decode step of a random model of --shape through our quantized
-CPU kernels (what such checkpoints take on x86-64 CPUs) against the layers as they load without them
-(the W4A16 / FP8 methods, which off CUDA widen every weight at every step; block-wise FP8 dense
-float32), in one process, rounds alternating.
+"""A 4-bit (GPTQ layout, with act order or without), 8-bit GPTQ, FP8 (compressed-tensors) or
+block-wise FP8 (transformers' fine-grained) safetensors checkpoint on the CPU: one decode step of a
+random model of --shape through our quantized CPU kernels (what such checkpoints take on x86-64 CPUs)
+against the layers as they load without them (the W4A16 / FP8 methods, which off CUDA widen every
+weight at every step; block-wise FP8 and 8-bit GPTQ dense float32), in one process, rounds
+alternating.
 
-The checkpoint is the dense random model's linears rounded to 4-bit groups (symmetric; of 128 inputs,
-or 64 or 32 where a row is no whole number of 128) or
-per-row FP8 or FP8 in 128 x 128 blocks, packed the way GPTQ, compressed-tensors and transformers store
-them (tests/quant_checkpoints.py). Each
+The checkpoint is the dense random model's linears rounded to 4-bit or 8-bit groups (symmetric; of
+128 inputs, or 64 or 32 where a row is no whole number of 128; act order: each layer's inputs visited
+in a shuffled order) or per-row FP8 or FP8 in 128 x 128 blocks, packed the way GPTQ,
+compressed-tensors and transformers store them (tests/quant_checkpoints.py). Each
 of --rows requests first prefills --context tokens; every round then times --steps decode steps of
 each path, layer by layer (the model's forward and the LM head), and for the kernels also through the
 fused decode stack where the model takes it. Prints each round's milliseconds a step and the medians.
@@ -35,6 +36,7 @@ from model_shapes import SHAPES, write_random_weights
 
 from batchlm.attention.torch_backend import TorchAttentionBackend
 from batchlm.layers.quantization import registry
+from batchlm.layers.quantization.forms import Int8Weight
 from batchlm.layers.quantization.int4 import default_group_size, quantize_int4_groups
 from batchlm.models.loader import LoadedModel, load_model
 from batchlm.runner.fused_decode import build_fused_decode
@@ -44,6 +46,7 @@ from quant_checkpoints import (
     block_fp8_tensors,
     compressed_config,
     fp8_tensors,
+    gptq8_tensors,
     gptq_act_order_tensors,
     gptq_tensors,
     rewrite_checkpoint,
@@ -64,6 +67,8 @@ def write_checkpoint(shape: str, fmt: str, work: Path) -> Path:
     def convert(module: str, weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], None]:
         if fmt == "gptq":
             return gptq_tensors(quantize_int4_groups(weight.float(), group)), None
+        if fmt == "gptq-8bit":
+            return gptq8_tensors(int8_groups(weight.float(), group)), None
         if fmt == "gptq-act-order":
             return gptq_act_order_tensors(
                 act_ordered(quantize_int4_groups(weight.float(), group), module)
@@ -74,7 +79,8 @@ def write_checkpoint(shape: str, fmt: str, work: Path) -> Path:
 
     if fmt.startswith("gptq"):
         config: dict[str, Any] = {
-            "quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": fmt != "gptq", "sym": True
+            "quant_method": "gptq", "bits": 8 if fmt == "gptq-8bit" else 4, "group_size": group,
+            "desc_act": fmt == "gptq-act-order", "sym": True
         }  # fmt: skip
     elif fmt == "fp8-block":
         config = block_fp8_config(FP8_BLOCK)
@@ -84,6 +90,16 @@ def write_checkpoint(shape: str, fmt: str, work: Path) -> Path:
         config = compressed_config(weights, inputs, "float-quantized")
     rewrite_checkpoint(dense, work / fmt, config, convert)
     return work / fmt
+
+
+def int8_groups(weight: torch.Tensor, group: int) -> Int8Weight:
+    """Symmetric 8-bit round-to-nearest per group (zero point 128), as GPTQ's 8-bit checkpoints hold."""
+    rows, cols = weight.shape
+    groups = weight.reshape(rows, cols // group, group)
+    scales = (groups.abs().amax(dim=2) / 127).clamp(min=1e-8)
+    codes = (groups / scales[:, :, None]).round().clamp(-128, 127) + 128
+    zeros = torch.full(scales.shape, 128, dtype=torch.int16)
+    return Int8Weight(codes.to(torch.uint8).reshape(rows, cols), scales.to(torch.float16), zeros, group)
 
 
 def decode_paths(loaded: LoadedModel, context: int, rows: int, fused: bool) -> dict[str, Callable[[], Any]]:
@@ -113,7 +129,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--shape", default="smollm2-135m")
-    parser.add_argument("--format", choices=["gptq", "gptq-act-order", "fp8", "fp8-block"], default="gptq")
+    parser.add_argument(
+        "--format", choices=["gptq", "gptq-act-order", "gptq-8bit", "fp8", "fp8-block"], default="gptq"
+    )
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--rows", type=int, default=1)
     parser.add_argument("--steps", type=int, default=5)

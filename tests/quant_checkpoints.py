@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from batchlm.layers.quantization import registry
-from batchlm.layers.quantization.forms import Int4Weight, quantize_fp8_rows
+from batchlm.layers.quantization.forms import Int4Weight, Int8Weight, quantize_fp8_rows
 from batchlm.models.loader import LoadedModel, load_model
 from models_harness import CPU, PROMPTS, Chunk, make_kv_caches, run_step
 
@@ -45,6 +45,34 @@ def pack_slots(values: torch.Tensor, order: tuple[int, ...] = tuple(range(8))) -
     for slot, source in enumerate(order):
         word |= values[:, source::8].to(torch.int64) << (4 * slot)
     return to_int32(word)
+
+
+def pack_bytes(values: torch.Tensor) -> torch.Tensor:
+    """[rows, 4 C] values 0..255 -> [rows, C] int32; byte i of word c holds value 4 c + i."""
+    word = torch.zeros(values.shape[0], values.shape[1] // 4, dtype=torch.int64)
+    for slot in range(4):
+        word |= values[:, slot::4].to(torch.int64) << (8 * slot)
+    return to_int32(word)
+
+
+def random_int8(rows: int, cols: int, group_size: int, seed: int) -> Int8Weight:
+    """Random 8-bit codes and zero points (1..256: GPTQ stores zero - 1, a byte) in groups."""
+    generator = torch.Generator().manual_seed(seed)
+    groups = cols // group_size
+    codes = torch.randint(0, 256, (rows, cols), generator=generator, dtype=torch.uint8)
+    scales = (torch.rand(rows, groups, generator=generator) * 0.001 + 0.0002).to(torch.float16)
+    zeros = torch.randint(1, 257, (rows, groups), generator=generator, dtype=torch.int16)
+    return Int8Weight(codes, scales, zeros, group_size)
+
+
+def gptq8_tensors(w: Int8Weight) -> dict[str, torch.Tensor]:
+    """GPTQ's 8-bit format: four codes a word along the inputs, zeros minus one along the outputs."""
+    return {
+        "qweight": pack_bytes(w.codes).t().contiguous(),  # [in / 4, out]
+        "qzeros": pack_bytes((w.zeros.to(torch.int64) - 1).t().contiguous()),  # [groups, out / 4]
+        "scales": w.scales.t().contiguous(),
+        "g_idx": torch.arange(w.shape[1], dtype=torch.int32) // w.group_size,
+    }
 
 
 def random_int4(rows: int, cols: int, group_size: int, symmetric: bool, seed: int) -> Int4Weight:

@@ -14,6 +14,7 @@ wherever the reference's top two are further apart than that.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ import pytest
 import torch
 
 from batchlm.layers.moe_int4 import int4_groups
-from batchlm.layers.quantization.forms import Int4Weight
+from batchlm.layers.quantization.dense import DEQUANTIZE
+from batchlm.layers.quantization.forms import Int4Weight, Int8Weight
 from batchlm.layers.quantization.fp8 import FP8
 from batchlm.layers.quantization.int4 import INT4, Int4Store, quantize_int4_groups, store_of
 from batchlm.layers.quantization.layer import MethodLayer
@@ -48,10 +50,12 @@ from quant_checkpoints import (
     compressed_int4_tensors,
     dense_twin,
     fp8_tensors,
+    gptq8_tensors,
     gptq_act_order_tensors,
     gptq_tensors,
     methods_as_on_a_gpu,
     random_int4,
+    random_int8,
     rewrite_checkpoint,
     two_prompt_logits,
 )
@@ -314,6 +318,45 @@ def test_compressed_tensors_actorder_values(tmp_path: Path, actorder: str, act_o
         read_checkpoint_scheme(tmp_path)
 
 
+# --- GPTQ's 8-bit checkpoints ------------------------------------------------------------------
+
+
+def test_gptq_8_bit_words_unpack_to_their_codes_and_zeros() -> None:
+    w = random_int8(24, 128, GROUP, seed=7)
+    parts = gptq8_tensors(w)
+    got = unpack_gptq(parts["qweight"], parts["qzeros"], parts["scales"], GROUP, True, bits=8)
+    assert isinstance(got, Int8Weight)
+    assert torch.equal(got.codes, w.codes) and torch.equal(got.zeros, w.zeros)  # zeros up to 256
+    assert int(got.zeros.max()) <= 256 and torch.equal(got.scales, w.scales)
+    assert torch.equal(got.dequantize(), w.dequantize())
+
+
+def test_a_gptq_8_bit_checkpoint_loads_dequantized_off_the_cpu_kernels(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    dense = write_random_model(tmp_path / "dense", "llama", seed=10)
+
+    def convert(module: str, weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], Int8Weight]:
+        rows, cols = weight.shape
+        w = random_int8(rows, cols, GROUP, seed=len(module) * 11 + rows)
+        return gptq8_tensors(w), w
+
+    config = {"quant_method": "gptq", "bits": 8, "group_size": GROUP, "desc_act": False, "sym": False}
+    references = rewrite_checkpoint(dense, tmp_path / "gptq8", config, convert)
+    with caplog.at_level(logging.WARNING, logger="batchlm.models.loader"):
+        loaded = load_model(tmp_path / "gptq8", torch.float32, CPU, progress=False)
+    assert "8-bit GPTQ checkpoint on cpu" in caplog.text
+    fused = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    linears = {path: m for path, m in _layers(loaded).items() if m.role == "linear"}
+    assert linears and all(m.method is DEQUANTIZE for m in linears.values())
+    for path, layer in linears.items():
+        parent, _, leaf = path.rpartition(".")
+        expected = torch.cat([references[f"{parent}.{p}"].dequantize() for p in fused.get(leaf, [leaf])])
+        assert torch.equal(layer.weight, expected), path
+    twin = dense_twin(dense, tmp_path / "twin", {m: w.dequantize() for m, w in references.items()})
+    assert_logits_close(two_prompt_logits(loaded), two_prompt_logits(twin), 1e-5)
+
+
 @pytest.mark.parametrize(("per_tensor", "static"), [(False, False), (True, True)])
 def test_fp8_checkpoint_matches_its_dequantized_twin(tmp_path: Path, per_tensor: bool, static: bool) -> None:
     dense = write_random_model(tmp_path / "dense", "llama", seed=6)
@@ -390,6 +433,7 @@ def test_random_weights_take_the_quantized_methods(tmp_path: Path) -> None:
     ("config", "named"),
     [
         ({"quant_method": "gptq", "bits": 3}, "3-bit"),
+        ({"quant_method": "gptq", "bits": 2}, "2-bit"),
         ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "gemv"),
         ({"quant_method": "bitsandbytes"}, "bitsandbytes"),
         (

@@ -27,7 +27,7 @@ from batchlm.kernels.quant_panels import QuantizedWeight, dequantize_packed
 from batchlm.layers.moe import FusedMoE
 from batchlm.layers.quantization import registry
 from batchlm.layers.quantization.cpu_quantized import CPU_QUANTIZED, code_blocks, store
-from batchlm.layers.quantization.forms import Int4Weight
+from batchlm.layers.quantization.forms import Int4Weight, Int8Weight
 from batchlm.layers.quantization.fp8 import FP8
 from batchlm.layers.quantization.int4 import INT4
 from batchlm.layers.quantization.layer import MethodLayer
@@ -53,9 +53,11 @@ from quant_checkpoints import (
     compressed_int4_tensors,
     dense_twin,
     fp8_tensors,
+    gptq8_tensors,
     gptq_act_order_tensors,
     gptq_tensors,
     random_int4,
+    random_int8,
     rewrite_checkpoint,
     two_prompt_logits,
 )
@@ -106,7 +108,7 @@ def _linears(loaded: LoadedModel) -> dict[str, MethodLayer]:
     }
 
 
-def _bias_rounding(w: Int4Weight) -> torch.Tensor:
+def _bias_rounding(w: Int4Weight | Int8Weight) -> torch.Tensor:
     """Per weight, the most the float16 bias -zero * scale can be off."""
     product = (w.zeros.float() * w.scales.float()).repeat_interleave(w.group_size, dim=1)[:, : w.shape[1]]
     return product * 2.0**-11
@@ -204,6 +206,40 @@ def test_an_act_order_checkpoint_runs_on_the_cpu_kernels_as_q8_0(tmp_path: Path,
     linears = _linears(loaded)
     assert linears and all(layer.method is CPU_QUANTIZED for layer in linears.values())
     assert all(store(layer).finish().bits == 8 for layer in linears.values())
+    twin = dense_twin(dense, tmp_path / "twin", {m: w.dequantize() for m, w in references.items()})
+    assert_logits_close(two_prompt_logits(loaded), two_prompt_logits(twin), ACTIVATIONS_ROUNDED)
+    if stack_library() is not None:
+        assert_fused_steps_agree(loaded, rows=3)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3_moe"])
+def test_a_gptq_8_bit_checkpoint_runs_on_the_cpu_kernels_as_8_bit_blocks_of_its_codes(
+    tmp_path: Path, model_type: str
+) -> None:
+    overrides = {"moe_intermediate_size": 64} if model_type == "qwen3_moe" else None
+    dense = write_random_model(tmp_path / "dense", model_type, overrides, seed=14)
+
+    def convert(module: str, weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], Int8Weight]:
+        rows, cols = weight.shape
+        w = random_int8(rows, cols, 32, seed=len(module) * 13 + rows)
+        return gptq8_tensors(w), w
+
+    config = {"quant_method": "gptq", "bits": 8, "group_size": 32, "desc_act": False, "sym": False}
+    references = rewrite_checkpoint(dense, tmp_path / "gptq8", config, convert)
+    loaded = load_model(tmp_path / "gptq8", torch.float32, CPU, progress=False)
+    linears = _linears(loaded)
+    fused = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    assert linears and all(layer.method is CPU_QUANTIZED for layer in linears.values())
+    for path, layer in linears.items():
+        parent, _, leaf = path.rpartition(".")
+        parts = [references[f"{parent}.{p}"] for p in fused.get(leaf, [leaf])]
+        packed = store(layer).finish()
+        assert isinstance(packed, QuantizedWeight) and packed.bits == 8, path
+        expected = torch.cat([w.dequantize() for w in parts])
+        bound = torch.cat([_bias_rounding(w) for w in parts])
+        assert bool(((dequantize_packed(packed) - expected).abs() <= bound * 1.0001).all()), path
+    experts = [m for m in loaded.model.modules() if isinstance(m, FusedMoE)]
+    assert all(m.quantized is not None for m in experts)
     twin = dense_twin(dense, tmp_path / "twin", {m: w.dequantize() for m, w in references.items()})
     assert_logits_close(two_prompt_logits(loaded), two_prompt_logits(twin), ACTIVATIONS_ROUNDED)
     if stack_library() is not None:

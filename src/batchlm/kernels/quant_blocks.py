@@ -146,12 +146,14 @@ def columns(blocks: CodeBlocks, start: int, length: int) -> CodeBlocks:
     )
 
 
-def from_int4_groups(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size: int) -> CodeBlocks:
-    """4-bit codes [rows, cols] with a scale and a zero point per group of `group_size` inputs (GPTQ,
-    AWQ and compressed-tensors checkpoints: w = (code - zero) * scale; the last group may be partial),
-    group_size a multiple of 32: the codes as they are, each block taking its group's scale and
-    -zero * scale as float16 (the bias rounded, relative error <= 2^-11 as Q4_K's offsets; a scale
-    wider than float16 rounded too)."""
+def from_int_groups(
+    codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, group_size: int, bits: int = 4
+) -> CodeBlocks:
+    """`bits`-bit codes [rows, cols] (4, or GPTQ's 8) with a scale and a zero point per group of
+    `group_size` inputs (GPTQ, AWQ and compressed-tensors checkpoints: w = (code - zero) * scale; the
+    last group may be partial), group_size a multiple of 32: the codes as they are, each block taking
+    its group's scale and -zero * scale as float16 (the bias rounded, relative error <= 2^-11 as
+    Q4_K's offsets; a scale wider than float16 rounded too)."""
     cols = codes.shape[1]
     if group_size % BLOCK or cols % BLOCK:
         raise ValueError(f"groups of {group_size} over {cols} inputs are not whole {BLOCK}-value blocks")
@@ -162,7 +164,7 @@ def from_int4_groups(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, g
         np.ascontiguousarray(codes, dtype=np.uint8),
         np.ascontiguousarray(group_scales[:, group_of_block].astype(np.float16)),
         np.ascontiguousarray(biases[:, group_of_block].astype(np.float16)),
-        4,
+        bits,
     )
 
 

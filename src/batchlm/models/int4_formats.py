@@ -1,4 +1,5 @@
-"""Unpack the 4-bit checkpoint formats into Int4Weight (codes [out, in], per-group scales and zeros).
+"""Unpack the 4-bit checkpoint formats into Int4Weight (codes [out, in], per-group scales and zeros),
+and GPTQ's 8-bit one, four codes a word in the same layout, into Int8Weight.
 
 Each format packs eight 4-bit values into an int32, value i of a word in bits 4i..4i+3, but along
 different axes and orders:
@@ -20,11 +21,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from typing import TypeVar
 
 import torch
 
-from batchlm.layers.quantization.forms import Int4Weight
+from batchlm.layers.quantization.forms import GroupedCodes, Int4Weight, Int8Weight
 
+G = TypeVar("G", bound=GroupedCodes)
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 # Output j of a word sits in slot AWQ_SLOT[j].
 AWQ_SLOT = tuple(AWQ_ORDER.index(j) for j in range(8))
@@ -33,11 +36,12 @@ SYMMETRIC_ZERO = 8
 MIN_GROUP = 16
 
 
-def unpack_words(words: torch.Tensor) -> torch.Tensor:
-    """int32 [..., C] -> uint8 [..., 8 C]: slot i of word c becomes element 8 c + i."""
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=words.device)
-    values = (words.to(torch.int32)[..., None] >> shifts) & 0xF
-    return values.reshape(*words.shape[:-1], words.shape[-1] * 8).to(torch.uint8)
+def unpack_words(words: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """int32 [..., C] -> uint8 [..., n C] of n = 32 / bits values a word: slot i of word c becomes
+    element n c + i."""
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device)
+    values = (words.to(torch.int32)[..., None] >> shifts) & ((1 << bits) - 1)
+    return values.reshape(*words.shape[:-1], words.shape[-1] * shifts.numel()).to(torch.uint8)
 
 
 def _group_size(group_size: int, in_features: int) -> int:
@@ -45,8 +49,12 @@ def _group_size(group_size: int, in_features: int) -> int:
 
 
 def whole_groups(
-    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
-) -> Int4Weight:
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    form: type[G],
+) -> G:
     """The weight over groups that divide its inputs. A checkpoint whose inputs end in a partial group
     (576 inputs in groups of 128: five scales, the last for 64 inputs) is re-expressed exactly in groups
     of gcd(inputs, group size), each taking its original group's scale and zero point."""
@@ -55,20 +63,20 @@ def whole_groups(
     groups = -(-in_features // group_size)
     if scales.shape[1] != groups or zeros.shape[1] != groups:
         raise ValueError(
-            f"a 4-bit weight of {in_features} inputs in groups of {group_size} needs {groups} scales and zero "
+            f"a weight of {in_features} inputs in groups of {group_size} needs {groups} scales and zero "
             f"points a row; the checkpoint has {scales.shape[1]} and {zeros.shape[1]}"
         )
     if in_features % group_size == 0:
-        return Int4Weight(codes, scales, zeros, group_size)
+        return form(codes, scales, zeros, group_size)
     finer = math.gcd(in_features, group_size)
     if finer % MIN_GROUP:
         raise ValueError(
-            f"a 4-bit weight of {in_features} inputs in groups of {group_size} ends in a partial group, and "
+            f"a weight of {in_features} inputs in groups of {group_size} ends in a partial group, and "
             f"whole groups that cover it would hold {finer} inputs: the 4-bit kernels take multiples of "
             f"{MIN_GROUP}"
         )
     count, repeat = in_features // finer, group_size // finer
-    return Int4Weight(
+    return form(
         codes,
         scales.repeat_interleave(repeat, dim=1)[:, :count].contiguous(),
         zeros.repeat_interleave(repeat, dim=1)[:, :count].contiguous(),
@@ -96,7 +104,7 @@ def act_order(g_idx: torch.Tensor, group_size: int, in_features: int) -> torch.T
     return order
 
 
-def _in_act_order(weight: Int4Weight, order: torch.Tensor | None) -> Int4Weight:
+def _in_act_order(weight: G, order: torch.Tensor | None) -> G:
     """`weight`, its codes read in input order, with its columns stored in `order`."""
     if order is None:
         return weight
@@ -110,13 +118,21 @@ def unpack_gptq(
     group_size: int,
     zeros_minus_one: bool,
     g_idx: torch.Tensor | None = None,
-) -> Int4Weight:
-    codes = unpack_words(qweight.t().contiguous())  # [out, in]
-    zeros = unpack_words(qzeros).t().contiguous()  # [out, groups]
+    bits: int = 4,
+) -> Int4Weight | Int8Weight:
+    """Int4Weight, or Int8Weight for `bits` 8 (four codes a word)."""
+    codes = unpack_words(qweight.t().contiguous(), bits)  # [out, in]
+    zeros = unpack_words(qzeros, bits).t().contiguous()  # [out, groups]
+    if bits == 8:
+        zeros = zeros.to(torch.int16)  # the stored zero + 1 may be 256
     if zeros_minus_one:
         zeros = zeros + 1
     order = None if g_idx is None else act_order(g_idx, group_size, codes.shape[1])
-    return _in_act_order(whole_groups(codes, scales.t().contiguous(), zeros, group_size), order)
+    if bits == 8:
+        return _in_act_order(
+            whole_groups(codes, scales.t().contiguous(), zeros, group_size, Int8Weight), order
+        )
+    return _in_act_order(whole_groups(codes, scales.t().contiguous(), zeros, group_size, Int4Weight), order)
 
 
 def unpack_awq(
@@ -124,7 +140,7 @@ def unpack_awq(
 ) -> Int4Weight:
     codes = _awq_outputs(unpack_words(qweight)).t().contiguous()  # [in, out] -> [out, in]
     zeros = _awq_outputs(unpack_words(qzeros)).t().contiguous()  # [groups, out] -> [out, groups]
-    return whole_groups(codes, scales.t().contiguous(), zeros, group_size)
+    return whole_groups(codes, scales.t().contiguous(), zeros, group_size, Int4Weight)
 
 
 def _awq_outputs(slots: torch.Tensor) -> torch.Tensor:
@@ -150,4 +166,4 @@ def unpack_compressed_int4(
     groups = weight_scale.shape[1]
     zeros = torch.full((out_features, groups), SYMMETRIC_ZERO, dtype=torch.uint8, device=codes.device)
     order = None if g_idx is None else act_order(g_idx, group_size, in_features)
-    return _in_act_order(whole_groups(codes, weight_scale.contiguous(), zeros, group_size), order)
+    return _in_act_order(whole_groups(codes, weight_scale.contiguous(), zeros, group_size, Int4Weight), order)

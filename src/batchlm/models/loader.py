@@ -200,6 +200,14 @@ def load_model(
                 str(dtype).removeprefix("torch."),
                 "; its experts stay FP8" if methods["FP8 experts"] else "",
             )
+        if scheme is not None and scheme.bits == 8 and methods[DequantizeLinearMethod.__name__]:
+            logger.warning(
+                "8-bit GPTQ checkpoint on %s: no kernel of ours reads 8-bit groups there, so its weights "
+                "are dequantized to dense %s as they load (twice their memory); on an x86-64 CPU they "
+                "run as 8-bit blocks on our quantized kernels",
+                device,
+                str(dtype).removeprefix("torch."),
+            )
         if scheme is not None and scheme.dequantized_at_load:
             experts = any(isinstance(module, FusedMoE) for module in model.modules())
             summary = dequantized_weights_summary(methods, dtype, device, experts)

@@ -26,7 +26,13 @@ import torch
 
 from batchlm.kernels.fp8_types import FP8_DTYPE
 from batchlm.layers.quantization.base import LoadedWeight
-from batchlm.layers.quantization.registry import BLOCK_FP8_QTYPE, FP8_QTYPE, INT4_QTYPE, MXFP4_QTYPE
+from batchlm.layers.quantization.registry import (
+    BLOCK_FP8_QTYPE,
+    FP8_QTYPE,
+    INT4_QTYPE,
+    INT8_QTYPE,
+    MXFP4_QTYPE,
+)
 from batchlm.models.checkpoint import open_safetensors
 from batchlm.models.fp8_formats import dequantize_fp8_blocks, fp8_weight
 from batchlm.models.int4_formats import unpack_awq, unpack_compressed_int4, unpack_gptq
@@ -58,8 +64,8 @@ MARKER = {
 SUPPORTED = (
     "compressed-tensors FP8 W8A8 (FP8_DYNAMIC, static per-tensor FP8), block-wise FP8 (quant_method "
     "fp8 with 2-D weight_block_size, dynamic activations), compressed-tensors W4A16 pack-quantized "
-    "(symmetric, any actorder), GPTQ 4-bit (desc_act true or false), AWQ 4-bit (GEMM) and MXFP4 experts "
-    "(gpt-oss)"
+    "(symmetric, any actorder), GPTQ 4-bit and 8-bit (desc_act true or false), AWQ 4-bit (GEMM) and MXFP4 "
+    "experts (gpt-oss)"
 )
 # The experts' stacks an MXFP4 checkpoint stores as pairs, and the projections each holds.
 MXFP4_STACKS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
@@ -87,9 +93,12 @@ class CheckpointScheme:
     zeros_minus_one: bool = True  # GPTQ: the original format stores zero - 1
     block: tuple[int, int] = (0, 0)  # BLOCK_FP8: (output rows, inputs) that share one scale
     act_order: bool = False  # 4-bit: each input's group stored (GROUP_INDEX), groups not runs of inputs
+    bits: int = 4  # GPTQ: 4 or 8 bits a code
 
     @property
     def weight_type(self) -> str:
+        if self.bits == 8:
+            return INT8_QTYPE
         return {FP8: FP8_QTYPE, BLOCK_FP8: BLOCK_FP8_QTYPE, MXFP4: MXFP4_QTYPE}.get(self.kind, INT4_QTYPE)
 
     @property
@@ -141,12 +150,15 @@ def _unsupported(method: str, detail: str) -> ValueError:
 
 
 def _gptq_scheme(config: dict[str, Any]) -> CheckpointScheme:
-    if int(config.get("bits", 4)) != 4:
+    bits = int(config.get("bits", 4))
+    if bits not in (4, 8):
         raise _unsupported("GPTQ", f"{config.get('bits')}-bit weights")
     group_size = int(config.get("group_size", 128))
     v2 = str(config.get("checkpoint_format", "gptq")) == "gptq_v2"
     act_order = bool(config.get("desc_act"))
-    return CheckpointScheme(GPTQ, group_size=group_size, zeros_minus_one=not v2, act_order=act_order)
+    return CheckpointScheme(
+        GPTQ, group_size=group_size, zeros_minus_one=not v2, act_order=act_order, bits=bits
+    )
 
 
 def _awq_scheme(config: dict[str, Any]) -> CheckpointScheme:
@@ -341,6 +353,7 @@ class Assembler:
                 self.scheme.group_size,
                 self.scheme.zeros_minus_one,
                 parts.get("g_idx"),
+                self.scheme.bits,
             )
         if kind == AWQ:
             return unpack_awq(parts["qweight"], parts["qzeros"], parts["scales"], self.scheme.group_size)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from batchlm.layers.quantization.forms import Fp8Weight, Int4Weight
+from batchlm.layers.quantization.forms import Fp8Weight, Int4Weight, Int8Weight
 
 if TYPE_CHECKING:
     from batchlm.layers.quantization.layer import MethodLayer
@@ -124,7 +124,7 @@ def columns_of(tensor: QuantizedTensor, start: int, length: int) -> QuantizedTen
 
 # What the loader hands a layer: a dense tensor or a quantized one (GGUF blocks, whole or a column
 # window of them, or a quantized safetensors weight in our layout: forms.py).
-LoadedWeight = torch.Tensor | QuantizedTensor | QuantizedColumns | Fp8Weight | Int4Weight
+LoadedWeight = torch.Tensor | QuantizedTensor | QuantizedColumns | Fp8Weight | Int4Weight | Int8Weight
 
 
 def as_dense(loaded: LoadedWeight, dtype: torch.dtype) -> torch.Tensor:

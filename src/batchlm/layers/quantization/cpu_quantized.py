@@ -46,7 +46,7 @@ from batchlm.layers.quantization.base import (
     as_dense,
     narrow_rows,
 )
-from batchlm.layers.quantization.forms import Int4Weight
+from batchlm.layers.quantization.forms import GroupedCodes, Int8Weight
 
 if TYPE_CHECKING:
     from batchlm.layers.quantization.layer import MethodLayer
@@ -144,8 +144,8 @@ def _blocks_of(codes: np.ndarray, scales: np.ndarray, biases: np.ndarray, form: 
 
 
 def code_blocks(loaded: LoadedWeight, dense_bits: int = 8) -> CodeBlocks:
-    """A loaded tensor's rows as code blocks: exact for the GGUF types the kernels read, 4-bit blocks
-    for a checkpoint's 4-bit groups (GPTQ, AWQ, compressed-tensors) of whole blocks, Q8_0 of the float
+    """A loaded tensor's rows as code blocks: exact for the GGUF types the kernels read, 4-bit (8-bit)
+    blocks for a checkpoint's 4-bit (GPTQ's 8-bit) groups of whole blocks, Q8_0 of the float
     values otherwise (FP8 checkpoints' among them, and act-order 4-bit weights: their groups are not
     runs of inputs, and the kernels read a layer's inputs in order). A dense tensor becomes 4-bit
     blocks where `dense_bits` is 4 (--quantization w4a16)."""
@@ -170,16 +170,17 @@ def code_blocks(loaded: LoadedWeight, dense_bits: int = 8) -> CodeBlocks:
             return native
         return reference_rows.q8_code_blocks(loaded)
     if (
-        isinstance(loaded, Int4Weight)
+        isinstance(loaded, GroupedCodes)
         and loaded.input_order is None
         and loaded.group_size % BLOCK == 0
         and loaded.shape[1] % BLOCK == 0
     ):
-        return quant_blocks.from_int4_groups(
+        return quant_blocks.from_int_groups(
             loaded.codes.cpu().numpy(),
             loaded.scales.float().cpu().numpy(),
             loaded.zeros.cpu().numpy(),
             loaded.group_size,
+            8 if isinstance(loaded, Int8Weight) else 4,
         )
     dense = as_dense(loaded, torch.float32).detach()
     rows, cols = dense.shape

@@ -30,7 +30,7 @@ from batchlm.layers.quantization.base import (
     QuantizedTensor,
     RowSlice,
 )
-from batchlm.layers.quantization.forms import Fp8Weight
+from batchlm.layers.quantization.forms import Fp8Weight, Int8Weight
 
 if TYPE_CHECKING:
     from batchlm.layers.quantization.layer import MethodLayer
@@ -115,11 +115,12 @@ class DenseLinearMethod(LinearMethod):
 
 class DequantizeLinearMethod(DenseLinearMethod):
     """Quantized tensors dequantized into the dense parameter as they load (any GGML type the gguf
-    package reads; a checkpoint's FP8 rows where the GPU has no FP8 tensor cores), then everything as
-    DenseLinearMethod: the format for types without a kernel of ours on the device."""
+    package reads; a checkpoint's FP8 rows where the GPU has no FP8 tensor cores; GPTQ's 8-bit groups
+    off the CPU kernels), then everything as DenseLinearMethod: the format for types without a kernel
+    of ours on the device."""
 
     def load_rows(self, layer: MethodLayer, name: str, loaded: LoadedWeight, where: RowSlice) -> None:
-        if isinstance(loaded, QuantizedTensor | QuantizedColumns | Fp8Weight):
+        if isinstance(loaded, QuantizedTensor | QuantizedColumns | Fp8Weight | Int8Weight):
             rows = loaded.narrow_rows(where.src_start, where.rows).dequantize(layer.weight.dtype)
             copy_rows(layer, rows.to(layer.weight.device), where)
             return

@@ -7,7 +7,8 @@ that fused shards and tensor-parallel splits slice by rows, or by columns on gro
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Self
 
 import torch
 
@@ -65,18 +66,18 @@ class Fp8Weight:
 
 
 @dataclass(frozen=True)
-class Int4Weight:
-    """4-bit codes with a scale and a zero point per group of `group_size` stored columns of a row:
-    w[r, c] = (codes[r, c] - zeros[r, c // g]) * scales[r, c // g]. Symmetric formats have zero 8.
+class GroupedCodes:
+    """Integer codes with a scale and a zero point per group of `group_size` stored columns of a row:
+    w[r, c] = (codes[r, c] - zeros[r, c // g]) * scales[r, c // g] (Int4Weight, Int8Weight).
 
     `input_order` (act-order GPTQ, compressed-tensors' group actorder) says which layer input each
     stored column multiplies: the checkpoint's groups are runs of inputs in that order, not in the
     layer's, so the columns are stored in it and a product gathers its inputs the same way
     (x[:, input_order] @ codes' values^T). None: column c is input c."""
 
-    codes: torch.Tensor  # [rows, cols] uint8, 0..15
+    codes: torch.Tensor  # [rows, cols] uint8
     scales: torch.Tensor  # [rows, cols // group_size], the checkpoint's float dtype
-    zeros: torch.Tensor  # [rows, cols // group_size] uint8 (GPTQ's stored zero + 1 may reach 16)
+    zeros: torch.Tensor  # [rows, cols // group_size] integers
     group_size: int
     input_order: torch.Tensor | None = None  # [cols] int64, a permutation of 0..cols-1
 
@@ -84,25 +85,23 @@ class Int4Weight:
     def shape(self) -> torch.Size:
         return self.codes.shape
 
-    def narrow_rows(self, start: int, length: int) -> Int4Weight:
-        return Int4Weight(
-            self.codes.narrow(0, start, length),
-            self.scales.narrow(0, start, length),
-            self.zeros.narrow(0, start, length),
-            self.group_size,
-            self.input_order,
+    def narrow_rows(self, start: int, length: int) -> Self:
+        return replace(
+            self,
+            codes=self.codes.narrow(0, start, length),
+            scales=self.scales.narrow(0, start, length),
+            zeros=self.zeros.narrow(0, start, length),
         )
 
-    def select_rows(self, order: torch.Tensor) -> Int4Weight:
-        return Int4Weight(
-            self.codes.index_select(0, order),
-            self.scales.index_select(0, order),
-            self.zeros.index_select(0, order),
-            self.group_size,
-            self.input_order,
+    def select_rows(self, order: torch.Tensor) -> Self:
+        return replace(
+            self,
+            codes=self.codes.index_select(0, order),
+            scales=self.scales.index_select(0, order),
+            zeros=self.zeros.index_select(0, order),
         )
 
-    def narrow_cols(self, start: int, length: int) -> Int4Weight:
+    def narrow_cols(self, start: int, length: int) -> Self:
         """Columns [start, start + length); both must fall on group edges."""
         if start == 0 and length == self.shape[1]:
             return self
@@ -110,20 +109,20 @@ class Int4Weight:
         if self.input_order is not None:
             # A rank's inputs are a range of the layer's; in act order they are spread over every group.
             raise ValueError(
-                "act-order 4-bit weights (GPTQ desc_act, compressed-tensors group actorder) do not split "
-                "by inputs across tensor-parallel ranks; serve them with --tensor-parallel-size 1"
+                "act-order quantized weights (GPTQ desc_act, compressed-tensors group actorder) do not "
+                "split by inputs across tensor-parallel ranks; serve them with --tensor-parallel-size 1"
             )
         if start % g or length % g:
             raise ValueError(
-                f"a 4-bit weight with groups of {g} inputs splits only on group edges; columns "
+                f"a weight quantized in groups of {g} inputs splits only on group edges; columns "
                 f"{start}..{start + length} do not (choose another tensor-parallel size)"
             )
         first, count = start // g, length // g
-        return Int4Weight(
-            self.codes.narrow(1, start, length),
-            self.scales.narrow(1, first, count),
-            self.zeros.narrow(1, first, count),
-            g,
+        return replace(
+            self,
+            codes=self.codes.narrow(1, start, length),
+            scales=self.scales.narrow(1, first, count),
+            zeros=self.zeros.narrow(1, first, count),
         )
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -133,6 +132,18 @@ class Int4Weight:
         zeros = self.zeros.float().repeat_interleave(per_column, dim=1)
         values = ((self.codes.float() - zeros) * scales).to(dtype)
         return values if self.input_order is None else in_input_order(values, self.input_order)
+
+
+@dataclass(frozen=True)
+class Int4Weight(GroupedCodes):
+    """4-bit codes (0..15) in groups; zeros uint8 (symmetric formats have 8; GPTQ's stored zero + 1
+    may reach 16)."""
+
+
+@dataclass(frozen=True)
+class Int8Weight(GroupedCodes):
+    """8-bit codes (0..255) in groups (GPTQ's 8-bit checkpoints); zeros int16 (GPTQ's stored zero + 1
+    may reach 256)."""
 
 
 def in_input_order(stored: torch.Tensor, input_order: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ from batchlm.layers.quantization.base import (
 )
 from batchlm.layers.quantization.forms import (
     Fp8Weight,
-    Int4Weight,
+    GroupedCodes,
     check_fp8_device,
     quantize_fp8_rows,
 )
@@ -65,7 +65,7 @@ class Fp8LinearMethod(LinearMethod):
         layer.onednn_weight = None
 
     def load_rows(self, layer: MethodLayer, name: str, loaded: LoadedWeight, where: RowSlice) -> None:
-        if isinstance(loaded, (QuantizedTensor, QuantizedColumns, Int4Weight)):
+        if isinstance(loaded, (QuantizedTensor, QuantizedColumns, GroupedCodes)):
             raise ValueError(f"tensor {name!r} is not an FP8 or dense weight; the fp8 method cannot load it")
         part = loaded.narrow_rows(where.src_start, where.rows) if isinstance(loaded, Fp8Weight) else loaded
         device = layer.weight.device

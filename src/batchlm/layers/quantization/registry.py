@@ -23,6 +23,7 @@ FLOAT_QTYPES = frozenset({"F32", "F16", "BF16"})
 # Types of quantized safetensors weights (models/quantized_checkpoint.py), beside the GGML names.
 FP8_QTYPE = "FP8"  # e4m3 with row scales (compressed-tensors FP8 / FP8_DYNAMIC)
 INT4_QTYPE = "INT4"  # 4-bit groups (GPTQ, AWQ, compressed-tensors pack-quantized)
+INT8_QTYPE = "INT8"  # 8-bit groups (GPTQ's 8-bit checkpoints)
 # e4m3 with one scale per 2-D block (transformers' fine-grained FP8): dequantized as it loads, so its
 # layers take dense rows.
 BLOCK_FP8_QTYPE = "FP8_BLOCK"
@@ -81,12 +82,15 @@ def _quantized_safetensors(spec: WeightSpec) -> LinearMethod | None:
             # to the model's dtype as they load. (--quantization fp8 there is refused by the method.)
             return DEQUANTIZE
         return FP8
+    if kinds == {INT8_QTYPE}:
+        # No GPU kernel of ours reads 8-bit groups: dequantized to the model's dtype as they load.
+        return DEQUANTIZE
     return INT4 if kinds == {INT4_QTYPE} else None
 
 
 def _on_cpu_kernels(spec: WeightSpec, kinds: set[str]) -> LinearMethod | None:
     # On an x86-64 CPU with our quantized kernels, where the FP8 and W4A16 methods would widen every
-    # weight at every step: a checkpoint's FP8 or 4-bit linears as their blocks (4-bit groups) or Q8_0
+    # weight at every step: a checkpoint's FP8, 4-bit or 8-bit linears as their blocks (groups) or Q8_0
     # of their values (FP8, per row or block-wise: the latter arrive dequantized, dense float32 would
     # take four times FP8's memory); dense linears (block-wise FP8 ones too) under --quantization fp8 as
     # Q8_0 and under w4a16 as 4-bit blocks.
@@ -94,7 +98,7 @@ def _on_cpu_kernels(spec: WeightSpec, kinds: set[str]) -> LinearMethod | None:
         return None
     if kinds <= {BLOCK_FP8_QTYPE} and spec.quantization in QUANTIZE_AT_LOAD:
         return CPU_QUANTIZED_4BIT if spec.quantization == "w4a16" else CPU_QUANTIZED
-    checkpoint_kind = len(kinds) == 1 and kinds <= {FP8_QTYPE, INT4_QTYPE, BLOCK_FP8_QTYPE}
+    checkpoint_kind = len(kinds) == 1 and kinds <= {FP8_QTYPE, INT4_QTYPE, INT8_QTYPE, BLOCK_FP8_QTYPE}
     return CPU_QUANTIZED if checkpoint_kind and spec.quantization is None else None
 
 
