@@ -136,16 +136,30 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="also time the kernels with --quantization int8 (dense layers Q8_0)",
+    )
+    parser.add_argument("--no-widened", action="store_true", help="skip the path without the kernels")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work, torch.inference_mode():
         model_dir = write_checkpoint(args.shape, args.format, Path(work))
-        kernels = load_model(model_dir, torch.float32, torch.device("cpu"), progress=False)
-        with mock.patch.object(registry, "_on_cpu_kernels", lambda spec, kinds: None):
-            widened = load_model(model_dir, torch.float32, torch.device("cpu"), progress=False)
+        cpu = torch.device("cpu")
+        kernels = load_model(model_dir, torch.float32, cpu, progress=False)
         paths = {
-            **{f"kernels, {name}": path for name, path in decode_paths(kernels, args.context, args.rows, True).items()},
-            "without the kernels, layer by layer": decode_paths(widened, args.context, args.rows, False)["layer by layer"],
-        }  # fmt: skip
+            f"kernels, {name}": path
+            for name, path in decode_paths(kernels, args.context, args.rows, True).items()
+        }
+        if args.int8:
+            int8 = load_model(model_dir, torch.float32, cpu, progress=False, quantization="int8")
+            paths["kernels and int8, fused"] = decode_paths(int8, args.context, args.rows, True)["fused"]
+        if not args.no_widened:
+            with mock.patch.object(registry, "_on_cpu_kernels", lambda spec, kinds: None):
+                widened = load_model(model_dir, torch.float32, cpu, progress=False)
+            paths["without the kernels, layer by layer"] = decode_paths(
+                widened, args.context, args.rows, False
+            )["layer by layer"]
         median_ms_per_step(paths, args.rounds, args.steps)
 
 

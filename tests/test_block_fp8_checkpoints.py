@@ -177,7 +177,8 @@ def test_a_cpu_runs_them_as_q8_0_or_dense_without_the_kernels(monkeypatch: pytes
     monkeypatch.setattr(registry, "kernels_available", lambda: False)
     assert _method_for("cpu") is DENSE
     assert _method_for("cpu", "fp8") is FP8
-    # A checkpoint whose FP8 weights keep their own (per-channel) scales still refuses --quantization.
+    # A checkpoint whose FP8 weights keep their own (per-channel) scales refuses --quantization off the
+    # kernels (on them, int8 takes its dense layers: test_quantized_checkpoints_cpu.py).
     with pytest.raises(ValueError, match="already quantized"):
         choose_linear_method(WeightSpec(DENSE_FORMAT, (FP8_QTYPE,), "linear", CPU, torch.float32, "int8"))
 

@@ -19,6 +19,8 @@ from batchlm.kernels.cpu_quant import quant_library
 from batchlm.kernels.quant_panels import QuantizedWeight
 from batchlm.layers.moe import FusedMoE
 from batchlm.layers.quantization import registry
+from batchlm.layers.quantization.cpu_quantized import CPU_QUANTIZED
+from batchlm.layers.quantization.layer import MethodLayer
 from batchlm.models import loader
 from batchlm.models.load_checks import mxfp4_experts_summary
 from batchlm.models.loader import LoadedModel
@@ -208,13 +210,26 @@ def test_a_pair_without_its_partner_is_refused_by_name(
         load_fp32_cpu(path)
 
 
-def test_int8_on_an_mxfp4_checkpoint_is_refused(
+@needs_kernels
+def test_int8_on_an_mxfp4_checkpoint_takes_its_dense_layers_only(
     checkpoints: tuple[dict[str, torch.Tensor], Path, Path],
 ) -> None:
+    # The experts stay MXFP4 blocks; the attention, embedding and LM head the checkpoint left bf16
+    # become Q8_0.
     tensors, dense_dir, tmp_path = checkpoints
     path = _mxfp4_dir(tmp_path / "int8", dense_dir, tensors, 1)
-    with pytest.raises(ValueError, match=r"already quantized \(mxfp4\); drop --quantization int8"):
-        load_fp32_cpu(path, quantization="int8")
+    plain, int8 = load_fp32_cpu(path), load_fp32_cpu(path, quantization="int8")
+    packed = [store.finish() for e in _experts(int8) for store in (*e.quantized.gate_up, *e.quantized.down)]
+    assert packed and all(isinstance(w, QuantizedWeight) and w.bits == 4 and w.table for w in packed)
+    layers = [m for m in int8.model.modules() if isinstance(m, MethodLayer)]
+    assert layers and all(m.method is CPU_QUANTIZED for m in layers)
+    assert all(m.method is not CPU_QUANTIZED for m in plain.model.modules() if isinstance(m, MethodLayer))
+    prompt = PROMPTS[1]
+    blocks = list(range(-(-len(prompt) // BLOCK_SIZE)))
+    ours = run_step(int8.model, make_kv_caches(int8, len(blocks)), [Chunk(prompt, 0, blocks)])
+    theirs = run_step(plain.model, make_kv_caches(plain, len(blocks)), [Chunk(prompt, 0, blocks)])
+    # Q8_0 of the dense layers (the int8 tests' bound for requantized weights).
+    assert (ours - theirs).abs().max() <= 0.03 * theirs.abs().max()
 
 
 def test_the_load_log_says_where_the_experts_run() -> None:

@@ -129,8 +129,10 @@ def test_a_checkpoints_quantized_linears_take_the_cpu_kernels(
     assert choose_linear_method(spec("cpu")) is CPU_QUANTIZED
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert choose_linear_method(spec("cuda:0")) is (INT4 if qtype == INT4_QTYPE else FP8)
+    # int8 leaves a checkpoint's quantized linears as they are (it takes its dense layers).
+    assert choose_linear_method(spec("cpu", "int8")) is CPU_QUANTIZED
     with pytest.raises(ValueError, match="already quantized"):
-        choose_linear_method(spec("cpu", "int8"))
+        choose_linear_method(spec("cpu", "w4a16"))
     # Where the kernels did not build (not x86-64): the methods, widening as they run.
     monkeypatch.setattr(registry, "kernels_available", lambda: False)
     assert choose_linear_method(spec("cpu")) is (INT4 if qtype == INT4_QTYPE else FP8)
@@ -244,6 +246,20 @@ def test_a_gptq_8_bit_checkpoint_runs_on_the_cpu_kernels_as_8_bit_blocks_of_its_
     assert_logits_close(two_prompt_logits(loaded), two_prompt_logits(twin), ACTIVATIONS_ROUNDED)
     if stack_library() is not None:
         assert_fused_steps_agree(loaded, rows=3)
+
+
+def test_int8_on_a_4_bit_checkpoint_takes_its_embedding_and_lm_head(tmp_path: Path) -> None:
+    dense, model_dir, references = _int4_checkpoint(
+        tmp_path, "gptq", overrides={"tie_word_embeddings": False}
+    )
+    loaded = load_model(model_dir, torch.float32, CPU, progress=False, quantization="int8")
+    layers = {path: m for path, m in loaded.model.named_modules() if isinstance(m, MethodLayer)}
+    assert {m.role for m in layers.values()} == {"linear", "embedding", "lm_head"}
+    assert all(m.method is CPU_QUANTIZED for m in layers.values())
+    for layer in layers.values():  # the checkpoint's 4-bit codes stay 4-bit blocks; the rest Q8_0
+        assert store(layer).finish().bits == (4 if layer.role == "linear" else 8)
+    twin = dense_twin(dense, tmp_path / "twin", {m: w.dequantize() for m, w in references.items()})
+    assert_logits_close(two_prompt_logits(loaded), two_prompt_logits(twin), ACTIVATIONS_ROUNDED)
 
 
 def test_an_fp8_checkpoint_runs_on_the_cpu_kernels_as_q8_0(tmp_path: Path) -> None:

@@ -150,8 +150,9 @@ class EngineConfig:
     # 4-bit safetensors checkpoints as FP8 W8A8 / W4A16, their experts FP8 / 4-bit on GPUs, as Q8_0 /
     # 4-bit blocks on x86-64 CPUs; MXFP4 experts, gpt-oss's, stay MXFP4 on x86-64 CPUs and NVIDIA
     # GPUs). "int8": quantize a dense checkpoint's (or a float GGUF file's) linears, embedding and LM
-    # head to Q8_0 blocks at load (x86-64 CPUs with the quantized CPU kernels; refused elsewhere and for
-    # a GGUF file already block-quantized). "fp8" / "w4a16": quantize its linears and experts at load:
+    # head to Q8_0 blocks at load, and a quantized safetensors checkpoint's dense layers (its embedding
+    # and LM head) while its quantized ones keep their form (x86-64 CPUs with the quantized CPU
+    # kernels; refused elsewhere and for a GGUF file already block-quantized). "fp8" / "w4a16": quantize its linears and experts at load:
     # on NVIDIA GPUs to per-channel FP8 or 4-bit groups of 128; on x86-64 CPUs with the quantized
     # kernels to Q8_0 (as int8) or 4-bit blocks of 32 (a scale and an offset each, as Q4_1; embedding
     # and LM head Q8_0); elsewhere emulated, far slower than dense weights, with a warning.

@@ -122,7 +122,9 @@ def check_checkpoint_scheme(
     """ValueError for a quantized checkpoint combined with what cannot apply to it."""
     if scheme is None:
         return
-    if quantization and not scheme.dequantized_at_load:
+    # int8 (a CPU with the quantized kernels, check_quantization) takes the layers the checkpoint left
+    # dense (its embedding and LM head: much of a small model's reads) to Q8_0.
+    if quantization and quantization != "int8" and not scheme.dequantized_at_load:
         raise ValueError(
             f"the checkpoint is already quantized ({scheme.kind}); drop --quantization {quantization}"
         )

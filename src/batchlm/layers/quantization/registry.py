@@ -93,13 +93,15 @@ def _on_cpu_kernels(spec: WeightSpec, kinds: set[str]) -> LinearMethod | None:
     # weight at every step: a checkpoint's FP8, 4-bit or 8-bit linears as their blocks (groups) or Q8_0
     # of their values (FP8, per row or block-wise: the latter arrive dequantized, dense float32 would
     # take four times FP8's memory); dense linears (block-wise FP8 ones too) under --quantization fp8 as
-    # Q8_0 and under w4a16 as 4-bit blocks.
+    # Q8_0 and under w4a16 as 4-bit blocks. Under int8 a checkpoint's quantized linears keep their
+    # form (its dense layers become Q8_0, _cpu_quantized).
     if spec.device.type != "cpu" or not kernels_available():
         return None
     if kinds <= {BLOCK_FP8_QTYPE} and spec.quantization in QUANTIZE_AT_LOAD:
         return CPU_QUANTIZED_4BIT if spec.quantization == "w4a16" else CPU_QUANTIZED
-    checkpoint_kind = len(kinds) == 1 and kinds <= {FP8_QTYPE, INT4_QTYPE, INT8_QTYPE, BLOCK_FP8_QTYPE}
-    return CPU_QUANTIZED if checkpoint_kind and spec.quantization is None else None
+    checkpoint_kinds = {FP8_QTYPE, INT4_QTYPE, INT8_QTYPE, BLOCK_FP8_QTYPE, MXFP4_QTYPE}
+    checkpoint_kind = len(kinds) == 1 and kinds <= checkpoint_kinds
+    return CPU_QUANTIZED if checkpoint_kind and spec.quantization in (None, "int8") else None
 
 
 def _block_fp8_quantization(spec: WeightSpec) -> str | None:
