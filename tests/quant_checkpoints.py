@@ -55,14 +55,27 @@ def pack_bytes(values: torch.Tensor) -> torch.Tensor:
     return to_int32(word)
 
 
-def random_int8(rows: int, cols: int, group_size: int, seed: int) -> Int8Weight:
-    """Random 8-bit codes and zero points (1..256: GPTQ stores zero - 1, a byte) in groups."""
+def random_int8(rows: int, cols: int, group_size: int, seed: int, symmetric: bool = False) -> Int8Weight:
+    """Random 8-bit codes and zero points (1..256: GPTQ stores zero - 1, a byte; symmetric: 128) in
+    groups."""
     generator = torch.Generator().manual_seed(seed)
     groups = cols // group_size
     codes = torch.randint(0, 256, (rows, cols), generator=generator, dtype=torch.uint8)
     scales = (torch.rand(rows, groups, generator=generator) * 0.001 + 0.0002).to(torch.float16)
     zeros = torch.randint(1, 257, (rows, groups), generator=generator, dtype=torch.int16)
+    if symmetric:
+        zeros = torch.full_like(zeros, 128)
     return Int8Weight(codes, scales, zeros, group_size)
+
+
+def compressed_int8_tensors(w: Int8Weight) -> dict[str, torch.Tensor]:
+    """pack-quantized W8A16: signed values stored plus 128 (the codes themselves for zero point 128),
+    four a word."""
+    return {
+        "weight_packed": pack_bytes(w.codes),
+        "weight_scale": w.scales.contiguous(),
+        "weight_shape": torch.tensor(list(w.shape), dtype=torch.int64),
+    }
 
 
 def gptq8_tensors(w: Int8Weight) -> dict[str, torch.Tensor]:
@@ -148,6 +161,15 @@ def act_ordered(w: Int4Weight, module: str) -> ActOrdered:
     shared = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
     seed = zlib.crc32(f"{parent}.{shared.get(leaf, leaf)}".encode())
     return ActOrdered(w, torch.randperm(w.shape[1], generator=torch.Generator().manual_seed(seed)))
+
+
+def int8_config(fmt: str, group: int) -> dict[str, Any]:
+    """config.json's quantization_config of an 8-bit GPTQ ("gptq") or W8A16 compressed-tensors ("ct")
+    checkpoint."""
+    if fmt == "gptq":
+        return {"quant_method": "gptq", "bits": 8, "group_size": group, "desc_act": False, "sym": False}
+    weights = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "group", "group_size": group}
+    return compressed_config(weights, None, "pack-quantized")
 
 
 def act_order_config(fmt: str, group: int) -> dict[str, Any]:

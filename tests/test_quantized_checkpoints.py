@@ -48,11 +48,13 @@ from quant_checkpoints import (
     compressed_act_order_tensors,
     compressed_config,
     compressed_int4_tensors,
+    compressed_int8_tensors,
     dense_twin,
     fp8_tensors,
     gptq8_tensors,
     gptq_act_order_tensors,
     gptq_tensors,
+    int8_config,
     methods_as_on_a_gpu,
     random_int4,
     random_int8,
@@ -331,21 +333,23 @@ def test_gptq_8_bit_words_unpack_to_their_codes_and_zeros() -> None:
     assert torch.equal(got.dequantize(), w.dequantize())
 
 
-def test_a_gptq_8_bit_checkpoint_loads_dequantized_off_the_cpu_kernels(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("fmt", ["gptq", "ct"])
+def test_an_8_bit_checkpoint_loads_dequantized_off_the_cpu_kernels(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, fmt: str
 ) -> None:
     dense = write_random_model(tmp_path / "dense", "llama", seed=10)
+    packer = gptq8_tensors if fmt == "gptq" else compressed_int8_tensors
 
     def convert(module: str, weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], Int8Weight]:
         rows, cols = weight.shape
-        w = random_int8(rows, cols, GROUP, seed=len(module) * 11 + rows)
-        return gptq8_tensors(w), w
+        w = random_int8(rows, cols, GROUP, seed=len(module) * 11 + rows, symmetric=fmt == "ct")
+        return packer(w), w
 
-    config = {"quant_method": "gptq", "bits": 8, "group_size": GROUP, "desc_act": False, "sym": False}
-    references = rewrite_checkpoint(dense, tmp_path / "gptq8", config, convert)
+    references = rewrite_checkpoint(dense, tmp_path / "int8", int8_config(fmt, GROUP), convert)
     with caplog.at_level(logging.WARNING, logger="batchlm.models.loader"):
-        loaded = load_model(tmp_path / "gptq8", torch.float32, CPU, progress=False)
-    assert "8-bit GPTQ checkpoint on cpu" in caplog.text
+        loaded = load_model(tmp_path / "int8", torch.float32, CPU, progress=False)
+    kind = "gptq" if fmt == "gptq" else "compressed-tensors pack-quantized"
+    assert f"8-bit {kind} checkpoint on cpu: no kernel of ours reads 8-bit groups there" in caplog.text
     fused = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
     linears = {path: m for path, m in _layers(loaded).items() if m.role == "linear"}
     assert linears and all(m.method is DEQUANTIZE for m in linears.values())

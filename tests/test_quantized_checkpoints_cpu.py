@@ -51,11 +51,13 @@ from quant_checkpoints import (
     compressed_act_order_tensors,
     compressed_config,
     compressed_int4_tensors,
+    compressed_int8_tensors,
     dense_twin,
     fp8_tensors,
     gptq8_tensors,
     gptq_act_order_tensors,
     gptq_tensors,
+    int8_config,
     random_int4,
     random_int8,
     rewrite_checkpoint,
@@ -214,21 +216,21 @@ def test_an_act_order_checkpoint_runs_on_the_cpu_kernels_as_q8_0(tmp_path: Path,
         assert_fused_steps_agree(loaded, rows=3)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen3_moe"])
-def test_a_gptq_8_bit_checkpoint_runs_on_the_cpu_kernels_as_8_bit_blocks_of_its_codes(
-    tmp_path: Path, model_type: str
+@pytest.mark.parametrize(("fmt", "model_type"), [("gptq", "llama"), ("gptq", "qwen3_moe"), ("ct", "llama")])
+def test_an_8_bit_checkpoint_runs_on_the_cpu_kernels_as_8_bit_blocks_of_its_codes(
+    tmp_path: Path, fmt: str, model_type: str
 ) -> None:
     overrides = {"moe_intermediate_size": 64} if model_type == "qwen3_moe" else None
     dense = write_random_model(tmp_path / "dense", model_type, overrides, seed=14)
+    packer = gptq8_tensors if fmt == "gptq" else compressed_int8_tensors
 
     def convert(module: str, weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], Int8Weight]:
         rows, cols = weight.shape
-        w = random_int8(rows, cols, 32, seed=len(module) * 13 + rows)
-        return gptq8_tensors(w), w
+        w = random_int8(rows, cols, 32, seed=len(module) * 13 + rows, symmetric=fmt == "ct")
+        return packer(w), w
 
-    config = {"quant_method": "gptq", "bits": 8, "group_size": 32, "desc_act": False, "sym": False}
-    references = rewrite_checkpoint(dense, tmp_path / "gptq8", config, convert)
-    loaded = load_model(tmp_path / "gptq8", torch.float32, CPU, progress=False)
+    references = rewrite_checkpoint(dense, tmp_path / "int8", int8_config(fmt, 32), convert)
+    loaded = load_model(tmp_path / "int8", torch.float32, CPU, progress=False)
     linears = _linears(loaded)
     fused = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
     assert linears and all(layer.method is CPU_QUANTIZED for layer in linears.values())

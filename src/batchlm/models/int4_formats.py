@@ -10,7 +10,8 @@ different axes and orders:
   the interleaved order 0, 2, 4, 6, 1, 3, 5, 7 (word slot i holds output 8c + AWQ_ORDER[i]); scales
   [groups, out].
 - compressed-tensors pack-quantized: weight_packed [out, in / 8] packed along the inputs, signed
-  values stored plus 8 (symmetric: zero point 8); weight_scale [out, groups]; weight_shape [2].
+  values stored plus 8 (symmetric: zero point 8); weight_scale [out, groups]; weight_shape [2]. Its
+  8-bit form (W8A16) packs four values a word, stored plus 128.
 
 Act-order checkpoints (GPTQ desc_act, compressed-tensors group actorder) also store g_idx, the group
 of each input: the groups are runs of inputs in the order the quantizer visited them. The codes are
@@ -156,14 +157,20 @@ def unpack_compressed_int4(
     weight_shape: torch.Tensor,
     group_size: int,
     g_idx: torch.Tensor | None = None,
-) -> Int4Weight:
+    bits: int = 4,
+) -> Int4Weight | Int8Weight:
+    """Int4Weight, or Int8Weight for `bits` 8 (W8A16: four codes a word, stored plus 128)."""
     out_features, in_features = (int(v) for v in weight_shape.tolist())
-    codes = unpack_words(weight_packed)[:, :in_features]
+    codes = unpack_words(weight_packed, bits)[:, :in_features]
     if tuple(codes.shape) != (out_features, in_features):
         raise ValueError(
             f"weight_packed holds {tuple(codes.shape)} values, weight_shape says {(out_features, in_features)}"
         )
     groups = weight_scale.shape[1]
-    zeros = torch.full((out_features, groups), SYMMETRIC_ZERO, dtype=torch.uint8, device=codes.device)
+    zero, dtype = (SYMMETRIC_ZERO, torch.uint8) if bits == 4 else (1 << (bits - 1), torch.int16)
+    zeros = torch.full((out_features, groups), zero, dtype=dtype, device=codes.device)
     order = None if g_idx is None else act_order(g_idx, group_size, in_features)
-    return _in_act_order(whole_groups(codes, weight_scale.contiguous(), zeros, group_size, Int4Weight), order)
+    scales = weight_scale.contiguous()
+    if bits == 8:
+        return _in_act_order(whole_groups(codes, scales, zeros, group_size, Int8Weight), order)
+    return _in_act_order(whole_groups(codes, scales, zeros, group_size, Int4Weight), order)

@@ -202,9 +202,10 @@ def load_model(
             )
         if scheme is not None and scheme.bits == 8 and methods[DequantizeLinearMethod.__name__]:
             logger.warning(
-                "8-bit GPTQ checkpoint on %s: no kernel of ours reads 8-bit groups there, so its weights "
+                "8-bit %s checkpoint on %s: no kernel of ours reads 8-bit groups there, so its weights "
                 "are dequantized to dense %s as they load (twice their memory); on an x86-64 CPU they "
                 "run as 8-bit blocks on our quantized kernels",
+                scheme.kind,
                 device,
                 str(dtype).removeprefix("torch."),
             )

@@ -41,7 +41,7 @@ FP8 = "fp8"  # compressed-tensors FP8 W8A8 (FP8_DYNAMIC or static per-tensor)
 BLOCK_FP8 = "block-fp8"  # transformers' fine-grained FP8: 2-D blocks of weights share a scale
 GPTQ = "gptq"
 AWQ = "awq"
-CT_INT4 = "compressed-int4"  # compressed-tensors pack-quantized W4A16
+CT_INT4 = "compressed-tensors pack-quantized"  # W4A16 (and W8A16)
 # gpt-oss's released checkpoints: experts as MXFP4 `_blocks` / `_scales` pairs, the rest bf16. The
 # pairs are decoded by the family's own loading (models/gpt_oss.py), not by `Assembler`.
 MXFP4 = "mxfp4"
@@ -63,7 +63,7 @@ MARKER = {
 }
 SUPPORTED = (
     "compressed-tensors FP8 W8A8 (FP8_DYNAMIC, static per-tensor FP8), block-wise FP8 (quant_method "
-    "fp8 with 2-D weight_block_size, dynamic activations), compressed-tensors W4A16 pack-quantized "
+    "fp8 with 2-D weight_block_size, dynamic activations), compressed-tensors W4A16 and W8A16 pack-quantized "
     "(symmetric, any actorder), GPTQ 4-bit and 8-bit (desc_act true or false), AWQ 4-bit (GEMM) and MXFP4 "
     "experts (gpt-oss)"
 )
@@ -93,7 +93,7 @@ class CheckpointScheme:
     zeros_minus_one: bool = True  # GPTQ: the original format stores zero - 1
     block: tuple[int, int] = (0, 0)  # BLOCK_FP8: (output rows, inputs) that share one scale
     act_order: bool = False  # 4-bit: each input's group stored (GROUP_INDEX), groups not runs of inputs
-    bits: int = 4  # GPTQ: 4 or 8 bits a code
+    bits: int = 4  # GPTQ and compressed-tensors pack-quantized: 4 or 8 bits a code
 
     @property
     def weight_type(self) -> str:
@@ -206,7 +206,7 @@ def _compressed_tensors_scheme(config: dict[str, Any]) -> CheckpointScheme:
     inputs = group.get("input_activations")
     if weights.get("type") == "float" and weights.get("num_bits") == 8:
         return _ct_fp8(weights, inputs, _describe(group))
-    if weights.get("type") == "int" and weights.get("num_bits") == 4 and not inputs:
+    if weights.get("type") == "int" and weights.get("num_bits") in (4, 8) and not inputs:
         fmt = group.get("format") or config.get("format")
         if fmt != "pack-quantized" or not weights.get("symmetric", True):
             raise _unsupported("compressed-tensors", _describe(group) + f", format {fmt}")
@@ -217,7 +217,8 @@ def _compressed_tensors_scheme(config: dict[str, Any]) -> CheckpointScheme:
             raise _unsupported("compressed-tensors", f"actorder {actorder!r}")
         group_size = int(weights.get("group_size") or 0) if weights.get("strategy") == "group" else 0
         act_order = str(actorder).lower() in GROUP_ACTORDER
-        return CheckpointScheme(CT_INT4, group_size=group_size, act_order=act_order)
+        bits = int(weights["num_bits"])
+        return CheckpointScheme(CT_INT4, group_size=group_size, act_order=act_order, bits=bits)
     raise _unsupported("compressed-tensors", _describe(group))
 
 
@@ -363,4 +364,5 @@ class Assembler:
             parts["weight_shape"],
             self.scheme.group_size,
             parts.get("weight_g_idx"),
+            self.scheme.bits,
         )
