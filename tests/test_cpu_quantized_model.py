@@ -314,3 +314,22 @@ def test_fp8_and_w4a16_warn_only_where_the_cpu_kernels_are_missing(
         check_quantization(quantization, CPU, random_weights=False)
     assert f"--quantization {quantization} runs on NVIDIA GPUs and x86-64 CPUs" in caplog.text
     assert "widen every weight at every step" in caplog.text
+
+
+def test_w4a16_tensor_parallel_ranks_equal_one_rank(tmp_path: Path) -> None:
+    # Row-parallel shares (o_proj's 64 and down_proj's 128 inputs over two ranks) quantize block by
+    # block as the whole rows do: each rank's blocks are the single rank's.
+    model_dir = write_random_model(tmp_path, "llama", seed=6)
+    single = load_model(model_dir, torch.float32, CPU, progress=False, quantization="w4a16")
+    ranks = [
+        load_model(model_dir, torch.float32, CPU, tp=g, progress=False, quantization="w4a16")
+        for g in thread_groups(2)
+    ]
+    down = single.model.get_submodule("model.layers.0.mlp.down_proj")
+    shares = [rank.model.get_submodule("model.layers.0.mlp.down_proj") for rank in ranks]
+    whole = dequantize_packed(store(down).finish())
+    assert torch.equal(torch.cat([dequantize_packed(store(s).finish()) for s in shares], dim=1), whole)
+    tokens, logprobs = greedy_generate(single, PROMPTS[0], 6)
+    for rank_tokens, rank_logprobs in run_ranks(lambda rank: greedy_generate(ranks[rank], PROMPTS[0], 6), 2):
+        assert rank_tokens == tokens
+        torch.testing.assert_close(rank_logprobs, logprobs, atol=TP_LOGPROB_ATOL, rtol=0)
