@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import torch
 
+from batchlm.layers.moe import FusedMoE
 from batchlm.layers.moe_int4 import int4_groups
 from batchlm.layers.quantization.dense import DEQUANTIZE
 from batchlm.layers.quantization.forms import Int4Weight, Int8Weight
@@ -357,6 +358,27 @@ def test_an_8_bit_checkpoint_loads_dequantized_off_the_cpu_kernels(
         parent, _, leaf = path.rpartition(".")
         expected = torch.cat([references[f"{parent}.{p}"].dequantize() for p in fused.get(leaf, [leaf])])
         assert torch.equal(layer.weight, expected), path
+    twin = dense_twin(dense, tmp_path / "twin", {m: w.dequantize() for m, w in references.items()})
+    assert_logits_close(two_prompt_logits(loaded), two_prompt_logits(twin), 1e-5)
+
+
+def test_8_bit_experts_load_as_dense_stacks_off_the_cpu_kernels(tmp_path: Path) -> None:
+    dense = write_random_model(tmp_path / "dense", "qwen3_moe", {"moe_intermediate_size": 64}, seed=12)
+
+    def convert(module: str, weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], Int8Weight]:
+        rows, cols = weight.shape
+        w = random_int8(rows, cols, GROUP, seed=len(module) * 17 + rows)
+        return gptq8_tensors(w), w
+
+    references = rewrite_checkpoint(dense, tmp_path / "int8", int8_config("gptq", GROUP), convert)
+    loaded = load_model(tmp_path / "int8", torch.float32, CPU, progress=False)
+    first = loaded.model.get_submodule("model.layers.0.mlp.experts")
+    assert isinstance(first, FusedMoE) and first.kept is None
+    for expert in (0, 3):
+        prefix = f"model.layers.0.mlp.experts.{expert}"
+        gate_up = torch.cat([references[f"{prefix}.{p}"].dequantize() for p in ("gate_proj", "up_proj")])
+        assert torch.equal(first.gate_up_proj[expert], gate_up)
+        assert torch.equal(first.down_proj[expert], references[f"{prefix}.down_proj"].dequantize())
     twin = dense_twin(dense, tmp_path / "twin", {m: w.dequantize() for m, w in references.items()})
     assert_logits_close(two_prompt_logits(loaded), two_prompt_logits(twin), 1e-5)
 

@@ -23,7 +23,7 @@ FLOAT_QTYPES = frozenset({"F32", "F16", "BF16"})
 # Types of quantized safetensors weights (models/quantized_checkpoint.py), beside the GGML names.
 FP8_QTYPE = "FP8"  # e4m3 with row scales (compressed-tensors FP8 / FP8_DYNAMIC)
 INT4_QTYPE = "INT4"  # 4-bit groups (GPTQ, AWQ, compressed-tensors pack-quantized)
-INT8_QTYPE = "INT8"  # 8-bit groups (GPTQ's 8-bit checkpoints)
+INT8_QTYPE = "INT8"  # 8-bit groups (GPTQ 8-bit, compressed-tensors W8A16)
 # e4m3 with one scale per 2-D block (transformers' fine-grained FP8): dequantized as it loads, so its
 # layers take dense rows.
 BLOCK_FP8_QTYPE = "FP8_BLOCK"
