@@ -285,6 +285,14 @@ def rewrite_checkpoint(
     return references
 
 
+def replace_lm_head(model_dir: Path, parts: dict[str, torch.Tensor]) -> None:
+    """Replace the checkpoint's lm_head.weight with `parts` (quantized ones: GPTQ's lm_head option)."""
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    del tensors["lm_head.weight"]
+    tensors.update({f"lm_head.{part}": value for part, value in parts.items()})
+    save_file(tensors, str(model_dir / "model.safetensors"))
+
+
 def compressed_config(weights: dict[str, Any], inputs: dict[str, Any] | None, fmt: str) -> dict[str, Any]:
     return {
         "quant_method": "compressed-tensors",
@@ -297,9 +305,11 @@ def compressed_config(weights: dict[str, Any], inputs: dict[str, Any] | None, fm
 
 
 def dense_twin(dense_dir: Path, out_dir: Path, values: dict[str, torch.Tensor]) -> LoadedModel:
-    """The dense checkpoint with each linear replaced by `values[module]` (what its quantized form
-    stands for), loaded on the CPU in float32."""
+    """The dense checkpoint with each linear (and an LM head in `values`) replaced by `values[module]`
+    (what its quantized form stands for), loaded on the CPU in float32."""
     rewrite_checkpoint(dense_dir, out_dir, {}, lambda module, _: ({"weight": values[module]}, None))
+    if "lm_head" in values:
+        replace_lm_head(out_dir, {"weight": values["lm_head"]})
     config = json.loads((out_dir / "config.json").read_text())
     del config["quantization_config"]
     (out_dir / "config.json").write_text(json.dumps(config))

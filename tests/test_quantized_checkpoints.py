@@ -59,6 +59,7 @@ from quant_checkpoints import (
     methods_as_on_a_gpu,
     random_int4,
     random_int8,
+    replace_lm_head,
     rewrite_checkpoint,
     two_prompt_logits,
 )
@@ -360,6 +361,31 @@ def test_an_8_bit_checkpoint_loads_dequantized_off_the_cpu_kernels(
         assert torch.equal(layer.weight, expected), path
     twin = dense_twin(dense, tmp_path / "twin", {m: w.dequantize() for m, w in references.items()})
     assert_logits_close(two_prompt_logits(loaded), two_prompt_logits(twin), 1e-5)
+
+
+def test_a_quantized_lm_head_takes_the_checkpoints_method(tmp_path: Path) -> None:
+    # GPTQ's lm_head option: the head is 4-bit too, while a dense head stays dense under --quantization.
+    dense = write_random_model(tmp_path / "dense", "llama", {"tie_word_embeddings": False}, seed=15)
+
+    def convert(module: str, weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], Int4Weight]:
+        rows, cols = weight.shape
+        w = random_int4(rows, cols, GROUP, symmetric=False, seed=len(module) * 19 + rows)
+        return gptq_tensors(w), w
+
+    config = {"quant_method": "gptq", "bits": 4, "group_size": GROUP, "desc_act": False, "lm_head": True}
+    references = rewrite_checkpoint(dense, tmp_path / "gptq", config, convert)
+    head_rows, head_cols = json.loads((dense / "config.json").read_text())["vocab_size"], 64
+    head = random_int4(head_rows, head_cols, GROUP, symmetric=False, seed=3)
+    replace_lm_head(tmp_path / "gptq", gptq_tensors(head))
+    loaded = load_model(tmp_path / "gptq", torch.float32, CPU, progress=False)
+    lm_head = loaded.model.get_submodule("lm_head")
+    assert isinstance(lm_head, MethodLayer) and lm_head.method is INT4
+    assert torch.equal(INT4.dequantized(lm_head)[:head_rows], head.dequantize())
+    values = {m: w.dequantize() for m, w in references.items()} | {"lm_head": head.dequantize()}
+    twin = dense_twin(dense, tmp_path / "twin", values)
+    assert_logits_close(two_prompt_logits(loaded), two_prompt_logits(twin), 1e-4)
+    plain = load_model(dense, torch.float32, CPU, progress=False, quantization="w4a16")
+    assert plain.model.get_submodule("lm_head").method is not INT4
 
 
 def test_8_bit_experts_load_as_dense_stacks_off_the_cpu_kernels(tmp_path: Path) -> None:

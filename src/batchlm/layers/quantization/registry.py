@@ -57,10 +57,12 @@ QUANTIZE_AT_LOAD = {"fp8": FP8_QTYPE, "w4a16": INT4_QTYPE}
 
 
 def _quantized_safetensors(spec: WeightSpec) -> LinearMethod | None:
-    # FP8 and 4-bit linears: from a quantized checkpoint, or dense ones quantized as they load.
-    if spec.format != DENSE_FORMAT or spec.role != "linear":
-        return None
+    # FP8 and 4-bit linears: from a quantized checkpoint, or dense ones quantized as they load; and an
+    # LM head the checkpoint quantized (GPTQ's lm_head option), which --quantization leaves alone.
     kinds = set(spec.qtypes)
+    quantized_head = spec.role == "lm_head" and bool(kinds)
+    if spec.format != DENSE_FORMAT or not (spec.role == "linear" or quantized_head):
+        return None
     quantization = spec.quantization
     if (cpu_method := _on_cpu_kernels(spec, kinds)) is not None:
         return cpu_method
