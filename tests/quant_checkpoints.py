@@ -164,12 +164,25 @@ def act_ordered(w: Int4Weight, module: str) -> ActOrdered:
 
 
 def int8_config(fmt: str, group: int) -> dict[str, Any]:
-    """config.json's quantization_config of an 8-bit GPTQ ("gptq") or W8A16 compressed-tensors ("ct")
-    checkpoint."""
+    """config.json's quantization_config of an 8-bit GPTQ ("gptq") checkpoint, a W8A16 compressed-tensors
+    pack-quantized one ("ct"), or an int-quantized one: "w8a16" per group, "w8a8" per channel with
+    dynamic per-token int8 activations (RedHatAI's quantized.w8a8 releases)."""
     if fmt == "gptq":
         return {"quant_method": "gptq", "bits": 8, "group_size": group, "desc_act": False, "sym": False}
     weights = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "group", "group_size": group}
-    return compressed_config(weights, None, "pack-quantized")
+    if fmt == "ct":
+        return compressed_config(weights, None, "pack-quantized")
+    if fmt == "w8a16":
+        return compressed_config(weights, None, "int-quantized")
+    channel = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}
+    tokens = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+    return compressed_config(channel, tokens, "int-quantized")
+
+
+def int_quantized_tensors(w: Int8Weight) -> dict[str, torch.Tensor]:
+    """int-quantized: the signed values as int8 (codes minus the zero point 128), scales per group (a
+    row's one group: per channel, [out, 1])."""
+    return {"weight": (w.codes.to(torch.int16) - 128).to(torch.int8), "weight_scale": w.scales.contiguous()}
 
 
 def act_order_config(fmt: str, group: int) -> dict[str, Any]:

@@ -56,6 +56,7 @@ from quant_checkpoints import (
     gptq_act_order_tensors,
     gptq_tensors,
     int8_config,
+    int_quantized_tensors,
     methods_as_on_a_gpu,
     random_int4,
     random_int8,
@@ -335,22 +336,25 @@ def test_gptq_8_bit_words_unpack_to_their_codes_and_zeros() -> None:
     assert torch.equal(got.dequantize(), w.dequantize())
 
 
-@pytest.mark.parametrize("fmt", ["gptq", "ct"])
+@pytest.mark.parametrize("fmt", ["gptq", "ct", "w8a16", "w8a8"])
 def test_an_8_bit_checkpoint_loads_dequantized_off_the_cpu_kernels(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, fmt: str
 ) -> None:
     dense = write_random_model(tmp_path / "dense", "llama", seed=10)
-    packer = gptq8_tensors if fmt == "gptq" else compressed_int8_tensors
+    packer = {"gptq": gptq8_tensors, "ct": compressed_int8_tensors}.get(fmt, int_quantized_tensors)
 
     def convert(module: str, weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], Int8Weight]:
         rows, cols = weight.shape
-        w = random_int8(rows, cols, GROUP, seed=len(module) * 11 + rows, symmetric=fmt == "ct")
+        group = cols if fmt == "w8a8" else GROUP  # per channel: one group a row
+        w = random_int8(rows, cols, group, seed=len(module) * 11 + rows, symmetric=fmt != "gptq")
         return packer(w), w
 
     references = rewrite_checkpoint(dense, tmp_path / "int8", int8_config(fmt, GROUP), convert)
     with caplog.at_level(logging.WARNING, logger="batchlm.models.loader"):
         loaded = load_model(tmp_path / "int8", torch.float32, CPU, progress=False)
-    kind = "gptq" if fmt == "gptq" else "compressed-tensors pack-quantized"
+    kind = {"gptq": "gptq", "ct": "compressed-tensors pack-quantized"}.get(
+        fmt, "compressed-tensors int-quantized"
+    )
     assert f"8-bit {kind} checkpoint on cpu: no kernel of ours reads 8-bit groups there" in caplog.text
     fused = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
     linears = {path: m for path, m in _layers(loaded).items() if m.role == "linear"}
@@ -489,8 +493,20 @@ def test_random_weights_take_the_quantized_methods(tmp_path: Path) -> None:
         ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "gemv"),
         ({"quant_method": "bitsandbytes"}, "bitsandbytes"),
         (
-            compressed_config({"num_bits": 8, "type": "int", "strategy": "channel"}, None, "int-quantized"),
-            "int8",
+            compressed_config(
+                {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": False},
+                None,
+                "int-quantized",
+            ),
+            "int8 channel",
+        ),
+        (
+            compressed_config(
+                {"num_bits": 8, "type": "int", "strategy": "channel"},
+                {"num_bits": 8, "type": "int", "strategy": "tensor", "dynamic": False},
+                "int-quantized",
+            ),
+            "int8 tensor static",
         ),
         (
             compressed_config(

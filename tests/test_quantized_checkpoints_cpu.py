@@ -58,6 +58,7 @@ from quant_checkpoints import (
     gptq_act_order_tensors,
     gptq_tensors,
     int8_config,
+    int_quantized_tensors,
     random_int4,
     random_int8,
     replace_lm_head,
@@ -217,17 +218,20 @@ def test_an_act_order_checkpoint_runs_on_the_cpu_kernels_as_q8_0(tmp_path: Path,
         assert_fused_steps_agree(loaded, rows=3)
 
 
-@pytest.mark.parametrize(("fmt", "model_type"), [("gptq", "llama"), ("gptq", "qwen3_moe"), ("ct", "llama")])
+@pytest.mark.parametrize(
+    ("fmt", "model_type"), [("gptq", "llama"), ("gptq", "qwen3_moe"), ("ct", "llama"), ("w8a8", "llama")]
+)
 def test_an_8_bit_checkpoint_runs_on_the_cpu_kernels_as_8_bit_blocks_of_its_codes(
     tmp_path: Path, fmt: str, model_type: str
 ) -> None:
     overrides = {"moe_intermediate_size": 64} if model_type == "qwen3_moe" else None
     dense = write_random_model(tmp_path / "dense", model_type, overrides, seed=14)
-    packer = gptq8_tensors if fmt == "gptq" else compressed_int8_tensors
+    packer = {"gptq": gptq8_tensors, "ct": compressed_int8_tensors}.get(fmt, int_quantized_tensors)
 
     def convert(module: str, weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], Int8Weight]:
         rows, cols = weight.shape
-        w = random_int8(rows, cols, 32, seed=len(module) * 13 + rows, symmetric=fmt == "ct")
+        group = cols if fmt == "w8a8" else 32  # per channel: one group a row
+        w = random_int8(rows, cols, group, seed=len(module) * 13 + rows, symmetric=fmt != "gptq")
         return packer(w), w
 
     references = rewrite_checkpoint(dense, tmp_path / "int8", int8_config(fmt, 32), convert)

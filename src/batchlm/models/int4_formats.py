@@ -12,6 +12,8 @@ different axes and orders:
 - compressed-tensors pack-quantized: weight_packed [out, in / 8] packed along the inputs, signed
   values stored plus 8 (symmetric: zero point 8); weight_scale [out, groups]; weight_shape [2]. Its
   8-bit form (W8A16) packs four values a word, stored plus 128.
+- compressed-tensors int-quantized: weight [out, in] int8 as it is, weight_scale per row, group or
+  tensor (symmetric: the codes are the values plus 128 under zero point 128).
 
 Act-order checkpoints (GPTQ desc_act, compressed-tensors group actorder) also store g_idx, the group
 of each input: the groups are runs of inputs in the order the quantizer visited them. The codes are
@@ -149,6 +151,19 @@ def _awq_outputs(slots: torch.Tensor) -> torch.Tensor:
     rows, cols = slots.shape
     order = torch.tensor(AWQ_SLOT, device=slots.device)
     return slots.reshape(rows, cols // 8, 8).index_select(2, order).reshape(rows, cols)
+
+
+def unpack_int8_weight(weight: torch.Tensor, weight_scale: torch.Tensor, group_size: int) -> Int8Weight:
+    """compressed-tensors' int-quantized weight: int8 values [out, in] as stored, symmetric, with one
+    scale per row ([out, 1]), per group of `group_size` inputs ([out, groups]) or for the tensor."""
+    if weight.dtype != torch.int8:
+        raise ValueError(f"an int-quantized weight must be stored as int8, not {weight.dtype}")
+    rows, cols = weight.shape
+    scales = weight_scale.reshape(1, 1) if weight_scale.numel() == 1 else weight_scale
+    scales = scales.expand(rows, -1).contiguous() if scales.shape[0] == 1 else scales.contiguous()
+    codes = (weight.to(torch.int16) + 128).to(torch.uint8)
+    zeros = torch.full((rows, scales.shape[1]), 128, dtype=torch.int16, device=weight.device)
+    return whole_groups(codes, scales, zeros, group_size if group_size > 0 else cols, Int8Weight)
 
 
 def unpack_compressed_int4(

@@ -35,13 +35,14 @@ from batchlm.layers.quantization.registry import (
 )
 from batchlm.models.checkpoint import open_safetensors
 from batchlm.models.fp8_formats import dequantize_fp8_blocks, fp8_weight
-from batchlm.models.int4_formats import unpack_awq, unpack_compressed_int4, unpack_gptq
+from batchlm.models.int4_formats import unpack_awq, unpack_compressed_int4, unpack_gptq, unpack_int8_weight
 
 FP8 = "fp8"  # compressed-tensors FP8 W8A8 (FP8_DYNAMIC or static per-tensor)
 BLOCK_FP8 = "block-fp8"  # transformers' fine-grained FP8: 2-D blocks of weights share a scale
 GPTQ = "gptq"
 AWQ = "awq"
 CT_INT4 = "compressed-tensors pack-quantized"  # W4A16 (and W8A16)
+CT_INT8 = "compressed-tensors int-quantized"  # int8 weights unpacked: W8A16, W8A8
 # gpt-oss's released checkpoints: experts as MXFP4 `_blocks` / `_scales` pairs, the rest bf16. The
 # pairs are decoded by the family's own loading (models/gpt_oss.py), not by `Assembler`.
 MXFP4 = "mxfp4"
@@ -52,6 +53,7 @@ PARTS = {
     GPTQ: ("qweight", "qzeros", "scales"),
     AWQ: ("qweight", "qzeros", "scales"),
     CT_INT4: ("weight_packed", "weight_scale", "weight_shape"),
+    CT_INT8: ("weight", "weight_scale"),
 }
 # Tensors whose presence marks a module as quantized, by scheme.
 MARKER = {
@@ -60,12 +62,14 @@ MARKER = {
     GPTQ: "qweight",
     AWQ: "qweight",
     CT_INT4: "weight_packed",
+    CT_INT8: "weight_scale",
 }
 SUPPORTED = (
     "compressed-tensors FP8 W8A8 (FP8_DYNAMIC, static per-tensor FP8), block-wise FP8 (quant_method "
     "fp8 with 2-D weight_block_size, dynamic activations), compressed-tensors W4A16 and W8A16 pack-quantized "
-    "(symmetric, any actorder), GPTQ 4-bit and 8-bit (desc_act true or false), AWQ 4-bit (GEMM) and MXFP4 "
-    "experts (gpt-oss)"
+    "(symmetric, any actorder), compressed-tensors int-quantized int8 (W8A16, W8A8 with dynamic "
+    "activations), GPTQ 4-bit and 8-bit (desc_act true or false), AWQ 4-bit (GEMM) and MXFP4 experts "
+    "(gpt-oss)"
 )
 # The experts' stacks an MXFP4 checkpoint stores as pairs, and the projections each holds.
 MXFP4_STACKS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
@@ -206,8 +210,10 @@ def _compressed_tensors_scheme(config: dict[str, Any]) -> CheckpointScheme:
     inputs = group.get("input_activations")
     if weights.get("type") == "float" and weights.get("num_bits") == 8:
         return _ct_fp8(weights, inputs, _describe(group))
+    fmt = group.get("format") or config.get("format")
+    if weights.get("type") == "int" and weights.get("num_bits") == 8 and fmt == "int-quantized":
+        return _ct_int8(weights, inputs, _describe(group))
     if weights.get("type") == "int" and weights.get("num_bits") in (4, 8) and not inputs:
-        fmt = group.get("format") or config.get("format")
         if fmt != "pack-quantized" or not weights.get("symmetric", True):
             raise _unsupported("compressed-tensors", _describe(group) + f", format {fmt}")
         if weights.get("strategy") not in ("group", "channel"):
@@ -220,6 +226,19 @@ def _compressed_tensors_scheme(config: dict[str, Any]) -> CheckpointScheme:
         bits = int(weights["num_bits"])
         return CheckpointScheme(CT_INT4, group_size=group_size, act_order=act_order, bits=bits)
     raise _unsupported("compressed-tensors", _describe(group))
+
+
+def _ct_int8(weights: dict[str, Any], inputs: dict[str, Any] | None, described: str) -> CheckpointScheme:
+    """Symmetric int8 weights stored as int8 (per channel, group or tensor); activations 16-bit (W8A16)
+    or int8 per token at run time (W8A8, which our kernels serve with their own activation rounding:
+    per block of 32 on a CPU, none on a GPU, where the weights are dequantized)."""
+    strategy = weights.get("strategy")
+    if not weights.get("symmetric", True) or strategy not in ("channel", "group", "tensor"):
+        raise _unsupported("compressed-tensors", described)
+    if inputs and not (inputs.get("type") == "int" and inputs.get("num_bits") == 8 and inputs.get("dynamic")):
+        raise _unsupported("compressed-tensors", described)
+    group_size = int(weights.get("group_size") or 0) if strategy == "group" else 0
+    return CheckpointScheme(CT_INT8, group_size=group_size, bits=8)
 
 
 def _ct_fp8(weights: dict[str, Any], inputs: dict[str, Any] | None, described: str) -> CheckpointScheme:
@@ -358,6 +377,8 @@ class Assembler:
             )
         if kind == AWQ:
             return unpack_awq(parts["qweight"], parts["qzeros"], parts["scales"], self.scheme.group_size)
+        if kind == CT_INT8:
+            return unpack_int8_weight(parts["weight"], parts["weight_scale"], self.scheme.group_size)
         return unpack_compressed_int4(
             parts["weight_packed"],
             parts["weight_scale"],
