@@ -91,25 +91,20 @@ def _q4_codes(weight: np.ndarray) -> Coded:
     rows, cols = weight.shape
     blocks = weight.astype(np.float32).reshape(rows, cols // BLOCK, BLOCK)
     lowest = blocks.min(axis=-1, keepdims=True)
-    low = _rounded_half(lowest, below=lowest)
+    low = _half_rounded(lowest, up=False)
     span = blocks.max(axis=-1, keepdims=True) - low.astype(np.float32)
-    d = _rounded_half(span / 15, above=span / 15)
+    d = _half_rounded(span / 15, up=True)
     step = d.astype(np.float32)
     inverse = np.divide(np.float32(1), step, out=np.zeros_like(step), where=step > 0)
     codes = np.clip(np.floor((blocks - low.astype(np.float32)) * inverse + 0.5), 0, 15)
     return codes.astype(np.uint8).reshape(rows, cols), d[..., 0], low[..., 0]
 
 
-def _rounded_half(
-    values: np.ndarray, below: np.ndarray | None = None, above: np.ndarray | None = None
-) -> np.ndarray:
-    """float16 of float32 `values`, moved one float16 step down where it exceeds `below` or up where
-    it falls short of `above` (a directed rounding)."""
+def _half_rounded(values: np.ndarray, up: bool) -> np.ndarray:
+    """float32 `values` rounded up (or down) to float16: the nearest float16, moved one step where it
+    fell on the other side."""
     halves = values.astype(np.float16)
-    if below is not None:
-        down = np.nextafter(halves, np.float16(-np.inf))
-        halves = np.where(halves.astype(np.float32) > below, down, halves)
-    if above is not None:
-        up = np.nextafter(halves, np.float16(np.inf))
-        halves = np.where(halves.astype(np.float32) < above, up, halves)
-    return halves
+    widened = halves.astype(np.float32)
+    if up:
+        return np.where(widened < values, np.nextafter(halves, np.float16(np.inf)), halves)
+    return np.where(widened > values, np.nextafter(halves, np.float16(-np.inf)), halves)

@@ -107,8 +107,18 @@ def act_order(g_idx: torch.Tensor, group_size: int, in_features: int) -> torch.T
     return order
 
 
-def _in_act_order(weight: G, order: torch.Tensor | None) -> G:
-    """`weight`, its codes read in input order, with its columns stored in `order`."""
+def _grouped_codes(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bits: int,
+    order: torch.Tensor | None,
+) -> Int4Weight | Int8Weight:
+    """Int4Weight (Int8Weight for `bits` 8) over whole groups, its columns (read in input order) stored
+    in act `order` where there is one."""
+    form: type[Int4Weight] | type[Int8Weight] = Int8Weight if bits == 8 else Int4Weight
+    weight = whole_groups(codes, scales, zeros, group_size, form)
     if order is None:
         return weight
     return replace(weight, codes=weight.codes.index_select(1, order).contiguous(), input_order=order)
@@ -131,11 +141,7 @@ def unpack_gptq(
     if zeros_minus_one:
         zeros = zeros + 1
     order = None if g_idx is None else act_order(g_idx, group_size, codes.shape[1])
-    if bits == 8:
-        return _in_act_order(
-            whole_groups(codes, scales.t().contiguous(), zeros, group_size, Int8Weight), order
-        )
-    return _in_act_order(whole_groups(codes, scales.t().contiguous(), zeros, group_size, Int4Weight), order)
+    return _grouped_codes(codes, scales.t().contiguous(), zeros, group_size, bits, order)
 
 
 def unpack_awq(
@@ -185,7 +191,4 @@ def unpack_compressed_int4(
     zero, dtype = (SYMMETRIC_ZERO, torch.uint8) if bits == 4 else (1 << (bits - 1), torch.int16)
     zeros = torch.full((out_features, groups), zero, dtype=dtype, device=codes.device)
     order = None if g_idx is None else act_order(g_idx, group_size, in_features)
-    scales = weight_scale.contiguous()
-    if bits == 8:
-        return _in_act_order(whole_groups(codes, scales, zeros, group_size, Int8Weight), order)
-    return _in_act_order(whole_groups(codes, scales, zeros, group_size, Int4Weight), order)
+    return _grouped_codes(codes, weight_scale.contiguous(), zeros, group_size, bits, order)

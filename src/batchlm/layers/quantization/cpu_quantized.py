@@ -21,7 +21,7 @@ bits instead, losslessly. Once loading is done the blocks are packed into the ke
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
@@ -191,13 +191,10 @@ def code_blocks(loaded: LoadedWeight, dense_bits: int = 8) -> CodeBlocks:
 
 
 class CpuQuantizedLinearMethod(LinearMethod):
-    """Weights as QuantizedStore (layer.quantized); `weight` is left an empty [0, cols] parameter.
-    `dense_bits`: the code width dense tensors are quantized to (8: Q8_0; 4: 4-bit blocks)."""
+    """Weights as QuantizedStore (layer.quantized); `weight` is left an empty [0, cols] parameter."""
 
-    def __init__(self, dense_bits: int = 8) -> None:
-        if dense_bits not in (4, 8):
-            raise ValueError(f"dense weights quantize to 4- or 8-bit blocks, not {dense_bits}-bit")
-        self.dense_bits = dense_bits
+    # The code width dense tensors are quantized to: Q8_0 here, 4-bit blocks in the subclass below.
+    dense_bits: ClassVar[int] = 8
 
     def create_weights(
         self, layer: MethodLayer, rows: int, cols: int, dtype: torch.dtype, device: torch.device
@@ -237,8 +234,7 @@ def store(layer: MethodLayer) -> QuantizedStore:
 class CpuQuantized4BitLinearMethod(CpuQuantizedLinearMethod):
     """Dense linears as 4-bit blocks (--quantization w4a16 on a CPU); named apart in the load's log."""
 
-    def __init__(self) -> None:
-        super().__init__(dense_bits=4)
+    dense_bits: ClassVar[int] = 4
 
 
 CPU_QUANTIZED = CpuQuantizedLinearMethod()
