@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import shutil
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import torch
@@ -25,7 +26,16 @@ from models_harness import CPU, PROMPTS, Chunk, make_kv_caches, run_step
 
 # The linears quantized checkpoints quantize (embedding, norms and LM head stay dense).
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The checkpoint modules a fused layer loads, in its row order.
+FUSED_SHARDS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+T = TypeVar("T")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def shard_references(references: Mapping[str, T], path: str) -> list[T]:
+    """What a test wrote for each checkpoint module the layer at `path` loads, in its row order."""
+    parent, _, leaf = path.rpartition(".")
+    return [references[f"{parent}.{shard}"] for shard in FUSED_SHARDS.get(leaf, (leaf,))]
 
 
 def methods_as_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -57,6 +57,7 @@ from quant_checkpoints import (
     dense_twin,
     methods_as_on_a_gpu,
     rewrite_checkpoint,
+    shard_references,
     two_prompt_logits,
 )
 
@@ -64,7 +65,6 @@ from quant_checkpoints import (
 WHOLE = (32, 32)
 # Partial last blocks everywhere: 64 rows = 48 + 16, 32 rows = one partial block, 128 inputs = 3 x 40 + 8.
 RAGGED = (48, 40)
-FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 # Q8_0 rounds each 32 weights again and each 32 activations to int8 (test_cpu_quantized_model.py
 # allows dense checkpoints quantized at load the same 3% of the largest logit).
 REQUANTIZED = 0.03
@@ -96,8 +96,7 @@ def _linears(loaded: LoadedModel) -> dict[str, MethodLayer]:
 
 def _expected_weight(path: str, references: dict[str, torch.Tensor]) -> torch.Tensor:
     """A layer's weight from its checkpoint modules' references (fused shards one after another)."""
-    parent, _, leaf = path.rpartition(".")
-    return torch.cat([references[f"{parent}.{part}"] for part in FUSED.get(leaf, (leaf,))])
+    return torch.cat(shard_references(references, path))
 
 
 # --- dequantizing one weight ------------------------------------------------------------------
@@ -250,8 +249,7 @@ def test_quantization_fp8_requantizes_each_row_as_for_a_dense_checkpoint(
     linears = _linears(loaded)
     assert linears and all(layer.method is FP8 for layer in linears.values())
     for path, layer in linears.items():
-        parent, _, leaf = path.rpartition(".")
-        rows = [quantize_fp8_rows(references[f"{parent}.{p}"]) for p in FUSED.get(leaf, (leaf,))]
+        rows = [quantize_fp8_rows(weight) for weight in shard_references(references, path)]
         assert torch.equal(FP8.dequantized(layer), torch.cat([r.dequantize() for r in rows])), path
 
 

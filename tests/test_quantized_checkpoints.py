@@ -62,6 +62,7 @@ from quant_checkpoints import (
     random_int8,
     replace_lm_head,
     rewrite_checkpoint,
+    shard_references,
     two_prompt_logits,
 )
 
@@ -215,15 +216,12 @@ def test_int4_checkpoint_loads_exact_weights_and_matching_logits(
     dense, quantized_dir, references = _int4_checkpoint(tmp_path, fmt, group)
     loaded = load_model(quantized_dir, torch.float32, CPU, progress=False)
     layers = _layers(loaded)
-    fused = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
     for path, layer in layers.items():
-        leaf = path.rsplit(".", 1)[-1]
         if layer.role != "linear":
             assert layer.method is not INT4
             continue
         assert layer.method is INT4
-        parent = path.rsplit(".", 1)[0]
-        expected = torch.cat([references[f"{parent}.{p}"].dequantize() for p in fused.get(leaf, [leaf])])
+        expected = torch.cat([w.dequantize() for w in shard_references(references, path)])
         assert torch.equal(INT4.dequantized(layer), expected)
     twin = dense_twin(dense, tmp_path / "twin", {m: w.dequantize() for m, w in references.items()})
     assert_logits_close(two_prompt_logits(loaded), two_prompt_logits(twin), 1e-4)
@@ -251,12 +249,10 @@ def test_an_act_order_checkpoint_gathers_its_inputs_and_matches_its_dense_twin(
 ) -> None:
     dense, quantized_dir, references = _act_order_checkpoint(tmp_path, fmt)
     loaded = load_model(quantized_dir, torch.float32, CPU, progress=False)
-    fused = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
     linears = {path: m for path, m in _layers(loaded).items() if m.role == "linear"}
     assert linears and all(m.method is INT4 for m in linears.values())
     for path, layer in linears.items():
-        parent, _, leaf = path.rpartition(".")
-        parts = [references[f"{parent}.{p}"] for p in fused.get(leaf, [leaf])]
+        parts = shard_references(references, path)
         assert torch.equal(INT4.dequantized(layer), torch.cat([w.dequantize() for w in parts]))
         # Stored so that each group is a run of stored columns.
         order = store_of(layer).input_order
@@ -356,12 +352,10 @@ def test_an_8_bit_checkpoint_loads_dequantized_off_the_cpu_kernels(
         fmt, "compressed-tensors int-quantized"
     )
     assert f"8-bit {kind} checkpoint on cpu: no kernel of ours reads 8-bit groups there" in caplog.text
-    fused = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
     linears = {path: m for path, m in _layers(loaded).items() if m.role == "linear"}
     assert linears and all(m.method is DEQUANTIZE for m in linears.values())
     for path, layer in linears.items():
-        parent, _, leaf = path.rpartition(".")
-        expected = torch.cat([references[f"{parent}.{p}"].dequantize() for p in fused.get(leaf, [leaf])])
+        expected = torch.cat([w.dequantize() for w in shard_references(references, path)])
         assert torch.equal(layer.weight, expected), path
     twin = dense_twin(dense, tmp_path / "twin", {m: w.dequantize() for m, w in references.items()})
     assert_logits_close(two_prompt_logits(loaded), two_prompt_logits(twin), 1e-5)

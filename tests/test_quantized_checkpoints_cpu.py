@@ -14,6 +14,7 @@ method is (8%).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,7 @@ from quant_checkpoints import (
     random_int8,
     replace_lm_head,
     rewrite_checkpoint,
+    shard_references,
     two_prompt_logits,
 )
 from test_cpu_fused_decode import _assert_steps_agree as assert_fused_steps_agree
@@ -116,6 +118,22 @@ def _bias_rounding(w: Int4Weight | Int8Weight) -> torch.Tensor:
     """Per weight, the most the float16 bias -zero * scale can be off."""
     product = (w.zeros.float() * w.scales.float()).repeat_interleave(w.group_size, dim=1)[:, : w.shape[1]]
     return product * 2.0**-11
+
+
+def _assert_blocks_of_their_codes(
+    loaded: LoadedModel, references: Mapping[str, Int4Weight | Int8Weight], bits: int
+) -> None:
+    """Every linear on the kernels as `bits`-bit blocks of the checkpoint's codes: their values within
+    the float16 rounding of each block's bias."""
+    linears = _linears(loaded)
+    assert linears and all(layer.method is CPU_QUANTIZED for layer in linears.values())
+    for path, layer in linears.items():
+        parts = shard_references(references, path)
+        packed = store(layer).finish()
+        assert isinstance(packed, QuantizedWeight) and packed.bits == bits, path
+        expected = torch.cat([w.dequantize() for w in parts])
+        bound = torch.cat([_bias_rounding(w) for w in parts])
+        assert bool(((dequantize_packed(packed) - expected).abs() <= bound * 1.0001).all()), path
 
 
 # --- which method a layer takes ---------------------------------------------------------------
@@ -181,17 +199,7 @@ def test_groups_that_are_not_whole_blocks_become_q8_0() -> None:
 def test_a_4_bit_checkpoint_runs_on_the_cpu_kernels_as_its_values(tmp_path: Path, fmt: str) -> None:
     dense, model_dir, references = _int4_checkpoint(tmp_path, fmt)
     loaded = load_model(model_dir, torch.float32, CPU, progress=False)
-    linears = _linears(loaded)
-    fused = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
-    assert linears and all(layer.method is CPU_QUANTIZED for layer in linears.values())
-    for path, layer in linears.items():
-        parent, _, leaf = path.rpartition(".")
-        parts = [references[f"{parent}.{p}"] for p in fused.get(leaf, [leaf])]
-        packed = store(layer).finish()
-        assert isinstance(packed, QuantizedWeight) and packed.bits == 4, path
-        expected = torch.cat([w.dequantize() for w in parts])
-        bound = torch.cat([_bias_rounding(w) for w in parts])
-        assert bool(((dequantize_packed(packed) - expected).abs() <= bound * 1.0001).all()), path
+    _assert_blocks_of_their_codes(loaded, references, bits=4)
     twin = dense_twin(dense, tmp_path / "twin", {m: w.dequantize() for m, w in references.items()})
     assert_logits_close(two_prompt_logits(loaded), two_prompt_logits(twin), ACTIVATIONS_ROUNDED)
 
@@ -236,17 +244,7 @@ def test_an_8_bit_checkpoint_runs_on_the_cpu_kernels_as_8_bit_blocks_of_its_code
 
     references = rewrite_checkpoint(dense, tmp_path / "int8", int8_config(fmt, 32), convert)
     loaded = load_model(tmp_path / "int8", torch.float32, CPU, progress=False)
-    linears = _linears(loaded)
-    fused = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
-    assert linears and all(layer.method is CPU_QUANTIZED for layer in linears.values())
-    for path, layer in linears.items():
-        parent, _, leaf = path.rpartition(".")
-        parts = [references[f"{parent}.{p}"] for p in fused.get(leaf, [leaf])]
-        packed = store(layer).finish()
-        assert isinstance(packed, QuantizedWeight) and packed.bits == 8, path
-        expected = torch.cat([w.dequantize() for w in parts])
-        bound = torch.cat([_bias_rounding(w) for w in parts])
-        assert bool(((dequantize_packed(packed) - expected).abs() <= bound * 1.0001).all()), path
+    _assert_blocks_of_their_codes(loaded, references, bits=8)
     experts = [m for m in loaded.model.modules() if isinstance(m, FusedMoE)]
     assert all(m.quantized is not None for m in experts)
     twin = dense_twin(dense, tmp_path / "twin", {m: w.dequantize() for m, w in references.items()})
